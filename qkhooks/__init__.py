@@ -1,7 +1,36 @@
-"""qkhooks: query-key SVD modes, attention maps and position/content factors of unmodified ViTs."""
+"""qkhooks: query-key SVD modes, attention maps and position/content factors of unmodified ViTs.
+
+The public surface is small on purpose:
+
+- :func:`load_model` / :func:`sites` — a model from a spec string, and its attention layers;
+- :func:`spectrum` — the singular modes of every head's W_q^T W_k;
+- :func:`record` — the context manager that captures, projects and rebuilds attention during a forward;
+- :class:`QKHooksError` — the one error type, whose message says the fix.
+"""
 
 __version__ = "0.1.0"
 
 from qkhooks.errors import QKHooksError
+from qkhooks.models import AttentionSite, register_adapter, sites
+from qkhooks.models.load import LoadedModel, load_model
+from qkhooks.spectrum import LayerSpectrum, QKSpectrum, spectrum
+from qkhooks.attention import AttentionSpec
+from qkhooks.capture import BatchCapture, LayerCapture, Recording, record
 
-__all__ = ["QKHooksError", "__version__"]
+__all__ = [
+    "__version__",
+    "QKHooksError",
+    "AttentionSite",
+    "register_adapter",
+    "sites",
+    "LoadedModel",
+    "load_model",
+    "LayerSpectrum",
+    "QKSpectrum",
+    "spectrum",
+    "AttentionSpec",
+    "record",
+    "Recording",
+    "BatchCapture",
+    "LayerCapture",
+]

@@ -1,0 +1,110 @@
+"""Attention maps rebuilt from the model's own q and k, so they exist even when the model runs fused SDPA.
+
+Fused kernels never materialise softmax(q k^T * scale); HF returns None or raises, timm's extractor
+returns nothing. We recompute only what is asked for, from the exact tokens entering W_q/W_k, with the
+model's own weights, biases and scale, softmax in float32 like HF's eager path:
+
+- ``rows``: the post-softmax rows of chosen query tokens per image, (B, H, T, N);
+- ``pooled``: the mass those rows put on each of M token masks, (B, H, T, M), reduced on device so no
+  N x N tensor ever leaves it;
+- ``full``: every row, (B, H, N, N), for the layers you choose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Sequence
+
+import torch
+
+from qkhooks.errors import QKHooksError
+from qkhooks.models.base import AttentionSite
+
+__all__ = ["AttentionSpec", "attention_rows", "attention_full", "pool_rows", "parse_attention"]
+
+Kind = Literal["rows", "pooled", "full"]
+KINDS: tuple[str, ...] = ("rows", "pooled", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Which attention to rebuild.
+
+    Attributes:
+        kind: ``"rows"``, ``"pooled"`` or ``"full"``.
+        layers: block indices (None: every recorded layer). Choose a few for ``full``: it is N x N per head.
+    """
+
+    kind: Kind
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise QKHooksError(f"attention kind {self.kind!r} is unknown; use one of {', '.join(KINDS)} or 'none'.")
+
+    def covers(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+
+def parse_attention(spec: None | str | AttentionSpec | Sequence[AttentionSpec | str]) -> list[AttentionSpec]:
+    """Normalise the ``attention=`` argument into a list of specs (``None``/``"none"``: nothing)."""
+    if spec is None or (isinstance(spec, str) and spec == "none"):
+        return []
+    if isinstance(spec, (str, AttentionSpec)):
+        spec = [spec]
+    out = [AttentionSpec(s) if isinstance(s, str) else s for s in spec]
+    kinds = [s.kind for s in out]
+    if len(set(kinds)) != len(kinds):
+        raise QKHooksError(f"attention kinds repeat in {kinds}; give each kind once with the layers it needs.")
+    return out
+
+
+def _logits(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:
+    """Scaled logits (B, H, Tq, N) between tokens x_q (B, Tq, d) and x_k (B, N, d), biases included."""
+    w, b = site.qk_linear()
+    rows = site.num_heads * site.head_dim
+    w, b = w.to(x_q.dtype), None if b is None else b.to(x_q.dtype)
+    q = torch.nn.functional.linear(x_q, w[:rows], None if b is None else b[:rows])
+    k = torch.nn.functional.linear(x_k, w[rows:], None if b is None else b[rows:])
+    q = q.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2)
+    k = k.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2)
+    return (q @ k.transpose(-1, -2)) * site.scale
+
+
+def attention_rows(site: AttentionSite, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
+    """Post-softmax attention rows (B, H, T, N) of the query tokens (B, T) (indices into all N tokens)."""
+    if query_tokens.dim() == 1:
+        query_tokens = query_tokens[None].expand(x.shape[0], -1)
+    if query_tokens.shape[0] != x.shape[0]:
+        raise QKHooksError(
+            f"query_tokens has {query_tokens.shape[0]} rows for a batch of {x.shape[0]} images; give one row per image."
+        )
+    n = x.shape[1]
+    if query_tokens.numel() and (int(query_tokens.max()) >= n or int(query_tokens.min()) < 0):
+        raise QKHooksError(f"query_tokens must index tokens 0..{n - 1} (prefix tokens first), got {query_tokens.tolist()}.")
+    idx = query_tokens.to(x.device).long()
+    x_q = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    return torch.softmax(_logits(site, x_q, x).float(), dim=-1)
+
+
+def attention_full(site: AttentionSite, x: torch.Tensor) -> torch.Tensor:
+    """All post-softmax maps (B, H, N, N)."""
+    return torch.softmax(_logits(site, x, x).float(), dim=-1)
+
+
+def pool_rows(rows: torch.Tensor, masks: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Mass of each row on each mask: (B, H, T, N) x (B, M, N or N - prefix) -> (B, H, T, M).
+
+    Masks given on patch tokens only are padded with zeros for the prefix tokens.
+    """
+    n = rows.shape[-1]
+    if masks.dim() == 4:  # (B, M, gh, gw) on the patch grid
+        masks = masks.flatten(2)
+    if masks.shape[-1] == n - num_prefix_tokens:
+        masks = torch.nn.functional.pad(masks, (num_prefix_tokens, 0))
+    if masks.shape[-1] != n or masks.shape[0] != rows.shape[0]:
+        raise QKHooksError(
+            f"pool_masks must be (batch, masks, tokens) with {n} tokens or {n - num_prefix_tokens} patch tokens; "
+            f"got {tuple(masks.shape)} for a batch of {rows.shape[0]}."
+        )
+    return torch.einsum("bhtn,bmn->bhtm", rows, masks.to(rows.device, rows.dtype))

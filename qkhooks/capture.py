@@ -1,0 +1,331 @@
+"""The recording context: hooks on an unmodified model that capture, project and rebuild on device.
+
+``with qkhooks.record(model, modes=16) as run: model(images)`` installs forward pre-hooks (keyword inputs
+included) on every attention module. Each hook sees the exact tensor entering W_q/W_k, projects it onto the
+layer's top modes and rebuilds any requested attention, all under ``torch.no_grad`` on the tokens' device.
+The hooks never touch the model's inputs or outputs, so results are bit-identical with and without the
+context, and fused attention stays on.
+
+A batch is complete when the recorded model's forward returns; only then is it handed to the sinks (the
+run store, streaming reducers) and exposed as ``run.last``. A forward that raises hands nothing on, so a
+store never receives half a batch. Hooks are removed on exit, on exceptions and on KeyboardInterrupt;
+each context removes only its own hooks, so contexts nest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, Iterable, Literal, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from qkhooks.attention import AttentionSpec, attention_full, attention_rows, parse_attention, pool_rows
+from qkhooks.errors import QKHooksError
+from qkhooks.models.base import AttentionSite, find_sites, select_layers
+from qkhooks.projector import ModeProjector
+from qkhooks.spectrum import QKSpectrum, layer_spectrum
+
+__all__ = ["record", "Recording", "LayerCapture", "BatchCapture", "Sink", "parse_modes"]
+
+InputKind = Literal["normed", "residual"]
+
+
+@dataclasses.dataclass
+class LayerCapture:
+    """What one layer produced for one batch. Tensors stay on the model's device.
+
+    Attributes:
+        inputs: (B, N, d) the tokens the modes were taken of (only kept when asked for).
+        query, key: (B, H, K, N) query maps x·u_n and key maps x·v_n (None without modes).
+        attention: kind -> tensor: ``rows`` (B, H, T, N), ``pooled`` (B, H, T, M), ``full`` (B, H, N, N).
+    """
+
+    layer: int
+    batch_size: int
+    inputs: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    attention: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class BatchCapture:
+    """One forward pass: the images' ids, the per-batch metadata you passed, and each layer's capture."""
+
+    ids: list[str]
+    meta: dict[str, Any]
+    layers: dict[int, LayerCapture] = dataclasses.field(default_factory=dict)
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """Flat name -> (B, ...) tensors in the run-file schema (``modes/L3/query``, ``attention/L3/rows``)."""
+        out: dict[str, torch.Tensor] = {}
+        for layer, cap in sorted(self.layers.items()):
+            if cap.query is not None:
+                out[f"modes/L{layer}/query"] = cap.query
+                out[f"modes/L{layer}/key"] = cap.key  # type: ignore[assignment]
+            for kind, value in cap.attention.items():
+                out[f"attention/L{layer}/{kind}"] = value
+        if "query_tokens" in self.meta and any(c.attention for c in self.layers.values()):
+            out["attention/query_tokens"] = torch.as_tensor(self.meta["query_tokens"]).long()
+        return out
+
+
+class Sink(Protocol):
+    """Anything that takes finished batches: the HDF5 writer, a streaming reducer, your own callback."""
+
+    def update(self, batch: BatchCapture) -> None: ...
+
+
+def parse_modes(modes: int | str | None, head_dim: int | None = None) -> int | None | Literal["all"]:
+    """``16`` -> 16, ``"all"`` -> "all", ``None``/``0``/``"none"`` -> None (capture without projection)."""
+    if modes is None or modes == 0 or modes == "none":
+        return None
+    if modes == "all":
+        return "all"
+    try:
+        value = int(modes)
+    except (TypeError, ValueError):
+        raise QKHooksError(f"modes must be a positive integer, 'all' or None; got {modes!r}.") from None
+    if value < 0:
+        raise QKHooksError(f"modes must be a positive integer, 'all' or None; got {modes!r}.")
+    return value
+
+
+class Recording:
+    """A set of hooks on one model and what they captured. Create it with :func:`record`.
+
+    Attributes:
+        sites: the hooked attention layers.
+        spectrum: the (truncated) spectra used for projection (None without modes).
+        last: the most recent complete :class:`BatchCapture` (None before the first forward).
+        images_seen: number of images in complete batches so far.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        modes: int | str | None = 16,
+        layers: Sequence[int] | None = None,
+        attention: None | str | AttentionSpec | Sequence[AttentionSpec | str] = None,
+        input: InputKind = "normed",
+        augmented: bool = False,
+        keep_inputs: bool = False,
+        sinks: Iterable[Sink] = (),
+        spectrum: QKSpectrum | None = None,
+        sites: Sequence[AttentionSite] | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise QKHooksError(f"record() needs a torch nn.Module, got {type(model).__name__}; load one with qkhooks.load_model.")
+        if input not in ("normed", "residual"):
+            raise QKHooksError(f"input must be 'normed' (the exact tensor entering W_q/W_k) or 'residual'; got {input!r}.")
+        self._model_ref = weakref.ref(model)
+        self.sites: list[AttentionSite] = select_layers(list(sites), layers) if sites is not None else find_sites(model, layers)
+        self.modes = parse_modes(modes)
+        self.attention = parse_attention(attention)
+        self.input: InputKind = input
+        self.keep_inputs = keep_inputs
+        self.sinks: list[Sink] = list(sinks)
+        self.compute_dtype = compute_dtype
+        self.spectrum: QKSpectrum | None = None
+        self._projectors: dict[int, ModeProjector] = {}
+        if self.modes is not None:
+            k = None if self.modes == "all" else int(self.modes)
+            by_layer = {s.layer: s for s in spectrum} if spectrum is not None else {}
+            spectra = [(by_layer.get(site.layer) or layer_spectrum(site, augmented)).top(k) for site in self.sites]
+            self.spectrum = QKSpectrum(spectra, getattr(model, "qkhooks_spec", "") or type(model).__name__)
+            self._projectors = {s.layer: ModeProjector(s) for s in spectra}
+        self._handles: list[Any] = []
+        self._current: BatchCapture | None = None
+        self._pending_meta: dict[str, Any] = {}
+        self._residual: dict[int, torch.Tensor] = {}
+        self.last: BatchCapture | None = None
+        self.images_seen = 0
+
+    # ------------------------------------------------------------------ hooks
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> "Recording":
+        """Install the hooks (``with`` does this for you)."""
+        if self.active:
+            raise QKHooksError("this recording is already attached; use a new qkhooks.record(...) to nest.")
+        model = self._model_ref()
+        if model is None:
+            raise QKHooksError("the model of this recording no longer exists.")
+        try:
+            self._handles.append(model.register_forward_pre_hook(self._begin_batch, with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._end_batch, always_call=False))
+            for site in self.sites:
+                if self.input == "residual":
+                    self._handles.append(
+                        site.block.register_forward_pre_hook(self._residual_hook(site), with_kwargs=True)
+                    )
+                self._handles.append(site.module.register_forward_pre_hook(self._layer_hook(site), with_kwargs=True))
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove this recording's hooks (idempotent) and drop any half-finished batch."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        self._current = None
+        self._residual.clear()
+
+    def __enter__(self) -> "Recording":
+        return self.attach()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+        self.sites_release()
+
+    def sites_release(self) -> None:
+        """Forget the model's modules so a finished recording keeps no model alive."""
+        self.sites = [dataclasses.replace(s, module=None, block=None, qk_linear=_released) for s in self.sites]  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        state = "attached" if self.active else "detached"
+        att = ",".join(s.kind for s in self.attention) or "none"
+        return (
+            f"Recording({state}, layers={[s.layer for s in self.sites]}, modes={self.modes}, attention={att}, "
+            f"input={self.input}, sinks={len(self.sinks)}, images_seen={self.images_seen})"
+        )
+
+    # --------------------------------------------------------------- batches
+    def set_batch(self, ids: Sequence[str] | None = None, **meta: Any) -> None:
+        """Metadata for the next forward: image ids, ``query_tokens`` (B, T) for attention rows,
+        ``pool_masks`` (B, M, tokens) for pooled attention, or anything your sinks read."""
+        if ids is not None:
+            meta["ids"] = list(ids)
+        self._pending_meta = meta
+
+    def __call__(self, *args: Any, ids: Sequence[str] | None = None, meta: dict[str, Any] | None = None, **kwargs: Any):
+        """Run the model on ``args``/``kwargs`` with this batch's ids and metadata; returns the model's output."""
+        self.set_batch(ids, **(meta or {}))
+        model = self._model_ref()
+        if model is None:
+            raise QKHooksError("the model of this recording no longer exists.")
+        return model(*args, **kwargs)
+
+    def _begin_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        meta, self._pending_meta = self._pending_meta, {}
+        self._current = BatchCapture(ids=list(meta.pop("ids", [])), meta=meta)
+
+    def _end_batch(self, module: nn.Module, args: tuple, kwargs: dict | Any, output: Any = None) -> None:
+        batch, self._current = self._current, None
+        if batch is None or not batch.layers:
+            return
+        size = next(iter(batch.layers.values())).batch_size
+        if not batch.ids:
+            batch.ids = [str(self.images_seen + i) for i in range(size)]
+        elif len(batch.ids) != size:
+            raise QKHooksError(f"{len(batch.ids)} ids were given for a batch of {size} images; give one id per image.")
+        self.images_seen += size
+        self.last = batch
+        for sink in self.sinks:
+            sink.update(batch)
+
+    def _residual_hook(self, site: AttentionSite):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._residual[site.layer] = site.hidden_states(args, kwargs, block=True)
+
+        return hook
+
+    def _layer_hook(self, site: AttentionSite):
+        projector = self._projectors.get(site.layer)
+        specs = [s for s in self.attention if s.covers(site.layer)]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = site.hidden_states(args, kwargs)
+            if self._current is None:  # a submodule was called directly: still record
+                self._begin_batch(module, (), {})
+            with torch.no_grad():
+                cap = LayerCapture(site.layer, int(x.shape[0]))
+                x_modes = self._residual.pop(site.layer, x) if self.input == "residual" else x
+                if self.compute_dtype is not None:
+                    x_modes = x_modes.to(self.compute_dtype)
+                if projector is not None:
+                    cap.query, cap.key = projector(x_modes.detach())
+                if self.keep_inputs:
+                    cap.inputs = x_modes.detach()
+                for spec in specs:
+                    cap.attention[spec.kind] = self._attention(site, spec, x.detach())
+                self._current.layers[site.layer] = cap  # type: ignore[union-attr]
+
+        return hook
+
+    def _attention(self, site: AttentionSite, spec: AttentionSpec, x: torch.Tensor) -> torch.Tensor:
+        if spec.kind == "full":
+            return attention_full(site, x)
+        meta = self._current.meta if self._current is not None else {}
+        tokens = meta.get("query_tokens")
+        if tokens is None:
+            raise QKHooksError(
+                f"attention={spec.kind!r} needs the query tokens of each image: call run(images, meta="
+                "{'query_tokens': LongTensor(B, T)}) or run.set_batch(query_tokens=...) before the forward."
+            )
+        rows = attention_rows(site, x, torch.as_tensor(tokens, device=x.device))
+        if spec.kind == "rows":
+            return rows
+        masks = meta.get("pool_masks")
+        if masks is None:
+            raise QKHooksError("attention='pooled' needs pool_masks (B, M, tokens) in the batch metadata.")
+        return pool_rows(rows, torch.as_tensor(masks), site.num_prefix_tokens)
+
+    # ------------------------------------------------------------ read-outs
+    def _last_layers(self) -> dict[int, LayerCapture]:
+        if self.last is None:
+            raise QKHooksError("nothing recorded yet: run the model inside the context first.")
+        return self.last.layers
+
+    @property
+    def query(self) -> dict[int, torch.Tensor]:
+        """Layer -> query maps (B, H, K, N) of the last batch."""
+        return {l: c.query for l, c in self._last_layers().items() if c.query is not None}
+
+    @property
+    def key(self) -> dict[int, torch.Tensor]:
+        """Layer -> key maps (B, H, K, N) of the last batch."""
+        return {l: c.key for l, c in self._last_layers().items() if c.key is not None}
+
+    @property
+    def inputs(self) -> dict[int, torch.Tensor]:
+        """Layer -> captured tokens (B, N, d) of the last batch (with ``keep_inputs=True``)."""
+        return {l: c.inputs for l, c in self._last_layers().items() if c.inputs is not None}
+
+    def attention_maps(self, kind: str = "rows") -> dict[int, torch.Tensor]:
+        """Layer -> rebuilt attention of the given kind for the last batch."""
+        return {l: c.attention[kind] for l, c in self._last_layers().items() if kind in c.attention}
+
+
+def _released() -> Any:
+    raise QKHooksError("this recording has ended and released the model; start a new qkhooks.record(...).")
+
+
+def record(model: nn.Module, **options: Any) -> Recording:
+    """Hook ``model`` for query-key analysis; use as a context manager.
+
+    Args:
+        model: an unmodified timm or Hugging Face ViT (or any model with a registered adapter).
+        modes: top modes per head to project onto (default 16), ``"all"``, or None for no projection.
+        layers: block indices to record (None: all).
+        attention: ``"rows"``, ``"pooled"``, ``"full"``, an :class:`AttentionSpec`, or a list of them.
+        input: ``"normed"`` (default, the exact tensor entering W_q/W_k: the modes then sum to the logits)
+            or ``"residual"`` (the residual stream entering the block, as in Pan et al.'s figures).
+        augmented: fold biases into the modes through x -> [x; 1].
+        keep_inputs: keep the captured tokens (B, N, d) per layer for sinks that need them.
+        sinks: objects with ``update(batch)`` fed after each complete forward (a run writer, reducers).
+        spectrum: a precomputed :class:`QKSpectrum` to reuse.
+        compute_dtype: dtype for projections (default: the tokens' own dtype).
+
+    Returns:
+        A :class:`Recording`; inside ``with``, run the model as usual (or call ``run(images, ids=...)``).
+    """
+    return Recording(model, **options)

@@ -1,0 +1,125 @@
+"""The ``qkhooks`` command. Each subcommand is a thin layer over the public Python API.
+
+Errors the user can fix (:class:`QKHooksError`) print one clear line and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from qkhooks.errors import QKHooksError
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
+
+
+def command(name: str, help: str):
+    """Register ``add_arguments`` + ``run`` for a subcommand (one place per command)."""
+
+    def wrap(add_arguments):
+        def register(run):
+            COMMANDS[name] = (add_arguments, run, help)
+            return run
+
+        return register
+
+    return wrap
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="timm:NAME, hf:ID_OR_DIR or offline:dinov2-s14")
+    p.add_argument("--random-init", action="store_true", help="build the architecture without pretrained weights")
+    p.add_argument("--checkpoint", help="local weights for a timm:NAME architecture (safetensors or .pth)")
+
+
+def load_from_args(args: argparse.Namespace, device: str = "cpu"):
+    from qkhooks.models.load import load_model
+
+    return load_model(args.model, random_init=args.random_init, checkpoint=args.checkpoint, device=device)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+
+
+# -------------------------------------------------------------------------------------- spectrum
+def _spectrum_args(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7' (default all)")
+    p.add_argument("--augmented", action="store_true", help="fold biases in through x -> [x; 1]")
+    p.add_argument("--json", help="write the per-layer/per-head spectrum as JSON here")
+    p.add_argument("--plot", help="write the cosine-by-layer figure here (PNG); per-head spectra go next to it")
+
+
+@command("spectrum", "singular modes of W_q^T W_k per head, cosines, weighted averages")(_spectrum_args)
+def run_spectrum(args: argparse.Namespace) -> int:
+    from qkhooks.models.base import parse_layers
+    from qkhooks.spectrum import spectrum
+
+    loaded = load_from_args(args)
+    spec = spectrum(loaded.model, layers=parse_layers(args.layers), augmented=args.augmented, name=loaded.spec)
+    print(spec.table())
+    if loaded.note:
+        print(f"note: {loaded.note}")
+    if args.json:
+        payload = spec.to_dict()
+        payload["note"] = loaded.note
+        payload["biases"] = "folded in ([x; 1])" if args.augmented else "excluded (bias-free bilinear form)"
+        write_json(args.json, payload)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from qkhooks.plots import plot_cosine_by_layer, plot_head_spectra
+
+        plot = Path(args.plot)
+        plot_cosine_by_layer(spec, plot)
+        spectra = plot.with_name(plot.stem + "_spectra" + plot.suffix)
+        plot_head_spectra(spec, spectra)
+        print(f"wrote {plot} and {spectra}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qkhooks import __version__
+
+    parser = argparse.ArgumentParser(prog="qkhooks", description="Query-key analysis of unmodified vision transformers.")
+    parser.add_argument("--version", action="version", version=f"qkhooks {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, run, help) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def _load_commands() -> None:
+    """Import modules that register further subcommands."""
+    import importlib
+
+    for module in ("qkhooks.cli_run",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _load_commands()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except QKHooksError as exc:
+        print(f"qkhooks: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qkhooks: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

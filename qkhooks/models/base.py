@@ -1,0 +1,225 @@
+"""What qkhooks needs to know about one attention layer, and the registry that finds those layers.
+
+An :class:`AttentionSite` is the single description every other part of qkhooks works from: which module
+to hook, which argument carries the tokens entering W_q/W_k, the per-head W_q, W_k, b_q, b_k read live
+from the model's own parameters, the scale, the prefix tokens and the patch grid. Adapters (one file per
+model family) turn a model into a list of sites; users add their own with :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from qkhooks.errors import QKHooksError
+
+__all__ = ["AttentionSite", "QKWeights", "register_adapter", "find_sites", "adapters"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QKWeights:
+    """Per-head query/key weights of one layer: W (H, d_k, d), b (H, d_k) or None (no bias)."""
+
+    w_q: torch.Tensor
+    w_k: torch.Tensor
+    b_q: torch.Tensor | None
+    b_k: torch.Tensor | None
+
+
+@dataclasses.dataclass(eq=False)
+class AttentionSite:
+    """One attention layer of a real model, described well enough to hook and analyse it exactly.
+
+    Attributes:
+        layer: 0-based block index.
+        path: dotted module path of the hooked attention module (its input is what enters W_q/W_k).
+        module: the attention module itself.
+        block_path: dotted path of the enclosing block, whose input is the residual stream (before the
+            block's LayerNorm); used by ``input="residual"``.
+        block: the block module.
+        num_heads, head_dim, dim: heads, per-head width d_k and embedding width d.
+        scale: the factor the model multiplies q·k by before the softmax.
+        num_prefix_tokens: tokens before the patches (CLS, distillation, registers).
+        grid: the native patch grid (rows, cols); a different input size changes it at run time.
+        family: short adapter name, e.g. ``"timm-vit"`` or ``"hf-dinov2"``.
+        input_name: keyword under which the module receives the hidden states when passed by keyword.
+        qk_linear: returns (W (2·H·d_k, d), b (2·H·d_k) or None): the rows of the model's own parameters
+            that produce q then k, read live so that weight edits are seen.
+    """
+
+    layer: int
+    path: str
+    module: nn.Module
+    block_path: str
+    block: nn.Module
+    num_heads: int
+    head_dim: int
+    dim: int
+    scale: float
+    num_prefix_tokens: int
+    grid: tuple[int, int] | None
+    family: str
+    input_name: str
+    qk_linear: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+    block_input_name: str = "hidden_states"
+
+    def __repr__(self) -> str:
+        return (
+            f"AttentionSite(layer={self.layer}, path={self.path!r}, heads={self.num_heads}, "
+            f"head_dim={self.head_dim}, dim={self.dim}, prefix={self.num_prefix_tokens}, grid={self.grid}, "
+            f"family={self.family!r})"
+        )
+
+    def weights(self) -> QKWeights:
+        """Per-head W_q, W_k (H, d_k, d) and biases (H, d_k), detached from autograd."""
+        w, b = self.qk_linear()
+        h, dk = self.num_heads, self.head_dim
+        w = w.detach()
+        w_q, w_k = w[: h * dk].reshape(h, dk, -1), w[h * dk :].reshape(h, dk, -1)
+        if b is None:
+            return QKWeights(w_q, w_k, None, None)
+        b = b.detach()
+        return QKWeights(w_q, w_k, b[: h * dk].reshape(h, dk), b[h * dk :].reshape(h, dk))
+
+    def qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k (B, H, N, d_k), biases included, from the tokens entering W_q/W_k, in one matmul."""
+        w, b = self.qk_linear()
+        out = torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        bsz, n = x.shape[:2]
+        out = out.view(bsz, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return out[0], out[1]
+
+    def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
+        """Pick the token tensor out of a module call, whether passed by position or by keyword."""
+        name = self.block_input_name if block else self.input_name
+        if args:
+            x = args[0]
+        elif name in kwargs:
+            x = kwargs[name]
+        else:
+            raise QKHooksError(
+                f"{self.block_path if block else self.path}: could not find the hidden states in the call "
+                f"(no positional argument and no keyword {name!r}); fix the adapter's input_name."
+            )
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise QKHooksError(
+                f"{self.path}: expected a (batch, tokens, {self.dim}) tensor entering the layer, got "
+                f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}; the adapter points at the wrong argument."
+            )
+        return x
+
+    def grid_for(self, num_tokens: int) -> tuple[int, int]:
+        """Patch grid for a sequence of ``num_tokens`` (native grid, or square when the input size changed)."""
+        patches = num_tokens - self.num_prefix_tokens
+        if self.grid is not None and self.grid[0] * self.grid[1] == patches:
+            return self.grid
+        side = int(round(patches**0.5))
+        if side * side != patches:
+            raise QKHooksError(
+                f"{self.path}: {patches} patch tokens do not form the native grid {self.grid} nor a square; "
+                "pass the grid explicitly."
+            )
+        return side, side
+
+
+@dataclasses.dataclass(frozen=True)
+class _Adapter:
+    name: str
+    matches: Callable[[nn.Module], bool]
+    find: Callable[[nn.Module], list[AttentionSite]]
+    families: str
+
+
+_ADAPTERS: list[_Adapter] = []
+
+
+def register_adapter(
+    name: str,
+    matches: Callable[[nn.Module], bool],
+    find: Callable[[nn.Module], list[AttentionSite]],
+    families: str = "",
+    first: bool = True,
+) -> None:
+    """Teach qkhooks a new architecture.
+
+    Args:
+        name: short name shown in error messages and on each site (``site.family``).
+        matches: returns True when this adapter handles the model.
+        find: returns the model's :class:`AttentionSite` list in block order.
+        families: human description for the "supported families" listing.
+        first: try this adapter before the built-in ones (so users can override them).
+    """
+    _ADAPTERS[:] = [a for a in _ADAPTERS if a.name != name]
+    adapter = _Adapter(name, matches, find, families)
+    _ADAPTERS.insert(0, adapter) if first else _ADAPTERS.append(adapter)
+
+
+def adapters() -> list[tuple[str, str]]:
+    """(name, families) of every registered adapter, in the order they are tried."""
+    return [(a.name, a.families) for a in _ADAPTERS]
+
+
+def find_sites(model: nn.Module, layers: Sequence[int] | None = None) -> list[AttentionSite]:
+    """All attention sites of ``model`` (or the chosen block indices), found by the first matching adapter."""
+    from qkhooks.models.unsupported import diagnose
+
+    diagnose(model)
+    for adapter in _ADAPTERS:
+        if adapter.matches(model):
+            found = adapter.find(model)
+            if not found:
+                raise QKHooksError(f"adapter {adapter.name!r} matched {type(model).__name__} but found no attention layers.")
+            return select_layers(found, layers)
+    listing = "\n".join(f"  - {name}: {fam}" for name, fam in adapters())
+    raise QKHooksError(
+        f"qkhooks does not know how to find the attention layers of {type(model).__name__}.\n"
+        f"Supported families:\n{listing}\n"
+        "Add your own in a few lines with qkhooks.register_adapter(name, matches, find) (see README, "
+        "'Adding an architecture')."
+    )
+
+
+def select_layers(found: list[AttentionSite], layers: Sequence[int] | None) -> list[AttentionSite]:
+    """Keep the requested block indices (negative indices count from the end), in block order."""
+    if layers is None:
+        return found
+    by_layer = {s.layer: s for s in found}
+    n = len(found)
+    chosen = []
+    for layer in layers:
+        idx = layer + n if layer < 0 else layer
+        if idx not in by_layer:
+            raise QKHooksError(f"layer {layer} does not exist: this model has blocks 0..{n - 1}.")
+        chosen.append(idx)
+    return [by_layer[i] for i in sorted(set(chosen))]
+
+
+def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
+    """Parse a layer selection such as ``"0,3,5-7,-1"`` (ranges inclusive); None or "all" means every layer."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+        return None
+    if not isinstance(spec, str):
+        return [int(v) for v in spec]
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise QKHooksError(f"bad layer selection {spec!r}: use e.g. '0,3,5-7,-1' or 'all'.") from None
+    return out
+
+
+def module_path(model: nn.Module, module: nn.Module) -> str:
+    """Dotted path of ``module`` inside ``model``."""
+    for name, mod in model.named_modules():
+        if mod is module:
+            return name
+    raise QKHooksError("module is not part of the model")

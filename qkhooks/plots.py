@@ -1,0 +1,119 @@
+"""Figures for the papers' views. Every function takes plain results and a path, writes one PNG, returns the path.
+
+matplotlib runs headless (Agg); figures are closed after saving so long runs do not leak.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qkhooks.spectrum import QKSpectrum  # noqa: E402
+
+__all__ = ["save", "plot_cosine_by_layer", "plot_head_spectra", "plot_layer_curves", "plot_stacked_shares"]
+
+
+def save(fig, path: str | os.PathLike) -> Path:
+    """Save and close a figure (creating the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_cosine_by_layer(spec: QKSpectrum, path: str | os.PathLike, relative_to: Sequence[float] | None = None) -> Path:
+    """Paper Fig. 3: sigma-weighted cosine per layer (mean over heads, head spread shaded), random band grey.
+
+    ``relative_to``: per-layer anisotropy baselines to subtract (paper Fig. S3), drawn as a second curve.
+    """
+    layers = [s.layer for s in spec]
+    per_head = [s.cosine_weighted.numpy() for s in spec]
+    mean = np.array([h.mean() for h in per_head])
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    band = spec.random_baseline_cos95
+    ax.axhspan(-band, band, color="0.85", label=f"random 95% (±{band:.3f})")
+    for layer, heads in zip(layers, per_head):
+        ax.scatter([layer] * len(heads), heads, s=8, color="tab:blue", alpha=0.35)
+    ax.plot(layers, mean, "o-", color="tab:blue", label="σ-weighted cosine (mean of heads)")
+    if relative_to is not None:
+        ax.plot(layers, mean - np.asarray(relative_to), "s--", color="tab:red", label="relative to anisotropy baseline")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("cosine(u_n, v_n), σ-weighted")
+    ax.set_title(f"Grouping vs contextualisation — {spec.model}", fontsize=9)
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def plot_head_spectra(spec: QKSpectrum, path: str | os.PathLike, max_layers: int = 12) -> Path:
+    """Paper Fig. S2: per head, singular values (line) and mode cosines (dots), one panel per layer."""
+    layers = list(spec)[:max_layers]
+    cols = min(4, len(layers))
+    rows = int(np.ceil(len(layers) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    band = spec.random_baseline_cos95
+    for ax, layer in zip(axes.flat, layers):
+        s, cos = layer.S.numpy(), layer.cos.numpy()
+        twin = ax.twinx()
+        for h in range(layer.num_heads):
+            ax.plot(s[h] / s[h].max(), color="0.4", lw=0.7)
+            twin.scatter(np.arange(len(cos[h])), cos[h], s=3, alpha=0.5)
+        twin.axhspan(-band, band, color="0.9", zorder=0)
+        twin.set_ylim(-1, 1)
+        ax.set_title(f"L{layer.layer}", fontsize=8)
+        ax.set_ylabel("σ / σ_max", fontsize=7)
+        twin.set_ylabel("cos", fontsize=7)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    fig.suptitle(f"Per-head spectra (lines) and mode cosines (dots) — {spec.model}", fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def plot_layer_curves(
+    layers: Sequence[int],
+    curves: dict[str, Sequence[float]],
+    path: str | os.PathLike,
+    ylabel: str,
+    title: str,
+    spread: dict[str, Sequence[float]] | None = None,
+) -> Path:
+    """Several per-layer curves on one axis, with an optional +-spread band per curve."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, values in curves.items():
+        values = np.asarray(values, dtype=float)
+        (line,) = ax.plot(layers, values, "o-", label=name)
+        if spread and name in spread:
+            s = np.asarray(spread[name], dtype=float)
+            ax.fill_between(layers, values - s, values + s, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def plot_stacked_shares(
+    labels: Sequence[str], shares: dict[str, Sequence[float]], path: str | os.PathLike, title: str, ylabel: str = "share"
+) -> Path:
+    """Stacked bars (one per label) of parts that sum to 1, e.g. CC/CP/PC/PP energy per head."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.22 * len(labels) + 2), 3.6))
+    bottom = np.zeros(len(labels))
+    for name, values in shares.items():
+        values = np.asarray(values, dtype=float)
+        ax.bar(range(len(labels)), values, bottom=bottom, label=name, width=0.85)
+        bottom += values
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=len(shares), loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    return save(fig, path)

@@ -1,0 +1,95 @@
+"""Project captured tokens onto the query-key modes, on the tokens' own device, in one matmul per layer.
+
+The query map of mode n is x·u_n over tokens, the key map x·v_n. We stack [U_K | V_K] of all heads into a
+single (d, 2·H·K) matrix so one GEMM serves every head and both sides; the matrix is moved to the tokens'
+device and dtype once and cached.
+
+A second path (DESIGN.md) starts from q and k when they are already computed: x·u_n = (q - b_q)·a_n with
+a_n = W_k v_n / sigma_n, and x·v_n = (k - b_k)·c_n with c_n = W_q u_n / sigma_n; it costs a d_k x K matmul
+per head instead of d x K. ``benchmarks/`` times both; :class:`ModeProjector` uses the x path, which needs
+nothing the model has not already given us and is exact for every mode (also sigma_n = 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qkhooks.models.base import QKWeights
+from qkhooks.spectrum import LayerSpectrum
+
+__all__ = ["ModeProjector", "QKPathProjector"]
+
+
+class ModeProjector:
+    """Maps tokens (B, N, d) of one layer to query and key maps (B, H, K, N).
+
+    Args:
+        spectrum: the layer's (possibly truncated) spectrum. With an augmented spectrum the constant
+            coordinate's contribution is added, so maps equal [x; 1]·u_n.
+    """
+
+    def __init__(self, spectrum: LayerSpectrum):
+        self.spectrum = spectrum
+        h, dp, k = spectrum.U.shape
+        # (d', 2, H, K) -> (d', 2HK): columns ordered (side, head, mode).
+        self._stacked = torch.stack([spectrum.U, spectrum.V]).permute(2, 0, 1, 3).reshape(dp, 2 * h * k)
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(heads, modes)."""
+        return self.spectrum.num_heads, self.spectrum.num_modes
+
+    def _weights(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = (device, dtype)
+        if key not in self._cache:
+            w = self._stacked.to(device=device, dtype=dtype)
+            if self.spectrum.augmented:
+                self._cache[key] = (w[:-1].contiguous(), w[-1].contiguous())
+            else:
+                self._cache[key] = (w.contiguous(), None)
+        return self._cache[key]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query and key maps, each (B, H, K, N), in x's dtype and device."""
+        w, bias = self._weights(x.device, x.dtype)
+        b, n, _ = x.shape
+        h, k = self.shape
+        out = x @ w if bias is None else torch.addmm(bias, x.reshape(b * n, -1), w).view(b, n, -1)
+        out = out.view(b, n, 2, h, k).permute(2, 0, 3, 4, 1)
+        return out[0], out[1]
+
+
+class QKPathProjector:
+    """The same maps computed from q and k (B, H, N, d_k) instead of x: a d_k x K matmul per head.
+
+    Only valid for the bias-free spectrum and modes with sigma_n > 0 (others give zero maps here).
+    """
+
+    def __init__(self, spectrum: LayerSpectrum, weights: QKWeights):
+        if spectrum.augmented:
+            raise ValueError("the q/k path needs the bias-free spectrum")
+        s = spectrum.S.double()
+        inv = torch.where(s > s.max() * 1e-7, 1.0 / s, torch.zeros_like(s))
+        # a_n = W_k v_n / sigma_n  (H, d_k, K);  c_n = W_q u_n / sigma_n.
+        self.a = (weights.w_k.double().cpu() @ spectrum.V.double()) * inv[:, None, :]
+        self.c = (weights.w_q.double().cpu() @ spectrum.U.double()) * inv[:, None, :]
+        self.b_q = None if weights.b_q is None else weights.b_q.double().cpu()
+        self.b_k = None if weights.b_k is None else weights.b_k.double().cpu()
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple] = {}
+
+    def _weights(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        key = (device, dtype)
+        if key not in self._cache:
+            conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+            self._cache[key] = (conv(self.a), conv(self.c), conv(self.b_q), conv(self.b_k))
+        return self._cache[key]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query and key maps (B, H, K, N) from q, k (B, H, N, d_k) with biases included."""
+        a, c, b_q, b_k = self._weights(q.device, q.dtype)
+        if b_q is not None:
+            q = q - b_q[None, :, None, :]
+        if b_k is not None:
+            k = k - b_k[None, :, None, :]
+        return torch.einsum("bhnd,hdk->bhkn", q, a), torch.einsum("bhnd,hdk->bhkn", k, c)

@@ -1,0 +1,224 @@
+"""The singular modes of each head's query-key form W_q^T W_k, computed from thin factors.
+
+W_q^T W_k has rank <= d_k, so we never form the d x d product: with thin QRs W_q^T = Q_a R_a and
+W_k^T = Q_b R_b, the SVD of the small d_k x d_k matrix R_a R_b^T = U' S V'^T gives U = Q_a U', V = Q_b V'
+(TransformerLens' FactoredMatrix idea). Cost O(d d_k^2) per head, all heads batched, in float64.
+
+Sign convention: the SVD fixes (u_n, v_n) only up to a joint sign flip, so we make the entry of u_n with
+the largest magnitude positive and flip v_n with it; sigma_n u_n v_n^T is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from qkhooks.errors import QKHooksError
+from qkhooks.models.base import AttentionSite, QKWeights
+
+__all__ = ["LayerSpectrum", "QKSpectrum", "spectrum", "factored_svd", "random_cosine_band"]
+
+
+def random_cosine_band(dim: int, z: float = 1.96) -> float:
+    """Half-width of the 95% interval of the cosine between two random directions in R^dim.
+
+    For random unit vectors the cosine is approximately N(0, 1/dim), so the band is +-z/sqrt(dim) (METHODS
+    A.2). The paper's figures show about +-0.065 for d = 768 from a slightly different sampling.
+    """
+    return z / math.sqrt(dim)
+
+
+def factored_svd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of a^T b for batched thin factors a, b of shape (..., r, d), without forming the d x d product.
+
+    Returns U (..., d, r), S (..., r), V (..., d, r) with a^T b = U diag(S) V^T, sorted by decreasing S,
+    signs fixed so that the largest-magnitude entry of each u_n is positive.
+    """
+    qa, ra = torch.linalg.qr(a.transpose(-1, -2))
+    qb, rb = torch.linalg.qr(b.transpose(-1, -2))
+    u_small, s, vh_small = torch.linalg.svd(ra @ rb.transpose(-1, -2))
+    u, v = qa @ u_small, qb @ vh_small.transpose(-1, -2)
+    pivot = u.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.sign(torch.gather(u, -2, pivot))
+    sign[sign == 0] = 1
+    return u * sign, s, v * sign
+
+
+@dataclasses.dataclass
+class LayerSpectrum:
+    """Modes of every head of one layer.
+
+    Attributes:
+        layer: 0-based block index.
+        U, V: (H, d, K) query-side and key-side singular vectors (K = d_k unless truncated). With
+            ``augmented=True`` the vectors live in R^{d+1}: the last coordinate multiplies a constant 1.
+        S: (H, K) singular values, decreasing.
+        augmented: whether biases were folded in through x -> [x; 1].
+        dim: the embedding width d.
+    """
+
+    layer: int
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    augmented: bool = False
+
+    @property
+    def num_heads(self) -> int:
+        return self.S.shape[0]
+
+    @property
+    def num_modes(self) -> int:
+        return self.S.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.U.shape[1] - int(self.augmented)
+
+    @property
+    def cos(self) -> torch.Tensor:
+        """(H, K) cosine between u_n and v_n: high = grouping, near 0 = contextualisation (token part only)."""
+        u, v = self.U[:, : self.dim], self.V[:, : self.dim]
+        return (u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1)).clamp_min(1e-30)
+
+    @property
+    def cosine_weighted(self) -> torch.Tensor:
+        """(H,) sigma-weighted *sum* of the mode cosines, sum_n (sigma_n / sum_m sigma_m) cos_n (paper's formula)."""
+        weights = self.S / self.S.sum(-1, keepdim=True).clamp_min(1e-30)
+        return (weights * self.cos).sum(-1)
+
+    def top(self, k: int | None) -> "LayerSpectrum":
+        """The leading ``k`` modes of every head (all of them for None)."""
+        if k is None or k >= self.num_modes:
+            return self
+        if k < 1:
+            raise QKHooksError(f"modes must be >= 1 or 'all', got {k}.")
+        return LayerSpectrum(self.layer, self.U[..., :k], self.S[:, :k], self.V[..., :k], self.augmented)
+
+    def bilinear(self) -> torch.Tensor:
+        """(H, d', d') the dense form sum_n sigma_n u_n v_n^T of the kept modes (for checks, small models)."""
+        return torch.einsum("hdk,hk,hek->hde", self.U, self.S, self.V)
+
+
+@dataclasses.dataclass
+class QKSpectrum:
+    """Per-layer spectra of a model, with the derived statistics of Pan et al. (2024)."""
+
+    layers: list[LayerSpectrum]
+    model: str = ""
+
+    def __iter__(self) -> Iterator[LayerSpectrum]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer: int) -> LayerSpectrum:
+        """The spectrum of block index ``layer`` (not list position)."""
+        for spec in self.layers:
+            if spec.layer == layer:
+                return spec
+        raise QKHooksError(f"layer {layer} is not in this spectrum; it has layers {[s.layer for s in self.layers]}.")
+
+    @property
+    def dim(self) -> int:
+        return self.layers[0].dim
+
+    @property
+    def random_baseline_cos95(self) -> float:
+        """Half-width of the 95% band of cosines between random directions in R^d."""
+        return random_cosine_band(self.dim)
+
+    def cosine_weighted_by_layer(self) -> list[float]:
+        """Per layer: the mean over heads of each head's sigma-weighted cosine (paper Fig. 3)."""
+        return [float(s.cosine_weighted.mean()) for s in self.layers]
+
+    def top(self, k: int | None) -> "QKSpectrum":
+        return QKSpectrum([s.top(k) for s in self.layers], self.model)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary: the shape documented for ``qkhooks spectrum --json``."""
+        layers = []
+        for spec, layer_cos in zip(self.layers, self.cosine_weighted_by_layer()):
+            heads = [
+                {
+                    "head": h,
+                    "singular_values": spec.S[h].tolist(),
+                    "cosine": spec.cos[h].tolist(),
+                    "cosine_weighted": float(spec.cosine_weighted[h]),
+                }
+                for h in range(spec.num_heads)
+            ]
+            layers.append({"layer": spec.layer, "cosine_weighted": layer_cos, "heads": heads})
+        return {
+            "model": self.model,
+            "dim": self.dim,
+            "augmented": self.layers[0].augmented,
+            "random_baseline_cos95": self.random_baseline_cos95,
+            "layers": layers,
+        }
+
+    def table(self) -> str:
+        """A per-layer text table: heads, top singular value, weighted cosine, fraction of modes above the band."""
+        band = self.random_baseline_cos95
+        lines = [
+            f"QK spectrum of {self.model or 'model'}: d={self.dim}, random 95% cosine band +-{band:.3f}",
+            f"{'layer':>5} {'heads':>5} {'modes':>5} {'sigma_max':>10} {'cos_w':>7} {'cos>band':>8} {'cos<-band':>9}",
+        ]
+        for spec, cos_w in zip(self.layers, self.cosine_weighted_by_layer()):
+            cos = spec.cos
+            lines.append(
+                f"{spec.layer:>5} {spec.num_heads:>5} {spec.num_modes:>5} {float(spec.S.max()):>10.3f} {cos_w:>7.3f} "
+                f"{float((cos > band).float().mean()):>8.2f} {float((cos < -band).float().mean()):>9.2f}"
+            )
+        return "\n".join(lines)
+
+
+def _augment(weights: QKWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """[W | b] so that (W x + b) = [W | b] [x; 1]; a missing bias is a zero column."""
+    out = []
+    for w, b in ((weights.w_q, weights.b_q), (weights.w_k, weights.b_k)):
+        col = torch.zeros(w.shape[:-1], dtype=w.dtype, device=w.device) if b is None else b
+        out.append(torch.cat([w, col[..., None]], dim=-1))
+    return out[0], out[1]
+
+
+def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectrum:
+    """Spectrum of one site: float64 SVD, stored as float32 on the CPU."""
+    weights = site.weights()
+    if augmented:
+        w_q, w_k = _augment(weights)
+    else:
+        w_q, w_k = weights.w_q, weights.w_k
+    u, s, v = factored_svd(w_q.double().cpu(), w_k.double().cpu())
+    return LayerSpectrum(site.layer, u.float(), s.float(), v.float(), augmented)
+
+
+def spectrum(
+    model: nn.Module | Sequence[AttentionSite],
+    layers: Sequence[int] | None = None,
+    augmented: bool = False,
+    name: str = "",
+) -> QKSpectrum:
+    """Query-key spectrum of every head of every (chosen) layer.
+
+    Args:
+        model: a supported model, or its sites from :func:`qkhooks.sites`.
+        layers: block indices to keep (None: all).
+        augmented: fold the biases in through x -> [x; 1] (default: the papers' bias-free form, Linear
+            weights only, no 1/sqrt(d_k), no LayerNorm affine).
+        name: a label for reports (defaults to the model's class name).
+    """
+    from qkhooks.models import sites as find_sites
+    from qkhooks.models.base import select_layers
+
+    if isinstance(model, nn.Module):
+        found = find_sites(model, layers)
+        name = name or getattr(model, "qkhooks_spec", "") or type(model).__name__
+    else:
+        found = select_layers(list(model), layers)
+    return QKSpectrum([layer_spectrum(site, augmented) for site in found], name)
