@@ -52,11 +52,20 @@ class LayerCapture:
 
 @dataclasses.dataclass
 class BatchCapture:
-    """One forward pass: the images' ids, the per-batch metadata you passed, and each layer's capture."""
+    """One forward pass: the images' ids, the per-batch metadata you passed, and each layer's capture.
+
+    ``offset`` is the running index of the batch's first image (images in earlier complete batches), so
+    streaming statistics can name images by a global index.
+    """
 
     ids: list[str]
     meta: dict[str, Any]
     layers: dict[int, LayerCapture] = dataclasses.field(default_factory=dict)
+    offset: int = 0
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.layers.values())).batch_size if self.layers else 0
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """Flat name -> (B, ...) tensors in the run-file schema (``modes/L3/query``, ``attention/L3/rows``)."""
@@ -222,7 +231,8 @@ class Recording:
         batch, self._current = self._current, None
         if batch is None or not batch.layers:
             return
-        size = next(iter(batch.layers.values())).batch_size
+        size = batch.size
+        batch.offset = self.images_seen
         if not batch.ids:
             batch.ids = [str(self.images_seen + i) for i in range(size)]
         elif len(batch.ids) != size:

@@ -17,7 +17,14 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
 
 
 def command(name: str, help: str):
-    """Register ``add_arguments`` + ``run`` for a subcommand (one place per command)."""
+    """Register ``add_arguments`` + ``run`` for a subcommand; ``"analyze modes"`` nests under ``analyze``.
+
+    Usage (from any module listed in ``COMMAND_MODULES``)::
+
+        def _args(p): p.add_argument("run")
+        @command("analyze modes", "top-k images per mode")(_args)
+        def run_modes(args): ...; return 0
+    """
 
     def wrap(add_arguments):
         def register(run):
@@ -89,18 +96,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qkhooks", description="Query-key analysis of unmodified vision transformers.")
     parser.add_argument("--version", action="version", version=f"qkhooks {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
     for name, (add_arguments, run, help) in COMMANDS.items():
-        p = sub.add_parser(name, help=help, description=help)
+        group, _, leaf = name.partition(" ")
+        if leaf:
+            if group not in groups:
+                gp = sub.add_parser(group, help=f"{group} subcommands", description=f"{group} subcommands")
+                groups[group] = gp.add_subparsers(dest=f"{group}_command", required=True)
+            p = groups[group].add_parser(leaf, help=help, description=help)
+        else:
+            p = sub.add_parser(name, help=help, description=help)
         add_arguments(p)
         p.set_defaults(_run=run)
     return parser
+
+
+# Modules that register subcommands with @command; a missing one (not written yet) is skipped.
+COMMAND_MODULES = (
+    "qkhooks.stream",
+    "qkhooks.analysis.preference",
+    "qkhooks.analysis.modes",
+    "qkhooks.analysis.bfd",
+    "qkhooks.report",
+    "qkhooks.bench",
+)
 
 
 def _load_commands() -> None:
     """Import modules that register further subcommands."""
     import importlib
 
-    for module in ("qkhooks.cli_run",):
+    for module in COMMAND_MODULES:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

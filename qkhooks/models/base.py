@@ -44,6 +44,7 @@ class AttentionSite:
         scale: the factor the model multiplies q·k by before the softmax.
         num_prefix_tokens: tokens before the patches (CLS, distillation, registers).
         grid: the native patch grid (rows, cols); a different input size changes it at run time.
+        patch_size: pixels per patch (rows, cols), so the grid of any input size is known before a forward.
         family: short adapter name, e.g. ``"timm-vit"`` or ``"hf-dinov2"``.
         input_name: keyword under which the module receives the hidden states when passed by keyword.
         qk_linear: returns (W (2·H·d_k, d), b (2·H·d_k) or None): the rows of the model's own parameters
@@ -65,6 +66,7 @@ class AttentionSite:
     input_name: str
     qk_linear: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
     block_input_name: str = "hidden_states"
+    patch_size: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -110,6 +112,14 @@ class AttentionSite:
                 f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}; the adapter points at the wrong argument."
             )
         return x
+
+    def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid of an input image of the given size."""
+        if self.patch_size is None:
+            if self.grid is None:
+                raise QKHooksError(f"{self.path}: the adapter gives neither a patch size nor a grid.")
+            return self.grid
+        return height // self.patch_size[0], width // self.patch_size[1]
 
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
         """Patch grid for a sequence of ``num_tokens`` (native grid, or square when the input size changed)."""

@@ -73,6 +73,12 @@ def num_prefix_tokens(model: nn.Module) -> int:
     return count
 
 
+def _pair(value) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
 def _grid(config) -> tuple[int, int] | None:
     size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
     if size is None or patch is None:
@@ -126,6 +132,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 input_name="hidden_states",
                 block_input_name="hidden_states",
                 qk_linear=qk_linear,
+                patch_size=_pair(getattr(config, "patch_size", None)),
             )
         )
     return sorted(sites, key=lambda s: s.layer)

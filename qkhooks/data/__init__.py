@@ -1,0 +1,34 @@
+"""Images and masks in model-input geometry: preprocessing, datasets, O3 stimuli, mask helpers.
+
+Everything here keeps masks aligned with the pixels the model sees, because the
+object-level analyses in qkhooks compare attention on the patch grid with
+where objects are.
+"""
+
+from qkhooks.data.datasets import DATASET_SPECS, IMAGE_EXTENSIONS, ImageDataset, collate, open_dataset
+from qkhooks.data.masks import downscale_mask, labels_to_onehot, patch_argmax
+from qkhooks.data.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Geometry, ImageConfig
+from qkhooks.data.stimuli import FEATURES, SHAPES, ItemSpec, O3Stimulus, generate_o3, make_o3
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DATASET_SPECS",
+    "FEATURES",
+    "Geometry",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "ImageConfig",
+    "ImageDataset",
+    "ItemSpec",
+    "O3Stimulus",
+    "SHAPES",
+    "collate",
+    "downscale_mask",
+    "generate_o3",
+    "labels_to_onehot",
+    "make_o3",
+    "open_dataset",
+    "patch_argmax",
+]

