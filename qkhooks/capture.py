@@ -110,6 +110,8 @@ class Recording:
         spectrum: the (truncated) spectra used for projection (None without modes).
         last: the most recent complete :class:`BatchCapture` (None before the first forward).
         images_seen: number of images in complete batches so far.
+        index_base: global index of this recording's first image (a resumed run or one shard of a
+            distributed run starts past 0), so ``batch.offset`` names images globally.
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class Recording:
         self._residual: dict[int, torch.Tensor] = {}
         self.last: BatchCapture | None = None
         self.images_seen = 0
+        self.index_base = 0
 
     # ------------------------------------------------------------------ hooks
     @property
@@ -232,9 +235,9 @@ class Recording:
         if batch is None or not batch.layers:
             return
         size = batch.size
-        batch.offset = self.images_seen
+        batch.offset = self.index_base + self.images_seen
         if not batch.ids:
-            batch.ids = [str(self.images_seen + i) for i in range(size)]
+            batch.ids = [str(batch.offset + i) for i in range(size)]
         elif len(batch.ids) != size:
             raise QKHooksError(f"{len(batch.ids)} ids were given for a batch of {size} images; give one id per image.")
         self.images_seen += size

@@ -150,6 +150,13 @@ def _load_hf(ident: str, random_init: bool) -> tuple[nn.Module, dict | None]:
     return _hf_vision_tower(model), processor
 
 
+def _seeded(build, seed: int = 0):
+    """Build under a fixed seed, so random-init models are identical across processes and runs."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def load_model(
     spec: str | nn.Module,
     random_init: bool = False,
@@ -161,7 +168,7 @@ def load_model(
 
     Args:
         spec: ``timm:NAME``, ``hf:ID_OR_DIR``, ``offline:dinov2-s14`` or an ``nn.Module``.
-        random_init: build the architecture without pretrained weights (timm and hf).
+        random_init: build the architecture without pretrained weights (timm and hf), from a fixed seed.
         checkpoint: a local weights file for a ``timm:`` architecture.
         device, dtype: where and in what precision to put the model.
     """
@@ -175,10 +182,10 @@ def load_model(
     else:
         kind, _, name = spec.partition(":")
         if kind == "timm":
-            model = _load_timm(name, random_init, None if checkpoint is None else str(checkpoint))
+            model = _seeded(lambda: _load_timm(name, random_init, None if checkpoint is None else str(checkpoint)))
             image_config = _image_config("timm", model)
         elif kind == "hf":
-            model, processor = _load_hf(name, random_init)
+            model, processor = _seeded(lambda: _load_hf(name, random_init))
             image_config = _image_config("hf", model, processor)
         elif kind == "offline":
             if name not in OFFLINE_MODELS:
