@@ -1,0 +1,235 @@
+"""Read a run file lazily, by schema name, seeing only committed images: ``qkhooks.open_run(path)``.
+
+Nothing is loaded until sliced, so notebooks can open a 100 GB run and look at one image. The reader opens
+the file in SWMR mode, so it works while ``qkhooks record`` is still writing; :meth:`RunReader.refresh`
+picks up images committed since.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from qkhooks.errors import QKHooksError
+from qkhooks.store.writer import _read_state
+
+__all__ = ["open_run", "RunReader", "RunArray"]
+
+
+class RunArray:
+    """A per-image dataset limited to the committed images; slicing returns numpy arrays."""
+
+    def __init__(self, dataset: h5py.Dataset, n: int):
+        self.dataset = dataset
+        self.n = n
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.n,) + tuple(self.dataset.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.dataset.dtype
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(first, slice):
+            first = slice(*first.indices(self.n))
+        elif isinstance(first, (int, np.integer)):
+            if not -self.n <= first < self.n:
+                raise IndexError(f"image {first} is out of range for a run of {self.n} images.")
+            first = int(first) % self.n
+        else:
+            index = np.asarray(first)
+            if index.dtype == bool:
+                index = np.flatnonzero(index)
+            index = np.where(index < 0, index + self.n, index)
+            if index.size and (index.min() < 0 or index.max() >= self.n):
+                raise IndexError(f"an image index is out of range for a run of {self.n} images.")
+            order = np.argsort(index, kind="stable")  # h5py wants increasing indices
+            picked = self.dataset[(index[order],) + rest] if index.size else np.empty((0,) + self.shape[1:], self.dtype)
+            out = np.empty_like(picked)
+            out[order] = picked
+            return out
+        return self.dataset[(first,) + rest]
+
+    def chunks(self, size: int = 256) -> Iterator[tuple[slice, np.ndarray]]:
+        """(slice, block) pairs over all committed images, ``size`` images at a time."""
+        for start in range(0, self.n, size):
+            sl = slice(start, min(start + size, self.n))
+            yield sl, self[sl]
+
+    def __repr__(self) -> str:
+        return f"RunArray({self.dataset.name}, shape={self.shape}, dtype={self.dtype})"
+
+
+class RunReader:
+    """Labelled, lazy access to one run file. Prefer :func:`open_run`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise QKHooksError(f"no run file at {self.path}; record one with `qkhooks record`.")
+        try:
+            self.file = h5py.File(self.path, "r", swmr=True)
+        except OSError as exc:
+            raise QKHooksError(f"cannot open {self.path} as a run file: {exc}") from None
+        if "images" not in self.file or "committed" not in self.file["images"].attrs:
+            self.file.close()
+            raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images with `committed`).")
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Re-read the committed count (a run still being written grows); returns it."""
+        images = self.file["images"]
+        images.attrs.get("committed")  # make sure the attribute cache is current
+        for ds in self._datasets():
+            ds.refresh()
+        self.n = int(self.file["images"].attrs["committed"])
+        return self.n
+
+    def _datasets(self) -> list[h5py.Dataset]:
+        found: list[h5py.Dataset] = []
+        self.file.visititems(lambda _, obj: found.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        return found
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.file.attrs.items()}
+
+    @property
+    def model(self) -> str:
+        return str(self.attrs.get("model", ""))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.attrs.get("config", "{}"))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.file.attrs.get("complete", False))
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Model facts the analyses need: num_prefix_tokens, heads, head_dim, dim, layers, family, grid."""
+        group = self.file.get("model")
+        return json.loads(group.attrs["info"]) if group is not None and "info" in group.attrs else {}
+
+    @property
+    def ids(self) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else str(s) for s in self.file["images/ids"][: self.n]]
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        if "images/skipped" not in self.file:
+            return []
+        return [tuple(x.decode() if isinstance(x, bytes) else x for x in row) for row in self.file["images/skipped"][()]]
+
+    # ------------------------------------------------------------------ data
+    def has(self, name: str) -> bool:
+        return name in self.file
+
+    def array(self, name: str) -> RunArray:
+        """Any per-image dataset by schema name, e.g. ``modes/L3/query`` or ``masks/objects``."""
+        ds = self.file.get(name)
+        if not isinstance(ds, h5py.Dataset) or not ds.attrs.get("per_image", False):
+            have = ", ".join(self.arrays()) or "none"
+            raise QKHooksError(f"{self.path} has no per-image array {name!r}; it has: {have}.")
+        return RunArray(ds, self.n)
+
+    def arrays(self) -> list[str]:
+        """Names of all per-image arrays."""
+        names: list[str] = []
+        self.file.visititems(
+            lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image") else None
+        )
+        return sorted(names, key=_natural)
+
+    @property
+    def layers(self) -> list[int]:
+        """Layers with stored query/key maps."""
+        return sorted(int(k[1:]) for k in self.file.get("modes", {}).keys())
+
+    def attention_layers(self, kind: str) -> list[int]:
+        """Layers with stored attention of ``kind`` (rows, pooled, full)."""
+        group = self.file.get("attention", {})
+        return sorted(int(k[1:]) for k in group.keys() if k.startswith("L") and kind in group[k])
+
+    def query(self, layer: int) -> RunArray:
+        """(n, H, K, N) query maps x·u_n of ``layer`` (0-based block index)."""
+        return self.array(f"modes/L{layer}/query")
+
+    def key(self, layer: int) -> RunArray:
+        """(n, H, K, N) key maps x·v_n of ``layer``."""
+        return self.array(f"modes/L{layer}/key")
+
+    def attention(self, layer: int, kind: str = "rows") -> RunArray:
+        return self.array(f"attention/L{layer}/{kind}")
+
+    def spectrum(self, layer: int) -> dict[str, np.ndarray]:
+        """The recorded modes of ``layer``: U (H, d, K), S (H, K), V (H, d, K), cos (H, K)."""
+        group = self.file.get(f"spectrum/L{layer}")
+        if group is None:
+            raise QKHooksError(f"{self.path} has no spectrum for layer {layer}; recorded layers: {self.layers}.")
+        return {k: v[()] for k, v in group.items()}
+
+    def state(self, name: str) -> dict[str, Any] | None:
+        """The saved state of a streaming reducer (``topk_modes``, ``preference``, ...), or None."""
+        return _read_state(self.file, name if "/" in name else f"reducers/{name}")
+
+    def states(self) -> list[str]:
+        return sorted(self.file.get("reducers", {}).keys())
+
+    # ------------------------------------------------------------------ summary
+    def summary(self) -> str:
+        """What ``qkhooks info`` prints."""
+        lines = [
+            f"run      {self.path}",
+            f"model    {self.model}",
+            f"data     {self.attrs.get('data', '?')}",
+            f"images   {self.n} committed" + ("" if self.complete else " (incomplete: resume with --resume)"),
+            f"version  qkhooks {self.attrs.get('qkhooks_version', '?')}",
+        ]
+        if self.skipped:
+            lines.append(f"skipped  {len(self.skipped)}: " + ", ".join(i for i, _ in self.skipped[:5]))
+        lines.append("arrays")
+        for name in self.arrays():
+            ds = self.file[name]
+            shape = (self.n,) + tuple(ds.shape[1:])
+            lines.append(f"  {name:32s} {str(shape):24s} {ds.dtype}")
+        if self.states():
+            lines.append("reducers " + ", ".join(self.states()))
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def __enter__(self) -> "RunReader":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RunReader({str(self.path)!r}, images={self.n}, layers={self.layers})"
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key putting L2 before L10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def open_run(path: str | os.PathLike) -> RunReader:
+    """Open a run file for reading (also while it is being written)."""
+    return RunReader(path)

@@ -1,0 +1,431 @@
+"""Stream a dataset through a model into one run file: ``qkhooks record`` and ``qkhooks info``.
+
+:func:`record_dataset` opens the dataset with the model's own preprocessing, wraps the model in
+:func:`qkhooks.record` with the run writer and any streaming reducers as sinks, and walks the images in a
+fixed order. The writer commits whole batches (data, then ids, then the ``committed`` counter), and reducer
+states are checkpointed through the same ordered queue, so a run killed at any moment resumes from the last
+checkpoint with no image lost or written twice.
+
+Per-image extras stored next to the maps (when the dataset has masks):
+
+- ``masks/target``, ``masks/distractor`` (n, gh, gw): odd-one-out masks on the patch grid (area fraction);
+- ``masks/objects`` (n, gh, gw) int16: per-patch majority instance label (0 = background).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from qkhooks import __version__
+from qkhooks.attention import parse_attention
+from qkhooks.capture import BatchCapture, parse_modes, record
+from qkhooks.cli import add_model_arguments, command, load_from_args
+from qkhooks.errors import QKHooksError
+from qkhooks.models.base import AttentionSite, find_sites, parse_layers
+from qkhooks.models.load import LoadedModel, load_model
+from qkhooks.reducers import Reducer
+
+__all__ = ["record_dataset", "RecordResult", "WriterSink", "run_config"]
+
+CHECKPOINT_EVERY = 8  # batches between reducer-state checkpoints
+
+
+@dataclasses.dataclass
+class RecordResult:
+    """What a recording produced: the run file (if any), the reducers, and how many images went through."""
+
+    path: Path | None
+    reducers: list[Reducer]
+    images: int
+    skipped: list[tuple[str, str]]
+
+    def reducer(self, name: str) -> Reducer:
+        for r in self.reducers:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+class WriterSink:
+    """Feeds complete batches to a :class:`qkhooks.store.RunWriter` (maps, attention, per-image extras)."""
+
+    def __init__(self, writer: Any, store_modes: bool = True):
+        self.writer = writer
+        self.store_modes = store_modes
+
+    def update(self, batch: BatchCapture) -> None:
+        arrays = batch.arrays()
+        if not self.store_modes:
+            arrays = {k: v for k, v in arrays.items() if not k.startswith("modes/")}
+        arrays.update(batch.meta.get("arrays", {}))
+        self.writer.write_batch(batch.ids, arrays)
+
+
+def run_config(**options: Any) -> dict[str, Any]:
+    """The part of a run's options that defines its content; a resume must match it exactly."""
+    keys = ("model", "data", "modes", "layers", "attention", "input", "augmented", "dtype", "limit", "reducers",
+            "random_init", "store_modes", "shard")
+    return {k: options.get(k) for k in keys}
+
+
+def _mask_meta(batch: dict[str, Any], site: AttentionSite, want_rows: bool) -> dict[str, Any]:
+    """Per-image masks on the patch grid, plus query tokens for odd-one-out data."""
+    from qkhooks.data.masks import downscale_mask, labels_to_onehot
+
+    h, w = batch["pixel_values"].shape[-2:]
+    grid = site.grid_for_image(h, w)
+    meta: dict[str, Any] = {}
+    arrays: dict[str, torch.Tensor] = {}
+    if "target" in batch and "distractor" in batch:
+        from qkhooks.analysis.preference import odd_one_out_meta
+
+        odd = odd_one_out_meta(batch["target"], batch["distractor"], grid, site.num_prefix_tokens)
+        meta.update(odd)
+        arrays["masks/target"] = odd["target_grid"]
+        arrays["masks/distractor"] = odd["distractor_grid"]
+    if "objects" in batch:
+        labels = []
+        for obj in batch["objects"]:
+            onehot = labels_to_onehot(obj)  # (M+1, H, W) including background as channel 0
+            labels.append(downscale_mask(onehot, grid).argmax(0).to(torch.int16))
+        arrays["masks/objects"] = torch.stack(labels)
+    if want_rows and "query_tokens" not in meta:
+        # No odd-one-out masks: the first prefix token (CLS) if any, and the centre patch.
+        centre = site.num_prefix_tokens + (grid[0] // 2) * grid[1] + grid[1] // 2
+        first = 0 if site.num_prefix_tokens else centre
+        meta["query_tokens"] = torch.tensor([[first, centre]] * len(batch["id"]))
+    if arrays:
+        meta["arrays"] = arrays
+    return meta
+
+
+def default_reducers(modes: Any, attention: Sequence[Any], has_target: bool) -> list[Reducer]:
+    """The streaming statistics a plain ``qkhooks record`` keeps (those whose modules are installed)."""
+    reducers: list[Reducer] = []
+    if modes is not None:
+        from qkhooks.analysis.modes import TopKModes
+
+        reducers.append(TopKModes())
+    try:
+        from qkhooks.analysis.modes import AnisotropyReducer
+
+        reducers.append(AnisotropyReducer())
+    except ImportError:  # pragma: no cover
+        pass
+    if has_target and any(s.kind == "rows" for s in attention):
+        from qkhooks.analysis.preference import PreferenceReducer
+
+        reducers.append(PreferenceReducer())
+    return reducers
+
+
+def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str]) -> tuple[int, int]:
+    """Restore the reducers, cut the file back to their last checkpoint, return how many images are done.
+
+    Reducer states are checkpointed every few batches, so the file may hold images past the newest
+    checkpoint; those are cut and recorded again, which keeps maps and statistics of the same images.
+    Returns (images committed, dataset index to continue from).
+    """
+    committed = writer.committed
+    # Each reducer keeps its last two checkpoints; a kill between two reducers' saves leaves them one
+    # checkpoint apart, so continue from the newest image count all of them have (0: start over).
+    saved: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in reducers:
+        slots = [writer.read_state(f"reducers/{r.name}", previous=p) for p in (False, True)]
+        saved[r.name] = {int(s["_images"]): s for s in slots if s is not None}
+    common = set.intersection(*(set(v) for v in saved.values())) if saved else {committed}
+    done = max([n for n in common if n <= committed], default=0)
+    states = {name: by_count.get(done) for name, by_count in saved.items()}
+    if done < committed:
+        writer.truncate(done)
+    position = {id_: i for i, id_ in enumerate(ids)}
+    last = -1
+    for id_ in writer.ids:  # committed ids must be the dataset's images in order (unreadable ones missing)
+        i = position.get(id_, -1)
+        if i <= last:
+            raise QKHooksError(
+                f"cannot resume: image {id_!r} of the run file is not where the dataset has it; the dataset "
+                "changed since the run started. Use --overwrite to start again."
+            )
+        last = i
+    for r in reducers:
+        state = states[r.name]
+        if state is not None and done:
+            state.pop("_images")
+            r.load_state_dict(state)
+    return done, last + 1
+
+
+def record_dataset(
+    model: LoadedModel | str | nn.Module,
+    data: Any,
+    out: str | os.PathLike | None = None,
+    *,
+    modes: int | str | None = 16,
+    layers: Sequence[int] | str | None = None,
+    attention: Any = None,
+    input: str = "normed",
+    augmented: bool = False,
+    reducers: Sequence[Reducer] | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    dtype: str = "float16",
+    compression: str = "none",
+    resume: bool = False,
+    overwrite: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+    store_modes: bool = True,
+    keep_inputs: bool = False,
+    shard: tuple[int, int] | None = None,
+    random_init: bool = False,
+    on_batch: Callable[[BatchCapture], None] | None = None,
+    checkpoint_every: int = CHECKPOINT_EVERY,
+) -> RecordResult:
+    """Record a whole dataset, streaming to ``out`` (an HDF5 run file) and/or into reducers.
+
+    Args:
+        model: a :class:`LoadedModel`, a model spec string, or a module (then ImageNet preprocessing).
+        data: a dataset spec (folder, ``samples``, ``voc``, ``arc2017``, ``ade20k:DIR``, ``o3:N[:seed]``,
+            ``o3dir:DIR``) or an opened :class:`qkhooks.data.ImageDataset`.
+        out: the run file; None keeps results in the reducers only.
+        modes, layers, attention, input, augmented: as in :func:`qkhooks.record`.
+        reducers: streaming statistics to keep (default: top-k images per mode, anisotropy, and attention
+            preference for odd-one-out data); their states are saved under ``/reducers/<name>``.
+        batch_size, device, num_workers: how images go through the model.
+        dtype: storage dtype of per-image float arrays (``float16`` or ``float32``).
+        compression: codec of per-image arrays (``none``, ``gzip``, ``lzf``); see benchmarks/RESULTS.md.
+        resume, overwrite: what to do when ``out`` exists (neither: an error, the file untouched).
+        limit: only the first ``limit`` images.
+        store_modes: write the per-image maps (False keeps only reducers and attention).
+        keep_inputs: keep the captured tokens for reducers (switched on when a reducer needs them).
+        shard: (rank, world_size) — record only this rank's contiguous block of the dataset.
+        random_init: with a spec string, build the model without pretrained weights.
+        on_batch: called with every complete batch (after the writer and the reducers).
+        checkpoint_every: batches between reducer checkpoints (a resume redoes at most this many).
+    """
+    from qkhooks.data import ImageDataset, collate, open_dataset
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, random_init=random_init, device=device)
+    net = loaded.model.to(device)
+    layer_list = parse_layers(layers) if isinstance(layers, str) or layers is None else list(layers)
+    sites = find_sites(net, layer_list)
+    attention_specs = parse_attention(attention)
+    modes_value = parse_modes(modes)
+    if resume and overwrite:
+        raise QKHooksError("--resume and --overwrite exclude each other: pick one.")
+    if dtype not in ("float16", "float32"):
+        raise QKHooksError(f"dtype must be float16 or float32, got {dtype!r}.")
+
+    dataset = data if isinstance(data, ImageDataset) else open_dataset(str(data), loaded.image_config, limit=limit)
+    at_open = list(getattr(dataset, "skipped", []))
+    data_spec = getattr(dataset, "name", str(data))
+    ids = list(dataset.ids)
+    if not ids:
+        raise QKHooksError(f"the dataset {data_spec!r} has no images.")
+    lo, hi = 0, len(ids)
+    if shard is not None:
+        rank, world = shard
+        per = -(-len(ids) // world)
+        lo, hi = min(rank * per, len(ids)), min((rank + 1) * per, len(ids))
+    has_target = bool(getattr(dataset, "has_targets", False) or str(data_spec).startswith("o3"))
+    if reducers is None:
+        reducers = default_reducers(modes_value, attention_specs, has_target)
+    reducers = list(reducers)
+    keep_inputs = keep_inputs or any(r.needs_inputs for r in reducers)
+
+    config = run_config(
+        model=loaded.spec, data=data_spec, modes=modes_value, layers=[s.layer for s in sites],
+        attention=[dataclasses.asdict(s) for s in attention_specs], input=input, augmented=augmented, dtype=dtype,
+        limit=limit, reducers=[r.name for r in reducers], random_init=loaded.random_init, store_modes=store_modes,
+        shard=list(shard) if shard else None,
+    )
+    writer = None
+    start, done = lo, 0
+    if out is not None:
+        from qkhooks.store import RunWriter
+
+        mode = "resume" if resume and Path(out).exists() else ("overwrite" if overwrite else "create")
+        attrs = {
+            "qkhooks_version": __version__, "model": loaded.spec, "config": json.dumps(config, sort_keys=True),
+            "model_note": loaded.note, "data": data_spec,
+        }
+        writer = RunWriter(out, mode=mode, attrs=attrs, dtype=dtype, compression=compression)
+        if mode == "resume":
+            try:
+                done, next_index = _resume(writer, reducers, ids[lo:hi])
+                start = lo + next_index
+            except BaseException:
+                writer.close(complete=False)
+                raise
+
+    try:
+        with record(
+            net, modes=modes_value, layers=[s.layer for s in sites], attention=attention_specs, input=input,
+            augmented=augmented, keep_inputs=keep_inputs, sites=sites,
+        ) as run:
+            run.index_base, run.images_seen = lo, done
+            seen = _SeenIds(writer.ids if writer is not None and done else [])
+            run.sinks.append(seen)
+            if writer is not None:
+                _write_statics(writer, run, sites, tuple(loaded.image_config.size))
+                run.sinks.append(WriterSink(writer, store_modes))
+            run.sinks.extend(reducers)
+            if on_batch is not None:
+                run.sinks.append(_Callback(on_batch))
+            _loop(run, net, dataset, range(start, hi), batch_size, num_workers, device, sites[0], attention_specs,
+                  progress, writer, reducers, collate, checkpoint_every)
+        skipped = _skipped(at_open, dataset, ids[lo:hi], seen.ids, first_shard=lo == 0)
+        if writer is not None:
+            _checkpoint(writer, reducers, run.images_seen)
+            writer.write_skipped(skipped)
+            writer.close(complete=True)
+    except BaseException:
+        if writer is not None:
+            writer.close(complete=False)
+        raise
+    return RecordResult(Path(out) if out is not None else None, reducers, run.images_seen, skipped)
+
+
+class _SeenIds:
+    """Remembers which images made it through, so images that failed to decode late are listed as skipped."""
+
+    def __init__(self, ids: Sequence[str]):
+        self.ids = set(ids)
+
+    def update(self, batch: BatchCapture) -> None:
+        self.ids.update(batch.ids)
+
+
+def _skipped(at_open: Sequence[tuple[str, str]], dataset: Any, wanted: Sequence[str], seen: set[str],
+             first_shard: bool) -> list[tuple[str, str]]:
+    """Files left out when the dataset was opened (listed once, by the first shard) plus images that failed later.
+
+    Late failures are found by their absence from the run rather than from ``dataset.skipped``, which
+    DataLoader worker processes cannot update.
+    """
+    reasons = [(path, why) for path, why in getattr(dataset, "skipped", [])[len(at_open):]]
+
+    def reason(id_: str) -> str:
+        return next((why for path, why in reasons if str(path).endswith(id_)), "could not be decoded")
+
+    late = [(i, reason(i)) for i in wanted if i not in seen]
+    return (list(at_open) if first_shard else []) + late
+
+
+class _Callback:
+    def __init__(self, fn: Callable[[BatchCapture], None]):
+        self.fn = fn
+
+    def update(self, batch: BatchCapture) -> None:
+        self.fn(batch)
+
+
+def _loop(run, net, dataset, indices, batch_size, num_workers, device, site, attention_specs, progress, writer,
+          reducers, collate, checkpoint_every) -> None:
+    from torch.utils.data import DataLoader, Subset
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate)
+    want_rows = any(s.kind in ("rows", "pooled") for s in attention_specs)
+    dtype = next(net.parameters()).dtype
+    bar = tqdm(total=len(indices), unit="img", disable=not progress, desc="record")
+    try:
+        for step, batch in enumerate(loader):
+            if batch is None or not batch.get("id"):
+                continue
+            pixels = batch["pixel_values"].to(device=device, dtype=dtype, non_blocking=True)
+            meta = _mask_meta(batch, site, want_rows)
+            with torch.no_grad():
+                run(pixels, ids=list(batch["id"]), meta=meta)
+            if writer is not None and (step + 1) % checkpoint_every == 0:
+                _checkpoint(writer, reducers, run.images_seen)
+            bar.update(len(batch["id"]))
+    finally:
+        bar.close()
+
+
+def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_size: tuple[int, int]) -> None:
+    if run.spectrum is not None:
+        for layer in run.spectrum:
+            for name in ("U", "S", "V"):
+                writer.write_static(f"spectrum/L{layer.layer}/{name}", getattr(layer, name).cpu().numpy())
+            writer.write_static(f"spectrum/L{layer.layer}/cos", layer.cos.cpu().numpy())
+    site = sites[0]
+    height, width = image_size
+    info = {"num_prefix_tokens": site.num_prefix_tokens, "heads": site.num_heads, "head_dim": site.head_dim,
+            "dim": site.dim, "layers": [s.layer for s in sites], "family": site.family,
+            "image_size": [height, width], "grid": list(site.grid_for_image(height, width))}
+    writer.write_static("model/info", json.dumps(info))
+
+
+def _checkpoint(writer: Any, reducers: Sequence[Reducer], images: int) -> None:
+    """Queue every reducer's state behind the batches already queued, tagged with the image count."""
+    from qkhooks.reducers import to_numpy_state
+
+    for r in reducers:
+        state = to_numpy_state(r.state_dict())
+        state["_images"] = images
+        writer.write_state(f"reducers/{r.name}", state)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _record_args(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("data", help="folder, samples, voc, arc2017, ade20k:DIR, o3:N[:seed] or o3dir:DIR")
+    p.add_argument("--out", required=True, help="the run file (HDF5)")
+    p.add_argument("--modes", default="16", help="top modes per head to store, or 'all' (default 16)")
+    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7' (default all)")
+    p.add_argument("--attention", default="none", choices=["none", "rows", "pooled", "full"])
+    p.add_argument("--input", default="normed", choices=["normed", "residual"],
+                   help="project the exact tensor entering W_q/W_k (normed, default) or the block's residual input")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
+    p.add_argument("--compression", default="none", choices=["none", "gzip", "lzf"],
+                   help="codec for per-image arrays (default none: float16 maps hardly compress; see benchmarks)")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing run file")
+
+
+@command("record", "stream a dataset through a model into an HDF5 run file")(_record_args)
+def run_record(args) -> int:
+    shard = None
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from qkhooks.distributed import record_distributed
+
+        return record_distributed(args)
+    loaded = load_from_args(args, device=args.device)
+    result = record_dataset(
+        loaded, args.data, args.out, modes=args.modes, layers=args.layers, attention=args.attention,
+        input=args.input, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        compression=args.compression, resume=args.resume,
+        overwrite=args.overwrite, limit=args.limit, num_workers=args.workers, shard=shard,
+    )
+    print(f"wrote {result.images} images to {result.path}" + (f" ({len(result.skipped)} skipped)" if result.skipped else ""))
+    return 0
+
+
+def _info_args(p) -> None:
+    p.add_argument("run", help="a run file written by qkhooks record")
+
+
+@command("info", "print what a run file holds")(_info_args)
+def run_info(args) -> int:
+    from qkhooks.store import open_run
+
+    with open_run(args.run) as run:
+        print(run.summary())
+    return 0
