@@ -5,6 +5,7 @@ The public surface is small on purpose:
 - :func:`load_model` / :func:`sites` — a model from a spec string, and its attention layers;
 - :func:`spectrum` — the singular modes of every head's W_q^T W_k;
 - :func:`record` — the context manager that captures, projects and rebuilds attention during a forward;
+- :func:`record_dataset` / :func:`open_run` — stream a dataset into an HDF5 run file, and read it back;
 - :class:`QKHooksError` — the one error type, whose message says the fix.
 """
 
@@ -16,6 +17,8 @@ from qkhooks.models.load import LoadedModel, load_model
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum, spectrum
 from qkhooks.attention import AttentionSpec
 from qkhooks.capture import BatchCapture, LayerCapture, Recording, record
+from qkhooks.store import RunReader, RunWriter, open_run
+from qkhooks.stream import RecordResult, record_dataset
 
 __all__ = [
     "__version__",
@@ -33,4 +36,9 @@ __all__ = [
     "Recording",
     "BatchCapture",
     "LayerCapture",
+    "record_dataset",
+    "RecordResult",
+    "open_run",
+    "RunReader",
+    "RunWriter",
 ]

@@ -20,7 +20,7 @@ import torch
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
 
-__all__ = ["AttentionSpec", "attention_rows", "attention_full", "pool_rows", "parse_attention"]
+__all__ = ["AttentionSpec", "attention_rows", "attention_full", "pool_rows", "parse_attention", "default_query_tokens"]
 
 Kind = Literal["rows", "pooled", "full"]
 KINDS: tuple[str, ...] = ("rows", "pooled", "full")
@@ -46,17 +46,40 @@ class AttentionSpec:
         return self.layers is None or layer in self.layers
 
 
+def _from_string(text: str) -> AttentionSpec:
+    """``rows`` -> every layer; ``full:5,11`` or ``full:9-11`` -> those block indices."""
+    from qkhooks.models.base import parse_layers
+
+    kind, _, layers = text.partition(":")
+    if kind not in KINDS:
+        raise QKHooksError(f"unknown attention kind {kind!r}; use one of {', '.join(KINDS)} (optionally KIND:LAYERS, e.g. full:5,11).")
+    return AttentionSpec(kind, tuple(parse_layers(layers)) if layers else None)  # type: ignore[arg-type]
+
+
 def parse_attention(spec: None | str | AttentionSpec | Sequence[AttentionSpec | str]) -> list[AttentionSpec]:
-    """Normalise the ``attention=`` argument into a list of specs (``None``/``"none"``: nothing)."""
+    """Normalise the ``attention=`` argument into a list of specs (``None``/``"none"``: nothing).
+
+    Strings may name several kinds with layers: ``"rows+full:5,11"``.
+    """
     if spec is None or (isinstance(spec, str) and spec == "none"):
         return []
-    if isinstance(spec, (str, AttentionSpec)):
+    if isinstance(spec, str):
+        spec = [part for part in spec.split("+") if part]
+    elif isinstance(spec, AttentionSpec):
         spec = [spec]
-    out = [AttentionSpec(s) if isinstance(s, str) else s for s in spec]
+    out = [_from_string(s) if isinstance(s, str) else s for s in spec]
     kinds = [s.kind for s in out]
     if len(set(kinds)) != len(kinds):
         raise QKHooksError(f"attention kinds repeat in {kinds}; give each kind once with the layers it needs.")
     return out
+
+
+def default_query_tokens(site: AttentionSite, num_tokens: int) -> torch.Tensor:
+    """(1, 2) token indices used when no query tokens are given: the first prefix token (CLS) and the centre
+    patch; a model without prefix tokens gets the centre patch twice."""
+    gh, gw = site.grid_for(num_tokens)
+    centre = site.num_prefix_tokens + (gh // 2) * gw + gw // 2
+    return torch.tensor([[0 if site.num_prefix_tokens else centre, centre]])
 
 
 def _logits(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,14 @@ from typing import Any, Iterable, Literal, Protocol, Sequence
 import torch
 from torch import nn
 
-from qkhooks.attention import AttentionSpec, attention_full, attention_rows, parse_attention, pool_rows
+from qkhooks.attention import (
+    AttentionSpec,
+    attention_full,
+    attention_rows,
+    default_query_tokens,
+    parse_attention,
+    pool_rows,
+)
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, select_layers
 from qkhooks.projector import ModeProjector
@@ -279,11 +286,10 @@ class Recording:
             return attention_full(site, x)
         meta = self._current.meta if self._current is not None else {}
         tokens = meta.get("query_tokens")
-        if tokens is None:
-            raise QKHooksError(
-                f"attention={spec.kind!r} needs the query tokens of each image: call run(images, meta="
-                "{'query_tokens': LongTensor(B, T)}) or run.set_batch(query_tokens=...) before the forward."
-            )
+        if tokens is None:  # no choice given: the first prefix token (CLS) and the centre patch, recorded as such
+            tokens = default_query_tokens(site, x.shape[1]).expand(x.shape[0], -1)
+            if self._current is not None:
+                self._current.meta["query_tokens"] = tokens.cpu()
         rows = attention_rows(site, x, torch.as_tensor(tokens, device=x.device))
         if spec.kind == "rows":
             return rows

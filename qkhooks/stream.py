@@ -75,8 +75,9 @@ def run_config(**options: Any) -> dict[str, Any]:
     return {k: options.get(k) for k in keys}
 
 
-def _mask_meta(batch: dict[str, Any], site: AttentionSite, want_rows: bool) -> dict[str, Any]:
-    """Per-image masks on the patch grid, plus query tokens for odd-one-out data."""
+def _mask_meta(batch: dict[str, Any], site: AttentionSite) -> dict[str, Any]:
+    """Per-image masks on the patch grid, plus query tokens for odd-one-out data (else the recording's
+    default: CLS and the centre patch)."""
     from qkhooks.data.masks import downscale_mask, labels_to_onehot
 
     h, w = batch["pixel_values"].shape[-2:]
@@ -96,11 +97,6 @@ def _mask_meta(batch: dict[str, Any], site: AttentionSite, want_rows: bool) -> d
             onehot = labels_to_onehot(obj)  # (M+1, H, W) including background as channel 0
             labels.append(downscale_mask(onehot, grid).argmax(0).to(torch.int16))
         arrays["masks/objects"] = torch.stack(labels)
-    if want_rows and "query_tokens" not in meta:
-        # No odd-one-out masks: the first prefix token (CLS) if any, and the centre patch.
-        centre = site.num_prefix_tokens + (grid[0] // 2) * grid[1] + grid[1] // 2
-        first = 0 if site.num_prefix_tokens else centre
-        meta["query_tokens"] = torch.tensor([[first, centre]] * len(batch["id"]))
     if arrays:
         meta["arrays"] = arrays
     return meta
@@ -336,7 +332,6 @@ def _loop(run, net, dataset, indices, batch_size, num_workers, device, site, att
 
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate)
-    want_rows = any(s.kind in ("rows", "pooled") for s in attention_specs)
     dtype = next(net.parameters()).dtype
     bar = tqdm(total=len(indices), unit="img", disable=not progress, desc="record")
     try:
@@ -344,7 +339,7 @@ def _loop(run, net, dataset, indices, batch_size, num_workers, device, site, att
             if batch is None or not batch.get("id"):
                 continue
             pixels = batch["pixel_values"].to(device=device, dtype=dtype, non_blocking=True)
-            meta = _mask_meta(batch, site, want_rows)
+            meta = _mask_meta(batch, site)
             with torch.no_grad():
                 run(pixels, ids=list(batch["id"]), meta=meta)
             if writer is not None and (step + 1) % checkpoint_every == 0:
@@ -385,7 +380,8 @@ def _record_args(p) -> None:
     p.add_argument("--out", required=True, help="the run file (HDF5)")
     p.add_argument("--modes", default="16", help="top modes per head to store, or 'all' (default 16)")
     p.add_argument("--layers", help="block indices, e.g. '0,3,5-7' (default all)")
-    p.add_argument("--attention", default="none", choices=["none", "rows", "pooled", "full"])
+    p.add_argument("--attention", default="none",
+                   help="none, rows, pooled or full, optionally with layers and combined: 'rows+full:5,11'")
     p.add_argument("--input", default="normed", choices=["normed", "residual"],
                    help="project the exact tensor entering W_q/W_k (normed, default) or the block's residual input")
     p.add_argument("--batch-size", type=int, default=16)

@@ -346,8 +346,8 @@ def test_bad_arguments_are_clear_errors():
         qkhooks.record(model, layers=[7])
     with pytest.raises(qkhooks.QKHooksError, match="attention kind"):
         qkhooks.record(model, attention="everything")
-    with pytest.raises(qkhooks.QKHooksError, match="query tokens"):
-        with qkhooks.record(model, attention="rows"), torch.no_grad():
+    with pytest.raises(qkhooks.QKHooksError, match="pool_masks"):
+        with qkhooks.record(model, attention="pooled"), torch.no_grad():
             model(torch.randn(1, 3, 32, 32))
     with pytest.raises(qkhooks.QKHooksError, match="model spec"):
         qkhooks.load_model("resnet50")
@@ -454,3 +454,20 @@ def test_register_adapter_for_own_architecture():
         from qkhooks.models import base
 
         base._ADAPTERS[:] = [a for a in base._ADAPTERS if a.name != "mynet"]
+
+
+def test_rows_default_to_cls_and_centre_patch_and_layers_parse_from_strings():
+    tiny = TINY_MODELS[0]
+    model = tiny.model()
+    images = tiny.images()
+    with qkhooks.record(model, modes=None, attention="rows+full:1") as run, torch.no_grad():
+        model(images)
+    gh = gw = tiny.image_size // 8
+    centre = tiny.prefix + (gh // 2) * gw + gw // 2
+    arrays = run.last.arrays()
+    assert arrays["attention/query_tokens"].tolist() == [[0, centre]] * len(images)
+    full = run.attention_maps("full")
+    assert list(full) == [1]
+    torch.testing.assert_close(run.attention_maps("rows")[1][:, :, 1], full[1][:, :, centre])
+    with pytest.raises(qkhooks.QKHooksError, match="unknown attention kind 'everything'"):
+        qkhooks.record(model, attention="rows+everything")
