@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from qkhooks.spectrum import QKSpectrum  # noqa: E402
@@ -47,6 +48,7 @@ def plot_cosine_by_layer(spec: QKSpectrum, path: str | os.PathLike, relative_to:
         ax.plot(layers, mean - np.asarray(relative_to), "s--", color="tab:red", label="relative to anisotropy baseline")
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cosine(u_n, v_n), σ-weighted")
     ax.set_title(f"Grouping vs contextualisation — {spec.model}", fontsize=9)
     ax.legend(fontsize=7)
@@ -95,6 +97,7 @@ def plot_layer_curves(
             s = np.asarray(spread[name], dtype=float)
             ax.fill_between(layers, values - s, values + s, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)

@@ -325,6 +325,9 @@ class ImageConfig:
             raise QKHooksError("ImageConfig.from_timm needs timm; pip install timm.") from None
         cfg = resolve_data_config({}, model=model)
         _, h, w = cfg["input_size"]
+        built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if built is not None and tuple(built) != (h, w):  # created with img_size=...: its pretrained cfg is stale
+            h, w = (int(v) for v in built)
         crop_pct = float(cfg.get("crop_pct") or 0.875)  # timm's DEFAULT_CROP_PCT when unset
         crop_mode = cfg.get("crop_mode") or "center"
         interpolation = cfg.get("interpolation") or "bicubic"

@@ -1,0 +1,553 @@
+"""Attention preference on odd-one-out displays (Pan et al., Fig. 2; METHODS A.4, A.7).
+
+Per image one *target* query token and one *distractor* query token are picked at the maximum of the
+target / distractor mask downscaled to the patch grid (area fractions). For every (layer, head) the
+post-softmax rows of those two tokens are restricted to patch tokens (prefix tokens dropped), renormalised to
+sum 1, and their inner products with the downscaled target, distractor and background masks are taken:
+
+    T->T, T->D, T->B, D->D, D->T, D->B        (query -> key region)
+
+Background is 1 - target - distractor (clipped at 0), so a query's three numbers sum to 1 whenever the two
+masks do not overlap. Grouped: same object (TT, DD), different object (TD, DT), background (TB, DB), each the
+mean of its two members. Per layer we report the mean over images and heads, and the spread across images
+of the head-averaged group value (population std, ddof=0).
+
+Three ways in, one table out:
+
+- :func:`odd_one_out_meta` builds the batch metadata the recording needs (query tokens, pool masks) and
+  the downscaled masks the statistics need;
+- :class:`PreferenceReducer` is a streaming sink (memory independent of the dataset);
+- :func:`analyze_preference` reads a stored run and writes ``preference.csv/.json/.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from qkhooks.cli import command
+from qkhooks.errors import QKHooksError
+from qkhooks.reducers import Reducer
+
+__all__ = [
+    "PAIRS",
+    "GROUPS",
+    "odd_one_out_meta",
+    "preference_from_rows",
+    "group_preference",
+    "PreferenceReducer",
+    "preference_from_reducer",
+    "preference_table",
+    "preference_values",
+    "analyze_preference",
+    "write_preference",
+    "format_table",
+]
+
+PAIRS: tuple[str, ...] = ("TT", "TD", "TB", "DD", "DT", "DB")
+"""Order of the six values: query object then key region (T target, D distractor, B background)."""
+
+GROUPS: dict[str, tuple[int, int]] = {
+    "same_object": (0, 3),  # T->T, D->D
+    "different_object": (1, 4),  # T->D, D->T
+    "background": (2, 5),  # T->B, D->B
+}
+"""Group name -> the indices into :data:`PAIRS` that are averaged."""
+
+_GROUP_INDEX = torch.tensor([list(v) for v in GROUPS.values()])  # (3, 2)
+_CHUNK = 256  # images read from a run file at a time
+
+
+# ------------------------------------------------------------------------------------------ meta
+def _as_masks(mask: Any, name: str) -> torch.Tensor:
+    mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() != 3:
+        raise QKHooksError(f"{name} masks must be (batch, H, W), got shape {tuple(mask.shape)}.")
+    return mask if mask.is_floating_point() else mask.float()
+
+
+def _first_argmax(flat: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index of the maximum (explicit, so ties never depend on the backend)."""
+    is_max = flat == flat.max(dim=1, keepdim=True).values
+    return (is_max.long().cumsum(1) == 0).sum(1)
+
+
+def odd_one_out_meta(
+    target: torch.Tensor, distractor: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int
+) -> dict[str, torch.Tensor]:
+    """Query tokens, pool masks and patch-grid masks for a batch of odd-one-out images.
+
+    The recording needs the query tokens *before* the forward (attention rows are rebuilt only for them), so
+    the choice is made here from the pixel masks, once, and the same downscaled masks feed the statistics.
+
+    Args:
+        target: (B, H, W) target masks in model-input geometry (fractions or booleans).
+        distractor: (B, H, W) distractor masks (all distractors together).
+        grid: the patch grid (gh, gw) of this input size.
+        num_prefix_tokens: tokens before the patches (1 for CLS, 2 for DeiT-distilled, 5 with 4 registers).
+
+    Returns:
+        ``query_tokens`` LongTensor (B, 2): (target, distractor) token in model order (prefix + patch index
+        of the mask's maximum, first on ties); ``pool_masks`` FloatTensor (B, 3, gh*gw): target, distractor,
+        background on the patch grid; ``target_grid`` and ``distractor_grid`` (B, gh, gw).
+
+    Raises:
+        QKHooksError: mismatched shapes, or an image whose target or distractor mask is empty.
+    """
+    from qkhooks.data.masks import downscale_mask
+
+    t, d = _as_masks(target, "target"), _as_masks(distractor, "distractor")
+    if t.shape != d.shape:
+        raise QKHooksError(
+            f"target and distractor masks must have the same shape, got {tuple(t.shape)} and {tuple(d.shape)}."
+        )
+    if int(num_prefix_tokens) < 0:
+        raise QKHooksError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}.")
+    gh, gw = int(grid[0]), int(grid[1])
+    t_grid = downscale_mask(t.float(), (gh, gw)).float()
+    d_grid = downscale_mask(d.float(), (gh, gw)).float()
+    for name, g in (("target", t_grid), ("distractor", d_grid)):
+        empty = (g.flatten(1).amax(1) <= 0).nonzero().flatten().tolist()
+        if empty:
+            raise QKHooksError(
+                f"the {name} mask of image(s) {empty} in this batch is empty, so there is no {name} token to "
+                "query; drop those images or fix their masks."
+            )
+    tokens = torch.stack([_first_argmax(t_grid.flatten(1)), _first_argmax(d_grid.flatten(1))], dim=1)
+    background = (1.0 - t_grid - d_grid).clamp_min(0.0)
+    pool = torch.stack([t_grid, d_grid, background], dim=1).flatten(2)
+    return {
+        "query_tokens": (tokens + int(num_prefix_tokens)).long(),
+        "pool_masks": pool,
+        "target_grid": t_grid,
+        "distractor_grid": d_grid,
+    }
+
+
+# ---------------------------------------------------------------------------------------- values
+def preference_from_rows(
+    rows: torch.Tensor, target_grid: torch.Tensor, distractor_grid: torch.Tensor, num_prefix_tokens: int
+) -> torch.Tensor:
+    """The six preference values (B, H, 6), ordered as :data:`PAIRS`, from two attention rows per image.
+
+    Args:
+        rows: (B, H, 2, N) post-softmax rows of the target (index 0) and distractor (index 1) query tokens.
+        target_grid, distractor_grid: (B, gh, gw) fractional masks on the patch grid.
+        num_prefix_tokens: tokens before the patches; they are dropped before renormalising.
+
+    Returns:
+        float tensor (B, H, 6) (at least float32, on the rows' device).
+    """
+    rows = torch.as_tensor(rows)
+    if rows.dim() != 4 or rows.shape[2] != 2:
+        raise QKHooksError(
+            f"attention rows must be (batch, heads, 2, tokens) for the target and distractor queries, got "
+            f"{tuple(rows.shape)}; record odd-one-out data with attention='rows' and odd_one_out_meta()."
+        )
+    dtype = torch.promote_types(rows.dtype, torch.float32)
+    t = torch.as_tensor(target_grid).to(rows.device, dtype)
+    d = torch.as_tensor(distractor_grid).to(rows.device, dtype)
+    if t.shape != d.shape or t.dim() != 3 or t.shape[0] != rows.shape[0]:
+        raise QKHooksError(
+            f"target/distractor grids must both be (batch={rows.shape[0]}, gh, gw), got {tuple(t.shape)} and "
+            f"{tuple(d.shape)}."
+        )
+    p = int(num_prefix_tokens)
+    patches = t.shape[1] * t.shape[2]
+    if rows.shape[-1] - p != patches:
+        raise QKHooksError(
+            f"the rows have {rows.shape[-1]} tokens but {p} prefix tokens + a {tuple(t.shape[1:])} grid make "
+            f"{p + patches}; pass the model's num_prefix_tokens and the grid of this input size."
+        )
+    attn = rows[..., p:].to(dtype)
+    attn = attn / attn.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    t, d = t.flatten(1), d.flatten(1)
+    masks = torch.stack([t, d, (1.0 - t - d).clamp_min(0.0)], dim=1)  # (B, 3, P)
+    vals = torch.einsum("bhqp,bmp->bhqm", attn, masks)  # (B, H, 2, 3): query x (T, D, B)
+    return torch.cat([vals[:, :, 0], vals[:, :, 1][..., [1, 0, 2]]], dim=-1)
+
+
+def group_preference(values: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor | np.ndarray]:
+    """Same object (TT+DD)/2, different object (TD+DT)/2, background (TB+DB)/2 from (..., 6) values."""
+    if values.shape[-1] != len(PAIRS):
+        raise QKHooksError(f"preference values must end in the {len(PAIRS)} pairs {PAIRS}, got {tuple(values.shape)}.")
+    return {name: (values[..., i] + values[..., j]) / 2 for name, (i, j) in GROUPS.items()}
+
+
+def _groups(values: torch.Tensor) -> torch.Tensor:
+    """(..., 6) -> (..., 3) group values in :data:`GROUPS` order."""
+    return values[..., _GROUP_INDEX.to(values.device)].mean(-1)
+
+
+# -------------------------------------------------------------------------------------- reducer
+class PreferenceReducer(Reducer):
+    """Streaming attention preference: per (layer, head) moments of the six values and the groups.
+
+    Kept on the model's device, per layer: the image count; sums and sums of squares of the six values and
+    of the three group values per head; and sums and sums of squares of the head-averaged group values
+    (the per-image spread of Fig. 2). Memory is O(layers x heads), whatever the dataset size.
+
+    Reads ``batch.layers[l].attention["rows"]`` (B, H, 2, N) and ``batch.meta["target_grid"]`` /
+    ``["distractor_grid"]`` (B, gh, gw), as filled by :func:`odd_one_out_meta`; the prefix-token count is
+    N - gh*gw.
+    """
+
+    name = "preference"
+
+    _KEYS = ("sum", "sumsq", "group_sum", "group_sumsq", "mean_group_sum", "mean_group_sumsq")
+
+    def __init__(self) -> None:
+        self.count: dict[int, int] = {}
+        self.stats: dict[int, dict[str, torch.Tensor]] = {}
+        self.num_prefix_tokens: int | None = None
+
+    def __repr__(self) -> str:
+        images = max(self.count.values(), default=0)
+        return f"PreferenceReducer(layers={sorted(self.stats)}, images={images})"
+
+    @staticmethod
+    def _acc_dtype(device: torch.device) -> torch.dtype:
+        return torch.float32 if device.type == "mps" else torch.float64
+
+    def _fold(self, layer: int, values: torch.Tensor) -> None:
+        """Add (B, H, 6) values of one layer."""
+        dtype = self._acc_dtype(values.device)
+        v = values.to(dtype)
+        g = _groups(v)  # (B, H, 3)
+        gm = g.mean(1)  # (B, 3): each image's head average
+        parts = {
+            "sum": v.sum(0), "sumsq": (v * v).sum(0), "group_sum": g.sum(0), "group_sumsq": (g * g).sum(0),
+            "mean_group_sum": gm.sum(0), "mean_group_sumsq": (gm * gm).sum(0),
+        }
+        state = self.stats.get(layer)
+        if state is None:
+            self.stats[layer] = parts
+            self.count[layer] = int(v.shape[0])
+            return
+        if state["sum"].shape != parts["sum"].shape:
+            raise QKHooksError(
+                f"layer {layer}: {parts['sum'].shape[0]} heads in this batch but {state['sum'].shape[0]} before."
+            )
+        for key in self._KEYS:
+            state[key] = state[key].to(values.device, dtype) + parts[key]
+        self.count[layer] += int(v.shape[0])
+
+    def update(self, batch: Any) -> None:
+        """Fold one batch: every layer that has attention rows."""
+        layers = {l: c.attention["rows"] for l, c in batch.layers.items() if "rows" in c.attention}
+        if not layers:
+            raise QKHooksError(
+                "PreferenceReducer needs attention rows: record with attention='rows' (and odd-one-out data)."
+            )
+        missing = [k for k in ("target_grid", "distractor_grid") if k not in batch.meta]
+        if missing:
+            raise QKHooksError(
+                f"PreferenceReducer needs batch meta {missing}: build the batch meta with "
+                "qkhooks.analysis.preference.odd_one_out_meta(target, distractor, grid, num_prefix_tokens) "
+                "(qkhooks record does this for o3:/o3dir: data)."
+            )
+        t_grid, d_grid = batch.meta["target_grid"], batch.meta["distractor_grid"]
+        patches = int(t_grid.shape[-2] * t_grid.shape[-1])
+        for layer, rows in sorted(layers.items()):
+            prefix = int(rows.shape[-1]) - patches
+            if prefix < 0:
+                raise QKHooksError(f"layer {layer}: {rows.shape[-1]} tokens cannot hold a {tuple(t_grid.shape[-2:])} grid.")
+            if self.num_prefix_tokens is None:
+                self.num_prefix_tokens = prefix
+            self._fold(layer, preference_from_rows(rows, t_grid, d_grid, prefix))
+
+    def merge(self, other: Reducer) -> None:
+        """Fold a reducer that saw a disjoint set of images."""
+        self._check_same_kind(other)
+        assert isinstance(other, PreferenceReducer)
+        for layer, state in other.stats.items():
+            mine = self.stats.get(layer)
+            if mine is None:
+                self.stats[layer] = {k: v.clone() for k, v in state.items()}
+                self.count[layer] = other.count[layer]
+                continue
+            if mine["sum"].shape != state["sum"].shape:
+                raise QKHooksError(f"cannot merge preference reducers with different head counts at layer {layer}.")
+            for key in self._KEYS:
+                mine[key] = mine[key] + state[key].to(mine[key].device, mine[key].dtype)
+            self.count[layer] += other.count[layer]
+        if self.num_prefix_tokens is None:
+            self.num_prefix_tokens = other.num_prefix_tokens
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-layer arrays stacked along a leading layer axis (``layers`` names them)."""
+        layers = sorted(self.stats)
+        heads = self.stats[layers[0]]["sum"].shape[0] if layers else 0
+        if any(self.stats[l]["sum"].shape[0] != heads for l in layers):
+            raise QKHooksError("PreferenceReducer.state_dict needs the same number of heads in every layer.")
+        shapes = {"sum": (heads, 6), "sumsq": (heads, 6), "group_sum": (heads, 3), "group_sumsq": (heads, 3),
+                  "mean_group_sum": (3,), "mean_group_sumsq": (3,)}
+        out: dict[str, Any] = {
+            "layers": np.asarray(layers, dtype=np.int64),
+            "count": np.asarray([self.count[l] for l in layers], dtype=np.int64),
+            "num_prefix_tokens": -1 if self.num_prefix_tokens is None else int(self.num_prefix_tokens),
+        }
+        for key, shape in shapes.items():
+            stacked = [self.stats[l][key].detach().double().cpu().numpy() for l in layers]
+            out[key] = np.stack(stacked) if stacked else np.zeros((0, *shape))
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (tensors on the CPU; they move to the device on the next update)."""
+        missing = [k for k in ("layers", "count", *self._KEYS) if k not in state]
+        if missing:
+            raise QKHooksError(f"not a PreferenceReducer state: missing {missing}.")
+        layers = [int(l) for l in np.asarray(state["layers"]).reshape(-1)]
+        counts = np.asarray(state["count"]).reshape(-1)
+        self.count = {l: int(c) for l, c in zip(layers, counts)}
+        self.stats = {
+            l: {k: torch.as_tensor(np.asarray(state[k])[i], dtype=torch.float64) for k in self._KEYS}
+            for i, l in enumerate(layers)
+        }
+        prefix = int(np.asarray(state.get("num_prefix_tokens", -1)))
+        self.num_prefix_tokens = None if prefix < 0 else prefix
+
+
+# ---------------------------------------------------------------------------------------- tables
+def _std(sum_: np.ndarray, sumsq: np.ndarray, n: int) -> np.ndarray:
+    mean = sum_ / n
+    return np.sqrt(np.maximum(sumsq / n - mean * mean, 0.0))
+
+
+def preference_from_reducer(reducer: PreferenceReducer) -> dict[str, Any]:
+    """The preference table (as :func:`preference_table`) from a streaming reducer's moments."""
+    if not reducer.stats:
+        raise QKHooksError("the PreferenceReducer has seen no images: feed it odd-one-out batches with attention rows.")
+    layers = sorted(reducer.stats)
+    per_layer = []
+    for l in layers:
+        s = {k: v.detach().double().cpu().numpy() for k, v in reducer.stats[l].items()}
+        n = reducer.count[l]
+        per_layer.append({
+            "n": n,
+            "pair_mean": s["sum"] / n, "pair_std": _std(s["sum"], s["sumsq"], n),
+            "group_mean": s["group_sum"] / n, "group_std": _std(s["group_sum"], s["group_sumsq"], n),
+            "mean_group_mean": s["mean_group_sum"] / n,
+            "mean_group_std": _std(s["mean_group_sum"], s["mean_group_sumsq"], n),
+        })
+    return _table(layers, per_layer, reducer.num_prefix_tokens)
+
+
+def preference_table(values: dict[int, np.ndarray | torch.Tensor], num_prefix_tokens: int | None = None) -> dict[str, Any]:
+    """The preference table from per-image values: layer -> (n, H, 6) as :func:`preference_from_rows` gives.
+
+    Returns:
+        A JSON-ready dict: ``layers``, ``num_images``, ``num_heads``, ``pairs``, ``groups``, per group
+        ``{"mean": [per layer], "std": [per layer]}`` (mean over images and heads; std across images of the
+        head-averaged value), and ``per_head``: per pair and group, ``mean``/``std`` lists (layer x head).
+    """
+    layers = sorted(values)
+    per_layer = []
+    for l in layers:
+        v = np.asarray(values[l].detach().cpu() if isinstance(values[l], torch.Tensor) else values[l], dtype=np.float64)
+        if v.ndim != 3 or v.shape[-1] != len(PAIRS) or v.shape[0] == 0:
+            raise QKHooksError(f"layer {l}: expected (images > 0, heads, 6) preference values, got {v.shape}.")
+        g = np.stack([(v[..., i] + v[..., j]) / 2 for i, j in GROUPS.values()], axis=-1)  # (n, H, 3)
+        gm = g.mean(1)
+        per_layer.append({
+            "n": v.shape[0], "pair_mean": v.mean(0), "pair_std": v.std(0), "group_mean": g.mean(0),
+            "group_std": g.std(0), "mean_group_mean": gm.mean(0), "mean_group_std": gm.std(0),
+        })
+    return _table(layers, per_layer, num_prefix_tokens)
+
+
+def _table(layers: list[int], per_layer: list[dict[str, Any]], num_prefix_tokens: int | None) -> dict[str, Any]:
+    counts = {p["n"] for p in per_layer}
+    heads = {p["pair_mean"].shape[0] for p in per_layer}
+    table: dict[str, Any] = {
+        "analysis": "attention preference on odd-one-out images (Pan et al. Fig. 2)",
+        "layers": [int(l) for l in layers],
+        "num_images": int(max(counts)),
+        "num_heads": int(max(heads)),
+        "num_prefix_tokens": num_prefix_tokens,
+        "pairs": list(PAIRS),
+        "groups": list(GROUPS),
+        "spread": "std across images of the head-averaged group value (ddof=0)",
+    }
+    for gi, name in enumerate(GROUPS):
+        table[name] = {
+            "mean": [float(p["mean_group_mean"][gi]) for p in per_layer],
+            "std": [float(p["mean_group_std"][gi]) for p in per_layer],
+        }
+    per_head: dict[str, Any] = {}
+    for pi, name in enumerate(PAIRS):
+        per_head[name] = {"mean": [p["pair_mean"][:, pi].tolist() for p in per_layer],
+                          "std": [p["pair_std"][:, pi].tolist() for p in per_layer]}
+    for gi, name in enumerate(GROUPS):
+        per_head[name] = {"mean": [p["group_mean"][:, gi].tolist() for p in per_layer],
+                          "std": [p["group_std"][:, gi].tolist() for p in per_layer]}
+    table["per_head"] = per_head
+    return table
+
+
+# ----------------------------------------------------------------------------------- run files
+_NEEDS = ("masks/target", "masks/distractor", "attention/query_tokens")
+
+
+def _chunks(n: int, size: int = _CHUNK) -> Iterator[slice]:
+    for lo in range(0, n, size):
+        yield slice(lo, min(lo + size, n))
+
+
+def preference_values(run_path: str | os.PathLike) -> tuple[dict[int, np.ndarray], int]:
+    """Per-image values layer -> (n, H, 6) from a run file's committed images, and the prefix-token count."""
+    from qkhooks.store import open_run
+
+    with open_run(run_path) as run:
+        return _run_values(run)
+
+
+def _run_values(run: Any) -> tuple[dict[int, np.ndarray], int]:
+    """:func:`preference_values` on an open :class:`qkhooks.store.RunReader`.
+
+    Checks that the stored query tokens sit at the maximum of the stored masks (the rows were taken at the
+    target and distractor tokens), reading the file in chunks of images.
+    """
+    missing = [name for name in _NEEDS if not run.has(name)]
+    if missing:
+        raise QKHooksError(
+            f"{run.path} has no {', '.join(missing)}: attention preference needs odd-one-out data recorded with "
+            "attention rows, e.g. `qkhooks record MODEL o3:256 --attention rows --out RUN.h5` (or o3dir:DIR)."
+        )
+    layers = run.attention_layers("rows")
+    if not layers:
+        raise QKHooksError(f"{run.path} has no attention/L*/rows: record it again with `--attention rows`.")
+    if run.n == 0:
+        raise QKHooksError(f"{run.path} holds no committed images yet.")
+    t_arr, d_arr, q_arr = (run.array(name) for name in _NEEDS)
+    rows = {l: run.array(f"attention/L{l}/rows") for l in layers}
+    if len(t_arr.shape) != 3 or t_arr.shape != d_arr.shape:
+        raise QKHooksError(f"{run.path}: masks/target and masks/distractor must both be (n, gh, gw); got "
+                           f"{t_arr.shape} and {d_arr.shape}.")
+    n_tokens = rows[layers[0]].shape[-1]
+    prefix = n_tokens - t_arr.shape[1] * t_arr.shape[2]
+    info_prefix = run.info.get("num_prefix_tokens")
+    if prefix < 0 or (info_prefix is not None and int(info_prefix) != prefix):
+        raise QKHooksError(
+            f"{run.path}: rows have {n_tokens} tokens, masks a {t_arr.shape[1:]} grid, model/info says "
+            f"{info_prefix} prefix tokens; the file is inconsistent."
+        )
+    values: dict[int, list[np.ndarray]] = {l: [] for l in layers}
+    for sl in _chunks(run.n):
+        t = torch.from_numpy(t_arr[sl].astype(np.float64))
+        d = torch.from_numpy(d_arr[sl].astype(np.float64))
+        _check_query_tokens(q_arr[sl].astype(np.int64), t, d, prefix, sl.start, run.path)
+        for l in layers:
+            r = torch.from_numpy(rows[l][sl].astype(np.float64))
+            values[l].append(preference_from_rows(r, t, d, prefix).numpy())
+    return {l: np.concatenate(v) for l, v in values.items()}, prefix
+
+
+def _check_query_tokens(q: np.ndarray, t: torch.Tensor, d: torch.Tensor, prefix: int, start: int, path: Path) -> None:
+    if q.ndim != 2 or q.shape[1] != 2:
+        raise QKHooksError(f"{path}: attention/query_tokens must be (n, 2) target and distractor tokens, got {q.shape}.")
+    for col, (name, grid) in enumerate((("target", t), ("distractor", d))):
+        flat = grid.flatten(1).numpy()
+        patch = q[:, col] - prefix
+        ok = (patch >= 0) & (patch < flat.shape[1])
+        at = flat[np.arange(len(flat)), np.clip(patch, 0, flat.shape[1] - 1)]
+        ok &= at >= flat.max(1) - 2e-3  # masks may be stored in float16
+        if not ok.all():
+            bad = int(np.flatnonzero(~ok)[0]) + start
+            raise QKHooksError(
+                f"{path}: the {name} query token of image {bad} is not at the maximum of its {name} mask, so these "
+                "rows are not odd-one-out rows; record the run with odd-one-out data (o3:/o3dir:) and --attention rows."
+            )
+
+
+def write_preference(table: dict[str, Any], out_dir: str | os.PathLike, title: str = "") -> dict[str, Path]:
+    """Write ``preference.csv``, ``preference.json`` and ``preference.png`` (Fig. 2B-D style) into ``out_dir``."""
+    from qkhooks.plots import plot_layer_curves
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "preference.csv", "json": out / "preference.json", "png": out / "preference.png"}
+    groups = list(GROUPS)
+    with open(paths["csv"], "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["layer", "head", "images", *PAIRS, *groups, *(f"{g}_std" for g in groups)])
+        for i, layer in enumerate(table["layers"]):
+            ph = table["per_head"]
+            pair_means = [float(np.mean(ph[p]["mean"][i])) for p in PAIRS]
+            w.writerow([layer, "mean", table["num_images"], *_fmt(pair_means),
+                        *_fmt(table[g]["mean"][i] for g in groups), *_fmt(table[g]["std"][i] for g in groups)])
+            for h in range(len(ph[PAIRS[0]]["mean"][i])):
+                w.writerow([layer, h, table["num_images"], *_fmt(ph[p]["mean"][i][h] for p in PAIRS),
+                            *_fmt(ph[g]["mean"][i][h] for g in groups), *_fmt(ph[g]["std"][i][h] for g in groups)])
+    paths["json"].write_text(json.dumps(table, indent=1))
+    labels = {"same_object": "same object", "different_object": "different object", "background": "background"}
+    plot_layer_curves(
+        table["layers"],
+        {labels[g]: table[g]["mean"] for g in groups},
+        paths["png"],
+        ylabel="attention share (mean over heads)",
+        title=title or f"Attention preference on odd-one-out images ({table['num_images']} images; ±1 std)",
+        spread={labels[g]: table[g]["std"] for g in groups},
+    )
+    return paths
+
+
+def _fmt(values: Any) -> list[str]:
+    return [f"{float(v):.6g}" for v in values]
+
+
+def analyze_preference(run_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Attention preference table of a run file, written as CSV, JSON and a figure.
+
+    The run must hold ``attention/L{l}/rows`` (n, H, 2, N), ``attention/query_tokens`` (n, 2) and
+    ``masks/target``, ``masks/distractor`` (n, gh, gw), as ``qkhooks record`` writes for odd-one-out data.
+
+    Returns:
+        The table (see :func:`preference_table`) plus ``run``, ``model``, ``data``, ``complete`` (False for a
+        recording that stopped early: the table covers its committed images) and ``files``: the paths written.
+    """
+    from qkhooks.store import open_run
+
+    with open_run(run_path) as run:
+        values, prefix = _run_values(run)
+        source = {"run": str(run_path), "model": run.model, "data": run.attrs.get("data", ""), "complete": run.complete}
+    table = {**preference_table(values, prefix), **source}
+    note = "" if source["complete"] else "; run incomplete"
+    files = write_preference(table, out_dir, title=f"Attention preference — {Path(run_path).name} "
+                                                   f"({table['num_images']} images{note}; ±1 std across images)")
+    return {**table, "files": {k: str(v) for k, v in files.items()}}
+
+
+def format_table(table: dict[str, Any]) -> str:
+    """Per-layer group means and stds as aligned text."""
+    lines = [f"{'layer':>5}  " + "  ".join(f"{g:>22}" for g in GROUPS)]
+    for i, layer in enumerate(table["layers"]):
+        cells = [f"{table[g]['mean'][i]:.3f} ± {table[g]['std'][i]:.3f}" for g in GROUPS]
+        lines.append(f"{layer:>5}  " + "  ".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run file recorded on odd-one-out data (o3:N or o3dir:DIR) with --attention rows")
+    p.add_argument("--out", required=True, help="folder for preference.csv, preference.json, preference.png")
+
+
+@command("analyze preference", "attention to same object / other objects / background on odd-one-out images (Fig. 2)")(_args)
+def run_preference(args: argparse.Namespace) -> int:
+    result = analyze_preference(args.run, args.out)
+    print(format_table(result))
+    if not result["complete"]:
+        print(f"note: {args.run} is incomplete (the recording stopped early); the table covers its "
+              f"{result['num_images']} committed images.")
+    print("wrote " + ", ".join(result["files"].values()))
+    return 0
