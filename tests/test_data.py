@@ -674,3 +674,16 @@ def test_object_masks_to_patch_grid_end_to_end():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert 0 <= patch_argmax(grid[biggest]) < 196
+
+
+def test_joined_specs_keep_common_keys_and_order(cfg224):
+    joined = open_dataset("voc+o3:3:5", cfg224)
+    voc, o3 = open_dataset("voc", cfg224), open_dataset("o3:3:5", cfg224)
+    assert joined.ids == voc.ids + o3.ids and joined.has_masks
+    first, last = joined[0], joined[len(joined) - 1]
+    assert set(first) == set(last) == {"id", "pixel_values", "objects"}  # target/distractor dropped: voc has none
+    assert torch.equal(last["objects"], o3[2]["objects"]) and torch.equal(first["pixel_values"], voc[0]["pixel_values"])
+    assert collate([first, last])["pixel_values"].shape[0] == 2
+    assert open_dataset("voc+o3:3:5", cfg224, limit=2).ids == joined.ids[:2]
+    with pytest.raises(QKHooksError, match="more than one part"):
+        open_dataset("voc+voc", cfg224)

@@ -652,6 +652,40 @@ def _open_o3dir(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageData
 # ---------------------------------------------------------------------------------------------- entry point
 
 
+class ConcatImageDataset(ImageDataset):
+    """Several datasets one after another (spec ``a+b+c``); items keep only the keys every part has, so
+    any mix can be batched (``voc+o3:40`` keeps ``objects``, drops the odd-one-out masks)."""
+
+    def __init__(self, name: str, parts: Sequence[ImageDataset], keys: set[str]) -> None:
+        super().__init__(name, [r for part in parts for r in part._records], parts[0].image_config,
+                         has_masks=all(p.has_masks for p in parts),
+                         skipped=[s for p in parts for s in p.skipped])
+        self.parts = list(parts)
+        self.keys = keys
+        self._owner = [part for part in parts for _ in range(len(part))]
+        self._local = [i for part in parts for i in range(len(part))]
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self._owner[index][self._local[index]]
+        return None if item is None else {k: v for k, v in item.items() if k in self.keys}
+
+
+def _open_concat(spec: str, image_config: ImageConfig, limit: int | None, check: Check) -> ConcatImageDataset:
+    names = [part for part in spec.split("+") if part]
+    if len(names) < 2:
+        raise QKHooksError(f"dataset spec {spec!r}: join at least two specs with '+', e.g. 'samples+voc'.")
+    parts = [open_dataset(name, image_config, check=check) for name in names]
+    ids = [i for part in parts for i in part.ids]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise QKHooksError(f"dataset spec {spec!r}: image id {dup!r} occurs in more than one part; join distinct datasets.")
+    keys = set.intersection(*(set(part[0] or {}) if len(part) else set() for part in parts)) | {"id", "pixel_values"}
+    joined = ConcatImageDataset("+".join(p.name for p in parts), parts, keys)
+    if limit is not None:
+        joined._records, joined._owner, joined._local = joined._records[:limit], joined._owner[:limit], joined._local[:limit]
+    return joined
+
+
 def open_dataset(
     spec: str | os.PathLike[str],
     image_config: ImageConfig,
@@ -678,6 +712,8 @@ def open_dataset(
     * ``o3:N[:seed]``: N generated odd-one-out displays rendered at
       ``image_config.size`` and only normalised (no resize or crop, so masks are
       pixel-exact and no item is cut off); items also carry ``"feature"``.
+    * ``a+b+...``: several of the above one after another; items keep only the keys all
+      parts have (e.g. ``voc+arc2017+o3:40`` keeps ``objects``).
     * ``o3dir:DIR``: the O3 dataset of Kotseruba et al. (2019) laid out as
       ``DIR/images/<name>``, ``DIR/targ_images/<name>``, ``DIR/dist_images/<name>``
       (greyscale masks, white = target / distractors, matched by file stem; the
@@ -713,6 +749,8 @@ def open_dataset(
         return _open_folder(os.fspath(spec), image_config, limit, check)
     if not isinstance(spec, str) or not spec:
         raise QKHooksError(f"dataset spec must be a non-empty string; accepted: {DATASET_SPECS}.")
+    if "+" in spec and not Path(spec).expanduser().exists():
+        return _open_concat(spec, image_config, limit, check)
     if spec == "samples":
         return _open_samples(image_config, limit)
     if spec in ("voc", "arc2017"):
