@@ -31,7 +31,8 @@ $(VENV)/.test: setup.cfg setup.py $(VENV)/.demo
 venv: $(VENV)/.demo
 
 demo: $(VENV)/.demo
-	$(VENV)/bin/qkhooks spectrum offline:dinov2-s14 --json $(DEMO_OUT)/spectrum.json --plot $(DEMO_OUT)/cosine_by_layer.png
+	$(VENV)/bin/qkhooks demo --out $(DEMO_OUT)
+	@echo "open $(DEMO_OUT)/index.html"
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
