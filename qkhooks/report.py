@@ -237,7 +237,8 @@ def make_report(
     def timed(fn: Callable[[], Any]) -> Any:
         t = time.perf_counter()
         result = fn()
-        for s in result if isinstance(result, list) else [result]:
+        found = result[0] if isinstance(result, tuple) else result
+        for s in found if isinstance(found, list) else [found]:
             s.seconds = time.perf_counter() - t
         return result
 

@@ -71,18 +71,18 @@ class WriterSink:
 def run_config(**options: Any) -> dict[str, Any]:
     """The part of a run's options that defines its content; a resume must match it exactly."""
     keys = ("model", "data", "modes", "layers", "attention", "input", "augmented", "dtype", "limit", "reducers",
-            "random_init", "store_modes", "shard")
+            "random_init", "store_modes", "shard", "extra")
     return {k: options.get(k) for k in keys}
 
 
 def _mask_meta(batch: dict[str, Any], site: AttentionSite) -> dict[str, Any]:
     """Per-image masks on the patch grid, plus query tokens for odd-one-out data (else the recording's
     default: CLS and the centre patch)."""
-    from qkhooks.data.masks import downscale_mask, labels_to_onehot
+    from qkhooks.data.masks import majority_labels
 
     h, w = batch["pixel_values"].shape[-2:]
     grid = site.grid_for_image(h, w)
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = {"num_prefix_tokens": site.num_prefix_tokens, "grid": grid}
     arrays: dict[str, torch.Tensor] = {}
     if "target" in batch and "distractor" in batch:
         from qkhooks.analysis.preference import odd_one_out_meta
@@ -92,11 +92,7 @@ def _mask_meta(batch: dict[str, Any], site: AttentionSite) -> dict[str, Any]:
         arrays["masks/target"] = odd["target_grid"]
         arrays["masks/distractor"] = odd["distractor_grid"]
     if "objects" in batch:
-        labels = []
-        for obj in batch["objects"]:
-            onehot = labels_to_onehot(obj)  # (M+1, H, W) including background as channel 0
-            labels.append(downscale_mask(onehot, grid).argmax(0).to(torch.int16))
-        arrays["masks/objects"] = torch.stack(labels)
+        arrays["masks/objects"] = torch.stack([majority_labels(obj, grid) for obj in batch["objects"]])
     if arrays:
         meta["arrays"] = arrays
     return meta
@@ -185,6 +181,7 @@ def record_dataset(
     random_init: bool = False,
     on_batch: Callable[[BatchCapture], None] | None = None,
     checkpoint_every: int = CHECKPOINT_EVERY,
+    extra_config: dict[str, Any] | None = None,
 ) -> RecordResult:
     """Record a whole dataset, streaming to ``out`` (an HDF5 run file) and/or into reducers.
 
@@ -207,6 +204,8 @@ def record_dataset(
         random_init: with a spec string, build the model without pretrained weights.
         on_batch: called with every complete batch (after the writer and the reducers).
         checkpoint_every: batches between reducer checkpoints (a resume redoes at most this many).
+        extra_config: more options that define the run's content (e.g. an analysis's settings); stored in the
+            configuration, so a resume with different ones is refused before the file is touched.
     """
     from qkhooks.data import ImageDataset, collate, open_dataset
 
@@ -242,7 +241,7 @@ def record_dataset(
         model=loaded.spec, data=data_spec, modes=modes_value, layers=[s.layer for s in sites],
         attention=[dataclasses.asdict(s) for s in attention_specs], input=input, augmented=augmented, dtype=dtype,
         limit=limit, reducers=[r.name for r in reducers], random_init=loaded.random_init, store_modes=store_modes,
-        shard=list(shard) if shard else None,
+        shard=list(shard) if shard else None, extra=extra_config,
     )
     writer = None
     start, done = lo, 0
@@ -253,6 +252,7 @@ def record_dataset(
         attrs = {
             "qkhooks_version": __version__, "model": loaded.spec, "config": json.dumps(config, sort_keys=True),
             "model_note": loaded.note, "data": data_spec,
+            "image_config": json.dumps(dataclasses.asdict(loaded.image_config)),
         }
         writer = RunWriter(out, mode=mode, attrs=attrs, dtype=dtype, compression=compression)
         if mode == "resume":
@@ -273,6 +273,8 @@ def record_dataset(
             run.sinks.append(seen)
             if writer is not None:
                 _write_statics(writer, run, sites, tuple(loaded.image_config.size))
+                if shard is not None:  # where this block starts in the dataset: qkhooks.distributed.merge_shards reads it
+                    writer.write_static("images/shard", json.dumps({"rank": shard[0], "world": shard[1], "start": lo, "stop": hi}))
                 run.sinks.append(WriterSink(writer, store_modes))
             run.sinks.extend(reducers)
             if on_batch is not None:
@@ -425,3 +427,16 @@ def run_info(args) -> int:
     with open_run(args.run) as run:
         print(run.summary())
     return 0
+
+
+def _merge_args(p) -> None:
+    from qkhooks.distributed import merge_arguments
+
+    merge_arguments(p)
+
+
+@command("merge", "merge the shard files of a distributed recording (torchrun) into one run file")(_merge_args)
+def run_merge(args) -> int:
+    from qkhooks.distributed import run_merge as merge
+
+    return merge(args)

@@ -687,3 +687,16 @@ def test_joined_specs_keep_common_keys_and_order(cfg224):
     assert open_dataset("voc+o3:3:5", cfg224, limit=2).ids == joined.ids[:2]
     with pytest.raises(QKHooksError, match="more than one part"):
         open_dataset("voc+voc", cfg224)
+
+
+def test_majority_labels_keep_ids_and_background_wins_ties():
+    from qkhooks.data import majority_labels
+
+    labels = torch.zeros(4, 4, dtype=torch.long)
+    labels[:2, :2] = 3  # patch (0, 0) all object 3
+    labels[0, 2:] = 1  # patch (0, 1): half object 1, half background -> tie -> background
+    labels[2:, 2:] = 2
+    labels[3, 3] = 0  # patch (1, 1): 3/4 object 2
+    expected = np.array([[3, 0], [0, 2]])
+    np.testing.assert_array_equal(majority_labels(labels, (2, 2)).numpy(), expected)
+    assert majority_labels(labels, (2, 2)).dtype == torch.int16

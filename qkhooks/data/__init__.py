@@ -6,7 +6,7 @@ where objects are.
 """
 
 from qkhooks.data.datasets import DATASET_SPECS, IMAGE_EXTENSIONS, ImageDataset, collate, open_dataset
-from qkhooks.data.masks import downscale_mask, labels_to_onehot, patch_argmax
+from qkhooks.data.masks import downscale_mask, labels_to_onehot, majority_labels, patch_argmax
 from qkhooks.data.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Geometry, ImageConfig
 from qkhooks.data.stimuli import FEATURES, SHAPES, ItemSpec, O3Stimulus, generate_o3, make_o3
 
@@ -28,6 +28,7 @@ __all__ = [
     "downscale_mask",
     "generate_o3",
     "labels_to_onehot",
+    "majority_labels",
     "make_o3",
     "open_dataset",
     "patch_argmax",

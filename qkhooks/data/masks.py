@@ -92,6 +92,17 @@ def labels_to_onehot(labels: torch.Tensor, num_objects: int | None = None) -> to
     return out.to(torch.float32)
 
 
+def majority_labels(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Per patch, the label covering most of it (0 = background wins ties), as an int16 ``(gh, gw)`` grid.
+
+    Used for ``masks/objects`` in run files: every patch token gets the object it mostly shows.
+    """
+    onehot = labels_to_onehot(labels)  # (M, H, W), channel k = object k + 1
+    background = (torch.as_tensor(labels) == 0).to(onehot.dtype)[None]
+    fractions = downscale_mask(torch.cat([background, onehot]), grid)  # (M + 1, gh, gw)
+    return fractions.argmax(0).to(torch.int16)
+
+
 def patch_argmax(mask_grid: torch.Tensor) -> int:
     """Flat index of the patch with the largest value.
 

@@ -202,8 +202,13 @@ class RunWriter:
         self._enqueue(("static", name, value))
 
     def write_state(self, name: str, state: Mapping[str, Any]) -> None:
-        """Queue a reducer state (numpy arrays and scalars) behind the batches already queued."""
-        self._enqueue(("state", name, dict(state)))
+        """Queue a reducer state (numpy arrays and scalars) behind the batches already queued.
+
+        Arrays are copied now: a reducer's state may be a view of buffers it keeps updating.
+        """
+        copied = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else
+                      np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+        self._enqueue(("state", name, copied))
 
     def write_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
         """Queue the list of (id, reason) of images the dataset could not read."""

@@ -1,0 +1,396 @@
+"""Bi-orthogonal Factor Decomposition (Doshi, Fel, Konkle, Alvarez 2026; our definitions in METHODS B).
+
+Position vs content in every head and mode: each layer's tokens split into a positional factor P (the
+per-position mean over images) and a content factor C = X - P; each head's bias-free logits X M X^T split
+into CC, CP, PC and PP energies (query factor first), per head and per QK mode, with the global-mean share
+reported apart, specialisation labels, participation ratios, and held-out position probes on X, P and C.
+
+Two passes over the same images (:func:`run_bfd`): pass 1 streams P (:class:`PositionMeans`), pass 2 the
+energies and the probes with P fixed (:class:`BFDEnergies`, :class:`PositionDecoding`). With a run file
+both passes go through :func:`qkhooks.stream.record_dataset`, so both are checkpointed and resumable: pass 1
+into ``RUN.pass1.h5`` next to the run file, pass 2 into the run file itself. The result is a pure function
+of the run file's saved states (:func:`read_bfd`), which is what ``qkhooks analyze bfd`` recomputes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from qkhooks.analysis.bfd_reducers import (
+    BFDEnergies,
+    PositionDecoding,
+    PositionMeans,
+    full_modes,
+    layer_state,
+    patch_targets,
+)
+from qkhooks.analysis.bfd_summary import (
+    CELLS,
+    DEFINITIONS,
+    TERMS,
+    decoding_r2,
+    energy_tables,
+    paper_claims,
+    summarize,
+)
+from qkhooks.cli import add_model_arguments, command, load_from_args, write_json
+from qkhooks.errors import QKHooksError
+from qkhooks.models.base import find_sites, parse_layers
+
+__all__ = [
+    "run_bfd",
+    "read_bfd",
+    "position_factors",
+    "pass1_path",
+    "summarize",
+    "paper_claims",
+    "plot_bfd",
+    "FIGURE_CAPTIONS",
+    "format_table",
+    "PositionMeans",
+    "BFDEnergies",
+    "PositionDecoding",
+    "full_modes",
+    "patch_targets",
+    "energy_tables",
+    "decoding_r2",
+    "DEFINITIONS",
+    "TERMS",
+    "CELLS",
+]
+
+
+FIGURE_CAPTIONS = (
+    "Energy shares CC/CP/PC/PP (query factor first) of every head, layer by layer: which heads specialise.",
+    "Shares averaged over heads across depth (band: spread over heads), with CP+PC coupling and the share the "
+    "global mean takes in the three-way view.",
+    "One head's modes in order of energy, each bar split into CC/CP/PC/PP (height: the mode's share of the head).",
+    "Held-out R² of linear probes decoding patch row/column from X, P and C, and the positional share of variance.",
+)
+"""Captions of :func:`plot_bfd`'s figures, in its order (the mode figure needs per-mode entries, the last one
+the position probes; both are in a default :func:`run_bfd` result)."""
+
+
+def pass1_path(out: str | os.PathLike) -> Path:
+    """The run file of pass 1 (the position means, reducer ``bfd_position_means``) next to ``out``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".pass1" + (out.suffix or ".h5"))
+
+
+# ------------------------------------------------------------------------------------------ driving
+def _is_tensors(data: Any) -> bool:
+    return isinstance(data, torch.Tensor) or (
+        isinstance(data, (list, tuple)) and bool(data) and all(isinstance(b, torch.Tensor) for b in data)
+    )
+
+
+def _tensor_pass(net: nn.Module, batches: Sequence[torch.Tensor], reducers: list[Any], layers: list[int],
+                 input: str, device: Any) -> None:
+    """One pass over preprocessed image tensors through ``qkhooks.record`` (no run file)."""
+    from qkhooks.capture import record
+
+    dtype = next(net.parameters()).dtype
+    with record(net, modes=None, layers=layers, input=input, keep_inputs=True, sinks=reducers) as run:
+        for pixels in batches:
+            with torch.no_grad():
+                run(pixels.to(device=device, dtype=dtype))
+
+
+def run_bfd(
+    model: Any,
+    data: Any,
+    out: str | os.PathLike | None = None,
+    *,
+    layers: Sequence[int] | str | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    limit: int | None = None,
+    input: str = "normed",
+    drop_prefix: bool = False,
+    holdout_every: int = 5,
+    alpha: float = 1e-3,
+    definition: str = "frobenius",
+    decode: bool = True,
+    per_mode: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    random_init: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Bi-orthogonal Factor Decomposition of every (chosen) layer, head and mode over a dataset.
+
+    Args:
+        model: a :class:`qkhooks.LoadedModel`, a model spec string or an ``nn.Module``.
+        data: a dataset spec (``samples``, a folder, ``o3:8``, ...) or an opened ImageDataset; or image
+            tensors already preprocessed ((n, 3, H, W) or a list of batches), then without a run file.
+        out: run file (HDF5) for pass 2's reducer states; pass 1 goes to :func:`pass1_path` next to it.
+            Both are resumable like a recording run. None keeps everything in memory.
+        layers: block indices (``"0,3,5-7"`` or a list; None: all).
+        batch_size, device, limit: images per forward, where, and how many in all.
+        input: ``"normed"`` (default: the exact tensor entering W_q/W_k, METHODS B.1) or ``"residual"`` (the
+            block's input before its LayerNorm; the logits are then not the model's).
+        drop_prefix: leave prefix tokens (CLS, registers) out of the factors (default: they are positions).
+        holdout_every: one image in this many is held out for the position probes.
+        alpha: relative ridge strength of the probes.
+        definition: ``"frobenius"`` (head-level Frobenius energies, B.2) or ``"additive"`` (per-mode,
+            per-side split, B.3) fills the top-level numbers; both are always in the result.
+        decode: run the position probes.
+        per_mode: include per-mode entries in the result.
+        resume, overwrite: what to do when ``out`` or its pass-1 file exists (neither: an error).
+        random_init: with a spec string, build the model without pretrained weights.
+        progress: show progress bars.
+
+    Returns:
+        The JSON-shaped result (see :func:`summarize`), with ``input`` and the model's ``note`` added.
+    """
+    from qkhooks.models.load import LoadedModel, load_model
+
+    if resume and overwrite:
+        raise QKHooksError("resume and overwrite exclude each other: pick one.")
+    if definition not in ("frobenius", "additive"):  # checked before the passes, not after them
+        raise QKHooksError(f"definition must be 'frobenius' or 'additive', got {definition!r}.")
+    if decode and int(holdout_every) < 2:
+        raise QKHooksError(f"holdout_every must be >= 2 (one image in that many is held out), got {holdout_every}.")
+    tensors = _is_tensors(data)
+    if tensors and out is not None:
+        raise QKHooksError("a run file needs a dataset spec or an ImageDataset (resume needs image ids); with image "
+                           "tensors pass out=None.")
+    if isinstance(model, LoadedModel):
+        loaded = model
+    elif tensors and isinstance(model, nn.Module):
+        loaded = None  # preprocessed tensors: the module as it is, no image config needed
+    else:
+        loaded = load_model(model, random_init=random_init, device=device)
+    net = model if loaded is None else loaded.model
+    label = (getattr(net, "qkhooks_spec", "") or type(net).__name__) if loaded is None else loaded.spec
+    note = "" if loaded is None else loaded.note
+    net = net.to(device)
+    layer_list = parse_layers(layers) if isinstance(layers, str) or layers is None else [int(l) for l in layers]
+    sites = find_sites(net, layer_list)
+    chosen = [s.layer for s in sites]
+    prefix = sites[0].num_prefix_tokens
+
+    if tensors:
+        images = data if isinstance(data, torch.Tensor) else torch.cat(list(data))
+        batches = list(images[:limit].split(batch_size))
+        grid = sites[0].grid_for_image(*images.shape[-2:])
+
+        def one_pass(path: Path | None, reducers: list[Any]) -> None:
+            _tensor_pass(net, batches, reducers, chosen, input, device)
+    else:
+        from qkhooks.stream import record_dataset
+
+        grid = sites[0].grid_for_image(*loaded.image_config.size)
+
+        if out is not None and not (resume or overwrite):
+            for path in (pass1_path(out), Path(out)):
+                if path.exists():
+                    raise QKHooksError(f"{path} exists: pass resume=True (--resume) to continue the BFD run or "
+                                       "overwrite=True (--overwrite) to start again.")
+
+        def one_pass(path: Path | None, reducers: list[Any]) -> None:
+            record_dataset(loaded, data, path, modes=None, layers=chosen, input=input, reducers=reducers,
+                           batch_size=batch_size, device=device, limit=limit, resume=resume, overwrite=overwrite,
+                           progress=progress, store_modes=False, keep_inputs=True,
+                           extra_config={"bfd": {"drop_prefix": drop_prefix, "holdout_every": holdout_every,
+                                                 "decode": decode}})
+
+    pass1 = PositionMeans(chosen)
+    one_pass(None if out is None else pass1_path(out), [pass1])
+    means = pass1.means()
+    reducers: list[Any] = [BFDEnergies(full_modes(sites), means, prefix, drop_prefix)]
+    if decode:
+        reducers.append(PositionDecoding(means, grid, prefix, holdout_every))
+    one_pass(None if out is None else Path(out), reducers)
+    result = summarize(reducers[0].state_dict(), reducers[1].state_dict() if decode else None, model=label,
+                       definition=definition, alpha=alpha, per_mode=per_mode)
+    result["input"] = input
+    if note:
+        result["note"] = note
+    return result
+
+
+# ---------------------------------------------------------------------------------------- run files
+def _states(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+    """(energies state, decoding state or None, run facts) of a complete BFD run file."""
+    from qkhooks.store import open_run
+
+    with open_run(path) as run:
+        energies, decoding = run.state(BFDEnergies.name), run.state(PositionDecoding.name)
+        complete, attrs, config = run.complete, run.attrs, run.config
+    if energies is None:
+        raise QKHooksError(f"{path} has no BFD energies (reducer {BFDEnergies.name!r}); write it with `qkhooks bfd`.")
+    if not complete:
+        raise QKHooksError(f"{path} is an unfinished BFD run: continue it with `qkhooks bfd ... --resume`.")
+    for state in (energies, decoding):
+        if state is not None:
+            state.pop("_images", None)
+    facts = {"model": str(attrs.get("model", "")), "note": str(attrs.get("model_note", "") or ""),
+             "input": config.get("input", "normed")}
+    return energies, decoding, facts
+
+
+def read_bfd(path: str | os.PathLike, *, definition: str = "frobenius", alpha: float = 1e-3,
+             per_mode: bool = True) -> dict[str, Any]:
+    """The BFD result of a run file written by :func:`run_bfd`, recomputed from its saved reducer states."""
+    energies, decoding, facts = _states(path)
+    result = summarize(energies, decoding, model=facts["model"], definition=definition, alpha=alpha,
+                       per_mode=per_mode)
+    result["input"] = facts["input"]
+    if facts["note"]:
+        result["note"] = facts["note"]
+    return result
+
+
+def position_factors(path: str | os.PathLike) -> dict[int, np.ndarray]:
+    """Layer -> P (N, d), the position factor of a BFD run file (prefix rows left out if they were dropped)."""
+    energies, _, _ = _states(path)
+    return {int(l): layer_state(energies, int(l))["P"] for l in np.asarray(energies["layers"]).reshape(-1)}
+
+
+# -------------------------------------------------------------------------------------------- report
+def format_table(result: dict[str, Any]) -> str:
+    """A per-layer text table: variance share, mean head shares, coupling, interference, probes."""
+    lines = [
+        f"BFD of {result.get('model') or 'model'} over {result.get('images')} images "
+        f"({result['definition']} shares, mean over heads; G = global-mean share of the three-way view)",
+        f"{'layer':>5} {'posvar':>6} {'CC':>6} {'CP':>6} {'PC':>6} {'PP':>6} {'CP+PC':>6} {'interf':>7} {'G':>6} "
+        f"{'R2(X)':>6} {'R2(P)':>6} {'R2(C)':>6}",
+    ]
+
+    def fmt(v: Any, w: int = 6) -> str:
+        return f"{v:>{w}.3f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
+
+    for layer in result["layers"]:
+        dec, e = layer.get("decoding", {}), layer["energy"]
+        lines.append(
+            f"{layer['layer']:>5} {fmt(layer['position_variance_share'])} {fmt(e['CC'])} {fmt(e['CP'])} {fmt(e['PC'])} "
+            f"{fmt(e['PP'])} {fmt(layer['coupling'])} {fmt(layer['interference'], 7)} {fmt(layer['global_mean_share'])} "
+            f"{fmt(dec.get('X', {}).get('mean'))} {fmt(dec.get('P', {}).get('mean'))} {fmt(dec.get('C', {}).get('mean'))}"
+        )
+    return "\n".join(lines)
+
+
+def _pick_head(result: dict[str, Any], head: tuple[int, int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    pairs = [(layer, h) for layer in result["layers"] for h in layer["heads"]]
+    if head is None:
+        return max(pairs, key=lambda lh: -1.0 if lh[1]["coupling"] is None else lh[1]["coupling"])
+    for layer, h in pairs:
+        if (layer["layer"], h["head"]) == tuple(head):
+            return layer, h
+    raise QKHooksError(f"head L{head[0]} H{head[1]} is not in this result; pick a recorded layer and head.")
+
+
+def plot_bfd(result: dict[str, Any], out_dir: str | os.PathLike, head: tuple[int, int] | None = None) -> list[Path]:
+    """The BFD figures: shares per head, per-layer averages, one head's modes, position probes by layer.
+
+    ``head`` = (layer, head) for the mode figure (default: the head with the largest CP + PC coupling).
+    """
+    from qkhooks.plots import plot_layer_curves, plot_stacked_shares
+
+    out_dir = Path(out_dir)
+    name, definition = result.get("model") or "model", result["definition"]
+    paths: list[Path] = []
+    labels = [f"L{l['layer']}H{h['head']}" for l in result["layers"] for h in l["heads"]]
+    shares = {t: [h["energy"][t] or 0.0 for l in result["layers"] for h in l["heads"]] for t in TERMS}
+    paths.append(plot_stacked_shares(labels, shares, out_dir / "bfd_heads.png",
+                                     f"BFD energy shares per head ({definition}) — {name}", "share of energy"))
+    layers = [l["layer"] for l in result["layers"]]
+    curves = {t: [l["energy"][t] for l in result["layers"]] for t in TERMS}
+    curves["CP+PC"] = [l["coupling"] for l in result["layers"]]
+    curves["global mean (three-way)"] = [l["global_mean_share"] for l in result["layers"]]
+    spread = {t: [l["energy_std"][t] or 0.0 for l in result["layers"]] for t in TERMS}
+    paths.append(plot_layer_curves(layers, _nan(curves), out_dir / "bfd_layers.png", "share (mean over heads)",
+                                   f"BFD shares by layer ({definition}; band = spread over heads) — {name}", spread))
+    layer, h = _pick_head(result, head)
+    if h.get("modes"):
+        modes = sorted(h["modes"], key=lambda m: m["rank"])
+        scaled = {t: [(m["energy"][t] or 0.0) * (m["share_of_head"] or 0.0) for m in modes] for t in TERMS}
+        paths.append(plot_stacked_shares(
+            [f"M{m['mode']}" for m in modes], scaled, out_dir / f"bfd_modes_L{layer['layer']}H{h['head']}.png",
+            f"L{layer['layer']} H{h['head']}: modes by energy, split ({definition}) — {name}", "share of the head's mode energies"))
+    if any("decoding" in l for l in result["layers"]):
+        dec = {f"R² from {f}": [l.get("decoding", {}).get(f, {}).get("mean") for l in result["layers"]] for f in "XPC"}
+        dec["position variance share"] = [l["position_variance_share"] for l in result["layers"]]
+        paths.append(plot_layer_curves(layers, _nan(dec), out_dir / "bfd_decoding.png", "held-out R² (row, col mean)",
+                                       f"Position decoding from X, P, C — {name}"))
+    return paths
+
+
+def _nan(curves: dict[str, list[Any]]) -> dict[str, list[float]]:
+    return {k: [np.nan if v is None else v for v in vals] for k, vals in curves.items()}
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _bfd_args(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("data", help="folder, samples, voc, arc2017, ade20k:DIR, o3:N[:seed], ...")
+    p.add_argument("--out", required=True, help="run file (HDF5) for pass 2; pass 1 goes to RUN.pass1.h5 next to it")
+    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7' (default all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--input", default="normed", choices=["normed", "residual"],
+                   help="the tensor entering W_q/W_k (normed, default) or the block's residual input")
+    p.add_argument("--drop-prefix", action="store_true", help="leave prefix tokens out (default: they are positions)")
+    p.add_argument("--holdout-every", type=int, default=5, help="hold out one image in this many for the probes")
+    p.add_argument("--alpha", type=float, default=1e-3, help="relative ridge strength of the position probes")
+    p.add_argument("--definition", default="frobenius", choices=["frobenius", "additive"],
+                   help="which energy definition fills the main numbers (both are in the JSON)")
+    p.add_argument("--no-decode", action="store_true", help="skip the position probes")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing run file")
+
+
+@command("bfd", "position vs content (BFD): CC/CP/PC/PP energies per head and mode, position probes")(_bfd_args)
+def run_bfd_command(args: argparse.Namespace) -> int:
+    loaded = load_from_args(args, device=args.device)
+    result = run_bfd(
+        loaded, args.data, args.out, layers=args.layers, batch_size=args.batch_size, device=args.device,
+        limit=args.limit, input=args.input, drop_prefix=args.drop_prefix, holdout_every=args.holdout_every,
+        alpha=args.alpha, definition=args.definition, decode=not args.no_decode, resume=args.resume,
+        overwrite=args.overwrite, progress=True,
+    )
+    print(format_table(result))
+    if result.get("note"):
+        print(f"note: {result['note']}")
+    print(f"wrote {args.out}")
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run file written by `qkhooks bfd`")
+    p.add_argument("--out", required=True, help="folder for bfd.json and the figures")
+    p.add_argument("--head", help="'LAYER,HEAD' for the per-mode figure (default: largest CP+PC coupling)")
+    p.add_argument("--definition", default="frobenius", choices=["frobenius", "additive"])
+    p.add_argument("--alpha", type=float, default=1e-3, help="relative ridge strength of the position probes")
+
+
+@command("analyze bfd", "BFD tables and figures from a run file written by `qkhooks bfd`")(_analyze_args)
+def run_analyze_bfd(args: argparse.Namespace) -> int:
+    head = None
+    if args.head:
+        try:
+            layer, h = (int(v) for v in args.head.split(","))
+        except ValueError:
+            raise QKHooksError(f"--head must be 'LAYER,HEAD', e.g. '5,2'; got {args.head!r}.") from None
+        head = (layer, h)
+    result = read_bfd(args.run, definition=args.definition, alpha=args.alpha)
+    out = Path(args.out)
+    write_json(out / "bfd.json", result)
+    paths = plot_bfd(result, out, head)
+    print(format_table(result))
+    print("wrote " + ", ".join(str(p) for p in [out / "bfd.json", *paths]))
+    return 0

@@ -1,0 +1,423 @@
+"""Streaming statistics of the Bi-orthogonal Factor Decomposition (METHODS B): two passes, mergeable states.
+
+Pass 1 (:class:`PositionMeans`) streams the per-position mean P[p] = mean_i X[i, p] of the tokens entering
+W_q/W_k. Pass 2 (:class:`BFDEnergies`, :class:`PositionDecoding`) streams, with P fixed, everything the
+energies and the isolation checks need. Nothing of size N x N is formed and memory does not grow with the
+number of images.
+
+Why the energies are cheap. Every head's bias-free form is M = W_q^T W_k = U diag(s) V^T (all d_k modes, so
+exact). For token matrices A, B (N x d) let a = A U and b = B V (N x K, the query and key maps). Then
+A M B^T = a diag(s) b^T and
+
+    ||A M B^T||_F^2 = sum_{n,m} s_n s_m (a^T a)[n, m] (b^T b)[n, m],
+
+so every Frobenius energy is an inner product of two K x K Gram matrices of the maps (K = d_k). Terms with
+P on one side are linear in the other side's Gram (P is fixed), so only the image-sums of the content Grams,
+the per-image CC and total energies and two per-mode products need streaming.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from qkhooks.capture import BatchCapture, LayerCapture
+from qkhooks.errors import QKHooksError
+from qkhooks.models.base import AttentionSite, find_sites, select_layers
+from qkhooks.reducers import Reducer
+from qkhooks.spectrum import LayerSpectrum, factored_svd
+
+__all__ = ["PositionMeans", "BFDEnergies", "PositionDecoding", "full_modes", "patch_targets", "layer_state"]
+
+
+def full_modes(model: nn.Module | Sequence[AttentionSite], layers: Sequence[int] | None = None) -> list[LayerSpectrum]:
+    """All d_k bias-free modes of every head (M = W_q^T W_k = U diag(S) V^T exactly), float64 on the CPU.
+
+    Float64 because the interference is a difference of nearly equal energies; the spectra a recording
+    stores are float32 and possibly truncated.
+    """
+    sites = find_sites(model, layers) if isinstance(model, nn.Module) else select_layers(list(model), layers)
+    out = []
+    for site in sites:
+        w = site.weights()
+        u, s, v = factored_svd(w.w_q.double().cpu(), w.w_k.double().cpu())
+        out.append(LayerSpectrum(site.layer, u, s, v))
+    return out
+
+
+def patch_targets(grid: tuple[int, int]) -> np.ndarray:
+    """(rows * cols, 2) float64 (row, column) of every patch token in raster order: the decoding targets."""
+    rows, cols = grid
+    index = np.arange(rows * cols)
+    return np.stack([index // cols, index % cols], axis=1).astype(np.float64)
+
+
+def layer_state(state: Mapping[str, Any], layer: int) -> dict[str, np.ndarray]:
+    """The arrays of one layer of a BFD reducer state, keyed without their ``L{layer}.`` prefix."""
+    prefix = f"L{layer}."
+    return {key[len(prefix):]: np.asarray(value) for key, value in state.items() if key.startswith(prefix)}
+
+
+def _state_layers(state: Mapping[str, Any]) -> list[int]:
+    return [int(v) for v in np.asarray(state["layers"]).reshape(-1)]
+
+
+def _inputs(cap: LayerCapture, who: str) -> torch.Tensor:
+    if cap.inputs is None:
+        raise QKHooksError(
+            f"{who} needs the tokens entering W_q/W_k: record with keep_inputs=True (record_dataset switches it "
+            "on for reducers with needs_inputs)."
+        )
+    return cap.inputs.detach()
+
+
+def _means(positions: "Mapping[int, Any] | PositionMeans") -> dict[int, torch.Tensor]:
+    means = positions.means() if isinstance(positions, PositionMeans) else positions
+    return {int(l): torch.as_tensor(p).detach().cpu() for l, p in means.items()}
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A host copy that never aliases the live tensor: the run writer saves states on its own thread while
+    the reducer keeps updating in place (``.cpu().numpy()`` of a CPU tensor would share its memory)."""
+    return t.detach().cpu().numpy().copy()
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to float rounding (states written and read back, or merged across devices)."""
+    a, b = np.asarray(a), np.asarray(b)
+    scale = max(float(np.abs(a).max(initial=0.0)), 1e-300)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-9, atol=1e-9 * scale))
+
+
+# ============================================================================================ pass 1
+class PositionMeans(Reducer):
+    """Pass 1: per layer, the mean over images of the token at every position (prefix tokens included).
+
+    Float64 sums stay on the tokens' device; :meth:`means` divides by the image count.
+
+    Args:
+        layers: block indices to keep (None: every layer seen).
+        dtype: accumulation dtype (float64 unless the device lacks it).
+    """
+
+    name = "bfd_position_means"
+    needs_inputs = True
+
+    def __init__(self, layers: Sequence[int] | None = None, dtype: torch.dtype = torch.float64):
+        self.layers = None if layers is None else sorted({int(l) for l in layers})
+        self.dtype = dtype
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+
+    def _add(self, layer: int, total: torch.Tensor, count: int) -> None:
+        if layer not in self.sums:
+            self.sums[layer], self.counts[layer] = total.clone(), count
+            return
+        if self.sums[layer].shape != total.shape:
+            raise QKHooksError(
+                f"layer {layer}: tokens changed shape from {tuple(self.sums[layer].shape)} to {tuple(total.shape)}; "
+                "BFD needs one input size (one token count) for the whole dataset."
+            )
+        self.sums[layer] += total.to(self.sums[layer])
+        self.counts[layer] += count
+
+    def update(self, batch: BatchCapture) -> None:
+        for layer, cap in batch.layers.items():
+            if self.layers is None or layer in self.layers:
+                self._add(layer, _inputs(cap, "PositionMeans").to(self.dtype).sum(0), cap.batch_size)
+
+    def means(self) -> dict[int, torch.Tensor]:
+        """Layer -> P (N, d), the per-position mean over images."""
+        if not self.sums:
+            raise QKHooksError("PositionMeans has seen no images: run pass 1 over the dataset first.")
+        return {l: self.sums[l] / self.counts[l] for l in sorted(self.sums)}
+
+    def merge(self, other: Reducer) -> None:
+        self._check_same_kind(other)
+        assert isinstance(other, PositionMeans)
+        for layer in sorted(other.sums):
+            self._add(layer, other.sums[layer], other.counts[layer])
+
+    def state_dict(self) -> dict[str, Any]:
+        layers = sorted(self.sums)
+        state: dict[str, Any] = {
+            "layers": np.asarray(layers, dtype=np.int64),
+            "counts": np.asarray([self.counts[l] for l in layers], dtype=np.int64),
+        }
+        for layer in layers:
+            state[f"L{layer}.sum"] = _numpy(self.sums[layer])
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        layers, counts = _state_layers(state), np.asarray(state["counts"]).reshape(-1)
+        self.sums = {l: torch.as_tensor(np.asarray(state[f"L{l}.sum"]), dtype=self.dtype) for l in layers}
+        self.counts = {l: int(c) for l, c in zip(layers, counts)}
+
+
+# ============================================================================================ pass 2
+_ENERGY_STATS = ("images", "gq_c", "gk_c", "cc", "total", "mode_cc", "mode_total", "content_ss", "content_sum")
+
+
+class BFDEnergies(Reducer):
+    """Pass 2: per head and mode, the streamed sums behind every BFD energy (METHODS B.1-B.4).
+
+    Per layer the state holds constants fixed by pass 1 (``P`` the position factor, ``sigma``, the Grams
+    ``gq_pos``/``gk_pos`` of the maps of P - mu, the maps ``q_mean``/``k_mean`` of the grand mean mu) and
+    sums over images (``gq_c``/``gk_c`` content Grams, per-image CC and total energies ``cc``/``total``,
+    per-mode products ``mode_cc``/``mode_total``, ``content_ss`` = sum_i ||C_i||^2 and ``content_sum`` =
+    sum_i C_i, which is zero when both passes saw the same tokens). That is all
+    :func:`qkhooks.analysis.bfd_summary.summarize` needs.
+
+    Args:
+        spectra: all modes of every layer, bias-free (:func:`full_modes`).
+        positions: layer -> P (N, d) from pass 1, or the :class:`PositionMeans` itself.
+        num_prefix_tokens: tokens before the patches.
+        drop_prefix: leave prefix tokens out of every statistic (default: they are positions too, B.1).
+        dtype: accumulation dtype.
+    """
+
+    name = "bfd_energies"
+    needs_inputs = True
+
+    def __init__(
+        self,
+        spectra: Sequence[LayerSpectrum],
+        positions: Mapping[int, Any] | PositionMeans,
+        num_prefix_tokens: int = 0,
+        drop_prefix: bool = False,
+        dtype: torch.dtype = torch.float64,
+    ):
+        means = _means(positions)
+        self.dtype = dtype
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.drop_prefix = bool(drop_prefix)
+        start = self.num_prefix_tokens if self.drop_prefix else 0
+        self.layers = sorted(s.layer for s in spectra)
+        self.constants: dict[int, dict[str, torch.Tensor]] = {}
+        self.stats: dict[int, dict[str, torch.Tensor]] = {}
+        self._work: dict[int, dict[str, torch.Tensor]] = {}  # the same constants, on the tokens' device
+        for spec in spectra:
+            if spec.augmented:
+                raise QKHooksError("BFD uses the bias-free form W_q^T W_k: pass spectra with augmented=False.")
+            if spec.layer not in means:
+                raise QKHooksError(f"no position means for layer {spec.layer}: run pass 1 over the same layers.")
+            p = means[spec.layer].to(torch.float64)[start:]
+            u, s, v = (t.to(torch.float64).cpu() for t in (spec.U, spec.S, spec.V))
+            h, d, k = u.shape
+            if p.dim() != 2 or p.shape[1] != d:
+                raise QKHooksError(f"layer {spec.layer}: position means of shape {tuple(p.shape)} do not fit width {d}.")
+            u_all, v_all = u.permute(1, 0, 2).reshape(d, h * k), v.permute(1, 0, 2).reshape(d, h * k)
+            qp, kp = (p @ u_all).view(-1, h, k).transpose(0, 1), (p @ v_all).view(-1, h, k).transpose(0, 1)  # (H, N, K)
+            qpt, kpt = qp - qp.mean(1, keepdim=True), kp - kp.mean(1, keepdim=True)  # maps of P - mu
+            self.constants[spec.layer] = {
+                "P": p, "sigma": s,
+                "gq_pos": qpt.transpose(1, 2) @ qpt, "gk_pos": kpt.transpose(1, 2) @ kpt,
+                "q_mean": qp.mean(1), "k_mean": kp.mean(1),
+            }
+            self._work[spec.layer] = {"P": p, "U": u_all, "V": v_all, "qp": qp, "kp": kp,
+                                      "ss": s[:, :, None] * s[:, None, :]}
+            n = p.shape[0]
+            z = lambda *shape: torch.zeros(shape, dtype=dtype)  # noqa: E731
+            self.stats[spec.layer] = {"images": z(), "gq_c": z(h, k, k), "gk_c": z(h, k, k), "cc": z(h),
+                                      "total": z(h), "mode_cc": z(h, k), "mode_total": z(h, k),
+                                      "content_ss": z(), "content_sum": z(n, d)}
+
+    def _on(self, layer: int, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        work, st = self._work[layer], self.stats[layer]
+        for table in (work, st):
+            first = next(iter(table.values()))
+            if first.device != device or first.dtype != self.dtype:
+                table.update({key: t.to(device=device, dtype=self.dtype) for key, t in table.items()})
+        return work, st
+
+    def update(self, batch: BatchCapture) -> None:
+        start = self.num_prefix_tokens if self.drop_prefix else 0
+        for layer, cap in batch.layers.items():
+            if layer not in self._work:
+                continue
+            x = _inputs(cap, "BFDEnergies")
+            w, st = self._on(layer, x.device)
+            x = x[:, start:].to(self.dtype)
+            if x.shape[1:] != w["P"].shape:
+                raise QKHooksError(
+                    f"layer {layer}: tokens of shape {tuple(x.shape[1:])} do not match the pass-1 position means "
+                    f"{tuple(w['P'].shape)}; both passes need the same images at the same size."
+                )
+            bsz, n = x.shape[:2]
+            h, _, k = w["qp"].shape
+            c = x - w["P"]
+            qc = (c @ w["U"]).view(bsz, n, h, k).transpose(1, 2)  # (B, H, N, K) content query maps
+            kc = (c @ w["V"]).view(bsz, n, h, k).transpose(1, 2)
+            qx, kx = qc + w["qp"], kc + w["kp"]  # maps of X = P + C
+            gqc, gkc = qc.transpose(-1, -2) @ qc, kc.transpose(-1, -2) @ kc  # (B, H, K, K)
+            gqx, gkx = qx.transpose(-1, -2) @ qx, kx.transpose(-1, -2) @ kx
+            st["images"] += bsz
+            st["gq_c"] += gqc.sum(0)
+            st["gk_c"] += gkc.sum(0)
+            st["cc"] += (w["ss"] * gqc * gkc).sum((0, -1, -2))
+            st["total"] += (w["ss"] * gqx * gkx).sum((0, -1, -2))
+            st["mode_cc"] += (gqc.diagonal(dim1=-2, dim2=-1) * gkc.diagonal(dim1=-2, dim2=-1)).sum(0)
+            st["mode_total"] += (gqx.diagonal(dim1=-2, dim2=-1) * gkx.diagonal(dim1=-2, dim2=-1)).sum(0)
+            st["content_ss"] += c.pow(2).sum()
+            st["content_sum"] += c.sum(0)
+
+    def _check_compatible(self, layers: Sequence[int], drop_prefix: bool, constants: Mapping[int, Mapping[str, Any]],
+                          what: str) -> None:
+        if list(layers) != self.layers or bool(drop_prefix) != self.drop_prefix:
+            raise QKHooksError(
+                f"{what}: layers {list(layers)} / drop_prefix={bool(drop_prefix)} differ from this reducer's "
+                f"{self.layers} / drop_prefix={self.drop_prefix}; use the same BFD options (or start again with "
+                "overwrite)."
+            )
+        for layer in self.layers:
+            for key in ("P", "sigma"):
+                if not _same(np.asarray(constants[layer][key]), self.constants[layer][key].numpy()):
+                    raise QKHooksError(
+                        f"{what}: layer {layer} used other position means or weights than this reducer; states "
+                        "combine only within one pass 2 over one pass-1 result (start again with overwrite)."
+                    )
+
+    def merge(self, other: Reducer) -> None:
+        self._check_same_kind(other)
+        assert isinstance(other, BFDEnergies)
+        self._check_compatible(other.layers, other.drop_prefix, other.constants, "cannot merge BFD energies")
+        for layer in self.layers:
+            mine = self.stats[layer]
+            for key in _ENERGY_STATS:
+                mine[key] += other.stats[layer][key].to(mine[key])
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "layers": np.asarray(self.layers, dtype=np.int64),
+            "num_prefix_tokens": np.asarray(self.num_prefix_tokens),
+            "drop_prefix": np.asarray(int(self.drop_prefix)),
+        }
+        for layer in self.layers:
+            for table in (self.constants[layer], self.stats[layer]):
+                for key, value in table.items():
+                    state[f"L{layer}.{key}"] = _numpy(value)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        layers = _state_layers(state)
+        saved = {l: layer_state(state, l) for l in layers}
+        self._check_compatible(layers, bool(np.asarray(state["drop_prefix"])), saved, "saved BFD energies")
+        for layer in layers:
+            self.stats[layer] = {key: torch.as_tensor(saved[layer][key], dtype=self.dtype) for key in _ENERGY_STATS}
+
+
+class PositionDecoding(Reducer):
+    """Pass 2: sufficient statistics of held-out ridge probes decoding patch row and column (METHODS B.5).
+
+    Image ``i`` (global index) is held out when ``i % holdout_every == holdout_every - 1``; the others
+    train. Per split the reducer keeps the image count, sum_i X_i^T X_i (d x d) and sum_i X_i (T x d) over
+    patch tokens, which give the normal equations of probes on X, on C = X - P and on the split's own
+    position means alike, so memory is O(d^2 + T d) whatever the number of images. The probes are solved
+    in the summary (:func:`qkhooks.analysis.bfd_summary.decoding_r2`).
+
+    Args:
+        positions: layer -> P (N, d) from pass 1, or the :class:`PositionMeans`.
+        grid: (rows, cols) of the patch grid.
+        num_prefix_tokens: tokens before the patches (never decoded).
+        holdout_every: one image in this many is held out.
+        dtype: accumulation dtype.
+    """
+
+    name = "bfd_decoding"
+    needs_inputs = True
+
+    def __init__(
+        self,
+        positions: Mapping[int, Any] | PositionMeans,
+        grid: tuple[int, int],
+        num_prefix_tokens: int = 0,
+        holdout_every: int = 5,
+        dtype: torch.dtype = torch.float64,
+    ):
+        if int(holdout_every) < 2:
+            raise QKHooksError(f"holdout_every must be >= 2 (one image in that many is held out), got {holdout_every}.")
+        means = _means(positions)
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.holdout_every = int(holdout_every)
+        self.dtype = dtype
+        self.layers = sorted(means)
+        self.patch_positions: dict[int, torch.Tensor] = {}
+        self.stats: dict[int, dict[str, torch.Tensor]] = {}
+        for layer in self.layers:
+            p = means[layer].to(torch.float64)[self.num_prefix_tokens :]
+            if p.shape[0] != self.grid[0] * self.grid[1]:
+                raise QKHooksError(
+                    f"layer {layer}: {p.shape[0]} patch tokens do not fill the grid {self.grid}; pass the right grid "
+                    "and num_prefix_tokens."
+                )
+            t, d = p.shape
+            self.patch_positions[layer] = p
+            self.stats[layer] = {"images": torch.zeros(2, dtype=dtype), "xtx": torch.zeros(2, d, d, dtype=dtype),
+                                 "sums": torch.zeros(2, t, d, dtype=dtype)}
+
+    def update(self, batch: BatchCapture) -> None:
+        for layer, cap in batch.layers.items():
+            if layer not in self.stats:
+                continue
+            x = _inputs(cap, "PositionDecoding")
+            st = self.stats[layer]
+            if st["xtx"].device != x.device:
+                st.update({key: t.to(x.device) for key, t in st.items()})
+            x = x[:, self.num_prefix_tokens :].to(self.dtype)
+            if x.shape[1:] != self.patch_positions[layer].shape:
+                raise QKHooksError(
+                    f"layer {layer}: patch tokens of shape {tuple(x.shape[1:])} do not match the position means "
+                    f"{tuple(self.patch_positions[layer].shape)}; both passes need the same images at the same size."
+                )
+            index = torch.arange(batch.offset, batch.offset + x.shape[0])
+            held = ((index % self.holdout_every) == (self.holdout_every - 1)).to(x.device)
+            for split, mask in ((0, ~held), (1, held)):
+                part = x[mask]
+                if len(part):
+                    flat = part.reshape(-1, part.shape[-1])
+                    st["images"][split] += len(part)
+                    st["xtx"][split] += flat.T @ flat
+                    st["sums"][split] += part.sum(0)
+
+    def merge(self, other: Reducer) -> None:
+        self._check_same_kind(other)
+        assert isinstance(other, PositionDecoding)
+        if (other.layers, other.grid, other.num_prefix_tokens, other.holdout_every) != (
+            self.layers, self.grid, self.num_prefix_tokens, self.holdout_every
+        ) or not all(_same(other.patch_positions[l].numpy(), self.patch_positions[l].numpy()) for l in self.layers):
+            raise QKHooksError("cannot merge position probes with other layers, grid, hold-out rule or position means.")
+        for layer in self.layers:
+            for key, value in other.stats[layer].items():
+                self.stats[layer][key] += value.to(self.stats[layer][key])
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "layers": np.asarray(self.layers, dtype=np.int64),
+            "grid": np.asarray(self.grid, dtype=np.int64),
+            "num_prefix_tokens": np.asarray(self.num_prefix_tokens),
+            "holdout_every": np.asarray(self.holdout_every),
+        }
+        for layer in self.layers:
+            state[f"L{layer}.P"] = _numpy(self.patch_positions[layer])
+            for key, value in self.stats[layer].items():
+                state[f"L{layer}.{key}"] = _numpy(value)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        layers = _state_layers(state)
+        if layers != self.layers or int(np.asarray(state["holdout_every"])) != self.holdout_every or tuple(
+            int(g) for g in np.asarray(state["grid"]).reshape(-1)
+        ) != self.grid:
+            raise QKHooksError(
+                "the saved position-probe state has other layers, grid or hold-out rule than this run; use the same "
+                "options or start again with overwrite."
+            )
+        for layer in layers:
+            saved = layer_state(state, layer)
+            if not _same(saved["P"], self.patch_positions[layer].numpy()):
+                raise QKHooksError(f"the saved position probes of layer {layer} used other position means; start again.")
+            self.stats[layer] = {key: torch.as_tensor(saved[key], dtype=self.dtype) for key in ("images", "xtx", "sums")}

@@ -1,0 +1,621 @@
+"""Record one dataset with several processes (``torchrun``), one shard file per rank, merged into one run file.
+
+``torchrun --nproc-per-node N -m qkhooks record MODEL DATA --out RUN.h5 ...`` (also across nodes) takes the same
+flags as a single-process ``qkhooks record``. Each rank records a contiguous block of the dataset (the split of
+:func:`qkhooks.stream.record_dataset`'s ``shard=(rank, world)``: rank r gets images [r*ceil(n/W), (r+1)*ceil(n/W)))
+into its own complete, resumable run file ``RUN.rank{r}-of-{W}.h5`` next to ``RUN.h5``. When every rank is done,
+rank 0 writes ``RUN.h5``, which reads exactly like the run file of one process over the same images:
+
+- root attributes of the shards with ``config["shard"] = null`` (so the configuration equals a single-process
+  run's), ``complete`` only when every shard is complete;
+- ``/images/ids`` (and ``/images/skipped``) concatenated in rank order, ``committed`` their total;
+- every per-image array (``per_image`` attribute) an HDF5 *virtual dataset* over the shards: no data is copied
+  and source files are named relative to ``RUN.h5``, so the folder can be moved as a whole (``copy=True``
+  writes a self-contained file instead);
+- statics (spectrum, model info) copied from rank 0's shard;
+- every streaming reducer (top-k images per mode, anisotropy, attention preference, ...) restored from each
+  shard's last checkpoint and merged with its ``merge``; top-k image indices are renumbered to rows of the
+  merged file, so the state equals one pass over the same images (sums agree to float64 rounding).
+
+A rank that dies leaves the other shards intact (each is an ordinary SWMR run file); running the same command
+again with ``--resume`` continues every shard from its own last checkpoint and merges again. Resume with the
+same number of processes: the shard split depends on it.
+
+:func:`merge_shards` does the merge without torchrun (e.g. after copying shards from nodes that share no file
+system), and so does ``qkhooks merge RUN.h5``. :func:`record_dataset_distributed` is the Python entry inside
+your own ``torch.distributed`` program.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import re
+import signal
+import socket
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from qkhooks.errors import QKHooksError
+from qkhooks.reducers import Reducer, to_numpy_state
+
+__all__ = [
+    "shard_path",
+    "find_shards",
+    "merge_shards",
+    "record_dataset_distributed",
+    "record_distributed",
+    "REDUCER_FACTORIES",
+    "IMAGE_INDEX_FIELDS",
+]
+
+TIMEOUT_ENV = "QKHOOKS_DIST_TIMEOUT"
+"""Seconds a rank waits for the others at the end of its shard (default one day: ranks finish at different times)."""
+
+BACKEND_ENV = "QKHOOKS_DIST_BACKEND"
+"""Force a torch.distributed backend (``gloo``/``nccl``); by default nccl when every local rank has its own GPU."""
+
+_SHARD_RE = re.compile(r"^(?P<stem>.*)\.rank(?P<rank>\d+)-of-(?P<world>\d+)(?P<suffix>\.[^.]*)?$")
+
+
+# ------------------------------------------------------------------------------------------ reducers
+def _topk(state: Mapping[str, Any]) -> Reducer:
+    from qkhooks.analysis.modes import TopKModes
+
+    dtype = np.asarray(state["query"]).dtype
+    return TopKModes(k=int(np.asarray(state["k"])), map_dtype="float16" if dtype == np.float16 else "float32")
+
+
+def _simple(module: str, cls: str) -> Callable[[Mapping[str, Any]], Reducer]:
+    def build(_: Mapping[str, Any]) -> Reducer:
+        import importlib
+
+        return getattr(importlib.import_module(module), cls)()
+
+    return build
+
+
+REDUCER_FACTORIES: dict[str, Callable[[Mapping[str, Any]], Reducer]] = {
+    "topk_modes": _topk,
+    "anisotropy": _simple("qkhooks.analysis.modes", "AnisotropyReducer"),
+    "preference": _simple("qkhooks.analysis.preference", "PreferenceReducer"),
+    "bfd_position_means": _simple("qkhooks.analysis.bfd_reducers", "PositionMeans"),
+}
+"""Reducer name -> a function building an empty reducer fit to load a saved state (its argument). Reducers
+that need constructor arguments the state does not hold (the BFD pass-2 reducers) are merged from templates:
+``merge_shards(..., reducers=[...])``; add your own reducers here or pass them the same way."""
+
+IMAGE_INDEX_FIELDS: dict[str, tuple[str, ...]] = {"topk_modes": ("index",)}
+"""Reducer name -> state arrays holding global image indices (-1: none). A shard numbers its images from the
+start of its dataset block; the merge renumbers them to rows of the merged file, as one process would."""
+
+
+def _reducer_for(name: str, state: Mapping[str, Any], templates: Mapping[str, Reducer]) -> Reducer:
+    if name in templates:
+        reducer = copy.deepcopy(templates[name])
+    elif name in REDUCER_FACTORIES:
+        reducer = REDUCER_FACTORIES[name](state)
+    else:
+        raise QKHooksError(
+            f"cannot merge the reducer state {name!r}: qkhooks does not know how to build it from its state. Pass a "
+            f"configured instance, merge_shards(..., reducers=[...]), or register a factory in "
+            "qkhooks.distributed.REDUCER_FACTORIES."
+        )
+    reducer.load_state_dict(dict(state))
+    return reducer
+
+
+# ------------------------------------------------------------------------------------------ shards
+def shard_path(out: str | os.PathLike, rank: int, world: int) -> Path:
+    """The shard file of ``rank`` out of ``world`` next to ``out``: ``RUN.rank{rank}-of-{world}.h5``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.rank{int(rank)}-of-{int(world)}{out.suffix}")
+
+
+def find_shards(out: str | os.PathLike) -> list[Path]:
+    """The shard files of ``out`` in its folder, in rank order; all ranks of one world size must be there."""
+    out = Path(out)
+    folder = out.parent if str(out.parent) else Path(".")
+    found: dict[int, dict[int, Path]] = {}
+    for p in folder.glob(f"{glob_escape(out.stem)}.rank*-of-*{glob_escape(out.suffix)}"):
+        m = _SHARD_RE.match(p.name)
+        if m and m["stem"] == out.stem and (m["suffix"] or "") == out.suffix:
+            found.setdefault(int(m["world"]), {})[int(m["rank"])] = p
+    if not found:
+        raise QKHooksError(
+            f"no shard files {out.stem}.rank*-of-*{out.suffix} in {folder}; record them with torchrun, or copy them "
+            "there from the nodes that wrote them."
+        )
+    if len(found) > 1:
+        raise QKHooksError(
+            f"shard files of several process counts ({', '.join(map(str, sorted(found)))}) sit next to {out}; "
+            "remove the stale ones or name the shards explicitly."
+        )
+    world, ranks = next(iter(found.items()))
+    missing = [r for r in range(world) if r not in ranks]
+    if missing:
+        raise QKHooksError(f"shards of ranks {missing} (of {world}) are missing next to {out}; copy them there first.")
+    return [ranks[r] for r in range(world)]
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Shard:
+    """What the merge needs from one shard file (opened read-only; SWMR, so a live writer is no problem)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.exists():
+            raise QKHooksError(f"shard {path} does not exist.")
+        try:
+            self.file = h5py.File(path, "r", swmr=True)
+        except OSError as exc:
+            raise QKHooksError(f"cannot open shard {path}: {exc}") from None
+        try:
+            self._read()
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _read(self) -> None:
+        f, path = self.file, self.path
+        if "images" not in f or "committed" not in f["images"].attrs:
+            raise QKHooksError(f"{path} is not a qkhooks run file (no /images with `committed`).")
+        self.attrs = {k: (_str(v) if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        self.config = json.loads(_str(self.attrs.get("config", "{}")))
+        shard = self.config.get("shard")
+        if not shard:
+            raise QKHooksError(f"{path} is a single-process run, not a shard (its config has no shard).")
+        self.rank, self.world = int(shard[0]), int(shard[1])
+        block = json.loads(_str(f["images"].attrs["shard"])) if "shard" in f["images"].attrs else {}
+        self.start = block.get("start")
+        self.committed = int(f["images"].attrs["committed"])
+        self.complete = bool(f.attrs.get("complete", False))
+        self.n, self.states = self._consistent()
+        self.ids = [_str(s) for s in f["images/ids"][: self.n]]
+        self.skipped = [tuple(_str(x) for x in row) for row in f["images/skipped"][()]] if "images/skipped" in f else []
+        self.per_image: dict[str, h5py.Dataset] = {}
+        f.visititems(lambda name, obj: self.per_image.__setitem__(name, obj)
+                     if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image", False) else None)
+
+    def _consistent(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        """The newest image count every reducer has a checkpoint for (what a resume would keep) and those states."""
+        from qkhooks.store.writer import _read_state
+
+        names = sorted(self.config.get("reducers") or [])  # a rank that died early may have saved none yet
+        if not names:
+            return self.committed, {}
+        saved: dict[str, dict[int, dict[str, Any]]] = {}
+        for name in names:
+            slots = [_read_state(self.file, f"reducers/{name}", previous=p) for p in (False, True)] \
+                if f"reducers/{name}" in self.file else []
+            saved[name] = {int(s["_images"]): s for s in slots if s is not None and "_images" in s}
+        common = set.intersection(*(set(v) for v in saved.values()))
+        done = max([n for n in common if n <= self.committed], default=0)
+        states = {}
+        for name in names:
+            state = saved[name].get(done)
+            if state is None:  # nothing recorded yet (a rank that died before its first checkpoint)
+                states[name] = None
+            else:
+                states[name] = {k: v for k, v in state.items() if k != "_images"}
+        return done, states
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+
+def _check_shards(shards: list[_Shard]) -> None:
+    world = shards[0].world
+    if any(s.world != world for s in shards) or sorted(s.rank for s in shards) != list(range(world)) or len(shards) != world:
+        listed = ", ".join(f"{s.path.name} (rank {s.rank} of {s.world})" for s in shards)
+        raise QKHooksError(f"the shards must be ranks 0..W-1 of one world size W, each once; got {listed}.")
+
+    def identity(s: _Shard) -> tuple[Any, ...]:
+        config = {k: v for k, v in s.config.items() if k != "shard"}
+        return s.attrs.get("model"), json.dumps(config, sort_keys=True), s.attrs.get("data")
+
+    first = identity(shards[0])
+    for s in shards[1:]:
+        if identity(s) != first:
+            raise QKHooksError(
+                f"{s.path} was recorded with another model, dataset or options than {shards[0].path}; shards of "
+                f"one run must share them.\n  {shards[0].path.name}: {first}\n  {s.path.name}: {identity(s)}"
+            )
+    if any(set(s.states) != set(shards[0].states) for s in shards):
+        raise QKHooksError("the shards hold different reducer states; they do not come from one run.")
+
+
+# ------------------------------------------------------------------------------------------ merge
+def merge_shards(
+    out: str | os.PathLike,
+    shard_paths: Sequence[str | os.PathLike] | None = None,
+    *,
+    reducers: Sequence[Reducer] | None = None,
+    copy: bool = False,
+) -> Path:
+    """Write ``out``, one run file over the shards of a distributed recording that reads like a single-process run.
+
+    Args:
+        out: the merged run file (replaced atomically if it exists).
+        shard_paths: the shard files, any order (default: :func:`find_shards` next to ``out``).
+        reducers: configured reducer instances used as templates for states whose reducer cannot be built
+            from :data:`REDUCER_FACTORIES` (each shard's state is loaded into a copy, then merged).
+        copy: write the per-image arrays into ``out`` (a self-contained file) instead of virtual datasets
+            that read the shards in place (the default: instant, no extra disk; keep the shards next to it).
+
+    Returns:
+        ``out`` as a Path. The merge reads each shard up to its last reducer checkpoint; a shard that is still
+        incomplete (a rank died) contributes what it has and the merged file is marked incomplete.
+    """
+    return _merge(out, shard_paths, reducers, copy)[0]
+
+
+def _merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike] | None, reducers: Sequence[Reducer] | None,
+           copy: bool) -> tuple[Path, list[Reducer], int, list[tuple[str, str]]]:
+    out = Path(out)
+    paths = [Path(p) for p in shard_paths] if shard_paths is not None else find_shards(out)
+    if not paths:
+        raise QKHooksError("merge_shards needs at least one shard file.")
+    if any(p.resolve() == out.resolve() for p in paths):
+        raise QKHooksError(f"{out} is one of the shards; give the merged file another name.")
+    shards: list[_Shard] = []
+    try:
+        for p in paths:
+            shards.append(_Shard(p))
+        shards.sort(key=lambda s: s.rank)
+        _check_shards(shards)
+        tmp = out.with_name(out.name + ".merging")
+        if tmp.exists():
+            tmp.unlink()
+        try:
+            with h5py.File(tmp, "w", libver="latest") as f:
+                merged = _write_merged(f, out, shards, {r.name: r for r in reducers or []}, copy)
+            os.replace(tmp, out)
+        except BaseException:
+            if tmp.exists():
+                tmp.unlink()
+            raise
+    finally:
+        for s in shards:
+            s.close()
+    return out, merged, sum(s.n for s in shards), [row for s in shards for row in s.skipped]
+
+
+def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapping[str, Reducer],
+                  copy: bool) -> list[Reducer]:
+    first = shards[0]
+    bases = np.cumsum([0] + [s.n for s in shards]).tolist()
+    total = int(bases[-1])
+    for key, value in first.file.attrs.items():
+        f.attrs[key] = value
+    config = dict(first.config, shard=None)
+    f.attrs["config"] = json.dumps(config, sort_keys=True)
+    f.attrs["complete"] = all(s.complete and s.n == s.committed for s in shards)
+
+    images = f.create_group("images")
+    images.attrs["committed"] = total
+    ids = [i for s in shards for i in s.ids]
+    images.create_dataset("ids", data=np.array(ids, dtype=object), maxshape=(None,), chunks=(1024,),
+                          dtype=h5py.string_dtype())
+    if any("images/skipped" in s.file for s in shards):
+        skipped = [row for s in shards for row in s.skipped]
+        images.create_dataset("skipped", data=np.array(skipped, dtype=object).reshape(-1, 2), dtype=h5py.string_dtype())
+
+    _copy_statics(first.file, f)
+
+    names = sorted({n for s in shards for n in s.per_image})
+    for name in names:
+        _merge_per_image(f, out, name, shards, bases, copy)
+
+    result = []
+    for name in sorted(first.states):
+        merged = None
+        for s, base in zip(shards, bases):
+            state = s.states[name]
+            if state is None:
+                continue
+            state = _renumber(name, state, s, base)
+            part = _reducer_for(name, state, templates)
+            if merged is None:
+                merged = part
+            else:
+                merged.merge(part)
+        if merged is None:
+            continue
+        state = to_numpy_state(merged.state_dict())
+        state["_images"] = total
+        _write_state(f, f"reducers/{name}", state)
+        result.append(merged)
+    return result
+
+
+def _renumber(name: str, state: dict[str, Any], shard: _Shard, base: int) -> dict[str, Any]:
+    """Global image indices of a shard (its block start + local row) -> rows of the merged file."""
+    fields = IMAGE_INDEX_FIELDS.get(name, ())
+    if not fields:
+        return state
+    start = shard.start if shard.start is not None else base  # files without the block start: assume no gaps
+    state = dict(state)
+    for key in fields:
+        if key in state:
+            index = np.asarray(state[key])
+            state[key] = np.where(index >= 0, index - int(start) + int(base), index).astype(index.dtype)
+    return state
+
+
+def _copy_statics(src: h5py.File, dst: h5py.File) -> None:
+    """Everything of rank 0's shard that is not per-image, not an image list and not a reducer state."""
+
+    def visit(name: str, obj: Any) -> None:
+        top = name.split("/", 1)[0]
+        if top in ("images", "reducers"):
+            return
+        if isinstance(obj, h5py.Group):
+            group = dst.require_group(name)
+            for k, v in obj.attrs.items():
+                group.attrs[k] = v
+        elif isinstance(obj, h5py.Dataset) and not obj.attrs.get("per_image", False):
+            ds = dst.create_dataset(name, data=obj[()], dtype=obj.dtype)
+            for k, v in obj.attrs.items():
+                ds.attrs[k] = v
+
+    src.visititems(visit)
+
+
+def _fill(dtype: np.dtype) -> Any:
+    """Fill value of a virtual dataset where a source is missing: NaN or -1, never a plausible 0."""
+    if np.issubdtype(dtype, np.floating):
+        return np.nan
+    if np.issubdtype(dtype, np.signedinteger):
+        return -1
+    return None
+
+
+def _merge_per_image(f: h5py.File, out: Path, name: str, shards: list[_Shard], bases: list[int], copy: bool) -> None:
+    parts = [(s, base) for s, base in zip(shards, bases) if s.n]
+    missing = [s.path.name for s, _ in parts if name not in s.per_image]
+    if missing:
+        raise QKHooksError(f"{name} is missing from shard(s) {', '.join(missing)} that hold images; they are not one run.")
+    have = [s.per_image[name] for s in shards if name in s.per_image]
+    ref = next((s.per_image[name] for s, _ in parts), have[0])
+    for ds in have:
+        if ds.shape[1:] != ref.shape[1:] or ds.dtype != ref.dtype:
+            raise QKHooksError(f"{name} has per-image shape/dtype {ds.shape[1:]}/{ds.dtype} in {ds.file.filename} "
+                               f"but {ref.shape[1:]}/{ref.dtype} elsewhere.")
+    total = int(bases[-1])
+    if not total:
+        return
+    rest = tuple(ref.shape[1:])
+    if copy:
+        ds = f.create_dataset(name, shape=(total,) + rest, maxshape=(None,) + rest, dtype=ref.dtype, chunks=ref.chunks,
+                              compression=ref.compression, compression_opts=ref.compression_opts)
+        step = max(1, (64 << 20) // max(1, int(np.prod(rest, dtype=np.int64)) * ref.dtype.itemsize))
+        for s, base in parts:
+            src = s.per_image[name]
+            for lo in range(0, s.n, step):
+                hi = min(lo + step, s.n)
+                ds[base + lo:base + hi] = src[lo:hi]
+    else:
+        layout = h5py.VirtualLayout(shape=(total,) + rest, dtype=ref.dtype)
+        folder = out.parent.resolve()
+        for s, base in parts:
+            src = s.per_image[name]
+            rel = Path(os.path.relpath(s.path.resolve(), folder)).as_posix()
+            layout[base:base + s.n] = h5py.VirtualSource(rel, name, shape=src.shape, dtype=src.dtype)[: s.n]
+        ds = f.create_virtual_dataset(name, layout, fillvalue=_fill(ref.dtype))
+    for k, v in ref.attrs.items():
+        ds.attrs[k] = v
+
+
+def _write_state(f: h5py.File, name: str, state: Mapping[str, Any]) -> None:
+    """A reducer state in the writer's layout (slot ``a``, ``current`` = a; arrays as datasets, the rest as JSON)."""
+    group = f.require_group(name)
+    slot = group.require_group("a")
+    scalars: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, np.ndarray):
+            slot.create_dataset(key, data=value)
+        else:
+            scalars[key] = value.item() if isinstance(value, np.generic) else value
+    slot.attrs["scalars"] = json.dumps(scalars)
+    group.attrs["current"] = "a"
+
+
+# ------------------------------------------------------------------------------------------ recording
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _problem(path: Path, resume: bool, overwrite: bool) -> str | None:
+    if path.exists() and not (resume or overwrite):
+        return f"{path} already exists; pass --resume (resume=True) to continue it or --overwrite (overwrite=True)."
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return f"the folder {parent} does not exist; create it first."
+    return None
+
+
+def record_dataset_distributed(model: Any, data: Any, out: str | os.PathLike, *, resume: bool = False,
+                               overwrite: bool = False, progress: bool | None = None, **kwargs: Any):
+    """:func:`qkhooks.stream.record_dataset` on this rank's shard of the data, then one merged ``out`` (rank 0).
+
+    Call it on every rank of an initialised ``torch.distributed`` process group (``torchrun`` plus
+    ``torch.distributed.init_process_group``) with the same arguments; ``device`` should be this rank's.
+    Every rank writes :func:`shard_path` ``(out, rank, world)``; rank 0 merges them with :func:`merge_shards`
+    (virtual datasets over the shards, reducers merged) once all ranks are done, and every rank returns after
+    the merge. With ``resume`` each shard continues from its own last checkpoint.
+
+    Returns:
+        On rank 0 a :class:`qkhooks.stream.RecordResult` of the merged run (path ``out``, all images, merged
+        reducers); on the other ranks the result of their own shard.
+    """
+    import torch.distributed as dist
+
+    from qkhooks.stream import RecordResult, record_dataset
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise QKHooksError(
+            "record_dataset_distributed needs an initialised torch.distributed process group (run under torchrun "
+            "and call torch.distributed.init_process_group first), or record shards yourself with "
+            "record_dataset(..., shard=(rank, world), out=shard_path(out, rank, world)) and merge_shards()."
+        )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(out)
+    mine = shard_path(out, rank, world)
+    problems = _gather(_problem(mine, resume, overwrite) or (_problem(out, resume, overwrite) if rank == 0 else None))
+    found = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
+    if found:
+        raise QKHooksError("cannot start the distributed recording:\n  " + "\n  ".join(found))
+
+    status: dict[str, Any] = {"rank": rank, "host": socket.gethostname(), "error": None}
+    result = None
+    try:
+        result = record_dataset(model, data, mine, shard=(rank, world), resume=resume, overwrite=overwrite,
+                                progress=(rank == 0) if progress is None else progress, **kwargs)
+        status.update(images=result.images, path=str(mine))
+    except Exception as exc:  # reported to every rank; the shard stays resumable
+        status["error"] = f"{type(exc).__name__}: {exc}"
+        own: Exception | None = exc
+    else:
+        own = None
+    statuses = _gather(status)
+    failed = [s for s in statuses if s["error"]]
+    if failed:
+        lines = "\n  ".join(f"rank {s['rank']} ({s['host']}): {s['error']}" for s in failed)
+        message = (f"{len(failed)} of {world} ranks failed, so {out} was not written:\n  {lines}\nThe other shards "
+                   "are intact; fix the cause and run the same command with --resume.")
+        raise QKHooksError(message) from own
+
+    merged = None
+    if rank == 0:
+        error = None
+        try:
+            _check_visible(out, statuses, world)
+            path, reducers, n, skipped = _merge(out, [shard_path(out, r, world) for r in range(world)],
+                                                list(result.reducers), False)
+            merged = RecordResult(path, reducers, n, skipped)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            dist.broadcast_object_list([error], src=0)
+    else:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise QKHooksError(f"rank 0 could not merge the shards into {out}: {box[0]}")
+    return merged if rank == 0 else result
+
+
+def _check_visible(out: Path, statuses: Sequence[Mapping[str, Any]], world: int) -> None:
+    """Rank 0 must see every rank's shard (a shared file system); else say how to merge by hand."""
+    hidden = []
+    for s in statuses:
+        path = shard_path(out, s["rank"], world)
+        try:
+            with h5py.File(path, "r", swmr=True) as f:
+                ok = int(f["images"].attrs["committed"]) == int(s["images"]) and bool(f.attrs.get("complete", False))
+        except (OSError, KeyError):
+            ok = False
+        if not ok:
+            hidden.append(f"{path.name} (rank {s['rank']} on {s['host']})")
+    if hidden:
+        raise QKHooksError(
+            f"the shards {', '.join(hidden)} are not visible from rank 0 on {socket.gethostname()}; the nodes share no "
+            f"file system at {out.parent}. Every shard is complete: copy them next to {out} and run "
+            f"`qkhooks merge {out}`."
+        )
+
+
+def _rank_device(device: str, local_rank: int) -> str:
+    """``cuda`` means this rank's GPU (``cuda:LOCAL_RANK``); anything else is used as given."""
+    return f"cuda:{local_rank}" if str(device) == "cuda" else str(device)
+
+
+def _backend(device: str, local_world: int) -> str:
+    import torch
+
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        return forced
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
+        return "nccl"
+    return "gloo"
+
+
+def record_distributed(args: Any) -> int:
+    """``qkhooks record`` under torchrun (RANK/WORLD_SIZE set): the same flags, one shard per rank, one merged file."""
+    import torch
+    import torch.distributed as dist
+
+    from qkhooks.cli import load_from_args
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    device = _rank_device(args.device, local_rank)
+    backend = _backend(device, local_world)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(device))
+    owned = not dist.is_initialized()
+    if owned:
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 24 * 3600)))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(signum: int, _frame: Any) -> None:  # torchrun stops the others when one rank dies: close cleanly
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        loaded = load_from_args(args, device=device)
+        result = record_dataset_distributed(
+            loaded, args.data, args.out, modes=args.modes, layers=args.layers, attention=args.attention,
+            input=args.input, batch_size=args.batch_size, device=device, dtype=args.dtype,
+            compression=args.compression, resume=args.resume, overwrite=args.overwrite, limit=args.limit,
+            num_workers=args.workers,
+        )
+        if rank == 0:
+            note = f" ({len(result.skipped)} skipped)" if result.skipped else ""
+            print(f"wrote {result.images} images to {result.path}{note}: a view over {world} shards "
+                  f"{shard_path(args.out, 0, world).name} ... (keep them next to it)")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def merge_arguments(p: Any) -> None:
+    p.add_argument("out", help="the merged run file (RUN.h5); its shards RUN.rank*-of-W.h5 sit next to it")
+    p.add_argument("shards", nargs="*", help="shard files (default: RUN.rank*-of-*.h5 next to OUT)")
+    p.add_argument("--copy", action="store_true",
+                   help="copy the per-image arrays into OUT (self-contained) instead of a virtual view over the shards")
+
+
+def run_merge(args: Any) -> int:
+    out = merge_shards(args.out, args.shards or None, copy=args.copy)
+    from qkhooks.store import open_run
+
+    with open_run(out) as run:
+        state = "" if run.complete else " (incomplete: some shards are not finished; resume them and merge again)"
+        print(f"wrote {out}: {run.n} images from {len(args.shards) or len(find_shards(out))} shards{state}")
+    return 0

@@ -1,0 +1,250 @@
+"""qkhooks.bench: the benchmark's logic only — statistics, interleaving, what each method's hooks produce on a
+tiny model, the peak-memory helpers and the results files. No timing assertions: on a shared machine a timing
+proves nothing in a unit test (the numbers live in benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import qkhooks
+import qkhooks.capture
+from qkhooks import bench as B
+from qkhooks.attention import attention_rows
+
+
+# ------------------------------------------------------------------------------------------- statistics
+def test_quantile_and_summary_match_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 4, 7, 12, 31):
+        x = rng.normal(size=n) * 10
+        for q in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0):
+            assert B.quantile(list(x), q) == pytest.approx(float(np.quantile(x, q)), abs=1e-12)
+        s = B.summarize(x)
+        q1, med, q3 = np.percentile(x, [25, 50, 75])
+        assert s["median"] == pytest.approx(med) and s["q1"] == pytest.approx(q1) and s["q3"] == pytest.approx(q3)
+        assert s["iqr"] == pytest.approx(q3 - q1)
+        assert (s["min"], s["max"], s["n"]) == (x.min(), x.max(), n)
+        assert s["mean"] == pytest.approx(x.mean())
+    with pytest.raises(ValueError):
+        B.quantile([], 0.5)
+
+
+def test_paired_ratios_pair_by_round():
+    assert B.paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
+    with pytest.raises(ValueError):
+        B.paired_ratios([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_schedule_interleaves_every_round_and_never_repeats_a_method_back_to_back(n):
+    names = [f"m{i}" for i in range(n)]
+    sched = B.interleaved_schedule(names, rounds=2 * n, warmup=2)
+    assert len(sched) == (2 * n + 2) * n
+    rounds = [r for r, _ in sched]
+    assert rounds == sorted(rounds) and rounds[0] == -2 and rounds[-1] == 2 * n - 1
+    for r in range(-2, 2 * n):
+        assert sorted(m for rr, m in sched if rr == r) == names  # each round runs each method once
+    if n > 1:
+        assert all(a[1] != b[1] for a, b in zip(sched, sched[1:]))
+    if n == 2:
+        assert [m for _, m in sched[:6]] == ["m0", "m1"] * 3  # A B A B
+    if n > 2:  # rotation: every method leads some round
+        assert {next(m for rr, m in sched if rr == r) for r in range(n)} == set(names)
+    with pytest.raises(ValueError):
+        B.interleaved_schedule(["a", "a"], 1)
+
+
+def test_target_verdict_reads_the_median_and_says_when_noise_could_flip_it():
+    s = lambda med, q1, q3: {"median": med, "q1": q1, "q3": q3}  # noqa: E731
+    assert B.target_verdict(s(1.03, 1.01, 1.04), 0.05) == "met"
+    assert B.target_verdict(s(1.04, 1.02, 1.07), 0.05).startswith("met (IQR")
+    assert B.target_verdict(s(1.08, 1.06, 1.10), 0.05) == "missed"
+    assert "within noise" in B.target_verdict(s(1.06, 1.04, 1.10), 0.05)
+    assert B.target_verdict(None, 0.05) == "not measured"
+
+
+# ------------------------------------------------------------------------------------------- methods
+@pytest.fixture(scope="module")
+def bench():
+    b = B.Bench("tiny", batch=2)
+    model = b.timm()  # build first, then non-zero biases so bias handling is exercised; copies follow
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    yield b
+    b.close()
+
+
+def _run(bench, name):
+    runner = B.METHODS[name].build(bench)
+    runner.attach()
+    try:
+        with torch.no_grad():
+            runner.step(bench.images)
+            runner.end_rep()
+    finally:
+        runner.detach()
+    return runner, runner.inspect()
+
+
+def _no_hooks(model):
+    return all(not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
+
+
+def test_each_method_produces_what_it_claims_and_leaves_no_hooks(bench):
+    b, h, n, layers = 2, 4, 17, 2
+    tokens = bench.query_tokens
+    assert tokens.tolist() == [[0, 1 + 2 * 4 + 2]] * 2  # CLS and the centre patch of the 4 x 4 grid
+    out = {}
+    runners = {}
+    for name in B.METHODS:
+        runners[name], out[name] = _run(bench, name)
+        assert _no_hooks(bench.timm()), name  # interleaved methods must not see each other's hooks
+    try:
+        assert tuple(out["plain"]["output"].shape) == (b, 1000)
+        cap = out["capture"]["batch"]
+        assert sorted(cap.layers) == [0, 1] and all(c.query is None and not c.attention for c in cap.layers.values())
+        for name, k in (("modes16", 8), ("modes_all", 8)):  # d_k = 8: top-16 keeps all 8 modes
+            q = out[name]["batch"].layers[1].query
+            assert tuple(q.shape) == (b, h, k, n) and out[name]["batch"].layers[1].attention == {}
+        rows = out["rows2"]["batch"].layers[1].attention["rows"]
+        assert tuple(rows.shape) == (b, h, 2, n) and torch.allclose(rows.sum(-1), torch.ones(b, h, 2))
+        assert out["rows2"]["batch"].layers[1].query is None
+        both = out["modes16_rows2"]["batch"].arrays()
+        assert {"modes/L0/query", "modes/L0/key", "attention/L0/rows", "attention/query_tokens"} <= set(both)
+
+        for name in ("full_hdf5", "full_hdf5_folded", "proto_qkv_full_hdf5"):
+            runners[name].writer.flush()
+            with h5py.File(runners[name].path, "r", swmr=True) as f:
+                assert f["images"].attrs["committed"] == b, name
+                assert f["modes/L1/query"].shape == (b, h, 8, n)
+                np.testing.assert_allclose(f["attention/L1/rows"][:], both["attention/L1/rows"].numpy(), atol=1e-3)
+
+        copies = out["naive_hooks"]["copies"]
+        assert len(copies) == layers and all(tuple(c.shape) == (b, n, 32) and c.device.type == "cpu" for c in copies)
+
+        maps = list(out["timm_extract"]["maps"].values())  # AttentionExtract's eager maps hold our rebuilt rows
+        assert len(maps) == layers and tuple(maps[1].shape) == (b, h, n, n)
+        idx = tokens[:, None, :, None].expand(b, h, 2, n)
+        assert torch.allclose(maps[1].gather(2, idx), rows, atol=1e-5)
+
+        assert out["hf_sdpa"]["attentions"] is None
+        att = out["hf_eager_attn"]["attentions"]
+        assert len(att) == layers and tuple(att[0].shape) == (b, h, n, n)
+
+        folded = out["rows2_folded"]["batch"].layers[1].attention["rows"]
+        assert torch.allclose(folded, rows, atol=1e-6)
+        assert qkhooks.capture.attention_rows is attention_rows  # the patch is undone on detach
+
+        proto = out["proto_qkv_full_hdf5"]["arrays"]  # patch B prototype: same maps and rows, biases included
+        for key in ("modes/L0/query", "modes/L1/key", "attention/L1/rows"):
+            assert torch.allclose(proto[key], both[key], atol=1e-4, rtol=1e-4), key
+        ref_all = out["modes_all"]["batch"].arrays()
+        for key, value in out["proto_qkv_modes_all"]["arrays"].items():
+            assert torch.allclose(value, ref_all[key], atol=1e-4, rtol=1e-4), key
+    finally:
+        for r in runners.values():
+            r.close()
+    assert not any(bench.workdir.glob("*.h5"))  # closing a runner removes its run file
+
+
+def test_time_methods_keeps_one_sample_per_round_and_pairs_ratios(bench):
+    res = B.time_methods(bench, ["plain", "capture", "rows2"], rounds=2, warmup=1)
+    assert res["order_first_rounds"] == [m for r, m in B.interleaved_schedule(["plain", "capture", "rows2"], 2, 1) if r >= 0]
+    for name, m in res["methods"].items():
+        assert len(m["seconds"]) == 2 and m["images_per_s"]["n"] == 2
+    assert res["methods"]["plain"]["ratio_to_plain"]["median"] == 1.0
+
+
+def test_rows_folded_equals_the_library_rows_on_every_family(tiny):
+    model = tiny.model()
+    sites = qkhooks.sites(model)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, sites[0].grid[0] * sites[0].grid[1] + tiny.prefix, sites[0].dim, generator=g)
+    tokens = torch.tensor([[0, 3], [1, 2]])
+    for site in sites:
+        with torch.no_grad():
+            assert torch.allclose(B.rows_folded(site, x, tokens), attention_rows(site, x, tokens), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- memory
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux only")
+def test_peak_rss_reset_and_growth():
+    assert B.rss_mb() > 0
+    assert B.reset_peak_rss()
+    assert B.peak_rss_mb() - B.rss_mb() < 8  # the high-water mark restarts at the current RSS
+    base = B.rss_mb()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    assert B.peak_rss_mb() - base > 48
+    del block
+
+
+# ------------------------------------------------------------------------------------------- results
+def _s(med):
+    return {"median": med, "q1": med * 0.99, "q3": med * 1.01, "iqr": med * 0.02, "min": med, "max": med, "mean": med, "n": 3}
+
+
+def _entry(section, data, model="vit_s", **extra):
+    return {"section": section, "model": model, "device": "cpu", "command": "qkhooks bench --models vit_s",
+            "when": "2026-01-01T00:00:00", "machine": {"cpu": "Test CPU", "cores": 2, "torch_threads": 2, "gpu": None},
+            "load_before": [1.0, 1.0, 1.0], "load_after": [1.5, 1.0, 1.0], "data": data, **extra}
+
+
+def test_results_files_merge_and_render(tmp_path):
+    methods = {name: {"label": B.METHODS[name].label, "kind": "x", "family": "timm", "seconds": [0.1] * 3,
+                      "images_per_s": _s(80.0), "ms_per_batch": _s(100.0), "ratio_to_plain": _s(ratio)}
+               for name, ratio in (("plain", 1.0), ("capture", 1.01), ("rows2", 1.12), ("full_hdf5", 1.08))}
+    methods["timm_extract"] = {**methods["rows2"], "reference": "timm_eager", "ratio_to_reference": _s(1.2)}
+    params = {"batch": 8, "rounds": 3, "warmup": 1, "batches_per_rep": 2}
+    entries = {
+        "methods/vit_s/cpu": _entry("methods", {"methods": methods}, params=params),
+        "memory/vit_s/cpu": _entry("memory", {"steps": 2, "methods": {"plain": {"rss_peak_delta_mb": 12.5}}}),
+        "dataset_memory/vit_s/cpu": _entry("dataset_memory", {"base_images": 4, "batch": 2, "runs": {
+            "1": {"images": 4, "rss_peak_delta_mb": 20.0, "rss_peak_mb": 700.0, "file_mb": 1.0, "seconds": 3.0},
+            "10": {"images": 40, "rss_peak_delta_mb": 21.0, "rss_peak_mb": 701.0, "file_mb": 9.0, "seconds": 9.0,
+                   "rss_slope_mb_per_100_images": 0.01}}}),
+    }
+    md, js = tmp_path / "RESULTS.md", tmp_path / "results.json"
+    B.save_results(entries, md, js, merge=False)
+    text = md.read_text()
+    assert "Test CPU" in text and "**2 intra-op threads** (set explicitly)" in text
+    assert "pending: no GPU lent" in text and "`qkhooks bench --models vit_s`" in text
+    assert "| `rows2` |" in text and "+12.0% [+10.9, +13.1]" in text
+    assert "| rows for 2 query tokens, every layer | `rows2` | <= 5% | +12.0% [+10.9, +13.1] | missed |" in text
+    assert "| capture alone | `capture` | <= 2% | +1.0% [-0.0, +2.0] | met (IQR reaches past the limit) |" in text
+    assert "+20.0% [+18.8, +21.2] vs timm_eager" in text and "| 12 |" in text  # reference ratio, peak memory
+    assert "**flat** (met)" in text
+
+    svd = {"heads": 6, "dim": 384, "head_dim": 64, "layers": 12, "factored_ms_per_layer": _s(2.0),
+           "dense_ms_per_layer": _s(200.0), "speedup": 100.0, "max_rel_sigma_diff": 1e-12,
+           "spectrum_whole_model_s": 0.05, "dense_whole_model_s_estimate": 2.4}
+    B.save_results({"svd/vit_s/cpu": _entry("svd", svd)}, md, js)  # merges with what is there
+    data = json.loads(js.read_text())
+    assert set(data["entries"]) == set(entries) | {"svd/vit_s/cpu"}
+    assert "**100x**" in md.read_text() and "| `rows2` |" in md.read_text()
+    B.save_results({"svd/vit_s/cpu": _entry("svd", svd)}, md, js, merge=False)  # --fresh starts over
+    assert set(json.loads(js.read_text())["entries"]) == {"svd/vit_s/cpu"}
+
+
+def test_bench_command_is_registered_and_runs_the_cheap_sections(tmp_path, capsys):
+    from qkhooks.cli import main
+
+    assert main(["bench", "--models", "nope"]) == 2
+    assert "unknown size, section or method 'nope'" in capsys.readouterr().err
+    md, js = tmp_path / "R.md", tmp_path / "r.json"
+    rc = B.main(["--models", "tiny", "--sections", "svd", "--out", str(md), "--json", str(js), "--fresh",
+                 "--notes", str(tmp_path / "none.md")])
+    assert rc == 0
+    data = json.loads(js.read_text())
+    entry = data["entries"]["svd/tiny/cpu"]
+    assert entry["data"]["max_rel_sigma_diff"] < 1e-10
+    assert entry["machine"]["torch_threads"] == 2 and entry["command"].startswith("python benchmarks/run.py")
+    assert "Factored vs dense SVD" in md.read_text()

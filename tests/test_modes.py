@@ -1,0 +1,415 @@
+"""Semantic modes (Pan et al. Fig. 4, 5, S3): top-k reducer, anisotropy, same object, figures, run analysis, CLI."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import qkhooks
+from qkhooks.analysis.modes import (
+    AnisotropyReducer,
+    Panel,
+    TopKModes,
+    analyze_modes,
+    anisotropy_from_state,
+    anisotropy_table,
+    grid_layout,
+    infer_prefix_tokens,
+    layer_state,
+    load_images,
+    optimal_objects,
+    overlay,
+    plot_overlay_grid,
+    relative_cosine,
+    same_object_probability,
+    same_object_table,
+    signed_scores,
+    top_images,
+)
+from qkhooks.capture import BatchCapture, LayerCapture
+from qkhooks.errors import QKHooksError
+from conftest import TINY_MODELS
+
+
+# ------------------------------------------------------------------------------------------ references
+def brute_force(query: np.ndarray, key: np.ndarray, prefix: int, k: int):
+    """Every image scored by plain loops, sorted by (score desc, index asc); per (h, m, sign) the first k."""
+    n, heads, modes, _ = query.shape
+    out = {}
+    for h in range(heads):
+        for m in range(modes):
+            for sign in (1, -1):
+                scored = []
+                for i in range(n):
+                    q = [sign * float(v) for v in query[i, h, m, prefix:]]
+                    kk = [sign * float(v) for v in key[i, h, m, prefix:]]
+                    scored.append((max(0.0, max(q)) * max(0.0, max(kk)), i))
+                scored.sort(key=lambda t: (-t[0], t[1]))
+                out[h, m, sign] = scored[:k]
+    return out
+
+
+def fake_batch(layers: dict[int, tuple[torch.Tensor, torch.Tensor]], offset: int, **meta) -> BatchCapture:
+    caps = {l: LayerCapture(l, q.shape[0], query=q, key=k) for l, (q, k) in layers.items()}
+    return BatchCapture(ids=[], meta=meta, layers=caps, offset=offset)
+
+
+def feed(reducer, query: torch.Tensor, key: torch.Tensor, sizes, start: int = 0, layer: int = 0, **meta):
+    lo = start
+    for size in sizes:
+        reducer.update(fake_batch({layer: (query[lo:lo + size], key[lo:lo + size])}, lo, **meta))
+        lo += size
+    return reducer
+
+
+def tied_maps(n: int = 12, heads: int = 2, modes: int = 3, tokens: int = 10, prefix: int = 1, seed: int = 0):
+    """Maps drawn from a few integer patterns, so many images tie; the prefix token is huge (must be ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randint(-3, 4, (4, heads, modes, tokens), generator=g).float()
+    pick = torch.randint(0, 4, (n,), generator=g)
+    q = patterns[pick].clone()
+    k = patterns[torch.randint(0, 4, (n,), generator=g)].clone()
+    q[..., :prefix] = 100.0
+    k[..., :prefix] = -100.0
+    return q, k
+
+
+def assert_matches_brute(reducer: TopKModes, query: np.ndarray, key: np.ndarray, prefix: int, layer: int = 0, map_tol: float = 0.0):
+    ref = brute_force(query, key, prefix, reducer.k)
+    for (h, m, sign), expected in ref.items():
+        got = reducer.top(layer, h, m, sign)
+        assert got["index"].tolist() == [i for _, i in expected], (h, m, sign)
+        np.testing.assert_allclose(got["score"], [s for s, _ in expected], rtol=1e-5, atol=1e-6)
+        for rank, i in enumerate(got["index"]):
+            np.testing.assert_allclose(got["query"][rank], sign * query[i, h, m], rtol=map_tol, atol=map_tol)
+            np.testing.assert_allclose(got["key"][rank], sign * key[i, h, m], rtol=map_tol, atol=map_tol)
+
+
+# ------------------------------------------------------------------------------------------ top-k
+@pytest.mark.parametrize("tiny", [TINY_MODELS[0], TINY_MODELS[3]], ids=lambda t: t.name)
+def test_topk_on_a_real_recording_equals_brute_force(tiny):
+    """Tiny ViT (1 prefix token) and DINOv2 with registers (5): streamed top-k == sorting all images."""
+    model = tiny.model()
+    reducer = TopKModes(k=3, map_dtype="float32")  # prefix inferred from the token count
+    seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {0: [], 1: []}
+    with qkhooks.record(model, modes=4, sinks=[reducer]) as run:
+        for b, seed in ((3, 1), (2, 2), (4, 3)):
+            run(tiny.images(b, seed))
+            for l in seen:
+                seen[l].append((run.query[l].clone(), run.key[l].clone()))
+    assert reducer.num_prefix_tokens == tiny.prefix and reducer.images == 9
+    for l, parts in seen.items():
+        q = torch.cat([p[0] for p in parts]).double().numpy()
+        k = torch.cat([p[1] for p in parts]).double().numpy()
+        assert_matches_brute(reducer, q, k, tiny.prefix, layer=l, map_tol=1e-6)
+
+
+def test_topk_ties_signs_and_prefix_on_constructed_maps():
+    q, k = tied_maps()
+    # image 5: both maxima negative for sign +1: the product would be positive, the score must be 0
+    q[5, 0, 0, 1:], k[5, 0, 0, 1:] = -torch.arange(1, 10).float(), -2 * torch.arange(1, 10).float()
+    reducer = feed(TopKModes(k=4, num_prefix_tokens=1, map_dtype="float32"), q, k, [5, 1, 6])
+    assert_matches_brute(reducer, q.numpy(), k.numpy(), prefix=1)
+    score = signed_scores(q[5:6], k[5:6], 1)[0, 0, 0]
+    assert score.tolist() == [0.0, 9.0 * 18.0]  # max(0, -1) * max(0, -2) = 0, not (-1) * (-2)
+    minus = reducer.top(0, 0, 0, -1)
+    assert minus["index"][0] == 5 and minus["score"][0] == 162.0
+    # ties are really present and resolved by the lower index
+    ref = brute_force(q.numpy(), k.numpy(), 1, 12)
+    assert any(len({s for s, _ in v}) < len(v) for v in ref.values())
+
+
+def test_topk_fewer_images_than_k_and_both_signs_union():
+    q, k = tied_maps(n=3)
+    reducer = feed(TopKModes(k=5, num_prefix_tokens=1), q, k, [2, 1])
+    for sign in (1, -1):
+        assert len(reducer.top(0, 1, 2, sign)["index"]) == 3  # empty slots are not reported
+    both = reducer.top(0, 1, 2, "both")
+    pairs = sorted(
+        [(s, i, -sg) for sg in (1, -1) for s, i in brute_force(q.numpy(), k.numpy(), 1, 5)[1, 2, sg]],
+        key=lambda t: (-t[0], t[1], t[2]),
+    )
+    assert list(zip(both["index"].tolist(), both["sign"].tolist())) == [(i, -nsg) for _, i, nsg in pairs]
+    assert reducer.top(0, 1, 2, "both", k=2)["index"].tolist() == both["index"][:2].tolist()
+
+
+def test_merge_of_two_halves_equals_one_pass_exactly():
+    q, k = tied_maps(n=20, seed=3)
+    one = feed(TopKModes(k=4, num_prefix_tokens=1), q, k, [7, 6, 7])
+    a = feed(TopKModes(k=4, num_prefix_tokens=1), q[:9], k[:9], [4, 5])
+    b = feed(TopKModes(k=4, num_prefix_tokens=1), q, k, [6, 5], start=9)
+    b2 = TopKModes(k=4)
+    b2.load_state_dict(b.state_dict())
+    a.merge(b2)  # through a saved state, in either order
+    b.merge(feed(TopKModes(k=4, num_prefix_tokens=1), q[:9], k[:9], [9]))
+    for merged in (a, b):
+        for key, value in one.state_dict().items():
+            np.testing.assert_array_equal(np.asarray(merged.state_dict()[key]), np.asarray(value), err_msg=key)
+    with pytest.raises(QKHooksError, match="k="):
+        a.merge(TopKModes(k=3))
+
+
+def test_state_dict_round_trip_and_resume():
+    q, k = tied_maps(n=15, seed=5)
+    full = feed(TopKModes(k=3, num_prefix_tokens=1), q, k, [5, 5, 5])
+    part = feed(TopKModes(k=3, num_prefix_tokens=1), q, k, [5])
+    state = part.state_dict()
+    assert all(isinstance(v, (np.ndarray, int)) for v in state.values())
+    assert state["query"].dtype == np.float16 and state["query"].shape == (1, 2, 3, 2, 3, 10)
+    resumed = TopKModes(k=3)
+    resumed.load_state_dict(state)
+    np.testing.assert_array_equal(resumed.state_dict()["index"], state["index"])
+    feed(resumed, q, k, [5, 5], start=5)
+    for key, value in full.state_dict().items():
+        np.testing.assert_array_equal(np.asarray(resumed.state_dict()[key]), np.asarray(value), err_msg=key)
+    with pytest.raises(QKHooksError, match="k=3"):
+        TopKModes(k=8).load_state_dict(state)
+
+
+def test_prefix_inference_and_errors():
+    assert [infer_prefix_tokens(n) for n in (197, 198, 201, 261, 16, 20)] == [1, 2, 5, 5, 0, 4]
+    with pytest.raises(QKHooksError, match="num_prefix_tokens"):
+        infer_prefix_tokens(1 + 14 * 20)
+    with pytest.raises(QKHooksError, match="modes=K"):
+        TopKModes().update(BatchCapture(ids=[], meta={}, layers={0: LayerCapture(0, 1)}))
+    with pytest.raises(QKHooksError, match="keep_inputs"):
+        AnisotropyReducer().update(BatchCapture(ids=[], meta={}, layers={0: LayerCapture(0, 1)}))
+
+
+# ------------------------------------------------------------------------------------------ anisotropy
+def numpy_mean_pairwise_cosine(z: np.ndarray) -> float:
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    n = len(z)
+    return float(np.mean([z[i] @ z[j] for i in range(n) for j in range(n) if i != j]))
+
+
+def test_anisotropy_equals_pairwise_cosines_and_merges():
+    g = torch.Generator().manual_seed(0)
+    n, tokens, d, prefix = 11, 2 + 16, 6, 2
+    x = torch.randn(n, tokens, d, generator=g, dtype=torch.float64) + torch.tensor([2.0, 0, 0, 0, 0, 1.0], dtype=torch.float64)
+    centre = prefix + 2 * 4 + 2  # row 2, col 2 of the 4x4 grid
+    caps = lambda lo, hi: BatchCapture(ids=[], meta={"num_prefix_tokens": prefix}, offset=lo,
+                                      layers={3: LayerCapture(3, hi - lo, inputs=x[lo:hi])})
+    one, a, b = AnisotropyReducer(), AnisotropyReducer(), AnisotropyReducer()
+    for lo, hi in ((0, 4), (4, 11)):
+        one.update(caps(lo, hi))
+    a.update(caps(0, 4))
+    b.update(caps(4, 11))
+    a.merge(b)
+    expected = numpy_mean_pairwise_cosine(x[:, centre].numpy())
+    assert one.centre_token(tokens, {"num_prefix_tokens": prefix}) == centre
+    assert one.baselines()[3] == pytest.approx(expected, abs=1e-12)
+    assert a.baselines()[3] == pytest.approx(expected, abs=1e-12)
+    restored = AnisotropyReducer()
+    restored.load_state_dict(one.state_dict())
+    assert anisotropy_from_state(restored.state_dict())[3] == pytest.approx(expected, abs=1e-12)
+    # relative cosine of modes, and the per-layer table (sigma-weighted sum per head, mean over heads)
+    cos = np.array([[0.5, 0.1], [0.2, -0.3]])
+    S = np.array([[3.0, 1.0], [1.0, 1.0]])
+    np.testing.assert_allclose(relative_cosine(cos, 0.25), cos - 0.25)
+    table = anisotropy_table({3: {"S": S, "cos": cos}}, {3: 0.25})
+    assert table["rows"][0]["cos_weighted"] == pytest.approx(((3 * 0.5 + 0.1) / 4 + (0.2 - 0.3) / 2) / 2)
+    assert table["rows"][0]["relative_cos_weighted"] == pytest.approx(table["rows"][0]["cos_weighted"] - 0.25)
+
+
+def test_anisotropy_on_a_real_recording():
+    tiny = TINY_MODELS[1]  # DeiT distilled: 2 prefix tokens, 4x4 grid
+    model = tiny.model()
+    reducer = AnisotropyReducer()
+    inputs = []
+    with qkhooks.record(model, modes=None, keep_inputs=True, sinks=[reducer]) as run:
+        for seed in (1, 2):
+            run(tiny.images(3, seed))
+            inputs.append(run.inputs[1].clone())
+    z = torch.cat(inputs)[:, 2 + 2 * 4 + 2].double().numpy()
+    assert reducer.baselines()[1] == pytest.approx(numpy_mean_pairwise_cosine(z), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ same object
+def test_optimal_object_is_mean_per_area_not_the_peak():
+    objects = np.zeros((4, 4), dtype=np.int16)
+    objects[:2, :2] = 1  # 4 patches
+    objects[0, 2:] = 2  # 2 patches
+    objects[3, :] = 3  # 4 patches
+    m = np.zeros((4, 4))
+    m[0, 0] = 10.0  # object 1: peak 10, sum 10, mean 2.5
+    m[0, 2:] = 3.0  # object 2: sum 6, mean 3 -> wins per area
+    m[2, :] = 50.0  # background: ignored
+    assert optimal_objects(m[None], objects[None]).tolist() == [2]
+    assert optimal_objects(-m[None], objects[None]).tolist() == [3]  # all others negative, object 3 is 0
+    assert optimal_objects(np.zeros((1, 16)), np.zeros((1, 4, 4), np.int16)).tolist() == [0]
+    tie = np.zeros((1, 4, 4))
+    assert optimal_objects(tie, objects[None]).tolist() == [1]  # ties: the lowest label
+
+
+def test_same_object_probability_on_constructed_masks():
+    prefix, grid = 2, (4, 4)
+    objects = np.zeros((5, *grid), dtype=np.int16)
+    objects[:, :2, :2], objects[:, 2:, 2:] = 1, 2  # two objects in every image but the last
+    objects[4] = 0
+    q = np.zeros((5, prefix + 16))
+    k = np.zeros((5, prefix + 16))
+    q[:, :prefix] = k[:, :prefix] = 1e3  # prefix tokens never count
+    on = lambda label: (objects[0] == label).reshape(-1).astype(float)
+    # image 0: both sides pick object 1; image 1: q -> 1, k -> 2; image 2: both 2; image 3: q -> 2, k -> 1
+    for i, (a, b) in enumerate(((1, 1), (1, 2), (2, 2), (2, 1), (1, 1))):
+        q[i, prefix:], k[i, prefix:] = on(a), on(b)
+    p, used = same_object_probability(q, k, objects, prefix)
+    assert (p, used) == (0.5, 4)  # image 4 has no object and is left out
+    with pytest.raises(QKHooksError, match="patch tokens"):
+        same_object_probability(q, k, objects[:, :3], prefix)
+
+
+def test_same_object_table_weights_by_sigma():
+    """Two heads x two modes with known per-mode probabilities; layer value = mean over heads of sigma-weighted."""
+    prefix, grid = 1, (2, 2)
+    objects = np.array([[[1, 1], [2, 2]]] * 4, dtype=np.int16)  # 4 images, objects 1 (top) and 2 (bottom)
+    top, bottom = np.array([0, 1, 1, 0, 0.0]), np.array([0, 0, 0, 1, 1.0])
+    q = np.zeros((4, 2, 2, 5))
+    k = np.zeros((4, 2, 2, 5))
+    # p(mode) = fraction of images whose key side is on the same object as the query side (query always top)
+    same_count = {(0, 0): 4, (0, 1): 2, (1, 0): 0, (1, 1): 1}
+    for (h, m), c in same_count.items():
+        for i in range(4):
+            q[i, h, m] = top * (1 + i)  # distinct scores, no negative side
+            k[i, h, m] = top if i < c else bottom
+    reducer = feed(TopKModes(k=4, num_prefix_tokens=prefix), torch.tensor(q), torch.tensor(k), [4], layer=2)
+    S = np.array([[3.0, 1.0], [1.0, 1.0]])
+    table = same_object_table(reducer.state_dict(), objects, {2: {"S": S}}, prefix, top=4, sign=1)
+    row = table["rows"][0]
+    np.testing.assert_allclose(row["per_mode"], [[1.0, 0.5], [0.0, 0.25]])
+    assert row["p_same"] == pytest.approx(((3 * 1.0 + 0.5) / 4 + (0.0 + 0.25) / 2) / 2)
+    assert row["p_same_pooled"] == pytest.approx((3 + 0.5 + 0 + 0.25) / 6)
+    assert row["p_same_unweighted"] == pytest.approx(1.75 / 4)
+
+
+# ------------------------------------------------------------------------------------------ figures
+def test_overlay_puts_query_in_red_and_key_in_cyan():
+    qg = np.array([[1.0, 0], [0, 0]])  # top-left
+    kg = np.array([[0, 0], [0, 1.0]])  # bottom-right
+    img = np.full((40, 40, 3), 0.5, np.float32)
+    rgb = overlay(img, qg, kg)
+    assert rgb.shape == (40, 40, 3)
+    r, c = rgb[2, 2], rgb[37, 37]
+    assert r[0] > 0.95 and r[1] < 0.3 and r[2] < 0.3
+    assert c[0] < 0.3 and c[1] > 0.95 and c[2] > 0.95
+    both = overlay(img, np.ones((2, 2)), np.ones((2, 2)))
+    assert both.min() > 0.99  # overlap is white
+    assert np.allclose(overlay(img, -qg, -kg), 0.35 * 0.5, atol=1e-6)  # negative parts are not drawn
+
+
+def test_grid_figure_png_has_expected_size_and_colours(tmp_path):
+    grid = (4, 4)
+    qg = np.zeros(grid)
+    qg[:, 0] = 1.0  # left column
+    kg = np.zeros(grid)
+    kg[:, 3] = 1.0  # right column
+    img = np.full((64, 64, 3), 0.4, np.float32)
+    panels = [[Panel(img, qg, kg, "a"), Panel(None, kg, qg, "b")]]
+    path = plot_overlay_grid(panels, tmp_path / "g.png", "L6 H4 M1", ["sign +"], panel_px=100)
+    width, height, box = grid_layout(1, 2, 100, labels=True)
+    png = np.asarray(Image.open(path).convert("RGB")).astype(float) / 255
+    assert png.shape == (height, width, 3)
+    for col, (red_left, cyan_left) in enumerate(((True, False), (False, True))):
+        x, y, w, h = box(0, col)
+        cell = png[y + 5:y + h - 5, x + 5:x + w - 5]
+        red = (cell[..., 0] > 0.8) & (cell[..., 1] < 0.5) & (cell[..., 2] < 0.5)
+        cyan = (cell[..., 0] < 0.5) & (cell[..., 1] > 0.8) & (cell[..., 2] > 0.8)
+        assert red.sum() > 200 and cyan.sum() > 200
+        xs_red, xs_cyan = np.nonzero(red)[1].mean(), np.nonzero(cyan)[1].mean()
+        assert (xs_red < xs_cyan) == red_left and (xs_cyan < xs_red) == cyan_left
+
+
+def test_load_images_reopens_the_dataset_with_the_stored_preprocessing():
+    from qkhooks.data import ImageConfig, open_dataset
+
+    cfg = ImageConfig(size=(32, 32), mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3), resize=32)
+    attrs = {"image_config": json.dumps(dataclasses.asdict(cfg)), "data": "samples", "model": "nope:unloadable"}
+    dataset = open_dataset("samples", cfg, limit=3)
+    ids = dataset.ids[:2] + ["not/in/the/dataset"]
+    photos, note = load_images(attrs, ids, [2, 1, 1])
+    assert set(photos) == {1, 2} and photos[2] is None and "1 image(s) not found" in note
+    pixels = dataset[1]["pixel_values"].numpy() * np.array(cfg.std)[:, None, None] + np.array(cfg.mean)[:, None, None]
+    np.testing.assert_allclose(photos[1], np.clip(pixels.transpose(1, 2, 0), 0, 1), atol=1e-6)
+    assert load_images({"data": "samples", "model": "nope:unloadable"}, ids, [0])[1].startswith("no photos")
+
+
+# ------------------------------------------------------------------------------------------ run files
+@pytest.fixture(scope="module")
+def samples_run(tmp_path_factory):
+    """A tiny ViT recorded on the first 5 bundled sample photos (no masks)."""
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+    from qkhooks.stream import record_dataset
+
+    tiny = TINY_MODELS[0]
+    cfg = ImageConfig(size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize=32)
+    loaded = LoadedModel(tiny.model(), "tiny-test-vit", cfg)
+    path = tmp_path_factory.mktemp("modes") / "run.h5"
+    result = record_dataset(loaded, "samples", path, modes=3, batch_size=3, limit=5, progress=False)
+    return path, result, cfg
+
+
+def test_run_state_matches_stored_maps_and_analysis_files(samples_run, tmp_path):
+    from qkhooks.store import open_run
+
+    path, result, cfg = samples_run
+    with open_run(path) as run:
+        state = run.state("topk_modes")
+        n, prefix = run.n, run.info["num_prefix_tokens"]
+        maps = {l: (run.query(l)[:].astype(np.float64), run.key(l)[:].astype(np.float64)) for l in run.layers}
+        assert run.state("anisotropy") is not None
+    assert int(state["images"]) == n == 5 and int(state["num_prefix_tokens"]) == prefix == 1
+    for l, (q, k) in maps.items():
+        st = layer_state(state, l)
+        ref = brute_force(q, k, prefix, 8)
+        for (h, m, sign), expected in ref.items():
+            got = top_images(st, h, m, sign)
+            assert got["index"].tolist() == [i for _, i in expected]
+            np.testing.assert_allclose(got["score"], [s for s, _ in expected], rtol=2e-3, atol=1e-3)  # float16 maps
+    summary = analyze_modes(path, tmp_path / "out", figure_modes=1, image_config=cfg)
+    assert summary["topk_source"] == "reducer state saved with the run" and summary["photos"].startswith("photos from")
+    saved = json.loads((tmp_path / "out" / "modes.json").read_text())
+    assert saved["layers"][0]["heads"][0]["modes"][0]["name"] == "L0 H0 M0"
+    assert len(saved["layers"][0]["heads"][0]["modes"][0]["top"]) == 8  # 5 images x 2 signs, best 8
+    rows = list(csv.DictReader(open(tmp_path / "out" / "anisotropy.csv")))
+    assert {r["layer"] for r in rows} == {"0", "1"} and len(rows) == 2 * (1 + 4 * 3)
+    figs = sorted(p.name for p in (tmp_path / "out" / "figures").rglob("*.png"))
+    assert figs == sorted(["L0_overview.png", "L1_overview.png"] + [f"L{l}_H{h}_M0.png" for l in (0, 1) for h in range(4)])
+    assert "same_object_note" in saved and saved["same_object"] is None  # samples have no object masks
+    # a larger k than saved is recomputed from the stored maps, and must agree on the first 8
+    again = analyze_modes(path, tmp_path / "k10", k=10, figure_modes=0, overview=False, images=False)
+    assert "recomputed" in again["topk_source"]
+    first = lambda s: [t["index"] for t in s["layers"][1]["heads"][2]["modes"][1]["top"]]
+    assert first(again)[:8] == first(summary)
+
+
+def test_cli_on_a_masked_run(tmp_path, capsys):
+    """`qkhooks analyze modes` on a run with object masks writes the same-object table."""
+    from qkhooks.cli import main
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+    from qkhooks.stream import record_dataset
+
+    tiny = TINY_MODELS[4]  # hf-vit
+    cfg = ImageConfig(size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize=32)
+    run_path = tmp_path / "voc.h5"
+    record_dataset(LoadedModel(tiny.model(), "tiny-hf", cfg), "voc", run_path, modes=2, progress=False)
+    code = main(["analyze", "modes", str(run_path), "--out", str(tmp_path / "cli"), "--k", "4", "--layers", "-1",
+                 "--figure-modes", "1", "--same-object-top", "1"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "p_same" in text and "wrote" in text
+    rows = list(csv.DictReader(open(tmp_path / "cli" / "same_object.csv")))
+    assert {r["layer"] for r in rows} == {"1"}
+    saved = json.loads((tmp_path / "cli" / "modes.json").read_text())
+    assert saved["photos"] == "photos from 'voc', preprocessing stored in the run"  # no model rebuild needed
+    assert set(saved["same_object"]["layers"]) == {"1"}
+    assert main(["analyze", "modes", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
