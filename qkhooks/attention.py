@@ -94,6 +94,23 @@ def _logits(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.
     return (q @ k.transpose(-1, -2)) * site.scale
 
 
+def _row_logits(site: AttentionSite, x_q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Scaled logits (B, H, T, N) of T query tokens against all N tokens, up to a constant per row.
+
+    q_t·k_j = q_t·(W_k x_j + b_k) = (W_k^T q_t)·x_j + q_t·b_k. The last term is the same for every key j and
+    cancels in the softmax, so no key is ever computed: B·H·T·d·N work instead of the B·N·d² of a k for every
+    token. Worth it while H·T < d (T < d_k query tokens); beyond that computing k is cheaper.
+    """
+    w, b = site.qk_linear()
+    h, dk = site.num_heads, site.head_dim
+    rows = h * dk
+    w = w.to(x_q.dtype)
+    q = torch.nn.functional.linear(x_q, w[:rows], None if b is None else b[:rows].to(x_q.dtype))
+    q = q.unflatten(-1, (h, dk)).transpose(1, 2)  # (B, H, T, dk)
+    qk = torch.einsum("bhtk,hkd->bhtd", q, w[rows:].view(h, dk, -1))  # (B, H, T, d): W_k^T q_t per head
+    return (qk.flatten(1, 2) @ x.transpose(1, 2)).unflatten(1, (h, -1)) * site.scale
+
+
 def attention_rows(site: AttentionSite, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
     """Post-softmax attention rows (B, H, T, N) of the query tokens (B, T) (indices into all N tokens)."""
     if query_tokens.dim() == 1:
@@ -107,6 +124,8 @@ def attention_rows(site: AttentionSite, x: torch.Tensor, query_tokens: torch.Ten
         raise QKHooksError(f"query_tokens must index tokens 0..{n - 1} (prefix tokens first), got {query_tokens.tolist()}.")
     idx = query_tokens.to(x.device).long()
     x_q = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    if site.num_heads * idx.shape[1] < x.shape[-1]:  # few query tokens: never compute the keys
+        return torch.softmax(_row_logits(site, x_q, x).float(), dim=-1)
     return torch.softmax(_logits(site, x_q, x).float(), dim=-1)
 
 

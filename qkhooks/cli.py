@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that register subcommands with @command; a missing one (not written yet) is skipped.
 COMMAND_MODULES = (
     "qkhooks.stream",
+    "qkhooks.distributed",
     "qkhooks.analysis.preference",
     "qkhooks.analysis.modes",
     "qkhooks.analysis.bfd",

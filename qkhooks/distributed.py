@@ -8,14 +8,15 @@ rank 0 writes ``RUN.h5``, which reads exactly like the run file of one process o
 
 - root attributes of the shards with ``config["shard"] = null`` (so the configuration equals a single-process
   run's), ``complete`` only when every shard is complete;
-- ``/images/ids`` (and ``/images/skipped``) concatenated in rank order, ``committed`` their total;
+- ``/images/ids`` (and ``/images/skipped``) concatenated in rank order, ``committed`` their total, and the
+  attribute ``shards`` (JSON list of the shard files, relative to ``RUN.h5``);
 - every per-image array (``per_image`` attribute) an HDF5 *virtual dataset* over the shards: no data is copied
   and source files are named relative to ``RUN.h5``, so the folder can be moved as a whole (``copy=True``
   writes a self-contained file instead);
 - statics (spectrum, model info) copied from rank 0's shard;
 - every streaming reducer (top-k images per mode, anisotropy, attention preference, ...) restored from each
   shard's last checkpoint and merged with its ``merge``; top-k image indices are renumbered to rows of the
-  merged file, so the state equals one pass over the same images (sums agree to float64 rounding).
+  merged file, so the state equals one pass over the same images (top-k exactly, sums to rounding).
 
 A rank that dies leaves the other shards intact (each is an ordinary SWMR run file); running the same command
 again with ``--resume`` continues every shard from its own last checkpoint and merges again. Resume with the
@@ -28,7 +29,7 @@ your own ``torch.distributed`` program.
 
 from __future__ import annotations
 
-import copy
+import copy as _copy
 import datetime
 import json
 import os
@@ -41,8 +42,10 @@ from typing import Any, Callable, Mapping, Sequence
 import h5py
 import numpy as np
 
+from qkhooks.cli import command
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer, to_numpy_state
+from qkhooks.store._hdf5 import committed, set_committed
 
 __all__ = [
     "shard_path",
@@ -58,7 +61,9 @@ TIMEOUT_ENV = "QKHOOKS_DIST_TIMEOUT"
 """Seconds a rank waits for the others at the end of its shard (default one day: ranks finish at different times)."""
 
 BACKEND_ENV = "QKHOOKS_DIST_BACKEND"
-"""Force a torch.distributed backend (``gloo``/``nccl``); by default nccl when every local rank has its own GPU."""
+"""The torch.distributed backend ``qkhooks record`` initialises under torchrun (default ``gloo``). The ranks only
+exchange a few small messages through the process group's store, never tensors, so gloo serves GPUs too and
+needs no one-GPU-per-rank layout; set ``nccl`` if your cluster wants it."""
 
 _SHARD_RE = re.compile(r"^(?P<stem>.*)\.rank(?P<rank>\d+)-of-(?P<world>\d+)(?P<suffix>\.[^.]*)?$")
 
@@ -97,7 +102,7 @@ start of its dataset block; the merge renumbers them to rows of the merged file,
 
 def _reducer_for(name: str, state: Mapping[str, Any], templates: Mapping[str, Reducer]) -> Reducer:
     if name in templates:
-        reducer = copy.deepcopy(templates[name])
+        reducer = _copy.deepcopy(templates[name])
     elif name in REDUCER_FACTORIES:
         reducer = REDUCER_FACTORIES[name](state)
     else:
@@ -170,8 +175,8 @@ class _Shard:
 
     def _read(self) -> None:
         f, path = self.file, self.path
-        if "images" not in f or "committed" not in f["images"].attrs:
-            raise QKHooksError(f"{path} is not a qkhooks run file (no /images with `committed`).")
+        if committed(f) is None:
+            raise QKHooksError(f"{path} is not a qkhooks run file (no /images/ids with `committed`).")
         self.attrs = {k: (_str(v) if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         self.config = json.loads(_str(self.attrs.get("config", "{}")))
         shard = self.config.get("shard")
@@ -180,7 +185,7 @@ class _Shard:
         self.rank, self.world = int(shard[0]), int(shard[1])
         block = json.loads(_str(f["images"].attrs["shard"])) if "shard" in f["images"].attrs else {}
         self.start = block.get("start")
-        self.committed = int(f["images"].attrs["committed"])
+        self.committed = committed(f) or 0
         self.complete = bool(f.attrs.get("complete", False))
         self.n, self.states = self._consistent()
         self.ids = [_str(s) for s in f["images/ids"][: self.n]]
@@ -245,6 +250,7 @@ def merge_shards(
     *,
     reducers: Sequence[Reducer] | None = None,
     copy: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``out``, one run file over the shards of a distributed recording that reads like a single-process run.
 
@@ -255,17 +261,20 @@ def merge_shards(
             from :data:`REDUCER_FACTORIES` (each shard's state is loaded into a copy, then merged).
         copy: write the per-image arrays into ``out`` (a self-contained file) instead of virtual datasets
             that read the shards in place (the default: instant, no extra disk; keep the shards next to it).
+        overwrite: replace an existing ``out`` (atomically; otherwise an existing file is an error).
 
     Returns:
         ``out`` as a Path. The merge reads each shard up to its last reducer checkpoint; a shard that is still
         incomplete (a rank died) contributes what it has and the merged file is marked incomplete.
     """
-    return _merge(out, shard_paths, reducers, copy)[0]
+    return _merge(out, shard_paths, reducers, copy, overwrite)[0]
 
 
 def _merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike] | None, reducers: Sequence[Reducer] | None,
-           copy: bool) -> tuple[Path, list[Reducer], int, list[tuple[str, str]]]:
+           copy: bool, overwrite: bool) -> tuple[Path, list[Reducer], int, list[tuple[str, str]]]:
     out = Path(out)
+    if out.exists() and not overwrite:
+        raise QKHooksError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
     paths = [Path(p) for p in shard_paths] if shard_paths is not None else find_shards(out)
     if not paths:
         raise QKHooksError("merge_shards needs at least one shard file.")
@@ -306,10 +315,12 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
     f.attrs["complete"] = all(s.complete and s.n == s.committed for s in shards)
 
     images = f.create_group("images")
-    images.attrs["committed"] = total
+    folder = out.parent.resolve()  # provenance, and a mark that this file is a merge (resume the shards, not it)
+    images.attrs["shards"] = json.dumps([Path(os.path.relpath(s.path.resolve(), folder)).as_posix() for s in shards])
     ids = [i for s in shards for i in s.ids]
     images.create_dataset("ids", data=np.array(ids, dtype=object), maxshape=(None,), chunks=(1024,),
                           dtype=h5py.string_dtype())
+    set_committed(f, total)
     if any("images/skipped" in s.file for s in shards):
         skipped = [row for s in shards for row in s.skipped]
         images.create_dataset("skipped", data=np.array(skipped, dtype=object).reshape(-1, 2), dtype=h5py.string_dtype())
@@ -435,12 +446,38 @@ def _write_state(f: h5py.File, name: str, state: Mapping[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ recording
-def _gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
+_ROUND = [0]  # exchanges so far in this process: every rank makes the same sequence of them
 
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+
+def _timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 24 * 3600)))
+
+
+def _exchange(obj: Any, decide: Callable[[list[Any]], Any]) -> Any:
+    """Send ``obj`` to rank 0, which calls ``decide`` on all ranks' objects (rank order); every rank returns its answer.
+
+    The messages go through the process group's key-value store, not through collectives: a gloo worker thread
+    that releases a Python-made tensor after the program's last collective may need the GIL while the
+    interpreter shuts down, which aborts the process ("terminate called without an active exception").
+    """
+    import pickle
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    store = distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _ROUND[0] += 1
+    key = f"qkhooks/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_ROUND[0]}"
+    store.set(f"{key}/rank{rank}", pickle.dumps(obj))
+    if rank == 0:
+        keys = [f"{key}/rank{r}" for r in range(world)]
+        store.wait(keys, _timeout())
+        answer = decide([pickle.loads(store.get(k)) for k in keys])
+        store.set(f"{key}/answer", pickle.dumps(answer))
+        return answer
+    store.wait([f"{key}/answer"], _timeout())
+    return pickle.loads(store.get(f"{key}/answer"))
 
 
 def _problem(path: Path, resume: bool, overwrite: bool) -> str | None:
@@ -479,7 +516,8 @@ def record_dataset_distributed(model: Any, data: Any, out: str | os.PathLike, *,
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(out)
     mine = shard_path(out, rank, world)
-    problems = _gather(_problem(mine, resume, overwrite) or (_problem(out, resume, overwrite) if rank == 0 else None))
+    problems = _exchange(_problem(mine, resume, overwrite) or (_problem(out, resume, overwrite) if rank == 0 else None),
+                         lambda all_: all_)
     found = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
     if found:
         raise QKHooksError("cannot start the distributed recording:\n  " + "\n  ".join(found))
@@ -495,7 +533,7 @@ def record_dataset_distributed(model: Any, data: Any, out: str | os.PathLike, *,
         own: Exception | None = exc
     else:
         own = None
-    statuses = _gather(status)
+    statuses = _exchange(status, lambda all_: all_)
     failed = [s for s in statuses if s["error"]]
     if failed:
         lines = "\n  ".join(f"rank {s['rank']} ({s['host']}): {s['error']}" for s in failed)
@@ -503,24 +541,20 @@ def record_dataset_distributed(model: Any, data: Any, out: str | os.PathLike, *,
                    "are intact; fix the cause and run the same command with --resume.")
         raise QKHooksError(message) from own
 
-    merged = None
+    merged, error = None, None
     if rank == 0:
-        error = None
         try:
             _check_visible(out, statuses, world)
             path, reducers, n, skipped = _merge(out, [shard_path(out, r, world) for r in range(world)],
-                                                list(result.reducers), False)
+                                                list(result.reducers), copy=False, overwrite=True)
             merged = RecordResult(path, reducers, n, skipped)
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            dist.broadcast_object_list([error], src=0)
-    else:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0)
-        if box[0]:
-            raise QKHooksError(f"rank 0 could not merge the shards into {out}: {box[0]}")
+            error = exc
+    outcome = _exchange(None if error is None else f"{type(error).__name__}: {error}", lambda all_: all_[0])  # all wait for it
+    if error is not None:
+        raise error
+    if outcome:
+        raise QKHooksError(f"rank 0 could not merge the shards into {out}: {outcome}")
     return merged if rank == 0 else result
 
 
@@ -531,7 +565,7 @@ def _check_visible(out: Path, statuses: Sequence[Mapping[str, Any]], world: int)
         path = shard_path(out, s["rank"], world)
         try:
             with h5py.File(path, "r", swmr=True) as f:
-                ok = int(f["images"].attrs["committed"]) == int(s["images"]) and bool(f.attrs.get("complete", False))
+                ok = committed(f) == int(s["images"]) and bool(f.attrs.get("complete", False))
         except (OSError, KeyError):
             ok = False
         if not ok:
@@ -549,17 +583,6 @@ def _rank_device(device: str, local_rank: int) -> str:
     return f"cuda:{local_rank}" if str(device) == "cuda" else str(device)
 
 
-def _backend(device: str, local_world: int) -> str:
-    import torch
-
-    forced = os.environ.get(BACKEND_ENV)
-    if forced:
-        return forced
-    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
-        return "nccl"
-    return "gloo"
-
-
 def record_distributed(args: Any) -> int:
     """``qkhooks record`` under torchrun (RANK/WORLD_SIZE set): the same flags, one shard per rank, one merged file."""
     import torch
@@ -569,15 +592,12 @@ def record_distributed(args: Any) -> int:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     device = _rank_device(args.device, local_rank)
-    backend = _backend(device, local_world)
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.set_device(torch.device(device))
     owned = not dist.is_initialized()
     if owned:
-        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 24 * 3600)))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        dist.init_process_group(backend=os.environ.get(BACKEND_ENV, "gloo"), timeout=_timeout())
     previous = signal.getsignal(signal.SIGTERM)
 
     def stop(signum: int, _frame: Any) -> None:  # torchrun stops the others when one rank dies: close cleanly
@@ -609,10 +629,12 @@ def merge_arguments(p: Any) -> None:
     p.add_argument("shards", nargs="*", help="shard files (default: RUN.rank*-of-*.h5 next to OUT)")
     p.add_argument("--copy", action="store_true",
                    help="copy the per-image arrays into OUT (self-contained) instead of a virtual view over the shards")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
+@command("merge", "merge the shard files of a distributed recording (torchrun) into one run file")(merge_arguments)
 def run_merge(args: Any) -> int:
-    out = merge_shards(args.out, args.shards or None, copy=args.copy)
+    out = merge_shards(args.out, args.shards or None, copy=args.copy, overwrite=args.overwrite)
     from qkhooks.store import open_run
 
     with open_run(out) as run:

@@ -427,16 +427,3 @@ def run_info(args) -> int:
     with open_run(args.run) as run:
         print(run.summary())
     return 0
-
-
-def _merge_args(p) -> None:
-    from qkhooks.distributed import merge_arguments
-
-    merge_arguments(p)
-
-
-@command("merge", "merge the shard files of a distributed recording (torchrun) into one run file")(_merge_args)
-def run_merge(args) -> int:
-    from qkhooks.distributed import run_merge as merge
-
-    return merge(args)

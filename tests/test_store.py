@@ -95,6 +95,19 @@ def test_float16_storage_and_lazy_indexing(tmp_path):
         assert [len(b) for b in blocks] == [4, 2]
 
 
+
+def test_the_writing_process_can_read_its_own_run_while_writing(tmp_path):
+    out = tmp_path / "run.h5"
+    writer = RunWriter(out, attrs={"model": "m", "config": "{}"})
+    try:
+        writer.write_batch(["a", "b"], {"x": np.arange(6.0).reshape(2, 3)})
+        writer.flush()
+        with open_run(out) as run:  # same process: HDF5 shares the writer's handle, so the flags must agree
+            assert run.n == 2 and run.ids == ["a", "b"]
+            np.testing.assert_array_equal(run.array("x")[:], np.arange(6.0).reshape(2, 3))
+    finally:
+        writer.close()
+
 CHILD = textwrap.dedent(
     """
     import sys, time, torch, timm, qkhooks
@@ -122,24 +135,31 @@ def test_killed_run_resumes_to_the_uninterrupted_file_and_is_readable_while_writ
     killed = tmp_path / "killed.h5"
     child = subprocess.Popen([sys.executable, str(script), str(killed)], stderr=subprocess.PIPE)
     seen: list[int] = []
+    watcher = None  # one handle held open the whole time, as a user watching from a notebook would
     try:
         deadline = time.time() + 300  # generous: a loaded CI machine imports torch slowly
         while time.time() < deadline:  # watch the run grow from another process's handle (SWMR)
             if killed.exists():
                 try:
-                    with open_run(killed) as run:
-                        seen.append(run.n)
-                        assert len(run.ids) == run.n
-                        if run.n:
-                            assert run.query(0)[run.n - 1].shape == (4, 8, 50)
-                        if run.n >= 14:
-                            break
-                except QKHooksError:
-                    pass  # the file exists but its first group is not written yet
+                    watcher = watcher or open_run(killed)
+                    n = watcher.refresh()
+                    seen.append(n)
+                    assert len(watcher.ids) == n
+                    if n:
+                        assert watcher.query(0)[n - 1].shape == (4, 8, 50)
+                    if n >= 14:
+                        break
+                except (QKHooksError, OSError, KeyError):
+                    # not written yet, or caught mid-way through one of the writer's few structural changes
+                    if watcher is not None:
+                        watcher.close()
+                    watcher = None
             time.sleep(0.05)
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
+        if watcher is not None:
+            watcher.close()
     assert seen and seen[-1] >= 14, child.stderr.read().decode()[-2000:]
     assert seen == sorted(seen)
     with open_run(killed) as run:  # a killed run is readable and says it is incomplete

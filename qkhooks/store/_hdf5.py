@@ -13,6 +13,8 @@ import fcntl
 import os
 from pathlib import Path
 
+import h5py
+
 from qkhooks.errors import QKHooksError
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -93,3 +95,24 @@ def clear_open_flags(path: str | os.PathLike) -> bool:
         fh.flush()
         os.fsync(fh.fileno())
     return True
+
+
+def committed(f: h5py.File) -> int | None:
+    """The committed image count of an open run file, or None when ``f`` is not a qkhooks run.
+
+    Read from ``/images/ids``'s copy of the count: an SWMR reader that stays open sees a dataset's
+    attributes change after ``Dataset.refresh()``, while a group's attributes stay as first read.
+    """
+    ds = f.get("images/ids")
+    if not isinstance(ds, h5py.Dataset):
+        return None
+    for holder in (ds, f["images"]):
+        if "committed" in holder.attrs:
+            return int(holder.attrs["committed"])
+    return None
+
+
+def set_committed(f: h5py.File, n: int) -> None:
+    """Record ``n`` committed images: on ``/images`` (the documented place) and on ``/images/ids``."""
+    f["images"].attrs["committed"] = n
+    f["images/ids"].attrs["committed"] = n

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from qkhooks.errors import QKHooksError
+from qkhooks.store._hdf5 import committed
 from qkhooks.store.writer import _read_state
 
 __all__ = ["open_run", "RunReader", "RunArray"]
@@ -80,21 +81,24 @@ class RunReader:
         if not self.path.exists():
             raise QKHooksError(f"no run file at {self.path}; record one with `qkhooks record`.")
         try:
-            self.file = h5py.File(self.path, "r", swmr=True)
+            self.file = _open_unlocked(self.path)
         except OSError as exc:
             raise QKHooksError(f"cannot open {self.path} as a run file: {exc}") from None
-        if "images" not in self.file or "committed" not in self.file["images"].attrs:
+        if committed(self.file) is None:
             self.file.close()
-            raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images with `committed`).")
+            raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images/ids with `committed`).")
         self.refresh()
 
     def refresh(self) -> int:
-        """Re-read the committed count (a run still being written grows); returns it."""
-        images = self.file["images"]
-        images.attrs.get("committed")  # make sure the attribute cache is current
+        """Re-read the committed count (a run still being written grows); returns it.
+
+        Per-image arrays grow in place. Group attributes and reducer states are read as of opening
+        (HDF5 refreshes datasets only), so reopen to see a newer checkpoint; if the writer is mid-way
+        through one of its rare structural changes this raises, and reopening a moment later works.
+        """
         for ds in self._datasets():
             ds.refresh()
-        self.n = int(self.file["images"].attrs["committed"])
+        self.n = committed(self.file) or 0
         return self.n
 
     def _datasets(self) -> list[h5py.Dataset]:
@@ -223,6 +227,17 @@ class RunReader:
 
     def __repr__(self) -> str:
         return f"RunReader({str(self.path)!r}, images={self.n}, layers={self.layers})"
+
+
+def _open_unlocked(path: Path) -> h5py.File:
+    """Open for SWMR reading without HDF5's shared lock, which would otherwise stop the writer from
+    leaving SWMR mode for its structural changes for as long as anyone watches the run."""
+    try:
+        return h5py.File(path, "r", swmr=True, locking=False)
+    except OSError as exc:
+        if "locking flag" not in str(exc):
+            raise
+        return h5py.File(path, "r", swmr=True)  # this process writes the file too: HDF5 wants the writer's flags
 
 
 def _natural(name: str) -> list[Any]:

@@ -2,7 +2,7 @@
 
 Commit protocol (what makes a killed run resumable with no image lost or written twice): for every batch
 the writer thread grows each per-image dataset, writes the data, then the ids, flushes, and only then
-raises the ``committed`` attribute of ``/images`` and flushes again. Everything past ``committed`` is
+raises the ``committed`` attribute of ``/images/ids`` and flushes again. Everything past ``committed`` is
 garbage a reader ignores and a resume cuts off. The file is written in SWMR mode, whose ordered metadata
 flushes keep it readable however the writer dies and let other processes watch it grow.
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from qkhooks.errors import QKHooksError
-from qkhooks.store._hdf5 import clear_open_flags
+from qkhooks.store._hdf5 import clear_open_flags, committed, set_committed
 
 __all__ = ["RunWriter", "COMPRESSIONS", "IDENTITY_ATTRS"]
 
@@ -75,7 +75,8 @@ class RunWriter:
             stored as JSON.
         dtype: storage dtype of per-image floating arrays.
         compression: ``none`` (default, by measurement), ``gzip`` or ``lzf``.
-        chunk_images: images per chunk along the first axis (default: what makes ~1 MiB chunks).
+        chunk_images: images per chunk along the first axis (default: what makes ~1 MiB chunks; with compression,
+            the first batch's size, so that every compressed chunk is written once).
         queue_size: batches that may wait for the writer thread before ``write_batch`` blocks.
     """
 
@@ -111,11 +112,11 @@ class RunWriter:
                 self._file.attrs[key] = value
             self._file.attrs["complete"] = False
             images = self._file.create_group("images")
-            images.attrs["committed"] = 0
             images.create_dataset("ids", (0,), maxshape=(None,), chunks=(1024,), dtype=h5py.string_dtype())
+            set_committed(self._file, 0)
             self._file.flush()
         self._file.swmr_mode = True
-        self.committed = int(self._file["images"].attrs["committed"])
+        self.committed = committed(self._file) or 0
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._error: BaseException | None = None
@@ -145,8 +146,13 @@ class RunWriter:
         try:
             with h5py.File(self.path, "r", swmr=True) as f:  # read-only first: a refused resume changes nothing
                 theirs = {k: f.attrs.get(k) for k in IDENTITY_ATTRS}
-                if "images" not in f or "committed" not in f["images"].attrs:
+                if committed(f) is None:
                     raise QKHooksError(f"cannot resume {self.path}: it is not a qkhooks run file; use --overwrite.")
+                if "shards" in f["images"].attrs:
+                    raise QKHooksError(
+                        f"cannot resume {self.path}: it is a merge of shard files ({f['images'].attrs['shards']}); "
+                        "resume the shards with the same torchrun command plus --resume, which merges again."
+                    )
         except OSError as exc:
             raise QKHooksError(f"cannot resume {self.path}: {exc}. Use --overwrite to start again.") from None
         for key in IDENTITY_ATTRS:
@@ -158,7 +164,7 @@ class RunWriter:
         clear_open_flags(self.path)
         f = h5py.File(self.path, "r+", libver="latest")
         f.attrs["complete"] = False
-        self._cut(f, int(f["images"].attrs["committed"]))
+        self._cut(f, committed(f) or 0)
         f.flush()
         return f
 
@@ -177,7 +183,7 @@ class RunWriter:
         for ds in self._per_image(f):
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)
-        f["images"].attrs["committed"] = n
+        set_committed(f, n)
 
     # ------------------------------------------------------------------ public API (caller thread)
     @property
@@ -287,7 +293,11 @@ class RunWriter:
 
     @contextlib.contextmanager
     def _structural(self) -> Any:
-        """Leave SWMR mode for a change that creates or deletes objects, then re-enter it."""
+        """Leave SWMR mode for a change that creates or deletes objects, then re-enter it.
+
+        Readers (:class:`RunReader`) take no file lock, so watching a run never blocks this reopen; a
+        reader that reads during these few moments gets an error and simply reopens.
+        """
         if self._file.swmr_mode:
             self._file.close()
             self._file = h5py.File(self.path, "r+", libver="latest")
@@ -331,7 +341,7 @@ class RunWriter:
         ids_ds.resize(n + b, axis=0)
         ids_ds[n:n + b] = ids
         f.flush()
-        f["images"].attrs["committed"] = n + b
+        set_committed(f, n + b)
         f.flush()
         self.committed = n + b
 
@@ -339,7 +349,15 @@ class RunWriter:
         if n:
             raise QKHooksError(f"{name} appears after {n} images were written without it; every batch needs the same arrays.")
         per = max(1, value[0].nbytes)
-        chunk = self.chunk_images or int(min(64, max(1, (1 << 20) // per)))
+        if self.chunk_images:
+            chunk = self.chunk_images
+        elif self.compression:
+            # A compressed chunk is re-encoded and rewritten elsewhere in the file at every append that touches it
+            # (HDF5 does not reuse the old space), so chunks spanning several batches bloat the file 2-3x
+            # (benchmarks/RESULTS.md). One chunk per batch writes each chunk exactly once.
+            chunk = len(value)
+        else:
+            chunk = int(min(64, max(1, (1 << 20) // per)))
         ds = self._file.create_dataset(
             name, shape=(0,) + value.shape[1:], maxshape=(None,) + value.shape[1:], dtype=value.dtype,
             chunks=(chunk,) + value.shape[1:], compression=self.compression,
