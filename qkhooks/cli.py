@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from qkhooks.errors import QKHooksError
 
@@ -50,6 +53,23 @@ def load_from_args(args: argparse.Namespace, device: str = "cpu"):
     from qkhooks.models.load import load_model
 
     return load_model(args.model, random_init=args.random_init, checkpoint=args.checkpoint, device=device)
+
+
+def jsonable(value: Any, digits: int | None = None) -> Any:
+    """NaN/inf -> None, numpy scalars -> Python, recursively (optionally rounded), so the output is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, digits) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (np.floating, float)):
+        if not math.isfinite(float(value)):
+            return None
+        return float(value) if digits is None else round(float(value), digits)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def write_json(path: str | Path, payload: dict) -> None:

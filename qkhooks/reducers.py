@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from qkhooks.capture import BatchCapture
 
 __all__ = ["Reducer", "to_numpy_state"]

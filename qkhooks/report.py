@@ -13,7 +13,6 @@ import argparse
 import base64
 import dataclasses
 import html
-import json
 import os
 import platform
 import time
@@ -23,8 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qkhooks import __version__
-from qkhooks.cli import add_model_arguments, command, load_from_args, write_json
-from qkhooks.errors import QKHooksError
+from qkhooks.cli import add_model_arguments, command, jsonable, load_from_args, write_json
 from qkhooks.models.load import LoadedModel, load_model
 
 __all__ = ["make_report", "Section", "DEFAULT_MODEL"]
@@ -257,25 +255,11 @@ def make_report(
         "data": {"photos": PHOTOS, "objects": OBJECTS.format(n=objects), "odd_one_out": f"o3:{o3}:3"},
         "seconds": round(seconds, 1),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {device}",
-        "sections": {s.key: _plain(s.numbers) for s in sections},
+        "sections": {s.key: jsonable(s.numbers, digits=6) for s in sections},
     }
     write_json(out / "summary.json", summary)
     (out / "index.html").write_text(render_html(summary, sections, out))
     return summary
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return None if not np.isfinite(value) else round(float(value), 6)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def _img(path: Path) -> str:

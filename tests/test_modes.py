@@ -268,7 +268,7 @@ def test_same_object_probability_on_constructed_masks():
 
 def test_same_object_table_weights_by_sigma():
     """Two heads x two modes with known per-mode probabilities; layer value = mean over heads of sigma-weighted."""
-    prefix, grid = 1, (2, 2)
+    prefix = 1
     objects = np.array([[[1, 1], [2, 2]]] * 4, dtype=np.int16)  # 4 images, objects 1 (top) and 2 (bottom)
     top, bottom = np.array([0, 1, 1, 0, 0.0]), np.array([0, 0, 0, 1, 1.0])
     q = np.zeros((4, 2, 2, 5))

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from qkhooks.capture import BatchCapture, LayerCapture
-from qkhooks.cli import command
+from qkhooks.cli import command, jsonable
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer
 
@@ -1171,21 +1171,8 @@ def analyze_modes(
         summary["layers"].append(entry)
     files["figures"] = str(out / "figures") if figures else ""
     summary["files"] = {**files, "json": str(out / "modes.json"), "figure_count": len(figures)}
-    (out / "modes.json").write_text(json.dumps(_jsonable(summary), indent=1, allow_nan=False))
+    (out / "modes.json").write_text(json.dumps(jsonable(summary), indent=1, allow_nan=False))
     return summary
-
-
-def _jsonable(value: Any) -> Any:
-    """NaN -> None and numpy scalars -> Python, recursively, so modes.json is strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def _state_layers(state: Mapping[str, Any] | None) -> list[int]:
