@@ -6,6 +6,7 @@ The public surface is small on purpose:
 - :func:`spectrum` — the singular modes of every head's W_q^T W_k;
 - :func:`record` — the context manager that captures, projects and rebuilds attention during a forward;
 - :func:`record_dataset` / :func:`open_run` — stream a dataset into an HDF5 run file, and read it back;
+- :class:`Reducer` — the streaming-statistics protocol (``update``, ``merge``, ``state_dict``) for your own sinks;
 - :class:`QKHooksError` — the one error type, whose message says the fix.
 """
 
@@ -18,6 +19,7 @@ from qkhooks.spectrum import LayerSpectrum, QKSpectrum, spectrum
 from qkhooks.attention import AttentionSpec
 from qkhooks.capture import BatchCapture, LayerCapture, Recording, record
 from qkhooks.store import RunReader, RunWriter, open_run
+from qkhooks.reducers import Reducer
 from qkhooks.stream import RecordResult, record_dataset
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "LayerCapture",
     "record_dataset",
     "RecordResult",
+    "Reducer",
     "open_run",
     "RunReader",
     "RunWriter",

@@ -94,19 +94,16 @@ class Sink(Protocol):
     def update(self, batch: BatchCapture) -> None: ...
 
 
-def parse_modes(modes: int | str | None, head_dim: int | None = None) -> int | None | Literal["all"]:
-    """``16`` -> 16, ``"all"`` -> "all", ``None``/``0``/``"none"`` -> None (capture without projection)."""
-    if modes is None or modes == 0 or modes == "none":
+def parse_modes(modes: int | str | None) -> int | None | Literal["all"]:
+    """``16``/``"16"`` -> 16, ``"all"`` -> "all", ``None``/``0``/``"0"``/``"none"`` -> None (capture only)."""
+    text = str(modes).strip().lower() if modes is not None else "none"
+    if text in ("none", "0"):
         return None
-    if modes == "all":
+    if text == "all":
         return "all"
-    try:
-        value = int(modes)
-    except (TypeError, ValueError):
-        raise QKHooksError(f"modes must be a positive integer, 'all' or None; got {modes!r}.") from None
-    if value < 0:
-        raise QKHooksError(f"modes must be a positive integer, 'all' or None; got {modes!r}.")
-    return value
+    if isinstance(modes, bool) or not text.isdigit():
+        raise QKHooksError(f"modes must be a positive integer, 'all' or none (0); got {modes!r}.")
+    return int(text)
 
 
 class Recording:
@@ -144,6 +141,14 @@ class Recording:
         self.sites: list[AttentionSite] = select_layers(list(sites), layers) if sites is not None else find_sites(model, layers)
         self.modes = parse_modes(modes)
         self.attention = parse_attention(attention)
+        recorded = sorted(s.layer for s in self.sites)
+        for spec in self.attention:
+            missing = [layer for layer in spec.layers or () if layer not in recorded]
+            if missing:
+                raise QKHooksError(
+                    f"attention {spec.kind!r} asks for layers {missing}, which this recording does not hook "
+                    f"(recorded layers: {recorded}); pick block indices among them or add them to layers."
+                )
         self.input: InputKind = input
         self.keep_inputs = keep_inputs
         self.sinks: list[Sink] = list(sinks)
@@ -158,6 +163,7 @@ class Recording:
             self._projectors = {s.layer: ModeProjector(s) for s in spectra}
         self._handles: list[Any] = []
         self._current: BatchCapture | None = None
+        self._outer = False  # whether the open batch is a call of ``model`` itself
         self._pending_meta: dict[str, Any] = {}
         self._residual: dict[int, torch.Tensor] = {}
         self.last: BatchCapture | None = None
@@ -176,15 +182,22 @@ class Recording:
         model = self._model_ref()
         if model is None:
             raise QKHooksError("the model of this recording no longer exists.")
+        # A batch is one call of ``model``: handed to the sinks only when that call returns, so a forward that
+        # fails late hands over nothing. A full CLIPModel is used through get_image_features, which never calls
+        # CLIPModel.forward; then the batch spans the recorded attention modules, first to last.
+        first = min(self.sites, key=lambda s: s.layer)
+        last = max(self.sites, key=lambda s: s.layer)
         try:
             self._handles.append(model.register_forward_pre_hook(self._begin_batch, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._end_batch, always_call=False))
+            self._handles.append(first.module.register_forward_pre_hook(self._begin_inner, with_kwargs=True))
             for site in self.sites:
                 if self.input == "residual":
                     self._handles.append(
                         site.block.register_forward_pre_hook(self._residual_hook(site), with_kwargs=True)
                     )
                 self._handles.append(site.module.register_forward_pre_hook(self._layer_hook(site), with_kwargs=True))
+            self._handles.append(last.module.register_forward_hook(self._end_inner, always_call=False))
         except BaseException:
             self.detach()
             raise
@@ -233,9 +246,19 @@ class Recording:
             raise QKHooksError("the model of this recording no longer exists.")
         return model(*args, **kwargs)
 
-    def _begin_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _begin_batch(self, module: nn.Module, args: tuple, kwargs: dict, outer: bool = True) -> None:
         meta, self._pending_meta = self._pending_meta, {}
         self._current = BatchCapture(ids=list(meta.pop("ids", [])), meta=meta)
+        self._outer = outer
+
+    def _begin_inner(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The first recorded layer starts: keep the batch ``model`` just opened, else open one here."""
+        if self._current is None or not self._outer or self._current.layers:
+            self._begin_batch(module, args, kwargs, outer=False)
+
+    def _end_inner(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._current is not None and not self._outer:
+            self._end_batch(module, args, output)
 
     def _end_batch(self, module: nn.Module, args: tuple, kwargs: dict | Any, output: Any = None) -> None:
         batch, self._current = self._current, None

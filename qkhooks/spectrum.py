@@ -200,7 +200,7 @@ def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectru
 
 def spectrum(
     model: nn.Module | Sequence[AttentionSite],
-    layers: Sequence[int] | None = None,
+    layers: str | Sequence[int] | None = None,
     augmented: bool = False,
     name: str = "",
 ) -> QKSpectrum:
@@ -208,7 +208,7 @@ def spectrum(
 
     Args:
         model: a supported model, or its sites from :func:`qkhooks.sites`.
-        layers: block indices to keep (None: all).
+        layers: block indices to keep, or a string such as "0,5-7,-1" (None: all).
         augmented: fold the biases in through x -> [x; 1] (default: the papers' bias-free form, Linear
             weights only, no 1/sqrt(d_k), no LayerNorm affine).
         name: a label for reports (defaults to the model's class name).

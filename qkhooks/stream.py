@@ -29,7 +29,7 @@ from qkhooks.capture import BatchCapture, parse_modes, record
 from qkhooks.cli import add_model_arguments, command, load_from_args
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, parse_layers
-from qkhooks.models.load import LoadedModel, load_model
+from qkhooks.models.load import LoadedModel, check_device, load_model
 from qkhooks.reducers import Reducer
 
 __all__ = ["record_dataset", "RecordResult", "WriterSink", "run_config"]
@@ -105,12 +105,9 @@ def default_reducers(modes: Any, attention: Sequence[Any], has_target: bool) -> 
         from qkhooks.analysis.modes import TopKModes
 
         reducers.append(TopKModes())
-    try:
-        from qkhooks.analysis.modes import AnisotropyReducer
+    from qkhooks.analysis.modes import AnisotropyReducer
 
-        reducers.append(AnisotropyReducer())
-    except ImportError:  # pragma: no cover
-        pass
+    reducers.append(AnisotropyReducer())
     if has_target and any(s.kind == "rows" for s in attention):
         from qkhooks.analysis.preference import PreferenceReducer
 
@@ -186,7 +183,8 @@ def record_dataset(
     """Record a whole dataset, streaming to ``out`` (an HDF5 run file) and/or into reducers.
 
     Args:
-        model: a :class:`LoadedModel`, a model spec string, or a module (then ImageNet preprocessing).
+        model: a :class:`LoadedModel`, a model spec string, or a timm / Hugging Face module (other modules:
+            ``load_model(module, image_config=...)`` first).
         data: a dataset spec (folder, ``samples``, ``voc``, ``arc2017``, ``ade20k:DIR``, ``o3:N[:seed]``,
             ``o3dir:DIR``) or an opened :class:`qkhooks.data.ImageDataset`.
         out: the run file; None keeps results in the reducers only.
@@ -209,6 +207,7 @@ def record_dataset(
     """
     from qkhooks.data import ImageDataset, collate, open_dataset
 
+    check_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_init=random_init, device=device)
     net = loaded.model.to(device)
     layer_list = parse_layers(layers) if isinstance(layers, str) or layers is None else list(layers)
@@ -231,7 +230,14 @@ def record_dataset(
         rank, world = shard
         per = -(-len(ids) // world)
         lo, hi = min(rank * per, len(ids)), min((rank + 1) * per, len(ids))
-    has_target = bool(getattr(dataset, "has_targets", False) or str(data_spec).startswith("o3"))
+    has_target = dataset.has_targets
+    if any(s.kind == "pooled" for s in attention_specs) and not has_target:
+        raise QKHooksError(
+            f"attention 'pooled' sums attention onto target, distractor and background masks, which {data_spec!r} "
+            "does not have; record odd-one-out data (o3:N or o3dir:DIR), or use rows or full."
+        )
+    if batch_size < 1 or num_workers < 0:
+        raise QKHooksError(f"batch size must be >= 1 and workers >= 0; got {batch_size} and {num_workers}.")
     if reducers is None:
         reducers = default_reducers(modes_value, attention_specs, has_target)
     reducers = list(reducers)
@@ -242,6 +248,10 @@ def record_dataset(
         attention=[dataclasses.asdict(s) for s in attention_specs], input=input, augmented=augmented, dtype=dtype,
         limit=limit, reducers=[r.name for r in reducers], random_init=loaded.random_init, store_modes=store_modes,
         shard=list(shard) if shard else None, extra=extra_config,
+    )
+    recording = record(  # built (and so checked) before any file is touched; hooks go on below
+        net, modes=modes_value, layers=[s.layer for s in sites], attention=attention_specs, input=input,
+        augmented=augmented, keep_inputs=keep_inputs, sites=sites,
     )
     writer = None
     start, done = lo, 0
@@ -264,10 +274,7 @@ def record_dataset(
                 raise
 
     try:
-        with record(
-            net, modes=modes_value, layers=[s.layer for s in sites], attention=attention_specs, input=input,
-            augmented=augmented, keep_inputs=keep_inputs, sites=sites,
-        ) as run:
+        with recording as run:
             run.index_base, run.images_seen = lo, done
             seen = _SeenIds(writer.ids if writer is not None and done else [])
             run.sinks.append(seen)
@@ -289,6 +296,8 @@ def record_dataset(
     except BaseException:
         if writer is not None:
             writer.close(complete=False)
+            if mode != "resume" and writer.committed == 0:
+                Path(out).unlink(missing_ok=True)  # nothing worth resuming: leave no file that blocks a rerun
         raise
     return RecordResult(Path(out) if out is not None else None, reducers, run.images_seen, skipped)
 

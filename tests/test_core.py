@@ -8,6 +8,7 @@ import weakref
 
 import numpy as np
 import pytest
+import transformers
 import timm
 import torch
 from torch import nn
@@ -355,7 +356,7 @@ class _Evil:
         return (print, ("executed!",))
 
 
-def test_bad_arguments_are_clear_errors():
+def test_bad_arguments_are_clear_errors(monkeypatch):
     model = TINY_MODELS[0].model()
     with pytest.raises(qkhooks.QKHooksError, match="modes must be"):
         qkhooks.record(model, modes="lots")
@@ -368,8 +369,12 @@ def test_bad_arguments_are_clear_errors():
             model(torch.randn(1, 3, 32, 32))
     with pytest.raises(qkhooks.QKHooksError, match="model spec"):
         qkhooks.load_model("resnet50")
-    with pytest.raises(qkhooks.QKHooksError, match="random-init"):
-        qkhooks.load_model("timm:vit_tiny_patch16_224")  # no network here: weights cannot be fetched
+    def offline(*args, **kwargs):  # what timm raises when the hub cannot be reached and nothing is cached
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    with monkeypatch.context() as patch, pytest.raises(qkhooks.QKHooksError, match="random-init"):
+        patch.setattr(timm, "create_model", offline)
+        qkhooks.load_model("timm:vit_tiny_patch16_224")
 
 
 def test_transformers_4x_module_names():
@@ -488,3 +493,36 @@ def test_rows_default_to_cls_and_centre_patch_and_layers_parse_from_strings():
     torch.testing.assert_close(run.attention_maps("rows")[1][:, :, 1], full[1][:, :, centre])
     with pytest.raises(qkhooks.QKHooksError, match="unknown attention kind 'everything'"):
         qkhooks.record(model, attention="rows+everything")
+
+
+@pytest.mark.parametrize("family", ["CLIP", "Siglip"])
+def test_dual_tower_models_record_through_get_image_features(family):
+    """A full CLIP/SigLIP model never runs its own forward for images; the recording must not depend on it."""
+    base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config = getattr(transformers, f"{family}Config")(
+        text_config=dict(base, vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(base, image_size=32, patch_size=8),
+    )
+    torch.manual_seed(0)
+    full = getattr(transformers, f"{family}Model")._from_config(config, attn_implementation="sdpa").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with qkhooks.record(full, modes=4) as run, torch.no_grad():
+        full.get_image_features(pixel_values=images)
+    with qkhooks.record(full.vision_model, modes=4) as tower, torch.no_grad():
+        full.vision_model(pixel_values=images)
+    assert run.images_seen == 2 and sorted(run.query) == [0, 1]
+    for layer in (0, 1):
+        torch.testing.assert_close(run.query[layer], tower.query[layer])
+        torch.testing.assert_close(run.key[layer], tower.key[layer])
+
+
+def test_layer_selections_are_strings_or_indices_everywhere():
+    model = TINY_MODELS[0].model()
+    assert [s.layer for s in qkhooks.spectrum(model, layers="-1")] == [1]
+    assert [s.layer for s in qkhooks.spectrum(model, layers=[0])] == [0]
+    with qkhooks.record(model, modes=2, layers="1") as run, torch.no_grad():
+        model(TINY_MODELS[0].images())
+    assert sorted(run.query) == [1]
+    for bad, message in (("1-0", "low to high"), ([], "empty"), ("x", "bad layer selection")):
+        with pytest.raises(qkhooks.QKHooksError, match=message):
+            qkhooks.record(model, layers=bad)

@@ -224,6 +224,30 @@ def test_unwritable_or_missing_places_are_clear_errors(tmp_path):
     assert not (tmp_path / "e.h5").exists()
 
 
+
+@pytest.mark.parametrize("options, message", [
+    ({"layers": "1-0"}, "low to high"),
+    ({"layers": []}, "selection is empty"),
+    ({"layers": "0", "attention": "full:1"}, r"layers \[1\], which this recording does not hook"),
+    ({"attention": "pooled"}, "o3:N or o3dir:DIR"),
+    ({"batch_size": 0}, "batch size must be >= 1"),
+    ({"modes": "2.5"}, "positive integer"),
+    ({"device": "cuda:7"}, "cuda:7"),
+])
+def test_bad_options_are_refused_before_any_file_is_written(tmp_path, options, message):
+    out = tmp_path / "run.h5"
+    with pytest.raises(QKHooksError, match=message):
+        record_dataset(tiny_vit(), "samples", out, limit=2, progress=False, **options)
+    assert not out.exists()
+
+
+def test_modes_zero_means_capture_without_modes_and_the_default_reducers_follow(tmp_path):
+    out = tmp_path / "run.h5"
+    result = record_dataset(tiny_vit(), "samples", out, modes="0", limit=2, batch_size=2, progress=False)
+    assert [r.name for r in result.reducers] == ["anisotropy"]  # no top-k reducer without modes
+    with open_run(out) as run:
+        assert run.n == 2 and not [name for name in run.arrays() if name.startswith("modes/")]
+
 def test_corrupt_images_are_skipped_and_listed_in_the_file(tmp_path):
     folder = tmp_path / "imgs"
     (folder / "sub").mkdir(parents=True)

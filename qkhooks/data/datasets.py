@@ -147,6 +147,7 @@ class ImageDataset(Dataset):
         name: Canonical spec of the source (e.g. ``"samples"``, ``"o3:16:0"``, a folder path).
         image_config: Preprocessing applied to every item.
         has_masks: Whether items carry ``"objects"`` (and O3 masks).
+        has_targets: Whether items carry odd-one-out ``"target"`` and ``"distractor"`` masks.
         skipped: ``(path_or_id, reason)`` for every file left out, at open time or later.
     """
 
@@ -157,6 +158,7 @@ class ImageDataset(Dataset):
         image_config: ImageConfig,
         has_masks: bool,
         skipped: list[tuple[str, str]] | None = None,
+        has_targets: bool = False,
     ) -> None:
         if not isinstance(image_config, ImageConfig):
             raise QKHooksError(
@@ -166,6 +168,7 @@ class ImageDataset(Dataset):
         self.name = name
         self.image_config = image_config
         self.has_masks = has_masks
+        self.has_targets = has_targets
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self._records = list(records)
 
@@ -579,7 +582,7 @@ def _open_o3(rest: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
         _Record(id=f"o3/{seed}/{i}", load=functools.partial(_load_o3_generated, seed, i, cfg.size))
         for i in range(count)
     ]
-    return ImageDataset(f"o3:{n}:{seed}", records, cfg, has_masks=True)
+    return ImageDataset(f"o3:{n}:{seed}", records, cfg, has_masks=True, has_targets=True)
 
 
 def _read_binary_mask(path: str) -> np.ndarray:
@@ -646,7 +649,7 @@ def _open_o3dir(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageData
                 + "; image and masks must have the same size."
             )
         records.append(_Record(id=rel, load=functools.partial(_load_o3_file, str(img), str(tgt), str(dst))))
-    return ImageDataset(f"o3dir:{root}", records, cfg, has_masks=True)
+    return ImageDataset(f"o3dir:{root}", records, cfg, has_masks=True, has_targets=True)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -659,7 +662,8 @@ class ConcatImageDataset(ImageDataset):
     def __init__(self, name: str, parts: Sequence[ImageDataset], keys: set[str]) -> None:
         super().__init__(name, [r for part in parts for r in part._records], parts[0].image_config,
                          has_masks=all(p.has_masks for p in parts),
-                         skipped=[s for p in parts for s in p.skipped])
+                         skipped=[s for p in parts for s in p.skipped],
+                         has_targets={"target", "distractor"} <= keys)
         self.parts = list(parts)
         self.keys = keys
         self._owner = [part for part in parts for _ in range(len(part))]

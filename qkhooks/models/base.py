@@ -188,14 +188,18 @@ def find_sites(model: nn.Module, layers: Sequence[int] | None = None) -> list[At
         f"qkhooks does not know how to find the attention layers of {type(model).__name__}.\n"
         f"Supported families:\n{listing}\n"
         "Add your own in a few lines with qkhooks.register_adapter(name, matches, find) (see README, "
-        "'Adding an architecture')."
+        "'Your own architecture')."
     )
 
 
-def select_layers(found: list[AttentionSite], layers: Sequence[int] | None) -> list[AttentionSite]:
-    """Keep the requested block indices (negative indices count from the end), in block order."""
+def select_layers(found: list[AttentionSite], layers: str | Sequence[int] | None) -> list[AttentionSite]:
+    """Keep the requested block indices (negative indices count from the end, strings as in
+    :func:`parse_layers`), in block order."""
+    layers = parse_layers(layers)
     if layers is None:
         return found
+    if not layers:
+        raise QKHooksError("the layer selection is empty: give at least one block index, or 'all'.")
     by_layer = {s.layer: s for s in found}
     n = len(found)
     chosen = []
@@ -219,17 +223,11 @@ def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
         try:
             if "-" in part[1:]:
                 lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                if int(hi) < int(lo):
+                    raise QKHooksError(f"bad layer range {part!r} in {spec!r}: write it low to high, e.g. '3-5'.")
                 out.extend(range(int(lo), int(hi) + 1))
             else:
                 out.append(int(part))
         except ValueError:
             raise QKHooksError(f"bad layer selection {spec!r}: use e.g. '0,3,5-7,-1' or 'all'.") from None
     return out
-
-
-def module_path(model: nn.Module, module: nn.Module) -> str:
-    """Dotted path of ``module`` inside ``model``."""
-    for name, mod in model.named_modules():
-        if mod is module:
-            return name
-    raise QKHooksError("module is not part of the model")

