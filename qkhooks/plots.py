@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 from qkhooks.spectrum import QKSpectrum  # noqa: E402
 
-__all__ = ["save", "plot_cosine_by_layer", "plot_head_spectra", "plot_layer_curves", "plot_stacked_shares"]
+__all__ = ["save", "weighted_cosine_null_sd", "plot_cosine_by_layer", "plot_head_spectra", "plot_layer_curves", "plot_stacked_shares"]
 
 
 def save(fig, path: str | os.PathLike) -> Path:
@@ -30,17 +30,52 @@ def save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_cosine_by_layer(spec: QKSpectrum, path: str | os.PathLike, relative_to: Sequence[float] | None = None) -> Path:
-    """Paper Fig. 3: sigma-weighted cosine per layer (mean over heads, head spread shaded), random band grey.
+Z95 = 1.96
+"""Two-sided 95% normal quantile of the random-direction bands (METHODS A.2, A.7)."""
 
+
+def weighted_cosine_null_sd(S: np.ndarray, dim: int) -> tuple[np.ndarray, float]:
+    """Standard deviations of the sigma-weighted cosines when every (u_n, v_n) is a pair of random directions.
+
+    With weights w_hn = sigma_hn / sum_m sigma_hm (held fixed) and null cosines cos_hn of mean 0, variance 1/d,
+    uncorrelated across modes and heads (exact for independent random directions; also for random orthonormal
+    U, V, since flipping the sign of one column leaves the distribution unchanged), head h's weighted sum
+    sum_n w_hn cos_hn has variance sum_n w_hn^2 / d, and the mean over the H heads has variance
+    sum_{h,n} w_hn^2 / (H^2 d). For w uniform over d_k modes that is 1/(d_k d) per head: far narrower than a
+    single mode's 1/d.
+
+    Args:
+        S: (H, K) singular values of one layer (the modes the weighted cosine runs over).
+        dim: the embedding width d.
+
+    Returns:
+        (per-head standard deviations (H,), standard deviation of the head mean).
+    """
+    S = np.asarray(S, dtype=np.float64)
+    w = S / np.maximum(S.sum(-1, keepdims=True), 1e-30)
+    sq = (w**2).sum(-1)
+    return np.sqrt(sq / dim), float(np.sqrt(sq.sum() / dim) / S.shape[0])
+
+
+def plot_cosine_by_layer(spec: QKSpectrum, path: str | os.PathLike, relative_to: Sequence[float] | None = None) -> Path:
+    """Paper Fig. 3: sigma-weighted cosine per layer (mean over heads; heads as dots), random bands grey.
+
+    The grey bar at each layer is the 95% interval of the plotted head mean when all modes are random
+    direction pairs (+-1.96 x :func:`weighted_cosine_null_sd`, from that layer's actual sigma weights); the
+    dotted lines are the single-mode interval +-1.96/sqrt(d) (the paper's reference band, METHODS A.2), which
+    applies to one mode's cosine, not to a weighted average of many.
     ``relative_to``: per-layer anisotropy baselines to subtract (paper Fig. S3), drawn as a second curve.
     """
     layers = [s.layer for s in spec]
     per_head = [s.cosine_weighted.numpy() for s in spec]
     mean = np.array([h.mean() for h in per_head])
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    band = spec.random_baseline_cos95
-    ax.axhspan(-band, band, color="0.85", label=f"random 95% (±{band:.3f})")
+    single = spec.random_baseline_cos95
+    band = np.array([Z95 * weighted_cosine_null_sd(s.S.numpy(), s.dim)[1] for s in spec])
+    span = f"{band.min():.3g}" if np.isclose(band.min(), band.max()) else f"{band.min():.3g}…{band.max():.3g}"
+    ax.bar(layers, 2 * band, bottom=-band, width=0.8, color="0.8", zorder=0, label=f"random 95%, mean of heads (±{span})")
+    for y in (-single, single):
+        ax.axhline(y, color="0.5", ls=":", lw=0.8, label=f"random 95%, single mode (±{single:.3f})" if y > 0 else None)
     for layer, heads in zip(layers, per_head):
         ax.scatter([layer] * len(heads), heads, s=8, color="tab:blue", alpha=0.35)
     ax.plot(layers, mean, "o-", color="tab:blue", label="σ-weighted cosine (mean of heads)")
@@ -56,7 +91,10 @@ def plot_cosine_by_layer(spec: QKSpectrum, path: str | os.PathLike, relative_to:
 
 
 def plot_head_spectra(spec: QKSpectrum, path: str | os.PathLike, max_layers: int = 12) -> Path:
-    """Paper Fig. S2: per head, singular values (line) and mode cosines (dots), one panel per layer."""
+    """Paper Fig. S2: per head, singular values (line) and mode cosines (dots), one panel per layer.
+
+    The grey band is the single-mode random interval +-1.96/sqrt(d): each dot is one mode's cosine.
+    """
     layers = list(spec)[:max_layers]
     cols = min(4, len(layers))
     rows = int(np.ceil(len(layers) / cols))

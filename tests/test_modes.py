@@ -125,18 +125,58 @@ def test_topk_ties_signs_and_prefix_on_constructed_maps():
     assert any(len({s for s, _ in v}) < len(v) for v in ref.values())
 
 
+def brute_force_best_sign(query: np.ndarray, key: np.ndarray, prefix: int):
+    """Per (h, m): every image once, scored by its better sign (ties: +1), sorted by (score desc, index asc)."""
+    n, heads, modes, _ = query.shape
+    out = {}
+    for h in range(heads):
+        for m in range(modes):
+            scored = []
+            for i in range(n):
+                q, kk = query[i, h, m, prefix:].astype(np.float64), key[i, h, m, prefix:].astype(np.float64)
+                plus = max(0.0, q.max()) * max(0.0, kk.max())
+                minus = max(0.0, -q.min()) * max(0.0, -kk.min())
+                scored.append((max(plus, minus), i, 1 if plus >= minus else -1))
+            scored.sort(key=lambda t: (-t[0], t[1]))
+            out[h, m] = scored
+    return out
+
+
 def test_topk_fewer_images_than_k_and_both_signs_union():
     q, k = tied_maps(n=3)
     reducer = feed(TopKModes(k=5, num_prefix_tokens=1), q, k, [2, 1])
     for sign in (1, -1):
         assert len(reducer.top(0, 1, 2, sign)["index"]) == 3  # empty slots are not reported
     both = reducer.top(0, 1, 2, "both")
-    pairs = sorted(
-        [(s, i, -sg) for sg in (1, -1) for s, i in brute_force(q.numpy(), k.numpy(), 1, 5)[1, 2, sg]],
-        key=lambda t: (-t[0], t[1], t[2]),
-    )
-    assert list(zip(both["index"].tolist(), both["sign"].tolist())) == [(i, -nsg) for _, i, nsg in pairs]
+    expected = brute_force_best_sign(q.numpy(), k.numpy(), 1)[1, 2]
+    assert list(zip(both["index"].tolist(), both["sign"].tolist())) == [(i, sg) for _, i, sg in expected]
     assert reducer.top(0, 1, 2, "both", k=2)["index"].tolist() == both["index"][:2].tolist()
+
+
+@pytest.mark.parametrize("maps", ["tied", "gaussian"])
+def test_both_signs_lists_each_image_once_with_its_better_sign(maps):
+    """METHODS A.6/A.7: 'both' ranks images (not (image, sign) pairs) by their better sign; the first k
+    distinct images are exact although the state keeps only k per sign."""
+    if maps == "tied":
+        q, k = tied_maps(n=15, seed=3)
+    else:
+        g = torch.Generator().manual_seed(4)
+        q, k = torch.randn(15, 2, 3, 10, generator=g), torch.randn(15, 2, 3, 10, generator=g)
+    reducer = feed(TopKModes(k=4, num_prefix_tokens=1, map_dtype="float32"), q, k, [6, 2, 7])
+    ref = brute_force_best_sign(q.numpy(), k.numpy(), 1)
+    duplicated = False
+    for (h, m), expected in ref.items():
+        got = reducer.top(0, h, m, "both")
+        assert len(set(got["index"].tolist())) == len(got["index"]) == 4
+        assert list(zip(got["index"].tolist(), got["sign"].tolist())) == [(i, sg) for _, i, sg in expected[:4]]
+        np.testing.assert_allclose(got["score"], [s for s, _, _ in expected[:4]], rtol=1e-6)
+        for rank, (_, i, sg) in enumerate(expected[:4]):
+            np.testing.assert_array_equal(got["query"][rank], sg * q[i, h, m].numpy())
+            np.testing.assert_array_equal(got["key"][rank], sg * k[i, h, m].numpy())
+        assert reducer.top(0, h, m, "both", k=2)["index"].tolist() == got["index"][:2].tolist()
+        plus, minus = (set(reducer.top(0, h, m, s)["index"].tolist()) for s in (1, -1))
+        duplicated |= bool(plus & minus)  # the per-sign lists do share images: the union would list them twice
+    assert duplicated
 
 
 def test_merge_of_two_halves_equals_one_pass_exactly():
@@ -289,6 +329,53 @@ def test_same_object_table_weights_by_sigma():
     assert row["p_same_unweighted"] == pytest.approx(1.75 / 4)
 
 
+def numpy_optimal_object(m: np.ndarray, labels: np.ndarray) -> int:
+    """Object (label > 0) with the largest mean map value; lowest label on ties; 0 if none."""
+    best, best_val = 0, -np.inf
+    for lab in sorted(set(labels.tolist()) - {0}):
+        val = m[labels == lab].mean()
+        if val > best_val:
+            best, best_val = lab, val
+    return best
+
+
+def test_same_object_table_counts_each_image_once():
+    """Gaussian maps score high for both signs, so the per-sign lists share images; each image must count once,
+    with the maps of its better sign (reference: plain numpy over all images, no reducer)."""
+    prefix, n, heads, modes, top = 1, 14, 2, 3, 5
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((n, heads, modes, prefix + 9)).astype(np.float32)
+    k = rng.standard_normal((n, heads, modes, prefix + 9)).astype(np.float32)
+    q[[2, 6, 9]] *= 4  # strong in both signs: each of them tops both per-sign lists
+    k[[2, 6, 9]] *= 4
+    objects = rng.integers(0, 4, (n, 3, 3)).astype(np.int16)
+    objects[:, 0, 0] = 1  # every image has an object
+    S = np.sort(rng.uniform(0.5, 3.0, (heads, modes)), axis=1)[:, ::-1]
+    reducer = feed(TopKModes(k=8, num_prefix_tokens=prefix, map_dtype="float32"), torch.tensor(q), torch.tensor(k),
+                   [5, 9], layer=4)
+    table = same_object_table(reducer.state_dict(), objects, {4: {"S": S}}, prefix, top=top)
+
+    ref = brute_force_best_sign(q, k, prefix)
+    labels = objects.reshape(n, -1)
+    p = np.zeros((heads, modes))
+    p_pairs = np.zeros((heads, modes))  # what listing (image, sign) pairs would give
+    for (h, m), ranked in ref.items():
+        hits = [numpy_optimal_object(sg * q[i, h, m, prefix:], labels[i]) == numpy_optimal_object(sg * k[i, h, m, prefix:], labels[i])
+                for _, i, sg in ranked[:top]]
+        p[h, m] = np.mean(hits)
+        pairs = sorted(((s, i, -sg) for sg in (1, -1) for s, i in brute_force(q, k, prefix, 8)[h, m, sg]),
+                       key=lambda t: (-t[0], t[1], t[2]))[:top]
+        p_pairs[h, m] = np.mean([numpy_optimal_object(-nsg * q[i, h, m, prefix:], labels[i])
+                                 == numpy_optimal_object(-nsg * k[i, h, m, prefix:], labels[i]) for _, i, nsg in pairs])
+    assert not np.allclose(p, p_pairs)  # the data really tells the two apart
+    row = table["rows"][0]
+    np.testing.assert_allclose(row["per_mode"], p)
+    assert np.array_equal(row["images_used"], np.full((heads, modes), top))
+    w = S / S.sum(1, keepdims=True)
+    assert row["p_same"] == pytest.approx(float(np.mean((w * p).sum(1))))
+    assert row["p_same_unweighted"] == pytest.approx(float(p.mean()))
+
+
 # ------------------------------------------------------------------------------------------ figures
 def test_overlay_puts_query_in_red_and_key_in_cyan():
     qg = np.array([[1.0, 0], [0, 0]])  # top-left
@@ -377,7 +464,8 @@ def test_run_state_matches_stored_maps_and_analysis_files(samples_run, tmp_path)
     assert summary["topk_source"] == "reducer state saved with the run" and summary["photos"].startswith("photos from")
     saved = json.loads((tmp_path / "out" / "modes.json").read_text())
     assert saved["layers"][0]["heads"][0]["modes"][0]["name"] == "L0 H0 M0"
-    assert len(saved["layers"][0]["heads"][0]["modes"][0]["top"]) == 8  # 5 images x 2 signs, best 8
+    for mode in saved["layers"][0]["heads"][0]["modes"]:  # 5 images, each listed once with its better sign
+        assert sorted(t["index"] for t in mode["top"]) == list(range(5))
     rows = list(csv.DictReader(open(tmp_path / "out" / "anisotropy.csv")))
     assert {r["layer"] for r in rows} == {"0", "1"} and len(rows) == 2 * (1 + 4 * 3)
     figs = sorted(p.name for p in (tmp_path / "out" / "figures").rglob("*.png"))
@@ -413,3 +501,103 @@ def test_cli_on_a_masked_run(tmp_path, capsys):
     assert set(saved["same_object"]["layers"]) == {"1"}
     assert main(["analyze", "modes", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_on_a_run_recorded_without_modes(tmp_path, capsys):
+    """A run recorded with --modes none: a plain message, and no --out folder left behind."""
+    from qkhooks.cli import main
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+    from qkhooks.stream import record_dataset
+
+    cfg = ImageConfig(size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize=32)
+    run_path = tmp_path / "nomodes.h5"
+    record_dataset(LoadedModel(TINY_MODELS[0].model(), "tiny-test-vit", cfg), "samples", run_path, modes=None,
+                   limit=2, progress=False)
+    for extra in ([], ["--layers", "-1"]):
+        out = tmp_path / "never"
+        assert main(["analyze", "modes", str(run_path), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "this run stored no modes (it was recorded with --modes 0/none); record with --modes K" in err
+        assert not out.exists()
+
+
+def test_negative_layers_count_from_the_highest_recorded_layer(capsys):
+    from qkhooks.analysis.modes import _choose_layers
+    from qkhooks.cli import main
+
+    assert _choose_layers([-1, 0], [0, 5]) == [5, 0]
+    with pytest.raises(QKHooksError, match="highest recorded layer"):
+        _choose_layers([-2], [0, 5])  # block 4 was not recorded
+    with pytest.raises(SystemExit):
+        main(["analyze", "modes", "--help"])
+    assert "count back from the highest *recorded* layer" in " ".join(capsys.readouterr().out.split())
+
+
+def test_anisotropy_weighted_cosine_equals_layer_spectrum(samples_run, tmp_path):
+    """modes._weighted_cos (on stored S, cos) agrees with LayerSpectrum.cosine_weighted on the stored U, S, V."""
+    from qkhooks.spectrum import LayerSpectrum
+    from qkhooks.store import open_run
+
+    path, _, _ = samples_run
+    summary = analyze_modes(path, tmp_path / "a", figure_modes=0, overview=False, images=False)
+    with open_run(path) as run:
+        for l in run.layers:
+            sp = run.spectrum(l)
+            spec = LayerSpectrum(l, torch.as_tensor(sp["U"]), torch.as_tensor(sp["S"]), torch.as_tensor(sp["V"]))
+            assert summary["anisotropy"][l]["cos_weighted"] == pytest.approx(float(spec.cosine_weighted.mean()), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ random bands (plots.py)
+def test_weighted_cosine_null_sd_matches_monte_carlo():
+    """Var(sum_n w_n cos_n) = sum w^2 / d per head, / H^2 summed over heads for the head mean: checked against
+    random directions (independent per mode) and random orthonormal frames (the SVD's U, V)."""
+    from qkhooks.plots import weighted_cosine_null_sd
+
+    rng = np.random.default_rng(0)
+    heads, modes, d, n = 3, 6, 24, 4000
+    S = np.sort(rng.uniform(0.1, 3.0, (heads, modes)), axis=1)[:, ::-1]
+    S[0] = [5.0, 1, 0.5, 0.2, 0.1, 0.05]  # one very uneven head
+    w = S / S.sum(1, keepdims=True)
+    sd_head, sd_mean = weighted_cosine_null_sd(S, d)
+    unit = lambda x, axis: x / np.linalg.norm(x, axis=axis, keepdims=True)
+    independent = (unit(rng.standard_normal((n, heads, modes, d)), -1) * unit(rng.standard_normal((n, heads, modes, d)), -1)).sum(-1)
+    frames = (np.linalg.qr(rng.standard_normal((n, heads, d, modes)))[0]
+              * np.linalg.qr(rng.standard_normal((n, heads, d, modes)))[0]).sum(-2)
+    for cos in (independent, frames):
+        head = (w * cos).sum(-1)  # (n, H)
+        mean = head.mean(-1)
+        np.testing.assert_allclose(head.std(0), sd_head, rtol=0.06)
+        assert mean.std() == pytest.approx(sd_mean, rel=0.06)
+        assert 0.93 < np.mean(np.abs(mean) <= 1.96 * sd_mean) < 0.97
+        assert np.mean(np.abs(mean) <= 1.96 / np.sqrt(d)) > 0.999  # the single-mode band is far too wide here
+
+
+def test_cosine_plot_draws_the_head_mean_band(monkeypatch, tmp_path):
+    import qkhooks.plots as plots
+    from qkhooks.spectrum import LayerSpectrum, QKSpectrum
+
+    rng = np.random.default_rng(1)
+    heads, modes, d = 3, 4, 16
+    layers = []
+    for l in (0, 2, 3):
+        U = torch.as_tensor(np.linalg.qr(rng.standard_normal((heads, d, modes)))[0])
+        V = torch.as_tensor(np.linalg.qr(rng.standard_normal((heads, d, modes)))[0])
+        S = torch.as_tensor(np.sort(rng.uniform(0.1, 4.0, (heads, modes)), axis=1)[:, ::-1].copy())
+        layers.append(LayerSpectrum(l, U, S, V))
+    captured = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path: captured.setdefault("fig", fig) and path)
+    plots.plot_cosine_by_layer(QKSpectrum(layers, "random"), tmp_path / "c.png")
+    ax = captured["fig"].axes[0]
+    bars = ax.containers[0]
+    for bar, spec in zip(bars, layers):
+        S = spec.S.numpy()
+        w = S / S.sum(1, keepdims=True)
+        half = 1.96 * np.sqrt((w**2).sum() / d) / heads
+        assert bar.get_x() + bar.get_width() / 2 == pytest.approx(spec.layer)
+        assert bar.get_y() == pytest.approx(-half) and bar.get_height() == pytest.approx(2 * half)
+    single = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert sorted(line.get_ydata()[0] for line in single) == pytest.approx([-1.96 / 4, 1.96 / 4])
+    import matplotlib.pyplot as plt
+
+    plt.close(captured["fig"])

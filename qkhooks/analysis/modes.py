@@ -342,10 +342,13 @@ def top_images(
     Args:
         state: one layer's arrays (see :func:`layer_state`): score/index (H, K, 2, k), query/key (..., N).
         head, mode: 0-based.
-        sign: ``+1``/``"+"`` ranks (u, v), ``-1``/``"-"`` ranks (-u, -v), ``"both"`` (default) merges the two
-            lists into one ranking of (image, sign) pairs (an image may appear with both signs), the union's
-            ties going to the lower index, then to sign +1.
-        k: at most this many entries (default all kept).
+        sign: ``+1``/``"+"`` ranks (u, v), ``-1``/``"-"`` ranks (-u, -v), ``"both"`` (default) ranks the
+            *images* by their better sign (METHODS A.6/A.7: each image is scored for both signs and counted
+            once): every image appears at most once, with the score, sign and signed maps of the sign that
+            scores higher (ties: sign +1), and images are ordered by that score (ties: the lower index).
+        k: at most this many images (default and maximum: the state's k). With ``"both"`` the first k distinct
+            images are exact: an image among the best k by its better score holds that sign's slot among the
+            best k of that sign, so it is in the state, with the right maps.
 
     Returns:
         ``index`` (k',) int, ``score`` (k',), ``sign`` (k',) +-1, ``query``/``key`` (k', N) signed maps.
@@ -354,9 +357,10 @@ def top_images(
     signs = {"both": (0, 1), "+": (0,), "-": (1,), 1: (0,), -1: (1,), "+1": (0,), "-1": (1,)}.get(sign)  # type: ignore[call-overload]
     if signs is None:
         raise QKHooksError(f"sign must be +1, -1 or 'both', got {sign!r}.")
-    heads, modes = np.asarray(state["score"]).shape[:2]
+    heads, modes, _, slots = np.asarray(state["score"]).shape
     if not (0 <= head < heads and 0 <= mode < modes):
         raise QKHooksError(f"head {head}, mode {mode} is outside this state's {heads} heads x {modes} modes.")
+    limit = slots if k is None else min(int(k), slots)
     parts: dict[str, list[np.ndarray]] = {"index": [], "score": [], "sign": [], "query": [], "key": []}
     for s in signs:
         parts["index"].append(np.asarray(state["index"][head, mode, s]).astype(np.int64))
@@ -367,7 +371,11 @@ def top_images(
     out = {name: np.concatenate(v) for name, v in parts.items()}
     keep = (out["index"] >= 0) & np.isfinite(out["score"])
     order = np.lexsort((-out["sign"], out["index"], -out["score"]))  # last key sorts first
-    order = order[keep[order]][: None if k is None else int(k)]
+    order = order[keep[order]]
+    if len(signs) == 2:  # one entry per image: its first, i.e. its better-scoring sign (ties: +1)
+        _, first = np.unique(out["index"][order], return_index=True)
+        order = order[np.sort(first)]
+    order = order[:max(limit, 0)]
     return {name: v[order] for name, v in out.items()}
 
 
@@ -489,7 +497,12 @@ def relative_cosine(cos: Any, baseline: Any) -> np.ndarray:
 
 
 def _weighted_cos(S: np.ndarray, cos: np.ndarray) -> float:
-    """Mean over heads of each head's sigma-weighted *sum* of cosines (paper's formula, METHODS A.2/A.7)."""
+    """Mean over heads of each head's sigma-weighted *sum* of cosines (paper's formula, METHODS A.2/A.7).
+
+    The same number as ``LayerSpectrum.cosine_weighted.mean()``, which needs U and V; :func:`anisotropy_table`
+    takes only S and cos (its callers, e.g. notebook 05, pass those), so it is restated here on arrays
+    (tests check the two agree on a recorded run).
+    """
     w = S / np.maximum(S.sum(-1, keepdims=True), 1e-30)
     return float((w * cos).sum(-1).mean())
 
@@ -597,7 +610,9 @@ def same_object_table(
 ) -> dict[str, Any]:
     """Same-object probability per mode and per layer from a stacked top-k state and per-image object labels.
 
-    Per mode: its ``top`` best images (:func:`top_images`, both signs merged by default); per layer:
+    Per mode: its ``top`` best distinct images (:func:`top_images`; with the default ``sign="both"`` each image
+    is scored for both signs and counted once, with the maps of its better sign; ``top`` is capped at the
+    state's k); per layer:
     ``p_same`` = mean over heads of each head's sigma-weighted average over its modes (weights renormalised
     over the modes that have a value, like the cosine average of METHODS A.7), plus ``p_same_pooled``
     (sum sigma p / sum sigma over all modes of the layer) and ``p_same_unweighted``.
@@ -841,7 +856,11 @@ def plot_layer_overview(
     per_head: int = 6,
     normalize: str = "max",
 ) -> Path:
-    """One layer's sheet: a row per head with the best images of its leading mode (both signs merged)."""
+    """One layer's sheet: a row per head with the best images of its leading mode.
+
+    Each image appears once, with its better-scoring sign (``+``: (u, v), ``−``: (−u, −v), in the caption);
+    :func:`plot_mode` shows the two signs' rankings separately.
+    """
     heads = np.asarray(state["score"]).shape[0]
     rows, labels = [], []
     for h in range(heads):
@@ -1028,7 +1047,9 @@ def analyze_modes(
         out_dir: where ``modes.json``, ``same_object.csv/.png``, ``anisotropy.csv/.png`` and ``figures/`` go.
         k: images per mode and sign (default: what the saved reducer kept, 8). A larger k than saved, a state
             that does not cover the run, or no state at all is recomputed from the stored maps.
-        layers: block indices (``"0,3,5-7"``, a list, or None for all; negative counts from the end).
+        layers: block indices (``"0,3,5-7"``, a list, or None for all recorded); negative indices count back from
+            the highest *recorded* layer (-1 = the last recorded one; see :func:`_choose_layers`), not from the
+            model's last block as in ``qkhooks record``: a run does not store the model's depth.
         figure_modes: per head, draw a figure for its first this-many modes (None: all; 0: none).
         overview: draw one sheet per layer with the leading mode of every head.
         images: redraw the photos under the maps (reopens the dataset; off: maps on black).
@@ -1044,7 +1065,6 @@ def analyze_modes(
     from qkhooks.spectrum import LayerSpectrum, QKSpectrum
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     with _open_run(run_path) as run:
         info = dict(run.info)
         prefix = int(info["num_prefix_tokens"])
@@ -1055,6 +1075,8 @@ def analyze_modes(
         if n == 0:
             raise QKHooksError(f"{run_path} holds no committed images yet.")
         available = sorted(set(int(l) for l in run.layers) | set(_state_layers(run.state(TopKModes.name))))
+        if not available:
+            _no_modes(run, run_path)
         chosen = _choose_layers(parse_layers(layers) if isinstance(layers, str) or layers is None else list(layers), available)
         topk, source = _topk_state(run, chosen, k, prefix)
         chosen = chosen or [int(l) for l in np.asarray(topk["layers"]).reshape(-1)]
@@ -1065,6 +1087,7 @@ def analyze_modes(
         if run.has("masks/objects"):
             objects = np.asarray(run.array("masks/objects")[:n])
     model, data = str(attrs.get("model", "")), str(attrs.get("data", ""))
+    out.mkdir(parents=True, exist_ok=True)  # only once the run is known to hold what the analysis needs
 
     # --- anisotropy
     files: dict[str, str] = {}
@@ -1137,6 +1160,7 @@ def analyze_modes(
         "run": str(run_path), "model": model, "data": data, "images": n, "k": kk, "num_prefix_tokens": prefix,
         "topk_source": source, "photos": photo_note, "naming": "L{layer} H{head} M{mode}, all 0-based",
         "score": "max(0, max_t q) * max(0, max_t k) over patch tokens; sign -1 ranks (-q, -k)",
+        "top_note": "per mode, the best k distinct images, each with its better-scoring sign (never listed twice)",
         "layers": [],
         "anisotropy": None if not aniso["layers"] else {r["layer"]: {k_: r[k_] for k_ in ("baseline", "cos_weighted", "relative_cos_weighted")} for r in aniso["rows"]},
         "anisotropy_note": ("cos_weighted is the sigma-weighted sum over the recorded modes only (the run keeps the "
@@ -1175,11 +1199,32 @@ def analyze_modes(
     return summary
 
 
+def _no_modes(run: Any, run_path: str | os.PathLike) -> None:
+    """Raise the error for a run with neither stored query/key maps nor a saved top-k state."""
+    config = run.config
+    if "modes" not in config or config.get("modes") is None:
+        raise QKHooksError(
+            f"{run_path}: this run stored no modes (it was recorded with --modes 0/none); record with --modes K "
+            "(e.g. --modes 16, the default) to analyse modes."
+        )
+    raise QKHooksError(
+        f"{run_path}: this run stored no modes (recorded with --modes {config.get('modes')} but without per-image "
+        "maps and without the topk_modes reducer); record with --modes K, the default reducers and the maps stored."
+    )
+
+
 def _state_layers(state: Mapping[str, Any] | None) -> list[int]:
     return [] if state is None else [int(l) for l in np.asarray(state["layers"]).reshape(-1)]
 
 
 def _choose_layers(requested: Sequence[int] | None, available: Sequence[int]) -> list[int]:
+    """Resolve a layer selection against the run's recorded layers.
+
+    A run does not store the model's block count, so a negative index counts back from the highest *recorded*
+    layer + 1: -1 is the highest recorded layer, -2 the block index below it (which must be recorded too).
+    This equals ``qkhooks record``/``spectrum``'s meaning (from the model's last block) whenever the last
+    block was recorded, as with the default (all blocks).
+    """
     if requested is None:
         return list(available)
     out = []
@@ -1187,7 +1232,8 @@ def _choose_layers(requested: Sequence[int] | None, available: Sequence[int]) ->
         if l < 0 and available:
             l = max(available) + 1 + l
         if l not in available:
-            raise QKHooksError(f"layer {l} is not in this run; it has layers {list(available)}.")
+            raise QKHooksError(f"layer {l} is not in this run; it has layers {list(available)} (negative indices "
+                               "count back from the highest recorded layer).")
         out.append(l)
     return out
 
@@ -1211,7 +1257,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run file written by `qkhooks record` (with modes, the default)")
     p.add_argument("--out", required=True, help="folder for modes.json, same_object.csv, anisotropy.csv and figures/")
     p.add_argument("--k", type=int, help="images per mode and sign (default: as recorded, 8)")
-    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7,-1' (default all)")
+    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7,-1' (default all recorded); unlike in `qkhooks "
+                   "record`/`spectrum`, negative indices count back from the highest *recorded* layer (-1 = the last "
+                   "recorded one), since a run does not store the model's depth")
     p.add_argument("--figure-modes", default="2", help="per head, draw figures for its first N modes ('all', 0 = none; default 2)")
     p.add_argument("--no-overview", action="store_true", help="skip the per-layer sheets of each head's leading mode")
     p.add_argument("--no-images", action="store_true", help="draw the maps on black instead of reopening the dataset")
