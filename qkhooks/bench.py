@@ -24,7 +24,6 @@ Timing assertions never belong in unit tests; tests/test_bench.py checks only th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import cProfile
 import dataclasses
@@ -51,7 +50,7 @@ from qkhooks.cli import command
 
 __all__ = [
     "quantile", "summarize", "interleaved_schedule", "paired_ratios", "SIZES", "Bench", "METHODS", "TARGETS",
-    "time_methods", "render_markdown", "save_results", "rows_folded", "main",
+    "time_methods", "render_markdown", "save_results", "main",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,27 +302,6 @@ class Bench:
 
 
 # ============================================================================================ methods
-def rows_folded(site: Any, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
-    """Proposed drop-in for :func:`qkhooks.attention.attention_rows`: the same rows without computing k.
-
-    q_t·k_j = q_t·(W_k x_j + b_k) = (W_k^T q_t)·x_j + q_t·b_k, and q_t·b_k is the same for every key j, so it
-    cancels in the softmax. Cost O(B·H·T·d·N) instead of the O(B·N·d·d) of recomputing every key.
-    """
-    if query_tokens.dim() == 1:
-        query_tokens = query_tokens[None].expand(x.shape[0], -1)
-    w, b = site.qk_linear()
-    h, dk = site.num_heads, site.head_dim
-    rows = h * dk
-    w = w.to(x.dtype)
-    idx = query_tokens.to(x.device).long()
-    x_q = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, T, d)
-    q = torch.nn.functional.linear(x_q, w[:rows], None if b is None else b[:rows].to(x.dtype))  # (B, T, H*dk)
-    q = q.unflatten(-1, (h, dk)).transpose(1, 2)  # (B, H, T, dk)
-    qk = torch.einsum("bhtk,hkd->bhtd", q, w[rows:].view(h, dk, -1))  # (B, H, T, d)
-    logits = (qk.flatten(1, 2) @ x.transpose(1, 2)).unflatten(1, (h, -1))  # (B, H, T, N)
-    return torch.softmax((logits * site.scale).float(), dim=-1)
-
-
 class Runner:
     """One method on one model: ``attach`` / ``step`` (one forward) / ``end_rep`` / ``detach`` / ``close``.
 
@@ -368,42 +346,32 @@ class RecordRunner(Runner):
     """``qkhooks.record`` with the given options, the spectrum precomputed; optionally a RunWriter sink.
 
     With ``writer=True`` every timed repetition ends with ``writer.flush()``, so the time includes the disk.
-    With ``folded_rows=True`` the rows come from :func:`rows_folded` (patched in between attach and detach).
+    Rows come from the library's :func:`qkhooks.attention.attention_rows` (keys folded away since patch A).
     """
 
-    def __init__(self, bench: Bench, options: dict[str, Any], writer: bool = False, folded_rows: bool = False,
-                 name: str = "record", compression: str = "none"):
+    def __init__(self, bench: Bench, options: dict[str, Any], writer: bool = False, name: str = "record",
+                 compression: str = "none", chunk_images: int | None = None):
         import qkhooks
 
         self.bench, self.model = bench, bench.timm()
         self.rows = "attention" in options
         spectrum = bench.spectrum if options.get("modes") is not None else None
         self.run = qkhooks.record(self.model, spectrum=spectrum, **options)
-        self.folded_rows = folded_rows
-        self._saved_rows = None
         self.writer = None
         self.path = bench.workdir / f"bench-{name}-{os.getpid()}.h5"
         if writer:
             from qkhooks.store import RunWriter
             from qkhooks.stream import WriterSink
 
-            self.writer = RunWriter(self.path, mode="overwrite", compression=compression,
+            self.writer = RunWriter(self.path, mode="overwrite", compression=compression, chunk_images=chunk_images,
                                     attrs={"model": bench.size.timm_name, "config": {"bench": name, **options}})
             self.run.sinks.append(WriterSink(self.writer))
 
     def attach(self) -> None:
-        if self.folded_rows:
-            import qkhooks.capture as capture
-
-            self._saved_rows, capture.attention_rows = capture.attention_rows, rows_folded
         self.run.attach()
 
     def detach(self) -> None:
         self.run.detach()
-        if self._saved_rows is not None:
-            import qkhooks.capture as capture
-
-            capture.attention_rows, self._saved_rows = self._saved_rows, None
 
     def step(self, images: torch.Tensor) -> Any:
         if self.rows:
@@ -478,9 +446,12 @@ class ExtractRunner(Runner):
         return {"maps": self.last}
 
 
+# -------------------------------------------------------------------------------- prototypes (not the library)
 class QKVProtoRunner(Runner):
-    """Prototype of the proposed capture path (not the library): q and k taken from the output of each timm
-    attention's own ``qkv`` Linear by a forward hook, so nothing the model computed is computed again.
+    """PROTOTYPE of proposed patch B, not the library (qkhooks does not capture this way yet).
+
+    q and k are taken from the output of each timm attention's own ``qkv`` Linear by a forward hook, so nothing
+    the model computed is computed again.
 
     Modes: x·u_n = (q - b_q)·a_n with a_n = W_k v_n / sigma_n (d_k x K per head, bias folded into a constant);
     rows: softmax(q_t k^T * scale) from the model's own q and k. Optionally streams to a RunWriter.
@@ -591,13 +562,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            family="hf", kind="baseline"),
     Method("hf_eager_attn", "HF ViTModel eager, output_attentions=True",
            lambda b: PlainRunner(b.hf("eager"), output_attentions=True), family="hf", reference="hf_sdpa", kind="peer"),
-    Method("rows2_folded", "proposed patch A: rows without recomputing k", _record({"modes": None, **ROWS},
-           folded_rows=True), kind="prototype"),
-    Method("full_hdf5_folded", "proposed patch A: full recording with folded rows",
-           _record({"modes": 16, **ROWS}, writer=True, folded_rows=True, name="full-folded"), kind="prototype"),
-    Method("proto_qkv_full_hdf5", "proposed patch B: top-16 + rows from the qkv output + HDF5",
+    Method("proto_qkv_full_hdf5", "prototype of patch B (not in the library): top-16 + rows from the qkv output + HDF5",
            lambda b: QKVProtoRunner(b, 16, rows=True, writer=True, name="proto-full"), kind="prototype"),
-    Method("proto_qkv_modes_all", "proposed patch B: all modes from the qkv output",
+    Method("proto_qkv_modes_all", "prototype of patch B (not in the library): all modes from the qkv output",
            lambda b: QKVProtoRunner(b, b.size.hidden // b.size.heads, rows=False, name="proto-all"), kind="prototype"),
 ]}
 
@@ -612,13 +579,21 @@ TARGETS: list[tuple[str, str, float]] = [
 # ============================================================================================ timing
 def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 1, batches_per_rep: int = 1,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Time each method ``rounds`` times, interleaved; returns per-method seconds per repetition and summaries."""
+    """Time each method ``rounds`` times, interleaved; per method: wall and process CPU seconds per repetition,
+    their summaries, and ratios to ``plain`` (and to the method's own-family reference) paired by round.
+
+    ``ratio_to_plain`` uses the primary metric: process CPU time on the CPU with one torch thread (every
+    thread of this process, the writer thread included; it does not move when other jobs take the cores, wall
+    time does), wall time otherwise (CUDA, or several threads whose OpenMP workers spin while they wait).
+    Both are kept (``ratio_to_plain_wall``, ``ratio_to_plain_cpu``).
+    """
     runners = {}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    order: list[str] = []
     try:
         for name in names:
             runners[name] = METHODS[name].build(bench)
-        times: dict[str, list[float]] = {n: [] for n in names}
-        order: list[str] = []
         gc.collect()
         gc.freeze()  # set-up objects leave the collector's view: the collect before each repetition is then cheap
         for r, name in interleaved_schedule(names, rounds, warmup):
@@ -628,16 +603,17 @@ def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 
             try:
                 with torch.no_grad():
                     _sync(bench.device)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     for _ in range(batches_per_rep):
                         runner.step(bench.images)
                     runner.end_rep()
                     _sync(bench.device)
-                    dt = time.perf_counter() - t0
+                    dt, dc = time.perf_counter() - t0, time.process_time() - c0
             finally:
                 runner.detach()
             if r >= 0:
-                times[name].append(dt)
+                wall[name].append(dt)
+                cpu[name].append(dc)
                 order.append(name)
                 if log and len(order) % len(names) == 0:
                     log(f"  round {r + 1}/{rounds} done (load {_load()})")
@@ -646,19 +622,25 @@ def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 
         for runner in runners.values():
             runner.close()
     images = bench.batch * batches_per_rep
-    out: dict[str, Any] = {"order_first_rounds": order[: 3 * len(names)], "methods": {}}
+    # CPU time measures work only when no OpenMP worker spins in a barrier: one torch thread on the CPU.
+    metric = "cpu" if bench.device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    primary = wall if metric == "wall" else cpu
+    out: dict[str, Any] = {"metric": metric, "order_first_rounds": order[: 3 * len(names)], "methods": {}}
     for name in names:
         m = METHODS[name]
         entry: dict[str, Any] = {
-            "label": m.label, "kind": m.kind, "family": m.family, "seconds": times[name],
-            "images_per_s": summarize([images / t for t in times[name]]),
-            "ms_per_batch": summarize([1000 * t / batches_per_rep for t in times[name]]),
+            "label": m.label, "kind": m.kind, "family": m.family, "wall_s": wall[name], "cpu_s": cpu[name],
+            "images_per_s": summarize([images / t for t in wall[name]]),
+            "ms_per_batch": summarize([1000 * t / batches_per_rep for t in wall[name]]),
+            "cpu_ms_per_batch": summarize([1000 * t / batches_per_rep for t in cpu[name]]),
         }
-        if "plain" in times:
-            entry["ratio_to_plain"] = summarize(paired_ratios(times[name], times["plain"]))
-        if m.reference != "plain" and m.reference in times:
+        if "plain" in wall:
+            entry["ratio_to_plain"] = summarize(paired_ratios(primary[name], primary["plain"]))
+            entry["ratio_to_plain_wall"] = summarize(paired_ratios(wall[name], wall["plain"]))
+            entry["ratio_to_plain_cpu"] = summarize(paired_ratios(cpu[name], cpu["plain"]))
+        if m.reference != "plain" and m.reference in wall:
             entry["reference"] = m.reference
-            entry["ratio_to_reference"] = summarize(paired_ratios(times[name], times[m.reference]))
+            entry["ratio_to_reference"] = summarize(paired_ratios(primary[name], primary[m.reference]))
         out["methods"][name] = entry
     return out
 
@@ -726,10 +708,10 @@ def child_main(payload: str) -> int:
     return 0
 
 
-def run_child(spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+def run_child(spec: dict[str, Any], timeout: float = 600, env: dict[str, str] | None = None) -> dict[str, Any]:
     code = "import sys; from qkhooks.bench import child_main; sys.exit(child_main(sys.argv[1]))"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout, cwd=str(ROOT))
+                          timeout=timeout, cwd=str(ROOT), env={**os.environ, **(env or {})})
     for line in proc.stdout.splitlines():
         if line.startswith(CHILD_MARK):
             return json.loads(line[len(CHILD_MARK):])
@@ -738,13 +720,17 @@ def run_child(spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
 
 def measure_memory(size: str, batch: int, names: Sequence[str], device: str, threads: int, workdir: Path,
                    steps: int = 2, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    out = {}
+    """Peak memory of each method, one fresh subprocess per method and allocator setting."""
+    out: dict[str, dict[str, Any]] = {}
     for name in names:
-        spec = dict(kind="method", size=size, batch=batch, method=name, steps=steps, threads=threads, device=device,
-                    workdir=str(workdir))
-        out[name] = run_child(spec)
+        out[name] = {}
+        for variant, env in MALLOC_VARIANTS.items():
+            spec = dict(kind="method", size=size, batch=batch, method=name, steps=steps, threads=threads,
+                        device=device, workdir=str(workdir))
+            out[name][variant] = run_child(spec, env=env)
         if log:
-            log(f"  memory {name}: +{_fmt(out[name].get('rss_peak_delta_mb'), 1)} MB")
+            log(f"  memory {name}: " + ", ".join(f"+{_fmt(r.get('rss_peak_delta_mb'), 1)} MB ({v})"
+                                                 for v, r in out[name].items()))
     return {"steps": steps, "methods": out}
 
 
@@ -764,53 +750,76 @@ def make_image_folder(folder: Path, count: int, size: int = 224, seed: int = 0) 
     return folder
 
 
+MALLOC_VARIANTS: dict[str, dict[str, str]] = {
+    "glibc default": {},
+    "fixed mmap threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+}
+"""Allocator settings for the memory-vs-images runs. glibc raises its mmap threshold each time a large block is
+freed, so later large arrays come from the heap and RSS wanders by tens of MB; a fixed threshold (128 KiB,
+glibc's initial value) returns every large block to the system on free and shows the true trend."""
+
+
 def dataset_memory(size: str, batch: int, base_images: int, threads: int, workdir: Path,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Issue 3: peak RSS of record_dataset (top-16 + rows + HDF5) at 1x and 10x the images, one process each."""
+    """Issue 3: peak RSS of record_dataset (top-16 + rows + HDF5) at 1x and 10x the images, one process each,
+    with glibc's default allocator settings and with a fixed mmap threshold (see :data:`MALLOC_VARIANTS`)."""
     image = SIZES[size].image
     folder = make_image_folder(workdir / "images", 10 * base_images, image)
-    out: dict[str, Any] = {"base_images": base_images, "batch": batch, "runs": {}}
-    for factor in (1, 10):
-        n = factor * base_images
-        spec = dict(kind="dataset", size=size, batch=batch, images=n, folder=str(folder), threads=threads,
-                    out=str(workdir / f"dataset-{n}.h5"), workdir=str(workdir))
-        t0 = time.perf_counter()
-        res = run_child(spec, timeout=1200)
-        res["seconds"] = time.perf_counter() - t0
-        res["file_mb"] = os.path.getsize(spec["out"]) / 2**20
-        os.unlink(spec["out"])
-        trace = res.get("rss_after_batch_mb") or []
-        half = trace[len(trace) // 2:]
-        if len(half) >= 3:  # least-squares slope of RSS over the second half, MB per 100 images
-            xs = [i * batch for i in range(len(half))]
-            mx, my = sum(xs) / len(xs), sum(half) / len(half)
-            res["rss_slope_mb_per_100_images"] = 100 * sum((x - mx) * (y - my) for x, y in zip(xs, half)) / sum(
-                (x - mx) ** 2 for x in xs)
-        out["runs"][str(factor)] = res
-        if log:
-            log(f"  record_dataset {n} images: peak +{_fmt(res.get('rss_peak_delta_mb'), 1)} MB")
+    out: dict[str, Any] = {"base_images": base_images, "batch": batch, "variants": {}}
+    for variant, env in MALLOC_VARIANTS.items():
+        runs: dict[str, Any] = {}
+        for factor in (1, 10):
+            n = factor * base_images
+            spec = dict(kind="dataset", size=size, batch=batch, images=n, folder=str(folder), threads=threads,
+                        out=str(workdir / f"dataset-{n}.h5"), workdir=str(workdir))
+            t0 = time.perf_counter()
+            res = run_child(spec, timeout=1200, env=env)
+            res["seconds"] = time.perf_counter() - t0
+            res["file_mb"] = os.path.getsize(spec["out"]) / 2**20
+            os.unlink(spec["out"])
+            trace = res.get("rss_after_batch_mb") or []
+            half = trace[len(trace) // 2:]
+            if len(half) >= 3:  # least-squares slope of RSS over the second half, MB per 100 images
+                xs = [i * batch for i in range(len(half))]
+                mx, my = sum(xs) / len(xs), sum(half) / len(half)
+                res["rss_slope_mb_per_100_images"] = 100 * sum((x - mx) * (y - my) for x, y in zip(xs, half)) / sum(
+                    (x - mx) ** 2 for x in xs)
+                res["rss_second_half_range_mb"] = [min(half), max(half)]
+            runs[str(factor)] = res
+            if log:
+                log(f"  record_dataset {n} images ({variant}): peak +{_fmt(res.get('rss_peak_delta_mb'), 1)} MB")
+        out["variants"][variant] = runs
     return out
 
 
 # ============================================================================================ micro benchmarks
+def _clock(device: torch.device) -> Callable[[], float]:
+    """Process CPU time on the CPU (robust to other jobs on a shared machine), wall time with CUDA."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
 def _interleaved_micro(fns: dict[str, Callable[[], Any]], rounds: int, device: torch.device,
                        warmup: int = 2) -> dict[str, dict[str, float]]:
     times: dict[str, list[float]] = {k: [] for k in fns}
+    clock = _clock(device)
     with torch.no_grad():
         for r, name in interleaved_schedule(list(fns), rounds, warmup):
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[name]()
             _sync(device)
             if r >= 0:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return {k: summarize([1000 * t for t in v]) for k, v in times.items()}
 
 
 def projection_bench(bench: Bench, rounds: int = 30) -> dict[str, Any]:
-    """Per layer (all heads): the x path (ModeProjector) vs the q/k path (QKPathProjector), and rows: the
-    library's attention_rows vs :func:`rows_folded` vs rows from the model's own k."""
-    from qkhooks.attention import attention_rows
+    """Per layer (all heads): the x path (ModeProjector) vs the q/k path (QKPathProjector); and attention rows of
+    the 2 query tokens three ways: ``library`` (``qkhooks.attention.attention_rows``, the keys folded away since
+    patch A), ``keys`` (the reference: softmax of ``qkhooks.attention._logits``, which computes every token's key,
+    the library's path before patch A) and ``from_k`` (from the model's own k, as patch B would). Errors are max
+    abs differences from ``keys``."""
+    from qkhooks.attention import _logits, attention_rows
     from qkhooks.projector import ModeProjector, QKPathProjector
 
     site = bench.sites()[0]
@@ -833,20 +842,25 @@ def projection_bench(bench: Bench, rounds: int = 30) -> dict[str, Any]:
     tokens = bench.query_tokens.to(bench.device)
     scale = site.scale
 
+    def rows_keys() -> torch.Tensor:
+        x_q = torch.gather(x, 1, tokens[..., None].expand(-1, -1, x.shape[-1]))
+        return torch.softmax(_logits(site, x_q, x).float(), dim=-1)
+
     def rows_from_k() -> torch.Tensor:
-        idx = tokens
-        q_t = q[torch.arange(q.shape[0], device=q.device)[:, None, None], torch.arange(q.shape[1], device=q.device)[None, :, None], idx[:, None, :]]
+        b_idx = torch.arange(q.shape[0], device=q.device)[:, None, None]
+        h_idx = torch.arange(q.shape[1], device=q.device)[None, :, None]
+        q_t = q[b_idx, h_idx, tokens[:, None, :]]  # (B, H, T, dk)
         return torch.softmax((q_t @ k.transpose(-1, -2) * scale).float(), -1)
 
+    fns = {"library": lambda: attention_rows(site, x, tokens), "keys": rows_keys, "from_k": rows_from_k}
     with torch.no_grad():
-        ref = attention_rows(site, x, tokens)
-        errs = {"folded": float((rows_folded(site, x, tokens) - ref).abs().max()),
-                "from_k": float((rows_from_k() - ref).abs().max())}
-    stats = _interleaved_micro({"library": lambda: attention_rows(site, x, tokens),
-                                "folded": lambda: rows_folded(site, x, tokens), "from_k": rows_from_k},
-                               rounds, bench.device)
-    out["rows"] = {name: {"ms": s, "max_abs_diff": errs.get(name, 0.0),
-                          "speedup": stats["library"]["median"] / s["median"]} for name, s in stats.items()}
+        ref = rows_keys()
+        errs = {name: float((fn() - ref).abs().max()) for name, fn in fns.items()}
+    stats = _interleaved_micro(fns, rounds, bench.device)
+    folded = site.num_heads * tokens.shape[1] < site.dim  # the library's condition for the folded path
+    out["library_rows_path"] = "folded" if folded else "keys"
+    out["rows"] = {name: {"ms": s, "max_abs_diff_vs_keys": errs[name],
+                          "speedup_vs_keys": stats["keys"]["median"] / s["median"]} for name, s in stats.items()}
     return out
 
 
@@ -874,11 +888,26 @@ def svd_bench(bench: Bench, rounds: int = 5, dense_rounds: int = 3) -> dict[str,
             "dense_whole_model_s_estimate": d["median"] * bench.size.layers / 1000}
 
 
+def _chunks_of_1mib(writer: Any) -> None:
+    """Make ``writer`` chunk every per-image dataset as RunWriter did before patch C: ~1 MiB chunks (at most 64
+    images) whatever the compression, so compressed chunks span several batches and are rewritten at each append."""
+    inner = writer._create_per_image
+
+    def create(name: str, value: Any, n: int) -> Any:
+        writer.chunk_images = int(min(64, max(1, (1 << 20) // max(1, value[0].nbytes))))
+        try:
+            return inner(name, value, n)
+        finally:
+            writer.chunk_images = None
+
+    writer._create_per_image = create  # looked up on the instance by the writer thread
+
+
 class _TimedWriter:
     """Wraps a RunWriter's ``write_batch`` (caller side, includes queue-full waits) and ``_do_batch`` (thread)."""
 
     def __init__(self, writer: Any):
-        self.writer, self.blocked, self.thread, self.bytes = writer, [], [], 0
+        self.writer, self.blocked, self.thread, self.thread_cpu = writer, [], [], []
         inner_write, inner_do = writer.write_batch, writer._do_batch
 
         def write_batch(ids, arrays):
@@ -887,9 +916,10 @@ class _TimedWriter:
             self.blocked.append(time.perf_counter() - t0)
 
         def do_batch(ids, arrays):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             inner_do(ids, arrays)
             self.thread.append(time.perf_counter() - t0)
+            self.thread_cpu.append(time.thread_time() - c0)
 
         writer.write_batch = write_batch
         writer._do_batch = do_batch  # looked up on the instance by the writer thread
@@ -899,15 +929,26 @@ def writer_bench(bench: Bench, compressions: Sequence[str], rounds: int = 6, bat
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Stream top-16 modes + rows through a RunWriter per codec, interleaved with a no-writer reference.
 
+    Chunking: plain ``X`` is the writer's default (~1 MiB chunks uncompressed; one chunk per batch when compressed,
+    since patch C); ``X@batch`` passes ``chunk_images=batch`` explicitly; ``X@1mib`` restores the ~1 MiB chunks of
+    every dataset as before patch C (for the before/after file sizes, see :func:`_chunks_of_1mib`).
+
     Per repetition: ``batches`` forwards, then ``flush`` (drain). Reported: time blocked inside write_batch
     per batch, the writer thread's time per batch, the drain at the end, and wall time vs no writer.
     """
     runners: dict[str, RecordRunner] = {"no_writer": RecordRunner(bench, {"modes": 16, **ROWS}, name="nowriter")}
     timed: dict[str, _TimedWriter] = {}
     for c in compressions:
-        runners[c] = RecordRunner(bench, {"modes": 16, **ROWS}, writer=True, name=f"writer-{c}", compression=c)
+        codec, _, chunking = c.partition("@")  # "lzf@batch": chunks of one batch (every chunk written once)
+        if chunking not in ("", "batch", "1mib"):
+            raise ValueError(f"unknown chunking {chunking!r} in {c!r}: use CODEC, CODEC@batch or CODEC@1mib")
+        runners[c] = RecordRunner(bench, {"modes": 16, **ROWS}, writer=True, name=f"writer-{codec}-{chunking}",
+                                  compression=codec, chunk_images=bench.batch if chunking == "batch" else None)
+        if chunking == "1mib":
+            _chunks_of_1mib(runners[c].writer)
         timed[c] = _TimedWriter(runners[c].writer)
     wall: dict[str, list[float]] = {k: [] for k in runners}
+    cpu: dict[str, list[float]] = {k: [] for k in runners}
     drain: dict[str, list[float]] = {k: [] for k in runners}
     gc.collect()
     gc.freeze()
@@ -918,22 +959,26 @@ def writer_bench(bench: Bench, compressions: Sequence[str], rounds: int = 6, bat
             if name in timed and r == 0:  # forget warm-up samples
                 timed[name].blocked.clear()
                 timed[name].thread.clear()
+                timed[name].thread_cpu.clear()
             runner.attach()
             try:
                 with torch.no_grad():
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     for _ in range(batches):
                         runner.step(bench.images)
                     t1 = time.perf_counter()
                     runner.end_rep()
-                    t2 = time.perf_counter()
+                    _sync(bench.device)
+                    t2, c2 = time.perf_counter(), time.process_time()
             finally:
                 runner.detach()
             if r >= 0:
                 wall[name].append(t2 - t0)
+                cpu[name].append(c2 - c0)
                 drain[name].append(t2 - t1)
         out: dict[str, Any] = {"batches_per_rep": batches, "batch": bench.batch, "codecs": {}}
         out["no_writer_ms_per_batch"] = summarize([1000 * t / batches for t in wall["no_writer"]])
+        out["no_writer_cpu_ms_per_batch"] = summarize([1000 * t / batches for t in cpu["no_writer"]])
         for c in compressions:
             tw = timed[c]
             w = runners[c].writer
@@ -942,15 +987,19 @@ def writer_bench(bench: Bench, compressions: Sequence[str], rounds: int = 6, bat
             size = os.path.getsize(runners[c].path)
             per_batch_mb = raw / max(1, w.committed) * bench.batch / 2**20
             thread = summarize([1000 * t for t in tw.thread])
+            thread_cpu = summarize([1000 * t for t in tw.thread_cpu])
             out["codecs"][c] = {
                 "blocked_ms_per_batch": summarize([1000 * t for t in tw.blocked]),
                 "blocked_fraction_of_wall": sum(tw.blocked) / sum(wall[c]),
                 "writer_thread_ms_per_batch": thread,
+                "writer_thread_cpu_ms_per_batch": thread_cpu,
                 "drain_ms_per_rep": summarize([1000 * t for t in drain[c]]),
                 "wall_ms_per_batch": summarize([1000 * t / batches for t in wall[c]]),
                 "wall_ratio_to_no_writer": summarize(paired_ratios(wall[c], wall["no_writer"])),
-                "mb_per_batch": per_batch_mb, "thread_mb_per_s": per_batch_mb / (thread["median"] / 1000),
-                "file_ratio": raw / size if size else None,
+                "cpu_ratio_to_no_writer": summarize(paired_ratios(cpu[c], cpu["no_writer"])),
+                "mb_per_batch": per_batch_mb, "thread_mb_per_s": per_batch_mb / (thread_cpu["median"] / 1000),
+                "file_ratio": raw / size if size else None, "file_mb": size / 2**20, "images": w.committed,
+                "file_mb_per_batch": size / max(1, w.committed) * bench.batch / 2**20,
             }
             if log:
                 log(f"  writer {c}: thread {thread['median']:.1f} ms/batch")
@@ -1098,6 +1147,10 @@ def op_diff(bench: Bench, name: str, base: str = "plain", steps: int = 2, top: i
 
 
 # ============================================================================================ results
+def _threads(entry: dict[str, Any]) -> Any:
+    return entry.get("machine", {}).get("torch_threads")
+
+
 def _label(model: str) -> str:
     return SIZES[model].label if model in SIZES else model
 
@@ -1156,67 +1209,97 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
 def render_markdown(data: dict[str, Any]) -> str:
     """RESULTS.md from the merged JSON: machine, commands, headline tables, targets, sections, profiles."""
     entries: dict[str, dict[str, Any]] = data.get("entries", {})
+    order = {k: i for i, k in enumerate(SIZES)}
     by_section: dict[str, list[tuple[str, dict]]] = {}
-    for key, e in sorted(entries.items()):
+    for key, e in sorted(entries.items(), key=lambda kv: (order.get(kv[1]["model"], 99), kv[1]["device"],
+                                                          str(_threads(kv[1])), kv[0])):
         by_section.setdefault(e["section"], []).append((key, e))
     L: list[str] = ["# qkhooks benchmarks", "",
                     "Generated by `qkhooks.bench` from `benchmarks/results.json` (machine-readable, every sample kept). "
                     "Do not edit by hand: re-run a command below and this file is re-rendered from the merged JSON.", ""]
-    machines = {json.dumps(e.get("machine", {}), sort_keys=True) for e in entries.values()}
+    threads = sorted({str(_threads(e)) for e in entries.values()})
+    machines = {json.dumps({k: v for k, v in e.get("machine", {}).items() if k != "torch_threads"}, sort_keys=True)
+                for e in entries.values()}
     L += ["## Machine", ""]
     for m in sorted(machines):
         m = json.loads(m)
         if m:
             L.append(f"- CPU: {m.get('cpu')} ({m.get('cores')} cores, {m.get('memory_gib')} GiB); torch {m.get('torch')} "
-                     f"with **{m.get('torch_threads')} intra-op threads** (set explicitly), {m.get('torch_interop_threads')} "
-                     f"inter-op; timm {m.get('timm')}, transformers {m.get('transformers')}, h5py {m.get('h5py')} "
-                     f"(HDF5 {m.get('hdf5')}), numpy {m.get('numpy')}, Python {m.get('python')}; GPU: {m.get('gpu') or 'none'}.")
+                     f"with **{' or '.join(threads)} intra-op thread(s), set explicitly** per run (each table says which), "
+                     f"{m.get('torch_interop_threads')} inter-op; timm {m.get('timm')}, transformers {m.get('transformers')}, "
+                     f"h5py {m.get('h5py')} (HDF5 {m.get('hdf5')}), numpy {m.get('numpy')}, Python {m.get('python')}; "
+                     f"GPU: {m.get('gpu') or 'none'}.")
     cuda = any(e.get("device") == "cuda" for e in entries.values())
     if not cuda:
         L += ["- GPU rows: **pending: no GPU lent** to the session that produced these numbers. The code is CUDA-ready "
               "(`torch.cuda.synchronize` around every timed region, `torch.cuda.max_memory_allocated` for peaks): "
               "run the same command with `--device cuda`."]
     L += ["", "## Commands", ""]
-    commands = sorted({(e.get("command", ""), e.get("when", "")[:10]) for e in entries.values()}, key=lambda t: t[1])
-    for cmd, when in dict.fromkeys(commands):
-        L.append(f"- `{cmd}` ({when})")
+    first_run: dict[str, str] = {}
+    for e in entries.values():
+        cmd, when = e.get("command", ""), e.get("when", "")
+        first_run[cmd] = min(first_run.get(cmd, when), when)
+    for cmd, when in sorted(first_run.items(), key=lambda t: t[1]):
+        sections = sorted({f"{e['section']}/{e['model']}" for e in entries.values() if e.get("command") == cmd})
+        L.append(f"- `{cmd}` ({when.replace('T', ' ')}; {', '.join(sections)})")
     L += ["", "Statistics: methods run interleaved in rounds (every method once per round, the order rotated each "
           "round), after warm-up rounds; each cell is the **median [first quartile, third quartile]** over rounds. "
           "Overheads are paired per round: time of the method / time of the plain forward in the same round, minus 1. "
-          "The machine is shared (2 cores, other people's tests); the load averages before/after each section are listed.",
+          "On the CPU the primary metric is the **process CPU time** (`time.process_time`: every thread of the process, "
+          "the HDF5 writer thread included): the machine is shared (2 cores, other people's test suites, load averages "
+          "listed per section), which moves wall time by tens of percent from one second to the next but hardly moves "
+          "the CPU time a forward consumes. Wall-time ratios are shown beside it; with CUDA, wall time is primary. "
+          "CPU time is primary only with one torch thread (no OpenMP worker spinning in a barrier, so CPU time is work "
+          "done); with several threads wall time is primary. I/O waits are not CPU time, which is why the writer "
+          "section measures the time blocked in `write_batch` separately.",
           ""]
 
-    peaks: dict[tuple[str, str], dict] = {}
+    notes = data.get("notes")
+    if notes:
+        L += [notes.strip(), ""]
+    peaks: dict[tuple[str, str, Any], dict] = {}
     for key, e in by_section.get("memory", []):
-        peaks[(e["model"], e["device"])] = e["data"]
+        peaks[(e["model"], e["device"], _threads(e))] = e["data"]
     for key, e in by_section.get("methods", []):
         d = e["data"]
         p = e["params"]
-        L += [f"## Methods: {_label(e['model'])}, {e['device']}, batch {p['batch']}", "",
+        L += [f"## Methods: {_label(e['model'])}, {e['device']}, batch {p['batch']}, {_threads(e)} torch thread(s)", "",
               f"{p['rounds']} rounds after {p['warmup']} warm-up, {p['batches_per_rep']} forward(s) per repetition; "
               f"load average before {e.get('load_before')}, after {e.get('load_after')}.", ""]
-        memory = peaks.get((e["model"], e["device"]), {})
+        memory = peaks.get((e["model"], e["device"], _threads(e)), {})
         mem = memory.get("methods", {})
+        metric = d.get("metric", "wall")
         rows = []
         for name, m in d["methods"].items():
             ref = f"{_overhead(m.get('ratio_to_reference'))} vs {m['reference']}" if "reference" in m else ""
             pk = mem.get(name, {})
-            peak = _fmt(pk.get("rss_peak_delta_mb"), 0)
-            if pk.get("cuda_peak_delta_mb") is not None:
-                peak += f" (GPU {_fmt(pk['cuda_peak_delta_mb'], 0)})"
-            rows.append([f"`{name}`", m["label"], _med_iqr(m["images_per_s"], 2), _med_iqr(m["ms_per_batch"], 0),
-                         _overhead(m.get("ratio_to_plain")), ref, peak])
-        L += _table(["method", "what", "images/s", "ms/batch", "vs plain fused", "vs own-family reference",
-                     "peak RSS over set-up (MB)"], rows)
+            if "rss_peak_delta_mb" in pk:  # a single measurement (older files)
+                pk = {"glibc default": pk}
+            peaks_cells = [_fmt(pk.get(v, {}).get("rss_peak_delta_mb"), 0) for v in MALLOC_VARIANTS]
+            gpu = next((r["cuda_peak_delta_mb"] for r in pk.values() if r.get("cuda_peak_delta_mb") is not None), None)
+            if gpu is not None:
+                peaks_cells[0] += f" (GPU {_fmt(gpu, 0)})"
+            rows.append([f"`{name}`", m["label"], _med_iqr(m["images_per_s"], 2), _med_iqr(m.get("cpu_ms_per_batch"), 0),
+                         f"**{_overhead(m.get('ratio_to_plain'))}**",
+                         _overhead(m.get("ratio_to_plain_wall" if metric == "cpu" else "ratio_to_plain_cpu")), ref,
+                         *peaks_cells])
+        primary = "process CPU time" if metric == "cpu" else "wall time"
+        secondary = "wall" if metric == "cpu" else "process CPU time; OpenMP spinning included"
+        L += _table(["method", "what", "images/s (wall)", "CPU ms/batch", f"overhead vs plain ({primary})",
+                     f"overhead vs plain ({secondary})", f"vs own-family reference ({primary})",
+                     *[f"peak RSS over set-up, MB ({v})" for v in MALLOC_VARIANTS]], rows)
         L += ["", "Peak memory: one fresh subprocess per method, RSS high-water mark (VmHWM, reset after set-up via "
               "`/proc/self/clear_refs`) minus RSS after set-up (model built, hooks attached), over "
-              f"{memory.get('steps')} forwards of the same batch." if mem else "Peak memory: not measured.", ""]
-        L += [f"### Targets ({_label(e['model'])}, {e['device']})", ""]
+              f"{memory.get('steps')} forwards of the same batch; with glibc's default malloc and with a fixed mmap "
+              "threshold (`MALLOC_MMAP_THRESHOLD_=131072`, which returns every large block on free, so the peak is the "
+              "memory really live rather than allocator slack)." if mem else "Peak memory: not measured.", ""]
+        L += [f"### Targets ({_label(e['model'])}, {e['device']}, {_threads(e)} thread(s))", ""]
         trows = []
         for name, what, limit in TARGETS:
             ratio = d["methods"].get(name, {}).get("ratio_to_plain")
             trows.append([what, f"`{name}`", f"<= {100 * limit:.0f}%", _overhead(ratio), target_verdict(ratio, limit)])
-        for name, what in (("timm_extract", "anchor: timm AttentionExtract"), ("hf_eager_attn", "anchor: HF eager output_attentions")):
+        anchors = (("timm_extract", "anchor: timm AttentionExtract"), ("hf_eager_attn", "anchor: HF eager output_attentions"))
+        for name, what in anchors:
             m = d["methods"].get(name)
             if m:
                 trows.append([what, f"`{name}`", "(~15-20% published)", _overhead(m.get("ratio_to_plain")),
@@ -1228,17 +1311,24 @@ def render_markdown(data: dict[str, Any]) -> str:
         L += [f"## Projection paths and attention rows ({e['model']}, {e['device']}, one layer, all heads, batch "
               f"{d['batch']}, {d['tokens']} tokens)", "",
               "x path: `ModeProjector`, x (B, N, d) @ [U_K | V_K] (d x 2HK). q/k path: `QKPathProjector`, (q - b_q) a_n "
-              "with d_k x K per head, q and k taken as given (the model computes them anyway). Times are ms per layer, "
-              "median [IQR]; x12 layers per forward.", ""]
+              "with d_k x K per head, q and k taken as given (the model computes them anyway). Times are ms per layer "
+              f"(CPU time on the CPU), median [IQR]; x{d['layers']} layers per forward.", ""]
         rows = [[k, _med_iqr(v["x_ms"], 3), _med_iqr(v["qk_ms"], 3), f"{v['speedup']:.2f}x", f"{v['max_rel_diff']:.1e}"]
                 for k, v in d["paths"].items()]
         L += _table(["modes K", "x path (ms/layer)", "q/k path (ms/layer)", "speed-up of q/k path", "max rel. difference"],
                     rows) + [""]
-        rows = [[k, _med_iqr(v["ms"], 3), f"{v['speedup']:.2f}x", f"{v['max_abs_diff']:.1e}"] for k, v in d["rows"].items()]
-        L += ["Attention rows of 2 query tokens, one layer: `library` = `qkhooks.attention.attention_rows` (recomputes k "
-              "for every token: B·N·d² work), `folded` = `rows_folded` (proposed patch A: (W_k^T q_t)·x_j, the q_t·b_k "
-              "term is constant over keys and cancels in the softmax), `from_k` = from the model's own k (patch B).", ""]
-        L += _table(["rows", "ms/layer", "speed-up vs library", "max abs diff vs library"], rows) + [""]
+        if "max_abs_diff_vs_keys" in next(iter(d["rows"].values())):
+            rows = [[f"`{k}`", _med_iqr(v["ms"], 3), f"{v['speedup_vs_keys']:.2f}x", f"{v['max_abs_diff_vs_keys']:.1e}"]
+                    for k, v in d["rows"].items()]
+            L += ["Attention rows of 2 query tokens, one layer: `library` = `qkhooks.attention.attention_rows` "
+                  f"(path taken here: {d.get('library_rows_path', 'n/a')}; patch A folds the keys away, "
+                  "(W_k^T q_t)·x_j, as q_t·b_k is constant over keys and cancels in the softmax: B·H·T·d·N work); "
+                  "`keys` = the reference that computes every token's key (softmax of `qkhooks.attention._logits`, "
+                  "the library's path before patch A: B·N·d² work); `from_k` = from the model's own k (patch B).", ""]
+            L += _table(["rows", "ms/layer", "speed-up vs keys", "max abs diff vs keys"], rows) + [""]
+        else:  # results from before patch A
+            rows = [[k, _med_iqr(v["ms"], 3), f"{v['speedup']:.2f}x", f"{v['max_abs_diff']:.1e}"] for k, v in d["rows"].items()]
+            L += _table(["rows (before patch A)", "ms/layer", "speed-up vs library", "max abs diff vs library"], rows) + [""]
 
     for key, e in by_section.get("svd", []):
         d = e["data"]
@@ -1258,14 +1348,22 @@ def render_markdown(data: dict[str, Any]) -> str:
               f"Each repetition streams {d['batches_per_rep']} batches through `record` + `RunWriter`, then flushes. "
               "`blocked` = time inside `write_batch` (host copy + queue-full waits), the only time the forward loop "
               "waits on I/O; `thread` = the writer thread's time per batch (runs beside the next forward, competing "
-              f"for the 2 cores); `drain` = the final flush. No-writer reference: {_med_iqr(d['no_writer_ms_per_batch'], 0)} "
-              f"ms/batch. Load before {e.get('load_before')}, after {e.get('load_after')}.", ""]
+              f"for the cores); `drain` = the final flush. No-writer reference: {_med_iqr(d['no_writer_ms_per_batch'], 0)} "
+              f"ms/batch wall, {_med_iqr(d.get('no_writer_cpu_ms_per_batch'), 0)} ms/batch CPU. Load before "
+              f"{e.get('load_before')}, after {e.get('load_after')}.", ""]
         rows = [[c, _med_iqr(v["blocked_ms_per_batch"], 2), f"{100 * v['blocked_fraction_of_wall']:.2f}%",
-                 _med_iqr(v["writer_thread_ms_per_batch"], 1), f"{v['thread_mb_per_s']:.0f}", _med_iqr(v["drain_ms_per_rep"], 1),
-                 _overhead(v["wall_ratio_to_no_writer"]), f"{v['mb_per_batch']:.1f}", _fmt(v["file_ratio"], 2)]
+                 _med_iqr(v.get("writer_thread_cpu_ms_per_batch"), 1), _med_iqr(v["writer_thread_ms_per_batch"], 1),
+                 f"{v['thread_mb_per_s']:.0f}", _med_iqr(v["drain_ms_per_rep"], 1), _overhead(v.get("cpu_ratio_to_no_writer")),
+                 _overhead(v["wall_ratio_to_no_writer"]), f"{v['mb_per_batch']:.1f}", _fmt(v.get("file_mb_per_batch"), 1),
+                 _fmt(v["file_ratio"], 2)]
                 for c, v in d["codecs"].items()]
-        L += _table(["codec", "blocked ms/batch", "blocked % of wall", "thread ms/batch", "thread MB/s", "drain ms/rep",
-                     "wall vs no writer", "MB/batch", "compression ratio"], rows) + [""]
+        L += ["Chunking: `CODEC` = the writer's default (~1 MiB chunks uncompressed; one chunk per batch when compressed, "
+              "since patch C); `CODEC@batch` = `chunk_images` of one batch, given explicitly; `CODEC@1mib` = the ~1 MiB "
+              "chunks of before patch C (compressed chunks spanning several batches, rewritten at every append). The compression "
+              "ratio is raw bytes / file size: below 1 means the file is *larger* than the raw data.", ""]
+        L += _table(["codec", "blocked ms/batch", "blocked % of wall", "thread CPU ms/batch", "thread wall ms/batch",
+                     "thread MB/s (CPU)", "drain ms/rep", "CPU time vs no writer", "wall vs no writer", "raw MB/batch",
+                     "file MB/batch", "compression ratio"], rows) + [""]
 
     for key, e in by_section.get("codecs", []):
         d = e["data"]
@@ -1278,19 +1376,28 @@ def render_markdown(data: dict[str, Any]) -> str:
     for key, e in by_section.get("dataset_memory", []):
         d = e["data"]
         L += [f"## Memory does not grow with the number of images (issue 3; {e['model']}, batch {d['batch']})", "",
-              "`record_dataset` (folder of JPEGs, top-16 modes + rows, RunWriter, no reducers), one fresh process per "
-              "size; peak = VmHWM after the model is built minus RSS then.", ""]
+              "`record_dataset` (a folder of JPEGs, top-16 modes + rows, RunWriter, no reducers), one fresh process per "
+              "run; peak = VmHWM after the model is built minus RSS then; RSS is sampled after every batch. glibc's "
+              "default malloc raises its mmap threshold whenever a large block is freed, after which large arrays come "
+              "from the heap and RSS wanders by tens of MB without a trend; the runs with a fixed threshold "
+              "(`MALLOC_MMAP_THRESHOLD_=131072`) show the trend without that noise.", ""]
         rows = []
-        for factor, r in d["runs"].items():
-            rows.append([f"{factor}x", r["images"], _fmt(r.get("rss_peak_delta_mb"), 1), _fmt(r.get("rss_peak_mb"), 0),
-                         _fmt(r.get("rss_slope_mb_per_100_images"), 2), f"{r['file_mb']:.0f}", f"{r['seconds']:.0f}"])
-        L += _table(["size", "images", "peak RSS over start (MB)", "peak RSS (MB)", "RSS slope, 2nd half (MB/100 images)",
-                     "file MB", "wall s"], rows)
-        one, ten = d["runs"].get("1", {}).get("rss_peak_delta_mb"), d["runs"].get("10", {}).get("rss_peak_delta_mb")
-        if one is not None and ten is not None:
-            flat = ten <= one + max(16.0, 0.1 * one)
-            L += ["", f"Verdict: {'**flat** (met)' if flat else '**grows** (missed)'}: peak at 10x the images is "
-                  f"{ten - one:+.1f} MB from 1x.", ""]
+        verdicts = []
+        for variant, runs in d.get("variants", {"glibc default": d.get("runs", {})}).items():
+            for factor, r in runs.items():
+                rng = r.get("rss_second_half_range_mb")
+                rows.append([variant, f"{factor}x", r["images"], _fmt(r.get("rss_peak_delta_mb"), 1),
+                             _fmt(r.get("rss_peak_mb"), 0), f"{rng[0]:.0f}-{rng[1]:.0f}" if rng else "n/a",
+                             _fmt(r.get("rss_slope_mb_per_100_images"), 2), f"{r['file_mb']:.0f}", f"{r['seconds']:.0f}"])
+            one, ten = runs.get("1", {}).get("rss_peak_delta_mb"), runs.get("10", {}).get("rss_peak_delta_mb")
+            if one is not None and ten is not None:
+                flat = ten <= one + max(16.0, 0.1 * one)
+                verdicts.append(f"{variant}: peak at 10x the images {ten - one:+.1f} MB from 1x "
+                                f"({'flat' if flat else 'higher'})")
+        L += _table(["malloc", "size", "images", "peak RSS over start (MB)", "peak RSS (MB)", "RSS range, 2nd half (MB)",
+                     "RSS slope, 2nd half (MB/100 images)", "file MB", "wall s"], rows)
+        if verdicts:
+            L += ["", "Peaks: " + "; ".join(verdicts) + ".", ""]
 
     for key, e in by_section.get("profile", []):
         d = e["data"]
@@ -1306,10 +1413,8 @@ def render_markdown(data: dict[str, Any]) -> str:
             L += [f"**`{od['method']}` vs `{od['base']}`** (self CPU ms per batch; totals {od['total_ms']:.0f} vs "
                   f"{od['total_base_ms']:.0f}):", ""]
             L += _table(["op", "extra ms/batch", "ms/batch"],
-                        [[f"`{o['op']}`", f"{o['extra_ms_per_batch']:+.1f}", f"{o['ms_per_batch']:.1f}"] for o in od["ops"]]) + [""]
-    notes = data.get("notes")
-    if notes:
-        L += ["## Analysis and proposed fixes", "", notes.strip(), ""]
+                        [[f"`{o['op']}`", f"{o['extra_ms_per_batch']:+.1f}", f"{o['ms_per_batch']:.1f}"]
+                         for o in od["ops"]]) + [""]
     return "\n".join(L).rstrip() + "\n"
 
 
@@ -1326,18 +1431,31 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--memory-steps", type=int, default=2, help="forwards per memory subprocess")
     p.add_argument("--dataset-images", type=int, default=40, help="images of the 1x record_dataset run (10x is the other)")
-    p.add_argument("--compressions", default="none,lzf,gzip", help="codecs for the writer section")
+    p.add_argument("--compressions", default="none,lzf,gzip,lzf@1mib,gzip@1mib",
+                   help="codecs for the writer section: CODEC (the writer's default chunks), CODEC@batch (chunks of one "
+                        "batch), CODEC@1mib (the ~1 MiB chunks of before patch C)")
     p.add_argument("--workdir", help="folder for temporary run files (default: a temporary folder)")
     p.add_argument("--out", default=str(DEFAULT_MD), help="Markdown results (re-rendered from the JSON)")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="machine-readable results, merged across runs")
     p.add_argument("--fresh", action="store_true", help="start the JSON afresh instead of merging")
-    p.add_argument("--notes", help="Markdown put under 'Analysis and proposed fixes' (default benchmarks/ANALYSIS.md)")
+    p.add_argument("--notes", help="Markdown put at the top of the results (default benchmarks/ANALYSIS.md)")
+    p.add_argument("--render-only", action="store_true", help="only re-render the Markdown from the JSON and the notes")
 
 
-@command("bench", "benchmark capture, projection, attention rows and HDF5 streaming against plain forwards and peers")(_bench_args)
+@command("bench", "benchmark capture, projection, attention rows and HDF5 streaming against plain forwards and "
+                  "peers")(_bench_args)
 def run_bench(args: argparse.Namespace) -> int:
     from qkhooks.errors import QKHooksError
 
+    if args.render_only:
+        data = json.loads(Path(args.json).read_text())
+        notes = Path(args.notes) if args.notes else DEFAULT_NOTES
+        if notes.exists():
+            data["notes"] = notes.read_text()
+            Path(args.json).write_text(json.dumps(data, indent=1, default=str))
+        Path(args.out).write_text(render_markdown(data))
+        print(f"wrote {args.out}")
+        return 0
     torch.set_num_threads(args.threads)
     sizes = [s.strip() for s in args.models.split(",") if s.strip()]
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -1367,7 +1485,7 @@ def run_bench(args: argparse.Namespace) -> int:
         log(f"[{section}] {size} on {dev} ...")
         before, t0 = _load(), time.perf_counter()
         result = fn()
-        entries[f"{section}/{size}/{dev}"] = {
+        entries[f"{section}/{size}/{dev}/t{args.threads}"] = {
             "section": section, "model": size, "device": dev, "command": cmd, "params": params, "machine": machine,
             "when": datetime.datetime.now().isoformat(timespec="seconds"), "load_before": before, "load_after": _load(),
             "seconds": time.perf_counter() - t0, "data": result}

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import qkhooks
-import qkhooks.capture
 from qkhooks import bench as B
-from qkhooks.attention import attention_rows
+from qkhooks.attention import _logits, attention_rows
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -121,7 +120,7 @@ def test_each_method_produces_what_it_claims_and_leaves_no_hooks(bench):
         both = out["modes16_rows2"]["batch"].arrays()
         assert {"modes/L0/query", "modes/L0/key", "attention/L0/rows", "attention/query_tokens"} <= set(both)
 
-        for name in ("full_hdf5", "full_hdf5_folded", "proto_qkv_full_hdf5"):
+        for name in ("full_hdf5", "proto_qkv_full_hdf5"):
             runners[name].writer.flush()
             with h5py.File(runners[name].path, "r", swmr=True) as f:
                 assert f["images"].attrs["committed"] == b, name
@@ -140,9 +139,12 @@ def test_each_method_produces_what_it_claims_and_leaves_no_hooks(bench):
         att = out["hf_eager_attn"]["attentions"]
         assert len(att) == layers and tuple(att[0].shape) == (b, h, n, n)
 
-        folded = out["rows2_folded"]["batch"].layers[1].attention["rows"]
-        assert torch.allclose(folded, rows, atol=1e-6)
-        assert qkhooks.capture.attention_rows is attention_rows  # the patch is undone on detach
+        site = bench.sites()[1]  # rows2 took the library's folded path (no keys), and the eager maps above, which
+        assert site.num_heads * 2 < site.dim  # the model computed from its own keys, hold the same rows
+        # patch A is in the library now: no prototype of it remains; patch B's prototypes stay labelled as such
+        assert {name for name, m in B.METHODS.items() if m.kind == "prototype"} == {"proto_qkv_full_hdf5", "proto_qkv_modes_all"}
+        assert all("prototype" in B.METHODS[n].label for n in ("proto_qkv_full_hdf5", "proto_qkv_modes_all"))
+        assert not hasattr(B, "rows_folded") and "rows_folded" not in B.__all__
 
         proto = out["proto_qkv_full_hdf5"]["arrays"]  # patch B prototype: same maps and rows, biases included
         for key in ("modes/L0/query", "modes/L1/key", "attention/L1/rows"):
@@ -157,22 +159,53 @@ def test_each_method_produces_what_it_claims_and_leaves_no_hooks(bench):
 
 
 def test_time_methods_keeps_one_sample_per_round_and_pairs_ratios(bench):
-    res = B.time_methods(bench, ["plain", "capture", "rows2"], rounds=2, warmup=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: process CPU time is the primary metric
+    try:
+        res = B.time_methods(bench, ["plain", "capture", "rows2"], rounds=2, warmup=1)
+    finally:
+        torch.set_num_threads(threads)
     assert res["order_first_rounds"] == [m for r, m in B.interleaved_schedule(["plain", "capture", "rows2"], 2, 1) if r >= 0]
     for name, m in res["methods"].items():
-        assert len(m["seconds"]) == 2 and m["images_per_s"]["n"] == 2
+        assert len(m["wall_s"]) == len(m["cpu_s"]) == 2 and m["images_per_s"]["n"] == m["cpu_ms_per_batch"]["n"] == 2
+    assert res["metric"] == "cpu"  # process CPU time is the primary metric on the CPU
     assert res["methods"]["plain"]["ratio_to_plain"]["median"] == 1.0
+    assert res["methods"]["rows2"]["ratio_to_plain"] == B.summarize(
+        B.paired_ratios(res["methods"]["rows2"]["cpu_s"], res["methods"]["plain"]["cpu_s"]))
 
 
-def test_rows_folded_equals_the_library_rows_on_every_family(tiny):
+def _rows_with_keys(site, x, tokens):
+    """The reference: rows from every token's key (the library's path before patch A)."""
+    x_q = torch.gather(x, 1, tokens[..., None].expand(-1, -1, x.shape[-1]))
+    return torch.softmax(_logits(site, x_q, x).float(), dim=-1)
+
+
+def test_library_rows_equal_the_rows_computed_from_the_keys_on_every_family(tiny):
     model = tiny.model()
     sites = qkhooks.sites(model)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, sites[0].grid[0] * sites[0].grid[1] + tiny.prefix, sites[0].dim, generator=g)
-    tokens = torch.tensor([[0, 3], [1, 2]])
+    few = torch.tensor([[0, 3], [1, 2]])
+    many = torch.arange(x.shape[1])[None].expand(2, -1)  # H·T >= d: the library computes the keys
     for site in sites:
+        assert site.num_heads * few.shape[1] < site.dim <= site.num_heads * many.shape[1]  # both paths exercised
         with torch.no_grad():
-            assert torch.allclose(B.rows_folded(site, x, tokens), attention_rows(site, x, tokens), atol=1e-6)
+            for tokens in (few, many):
+                ref = _rows_with_keys(site, x, tokens)
+                got = attention_rows(site, x, tokens)
+                assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-6), (site.layer, tokens.shape)
+
+
+def test_projection_bench_compares_library_rows_with_the_keys_reference(bench):
+    res = B.projection_bench(bench, rounds=1)
+    assert res["library_rows_path"] == "folded"
+    assert set(res["rows"]) == {"library", "keys", "from_k"}
+    assert res["rows"]["keys"]["max_abs_diff_vs_keys"] == 0.0
+    for name in ("library", "from_k"):
+        assert res["rows"][name]["max_abs_diff_vs_keys"] < 1e-5, name
+        assert res["rows"][name]["ms"]["n"] == 1 and res["rows"][name]["speedup_vs_keys"] > 0
+    for v in res["paths"].values():
+        assert v["max_rel_diff"] < 1e-4
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -199,29 +232,33 @@ def _entry(section, data, model="vit_s", **extra):
 
 
 def test_results_files_merge_and_render(tmp_path):
-    methods = {name: {"label": B.METHODS[name].label, "kind": "x", "family": "timm", "seconds": [0.1] * 3,
-                      "images_per_s": _s(80.0), "ms_per_batch": _s(100.0), "ratio_to_plain": _s(ratio)}
+    methods = {name: {"label": B.METHODS[name].label, "kind": "x", "family": "timm", "wall_s": [0.1] * 3,
+                      "cpu_s": [0.1] * 3, "images_per_s": _s(80.0), "ms_per_batch": _s(100.0),
+                      "cpu_ms_per_batch": _s(90.0), "ratio_to_plain": _s(ratio), "ratio_to_plain_wall": _s(1.5)}
                for name, ratio in (("plain", 1.0), ("capture", 1.01), ("rows2", 1.12), ("full_hdf5", 1.08))}
     methods["timm_extract"] = {**methods["rows2"], "reference": "timm_eager", "ratio_to_reference": _s(1.2)}
     params = {"batch": 8, "rounds": 3, "warmup": 1, "batches_per_rep": 2}
     entries = {
-        "methods/vit_s/cpu": _entry("methods", {"methods": methods}, params=params),
-        "memory/vit_s/cpu": _entry("memory", {"steps": 2, "methods": {"plain": {"rss_peak_delta_mb": 12.5}}}),
-        "dataset_memory/vit_s/cpu": _entry("dataset_memory", {"base_images": 4, "batch": 2, "runs": {
+        "methods/vit_s/cpu": _entry("methods", {"metric": "cpu", "methods": methods}, params=params),
+        "memory/vit_s/cpu": _entry("memory", {"steps": 2, "methods": {"plain": {
+            "glibc default": {"rss_peak_delta_mb": 12.5}, "fixed mmap threshold": {"rss_peak_delta_mb": 7.0}}}}),
+        "dataset_memory/vit_s/cpu": _entry("dataset_memory", {"base_images": 4, "batch": 2, "variants": {"glibc default": {
             "1": {"images": 4, "rss_peak_delta_mb": 20.0, "rss_peak_mb": 700.0, "file_mb": 1.0, "seconds": 3.0},
-            "10": {"images": 40, "rss_peak_delta_mb": 21.0, "rss_peak_mb": 701.0, "file_mb": 9.0, "seconds": 9.0,
-                   "rss_slope_mb_per_100_images": 0.01}}}),
+            "10": {"images": 40, "rss_peak_delta_mb": 61.0, "rss_peak_mb": 741.0, "file_mb": 9.0, "seconds": 9.0,
+                   "rss_slope_mb_per_100_images": 0.01, "rss_second_half_range_mb": [690.0, 741.0]}}}}),
     }
     md, js = tmp_path / "RESULTS.md", tmp_path / "results.json"
     B.save_results(entries, md, js, merge=False)
     text = md.read_text()
-    assert "Test CPU" in text and "**2 intra-op threads** (set explicitly)" in text
+    assert "Test CPU" in text and "**2 intra-op thread(s), set explicitly**" in text
     assert "pending: no GPU lent" in text and "`qkhooks bench --models vit_s`" in text
-    assert "| `rows2` |" in text and "+12.0% [+10.9, +13.1]" in text
+    assert "| `rows2` |" in text and "| **+12.0% [+10.9, +13.1]** | +50.0% [+48.5, +51.5] |" in text
+    assert "overhead vs plain (process CPU time)" in text
     assert "| rows for 2 query tokens, every layer | `rows2` | <= 5% | +12.0% [+10.9, +13.1] | missed |" in text
     assert "| capture alone | `capture` | <= 2% | +1.0% [-0.0, +2.0] | met (IQR reaches past the limit) |" in text
-    assert "+20.0% [+18.8, +21.2] vs timm_eager" in text and "| 12 |" in text  # reference ratio, peak memory
-    assert "**flat** (met)" in text
+    assert "+20.0% [+18.8, +21.2] vs timm_eager" in text and "| 12 | 7 |" in text  # reference ratio, peaks
+    assert "| glibc default | 10x | 40 | 61.0 | 741 | 690-741 | 0.01 | 9 | 9 |" in text
+    assert "Peaks: glibc default: peak at 10x the images +41.0 MB from 1x (higher)." in text
 
     svd = {"heads": 6, "dim": 384, "head_dim": 64, "layers": 12, "factored_ms_per_layer": _s(2.0),
            "dense_ms_per_layer": _s(200.0), "speedup": 100.0, "max_rel_sigma_diff": 1e-12,
@@ -244,7 +281,45 @@ def test_bench_command_is_registered_and_runs_the_cheap_sections(tmp_path, capsy
                  "--notes", str(tmp_path / "none.md")])
     assert rc == 0
     data = json.loads(js.read_text())
-    entry = data["entries"]["svd/tiny/cpu"]
+    (entry,) = [e for e in data["entries"].values() if e["section"] == "svd" and e["model"] == "tiny"]
     assert entry["data"]["max_rel_sigma_diff"] < 1e-10
     assert entry["machine"]["torch_threads"] == 2 and entry["command"].startswith("python benchmarks/run.py")
     assert "Factored vs dense SVD" in md.read_text()
+
+
+def test_writer_bench_times_the_caller_and_the_thread_per_codec(bench):
+    res = B.writer_bench(bench, ["none", "lzf@batch"], rounds=1, batches=2)
+    assert set(res["codecs"]) == {"none", "lzf@batch"}
+    for c, v in res["codecs"].items():
+        assert v["blocked_ms_per_batch"]["n"] == 2 and v["writer_thread_cpu_ms_per_batch"]["n"] == 2, c
+        assert v["mb_per_batch"] > 0 and v["file_ratio"] > 0 and v["file_mb_per_batch"] > 0
+        assert v["images"] == 2 * 2 * bench.batch  # warm-up round + 1 round, 2 batches each
+    assert not any(bench.workdir.glob("*.h5"))
+    with pytest.raises(ValueError, match="unknown chunking"):
+        B.writer_bench(bench, ["lzf@nope"], rounds=1, batches=1)
+
+
+def test_chunks_of_1mib_restore_the_chunking_of_before_patch_c(bench):
+    def chunks(compression, chunking):
+        runner = B.RecordRunner(bench, {"modes": 16, **B.ROWS}, writer=True, name=f"chunks-{compression}-{chunking}",
+                                compression=compression)
+        if chunking == "1mib":
+            B._chunks_of_1mib(runner.writer)
+        runner.attach()
+        try:
+            with torch.no_grad():
+                runner.step(bench.images)
+                runner.end_rep()
+        finally:
+            runner.detach()
+        with h5py.File(runner.path, "r", swmr=True) as f:
+            out = {ds.name: ds.chunks[0] for ds in B._per_image_datasets(f)}
+            per = {ds.name: int(np.prod(ds.shape[1:])) * ds.dtype.itemsize for ds in B._per_image_datasets(f)}
+        assert runner.writer.chunk_images is None  # the 1 MiB override is undone after each dataset
+        runner.close()
+        return out, per
+
+    default, _ = chunks("lzf", "")
+    assert set(default.values()) == {bench.batch}  # patch C: one chunk per batch when compressed
+    legacy, per = chunks("lzf", "1mib")
+    assert legacy == {name: min(64, max(1, (1 << 20) // per[name])) for name in legacy}

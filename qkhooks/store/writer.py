@@ -43,10 +43,17 @@ IDENTITY_ATTRS = ("model", "config")
 _STOP = object()
 
 
-def _to_host(value: Any) -> Any:
-    """Start a device->host copy without waiting for it: pinned, non-blocking on CUDA; returns (tensor, event)."""
+def _to_host(value: Any, dtype: torch.dtype | None = None) -> Any:
+    """Start a device->host copy without waiting for it: pinned, non-blocking on CUDA; returns (tensor, event).
+
+    Floating tensors are first cast to the storage ``dtype`` where they are: on a GPU float16 storage then
+    copies half the bytes; on the CPU torch's cast (~2 ms per ViT-S batch, on the caller) replaces numpy's
+    ``astype`` in the writer thread (~8 ms) (benchmarks/RESULTS.md).
+    """
     if isinstance(value, torch.Tensor):
         value = value.detach()
+        if dtype is not None and value.is_floating_point() and value.dtype != dtype:
+            value = value.to(dtype)
         if value.is_cuda:
             host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
             host.copy_(value, non_blocking=True)
@@ -201,7 +208,8 @@ class RunWriter:
         sizes = {name: len(v) for name, v in arrays.items()}
         if any(s != len(ids) for s in sizes.values()):
             raise QKHooksError(f"every array of a batch needs one row per id ({len(ids)}); got {sizes}.")
-        self._enqueue(("batch", [str(i) for i in ids], {name: _to_host(v) for name, v in arrays.items()}))
+        dtype = getattr(torch, self.dtype.name)
+        self._enqueue(("batch", [str(i) for i in ids], {name: _to_host(v, dtype) for name, v in arrays.items()}))
 
     def write_static(self, name: str, value: Any) -> None:
         """Queue a dataset written once (spectra, model info); a JSON string is stored as a string attribute."""
