@@ -68,8 +68,8 @@ def spectrum_section(loaded: LoadedModel, out: Path, baselines: dict[int, float]
     relative = [baselines[l.layer] for l in layers] if baselines and all(l.layer in baselines for l in layers) else None
     figures = [
         (plot_cosine_by_layer(spec, out / "cosine_by_layer.png", relative_to=relative),
-         "σ-weighted cos(u_n, v_n) per layer (dots: heads; grey: 95% band of two random directions; red: minus the "
-         "anisotropy baseline). Paper Fig. 3."),
+         "σ-weighted cos(u_n, v_n) per layer (dots: heads; grey bars: 95% band of the same weighted mean over random "
+         "directions; dotted: a single mode's random band; red: minus the anisotropy baseline). Paper Fig. 3."),
         (plot_head_spectra(spec, out / "head_spectra.png"),
          "Singular values (lines) and mode cosines (dots) of every head, one panel per layer. Paper Fig. S2."),
     ]
@@ -78,11 +78,26 @@ def spectrum_section(loaded: LoadedModel, out: Path, baselines: dict[int, float]
     reading = (
         f"The σ-weighted query-key cosine is {early:+.3f} in the first third of the layers and {late:+.3f} in the "
         f"last third: it {trend} with depth (paper: early layers group similar tokens, late layers contextualise). "
-        f"The random-direction band is ±{spec.random_baseline_cos95:.3f}."
+        f"A single mode's cosine between two random directions stays within ±{spec.random_baseline_cos95:.3f} "
+        "(95%); the σ-weighted means have a narrower random band (grey bars)."
     )
     return Section("spectrum", "Query-key spectrum: grouping vs contextualisation", reading, figures,
                    {"cosine_weighted_by_layer": cos, "early_third": early, "late_third": late,
                     "falls_with_depth": bool(late < early), "random_baseline_cos95": spec.random_baseline_cos95})
+
+
+def _overlap_reading(cos_by_layer: dict[int, float | None]) -> str:
+    """What the shown layers' recorded modes predict for the red/cyan overlap, from their σ-weighted cosine."""
+    known = {l: c for l, c in cos_by_layer.items() if c is not None}
+    if len(known) < 2:
+        return "The paper (Fig. 4) finds both colours on the same region early (grouping) and apart late."
+    first, last = min(known), max(known)
+    listing = ", ".join(f"L{l} {c:+.2f}" for l, c in sorted(known.items()))
+    verdict = ("so red and cyan should overlap more in the early layer than in the late one, as the paper finds "
+               "(Fig. 4: grouping early, contextualisation late)" if known[first] > known[last] else
+               "so, unlike the paper's Fig. 4 (grouping early, contextualisation late), overlap should not shrink "
+               "from the early layer to the late one here")
+    return f"The σ-weighted cosine of the recorded modes is {listing}: {verdict}."
 
 
 def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts: dict[str, Any]) -> Section:
@@ -131,9 +146,9 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: int | Non
                      f"L{l} H{h} M{m}: the top images of one mode (titles give the cosine and σ)."))
     top = Section(
         "modes", "Semantic modes: top images per mode",
-        f"Each mode ranks {summary['images']} photos by max(query map)·max(key map) (both signs of a mode). Red marks "
-        "where tokens would send queries along u_n, cyan where keys along v_n answer; in early layers both colours "
-        "tend to cover the same region (grouping), in late layers they separate (contextualisation). Paper Fig. 4.",
+        f"Each mode ranks {summary['images']} photos by max(query map)·max(key map) (both signs of a mode, each photo "
+        "once). Red marks where tokens would send queries along u_n, cyan where keys along v_n answer. "
+        + _overlap_reading({l: (summary.get("anisotropy") or {}).get(str(l), {}).get("cos_weighted") for l in show}),
         [(p, c) for p, c in figs if p.exists()], {"images": summary["images"], "k": summary["k"]})
 
     aniso_rows = {int(k): v for k, v in (summary.get("anisotropy") or {}).items()}

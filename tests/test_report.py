@@ -77,3 +77,13 @@ def test_report_renders_in_headless_chromium_with_all_images(report, tmp_path):
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (1600, 1100) and pixels.std() > 20  # text and figures, not a blank page
+
+
+def test_readings_follow_the_numbers_not_the_paper():
+    from qkhooks.report import _overlap_reading
+
+    falling = _overlap_reading({0: 0.6, 5: 0.2, 11: 0.1})
+    rising = _overlap_reading({0: 0.1, 5: 0.2, 11: 0.6})
+    assert "L0 +0.60, L5 +0.20, L11 +0.10" in falling and "as the paper finds" in falling
+    assert "unlike the paper" in rising and "as the paper finds" not in rising
+    assert _overlap_reading({0: None, 11: 0.3}).startswith("The paper (Fig. 4)")  # too little to read: says whose claim
