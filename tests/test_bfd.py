@@ -20,7 +20,7 @@ from qkhooks.analysis.bfd import (
     run_bfd,
     summarize,
 )
-from qkhooks.analysis.bfd_summary import TERMS
+from qkhooks.analysis.bfd_summary import CLAIMS, TERMS
 from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks.errors import QKHooksError
 from qkhooks.spectrum import LayerSpectrum, factored_svd
@@ -38,6 +38,19 @@ def ridge_r2(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, y_tes
     lam = alpha * np.trace(centred.T @ centred) / f_train.shape[1]
     pred = Ridge(alpha=lam, fit_intercept=True, solver="svd").fit(f_train, y_train).predict(f_test)
     return 1 - ((y_test - pred) ** 2).sum(0) / ((y_test - y_test.mean(0)) ** 2).sum(0)
+
+
+def kfold_position_r2(p: np.ndarray, y: np.ndarray, alpha: float, folds: int = 5) -> np.ndarray:
+    """sklearn ridge from P's rows to the coordinates, position i held out in fold i % folds; R^2 over all."""
+    fold = np.arange(len(y)) % folds
+    pred = np.empty_like(y)
+    for f in range(folds):
+        train = fold != f
+        centred = p[train] - p[train].mean(0)
+        lam = alpha * np.trace(centred.T @ centred) / p.shape[1]
+        model = __import__("sklearn.linear_model", fromlist=["Ridge"]).Ridge(alpha=lam, fit_intercept=True, solver="svd")
+        pred[~train] = model.fit(p[train], y[train]).predict(p[~train])
+    return 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
 
 
 def numpy_bfd(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, grid=None, prefix: int = 0, holdout_every: int = 5,
@@ -79,11 +92,9 @@ def numpy_bfd(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, grid=None, prefix: 
         xp, cp = x[:, prefix:], c[:, prefix:]
         flat = lambda a: a.reshape(-1, d)  # noqa: E731
         ytr, yte = np.tile(y, (int((~held).sum()), 1)), np.tile(y, (int(held.sum()), 1))
-        p_tr = np.broadcast_to(xp[~held].mean(0), xp[~held].shape)
-        p_te = np.broadcast_to(xp[held].mean(0), xp[held].shape)
         out["r2"] = {"X": ridge_r2(flat(xp[~held]), ytr, flat(xp[held]), yte, alpha),
                      "C": ridge_r2(flat(cp[~held]), ytr, flat(cp[held]), yte, alpha),
-                     "P": ridge_r2(flat(p_tr), ytr, flat(p_te), yte, alpha)}
+                     "P": kfold_position_r2(p[prefix:], y, alpha)}
     return out
 
 
@@ -254,13 +265,15 @@ def test_streamed_energies_equal_direct_numpy_and_add_up(drop_prefix):
 
 
 def test_decoding_separates_position_from_content():
-    """A positional table plus image noise: position decodes from X and P, not from C; pure noise: from nothing.
-    Each R^2 equals sklearn's ridge on the explicit token matrices."""
+    """A positional table that encodes where each patch is, plus image noise: position decodes from X and P, not
+    from C; pure noise: from nothing. Each R^2 equals sklearn's ridge on the explicit token matrices."""
     rng = np.random.default_rng(5)
     grid, n, d = (4, 4), 40, 24
-    table = 1.5 * rng.normal(size=(16, d))
+    coords = np.stack(np.divmod(np.arange(16), 4), 1).astype(float)
+    table = coords @ rng.normal(size=(2, d)) + 0.1 * rng.normal(size=(16, d))
     noise = rng.normal(size=(n, 16, d))
-    for x, positional in ((table + noise, True), (noise, False)):
+    lookup = 1.5 * rng.normal(size=(16, d))  # tells positions apart without encoding where they are
+    for x, positional in ((table + noise, True), (noise, False), (lookup + noise, "lookup")):
         result, _ = stream(x, rng.normal(size=(1, 2, d)), rng.normal(size=(1, 2, d)), [7] * 5 + [5], grid=grid)
         dec = result["layers"][0]["decoding"]
         ref = numpy_bfd(x, np.zeros((0, 2, d)), np.zeros((0, 2, d)), grid=grid)["r2"]
@@ -268,10 +281,23 @@ def test_decoding_separates_position_from_content():
             np.testing.assert_allclose([dec[f]["row"], dec[f]["col"]], ref[f], rtol=1e-6, atol=1e-8)
         assert (dec["train_images"], dec["holdout_images"]) == (32, 8)
         assert dec["C"]["mean"] < 0.1
-        if positional:
+        if positional is True:
             assert dec["P"]["mean"] > 0.8 and dec["X"]["mean"] > 0.5
+        elif positional == "lookup":  # unseen images at seen positions decode; unseen positions from P do not
+            assert dec["P"]["mean"] < 0.3 and dec["X"]["mean"] > 0.5
         else:
             assert dec["P"]["mean"] < 0.3 and dec["X"]["mean"] < 0.1
+
+
+def test_position_probe_needs_enough_positions_and_says_so():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(10, 9, 6))  # a 3 x 3 grid: fewer than 10 positions for 5 folds
+    result, _ = stream(x, rng.normal(size=(1, 2, 6)), rng.normal(size=(1, 2, 6)), [5, 5], grid=(3, 3))
+    dec = result["layers"][0]["decoding"]
+    assert dec["P"]["mean"] is None and dec["X"]["mean"] is not None
+    claims = paper_claims(result)
+    assert claims["split_isolates_position"] is None
+    assert "Not enough data" in claims["sentences"][CLAIMS.index("split_isolates_position")]
 
 
 # ------------------------------------------------------------------------------------------- tiny models

@@ -72,7 +72,8 @@ FIGURE_CAPTIONS = (
     "Shares averaged over heads across depth (band: spread over heads), with CP+PC coupling and the share the "
     "global mean takes in the three-way view.",
     "One head's modes in order of energy, each bar split into CC/CP/PC/PP (height: the mode's share of the head).",
-    "Held-out R² of linear probes decoding patch row/column from X, P and C, and the positional share of variance.",
+    "Held-out R² of linear probes decoding patch row/column from X and C (held-out images) and from P (held-out "
+    "positions), and the positional share of variance.",
 )
 """Captions of :func:`plot_bfd`'s figures, in its order (the mode figure needs per-mode entries, the last one
 the position probes; both are in a default :func:`run_bfd` result)."""

@@ -51,9 +51,11 @@ DEFINITIONS = {
     "second_moment_shares": "mean_i ||X_i||^2 = N ||mu||^2 + ||P - mu||^2 + mean_i ||C_i||^2, as shares.",
     "decoding": "Held-out R^2 of ridge probes (closed form, unpenalised intercept, lambda = alpha * "
     "trace(S_xx) / d) decoding the patch row and column from X, P and C of the patch tokens; image i is held "
-    "out when i % holdout_every == holdout_every - 1. The P probe is fitted on the position means of the "
-    "training images and scored on those of the held-out images (so a P that is only noise scores low); C = X - "
-    "P uses P of all images.",
+    "out when i % holdout_every == holdout_every - 1 (X and C). P is one vector per position, so its probe "
+    "holds out positions instead: P of all images, 5 folds (position p in fold p % 5), each fold predicted by a "
+    "ridge probe fitted on the other positions; R^2 over all positions. A P that only labels positions without "
+    "encoding where they are (or is noise) scores low; None with fewer than 10 patch positions. C = X - P uses "
+    "P of all images.",
     "checks": "content_mean = max |mean_i C_i| / max |P|: rounding level when pass 2 saw the tokens pass 1 did.",
 }
 
@@ -249,6 +251,30 @@ def _ridge_r2(train: tuple[np.ndarray, np.ndarray, float], test: tuple[np.ndarra
     return 1 - _div(sse, tyty - tys**2 / tm)
 
 
+POSITION_FOLDS = 5
+"""Folds over patch positions for the P probe (position p is held out in fold p % POSITION_FOLDS)."""
+
+
+def _position_folds_r2(p: np.ndarray, y: np.ndarray, alpha: float, folds: int = POSITION_FOLDS) -> np.ndarray | None:
+    """R^2 (per target column) of ridge probes from P's rows to the patch coordinates, k-fold over positions."""
+    if len(y) < 2 * folds:
+        return None
+    fold = np.arange(len(y)) % folds
+    sse = np.zeros(y.shape[1])
+    for f in range(folds):
+        train, test = fold != f, fold == f
+        fm, ym = p[train].mean(0), y[train].mean(0)
+        fc = p[train] - fm
+        sxx = fc.T @ fc
+        lam = alpha * float(np.trace(sxx)) / p.shape[1]
+        if lam > 0:
+            w = np.linalg.solve(sxx + lam * np.eye(p.shape[1]), fc.T @ (y[train] - ym))
+        else:  # P is constant: no direction to fit, the probe is the training mean
+            w = np.zeros((p.shape[1], y.shape[1]))
+        sse += ((y[test] - (p[test] - fm) @ w - ym) ** 2).sum(0)
+    return 1 - _div(sse, ((y - y.mean(0)) ** 2).sum(0))
+
+
 def decoding_r2(state: Mapping[str, np.ndarray], grid: tuple[int, int], alpha: float = 1e-3) -> dict[str, Any]:
     """Held-out R^2 of ridge probes for the patch row and column from X, P and C of one layer.
 
@@ -258,17 +284,19 @@ def decoding_r2(state: Mapping[str, np.ndarray], grid: tuple[int, int], alpha: f
     s = {key: np.asarray(value, dtype=np.float64) for key, value in state.items()}
     p, n = s["P"], s["images"]
     y = patch_targets(grid)
-    out: dict[str, Any] = {"train_images": int(n[0]), "holdout_images": int(n[1]), "alpha": alpha}
+    out: dict[str, Any] = {"train_images": int(n[0]), "holdout_images": int(n[1]), "alpha": alpha,
+                           "position_folds": POSITION_FOLDS}
+    none = {"row": None, "col": None, "mean": None}
+    r2p = _position_folds_r2(p, y, alpha)
+    out["P"] = none if r2p is None else {"row": _f(r2p[0]), "col": _f(r2p[1]), "mean": _f(np.mean(r2p))}
     if n[0] < 1 or n[1] < 1:
-        out.update({f: {"row": None, "col": None, "mean": None} for f in "XPC"})
+        out.update({f: dict(none) for f in "XC"})
         out["note"] = "no held-out or no training images: use more images (one in holdout_every is held out)."
         return out
-    feats: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {f: [] for f in "XPC"}
+    feats: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {f: [] for f in "XC"}
     for j in (0, 1):
         xtx, sums = s["xtx"][j], s["sums"][j]
-        pj = sums / n[j]  # this split's own position means: the P probe is held out too
         feats["X"].append((xtx, sums, n[j]))
-        feats["P"].append((n[j] * pj.T @ pj, sums, n[j]))
         feats["C"].append((xtx - sums.T @ p - p.T @ sums + n[j] * p.T @ p, sums - n[j] * p, n[j]))
     for f, (train, test) in feats.items():
         r2 = _ridge_r2(train, test, y, alpha)
@@ -397,8 +425,8 @@ def paper_claims(
     else:
         out["modes_specialise"] = None
         sentences["modes_specialise"] = "No per-mode entries in this result (run with per-mode output)."
-    probed = [(l["layer"], l["decoding"]) for l in result["layers"] if l.get("decoding", {}).get("X", {}).get("mean")
-              is not None]
+    probed = [(l["layer"], l["decoding"]) for l in result["layers"]
+              if all(l.get("decoding", {}).get(f, {}).get("mean") is not None for f in "PC")]
     if probed:
         worst_p = min(d["P"]["mean"] for _, d in probed)
         worst_c = max(d["C"]["mean"] for _, d in probed)
@@ -408,6 +436,7 @@ def paper_claims(
             f"{r2_position}), highest R2 from C {worst_c:.2f} (needs <= {r2_content}).")
     else:
         out["split_isolates_position"] = None
-        sentences["split_isolates_position"] = "No position probes in this result."
+        sentences["split_isolates_position"] = ("Not enough data for the position probes (or none in this result): "
+                                                "record more images (one in holdout_every is held out).")
     out["sentences"] = [sentences[key] for key in CLAIMS]
     return out
