@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from qkhooks.spectrum import QKSpectrum  # noqa: E402
+from qkhooks.spectrum import QKSpectrum, random_cosine_band  # noqa: E402
 
 __all__ = ["save", "weighted_cosine_null_sd", "plot_cosine_by_layer", "plot_head_spectra", "plot_layer_curves", "plot_stacked_shares"]
 
@@ -66,12 +66,22 @@ def plot_cosine_by_layer(spec: QKSpectrum, path: str | os.PathLike, relative_to:
     applies to one mode's cosine, not to a weighted average of many.
     ``relative_to``: per-layer anisotropy baselines to subtract (paper Fig. S3), drawn as a second curve.
     """
-    layers = [s.layer for s in spec]
-    per_head = [s.cosine_weighted.numpy() for s in spec]
+    return plot_weighted_cosine({s.layer: (s.S.numpy(), s.cos.numpy()) for s in spec}, spec.layers[0].dim, path,
+                                spec.model, relative_to)
+
+
+def plot_weighted_cosine(spectra: dict[int, tuple[np.ndarray, np.ndarray]], dim: int, path: str | os.PathLike,
+                         model: str = "", relative_to: Sequence[float] | None = None) -> Path:
+    """:func:`plot_cosine_by_layer` from arrays: layer -> (S, cos), each (H, K), in dimension ``dim``."""
+    layers = sorted(spectra)
+    per_head = []  # each head's sigma-weighted sum of cosines (LayerSpectrum.cosine_weighted)
+    for layer in layers:
+        S, cos = (np.asarray(a, np.float64) for a in spectra[layer])
+        per_head.append((S / np.maximum(S.sum(-1, keepdims=True), 1e-30) * cos).sum(-1))
     mean = np.array([h.mean() for h in per_head])
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    single = spec.random_baseline_cos95
-    band = np.array([Z95 * weighted_cosine_null_sd(s.S.numpy(), s.dim)[1] for s in spec])
+    single = random_cosine_band(dim, Z95)
+    band = np.array([Z95 * weighted_cosine_null_sd(np.asarray(spectra[l][0], np.float64), dim)[1] for l in layers])
     span = f"{band.min():.3g}" if np.isclose(band.min(), band.max()) else f"{band.min():.3g}…{band.max():.3g}"
     ax.bar(layers, 2 * band, bottom=-band, width=0.8, color="0.8", zorder=0, label=f"random 95%, mean of heads (±{span})")
     for y in (-single, single):
@@ -85,7 +95,7 @@ def plot_cosine_by_layer(spec: QKSpectrum, path: str | os.PathLike, relative_to:
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cosine(u_n, v_n), σ-weighted")
-    ax.set_title(f"Grouping vs contextualisation — {spec.model}", fontsize=9)
+    ax.set_title(f"Grouping vs contextualisation — {model}", fontsize=9)
     ax.legend(fontsize=7)
     return save(fig, path)
 

@@ -279,7 +279,7 @@ def record_dataset(
             seen = _SeenIds(writer.ids if writer is not None and done else [])
             run.sinks.append(seen)
             if writer is not None:
-                _write_statics(writer, run, sites, tuple(loaded.image_config.size))
+                _write_statics(writer, run, sites, tuple(loaded.image_config.size), augmented)
                 if shard is not None:  # where this block starts in the dataset: qkhooks.distributed.merge_shards reads it
                     writer.write_static("images/shard", json.dumps({"rank": shard[0], "world": shard[1], "start": lo, "stop": hi}))
                 run.sinks.append(WriterSink(writer, store_modes))
@@ -360,12 +360,19 @@ def _loop(run, net, dataset, indices, batch_size, num_workers, device, site, att
         bar.close()
 
 
-def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_size: tuple[int, int]) -> None:
+def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_size: tuple[int, int],
+                   augmented: bool) -> None:
+    from qkhooks.spectrum import layer_spectrum
+
     if run.spectrum is not None:
         for layer in run.spectrum:
             for name in ("U", "S", "V"):
                 writer.write_static(f"spectrum/L{layer.layer}/{name}", getattr(layer, name).cpu().numpy())
             writer.write_static(f"spectrum/L{layer.layer}/cos", layer.cos.cpu().numpy())
+    for site in sites:  # every mode's sigma and cosine (tiny): layer statistics must not depend on how many are kept
+        full = layer_spectrum(site, augmented)
+        writer.write_static(f"spectrum/L{site.layer}/S_all", full.S.cpu().numpy())
+        writer.write_static(f"spectrum/L{site.layer}/cos_all", full.cos.cpu().numpy())
     site = sites[0]
     height, width = image_size
     info = {"num_prefix_tokens": site.num_prefix_tokens, "heads": site.num_heads, "head_dim": site.head_dim,

@@ -534,18 +534,33 @@ def test_negative_layers_count_from_the_highest_recorded_layer(capsys):
     assert "count back from the highest *recorded* layer" in " ".join(capsys.readouterr().out.split())
 
 
-def test_anisotropy_weighted_cosine_equals_layer_spectrum(samples_run, tmp_path):
-    """modes._weighted_cos (on stored S, cos) agrees with LayerSpectrum.cosine_weighted on the stored U, S, V."""
+def test_anisotropy_weighted_cosine_covers_every_mode_like_the_spectrum(samples_run, tmp_path):
+    """The run keeps 3 of 8 modes per head, yet its layer cosine is the model's full sigma-weighted cosine (what
+    `qkhooks spectrum` and Fig. 3 show), recomputed here from the model's weights; without the full S and cos
+    (older runs) it falls back to LayerSpectrum.cosine_weighted of the stored U, S, V."""
+    import h5py
+
     from qkhooks.spectrum import LayerSpectrum
     from qkhooks.store import open_run
 
     path, _, _ = samples_run
+    full = qkhooks.spectrum(TINY_MODELS[0].model())
     summary = analyze_modes(path, tmp_path / "a", figure_modes=0, overview=False, images=False)
     with open_run(path) as run:
-        for l in run.layers:
-            sp = run.spectrum(l)
-            spec = LayerSpectrum(l, torch.as_tensor(sp["U"]), torch.as_tensor(sp["S"]), torch.as_tensor(sp["V"]))
-            assert summary["anisotropy"][l]["cos_weighted"] == pytest.approx(float(spec.cosine_weighted.mean()), abs=1e-5)
+        stored = {l: run.spectrum(l) for l in run.layers}
+    for l, sp in stored.items():
+        assert sp["S"].shape[1] == 3 and sp["S_all"].shape[1] == 8
+        want = float(full[l].cosine_weighted.mean())
+        assert summary["anisotropy"][l]["cos_weighted"] == pytest.approx(want, abs=1e-5)
+    old = tmp_path / "old.h5"
+    old.write_bytes(path.read_bytes())
+    with h5py.File(old, "r+") as f:
+        for l in stored:
+            del f[f"spectrum/L{l}/S_all"], f[f"spectrum/L{l}/cos_all"]
+    summary = analyze_modes(old, tmp_path / "b", figure_modes=0, overview=False, images=False)
+    for l, sp in stored.items():
+        spec = LayerSpectrum(l, torch.as_tensor(sp["U"]), torch.as_tensor(sp["S"]), torch.as_tensor(sp["V"]))
+        assert summary["anisotropy"][l]["cos_weighted"] == pytest.approx(float(spec.cosine_weighted.mean()), abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ random bands (plots.py)

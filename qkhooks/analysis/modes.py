@@ -511,8 +511,9 @@ def anisotropy_table(spectra: Mapping[int, Mapping[str, Any]], baselines: Mappin
     """Per layer: baseline, sigma-weighted cosine and its relative value; per mode: relative cosine.
 
     Args:
-        spectra: layer -> {"S": (H, K), "cos": (H, K)} (the modes stored in the run, so the weighted cosine is
-            over those K modes).
+        spectra: layer -> {"S": (H, K), "cos": (H, K)} of the stored modes, plus "S_all", "cos_all" (H, d_k)
+            of every mode where the run has them: the weighted cosine is then over all modes, as in Fig. 3 and
+            ``qkhooks spectrum``, otherwise over the K stored ones. Per-mode rows are the stored modes.
         baselines: layer -> anisotropy baseline.
     """
     layers = [l for l in sorted(spectra) if l in baselines]
@@ -520,7 +521,9 @@ def anisotropy_table(spectra: Mapping[int, Mapping[str, Any]], baselines: Mappin
     for layer in layers:
         S, cos = np.asarray(spectra[layer]["S"], np.float64), np.asarray(spectra[layer]["cos"], np.float64)
         base = float(baselines[layer])
-        weighted = _weighted_cos(S, cos)
+        every = "S_all" in spectra[layer] and "cos_all" in spectra[layer]
+        weighted = _weighted_cos(*(np.asarray(spectra[layer][k], np.float64) for k in ("S_all", "cos_all"))) if every \
+            else _weighted_cos(S, cos)
         rows.append({"layer": layer, "baseline": base, "cos_weighted": weighted, "relative_cos_weighted": weighted - base,
                      "relative_cos": relative_cosine(cos, base).tolist(), "cos": cos.tolist(), "S": S.tolist()})
     return {"layers": layers, "rows": rows}
@@ -1061,8 +1064,7 @@ def analyze_modes(
         The JSON summary (also written to ``modes.json``), with ``files``.
     """
     from qkhooks.models.base import parse_layers
-    from qkhooks.plots import plot_cosine_by_layer, plot_layer_curves
-    from qkhooks.spectrum import LayerSpectrum, QKSpectrum
+    from qkhooks.plots import plot_layer_curves, plot_weighted_cosine
 
     out = Path(out_dir)
     with _open_run(run_path) as run:
@@ -1101,10 +1103,12 @@ def analyze_modes(
                 for m, (s, c) in enumerate(zip(s_h, c_h)):
                     rows.append([r["layer"], h, m, _fmt(s), _fmt(c), _fmt(r["baseline"]), _fmt(c - r["baseline"])])
         files["anisotropy_csv"] = str(_write_csv(out / "anisotropy.csv", ["layer", "head", "mode", "sigma", "cos", "baseline", "relative_cos"], rows))
-        spec = QKSpectrum([LayerSpectrum(l, torch.as_tensor(spectra[l]["U"]), torch.as_tensor(spectra[l]["S"]),
-                                         torch.as_tensor(spectra[l]["V"])) for l in aniso["layers"]], model)
-        files["anisotropy_png"] = str(plot_cosine_by_layer(spec, out / "anisotropy.png",
-                                                           relative_to=[baselines[l] for l in aniso["layers"]]))
+        every = all("S_all" in spectra[l] and "cos_all" in spectra[l] for l in aniso["layers"])
+        keys = ("S_all", "cos_all") if every else ("S", "cos")  # all modes where the run has them (as Fig. 3)
+        dim = int(info.get("dim") or np.asarray(spectra[aniso["layers"][0]]["U"]).shape[1])
+        files["anisotropy_png"] = str(plot_weighted_cosine(
+            {l: (spectra[l][keys[0]], spectra[l][keys[1]]) for l in aniso["layers"]}, dim, out / "anisotropy.png", model,
+            relative_to=[baselines[l] for l in aniso["layers"]]))
 
     # --- same object
     same = None
