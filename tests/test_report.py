@@ -60,6 +60,9 @@ def test_html_inlines_every_figure_and_escapes_text(report):
     for data, rel in images:
         assert base64.b64decode(data) == (out / rel).read_bytes()  # the figure on disk, byte for byte
     assert "&lt;random&gt; weights &amp; a note" in page and "<random>" not in page
+    aniso = json.loads((out / "modes" / "modes.json").read_text())["anisotropy"]
+    first, last = min(aniso, key=int), max(aniso, key=int)  # the modes reading quotes this run's cosines
+    assert f"L{first} {aniso[first]['cos_weighted']:+.2f}" in page and f"L{last} {aniso[last]['cos_weighted']:+.2f}" in page
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
