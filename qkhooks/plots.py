@@ -100,12 +100,13 @@ def plot_weighted_cosine(spectra: dict[int, tuple[np.ndarray, np.ndarray]], dim:
     return save(fig, path)
 
 
-def plot_head_spectra(spec: QKSpectrum, path: str | os.PathLike) -> Path:
+def plot_head_spectra(spec: QKSpectrum, path: str | os.PathLike, max_layers: int | None = None) -> Path:
     """Paper Fig. S2: per head, singular values (line) and mode cosines (dots), one panel per layer.
 
     The grey band is the single-mode random interval +-1.96/sqrt(d): each dot is one mode's cosine.
+    ``max_layers``: draw only the first this many layers (default all; a ViT-L's 24 make a 6 x 4 sheet).
     """
-    layers = list(spec)  # every layer: a ViT-L's 24 make a 6 x 4 sheet
+    layers = list(spec)[:max_layers]
     cols = min(4, len(layers))
     rows = int(np.ceil(len(layers) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)

@@ -148,8 +148,9 @@ def test_killed_run_resumes_to_the_uninterrupted_file_and_is_readable_while_writ
                         assert watcher.query(0)[n - 1].shape == (4, 8, 50)
                     if n >= 14:
                         break
-                except (QKHooksError, OSError, KeyError):
+                except (QKHooksError, OSError, KeyError, RuntimeError):
                     # not written yet, or caught mid-way through one of the writer's few structural changes
+                    # (refresh says so as a QKHooksError; array reads may surface HDF5's own error)
                     if watcher is not None:
                         watcher.close()
                     watcher = None

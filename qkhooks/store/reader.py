@@ -84,10 +84,13 @@ class RunReader:
             self.file = _open_unlocked(self.path)
         except OSError as exc:
             raise QKHooksError(f"cannot open {self.path} as a run file: {exc}") from None
-        if committed(self.file) is None:
+        try:
+            if committed(self.file) is None:
+                raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images/ids with `committed`).")
+            self.refresh()
+        except BaseException:
             self.file.close()
-            raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images/ids with `committed`).")
-        self.refresh()
+            raise
 
     def refresh(self) -> int:
         """Re-read the committed count (a run still being written grows); returns it.
@@ -96,9 +99,12 @@ class RunReader:
         (HDF5 refreshes datasets only), so reopen to see a newer checkpoint; if the writer is mid-way
         through one of its rare structural changes this raises, and reopening a moment later works.
         """
-        for ds in self._datasets():
-            ds.refresh()
-        self.n = committed(self.file) or 0
+        try:
+            for ds in self._datasets():
+                ds.refresh()
+            self.n = committed(self.file) or 0
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:  # HDF5 caught the writer mid-change
+            raise QKHooksError(f"{self.path} is being restructured by its writer ({exc}); open it again in a moment.") from None
         return self.n
 
     def _datasets(self) -> list[h5py.Dataset]:
