@@ -83,11 +83,15 @@ def bench():
 
 
 def _run(bench, name):
-    runner = B.METHODS[name].build(bench)
+    return _step(B.METHODS[name].build(bench), bench.images)
+
+
+def _step(runner, images):
+    """One timed step of a runner, hooks removed afterwards; returns (runner, what it recorded)."""
     runner.attach()
     try:
         with torch.no_grad():
-            runner.step(bench.images)
+            runner.step(images)
             runner.end_rep()
     finally:
         runner.detach()
@@ -305,13 +309,7 @@ def test_chunks_of_1mib_restore_the_chunking_of_before_patch_c(bench):
                                 compression=compression)
         if chunking == "1mib":
             B._chunks_of_1mib(runner.writer)
-        runner.attach()
-        try:
-            with torch.no_grad():
-                runner.step(bench.images)
-                runner.end_rep()
-        finally:
-            runner.detach()
+        _step(runner, bench.images)
         with h5py.File(runner.path, "r", swmr=True) as f:
             out = {ds.name: ds.chunks[0] for ds in B._per_image_datasets(f)}
             per = {ds.name: int(np.prod(ds.shape[1:])) * ds.dtype.itemsize for ds in B._per_image_datasets(f)}
