@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from qkhooks.cli import command
+from qkhooks.store._hdf5 import per_image_datasets
 
 __all__ = [
     "quantile", "summarize", "interleaved_schedule", "paired_ratios", "SIZES", "Bench", "METHODS", "TARGETS",
@@ -983,7 +984,7 @@ def writer_bench(bench: Bench, compressions: Sequence[str], rounds: int = 6, bat
             tw = timed[c]
             w = runners[c].writer
             w.flush()
-            raw = sum(ds.size * ds.dtype.itemsize for ds in _per_image_datasets(w._file))
+            raw = sum(ds.size * ds.dtype.itemsize for ds in per_image_datasets(w._file).values())
             size = os.path.getsize(runners[c].path)
             per_batch_mb = raw / max(1, w.committed) * bench.batch / 2**20
             thread = summarize([1000 * t for t in tw.thread])
@@ -1008,14 +1009,6 @@ def writer_bench(bench: Bench, compressions: Sequence[str], rounds: int = 6, bat
         for runner in runners.values():
             runner.close()
     return out
-
-
-def _per_image_datasets(f: Any) -> list[Any]:
-    import h5py
-
-    found: list[Any] = []
-    f.visititems(lambda _, obj: found.append(obj) if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image") else None)
-    return found
 
 
 def codec_bench(threads: int, reps: int = 3, workdir: Path | None = None) -> dict[str, Any]:

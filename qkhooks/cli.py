@@ -6,11 +6,14 @@ Errors the user can fix (:class:`QKHooksError`) print one clear line and exit wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -53,6 +56,24 @@ def load_from_args(args: argparse.Namespace, device: str = "cpu"):
     from qkhooks.models.load import load_model
 
     return load_model(args.model, random_init=args.random_init, checkpoint=args.checkpoint, device=device)
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit`` while recording, so a scheduler's preemption (or torchrun stopping
+    the other ranks when one dies) closes the run file cleanly, resumable, instead of killing it mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def jsonable(value: Any, digits: int | None = None) -> Any:

@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import re
-import signal
 import socket
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -45,7 +44,7 @@ import numpy as np
 from qkhooks.cli import command
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer, to_numpy_state
-from qkhooks.store._hdf5 import committed, set_committed
+from qkhooks.store._hdf5 import committed, open_swmr_reader, per_image_datasets, set_committed, walk
 
 __all__ = [
     "shard_path",
@@ -163,10 +162,7 @@ class _Shard:
         self.path = path
         if not path.exists():
             raise QKHooksError(f"shard {path} does not exist.")
-        try:
-            self.file = h5py.File(path, "r", swmr=True)
-        except OSError as exc:
-            raise QKHooksError(f"cannot open shard {path}: {exc}") from None
+        self.file = open_swmr_reader(path)
         try:
             self._read()
         except BaseException:
@@ -190,9 +186,7 @@ class _Shard:
         self.n, self.states = self._consistent()
         self.ids = [_str(s) for s in f["images/ids"][: self.n]]
         self.skipped = [tuple(_str(x) for x in row) for row in f["images/skipped"][()]] if "images/skipped" in f else []
-        self.per_image: dict[str, h5py.Dataset] = {}
-        f.visititems(lambda name, obj: self.per_image.__setitem__(name, obj)
-                     if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image", False) else None)
+        self.per_image = per_image_datasets(f)
 
     def _consistent(self) -> tuple[int, dict[str, dict[str, Any]]]:
         """The newest image count every reducer has a checkpoint for (what a resume would keep) and those states."""
@@ -370,10 +364,10 @@ def _renumber(name: str, state: dict[str, Any], shard: _Shard, base: int) -> dic
 def _copy_statics(src: h5py.File, dst: h5py.File) -> None:
     """Everything of rank 0's shard that is not per-image, not an image list and not a reducer state."""
 
-    def visit(name: str, obj: Any) -> None:
+    for name, obj in walk(src)[0].items():
         top = name.split("/", 1)[0]
         if top in ("images", "reducers"):
-            return
+            continue
         if isinstance(obj, h5py.Group):
             group = dst.require_group(name)
             for k, v in obj.attrs.items():
@@ -382,8 +376,6 @@ def _copy_statics(src: h5py.File, dst: h5py.File) -> None:
             ds = dst.create_dataset(name, data=obj[()], dtype=obj.dtype)
             for k, v in obj.attrs.items():
                 ds.attrs[k] = v
-
-    src.visititems(visit)
 
 
 def _fill(dtype: np.dtype) -> Any:
@@ -564,9 +556,9 @@ def _check_visible(out: Path, statuses: Sequence[Mapping[str, Any]], world: int)
     for s in statuses:
         path = shard_path(out, s["rank"], world)
         try:
-            with h5py.File(path, "r", swmr=True) as f:
+            with open_swmr_reader(path, wait_s=0) as f:
                 ok = committed(f) == int(s["images"]) and bool(f.attrs.get("complete", False))
-        except (OSError, KeyError):
+        except (OSError, KeyError, QKHooksError):
             ok = False
         if not ok:
             hidden.append(f"{path.name} (rank {s['rank']} on {s['host']})")
@@ -588,7 +580,7 @@ def record_distributed(args: Any) -> int:
     import torch
     import torch.distributed as dist
 
-    from qkhooks.cli import load_from_args
+    from qkhooks.cli import load_from_args, sigterm_exits
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -598,27 +590,21 @@ def record_distributed(args: Any) -> int:
     owned = not dist.is_initialized()
     if owned:
         dist.init_process_group(backend=os.environ.get(BACKEND_ENV, "gloo"), timeout=_timeout())
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def stop(signum: int, _frame: Any) -> None:  # torchrun stops the others when one rank dies: close cleanly
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
     try:
-        loaded = load_from_args(args, device=device)
-        result = record_dataset_distributed(
-            loaded, args.data, args.out, modes=args.modes, layers=args.layers, attention=args.attention,
-            input=args.input, batch_size=args.batch_size, device=device, dtype=args.dtype,
-            compression=args.compression, resume=args.resume, overwrite=args.overwrite, limit=args.limit,
-            num_workers=args.workers,
-        )
-        if rank == 0:
-            note = f" ({len(result.skipped)} skipped)" if result.skipped else ""
-            print(f"wrote {result.images} images to {result.path}{note}: a view over {world} shards "
-                  f"{shard_path(args.out, 0, world).name} ... (keep them next to it)")
-        return 0
+        with sigterm_exits():
+            loaded = load_from_args(args, device=device)
+            result = record_dataset_distributed(
+                loaded, args.data, args.out, modes=args.modes, layers=args.layers, attention=args.attention,
+                input=args.input, batch_size=args.batch_size, device=device, dtype=args.dtype,
+                compression=args.compression, resume=args.resume, overwrite=args.overwrite, limit=args.limit,
+                num_workers=args.workers,
+            )
+            if rank == 0:
+                note = f" ({len(result.skipped)} skipped)" if result.skipped else ""
+                print(f"wrote {result.images} images to {result.path}{note}: a view over {world} shards "
+                      f"{shard_path(args.out, 0, world).name} ... (keep them next to it)")
+            return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if owned and dist.is_initialized():
             dist.destroy_process_group()
 

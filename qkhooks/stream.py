@@ -26,7 +26,7 @@ from torch import nn
 from qkhooks import __version__
 from qkhooks.attention import parse_attention
 from qkhooks.capture import BatchCapture, parse_modes, record
-from qkhooks.cli import add_model_arguments, command, load_from_args
+from qkhooks.cli import add_model_arguments, command, load_from_args, sigterm_exits
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, parse_layers
 from qkhooks.models.load import LoadedModel, check_device, load_model
@@ -416,18 +416,18 @@ def _record_args(p) -> None:
 
 @command("record", "stream a dataset through a model into an HDF5 run file")(_record_args)
 def run_record(args) -> int:
-    shard = None
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from qkhooks.distributed import record_distributed
 
-        return record_distributed(args)
-    loaded = load_from_args(args, device=args.device)
-    result = record_dataset(
-        loaded, args.data, args.out, modes=args.modes, layers=args.layers, attention=args.attention,
-        input=args.input, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-        compression=args.compression, resume=args.resume,
-        overwrite=args.overwrite, limit=args.limit, num_workers=args.workers, shard=shard,
-    )
+        return record_distributed(args)  # which turns SIGTERM into an exit the same way
+    with sigterm_exits():
+        loaded = load_from_args(args, device=args.device)
+        result = record_dataset(
+            loaded, args.data, args.out, modes=args.modes, layers=args.layers, attention=args.attention,
+            input=args.input, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+            compression=args.compression, resume=args.resume, overwrite=args.overwrite, limit=args.limit,
+            num_workers=args.workers,
+        )
     print(f"wrote {result.images} images to {result.path}" + (f" ({len(result.skipped)} skipped)" if result.skipped else ""))
     return 0
 

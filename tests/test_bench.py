@@ -15,6 +15,7 @@ import torch
 import qkhooks
 from qkhooks import bench as B
 from qkhooks.attention import _logits, attention_rows
+from qkhooks.store._hdf5 import per_image_datasets
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -311,8 +312,9 @@ def test_chunks_of_1mib_restore_the_chunking_of_before_patch_c(bench):
             B._chunks_of_1mib(runner.writer)
         _step(runner, bench.images)
         with h5py.File(runner.path, "r", swmr=True) as f:
-            out = {ds.name: ds.chunks[0] for ds in B._per_image_datasets(f)}
-            per = {ds.name: int(np.prod(ds.shape[1:])) * ds.dtype.itemsize for ds in B._per_image_datasets(f)}
+            datasets = per_image_datasets(f).values()
+            out = {ds.name: ds.chunks[0] for ds in datasets}
+            per = {ds.name: int(np.prod(ds.shape[1:])) * ds.dtype.itemsize for ds in datasets}
         assert runner.writer.chunk_images is None  # the 1 MiB override is undone after each dataset
         runner.close()
         return out, per

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -293,6 +295,105 @@ def test_writer_commits_whole_batches_and_states_alternate_slots(tmp_path):
             run.array("w")
 
 
+MID_CHANGE = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from qkhooks.store import RunWriter
+
+    w = RunWriter(sys.argv[1])
+    for i in range(2):
+        w.write_batch([f"i{2 * i}", f"i{2 * i + 1}"], {"v": np.full((2, 3), i, np.float32)})
+    w.flush()
+    with w._lock, w._structural() as f:  # outside SWMR mode, as while creating a dataset or a checkpoint
+        f.attrs["note"] = "mid-change"
+        print("inside", flush=True)
+        time.sleep(float(sys.argv[2]))
+    w.close()
+    """
+)
+
+
+def _writer_paused_mid_change(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen, Path]:
+    script, out = tmp_path / "child.py", tmp_path / "run.h5"
+    script.write_text(MID_CHANGE)
+    child = subprocess.Popen([sys.executable, str(script), str(out), str(seconds)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert child.stdout.readline() == b"inside\n", child.stderr.read().decode()[-2000:]
+    return child, out
+
+
+def test_a_reader_waits_out_a_live_writers_structural_change(tmp_path):
+    child, out = _writer_paused_mid_change(tmp_path, 0.5)
+    try:
+        with pytest.raises(OSError, match="not already open for SWMR writing"):  # plain h5py, meanwhile
+            h5py.File(out, "r", swmr=True, locking=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing to repair: the writer is alive
+            with open_run(out) as run:
+                assert run.ids == ["i0", "i1", "i2", "i3"]
+    finally:
+        assert child.wait(timeout=60) == 0, child.stderr.read().decode()[-2000:]
+    with open_run(out) as run:
+        assert run.complete and run.attrs["note"] == "mid-change"
+
+
+def test_a_writer_killed_outside_swmr_mode_leaves_a_readable_resumable_run(tmp_path):
+    child, out = _writer_paused_mid_change(tmp_path, 600)
+    child.kill()
+    child.wait()
+    with pytest.raises(OSError, match="not already open for SWMR writing"):  # HDF5 alone refuses the file
+        h5py.File(out, "r", swmr=True, locking=False)
+    with pytest.warns(UserWarning, match="writer died while changing"):
+        run = open_run(out)
+    with run:
+        assert run.ids == ["i0", "i1", "i2", "i3"] and not run.complete
+        np.testing.assert_array_equal(run.array("v")[:, 0], [0, 0, 1, 1])
+    with RunWriter(out, mode="resume") as w:
+        assert w.committed == 4
+        w.write_batch(["i4"], {"v": np.full((1, 3), 2, np.float32)})
+    with open_run(out) as run:
+        assert run.complete and run.ids == ["i0", "i1", "i2", "i3", "i4"]
+
+
+def test_an_object_half_written_by_a_dying_writer_is_skipped_by_readers_and_dropped_by_resume(tmp_path):
+    out = tmp_path / "run.h5"
+    w = RunWriter(out)
+    w.write_batch(["a", "b"], {"v": np.ones((2, 3), np.float32)})
+    w.write_state("reducers/r", {"_images": 2, "s": np.arange(3.0)})
+    w.close(complete=False)
+    with h5py.File(out, "r+", libver="latest") as f:  # the writer's last layout change, as a kill mid-flush leaves
+        late = f.create_group("reducers/late")  # it: linked from its parent, its own header never reaching disk
+        late.create_dataset("x", data=np.arange(5.0))
+        cut = h5py.h5o.get_info(late.id).addr
+    with open(out, "r+b") as fh:  # superblock v3: flags byte at 11, end-of-file address at 28, checksum at 44
+        block = bytearray(fh.read(48))
+        block[11] = 1  # still "open for write"
+        block[28:36] = cut.to_bytes(8, "little")
+        block[44:48] = lookup3(bytes(block[:44])).to_bytes(4, "little")
+        fh.seek(0)
+        fh.write(block)
+        fh.truncate(cut)
+    before = sha(out)
+    with pytest.warns(UserWarning, match="half-written and skipped: reducers/late"):
+        run = open_run(out)
+    with run:
+        assert run.ids == ["a", "b"] and run.state("r")["s"].tolist() == [0.0, 1.0, 2.0]
+        assert run.arrays() == ["v"] and not run.complete
+    assert sha(out) == before  # reading changed nothing: the next reader is warned too
+    with pytest.warns(UserWarning, match="copying the rest into a fresh file"):
+        w = RunWriter(out, mode="resume")
+    with w:
+        assert w.committed == 2 and w.read_state("reducers/r")["s"].tolist() == [0.0, 1.0, 2.0]
+        w.write_batch(["c"], {"v": np.zeros((1, 3), np.float32)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with open_run(out) as run:
+            assert run.complete and run.ids == ["a", "b", "c"] and run.states() == ["r"]
+            np.testing.assert_array_equal(run.array("v")[:, 0], [1, 1, 0])
+    assert not list(tmp_path.glob("*.salvaging"))
+
+
 def test_clear_open_flags_matches_hdf5_checksum(tmp_path):
     # lookup3 reference values from Bob Jenkins' lookup3.c driver (hashlittle of "", "Four score ...").
     assert lookup3(b"", 0) == 0xDEADBEEF
@@ -307,6 +408,35 @@ def test_clear_open_flags_matches_hdf5_checksum(tmp_path):
     assert clear_open_flags(path) is True
     h5py.File(path, "r+").close()
     assert clear_open_flags(path) is False
+
+
+def test_sigterm_closes_a_cli_recording_cleanly_and_it_resumes(tmp_path):
+    out = tmp_path / "run.h5"
+    args = ["record", "timm:vit_tiny_patch16_224", "o3:40:1", "--random-init", "--out", str(out), "--modes", "4",
+            "--layers", "0,11", "--batch-size", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "qkhooks", *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and child.poll() is None:  # a few images in, as a preemption would find it
+            if out.exists():
+                try:
+                    with open_run(out) as run:
+                        if run.n >= 4:
+                            break
+                except QKHooksError:
+                    pass
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=120) == 128 + signal.SIGTERM, child.stderr.read().decode()[-2000:]
+    finally:
+        child.kill()
+    with h5py.File(out, "r") as f:  # closed by its writer: no open flags left, plain HDF5 opens it
+        assert not f.attrs["complete"] and 4 <= int(f["images"].attrs["committed"]) < 40
+    assert main([*args, "--resume"]) == 0
+    with open_run(out) as run:
+        assert run.complete and run.ids == [f"o3/1/{i}" for i in range(40)]
 
 
 def test_cli_record_and_info(tmp_path, capsys):

@@ -5,12 +5,20 @@ metadata flushes guarantee), but the superblock keeps the writer's "open for wri
 to open it for writing again until they are cleared (the job of the ``h5clear`` tool, which h5py does not
 ship). :func:`clear_open_flags` does the same: it zeroes the flags byte of a version 2/3 superblock and
 rewrites the superblock's Jenkins lookup3 checksum.
+
+A writer killed during one of its brief structural changes (outside SWMR mode) leaves flags that stop even
+SWMR readers; :func:`open_swmr_reader` tells that case (no process holds the file's lock) from a live writer
+mid-change (it waits) and opens the file as of its last flush. If the kill fell inside a
+flush, objects created in that change may be half-written: :func:`walk` skips and lists them, and
+:func:`salvage` (run by a resume) rewrites the file without them, since HDF5 cannot unlink them in place.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -71,6 +79,11 @@ def held_by_writer(path: str | os.PathLike) -> bool:
 
 def clear_open_flags(path: str | os.PathLike) -> bool:
     """Clear the "open for (SWMR) write" flags a dead writer left in the superblock; True if any were set."""
+    return _swap_open_flags(path, 0) != 0
+
+
+def _swap_open_flags(path: str | os.PathLike, flags: int) -> int:
+    """Write ``flags`` into the superblock's flags byte (and its checksum); returns the byte it held."""
     path = Path(path)
     if held_by_writer(path):
         raise QKHooksError(f"{path} is being written by another running process; wait for it or stop it first.")
@@ -80,21 +93,146 @@ def clear_open_flags(path: str | os.PathLike) -> bool:
             raise QKHooksError(f"{path} is not an HDF5 file (no superblock at offset 0).")
         version, size_of_offsets = head[8], head[9]
         if version < 2:
-            return False  # v0/v1 superblocks carry no open flags
+            return 0  # v0/v1 superblocks carry no open flags
         end = 12 + 4 * size_of_offsets
         fh.seek(0)
         block = bytearray(fh.read(end + 4))
         if int.from_bytes(block[end:end + 4], "little") != lookup3(bytes(block[:end])):
             raise QKHooksError(f"{path}: the superblock checksum is wrong; the file is damaged beyond a resume.")
-        if block[11] == 0:
-            return False
-        block[11] = 0
+        old = block[11]
+        if old == flags:
+            return old
+        block[11] = flags
         block[end:end + 4] = lookup3(bytes(block[:end])).to_bytes(4, "little")
         fh.seek(0)
         fh.write(bytes(block))
         fh.flush()
         os.fsync(fh.fileno())
-    return True
+    return old
+
+
+_OPEN_FLAG_ERRORS = ("already open for write", "not already open for SWMR writing")
+
+
+def open_swmr_reader(path: str | os.PathLike, wait_s: float = 5.0, warn: bool = True) -> h5py.File:
+    """Open ``path`` for SWMR reading without HDF5's lock, whatever state its writer left it in.
+
+    No lock: a reader's shared lock would stop the writer from leaving SWMR mode for its structural changes.
+    A live writer outside SWMR mode holds the lock for milliseconds, so this retries for up to ``wait_s``;
+    flags with no lock holder mean the writer died: the file is opened as of its writer's last flush, with
+    a warning, and left unchanged. Raises :class:`QKHooksError` when the file stays unreadable.
+    """
+    path = Path(path)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _open_swmr(path)
+        except OSError as exc:
+            if not any(text in str(exc) for text in _OPEN_FLAG_ERRORS):
+                raise QKHooksError(f"cannot open {path} as a run file: {exc}") from None
+        if not held_by_writer(path):
+            break
+        if time.monotonic() > deadline:
+            raise QKHooksError(f"{path} stayed locked by its writer for {wait_s:g} s while it restructures the "
+                               "file; try again in a moment.")
+        time.sleep(0.02)
+    if not os.access(path, os.W_OK):
+        raise QKHooksError(f"{path} was left marked open by a writer that died; resume it with `qkhooks record "
+                           "... --resume` (or run `h5clear -s` on it) as its owner, then read it.")
+    # Open with the flags cleared, then put them back: the file stays byte for byte as found, still saying that
+    # its writer died, so every later reader comes this way too (not SWMR: nobody writes any more, and SWMR
+    # reads of a half-written object retry without end) until a resume repairs it.
+    flags = _swap_open_flags(path, 0)
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        raise QKHooksError(f"{path} was damaged when its writer died ({exc}); record it again with "
+                           "--overwrite.") from None
+    finally:
+        _swap_open_flags(path, flags)
+    if warn:
+        damaged = walk(f)[1]
+        lost = f" The objects it was creating are half-written and skipped: {', '.join(damaged)}; a --resume " \
+               "rewrites the file without them." if damaged else ""
+        warnings.warn(f"{path}: its writer died while changing the file's layout; reading it as of its last "
+                      f"flush.{lost}", stacklevel=3)
+    return f
+
+
+_HDF5_ERRORS = (KeyError, OSError, RuntimeError, ValueError)
+
+
+def walk(f: h5py.File) -> tuple[dict[str, h5py.Group | h5py.Dataset], list[str]]:
+    """Every object of ``f`` that opens, by path (``visititems`` names, parents first), and the paths that do not.
+
+    Unlike ``visititems``, one object half-written by a writer that died does not hide the rest.
+    """
+    found: dict[str, h5py.Group | h5py.Dataset] = {}
+    damaged: list[str] = []
+
+    def visit(group: h5py.Group, prefix: str) -> None:
+        try:
+            keys = list(group.keys())
+        except _HDF5_ERRORS:
+            damaged.append(prefix.rstrip("/") or "/")
+            return
+        for key in keys:
+            name = prefix + key
+            try:
+                obj = group[key]
+                dict(obj.attrs)  # attributes live in the object header too
+            except _HDF5_ERRORS:
+                damaged.append(name)
+                continue
+            found[name] = obj
+            if isinstance(obj, h5py.Group):
+                visit(obj, name + "/")
+
+    visit(f, "")
+    return found, damaged
+
+
+def per_image_datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
+    """The per-image arrays of a run file (datasets marked ``per_image``), by schema name."""
+    return {name: obj for name, obj in walk(f)[0].items()
+            if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image", False)}
+
+
+def salvage(path: str | os.PathLike, damaged: list[str]) -> None:
+    """Rewrite ``path`` without the ``damaged`` objects a dying writer left half-written (a full copy)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".salvaging")
+    skip = set(damaged)
+    flags = _swap_open_flags(path, 0)
+    try:
+        with h5py.File(path, "r", locking=False) as src, h5py.File(tmp, "w", libver="latest") as dst:
+            def copy(group: h5py.Group, into: h5py.Group, prefix: str) -> None:
+                for key, value in group.attrs.items():
+                    into.attrs[key] = value
+                for key in group.keys():
+                    name = prefix + key
+                    if name in skip:
+                        continue
+                    if any(bad.startswith(name + "/") for bad in skip):
+                        copy(group[key], into.create_group(key), name + "/")
+                    else:
+                        group.copy(group[key], into, name=key)
+
+            copy(src, dst, "")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        _swap_open_flags(path, flags)  # as found: still marked, so readers keep off SWMR for it
+        raise
+
+
+def _open_swmr(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r", swmr=True, locking=False)
+    except OSError as exc:
+        if "locking flag" not in str(exc):
+            raise
+        return h5py.File(path, "r", swmr=True)  # this process writes the file too: HDF5 wants the writer's flags
 
 
 def committed(f: h5py.File) -> int | None:

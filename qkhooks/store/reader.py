@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from qkhooks.errors import QKHooksError
-from qkhooks.store._hdf5 import committed
+from qkhooks.store._hdf5 import committed, open_swmr_reader, per_image_datasets, walk
 from qkhooks.store.writer import _read_state
 
 __all__ = ["open_run", "RunReader", "RunArray"]
@@ -80,10 +80,7 @@ class RunReader:
         self.path = Path(path)
         if not self.path.exists():
             raise QKHooksError(f"no run file at {self.path}; record one with `qkhooks record`.")
-        try:
-            self.file = _open_unlocked(self.path)
-        except OSError as exc:
-            raise QKHooksError(f"cannot open {self.path} as a run file: {exc}") from None
+        self.file = open_swmr_reader(self.path)
         try:
             if committed(self.file) is None:
                 raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images/ids with `committed`).")
@@ -100,17 +97,16 @@ class RunReader:
         through one of its rare structural changes this raises, and reopening a moment later works.
         """
         try:
-            for ds in self._datasets():
-                ds.refresh()
+            if self.file.swmr_mode:  # else a dead writer's file (see open_swmr_reader): nothing to refresh
+                for ds in self._datasets():
+                    ds.refresh()
             self.n = committed(self.file) or 0
         except (OSError, RuntimeError, KeyError, ValueError) as exc:  # HDF5 caught the writer mid-change
             raise QKHooksError(f"{self.path} is being restructured by its writer ({exc}); open it again in a moment.") from None
         return self.n
 
     def _datasets(self) -> list[h5py.Dataset]:
-        found: list[h5py.Dataset] = []
-        self.file.visititems(lambda _, obj: found.append(obj) if isinstance(obj, h5py.Dataset) else None)
-        return found
+        return [obj for obj in walk(self.file)[0].values() if isinstance(obj, h5py.Dataset)]
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -159,11 +155,7 @@ class RunReader:
 
     def arrays(self) -> list[str]:
         """Names of all per-image arrays."""
-        names: list[str] = []
-        self.file.visititems(
-            lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image") else None
-        )
-        return sorted(names, key=_natural)
+        return sorted(per_image_datasets(self.file), key=_natural)
 
     @property
     def layers(self) -> list[int]:
@@ -233,17 +225,6 @@ class RunReader:
 
     def __repr__(self) -> str:
         return f"RunReader({str(self.path)!r}, images={self.n}, layers={self.layers})"
-
-
-def _open_unlocked(path: Path) -> h5py.File:
-    """Open for SWMR reading without HDF5's shared lock, which would otherwise stop the writer from
-    leaving SWMR mode for its structural changes for as long as anyone watches the run."""
-    try:
-        return h5py.File(path, "r", swmr=True, locking=False)
-    except OSError as exc:
-        if "locking flag" not in str(exc):
-            raise
-        return h5py.File(path, "r", swmr=True)  # this process writes the file too: HDF5 wants the writer's flags
 
 
 def _natural(name: str) -> list[Any]:

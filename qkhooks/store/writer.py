@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,7 +30,9 @@ import numpy as np
 import torch
 
 from qkhooks.errors import QKHooksError
-from qkhooks.store._hdf5 import clear_open_flags, committed, set_committed
+from qkhooks.store._hdf5 import (
+    clear_open_flags, committed, open_swmr_reader, per_image_datasets, salvage, set_committed, walk,
+)
 
 __all__ = ["RunWriter", "COMPRESSIONS", "IDENTITY_ATTRS"]
 
@@ -150,24 +153,27 @@ class RunWriter:
             raise QKHooksError(f"cannot resume {self.path}: no such file; start a new run without --resume.")
 
     def _open_for_resume(self, attrs: Mapping[str, Any]) -> h5py.File:
-        try:
-            with h5py.File(self.path, "r", swmr=True) as f:  # read-only first: a refused resume changes nothing
-                theirs = {k: f.attrs.get(k) for k in IDENTITY_ATTRS}
-                if committed(f) is None:
-                    raise QKHooksError(f"cannot resume {self.path}: it is not a qkhooks run file; use --overwrite.")
-                if "shards" in f["images"].attrs:
-                    raise QKHooksError(
-                        f"cannot resume {self.path}: it is a merge of shard files ({f['images'].attrs['shards']}); "
-                        "resume the shards with the same torchrun command plus --resume, which merges again."
-                    )
-        except OSError as exc:
-            raise QKHooksError(f"cannot resume {self.path}: {exc}. Use --overwrite to start again.") from None
+        # read-only first: a refused resume changes nothing (but the open flags of a writer that died mid-change)
+        with open_swmr_reader(self.path, warn=False) as f:
+            damaged = [] if f.swmr_mode else walk(f)[1]  # not SWMR: its writer died mid-change
+            theirs = {k: f.attrs.get(k) for k in IDENTITY_ATTRS}
+            if committed(f) is None:
+                raise QKHooksError(f"cannot resume {self.path}: it is not a qkhooks run file; use --overwrite.")
+            if "shards" in f["images"].attrs:
+                raise QKHooksError(
+                    f"cannot resume {self.path}: it is a merge of shard files ({f['images'].attrs['shards']}); "
+                    "resume the shards with the same torchrun command plus --resume, which merges again."
+                )
         for key in IDENTITY_ATTRS:
             if key in attrs and _attr(theirs[key]) != attrs[key]:
                 raise QKHooksError(
                     f"cannot resume {self.path}: its {key} differs from this run's.\n  file: {theirs[key]}\n  "
                     f"now:  {attrs[key]}\nUse the same model and options, or --overwrite to start again."
                 )
+        if damaged:
+            warnings.warn(f"{self.path}: its writer died while creating {', '.join(damaged)}; copying the rest into a "
+                          "fresh file before resuming (HDF5 cannot drop them in place).", stacklevel=4)
+            salvage(self.path, damaged)
         clear_open_flags(self.path)
         f = h5py.File(self.path, "r+", libver="latest")
         f.attrs["complete"] = False
@@ -175,19 +181,8 @@ class RunWriter:
         f.flush()
         return f
 
-    @staticmethod
-    def _per_image(f: h5py.File) -> list[h5py.Dataset]:
-        found: list[h5py.Dataset] = []
-
-        def visit(_: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image", False):
-                found.append(obj)
-
-        f.visititems(visit)
-        return found + [f["images/ids"]]
-
     def _cut(self, f: h5py.File, n: int) -> None:
-        for ds in self._per_image(f):
+        for ds in [*per_image_datasets(f).values(), f["images/ids"]]:
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)
         set_committed(f, n)
@@ -318,7 +313,7 @@ class RunWriter:
     def _put(self, group_name: str, key: str, value: np.ndarray) -> None:
         """Write ``value`` as dataset ``group_name/key``: in place when its shape and dtype are unchanged."""
         ds = self._file.get(f"{group_name}/{key}")
-        if isinstance(ds, h5py.Dataset) and ds.shape == value.shape and ds.dtype == value.dtype:
+        if _fits(ds, value):
             ds[()] = value
             return
         with self._structural() as f:
@@ -391,6 +386,11 @@ class RunWriter:
         self._file.flush()
 
     def _do_state(self, name: str, state: dict[str, Any]) -> None:
+        """Write ``state`` into the slot ``current`` does not point at, then point ``current`` at it.
+
+        A kill at any moment leaves the previous checkpoint readable. New arrays are created in one layout
+        change per checkpoint (each one leaves SWMR mode for a moment); later checkpoints write in place.
+        """
         current = self._file[name].attrs.get("current", "") if name in self._file else ""
         slot = f"{name}/{'b' if current == 'a' else 'a'}"
         scalars: dict[str, Any] = {}
@@ -402,16 +402,27 @@ class RunWriter:
                 arrays[key] = value
             else:
                 scalars[key] = value.item() if isinstance(value, np.generic) else value
-        stale = [k for k in self._file.get(slot, {}).keys() if k not in arrays]
-        if stale:
+        group = self._file.get(slot)
+        stale = [k for k in (group.keys() if group is not None else ()) if k not in arrays]
+        fresh = [k for k, v in arrays.items() if not _fits(self._file.get(f"{slot}/{k}"), v)]
+        if stale or fresh or group is None or "scalars" not in group.attrs or "current" not in self._file[name].attrs:
             with self._structural() as f:
-                for key in stale:
-                    del f[slot][key]
+                group = f.require_group(slot)
+                for key in stale + [k for k in fresh if k in group]:
+                    del group[key]
+                for key in fresh:
+                    group.create_dataset(key, data=arrays[key])
+                group.attrs["scalars"] = ""
+                f[name].attrs.setdefault("current", "")  # "": no checkpoint yet
+        else:
+            self._file[slot].attrs["scalars"] = ""  # "": this slot is being rewritten; a reader skips it
+            self._file.flush()
         for key, value in arrays.items():
-            self._put(slot, key, value)
-        self._set_attr(slot, "scalars", json.dumps(scalars))
+            if key not in fresh:
+                self._file[f"{slot}/{key}"][()] = value
+        self._file[slot].attrs["scalars"] = json.dumps(scalars)
         self._file.flush()
-        self._set_attr(name, "current", slot.rpartition("/")[2])
+        self._file[name].attrs["current"] = slot.rpartition("/")[2]
         self._file.flush()
 
     def _do_skipped(self, skipped: list[tuple[str, str]]) -> None:
@@ -433,6 +444,11 @@ class RunWriter:
         self._file.flush()
 
 
+def _fits(ds: Any, value: np.ndarray) -> bool:
+    """Whether ``value`` can overwrite dataset ``ds`` in place (SWMR mode allows no new objects)."""
+    return isinstance(ds, h5py.Dataset) and ds.shape == value.shape and ds.dtype == value.dtype
+
+
 def _attr(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool, np.number)):
         return value
@@ -443,15 +459,17 @@ def _attr(value: Any) -> Any:
 
 def _read_state(f: h5py.File, name: str, previous: bool = False) -> dict[str, Any] | None:
     group = f.get(name)
-    if group is None or "current" not in group.attrs:
+    slot_name = group.attrs.get("current", "") if group is not None else ""
+    if not slot_name:
         return None
-    slot_name = group.attrs["current"]
     if previous:
         slot_name = "b" if slot_name == "a" else "a"
         if slot_name not in group:
             return None
     slot = group[slot_name]
-    state: dict[str, Any] = json.loads(slot.attrs.get("scalars", "{}"))
+    if not slot.attrs.get("scalars", ""):
+        return None  # created or being rewritten when its writer stopped
+    state: dict[str, Any] = json.loads(slot.attrs["scalars"])
     for key, ds in slot.items():
         state[key] = ds[()]
     return state
