@@ -34,6 +34,7 @@ import torch
 
 from qkhooks.cli import command
 from qkhooks.errors import QKHooksError
+from qkhooks.data.masks import first_argmax
 from qkhooks.reducers import Reducer
 
 __all__ = [
@@ -73,12 +74,6 @@ def _as_masks(mask: Any, name: str) -> torch.Tensor:
     if mask.dim() != 3:
         raise QKHooksError(f"{name} masks must be (batch, H, W), got shape {tuple(mask.shape)}.")
     return mask if mask.is_floating_point() else mask.float()
-
-
-def _first_argmax(flat: torch.Tensor) -> torch.Tensor:
-    """Per row, the first index of the maximum (explicit, so ties never depend on the backend)."""
-    is_max = flat == flat.max(dim=1, keepdim=True).values
-    return (is_max.long().cumsum(1) == 0).sum(1)
 
 
 def odd_one_out_meta(
@@ -122,7 +117,7 @@ def odd_one_out_meta(
                 f"the {name} mask of image(s) {empty} in this batch is empty, so there is no {name} token to "
                 "query; drop those images or fix their masks."
             )
-    tokens = torch.stack([_first_argmax(t_grid.flatten(1)), _first_argmax(d_grid.flatten(1))], dim=1)
+    tokens = torch.stack([first_argmax(t_grid.flatten(1)), first_argmax(d_grid.flatten(1))], dim=1)
     background = (1.0 - t_grid - d_grid).clamp_min(0.0)
     pool = torch.stack([t_grid, d_grid, background], dim=1).flatten(2)
     return {

@@ -103,6 +103,12 @@ def majority_labels(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor
     return fractions.argmax(0).to(torch.int16)
 
 
+def first_argmax(flat: torch.Tensor) -> torch.Tensor:
+    """Per row of ``flat`` (B, N), the first index of the maximum (explicit, so ties never depend on the backend)."""
+    is_max = flat == flat.max(dim=1, keepdim=True).values
+    return (is_max.long().cumsum(1) == 0).sum(1)
+
+
 def patch_argmax(mask_grid: torch.Tensor) -> int:
     """Flat index of the patch with the largest value.
 
@@ -126,4 +132,4 @@ def patch_argmax(mask_grid: torch.Tensor) -> int:
         raise QKHooksError("patch_argmax got an empty grid.")
     if flat.dtype.kind == "f" and np.isnan(flat).any():
         raise QKHooksError("patch_argmax got NaN values; clean the grid first (e.g. torch.nan_to_num).")
-    return int(np.argmax(flat))  # numpy documents: first occurrence on ties
+    return int(first_argmax(torch.from_numpy(np.ascontiguousarray(flat))[None])[0])
