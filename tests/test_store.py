@@ -412,7 +412,7 @@ def test_clear_open_flags_matches_hdf5_checksum(tmp_path):
 
 def test_sigterm_closes_a_cli_recording_cleanly_and_it_resumes(tmp_path):
     out = tmp_path / "run.h5"
-    args = ["record", "timm:vit_tiny_patch16_224", "o3:40:1", "--random-init", "--out", str(out), "--modes", "4",
+    args = ["record", "timm:vit_tiny_patch16_224", "o3:60:1", "--random-init", "--out", str(out), "--modes", "4",
             "--layers", "0,11", "--batch-size", "2"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-m", "qkhooks", *args], env=env, stdout=subprocess.PIPE,
@@ -433,10 +433,10 @@ def test_sigterm_closes_a_cli_recording_cleanly_and_it_resumes(tmp_path):
     finally:
         child.kill()
     with h5py.File(out, "r") as f:  # closed by its writer: no open flags left, plain HDF5 opens it
-        assert not f.attrs["complete"] and 4 <= int(f["images"].attrs["committed"]) < 40
+        assert not f.attrs["complete"] and 4 <= int(f["images"].attrs["committed"]) < 60
     assert main([*args, "--resume"]) == 0
     with open_run(out) as run:
-        assert run.complete and run.ids == [f"o3/1/{i}" for i in range(40)]
+        assert run.complete and run.ids == [f"o3/1/{i}" for i in range(60)]
 
 
 def test_cli_record_and_info(tmp_path, capsys):
