@@ -31,7 +31,7 @@ from qkhooks.attention import (
 )
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, select_layers
-from qkhooks.projector import ModeProjector
+from qkhooks.projector import ModeProjector, QKPathProjector
 from qkhooks.spectrum import QKSpectrum, layer_spectrum
 
 __all__ = ["record", "Recording", "LayerCapture", "BatchCapture", "Sink", "parse_modes"]
@@ -132,6 +132,7 @@ class Recording:
         spectrum: QKSpectrum | None = None,
         sites: Sequence[AttentionSite] | None = None,
         compute_dtype: torch.dtype | None = None,
+        qk_path: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise QKHooksError(f"record() needs a torch nn.Module, got {type(model).__name__}; load one with qkhooks.load_model.")
@@ -155,12 +156,22 @@ class Recording:
         self.compute_dtype = compute_dtype
         self.spectrum: QKSpectrum | None = None
         self._projectors: dict[int, ModeProjector] = {}
+        # Layers whose modes come from the model's own q/k Linear outputs (a d_k x K product per head instead
+        # of x's d x K): the same maps to float rounding, since u_n and v_n lie in the row spaces of W_q, W_k.
+        self._from_qk: dict[int, QKPathProjector] = {}
+        self._qk_outputs: dict[int, dict[int, torch.Tensor]] = {}
         if self.modes is not None:
             k = None if self.modes == "all" else int(self.modes)
             by_layer = {s.layer: s for s in spectrum} if spectrum is not None else {}
             spectra = [(by_layer.get(site.layer) or layer_spectrum(site, augmented)).top(k) for site in self.sites]
             self.spectrum = QKSpectrum(spectra, getattr(model, "qkhooks_spec", "") or type(model).__name__)
             self._projectors = {s.layer: ModeProjector(s) for s in spectra}
+            if qk_path and input == "normed":
+                self._from_qk = {
+                    site.layer: QKPathProjector(spec, site.weights())
+                    for site, spec in zip(self.sites, spectra)
+                    if site.qk_modules and not spec.augmented and bool((spec.S > spec.S.max() * 1e-7).all())
+                }
         self._handles: list[Any] = []
         self._current: BatchCapture | None = None
         self._outer = False  # whether the open batch is a call of ``model`` itself
@@ -169,6 +180,11 @@ class Recording:
         self.last: BatchCapture | None = None
         self.images_seen = 0
         self.index_base = 0
+
+    @property
+    def mode_source(self) -> dict[int, str]:
+        """Layer -> where its modes are taken from: ``"qk"`` (the model's q/k Linear outputs) or ``"x"``."""
+        return {s.layer: "qk" if s.layer in self._from_qk else "x" for s in self.sites} if self._projectors else {}
 
     # ------------------------------------------------------------------ hooks
     @property
@@ -197,6 +213,9 @@ class Recording:
                         site.block.register_forward_pre_hook(self._residual_hook(site), with_kwargs=True)
                     )
                 self._handles.append(site.module.register_forward_pre_hook(self._layer_hook(site), with_kwargs=True))
+                if site.layer in self._from_qk:
+                    for i, linear in enumerate(site.qk_modules):
+                        self._handles.append(linear.register_forward_hook(self._qk_hook(site, i)))
             self._handles.append(last.module.register_forward_hook(self._end_inner, always_call=False))
         except BaseException:
             self.detach()
@@ -210,6 +229,7 @@ class Recording:
             handle.remove()
         self._current = None
         self._residual.clear()
+        self._qk_outputs.clear()
 
     def __enter__(self) -> "Recording":
         return self.attach()
@@ -220,7 +240,8 @@ class Recording:
 
     def sites_release(self) -> None:
         """Forget the model's modules so a finished recording keeps no model alive."""
-        self.sites = [dataclasses.replace(s, module=None, block=None, qk_linear=_released) for s in self.sites]  # type: ignore[arg-type]
+        self.sites = [dataclasses.replace(s, module=None, block=None, qk_linear=_released, qk_modules=())  # type: ignore[arg-type]
+                      for s in self.sites]
 
     def __repr__(self) -> str:
         state = "attached" if self.active else "detached"
@@ -262,8 +283,15 @@ class Recording:
 
     def _end_batch(self, module: nn.Module, args: tuple, kwargs: dict | Any, output: Any = None) -> None:
         batch, self._current = self._current, None
+        self._qk_outputs.clear()
         if batch is None or not batch.layers:
             return
+        for layer, cap in batch.layers.items():
+            if layer in self._from_qk and cap.query is None:
+                raise QKHooksError(
+                    f"layer {layer}'s attention did not call its q/k Linear modules, so its modes could not be "
+                    "taken from their outputs; record with qk_path=False to project the tokens instead."
+                )
         size = batch.size
         batch.offset = self.index_base + self.images_seen
         if not batch.ids:
@@ -294,13 +322,36 @@ class Recording:
                 x_modes = self._residual.pop(site.layer, x) if self.input == "residual" else x
                 if self.compute_dtype is not None:
                     x_modes = x_modes.to(self.compute_dtype)
-                if projector is not None:
+                if projector is not None and site.layer not in self._from_qk:
                     cap.query, cap.key = projector(x_modes.detach())
                 if self.keep_inputs:
                     cap.inputs = x_modes.detach()
                 for spec in specs:
                     cap.attention[spec.kind] = self._attention(site, spec, x.detach())
                 self._current.layers[site.layer] = cap  # type: ignore[union-attr]
+
+        return hook
+
+    def _qk_hook(self, site: AttentionSite, index: int):
+        """Forward hook on q/k Linear ``index`` of ``site``: once q and k are both out, project the modes."""
+        projector, width, fused = self._from_qk[site.layer], site.num_heads * site.head_dim, len(site.qk_modules) == 1
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            cap = self._current.layers.get(site.layer) if self._current is not None else None
+            if cap is None:  # called outside this layer's recorded attention call
+                return
+            out = output.detach() if self.compute_dtype is None else output.detach().to(self.compute_dtype)
+            if fused:
+                q, k = out[..., :width], out[..., width:2 * width]
+            else:
+                seen = self._qk_outputs.setdefault(site.layer, {})
+                seen[index] = out
+                if len(seen) < 2:  # the other one is still to come (models call them in either order)
+                    return
+                del self._qk_outputs[site.layer]
+                q, k = seen[0], seen[1]
+            with torch.no_grad():
+                cap.query, cap.key = projector.from_linear(q, k)
 
         return hook
 
@@ -366,6 +417,10 @@ def record(model: nn.Module, **options: Any) -> Recording:
         sinks: objects with ``update(batch)`` fed after each complete forward (a run writer, reducers).
         spectrum: a precomputed :class:`QKSpectrum` to reuse.
         compute_dtype: dtype for projections (default: the tokens' own dtype).
+        qk_path: take the modes from the model's own q/k Linear outputs where the adapter names them (default;
+            the same maps to float rounding at a d_k/d of the cost: u_n, v_n lie in the row spaces of W_q, W_k).
+            Not used for ``input="residual"``, augmented spectra or numerically rank-deficient heads. False:
+            always project the tokens x.
 
     Returns:
         A :class:`Recording`; inside ``with``, run the model as usual (or call ``run(images, ids=...)``).

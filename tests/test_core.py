@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import qkhooks
+from qkhooks import QKHooksError
 from qkhooks.models.load import load_checkpoint
 from conftest import TINY_MODELS, Tiny, eager_attention
 
@@ -102,6 +103,39 @@ def test_modes_sum_to_model_logits(tiny: Tiny):
         s = run.spectrum[site.layer].S
         mine = torch.einsum("bhkn,hk,bhkm->bhnm", run.query[site.layer], s, run.key[site.layer])
         assert float((mine - ref).detach().norm() / ref.detach().norm()) < 1e-4
+
+
+def test_modes_from_the_models_qk_outputs_equal_the_projected_tokens(tiny: Tiny):
+    model, images = tiny.model(), tiny.images()
+    runs = {}
+    for qk_path in (True, False):
+        with qkhooks.record(model, modes=8, qk_path=qk_path) as run, torch.no_grad():
+            run_model(tiny, model, images)
+        runs[qk_path] = run
+    fast, slow = runs[True], runs[False]
+    layers = [s.layer for s in qkhooks.sites(model)]
+    assert fast.mode_source == {layer: "qk" for layer in layers} and set(slow.mode_source.values()) == {"x"}
+    for layer in layers:
+        for a, b in ((fast.query[layer], slow.query[layer]), (fast.key[layer], slow.key[layer])):
+            assert a.shape == b.shape and float((a - b).abs().max() / b.abs().max()) < 1e-5
+
+
+def test_modes_fall_back_to_the_tokens_where_the_qk_outputs_do_not_serve():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    with qkhooks.record(model, modes=4, input="residual") as run:
+        assert set(run.mode_source.values()) == {"x"}  # the residual stream is not what q/k are made of
+    with qkhooks.record(model, modes=4, augmented=True) as run:
+        assert set(run.mode_source.values()) == {"x"}  # [x; 1]: the bias coordinate has no q/k counterpart
+    with qkhooks.record(model, modes=None) as run:
+        assert run.mode_source == {}
+    with qkhooks.record(model, modes=4) as run:
+        hooked = model.blocks[1].attn.qkv
+        model.blocks[1].attn.qkv = nn.Linear(hooked.in_features, hooked.out_features)  # one it never hooked
+        model.blocks[1].attn.qkv.load_state_dict(hooked.state_dict())
+        with pytest.raises(QKHooksError, match="layer 1's attention did not call its q/k Linear.*qk_path=False"):
+            with torch.no_grad():
+                model(torch.randn(1, 3, 32, 32))
+        assert run.last is None  # nothing half-recorded was handed on
 
 
 def test_augmented_modes_include_biases(tiny: Tiny):

@@ -49,6 +49,9 @@ class AttentionSite:
         input_name: keyword under which the module receives the hidden states when passed by keyword.
         qk_linear: returns (W (2·H·d_k, d), b (2·H·d_k) or None): the rows of the model's own parameters
             that produce q then k, read live so that weight edits are seen.
+        qk_modules: the Linear modules whose outputs are q and k, as the model computes them from the hooked
+            tokens: ``(qkv,)`` (fused; q then k then v along the last axis) or ``(query, key)``. The recording
+            projects modes from these outputs (a d_k x K product per head instead of d x K). Empty: from x.
     """
 
     layer: int
@@ -67,6 +70,7 @@ class AttentionSite:
     qk_linear: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
     block_input_name: str = "hidden_states"
     patch_size: tuple[int, int] | None = None
+    qk_modules: tuple[nn.Module, ...] = ()
 
     def __repr__(self) -> str:
         return (

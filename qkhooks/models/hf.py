@@ -133,6 +133,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 block_input_name="hidden_states",
                 qk_linear=qk_linear,
                 patch_size=_pair(getattr(config, "patch_size", None)),
+                qk_modules=(q, k),
             )
         )
     return sorted(sites, key=lambda s: s.layer)

@@ -72,6 +72,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 block_input_name="x",
                 qk_linear=qk_linear,
                 patch_size=patch,  # type: ignore[arg-type]
+                qk_modules=(qkv,),
             )
         )
     return sorted(sites, key=lambda s: s.layer)
