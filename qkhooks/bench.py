@@ -449,7 +449,8 @@ class ExtractRunner(Runner):
 
 # -------------------------------------------------------------------------------- prototypes (not the library)
 class QKVProtoRunner(Runner):
-    """PROTOTYPE of proposed patch B, not the library (qkhooks does not capture this way yet).
+    """PROTOTYPE of patch B. The library now takes its modes this way (``Recording(qk_path=True)``); its rows still
+    come from x (patch A), while this prototype also takes them from the model's own q and k.
 
     q and k are taken from the output of each timm attention's own ``qkv`` Linear by a forward hook, so nothing
     the model computed is computed again.
@@ -563,9 +564,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            family="hf", kind="baseline"),
     Method("hf_eager_attn", "HF ViTModel eager, output_attentions=True",
            lambda b: PlainRunner(b.hf("eager"), output_attentions=True), family="hf", reference="hf_sdpa", kind="peer"),
-    Method("proto_qkv_full_hdf5", "prototype of patch B (not in the library): top-16 + rows from the qkv output + HDF5",
+    Method("proto_qkv_full_hdf5", "prototype: top-16 modes and (unlike the library) rows from the qkv output + HDF5",
            lambda b: QKVProtoRunner(b, 16, rows=True, writer=True, name="proto-full"), kind="prototype"),
-    Method("proto_qkv_modes_all", "prototype of patch B (not in the library): all modes from the qkv output",
+    Method("proto_qkv_modes_all", "prototype: all modes from the qkv output (the library's path since patch B), minimal bookkeeping",
            lambda b: QKVProtoRunner(b, b.size.hidden // b.size.heads, rows=False, name="proto-all"), kind="prototype"),
 ]}
 
