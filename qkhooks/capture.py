@@ -1,10 +1,11 @@
 """The recording context: hooks on an unmodified model that capture, project and rebuild on device.
 
 ``with qkhooks.record(model, modes=16) as run: model(images)`` installs forward pre-hooks (keyword inputs
-included) on every attention module. Each hook sees the exact tensor entering W_q/W_k, projects it onto the
-layer's top modes and rebuilds any requested attention, all under ``torch.no_grad`` on the tokens' device.
-The hooks never touch the model's inputs or outputs, so results are bit-identical with and without the
-context, and fused attention stays on.
+included) on every attention module. Each sees the exact tensor entering W_q/W_k and rebuilds any requested
+attention from it; forward hooks on the model's own q/k Linear modules turn their outputs into the maps on
+the layer's top modes (or, where those do not serve, the pre-hook projects the tokens). All of it runs under
+``torch.no_grad`` on the tokens' device. The hooks never touch the model's inputs or outputs, so results are
+bit-identical with and without the context, and fused attention stays on.
 
 A batch is complete when the recorded model's forward returns; only then is it handed to the sinks (the
 run store, streaming reducers) and exposed as ``run.last``. A forward that raises hands nothing on, so a
