@@ -156,7 +156,7 @@ class Recording:
         self.sinks: list[Sink] = list(sinks)
         self.compute_dtype = compute_dtype
         self.spectrum: QKSpectrum | None = None
-        self._projectors: dict[int, ModeProjector] = {}
+        self._projectors: dict[int, ModeProjector] = {}  # layers whose modes are projected from the tokens x
         # Layers whose modes come from the model's own q/k Linear outputs (a d_k x K product per head instead
         # of x's d x K): the same maps to float rounding, since u_n and v_n lie in the row spaces of W_q, W_k.
         self._from_qk: dict[int, QKPathProjector] = {}
@@ -166,13 +166,13 @@ class Recording:
             by_layer = {s.layer: s for s in spectrum} if spectrum is not None else {}
             spectra = [(by_layer.get(site.layer) or layer_spectrum(site, augmented)).top(k) for site in self.sites]
             self.spectrum = QKSpectrum(spectra, getattr(model, "qkhooks_spec", "") or type(model).__name__)
-            self._projectors = {s.layer: ModeProjector(s) for s in spectra}
-            if qk_path and input == "normed":
-                self._from_qk = {
-                    site.layer: QKPathProjector(spec, site.weights())
-                    for site, spec in zip(self.sites, spectra)
-                    if site.qk_modules and not spec.augmented and bool((spec.S > spec.S.max() * 1e-7).all())
-                }
+            for site, spec in zip(self.sites, spectra):
+                if qk_path and input == "normed" and site.qk_modules and not spec.augmented and bool(
+                    (spec.S > spec.S.max() * 1e-7).all()
+                ):
+                    self._from_qk[site.layer] = QKPathProjector(spec, site.weights())
+                else:
+                    self._projectors[site.layer] = ModeProjector(spec)
         self._handles: list[Any] = []
         self._current: BatchCapture | None = None
         self._outer = False  # whether the open batch is a call of ``model`` itself
@@ -185,7 +185,7 @@ class Recording:
     @property
     def mode_source(self) -> dict[int, str]:
         """Layer -> where its modes are taken from: ``"qk"`` (the model's q/k Linear outputs) or ``"x"``."""
-        return {s.layer: "qk" if s.layer in self._from_qk else "x" for s in self.sites} if self._projectors else {}
+        return {s.layer: "qk" if s.layer in self._from_qk else "x" for s in self.sites} if self.modes is not None else {}
 
     # ------------------------------------------------------------------ hooks
     @property
@@ -323,7 +323,7 @@ class Recording:
                 x_modes = self._residual.pop(site.layer, x) if self.input == "residual" else x
                 if self.compute_dtype is not None:
                     x_modes = x_modes.to(self.compute_dtype)
-                if projector is not None and site.layer not in self._from_qk:
+                if projector is not None:
                     cap.query, cap.key = projector(x_modes.detach())
                 if self.keep_inputs:
                     cap.inputs = x_modes.detach()

@@ -304,8 +304,9 @@ class RunWriter:
     def _structural(self) -> Any:
         """Leave SWMR mode for a change that creates or deletes objects, then re-enter it.
 
-        Readers (:class:`RunReader`) take no file lock, so watching a run never blocks this reopen; a
-        reader that reads during these few moments gets an error and simply reopens.
+        Readers (:class:`RunReader`) take no file lock, so watching a run never blocks this reopen; one that
+        opens during these few milliseconds waits them out, one already open that reads meanwhile gets an
+        error and reopens.
         """
         if self._file.swmr_mode:
             self._file.close()
