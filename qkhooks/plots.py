@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from qkhooks.spectrum import QKSpectrum, random_cosine_band  # noqa: E402
+from qkhooks.spectrum import QKSpectrum, head_weighted_cosines, random_cosine_band  # noqa: E402
 
 __all__ = ["save", "weighted_cosine_null_sd", "plot_cosine_by_layer", "plot_head_spectra", "plot_layer_curves", "plot_stacked_shares"]
 
@@ -74,10 +74,7 @@ def plot_weighted_cosine(spectra: dict[int, tuple[np.ndarray, np.ndarray]], dim:
                          model: str = "", relative_to: Sequence[float] | None = None) -> Path:
     """:func:`plot_cosine_by_layer` from arrays: layer -> (S, cos), each (H, K), in dimension ``dim``."""
     layers = sorted(spectra)
-    per_head = []  # each head's sigma-weighted sum of cosines (LayerSpectrum.cosine_weighted)
-    for layer in layers:
-        S, cos = (np.asarray(a, np.float64) for a in spectra[layer])
-        per_head.append((S / np.maximum(S.sum(-1, keepdims=True), 1e-30) * cos).sum(-1))
+    per_head = [head_weighted_cosines(*spectra[layer]) for layer in layers]
     mean = np.array([h.mean() for h in per_head])
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     single = random_cosine_band(dim, Z95)

@@ -89,20 +89,14 @@ class QKPathProjector:
         """Query and key maps (B, H, K, N) from q, k (B, H, N, d_k) with biases included."""
         a, c, b_q, b_k = self._weights(q.device, q.dtype)
         if b_q is not None:
-            q = q - b_q[None, :, None, :]
-        if b_k is not None:
-            k = k - b_k[None, :, None, :]
-        return torch.einsum("bhnd,hdk->bhkn", q, a), torch.einsum("bhnd,hdk->bhkn", k, c)
-
-    def from_linear(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same from the q and k Linear outputs as the model produced them: (B, N, H·d_k) each."""
-        a, c, b_q, b_k = self._weights(q.device, q.dtype)
-        h, dk = a.shape[0], a.shape[1]
-        q, k = q.unflatten(-1, (h, dk)).transpose(1, 2), k.unflatten(-1, (h, dk)).transpose(1, 2)  # (B, H, N, d_k)
-        if b_q is not None:
             q = q - b_q[:, None, :]
         if b_k is not None:
             k = k - b_k[:, None, :]
         # One (N, d_k) @ (d_k, K) product per image and head: the same kernel whatever the batch size, so an
         # image's maps do not depend on the batch it came in (a sharded run equals a single-process one).
         return (q @ a).transpose(-1, -2), (k @ c).transpose(-1, -2)
+
+    def from_linear(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same from the q and k Linear outputs as the model produced them: (B, N, H·d_k) each."""
+        h, dk = self.a.shape[0], self.a.shape[1]
+        return self(q.unflatten(-1, (h, dk)).transpose(1, 2), k.unflatten(-1, (h, dk)).transpose(1, 2))

@@ -144,15 +144,14 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: int | Non
         l, h, m = best
         figs.append((out / "modes" / "figures" / f"L{l}" / f"L{l}_H{h}_M{m}.png",
                      f"L{l} H{h} M{m}: the top images of one mode (titles give the cosine and σ)."))
-    aniso = {int(k): v for k, v in (summary.get("anisotropy") or {}).items()}
+    aniso_rows = {int(k): v for k, v in (summary.get("anisotropy") or {}).items()}
     top = Section(
         "modes", "Semantic modes: top images per mode",
         f"Each mode ranks {summary['images']} photos by max(query map)·max(key map) (both signs of a mode, each photo "
         "once). Red marks where tokens would send queries along u_n, cyan where keys along v_n answer. "
-        + _overlap_reading({l: aniso.get(l, {}).get("cos_weighted") for l in show}),
+        + _overlap_reading({l: aniso_rows.get(l, {}).get("cos_weighted") for l in show}),
         [(p, c) for p, c in figs if p.exists()], {"images": summary["images"], "k": summary["k"]})
 
-    aniso_rows = {int(k): v for k, v in (summary.get("anisotropy") or {}).items()}
     layers = sorted(aniso_rows)
     base = [float(aniso_rows[l]["baseline"]) for l in layers]
     b0, b1 = _thirds(base) if base else (float("nan"), float("nan"))

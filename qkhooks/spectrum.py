@@ -14,6 +14,7 @@ import dataclasses
 import math
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +22,12 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, QKWeights
 
 __all__ = ["LayerSpectrum", "QKSpectrum", "spectrum", "factored_svd", "random_cosine_band"]
+
+
+def head_weighted_cosines(S: np.ndarray, cos: np.ndarray) -> np.ndarray:
+    """:attr:`LayerSpectrum.cosine_weighted` from arrays S, cos (H, K): each head's sigma-weighted sum of cosines."""
+    S, cos = np.asarray(S, np.float64), np.asarray(cos, np.float64)
+    return (S / np.maximum(S.sum(-1, keepdims=True), 1e-30) * cos).sum(-1)
 
 
 def random_cosine_band(dim: int, z: float = 1.96) -> float:

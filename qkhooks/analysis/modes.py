@@ -42,6 +42,7 @@ from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks.cli import command, jsonable
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer
+from qkhooks.spectrum import head_weighted_cosines
 
 __all__ = [
     "TopKModes",
@@ -497,14 +498,9 @@ def relative_cosine(cos: Any, baseline: Any) -> np.ndarray:
 
 
 def _weighted_cos(S: np.ndarray, cos: np.ndarray) -> float:
-    """Mean over heads of each head's sigma-weighted *sum* of cosines (paper's formula, METHODS A.2/A.7).
-
-    The same number as ``LayerSpectrum.cosine_weighted.mean()``, which needs U and V; :func:`anisotropy_table`
-    takes only S and cos (its callers, e.g. notebook 05, pass those), so it is restated here on arrays
-    (tests check the two agree on a recorded run).
-    """
-    w = S / np.maximum(S.sum(-1, keepdims=True), 1e-30)
-    return float((w * cos).sum(-1).mean())
+    """Mean over heads of each head's sigma-weighted *sum* of cosines (paper's formula, METHODS A.2/A.7):
+    ``LayerSpectrum.cosine_weighted.mean()`` from S and cos alone (tests check the two agree on a run)."""
+    return float(head_weighted_cosines(S, cos).mean())
 
 
 def anisotropy_table(spectra: Mapping[int, Mapping[str, Any]], baselines: Mapping[int, float]) -> dict[str, Any]:
