@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ from qkhooks import QKHooksError
 from qkhooks.cli import main
 from qkhooks.data import collate, open_dataset
 from qkhooks.store import RunWriter, open_run
-from qkhooks.store._hdf5 import clear_open_flags, lookup3
+from qkhooks.store._hdf5 import clear_open_flags, lookup3, open_swmr_reader
 from qkhooks.stream import record_dataset
 
 # A small ViT at the real 224 input (7 x 7 patches of 32 px), so every dataset's preprocessing applies as is.
@@ -297,7 +298,7 @@ def test_writer_commits_whole_batches_and_states_alternate_slots(tmp_path):
 
 MID_CHANGE = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     import numpy as np
     from qkhooks.store import RunWriter
 
@@ -308,38 +309,79 @@ MID_CHANGE = textwrap.dedent(
     with w._lock, w._structural() as f:  # outside SWMR mode, as while creating a dataset or a checkpoint
         f.attrs["note"] = "mid-change"
         print("inside", flush=True)
-        time.sleep(float(sys.argv[2]))
+        while not os.path.exists(sys.argv[2]):  # until the test lets it go
+            time.sleep(0.01)
     w.close()
     """
 )
 
 
-def _writer_paused_mid_change(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen, Path]:
-    script, out = tmp_path / "child.py", tmp_path / "run.h5"
+def _writer_paused_mid_change(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """A writer process stopped inside a layout change; it goes on once the returned ``release`` file exists."""
+    script, out, release = tmp_path / "child.py", tmp_path / "run.h5", tmp_path / "release"
     script.write_text(MID_CHANGE)
-    child = subprocess.Popen([sys.executable, str(script), str(out), str(seconds)], stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, str(script), str(out), str(release)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert child.stdout.readline() == b"inside\n", child.stderr.read().decode()[-2000:]
-    return child, out
+    return child, out, release
 
 
 def test_a_reader_waits_out_a_live_writers_structural_change(tmp_path):
-    child, out = _writer_paused_mid_change(tmp_path, 0.5)
+    child, out, release = _writer_paused_mid_change(tmp_path)
     try:
         with pytest.raises(OSError, match="not already open for SWMR writing"):  # plain h5py, meanwhile
             h5py.File(out, "r", swmr=True, locking=False)
+        threading.Timer(0.3, release.touch).start()  # the writer finishes its change while open_run waits
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # nothing to repair: the writer is alive
             with open_run(out) as run:
                 assert run.ids == ["i0", "i1", "i2", "i3"]
     finally:
+        release.touch()
         assert child.wait(timeout=60) == 0, child.stderr.read().decode()[-2000:]
     with open_run(out) as run:
         assert run.complete and run.attrs["note"] == "mid-change"
 
 
+CYCLING = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from qkhooks.store import RunWriter
+
+    w = RunWriter(sys.argv[1])
+    w.write_batch(["a"], {"v": np.zeros((1, 3), np.float32)})
+    w.flush()
+    print("ready", flush=True)
+    start = time.time()
+    while time.time() - start < float(sys.argv[2]):  # in and out of SWMR mode as fast as it goes
+        with w._lock, w._structural() as f:
+            f.attrs["t"] = time.time()
+    w.close()
+    """
+)
+
+
+def test_readers_never_mistake_a_writer_changing_layout_for_a_dead_one(tmp_path):
+    # A reader that meets "open for write" flags and then no lock may have caught a live writer re-entering SWMR
+    # mode; and probing the lock must not make the writer's own relock fail.
+    script, out = tmp_path / "child.py", tmp_path / "run.h5"
+    script.write_text(CYCLING)
+    child = subprocess.Popen([sys.executable, str(script), str(out), "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert child.stdout.readline() == b"ready\n", child.stderr.read().decode()[-2000:]
+    opened = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the "writer died" path warns
+        while child.poll() is None:
+            open_swmr_reader(out).close()
+            opened += 1
+    assert child.returncode == 0, child.stderr.read().decode()[-2000:]
+    assert opened > 10
+
+
 def test_a_writer_killed_outside_swmr_mode_leaves_a_readable_resumable_run(tmp_path):
-    child, out = _writer_paused_mid_change(tmp_path, 600)
+    child, out, _ = _writer_paused_mid_change(tmp_path)
     child.kill()
     child.wait()
     with pytest.raises(OSError, match="not already open for SWMR writing"):  # HDF5 alone refuses the file

@@ -24,6 +24,7 @@ import json
 import os
 import queue
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -310,7 +311,7 @@ class RunWriter:
         """
         if self._file.swmr_mode:
             self._file.close()
-            self._file = h5py.File(self.path, "r+", libver="latest")
+            self._file = _reopen(self.path)
         try:
             yield self._file
         finally:
@@ -455,6 +456,19 @@ class RunWriter:
     def _do_complete(self, complete: bool) -> None:
         self._file.attrs["complete"] = complete
         self._file.flush()
+
+
+def _reopen(path: Path, wait_s: float = 5.0) -> h5py.File:
+    """Reopen for writing, retrying while another process holds a lock for a moment (an ``h5clear``, a
+    reader opening with HDF5's default locking): HDF5 tries its lock once and fails at once."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return h5py.File(path, "r+", libver="latest")
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _append(ds: h5py.Dataset, n: int, value: np.ndarray) -> None:
