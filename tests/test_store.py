@@ -386,11 +386,13 @@ def test_a_writer_killed_outside_swmr_mode_leaves_a_readable_resumable_run(tmp_p
     child.wait()
     with pytest.raises(OSError, match="not already open for SWMR writing"):  # HDF5 alone refuses the file
         h5py.File(out, "r", swmr=True, locking=False)
+    found = (sha(out), os.stat(out).st_mtime_ns)
     with pytest.warns(UserWarning, match="writer died while changing"):
-        run = open_run(out)
-    with run:
-        assert run.ids == ["i0", "i1", "i2", "i3"] and not run.complete
+        run, other = open_run(out), open_run(out)  # two readers at once: neither writes, so neither races
+    with run, other:
+        assert run.ids == other.ids == ["i0", "i1", "i2", "i3"] and not run.complete
         np.testing.assert_array_equal(run.array("v")[:, 0], [0, 0, 1, 1])
+    assert (sha(out), os.stat(out).st_mtime_ns) == found  # not even rewritten as found
     with RunWriter(out, mode="resume") as w:
         assert w.committed == 4
         w.write_batch(["i4"], {"v": np.full((1, 3), 2, np.float32)})

@@ -8,7 +8,8 @@ rewrites the superblock's Jenkins lookup3 checksum.
 
 A writer killed during one of its brief structural changes (outside SWMR mode) leaves flags that stop even
 SWMR readers; :func:`open_swmr_reader` tells that case (no process holds the file's lock) from a live writer
-mid-change (it waits) and opens the file as of its last flush. If the kill fell inside a
+mid-change (it waits) and opens the file as of its last flush, through a read-only view whose superblock
+reads as closed (:class:`FlagsClearedView`), so readers never write to a run file. If the kill fell inside a
 flush, objects created in that change may be half-written: :func:`walk` skips and lists them, and
 :func:`salvage` (run by a resume) rewrites the file without them, since HDF5 cannot unlink them in place.
 """
@@ -16,6 +17,7 @@ flush, objects created in that change may be half-written: :func:`walk` skips an
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import time
 import warnings
@@ -94,36 +96,100 @@ def held_by_writer(path: str | os.PathLike) -> bool:
 
 def clear_open_flags(path: str | os.PathLike) -> bool:
     """Clear the "open for (SWMR) write" flags a dead writer left in the superblock; True if any were set."""
-    return _swap_open_flags(path, 0) != 0
-
-
-def _swap_open_flags(path: str | os.PathLike, flags: int) -> int:
-    """Write ``flags`` into the superblock's flags byte (and its checksum); returns the byte it held."""
     path = Path(path)
     if held_by_writer(path):
         raise QKHooksError(f"{path} is being written by another running process; wait for it or stop it first.")
     with open(path, "r+b") as fh:
-        head = fh.read(8 + 4 + 4 * 8 + 4)
-        if head[:8] != _SIGNATURE:
-            raise QKHooksError(f"{path} is not an HDF5 file (no superblock at offset 0).")
-        version, size_of_offsets = head[8], head[9]
-        if version < 2:
-            return 0  # v0/v1 superblocks carry no open flags
-        end = 12 + 4 * size_of_offsets
+        block = _superblock(fh, path)
+        if block is None or block[11] == 0:
+            return False
         fh.seek(0)
-        block = bytearray(fh.read(end + 4))
-        if int.from_bytes(block[end:end + 4], "little") != lookup3(bytes(block[:end])):
-            raise QKHooksError(f"{path}: the superblock checksum is wrong; the file is damaged beyond a resume.")
-        old = block[11]
-        if old == flags:
-            return old
-        block[11] = flags
-        block[end:end + 4] = lookup3(bytes(block[:end])).to_bytes(4, "little")
-        fh.seek(0)
-        fh.write(bytes(block))
+        fh.write(_with_flags(block, 0))
         fh.flush()
         os.fsync(fh.fileno())
-    return old
+    return True
+
+
+def _superblock(fh: io.RawIOBase | io.BufferedIOBase, path: Path) -> bytearray | None:
+    """The checksummed bytes of a version 2/3 superblock, checksum included (None for v0/v1: no open flags)."""
+    fh.seek(0)
+    head = fh.read(12)
+    if head[:8] != _SIGNATURE:
+        raise QKHooksError(f"{path} is not an HDF5 file (no superblock at offset 0).")
+    version, size_of_offsets = head[8], head[9]
+    if version < 2:
+        return None
+    end = 12 + 4 * size_of_offsets
+    fh.seek(0)
+    block = bytearray(fh.read(end + 4))
+    if int.from_bytes(block[end:], "little") != lookup3(bytes(block[:end])):
+        raise QKHooksError(f"{path}: the superblock checksum is wrong; the file is damaged beyond a resume.")
+    return block
+
+
+def _with_flags(block: bytearray, flags: int) -> bytes:
+    """``block`` (from :func:`_superblock`) with its flags byte set to ``flags`` and its checksum redone."""
+    block = bytearray(block)
+    block[11] = flags
+    block[-4:] = lookup3(bytes(block[:-4])).to_bytes(4, "little")
+    return bytes(block)
+
+
+class FlagsClearedView(io.RawIOBase):
+    """A read-only file object over an HDF5 file whose superblock reads as closed (open flags cleared).
+
+    HDF5 opens a dead writer's file through it (h5py's file-object driver) while the file on disk stays as
+    found: no reader ever writes to a run file, so two readers cannot race over the flags, and a file the
+    reader may not write can still be read.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fh = open(self.path, "rb", buffering=0)
+        try:
+            block = _superblock(self._fh, self.path)
+        except BaseException:
+            self._fh.close()
+            raise
+        self._patch = b"" if block is None else _with_flags(block, 0)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        at = self._fh.tell()
+        n = self._fh.readinto(buffer)
+        if n and at < len(self._patch):
+            stop = min(n, len(self._patch) - at)
+            memoryview(buffer).cast("B")[:stop] = self._patch[at:at + stop]
+        return n
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+    def __str__(self) -> str:  # h5py reports it as the File's ``filename``
+        return str(self.path)
+
+
+def open_dead_writers_file(path: str | os.PathLike) -> h5py.File:
+    """Open, read-only, a file whose writer died outside SWMR mode, as of that writer's last flush."""
+    view = FlagsClearedView(path)
+    try:
+        return h5py.File(view, "r")
+    except OSError as exc:
+        view.close()
+        raise QKHooksError(f"{path} was damaged when its writer died ({exc}); record it again with "
+                           "--overwrite.") from None
 
 
 _OPEN_FLAG_ERRORS = ("already open for write", "not already open for SWMR writing")
@@ -160,20 +226,10 @@ def open_swmr_reader(path: str | os.PathLike, wait_s: float = 5.0, warn: bool = 
             if now - unlocked_since >= _DEAD_AFTER_S:
                 break
         time.sleep(0.01)
-    if not os.access(path, os.W_OK):
-        raise QKHooksError(f"{path} was left marked open by a writer that died; resume it with `qkhooks record "
-                           "... --resume` (or run `h5clear -s` on it) as its owner, then read it.")
-    # Open with the flags cleared, then put them back: the file stays byte for byte as found, still saying that
-    # its writer died, so every later reader comes this way too (not SWMR: nobody writes any more, and SWMR
-    # reads of a half-written object retry without end) until a resume repairs it.
-    flags = _swap_open_flags(path, 0)
-    try:
-        f = h5py.File(path, "r", locking=False)
-    except OSError as exc:
-        raise QKHooksError(f"{path} was damaged when its writer died ({exc}); record it again with "
-                           "--overwrite.") from None
-    finally:
-        _swap_open_flags(path, flags)
+    # Not SWMR: nobody writes any more, and SWMR reads of a half-written object retry without end. The file
+    # stays byte for byte as found, still saying that its writer died, so every later reader comes this way
+    # too until a resume repairs it.
+    f = open_dead_writers_file(path)
     if warn:
         damaged = walk(f)[1]
         lost = f" The objects it was creating are half-written and skipped: {', '.join(damaged)}; a --resume " \
@@ -227,9 +283,8 @@ def salvage(path: str | os.PathLike, damaged: list[str]) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".salvaging")
     skip = set(damaged)
-    flags = _swap_open_flags(path, 0)
     try:
-        with h5py.File(path, "r", locking=False) as src, h5py.File(tmp, "w", libver="latest") as dst:
+        with open_dead_writers_file(path) as src, h5py.File(tmp, "w", libver="latest") as dst:
             def copy(group: h5py.Group, into: h5py.Group, prefix: str) -> None:
                 for key, value in group.attrs.items():
                     into.attrs[key] = value
@@ -246,7 +301,6 @@ def salvage(path: str | os.PathLike, damaged: list[str]) -> None:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
-        _swap_open_flags(path, flags)  # as found: still marked, so readers keep off SWMR for it
         raise
 
 
