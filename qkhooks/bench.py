@@ -469,8 +469,8 @@ class QKVProtoRunner(Runner):
             p = QKPathProjector(spec, site.weights())
             dev = bench.device
             a, c = p.a.float().to(dev), p.c.float().to(dev)
-            bq = torch.zeros(a.shape[0], a.shape[2]) if p.b_q is None else torch.einsum("hd,hdk->hk", p.b_q, p.a).float()
-            bk = torch.zeros(c.shape[0], c.shape[2]) if p.b_k is None else torch.einsum("hd,hdk->hk", p.b_k, p.c).float()
+            bq = torch.zeros(a.shape[0], a.shape[2]) if p.q_offset is None else p.q_offset[:, 0].float()
+            bk = torch.zeros(c.shape[0], c.shape[2]) if p.k_offset is None else p.k_offset[:, 0].float()
             self.layers.append((site, a, c, bq.to(dev)[None, :, :, None], bk.to(dev)[None, :, :, None]))
         self.handles: list[Any] = []
         self.current: dict[str, torch.Tensor] = {}

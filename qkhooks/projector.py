@@ -74,27 +74,29 @@ class QKPathProjector:
         # a_n = W_k v_n / sigma_n  (H, d_k, K);  c_n = W_q u_n / sigma_n.
         self.a = (weights.w_k.double().cpu() @ spectrum.V.double()) * inv[:, None, :]
         self.c = (weights.w_q.double().cpu() @ spectrum.U.double()) * inv[:, None, :]
-        self.b_q = None if weights.b_q is None else weights.b_q.double().cpu()
-        self.b_k = None if weights.b_k is None else weights.b_k.double().cpu()
+        # (q - b_q) @ a = q @ a - b_q @ a: the biases fold into (H, 1, K) offsets, so no (B, H, N, d_k) temporary
+        self.q_offset = None if weights.b_q is None else weights.b_q.double().cpu()[:, None, :] @ self.a
+        self.k_offset = None if weights.b_k is None else weights.b_k.double().cpu()[:, None, :] @ self.c
         self._cache: dict[tuple[torch.device, torch.dtype], tuple] = {}
 
     def _weights(self, device: torch.device, dtype: torch.dtype) -> tuple:
         key = (device, dtype)
         if key not in self._cache:
             conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-            self._cache[key] = (conv(self.a), conv(self.c), conv(self.b_q), conv(self.b_k))
+            self._cache[key] = (conv(self.a), conv(self.c), conv(self.q_offset), conv(self.k_offset))
         return self._cache[key]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query and key maps (B, H, K, N) from q, k (B, H, N, d_k) with biases included."""
-        a, c, b_q, b_k = self._weights(q.device, q.dtype)
-        if b_q is not None:
-            q = q - b_q[:, None, :]
-        if b_k is not None:
-            k = k - b_k[:, None, :]
+        a, c, q_offset, k_offset = self._weights(q.device, q.dtype)
         # One (N, d_k) @ (d_k, K) product per image and head: the same kernel whatever the batch size, so an
         # image's maps do not depend on the batch it came in (a sharded run equals a single-process one).
-        return (q @ a).transpose(-1, -2), (k @ c).transpose(-1, -2)
+        query, key = q @ a, k @ c
+        if q_offset is not None:
+            query = query.sub_(q_offset)
+        if k_offset is not None:
+            key = key.sub_(k_offset)
+        return query.transpose(-1, -2), key.transpose(-1, -2)
 
     def from_linear(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same from the q and k Linear outputs as the model produced them: (B, N, H·d_k) each."""
