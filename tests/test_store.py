@@ -391,6 +391,7 @@ def test_a_writer_killed_outside_swmr_mode_leaves_a_readable_resumable_run(tmp_p
         run, other = open_run(out), open_run(out)  # two readers at once: neither writes, so neither races
     with run, other:
         assert run.ids == other.ids == ["i0", "i1", "i2", "i3"] and not run.complete
+        assert run.file.filename == str(out)  # quoted by error messages, as for any other run file
         np.testing.assert_array_equal(run.array("v")[:, 0], [0, 0, 1, 1])
     assert (sha(out), os.stat(out).st_mtime_ns) == found  # not even rewritten as found
     with RunWriter(out, mode="resume") as w:

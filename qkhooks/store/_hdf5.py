@@ -177,7 +177,7 @@ class FlagsClearedView(io.RawIOBase):
         self._fh.close()
         super().close()
 
-    def __str__(self) -> str:  # h5py reports it as the File's ``filename``
+    def __repr__(self) -> str:  # h5py gives it as the File's ``filename``, which error messages quote
         return str(self.path)
 
 
