@@ -21,6 +21,7 @@ from qkhooks.capture import BatchCapture, LayerCapture, Recording, record
 from qkhooks.store import RunReader, RunWriter, open_run
 from qkhooks.reducers import Reducer
 from qkhooks.stream import RecordResult, record_dataset
+from qkhooks import data  # qkhooks.data.ImageConfig, open_dataset: named in error messages and the README
 
 __all__ = [
     "__version__",
@@ -44,4 +45,5 @@ __all__ = [
     "open_run",
     "RunReader",
     "RunWriter",
+    "data",
 ]

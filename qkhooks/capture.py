@@ -135,6 +135,10 @@ class Recording:
         compute_dtype: torch.dtype | None = None,
         qk_path: bool = True,
     ):
+        from qkhooks.models.load import LoadedModel
+
+        if isinstance(model, LoadedModel):
+            model = model.model
         if not isinstance(model, nn.Module):
             raise QKHooksError(f"record() needs a torch nn.Module, got {type(model).__name__}; load one with qkhooks.load_model.")
         if input not in ("normed", "residual"):
@@ -407,7 +411,8 @@ def record(model: nn.Module, **options: Any) -> Recording:
     """Hook ``model`` for query-key analysis; use as a context manager.
 
     Args:
-        model: an unmodified timm or Hugging Face ViT (or any model with a registered adapter).
+        model: an unmodified timm or Hugging Face ViT (or any model with a registered adapter), or the
+            :class:`LoadedModel` that :func:`load_model` returns.
         modes: top modes per head to project onto (default 16), ``"all"``, or None for no projection.
         layers: block indices to record (None: all).
         attention: ``"rows"``, ``"pooled"``, ``"full"``, an :class:`AttentionSpec`, or a list of them.
@@ -426,4 +431,10 @@ def record(model: nn.Module, **options: Any) -> Recording:
     Returns:
         A :class:`Recording`; inside ``with``, run the model as usual (or call ``run(images, ids=...)``).
     """
+    import inspect
+
+    known = [name for name in inspect.signature(Recording.__init__).parameters if name not in ("self", "model")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise QKHooksError(f"record() got unknown option(s) {', '.join(unknown)}; the options are {', '.join(known)}.")
     return Recording(model, **options)

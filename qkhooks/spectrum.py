@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from qkhooks.models.load import LoadedModel
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, QKWeights
@@ -206,7 +209,7 @@ def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectru
 
 
 def spectrum(
-    model: nn.Module | Sequence[AttentionSite],
+    model: nn.Module | LoadedModel | Sequence[AttentionSite],
     layers: str | Sequence[int] | None = None,
     augmented: bool = False,
     name: str = "",
@@ -214,7 +217,8 @@ def spectrum(
     """Query-key spectrum of every head of every (chosen) layer.
 
     Args:
-        model: a supported model, or its sites from :func:`qkhooks.sites`.
+        model: a supported model (or the :class:`LoadedModel` from :func:`load_model`), or its sites from
+            :func:`qkhooks.sites`.
         layers: block indices to keep, or a string such as "0,5-7,-1" (None: all).
         augmented: fold the biases in through x -> [x; 1] (default: the papers' bias-free form, Linear
             weights only, no 1/sqrt(d_k), no LayerNorm affine).
@@ -223,6 +227,10 @@ def spectrum(
     from qkhooks.models import sites as find_sites
     from qkhooks.models.base import select_layers
 
+    from qkhooks.models.load import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        model = model.model
     if isinstance(model, nn.Module):
         found = find_sites(model, layers)
         name = name or getattr(model, "qkhooks_spec", "") or type(model).__name__

@@ -223,6 +223,8 @@ def record_dataset(
     at_open = list(getattr(dataset, "skipped", []))
     data_spec = getattr(dataset, "name", str(data))
     ids = list(dataset.ids)
+    if limit is not None and isinstance(data, ImageDataset):  # a spec string got its limit from open_dataset
+        ids = ids[:limit]
     if not ids:
         raise QKHooksError(f"the dataset {data_spec!r} has no images.")
     lo, hi = 0, len(ids)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 import math
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -560,3 +564,27 @@ def test_layer_selections_are_strings_or_indices_everywhere():
     for bad, message in (("1-0", "low to high"), ([], "empty"), ("x", "bad layer selection")):
         with pytest.raises(qkhooks.QKHooksError, match=message):
             qkhooks.record(model, layers=bad)
+
+
+def test_record_and_spectrum_take_what_load_model_returns_and_name_unknown_options():
+    loaded = qkhooks.load_model(timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32,
+                                                  embed_dim=32, depth=2, num_heads=4).eval())
+    direct = qkhooks.spectrum(loaded.model)
+    via = qkhooks.spectrum(loaded)
+    assert [l.layer for l in via] == [0, 1] and all(torch.equal(a.S, b.S) for a, b in zip(via, direct))
+    x = torch.randn(1, 3, 224, 224)
+    with qkhooks.record(loaded, modes=4) as rec:
+        loaded.model(x)
+    with qkhooks.record(loaded.model, modes=4) as ref:
+        loaded.model(x)
+    assert torch.equal(rec.query[1], ref.query[1])
+    with pytest.raises(QKHooksError, match="unknown option.* mode; the options are modes, layers"):
+        qkhooks.record(loaded, mode=4)
+
+
+def test_qkhooks_data_is_reachable_after_import_qkhooks_alone():
+    # error messages and the README name qkhooks.data.ImageConfig; a fresh interpreter must find it
+    out = subprocess.run([sys.executable, "-c", "import qkhooks; print(qkhooks.data.ImageConfig.__name__)"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.stdout.strip() == "ImageConfig", out.stderr[-2000:]
+

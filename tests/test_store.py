@@ -188,7 +188,7 @@ def test_resume_refuses_other_model_or_options_and_leaves_file_untouched(tmp_pat
     loaded = tiny_vit()
     record_dataset(loaded, "samples", out, layers="0", limit=4, batch_size=2, reducers=[], progress=False)
     before = sha(out)
-    with pytest.raises(QKHooksError, match="config differs"):
+    with pytest.raises(QKHooksError, match=r"config differs from this run's \(layers: file \[0\], now \[0, 1\]\)"):
         record_dataset(loaded, "samples", out, layers="0,1", limit=4, reducers=[], progress=False, resume=True)
     other = qkhooks.load_model(timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32,
                                                  embed_dim=32, depth=2, num_heads=4, class_token=False,
@@ -495,3 +495,13 @@ def test_cli_record_and_info(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     with open_run(out) as run:
         assert json.loads(run.attrs["config"])["modes"] == 4
+
+
+def test_limit_applies_to_an_opened_dataset_as_to_a_spec_string(tmp_path):
+    loaded = tiny_vit()
+    dataset = open_dataset("samples", loaded.image_config)
+    assert len(dataset.ids) > 2
+    record_dataset(loaded, dataset, tmp_path / "run.h5", layers="0", limit=2, reducers=[], progress=False)
+    with open_run(tmp_path / "run.h5") as run:
+        assert run.ids == list(dataset.ids[:2]) and json.loads(run.attrs["config"])["limit"] == 2
+

@@ -199,7 +199,9 @@ class RunReader:
             f"run      {self.path}",
             f"model    {self.model}",
             f"data     {self.attrs.get('data', '?')}",
-            f"images   {self.n} committed" + ("" if self.complete else " (incomplete: resume with --resume)"),
+            f"images   {self.n} committed" + ("" if self.complete else " (incomplete: resume its shards with --resume)"
+                                                  if "shards" in self.file["images"].attrs else
+                                                  " (incomplete: resume with the same command plus --resume)"),
             f"version  qkhooks {self.attrs.get('qkhooks_version', '?')}",
         ]
         if self.skipped:

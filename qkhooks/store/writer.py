@@ -173,8 +173,9 @@ class RunWriter:
         for key in IDENTITY_ATTRS:
             if key in attrs and _attr(theirs[key]) != attrs[key]:
                 raise QKHooksError(
-                    f"cannot resume {self.path}: its {key} differs from this run's.\n  file: {theirs[key]}\n  "
-                    f"now:  {attrs[key]}\nUse the same model and options, or --overwrite to start again."
+                    f"cannot resume {self.path}: its {key} differs from this run's{_differences(theirs[key], attrs[key])}"
+                    f".\n  file: {theirs[key]}\n  now:  {attrs[key]}\nResume with the same model and options as the "
+                    "first run, or --overwrite to start again."
                 )
         if damaged:
             warnings.warn(f"{self.path}: its writer died while creating {', '.join(damaged)}; copying the rest into a "
@@ -484,6 +485,18 @@ def _append(ds: h5py.Dataset, n: int, value: np.ndarray) -> None:
 def _fits(ds: Any, value: np.ndarray) -> bool:
     """Whether ``value`` can overwrite dataset ``ds`` in place (SWMR mode allows no new objects)."""
     return isinstance(ds, h5py.Dataset) and ds.shape == value.shape and ds.dtype == value.dtype
+
+
+def _differences(theirs: Any, ours: Any) -> str:
+    """`` (attention: file 'rows', now 'none')`` for two JSON configs; empty when they are not both JSON objects."""
+    try:
+        a, b = json.loads(_attr(theirs)), json.loads(ours)
+    except (TypeError, ValueError):
+        return ""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return ""
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return " (" + "; ".join(f"{k}: file {a.get(k)!r}, now {b.get(k)!r}" for k in keys) + ")" if keys else ""
 
 
 def _attr(value: Any) -> Any:
