@@ -203,6 +203,8 @@ class Recording:
         model = self._model_ref()
         if model is None:
             raise QKHooksError("the model of this recording no longer exists.")
+        if self.sites and self.sites[0].module is None:
+            _released()
         # A batch is one call of ``model``: handed to the sinks only when that call returns, so a forward that
         # fails late hands over nothing. A full CLIPModel is used through get_image_features, which never calls
         # CLIPModel.forward; then the batch spans the recorded attention modules, first to last.
@@ -270,6 +272,8 @@ class Recording:
         model = self._model_ref()
         if model is None:
             raise QKHooksError("the model of this recording no longer exists.")
+        if self.sites and self.sites[0].module is None:
+            _released()
         return model(*args, **kwargs)
 
     def _begin_batch(self, module: nn.Module, args: tuple, kwargs: dict, outer: bool = True) -> None:
@@ -400,6 +404,10 @@ class Recording:
 
     def attention_maps(self, kind: str = "rows") -> dict[int, torch.Tensor]:
         """Layer -> rebuilt attention of the given kind for the last batch."""
+        kinds = sorted({spec.kind for spec in self.attention})
+        if kind not in kinds:
+            raise QKHooksError(f"this recording rebuilds no {kind!r} attention; it has {kinds or 'none'} (the "
+                               "attention= option of qkhooks.record).")
         return {l: c.attention[kind] for l, c in self._last_layers().items() if kind in c.attention}
 
 

@@ -588,3 +588,17 @@ def test_qkhooks_data_is_reachable_after_import_qkhooks_alone():
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert out.stdout.strip() == "ImageConfig", out.stderr[-2000:]
 
+
+def test_a_finished_recording_and_an_unrecorded_attention_kind_are_clear_errors():
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32, embed_dim=32, depth=2,
+                              num_heads=4).eval()
+    rec = qkhooks.record(model, modes=None, attention="rows")
+    with rec:
+        model(torch.randn(1, 3, 224, 224))
+    assert sorted(rec.attention_maps("rows")) == [0, 1]
+    with pytest.raises(QKHooksError, match="no 'row' attention; it has \\['rows'\\]"):
+        rec.attention_maps("row")
+    with pytest.raises(QKHooksError, match="has ended and released the model; start a new qkhooks.record"):
+        with rec:
+            pass
+
