@@ -32,6 +32,7 @@ from qkhooks.attention import (
 )
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, select_layers
+from qkhooks.models.load import unwrap_loaded
 from qkhooks.projector import ModeProjector, QKPathProjector
 from qkhooks.spectrum import QKSpectrum, layer_spectrum
 
@@ -135,10 +136,7 @@ class Recording:
         compute_dtype: torch.dtype | None = None,
         qk_path: bool = True,
     ):
-        from qkhooks.models.load import LoadedModel
-
-        if isinstance(model, LoadedModel):
-            model = model.model
+        model = unwrap_loaded(model)
         if not isinstance(model, nn.Module):
             raise QKHooksError(f"record() needs a torch nn.Module, got {type(model).__name__}; load one with qkhooks.load_model.")
         if input not in ("normed", "residual"):
@@ -200,11 +198,7 @@ class Recording:
         """Install the hooks (``with`` does this for you)."""
         if self.active:
             raise QKHooksError("this recording is already attached; use a new qkhooks.record(...) to nest.")
-        model = self._model_ref()
-        if model is None:
-            raise QKHooksError("the model of this recording no longer exists.")
-        if self.sites and self.sites[0].module is None:
-            _released()
+        model = self._live_model()
         # A batch is one call of ``model``: handed to the sinks only when that call returns, so a forward that
         # fails late hands over nothing. A full CLIPModel is used through get_image_features, which never calls
         # CLIPModel.forward; then the batch spans the recorded attention modules, first to last.
@@ -238,6 +232,15 @@ class Recording:
         self._residual.clear()
         self._qk_outputs.clear()
 
+    def _live_model(self) -> nn.Module:
+        """The recorded model, or a clear error once it is gone or this recording has released it."""
+        model = self._model_ref()
+        if model is None:
+            raise QKHooksError("the model of this recording no longer exists.")
+        if self.sites and self.sites[0].module is None:
+            _released()
+        return model
+
     def __enter__(self) -> "Recording":
         return self.attach()
 
@@ -269,11 +272,7 @@ class Recording:
     def __call__(self, *args: Any, ids: Sequence[str] | None = None, meta: dict[str, Any] | None = None, **kwargs: Any):
         """Run the model on ``args``/``kwargs`` with this batch's ids and metadata; returns the model's output."""
         self.set_batch(ids, **(meta or {}))
-        model = self._model_ref()
-        if model is None:
-            raise QKHooksError("the model of this recording no longer exists.")
-        if self.sites and self.sites[0].module is None:
-            _released()
+        model = self._live_model()
         return model(*args, **kwargs)
 
     def _begin_batch(self, module: nn.Module, args: tuple, kwargs: dict, outer: bool = True) -> None:

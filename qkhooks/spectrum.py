@@ -226,11 +226,9 @@ def spectrum(
     """
     from qkhooks.models import sites as find_sites
     from qkhooks.models.base import select_layers
+    from qkhooks.models.load import unwrap_loaded
 
-    from qkhooks.models.load import LoadedModel
-
-    if isinstance(model, LoadedModel):
-        model = model.model
+    model = unwrap_loaded(model)
     if isinstance(model, nn.Module):
         found = find_sites(model, layers)
         name = name or getattr(model, "qkhooks_spec", "") or type(model).__name__

@@ -48,6 +48,11 @@ class LoadedModel:
     random_init: bool = False
 
 
+def unwrap_loaded(model: Any) -> Any:
+    """The module inside a :class:`LoadedModel` (anything else as given), so APIs take either."""
+    return model.model if isinstance(model, LoadedModel) else model
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Load weights from a local file without executing code from it (safetensors or weights-only torch.load).
 

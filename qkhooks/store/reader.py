@@ -193,15 +193,20 @@ class RunReader:
         return sorted(self.file.get("reducers", {}).keys())
 
     # ------------------------------------------------------------------ summary
+    def _incomplete_hint(self) -> str:
+        if self.complete:
+            return ""
+        if "shards" in self.file["images"].attrs:  # a merged file is not resumed itself
+            return " (incomplete: resume its shards with --resume)"
+        return " (incomplete: resume with the same command plus --resume)"
+
     def summary(self) -> str:
         """What ``qkhooks info`` prints."""
         lines = [
             f"run      {self.path}",
             f"model    {self.model}",
             f"data     {self.attrs.get('data', '?')}",
-            f"images   {self.n} committed" + ("" if self.complete else " (incomplete: resume its shards with --resume)"
-                                                  if "shards" in self.file["images"].attrs else
-                                                  " (incomplete: resume with the same command plus --resume)"),
+            f"images   {self.n} committed{self._incomplete_hint()}",
             f"version  qkhooks {self.attrs.get('qkhooks_version', '?')}",
         ]
         if self.skipped:
