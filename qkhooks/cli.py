@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import QKHooksError, writable_dir
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 
@@ -113,6 +113,8 @@ def run_spectrum(args: argparse.Namespace) -> int:
     from qkhooks.models.base import parse_layers
     from qkhooks.spectrum import spectrum
 
+    for target in filter(None, (args.json, args.plot)):
+        writable_dir(Path(target).parent, "output folder")
     loaded = load_from_args(args)
     spec = spectrum(loaded.model, layers=parse_layers(args.layers), augmented=args.augmented, name=loaded.spec)
     print(spec.table())

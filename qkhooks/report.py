@@ -23,6 +23,7 @@ import numpy as np
 
 from qkhooks import __version__
 from qkhooks.cli import add_model_arguments, command, jsonable, load_from_args, write_json
+from qkhooks.errors import writable_dir
 from qkhooks.models.load import LoadedModel, load_model
 
 __all__ = ["make_report", "Section", "DEFAULT_MODEL"]
@@ -267,6 +268,7 @@ def make_report(
         "model": loaded.spec,
         "model_note": loaded.note,
         "random_init": loaded.random_init,
+        "weights": loaded.weights,
         "data": {"photos": PHOTOS, "objects": OBJECTS.format(n=objects), "odd_one_out": f"o3:{o3}:3"},
         "seconds": round(seconds, 1),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {device}",
@@ -333,6 +335,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 @command("demo", "run every analysis on one model and write DIR/index.html and DIR/summary.json")(_demo_args)
 def run_demo(args: argparse.Namespace) -> int:
+    writable_dir(args.out, "--out folder")
     loaded = load_from_args(args, device=args.device)
     summary = make_report(args.out, loaded, photos=args.images, o3=args.o3, objects=args.objects,
                           batch_size=args.batch_size, device=args.device)

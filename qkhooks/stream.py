@@ -27,7 +27,7 @@ from qkhooks import __version__
 from qkhooks.attention import parse_attention
 from qkhooks.capture import BatchCapture, parse_modes, record
 from qkhooks.cli import add_model_arguments, command, load_from_args, sigterm_exits
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.models.base import AttentionSite, find_sites, parse_layers
 from qkhooks.models.load import LoadedModel, check_device, load_model
 from qkhooks.reducers import Reducer
@@ -71,7 +71,7 @@ class WriterSink:
 def run_config(**options: Any) -> dict[str, Any]:
     """The part of a run's options that defines its content; a resume must match it exactly."""
     keys = ("model", "data", "modes", "layers", "attention", "input", "augmented", "dtype", "limit", "reducers",
-            "random_init", "store_modes", "shard", "extra")
+            "random_init", "weights", "store_modes", "shard", "extra")
     return {k: options.get(k) for k in keys}
 
 
@@ -248,7 +248,8 @@ def record_dataset(
     config = run_config(
         model=loaded.spec, data=data_spec, modes=modes_value, layers=[s.layer for s in sites],
         attention=[dataclasses.asdict(s) for s in attention_specs], input=input, augmented=augmented, dtype=dtype,
-        limit=limit, reducers=[r.name for r in reducers], random_init=loaded.random_init, store_modes=store_modes,
+        limit=limit, reducers=[r.name for r in reducers], random_init=loaded.random_init, weights=loaded.weights,
+        store_modes=store_modes,
         shard=list(shard) if shard else None, extra=extra_config,
     )
     recording = record(  # built (and so checked) before any file is touched; hooks go on below
@@ -321,10 +322,10 @@ def _skipped(at_open: Sequence[tuple[str, str]], dataset: Any, wanted: Sequence[
     Late failures are found by their absence from the run rather than from ``dataset.skipped``, which
     DataLoader worker processes cannot update.
     """
-    reasons = [(path, why) for path, why in getattr(dataset, "skipped", [])[len(at_open):]]
+    reasons = list(getattr(dataset, "skipped", [])[len(at_open):])
 
     def reason(id_: str) -> str:
-        return next((why for path, why in reasons if str(path).endswith(id_)), "could not be decoded")
+        return next((why for skipped_id, why in reasons if skipped_id == id_), "could not be decoded")
 
     late = [(i, reason(i)) for i in wanted if i not in seen]
     return (list(at_open) if first_shard else []) + late
@@ -418,6 +419,7 @@ def _record_args(p) -> None:
 
 @command("record", "stream a dataset through a model into an HDF5 run file")(_record_args)
 def run_record(args) -> int:
+    writable_dir(Path(args.out).parent, "folder of --out")
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from qkhooks.distributed import record_distributed
 

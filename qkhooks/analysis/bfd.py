@@ -41,7 +41,7 @@ from qkhooks.analysis.bfd_summary import (
     summarize,
 )
 from qkhooks.cli import add_model_arguments, command, load_from_args, write_json
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.models.base import find_sites, parse_layers
 
 __all__ = [
@@ -354,6 +354,8 @@ def _bfd_args(p: argparse.ArgumentParser) -> None:
 
 @command("bfd", "position vs content (BFD): CC/CP/PC/PP energies per head and mode, position probes")(_bfd_args)
 def run_bfd_command(args: argparse.Namespace) -> int:
+    for target in filter(None, (args.out, args.json)):
+        writable_dir(Path(target).parent, "output folder")
     loaded = load_from_args(args, device=args.device)
     result = run_bfd(
         loaded, args.data, args.out, layers=args.layers, batch_size=args.batch_size, device=args.device,
@@ -388,6 +390,7 @@ def run_analyze_bfd(args: argparse.Namespace) -> int:
         except ValueError:
             raise QKHooksError(f"--head must be 'LAYER,HEAD', e.g. '5,2'; got {args.head!r}.") from None
         head = (layer, h)
+    writable_dir(args.out, "--out folder")
     result = read_bfd(args.run, definition=args.definition, alpha=args.alpha)
     out = Path(args.out)
     write_json(out / "bfd.json", result)

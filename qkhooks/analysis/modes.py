@@ -40,7 +40,7 @@ import torch
 
 from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks.cli import command, jsonable
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.reducers import Reducer
 from qkhooks.spectrum import head_weighted_cosines
 
@@ -1276,6 +1276,7 @@ def run_modes(args: argparse.Namespace) -> int:
         raise QKHooksError(f"--figure-modes must be a number or 'all', got {fm!r}.") from None
     if args.k is not None and args.k < 1:
         raise QKHooksError(f"--k must be >= 1, got {args.k}.")
+    writable_dir(args.out, "--out folder")
     summary = analyze_modes(
         args.run, args.out, k=args.k, layers=args.layers, figure_modes=figure_modes, overview=not args.no_overview,
         images=not args.no_images, same_object_top=args.same_object_top, normalize=args.normalize,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from qkhooks.cli import command
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.data.masks import first_argmax
 from qkhooks.reducers import Reducer
 
@@ -539,6 +539,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 @command("analyze preference", "attention to same object / other objects / background on odd-one-out images (Fig. 2)")(_args)
 def run_preference(args: argparse.Namespace) -> int:
+    writable_dir(args.out, "--out folder")
     result = analyze_preference(args.run, args.out)
     print(format_table(result))
     if not result["complete"]:

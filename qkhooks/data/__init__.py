@@ -7,7 +7,7 @@ where objects are.
 
 from qkhooks.data.datasets import DATASET_SPECS, IMAGE_EXTENSIONS, ImageDataset, collate, open_dataset
 from qkhooks.data.masks import downscale_mask, labels_to_onehot, majority_labels, patch_argmax
-from qkhooks.data.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Geometry, ImageConfig
+from qkhooks.data.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Geometry, ImageConfig, to_rgb
 from qkhooks.data.stimuli import FEATURES, SHAPES, ItemSpec, O3Stimulus, generate_o3, make_o3
 
 __all__ = [
@@ -32,4 +32,5 @@ __all__ = [
     "make_o3",
     "open_dataset",
     "patch_argmax",
+    "to_rgb",
 ]

