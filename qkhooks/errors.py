@@ -14,23 +14,33 @@ class QKHooksError(Exception):
     """
 
 
-def writable_dir(path: str | os.PathLike, what: str) -> Path:
-    """Create the folder ``path`` if needed and prove it writable, so a command refuses before any work.
+def writable_dir(path: str | os.PathLike, what: str, create: bool = False) -> Path:
+    """Refuse, before any work, an output folder that cannot be created or written, naming the fix.
 
-    Writing a probe file is the only test that also holds for root (who ignores permission bits but not a
-    read-only mount). For an output file, pass its parent folder.
+    Without ``create`` nothing is left behind: the folder, or the nearest existing folder above it, must take
+    a probe file (the only test that also holds for root, who ignores permission bits but not a read-only
+    mount). With ``create`` the folder is made (for a run file's folder, which the writer does not make).
+    For an output file, pass its parent folder.
 
     Args:
         path: the folder outputs go to.
         what: how the user named it, e.g. ``"--out folder"``, for the message.
+        create: make the folder (and its parents) now.
 
     Raises:
         QKHooksError: the folder cannot be created or written, with the reason and the fix.
     """
     folder = Path(path).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".qkhooks-probe-"):
+        if existing.exists() and not existing.is_dir():
+            raise NotADirectoryError(20, f"{str(existing)!r} is a file")
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            existing = folder
+        with tempfile.TemporaryFile(dir=existing, prefix=".qkhooks-probe-"):
             pass
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__

@@ -419,7 +419,7 @@ def _record_args(p) -> None:
 
 @command("record", "stream a dataset through a model into an HDF5 run file")(_record_args)
 def run_record(args) -> int:
-    writable_dir(Path(args.out).parent, "folder of --out")
+    writable_dir(Path(args.out).parent, "folder of --out", create=True)
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from qkhooks.distributed import record_distributed
 

@@ -382,6 +382,18 @@ def test_outputs_that_cannot_be_created_are_refused_before_any_work(tmp_path):
     assert f"cannot create the folder of --out {str(blocker / 'runs')!r}" in result.stderr
 
 
+def test_writable_dir_checks_without_leaving_folders_unless_asked(tmp_path):
+    from qkhooks.errors import writable_dir
+
+    assert writable_dir(tmp_path / "a" / "b", "--out folder") == tmp_path / "a" / "b"
+    assert os.listdir(tmp_path) == []  # checked through the nearest existing folder, nothing created
+    writable_dir(tmp_path / "a" / "b", "--out folder", create=True)
+    assert (tmp_path / "a" / "b").is_dir() and os.listdir(tmp_path / "a" / "b") == []  # no probe left either
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(QKHooksError, match=r"cannot create the --out folder .*f/g.*is a file"):
+        writable_dir(tmp_path / "f" / "g", "--out folder")
+
+
 def test_every_writing_command_refuses_a_read_only_output(read_only_dir, hf_config_dir, capsys):
     model = f"hf:{hf_config_dir}@random"
     run = str(read_only_dir.parent / "missing.h5")  # never reached: the output folder is checked first

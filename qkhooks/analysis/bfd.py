@@ -354,8 +354,8 @@ def _bfd_args(p: argparse.ArgumentParser) -> None:
 
 @command("bfd", "position vs content (BFD): CC/CP/PC/PP energies per head and mode, position probes")(_bfd_args)
 def run_bfd_command(args: argparse.Namespace) -> int:
-    for target in filter(None, (args.out, args.json)):
-        writable_dir(Path(target).parent, "output folder")
+    writable_dir(Path(args.out).parent, "folder of --out", create=True)
+    writable_dir(Path(args.json or args.out).parent, "folder of --json")
     loaded = load_from_args(args, device=args.device)
     result = run_bfd(
         loaded, args.data, args.out, layers=args.layers, batch_size=args.batch_size, device=args.device,
