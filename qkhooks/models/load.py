@@ -52,7 +52,7 @@ class LoadedModel:
         note: provenance worth stating in reports (e.g. weights from a third-party package).
         random_init: whether the weights are random.
         weights: what was loaded: ``"pretrained"``, ``"random"`` (seeded), ``"checkpoint:PATH"`` or
-            ``"as given"`` (a module passed in).
+            ``"as given"`` (a module passed in, or a LoadedModel built by hand: qkhooks cannot know).
     """
 
     model: nn.Module
@@ -60,7 +60,7 @@ class LoadedModel:
     image_config: Any
     note: str = ""
     random_init: bool = False
-    weights: str = "pretrained"
+    weights: str = "as given"
 
 
 def unwrap_loaded(model: Any) -> Any:
