@@ -396,6 +396,26 @@ class RecordRunner(Runner):
         return out
 
 
+class PerBatchRecordRunner(Runner):
+    """``qkhooks.record`` entered around every forward with no spectrum given, as README's quick start does:
+    what a user pays when the context is built per batch (the spectrum comes from the cache after the first)."""
+
+    def __init__(self, bench: Bench, options: dict[str, Any]):
+        self.bench, self.model, self.options = bench, bench.timm(), options
+        self.last: Any = None
+
+    def step(self, images: torch.Tensor) -> Any:
+        import qkhooks
+
+        with qkhooks.record(self.model, **self.options) as run:
+            out = self.model(images)
+        self.last = run.last
+        return out
+
+    def inspect(self) -> dict[str, Any]:
+        return {"batch": self.last}
+
+
 class NaiveHookRunner(Runner):
     """Forward hooks on every attention module that copy its input to the host (what many users write)."""
 
@@ -553,6 +573,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("modes_all", "+ mode projection, all modes", _record({"modes": "all"})),
     Method("rows2", "+ attention rows (2 query tokens, every layer)", _record({"modes": None, **ROWS})),
     Method("modes16_rows2", "top-16 modes + rows", _record({"modes": 16, **ROWS})),
+    Method("modes16_per_batch", "top-16 modes, record() entered per batch, no spectrum given",
+           lambda b: PerBatchRecordRunner(b, {"modes": 16})),
+    Method("modes_all_rows2", "all modes + rows", _record({"modes": "all", **ROWS})),
+    Method("full_maps", "full maps, every layer (attention='full', modes=None)", _record({"modes": None, "attention": "full"})),
     Method("full_hdf5", "full recording: top-16 + rows + HDF5 (RunWriter, flushed)",
            _record({"modes": 16, **ROWS}, writer=True, name="full")),
     Method("naive_hooks", "naive forward hooks copying every attention input to host", NaiveHookRunner, kind="peer"),

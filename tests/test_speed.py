@@ -106,3 +106,23 @@ def test_a_deleted_model_frees_its_cached_spectra():
     del model
     gc.collect()
     assert attn() is None
+
+
+@pytest.mark.parametrize("tiny", [TINY_MODELS[0], TINY_MODELS[4]], ids=lambda t: t.name)
+@pytest.mark.parametrize("qk_path", [True, False], ids=["from-model-qk", "from-tokens"])
+def test_full_maps_and_rows_equal_eager_attention_on_both_paths(tiny: Tiny, qk_path: bool):
+    """Maps rebuilt from the model's own q/k Linear outputs, or from the tokens x, equal its eager softmax."""
+    from conftest import eager_attention
+
+    model, images = tiny.model(), tiny.images(batch=3)
+    eager = eager_attention(tiny, model, images)
+    tokens = torch.tensor([[0, 5, 7]] * 3)
+    with qkhooks.record(model, modes=4, attention="rows+full", qk_path=qk_path) as run, torch.no_grad():
+        run.set_batch(query_tokens=tokens)
+        model(images) if tiny.kind == "timm" else model(pixel_values=images)
+    assert run.mode_source == {0: "qk" if qk_path else "x", 1: "qk" if qk_path else "x"}
+    for layer in (0, 1):
+        full = run.attention_maps("full")[layer]
+        assert full.dtype == torch.float32 and full.shape == eager[layer].shape
+        torch.testing.assert_close(full, eager[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(run.attention_maps("rows")[layer], eager[layer][:, :, [0, 5, 7]], atol=1e-5, rtol=0)
