@@ -397,8 +397,7 @@ class Recording:
             tokens = default_query_tokens(site, n).expand(batch, -1)
             if self._current is not None:
                 self._current.meta["query_tokens"] = tokens.cpu()
-        device = qk[0].device if qk is not None else x.device  # type: ignore[union-attr]
-        tokens = torch.as_tensor(tokens, device=device)
+        tokens = torch.as_tensor(tokens)  # checked where it is (the host, usually: no device sync), then moved
         rows = rows_from_qk(site, *qk, tokens) if qk is not None else attention_rows(site, x, tokens)  # type: ignore[arg-type]
         if spec.kind == "rows":
             return rows
