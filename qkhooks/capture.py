@@ -30,7 +30,6 @@ from qkhooks.attention import (
     full_from_qk,
     parse_attention,
     pool_rows,
-    rows_from_qk,
     split_heads,
 )
 from qkhooks.errors import QKHooksError
@@ -300,9 +299,9 @@ class Recording:
         if batch is None or not batch.layers:
             return
         for layer, cap in batch.layers.items():
-            if (layer in self._from_qk and cap.query is None) or (layer in self._qk_attention and not cap.attention):
+            if (layer in self._from_qk and cap.query is None) or (layer in self._qk_attention and "full" not in cap.attention):
                 raise QKHooksError(
-                    f"layer {layer}'s attention did not call its q/k Linear modules, so its modes and attention could "
+                    f"layer {layer}'s attention did not call its q/k Linear modules, so its modes or full maps could "
                     "not be taken from their outputs; record with qk_path=False to use the tokens instead."
                 )
         size = batch.size
@@ -325,7 +324,9 @@ class Recording:
     def _layer_hook(self, site: AttentionSite):
         projector = self._projectors.get(site.layer)
         specs = [s for s in self.attention if s.covers(site.layer)]
-        from_qk = self._attention_from_qk(site)  # then the q/k hook rebuilds the attention from the model's q, k
+        # full maps come from the model's own q and k in the q/k hook; rows and pooled from x here (with a few query
+        # tokens the keys are never computed, which is cheaper than taking k from the model)
+        specs = [s for s in specs if not (s.kind == "full" and self._attention_from_qk(site))]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = site.hidden_states(args, kwargs)
@@ -340,23 +341,22 @@ class Recording:
                     cap.query, cap.key = projector(x_modes.detach())
                 if self.keep_inputs:
                     cap.inputs = x_modes.detach()
-                if not from_qk:
-                    for spec in specs:
-                        cap.attention[spec.kind] = self._attention(site, spec, x.detach())
+                for spec in specs:
+                    cap.attention[spec.kind] = self._attention(site, spec, x.detach())
                 self._current.layers[site.layer] = cap  # type: ignore[union-attr]
 
         return hook
 
     def _attention_from_qk(self, site: AttentionSite) -> bool:
-        """Whether this layer's attention is rebuilt from the q and k its own Linear modules return (no second
+        """Whether this layer's full maps are rebuilt from the q and k its own Linear modules return (no second
         q/k projection: the softmax of q·kᵀ is all the extra work) rather than from the tokens x."""
-        return self._qk_path and bool(site.qk_modules) and any(s.covers(site.layer) for s in self.attention)
+        return self._qk_path and bool(site.qk_modules) and any(s.kind == "full" and s.covers(site.layer) for s in self.attention)
 
     def _qk_hook(self, site: AttentionSite, index: int):
         """Forward hook on q/k Linear ``index`` of ``site``: once q and k are both out, project the modes and
-        rebuild the attention from them."""
+        rebuild the full maps from them."""
         projector, width, fused = self._from_qk.get(site.layer), site.num_heads * site.head_dim, len(site.qk_modules) == 1
-        specs = [s for s in self.attention if s.covers(site.layer)] if self._attention_from_qk(site) else []
+        full = self._attention_from_qk(site)
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             cap = self._current.layers.get(site.layer) if self._current is not None else None
@@ -374,31 +374,23 @@ class Recording:
                 q, k = seen[0], seen[1]
             with torch.no_grad():
                 if projector is not None:
-                    if self.compute_dtype is not None:
-                        cap.query, cap.key = projector.from_linear(q.to(self.compute_dtype), k.to(self.compute_dtype))
-                    else:
-                        cap.query, cap.key = projector.from_linear(q, k)
-                if specs:
-                    qh, kh = split_heads(site, q), split_heads(site, k)
-                    for spec in specs:
-                        cap.attention[spec.kind] = self._attention(site, spec, qk=(qh, kh))
+                    dt = self.compute_dtype
+                    cap.query, cap.key = projector.from_linear(q if dt is None else q.to(dt), k if dt is None else k.to(dt))
+                if full:
+                    cap.attention["full"] = full_from_qk(site, split_heads(site, q), split_heads(site, k))
 
         return hook
 
-    def _attention(self, site: AttentionSite, spec: AttentionSpec, x: torch.Tensor | None = None,
-                   qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """One kind of attention from the tokens x, or from the model's own q, k (B, H, N, d_k) when given."""
+    def _attention(self, site: AttentionSite, spec: AttentionSpec, x: torch.Tensor) -> torch.Tensor:
         if spec.kind == "full":
-            return full_from_qk(site, *qk) if qk is not None else attention_full(site, x)  # type: ignore[arg-type]
-        batch, n = (qk[0].shape[0], qk[0].shape[2]) if qk is not None else x.shape[:2]  # type: ignore[union-attr]
+            return attention_full(site, x)
         meta = self._current.meta if self._current is not None else {}
         tokens = meta.get("query_tokens")
         if tokens is None:  # no choice given: the first prefix token (CLS) and the centre patch, recorded as such
-            tokens = default_query_tokens(site, n).expand(batch, -1)
+            tokens = default_query_tokens(site, x.shape[1]).expand(x.shape[0], -1)
             if self._current is not None:
                 self._current.meta["query_tokens"] = tokens.cpu()
-        tokens = torch.as_tensor(tokens)  # checked where it is (the host, usually: no device sync), then moved
-        rows = rows_from_qk(site, *qk, tokens) if qk is not None else attention_rows(site, x, tokens)  # type: ignore[arg-type]
+        rows = attention_rows(site, x, torch.as_tensor(tokens))  # checked on the host (no device sync), then moved
         if spec.kind == "rows":
             return rows
         masks = meta.get("pool_masks")
@@ -458,8 +450,8 @@ def record(model: nn.Module, **options: Any) -> Recording:
         compute_dtype: dtype for projections (default: the tokens' own dtype).
         qk_path: take the modes from the model's own q/k Linear outputs where the adapter names them (default;
             the same maps to float rounding at a d_k/d of the cost: u_n, v_n lie in the row spaces of W_q, W_k).
-            Not used for ``input="residual"``, augmented spectra or numerically rank-deficient heads. Attention
-            is then rebuilt from those q and k too (no second projection). False: always use the tokens x.
+            Not used for ``input="residual"``, augmented spectra or numerically rank-deficient heads. The
+            full maps are then rebuilt from those q and k too (no second projection). False: always use the tokens x.
 
     Returns:
         A :class:`Recording`; inside ``with``, run the model as usual (or call ``run(images, ids=...)``).
