@@ -20,7 +20,10 @@ import torch
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
 
-__all__ = ["AttentionSpec", "attention_rows", "attention_full", "pool_rows", "parse_attention", "default_query_tokens"]
+__all__ = [
+    "AttentionSpec", "attention_rows", "attention_full", "rows_from_qk", "full_from_qk", "split_heads", "pool_rows",
+    "parse_attention", "default_query_tokens",
+]
 
 Kind = Literal["rows", "pooled", "full"]
 KINDS: tuple[str, ...] = ("rows", "pooled", "full")
@@ -82,15 +85,39 @@ def default_query_tokens(site: AttentionSite, num_tokens: int) -> torch.Tensor:
     return torch.tensor([[0 if site.num_prefix_tokens else centre, centre]])
 
 
+def split_heads(site: AttentionSite, t: torch.Tensor) -> torch.Tensor:
+    """(B, N, H·d_k) as a Linear returns it -> (B, H, N, d_k) (a view)."""
+    return t.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2)
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys in float32, as HF's eager path does (a no-op cast for float32 models)."""
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def full_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """All post-softmax maps (B, H, N, N) from q, k (B, H, N, d_k), biases included, as the model computed them.
+
+    Scaling q before the product (as timm's eager path does) touches N·d_k values instead of N·N.
+    """
+    return _softmax((q * site.scale) @ k.transpose(-1, -2))
+
+
+def rows_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
+    """Post-softmax rows (B, H, T, N) of the query tokens (B, T) from q, k (B, H, N, d_k)."""
+    idx = _check_tokens(query_tokens, q.shape[0], q.shape[2], q.device)
+    q_t = torch.gather(q, 2, idx[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+    return _softmax((q_t * site.scale) @ k.transpose(-1, -2))
+
+
 def _logits(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:
-    """Scaled logits (B, H, Tq, N) between tokens x_q (B, Tq, d) and x_k (B, N, d), biases included."""
+    """Scaled logits (B, H, Tq, N) between tokens x_q (B, Tq, d) and x_k (B, N, d), biases included (every key
+    computed: the reference the benchmarks compare the faster paths with)."""
     w, b = site.qk_linear()
     rows = site.num_heads * site.head_dim
     w, b = w.to(x_q.dtype), None if b is None else b.to(x_q.dtype)
-    q = torch.nn.functional.linear(x_q, w[:rows], None if b is None else b[:rows])
-    k = torch.nn.functional.linear(x_k, w[rows:], None if b is None else b[rows:])
-    q = q.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2)
-    k = k.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2)
+    q = split_heads(site, torch.nn.functional.linear(x_q, w[:rows], None if b is None else b[:rows]))
+    k = split_heads(site, torch.nn.functional.linear(x_k, w[rows:], None if b is None else b[rows:]))
     return (q @ k.transpose(-1, -2)) * site.scale
 
 
@@ -111,27 +138,31 @@ def _row_logits(site: AttentionSite, x_q: torch.Tensor, x: torch.Tensor) -> torc
     return (qk.flatten(1, 2) @ x.transpose(1, 2)).unflatten(1, (h, -1)) * site.scale
 
 
-def attention_rows(site: AttentionSite, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
-    """Post-softmax attention rows (B, H, T, N) of the query tokens (B, T) (indices into all N tokens)."""
+def _check_tokens(query_tokens: torch.Tensor, batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """Query token indices as (B, T) long on ``device``, refused with a reason when they do not fit."""
     if query_tokens.dim() == 1:
-        query_tokens = query_tokens[None].expand(x.shape[0], -1)
-    if query_tokens.shape[0] != x.shape[0]:
+        query_tokens = query_tokens[None].expand(batch, -1)
+    if query_tokens.shape[0] != batch:
         raise QKHooksError(
-            f"query_tokens has {query_tokens.shape[0]} rows for a batch of {x.shape[0]} images; give one row per image."
+            f"query_tokens has {query_tokens.shape[0]} rows for a batch of {batch} images; give one row per image."
         )
-    n = x.shape[1]
     if query_tokens.numel() and (int(query_tokens.max()) >= n or int(query_tokens.min()) < 0):
         raise QKHooksError(f"query_tokens must index tokens 0..{n - 1} (prefix tokens first), got {query_tokens.tolist()}.")
-    idx = query_tokens.to(x.device).long()
-    x_q = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    return query_tokens.to(device).long()
+
+
+def attention_rows(site: AttentionSite, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
+    """Post-softmax attention rows (B, H, T, N) of the query tokens (B, T) (indices into all N tokens)."""
+    idx = _check_tokens(query_tokens, x.shape[0], x.shape[1], x.device)
     if site.num_heads * idx.shape[1] < x.shape[-1]:  # few query tokens: never compute the keys
-        return torch.softmax(_row_logits(site, x_q, x).float(), dim=-1)
-    return torch.softmax(_logits(site, x_q, x).float(), dim=-1)
+        x_q = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+        return _softmax(_row_logits(site, x_q, x))
+    return rows_from_qk(site, *site.qk(x), idx)
 
 
 def attention_full(site: AttentionSite, x: torch.Tensor) -> torch.Tensor:
-    """All post-softmax maps (B, H, N, N)."""
-    return torch.softmax(_logits(site, x, x).float(), dim=-1)
+    """All post-softmax maps (B, H, N, N) from the tokens x (B, N, d) entering W_q/W_k."""
+    return full_from_qk(site, *site.qk(x))
 
 
 def pool_rows(rows: torch.Tensor, masks: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:

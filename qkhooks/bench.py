@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MD = ROOT / "benchmarks" / "RESULTS.md"
 DEFAULT_JSON = ROOT / "benchmarks" / "results.json"
 DEFAULT_NOTES = ROOT / "benchmarks" / "ANALYSIS.md"
-SECTIONS = ("methods", "memory", "projection", "svd", "writer", "codecs", "dataset_memory", "profile")
+SECTIONS = ("methods", "memory", "projection", "svd", "writer", "codecs", "dataset_memory", "end_to_end", "profile")
 CHILD_MARK = "QKHOOKS_BENCH_RESULT "
 
 
@@ -205,6 +205,8 @@ class ModelSize:
 
 
 SIZES: dict[str, ModelSize] = {
+    "vit_ti": ModelSize("vit_ti", "ViT-Ti/16 (timm vit_tiny_patch16_224, random init)", "vit_tiny_patch16_224",
+                        192, 3, 12, 768, 224, 16),
     "vit_s": ModelSize("vit_s", "ViT-S/16 (timm vit_small_patch16_224, random init)", "vit_small_patch16_224",
                        384, 6, 12, 1536, 224, 16),
     "vit_b": ModelSize("vit_b", "ViT-B/16 (timm vit_base_patch16_224, random init)", "vit_base_patch16_224",
@@ -396,6 +398,26 @@ class RecordRunner(Runner):
         return out
 
 
+class PerBatchRecordRunner(Runner):
+    """``qkhooks.record`` entered around every forward with no spectrum given, as README's quick start does:
+    what a user pays when the context is built per batch (the spectrum comes from the cache after the first)."""
+
+    def __init__(self, bench: Bench, options: dict[str, Any]):
+        self.bench, self.model, self.options = bench, bench.timm(), options
+        self.last: Any = None
+
+    def step(self, images: torch.Tensor) -> Any:
+        import qkhooks
+
+        with qkhooks.record(self.model, **self.options) as run:
+            out = self.model(images)
+        self.last = run.last
+        return out
+
+    def inspect(self) -> dict[str, Any]:
+        return {"batch": self.last}
+
+
 class NaiveHookRunner(Runner):
     """Forward hooks on every attention module that copy its input to the host (what many users write)."""
 
@@ -553,6 +575,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("modes_all", "+ mode projection, all modes", _record({"modes": "all"})),
     Method("rows2", "+ attention rows (2 query tokens, every layer)", _record({"modes": None, **ROWS})),
     Method("modes16_rows2", "top-16 modes + rows", _record({"modes": 16, **ROWS})),
+    Method("modes16_per_batch", "top-16 modes, record() entered per batch, no spectrum given",
+           lambda b: PerBatchRecordRunner(b, {"modes": 16})),
+    Method("modes_all_rows2", "all modes + rows", _record({"modes": "all", **ROWS})),
+    Method("full_maps", "full maps, every layer (attention='full', modes=None)", _record({"modes": None, "attention": "full"}),
+           reference="timm_extract"),
     Method("full_hdf5", "full recording: top-16 + rows + HDF5 (RunWriter, flushed)",
            _record({"modes": 16, **ROWS}, writer=True, name="full")),
     Method("naive_hooks", "naive forward hooks copying every attention input to host", NaiveHookRunner, kind="peer"),
@@ -750,6 +777,101 @@ def make_image_folder(folder: Path, count: int, size: int = 224, seed: int = 0) 
         small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
         Image.fromarray(small).resize((size, size), Image.BICUBIC).save(path, quality=90)
     return folder
+
+
+def end_to_end_bench(size: str, workdir: Path, images: int = 240, batch: int = 16, rounds: int = 3,
+                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``qkhooks record`` over a folder of JPEGs (defaults: top-16 modes, default reducers, float16 file) against
+    a plain loop over the same images (the model's own transform, a DataLoader, the same batch and threads),
+    interleaved round by round in one process; model loading excluded, run set-up (spectrum, file) included.
+
+    Also times the parts of one recorded batch on the same model: the capture hooks, each default reducer's
+    ``update`` and the writer's hand-off (main-thread CPU), and the writer thread's CPU per batch.
+    """
+    import qkhooks
+    from torch.utils.data import DataLoader
+
+    from qkhooks.data import collate, open_dataset
+    from qkhooks.stream import record_dataset
+
+    folder = make_image_folder(workdir / "images", images, SIZES[size].image)
+    loaded = qkhooks.load_model(f"timm:{SIZES[size].timm_name}", random_init=True)
+    net = loaded.model.eval()
+    out_file = workdir / "end_to_end.h5"
+
+    def plain() -> None:
+        loader = DataLoader(open_dataset(str(folder), loaded.image_config), batch_size=batch, collate_fn=collate)
+        for item in loader:
+            with torch.no_grad():
+                net(item["pixel_values"])
+
+    def recorded() -> None:
+        record_dataset(loaded, str(folder), out_file, batch_size=batch, overwrite=True, progress=False)
+
+    wall: dict[str, list[float]] = {"plain": [], "record": []}
+    cpu: dict[str, list[float]] = {"plain": [], "record": []}
+    for r, name in interleaved_schedule(list(wall), rounds, warmup=1):
+        gc.collect()
+        t0, c0 = time.perf_counter(), time.process_time()
+        (plain if name == "plain" else recorded)()
+        if r >= 0:
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    out_file.unlink(missing_ok=True)
+    result: dict[str, Any] = {"images": images, "batch": batch, "rounds": rounds, "parts_ms_per_batch": _record_parts(net, batch)}
+    for name in wall:
+        result[name] = {"wall_s": summarize(wall[name]), "cpu_s": summarize(cpu[name])}
+    result["ratio_wall"] = summarize(paired_ratios(wall["record"], wall["plain"]))
+    result["ratio_cpu"] = summarize(paired_ratios(cpu["record"], cpu["plain"]))
+    if log:
+        log(f"  end to end {size}: record/plain CPU {result['ratio_cpu']['median']:.3f}, wall {result['ratio_wall']['median']:.3f}")
+    return result
+
+
+def _record_parts(net: torch.nn.Module, batch: int, steps: int = 4) -> dict[str, float]:
+    """Main-thread CPU ms per batch of each part of a default recording, and the writer thread's CPU."""
+    import qkhooks
+    from qkhooks.analysis.modes import AnisotropyReducer, TopKModes
+    from qkhooks.store import RunWriter
+    from qkhooks.stream import WriterSink
+
+    spent: dict[str, float] = {}
+
+    class Timed:
+        def __init__(self, name: str, sink: Any):
+            self.name, self.sink = name, sink
+
+        def update(self, b: Any) -> None:
+            t0 = time.thread_time()
+            self.sink.update(b)
+            spent[self.name] = spent.get(self.name, 0.0) + time.thread_time() - t0
+
+    images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory(prefix="qkhooks-parts-") as tmp:
+        writer = RunWriter(Path(tmp) / "parts.h5", mode="overwrite")
+        sinks = [Timed("topk_modes", TopKModes()), Timed("anisotropy", AnisotropyReducer()),
+                 Timed("writer_handoff", WriterSink(writer))]
+        times: dict[str, float] = {}
+        for label, options in (("plain_forward", None), ("forward_with_capture", {"modes": 16, "keep_inputs": True}),
+                               ("forward_with_sinks", {"modes": 16, "keep_inputs": True, "sinks": sinks})):
+            for i in range(steps + 1):
+                if i == 1:
+                    spent.clear()
+                    t0, p0 = time.thread_time(), time.process_time()
+                with torch.no_grad():
+                    if options is None:
+                        net(images)
+                    else:
+                        with qkhooks.record(net, **options) as run:
+                            run(images)
+            writer.flush()
+            times[label] = 1000 * (time.thread_time() - t0) / steps
+            if label == "forward_with_sinks":
+                other = (time.process_time() - p0) - (time.thread_time() - t0)  # the writer thread, mostly
+                times["writer_thread_cpu"] = 1000 * other / steps
+        writer.close()
+    times.update({name: 1000 * v / steps for name, v in spent.items()})
+    return times
 
 
 MALLOC_VARIANTS: dict[str, dict[str, str]] = {
@@ -1393,6 +1515,24 @@ def render_markdown(data: dict[str, Any]) -> str:
         if verdicts:
             L += ["", "Peaks: " + "; ".join(verdicts) + ".", ""]
 
+    e2e = by_section.get("end_to_end", [])
+    if e2e:
+        L += ["## End to end: `qkhooks record` over a folder vs a plain loop", "",
+              "`record_dataset` (what `qkhooks record FOLDER --out r.h5` runs: top-16 modes, default reducers, float16 "
+              "file, batch 16) against a plain loop over the same JPEGs (the model's transform, a DataLoader, no "
+              "hooks), interleaved in one process, model loading excluded. Ratios paired per round. Parts: main-thread "
+              "CPU ms per batch of one recorded batch (random images), and the writer thread's CPU.", ""]
+        rows = []
+        for key, e in e2e:
+            d = e["data"]
+            parts = d.get("parts_ms_per_batch", {})
+            rows.append([_label(e["model"]), _threads(e), d["images"], _med_iqr(d["plain"]["cpu_s"], 2),
+                         _med_iqr(d["record"]["cpu_s"], 2), f"**{_med_iqr(d['ratio_cpu'], 3)}**",
+                         _med_iqr(d["ratio_wall"], 3), f"{e.get('load_before')}",
+                         ", ".join(f"{k} {v:.1f}" for k, v in parts.items())])
+        L += _table(["model", "threads", "images", "plain CPU s", "record CPU s", "record/plain (CPU)",
+                     "record/plain (wall)", "load before", "parts, ms per batch"], rows)
+        L.append("")
     for key, e in by_section.get("profile", []):
         d = e["data"]
         L += [f"## Where the time goes ({e['model']}, {e['device']})", "",
@@ -1428,6 +1568,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compressions", default="none,lzf,gzip,lzf@1mib,gzip@1mib",
                    help="codecs for the writer section: CODEC (the writer's default chunks), CODEC@batch (chunks of one "
                         "batch), CODEC@1mib (the ~1 MiB chunks of before patch C)")
+    p.add_argument("--e2e-images", type=int, default=240, help="JPEGs of the end_to_end section (default 240)")
+    p.add_argument("--e2e-rounds", type=int, default=3, help="interleaved rounds of the end_to_end section")
     p.add_argument("--workdir", help="folder for temporary run files (default: a temporary folder)")
     p.add_argument("--out", default=str(DEFAULT_MD), help="Markdown results (re-rendered from the JSON)")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="machine-readable results, merged across runs")
@@ -1511,6 +1653,10 @@ def run_bench(args: argparse.Namespace) -> int:
                 if "dataset_memory" in sections and device.type == "cpu":
                     record("dataset_memory", size, dict(batch=args.batch, images=args.dataset_images),
                            lambda: dataset_memory(size, args.batch, args.dataset_images, args.threads, workdir / size, log),
+                           dev="cpu")
+                if "end_to_end" in sections and device.type == "cpu":
+                    record("end_to_end", size, dict(images=args.e2e_images, batch=16, rounds=args.e2e_rounds),
+                           lambda: end_to_end_bench(size, workdir / size, args.e2e_images, 16, args.e2e_rounds, log),
                            dev="cpu")
                 if "profile" in sections:
                     def profiles() -> dict[str, Any]:

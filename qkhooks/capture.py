@@ -27,8 +27,10 @@ from qkhooks.attention import (
     attention_full,
     attention_rows,
     default_query_tokens,
+    full_from_qk,
     parse_attention,
     pool_rows,
+    split_heads,
 )
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, select_layers
@@ -157,6 +159,7 @@ class Recording:
         self.keep_inputs = keep_inputs
         self.sinks: list[Sink] = list(sinks)
         self.compute_dtype = compute_dtype
+        self._qk_path = qk_path
         self.spectrum: QKSpectrum | None = None
         self._projectors: dict[int, ModeProjector] = {}  # layers whose modes are projected from the tokens x
         # Layers whose modes come from the model's own q/k Linear outputs (a d_k x K product per head instead
@@ -175,6 +178,7 @@ class Recording:
                     self._from_qk[site.layer] = QKPathProjector(spec, site.weights())
                 else:
                     self._projectors[site.layer] = ModeProjector(spec)
+        self._qk_attention = {s.layer for s in self.sites if self._attention_from_qk(s)}
         self._handles: list[Any] = []
         self._current: BatchCapture | None = None
         self._outer = False  # whether the open batch is a call of ``model`` itself
@@ -214,7 +218,7 @@ class Recording:
                         site.block.register_forward_pre_hook(self._residual_hook(site), with_kwargs=True)
                     )
                 self._handles.append(site.module.register_forward_pre_hook(self._layer_hook(site), with_kwargs=True))
-                if site.layer in self._from_qk:
+                if site.layer in self._from_qk or self._attention_from_qk(site):
                     for i, linear in enumerate(site.qk_modules):
                         self._handles.append(linear.register_forward_hook(self._qk_hook(site, i)))
             self._handles.append(last.module.register_forward_hook(self._end_inner, always_call=False))
@@ -295,10 +299,10 @@ class Recording:
         if batch is None or not batch.layers:
             return
         for layer, cap in batch.layers.items():
-            if layer in self._from_qk and cap.query is None:
+            if (layer in self._from_qk and cap.query is None) or (layer in self._qk_attention and "full" not in cap.attention):
                 raise QKHooksError(
-                    f"layer {layer}'s attention did not call its q/k Linear modules, so its modes could not be "
-                    "taken from their outputs; record with qk_path=False to project the tokens instead."
+                    f"layer {layer}'s attention did not call its q/k Linear modules, so its modes or full maps could "
+                    "not be taken from their outputs; record with qk_path=False to use the tokens instead."
                 )
         size = batch.size
         batch.offset = self.index_base + self.images_seen
@@ -320,6 +324,9 @@ class Recording:
     def _layer_hook(self, site: AttentionSite):
         projector = self._projectors.get(site.layer)
         specs = [s for s in self.attention if s.covers(site.layer)]
+        # full maps come from the model's own q and k in the q/k hook; rows and pooled from x here (with a few query
+        # tokens the keys are never computed, which is cheaper than taking k from the model)
+        specs = [s for s in specs if not (s.kind == "full" and self._attention_from_qk(site))]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = site.hidden_states(args, kwargs)
@@ -340,15 +347,22 @@ class Recording:
 
         return hook
 
+    def _attention_from_qk(self, site: AttentionSite) -> bool:
+        """Whether this layer's full maps are rebuilt from the q and k its own Linear modules return (no second
+        q/k projection: the softmax of q·kᵀ is all the extra work) rather than from the tokens x."""
+        return self._qk_path and bool(site.qk_modules) and any(s.kind == "full" and s.covers(site.layer) for s in self.attention)
+
     def _qk_hook(self, site: AttentionSite, index: int):
-        """Forward hook on q/k Linear ``index`` of ``site``: once q and k are both out, project the modes."""
-        projector, width, fused = self._from_qk[site.layer], site.num_heads * site.head_dim, len(site.qk_modules) == 1
+        """Forward hook on q/k Linear ``index`` of ``site``: once q and k are both out, project the modes and
+        rebuild the full maps from them."""
+        projector, width, fused = self._from_qk.get(site.layer), site.num_heads * site.head_dim, len(site.qk_modules) == 1
+        full = self._attention_from_qk(site)
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             cap = self._current.layers.get(site.layer) if self._current is not None else None
             if cap is None:  # called outside this layer's recorded attention call
                 return
-            out = output.detach() if self.compute_dtype is None else output.detach().to(self.compute_dtype)
+            out = output.detach()
             if fused:
                 q, k = out[..., :width], out[..., width:2 * width]
             else:
@@ -359,7 +373,11 @@ class Recording:
                 del self._qk_outputs[site.layer]
                 q, k = seen[0], seen[1]
             with torch.no_grad():
-                cap.query, cap.key = projector.from_linear(q, k)
+                if projector is not None:
+                    dt = self.compute_dtype
+                    cap.query, cap.key = projector.from_linear(q if dt is None else q.to(dt), k if dt is None else k.to(dt))
+                if full:
+                    cap.attention["full"] = full_from_qk(site, split_heads(site, q), split_heads(site, k))
 
         return hook
 
@@ -372,7 +390,7 @@ class Recording:
             tokens = default_query_tokens(site, x.shape[1]).expand(x.shape[0], -1)
             if self._current is not None:
                 self._current.meta["query_tokens"] = tokens.cpu()
-        rows = attention_rows(site, x, torch.as_tensor(tokens, device=x.device))
+        rows = attention_rows(site, x, torch.as_tensor(tokens))  # checked on the host (no device sync), then moved
         if spec.kind == "rows":
             return rows
         masks = meta.get("pool_masks")
@@ -432,8 +450,8 @@ def record(model: nn.Module, **options: Any) -> Recording:
         compute_dtype: dtype for projections (default: the tokens' own dtype).
         qk_path: take the modes from the model's own q/k Linear outputs where the adapter names them (default;
             the same maps to float rounding at a d_k/d of the cost: u_n, v_n lie in the row spaces of W_q, W_k).
-            Not used for ``input="residual"``, augmented spectra or numerically rank-deficient heads. False:
-            always project the tokens x.
+            Not used for ``input="residual"``, augmented spectra or numerically rank-deficient heads. The
+            full maps are then rebuilt from those q and k too (no second projection). False: always use the tokens x.
 
     Returns:
         A :class:`Recording`; inside ``with``, run the model as usual (or call ``run(images, ids=...)``).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
@@ -197,8 +198,7 @@ def _augment(weights: QKWeights) -> tuple[torch.Tensor, torch.Tensor]:
     return out[0], out[1]
 
 
-def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectrum:
-    """Spectrum of one site: float64 SVD, stored as float32 on the CPU."""
+def _compute_layer_spectrum(site: AttentionSite, augmented: bool) -> LayerSpectrum:
     weights = site.weights()
     if augmented:
         w_q, w_k = _augment(weights)
@@ -206,6 +206,73 @@ def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectru
         w_q, w_k = weights.w_q, weights.w_k
     u, s, v = factored_svd(w_q.double().cpu(), w_k.double().cpu())
     return LayerSpectrum(site.layer, u.float(), s.float(), v.float(), augmented)
+
+
+# Attention module -> {augmented: (key, fingerprint, spectrum)}. Weak keys: a deleted model frees its entries
+# (a spectrum holds no reference to its module).
+_SPECTRUM_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[bool, tuple[tuple, tuple, LayerSpectrum]]]" = (
+    weakref.WeakKeyDictionary()
+)
+_PROBES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _weights_key(site: AttentionSite) -> tuple | None:
+    """Identity and version of every parameter behind the site's W_q/W_k (None: not trackable, do not cache).
+
+    ``tensor._version`` counts in-place edits (``copy_``, ``load_state_dict``, optimiser steps); the data
+    pointer, dtype, device and shape catch replaced tensors (``.to()``, ``param.data = ...``).
+    """
+    modules = site.qk_modules or (site.module,)
+    try:
+        return tuple(
+            (id(p), p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
+            for m in modules for p in m.parameters()
+        )
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return None
+
+
+def _weights_fingerprint(site: AttentionSite) -> tuple:
+    """W·r for a fixed random r, and b: edits that bypass the version counter (``param.data.mul_()``) still
+    change it, so a cached spectrum is never reused for weights it was not computed from."""
+    w, b = site.qk_linear()
+    w = w.detach()
+    probe_key = (w.shape[-1], w.device)
+    if probe_key not in _PROBES:
+        gen = torch.Generator().manual_seed(w.shape[-1])
+        _PROBES[probe_key] = torch.rand(w.shape[-1], generator=gen, dtype=torch.float64).add_(0.5).to(w.device)
+    probe = _PROBES[probe_key]
+    with torch.no_grad():
+        projected = (w.double() @ probe).cpu()
+        bias = None if b is None else b.detach().double().cpu()
+    return w.dtype, tuple(w.shape), projected, bias
+
+
+def _same_fingerprint(a: tuple, b: tuple) -> bool:
+    return a[:2] == b[:2] and torch.equal(a[2], b[2]) and (
+        (a[3] is None and b[3] is None) or (a[3] is not None and b[3] is not None and torch.equal(a[3], b[3]))
+    )
+
+
+def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectrum:
+    """Spectrum of one site: float64 SVD, stored as float32 on the CPU.
+
+    Computed once per set of weights: cached per attention module and reused while the weights' identity,
+    version and fingerprint are unchanged, so ``record()`` entered per batch does no SVD. The returned
+    spectrum is shared with the cache: treat it as read-only.
+    """
+    module = site.module
+    key = _weights_key(site) if module is not None else None
+    if key is None:
+        return _compute_layer_spectrum(site, augmented)
+    fingerprint = _weights_fingerprint(site)
+    entries = _SPECTRUM_CACHE.setdefault(module, {})
+    hit = entries.get(augmented)
+    if hit is not None and hit[0] == key and _same_fingerprint(hit[1], fingerprint) and hit[2].layer == site.layer:
+        return hit[2]
+    spec = _compute_layer_spectrum(site, augmented)
+    entries[augmented] = (key, fingerprint, spec)
+    return spec
 
 
 def spectrum(

@@ -323,3 +323,30 @@ def test_chunks_of_1mib_restore_the_chunking_of_before_patch_c(bench):
     assert set(default.values()) == {bench.batch}  # patch C: one chunk per batch when compressed
     legacy, per = chunks("lzf", "1mib")
     assert legacy == {name: min(64, max(1, (1 << 20) // per[name])) for name in legacy}
+
+
+def test_end_to_end_section_renders_the_record_to_plain_ratio(tmp_path):
+    data = {"images": 240, "batch": 16, "rounds": 2, "plain": {"wall_s": _s(8.0), "cpu_s": _s(7.0)},
+            "record": {"wall_s": _s(8.6), "cpu_s": _s(7.7)}, "ratio_wall": _s(1.075), "ratio_cpu": _s(1.1),
+            "parts_ms_per_batch": {"plain_forward": 480.0, "topk_modes": 11.0}}
+    md, js = tmp_path / "RESULTS.md", tmp_path / "results.json"
+    B.save_results({"end_to_end/vit_ti/cpu/t1": _entry("end_to_end", data, model="vit_ti")}, md, js, merge=False)
+    text = md.read_text()
+    assert "## End to end: `qkhooks record` over a folder vs a plain loop" in text
+    assert "| ViT-Ti/16 (timm vit_tiny_patch16_224, random init) | 2 | 240 |" in text
+    assert "**1.100 [1.089, 1.111]**" in text and "plain_forward 480.0, topk_modes 11.0" in text
+
+
+def test_per_batch_record_runner_builds_the_recording_each_step_and_matches_the_given_spectrum_path():
+    bench = B.Bench("tiny", 2)
+    per_batch, given = B.METHODS["modes16_per_batch"].build(bench), B.METHODS["modes16"].build(bench)
+    with torch.no_grad():
+        per_batch.step(bench.images)
+        given.attach()
+        given.step(bench.images)
+        given.detach()
+    a, b = per_batch.inspect()["batch"], given.inspect()["batch"]
+    assert a is not None and b is not None and a is not b
+    for layer in b.layers:
+        torch.testing.assert_close(a.layers[layer].query, b.layers[layer].query, rtol=0, atol=0)
+    bench.close()

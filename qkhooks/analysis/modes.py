@@ -122,12 +122,20 @@ def signed_scores(query: torch.Tensor, key: torch.Tensor, num_prefix_tokens: int
     max(0, -min k). Only patch tokens (t >= num_prefix_tokens) count. NaN scores become -inf (never kept).
     """
     dtype = torch.promote_types(query.dtype, torch.float32)
-    q = query[..., num_prefix_tokens:].to(dtype)
-    k = key[..., num_prefix_tokens:].to(dtype)
-    plus = q.amax(-1).clamp_min(0) * k.amax(-1).clamp_min(0)
-    minus = (-q.amin(-1)).clamp_min(0) * (-k.amin(-1)).clamp_min(0)
+    q_min, q_max = _token_extremes(query[..., num_prefix_tokens:])
+    k_min, k_max = _token_extremes(key[..., num_prefix_tokens:])
+    q_min, q_max, k_min, k_max = (t.to(dtype) for t in (q_min, q_max, k_min, k_max))
+    plus = q_max.clamp_min(0) * k_max.clamp_min(0)
+    minus = (-q_min).clamp_min(0) * (-k_min).clamp_min(0)
     out = torch.stack([plus, minus], dim=-1)
     return torch.nan_to_num(out, nan=-math.inf)
+
+
+def _token_extremes(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over the last (token) axis. Maps from the q/k path are transposed views whose token axis is
+    strided; reducing a contiguous copy is ~8x faster on the CPU than reducing the view (and than aminmax)."""
+    maps = maps.contiguous()
+    return maps.amin(-1), maps.amax(-1)
 
 
 def _rank(score: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
@@ -144,7 +152,11 @@ def _take(values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """``values`` (..., M) or (..., M, N) gathered at positions ``pos`` (..., k) along M."""
     if values.dim() == pos.dim():
         return values.gather(-1, pos)
-    return values.gather(-2, pos.unsqueeze(-1).expand(*pos.shape, values.shape[-1]))
+    # Whole rows of N: one index_select of contiguous rows, not an element-wise gather (same values, faster).
+    *lead, m, n = values.shape
+    rows = values.reshape(-1, m, n)
+    flat = (pos.reshape(rows.shape[0], -1) + m * torch.arange(rows.shape[0], device=pos.device)[:, None]).flatten()
+    return rows.reshape(-1, n).index_select(0, flat).view(*pos.shape, n)
 
 
 # -------------------------------------------------------------------------------------- top-k reducer
@@ -226,9 +238,9 @@ class TopKModes(Reducer):
         pos = _rank(score, index, min(self.k, b))  # the batch's own top-k first: never gather B maps
         sign = torch.tensor(SIGNS, device=query.device, dtype=self.map_dtype).view(1, 1, 2, 1, 1)
 
-        def maps(x: torch.Tensor) -> torch.Tensor:
-            per = x.permute(1, 2, 0, 3).unsqueeze(2).expand(h, m, 2, b, n)
-            return _take(per, pos).to(self.map_dtype) * sign
+        def maps(x: torch.Tensor) -> torch.Tensor:  # both signs pick from the same B maps: no expanded copy
+            per = x.permute(1, 2, 0, 3)  # (H, K, B, N)
+            return _take(per, pos.reshape(h, m, -1)).view(h, m, 2, -1, n).to(self.map_dtype) * sign
 
         cand = {"score": score.gather(-1, pos), "index": index.gather(-1, pos), "query": maps(query), "key": maps(key)}
         self.layers[layer] = self._combine(state, cand)
