@@ -34,7 +34,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import IO, Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -110,10 +110,16 @@ class _Record:
     path: str | None = None
 
 
-def _read_rgb(path: str) -> Image.Image:
-    """Fully decode an image file to RGB and close the file."""
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """The one conversion to the model's RGB that every source's pixels go through (files, bytes in a shard or
+    a Hugging Face row, PIL images from a user's dataset), so the same image gives the same array anywhere."""
+    return image.convert("RGB")
+
+
+def _read_rgb(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
+    """Fully decode an image file (a path or an open binary file) to RGB and close the file."""
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return _to_rgb(im)
 
 
 def _load_file(path: str) -> _Raw:
@@ -208,37 +214,41 @@ class ImageDataset(Dataset):
         return self._transform(record.id, raw)
 
     def _transform(self, item_id: str, raw: _Raw) -> dict[str, Any]:
-        cfg = self.image_config
-        hw = (raw.image.height, raw.image.width)
-        for key in ("objects", "target", "distractor", "distractor_items"):
-            value = getattr(raw, key)
-            if value is not None and value.shape != hw:
-                raise QKHooksError(
-                    f"{self.name}: mask {key!r} of {item_id!r} has size {value.shape} but its image is {hw}; "
-                    "annotation and image files must have the same size."
-                )
-        item: dict[str, Any] = {"id": item_id}
-        if raw.native:
-            item["pixel_values"] = cfg.normalize(raw.image)
-            for key, dtype in (("objects", torch.long), ("distractor_items", torch.long)):
-                if getattr(raw, key) is not None:
-                    item[key] = torch.from_numpy(np.asarray(getattr(raw, key))).to(dtype)
-            for key in ("target", "distractor"):
-                if getattr(raw, key) is not None:
-                    item[key] = torch.from_numpy(np.asarray(getattr(raw, key), dtype=np.float32))
-        else:
-            item["pixel_values"] = cfg(raw.image)
-            for key in ("objects", "distractor_items"):
-                if getattr(raw, key) is not None:
-                    item[key] = cfg.mask(getattr(raw, key), "labels")
-            for key in ("target", "distractor"):
-                if getattr(raw, key) is not None:
-                    item[key] = cfg.mask(getattr(raw, key), "fraction")
-        # Stable key order: id, pixel_values, masks, extras.
-        order = ("id", "pixel_values", "objects", "target", "distractor", "distractor_items")
-        ordered = {k: item[k] for k in order if k in item}
-        ordered.update(raw.extras)
-        return ordered
+        return preprocess_raw(self.name, self.image_config, item_id, raw)
+
+
+def preprocess_raw(name: str, cfg: ImageConfig, item_id: str, raw: _Raw) -> dict[str, Any]:
+    """One item in model-input geometry: the model's preprocessing for the image, its geometry for the masks."""
+    hw = (raw.image.height, raw.image.width)
+    for key in ("objects", "target", "distractor", "distractor_items"):
+        value = getattr(raw, key)
+        if value is not None and value.shape != hw:
+            raise QKHooksError(
+                f"{name}: mask {key!r} of {item_id!r} has size {value.shape} but its image is {hw}; "
+                "annotation and image files must have the same size."
+            )
+    item: dict[str, Any] = {"id": item_id}
+    if raw.native:
+        item["pixel_values"] = cfg.normalize(raw.image)
+        for key, dtype in (("objects", torch.long), ("distractor_items", torch.long)):
+            if getattr(raw, key) is not None:
+                item[key] = torch.from_numpy(np.asarray(getattr(raw, key))).to(dtype)
+        for key in ("target", "distractor"):
+            if getattr(raw, key) is not None:
+                item[key] = torch.from_numpy(np.asarray(getattr(raw, key), dtype=np.float32))
+    else:
+        item["pixel_values"] = cfg(raw.image)
+        for key in ("objects", "distractor_items"):
+            if getattr(raw, key) is not None:
+                item[key] = cfg.mask(getattr(raw, key), "labels")
+        for key in ("target", "distractor"):
+            if getattr(raw, key) is not None:
+                item[key] = cfg.mask(getattr(raw, key), "fraction")
+    # Stable key order: id, pixel_values, masks, extras.
+    order = ("id", "pixel_values", "objects", "target", "distractor", "distractor_items")
+    ordered = {k: item[k] for k in order if k in item}
+    ordered.update(raw.extras)
+    return ordered
 
 
 def collate(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
