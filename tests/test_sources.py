@@ -311,3 +311,13 @@ def test_brace_patterns_expand_like_webdataset():
     assert expand_braces("a-{000..002}.tar") == ["a-000.tar", "a-001.tar", "a-002.tar"]
     assert expand_braces("{x,y}/p{8..10}.tar") == ["x/p8.tar", "x/p9.tar", "x/p10.tar", "y/p8.tar", "y/p9.tar", "y/p10.tar"]
     assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_bfd_takes_the_users_data_like_a_folder(tmp_path):
+    from qkhooks.analysis.bfd import run_bfd
+
+    paths = write_images(tmp_path / "folder", 6)
+    opts = dict(layers="0,1", batch_size=4, holdout_every=3)
+    folder = run_bfd(tiny_vit(), str(tmp_path / "folder"), **opts)
+    streamed = run_bfd(tiny_vit(), hf_dataset(paths).to_iterable_dataset(), **opts)
+    assert json.dumps(folder, sort_keys=True, default=str) == json.dumps(streamed, sort_keys=True, default=str)

@@ -763,6 +763,9 @@ def open_dataset(
         return _open_folder(os.fspath(spec), image_config, limit, check)
     if not isinstance(spec, str) or not spec:
         raise QKHooksError(f"dataset spec must be a non-empty string; accepted: {DATASET_SPECS}.")
+    if spec.startswith(("hfds:", "wds:")):
+        raise QKHooksError(f"{spec!r} is streamed, not opened as an ImageDataset: pass it to record_dataset, or open "
+                           "it with qkhooks.data.open_source.")
     if "+" in spec and not Path(spec).expanduser().exists():
         return _open_concat(spec, image_config, limit, check)
     if spec == "samples":

@@ -328,7 +328,8 @@ class ItemStream:
                 continue
             break
         else:
-            raise QKHooksError(f"{self.name} is empty: it gave no items." if not seen else
+            raise QKHooksError(f"{self.name} is empty: it gave no items (a generator gives its items only once)."
+                               if not seen else
                                f"none of the {len(seen)} items of {self.name} could be decoded.")
         if getattr(self._reader, "one_shot", False):  # put the peeked items back in front
             self._reader = _Replay(self._reader, seen, rows)
