@@ -321,3 +321,17 @@ def test_bfd_takes_the_users_data_like_a_folder(tmp_path):
     folder = run_bfd(tiny_vit(), str(tmp_path / "folder"), **opts)
     streamed = run_bfd(tiny_vit(), hf_dataset(paths).to_iterable_dataset(), **opts)
     assert json.dumps(folder, sort_keys=True, default=str) == json.dumps(streamed, sort_keys=True, default=str)
+
+
+def test_an_error_in_the_users_own_dataset_stops_the_run_and_says_where(tmp_path):
+    paths = write_images(tmp_path / "folder", 3)
+
+    class Broken(PilDataset):
+        def __getitem__(self, i):
+            if i == 2:
+                raise KeyError("label missing")
+            return super().__getitem__(i)
+
+    with pytest.raises(KeyError) as caught:
+        record(Broken(paths), tmp_path / "run.h5")
+    assert "item 2 of torch:Broken" in "".join(caught.value.__notes__)

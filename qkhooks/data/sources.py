@@ -64,8 +64,22 @@ _SPECS = "hfds:DIR_OR_NAME[:SPLIT] (a Hugging Face dataset) or wds:PATTERN (webd
 # ---------------------------------------------------------------------------------------------- items
 
 
+def _decoded(read: Any, value: Any) -> Any:
+    """``read(value)``, a failure to decode (corrupt or truncated bytes) turned into :class:`_Unreadable`."""
+    try:
+        return read(value)
+    except QKHooksError:
+        raise
+    except Exception as exc:  # PIL raises many types on corrupt data
+        raise _Unreadable(f"{type(exc).__name__}: {exc}") from exc
+
+
 def _image_of(value: Any, where: str) -> Image.Image:
     """Any accepted image value to RGB through the folders' conversion; tensors and unknown types refused."""
+    return _decoded(lambda v: _convert_image(v, where), value)
+
+
+def _convert_image(value: Any, where: str) -> Image.Image:
     if isinstance(value, Image.Image):
         return _to_rgb(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -98,6 +112,10 @@ def _image_of(value: Any, where: str) -> Image.Image:
 
 def _mask_of(value: Any) -> np.ndarray:
     """A mask as a 2-D array; a mask stored as an image (PNG of labels) is read as is, without RGB conversion."""
+    return _decoded(_mask_array, value)
+
+
+def _mask_array(value: Any) -> np.ndarray:
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
     if isinstance(value, (bytes, bytearray)):
@@ -278,7 +296,8 @@ def _image_ext(sample: Mapping[str, Any]) -> str | None:
 
 
 class _Unreadable(Exception):
-    """A row the source itself could not read (a damaged shard): skipped and listed like a corrupt image."""
+    """Bytes that do not decode, or a row the source could not read (a damaged shard): the item is skipped and
+    listed like a corrupt file in a folder. Errors raised by the user's own code are not this: they stop the run."""
 
 
 # ---------------------------------------------------------------------------------------------- the stream
@@ -322,9 +341,7 @@ class ItemStream:
             seen.append(row)
             try:
                 _, raw = self._reader.decode(row, position)
-            except QKHooksError:
-                raise
-            except Exception:
+            except _Unreadable:
                 continue
             break
         else:
@@ -339,10 +356,12 @@ class ItemStream:
         """One position to its preprocessed item, or (id, reason) if its bytes do not decode."""
         try:
             own_id, raw = self._reader.decode(row, position)
-        except QKHooksError:
+        except _Unreadable as exc:
+            return (self._reader.row_id(row, position), str(exc))
+        except Exception as exc:  # the user's own code failed: stop, saying where
+            if not isinstance(exc, QKHooksError):
+                exc.add_note(f"(while qkhooks read item {position} of {self.name})")
             raise
-        except Exception as exc:  # PIL raises many types on corrupt bytes
-            return (self._reader.row_id(row, position), f"{type(exc).__name__}: {exc}")
         item_id = own_id if own_id is not None else str(position)
         return preprocess_raw(self.name, self.image_config, item_id, raw)
 
@@ -374,16 +393,18 @@ class ItemStream:
             for chunk in chunks:
                 yield StreamBatch(*self._decode_batch(chunk), end=chunk[-1][0] + 1)
             return
-        context = multiprocessing.get_context()
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_set_worker_stream,
-                                                    initargs=(self,)) as pool:
-            pending: deque[tuple[int, concurrent.futures.Future]] = deque()
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(),
+                                                      initializer=_set_worker_stream, initargs=(self,))
+        try:
+            pending: deque[tuple[int, concurrent.futures.Future]] = deque()  # at most 2 batches per worker ahead
             for chunk in itertools.chain(chunks, [None]):
                 if chunk is not None:
                     pending.append((chunk[-1][0] + 1, pool.submit(_worker_decode, chunk)))
                 while pending and (chunk is None or len(pending) > 2 * workers):
                     end, future = pending.popleft()
                     yield StreamBatch(*future.result(), end=end)
+        finally:
+            pool.shutdown(cancel_futures=True)
 
 
 class _Replay:
