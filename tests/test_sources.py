@@ -3,6 +3,7 @@ the same per-image arrays as a folder of the same images; workers, resume after 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -125,18 +126,25 @@ def test_every_container_gives_the_folders_arrays_and_ids(tmp_path):
         "wds": f"wds:{tmp_path}/part-{{0..1}}.tar",
         "loader": torch.utils.data.DataLoader(PilDataset(paths), batch_size=4, collate_fn=list),
     }
+    if importlib.util.find_spec("webdataset"):  # the package's own reader, undecoded samples: read in order too
+        import webdataset
+
+        sources["webdataset"] = webdataset.WebDataset([str(tmp_path / f"part-{i}.tar") for i in (0, 1)],
+                                                      shardshuffle=False)
     for name, data in sources.items():
         out = tmp_path / f"{name}.h5"
         result = record(data, out)
         assert result.images == 5, name
         assert_same_run(folder, out)
 
-    # without ids, a source's ids are the positions
-    record([Image.open(p) for p in paths], tmp_path / "list.h5")
-    ids_list, arrays_list = contents(tmp_path / "list.h5")
-    assert ids_list == [str(i) for i in range(5)]
-    for name in arrays:
-        np.testing.assert_array_equal(arrays_list[name], arrays[name], err_msg=name)
+    # without ids, a source's ids are the positions: a list of PIL images, a generator of HWC uint8 arrays
+    unnamed = {"list": [Image.open(p) for p in paths], "generator": (np.array(Image.open(p)) for p in paths)}
+    for name, data in unnamed.items():
+        record(data, tmp_path / f"{name}.h5")
+        ids_list, arrays_list = contents(tmp_path / f"{name}.h5")
+        assert ids_list == [str(i) for i in range(5)]
+        for key in arrays:
+            np.testing.assert_array_equal(arrays_list[key], arrays[key], err_msg=key)
 
 
 class WorkerSharded(torch.utils.data.IterableDataset):
@@ -294,6 +302,8 @@ def test_bad_sources_are_refused_with_the_reason(tmp_path, monkeypatch):
     to_tensor = [{"image": torch.rand(3, 8, 8)}]
     with pytest.raises(QKHooksError, match="already a tensor .* model's own preprocessing"):
         open_source(torch.utils.data.DataLoader(to_tensor), cfg)
+    with pytest.raises(QKHooksError, match="holds the splits \\['train'\\]; pass one"):
+        open_source(datasets.DatasetDict({"train": hf_dataset(paths)}), cfg)
     with pytest.raises(QKHooksError, match="uint8"):
         open_source([np.zeros((8, 8, 3), np.float32)], cfg)
     with pytest.raises(QKHooksError, match="shards do not exist"):

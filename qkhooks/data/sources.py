@@ -164,6 +164,8 @@ def item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
     if raw.objects is not None and not np.issubdtype(raw.objects.dtype, np.integer) and raw.objects.dtype != bool:
         raise QKHooksError(f"{where}: 'objects' must hold integer instance labels, got {raw.objects.dtype}.")
     own = item.get("id")
+    if own is None and "__key__" in item and "image" not in item:  # a webdataset sample: the image member's name
+        own = f"{item['__key__']}.{next(e for e in _EXTENSIONS if e in item)}"
     return (None if own is None else str(own)), raw
 
 
@@ -615,7 +617,10 @@ def open_source(
     if image_column is not None or masks is not None:
         raise QKHooksError("image_column= and masks= apply to Hugging Face datasets; for other sources give items as "
                            "dicts with 'image', 'objects', 'target', 'distractor'.")
-    if isinstance(data, (dict, bytes, Image.Image, np.ndarray, torch.Tensor)):
+    if type(data).__name__ in ("DatasetDict", "IterableDatasetDict"):
+        raise QKHooksError(f"a Hugging Face {type(data).__name__} holds the splits {sorted(data)}; pass one, e.g. "
+                           "data['validation'].")
+    if isinstance(data, (dict, bytes, Image.Image, torch.Tensor)) or (isinstance(data, np.ndarray) and data.ndim != 4):
         raise QKHooksError(f"cannot record a single {type(data).__name__}; pass a dataset, a list or an iterable of "
                            f"images, or a spec ({_SPECS}, a folder, ...).")
     if isinstance(data, torch.utils.data.IterableDataset) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
