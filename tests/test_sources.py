@@ -123,6 +123,7 @@ def test_every_container_gives_the_folders_arrays_and_ids(tmp_path):
         "hf": ds,
         "hf_iterable": ds.to_iterable_dataset(),
         "hfds": f"hfds:{tmp_path / 'hf'}:train",
+        "imagefolder": f"hfds:{tmp_path / 'folder'}",  # read by datasets' imagefolder; ids: the relative paths
         "wds": f"wds:{tmp_path}/part-{{0..1}}.tar",
         "loader": torch.utils.data.DataLoader(PilDataset(paths), batch_size=4, collate_fn=list),
     }

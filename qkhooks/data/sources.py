@@ -217,8 +217,10 @@ class _IterReader:
 class _HFReader:
     """A Hugging Face ``Dataset`` or ``IterableDataset``, image (and image-mask) columns left undecoded here."""
 
-    def __init__(self, ds: Any, image_column: str, id_column: str | None, masks: Mapping[str, str]):
+    def __init__(self, ds: Any, image_column: str, id_column: str | None, masks: Mapping[str, str],
+                 root: str | None = None):
         self.ds, self.image_column, self.id_column, self.masks = ds, image_column, id_column, dict(masks)
+        self.root = root  # an image folder read as a dataset: ids are the files' paths relative to it
         self.length = len(ds) if hasattr(ds, "__len__") and not _is_hf_iterable(ds) else None
 
     def rows(self, start: int) -> Iterator[Any]:
@@ -227,14 +229,17 @@ class _HFReader:
         return iter(self.ds.skip(start) if start else self.ds)
 
     def decode(self, row: Mapping[str, Any], position: int) -> tuple[str | None, _Raw]:
-        item = {"image": row[self.image_column]}
+        item = {"image": row[self.image_column], "id": self.row_id(row, position)}
         item.update({key: row[column] for key, column in self.masks.items()})
-        if self.id_column is not None:
-            item["id"] = row[self.id_column]
         return item_to_raw(item, f"row {position}")
 
     def row_id(self, row: Mapping[str, Any], position: int) -> str:
-        return str(row[self.id_column]) if self.id_column is not None else str(position)
+        if self.id_column is not None:
+            return str(row[self.id_column])
+        cell = row[self.image_column]
+        if self.root is not None and isinstance(cell, Mapping) and cell.get("path"):
+            return Path(os.path.relpath(cell["path"], self.root)).as_posix()
+        return str(position)
 
 
 class _TarReader:
@@ -462,7 +467,7 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _hf_reader(ds: Any, image_column: str | None, masks: Mapping[str, str] | None) -> _HFReader:
+def _hf_reader(ds: Any, image_column: str | None, masks: Mapping[str, str] | None, root: str | None = None) -> _HFReader:
     """Find the image column (by feature type), an id-like column and the mask columns; leave images undecoded."""
     datasets = _import_datasets()
     features = ds.features or {}
@@ -489,7 +494,7 @@ def _hf_reader(ds: Any, image_column: str | None, masks: Mapping[str, str] | Non
     for column in [image_column, *mask_map.values()]:
         if isinstance(features.get(column), datasets.Image):  # decode here, through the folders' conversion
             ds = ds.cast_column(column, datasets.Image(decode=False))
-    return _HFReader(ds, image_column, id_column, mask_map)
+    return _HFReader(ds, image_column, id_column, mask_map, root)
 
 
 def _split_spec(rest: str) -> tuple[str, str | None]:
@@ -500,8 +505,9 @@ def _split_spec(rest: str) -> tuple[str, str | None]:
     return rest, None
 
 
-def _open_hfds(rest: str) -> Any:
-    """``load_from_disk`` directories, local image folders and parquet files, else a hub name (streamed)."""
+def _open_hfds(rest: str) -> tuple[Any, str | None]:
+    """``load_from_disk`` directories, local image folders and parquet files, else a hub name (streamed); and the
+    image folder, whose relative paths are the ids."""
     datasets = _import_datasets()
     name, split = _split_spec(rest)
     path = Path(name).expanduser()
@@ -517,17 +523,17 @@ def _open_hfds(rest: str) -> Any:
                 ds = ds[split]
             elif split is not None:
                 raise QKHooksError(f"{name!r} is a single saved split; drop ':{split}'.")
-            return ds
+            return ds, None
         if path.is_dir():
-            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split or "train")
+            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split or "train"), str(path)
         if path.is_file() and path.suffix == ".parquet":
-            return datasets.load_dataset("parquet", data_files=str(path), split=split or "train")
+            return datasets.load_dataset("parquet", data_files=str(path), split=split or "train"), None
         if path.exists():
             raise QKHooksError(f"hfds:{rest}: {str(path)!r} is neither a save_to_disk folder, an image folder "
                                "nor a .parquet file.")
         if name.startswith((".", "/", "~")):
             raise QKHooksError(f"hfds:{rest}: {str(path)!r} does not exist.")
-        return datasets.load_dataset(name, split=split or "train", streaming=True)
+        return datasets.load_dataset(name, split=split or "train", streaming=True), None
     except QKHooksError:
         raise
     except Exception as exc:
@@ -602,9 +608,9 @@ def open_source(
         return open_dataset(data, image_config, limit=limit)
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
         raise QKHooksError(f"limit must be a positive integer or None, got {limit!r}.")
-    name = type(data).__name__
+    name, root = type(data).__name__, None
     if isinstance(data, str) and data.startswith("hfds:"):
-        name, data = data, _open_hfds(data[len("hfds:") :])
+        name, (data, root) = data, _open_hfds(data[len("hfds:") :])
     elif isinstance(data, str):
         name, reader = data, _open_wds(data[len("wds:") :])
         return ItemStream(name, reader, image_config, limit)
@@ -613,7 +619,7 @@ def open_source(
     if _is_hf(data):
         if not str(name).startswith("hfds:"):
             name = f"datasets:{getattr(data, 'info', None) and data.info.dataset_name or type(data).__name__}"
-        return ItemStream(name, _hf_reader(data, image_column, masks), image_config, limit)
+        return ItemStream(name, _hf_reader(data, image_column, masks, root), image_config, limit)
     if image_column is not None or masks is not None:
         raise QKHooksError("image_column= and masks= apply to Hugging Face datasets; for other sources give items as "
                            "dicts with 'image', 'objects', 'target', 'distractor'.")
