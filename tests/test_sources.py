@@ -288,6 +288,22 @@ def test_corrupt_bytes_inside_a_shard_are_skipped_and_listed(tmp_path):
         assert [s[0] for s in run.skipped] == ["img01.png"] and "Error" in run.skipped[0][1]
 
 
+def test_a_truncated_shard_keeps_what_it_holds_and_the_next_shard_goes_on(tmp_path):
+    paths = write_images(tmp_path / "folder", 6)
+    write_shards(paths, str(tmp_path / "p{}.tar"), per_shard=3)
+    first = tmp_path / "p0.tar"
+    offsets = {}
+    with tarfile.open(first) as tar:
+        offsets = {m.name: m.offset_data for m in tar.getmembers()}
+    first.write_bytes(first.read_bytes()[: offsets["img01.png"] + 100])  # cut inside the second image
+    with pytest.warns(UserWarning, match="unreadable"):
+        result = record(f"wds:{tmp_path}/p{{0..1}}.tar", tmp_path / "run.h5")
+    assert result.images == 4
+    with open_run(tmp_path / "run.h5") as run:
+        assert run.ids == ["img00.png", "img03.png", "img04.png", "img05.png"]
+        assert [s[0] for s in run.skipped] == [str(first)] and "rest of the shard after 'img00'" in run.skipped[0][1]
+
+
 def test_bad_sources_are_refused_with_the_reason(tmp_path, monkeypatch):
     cfg = tiny_vit().image_config
     paths = write_images(tmp_path / "folder", 2)

@@ -255,6 +255,7 @@ class _TarReader:
     def _samples(self) -> Iterator[dict[str, Any]]:
         for shard in self.shards:
             sample: dict[str, Any] = {}
+            last = ""  # the key of the last sample given
             try:
                 with tarfile.open(shard, "r|*") as tar:  # streamed: no index, members in file order
                     for member in tar:
@@ -267,14 +268,17 @@ class _TarReader:
                         key = f"{folder}/{stem}" if folder else stem
                         if sample and sample["__key__"] != key:
                             yield sample
-                            sample = {}
+                            sample, last = {}, sample["__key__"]
                         fh = tar.extractfile(member)
                         sample.update({"__key__": key, "__shard__": shard, ext.lower(): fh.read() if fh else b""})
             except (tarfile.TarError, OSError, EOFError) as exc:
-                # the rest of a damaged shard is unreadable: one row says so, the next shard goes on
-                if sample:
-                    yield sample
-                yield {"__key__": shard, "__shard__": shard, "__error__": f"{type(exc).__name__}: {exc}"}
+                # the rest of a damaged shard is unreadable: one row says so, and the next shard goes on
+                if _image_ext(sample):
+                    yield sample  # its image was read whole
+                    last = sample["__key__"]
+                after = f" after {last!r}" if last else ""
+                yield {"__key__": shard, "__shard__": shard,
+                       "__error__": f"the rest of the shard{after} is unreadable ({type(exc).__name__}: {exc})"}
                 continue
             if sample:
                 yield sample
