@@ -371,14 +371,10 @@ class _StreamPosition:
     its checkpoint (without decoding the items before it), and the items it could not decode are kept listed."""
 
     name = "source_position"
-    needs_inputs = False
 
     def __init__(self, start: int):
-        self.position = start
+        self.position = start  # moved by track(), which also sees batches that decoded to nothing
         self.skipped: list[tuple[str, str]] = []
-
-    def update(self, batch: Any) -> None:  # moved by track(), which also sees batches that decoded to nothing
-        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "skipped": json.dumps(self.skipped)}
