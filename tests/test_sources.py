@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -175,6 +176,15 @@ def test_two_workers_record_every_image_once_in_the_source_order(tmp_path):
     assert_same_run(tmp_path / "one.h5", tmp_path / "two.h5")
     record(WorkerSharded(paths), tmp_path / "iter.h5", num_workers=2)
     assert_same_run(tmp_path / "one.h5", tmp_path / "iter.h5")
+    # where workers are spawned rather than forked (macOS, Windows) the stream is pickled for them: a generator's
+    # stream travels without its rows and decodes there as here
+    stream = open_source((p.read_bytes() for p in paths), tiny_vit().image_config)
+    rows = list(stream._reader.rows(0))
+    copy = pickle.loads(pickle.dumps(stream))
+    items, failures = copy._decode_batch(list(enumerate(rows)))
+    assert not failures and len(items) == 7
+    for item, (position, row) in zip(items, enumerate(rows)):
+        assert torch.equal(item["pixel_values"], stream._decode(position, row)["pixel_values"])
 
 
 CHILD = textwrap.dedent(

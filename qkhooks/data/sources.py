@@ -41,7 +41,6 @@ from PIL import Image
 from qkhooks.data.datasets import (
     IMAGE_EXTENSIONS,
     ImageDataset,
-    _array_to_rgb,
     _o3_item,
     _Raw,
     _read_rgb,
@@ -52,7 +51,7 @@ from qkhooks.data.datasets import (
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.errors import QKHooksError
 
-__all__ = ["DATASETS_INSTALL", "ItemStream", "StreamBatch", "open_source"]
+__all__ = ["DATASETS_INSTALL", "ItemStream", "StreamBatch", "expand_braces", "open_source"]
 
 DATASETS_INSTALL = "pip install 'qkhooks[datasets]'  (or: pip install datasets)"
 MASK_KEYS: tuple[str, ...] = ("objects", "target", "distractor")
@@ -97,7 +96,8 @@ def _convert_image(value: Any, where: str) -> Image.Image:
                 f"{where}: an image array must be uint8 (H, W) or (H, W, 3|4) as read from a file, got {value.dtype} "
                 f"{value.shape}; pass the image as loaded (PIL or uint8 HWC), not normalised or CHW."
             )
-        return _array_to_rgb(value[:, :, 0] if value.ndim == 3 and value.shape[2] == 1 else value)
+        # as an L, RGB or RGBA image, so that an array and the file it was read from convert alike
+        return _to_rgb(Image.fromarray(np.ascontiguousarray(value[:, :, 0] if value.ndim == 3 and value.shape[2] == 1 else value)))
     if isinstance(value, torch.Tensor):
         raise QKHooksError(
             f"{where}: the image is already a tensor {tuple(value.shape)} {value.dtype}, the output of some transform "
@@ -133,13 +133,11 @@ def _mask_array(value: Any) -> np.ndarray:
 def _image_value(item: Mapping[str, Any]) -> Any:
     if "image" in item:
         return item["image"]
-    for ext in _EXTENSIONS:  # webdataset samples: the image under its file extension
-        if ext in item:
-            return item[ext]
-    return None
+    ext = _image_ext(item)  # webdataset samples: the image under its file extension
+    return None if ext is None else item[ext]
 
 
-def item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
+def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
     """One user item to (its own id or None, the full-resolution image and masks)."""
     if isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[0], (int, float)):
         item = item[0]  # (image, label) as torchvision datasets return
@@ -165,7 +163,7 @@ def item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
         raise QKHooksError(f"{where}: 'objects' must hold integer instance labels, got {raw.objects.dtype}.")
     own = item.get("id")
     if own is None and "__key__" in item and "image" not in item:  # a webdataset sample: the image member's name
-        own = f"{item['__key__']}.{next(e for e in _EXTENSIONS if e in item)}"
+        own = f"{item['__key__']}.{_image_ext(item)}"
     return (None if own is None else str(own)), raw
 
 
@@ -183,7 +181,7 @@ class _MapReader:
         return iter(range(start, self.length or 0))
 
     def decode(self, row: int, position: int) -> tuple[str | None, _Raw]:
-        return item_to_raw(self.container[row], f"item {position}")
+        return _item_to_raw(self.container[row], f"item {position}")
 
     def row_id(self, row: int, position: int) -> str:
         return str(position)
@@ -208,10 +206,13 @@ class _IterReader:
         return itertools.islice(iter(self.iterable), start, None)
 
     def decode(self, row: Any, position: int) -> tuple[str | None, _Raw]:
-        return item_to_raw(row, f"item {position}")
+        return _item_to_raw(row, f"item {position}")
 
     def row_id(self, row: Any, position: int) -> str:
         return str(row["id"]) if isinstance(row, Mapping) and row.get("id") is not None else str(position)
+
+    def __getstate__(self) -> dict[str, Any]:  # workers only decode; a generator cannot be pickled (spawn, macOS)
+        return {**self.__dict__, "iterable": None}
 
 
 class _HFReader:
@@ -231,7 +232,7 @@ class _HFReader:
     def decode(self, row: Mapping[str, Any], position: int) -> tuple[str | None, _Raw]:
         item = {"image": row[self.image_column], "id": self.row_id(row, position)}
         item.update({key: row[column] for key, column in self.masks.items()})
-        return item_to_raw(item, f"row {position}")
+        return _item_to_raw(item, f"row {position}")
 
     def row_id(self, row: Mapping[str, Any], position: int) -> str:
         if self.id_column is not None:
@@ -294,7 +295,7 @@ class _TarReader:
         meta = json.loads(row["json"]) if "json" in row else {}
         item: dict[str, Any] = {"image": row[ext], "id": meta.get("id", self.row_id(row, position))}
         item.update({k: row[f"{k}.png"] for k in MASK_KEYS if f"{k}.png" in row})
-        return item_to_raw(item, where)
+        return _item_to_raw(item, where)
 
     def row_id(self, row: Mapping[str, Any], position: int) -> str:
         """The image member's name (a folder of the same files has the same ids); a damaged shard's path."""
@@ -436,6 +437,9 @@ class _Replay:
 
     def row_id(self, row: Any, position: int) -> str:
         return self.reader.row_id(row, position)
+
+    def __getstate__(self) -> dict[str, Any]:  # as _IterReader's: the rows stay in the main process
+        return {**self.__dict__, "_rows": None}
 
 
 _WORKER_STREAM: ItemStream | None = None
