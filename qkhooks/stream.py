@@ -179,6 +179,8 @@ def record_dataset(
     on_batch: Callable[[BatchCapture], None] | None = None,
     checkpoint_every: int = CHECKPOINT_EVERY,
     extra_config: dict[str, Any] | None = None,
+    image_column: str | None = None,
+    masks: dict[str, str] | None = None,
 ) -> RecordResult:
     """Record a whole dataset, streaming to ``out`` (an HDF5 run file) and/or into reducers.
 
@@ -186,12 +188,17 @@ def record_dataset(
         model: a :class:`LoadedModel`, a model spec string, or a timm / Hugging Face module (other modules:
             ``load_model(module, image_config=...)`` first).
         data: a dataset spec (folder, ``samples``, ``voc``, ``arc2017``, ``ade20k:DIR``, ``o3:N[:seed]``,
-            ``o3dir:DIR``) or an opened :class:`qkhooks.data.ImageDataset`.
+            ``o3dir:DIR``, ``hfds:DIR_OR_NAME[:SPLIT]``, ``wds:PATTERN``), an opened
+            :class:`qkhooks.data.ImageDataset`, or the user's own data: a torch ``Dataset`` / ``IterableDataset`` /
+            DataLoader, a Hugging Face ``Dataset`` / ``IterableDataset``, a sequence or iterable of images (see
+            :func:`qkhooks.data.open_source`). Those are streamed in order; a resume continues at the position
+            reached without decoding the images before it.
         out: the run file; None keeps results in the reducers only.
         modes, layers, attention, input, augmented: as in :func:`qkhooks.record`.
         reducers: streaming statistics to keep (default: top-k images per mode, anisotropy, and attention
             preference for odd-one-out data); their states are saved under ``/reducers/<name>``.
-        batch_size, device, num_workers: how images go through the model.
+        batch_size, device, num_workers: how images go through the model (``num_workers`` processes decode and
+            preprocess, for every kind of data).
         dtype: storage dtype of per-image float arrays (``float16`` or ``float32``).
         compression: codec of per-image arrays (``none``, ``gzip``, ``lzf``); see benchmarks/RESULTS.md.
         resume, overwrite: what to do when ``out`` exists (neither: an error, the file untouched).
@@ -204,8 +211,11 @@ def record_dataset(
         checkpoint_every: batches between reducer checkpoints (a resume redoes at most this many).
         extra_config: more options that define the run's content (e.g. an analysis's settings); stored in the
             configuration, so a resume with different ones is refused before the file is touched.
+        image_column, masks: for a Hugging Face dataset, the image column (default: found by feature type) and
+            mask columns (e.g. ``{"objects": "instance_mask"}``; default: columns named like the masks).
     """
-    from qkhooks.data import ImageDataset, collate, open_dataset
+    from qkhooks.data import ImageDataset, collate
+    from qkhooks.data.sources import ItemStream, open_source
 
     check_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_init=random_init, device=device)
@@ -219,19 +229,24 @@ def record_dataset(
     if dtype not in ("float16", "float32"):
         raise QKHooksError(f"dtype must be float16 or float32, got {dtype!r}.")
 
-    dataset = data if isinstance(data, ImageDataset) else open_dataset(str(data), loaded.image_config, limit=limit)
+    dataset = open_source(data, loaded.image_config, limit=limit, image_column=image_column, masks=masks)
+    streamed = isinstance(dataset, ItemStream)
     at_open = list(getattr(dataset, "skipped", []))
     data_spec = getattr(dataset, "name", str(data))
-    ids = list(dataset.ids)
+    ids = [] if streamed else list(dataset.ids)
     if limit is not None and isinstance(data, ImageDataset):  # a spec string got its limit from open_dataset
         ids = ids[:limit]
-    if not ids:
+    if not ids and not streamed:  # an empty stream was refused when opened
         raise QKHooksError(f"the dataset {data_spec!r} has no images.")
-    lo, hi = 0, len(ids)
+    total = dataset.length if streamed else len(ids)
+    lo, hi = 0, total
     if shard is not None:
+        if total is None:
+            raise QKHooksError(f"{data_spec!r} has no length, so it cannot be cut into shards; record it in one "
+                               "process (workers still decode in parallel), or pass a sized dataset.")
         rank, world = shard
-        per = -(-len(ids) // world)
-        lo, hi = min(rank * per, len(ids)), min((rank + 1) * per, len(ids))
+        per = -(-total // world)
+        lo, hi = min(rank * per, total), min((rank + 1) * per, total)
     has_target = dataset.has_targets
     if any(s.kind == "pooled" for s in attention_specs) and not has_target:
         raise QKHooksError(
@@ -258,6 +273,8 @@ def record_dataset(
     )
     writer = None
     start, done = lo, 0
+    position = _StreamPosition(lo) if streamed else None
+    checkpointed = list(reducers) + ([position] if position is not None else [])
     if out is not None:
         from qkhooks.store import RunWriter
 
@@ -270,8 +287,12 @@ def record_dataset(
         writer = RunWriter(out, mode=mode, attrs=attrs, dtype=dtype, compression=compression)
         if mode == "resume":
             try:
-                done, next_index = _resume(writer, reducers, ids[lo:hi])
-                start = lo + next_index
+                if streamed:
+                    done, _ = _resume(writer, checkpointed, writer.ids)
+                    start = position.resumed_at(done, lo, progress)
+                else:
+                    done, next_index = _resume(writer, reducers, ids[lo:hi])
+                    start = lo + next_index
             except BaseException:
                 writer.close(complete=False)
                 raise
@@ -289,11 +310,18 @@ def record_dataset(
             run.sinks.extend(reducers)
             if on_batch is not None:
                 run.sinks.append(_Callback(on_batch))
-            _loop(run, net, dataset, range(start, hi), batch_size, num_workers, device, sites[0], attention_specs,
-                  progress, writer, reducers, collate, checkpoint_every)
-        skipped = _skipped(at_open, dataset, ids[lo:hi], seen.ids, first_shard=lo == 0)
+            if streamed:
+                batches = position.track(dataset.batches(batch_size, start, hi, num_workers), seen.ids)
+            else:
+                batches = _loader_batches(dataset, range(start, hi), batch_size, num_workers, collate)
+            _loop(run, batches, net, hi - start if hi is not None else None, device, sites[0], progress, writer,
+                  checkpointed, checkpoint_every)
+        if streamed:
+            skipped = position.skipped
+        else:
+            skipped = _skipped(at_open, dataset, ids[lo:hi], seen.ids, first_shard=lo == 0)
         if writer is not None:
-            _checkpoint(writer, reducers, run.images_seen)
+            _checkpoint(writer, checkpointed, run.images_seen)
             writer.write_skipped(skipped)
             writer.close(complete=True)
     except BaseException:
@@ -339,26 +367,82 @@ class _Callback:
         self.fn(batch)
 
 
-def _loop(run, net, dataset, indices, batch_size, num_workers, device, site, attention_specs, progress, writer,
-          reducers, collate, checkpoint_every) -> None:
+class _StreamPosition:
+    """Where a streamed source has got to, checkpointed like a reducer: a resume continues at the position of
+    its checkpoint (without decoding the items before it), and the items it could not decode are kept listed."""
+
+    name = "source_position"
+
+    def __init__(self, start: int):
+        self.position = start  # moved by track(), which also sees batches that decoded to nothing
+        self.skipped: list[tuple[str, str]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "skipped": json.dumps(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+        self.skipped = [tuple(pair) for pair in json.loads(str(state["skipped"]))]
+
+    def resumed_at(self, done: int, lo: int, progress: bool) -> int:
+        """The position to continue from, said out loud; a run with no checkpoint yet starts again."""
+        import sys
+
+        if not done:
+            self.position, self.skipped = lo, []
+        if progress or done:
+            print(f"resuming the stream at item {self.position}: {done} images are in the file; the "
+                  f"{self.position - lo} items before are skipped without decoding", file=sys.stderr)
+        return self.position
+
+    def track(self, batches: Any, seen: set[str]) -> Any:
+        """The stream's batches as the loop's ``(batch or None, items read)``, moving the position after each;
+        an id already recorded is refused (the run file and its resume find images by id)."""
+        import warnings
+
+        from qkhooks.data import collate
+
+        for part in batches:
+            ids = [item["id"] for item in part.items]
+            twice = next((i for n, i in enumerate(ids) if i in seen or i in ids[:n]), None)
+            if twice is not None:
+                raise QKHooksError(f"two items of the data have the id {twice!r}; give each item its own 'id', or "
+                                   "none at all (then the position is the id).")
+            for id_, reason in part.failures:
+                warnings.warn(f"skipping unreadable image {id_} ({reason})", stacklevel=2)
+            self.skipped.extend(part.failures)
+            read = part.end - self.position
+            self.position = part.end  # read by the checkpoint that follows this batch in the loop
+            yield (collate(part.items) if part.items else None), read
+
+
+def _loader_batches(dataset, indices, batch_size, num_workers, collate):
+    """An ImageDataset's batches through a DataLoader, as the loop's ``(batch or None, items read)``."""
     from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
 
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate)
+    for batch in loader:
+        yield batch, len(batch.get("id", [])) if batch is not None else 0
+
+
+def _loop(run, batches, net, total, device, site, progress, writer, checkpointed, checkpoint_every) -> None:
+    from tqdm.auto import tqdm
+
     dtype = next(net.parameters()).dtype
-    bar = tqdm(total=len(indices), unit="img", disable=not progress, desc="record")
+    bar = tqdm(total=total, unit="img", disable=not progress, desc="record")
     try:
-        for step, batch in enumerate(loader):
+        for step, (batch, read) in enumerate(batches):
             if batch is None or not batch.get("id"):
+                bar.update(read)
                 continue
             pixels = batch["pixel_values"].to(device=device, dtype=dtype, non_blocking=True)
             meta = _mask_meta(batch, site)
             with torch.no_grad():
                 run(pixels, ids=list(batch["id"]), meta=meta)
             if writer is not None and (step + 1) % checkpoint_every == 0:
-                _checkpoint(writer, reducers, run.images_seen)
-            bar.update(len(batch["id"]))
+                _checkpoint(writer, checkpointed, run.images_seen)
+            bar.update(read)
     finally:
         bar.close()
 
@@ -397,7 +481,9 @@ def _checkpoint(writer: Any, reducers: Sequence[Reducer], images: int) -> None:
 # --------------------------------------------------------------------------------------------- CLI
 def _record_args(p) -> None:
     add_model_arguments(p)
-    p.add_argument("data", help="folder, samples, voc, arc2017, ade20k:DIR, o3:N[:seed] or o3dir:DIR")
+    p.add_argument("data", help="folder, samples, voc, arc2017, ade20k:DIR, o3:N[:seed], o3dir:DIR, "
+                                "hfds:DIR_OR_NAME[:SPLIT] (Hugging Face datasets) or wds:PATTERN (tar shards)")
+    p.add_argument("--image-column", help="hfds: the column holding the images (default: the Image feature)")
     p.add_argument("--out", required=True, help="the run file (HDF5)")
     p.add_argument("--modes", default="16", help="top modes per head to store, or 'all' (default 16)")
     p.add_argument("--layers", help="block indices, e.g. '0,3,5-7' (default all)")
@@ -411,7 +497,7 @@ def _record_args(p) -> None:
     p.add_argument("--compression", default="none", choices=["none", "gzip", "lzf"],
                    help="codec for per-image arrays (default none: float16 maps hardly compress; see benchmarks)")
     p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=0, help="processes that decode and preprocess images (any data)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue an interrupted run")
     group.add_argument("--overwrite", action="store_true", help="replace an existing run file")
@@ -430,7 +516,7 @@ def run_record(args) -> int:
             loaded, args.data, args.out, modes=args.modes, layers=args.layers, attention=args.attention,
             input=args.input, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
             compression=args.compression, resume=args.resume, overwrite=args.overwrite, limit=args.limit,
-            num_workers=args.workers,
+            num_workers=args.workers, image_column=args.image_column,
         )
     print(f"wrote {result.images} images to {result.path}" + (f" ({len(result.skipped)} skipped)" if result.skipped else ""))
     return 0

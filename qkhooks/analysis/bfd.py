@@ -332,7 +332,7 @@ def _nan(curves: dict[str, list[Any]]) -> dict[str, list[float]]:
 # ----------------------------------------------------------------------------------------------- CLI
 def _bfd_args(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("data", help="folder, samples, voc, arc2017, ade20k:DIR, o3:N[:seed], ...")
+    p.add_argument("data", help="folder, samples, voc, arc2017, ade20k:DIR, o3:N[:seed], hfds:DIR, wds:PATTERN, ...")
     p.add_argument("--out", required=True, help="run file (HDF5) for pass 2; pass 1 goes to RUN.pass1.h5 next to it")
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--layers", help="block indices, e.g. '0,3,5-7' (default all)")

@@ -8,6 +8,7 @@ where objects are.
 from qkhooks.data.datasets import DATASET_SPECS, IMAGE_EXTENSIONS, ImageDataset, collate, open_dataset
 from qkhooks.data.masks import downscale_mask, labels_to_onehot, majority_labels, patch_argmax
 from qkhooks.data.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Geometry, ImageConfig, to_rgb
+from qkhooks.data.sources import ItemStream, open_source
 from qkhooks.data.stimuli import FEATURES, SHAPES, ItemSpec, O3Stimulus, generate_o3, make_o3
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "ImageConfig",
     "ImageDataset",
     "ItemSpec",
+    "ItemStream",
     "O3Stimulus",
     "SHAPES",
     "collate",
@@ -31,6 +33,7 @@ __all__ = [
     "majority_labels",
     "make_o3",
     "open_dataset",
+    "open_source",
     "patch_argmax",
     "to_rgb",
 ]

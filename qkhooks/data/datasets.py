@@ -34,7 +34,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import IO, Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -110,8 +110,9 @@ class _Record:
     path: str | None = None
 
 
-def _read_rgb(path: str) -> Image.Image:
-    """Fully decode an image file to RGB as a viewer shows it (:func:`to_rgb`) and close the file."""
+def _read_rgb(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
+    """Fully decode an image file (a path or an open binary file) to RGB as a viewer shows it (:func:`to_rgb`,
+    the one conversion every source's pixels go through) and close the file."""
     with Image.open(path) as im:
         return to_rgb(im)
 
@@ -199,37 +200,41 @@ class ImageDataset(Dataset):
         return self._transform(record.id, raw)
 
     def _transform(self, item_id: str, raw: _Raw) -> dict[str, Any]:
-        cfg = self.image_config
-        hw = (raw.image.height, raw.image.width)
-        for key in ("objects", "target", "distractor", "distractor_items"):
-            value = getattr(raw, key)
-            if value is not None and value.shape != hw:
-                raise QKHooksError(
-                    f"{self.name}: mask {key!r} of {item_id!r} has size {value.shape} but its image is {hw}; "
-                    "annotation and image files must have the same size."
-                )
-        item: dict[str, Any] = {"id": item_id}
-        if raw.native:
-            item["pixel_values"] = cfg.normalize(raw.image)
-            for key, dtype in (("objects", torch.long), ("distractor_items", torch.long)):
-                if getattr(raw, key) is not None:
-                    item[key] = torch.from_numpy(np.asarray(getattr(raw, key))).to(dtype)
-            for key in ("target", "distractor"):
-                if getattr(raw, key) is not None:
-                    item[key] = torch.from_numpy(np.asarray(getattr(raw, key), dtype=np.float32))
-        else:
-            item["pixel_values"] = cfg(raw.image)
-            for key in ("objects", "distractor_items"):
-                if getattr(raw, key) is not None:
-                    item[key] = cfg.mask(getattr(raw, key), "labels")
-            for key in ("target", "distractor"):
-                if getattr(raw, key) is not None:
-                    item[key] = cfg.mask(getattr(raw, key), "fraction")
-        # Stable key order: id, pixel_values, masks, extras.
-        order = ("id", "pixel_values", "objects", "target", "distractor", "distractor_items")
-        ordered = {k: item[k] for k in order if k in item}
-        ordered.update(raw.extras)
-        return ordered
+        return preprocess_raw(self.name, self.image_config, item_id, raw)
+
+
+def preprocess_raw(name: str, cfg: ImageConfig, item_id: str, raw: _Raw) -> dict[str, Any]:
+    """One item in model-input geometry: the model's preprocessing for the image, its geometry for the masks."""
+    hw = (raw.image.height, raw.image.width)
+    for key in ("objects", "target", "distractor", "distractor_items"):
+        value = getattr(raw, key)
+        if value is not None and value.shape != hw:
+            raise QKHooksError(
+                f"{name}: mask {key!r} of {item_id!r} has size {value.shape} but its image is {hw}; "
+                "annotation and image files must have the same size."
+            )
+    item: dict[str, Any] = {"id": item_id}
+    if raw.native:
+        item["pixel_values"] = cfg.normalize(raw.image)
+        for key, dtype in (("objects", torch.long), ("distractor_items", torch.long)):
+            if getattr(raw, key) is not None:
+                item[key] = torch.from_numpy(np.asarray(getattr(raw, key))).to(dtype)
+        for key in ("target", "distractor"):
+            if getattr(raw, key) is not None:
+                item[key] = torch.from_numpy(np.asarray(getattr(raw, key), dtype=np.float32))
+    else:
+        item["pixel_values"] = cfg(raw.image)
+        for key in ("objects", "distractor_items"):
+            if getattr(raw, key) is not None:
+                item[key] = cfg.mask(getattr(raw, key), "labels")
+        for key in ("target", "distractor"):
+            if getattr(raw, key) is not None:
+                item[key] = cfg.mask(getattr(raw, key), "fraction")
+    # Stable key order: id, pixel_values, masks, extras.
+    order = ("id", "pixel_values", "objects", "target", "distractor", "distractor_items")
+    ordered = {k: item[k] for k in order if k in item}
+    ordered.update(raw.extras)
+    return ordered
 
 
 def collate(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
@@ -744,6 +749,9 @@ def open_dataset(
         return _open_folder(os.fspath(spec), image_config, limit, check)
     if not isinstance(spec, str) or not spec:
         raise QKHooksError(f"dataset spec must be a non-empty string; accepted: {DATASET_SPECS}.")
+    if spec.startswith(("hfds:", "wds:")):
+        raise QKHooksError(f"{spec!r} is streamed, not opened as an ImageDataset: pass it to record_dataset, or open "
+                           "it with qkhooks.data.open_source.")
     if "+" in spec and not Path(spec).expanduser().exists():
         return _open_concat(spec, image_config, limit, check)
     if spec == "samples":
