@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean mutation
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,6 +36,13 @@ demo: $(VENV)/.demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Mutation testing of the core (mutmut): each module's mutants against that module's tests only; a rerun
+# re-tests only what changed.  make mutation MODULES="spectrum projector"  (all: see tests/mutation.py)
+MODULES ?=
+MUTATION_CHILDREN ?= 2
+mutation: $(VENV)/.test
+	nice -n 15 $(PY) tests/mutation.py --children $(MUTATION_CHILDREN) $(MODULES)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) *.egg-info
