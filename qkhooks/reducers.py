@@ -56,8 +56,9 @@ class Reducer:
         None stands for "not known yet" (e.g. a prefix count read off the first batch) and matches anything.
         Reducers whose configuration includes arrays compare those in their own ``merge``.
         """
-        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
-        return {n: _plain(getattr(self, n)) for n in names if hasattr(self, n) and _plain(getattr(self, n)) is not _NOT_PLAIN}
+        kept = [n for n in inspect.signature(type(self).__init__).parameters if hasattr(self, n)]
+        plain = {n: _plain(getattr(self, n)) for n in kept}
+        return {n: value for n, value in plain.items() if value is not _NOT_PLAIN}
 
     def _check_same_kind(self, other: "Reducer") -> None:
         """Refuse to merge a reducer of another kind or configuration: every ``merge`` starts with this check."""

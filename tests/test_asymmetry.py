@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import qkhooks
-from qkhooks.analysis.modes import AnisotropyReducer
+from qkhooks.analysis.modes import AnisotropyReducer, TopKModes
 from qkhooks.data import ImageConfig
 from conftest import ASYMMETRIC, ASYMMETRIC_DATA_CONFIG, TINY_MODELS, Tiny, eager_attention
 
@@ -90,3 +90,14 @@ def test_timm_preprocessing_with_mean_not_std_is_bit_identical_to_timm():
     for channel, value in enumerate((51, 102, 204)):
         expected = (value / 255 - ASYMMETRIC_DATA_CONFIG["mean"][channel]) / ASYMMETRIC_DATA_CONFIG["std"][channel]
         assert float(x[channel].mean()) == pytest.approx(expected, rel=1e-6)
+
+
+@asymmetric
+def test_sinks_of_a_plain_recording_learn_the_prefix_and_grid_of_a_rows_by_cols_grid(tiny: Tiny):
+    """1 CLS + 4 x 6 patches is 25 tokens, which a reducer left to guess would take for a 5 x 5 grid without CLS."""
+    model = tiny.model()
+    topk = TopKModes(k=2)
+    with qkhooks.record(model, modes=4, sinks=[topk]) as recording, torch.no_grad():
+        run(tiny, recording, tiny.images(3))
+    assert recording.last.meta["num_prefix_tokens"] == tiny.prefix and tuple(recording.last.meta["grid"]) == tiny.grid
+    assert topk.num_prefix_tokens == tiny.prefix

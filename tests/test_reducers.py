@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from qkhooks.analysis.bfd_reducers import PositionMeans
 from qkhooks.analysis.modes import AnisotropyReducer, TopKModes
 from qkhooks.analysis.preference import PreferenceReducer
 from qkhooks.capture import BatchCapture, LayerCapture
+from qkhooks.reducers import Reducer
 
 
 def _tokens_batch(x: torch.Tensor, offset: int = 0) -> BatchCapture:
@@ -75,3 +77,30 @@ def test_unset_settings_are_learnt_not_refused():
     b.update(_tokens_batch(torch.randn(3, 7, 4)))
     a.merge(b)
     assert a.num_prefix_tokens == 1 and a.count == b.count
+
+
+class _Scaled(Reducer):
+    """A reducer with one plain setting, one setting it does not keep and one it keeps as an array."""
+
+    name = "scaled"
+
+    def __init__(self, scale: int, source: object = None, weights: np.ndarray | None = None):
+        self.scale = scale
+        self.weights = np.ones(3) if weights is None else weights
+        self.total = 0.0
+
+    def merge(self, other: Reducer) -> None:
+        self._check_same_kind(other)
+        self.total += other.total
+
+
+def test_the_configuration_is_the_plain_constructor_arguments_the_reducer_keeps():
+    reducer = _Scaled(2, source=object(), weights=np.arange(3.0))
+    assert reducer.configuration() == {"scale": 2}  # not `source` (not kept), not `weights` (an array)
+    reducer.total, other = 1.0, _Scaled(2, weights=np.zeros(3))
+    other.total = 2.5
+    reducer.merge(other)  # arrays are the reducer's own business to compare
+    assert reducer.total == 3.5
+    with pytest.raises(QKHooksError, match=r"scale=3 \(here 2\)"):
+        reducer.merge(_Scaled(3))
+    assert reducer.total == 3.5
