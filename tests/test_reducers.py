@@ -11,7 +11,7 @@ from qkhooks.analysis.bfd_reducers import PositionMeans
 from qkhooks.analysis.modes import AnisotropyReducer, TopKModes
 from qkhooks.analysis.preference import PreferenceReducer
 from qkhooks.capture import BatchCapture, LayerCapture
-from qkhooks.reducers import Reducer
+from qkhooks.reducers import Reducer, to_numpy_state
 
 
 def _tokens_batch(x: torch.Tensor, offset: int = 0) -> BatchCapture:
@@ -80,13 +80,13 @@ def test_unset_settings_are_learnt_not_refused():
 
 
 class _Scaled(Reducer):
-    """A reducer with one plain setting, one setting it does not keep and one it keeps as an array."""
+    """A reducer with plain settings, one setting it does not keep, and settings that are arrays."""
 
     name = "scaled"
 
-    def __init__(self, scale: int, source: object = None, weights: np.ndarray | None = None):
-        self.scale = scale
-        self.weights = np.ones(3) if weights is None else weights
+    def __init__(self, scale: int, offset: int = 0, source: object = None, weights: np.ndarray | None = None,
+                 parts: list = ()):
+        self.scale, self.offset, self.weights, self.parts = scale, offset, weights, list(parts)
         self.total = 0.0
 
     def merge(self, other: Reducer) -> None:
@@ -95,12 +95,22 @@ class _Scaled(Reducer):
 
 
 def test_the_configuration_is_the_plain_constructor_arguments_the_reducer_keeps():
-    reducer = _Scaled(2, source=object(), weights=np.arange(3.0))
-    assert reducer.configuration() == {"scale": 2}  # not `source` (not kept), not `weights` (an array)
-    reducer.total, other = 1.0, _Scaled(2, weights=np.zeros(3))
+    reducer = _Scaled(2, source=object(), weights=np.arange(3.0), parts=[np.zeros(1), 1])
+    # not `source` (not kept), not `weights` or `parts` (arrays, or lists holding one)
+    assert reducer.configuration() == {"scale": 2, "offset": 0}
+    assert _Scaled(2, parts=[1, 2]).configuration() == {"scale": 2, "offset": 0, "weights": None, "parts": (1, 2)}
+    reducer.total, other = 1.0, _Scaled(2)  # `weights` None here, an array there: the reducer's own business
     other.total = 2.5
-    reducer.merge(other)  # arrays are the reducer's own business to compare
+    reducer.merge(other)
     assert reducer.total == 3.5
-    with pytest.raises(QKHooksError, match=r"scale=3 \(here 2\)"):
-        reducer.merge(_Scaled(3))
+    message = (r"^cannot merge a _Scaled configured with offset=1 \(here 0\), scale=3 \(here 2\); merge only parts "
+               r"recorded with the same settings\.$")
+    with pytest.raises(QKHooksError, match=message):
+        reducer.merge(_Scaled(3, offset=1))
     assert reducer.total == 3.5
+
+
+def test_to_numpy_state_moves_tensors_and_leaves_the_rest():
+    state = to_numpy_state({"sum": torch.arange(3.0), "k": 3, "name": "x"})
+    assert isinstance(state["sum"], np.ndarray) and state["sum"].tolist() == [0.0, 1.0, 2.0]
+    assert state["k"] == 3 and state["name"] == "x"
