@@ -3,8 +3,8 @@
 Each module gets a scratch copy of the project under ``.mutation/<module>/`` with a ``[mutmut]`` section that
 mutates that module only and selects that module's tests; mutmut then runs each mutant against the tests that
 execute the mutated function. The copies are kept, and files are copied only when their content changed, so a
-second run re-tests only the functions whose source (or whose tests' stats) changed: mutmut keys its cached
-verdicts by a hash of each function.
+second run re-tests only the functions whose source changed (mutmut keys its cached verdicts by a hash of each
+function), plus the earlier survivors, since new tests may kill them.
 
 The score per module is ``killed / (mutants - equivalent)``, where a mutant no selected test executes counts
 as not killed, and equivalent mutants are listed with a one-line reason in ``tests/mutation_equivalent.txt``.
@@ -124,7 +124,11 @@ def run(module: str, children: int) -> dict[str, object]:
         _sync(ROOT / name, work / name)
     _configure(work, files, tests, select)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # import the mutants, not this checkout
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=work, env=env, check=False)
+    mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)]
+    earlier = score(work)["survived"] if (work / "mutants").exists() else []
+    subprocess.run(mutmut, cwd=work, env=env, check=False)  # new and changed functions' mutants
+    if earlier:  # mutmut keeps a survivor's verdict; the tests may have changed since, so try them again
+        subprocess.run(mutmut + list(earlier), cwd=work, env=env, check=False)
     return score(work)
 
 

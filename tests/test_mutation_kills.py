@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import qkhooks
 from conftest import TINY_MODELS
@@ -33,3 +34,49 @@ def test_augmented_spectrum_and_cosines_match_a_dense_svd_of_the_augmented_form(
             np.testing.assert_allclose(layer.cos[h].numpy(), cos, atol=1e-5)
             weights = s[:k] / s[:k].sum()
             assert float(layer.cosine_weighted[h]) == pytest.approx(float((weights * cos).sum()), abs=1e-5)
+
+
+def test_spectrum_summaries_agree_with_numpy():
+    """table(), to_dict(), top(), bilinear(), lookup and layer selection, each against the arrays themselves."""
+    from qkhooks.spectrum import head_weighted_cosines, random_cosine_band
+
+    model = TINY_MODELS[0].model()
+    spec = qkhooks.spectrum(model, name="tiny")
+    assert len(spec) == 2 and [s.layer for s in spec] == [0, 1] and spec.dim == 32
+    band = 1.96 / np.sqrt(32)
+    assert spec.random_baseline_cos95 == pytest.approx(band) and random_cosine_band(32, z=1.0) == pytest.approx(32**-0.5)
+    lines = spec.table().splitlines()
+    assert lines[0] == f"QK spectrum of tiny: d=32, random 95% cosine band +-{band:.3f}"
+    assert lines[1].split() == ["layer", "heads", "modes", "sigma_max", "cos_w", "cos>band", "cos<-band"]
+    js = spec.to_dict()
+    assert js["model"] == "tiny" and js["dim"] == 32 and js["augmented"] is False
+    for row, layer, entry in zip(lines[2:], spec, js["layers"]):
+        s, cos = layer.S.double().numpy(), layer.cos.double().numpy()
+        weighted = (s / s.sum(1, keepdims=True) * cos).sum(1)
+        np.testing.assert_allclose(head_weighted_cosines(s, cos), weighted, rtol=1e-12)
+        expected = [layer.layer, 4, 8, f"{s.max():.3f}", f"{weighted.mean():.3f}", f"{(cos > band).mean():.2f}",
+                    f"{(cos < -band).mean():.2f}"]
+        assert row.split() == [str(e) for e in expected]
+        assert entry["layer"] == layer.layer and entry["cosine_weighted"] == pytest.approx(weighted.mean(), abs=1e-6)
+        for h, head in enumerate(entry["heads"]):
+            assert head["head"] == h
+            np.testing.assert_allclose(head["singular_values"], s[h], rtol=1e-6)
+            np.testing.assert_allclose(head["cosine"], cos[h], atol=1e-6)
+    # a head without any weight has zero weighted cosine, not NaN
+    assert head_weighted_cosines(np.zeros((1, 3)), np.ones((1, 3))).tolist() == [0.0]
+    # the dense form of all modes is W_q^T W_k; the leading k modes are the first k columns
+    w = qkhooks.sites(model)[0].weights()
+    dense = (w.w_q.double().transpose(1, 2) @ w.w_k.double()).float()
+    torch.testing.assert_close(spec[0].bilinear(), dense, atol=1e-5, rtol=1e-4)
+    top = spec.top(3)
+    assert top[1].S.shape == (4, 3) and torch.equal(top[1].U, spec[1].U[..., :3]) and torch.equal(top[1].V, spec[1].V[..., :3])
+    assert spec[0].top(None) is spec[0] and spec[0].top(8) is spec[0]
+    with pytest.raises(qkhooks.QKHooksError, match="modes must be >= 1"):
+        spec[0].top(0)
+    with pytest.raises(qkhooks.QKHooksError, match=r"layer 5 is not in this spectrum; it has layers \[0, 1\]"):
+        spec[5]
+    only = qkhooks.spectrum(model, layers="1")
+    assert [s.layer for s in only] == [1] and torch.equal(only[1].S, spec[1].S)
+    assert only.model == type(model).__name__
+    from_sites = qkhooks.spectrum(qkhooks.sites(model), layers=[0])
+    assert [s.layer for s in from_sites] == [0] and torch.equal(from_sites[0].U, spec[0].U)
