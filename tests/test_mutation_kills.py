@@ -80,3 +80,74 @@ def test_spectrum_summaries_agree_with_numpy():
     assert only.model == type(model).__name__
     from_sites = qkhooks.spectrum(qkhooks.sites(model), layers=[0])
     assert [s.layer for s in from_sites] == [0] and torch.equal(from_sites[0].U, spec[0].U)
+
+
+def test_attention_specs_parse_and_refuse_clearly():
+    from qkhooks.attention import AttentionSpec, parse_attention
+
+    assert parse_attention(None) == [] and parse_attention("none") == []
+    assert parse_attention("rows+full:1,3") == [AttentionSpec("rows"), AttentionSpec("full", (1, 3))]
+    assert parse_attention(AttentionSpec("pooled")) == [AttentionSpec("pooled")]
+    assert parse_attention(["rows", AttentionSpec("full", (0,))]) == [AttentionSpec("rows"), AttentionSpec("full", (0,))]
+    assert AttentionSpec("rows").covers(7) and AttentionSpec("full", (1, 3)).covers(3)
+    assert not AttentionSpec("full", (1, 3)).covers(2)
+    with pytest.raises(qkhooks.QKHooksError, match="attention kinds repeat"):
+        parse_attention("rows+rows")
+    with pytest.raises(qkhooks.QKHooksError, match=r"unknown attention kind 'maps'; use one of rows, pooled, full"):
+        parse_attention("maps:1")
+    with pytest.raises(qkhooks.QKHooksError, match="attention kind 'maps' is unknown"):
+        AttentionSpec("maps")  # type: ignore[arg-type]
+
+
+def _eager_and_tokens(tiny):
+    from conftest import eager_attention
+
+    model, images = tiny.model(), tiny.images()
+    got: dict[int, torch.Tensor] = {}
+    sites = qkhooks.sites(model)
+    handles = [s.module.register_forward_pre_hook(
+        lambda m, a, kw, layer=s.layer: got.__setitem__(layer, (a[0] if a else kw["hidden_states"]).detach()),
+        with_kwargs=True) for s in sites]
+    try:
+        eager = eager_attention(tiny, model, images)
+    finally:
+        for h in handles:
+            h.remove()
+    return sites, got, eager
+
+
+def test_attention_helpers_against_the_models_eager_attention():
+    """rows for 1-D and per-image tokens, both code paths, pooling of patch-grid and all-token masks, refusals."""
+    from qkhooks.attention import attention_full, attention_rows, pool_rows
+
+    tiny = next(t for t in TINY_MODELS if t.name == "timm-vit-4x6")
+    sites, x, eager = _eager_and_tokens(tiny)
+    site, ref = sites[1], eager[1]
+    torch.testing.assert_close(attention_full(site, x[1]), ref, atol=1e-5, rtol=1e-4)
+    shared = torch.tensor([0, 15])  # 1-D: the same tokens for every image
+    torch.testing.assert_close(attention_rows(site, x[1], shared), ref[:, :, [0, 15]], atol=1e-5, rtol=1e-4)
+    many = torch.arange(8).repeat(2, 1)  # heads x tokens >= d: the path that computes the keys
+    torch.testing.assert_close(attention_rows(site, x[1], many), ref[:, :, :8], atol=1e-5, rtol=1e-4)
+    with pytest.raises(qkhooks.QKHooksError, match="query_tokens has 3 rows for a batch of 2 images"):
+        attention_rows(site, x[1], torch.zeros(3, 1, dtype=torch.long))
+    for bad in (25, -1):
+        with pytest.raises(qkhooks.QKHooksError, match=r"query_tokens must index tokens 0\.\.24"):
+            attention_rows(site, x[1], torch.tensor([[0, bad], [0, 1]]))
+    rows = ref[:, :, [0, 15]]
+    grid_masks = torch.rand(2, 3, 4, 6)  # (B, M, rows, cols) on the patch grid; prefix tokens get no mass
+    expected = torch.einsum("bhtn,bmn->bhtm", rows[..., 1:], grid_masks.flatten(2))
+    torch.testing.assert_close(pool_rows(rows, grid_masks, 1), expected)
+    all_tokens = torch.rand(2, 3, 25)
+    torch.testing.assert_close(pool_rows(rows, all_tokens, 1), torch.einsum("bhtn,bmn->bhtm", rows, all_tokens))
+    with pytest.raises(qkhooks.QKHooksError, match=r"pool_masks must be \(batch, masks, tokens\) with 25 tokens or 24"):
+        pool_rows(rows, torch.rand(2, 3, 23), 1)
+    with pytest.raises(qkhooks.QKHooksError, match="for a batch of 2"):
+        pool_rows(rows, torch.rand(1, 3, 25), 1)
+
+
+def test_a_model_without_prefix_tokens_gets_its_centre_patch_twice():
+    from qkhooks.attention import default_query_tokens
+
+    tiny = next(t for t in TINY_MODELS if t.prefix == 0)  # SigLIP: 4 x 4 patches, no CLS
+    site = qkhooks.sites(tiny.model())[0]
+    assert default_query_tokens(site, 16).tolist() == [[10, 10]]  # row 2, column 2 of a 4 x 4 grid
