@@ -69,6 +69,7 @@ def test_spectrum_summaries_agree_with_numpy():
     dense = (w.w_q.double().transpose(1, 2) @ w.w_k.double()).float()
     torch.testing.assert_close(spec[0].bilinear(), dense, atol=1e-5, rtol=1e-4)
     top = spec.top(3)
+    assert top.model == "tiny" and len(top) == 2
     assert top[1].S.shape == (4, 3) and torch.equal(top[1].U, spec[1].U[..., :3]) and torch.equal(top[1].V, spec[1].V[..., :3])
     assert spec[0].top(None) is spec[0] and spec[0].top(8) is spec[0]
     with pytest.raises(qkhooks.QKHooksError, match="modes must be >= 1"):
@@ -151,3 +152,34 @@ def test_a_model_without_prefix_tokens_gets_its_centre_patch_twice():
     tiny = next(t for t in TINY_MODELS if t.prefix == 0)  # SigLIP: 4 x 4 patches, no CLS
     site = qkhooks.sites(tiny.model())[0]
     assert default_query_tokens(site, 16).tolist() == [[10, 10]]  # row 2, column 2 of a 4 x 4 grid
+
+
+def test_default_query_tokens_are_integer_indices_on_odd_grids_too():
+    from qkhooks.attention import default_query_tokens
+
+    site = qkhooks.sites(next(t for t in TINY_MODELS if t.prefix == 0).model())[0]
+    tokens = default_query_tokens(site, 9)  # not the native 4 x 4: a 3 x 3 square, centre at row 1, column 1
+    assert tokens.dtype == torch.long and tokens.tolist() == [[4, 4]]
+
+
+def test_mode_projector_follows_the_dtype_of_its_input():
+    """Its cached weights are per (device, dtype): a float64 call after a float32 one stays float64 and exact."""
+    from qkhooks.projector import ModeProjector
+
+    model = TINY_MODELS[0].model()
+    layer = qkhooks.spectrum(model)[0]
+    projector = ModeProjector(layer)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    projector(x.float())
+    query, key = projector(x)
+    assert query.dtype == key.dtype == torch.float64
+    torch.testing.assert_close(query, torch.einsum("bnd,hdk->bhkn", x, layer.U.double()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(key, torch.einsum("bnd,hdk->bhkn", x, layer.V.double()), rtol=1e-12, atol=1e-12)
+
+
+def test_geometry_source_box_scales_the_window_back_to_source_pixels():
+    from qkhooks.data import Geometry
+
+    # resized 100 x 200 -> 50 x 80 (row scale 2, column scale 2.5); window 40 x 90 from row 5, column -4
+    box = Geometry(source_hw=(100, 200), resized_hw=(50, 80), top=5, left=-4, output_hw=(40, 90)).source_box()
+    assert box == pytest.approx((5 * 2, -4 * 2.5, (5 + 40) * 2, (-4 + 90) * 2.5))
