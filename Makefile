@@ -20,7 +20,7 @@ OLDEST_PINS ?= transformers==4.54.0 tokenizers==0.21.0 huggingface_hub==0.34.0 t
 # The model/loading/preprocessing part of the suite: what depends on transformers, timm and pillow.
 OLDEST_TESTS ?= tests/test_core.py tests/test_offline.py tests/test_inputs.py tests/test_data.py
 
-.PHONY: demo test test-oldest venv clean
+.PHONY: demo test test-oldest venv clean mutation
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -57,6 +57,13 @@ $(OLDEST)/.installed: Makefile $(VENV)/.test
 test-oldest: $(OLDEST)/.installed
 	PYTHONPATH=$(abspath $(OLDEST)) $(PY) -c "import transformers, timm, PIL; print('oldest:', transformers.__version__, timm.__version__, PIL.__version__)"
 	PYTHONPATH=$(abspath $(OLDEST)) $(PY) -m pytest -q $(OLDEST_TESTS) $(PYTEST_ARGS)
+
+# Mutation testing of the core (mutmut): each module's mutants against that module's tests only; a rerun
+# re-tests only what changed.  make mutation MODULES="spectrum projector"  (all: see tests/mutation.py)
+MODULES ?=
+MUTATION_CHILDREN ?= 2
+mutation: $(VENV)/.test
+	nice -n 15 $(PY) tests/mutation.py --children $(MUTATION_CHILDREN) $(MODULES)
 
 clean:
 	rm -rf $(VENV) $(OLDEST) $(DEMO_OUT) *.egg-info

@@ -15,6 +15,7 @@ each context removes only its own hooks, so contexts nest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 from typing import Any, Iterable, Literal, Protocol, Sequence
@@ -63,7 +64,8 @@ class LayerCapture:
 
 @dataclasses.dataclass
 class BatchCapture:
-    """One forward pass: the images' ids, the per-batch metadata you passed, and each layer's capture.
+    """One forward pass: the images' ids, the per-batch metadata you passed (with the model's
+    ``num_prefix_tokens`` and patch ``grid`` added where you gave none), and each layer's capture.
 
     ``offset`` is the running index of the batch's first image (images in earlier complete batches), so
     streaming statistics can name images by a global index.
@@ -332,6 +334,10 @@ class Recording:
             x = site.hidden_states(args, kwargs)
             if self._current is None:  # a submodule was called directly: still record
                 self._begin_batch(module, (), {})
+            if "num_prefix_tokens" not in self._current.meta:  # sinks cannot tell a 4x6 grid + CLS from a 5x5 grid
+                self._current.meta["num_prefix_tokens"] = site.num_prefix_tokens
+                with contextlib.suppress(QKHooksError):  # a grid of its own; else the sinks ask for one
+                    self._current.meta.setdefault("grid", site.grid_for(int(x.shape[1])))
             with torch.no_grad():
                 cap = LayerCapture(site.layer, int(x.shape[0]))
                 x_modes = self._residual.pop(site.layer, x) if self.input == "residual" else x

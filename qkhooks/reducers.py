@@ -9,9 +9,13 @@ file as plain numpy arrays.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+import torch
+
 from qkhooks.capture import BatchCapture
+from qkhooks.errors import QKHooksError
 
 __all__ = ["Reducer", "to_numpy_state"]
 
@@ -45,11 +49,45 @@ class Reducer:
         """Restore a state written by :meth:`state_dict`."""
         raise NotImplementedError
 
-    def _check_same_kind(self, other: "Reducer") -> None:
-        from qkhooks.errors import QKHooksError
+    def configuration(self) -> dict[str, Any]:
+        """The settings two reducers must share to merge: by default the constructor's arguments that the
+        reducer keeps under the same name as plain values (numbers, strings, dtypes, tuples of them).
 
+        None stands for "not known yet" (e.g. a prefix count read off the first batch) and matches anything.
+        Reducers whose configuration includes arrays compare those in their own ``merge``.
+        """
+        kept = [n for n in inspect.signature(type(self).__init__).parameters if hasattr(self, n)]
+        plain = {n: _plain(getattr(self, n)) for n in kept}
+        return {n: value for n, value in plain.items() if value is not _NOT_PLAIN}
+
+    def _check_same_kind(self, other: "Reducer") -> None:
+        """Refuse to merge a reducer of another kind or configuration: every ``merge`` starts with this check."""
         if type(other) is not type(self):
-            raise QKHooksError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}.")
+            raise QKHooksError(
+                f"cannot merge a {type(other).__name__} into a {type(self).__name__}; merge only reducers of one kind."
+            )
+        mine, theirs = self.configuration(), other.configuration()
+        differ = sorted(k for k in mine.keys() & theirs.keys()
+                        if None not in (mine[k], theirs[k]) and mine[k] != theirs[k])
+        if differ:
+            settings = ", ".join(f"{k}={theirs[k]!r} (here {mine[k]!r})" for k in differ)
+            raise QKHooksError(
+                f"cannot merge a {type(self).__name__} configured with {settings}; merge only parts recorded with "
+                "the same settings."
+            )
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` if it is a plain setting (compared by ==), lists as tuples; ``_NOT_PLAIN`` otherwise."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return value
+    if isinstance(value, (tuple, list)):
+        items = tuple(_plain(v) for v in value)
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
+    return _NOT_PLAIN
 
 
 def to_numpy_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -319,7 +319,7 @@ def record_dataset(
         if streamed:
             skipped = position.skipped
         else:
-            skipped = _skipped(at_open, dataset, ids[lo:hi], seen.ids, first_shard=lo == 0)
+            skipped = _skipped(at_open, dataset, ids[lo:hi], seen.ids, first_shard=lo == 0, start=lo)
         if writer is not None:
             _checkpoint(writer, checkpointed, run.images_seen)
             writer.write_skipped(skipped)
@@ -344,18 +344,26 @@ class _SeenIds:
 
 
 def _skipped(at_open: Sequence[tuple[str, str]], dataset: Any, wanted: Sequence[str], seen: set[str],
-             first_shard: bool) -> list[tuple[str, str]]:
+             first_shard: bool, start: int = 0) -> list[tuple[str, str]]:
     """Files left out when the dataset was opened (listed once, by the first shard) plus images that failed later.
 
     Late failures are found by their absence from the run rather than from ``dataset.skipped``, which
-    DataLoader worker processes cannot update.
+    DataLoader worker processes cannot update. A failure this process did not see (in a worker, or before a
+    resume) is decoded once more here for its reason, so the list does not depend on workers or interruptions.
     """
-    reasons = list(getattr(dataset, "skipped", [])[len(at_open):])
+    import warnings
 
-    def reason(id_: str) -> str:
-        return next((why for skipped_id, why in reasons if skipped_id == id_), "could not be decoded")
+    def known(id_: str) -> str | None:
+        return next((why for skipped_id, why in getattr(dataset, "skipped", [])[len(at_open):] if skipped_id == id_), None)
 
-    late = [(i, reason(i)) for i in wanted if i not in seen]
+    def reason(index: int, id_: str) -> str:
+        if known(id_) is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # warned about when it first failed
+                dataset[index]
+        return known(id_) or "could not be decoded"
+
+    late = [(i, reason(start + n, i)) for n, i in enumerate(wanted) if i not in seen]
     return (list(at_open) if first_shard else []) + late
 
 

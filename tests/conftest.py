@@ -1,4 +1,10 @@
-"""Tiny models of every supported family, built from configs (no downloads), shared by the tests."""
+"""Tiny models of every supported family, built from configs (no downloads), shared by the tests.
+
+Besides one square model per family, the list holds models built to expose asymmetry, so that a mix-up of
+two things that are equal in the usual fixtures fails a test: a 4 x 6 patch grid (rows != cols) for the timm
+and the HF families, a timm data config with mean != std (and no two channels alike), and an HF attention
+that calls its ``key`` Linear before its ``query`` Linear. Biases are non-zero everywhere.
+"""
 
 from __future__ import annotations
 
@@ -26,9 +32,16 @@ class Tiny:
 
     name: str
     build: Callable[[], torch.nn.Module]
-    image_size: int
+    image_size: int | tuple[int, int]  # an int is a square image; a pair is (height, width)
     prefix: int
     kind: str  # "timm" or "hf"
+    grid: tuple[int, int] = (4, 4)  # the patch grid (rows, cols) the model must report, written down by hand
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """Input (height, width) in pixels."""
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
     def model(self) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -43,7 +56,7 @@ class Tiny:
 
     def images(self, batch: int = 2, seed: int = 1) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(batch, 3, self.image_size, self.image_size, generator=g)
+        return torch.randn(batch, 3, *self.hw, generator=g)
 
 
 def _timm(name: str, **kw) -> Callable[[], torch.nn.Module]:
@@ -60,6 +73,43 @@ def _hf(model_cls: str, config_cls: str, **kw) -> Callable[[], torch.nn.Module]:
     return build
 
 
+# timm's data config for the non-square model: mean != std in every channel and no two channels alike, so a
+# swapped mean/std or a channel mix-up changes the pixels; squash mode is what timm can do for rows != cols.
+ASYMMETRIC_DATA_CONFIG = dict(
+    input_size=(3, 32, 48), mean=(0.1, 0.3, 0.6), std=(0.2, 0.45, 0.35), crop_mode="squash", crop_pct=0.9,
+    interpolation="bilinear",
+)
+
+
+class KeyFirstViTAttention(transformers.models.vit.modeling_vit.ViTAttention):
+    """HF ViT attention that calls ``k_proj`` before ``q_proj`` (the same numbers as its parent): capture must
+    take q and k by module, not by call order."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.vit.modeling_vit import eager_attention_forward
+
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        key_states = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        query_states = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attend(self, query_states, key_states, value_states, attention_mask,
+                              dropout=0.0, scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+def _key_first(build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+    def built():
+        model = build()
+        for module in model.modules():
+            if type(module) is transformers.models.vit.modeling_vit.ViTAttention:
+                module.__class__ = KeyFirstViTAttention
+        return model
+
+    return built
+
+
 TINY_MODELS = [
     Tiny("timm-vit", _timm("vit_tiny_patch16_224", img_size=32, patch_size=8), 32, 1, "timm"),
     Tiny("timm-deit-distilled", _timm("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8), 32, 2, "timm"),
@@ -71,7 +121,13 @@ TINY_MODELS = [
     Tiny("hf-dinov2-reg", _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", num_register_tokens=3), 32, 4, "hf"),
     Tiny("hf-clip", _hf("CLIPVisionModel", "CLIPVisionConfig"), 32, 1, "hf"),
     Tiny("hf-siglip", _hf("SiglipVisionModel", "SiglipVisionConfig"), 32, 0, "hf"),
+    # asymmetry: 4 x 6 patches; timm with mean != std; HF calling key before query
+    Tiny("timm-vit-4x6", _timm("vit_tiny_patch16_224", img_size=(32, 48), patch_size=8,
+                               pretrained_cfg_overlay=ASYMMETRIC_DATA_CONFIG), (32, 48), 1, "timm", (4, 6)),
+    Tiny("hf-vit-4x6-key-first", _key_first(_hf("ViTModel", "ViTConfig", qkv_bias=True, image_size=(32, 48))),
+         (32, 48), 1, "hf", (4, 6)),
 ]
+ASYMMETRIC = [t for t in TINY_MODELS if t.grid[0] != t.grid[1]]
 
 
 @pytest.fixture(params=TINY_MODELS, ids=lambda t: t.name)

@@ -67,7 +67,7 @@ def test_sites_describe_each_family(tiny: Tiny):
     for site in sites:
         assert site.num_heads == 4 and site.head_dim == 8 and site.dim == 32
         assert site.num_prefix_tokens == tiny.prefix
-        assert site.grid == (4, 4)
+        assert site.grid == tiny.grid  # (rows, cols), written down in the fixture
         assert math.isclose(site.scale, 8**-0.5)
         assert dict(model.named_modules())[site.path] is site.module
         w = site.weights()
@@ -172,7 +172,7 @@ def test_outputs_bit_identical_and_fused_attention_kept(tiny: Tiny):
         assert all(b.attn.fused_attn for b in model.blocks)
     else:
         assert model.config._attn_implementation == "sdpa"
-    assert run.query[0].shape == (2, 4, 4, (tiny.image_size // (tiny.image_size // 4)) ** 2 + tiny.prefix)
+    assert run.query[0].shape == (2, 4, 4, tiny.grid[0] * tiny.grid[1] + tiny.prefix)
 
 
 def test_attention_equals_eager(tiny: Tiny):

@@ -300,7 +300,8 @@ class TopKModes(Reducer):
         np_dtype = {torch.bfloat16: np.float32}.get(self.map_dtype, None)
         for name in ("score", "index", "query", "key"):
             if not layers:
-                out[name] = np.zeros((0,), dtype=np.int64 if name == "index" else np.float32)
+                stored = torch.int64 if name == "index" else torch.float32 if name == "score" or np_dtype else self.map_dtype
+                out[name] = torch.zeros(0, dtype=stored).numpy()  # an empty state still names its map dtype
                 continue
             stacked = torch.stack([self.layers[l][name].detach() for l in layers]).cpu()
             if name in ("query", "key") and np_dtype is not None:

@@ -1,0 +1,157 @@
+"""Mutation testing of the core, one module at a time, each against its own tests (``make mutation``).
+
+Each module gets a scratch copy of the project under ``.mutation/<module>/`` with a ``[mutmut]`` section that
+mutates that module only and selects that module's tests; mutmut then runs each mutant against the tests that
+execute the mutated function. The copies are kept, and files are copied only when their content changed, so a
+second run re-tests only the functions whose source changed (mutmut keys its cached verdicts by a hash of each
+function), plus the earlier survivors, since new tests may kill them.
+
+The score per module is ``killed / (mutants - equivalent)``, where a mutant no selected test executes counts
+as not killed, and equivalent mutants are listed with a one-line reason in ``tests/mutation_equivalent.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".mutation"
+EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
+
+# module -> (files to mutate, test files, -k expression or None). Keep the selection narrow: every mutant runs
+# the selected tests that execute the mutated function, so a wide selection multiplies the run time.
+MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
+    "spectrum": (["qkhooks/spectrum.py"], ["tests/test_core.py", "tests/test_mutation_kills.py"],
+                 "spectrum or cosine or augmented or remixing or sum_to_model"),
+    "projector": (["qkhooks/projector.py"], ["tests/test_core.py", "tests/test_mutation_kills.py"],
+                  "sum_to_model or qk_outputs or fall_back or augmented or residual or remixing"),
+    "attention": (["qkhooks/attention.py"], ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_mutation_kills.py"],
+                  "attention or rows or default_query or centre_patch"),
+    "capture": (["qkhooks/capture.py"], ["tests/test_core.py", "tests/test_asymmetry.py"], None),
+    "reducers": (["qkhooks/reducers.py"], ["tests/test_reducers.py", "tests/test_modes.py", "tests/test_distributed.py"],
+                 "merge or state or reducer or shards"),
+    "preprocess": (["qkhooks/data/preprocess.py"], ["tests/test_data.py", "tests/test_asymmetry.py"], None),
+    "models": (["qkhooks/models/*.py"], ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_offline.py"], None),
+    "store": (["qkhooks/store/*.py"], ["tests/test_store.py", "tests/test_distributed.py"], None),
+    "stream": (["qkhooks/stream.py"], ["tests/test_store.py", "tests/test_late_decode.py"], None),
+    "statistics": (
+        ["qkhooks/analysis/modes.py", "qkhooks/analysis/preference.py", "qkhooks/analysis/bfd*.py"],
+        ["tests/test_modes.py", "tests/test_preference.py", "tests/test_bfd.py", "tests/test_reducers.py"],
+        None,
+    ),
+}
+# Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
+# there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
+IN_A_SUBPROCESS = ("reachable_after_import or torchrun or killed or never_mistake or clear_open_flags or sigterm "
+                   "or headless_chromium")
+_COPIED = ("qkhooks", "tests", "setup.cfg", "setup.py")
+_KILLED, _SURVIVED, _NO_TESTS, _TIMEOUTS, _SKIPPED = {1, 3}, {0}, {5, 33}, {24, -24, 36, 152, 255}, {34}
+
+
+def _sync(src: Path, dst: Path) -> None:
+    """Mirror ``src`` into ``dst``, rewriting only files whose content changed (keeps mutmut's cache valid)."""
+    if src.is_file():
+        if not dst.exists() or not filecmp.cmp(src, dst, shallow=False):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        return
+    wanted = {p.name for p in src.iterdir() if p.name not in ("__pycache__", ".pytest_cache")}
+    dst.mkdir(parents=True, exist_ok=True)
+    for stale in (p for p in dst.iterdir() if p.name not in wanted and p.name != "__pycache__"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    for name in wanted:
+        _sync(src / name, dst / name)
+
+
+def _configure(work: Path, files: list[str], tests: list[str], select: str | None) -> None:
+    """The project's setup.cfg with ``[mutmut]`` narrowed to this module and its tests."""
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(ROOT / "setup.cfg")
+    if not cfg.has_section("mutmut"):
+        cfg.add_section("mutmut")
+    cfg.set("mutmut", "only_mutate", "\n" + "\n".join(files))
+    expression = f"not ({IN_A_SUBPROCESS})" if select is None else f"({select}) and not ({IN_A_SUBPROCESS})"
+    selection = [t for t in tests if (ROOT / t).exists()] + ["-k", expression]
+    cfg.set("mutmut", "pytest_add_cli_args_test_selection", "\n" + "\n".join(selection))
+    with open(work / "setup.cfg", "w") as f:
+        cfg.write(f)
+
+
+def equivalent_mutants() -> dict[str, str]:
+    """Mutant name -> the one-line reason it is equivalent (``tests/mutation_equivalent.txt``)."""
+    out: dict[str, str] = {}
+    if EQUIVALENT.exists():
+        for line in EQUIVALENT.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                name, _, reason = line.partition(" ")
+                out[name] = reason.strip()
+    return out
+
+
+def score(work: Path) -> dict[str, object]:
+    """Counts of one module's mutants by verdict, and the score with equivalent mutants excluded."""
+    codes: dict[str, int | None] = {}
+    for meta in (work / "mutants").rglob("*.meta"):
+        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    equivalent = equivalent_mutants()
+    counted = {name: code for name, code in codes.items() if name not in equivalent}
+    killed = sum(code in _KILLED or code in _TIMEOUTS for code in counted.values())
+    survivors = sorted(name for name, code in counted.items() if code in _SURVIVED or code in _NO_TESTS)
+    denominator = len(counted) - sum(code in _SKIPPED for code in counted.values())
+    return {
+        "mutants": len(codes),
+        "equivalent": len(codes) - len(counted),
+        "killed": killed,
+        "survived": survivors,
+        "not_run": sorted(name for name, code in counted.items() if code is None),
+        "score": killed / denominator if denominator else float("nan"),
+    }
+
+
+def run(module: str, children: int) -> dict[str, object]:
+    files, tests, select = MODULES[module]
+    work = WORK / module
+    for name in _COPIED:
+        _sync(ROOT / name, work / name)
+    _configure(work, files, tests, select)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # import the mutants, not this checkout
+    mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)]
+    earlier = score(work)["survived"] if (work / "mutants").exists() else []
+    subprocess.run(mutmut, cwd=work, env=env, check=False)  # new and changed functions' mutants
+    if earlier:  # mutmut keeps a survivor's verdict; the tests may have changed since, so try them again
+        subprocess.run(mutmut + list(earlier), cwd=work, env=env, check=False)
+    return score(work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", default=list(MODULES), help=f"any of {', '.join(MODULES)}")
+    parser.add_argument("--children", type=int, default=2, help="mutants tested in parallel")
+    parser.add_argument("--score-only", action="store_true", help="report the last run's verdicts, run nothing")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
+    print(f"# mutation run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    for module in args.modules:
+        result = score(WORK / module) if args.score_only else run(module, args.children)
+        print(f"{module}: {result['killed']}/{result['mutants'] - result['equivalent']} killed "
+              f"({100 * result['score']:.1f}%), {result['equivalent']} equivalent excluded")
+        for name in result["survived"]:
+            print(f"  survived: {name}")
+        if result["not_run"]:
+            print(f"  not run yet: {len(result['not_run'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Tests written to kill mutants that survived the rest of the suite (see tests/MUTATION.md), each against an
+independent reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qkhooks
+from conftest import TINY_MODELS
+
+_WITH_BIASES = [t for t in TINY_MODELS if t.name in ("timm-vit", "hf-vit-4x6-key-first")]
+
+
+@pytest.mark.parametrize("tiny", _WITH_BIASES, ids=lambda t: t.name)
+def test_augmented_spectrum_and_cosines_match_a_dense_svd_of_the_augmented_form(tiny):
+    """[W_q | b_q]^T [W_k | b_k] formed densely in numpy: its singular values, and the cosine of the token part
+    (first d coordinates) of each pair of singular vectors, which is what ``cos`` reports for ``augmented``."""
+    model = tiny.model()
+    spec = qkhooks.spectrum(model, augmented=True)
+    for site in qkhooks.sites(model):
+        w = site.weights()
+        w_q = np.concatenate([w.w_q.double().numpy(), w.b_q.double().numpy()[..., None]], axis=-1)  # (H, dk, d+1)
+        w_k = np.concatenate([w.w_k.double().numpy(), w.b_k.double().numpy()[..., None]], axis=-1)
+        layer = spec[site.layer]
+        assert layer.augmented and layer.dim == site.dim and layer.U.shape[1] == site.dim + 1
+        for h in range(site.num_heads):
+            u, s, vt = np.linalg.svd(w_q[h].T @ w_k[h])
+            k = site.head_dim
+            np.testing.assert_allclose(layer.S[h].numpy(), s[:k], rtol=1e-5, atol=1e-6 * s[0])
+            tu, tv = u[: site.dim, :k], vt[:k, : site.dim].T  # token part; the last coordinate multiplies 1
+            cos = (tu * tv).sum(0) / (np.linalg.norm(tu, axis=0) * np.linalg.norm(tv, axis=0))
+            np.testing.assert_allclose(layer.cos[h].numpy(), cos, atol=1e-5)
+            weights = s[:k] / s[:k].sum()
+            assert float(layer.cosine_weighted[h]) == pytest.approx(float((weights * cos).sum()), abs=1e-5)
+
+
+def test_spectrum_summaries_agree_with_numpy():
+    """table(), to_dict(), top(), bilinear(), lookup and layer selection, each against the arrays themselves."""
+    from qkhooks.spectrum import head_weighted_cosines, random_cosine_band
+
+    model = TINY_MODELS[0].model()
+    spec = qkhooks.spectrum(model, name="tiny")
+    assert len(spec) == 2 and [s.layer for s in spec] == [0, 1] and spec.dim == 32
+    band = 1.96 / np.sqrt(32)
+    assert spec.random_baseline_cos95 == pytest.approx(band) and random_cosine_band(32, z=1.0) == pytest.approx(32**-0.5)
+    lines = spec.table().splitlines()
+    assert lines[0] == f"QK spectrum of tiny: d=32, random 95% cosine band +-{band:.3f}"
+    assert lines[1].split() == ["layer", "heads", "modes", "sigma_max", "cos_w", "cos>band", "cos<-band"]
+    js = spec.to_dict()
+    assert js["model"] == "tiny" and js["dim"] == 32 and js["augmented"] is False
+    for row, layer, entry in zip(lines[2:], spec, js["layers"]):
+        s, cos = layer.S.double().numpy(), layer.cos.double().numpy()
+        weighted = (s / s.sum(1, keepdims=True) * cos).sum(1)
+        np.testing.assert_allclose(head_weighted_cosines(s, cos), weighted, rtol=1e-12)
+        expected = [layer.layer, 4, 8, f"{s.max():.3f}", f"{weighted.mean():.3f}", f"{(cos > band).mean():.2f}",
+                    f"{(cos < -band).mean():.2f}"]
+        assert row.split() == [str(e) for e in expected]
+        assert entry["layer"] == layer.layer and entry["cosine_weighted"] == pytest.approx(weighted.mean(), abs=1e-6)
+        for h, head in enumerate(entry["heads"]):
+            assert head["head"] == h
+            np.testing.assert_allclose(head["singular_values"], s[h], rtol=1e-6)
+            np.testing.assert_allclose(head["cosine"], cos[h], atol=1e-6)
+    # a head without any weight has zero weighted cosine, not NaN
+    assert head_weighted_cosines(np.zeros((1, 3)), np.ones((1, 3))).tolist() == [0.0]
+    # the dense form of all modes is W_q^T W_k; the leading k modes are the first k columns
+    w = qkhooks.sites(model)[0].weights()
+    dense = (w.w_q.double().transpose(1, 2) @ w.w_k.double()).float()
+    torch.testing.assert_close(spec[0].bilinear(), dense, atol=1e-5, rtol=1e-4)
+    top = spec.top(3)
+    assert top.model == "tiny" and len(top) == 2
+    assert top[1].S.shape == (4, 3) and torch.equal(top[1].U, spec[1].U[..., :3]) and torch.equal(top[1].V, spec[1].V[..., :3])
+    assert spec[0].top(None) is spec[0] and spec[0].top(8) is spec[0]
+    with pytest.raises(qkhooks.QKHooksError, match="modes must be >= 1"):
+        spec[0].top(0)
+    with pytest.raises(qkhooks.QKHooksError, match=r"layer 5 is not in this spectrum; it has layers \[0, 1\]"):
+        spec[5]
+    only = qkhooks.spectrum(model, layers="1")
+    assert [s.layer for s in only] == [1] and torch.equal(only[1].S, spec[1].S)
+    assert only.model == type(model).__name__
+    from_sites = qkhooks.spectrum(qkhooks.sites(model), layers=[0])
+    assert [s.layer for s in from_sites] == [0] and torch.equal(from_sites[0].U, spec[0].U)
+
+
+def test_attention_specs_parse_and_refuse_clearly():
+    from qkhooks.attention import AttentionSpec, parse_attention
+
+    assert parse_attention(None) == [] and parse_attention("none") == []
+    assert parse_attention("rows+full:1,3") == [AttentionSpec("rows"), AttentionSpec("full", (1, 3))]
+    assert parse_attention(AttentionSpec("pooled")) == [AttentionSpec("pooled")]
+    assert parse_attention(["rows", AttentionSpec("full", (0,))]) == [AttentionSpec("rows"), AttentionSpec("full", (0,))]
+    assert AttentionSpec("rows").covers(7) and AttentionSpec("full", (1, 3)).covers(3)
+    assert not AttentionSpec("full", (1, 3)).covers(2)
+    with pytest.raises(qkhooks.QKHooksError, match="attention kinds repeat"):
+        parse_attention("rows+rows")
+    with pytest.raises(qkhooks.QKHooksError, match=r"unknown attention kind 'maps'; use one of rows, pooled, full"):
+        parse_attention("maps:1")
+    with pytest.raises(qkhooks.QKHooksError, match="attention kind 'maps' is unknown"):
+        AttentionSpec("maps")  # type: ignore[arg-type]
+
+
+def _eager_and_tokens(tiny):
+    from conftest import eager_attention
+
+    model, images = tiny.model(), tiny.images()
+    got: dict[int, torch.Tensor] = {}
+    sites = qkhooks.sites(model)
+    handles = [s.module.register_forward_pre_hook(
+        lambda m, a, kw, layer=s.layer: got.__setitem__(layer, (a[0] if a else kw["hidden_states"]).detach()),
+        with_kwargs=True) for s in sites]
+    try:
+        eager = eager_attention(tiny, model, images)
+    finally:
+        for h in handles:
+            h.remove()
+    return sites, got, eager
+
+
+def test_attention_helpers_against_the_models_eager_attention():
+    """rows for 1-D and per-image tokens, both code paths, pooling of patch-grid and all-token masks, refusals."""
+    from qkhooks.attention import attention_full, attention_rows, pool_rows
+
+    tiny = next(t for t in TINY_MODELS if t.name == "timm-vit-4x6")
+    sites, x, eager = _eager_and_tokens(tiny)
+    site, ref = sites[1], eager[1]
+    torch.testing.assert_close(attention_full(site, x[1]), ref, atol=1e-5, rtol=1e-4)
+    shared = torch.tensor([0, 15])  # 1-D: the same tokens for every image
+    torch.testing.assert_close(attention_rows(site, x[1], shared), ref[:, :, [0, 15]], atol=1e-5, rtol=1e-4)
+    many = torch.arange(8).repeat(2, 1)  # heads x tokens >= d: the path that computes the keys
+    torch.testing.assert_close(attention_rows(site, x[1], many), ref[:, :, :8], atol=1e-5, rtol=1e-4)
+    with pytest.raises(qkhooks.QKHooksError, match="query_tokens has 3 rows for a batch of 2 images"):
+        attention_rows(site, x[1], torch.zeros(3, 1, dtype=torch.long))
+    for bad in (25, -1):
+        with pytest.raises(qkhooks.QKHooksError, match=r"query_tokens must index tokens 0\.\.24"):
+            attention_rows(site, x[1], torch.tensor([[0, bad], [0, 1]]))
+    rows = ref[:, :, [0, 15]]
+    grid_masks = torch.rand(2, 3, 4, 6)  # (B, M, rows, cols) on the patch grid; prefix tokens get no mass
+    expected = torch.einsum("bhtn,bmn->bhtm", rows[..., 1:], grid_masks.flatten(2))
+    torch.testing.assert_close(pool_rows(rows, grid_masks, 1), expected)
+    all_tokens = torch.rand(2, 3, 25)
+    torch.testing.assert_close(pool_rows(rows, all_tokens, 1), torch.einsum("bhtn,bmn->bhtm", rows, all_tokens))
+    with pytest.raises(qkhooks.QKHooksError, match=r"pool_masks must be \(batch, masks, tokens\) with 25 tokens or 24"):
+        pool_rows(rows, torch.rand(2, 3, 23), 1)
+    with pytest.raises(qkhooks.QKHooksError, match="for a batch of 2"):
+        pool_rows(rows, torch.rand(1, 3, 25), 1)
+
+
+def test_a_model_without_prefix_tokens_gets_its_centre_patch_twice():
+    from qkhooks.attention import default_query_tokens
+
+    tiny = next(t for t in TINY_MODELS if t.prefix == 0)  # SigLIP: 4 x 4 patches, no CLS
+    site = qkhooks.sites(tiny.model())[0]
+    assert default_query_tokens(site, 16).tolist() == [[10, 10]]  # row 2, column 2 of a 4 x 4 grid
+
+
+def test_default_query_tokens_are_integer_indices_on_odd_grids_too():
+    from qkhooks.attention import default_query_tokens
+
+    site = qkhooks.sites(next(t for t in TINY_MODELS if t.prefix == 0).model())[0]
+    tokens = default_query_tokens(site, 9)  # not the native 4 x 4: a 3 x 3 square, centre at row 1, column 1
+    assert tokens.dtype == torch.long and tokens.tolist() == [[4, 4]]
+
+
+def test_mode_projector_follows_the_dtype_of_its_input():
+    """Its cached weights are per (device, dtype): a float64 call after a float32 one stays float64 and exact."""
+    from qkhooks.projector import ModeProjector
+
+    model = TINY_MODELS[0].model()
+    layer = qkhooks.spectrum(model)[0]
+    projector = ModeProjector(layer)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    projector(x.float())
+    query, key = projector(x)
+    assert query.dtype == key.dtype == torch.float64
+    torch.testing.assert_close(query, torch.einsum("bnd,hdk->bhkn", x, layer.U.double()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(key, torch.einsum("bnd,hdk->bhkn", x, layer.V.double()), rtol=1e-12, atol=1e-12)
+
+
+def test_geometry_source_box_scales_the_window_back_to_source_pixels():
+    from qkhooks.data import Geometry
+
+    # resized 100 x 200 -> 50 x 80 (row scale 2, column scale 2.5); window 40 x 90 from row 5, column -4
+    box = Geometry(source_hw=(100, 200), resized_hw=(50, 80), top=5, left=-4, output_hw=(40, 90)).source_box()
+    assert box == pytest.approx((5 * 2, -4 * 2.5, (5 + 40) * 2, (-4 + 90) * 2.5))
