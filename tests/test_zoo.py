@@ -1,0 +1,246 @@
+"""The zoo check of one model: recorded exactly, or refused with a QKHooksError that names the module.
+
+Ground truth is the model's own: its output without hooks, its eager attention weights (timm's non-fused
+path read at ``attn_drop``, HF's ``output_attentions`` under ``attn_implementation="eager"``), and its eager
+logits (log attention, up to a constant per row) for the modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+import qkhooks
+from qkhooks import QKHooksError
+
+
+@dataclasses.dataclass
+class Outcome:
+    """``exact`` (every check passed), ``refused`` (a QKHooksError naming a module) or ``unbuildable``."""
+
+    status: str
+    detail: str = ""
+    families: tuple[str, ...] = ()
+    layers: int = 0
+
+
+def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter perturbed, so zero-initialised biases, position tables and scales are really tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+            p.add_(noise * (0.2 if bool((p == 0).all()) else 0.02))
+    return model.eval()
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None:
+        return out.last_hidden_state
+    values = out.values() if isinstance(out, dict) else (out.to_tuple() if hasattr(out, "to_tuple") else out)
+    return next(v for v in values if isinstance(v, torch.Tensor))
+
+
+def _call(model: nn.Module, inputs: dict[str, Any], **extra: Any) -> Any:
+    with torch.no_grad():
+        return model(**inputs, **extra)
+
+
+def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str) -> list[torch.Tensor]:
+    """The model's own attention weights per recorded site, from its non-fused path."""
+    if kind == "timm":
+        maps: dict[int, torch.Tensor] = {}
+        fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+        handles = []
+        for i, site in enumerate(sites):
+            handles.append(site.module.attn_drop.register_forward_hook(
+                lambda m, a, o, i=i: maps.__setitem__(i, o.detach().clone())))
+        try:
+            for m, _ in fused:
+                m.fused_attn = False
+            _call(model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, value in fused:
+                m.fused_attn = value
+        return [maps[i] for i in range(len(sites)) if i in maps]
+    # HF attention modules return (output, weights) on the eager path: read each site's own weights
+    seen: dict[int, torch.Tensor] = {}
+    handles = [site.module.register_forward_hook(
+        lambda m, a, o, i=i: seen.__setitem__(i, o[1].detach()) if isinstance(o, tuple) and len(o) > 1
+        and isinstance(o[1], torch.Tensor) else None) for i, site in enumerate(sites)]
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        _call(model, inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation(before)
+        for h in handles:
+            h.remove()
+    return [seen[i] for i in range(len(sites)) if i in seen]
+
+
+def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
+    """Record ``model`` (perturbed already) on ``inputs`` and compare everything with the model's own."""
+    try:
+        sites = qkhooks.sites(model)
+    except QKHooksError as err:
+        return _refused(err)
+    fired: list[int] = []  # layer indices must be the order the forward runs the sites
+    handles = [s.module.register_forward_pre_hook(lambda m, a, s=s: fired.append(s.layer)) for s in sites]
+    try:
+        ref = _first_tensor(_call(model, inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    assert fired == list(range(len(sites))), f"layer indices {fired} are not the forward order"
+    eager = eager_maps(model, sites, inputs, kind)
+    try:
+        with qkhooks.record(model, modes="all", augmented=True, attention="full") as run:
+            out = _first_tensor(_call(model, inputs))
+    except QKHooksError as err:
+        return _refused(err)
+    families = tuple(sorted({s.family for s in sites}))
+    assert torch.equal(out, ref), "output changed under record()"
+    assert [s.layer for s in run.sites] == list(range(len(sites)))
+    assert len(eager) == len(sites), f"{len(sites)} sites but the model returns {len(eager)} attention maps"
+    full = run.attention_maps("full")
+    for site, want in zip(run.sites, eager):
+        got = full[site.layer]
+        assert got.shape == want.shape, f"{site.path}: maps {tuple(got.shape)}, model {tuple(want.shape)}"
+        err = float((got - want).abs().max())
+        assert err < 1e-5, f"{site.path}: rebuilt maps differ from the model's eager attention by {err:.2e}"
+        # modes (augmented: biases folded in) rebuild the logits; the model's own are log A up to a row constant
+        logits = torch.einsum("bhkn,hk,bhkm->bhnm", run.query[site.layer], run.spectrum[site.layer].S,
+                              run.key[site.layer]) * site.scale
+        own = want.double().clamp_min(1e-30).log()
+        diff = (logits.double() - logits.double()[..., :1]) - (own - own[..., :1])
+        keep = want[..., :1].double() > 1e-12
+        scale = float((own - own[..., :1]).abs().max()) + 1.0
+        assert float(diff.abs().where(keep, 0).max()) < 1e-4 * scale, f"{site.path}: modes do not rebuild the logits"
+    return Outcome("exact", f"{len(sites)} layers", families, len(sites))
+
+
+def _refused(err: QKHooksError) -> Outcome:
+    msg = str(err)
+    names_module = "unsupported attention in '" in msg or "Attention-like modules it saw" in msg
+    assert names_module, f"a refusal must name the module and the reason, got: {msg}"
+    return Outcome("refused", msg)
+
+
+def build_or_none(build: Callable[[], nn.Module]) -> nn.Module | None:
+    torch.manual_seed(0)
+    try:
+        return build()
+    except Exception:  # noqa: BLE001 - a model the zoo cannot build small is listed as such, not a qkhooks result
+        return None
+
+
+# ------------------------------------------------------------------------------------------ the cases
+SMALL_VIT = dict(embed_dim=32, depth=2, num_heads=4, img_size=32, patch_size=8)
+HF_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+
+
+def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    import timm
+
+    return lambda: timm.create_model(name, pretrained=False, **kw)
+
+
+def _hf(model_cls: str, config_cls: str, **kw: Any) -> Callable[[], nn.Module]:
+    import transformers
+
+    def build() -> nn.Module:
+        config = getattr(transformers, config_cls)(**kw)
+        cls = getattr(transformers, model_cls)
+        if getattr(cls, "_supports_sdpa", False):  # fused, as users run it; the eager path is the reference
+            return cls._from_config(config, attn_implementation="sdpa")
+        return cls._from_config(config)
+
+    return build
+
+
+def _images(size: int | tuple[int, int], batch: int = 2) -> torch.Tensor:
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
+
+
+@dataclasses.dataclass
+class Case:
+    """One zoo model: how to build it small, its inputs, and what qkhooks must do with it."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], dict[str, Any]]
+    kind: str
+    expect: str  # "exact", or the words the refusal must contain
+    refused_module: str = ""  # a module path the refusal must name
+
+
+def _timm_case(name: str, expect: str, size: int = 32, module: str = "", **kw: Any) -> Case:
+    return Case(name, _timm(name, **kw), lambda: {"x": _images(size)}, "timm", expect, module)
+
+
+def _hf_case(label: str, model_cls: str, config_cls: str, expect: str, size: int = 32, module: str = "",
+             inputs: Callable[[], dict[str, Any]] | None = None, **kw: Any) -> Case:
+    return Case(label, _hf(model_cls, config_cls, **kw), inputs or (lambda: {"pixel_values": _images(size)}), "hf", expect, module)
+
+
+def _siglip2_padded() -> dict[str, Any]:
+    """A NaFlex batch of two images, the second padded: 4x4 patches vs 2x4 patches plus 8 padding."""
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(2, 16, 3 * 8 * 8, generator=g)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 8:] = 0
+    return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([[4, 4], [2, 4]])}
+
+
+FAST_CASES = [
+    _timm_case("vit_tiny_patch16_224", "exact", **SMALL_VIT),
+    _timm_case("pit_ti_224", "exact", size=64, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8)),
+    _timm_case("vit_small_patch16_18x2_224", "exact", **SMALL_VIT),
+    _timm_case("eva_giant_patch14_224", "exact", size=28, embed_dim=32, depth=2, num_heads=4, img_size=28, patch_size=7),
+    _timm_case("vit_pwee_patch16_reg1_gap_256", "ParallelScalingBlock", module="blocks.0", **SMALL_VIT),
+    _timm_case("eva02_tiny_patch14_224", "rotary", size=28, depth=1, img_size=28, patch_size=7),
+    _hf_case("BeitModel-shared-bias", "BeitModel", "BeitConfig", "attention_mask", module="layers.0.attention",
+             use_shared_relative_position_bias=True, **HF_SMALL),
+    _hf_case("BeitModel-layer-bias", "BeitModel", "BeitConfig", "relative-position bias",
+             use_relative_position_bias=True, **HF_SMALL),
+    _hf_case("PvtV2Model", "PvtV2Model", "PvtV2Config", "spatially reduced", size=64, module="spatial_reduction",
+             hidden_sizes=[8, 8, 8, 8], num_attention_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1]),
+    _hf_case("MobileViTModel", "MobileViTModel", "MobileViTConfig", "patch-area sequences", size=64,
+             module="attention", hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], image_size=64),
+    _hf_case("GroupViTVisionModel", "GroupViTVisionModel", "GroupViTVisionConfig", "exact", hidden_size=32,
+             num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, depths=[1, 1, 1],
+             num_group_tokens=[4, 2, 0], num_output_groups=[4, 2, 2]),
+    _hf_case("Siglip2VisionModel-padded", "Siglip2VisionModel", "Siglip2VisionConfig", "attention_mask",
+             module="self_attn", inputs=_siglip2_padded, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=64, patch_size=8, num_patches=16),
+    _hf_case("VitDetModel", "VitDetModel", "VitDetConfig", "exact", hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, mlp_ratio=2, image_size=32, pretrain_image_size=32, patch_size=8),
+    _hf_case("BlipVisionModel", "BlipVisionModel", "BlipVisionConfig", "exact", **HF_SMALL),
+    _hf_case("Blip2VisionModel", "Blip2VisionModel", "Blip2VisionConfig", "exact", **HF_SMALL),
+]
+
+
+def _run_case(case: Case) -> Outcome:
+    torch.manual_seed(0)
+    model = case.build()
+    return check(perturb(model), case.inputs(), case.kind)
+
+
+@pytest.mark.parametrize("case", FAST_CASES, ids=lambda c: c.name)
+def test_zoo_fast_subset_exact_or_refused_naming_the_module(case: Case):
+    outcome = _run_case(case)
+    if case.expect == "exact":
+        assert outcome.status == "exact", outcome.detail
+    else:
+        assert outcome.status == "refused" and case.expect in outcome.detail, outcome.detail
+        assert case.refused_module in outcome.detail
