@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-all venv clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,7 +34,11 @@ demo: $(VENV)/.demo
 	$(VENV)/bin/qkhooks demo --out $(DEMO_OUT)
 	@echo "open $(DEMO_OUT)/index.html"
 
+# test: the fast suite; test-all (CI): everything, including the tests marked slow (the whole model zoo)
 test: $(VENV)/.test
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(VENV)/.test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -125,13 +125,13 @@ def attention_rows(site: AttentionSite, x: torch.Tensor, query_tokens: torch.Ten
     idx = query_tokens.to(x.device).long()
     x_q = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
     if site.num_heads * idx.shape[1] < x.shape[-1]:  # few query tokens: never compute the keys
-        return torch.softmax(_row_logits(site, x_q, x).float(), dim=-1)
-    return torch.softmax(_logits(site, x_q, x).float(), dim=-1)
+        return torch.softmax(site.add_logit_bias(_row_logits(site, x_q, x).float(), idx), dim=-1)
+    return torch.softmax(site.add_logit_bias(_logits(site, x_q, x).float(), idx), dim=-1)
 
 
 def attention_full(site: AttentionSite, x: torch.Tensor) -> torch.Tensor:
     """All post-softmax maps (B, H, N, N)."""
-    return torch.softmax(_logits(site, x, x).float(), dim=-1)
+    return torch.softmax(site.add_logit_bias(_logits(site, x, x).float()), dim=-1)
 
 
 def pool_rows(rows: torch.Tensor, masks: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:

@@ -120,9 +120,10 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         # modes (augmented: biases folded in) rebuild the logits; the model's own are log A up to a row constant
         logits = torch.einsum("bhkn,hk,bhkm->bhnm", run.query[site.layer], run.spectrum[site.layer].S,
                               run.key[site.layer]) * site.scale
+        logits = site.add_logit_bias(logits)  # the model's own additive term (relative table, mask), if any
         own = want.double().clamp_min(1e-30).log()
         diff = (logits.double() - logits.double()[..., :1]) - (own - own[..., :1])
-        keep = want[..., :1].double() > 1e-12
+        keep = (want.double() > 1e-12) & (want[..., :1].double() > 1e-12)  # masked keys carry no logit
         scale = float((own - own[..., :1]).abs().max()) + 1.0
         assert float(diff.abs().where(keep, 0).max()) < 1e-4 * scale, f"{site.path}: modes do not rebuild the logits"
     return Outcome("exact", f"{len(sites)} layers", families, len(sites))
@@ -209,10 +210,9 @@ FAST_CASES = [
     _timm_case("eva_giant_patch14_224", "exact", size=28, embed_dim=32, depth=2, num_heads=4, img_size=28, patch_size=7),
     _timm_case("vit_pwee_patch16_reg1_gap_256", "ParallelScalingBlock", module="blocks.0", **SMALL_VIT),
     _timm_case("eva02_tiny_patch14_224", "rotary", size=28, depth=1, img_size=28, patch_size=7),
-    _hf_case("BeitModel-shared-bias", "BeitModel", "BeitConfig", "attention_mask", module="layers.0.attention",
-             use_shared_relative_position_bias=True, **HF_SMALL),
-    _hf_case("BeitModel-layer-bias", "BeitModel", "BeitConfig", "relative-position bias",
-             use_relative_position_bias=True, **HF_SMALL),
+    _hf_case("BeitModel-shared-bias", "BeitModel", "BeitConfig", "exact", use_shared_relative_position_bias=True,
+             **HF_SMALL),
+    _hf_case("BeitModel-layer-bias", "BeitModel", "BeitConfig", "exact", use_relative_position_bias=True, **HF_SMALL),
     _hf_case("PvtV2Model", "PvtV2Model", "PvtV2Config", "spatially reduced", size=64, module="spatial_reduction",
              hidden_sizes=[8, 8, 8, 8], num_attention_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1]),
     _hf_case("MobileViTModel", "MobileViTModel", "MobileViTConfig", "patch-area sequences", size=64,
@@ -220,8 +220,7 @@ FAST_CASES = [
     _hf_case("GroupViTVisionModel", "GroupViTVisionModel", "GroupViTVisionConfig", "exact", hidden_size=32,
              num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, depths=[1, 1, 1],
              num_group_tokens=[4, 2, 0], num_output_groups=[4, 2, 2]),
-    _hf_case("Siglip2VisionModel-padded", "Siglip2VisionModel", "Siglip2VisionConfig", "attention_mask",
-             module="self_attn", inputs=_siglip2_padded, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    _hf_case("Siglip2VisionModel-padded", "Siglip2VisionModel", "Siglip2VisionConfig", "exact", inputs=_siglip2_padded, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=64, patch_size=8, num_patches=16),
     _hf_case("VitDetModel", "VitDetModel", "VitDetConfig", "exact", hidden_size=32, num_hidden_layers=2,
              num_attention_heads=4, mlp_ratio=2, image_size=32, pretrain_image_size=32, patch_size=8),
@@ -244,3 +243,140 @@ def test_zoo_fast_subset_exact_or_refused_naming_the_module(case: Case):
     else:
         assert outcome.status == "refused" and case.expect in outcome.detail, outcome.detail
         assert case.refused_module in outcome.detail
+
+
+# ------------------------------------------------------------------------------------------ the whole zoo
+ZOO_MAX_PARAMS = 120_000_000  # a form only found in larger models is listed as not built, not guessed
+
+
+def _timm_forms() -> dict[tuple, tuple[int, str]]:
+    """One timm entry point per distinct attention form: (module, model class, attention/block/q-norm classes)
+    of every registered model, built on the meta device (no memory, no weights), smallest first."""
+    import timm
+
+    forms: dict[tuple, tuple[int, str]] = {}
+    for name in timm.list_models():
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False)
+        except Exception:  # noqa: BLE001 - an entry point that does not build by default is not a form
+            continue
+        parts = set()
+        rope = any("rope" in n.lower() or "rotary" in n.lower() for n, _ in model.named_modules())
+        for mod_name, module in model.named_modules():
+            cls = type(module).__name__
+            if "attn" in cls.lower() or "attention" in cls.lower() or hasattr(module, "qkv"):
+                parent = type(model.get_submodule(mod_name.rpartition(".")[0])).__name__ if "." in mod_name else ""
+                norm = type(getattr(module, "q_norm", None)).__name__
+                parts.add((cls, parent, norm, rope))
+        if not parts:
+            continue  # no attention at all (CNNs): nothing for qkhooks to record
+        key = (type(model).__module__, type(model).__name__, tuple(sorted(parts)))
+        size = sum(p.numel() for p in model.parameters())
+        if key not in forms or size < forms[key][0]:
+            forms[key] = (size, name)
+    return forms
+
+
+def _hf_vision_classes() -> list[str]:
+    """Every vision model class transformers maps: image backbones, vision towers, universal segmentation."""
+    from transformers.models.auto import modeling_auto as auto
+
+    names = set(auto.MODEL_FOR_IMAGE_MAPPING_NAMES.values())
+    names |= {v for v in auto.MODEL_MAPPING_NAMES.values() if isinstance(v, str) and v.endswith("VisionModel")}
+    names |= {v for v in getattr(auto, "MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES", {}).values() if isinstance(v, str)}
+    return sorted(names)
+
+
+def _hf_small(cls_name: str) -> tuple[Callable[[], nn.Module], Callable[[], dict[str, Any]]]:
+    import transformers
+
+    cls = getattr(transformers, cls_name)
+    default = cls.config_class()
+    shrink = {k: v for k, v in dict(HF_SMALL, num_channels=3).items() if isinstance(getattr(default, k, None), int)}
+    if isinstance(getattr(default, "hidden_size", None), int) and isinstance(getattr(default, "head_dim", None), int):
+        shrink["head_dim"] = 8
+    config = cls.config_class(**shrink)
+    size = getattr(config, "image_size", 32)
+    size = size if isinstance(size, int) else int(size[0])
+
+    def build() -> nn.Module:
+        if getattr(cls, "_supports_sdpa", False):
+            return cls._from_config(config, attn_implementation="sdpa")
+        return cls._from_config(config)
+
+    return build, lambda: {"pixel_values": _images(size, batch=1)}
+
+
+def _timm_small(name: str) -> tuple[Callable[[], nn.Module], Callable[[], dict[str, Any]]]:
+    import timm
+
+    def build() -> nn.Module:
+        return timm.create_model(name, pretrained=False)
+
+    def inputs() -> dict[str, Any]:
+        size = timm.get_pretrained_cfg(name).input_size if timm.get_pretrained_cfg(name) else (3, 224, 224)
+        return {"x": _images(tuple(size[1:]), batch=1)}
+
+    return build, inputs
+
+
+def run_zoo() -> list[dict[str, Any]]:
+    """Every form of the installed timm and transformers, checked; one row per model (README's table)."""
+    rows = []
+    cases = [(name, "timm", *_timm_small(name), size) for size, name in sorted(_timm_forms().values(), key=lambda v: v[1])]
+    for cls_name in _hf_vision_classes():
+        try:
+            cases.append((cls_name, "hf", *_hf_small(cls_name), 0))
+        except Exception:  # noqa: BLE001
+            rows.append(dict(model=cls_name, kind="hf", status="unbuildable", detail="config does not build"))
+    for name, kind, build, inputs, size in cases:
+        row = dict(model=name, kind=kind)
+        if size > ZOO_MAX_PARAMS:
+            rows.append(dict(row, status="unbuildable", detail=f"smallest model of its form has {size / 1e6:.0f}M parameters"))
+            continue
+        torch.manual_seed(0)
+        try:
+            model = perturb(build())
+            args = inputs()
+            _call(model, args)
+        except Exception as err:  # noqa: BLE001 - the model does not run on a plain image batch: not qkhooks'
+            rows.append(dict(row, status="unbuildable", detail=f"{type(err).__name__}: {str(err)[:120]}"))
+            continue
+        try:
+            outcome = check(model, args, kind)
+            rows.append(dict(row, status=outcome.status, detail=outcome.detail.splitlines()[0][:300],
+                             families=list(outcome.families), layers=outcome.layers))
+        except AssertionError as err:
+            rows.append(dict(row, status="MISMATCH", detail=str(err).splitlines()[0][:300]))
+        except Exception as err:  # noqa: BLE001
+            rows.append(dict(row, status="CRASH", detail=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"))
+        del model
+    return rows
+
+
+@pytest.mark.slow
+def test_whole_zoo_exact_or_refused_never_a_crash_or_a_silent_mismatch(tmp_path):
+    import json
+    import os
+
+    rows = run_zoo()
+    out = os.environ.get("QKHOOKS_ZOO_RESULTS")
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if r["status"] in ("MISMATCH", "CRASH")]
+    assert not bad, "\n".join(f"{r['model']}: {r['status']}: {r['detail']}" for r in bad)
+    assert sum(r["status"] == "exact" for r in rows) >= 10
+
+
+def test_a_mask_handed_to_an_attention_the_adapter_does_not_model_it_for_is_refused_naming_it():
+    import timm
+
+    model = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, **SMALL_VIT))
+    x = torch.randn(2, 17, 32)
+    mask = torch.zeros(2, 1, 17, 17)
+    with qkhooks.record(model, modes=4, attention="full"), torch.no_grad():
+        model.blocks[0](x)  # no mask: recorded
+        with pytest.raises(QKHooksError, match=r"'blocks.0.attn'.*'attn_mask' \(a \(2, 1, 17, 17\) tensor\)"):
+            model.blocks[0](x, attn_mask=mask)

@@ -50,6 +50,9 @@ class AttentionSite:
         input_name: keyword under which the module receives the hidden states when passed by keyword.
         qk_linear: returns (W (2·H·d_k, d), b (2·H·d_k) or None): the rows of the model's own parameters
             that produce q then k, read live so that weight edits are seen.
+        bias_input: keyword under which the model hands the module an additive term it adds to the scaled
+            logits before the softmax (HF ``attention_mask``: padding and segmentation masks, BEiT/Data2Vec
+            relative-position tables). Rebuilt maps add the very tensor the model passed (:meth:`add_logit_bias`).
         token_layout: ``"tokens"`` (B, N, d) or ``"grid"``: the module takes (B, h, w, d) patch grids (VitDet),
             read row by row as N = h·w tokens.
         stage: dotted path of the container the block sits in (``blocks``, ``transformers.1.blocks``,
@@ -78,6 +81,8 @@ class AttentionSite:
     qk_modules: tuple[nn.Module, ...] = ()
     stage: str = ""
     token_layout: str = "tokens"
+    bias_input: str | None = None
+    _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (
@@ -131,7 +136,9 @@ class AttentionSite:
         """Refuse a call that hands the attention anything besides the tokens (a mask, a position bias, rotary
         tables, a causal flag): the maps rebuilt from q and k alone would silently differ from the model's."""
         extra = [(f"argument {i}", v) for i, v in enumerate(args[1:], 1)]
-        extra += [(repr(k), v) for k, v in kwargs.items() if k != self.input_name]
+        extra += [(repr(k), v) for k, v in kwargs.items() if k not in (self.input_name, self.bias_input)]
+        if self.bias_input is not None:
+            self._call_bias = _additive(kwargs.get(self.bias_input))
         for label, value in extra:
             if _carries_tensor(value) or (label in ("'is_causal'", "'causal'") and value is True):
                 raise QKHooksError(
@@ -141,6 +148,24 @@ class AttentionSite:
                     "Record a model or input without it, or teach the adapter that term (see README, "
                     "'Supported models')."
                 )
+
+    def logit_bias(self) -> torch.Tensor | None:
+        """The additive term (B or 1, H or 1, N, N) the model added to this layer's logits in the call being
+        recorded (None: none): a position-only table, a mask, or both."""
+        return self._call_bias
+
+    def add_logit_bias(self, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled logits (B, H, T, N) plus the model's own additive term, rows picked by ``query_tokens`` (B, T)
+        when given (all N rows otherwise)."""
+        bias = self._call_bias
+        if bias is None:
+            return logits
+        bias = bias[..., : logits.shape[-1]].to(logits.device, logits.dtype)
+        if query_tokens is not None:
+            bias = bias.expand(logits.shape[0], -1, -1, -1)
+            index = query_tokens.to(bias.device).long()[:, None, :, None]
+            bias = torch.gather(bias, 2, index.expand(-1, bias.shape[1], -1, bias.shape[-1]))
+        return logits + bias
 
     def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid of an input image of the given size."""
@@ -175,6 +200,15 @@ def _carries_tensor(value: Any) -> bool:
     if isinstance(value, (tuple, list)):
         return any(_carries_tensor(v) for v in value)
     return False
+
+
+def _additive(mask: Any) -> torch.Tensor | None:
+    """An attention mask as the additive term the eager path adds: float as is, boolean True = attend."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask.detach()
 
 
 def _describe(value: Any) -> str:

@@ -173,6 +173,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 qk_modules=() if grid_layout else qk,  # its q/k outputs are grids too: project the tokens
                 stage=match["block"].rpartition(".")[0],
                 token_layout="grid" if grid_layout else "tokens",
+                bias_input=None if grid_layout else "attention_mask",
             )
         )
     refuse_uncovered(model, sites)

@@ -19,10 +19,11 @@ from qkhooks.errors import QKHooksError
 if TYPE_CHECKING:
     from qkhooks.models.base import AttentionSite
 
+_RELATIVE_BIAS = ("relative_position_bias", "relpos", "rel_pos")
 _REASONS = (
     (("rope", "rotary"), "rotary position embeddings make the query-key form depend on the relative position"),
     (("window", "swin"), "windowed attention splits the tokens into windows with their own masks and shifts"),
-    (("relative_position_bias", "relpos", "rel_pos"), "a relative-position bias adds a position-only term to the logits"),
+    (_RELATIVE_BIAS, "a relative-position bias adds a position-only term to the logits"),
     (("spatial_reduction", ".sr", "sr_ratio"), "keys and values come from spatially reduced tokens, not the queries' tokens"),
 )
 _QK_CHILDREN = ("qkv", "q_proj", "k_proj", "query", "key", "q", "k", "in_proj", "to_qkv", "qk")
@@ -43,6 +44,9 @@ def _has_qk_norm(module: nn.Module) -> bool:
 
 def diagnose(model: nn.Module) -> None:
     """Raise :class:`QKHooksError` naming the first module whose attention breaks the bilinear form."""
+    # transformers hands relative-position tables to the attention as its attention_mask, which the sites add
+    # back exactly (AttentionSite.bias_input); elsewhere a table is an unmodelled term
+    hf = type(model).__module__.startswith("transformers.")
     for name, module in model.named_modules():
         if _has_qk_norm(module):
             raise QKHooksError(
@@ -51,6 +55,8 @@ def diagnose(model: nn.Module) -> None:
             )
         label = f"{name} {type(module).__name__}".lower()
         for keys, reason in _REASONS:
+            if hf and keys is _RELATIVE_BIAS:
+                continue
             if any(key in label for key in keys) and _owns_parameters_or_attention(module):
                 raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason}.")
 
