@@ -91,6 +91,7 @@ def _logits(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.
     k = torch.nn.functional.linear(x_k, w[rows:], None if b is None else b[rows:])
     q = q.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2)
     k = k.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2)
+    q, k = site.rotate_qk(q, k)  # RoPE models: the model's own rotation (x_q is x then)
     return (q @ k.transpose(-1, -2)) * site.scale
 
 
@@ -123,6 +124,10 @@ def attention_rows(site: AttentionSite, x: torch.Tensor, query_tokens: torch.Ten
     if query_tokens.numel() and (int(query_tokens.max()) >= n or int(query_tokens.min()) < 0):
         raise QKHooksError(f"query_tokens must index tokens 0..{n - 1} (prefix tokens first), got {query_tokens.tolist()}.")
     idx = query_tokens.to(x.device).long()
+    if site.rotates():  # a rotation depends on the token's position: rotate every token, then pick the rows
+        logits = _logits(site, x, x)
+        logits = torch.gather(logits, 2, idx[:, None, :, None].expand(-1, logits.shape[1], -1, logits.shape[-1]))
+        return torch.softmax(site.add_logit_bias(logits.float(), idx), dim=-1)
     x_q = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
     if site.num_heads * idx.shape[1] < x.shape[-1]:  # few query tokens: never compute the keys
         return torch.softmax(site.add_logit_bias(_row_logits(site, x_q, x).float(), idx), dim=-1)

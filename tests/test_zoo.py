@@ -94,7 +94,17 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
     except QKHooksError as err:
         return _refused(err)
     fired: list[int] = []  # layer indices must be the order the forward runs the sites
-    handles = [s.module.register_forward_pre_hook(lambda m, a, s=s: fired.append(s.layer)) for s in sites]
+    inputs_seen: dict[int, torch.Tensor] = {}
+
+    def seen(site: Any):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            fired.append(site.layer)
+            x = args[0] if args else kwargs[site.input_name]
+            inputs_seen[site.layer] = x.flatten(1, -2) if x.dim() == 4 else x
+
+        return hook
+
+    handles = [s.module.register_forward_pre_hook(seen(s), with_kwargs=True) for s in sites]
     try:
         ref = _first_tensor(_call(model, inputs))
     finally:
@@ -112,7 +122,7 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
     assert [s.layer for s in run.sites] == list(range(len(sites)))
     assert len(eager) == len(sites), f"{len(sites)} sites but the model returns {len(eager)} attention maps"
     full = run.attention_maps("full")
-    for site, want in zip(run.sites, eager):
+    for live, site, want in zip(sites, run.sites, eager):  # run.sites are released copies after the context
         got = full[site.layer]
         assert got.shape == want.shape, f"{site.path}: maps {tuple(got.shape)}, model {tuple(want.shape)}"
         err = float((got - want).abs().max())
@@ -121,12 +131,36 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         logits = torch.einsum("bhkn,hk,bhkm->bhnm", run.query[site.layer], run.spectrum[site.layer].S,
                               run.key[site.layer]) * site.scale
         logits = site.add_logit_bias(logits)  # the model's own additive term (relative table, mask), if any
+        if site.rotates():  # RoPE: the modes are the content form, compared with the unrotated q·k
+            ref = _own_content_logits(live.module, inputs_seen[site.layer], site.num_heads) * site.scale
+            err = float((logits - ref).abs().max() / ref.abs().max())
+            assert err < 1e-4, f"{site.path}: modes do not rebuild the unrotated content logits ({err:.1e})"
+            continue
         own = want.double().clamp_min(1e-30).log()
         diff = (logits.double() - logits.double()[..., :1]) - (own - own[..., :1])
         keep = (want.double() > 1e-12) & (want[..., :1].double() > 1e-12)  # masked keys carry no logit
         scale = float((own - own[..., :1]).abs().max()) + 1.0
         assert float(diff.abs().where(keep, 0).max()) < 1e-4 * scale, f"{site.path}: modes do not rebuild the logits"
     return Outcome("exact", f"{len(sites)} layers", families, len(sites))
+
+
+def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """q·k (B, H, N, N) before any rotation, from the module's own q/k parameters, written out here."""
+    if getattr(module, "qkv", None) is not None:
+        w, b = module.qkv.weight, module.qkv.bias
+        if getattr(module, "q_bias", None) is not None:
+            b = torch.cat([module.q_bias, module.k_bias, module.v_bias])
+        rows = w.shape[0] // 3
+        w_q, w_k = w[:rows], w[rows: 2 * rows]
+        b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: 2 * rows])
+    else:
+        q_lin = getattr(module, "q_proj", None) or module.query
+        k_lin = getattr(module, "k_proj", None) or module.key
+        w_q, w_k, b_q, b_k = q_lin.weight, k_lin.weight, q_lin.bias, k_lin.bias
+    with torch.no_grad():
+        q = torch.nn.functional.linear(x, w_q, b_q).unflatten(-1, (heads, -1)).transpose(1, 2)
+        k = torch.nn.functional.linear(x, w_k, b_k).unflatten(-1, (heads, -1)).transpose(1, 2)
+        return q @ k.transpose(-1, -2)
 
 
 def _refused(err: QKHooksError) -> Outcome:
@@ -209,7 +243,12 @@ FAST_CASES = [
     _timm_case("vit_small_patch16_18x2_224", "exact", **SMALL_VIT),
     _timm_case("eva_giant_patch14_224", "exact", size=28, embed_dim=32, depth=2, num_heads=4, img_size=28, patch_size=7),
     _timm_case("vit_pwee_patch16_reg1_gap_256", "ParallelScalingBlock", module="blocks.0", **SMALL_VIT),
-    _timm_case("eva02_tiny_patch14_224", "rotary", size=28, depth=1, img_size=28, patch_size=7),
+    _timm_case("eva02_tiny_patch14_224", "exact", size=28, depth=2, img_size=28, patch_size=7),
+    _timm_case("vit_small_patch16_dinov3", "exact", embed_dim=32, depth=2, num_heads=4, img_size=32),
+    _timm_case("vit_base_patch16_rope_reg1_gap_256", "exact", **SMALL_VIT),
+    _timm_case("vit_small_patch16_224", "q/k normalisation", qk_norm=True, **SMALL_VIT),
+    _hf_case("DINOv3ViTModel", "DINOv3ViTModel", "DINOv3ViTConfig", "exact", hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, num_register_tokens=2),
     _hf_case("BeitModel-shared-bias", "BeitModel", "BeitConfig", "exact", use_shared_relative_position_bias=True,
              **HF_SMALL),
     _hf_case("BeitModel-layer-bias", "BeitModel", "BeitConfig", "exact", use_relative_position_bias=True, **HF_SMALL),

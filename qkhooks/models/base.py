@@ -53,6 +53,10 @@ class AttentionSite:
         bias_input: keyword under which the model hands the module an additive term it adds to the scaled
             logits before the softmax (HF ``attention_mask``: padding and segmentation masks, BEiT/Data2Vec
             relative-position tables). Rebuilt maps add the very tensor the model passed (:meth:`add_logit_bias`).
+        rope_input, rope_apply: keyword under which the model hands the module its rotary tables, and the
+            model's own function ``(q, k, tables) -> (q, k)`` that rotates (B, H, N, d_k) q and k with them
+            (prefix tokens unrotated, as the model does). Rebuilt maps use the rotated q, k; modes stay those
+            of the content form W_q^T W_k (the zero-offset term).
         token_layout: ``"tokens"`` (B, N, d) or ``"grid"``: the module takes (B, h, w, d) patch grids (VitDet),
             read row by row as N = h·w tokens.
         stage: dotted path of the container the block sits in (``blocks``, ``transformers.1.blocks``,
@@ -82,7 +86,10 @@ class AttentionSite:
     stage: str = ""
     token_layout: str = "tokens"
     bias_input: str | None = None
+    rope_input: str | None = None
+    rope_apply: Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]] | None = None
     _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    _call_rope: Any = dataclasses.field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (
@@ -136,9 +143,11 @@ class AttentionSite:
         """Refuse a call that hands the attention anything besides the tokens (a mask, a position bias, rotary
         tables, a causal flag): the maps rebuilt from q and k alone would silently differ from the model's."""
         extra = [(f"argument {i}", v) for i, v in enumerate(args[1:], 1)]
-        extra += [(repr(k), v) for k, v in kwargs.items() if k not in (self.input_name, self.bias_input)]
+        extra += [(repr(k), v) for k, v in kwargs.items() if k not in (self.input_name, self.bias_input, self.rope_input)]
         if self.bias_input is not None:
             self._call_bias = _additive(kwargs.get(self.bias_input))
+        if self.rope_input is not None:
+            self._call_rope = kwargs.get(self.rope_input)
         for label, value in extra:
             if _carries_tensor(value) or (label in ("'is_causal'", "'causal'") and value is True):
                 raise QKHooksError(
@@ -148,6 +157,16 @@ class AttentionSite:
                     "Record a model or input without it, or teach the adapter that term (see README, "
                     "'Supported models')."
                 )
+
+    def rotates(self) -> bool:
+        """Whether the call being recorded rotates q and k (RoPE tables were handed to the module)."""
+        return self._call_rope is not None
+
+    def rotate_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (B, H, N, d_k) rotated as the model rotates them in the call being recorded (as is without RoPE)."""
+        if self._call_rope is None or self.rope_apply is None:
+            return q, k
+        return self.rope_apply(q, k, self._call_rope)
 
     def logit_bias(self) -> torch.Tensor | None:
         """The additive term (B or 1, H or 1, N, N) the model added to this layer's logits in the call being

@@ -28,6 +28,8 @@ _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
 # Children an attention module may own besides its q/k/v projections without changing the logits.
 _HARMLESS_CHILDREN = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv", "dropout", "attn_dropout",
                       "attention_dropout", "out_proj", "o_proj", "proj", "projection", "dense", "output"}
+# Attention classes handed (cos, sin) as position_embeddings -> their module's rotation function.
+_ROPE_FUNCTIONS = {"DINOv3ViTAttention": "apply_rotary_pos_emb"}
 # Attention classes whose token layout qkhooks does not model although their logits are plain.
 _FOLDED_TOKENS = {
     "MobileViTSelfAttention": "MobileViT unfolds every image into patch-area sequences (batch x pixels-in-patch), "
@@ -174,10 +176,29 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 stage=match["block"].rpartition(".")[0],
                 token_layout="grid" if grid_layout else "tokens",
                 bias_input=None if grid_layout else "attention_mask",
+                rope_input="position_embeddings" if type(module).__name__ in _ROPE_FUNCTIONS else None,
+                rope_apply=_rope_reader(module),
             )
         )
     refuse_uncovered(model, sites)
     return sites
+
+
+def _rope_reader(module: nn.Module):
+    """The model's own rotation for attention classes whose rotary convention qkhooks has checked (the zoo
+    test compares the maps with the model's eager attention); other rotary models are refused at run time."""
+    name = _ROPE_FUNCTIONS.get(type(module).__name__)
+    if name is None:
+        return None
+    import sys
+
+    apply = getattr(sys.modules[type(module).__module__], name)
+
+    def rotate(q: torch.Tensor, k: torch.Tensor, tables):
+        cos, sin = tables
+        return apply(q, k, cos, sin)
+
+    return rotate
 
 
 def _pair_reader(q: nn.Linear, k: nn.Linear):

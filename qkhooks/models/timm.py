@@ -1,5 +1,6 @@
 """Adapter for timm models whose attention is plain softmax(scale · q·k): ViT and its variants (DeiT incl.
-distilled, DINO, CLIP, DINOv2 incl. registers, parallel blocks), PiT's pooled stages, and EVA without RoPE.
+distilled, DINO, CLIP, DINOv2 incl. registers, parallel blocks), PiT's pooled stages, and EVA / EVA-02 /
+DINOv3 / ``vit_*_rope_*`` (``EvaAttention``: maps from the model's own rotated q, k; modes of the content form).
 
 The hooked module receives exactly the tokens entering W_q/W_k (after the block's norm). An attention module
 is taken only when its class's own ``forward`` is one qkhooks models (``timm.layers.Attention``,
@@ -65,6 +66,19 @@ def _qk_reader(attn: nn.Module, kind: str) -> tuple[Callable[[], tuple[torch.Ten
     return separate, (q, k)
 
 
+def _eva_rotation(attn: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """EvaAttention's own rotation: timm's ``apply_rot_embed_cat`` on the patch tokens, prefix tokens as they are."""
+    from timm.layers import apply_rot_embed_cat
+
+    def rotate(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        npt, half = int(attn.num_prefix_tokens), bool(getattr(attn, "rotate_half", False))
+        return tuple(  # type: ignore[return-value]
+            torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], dim=2).type_as(t) for t in (q, k)
+        )
+
+    return rotate
+
+
 def _geometry(model: nn.Module) -> tuple[int, tuple[int, int] | None, tuple[int, int] | None]:
     """(prefix tokens, native patch grid, patch size) of the token sequence entering the first stage."""
     num_prefix = getattr(model, "num_prefix_tokens", None)
@@ -127,6 +141,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 patch_size=patch if site_grid == grid else None,
                 qk_modules=qk_modules,
                 stage=stage,
+                rope_input="rope" if kind == "EvaAttention" else None,
+                rope_apply=_eva_rotation(attn) if kind == "EvaAttention" else None,
             )
         )
     refuse_uncovered(model, sites)

@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     from qkhooks.models.base import AttentionSite
 
 _RELATIVE_BIAS = ("relative_position_bias", "relpos", "rel_pos")
+_ROTARY = ("rope", "rotary")
+_ROPE_MODELLED = ("EvaAttention", "DINOv3ViTAttention")
 _REASONS = (
-    (("rope", "rotary"), "rotary position embeddings make the query-key form depend on the relative position"),
+    (_ROTARY, "rotary position embeddings make the query-key form depend on the relative position"),
     (("window", "swin"), "windowed attention splits the tokens into windows with their own masks and shifts"),
     (_RELATIVE_BIAS, "a relative-position bias adds a position-only term to the logits"),
     (("spatial_reduction", ".sr", "sr_ratio"), "keys and values come from spatially reduced tokens, not the queries' tokens"),
@@ -47,6 +49,8 @@ def diagnose(model: nn.Module) -> None:
     # transformers hands relative-position tables to the attention as its attention_mask, which the sites add
     # back exactly (AttentionSite.bias_input); elsewhere a table is an unmodelled term
     hf = type(model).__module__.startswith("transformers.")
+    # attention classes whose rotary tables the adapters take from the call (AttentionSite.rope_input)
+    rope_modelled = any(type(m).__name__ in _ROPE_MODELLED for m in model.modules())
     for name, module in model.named_modules():
         if _has_qk_norm(module):
             raise QKHooksError(
@@ -55,7 +59,7 @@ def diagnose(model: nn.Module) -> None:
             )
         label = f"{name} {type(module).__name__}".lower()
         for keys, reason in _REASONS:
-            if hf and keys is _RELATIVE_BIAS:
+            if (hf and keys is _RELATIVE_BIAS) or (rope_modelled and keys is _ROTARY):
                 continue
             if any(key in label for key in keys) and _owns_parameters_or_attention(module):
                 raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason}.")
