@@ -419,3 +419,64 @@ def test_a_mask_handed_to_an_attention_the_adapter_does_not_model_it_for_is_refu
         model.blocks[0](x)  # no mask: recorded
         with pytest.raises(QKHooksError, match=r"'blocks.0.attn'.*'attn_mask' \(a \(2, 1, 17, 17\) tensor\)"):
             model.blocks[0](x, attn_mask=mask)
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("vit_small_patch16_dinov3", "DINOv3ViTModel",
+                                                                        "eva02_tiny_patch14_224")], ids=lambda c: c.name)
+def test_rope_band_forms_rebuild_the_models_rotated_logits(case: Case):
+    """Σ_f cos Δφ_f · x̃_i^T W_q^T P_f W_k x̃_j + sin Δφ_f · x̃_i^T W_q^T J_f W_k x̃_j (one band per pair, biases folded in
+    through x̃ = [x; 1]) equals the model's own rotated logits, read off its eager attention (log A per row)."""
+    from qkhooks.models.rope import rope_angles, rope_bands, rope_pairs
+
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    sites = qkhooks.sites(model)
+    seen: dict[int, tuple] = {}
+    handles = [s.module.register_forward_pre_hook(
+        lambda m, a, kw, s=s: seen.__setitem__(s.layer, (a[0] if a else kw[s.input_name], kw[s.rope_input])),
+        with_kwargs=True) for s in sites]
+    try:
+        _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    eager = eager_maps(model, sites, inputs, case.kind)
+    for site, want in zip(sites, eager):
+        x, tables = seen[site.layer]
+        x1 = torch.cat([x, torch.ones_like(x[..., :1])], -1).double()
+        pairs = len(rope_pairs(site)[0])
+        phi = rope_angles(site, tables, x.shape[1])
+        logits = 0
+        for band in rope_bands(site, tables, pairs, augmented=True):
+            (f,) = band.pairs
+            delta = phi[None, :, f] - phi[:, None, f]  # Δφ[i, j] = φ(j) − φ(i)
+            for trig, u, s, v in ((torch.cos, band.cos_U, band.cos_S, band.cos_V), (torch.sin, band.sin_U, band.sin_S, band.sin_V)):
+                form = torch.einsum("bnd,hdr,hr,bme,her->bhnm", x1, u, s, x1, v)
+                logits = logits + trig(delta) * form
+        logits = logits * site.scale
+        own = want.double().log()
+        diff = (logits - logits[..., :1]) - (own - own[..., :1])
+        assert float(diff.abs().max()) < 1e-5 * (1 + float(own.abs().max())), f"{site.path}: {float(diff.abs().max()):.2e}"
+        # the cos forms of any grouping sum to the content form W_q^T W_k (the zero-offset term)
+        w = site.weights()
+        dense = w.w_q.double().transpose(1, 2) @ w.w_k.double()
+        summed = sum(torch.einsum("hdr,hr,her->hde", b.cos_U, b.cos_S, b.cos_V) for b in rope_bands(site, tables, 4))
+        assert float((summed - dense).abs().max() / dense.abs().max()) < 1e-10
+
+
+def test_spectrum_cli_adds_rope_bands_per_layer(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "s.json"
+    subprocess.run([sys.executable, "-m", "qkhooks", "spectrum", "timm:vit_small_patch16_dinov3", "--random-init",
+                    "--rope-bands", "4", "--json", str(out), "--layers", "0,11"], check=True, capture_output=True)
+    layers = json.loads(out.read_text())["layers"]
+    assert [l["layer"] for l in layers] == [0, 11]
+    for layer in layers:
+        bands = layer["rope_bands"]
+        assert len(bands) == 4 and sorted(p for b in bands for p in b["pairs"]) == list(range(32))  # d_k 64: 32 pairs
+        assert [b["frequency"][1] for b in bands] == sorted((b["frequency"][1] for b in bands), reverse=True)
+        assert abs(sum(b["cos"]["energy"] + b["sin"]["energy"] for b in bands) - 1) < 1e-9
+        assert all(len(b["cos"]["cosine_weighted"]) == 6 for b in bands)

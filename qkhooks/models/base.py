@@ -56,7 +56,8 @@ class AttentionSite:
         rope_input, rope_apply: keyword under which the model hands the module its rotary tables, and the
             model's own function ``(q, k, tables) -> (q, k)`` that rotates (B, H, N, d_k) q and k with them
             (prefix tokens unrotated, as the model does). Rebuilt maps use the rotated q, k; modes stay those
-            of the content form W_q^T W_k (the zero-offset term).
+            of the content form W_q^T W_k (the zero-offset term). ``rope_layout``: how dimensions pair up,
+            ``"interleaved"`` (0,1), (2,3)... or ``"half"`` (i, i + d_k/2); see :mod:`qkhooks.models.rope`.
         token_layout: ``"tokens"`` (B, N, d) or ``"grid"``: the module takes (B, h, w, d) patch grids (VitDet),
             read row by row as N = h·w tokens.
         stage: dotted path of the container the block sits in (``blocks``, ``transformers.1.blocks``,
@@ -88,6 +89,7 @@ class AttentionSite:
     bias_input: str | None = None
     rope_input: str | None = None
     rope_apply: Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]] | None = None
+    rope_layout: str = "interleaved"
     _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _call_rope: Any = dataclasses.field(default=None, repr=False)
 

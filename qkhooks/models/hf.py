@@ -178,6 +178,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 bias_input=None if grid_layout else "attention_mask",
                 rope_input="position_embeddings" if type(module).__name__ in _ROPE_FUNCTIONS else None,
                 rope_apply=_rope_reader(module),
+                rope_layout="half",  # rotate_half: pairs (i, i + d_k/2)
             )
         )
     refuse_uncovered(model, sites)

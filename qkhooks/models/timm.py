@@ -143,6 +143,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 stage=stage,
                 rope_input="rope" if kind == "EvaAttention" else None,
                 rope_apply=_eva_rotation(attn) if kind == "EvaAttention" else None,
+                rope_layout="half" if getattr(attn, "rotate_half", False) else "interleaved",
             )
         )
     refuse_uncovered(model, sites)
