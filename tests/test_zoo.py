@@ -26,6 +26,7 @@ class Outcome:
     detail: str = ""
     families: tuple[str, ...] = ()
     layers: int = 0
+    form: str = ""
 
 
 def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -141,7 +142,21 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         keep = (want.double() > 1e-12) & (want[..., :1].double() > 1e-12)  # masked keys carry no logit
         scale = float((own - own[..., :1]).abs().max()) + 1.0
         assert float(diff.abs().where(keep, 0).max()) < 1e-4 * scale, f"{site.path}: modes do not rebuild the logits"
-    return Outcome("exact", f"{len(sites)} layers", families, len(sites))
+    return Outcome("exact", f"{len(sites)} layers", families, len(sites), _form(run.sites))
+
+
+def _form(sites: list) -> str:
+    """The attention form of a recorded model, as the README table names it."""
+    parts = []
+    if len({s.stage for s in sites}) > 1:
+        parts.append("stages")
+    if any(s.rotates() for s in sites):
+        parts.append("RoPE")
+    if any(s.logit_bias() is not None for s in sites):
+        parts.append("additive bias/mask")
+    if any(s.token_layout == "grid" for s in sites):
+        parts.append("grid tokens")
+    return ", ".join(parts) or "plain"
 
 
 def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -264,6 +279,11 @@ FAST_CASES = [
     _hf_case("VitDetModel", "VitDetModel", "VitDetConfig", "exact", hidden_size=32, num_hidden_layers=2,
              num_attention_heads=4, mlp_ratio=2, image_size=32, pretrain_image_size=32, patch_size=8),
     _hf_case("BlipVisionModel", "BlipVisionModel", "BlipVisionConfig", "exact", **HF_SMALL),
+    _hf_case("InstructBlipVisionModel", "InstructBlipVisionModel", "InstructBlipVisionConfig", "exact", **HF_SMALL),
+    _hf_case("Data2VecVisionModel", "Data2VecVisionModel", "Data2VecVisionConfig", "relative_position_bias",
+             module="encoder.layer.0.attention.attention", use_relative_position_bias=True, **HF_SMALL),
+    _hf_case("EomtForUniversalSegmentation", "EomtForUniversalSegmentation", "EomtConfig", "exact",
+             num_queries=5, num_blocks=1, **HF_SMALL),
     _hf_case("Blip2VisionModel", "Blip2VisionModel", "Blip2VisionConfig", "exact", **HF_SMALL),
 ]
 
@@ -385,7 +405,7 @@ def run_zoo() -> list[dict[str, Any]]:
         try:
             outcome = check(model, args, kind)
             rows.append(dict(row, status=outcome.status, detail=outcome.detail.splitlines()[0][:300],
-                             families=list(outcome.families), layers=outcome.layers))
+                             families=list(outcome.families), layers=outcome.layers, form=outcome.form))
         except AssertionError as err:
             rows.append(dict(row, status="MISMATCH", detail=str(err).splitlines()[0][:300]))
         except Exception as err:  # noqa: BLE001
@@ -480,3 +500,35 @@ def test_spectrum_cli_adds_rope_bands_per_layer(tmp_path):
         assert [b["frequency"][1] for b in bands] == sorted((b["frequency"][1] for b in bands), reverse=True)
         assert abs(sum(b["cos"]["energy"] + b["sin"]["energy"] for b in bands) - 1) < 1e-9
         assert all(len(b["cos"]["cosine_weighted"]) == 6 for b in bands)
+
+
+# ------------------------------------------------------------------------------ README "Supported models"
+def _reason(detail: str) -> str:
+    """The reason part of a refusal: what follows the module's name."""
+    text = detail.split("): ", 1)[-1] if "): " in detail else detail
+    return text.split(". ")[0].split("; ")[0].replace("|", "/")[:160]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """README's table: one line per model the zoo checked."""
+    lines = ["| model | library | result | form / reason |", "|---|---|---|---|"]
+    order = {"exact": 0, "refused": 1, "unbuildable": 2}
+    for r in sorted(rows, key=lambda r: (order.get(r["status"], 3), r["kind"], r["model"])):
+        what = r.get("form", "") if r["status"] == "exact" else _reason(r["detail"])
+        lines.append(f"| `{r['model']}` | {r['kind']} | {r['status']} | {what} |")
+    return "\n".join(lines)
+
+
+def fast_rows() -> list[dict[str, Any]]:
+    rows = []
+    for case in FAST_CASES:
+        outcome = _run_case(case)
+        rows.append(dict(model=case.name, kind=case.kind, status=outcome.status, detail=outcome.detail, form=outcome.form))
+    return rows
+
+
+if __name__ == "__main__":  # python tests/test_zoo.py [results.json]: the README table (fast subset if no file)
+    import json
+    import sys
+
+    print(markdown_table(json.load(open(sys.argv[1])) if len(sys.argv) > 1 else fast_rows()))
