@@ -532,3 +532,17 @@ if __name__ == "__main__":  # python tests/test_zoo.py [results.json]: the READM
     import sys
 
     print(markdown_table(json.load(open(sys.argv[1])) if len(sys.argv) > 1 else fast_rows()))
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("BeitModel-shared-bias", "Siglip2VisionModel-padded",
+                                                                        "vit_small_patch16_dinov3")], ids=lambda c: c.name)
+def test_rows_of_biased_masked_and_rotated_attention_are_the_full_maps_rows(case: Case):
+    """Rows take the same additive term and rotation as the full maps (which the zoo checks against eager)."""
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    tokens = torch.tensor([[0, 5], [3, 8]])
+    with qkhooks.record(model, modes=None, attention=["rows", "full"]) as run, torch.no_grad():
+        run(**inputs, meta={"query_tokens": tokens})
+    for layer, full in run.attention_maps("full").items():
+        want = torch.stack([full[b][:, tokens[b]] for b in range(2)])
+        assert torch.allclose(run.attention_maps("rows")[layer], want, atol=1e-6)

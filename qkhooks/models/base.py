@@ -51,7 +51,7 @@ class AttentionSite:
         qk_linear: returns (W (2·H·d_k, d), b (2·H·d_k) or None): the rows of the model's own parameters
             that produce q then k, read live so that weight edits are seen.
         bias_input: keyword under which the model hands the module an additive term it adds to the scaled
-            logits before the softmax (HF ``attention_mask``: padding and segmentation masks, BEiT/Data2Vec
+            logits before the softmax (HF ``attention_mask``: padding and segmentation masks, BEiT
             relative-position tables). Rebuilt maps add the very tensor the model passed (:meth:`add_logit_bias`).
         rope_input, rope_apply: keyword under which the model hands the module its rotary tables, and the
             model's own function ``(q, k, tables) -> (q, k)`` that rotates (B, H, N, d_k) q and k with them
