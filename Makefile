@@ -20,7 +20,7 @@ OLDEST_PINS ?= transformers==4.54.0 tokenizers==0.21.0 huggingface_hub==0.34.0 t
 # The model/loading/preprocessing part of the suite: what depends on transformers, timm and pillow.
 OLDEST_TESTS ?= tests/test_core.py tests/test_offline.py tests/test_inputs.py tests/test_data.py
 
-.PHONY: demo test test-oldest venv clean mutation
+.PHONY: demo test test-slow test-oldest venv clean mutation
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,8 +45,12 @@ demo: $(VENV)/.demo
 	$(VENV)/bin/qkhooks demo --out $(DEMO_OUT)
 	@echo "open $(DEMO_OUT)/index.html"
 
+# test: the fast suite; test-slow (CI runs both): the tests marked slow (the whole model zoo, long kill tests)
 test: $(VENV)/.test
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.test
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 $(OLDEST)/.installed: Makefile $(VENV)/.test
 	rm -rf $(OLDEST)

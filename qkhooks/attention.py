@@ -90,24 +90,29 @@ def split_heads(site: AttentionSite, t: torch.Tensor) -> torch.Tensor:
     return t.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2)
 
 
-def _softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over keys in float32, as HF's eager path does (a no-op cast for float32 models)."""
-    return torch.softmax(logits.float(), dim=-1)
+def _softmax(site: AttentionSite, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over keys in float32, as HF's eager path does (a no-op cast for float32 models), after the model's
+    own additive term (position bias, mask) for the rows of ``query_tokens`` (all rows when None)."""
+    return torch.softmax(site.add_logit_bias(logits.float(), query_tokens), dim=-1)
 
 
 def full_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """All post-softmax maps (B, H, N, N) from q, k (B, H, N, d_k), biases included, as the model computed them.
 
+    q and k are as the Linear layers return them; the model's own rotation (RoPE) is applied here.
     Scaling q before the product (as timm's eager path does) touches N·d_k values instead of N·N.
     """
-    return _softmax((q * site.scale) @ k.transpose(-1, -2))
+    q, k = site.rotate_qk(q, k)
+    return _softmax(site, (q * site.scale) @ k.transpose(-1, -2))
 
 
 def rows_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
-    """Post-softmax rows (B, H, T, N) of the query tokens (B, T) from q, k (B, H, N, d_k)."""
+    """Post-softmax rows (B, H, T, N) of the query tokens (B, T) from q, k (B, H, N, d_k) as the Linear layers
+    return them (rotated here first, as the model rotates them)."""
     idx = _check_tokens(query_tokens, q.shape[0], q.shape[2], q.device)
+    q, k = site.rotate_qk(q, k)
     q_t = torch.gather(q, 2, idx[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
-    return _softmax((q_t * site.scale) @ k.transpose(-1, -2))
+    return _softmax(site, (q_t * site.scale) @ k.transpose(-1, -2), idx)
 
 
 def _logits(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:
@@ -118,6 +123,7 @@ def _logits(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.
     w, b = w.to(x_q.dtype), None if b is None else b.to(x_q.dtype)
     q = split_heads(site, torch.nn.functional.linear(x_q, w[:rows], None if b is None else b[:rows]))
     k = split_heads(site, torch.nn.functional.linear(x_k, w[rows:], None if b is None else b[rows:]))
+    q, k = site.rotate_qk(q, k)  # RoPE models: the model's own rotation (x_q is x then)
     return (q @ k.transpose(-1, -2)) * site.scale
 
 
@@ -154,9 +160,10 @@ def _check_tokens(query_tokens: torch.Tensor, batch: int, n: int, device: torch.
 def attention_rows(site: AttentionSite, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
     """Post-softmax attention rows (B, H, T, N) of the query tokens (B, T) (indices into all N tokens)."""
     idx = _check_tokens(query_tokens, x.shape[0], x.shape[1], x.device)
-    if site.num_heads * idx.shape[1] < x.shape[-1]:  # few query tokens: never compute the keys
+    # few query tokens: never compute the keys (not under RoPE, where every key is rotated by its own position)
+    if not site.rotates() and site.num_heads * idx.shape[1] < x.shape[-1]:
         x_q = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
-        return _softmax(_row_logits(site, x_q, x))
+        return _softmax(site, _row_logits(site, x_q, x), idx)
     return rows_from_qk(site, *site.qk(x), idx)
 
 

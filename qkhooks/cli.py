@@ -106,6 +106,9 @@ def _spectrum_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augmented", action="store_true", help="fold biases in through x -> [x; 1]")
     p.add_argument("--json", help="write the per-layer/per-head spectrum as JSON here")
     p.add_argument("--plot", help="write the cosine-by-layer figure here (PNG); per-head spectra go next to it")
+    p.add_argument("--rope-bands", type=int, default=0, metavar="N",
+                   help="RoPE models: group the rotation frequencies into N bands (highest first) and add each "
+                        "band's cos/sin form cosines and energies to --json as 'rope_bands' per layer")
 
 
 @command("spectrum", "singular modes of W_q^T W_k per head, cosines, weighted averages")(_spectrum_args)
@@ -124,6 +127,13 @@ def run_spectrum(args: argparse.Namespace) -> int:
         payload = spec.to_dict()
         payload["note"] = loaded.note
         payload["biases"] = "folded in ([x; 1])" if args.augmented else "excluded (bias-free bilinear form)"
+        if args.rope_bands:
+            from qkhooks.models import sites as find_sites
+            from qkhooks.models.rope import rope_band_summary
+
+            bands = rope_band_summary(loaded.model, find_sites(loaded.model, parse_layers(args.layers)), args.rope_bands)
+            for layer in payload["layers"]:
+                layer["rope_bands"] = bands[layer["layer"]]
         write_json(args.json, payload)
         print(f"wrote {args.json}")
     if args.plot:

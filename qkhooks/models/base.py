@@ -34,7 +34,8 @@ class AttentionSite:
     """One attention layer of a real model, described well enough to hook and analyse it exactly.
 
     Attributes:
-        layer: 0-based block index.
+        layer: 0-based index of this attention in the order the forward runs them, over all stages
+            (``find_sites`` numbers them; an adapter's own numbers are replaced).
         path: dotted module path of the hooked attention module (its input is what enters W_q/W_k).
         module: the attention module itself.
         block_path: dotted path of the enclosing block, whose input is the residual stream (before the
@@ -49,6 +50,18 @@ class AttentionSite:
         input_name: keyword under which the module receives the hidden states when passed by keyword.
         qk_linear: returns (W (2·H·d_k, d), b (2·H·d_k) or None): the rows of the model's own parameters
             that produce q then k, read live so that weight edits are seen.
+        bias_input: keyword under which the model hands the module an additive term it adds to the scaled
+            logits before the softmax (HF ``attention_mask``: padding and segmentation masks, BEiT
+            relative-position tables). Rebuilt maps add the very tensor the model passed (:meth:`add_logit_bias`).
+        rope_input, rope_apply: keyword under which the model hands the module its rotary tables, and the
+            model's own function ``(q, k, tables) -> (q, k)`` that rotates (B, H, N, d_k) q and k with them
+            (prefix tokens unrotated, as the model does). Rebuilt maps use the rotated q, k; modes stay those
+            of the content form W_q^T W_k (the zero-offset term). ``rope_layout``: how dimensions pair up,
+            ``"interleaved"`` (0,1), (2,3)... or ``"half"`` (i, i + d_k/2); see :mod:`qkhooks.models.rope`.
+        token_layout: ``"tokens"`` (B, N, d) or ``"grid"``: the module takes (B, h, w, d) patch grids (VitDet),
+            read row by row as N = h·w tokens.
+        stage: dotted path of the container the block sits in (``blocks``, ``transformers.1.blocks``,
+            ``encoder.stages.2.layers``): sites of one stage share a token grid.
         qk_modules: the Linear modules whose outputs are q and k, as the model computes them from the hooked
             tokens: ``(qkv,)`` (fused; q then k then v along the last axis) or ``(query, key)``. The recording
             projects modes from these outputs (a d_k x K product per head instead of d x K). Empty: from x.
@@ -71,12 +84,20 @@ class AttentionSite:
     block_input_name: str = "hidden_states"
     patch_size: tuple[int, int] | None = None
     qk_modules: tuple[nn.Module, ...] = ()
+    stage: str = ""
+    token_layout: str = "tokens"
+    bias_input: str | None = None
+    rope_input: str | None = None
+    rope_apply: Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]] | None = None
+    rope_layout: str = "interleaved"
+    _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    _call_rope: Any = dataclasses.field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (
             f"AttentionSite(layer={self.layer}, path={self.path!r}, heads={self.num_heads}, "
             f"head_dim={self.head_dim}, dim={self.dim}, prefix={self.num_prefix_tokens}, grid={self.grid}, "
-            f"family={self.family!r})"
+            f"stage={self.stage!r}, family={self.family!r})"
         )
 
     def weights(self) -> QKWeights:
@@ -101,6 +122,8 @@ class AttentionSite:
     def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
         """Pick the token tensor out of a module call, whether passed by position or by keyword."""
         name = self.block_input_name if block else self.input_name
+        if not block:
+            self.refuse_unmodelled_inputs(args, kwargs)
         if args:
             x = args[0]
         elif name in kwargs:
@@ -110,12 +133,60 @@ class AttentionSite:
                 f"{self.block_path if block else self.path}: could not find the hidden states in the call "
                 f"(no positional argument and no keyword {name!r}); fix the adapter's input_name."
             )
+        x = self._as_tokens(x)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             raise QKHooksError(
                 f"{self.path}: expected a (batch, tokens, {self.dim}) tensor entering the layer, got "
                 f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}; the adapter points at the wrong argument."
             )
         return x
+
+    def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Refuse a call that hands the attention anything besides the tokens (a mask, a position bias, rotary
+        tables, a causal flag): the maps rebuilt from q and k alone would silently differ from the model's."""
+        extra = [(f"argument {i}", v) for i, v in enumerate(args[1:], 1)]
+        extra += [(repr(k), v) for k, v in kwargs.items() if k not in (self.input_name, self.bias_input, self.rope_input)]
+        if self.bias_input is not None:
+            self._call_bias = _additive(kwargs.get(self.bias_input))
+        if self.rope_input is not None:
+            self._call_rope = kwargs.get(self.rope_input)
+        for label, value in extra:
+            if _carries_tensor(value) or (label in ("'is_causal'", "'causal'") and value is True):
+                raise QKHooksError(
+                    f"unsupported attention in {self.path!r} ({type(self.module).__name__}): the model passes "
+                    f"{label} ({_describe(value)}) to it, an extra term (mask, position bias, rotary tables) that "
+                    "qkhooks does not model for this family, so rebuilt maps and modes would not be the model's. "
+                    "Record a model or input without it, or teach the adapter that term (see README, "
+                    "'Supported models')."
+                )
+
+    def rotates(self) -> bool:
+        """Whether the call being recorded rotates q and k (RoPE tables were handed to the module)."""
+        return self._call_rope is not None
+
+    def rotate_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (B, H, N, d_k) rotated as the model rotates them in the call being recorded (as is without RoPE)."""
+        if self._call_rope is None or self.rope_apply is None:
+            return q, k
+        return self.rope_apply(q, k, self._call_rope)
+
+    def logit_bias(self) -> torch.Tensor | None:
+        """The additive term (B or 1, H or 1, N, N) the model added to this layer's logits in the call being
+        recorded (None: none): a position-only table, a mask, or both."""
+        return self._call_bias
+
+    def add_logit_bias(self, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled logits (B, H, T, N) plus the model's own additive term, rows picked by ``query_tokens`` (B, T)
+        when given (all N rows otherwise)."""
+        bias = self._call_bias
+        if bias is None:
+            return logits
+        bias = bias[..., : logits.shape[-1]].to(logits.device, logits.dtype)
+        if query_tokens is not None:
+            bias = bias.expand(logits.shape[0], -1, -1, -1)
+            index = query_tokens.to(bias.device).long()[:, None, :, None]
+            bias = torch.gather(bias, 2, index.expand(-1, bias.shape[1], -1, bias.shape[-1]))
+        return logits + bias
 
     def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid of an input image of the given size."""
@@ -137,6 +208,36 @@ class AttentionSite:
                 "pass the grid explicitly."
             )
         return side, side
+
+    def _as_tokens(self, x: Any) -> Any:
+        if self.token_layout == "grid" and isinstance(x, torch.Tensor) and x.dim() == 4:
+            return x.flatten(1, 2)
+        return x
+
+
+def _carries_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_carries_tensor(v) for v in value)
+    return False
+
+
+def _additive(mask: Any) -> torch.Tensor | None:
+    """An attention mask as the additive term the eager path adds: float as is, boolean True = attend."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask.detach()
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {tuple(value.shape)} tensor"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} holding tensors"
+    return repr(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,14 +287,39 @@ def find_sites(model: nn.Module, layers: Sequence[int] | None = None) -> list[At
             found = adapter.find(model)
             if not found:
                 raise QKHooksError(f"adapter {adapter.name!r} matched {type(model).__name__} but found no attention layers.")
-            return select_layers(found, layers)
+            return select_layers(number_in_forward_order(model, found), layers)
+    from qkhooks.models.unsupported import describe_attention_like
+
     listing = "\n".join(f"  - {name}: {fam}" for name, fam in adapters())
     raise QKHooksError(
         f"qkhooks does not know how to find the attention layers of {type(model).__name__}.\n"
+        f"{describe_attention_like(model)}\n"
         f"Supported families:\n{listing}\n"
         "Add your own in a few lines with qkhooks.register_adapter(name, matches, find) (see README, "
         "'Your own architecture')."
     )
+
+
+def number_in_forward_order(model: nn.Module, found: list[AttentionSite]) -> list[AttentionSite]:
+    """Give the sites layer indices 0..L-1 in the order the forward runs them, over all stages.
+
+    Modules run in the order they are registered in every family qkhooks knows (stages, then blocks; the zoo
+    test checks it against the order the hooks fire), so that order is used, not an index read off a path:
+    ``blocks.0`` repeats in every stage of PiT, MobileViT and GroupViT.
+    """
+    order = {id(m): i for i, m in enumerate(model.modules())}
+    missing = [s.path for s in found if id(s.module) not in order]
+    if missing:
+        raise QKHooksError(f"the adapter returned attention modules that are not part of the model: {missing}.")
+    paths = [s.path for s in found]
+    if len(set(paths)) != len(paths):
+        raise QKHooksError(f"the adapter returned an attention module twice: {sorted(p for p in paths if paths.count(p) > 1)}.")
+    found = sorted(found, key=lambda s: order[id(s.module)])
+    for index, site in enumerate(found):
+        site.layer = index
+        if not site.stage:
+            site.stage = site.block_path.rpartition(".")[0]
+    return found
 
 
 def select_layers(found: list[AttentionSite], layers: str | Sequence[int] | None) -> list[AttentionSite]:

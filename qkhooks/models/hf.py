@@ -1,5 +1,11 @@
 """Adapter for Hugging Face vision transformers: ViT, DeiT (incl. distilled), CLIP and SigLIP vision, DINOv2
-(incl. registers), under transformers 4.x module names (``query``/``key``) and 5.x (``q_proj``/``k_proj``).
+(incl. registers), BLIP / BLIP-2 / InstructBLIP vision (fused ``qkv``), plain VitDet, multi-stage encoders
+(GroupViT), under transformers 4.x module names (``query``/``key``) and 5.x (``q_proj``/``k_proj``).
+
+A module is taken only when its children are the q/k/v projections, dropout and output projection: any
+other child (a relative-position table, a spatial-reduction conv, a norm) is an extra term the maps would
+miss, so the model is refused naming it. Masks, biases and rotary tables handed to the module at run time
+are refused by the site (:meth:`AttentionSite.refuse_unmodelled_inputs`).
 
 The hooked module is the one that owns the q and k Linear layers; its ``hidden_states`` argument is the
 tensor entering W_q/W_k (after ``layernorm_before`` / ``layer_norm1``). Prefix tokens are read off the
@@ -10,21 +16,53 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
+from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, register_adapter
+from qkhooks.models.unsupported import refuse_uncovered
 
-_LAYER = re.compile(r"^(?P<block>(?:.*\.)?layers?\.(?P<idx>\d+))\.")
+_LAYER = re.compile(r"^(?P<block>(?:.*\.)?(?:layers?|blocks?)\.(?P<idx>\d+))\.")
 _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
+# Children an attention module may own besides its q/k/v projections without changing the logits.
+_HARMLESS_CHILDREN = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv", "dropout", "attn_dropout",
+                      "attention_dropout", "out_proj", "o_proj", "proj", "projection", "dense", "output"}
+# Attention classes handed (cos, sin) as position_embeddings -> their module's rotation function.
+_ROPE_FUNCTIONS = {"DINOv3ViTAttention": "apply_rotary_pos_emb"}
+# Attention classes whose token layout qkhooks does not model although their logits are plain.
+_FOLDED_TOKENS = {
+    "MobileViTSelfAttention": "MobileViT unfolds every image into patch-area sequences (batch x pixels-in-patch), "
+    "so one 'image' of the attention is a pixel offset, not an image; qkhooks stores per image and does not model it",
+}
 _TEXT = re.compile(r"(^|\.)text_(model|encoder)(\.|$)")
 
 
-def _qk_children(module: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
+def _qk_children(module: nn.Module) -> tuple[nn.Linear, ...] | None:
+    """(q, k) Linear children, or (qkv,) for a fused projection (q, then k, then v along the outputs)."""
     for q_name, k_name in _QK_NAMES:
         q, k = getattr(module, q_name, None), getattr(module, k_name, None)
         if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
             return q, k
+    qkv = getattr(module, "qkv", None)
+    if isinstance(qkv, nn.Linear) and qkv.out_features % 3 == 0:
+        return (qkv,)
     return None
+
+
+def _refuse_unmodelled(name: str, module: nn.Module) -> None:
+    """Refuse an attention module that owns something besides projections and dropout."""
+    cls = type(module).__name__
+    if cls in _FOLDED_TOKENS:
+        raise QKHooksError(f"unsupported attention in {name!r} ({cls}): {_FOLDED_TOKENS[cls]}.")
+    extra = [n for n, child in module.named_children() if n not in _HARMLESS_CHILDREN and not isinstance(child, nn.Identity)]
+    extra += [n for n, _ in module.named_parameters(recurse=False)]  # a table or scale used in the logits
+    if extra:
+        raise QKHooksError(
+            f"unsupported attention in {name!r} ({cls}): it owns {', '.join(repr(e) for e in extra)} besides its "
+            "q/k/v projections (a position table, a spatial reduction, a norm...), a term qkhooks does not model "
+            "for this family, so maps and modes taken from q and k alone would not be the model's."
+        )
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -36,7 +74,7 @@ def _attention_modules(model: nn.Module):
         if _TEXT.search(name) or _qk_children(module) is None:
             continue
         match = _LAYER.match(name)
-        if match:
+        if match and name != match["block"]:
             yield name, module, match
 
 
@@ -97,23 +135,24 @@ def find(model: nn.Module) -> list[AttentionSite]:
     family = f"hf-{getattr(config, 'model_type', 'vit')}"
     sites = []
     for name, module, match in _attention_modules(model):
-        q, k = _qk_children(module)  # type: ignore[misc]
+        _refuse_unmodelled(name, module)
+        if getattr(modules[match["block"]], "window_size", 0):
+            raise QKHooksError(
+                f"unsupported attention in {name!r} ({type(module).__name__}): its block partitions the tokens into "
+                f"windows of {modules[match['block']].window_size} (one attention call per window, windows along the "
+                "batch axis), which qkhooks does not model for this family yet."
+            )
+        grid_layout = type(module).__name__ == "VitDetAttention"  # takes (B, h, w, d) grids
+        qk = _qk_children(module)
         heads = int(
             getattr(module, "num_attention_heads", None)
             or getattr(module, "num_heads", None)
             or getattr(config, "num_attention_heads")
         )
-        head_dim = q.out_features // heads
+        width = qk[0].out_features // (3 if len(qk) == 1 else 1)
+        head_dim = width // heads
         scale = getattr(module, "scaling", None) or getattr(module, "scale", None) or head_dim**-0.5
-
-        def qk_linear(q: nn.Linear = q, k: nn.Linear = k):
-            import torch
-
-            w = torch.cat([q.weight, k.weight])
-            if q.bias is None and k.bias is None:
-                return w, None
-            zeros = q.weight.new_zeros(q.out_features)
-            return w, torch.cat([zeros if q.bias is None else q.bias, zeros if k.bias is None else k.bias])
+        qk_linear = _fused_reader(qk[0], width) if len(qk) == 1 else _pair_reader(*qk)
 
         sites.append(
             AttentionSite(
@@ -124,7 +163,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 block=modules[match["block"]],
                 num_heads=heads,
                 head_dim=head_dim,
-                dim=q.in_features,
+                dim=qk[0].in_features,
                 scale=float(scale),
                 num_prefix_tokens=prefix,
                 grid=grid,
@@ -133,17 +172,59 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 block_input_name="hidden_states",
                 qk_linear=qk_linear,
                 patch_size=_pair(getattr(config, "patch_size", None)),
-                qk_modules=(q, k),
+                qk_modules=() if grid_layout else qk,  # its q/k outputs are grids too: project the tokens
+                stage=match["block"].rpartition(".")[0],
+                token_layout="grid" if grid_layout else "tokens",
+                bias_input=None if grid_layout else "attention_mask",
+                rope_input="position_embeddings" if type(module).__name__ in _ROPE_FUNCTIONS else None,
+                rope_apply=_rope_reader(module),
+                rope_layout="half",  # rotate_half: pairs (i, i + d_k/2)
             )
         )
-    return sorted(sites, key=lambda s: s.layer)
+    refuse_uncovered(model, sites)
+    return sites
+
+
+def _rope_reader(module: nn.Module):
+    """The model's own rotation for attention classes whose rotary convention qkhooks has checked (the zoo
+    test compares the maps with the model's eager attention); other rotary models are refused at run time."""
+    name = _ROPE_FUNCTIONS.get(type(module).__name__)
+    if name is None:
+        return None
+    import sys
+
+    apply = getattr(sys.modules[type(module).__module__], name)
+
+    def rotate(q: torch.Tensor, k: torch.Tensor, tables):
+        cos, sin = tables
+        return apply(q, k, cos, sin)
+
+    return rotate
+
+
+def _pair_reader(q: nn.Linear, k: nn.Linear):
+    def qk_linear():
+        w = torch.cat([q.weight, k.weight])
+        if q.bias is None and k.bias is None:
+            return w, None
+        zeros = q.weight.new_zeros(q.out_features)
+        return w, torch.cat([zeros if q.bias is None else q.bias, zeros if k.bias is None else k.bias])
+
+    return qk_linear
+
+
+def _fused_reader(qkv: nn.Linear, width: int):
+    def qk_linear():
+        return qkv.weight[: 2 * width], None if qkv.bias is None else qkv.bias[: 2 * width]
+
+    return qk_linear
 
 
 register_adapter(
     "hf-vit",
     matches,
     find,
-    families="Hugging Face ViT, DeiT (incl. distilled), CLIP vision, SigLIP vision, DINOv2 (incl. registers); "
-    "transformers 4.x and 5.x module names",
+    families="Hugging Face ViT, DeiT (incl. distilled), CLIP vision, SigLIP vision, DINOv2 (incl. registers), "
+    "BLIP / BLIP-2 / InstructBLIP vision, GroupViT; transformers 4.x and 5.x module names",
     first=False,
 )

@@ -1,87 +1,165 @@
-"""Adapter for timm's VisionTransformer family (ViT, DeiT incl. distilled, DINO, CLIP, DINOv2 incl. registers).
+"""Adapter for timm models whose attention is plain softmax(scale · q·k): ViT and its variants (DeiT incl.
+distilled, DINO, CLIP, DINOv2 incl. registers, parallel blocks), PiT's pooled stages, and EVA / EVA-02 /
+DINOv3 / ``vit_*_rope_*`` (``EvaAttention``: maps from the model's own rotated q, k; modes of the content form).
 
-Every such model keeps its blocks in ``model.blocks`` and its attention in ``blocks[i].attn``, a
-``timm.layers.Attention`` whose fused ``qkv`` Linear holds W_q, W_k, W_v stacked row-wise. The tensor
-entering ``attn`` is exactly what enters W_q/W_k (after ``norm1``), so the pre-hook sees the true input.
+The hooked module receives exactly the tokens entering W_q/W_k (after the block's norm). An attention module
+is taken only when its class's own ``forward`` is one qkhooks models (``timm.layers.Attention``,
+``EvaAttention``); a subclass that overrides it, or any other attention-like module in the model, makes the
+whole model refused with the module named (see :mod:`qkhooks.models.unsupported`), never half-recorded.
+A rotary table, mask or causal flag handed to an accepted module at run time is refused by the site itself.
 """
 
 from __future__ import annotations
 
-import re
+import math
+from typing import Callable
 
+import torch
 from torch import nn
 
 from qkhooks.models.base import AttentionSite, register_adapter
-
-_BLOCK_ATTN = re.compile(r"^(?P<block>(?:.*\.)?blocks\.(?P<idx>\d+))\.attn$")
-
-
-def _timm_attention_class() -> type | None:
-    try:
-        from timm.layers import Attention
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return None
-    return Attention
+from qkhooks.models.unsupported import refuse_uncovered
 
 
-def _is_timm_vit_attention(module: nn.Module) -> bool:
-    cls = _timm_attention_class()
-    return cls is not None and isinstance(module, cls) and isinstance(getattr(module, "qkv", None), nn.Linear)
+def _classes() -> dict[str, type]:
+    from timm.layers import Attention
+    from timm.models.eva import EvaAttention
+
+    return {"Attention": Attention, "EvaAttention": EvaAttention}
 
 
-def matches(model: nn.Module) -> bool:
-    """A model whose ``blocks.{i}.attn`` modules are timm ``Attention`` with a fused qkv Linear."""
-    return any(_BLOCK_ATTN.match(name) and _is_timm_vit_attention(m) for name, m in model.named_modules())
+def _kind(module: nn.Module) -> str | None:
+    """Which modelled attention this module is (its class's forward must be the modelled one), else None."""
+    for kind, cls in _classes().items():
+        if type(module).forward is cls.forward:
+            return kind
+    return None
+
+
+def _is_timm_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("timm.")
+
+
+def _qk_reader(attn: nn.Module, kind: str) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]:
+    """(qk_linear, qk_modules) for a modelled attention: q then k rows of the model's own parameters."""
+    rows = int(attn.num_heads) * int(attn.head_dim)
+    qkv = getattr(attn, "qkv", None)
+    if kind == "Attention" or (kind == "EvaAttention" and qkv is not None and attn.q_bias is None):
+        def fused() -> tuple[torch.Tensor, torch.Tensor | None]:
+            return qkv.weight[: 2 * rows], None if qkv.bias is None else qkv.bias[: 2 * rows]
+
+        return fused, (qkv,)
+    if qkv is not None:  # EVA: separate q/k biases added through F.linear, so the qkv module is never called
+        def eva_fused() -> tuple[torch.Tensor, torch.Tensor | None]:
+            return qkv.weight[: 2 * rows], torch.cat([attn.q_bias, attn.k_bias])
+
+        return eva_fused, ()
+    q, k = attn.q_proj, attn.k_proj
+
+    def separate() -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = torch.cat([q.weight, k.weight])
+        if q.bias is None and k.bias is None:
+            return w, None
+        zeros = q.weight.new_zeros(rows)
+        return w, torch.cat([zeros if q.bias is None else q.bias, zeros if k.bias is None else k.bias])
+
+    return separate, (q, k)
+
+
+def _eva_rotation(attn: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """EvaAttention's own rotation: timm's ``apply_rot_embed_cat`` on the patch tokens, prefix tokens as they are."""
+    from timm.layers import apply_rot_embed_cat
+
+    def rotate(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        npt, half = int(attn.num_prefix_tokens), bool(getattr(attn, "rotate_half", False))
+        return tuple(  # type: ignore[return-value]
+            torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], dim=2).type_as(t) for t in (q, k)
+        )
+
+    return rotate
+
+
+def _geometry(model: nn.Module) -> tuple[int, tuple[int, int] | None, tuple[int, int] | None]:
+    """(prefix tokens, native patch grid, patch size) of the token sequence entering the first stage."""
+    num_prefix = getattr(model, "num_prefix_tokens", None)
+    if num_prefix is None:
+        num_prefix = getattr(model, "num_tokens", None)  # PiT: 1, or 2 when distilled
+    if num_prefix is None:
+        num_prefix = 1 if getattr(model, "cls_token", None) is not None else 0
+    patch_embed = getattr(model, "patch_embed", None)
+    grid = None
+    if getattr(patch_embed, "grid_size", None) is not None:
+        grid = tuple(int(g) for g in patch_embed.grid_size)
+    elif getattr(patch_embed, "height", None) is not None:  # PiT's ConvEmbedding
+        grid = (int(patch_embed.height), int(patch_embed.width))
+    patch = getattr(patch_embed, "patch_size", None)
+    patch = (patch, patch) if isinstance(patch, int) else (tuple(int(p) for p in patch) if patch is not None else None)
+    if getattr(patch_embed, "height", None) is not None:
+        patch = None  # PiT's overlapping conv embedding: the grid is not image size / patch size
+    return int(num_prefix), grid, patch  # type: ignore[return-value]
+
+
+def _pit_stage_grid(stage: str, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+    """PiT halves the grid between stages (conv, kernel 3, stride 2, padding 1: ceil(n / 2))."""
+    if grid is None or not stage.startswith("transformers."):
+        return grid
+    for _ in range(int(stage.split(".")[1])):
+        grid = (math.ceil(grid[0] / 2), math.ceil(grid[1] / 2))
+    return grid
 
 
 def find(model: nn.Module) -> list[AttentionSite]:
-    """Sites for every ``blocks.{i}.attn`` of a timm ViT, in block order."""
+    """Sites for every modelled attention of a timm model, in forward order; refuses anything unmodelled."""
     modules = dict(model.named_modules())
-    num_prefix = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
-    patch_embed = getattr(model, "patch_embed", None)
-    grid = tuple(int(g) for g in patch_embed.grid_size) if getattr(patch_embed, "grid_size", None) is not None else None
-    patch = getattr(patch_embed, "patch_size", None)
-    patch = (patch, patch) if isinstance(patch, int) else (tuple(int(p) for p in patch) if patch is not None else None)
+    num_prefix, grid, patch = _geometry(model)
     sites = []
     for name, attn in modules.items():
-        match = _BLOCK_ATTN.match(name)
-        if not match or not _is_timm_vit_attention(attn):
+        kind = _kind(attn)
+        if kind is None or "." not in name:
             continue
-        heads, head_dim = int(attn.num_heads), int(attn.head_dim)
-        qkv: nn.Linear = attn.qkv
-        rows = heads * head_dim
-
-        def qk_linear(qkv: nn.Linear = qkv, rows: int = rows):
-            return qkv.weight[: 2 * rows], None if qkv.bias is None else qkv.bias[: 2 * rows]
-
+        block_path = name.rpartition(".")[0]
+        stage = block_path.rpartition(".")[0]
+        qk_linear, qk_modules = _qk_reader(attn, kind)
+        site_grid = _pit_stage_grid(stage, grid)
         sites.append(
             AttentionSite(
-                layer=int(match["idx"]),
+                layer=len(sites),
                 path=name,
                 module=attn,
-                block_path=match["block"],
-                block=modules[match["block"]],
-                num_heads=heads,
-                head_dim=head_dim,
-                dim=qkv.in_features,
+                block_path=block_path,
+                block=modules[block_path],
+                num_heads=int(attn.num_heads),
+                head_dim=int(attn.head_dim),
+                dim=int(qk_linear()[0].shape[1]),
                 scale=float(attn.scale),
                 num_prefix_tokens=num_prefix,
-                grid=grid,  # type: ignore[arg-type]
-                family="timm-vit",
+                grid=site_grid,
+                family="timm-vit" if kind == "Attention" else "timm-eva",
                 input_name="x",
                 block_input_name="x",
                 qk_linear=qk_linear,
-                patch_size=patch,  # type: ignore[arg-type]
-                qk_modules=(qkv,),
+                patch_size=patch if site_grid == grid else None,
+                qk_modules=qk_modules,
+                stage=stage,
+                rope_input="rope" if kind == "EvaAttention" else None,
+                rope_apply=_eva_rotation(attn) if kind == "EvaAttention" else None,
+                rope_layout="half" if getattr(attn, "rotate_half", False) else "interleaved",
             )
         )
-    return sorted(sites, key=lambda s: s.layer)
+    refuse_uncovered(model, sites)
+    return sites
+
+
+def matches(model: nn.Module) -> bool:
+    """A timm model with at least one attention module whose forward qkhooks models."""
+    return _is_timm_model(model) and any(_kind(m) is not None for m in model.modules())
 
 
 register_adapter(
     "timm-vit",
     matches,
     find,
-    families="timm VisionTransformer and variants: ViT, DeiT (incl. distilled), DINO, CLIP, DINOv2 (incl. registers)",
+    families="timm VisionTransformer and variants: ViT, DeiT (incl. distilled), DINO, CLIP, DINOv2 (incl. registers), "
+    "parallel blocks, PiT, EVA without RoPE",
     first=False,
 )

@@ -1,0 +1,548 @@
+"""The zoo check of one model: recorded exactly, or refused with a QKHooksError that names the module.
+
+Ground truth is the model's own: its output without hooks, its eager attention weights (timm's non-fused
+path read at ``attn_drop``, HF's ``output_attentions`` under ``attn_implementation="eager"``), and its eager
+logits (log attention, up to a constant per row) for the modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+import qkhooks
+from qkhooks import QKHooksError
+
+
+@dataclasses.dataclass
+class Outcome:
+    """``exact`` (every check passed), ``refused`` (a QKHooksError naming a module) or ``unbuildable``."""
+
+    status: str
+    detail: str = ""
+    families: tuple[str, ...] = ()
+    layers: int = 0
+    form: str = ""
+
+
+def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter perturbed, so zero-initialised biases, position tables and scales are really tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+            p.add_(noise * (0.2 if bool((p == 0).all()) else 0.02))
+    return model.eval()
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None:
+        return out.last_hidden_state
+    values = out.values() if isinstance(out, dict) else (out.to_tuple() if hasattr(out, "to_tuple") else out)
+    return next(v for v in values if isinstance(v, torch.Tensor))
+
+
+def _call(model: nn.Module, inputs: dict[str, Any], **extra: Any) -> Any:
+    with torch.no_grad():
+        return model(**inputs, **extra)
+
+
+def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str) -> list[torch.Tensor]:
+    """The model's own attention weights per recorded site, from its non-fused path."""
+    if kind == "timm":
+        maps: dict[int, torch.Tensor] = {}
+        fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+        handles = []
+        for i, site in enumerate(sites):
+            handles.append(site.module.attn_drop.register_forward_hook(
+                lambda m, a, o, i=i: maps.__setitem__(i, o.detach().clone())))
+        try:
+            for m, _ in fused:
+                m.fused_attn = False
+            _call(model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, value in fused:
+                m.fused_attn = value
+        return [maps[i] for i in range(len(sites)) if i in maps]
+    # HF attention modules return (output, weights) on the eager path: read each site's own weights
+    seen: dict[int, torch.Tensor] = {}
+    handles = [site.module.register_forward_hook(
+        lambda m, a, o, i=i: seen.__setitem__(i, o[1].detach()) if isinstance(o, tuple) and len(o) > 1
+        and isinstance(o[1], torch.Tensor) else None) for i, site in enumerate(sites)]
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        _call(model, inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation(before)
+        for h in handles:
+            h.remove()
+    return [seen[i] for i in range(len(sites)) if i in seen]
+
+
+def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
+    """Record ``model`` (perturbed already) on ``inputs`` and compare everything with the model's own."""
+    try:
+        sites = qkhooks.sites(model)
+    except QKHooksError as err:
+        return _refused(err)
+    fired: list[int] = []  # layer indices must be the order the forward runs the sites
+    inputs_seen: dict[int, torch.Tensor] = {}
+
+    def seen(site: Any):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            fired.append(site.layer)
+            x = args[0] if args else kwargs[site.input_name]
+            inputs_seen[site.layer] = x.flatten(1, -2) if x.dim() == 4 else x
+
+        return hook
+
+    handles = [s.module.register_forward_pre_hook(seen(s), with_kwargs=True) for s in sites]
+    try:
+        ref = _first_tensor(_call(model, inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    assert fired == list(range(len(sites))), f"layer indices {fired} are not the forward order"
+    eager = eager_maps(model, sites, inputs, kind)
+    try:
+        with qkhooks.record(model, modes="all", augmented=True, attention="full") as run:
+            out = _first_tensor(_call(model, inputs))
+    except QKHooksError as err:
+        return _refused(err)
+    families = tuple(sorted({s.family for s in sites}))
+    assert torch.equal(out, ref), "output changed under record()"
+    assert [s.layer for s in run.sites] == list(range(len(sites)))
+    assert len(eager) == len(sites), f"{len(sites)} sites but the model returns {len(eager)} attention maps"
+    full = run.attention_maps("full")
+    for live, site, want in zip(sites, run.sites, eager):  # run.sites are released copies after the context
+        got = full[site.layer]
+        assert got.shape == want.shape, f"{site.path}: maps {tuple(got.shape)}, model {tuple(want.shape)}"
+        err = float((got - want).abs().max())
+        assert err < 1e-5, f"{site.path}: rebuilt maps differ from the model's eager attention by {err:.2e}"
+        # modes (augmented: biases folded in) rebuild the logits; the model's own are log A up to a row constant
+        logits = torch.einsum("bhkn,hk,bhkm->bhnm", run.query[site.layer], run.spectrum[site.layer].S,
+                              run.key[site.layer]) * site.scale
+        logits = site.add_logit_bias(logits)  # the model's own additive term (relative table, mask), if any
+        if site.rotates():  # RoPE: the modes are the content form, compared with the unrotated q·k
+            ref = _own_content_logits(live.module, inputs_seen[site.layer], site.num_heads) * site.scale
+            err = float((logits - ref).abs().max() / ref.abs().max())
+            assert err < 1e-4, f"{site.path}: modes do not rebuild the unrotated content logits ({err:.1e})"
+            continue
+        own = want.double().clamp_min(1e-30).log()
+        diff = (logits.double() - logits.double()[..., :1]) - (own - own[..., :1])
+        keep = (want.double() > 1e-12) & (want[..., :1].double() > 1e-12)  # masked keys carry no logit
+        scale = float((own - own[..., :1]).abs().max()) + 1.0
+        assert float(diff.abs().where(keep, 0).max()) < 1e-4 * scale, f"{site.path}: modes do not rebuild the logits"
+    return Outcome("exact", f"{len(sites)} layers", families, len(sites), _form(run.sites))
+
+
+def _form(sites: list) -> str:
+    """The attention form of a recorded model, as the README table names it."""
+    parts = []
+    if len({s.stage for s in sites}) > 1:
+        parts.append("stages")
+    if any(s.rotates() for s in sites):
+        parts.append("RoPE")
+    if any(s.logit_bias() is not None for s in sites):
+        parts.append("additive bias/mask")
+    if any(s.token_layout == "grid" for s in sites):
+        parts.append("grid tokens")
+    return ", ".join(parts) or "plain"
+
+
+def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """q·k (B, H, N, N) before any rotation, from the module's own q/k parameters, written out here."""
+    if getattr(module, "qkv", None) is not None:
+        w, b = module.qkv.weight, module.qkv.bias
+        if getattr(module, "q_bias", None) is not None:
+            b = torch.cat([module.q_bias, module.k_bias, module.v_bias])
+        rows = w.shape[0] // 3
+        w_q, w_k = w[:rows], w[rows: 2 * rows]
+        b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: 2 * rows])
+    else:
+        q_lin = getattr(module, "q_proj", None) or module.query
+        k_lin = getattr(module, "k_proj", None) or module.key
+        w_q, w_k, b_q, b_k = q_lin.weight, k_lin.weight, q_lin.bias, k_lin.bias
+    with torch.no_grad():
+        q = torch.nn.functional.linear(x, w_q, b_q).unflatten(-1, (heads, -1)).transpose(1, 2)
+        k = torch.nn.functional.linear(x, w_k, b_k).unflatten(-1, (heads, -1)).transpose(1, 2)
+        return q @ k.transpose(-1, -2)
+
+
+def _refused(err: QKHooksError) -> Outcome:
+    msg = str(err)
+    names_module = "unsupported attention in '" in msg or "Attention-like modules it saw" in msg
+    assert names_module, f"a refusal must name the module and the reason, got: {msg}"
+    return Outcome("refused", msg)
+
+
+def build_or_none(build: Callable[[], nn.Module]) -> nn.Module | None:
+    torch.manual_seed(0)
+    try:
+        return build()
+    except Exception:  # noqa: BLE001 - a model the zoo cannot build small is listed as such, not a qkhooks result
+        return None
+
+
+# ------------------------------------------------------------------------------------------ the cases
+SMALL_VIT = dict(embed_dim=32, depth=2, num_heads=4, img_size=32, patch_size=8)
+HF_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+
+
+def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    import timm
+
+    return lambda: timm.create_model(name, pretrained=False, **kw)
+
+
+def _hf(model_cls: str, config_cls: str, **kw: Any) -> Callable[[], nn.Module]:
+    import transformers
+
+    def build() -> nn.Module:
+        config = getattr(transformers, config_cls)(**kw)
+        cls = getattr(transformers, model_cls)
+        if getattr(cls, "_supports_sdpa", False):  # fused, as users run it; the eager path is the reference
+            return cls._from_config(config, attn_implementation="sdpa")
+        return cls._from_config(config)
+
+    return build
+
+
+def _images(size: int | tuple[int, int], batch: int = 2) -> torch.Tensor:
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
+
+
+@dataclasses.dataclass
+class Case:
+    """One zoo model: how to build it small, its inputs, and what qkhooks must do with it."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], dict[str, Any]]
+    kind: str
+    expect: str  # "exact", or the words the refusal must contain
+    refused_module: str = ""  # a module path the refusal must name
+
+
+def _timm_case(name: str, expect: str, size: int = 32, module: str = "", **kw: Any) -> Case:
+    return Case(name, _timm(name, **kw), lambda: {"x": _images(size)}, "timm", expect, module)
+
+
+def _hf_case(label: str, model_cls: str, config_cls: str, expect: str, size: int = 32, module: str = "",
+             inputs: Callable[[], dict[str, Any]] | None = None, **kw: Any) -> Case:
+    return Case(label, _hf(model_cls, config_cls, **kw), inputs or (lambda: {"pixel_values": _images(size)}), "hf", expect, module)
+
+
+def _siglip2_padded() -> dict[str, Any]:
+    """A NaFlex batch of two images, the second padded: 4x4 patches vs 2x4 patches plus 8 padding."""
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(2, 16, 3 * 8 * 8, generator=g)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 8:] = 0
+    return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([[4, 4], [2, 4]])}
+
+
+FAST_CASES = [
+    _timm_case("vit_tiny_patch16_224", "exact", **SMALL_VIT),
+    _timm_case("pit_ti_224", "exact", size=64, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8)),
+    _timm_case("vit_small_patch16_18x2_224", "exact", **SMALL_VIT),
+    _timm_case("eva_giant_patch14_224", "exact", size=28, embed_dim=32, depth=2, num_heads=4, img_size=28, patch_size=7),
+    _timm_case("vit_pwee_patch16_reg1_gap_256", "ParallelScalingBlock", module="blocks.0", **SMALL_VIT),
+    _timm_case("eva02_tiny_patch14_224", "exact", size=28, depth=2, img_size=28, patch_size=7),
+    _timm_case("vit_small_patch16_dinov3", "exact", embed_dim=32, depth=2, num_heads=4, img_size=32),
+    _timm_case("vit_base_patch16_rope_reg1_gap_256", "exact", **SMALL_VIT),
+    _timm_case("vit_small_patch16_224", "q/k normalisation", qk_norm=True, **SMALL_VIT),
+    _hf_case("DINOv3ViTModel", "DINOv3ViTModel", "DINOv3ViTConfig", "exact", hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, num_register_tokens=2),
+    _hf_case("BeitModel-shared-bias", "BeitModel", "BeitConfig", "exact", use_shared_relative_position_bias=True,
+             **HF_SMALL),
+    _hf_case("BeitModel-layer-bias", "BeitModel", "BeitConfig", "exact", use_relative_position_bias=True, **HF_SMALL),
+    _hf_case("PvtV2Model", "PvtV2Model", "PvtV2Config", "spatially reduced", size=64, module="spatial_reduction",
+             hidden_sizes=[8, 8, 8, 8], num_attention_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1]),
+    _hf_case("MobileViTModel", "MobileViTModel", "MobileViTConfig", "patch-area sequences", size=64,
+             module="attention", hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], image_size=64),
+    _hf_case("GroupViTVisionModel", "GroupViTVisionModel", "GroupViTVisionConfig", "exact", hidden_size=32,
+             num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, depths=[1, 1, 1],
+             num_group_tokens=[4, 2, 0], num_output_groups=[4, 2, 2]),
+    _hf_case("Siglip2VisionModel-padded", "Siglip2VisionModel", "Siglip2VisionConfig", "exact", inputs=_siglip2_padded, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=64, patch_size=8, num_patches=16),
+    _hf_case("VitDetModel", "VitDetModel", "VitDetConfig", "exact", hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, mlp_ratio=2, image_size=32, pretrain_image_size=32, patch_size=8),
+    _hf_case("BlipVisionModel", "BlipVisionModel", "BlipVisionConfig", "exact", **HF_SMALL),
+    _hf_case("InstructBlipVisionModel", "InstructBlipVisionModel", "InstructBlipVisionConfig", "exact", **HF_SMALL),
+    _hf_case("Data2VecVisionModel", "Data2VecVisionModel", "Data2VecVisionConfig", "relative_position_bias",
+             module="encoder.layer.0.attention.attention", use_relative_position_bias=True, **HF_SMALL),
+    _hf_case("EomtForUniversalSegmentation", "EomtForUniversalSegmentation", "EomtConfig", "exact",
+             num_queries=5, num_blocks=1, **HF_SMALL),
+    _hf_case("Blip2VisionModel", "Blip2VisionModel", "Blip2VisionConfig", "exact", **HF_SMALL),
+]
+
+
+def _run_case(case: Case) -> Outcome:
+    torch.manual_seed(0)
+    model = case.build()
+    return check(perturb(model), case.inputs(), case.kind)
+
+
+@pytest.mark.parametrize("case", FAST_CASES, ids=lambda c: c.name)
+def test_zoo_fast_subset_exact_or_refused_naming_the_module(case: Case):
+    outcome = _run_case(case)
+    if case.expect == "exact":
+        assert outcome.status == "exact", outcome.detail
+    else:
+        assert outcome.status == "refused" and case.expect in outcome.detail, outcome.detail
+        assert case.refused_module in outcome.detail
+
+
+# ------------------------------------------------------------------------------------------ the whole zoo
+ZOO_MAX_PARAMS = 120_000_000  # a form only found in larger models is listed as not built, not guessed
+
+
+def _timm_forms() -> dict[tuple, tuple[int, str]]:
+    """One timm entry point per distinct attention form: (module, model class, attention/block/q-norm classes)
+    of every registered model, built on the meta device (no memory, no weights), smallest first."""
+    import timm
+
+    forms: dict[tuple, tuple[int, str]] = {}
+    for name in timm.list_models():
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False)
+        except Exception:  # noqa: BLE001 - an entry point that does not build by default is not a form
+            continue
+        parts = set()
+        rope = any("rope" in n.lower() or "rotary" in n.lower() for n, _ in model.named_modules())
+        for mod_name, module in model.named_modules():
+            cls = type(module).__name__
+            if "attn" in cls.lower() or "attention" in cls.lower() or hasattr(module, "qkv"):
+                parent = type(model.get_submodule(mod_name.rpartition(".")[0])).__name__ if "." in mod_name else ""
+                norm = type(getattr(module, "q_norm", None)).__name__
+                parts.add((cls, parent, norm, rope))
+        if not parts:
+            continue  # no attention at all (CNNs): nothing for qkhooks to record
+        key = (type(model).__module__, type(model).__name__, tuple(sorted(parts)))
+        size = sum(p.numel() for p in model.parameters())
+        if key not in forms or size < forms[key][0]:
+            forms[key] = (size, name)
+    return forms
+
+
+def _hf_vision_classes() -> list[str]:
+    """Every vision model class transformers maps: image backbones, vision towers, universal segmentation."""
+    from transformers.models.auto import modeling_auto as auto
+
+    names = set(auto.MODEL_FOR_IMAGE_MAPPING_NAMES.values())
+    names |= {v for v in auto.MODEL_MAPPING_NAMES.values() if isinstance(v, str) and v.endswith("VisionModel")}
+    names |= {v for v in getattr(auto, "MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES", {}).values() if isinstance(v, str)}
+    return sorted(names)
+
+
+def _hf_small(cls_name: str) -> tuple[Callable[[], nn.Module], Callable[[], dict[str, Any]]]:
+    import transformers
+
+    cls = getattr(transformers, cls_name)
+    default = cls.config_class()
+    shrink = {k: v for k, v in dict(HF_SMALL, num_channels=3).items() if isinstance(getattr(default, k, None), int)}
+    if isinstance(getattr(default, "hidden_size", None), int) and isinstance(getattr(default, "head_dim", None), int):
+        shrink["head_dim"] = 8
+    config = cls.config_class(**shrink)
+    size = getattr(config, "image_size", 32)
+    size = size if isinstance(size, int) else int(size[0])
+
+    def build() -> nn.Module:
+        if getattr(cls, "_supports_sdpa", False):
+            return cls._from_config(config, attn_implementation="sdpa")
+        return cls._from_config(config)
+
+    return build, lambda: {"pixel_values": _images(size, batch=1)}
+
+
+def _timm_small(name: str) -> tuple[Callable[[], nn.Module], Callable[[], dict[str, Any]]]:
+    import timm
+
+    def build() -> nn.Module:
+        return timm.create_model(name, pretrained=False)
+
+    def inputs() -> dict[str, Any]:
+        size = timm.get_pretrained_cfg(name).input_size if timm.get_pretrained_cfg(name) else (3, 224, 224)
+        return {"x": _images(tuple(size[1:]), batch=1)}
+
+    return build, inputs
+
+
+def run_zoo() -> list[dict[str, Any]]:
+    """Every form of the installed timm and transformers, checked; one row per model (README's table)."""
+    rows = []
+    cases = [(name, "timm", *_timm_small(name), size) for size, name in sorted(_timm_forms().values(), key=lambda v: v[1])]
+    for cls_name in _hf_vision_classes():
+        try:
+            cases.append((cls_name, "hf", *_hf_small(cls_name), 0))
+        except Exception:  # noqa: BLE001
+            rows.append(dict(model=cls_name, kind="hf", status="unbuildable", detail="config does not build"))
+    for name, kind, build, inputs, size in cases:
+        row = dict(model=name, kind=kind)
+        if size > ZOO_MAX_PARAMS:
+            rows.append(dict(row, status="unbuildable", detail=f"smallest model of its form has {size / 1e6:.0f}M parameters"))
+            continue
+        torch.manual_seed(0)
+        try:
+            model = perturb(build())
+            args = inputs()
+            _call(model, args)
+        except Exception as err:  # noqa: BLE001 - the model does not run on a plain image batch: not qkhooks'
+            rows.append(dict(row, status="unbuildable", detail=f"{type(err).__name__}: {str(err)[:120]}"))
+            continue
+        try:
+            outcome = check(model, args, kind)
+            rows.append(dict(row, status=outcome.status, detail=outcome.detail.splitlines()[0][:300],
+                             families=list(outcome.families), layers=outcome.layers, form=outcome.form))
+        except AssertionError as err:
+            rows.append(dict(row, status="MISMATCH", detail=str(err).splitlines()[0][:300]))
+        except Exception as err:  # noqa: BLE001
+            rows.append(dict(row, status="CRASH", detail=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"))
+        del model
+    return rows
+
+
+@pytest.mark.slow
+def test_whole_zoo_exact_or_refused_never_a_crash_or_a_silent_mismatch(tmp_path):
+    import json
+    import os
+
+    rows = run_zoo()
+    out = os.environ.get("QKHOOKS_ZOO_RESULTS")
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if r["status"] in ("MISMATCH", "CRASH")]
+    assert not bad, "\n".join(f"{r['model']}: {r['status']}: {r['detail']}" for r in bad)
+    assert sum(r["status"] == "exact" for r in rows) >= 10
+
+
+def test_a_mask_handed_to_an_attention_the_adapter_does_not_model_it_for_is_refused_naming_it():
+    import timm
+
+    model = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, **SMALL_VIT))
+    x = torch.randn(2, 17, 32)
+    mask = torch.zeros(2, 1, 17, 17)
+    with qkhooks.record(model, modes=4, attention="full"), torch.no_grad():
+        model.blocks[0](x)  # no mask: recorded
+        with pytest.raises(QKHooksError, match=r"'blocks.0.attn'.*'attn_mask' \(a \(2, 1, 17, 17\) tensor\)"):
+            model.blocks[0](x, attn_mask=mask)
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("vit_small_patch16_dinov3", "DINOv3ViTModel",
+                                                                        "eva02_tiny_patch14_224")], ids=lambda c: c.name)
+def test_rope_band_forms_rebuild_the_models_rotated_logits(case: Case):
+    """Σ_f cos Δφ_f · x̃_i^T W_q^T P_f W_k x̃_j + sin Δφ_f · x̃_i^T W_q^T J_f W_k x̃_j (one band per pair, biases folded in
+    through x̃ = [x; 1]) equals the model's own rotated logits, read off its eager attention (log A per row)."""
+    from qkhooks.models.rope import rope_angles, rope_bands, rope_pairs
+
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    sites = qkhooks.sites(model)
+    seen: dict[int, tuple] = {}
+    handles = [s.module.register_forward_pre_hook(
+        lambda m, a, kw, s=s: seen.__setitem__(s.layer, (a[0] if a else kw[s.input_name], kw[s.rope_input])),
+        with_kwargs=True) for s in sites]
+    try:
+        _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    eager = eager_maps(model, sites, inputs, case.kind)
+    for site, want in zip(sites, eager):
+        x, tables = seen[site.layer]
+        x1 = torch.cat([x, torch.ones_like(x[..., :1])], -1).double()
+        pairs = len(rope_pairs(site)[0])
+        phi = rope_angles(site, tables, x.shape[1])
+        logits = 0
+        for band in rope_bands(site, tables, pairs, augmented=True):
+            (f,) = band.pairs
+            delta = phi[None, :, f] - phi[:, None, f]  # Δφ[i, j] = φ(j) − φ(i)
+            for trig, u, s, v in ((torch.cos, band.cos_U, band.cos_S, band.cos_V), (torch.sin, band.sin_U, band.sin_S, band.sin_V)):
+                form = torch.einsum("bnd,hdr,hr,bme,her->bhnm", x1, u, s, x1, v)
+                logits = logits + trig(delta) * form
+        logits = logits * site.scale
+        own = want.double().log()
+        diff = (logits - logits[..., :1]) - (own - own[..., :1])
+        assert float(diff.abs().max()) < 1e-5 * (1 + float(own.abs().max())), f"{site.path}: {float(diff.abs().max()):.2e}"
+        # the cos forms of any grouping sum to the content form W_q^T W_k (the zero-offset term)
+        w = site.weights()
+        dense = w.w_q.double().transpose(1, 2) @ w.w_k.double()
+        summed = sum(torch.einsum("hdr,hr,her->hde", b.cos_U, b.cos_S, b.cos_V) for b in rope_bands(site, tables, 4))
+        assert float((summed - dense).abs().max() / dense.abs().max()) < 1e-10
+
+
+def test_spectrum_cli_adds_rope_bands_per_layer(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "s.json"
+    subprocess.run([sys.executable, "-m", "qkhooks", "spectrum", "timm:vit_small_patch16_dinov3", "--random-init",
+                    "--rope-bands", "4", "--json", str(out), "--layers", "0,11"], check=True, capture_output=True)
+    layers = json.loads(out.read_text())["layers"]
+    assert [l["layer"] for l in layers] == [0, 11]
+    for layer in layers:
+        bands = layer["rope_bands"]
+        assert len(bands) == 4 and sorted(p for b in bands for p in b["pairs"]) == list(range(32))  # d_k 64: 32 pairs
+        assert [b["frequency"][1] for b in bands] == sorted((b["frequency"][1] for b in bands), reverse=True)
+        assert abs(sum(b["cos"]["energy"] + b["sin"]["energy"] for b in bands) - 1) < 1e-9
+        assert all(len(b["cos"]["cosine_weighted"]) == 6 for b in bands)
+
+
+# ------------------------------------------------------------------------------ README "Supported models"
+def _reason(detail: str) -> str:
+    """The reason part of a refusal: what follows the module's name."""
+    text = detail.split("): ", 1)[-1] if "): " in detail else detail
+    return text.split(". ")[0].split("; ")[0].replace("|", "/")[:160]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """README's table: one line per model the zoo checked."""
+    lines = ["| model | library | result | form / reason |", "|---|---|---|---|"]
+    order = {"exact": 0, "refused": 1, "unbuildable": 2}
+    for r in sorted(rows, key=lambda r: (order.get(r["status"], 3), r["kind"], r["model"])):
+        what = r.get("form", "") if r["status"] == "exact" else _reason(r["detail"])
+        lines.append(f"| `{r['model']}` | {r['kind']} | {r['status']} | {what} |")
+    return "\n".join(lines)
+
+
+def fast_rows() -> list[dict[str, Any]]:
+    rows = []
+    for case in FAST_CASES:
+        outcome = _run_case(case)
+        rows.append(dict(model=case.name, kind=case.kind, status=outcome.status, detail=outcome.detail, form=outcome.form))
+    return rows
+
+
+if __name__ == "__main__":  # python tests/test_zoo.py [results.json]: the README table (fast subset if no file)
+    import json
+    import sys
+
+    print(markdown_table(json.load(open(sys.argv[1])) if len(sys.argv) > 1 else fast_rows()))
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("BeitModel-shared-bias", "Siglip2VisionModel-padded",
+                                                                        "vit_small_patch16_dinov3")], ids=lambda c: c.name)
+def test_rows_of_biased_masked_and_rotated_attention_are_the_full_maps_rows(case: Case):
+    """Rows take the same additive term and rotation as the full maps (which the zoo checks against eager)."""
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    tokens = torch.tensor([[0, 5], [3, 8]])
+    with qkhooks.record(model, modes=None, attention=["rows", "full"]) as run, torch.no_grad():
+        run(**inputs, meta={"query_tokens": tokens})
+    for layer, full in run.attention_maps("full").items():
+        want = torch.stack([full[b][:, tokens[b]] for b in range(2)])
+        assert torch.allclose(run.attention_maps("rows")[layer], want, atol=1e-6)
