@@ -65,9 +65,9 @@ class Section:
     seconds: float | None = None
 
 
-def _few(count: int, what: str, hint: str = DATA_HINT, minimum: int = MIN_IMAGES) -> list[str]:
+def _few(count: int, what: str, hint: str = DATA_HINT, minimum: int = MIN_IMAGES, consequence: str = "") -> list[str]:
     """A warning when a statistic rests on fewer than ``minimum`` images, with the command that brings more."""
-    return [f"This rests on {count} {what}, fewer than {minimum}; {hint}."] if count < minimum else []
+    return [f"This rests on {count} {what} (fewer than {minimum}){consequence}; {hint}."] if count < minimum else []
 
 
 def _curve(layers: list[int], values: Any) -> dict[str, list[float]]:
@@ -200,7 +200,7 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
          "Display: " + ("maps scaled by their maximum; the paper clips to the 30th-95th percentile: "
                         "`qkhooks demo --display percentile`." if display == "max" else
                         "30th-95th percentile clip, as the paper.")],
-        _few(n, "photos, so the same photos recur across modes"),
+        _few(n, "photos", consequence=", so the same photos recur across modes"),
         {"images": n, "k": summary["k"]}, time.perf_counter() - started)
 
     aniso_rows = {int(k): v for k, v in (summary.get("anisotropy") or {}).items()}
@@ -287,12 +287,16 @@ def loaded_layers(loaded: LoadedModel) -> list[int]:
     return [s.layer for s in find_sites(loaded.model)]
 
 
-def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: int | None, opts: dict[str, Any]) -> Section:
+def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: int | None, opts: dict[str, Any],
+                keep_runs: bool) -> Section:
     from qkhooks.analysis import bfd
 
     result = bfd.run_bfd(loaded, photos, runs / "bfd.h5", limit=limit, overwrite=True, holdout_every=3,
                          batch_size=opts["batch_size"], device=opts["device"], progress=opts["progress"])
     write_json(out / "bfd.json", result)
+    if not keep_runs:  # bfd.json holds every number; the reducer states (~90 MB for ViT-S) only serve a re-analysis
+        for path in (runs / "bfd.h5", bfd.pass1_path(runs / "bfd.h5")):
+            path.unlink(missing_ok=True)
     n = int(result["images"])
     captions = [c.replace("Energy shares", f"Energy shares over {n} photos", 1) if i == 0 else c
                 for i, c in enumerate(bfd.FIGURE_CAPTIONS)]
@@ -389,7 +393,7 @@ def make_report(
                 timed(lambda: preference_section(loaded, runs, out / "preference", o3, opts))]
     objects_spec = objects_data or OBJECTS.format(n=objects)
     sections.extend(modes_sections(loaded, runs, out, data, photos, objects_spec, record_opts, display, keep_runs))
-    sections.append(timed(lambda: bfd_section(loaded, runs, out / "bfd", data, photos, opts)))
+    sections.append(timed(lambda: bfd_section(loaded, runs, out / "bfd", data, photos, opts, keep_runs)))
     order = ["spectrum", "anisotropy", "preference", "modes", "same_object", "bfd"]
     sections.sort(key=lambda s: order.index(s.key))
 
