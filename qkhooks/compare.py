@@ -63,7 +63,7 @@ def compare(items: Sequence[str], out: str | os.PathLike) -> Path:
     """Overlay the per-layer curves of several models; writes ``out/index.html``, ``out/compare.json`` and one
     PNG per curve that at least one model has. Returns the page's path."""
     from qkhooks.plots import plot_layer_curves
-    from qkhooks.report import _img
+    from qkhooks.report import data_uri, render_template
 
     if len(items) < 2:
         raise QKHooksError("compare needs at least two reports or model specs.")
@@ -92,20 +92,10 @@ def compare(items: Sequence[str], out: str | os.PathLike) -> Path:
                       "`qkhooks demo --model SPEC` for the rest)." if missing else ""))
         figures.append((path, caption))
     write_json(out / "compare.json", {"models": models, "depths": depths, "relative_depth": relative})
-    rows = "".join(f"<figure><img src='{_img(p)}' alt='{p.name}'><figcaption>{_esc(c)}</figcaption></figure>"
-                   for p, c in figures)
     page = out / "index.html"
-    page.write_text("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>qkhooks compare</title>"
-                    "<style>body{font:15px/1.45 system-ui,sans-serif;max-width:1000px;margin:2em auto}"
-                    "img{max-width:100%}figcaption{color:#555;font-size:.9em}</style></head><body>"
-                    f"<h1>qkhooks compare</h1><p>Models: {_esc(', '.join(models))}.</p>{rows}</body></html>")
+    page.write_text(render_template("compare.html", models=list(models), figures=[
+        {"src": data_uri(p), "rel": p.name, "caption": c} for p, c in figures]))
     return page
-
-
-def _esc(text: str) -> str:
-    import html
-
-    return html.escape(text)
 
 
 def _args(p: argparse.ArgumentParser) -> None:

@@ -75,10 +75,6 @@ def _curve(layers: list[int], values: Any) -> dict[str, list[float]]:
     return {"layers": [int(l) for l in layers], "values": [float(v) for v in values]}
 
 
-def _readings_numbers(readings: list[Reading]) -> dict[str, Any]:
-    return {r.text.split(" ")[0] + f"_{i}": {"verdict": r.verdict, "text": r.text} for i, r in enumerate(readings)}
-
-
 # --------------------------------------------------------------------------------------------- sections
 def random_weights(loaded: LoadedModel) -> LoadedModel | None:
     """The same architecture with random weights (``SPEC@random``), for Fig. 3's random-init curve; None for a
@@ -219,8 +215,8 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
                  f"not clearly different from it at {_layer_list(unclear)}" if unclear else ""]
         first, last = layers[0], layers[-1]
         readings.append(Reading(
-            f"The σ-weighted mode cosine is {'; '.join(p for p in parts if p)} (interval: "
-            f"the baseline's 95% bootstrap CI over {n} images; L{first} {rel[first].text()}, L{last} {rel[last].text()}).",
+            f"The σ-weighted mode cosine is {'; '.join(p for p in parts if p)} (interval: the baseline's 95% "
+            f"bootstrap CI over {n} images, per layer, not adjusted for {len(layers)} layers; L{first} {rel[first].text()}, L{last} {rel[last].text()}).",
             "relative", {f"L{l}": e for l, e in rel.items()}))
     numbers = {"baseline_by_layer": dict(zip(layers, base.tolist())),
                "baseline_ci": {l: [aniso_rows[l].get("baseline_low"), aniso_rows[l].get("baseline_high")] for l in layers},
@@ -426,18 +422,24 @@ def _load() -> str:
 _MIME = {".png": "image/png", ".jpg": "image/jpeg"}
 
 
-def _img(path: Path) -> str:
+def data_uri(path: Path) -> str:
+    """A PNG or JPEG file as a data URI: pages that inline their figures can be mailed or archived alone."""
     return f"data:{_MIME[path.suffix]};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def render_html(summary: dict[str, Any], sections: list[Section], out: Path) -> str:
     """One self-contained page: figures inlined as data URIs, so the file can be mailed or archived alone."""
+    figures = [[{"src": data_uri(p), "rel": os.path.relpath(p, out), "caption": c} for p, c in s.figures]
+               for s in sections]
+    return render_template("report.html", summary=summary, sections=sections, figures=figures)
+
+
+def render_template(name: str, **context: Any) -> str:
+    """Render ``qkhooks/templates/NAME`` (Jinja2, HTML-escaped)."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     env = Environment(loader=PackageLoader("qkhooks", "templates"), autoescape=select_autoescape(["html"]))
-    figures = [[{"src": _img(p), "rel": os.path.relpath(p, out), "caption": c} for p, c in s.figures]
-               for s in sections]
-    return env.get_template("report.html").render(summary=summary, sections=sections, figures=figures)
+    return env.get_template(name).render(**context)
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -133,6 +133,7 @@ def test_report_renders_in_headless_chromium_with_all_images(report, tmp_path):
     assert pixels.shape == (1600, 1100) and pixels.std() > 20  # text and figures, not a blank page
 
 
+@pytest.mark.slow  # loads two real ViT-S models (a few seconds each at load 1)
 def test_compare_draws_a_trained_and_a_random_model_on_one_fig3(monkeypatch, tmp_path):
     """`qkhooks compare offline:dinov2-s14 timm:vit_small_patch14_dinov2@random`: both cosine curves on one axis,
     each equal to the model's own spectrum; the random one stays near 0, the trained one does not."""
