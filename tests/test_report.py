@@ -81,6 +81,8 @@ def test_html_inlines_every_figure_once_with_counts_and_escapes_text(report):
         assert "class='departs'" in block
     assert "--input residual" in page and "--display percentile" in page
     assert "fewer than 30" in page and "qkhooks demo --data DIR" in page  # 4 photos: warned, with the command
+    assert "so their R² is not read here" in page and "Held-out position decoding" not in page  # 1 held-out photo
+    assert summary["sections"]["bfd"]["split_isolates_position"] is None
 
 
 def test_readings_state_the_effects_of_the_numbers_in_the_summary(report):
@@ -162,3 +164,15 @@ def test_compare_puts_models_of_different_depth_on_relative_depth(report, tmp_pa
     assert set(saved["models"]["VisionTransformer"]) >= {"cosine", "preference_same_object", "same_object", "bfd_CC"}
     with pytest.raises(qkhooks.QKHooksError, match="neither a report folder nor a model spec"):
         compare([str(out), "nonsense"], tmp_path)
+
+
+def test_chance_of_the_same_object_is_the_mean_inverse_object_count():
+    from qkhooks.analysis.modes import chance_same_object
+
+    labels = np.zeros((4, 3, 3), dtype=np.int64)
+    labels[0, 0, 0] = 1  # one object
+    labels[1, 0, :2] = [1, 2]  # two
+    labels[2, 1, :] = [3, 5, 7]
+    labels[2, 2, 0] = 9  # four
+    # image 3 has no object: not counted
+    assert chance_same_object(labels) == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
