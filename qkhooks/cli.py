@@ -176,6 +176,7 @@ COMMAND_MODULES = (
     "qkhooks.analysis.modes",
     "qkhooks.analysis.bfd",
     "qkhooks.report",
+    "qkhooks.compare",
     "qkhooks.bench",
 )
 

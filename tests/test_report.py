@@ -4,10 +4,12 @@ files, and the page renders in headless Chromium with every image loaded."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,19 +52,70 @@ def test_summary_has_every_section_with_numbers_from_the_runs(report):
     assert summary["model"] == loaded.spec and summary["seconds"] > 0
 
 
-def test_html_inlines_every_figure_and_escapes_text(report):
-    out, _, _ = report
+def _figures(page: str) -> list[tuple[str, str, str, str]]:
+    """(mime, base64 data, alt, caption) of every figure in the page."""
+    return re.findall(r"<figure><img src='data:image/(png|jpeg);base64,([^']+)' alt='([^']+)'><figcaption>(.*?)</figcaption>",
+                      page, flags=re.S)
+
+
+def test_html_inlines_every_figure_once_with_counts_and_escapes_text(report):
+    out, summary, _ = report
     page = (out / "index.html").read_text()
     for key in SECTIONS:
         assert f"id='{key}'" in page
-    images = re.findall(r"<img src='data:image/png;base64,([^']+)' alt='([^']+)'>", page)
-    assert len(images) >= len(SECTIONS)
-    for data, rel in images:
+    figures = _figures(page)
+    assert len(figures) == len(re.findall(r"<img ", page)) >= 12  # Fig. 2, 3, 4 (x3), 5, S1, S2, S3, BFD (x5)
+    for mime, data, rel, caption in figures:
         assert base64.b64decode(data) == (out / rel).read_bytes()  # the figure on disk, byte for byte
+        assert rel.endswith(".jpg" if mime == "jpeg" else ".png")
+        assert re.search(r"\b\d+ (images|photos)\b|no images", caption), caption  # every caption states its count
+    digests = [hashlib.sha256(base64.b64decode(data)).hexdigest() for _, data, _, _ in figures]
+    assert len(set(digests)) == len(digests)  # no figure shown twice
+    assert [rel for _, _, rel, _ in figures if "overview" in rel] == [f"modes/figures/L{l}_overview.jpg" for l in (0, 1, 2)]
     assert "&lt;random&gt; weights &amp; a note" in page and "<random>" not in page
-    aniso = json.loads((out / "modes" / "modes.json").read_text())["anisotropy"]
-    first, last = min(aniso, key=int), max(aniso, key=int)  # the modes reading quotes this run's cosines
-    assert f"L{first} {aniso[first]['cos_weighted']:+.2f}" in page and f"L{last} {aniso[last]['cos_weighted']:+.2f}" in page
+    for trend in re.findall(r"<li class='trend'>(.*?)</li>", page, flags=re.S):  # every trend sentence has its CI
+        assert re.search(r"\d+(\.\d+)?% CI [-+]\d\.\d{3} to [-+]\d\.\d{3}", trend) or "too few" in trend, trend
+    assert len(re.findall(r"<li class='trend'>", page)) >= 8
+    for section in ("modes", "anisotropy", "same_object", "bfd"):  # each says how it departs from the paper
+        block = page.split(f"id='{section}'")[1].split("<h2")[0]
+        assert "class='departs'" in block
+    assert "--input residual" in page and "--display percentile" in page
+    assert "fewer than 30" in page and "qkhooks demo --data DIR" in page  # 4 photos: warned, with the command
+    assert "so their R² is not read here" in page and "Held-out position decoding" not in page  # 1 held-out photo
+    assert summary["sections"]["bfd"]["split_isolates_position"] is None
+
+
+def test_readings_state_the_effects_of_the_numbers_in_the_summary(report):
+    """The trend reading of the preference section is the late-third minus early-third difference of the
+    per-layer means that preference.json holds (3 layers: thirds are L0 and L2)."""
+    out, summary, _ = report
+    table = json.loads((out / "preference" / "preference.json").read_text())
+    same = table["same_object"]["mean"]
+    reading = summary["sections"]["preference"]["readings"][0]
+    assert reading["estimates"]["late_minus_early"]["value"] == pytest.approx(same[-1] - same[0], abs=1e-6)  # summary: 6 digits
+    for g in ("same_object", "background"):  # the figure's CI bands hold the means they surround
+        low, high, mean = (np.asarray(table[g][k]) for k in ("ci_low", "ci_high", "mean"))
+        assert (low <= mean + 1e-12).all() and (mean <= high + 1e-12).all()
+    cos = summary["sections"]["spectrum"]["readings"][0]
+    spec_cos = summary["sections"]["spectrum"]["cosine_weighted_by_layer"]
+    assert cos["estimates"]["late_minus_early"]["value"] == pytest.approx(spec_cos[-1] - spec_cos[0], abs=3e-6)
+
+
+def test_run_files_keep_reducer_states_not_per_image_maps(report):
+    out, _, _ = report
+    with qkhooks.open_run(out / "runs" / "photos.h5") as run:
+        assert not run.has("modes/L0/query") and run.state("topk_modes") is not None
+        vectors = run.state("anisotropy_images")["vectors"]
+        assert vectors.shape[:2] == (4, 3)
+    from qkhooks.analysis.modes import anisotropy_interval
+
+    z = np.asarray(vectors[:, 1], dtype=np.float64)
+    G = z @ z.T
+    direct = (G.sum() - np.trace(G)) / (len(z) * (len(z) - 1))  # mean cosine over pairs of different images
+    value, low, high = anisotropy_interval(z)
+    aniso = json.loads((out / "modes" / "modes.json").read_text())["anisotropy"]["1"]
+    assert value == pytest.approx(direct) == pytest.approx(aniso["baseline"], abs=1e-5)
+    assert low <= value <= high and aniso["baseline_low"] == pytest.approx(low)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
@@ -82,11 +135,44 @@ def test_report_renders_in_headless_chromium_with_all_images(report, tmp_path):
     assert pixels.shape == (1600, 1100) and pixels.std() > 20  # text and figures, not a blank page
 
 
-def test_readings_follow_the_numbers_not_the_paper():
-    from qkhooks.report import _overlap_reading
+@pytest.mark.slow  # loads two real ViT-S models (a few seconds each at load 1)
+def test_compare_draws_a_trained_and_a_random_model_on_one_fig3(monkeypatch, tmp_path):
+    """`qkhooks compare offline:dinov2-s14 timm:vit_small_patch14_dinov2@random`: both cosine curves on one axis,
+    each equal to the model's own spectrum; the random one stays near 0, the trained one does not."""
+    import qkhooks.plots as plots
+    from qkhooks.cli import main
 
-    falling = _overlap_reading({0: 0.6, 5: 0.2, 11: 0.1})
-    rising = _overlap_reading({0: 0.1, 5: 0.2, 11: 0.6})
-    assert "L0 +0.60, L5 +0.20, L11 +0.10" in falling and "as the paper finds" in falling
-    assert "unlike the paper" in rising and "as the paper finds" not in rising
-    assert _overlap_reading({0: None, 11: 0.3}).startswith("The paper (Fig. 4)")  # too little to read: says whose claim
+    drawn = {}
+    real_save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: drawn.setdefault(Path(path).name, fig) and real_save(fig, path))
+    assert main(["compare", "offline:dinov2-s14", "timm:vit_small_patch14_dinov2@random", "--out", str(tmp_path)]) == 0
+    lines = {line.get_label(): line.get_ydata() for line in drawn["cosine.png"].axes[0].get_lines()}
+    assert set(lines) == {"offline:dinov2-s14", "timm:vit_small_patch14_dinov2@random"}
+    trained = qkhooks.spectrum(qkhooks.load_model("offline:dinov2-s14").model).cosine_weighted_by_layer()
+    np.testing.assert_allclose(lines["offline:dinov2-s14"], trained, atol=1e-6)
+    assert np.abs(lines["timm:vit_small_patch14_dinov2@random"]).max() < 0.02 < np.min(trained)
+    assert "cosine.png" in (tmp_path / "index.html").read_text() and (tmp_path / "compare.json").exists()
+
+
+def test_compare_puts_models_of_different_depth_on_relative_depth(report, tmp_path):
+    from qkhooks.compare import compare
+
+    out, _, _ = report
+    compare([str(out), "offline:dinov2-s14"], tmp_path)
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["relative_depth"] and saved["depths"] == {"VisionTransformer": 3, "offline:dinov2-s14": 12}
+    assert set(saved["models"]["VisionTransformer"]) >= {"cosine", "preference_same_object", "same_object", "bfd_CC"}
+    with pytest.raises(qkhooks.QKHooksError, match="neither a report folder nor a model spec"):
+        compare([str(out), "nonsense"], tmp_path)
+
+
+def test_chance_of_the_same_object_is_the_mean_inverse_object_count():
+    from qkhooks.analysis.modes import chance_same_object
+
+    labels = np.zeros((4, 3, 3), dtype=np.int64)
+    labels[0, 0, 0] = 1  # one object
+    labels[1, 0, :2] = [1, 2]  # two
+    labels[2, 1, :] = [3, 5, 7]
+    labels[2, 2, 0] = 9  # four
+    # image 3 has no object: not counted
+    assert chance_same_object(labels) == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)

@@ -68,15 +68,21 @@ __all__ = [
 
 
 FIGURE_CAPTIONS = (
-    "Energy shares CC/CP/PC/PP (query factor first) of every head, layer by layer: which heads specialise.",
+    "Energy shares CC/CP/PC/PP (query factor first) of every head; vertical lines separate the layers: which "
+    "heads specialise.",
     "Shares averaged over heads across depth (band: spread over heads), with CP+PC coupling and the share the "
     "global mean takes in the three-way view.",
+    "Mode energy concentration: participation ratio (Σe)²/Σe² of each head's per-mode energies, mean over heads "
+    "per layer (band: spread over heads), next to the number of modes: low = a few modes carry the head.",
     "One head's modes in order of energy, each bar split into CC/CP/PC/PP (height: the mode's share of the head).",
     "Held-out R² of linear probes decoding patch row/column from X and C (held-out images) and from P (held-out "
-    "positions), and the positional share of variance.",
+    "positions), and the positional share of variance; the axis stops at R² = −1 (lower values sit on the edge).",
 )
 """Captions of :func:`plot_bfd`'s figures, in its order (the mode figure needs per-mode entries, the last one
 the position probes; both are in a default :func:`run_bfd` result)."""
+
+R2_FLOOR = -1.0
+"""Lowest R² drawn: an R² far below 0 only says the probe fails, and would squash the curves that work."""
 
 
 def pass1_path(out: str | os.PathLike) -> Path:
@@ -299,10 +305,11 @@ def plot_bfd(result: dict[str, Any], out_dir: str | os.PathLike, head: tuple[int
     out_dir = Path(out_dir)
     name, definition = result.get("model") or "model", result["definition"]
     paths: list[Path] = []
-    labels = [f"L{l['layer']}H{h['head']}" for l in result["layers"] for h in l["heads"]]
+    labels = [f"H{h['head']}" for l in result["layers"] for h in l["heads"]]
+    groups = [f"L{l['layer']}" for l in result["layers"] for _ in l["heads"]]
     shares = {t: [h["energy"][t] or 0.0 for l in result["layers"] for h in l["heads"]] for t in TERMS}
     paths.append(plot_stacked_shares(labels, shares, out_dir / "bfd_heads.png",
-                                     f"BFD energy shares per head ({definition}) — {name}", "share of energy"))
+                                     f"BFD energy shares per head ({definition}) — {name}", "share of energy", groups))
     layers = [l["layer"] for l in result["layers"]]
     curves = {t: [l["energy"][t] for l in result["layers"]] for t in TERMS}
     curves["CP+PC"] = [l["coupling"] for l in result["layers"]]
@@ -310,6 +317,14 @@ def plot_bfd(result: dict[str, Any], out_dir: str | os.PathLike, head: tuple[int
     spread = {t: [l["energy_std"][t] or 0.0 for l in result["layers"]] for t in TERMS}
     paths.append(plot_layer_curves(layers, _nan(curves), out_dir / "bfd_layers.png", "share (mean over heads)",
                                    f"BFD shares by layer ({definition}; band = spread over heads) — {name}", spread))
+    pr = np.array([[np.nan if h.get("participation_ratio") is None else h["participation_ratio"] for h in l["heads"]]
+                   for l in result["layers"]], dtype=float)
+    if np.isfinite(pr).any():
+        modes = max(len(h.get("modes", [])) for l in result["layers"] for h in l["heads"])
+        paths.append(plot_layer_curves(
+            layers, {"participation ratio (mean over heads)": np.nanmean(pr, 1)}, out_dir / "bfd_concentration.png",
+            "effective number of modes", f"Mode energy concentration ({definition}; {modes} modes per head) — {name}",
+            {"participation ratio (mean over heads)": np.nanstd(pr, 1)}, ylim=(0, None)))
     layer, h = _pick_head(result, head)
     if h.get("modes"):
         modes = sorted(h["modes"], key=lambda m: m["rank"])
@@ -320,8 +335,11 @@ def plot_bfd(result: dict[str, Any], out_dir: str | os.PathLike, head: tuple[int
     if any("decoding" in l for l in result["layers"]):
         dec = {f"R² from {f}": [l.get("decoding", {}).get(f, {}).get("mean") for l in result["layers"]] for f in "XPC"}
         dec["position variance share"] = [l["position_variance_share"] for l in result["layers"]]
+        dec = {k: [v if v is None else max(v, R2_FLOOR) for v in vals] for k, vals in dec.items()}
+        held = max(l.get("decoding", {}).get("holdout_images", 0) for l in result["layers"])
         paths.append(plot_layer_curves(layers, _nan(dec), out_dir / "bfd_decoding.png", "held-out R² (row, col mean)",
-                                       f"Position decoding from X, P, C — {name}"))
+                                       f"Position decoding from X, P, C ({held} held-out images) — {name}",
+                                       ylim=(R2_FLOOR - 0.05, 1.05)))
     return paths
 
 

@@ -47,6 +47,8 @@ from qkhooks.spectrum import head_weighted_cosines
 __all__ = [
     "TopKModes",
     "AnisotropyReducer",
+    "CentreEmbeddings",
+    "anisotropy_interval",
     "signed_scores",
     "infer_prefix_tokens",
     "layer_state",
@@ -56,6 +58,7 @@ __all__ = [
     "anisotropy_table",
     "optimal_objects",
     "same_object_probability",
+    "chance_same_object",
     "same_object_table",
     "map_to_grid",
     "overlay",
@@ -495,6 +498,75 @@ class AnisotropyReducer(Reducer):
         self.num_prefix_tokens = None if prefix < 0 else prefix
 
 
+class CentreEmbeddings(AnisotropyReducer):
+    """The unit centre-patch embeddings of each image, per layer: what the anisotropy baseline averages, kept
+    so that its uncertainty over images can be measured (:func:`anisotropy_interval`).
+
+    Keeps the first ``max_images`` images (float32, images x layers x d: 2048 x 12 x 384 is 38 MB); the
+    baseline itself comes from :class:`AnisotropyReducer`, which sees every image.
+    """
+
+    name = "anisotropy_images"
+
+    def __init__(self, num_prefix_tokens: int | None = None, grid: tuple[int, int] | None = None, max_images: int = 2048):
+        super().__init__(num_prefix_tokens, grid)
+        self.max_images = int(max_images)
+        self.vectors: dict[int, list[np.ndarray]] = {}
+
+    def __repr__(self) -> str:
+        return f"CentreEmbeddings(layers={sorted(self.vectors)}, images={self._images()})"
+
+    def _images(self) -> int:
+        return max((sum(len(v) for v in vs) for vs in self.vectors.values()), default=0)
+
+    def update(self, batch: BatchCapture) -> None:
+        room = self.max_images - self._images()
+        if room <= 0:
+            return
+        for layer, x in sorted((l, c.inputs) for l, c in batch.layers.items() if c.inputs is not None):
+            centre = self.centre_token(int(x.shape[1]), batch.meta)
+            z = x[:room, centre].double()
+            z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+            self.vectors.setdefault(layer, []).append(z.float().cpu().numpy())
+
+    def merge(self, other: Reducer) -> None:
+        self._check_same_kind(other)
+        assert isinstance(other, CentreEmbeddings)
+        for layer, vs in other.vectors.items():
+            self.vectors.setdefault(layer, []).extend(vs)
+
+    def state_dict(self) -> dict[str, Any]:
+        layers = sorted(self.vectors)
+        return {"layers": np.asarray(layers, dtype=np.int64),
+                "vectors": np.stack([np.concatenate(self.vectors[l]) for l in layers], 1) if layers
+                else np.zeros((0, 0, 0), np.float32)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        vectors = np.asarray(state["vectors"])
+        self.vectors = {int(l): [vectors[:, i]] for i, l in enumerate(np.asarray(state["layers"]).reshape(-1))}
+
+
+def anisotropy_interval(vectors: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean cosine between different images' unit vectors (n, d), with a 95% bootstrap interval over images.
+
+    A resample with counts c_i uses the pairs of different images only: (c'Gc - sum c_i^2) / (n^2 - sum c_i^2),
+    G the Gram matrix (unit diagonal), so an image drawn twice is never compared with itself.
+    """
+    z = np.asarray(vectors, dtype=np.float64)
+    n = z.shape[0]
+    if n < 2:
+        return math.nan, math.nan, math.nan
+    G = z @ z.T
+    value = float((G.sum() - np.trace(G)) / (n * (n - 1)))
+    if n < 3:
+        return value, math.nan, math.nan
+    c = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=n_boot).astype(np.float64)
+    sq = (c**2).sum(1)
+    boot = (np.einsum("bi,ij,bj->b", c, G, c) - (c**2 * np.diag(G)).sum(1)) / np.maximum(n * n - sq, 1)
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return value, float(low), float(high)
+
+
 def anisotropy_from_state(state: Mapping[str, Any]) -> dict[int, float]:
     """Layer -> mean cosine between centre-patch embeddings of different images, from a saved state."""
     out: dict[int, float] = {}
@@ -598,6 +670,15 @@ def same_object_probability(
     valid = (q_obj > 0) & (k_obj > 0)
     used = int(valid.sum())
     return (float(np.mean(q_obj[valid] == k_obj[valid])) if used else math.nan), used
+
+
+def chance_same_object(objects: Any) -> float:
+    """Same-object probability if the key side picked one of the image's objects at random: the mean over
+    images with at least one object of 1 / (objects in the image). Fig. 5's chance line."""
+    labels = np.asarray(objects)
+    counts = np.array([np.count_nonzero(np.unique(lab) > 0) for lab in labels.reshape(len(labels), -1)])
+    counts = counts[counts > 0]
+    return float(np.mean(1.0 / counts)) if counts.size else math.nan
 
 
 def _read_rows(array: Any, indices: np.ndarray) -> dict[int, np.ndarray]:
@@ -1073,7 +1154,7 @@ def analyze_modes(
         The JSON summary (also written to ``modes.json``), with ``files``.
     """
     from qkhooks.models.base import parse_layers
-    from qkhooks.plots import plot_layer_curves, plot_weighted_cosine
+    from qkhooks.plots import plot_anisotropy, plot_layer_curves
 
     out = Path(out_dir)
     with _open_run(run_path) as run:
@@ -1094,6 +1175,7 @@ def analyze_modes(
         topk = _select_state(topk, chosen, k)
         spectra = {l: {name: np.asarray(v) for name, v in run.spectrum(l).items()} for l in chosen}
         aniso_state = run.state(AnisotropyReducer.name)
+        centre_state = run.state(CentreEmbeddings.name)
         objects = None
         if run.has("masks/objects"):
             objects = np.asarray(run.array("masks/objects")[:n])
@@ -1112,12 +1194,20 @@ def analyze_modes(
                 for m, (s, c) in enumerate(zip(s_h, c_h)):
                     rows.append([r["layer"], h, m, _fmt(s), _fmt(c), _fmt(r["baseline"]), _fmt(c - r["baseline"])])
         files["anisotropy_csv"] = str(_write_csv(out / "anisotropy.csv", ["layer", "head", "mode", "sigma", "cos", "baseline", "relative_cos"], rows))
-        every = all("S_all" in spectra[l] and "cos_all" in spectra[l] for l in aniso["layers"])
-        keys = ("S_all", "cos_all") if every else ("S", "cos")  # all modes where the run has them (as Fig. 3)
-        dim = int(info.get("dim") or np.asarray(spectra[aniso["layers"][0]]["U"]).shape[1])
-        files["anisotropy_png"] = str(plot_weighted_cosine(
-            {l: (spectra[l][keys[0]], spectra[l][keys[1]]) for l in aniso["layers"]}, dim, out / "anisotropy.png", model,
-            relative_to=[baselines[l] for l in aniso["layers"]]))
+        if centre_state is not None:
+            where = {int(l): i for i, l in enumerate(np.asarray(centre_state["layers"]).reshape(-1))}
+            vectors = np.asarray(centre_state["vectors"])
+            for r in aniso["rows"]:
+                if r["layer"] in where:
+                    _, r["baseline_low"], r["baseline_high"] = anisotropy_interval(vectors[:, where[r["layer"]]])
+                    r["baseline_images"] = int(vectors.shape[0])
+        ci = all("baseline_low" in r for r in aniso["rows"])
+        files["anisotropy_png"] = str(plot_anisotropy(
+            aniso["layers"], [r["baseline"] for r in aniso["rows"]],
+            [r["baseline_low"] for r in aniso["rows"]] if ci else None,
+            [r["baseline_high"] for r in aniso["rows"]] if ci else None,
+            [r["cos_weighted"] for r in aniso["rows"]], out / "anisotropy.png",
+            f"Anisotropy baseline: centre patches of {n} images of {data or 'the run'} — {model}"))
 
     # --- same object
     same = None
@@ -1134,12 +1224,20 @@ def analyze_modes(
             out / "same_object.csv",
             ["layer", "head", "mode", "sigma", "cos", "p_same", "p_same_pooled", "p_same_unweighted", "images"], rows))
         if same["rows"]:
+            from qkhooks.readings import layer_intervals
+
+            per_head = np.array([r["per_head"] for r in same["rows"]], dtype=np.float64).T  # (heads, layers)
+            _, low, high = layer_intervals(per_head)
+            same["chance"] = chance_same_object(objects)
+            weighted = "σ-weighted (per head, mean of heads)"
             files["same_object_png"] = str(plot_layer_curves(
                 same["layers"],
-                {"σ-weighted (per head, mean of heads)": [r["p_same"] for r in same["rows"]],
+                {weighted: [r["p_same"] for r in same["rows"]],
                  "unweighted": [r["p_same_unweighted"] for r in same["rows"]]},
                 out / "same_object.png", ylabel="P(query and key pick the same object)",
-                title=f"Same object or not (top-{same_object_top} images per mode) — {Path(run_path).name}"))
+                title=f"Same object or not: top-{same_object_top} of {n} images per mode — {Path(run_path).name}",
+                bands={weighted: (low, high)}, references={f"chance ({same['chance']:.2f})": same["chance"]},
+                ylim=(0, 1)))
 
     # --- figures
     kk = int(topk["k"])
@@ -1175,14 +1273,15 @@ def analyze_modes(
         "score": "max(0, max_t q) * max(0, max_t k) over patch tokens; sign -1 ranks (-q, -k)",
         "top_note": "per mode, the best k distinct images, each with its better-scoring sign (never listed twice)",
         "layers": [],
-        "anisotropy": None if not aniso["layers"] else {r["layer"]: {k_: r[k_] for k_ in ("baseline", "cos_weighted", "relative_cos_weighted")} for r in aniso["rows"]},
+        "anisotropy": None if not aniso["layers"] else {r["layer"]: {k_: r[k_] for k_ in ("baseline", "baseline_low", "baseline_high", "cos_weighted", "relative_cos_weighted") if k_ in r} for r in aniso["rows"]},
         "anisotropy_note": ("cos_weighted is the sigma-weighted sum over the recorded modes only (the run keeps the "
                             f"top {int(np.asarray(topk['score']).shape[2]) if chosen else 0} per head), mean over heads; "
                             "baseline = mean cosine between centre-patch embeddings of different images")
         if aniso_state is not None else "the run has no anisotropy reducer state",
         "same_object": None if same is None else {
             "top": same_object_top, "sign": same["sign"],
-            "layers": {r["layer"]: {k_: r[k_] for k_ in ("p_same", "p_same_pooled", "p_same_unweighted", "modes_with_value")} for r in same["rows"]}},
+            "chance": same.get("chance"),
+            "layers": {r["layer"]: {k_: r[k_] for k_ in ("p_same", "p_same_pooled", "p_same_unweighted", "modes_with_value", "per_head")} for r in same["rows"]}},
         "same_object_note": None if objects is not None else "the run has no masks/objects (record a dataset with object masks)",
     }
     same_rows = {r["layer"]: r for r in same["rows"]} if same is not None else {}

@@ -47,6 +47,7 @@ __all__ = [
     "preference_from_reducer",
     "preference_table",
     "preference_values",
+    "per_image_groups",
     "analyze_preference",
     "write_preference",
     "format_table",
@@ -465,7 +466,11 @@ def _check_query_tokens(q: np.ndarray, t: torch.Tensor, d: torch.Tensor, prefix:
 
 
 def write_preference(table: dict[str, Any], out_dir: str | os.PathLike, title: str = "") -> dict[str, Path]:
-    """Write ``preference.csv``, ``preference.json`` and ``preference.png`` (Fig. 2B-D style) into ``out_dir``."""
+    """Write ``preference.csv``, ``preference.json`` and ``preference.png`` (Fig. 2B-D style) into ``out_dir``.
+
+    The figure's bands are the 95% CI of the mean over images where the table has them (``ci_low``/``ci_high``
+    per group, from :func:`analyze_preference`), else +-1 std across images.
+    """
     from qkhooks.plots import plot_layer_curves
 
     out = Path(out_dir)
@@ -485,15 +490,27 @@ def write_preference(table: dict[str, Any], out_dir: str | os.PathLike, title: s
                             *_fmt(ph[g]["mean"][i][h] for g in groups), *_fmt(ph[g]["std"][i][h] for g in groups)])
     paths["json"].write_text(json.dumps(table, indent=1))
     labels = {"same_object": "same object", "different_object": "different object", "background": "background"}
+    ci = all("ci_low" in table[g] for g in groups)
     plot_layer_curves(
         table["layers"],
         {labels[g]: table[g]["mean"] for g in groups},
         paths["png"],
         ylabel="attention share (mean over heads)",
-        title=title or f"Attention preference on odd-one-out images ({table['num_images']} images; ±1 std)",
-        spread={labels[g]: table[g]["std"] for g in groups},
+        title=title or f"Attention preference on odd-one-out images ({table['num_images']} images; "
+                       f"{'95% CI' if ci else '±1 std'})",
+        spread=None if ci else {labels[g]: table[g]["std"] for g in groups},
+        bands={labels[g]: (table[g]["ci_low"], table[g]["ci_high"]) for g in groups} if ci else None,
+        ylim=(0, None),
     )
     return paths
+
+
+def per_image_groups(values: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """Group name -> (images, layers) head-averaged group values, layers in sorted order: the units that the
+    figure's intervals and the report's readings resample."""
+    layers = sorted(values)
+    return {name: np.stack([(np.asarray(values[l])[..., i] + np.asarray(values[l])[..., j]).mean(1) / 2
+                            for l in layers], 1) for name, (i, j) in GROUPS.items()}
 
 
 def _fmt(values: Any) -> list[str]:
@@ -515,10 +532,15 @@ def analyze_preference(run_path: str | os.PathLike, out_dir: str | os.PathLike) 
     with open_run(run_path) as run:
         values, prefix = _run_values(run)
         source = {"run": str(run_path), "model": run.model, "data": run.attrs.get("data", ""), "complete": run.complete}
+    from qkhooks.readings import layer_intervals
+
     table = {**preference_table(values, prefix), **source}
+    for name, per_image in per_image_groups(values).items():  # 95% CI over images of the head-averaged value
+        _, low, high = layer_intervals(per_image)
+        table[name]["ci_low"], table[name]["ci_high"] = low.tolist(), high.tolist()
     note = "" if source["complete"] else "; run incomplete"
     files = write_preference(table, out_dir, title=f"Attention preference — {Path(run_path).name} "
-                                                   f"({table['num_images']} images{note}; ±1 std across images)")
+                                                   f"({table['num_images']} images{note}; 95% CI over images)")
     return {**table, "files": {k: str(v) for k, v in files.items()}}
 
 

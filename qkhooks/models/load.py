@@ -247,6 +247,10 @@ def _seeded(build, seed: int = 0):
         return build()
 
 
+RANDOM_SUFFIX = "@random"
+"""Model spec suffix for the same architecture with random weights: ``offline:dinov2-s14@random``."""
+
+
 def load_model(
     spec: str | nn.Module,
     random_init: bool = False,
@@ -328,6 +332,8 @@ def load_model(
     model = model.eval().to(device)
     if dtype is not None:
         model = model.to(dtype)
+    if isinstance(label, str) and random_init and not label.endswith(RANDOM_SUFFIX):
+        label += RANDOM_SUFFIX  # reports name what was loaded
     try:
         model.qkhooks_spec = label  # type: ignore[attr-defined]  # lets reports name the model
     except AttributeError:  # pragma: no cover - exotic modules

@@ -1,0 +1,110 @@
+"""``qkhooks compare``: the per-layer curves of several models on one figure each (cosine, preference,
+same object, BFD shares), from their reports or, for a bare model spec, from the weights alone.
+
+An argument is a report folder (``qkhooks demo --out DIR``: its ``summary.json`` holds the curves) or a model
+spec (``offline:dinov2-s14``, ``timm:NAME@random``), whose Fig. 3 cosine curve needs no images. When the models
+differ in depth, layers are placed on relative depth (layer / (depth - 1)), so their ends line up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from qkhooks.cli import command, write_json
+from qkhooks.errors import QKHooksError
+
+__all__ = ["compare", "model_curves", "CURVES"]
+
+CURVES: dict[str, tuple[str, str]] = {
+    "cosine": ("Fig. 3 across models: σ-weighted query-key cosine (mean of heads)", "cosine(u_n, v_n), σ-weighted"),
+    "preference_same_object": ("Fig. 2 across models: attention share on the same object", "attention share"),
+    "preference_different_object": ("Fig. 2 across models: attention share on the other object", "attention share"),
+    "same_object": ("Fig. 5 across models: P(query and key pick the same object)", "P(same object)"),
+    "bfd_CC": ("BFD across models: content-content energy share", "share of energy"),
+    "bfd_CP": ("BFD across models: content(query)-position(key) energy share", "share of energy"),
+    "bfd_PC": ("BFD across models: position(query)-content(key) energy share", "share of energy"),
+    "bfd_PP": ("BFD across models: position-position energy share", "share of energy"),
+}
+"""Curve name (as a report's summary.json keeps it) -> (figure title, y label), in the page's order."""
+
+
+def model_curves(item: str) -> tuple[str, dict[str, Any]]:
+    """(label, curves) of one argument: a report folder (or its summary.json) or a model spec."""
+    path = Path(item)
+    summary = path / "summary.json" if path.is_dir() else path if path.name == "summary.json" else None
+    if summary is not None:
+        if not summary.exists():
+            raise QKHooksError(f"{path} has no summary.json: give a folder written by `qkhooks demo --out DIR`.")
+        data = json.loads(summary.read_text())
+        if "curves" not in data:
+            raise QKHooksError(f"{summary} predates per-layer curves in reports: run `qkhooks demo` on it again.")
+        return str(data["model"]), data["curves"]
+    if ":" not in item:
+        raise QKHooksError(f"{item!r} is neither a report folder nor a model spec (timm:NAME, hf:ID, offline:NAME, "
+                           "with @random for random weights).")
+    from qkhooks.models.load import load_model
+    from qkhooks.spectrum import spectrum
+
+    loaded = load_model(item)
+    spec = spectrum(loaded.model)
+    layers = [l.layer for l in spec.layers]
+    return loaded.spec, {"cosine": {"layers": layers, "values": [float(v) for v in spec.cosine_weighted_by_layer()]}}
+
+
+def _depth(curves: dict[str, Any]) -> int:
+    return 1 + max(max(c["layers"]) for c in curves.values())
+
+
+def compare(items: Sequence[str], out: str | os.PathLike) -> Path:
+    """Overlay the per-layer curves of several models; writes ``out/index.html``, ``out/compare.json`` and one
+    PNG per curve that at least one model has. Returns the page's path."""
+    from qkhooks.plots import plot_layer_curves
+    from qkhooks.report import data_uri, render_template
+
+    if len(items) < 2:
+        raise QKHooksError("compare needs at least two reports or model specs.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    models: dict[str, dict[str, Any]] = {}
+    for item in items:
+        label, curves = model_curves(item)
+        while label in models:
+            label += "'"
+        models[label] = curves
+    depths = {label: _depth(c) for label, c in models.items()}
+    relative = len(set(depths.values())) > 1
+    xlabel = "relative depth (layer / (depth − 1))" if relative else "layer"
+    figures = []
+    for name, (title, ylabel) in CURVES.items():
+        have = {label: c[name] for label, c in models.items() if name in c}
+        if not have:
+            continue
+        xs = {label: [l / max(depths[label] - 1, 1) if relative else l for l in c["layers"]] for label, c in have.items()}
+        path = plot_layer_curves(xs, {label: c["values"] for label, c in have.items()}, out / f"{name}.png", ylabel,
+                                 title, xlabel=xlabel)
+        missing = [label for label in models if label not in have]
+        caption = (f"{title}: {len(have)} models; x: {xlabel}."
+                   + (f" Not in: {', '.join(missing)} (a bare model spec gives the weight-only cosine; run "
+                      "`qkhooks demo --model SPEC` for the rest)." if missing else ""))
+        figures.append((path, caption))
+    write_json(out / "compare.json", {"models": models, "depths": depths, "relative_depth": relative})
+    page = out / "index.html"
+    page.write_text(render_template("compare.html", models=list(models), figures=[
+        {"src": data_uri(p), "rel": p.name, "caption": c} for p, c in figures]))
+    return page
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("items", nargs="+", metavar="RUN_OR_MODEL",
+                   help="report folders (qkhooks demo --out DIR) or model specs (SPEC@random for random weights)")
+    p.add_argument("--out", default="compare_out", help="folder for index.html, compare.json and the figures")
+
+
+@command("compare", "overlay the per-layer curves of several models (reports or model specs)")(_args)
+def run_compare(args: argparse.Namespace) -> int:
+    print(f"wrote {compare(args.items, args.out)}")
+    return 0
