@@ -15,7 +15,7 @@ from skimage import data as skdata
 import qkhooks
 from qkhooks.analysis.modes import AnisotropyReducer, TopKModes
 from qkhooks.data import ImageConfig
-from conftest import ASYMMETRIC, ASYMMETRIC_DATA_CONFIG, TINY_MODELS, Tiny, eager_attention
+from conftest import ASYMMETRIC, ASYMMETRIC_DATA_CONFIG, Tiny, eager_attention
 
 asymmetric = pytest.mark.parametrize("tiny", ASYMMETRIC, ids=lambda t: t.name)
 

@@ -7,7 +7,6 @@ Image references are computed here independently of :func:`qkhooks.data.preproce
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
