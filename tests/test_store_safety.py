@@ -105,10 +105,11 @@ def _wait_for(child: subprocess.Popen, out: Path, images: int, timeout: float = 
 # ------------------------------------------------------------------------------------------ one writer
 def test_a_second_writer_on_a_live_run_is_refused_at_once_naming_the_writer(tmp_path):
     out = tmp_path / "run.h5"
-    child = _start(tmp_path, out, "o3:16:1", pause=0.3)
+    child = _start(tmp_path, out, "o3:16:1", pause=2.0)
     try:
         _wait_for(child, out, 2)
         for options in ({"resume": True}, {"overwrite": True}, {}):
+            assert child.poll() is None  # still writing
             start = time.monotonic()
             with pytest.raises(QKHooksError, match=rf"being written by another process \(pid {child.pid} on "
                                                    rf"{socket.gethostname()}"):
@@ -237,7 +238,7 @@ def small_disk(tmp_path):
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]).returncode:
         pytest.skip("this machine does not let the test mount a tmpfs")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)])
@@ -251,7 +252,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_finishes_it(tmp_path, smal
                           text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-2000:]
     message = done.stderr.strip().splitlines()[-1]
-    n = int(message.split(": ")[2].split(" images")[0])
+    n = int(message.split("run.h5: ")[1].split(" images")[0])
     assert message == (f"qkhooks: error: disk full while writing run.h5: {n} images are committed and safe; free space "
                        "and run the same command with --resume") and 0 < n < 16
     with open_run(out) as run:
@@ -294,23 +295,27 @@ ANSWERS = {
 }
 
 
-def test_damaged_run_files_answer_in_bounded_time_and_repair_recovers_intact_images(tmp_path):
-    run = tmp_path / "run.h5"
-    record_dataset(tiny_vit(), "samples", run, modes=4, layers="0,1", limit=14, batch_size=4, progress=False)
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """A complete run (14 images, default reducers), what it holds, and four damaged copies of it."""
+    folder = tmp_path_factory.mktemp("damaged")
+    run = folder / "run.h5"
+    record_dataset(tiny_vit(), "samples", run, modes=4, layers="0,1", batch_size=4, progress=False)
     with open_run(run) as good:
-        ids, maps = good.ids, {name: good.array(name)[:] for name in good.arrays()}
-        topk = good.state("topk_modes")
-    for name, path in _damaged_copies(run, tmp_path).items():
+        held = good.ids, {name: good.array(name)[:] for name in good.arrays()}, good.state("topk_modes")
+    return held, _damaged_copies(run, folder)
+
+
+def test_damaged_run_files_open_or_refuse_clearly_and_repair_recovers_every_intact_image(damaged, tmp_path):
+    (ids, maps, topk), copies = damaged
+    assert len(ids) == 14
+    for name, path in copies.items():
         before = sha(path)
-        for what, command in ANSWERS.items():
-            start = time.monotonic()
-            done = subprocess.run([c.format(path=path) for c in command], env=ENV, capture_output=True, text=True,
-                                  timeout=20)
-            assert time.monotonic() - start < 20
-            assert done.returncode in (0, 2), f"{name} {what}: {done.stderr[-1500:]}"
-            if done.returncode == 2:  # a clear message naming the way out, never a traceback
-                assert "Traceback" not in done.stderr and ("repair" in done.stderr or "damaged" in done.stderr), \
-                    f"{name} {what}: {done.stderr[-1500:]}"
+        try:
+            with open_run(path) as run:  # reads what it can (committed images only) ...
+                assert run.n <= len(ids)
+        except QKHooksError as exc:  # ... or says what is wrong and how to recover
+            assert f"qkhooks repair {path} --out FIXED.h5" in str(exc)
         fixed = tmp_path / f"{name}.fixed.h5"
         report = repair(path, fixed)
         assert sha(path) == before  # the damaged file is never changed
@@ -319,12 +324,24 @@ def test_damaged_run_files_answer_in_bounded_time_and_repair_recovers_intact_ima
             rows = [ids.index(i) for i in f.ids]
             for array, values in maps.items() if f.n else ():
                 np.testing.assert_array_equal(f.array(array)[:], values[rows], err_msg=f"{name} {array}")
-        if name in ("zeroed_superblock", "truncated_4k"):  # the data itself is intact: every image comes back
+        if name in ("zeroed_superblock", "truncated_4k"):  # the images' data and metadata are intact: all come back
             assert report.recovered == ids, report.summary()
-    assert main_rc(["repair", str(tmp_path / "zeroed_superblock.h5"), "--out", str(tmp_path / "z2.h5")]) == 0
-    with open_run(tmp_path / "z2.h5") as f:
-        assert f.ids == ids
+    assert main_rc(["repair", str(copies["zeroed_superblock"]), "--out", str(tmp_path / "z2.h5")]) == 0
+    with open_run(tmp_path / "z2.h5") as f:  # with its reducer checkpoint, so a --resume of it continues correctly
+        assert f.ids == ids and f.complete
         np.testing.assert_array_equal(f.state("topk_modes")["index"], topk["index"])
+    assert main_rc(["repair", str(copies["truncated_4k"]), "--out", str(tmp_path / "z2.h5")]) == 2  # never replaces
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", sorted(ANSWERS))
+def test_info_open_run_and_analyze_answer_damaged_files_within_20_s(damaged, what):
+    for name, path in damaged[1].items():
+        done = subprocess.run([c.format(path=path) for c in ANSWERS[what]], env=ENV, capture_output=True, text=True,
+                              timeout=20)  # a hang fails here
+        assert done.returncode in (0, 2), f"{name} {what}: {done.stderr[-1500:]}"
+        if done.returncode == 2:  # a clear message naming the way out, never a traceback
+            assert "Traceback" not in done.stderr and "qkhooks repair" in done.stderr, f"{name} {what}: {done.stderr[-1500:]}"
 
 
 def main_rc(argv: list[str]) -> int:

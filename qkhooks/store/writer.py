@@ -319,6 +319,9 @@ class RunWriter:
                     self._publish(reopen=False)  # a complete run without batches (statics only)
                 else:
                     self._file.close()
+        except Exception:
+            if self._error is None:
+                raise  # after a failed write the first error is the one to report
         finally:
             if not keep:
                 self._creating.unlink(missing_ok=True)
@@ -381,13 +384,11 @@ class RunWriter:
         for name, item in arrays.items():
             value = _numpy(item)
             values[name] = value.astype(self.dtype, copy=False) if np.issubdtype(value.dtype, np.floating) else value
-        needed = sum(v.nbytes for v in values.values()) + FREE_MARGIN_BYTES
-        free = shutil.disk_usage(self.path.parent if str(self.path.parent) else ".").free
-        if free < needed:
-            raise DiskFull(errno.ENOSPC, f"{free} bytes free, a batch needs {needed}")
         if not self.laid_out:
             for name in values:
                 self._create_per_image(name, values[name])
+        self._check_space(values, n)
+        if not self.laid_out:
             self._publish()
         for name, value in values.items():
             ds = self._handles.get(name)
@@ -406,6 +407,18 @@ class RunWriter:
         f.flush()  # the images reach the disk before the count that commits them
         fmt.set_committed(f, n + b)  # on disk with the next batch's flush (or flush()/close()): one flush a batch
         self.committed = n + b
+
+    def _check_space(self, values: Mapping[str, np.ndarray], n: int) -> None:
+        """Refuse a batch the disk has no room for before HDF5 writes any of it (HDF5 allocates whole chunks)."""
+        needed = FREE_MARGIN_BYTES
+        for name, value in values.items():
+            ds = self._file.get(name)
+            rows = ds.chunks[0] if isinstance(ds, h5py.Dataset) and ds.chunks else 1
+            chunks = -(-(n + len(value)) // rows) - -(-n // rows)
+            needed += chunks * rows * (value[0].nbytes if len(value) else 0)
+        free = shutil.disk_usage(self.path.parent if str(self.path.parent) else ".").free
+        if free < needed:
+            raise DiskFull(errno.ENOSPC, f"{free} bytes free, the next batch needs {needed}")
 
     def _create_per_image(self, name: str, value: np.ndarray) -> h5py.Dataset:
         per = max(1, value[0].nbytes)
