@@ -268,6 +268,49 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_finishes_it(tmp_path, smal
     assert_same_run(out, clean)
 
 
+FILLING = textwrap.dedent(
+    """
+    import collections, sys
+    import numpy as np
+    from qkhooks import QKHooksError
+    from qkhooks.store import writer
+
+    class RoomyDisk:  # the free-space check sees plenty: HDF5 itself meets the full disk (another process filled it)
+        @staticmethod
+        def disk_usage(path):
+            return collections.namedtuple("usage", "total used free")(1 << 50, 0, 1 << 50)
+
+    writer.shutil = RoomyDisk
+    w = writer.RunWriter(sys.argv[1], dtype="float32", chunk_images=1)
+    try:
+        for i in range(10 ** 6):
+            w.write_batch([f"i{i}"], {"v": np.full((1, 16384), i, np.float32)})
+            w.flush()
+    except QKHooksError as exc:
+        print(exc)
+    w.close(complete=False)
+    """
+)
+
+
+def test_a_write_error_inside_hdf5_closes_the_file_cleanly_and_keeps_every_committed_image(tmp_path, small_disk):
+    out = small_disk / "run.h5"
+    script = tmp_path / "fill.py"
+    script.write_text(FILLING)
+    done = subprocess.run([sys.executable, str(script), str(out)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]  # no segfault while h5py objects are finalised
+    n = int(done.stdout.split("run.h5: ")[1].split(" images")[0])
+    assert done.stdout.startswith(f"disk full while writing run.h5: {n} images are committed and safe") and n > 10
+    with open_run(out) as run:
+        assert run.n == n and run.ids == [f"i{i}" for i in range(n)]
+        np.testing.assert_array_equal(run.array("v")[:, ::4096], np.repeat(np.arange(n, dtype=np.float32)[:, None], 4, 1))
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    with RunWriter(out, mode="resume", dtype="float32") as w:
+        w.write_batch(["last"], {"v": np.full((1, 16384), -1.0, np.float32)})
+    with open_run(out) as run:
+        assert run.complete and run.n == n + 1 and run.array("v")[n, 0] == -1.0
+
+
 # ------------------------------------------------------------------------------------------ damaged files
 def _damaged_copies(run: Path, folder: Path) -> dict[str, Path]:
     data = run.read_bytes()
