@@ -217,7 +217,7 @@ def test_sigkill_at_many_random_moments_then_resume_equals_an_uninterrupted_run(
         before = _committed(out)
         child = _start(tmp_path, out, f"o3:{total}:2", pause=0.0, resume=out.exists())
         try:  # let it commit a few more batches (randomly many) past where it restarts, then kill it
-            target = min(total - 2, before + rng.randint(1, 2 * total // kills))
+            target = min(total - 2, before + rng.randint(1, 16))
             _wait_for(child, out, target)
             time.sleep(rng.uniform(0, 0.05))
         finally:
@@ -225,7 +225,7 @@ def test_sigkill_at_many_random_moments_then_resume_equals_an_uninterrupted_run(
             child.wait()
         at_kill.append((before, _committed(out)))
     assert all(after > 0 for _, after in at_kill) and max(after for _, after in at_kill) >= 200
-    assert sum(after > before for before, after in at_kill) >= kills - 3  # the kills landed after commits
+    assert all(after > before for before, after in at_kill if before < total - 2)  # the kills landed after commits
     _record(out, f"o3:{total}:2", resume=True)
     _record(tmp_path / "clean.h5", f"o3:{total}:2")
     assert_same_run(out, tmp_path / "clean.h5")

@@ -138,10 +138,12 @@ def clear_open_flags(path: str | os.PathLike) -> bool:
     return True
 
 
-def open_swmr_writer(path: str | os.PathLike) -> h5py.File:
-    """Open an existing run file for writing directly in SWMR mode (no moment in which it is not SWMR)."""
+def open_swmr_writer(path: str | os.PathLike, chunk_cache_bytes: int) -> h5py.File:
+    """Open an existing run file for writing directly in SWMR mode (no moment in which it is not SWMR), with a
+    raw-data chunk cache of ``chunk_cache_bytes`` per dataset whose fully written chunks are evicted first."""
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    fapl.set_cache(0, 521, chunk_cache_bytes, 1.0)
     fapl.set_file_locking(False, True)  # the run's own lock (RUN.h5.lock) keeps other writers out
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl)
     return h5py.File(fid)
