@@ -1,4 +1,4 @@
-"""Run files: schema round trip per dataset, resume after SIGKILL, SWMR reading, skipped images, error paths."""
+"""Run files: schema round trip per dataset, resume after SIGKILL, SWMR reading, layout, skipped images, error paths."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-import warnings
 from pathlib import Path
 
 import h5py

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 
 from qkhooks.errors import QKHooksError
-from qkhooks.store.format import per_image_datasets  # noqa: F401  (re-exported: older imports)
+from qkhooks.store.format import committed, per_image_datasets  # noqa: F401  (per_image_datasets: older imports)
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MASK = 0xFFFFFFFF
@@ -180,8 +180,6 @@ def _open_read(path: Path, swmr: bool) -> h5py.File:
 
 
 def damaged_message(path: Path, problem: str) -> str:
-    from qkhooks.store.format import committed
-
     try:
         with open_damaged(path) as f:
             n = committed(f)
