@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 __all__ = ["IDS", "SKIPPED", "lock_path", "checkpoint_path", "committed", "set_committed", "per_image_datasets",
-           "read_states", "write_checkpoint", "read_checkpoint", "write_states_into", "resume_point"]
+           "read_states", "write_checkpoint", "read_checkpoint", "write_states_into", "resume_point", "config_differences"]
 
 IDS = "images/ids"
 SKIPPED = "images/skipped"
@@ -131,7 +131,7 @@ def read_checkpoint(run: str | os.PathLike) -> tuple[int, dict[str, dict[str, An
                 if member != "__meta__":
                     name, _, key = member.rpartition("/")
                     states[name][key] = archive[member]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
         return None
     return int(meta["images"]), states
 
@@ -172,6 +172,18 @@ def read_states(f: h5py.File, run: str | os.PathLike) -> tuple[int | None, dict[
     if states:
         return images, states
     return read_checkpoint(run) or (None, {})
+
+
+def config_differences(theirs: Any, ours: Any) -> str:
+    """`` (attention: file 'rows', now 'none')`` for two JSON configs; empty when they are not both JSON objects."""
+    try:
+        a, b = json.loads(theirs), json.loads(ours)
+    except (TypeError, ValueError):
+        return ""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return ""
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return " (" + "; ".join(f"{k}: file {a.get(k)!r}, now {b.get(k)!r}" for k in keys) + ")" if keys else ""
 
 
 def resume_point(n_committed: int, checkpoint_images: int | None, has_reducers: bool) -> int:

@@ -45,9 +45,8 @@ IDENTITY_ATTRS = ("model", "config")
 """Root attributes a resume must match: the same model and the same run configuration."""
 
 CHUNK_CACHE_BYTES = (1 << 20) + (1 << 16)
-"""HDF5's raw-data cache per array: one chunk being filled (chunks are <= 1 MiB unless one image is larger).
-HDF5 2.0's default (8 MiB per dataset) keeps written chunks too: with 36 arrays, RSS grew by 250 MB over
-3000 images before it levelled off (benchmarks/RESULTS.md)."""
+"""HDF5's chunk cache per array: the one chunk being filled (HDF5 2.0's 8 MiB a dataset made RSS grow with the
+images written; benchmarks/RESULTS.md)."""
 
 FREE_MARGIN_BYTES = 1 << 20
 """Free disk space a batch must leave (beyond its own bytes) before the writer starts writing it."""
@@ -56,11 +55,10 @@ _STOP = object()
 
 
 def _to_host(value: Any, dtype: torch.dtype | None = None) -> Any:
-    """Start a device->host copy without waiting for it: pinned, non-blocking on CUDA; returns (tensor, event).
+    """Start a device->host copy without waiting for it (pinned, non-blocking on CUDA); returns (tensor, event).
 
-    Floating tensors are first cast to the storage ``dtype`` where they are: on a GPU float16 storage then
-    copies half the bytes; on the CPU torch's cast (~2 ms per ViT-S batch, on the caller) replaces numpy's
-    ``astype`` in the writer thread (~8 ms) (benchmarks/RESULTS.md).
+    Floats are cast to the storage ``dtype`` first, where they are (half the bytes to copy from a GPU; on the
+    CPU torch's cast, ~2 ms a ViT-S batch, replaces numpy's ``astype`` in the writer thread, ~8 ms).
     """
     if isinstance(value, torch.Tensor):
         value = value.detach()
@@ -212,8 +210,9 @@ class RunWriter:
                 )
         for key in IDENTITY_ATTRS:
             if key in attrs and _attr(theirs[key]) != attrs[key]:
+                why = fmt.config_differences(_attr(theirs[key]), attrs[key])
                 raise QKHooksError(
-                    f"cannot resume {self.path}: its {key} differs from this run's{_differences(theirs[key], attrs[key])}"
+                    f"cannot resume {self.path}: its {key} differs from this run's{why}"
                     f".\n  file: {theirs[key]}\n  now:  {attrs[key]}\nResume with the same model and options as the "
                     "first run, or --overwrite to start again."
                 )
@@ -301,8 +300,10 @@ class RunWriter:
                 self._thread.join()
         finally:
             with self._lock:
-                self._close_file()
-                self._writer_lock.release()
+                try:
+                    self._close_file()
+                finally:
+                    self._writer_lock.release()
         if not self._reported:
             self._raise_if_failed()
 
@@ -505,18 +506,6 @@ def _append(ds: h5py.Dataset, n: int, value: np.ndarray) -> None:
     space = ds.id.get_space()
     space.select_hyperslab((n,) + (0,) * (value.ndim - 1), value.shape)
     ds.id.write(h5py.h5s.create_simple(value.shape), space, value)
-
-
-def _differences(theirs: Any, ours: Any) -> str:
-    """`` (attention: file 'rows', now 'none')`` for two JSON configs; empty when they are not both JSON objects."""
-    try:
-        a, b = json.loads(_attr(theirs)), json.loads(ours)
-    except (TypeError, ValueError):
-        return ""
-    if not (isinstance(a, dict) and isinstance(b, dict)):
-        return ""
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return " (" + "; ".join(f"{k}: file {a.get(k)!r}, now {b.get(k)!r}" for k in keys) + ")" if keys else ""
 
 
 def _attr(value: Any) -> Any:
