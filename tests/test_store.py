@@ -306,7 +306,7 @@ def test_the_layout_is_fixed_by_the_first_batch_and_a_file_appears_only_then(tmp
         assert not out.exists()  # laid out beside it, under RUN.h5.creating
         w.write_batch(["a"], {"v": np.ones((1, 2), np.float32)})
         w.flush()
-        with h5py.File(out, "r", swmr=True, locking=False) as f:  # SWMR from the moment it has its name
+        with h5py.File(out, "r", swmr=True) as f:  # SWMR from the moment it has its name
             assert f["images/ids"].attrs["committed"] == 1
         w.write_static("spectrum/S", np.arange(3.0) + 1)  # in place: allowed
         w.write_static("model/info", '{"a": 1}')

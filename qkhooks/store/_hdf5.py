@@ -144,7 +144,6 @@ def open_swmr_writer(path: str | os.PathLike, chunk_cache_bytes: int) -> h5py.Fi
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
     fapl.set_cache(0, 521, chunk_cache_bytes, 1.0)
-    fapl.set_file_locking(False, True)  # the run's own lock (RUN.h5.lock) keeps other writers out
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl)
     return h5py.File(fid)
 

@@ -177,7 +177,7 @@ class RunWriter:
 
     def _lay_out(self, attrs: Mapping[str, Any]) -> h5py.File:
         """A new run, laid out under ``RUN.h5.creating`` until its first batch (see the module docstring)."""
-        f = h5py.File(self._creating, "w", libver="latest", locking=False, rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_w0=1.0)
+        f = h5py.File(self._creating, "w", libver="latest", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_w0=1.0)
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["complete"] = False
