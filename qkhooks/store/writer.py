@@ -385,7 +385,7 @@ class RunWriter:
             values[name] = value.astype(self.dtype, copy=False) if np.issubdtype(value.dtype, np.floating) else value
         if not self.laid_out:
             for name in values:
-                self._create_per_image(name, values[name])
+                self._create_per_image(name, values[name], n)
         self._check_space(values, n)
         if not self.laid_out:
             self._publish()
@@ -419,7 +419,8 @@ class RunWriter:
         if free < needed:
             raise OSError(errno.ENOSPC, f"{free} bytes free, the next batch needs {needed}")
 
-    def _create_per_image(self, name: str, value: np.ndarray) -> h5py.Dataset:
+    def _create_per_image(self, name: str, value: np.ndarray, n: int) -> h5py.Dataset:
+        assert n == 0, "per-image arrays are created with the layout, before the first image"
         per = max(1, value[0].nbytes)
         if self.chunk_images:
             chunk = self.chunk_images
