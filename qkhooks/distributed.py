@@ -44,7 +44,9 @@ import numpy as np
 from qkhooks.cli import command
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer, to_numpy_state
-from qkhooks.store._hdf5 import committed, open_swmr_reader, per_image_datasets, set_committed, walk
+from qkhooks.store import format as fmt
+from qkhooks.store._hdf5 import open_reader
+from qkhooks.store.lock import WriterLock
 
 __all__ = [
     "shard_path",
@@ -162,7 +164,7 @@ class _Shard:
         self.path = path
         if not path.exists():
             raise QKHooksError(f"shard {path} does not exist.")
-        self.file = open_swmr_reader(path)
+        self.file = open_reader(path)
         try:
             self._read()
         except BaseException:
@@ -171,7 +173,7 @@ class _Shard:
 
     def _read(self) -> None:
         f, path = self.file, self.path
-        if committed(f) is None:
+        if fmt.committed(f) is None:
             raise QKHooksError(f"{path} is not a qkhooks run file (no /images/ids with `committed`).")
         self.attrs = {k: (_str(v) if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         self.config = json.loads(_str(self.attrs.get("config", "{}")))
@@ -181,35 +183,22 @@ class _Shard:
         self.rank, self.world = int(shard[0]), int(shard[1])
         block = json.loads(_str(f["images"].attrs["shard"])) if "shard" in f["images"].attrs else {}
         self.start = block.get("start")
-        self.committed = committed(f) or 0
+        self.committed = fmt.committed(f) or 0
         self.complete = bool(f.attrs.get("complete", False))
         self.n, self.states = self._consistent()
         self.ids = [_str(s) for s in f["images/ids"][: self.n]]
         self.skipped = [tuple(_str(x) for x in row) for row in f["images/skipped"][()]] if "images/skipped" in f else []
-        self.per_image = per_image_datasets(f)
+        self.per_image = fmt.per_image_datasets(f)
 
-    def _consistent(self) -> tuple[int, dict[str, dict[str, Any]]]:
-        """The newest image count every reducer has a checkpoint for (what a resume would keep) and those states."""
-        from qkhooks.store.writer import _read_state
-
-        names = sorted(self.config.get("reducers") or [])  # a rank that died early may have saved none yet
-        if not names:
-            return self.committed, {}
-        saved: dict[str, dict[int, dict[str, Any]]] = {}
-        for name in names:
-            slots = [_read_state(self.file, f"reducers/{name}", previous=p) for p in (False, True)] \
-                if f"reducers/{name}" in self.file else []
-            saved[name] = {int(s["_images"]): s for s in slots if s is not None and "_images" in s}
-        common = set.intersection(*(set(v) for v in saved.values()))
-        done = max([n for n in common if n <= self.committed], default=0)
-        states = {}
-        for name in names:
-            state = saved[name].get(done)
-            if state is None:  # nothing recorded yet (a rank that died before its first checkpoint)
-                states[name] = None
-            else:
-                states[name] = {k: v for k, v in state.items() if k != "_images"}
-        return done, states
+    def _consistent(self) -> tuple[int, dict[str, dict[str, Any] | None]]:
+        """The images a resume of this shard would keep (:func:`qkhooks.store.format.resume_point`) and the
+        reducer states that count exactly those (None for a reducer with no checkpoint yet)."""
+        names = sorted(self.config.get("reducers") or [])
+        images, states = fmt.read_states(self.file, self.path)
+        if any(name not in states for name in names):
+            images = None
+        done = fmt.resume_point(self.committed, images, bool(names))
+        return done, {name: states[name] if done else None for name in names}
 
     def close(self) -> None:
         if self.file.id.valid:
@@ -275,6 +264,7 @@ def _merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike] | No
     if any(p.resolve() == out.resolve() for p in paths):
         raise QKHooksError(f"{out} is one of the shards; give the merged file another name.")
     shards: list[_Shard] = []
+    lock = WriterLock(out)  # one writer per run file: the merged file too
     try:
         for p in paths:
             shards.append(_Shard(p))
@@ -287,6 +277,7 @@ def _merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike] | No
             with h5py.File(tmp, "w", libver="latest") as f:
                 merged = _write_merged(f, out, shards, {r.name: r for r in reducers or []}, copy)
             os.replace(tmp, out)
+            fmt.checkpoint_path(out).unlink(missing_ok=True)  # its states are inside; no older run's checkpoint
         except BaseException:
             if tmp.exists():
                 tmp.unlink()
@@ -294,6 +285,7 @@ def _merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike] | No
     finally:
         for s in shards:
             s.close()
+        lock.release()
     return out, merged, sum(s.n for s in shards), [row for s in shards for row in s.skipped]
 
 
@@ -314,7 +306,7 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
     ids = [i for s in shards for i in s.ids]
     images.create_dataset("ids", data=np.array(ids, dtype=object), maxshape=(None,), chunks=(1024,),
                           dtype=h5py.string_dtype())
-    set_committed(f, total)
+    fmt.set_committed(f, total)
     if any("images/skipped" in s.file for s in shards):
         skipped = [row for s in shards for row in s.skipped]
         images.create_dataset("skipped", data=np.array(skipped, dtype=object).reshape(-1, 2), dtype=h5py.string_dtype())
@@ -340,9 +332,7 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
                 merged.merge(part)
         if merged is None:
             continue
-        state = to_numpy_state(merged.state_dict())
-        state["_images"] = total
-        _write_state(f, f"reducers/{name}", state)
+        fmt.write_states_into(f, {name: to_numpy_state(merged.state_dict())}, total)
         result.append(merged)
     return result
 
@@ -364,10 +354,9 @@ def _renumber(name: str, state: dict[str, Any], shard: _Shard, base: int) -> dic
 def _copy_statics(src: h5py.File, dst: h5py.File) -> None:
     """Everything of rank 0's shard that is not per-image, not an image list and not a reducer state."""
 
-    for name, obj in walk(src)[0].items():
-        top = name.split("/", 1)[0]
-        if top in ("images", "reducers"):
-            continue
+    def visit(name: str, obj: Any) -> None:
+        if name.split("/", 1)[0] in ("images", fmt.REDUCERS):
+            return
         if isinstance(obj, h5py.Group):
             group = dst.require_group(name)
             for k, v in obj.attrs.items():
@@ -376,6 +365,8 @@ def _copy_statics(src: h5py.File, dst: h5py.File) -> None:
             ds = dst.create_dataset(name, data=obj[()], dtype=obj.dtype)
             for k, v in obj.attrs.items():
                 ds.attrs[k] = v
+
+    src.visititems(visit)
 
 
 def _fill(dtype: np.dtype) -> Any:
@@ -421,20 +412,6 @@ def _merge_per_image(f: h5py.File, out: Path, name: str, shards: list[_Shard], b
         ds = f.create_virtual_dataset(name, layout, fillvalue=_fill(ref.dtype))
     for k, v in ref.attrs.items():
         ds.attrs[k] = v
-
-
-def _write_state(f: h5py.File, name: str, state: Mapping[str, Any]) -> None:
-    """A reducer state in the writer's layout (slot ``a``, ``current`` = a; arrays as datasets, the rest as JSON)."""
-    group = f.require_group(name)
-    slot = group.require_group("a")
-    scalars: dict[str, Any] = {}
-    for key, value in state.items():
-        if isinstance(value, np.ndarray):
-            slot.create_dataset(key, data=value)
-        else:
-            scalars[key] = value.item() if isinstance(value, np.generic) else value
-    slot.attrs["scalars"] = json.dumps(scalars)
-    group.attrs["current"] = "a"
 
 
 # ------------------------------------------------------------------------------------------ recording
@@ -556,8 +533,8 @@ def _check_visible(out: Path, statuses: Sequence[Mapping[str, Any]], world: int)
     for s in statuses:
         path = shard_path(out, s["rank"], world)
         try:
-            with open_swmr_reader(path, wait_s=0) as f:
-                ok = committed(f) == int(s["images"]) and bool(f.attrs.get("complete", False))
+            with open_reader(path, deadline_s=0) as f:
+                ok = fmt.committed(f) == int(s["images"]) and bool(f.attrs.get("complete", False))
         except (OSError, KeyError, QKHooksError):
             ok = False
         if not ok:

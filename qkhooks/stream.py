@@ -118,21 +118,17 @@ def default_reducers(modes: Any, attention: Sequence[Any], has_target: bool) -> 
 def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str]) -> tuple[int, int]:
     """Restore the reducers, cut the file back to their last checkpoint, return how many images are done.
 
-    Reducer states are checkpointed every few batches, so the file may hold images past the newest
-    checkpoint; those are cut and recorded again, which keeps maps and statistics of the same images.
-    Returns (images committed, dataset index to continue from).
+    Reducer states are checkpointed every few batches, so the file may hold images past the checkpoint;
+    those are cut and recorded again, which keeps maps and statistics of the same images
+    (:func:`qkhooks.store.format.resume_point`). Returns (images committed, dataset index to continue from).
     """
-    committed = writer.committed
-    # Each reducer keeps its last two checkpoints; a kill between two reducers' saves leaves them one
-    # checkpoint apart, so continue from the newest image count all of them have (0: start over).
-    saved: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in reducers:
-        slots = [writer.read_state(f"reducers/{r.name}", previous=p) for p in (False, True)]
-        saved[r.name] = {int(s["_images"]): s for s in slots if s is not None}
-    common = set.intersection(*(set(v) for v in saved.values())) if saved else {committed}
-    done = max([n for n in common if n <= committed], default=0)
-    states = {name: by_count.get(done) for name, by_count in saved.items()}
-    if done < committed:
+    from qkhooks.store.format import resume_point
+
+    images, states = writer.checkpoint() or (None, {})
+    if any(r.name not in states for r in reducers):
+        images = None
+    done = resume_point(writer.committed, images, bool(reducers))
+    if done < writer.committed:
         writer.truncate(done)
     position = {id_: i for i, id_ in enumerate(ids)}
     last = -1
@@ -144,11 +140,9 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str]) -> tup
                 "changed since the run started. Use --overwrite to start again."
             )
         last = i
-    for r in reducers:
-        state = states[r.name]
-        if state is not None and done:
-            state.pop("_images")
-            r.load_state_dict(state)
+    if done:
+        for r in reducers:
+            r.load_state_dict(states[r.name])
     return done, last + 1
 
 
@@ -321,14 +315,12 @@ def record_dataset(
         else:
             skipped = _skipped(at_open, dataset, ids[lo:hi], seen.ids, first_shard=lo == 0, start=lo)
         if writer is not None:
-            _checkpoint(writer, checkpointed, run.images_seen)
+            _checkpoint(writer, checkpointed)
             writer.write_skipped(skipped)
             writer.close(complete=True)
     except BaseException:
         if writer is not None:
-            writer.close(complete=False)
-            if mode != "resume" and writer.committed == 0:
-                Path(out).unlink(missing_ok=True)  # nothing worth resuming: leave no file that blocks a rerun
+            writer.close(complete=False)  # a new run with nothing committed leaves no file that blocks a rerun
         raise
     return RecordResult(Path(out) if out is not None else None, reducers, run.images_seen, skipped)
 
@@ -449,7 +441,7 @@ def _loop(run, batches, net, total, device, site, progress, writer, checkpointed
             with torch.no_grad():
                 run(pixels, ids=list(batch["id"]), meta=meta)
             if writer is not None and (step + 1) % checkpoint_every == 0:
-                _checkpoint(writer, checkpointed, run.images_seen)
+                _checkpoint(writer, checkpointed)
             bar.update(read)
     finally:
         bar.close()
@@ -476,14 +468,12 @@ def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_
     writer.write_static("model/info", json.dumps(info))
 
 
-def _checkpoint(writer: Any, reducers: Sequence[Reducer], images: int) -> None:
-    """Queue every reducer's state behind the batches already queued, tagged with the image count."""
+def _checkpoint(writer: Any, reducers: Sequence[Reducer]) -> None:
+    """Queue one checkpoint of every reducer's state behind the batches already queued."""
     from qkhooks.reducers import to_numpy_state
 
-    for r in reducers:
-        state = to_numpy_state(r.state_dict())
-        state["_images"] = images
-        writer.write_state(f"reducers/{r.name}", state)
+    if reducers:
+        writer.write_checkpoint({r.name: to_numpy_state(r.state_dict()) for r in reducers})
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -540,4 +530,18 @@ def run_info(args) -> int:
 
     with open_run(args.run) as run:
         print(run.summary())
+    return 0
+
+
+def _repair_args(p) -> None:
+    p.add_argument("run", help="a damaged run file (left unchanged)")
+    p.add_argument("--out", required=True, help="the new run file with every readable committed image")
+
+
+@command("repair", "copy every readable committed image and reducer state of a damaged run file into a new one")(_repair_args)
+def run_repair(args) -> int:
+    from qkhooks.store import repair
+
+    report = repair(args.run, args.out)
+    print(report.summary())
     return 0

@@ -228,9 +228,9 @@ def write_run(path, ids, arrays, prefix=None, dtype="float32", complete=True):
     from qkhooks.store import RunWriter
 
     with RunWriter(path, dtype=dtype) as writer:
-        writer.write_batch(ids, {k: np.asarray(v) for k, v in arrays.items()})
-        if prefix is not None:
+        if prefix is not None:  # statics belong to the layout: before the first batch
             writer.write_static("model/info", json.dumps({"num_prefix_tokens": prefix}))
+        writer.write_batch(ids, {k: np.asarray(v) for k, v in arrays.items()})
         writer.close(complete=complete)
 
 

@@ -1,4 +1,4 @@
-"""Run files: schema round trip per dataset, resume after SIGKILL, SWMR reading, skipped images, error paths."""
+"""Run files: schema round trip per dataset, resume after SIGKILL, SWMR reading, layout, skipped images, error paths."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-import warnings
 from pathlib import Path
 
 import h5py
@@ -26,7 +24,7 @@ from qkhooks import QKHooksError
 from qkhooks.cli import main
 from qkhooks.data import collate, open_dataset
 from qkhooks.store import RunWriter, open_run
-from qkhooks.store._hdf5 import clear_open_flags, lookup3, open_swmr_reader
+from qkhooks.store._hdf5 import clear_open_flags, lookup3
 from qkhooks.stream import record_dataset
 
 # A small ViT at the real 224 input (7 x 7 patches of 32 px), so every dataset's preprocessing applies as is.
@@ -272,15 +270,17 @@ def test_corrupt_images_are_skipped_and_listed_in_the_file(tmp_path):
     assert dict(result.skipped).keys() == skipped.keys()
 
 
-def test_writer_commits_whole_batches_and_states_alternate_slots(tmp_path):
+def test_writer_commits_whole_batches_and_checkpoints_replace_each_other(tmp_path):
     out = tmp_path / "w.h5"
     with RunWriter(out, attrs={"model": "m", "config": {"a": 1}}, dtype="float32") as w:
         w.write_batch(["x", "y"], {"v": torch.arange(6.0).reshape(2, 3)})
-        w.write_state("reducers/r", {"s": np.ones(2), "_images": 2})
+        w.write_checkpoint({"r": {"s": np.ones(2), "note": "two"}})
         w.write_batch(["z"], {"v": torch.full((1, 3), 7.0)})
-        w.write_state("reducers/r", {"s": np.zeros(2), "_images": 3})
         assert w.ids == ["x", "y", "z"]
-        assert w.read_state("reducers/r")["_images"] == 3 and w.read_state("reducers/r", previous=True)["_images"] == 2
+        images, states = w.checkpoint()  # counts the images committed when the writer reached it
+        assert images == 2 and states["r"]["s"].tolist() == [1.0, 1.0] and states["r"]["note"] == "two"
+        w.write_checkpoint({"r": {"s": np.zeros(2), "note": "three"}})
+        assert w.checkpoint()[0] == 3
         w.truncate(2)
         assert w.ids == ["x", "y"]
         with pytest.raises(QKHooksError, match="one row per id"):
@@ -288,155 +288,49 @@ def test_writer_commits_whole_batches_and_states_alternate_slots(tmp_path):
         w.write_batch(["q"], {"v": torch.zeros(1, 4)})  # wrong per-image shape: reported on the next call
         with pytest.raises(QKHooksError, match="shape"):
             w.flush()
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "w.h5.lock").exists()
     with open_run(out) as run:
         assert run.ids == ["x", "y"]
         np.testing.assert_array_equal(run.array("v")[:], np.arange(6.0).reshape(2, 3))
-        assert run.state("r")["s"].tolist() == [0.0, 0.0] and not run.complete
+        assert run.state("r")["s"].tolist() == [0.0, 0.0] and run.states() == ["r"] and not run.complete
         with pytest.raises(QKHooksError, match="no per-image array 'w'.*v"):
             run.array("w")
 
 
-MID_CHANGE = textwrap.dedent(
-    """
-    import os, sys, time
-    import numpy as np
-    from qkhooks.store import RunWriter
-
-    w = RunWriter(sys.argv[1])
-    for i in range(2):
-        w.write_batch([f"i{2 * i}", f"i{2 * i + 1}"], {"v": np.full((2, 3), i, np.float32)})
-    w.flush()
-    with w._lock, w._structural() as f:  # outside SWMR mode, as while creating a dataset or a checkpoint
-        f.attrs["note"] = "mid-change"
-        print("inside", flush=True)
-        while not os.path.exists(sys.argv[2]):  # until the test lets it go
-            time.sleep(0.01)
-    w.close()
-    """
-)
-
-
-def _writer_paused_mid_change(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
-    """A writer process stopped inside a layout change; it goes on once the returned ``release`` file exists."""
-    script, out, release = tmp_path / "child.py", tmp_path / "run.h5", tmp_path / "release"
-    script.write_text(MID_CHANGE)
-    child = subprocess.Popen([sys.executable, str(script), str(out), str(release)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    assert child.stdout.readline() == b"inside\n", child.stderr.read().decode()[-2000:]
-    return child, out, release
+def test_the_layout_is_fixed_by_the_first_batch_and_a_file_appears_only_then(tmp_path):
+    out = tmp_path / "w.h5"
+    with RunWriter(out, dtype="float32") as w:
+        w.write_static("model/info", "{}")
+        w.write_static("spectrum/S", np.arange(3.0))
+        w.flush()
+        assert not out.exists()  # laid out beside it, under RUN.h5.creating
+        w.write_batch(["a"], {"v": np.ones((1, 2), np.float32)})
+        w.flush()
+        with h5py.File(out, "r", swmr=True) as f:  # SWMR from the moment it has its name
+            assert f["images/ids"].attrs["committed"] == 1
+        w.write_static("spectrum/S", np.arange(3.0) + 1)  # in place: allowed
+        w.write_static("model/info", '{"a": 1}')
+        w.flush()
+        w.write_static("spectrum/T", np.arange(3.0))  # a new object after the first batch: refused
+        with pytest.raises(QKHooksError, match="layout is fixed"):
+            w.flush()
+    with h5py.File(out, "r") as f:
+        assert f["spectrum/S"][()].tolist() == [1.0, 2.0, 3.0] and f["model"].attrs["info"] == '{"a": 1}'
+        assert not f.attrs["complete"] and "spectrum/T" not in f
+    assert not list(tmp_path.glob("*.creating"))
 
 
-def test_a_reader_waits_out_a_live_writers_structural_change(tmp_path):
-    child, out, release = _writer_paused_mid_change(tmp_path)
-    try:
-        with pytest.raises(OSError, match="not already open for SWMR writing"):  # plain h5py, meanwhile
-            h5py.File(out, "r", swmr=True, locking=False)
-        threading.Timer(0.3, release.touch).start()  # the writer finishes its change while open_run waits
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # nothing to repair: the writer is alive
-            with open_run(out) as run:
-                assert run.ids == ["i0", "i1", "i2", "i3"]
-    finally:
-        release.touch()
-        assert child.wait(timeout=60) == 0, child.stderr.read().decode()[-2000:]
-    with open_run(out) as run:
-        assert run.complete and run.attrs["note"] == "mid-change"
-
-
-CYCLING = textwrap.dedent(
-    """
-    import sys, time
-    import numpy as np
-    from qkhooks.store import RunWriter
-
-    w = RunWriter(sys.argv[1])
-    w.write_batch(["a"], {"v": np.zeros((1, 3), np.float32)})
-    w.flush()
-    print("ready", flush=True)
-    start = time.time()
-    while time.time() - start < float(sys.argv[2]):  # in and out of SWMR mode as fast as it goes
-        with w._lock, w._structural() as f:
-            f.attrs["t"] = time.time()
-    w.close()
-    """
-)
-
-
-def test_readers_never_mistake_a_writer_changing_layout_for_a_dead_one(tmp_path):
-    # A reader that meets "open for write" flags and then no lock may have caught a live writer re-entering SWMR
-    # mode; and probing the lock must not make the writer's own relock fail.
-    script, out = tmp_path / "child.py", tmp_path / "run.h5"
-    script.write_text(CYCLING)
-    child = subprocess.Popen([sys.executable, str(script), str(out), "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    assert child.stdout.readline() == b"ready\n", child.stderr.read().decode()[-2000:]
-    opened = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the "writer died" path warns
-        while child.poll() is None:
-            open_swmr_reader(out).close()
-            opened += 1
-    assert child.returncode == 0, child.stderr.read().decode()[-2000:]
-    assert opened > 10
-
-
-def test_a_writer_killed_outside_swmr_mode_leaves_a_readable_resumable_run(tmp_path):
-    child, out, _ = _writer_paused_mid_change(tmp_path)
-    child.kill()
-    child.wait()
-    with pytest.raises(OSError, match="not already open for SWMR writing"):  # HDF5 alone refuses the file
-        h5py.File(out, "r", swmr=True, locking=False)
-    found = (sha(out), os.stat(out).st_mtime_ns)
-    with pytest.warns(UserWarning, match="writer died while changing"):
-        run, other = open_run(out), open_run(out)  # two readers at once: neither writes, so neither races
-    with run, other:
-        assert run.ids == other.ids == ["i0", "i1", "i2", "i3"] and not run.complete
-        assert run.file.filename == str(out)  # quoted by error messages, as for any other run file
-        np.testing.assert_array_equal(run.array("v")[:, 0], [0, 0, 1, 1])
-    assert (sha(out), os.stat(out).st_mtime_ns) == found  # not even rewritten as found
-    with RunWriter(out, mode="resume") as w:
-        assert w.committed == 4
-        w.write_batch(["i4"], {"v": np.full((1, 3), 2, np.float32)})
-    with open_run(out) as run:
-        assert run.complete and run.ids == ["i0", "i1", "i2", "i3", "i4"]
-
-
-def test_an_object_half_written_by_a_dying_writer_is_skipped_by_readers_and_dropped_by_resume(tmp_path):
-    out = tmp_path / "run.h5"
-    w = RunWriter(out)
-    w.write_batch(["a", "b"], {"v": np.ones((2, 3), np.float32)})
-    w.write_state("reducers/r", {"_images": 2, "s": np.arange(3.0)})
-    w.close(complete=False)
-    with h5py.File(out, "r+", libver="latest") as f:  # the writer's last layout change, as a kill mid-flush leaves
-        late = f.create_group("reducers/late")  # it: linked from its parent, its own header never reaching disk
-        late.create_dataset("x", data=np.arange(5.0))
-        cut = h5py.h5o.get_info(late.id).addr
-    with open(out, "r+b") as fh:  # superblock v3: flags byte at 11, end-of-file address at 28, checksum at 44
-        block = bytearray(fh.read(48))
-        block[11] = 1  # still "open for write"
-        block[28:36] = cut.to_bytes(8, "little")
-        block[44:48] = lookup3(bytes(block[:44])).to_bytes(4, "little")
-        fh.seek(0)
-        fh.write(block)
-        fh.truncate(cut)
+def test_an_unfinished_new_run_without_images_leaves_no_file_and_an_overwrite_keeps_the_old_run_until_then(tmp_path):
+    out = tmp_path / "w.h5"
+    with RunWriter(out) as w:
+        w.write_batch(["a"], {"v": np.ones((1, 2), np.float32)})
     before = sha(out)
-    with pytest.warns(UserWarning, match="half-written and skipped: reducers/late"):
-        run = open_run(out)
-    with run:
-        assert run.ids == ["a", "b"] and run.state("r")["s"].tolist() == [0.0, 1.0, 2.0]
-        assert run.arrays() == ["v"] and not run.complete
-    assert sha(out) == before  # reading changed nothing: the next reader is warned too
-    with pytest.warns(UserWarning, match="copying the rest into a fresh file"):
-        w = RunWriter(out, mode="resume")
-    with w:
-        assert w.committed == 2 and w.read_state("reducers/r")["s"].tolist() == [0.0, 1.0, 2.0]
-        w.write_batch(["c"], {"v": np.zeros((1, 3), np.float32)})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with open_run(out) as run:
-            assert run.complete and run.ids == ["a", "b", "c"] and run.states() == ["r"]
-            np.testing.assert_array_equal(run.array("v")[:, 0], [1, 1, 0])
-    assert not list(tmp_path.glob("*.salvaging"))
+    w = RunWriter(out, mode="overwrite")
+    w.write_static("x", np.zeros(2))
+    w.flush()
+    assert sha(out) == before  # the old run stays until the new one has a batch
+    w.close(complete=False)
+    assert sha(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["w.h5"]
 
 
 def test_clear_open_flags_matches_hdf5_checksum(tmp_path):

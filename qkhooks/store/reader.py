@@ -17,8 +17,8 @@ import h5py
 import numpy as np
 
 from qkhooks.errors import QKHooksError
-from qkhooks.store._hdf5 import committed, open_swmr_reader, per_image_datasets, walk
-from qkhooks.store.writer import _read_state
+from qkhooks.store import format as fmt
+from qkhooks.store._hdf5 import open_reader
 
 __all__ = ["open_run", "RunReader", "RunArray"]
 
@@ -80,9 +80,9 @@ class RunReader:
         self.path = Path(path)
         if not self.path.exists():
             raise QKHooksError(f"no run file at {self.path}; record one with `qkhooks record`.")
-        self.file = open_swmr_reader(self.path)
+        self.file = open_reader(self.path)
         try:
-            if committed(self.file) is None:
+            if fmt.committed(self.file) is None:
                 raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images/ids with `committed`).")
             self.refresh()
         except BaseException:
@@ -92,21 +92,19 @@ class RunReader:
     def refresh(self) -> int:
         """Re-read the committed count (a run still being written grows); returns it.
 
-        Per-image arrays grow in place. Group attributes and reducer states are read as of opening
-        (HDF5 refreshes datasets only), so reopen to see a newer checkpoint; if the writer is mid-way
-        through one of its rare structural changes this raises, and reopening a moment later works.
+        Per-image arrays grow in place (a run file's layout never changes once it has images). Group
+        attributes are read as of opening (HDF5 refreshes datasets only); reducer states are read afresh
+        from the run's checkpoint at every :meth:`state`.
         """
         try:
-            if self.file.swmr_mode:  # else a dead writer's file (see open_swmr_reader): nothing to refresh
-                for ds in self._datasets():
+            if self.file.swmr_mode:
+                for ds in [*fmt.per_image_datasets(self.file).values(), self.file[fmt.IDS]]:
                     ds.refresh()
-            self.n = committed(self.file) or 0
-        except (OSError, RuntimeError, KeyError, ValueError) as exc:  # HDF5 caught the writer mid-change
-            raise QKHooksError(f"{self.path} is being restructured by its writer ({exc}); open it again in a moment.") from None
+            self.n = fmt.committed(self.file) or 0
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise QKHooksError(f"cannot read {self.path} ({exc}); it may be damaged: try "
+                               f"`qkhooks repair {self.path} --out FIXED.h5`.") from None
         return self.n
-
-    def _datasets(self) -> list[h5py.Dataset]:
-        return [obj for obj in walk(self.file)[0].values() if isinstance(obj, h5py.Dataset)]
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -155,7 +153,7 @@ class RunReader:
 
     def arrays(self) -> list[str]:
         """Names of all per-image arrays."""
-        return sorted(per_image_datasets(self.file), key=_natural)
+        return sorted(fmt.per_image_datasets(self.file), key=_natural)
 
     @property
     def layers(self) -> list[int]:
@@ -186,11 +184,14 @@ class RunReader:
         return {k: v[()] for k, v in group.items()}
 
     def state(self, name: str) -> dict[str, Any] | None:
-        """The saved state of a streaming reducer (``topk_modes``, ``preference``, ...), or None."""
-        return _read_state(self.file, name if "/" in name else f"reducers/{name}")
+        """The saved state of a streaming reducer (``topk_modes``, ``preference``, ...), or None.
+
+        Kept in the run's checkpoint ``RUN.h5.reducers`` next to it (merged files hold theirs inside).
+        """
+        return fmt.read_states(self.file, self.path)[1].get(name.rpartition("/")[2])
 
     def states(self) -> list[str]:
-        return sorted(self.file.get("reducers", {}).keys())
+        return sorted(fmt.read_states(self.file, self.path)[1])
 
     # ------------------------------------------------------------------ summary
     def _incomplete_hint(self) -> str:

@@ -1,31 +1,28 @@
 """The run writer: one HDF5 file per run, written by a background thread so the forward pass never waits on disk.
 
-Commit protocol (what makes a killed run resumable with no image lost or written twice): for every batch
-the writer thread grows each per-image dataset, writes the data, then the ids, flushes, and only then
-raises the ``committed`` attribute of ``/images/ids``, which reaches the disk with the next flush (the next
-batch's, or ``flush()``/``close()``): one flush per batch, and a reader watching the run sees a batch once the
-next one is written. Everything past ``committed`` is garbage a reader ignores and a resume cuts off. The
-file is written in SWMR mode, whose ordered metadata flushes keep it readable however the writer dies and
-let other processes watch it grow.
+The file is in SWMR mode from the moment it has its name, so it is consistent on disk however its writer
+dies, and other processes can watch it grow:
 
-Reducer states are saved in two alternating slots (``/reducers/<name>/a`` and ``/b``); the group's
-``current`` attribute moves to the new slot only after it is flushed, so a state is never half-written.
+1. **Layout.** A new run is laid out in ``RUN.h5.creating`` (attributes, statics, and at the first batch every
+   per-image array), then renamed to ``RUN.h5`` (an ``--overwrite`` replaces the old run only now) and reopened
+   in SWMR mode; from then on objects are only written, grown and flushed. A resume reopens it in SWMR mode.
+2. **Commit.** Per batch: each per-image array, then the ids, flush, and only then ``committed`` (on disk with
+   the next flush). Readers ignore, and a resume cuts, everything past it.
+3. **Checkpoints.** Reducer states go to ``RUN.h5.reducers`` after a flush (:mod:`qkhooks.store.format`).
 
-SWMR mode allows writing, growing and flushing existing objects but not creating or deleting them (HDF5
-crashes on a delete). Such structural changes (the first batch, the first two checkpoints of a reducer, a
-state whose shapes changed) briefly leave SWMR mode: close, reopen, change, flush, re-enter. A writer killed
-inside one leaves a file that ``store._hdf5.open_swmr_reader`` still opens and a resume repairs.
+One writer per run (:class:`~qkhooks.store.lock.WriterLock`). A write error (a full disk included) stops the
+writer thread, which closes the file deliberately (after giving back the lock file's reserved space); every
+later call raises.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import os
 import queue
+import shutil
 import threading
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,9 +31,9 @@ import numpy as np
 import torch
 
 from qkhooks.errors import QKHooksError
-from qkhooks.store._hdf5 import (
-    clear_open_flags, committed, open_swmr_reader, per_image_datasets, salvage, set_committed, walk,
-)
+from qkhooks.store import format as fmt
+from qkhooks.store._hdf5 import clear_open_flags, open_reader, open_swmr_writer
+from qkhooks.store.lock import RESERVE_BYTES, WriterLock
 
 __all__ = ["RunWriter", "COMPRESSIONS", "IDENTITY_ATTRS"]
 
@@ -47,15 +44,21 @@ zstd) while writing 2-20x slower; see benchmarks/RESULTS.md."""
 IDENTITY_ATTRS = ("model", "config")
 """Root attributes a resume must match: the same model and the same run configuration."""
 
+CHUNK_CACHE_BYTES = (1 << 20) + (1 << 16)
+"""HDF5's chunk cache per array: the one chunk being filled (HDF5 2.0's 8 MiB a dataset made RSS grow with the
+images written; benchmarks/RESULTS.md)."""
+
+FREE_MARGIN_BYTES = 1 << 20
+"""Free disk space a batch must leave (beyond its own bytes) before the writer starts writing it."""
+
 _STOP = object()
 
 
 def _to_host(value: Any, dtype: torch.dtype | None = None) -> Any:
-    """Start a device->host copy without waiting for it: pinned, non-blocking on CUDA; returns (tensor, event).
+    """Start a device->host copy without waiting for it (pinned, non-blocking on CUDA); returns (tensor, event).
 
-    Floating tensors are first cast to the storage ``dtype`` where they are: on a GPU float16 storage then
-    copies half the bytes; on the CPU torch's cast (~2 ms per ViT-S batch, on the caller) replaces numpy's
-    ``astype`` in the writer thread (~8 ms) (benchmarks/RESULTS.md).
+    Floats are cast to the storage ``dtype`` first, where they are (half the bytes to copy from a GPU; on the
+    CPU torch's cast, ~2 ms a ViT-S batch, replaces numpy's ``astype`` in the writer thread, ~8 ms).
     """
     if isinstance(value, torch.Tensor):
         value = value.detach()
@@ -78,13 +81,18 @@ def _numpy(item: tuple[Any, Any]) -> np.ndarray:
     return value.numpy() if isinstance(value, torch.Tensor) else value
 
 
+def _disk_full(exc: BaseException) -> bool:
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "errno = 28" in str(exc)
+
+
 class RunWriter:
     """Writes one run file. Use as a context manager or call :meth:`close`.
 
     Args:
         path: the ``.h5`` file.
-        mode: ``create`` (the file must not exist), ``overwrite`` (replace it), ``resume`` (continue it; its
-            ``model`` and ``config`` attributes must equal ``attrs``'s, and images past ``committed`` are cut).
+        mode: ``create`` (the file must not exist), ``overwrite`` (replace it once the new run has its first
+            batch), ``resume`` (continue it; its ``model`` and ``config`` attributes must equal ``attrs``'s, and
+            images past ``committed`` are cut).
         attrs: root attributes (model spec, configuration JSON, versions); values that are not str/number are
             stored as JSON.
         dtype: storage dtype of per-image floating arrays.
@@ -92,6 +100,9 @@ class RunWriter:
         chunk_images: images per chunk along the first axis (default: what makes ~1 MiB chunks; with compression,
             the first batch's size, so that every compressed chunk is written once).
         queue_size: batches that may wait for the writer thread before ``write_batch`` blocks.
+
+    A second writer of the same path (in any process) is refused while this one lives. A new run that is
+    closed unfinished with no committed image leaves no file behind.
     """
 
     def __init__(
@@ -111,28 +122,27 @@ class RunWriter:
             raise QKHooksError(f"dtype must be 'float16' or 'float32', got {dtype!r}.")
         if compression not in COMPRESSIONS:
             raise QKHooksError(f"compression must be one of {', '.join(COMPRESSIONS)}; got {compression!r}.")
+        self.mode = mode
         self.dtype = np.dtype(dtype)
         self.compression = None if compression == "none" else compression
         self.chunk_images = chunk_images
         attrs = {k: _attr(v) for k, v in (attrs or {}).items()}
-        self._check_path(mode)
-        if mode == "resume":
-            self._file = self._open_for_resume(attrs)
-        else:
-            if mode == "overwrite" and self.path.exists():
-                self.path.unlink()
-            self._file = h5py.File(self.path, "w", libver="latest")
-            for key, value in attrs.items():
-                self._file.attrs[key] = value
-            self._file.attrs["complete"] = False
-            images = self._file.create_group("images")
-            images.create_dataset("ids", (0,), maxshape=(None,), chunks=(1024,), dtype=h5py.string_dtype())
-            set_committed(self._file, 0)
-            self._file.flush()
-        self._file.swmr_mode = True
-        self.committed = committed(self._file) or 0
-        self._handles: dict[str, h5py.Dataset] = {}  # per-image datasets of the current file handle
-        self._handles_of: h5py.File | None = None
+        self._check_folder()
+        self._writer_lock = WriterLock(self.path, reserve=RESERVE_BYTES)  # before anything is read or replaced
+        self._creating = self.path.with_name(self.path.name + ".creating")
+        self._published = mode == "resume"
+        self._completed = False
+        try:
+            self._check_path(mode)
+            if mode == "resume":
+                self._file = self._open_for_resume(attrs)
+            else:
+                self._file = self._lay_out(attrs)
+        except BaseException:
+            self._writer_lock.release()
+            raise
+        self.committed = fmt.committed(self._file) or 0
+        self._handles: dict[str, h5py.Dataset] = {}  # per-image datasets of the SWMR file handle
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._error: BaseException | None = None
@@ -142,7 +152,7 @@ class RunWriter:
         self._thread.start()
 
     # ------------------------------------------------------------------ opening
-    def _check_path(self, mode: str) -> None:
+    def _check_folder(self) -> None:  # before the lock file is made beside the run
         if self.path.is_dir():
             raise QKHooksError(f"{self.path} is a directory; give a file name such as {self.path / 'run.h5'}.")
         parent = self.path.parent if str(self.path.parent) else Path(".")
@@ -150,6 +160,8 @@ class RunWriter:
             raise QKHooksError(f"cannot write {self.path}: the folder {parent} does not exist; create it first.")
         if not os.access(parent, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
             raise QKHooksError(f"cannot write {self.path}: permission denied; choose a writable location.")
+
+    def _check_path(self, mode: str) -> None:
         if mode == "create" and self.path.exists():
             raise QKHooksError(
                 f"{self.path} already exists; pass --resume (resume=True) to continue it or --overwrite "
@@ -158,12 +170,38 @@ class RunWriter:
         if mode == "resume" and not self.path.exists():
             raise QKHooksError(f"cannot resume {self.path}: no such file; start a new run without --resume.")
 
+    @property
+    def laid_out(self) -> bool:
+        """Whether the file has its final layout and lives, in SWMR mode, under its own name."""
+        return self._published
+
+    def _lay_out(self, attrs: Mapping[str, Any]) -> h5py.File:
+        """A new run, laid out under ``RUN.h5.creating`` until its first batch (see the module docstring)."""
+        f = h5py.File(self._creating, "w", libver="latest", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_w0=1.0)
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["complete"] = False
+        images = f.create_group("images")
+        images.create_dataset("ids", (0,), maxshape=(None,), chunks=(1024,), dtype=h5py.string_dtype())
+        images.create_dataset("skipped", (0, 2), maxshape=(None, 2), chunks=(64, 2), dtype=h5py.string_dtype())
+        fmt.set_committed(f, 0)
+        return f
+
+    def _publish(self, reopen: bool = True) -> None:
+        """Give the laid-out file its name; reopen it in SWMR mode for the batches."""
+        self._file.flush()
+        self._file.close()
+        os.replace(self._creating, self.path)
+        self._published = True
+        fmt.checkpoint_path(self.path).unlink(missing_ok=True)  # an overwritten run's checkpoint is not ours
+        if reopen:
+            self._file = open_swmr_writer(self.path, CHUNK_CACHE_BYTES)
+
     def _open_for_resume(self, attrs: Mapping[str, Any]) -> h5py.File:
-        # read-only first: a refused resume changes nothing (but the open flags of a writer that died mid-change)
-        with open_swmr_reader(self.path, warn=False) as f:
-            damaged = [] if f.swmr_mode else walk(f)[1]  # not SWMR: its writer died mid-change
+        # read-only first: a refused resume changes nothing
+        with open_reader(self.path) as f:
             theirs = {k: f.attrs.get(k) for k in IDENTITY_ATTRS}
-            if committed(f) is None:
+            if fmt.committed(f) is None:
                 raise QKHooksError(f"cannot resume {self.path}: it is not a qkhooks run file; use --overwrite.")
             if "shards" in f["images"].attrs:
                 raise QKHooksError(
@@ -172,27 +210,24 @@ class RunWriter:
                 )
         for key in IDENTITY_ATTRS:
             if key in attrs and _attr(theirs[key]) != attrs[key]:
+                why = fmt.config_differences(_attr(theirs[key]), attrs[key])
                 raise QKHooksError(
-                    f"cannot resume {self.path}: its {key} differs from this run's{_differences(theirs[key], attrs[key])}"
+                    f"cannot resume {self.path}: its {key} differs from this run's{why}"
                     f".\n  file: {theirs[key]}\n  now:  {attrs[key]}\nResume with the same model and options as the "
                     "first run, or --overwrite to start again."
                 )
-        if damaged:
-            warnings.warn(f"{self.path}: its writer died while creating {', '.join(damaged)}; copying the rest into a "
-                          "fresh file before resuming (HDF5 cannot drop them in place).", stacklevel=4)
-            salvage(self.path, damaged)
-        clear_open_flags(self.path)
-        f = h5py.File(self.path, "r+", libver="latest")
-        f.attrs["complete"] = False
-        self._cut(f, committed(f) or 0)
+        clear_open_flags(self.path)  # a dead writer's; we hold the run's lock, so no live one's
+        f = open_swmr_writer(self.path, CHUNK_CACHE_BYTES)
+        f.attrs.modify("complete", False)
+        self._cut(f, fmt.committed(f) or 0)
         f.flush()
         return f
 
     def _cut(self, f: h5py.File, n: int) -> None:
-        for ds in [*per_image_datasets(f).values(), f["images/ids"]]:
+        for ds in [*fmt.per_image_datasets(f).values(), f[fmt.IDS]]:
             if ds.shape[0] != n:
-                ds.resize(n, axis=0)
-        set_committed(f, n)
+                ds.resize(n, axis=0)  # shrinking an existing dataset is allowed in SWMR mode
+        fmt.set_committed(f, n)
 
     # ------------------------------------------------------------------ public API (caller thread)
     @property
@@ -200,7 +235,7 @@ class RunWriter:
         """Ids of the committed images (waits for queued batches first)."""
         self.flush()
         with self._lock:
-            return [s.decode() if isinstance(s, bytes) else s for s in self._file["images/ids"][: self.committed]]
+            return [s.decode() if isinstance(s, bytes) else s for s in self._file[fmt.IDS][: self.committed]]
 
     def write_batch(self, ids: Sequence[str], arrays: Mapping[str, Any]) -> None:
         """Queue one batch: ``arrays`` maps schema names to (B, ...) tensors/arrays. Blocks only if the queue is full."""
@@ -214,17 +249,28 @@ class RunWriter:
         self._enqueue(("batch", [str(i) for i in ids], {name: _to_host(v, dtype) for name, v in arrays.items()}))
 
     def write_static(self, name: str, value: Any) -> None:
-        """Queue a dataset written once (spectra, model info); a JSON string is stored as a string attribute."""
+        """Queue a dataset written once (spectra, model info); a JSON string is stored as a string attribute.
+
+        A new static belongs to the layout: write it before the first batch (later, or in a resume, only in
+        place, with the same shape and dtype).
+        """
         self._enqueue(("static", name, value))
 
-    def write_state(self, name: str, state: Mapping[str, Any]) -> None:
-        """Queue a reducer state (numpy arrays and scalars) behind the batches already queued.
+    def write_checkpoint(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        """Queue a checkpoint of every reducer's state (name -> numpy arrays and scalars) behind the batches queued.
 
-        Arrays are copied now: a reducer's state may be a view of buffers it keeps updating.
+        Arrays are copied now: a reducer's state may be a view of buffers it keeps updating. The checkpoint
+        counts the images committed when the writer thread reaches it.
         """
-        copied = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else
-                      np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in state.items()}
-        self._enqueue(("state", name, copied))
+        copied = {name: {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else
+                             np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+                  for name, state in states.items()}
+        self._enqueue(("checkpoint", copied))
+
+    def checkpoint(self) -> tuple[int, dict[str, dict[str, Any]]] | None:
+        """(images, states) of the last checkpoint, or None (waits for queued work first)."""
+        self.flush()
+        return fmt.read_checkpoint(self.path)
 
     def write_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
         """Queue the list of (id, reason) of images the dataset could not read."""
@@ -234,12 +280,6 @@ class RunWriter:
         """Cut the run back to its first ``n`` images (a resume whose reducer checkpoint is older)."""
         self._enqueue(("truncate", int(n)))
         self.flush()
-
-    def read_state(self, name: str, previous: bool = False) -> dict[str, Any] | None:
-        """The last saved state ``name`` (or the one before it, with ``previous``), or None."""
-        self.flush()
-        with self._lock:
-            return _read_state(self._file, name, previous)
 
     def flush(self) -> None:
         """Wait until everything queued is on disk."""
@@ -255,15 +295,38 @@ class RunWriter:
         self._closed = True
         try:
             if self._thread.is_alive():
-                self._queue.put(("complete", bool(complete)))
+                self._queue.put(("complete", bool(complete) and self._error is None))
                 self._queue.put(_STOP)
                 self._thread.join()
         finally:
             with self._lock:
-                if self._file.id.valid:
-                    self._file.close()
+                try:
+                    self._close_file()
+                finally:
+                    self._writer_lock.release()
         if not self._reported:
             self._raise_if_failed()
+
+    def _close_file(self) -> None:
+        """Close the HDF5 file deliberately (handles first), also after a failed write; a new run that ends
+        with no committed image (and not complete) leaves no file."""
+        self._handles.clear()
+        keep = self.mode == "resume" or self.committed > 0 or (self._completed and self._error is None)
+        try:
+            if self._file.id.valid:
+                if keep and not self.laid_out:
+                    self._publish(reopen=False)  # a complete run without batches (statics only)
+                else:
+                    self._file.close()
+        except Exception:
+            if self._error is None:
+                raise  # after a failed write the first error is the one to report
+        finally:
+            if not keep:
+                self._creating.unlink(missing_ok=True)
+                if self._published:
+                    self.path.unlink(missing_ok=True)
+                    fmt.checkpoint_path(self.path).unlink(missing_ok=True)
 
     def __enter__(self) -> "RunWriter":
         return self
@@ -284,9 +347,13 @@ class RunWriter:
 
     def _raise_if_failed(self) -> None:
         """A failed writer stays failed: every later call raises, and the run is never marked complete."""
-        if self._error is not None:
-            self._reported = True
-            raise QKHooksError(f"writing {self.path} failed: {self._error}") from self._error
+        if self._error is None:
+            return
+        self._reported = True
+        if _disk_full(self._error):
+            raise QKHooksError(f"disk full while writing {self.path.name}: {self.committed} images are committed and "
+                               "safe; free space and run the same command with --resume") from self._error
+        raise QKHooksError(f"writing {self.path} failed: {self._error}") from self._error
 
     def _work(self) -> None:
         while True:
@@ -299,37 +366,16 @@ class RunWriter:
                         getattr(self, f"_do_{item[0]}")(*item[1:])
             except BaseException as exc:  # surfaced on the caller's next call
                 self._error = exc
+                if _disk_full(exc):
+                    self._writer_lock.free_reserve()  # room for the flush that closing the file needs
+                with self._lock:
+                    self._handles.clear()
+                    try:
+                        self._file.close()
+                    except Exception:  # noqa: BLE001 - the first error is the one reported
+                        pass
             finally:
                 self._queue.task_done()
-
-    @contextlib.contextmanager
-    def _structural(self) -> Any:
-        """Leave SWMR mode for a change that creates or deletes objects, then re-enter it.
-
-        Readers (:class:`RunReader`) take no file lock, so watching a run never blocks this reopen; one that
-        opens during these few milliseconds waits them out, one already open that reads meanwhile gets an
-        error and reopens.
-        """
-        if self._file.swmr_mode:
-            self._file.close()
-            self._file = _reopen(self.path)
-        try:
-            yield self._file
-        finally:
-            self._file.flush()
-            self._file.swmr_mode = True
-
-    def _put(self, group_name: str, key: str, value: np.ndarray) -> None:
-        """Write ``value`` as dataset ``group_name/key``: in place when its shape and dtype are unchanged."""
-        ds = self._file.get(f"{group_name}/{key}")
-        if _fits(ds, value):
-            ds[()] = value
-            return
-        with self._structural() as f:
-            group = f.require_group(group_name)
-            if key in group:
-                del group[key]
-            group.create_dataset(key, data=value)
 
     def _do_batch(self, ids: list[str], arrays: dict[str, tuple[Any, Any]]) -> None:
         n, b = self.committed, len(ids)
@@ -337,32 +383,44 @@ class RunWriter:
         for name, item in arrays.items():
             value = _numpy(item)
             values[name] = value.astype(self.dtype, copy=False) if np.issubdtype(value.dtype, np.floating) else value
-        if self._handles_of is not self._file:  # handles die with each reopen (structural changes)
-            self._handles, self._handles_of = {}, self._file
-        missing = [name for name in values if name not in self._handles and name not in self._file]
-        if missing:
-            with self._structural():
-                for name in missing:
-                    self._create_per_image(name, values[name], n)
-            self._handles, self._handles_of = {}, self._file
+        if not self.laid_out:
+            for name in values:
+                self._create_per_image(name, values[name], n)
+        self._check_space(values, n)
+        if not self.laid_out:
+            self._publish()
         for name, value in values.items():
             ds = self._handles.get(name)
             if ds is None:
+                if not isinstance(self._file.get(name), h5py.Dataset):
+                    raise QKHooksError(f"{name} appears after the run's first batch, which did not have it; every "
+                                       "batch needs the same arrays.")
                 ds = self._handles[name] = self._file[name]
             if ds.shape[1:] != value.shape[1:]:
                 raise QKHooksError(f"{name}: a batch has shape {value.shape[1:]} per image, the run has {ds.shape[1:]}.")
             _append(ds, n, value)
         f = self._file
-        ids_ds = f["images/ids"]
+        ids_ds = f[fmt.IDS]
         ids_ds.resize(n + b, axis=0)
         ids_ds[n:n + b] = ids
         f.flush()  # the images reach the disk before the count that commits them
-        set_committed(f, n + b)  # on disk with the next batch's flush (or flush()/close()): one flush a batch
+        fmt.set_committed(f, n + b)  # on disk with the next batch's flush (or flush()/close()): one flush a batch
         self.committed = n + b
 
+    def _check_space(self, values: Mapping[str, np.ndarray], n: int) -> None:
+        """Refuse a batch the disk has no room for before HDF5 writes any of it (HDF5 allocates whole chunks)."""
+        needed = FREE_MARGIN_BYTES
+        for name, value in values.items():
+            ds = self._file.get(name)
+            rows = ds.chunks[0] if isinstance(ds, h5py.Dataset) and ds.chunks else 1
+            chunks = -(-(n + len(value)) // rows) - -(-n // rows)
+            needed += chunks * rows * (value[0].nbytes if len(value) else 0)
+        free = shutil.disk_usage(self.path.parent if str(self.path.parent) else ".").free
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"{free} bytes free, the next batch needs {needed}")
+
     def _create_per_image(self, name: str, value: np.ndarray, n: int) -> h5py.Dataset:
-        if n:
-            raise QKHooksError(f"{name} appears after {n} images were written without it; every batch needs the same arrays.")
+        assert n == 0, "per-image arrays are created with the layout, before the first image"
         per = max(1, value[0].nbytes)
         if self.chunk_images:
             chunk = self.chunk_images
@@ -380,96 +438,65 @@ class RunWriter:
         ds.attrs["per_image"] = True
         return ds
 
-    def _set_attr(self, group_name: str, key: str, value: Any) -> None:
-        group = self._file.get(group_name)
-        if group is not None and key in group.attrs:
-            group.attrs[key] = value
-        else:
-            with self._structural() as f:
-                f.require_group(group_name).attrs[key] = value
+    def _layout_is_fixed(self, what: str) -> QKHooksError:
+        return QKHooksError(f"cannot add {what} to {self.path}: its layout is fixed by its first batch (a run file "
+                            "never leaves SWMR mode); write statics before the first batch.")
 
     def _do_static(self, name: str, value: Any) -> None:
-        group, _, key = name.rpartition("/")
+        group_name, _, key = name.rpartition("/")
+        group_name = group_name or "/"
         if isinstance(value, str):
-            self._set_attr(group or "/", key, value)
+            group = self._file.get(group_name)
+            if group is not None and key in group.attrs:
+                group.attrs.modify(key, value)
+            elif self.laid_out:
+                raise self._layout_is_fixed(f"the attribute {name}")
+            else:
+                self._file.require_group(group_name).attrs[key] = value
         else:
             value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-            self._put(group or "/", key, value)
-        self._file.flush()
-
-    def _do_state(self, name: str, state: dict[str, Any]) -> None:
-        """Write ``state`` into the slot ``current`` does not point at, then point ``current`` at it.
-
-        A kill at any moment leaves the previous checkpoint readable. New arrays are created in one layout
-        change per checkpoint (each one leaves SWMR mode for a moment); later checkpoints write in place.
-        """
-        current = self._file[name].attrs.get("current", "") if name in self._file else ""
-        slot = f"{name}/{'b' if current == 'a' else 'a'}"
-        scalars: dict[str, Any] = {}
-        arrays: dict[str, np.ndarray] = {}
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                value = value.detach().cpu().numpy()
-            if isinstance(value, np.ndarray):
-                arrays[key] = value
+            ds = self._file.get(name)
+            if isinstance(ds, h5py.Dataset) and ds.shape == value.shape and ds.dtype == value.dtype:
+                ds[()] = value
+            elif self.laid_out:
+                raise self._layout_is_fixed(f"{name} {value.shape} {value.dtype}")
             else:
-                scalars[key] = value.item() if isinstance(value, np.generic) else value
-        group = self._file.get(slot)
-        stale = [k for k in (group.keys() if group is not None else ()) if k not in arrays]
-        fresh = [k for k, v in arrays.items() if not _fits(self._file.get(f"{slot}/{k}"), v)]
-        if stale or fresh or group is None or "scalars" not in group.attrs or "current" not in self._file[name].attrs:
-            with self._structural() as f:
-                group = f.require_group(slot)
-                for key in stale + [k for k in fresh if k in group]:
-                    del group[key]
-                for key in fresh:
-                    group.create_dataset(key, data=arrays[key])
-                group.attrs["scalars"] = ""
-                f[name].attrs.setdefault("current", "")  # "": no checkpoint yet
-        else:
-            self._file[slot].attrs["scalars"] = ""  # "": this slot is being rewritten; a reader skips it
-            self._file.flush()
-        for key, value in arrays.items():
-            if key not in fresh:
-                self._file[f"{slot}/{key}"][()] = value
-        self._file[slot].attrs["scalars"] = json.dumps(scalars)
+                if ds is not None:
+                    del self._file[name]
+                self._file.require_group(group_name).create_dataset(key, data=value)
         self._file.flush()
-        self._file[name].attrs["current"] = slot.rpartition("/")[2]
-        self._file.flush()
+
+    def _do_checkpoint(self, states: dict[str, dict[str, Any]]) -> None:
+        if not self.laid_out:
+            return  # no image yet, nothing to resume from (and an overwritten run's checkpoint stays its own)
+        self._file.flush()  # the count the checkpoint claims is on disk first
+        fmt.write_checkpoint(self.path, self.committed, states)
 
     def _do_skipped(self, skipped: list[tuple[str, str]]) -> None:
-        data = np.array([[str(a), str(b)] for a, b in skipped], dtype=object).reshape(-1, 2)
-        with self._structural() as f:
-            if "images/skipped" in f:
-                del f["images/skipped"]
-            f.create_dataset("images/skipped", data=data, dtype=h5py.string_dtype())
+        ds = self._file.get(fmt.SKIPPED)
+        if ds is None:  # a run file from before /images/skipped was laid out
+            if skipped:
+                raise self._layout_is_fixed(fmt.SKIPPED)
+            return
+        ds.resize(len(skipped), axis=0)
+        if skipped:
+            ds[:] = np.array([[str(a), str(b)] for a, b in skipped], dtype=object).reshape(-1, 2)
+        self._file.flush()
 
     def _do_truncate(self, n: int) -> None:
         if n > self.committed:
             raise QKHooksError(f"cannot truncate to {n} images: only {self.committed} are committed.")
-        with self._structural() as f:  # shrinking is not an SWMR operation
-            self._cut(f, n)
+        self._cut(self._file, n)
+        self._file.flush()
         self.committed = n
 
-    def _do_sync(self) -> None:
+    def _do_sync(self) -> None:  # noqa: D102
         self._file.flush()
 
     def _do_complete(self, complete: bool) -> None:
-        self._file.attrs["complete"] = complete
+        self._file.attrs.modify("complete", complete)
         self._file.flush()
-
-
-def _reopen(path: Path, wait_s: float = 5.0) -> h5py.File:
-    """Reopen for writing, retrying while another process holds a lock for a moment (an ``h5clear``, a
-    reader opening with HDF5's default locking): HDF5 tries its lock once and fails at once."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return h5py.File(path, "r+", libver="latest")
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.005)
+        self._completed = complete
 
 
 def _append(ds: h5py.Dataset, n: int, value: np.ndarray) -> None:
@@ -482,44 +509,9 @@ def _append(ds: h5py.Dataset, n: int, value: np.ndarray) -> None:
     ds.id.write(h5py.h5s.create_simple(value.shape), space, value)
 
 
-def _fits(ds: Any, value: np.ndarray) -> bool:
-    """Whether ``value`` can overwrite dataset ``ds`` in place (SWMR mode allows no new objects)."""
-    return isinstance(ds, h5py.Dataset) and ds.shape == value.shape and ds.dtype == value.dtype
-
-
-def _differences(theirs: Any, ours: Any) -> str:
-    """`` (attention: file 'rows', now 'none')`` for two JSON configs; empty when they are not both JSON objects."""
-    try:
-        a, b = json.loads(_attr(theirs)), json.loads(ours)
-    except (TypeError, ValueError):
-        return ""
-    if not (isinstance(a, dict) and isinstance(b, dict)):
-        return ""
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return " (" + "; ".join(f"{k}: file {a.get(k)!r}, now {b.get(k)!r}" for k in keys) + ")" if keys else ""
-
-
 def _attr(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool, np.number)):
         return value
     if value is None:
         return "null"
     return json.dumps(value, sort_keys=True)
-
-
-def _read_state(f: h5py.File, name: str, previous: bool = False) -> dict[str, Any] | None:
-    group = f.get(name)
-    slot_name = group.attrs.get("current", "") if group is not None else ""
-    if not slot_name:
-        return None
-    if previous:
-        slot_name = "b" if slot_name == "a" else "a"
-        if slot_name not in group:
-            return None
-    slot = group[slot_name]
-    if not slot.attrs.get("scalars", ""):
-        return None  # created or being rewritten when its writer stopped
-    state: dict[str, Any] = json.loads(slot.attrs["scalars"])
-    for key, ds in slot.items():
-        state[key] = ds[()]
-    return state

@@ -1,0 +1,196 @@
+"""Where everything lives in a run file, and the rules the writer, the reader, resume and the shard merge share.
+
+A run is ``RUN.h5`` (SWMR, per-image arrays, statics) plus, while and after it is written:
+
+- ``RUN.h5.lock``: exists while a writer lives; it holds the writer's ``flock`` and its pid and host
+  (:mod:`qkhooks.store.lock`);
+- ``RUN.h5.reducers``: the last reducer checkpoint, all reducers at one image count, replaced atomically
+  (``os.replace``), so it is always whole. Merged files keep their (final) states inside, under
+  ``/reducers/<name>``; :func:`read_states` finds them in either place.
+
+The resume rule (:func:`resume_point`): a checkpoint is written only after the images it counts are committed, so
+a resume keeps the checkpoint's images and records the rest again (with no reducers, every committed image).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+
+__all__ = ["IDS", "SKIPPED", "lock_path", "checkpoint_path", "committed", "set_committed", "per_image_datasets",
+           "read_states", "write_checkpoint", "read_checkpoint", "write_states_into", "resume_point", "config_differences"]
+
+IDS = "images/ids"
+SKIPPED = "images/skipped"
+REDUCERS = "reducers"
+_IMAGES_KEY = "_images"  # the image count a checkpoint belongs to (also inside each state, for old readers)
+
+
+def lock_path(run: str | os.PathLike) -> Path:
+    run = Path(run)
+    return run.with_name(run.name + ".lock")
+
+
+def checkpoint_path(run: str | os.PathLike) -> Path:
+    run = Path(run)
+    return run.with_name(run.name + ".reducers")
+
+
+def committed(f: h5py.File) -> int | None:
+    """The committed image count of an open run file, or None when ``f`` is not a qkhooks run.
+
+    Read from ``/images/ids``'s copy of the count: an SWMR reader that stays open sees a dataset's
+    attributes change after ``Dataset.refresh()``, while a group's attributes stay as first read.
+    """
+    ds = f.get(IDS)
+    if not isinstance(ds, h5py.Dataset):
+        return None
+    for holder in (ds, f["images"]):
+        if "committed" in holder.attrs:
+            return int(holder.attrs["committed"])
+    return None
+
+
+def set_committed(f: h5py.File, n: int) -> None:
+    """Record ``n`` committed images: on ``/images`` (the documented place) and on ``/images/ids``.
+
+    Rewritten in place (``modify``), so the object headers never grow or move while a run is written.
+    """
+    for holder in (f["images"], f[IDS]):
+        holder.attrs.modify("committed", np.int64(n))
+
+
+def per_image_datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
+    """The per-image arrays of a run file (datasets marked ``per_image``), by schema name."""
+    found: dict[str, h5py.Dataset] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image", False):
+            found[name] = obj
+
+    f.visititems(visit)
+    return found
+
+
+# ------------------------------------------------------------------------------------------ reducer states
+def _split(state: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    arrays, scalars = {}, {}
+    for key, value in state.items():
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        if isinstance(value, np.ndarray):
+            arrays[key] = value
+        else:
+            scalars[key] = value.item() if isinstance(value, np.generic) else value
+    return arrays, scalars
+
+
+def write_checkpoint(run: str | os.PathLike, images: int, states: Mapping[str, Mapping[str, Any]]) -> None:
+    """Replace ``RUN.h5.reducers`` with ``states`` (reducer name -> state) at ``images`` images, atomically.
+
+    A plain numpy archive written beside and renamed over the old one: a kill or a full disk at any moment
+    leaves the previous checkpoint whole (and an error here touches no HDF5 state).
+    """
+    path = checkpoint_path(run)
+    tmp = path.with_name(path.name + ".tmp")
+    members: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"images": int(images), "scalars": {}}
+    for name, state in states.items():
+        arrays, scalars = _split(state)
+        meta["scalars"][name] = scalars
+        for key, value in arrays.items():
+            members[f"{name}/{key}"] = value
+    members["__meta__"] = np.array(json.dumps(meta))
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **members)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(run: str | os.PathLike) -> tuple[int, dict[str, dict[str, Any]]] | None:
+    """(images, states) of ``RUN.h5.reducers``, or None when there is none (or it cannot be read)."""
+    path = checkpoint_path(run)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(str(archive["__meta__"]))
+            states = {name: dict(scalars) for name, scalars in meta["scalars"].items()}
+            for member in archive.files:
+                if member != "__meta__":
+                    name, _, key = member.rpartition("/")
+                    states[name][key] = archive[member]
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    return int(meta["images"]), states
+
+
+def write_states_into(f: h5py.File, states: Mapping[str, Mapping[str, Any]], images: int) -> None:
+    """Final reducer states inside a run file written in one go (a merge, a repair): ``/reducers/<name>/a``."""
+    for name, state in states.items():
+        group = f.require_group(f"{REDUCERS}/{name}")
+        slot = group.require_group("a")
+        arrays, scalars = _split(state)
+        scalars[_IMAGES_KEY] = int(images)
+        for key, value in arrays.items():
+            slot.create_dataset(key, data=value)
+        slot.attrs["scalars"] = json.dumps(scalars)
+        group.attrs["current"] = "a"
+
+
+def _states_inside(f: h5py.File) -> tuple[int | None, dict[str, dict[str, Any]]]:
+    """States kept inside the file (merged or repaired files, and runs written before the sidecar)."""
+    states: dict[str, dict[str, Any]] = {}
+    images = None
+    for name, group in f.get(REDUCERS, {}).items():
+        slot_name = group.attrs.get("current", "")
+        slot = group.get(slot_name) if slot_name else None
+        if slot is None or not slot.attrs.get("scalars", ""):
+            continue
+        state: dict[str, Any] = json.loads(slot.attrs["scalars"])
+        for key, ds in slot.items():
+            state[key] = ds[()]
+        images = state.pop(_IMAGES_KEY, images)
+        states[name] = state
+    return images, states
+
+
+def read_states(f: h5py.File, run: str | os.PathLike) -> tuple[int | None, dict[str, dict[str, Any]]]:
+    """(images, states by reducer name) of a run: the file's own states, else its checkpoint sidecar."""
+    images, states = _states_inside(f)
+    if states:
+        return images, states
+    return read_checkpoint(run) or (None, {})
+
+
+def config_differences(theirs: Any, ours: Any) -> str:
+    """`` (attention: file 'rows', now 'none')`` for two JSON configs; empty when they are not both JSON objects."""
+    try:
+        a, b = json.loads(theirs), json.loads(ours)
+    except (TypeError, ValueError):
+        return ""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return ""
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return " (" + "; ".join(f"{k}: file {a.get(k)!r}, now {b.get(k)!r}" for k in keys) + ")" if keys else ""
+
+
+def resume_point(n_committed: int, checkpoint_images: int | None, has_reducers: bool) -> int:
+    """How many committed images a resume keeps: the checkpoint's (its reducers saw exactly those), all of them
+    when no reducer runs, none when the checkpoint is missing or claims more than is committed."""
+    if not has_reducers:
+        return n_committed
+    if checkpoint_images is None or checkpoint_images > n_committed:
+        return 0
+    return checkpoint_images

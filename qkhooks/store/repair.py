@@ -1,0 +1,185 @@
+"""``qkhooks repair``: copy what is still readable of a damaged run file into a new run file.
+
+The damaged file is only read (through a view that clears its open flags, rebuilds a zeroed superblock and
+reads a truncated tail as zeros), never changed. An image is copied when its id and its rows of every per-image
+array read back and lie wholly inside the file as it is on disk (zeros read past a truncation are not data).
+Statics and the reducer checkpoint are copied when they read; the checkpoint only when every image it counts
+was recovered, so ``--resume`` on the new file continues correctly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from qkhooks.errors import QKHooksError
+from qkhooks.store import format as fmt
+from qkhooks.store._hdf5 import open_damaged
+
+__all__ = ["repair", "RepairReport"]
+
+_READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+
+
+@dataclasses.dataclass
+class RepairReport:
+    """What :func:`repair` found and copied."""
+
+    source: Path
+    out: Path
+    committed: int | None
+    recovered: list[str]
+    lost: list[int]
+    arrays: list[str]
+    states: list[str]
+    problems: list[str]
+
+    def summary(self) -> str:
+        lines = [f"repaired {self.source} -> {self.out}: {len(self.recovered)} of {self.committed} committed images "
+                 f"recovered ({len(self.arrays)} per-image arrays)"]
+        if self.lost:
+            lines.append(f"lost     {len(self.lost)} images (rows {self.lost[:10]}{' ...' if len(self.lost) > 10 else ''})")
+        lines.append("reducers " + (", ".join(self.states) if self.states else "none recovered"))
+        lines += [f"note     {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def repair(run: str | os.PathLike, out: str | os.PathLike) -> RepairReport:
+    """Copy every readable committed image (and statics and reducer states) of ``run`` into a new file ``out``."""
+    run, out = Path(run), Path(out)
+    if not run.exists():
+        raise QKHooksError(f"no file at {run}.")
+    if out.exists() or out.resolve() == run.resolve():
+        raise QKHooksError(f"{out} already exists; repair writes a new file and never replaces one.")
+    try:
+        src = open_damaged(run)
+    except _READ_ERRORS as exc:
+        raise QKHooksError(f"nothing of {run} can be read ({exc}); no image can be recovered.") from None
+    tmp = out.with_name(out.name + ".creating")
+    try:
+        with src, h5py.File(tmp, "w", libver="latest") as dst:
+            report = _copy(src, dst, run, out, os.path.getsize(run))
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return report
+
+
+def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) -> RepairReport:
+    problems: list[str] = []
+    n = fmt.committed(src) if _readable(lambda: src[fmt.IDS]) else None
+    if n is None:
+        raise QKHooksError(f"{run} has no readable /images/ids with a committed count; no image can be recovered.")
+    for key in list(src.attrs):
+        try:
+            dst.attrs[key] = src.attrs[key]
+        except _READ_ERRORS:
+            problems.append(f"root attribute {key} unreadable")
+    ids = np.array([""] * n, dtype=object)
+    good = np.zeros(n, dtype=bool)
+    try:
+        ids[:] = [s.decode() if isinstance(s, bytes) else str(s) for s in src[fmt.IDS][:n]]
+        good[:] = ids != ""
+    except _READ_ERRORS as exc:
+        problems.append(f"image ids unreadable ({exc})")
+    try:
+        arrays = fmt.per_image_datasets(src)
+    except _READ_ERRORS as exc:
+        arrays = {}
+        good[:] = False
+        problems.append(f"the per-image arrays cannot be listed ({exc})")
+    for name, ds in arrays.items():
+        good &= _readable_rows(ds, n, real_size)
+    keep = np.flatnonzero(good)
+    images = dst.create_group("images")
+    images.create_dataset("ids", data=ids[keep].astype(object), maxshape=(None,), chunks=(1024,),
+                          dtype=h5py.string_dtype())
+    fmt.set_committed(dst, len(keep))
+    lost = np.flatnonzero(~good).tolist()
+    skipped = [(str(ids[i]) or f"row {i}", "unreadable in the damaged run file") for i in lost]
+    if _readable(lambda: src[fmt.SKIPPED][()]):
+        skipped = [tuple(x.decode() if isinstance(x, bytes) else x for x in row) for row in src[fmt.SKIPPED][()]] + skipped
+    images.create_dataset("skipped", data=np.array(skipped, dtype=object).reshape(-1, 2), maxshape=(None, 2),
+                          chunks=(64, 2), dtype=h5py.string_dtype())
+    for name, ds in arrays.items():
+        rest = ds.shape[1:]
+        copy = dst.create_dataset(name, shape=(len(keep),) + rest, maxshape=(None,) + rest, dtype=ds.dtype,
+                                  chunks=ds.chunks, compression=ds.compression)
+        for start in range(0, len(keep), 256):
+            rows = keep[start:start + 256]
+            copy[start:start + len(rows)] = ds[rows] if len(rows) else ds[:0]
+        copy.attrs["per_image"] = True
+    _copy_statics(src, dst, problems)
+    dst.attrs["complete"] = bool(src.attrs.get("complete", False)) and len(keep) == n
+    states = _copy_states(src, run, out, keep, n, problems)
+    return RepairReport(run, out, n, [str(ids[i]) for i in keep], lost, sorted(arrays), states, problems)
+
+
+def _readable(read: Any) -> bool:
+    try:
+        read()
+        return True
+    except _READ_ERRORS:
+        return False
+
+
+def _readable_rows(ds: h5py.Dataset, n: int, real_size: int) -> np.ndarray:
+    """Rows of ``ds`` that read back from chunks lying wholly inside the file on disk."""
+    ok = np.zeros(n, dtype=bool)
+    step = ds.chunks[0] if ds.chunks else n
+    for lo in range(0, n, max(1, step)):
+        hi = min(lo + step, n)
+        try:
+            if ds.chunks:
+                info = ds.id.get_chunk_info_by_coord((lo,) + (0,) * (ds.ndim - 1))
+                if info.byte_offset is None or info.byte_offset + info.size > real_size:
+                    continue
+            ds[lo:hi]
+        except _READ_ERRORS:
+            continue
+        ok[lo:hi] = True
+    return ok
+
+
+def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str]) -> None:
+    """Groups' attributes and datasets that are not per-image, not image lists and not reducer states."""
+
+    def visit(name: str, obj: Any) -> None:
+        if name.split("/", 1)[0] in ("images", fmt.REDUCERS):
+            return
+        try:
+            if isinstance(obj, h5py.Group):
+                group = dst.require_group(name)
+                for k, v in obj.attrs.items():
+                    group.attrs[k] = v
+            elif not obj.attrs.get("per_image", False):
+                dst.create_dataset(name, data=obj[()], dtype=obj.dtype)
+        except _READ_ERRORS as exc:
+            problems.append(f"{name} unreadable ({exc})")
+
+    try:
+        src.visititems(visit)
+    except _READ_ERRORS as exc:
+        problems.append(f"the file's tree is partly unreadable ({exc})")
+
+
+def _copy_states(src: h5py.File, run: Path, out: Path, keep: np.ndarray, n: int, problems: list[str]) -> list[str]:
+    try:
+        images, states = fmt.read_states(src, run)
+    except _READ_ERRORS as exc:
+        problems.append(f"reducer states unreadable ({exc})")
+        return []
+    if not states:
+        return []
+    if images is None or images > len(keep) or not np.array_equal(keep[:images], np.arange(images)):
+        problems.append(f"the reducer checkpoint counts images that were not recovered; a --resume of {out.name} "
+                        "starts again from its first image")
+        return []
+    fmt.write_checkpoint(out, images, states)
+    return sorted(states)

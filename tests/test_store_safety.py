@@ -1,0 +1,393 @@
+"""Run files that never lose data: one writer per file, full disks, damaged files, crash safety by order."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import qkhooks
+from qkhooks import QKHooksError
+from qkhooks.store import RunWriter, open_run, repair
+from qkhooks.stream import record_dataset
+
+ROOT = Path(__file__).parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+BUILD = "timm.create_model('vit_small_patch16_224', pretrained=False, patch_size=32, embed_dim=32, depth=2, num_heads=4)"
+
+
+def tiny_vit() -> qkhooks.LoadedModel:
+    import timm  # noqa: F401  (BUILD names it)
+
+    torch.manual_seed(0)
+    return qkhooks.load_model(eval(BUILD).eval())
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_same_run(a_path: Path, b_path: Path) -> None:
+    """Same ids, same values in every per-image array, same reducer states: what an uninterrupted run holds."""
+    with open_run(a_path) as a, open_run(b_path) as b:
+        assert a.complete and b.complete
+        assert a.ids == b.ids and len(set(a.ids)) == len(a.ids)
+        assert a.arrays() == b.arrays()
+        for name in a.arrays():
+            np.testing.assert_array_equal(a.array(name)[:], b.array(name)[:], err_msg=name)
+        assert a.states() == b.states()
+        for name in a.states():
+            sa, sb = a.state(name), b.state(name)
+            assert sa.keys() == sb.keys()
+            for key in sa:
+                np.testing.assert_allclose(sa[key], sb[key], rtol=1e-12, err_msg=f"{name}/{key}")
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time, torch, timm, qkhooks
+    from qkhooks.analysis.preference import PreferenceReducer
+    from qkhooks.stream import record_dataset
+    torch.manual_seed(0)
+    loaded = qkhooks.load_model({build}.eval())
+    record_dataset(loaded, sys.argv[2], sys.argv[1], modes=8, attention="rows", batch_size=2,
+                   reducers=[PreferenceReducer()], progress=False, checkpoint_every=3,
+                   on_batch=lambda batch: time.sleep(float(sys.argv[3])), resume=len(sys.argv) > 4)
+    """
+)
+
+
+def _record(out: Path, data: str, resume: bool = False, overwrite: bool = False):
+    from qkhooks.analysis.preference import PreferenceReducer
+
+    return record_dataset(tiny_vit(), data, out, modes=8, attention="rows", batch_size=2, reducers=[PreferenceReducer()],
+                          progress=False, checkpoint_every=3, resume=resume, overwrite=overwrite)
+
+
+def _start(tmp_path: Path, out: Path, data: str, pause: float, resume: bool = False) -> subprocess.Popen:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(build=BUILD))
+    args = [sys.executable, str(script), str(out), data, str(pause)] + (["resume"] if resume else [])
+    return subprocess.Popen(args, env=ENV, stderr=subprocess.PIPE)
+
+
+def _committed(out: Path) -> int:
+    """The committed count as a reader sees it (0 while the file has no name yet)."""
+    if not out.exists():
+        return 0
+    with open_run(out) as run:
+        return run.n
+
+
+def _wait_for(child: subprocess.Popen, out: Path, images: int, timeout: float = 300) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline and child.poll() is None:
+        n = _committed(out)
+        if n >= images:
+            return n
+        time.sleep(0.02)
+    raise AssertionError(f"the writer did not reach {images} images: {child.stderr.read().decode()[-2000:]}")
+
+
+# ------------------------------------------------------------------------------------------ one writer
+def test_a_second_writer_on_a_live_run_is_refused_at_once_naming_the_writer(tmp_path):
+    out = tmp_path / "run.h5"
+    child = _start(tmp_path, out, "o3:16:1", pause=2.0)
+    try:
+        _wait_for(child, out, 2)
+        for options in ({"resume": True}, {"overwrite": True}, {}):
+            assert child.poll() is None  # still writing
+            start = time.monotonic()
+            with pytest.raises(QKHooksError, match=rf"being written by another process \(pid {child.pid} on "
+                                                   rf"{socket.gethostname()}"):
+                _record(out, "o3:16:1", **options)
+            assert time.monotonic() - start < 5, options
+        readers = [open_run(out) for _ in range(2)]  # readers take no lock: any number, while it writes
+        for run in readers:
+            assert run.n >= 2
+            run.close()
+        assert child.wait(timeout=300) == 0, child.stderr.read().decode()[-2000:]
+    finally:
+        child.kill()
+    assert not (tmp_path / "run.h5.lock").exists()
+    _record(tmp_path / "clean.h5", "o3:16:1")
+    assert_same_run(out, tmp_path / "clean.h5")
+
+
+def test_a_killed_writers_lock_is_released_by_the_system(tmp_path):
+    out = tmp_path / "run.h5"
+    child = _start(tmp_path, out, "o3:12:1", pause=0.2)
+    try:
+        _wait_for(child, out, 4)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert (tmp_path / "run.h5.lock").exists()  # left behind, but no longer held
+    _record(out, "o3:12:1", resume=True)
+    _record(tmp_path / "clean.h5", "o3:12:1")
+    assert_same_run(out, tmp_path / "clean.h5")
+
+
+# ------------------------------------------------------------------------------------------ order, not timing
+def test_the_writer_writes_data_then_flushes_then_commits_for_every_batch(tmp_path, monkeypatch):
+    from qkhooks.store import format as fmt
+    from qkhooks.store import writer as writer_module
+
+    events: list[tuple] = []
+    append, set_committed, flush = writer_module._append, fmt.set_committed, h5py.File.flush
+
+    def spy_append(ds, n, value):
+        events.append(("data", ds.name, n + len(value)))
+        append(ds, n, value)
+
+    def spy_commit(f, n):
+        events.append(("commit", n))
+        set_committed(f, n)
+
+    def spy_flush(self):
+        events.append(("flush",))
+        flush(self)
+
+    monkeypatch.setattr(writer_module, "_append", spy_append)
+    monkeypatch.setattr(fmt, "set_committed", spy_commit)
+    monkeypatch.setattr(h5py.File, "flush", spy_flush)
+    out = tmp_path / "run.h5"
+    record_dataset(tiny_vit(), "samples", out, modes=4, layers="0,1", attention="rows", limit=7, batch_size=2,
+                   progress=False)
+    with open_run(out) as run:
+        arrays, n = set("/" + name for name in run.arrays()), run.n
+    commits = [i for i, e in enumerate(events) if e[0] == "commit" and e[1] > 0]
+    assert [events[i][1] for i in commits] == [2, 4, 6, 7] and n == 7
+    last = 0
+    for i in commits:
+        batch = events[last:i]
+        data = [e for e in batch if e[0] == "data"]
+        assert {e[1] for e in data} == arrays and all(e[2] == events[i][1] for e in data)  # every array, to this count
+        last_data = max(j for j, e in enumerate(batch) if e[0] == "data")
+        assert ("flush",) in batch[last_data + 1:], "no flush between the data and its commit"
+        last = i + 1
+
+
+def test_readers_see_only_committed_rows_and_a_resume_cuts_the_rest(tmp_path):
+    out = tmp_path / "run.h5"
+    with RunWriter(out, dtype="float32") as w:
+        w.write_batch(["a", "b", "c"], {"v": np.arange(9.0).reshape(3, 3)})
+    with h5py.File(out, "r+") as f:  # rows past committed, as a writer killed between data and commit leaves
+        for name in ("v", "images/ids"):
+            f[name].resize(5, axis=0)
+        f["v"][3:] = -1.0
+        f["images/ids"][3:] = ["junk1", "junk2"]
+    with open_run(out) as run:
+        v = run.array("v")
+        assert run.n == 3 and run.ids == ["a", "b", "c"] and v.shape == (3, 3) and len(v) == 3
+        np.testing.assert_array_equal(v[:], np.arange(9.0).reshape(3, 3))
+        np.testing.assert_array_equal(v[-1], [6.0, 7.0, 8.0])
+        np.testing.assert_array_equal(v[1:10], np.arange(3.0, 9.0).reshape(2, 3))
+        assert [len(block) for _, block in v.chunks(2)] == [2, 1]
+        with pytest.raises(IndexError):
+            v[3]
+        with pytest.raises(IndexError):
+            v[[0, 4]]
+    with RunWriter(out, mode="resume", dtype="float32") as w:
+        w.write_batch(["d"], {"v": np.full((1, 3), 9.0)})
+    with open_run(out) as run:
+        assert run.ids == ["a", "b", "c", "d"]
+        np.testing.assert_array_equal(run.array("v")[:, 0], [0.0, 3.0, 6.0, 9.0])
+
+
+@pytest.mark.slow
+def test_sigkill_at_many_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
+    rng = random.Random(14)
+    out, total, kills = tmp_path / "run.h5", 300, 30
+    at_kill = []
+    for k in range(kills):
+        before = _committed(out)
+        child = _start(tmp_path, out, f"o3:{total}:2", pause=0.0, resume=out.exists())
+        try:  # let it commit a few more batches (randomly many) past where it restarts, then kill it
+            target = min(total - 2, before + rng.randint(1, 16))
+            _wait_for(child, out, target)
+            time.sleep(rng.uniform(0, 0.05))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        at_kill.append((before, _committed(out)))
+    assert all(after > 0 for _, after in at_kill) and max(after for _, after in at_kill) >= 200
+    assert all(after > before for before, after in at_kill if before < total - 2)  # the kills landed after commits
+    _record(out, f"o3:{total}:2", resume=True)
+    _record(tmp_path / "clean.h5", f"o3:{total}:2")
+    assert_same_run(out, tmp_path / "clean.h5")
+
+
+# ------------------------------------------------------------------------------------------ full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("this machine does not let the test mount a tmpfs")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_full_disk_stops_the_run_cleanly_and_resume_finishes_it(tmp_path, small_disk):
+    args = ["record", "timm:vit_tiny_patch16_224", "o3:16:1", "--random-init", "--modes", "all", "--layers", "0,11",
+            "--batch-size", "2"]
+    out = small_disk / "run.h5"
+    done = subprocess.run([sys.executable, "-m", "qkhooks", *args, "--out", str(out)], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    message = done.stderr.strip().splitlines()[-1]
+    n = int(message.split("run.h5: ")[1].split(" images")[0])
+    assert message == (f"qkhooks: error: disk full while writing run.h5: {n} images are committed and safe; free space "
+                       "and run the same command with --resume") and 0 < n < 16
+    with open_run(out) as run:
+        assert run.n == n and not run.complete
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
+    done = subprocess.run([sys.executable, "-m", "qkhooks", *args, "--out", str(out), "--resume"], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    clean = tmp_path / "clean.h5"
+    done = subprocess.run([sys.executable, "-m", "qkhooks", *args, "--out", str(clean)], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_run(out, clean)
+
+
+FILLING = textwrap.dedent(
+    """
+    import collections, sys
+    import numpy as np
+    from qkhooks import QKHooksError
+    from qkhooks.store import writer
+
+    class RoomyDisk:  # the free-space check sees plenty: HDF5 itself meets the full disk (another process filled it)
+        @staticmethod
+        def disk_usage(path):
+            return collections.namedtuple("usage", "total used free")(1 << 50, 0, 1 << 50)
+
+    writer.shutil = RoomyDisk
+    w = writer.RunWriter(sys.argv[1], dtype="float32", chunk_images=1)
+    try:
+        for i in range(10 ** 6):
+            w.write_batch([f"i{i}"], {"v": np.full((1, 16384), i, np.float32)})
+            w.flush()
+    except QKHooksError as exc:
+        print(exc)
+    w.close(complete=False)
+    """
+)
+
+
+def test_a_write_error_inside_hdf5_closes_the_file_cleanly_and_keeps_every_committed_image(tmp_path, small_disk):
+    out = small_disk / "run.h5"
+    script = tmp_path / "fill.py"
+    script.write_text(FILLING)
+    done = subprocess.run([sys.executable, str(script), str(out)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]  # no segfault while h5py objects are finalised
+    n = int(done.stdout.split("run.h5: ")[1].split(" images")[0])
+    assert done.stdout.startswith(f"disk full while writing run.h5: {n} images are committed and safe") and n > 10
+    with open_run(out) as run:
+        assert run.n == n and run.ids == [f"i{i}" for i in range(n)]
+        np.testing.assert_array_equal(run.array("v")[:, ::4096], np.repeat(np.arange(n, dtype=np.float32)[:, None], 4, 1))
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    with RunWriter(out, mode="resume", dtype="float32") as w:
+        w.write_batch(["last"], {"v": np.full((1, 16384), -1.0, np.float32)})
+    with open_run(out) as run:
+        assert run.complete and run.n == n + 1 and run.array("v")[n, 0] == -1.0
+
+
+# ------------------------------------------------------------------------------------------ damaged files
+def _damaged_copies(run: Path, folder: Path) -> dict[str, Path]:
+    data = run.read_bytes()
+    copies = {
+        "truncated_4k": data[:-4096],
+        "truncated_half": data[: len(data) // 2],
+        "byte_flipped": bytes(b ^ 0xFF if i % 997 == 13 else b for i, b in enumerate(data)),
+        "zeroed_superblock": bytes(48) + data[48:],
+    }
+    paths = {}
+    for name, content in copies.items():
+        paths[name] = folder / f"{name}.h5"
+        paths[name].write_bytes(content)
+        shutil.copy(run.with_name(run.name + ".reducers"), folder / f"{name}.h5.reducers")  # its checkpoint beside it
+    return paths
+
+
+ANSWERS = {
+    "info": [sys.executable, "-m", "qkhooks", "info", "{path}"],
+    "open_run": [sys.executable, "-c", "import sys, qkhooks\ntry:\n    r = qkhooks.open_run(sys.argv[1])\n"
+                 "    print(r.n, len(r.array('modes/L0/query')[:]))\nexcept qkhooks.QKHooksError as e:\n"
+                 "    print(e, file=sys.stderr); sys.exit(2)", "{path}"],
+    "analyze": [sys.executable, "-m", "qkhooks", "analyze", "modes", "{path}", "--out", "{path}.analysis",
+                "--figure-modes", "0", "--no-overview", "--no-images"],
+}
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """A complete run (14 images, default reducers), what it holds, and four damaged copies of it."""
+    folder = tmp_path_factory.mktemp("damaged")
+    run = folder / "run.h5"
+    record_dataset(tiny_vit(), "samples", run, modes=4, layers="0,1", batch_size=4, progress=False)
+    with open_run(run) as good:
+        held = good.ids, {name: good.array(name)[:] for name in good.arrays()}, good.state("topk_modes")
+    return held, _damaged_copies(run, folder)
+
+
+def test_damaged_run_files_open_or_refuse_clearly_and_repair_recovers_every_intact_image(damaged, tmp_path):
+    (ids, maps, topk), copies = damaged
+    assert len(ids) == 14
+    for name, path in copies.items():
+        before = sha(path)
+        try:
+            with open_run(path) as run:  # reads what it can (committed images only) ...
+                assert run.n <= len(ids)
+        except QKHooksError as exc:  # ... or says what is wrong and how to recover
+            assert f"qkhooks repair {path} --out FIXED.h5" in str(exc)
+        fixed = tmp_path / f"{name}.fixed.h5"
+        report = repair(path, fixed)
+        assert sha(path) == before  # the damaged file is never changed
+        with open_run(fixed) as f:
+            assert f.ids == report.recovered and f.n == len(report.recovered)
+            rows = [ids.index(i) for i in f.ids]
+            for array, values in maps.items() if f.n else ():
+                np.testing.assert_array_equal(f.array(array)[:], values[rows], err_msg=f"{name} {array}")
+        if name in ("zeroed_superblock", "truncated_4k"):  # the images' data and metadata are intact: all come back
+            assert report.recovered == ids, report.summary()
+    assert main_rc(["repair", str(copies["zeroed_superblock"]), "--out", str(tmp_path / "z2.h5")]) == 0
+    with open_run(tmp_path / "z2.h5") as f:  # with its reducer checkpoint, so a --resume of it continues correctly
+        assert f.ids == ids and f.complete
+        np.testing.assert_array_equal(f.state("topk_modes")["index"], topk["index"])
+    assert main_rc(["repair", str(copies["truncated_4k"]), "--out", str(tmp_path / "z2.h5")]) == 2  # never replaces
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", sorted(ANSWERS))
+def test_info_open_run_and_analyze_answer_damaged_files_within_20_s(damaged, what):
+    for name, path in damaged[1].items():
+        done = subprocess.run([c.format(path=path) for c in ANSWERS[what]], env=ENV, capture_output=True, text=True,
+                              timeout=20)  # a hang fails here
+        assert done.returncode in (0, 2), f"{name} {what}: {done.stderr[-1500:]}"
+        if done.returncode == 2:  # a clear message naming the way out, never a traceback
+            assert "Traceback" not in done.stderr and "qkhooks repair" in done.stderr, f"{name} {what}: {done.stderr[-1500:]}"
+
+
+def main_rc(argv: list[str]) -> int:
+    from qkhooks.cli import main
+
+    return main(argv)
