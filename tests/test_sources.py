@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm  # noqa: F401  (BUILD is evaluated with it)
 import torch
 from PIL import Image
 

@@ -142,6 +142,18 @@ def test_a_killed_writers_lock_is_released_by_the_system(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ order, not timing
+def test_worker_processes_never_hold_the_run_file_so_the_writer_can_reopen_and_overwrite_it(tmp_path):
+    """Forked decoding workers inherit the writer's descriptors; HDF5's lock and the writer lock are flock()s, so
+    a child's copy would stop the writer from reopening its own run after the first batch."""
+    out = tmp_path / "w.h5"
+    for source in ("samples", [np.full((40, 48, 3), v, np.uint8) for v in (10, 90, 170, 250)]):
+        for _ in range(2):  # the second time overwrites the first run
+            record_dataset(tiny_vit(), source, out, modes=4, layers="0", batch_size=2, limit=4, num_workers=2,
+                           overwrite=True, progress=False)
+            with open_run(out) as run:
+                assert run.complete and run.n == 4
+
+
 def test_the_writer_writes_data_then_flushes_then_commits_for_every_batch(tmp_path, monkeypatch):
     from qkhooks.store import format as fmt
     from qkhooks.store import writer as writer_module

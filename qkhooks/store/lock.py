@@ -18,10 +18,42 @@ from pathlib import Path
 from qkhooks.errors import QKHooksError
 from qkhooks.store.format import lock_path
 
-__all__ = ["WriterLock"]
+__all__ = ["WriterLock", "keep_out_of_forked_children"]
 
 RESERVE_BYTES = 1 << 20
 """Disk space the lock file holds for the writer's last flush and close after a disk-full error."""
+
+
+_HELD: dict[int, tuple[int, int]] = {}
+"""Descriptors this process writes through, with the (device, inode) they referred to when registered."""
+
+
+def keep_out_of_forked_children(fd: int) -> None:
+    """Forked children (DataLoader and decoding workers) must not keep ``fd`` open: the writer lock and HDF5's
+    own lock on the run file are ``flock``s, held while any process has the descriptor open, so a child's
+    inherited copy would stop this writer from reopening its own run (and keep a dead writer's lock alive)."""
+    st = os.fstat(fd)
+    _HELD[fd] = (st.st_dev, st.st_ino)
+
+
+def _drop_in_forked_child() -> None:
+    """Point the registered descriptors that still name their file at /dev/null in a new child (never touching a
+    descriptor number that has since been reused for another file)."""
+    if not _HELD:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd, ident in _HELD.items():
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == ident:
+                os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_forked_child)
 
 
 class WriterLock:
@@ -49,6 +81,7 @@ class WriterLock:
                 break
             os.close(fd)
         self._fd = fd
+        keep_out_of_forked_children(fd)
         note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         os.ftruncate(fd, 0)

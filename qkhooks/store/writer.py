@@ -33,7 +33,7 @@ import torch
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import clear_open_flags, open_reader, open_swmr_writer
-from qkhooks.store.lock import RESERVE_BYTES, WriterLock
+from qkhooks.store.lock import RESERVE_BYTES, WriterLock, keep_out_of_forked_children
 
 __all__ = ["RunWriter", "COMPRESSIONS", "IDENTITY_ATTRS"]
 
@@ -178,6 +178,7 @@ class RunWriter:
     def _lay_out(self, attrs: Mapping[str, Any]) -> h5py.File:
         """A new run, laid out under ``RUN.h5.creating`` until its first batch (see the module docstring)."""
         f = h5py.File(self._creating, "w", libver="latest", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_w0=1.0)
+        keep_out_of_forked_children(f.id.get_vfd_handle())
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["complete"] = False
