@@ -103,7 +103,8 @@ def _key_first(build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Mo
     def built():
         model = build()
         for module in model.modules():
-            if type(module) is transformers.models.vit.modeling_vit.ViTAttention:
+            # transformers 5 calls q_proj first; 4.x's ViTSelfAttention already calls self.key before self.query
+            if type(module) is transformers.models.vit.modeling_vit.ViTAttention and hasattr(module, "k_proj"):
                 module.__class__ = KeyFirstViTAttention
         return model
 

@@ -355,8 +355,12 @@ def test_unknown_model_lists_families_and_registry():
     ids=["qk-norm", "swin", "rope"],
 )
 def test_unsupported_attention_names_module_and_reason(build, reason):
+    try:
+        model = build()
+    except RuntimeError as exc:  # an older timm (make test-oldest) lacks the newer families
+        pytest.skip(f"this timm {timm.__version__} cannot build the model: {exc}")
     with pytest.raises(qkhooks.QKHooksError, match=reason) as info:
-        qkhooks.sites(build())
+        qkhooks.sites(model)
     assert "unsupported attention in '" in str(info.value)
 
 
