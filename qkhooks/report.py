@@ -298,8 +298,10 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
                          batch_size=opts["batch_size"], device=opts["device"], progress=opts["progress"])
     write_json(out / "bfd.json", result)
     if not keep_runs:  # bfd.json holds every number; the reducer states (~90 MB for ViT-S) only serve a re-analysis
+        from qkhooks.store.format import remove_run
+
         for path in (runs / "bfd.h5", bfd.pass1_path(runs / "bfd.h5")):
-            path.unlink(missing_ok=True)
+            remove_run(path)
     n = int(result["images"])
     captions = [c.replace("Energy shares", f"Energy shares over {n} photos", 1) if i == 0 else c
                 for i, c in enumerate(bfd.FIGURE_CAPTIONS)]

@@ -50,6 +50,8 @@ def test_summary_has_every_section_with_numbers_from_the_runs(report):
     with qkhooks.open_run(out / "runs" / "objects.h5") as run:
         assert run.n == summary["sections"]["same_object"]["images"] == 2 + 3  # voc, arc2017, 3 displays
     assert summary["model"] == loaded.spec and summary["seconds"] > 0
+    # without --keep-runs the BFD runs go, sidecar checkpoints included (bfd.json keeps every number)
+    assert not list((out / "runs").glob("bfd*")), sorted(p.name for p in (out / "runs").iterdir())
 
 
 def _figures(page: str) -> list[tuple[str, str, str, str]]:

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-__all__ = ["IDS", "SKIPPED", "lock_path", "checkpoint_path", "committed", "set_committed", "per_image_datasets",
+__all__ = ["IDS", "SKIPPED", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "per_image_datasets",
            "read_states", "write_checkpoint", "read_checkpoint", "write_states_into", "resume_point", "config_differences"]
 
 IDS = "images/ids"
@@ -40,6 +40,12 @@ def lock_path(run: str | os.PathLike) -> Path:
 def checkpoint_path(run: str | os.PathLike) -> Path:
     run = Path(run)
     return run.with_name(run.name + ".reducers")
+
+
+def remove_run(run: str | os.PathLike) -> None:
+    """Delete a run file together with its reducer checkpoint (a sidecar left alone would be an orphan)."""
+    for path in (Path(run), checkpoint_path(run)):
+        path.unlink(missing_ok=True)
 
 
 def committed(f: h5py.File) -> int | None:

@@ -326,8 +326,7 @@ class RunWriter:
             if not keep:
                 self._creating.unlink(missing_ok=True)
                 if self._published:
-                    self.path.unlink(missing_ok=True)
-                    fmt.checkpoint_path(self.path).unlink(missing_ok=True)
+                    fmt.remove_run(self.path)
 
     def __enter__(self) -> "RunWriter":
         return self
