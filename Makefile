@@ -45,7 +45,7 @@ demo: $(VENV)/.demo
 	$(VENV)/bin/qkhooks demo --out $(DEMO_OUT)
 	@echo "open $(DEMO_OUT)/index.html"
 
-# test: the fast suite; test-slow (CI runs both): the tests marked slow (the whole model zoo, long kill tests)
+# test: the fast suite; test-slow (CI runs both): the tests marked slow (real models, long kill tests)
 test: $(VENV)/.test
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
