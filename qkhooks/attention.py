@@ -123,7 +123,10 @@ def _logits(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.
     w, b = w.to(x_q.dtype), None if b is None else b.to(x_q.dtype)
     q = split_heads(site, torch.nn.functional.linear(x_q, w[:rows], None if b is None else b[:rows]))
     k = split_heads(site, torch.nn.functional.linear(x_k, w[rows:], None if b is None else b[rows:]))
-    q, k = site.rotate_qk(q, k)  # RoPE models: the model's own rotation (x_q is x then)
+    if site.rotates() and x_q.shape[1] != x_k.shape[1]:
+        raise QKHooksError(f"{site.path}: RoPE rotates each token by its own position, so q cannot come from a subset of "
+                           "the tokens; use rows_from_qk(site, *site.qk(x), query_tokens).")
+    q, k = site.rotate_qk(q, k)  # RoPE models: the model's own rotation
     return (q @ k.transpose(-1, -2)) * site.scale
 
 

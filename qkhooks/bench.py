@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from qkhooks.cli import command
-from qkhooks.store._hdf5 import per_image_datasets
+from qkhooks.store.format import per_image_datasets
 
 __all__ = [
     "quantile", "summarize", "interleaved_schedule", "paired_ratios", "SIZES", "Bench", "METHODS", "TARGETS",

@@ -220,7 +220,7 @@ class Recording:
                         site.block.register_forward_pre_hook(self._residual_hook(site), with_kwargs=True)
                     )
                 self._handles.append(site.module.register_forward_pre_hook(self._layer_hook(site), with_kwargs=True))
-                if site.layer in self._from_qk or self._attention_from_qk(site):
+                if site.layer in self._from_qk or site.layer in self._qk_attention:
                     for i, linear in enumerate(site.qk_modules):
                         self._handles.append(linear.register_forward_hook(self._qk_hook(site, i)))
             self._handles.append(last.module.register_forward_hook(self._end_inner, always_call=False))
@@ -328,7 +328,7 @@ class Recording:
         specs = [s for s in self.attention if s.covers(site.layer)]
         # full maps come from the model's own q and k in the q/k hook; rows and pooled from x here (with a few query
         # tokens the keys are never computed, which is cheaper than taking k from the model)
-        specs = [s for s in specs if not (s.kind == "full" and self._attention_from_qk(site))]
+        specs = [s for s in specs if not (s.kind == "full" and site.layer in self._qk_attention)]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = site.hidden_states(args, kwargs)
@@ -362,7 +362,7 @@ class Recording:
         """Forward hook on q/k Linear ``index`` of ``site``: once q and k are both out, project the modes and
         rebuild the full maps from them."""
         projector, width, fused = self._from_qk.get(site.layer), site.num_heads * site.head_dim, len(site.qk_modules) == 1
-        full = self._attention_from_qk(site)
+        full = site.layer in self._qk_attention
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             cap = self._current.layers.get(site.layer) if self._current is not None else None

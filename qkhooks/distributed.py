@@ -195,9 +195,7 @@ class _Shard:
         reducer states that count exactly those (None for a reducer with no checkpoint yet)."""
         names = sorted(self.config.get("reducers") or [])
         images, states = fmt.read_states(self.file, self.path)
-        if any(name not in states for name in names):
-            images = None
-        done = fmt.resume_point(self.committed, images, bool(names))
+        done = fmt.resume_point(self.committed, images, states, names)
         return done, {name: states[name] if done else None for name in names}
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from qkhooks.errors import QKHooksError
 
-__all__ = ["Estimate", "Reading", "bootstrap", "layer_intervals", "trend_reading", "compare_reading", "thirds"]
+__all__ = ["Estimate", "Reading", "bootstrap", "layer_intervals", "trend_reading", "compare_reading", "thirds", "fmt_layers"]
 
 BOOTSTRAP = 2000
 """Bootstrap resamples per estimate (the CI's third digit is stable at this count)."""
@@ -112,7 +112,7 @@ def thirds(n_layers: int) -> tuple[slice, slice]:
     return slice(0, k), slice(n_layers - k, n_layers)
 
 
-def _fmt_layers(layers: Sequence[int]) -> str:
+def fmt_layers(layers: Sequence[int]) -> str:
     return ", ".join(f"L{l}" for l in layers)
 
 
@@ -195,13 +195,13 @@ def compare_reading(a: np.ndarray, b: np.ndarray | float, layers: Sequence[int],
     elif len(below) == len(layers):
         text, verdict = f"{name_a} is below {name_b} at every layer ({smallest}; {n}).", "below"
     elif above and below:
-        text, verdict = (f"{name_a} and {name_b} cross: {name_a} is above at {_fmt_layers(above)} and below at "
-                         f"{_fmt_layers(below)} ({biggest}; {n}).", "crosses")
+        text, verdict = (f"{name_a} and {name_b} cross: {name_a} is above at {fmt_layers(above)} and below at "
+                         f"{fmt_layers(below)} ({biggest}; {n}).", "crosses")
     elif above or below:
         side, clear = ("above", above) if above else ("below", below)
         rest = [l for l in layers if l not in clear]
-        text, verdict = (f"{name_a} is {side} {name_b} at {_fmt_layers(clear)} ({biggest}) and not clearly different at "
-                         f"{_fmt_layers(rest)} ({n}).", "mixed")
+        text, verdict = (f"{name_a} is {side} {name_b} at {fmt_layers(clear)} ({biggest}) and not clearly different at "
+                         f"{fmt_layers(rest)} ({n}).", "mixed")
     else:
         text, verdict = (f"{name_a} and {name_b} show no clear difference at any layer ({biggest}; the intervals hold 0; "
                          f"{n}).", "flat")

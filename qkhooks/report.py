@@ -27,7 +27,7 @@ from qkhooks import __version__
 from qkhooks.cli import command, jsonable, write_json
 from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.models.load import RANDOM_SUFFIX, LoadedModel, load_model
-from qkhooks.readings import Estimate, Reading, compare_reading, trend_reading
+from qkhooks.readings import Estimate, Reading, compare_reading, fmt_layers, trend_reading
 
 __all__ = ["make_report", "Section", "DEFAULT_MODEL"]
 
@@ -217,9 +217,9 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
         above = [l for l, e in rel.items() if e.sign > 0]
         below = [l for l, e in rel.items() if e.sign < 0]
         unclear = [l for l, e in rel.items() if e.sign == 0]
-        parts = [f"above the anisotropy baseline at {_layer_list(above)}" if above else "",
-                 f"below it at {_layer_list(below)}" if below else "",
-                 f"not clearly different from it at {_layer_list(unclear)}" if unclear else ""]
+        parts = [f"above the anisotropy baseline at {fmt_layers(above)}" if above else "",
+                 f"below it at {fmt_layers(below)}" if below else "",
+                 f"not clearly different from it at {fmt_layers(unclear)}" if unclear else ""]
         first, last = layers[0], layers[-1]
         readings.append(Reading(
             f"The σ-weighted mode cosine is {'; '.join(p for p in parts if p)} (interval: the baseline's 95% "
@@ -278,10 +278,6 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
          "curves": {"same_object": _curve(s_layers, [rows[l]["p_same"] for l in s_layers])}},
         time.perf_counter() - started)
     return [top, same_section, aniso]
-
-
-def _layer_list(layers: list[int]) -> str:
-    return ", ".join(f"L{l}" for l in layers)
 
 
 def loaded_layers(loaded: LoadedModel) -> list[int]:

@@ -125,9 +125,7 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str]) -> tup
     from qkhooks.store.format import resume_point
 
     images, states = writer.checkpoint() or (None, {})
-    if any(r.name not in states for r in reducers):
-        images = None
-    done = resume_point(writer.committed, images, bool(reducers))
+    done = resume_point(writer.committed, images, states, [r.name for r in reducers])
     if done < writer.committed:
         writer.truncate(done)
     position = {id_: i for i, id_ in enumerate(ids)}

@@ -15,7 +15,7 @@ import torch
 import qkhooks
 from qkhooks import bench as B
 from qkhooks.attention import _logits, attention_rows
-from qkhooks.store._hdf5 import per_image_datasets
+from qkhooks.store.format import per_image_datasets
 
 
 # ------------------------------------------------------------------------------------------- statistics

@@ -372,3 +372,15 @@ def test_an_error_in_the_users_own_dataset_stops_the_run_and_says_where(tmp_path
     with pytest.raises(KeyError) as caught:
         record(Broken(paths), tmp_path / "run.h5")
     assert "item 2 of torch:Broken" in "".join(caught.value.__notes__)
+
+
+def test_image_label_pairs_keep_their_image_and_a_pair_that_would_drop_a_mask_is_refused(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    record([(image, 3), (image, "cat")], tmp_path / "pairs.h5")
+    record([image, image], tmp_path / "plain.h5")
+    (_, pairs), (_, plain) = contents(tmp_path / "pairs.h5"), contents(tmp_path / "plain.h5")
+    assert pairs.keys() == plain.keys() and pairs
+    for name in plain:
+        np.testing.assert_array_equal(pairs[name], plain[name], err_msg=name)
+    with pytest.raises(QKHooksError, match=r"read as \(image, label\).*give masks in a dict"):
+        open_source([(image, np.ones((40, 48), np.int64))], tiny_vit().image_config)

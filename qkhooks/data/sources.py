@@ -125,7 +125,7 @@ def _mask_array(value: Any) -> np.ndarray:
     if isinstance(value, Image.Image):
         value = np.array(value)
     if isinstance(value, torch.Tensor):
-        value = value.numpy()
+        value = value.detach().cpu().numpy()
     return np.asarray(value)
 
 
@@ -139,6 +139,12 @@ def _image_value(item: Mapping[str, Any]) -> Any:
 def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
     """One user item to (its own id or None, the full-resolution image and masks)."""
     if isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[0], (int, float)):
+        if not (isinstance(item[1], str) or np.ndim(item[1]) == 0):  # a mask or a second image would be lost
+            raise QKHooksError(
+                f"{where}: a 2-item {type(item).__name__} is read as (image, label), but its second element is a "
+                f"{type(item[1]).__name__} of shape {np.shape(item[1])}; give masks in a dict "
+                "{'image': ..., 'objects': ...}."
+            )
         item = item[0]  # (image, label) as torchvision datasets return
     if not isinstance(item, Mapping):
         return None, _Raw(image=_image_of(item, where))

@@ -147,7 +147,7 @@ class AttentionSite:
         extra = [(f"argument {i}", v) for i, v in enumerate(args[1:], 1)]
         extra += [(repr(k), v) for k, v in kwargs.items() if k not in (self.input_name, self.bias_input, self.rope_input)]
         if self.bias_input is not None:
-            self._call_bias = _additive(kwargs.get(self.bias_input))
+            self._call_bias = kwargs.get(self.bias_input)  # made additive only where a map is rebuilt
         if self.rope_input is not None:
             self._call_rope = kwargs.get(self.rope_input)
         for label, value in extra:
@@ -173,12 +173,12 @@ class AttentionSite:
     def logit_bias(self) -> torch.Tensor | None:
         """The additive term (B or 1, H or 1, N, N) the model added to this layer's logits in the call being
         recorded (None: none): a position-only table, a mask, or both."""
-        return self._call_bias
+        return _additive(self._call_bias)
 
     def add_logit_bias(self, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled logits (B, H, T, N) plus the model's own additive term, rows picked by ``query_tokens`` (B, T)
         when given (all N rows otherwise)."""
-        bias = self._call_bias
+        bias = self.logit_bias()
         if bias is None:
             return logits
         bias = bias[..., : logits.shape[-1]].to(logits.device, logits.dtype)

@@ -332,7 +332,7 @@ def load_model(
     model = model.eval().to(device)
     if dtype is not None:
         model = model.to(dtype)
-    if isinstance(label, str) and random_init and not label.endswith(RANDOM_SUFFIX):
+    if random_init and not label.endswith(RANDOM_SUFFIX):
         label += RANDOM_SUFFIX  # reports name what was loaded
     try:
         model.qkhooks_spec = label  # type: ignore[attr-defined]  # lets reports name the model

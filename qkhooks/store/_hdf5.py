@@ -19,8 +19,7 @@ from pathlib import Path
 import h5py
 
 from qkhooks.errors import QKHooksError
-from qkhooks.store.lock import keep_out_of_forked_children
-from qkhooks.store.format import committed, per_image_datasets  # noqa: F401  (per_image_datasets: older imports)
+from qkhooks.store.format import committed
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MASK = 0xFFFFFFFF
@@ -146,7 +145,6 @@ def open_swmr_writer(path: str | os.PathLike, chunk_cache_bytes: int) -> h5py.Fi
     fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
     fapl.set_cache(0, 521, chunk_cache_bytes, 1.0)
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl)
-    keep_out_of_forked_children(fid.get_vfd_handle())
     return h5py.File(fid)
 
 

@@ -18,7 +18,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -192,11 +192,13 @@ def config_differences(theirs: Any, ours: Any) -> str:
     return " (" + "; ".join(f"{k}: file {a.get(k)!r}, now {b.get(k)!r}" for k in keys) + ")" if keys else ""
 
 
-def resume_point(n_committed: int, checkpoint_images: int | None, has_reducers: bool) -> int:
+def resume_point(n_committed: int, checkpoint_images: int | None, states: Mapping[str, Any],
+                 reducers: Sequence[str]) -> int:
     """How many committed images a resume keeps: the checkpoint's (its reducers saw exactly those), all of them
-    when no reducer runs, none when the checkpoint is missing or claims more than is committed."""
-    if not has_reducers:
+    when no reducer runs, none when the checkpoint is missing, lacks one of ``reducers`` or claims more than is
+    committed. The one resume rule: the single-process resume and the shard merge both ask it."""
+    if not reducers:
         return n_committed
-    if checkpoint_images is None or checkpoint_images > n_committed:
+    if checkpoint_images is None or checkpoint_images > n_committed or any(r not in states for r in reducers):
         return 0
     return checkpoint_images

@@ -18,7 +18,7 @@ from pathlib import Path
 from qkhooks.errors import QKHooksError
 from qkhooks.store.format import lock_path
 
-__all__ = ["WriterLock", "keep_out_of_forked_children"]
+__all__ = ["WriterLock", "keep_out_of_forked_children", "forget_in_forked_children"]
 
 RESERVE_BYTES = 1 << 20
 """Disk space the lock file holds for the writer's last flush and close after a disk-full error."""
@@ -34,6 +34,12 @@ def keep_out_of_forked_children(fd: int) -> None:
     inherited copy would stop this writer from reopening its own run (and keep a dead writer's lock alive)."""
     st = os.fstat(fd)
     _HELD[fd] = (st.st_dev, st.st_ino)
+
+
+def forget_in_forked_children(fd: int) -> None:
+    """Stop keeping ``fd`` out of forked children (called when it is closed: the same number, even on the same
+    file, may next belong to a reader, which children must keep)."""
+    _HELD.pop(fd, None)
 
 
 def _drop_in_forked_child() -> None:
@@ -103,6 +109,7 @@ class WriterLock:
     def release(self) -> None:
         if self._fd is None:
             return
+        forget_in_forked_children(self._fd)
         self.path.unlink(missing_ok=True)  # unlinked while still held: a waiting process sees the change and retries
         os.close(self._fd)
         self._fd = None

@@ -33,7 +33,7 @@ import torch
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import clear_open_flags, open_reader, open_swmr_writer
-from qkhooks.store.lock import RESERVE_BYTES, WriterLock, keep_out_of_forked_children
+from qkhooks.store.lock import RESERVE_BYTES, WriterLock, forget_in_forked_children, keep_out_of_forked_children
 
 __all__ = ["RunWriter", "COMPRESSIONS", "IDENTITY_ATTRS"]
 
@@ -129,6 +129,7 @@ class RunWriter:
         attrs = {k: _attr(v) for k, v in (attrs or {}).items()}
         self._check_folder()
         self._writer_lock = WriterLock(self.path, reserve=RESERVE_BYTES)  # before anything is read or replaced
+        self._child_fds: list[int] = []  # descriptors kept out of forked workers while this writer has them
         self._creating = self.path.with_name(self.path.name + ".creating")
         self._published = mode == "resume"
         self._completed = False
@@ -175,10 +176,17 @@ class RunWriter:
         """Whether the file has its final layout and lives, in SWMR mode, under its own name."""
         return self._published
 
+    def _keep_from_children(self, f: h5py.File) -> h5py.File:
+        """Keep the run file's descriptor out of forked workers while this writer has it (see lock.py)."""
+        fd = f.id.get_vfd_handle()
+        keep_out_of_forked_children(fd)
+        self._child_fds.append(fd)
+        return f
+
     def _lay_out(self, attrs: Mapping[str, Any]) -> h5py.File:
         """A new run, laid out under ``RUN.h5.creating`` until its first batch (see the module docstring)."""
         f = h5py.File(self._creating, "w", libver="latest", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_w0=1.0)
-        keep_out_of_forked_children(f.id.get_vfd_handle())
+        self._keep_from_children(f)
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["complete"] = False
@@ -192,11 +200,11 @@ class RunWriter:
         """Give the laid-out file its name; reopen it in SWMR mode for the batches."""
         self._file.flush()
         self._file.close()
+        fmt.checkpoint_path(self.path).unlink(missing_ok=True)  # an overwritten run's checkpoint is not ours (gone first)
         os.replace(self._creating, self.path)
         self._published = True
-        fmt.checkpoint_path(self.path).unlink(missing_ok=True)  # an overwritten run's checkpoint is not ours
         if reopen:
-            self._file = open_swmr_writer(self.path, CHUNK_CACHE_BYTES)
+            self._file = self._keep_from_children(open_swmr_writer(self.path, CHUNK_CACHE_BYTES))
 
     def _open_for_resume(self, attrs: Mapping[str, Any]) -> h5py.File:
         # read-only first: a refused resume changes nothing
@@ -218,7 +226,7 @@ class RunWriter:
                     "first run, or --overwrite to start again."
                 )
         clear_open_flags(self.path)  # a dead writer's; we hold the run's lock, so no live one's
-        f = open_swmr_writer(self.path, CHUNK_CACHE_BYTES)
+        f = self._keep_from_children(open_swmr_writer(self.path, CHUNK_CACHE_BYTES))
         f.attrs.modify("complete", False)
         self._cut(f, fmt.committed(f) or 0)
         f.flush()
@@ -304,6 +312,8 @@ class RunWriter:
                 try:
                     self._close_file()
                 finally:
+                    for fd in self._child_fds:
+                        forget_in_forked_children(fd)
                     self._writer_lock.release()
         if not self._reported:
             self._raise_if_failed()
