@@ -154,6 +154,20 @@ def test_worker_processes_never_hold_the_run_file_so_the_writer_can_reopen_and_o
                 assert run.complete and run.n == 4
 
 
+def test_a_closed_writer_no_longer_hides_its_descriptors_from_forked_workers(tmp_path):
+    """The writer keeps its descriptors out of forked children only while it holds them: once closed, the same
+    numbers (even on the same file, e.g. a reader of the run) must reach forked workers intact."""
+    from qkhooks.store import lock
+
+    out = tmp_path / "r.h5"
+    with RunWriter(out, dtype="float32") as writer:
+        writer.write_batch(["a"], {"v": np.ones((1, 3))})
+        writer.flush()
+        held = dict(lock._HELD)
+        assert len(held) >= 2  # the writer lock and the run file
+    assert not set(held) & set(lock._HELD)
+
+
 def test_the_writer_writes_data_then_flushes_then_commits_for_every_batch(tmp_path, monkeypatch):
     from qkhooks.store import format as fmt
     from qkhooks.store import writer as writer_module
