@@ -106,3 +106,5 @@ def _record_parts(net: torch.nn.Module, batch: int, steps: int = 4) -> dict[str,
                 other = (time.process_time() - p0) - (time.thread_time() - t0)  # the writer thread, mostly
                 times["writer_thread_cpu"] = 1000 * other / steps
         writer.close()
+    times.update({name: 1000 * v / steps for name, v in spent.items()})
+    return times
