@@ -1,4 +1,5 @@
-"""Micro benchmarks of one layer: the two projection paths, the ways to compute attention rows, factored vs dense SVD."""
+"""Micro benchmarks of one layer: the two projection paths, three ways to compute attention rows, and the
+factored vs the dense SVD."""
 
 from __future__ import annotations
 
