@@ -39,8 +39,10 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     "capture": (["qkhooks/capture.py"], ["tests/test_core.py", "tests/test_asymmetry.py"], None),
     "reducers": (["qkhooks/reducers.py"], ["tests/test_reducers.py", "tests/test_modes.py", "tests/test_distributed.py"],
                  "merge or state or reducer or shards"),
-    "preprocess": (["qkhooks/data/preprocess.py"], ["tests/test_data.py", "tests/test_asymmetry.py"], None),
-    "models": (["qkhooks/models/*.py"], ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_offline.py"], None),
+    "preprocess": (["qkhooks/data/preprocess.py", "qkhooks/data/display.py", "qkhooks/data/geometry.py"],
+                   ["tests/test_data.py", "tests/test_asymmetry.py"], None),
+    "models": (["qkhooks/models/*.py", "qkhooks/models/offline/*.py"],
+               ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_offline.py"], None),
     "store": (["qkhooks/store/*.py"], ["tests/test_store.py", "tests/test_distributed.py"], None),
     "stream": (["qkhooks/stream.py"], ["tests/test_store.py", "tests/test_late_decode.py"], None),
     "statistics": (

@@ -1,11 +1,15 @@
-"""qkhooks.bench: the benchmark's logic only — statistics, interleaving, what each method's hooks produce on a
-tiny model, the peak-memory helpers and the results files. No timing assertions: on a shared machine a timing
-proves nothing in a unit test (the numbers live in benchmarks/RESULTS.md)."""
+"""The benchmark harness (benchmarks/harness/, outside the installed package): its logic only — statistics,
+interleaving, what each method's hooks produce on a tiny model, the peak-memory helpers and the results files;
+and that the installed package holds no harness. No timing assertions: on a shared machine a timing proves
+nothing in a unit test (the numbers live in benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,7 +17,19 @@ import pytest
 import torch
 
 import qkhooks
-from qkhooks import bench as B
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the harness is not installed: it is imported from the checkout
+
+from harness import methods as M  # noqa: E402
+from harness.driver import main as bench_main  # noqa: E402
+from harness.machine import peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
+from harness.material import Bench  # noqa: E402
+from harness.methods import METHODS, ROWS, RecordRunner, time_methods  # noqa: E402
+from harness.micro import projection_bench  # noqa: E402
+from harness.render import save_results, target_verdict  # noqa: E402
+from harness.stats import interleaved_schedule, paired_ratios, quantile, summarize  # noqa: E402
+from harness.storage import _chunks_of_1mib, writer_bench  # noqa: E402
 from qkhooks.attention import _logits, attention_rows
 from qkhooks.store.format import per_image_datasets
 
@@ -24,27 +40,27 @@ def test_quantile_and_summary_match_numpy():
     for n in (1, 2, 3, 4, 7, 12, 31):
         x = rng.normal(size=n) * 10
         for q in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0):
-            assert B.quantile(list(x), q) == pytest.approx(float(np.quantile(x, q)), abs=1e-12)
-        s = B.summarize(x)
+            assert quantile(list(x), q) == pytest.approx(float(np.quantile(x, q)), abs=1e-12)
+        s = summarize(x)
         q1, med, q3 = np.percentile(x, [25, 50, 75])
         assert s["median"] == pytest.approx(med) and s["q1"] == pytest.approx(q1) and s["q3"] == pytest.approx(q3)
         assert s["iqr"] == pytest.approx(q3 - q1)
         assert (s["min"], s["max"], s["n"]) == (x.min(), x.max(), n)
         assert s["mean"] == pytest.approx(x.mean())
     with pytest.raises(ValueError):
-        B.quantile([], 0.5)
+        quantile([], 0.5)
 
 
 def test_paired_ratios_pair_by_round():
-    assert B.paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
+    assert paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
     with pytest.raises(ValueError):
-        B.paired_ratios([1.0], [1.0, 2.0])
+        paired_ratios([1.0], [1.0, 2.0])
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_schedule_interleaves_every_round_and_never_repeats_a_method_back_to_back(n):
     names = [f"m{i}" for i in range(n)]
-    sched = B.interleaved_schedule(names, rounds=2 * n, warmup=2)
+    sched = interleaved_schedule(names, rounds=2 * n, warmup=2)
     assert len(sched) == (2 * n + 2) * n
     rounds = [r for r, _ in sched]
     assert rounds == sorted(rounds) and rounds[0] == -2 and rounds[-1] == 2 * n - 1
@@ -57,22 +73,22 @@ def test_schedule_interleaves_every_round_and_never_repeats_a_method_back_to_bac
     if n > 2:  # rotation: every method leads some round
         assert {next(m for rr, m in sched if rr == r) for r in range(n)} == set(names)
     with pytest.raises(ValueError):
-        B.interleaved_schedule(["a", "a"], 1)
+        interleaved_schedule(["a", "a"], 1)
 
 
 def test_target_verdict_reads_the_median_and_says_when_noise_could_flip_it():
     s = lambda med, q1, q3: {"median": med, "q1": q1, "q3": q3}  # noqa: E731
-    assert B.target_verdict(s(1.03, 1.01, 1.04), 0.05) == "met"
-    assert B.target_verdict(s(1.04, 1.02, 1.07), 0.05).startswith("met (IQR")
-    assert B.target_verdict(s(1.08, 1.06, 1.10), 0.05) == "missed"
-    assert "within noise" in B.target_verdict(s(1.06, 1.04, 1.10), 0.05)
-    assert B.target_verdict(None, 0.05) == "not measured"
+    assert target_verdict(s(1.03, 1.01, 1.04), 0.05) == "met"
+    assert target_verdict(s(1.04, 1.02, 1.07), 0.05).startswith("met (IQR")
+    assert target_verdict(s(1.08, 1.06, 1.10), 0.05) == "missed"
+    assert "within noise" in target_verdict(s(1.06, 1.04, 1.10), 0.05)
+    assert target_verdict(None, 0.05) == "not measured"
 
 
 # ------------------------------------------------------------------------------------------- methods
 @pytest.fixture(scope="module")
 def bench():
-    b = B.Bench("tiny", batch=2)
+    b = Bench("tiny", batch=2)
     model = b.timm()  # build first, then non-zero biases so bias handling is exercised; copies follow
     with torch.no_grad():
         g = torch.Generator().manual_seed(5)
@@ -84,7 +100,7 @@ def bench():
 
 
 def _run(bench, name):
-    return _step(B.METHODS[name].build(bench), bench.images)
+    return _step(METHODS[name].build(bench), bench.images)
 
 
 def _step(runner, images):
@@ -109,7 +125,7 @@ def test_each_method_produces_what_it_claims_and_leaves_no_hooks(bench):
     assert tokens.tolist() == [[0, 1 + 2 * 4 + 2]] * 2  # CLS and the centre patch of the 4 x 4 grid
     out = {}
     runners = {}
-    for name in B.METHODS:
+    for name in METHODS:
         runners[name], out[name] = _run(bench, name)
         assert _no_hooks(bench.timm()), name  # interleaved methods must not see each other's hooks
     try:
@@ -125,12 +141,11 @@ def test_each_method_produces_what_it_claims_and_leaves_no_hooks(bench):
         both = out["modes16_rows2"]["batch"].arrays()
         assert {"modes/L0/query", "modes/L0/key", "attention/L0/rows", "attention/query_tokens"} <= set(both)
 
-        for name in ("full_hdf5", "proto_qkv_full_hdf5"):
-            runners[name].writer.flush()
-            with h5py.File(runners[name].path, "r", swmr=True) as f:
-                assert f["images"].attrs["committed"] == b, name
-                assert f["modes/L1/query"].shape == (b, h, 8, n)
-                np.testing.assert_allclose(f["attention/L1/rows"][:], both["attention/L1/rows"].numpy(), atol=1e-3)
+        runners["full_hdf5"].writer.flush()
+        with h5py.File(runners["full_hdf5"].path, "r", swmr=True) as f:
+            assert f["images"].attrs["committed"] == b
+            assert f["modes/L1/query"].shape == (b, h, 8, n)
+            np.testing.assert_allclose(f["attention/L1/rows"][:], both["attention/L1/rows"].numpy(), atol=1e-3)
 
         copies = out["naive_hooks"]["copies"]
         assert len(copies) == layers and all(tuple(c.shape) == (b, n, 32) and c.device.type == "cpu" for c in copies)
@@ -139,6 +154,8 @@ def test_each_method_produces_what_it_claims_and_leaves_no_hooks(bench):
         assert len(maps) == layers and tuple(maps[1].shape) == (b, h, n, n)
         idx = tokens[:, None, :, None].expand(b, h, 2, n)
         assert torch.allclose(maps[1].gather(2, idx), rows, atol=1e-5)
+        full = out["full_maps"]["batch"].layers[1].attention["full"]  # the library's full maps are the same maps
+        assert torch.allclose(full.float(), maps[1], atol=1e-5)
 
         assert out["hf_sdpa"]["attentions"] is None
         att = out["hf_eager_attn"]["attentions"]
@@ -146,17 +163,9 @@ def test_each_method_produces_what_it_claims_and_leaves_no_hooks(bench):
 
         site = bench.sites()[1]  # rows2 took the library's folded path (no keys), and the eager maps above, which
         assert site.num_heads * 2 < site.dim  # the model computed from its own keys, hold the same rows
-        # patch A is in the library now: no prototype of it remains; patch B's prototypes stay labelled as such
-        assert {name for name, m in B.METHODS.items() if m.kind == "prototype"} == {"proto_qkv_full_hdf5", "proto_qkv_modes_all"}
-        assert all("prototype" in B.METHODS[n].label for n in ("proto_qkv_full_hdf5", "proto_qkv_modes_all"))
-        assert not hasattr(B, "rows_folded") and "rows_folded" not in B.__all__
-
-        proto = out["proto_qkv_full_hdf5"]["arrays"]  # patch B prototype: same maps and rows, biases included
-        for key in ("modes/L0/query", "modes/L1/key", "attention/L1/rows"):
-            assert torch.allclose(proto[key], both[key], atol=1e-4, rtol=1e-4), key
-        ref_all = out["modes_all"]["batch"].arrays()
-        for key, value in out["proto_qkv_modes_all"]["arrays"].items():
-            assert torch.allclose(value, ref_all[key], atol=1e-4, rtol=1e-4), key
+        # the prototypes of patches A and B are in the library now: the harness times only real methods
+        assert {m.kind for m in METHODS.values()} == {"qkhooks", "baseline", "peer"}
+        assert not any(name.startswith("proto") for name in METHODS) and not hasattr(M, "rows_folded")
     finally:
         for r in runners.values():
             r.close()
@@ -167,16 +176,16 @@ def test_time_methods_keeps_one_sample_per_round_and_pairs_ratios(bench):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: process CPU time is the primary metric
     try:
-        res = B.time_methods(bench, ["plain", "capture", "rows2"], rounds=2, warmup=1)
+        res = time_methods(bench, ["plain", "capture", "rows2"], rounds=2, warmup=1)
     finally:
         torch.set_num_threads(threads)
-    assert res["order_first_rounds"] == [m for r, m in B.interleaved_schedule(["plain", "capture", "rows2"], 2, 1) if r >= 0]
+    assert res["order_first_rounds"] == [m for r, m in interleaved_schedule(["plain", "capture", "rows2"], 2, 1) if r >= 0]
     for name, m in res["methods"].items():
         assert len(m["wall_s"]) == len(m["cpu_s"]) == 2 and m["images_per_s"]["n"] == m["cpu_ms_per_batch"]["n"] == 2
     assert res["metric"] == "cpu"  # process CPU time is the primary metric on the CPU
     assert res["methods"]["plain"]["ratio_to_plain"]["median"] == 1.0
-    assert res["methods"]["rows2"]["ratio_to_plain"] == B.summarize(
-        B.paired_ratios(res["methods"]["rows2"]["cpu_s"], res["methods"]["plain"]["cpu_s"]))
+    assert res["methods"]["rows2"]["ratio_to_plain"] == summarize(
+        paired_ratios(res["methods"]["rows2"]["cpu_s"], res["methods"]["plain"]["cpu_s"]))
 
 
 def _rows_with_keys(site, x, tokens):
@@ -202,7 +211,7 @@ def test_library_rows_equal_the_rows_computed_from_the_keys_on_every_family(tiny
 
 
 def test_projection_bench_compares_library_rows_with_the_keys_reference(bench):
-    res = B.projection_bench(bench, rounds=1)
+    res = projection_bench(bench, rounds=1)
     assert res["library_rows_path"] == "folded"
     assert set(res["rows"]) == {"library", "keys", "from_k"}
     assert res["rows"]["keys"]["max_abs_diff_vs_keys"] == 0.0
@@ -216,12 +225,12 @@ def test_projection_bench_compares_library_rows_with_the_keys_reference(bench):
 # ------------------------------------------------------------------------------------------- memory
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux only")
 def test_peak_rss_reset_and_growth():
-    assert B.rss_mb() > 0
-    assert B.reset_peak_rss()
-    assert B.peak_rss_mb() - B.rss_mb() < 8  # the high-water mark restarts at the current RSS
-    base = B.rss_mb()
+    assert rss_mb() > 0
+    assert reset_peak_rss()
+    assert peak_rss_mb() - rss_mb() < 8  # the high-water mark restarts at the current RSS
+    base = rss_mb()
     block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
-    assert B.peak_rss_mb() - base > 48
+    assert peak_rss_mb() - base > 48
     del block
 
 
@@ -237,7 +246,7 @@ def _entry(section, data, model="vit_s", **extra):
 
 
 def test_results_files_merge_and_render(tmp_path):
-    methods = {name: {"label": B.METHODS[name].label, "kind": "x", "family": "timm", "wall_s": [0.1] * 3,
+    methods = {name: {"label": METHODS[name].label, "kind": "x", "family": "timm", "wall_s": [0.1] * 3,
                       "cpu_s": [0.1] * 3, "images_per_s": _s(80.0), "ms_per_batch": _s(100.0),
                       "cpu_ms_per_batch": _s(90.0), "ratio_to_plain": _s(ratio), "ratio_to_plain_wall": _s(1.5)}
                for name, ratio in (("plain", 1.0), ("capture", 1.01), ("rows2", 1.12), ("full_hdf5", 1.08))}
@@ -253,7 +262,7 @@ def test_results_files_merge_and_render(tmp_path):
                    "rss_slope_mb_per_100_images": 0.01, "rss_second_half_range_mb": [690.0, 741.0]}}}}),
     }
     md, js = tmp_path / "RESULTS.md", tmp_path / "results.json"
-    B.save_results(entries, md, js, merge=False)
+    save_results(entries, md, js, merge=False)
     text = md.read_text()
     assert "Test CPU" in text and "**2 intra-op thread(s), set explicitly**" in text
     assert "pending: no GPU lent" in text and "`qkhooks bench --models vit_s`" in text
@@ -268,11 +277,11 @@ def test_results_files_merge_and_render(tmp_path):
     svd = {"heads": 6, "dim": 384, "head_dim": 64, "layers": 12, "factored_ms_per_layer": _s(2.0),
            "dense_ms_per_layer": _s(200.0), "speedup": 100.0, "max_rel_sigma_diff": 1e-12,
            "spectrum_whole_model_s": 0.05, "dense_whole_model_s_estimate": 2.4}
-    B.save_results({"svd/vit_s/cpu": _entry("svd", svd)}, md, js)  # merges with what is there
+    save_results({"svd/vit_s/cpu": _entry("svd", svd)}, md, js)  # merges with what is there
     data = json.loads(js.read_text())
     assert set(data["entries"]) == set(entries) | {"svd/vit_s/cpu"}
     assert "**100x**" in md.read_text() and "| `rows2` |" in md.read_text()
-    B.save_results({"svd/vit_s/cpu": _entry("svd", svd)}, md, js, merge=False)  # --fresh starts over
+    save_results({"svd/vit_s/cpu": _entry("svd", svd)}, md, js, merge=False)  # --fresh starts over
     assert set(json.loads(js.read_text())["entries"]) == {"svd/vit_s/cpu"}
 
 
@@ -282,7 +291,7 @@ def test_bench_command_is_registered_and_runs_the_cheap_sections(tmp_path, capsy
     assert main(["bench", "--models", "nope"]) == 2
     assert "unknown size, section or method 'nope'" in capsys.readouterr().err
     md, js = tmp_path / "R.md", tmp_path / "r.json"
-    rc = B.main(["--models", "tiny", "--sections", "svd", "--out", str(md), "--json", str(js), "--fresh",
+    rc = bench_main(["--models", "tiny", "--sections", "svd", "--out", str(md), "--json", str(js), "--fresh",
                  "--notes", str(tmp_path / "none.md")])
     assert rc == 0
     data = json.loads(js.read_text())
@@ -293,7 +302,7 @@ def test_bench_command_is_registered_and_runs_the_cheap_sections(tmp_path, capsy
 
 
 def test_writer_bench_times_the_caller_and_the_thread_per_codec(bench):
-    res = B.writer_bench(bench, ["none", "lzf@batch"], rounds=1, batches=2)
+    res = writer_bench(bench, ["none", "lzf@batch"], rounds=1, batches=2)
     assert set(res["codecs"]) == {"none", "lzf@batch"}
     for c, v in res["codecs"].items():
         assert v["blocked_ms_per_batch"]["n"] == 2 and v["writer_thread_cpu_ms_per_batch"]["n"] == 2, c
@@ -301,15 +310,15 @@ def test_writer_bench_times_the_caller_and_the_thread_per_codec(bench):
         assert v["images"] == 2 * 2 * bench.batch  # warm-up round + 1 round, 2 batches each
     assert not any(bench.workdir.glob("*.h5"))
     with pytest.raises(ValueError, match="unknown chunking"):
-        B.writer_bench(bench, ["lzf@nope"], rounds=1, batches=1)
+        writer_bench(bench, ["lzf@nope"], rounds=1, batches=1)
 
 
 def test_chunks_of_1mib_restore_the_chunking_of_before_patch_c(bench):
     def chunks(compression, chunking):
-        runner = B.RecordRunner(bench, {"modes": 16, **B.ROWS}, writer=True, name=f"chunks-{compression}-{chunking}",
+        runner = RecordRunner(bench, {"modes": 16, **ROWS}, writer=True, name=f"chunks-{compression}-{chunking}",
                                 compression=compression)
         if chunking == "1mib":
-            B._chunks_of_1mib(runner.writer)
+            _chunks_of_1mib(runner.writer)
         _step(runner, bench.images)
         with h5py.File(runner.path, "r", swmr=True) as f:
             datasets = per_image_datasets(f).values()
@@ -330,7 +339,7 @@ def test_end_to_end_section_renders_the_record_to_plain_ratio(tmp_path):
             "record": {"wall_s": _s(8.6), "cpu_s": _s(7.7)}, "ratio_wall": _s(1.075), "ratio_cpu": _s(1.1),
             "parts_ms_per_batch": {"plain_forward": 480.0, "topk_modes": 11.0}}
     md, js = tmp_path / "RESULTS.md", tmp_path / "results.json"
-    B.save_results({"end_to_end/vit_ti/cpu/t1": _entry("end_to_end", data, model="vit_ti")}, md, js, merge=False)
+    save_results({"end_to_end/vit_ti/cpu/t1": _entry("end_to_end", data, model="vit_ti")}, md, js, merge=False)
     text = md.read_text()
     assert "## End to end: `qkhooks record` over a folder vs a plain loop" in text
     assert "| ViT-Ti/16 (timm vit_tiny_patch16_224, random init) | 2 | 240 |" in text
@@ -338,8 +347,8 @@ def test_end_to_end_section_renders_the_record_to_plain_ratio(tmp_path):
 
 
 def test_per_batch_record_runner_builds_the_recording_each_step_and_matches_the_given_spectrum_path():
-    bench = B.Bench("tiny", 2)
-    per_batch, given = B.METHODS["modes16_per_batch"].build(bench), B.METHODS["modes16"].build(bench)
+    bench = Bench("tiny", 2)
+    per_batch, given = METHODS["modes16_per_batch"].build(bench), METHODS["modes16"].build(bench)
     with torch.no_grad():
         per_batch.step(bench.images)
         given.attach()
@@ -350,3 +359,54 @@ def test_per_batch_record_runner_builds_the_recording_each_step_and_matches_the_
     for layer in b.layers:
         torch.testing.assert_close(a.layers[layer].query, b.layers[layer].query, rtol=0, atol=0)
     bench.close()
+
+
+# ------------------------------------------------------------------------------------------- where the harness lives
+def test_the_installed_package_holds_no_benchmark_harness():
+    from setuptools.config.setupcfg import read_configuration
+
+    packages = read_configuration(str(ROOT / "setup.cfg"))["options"]["packages"]  # what a wheel would contain
+    assert "qkhooks" in packages and not any(p.split(".")[0] == "benchmarks" or "harness" in p for p in packages)
+    files = [f for p in packages for f in (ROOT / p.replace(".", "/")).glob("*.py")]
+    assert [f.relative_to(ROOT).as_posix() for f in files if "bench" in f.stem] == ["qkhooks/cli/bench.py"]
+    harness_names = ("def time_methods(", "def render_markdown(", "def interleaved_schedule(", "class Bench:", "def machine_info(")
+    assert not [f for f in files if any(name in f.read_text() for name in harness_names)]
+
+
+def test_qkhooks_bench_without_the_repository_says_how_to_run_the_harness(tmp_path):
+    shutil.copytree(Path(qkhooks.__file__).parent, tmp_path / "qkhooks", ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys, qkhooks; assert qkhooks.__file__.startswith(sys.argv[1]), qkhooks.__file__; "
+            "from qkhooks.cli import main; sys.exit(main(sys.argv[2:]))")
+    for args in (["bench", "--models", "vit_s", "--sections", "svd"], ["bench"]):
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), *args], capture_output=True, text=True,
+                              cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)}, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "qkhooks: error: the benchmark harness is not part of the installed qkhooks package" in proc.stderr
+        assert "python benchmarks/run.py" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "benchmarks").exists()
+
+
+def test_the_harness_options_import_no_torch():
+    """``qkhooks bench`` builds the harness's options with every parser: they must not pull torch in."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import argparse, harness.options as o; "
+            "o.add_arguments(argparse.ArgumentParser()); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
+
+
+def test_run_py_renders_results_md_from_the_json_like_the_harness(tmp_path):
+    svd = {"heads": 6, "dim": 384, "head_dim": 64, "layers": 12, "factored_ms_per_layer": _s(2.0),
+           "dense_ms_per_layer": _s(200.0), "speedup": 100.0, "max_rel_sigma_diff": 1e-12,
+           "spectrum_whole_model_s": 0.05, "dense_whole_model_s_estimate": 2.4}
+    md, js, notes = tmp_path / "RESULTS.md", tmp_path / "results.json", tmp_path / "notes.md"
+    data = save_results({"svd/vit_s/cpu": _entry("svd", svd)}, md, js, merge=False)
+    notes.write_text("Hand-written reading.\n")
+    md.unlink()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--render-only", "--json", str(js),
+                           "--out", str(md), "--notes", str(notes)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from harness.render import render_markdown
+
+    assert md.read_text() == render_markdown({**data, "notes": "Hand-written reading.\n"})
+    assert "Hand-written reading." in md.read_text() and "**100x**" in md.read_text()

@@ -225,12 +225,13 @@ def test_offline_random_init_is_the_same_architecture_with_new_weights(monkeypat
 
     from qkhooks import load_model
     from qkhooks.models import offline
+    from qkhooks.models.offline import source
 
     def no_onnx():
         raise AssertionError("random weights must not need the ONNX file")
 
     pretrained = _state(load_model("offline:dinov2-s14").model) if offline.offline_dinov2_available() else None
-    monkeypatch.setattr(offline, "_require_sources", no_onnx)
+    monkeypatch.setattr(source, "require_sources", no_onnx)
     loaded = load_model("offline:dinov2-s14@random")
     assert type(loaded.model) is Dinov2Model and (loaded.weights, loaded.note) == ("random", "")
     assert {k: getattr(loaded.model.config, k) for k in offline.OFFLINE_DINOV2_CONFIG} == offline.OFFLINE_DINOV2_CONFIG

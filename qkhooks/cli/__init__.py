@@ -177,7 +177,7 @@ COMMAND_MODULES = (
     "qkhooks.analysis.bfd",
     "qkhooks.report",
     "qkhooks.compare",
-    "qkhooks.bench",
+    "qkhooks.cli.bench",
 )
 
 

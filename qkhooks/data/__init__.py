@@ -5,9 +5,12 @@ object-level analyses in qkhooks compare attention on the patch grid with
 where objects are.
 """
 
-from qkhooks.data.datasets import DATASET_SPECS, IMAGE_EXTENSIONS, ImageDataset, collate, open_dataset
+from qkhooks.data.datasets import DATASET_SPECS, open_dataset
+from qkhooks.data.display import to_rgb
+from qkhooks.data.geometry import Geometry
+from qkhooks.data.items import IMAGE_EXTENSIONS, ImageDataset, collate
 from qkhooks.data.masks import downscale_mask, labels_to_onehot, majority_labels, patch_argmax
-from qkhooks.data.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Geometry, ImageConfig, to_rgb
+from qkhooks.data.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageConfig
 from qkhooks.data.sources import ItemStream, open_source
 from qkhooks.data.stimuli import FEATURES, SHAPES, ItemSpec, O3Stimulus, generate_o3, make_o3
 

@@ -1,11 +1,12 @@
-"""Model-input preprocessing that images and their masks share.
+"""Model-input preprocessing that images and their masks share (:class:`ImageConfig`).
 
 Every analysis that relates attention to objects needs the object masks in the
 exact pixel geometry the model saw. The safest way to guarantee that is to
 compute the geometry (resize size, crop offsets) once and apply it to both the
-image and the masks, so this module separates *where pixels go*
-(:class:`Geometry`) from *how they are resampled* (bicubic for photos,
-nearest for label maps, exact area averaging for fractional masks).
+image and the masks, so *where pixels go* (:class:`~qkhooks.data.geometry.Geometry`)
+is kept apart from *how they are resampled* (bicubic for photos, nearest for
+label maps, exact area averaging for fractional masks). Every image first becomes
+the RGB image a viewer shows (:func:`~qkhooks.data.display.to_rgb`).
 
 The image path reproduces timm's / torchvision's evaluation transform
 (``Resize`` on the shorter side, ``CenterCrop``, ``ToTensor``, ``Normalize``)
@@ -22,8 +23,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from qkhooks.data.display import to_rgb
+from qkhooks.data.geometry import Geometry, crop_offset
 from qkhooks.errors import QKHooksError
 
 __all__ = [
@@ -47,127 +50,13 @@ _PIL_FILTERS: dict[str, Image.Resampling] = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
-# "area" is exact pixel-area averaging (cv2.INTER_AREA when shrinking), done by _area_resize:
+# "area" is exact pixel-area averaging (cv2.INTER_AREA when shrinking), done by Geometry.apply_area:
 # Pillow's BOX filter only counts source pixels whose *centres* fall in the window, so it is not exact.
 _INTERPOLATIONS: tuple[str, ...] = ("area", "bicubic", "bilinear", "nearest")
 # Pillow's integer resample codes, as stored in HF preprocessor_config.json ("resample": 3).
 _PIL_CODES: dict[int, str] = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 MaskKind = Literal["labels", "fraction"]
-
-
-# --------------------------------------------------------------------------------------- images as shown
-
-#: What transparent pixels are composited on: white, the page colour of image viewers and browsers. Dropping
-#: alpha instead (timm's ``convert("RGB")``) would show whatever colour the file stores under alpha = 0.
-DISPLAY_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-_BITS16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_DIRECT_MODES = ("RGB", "RGBX", "L", "1", "YCbCr")
-_EXIF_ORIENTATION = 0x0112
-
-
-def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
-    """An 8-bit RGB image of what a viewer displays: the one conversion every image source uses.
-
-    * EXIF orientation is applied (``ImageOps.exif_transpose``): a photo is recorded as shown, not as stored.
-    * 16-bit samples (PIL ``I;16*``, a 16-bit greyscale PNG opened as ``I``, a ``uint16`` array) are full-range
-      by definition of the format, so 0..65535 maps to 0..255 as ``round(v / 257)`` (exact at 0, 257k and
-      65535), as viewers show them; 12-bit data stored in 16 bits therefore looks dark, as it does there.
-    * Float samples (PIL ``F``, float arrays) are taken as 0..1 and mapped by ``round(v * 255)``; values
-      outside [0, 1] or NaN have no defined display range and are refused rather than clipped.
-    * Other 32-bit integer images are refused (their display range is not defined).
-    * Transparent pixels (RGBA, LA, palette with transparency) are composited on :data:`DISPLAY_BACKGROUND`
-      (white): ``round((c * a + 255 * (255 - a)) / 255)``.
-    * CMYK without colour management, like a browser without a profile: ``R = round((255 - C)(255 - K) / 255)``
-      (likewise G with M, B with Y). Embedded ICC profiles are not applied, for RGB images neither (as timm
-      and torchvision do not).
-    * Greyscale and 1-bit images are replicated to three channels; palette images are looked up.
-
-    Arrays may be ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` of ``uint8``, ``uint16``, ``bool``
-    or floats; other dtypes are refused with the fix.
-
-    Returns:
-        A new, fully decoded image: the caller may close the file it came from.
-
-    Raises:
-        QKHooksError: for an image whose display values are not defined (see above), naming the fix.
-    """
-    if isinstance(image, np.ndarray):
-        return _array_to_rgb(image)
-    if not isinstance(image, Image.Image):
-        raise QKHooksError(f"expected a PIL.Image.Image, got {type(image).__name__}; use PIL.Image.open(path).")
-    from_png = image.format == "PNG"
-    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-        image = ImageOps.exif_transpose(image)
-    mode = image.mode
-    if mode == "RGB":
-        return image.copy()  # decoded now, and independent of the caller's (possibly closed) file
-    if mode in _DIRECT_MODES:
-        return image.convert("RGB")
-    if mode in _BITS16_MODES or (mode == "I" and from_png):
-        return _array_to_rgb(np.asarray(image).astype(np.uint16, copy=False))
-    if mode == "F":
-        return _array_to_rgb(np.asarray(image, dtype=np.float32))
-    if mode == "P" or mode in _ALPHA_MODES:
-        has_alpha = mode != "P" or "transparency" in image.info or image.palette.mode == "RGBA"
-        if not has_alpha:
-            return image.convert("RGB")
-        return _composite(np.asarray(image.convert("RGBA")))
-    if mode == "CMYK":
-        return _cmyk_to_rgb(np.asarray(image))
-    raise QKHooksError(
-        f"image mode {mode!r} has no defined display colours in qkhooks (it handles RGB, RGBA, L, LA, 1, P, "
-        "CMYK, YCbCr, 16-bit and float images); convert the image to RGB yourself, e.g. image.convert('RGB')."
-    )
-
-
-def _array_to_rgb(array: np.ndarray) -> Image.Image:
-    arr = np.asarray(array)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-        raise QKHooksError(
-            f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {arr.shape}; "
-            "for a (C, H, W) tensor pass array.transpose(1, 2, 0)."
-        )
-    if arr.dtype == np.uint8:
-        pass
-    elif arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.dtype == np.uint16:
-        arr = ((arr.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)  # round(v / 257), half up
-    elif np.issubdtype(arr.dtype, np.floating):
-        if arr.size and (np.isnan(arr).any() or arr.min() < 0.0 or arr.max() > 1.0):
-            lo, hi = (float(np.nanmin(arr)), float(np.nanmax(arr))) if not np.isnan(arr).all() else (np.nan, np.nan)
-            raise QKHooksError(
-                f"float image with values in [{lo:g}, {hi:g}]{' and NaN' if np.isnan(arr).any() else ''}: only "
-                "0..1 has a defined display range, and qkhooks does not clip; scale it to 0..1 or to uint8 first."
-            )
-        arr = np.floor(arr.astype(np.float64) * 255.0 + 0.5).astype(np.uint8)
-    else:
-        raise QKHooksError(
-            f"image array of dtype {arr.dtype} has no defined display range (qkhooks reads uint8, uint16, bool "
-            "and 0..1 floats); convert it, e.g. array.astype(np.uint8) if it already holds 0..255."
-        )
-    if arr.ndim == 3 and arr.shape[2] == 4:
-        return _composite(arr)
-    return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
-
-
-def _composite(rgba: np.ndarray) -> Image.Image:
-    """Straight-alpha RGBA ``uint8`` composited on :data:`DISPLAY_BACKGROUND`."""
-    colour = rgba[:, :, :3].astype(np.uint32)
-    alpha = rgba[:, :, 3:].astype(np.uint32)
-    background = np.asarray(DISPLAY_BACKGROUND, dtype=np.uint32)
-    mixed = (colour * alpha + background * (255 - alpha) + 127) // 255
-    return Image.fromarray(mixed.astype(np.uint8), "RGB")
-
-
-def _cmyk_to_rgb(cmyk: np.ndarray) -> Image.Image:
-    white = 255 - cmyk.astype(np.uint32)
-    rgb = (white[:, :, :3] * white[:, :, 3:] + 127) // 255
-    return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
 def _pair(value: Any, what: str) -> tuple[int, int]:
@@ -194,165 +83,6 @@ def _triple(value: Any, what: str) -> tuple[float, float, float]:
     if len(triple) != 3:
         raise QKHooksError(f"{what} must be three numbers (R, G, B), got {value!r}.")
     return triple  # type: ignore[return-value]
-
-
-def _area_resize_axis(arr: np.ndarray, n_out: int, axis: int) -> np.ndarray:
-    """Exact area-weighted resampling of ``arr`` along one axis to ``n_out`` samples.
-
-    Treats the input as a step function (pixel ``j`` covers ``[j, j + 1)``) and
-    integrates it over each output interval ``[i * s, (i + 1) * s)``, ``s = n_in / n_out``,
-    via the piecewise-linear cumulative sum. Works for shrinking and enlarging.
-    Processed in column chunks so a large photo never needs a full float64 copy.
-    """
-    n_in = arr.shape[axis]
-    moved = np.moveaxis(arr, axis, 0)
-    flat = moved.reshape(n_in, -1)
-    scale = n_in / n_out
-    edges = np.arange(n_out + 1, dtype=np.float64) * scale
-    idx = np.minimum(np.floor(edges).astype(np.int64), n_in - 1)
-    frac = (edges - idx)[:, None]
-    out = np.empty((n_out, flat.shape[1]), dtype=np.float64)
-    step = max(1, (1 << 22) // max(1, n_in))  # ~32 MB of float64 per chunk
-    for c0 in range(0, flat.shape[1], step):
-        block = flat[:, c0 : c0 + step].astype(np.float64)
-        cum = np.zeros((n_in + 1, block.shape[1]), dtype=np.float64)
-        np.cumsum(block, axis=0, out=cum[1:])
-        at_edges = cum[idx] + frac * block[idx]
-        out[:, c0 : c0 + step] = (at_edges[1:] - at_edges[:-1]) / scale
-    return np.moveaxis(out.reshape((n_out,) + moved.shape[1:]), 0, axis)
-
-
-def _area_resize(arr: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Exact area averaging of an ``(H, W)`` or ``(H, W, C)`` array to ``out_hw`` (float64)."""
-    out = arr if arr.shape[0] == out_hw[0] else _area_resize_axis(arr, out_hw[0], 0)
-    out = out if out.shape[1] == out_hw[1] else _area_resize_axis(out, out_hw[1], 1)
-    return np.asarray(out, dtype=np.float64)
-
-
-def _crop_pad(arr: np.ndarray, top: int, left: int, out_hw: tuple[int, int], fill: float) -> np.ndarray:
-    """Cut ``out_hw`` starting at ``(top, left)`` from ``arr``; outside the array is ``fill``."""
-    oh, ow = out_hw
-    out = np.full((oh, ow) + arr.shape[2:], fill, dtype=arr.dtype)
-    h, w = arr.shape[:2]
-    r0, r1 = max(top, 0), min(top + oh, h)
-    c0, c1 = max(left, 0), min(left + ow, w)
-    if r1 > r0 and c1 > c0:
-        out[r0 - top : r1 - top, c0 - left : c1 - left] = arr[r0:r1, c0:c1]
-    return out
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where the pixels of one source image end up in the model input.
-
-    Resizing happens first (``source_hw -> resized_hw``), then a window of
-    ``output_hw`` pixels starting at ``(top, left)`` of the resized image is
-    cut out. ``top``/``left`` are negative when the resized image is smaller
-    than the output; the uncovered border is zero (black image, background
-    mask), exactly as torchvision's ``CenterCrop`` pads.
-
-    Keeping this as data rather than code is what lets :meth:`ImageConfig.mask`
-    put masks precisely where :meth:`ImageConfig.__call__` puts the pixels.
-
-    Attributes:
-        source_hw: ``(H, W)`` of the original image.
-        resized_hw: ``(H, W)`` after the resize step (equal to ``source_hw`` when no resize happens).
-        top: Row of the resized image that becomes output row 0.
-        left: Column of the resized image that becomes output column 0.
-        output_hw: ``(H, W)`` fed to the model.
-    """
-
-    source_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
-    top: int
-    left: int
-    output_hw: tuple[int, int]
-
-    def apply(self, image: Image.Image, resample: Image.Resampling, fill: int = 0) -> Image.Image:
-        """Resize then crop/pad a PIL image of any mode with the given filter.
-
-        Args:
-            image: Image whose ``(H, W)`` equals :attr:`source_hw`.
-            resample: Pillow filter; the caller picks it by data type (bicubic for
-                photos, NEAREST for labels; coverage fractions use :meth:`apply_area`).
-            fill: Value of padded pixels (every band); masks always use 0.
-
-        Returns:
-            The image in model-input geometry (``output_hw``).
-
-        Raises:
-            QKHooksError: if the image size does not match the geometry, which means
-                a mask and its image disagree in size.
-        """
-        if (image.height, image.width) != self.source_hw:
-            raise QKHooksError(
-                f"array of size {(image.height, image.width)} does not match the image size {self.source_hw} "
-                "this geometry was computed for; masks must have the same (H, W) as their image."
-            )
-        if self.resized_hw != self.source_hw:
-            image = image.resize((self.resized_hw[1], self.resized_hw[0]), resample)
-        oh, ow = self.output_hw
-        if (self.top, self.left) == (0, 0) and self.resized_hw == self.output_hw:
-            return image
-        if fill == 0:
-            # PIL fills out-of-bounds crop regions with 0, matching torchvision's zero padding.
-            return image.crop((self.left, self.top, self.left + ow, self.top + oh))
-        colour = (fill,) * len(image.getbands()) if len(image.getbands()) > 1 else fill
-        canvas = Image.new(image.mode, (ow, oh), colour)
-        canvas.paste(image, (-self.left, -self.top))
-        return canvas
-
-    def apply_area(self, array: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        """Resize by exact area averaging, then crop/pad, a numpy ``(H, W[, C])`` array.
-
-        Used for coverage fractions (and ``interpolation="area"`` images): each output
-        pixel is the mean of the source over its footprint, partial pixels weighted by
-        the overlapping area.
-
-        Args:
-            array: Array whose first two dims equal :attr:`source_hw`.
-            fill: Value of padded pixels.
-
-        Returns:
-            float64 array of shape ``output_hw (+ C)``.
-        """
-        if tuple(array.shape[:2]) != self.source_hw:
-            raise QKHooksError(
-                f"array of size {tuple(array.shape[:2])} does not match the image size {self.source_hw} "
-                "this geometry was computed for; masks must have the same (H, W) as their image."
-            )
-        resized = _area_resize(array, self.resized_hw)
-        return _crop_pad(resized, self.top, self.left, self.output_hw, fill)
-
-    def source_box(self) -> tuple[float, float, float, float]:
-        """The model-input window expressed in source-image pixel coordinates.
-
-        Useful to map a patch back to the original photo (e.g. for plotting).
-
-        Returns:
-            ``(top, left, bottom, right)`` in source pixels (may extend outside the
-            image when the output is padded).
-        """
-        sy = self.source_hw[0] / self.resized_hw[0]
-        sx = self.source_hw[1] / self.resized_hw[1]
-        return (
-            self.top * sy,
-            self.left * sx,
-            (self.top + self.output_hw[0]) * sy,
-            (self.left + self.output_hw[1]) * sx,
-        )
-
-
-def _crop_offset(source: int, crop: int) -> int:
-    """Torchvision ``center_crop`` offset along one axis (negative means zero padding).
-
-    torchvision pads ``(crop - source) // 2`` on the leading side when the image is
-    too small, and otherwise starts at ``int(round((source - crop) / 2))`` (Python's
-    banker's rounding). Copying it exactly keeps us bit-identical with timm.
-    """
-    if crop > source:
-        return -((crop - source) // 2)
-    return int(round((source - crop) / 2.0))
 
 
 @dataclass(frozen=True)
@@ -643,8 +373,8 @@ class ImageConfig:
             short, long = (w, h) if w <= h else (h, w)
             new_short, new_long = self.resize, int(self.resize * long / short)
             resized = (new_long, new_short) if w <= h else (new_short, new_long)
-        top = _crop_offset(resized[0], self.size[0])
-        left = _crop_offset(resized[1], self.size[1])
+        top = crop_offset(resized[0], self.size[0])
+        left = crop_offset(resized[1], self.size[1])
         return Geometry(source_hw=(h, w), resized_hw=resized, top=top, left=left, output_hw=self.size)
 
     # ------------------------------------------------------------------ transforms

@@ -1,0 +1,110 @@
+"""End to end: ``qkhooks record`` over a folder of JPEGs against a plain DataLoader loop, and the parts of a batch."""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from harness.material import make_image_folder
+from harness.sizes import SIZES
+from harness.stats import interleaved_schedule, paired_ratios, summarize
+
+
+def end_to_end_bench(size: str, workdir: Path, images: int = 240, batch: int = 16, rounds: int = 3,
+                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``qkhooks record`` over a folder of JPEGs (defaults: top-16 modes, default reducers, float16 file) against
+    a plain loop over the same images (the model's own transform, a DataLoader, the same batch and threads),
+    interleaved round by round in one process; model loading excluded, run set-up (spectrum, file) included.
+
+    Also times the parts of one recorded batch on the same model: the capture hooks, each default reducer's
+    ``update`` and the writer's hand-off (main-thread CPU), and the writer thread's CPU per batch.
+    """
+    import qkhooks
+    from torch.utils.data import DataLoader
+
+    from qkhooks.data import collate, open_dataset
+    from qkhooks.stream import record_dataset
+
+    folder = make_image_folder(workdir / "images", images, SIZES[size].image)
+    loaded = qkhooks.load_model(f"timm:{SIZES[size].timm_name}", random_init=True)
+    net = loaded.model.eval()
+    out_file = workdir / "end_to_end.h5"
+
+    def plain() -> None:
+        loader = DataLoader(open_dataset(str(folder), loaded.image_config), batch_size=batch, collate_fn=collate)
+        for item in loader:
+            with torch.no_grad():
+                net(item["pixel_values"])
+
+    def recorded() -> None:
+        record_dataset(loaded, str(folder), out_file, batch_size=batch, overwrite=True, progress=False)
+
+    wall: dict[str, list[float]] = {"plain": [], "record": []}
+    cpu: dict[str, list[float]] = {"plain": [], "record": []}
+    for r, name in interleaved_schedule(list(wall), rounds, warmup=1):
+        gc.collect()
+        t0, c0 = time.perf_counter(), time.process_time()
+        (plain if name == "plain" else recorded)()
+        if r >= 0:
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    out_file.unlink(missing_ok=True)
+    result: dict[str, Any] = {"images": images, "batch": batch, "rounds": rounds, "parts_ms_per_batch": _record_parts(net, batch)}
+    for name in wall:
+        result[name] = {"wall_s": summarize(wall[name]), "cpu_s": summarize(cpu[name])}
+    result["ratio_wall"] = summarize(paired_ratios(wall["record"], wall["plain"]))
+    result["ratio_cpu"] = summarize(paired_ratios(cpu["record"], cpu["plain"]))
+    if log:
+        log(f"  end to end {size}: record/plain CPU {result['ratio_cpu']['median']:.3f}, wall {result['ratio_wall']['median']:.3f}")
+    return result
+
+
+def _record_parts(net: torch.nn.Module, batch: int, steps: int = 4) -> dict[str, float]:
+    """Main-thread CPU ms per batch of each part of a default recording, and the writer thread's CPU."""
+    import qkhooks
+    from qkhooks.analysis.modes import AnisotropyReducer, TopKModes
+    from qkhooks.store import RunWriter
+    from qkhooks.stream import WriterSink
+
+    spent: dict[str, float] = {}
+
+    class Timed:
+        def __init__(self, name: str, sink: Any):
+            self.name, self.sink = name, sink
+
+        def update(self, b: Any) -> None:
+            t0 = time.thread_time()
+            self.sink.update(b)
+            spent[self.name] = spent.get(self.name, 0.0) + time.thread_time() - t0
+
+    images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory(prefix="qkhooks-parts-") as tmp:
+        writer = RunWriter(Path(tmp) / "parts.h5", mode="overwrite")
+        sinks = [Timed("topk_modes", TopKModes()), Timed("anisotropy", AnisotropyReducer()),
+                 Timed("writer_handoff", WriterSink(writer))]
+        times: dict[str, float] = {}
+        for label, options in (("plain_forward", None), ("forward_with_capture", {"modes": 16, "keep_inputs": True}),
+                               ("forward_with_sinks", {"modes": 16, "keep_inputs": True, "sinks": sinks})):
+            for i in range(steps + 1):
+                if i == 1:
+                    spent.clear()
+                    t0, p0 = time.thread_time(), time.process_time()
+                with torch.no_grad():
+                    if options is None:
+                        net(images)
+                    else:
+                        with qkhooks.record(net, **options) as run:
+                            run(images)
+            writer.flush()
+            times[label] = 1000 * (time.thread_time() - t0) / steps
+            if label == "forward_with_sinks":
+                other = (time.process_time() - p0) - (time.thread_time() - t0)  # the writer thread, mostly
+                times["writer_thread_cpu"] = 1000 * other / steps
+        writer.close()
+    times.update({name: 1000 * v / steps for name, v in spent.items()})
+    return times

@@ -1,0 +1,42 @@
+"""The options of the benchmark harness. Imports no torch: ``qkhooks bench`` builds them with every parser."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from harness.sizes import SIZES
+
+BENCHMARKS = Path(__file__).resolve().parents[1]
+DEFAULT_MD = BENCHMARKS / "RESULTS.md"
+DEFAULT_JSON = BENCHMARKS / "results.json"
+DEFAULT_NOTES = BENCHMARKS / "ANALYSIS.md"
+DESCRIPTION = "benchmark capture, projection, attention rows and HDF5 streaming against plain forwards and peers"
+SECTIONS = ("methods", "memory", "projection", "svd", "writer", "codecs", "dataset_memory", "end_to_end", "profile")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python benchmarks/run.py`` and ``qkhooks bench`` (no torch import: every CLI call builds them)."""
+    p.add_argument("--models", default="vit_s", help=f"comma-separated sizes: {', '.join(SIZES)} (default vit_s)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
+    p.add_argument("--methods", help="comma-separated subset of the methods in benchmarks/harness/methods.py (default all; "
+                        "an unknown name lists them)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=12, help="timed rounds per method (interleaved)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up rounds (not recorded)")
+    p.add_argument("--batches-per-rep", type=int, default=2, help="forwards per timed repetition")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--memory-steps", type=int, default=2, help="forwards per memory subprocess")
+    p.add_argument("--dataset-images", type=int, default=40, help="images of the 1x record_dataset run (10x is the other)")
+    p.add_argument("--compressions", default="none,lzf,gzip,lzf@1mib,gzip@1mib",
+                   help="codecs for the writer section: CODEC (the writer's default chunks), CODEC@batch (chunks of one "
+                        "batch), CODEC@1mib (the ~1 MiB chunks of before patch C)")
+    p.add_argument("--e2e-images", type=int, default=240, help="JPEGs of the end_to_end section (default 240)")
+    p.add_argument("--e2e-rounds", type=int, default=3, help="interleaved rounds of the end_to_end section")
+    p.add_argument("--workdir", help="folder for temporary run files (default: a temporary folder)")
+    p.add_argument("--out", default=str(DEFAULT_MD), help="Markdown results (re-rendered from the JSON)")
+    p.add_argument("--json", default=str(DEFAULT_JSON), help="machine-readable results, merged across runs")
+    p.add_argument("--fresh", action="store_true", help="start the JSON afresh instead of merging")
+    p.add_argument("--notes", help="Markdown put at the top of the results (default benchmarks/ANALYSIS.md)")
+    p.add_argument("--render-only", action="store_true", help="only re-render the Markdown from the JSON and the notes")

@@ -1,0 +1,51 @@
+"""Statistics of interleaved timings: quantiles, summaries, the round-robin schedule, ratios paired by round."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile with linear interpolation between order statistics (numpy's default method)."""
+    if not values:
+        raise ValueError("quantile of no values")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    v = sorted(float(x) for x in values)
+    pos = (len(v) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles, IQR, min, max, mean and count of a sample."""
+    vals = [float(x) for x in values]
+    q1, med, q3 = quantile(vals, 0.25), quantile(vals, 0.5), quantile(vals, 0.75)
+    return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1, "min": min(vals), "max": max(vals),
+            "mean": sum(vals) / len(vals), "n": len(vals)}
+
+
+def interleaved_schedule(names: Sequence[str], rounds: int, warmup: int = 0) -> list[tuple[int, str]]:
+    """(round, method) pairs: every round runs every method once (A B C, B C A, C A B, ...).
+
+    Warm-up rounds come first and have negative round numbers. With three or more methods the order is
+    rotated by one each round, so no method always runs first or always follows the same neighbour, and no
+    method ever runs twice in a row; two methods simply alternate (A B A B ...).
+    """
+    names = list(names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names repeat: {names}")
+    out: list[tuple[int, str]] = []
+    for i, r in enumerate(range(-warmup, rounds)):
+        shift = i % len(names) if len(names) > 2 else 0
+        out.extend((r, n) for n in names[shift:] + names[:shift])
+    return out
+
+
+def paired_ratios(times: Sequence[float], reference: Sequence[float]) -> list[float]:
+    """Per-round ratios time / reference time (both lists indexed by round)."""
+    if len(times) != len(reference):
+        raise ValueError(f"{len(times)} times vs {len(reference)} reference times: pair them by round")
+    return [t / r for t, r in zip(times, reference)]

@@ -1,0 +1,242 @@
+"""Datasets with object masks read from disk or generated: ADE20K (both layouts) and the odd-one-out (O3)
+displays, generated or from the O3 dataset's folders."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from qkhooks.data.items import ImageDataset, _list_images, _Raw, _read_rgb, _Record
+from qkhooks.data.preprocess import ImageConfig
+from qkhooks.data.stimuli import make_o3
+from qkhooks.errors import QKHooksError
+
+
+# ------------------------------------------------------------------------------------------ ADE20K
+
+
+def _renumber(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Map the distinct ``keys`` at ``valid`` pixels to ids 1..M in ascending key order; 0 elsewhere."""
+    out = np.zeros(keys.shape, dtype=np.int32)
+    if valid.any():
+        _, inverse = np.unique(keys[valid], return_inverse=True)
+        out[valid] = inverse.reshape(-1) + 1
+    return out
+
+
+def _load_ade_classes(image: str, annotation: str) -> _Raw:
+    """ADEChallengeData2016 class map (0 = other): each class present becomes one object (segments, not instances)."""
+    with Image.open(annotation) as im:
+        classes = np.array(im)
+    if classes.ndim != 2:
+        raise QKHooksError(f"ADE20K annotation {annotation} is not a single-channel class map.")
+    return _Raw(image=_read_rgb(image), objects=_renumber(classes, classes > 0))
+
+
+def _load_ade_instances(image: str, annotation: str) -> _Raw:
+    """Places-challenge ``annotations_instance`` PNG: R = category, G = instance id (0 = none)."""
+    with Image.open(annotation) as im:
+        rgb = np.array(im.convert("RGB"))
+    inst = rgb[:, :, 1]
+    return _Raw(image=_read_rgb(image), objects=_renumber(inst, inst > 0))
+
+
+def _load_ade_full(image: str, seg: str) -> _Raw:
+    """Full ADE20K ``*_seg.png``: class = R // 10 * 256 + G (0 = unlabelled), instance = distinct B values."""
+    with Image.open(seg) as im:
+        rgb = np.array(im.convert("RGB")).astype(np.int32)
+    classes = rgb[:, :, 0] // 10 * 256 + rgb[:, :, 1]
+    return _Raw(image=_read_rgb(image), objects=_renumber(rgb[:, :, 2], classes > 0))
+
+
+_ADE_LAYOUTS = (
+    "ADEChallengeData2016 (DIR/images/<split>/*.jpg with DIR/annotations/<split>/*.png class maps, or "
+    "DIR/annotations_instance/<split>/*.png with R = class and G = instance; DIR may also be one "
+    "DIR/images/<split> folder) or full ADE20K (*.jpg next to *_seg.png anywhere under DIR)"
+)
+
+
+def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
+    root = Path(spec_dir).expanduser()
+    if not root.is_dir():
+        raise QKHooksError(f"ADE20K folder {str(root)!r} does not exist; expected {_ADE_LAYOUTS}.")
+    base, splits = None, None
+    if (root / "images").is_dir() and any((root / a).is_dir() for a in ("annotations", "annotations_instance")):
+        base = root
+        splits = sorted(p.name for p in (root / "images").iterdir() if p.is_dir())
+    elif root.parent.name == "images" and any(
+        (root.parent.parent / a / root.name).is_dir() for a in ("annotations", "annotations_instance")
+    ):
+        base, splits = root.parent.parent, [root.name]
+
+    records: list[_Record] = []
+    skipped: list[tuple[str, str]] = []
+    if base is not None:
+        for split in splits or []:
+            inst_dir = base / "annotations_instance" / split
+            cls_dir = base / "annotations" / split
+            if inst_dir.is_dir():
+                ann_dir, loader = inst_dir, _load_ade_instances
+            elif cls_dir.is_dir():
+                ann_dir, loader = cls_dir, _load_ade_classes
+            else:
+                continue  # e.g. images/testing has no annotations
+            img_dir = base / "images" / split
+            for rel in _list_images(img_dir):
+                ann = (ann_dir / rel).with_suffix(".png")
+                if not ann.is_file():
+                    skipped.append((f"{split}/{rel}", f"no annotation {ann}"))
+                    continue
+                records.append(
+                    _Record(id=f"{split}/{rel}", load=functools.partial(loader, str(img_dir / rel), str(ann)))
+                )
+    else:
+        for seg in sorted(root.rglob("*_seg.png")):
+            image = seg.with_name(seg.name[: -len("_seg.png")] + ".jpg")
+            if not image.is_file():
+                skipped.append((seg.relative_to(root).as_posix(), f"no image {image.name} next to it"))
+                continue
+            rel = image.relative_to(root).as_posix()
+            records.append(_Record(id=rel, load=functools.partial(_load_ade_full, str(image), str(seg))))
+        records.sort(key=lambda r: r.id)
+    if skipped:
+        warnings.warn(
+            f"ADE20K: {len(skipped)} files without a partner were left out (first: {skipped[0][0]}: {skipped[0][1]}); "
+            "see dataset.skipped",
+            stacklevel=3,
+        )
+    if not records:
+        raise QKHooksError(f"no annotated ADE20K images found under {str(root)!r}; expected {_ADE_LAYOUTS}.")
+    return ImageDataset(f"ade20k:{root}", records[:limit] if limit else records, cfg, has_masks=True, skipped=skipped)
+
+
+# ---------------------------------------------------------------------------------------------- O3
+
+
+def _o3_item(raw_masks: tuple[np.ndarray, np.ndarray], image: Image.Image, native: bool) -> _Raw:
+    """Target/distractor boolean masks to the O3 item fields (distractors split into connected components)."""
+    target, distractor = raw_masks
+    try:
+        from scipy import ndimage
+    except ImportError:
+        raise QKHooksError("splitting O3 distractor masks into items needs scipy; pip install scipy.") from None
+    items, _ = ndimage.label(distractor, structure=np.ones((3, 3), dtype=bool))
+    items = items.astype(np.int32)
+    objects = np.where(items > 0, items + 1, 0).astype(np.int32)
+    objects[target] = 1
+    return _Raw(
+        image=image,
+        objects=objects,
+        target=target.astype(np.float32),
+        distractor=distractor.astype(np.float32),
+        distractor_items=items,
+        native=native,
+    )
+
+
+def _load_o3_generated(seed: int, index: int, size: tuple[int, int]) -> _Raw:
+    stim = make_o3(seed, index, size)
+    return _Raw(
+        image=stim.image,
+        objects=stim.objects,
+        target=stim.target.astype(np.float32),
+        distractor=stim.distractor.astype(np.float32),
+        distractor_items=stim.distractor_items,
+        native=True,
+        extras={"feature": stim.feature},
+    )
+
+
+def _parse_o3(rest: str) -> tuple[int, int]:
+    parts = rest.split(":")
+    try:
+        if not 1 <= len(parts) <= 2:
+            raise ValueError
+        n = int(parts[0])
+        seed = int(parts[1]) if len(parts) == 2 else 0
+    except ValueError:
+        raise QKHooksError(f"cannot read 'o3:{rest}'; write o3:N or o3:N:SEED with integers, e.g. o3:64:0.") from None
+    if n < 1 or seed < 0:
+        raise QKHooksError(f"'o3:{rest}' needs N >= 1 and SEED >= 0, e.g. o3:64:0.")
+    return n, seed
+
+
+def _open_o3(rest: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
+    n, seed = _parse_o3(rest)
+    count = n if limit is None else min(n, limit)
+    records = [
+        _Record(id=f"o3/{seed}/{i}", load=functools.partial(_load_o3_generated, seed, i, cfg.size))
+        for i in range(count)
+    ]
+    return ImageDataset(f"o3:{n}:{seed}", records, cfg, has_masks=True, has_targets=True)
+
+
+def _read_binary_mask(path: str) -> np.ndarray:
+    """O3 masks are greyscale, white = object; JPEG compression noise is removed by thresholding at 128."""
+    with Image.open(path) as im:
+        return np.array(im.convert("L")) >= 128
+
+
+def _load_o3_file(image: str, target: str, distractor: str) -> _Raw:
+    return _o3_item((_read_binary_mask(target), _read_binary_mask(distractor)), _read_rgb(image), native=False)
+
+
+_O3_LAYOUT = (
+    "DIR/images/<name>.<ext>, DIR/targ_images/<name>.<ext> and DIR/dist_images/<name>.<ext> "
+    "(greyscale masks, white = target / distractors, same size as the image; layout of the O3 release "
+    "as read by ykotseruba/P3O3_metrics)"
+)
+
+
+def _open_o3dir(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
+    root = Path(spec_dir).expanduser()
+    if not root.is_dir():
+        raise QKHooksError(f"O3 folder {str(root)!r} does not exist; expected {_O3_LAYOUT}.")
+    missing = [d for d in ("images", "targ_images", "dist_images") if not (root / d).is_dir()]
+    if missing:
+        present = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise QKHooksError(
+            f"{str(root)!r} is not an O3 folder: missing {', '.join(d + '/' for d in missing)} "
+            f"(found folders: {present or 'none'}). "
+            f"Expected {_O3_LAYOUT}."
+        )
+    images = _list_images(root / "images")
+    if not images:
+        raise QKHooksError(f"no images in {str(root / 'images')!r}; expected {_O3_LAYOUT}.")
+
+    def by_stem(folder: Path) -> dict[str, Path]:
+        return {str(Path(rel).with_suffix("")): folder / rel for rel in _list_images(folder)}
+
+    targets, distractors = by_stem(root / "targ_images"), by_stem(root / "dist_images")
+    unmatched: list[tuple[str, list[str]]] = []
+    for rel in images:
+        stem = str(Path(rel).with_suffix(""))
+        lack = [d for d, table in (("targ_images", targets), ("dist_images", distractors)) if stem not in table]
+        if lack:
+            unmatched.append((rel, lack))
+    if unmatched:
+        shown = "; ".join(f"{rel} (no {' or '.join(lack)} file)" for rel, lack in unmatched[:5])
+        raise QKHooksError(
+            f"O3 folder {str(root)!r}: {len(unmatched)} of {len(images)} images have no matching mask: {shown}. "
+            f"Expected {_O3_LAYOUT}."
+        )
+    records: list[_Record] = []
+    for rel in images[:limit] if limit else images:
+        stem = str(Path(rel).with_suffix(""))
+        img, tgt, dst = root / "images" / rel, targets[stem], distractors[stem]
+        sizes = {}
+        for p in (img, tgt, dst):
+            with Image.open(p) as im:
+                sizes[p] = im.size
+        if len(set(sizes.values())) != 1:
+            raise QKHooksError(
+                f"O3 files for {rel!r} differ in size: "
+                + ", ".join(f"{p.relative_to(root).as_posix()} {s[1]}x{s[0]}" for p, s in sizes.items())
+                + "; image and masks must have the same size."
+            )
+        records.append(_Record(id=rel, load=functools.partial(_load_o3_file, str(img), str(tgt), str(dst))))
+    return ImageDataset(f"o3dir:{root}", records, cfg, has_masks=True, has_targets=True)

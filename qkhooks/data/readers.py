@@ -1,0 +1,404 @@
+"""Reading the user's containers: one item (a PIL image, an array, bytes, a path, a pair or a dict with masks)
+to a full-resolution record through the folders' RGB conversion, and one reader per kind of source (torch
+Datasets and sequences, iterables, Hugging Face datasets, webdataset tar shards) with its opener. Readers read
+cheaply in order (:meth:`rows`) and decode later, in worker processes when asked (:meth:`decode`)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qkhooks.data.annotated import _o3_item
+from qkhooks.data.items import IMAGE_EXTENSIONS, _Raw, _read_rgb
+from qkhooks.data.preprocess import to_rgb
+from qkhooks.errors import QKHooksError
+
+DATASETS_INSTALL = "pip install 'qkhooks[datasets]'  (or: pip install datasets)"
+MASK_KEYS: tuple[str, ...] = ("objects", "target", "distractor")
+ID_COLUMNS: tuple[str, ...] = ("id", "image_id", "img_id", "uid", "key", "__key__", "file_name", "filename")
+_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS) + ("bmp", "tif", "tiff", "gif", "ppm", "pgm")
+
+
+# ---------------------------------------------------------------------------------------------- items
+
+
+def _decoded(read: Any, value: Any) -> Any:
+    """``read(value)``, a failure to decode (corrupt or truncated bytes) turned into :class:`_Unreadable`."""
+    try:
+        return read(value)
+    except QKHooksError:
+        raise
+    except Exception as exc:  # PIL raises many types on corrupt data
+        raise _Unreadable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _image_of(value: Any, where: str) -> Image.Image:
+    """Any accepted image value to RGB through the folders' conversion; tensors and unknown types refused."""
+    return _decoded(lambda v: _convert_image(v, where), value)
+
+
+def _convert_image(value: Any, where: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _read_rgb(io.BytesIO(bytes(value)))
+    if isinstance(value, (str, os.PathLike)):
+        return _read_rgb(os.fspath(value))
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):  # a Hugging Face Image(decode=False) cell
+        if value.get("bytes") is not None:
+            return _read_rgb(io.BytesIO(value["bytes"]))
+        if value.get("path"):
+            return _read_rgb(value["path"])
+    if isinstance(value, np.ndarray):
+        if value.dtype != np.uint8 or not (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (1, 3, 4))):
+            raise QKHooksError(
+                f"{where}: an image array must be uint8 (H, W) or (H, W, 3|4) as read from a file, got {value.dtype} "
+                f"{value.shape}; pass the image as loaded (PIL or uint8 HWC), not normalised or CHW."
+            )
+        # as an L, RGB or RGBA image, so that an array and the file it was read from convert alike
+        return to_rgb(np.ascontiguousarray(value))
+    if isinstance(value, torch.Tensor):
+        raise QKHooksError(
+            f"{where}: the image is already a tensor {tuple(value.shape)} {value.dtype}, the output of some transform "
+            "or collate_fn; qkhooks applies the model's own preprocessing, so give it the images as loaded (PIL "
+            "images or uint8 HWC arrays): drop the transform, or pass the dataset without it."
+        )
+    raise QKHooksError(
+        f"{where}: cannot read an image from a {type(value).__name__}; give a PIL image, a uint8 (H, W[, 3]) array, "
+        "encoded bytes, a file path, or a dict with 'image'."
+    )
+
+
+def _mask_of(value: Any) -> np.ndarray:
+    """A mask as a 2-D array; a mask stored as an image (PNG of labels) is read as is, without RGB conversion."""
+    return _decoded(_mask_array, value)
+
+
+def _mask_array(value: Any) -> np.ndarray:
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+    if isinstance(value, (bytes, bytearray)):
+        value = io.BytesIO(bytes(value))
+    if isinstance(value, (io.IOBase, str, os.PathLike)):
+        with Image.open(value) as im:
+            value = np.array(im)
+    if isinstance(value, Image.Image):
+        value = np.array(value)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _image_value(item: Mapping[str, Any]) -> Any:
+    if "image" in item:
+        return item["image"]
+    ext = _image_ext(item)  # webdataset samples: the image under its file extension
+    return None if ext is None else item[ext]
+
+
+def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
+    """One user item to (its own id or None, the full-resolution image and masks)."""
+    if isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[0], (int, float)):
+        if not (isinstance(item[1], str) or np.ndim(item[1]) == 0):  # a mask or a second image would be lost
+            raise QKHooksError(
+                f"{where}: a 2-item {type(item).__name__} is read as (image, label), but its second element is a "
+                f"{type(item[1]).__name__} of shape {np.shape(item[1])}; give masks in a dict "
+                "{'image': ..., 'objects': ...}."
+            )
+        item = item[0]  # (image, label) as torchvision datasets return
+    if not isinstance(item, Mapping):
+        return None, _Raw(image=_image_of(item, where))
+    value = _image_value(item)
+    if value is None:
+        raise QKHooksError(
+            f"{where} has no image: its keys are {sorted(map(str, item))}; put the image under 'image' (or pass "
+            "image_column= for a Hugging Face dataset)."
+        )
+    image = _image_of(value, where)
+    masks = {k: _mask_of(item[k]) for k in MASK_KEYS if item.get(k) is not None}
+    if ("target" in masks) != ("distractor" in masks):
+        raise QKHooksError(f"{where}: odd-one-out data needs both 'target' and 'distractor' masks, got only one.")
+    if "target" in masks:
+        raw = _o3_item((masks["target"] > 0, masks["distractor"] > 0), image, native=False)
+        if "objects" in masks:
+            raw.objects = masks["objects"]
+    else:
+        raw = _Raw(image=image, objects=masks.get("objects"))
+    if raw.objects is not None and not np.issubdtype(raw.objects.dtype, np.integer) and raw.objects.dtype != bool:
+        raise QKHooksError(f"{where}: 'objects' must hold integer instance labels, got {raw.objects.dtype}.")
+    own = item.get("id")
+    if own is None and "__key__" in item and "image" not in item:  # a webdataset sample: the image member's name
+        own = f"{item['__key__']}.{_image_ext(item)}"
+    return (None if own is None else str(own)), raw
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+class _MapReader:
+    """A torch map-style Dataset or a sequence: rows are indices, so workers read only their own items."""
+
+    def __init__(self, container: Any):
+        self.container = container
+        self.length: int | None = len(container)
+
+    def rows(self, start: int) -> Iterator[Any]:
+        return iter(range(start, self.length or 0))
+
+    def decode(self, row: int, position: int) -> tuple[str | None, _Raw]:
+        return _item_to_raw(self.container[row], f"item {position}")
+
+    def row_id(self, row: int, position: int) -> str:
+        return str(position)
+
+
+class _IterReader:
+    """Any iterable (an ``IterableDataset``, a generator): read in order here, items shipped to the workers."""
+
+    length: int | None = None
+
+    def __init__(self, iterable: Iterable[Any]):
+        self.iterable = iterable
+        self.one_shot = iter(iterable) is iterable
+        self._used = False
+
+    def rows(self, start: int) -> Iterator[Any]:
+        if self.one_shot:
+            if self._used:
+                raise QKHooksError("a one-shot iterator (a generator) can be read only once; pass a list, a "
+                                   "Dataset or an IterableDataset to read it again.")
+            self._used = True
+        return itertools.islice(iter(self.iterable), start, None)
+
+    def decode(self, row: Any, position: int) -> tuple[str | None, _Raw]:
+        return _item_to_raw(row, f"item {position}")
+
+    def row_id(self, row: Any, position: int) -> str:
+        return str(row["id"]) if isinstance(row, Mapping) and row.get("id") is not None else str(position)
+
+    def __getstate__(self) -> dict[str, Any]:  # workers only decode; a generator cannot be pickled (spawn, macOS)
+        return {**self.__dict__, "iterable": None}
+
+
+class _HFReader:
+    """A Hugging Face ``Dataset`` or ``IterableDataset``, image (and image-mask) columns left undecoded here."""
+
+    def __init__(self, ds: Any, image_column: str, id_column: str | None, masks: Mapping[str, str],
+                 root: str | None = None):
+        self.ds, self.image_column, self.id_column, self.masks = ds, image_column, id_column, dict(masks)
+        self.root = root  # an image folder read as a dataset: ids are the files' paths relative to it
+        self.length = len(ds) if hasattr(ds, "__len__") and not _is_hf_iterable(ds) else None
+
+    def rows(self, start: int) -> Iterator[Any]:
+        if self.length is not None:
+            return (self.ds[i] for i in range(start, self.length))
+        return iter(self.ds.skip(start) if start else self.ds)
+
+    def decode(self, row: Mapping[str, Any], position: int) -> tuple[str | None, _Raw]:
+        item = {"image": row[self.image_column], "id": self.row_id(row, position)}
+        item.update({key: row[column] for key, column in self.masks.items()})
+        return _item_to_raw(item, f"row {position}")
+
+    def row_id(self, row: Mapping[str, Any], position: int) -> str:
+        if self.id_column is not None:
+            return str(row[self.id_column])
+        cell = row[self.image_column]
+        if self.root is not None and isinstance(cell, Mapping) and cell.get("path"):
+            return Path(os.path.relpath(cell["path"], self.root)).as_posix()
+        return str(position)
+
+
+class _TarReader:
+    """webdataset shards read with the standard library: consecutive members sharing a key form one sample."""
+
+    def __init__(self, shards: Sequence[str]):
+        self.shards = list(shards)
+        self.length: int | None = None
+
+    def rows(self, start: int) -> Iterator[Any]:
+        return itertools.islice(self._samples(), start, None)
+
+    def _samples(self) -> Iterator[dict[str, Any]]:
+        for shard in self.shards:
+            sample: dict[str, Any] = {}
+            last = ""  # the key of the last sample given
+            try:
+                with tarfile.open(shard, "r|*") as tar:  # streamed: no index, members in file order
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        folder, _, base = member.name.rpartition("/")
+                        stem, dot, ext = base.partition(".")
+                        if not dot or base.startswith("."):
+                            continue
+                        key = f"{folder}/{stem}" if folder else stem
+                        if sample and sample["__key__"] != key:
+                            yield sample
+                            sample, last = {}, sample["__key__"]
+                        fh = tar.extractfile(member)
+                        sample.update({"__key__": key, "__shard__": shard, ext.lower(): fh.read() if fh else b""})
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                # the rest of a damaged shard is unreadable: one row says so, and the next shard goes on
+                if _image_ext(sample):
+                    yield sample  # its image was read whole
+                    last = sample["__key__"]
+                after = f" after {last!r}" if last else ""
+                yield {"__key__": shard, "__shard__": shard,
+                       "__error__": f"the rest of the shard{after} is unreadable ({type(exc).__name__}: {exc})"}
+                continue
+            if sample:
+                yield sample
+
+    def decode(self, row: Mapping[str, Any], position: int) -> tuple[str | None, _Raw]:
+        where = f"sample {row['__key__']!r} of {row['__shard__']}"
+        if "__error__" in row:
+            raise _Unreadable(row["__error__"])
+        ext = _image_ext(row)
+        if ext is None:
+            raise QKHooksError(f"{where} has no image member (looked for .{', .'.join(_EXTENSIONS)}); "
+                               f"it holds {sorted(k for k in row if not k.startswith('__'))}.")
+        meta = json.loads(row["json"]) if "json" in row else {}
+        item: dict[str, Any] = {"image": row[ext], "id": meta.get("id", self.row_id(row, position))}
+        item.update({k: row[f"{k}.png"] for k in MASK_KEYS if f"{k}.png" in row})
+        return _item_to_raw(item, where)
+
+    def row_id(self, row: Mapping[str, Any], position: int) -> str:
+        """The image member's name (a folder of the same files has the same ids); a damaged shard's path."""
+        ext = None if "__error__" in row else _image_ext(row)
+        return f"{row['__key__']}.{ext}" if ext else str(row["__key__"])
+
+
+def _image_ext(sample: Mapping[str, Any]) -> str | None:
+    return next((e for e in _EXTENSIONS if e in sample), None)
+
+
+class _Unreadable(Exception):
+    """Bytes that do not decode, or a row the source could not read (a damaged shard): the item is skipped and
+    listed like a corrupt file in a folder. Errors raised by the user's own code are not this: they stop the run."""
+
+
+# ---------------------------------------------------------------------------------------------- opening
+
+
+def _is_hf_iterable(ds: Any) -> bool:
+    return type(ds).__name__ == "IterableDataset" and type(ds).__module__.startswith("datasets")
+
+
+def _is_hf(ds: Any) -> bool:
+    return type(ds).__module__.startswith("datasets.") and type(ds).__name__ in ("Dataset", "IterableDataset")
+
+
+def _import_datasets() -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise QKHooksError(f"reading Hugging Face datasets needs the datasets package: {DATASETS_INSTALL}.") from None
+    return datasets
+
+
+def _hf_reader(ds: Any, image_column: str | None, masks: Mapping[str, str] | None, root: str | None = None) -> _HFReader:
+    """Find the image column (by feature type), an id-like column and the mask columns; leave images undecoded."""
+    datasets = _import_datasets()
+    features = ds.features or {}
+    columns = list(features) or list(getattr(ds, "column_names", None) or [])
+    if image_column is None:
+        images = [c for c, f in features.items() if isinstance(f, datasets.Image) and c not in MASK_KEYS
+                  and c not in (masks or {}).values()]
+        if len(images) > 1:
+            raise QKHooksError(f"the dataset has several image columns {images}; pass image_column= (--image-column).")
+        image_column = images[0] if images else next((c for c in ("image", "img") if c in columns), None)
+        if image_column is None:
+            raise QKHooksError(f"no image column in the dataset (columns: {columns}); pass image_column= "
+                               "(--image-column) naming the column that holds the images.")
+    elif columns and image_column not in columns:
+        raise QKHooksError(f"image column {image_column!r} is not in the dataset; its columns are {columns}.")
+    mask_map = dict(masks) if masks is not None else {k: k for k in MASK_KEYS if k in columns}
+    for key, column in mask_map.items():
+        if key not in MASK_KEYS:
+            raise QKHooksError(f"masks= maps qkhooks' mask names {MASK_KEYS} to columns; {key!r} is not one of them.")
+        if columns and column not in columns:
+            raise QKHooksError(f"mask column {column!r} (for {key!r}) is not in the dataset; its columns are {columns}.")
+    id_column = next((c for c in ID_COLUMNS if c in columns and c != image_column
+                      and not isinstance(features.get(c), datasets.Image)), None)
+    for column in [image_column, *mask_map.values()]:
+        if isinstance(features.get(column), datasets.Image):  # decode here, through the folders' conversion
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    return _HFReader(ds, image_column, id_column, mask_map, root)
+
+
+def _split_spec(rest: str) -> tuple[str, str | None]:
+    """``DIR_OR_NAME[:SPLIT]``; a trailing ``:word`` is a split unless the whole thing is an existing path."""
+    head, sep, split = rest.rpartition(":")
+    if sep and re.fullmatch(r"[A-Za-z0-9_.\-\[\]%+]+", split) and not Path(rest).expanduser().exists():
+        return head, split
+    return rest, None
+
+
+def _open_hfds(rest: str) -> tuple[Any, str | None]:
+    """``load_from_disk`` directories, local image folders and parquet files, else a hub name (streamed); and the
+    image folder, whose relative paths are the ids."""
+    datasets = _import_datasets()
+    name, split = _split_spec(rest)
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split is None and len(ds) > 1:
+                    raise QKHooksError(f"{name!r} holds the splits {sorted(ds)}; write hfds:{name}:SPLIT.")
+                split = split or next(iter(ds))
+                if split not in ds:
+                    raise QKHooksError(f"{name!r} has no split {split!r}; its splits are {sorted(ds)}.")
+                ds = ds[split]
+            elif split is not None:
+                raise QKHooksError(f"{name!r} is a single saved split; drop ':{split}'.")
+            return ds, None
+        if path.is_dir():
+            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split or "train"), str(path)
+        if path.is_file() and path.suffix == ".parquet":
+            return datasets.load_dataset("parquet", data_files=str(path), split=split or "train"), None
+        if path.exists():
+            raise QKHooksError(f"hfds:{rest}: {str(path)!r} is neither a save_to_disk folder, an image folder "
+                               "nor a .parquet file.")
+        if name.startswith((".", "/", "~")):
+            raise QKHooksError(f"hfds:{rest}: {str(path)!r} does not exist.")
+        return datasets.load_dataset(name, split=split or "train", streaming=True), None
+    except QKHooksError:
+        raise
+    except Exception as exc:
+        raise QKHooksError(f"cannot open the Hugging Face dataset hfds:{rest} ({type(exc).__name__}: {exc}); "
+                           "a hub name needs network access and, for gated sets, a login.") from None
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """webdataset's shard patterns: ``{000..009}`` (zero-padded ranges) and ``{a,b}``, nested in order."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end() :]
+    ranged = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if ranged:
+        lo, hi = ranged.groups()
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        parts = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        parts = body.split(",")
+    return [out for part in parts for out in expand_braces(head + part + tail)]
+
+
+def _open_wds(pattern: str) -> _TarReader:
+    shards = [str(Path(p).expanduser()) for p in expand_braces(pattern)]
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        raise QKHooksError(f"wds:{pattern}: {len(missing)} of {len(shards)} shards do not exist (first: {missing[0]}).")
+    return _TarReader(shards)
