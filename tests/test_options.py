@@ -20,9 +20,9 @@ from qkhooks.stream import record_dataset
 
 SPEC = "timm:vit_tiny_patch16_224"
 DATA = "o3:6:1"
-FLAGS = ["--modes", "4", "--layers", "0,2", "--attention", "rows:1", "--input", "residual", "--augmented",
+FLAGS = ["--modes", "4", "--layers", "0,2", "--attention", "rows:2", "--input", "residual", "--augmented",
          "--dtype", "float32", "--compression", "gzip", "--batch-size", "3", "--limit", "2"]
-SAME = RecordOptions(modes=4, layers=[0, 2], attention="rows:1", input="residual", augmented=True, dtype="float32",
+SAME = RecordOptions(modes=4, layers=[0, 2], attention="rows:2", input="residual", augmented=True, dtype="float32",
                      compression="gzip", batch_size=3, limit=2)
 
 
@@ -56,7 +56,7 @@ def test_cli_and_api_store_the_same_config_which_gives_the_options_back(tmp_path
     assert main(["record", SPEC, DATA, "--random-init", "--out", str(tmp_path / "cli.h5"), *FLAGS]) == 0
     loaded = qkhooks.load_model(SPEC, random_init=True)
     record_dataset(loaded, DATA, tmp_path / "options.h5", options=SAME, progress=False)
-    record_dataset(loaded, DATA, tmp_path / "keywords.h5", modes=4, layers=[0, 2], attention="rows:1", input="residual",
+    record_dataset(loaded, DATA, tmp_path / "keywords.h5", modes=4, layers=[0, 2], attention="rows:2", input="residual",
                    augmented=True, dtype="float32", compression="gzip", batch_size=3, limit=2, progress=False)
 
     def config(name: str) -> str:
@@ -68,10 +68,10 @@ def test_cli_and_api_store_the_same_config_which_gives_the_options_back(tmp_path
     as_dict = json.loads(stored)
     assert set(as_dict) == {"model", "data", "modes", "layers", "attention", "input", "augmented", "dtype", "limit",
                             "reducers", "random_init", "weights", "store_modes", "shard", "extra"}  # the schema
-    assert as_dict["attention"] == [{"kind": "rows", "layers": [1]}] and as_dict["layers"] == [0, 2]
+    assert as_dict["attention"] == [{"kind": "rows", "layers": [2]}] and as_dict["layers"] == [0, 2]
 
     back = RecordOptions.from_config(as_dict)  # the content-defining options, resolved; the rest at defaults
-    assert back == RecordOptions(modes=4, layers=(0, 2), attention="rows:1", input="residual", augmented=True,
+    assert back == RecordOptions(modes=4, layers=(0, 2), attention="rows:2", input="residual", augmented=True,
                                  dtype="float32", limit=2)
     record_dataset(loaded, DATA, tmp_path / "again.h5", options=back, progress=False)
     assert config("again.h5") == stored

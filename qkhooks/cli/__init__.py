@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import itertools
 import signal
 import sys
 import threading
@@ -57,6 +58,9 @@ def command(name: str, help: str):
 
     def wrap(add_arguments):
         def register(run):
+            if name in COMMANDS and COMMANDS[name][1].__module__ != run.__module__:
+                raise RuntimeError(f"two modules register the command {name!r}: {COMMANDS[name][1].__module__} and "
+                                   f"{run.__module__}")
             COMMANDS[name] = (add_arguments, run, help)
             return run
 
@@ -125,11 +129,16 @@ def _missing_dependency(exc: ModuleNotFoundError) -> str | None:
     return name if name in OPTIONAL_DEPENDENCIES else None
 
 
-def _load_commands() -> dict[str, str]:
-    """Import :data:`COMMAND_MODULES`; returns {module: missing package} for those that need a package not
-    installed here."""
+def _load_commands(asked: Sequence[str] = ()) -> dict[str, str]:
+    """Import :data:`COMMAND_MODULES` in order, stopping once the command ``asked`` for (its words, e.g. ``["info"]``
+    or ``["analyze", "modes"]``) is registered, so that ``qkhooks info`` does not import the modules of commands that
+    need torch; all of them for ``--help`` or a name no module registers. Returns {module: missing package} for
+    modules that need a package not installed here."""
+    wanted = {" ".join(asked[:2]), " ".join(asked[:1])} - {""}
     unavailable = {}
     for module in COMMAND_MODULES:
+        if wanted & COMMANDS.keys():
+            break
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -140,9 +149,10 @@ def _load_commands() -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    unavailable = _load_commands()
     argv = list(sys.argv[1:] if argv is None else argv)
-    asked = next((a for a in argv if not a.startswith("-")), None)
+    words = list(itertools.takewhile(lambda a: not a.startswith("-"), argv))
+    unavailable = _load_commands(words)
+    asked = words[0] if words else None
     if unavailable and asked is not None and asked not in {name.partition(" ")[0] for name in COMMANDS}:
         missing = ", ".join(sorted(set(unavailable.values())))
         print(f"qkhooks: error: {asked!r} is not a command available here: {missing} is not installed (needed by "
