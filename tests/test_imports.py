@@ -281,3 +281,36 @@ def test_qkhooks_info_prints_the_summary_where_torch_is_not_installed(tmp_path):
     info = without_torch(tmp_path, "-m", "qkhooks", "info", str(run))
     assert info.returncode == 0, info.stderr
     assert info.stdout.strip() == expected.strip()
+
+
+@pytest.mark.slow
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """Importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first, which the graph above leaves out: a
+    module taking a name from one whose import is still under way only shows here."""
+    script = "import importlib, sys; importlib.import_module(sys.argv[1])"
+    failed = {}
+    for name in MODULES:
+        if name == "qkhooks.__main__":  # runs the command line
+            continue
+        done = subprocess.run([sys.executable, "-c", script, name], capture_output=True, text=True,
+                              cwd=PACKAGE.parent, env=dict(os.environ, PYTHONPATH=str(PACKAGE.parent)))
+        if done.returncode:
+            failed[name] = done.stderr.strip().splitlines()[-1]
+    assert failed == {}
+
+
+def test_a_command_module_missing_torch_is_left_out_and_asking_for_its_command_says_why(tmp_path, monkeypatch, capsys):
+    import qkhooks.cli as cli
+
+    (tmp_path / "needs_torch_cmds.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    (tmp_path / "broken_cmds.py").write_text("import no_such_package_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("needs_torch_cmds", *cli.COMMAND_MODULES))
+    assert cli.main(["needs-torch", "x"]) == 2
+    assert "torch is not installed (needed by needs_torch_cmds)" in capsys.readouterr().err
+    assert cli.main(["info", str(tmp_path / "missing.h5")]) == 2  # the other commands still run
+    assert "missing.h5" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("broken_cmds", *cli.COMMAND_MODULES))
+    with pytest.raises(ModuleNotFoundError, match="no_such_package_anywhere"):  # a real error is not hidden
+        cli.main(["no-such-command"])
