@@ -10,7 +10,7 @@ The public surface is small on purpose:
 - :class:`QKHooksError` — the one error type, whose message says the fix.
 """
 
-__version__ = "0.1.0"
+from qkhooks._version import __version__
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models import AttentionSite, register_adapter, sites

@@ -18,7 +18,7 @@ from typing import Literal, Sequence
 import torch
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, parse_layers
 
 __all__ = [
     "AttentionSpec", "attention_rows", "attention_full", "rows_from_qk", "full_from_qk", "split_heads", "pool_rows",
@@ -51,8 +51,6 @@ class AttentionSpec:
 
 def _from_string(text: str) -> AttentionSpec:
     """``rows`` -> every layer; ``full:5,11`` or ``full:9-11`` -> those block indices."""
-    from qkhooks.models.base import parse_layers
-
     kind, _, layers = text.partition(":")
     if kind not in KINDS:
         raise QKHooksError(f"unknown attention kind {kind!r}; use one of {', '.join(KINDS)} (optionally KIND:LAYERS, e.g. full:5,11).")

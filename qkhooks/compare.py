@@ -8,14 +8,17 @@ differ in depth, layers are placed on relative depth (layer / (depth - 1)), so t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from qkhooks.cli import command, write_json
+from qkhooks._json import write_json
 from qkhooks.errors import QKHooksError
+from qkhooks.models.load import load_model
+from qkhooks.plots import plot_layer_curves
+from qkhooks.report import data_uri, render_template
+from qkhooks.spectrum import spectrum
 
 __all__ = ["compare", "model_curves", "CURVES"]
 
@@ -46,9 +49,6 @@ def model_curves(item: str) -> tuple[str, dict[str, Any]]:
     if ":" not in item:
         raise QKHooksError(f"{item!r} is neither a report folder nor a model spec (timm:NAME, hf:ID, offline:NAME, "
                            "with @random for random weights).")
-    from qkhooks.models.load import load_model
-    from qkhooks.spectrum import spectrum
-
     loaded = load_model(item)
     spec = spectrum(loaded.model)
     layers = [l.layer for l in spec.layers]
@@ -62,9 +62,6 @@ def _depth(curves: dict[str, Any]) -> int:
 def compare(items: Sequence[str], out: str | os.PathLike) -> Path:
     """Overlay the per-layer curves of several models; writes ``out/index.html``, ``out/compare.json`` and one
     PNG per curve that at least one model has. Returns the page's path."""
-    from qkhooks.plots import plot_layer_curves
-    from qkhooks.report import data_uri, render_template
-
     if len(items) < 2:
         raise QKHooksError("compare needs at least two reports or model specs.")
     out = Path(out)
@@ -96,15 +93,3 @@ def compare(items: Sequence[str], out: str | os.PathLike) -> Path:
     page.write_text(render_template("compare.html", models=list(models), figures=[
         {"src": data_uri(p), "rel": p.name, "caption": c} for p, c in figures]))
     return page
-
-
-def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("items", nargs="+", metavar="RUN_OR_MODEL",
-                   help="report folders (qkhooks demo --out DIR) or model specs (SPEC@random for random weights)")
-    p.add_argument("--out", default="compare_out", help="folder for index.html, compare.json and the figures")
-
-
-@command("compare", "overlay the per-layer curves of several models (reports or model specs)")(_args)
-def run_compare(args: argparse.Namespace) -> int:
-    print(f"wrote {compare(args.items, args.out)}")
-    return 0

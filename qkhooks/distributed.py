@@ -29,31 +29,35 @@ your own ``torch.distributed`` program.
 
 from __future__ import annotations
 
+import contextlib
 import copy as _copy
 import datetime
 import json
 import os
+import pickle
 import re
 import socket
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
+import torch
+import torch.distributed as dist
 
-from qkhooks.cli import command
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer, to_numpy_state
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import open_reader
 from qkhooks.store.lock import WriterLock
+from qkhooks.stream import RecordResult, record_dataset
 
 __all__ = [
     "shard_path",
     "find_shards",
     "merge_shards",
     "record_dataset_distributed",
-    "record_distributed",
+    "torchrun_process_group",
     "REDUCER_FACTORIES",
     "IMAGE_INDEX_FIELDS",
 ]
@@ -427,10 +431,7 @@ def _exchange(obj: Any, decide: Callable[[list[Any]], Any]) -> Any:
     that releases a Python-made tensor after the program's last collective may need the GIL while the
     interpreter shuts down, which aborts the process ("terminate called without an active exception").
     """
-    import pickle
-
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d
+    from torch.distributed import distributed_c10d  # here: builds without torch.distributed lack it (is_available)
 
     store = distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -470,10 +471,6 @@ def record_dataset_distributed(model: Any, data: Any, out: str | os.PathLike, *,
         On rank 0 a :class:`qkhooks.stream.RecordResult` of the merged run (path ``out``, all images, merged
         reducers); on the other ranks the result of their own shard.
     """
-    import torch.distributed as dist
-
-    from qkhooks.stream import RecordResult, record_dataset
-
     if not (dist.is_available() and dist.is_initialized()):
         raise QKHooksError(
             "record_dataset_distributed needs an initialised torch.distributed process group (run under torchrun "
@@ -550,55 +547,19 @@ def _rank_device(device: str, local_rank: int) -> str:
     return f"cuda:{local_rank}" if str(device) == "cuda" else str(device)
 
 
-def record_distributed(args: Any) -> int:
-    """``qkhooks record`` under torchrun (RANK/WORLD_SIZE set): the same flags, one shard per rank, one merged file."""
-    import torch
-    import torch.distributed as dist
-
-    from qkhooks.cli import load_from_args, sigterm_exits
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _rank_device(args.device, local_rank)
+@contextlib.contextmanager
+def torchrun_process_group(device: str) -> Iterator[str]:
+    """Under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set): yields this rank's device (``cuda`` becomes
+    ``cuda:LOCAL_RANK``, made current) inside a process group, initialised here with :data:`BACKEND_ENV`'s backend
+    unless one already is (then it is left as found), and destroyed on the way out."""
+    device = _rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.set_device(torch.device(device))
     owned = not dist.is_initialized()
     if owned:
         dist.init_process_group(backend=os.environ.get(BACKEND_ENV, "gloo"), timeout=_timeout())
     try:
-        with sigterm_exits():
-            loaded = load_from_args(args, device=device)
-            result = record_dataset_distributed(
-                loaded, args.data, args.out, modes=args.modes, layers=args.layers, attention=args.attention,
-                input=args.input, batch_size=args.batch_size, device=device, dtype=args.dtype,
-                compression=args.compression, resume=args.resume, overwrite=args.overwrite, limit=args.limit,
-                num_workers=args.workers,
-            )
-            if rank == 0:
-                note = f" ({len(result.skipped)} skipped)" if result.skipped else ""
-                print(f"wrote {result.images} images to {result.path}{note}: a view over {world} shards "
-                      f"{shard_path(args.out, 0, world).name} ... (keep them next to it)")
-            return 0
+        yield device
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def merge_arguments(p: Any) -> None:
-    p.add_argument("out", help="the merged run file (RUN.h5); its shards RUN.rank*-of-W.h5 sit next to it")
-    p.add_argument("shards", nargs="*", help="shard files (default: RUN.rank*-of-*.h5 next to OUT)")
-    p.add_argument("--copy", action="store_true",
-                   help="copy the per-image arrays into OUT (self-contained) instead of a virtual view over the shards")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-
-
-@command("merge", "merge the shard files of a distributed recording (torchrun) into one run file")(merge_arguments)
-def run_merge(args: Any) -> int:
-    out = merge_shards(args.out, args.shards or None, copy=args.copy, overwrite=args.overwrite)
-    from qkhooks.store import open_run
-
-    with open_run(out) as run:
-        state = "" if run.complete else " (incomplete: some shards are not finished; resume them and merge again)"
-        print(f"wrote {out}: {run.n} images from {len(args.shards) or len(find_shards(out))} shards{state}")
-    return 0

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 
+from qkhooks.readings import layer_intervals
 from qkhooks.spectrum import QKSpectrum, head_weighted_cosines, random_cosine_band
 
 __all__ = ["save", "figure", "weighted_cosine_null_sd", "plot_cosine_by_layer", "plot_weighted_cosine",
@@ -87,8 +88,6 @@ def plot_weighted_cosine(spectra: dict[int, tuple[np.ndarray, np.ndarray]], dim:
                          model: str = "", relative_to: Sequence[float] | None = None,
                          others: Mapping[str, Sequence[float]] | None = None) -> Path:
     """:func:`plot_cosine_by_layer` from arrays: layer -> (S, cos), each (H, K), in dimension ``dim``."""
-    from qkhooks.readings import layer_intervals
-
     layers = sorted(spectra)
     per_head = [head_weighted_cosines(*spectra[layer]) for layer in layers]
     fig, ax = figure((5.5, 3.6))

@@ -12,7 +12,6 @@ reading and per-layer curve (what ``qkhooks compare`` overlays).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import os
@@ -23,11 +22,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from qkhooks import __version__
-from qkhooks.cli import command, jsonable, write_json
-from qkhooks.errors import QKHooksError, writable_dir
+from qkhooks._json import jsonable, write_json
+from qkhooks._version import __version__
+from qkhooks.analysis import bfd
+from qkhooks.analysis.modes import CentreEmbeddings, analyze_modes
+from qkhooks.analysis.preference import GROUPS, analyze_preference, per_image_groups, preference_values
+from qkhooks.errors import QKHooksError
+from qkhooks.models.base import find_sites
 from qkhooks.models.load import RANDOM_SUFFIX, LoadedModel, load_model
+from qkhooks.plots import plot_cosine_by_layer, plot_cosine_histograms, plot_head_spectra
 from qkhooks.readings import Estimate, Reading, compare_reading, fmt_layers, trend_reading
+from qkhooks.spectrum import head_weighted_cosines, spectrum
+from qkhooks.store.format import remove_run
+from qkhooks.stream import default_reducers, record_dataset
 
 __all__ = ["make_report", "Section", "DEFAULT_MODEL"]
 
@@ -92,9 +99,6 @@ def random_weights(loaded: LoadedModel) -> LoadedModel | None:
 
 
 def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
-    from qkhooks.plots import plot_cosine_by_layer, plot_cosine_histograms, plot_head_spectra
-    from qkhooks.spectrum import head_weighted_cosines, spectrum
-
     spec = spectrum(loaded.model)
     write_json(out / "spectrum.json", spec.to_dict())
     layers = [l.layer for l in spec.layers]
@@ -141,9 +145,6 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
 
 
 def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts: dict[str, Any]) -> Section:
-    from qkhooks.analysis.preference import GROUPS, analyze_preference, per_image_groups, preference_values
-    from qkhooks.stream import record_dataset
-
     run = runs / "odd_one_out.h5"
     record_dataset(loaded, f"o3:{n}:3", run, modes=None, attention="rows", overwrite=True, **opts)
     table = analyze_preference(run, out)
@@ -176,9 +177,6 @@ def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts:
 def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: int | None, objects: str,
                    opts: dict[str, Any], display: str, keep_runs: bool) -> list[Section]:
     """Fig. 4 (top images per mode) and S3 (anisotropy) from one photo run; Fig. 5 (same object) from another."""
-    from qkhooks.analysis.modes import CentreEmbeddings, analyze_modes
-    from qkhooks.stream import default_reducers, record_dataset
-
     started = time.perf_counter()
     run = runs / "photos.h5"
     record_dataset(loaded, photos, run, modes=16, limit=limit, overwrite=True, store_modes=keep_runs,
@@ -281,21 +279,15 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
 
 
 def loaded_layers(loaded: LoadedModel) -> list[int]:
-    from qkhooks.models.base import find_sites
-
     return [s.layer for s in find_sites(loaded.model)]
 
 
 def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: int | None, opts: dict[str, Any],
                 keep_runs: bool) -> Section:
-    from qkhooks.analysis import bfd
-
     result = bfd.run_bfd(loaded, photos, runs / "bfd.h5", limit=limit, overwrite=True, holdout_every=3,
                          batch_size=opts["batch_size"], device=opts["device"], progress=opts["progress"])
     write_json(out / "bfd.json", result)
     if not keep_runs:  # bfd.json holds every number; the reducer states (~90 MB for ViT-S) only serve a re-analysis
-        from qkhooks.store.format import remove_run
-
         for path in (runs / "bfd.h5", bfd.pass1_path(runs / "bfd.h5")):
             remove_run(path)
     n = int(result["images"])
@@ -447,51 +439,3 @@ def render_template(name: str, **context: Any) -> str:
 
     env = Environment(loader=PackageLoader("qkhooks", "templates"), autoescape=select_autoescape(["html"]))
     return env.get_template(name).render(**context)
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", action="append",
-                   help=f"timm:NAME, hf:ID_OR_DIR or offline:dinov2-s14, SPEC@random for random weights (default "
-                        f"{DEFAULT_MODEL}); repeat it to report several models and compare them in DIR/compare")
-    p.add_argument("--random-init", action="store_true", help="build the architecture without pretrained weights")
-    p.add_argument("--checkpoint", help="local weights for a timm:NAME architecture (safetensors or .pth)")
-    p.add_argument("--out", default="demo_out", help="report folder (default demo_out)")
-    p.add_argument("--data", default=PHOTOS, help="photos for Fig. 4, S3 and BFD: a folder or dataset spec "
-                   "(default: every bundled photo)")
-    p.add_argument("--images", type=int, help="use only the first N photos (default all)")
-    p.add_argument("--o3", type=int, default=48, help="odd-one-out displays for attention preference (default 48)")
-    p.add_argument("--objects", type=int, default=24, help="displays added to the masked photos (default 24)")
-    p.add_argument("--objects-data", help="a dataset with object masks for Fig. 5 instead (e.g. ade20k:DIR)")
-    p.add_argument("--input", choices=("normed", "residual"), default="normed",
-                   help="tokens the maps project: the block's normed input (default) or the residual stream (paper)")
-    p.add_argument("--display", choices=("max", "percentile"), default="max",
-                   help="mode maps scaled by their max (default) or clipped to the 30th-95th percentile (paper)")
-    p.add_argument("--keep-runs", action="store_true", help="keep per-image maps and every per-mode figure (large)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-
-
-@command("demo", "run every analysis on one model (or several) and write DIR/index.html and DIR/summary.json")(_demo_args)
-def run_demo(args: argparse.Namespace) -> int:
-    writable_dir(args.out, "--out folder")
-    specs = args.model or [DEFAULT_MODEL]
-    outs = [Path(args.out)] if len(specs) == 1 else [Path(args.out) / _slug(s) for s in specs]
-    for spec, out in zip(specs, outs):
-        loaded = load_model(spec, random_init=args.random_init, checkpoint=args.checkpoint, device=args.device)
-        summary = make_report(out, loaded, photos=args.images, data=args.data, o3=args.o3, objects=args.objects,
-                              objects_data=args.objects_data,
-                              input=args.input, display=args.display, keep_runs=args.keep_runs,
-                              batch_size=args.batch_size, device=args.device)
-        print(f"report: {out / 'index.html'} ({summary['seconds']} s)")
-    if len(outs) > 1:
-        from qkhooks.compare import compare
-
-        page = compare([str(o) for o in outs], Path(args.out) / "compare")
-        print(f"comparison: {page}")
-    return 0
-
-
-def _slug(spec: str) -> str:
-    """A folder name for a model spec."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)

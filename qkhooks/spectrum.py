@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from qkhooks.models.load import LoadedModel
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, QKWeights
+from qkhooks.models import sites as find_sites
+from qkhooks.models.base import AttentionSite, QKWeights, select_layers
+from qkhooks.models.load import unwrap_loaded
 
 __all__ = ["LayerSpectrum", "QKSpectrum", "spectrum", "factored_svd", "random_cosine_band"]
 
@@ -291,10 +293,6 @@ def spectrum(
             weights only, no 1/sqrt(d_k), no LayerNorm affine).
         name: a label for reports (defaults to the model's class name).
     """
-    from qkhooks.models import sites as find_sites
-    from qkhooks.models.base import select_layers
-    from qkhooks.models.load import unwrap_loaded
-
     model = unwrap_loaded(model)
     if isinstance(model, nn.Module):
         found = find_sites(model, layers)

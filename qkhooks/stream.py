@@ -1,4 +1,4 @@
-"""Stream a dataset through a model into one run file: ``qkhooks record`` and ``qkhooks info``.
+"""Stream a dataset through a model into one run file (what ``qkhooks record`` runs).
 
 :func:`record_dataset` opens the dataset with the model's own preprocessing, wraps the model in
 :func:`qkhooks.record` with the run writer and any streaming reducers as sinks, and walks the images in a
@@ -17,24 +17,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
-from qkhooks import __version__
+from qkhooks._version import __version__
 from qkhooks.attention import parse_attention
 from qkhooks.capture import BatchCapture, parse_modes, record
-from qkhooks.cli import add_model_arguments, command, load_from_args, sigterm_exits
-from qkhooks.errors import QKHooksError, writable_dir
+from qkhooks.data import ImageDataset, collate
+from qkhooks.data.masks import majority_labels
+from qkhooks.data.sources import ItemStream, open_source
+from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, parse_layers
 from qkhooks.models.load import LoadedModel, check_device, load_model
-from qkhooks.reducers import Reducer
+from qkhooks.options import RecordOptions
+from qkhooks.reducers import Reducer, to_numpy_state
+from qkhooks.spectrum import layer_spectrum
+from qkhooks.store.format import resume_point
+from qkhooks.store.writer import RunWriter
 
-__all__ = ["record_dataset", "RecordResult", "WriterSink", "run_config"]
-
-CHECKPOINT_EVERY = 8  # batches between reducer-state checkpoints
+__all__ = ["record_dataset", "RecordResult", "WriterSink"]
 
 
 @dataclasses.dataclass
@@ -68,18 +76,9 @@ class WriterSink:
         self.writer.write_batch(batch.ids, arrays)
 
 
-def run_config(**options: Any) -> dict[str, Any]:
-    """The part of a run's options that defines its content; a resume must match it exactly."""
-    keys = ("model", "data", "modes", "layers", "attention", "input", "augmented", "dtype", "limit", "reducers",
-            "random_init", "weights", "store_modes", "shard", "extra")
-    return {k: options.get(k) for k in keys}
-
-
 def _mask_meta(batch: dict[str, Any], site: AttentionSite) -> dict[str, Any]:
     """Per-image masks on the patch grid, plus query tokens for odd-one-out data (else the recording's
     default: CLS and the centre patch)."""
-    from qkhooks.data.masks import majority_labels
-
     h, w = batch["pixel_values"].shape[-2:]
     grid = site.grid_for_image(h, w)
     meta: dict[str, Any] = {"num_prefix_tokens": site.num_prefix_tokens, "grid": grid}
@@ -122,8 +121,6 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str]) -> tup
     those are cut and recorded again, which keeps maps and statistics of the same images
     (:func:`qkhooks.store.format.resume_point`). Returns (images committed, dataset index to continue from).
     """
-    from qkhooks.store.format import resume_point
-
     images, states = writer.checkpoint() or (None, {})
     done = resume_point(writer.committed, images, states, [r.name for r in reducers])
     if done < writer.committed:
@@ -149,30 +146,32 @@ def record_dataset(
     data: Any,
     out: str | os.PathLike | None = None,
     *,
+    options: RecordOptions | None = None,
+    reducers: Sequence[Reducer] | None = None,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    shard: tuple[int, int] | None = None,
+    random_init: bool = False,
+    on_batch: Callable[[BatchCapture], None] | None = None,
+    # the fields of RecordOptions, as keywords (tests/test_options.py keeps them equal)
     modes: int | str | None = 16,
     layers: Sequence[int] | str | None = None,
     attention: Any = None,
     input: str = "normed",
     augmented: bool = False,
-    reducers: Sequence[Reducer] | None = None,
-    batch_size: int = 16,
-    device: str | torch.device = "cpu",
     dtype: str = "float16",
     compression: str = "none",
-    resume: bool = False,
-    overwrite: bool = False,
+    batch_size: int = 16,
     limit: int | None = None,
-    progress: bool = True,
     num_workers: int = 0,
-    store_modes: bool = True,
-    keep_inputs: bool = False,
-    shard: tuple[int, int] | None = None,
-    random_init: bool = False,
-    on_batch: Callable[[BatchCapture], None] | None = None,
-    checkpoint_every: int = CHECKPOINT_EVERY,
-    extra_config: dict[str, Any] | None = None,
     image_column: str | None = None,
     masks: dict[str, str] | None = None,
+    store_modes: bool = True,
+    keep_inputs: bool = False,
+    checkpoint_every: int = 8,
+    extra_config: dict[str, Any] | None = None,
 ) -> RecordResult:
     """Record a whole dataset, streaming to ``out`` (an HDF5 run file) and/or into reducers.
 
@@ -186,48 +185,39 @@ def record_dataset(
             :func:`qkhooks.data.open_source`). Those are streamed in order; a resume continues at the position
             reached without decoding the images before it.
         out: the run file; None keeps results in the reducers only.
-        modes, layers, attention, input, augmented: as in :func:`qkhooks.record`.
+        options: how to record (:class:`qkhooks.options.RecordOptions`: modes, layers, attention, input,
+            augmented, dtype, compression, batch_size, limit, num_workers, ...), or give the same names as
+            keywords (documented there), not both.
         reducers: streaming statistics to keep (default: top-k images per mode, anisotropy, and attention
             preference for odd-one-out data); their states are saved under ``/reducers/<name>``.
-        batch_size, device, num_workers: how images go through the model (``num_workers`` processes decode and
-            preprocess, for every kind of data).
-        dtype: storage dtype of per-image float arrays (``float16`` or ``float32``).
-        compression: codec of per-image arrays (``none``, ``gzip``, ``lzf``); see benchmarks/RESULTS.md.
+        device: where the model runs.
         resume, overwrite: what to do when ``out`` exists (neither: an error, the file untouched).
-        limit: only the first ``limit`` images.
-        store_modes: write the per-image maps (False keeps only reducers and attention).
-        keep_inputs: keep the captured tokens for reducers (switched on when a reducer needs them).
+        progress: show a progress bar.
         shard: (rank, world_size) — record only this rank's contiguous block of the dataset.
         random_init: with a spec string, build the model without pretrained weights.
         on_batch: called with every complete batch (after the writer and the reducers).
-        checkpoint_every: batches between reducer checkpoints (a resume redoes at most this many).
-        extra_config: more options that define the run's content (e.g. an analysis's settings); stored in the
-            configuration, so a resume with different ones is refused before the file is touched.
-        image_column, masks: for a Hugging Face dataset, the image column (default: found by feature type) and
-            mask columns (e.g. ``{"objects": "instance_mask"}``; default: columns named like the masks).
     """
-    from qkhooks.data import ImageDataset, collate
-    from qkhooks.data.sources import ItemStream, open_source
-
+    opts = RecordOptions.from_keywords(options, **{k: v for k, v in locals().items() if k in RecordOptions.names()})
     check_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_init=random_init, device=device)
     net = loaded.model.to(device)
-    layer_list = parse_layers(layers) if isinstance(layers, str) or layers is None else list(layers)
+    layer_list = parse_layers(opts.layers) if isinstance(opts.layers, str) or opts.layers is None else list(opts.layers)
     sites = find_sites(net, layer_list)
-    attention_specs = parse_attention(attention)
-    modes_value = parse_modes(modes)
+    attention_specs = parse_attention(opts.attention)
+    modes_value = parse_modes(opts.modes)
     if resume and overwrite:
         raise QKHooksError("--resume and --overwrite exclude each other: pick one.")
-    if dtype not in ("float16", "float32"):
-        raise QKHooksError(f"dtype must be float16 or float32, got {dtype!r}.")
+    if opts.dtype not in ("float16", "float32"):
+        raise QKHooksError(f"dtype must be float16 or float32, got {opts.dtype!r}.")
 
-    dataset = open_source(data, loaded.image_config, limit=limit, image_column=image_column, masks=masks)
+    dataset = open_source(data, loaded.image_config, limit=opts.limit, image_column=opts.image_column,
+                          masks=opts.masks)
     streamed = isinstance(dataset, ItemStream)
     at_open = list(getattr(dataset, "skipped", []))
     data_spec = getattr(dataset, "name", str(data))
     ids = [] if streamed else list(dataset.ids)
-    if limit is not None and isinstance(data, ImageDataset):  # a spec string got its limit from open_dataset
-        ids = ids[:limit]
+    if opts.limit is not None and isinstance(data, ImageDataset):  # a spec string got its limit from open_dataset
+        ids = ids[:opts.limit]
     if not ids and not streamed:  # an empty stream was refused when opened
         raise QKHooksError(f"the dataset {data_spec!r} has no images.")
     total = dataset.length if streamed else len(ids)
@@ -245,38 +235,34 @@ def record_dataset(
             f"attention 'pooled' sums attention onto target, distractor and background masks, which {data_spec!r} "
             "does not have; record odd-one-out data (o3:N or o3dir:DIR), or use rows or full."
         )
-    if batch_size < 1 or num_workers < 0:
-        raise QKHooksError(f"batch size must be >= 1 and workers >= 0; got {batch_size} and {num_workers}.")
+    if opts.batch_size < 1 or opts.num_workers < 0:
+        raise QKHooksError(f"batch size must be >= 1 and workers >= 0; got {opts.batch_size} and {opts.num_workers}.")
     if reducers is None:
         reducers = default_reducers(modes_value, attention_specs, has_target)
     reducers = list(reducers)
-    keep_inputs = keep_inputs or any(r.needs_inputs for r in reducers)
+    keep_inputs = opts.keep_inputs or any(r.needs_inputs for r in reducers)
 
-    config = run_config(
-        model=loaded.spec, data=data_spec, modes=modes_value, layers=[s.layer for s in sites],
-        attention=[dataclasses.asdict(s) for s in attention_specs], input=input, augmented=augmented, dtype=dtype,
-        limit=limit, reducers=[r.name for r in reducers], random_init=loaded.random_init, weights=loaded.weights,
-        store_modes=store_modes,
-        shard=list(shard) if shard else None, extra=extra_config,
-    )
+    resolved = dataclasses.replace(opts, modes=modes_value, layers=tuple(s.layer for s in sites),
+                                   attention=tuple(attention_specs))
+    config = resolved.run_config(model=loaded.spec, data=data_spec, reducers=[r.name for r in reducers],
+                                 random_init=loaded.random_init, weights=loaded.weights,
+                                 shard=list(shard) if shard else None)
     recording = record(  # built (and so checked) before any file is touched; hooks go on below
-        net, modes=modes_value, layers=[s.layer for s in sites], attention=attention_specs, input=input,
-        augmented=augmented, keep_inputs=keep_inputs, sites=sites,
+        net, modes=modes_value, layers=[s.layer for s in sites], attention=attention_specs, input=opts.input,
+        augmented=opts.augmented, keep_inputs=keep_inputs, sites=sites,
     )
     writer = None
     start, done = lo, 0
     position = _StreamPosition(lo) if streamed else None
     checkpointed = list(reducers) + ([position] if position is not None else [])
     if out is not None:
-        from qkhooks.store import RunWriter
-
         mode = "resume" if resume and Path(out).exists() else ("overwrite" if overwrite else "create")
         attrs = {
             "qkhooks_version": __version__, "model": loaded.spec, "config": json.dumps(config, sort_keys=True),
             "model_note": loaded.note, "data": data_spec,
             "image_config": json.dumps(dataclasses.asdict(loaded.image_config)),
         }
-        writer = RunWriter(out, mode=mode, attrs=attrs, dtype=dtype, compression=compression)
+        writer = RunWriter(out, mode=mode, attrs=attrs, dtype=opts.dtype, compression=opts.compression)
         if mode == "resume":
             try:
                 if streamed:
@@ -295,19 +281,19 @@ def record_dataset(
             seen = _SeenIds(writer.ids if writer is not None and done else [])
             run.sinks.append(seen)
             if writer is not None:
-                _write_statics(writer, run, sites, tuple(loaded.image_config.size), augmented)
+                _write_statics(writer, run, sites, tuple(loaded.image_config.size), opts.augmented)
                 if shard is not None:  # where this block starts in the dataset: qkhooks.distributed.merge_shards reads it
                     writer.write_static("images/shard", json.dumps({"rank": shard[0], "world": shard[1], "start": lo, "stop": hi}))
-                run.sinks.append(WriterSink(writer, store_modes))
+                run.sinks.append(WriterSink(writer, opts.store_modes))
             run.sinks.extend(reducers)
             if on_batch is not None:
                 run.sinks.append(_Callback(on_batch))
             if streamed:
-                batches = position.track(dataset.batches(batch_size, start, hi, num_workers), seen.ids)
+                batches = position.track(dataset.batches(opts.batch_size, start, hi, opts.num_workers), seen.ids)
             else:
-                batches = _loader_batches(dataset, range(start, hi), batch_size, num_workers, collate)
+                batches = _loader_batches(dataset, range(start, hi), opts.batch_size, opts.num_workers, collate)
             _loop(run, batches, net, hi - start if hi is not None else None, device, sites[0], progress, writer,
-                  checkpointed, checkpoint_every)
+                  checkpointed, opts.checkpoint_every)
         if streamed:
             skipped = position.skipped
         else:
@@ -341,8 +327,6 @@ def _skipped(at_open: Sequence[tuple[str, str]], dataset: Any, wanted: Sequence[
     DataLoader worker processes cannot update. A failure this process did not see (in a worker, or before a
     resume) is decoded once more here for its reason, so the list does not depend on workers or interruptions.
     """
-    import warnings
-
     def known(id_: str) -> str | None:
         return next((why for skipped_id, why in getattr(dataset, "skipped", [])[len(at_open):] if skipped_id == id_), None)
 
@@ -384,8 +368,6 @@ class _StreamPosition:
 
     def resumed_at(self, done: int, lo: int, progress: bool) -> int:
         """The position to continue from, said out loud; a run with no checkpoint yet starts again."""
-        import sys
-
         if not done:
             self.position, self.skipped = lo, []
         if progress or done:
@@ -396,10 +378,6 @@ class _StreamPosition:
     def track(self, batches: Any, seen: set[str]) -> Any:
         """The stream's batches as the loop's ``(batch or None, items read)``, moving the position after each;
         an id already recorded is refused (the run file and its resume find images by id)."""
-        import warnings
-
-        from qkhooks.data import collate
-
         for part in batches:
             ids = [item["id"] for item in part.items]
             twice = next((i for n, i in enumerate(ids) if i in seen or i in ids[:n]), None)
@@ -416,8 +394,6 @@ class _StreamPosition:
 
 def _loader_batches(dataset, indices, batch_size, num_workers, collate):
     """An ImageDataset's batches through a DataLoader, as the loop's ``(batch or None, items read)``."""
-    from torch.utils.data import DataLoader, Subset
-
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate)
     for batch in loader:
@@ -425,8 +401,6 @@ def _loader_batches(dataset, indices, batch_size, num_workers, collate):
 
 
 def _loop(run, batches, net, total, device, site, progress, writer, checkpointed, checkpoint_every) -> None:
-    from tqdm.auto import tqdm
-
     dtype = next(net.parameters()).dtype
     bar = tqdm(total=total, unit="img", disable=not progress, desc="record")
     try:
@@ -447,8 +421,6 @@ def _loop(run, batches, net, total, device, site, progress, writer, checkpointed
 
 def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_size: tuple[int, int],
                    augmented: bool) -> None:
-    from qkhooks.spectrum import layer_spectrum
-
     if run.spectrum is not None:
         for layer in run.spectrum:
             for name in ("U", "S", "V"):
@@ -468,78 +440,5 @@ def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_
 
 def _checkpoint(writer: Any, reducers: Sequence[Reducer]) -> None:
     """Queue one checkpoint of every reducer's state behind the batches already queued."""
-    from qkhooks.reducers import to_numpy_state
-
     if reducers:
         writer.write_checkpoint({r.name: to_numpy_state(r.state_dict()) for r in reducers})
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def _record_args(p) -> None:
-    add_model_arguments(p)
-    p.add_argument("data", help="folder, samples, voc, arc2017, ade20k:DIR, o3:N[:seed], o3dir:DIR, "
-                                "hfds:DIR_OR_NAME[:SPLIT] (Hugging Face datasets) or wds:PATTERN (tar shards)")
-    p.add_argument("--image-column", help="hfds: the column holding the images (default: the Image feature)")
-    p.add_argument("--out", required=True, help="the run file (HDF5)")
-    p.add_argument("--modes", default="16", help="top modes per head to store, or 'all' (default 16)")
-    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7' (default all)")
-    p.add_argument("--attention", default="none",
-                   help="none, rows, pooled or full, optionally with layers and combined: 'rows+full:5,11'")
-    p.add_argument("--input", default="normed", choices=["normed", "residual"],
-                   help="project the exact tensor entering W_q/W_k (normed, default) or the block's residual input")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
-    p.add_argument("--compression", default="none", choices=["none", "gzip", "lzf"],
-                   help="codec for per-image arrays (default none: float16 maps hardly compress; see benchmarks)")
-    p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--workers", type=int, default=0, help="processes that decode and preprocess images (any data)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    group.add_argument("--overwrite", action="store_true", help="replace an existing run file")
-
-
-@command("record", "stream a dataset through a model into an HDF5 run file")(_record_args)
-def run_record(args) -> int:
-    writable_dir(Path(args.out).parent, "folder of --out", create=True)
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from qkhooks.distributed import record_distributed
-
-        return record_distributed(args)  # which turns SIGTERM into an exit the same way
-    with sigterm_exits():
-        loaded = load_from_args(args, device=args.device)
-        result = record_dataset(
-            loaded, args.data, args.out, modes=args.modes, layers=args.layers, attention=args.attention,
-            input=args.input, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-            compression=args.compression, resume=args.resume, overwrite=args.overwrite, limit=args.limit,
-            num_workers=args.workers, image_column=args.image_column,
-        )
-    print(f"wrote {result.images} images to {result.path}" + (f" ({len(result.skipped)} skipped)" if result.skipped else ""))
-    return 0
-
-
-def _info_args(p) -> None:
-    p.add_argument("run", help="a run file written by qkhooks record")
-
-
-@command("info", "print what a run file holds")(_info_args)
-def run_info(args) -> int:
-    from qkhooks.store import open_run
-
-    with open_run(args.run) as run:
-        print(run.summary())
-    return 0
-
-
-def _repair_args(p) -> None:
-    p.add_argument("run", help="a damaged run file (left unchanged)")
-    p.add_argument("--out", required=True, help="the new run file with every readable committed image")
-
-
-@command("repair", "copy every readable committed image and reducer state of a damaged run file into a new one")(_repair_args)
-def run_repair(args) -> int:
-    from qkhooks.store import repair
-
-    report = repair(args.run, args.out)
-    print(report.summary())
-    return 0

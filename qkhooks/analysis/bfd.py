@@ -202,6 +202,7 @@ def run_bfd(
                     raise QKHooksError(f"{path} exists: pass resume=True (--resume) to continue the BFD run or "
                                        "overwrite=True (--overwrite) to start again.")
 
+        # TODO(lead): build these from qkhooks.options.RecordOptions (branch cli; its flags for `qkhooks bfd` too)
         def one_pass(path: Path | None, reducers: list[Any]) -> None:
             record_dataset(loaded, data, path, modes=None, layers=chosen, input=input, reducers=reducers,
                            batch_size=batch_size, device=device, limit=limit, resume=resume, overwrite=overwrite,

@@ -1,5 +1,11 @@
 """The ``qkhooks`` command. Each subcommand is a thin layer over the public Python API.
 
+The command line is built from one explicit list, :data:`COMMAND_MODULES`: each module there registers its
+subcommands with :func:`command`. Only modules under ``qkhooks/cli/`` import this package; the library never does
+(``tests/test_imports.py``). Command modules import the library inside their ``run`` functions, not at module
+level: building the parser must not import torch, so that ``qkhooks info RUN.h5`` reads a run file where torch
+is not installed, and a command whose dependency is missing says so when asked for.
+
 Errors the user can fix (:class:`QKHooksError`) print one clear line and exit with status 2, no traceback.
 """
 
@@ -7,19 +13,37 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
+import importlib
+import itertools
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
+from qkhooks._json import jsonable, write_json
+from qkhooks._version import __version__
+from qkhooks.errors import QKHooksError
 
-from qkhooks.errors import QKHooksError, writable_dir
+__all__ = ["main", "build_parser", "command", "COMMAND_MODULES", "add_model_arguments", "load_from_args",
+           "sigterm_exits", "jsonable", "write_json"]  # the helpers the command modules share
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
+
+COMMAND_MODULES = (
+    "qkhooks.cli.spectrum",
+    "qkhooks.cli.record",
+    "qkhooks.cli.run_files",
+    "qkhooks.analysis.preference",  # TODO(lead): becomes qkhooks.cli.analyze (branch recipes)
+    "qkhooks.analysis.modes",  # TODO(lead): becomes qkhooks.cli.analyze (branch recipes)
+    "qkhooks.analysis.bfd",  # TODO(lead): becomes qkhooks.cli.bfd (branch recipes)
+    "qkhooks.cli.report",
+    "qkhooks.cli.bench",
+)
+"""The modules that register subcommands with :func:`command`, in the order ``qkhooks --help`` lists them."""
+
+OPTIONAL_DEPENDENCIES = ("torch", "torchvision", "timm", "transformers")
+"""Packages a command module may need that reading run files does not: a command module that cannot be imported
+for want of one is left out (asking for its commands says which package is missing), the others still work."""
 
 
 def command(name: str, help: str):
@@ -34,6 +58,9 @@ def command(name: str, help: str):
 
     def wrap(add_arguments):
         def register(run):
+            if name in COMMANDS and COMMANDS[name][1].__module__ != run.__module__:
+                raise RuntimeError(f"two modules register the command {name!r}: {COMMANDS[name][1].__module__} and "
+                                   f"{run.__module__}")
             COMMANDS[name] = (add_arguments, run, help)
             return run
 
@@ -53,7 +80,8 @@ def add_model_arguments(p: argparse.ArgumentParser, default: str | None = None) 
 
 
 def load_from_args(args: argparse.Namespace, device: str = "cpu"):
-    from qkhooks.models.load import load_model
+    """The model of :func:`add_model_arguments`' flags, on ``device``."""
+    from qkhooks.models.load import load_model  # here: loading a model needs torch, building the parser does not
 
     return load_model(args.model, random_init=args.random_init, checkpoint=args.checkpoint, device=device)
 
@@ -76,80 +104,7 @@ def sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def jsonable(value: Any, digits: int | None = None) -> Any:
-    """NaN/inf -> None, numpy scalars -> Python, recursively (optionally rounded), so the output is strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v, digits) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v, digits) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (np.floating, float)):
-        if not math.isfinite(float(value)):
-            return None
-        return float(value) if digits is None else round(float(value), digits)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def write_json(path: str | Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
-
-
-# -------------------------------------------------------------------------------------- spectrum
-def _spectrum_args(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7' (default all)")
-    p.add_argument("--augmented", action="store_true", help="fold biases in through x -> [x; 1]")
-    p.add_argument("--json", help="write the per-layer/per-head spectrum as JSON here")
-    p.add_argument("--plot", help="write the cosine-by-layer figure here (PNG); per-head spectra go next to it")
-    p.add_argument("--rope-bands", type=int, default=0, metavar="N",
-                   help="RoPE models: group the rotation frequencies into N bands (highest first) and add each "
-                        "band's cos/sin form cosines and energies to --json as 'rope_bands' per layer")
-
-
-@command("spectrum", "singular modes of W_q^T W_k per head, cosines, weighted averages")(_spectrum_args)
-def run_spectrum(args: argparse.Namespace) -> int:
-    from qkhooks.models.base import parse_layers
-    from qkhooks.spectrum import spectrum
-
-    for target in filter(None, (args.json, args.plot)):
-        writable_dir(Path(target).parent, "output folder")
-    loaded = load_from_args(args)
-    spec = spectrum(loaded.model, layers=parse_layers(args.layers), augmented=args.augmented, name=loaded.spec)
-    print(spec.table())
-    if loaded.note:
-        print(f"note: {loaded.note}")
-    if args.json:
-        payload = spec.to_dict()
-        payload["note"] = loaded.note
-        payload["biases"] = "folded in ([x; 1])" if args.augmented else "excluded (bias-free bilinear form)"
-        if args.rope_bands:
-            from qkhooks.models import sites as find_sites
-            from qkhooks.models.rope import rope_band_summary
-
-            bands = rope_band_summary(loaded.model, find_sites(loaded.model, parse_layers(args.layers)), args.rope_bands)
-            for layer in payload["layers"]:
-                layer["rope_bands"] = bands[layer["layer"]]
-        write_json(args.json, payload)
-        print(f"wrote {args.json}")
-    if args.plot:
-        from qkhooks.plots import plot_cosine_by_layer, plot_head_spectra
-
-        plot = Path(args.plot)
-        plot_cosine_by_layer(spec, plot)
-        spectra = plot.with_name(plot.stem + "_spectra" + plot.suffix)
-        plot_head_spectra(spec, spectra)
-        print(f"wrote {plot} and {spectra}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from qkhooks import __version__
-
     parser = argparse.ArgumentParser(prog="qkhooks", description="Query-key analysis of unmodified vision transformers.")
     parser.add_argument("--version", action="version", version=f"qkhooks {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,34 +123,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Modules that register subcommands with @command.
-COMMAND_MODULES = (
-    "qkhooks.stream",
-    "qkhooks.distributed",
-    "qkhooks.analysis.preference",
-    "qkhooks.analysis.modes",
-    "qkhooks.analysis.bfd",
-    "qkhooks.report",
-    "qkhooks.compare",
-    "qkhooks.cli.bench",
-)
+def _missing_dependency(exc: ModuleNotFoundError) -> str | None:
+    """The optional package ``exc`` says is missing, or None when it is anything else (a real error)."""
+    name = (exc.name or "").split(".")[0]
+    return name if name in OPTIONAL_DEPENDENCIES else None
 
 
-def _load_commands() -> None:
-    """Import modules that register further subcommands."""
-    import importlib
-
+def _load_commands(asked: Sequence[str] = ()) -> dict[str, str]:
+    """Import :data:`COMMAND_MODULES` in order, stopping once the command ``asked`` for (its words, e.g. ``["info"]``
+    or ``["analyze", "modes"]``) is registered, so that ``qkhooks info`` does not import the modules of commands that
+    need torch; all of them for ``--help`` or a name no module registers. Returns {module: missing package} for
+    modules that need a package not installed here."""
+    wanted = {" ".join(asked[:2]), " ".join(asked[:1])} - {""}
+    unavailable = {}
     for module in COMMAND_MODULES:
-        importlib.import_module(module)
+        if wanted & COMMANDS.keys():
+            break
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if _missing_dependency(exc) is None:
+                raise
+            unavailable[module] = str(exc.name)
+    return unavailable
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _load_commands()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words = list(itertools.takewhile(lambda a: not a.startswith("-"), argv))
+    unavailable = _load_commands(words)
+    asked = words[0] if words else None
+    if unavailable and asked is not None and asked not in {name.partition(" ")[0] for name in COMMANDS}:
+        missing = ", ".join(sorted(set(unavailable.values())))
+        print(f"qkhooks: error: {asked!r} is not a command available here: {missing} is not installed (needed by "
+              f"{', '.join(unavailable)}); install it, or see `qkhooks --help` for the commands that work without it.",
+              file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except QKHooksError as exc:
         print(f"qkhooks: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if _missing_dependency(exc) is None:
+            raise
+        print(f"qkhooks: error: this command needs {exc.name}, which is not installed here; install it "
+              f"(pip install {exc.name}).", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qkhooks: interrupted", file=sys.stderr)

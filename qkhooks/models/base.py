@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
+from qkhooks.models.unsupported import describe_attention_like, diagnose
 
 __all__ = ["AttentionSite", "QKWeights", "register_adapter", "find_sites", "adapters"]
 
@@ -279,8 +280,6 @@ def adapters() -> list[tuple[str, str]]:
 
 def find_sites(model: nn.Module, layers: Sequence[int] | None = None) -> list[AttentionSite]:
     """All attention sites of ``model`` (or the chosen block indices), found by the first matching adapter."""
-    from qkhooks.models.unsupported import diagnose
-
     diagnose(model)
     for adapter in _ADAPTERS:
         if adapter.matches(model):
@@ -288,8 +287,6 @@ def find_sites(model: nn.Module, layers: Sequence[int] | None = None) -> list[At
             if not found:
                 raise QKHooksError(f"adapter {adapter.name!r} matched {type(model).__name__} but found no attention layers.")
             return select_layers(number_in_forward_order(model, found), layers)
-    from qkhooks.models.unsupported import describe_attention_like
-
     listing = "\n".join(f"  - {name}: {fam}" for name, fam in adapters())
     raise QKHooksError(
         f"qkhooks does not know how to find the attention layers of {type(model).__name__}.\n"

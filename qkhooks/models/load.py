@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qkhooks.data.preprocess import ImageConfig
 from qkhooks.errors import QKHooksError
 
 __all__ = ["LoadedModel", "load_model", "load_checkpoint", "MODEL_SPEC_HELP", "RANDOM_SUFFIX"]
@@ -147,8 +148,6 @@ def check_device(device: str | torch.device) -> None:
 
 
 def _image_config(kind: str, model: nn.Module, processor: dict | None = None):
-    from qkhooks.data.preprocess import ImageConfig
-
     if kind == "timm":
         return ImageConfig.from_timm(model)
     if processor is not None:
@@ -314,7 +313,6 @@ def load_model(
         elif kind == "offline":
             if name not in OFFLINE_MODELS:
                 raise QKHooksError(f"unknown offline model {name!r}; available: {', '.join(OFFLINE_MODELS)}.")
-            from qkhooks.data.preprocess import ImageConfig
             from qkhooks.models.offline import OFFLINE_DINOV2_NOTE, OFFLINE_DINOV2_PREPROCESS, load_offline_dinov2
 
             if random_init:

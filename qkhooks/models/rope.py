@@ -21,6 +21,7 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
+from qkhooks.spectrum import _augment, factored_svd, head_weighted_cosines
 
 __all__ = ["RopeBand", "rope_pairs", "rope_angles", "rope_bands", "capture_rope_tables", "rope_band_summary"]
 
@@ -92,8 +93,6 @@ def _frequency(site: AttentionSite, phi_patches: torch.Tensor) -> torch.Tensor:
 
 def _band_weights(site: AttentionSite, pairs: Sequence[int], augmented: bool) -> tuple[torch.Tensor, ...]:
     """Rows of W_q, W_k ([W | b] when augmented) on the band's dimensions, and of J W_k."""
-    from qkhooks.spectrum import _augment
-
     w = site.weights()
     w_q, w_k = _augment(w) if augmented else (w.w_q, w.w_k)
     a, b = rope_pairs(site)
@@ -106,8 +105,6 @@ def _band_weights(site: AttentionSite, pairs: Sequence[int], augmented: bool) ->
 def rope_bands(site: AttentionSite, tables: Any, num_bands: int, augmented: bool = False) -> list[RopeBand]:
     """The layer's rotation pairs grouped by frequency into ``num_bands`` bands (highest first), with the
     SVD of each band's cos and sin forms."""
-    from qkhooks.spectrum import factored_svd
-
     a, _ = rope_pairs(site)
     if not 1 <= num_bands <= len(a):
         raise QKHooksError(f"--rope-bands must be between 1 and {len(a)} (the rotation pairs of {site.path}); got {num_bands}.")
@@ -157,8 +154,6 @@ def capture_rope_tables(model: nn.Module, sites: Sequence[AttentionSite]) -> dic
 
 def rope_band_summary(model: nn.Module, sites: Sequence[AttentionSite], num_bands: int) -> dict[int, list[dict]]:
     """Layer -> per band: pairs, frequency range, each form's σ-weighted cosine per head and its energy share."""
-    from qkhooks.spectrum import head_weighted_cosines
-
     tables = capture_rope_tables(model, sites)
     out: dict[int, list[dict]] = {}
     for site in sites:

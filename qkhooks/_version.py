@@ -1,0 +1,4 @@
+"""The package version, in a module of its own so that library modules can stamp it without importing ``qkhooks``
+itself (which imports them: a cycle)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,64 @@
+"""``qkhooks record``: stream a dataset through a model into a run file, in one process or one per rank under
+``torchrun`` (then rank 0 merges the shards into one file that reads like a single-process run).
+
+Its flags are :class:`qkhooks.options.RecordOptions`' plus the model, the data, the file and the device. The library
+is imported inside the command, not at module level: the parser is built without torch (see :mod:`qkhooks.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from qkhooks.cli import add_model_arguments, command, load_from_args, sigterm_exits
+from qkhooks.errors import writable_dir
+from qkhooks.options import RecordOptions
+
+
+def _record_args(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("data", help="folder, samples, voc, arc2017, ade20k:DIR, o3:N[:seed], o3dir:DIR, "
+                                "hfds:DIR_OR_NAME[:SPLIT] (Hugging Face datasets) or wds:PATTERN (tar shards)")
+    p.add_argument("--out", required=True, help="the run file (HDF5)")
+    p.add_argument("--device", default="cpu", help="where the model runs; under torchrun 'cuda' is each rank's GPU")
+    RecordOptions.add_arguments(p)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing run file")
+
+
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@command("record", "stream a dataset through a model into an HDF5 run file")(_record_args)
+def run_record(args: argparse.Namespace) -> int:
+    writable_dir(Path(args.out).parent, "folder of --out", create=True)
+    options = RecordOptions.from_args(args)
+    if _under_torchrun():
+        return _record_distributed(args, options)
+    from qkhooks.stream import record_dataset
+
+    with sigterm_exits():
+        loaded = load_from_args(args, device=args.device)
+        result = record_dataset(loaded, args.data, args.out, options=options, device=args.device, resume=args.resume,
+                                overwrite=args.overwrite)
+    print(f"wrote {result.images} images to {result.path}" + (f" ({len(result.skipped)} skipped)" if result.skipped else ""))
+    return 0
+
+
+def _record_distributed(args: argparse.Namespace, options: RecordOptions) -> int:
+    """One shard per rank, merged by rank 0 (:func:`qkhooks.distributed.record_dataset_distributed`)."""
+    from qkhooks.distributed import record_dataset_distributed, shard_path, torchrun_process_group
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    with torchrun_process_group(args.device) as device, sigterm_exits():
+        loaded = load_from_args(args, device=device)
+        result = record_dataset_distributed(loaded, args.data, args.out, options=options, device=device,
+                                            resume=args.resume, overwrite=args.overwrite)
+        if rank == 0:
+            note = f" ({len(result.skipped)} skipped)" if result.skipped else ""
+            print(f"wrote {result.images} images to {result.path}{note}: a view over {world} shards "
+                  f"{shard_path(args.out, 0, world).name} ... (keep them next to it)")
+    return 0

@@ -1,0 +1,59 @@
+"""``qkhooks spectrum``: the singular modes of every head's W_q^T W_k, from the weights alone.
+
+The library is imported inside the command, not at module level: the parser is built without torch (see
+:mod:`qkhooks.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qkhooks.cli import add_model_arguments, command, load_from_args, write_json
+from qkhooks.errors import writable_dir
+
+
+def _spectrum_args(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7' (default all)")
+    p.add_argument("--augmented", action="store_true", help="fold biases in through x -> [x; 1]")
+    p.add_argument("--json", help="write the per-layer/per-head spectrum as JSON here")
+    p.add_argument("--plot", help="write the cosine-by-layer figure here (PNG); per-head spectra go next to it")
+    p.add_argument("--rope-bands", type=int, default=0, metavar="N",
+                   help="RoPE models: group the rotation frequencies into N bands (highest first) and add each "
+                        "band's cos/sin form cosines and energies to --json as 'rope_bands' per layer")
+
+
+@command("spectrum", "singular modes of W_q^T W_k per head, cosines, weighted averages")(_spectrum_args)
+def run_spectrum(args: argparse.Namespace) -> int:
+    from qkhooks.models import sites as find_sites
+    from qkhooks.models.base import parse_layers
+    from qkhooks.models.rope import rope_band_summary
+    from qkhooks.plots import plot_cosine_by_layer, plot_head_spectra
+    from qkhooks.spectrum import spectrum
+
+    for target in filter(None, (args.json, args.plot)):
+        writable_dir(Path(target).parent, "output folder")
+    loaded = load_from_args(args)
+    spec = spectrum(loaded.model, layers=parse_layers(args.layers), augmented=args.augmented, name=loaded.spec)
+    print(spec.table())
+    if loaded.note:
+        print(f"note: {loaded.note}")
+    if args.json:
+        payload = spec.to_dict()
+        payload["note"] = loaded.note
+        payload["biases"] = "folded in ([x; 1])" if args.augmented else "excluded (bias-free bilinear form)"
+        if args.rope_bands:
+            bands = rope_band_summary(loaded.model, find_sites(loaded.model, parse_layers(args.layers)), args.rope_bands)
+            for layer in payload["layers"]:
+                layer["rope_bands"] = bands[layer["layer"]]
+        write_json(args.json, payload)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot = Path(args.plot)
+        plot_cosine_by_layer(spec, plot)
+        spectra = plot.with_name(plot.stem + "_spectra" + plot.suffix)
+        plot_head_spectra(spec, spectra)
+        print(f"wrote {plot} and {spectra}")
+    return 0
+
+

@@ -1,0 +1,171 @@
+"""The recording options, defined once: :func:`qkhooks.record_dataset` and the distributed recording take them, the
+``qkhooks record`` flags are made from them, and the run file's ``config`` attribute is written from them.
+
+Imports no torch: the command line builds its parser from this module, also for commands that only read files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from qkhooks.errors import QKHooksError
+
+if TYPE_CHECKING:  # the library never imports argparse; only the command line hands a parser in
+    import argparse
+
+__all__ = ["RecordOptions", "RUN_FACTS"]
+
+RUN_FACTS = ("model", "data", "reducers", "random_init", "weights", "shard")
+"""Keys of the run config that are facts of the recording rather than options: the model spec, the dataset's name,
+the reducers' names, whether the weights are random, which weights, and the shard (rank, world) or null."""
+
+
+def _modes_flag(text: str) -> int | str:
+    return int(text) if text.strip().isdigit() else text
+
+
+def _option(default: Any, help: str | None = None, *, flag: str | None = None, config: str | None = None,
+            **argparse_kwargs: Any) -> Any:
+    """A field with its ``qkhooks record`` flag (``flag``, ``help``, argparse keywords; none: API only) and its key
+    in the run config (``config``; none: the option does not change what is recorded, so a resume may change it)."""
+    return dataclasses.field(default=default, metadata={"flag": flag, "help": help, "config": config,
+                                                        "argparse": argparse_kwargs})
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordOptions:
+    """How a dataset is recorded: what is captured and stored, and how images go through the model.
+
+    Pass it as ``record_dataset(model, data, out, options=RecordOptions(...))``, or give the same names as keywords
+    of :func:`qkhooks.record_dataset` (one or the other). Where the data come from (model, data, out), the device,
+    the reducers and what to do with an existing file (resume, overwrite) are arguments of the call, not options.
+    """
+
+    modes: int | str | None = _option(16, "top modes per head to store, or 'all' (default 16)", flag="--modes",
+                                      config="modes", type=_modes_flag)
+    """Singular modes kept per head: an integer, ``"all"``, or None/0 (capture q/k and attention only)."""
+
+    layers: str | Sequence[int] | None = _option(None, "block indices, e.g. '0,3,5-7' (default all)", flag="--layers",
+                                                 config="layers")
+    """Blocks to hook: indices, a selection string (``"0,3,5-7,-1"``) or None for all. The run config stores the
+    layers found."""
+
+    attention: Any = _option(None, "none, rows, pooled or full, optionally with layers and combined: 'rows+full:5,11'",
+                             flag="--attention", config="attention")
+    """Attention maps rebuilt from q and k: None, a string such as ``"rows+full:5,11"`` or
+    :class:`qkhooks.AttentionSpec` s. The run config stores the specs as dicts."""
+
+    input: str = _option("normed", "project the exact tensor entering W_q/W_k (normed, default) or the block's "
+                         "residual input", flag="--input", config="input", choices=["normed", "residual"])
+    """The token stream the modes project: the normed input of W_q/W_k (exact logits) or the residual stream."""
+
+    augmented: bool = _option(False, "fold the q/k biases into the modes through x -> [x; 1]", flag="--augmented",
+                              config="augmented", action="store_true")
+    """Modes of the bias-augmented form ``[x; 1]`` instead of the bias-free bilinear form."""
+
+    dtype: str = _option("float16", "storage dtype", flag="--dtype", config="dtype", choices=["float16", "float32"])
+    """Storage dtype of the per-image float arrays."""
+
+    compression: str = _option("none", "codec for per-image arrays (default none: float16 maps hardly compress; "
+                               "see benchmarks)", flag="--compression", choices=["none", "gzip", "lzf"])
+    """HDF5 codec of the per-image arrays (``none``, ``gzip``, ``lzf``); benchmarks/RESULTS.md says what each costs."""
+
+    batch_size: int = _option(16, "images per forward pass (default 16)", flag="--batch-size", type=int)
+    """Images per forward pass."""
+
+    limit: int | None = _option(None, "only the first N images", flag="--limit", config="limit", type=int,
+                                  metavar="N")
+    """Record only the first ``limit`` images of the data."""
+
+    num_workers: int = _option(0, "processes that decode and preprocess images (any data)", flag="--workers",
+                               type=int, metavar="N")
+    """Processes that decode and preprocess images, for every kind of data (0: in this process)."""
+
+    image_column: str | None = _option(None, "hfds: the column holding the images (default: the Image feature)",
+                                       flag="--image-column")
+    """Hugging Face data: the image column (default: found by its feature type)."""
+
+    masks: Mapping[str, str] | None = _option(None)
+    """Hugging Face data: mask columns, e.g. ``{"objects": "instance_mask"}`` (default: columns named like masks)."""
+
+    store_modes: bool = _option(True, config="store_modes")
+    """Write the per-image mode maps (False keeps only the reducers' states and the attention maps)."""
+
+    keep_inputs: bool = _option(False)
+    """Keep the captured tokens for the reducers (switched on anyway when a reducer needs them)."""
+
+    checkpoint_every: int = _option(8)
+    """Batches between checkpoints of the reducers' states (a resume redoes at most this many)."""
+
+    extra_config: Mapping[str, Any] | None = _option(None, config="extra")
+    """More settings that define the run's content (e.g. an analysis's), stored in the run config, so that a resume
+    with other ones is refused before the file is touched."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, (list, range)):  # frozen all the way down: a list could change after the check
+            object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
+        if isinstance(self.attention, list):
+            object.__setattr__(self, "attention", tuple(self.attention))
+
+    # ------------------------------------------------------------------------------------------ the CLI
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the ``qkhooks record`` flag of every option that has one (defaults: the fields')."""
+        for f in dataclasses.fields(cls):
+            if f.metadata["flag"]:
+                parser.add_argument(f.metadata["flag"], dest=f.name, default=f.default, help=f.metadata["help"],
+                                    **f.metadata["argparse"])
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RecordOptions:
+        """The options of parsed ``qkhooks record`` flags (those :meth:`add_arguments` added)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.metadata["flag"]})
+
+    # ------------------------------------------------------------------------------------------ the API
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_keywords(cls, options: RecordOptions | None, **keywords: Any) -> RecordOptions:
+        """``options`` if given (then every keyword must still be at its default: one source for each call), else
+        the options the keywords spell."""
+        if options is None:
+            return cls(**keywords)
+        defaults = cls()
+        both = [name for name, value in keywords.items() if value != getattr(defaults, name)]
+        if both:
+            raise QKHooksError(f"{', '.join(both)} given both in options=RecordOptions(...) and as keywords; pass "
+                               "each option one way: dataclasses.replace(options, ...) changes some of them.")
+        return options
+
+    # ------------------------------------------------------------------------------------------ the run file
+    def run_config(self, **facts: Any) -> dict[str, Any]:
+        """The run file's ``config``: the options that define the content (with ``modes``, ``layers`` and
+        ``attention`` as resolved by the recording) plus the :data:`RUN_FACTS`. A resume must match it exactly."""
+        if set(facts) != set(RUN_FACTS):
+            raise TypeError(f"run_config needs the facts {RUN_FACTS}, got {sorted(facts)}")
+        values = {f.metadata["config"]: _plain(dataclasses.asdict(self)[f.name])
+                  for f in dataclasses.fields(self) if f.metadata["config"]}
+        return {**values, **facts}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RecordOptions:
+        """The content-defining options of a stored run config (the rest at their defaults): recording with them
+        again writes the same config."""
+        attention = "+".join(spec["kind"] + (":" + ",".join(map(str, spec["layers"])) if spec.get("layers") else "")
+                             for spec in config.get("attention") or []) or None
+        keys = {f.metadata["config"]: f.name for f in dataclasses.fields(cls) if f.metadata["config"]}
+        values = {name: config[key] for key, name in keys.items() if key in config}
+        return cls(**{**values, "attention": attention,
+                      "layers": None if values.get("layers") is None else tuple(values["layers"])})
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, recursively: the config is compared as JSON."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
