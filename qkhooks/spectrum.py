@@ -149,6 +149,12 @@ class LayerSpectrum:
     def __getitem__(self, name: str) -> np.ndarray:
         return self._stored_arrays()[name]
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stored_arrays())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._stored_arrays()
+
     def keys(self) -> Any:
         return self._stored_arrays().keys()
 

@@ -163,8 +163,10 @@ def test_old_spellings_still_work_and_warn_naming_the_new_call(recorded):
     assert made.layers == [0] and made.n == 1
     with qkhooks.open_run(path) as run, pytest.warns(DeprecationWarning, match=r"spectrum_arrays\(l\)"):
         old = run.spectrum(1)
-        assert set(old.keys()) == set(run.spectrum_arrays(1)) and np.array_equal(old["S"], run.spectrum_arrays(1)["S"])
-    assert live.attention_specs[0].kind == "rows" and Recording.attention is not None
+        assert set(old.keys()) == set(old) == set(run.spectrum_arrays(1)) and np.array_equal(old["S"], run.spectrum_arrays(1)["S"])
+    assert [s.kind for s in live.attention_specs] == ["rows", "full"] and live.attention_specs[1].layers == (1,)
+    with pytest.raises(TypeError):  # the one change that cannot warn: attention is the method now (README says so)
+        list(live.attention)
 
 
 def test_the_library_itself_uses_no_deprecated_spelling(tmp_path):
