@@ -130,7 +130,8 @@ class BatchCapture:
         self.qk_spectrum = qk_spectrum
 
     def __repr__(self) -> str:
-        return f"BatchCapture(n={self.n}, layers={self.layers}, offset={self.offset}, ids={self.ids[:3]}...)"
+        more = "..." if len(self.ids) > 3 else ""
+        return f"BatchCapture(n={self.n}, layers={list(self.layers)}, offset={self.offset}, ids={self.ids[:3]}{more})"
 
     @property
     def n(self) -> int:
@@ -661,8 +662,8 @@ class _CallOrOld:
     def __contains__(self, layer: Any) -> bool:
         return layer in self._old()
 
-    def __getattr__(self, name: str) -> Any:  # the old value's methods: keys, items, values, get, table, top, ...
-        if name.startswith("__"):
+    def __getattr__(self, name: str) -> Any:  # the old value's public methods: keys, items, values, get, table, top
+        if name.startswith("_"):  # probes by copy, pickle, IPython's display see a plain method
             raise AttributeError(name)
         return getattr(self._old(), name)
 
