@@ -36,7 +36,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                   "sum_to_model or qk_outputs or fall_back or augmented or residual or remixing"),
     "attention": (["qkhooks/attention.py"], ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_mutation_kills.py"],
                   "attention or rows or default_query or centre_patch"),
-    "capture": (["qkhooks/capture.py", "qkhooks/access.py"], ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_vocabulary.py"], None),
+    "capture": (["qkhooks/capture.py", "qkhooks/results.py", "qkhooks/access.py"], ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_vocabulary.py"], None),
     "reducers": (["qkhooks/reducers.py"], ["tests/test_reducers.py", "tests/test_modes.py", "tests/test_distributed.py"],
                  "merge or state or reducer or shards"),
     "preprocess": (["qkhooks/data/preprocess.py"], ["tests/test_data.py", "tests/test_asymmetry.py"], None),
