@@ -8,20 +8,39 @@ The public surface is small on purpose:
 - :func:`record_dataset` / :func:`open_run` — stream a dataset into an HDF5 run file, and read it back;
 - :class:`Reducer` — the streaming-statistics protocol (``update``, ``merge``, ``state_dict``) for your own sinks;
 - :class:`QKHooksError` — the one error type, whose message says the fix.
+
+Live results (:class:`Recording`, :class:`BatchCapture`) and stored ones (:class:`RunReader`) are read with the
+same calls (:mod:`qkhooks.access`). Reading a run needs h5py and numpy only: the names that need torch are
+imported on first use (PEP 562), so ``import qkhooks; qkhooks.open_run(path)`` works where torch is not installed.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from qkhooks._version import __version__
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models import AttentionSite, register_adapter, sites
-from qkhooks.models.load import LoadedModel, load_model
-from qkhooks.spectrum import LayerSpectrum, QKSpectrum, spectrum
-from qkhooks.attention import AttentionSpec
-from qkhooks.capture import BatchCapture, LayerCapture, Recording, record
-from qkhooks.store import RunReader, RunWriter, open_run
-from qkhooks.reducers import Reducer
-from qkhooks.stream import RecordResult, record_dataset
-from qkhooks import data  # qkhooks.data.ImageConfig, open_dataset: named in error messages and the README
+from qkhooks.spectrum import LayerSpectrum, QKSpectrum, spectrum  # binds qkhooks.spectrum to the function
+from qkhooks.store.reader import RunReader, open_run
+
+_LAZY = {  # name -> module that defines it; imported (with torch) on first access
+    "AttentionSite": "qkhooks.models",
+    "register_adapter": "qkhooks.models",
+    "sites": "qkhooks.models",
+    "LoadedModel": "qkhooks.models.load",
+    "load_model": "qkhooks.models.load",
+    "AttentionSpec": "qkhooks.attention",
+    "record": "qkhooks.capture",
+    "Recording": "qkhooks.capture",
+    "BatchCapture": "qkhooks.results",
+    "LayerCapture": "qkhooks.results",
+    "record_dataset": "qkhooks.stream",
+    "RecordResult": "qkhooks.stream",
+    "Reducer": "qkhooks.reducers",
+    "RunWriter": "qkhooks.store.writer",
+}
 
 __all__ = [
     "__version__",
@@ -47,3 +66,18 @@ __all__ = [
     "RunWriter",
     "data",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name == "data":  # qkhooks.data.ImageConfig, open_dataset: named in error messages and the README
+        value = importlib.import_module("qkhooks.data")
+    else:
+        raise AttributeError(f"module 'qkhooks' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -11,14 +11,19 @@ A batch is complete when the recorded model's forward returns; only then is it h
 run store, streaming reducers) and exposed as ``run.last``. A forward that raises hands nothing on, so a
 store never receives half a batch. Hooks are removed on exit, on exceptions and on KeyboardInterrupt;
 each context removes only its own hooks, so contexts nest.
+
+Results are read in the vocabulary of :mod:`qkhooks.access` (``run.query(l)``, ``run.attention(l, kind)``,
+``run.spectrum(l)``, ...), the same calls a stored run answers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import weakref
-from typing import Any, Iterable, Literal, Protocol, Sequence
+from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -33,65 +38,17 @@ from qkhooks.attention import (
     pool_rows,
     split_heads,
 )
+from qkhooks.access import Layer, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, select_layers
 from qkhooks.models.load import unwrap_loaded
 from qkhooks.projector import ModeProjector, QKPathProjector
-from qkhooks.spectrum import QKSpectrum, layer_spectrum
+from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated
+from qkhooks.spectrum import LayerSpectrum, QKSpectrum, layer_spectrum
 
 __all__ = ["record", "Recording", "LayerCapture", "BatchCapture", "Sink", "parse_modes"]
 
 InputKind = Literal["normed", "residual"]
-
-
-@dataclasses.dataclass
-class LayerCapture:
-    """What one layer produced for one batch. Tensors stay on the model's device.
-
-    Attributes:
-        inputs: (B, N, d) the tokens the modes were taken of (only kept when asked for).
-        query, key: (B, H, K, N) query maps x·u_n and key maps x·v_n (None without modes).
-        attention: kind -> tensor: ``rows`` (B, H, T, N), ``pooled`` (B, H, T, M), ``full`` (B, H, N, N).
-    """
-
-    layer: int
-    batch_size: int
-    inputs: torch.Tensor | None = None
-    query: torch.Tensor | None = None
-    key: torch.Tensor | None = None
-    attention: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class BatchCapture:
-    """One forward pass: the images' ids, the per-batch metadata you passed (with the model's
-    ``num_prefix_tokens`` and patch ``grid`` added where you gave none), and each layer's capture.
-
-    ``offset`` is the running index of the batch's first image (images in earlier complete batches), so
-    streaming statistics can name images by a global index.
-    """
-
-    ids: list[str]
-    meta: dict[str, Any]
-    layers: dict[int, LayerCapture] = dataclasses.field(default_factory=dict)
-    offset: int = 0
-
-    @property
-    def size(self) -> int:
-        return next(iter(self.layers.values())).batch_size if self.layers else 0
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        """Flat name -> (B, ...) tensors in the run-file schema (``modes/L3/query``, ``attention/L3/rows``)."""
-        out: dict[str, torch.Tensor] = {}
-        for layer, cap in sorted(self.layers.items()):
-            if cap.query is not None:
-                out[f"modes/L{layer}/query"] = cap.query
-                out[f"modes/L{layer}/key"] = cap.key  # type: ignore[assignment]
-            for kind, value in cap.attention.items():
-                out[f"attention/L{layer}/{kind}"] = value
-        if "query_tokens" in self.meta and any(c.attention for c in self.layers.values()):
-            out["attention/query_tokens"] = torch.as_tensor(self.meta["query_tokens"]).long()
-        return out
 
 
 class Sink(Protocol):
@@ -115,9 +72,13 @@ def parse_modes(modes: int | str | None) -> int | None | Literal["all"]:
 class Recording:
     """A set of hooks on one model and what they captured. Create it with :func:`record`.
 
+    Results of the last batch are read in the vocabulary of :mod:`qkhooks.access`: ``query(l)``, ``key(l)``,
+    ``attention(l, kind)``, ``spectrum(l)``, ``layers``, ``ids``, ``n``, ... (torch tensors on the model's device).
+
     Attributes:
         sites: the hooked attention layers.
-        spectrum: the (truncated) spectra used for projection (None without modes).
+        qk_spectrum: the (truncated) spectra used for projection (None without modes).
+        attention_specs: the requested attention (:class:`AttentionSpec` s).
         last: the most recent complete :class:`BatchCapture` (None before the first forward).
         images_seen: number of images in complete batches so far.
         index_base: global index of this recording's first image (a resumed run or one shard of a
@@ -148,9 +109,9 @@ class Recording:
         self._model_ref = weakref.ref(model)
         self.sites: list[AttentionSite] = select_layers(list(sites), layers) if sites is not None else find_sites(model, layers)
         self.modes = parse_modes(modes)
-        self.attention = parse_attention(attention)
+        self.attention_specs = parse_attention(attention)
         recorded = sorted(s.layer for s in self.sites)
-        for spec in self.attention:
+        for spec in self.attention_specs:
             missing = [layer for layer in spec.layers or () if layer not in recorded]
             if missing:
                 raise QKHooksError(
@@ -162,7 +123,7 @@ class Recording:
         self.sinks: list[Sink] = list(sinks)
         self.compute_dtype = compute_dtype
         self._qk_path = qk_path
-        self.spectrum: QKSpectrum | None = None
+        self.qk_spectrum: QKSpectrum | None = None
         self._projectors: dict[int, ModeProjector] = {}  # layers whose modes are projected from the tokens x
         # Layers whose modes come from the model's own q/k Linear outputs (a d_k x K product per head instead
         # of x's d x K): the same maps to float rounding, since u_n and v_n lie in the row spaces of W_q, W_k.
@@ -172,7 +133,7 @@ class Recording:
             k = None if self.modes == "all" else int(self.modes)
             by_layer = {s.layer: s for s in spectrum} if spectrum is not None else {}
             spectra = [(by_layer.get(site.layer) or layer_spectrum(site, augmented)).top(k) for site in self.sites]
-            self.spectrum = QKSpectrum(spectra, getattr(model, "qkhooks_spec", "") or type(model).__name__)
+            self.qk_spectrum = QKSpectrum(spectra, getattr(model, "qkhooks_spec", "") or type(model).__name__)
             for site, spec in zip(self.sites, spectra):
                 if qk_path and input == "normed" and site.qk_modules and not spec.augmented and bool(
                     (spec.S > spec.S.max() * 1e-7).all()
@@ -261,7 +222,7 @@ class Recording:
 
     def __repr__(self) -> str:
         state = "attached" if self.active else "detached"
-        att = ",".join(s.kind for s in self.attention) or "none"
+        att = ",".join(s.kind for s in self.attention_specs) or "none"
         return (
             f"Recording({state}, layers={[s.layer for s in self.sites]}, modes={self.modes}, attention={att}, "
             f"input={self.input}, sinks={len(self.sinks)}, images_seen={self.images_seen})"
@@ -283,12 +244,13 @@ class Recording:
 
     def _begin_batch(self, module: nn.Module, args: tuple, kwargs: dict, outer: bool = True) -> None:
         meta, self._pending_meta = self._pending_meta, {}
-        self._current = BatchCapture(ids=list(meta.pop("ids", [])), meta=meta)
+        self._current = BatchCapture(ids=list(meta.pop("ids", [])), meta=meta, module_paths=self.module_paths,
+                                     qk_spectrum=self.qk_spectrum)
         self._outer = outer
 
     def _begin_inner(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The first recorded layer starts: keep the batch ``model`` just opened, else open one here."""
-        if self._current is None or not self._outer or self._current.layers:
+        if self._current is None or not self._outer or self._current.captures:
             self._begin_batch(module, args, kwargs, outer=False)
 
     def _end_inner(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -298,15 +260,15 @@ class Recording:
     def _end_batch(self, module: nn.Module, args: tuple, kwargs: dict | Any, output: Any = None) -> None:
         batch, self._current = self._current, None
         self._qk_outputs.clear()
-        if batch is None or not batch.layers:
+        if batch is None or not batch.captures:
             return
-        for layer, cap in batch.layers.items():
+        for layer, cap in batch.captures.items():
             if (layer in self._from_qk and cap.query is None) or (layer in self._qk_attention and "full" not in cap.attention):
                 raise QKHooksError(
                     f"layer {layer}'s attention did not call its q/k Linear modules, so its modes or full maps could "
                     "not be taken from their outputs; record with qk_path=False to use the tokens instead."
                 )
-        size = batch.size
+        size = batch.n
         batch.offset = self.index_base + self.images_seen
         if not batch.ids:
             batch.ids = [str(batch.offset + i) for i in range(size)]
@@ -325,7 +287,7 @@ class Recording:
 
     def _layer_hook(self, site: AttentionSite):
         projector = self._projectors.get(site.layer)
-        specs = [s for s in self.attention if s.covers(site.layer)]
+        specs = [s for s in self.attention_specs if s.covers(site.layer)]
         # full maps come from the model's own q and k in the q/k hook; rows and pooled from x here (with a few query
         # tokens the keys are never computed, which is cheaper than taking k from the model)
         specs = [s for s in specs if not (s.kind == "full" and site.layer in self._qk_attention)]
@@ -349,14 +311,14 @@ class Recording:
                     cap.inputs = x_modes.detach()
                 for spec in specs:
                     cap.attention[spec.kind] = self._attention(site, spec, x.detach())
-                self._current.layers[site.layer] = cap  # type: ignore[union-attr]
+                self._current.captures[site.layer] = cap  # type: ignore[union-attr]
 
         return hook
 
     def _attention_from_qk(self, site: AttentionSite) -> bool:
         """Whether this layer's full maps are rebuilt from the q and k its own Linear modules return (no second
         q/k projection: the softmax of q·kᵀ is all the extra work) rather than from the tokens x."""
-        return self._qk_path and bool(site.qk_modules) and any(s.kind == "full" and s.covers(site.layer) for s in self.attention)
+        return self._qk_path and bool(site.qk_modules) and any(s.kind == "full" and s.covers(site.layer) for s in self.attention_specs)
 
     def _qk_hook(self, site: AttentionSite, index: int):
         """Forward hook on q/k Linear ``index`` of ``site``: once q and k are both out, project the modes and
@@ -365,7 +327,7 @@ class Recording:
         full = site.layer in self._qk_attention
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            cap = self._current.layers.get(site.layer) if self._current is not None else None
+            cap = self._current.captures.get(site.layer) if self._current is not None else None
             if cap is None:  # called outside this layer's recorded attention call
                 return
             out = output.detach()
@@ -404,41 +366,150 @@ class Recording:
             raise QKHooksError("attention='pooled' needs pool_masks (B, M, tokens) in the batch metadata.")
         return pool_rows(rows, torch.as_tensor(masks), site.num_prefix_tokens)
 
-    # ------------------------------------------------------------ read-outs
-    def _last_layers(self) -> dict[int, LayerCapture]:
+    # ------------------------------------------------ the shared vocabulary (qkhooks.access), of the last batch
+    @property
+    def layers(self) -> list[int]:
+        """The recorded layers (block indices), sorted."""
+        return sorted(s.layer for s in self.sites)
+
+    @property
+    def module_paths(self) -> dict[int, str]:
+        """Layer -> dotted path of its attention module."""
+        return {s.layer: s.path for s in self.sites}
+
+    @property
+    def mode_layers(self) -> list[int]:
+        """Layers with query/key maps (all of them with modes, none without)."""
+        return self.layers if self.modes is not None else []
+
+    @property
+    def attention_kinds(self) -> list[str]:
+        """Kinds of rebuilt attention (the ``attention=`` option)."""
+        return sorted({spec.kind for spec in self.attention_specs})
+
+    def attention_layers(self, kind: str = "rows") -> list[int]:
+        """Layers with rebuilt attention of ``kind``."""
+        return [l for l in self.layers if any(s.kind == kind and s.covers(l) for s in self.attention_specs)]
+
+    @property
+    def ids(self) -> list[str]:
+        """Ids of the last batch's images (empty before the first forward)."""
+        return list(self.last.ids) if self.last is not None else []
+
+    @property
+    def n(self) -> int:
+        """Images in the last batch (0 before the first forward)."""
+        return self.last.n if self.last is not None else 0
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The options that define what is recorded, encoded as in a run file's ``config``."""
+        return {"modes": self.modes, "layers": self.layers, "attention": [dataclasses.asdict(s) for s in self.attention_specs],
+                "input": self.input, "augmented": bool(self.qk_spectrum is not None and self.qk_spectrum.layers[0].augmented)}
+
+    def _last_batch(self, layer: Layer) -> BatchCapture:
+        resolve_layer(layer, self.layers, self.module_paths, "this recording")  # unknown layers first, named
         if self.last is None:
             raise QKHooksError("nothing recorded yet: run the model inside the context first.")
-        return self.last.layers
+        return self.last
 
-    @property
-    def query(self) -> dict[int, torch.Tensor]:
-        """Layer -> query maps (B, H, K, N) of the last batch."""
-        return {l: c.query for l, c in self._last_layers().items() if c.query is not None}
+    def _query(self, layer: Layer) -> torch.Tensor:
+        """(B, H, K, N) query maps x·u_n of ``layer`` (block index or module path) for the last batch."""
+        return self._last_batch(layer).query(layer)
 
-    @property
-    def key(self) -> dict[int, torch.Tensor]:
-        """Layer -> key maps (B, H, K, N) of the last batch."""
-        return {l: c.key for l, c in self._last_layers().items() if c.key is not None}
+    def _key(self, layer: Layer) -> torch.Tensor:
+        """(B, H, K, N) key maps x·v_n of ``layer`` for the last batch."""
+        return self._last_batch(layer).key(layer)
 
-    @property
-    def inputs(self) -> dict[int, torch.Tensor]:
-        """Layer -> captured tokens (B, N, d) of the last batch (with ``keep_inputs=True``)."""
-        return {l: c.inputs for l, c in self._last_layers().items() if c.inputs is not None}
+    def _inputs(self, layer: Layer) -> torch.Tensor:
+        """(B, N, d) captured tokens of ``layer`` for the last batch (with ``keep_inputs=True``)."""
+        return self._last_batch(layer).inputs(layer)
+
+    def _spectrum(self, layer: Layer) -> LayerSpectrum:
+        """The modes ``layer`` is projected on (its :class:`LayerSpectrum`, top ``modes`` of each head)."""
+        index = resolve_layer(layer, self.layers, self.module_paths, "this recording")
+        if self.qk_spectrum is None:
+            raise QKHooksError("this recording has no modes (modes=None), so no spectrum; use qkhooks.spectrum(model).")
+        return self.qk_spectrum[index]
+
+    def attention(self, layer: Layer, kind: str = "rows") -> torch.Tensor:
+        """Rebuilt attention of ``layer`` for the last batch: rows (B, H, T, N), pooled (B, H, T, M), full (B, H, N, N).
+
+        (This name used to be the list of requested attention specs; that is :attr:`attention_specs` now.)
+        """
+        index = resolve_layer(layer, self.layers, self.module_paths, "this recording")
+        self._check_kind(kind)
+        require_layer(index, self.attention_layers(kind), f"{kind!r} attention", "this recording",
+                      "choose its layers with the attention= option (e.g. 'full:5,11').")
+        return self._last_batch(index).attention(index, kind)
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in self.attention_kinds:
+            raise QKHooksError(f"this recording rebuilds no {kind!r} attention; it has {self.attention_kinds or 'none'} "
+                               "(the attention= option of qkhooks.record).")
+
+    # Each of these is a method now; the dict (QKSpectrum for spectrum) it used to be still answers ``[l]`` and the
+    # dict methods, with a DeprecationWarning naming the call.
+    query = property(lambda self: CallOrOld(self._query, lambda: self._old_dict("query"), "Recording.query[l]", "query(l)"),
+                     doc=_query.__doc__)
+    key = property(lambda self: CallOrOld(self._key, lambda: self._old_dict("key"), "Recording.key[l]", "key(l)"),
+                   doc=_key.__doc__)
+    inputs = property(lambda self: CallOrOld(self._inputs, lambda: self._old_dict("inputs"), "Recording.inputs[l]",
+                                              "inputs(l)"), doc=_inputs.__doc__)
+    spectrum = property(lambda self: CallOrOld(self._spectrum, lambda: self.qk_spectrum, "Recording.spectrum as a "
+                                                "QKSpectrum", "spectrum(l) or recording.qk_spectrum"), doc=_spectrum.__doc__)
+
+    def _old_dict(self, name: str) -> dict[int, torch.Tensor]:
+        if self.last is None:
+            raise QKHooksError("nothing recorded yet: run the model inside the context first.")
+        return {l: getattr(c, name) for l, c in self.last.captures.items() if getattr(c, name) is not None}
 
     def attention_maps(self, kind: str = "rows") -> dict[int, torch.Tensor]:
-        """Layer -> rebuilt attention of the given kind for the last batch."""
-        kinds = sorted({spec.kind for spec in self.attention})
-        if kind not in kinds:
-            raise QKHooksError(f"this recording rebuilds no {kind!r} attention; it has {kinds or 'none'} (the "
-                               "attention= option of qkhooks.record).")
-        return {l: c.attention[kind] for l, c in self._last_layers().items() if kind in c.attention}
+        """Deprecated: layer -> rebuilt attention of ``kind`` for the last batch; use ``attention(l, kind)``."""
+        deprecated("Recording.attention_maps(kind)[l]", "Recording.attention(l, kind)")
+        self._check_kind(kind)
+        if self.last is None:
+            raise QKHooksError("nothing recorded yet: run the model inside the context first.")
+        return {l: self.last.attention(l, kind) for l in self.last.attention_layers(kind)}
 
 
 def _released() -> Any:
     raise QKHooksError("this recording has ended and released the model; start a new qkhooks.record(...).")
 
 
-def record(model: nn.Module, **options: Any) -> Recording:
+def _refuse_unknown_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Refuse an unknown keyword with a QKHooksError listing the options (Python's TypeError names only the bad
+    one); ``help()`` and ``inspect.signature`` still show ``fn``'s own signature."""
+    parameters = inspect.signature(fn).parameters
+    options = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        unknown = sorted(set(kwargs) - set(parameters))
+        if unknown:
+            raise QKHooksError(f"{fn.__name__}() got unknown option(s) {', '.join(unknown)}; the options are "
+                               f"{', '.join(options)}.")
+        return fn(*args, **kwargs)
+
+    return checked
+
+
+@_refuse_unknown_options
+def record(
+    model: nn.Module,
+    *,
+    modes: int | str | None = 16,
+    layers: Sequence[int] | None = None,
+    attention: None | str | AttentionSpec | Sequence[AttentionSpec | str] = None,
+    input: InputKind = "normed",
+    augmented: bool = False,
+    keep_inputs: bool = False,
+    sinks: Iterable[Sink] = (),
+    spectrum: QKSpectrum | None = None,
+    sites: Sequence[AttentionSite] | None = None,
+    compute_dtype: torch.dtype | None = None,
+    qk_path: bool = True,
+) -> Recording:
     """Hook ``model`` for query-key analysis; use as a context manager.
 
     Args:
@@ -453,6 +524,7 @@ def record(model: nn.Module, **options: Any) -> Recording:
         keep_inputs: keep the captured tokens (B, N, d) per layer for sinks that need them.
         sinks: objects with ``update(batch)`` fed after each complete forward (a run writer, reducers).
         spectrum: a precomputed :class:`QKSpectrum` to reuse.
+        sites: the model's attention sites, when already found (:func:`qkhooks.sites`); ``layers`` selects among them.
         compute_dtype: dtype for projections (default: the tokens' own dtype).
         qk_path: take the modes from the model's own q/k Linear outputs where the adapter names them (default;
             the same maps to float rounding at a d_k/d of the cost: u_n, v_n lie in the row spaces of W_q, W_k).
@@ -460,12 +532,10 @@ def record(model: nn.Module, **options: Any) -> Recording:
             full maps are then rebuilt from those q and k too (no second projection). False: always use the tokens x.
 
     Returns:
-        A :class:`Recording`; inside ``with``, run the model as usual (or call ``run(images, ids=...)``).
+        A :class:`Recording`; inside ``with``, run the model as usual (or call ``run(images, ids=...)``), then read
+        ``run.query(l)``, ``run.attention(l, kind)``, ``run.spectrum(l)`` (the vocabulary of :mod:`qkhooks.access`).
     """
-    import inspect
-
-    known = [name for name in inspect.signature(Recording.__init__).parameters if name not in ("self", "model")]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise QKHooksError(f"record() got unknown option(s) {', '.join(unknown)}; the options are {', '.join(known)}.")
-    return Recording(model, **options)
+    return Recording(
+        model, modes=modes, layers=layers, attention=attention, input=input, augmented=augmented,
+        keep_inputs=keep_inputs, sinks=sinks, spectrum=spectrum, sites=sites, compute_dtype=compute_dtype, qk_path=qk_path,
+    )

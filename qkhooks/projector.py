@@ -13,6 +13,7 @@ nothing the model has not already given us and is exact for every mode (also sig
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 from qkhooks.models.base import QKWeights
 from qkhooks.spectrum import LayerSpectrum
@@ -30,9 +31,8 @@ class ModeProjector:
 
     def __init__(self, spectrum: LayerSpectrum):
         self.spectrum = spectrum
-        h, dp, k = spectrum.U.shape
-        # (d', 2, H, K) -> (d', 2HK): columns ordered (side, head, mode).
-        self._stacked = torch.stack([spectrum.U, spectrum.V]).permute(2, 0, 1, 3).reshape(dp, 2 * h * k)
+        # columns ordered (side, head, mode); built once, so einops' per-call cost (~10 us) does not matter here
+        self._stacked = rearrange([torch.as_tensor(spectrum.U), torch.as_tensor(spectrum.V)], "s h d k -> d (s h k)")
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @property
@@ -56,6 +56,7 @@ class ModeProjector:
         b, n, _ = x.shape
         h, k = self.shape
         out = x @ w if bias is None else torch.addmm(bias, x.reshape(b * n, -1), w).view(b, n, -1)
+        # "b n (s h k) -> s b h k n" by hand: this runs per batch and layer, where einops costs ~10 us a call
         out = out.view(b, n, 2, h, k).permute(2, 0, 3, 4, 1)
         return out[0], out[1]
 
@@ -101,4 +102,5 @@ class QKPathProjector:
     def from_linear(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same from the q and k Linear outputs as the model produced them: (B, N, H·d_k) each."""
         h, dk = self.a.shape[0], self.a.shape[1]
+        # "b n (h d) -> b h n d" by hand: per batch and layer (see ModeProjector.__call__)
         return self(q.unflatten(-1, (h, dk)).transpose(1, 2), k.unflatten(-1, (h, dk)).transpose(1, 2))

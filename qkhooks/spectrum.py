@@ -6,26 +6,33 @@ W_k^T = Q_b R_b, the SVD of the small d_k x d_k matrix R_a R_b^T = U' S V'^T giv
 
 Sign convention: the SVD fixes (u_n, v_n) only up to a joint sign flip, so we make the entry of u_n with
 the largest magnitude positive and flip v_n with it; sigma_n u_n v_n^T is unchanged.
+
+Importing this module needs numpy only: a :class:`LayerSpectrum` holds torch tensors when computed from a
+model and numpy arrays when read from a run file (``RunReader.spectrum``), and its statistics work on both.
+Torch is imported where a spectrum is computed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import weakref
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
 import numpy as np
-import torch
-from torch import nn
-
-if TYPE_CHECKING:
-    from qkhooks.models.load import LoadedModel
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models import sites as find_sites
-from qkhooks.models.base import AttentionSite, QKWeights, select_layers
-from qkhooks.models.load import unwrap_loaded
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from qkhooks.models.base import AttentionSite, QKWeights
+    from qkhooks.models.load import LoadedModel
+
+Array = Union["torch.Tensor", np.ndarray]
+"""A torch tensor (computed live) or a numpy array (read from a run file); ``np.asarray`` takes either."""
 
 __all__ = ["LayerSpectrum", "QKSpectrum", "spectrum", "factored_svd", "random_cosine_band"]
 
@@ -51,6 +58,8 @@ def factored_svd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     Returns U (..., d, r), S (..., r), V (..., d, r) with a^T b = U diag(S) V^T, sorted by decreasing S,
     signs fixed so that the largest-magnitude entry of each u_n is positive.
     """
+    import torch
+
     qa, ra = torch.linalg.qr(a.transpose(-1, -2))
     qb, rb = torch.linalg.qr(b.transpose(-1, -2))
     u_small, s, vh_small = torch.linalg.svd(ra @ rb.transpose(-1, -2))
@@ -72,13 +81,17 @@ class LayerSpectrum:
         S: (H, K) singular values, decreasing.
         augmented: whether biases were folded in through x -> [x; 1].
         dim: the embedding width d.
+
+    The arrays are torch tensors when computed from a model and numpy arrays when read from a run file;
+    every statistic below returns the same kind (``np.asarray`` turns either into numpy).
     """
 
     layer: int
-    U: torch.Tensor
-    S: torch.Tensor
-    V: torch.Tensor
+    U: Array
+    S: Array
+    V: Array
     augmented: bool = False
+    _stored: dict[str, np.ndarray] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def num_heads(self) -> int:
@@ -93,15 +106,20 @@ class LayerSpectrum:
         return self.U.shape[1] - int(self.augmented)
 
     @property
-    def cos(self) -> torch.Tensor:
+    def cos(self) -> Array:
         """(H, K) cosine between u_n and v_n: high = grouping, near 0 = contextualisation (token part only)."""
         u, v = self.U[:, : self.dim], self.V[:, : self.dim]
+        if isinstance(u, np.ndarray):
+            return (u * v).sum(1) / np.maximum(np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1), 1e-30)
         return (u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1)).clamp_min(1e-30)
 
     @property
-    def cosine_weighted(self) -> torch.Tensor:
+    def cosine_weighted(self) -> Array:
         """(H,) sigma-weighted *sum* of the mode cosines, sum_n (sigma_n / sum_m sigma_m) cos_n (paper's formula)."""
-        weights = self.S / self.S.sum(-1, keepdim=True).clamp_min(1e-30)
+        if isinstance(self.S, np.ndarray):
+            weights = self.S / np.maximum(self.S.sum(-1, keepdims=True), 1e-30)
+        else:
+            weights = self.S / self.S.sum(-1, keepdim=True).clamp_min(1e-30)
         return (weights * self.cos).sum(-1)
 
     def top(self, k: int | None) -> "LayerSpectrum":
@@ -112,9 +130,39 @@ class LayerSpectrum:
             raise QKHooksError(f"modes must be >= 1 or 'all', got {k}.")
         return LayerSpectrum(self.layer, self.U[..., :k], self.S[:, :k], self.V[..., :k], self.augmented)
 
-    def bilinear(self) -> torch.Tensor:
+    def bilinear(self) -> Array:
         """(H, d', d') the dense form sum_n sigma_n u_n v_n^T of the kept modes (for checks, small models)."""
+        if isinstance(self.U, np.ndarray):
+            return np.einsum("hdk,hk,hek->hde", self.U, self.S, self.V)
+        import torch
+
         return torch.einsum("hdk,hk,hek->hde", self.U, self.S, self.V)
+
+    # ``RunReader.spectrum(l)`` used to return the stored arrays as a dict; that use keeps working, with a warning.
+    def _stored_arrays(self) -> dict[str, np.ndarray]:
+        warnings.warn("RunReader.spectrum(l) now returns a LayerSpectrum (.U, .S, .V, .cos); for the stored arrays "
+                      "as a dict use RunReader.spectrum_arrays(l).", DeprecationWarning, stacklevel=3)
+        if self._stored is None:
+            return {"U": np.asarray(self.U), "S": np.asarray(self.S), "V": np.asarray(self.V), "cos": np.asarray(self.cos)}
+        return self._stored
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._stored_arrays()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stored_arrays())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._stored_arrays()
+
+    def keys(self) -> Any:
+        return self._stored_arrays().keys()
+
+    def items(self) -> Any:
+        return self._stored_arrays().items()
+
+    def values(self) -> Any:
+        return self._stored_arrays().values()
 
 
 @dataclasses.dataclass
@@ -186,13 +234,20 @@ class QKSpectrum:
             cos = spec.cos
             lines.append(
                 f"{spec.layer:>5} {spec.num_heads:>5} {spec.num_modes:>5} {float(spec.S.max()):>10.3f} {cos_w:>7.3f} "
-                f"{float((cos > band).float().mean()):>8.2f} {float((cos < -band).float().mean()):>9.2f}"
+                f"{_fraction(cos > band):>8.2f} {_fraction(cos < -band):>9.2f}"
             )
         return "\n".join(lines)
 
 
+def _fraction(mask: Array) -> float:
+    """The fraction of True entries of a boolean tensor or array."""
+    return float(mask.sum()) / max(math.prod(mask.shape), 1)
+
+
 def _augment(weights: QKWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """[W | b] so that (W x + b) = [W | b] [x; 1]; a missing bias is a zero column."""
+    import torch
+
     out = []
     for w, b in ((weights.w_q, weights.b_q), (weights.w_k, weights.b_k)):
         col = torch.zeros(w.shape[:-1], dtype=w.dtype, device=w.device) if b is None else b
@@ -239,6 +294,8 @@ def _weights_fingerprint(site: AttentionSite) -> tuple:
     change it, so a cached spectrum is never reused for weights it was not computed from."""
     w, b = site.qk_linear()
     w = w.detach()
+    import torch
+
     probe_key = (w.shape[-1], w.device)
     if probe_key not in _PROBES:
         gen = torch.Generator().manual_seed(w.shape[-1])
@@ -251,6 +308,8 @@ def _weights_fingerprint(site: AttentionSite) -> tuple:
 
 
 def _same_fingerprint(a: tuple, b: tuple) -> bool:
+    import torch
+
     return a[:2] == b[:2] and torch.equal(a[2], b[2]) and (
         (a[3] is None and b[3] is None) or (a[3] is not None and b[3] is not None and torch.equal(a[3], b[3]))
     )
@@ -293,6 +352,12 @@ def spectrum(
             weights only, no 1/sqrt(d_k), no LayerNorm affine).
         name: a label for reports (defaults to the model's class name).
     """
+    from torch import nn
+
+    from qkhooks.models import sites as find_sites
+    from qkhooks.models.base import select_layers
+    from qkhooks.models.load import unwrap_loaded
+
     model = unwrap_loaded(model)
     if isinstance(model, nn.Module):
         found = find_sites(model, layers)

@@ -421,8 +421,9 @@ def _loop(run, batches, net, total, device, site, progress, writer, checkpointed
 
 def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_size: tuple[int, int],
                    augmented: bool) -> None:
-    if run.spectrum is not None:
-        for layer in run.spectrum:
+
+    if run.qk_spectrum is not None:
+        for layer in run.qk_spectrum:
             for name in ("U", "S", "V"):
                 writer.write_static(f"spectrum/L{layer.layer}/{name}", getattr(layer, name).cpu().numpy())
             writer.write_static(f"spectrum/L{layer.layer}/cos", layer.cos.cpu().numpy())
@@ -433,7 +434,7 @@ def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_
     site = sites[0]
     height, width = image_size
     info = {"num_prefix_tokens": site.num_prefix_tokens, "heads": site.num_heads, "head_dim": site.head_dim,
-            "dim": site.dim, "layers": [s.layer for s in sites], "family": site.family,
+            "dim": site.dim, "layers": [s.layer for s in sites], "paths": [s.path for s in sites], "family": site.family,
             "image_size": [height, width], "grid": list(site.grid_for_image(height, width))}
     writer.write_static("model/info", json.dumps(info))
 

@@ -133,11 +133,11 @@ def test_each_method_produces_what_it_claims_and_leaves_no_hooks(bench):
         cap = out["capture"]["batch"]
         assert sorted(cap.layers) == [0, 1] and all(c.query is None and not c.attention for c in cap.layers.values())
         for name, k in (("modes16", 8), ("modes_all", 8)):  # d_k = 8: top-16 keeps all 8 modes
-            q = out[name]["batch"].layers[1].query
-            assert tuple(q.shape) == (b, h, k, n) and out[name]["batch"].layers[1].attention == {}
-        rows = out["rows2"]["batch"].layers[1].attention["rows"]
+            q = out[name]["batch"].captures[1].query
+            assert tuple(q.shape) == (b, h, k, n) and out[name]["batch"].captures[1].attention == {}
+        rows = out["rows2"]["batch"].captures[1].attention["rows"]
         assert tuple(rows.shape) == (b, h, 2, n) and torch.allclose(rows.sum(-1), torch.ones(b, h, 2))
-        assert out["rows2"]["batch"].layers[1].query is None
+        assert out["rows2"]["batch"].captures[1].query is None
         both = out["modes16_rows2"]["batch"].arrays()
         assert {"modes/L0/query", "modes/L0/key", "attention/L0/rows", "attention/query_tokens"} <= set(both)
 
@@ -357,7 +357,7 @@ def test_per_batch_record_runner_builds_the_recording_each_step_and_matches_the_
     a, b = per_batch.inspect()["batch"], given.inspect()["batch"]
     assert a is not None and b is not None and a is not b
     for layer in b.layers:
-        torch.testing.assert_close(a.layers[layer].query, b.layers[layer].query, rtol=0, atol=0)
+        torch.testing.assert_close(a.captures[layer].query, b.captures[layer].query, rtol=0, atol=0)
     bench.close()
 
 

@@ -264,7 +264,6 @@ def without_torch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the lazy qkhooks/__init__ of branch vocab")
 def test_qkhooks_info_prints_the_summary_where_torch_is_not_installed(tmp_path):
     import timm
 

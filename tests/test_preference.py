@@ -207,7 +207,7 @@ def test_reducer_errors_name_the_fix():
     with pytest.raises(QKHooksError, match="odd_one_out_meta"):
         PreferenceReducer().update(batch)
     batch = make_batch({0: rows}, t, d)
-    batch.layers[0].attention = {}
+    batch.captures[0].attention = {}
     with pytest.raises(QKHooksError, match="attention='rows'"):
         PreferenceReducer().update(batch)
     with pytest.raises(QKHooksError, match="seen no images"):

@@ -125,7 +125,7 @@ class PositionMeans(Reducer):
         self.counts[layer] += count
 
     def update(self, batch: BatchCapture) -> None:
-        for layer, cap in batch.layers.items():
+        for layer, cap in batch.captures.items():
             if self.layers is None or layer in self.layers:
                 self._add(layer, _inputs(cap, "PositionMeans").to(self.dtype).sum(0), cap.batch_size)
 
@@ -235,7 +235,7 @@ class BFDEnergies(Reducer):
 
     def update(self, batch: BatchCapture) -> None:
         start = self.num_prefix_tokens if self.drop_prefix else 0
-        for layer, cap in batch.layers.items():
+        for layer, cap in batch.captures.items():
             if layer not in self._work:
                 continue
             x = _inputs(cap, "BFDEnergies")
@@ -360,7 +360,7 @@ class PositionDecoding(Reducer):
                                  "sums": torch.zeros(2, t, d, dtype=dtype)}
 
     def update(self, batch: BatchCapture) -> None:
-        for layer, cap in batch.layers.items():
+        for layer, cap in batch.captures.items():
             if layer not in self.stats:
                 continue
             x = _inputs(cap, "PositionDecoding")

@@ -250,7 +250,7 @@ class TopKModes(Reducer):
 
     def update(self, batch: BatchCapture) -> None:
         """Fold one batch: every layer that has query/key maps."""
-        layers = {l: c for l, c in batch.layers.items() if c.query is not None and c.key is not None}
+        layers = {l: c for l, c in batch.captures.items() if c.query is not None and c.key is not None}
         if not layers:
             raise QKHooksError("TopKModes needs query/key maps: record with modes=K (e.g. qkhooks.record(model, modes=16)).")
         for layer, cap in sorted(layers.items()):
@@ -433,7 +433,7 @@ class AnisotropyReducer(Reducer):
 
     def update(self, batch: BatchCapture) -> None:
         """Fold one batch: every layer whose tokens were kept."""
-        layers = {l: c.inputs for l, c in batch.layers.items() if c.inputs is not None}
+        layers = {l: c.inputs for l, c in batch.captures.items() if c.inputs is not None}
         if not layers:
             raise QKHooksError("AnisotropyReducer needs the captured tokens: record with keep_inputs=True.")
         for layer, x in sorted(layers.items()):
@@ -523,7 +523,7 @@ class CentreEmbeddings(AnisotropyReducer):
         room = self.max_images - self._images()
         if room <= 0:
             return
-        for layer, x in sorted((l, c.inputs) for l, c in batch.layers.items() if c.inputs is not None):
+        for layer, x in sorted((l, c.inputs) for l, c in batch.captures.items() if c.inputs is not None):
             centre = self.centre_token(int(x.shape[1]), batch.meta)
             z = x[:room, centre].double()
             z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-300)
@@ -993,14 +993,14 @@ def _topk_from_maps(run: Any, layers: Sequence[int], k: int, prefix: int) -> Top
             q = torch.from_numpy(np.asarray(run.query(l)[lo:hi], dtype=np.float32))
             key = torch.from_numpy(np.asarray(run.key(l)[lo:hi], dtype=np.float32))
             caps[l] = LayerCapture(l, hi - lo, query=q, key=key)
-        reducer.update(BatchCapture(ids=[], meta={"num_prefix_tokens": prefix}, layers=caps, offset=lo))
+        reducer.update(BatchCapture(ids=[], meta={"num_prefix_tokens": prefix}, captures=caps, offset=lo))
     return reducer
 
 
 def _topk_state(run: Any, layers: Sequence[int] | None, k: int | None, prefix: int) -> tuple[dict[str, Any], str]:
     """The top-k state to analyse and where it came from: the saved reducer when it fits, else the maps."""
     saved = run.state(TopKModes.name)
-    stored = [int(l) for l in run.layers]
+    stored = [int(l) for l in run.mode_layers]
     reasons = []
     if saved is not None:
         saved_layers = [int(l) for l in np.asarray(saved["layers"]).reshape(-1)]
@@ -1166,14 +1166,14 @@ def analyze_modes(
         n = int(run.n)
         if n == 0:
             raise QKHooksError(f"{run_path} holds no committed images yet.")
-        available = sorted(set(int(l) for l in run.layers) | set(_state_layers(run.state(TopKModes.name))))
+        available = sorted(set(int(l) for l in run.mode_layers) | set(_state_layers(run.state(TopKModes.name))))
         if not available:
             _no_modes(run, run_path)
         chosen = _choose_layers(parse_layers(layers) if isinstance(layers, str) or layers is None else list(layers), available)
         topk, source = _topk_state(run, chosen, k, prefix)
         chosen = chosen or [int(l) for l in np.asarray(topk["layers"]).reshape(-1)]
         topk = _select_state(topk, chosen, k)
-        spectra = {l: {name: np.asarray(v) for name, v in run.spectrum(l).items()} for l in chosen}
+        spectra = {l: {name: np.asarray(v) for name, v in run.spectrum_arrays(l).items()} for l in chosen}
         aniso_state = run.state(AnisotropyReducer.name)
         centre_state = run.state(CentreEmbeddings.name)
         objects = None

@@ -192,7 +192,7 @@ class PreferenceReducer(Reducer):
     of the three group values per head; and sums and sums of squares of the head-averaged group values
     (the per-image spread of Fig. 2). Memory is O(layers x heads), whatever the dataset size.
 
-    Reads ``batch.layers[l].attention["rows"]`` (B, H, 2, N) and ``batch.meta["target_grid"]`` /
+    Reads ``batch.captures[l].attention["rows"]`` (B, H, 2, N) and ``batch.meta["target_grid"]`` /
     ``["distractor_grid"]`` (B, gh, gw), as filled by :func:`odd_one_out_meta`; the prefix-token count is
     N - gh*gw.
     """
@@ -239,7 +239,7 @@ class PreferenceReducer(Reducer):
 
     def update(self, batch: Any) -> None:
         """Fold one batch: every layer that has attention rows."""
-        layers = {l: c.attention["rows"] for l, c in batch.layers.items() if "rows" in c.attention}
+        layers = {l: c.attention["rows"] for l, c in batch.captures.items() if "rows" in c.attention}
         if not layers:
             raise QKHooksError(
                 "PreferenceReducer needs attention rows: record with attention='rows' (and odd-one-out data)."

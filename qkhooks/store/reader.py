@@ -3,6 +3,9 @@
 Nothing is loaded until sliced, so notebooks can open a 100 GB run and look at one image. The reader opens
 the file in SWMR mode, so it works while ``qkhooks record`` is still writing; :meth:`RunReader.refresh`
 picks up images committed since.
+
+:class:`RunReader` speaks the vocabulary of live results (:mod:`qkhooks.access`): ``run.query(l)`` here and
+``recording.query(l)`` there. It needs h5py and numpy only, never torch.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
+from qkhooks.access import Layer, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
+from qkhooks.spectrum import LayerSpectrum, QKSpectrum
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import open_reader
 
@@ -155,33 +160,87 @@ class RunReader:
         """Names of all per-image arrays."""
         return sorted(fmt.per_image_datasets(self.file), key=_natural)
 
+    # ------------------------------------------------------------------ the shared vocabulary (qkhooks.access)
+    def _groups(self, top: str) -> list[int]:
+        group = self.file.get(top, {})
+        return sorted(int(k[1:]) for k in group.keys() if k[:1] == "L" and k[1:].isdigit())
+
     @property
     def layers(self) -> list[int]:
-        """Layers with stored query/key maps."""
-        return sorted(int(k[1:]) for k in self.file.get("modes", {}).keys())
+        """Every recorded layer (0-based block indices), whether it stored modes, attention or only its spectrum."""
+        if "layers" in self.info:
+            return sorted(int(l) for l in self.info["layers"])
+        return sorted(set(self._groups("modes")) | set(self._groups("attention")) | set(self._groups("spectrum")))
 
-    def attention_layers(self, kind: str) -> list[int]:
+    @property
+    def module_paths(self) -> dict[int, str]:
+        """Layer -> dotted path of its attention module (empty for runs written before qkhooks stored them)."""
+        info = self.info
+        return {int(l): str(p) for l, p in zip(info.get("layers", []), info.get("paths", []))}
+
+    @property
+    def mode_layers(self) -> list[int]:
+        """Layers with stored query/key maps."""
+        return self._groups("modes")
+
+    @property
+    def attention_kinds(self) -> list[str]:
+        """Kinds of stored attention (rows, pooled, full)."""
+        group = self.file.get("attention", {})
+        return sorted({kind for k in group.keys() if k[:1] == "L" for kind in group[k].keys()})
+
+    def attention_layers(self, kind: str = "rows") -> list[int]:
         """Layers with stored attention of ``kind`` (rows, pooled, full)."""
         group = self.file.get("attention", {})
         return sorted(int(k[1:]) for k in group.keys() if k.startswith("L") and kind in group[k])
 
-    def query(self, layer: int) -> RunArray:
-        """(n, H, K, N) query maps x·u_n of ``layer`` (0-based block index)."""
-        return self.array(f"modes/L{layer}/query")
+    def _layer(self, layer: Layer) -> int:
+        return resolve_layer(layer, self.layers, self.module_paths, str(self.path))
 
-    def key(self, layer: int) -> RunArray:
+    def _mode_layer(self, layer: Layer) -> int:
+        index = self._layer(layer)
+        require_layer(index, self.mode_layers, "query/key maps", str(self.path), "record with modes= to store them.")
+        return index
+
+    def query(self, layer: Layer) -> RunArray:
+        """(n, H, K, N) query maps x·u_n of ``layer`` (block index or module path)."""
+        return self.array(f"modes/L{self._mode_layer(layer)}/query")
+
+    def key(self, layer: Layer) -> RunArray:
         """(n, H, K, N) key maps x·v_n of ``layer``."""
-        return self.array(f"modes/L{layer}/key")
+        return self.array(f"modes/L{self._mode_layer(layer)}/key")
 
-    def attention(self, layer: int, kind: str = "rows") -> RunArray:
-        return self.array(f"attention/L{layer}/{kind}")
+    def attention(self, layer: Layer, kind: str = "rows") -> RunArray:
+        """Rebuilt attention of ``layer``: rows (n, H, T, N), pooled (n, H, T, M) or full (n, H, N, N)."""
+        index = self._layer(layer)
+        require_layer(index, self.attention_layers(kind), f"{kind!r} attention", str(self.path),
+                      f"the run stores attention kinds {self.attention_kinds or 'none'} (the attention= option).")
+        return self.array(f"attention/L{index}/{kind}")
 
-    def spectrum(self, layer: int) -> dict[str, np.ndarray]:
-        """The recorded modes of ``layer``: U (H, d, K), S (H, K), V (H, d, K), cos (H, K)."""
-        group = self.file.get(f"spectrum/L{layer}")
+    def spectrum(self, layer: Layer) -> LayerSpectrum:
+        """The recorded modes of ``layer`` as a :class:`LayerSpectrum` of numpy arrays U (H, d, K), S (H, K), V."""
+        index = self._layer(layer)
+        arrays = self.spectrum_arrays(index)
+        if not {"U", "S", "V"} <= set(arrays):
+            raise QKHooksError(f"{self.path} stores no modes for layer {index} (recorded without modes); its every-mode "
+                               f"sigma and cosine are in spectrum_arrays({index}) as S_all, cos_all.")
+        augmented = bool(self.config.get("augmented", False))
+        return LayerSpectrum(index, arrays["U"], arrays["S"], arrays["V"], augmented, _stored=arrays)
+
+    def spectrum_arrays(self, layer: Layer) -> dict[str, np.ndarray]:
+        """The stored spectrum arrays of ``layer``: U (H, d, K), S (H, K), V (H, d, K), cos (H, K) with modes;
+        S_all, cos_all (H, d_k) every mode's sigma and cosine."""
+        index = self._layer(layer)
+        group = self.file.get(f"spectrum/L{index}")
         if group is None:
-            raise QKHooksError(f"{self.path} has no spectrum for layer {layer}; recorded layers: {self.layers}.")
+            raise QKHooksError(f"{self.path} has no spectrum for layer {index}; layers with one: {self._groups('spectrum')}.")
         return {k: v[()] for k, v in group.items()}
+
+    @property
+    def qk_spectrum(self) -> QKSpectrum | None:
+        """The recorded modes of every layer that has them (None for a run recorded without modes)."""
+        layers = [l for l in self._groups("spectrum") if "U" in self.file[f"spectrum/L{l}"]]
+        return QKSpectrum([self.spectrum(l) for l in layers], self.model) if layers else None
 
     def state(self, name: str) -> dict[str, Any] | None:
         """The saved state of a streaming reducer (``topk_modes``, ``preference``, ...), or None.

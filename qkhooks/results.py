@@ -1,0 +1,220 @@
+"""Live results: what one forward pass produced (:class:`BatchCapture`, one :class:`LayerCapture` per layer), read
+in the vocabulary of :mod:`qkhooks.access`, and the shims that keep the spellings it replaced working, with a
+DeprecationWarning naming the new call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from qkhooks.access import Layer, require_layer, resolve_layer
+from qkhooks.errors import QKHooksError
+from qkhooks.spectrum import LayerSpectrum, QKSpectrum
+
+__all__ = ["LayerCapture", "BatchCapture", "CallOrOld", "deprecated"]
+
+
+@dataclasses.dataclass
+class LayerCapture:
+    """What one layer produced for one batch. Tensors stay on the model's device.
+
+    Attributes:
+        inputs: (B, N, d) the tokens the modes were taken of (only kept when asked for).
+        query, key: (B, H, K, N) query maps x·u_n and key maps x·v_n (None without modes).
+        attention: kind -> tensor: ``rows`` (B, H, T, N), ``pooled`` (B, H, T, M), ``full`` (B, H, N, N).
+    """
+
+    layer: int
+    batch_size: int
+    inputs: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    attention: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def deprecated(old: str, new: str, stacklevel: int = 3) -> None:
+    """Warn that ``old`` is replaced by ``new``, at the line of the caller's caller (``stacklevel``)."""
+    warnings.warn(f"{old} is deprecated; use {new}.", DeprecationWarning, stacklevel=stacklevel)
+
+
+class _LayerList(list):
+    """``BatchCapture.layers``: the recorded layers. The dict it used to be (layer -> LayerCapture) still answers
+    ``items``, ``values``, ``keys`` and ``get``, with a DeprecationWarning pointing at ``batch.captures``."""
+
+    def __init__(self, captures: dict[int, LayerCapture]):
+        super().__init__(sorted(captures))
+        self._captures = captures
+
+    def _old(self) -> dict[int, LayerCapture]:
+        deprecated("batch.layers as a dict of LayerCapture", "batch.captures (batch.layers is the list of layers)", 4)
+        return self._captures
+
+    def items(self) -> Any:
+        return self._old().items()
+
+    def values(self) -> Any:
+        return self._old().values()
+
+    def keys(self) -> Any:
+        return self._old().keys()
+
+    def get(self, layer: int, default: Any = None) -> Any:
+        return self._old().get(layer, default)
+
+
+class BatchCapture:
+    """One forward pass: the images' ids, the per-batch metadata you passed (with the model's
+    ``num_prefix_tokens`` and patch ``grid`` added where you gave none), and each layer's capture.
+
+    ``offset`` is the running index of the batch's first image (images in earlier complete batches), so
+    streaming statistics can name images by a global index. ``captures`` maps layer -> :class:`LayerCapture`;
+    the results are read in the vocabulary of :mod:`qkhooks.access` (``batch.query(l)``, ...), as tensors on the
+    model's device. ``module_paths`` and ``qk_spectrum`` come from the recording (empty/None when built by hand).
+    """
+
+    def __init__(
+        self,
+        ids: list[str],
+        meta: dict[str, Any],
+        captures: dict[int, LayerCapture] | None = None,
+        offset: int = 0,
+        *,
+        module_paths: dict[int, str] | None = None,
+        qk_spectrum: QKSpectrum | None = None,
+        layers: dict[int, LayerCapture] | None = None,
+    ):
+        if layers is not None:
+            deprecated("BatchCapture(layers=...)", "BatchCapture(captures=...)")
+            captures = layers if captures is None else captures
+        self.ids = ids
+        self.meta = meta
+        self.captures: dict[int, LayerCapture] = {} if captures is None else captures
+        self.offset = offset
+        self.module_paths: dict[int, str] = dict(module_paths or {})
+        self.qk_spectrum = qk_spectrum
+
+    def __repr__(self) -> str:
+        more = "..." if len(self.ids) > 3 else ""
+        return f"BatchCapture(n={self.n}, layers={list(self.layers)}, offset={self.offset}, ids={self.ids[:3]}{more})"
+
+    @property
+    def n(self) -> int:
+        """Images in the batch."""
+        return next(iter(self.captures.values())).batch_size if self.captures else 0
+
+    @property
+    def size(self) -> int:
+        """Images in the batch (the same as :attr:`n`)."""
+        return self.n
+
+    # ------------------------------------------------------------ the shared vocabulary (qkhooks.access)
+    @property
+    def layers(self) -> list[int]:
+        """The recorded layers (block indices), sorted."""
+        return _LayerList(self.captures)
+
+    @property
+    def mode_layers(self) -> list[int]:
+        """Layers with query/key maps."""
+        return sorted(l for l, c in self.captures.items() if c.query is not None)
+
+    @property
+    def attention_kinds(self) -> list[str]:
+        """Kinds of rebuilt attention in this batch."""
+        return sorted({kind for c in self.captures.values() for kind in c.attention})
+
+    def attention_layers(self, kind: str = "rows") -> list[int]:
+        """Layers with rebuilt attention of ``kind``."""
+        return sorted(l for l, c in self.captures.items() if kind in c.attention)
+
+    def _capture(self, layer: Layer) -> LayerCapture:
+        return self.captures[resolve_layer(layer, sorted(self.captures), self.module_paths, "this batch")]
+
+    def query(self, layer: Layer) -> torch.Tensor:
+        """(B, H, K, N) query maps x·u_n of ``layer`` (block index or module path)."""
+        cap = self._capture(layer)
+        require_layer(cap.layer, self.mode_layers, "query/key maps", "this batch", "record with modes= to get them.")
+        return cap.query  # type: ignore[return-value]
+
+    def key(self, layer: Layer) -> torch.Tensor:
+        """(B, H, K, N) key maps x·v_n of ``layer``."""
+        cap = self._capture(layer)
+        require_layer(cap.layer, self.mode_layers, "query/key maps", "this batch", "record with modes= to get them.")
+        return cap.key  # type: ignore[return-value]
+
+    def attention(self, layer: Layer, kind: str = "rows") -> torch.Tensor:
+        """Rebuilt attention of ``layer``: rows (B, H, T, N), pooled (B, H, T, M) or full (B, H, N, N)."""
+        cap = self._capture(layer)
+        require_layer(cap.layer, self.attention_layers(kind), f"{kind!r} attention", "this batch",
+                      f"it has attention kinds {self.attention_kinds or 'none'} (the attention= option of qkhooks.record).")
+        return cap.attention[kind]
+
+    def inputs(self, layer: Layer) -> torch.Tensor:
+        """(B, N, d) the tokens the modes were taken of (recorded with ``keep_inputs=True``)."""
+        cap = self._capture(layer)
+        if cap.inputs is None:
+            raise QKHooksError(f"this batch kept no input tokens for layer {cap.layer}; record with keep_inputs=True.")
+        return cap.inputs
+
+    def spectrum(self, layer: Layer) -> LayerSpectrum:
+        """The modes ``layer`` was projected on (from the recording)."""
+        cap = self._capture(layer)
+        if self.qk_spectrum is None:
+            raise QKHooksError("this batch was recorded without modes, so it has no spectrum; record with modes=.")
+        return self.qk_spectrum[cap.layer]
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """Flat name -> (B, ...) tensors in the run-file schema (``modes/L3/query``, ``attention/L3/rows``)."""
+        out: dict[str, torch.Tensor] = {}
+        for layer, cap in sorted(self.captures.items()):
+            if cap.query is not None:
+                out[f"modes/L{layer}/query"] = cap.query
+                out[f"modes/L{layer}/key"] = cap.key  # type: ignore[assignment]
+            for kind, value in cap.attention.items():
+                out[f"attention/L{layer}/{kind}"] = value
+        if "query_tokens" in self.meta and any(c.attention for c in self.captures.values()):
+            out["attention/query_tokens"] = torch.as_tensor(self.meta["query_tokens"]).long()
+        return out
+
+
+
+class CallOrOld:
+    """A method that still answers the dict (or QKSpectrum) it replaces, with a DeprecationWarning naming the call."""
+
+    def __init__(self, call: Callable[..., Any], old: Callable[[], Any], old_name: str, new_name: str):
+        self._call, self._old_value, self._names = call, old, (old_name, new_name)
+        functools.update_wrapper(self, call)
+        self.__signature__ = inspect.signature(call)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def _old(self) -> Any:
+        deprecated(*self._names, stacklevel=4)
+        return self._old_value()
+
+    def __getitem__(self, layer: Any) -> Any:
+        return self._old()[layer]
+
+    def __iter__(self) -> Any:
+        return iter(self._old())
+
+    def __len__(self) -> int:
+        return len(self._old())
+
+    def __contains__(self, layer: Any) -> bool:
+        return layer in self._old()
+
+    def __getattr__(self, name: str) -> Any:  # the old value's public methods: keys, items, values, get, table, top
+        if name.startswith("_"):  # probes by copy, pickle, IPython's display see a plain method
+            raise AttributeError(name)
+        return getattr(self._old(), name)
+
+    def __repr__(self) -> str:
+        return f"<method {self._names[1]}>"
