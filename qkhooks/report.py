@@ -177,7 +177,8 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
                    opts: dict[str, Any], display: str, keep_runs: bool) -> list[Section]:
     """Fig. 4 (top images per mode) and S3 (anisotropy) from one photo run; Fig. 5 (same object) from another."""
     from qkhooks.analysis.modes import CentreEmbeddings, analyze_modes
-    from qkhooks.stream import default_reducers, record_dataset
+    from qkhooks.analysis.recipes import default_reducers
+    from qkhooks.stream import record_dataset
 
     started = time.perf_counter()
     run = runs / "photos.h5"

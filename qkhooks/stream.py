@@ -30,7 +30,7 @@ from qkhooks.cli import add_model_arguments, command, load_from_args, sigterm_ex
 from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.models.base import AttentionSite, find_sites, parse_layers
 from qkhooks.models.load import LoadedModel, check_device, load_model
-from qkhooks.reducers import Reducer
+from qkhooks.reducers import Recipe, Reducer, recipe
 
 __all__ = ["record_dataset", "RecordResult", "WriterSink", "run_config"]
 
@@ -75,44 +75,13 @@ def run_config(**options: Any) -> dict[str, Any]:
     return {k: options.get(k) for k in keys}
 
 
-def _mask_meta(batch: dict[str, Any], site: AttentionSite) -> dict[str, Any]:
-    """Per-image masks on the patch grid, plus query tokens for odd-one-out data (else the recording's
-    default: CLS and the centre patch)."""
-    from qkhooks.data.masks import majority_labels
-
+def _batch_meta(batch: dict[str, Any], site: AttentionSite, plan: Recipe) -> dict[str, Any]:
+    """The model's prefix tokens and the patch grid of this input size (from the site: their one source), plus
+    the metadata the recipe makes of the dataset's extras (masks, objects; arrays to store under "arrays")."""
     h, w = batch["pixel_values"].shape[-2:]
-    grid = site.grid_for_image(h, w)
-    meta: dict[str, Any] = {"num_prefix_tokens": site.num_prefix_tokens, "grid": grid}
-    arrays: dict[str, torch.Tensor] = {}
-    if "target" in batch and "distractor" in batch:
-        from qkhooks.analysis.preference import odd_one_out_meta
-
-        odd = odd_one_out_meta(batch["target"], batch["distractor"], grid, site.num_prefix_tokens)
-        meta.update(odd)
-        arrays["masks/target"] = odd["target_grid"]
-        arrays["masks/distractor"] = odd["distractor_grid"]
-    if "objects" in batch:
-        arrays["masks/objects"] = torch.stack([majority_labels(obj, grid) for obj in batch["objects"]])
-    if arrays:
-        meta["arrays"] = arrays
+    meta: dict[str, Any] = {"num_prefix_tokens": site.num_prefix_tokens, "grid": site.grid_for_image(h, w)}
+    meta.update(plan.batch_meta(batch, meta))
     return meta
-
-
-def default_reducers(modes: Any, attention: Sequence[Any], has_target: bool) -> list[Reducer]:
-    """The streaming statistics a plain ``qkhooks record`` keeps (those whose modules are installed)."""
-    reducers: list[Reducer] = []
-    if modes is not None:
-        from qkhooks.analysis.modes import TopKModes
-
-        reducers.append(TopKModes())
-    from qkhooks.analysis.modes import AnisotropyReducer
-
-    reducers.append(AnisotropyReducer())
-    if has_target and any(s.kind == "rows" for s in attention):
-        from qkhooks.analysis.preference import PreferenceReducer
-
-        reducers.append(PreferenceReducer())
-    return reducers
 
 
 def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str]) -> tuple[int, int]:
@@ -139,8 +108,11 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str]) -> tup
             )
         last = i
     if done:
-        for r in reducers:
-            r.load_state_dict(states[r.name])
+        for r in reducers:  # a Reducer refuses a state of another kind or configuration; the stream position loads
+            if isinstance(r, Reducer):
+                r.load_saved(states[r.name])
+            else:
+                r.load_state_dict(states[r.name])
     return done, last + 1
 
 
@@ -154,7 +126,7 @@ def record_dataset(
     attention: Any = None,
     input: str = "normed",
     augmented: bool = False,
-    reducers: Sequence[Reducer] | None = None,
+    reducers: Sequence[Reducer] | Recipe | None = None,
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     dtype: str = "float16",
@@ -187,8 +159,11 @@ def record_dataset(
             reached without decoding the images before it.
         out: the run file; None keeps results in the reducers only.
         modes, layers, attention, input, augmented: as in :func:`qkhooks.record`.
-        reducers: streaming statistics to keep (default: top-k images per mode, anisotropy, and attention
-            preference for odd-one-out data); their states are saved under ``/reducers/<name>``.
+        reducers: streaming statistics to keep, or a recipe that builds them and the per-batch metadata they
+            read (:mod:`qkhooks.analysis.recipes`). Default: the registry's ``"default"`` recipe: top-k images
+            per mode, anisotropy, and attention preference for odd-one-out data. A list of reducers gets the
+            default recipe's metadata (odd-one-out query tokens and masks, object labels). Their states are saved
+            with their kind and configuration under ``/reducers/<name>``.
         batch_size, device, num_workers: how images go through the model (``num_workers`` processes decode and
             preprocess, for every kind of data).
         dtype: storage dtype of per-image float arrays (``float16`` or ``float32``).
@@ -247,8 +222,11 @@ def record_dataset(
         )
     if batch_size < 1 or num_workers < 0:
         raise QKHooksError(f"batch size must be >= 1 and workers >= 0; got {batch_size} and {num_workers}.")
-    if reducers is None:
-        reducers = default_reducers(modes_value, attention_specs, has_target)
+    # The analyses' default recipe comes from the registry by name (qkhooks.analysis is imported on first need),
+    # so the core imports no analysis and a caller's own recipe replaces it whole.
+    plan = reducers if isinstance(reducers, Recipe) else recipe("default")
+    if reducers is None or isinstance(reducers, Recipe):
+        reducers = plan.reducers(modes_value, attention_specs, has_target)
     reducers = list(reducers)
     keep_inputs = keep_inputs or any(r.needs_inputs for r in reducers)
 
@@ -306,7 +284,7 @@ def record_dataset(
                 batches = position.track(dataset.batches(batch_size, start, hi, num_workers), seen.ids)
             else:
                 batches = _loader_batches(dataset, range(start, hi), batch_size, num_workers, collate)
-            _loop(run, batches, net, hi - start if hi is not None else None, device, sites[0], progress, writer,
+            _loop(run, batches, net, hi - start if hi is not None else None, device, sites[0], plan, progress, writer,
                   checkpointed, checkpoint_every)
         if streamed:
             skipped = position.skipped
@@ -424,7 +402,7 @@ def _loader_batches(dataset, indices, batch_size, num_workers, collate):
         yield batch, len(batch.get("id", [])) if batch is not None else 0
 
 
-def _loop(run, batches, net, total, device, site, progress, writer, checkpointed, checkpoint_every) -> None:
+def _loop(run, batches, net, total, device, site, plan, progress, writer, checkpointed, checkpoint_every) -> None:
     from tqdm.auto import tqdm
 
     dtype = next(net.parameters()).dtype
@@ -435,7 +413,7 @@ def _loop(run, batches, net, total, device, site, progress, writer, checkpointed
                 bar.update(read)
                 continue
             pixels = batch["pixel_values"].to(device=device, dtype=dtype, non_blocking=True)
-            meta = _mask_meta(batch, site)
+            meta = _batch_meta(batch, site, plan)
             with torch.no_grad():
                 run(pixels, ids=list(batch["id"]), meta=meta)
             if writer is not None and (step + 1) % checkpoint_every == 0:
@@ -466,12 +444,14 @@ def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_
     writer.write_static("model/info", json.dumps(info))
 
 
-def _checkpoint(writer: Any, reducers: Sequence[Reducer]) -> None:
-    """Queue one checkpoint of every reducer's state behind the batches already queued."""
+def _checkpoint(writer: Any, reducers: Sequence[Any]) -> None:
+    """Queue one checkpoint of every reducer's state (with its kind and configuration) behind the batches
+    already queued; the stream position is checkpointed alongside."""
     from qkhooks.reducers import to_numpy_state
 
     if reducers:
-        writer.write_checkpoint({r.name: to_numpy_state(r.state_dict()) for r in reducers})
+        writer.write_checkpoint({r.name: r.saved_state() if isinstance(r, Reducer) else to_numpy_state(r.state_dict())
+                                 for r in reducers})
 
 
 # --------------------------------------------------------------------------------------------- CLI

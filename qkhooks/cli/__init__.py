@@ -172,9 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 COMMAND_MODULES = (
     "qkhooks.stream",
     "qkhooks.distributed",
-    "qkhooks.analysis.preference",
-    "qkhooks.analysis.modes",
-    "qkhooks.analysis.bfd",
+    "qkhooks.cli.analyze",
+    "qkhooks.cli.bfd",
     "qkhooks.report",
     "qkhooks.compare",
     "qkhooks.bench",
