@@ -130,7 +130,7 @@ class Reducer:
     def load_saved(self, state: Mapping[str, Any]) -> None:
         """Load a saved state into this reducer, refusing one of another kind or configuration (a resume checks
         the reducers it was given against the run's states this way)."""
-        found, config = describe_state(state, self.name)
+        found, config = describe_state(state) if DESCRIPTION_KEY in state else (self.name, None)
         if found != self.name:
             raise QKHooksError(f"cannot load a saved {found!r} state into a {type(self).__name__} ({self.name!r}).")
         if config is not None:

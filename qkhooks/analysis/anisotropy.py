@@ -156,10 +156,12 @@ class CentreEmbeddings(AnisotropyReducer):
             self.vectors.setdefault(layer, []).append(z.float().cpu().numpy())
 
     def merge(self, other: Reducer) -> None:
+        """Append a reducer of the images after this one's, keeping the first ``max_images`` as one pass would."""
         self._check_same_kind(other)
         assert isinstance(other, CentreEmbeddings)
         for layer, vs in other.vectors.items():
-            self.vectors.setdefault(layer, []).extend(vs)
+            kept = np.concatenate(self.vectors.get(layer, []) + list(vs))[: self.max_images]
+            self.vectors[layer] = [kept]
 
     def state_dict(self) -> dict[str, Any]:
         layers = sorted(self.vectors)
