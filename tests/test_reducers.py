@@ -321,3 +321,52 @@ def test_the_analyses_do_not_import_the_command_line_at_module_level():
         names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
         assert not any(n == "qkhooks.cli" or n.startswith("qkhooks.cli.") for n in names), path.name
+
+
+# ------------------------------------------------------------------------------------------ recipes
+class _Geometry(Reducer):
+    """Remembers the prefix count and grid each batch arrived with, and what its recipe was told."""
+
+    name = "test_geometry"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def update(self, batch: BatchCapture) -> None:
+        meta = batch.meta
+        self.seen.append((meta["num_prefix_tokens"], tuple(meta["grid"]), meta["recipe_was_given"], batch.size))
+
+    def state_dict(self) -> dict:
+        return {"batches": len(self.seen)}
+
+
+def test_a_recipe_replaces_the_default_reducers_and_metadata_and_gets_prefix_and_grid_from_the_sites(tmp_path):
+    """A 2 x 3 patch grid with CLS is 7 tokens, which a guess would read as a 2 x 2 grid with 3 prefix tokens."""
+    import timm
+
+    from qkhooks.analysis.recipes import Recipe
+    from qkhooks.stream import record_dataset
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=(64, 96), patch_size=32,
+                              embed_dim=32, depth=1, num_heads=2).eval()
+    config = qkhooks.data.ImageConfig(size=(64, 96), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    loaded = qkhooks.load_model(model, image_config=config)
+    site = qkhooks.sites(model)[0]
+    assert (site.num_prefix_tokens, tuple(site.grid_for_image(64, 96))) == (1, (2, 3))
+
+    def meta(batch, given):
+        n = len(batch["id"])
+        return {"recipe_was_given": (given["num_prefix_tokens"], tuple(given["grid"])),
+                "arrays": {"masks/probe": torch.full((n, *given["grid"]), 7, dtype=torch.int16)}}
+
+    probe = Recipe("probe", build=lambda modes, attention, has_target: [_Geometry()], meta=meta)
+    result = record_dataset(loaded, "o3:5:1", tmp_path / "run.h5", modes=2, reducers=probe, batch_size=2,
+                            progress=False)
+    [reducer] = result.reducers
+    assert isinstance(reducer, _Geometry)
+    assert reducer.seen == [(1, (2, 3), (1, (2, 3)), b) for b in (2, 2, 1)]
+    with qkhooks.open_run(tmp_path / "run.h5") as run:
+        assert run.config["reducers"] == ["test_geometry"] and run.states() == ["test_geometry"]
+        assert run.array("masks/probe")[:].tolist() == [[[7] * 3] * 2] * 5
+        assert not run.has("masks/target")  # the recipe's metadata replaced the default one whole
