@@ -15,10 +15,11 @@ per-batch metadata the dataset's extras (masks, objects) give them.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import json
-from typing import Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -199,21 +200,40 @@ def reducer_class(name: str) -> type[Reducer]:
 
 
 # ---------------------------------------------------------------------------------------- recipes
-@runtime_checkable
-class Recipe(Protocol):
-    """What a recording keeps besides the maps (the core calls only these two; see ``qkhooks.analysis.recipes``).
+def _no_reducers(modes: Any, attention: Sequence[Any], has_target: bool) -> list[Reducer]:
+    return []
 
-    ``reducers(modes, attention, has_target)`` builds the streaming statistics for a recording with those
-    options; ``batch_meta(batch, meta)`` turns a dataset batch's extras (masks, object labels) into batch
-    metadata for the sinks, given ``meta`` with the model's ``num_prefix_tokens`` and patch ``grid`` (from the
-    attention sites: the one source of both); arrays to store per image go under ``"arrays"``.
+
+def _no_metadata(batch: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named way to record: which reducers to build, and the batch metadata they read (the core calls these).
+
+    Args:
+        name: registry name (:func:`recipe`).
+        build: ``(modes, attention specs, has_target) -> reducers``, called once per recording (fresh reducers
+            every time: they hold state).
+        meta: ``(collated dataset batch, meta) -> metadata``: turns the batch's extras (masks, object labels)
+            into batch metadata for the sinks; ``meta`` holds the model's ``num_prefix_tokens`` and the patch
+            ``grid`` of this input size, from the attention sites (the one source of both). Arrays to store per
+            image go under ``"arrays"``.
+
+    qkhooks' default (``qkhooks.analysis.recipes.DEFAULT``) keeps top-k images per mode, the anisotropy baseline
+    and attention preference, and reads odd-one-out and object masks.
     """
 
     name: str
+    build: Callable[[Any, Sequence[Any], bool], list[Reducer]] = _no_reducers
+    meta: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]] = _no_metadata
 
-    def reducers(self, modes: Any, attention: Sequence[Any], has_target: bool) -> list[Reducer]: ...
+    def reducers(self, modes: Any, attention: Sequence[Any], has_target: bool) -> list[Reducer]:
+        return list(self.build(modes, attention, has_target))
 
-    def batch_meta(self, batch: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]: ...
+    def batch_meta(self, batch: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+        return self.meta(batch, meta)
 
 
 def register_recipe(recipe: Recipe) -> Recipe:

@@ -39,6 +39,8 @@ def infer_prefix_tokens(num_tokens: int) -> int:
 
 
 def resolve_prefix(fixed: int | None, meta: Mapping[str, Any], num_tokens: int) -> int:
+    """The prefix-token count: the reducer's own setting, else the batch metadata's (the site's), else the
+    square-grid fallback; checked against the sequence length."""
     prefix = fixed if fixed is not None else meta.get("num_prefix_tokens")
     prefix = infer_prefix_tokens(num_tokens) if prefix is None else int(prefix)
     if not 0 <= prefix < num_tokens:

@@ -3,6 +3,7 @@
 The recording core (:func:`qkhooks.stream.record_dataset`, the distributed merge) knows no analysis: it takes
 a recipe (``record_dataset(..., reducers=recipe)``) or a list of reducers, and asks the registry for the
 recipe named ``"default"`` (this module's :data:`DEFAULT`) when given neither. A recipe
+(:class:`qkhooks.reducers.Recipe`, re-exported here)
 
 - builds the reducers for the recording's options (:meth:`Recipe.reducers`), and
 - turns a dataset batch's extras into batch metadata (:meth:`Recipe.batch_meta`): odd-one-out masks become
@@ -16,15 +17,14 @@ Arrays returned under ``"arrays"`` are stored per image in the run file (``masks
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from qkhooks.analysis.anisotropy import AnisotropyReducer
 from qkhooks.analysis.preference import PreferenceReducer, odd_one_out_meta
 from qkhooks.analysis.topk import TopKModes
-from qkhooks.reducers import Reducer, register_recipe
+from qkhooks.reducers import Recipe, Reducer, register_recipe
 
 __all__ = ["Recipe", "DEFAULT", "default_reducers", "dataset_meta"]
 
@@ -61,27 +61,5 @@ def dataset_meta(batch: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str,
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """A named way to record: how to build the reducers, and the per-batch metadata they read.
-
-    Args:
-        name: registry name (``qkhooks.reducers.recipe(name)``).
-        build: ``(modes, attention specs, has_target) -> reducers``, called once per recording (fresh
-            reducers every time: they hold state).
-        meta: ``(collated batch, {"num_prefix_tokens", "grid"}) -> metadata`` (default :func:`dataset_meta`).
-    """
-
-    name: str
-    build: Callable[[Any, Sequence[Any], bool], list[Reducer]] = default_reducers
-    meta: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]] = dataset_meta
-
-    def reducers(self, modes: Any, attention: Sequence[Any], has_target: bool) -> list[Reducer]:
-        return list(self.build(modes, attention, has_target))
-
-    def batch_meta(self, batch: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
-        return self.meta(batch, meta)
-
-
-DEFAULT = register_recipe(Recipe("default"))
+DEFAULT = register_recipe(Recipe("default", build=default_reducers, meta=dataset_meta))
 """What ``record_dataset(model, data, out)`` and ``qkhooks record`` keep when given no reducers."""
