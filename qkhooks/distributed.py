@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from qkhooks.errors import QKHooksError
-from qkhooks.reducers import Reducer, to_numpy_state
+from qkhooks.reducers import Reducer, reducer_class
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import open_reader
 from qkhooks.store.lock import WriterLock
@@ -58,8 +58,6 @@ __all__ = [
     "merge_shards",
     "record_dataset_distributed",
     "torchrun_process_group",
-    "REDUCER_FACTORIES",
-    "IMAGE_INDEX_FIELDS",
 ]
 
 TIMEOUT_ENV = "QKHOOKS_DIST_TIMEOUT"
@@ -74,50 +72,18 @@ _SHARD_RE = re.compile(r"^(?P<stem>.*)\.rank(?P<rank>\d+)-of-(?P<world>\d+)(?P<s
 
 
 # ------------------------------------------------------------------------------------------ reducers
-def _topk(state: Mapping[str, Any]) -> Reducer:
-    from qkhooks.analysis.modes import TopKModes
-
-    dtype = np.asarray(state["query"]).dtype
-    return TopKModes(k=int(np.asarray(state["k"])), map_dtype="float16" if dtype == np.float16 else "float32")
-
-
-def _simple(module: str, cls: str) -> Callable[[Mapping[str, Any]], Reducer]:
-    def build(_: Mapping[str, Any]) -> Reducer:
-        import importlib
-
-        return getattr(importlib.import_module(module), cls)()
-
-    return build
-
-
-REDUCER_FACTORIES: dict[str, Callable[[Mapping[str, Any]], Reducer]] = {
-    "topk_modes": _topk,
-    "anisotropy": _simple("qkhooks.analysis.modes", "AnisotropyReducer"),
-    "preference": _simple("qkhooks.analysis.preference", "PreferenceReducer"),
-    "bfd_position_means": _simple("qkhooks.analysis.bfd_reducers", "PositionMeans"),
-}
-"""Reducer name -> a function building an empty reducer fit to load a saved state (its argument). Reducers
-that need constructor arguments the state does not hold (the BFD pass-2 reducers) are merged from templates:
-``merge_shards(..., reducers=[...])``; add your own reducers here or pass them the same way."""
-
-IMAGE_INDEX_FIELDS: dict[str, tuple[str, ...]] = {"topk_modes": ("index",)}
-"""Reducer name -> state arrays holding global image indices (-1: none). A shard numbers its images from the
-start of its dataset block; the merge renumbers them to rows of the merged file, as one process would."""
-
-
 def _reducer_for(name: str, state: Mapping[str, Any], templates: Mapping[str, Reducer]) -> Reducer:
+    """The reducer a shard's saved state describes (a configured template of the same name first), loaded."""
     if name in templates:
         reducer = _copy.deepcopy(templates[name])
-    elif name in REDUCER_FACTORIES:
-        reducer = REDUCER_FACTORIES[name](state)
-    else:
-        raise QKHooksError(
-            f"cannot merge the reducer state {name!r}: qkhooks does not know how to build it from its state. Pass a "
-            f"configured instance, merge_shards(..., reducers=[...]), or register a factory in "
-            "qkhooks.distributed.REDUCER_FACTORIES."
-        )
-    reducer.load_state_dict(dict(state))
-    return reducer
+        reducer.load_saved(state)
+        return reducer
+    return Reducer.from_state(state, kind=name)
+
+
+def _index_fields(name: str, templates: Mapping[str, Reducer]) -> tuple[str, ...]:
+    """State arrays of reducer ``name`` that hold global image indices (see ``Reducer.image_index_fields``)."""
+    return type(templates[name]).image_index_fields if name in templates else reducer_class(name).image_index_fields
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -242,8 +208,9 @@ def merge_shards(
     Args:
         out: the merged run file (replaced atomically if it exists).
         shard_paths: the shard files, any order (default: :func:`find_shards` next to ``out``).
-        reducers: configured reducer instances used as templates for states whose reducer cannot be built
-            from :data:`REDUCER_FACTORIES` (each shard's state is loaded into a copy, then merged).
+        reducers: configured reducer instances, used as templates (each shard's state is loaded into a copy,
+            then merged) instead of rebuilding each reducer from the kind and configuration saved with its
+            state (:meth:`qkhooks.reducers.Reducer.from_state`); needed for states saved without them.
         copy: write the per-image arrays into ``out`` (a self-contained file) instead of virtual datasets
             that read the shards in place (the default: instant, no extra disk; keep the shards next to it).
         overwrite: replace an existing ``out`` (atomically; otherwise an existing file is an error).
@@ -326,7 +293,7 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
             state = s.states[name]
             if state is None:
                 continue
-            state = _renumber(name, state, s, base)
+            state = _renumber(_index_fields(name, templates), state, s, base)
             part = _reducer_for(name, state, templates)
             if merged is None:
                 merged = part
@@ -334,14 +301,13 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
                 merged.merge(part)
         if merged is None:
             continue
-        fmt.write_states_into(f, {name: to_numpy_state(merged.state_dict())}, total)
+        fmt.write_states_into(f, {name: merged.saved_state()}, total)
         result.append(merged)
     return result
 
 
-def _renumber(name: str, state: dict[str, Any], shard: _Shard, base: int) -> dict[str, Any]:
+def _renumber(fields: Sequence[str], state: dict[str, Any], shard: _Shard, base: int) -> dict[str, Any]:
     """Global image indices of a shard (its block start + local row) -> rows of the merged file."""
-    fields = IMAGE_INDEX_FIELDS.get(name, ())
     if not fields:
         return state
     start = shard.start if shard.start is not None else base  # files without the block start: assume no gaps

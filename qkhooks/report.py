@@ -26,6 +26,7 @@ from qkhooks._json import jsonable, write_json
 from qkhooks._version import __version__
 from qkhooks.analysis import bfd
 from qkhooks.analysis.modes import CentreEmbeddings, analyze_modes
+from qkhooks.analysis.recipes import default_reducers
 from qkhooks.analysis.preference import GROUPS, analyze_preference, per_image_groups, preference_values
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import find_sites
@@ -34,7 +35,7 @@ from qkhooks.plots import plot_cosine_by_layer, plot_cosine_histograms, plot_hea
 from qkhooks.readings import Estimate, Reading, compare_reading, fmt_layers, trend_reading
 from qkhooks.spectrum import head_weighted_cosines, spectrum
 from qkhooks.store.format import remove_run
-from qkhooks.stream import default_reducers, record_dataset
+from qkhooks.stream import record_dataset
 
 __all__ = ["make_report", "Section", "DEFAULT_MODEL"]
 

@@ -31,13 +31,12 @@ from qkhooks._version import __version__
 from qkhooks.attention import parse_attention
 from qkhooks.capture import BatchCapture, parse_modes, record
 from qkhooks.data import ImageDataset, collate
-from qkhooks.data.masks import majority_labels
 from qkhooks.data.sources import ItemStream, open_source
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, parse_layers
 from qkhooks.models.load import LoadedModel, check_device, load_model
 from qkhooks.options import RecordOptions
-from qkhooks.reducers import Reducer, to_numpy_state
+from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
 from qkhooks.spectrum import layer_spectrum
 from qkhooks.store.format import resume_point
 from qkhooks.store.writer import RunWriter
@@ -76,42 +75,13 @@ class WriterSink:
         self.writer.write_batch(batch.ids, arrays)
 
 
-def _mask_meta(batch: dict[str, Any], site: AttentionSite) -> dict[str, Any]:
-    """Per-image masks on the patch grid, plus query tokens for odd-one-out data (else the recording's
-    default: CLS and the centre patch)."""
+def _batch_meta(batch: dict[str, Any], site: AttentionSite, plan: Recipe) -> dict[str, Any]:
+    """The model's prefix tokens and the patch grid of this input size (from the site: their one source), plus
+    the metadata the recipe makes of the dataset's extras (masks, objects; arrays to store under "arrays")."""
     h, w = batch["pixel_values"].shape[-2:]
-    grid = site.grid_for_image(h, w)
-    meta: dict[str, Any] = {"num_prefix_tokens": site.num_prefix_tokens, "grid": grid}
-    arrays: dict[str, torch.Tensor] = {}
-    if "target" in batch and "distractor" in batch:
-        from qkhooks.analysis.preference import odd_one_out_meta
-
-        odd = odd_one_out_meta(batch["target"], batch["distractor"], grid, site.num_prefix_tokens)
-        meta.update(odd)
-        arrays["masks/target"] = odd["target_grid"]
-        arrays["masks/distractor"] = odd["distractor_grid"]
-    if "objects" in batch:
-        arrays["masks/objects"] = torch.stack([majority_labels(obj, grid) for obj in batch["objects"]])
-    if arrays:
-        meta["arrays"] = arrays
+    meta: dict[str, Any] = {"num_prefix_tokens": site.num_prefix_tokens, "grid": site.grid_for_image(h, w)}
+    meta.update(plan.batch_meta(batch, meta))
     return meta
-
-
-def default_reducers(modes: Any, attention: Sequence[Any], has_target: bool) -> list[Reducer]:
-    """The streaming statistics a plain ``qkhooks record`` keeps (those whose modules are installed)."""
-    reducers: list[Reducer] = []
-    if modes is not None:
-        from qkhooks.analysis.modes import TopKModes
-
-        reducers.append(TopKModes())
-    from qkhooks.analysis.modes import AnisotropyReducer
-
-    reducers.append(AnisotropyReducer())
-    if has_target and any(s.kind == "rows" for s in attention):
-        from qkhooks.analysis.preference import PreferenceReducer
-
-        reducers.append(PreferenceReducer())
-    return reducers
 
 
 def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str]) -> tuple[int, int]:
@@ -136,8 +106,11 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str]) -> tup
             )
         last = i
     if done:
-        for r in reducers:
-            r.load_state_dict(states[r.name])
+        for r in reducers:  # a Reducer refuses a state of another kind or configuration; the stream position loads
+            if isinstance(r, Reducer):
+                r.load_saved(states[r.name])
+            else:
+                r.load_state_dict(states[r.name])
     return done, last + 1
 
 
@@ -147,7 +120,7 @@ def record_dataset(
     out: str | os.PathLike | None = None,
     *,
     options: RecordOptions | None = None,
-    reducers: Sequence[Reducer] | None = None,
+    reducers: Sequence[Reducer] | Recipe | None = None,
     device: str | torch.device = "cpu",
     resume: bool = False,
     overwrite: bool = False,
@@ -188,8 +161,11 @@ def record_dataset(
         options: how to record (:class:`qkhooks.options.RecordOptions`: modes, layers, attention, input,
             augmented, dtype, compression, batch_size, limit, num_workers, ...), or give the same names as
             keywords (documented there), not both.
-        reducers: streaming statistics to keep (default: top-k images per mode, anisotropy, and attention
-            preference for odd-one-out data); their states are saved under ``/reducers/<name>``.
+        reducers: streaming statistics to keep, or a recipe that builds them and the per-batch metadata they
+            read (:mod:`qkhooks.analysis.recipes`). Default: the registry's ``"default"`` recipe: top-k images
+            per mode, anisotropy, and attention preference for odd-one-out data. A list of reducers gets the
+            default recipe's metadata (odd-one-out query tokens and masks, object labels). Their states are saved
+            with their kind and configuration under ``/reducers/<name>``.
         device: where the model runs.
         resume, overwrite: what to do when ``out`` exists (neither: an error, the file untouched).
         progress: show a progress bar.
@@ -237,8 +213,11 @@ def record_dataset(
         )
     if opts.batch_size < 1 or opts.num_workers < 0:
         raise QKHooksError(f"batch size must be >= 1 and workers >= 0; got {opts.batch_size} and {opts.num_workers}.")
-    if reducers is None:
-        reducers = default_reducers(modes_value, attention_specs, has_target)
+    # The analyses' default recipe comes from the registry by name (qkhooks.analysis is imported on first need),
+    # so the core imports no analysis and a caller's own recipe replaces it whole.
+    plan = reducers if isinstance(reducers, Recipe) else recipe("default")
+    if reducers is None or isinstance(reducers, Recipe):
+        reducers = plan.reducers(modes_value, attention_specs, has_target)
     reducers = list(reducers)
     keep_inputs = opts.keep_inputs or any(r.needs_inputs for r in reducers)
 
@@ -292,7 +271,7 @@ def record_dataset(
                 batches = position.track(dataset.batches(opts.batch_size, start, hi, opts.num_workers), seen.ids)
             else:
                 batches = _loader_batches(dataset, range(start, hi), opts.batch_size, opts.num_workers, collate)
-            _loop(run, batches, net, hi - start if hi is not None else None, device, sites[0], progress, writer,
+            _loop(run, batches, net, hi - start if hi is not None else None, device, sites[0], plan, progress, writer,
                   checkpointed, opts.checkpoint_every)
         if streamed:
             skipped = position.skipped
@@ -400,7 +379,7 @@ def _loader_batches(dataset, indices, batch_size, num_workers, collate):
         yield batch, len(batch.get("id", [])) if batch is not None else 0
 
 
-def _loop(run, batches, net, total, device, site, progress, writer, checkpointed, checkpoint_every) -> None:
+def _loop(run, batches, net, total, device, site, plan, progress, writer, checkpointed, checkpoint_every) -> None:
     dtype = next(net.parameters()).dtype
     bar = tqdm(total=total, unit="img", disable=not progress, desc="record")
     try:
@@ -409,7 +388,7 @@ def _loop(run, batches, net, total, device, site, progress, writer, checkpointed
                 bar.update(read)
                 continue
             pixels = batch["pixel_values"].to(device=device, dtype=dtype, non_blocking=True)
-            meta = _mask_meta(batch, site)
+            meta = _batch_meta(batch, site, plan)
             with torch.no_grad():
                 run(pixels, ids=list(batch["id"]), meta=meta)
             if writer is not None and (step + 1) % checkpoint_every == 0:
@@ -439,7 +418,9 @@ def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_
     writer.write_static("model/info", json.dumps(info))
 
 
-def _checkpoint(writer: Any, reducers: Sequence[Reducer]) -> None:
-    """Queue one checkpoint of every reducer's state behind the batches already queued."""
+def _checkpoint(writer: Any, reducers: Sequence[Any]) -> None:
+    """Queue one checkpoint of every reducer's state (with its kind and configuration) behind the batches
+    already queued; the stream position is checkpointed alongside."""
     if reducers:
-        writer.write_checkpoint({r.name: to_numpy_state(r.state_dict()) for r in reducers})
+        writer.write_checkpoint({r.name: r.saved_state() if isinstance(r, Reducer) else to_numpy_state(r.state_dict())
+                                 for r in reducers})

@@ -46,7 +46,9 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     "store": (["qkhooks/store/*.py"], ["tests/test_store.py", "tests/test_distributed.py", "tests/test_vocabulary.py"], None),
     "stream": (["qkhooks/stream.py"], ["tests/test_store.py", "tests/test_late_decode.py"], None),
     "statistics": (
-        ["qkhooks/analysis/modes.py", "qkhooks/analysis/preference.py", "qkhooks/analysis/bfd*.py"],
+        ["qkhooks/analysis/topk.py", "qkhooks/analysis/anisotropy.py", "qkhooks/analysis/same_object.py",
+         "qkhooks/analysis/geometry.py", "qkhooks/analysis/modes.py", "qkhooks/analysis/preference.py",
+         "qkhooks/analysis/recipes.py", "qkhooks/analysis/bfd*.py"],
         ["tests/test_modes.py", "tests/test_preference.py", "tests/test_bfd.py", "tests/test_reducers.py"],
         None,
     ),

@@ -21,9 +21,6 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qkhooks"
 
-CLI_PENDING = {"qkhooks.analysis.preference", "qkhooks.analysis.modes", "qkhooks.analysis.bfd"}
-"""Library modules that still register their own commands on this branch; their commands move to qkhooks/cli/ in
-the branches "recipes" (analysis) and "bench-size" (bench). TODO(lead): empty this set at merge."""
 
 
 def _module_name(path: Path) -> str:
@@ -168,14 +165,13 @@ def _imports_anywhere(path: Path) -> set[str]:
 def test_the_library_never_imports_its_command_line():
     offenders = sorted(name for name, path in MODULES.items()
                        if not (name == "qkhooks.cli" or name.startswith("qkhooks.cli.") or name == "qkhooks.__main__")
-                       and name not in CLI_PENDING
                        and any(m == "qkhooks.cli" or m.startswith("qkhooks.cli.") for m in _imports_anywhere(path)))
     assert offenders == [], f"library modules importing qkhooks.cli: {offenders}"
 
 
 def test_only_the_command_line_imports_argparse():
     offenders = sorted(name for name, path in MODULES.items()
-                       if not name.startswith("qkhooks.cli") and name not in CLI_PENDING
+                       if not name.startswith("qkhooks.cli")
                        and "argparse" in _imports_anywhere(path))
     assert offenders == [], f"library modules importing argparse: {offenders}"
 

@@ -1,17 +1,27 @@
-"""The reducer protocol: a merge of another kind or another configuration is refused, never folded in."""
+"""The reducer protocol: a merge of another kind or another configuration is refused, never folded in; every
+reducer rebuilds from its saved state by name; the recording core imports no analysis."""
 
 from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import qkhooks
+import qkhooks.analysis  # noqa: F401  (registers qkhooks' own reducers and the default recipe)
 from qkhooks import QKHooksError
-from qkhooks.analysis.bfd_reducers import PositionMeans
+from qkhooks.analysis.anisotropy import CentreEmbeddings
+from qkhooks.analysis.bfd_reducers import BFDEnergies, PositionDecoding, PositionMeans
 from qkhooks.analysis.modes import AnisotropyReducer, TopKModes
 from qkhooks.analysis.preference import PreferenceReducer
 from qkhooks.capture import BatchCapture, LayerCapture
-from qkhooks.reducers import Reducer, to_numpy_state
+from qkhooks.reducers import _REDUCERS, DESCRIPTION_KEY, Reducer, reducer_class, to_numpy_state
+from qkhooks.spectrum import LayerSpectrum, factored_svd
+from qkhooks.store import format as fmt
 
 
 def _tokens_batch(x: torch.Tensor, offset: int = 0) -> BatchCapture:
@@ -114,3 +124,249 @@ def test_to_numpy_state_moves_tensors_and_leaves_the_rest():
     state = to_numpy_state({"sum": torch.arange(3.0), "k": 3, "name": "x"})
     assert isinstance(state["sum"], np.ndarray) and state["sum"].tolist() == [0.0, 1.0, 2.0]
     assert state["k"] == 3 and state["name"] == "x"
+
+
+# ------------------------------------------------------------------------------ self-describing reducers
+PREFIX, GRID, WIDTH, HEADS = 1, (2, 3), 4, 2
+TOKENS = PREFIX + GRID[0] * GRID[1]
+
+
+def _batches(seed: int = 0, sizes=(3, 2, 4, 3)) -> list[BatchCapture]:
+    """Batches carrying everything any reducer reads: tokens, query/key maps, attention rows, odd-one-out grids;
+    prefix and grid in the metadata as a recording puts them there."""
+    g = torch.Generator().manual_seed(seed)
+    out, offset = [], 0
+    for b in sizes:
+        x = torch.randn(b, TOKENS, WIDTH, generator=g, dtype=torch.float64)
+        q, k = torch.randn(2, b, HEADS, 3, TOKENS, generator=g).unbind(0)
+        rows = torch.rand(b, HEADS, 2, TOKENS, generator=g, dtype=torch.float64)
+        target = torch.zeros(b, *GRID)
+        target[:, 0, 0] = 1.0
+        distractor = torch.zeros(b, *GRID)
+        distractor[:, 1, 2] = 0.5 + 0.5 * torch.rand(b, generator=g)
+        layers = {0: LayerCapture(layer=0, batch_size=b, inputs=x, query=q, key=k, attention={"rows": rows})}
+        meta = {"num_prefix_tokens": PREFIX, "grid": GRID, "target_grid": target, "distractor_grid": distractor}
+        out.append(BatchCapture(ids=[str(offset + i) for i in range(b)], meta=meta, layers=layers, offset=offset))
+        offset += b
+    return out
+
+
+def _spectra() -> list[LayerSpectrum]:
+    g = torch.Generator().manual_seed(7)
+    w_q, w_k = torch.randn(2, HEADS, 2, WIDTH, generator=g, dtype=torch.float64).unbind(0)
+    u, s, v = factored_svd(w_q, w_k)
+    return [LayerSpectrum(0, u, s, v)]
+
+
+def _means() -> dict[int, torch.Tensor]:
+    return {0: torch.randn(TOKENS, WIDTH, generator=torch.Generator().manual_seed(3), dtype=torch.float64)}
+
+
+# name -> (a configured, empty reducer; what from_state needs besides the state)
+KINDS = {
+    "topk_modes": (lambda: TopKModes(k=3, map_dtype="float32"), {}),
+    "anisotropy": (lambda: AnisotropyReducer(grid=GRID), {}),
+    "anisotropy_images": (lambda: CentreEmbeddings(grid=GRID, max_images=9), {}),
+    "preference": (PreferenceReducer, {}),
+    "bfd_position_means": (lambda: PositionMeans(layers=[0]), {}),
+    "bfd_energies": (lambda: BFDEnergies(_spectra(), _means(), PREFIX, drop_prefix=True), {"spectra": _spectra()}),
+    "bfd_decoding": (lambda: PositionDecoding(_means(), GRID, PREFIX, holdout_every=3), {}),
+}
+
+
+def _assert_same_state(a: dict, b: dict, exact: bool) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = np.asarray(a[key]), np.asarray(b[key])
+        if exact or not np.issubdtype(x.dtype, np.floating):
+            assert x.dtype == y.dtype and np.array_equal(x, y), key
+        else:
+            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12, err_msg=key)
+
+
+def test_every_registered_reducer_of_qkhooks_is_covered_here():
+    ours = {name for name, cls in _REDUCERS.items() if cls.__module__.startswith("qkhooks.")}
+    assert ours == set(KINDS)
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_a_reducer_rebuilt_from_its_saved_state_continues_like_one_that_saw_everything(name, tmp_path):
+    """Half the batches, saved through a checkpoint file and rebuilt by name alone, then the other half: the
+    state equals one reducer's over all batches (the split lands mid-way, so every kind's sums must carry on)."""
+    make, context = KINDS[name]
+    batches = _batches()
+    whole = make()
+    for batch in batches:
+        whole.update(batch)
+    part = make()
+    for batch in batches[:2]:
+        part.update(batch)
+    fmt.write_checkpoint(tmp_path / "run.h5", 5, {name: part.saved_state()})
+    _, states = fmt.read_checkpoint(tmp_path / "run.h5")
+    rebuilt = Reducer.from_state(states[name], **context)
+    assert type(rebuilt) is type(whole) and rebuilt.configuration() == part.configuration()
+    for batch in batches[2:]:
+        rebuilt.update(batch)
+    _assert_same_state(rebuilt.state_dict(), whole.state_dict(), exact=name == "topk_modes")
+    assert json.loads(np.asarray(states[name][DESCRIPTION_KEY]).tobytes())["kind"] == name
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_rebuilt_parts_merge_into_the_one_pass_result(name):
+    make, context = KINDS[name]
+    batches = _batches(seed=1)
+    whole, first, second = make(), make(), make()
+    for batch in batches:
+        whole.update(batch)
+    for batch in batches[:1]:
+        first.update(batch)
+    for batch in batches[1:]:
+        second.update(batch)
+    merged = Reducer.from_state(first.saved_state())  # no context: merging needs only the saved states
+    merged.merge(Reducer.from_state(second.saved_state()))
+    _assert_same_state(merged.state_dict(), whole.state_dict(), exact=name == "topk_modes")
+
+
+def test_bfd_energies_rebuilt_without_the_models_modes_merge_but_refuse_to_update():
+    make, _ = KINDS["bfd_energies"]
+    reducer = make()
+    reducer.update(_batches()[0])
+    rebuilt = Reducer.from_state(reducer.saved_state())
+    with pytest.raises(QKHooksError, match="spectra=full_modes"):
+        rebuilt.update(_batches()[1])
+
+
+def test_a_state_saved_without_its_description_rebuilds_by_name():
+    """Run files written before reducers described themselves: the name they are saved under is enough."""
+    batches = _batches()
+    reducer = TopKModes(k=2, map_dtype="float32")
+    for batch in batches:
+        reducer.update(batch)
+    legacy = to_numpy_state(reducer.state_dict())
+    with pytest.raises(QKHooksError, match="kind=NAME"):
+        Reducer.from_state(legacy)
+    rebuilt = Reducer.from_state(legacy, kind="topk_modes")
+    assert (rebuilt.k, rebuilt.map_dtype) == (2, torch.float32)
+    _assert_same_state(rebuilt.state_dict(), reducer.state_dict(), exact=True)
+
+
+@pytest.mark.parametrize(
+    "saved, into, message",
+    [
+        (TopKModes(k=3), TopKModes(k=4), r"TopKModes state saved with k=3 \(here 4\)"),
+        (AnisotropyReducer(grid=(3, 2)), AnisotropyReducer(grid=GRID), r"grid=\(3, 2\)"),
+        (TopKModes(k=4), AnisotropyReducer(), "cannot load a saved 'topk_modes' state into a AnisotropyReducer"),
+        (PositionMeans(layers=[0, 1]), PositionMeans(layers=[0]), r"layers=\(0, 1\)"),
+    ],
+    ids=["k", "grid", "kind", "layers"],
+)
+def test_loading_a_state_of_another_kind_or_configuration_is_refused(saved, into, message):
+    """What a resume does with the reducers it is given: the saved description must match them."""
+    with pytest.raises(QKHooksError, match=message):
+        into.load_saved(saved.saved_state())
+
+
+def test_from_state_refuses_a_state_of_another_class_and_unknown_kinds():
+    with pytest.raises(QKHooksError, match="not a AnisotropyReducer"):
+        AnisotropyReducer.from_state(TopKModes(k=2).saved_state())
+    state = TopKModes(k=2).saved_state()
+    state[DESCRIPTION_KEY] = np.frombuffer(b'{"kind": "nobody", "config": {}}', dtype=np.uint8)
+    with pytest.raises(QKHooksError, match="no reducer is registered as 'nobody'"):
+        Reducer.from_state(state)
+    with pytest.raises(QKHooksError, match="no reducer is registered as 'nobody'"):
+        reducer_class("nobody")
+
+
+def test_merging_rebuilt_reducers_of_another_configuration_is_refused():
+    a = Reducer.from_state(TopKModes(k=4, num_prefix_tokens=1).saved_state())
+    with pytest.raises(QKHooksError, match="k=3"):
+        a.merge(Reducer.from_state(TopKModes(k=3, num_prefix_tokens=1).saved_state()))
+    with pytest.raises(QKHooksError, match="cannot merge a AnisotropyReducer into a TopKModes"):
+        a.merge(Reducer.from_state(AnisotropyReducer().saved_state()))
+
+
+def test_a_second_class_cannot_take_a_registered_name():
+    with pytest.raises(QKHooksError, match="two reducer classes are named 'topk_modes'"):
+        type("Impostor", (Reducer,), {"name": "topk_modes"})
+    assert reducer_class("topk_modes") is TopKModes
+
+
+# ------------------------------------------------------------------------------ the core imports no analysis
+def _imported_modules(path: Path) -> set[str]:
+    """Every module an import statement in ``path`` names, at any depth (function bodies included), and every
+    string passed to a call (``importlib.import_module("...")``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call):
+            names.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
+    return names
+
+
+@pytest.mark.parametrize("module", ["stream.py", "distributed.py"])
+def test_the_recording_core_imports_no_analysis(module):
+    path = Path(qkhooks.__file__).parent / module
+    found = sorted(n for n in _imported_modules(path) if n == "qkhooks.analysis" or n.startswith("qkhooks.analysis."))
+    assert found == [], f"{module} imports {found}"
+
+
+def test_the_analyses_do_not_import_the_command_line_at_module_level():
+    for path in sorted((Path(qkhooks.__file__).parent / "analysis").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
+        assert not any(n == "qkhooks.cli" or n.startswith("qkhooks.cli.") for n in names), path.name
+
+
+# ------------------------------------------------------------------------------------------ recipes
+class _Geometry(Reducer):
+    """Remembers the prefix count and grid each batch arrived with, and what its recipe was told."""
+
+    name = "test_geometry"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def update(self, batch: BatchCapture) -> None:
+        meta = batch.meta
+        self.seen.append((meta["num_prefix_tokens"], tuple(meta["grid"]), meta["recipe_was_given"], batch.size))
+
+    def state_dict(self) -> dict:
+        return {"batches": len(self.seen)}
+
+
+def test_a_recipe_replaces_the_default_reducers_and_metadata_and_gets_prefix_and_grid_from_the_sites(tmp_path):
+    """A 2 x 3 patch grid with CLS is 7 tokens, which a guess would read as a 2 x 2 grid with 3 prefix tokens."""
+    import timm
+
+    from qkhooks.analysis.recipes import Recipe
+    from qkhooks.stream import record_dataset
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=(64, 96), patch_size=32,
+                              embed_dim=32, depth=1, num_heads=2).eval()
+    config = qkhooks.data.ImageConfig(size=(64, 96), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    loaded = qkhooks.load_model(model, image_config=config)
+    site = qkhooks.sites(model)[0]
+    assert (site.num_prefix_tokens, tuple(site.grid_for_image(64, 96))) == (1, (2, 3))
+
+    def meta(batch, given):
+        n = len(batch["id"])
+        return {"recipe_was_given": (given["num_prefix_tokens"], tuple(given["grid"])),
+                "arrays": {"masks/probe": torch.full((n, *given["grid"]), 7, dtype=torch.int16)}}
+
+    probe = Recipe("probe", build=lambda modes, attention, has_target: [_Geometry()], meta=meta)
+    result = record_dataset(loaded, "o3:5:1", tmp_path / "run.h5", modes=2, reducers=probe, batch_size=2,
+                            progress=False)
+    [reducer] = result.reducers
+    assert isinstance(reducer, _Geometry)
+    assert reducer.seen == [(1, (2, 3), (1, (2, 3)), b) for b in (2, 2, 1)]
+    with qkhooks.open_run(tmp_path / "run.h5") as run:
+        assert run.config["reducers"] == ["test_geometry"] and run.states() == ["test_geometry"]
+        assert run.array("masks/probe")[:].tolist() == [[[7] * 3] * 2] * 5
+        assert not run.has("masks/target")  # the recipe's metadata replaced the default one whole

@@ -158,6 +158,7 @@ class PositionMeans(Reducer):
 
 
 # ============================================================================================ pass 2
+_CONSTANTS = ("P", "sigma", "gq_pos", "gk_pos", "q_mean", "k_mean")
 _ENERGY_STATS = ("images", "gq_c", "gk_c", "cc", "total", "mode_cc", "mode_total", "content_ss", "content_sum")
 
 
@@ -200,30 +201,52 @@ class BFDEnergies(Reducer):
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
         self._work: dict[int, dict[str, torch.Tensor]] = {}  # the same constants, on the tokens' device
         for spec in spectra:
-            if spec.augmented:
-                raise QKHooksError("BFD uses the bias-free form W_q^T W_k: pass spectra with augmented=False.")
             if spec.layer not in means:
                 raise QKHooksError(f"no position means for layer {spec.layer}: run pass 1 over the same layers.")
-            p = means[spec.layer].to(torch.float64)[start:]
-            u, s, v = (t.to(torch.float64).cpu() for t in (spec.U, spec.S, spec.V))
-            h, d, k = u.shape
-            if p.dim() != 2 or p.shape[1] != d:
-                raise QKHooksError(f"layer {spec.layer}: position means of shape {tuple(p.shape)} do not fit width {d}.")
-            u_all, v_all = u.permute(1, 0, 2).reshape(d, h * k), v.permute(1, 0, 2).reshape(d, h * k)
-            qp, kp = (p @ u_all).view(-1, h, k).transpose(0, 1), (p @ v_all).view(-1, h, k).transpose(0, 1)  # (H, N, K)
-            qpt, kpt = qp - qp.mean(1, keepdim=True), kp - kp.mean(1, keepdim=True)  # maps of P - mu
-            self.constants[spec.layer] = {
-                "P": p, "sigma": s,
-                "gq_pos": qpt.transpose(1, 2) @ qpt, "gk_pos": kpt.transpose(1, 2) @ kpt,
-                "q_mean": qp.mean(1), "k_mean": kp.mean(1),
-            }
-            self._work[spec.layer] = {"P": p, "U": u_all, "V": v_all, "qp": qp, "kp": kp,
-                                      "ss": s[:, :, None] * s[:, None, :]}
-            n = p.shape[0]
-            z = lambda *shape: torch.zeros(shape, dtype=dtype)  # noqa: E731
-            self.stats[spec.layer] = {"images": z(), "gq_c": z(h, k, k), "gk_c": z(h, k, k), "cc": z(h),
-                                      "total": z(h), "mode_cc": z(h, k), "mode_total": z(h, k),
-                                      "content_ss": z(), "content_sum": z(n, d)}
+            self._set_up(spec, means[spec.layer].to(torch.float64)[start:])
+
+    def _set_up(self, spec: LayerSpectrum, p: torch.Tensor) -> None:
+        """One layer's constants and empty sums from its modes and its position factor P (the tokens used)."""
+        if spec.augmented:
+            raise QKHooksError("BFD uses the bias-free form W_q^T W_k: pass spectra with augmented=False.")
+        u, s, v = (t.to(torch.float64).cpu() for t in (spec.U, spec.S, spec.V))
+        h, d, k = u.shape
+        if p.dim() != 2 or p.shape[1] != d:
+            raise QKHooksError(f"layer {spec.layer}: position means of shape {tuple(p.shape)} do not fit width {d}.")
+        u_all, v_all = u.permute(1, 0, 2).reshape(d, h * k), v.permute(1, 0, 2).reshape(d, h * k)
+        qp, kp = (p @ u_all).view(-1, h, k).transpose(0, 1), (p @ v_all).view(-1, h, k).transpose(0, 1)  # (H, N, K)
+        qpt, kpt = qp - qp.mean(1, keepdim=True), kp - kp.mean(1, keepdim=True)  # maps of P - mu
+        self.constants[spec.layer] = {
+            "P": p, "sigma": s,
+            "gq_pos": qpt.transpose(1, 2) @ qpt, "gk_pos": kpt.transpose(1, 2) @ kpt,
+            "q_mean": qp.mean(1), "k_mean": kp.mean(1),
+        }
+        self._work[spec.layer] = {"P": p, "U": u_all, "V": v_all, "qp": qp, "kp": kp, "ss": s[:, :, None] * s[:, None, :]}
+        n = p.shape[0]
+        z = lambda *shape: torch.zeros(shape, dtype=self.dtype)  # noqa: E731
+        self.stats[spec.layer] = {"images": z(), "gq_c": z(h, k, k), "gk_c": z(h, k, k), "cc": z(h),
+                                  "total": z(h), "mode_cc": z(h, k), "mode_total": z(h, k),
+                                  "content_ss": z(), "content_sum": z(n, d)}
+
+    @classmethod
+    def _from_configuration(cls, config: Mapping[str, Any], state: Mapping[str, Any],
+                            spectra: Sequence[LayerSpectrum] | None = None) -> "BFDEnergies":
+        """From a saved state, which holds P and sigma but not the singular vectors (they are the model's): without
+        ``spectra`` (:func:`full_modes`) the reducer merges and reports but cannot update."""
+        reducer = cls.__new__(cls)
+        reducer.dtype = config.get("dtype", torch.float64)
+        reducer.num_prefix_tokens = int(config.get("num_prefix_tokens", 0))
+        reducer.drop_prefix = bool(config.get("drop_prefix", False))
+        reducer.layers = _state_layers(state)
+        reducer.constants, reducer.stats, reducer._work = {}, {}, {}
+        modes = {spec.layer: spec for spec in spectra or []}
+        for layer in reducer.layers:
+            saved = layer_state(state, layer)
+            if layer in modes:
+                reducer._set_up(modes[layer], torch.as_tensor(saved["P"], dtype=torch.float64))
+            else:
+                reducer.constants[layer] = {key: torch.as_tensor(saved[key]) for key in _CONSTANTS}
+        return reducer
 
     def _on(self, layer: int, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         work, st = self._work[layer], self.stats[layer]
@@ -236,8 +259,13 @@ class BFDEnergies(Reducer):
     def update(self, batch: BatchCapture) -> None:
         start = self.num_prefix_tokens if self.drop_prefix else 0
         for layer, cap in batch.captures.items():
-            if layer not in self._work:
+            if layer not in self.layers:
                 continue
+            if layer not in self._work:
+                raise QKHooksError(
+                    f"this BFDEnergies was rebuilt from a saved state without the model's modes of layer {layer}, so "
+                    "it can merge and report but not update; pass spectra=full_modes(model) to BFDEnergies.from_state."
+                )
             x = _inputs(cap, "BFDEnergies")
             w, st = self._on(layer, x.device)
             x = x[:, start:].to(self.dtype)
@@ -344,11 +372,15 @@ class PositionDecoding(Reducer):
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.holdout_every = int(holdout_every)
         self.dtype = dtype
-        self.layers = sorted(means)
+        self._set_up({l: means[l].to(torch.float64)[self.num_prefix_tokens :] for l in sorted(means)})
+
+    def _set_up(self, patch_positions: Mapping[int, torch.Tensor]) -> None:
+        """Empty sums for every layer of ``patch_positions`` (layer -> P over the patch tokens)."""
+        self.layers = sorted(patch_positions)
         self.patch_positions: dict[int, torch.Tensor] = {}
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
         for layer in self.layers:
-            p = means[layer].to(torch.float64)[self.num_prefix_tokens :]
+            p = patch_positions[layer]
             if p.shape[0] != self.grid[0] * self.grid[1]:
                 raise QKHooksError(
                     f"layer {layer}: {p.shape[0]} patch tokens do not fill the grid {self.grid}; pass the right grid "
@@ -356,8 +388,19 @@ class PositionDecoding(Reducer):
                 )
             t, d = p.shape
             self.patch_positions[layer] = p
-            self.stats[layer] = {"images": torch.zeros(2, dtype=dtype), "xtx": torch.zeros(2, d, d, dtype=dtype),
-                                 "sums": torch.zeros(2, t, d, dtype=dtype)}
+            self.stats[layer] = {"images": torch.zeros(2, dtype=self.dtype), "xtx": torch.zeros(2, d, d, dtype=self.dtype),
+                                 "sums": torch.zeros(2, t, d, dtype=self.dtype)}
+
+    @classmethod
+    def _from_configuration(cls, config: Mapping[str, Any], state: Mapping[str, Any]) -> "PositionDecoding":
+        """From a saved state, whose patch positions stand in for the pass-1 means."""
+        reducer = cls.__new__(cls)
+        reducer.grid = tuple(int(g) for g in config["grid"])
+        reducer.num_prefix_tokens = int(config["num_prefix_tokens"])
+        reducer.holdout_every = int(config["holdout_every"])
+        reducer.dtype = config.get("dtype", torch.float64)
+        reducer._set_up({l: torch.as_tensor(layer_state(state, l)["P"], dtype=torch.float64) for l in _state_layers(state)})
+        return reducer
 
     def update(self, batch: BatchCapture) -> None:
         for layer, cap in batch.captures.items():

@@ -22,7 +22,6 @@ Three ways in, one table out:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -32,8 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from qkhooks.cli import command
-from qkhooks.errors import QKHooksError, writable_dir
+from qkhooks.errors import QKHooksError
 from qkhooks.data.masks import first_argmax
 from qkhooks.reducers import Reducer
 
@@ -253,10 +251,16 @@ class PreferenceReducer(Reducer):
             )
         t_grid, d_grid = batch.meta["target_grid"], batch.meta["distractor_grid"]
         patches = int(t_grid.shape[-2] * t_grid.shape[-1])
+        given = batch.meta.get("num_prefix_tokens")  # from the sites, when a recording made the batch
         for layer, rows in sorted(layers.items()):
             prefix = int(rows.shape[-1]) - patches
             if prefix < 0:
                 raise QKHooksError(f"layer {layer}: {rows.shape[-1]} tokens cannot hold a {tuple(t_grid.shape[-2:])} grid.")
+            if given is not None and int(given) != prefix:
+                raise QKHooksError(
+                    f"layer {layer}: {rows.shape[-1]} tokens with a {tuple(t_grid.shape[-2:])} mask grid leave {prefix} "
+                    f"prefix tokens, but the model has {int(given)}; build the masks on the model's patch grid."
+                )
             if self.num_prefix_tokens is None:
                 self.num_prefix_tokens = prefix
             self._fold(layer, preference_from_rows(rows, t_grid, d_grid, prefix))
@@ -551,21 +555,3 @@ def format_table(table: dict[str, Any]) -> str:
         cells = [f"{table[g]['mean'][i]:.3f} ± {table[g]['std'][i]:.3f}" for g in GROUPS]
         lines.append(f"{layer:>5}  " + "  ".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="a run file recorded on odd-one-out data (o3:N or o3dir:DIR) with --attention rows")
-    p.add_argument("--out", required=True, help="folder for preference.csv, preference.json, preference.png")
-
-
-@command("analyze preference", "attention to same object / other objects / background on odd-one-out images (Fig. 2)")(_args)
-def run_preference(args: argparse.Namespace) -> int:
-    writable_dir(args.out, "--out folder")
-    result = analyze_preference(args.run, args.out)
-    print(format_table(result))
-    if not result["complete"]:
-        print(f"note: {args.run} is incomplete (the recording stopped early); the table covers its "
-              f"{result['num_images']} committed images.")
-    print("wrote " + ", ".join(result["files"].values()))
-    return 0

@@ -33,9 +33,8 @@ COMMAND_MODULES = (
     "qkhooks.cli.spectrum",
     "qkhooks.cli.record",
     "qkhooks.cli.run_files",
-    "qkhooks.analysis.preference",  # TODO(lead): becomes qkhooks.cli.analyze (branch recipes)
-    "qkhooks.analysis.modes",  # TODO(lead): becomes qkhooks.cli.analyze (branch recipes)
-    "qkhooks.analysis.bfd",  # TODO(lead): becomes qkhooks.cli.bfd (branch recipes)
+    "qkhooks.cli.analyze",
+    "qkhooks.cli.bfd",
     "qkhooks.cli.report",
     "qkhooks.cli.bench",
 )

@@ -1,0 +1,238 @@
+"""The anisotropy baseline (Pan et al. Fig. S3; METHODS A.7): how alike different images' centre patches are.
+
+:class:`AnisotropyReducer` streams, per layer, the mean cosine between the centre-patch embeddings of
+different images; :func:`relative_cosine` subtracts it from the modes' cosines; :class:`CentreEmbeddings`
+keeps the embeddings themselves for a bootstrap interval (:func:`anisotropy_interval`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from qkhooks.capture import BatchCapture
+from qkhooks.errors import QKHooksError
+from qkhooks.reducers import Reducer
+from qkhooks.spectrum import head_weighted_cosines
+from qkhooks.analysis.geometry import grid_of, resolve_prefix
+
+__all__ = ["AnisotropyReducer", "CentreEmbeddings", "anisotropy_interval", "anisotropy_from_state",
+           "relative_cosine", "anisotropy_table"]
+
+
+class AnisotropyReducer(Reducer):
+    """Per layer, the mean cosine between the centre-patch embeddings of different images (Fig. S3 baseline).
+
+    With unit vectors z_i and s = sum_i z_i, the mean over ordered pairs i != j of z_i·z_j is
+    (|s|^2 - n) / (n (n - 1)), so the state is s (float64, d) and n per layer: memory O(layers x d), exact
+    merge by addition. The embeddings are what the recording hands to the modes (``cap.inputs``: the normed
+    input of W_q/W_k by default, the residual stream with ``input="residual"``). Zero vectors are skipped.
+
+    Args:
+        num_prefix_tokens: as in :class:`TopKModes`.
+        grid: the patch grid (rows, cols); None reads ``batch.meta["grid"]`` or assumes a square grid.
+            The centre token is ``prefix + (rows // 2) * cols + cols // 2`` (the same one ``qkhooks record``
+            uses for attention rows).
+    """
+
+    name = "anisotropy"
+    needs_inputs = True
+
+    def __init__(self, num_prefix_tokens: int | None = None, grid: tuple[int, int] | None = None):
+        self.num_prefix_tokens = None if num_prefix_tokens is None else int(num_prefix_tokens)
+        self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
+        self.sums: dict[int, torch.Tensor] = {}
+        self.count: dict[int, int] = {}
+
+    def __repr__(self) -> str:
+        return f"AnisotropyReducer(layers={sorted(self.sums)}, images={max(self.count.values(), default=0)})"
+
+    def centre_token(self, num_tokens: int, meta: Mapping[str, Any] | None = None) -> int:
+        """Index of the centre patch token in a sequence of ``num_tokens``."""
+        meta = meta or {}
+        prefix = resolve_prefix(self.num_prefix_tokens, meta, num_tokens)
+        rows, cols = grid_of(num_tokens - prefix, self.grid or meta.get("grid"))
+        return prefix + (rows // 2) * cols + cols // 2
+
+    def update(self, batch: BatchCapture) -> None:
+        """Fold one batch: every layer whose tokens were kept."""
+        layers = {l: c.inputs for l, c in batch.captures.items() if c.inputs is not None}
+        if not layers:
+            raise QKHooksError("AnisotropyReducer needs the captured tokens: record with keep_inputs=True.")
+        for layer, x in sorted(layers.items()):
+            if x.dim() != 3:
+                raise QKHooksError(f"layer {layer}: tokens must be (batch, tokens, dim), got {tuple(x.shape)}.")
+            centre = self.centre_token(int(x.shape[1]), batch.meta)
+            if self.num_prefix_tokens is None:
+                self.num_prefix_tokens = resolve_prefix(None, batch.meta, int(x.shape[1]))
+            dtype = torch.float32 if x.device.type == "mps" else torch.float64
+            z = x[:, centre].to(dtype)
+            norm = z.norm(dim=-1, keepdim=True)
+            ok = norm.squeeze(-1) > 0
+            part = (z / norm.clamp_min(torch.finfo(dtype).tiny))[ok].sum(0)
+            if layer in self.sums:
+                if self.sums[layer].shape != part.shape:
+                    raise QKHooksError(f"layer {layer}: width {part.shape[0]} differs from the earlier {self.sums[layer].shape[0]}.")
+                self.sums[layer] = self.sums[layer].to(part.device, part.dtype) + part
+                self.count[layer] += int(ok.sum())
+            else:
+                self.sums[layer], self.count[layer] = part, int(ok.sum())
+
+    def merge(self, other: Reducer) -> None:
+        """Fold a reducer that saw a disjoint set of images."""
+        self._check_same_kind(other)
+        assert isinstance(other, AnisotropyReducer)
+        for layer, s in other.sums.items():
+            if layer in self.sums:
+                if self.sums[layer].shape != s.shape:
+                    raise QKHooksError(f"cannot merge anisotropy reducers of different widths at layer {layer}.")
+                self.sums[layer] = self.sums[layer] + s.to(self.sums[layer].device, self.sums[layer].dtype)
+                self.count[layer] += other.count[layer]
+            else:
+                self.sums[layer], self.count[layer] = s.clone(), other.count[layer]
+        if self.num_prefix_tokens is None:
+            self.num_prefix_tokens = other.num_prefix_tokens
+
+    def baselines(self) -> dict[int, float]:
+        """Layer -> mean pairwise cosine (NaN with fewer than 2 images)."""
+        return anisotropy_from_state(self.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        layers = sorted(self.sums)
+        widths = {int(self.sums[l].shape[0]) for l in layers}
+        if len(widths) > 1:
+            raise QKHooksError(f"AnisotropyReducer.state_dict needs one width in every layer, got {sorted(widths)}.")
+        return {
+            "layers": np.asarray(layers, dtype=np.int64),
+            "count": np.asarray([self.count[l] for l in layers], dtype=np.int64),
+            "sum": np.stack([self.sums[l].detach().double().cpu().numpy() for l in layers]) if layers else np.zeros((0, 0)),
+            "num_prefix_tokens": -1 if self.num_prefix_tokens is None else int(self.num_prefix_tokens),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = [k for k in ("layers", "count", "sum") if k not in state]
+        if missing:
+            raise QKHooksError(f"not an AnisotropyReducer state: missing {missing}.")
+        layers = [int(l) for l in np.asarray(state["layers"]).reshape(-1)]
+        counts = np.asarray(state["count"]).reshape(-1)
+        self.sums = {l: torch.as_tensor(np.asarray(state["sum"][i], dtype=np.float64)) for i, l in enumerate(layers)}
+        self.count = {l: int(c) for l, c in zip(layers, counts)}
+        prefix = int(np.asarray(state.get("num_prefix_tokens", -1)))
+        self.num_prefix_tokens = None if prefix < 0 else prefix
+
+
+class CentreEmbeddings(AnisotropyReducer):
+    """The unit centre-patch embeddings of each image, per layer: what the anisotropy baseline averages, kept
+    so that its uncertainty over images can be measured (:func:`anisotropy_interval`).
+
+    Keeps the first ``max_images`` images (float32, images x layers x d: 2048 x 12 x 384 is 38 MB); the
+    baseline itself comes from :class:`AnisotropyReducer`, which sees every image.
+    """
+
+    name = "anisotropy_images"
+
+    def __init__(self, num_prefix_tokens: int | None = None, grid: tuple[int, int] | None = None, max_images: int = 2048):
+        super().__init__(num_prefix_tokens, grid)
+        self.max_images = int(max_images)
+        self.vectors: dict[int, list[np.ndarray]] = {}
+
+    def __repr__(self) -> str:
+        return f"CentreEmbeddings(layers={sorted(self.vectors)}, images={self._images()})"
+
+    def _images(self) -> int:
+        return max((sum(len(v) for v in vs) for vs in self.vectors.values()), default=0)
+
+    def update(self, batch: BatchCapture) -> None:
+        room = self.max_images - self._images()
+        if room <= 0:
+            return
+        for layer, x in sorted((l, c.inputs) for l, c in batch.captures.items() if c.inputs is not None):
+            centre = self.centre_token(int(x.shape[1]), batch.meta)
+            z = x[:room, centre].double()
+            z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+            self.vectors.setdefault(layer, []).append(z.float().cpu().numpy())
+
+    def merge(self, other: Reducer) -> None:
+        """Append a reducer of the images after this one's, keeping the first ``max_images`` as one pass would."""
+        self._check_same_kind(other)
+        assert isinstance(other, CentreEmbeddings)
+        for layer, vs in other.vectors.items():
+            kept = np.concatenate(self.vectors.get(layer, []) + list(vs))[: self.max_images]
+            self.vectors[layer] = [kept]
+
+    def state_dict(self) -> dict[str, Any]:
+        layers = sorted(self.vectors)
+        return {"layers": np.asarray(layers, dtype=np.int64),
+                "vectors": np.stack([np.concatenate(self.vectors[l]) for l in layers], 1) if layers
+                else np.zeros((0, 0, 0), np.float32)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        vectors = np.asarray(state["vectors"])
+        self.vectors = {int(l): [vectors[:, i]] for i, l in enumerate(np.asarray(state["layers"]).reshape(-1))}
+
+
+def anisotropy_interval(vectors: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean cosine between different images' unit vectors (n, d), with a 95% bootstrap interval over images.
+
+    A resample with counts c_i uses the pairs of different images only: (c'Gc - sum c_i^2) / (n^2 - sum c_i^2),
+    G the Gram matrix (unit diagonal), so an image drawn twice is never compared with itself.
+    """
+    z = np.asarray(vectors, dtype=np.float64)
+    n = z.shape[0]
+    if n < 2:
+        return math.nan, math.nan, math.nan
+    G = z @ z.T
+    value = float((G.sum() - np.trace(G)) / (n * (n - 1)))
+    if n < 3:
+        return value, math.nan, math.nan
+    c = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=n_boot).astype(np.float64)
+    sq = (c**2).sum(1)
+    boot = (np.einsum("bi,ij,bj->b", c, G, c) - (c**2 * np.diag(G)).sum(1)) / np.maximum(n * n - sq, 1)
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return value, float(low), float(high)
+
+
+def anisotropy_from_state(state: Mapping[str, Any]) -> dict[int, float]:
+    """Layer -> mean cosine between centre-patch embeddings of different images, from a saved state."""
+    out: dict[int, float] = {}
+    sums = np.asarray(state["sum"], dtype=np.float64)
+    for i, (layer, n) in enumerate(zip(np.asarray(state["layers"]).reshape(-1), np.asarray(state["count"]).reshape(-1))):
+        n = int(n)
+        out[int(layer)] = float((sums[i] @ sums[i] - n) / (n * (n - 1))) if n >= 2 else math.nan
+    return out
+
+
+def relative_cosine(cos: Any, baseline: Any) -> np.ndarray:
+    """Mode cosines minus the layer's anisotropy baseline (Fig. S3): ``cos`` (..., H, K), baseline broadcast."""
+    return np.asarray(cos, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+
+
+def _weighted_cos(S: np.ndarray, cos: np.ndarray) -> float:
+    """Mean over heads of each head's sigma-weighted *sum* of cosines (paper's formula, METHODS A.2/A.7):
+    ``LayerSpectrum.cosine_weighted.mean()`` from S and cos alone (tests check the two agree on a run)."""
+    return float(head_weighted_cosines(S, cos).mean())
+
+
+def anisotropy_table(spectra: Mapping[int, Mapping[str, Any]], baselines: Mapping[int, float]) -> dict[str, Any]:
+    """Per layer: baseline, sigma-weighted cosine and its relative value; per mode: relative cosine.
+
+    Args:
+        spectra: layer -> {"S": (H, K), "cos": (H, K)} of the stored modes, plus "S_all", "cos_all" (H, d_k)
+            of every mode where the run has them: the weighted cosine is then over all modes, as in Fig. 3 and
+            ``qkhooks spectrum``, otherwise over the K stored ones. Per-mode rows are the stored modes.
+        baselines: layer -> anisotropy baseline.
+    """
+    layers = [l for l in sorted(spectra) if l in baselines]
+    rows = []
+    for layer in layers:
+        S, cos = np.asarray(spectra[layer]["S"], np.float64), np.asarray(spectra[layer]["cos"], np.float64)
+        base = float(baselines[layer])
+        every = "S_all" in spectra[layer] and "cos_all" in spectra[layer]
+        weighted = _weighted_cos(*(np.asarray(spectra[layer][k], np.float64) for k in ("S_all", "cos_all"))) if every \
+            else _weighted_cos(S, cos)
+        rows.append({"layer": layer, "baseline": base, "cos_weighted": weighted, "relative_cos_weighted": weighted - base,
+                     "relative_cos": relative_cosine(cos, base).tolist(), "cos": cos.tolist(), "S": S.tolist()})
+    return {"layers": layers, "rows": rows}

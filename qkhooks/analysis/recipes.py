@@ -1,0 +1,65 @@
+"""Recipes: which streaming statistics a recording keeps, and what they need from each batch of the dataset.
+
+The recording core (:func:`qkhooks.stream.record_dataset`, the distributed merge) knows no analysis: it takes
+a recipe (``record_dataset(..., reducers=recipe)``) or a list of reducers, and asks the registry for the
+recipe named ``"default"`` (this module's :data:`DEFAULT`) when given neither. A recipe
+(:class:`qkhooks.reducers.Recipe`, re-exported here)
+
+- builds the reducers for the recording's options (:meth:`Recipe.reducers`), and
+- turns a dataset batch's extras into batch metadata (:meth:`Recipe.batch_meta`): odd-one-out masks become
+  the query tokens, pool masks and patch-grid masks the attention capture and :class:`PreferenceReducer`
+  read; instance masks become per-patch object labels. The model's prefix-token count and patch grid arrive
+  in ``meta``, from the attention sites (their one source), and are never guessed here.
+
+Arrays returned under ``"arrays"`` are stored per image in the run file (``masks/target``,
+``masks/distractor``, ``masks/objects``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from qkhooks.analysis.anisotropy import AnisotropyReducer
+from qkhooks.analysis.preference import PreferenceReducer, odd_one_out_meta
+from qkhooks.analysis.topk import TopKModes
+from qkhooks.reducers import Recipe, Reducer, register_recipe
+
+__all__ = ["Recipe", "DEFAULT", "default_reducers", "dataset_meta"]
+
+
+def default_reducers(modes: Any, attention: Sequence[Any], has_target: bool) -> list[Reducer]:
+    """The streaming statistics a plain ``qkhooks record`` keeps: top-k images per mode (when modes are
+    recorded), the anisotropy baseline, and attention preference (odd-one-out data with attention rows)."""
+    reducers: list[Reducer] = []
+    if modes is not None:
+        reducers.append(TopKModes())
+    reducers.append(AnisotropyReducer())
+    if has_target and any(s.kind == "rows" for s in attention):
+        reducers.append(PreferenceReducer())
+    return reducers
+
+
+def dataset_meta(batch: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Batch metadata from a collated dataset batch's masks (see the module docstring); ``meta`` holds the
+    model's ``num_prefix_tokens`` and the ``grid`` of this input size."""
+    from qkhooks.data.masks import majority_labels
+
+    grid, prefix = meta["grid"], meta["num_prefix_tokens"]
+    out: dict[str, Any] = {}
+    arrays: dict[str, torch.Tensor] = {}
+    if "target" in batch and "distractor" in batch:
+        odd = odd_one_out_meta(batch["target"], batch["distractor"], grid, prefix)
+        out.update(odd)
+        arrays["masks/target"] = odd["target_grid"]
+        arrays["masks/distractor"] = odd["distractor_grid"]
+    if "objects" in batch:
+        arrays["masks/objects"] = torch.stack([majority_labels(obj, grid) for obj in batch["objects"]])
+    if arrays:
+        out["arrays"] = arrays
+    return out
+
+
+DEFAULT = register_recipe(Recipe("default", build=default_reducers, meta=dataset_meta))
+"""What ``record_dataset(model, data, out)`` and ``qkhooks record`` keep when given no reducers."""

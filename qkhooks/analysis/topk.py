@@ -1,0 +1,314 @@
+"""Top-k images per QK mode (Pan et al. Fig. 4; METHODS A.3, A.6): a streaming, exactly mergeable reducer.
+
+For mode n of a head, an image's query map is x·u_n and its key map x·v_n over its tokens. The paper ranks
+images by the largest attention the mode can induce in them,
+
+    score = max(0, max_t q_t) * max(0, max_t k_t)          (t over patch tokens; prefix tokens dropped)
+
+and, since the SVD fixes (u_n, v_n) only up to a joint sign, ranks the flipped pair (-u_n, -v_n) too:
+``sign -1`` scores the maps (-q, -k). Ties go to the lower image index, so results never depend on the
+batching, the device or the order in which partial results are merged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from qkhooks.capture import BatchCapture
+from qkhooks.errors import QKHooksError
+from qkhooks.reducers import Reducer
+from qkhooks.analysis.geometry import resolve_prefix
+
+__all__ = ["TopKModes", "signed_scores", "layer_state", "top_images", "SIGNS"]
+
+SIGNS: tuple[int, int] = (1, -1)
+"""Sign axis of the top-k state: index 0 ranks (u_n, v_n), index 1 ranks (-u_n, -v_n)."""
+
+
+def signed_scores(query: torch.Tensor, key: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Ranking scores (B, H, K, 2) of both signs from maps (B, H, K, N), in float32 (float64 stays).
+
+    Sign +1: max(0, max_t q) * max(0, max_t k); sign -1: the same for (-q, -k), i.e. max(0, -min q) *
+    max(0, -min k). Only patch tokens (t >= num_prefix_tokens) count. NaN scores become -inf (never kept).
+    """
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    q_min, q_max = _token_extremes(query[..., num_prefix_tokens:])
+    k_min, k_max = _token_extremes(key[..., num_prefix_tokens:])
+    q_min, q_max, k_min, k_max = (t.to(dtype) for t in (q_min, q_max, k_min, k_max))
+    plus = q_max.clamp_min(0) * k_max.clamp_min(0)
+    minus = (-q_min).clamp_min(0) * (-k_min).clamp_min(0)
+    out = torch.stack([plus, minus], dim=-1)
+    return torch.nan_to_num(out, nan=-math.inf)
+
+
+def _token_extremes(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over the last (token) axis. Maps from the q/k path are transposed views whose token axis is
+    strided; reducing a contiguous copy is ~8x faster on the CPU than reducing the view (and than aminmax)."""
+    maps = maps.contiguous()
+    return maps.amin(-1), maps.amax(-1)
+
+
+def _rank(score: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the first ``k`` entries along the last axis by (score descending, index ascending).
+
+    Two stable sorts make the order total and backend-independent (torch.topk breaks ties arbitrarily).
+    """
+    by_index = torch.argsort(index, dim=-1, stable=True)
+    by_score = torch.argsort(score.gather(-1, by_index), dim=-1, descending=True, stable=True)
+    return by_index.gather(-1, by_score)[..., :k]
+
+
+def _take(values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``values`` (..., M) or (..., M, N) gathered at positions ``pos`` (..., k) along M."""
+    if values.dim() == pos.dim():
+        return values.gather(-1, pos)
+    # Whole rows of N: one index_select of contiguous rows, not an element-wise gather (same values, faster).
+    *lead, m, n = values.shape
+    rows = values.reshape(-1, m, n)
+    flat = (pos.reshape(rows.shape[0], -1) + m * torch.arange(rows.shape[0], device=pos.device)[:, None]).flatten()
+    return rows.reshape(-1, n).index_select(0, flat).view(*pos.shape, n)
+
+
+# -------------------------------------------------------------------------------------- top-k reducer
+class TopKModes(Reducer):
+    """Streaming top-k images per (layer, head, mode, sign) by the paper's ranking score.
+
+    State per layer, kept on the maps' device while streaming (sign axis: 0 = (u, v), 1 = (-u, -v)):
+
+    - ``score`` (H, K, 2, k) float32, decreasing; ``-inf`` marks an empty slot (fewer than k images seen);
+    - ``index`` (H, K, 2, k) int64 global image index (``batch.offset + i``; -1 for an empty slot);
+    - ``query``, ``key`` (H, K, 2, k, N): the maps of the kept images over all tokens, already multiplied by
+      the sign, so they are exactly the maps of the ranked (signed) mode; stored in ``map_dtype``.
+
+    Each batch is first cut to its own top-k, then merged with the state by one total order (score
+    descending, then lower image index), so memory is independent of the dataset size and any split of the
+    images, merged in any order, gives the one-pass result exactly.
+
+    Args:
+        k: images kept per (layer, head, mode, sign).
+        num_prefix_tokens: tokens before the patches; None reads ``batch.meta["num_prefix_tokens"]`` and
+            falls back to :func:`infer_prefix_tokens`.
+        map_dtype: storage dtype of the kept maps (float16 halves the run file's reducer state).
+    """
+
+    name = "topk_modes"
+    needs_modes = True
+    image_index_fields = ("index",)
+
+    def __init__(self, k: int = 8, num_prefix_tokens: int | None = None, map_dtype: str | torch.dtype = "float16"):
+        if int(k) < 1:
+            raise QKHooksError(f"TopKModes needs k >= 1 images per mode, got k={k}.")
+        self.k = int(k)
+        self.num_prefix_tokens = None if num_prefix_tokens is None else int(num_prefix_tokens)
+        self.map_dtype = getattr(torch, map_dtype, None) if isinstance(map_dtype, str) else map_dtype
+        if self.map_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise QKHooksError(f"map_dtype must be a float dtype such as 'float16' or 'float32', got {map_dtype!r}.")
+        self.layers: dict[int, dict[str, torch.Tensor]] = {}
+        self.images = 0
+
+    def __repr__(self) -> str:
+        return f"TopKModes(k={self.k}, layers={sorted(self.layers)}, images={self.images})"
+
+    # ---------------------------------------------------------------- streaming
+    def _empty(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, h, m, n = like.shape
+        dev = like.device
+        return {
+            "score": torch.full((h, m, 2, self.k), -math.inf, dtype=torch.float32, device=dev),
+            "index": torch.full((h, m, 2, self.k), -1, dtype=torch.int64, device=dev),
+            "query": torch.zeros((h, m, 2, self.k, n), dtype=self.map_dtype, device=dev),
+            "key": torch.zeros((h, m, 2, self.k, n), dtype=self.map_dtype, device=dev),
+        }
+
+    def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dev = a["score"].device
+        both = {name: torch.cat([a[name], b[name].to(dev, a[name].dtype)], dim=3) for name in a}
+        pos = _rank(both["score"], both["index"], self.k)
+        return {name: _take(value, pos) for name, value in both.items()}
+
+    def _fold(self, layer: int, query: torch.Tensor, key: torch.Tensor, offset: int, prefix: int) -> None:
+        if query.dim() != 4 or key.shape != query.shape:
+            raise QKHooksError(
+                f"layer {layer}: query/key maps must both be (batch, heads, modes, tokens), got "
+                f"{tuple(query.shape)} and {tuple(key.shape)}."
+            )
+        b, h, m, n = query.shape
+        state = self.layers.get(layer)
+        if state is None:
+            state = self.layers[layer] = self._empty(query)
+        if state["score"].device != query.device:  # a restored (CPU) state follows the maps to their device
+            state = self.layers[layer] = {name: v.to(query.device) for name, v in state.items()}
+        if state["query"].shape[:2] != (h, m) or state["query"].shape[-1] != n:
+            raise QKHooksError(
+                f"layer {layer}: maps of shape (heads={h}, modes={m}, tokens={n}) do not match the earlier "
+                f"{tuple(state['query'].shape[:2])} x {state['query'].shape[-1]} tokens; keep one model, mode count "
+                "and image size per reducer."
+            )
+        score = signed_scores(query, key, prefix).float().permute(1, 2, 3, 0)  # (H, K, 2, B), ranked as stored
+        index = (int(offset) + torch.arange(b, device=score.device)).expand_as(score)
+        pos = _rank(score, index, min(self.k, b))  # the batch's own top-k first: never gather B maps
+        sign = torch.tensor(SIGNS, device=query.device, dtype=self.map_dtype).view(1, 1, 2, 1, 1)
+
+        def maps(x: torch.Tensor) -> torch.Tensor:  # both signs pick from the same B maps: no expanded copy
+            per = x.permute(1, 2, 0, 3)  # (H, K, B, N)
+            return _take(per, pos.reshape(h, m, -1)).view(h, m, 2, -1, n).to(self.map_dtype) * sign
+
+        cand = {"score": score.gather(-1, pos), "index": index.gather(-1, pos), "query": maps(query), "key": maps(key)}
+        self.layers[layer] = self._combine(state, cand)
+
+    def update(self, batch: BatchCapture) -> None:
+        """Fold one batch: every layer that has query/key maps."""
+        layers = {l: c for l, c in batch.captures.items() if c.query is not None and c.key is not None}
+        if not layers:
+            raise QKHooksError("TopKModes needs query/key maps: record with modes=K (e.g. qkhooks.record(model, modes=16)).")
+        for layer, cap in sorted(layers.items()):
+            prefix = resolve_prefix(self.num_prefix_tokens, batch.meta, int(cap.query.shape[-1]))
+            if self.num_prefix_tokens is None:
+                self.num_prefix_tokens = prefix
+            self._fold(layer, cap.query, cap.key, batch.offset, prefix)
+        self.images += batch.size
+
+    def merge(self, other: Reducer) -> None:
+        """Fold a reducer that saw a disjoint set of images (same k and prefix)."""
+        self._check_same_kind(other)
+        assert isinstance(other, TopKModes)
+        if other.k != self.k:
+            raise QKHooksError(f"cannot merge TopKModes with k={other.k} into k={self.k}; use one k for all parts.")
+        if None not in (self.num_prefix_tokens, other.num_prefix_tokens) and self.num_prefix_tokens != other.num_prefix_tokens:
+            raise QKHooksError(
+                f"cannot merge TopKModes scored with {other.num_prefix_tokens} prefix tokens into one with "
+                f"{self.num_prefix_tokens}; they come from different models."
+            )
+        for layer, state in other.layers.items():
+            mine = self.layers.get(layer)
+            if mine is None:
+                self.layers[layer] = {k: v.to(dtype=self.map_dtype, copy=True) if k in ("query", "key") else v.clone()
+                                      for k, v in state.items()}
+                continue
+            if mine["query"].shape != state["query"].shape:
+                raise QKHooksError(
+                    f"cannot merge TopKModes with different shapes at layer {layer}: "
+                    f"{tuple(mine['query'].shape)} vs {tuple(state['query'].shape)}."
+                )
+            self.layers[layer] = self._combine(mine, state)
+        if self.num_prefix_tokens is None:
+            self.num_prefix_tokens = other.num_prefix_tokens
+        self.images += other.images
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Per-layer arrays stacked along a leading layer axis (``layers`` names them); maps in ``map_dtype``."""
+        layers = sorted(self.layers)
+        shapes = {tuple(self.layers[l]["query"].shape) for l in layers}
+        if len(shapes) > 1:
+            raise QKHooksError(f"TopKModes.state_dict needs the same heads, modes and tokens in every layer, got {shapes}.")
+        out: dict[str, Any] = {
+            "layers": np.asarray(layers, dtype=np.int64),
+            "k": self.k,
+            "images": int(self.images),
+            "num_prefix_tokens": -1 if self.num_prefix_tokens is None else int(self.num_prefix_tokens),
+        }
+        np_dtype = {torch.bfloat16: np.float32}.get(self.map_dtype, None)
+        for name in ("score", "index", "query", "key"):
+            if not layers:
+                stored = torch.int64 if name == "index" else torch.float32 if name == "score" or np_dtype else self.map_dtype
+                out[name] = torch.zeros(0, dtype=stored).numpy()  # an empty state still names its map dtype
+                continue
+            stacked = torch.stack([self.layers[l][name].detach() for l in layers]).cpu()
+            if name in ("query", "key") and np_dtype is not None:
+                stacked = stacked.float()
+            out[name] = stacked.numpy()
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (tensors on the CPU; they move to the maps' device on the next update)."""
+        missing = [k for k in ("layers", "k", "score", "index", "query", "key") if k not in state]
+        if missing:
+            raise QKHooksError(f"not a TopKModes state: missing {missing}.")
+        k = int(np.asarray(state["k"]))
+        if k != self.k:
+            raise QKHooksError(f"this TopKModes keeps k={self.k} images but the saved state has k={k}; build TopKModes(k={k}).")
+        prefix = int(np.asarray(state.get("num_prefix_tokens", -1)))
+        self.num_prefix_tokens = None if prefix < 0 else prefix
+        self.images = int(np.asarray(state.get("images", 0)))
+        layers = [int(l) for l in np.asarray(state["layers"]).reshape(-1)]
+        self.layers = {}
+        for i, layer in enumerate(layers):
+            self.layers[layer] = {
+                "score": torch.as_tensor(np.asarray(state["score"][i], dtype=np.float32)),
+                "index": torch.as_tensor(np.asarray(state["index"][i], dtype=np.int64)),
+                "query": torch.as_tensor(np.asarray(state["query"][i])).to(self.map_dtype),
+                "key": torch.as_tensor(np.asarray(state["key"][i])).to(self.map_dtype),
+            }
+
+    @classmethod
+    def _legacy_configuration(cls, state: Mapping[str, Any]) -> dict[str, Any]:
+        """k and the map dtype of a state saved before states described themselves."""
+        dtype = np.asarray(state["query"]).dtype
+        return {"k": int(np.asarray(state["k"])), "map_dtype": "float16" if dtype == np.float16 else "float32"}
+
+    def top(self, layer: int, head: int, mode: int, sign: str | int = "both", k: int | None = None) -> dict[str, np.ndarray]:
+        """The kept images of one mode, best first (see :func:`top_images`)."""
+        if layer not in self.layers:
+            raise QKHooksError(f"TopKModes has no layer {layer}; it has {sorted(self.layers)}.")
+        state = {name: v.detach().cpu().float().numpy() if name != "index" else v.cpu().numpy()
+                 for name, v in self.layers[layer].items()}
+        return top_images(state, head, mode, sign, k)
+
+
+def layer_state(state: Mapping[str, Any], layer: int) -> dict[str, np.ndarray]:
+    """One layer's ``score``/``index``/``query``/``key`` out of a stacked :meth:`TopKModes.state_dict`."""
+    layers = [int(l) for l in np.asarray(state["layers"]).reshape(-1)]
+    if layer not in layers:
+        raise QKHooksError(f"the top-k state has no layer {layer}; it has {layers}.")
+    i = layers.index(layer)
+    return {name: np.asarray(state[name][i]) for name in ("score", "index", "query", "key")}
+
+
+def top_images(
+    state: Mapping[str, np.ndarray], head: int, mode: int, sign: str | int = "both", k: int | None = None
+) -> dict[str, np.ndarray]:
+    """The best images of one mode from one layer's state, in ranking order.
+
+    Args:
+        state: one layer's arrays (see :func:`layer_state`): score/index (H, K, 2, k), query/key (..., N).
+        head, mode: 0-based.
+        sign: ``+1``/``"+"`` ranks (u, v), ``-1``/``"-"`` ranks (-u, -v), ``"both"`` (default) ranks the
+            *images* by their better sign (METHODS A.6/A.7: each image is scored for both signs and counted
+            once): every image appears at most once, with the score, sign and signed maps of the sign that
+            scores higher (ties: sign +1), and images are ordered by that score (ties: the lower index).
+        k: at most this many images (default and maximum: the state's k). With ``"both"`` the first k distinct
+            images are exact: an image among the best k by its better score holds that sign's slot among the
+            best k of that sign, so it is in the state, with the right maps.
+
+    Returns:
+        ``index`` (k',) int, ``score`` (k',), ``sign`` (k',) +-1, ``query``/``key`` (k', N) signed maps.
+        Empty slots (fewer images than k) are left out.
+    """
+    signs = {"both": (0, 1), "+": (0,), "-": (1,), 1: (0,), -1: (1,), "+1": (0,), "-1": (1,)}.get(sign)  # type: ignore[call-overload]
+    if signs is None:
+        raise QKHooksError(f"sign must be +1, -1 or 'both', got {sign!r}.")
+    heads, modes, _, slots = np.asarray(state["score"]).shape
+    if not (0 <= head < heads and 0 <= mode < modes):
+        raise QKHooksError(f"head {head}, mode {mode} is outside this state's {heads} heads x {modes} modes.")
+    limit = slots if k is None else min(int(k), slots)
+    parts: dict[str, list[np.ndarray]] = {"index": [], "score": [], "sign": [], "query": [], "key": []}
+    for s in signs:
+        parts["index"].append(np.asarray(state["index"][head, mode, s]).astype(np.int64))
+        parts["score"].append(np.asarray(state["score"][head, mode, s], dtype=np.float64))
+        parts["sign"].append(np.full(parts["index"][-1].shape, SIGNS[s], dtype=np.int64))
+        parts["query"].append(np.asarray(state["query"][head, mode, s], dtype=np.float32))
+        parts["key"].append(np.asarray(state["key"][head, mode, s], dtype=np.float32))
+    out = {name: np.concatenate(v) for name, v in parts.items()}
+    keep = (out["index"] >= 0) & np.isfinite(out["score"])
+    order = np.lexsort((-out["sign"], out["index"], -out["score"]))  # last key sorts first
+    order = order[keep[order]]
+    if len(signs) == 2:  # one entry per image: its first, i.e. its better-scoring sign (ties: +1)
+        _, first = np.unique(out["index"][order], return_index=True)
+        order = order[np.sort(first)]
+    order = order[:max(limit, 0)]
+    return {name: v[order] for name, v in out.items()}

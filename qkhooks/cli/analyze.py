@@ -1,0 +1,67 @@
+"""``qkhooks analyze preference`` and ``qkhooks analyze modes``: thin commands over :mod:`qkhooks.analysis`."""
+
+from __future__ import annotations
+
+import argparse
+
+from qkhooks.cli import command
+from qkhooks.errors import QKHooksError, writable_dir
+
+
+# ------------------------------------------------------------------------------------ preference
+def _preference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run file recorded on odd-one-out data (o3:N or o3dir:DIR) with --attention rows")
+    p.add_argument("--out", required=True, help="folder for preference.csv, preference.json, preference.png")
+
+
+@command("analyze preference", "attention to same object / other objects / background on odd-one-out images (Fig. 2)")(_preference_args)
+def run_preference(args: argparse.Namespace) -> int:
+    from qkhooks.analysis.preference import analyze_preference, format_table
+
+    writable_dir(args.out, "--out folder")
+    result = analyze_preference(args.run, args.out)
+    print(format_table(result))
+    if not result["complete"]:
+        print(f"note: {args.run} is incomplete (the recording stopped early); the table covers its "
+              f"{result['num_images']} committed images.")
+    print("wrote " + ", ".join(result["files"].values()))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- modes
+def _modes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run file written by `qkhooks record` (with modes, the default)")
+    p.add_argument("--out", required=True, help="folder for modes.json, same_object.csv, anisotropy.csv and figures/")
+    p.add_argument("--k", type=int, help="images per mode and sign (default: as recorded, 8)")
+    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7,-1' (default all recorded); unlike in `qkhooks "
+                   "record`/`spectrum`, negative indices count back from the highest *recorded* layer (-1 = the last "
+                   "recorded one), since a run does not store the model's depth")
+    p.add_argument("--figure-modes", default="2", help="per head, draw figures for its first N modes ('all', 0 = none; default 2)")
+    p.add_argument("--no-overview", action="store_true", help="skip the per-layer sheets of each head's leading mode")
+    p.add_argument("--no-images", action="store_true", help="draw the maps on black instead of reopening the dataset")
+    p.add_argument("--same-object-top", type=int, default=5, help="images per mode for the same-object probability (5)")
+    p.add_argument("--normalize", default="max", choices=["max", "percentile"], help="map display scaling")
+
+
+@command("analyze modes", "top-k images per QK mode, same-object probability and anisotropy (Fig. 4, 5, S3)")(_modes_args)
+def run_modes(args: argparse.Namespace) -> int:
+    from qkhooks.analysis.modes import analyze_modes, format_summary
+
+    fm = args.figure_modes
+    try:
+        figure_modes = None if str(fm).lower() == "all" else int(fm)
+    except ValueError:
+        raise QKHooksError(f"--figure-modes must be a number or 'all', got {fm!r}.") from None
+    if args.k is not None and args.k < 1:
+        raise QKHooksError(f"--k must be >= 1, got {args.k}.")
+    writable_dir(args.out, "--out folder")
+    summary = analyze_modes(
+        args.run, args.out, k=args.k, layers=args.layers, figure_modes=figure_modes, overview=not args.no_overview,
+        images=not args.no_images, same_object_top=args.same_object_top, normalize=args.normalize,
+    )
+    print(format_summary(summary))
+    print(f"top-k: {summary['topk_source']}; {summary['photos']}")
+    files = summary["files"]
+    print("wrote " + ", ".join(v for k_, v in files.items() if k_ not in ("figures", "figure_count") and v)
+          + (f" and {files['figure_count']} figures under {files['figures']}" if files["figure_count"] else ""))
+    return 0

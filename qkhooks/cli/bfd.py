@@ -1,0 +1,83 @@
+"""``qkhooks bfd`` and ``qkhooks analyze bfd``: thin commands over :mod:`qkhooks.analysis.bfd`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qkhooks.cli import add_model_arguments, command, load_from_args, write_json
+from qkhooks.errors import QKHooksError, writable_dir
+
+
+def _bfd_args(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("data", help="folder, samples, voc, arc2017, ade20k:DIR, o3:N[:seed], hfds:DIR, wds:PATTERN, ...")
+    p.add_argument("--out", required=True, help="run file (HDF5) for pass 2; pass 1 goes to RUN.pass1.h5 next to it")
+    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7' (default all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--input", default="normed", choices=["normed", "residual"],
+                   help="the tensor entering W_q/W_k (normed, default) or the block's residual input")
+    p.add_argument("--drop-prefix", action="store_true", help="leave prefix tokens out (default: they are positions)")
+    p.add_argument("--holdout-every", type=int, default=5, help="hold out one image in this many for the probes")
+    p.add_argument("--alpha", type=float, default=1e-3, help="relative ridge strength of the position probes")
+    p.add_argument("--definition", default="frobenius", choices=["frobenius", "additive"],
+                   help="which energy definition fills the main numbers (both are in the JSON)")
+    p.add_argument("--no-decode", action="store_true", help="skip the position probes")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing run file")
+
+
+@command("bfd", "position vs content (BFD): CC/CP/PC/PP energies per head and mode, position probes")(_bfd_args)
+def run_bfd_command(args: argparse.Namespace) -> int:
+    from qkhooks.analysis.bfd import format_table, run_bfd
+
+    writable_dir(Path(args.out).parent, "folder of --out", create=True)
+    writable_dir(Path(args.json or args.out).parent, "folder of --json")
+    loaded = load_from_args(args, device=args.device)
+    result = run_bfd(
+        loaded, args.data, args.out, layers=args.layers, batch_size=args.batch_size, device=args.device,
+        limit=args.limit, input=args.input, drop_prefix=args.drop_prefix, holdout_every=args.holdout_every,
+        alpha=args.alpha, definition=args.definition, decode=not args.no_decode, resume=args.resume,
+        overwrite=args.overwrite, progress=True,
+    )
+    print(format_table(result))
+    if result.get("note"):
+        print(f"note: {result['note']}")
+    print(f"wrote {args.out}")
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run file written by `qkhooks bfd`")
+    p.add_argument("--out", required=True, help="folder for bfd.json and the figures")
+    p.add_argument("--head", help="'LAYER,HEAD' for the per-mode figure (default: largest CP+PC coupling)")
+    p.add_argument("--definition", default="frobenius", choices=["frobenius", "additive"])
+    p.add_argument("--alpha", type=float, default=1e-3, help="relative ridge strength of the position probes")
+
+
+@command("analyze bfd", "BFD tables and figures from a run file written by `qkhooks bfd`")(_analyze_args)
+def run_analyze_bfd(args: argparse.Namespace) -> int:
+    from qkhooks.analysis.bfd import format_table, plot_bfd, read_bfd
+
+    head = None
+    if args.head:
+        try:
+            layer, h = (int(v) for v in args.head.split(","))
+        except ValueError:
+            raise QKHooksError(f"--head must be 'LAYER,HEAD', e.g. '5,2'; got {args.head!r}.") from None
+        head = (layer, h)
+    writable_dir(args.out, "--out folder")
+    result = read_bfd(args.run, definition=args.definition, alpha=args.alpha)
+    out = Path(args.out)
+    write_json(out / "bfd.json", result)
+    paths = plot_bfd(result, out, head)
+    print(format_table(result))
+    print("wrote " + ", ".join(str(p) for p in [out / "bfd.json", *paths]))
+    return 0
