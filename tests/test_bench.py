@@ -154,7 +154,7 @@ def test_each_method_produces_what_it_claims_and_leaves_no_hooks(bench):
         assert len(maps) == layers and tuple(maps[1].shape) == (b, h, n, n)
         idx = tokens[:, None, :, None].expand(b, h, 2, n)
         assert torch.allclose(maps[1].gather(2, idx), rows, atol=1e-5)
-        full = out["full_maps"]["batch"].layers[1].attention["full"]  # the library's full maps are the same maps
+        full = out["full_maps"]["batch"].captures[1].attention["full"]  # the library's full maps are the same maps
         assert torch.allclose(full.float(), maps[1], atol=1e-5)
 
         assert out["hf_sdpa"]["attentions"] is None
