@@ -237,6 +237,8 @@ class Recording:
         self._current = None
         self._residual.clear()
         self._qk_outputs.clear()
+        for site in self.sites:  # the last call's mask, bias and rotary tables: not kept past the recording
+            site.forget_call()
 
     def _live_model(self) -> nn.Module:
         """The recorded model, or a clear error once it is gone or this recording has released it."""

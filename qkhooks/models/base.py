@@ -58,6 +58,13 @@ class AttentionSite:
             (prefix tokens unrotated, as the model does). Rebuilt maps use the rotated q, k; modes stay those
             of the content form W_q^T W_k (the zero-offset term). ``rope_layout``: how dimensions pair up,
             ``"interleaved"`` (0,1), (2,3)... or ``"half"`` (i, i + d_k/2); see :mod:`qkhooks.models.rope`.
+        qk_norm: the model's own q/k normalisation (a :class:`qkhooks.models.qknorm.QKNorm`), applied to q and k
+            before any rotation as the model does; rebuilt maps use the normalised q, k, modes stay those of the
+            pre-norm form W_q^T W_k, and :func:`qkhooks.models.qknorm.normalised_form` gives the exact one.
+        class_attention: only the first (class) token queries, keys are every token handed in (CaiT's
+            ``ClassAttn``): maps are (B, H, 1, N), the model's shape.
+        head_mixing: the model's own mixing of heads around the softmax (CaiT talking heads, a
+            :class:`qkhooks.models.class_attention.TalkingHeads`): maps = mix_post(softmax(mix_pre(logits))).
         token_layout: ``"tokens"`` (B, N, d) or ``"grid"``: the module takes (B, h, w, d) patch grids (VitDet),
             read row by row as N = h·w tokens.
         stage: dotted path of the container the block sits in (``blocks``, ``transformers.1.blocks``,
@@ -90,6 +97,9 @@ class AttentionSite:
     rope_input: str | None = None
     rope_apply: Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]] | None = None
     rope_layout: str = "interleaved"
+    qk_norm: Any = None
+    class_attention: bool = False
+    head_mixing: Any = None
     _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _call_rope: Any = dataclasses.field(default=None, repr=False)
 
@@ -160,6 +170,12 @@ class AttentionSite:
                     "'Supported models')."
                 )
 
+    def forget_call(self) -> None:
+        """Drop what the last recorded call handed the module (its mask, bias, rotary tables), so a finished
+        recording keeps no batch's tensors alive and nothing reads them as if a call were under way."""
+        self._call_bias = None
+        self._call_rope = None
+
     def rotates(self) -> bool:
         """Whether the call being recorded rotates q and k (RoPE tables were handed to the module)."""
         return self._call_rope is not None
@@ -169,6 +185,24 @@ class AttentionSite:
         if self._call_rope is None or self.rope_apply is None:
             return q, k
         return self.rope_apply(q, k, self._call_rope)
+
+    def model_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (B, H, N, d_k) as the Linear layers return them -> as the model multiplies them: normalised
+        (q/k-norm), then rotated (RoPE), each only where the model does it."""
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
+        return self.rotate_qk(q, k)
+
+    def keys_shape_logits(self) -> bool:
+        """Whether each key's own q/k transformation (rotation by its position, normalisation by its scale) enters
+        the logits, so a row of logits cannot be taken from W_k^T q_t · x_j without computing every key."""
+        return self.rotates() or self.qk_norm is not None
+
+    def modes_rebuild_logits(self) -> bool:
+        """Whether the modes of W_q^T W_k (plus the additive term) rebuild the logits of the call being recorded;
+        False under RoPE, q/k-norm, class attention or head mixing, where they rebuild the content term q·k
+        before the model's rotation, normalisation, query selection or mixing (those have their own exact forms)."""
+        return not (self.keys_shape_logits() or self.class_attention or self.head_mixing is not None)
 
     def logit_bias(self) -> torch.Tensor | None:
         """The additive term (B or 1, H or 1, N, N) the model added to this layer's logits in the call being

@@ -21,13 +21,15 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, register_adapter
+from qkhooks.models.qknorm import qk_norm_modelled, qk_norm_of
 from qkhooks.models.unsupported import refuse_uncovered
 
 _LAYER = re.compile(r"^(?P<block>(?:.*\.)?(?:layers?|blocks?)\.(?P<idx>\d+))\.")
 _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
 # Children an attention module may own besides its q/k/v projections without changing the logits.
 _HARMLESS_CHILDREN = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv", "dropout", "attn_dropout",
-                      "attention_dropout", "out_proj", "o_proj", "proj", "projection", "dense", "output"}
+                      "attention_dropout", "out_proj", "o_proj", "proj", "projection", "dense", "output",
+                      "projection_layer", "projection_dropout"}
 # Attention classes handed (cos, sin) as position_embeddings -> their module's rotation function.
 _ROPE_FUNCTIONS = {"DINOv3ViTAttention": "apply_rotary_pos_emb"}
 # Attention classes whose token layout qkhooks does not model although their logits are plain.
@@ -55,7 +57,9 @@ def _refuse_unmodelled(name: str, module: nn.Module) -> None:
     cls = type(module).__name__
     if cls in _FOLDED_TOKENS:
         raise QKHooksError(f"unsupported attention in {name!r} ({cls}): {_FOLDED_TOKENS[cls]}.")
-    extra = [n for n, child in module.named_children() if n not in _HARMLESS_CHILDREN and not isinstance(child, nn.Identity)]
+    modelled = ("q_norm", "k_norm") if qk_norm_modelled(module) else ()  # applied with the model's own modules
+    extra = [n for n, child in module.named_children()
+             if n not in _HARMLESS_CHILDREN and n not in modelled and not isinstance(child, nn.Identity)]
     extra += [n for n, _ in module.named_parameters(recurse=False)]  # a table or scale used in the logits
     if extra:
         raise QKHooksError(
@@ -179,10 +183,17 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 rope_input="position_embeddings" if type(module).__name__ in _ROPE_FUNCTIONS else None,
                 rope_apply=_rope_reader(module),
                 rope_layout="half",  # rotate_half: pairs (i, i + d_k/2)
+                qk_norm=qk_norm_of(name, module, per_head=_norm_width(module) == head_dim),
             )
         )
     refuse_uncovered(model, sites)
     return sites
+
+
+def _norm_width(module: nn.Module) -> int | None:
+    """How many dimensions the q norm acts on: one head's d_k, or the whole width (InternVL)."""
+    weight = getattr(getattr(module, "q_norm", None), "weight", None)
+    return None if weight is None else int(weight.shape[-1])
 
 
 def _rope_reader(module: nn.Module):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qkhooks.models.base import AttentionSite, register_adapter
+from qkhooks.models.qknorm import qk_norm_of
 from qkhooks.models.unsupported import refuse_uncovered
 
 
@@ -144,6 +145,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 rope_input="rope" if kind == "EvaAttention" else None,
                 rope_apply=_eva_rotation(attn) if kind == "EvaAttention" else None,
                 rope_layout="half" if getattr(attn, "rotate_half", False) else "interleaved",
+                qk_norm=qk_norm_of(name, attn),
             )
         )
     refuse_uncovered(model, sites)

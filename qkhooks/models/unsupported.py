@@ -50,9 +50,11 @@ def diagnose(model: nn.Module) -> None:
     # back exactly (AttentionSite.bias_input); elsewhere a table is an unmodelled term
     hf = type(model).__module__.startswith("transformers.")
     # attention classes whose rotary tables the adapters take from the call (AttentionSite.rope_input)
+    from qkhooks.models.qknorm import qk_norm_modelled
+
     rope_modelled = any(type(m).__name__ in _ROPE_MODELLED for m in model.modules())
     for name, module in model.named_modules():
-        if _has_qk_norm(module):
+        if _has_qk_norm(module) and not qk_norm_modelled(module):
             raise QKHooksError(
                 f"unsupported attention in {name!r} ({type(module).__name__}): q/k normalisation makes the "
                 "logit a non-linear function of the tokens, so W_q^T W_k has no exact meaning there."

@@ -1,0 +1,143 @@
+"""Attention forms beyond the plain bilinear one, each against the model's own computation: q/k normalisation
+(the exact normalised form), CaiT's class attention and talking heads, the additive term as its own
+position-only term, per-call state released after a recording."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import qkhooks
+from qkhooks import QKHooksError
+from test_zoo import SMALL_VIT, check, perturb
+
+
+def _timm(name: str, **kw):
+    import timm
+
+    torch.manual_seed(0)
+    return perturb(timm.create_model(name, pretrained=False, **kw))
+
+
+def _images(size: int = 32, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _normed_qk(model, sites, inputs) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per site: the tokens entering W_q/W_k and the model's own normalised q, k (its q_norm/k_norm outputs)."""
+    seen: dict[int, list] = {s.layer: [None, None, None] for s in sites}
+    handles = []
+    for s in sites:
+        handles.append(s.module.register_forward_pre_hook(
+            lambda m, a, kw, s=s: seen[s.layer].__setitem__(0, (a[0] if a else kw[s.input_name]).detach()), with_kwargs=True))
+        handles.append(s.qk_norm.q_norm.register_forward_hook(lambda m, a, o, s=s: seen[s.layer].__setitem__(1, o.detach())))
+        handles.append(s.qk_norm.k_norm.register_forward_hook(lambda m, a, o, s=s: seen[s.layer].__setitem__(2, o.detach())))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {l: tuple(v) for l, v in seen.items()}
+
+
+def _internvl():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.InternVLVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=64, image_size=32, patch_size=8, use_qk_norm=True,
+                                               attention_bias=True)
+    return perturb(transformers.InternVLVisionModel._from_config(config, attn_implementation="sdpa"))
+
+
+def _qk_norm_models():
+    from timm.layers import RmsNorm
+
+    return {
+        "timm-layernorm": (lambda: _timm("vit_small_patch16_224", qk_norm=True, **SMALL_VIT), "x"),
+        "timm-rmsnorm": (lambda: _timm("vit_small_patch16_224", qk_norm=True, norm_layer=RmsNorm, **SMALL_VIT), "x"),
+        "hf-internvl-rmsnorm-whole-width": (_internvl, "pixel_values"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_qk_norm_models()))
+def test_qk_normalised_maps_equal_the_models_own_and_the_normalised_form_rebuilds_its_logits(name):
+    from qkhooks.models.qknorm import normalised_form
+
+    build, key = _qk_norm_models()[name]
+    model = build()
+    inputs = {key: _images()}
+    outcome = check(model, inputs, "timm" if key == "x" else "hf")  # maps vs eager to 1e-5, pre-norm modes vs q·k
+    assert outcome.status == "exact", outcome.detail
+    assert "q/k-norm" in outcome.form
+    sites = qkhooks.sites(model)
+    for layer, (x, q_hat, k_hat) in _normed_qk(model, sites, inputs).items():
+        site = sites[layer]
+        if q_hat.dim() == 3:  # InternVL normalises the whole width, then splits the heads
+            q_hat, k_hat = (t.unflatten(-1, (site.num_heads, -1)).transpose(1, 2) for t in (q_hat, k_hat))
+        want = (q_hat.double() @ k_hat.double().transpose(-1, -2))
+        form = normalised_form(site)
+        got = form.logits(x)
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < 1e-5, f"{name} layer {layer}: the normalised form misses the model's q̂·k̂ by {err:.1e}"
+        # the middle form is the one of the module docstring, W̃_q^T C diag(γ_q γ_k) C W̃_k, read off the weights here
+        if form.group == site.head_dim:
+            w = site.weights()
+            wq = torch.cat([w.w_q, w.b_q[..., None]], -1).double()
+            wk = torch.cat([w.w_k, w.b_k[..., None]], -1).double()
+            centre = torch.eye(site.head_dim, dtype=torch.float64) - (form.kind == "layer") / site.head_dim
+            gq, gk = site.qk_norm.q_norm.weight.detach().double(), site.qk_norm.k_norm.weight.detach().double()
+            middle = wq.transpose(1, 2) @ centre @ torch.diag(gq * gk) @ centre @ wk
+            dense = torch.einsum("hdr,hr,her->hde", form.U, form.S, form.V)
+            assert torch.allclose(dense, middle, atol=1e-10 * float(middle.abs().max()))
+
+
+def test_qk_norm_rows_are_the_full_maps_rows_and_pre_norm_modes_are_named_as_such():
+    model = _timm("vit_small_patch16_224", qk_norm=True, **SMALL_VIT)
+    tokens = torch.tensor([[0, 5], [3, 8]])
+    with qkhooks.record(model, modes=4, attention=["rows", "full"]) as run, torch.no_grad():
+        run(_images(), meta={"query_tokens": tokens})
+        assert not run.sites[0].modes_rebuild_logits()
+    for layer, full in run.attention_maps("full").items():
+        want = torch.stack([full[b][:, tokens[b]] for b in range(2)])
+        assert torch.allclose(run.attention_maps("rows")[layer], want, atol=1e-6)
+
+
+def test_an_unknown_qk_norm_is_refused_naming_the_module():
+    import timm
+
+    class Scale(torch.nn.Module):
+        def forward(self, t):
+            return t * 2
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, qk_norm=True, **SMALL_VIT)
+    model.blocks[1].attn.k_norm = Scale()
+    with pytest.raises(QKHooksError, match=r"'blocks.1.attn'.*Scale on k"):
+        qkhooks.sites(model)
+
+
+# ------------------------------------------------------------------------------------------------ per-call state
+def test_a_finished_recording_holds_none_of_the_last_batchs_call_tensors():
+    """RoPE tables and additive terms handed to the modules are dropped on exit (read inside the block only)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     image_size=32, patch_size=8, use_shared_relative_position_bias=True)
+    model = perturb(transformers.BeitModel._from_config(config, attn_implementation="sdpa"))
+    rope_model = _timm("vit_small_patch16_dinov3", embed_dim=32, depth=2, num_heads=4, img_size=32)
+    for m, kw, attribute in ((model, "pixel_values", "_call_bias"), (rope_model, "x", "_call_rope")):
+        with qkhooks.record(m, modes=None, attention="full") as run, torch.no_grad():
+            m(**{kw: _images()})
+            held = [getattr(s, attribute) for s in run.sites]
+            assert all(isinstance(t, (torch.Tensor, tuple)) for t in held)  # set during the call
+            refs = [weakref.ref(t if isinstance(t, torch.Tensor) else t[0]) for t in held]
+            live = list(run.sites)
+        del held
+        gc.collect()
+        assert all(getattr(s, attribute) is None for s in run.sites + live)
+        assert all(r() is None for r in refs), "a finished recording still holds the last call's tensors"
