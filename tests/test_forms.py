@@ -141,3 +141,65 @@ def test_a_finished_recording_holds_none_of_the_last_batchs_call_tensors():
         gc.collect()
         assert all(getattr(s, attribute) is None for s in run.sites + live)
         assert all(r() is None for r in refs), "a finished recording still holds the last call's tensors"
+
+
+# ------------------------------------------------------------------------------------------------------- CaiT
+def _cait():
+    return _timm("cait_xxs24_224", depth_token_only=2, **SMALL_VIT)
+
+
+def test_cait_talking_heads_mixed_spectrum_rebuilds_the_models_mixed_logits_before_the_softmax():
+    """Σ_n σ_n (x̃·u_n)(x̃·v_n) of output head h, times the scale, plus proj_l's bias, is the model's own proj_l
+    output (read off the module); the per-input-head forms mixed by hand give the same dense M_h."""
+    from qkhooks.models.class_attention import mixed_spectrum
+
+    model = _cait()
+    sites = [s for s in qkhooks.sites(model) if s.head_mixing is not None]
+    assert [s.path for s in sites] == ["blocks.0.attn", "blocks.1.attn"]
+    seen: dict[int, list] = {}
+    handles = []
+    for s in sites:
+        handles.append(s.module.register_forward_pre_hook(lambda m, a, s=s: seen.__setitem__(s.layer, [a[0]])))
+        handles.append(s.module.proj_l.register_forward_hook(lambda m, a, o, s=s: seen[s.layer].append(o.permute(0, 3, 1, 2))))
+    with torch.no_grad():
+        model(_images())
+    for h in handles:
+        h.remove()
+    for site in sites:
+        x, want = seen[site.layer]
+        spec = mixed_spectrum(site)
+        assert spec.S.shape == (site.num_heads, site.num_heads * site.head_dim)  # rank up to H·d_k per output head
+        x1 = torch.cat([x, torch.ones_like(x[..., :1])], -1).double()
+        got = torch.einsum("bnd,hdr,hr,bme,her->bhnm", x1, spec.U, spec.S, x1, spec.V) * site.scale
+        got = got + site.module.proj_l.bias.detach().double()[None, :, None, None]
+        err = float((got - want.double()).abs().max() / want.abs().max())
+        assert err < 1e-5, f"{site.path}: mixed modes miss the model's mixed logits by {err:.1e}"
+        w = site.weights()
+        wq = torch.cat([w.w_q, w.b_q[..., None]], -1).double()
+        wk = torch.cat([w.w_k, w.b_k[..., None]], -1).double()
+        mix = site.module.proj_l.weight.detach().double()
+        dense = torch.stack([sum(mix[g, h] * wq[h].T @ wk[h] for h in range(site.num_heads)) for g in range(site.num_heads)])
+        assert torch.allclose(spec.bilinear(), dense, atol=1e-10 * float(dense.abs().max()))
+
+
+def test_cait_class_attention_maps_have_the_models_shape_and_rows_exist_only_for_the_class_token():
+    model = _cait()
+    with qkhooks.record(model, modes=4, layers=[2, 3], attention=["rows", "full"]) as run, torch.no_grad():
+        run(_images(), meta={"query_tokens": torch.zeros(2, 1, dtype=torch.long)})
+    for layer, full in run.attention_maps("full").items():
+        assert full.shape == (2, 4, 1, 17)  # only the class token queries [class; 16 patches]
+        assert torch.allclose(run.attention_maps("rows")[layer], full, atol=1e-6)
+    with qkhooks.record(model, modes=None, layers=[2], attention="rows") as run, torch.no_grad():
+        with pytest.raises(QKHooksError, match=r"layer 2 .*class attention.*tokens \[5\] do not exist"):
+            run(_images(), meta={"query_tokens": torch.tensor([[0, 5], [0, 5]])})
+    with pytest.raises(QKHooksError, match="input='normed'"):
+        with qkhooks.record(model, modes=4, layers=[2], input="residual"), torch.no_grad():
+            model(_images())
+
+
+def test_an_analysis_of_talking_heads_maps_as_one_form_is_refused_with_the_reason():
+    from qkhooks.models.class_attention import refuse_modes_of_mixed_maps
+
+    site = qkhooks.sites(_cait())[0]
+    with pytest.raises(QKHooksError, match="weighted sum of several softmaxes"):
+        refuse_modes_of_mixed_maps(site)

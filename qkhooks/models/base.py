@@ -132,6 +132,12 @@ class AttentionSite:
     def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
         """Pick the token tensor out of a module call, whether passed by position or by keyword."""
         name = self.block_input_name if block else self.input_name
+        if block and self.class_attention:
+            raise QKHooksError(
+                f"{self.block_path}: a class-attention block takes the patches and the class token as two arguments "
+                "and joins them itself, so its residual stream is not one tensor qkhooks can read; record it with "
+                "input='normed' (the tokens entering W_q/W_k)."
+            )
         if not block:
             self.refuse_unmodelled_inputs(args, kwargs)
         if args:

@@ -18,15 +18,17 @@ import torch
 from torch import nn
 
 from qkhooks.models.base import AttentionSite, register_adapter
+from qkhooks.models.class_attention import cait_site_fields
 from qkhooks.models.qknorm import qk_norm_of
 from qkhooks.models.unsupported import refuse_uncovered
 
 
 def _classes() -> dict[str, type]:
     from timm.layers import Attention
+    from timm.models.cait import ClassAttn, TalkingHeadAttn
     from timm.models.eva import EvaAttention
 
-    return {"Attention": Attention, "EvaAttention": EvaAttention}
+    return {"Attention": Attention, "EvaAttention": EvaAttention, "ClassAttn": ClassAttn, "TalkingHeadAttn": TalkingHeadAttn}
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -120,8 +122,12 @@ def find(model: nn.Module) -> list[AttentionSite]:
             continue
         block_path = name.rpartition(".")[0]
         stage = block_path.rpartition(".")[0]
-        qk_linear, qk_modules = _qk_reader(attn, kind)
         site_grid = _pit_stage_grid(stage, grid)
+        if kind in ("ClassAttn", "TalkingHeadAttn"):  # CaiT: its own query tokens, prefix and head mixing
+            fields = cait_site_fields(attn, kind)
+        else:
+            qk_linear, qk_modules = _qk_reader(attn, kind)
+            fields = dict(qk_linear=qk_linear, qk_modules=qk_modules, head_dim=int(attn.head_dim), num_prefix_tokens=num_prefix)
         sites.append(
             AttentionSite(
                 layer=len(sites),
@@ -130,22 +136,19 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 block_path=block_path,
                 block=modules[block_path],
                 num_heads=int(attn.num_heads),
-                head_dim=int(attn.head_dim),
-                dim=int(qk_linear()[0].shape[1]),
+                dim=int(fields["qk_linear"]()[0].shape[1]),
                 scale=float(attn.scale),
-                num_prefix_tokens=num_prefix,
                 grid=site_grid,
-                family="timm-vit" if kind == "Attention" else "timm-eva",
+                family={"Attention": "timm-vit", "EvaAttention": "timm-eva"}.get(kind, "timm-cait"),
                 input_name="x",
                 block_input_name="x",
-                qk_linear=qk_linear,
                 patch_size=patch if site_grid == grid else None,
-                qk_modules=qk_modules,
                 stage=stage,
                 rope_input="rope" if kind == "EvaAttention" else None,
                 rope_apply=_eva_rotation(attn) if kind == "EvaAttention" else None,
                 rope_layout="half" if getattr(attn, "rotate_half", False) else "interleaved",
                 qk_norm=qk_norm_of(name, attn),
+                **fields,
             )
         )
     refuse_uncovered(model, sites)
@@ -162,6 +165,6 @@ register_adapter(
     matches,
     find,
     families="timm VisionTransformer and variants: ViT, DeiT (incl. distilled), DINO, CLIP, DINOv2 (incl. registers), "
-    "parallel blocks, PiT, EVA without RoPE",
+    "parallel blocks, PiT, q/k-norm, EVA / EVA-02 / DINOv3 / vit_*_rope_* (RoPE), CaiT (class attention, talking heads)",
     first=False,
 )
