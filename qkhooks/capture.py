@@ -75,6 +75,13 @@ class BatchCapture:
     meta: dict[str, Any]
     layers: dict[int, LayerCapture] = dataclasses.field(default_factory=dict)
     offset: int = 0
+    position_bias: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    masked: set[int] = dataclasses.field(default_factory=set)
+
+    def statics(self) -> dict[str, torch.Tensor]:
+        """Run-file datasets written once per run, not per image: ``bias/L3`` (H, N, N), each layer's position-only
+        additive term (relative-position tables; the same for every image). Masks are never among them."""
+        return {f"bias/L{layer}": bias for layer, bias in sorted(self.position_bias.items())}
 
     @property
     def size(self) -> int:
@@ -187,6 +194,7 @@ class Recording:
         self._pending_meta: dict[str, Any] = {}
         self._residual: dict[int, torch.Tensor] = {}
         self.last: BatchCapture | None = None
+        self._bias: dict[int, torch.Tensor | str] = {}  # layer -> its position-only term, or why it has none
         self.images_seen = 0
         self.index_base = 0
 
@@ -316,6 +324,12 @@ class Recording:
             raise QKHooksError(f"{len(batch.ids)} ids were given for a batch of {size} images; give one id per image.")
         self.images_seen += size
         self.last = batch
+        for layer, bias in batch.position_bias.items():
+            before = self._bias.setdefault(layer, bias)
+            if isinstance(before, torch.Tensor) and not (before.shape == bias.shape and torch.equal(before, bias)):
+                self._bias[layer] = "it changed between batches (another input size, or a term computed from the image)"
+        for layer in batch.masked:
+            self._bias[layer] = "it is a mask (it masks keys out or differs between images), applied in the rebuilt maps"
         for sink in self.sinks:
             sink.update(batch)
 
@@ -340,6 +354,11 @@ class Recording:
                 self._current.meta["num_prefix_tokens"] = site.num_prefix_tokens
                 with contextlib.suppress(QKHooksError):  # a grid of its own; else the sinks ask for one
                     self._current.meta.setdefault("grid", site.grid_for(int(x.shape[1])))
+            bias = site.position_bias()
+            if bias is not None:
+                self._current.position_bias[site.layer] = bias
+            elif site.logit_bias() is not None:
+                self._current.masked.add(site.layer)
             with torch.no_grad():
                 cap = LayerCapture(site.layer, int(x.shape[0]))
                 x_modes = self._residual.pop(site.layer, x) if self.input == "residual" else x
@@ -426,6 +445,18 @@ class Recording:
     def inputs(self) -> dict[int, torch.Tensor]:
         """Layer -> captured tokens (B, N, d) of the last batch (with ``keep_inputs=True``)."""
         return {l: c.inputs for l, c in self._last_layers().items() if c.inputs is not None}
+
+    def bias(self, layer: int) -> torch.Tensor | None:
+        """The additive position-only term (H, N, N) the model adds to layer ``layer``'s scaled logits (BEiT's
+        relative-position table, shared or per layer), the same for every image: logits = scale · content + bias.
+        None when the layer has none; a :class:`QKHooksError` when its additive term is a mask or image-dependent
+        (that term enters the rebuilt maps, but is not a property of the layer)."""
+        if layer not in {s.layer for s in self.sites}:
+            raise QKHooksError(f"layer {layer} is not recorded here; recorded layers: {[s.layer for s in self.sites]}.")
+        value = self._bias.get(layer)
+        if isinstance(value, str):
+            raise QKHooksError(f"layer {layer} has no position-only additive term to give: {value}.")
+        return value
 
     def attention_maps(self, kind: str = "rows") -> dict[int, torch.Tensor]:
         """Layer -> rebuilt attention of the given kind for the last batch."""

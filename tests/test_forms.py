@@ -203,3 +203,84 @@ def test_an_analysis_of_talking_heads_maps_as_one_form_is_refused_with_the_reaso
     site = qkhooks.sites(_cait())[0]
     with pytest.raises(QKHooksError, match="weighted sum of several softmaxes"):
         refuse_modes_of_mixed_maps(site)
+
+
+# ------------------------------------------------------------------------------------ the additive term, stored
+def _hf_small(model_cls: str, config_cls: str, **kw):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=64, **kw)
+    return perturb(getattr(transformers, model_cls)._from_config(config, attn_implementation="sdpa"))
+
+
+def _eager_log_maps(model, inputs) -> list[torch.Tensor]:
+    """log A (B, H, N, N) of every layer from the model's own eager attention (logits up to a row constant)."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation(before)
+    return [a.double().log() for a in out.attentions]
+
+
+def _same_up_to_row_constants(got: torch.Tensor, want: torch.Tensor) -> float:
+    diff = (got - got[..., :1]) - (want - want[..., :1])
+    return float(diff.abs().max() / (1 + want.abs().max()))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-table", "per-layer-table"])
+def test_beit_position_bias_is_stored_once_and_scale_content_plus_bias_is_the_models_logits(tmp_path, shared):
+    from qkhooks.store.reader import open_run
+    from qkhooks.store.writer import RunWriter
+    from qkhooks.stream import WriterSink
+
+    option = "use_shared_relative_position_bias" if shared else "use_relative_position_bias"
+    model = _hf_small("BeitModel", "BeitConfig", image_size=32, patch_size=8, **{option: True})
+    images = _images()
+    path = tmp_path / "run.h5"
+    with RunWriter(path, attrs={"model": "beit", "config": "{}"}, dtype="float32") as writer:
+        with qkhooks.record(model, modes="all", augmented=True, sinks=[WriterSink(writer)]) as rec, torch.no_grad():
+            for half in (images[:1], images[1:]):  # two batches: the term is stored once
+                rec(pixel_values=half)
+    want = _eager_log_maps(model, {"pixel_values": images})
+    tables = [rec.bias(site.layer) for site in rec.sites]
+    if shared:
+        assert torch.equal(tables[0], tables[1])
+    with open_run(path) as run:
+        assert run.array("modes/L0/query").shape[0] == 2
+        for site, table in zip(rec.sites, tables):
+            stored = torch.from_numpy(run.bias(site.layer)).double()
+            assert stored.shape == (4, 17, 17) and torch.equal(stored, table.double())
+            q, k = (torch.from_numpy(run.array(f"modes/L{site.layer}/{s}")[:]).double() for s in ("query", "key"))
+            sigma = rec.spectrum[site.layer].S.double()  # the run file's spectrum statics are record_dataset's
+            logits = site.scale * torch.einsum("bhkn,hk,bhkm->bhnm", q, sigma, k) + stored
+            err = _same_up_to_row_constants(logits, want[site.layer])
+            assert err < 1e-5, f"layer {site.layer}: scale·content + stored bias misses the model's logits by {err:.1e}"
+            content_only = _same_up_to_row_constants(logits - stored, want[site.layer])
+            assert content_only > 1e-3  # the table really matters (perturbed, not zero)
+
+
+def test_masks_are_not_stored_as_position_terms_and_a_plain_layer_has_none(tmp_path):
+    from qkhooks.store.reader import open_run
+    from qkhooks.store.writer import RunWriter
+    from qkhooks.stream import WriterSink
+
+    from test_zoo import _siglip2_padded
+
+    model = _hf_small("Siglip2VisionModel", "Siglip2VisionConfig", patch_size=8, num_patches=16)
+    path = tmp_path / "run.h5"
+    with RunWriter(path, attrs={"model": "siglip2", "config": "{}"}, dtype="float32") as writer:
+        with qkhooks.record(model, modes=2, sinks=[WriterSink(writer)]) as rec, torch.no_grad():
+            rec(**_siglip2_padded())
+    with pytest.raises(QKHooksError, match="layer 0 has no position-only additive term.*mask"):
+        rec.bias(0)
+    with open_run(path) as run:
+        assert run.bias(0) is None and not any(name.startswith("bias/") for name in run.file)
+    plain = _timm("vit_tiny_patch16_224", **SMALL_VIT)
+    with qkhooks.record(plain, modes=2) as rec, torch.no_grad():
+        rec(_images())
+    assert rec.bias(0) is None

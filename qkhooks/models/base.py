@@ -215,6 +215,19 @@ class AttentionSite:
         recorded (None: none): a position-only table, a mask, or both."""
         return _additive(self._call_bias)
 
+    def position_bias(self) -> torch.Tensor | None:
+        """The call's additive term as a position-only term (H, N_q, N_k), or None: the call had none, or it is
+        (or holds) a mask, i.e. it masks some keys out or differs between the images of the batch. A mask stays a
+        mask: it enters the rebuilt maps, but it is not a property of the layer to store once."""
+        bias = self.logit_bias()
+        if bias is None or bias.dim() != 4:
+            return None
+        if not bool(torch.isfinite(bias).all()) or bool((bias <= torch.finfo(bias.dtype).min / 2).any()):
+            return None
+        if bias.shape[0] > 1 and not torch.equal(bias, bias[:1].expand_as(bias)):
+            return None
+        return bias[0].expand(self.num_heads, -1, -1)
+
     def add_logit_bias(self, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled logits (B, H, T, N) plus the model's own additive term, rows picked by ``query_tokens`` (B, T)
         when given (all N rows otherwise)."""

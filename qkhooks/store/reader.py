@@ -176,6 +176,12 @@ class RunReader:
     def attention(self, layer: int, kind: str = "rows") -> RunArray:
         return self.array(f"attention/L{layer}/{kind}")
 
+    def bias(self, layer: int) -> np.ndarray | None:
+        """Layer ``layer``'s position-only additive term (H, N, N), stored once per run (see
+        :meth:`qkhooks.Recording.bias`); None when the layer has none (masks are never stored)."""
+        ds = self.file.get(f"bias/L{layer}")
+        return None if ds is None else ds[()]
+
     def spectrum(self, layer: int) -> dict[str, np.ndarray]:
         """The recorded modes of ``layer``: U (H, d, K), S (H, K), V (H, d, K), cos (H, K)."""
         group = self.file.get(f"spectrum/L{layer}")
