@@ -284,3 +284,46 @@ def test_masks_are_not_stored_as_position_terms_and_a_plain_layer_has_none(tmp_p
     with qkhooks.record(plain, modes=2) as rec, torch.no_grad():
         rec(_images())
     assert rec.bias(0) is None
+
+
+@pytest.mark.parametrize("option", ["use_relative_position_bias", "use_shared_relative_position_bias"])
+def test_data2vec_in_module_relative_bias_under_sdpa_gives_the_eager_models_maps(option):
+    """Data2Vec builds its relative-position table inside the attention module: recorded on the fused (SDPA) model,
+    the maps equal the eager attention of the same weights, and the table is the layer's position-only term."""
+    import transformers
+
+    config = transformers.Data2VecVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=64, image_size=32, patch_size=8, **{option: True})
+    torch.manual_seed(0)
+    fused = perturb(transformers.Data2VecVisionModel._from_config(config, attn_implementation="sdpa"))
+    eager = transformers.Data2VecVisionModel._from_config(config, attn_implementation="eager").eval()
+    eager.load_state_dict(fused.state_dict())
+    images = _images()
+    with torch.no_grad():
+        want = eager(pixel_values=images, output_attentions=True).attentions
+    with qkhooks.record(fused, modes=None, attention="full") as rec, torch.no_grad():
+        rec(pixel_values=images)
+    for layer, got in rec.attention_maps("full").items():
+        assert float((got - want[layer]).abs().max()) < 1e-5
+        assert rec.bias(layer).shape == (4, 17, 17)
+
+
+# --------------------------------------------------------------------------------------- a RoPE model end to end
+@pytest.mark.slow
+def test_demo_runs_every_section_on_a_rope_model_and_names_bfds_content_only_variant(tmp_path):
+    """`qkhooks demo` on DINOv3 (timm, random weights) with the demo's smallest settings: every section, and BFD (one
+    bilinear form) says it splits the content form only, since RoPE turns q and k by position."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    subprocess.run([sys.executable, "-m", "qkhooks", "demo", "--model", "timm:vit_small_patch16_dinov3", "--random-init",
+                    "--images", "4", "--o3", "6", "--objects", "3", "--batch-size", "4", "--out", str(out)],
+                   check=True, capture_output=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["sections"]) == {"modes", "same_object", "anisotropy", "spectrum", "preference", "bfd"}
+    bfd = json.loads((out / "bfd" / "bfd.json").read_text())
+    assert bfd["variant"].startswith("content-only") and "RoPE" in bfd["variant"]
+    assert sorted(map(int, bfd["content_only_layers"])) == list(range(12))
+    assert "Variant: content-only" in (out / "index.html").read_text()

@@ -216,11 +216,13 @@ def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
 def _hf(model_cls: str, config_cls: str, **kw: Any) -> Callable[[], nn.Module]:
     import transformers
 
+    implementation = kw.pop("attn_implementation", "sdpa")
+
     def build() -> nn.Module:
         config = getattr(transformers, config_cls)(**kw)
         cls = getattr(transformers, model_cls)
         if getattr(cls, "_supports_sdpa", False):  # fused, as users run it; the eager path is the reference
-            return cls._from_config(config, attn_implementation="sdpa")
+            return cls._from_config(config, attn_implementation=implementation)
         return cls._from_config(config)
 
     return build
@@ -290,8 +292,11 @@ FAST_CASES = [
              num_attention_heads=4, mlp_ratio=2, image_size=32, pretrain_image_size=32, patch_size=8),
     _hf_case("BlipVisionModel", "BlipVisionModel", "BlipVisionConfig", "exact", **HF_SMALL),
     _hf_case("InstructBlipVisionModel", "InstructBlipVisionModel", "InstructBlipVisionConfig", "exact", **HF_SMALL),
-    _hf_case("Data2VecVisionModel", "Data2VecVisionModel", "Data2VecVisionConfig", "relative_position_bias",
-             module="encoder.layer.0.attention.attention", use_relative_position_bias=True, **HF_SMALL),
+    # built eager: Data2Vec cannot switch its attention implementation later (tests/test_forms.py checks SDPA)
+    _hf_case("Data2VecVisionModel", "Data2VecVisionModel", "Data2VecVisionConfig", "exact",
+             use_relative_position_bias=True, attn_implementation="eager", **HF_SMALL),
+    _hf_case("Data2VecVisionModel-shared-bias", "Data2VecVisionModel", "Data2VecVisionConfig", "exact",
+             use_shared_relative_position_bias=True, attn_implementation="eager", **HF_SMALL),
     _hf_case("EomtForUniversalSegmentation", "EomtForUniversalSegmentation", "EomtConfig", "exact",
              num_queries=5, num_blocks=1, **HF_SMALL),
     _hf_case("Blip2VisionModel", "Blip2VisionModel", "Blip2VisionConfig", "exact", **HF_SMALL),

@@ -61,6 +61,10 @@ class AttentionSite:
         qk_norm: the model's own q/k normalisation (a :class:`qkhooks.models.qknorm.QKNorm`), applied to q and k
             before any rotation as the model does; rebuilt maps use the normalised q, k, modes stay those of the
             pre-norm form W_q^T W_k, and :func:`qkhooks.models.qknorm.normalised_form` gives the exact one.
+        call_bias: for modules that build their additive term themselves (Data2Vec vision's relative-position
+            table, from the call's resolution, plus the shared table handed as an argument): the adapter's function
+            ``(args, kwargs) -> term`` that rebuilds the very term the module adds, reading every argument of the
+            call (it refuses one it does not know), instead of ``bias_input``.
         class_attention: only the first (class) token queries, keys are every token handed in (CaiT's
             ``ClassAttn``): maps are (B, H, 1, N), the model's shape.
         head_mixing: the model's own mixing of heads around the softmax (CaiT talking heads, a
@@ -98,6 +102,7 @@ class AttentionSite:
     rope_apply: Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]] | None = None
     rope_layout: str = "interleaved"
     qk_norm: Any = None
+    call_bias: Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor | None] | None = None
     class_attention: bool = False
     head_mixing: Any = None
     _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)
@@ -160,6 +165,9 @@ class AttentionSite:
     def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Refuse a call that hands the attention anything besides the tokens (a mask, a position bias, rotary
         tables, a causal flag): the maps rebuilt from q and k alone would silently differ from the model's."""
+        if self.call_bias is not None:  # the adapter reads every argument of the call itself
+            self._call_bias = self.call_bias(args, kwargs)
+            return
         extra = [(f"argument {i}", v) for i, v in enumerate(args[1:], 1)]
         extra += [(repr(k), v) for k, v in kwargs.items() if k not in (self.input_name, self.bias_input, self.rope_input)]
         if self.bias_input is not None:
@@ -203,6 +211,20 @@ class AttentionSite:
         """Whether each key's own q/k transformation (rotation by its position, normalisation by its scale) enters
         the logits, so a row of logits cannot be taken from W_k^T q_t · x_j without computing every key."""
         return self.rotates() or self.qk_norm is not None
+
+    def content_only(self) -> str:
+        """Why this layer's logits are more than scale · x^T W_q^T W_k x + bias ('' when they are not): analyses of
+        that one bilinear form (the modes, BFD) then describe the content term only, and must say so."""
+        reasons = []
+        if self.rope_apply is not None:
+            reasons.append("RoPE turns q and k by their positions (the form is the zero-offset content term)")
+        if self.qk_norm is not None:
+            reasons.append("q and k are normalised per token (the form is the pre-norm one)")
+        if self.class_attention:
+            reasons.append("only the class token queries (class attention)")
+        if self.head_mixing is not None:
+            reasons.append("the heads are mixed around the softmax (talking heads)")
+        return "; ".join(reasons)
 
     def modes_rebuild_logits(self) -> bool:
         """Whether the modes of W_q^T W_k (plus the additive term) rebuild the logits of the call being recorded;
