@@ -60,6 +60,8 @@ def _qk_norm_models():
     return {
         "timm-layernorm": (lambda: _timm("vit_small_patch16_224", qk_norm=True, **SMALL_VIT), "x"),
         "timm-rmsnorm": (lambda: _timm("vit_small_patch16_224", qk_norm=True, norm_layer=RmsNorm, **SMALL_VIT), "x"),
+        "timm-eva02-rope-layernorm": (lambda: _timm("eva02_tiny_patch14_224", qk_norm=True, depth=2, img_size=32,
+                                                    patch_size=8), "x"),  # normalised, then rotated
         "hf-internvl-rmsnorm-whole-width": (_internvl, "pixel_values"),
     }
 

@@ -274,6 +274,9 @@ FAST_CASES = [
     _timm_case("vit_base_patch16_rope_reg1_gap_256", "exact", **SMALL_VIT),
     _timm_case("vit_small_patch16_224", "exact", qk_norm=True, **SMALL_VIT),
     _timm_case("cait_xxs24_224", "exact", depth_token_only=2, **SMALL_VIT),
+    _timm_case("vit_pe_core_tiny_patch16_384", "exact", depth=2, img_size=32, qk_norm=True),  # AttentionRope
+    _timm_case("vit_pe_core_tiny_patch16_384", "grouped-query", module="blocks.0.attn", depth=2, img_size=32,
+               num_kv_heads=1, qkv_fused=False),
     _hf_case("DINOv3ViTModel", "DINOv3ViTModel", "DINOv3ViTConfig", "exact", hidden_size=32, num_hidden_layers=2,
              num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, num_register_tokens=2),
     _hf_case("BeitModel-shared-bias", "BeitModel", "BeitConfig", "exact", use_shared_relative_position_bias=True,

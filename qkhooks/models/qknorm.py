@@ -84,10 +84,10 @@ def qk_norm_modelled(module: nn.Module) -> bool:
     """Whether an adapter takes this attention class's q/k norm (its forward is one qkhooks models with it)."""
     forwards = []
     try:
-        from timm.layers import Attention
+        from timm.layers import Attention, AttentionRope
         from timm.models.eva import EvaAttention
 
-        forwards += [Attention.forward, EvaAttention.forward]
+        forwards += [Attention.forward, AttentionRope.forward, EvaAttention.forward]
     except ImportError:  # pragma: no cover - timm missing: nothing of it to model
         pass
     try:

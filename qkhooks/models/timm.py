@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, register_adapter
 from qkhooks.models.class_attention import cait_site_fields
 from qkhooks.models.qknorm import qk_norm_of
@@ -24,11 +25,12 @@ from qkhooks.models.unsupported import refuse_uncovered
 
 
 def _classes() -> dict[str, type]:
-    from timm.layers import Attention
+    from timm.layers import Attention, AttentionRope
     from timm.models.cait import ClassAttn, TalkingHeadAttn
     from timm.models.eva import EvaAttention
 
-    return {"Attention": Attention, "EvaAttention": EvaAttention, "ClassAttn": ClassAttn, "TalkingHeadAttn": TalkingHeadAttn}
+    return {"Attention": Attention, "EvaAttention": EvaAttention, "AttentionRope": AttentionRope, "ClassAttn": ClassAttn,
+            "TalkingHeadAttn": TalkingHeadAttn}
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -47,7 +49,7 @@ def _qk_reader(attn: nn.Module, kind: str) -> tuple[Callable[[], tuple[torch.Ten
     """(qk_linear, qk_modules) for a modelled attention: q then k rows of the model's own parameters."""
     rows = int(attn.num_heads) * int(attn.head_dim)
     qkv = getattr(attn, "qkv", None)
-    if kind == "Attention" or (kind == "EvaAttention" and qkv is not None and attn.q_bias is None):
+    if qkv is not None and getattr(attn, "q_bias", None) is None:
         def fused() -> tuple[torch.Tensor, torch.Tensor | None]:
             return qkv.weight[: 2 * rows], None if qkv.bias is None else qkv.bias[: 2 * rows]
 
@@ -70,7 +72,7 @@ def _qk_reader(attn: nn.Module, kind: str) -> tuple[Callable[[], tuple[torch.Ten
 
 
 def _eva_rotation(attn: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """EvaAttention's own rotation: timm's ``apply_rot_embed_cat`` on the patch tokens, prefix tokens as they are."""
+    """EvaAttention's and AttentionRope's own rotation: timm's ``apply_rot_embed_cat`` on the patch tokens, prefix tokens as they are."""
     from timm.layers import apply_rot_embed_cat
 
     def rotate(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +125,12 @@ def find(model: nn.Module) -> list[AttentionSite]:
         block_path = name.rpartition(".")[0]
         stage = block_path.rpartition(".")[0]
         site_grid = _pit_stage_grid(stage, grid)
+        if int(getattr(attn, "num_kv_heads", attn.num_heads)) != int(attn.num_heads):
+            raise QKHooksError(
+                f"unsupported attention in {name!r} ({type(attn).__name__}): grouped-query attention ({attn.num_heads} "
+                f"query heads share {attn.num_kv_heads} key heads), which qkhooks does not model yet."
+            )
+        rotary = kind in ("EvaAttention", "AttentionRope")
         if kind in ("ClassAttn", "TalkingHeadAttn"):  # CaiT: its own query tokens, prefix and head mixing
             fields = cait_site_fields(attn, kind)
         else:
@@ -139,13 +147,13 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 dim=int(fields["qk_linear"]()[0].shape[1]),
                 scale=float(attn.scale),
                 grid=site_grid,
-                family={"Attention": "timm-vit", "EvaAttention": "timm-eva"}.get(kind, "timm-cait"),
+                family={"Attention": "timm-vit", "EvaAttention": "timm-eva", "AttentionRope": "timm-eva"}.get(kind, "timm-cait"),
                 input_name="x",
                 block_input_name="x",
                 patch_size=patch if site_grid == grid else None,
                 stage=stage,
-                rope_input="rope" if kind == "EvaAttention" else None,
-                rope_apply=_eva_rotation(attn) if kind == "EvaAttention" else None,
+                rope_input="rope" if rotary else None,
+                rope_apply=_eva_rotation(attn) if rotary else None,
                 rope_layout="half" if getattr(attn, "rotate_half", False) else "interleaved",
                 qk_norm=qk_norm_of(name, attn),
                 **fields,
@@ -165,6 +173,6 @@ register_adapter(
     matches,
     find,
     families="timm VisionTransformer and variants: ViT, DeiT (incl. distilled), DINO, CLIP, DINOv2 (incl. registers), "
-    "parallel blocks, PiT, q/k-norm, EVA / EVA-02 / DINOv3 / vit_*_rope_* (RoPE), CaiT (class attention, talking heads)",
+    "parallel blocks, PiT, q/k-norm, EVA / EVA-02 / DINOv3 / vit_*_rope_* / PE (RoPE), CaiT (class attention, talking heads)",
     first=False,
 )

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 _RELATIVE_BIAS = ("relative_position_bias", "relpos", "rel_pos")
 _ROTARY = ("rope", "rotary")
-_ROPE_MODELLED = ("EvaAttention", "DINOv3ViTAttention")
+_ROPE_MODELLED = ("EvaAttention", "AttentionRope", "DINOv3ViTAttention")
 _REASONS = (
     (_ROTARY, "rotary position embeddings make the query-key form depend on the relative position"),
     (("window", "swin"), "windowed attention splits the tokens into windows with their own masks and shifts"),
