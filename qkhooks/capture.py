@@ -81,7 +81,7 @@ class BatchCapture:
     def statics(self) -> dict[str, torch.Tensor]:
         """Run-file datasets written once per run, not per image: ``bias/L3`` (H, N, N), each layer's position-only
         additive term (relative-position tables; the same for every image). Masks are never among them."""
-        return {f"bias/L{layer}": bias for layer, bias in sorted(self.position_bias.items())}
+        return {f"bias/L{layer}": bias.clone() for layer, bias in sorted(self.position_bias.items())}
 
     @property
     def size(self) -> int:
@@ -325,7 +325,7 @@ class Recording:
         self.images_seen += size
         self.last = batch
         for layer, bias in batch.position_bias.items():
-            before = self._bias.setdefault(layer, bias)
+            before = self._bias.setdefault(layer, bias.clone())  # the layer's own copy, whatever the model reuses
             if isinstance(before, torch.Tensor) and not (before.shape == bias.shape and torch.equal(before, bias)):
                 self._bias[layer] = "it changed between batches (another input size, or a term computed from the image)"
         for layer in batch.masked:

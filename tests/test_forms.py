@@ -191,6 +191,11 @@ def test_cait_class_attention_maps_have_the_models_shape_and_rows_exist_only_for
     for layer, full in run.attention_maps("full").items():
         assert full.shape == (2, 4, 1, 17)  # only the class token queries [class; 16 patches]
         assert torch.allclose(run.attention_maps("rows")[layer], full, atol=1e-6)
+    with qkhooks.record(model, modes=None, layers=[0, 1], attention=["rows", "full"]) as run, torch.no_grad():
+        run(_images(), meta={"query_tokens": torch.tensor([[0, 5], [3, 8]])})  # talking heads: rows = full maps' rows
+    for layer, full in run.attention_maps("full").items():
+        want = torch.stack([full[b][:, t] for b, t in enumerate(([0, 5], [3, 8]))])
+        assert torch.allclose(run.attention_maps("rows")[layer], want, atol=1e-6)
     with qkhooks.record(model, modes=None, layers=[2], attention="rows") as run, torch.no_grad():
         with pytest.raises(QKHooksError, match=r"layer 2 .*class attention.*tokens \[5\] do not exist"):
             run(_images(), meta={"query_tokens": torch.tensor([[0, 5], [0, 5]])})
