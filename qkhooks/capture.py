@@ -354,11 +354,12 @@ class Recording:
                 self._current.meta["num_prefix_tokens"] = site.num_prefix_tokens
                 with contextlib.suppress(QKHooksError):  # a grid of its own; else the sinks ask for one
                     self._current.meta.setdefault("grid", site.grid_for(int(x.shape[1])))
-            bias = site.position_bias()
-            if bias is not None:
-                self._current.position_bias[site.layer] = bias
-            elif site.logit_bias() is not None:
-                self._current.masked.add(site.layer)
+            if site.logit_bias() is not None:  # an all-zero term (an unpadded batch's mask) is no term at all
+                bias = site.position_bias()
+                if bias is None:
+                    self._current.masked.add(site.layer)
+                elif bool(bias.any()):
+                    self._current.position_bias[site.layer] = bias
             with torch.no_grad():
                 cap = LayerCapture(site.layer, int(x.shape[0]))
                 x_modes = self._residual.pop(site.layer, x) if self.input == "residual" else x
