@@ -91,16 +91,22 @@ def split_heads(site: AttentionSite, t: torch.Tensor) -> torch.Tensor:
 def _softmax(site: AttentionSite, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over keys in float32, as HF's eager path does (a no-op cast for float32 models), after the model's
     own additive term (position bias, mask) for the rows of ``query_tokens`` (all rows when None)."""
-    return torch.softmax(site.add_logit_bias(logits.float(), query_tokens), dim=-1)
+    logits = site.add_logit_bias(logits.float(), query_tokens)
+    if site.head_mixing is not None:  # talking heads: heads mixed before and after the softmax, as the model does
+        return site.head_mixing.maps(logits)
+    return torch.softmax(logits, dim=-1)
 
 
 def full_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """All post-softmax maps (B, H, N, N) from q, k (B, H, N, d_k), biases included, as the model computed them.
 
-    q and k are as the Linear layers return them; the model's own rotation (RoPE) is applied here.
-    Scaling q before the product (as timm's eager path does) touches N·d_k values instead of N·N.
+    q and k are as the Linear layers return them; the model's own normalisation and rotation (q/k-norm, RoPE)
+    are applied here. Scaling q before the product (as timm's eager path does) touches N·d_k values instead of
+    N·N. Class attention (CaiT): only the first token queries, so the maps are (B, H, 1, N), the model's shape.
     """
-    q, k = site.rotate_qk(q, k)
+    q, k = site.model_qk(q, k)
+    if site.class_attention:
+        q = q[:, :, :1]
     return _softmax(site, (q * site.scale) @ k.transpose(-1, -2))
 
 
@@ -108,7 +114,8 @@ def rows_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, query_to
     """Post-softmax rows (B, H, T, N) of the query tokens (B, T) from q, k (B, H, N, d_k) as the Linear layers
     return them (rotated here first, as the model rotates them)."""
     idx = _check_tokens(query_tokens, q.shape[0], q.shape[2], q.device)
-    q, k = site.rotate_qk(q, k)
+    _refuse_non_querying_tokens(site, query_tokens)
+    q, k = site.model_qk(q, k)
     q_t = torch.gather(q, 2, idx[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
     return _softmax(site, (q_t * site.scale) @ k.transpose(-1, -2), idx)
 
@@ -124,7 +131,7 @@ def _logits(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.
     if site.rotates() and x_q.shape[1] != x_k.shape[1]:
         raise QKHooksError(f"{site.path}: RoPE rotates each token by its own position, so q cannot come from a subset of "
                            "the tokens; use rows_from_qk(site, *site.qk(x), query_tokens).")
-    q, k = site.rotate_qk(q, k)  # RoPE models: the model's own rotation
+    q, k = site.model_qk(q, k)  # the model's own q/k normalisation and rotation, where it has them
     return (q @ k.transpose(-1, -2)) * site.scale
 
 
@@ -158,11 +165,24 @@ def _check_tokens(query_tokens: torch.Tensor, batch: int, n: int, device: torch.
     return query_tokens.to(device).long()
 
 
+def _refuse_non_querying_tokens(site: AttentionSite, query_tokens: torch.Tensor) -> None:
+    """Class attention has one query, the class token: a row of any other token does not exist in the model."""
+    if site.class_attention and query_tokens.numel() and bool((torch.as_tensor(query_tokens) != 0).any()):
+        raise QKHooksError(
+            f"layer {site.layer} ({site.path}) is class attention: only the class token (index 0) queries there, so "
+            f"the rows of tokens {sorted(set(torch.as_tensor(query_tokens).flatten().tolist()) - {0})} do not exist in "
+            "the model. Ask its rows with query_tokens 0, record its full maps (B, H, 1, N), or leave the layer out "
+            "with layers=."
+        )
+
+
 def attention_rows(site: AttentionSite, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
     """Post-softmax attention rows (B, H, T, N) of the query tokens (B, T) (indices into all N tokens)."""
     idx = _check_tokens(query_tokens, x.shape[0], x.shape[1], x.device)
-    # few query tokens: never compute the keys (not under RoPE, where every key is rotated by its own position)
-    if not site.rotates() and site.num_heads * idx.shape[1] < x.shape[-1]:
+    _refuse_non_querying_tokens(site, query_tokens)
+    # few query tokens: never compute the keys (not under RoPE or q/k-norm, where each key's own rotation or
+    # scale enters its logit)
+    if not site.keys_shape_logits() and site.num_heads * idx.shape[1] < x.shape[-1]:
         x_q = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
         return _softmax(site, _row_logits(site, x_q, x), idx)
     return rows_from_qk(site, *site.qk(x), idx)

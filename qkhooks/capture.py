@@ -148,6 +148,7 @@ class Recording:
         self._pending_meta: dict[str, Any] = {}
         self._residual: dict[int, torch.Tensor] = {}
         self.last: BatchCapture | None = None
+        self._bias: dict[int, torch.Tensor | str] = {}  # layer -> its position-only term, or why it has none
         self.images_seen = 0
         self.index_base = 0
 
@@ -198,6 +199,8 @@ class Recording:
         self._current = None
         self._residual.clear()
         self._qk_outputs.clear()
+        for site in self.sites:  # the last call's mask, bias and rotary tables: not kept past the recording
+            site.forget_call()
 
     def _live_model(self) -> nn.Module:
         """The recorded model, or a clear error once it is gone or this recording has released it."""
@@ -276,6 +279,12 @@ class Recording:
             raise QKHooksError(f"{len(batch.ids)} ids were given for a batch of {size} images; give one id per image.")
         self.images_seen += size
         self.last = batch
+        for layer, bias in batch.position_bias.items():
+            before = self._bias.setdefault(layer, bias.clone())  # the layer's own copy, whatever the model reuses
+            if isinstance(before, torch.Tensor) and not (before.shape == bias.shape and torch.equal(before, bias)):
+                self._bias[layer] = "it changed between batches (another input size, or a term computed from the image)"
+        for layer in batch.masked:
+            self._bias[layer] = "it is a mask (it masks keys out or differs between images), applied in the rebuilt maps"
         for sink in self.sinks:
             sink.update(batch)
 
@@ -300,6 +309,12 @@ class Recording:
                 self._current.meta["num_prefix_tokens"] = site.num_prefix_tokens
                 with contextlib.suppress(QKHooksError):  # a grid of its own; else the sinks ask for one
                     self._current.meta.setdefault("grid", site.grid_for(int(x.shape[1])))
+            if site.logit_bias() is not None:  # an all-zero term (an unpadded batch's mask) is no term at all
+                bias = site.position_bias()
+                if bias is None:
+                    self._current.masked.add(site.layer)
+                elif bool(bias.any()):
+                    self._current.position_bias[site.layer] = bias
             with torch.no_grad():
                 cap = LayerCapture(site.layer, int(x.shape[0]))
                 x_modes = self._residual.pop(site.layer, x) if self.input == "residual" else x
@@ -463,6 +478,18 @@ class Recording:
         if self.last is None:
             raise QKHooksError("nothing recorded yet: run the model inside the context first.")
         return {l: getattr(c, name) for l, c in self.last.captures.items() if getattr(c, name) is not None}
+
+    def bias(self, layer: int) -> torch.Tensor | None:
+        """The additive position-only term (H, N, N) the model adds to layer ``layer``'s scaled logits (BEiT's
+        relative-position table, shared or per layer), the same for every image: logits = scale · content + bias.
+        None when the layer has none; a :class:`QKHooksError` when its additive term is a mask or image-dependent
+        (that term enters the rebuilt maps, but is not a property of the layer)."""
+        if layer not in {s.layer for s in self.sites}:
+            raise QKHooksError(f"layer {layer} is not recorded here; recorded layers: {[s.layer for s in self.sites]}.")
+        value = self._bias.get(layer)
+        if isinstance(value, str):
+            raise QKHooksError(f"layer {layer} has no position-only additive term to give: {value}.")
+        return value
 
     def attention_maps(self, kind: str = "rows") -> dict[int, torch.Tensor]:
         """Deprecated: layer -> rebuilt attention of ``kind`` for the last batch; use ``attention(l, kind)``."""

@@ -317,7 +317,8 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
                    readings, figures,
                    ["Input: the tensor that enters W_q and W_k (the block's normed input), as BFD defines it, "
                     "whatever `--input` says for the maps: on the residual stream the logits would not be the model's.",
-                    f"Data: {n} bundled photos (the paper: ImageNet); {DATA_HINT}."],
+                    f"Data: {n} bundled photos (the paper: ImageNet); {DATA_HINT}."]
+                   + ([f"Variant: {result['variant']}."] if "variant" in result else []),
                    warnings, numbers)
 
 

@@ -87,6 +87,8 @@ class BatchCapture:
         *,
         module_paths: dict[int, str] | None = None,
         qk_spectrum: QKSpectrum | None = None,
+        position_bias: dict[int, Any] | None = None,
+        masked: set[int] | None = None,
         layers: dict[int, LayerCapture] | None = None,
     ):
         if layers is not None:
@@ -98,6 +100,15 @@ class BatchCapture:
         self.offset = offset
         self.module_paths: dict[int, str] = dict(module_paths or {})
         self.qk_spectrum = qk_spectrum
+        self.position_bias: dict[int, Any] = {} if position_bias is None else position_bias
+        """Layer -> (H, N, N) position-only additive term of this batch (relative-position tables)."""
+        self.masked: set[int] = set() if masked is None else masked
+        """Layers whose additive term was a mask or image-dependent (never stored as a position term)."""
+
+    def statics(self) -> dict[str, Any]:
+        """Run-file datasets written once per run, not per image: ``bias/L3`` (H, N, N), each layer's position-only
+        additive term (relative-position tables; the same for every image). Masks are never among them."""
+        return {f"bias/L{layer}": bias.clone() for layer, bias in sorted(self.position_bias.items())}
 
     def __repr__(self) -> str:
         more = "..." if len(self.ids) > 3 else ""

@@ -66,8 +66,13 @@ class WriterSink:
     def __init__(self, writer: Any, store_modes: bool = True):
         self.writer = writer
         self.store_modes = store_modes
+        self._statics_written = False
 
     def update(self, batch: BatchCapture) -> None:
+        if not self._statics_written:  # once per run, before the first batch fixes the layout
+            for name, value in batch.statics().items():
+                self.writer.write_static(name, value)
+            self._statics_written = True
         arrays = batch.arrays()
         if not self.store_modes:
             arrays = {k: v for k, v in arrays.items() if not k.startswith("modes/")}

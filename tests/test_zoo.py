@@ -118,6 +118,7 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
     try:
         with qkhooks.record(model, modes="all", augmented=True, attention="full") as run:
             out = _first_tensor(_call(model, inputs))
+            called = [dataclasses.replace(s) for s in run.sites]  # as called: the recording forgets the call on exit
     except QKHooksError as err:
         return _refused(err)
     families = tuple(sorted({s.family for s in sites}))
@@ -125,7 +126,7 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
     assert [s.layer for s in run.sites] == list(range(len(sites)))
     assert len(eager) == len(sites), f"{len(sites)} sites but the model returns {len(eager)} attention maps"
     full = run.attention_maps("full")
-    for live, site, want in zip(sites, run.sites, eager):  # run.sites are released copies after the context
+    for live, site, want in zip(sites, called, eager):
         got = full[site.layer]
         assert got.shape == want.shape, f"{site.path}: maps {tuple(got.shape)}, model {tuple(want.shape)}"
         err = float((got - want).abs().max())
@@ -134,7 +135,7 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         logits = torch.einsum("bhkn,hk,bhkm->bhnm", run.query[site.layer], run.spectrum[site.layer].S,
                               run.key[site.layer]) * site.scale
         logits = site.add_logit_bias(logits)  # the model's own additive term (relative table, mask), if any
-        if site.rotates():  # RoPE: the modes are the content form, compared with the unrotated q·k
+        if not site.modes_rebuild_logits():  # RoPE, q/k-norm, CaiT: the modes are the content form, compared with q·k
             ref = _own_content_logits(live.module, inputs_seen[site.layer], site.num_heads) * site.scale
             err = float((logits - ref).abs().max() / ref.abs().max())
             assert err < 1e-4, f"{site.path}: modes do not rebuild the unrotated content logits ({err:.1e})"
@@ -144,7 +145,7 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         keep = (want.double() > 1e-12) & (want[..., :1].double() > 1e-12)  # masked keys carry no logit
         scale = float((own - own[..., :1]).abs().max()) + 1.0
         assert float(diff.abs().where(keep, 0).max()) < 1e-4 * scale, f"{site.path}: modes do not rebuild the logits"
-    return Outcome("exact", f"{len(sites)} layers", families, len(sites), _form(run.sites))
+    return Outcome("exact", f"{len(sites)} layers", families, len(sites), _form(called))
 
 
 def _form(sites: list) -> str:
@@ -158,6 +159,12 @@ def _form(sites: list) -> str:
         parts.append("additive bias/mask")
     if any(s.token_layout == "grid" for s in sites):
         parts.append("grid tokens")
+    if any(s.qk_norm is not None for s in sites):
+        parts.append("q/k-norm")
+    if any(s.class_attention for s in sites):
+        parts.append("class attention")
+    if any(s.head_mixing is not None for s in sites):
+        parts.append("head mixing")
     return ", ".join(parts) or "plain"
 
 
@@ -171,8 +178,8 @@ def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch
         w_q, w_k = w[:rows], w[rows: 2 * rows]
         b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: 2 * rows])
     else:
-        q_lin = getattr(module, "q_proj", None) or module.query
-        k_lin = getattr(module, "k_proj", None) or module.key
+        q_lin = getattr(module, "q_proj", None) or getattr(module, "query", None) or module.q
+        k_lin = getattr(module, "k_proj", None) or getattr(module, "key", None) or module.k
         w_q, w_k, b_q, b_k = q_lin.weight, k_lin.weight, q_lin.bias, k_lin.bias
     with torch.no_grad():
         q = torch.nn.functional.linear(x, w_q, b_q).unflatten(-1, (heads, -1)).transpose(1, 2)
@@ -209,11 +216,13 @@ def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
 def _hf(model_cls: str, config_cls: str, **kw: Any) -> Callable[[], nn.Module]:
     import transformers
 
+    implementation = kw.pop("attn_implementation", "sdpa")
+
     def build() -> nn.Module:
         config = getattr(transformers, config_cls)(**kw)
         cls = getattr(transformers, model_cls)
         if getattr(cls, "_supports_sdpa", False):  # fused, as users run it; the eager path is the reference
-            return cls._from_config(config, attn_implementation="sdpa")
+            return cls._from_config(config, attn_implementation=implementation)
         return cls._from_config(config)
 
     return build
@@ -263,7 +272,11 @@ FAST_CASES = [
     _timm_case("eva02_tiny_patch14_224", "exact", size=28, depth=2, img_size=28, patch_size=7),
     _timm_case("vit_small_patch16_dinov3", "exact", embed_dim=32, depth=2, num_heads=4, img_size=32),
     _timm_case("vit_base_patch16_rope_reg1_gap_256", "exact", **SMALL_VIT),
-    _timm_case("vit_small_patch16_224", "q/k normalisation", qk_norm=True, **SMALL_VIT),
+    _timm_case("vit_small_patch16_224", "exact", qk_norm=True, **SMALL_VIT),
+    _timm_case("cait_xxs24_224", "exact", depth_token_only=2, **SMALL_VIT),
+    _timm_case("vit_pe_core_tiny_patch16_384", "exact", depth=2, img_size=32, qk_norm=True),  # AttentionRope
+    _timm_case("vit_pe_core_tiny_patch16_384", "grouped-query", module="blocks.0.attn", depth=2, img_size=32,
+               num_kv_heads=1, qkv_fused=False),
     _hf_case("DINOv3ViTModel", "DINOv3ViTModel", "DINOv3ViTConfig", "exact", hidden_size=32, num_hidden_layers=2,
              num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, num_register_tokens=2),
     _hf_case("BeitModel-shared-bias", "BeitModel", "BeitConfig", "exact", use_shared_relative_position_bias=True,
@@ -282,8 +295,11 @@ FAST_CASES = [
              num_attention_heads=4, mlp_ratio=2, image_size=32, pretrain_image_size=32, patch_size=8),
     _hf_case("BlipVisionModel", "BlipVisionModel", "BlipVisionConfig", "exact", **HF_SMALL),
     _hf_case("InstructBlipVisionModel", "InstructBlipVisionModel", "InstructBlipVisionConfig", "exact", **HF_SMALL),
-    _hf_case("Data2VecVisionModel", "Data2VecVisionModel", "Data2VecVisionConfig", "relative_position_bias",
-             module="encoder.layer.0.attention.attention", use_relative_position_bias=True, **HF_SMALL),
+    # built eager: Data2Vec cannot switch its attention implementation later (tests/test_forms.py checks SDPA)
+    _hf_case("Data2VecVisionModel", "Data2VecVisionModel", "Data2VecVisionConfig", "exact",
+             use_relative_position_bias=True, attn_implementation="eager", **HF_SMALL),
+    _hf_case("Data2VecVisionModel-shared-bias", "Data2VecVisionModel", "Data2VecVisionConfig", "exact",
+             use_shared_relative_position_bias=True, attn_implementation="eager", **HF_SMALL),
     _hf_case("EomtForUniversalSegmentation", "EomtForUniversalSegmentation", "EomtConfig", "exact",
              num_queries=5, num_blocks=1, **HF_SMALL),
     _hf_case("Blip2VisionModel", "Blip2VisionModel", "Blip2VisionConfig", "exact", **HF_SMALL),

@@ -218,6 +218,11 @@ def run_bfd(
     result = summarize(reducers[0].state_dict(), reducers[1].state_dict() if decode else None, model=label,
                        definition=definition, alpha=alpha, per_mode=per_mode)
     result["input"] = input
+    content_only = {str(s.layer): s.content_only() for s in sites if s.content_only()}
+    if content_only:  # RoPE, q/k-norm, CaiT: the single bilinear form BFD splits is the content term only
+        result["variant"] = ("content-only: the energies split the content form W_q^T W_k, not the model's logits, "
+                             "in layers " + ", ".join(content_only) + ": " + "; ".join(sorted(set(content_only.values()))))
+        result["content_only_layers"] = content_only
     if note:
         result["note"] = note
     return result

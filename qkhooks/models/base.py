@@ -59,6 +59,17 @@ class AttentionSite:
             (prefix tokens unrotated, as the model does). Rebuilt maps use the rotated q, k; modes stay those
             of the content form W_q^T W_k (the zero-offset term). ``rope_layout``: how dimensions pair up,
             ``"interleaved"`` (0,1), (2,3)... or ``"half"`` (i, i + d_k/2); see :mod:`qkhooks.models.rope`.
+        qk_norm: the model's own q/k normalisation (a :class:`qkhooks.models.qknorm.QKNorm`), applied to q and k
+            before any rotation as the model does; rebuilt maps use the normalised q, k, modes stay those of the
+            pre-norm form W_q^T W_k, and :func:`qkhooks.models.qknorm.normalised_form` gives the exact one.
+        call_bias: for modules that build their additive term themselves (Data2Vec vision's relative-position
+            table, from the call's resolution, plus the shared table handed as an argument): the adapter's function
+            ``(args, kwargs) -> term`` that rebuilds the very term the module adds, reading every argument of the
+            call (it refuses one it does not know), instead of ``bias_input``.
+        class_attention: only the first (class) token queries, keys are every token handed in (CaiT's
+            ``ClassAttn``): maps are (B, H, 1, N), the model's shape.
+        head_mixing: the model's own mixing of heads around the softmax (CaiT talking heads, a
+            :class:`qkhooks.models.class_attention.TalkingHeads`): maps = mix_post(softmax(mix_pre(logits))).
         token_layout: ``"tokens"`` (B, N, d) or ``"grid"``: the module takes (B, h, w, d) patch grids (VitDet),
             read row by row as N = h·w tokens.
         stage: dotted path of the container the block sits in (``blocks``, ``transformers.1.blocks``,
@@ -91,6 +102,10 @@ class AttentionSite:
     rope_input: str | None = None
     rope_apply: Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]] | None = None
     rope_layout: str = "interleaved"
+    qk_norm: Any = None
+    call_bias: Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor | None] | None = None
+    class_attention: bool = False
+    head_mixing: Any = None
     _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _call_rope: Any = dataclasses.field(default=None, repr=False)
 
@@ -123,6 +138,12 @@ class AttentionSite:
     def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
         """Pick the token tensor out of a module call, whether passed by position or by keyword."""
         name = self.block_input_name if block else self.input_name
+        if block and self.class_attention:
+            raise QKHooksError(
+                f"{self.block_path}: a class-attention block takes the patches and the class token as two arguments "
+                "and joins them itself, so its residual stream is not one tensor qkhooks can read; record it with "
+                "input='normed' (the tokens entering W_q/W_k)."
+            )
         if not block:
             self.refuse_unmodelled_inputs(args, kwargs)
         if args:
@@ -145,6 +166,9 @@ class AttentionSite:
     def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Refuse a call that hands the attention anything besides the tokens (a mask, a position bias, rotary
         tables, a causal flag): the maps rebuilt from q and k alone would silently differ from the model's."""
+        if self.call_bias is not None:  # the adapter reads every argument of the call itself
+            self._call_bias = self.call_bias(args, kwargs)
+            return
         extra = [(f"argument {i}", v) for i, v in enumerate(args[1:], 1)]
         extra += [(repr(k), v) for k, v in kwargs.items() if k not in (self.input_name, self.bias_input, self.rope_input)]
         if self.bias_input is not None:
@@ -161,6 +185,12 @@ class AttentionSite:
                     "'Supported models')."
                 )
 
+    def forget_call(self) -> None:
+        """Drop what the last recorded call handed the module (its mask, bias, rotary tables), so a finished
+        recording keeps no batch's tensors alive and nothing reads them as if a call were under way."""
+        self._call_bias = None
+        self._call_rope = None
+
     def rotates(self) -> bool:
         """Whether the call being recorded rotates q and k (RoPE tables were handed to the module)."""
         return self._call_rope is not None
@@ -171,10 +201,55 @@ class AttentionSite:
             return q, k
         return self.rope_apply(q, k, self._call_rope)
 
+    def model_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (B, H, N, d_k) as the Linear layers return them -> as the model multiplies them: normalised
+        (q/k-norm), then rotated (RoPE), each only where the model does it."""
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
+        return self.rotate_qk(q, k)
+
+    def keys_shape_logits(self) -> bool:
+        """Whether each key's own q/k transformation (rotation by its position, normalisation by its scale) enters
+        the logits, so a row of logits cannot be taken from W_k^T q_t · x_j without computing every key."""
+        return self.rotates() or self.qk_norm is not None
+
+    def content_only(self) -> str:
+        """Why this layer's logits are more than scale · x^T W_q^T W_k x + bias ('' when they are not): analyses of
+        that one bilinear form (the modes, BFD) then describe the content term only, and must say so."""
+        reasons = []
+        if self.rope_apply is not None:
+            reasons.append("RoPE turns q and k by their positions (the form is the zero-offset content term)")
+        if self.qk_norm is not None:
+            reasons.append("q and k are normalised per token (the form is the pre-norm one)")
+        if self.class_attention:
+            reasons.append("only the class token queries (class attention)")
+        if self.head_mixing is not None:
+            reasons.append("the heads are mixed around the softmax (talking heads)")
+        return "; ".join(reasons)
+
+    def modes_rebuild_logits(self) -> bool:
+        """Whether the modes of W_q^T W_k (plus the additive term) rebuild the logits of the call being recorded;
+        False under RoPE, q/k-norm, class attention or head mixing, where they rebuild the content term q·k
+        before the model's rotation, normalisation, query selection or mixing (those have their own exact forms)."""
+        return not (self.keys_shape_logits() or self.class_attention or self.head_mixing is not None)
+
     def logit_bias(self) -> torch.Tensor | None:
         """The additive term (B or 1, H or 1, N, N) the model added to this layer's logits in the call being
         recorded (None: none): a position-only table, a mask, or both."""
         return _additive(self._call_bias)
+
+    def position_bias(self) -> torch.Tensor | None:
+        """The call's additive term as a position-only term (H, N_q, N_k), or None: the call had none, or it is
+        (or holds) a mask, i.e. it masks some keys out or differs between the images of the batch. A mask stays a
+        mask: it enters the rebuilt maps, but it is not a property of the layer to store once."""
+        bias = self.logit_bias()
+        if bias is None or bias.dim() != 4:
+            return None
+        if not bool(torch.isfinite(bias).all()) or bool((bias <= torch.finfo(bias.dtype).min / 2).any()):
+            return None
+        if bias.shape[0] > 1 and not torch.equal(bias, bias[:1].expand_as(bias)):
+            return None
+        return bias[0].expand(self.num_heads, -1, -1)
 
     def add_logit_bias(self, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled logits (B, H, T, N) plus the model's own additive term, rows picked by ``query_tokens`` (B, T)

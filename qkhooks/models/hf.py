@@ -21,13 +21,15 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, register_adapter
+from qkhooks.models.qknorm import qk_norm_modelled, qk_norm_of
 from qkhooks.models.unsupported import refuse_uncovered
 
 _LAYER = re.compile(r"^(?P<block>(?:.*\.)?(?:layers?|blocks?)\.(?P<idx>\d+))\.")
 _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
 # Children an attention module may own besides its q/k/v projections without changing the logits.
 _HARMLESS_CHILDREN = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv", "dropout", "attn_dropout",
-                      "attention_dropout", "out_proj", "o_proj", "proj", "projection", "dense", "output"}
+                      "attention_dropout", "out_proj", "o_proj", "proj", "projection", "dense", "output",
+                      "projection_layer", "projection_dropout"}
 # Attention classes handed (cos, sin) as position_embeddings -> their module's rotation function.
 _ROPE_FUNCTIONS = {"DINOv3ViTAttention": "apply_rotary_pos_emb"}
 # Attention classes whose token layout qkhooks does not model although their logits are plain.
@@ -55,7 +57,10 @@ def _refuse_unmodelled(name: str, module: nn.Module) -> None:
     cls = type(module).__name__
     if cls in _FOLDED_TOKENS:
         raise QKHooksError(f"unsupported attention in {name!r} ({cls}): {_FOLDED_TOKENS[cls]}.")
-    extra = [n for n, child in module.named_children() if n not in _HARMLESS_CHILDREN and not isinstance(child, nn.Identity)]
+    modelled = ("q_norm", "k_norm") if qk_norm_modelled(module) else ()  # applied with the model's own modules
+    modelled += ("relative_position_bias",) if _builds_own_bias(module) else ()
+    extra = [n for n, child in module.named_children()
+             if n not in _HARMLESS_CHILDREN and n not in modelled and not isinstance(child, nn.Identity)]
     extra += [n for n, _ in module.named_parameters(recurse=False)]  # a table or scale used in the logits
     if extra:
         raise QKHooksError(
@@ -179,10 +184,55 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 rope_input="position_embeddings" if type(module).__name__ in _ROPE_FUNCTIONS else None,
                 rope_apply=_rope_reader(module),
                 rope_layout="half",  # rotate_half: pairs (i, i + d_k/2)
+                qk_norm=qk_norm_of(name, module, per_head=_norm_width(module) == head_dim),
+                call_bias=_data2vec_bias(name, module) if _builds_own_bias(module) else None,
             )
         )
     refuse_uncovered(model, sites)
     return sites
+
+
+_DATA2VEC_ARGUMENTS = ("hidden_states", "output_attentions", "relative_position_bias", "interpolate_pos_encoding", "resolution")
+
+
+def _data2vec_bias(path: str, module: nn.Module):
+    """Data2Vec vision's self-attention adds its own relative-position table (built from the call's resolution) and
+    the shared table the layer hands it as its third argument: rebuild that sum from the call, with the module's
+    own table module, so the maps add the very term the model adds."""
+    def bias(args: tuple, kwargs: dict) -> torch.Tensor | None:
+        call = dict(zip(_DATA2VEC_ARGUMENTS, args), **kwargs)
+        unknown = sorted(set(call) - set(_DATA2VEC_ARGUMENTS)) + [f"argument {i}" for i in range(len(_DATA2VEC_ARGUMENTS), len(args))]
+        if unknown:
+            raise QKHooksError(f"unsupported attention in {path!r} ({type(module).__name__}): the model passes {unknown}, "
+                               "which the Data2Vec adapter does not model.")
+        total = None
+        if module.has_relative_position_bias:
+            patch = _pair(module.config.patch_size)
+            height, width = call["resolution"]
+            total = module.relative_position_bias((height // patch[0], width // patch[1]),
+                                                  bool(call.get("interpolate_pos_encoding", False)),
+                                                  dim_size=call["hidden_states"].shape[1])
+        shared = call.get("relative_position_bias")
+        if shared is not None:
+            total = shared if total is None else total + shared
+        return None if total is None else total.detach()
+
+    return bias
+
+
+def _builds_own_bias(module: nn.Module) -> bool:
+    """Data2Vec vision's eager and SDPA self-attention, whose in-module relative-position table qkhooks rebuilds."""
+    try:
+        from transformers.models.data2vec import modeling_data2vec_vision as d2v
+    except ImportError:  # pragma: no cover - a transformers without Data2Vec
+        return False
+    return type(module).forward in (d2v.Data2VecVisionSelfAttention.forward, d2v.Data2VecVisionSdpaSelfAttention.forward)
+
+
+def _norm_width(module: nn.Module) -> int | None:
+    """How many dimensions the q norm acts on: one head's d_k, or the whole width (InternVL)."""
+    weight = getattr(getattr(module, "q_norm", None), "weight", None)
+    return None if weight is None else int(weight.shape[-1])
 
 
 def _rope_reader(module: nn.Module):

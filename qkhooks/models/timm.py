@@ -17,15 +17,20 @@ from typing import Callable
 import torch
 from torch import nn
 
+from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, register_adapter
+from qkhooks.models.class_attention import cait_site_fields
+from qkhooks.models.qknorm import qk_norm_of
 from qkhooks.models.unsupported import refuse_uncovered
 
 
 def _classes() -> dict[str, type]:
-    from timm.layers import Attention
+    from timm.layers import Attention, AttentionRope
+    from timm.models.cait import ClassAttn, TalkingHeadAttn
     from timm.models.eva import EvaAttention
 
-    return {"Attention": Attention, "EvaAttention": EvaAttention}
+    return {"Attention": Attention, "EvaAttention": EvaAttention, "AttentionRope": AttentionRope, "ClassAttn": ClassAttn,
+            "TalkingHeadAttn": TalkingHeadAttn}
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -44,7 +49,7 @@ def _qk_reader(attn: nn.Module, kind: str) -> tuple[Callable[[], tuple[torch.Ten
     """(qk_linear, qk_modules) for a modelled attention: q then k rows of the model's own parameters."""
     rows = int(attn.num_heads) * int(attn.head_dim)
     qkv = getattr(attn, "qkv", None)
-    if kind == "Attention" or (kind == "EvaAttention" and qkv is not None and attn.q_bias is None):
+    if qkv is not None and getattr(attn, "q_bias", None) is None:
         def fused() -> tuple[torch.Tensor, torch.Tensor | None]:
             return qkv.weight[: 2 * rows], None if qkv.bias is None else qkv.bias[: 2 * rows]
 
@@ -67,7 +72,7 @@ def _qk_reader(attn: nn.Module, kind: str) -> tuple[Callable[[], tuple[torch.Ten
 
 
 def _eva_rotation(attn: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """EvaAttention's own rotation: timm's ``apply_rot_embed_cat`` on the patch tokens, prefix tokens as they are."""
+    """EvaAttention's and AttentionRope's own rotation: timm's ``apply_rot_embed_cat`` on the patch tokens, prefix tokens as they are."""
     from timm.layers import apply_rot_embed_cat
 
     def rotate(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,8 +124,18 @@ def find(model: nn.Module) -> list[AttentionSite]:
             continue
         block_path = name.rpartition(".")[0]
         stage = block_path.rpartition(".")[0]
-        qk_linear, qk_modules = _qk_reader(attn, kind)
         site_grid = _pit_stage_grid(stage, grid)
+        if int(getattr(attn, "num_kv_heads", attn.num_heads)) != int(attn.num_heads):
+            raise QKHooksError(
+                f"unsupported attention in {name!r} ({type(attn).__name__}): grouped-query attention ({attn.num_heads} "
+                f"query heads share {attn.num_kv_heads} key heads), which qkhooks does not model yet."
+            )
+        rotary = kind in ("EvaAttention", "AttentionRope")
+        if kind in ("ClassAttn", "TalkingHeadAttn"):  # CaiT: its own query tokens, prefix and head mixing
+            fields = cait_site_fields(attn, kind)
+        else:
+            qk_linear, qk_modules = _qk_reader(attn, kind)
+            fields = dict(qk_linear=qk_linear, qk_modules=qk_modules, head_dim=int(attn.head_dim), num_prefix_tokens=num_prefix)
         sites.append(
             AttentionSite(
                 layer=len(sites),
@@ -129,21 +144,19 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 block_path=block_path,
                 block=modules[block_path],
                 num_heads=int(attn.num_heads),
-                head_dim=int(attn.head_dim),
-                dim=int(qk_linear()[0].shape[1]),
+                dim=int(fields["qk_linear"]()[0].shape[1]),
                 scale=float(attn.scale),
-                num_prefix_tokens=num_prefix,
                 grid=site_grid,
-                family="timm-vit" if kind == "Attention" else "timm-eva",
+                family={"Attention": "timm-vit", "EvaAttention": "timm-eva", "AttentionRope": "timm-eva"}.get(kind, "timm-cait"),
                 input_name="x",
                 block_input_name="x",
-                qk_linear=qk_linear,
                 patch_size=patch if site_grid == grid else None,
-                qk_modules=qk_modules,
                 stage=stage,
-                rope_input="rope" if kind == "EvaAttention" else None,
-                rope_apply=_eva_rotation(attn) if kind == "EvaAttention" else None,
+                rope_input="rope" if rotary else None,
+                rope_apply=_eva_rotation(attn) if rotary else None,
                 rope_layout="half" if getattr(attn, "rotate_half", False) else "interleaved",
+                qk_norm=qk_norm_of(name, attn),
+                **fields,
             )
         )
     refuse_uncovered(model, sites)
@@ -160,6 +173,6 @@ register_adapter(
     matches,
     find,
     families="timm VisionTransformer and variants: ViT, DeiT (incl. distilled), DINO, CLIP, DINOv2 (incl. registers), "
-    "parallel blocks, PiT, EVA without RoPE",
+    "parallel blocks, PiT, q/k-norm, EVA / EVA-02 / DINOv3 / vit_*_rope_* / PE (RoPE), CaiT (class attention, talking heads)",
     first=False,
 )

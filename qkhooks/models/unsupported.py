@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 _RELATIVE_BIAS = ("relative_position_bias", "relpos", "rel_pos")
 _ROTARY = ("rope", "rotary")
-_ROPE_MODELLED = ("EvaAttention", "DINOv3ViTAttention")
+_ROPE_MODELLED = ("EvaAttention", "AttentionRope", "DINOv3ViTAttention")
 _REASONS = (
     (_ROTARY, "rotary position embeddings make the query-key form depend on the relative position"),
     (("window", "swin"), "windowed attention splits the tokens into windows with their own masks and shifts"),
@@ -50,9 +50,11 @@ def diagnose(model: nn.Module) -> None:
     # back exactly (AttentionSite.bias_input); elsewhere a table is an unmodelled term
     hf = type(model).__module__.startswith("transformers.")
     # attention classes whose rotary tables the adapters take from the call (AttentionSite.rope_input)
+    from qkhooks.models.qknorm import qk_norm_modelled
+
     rope_modelled = any(type(m).__name__ in _ROPE_MODELLED for m in model.modules())
     for name, module in model.named_modules():
-        if _has_qk_norm(module):
+        if _has_qk_norm(module) and not qk_norm_modelled(module):
             raise QKHooksError(
                 f"unsupported attention in {name!r} ({type(module).__name__}): q/k normalisation makes the "
                 "logit a non-linear function of the tokens, so W_q^T W_k has no exact meaning there."

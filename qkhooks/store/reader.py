@@ -217,6 +217,12 @@ class RunReader:
                       f"the run stores attention kinds {self.attention_kinds or 'none'} (the attention= option).")
         return self.array(f"attention/L{index}/{kind}")
 
+    def bias(self, layer: Layer) -> np.ndarray | None:
+        """Layer ``layer``'s position-only additive term (H, N, N), stored once per run (see
+        :meth:`qkhooks.Recording.bias`); None when the layer has none (masks are never stored)."""
+        ds = self.file.get(f"bias/L{self._layer(layer)}")
+        return None if ds is None else ds[()]
+
     def spectrum(self, layer: Layer) -> LayerSpectrum:
         """The recorded modes of ``layer`` as a :class:`LayerSpectrum` of numpy arrays U (H, d, K), S (H, K), V."""
         index = self._layer(layer)
