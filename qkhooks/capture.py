@@ -345,6 +345,8 @@ class Recording:
                     x_modes = x_modes.to(self.compute_dtype)
                 if projector is not None:
                     cap.query, cap.key = projector(x_modes.detach())
+                    if site.key_tokens is not None:  # keys from the reduced tokens the model feeds to W_k
+                        cap.key = projector(_reduced_keys(site, x, self.input, self.compute_dtype))[1]
                 if self.keep_inputs:
                     cap.inputs = x_modes.detach()
                 for spec in specs:
@@ -432,6 +434,15 @@ class Recording:
             raise QKHooksError(f"this recording rebuilds no {kind!r} attention; it has {kinds or 'none'} (the "
                                "attention= option of qkhooks.record).")
         return {l: c.attention[kind] for l, c in self._last_layers().items() if kind in c.attention}
+
+
+def _reduced_keys(site: AttentionSite, x: torch.Tensor, input: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """The tokens a reduced-key layer feeds to W_k in this call (only the normed input has them)."""
+    if input != "normed":
+        raise QKHooksError(f"{site.path}: its keys are spatially reduced tokens, which have no residual-stream "
+                           "counterpart; record it with input='normed'.")
+    keys = site.keys_for(x).detach()
+    return keys if dtype is None else keys.to(dtype)
 
 
 def _released() -> Any:

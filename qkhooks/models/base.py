@@ -65,6 +65,9 @@ class AttentionSite:
         qk_modules: the Linear modules whose outputs are q and k, as the model computes them from the hooked
             tokens: ``(qkv,)`` (fused; q then k then v along the last axis) or ``(query, key)``. The recording
             projects modes from these outputs (a d_k x K product per head instead of d x K). Empty: from x.
+        key_tokens: where the keys come from other tokens than the queries (spatial reduction in PVT/Segformer):
+            ``(x, args, kwargs) -> x_k`` (B, M, d), the tokens the model feeds to W_k, computed with the model's
+            own reduction modules from the hooked call; None: the keys' tokens are the queries' (M = N).
     """
 
     layer: int
@@ -90,8 +93,10 @@ class AttentionSite:
     rope_input: str | None = None
     rope_apply: Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]] | None = None
     rope_layout: str = "interleaved"
+    key_tokens: Callable[[torch.Tensor, tuple, dict], torch.Tensor] | None = None
     _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _call_rope: Any = dataclasses.field(default=None, repr=False)
+    _call_keys: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (
@@ -112,12 +117,30 @@ class AttentionSite:
         return QKWeights(w_q, w_k, b[: h * dk].reshape(h, dk), b[h * dk :].reshape(h, dk))
 
     def qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q and k (B, H, N, d_k), biases included, from the tokens entering W_q/W_k, in one matmul."""
+        """q and k (B, H, N, d_k) and (B, H, M, d_k), biases included, from the tokens entering W_q (and the
+        call's key tokens, :meth:`keys_for`), in one matmul when they are the same tokens."""
         w, b = self.qk_linear()
-        out = torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        x_k = self.keys_for(x)
+        if x_k is not x:
+            rows = self.num_heads * self.head_dim
+            q = torch.nn.functional.linear(x, w[:rows], None if b is None else b[:rows])
+            k = torch.nn.functional.linear(x_k, w[rows:], None if b is None else b[rows:])
+            return tuple(t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k))  # type: ignore[return-value]
+        out = torch.nn.functional.linear(x, w, b)
         bsz, n = x.shape[:2]
         out = out.view(bsz, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return out[0], out[1]
+
+    def keys_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens the model feeds to W_k in the call being recorded, whose query-side tokens are ``x``: x
+        itself, or the spatially reduced tokens :attr:`key_tokens` computed from that call."""
+        if self.key_tokens is None:
+            return x
+        if self._call_keys is None or self._call_keys.shape[0] != x.shape[0]:
+            raise QKHooksError(f"{self.path}: its keys come from reduced tokens computed from the attention call; "
+                               "rebuild maps of this layer inside a recording of a model call.")
+        return self._call_keys
 
     def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
         """Pick the token tensor out of a module call, whether passed by position or by keyword."""
@@ -139,6 +162,9 @@ class AttentionSite:
                 f"{self.path}: expected a (batch, tokens, {self.dim}) tensor entering the layer, got "
                 f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}; the adapter points at the wrong argument."
             )
+        if not block and self.key_tokens is not None:
+            with torch.no_grad():
+                self._call_keys = self.key_tokens(x, args, kwargs)
         return x
 
     def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

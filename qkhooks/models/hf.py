@@ -14,7 +14,9 @@ embeddings module (a CLS token, a distillation token, register tokens), so new v
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -36,6 +38,9 @@ _FOLDED_TOKENS = {
     "so one 'image' of the attention is a pixel offset, not an image; qkhooks stores per image and does not model it",
 }
 _TEXT = re.compile(r"(^|\.)text_(model|encoder)(\.|$)")
+# Attention forms beyond plain q·k that their own modules teach this adapter (reduced_keys.py, windows.py):
+# class name -> (the children that form models, ``(path, module, modules) -> AttentionSite fields``).
+EXTRA_FORMS: dict[str, tuple[frozenset[str], Callable[[str, nn.Module, dict[str, nn.Module]], dict[str, Any]]]] = {}
 
 
 def _qk_children(module: nn.Module) -> tuple[nn.Linear, ...] | None:
@@ -55,7 +60,8 @@ def _refuse_unmodelled(name: str, module: nn.Module) -> None:
     cls = type(module).__name__
     if cls in _FOLDED_TOKENS:
         raise QKHooksError(f"unsupported attention in {name!r} ({cls}): {_FOLDED_TOKENS[cls]}.")
-    extra = [n for n, child in module.named_children() if n not in _HARMLESS_CHILDREN and not isinstance(child, nn.Identity)]
+    modelled = _HARMLESS_CHILDREN | EXTRA_FORMS.get(cls, (frozenset(),))[0]
+    extra = [n for n, child in module.named_children() if n not in modelled and not isinstance(child, nn.Identity)]
     extra += [n for n, _ in module.named_parameters(recurse=False)]  # a table or scale used in the logits
     if extra:
         raise QKHooksError(
@@ -181,6 +187,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 rope_layout="half",  # rotate_half: pairs (i, i + d_k/2)
             )
         )
+        if type(module).__name__ in EXTRA_FORMS:
+            sites[-1] = dataclasses.replace(sites[-1], **EXTRA_FORMS[type(module).__name__][1](name, module, modules))
     refuse_uncovered(model, sites)
     return sites
 

@@ -11,8 +11,9 @@ A rotary table, mask or causal flag handed to an accepted module at run time is 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -28,10 +29,26 @@ def _classes() -> dict[str, type]:
     return {"Attention": Attention, "EvaAttention": EvaAttention}
 
 
+@dataclasses.dataclass(frozen=True)
+class ExtraForm:
+    """An attention class another module teaches this adapter (reduced_keys.py, windows.py): its class (read
+    lazily), its q/k reader ``attn -> (qk_linear, qk_modules)`` and the site fields it sets ``(path, attn) -> dict``."""
+
+    cls: Callable[[], type]
+    qk_reader: Callable[[nn.Module], tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]]
+    fields: Callable[[str, nn.Module], dict[str, Any]]
+
+
+EXTRA_FORMS: dict[str, ExtraForm] = {}
+
+
 def _kind(module: nn.Module) -> str | None:
     """Which modelled attention this module is (its class's forward must be the modelled one), else None."""
     for kind, cls in _classes().items():
         if type(module).forward is cls.forward:
+            return kind
+    for kind, form in EXTRA_FORMS.items():
+        if type(module).forward is form.cls().forward:
             return kind
     return None
 
@@ -119,7 +136,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
             continue
         block_path = name.rpartition(".")[0]
         stage = block_path.rpartition(".")[0]
-        qk_linear, qk_modules = _qk_reader(attn, kind)
+        extra = EXTRA_FORMS.get(kind)
+        qk_linear, qk_modules = extra.qk_reader(attn) if extra else _qk_reader(attn, kind)
         site_grid = _pit_stage_grid(stage, grid)
         sites.append(
             AttentionSite(
@@ -129,7 +147,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 block_path=block_path,
                 block=modules[block_path],
                 num_heads=int(attn.num_heads),
-                head_dim=int(attn.head_dim),
+                head_dim=int(qk_linear()[0].shape[0]) // 2 // int(attn.num_heads),
                 dim=int(qk_linear()[0].shape[1]),
                 scale=float(attn.scale),
                 num_prefix_tokens=num_prefix,
@@ -146,6 +164,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 rope_layout="half" if getattr(attn, "rotate_half", False) else "interleaved",
             )
         )
+        if extra:
+            sites[-1] = dataclasses.replace(sites[-1], **extra.fields(name, attn))
     refuse_uncovered(model, sites)
     return sites
 

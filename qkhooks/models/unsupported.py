@@ -33,6 +33,15 @@ _ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 # Left out by design (README says so): cross-attention of learned queries over the tokens (pooling heads,
 # GroupViT's grouping) is not self-attention of the image tokens; text towers of dual-tower models are not
 # the vision stack.
+# Attention classes whose windows, reductions or tables an adapter models (windows.py, reduced_keys.py), by name
+# or, where the name is generic, by module and name (``timm.models.pvt_v2.Attention``): the named parts inside
+# them are not refused by name.
+MODELLED_FORMS: set[str] = set()
+
+
+def _modelled(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ in MODELLED_FORMS or f"{cls.__module__}.{cls.__qualname__}" in MODELLED_FORMS
 _NOT_RECORDED_PATHS = re.compile(r"(^|\.)(head|attn_pool|pooler|assign|pre_assign_attn|text_model|text_encoder)(\.|$)")
 
 
@@ -51,12 +60,17 @@ def diagnose(model: nn.Module) -> None:
     hf = type(model).__module__.startswith("transformers.")
     # attention classes whose rotary tables the adapters take from the call (AttentionSite.rope_input)
     rope_modelled = any(type(m).__name__ in _ROPE_MODELLED for m in model.modules())
+    modelled = [n + "." for n, m in model.named_modules() if _modelled(m)]
     for name, module in model.named_modules():
+        if any(name.startswith(p) for p in modelled):
+            continue
         if _has_qk_norm(module):
             raise QKHooksError(
                 f"unsupported attention in {name!r} ({type(module).__name__}): q/k normalisation makes the "
                 "logit a non-linear function of the tokens, so W_q^T W_k has no exact meaning there."
             )
+        if _modelled(module):
+            continue
         label = f"{name} {type(module).__name__}".lower()
         for keys, reason in _REASONS:
             if (hf and keys is _RELATIVE_BIAS) or (rope_modelled and keys is _ROTARY):
