@@ -151,6 +151,9 @@ class Recording:
         self.attention = parse_attention(attention)
         recorded = sorted(s.layer for s in self.sites)
         for spec in self.attention:
+            for site in self.sites:
+                if spec.covers(site.layer):
+                    site.check_attention_kind(spec.kind)
             missing = [layer for layer in spec.layers or () if layer not in recorded]
             if missing:
                 raise QKHooksError(
@@ -219,6 +222,8 @@ class Recording:
                     self._handles.append(
                         site.block.register_forward_pre_hook(self._residual_hook(site), with_kwargs=True)
                     )
+                for module, context in site.context_hooks():  # e.g. a windowed site's block grid
+                    self._handles.append(module.register_forward_pre_hook(context, with_kwargs=True))
                 self._handles.append(site.module.register_forward_pre_hook(self._layer_hook(site), with_kwargs=True))
                 if site.layer in self._from_qk or site.layer in self._qk_attention:
                     for i, linear in enumerate(site.qk_modules):
@@ -339,7 +344,7 @@ class Recording:
                 with contextlib.suppress(QKHooksError):  # a grid of its own; else the sinks ask for one
                     self._current.meta.setdefault("grid", site.grid_for(int(x.shape[1])))
             with torch.no_grad():
-                cap = LayerCapture(site.layer, int(x.shape[0]))
+                cap = LayerCapture(site.layer, site.images_in_call(int(x.shape[0])))
                 x_modes = self._residual.pop(site.layer, x) if self.input == "residual" else x
                 if self.compute_dtype is not None:
                     x_modes = x_modes.to(self.compute_dtype)
@@ -347,10 +352,11 @@ class Recording:
                     cap.query, cap.key = projector(x_modes.detach())
                     if site.key_tokens is not None:  # keys from the reduced tokens the model feeds to W_k
                         cap.key = projector(_reduced_keys(site, x, self.input, self.compute_dtype))[1]
+                    cap.query, cap.key = site.to_images("modes", cap.query), site.to_images("modes", cap.key)
                 if self.keep_inputs:
                     cap.inputs = x_modes.detach()
                 for spec in specs:
-                    cap.attention[spec.kind] = self._attention(site, spec, x.detach())
+                    cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, x.detach()))
                 self._current.layers[site.layer] = cap  # type: ignore[union-attr]
 
         return hook
@@ -384,8 +390,9 @@ class Recording:
                 if projector is not None:
                     dt = self.compute_dtype
                     cap.query, cap.key = projector.from_linear(q if dt is None else q.to(dt), k if dt is None else k.to(dt))
+                    cap.query, cap.key = site.to_images("modes", cap.query), site.to_images("modes", cap.key)
                 if full:
-                    cap.attention["full"] = full_from_qk(site, split_heads(site, q), split_heads(site, k))
+                    cap.attention["full"] = site.to_images("full", full_from_qk(site, split_heads(site, q), split_heads(site, k)))
 
         return hook
 

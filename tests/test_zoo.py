@@ -121,7 +121,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
             # the call's own terms, read while recording: a finished recording forgets them
             bias = {s.layer: s.logit_bias() for s in run.sites}
             rotated = {s.layer: s.rotates() for s in run.sites}
-            form = _form(run.sites, bias, rotated)
+            windows = {s.layer: s.window_index() for s in run.sites if hasattr(s, "window_index")}
+            form = _form(run.sites, bias, rotated) + (", windows" if windows else "")
     except QKHooksError as err:
         return _refused(err)
     families = tuple(sorted({s.family for s in sites}))
@@ -131,14 +132,22 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
     full = run.attention_maps("full")
     for live, site, want in zip(sites, run.sites, eager):  # run.sites are released copies after the context
         got = full[site.layer]
+        if site.layer in windows:  # one map per window: the model's (B·nW) batch axis split per image
+            want = want.unflatten(0, (-1, windows[site.layer].shape[0]))
         assert got.shape == want.shape, f"{site.path}: maps {tuple(got.shape)}, model {tuple(want.shape)}"
         err = float((got - want).abs().max())
         assert err < 1e-5, f"{site.path}: rebuilt maps differ from the model's eager attention by {err:.2e}"
         # modes (augmented: biases folded in) rebuild the logits; the model's own are log A up to a row constant
-        logits = torch.einsum("bhkn,hk,bhkm->bhnm", run.query[site.layer], run.spectrum[site.layer].S,
-                              run.key[site.layer]) * site.scale
+        query, key, spectrum = run.query[site.layer], run.key[site.layer], run.spectrum[site.layer]
+        if site.layer in windows:
+            query = _windowed(query, windows[site.layer], spectrum.U[:, -1])  # (B, nW, H, K, Nw)
+            key = _windowed(key, windows[site.layer], spectrum.V[:, -1])
+            logits = torch.einsum("bwhkn,hk,bwhkm->bwhnm", query, spectrum.S, key) * site.scale
+        else:
+            logits = torch.einsum("bhkn,hk,bhkm->bhnm", query, spectrum.S, key) * site.scale
         if bias[site.layer] is not None:  # the model's own additive term (relative table, mask)
-            logits = logits + bias[site.layer][..., : logits.shape[-1]].to(logits.dtype)
+            term = bias[site.layer][..., : logits.shape[-1]].to(logits.dtype)
+            logits = logits + (term.unflatten(0, (-1, logits.shape[1])) if site.layer in windows and len(term) > 1 else term)
         if rotated[site.layer]:  # RoPE: the modes are the content form, compared with the unrotated q·k
             ref = _own_content_logits(live.module, inputs_seen[site.layer], site.num_heads) * site.scale
             err = float((logits - ref).abs().max() / ref.abs().max())
@@ -150,6 +159,13 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         scale = float((own - own[..., :1]).abs().max()) + 1.0
         assert float(diff.abs().where(keep, 0).max()) < 1e-4 * scale, f"{site.path}: modes do not rebuild the logits"
     return Outcome("exact", f"{len(sites)} layers", families, len(sites), form)
+
+
+def _windowed(maps: torch.Tensor, index: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """Grid maps (B, H, K, N) read at the window positions (B, nW, H, K, Nw); a padding position (-1) holds the
+    zero token the model pads with, whose map under the augmented spectrum is ``padding`` (H, K): [0; 1]·u_n."""
+    out = maps[..., index.clamp_min(0)].permute(0, 3, 1, 2, 4)  # (B, nW, H, K, Nw)
+    return torch.where(index[:, None, None, :] >= 0, out, padding[None, None, :, :, None].to(out.dtype))
 
 
 def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
@@ -243,7 +259,8 @@ class Case:
 
 
 def _timm_case(name: str, expect: str, size: int = 32, module: str = "", **kw: Any) -> Case:
-    return Case(name, _timm(name, **kw), lambda: {"x": _images(size)}, "timm", expect, module)
+    """``name`` is a timm entry point, optionally with a ``-variant`` label."""
+    return Case(name, _timm(name.partition("-")[0], **kw), lambda: {"x": _images(size)}, "timm", expect, module)
 
 
 def _hf_case(label: str, model_cls: str, config_cls: str, expect: str, size: int = 32, module: str = "",
@@ -289,6 +306,14 @@ FAST_CASES = [
                depths=(1, 1, 1, 1)),
     _timm_case("twins_pcpvt_small", "exact", size=64, img_size=64, embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2),
                depths=(1, 1, 1, 1), sr_ratios=(4, 2, 1, 1)),
+    _timm_case("swin_tiny_patch4_window7_224", "exact", size=64, img_size=64, embed_dim=16, depths=(2, 2),
+               num_heads=(2, 2), window_size=4),
+    _timm_case("swin_tiny_patch4_window7_224-padded", "exact", size=48, img_size=48, embed_dim=16, depths=(2, 2),
+               num_heads=(2, 2), window_size=4),
+    _hf_case("SwinModel", "SwinModel", "SwinConfig", "exact", size=64, image_size=64, patch_size=4, embed_dim=16,
+             depths=[2, 2], num_heads=[2, 2], window_size=4),
+    _hf_case("SwinModel-padded", "SwinModel", "SwinConfig", "exact", size=48, image_size=48, patch_size=4, embed_dim=16,
+             depths=[2, 2], num_heads=[2, 2], window_size=4),
     _hf_case("MobileViTModel", "MobileViTModel", "MobileViTConfig", "patch-area sequences", size=64,
              module="attention", hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], image_size=64),
     _hf_case("GroupViTVisionModel", "GroupViTVisionModel", "GroupViTVisionConfig", "exact", hidden_size=32,
@@ -747,3 +772,34 @@ def test_reduced_keys_modes_from_the_models_qk_outputs_equal_those_from_the_toke
         assert torch.allclose(maps[True][0][layer], maps[False][0][layer], atol=1e-5)
         reduced += key.shape[-1] < maps[True][0][layer].shape[-1]
     assert reduced >= 2
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if "swin" in c.name.lower()], ids=lambda c: c.name)
+def test_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
+    """Query and key maps of a windowed layer sit on the image grid: they equal the tokens entering the block's
+    attention, read before the model windows them (timm's norm1 output, HF's layernorm_before output, (B, H·W, d)),
+    projected onto u_n and v_n directly; from the model's q/k outputs and from the windowed tokens alike."""
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    sites = qkhooks.sites(model)
+    grid_tokens: dict[int, torch.Tensor] = {}
+    handles = [(s.block.norm1 if case.kind == "timm" else s.block.layernorm_before).register_forward_hook(
+        lambda m, a, o, s=s: grid_tokens.__setitem__(s.layer, o.flatten(1, -2))) for s in sites]
+    try:
+        for qk_path in (True, False):
+            with qkhooks.record(model, modes=6, qk_path=qk_path) as run, torch.no_grad():
+                run(**inputs)
+            for site in sites:
+                spec = run.spectrum[site.layer]
+                x = grid_tokens[site.layer].double()
+                want_q = torch.einsum("bnd,hdk->bhkn", x, spec.U.double())
+                want_k = torch.einsum("bnd,hdk->bhkn", x, spec.V.double())
+                assert run.query[site.layer].shape == want_q.shape
+                assert torch.allclose(run.query[site.layer].double(), want_q, atol=1e-4), site.path
+                assert torch.allclose(run.key[site.layer].double(), want_k, atol=1e-4), site.path
+    finally:
+        for h in handles:
+            h.remove()
+    with pytest.raises(QKHooksError, match="windowed attention gives full maps per window"):
+        with qkhooks.record(model, modes=None, attention="rows") as run, torch.no_grad():
+            run(**inputs)

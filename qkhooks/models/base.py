@@ -186,6 +186,23 @@ class AttentionSite:
                     "'Supported models')."
                 )
 
+    def context_hooks(self) -> list[tuple[nn.Module, Callable[[nn.Module, tuple, dict], None]]]:
+        """(module, forward pre-hook with kwargs) pairs a recording installs besides the site's own: where a site
+        needs to see a call around its module (a windowed site reads its block's token grid). None here."""
+        return []
+
+    def check_attention_kind(self, kind: str) -> None:
+        """Refuse, when the recording starts, an attention kind this site cannot rebuild exactly (none here)."""
+
+    def images_in_call(self, rows: int) -> int:
+        """Images in a call of the module whose batch axis has ``rows`` entries (windowed sites: rows / windows)."""
+        return rows
+
+    def to_images(self, kind: str, t: torch.Tensor) -> torch.Tensor:
+        """A capture of ``kind`` (``"modes"``: (B, H, K, N) maps, or an attention kind) as stored per image: as is
+        here; a windowed site returns its windows' maps per image and its modes on the image grid."""
+        return t
+
     def rotates(self) -> bool:
         """Whether the call being recorded rotates q and k (RoPE tables were handed to the module)."""
         return self._call_rope is not None

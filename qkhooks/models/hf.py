@@ -14,9 +14,8 @@ embeddings module (a CLS token, a distillation token, register tokens), so new v
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -39,8 +38,8 @@ _FOLDED_TOKENS = {
 }
 _TEXT = re.compile(r"(^|\.)text_(model|encoder)(\.|$)")
 # Attention forms beyond plain q·k that their own modules teach this adapter (reduced_keys.py, windows.py):
-# class name -> (the children that form models, ``(path, module, modules) -> AttentionSite fields``).
-EXTRA_FORMS: dict[str, tuple[frozenset[str], Callable[[str, nn.Module, dict[str, nn.Module]], dict[str, Any]]]] = {}
+# class name -> (the children that form models, ``(site, module, modules) -> the site for that form``).
+EXTRA_FORMS: dict[str, tuple[frozenset[str], Callable[[AttentionSite, nn.Module, dict[str, nn.Module]], AttentionSite]]] = {}
 
 
 def _qk_children(module: nn.Module) -> tuple[nn.Linear, ...] | None:
@@ -142,7 +141,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
     sites = []
     for name, module, match in _attention_modules(model):
         _refuse_unmodelled(name, module)
-        if getattr(modules[match["block"]], "window_size", 0):
+        if getattr(modules[match["block"]], "window_size", 0) and type(module).__name__ not in EXTRA_FORMS:
             raise QKHooksError(
                 f"unsupported attention in {name!r} ({type(module).__name__}): its block partitions the tokens into "
                 f"windows of {modules[match['block']].window_size} (one attention call per window, windows along the "
@@ -188,7 +187,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
             )
         )
         if type(module).__name__ in EXTRA_FORMS:
-            sites[-1] = dataclasses.replace(sites[-1], **EXTRA_FORMS[type(module).__name__][1](name, module, modules))
+            sites[-1] = EXTRA_FORMS[type(module).__name__][1](sites[-1], module, modules)
     refuse_uncovered(model, sites)
     return sites
 

@@ -12,6 +12,7 @@ module whose reduction is not one of these is refused by the adapter (its unmode
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
+from qkhooks.models.base import AttentionSite
 from qkhooks.models.unsupported import MODELLED_FORMS
 
 __all__ = ["REDUCED_KEY_CLASSES"]
@@ -95,16 +97,16 @@ REDUCED_KEY_CLASSES: dict[str, tuple[frozenset[str], Callable[[str, nn.Module], 
 }
 
 
-def _site_fields(reduction: Callable[[str, nn.Module], Any]):
-    def fields(path: str, module: nn.Module, modules: dict[str, nn.Module]) -> dict[str, Any]:
+def _hf_site(reduction: Callable[[str, nn.Module], Any]):
+    def finish(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:
         # the grid arguments are plain ints, so they are not refused as unmodelled terms; the reduction reads them
-        return {"key_tokens": reduction(path, module), "bias_input": None}
+        return dataclasses.replace(site, key_tokens=reduction(site.path, module), bias_input=None)
 
-    return fields
+    return finish
 
 
 for _cls, (_children, _reduction) in REDUCED_KEY_CLASSES.items():
-    hf.EXTRA_FORMS[_cls] = (_children, _site_fields(_reduction))
+    hf.EXTRA_FORMS[_cls] = (_children, _hf_site(_reduction))
     MODELLED_FORMS.add(_cls)
 
 
@@ -147,11 +149,12 @@ def _q_kv_reader(attn: nn.Module):
     return qk_linear, ()
 
 
-def _timm_fields(family: str):
-    def fields(path: str, attn: nn.Module) -> dict[str, Any]:
-        return {"key_tokens": _timm_reduction(path, attn), "family": family, "rope_input": None, "rope_apply": None}
+def _timm_site(family: str):
+    def finish(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+        return dataclasses.replace(site, key_tokens=_timm_reduction(site.path, attn), family=family, rope_input=None,
+                                   rope_apply=None)
 
-    return fields
+    return finish
 
 
 def _pvt_v2_attention() -> type:
@@ -166,6 +169,6 @@ def _twins_global() -> type:
     return GlobalSubSampleAttn
 
 
-timm_adapter.EXTRA_FORMS["PvtV2Attention"] = timm_adapter.ExtraForm(_pvt_v2_attention, _q_kv_reader, _timm_fields("timm-pvt-v2"))
-timm_adapter.EXTRA_FORMS["GlobalSubSampleAttn"] = timm_adapter.ExtraForm(_twins_global, _q_kv_reader, _timm_fields("timm-twins"))
+timm_adapter.EXTRA_FORMS["PvtV2Attention"] = timm_adapter.ExtraForm(_pvt_v2_attention, _q_kv_reader, _timm_site("timm-pvt-v2"))
+timm_adapter.EXTRA_FORMS["GlobalSubSampleAttn"] = timm_adapter.ExtraForm(_twins_global, _q_kv_reader, _timm_site("timm-twins"))
 MODELLED_FORMS.update({"timm.models.pvt_v2.Attention", "timm.models.twins.GlobalSubSampleAttn"})

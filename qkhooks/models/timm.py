@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,11 +32,11 @@ def _classes() -> dict[str, type]:
 @dataclasses.dataclass(frozen=True)
 class ExtraForm:
     """An attention class another module teaches this adapter (reduced_keys.py, windows.py): its class (read
-    lazily), its q/k reader ``attn -> (qk_linear, qk_modules)`` and the site fields it sets ``(path, attn) -> dict``."""
+    lazily), its q/k reader ``attn -> (qk_linear, qk_modules)`` and ``(site, attn) -> the site for that form``."""
 
     cls: Callable[[], type]
     qk_reader: Callable[[nn.Module], tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]]
-    fields: Callable[[str, nn.Module], dict[str, Any]]
+    finish: Callable[[AttentionSite, nn.Module], AttentionSite]
 
 
 EXTRA_FORMS: dict[str, ExtraForm] = {}
@@ -165,7 +165,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
             )
         )
         if extra:
-            sites[-1] = dataclasses.replace(sites[-1], **extra.fields(name, attn))
+            sites[-1] = extra.finish(sites[-1], attn)
     refuse_uncovered(model, sites)
     return sites
 
