@@ -122,7 +122,7 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
             bias = {s.layer: s.logit_bias() for s in run.sites}
             rotated = {s.layer: s.rotates() for s in run.sites}
             windows = {s.layer: s.window_index() for s in run.sites if hasattr(s, "window_index")}
-            form = _form(run.sites, bias, rotated) + (", windows" if windows else "")
+            form = _form(run.sites, bias, rotated)
     except QKHooksError as err:
         return _refused(err)
     families = tuple(sorted({s.family for s in sites}))
@@ -180,6 +180,10 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("bias/mask")
     if any(s.token_layout == "grid" for s in sites):
         parts.append("grid tokens")
+    if any(hasattr(s, "window_index") for s in sites):
+        parts.append("windows")
+    if any(s.key_tokens is not None for s in sites):
+        parts.append("reduced keys")
     return ", ".join(parts) or "plain"
 
 
@@ -399,9 +403,35 @@ def _hf_vision_classes() -> list[str]:
     return sorted(names)
 
 
+ZOO_FORMS_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zoo_timm_forms.json")
+
+
+def _timm_form_names() -> list[str]:
+    """The entry points :func:`_timm_forms` picks, from ``tests/zoo_timm_forms.json`` when it was written by this
+    timm version and this enumeration code (building ~1300 models on the meta device takes minutes), else anew;
+    ``make zoo-table`` rewrites the file."""
+    import hashlib
+    import inspect
+    import json
+
+    import timm
+
+    key = f"timm {timm.__version__}, enumeration {hashlib.sha256(inspect.getsource(_timm_forms).encode()).hexdigest()[:12]}"
+    if os.path.exists(ZOO_FORMS_CACHE):
+        with open(ZOO_FORMS_CACHE) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached["names"]
+    names = sorted(name for _, name in _timm_forms().values())
+    if os.environ.get("QKHOOKS_ZOO_WRITE_FORMS"):
+        with open(ZOO_FORMS_CACHE, "w") as f:
+            json.dump({"key": key, "names": names}, f, indent=0)
+    return names
+
+
 def zoo_entries() -> list[dict[str, Any]]:
     """The whole zoo, in a fixed order: every timm form (its smallest entry point) and every transformers class."""
-    entries = [dict(model=name, kind="timm") for _, name in sorted(_timm_forms().values(), key=lambda v: v[1])]
+    entries = [dict(model=name, kind="timm") for name in _timm_form_names()]
     return entries + [dict(model=name, kind="hf") for name in _hf_vision_classes()]
 
 
@@ -422,11 +452,17 @@ def _timm_small(name: str) -> tuple[nn.Module, dict[str, Any]]:
     failures = []
     for kwargs, size in variants:
         try:
-            with torch.device("meta"):
-                params = _params(timm.create_model(name, pretrained=False, **kwargs))
-            if params > ZOO_MAX_PARAMS:
-                failures.append(f"{params / 1e6:.0f}M parameters with {kwargs or 'defaults'}")
-                continue
+            with torch.device("meta"):  # sized and shape-checked before it takes memory or time
+                meta = timm.create_model(name, pretrained=False, **kwargs)
+                params = _params(meta)
+                if params > ZOO_MAX_PARAMS:
+                    failures.append(f"{params / 1e6:.0f}M parameters with {kwargs or 'defaults'}")
+                    continue
+                try:
+                    _call(meta.eval(), {"x": torch.empty(1, 3, *((size, size) if isinstance(size, int) else size))})
+                except Exception as err:  # noqa: BLE001 - a shape error skips the variant; an op meta lacks does not
+                    if "meta" not in str(err).lower():
+                        raise
             torch.manual_seed(0)
             model = perturb(timm.create_model(name, pretrained=False, **kwargs))
             inputs = {"x": _images(size, batch=1)}
@@ -499,6 +535,7 @@ def run_chunk(entries: list[dict[str, Any]], index: int, count: int) -> dict[str
 
     import sys
 
+    torch.set_num_threads(1)  # one chunk at a time, on a shared machine: threads only contend (5-15x slower here)
     # a safety net under the RSS budget: a model that would take the machine's memory fails here instead
     resource.setrlimit(resource.RLIMIT_AS, (ZOO_ADDRESS_SPACE_MB << 20, resource.getrlimit(resource.RLIMIT_AS)[1]))
     rows = []

@@ -45,37 +45,37 @@ def _as_tokens(image: torch.Tensor) -> torch.Tensor:
     return image.reshape(image.shape[0], image.shape[1], -1).permute(0, 2, 1)
 
 
-def _pvt_v2(path: str, module: nn.Module) -> Callable[[torch.Tensor, tuple, dict], torch.Tensor] | None:
-    """PvtV2SelfAttention: conv (kernel = stride = ratio) + LayerNorm, or pool 7x7 + 1x1 conv + LayerNorm + GELU."""
-    if module.linear_attention:
-        def linear(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-            image = _as_image(x, *_grid_args(path, args, kwargs))
-            return module.act(module.layer_norm(_as_tokens(module.spatial_reduction(module.pool(image)))))
+Reduction = Callable[[torch.Tensor, tuple, dict], torch.Tensor]
 
-        return linear
-    if module.spatial_reduction_ratio <= 1:
-        return None
 
+def _conv_reduction(path: str, conv: nn.Module, norm: nn.Module, grid: Callable[[str, tuple, dict], tuple[int, int]],
+                    pool: nn.Module | None = None, act: nn.Module | None = None) -> Reduction:
+    """The models' own reduction, in their order: tokens -> image -> [pool] -> conv -> tokens -> norm [-> act]."""
     def reduce(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        image = _as_image(x, *_grid_args(path, args, kwargs))
-        return module.layer_norm(_as_tokens(module.spatial_reduction(image)))
+        image = _as_image(x, *grid(path, args, kwargs))
+        tokens = norm(_as_tokens(conv(image if pool is None else pool(image))))
+        return tokens if act is None else act(tokens)
 
     return reduce
 
 
-def _pvt(path: str, module: nn.Module) -> Callable[[torch.Tensor, tuple, dict], torch.Tensor] | None:
+def _pvt_v2(path: str, module: nn.Module) -> Reduction | None:
+    """PvtV2SelfAttention: conv (kernel = stride = ratio) + LayerNorm, or pool 7x7 + 1x1 conv + LayerNorm + GELU."""
+    if module.linear_attention:
+        return _conv_reduction(path, module.spatial_reduction, module.layer_norm, _grid_args, module.pool, module.act)
+    if module.spatial_reduction_ratio <= 1:
+        return None
+    return _conv_reduction(path, module.spatial_reduction, module.layer_norm, _grid_args)
+
+
+def _pvt(path: str, module: nn.Module) -> Reduction | None:
     """PvtEfficientSelfAttention: conv (kernel = stride = ratio) + LayerNorm."""
     if module.sequences_reduction_ratio <= 1:
         return None
-
-    def reduce(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        image = _as_image(x, *_grid_args(path, args, kwargs))
-        return module.layer_norm(_as_tokens(module.sequence_reduction(image)))
-
-    return reduce
+    return _conv_reduction(path, module.sequence_reduction, module.layer_norm, _grid_args)
 
 
-def _segformer(path: str, module: nn.Module) -> Callable[[torch.Tensor, tuple, dict], torch.Tensor] | None:
+def _segformer(path: str, module: nn.Module) -> Reduction | None:
     """SegformerAttention (transformers 5): its own ``SegformerSequenceReduction(x, height, width)`` module."""
     if module.sequence_reduction_ratio <= 1:
         return None
@@ -119,19 +119,13 @@ def _timm_grid(path: str, args: tuple, kwargs: dict) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _timm_reduction(path: str, attn: nn.Module) -> Callable[[torch.Tensor, tuple, dict], torch.Tensor] | None:
+def _timm_reduction(path: str, attn: nn.Module) -> Reduction | None:
     """timm pvt_v2 ``Attention`` (conv + norm, or pool 7x7 + 1x1 conv + norm + GELU) and twins
     ``GlobalSubSampleAttn`` (conv + norm); None where the layer does not reduce (sr_ratio 1)."""
-    pool = getattr(attn, "pool", None)
     if attn.sr is None:
         return None
-
-    def reduce(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        image = _as_image(x, *_timm_grid(path, args, kwargs))
-        tokens = attn.norm(_as_tokens(attn.sr(image if pool is None else pool(image))))
-        return tokens if pool is None else attn.act(tokens)
-
-    return reduce
+    pool = getattr(attn, "pool", None)
+    return _conv_reduction(path, attn.sr, attn.norm, _timm_grid, pool, attn.act if pool is not None else None)
 
 
 def _q_kv_reader(attn: nn.Module):

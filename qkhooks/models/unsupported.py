@@ -93,7 +93,11 @@ def attention_like(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if _NOT_RECORDED_PATHS.search(name):
             continue
         children = dict(module.named_children())
-        owns_qk = any(c in children for c in _QK_CHILDREN) and any(isinstance(children[c], nn.Linear | nn.Conv2d | nn.Conv1d) for c in _QK_CHILDREN if c in children)
+        # a q/k projection is a Linear/Conv child, or any child so named of an attention-named module or named qkv
+        # (a conv + norm block: MobileNetV5's multi-query attention, EfficientViT's qkv)
+        projections = [children[c] for c in _QK_CHILDREN if c in children]
+        owns_qk = any(isinstance(p, nn.Linear | nn.Conv2d | nn.Conv1d) for p in projections) or (bool(projections) and (
+            _ATTENTION_NAME.search(type(module).__name__) is not None or "qkv" in children))
         owns_fused = _ATTENTION_NAME.search(type(module).__name__) is not None and any(
             "proj_weight" in n or n in ("qkv_weight",) for n, _ in module.named_parameters(recurse=False)
         )
@@ -141,6 +145,13 @@ def describe_attention_like(model: nn.Module, limit: int = 12) -> str:
         if cls not in seen:
             children = ", ".join(n for n, _ in module.named_children()) or "no child modules"
             seen[cls] = f"  - {name!r} ({cls}; children: {children}): no registered adapter models this class. {_why(module)}"
+    if not seen:  # name the attention-named modules it did see, and why none was taken
+        for name, module in model.named_modules():
+            cls = type(module).__name__
+            if _ATTENTION_NAME.search(cls) and cls not in seen and not _NOT_RECORDED_PATHS.search(name):
+                children = ", ".join(n for n, _ in module.named_children()) or "no child modules"
+                seen[cls] = (f"  - {name!r} ({cls}; children: {children}): attention-named, but it owns no q/k or fused "
+                             "qkv projection, so its logits are not a q·k form qkhooks can take.")
     if not seen:
         return "It saw no attention-like module (none owns a q/k or fused qkv projection)."
     lines = list(seen.values())[:limit]
