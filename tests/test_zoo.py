@@ -516,6 +516,10 @@ def run_entry(entry: dict[str, Any]) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - the model does not build or run small on a plain image batch: not qkhooks'
         return dict(row, status="unbuildable", detail=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__)
     row["family"] = _family(model, entry["kind"])
+    from qkhooks.models.unsupported import describe_attention_like
+
+    if describe_attention_like(model).startswith("It saw no attention-like module"):  # a CNN or an MLP mixer
+        return dict(row, status="no attention", detail="no module named attention nor one owning q/k projections")
     try:
         outcome = check(model, args, entry["kind"])
         row.update(status=outcome.status, detail=outcome.detail.splitlines()[0][:300], families=list(outcome.families),
@@ -684,9 +688,9 @@ def _names(models: list[str], limit: int = 4) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """README's table: one line per model family the zoo checked (timm's model module, transformers' model type)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    aside = {"unbuildable": "(not built small here)", "no attention": "(no attention)"}
     for r in rows:
-        family = r.get("family") or "(not built small here)"
-        groups.setdefault((family if r["status"] != "unbuildable" else "(not built small here)", r["kind"]), []).append(r)
+        groups.setdefault((aside.get(r["status"]) or r.get("family") or "?", r["kind"]), []).append(r)
     lines = ["| family | timm | Hugging Face | form | exact | refused, and why |", "|---|---|---|---|---|---|"]
     order = lambda item: (item[0][0].startswith("("), item[0][1], item[0][0])  # noqa: E731
     for (family, kind), members in sorted(groups.items(), key=order):
@@ -840,3 +844,19 @@ def test_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
     with pytest.raises(QKHooksError, match="windowed attention gives full maps per window"):
         with qkhooks.record(model, modes=None, attention="rows") as run, torch.no_grad():
             run(**inputs)
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("SwinModel", "swin_tiny_patch4_window7_224", "PvtV2Model",
+                                                                        "pvt_v2_b2_li")], ids=lambda c: c.name)
+def test_a_finished_recording_of_windowed_or_reduced_attention_keeps_no_model_alive(case: Case):
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    with qkhooks.record(model, modes=4, attention="full") as run, torch.no_grad():
+        run(**inputs)
+    refs = [weakref.ref(m) for m in model.modules()]  # the attention modules and their reductions included
+    del model
+    gc.collect()
+    assert all(ref() is None for ref in refs), [type(ref()).__name__ for ref in refs if ref() is not None]

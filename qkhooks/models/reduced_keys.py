@@ -13,6 +13,7 @@ module whose reduction is not one of these is refused by the adapter (its unmode
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -48,13 +49,17 @@ def _as_tokens(image: torch.Tensor) -> torch.Tensor:
 Reduction = Callable[[torch.Tensor, tuple, dict], torch.Tensor]
 
 
-def _conv_reduction(path: str, conv: nn.Module, norm: nn.Module, grid: Callable[[str, tuple, dict], tuple[int, int]],
-                    pool: nn.Module | None = None, act: nn.Module | None = None) -> Reduction:
-    """The models' own reduction, in their order: tokens -> image -> [pool] -> conv -> tokens -> norm [-> act]."""
+def _conv_reduction(path: str, owner: nn.Module, conv: str, norm: str, grid: Callable[[str, tuple, dict], tuple[int, int]],
+                    pool: str | None = None, act: str | None = None) -> Reduction:
+    """The models' own reduction, in their order: tokens -> image -> [pool] -> conv -> tokens -> norm [-> act], with
+    ``owner``'s children of those names (held weakly: a finished recording keeps no model alive)."""
+    ref = weakref.ref(owner)
+
     def reduce(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        m = ref()
         image = _as_image(x, *grid(path, args, kwargs))
-        tokens = norm(_as_tokens(conv(image if pool is None else pool(image))))
-        return tokens if act is None else act(tokens)
+        tokens = getattr(m, norm)(_as_tokens(getattr(m, conv)(image if pool is None else getattr(m, pool)(image))))
+        return tokens if act is None else getattr(m, act)(tokens)
 
     return reduce
 
@@ -62,17 +67,17 @@ def _conv_reduction(path: str, conv: nn.Module, norm: nn.Module, grid: Callable[
 def _pvt_v2(path: str, module: nn.Module) -> Reduction | None:
     """PvtV2SelfAttention: conv (kernel = stride = ratio) + LayerNorm, or pool 7x7 + 1x1 conv + LayerNorm + GELU."""
     if module.linear_attention:
-        return _conv_reduction(path, module.spatial_reduction, module.layer_norm, _grid_args, module.pool, module.act)
+        return _conv_reduction(path, module, "spatial_reduction", "layer_norm", _grid_args, "pool", "act")
     if module.spatial_reduction_ratio <= 1:
         return None
-    return _conv_reduction(path, module.spatial_reduction, module.layer_norm, _grid_args)
+    return _conv_reduction(path, module, "spatial_reduction", "layer_norm", _grid_args)
 
 
 def _pvt(path: str, module: nn.Module) -> Reduction | None:
     """PvtEfficientSelfAttention: conv (kernel = stride = ratio) + LayerNorm."""
     if module.sequences_reduction_ratio <= 1:
         return None
-    return _conv_reduction(path, module.sequence_reduction, module.layer_norm, _grid_args)
+    return _conv_reduction(path, module, "sequence_reduction", "layer_norm", _grid_args)
 
 
 def _segformer(path: str, module: nn.Module) -> Reduction | None:
@@ -83,8 +88,10 @@ def _segformer(path: str, module: nn.Module) -> Reduction | None:
         raise QKHooksError(f"unsupported attention in {path!r} ({type(module).__name__}): its sequence reduction is a "
                            f"{type(module.sequence_reduction).__name__}, not the SegformerSequenceReduction qkhooks models.")
 
+    ref = weakref.ref(module)
+
     def reduce(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        return module.sequence_reduction(x, *_grid_args(path, args, kwargs))
+        return ref().sequence_reduction(x, *_grid_args(path, args, kwargs))
 
     return reduce
 
@@ -124,8 +131,8 @@ def _timm_reduction(path: str, attn: nn.Module) -> Reduction | None:
     ``GlobalSubSampleAttn`` (conv + norm); None where the layer does not reduce (sr_ratio 1)."""
     if attn.sr is None:
         return None
-    pool = getattr(attn, "pool", None)
-    return _conv_reduction(path, attn.sr, attn.norm, _timm_grid, pool, attn.act if pool is not None else None)
+    pooled = getattr(attn, "pool", None) is not None
+    return _conv_reduction(path, attn, "sr", "norm", _timm_grid, "pool" if pooled else None, "act" if pooled else None)
 
 
 def _q_kv_reader(attn: nn.Module):

@@ -20,6 +20,7 @@ stays refused. The block's grid is read from the block's own call (``AttentionSi
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -181,11 +182,12 @@ def _timm_swin_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         x = args[0] if args else kwargs["x"]
         return int(x.shape[1]), int(x.shape[2])  # (B, H, W, C)
 
+    block_ref, attn_ref = weakref.ref(block), weakref.ref(attn)  # a finished recording keeps no model alive
     return _as_window_site(
         dataclasses.replace(site, family="timm-swin", bias_input="mask", rope_input=None, rope_apply=None, grid=None,
                             patch_size=None),
-        geometry=lambda: (_pair(block.window_size), _pair(block.shift_size)),
-        call_grid=call_grid, relative_bias=attn._get_rel_pos_bias, pad_first=False)
+        geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
+        call_grid=call_grid, relative_bias=lambda: attn_ref()._get_rel_pos_bias(), pad_first=False)
 
 
 timm_adapter.EXTRA_FORMS["SwinWindowAttention"] = timm_adapter.ExtraForm(_timm_swin_attention, _timm_qkv, _timm_swin_site)
@@ -204,10 +206,11 @@ def _hf_swin_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.
         dims = args[1] if len(args) > 1 else kwargs["input_dimensions"]
         return int(dims[0]), int(dims[1])
 
+    block_ref, module_ref = weakref.ref(block), weakref.ref(module)  # a finished recording keeps no model alive
     return _as_window_site(
         dataclasses.replace(site, family="hf-swin", bias_input="attention_mask", grid=None, patch_size=None),
-        geometry=lambda: (_pair(block.window_size), _pair(block.shift_size)),
-        call_grid=call_grid, relative_bias=module.relative_position_bias, pad_first=True)
+        geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
+        call_grid=call_grid, relative_bias=lambda: module_ref().relative_position_bias(), pad_first=True)
 
 
 hf.EXTRA_FORMS["SwinAttention"] = (frozenset({"relative_position_bias"}), _hf_swin_site)
