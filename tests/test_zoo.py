@@ -87,6 +87,12 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         model.set_attn_implementation(before)
         for h in handles:
             h.remove()
+    if len(seen) < len(sites) and before != "eager":  # the class picked its attention modules when built (Data2Vec):
+        twin = type(model)._from_config(model.config, attn_implementation="eager").eval()  # an eager twin, same weights
+        twin.load_state_dict(model.state_dict())
+        twin_sites = [dataclasses.replace(s, module=twin.get_submodule(s.path)) for s in sites]
+        twin.config._attn_implementation = "eager"
+        return eager_maps(twin, twin_sites, inputs, kind)
     return [seen[i] for i in range(len(sites)) if i in seen]
 
 
@@ -519,7 +525,8 @@ def run_entry(entry: dict[str, Any]) -> dict[str, Any]:
     from qkhooks.models.unsupported import describe_attention_like
 
     if describe_attention_like(model).startswith("It saw no attention-like module"):  # a CNN or an MLP mixer
-        return dict(row, status="no attention", detail="no module named attention nor one owning q/k projections")
+        return dict(row, status="no attention", detail="no attention qkhooks records (no q/k projection outside the "
+                    "pooling heads and text towers it leaves out by design)")
     try:
         outcome = check(model, args, entry["kind"])
         row.update(status=outcome.status, detail=outcome.detail.splitlines()[0][:300], families=list(outcome.families),
