@@ -869,6 +869,9 @@ def test_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
     with pytest.raises(QKHooksError, match="windowed attention gives full maps per window"):
         with qkhooks.record(model, modes=None, attention="rows") as run, torch.no_grad():
             run(**inputs)
+    with pytest.raises(QKHooksError, match="input='residual' is not modelled for windowed attention"):
+        with qkhooks.record(model, modes=4, input="residual") as run, torch.no_grad():
+            run(**inputs)
 
 
 @pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("SwinModel", "swin_tiny_patch4_window7_224", "PvtV2Model",

@@ -144,6 +144,9 @@ class WindowSite(AttentionSite):
         super().refuse_unmodelled_inputs(args, kwargs)
 
     def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
+        if block:
+            raise QKHooksError(f"{self.path}: input='residual' is not modelled for windowed attention (the residual "
+                               "stream is on the image grid, the attention's tokens are windows); use input='normed'.")
         x = super().hidden_states(args, kwargs, block)
         if not block:
             self._call_images = self.images_in_call(int(x.shape[0]))
