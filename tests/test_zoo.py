@@ -8,6 +8,7 @@ logits (log attention, up to a constant per row) for the modes.
 from __future__ import annotations
 
 import os
+import re
 
 import dataclasses
 from typing import Any, Callable
@@ -547,7 +548,7 @@ def run_entry(entry: dict[str, Any]) -> dict[str, Any]:
                     "pooling heads and text towers it leaves out by design)")
     try:
         outcome = check(model, args, entry["kind"])
-        row.update(status=outcome.status, detail=outcome.detail.splitlines()[0][:300], families=list(outcome.families),
+        row.update(status=outcome.status, detail="\n".join(outcome.detail.splitlines()[:3])[:600], families=list(outcome.families),
                    layers=outcome.layers, form=outcome.form)
     except AssertionError as err:
         row.update(status="MISMATCH", detail=str(err).splitlines()[0][:300])
@@ -692,17 +693,43 @@ def test_spectrum_cli_adds_rope_bands_per_layer(tmp_path):
 
 # ------------------------------------------------------------------------------ README "Supported models"
 def _reason(detail: str) -> str:
-    """The reason part of a refusal: what follows the module's name."""
-    text = detail.split("): ", 1)[-1] if "): " in detail else detail
-    return text.split(". ")[0].split("; ")[0].replace("|", "/")[:160]
+    """The reason of a refusal, with the class it names: what follows the module's name, first sentence."""
+    lines = detail.splitlines()
+    if lines and "does not know how to find the attention layers" in lines[0]:
+        listed = [line for line in lines[1:] if line.startswith("  - ")]  # the first attention-like module it saw
+        if not listed:
+            return "no adapter, and no attention-like module found"
+        cls = re.search(r"\((\w+)[;)]", listed[0])
+        why = listed[0].split("): ", 1)[-1].split(". ")[0]
+        return f"{cls[1] if cls else '?'}: {why}".replace("|", "/")[:160]
+    first = lines[0] if lines else detail
+    cls = re.search(r"'\S+' \((\w+)\)", first)
+    text = first.split("): ", 1)[-1] if "): " in first else first
+    text = text.split(". ")[0].split("; ")[0].rstrip(".")
+    return (f"{cls[1]}: " if cls else "") + text.replace("|", "/")[:160]
 
 
-_FORM_WORDS = (("q/k normalisation", "q/k-norm"), ("window", "windows"), ("reduced", "reduced keys"),
-               ("rotary", "RoPE"), ("relative", "bias"), ("talking", "head mixing"), ("class attention", "class attention"))
+_FORM_WORDS = (("q/k normalisation", "q/k-norm"), ("window", "windows"), ("spatially reduced", "reduced keys"),
+               ("rotary position embeddings", "RoPE"), ("relative-position", "bias"), ("relative_position", "bias"),
+               ("rel_pos", "bias"), ("talking", "head mixing"), ("class attention", "class attention"))
 
 
 def _refused_form(detail: str) -> str:
-    return ", ".join(form for words, form in _FORM_WORDS if words in detail.lower())
+    reason = _reason(detail).lower()
+    return ", ".join(dict.fromkeys(form for words, form in _FORM_WORDS if words in reason))
+
+
+def _aside_reason(members: list[dict[str, Any]]) -> str:
+    """Why models were not checked, counted: not qkhooks' results."""
+    if members[0]["status"] == "no attention":
+        return "no attention qkhooks records (CNNs, MLP mixers; pooling heads are left out by design)"
+    kinds = {"need inputs besides one image batch": ("missing", "specify", "pixel_values_videos", "expected 5"),
+             f"over {ZOO_MAX_PARAMS // 1_000_000}M parameters even small": ("parameters",)}
+    counts: dict[str, int] = {}
+    for r in members:
+        label = next((k for k, words in kinds.items() if any(w in r["detail"] for w in words)), "fail to build or run small")
+        counts[label] = counts.get(label, 0) + 1
+    return "not built: " + ", ".join(f"{n} {label}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _names(models: list[str], limit: int = 4) -> str:
@@ -724,8 +751,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         refused = [r for r in members if r["status"] != "exact"]
         forms = {f for r in exact for f in r.get("form", "").split(", ") if f}
         forms |= {f for r in refused for f in _refused_form(r["detail"]).split(", ") if f}
-        reasons = sorted({_reason(r["detail"]) if r["status"] == "refused" else f"{r['status']}: {_reason(r['detail'])}"
-                          for r in refused})
+        if family.startswith("("):
+            reasons = [_aside_reason(members)]
+        else:
+            reasons = sorted({_reason(r["detail"]) for r in refused})
         did = f"maps and modes ({len(exact)} of {len(members)})" if exact else ""
         why = "; ".join(reasons[:3]) + (f"; {len(reasons) - 3} more reasons" if len(reasons) > 3 else "")
         lines.append(f"| {family} | {names if kind == 'timm' else ''} | {names if kind == 'hf' else ''} | "
