@@ -349,7 +349,7 @@ def test_unknown_model_lists_families_and_registry():
     "build, reason",
     [
         (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, qk_norm=True, depth=1, embed_dim=32, num_heads=2, img_size=32, patch_size=8), "q/k normalisation"),
-        (lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1), embed_dim=32, num_heads=(2, 2, 2, 2)), "windowed attention"),
+        (lambda: timm.create_model("swinv2_tiny_window8_256", pretrained=False, depths=(1, 1, 1, 1), embed_dim=32, num_heads=(2, 2, 2, 2)), "windowed attention"),  # Swin v1 is modelled (test_zoo)
         (lambda: timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=1, img_size=64), "rotary"),  # AttentionRope; EVA's is modelled (test_zoo)
     ],
     ids=["qk-norm", "swin", "rope"],
