@@ -372,7 +372,7 @@ ZOO_CHUNKS = 8
 ZOO_CHUNK_TIMEOUT_S = 1200
 ZOO_MAX_RSS_MB = 4096
 ZOO_ADDRESS_SPACE_MB = 12288  # virtual: imports alone take 3.6 GB of address space
-_SMALL_SIZES = (64, 128)  # input sizes tried, smallest first: 64 px is 2x2 tokens after a 32x downsampling
+_SMALL_SIZES = (64, 56, 128, 112)  # input sizes tried: 64 px is 2x2 tokens after a 32x downsampling, 56 4x4 patches of 14
 
 
 def _timm_forms() -> dict[tuple, tuple[int, str]]:
