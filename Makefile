@@ -20,7 +20,7 @@ OLDEST_PINS ?= transformers==4.54.0 tokenizers==0.21.0 huggingface_hub==0.34.0 t
 # The model/loading/preprocessing part of the suite: what depends on transformers, timm and pillow.
 OLDEST_TESTS ?= tests/test_core.py tests/test_offline.py tests/test_inputs.py tests/test_data.py
 
-.PHONY: demo test test-slow test-oldest venv clean mutation
+.PHONY: demo test test-slow test-oldest venv clean mutation zoo-table
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -51,6 +51,11 @@ test: $(VENV)/.test
 
 test-slow: $(VENV)/.test
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# README's "Supported models" table from a run of the whole zoo (the slow zoo test's models), and the cached
+# list of timm's attention forms refreshed
+zoo-table: $(VENV)/.test
+	QKHOOKS_ZOO_WRITE_FORMS=1 $(PY) tests/test_zoo.py --readme README.md
 
 $(OLDEST)/.installed: Makefile $(VENV)/.test
 	rm -rf $(OLDEST)

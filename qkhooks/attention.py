@@ -184,12 +184,13 @@ def attention_rows(site: AttentionSite, x: torch.Tensor, query_tokens: torch.Ten
     # scale enters its logit)
     if not site.keys_shape_logits() and site.num_heads * idx.shape[1] < x.shape[-1]:
         x_q = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
-        return _softmax(site, _row_logits(site, x_q, x), idx)
+        return _softmax(site, _row_logits(site, x_q, site.keys_for(x)), idx)
     return rows_from_qk(site, *site.qk(x), idx)
 
 
 def attention_full(site: AttentionSite, x: torch.Tensor) -> torch.Tensor:
-    """All post-softmax maps (B, H, N, N) from the tokens x (B, N, d) entering W_q/W_k."""
+    """All post-softmax maps (B, H, N, M) from the tokens x (B, N, d) entering W_q (M = N unless the keys are
+    spatially reduced tokens, :meth:`AttentionSite.keys_for`)."""
     return full_from_qk(site, *site.qk(x))
 
 

@@ -112,6 +112,9 @@ class Recording:
         self.attention_specs = parse_attention(attention)
         recorded = sorted(s.layer for s in self.sites)
         for spec in self.attention_specs:
+            for site in self.sites:
+                if spec.covers(site.layer):
+                    site.check_attention_kind(spec.kind)
             missing = [layer for layer in spec.layers or () if layer not in recorded]
             if missing:
                 raise QKHooksError(
@@ -181,6 +184,8 @@ class Recording:
                     self._handles.append(
                         site.block.register_forward_pre_hook(self._residual_hook(site), with_kwargs=True)
                     )
+                for module, context in site.context_hooks():  # e.g. a windowed site's block grid
+                    self._handles.append(module.register_forward_pre_hook(context, with_kwargs=True))
                 self._handles.append(site.module.register_forward_pre_hook(self._layer_hook(site), with_kwargs=True))
                 if site.layer in self._from_qk or site.layer in self._qk_attention:
                     for i, linear in enumerate(site.qk_modules):
@@ -316,16 +321,19 @@ class Recording:
                 elif bool(bias.any()):
                     self._current.position_bias[site.layer] = bias
             with torch.no_grad():
-                cap = LayerCapture(site.layer, int(x.shape[0]))
+                cap = LayerCapture(site.layer, site.images_in_call(int(x.shape[0])))
                 x_modes = self._residual.pop(site.layer, x) if self.input == "residual" else x
                 if self.compute_dtype is not None:
                     x_modes = x_modes.to(self.compute_dtype)
                 if projector is not None:
                     cap.query, cap.key = projector(x_modes.detach())
+                    if site.key_tokens is not None:  # keys from the reduced tokens the model feeds to W_k
+                        cap.key = projector(_reduced_keys(site, x, self.input, self.compute_dtype))[1]
+                    cap.query, cap.key = site.to_images("modes", cap.query), site.to_images("modes", cap.key)
                 if self.keep_inputs:
                     cap.inputs = x_modes.detach()
                 for spec in specs:
-                    cap.attention[spec.kind] = self._attention(site, spec, x.detach())
+                    cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, x.detach()))
                 self._current.captures[site.layer] = cap  # type: ignore[union-attr]
 
         return hook
@@ -359,8 +367,9 @@ class Recording:
                 if projector is not None:
                     dt = self.compute_dtype
                     cap.query, cap.key = projector.from_linear(q if dt is None else q.to(dt), k if dt is None else k.to(dt))
+                    cap.query, cap.key = site.to_images("modes", cap.query), site.to_images("modes", cap.key)
                 if full:
-                    cap.attention["full"] = full_from_qk(site, split_heads(site, q), split_heads(site, k))
+                    cap.attention["full"] = site.to_images("full", full_from_qk(site, split_heads(site, q), split_heads(site, k)))
 
         return hook
 
@@ -498,6 +507,15 @@ class Recording:
         if self.last is None:
             raise QKHooksError("nothing recorded yet: run the model inside the context first.")
         return {l: self.last.attention(l, kind) for l in self.last.attention_layers(kind)}
+
+
+def _reduced_keys(site: AttentionSite, x: torch.Tensor, input: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """The tokens a reduced-key layer feeds to W_k in this call (only the normed input has them)."""
+    if input != "normed":
+        raise QKHooksError(f"{site.path}: its keys are spatially reduced tokens, which have no residual-stream "
+                           "counterpart; record it with input='normed'.")
+    keys = site.keys_for(x).detach()
+    return keys if dtype is None else keys.to(dtype)
 
 
 def _released() -> Any:

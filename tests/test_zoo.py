@@ -8,6 +8,7 @@ logits (log attention, up to a constant per row) for the modes.
 from __future__ import annotations
 
 import os
+import re
 
 import dataclasses
 from typing import Any, Callable
@@ -51,6 +52,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 
 def _call(model: nn.Module, inputs: dict[str, Any], **extra: Any) -> Any:
+    torch.manual_seed(0)  # models that draw at random in eval (ViTMAE's token masking) draw the same each call
     with torch.no_grad():
         return model(**inputs, **extra)
 
@@ -87,6 +89,12 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         model.set_attn_implementation(before)
         for h in handles:
             h.remove()
+    if len(seen) < len(sites) and before != "eager":  # the class picked its attention modules when built (Data2Vec):
+        twin = type(model)._from_config(model.config, attn_implementation="eager").eval()  # an eager twin, same weights
+        twin.load_state_dict(model.state_dict())
+        twin_sites = [dataclasses.replace(s, module=twin.get_submodule(s.path)) for s in sites]
+        twin.config._attn_implementation = "eager"
+        return eager_maps(twin, twin_sites, inputs, kind)
     return [seen[i] for i in range(len(sites)) if i in seen]
 
 
@@ -119,6 +127,11 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         with qkhooks.record(model, modes="all", augmented=True, attention="full") as run:
             out = _first_tensor(_call(model, inputs))
             called = [dataclasses.replace(s) for s in run.sites]  # as called: the recording forgets the call on exit
+            # the call's own terms, read while recording: a finished recording forgets them
+            bias = {s.layer: s.logit_bias() for s in run.sites}
+            rotated = {s.layer: s.rotates() for s in run.sites}
+            windows = {s.layer: s.window_index() for s in run.sites if hasattr(s, "window_index")}
+            form = _form(run.sites, bias, rotated)
     except QKHooksError as err:
         return _refused(err)
     families = tuple(sorted({s.family for s in sites}))
@@ -128,13 +141,22 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
     full = run.attention_maps("full")
     for live, site, want in zip(sites, called, eager):
         got = full[site.layer]
+        if site.layer in windows:  # one map per window: the model's (B·nW) batch axis split per image
+            want = want.unflatten(0, (-1, windows[site.layer].shape[0]))
         assert got.shape == want.shape, f"{site.path}: maps {tuple(got.shape)}, model {tuple(want.shape)}"
         err = float((got - want).abs().max())
         assert err < 1e-5, f"{site.path}: rebuilt maps differ from the model's eager attention by {err:.2e}"
         # modes (augmented: biases folded in) rebuild the logits; the model's own are log A up to a row constant
-        logits = torch.einsum("bhkn,hk,bhkm->bhnm", run.query[site.layer], run.spectrum[site.layer].S,
-                              run.key[site.layer]) * site.scale
-        logits = site.add_logit_bias(logits)  # the model's own additive term (relative table, mask), if any
+        query, key, spectrum = run.query[site.layer], run.key[site.layer], run.spectrum[site.layer]
+        if site.layer in windows:
+            query = _windowed(query, windows[site.layer], spectrum.U[:, -1])  # (B, nW, H, K, Nw)
+            key = _windowed(key, windows[site.layer], spectrum.V[:, -1])
+            logits = torch.einsum("bwhkn,hk,bwhkm->bwhnm", query, spectrum.S, key) * site.scale
+        else:
+            logits = torch.einsum("bhkn,hk,bhkm->bhnm", query, spectrum.S, key) * site.scale
+        if bias[site.layer] is not None:  # the model's own additive term (relative table, mask)
+            term = bias[site.layer][..., : logits.shape[-1]].to(logits.dtype)
+            logits = logits + (term.unflatten(0, (-1, logits.shape[1])) if site.layer in windows and len(term) > 1 else term)
         if not site.modes_rebuild_logits():  # RoPE, q/k-norm, CaiT: the modes are the content form, compared with q·k
             ref = _own_content_logits(live.module, inputs_seen[site.layer], site.num_heads) * site.scale
             err = float((logits - ref).abs().max() / ref.abs().max())
@@ -145,18 +167,26 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         keep = (want.double() > 1e-12) & (want[..., :1].double() > 1e-12)  # masked keys carry no logit
         scale = float((own - own[..., :1]).abs().max()) + 1.0
         assert float(diff.abs().where(keep, 0).max()) < 1e-4 * scale, f"{site.path}: modes do not rebuild the logits"
-    return Outcome("exact", f"{len(sites)} layers", families, len(sites), _form(called))
+    return Outcome("exact", f"{len(sites)} layers", families, len(sites), form)
 
 
-def _form(sites: list) -> str:
-    """The attention form of a recorded model, as the README table names it."""
+def _windowed(maps: torch.Tensor, index: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """Grid maps (B, H, K, N) read at the window positions (B, nW, H, K, Nw); a padding position (-1) holds the
+    zero token the model pads with, whose map under the augmented spectrum is ``padding`` (H, K): [0; 1]·u_n."""
+    out = maps[..., index.clamp_min(0)].permute(0, 3, 1, 2, 4)  # (B, nW, H, K, Nw)
+    return torch.where(index[:, None, None, :] >= 0, out, padding[None, None, :, :, None].to(out.dtype))
+
+
+def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
+    """The attention form of a recorded model, as the README table names it, from its sites and the terms
+    (additive term, rotation per layer) of the call recorded."""
     parts = []
     if len({s.stage for s in sites}) > 1:
         parts.append("stages")
-    if any(s.rotates() for s in sites):
+    if any(rotated.values()):
         parts.append("RoPE")
-    if any(s.logit_bias() is not None for s in sites):
-        parts.append("additive bias/mask")
+    if any(b is not None for b in bias.values()):
+        parts.append("bias/mask")
     if any(s.token_layout == "grid" for s in sites):
         parts.append("grid tokens")
     if any(s.qk_norm is not None for s in sites):
@@ -165,6 +195,10 @@ def _form(sites: list) -> str:
         parts.append("class attention")
     if any(s.head_mixing is not None for s in sites):
         parts.append("head mixing")
+    if any(hasattr(s, "window_index") for s in sites):
+        parts.append("windows")
+    if any(s.key_tokens is not None for s in sites):
+        parts.append("reduced keys")
     return ", ".join(parts) or "plain"
 
 
@@ -243,15 +277,19 @@ class Case:
     kind: str
     expect: str  # "exact", or the words the refusal must contain
     refused_module: str = ""  # a module path the refusal must name
+    entry: str = ""  # the timm entry point or transformers class it builds
 
 
 def _timm_case(name: str, expect: str, size: int = 32, module: str = "", **kw: Any) -> Case:
-    return Case(name, _timm(name, **kw), lambda: {"x": _images(size)}, "timm", expect, module)
+    """``name`` is a timm entry point, optionally with a ``-variant`` label."""
+    entry = name.partition("-")[0]
+    return Case(name, _timm(entry, **kw), lambda: {"x": _images(size)}, "timm", expect, module, entry)
 
 
 def _hf_case(label: str, model_cls: str, config_cls: str, expect: str, size: int = 32, module: str = "",
              inputs: Callable[[], dict[str, Any]] | None = None, **kw: Any) -> Case:
-    return Case(label, _hf(model_cls, config_cls, **kw), inputs or (lambda: {"pixel_values": _images(size)}), "hf", expect, module)
+    return Case(label, _hf(model_cls, config_cls, **kw), inputs or (lambda: {"pixel_values": _images(size)}), "hf", expect,
+                module, model_cls)
 
 
 def _siglip2_padded() -> dict[str, Any]:
@@ -282,8 +320,28 @@ FAST_CASES = [
     _hf_case("BeitModel-shared-bias", "BeitModel", "BeitConfig", "exact", use_shared_relative_position_bias=True,
              **HF_SMALL),
     _hf_case("BeitModel-layer-bias", "BeitModel", "BeitConfig", "exact", use_relative_position_bias=True, **HF_SMALL),
-    _hf_case("PvtV2Model", "PvtV2Model", "PvtV2Config", "spatially reduced", size=64, module="spatial_reduction",
-             hidden_sizes=[8, 8, 8, 8], num_attention_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1]),
+    _hf_case("PvtV2Model", "PvtV2Model", "PvtV2Config", "exact", size=64, hidden_sizes=[16, 16, 16, 16],
+             num_attention_heads=[2, 2, 2, 2], depths=[1, 1, 1, 1], sr_ratios=[4, 2, 1, 1]),
+    _hf_case("PvtV2Model-linear", "PvtV2Model", "PvtV2Config", "exact", size=64, hidden_sizes=[16, 16, 16, 16],
+             num_attention_heads=[2, 2, 2, 2], depths=[1, 1, 1, 1], linear_attention=True),
+    _hf_case("PvtModel", "PvtModel", "PvtConfig", "exact", size=64, image_size=64, hidden_sizes=[16, 16, 16, 16],
+             num_attention_heads=[2, 2, 2, 2], depths=[1, 1, 1, 1], sequence_reduction_ratios=[4, 2, 1, 1]),
+    _hf_case("SegformerModel", "SegformerModel", "SegformerConfig", "exact", size=64, hidden_sizes=[16, 16, 16, 16],
+             num_attention_heads=[2, 2, 2, 2], depths=[1, 1, 1, 1], sr_ratios=[4, 2, 1, 1]),
+    _timm_case("pvt_v2_b0", "exact", size=64, embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2),
+               depths=(1, 1, 1, 1), sr_ratios=(4, 2, 1, 1)),
+    _timm_case("pvt_v2_b2_li", "exact", size=64, embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2),
+               depths=(1, 1, 1, 1)),
+    _timm_case("twins_pcpvt_small", "exact", size=64, img_size=64, embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2),
+               depths=(1, 1, 1, 1), sr_ratios=(4, 2, 1, 1)),
+    _timm_case("swin_tiny_patch4_window7_224", "exact", size=64, img_size=64, embed_dim=16, depths=(2, 2),
+               num_heads=(2, 2), window_size=4),
+    _timm_case("swin_tiny_patch4_window7_224-padded", "exact", size=48, img_size=48, embed_dim=16, depths=(2, 2),
+               num_heads=(2, 2), window_size=4),
+    _hf_case("SwinModel", "SwinModel", "SwinConfig", "exact", size=64, image_size=64, patch_size=4, embed_dim=16,
+             depths=[2, 2], num_heads=[2, 2], window_size=4),
+    _hf_case("SwinModel-padded", "SwinModel", "SwinConfig", "exact", size=48, image_size=48, patch_size=4, embed_dim=16,
+             depths=[2, 2], num_heads=[2, 2], window_size=4),
     _hf_case("MobileViTModel", "MobileViTModel", "MobileViTConfig", "patch-area sequences", size=64,
              module="attention", hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], image_size=64),
     _hf_case("GroupViTVisionModel", "GroupViTVisionModel", "GroupViTVisionConfig", "exact", hidden_size=32,
@@ -323,7 +381,14 @@ def test_zoo_fast_subset_exact_or_refused_naming_the_module(case: Case):
 
 
 # ------------------------------------------------------------------------------------------ the whole zoo
-ZOO_MAX_PARAMS = 120_000_000  # a form only found in larger models is listed as not built, not guessed
+# Each model is built small (a few patches per side, two blocks where its class takes a depth), checked, then
+# freed; ZOO_CHUNKS child processes run the zoo in turn, so neither memory nor a leak can build up across it.
+ZOO_MAX_PARAMS = 120_000_000  # a form only buildable larger is listed as not built, not guessed
+ZOO_CHUNKS = 8
+ZOO_CHUNK_TIMEOUT_S = 1200
+ZOO_MAX_RSS_MB = 4096
+ZOO_ADDRESS_SPACE_MB = 12288  # virtual: imports alone take 3.6 GB of address space
+_SMALL_SIZES = (64, 56, 128, 112)  # input sizes tried: 64 px is 2x2 tokens after a 32x downsampling, 56 4x4 patches of 14
 
 
 def _timm_forms() -> dict[tuple, tuple[int, str]]:
@@ -365,82 +430,200 @@ def _hf_vision_classes() -> list[str]:
     return sorted(names)
 
 
-def _hf_small(cls_name: str) -> tuple[Callable[[], nn.Module], Callable[[], dict[str, Any]]]:
+ZOO_FORMS_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zoo_timm_forms.json")
+
+
+def _timm_form_names() -> list[str]:
+    """The entry points :func:`_timm_forms` picks, from ``tests/zoo_timm_forms.json`` when it was written by this
+    timm version and this enumeration code (building ~1300 models on the meta device takes minutes), else anew;
+    ``make zoo-table`` rewrites the file."""
+    import hashlib
+    import inspect
+    import json
+
+    import timm
+
+    key = f"timm {timm.__version__}, enumeration {hashlib.sha256(inspect.getsource(_timm_forms).encode()).hexdigest()[:12]}"
+    if os.path.exists(ZOO_FORMS_CACHE):
+        with open(ZOO_FORMS_CACHE) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached["names"]
+    names = sorted(name for _, name in _timm_forms().values())
+    if os.environ.get("QKHOOKS_ZOO_WRITE_FORMS"):
+        with open(ZOO_FORMS_CACHE, "w") as f:
+            json.dump({"key": key, "names": names}, f, indent=0)
+    return names
+
+
+def zoo_entries() -> list[dict[str, Any]]:
+    """The whole zoo, in a fixed order: every timm form (its smallest entry point) and every transformers class."""
+    entries = [dict(model=name, kind="timm") for name in _timm_form_names()]
+    return entries + [dict(model=name, kind="hf") for name in _hf_vision_classes()]
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _timm_small(name: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The model at its smallest valid input size (and depth 2 where its class takes an int depth), perturbed and
+    run once: the first of those variants that builds under ZOO_MAX_PARAMS and runs."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name)
+    native = tuple(cfg.input_size[1:]) if cfg is not None and cfg.input_size else (224, 224)
+    variants: list[tuple[dict[str, Any], Any]] = [
+        (dict(img_size=s, depth=2), s) for s in _SMALL_SIZES] + [(dict(img_size=s), s) for s in _SMALL_SIZES]
+    variants += [({}, s) for s in _SMALL_SIZES] + [({}, native)]
+    failures = []
+    for kwargs, size in variants:
+        try:
+            with torch.device("meta"):  # sized and shape-checked before it takes memory or time
+                meta = timm.create_model(name, pretrained=False, **kwargs)
+                params = _params(meta)
+                if params > ZOO_MAX_PARAMS:
+                    failures.append(f"{params / 1e6:.0f}M parameters with {kwargs or 'defaults'}")
+                    continue
+                try:
+                    _call(meta.eval(), {"x": torch.empty(1, 3, *((size, size) if isinstance(size, int) else size))})
+                except Exception as err:  # noqa: BLE001 - a shape error skips the variant; an op meta lacks does not
+                    if "meta" not in str(err).lower():
+                        raise
+            torch.manual_seed(0)
+            model = perturb(timm.create_model(name, pretrained=False, **kwargs))
+            inputs = {"x": _images(size, batch=1)}
+            _call(model, inputs)
+            return model, inputs
+        except Exception as err:  # noqa: BLE001 - this variant does not build or run: try the next
+            failures.append(f"{kwargs or 'defaults'} at {size}: {type(err).__name__}: {str(err)[:80]}")
+    raise RuntimeError("no small variant builds and runs: " + "; ".join(failures[-2:]))
+
+
+def _hf_small(cls_name: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The class from its default config with the integer sizes HF_SMALL names shrunk, perturbed and run once."""
     import transformers
 
     cls = getattr(transformers, cls_name)
     default = cls.config_class()
     shrink = {k: v for k, v in dict(HF_SMALL, num_channels=3).items() if isinstance(getattr(default, k, None), int)}
+    if isinstance(getattr(default, "image_size", None), (list, tuple)) and len(default.image_size) == 2:  # YOLOS: (512, 864)
+        shrink["image_size"] = [HF_SMALL["image_size"]] * 2
     if isinstance(getattr(default, "hidden_size", None), int) and isinstance(getattr(default, "head_dim", None), int):
         shrink["head_dim"] = 8
     config = cls.config_class(**shrink)
     size = getattr(config, "image_size", 32)
     size = size if isinstance(size, int) else int(size[0])
-
-    def build() -> nn.Module:
-        if getattr(cls, "_supports_sdpa", False):
-            return cls._from_config(config, attn_implementation="sdpa")
-        return cls._from_config(config)
-
-    return build, lambda: {"pixel_values": _images(size, batch=1)}
-
-
-def _timm_small(name: str) -> tuple[Callable[[], nn.Module], Callable[[], dict[str, Any]]]:
-    import timm
-
-    def build() -> nn.Module:
-        return timm.create_model(name, pretrained=False)
-
-    def inputs() -> dict[str, Any]:
-        size = timm.get_pretrained_cfg(name).input_size if timm.get_pretrained_cfg(name) else (3, 224, 224)
-        return {"x": _images(tuple(size[1:]), batch=1)}
-
-    return build, inputs
+    extra = {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
+    with torch.device("meta"):  # sized before it takes memory: some classes carry a whole language model
+        params = _params(cls._from_config(config, **extra))
+    if params > ZOO_MAX_PARAMS:
+        raise RuntimeError(f"{params / 1e6:.0f}M parameters even with the small config")
+    torch.manual_seed(0)
+    model = perturb(cls._from_config(config, **extra))
+    inputs = {"pixel_values": _images(size, batch=1)}
+    _call(model, inputs)
+    return model, inputs
 
 
-def run_zoo() -> list[dict[str, Any]]:
-    """Every form of the installed timm and transformers, checked; one row per model (README's table)."""
-    rows = []
-    cases = [(name, "timm", *_timm_small(name), size) for size, name in sorted(_timm_forms().values(), key=lambda v: v[1])]
-    for cls_name in _hf_vision_classes():
-        try:
-            cases.append((cls_name, "hf", *_hf_small(cls_name), 0))
-        except Exception:  # noqa: BLE001
-            rows.append(dict(model=cls_name, kind="hf", status="unbuildable", detail="config does not build"))
-    for name, kind, build, inputs, size in cases:
-        row = dict(model=name, kind=kind)
-        if size > ZOO_MAX_PARAMS:
-            rows.append(dict(row, status="unbuildable", detail=f"smallest model of its form has {size / 1e6:.0f}M parameters"))
-            continue
+def _small(name: str, kind: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The fast subset's hand-sized build where it has one for this entry (its inputs too: NaFlex batches, window
+    sizes that fit), else the generic small build."""
+    hand = [c for c in FAST_CASES if c.kind == kind and c.entry == name]
+    if hand:
         torch.manual_seed(0)
-        try:
-            model = perturb(build())
-            args = inputs()
-            _call(model, args)
-        except Exception as err:  # noqa: BLE001 - the model does not run on a plain image batch: not qkhooks'
-            rows.append(dict(row, status="unbuildable", detail=f"{type(err).__name__}: {str(err)[:120]}"))
-            continue
-        try:
-            outcome = check(model, args, kind)
-            rows.append(dict(row, status=outcome.status, detail=outcome.detail.splitlines()[0][:300],
-                             families=list(outcome.families), layers=outcome.layers, form=outcome.form))
-        except AssertionError as err:
-            rows.append(dict(row, status="MISMATCH", detail=str(err).splitlines()[0][:300]))
-        except Exception as err:  # noqa: BLE001
-            rows.append(dict(row, status="CRASH", detail=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"))
-        del model
-    return rows
+        model, inputs = perturb(hand[0].build()), hand[0].inputs()
+        _call(model, inputs)
+        return model, inputs
+    return (_timm_small if kind == "timm" else _hf_small)(name)
+
+
+def _family(model: nn.Module, kind: str) -> str:
+    """The README table's family: timm's model module (``swin_transformer``), transformers' ``model_type``."""
+    if kind == "timm":
+        return type(model).__module__.rpartition(".")[2]
+    config = getattr(model, "config", None)
+    return str(getattr(getattr(config, "vision_config", None) or config, "model_type", type(model).__name__))
+
+
+def run_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """One zoo row: exact, refused (naming the module), unbuildable (not qkhooks'), or MISMATCH / CRASH."""
+    import time
+
+    row = dict(entry)
+    start = time.perf_counter()
+    try:
+        model, args = _small(entry["model"], entry["kind"])
+    except Exception as err:  # noqa: BLE001 - the model does not build or run small on a plain image batch: not qkhooks'
+        return dict(row, status="unbuildable", detail=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__)
+    row["family"] = _family(model, entry["kind"])
+    from qkhooks.models.unsupported import describe_attention_like
+
+    if describe_attention_like(model).startswith("It saw no attention-like module"):  # a CNN or an MLP mixer
+        return dict(row, status="no attention", detail="no attention qkhooks records (no q/k projection outside the "
+                    "pooling heads and text towers it leaves out by design)")
+    try:
+        outcome = check(model, args, entry["kind"])
+        row.update(status=outcome.status, detail="\n".join(outcome.detail.splitlines()[:3])[:600], families=list(outcome.families),
+                   layers=outcome.layers, form=outcome.form)
+    except AssertionError as err:
+        row.update(status="MISMATCH", detail=str(err).splitlines()[0][:300])
+    except Exception as err:  # noqa: BLE001
+        row.update(status="CRASH", detail=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def run_chunk(entries: list[dict[str, Any]], index: int, count: int) -> dict[str, Any]:
+    """Every ``count``-th entry from ``index`` (sizes spread evenly over the chunks), each model freed after."""
+    import gc
+    import resource
+
+    import sys
+
+    torch.set_num_threads(1)  # one chunk at a time, on a shared machine: threads only contend (5-15x slower here)
+    # a safety net under the RSS budget: a model that would take the machine's memory fails here instead
+    resource.setrlimit(resource.RLIMIT_AS, (ZOO_ADDRESS_SPACE_MB << 20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    rows = []
+    for entry in entries[index::count]:
+        rows.append(run_entry(entry))
+        gc.collect()
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+        print(f"zoo {index}/{count}: {entry['model']}: {rows[-1]['status']} ({rows[-1].get('seconds', 0)} s, "
+              f"peak RSS {peak_mb:.0f} MB)", file=sys.stderr, flush=True)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(rows=rows, peak_rss_mb=round(peak_mb))
+
+
+def _child(*args: str, timeout: float) -> None:
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, __file__, *args], check=True, timeout=timeout)
+
+
+def run_zoo(workdir: str, chunks: int = ZOO_CHUNKS) -> tuple[list[dict[str, Any]], list[int]]:
+    """The whole zoo in child processes (one lists it, then one per chunk): rows and each child's peak RSS (MB)."""
+    import json
+    from pathlib import Path
+
+    work = Path(workdir)
+    _child("--list", str(work / "entries.json"), timeout=ZOO_CHUNK_TIMEOUT_S)
+    rows, peaks = [], []
+    for i in range(chunks):
+        out = work / f"chunk{i}.json"
+        _child("--chunk", f"{i}/{chunks}", str(work / "entries.json"), str(out), timeout=ZOO_CHUNK_TIMEOUT_S)
+        result = json.loads(out.read_text())
+        rows += result["rows"]
+        peaks.append(result["peak_rss_mb"])
+    return rows, peaks
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("QKHOOKS_ZOO"), reason=(
-    "the whole zoo records full maps at each model's native input size, which needs more than this 24 GiB "
-    "machine has (OOM-killed here on 2026-12-01); run it with QKHOOKS_ZOO=1 where memory allows"))
 def test_whole_zoo_exact_or_refused_never_a_crash_or_a_silent_mismatch(tmp_path):
     import json
-    import os
 
-    rows = run_zoo()
+    rows, peaks = run_zoo(str(tmp_path))
     out = os.environ.get("QKHOOKS_ZOO_RESULTS")
     if out:
         with open(out, "w") as f:
@@ -448,6 +631,7 @@ def test_whole_zoo_exact_or_refused_never_a_crash_or_a_silent_mismatch(tmp_path)
     bad = [r for r in rows if r["status"] in ("MISMATCH", "CRASH")]
     assert not bad, "\n".join(f"{r['model']}: {r['status']}: {r['detail']}" for r in bad)
     assert sum(r["status"] == "exact" for r in rows) >= 10
+    assert max(peaks) < ZOO_MAX_RSS_MB, f"a zoo chunk peaked at {max(peaks)} MB RSS"
 
 
 def test_a_mask_handed_to_an_attention_the_adapter_does_not_model_it_for_is_refused_naming_it():
@@ -525,45 +709,227 @@ def test_spectrum_cli_adds_rope_bands_per_layer(tmp_path):
 
 # ------------------------------------------------------------------------------ README "Supported models"
 def _reason(detail: str) -> str:
-    """The reason part of a refusal: what follows the module's name."""
-    text = detail.split("): ", 1)[-1] if "): " in detail else detail
-    return text.split(". ")[0].split("; ")[0].replace("|", "/")[:160]
+    """The reason of a refusal, with the class it names: what follows the module's name, first sentence."""
+    lines = detail.splitlines()
+    if lines and "does not know how to find the attention layers" in lines[0]:
+        listed = [line for line in lines[1:] if line.startswith("  - ")]  # the first attention-like module it saw
+        if not listed:
+            return "no adapter, and no attention-like module found"
+        cls = re.search(r"\((\w+)[;)]", listed[0])
+        why = listed[0].split("): ", 1)[-1].split(". ")[0]
+        return f"{cls[1] if cls else '?'}: {why}".replace("|", "/")[:160]
+    first = lines[0] if lines else detail
+    cls = re.search(r"'\S+' \((\w+)\)", first)
+    text = first.split("): ", 1)[-1] if "): " in first else first
+    text = text.split(". ")[0].split("; ")[0].rstrip(".")
+    return (f"{cls[1]}: " if cls else "") + text.replace("|", "/")[:160]
+
+
+_FORM_WORDS = (("q/k normalisation", "q/k-norm"), ("window", "windows"), ("spatially reduced", "reduced keys"),
+               ("rotary position embeddings", "RoPE"), ("relative-position", "bias"), ("relative_position", "bias"),
+               ("rel_pos", "bias"), ("talking", "head mixing"), ("class attention", "class attention"))
+
+
+def _refused_form(detail: str) -> str:
+    reason = _reason(detail).lower()
+    return ", ".join(dict.fromkeys(form for words, form in _FORM_WORDS if words in reason))
+
+
+def _aside_reason(members: list[dict[str, Any]]) -> str:
+    """Why models were not checked, counted: not qkhooks' results."""
+    if members[0]["status"] == "no attention":
+        return "no attention qkhooks records (CNNs, MLP mixers; pooling heads are left out by design)"
+    kinds = {"need inputs besides one image batch": ("missing", "specify", "pixel_values_videos", "expected 5"),
+             f"over {ZOO_MAX_PARAMS // 1_000_000}M parameters even small": ("parameters",)}
+    counts: dict[str, int] = {}
+    for r in members:
+        label = next((k for k, words in kinds.items() if any(w in r["detail"] for w in words)), "fail to build or run small")
+        counts[label] = counts.get(label, 0) + 1
+    return "not built: " + ", ".join(f"{n} {label}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _names(models: list[str], limit: int = 4) -> str:
+    shown = ", ".join(f"`{m}`" for m in sorted(models)[:limit])
+    return shown + (f" + {len(models) - limit} more" if len(models) > limit else "")
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """README's table: one line per model the zoo checked."""
-    lines = ["| model | library | result | form / reason |", "|---|---|---|---|"]
-    order = {"exact": 0, "refused": 1, "unbuildable": 2}
-    for r in sorted(rows, key=lambda r: (order.get(r["status"], 3), r["kind"], r["model"])):
-        what = r.get("form", "") if r["status"] == "exact" else _reason(r["detail"])
-        lines.append(f"| `{r['model']}` | {r['kind']} | {r['status']} | {what} |")
+    """README's table: one line per model family the zoo checked (timm's model module, transformers' model type)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    aside = {"unbuildable": "(not built small here)", "no attention": "(no attention)"}
+    for r in rows:
+        groups.setdefault((aside.get(r["status"]) or r.get("family") or "?", r["kind"]), []).append(r)
+    lines = ["| family | timm | Hugging Face | form | exact | refused, and why |", "|---|---|---|---|---|---|"]
+    order = lambda item: (item[0][0].startswith("("), item[0][1], item[0][0])  # noqa: E731
+    for (family, kind), members in sorted(groups.items(), key=order):
+        names = _names([r["model"] for r in members])
+        exact = [r for r in members if r["status"] == "exact"]
+        refused = [r for r in members if r["status"] != "exact"]
+        forms = {f for r in exact for f in r.get("form", "").split(", ") if f}
+        forms |= {f for r in refused for f in _refused_form(r["detail"]).split(", ") if f}
+        if family.startswith("("):
+            reasons = [_aside_reason(members)]
+        else:
+            reasons = sorted({_reason(r["detail"]) for r in refused})
+        did = f"maps and modes ({len(exact)} of {len(members)})" if exact else ""
+        why = "; ".join(reasons[:3]) + (f"; {len(reasons) - 3} more reasons" if len(reasons) > 3 else "")
+        lines.append(f"| {family} | {names if kind == 'timm' else ''} | {names if kind == 'hf' else ''} | "
+                     f"{', '.join(sorted(forms)) or ('plain' if exact else '')} | {did} | {why} |")
     return "\n".join(lines)
+
+
+README_MARKERS = ("<!-- zoo-table: generated by python tests/test_zoo.py --readme README.md (make zoo-table) -->",
+                  "<!-- /zoo-table -->")
+
+
+def rewrite_readme(path: str, table: str) -> None:
+    """Replace README's table between the zoo-table marker comments (the markers stay)."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    begin, end = text.index("<!-- zoo-table"), text.index(README_MARKERS[1])
+    Path(path).write_text(text[:begin] + README_MARKERS[0] + "\n" + table + "\n" + text[end:])
 
 
 def fast_rows() -> list[dict[str, Any]]:
     rows = []
     for case in FAST_CASES:
         outcome = _run_case(case)
-        rows.append(dict(model=case.name, kind=case.kind, status=outcome.status, detail=outcome.detail, form=outcome.form))
+        rows.append(dict(model=case.name, kind=case.kind, family=case.name, status=outcome.status,
+                         detail=outcome.detail, form=outcome.form))
     return rows
 
 
-if __name__ == "__main__":  # python tests/test_zoo.py [results.json]: the README table (fast subset if no file)
-    import json
-    import sys
-
-    print(markdown_table(json.load(open(sys.argv[1])) if len(sys.argv) > 1 else fast_rows()))
-
-
 @pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("BeitModel-shared-bias", "Siglip2VisionModel-padded",
-                                                                        "vit_small_patch16_dinov3")], ids=lambda c: c.name)
+                                                                        "vit_small_patch16_dinov3", "PvtV2Model",
+                                                                        "SegformerModel")], ids=lambda c: c.name)
 def test_rows_of_biased_masked_and_rotated_attention_are_the_full_maps_rows(case: Case):
     """Rows take the same additive term and rotation as the full maps (which the zoo checks against eager)."""
     torch.manual_seed(0)
     model, inputs = perturb(case.build()), case.inputs()
-    tokens = torch.tensor([[0, 5], [3, 8]])
+    tokens = torch.tensor([[0, 2], [3, 1]])  # within the 2x2 grid of the last stage of the staged models
     with qkhooks.record(model, modes=None, attention=["rows", "full"]) as run, torch.no_grad():
         run(**inputs, meta={"query_tokens": tokens})
     for layer, full in run.attention_maps("full").items():
         want = torch.stack([full[b][:, tokens[b]] for b in range(2)])
         assert torch.allclose(run.attention_maps("rows")[layer], want, atol=1e-6)
+
+
+def main(argv: list[str]) -> None:
+    """python tests/test_zoo.py --readme README.md [--save zoo.json]   run the whole zoo, write its table into README
+    python tests/test_zoo.py --rows zoo.json [--readme README.md]     the table from saved rows
+    python tests/test_zoo.py                                          the fast subset's table, printed
+    (--list OUT and --chunk I/N ENTRIES OUT are the whole zoo's child processes)"""
+    import argparse
+    import json
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", metavar="OUT")
+    parser.add_argument("--chunk", nargs=3, metavar=("I/N", "ENTRIES", "OUT"))
+    parser.add_argument("--readme", metavar="README")
+    parser.add_argument("--rows", metavar="ZOO_JSON", help="rows saved by an earlier zoo run (no run)")
+    parser.add_argument("--save", metavar="ZOO_JSON", help="save this run's rows")
+    args = parser.parse_args(argv)
+    if args.list:
+        with open(args.list, "w") as f:
+            json.dump(zoo_entries(), f)
+        return
+    if args.chunk:
+        index, count = (int(v) for v in args.chunk[0].split("/"))
+        with open(args.chunk[1]) as f:
+            result = run_chunk(json.load(f), index, count)
+        with open(args.chunk[2], "w") as f:
+            json.dump(result, f)
+        return
+    if args.rows:
+        with open(args.rows) as f:
+            rows = json.load(f)
+    elif args.readme or args.save:
+        with tempfile.TemporaryDirectory() as work:
+            rows, peaks = run_zoo(work)
+        print(f"zoo: {len(rows)} models, peak RSS per chunk (MB): {peaks}")
+        if args.save:
+            with open(args.save, "w") as f:
+                json.dump(rows, f, indent=1)
+    else:
+        rows = fast_rows()
+    table = markdown_table(rows)
+    rewrite_readme(args.readme, table) if args.readme else print(table)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("PvtV2Model", "PvtModel", "SegformerModel")],
+                         ids=lambda c: c.name)
+def test_reduced_keys_modes_from_the_models_qk_outputs_equal_those_from_the_tokens(case: Case):
+    """Key maps (B, H, K, M) over the reduced tokens: the q/k path (the model's own key Linear output) and the x path
+    (the reduction replayed with the model's modules) agree, and a reduced layer really has fewer keys."""
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    maps = {}
+    for qk_path in (True, False):
+        with qkhooks.record(model, modes=4, qk_path=qk_path) as run, torch.no_grad():
+            run(**inputs)
+        assert set(run.mode_source.values()) == {"qk" if qk_path else "x"}
+        maps[qk_path] = (run.query, run.key)
+    reduced = 0
+    for layer, key in maps[True][1].items():
+        assert torch.allclose(key, maps[False][1][layer], atol=1e-5)
+        assert torch.allclose(maps[True][0][layer], maps[False][0][layer], atol=1e-5)
+        reduced += key.shape[-1] < maps[True][0][layer].shape[-1]
+    assert reduced >= 2
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if "swin" in c.name.lower()], ids=lambda c: c.name)
+def test_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
+    """Query and key maps of a windowed layer sit on the image grid: they equal the tokens entering the block's
+    attention, read before the model windows them (timm's norm1 output, HF's layernorm_before output, (B, H·W, d)),
+    projected onto u_n and v_n directly; from the model's q/k outputs and from the windowed tokens alike."""
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    sites = qkhooks.sites(model)
+    grid_tokens: dict[int, torch.Tensor] = {}
+    handles = [(s.block.norm1 if case.kind == "timm" else s.block.layernorm_before).register_forward_hook(
+        lambda m, a, o, s=s: grid_tokens.__setitem__(s.layer, o.flatten(1, -2))) for s in sites]
+    try:
+        for qk_path in (True, False):
+            with qkhooks.record(model, modes=6, qk_path=qk_path) as run, torch.no_grad():
+                run(**inputs)
+            for site in sites:
+                spec = run.spectrum[site.layer]
+                x = grid_tokens[site.layer].double()
+                want_q = torch.einsum("bnd,hdk->bhkn", x, spec.U.double())
+                want_k = torch.einsum("bnd,hdk->bhkn", x, spec.V.double())
+                assert run.query[site.layer].shape == want_q.shape
+                assert torch.allclose(run.query[site.layer].double(), want_q, atol=1e-4), site.path
+                assert torch.allclose(run.key[site.layer].double(), want_k, atol=1e-4), site.path
+    finally:
+        for h in handles:
+            h.remove()
+    with pytest.raises(QKHooksError, match="windowed attention gives full maps per window"):
+        with qkhooks.record(model, modes=None, attention="rows") as run, torch.no_grad():
+            run(**inputs)
+    with pytest.raises(QKHooksError, match="input='residual' is not modelled for windowed attention"):
+        with qkhooks.record(model, modes=4, input="residual") as run, torch.no_grad():
+            run(**inputs)
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("SwinModel", "swin_tiny_patch4_window7_224", "PvtV2Model",
+                                                                        "pvt_v2_b2_li")], ids=lambda c: c.name)
+def test_a_finished_recording_of_windowed_or_reduced_attention_keeps_no_model_alive(case: Case):
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    with qkhooks.record(model, modes=4, attention="full") as run, torch.no_grad():
+        run(**inputs)
+    refs = [weakref.ref(m) for m in model.modules()]  # the attention modules and their reductions included
+    del model
+    gc.collect()
+    assert all(ref() is None for ref in refs), [type(ref()).__name__ for ref in refs if ref() is not None]

@@ -77,6 +77,9 @@ class AttentionSite:
         qk_modules: the Linear modules whose outputs are q and k, as the model computes them from the hooked
             tokens: ``(qkv,)`` (fused; q then k then v along the last axis) or ``(query, key)``. The recording
             projects modes from these outputs (a d_k x K product per head instead of d x K). Empty: from x.
+        key_tokens: where the keys come from other tokens than the queries (spatial reduction in PVT/Segformer):
+            ``(x, args, kwargs) -> x_k`` (B, M, d), the tokens the model feeds to W_k, computed with the model's
+            own reduction modules from the hooked call; None: the keys' tokens are the queries' (M = N).
     """
 
     layer: int
@@ -106,8 +109,10 @@ class AttentionSite:
     call_bias: Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor | None] | None = None
     class_attention: bool = False
     head_mixing: Any = None
+    key_tokens: Callable[[torch.Tensor, tuple, dict], torch.Tensor] | None = None
     _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _call_rope: Any = dataclasses.field(default=None, repr=False)
+    _call_keys: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (
@@ -128,12 +133,30 @@ class AttentionSite:
         return QKWeights(w_q, w_k, b[: h * dk].reshape(h, dk), b[h * dk :].reshape(h, dk))
 
     def qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q and k (B, H, N, d_k), biases included, from the tokens entering W_q/W_k, in one matmul."""
+        """q and k (B, H, N, d_k) and (B, H, M, d_k), biases included, from the tokens entering W_q (and the
+        call's key tokens, :meth:`keys_for`), in one matmul when they are the same tokens."""
         w, b = self.qk_linear()
-        out = torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        x_k = self.keys_for(x)
+        if x_k is not x:
+            rows = self.num_heads * self.head_dim
+            q = torch.nn.functional.linear(x, w[:rows], None if b is None else b[:rows])
+            k = torch.nn.functional.linear(x_k, w[rows:], None if b is None else b[rows:])
+            return tuple(t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k))  # type: ignore[return-value]
+        out = torch.nn.functional.linear(x, w, b)
         bsz, n = x.shape[:2]
         out = out.view(bsz, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return out[0], out[1]
+
+    def keys_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens the model feeds to W_k in the call being recorded, whose query-side tokens are ``x``: x
+        itself, or the spatially reduced tokens :attr:`key_tokens` computed from that call."""
+        if self.key_tokens is None:
+            return x
+        if self._call_keys is None or self._call_keys.shape[0] != x.shape[0]:
+            raise QKHooksError(f"{self.path}: its keys come from reduced tokens computed from the attention call; "
+                               "rebuild maps of this layer inside a recording of a model call.")
+        return self._call_keys
 
     def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
         """Pick the token tensor out of a module call, whether passed by position or by keyword."""
@@ -161,6 +184,9 @@ class AttentionSite:
                 f"{self.path}: expected a (batch, tokens, {self.dim}) tensor entering the layer, got "
                 f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}; the adapter points at the wrong argument."
             )
+        if not block and self.key_tokens is not None:
+            with torch.no_grad():
+                self._call_keys = self.key_tokens(x, args, kwargs)
         return x
 
     def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -190,6 +216,24 @@ class AttentionSite:
         recording keeps no batch's tensors alive and nothing reads them as if a call were under way."""
         self._call_bias = None
         self._call_rope = None
+        self._call_keys = None
+
+    def context_hooks(self) -> list[tuple[nn.Module, Callable[[nn.Module, tuple, dict], None]]]:
+        """(module, forward pre-hook with kwargs) pairs a recording installs besides the site's own: where a site
+        needs to see a call around its module (a windowed site reads its block's token grid). None here."""
+        return []
+
+    def check_attention_kind(self, kind: str) -> None:
+        """Refuse, when the recording starts, an attention kind this site cannot rebuild exactly (none here)."""
+
+    def images_in_call(self, rows: int) -> int:
+        """Images in a call of the module whose batch axis has ``rows`` entries (windowed sites: rows / windows)."""
+        return rows
+
+    def to_images(self, kind: str, t: torch.Tensor) -> torch.Tensor:
+        """A capture of ``kind`` (``"modes"``: (B, H, K, N) maps, or an attention kind) as stored per image: as is
+        here; a windowed site returns its windows' maps per image and its modes on the image grid."""
+        return t
 
     def rotates(self) -> bool:
         """Whether the call being recorded rotates q and k (RoPE tables were handed to the module)."""

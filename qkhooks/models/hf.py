@@ -15,6 +15,7 @@ embeddings module (a CLS token, a distillation token, register tokens), so new v
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,8 +37,13 @@ _ROPE_FUNCTIONS = {"DINOv3ViTAttention": "apply_rotary_pos_emb"}
 _FOLDED_TOKENS = {
     "MobileViTSelfAttention": "MobileViT unfolds every image into patch-area sequences (batch x pixels-in-patch), "
     "so one 'image' of the attention is a pixel offset, not an image; qkhooks stores per image and does not model it",
+    "HieraMaskUnitAttention": "Hiera splits the tokens into mask units (windows) inside the module and max-pools the "
+    "queries (query stride), so its maps are per mask unit and queries x keys; qkhooks does not model that layout",
 }
 _TEXT = re.compile(r"(^|\.)text_(model|encoder)(\.|$)")
+# Attention forms beyond plain q·k that their own modules teach this adapter (reduced_keys.py, windows.py):
+# class name -> (the children that form models, ``(site, module, modules) -> the site for that form``).
+EXTRA_FORMS: dict[str, tuple[frozenset[str], Callable[[AttentionSite, nn.Module, dict[str, nn.Module]], AttentionSite]]] = {}
 
 
 def _qk_children(module: nn.Module) -> tuple[nn.Linear, ...] | None:
@@ -57,10 +63,10 @@ def _refuse_unmodelled(name: str, module: nn.Module) -> None:
     cls = type(module).__name__
     if cls in _FOLDED_TOKENS:
         raise QKHooksError(f"unsupported attention in {name!r} ({cls}): {_FOLDED_TOKENS[cls]}.")
-    modelled = ("q_norm", "k_norm") if qk_norm_modelled(module) else ()  # applied with the model's own modules
-    modelled += ("relative_position_bias",) if _builds_own_bias(module) else ()
-    extra = [n for n, child in module.named_children()
-             if n not in _HARMLESS_CHILDREN and n not in modelled and not isinstance(child, nn.Identity)]
+    modelled = set(_HARMLESS_CHILDREN | EXTRA_FORMS.get(cls, (frozenset(),))[0])
+    modelled |= {"q_norm", "k_norm"} if qk_norm_modelled(module) else set()  # applied with the model's own modules
+    modelled |= {"relative_position_bias"} if _builds_own_bias(module) else set()
+    extra = [n for n, child in module.named_children() if n not in modelled and not isinstance(child, nn.Identity)]
     extra += [n for n, _ in module.named_parameters(recurse=False)]  # a table or scale used in the logits
     if extra:
         raise QKHooksError(
@@ -141,7 +147,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
     sites = []
     for name, module, match in _attention_modules(model):
         _refuse_unmodelled(name, module)
-        if getattr(modules[match["block"]], "window_size", 0):
+        if getattr(modules[match["block"]], "window_size", 0) and type(module).__name__ not in EXTRA_FORMS:
             raise QKHooksError(
                 f"unsupported attention in {name!r} ({type(module).__name__}): its block partitions the tokens into "
                 f"windows of {modules[match['block']].window_size} (one attention call per window, windows along the "
@@ -188,6 +194,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 call_bias=_data2vec_bias(name, module) if _builds_own_bias(module) else None,
             )
         )
+        if type(module).__name__ in EXTRA_FORMS:
+            sites[-1] = EXTRA_FORMS[type(module).__name__][1](sites[-1], module, modules)
     refuse_uncovered(model, sites)
     return sites
 

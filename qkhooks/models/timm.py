@@ -11,6 +11,7 @@ A rotary table, mask or causal flag handed to an accepted module at run time is 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -33,10 +34,26 @@ def _classes() -> dict[str, type]:
             "TalkingHeadAttn": TalkingHeadAttn}
 
 
+@dataclasses.dataclass(frozen=True)
+class ExtraForm:
+    """An attention class another module teaches this adapter (reduced_keys.py, windows.py): its class (read
+    lazily), its q/k reader ``attn -> (qk_linear, qk_modules)`` and ``(site, attn) -> the site for that form``."""
+
+    cls: Callable[[], type]
+    qk_reader: Callable[[nn.Module], tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]]
+    finish: Callable[[AttentionSite, nn.Module], AttentionSite]
+
+
+EXTRA_FORMS: dict[str, ExtraForm] = {}
+
+
 def _kind(module: nn.Module) -> str | None:
     """Which modelled attention this module is (its class's forward must be the modelled one), else None."""
     for kind, cls in _classes().items():
         if type(module).forward is cls.forward:
+            return kind
+    for kind, form in EXTRA_FORMS.items():
+        if type(module).forward is form.cls().forward:
             return kind
     return None
 
@@ -124,6 +141,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
             continue
         block_path = name.rpartition(".")[0]
         stage = block_path.rpartition(".")[0]
+        extra = EXTRA_FORMS.get(kind)
         site_grid = _pit_stage_grid(stage, grid)
         if int(getattr(attn, "num_kv_heads", attn.num_heads)) != int(attn.num_heads):
             raise QKHooksError(
@@ -134,8 +152,9 @@ def find(model: nn.Module) -> list[AttentionSite]:
         if kind in ("ClassAttn", "TalkingHeadAttn"):  # CaiT: its own query tokens, prefix and head mixing
             fields = cait_site_fields(attn, kind)
         else:
-            qk_linear, qk_modules = _qk_reader(attn, kind)
-            fields = dict(qk_linear=qk_linear, qk_modules=qk_modules, head_dim=int(attn.head_dim), num_prefix_tokens=num_prefix)
+            qk_linear, qk_modules = extra.qk_reader(attn) if extra else _qk_reader(attn, kind)
+            fields = dict(qk_linear=qk_linear, qk_modules=qk_modules, num_prefix_tokens=num_prefix,
+                          head_dim=int(qk_linear()[0].shape[0]) // 2 // int(attn.num_heads))
         sites.append(
             AttentionSite(
                 layer=len(sites),
@@ -159,6 +178,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 **fields,
             )
         )
+        if extra:
+            sites[-1] = extra.finish(sites[-1], attn)
     refuse_uncovered(model, sites)
     return sites
 

@@ -33,6 +33,15 @@ _ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 # Left out by design (README says so): cross-attention of learned queries over the tokens (pooling heads,
 # GroupViT's grouping) is not self-attention of the image tokens; text towers of dual-tower models are not
 # the vision stack.
+# Attention classes whose windows, reductions or tables an adapter models (windows.py, reduced_keys.py), by name
+# or, where the name is generic, by module and name (``timm.models.pvt_v2.Attention``): the named parts inside
+# them are not refused by name.
+MODELLED_FORMS: set[str] = set()
+
+
+def _modelled(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ in MODELLED_FORMS or f"{cls.__module__}.{cls.__qualname__}" in MODELLED_FORMS
 _NOT_RECORDED_PATHS = re.compile(r"(^|\.)(head|attn_pool|pooler|assign|pre_assign_attn|text_model|text_encoder)(\.|$)")
 
 
@@ -53,12 +62,17 @@ def diagnose(model: nn.Module) -> None:
     from qkhooks.models.qknorm import qk_norm_modelled
 
     rope_modelled = any(type(m).__name__ in _ROPE_MODELLED for m in model.modules())
+    modelled = [n + "." for n, m in model.named_modules() if _modelled(m)]
     for name, module in model.named_modules():
+        if any(name.startswith(p) for p in modelled):
+            continue
         if _has_qk_norm(module) and not qk_norm_modelled(module):
             raise QKHooksError(
                 f"unsupported attention in {name!r} ({type(module).__name__}): q/k normalisation makes the "
                 "logit a non-linear function of the tokens, so W_q^T W_k has no exact meaning there."
             )
+        if _modelled(module):
+            continue
         label = f"{name} {type(module).__name__}".lower()
         for keys, reason in _REASONS:
             if (hf and keys is _RELATIVE_BIAS) or (rope_modelled and keys is _ROTARY):
@@ -81,7 +95,11 @@ def attention_like(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if _NOT_RECORDED_PATHS.search(name):
             continue
         children = dict(module.named_children())
-        owns_qk = any(c in children for c in _QK_CHILDREN) and any(isinstance(children[c], nn.Linear | nn.Conv2d | nn.Conv1d) for c in _QK_CHILDREN if c in children)
+        # a q/k projection is a Linear/Conv child, or any child so named of an attention-named module or named qkv
+        # (a conv + norm block: MobileNetV5's multi-query attention, EfficientViT's qkv)
+        projections = [children[c] for c in _QK_CHILDREN if c in children]
+        owns_qk = any(isinstance(p, nn.Linear | nn.Conv2d | nn.Conv1d) for p in projections) or (bool(projections) and (
+            _ATTENTION_NAME.search(type(module).__name__) is not None or "qkv" in children))
         owns_fused = _ATTENTION_NAME.search(type(module).__name__) is not None and any(
             "proj_weight" in n or n in ("qkv_weight",) for n, _ in module.named_parameters(recurse=False)
         )
@@ -129,6 +147,13 @@ def describe_attention_like(model: nn.Module, limit: int = 12) -> str:
         if cls not in seen:
             children = ", ".join(n for n, _ in module.named_children()) or "no child modules"
             seen[cls] = f"  - {name!r} ({cls}; children: {children}): no registered adapter models this class. {_why(module)}"
+    if not seen:  # name the attention-named modules it did see, and why none was taken
+        for name, module in model.named_modules():
+            cls = type(module).__name__
+            if _ATTENTION_NAME.search(cls) and cls not in seen and not _NOT_RECORDED_PATHS.search(name):
+                children = ", ".join(n for n, _ in module.named_children()) or "no child modules"
+                seen[cls] = (f"  - {name!r} ({cls}; children: {children}): attention-named, but it owns no q/k or fused "
+                             "qkv projection, so its logits are not a q·k form qkhooks can take.")
     if not seen:
         return "It saw no attention-like module (none owns a q/k or fused qkv projection)."
     lines = list(seen.values())[:limit]

@@ -1,0 +1,220 @@
+"""Windowed attention: timm Swin (v1, ``swin_*``) and HF ``SwinModel`` (METHODS.md C, "windows").
+
+The block rolls its (H, W) token grid by the shift, pads it to whole windows and calls the attention once on
+all windows, stacked along the batch axis: (B·nW, Nw, d). Within a window the content form is the plain
+W_q^T W_k; the model's own relative-position table (per window offset) and its shift mask (per window) are the
+additive term, rebuilt here from the module's own table and the very mask the block hands the attention.
+
+What a recording gives for such a layer:
+
+- ``full`` maps: the model's own (B·nW, H, Nw, Nw) attention, its batch axis split per image: (B, nW, H, Nw, Nw),
+  windows in the model's order (row-major over the shifted, padded grid), shift masks applied;
+- query and key maps: on the image grid, (B, H, K, H·W) in row-major grid order, as if the tokens had not been
+  windowed (a token's map is x·u_n wherever the model put it);
+- ``rows`` / ``pooled``: refused (a row lives in one window; the image-grid form is not built yet).
+
+Swin-v2 (cosine attention: L2-normalised q and k, a learned logit scale, a log-CPB MLP) is not this form and
+stays refused. The block's grid is read from the block's own call (``AttentionSite.context_hooks``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from qkhooks.errors import QKHooksError
+from qkhooks.models import hf
+from qkhooks.models import timm as timm_adapter
+from qkhooks.models.base import AttentionSite, _additive
+from qkhooks.models.unsupported import MODELLED_FORMS
+
+__all__ = ["WindowSite", "window_index"]
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    """(rows, cols) of a window or shift given as one number (transformers) or a pair (timm)."""
+    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+
+def window_index(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], pad_first: bool) -> torch.Tensor:
+    """(nW, Nw) row-major grid index of the token the model puts at each window position (-1: padding).
+
+    The same roll (by -shift) and padding (bottom and right, to whole windows) the block applies, in its order
+    (timm rolls then pads, transformers pads then rolls), then the windows read row-major."""
+    (h, w), (wh, ww) = grid, window
+    hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+    index = torch.arange(h * w).view(h, w)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        out = torch.full((hp, wp), -1, dtype=torch.long)
+        out[: t.shape[0], : t.shape[1]] = t
+        return out
+
+    def roll(t: torch.Tensor) -> torch.Tensor:
+        return torch.roll(t, shifts=(-shift[0], -shift[1]), dims=(0, 1)) if any(shift) else t
+
+    index = roll(pad(index)) if pad_first else pad(roll(index))
+    return index.view(hp // wh, wh, wp // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+
+
+@dataclasses.dataclass(eq=False)
+class WindowSite(AttentionSite):
+    """An attention site whose module sees windows: its block's grid and window geometry make the maps per image.
+
+    Attributes:
+        geometry: ``() -> (window, shift)`` read live from the block (transformers shrinks them for small inputs).
+        call_grid: ``(block args, block kwargs) -> (H, W)``: the token grid of the block's call.
+        relative_bias: ``() -> (1, H, Nw, Nw)``: the module's own relative-position term.
+        pad_first: the block pads before rolling (transformers) rather than after (timm).
+    """
+
+    geometry: Callable[[], tuple[tuple[int, int], tuple[int, int]]] | None = None
+    call_grid: Callable[[tuple, dict], tuple[int, int]] | None = None
+    relative_bias: Callable[[], torch.Tensor] | None = None
+    pad_first: bool = False
+    _grid_of_call: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
+    _index: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    _call_images: int = dataclasses.field(default=0, repr=False)
+
+    def context_hooks(self) -> list[tuple[nn.Module, Callable]]:
+        def note_grid(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._grid_of_call = self.call_grid(args, kwargs)  # type: ignore[misc]
+            self._index = None
+
+        return [(self.block, note_grid)]
+
+    def window_index(self) -> torch.Tensor:
+        """(nW, Nw) grid index of every window position in the call being recorded (-1: padding)."""
+        if self._grid_of_call is None:
+            raise QKHooksError(f"{self.path}: its block was not seen running, so the window layout is unknown; "
+                               "record the whole model (or the block), not the attention module alone.")
+        if self._index is None:
+            window, shift = self.geometry()  # type: ignore[misc]
+            self._index = window_index(self._grid_of_call, window, shift, self.pad_first)
+        return self._index
+
+    def images_in_call(self, rows: int) -> int:
+        windows = self.window_index().shape[0]
+        if rows % windows:
+            raise QKHooksError(f"{self.path}: {rows} windows in the call do not split into images of {windows} windows.")
+        return rows // windows
+
+    def to_images(self, kind: str, t: torch.Tensor) -> torch.Tensor:
+        index = self.window_index()
+        if kind == "full":  # (B·nW, H, Nw, Nw) -> (B, nW, H, Nw, Nw)
+            return t.unflatten(0, (-1, index.shape[0]))
+        if kind == "modes":  # (B·nW, H, K, Nw) -> (B, H, K, H·W) in grid order
+            flat = t.unflatten(0, (-1, index.shape[0])).permute(0, 2, 3, 1, 4).flatten(3)
+            valid = index.flatten() >= 0
+            where = torch.empty(int(valid.sum()), dtype=torch.long)
+            where[index.flatten()[valid]] = torch.arange(index.numel())[valid]
+            return flat[..., where.to(flat.device)]
+        self.check_attention_kind(kind)
+        return t
+
+    def check_attention_kind(self, kind: str) -> None:
+        if kind != "full":
+            raise QKHooksError(f"{self.path}: windowed attention gives full maps per window (attention='full') and "
+                               f"modes on the image grid; {kind!r} attention on the image grid is not built for windows "
+                               "yet (a row lives in one window).")
+
+    def grid_for(self, num_tokens: int) -> tuple[int, int]:
+        return self._grid_of_call if self._grid_of_call is not None else super().grid_for(num_tokens)
+
+    def logit_bias(self) -> torch.Tensor | None:
+        """(B·nW or 1, H, Nw, Nw): the module's relative-position table plus the call's shift mask, if any."""
+        bias = self.relative_bias().detach()  # type: ignore[misc]
+        mask = _additive(self._call_bias)
+        if mask is None:
+            return bias
+        windows = mask.shape[0]
+        bias = bias + mask.to(bias.dtype).reshape(windows, 1, *mask.shape[-2:])
+        images = self._call_images if self._call_images else 1
+        return bias.repeat(images, 1, 1, 1)
+
+    def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # both modelled classes take the shift mask as their second parameter (timm ``mask``, transformers
+        # ``attention_mask``), which transformers passes by position
+        if len(args) == 2 and self.bias_input is not None and self.bias_input not in kwargs:
+            args, kwargs = args[:1], {**kwargs, self.bias_input: args[1]}
+        super().refuse_unmodelled_inputs(args, kwargs)
+
+    def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
+        if block:
+            raise QKHooksError(f"{self.path}: input='residual' is not modelled for windowed attention (the residual "
+                               "stream is on the image grid, the attention's tokens are windows); use input='normed'.")
+        x = super().hidden_states(args, kwargs, block)
+        if not block:
+            self._call_images = self.images_in_call(int(x.shape[0]))
+        return x
+
+
+def _as_window_site(site: AttentionSite, **fields: Any) -> WindowSite:
+    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
+    return WindowSite(**base, **fields)
+
+
+# ---------------------------------------------------------------------------------------------------- timm
+def _timm_swin_attention() -> type:
+    from timm.models.swin_transformer import WindowAttention
+
+    return WindowAttention
+
+
+def _timm_qkv(attn: nn.Module):
+    rows = int(attn.num_heads) * (int(attn.qkv.out_features) // 3 // int(attn.num_heads))
+    qkv = attn.qkv
+
+    def fused() -> tuple[torch.Tensor, torch.Tensor | None]:
+        return qkv.weight[: 2 * rows], None if qkv.bias is None else qkv.bias[: 2 * rows]
+
+    return fused, (qkv,)
+
+
+def _timm_swin_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    block = site.block
+    if getattr(block, "dynamic_mask", False):
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): its block builds the shift "
+                           "mask per call (dynamic_mask), a window layout qkhooks does not model.")
+
+    def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+        x = args[0] if args else kwargs["x"]
+        return int(x.shape[1]), int(x.shape[2])  # (B, H, W, C)
+
+    block_ref, attn_ref = weakref.ref(block), weakref.ref(attn)  # a finished recording keeps no model alive
+    return _as_window_site(
+        dataclasses.replace(site, family="timm-swin", bias_input="mask", rope_input=None, rope_apply=None, grid=None,
+                            patch_size=None),
+        geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
+        call_grid=call_grid, relative_bias=lambda: attn_ref()._get_rel_pos_bias(), pad_first=False)
+
+
+timm_adapter.EXTRA_FORMS["SwinWindowAttention"] = timm_adapter.ExtraForm(_timm_swin_attention, _timm_qkv, _timm_swin_site)
+MODELLED_FORMS.update({"timm.models.swin_transformer.WindowAttention", "timm.models.swin_transformer.SwinTransformerBlock"})
+
+
+# ------------------------------------------------------------------------------------------- transformers
+def _hf_swin_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:
+    """transformers 5 ``SwinAttention`` (q/k/v projections and a ``SwinRelativePositionBias`` child)."""
+    block = site.block
+    if type(module.relative_position_bias).__name__ != "SwinRelativePositionBias":
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(module).__name__}): its relative position term "
+                           f"is a {type(module.relative_position_bias).__name__}, not the table qkhooks models.")
+
+    def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+        dims = args[1] if len(args) > 1 else kwargs["input_dimensions"]
+        return int(dims[0]), int(dims[1])
+
+    block_ref, module_ref = weakref.ref(block), weakref.ref(module)  # a finished recording keeps no model alive
+    return _as_window_site(
+        dataclasses.replace(site, family="hf-swin", bias_input="attention_mask", grid=None, patch_size=None),
+        geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
+        call_grid=call_grid, relative_bias=lambda: module_ref().relative_position_bias(), pad_first=True)
+
+
+hf.EXTRA_FORMS["SwinAttention"] = (frozenset({"relative_position_bias"}), _hf_swin_site)
+MODELLED_FORMS.add("SwinAttention")
