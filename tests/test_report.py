@@ -159,11 +159,18 @@ def test_compare_draws_a_trained_and_a_random_model_on_one_fig3(monkeypatch, tmp
 def test_compare_puts_models_of_different_depth_on_relative_depth(report, tmp_path):
     from qkhooks.compare import compare
 
-    out, _, _ = report
+    out, summary, _ = report
     compare([str(out), "offline:dinov2-s14"], tmp_path)
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["relative_depth"] and saved["depths"] == {"VisionTransformer": 3, "offline:dinov2-s14": 12}
     assert set(saved["models"]["VisionTransformer"]) >= {"cosine", "preference_same_object", "same_object", "bfd_CC"}
+    captions = dict((rel, caption) for _, _, rel, caption in _figures((tmp_path / "index.html").read_text()))
+    assert "from the weights (no images)" in captions["cosine.png"]  # both cosine curves come from weights alone
+    counts = {"preference_same_object.png": "preference", "same_object.png": "same_object", "bfd_CC.png": "bfd"}
+    for rel, section in counts.items():  # every other caption states the images each model's curve rests on
+        assert f"over {summary['sections'][section]['images']} images (VisionTransformer)" in captions[rel], captions[rel]
+    page = (tmp_path / "index.html").read_text()
+    assert "VisionTransformer: This rests on 6 displays (fewer than 30); more displays: `qkhooks demo --o3 N`" in page
     with pytest.raises(qkhooks.QKHooksError, match="neither a report folder nor a model spec"):
         compare([str(out), "nonsense"], tmp_path)
 
@@ -178,3 +185,54 @@ def test_chance_of_the_same_object_is_the_mean_inverse_object_count():
     labels[2, 2, 0] = 9  # four
     # image 3 has no object: not counted
     assert chance_same_object(labels) == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
+
+
+@pytest.mark.slow  # two real ViT-S reports on 4 images each (about 1.5 minutes on 2 busy cores)
+def test_demo_of_two_models_writes_a_report_each_and_their_comparison(monkeypatch, tmp_path):
+    """`qkhooks demo --model offline:dinov2-s14 --model offline:dinov2-s14@random`: a report per model in its own
+    folder, and DIR/compare overlays what each report measured; its Fig. 3 holds both models' cosine curves, each
+    equal to the model's own spectrum, and every caption counts its images."""
+    import qkhooks.plots as plots
+    from qkhooks.cli import main
+
+    drawn = {}
+    real_save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: drawn.setdefault(Path(path).name, fig) and real_save(fig, path))
+    specs = {"offline:dinov2-s14": "offline_dinov2-s14", "offline:dinov2-s14@random": "offline_dinov2-s14_random"}
+    args = ["demo", *(a for spec in specs for a in ("--model", spec)), "--images", "4", "--o3", "4", "--objects", "2",
+            "--batch-size", "4", "--out", str(tmp_path)]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert set(saved["models"]) == set(specs) and not saved["relative_depth"]
+    for spec, folder in specs.items():
+        summary = json.loads((tmp_path / folder / "summary.json").read_text())
+        assert summary["model"] == spec and summary["random_init"] == spec.endswith("@random")
+        images = {key: summary["sections"][key]["images"] for key in ("preference", "modes", "same_object", "bfd")}
+        assert images == {"preference": 4, "modes": 4, "same_object": 2 + 2, "bfd": 4}
+        assert saved["models"][spec] == summary["curves"]  # the comparison draws what the report measured
+        for _, _, rel, caption in _figures((tmp_path / folder / "index.html").read_text()):
+            assert re.search(r"\b\d+ (images|photos)\b|no images", caption), (folder, rel, caption)
+    lines = {line.get_label(): line.get_ydata() for line in drawn["cosine.png"].axes[0].get_lines()}
+    assert set(lines) == set(specs)
+    for spec in specs:  # each curve is the model's own spectrum, computed here independently of the demo
+        own = qkhooks.spectrum(qkhooks.load_model(spec).model).cosine_weighted_by_layer()
+        np.testing.assert_allclose(lines[spec], own, atol=1e-6)
+    assert np.abs(lines["offline:dinov2-s14@random"]).max() < 0.02 < np.min(lines["offline:dinov2-s14"])
+    page = (tmp_path / "compare" / "index.html").read_text()
+    captions = dict((rel, caption) for _, _, rel, caption in _figures(page))
+    assert set(captions) == {f"{name}.png" for name in saved["models"]["offline:dinov2-s14"] if name != "preference_background"}
+    assert "from the weights (no images)" in captions["cosine.png"]
+    for rel in set(captions) - {"cosine.png"}:
+        assert all(f"over 4 images ({spec})" in captions[rel] or f"4 images ({spec})" in captions[rel] for spec in specs), captions[rel]
+    assert "offline:dinov2-s14@random: This rests on 4 photos (fewer than 30)" in page  # BFD on 4 photos: warned
+
+
+@pytest.mark.parametrize("extra, reason", [(["--model", "offline:dinov2-s14"], "same model twice"),
+                                           (["--model", "timm:vit_tiny_patch16_224", "--checkpoint", "w.pth"],
+                                            "one file into every --model")])
+def test_demo_of_several_models_refuses_what_it_cannot_split_before_any_work(extra, reason, tmp_path, capsys):
+    from qkhooks.cli import main
+
+    assert main(["demo", "--model", "offline:dinov2-s14", *extra, "--out", str(tmp_path / "out")]) == 2
+    assert reason in capsys.readouterr().err
+    assert not any((tmp_path / "out").rglob("*.html"))  # refused before any report was written
