@@ -51,7 +51,7 @@ MIN_HOLDOUT = 8
 """Held-out images below which the BFD position probes from X and C are not read (their R² is noise)."""
 
 DATA_HINT = ("run it on more images: `qkhooks demo --data DIR` (a folder of your photos) or `--data ade20k:DIR` "
-             "(ADE20K, which also has the object masks of Fig. 5)")
+             "(ADE20K; add `--objects-data ade20k:DIR` for Fig. 5's object masks)")
 
 def input_note(input: str, what: str = "the query/key maps project") -> str:
     """The departure (or not) of the token stream an analysis projects."""
@@ -311,6 +311,7 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
     if held < MIN_HOLDOUT:
         sentences = sentences[:-1]
         claims["split_isolates_position"] = None
+        claims["sentences"] = sentences  # summary.json states what the page states
         warnings.append(f"The position probes from X and C are tested on {held} held-out images (fewer than "
                         f"{MIN_HOLDOUT}), so their R² is not read here; {DATA_HINT}.")
     layers = [l["layer"] for l in result["layers"]]

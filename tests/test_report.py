@@ -84,6 +84,7 @@ def test_html_inlines_every_figure_once_with_counts_and_escapes_text(report):
     assert "--input residual" in page and "--display percentile" in page
     assert "fewer than 30" in page and "qkhooks demo --data DIR" in page  # 4 photos: warned, with the command
     assert "so their R² is not read here" in page and "Held-out position decoding" not in page  # 1 held-out photo
+    assert not any("Held-out position decoding" in s for s in summary["sections"]["bfd"]["sentences"])  # nor the JSON
     assert summary["sections"]["bfd"]["split_isolates_position"] is None
 
 
@@ -236,3 +237,20 @@ def test_demo_of_several_models_refuses_what_it_cannot_split_before_any_work(ext
     assert main(["demo", "--model", "offline:dinov2-s14", *extra, "--out", str(tmp_path / "out")]) == 2
     assert reason in capsys.readouterr().err
     assert not any((tmp_path / "out").rglob("*.html"))  # refused before any report was written
+
+
+def test_readme_shows_a_screenshot_of_the_report_that_is_a_small_valid_image():
+    """README's screenshot link points at a committed image that opens, is a real page (not blank) and is small."""
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", (root / "README.md").read_text())
+    shots = [link for link in links if re.fullmatch(r"docs/report\.(png|jpe?g)", link)]
+    assert len(shots) == 1, links
+    path = root / shots[0]
+    assert path.stat().st_size < 300_000
+    with Image.open(path) as im:
+        im.verify()  # a complete, valid image file
+    with Image.open(path) as im:
+        assert im.format in ("PNG", "JPEG") and im.width >= 800
+        assert np.asarray(im.convert("L"), dtype=float).std() > 20  # text and figures, not a blank page
