@@ -71,6 +71,8 @@ def test_html_inlines_every_figure_once_with_counts_and_escapes_text(report):
         assert base64.b64decode(data) == (out / rel).read_bytes()  # the figure on disk, byte for byte
         assert rel.endswith(".jpg" if mime == "jpeg" else ".png")
         assert re.search(r"\b\d+ (images|photos)\b|no images", caption), caption  # every caption states its count
+        for band in re.findall(r"CI[^;)]*", caption):  # and what each interval is over: images or heads
+            assert re.search(r"over (images|heads)", band), caption
     digests = [hashlib.sha256(base64.b64decode(data)).hexdigest() for _, data, _, _ in figures]
     assert len(set(digests)) == len(digests)  # no figure shown twice
     assert [rel for _, _, rel, _ in figures if "overview" in rel] == [f"modes/figures/L{l}_overview.jpg" for l in (0, 1, 2)]
