@@ -52,7 +52,17 @@ def model_curves(item: str) -> tuple[str, dict[str, Any]]:
     loaded = load_model(item)
     spec = spectrum(loaded.model)
     layers = [l.layer for l in spec.layers]
-    return loaded.spec, {"cosine": {"layers": layers, "values": [float(v) for v in spec.cosine_weighted_by_layer()]}}
+    return loaded.spec, {"cosine": {"layers": layers, "values": [float(v) for v in spec.cosine_weighted_by_layer()],
+                                    "images": 0, "few": None}}
+
+
+def _counts(curves: dict[str, dict[str, Any]]) -> str:
+    """What each model's curve rests on, for a caption: its image count, or "from the weights (no images)"."""
+    if all(c.get("images") == 0 for c in curves.values()):
+        return "from the weights (no images)"
+    return "over " + ", ".join(f"{c['images']} images ({label})" if "images" in c else
+                               f"an unrecorded number of images ({label}: a report from before counts were kept)"
+                               for label, c in curves.items())
 
 
 def _depth(curves: dict[str, Any]) -> int:
@@ -84,12 +94,13 @@ def compare(items: Sequence[str], out: str | os.PathLike) -> Path:
         path = plot_layer_curves(xs, {label: c["values"] for label, c in have.items()}, out / f"{name}.png", ylabel,
                                  title, xlabel=xlabel)
         missing = [label for label in models if label not in have]
-        caption = (f"{title}: {len(have)} models; x: {xlabel}."
+        caption = (f"{title}: {len(have)} models, {_counts(have)}; x: {xlabel}."
                    + (f" Not in: {', '.join(missing)} (a bare model spec gives the weight-only cosine; run "
                       "`qkhooks demo --model SPEC` for the rest)." if missing else ""))
-        figures.append((path, caption))
+        warnings = [f"{label}: {c['few']}" for label, c in have.items() if c.get("few")]
+        figures.append((path, caption, warnings))
     write_json(out / "compare.json", {"models": models, "depths": depths, "relative_depth": relative})
     page = out / "index.html"
     page.write_text(render_template("compare.html", models=list(models), figures=[
-        {"src": data_uri(p), "rel": p.name, "caption": c} for p, c in figures]))
+        {"src": data_uri(p), "rel": p.name, "caption": c, "warnings": w} for p, c, w in figures]))
     return page

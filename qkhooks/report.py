@@ -51,7 +51,7 @@ MIN_HOLDOUT = 8
 """Held-out images below which the BFD position probes from X and C are not read (their R² is noise)."""
 
 DATA_HINT = ("run it on more images: `qkhooks demo --data DIR` (a folder of your photos) or `--data ade20k:DIR` "
-             "(ADE20K, which also has the object masks of Fig. 5)")
+             "(ADE20K; add `--objects-data ade20k:DIR` for Fig. 5's object masks)")
 
 def input_note(input: str, what: str = "the query/key maps project") -> str:
     """The departure (or not) of the token stream an analysis projects."""
@@ -80,14 +80,17 @@ class Section:
     seconds: float | None = None
 
 
-def _few(count: int, what: str, hint: str = DATA_HINT, minimum: int = MIN_IMAGES, consequence: str = "") -> list[str]:
+def few_images(count: int, what: str, hint: str = DATA_HINT, minimum: int = MIN_IMAGES, consequence: str = "") -> list[str]:
     """A warning when a statistic rests on fewer than ``minimum`` images, with the command that brings more."""
     return [f"This rests on {count} {what} (fewer than {minimum}){consequence}; {hint}."] if count < minimum else []
 
 
-def _curve(layers: list[int], values: Any) -> dict[str, list[float]]:
-    """A per-layer curve as summary.json keeps it for ``qkhooks compare``."""
-    return {"layers": [int(l) for l in layers], "values": [float(v) for v in values]}
+def _curve(layers: list[int], values: Any, images: int, few: list[str]) -> dict[str, Any]:
+    """A per-layer curve as summary.json keeps it for ``qkhooks compare``: with the number of images it rests on
+    (0: from the weights alone) and the report's warning when they are too few (None if enough), so the
+    comparison's captions can state them."""
+    return {"layers": [int(l) for l in layers], "values": [float(v) for v in values], "images": int(images),
+            "few": few[0] if few else None}
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -105,6 +108,7 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
     layers = [l.layer for l in spec.layers]
     per_head = np.stack([head_weighted_cosines(l.S.numpy(), l.cos.numpy()) for l in spec.layers], 1)  # (H, L)
     twin = random_weights(loaded)
+    no_twin = "this model's weights are random already" if loaded.random_init else "the model was given as a module, not a spec"
     others = {}
     numbers: dict[str, Any] = {"cosine_weighted_by_layer": spec.cosine_weighted_by_layer(),
                                "random_baseline_cos95": spec.random_baseline_cos95}
@@ -117,7 +121,7 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
         (plot_cosine_by_layer(spec, out / "cosine_by_layer.png", others=others),
          f"Paper Fig. 3. σ-weighted cos(u_n, v_n) per layer, from the weights (no images): mean of {heads} heads "
          f"(dots: heads; blue band: 95% bootstrap CI over heads), the same architecture with random weights"
-         f"{' (triangles)' if others else ' (not drawn: the model was given as a module, not a spec)'}, grey bars: "
+         f"{' (triangles)' if others else f' (not drawn: {no_twin})'}, grey bars: "
          "95% band of the weighted mean over random directions; dotted: a single mode's random band."),
         (plot_cosine_histograms(spec, out / "cosine_histograms.png"),
          "Paper Fig. S1. Histogram of every mode's cosine per layer, from the weights (no images); grey: the 95% band "
@@ -135,7 +139,7 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
             f"(a measurement, not a test: one random draw), against {per_head.mean(0).min():+.3f} to "
             f"{per_head.mean(0).max():+.3f} for {loaded.spec}.", "measured"))
     numbers["readings"] = [dataclasses.asdict(r) for r in readings]
-    numbers["curves"] = {"cosine": _curve(layers, per_head.mean(0))}
+    numbers["curves"] = {"cosine": _curve(layers, per_head.mean(0), 0, [])}
     return Section("spectrum", "Query-key spectrum: grouping vs contextualisation (Fig. 3, S1, S2)",
                    "The SVD of each head's bilinear form W_q^T W_k gives modes (u_n, σ_n, v_n); cos(u_n, v_n) > 0 means "
                    "query and key directions agree (tokens attend to similar tokens: grouping), ≈ 0 means they are "
@@ -153,6 +157,7 @@ def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts:
     layers = sorted(values)
     groups = per_image_groups(values)
     images = table["num_images"]
+    few = few_images(images, "displays", "more displays: `qkhooks demo --o3 N`")
     readings = [
         trend_reading(groups["same_object"], layers, "The same-object share", "images"),
         compare_reading(groups["same_object"], groups["different_object"], layers, "The same-object share",
@@ -162,7 +167,7 @@ def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts:
     numbers = {"images": images, **{g: table[g]["mean"] for g in GROUPS},
                "ci": {g: {"low": table[g]["ci_low"], "high": table[g]["ci_high"]} for g in GROUPS},
                "readings": [dataclasses.asdict(r) for r in readings],
-               "curves": {f"preference_{g}": _curve(layers, table[g]["mean"]) for g in GROUPS}}
+               "curves": {f"preference_{g}": _curve(layers, table[g]["mean"], images, few) for g in GROUPS}}
     return Section(
         "preference", "Attention preference on odd-one-out displays (Fig. 2)",
         f"For {images} generated odd-one-out displays, the attention of one target and one distractor token is split "
@@ -172,7 +177,7 @@ def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts:
           "95% bootstrap CI of the mean over images).")],
         ["Data: generated displays (coloured shapes among distractors, `o3:N`), not the paper's stimulus set; a folder "
          "of your own displays with target/distractor masks: `qkhooks record MODEL o3dir:DIR --attention rows`."],
-        _few(images, "displays", "more displays: `qkhooks demo --o3 N`"), numbers)
+        few, numbers)
 
 
 def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: int | None, objects: str,
@@ -202,7 +207,7 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
          "Display: " + ("maps scaled by their maximum; the paper clips to the 30th-95th percentile: "
                         "`qkhooks demo --display percentile`." if display == "max" else
                         "30th-95th percentile clip, as the paper.")],
-        _few(n, "photos", consequence=", so the same photos recur across modes"),
+        few_images(n, "photos", consequence=", so the same photos recur across modes"),
         {"images": n, "k": summary["k"]}, time.perf_counter() - started)
 
     aniso_rows = {int(k): v for k, v in (summary.get("anisotropy") or {}).items()}
@@ -237,7 +242,7 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
           f"embeddings of different photos (band: 95% bootstrap CI over images). (B) The σ-weighted mode cosine of Fig. 3 minus it.")]
         if summary["files"].get("anisotropy_png") else [],
         [input_note(opts["input"], "the embeddings are"), "One baseline, named: the photo run's (the masked images of Fig. 5 are not used for it)."],
-        _few(n, "photos"), numbers)
+        few_images(n, "photos"), numbers)
 
     started = time.perf_counter()
     obj_run = runs / "objects.h5"
@@ -256,6 +261,8 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
     bundled = objects.startswith("voc+arc2017+o3:")
     real = 2 if bundled else int(obj["images"])  # the voc and arc2017 photos; the rest are displays
     made = f"{real} real photos, {int(obj['images']) - real} generated displays" if bundled else f"from {objects}"
+    few = few_images(real, "real photos with object masks (the rest are generated displays)",
+                     "the paper's setting: `qkhooks demo --objects-data ade20k:DIR`")
     same_section = Section(
         "same_object", "Do query and key fall on the same object? (Fig. 5)",
         f"For each of the 16 leading modes of every head, the top-5 of {obj['images']} images with instance masks "
@@ -263,18 +270,18 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
         "equal the one under the key map's? Per head a σ-weighted mean over its modes.",
         readings,
         [(Path(obj["files"]["same_object_png"]),
-          f"Paper Fig. 5. P(same object) per layer over {obj['images']} images (band: 95% bootstrap CI over heads; "
+          f"Paper Fig. 5. P(same object) per layer over {obj['images']} images ({made}; band: 95% bootstrap CI over heads; "
           f"dashed: chance {chance:.2f}, a key map that picks one of the image's objects at random).")]
         if obj["files"].get("same_object_png") else [],
         [input_note(opts["input"]), "Modes: the 16 leading modes per head (the paper: all); `qkhooks record MODEL DATA --modes all`"
          " then `qkhooks analyze modes RUN`.",
          "Data: two masked photos and generated displays whose objects are simple shapes (the paper: ADE20K); the "
-         "paper's setting: `qkhooks demo --objects-data ade20k:DIR`."],
-        _few(real, "real photos with object masks (the rest are generated displays)",
-             "the paper's setting: `qkhooks demo --objects-data ade20k:DIR`"),
+         "paper's setting: `qkhooks demo --objects-data ade20k:DIR`." if bundled else
+         f"Data: {objects} (the paper: ADE20K)."],
+        few,
         {"images": obj["images"], "p_same_by_layer": {l: rows[l]["p_same"] for l in s_layers}, "chance": chance,
          "readings": [dataclasses.asdict(r) for r in readings],
-         "curves": {"same_object": _curve(s_layers, [rows[l]["p_same"] for l in s_layers])}},
+         "curves": {"same_object": _curve(s_layers, [rows[l]["p_same"] for l in s_layers], obj["images"], few)}},
         time.perf_counter() - started)
     return [top, same_section, aniso]
 
@@ -292,16 +299,19 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
         for path in (runs / "bfd.h5", bfd.pass1_path(runs / "bfd.h5")):
             remove_run(path)
     n = int(result["images"])
-    captions = [c.replace("Energy shares", f"Energy shares over {n} photos", 1) if i == 0 else c
-                for i, c in enumerate(bfd.FIGURE_CAPTIONS)]
+    held = max((l.get("decoding", {}).get("holdout_images", 0) for l in result["layers"]), default=0)
+    captions = list(bfd.FIGURE_CAPTIONS)
+    captions[-1] += (f" The X and C probes are tested on {held} held-out images"
+                     + (f", fewer than {MIN_HOLDOUT}: not read." if held < MIN_HOLDOUT else "."))
     figures = [(Path(p), f"{c} ({n} photos)") for p, c in zip(bfd.plot_bfd(result, out), captions)]
     claims = bfd.paper_claims(result)
-    held = max((l.get("decoding", {}).get("holdout_images", 0) for l in result["layers"]), default=0)
-    warnings = _few(n, "photos")
+    few = few_images(n, "photos")
+    warnings = list(few)
     sentences = list(claims["sentences"])
     if held < MIN_HOLDOUT:
         sentences = sentences[:-1]
         claims["split_isolates_position"] = None
+        claims["sentences"] = sentences  # summary.json states what the page states
         warnings.append(f"The position probes from X and C are tested on {held} held-out images (fewer than "
                         f"{MIN_HOLDOUT}), so their R² is not read here; {DATA_HINT}.")
     layers = [l["layer"] for l in result["layers"]]
@@ -310,14 +320,15 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
     readings = [trend_reading(shares["CC"], layers, "The content-content (CC) energy share", "heads"),
                 trend_reading(shares["CP"] + shares["PC"], layers, "The content-position coupling (CP+PC)", "heads")]
     numbers = {**claims, "images": n, "holdout_images": held, "readings": [dataclasses.asdict(r) for r in readings],
-               "curves": {f"bfd_{t}": _curve(layers, np.nanmean(shares[t], 0)) for t in bfd.TERMS}}
+               "curves": {f"bfd_{t}": _curve(layers, np.nanmean(shares[t], 0), n, few) for t in bfd.TERMS}}
     return Section("bfd", "Position vs content (Bi-orthogonal Factor Decomposition)",
                    "Each token is split into its position's mean P and the content C = X − P; the energy of each "
                    "head's bilinear form splits into CC, CP, PC and PP. " + " ".join(sentences),
                    readings, figures,
                    ["Input: the tensor that enters W_q and W_k (the block's normed input), as BFD defines it, "
                     "whatever `--input` says for the maps: on the residual stream the logits would not be the model's.",
-                    f"Data: {n} bundled photos (the paper: ImageNet); {DATA_HINT}."]
+                    (f"Data: {n} bundled photos" if photos == PHOTOS else f"Data: {n} photos from {photos}")
+                    + f" (the paper: ImageNet); {DATA_HINT}."]
                    + ([f"Variant: {result['variant']}."] if "variant" in result else []),
                    warnings, numbers)
 

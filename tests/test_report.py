@@ -71,6 +71,8 @@ def test_html_inlines_every_figure_once_with_counts_and_escapes_text(report):
         assert base64.b64decode(data) == (out / rel).read_bytes()  # the figure on disk, byte for byte
         assert rel.endswith(".jpg" if mime == "jpeg" else ".png")
         assert re.search(r"\b\d+ (images|photos)\b|no images", caption), caption  # every caption states its count
+        for band in re.findall(r"CI[^;)]*", caption):  # and what each interval is over: images or heads
+            assert re.search(r"over (images|heads)", band), caption
     digests = [hashlib.sha256(base64.b64decode(data)).hexdigest() for _, data, _, _ in figures]
     assert len(set(digests)) == len(digests)  # no figure shown twice
     assert [rel for _, _, rel, _ in figures if "overview" in rel] == [f"modes/figures/L{l}_overview.jpg" for l in (0, 1, 2)]
@@ -84,6 +86,7 @@ def test_html_inlines_every_figure_once_with_counts_and_escapes_text(report):
     assert "--input residual" in page and "--display percentile" in page
     assert "fewer than 30" in page and "qkhooks demo --data DIR" in page  # 4 photos: warned, with the command
     assert "so their R² is not read here" in page and "Held-out position decoding" not in page  # 1 held-out photo
+    assert not any("Held-out position decoding" in s for s in summary["sections"]["bfd"]["sentences"])  # nor the JSON
     assert summary["sections"]["bfd"]["split_isolates_position"] is None
 
 
@@ -159,11 +162,18 @@ def test_compare_draws_a_trained_and_a_random_model_on_one_fig3(monkeypatch, tmp
 def test_compare_puts_models_of_different_depth_on_relative_depth(report, tmp_path):
     from qkhooks.compare import compare
 
-    out, _, _ = report
+    out, summary, _ = report
     compare([str(out), "offline:dinov2-s14"], tmp_path)
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["relative_depth"] and saved["depths"] == {"VisionTransformer": 3, "offline:dinov2-s14": 12}
     assert set(saved["models"]["VisionTransformer"]) >= {"cosine", "preference_same_object", "same_object", "bfd_CC"}
+    captions = dict((rel, caption) for _, _, rel, caption in _figures((tmp_path / "index.html").read_text()))
+    assert "from the weights (no images)" in captions["cosine.png"]  # both cosine curves come from weights alone
+    counts = {"preference_same_object.png": "preference", "same_object.png": "same_object", "bfd_CC.png": "bfd"}
+    for rel, section in counts.items():  # every other caption states the images each model's curve rests on
+        assert f"over {summary['sections'][section]['images']} images (VisionTransformer)" in captions[rel], captions[rel]
+    page = (tmp_path / "index.html").read_text()
+    assert "VisionTransformer: This rests on 6 displays (fewer than 30); more displays: `qkhooks demo --o3 N`" in page
     with pytest.raises(qkhooks.QKHooksError, match="neither a report folder nor a model spec"):
         compare([str(out), "nonsense"], tmp_path)
 
@@ -178,3 +188,71 @@ def test_chance_of_the_same_object_is_the_mean_inverse_object_count():
     labels[2, 2, 0] = 9  # four
     # image 3 has no object: not counted
     assert chance_same_object(labels) == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
+
+
+@pytest.mark.slow  # two real ViT-S reports on 4 images each (about 1.5 minutes on 2 busy cores)
+def test_demo_of_two_models_writes_a_report_each_and_their_comparison(monkeypatch, tmp_path):
+    """`qkhooks demo --model offline:dinov2-s14 --model offline:dinov2-s14@random`: a report per model in its own
+    folder, and DIR/compare overlays what each report measured; its Fig. 3 holds both models' cosine curves, each
+    equal to the model's own spectrum, and every caption counts its images."""
+    import qkhooks.plots as plots
+    from qkhooks.cli import main
+
+    drawn = {}
+    real_save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: drawn.setdefault(Path(path).name, fig) and real_save(fig, path))
+    specs = {"offline:dinov2-s14": "offline_dinov2-s14", "offline:dinov2-s14@random": "offline_dinov2-s14_random"}
+    args = ["demo", *(a for spec in specs for a in ("--model", spec)), "--images", "4", "--o3", "4", "--objects", "2",
+            "--batch-size", "4", "--out", str(tmp_path)]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert set(saved["models"]) == set(specs) and not saved["relative_depth"]
+    for spec, folder in specs.items():
+        summary = json.loads((tmp_path / folder / "summary.json").read_text())
+        assert summary["model"] == spec and summary["random_init"] == spec.endswith("@random")
+        images = {key: summary["sections"][key]["images"] for key in ("preference", "modes", "same_object", "bfd")}
+        assert images == {"preference": 4, "modes": 4, "same_object": 2 + 2, "bfd": 4}
+        assert saved["models"][spec] == summary["curves"]  # the comparison draws what the report measured
+        for _, _, rel, caption in _figures((tmp_path / folder / "index.html").read_text()):
+            assert re.search(r"\b\d+ (images|photos)\b|no images", caption), (folder, rel, caption)
+    lines = {line.get_label(): line.get_ydata() for line in drawn["cosine.png"].axes[0].get_lines()}
+    assert set(lines) == set(specs)
+    for spec in specs:  # each curve is the model's own spectrum, computed here independently of the demo
+        own = qkhooks.spectrum(qkhooks.load_model(spec).model).cosine_weighted_by_layer()
+        np.testing.assert_allclose(lines[spec], own, atol=1e-6)
+    assert np.abs(lines["offline:dinov2-s14@random"]).max() < 0.02 < np.min(lines["offline:dinov2-s14"])
+    page = (tmp_path / "compare" / "index.html").read_text()
+    captions = dict((rel, caption) for _, _, rel, caption in _figures(page))
+    assert set(captions) == {f"{name}.png" for name in saved["models"]["offline:dinov2-s14"] if name != "preference_background"}
+    assert "from the weights (no images)" in captions["cosine.png"]
+    for rel in set(captions) - {"cosine.png"}:
+        assert all(f"over 4 images ({spec})" in captions[rel] or f"4 images ({spec})" in captions[rel] for spec in specs), captions[rel]
+    assert "offline:dinov2-s14@random: This rests on 4 photos (fewer than 30)" in page  # BFD on 4 photos: warned
+
+
+@pytest.mark.parametrize("extra, reason", [(["--model", "offline:dinov2-s14"], "same model twice"),
+                                           (["--model", "timm:vit_tiny_patch16_224", "--checkpoint", "w.pth"],
+                                            "one file into every --model")])
+def test_demo_of_several_models_refuses_what_it_cannot_split_before_any_work(extra, reason, tmp_path, capsys):
+    from qkhooks.cli import main
+
+    assert main(["demo", "--model", "offline:dinov2-s14", *extra, "--out", str(tmp_path / "out")]) == 2
+    assert reason in capsys.readouterr().err
+    assert not any((tmp_path / "out").rglob("*.html"))  # refused before any report was written
+
+
+def test_readme_shows_a_screenshot_of_the_report_that_is_a_small_valid_image():
+    """README's screenshot link points at a committed image that opens, is a real page (not blank) and is small."""
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", (root / "README.md").read_text())
+    shots = [link for link in links if re.fullmatch(r"docs/report\.(png|jpe?g)", link)]
+    assert len(shots) == 1, links
+    path = root / shots[0]
+    assert path.stat().st_size < 300_000
+    with Image.open(path) as im:
+        im.verify()  # a complete, valid image file
+    with Image.open(path) as im:
+        assert im.format in ("PNG", "JPEG") and im.width >= 800
+        assert np.asarray(im.convert("L"), dtype=float).std() > 20  # text and figures, not a blank page

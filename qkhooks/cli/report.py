@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from qkhooks.cli import command
-from qkhooks.errors import writable_dir
+from qkhooks.errors import QKHooksError, writable_dir
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,12 @@ def run_demo(args: argparse.Namespace) -> int:
     writable_dir(args.out, "--out folder")
     specs = args.model or [DEFAULT_MODEL]
     outs = [Path(args.out)] if len(specs) == 1 else [Path(args.out) / _slug(s) for s in specs]
+    if len(set(outs)) < len(outs):
+        raise QKHooksError(f"--model names the same model twice ({', '.join(specs)}): each gets its own report "
+                           "folder; give each model once.")
+    if len(specs) > 1 and args.checkpoint:
+        raise QKHooksError("--checkpoint would load one file into every --model: report the checkpoint alone "
+                           "(`qkhooks demo --model timm:NAME --checkpoint PATH --out DIR`), then `qkhooks compare DIR ...`.")
     for spec, out in zip(specs, outs):
         loaded = load_model(spec, random_init=args.random_init, checkpoint=args.checkpoint, device=args.device)
         summary = make_report(out, loaded, photos=args.images, data=args.data or PHOTOS, o3=args.o3,
