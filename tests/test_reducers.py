@@ -19,7 +19,7 @@ from qkhooks.analysis.bfd_reducers import BFDEnergies, PositionDecoding, Positio
 from qkhooks.analysis.modes import AnisotropyReducer, TopKModes
 from qkhooks.analysis.preference import PreferenceReducer
 from qkhooks.capture import BatchCapture, LayerCapture
-from qkhooks.reducers import _REDUCERS, DESCRIPTION_KEY, Reducer, reducer_class, to_numpy_state
+from qkhooks.reducers import _RECIPES, _REDUCERS, DESCRIPTION_KEY, Recipe, Reducer, recipe, reducer_class, register_recipe, to_numpy_state
 from qkhooks.spectrum import LayerSpectrum, factored_svd
 from qkhooks.store import format as fmt
 
@@ -286,9 +286,23 @@ def test_merging_rebuilt_reducers_of_another_configuration_is_refused():
 
 
 def test_a_second_class_cannot_take_a_registered_name():
-    with pytest.raises(QKHooksError, match="two reducer classes are named 'topk_modes'"):
+    with pytest.raises(QKHooksError, match="two reducer classes are named 'topk_modes'.*a name is the reducer's key "
+                                           "in the run file, so give each kind its own"):
         type("Impostor", (Reducer,), {"name": "topk_modes"})
     assert reducer_class("topk_modes") is TopKModes
+
+
+def test_a_new_reducer_kind_and_a_new_recipe_register_under_their_own_names():
+    """Registration runs when a class is defined (qkhooks' own kinds at import, before a test runs), so this test
+    defines a kind and a recipe of its own: a fresh name is taken, not refused, and found again by name."""
+    try:
+        fresh = type("Fresh", (Reducer,), {"name": "test_fresh_kind"})
+        assert reducer_class("test_fresh_kind") is fresh
+        mine = Recipe("test_fresh_recipe")
+        assert register_recipe(mine) is mine and recipe("test_fresh_recipe") is mine
+    finally:
+        _REDUCERS.pop("test_fresh_kind", None)
+        _RECIPES.pop("test_fresh_recipe", None)
 
 
 # ------------------------------------------------------------------------------ the core imports no analysis
