@@ -405,7 +405,6 @@ def _loop(run, batches, net, total, device, site, plan, progress, writer, checkp
 
 def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_size: tuple[int, int],
                    augmented: bool) -> None:
-
     if run.qk_spectrum is not None:
         for layer in run.qk_spectrum:
             for name in ("U", "S", "V"):
