@@ -70,7 +70,11 @@ def _execute(path: Path, cwd: Path, kernel_specs) -> "nbformat.NotebookNode":
     km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs)
     client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, kernel_name=KERNEL,
                                      resources={"metadata": {"path": str(cwd)}})
-    client.execute()
+    try:
+        client.execute()
+    finally:  # nbclient shuts down only kernels it started itself; each left alive holds ~650 MB until pytest exits
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     return nb
 
 
