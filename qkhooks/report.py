@@ -31,11 +31,11 @@ from qkhooks.analysis.preference import GROUPS, analyze_preference, per_image_gr
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import find_sites
 from qkhooks.models.load import RANDOM_SUFFIX, LoadedModel, load_model
-from qkhooks.plots import plot_cosine_by_layer, plot_cosine_histograms, plot_head_spectra
+from qkhooks.plots import plot_cosine_by_layer, plot_cosine_histograms, plot_head_spectra, stack_heads
 from qkhooks.readings import Estimate, Reading, compare_reading, fmt_layers, trend_reading
 from qkhooks.spectrum import head_weighted_cosines, spectrum
 from qkhooks.store.format import remove_run
-from qkhooks.stream import record_dataset
+from qkhooks.stream import record_dataset, rows_layers
 
 __all__ = ["make_report", "Section", "DEFAULT_MODEL"]
 
@@ -106,7 +106,7 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
     spec = spectrum(loaded.model)
     write_json(out / "spectrum.json", spec.to_dict())
     layers = [l.layer for l in spec.layers]
-    per_head = np.stack([head_weighted_cosines(l.S.numpy(), l.cos.numpy()) for l in spec.layers], 1)  # (H, L)
+    per_head = stack_heads([head_weighted_cosines(l.S.numpy(), l.cos.numpy()) for l in spec.layers])  # (H, L)
     twin = random_weights(loaded)
     no_twin = "this model's weights are random already" if loaded.random_init else "the model was given as a module, not a spec"
     others = {}
@@ -116,7 +116,8 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
         random_spec = spectrum(twin.model)
         others[f"random weights ({twin.spec})"] = random_spec
         numbers["random_init_cosine_by_layer"] = random_spec.cosine_weighted_by_layer()
-    heads = per_head.shape[0]
+    counts = sorted({len(l.S) for l in spec.layers})
+    heads = counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]} (by stage)"
     figures = [
         (plot_cosine_by_layer(spec, out / "cosine_by_layer.png", others=others),
          f"Paper Fig. 3. σ-weighted cos(u_n, v_n) per layer, from the weights (no images): mean of {heads} heads "
@@ -136,10 +137,10 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
         r = np.asarray(numbers["random_init_cosine_by_layer"])
         readings.append(Reading(
             f"With random weights the same cosine stays between {r.min():+.3f} and {r.max():+.3f} at every layer "
-            f"(a measurement, not a test: one random draw), against {per_head.mean(0).min():+.3f} to "
-            f"{per_head.mean(0).max():+.3f} for {loaded.spec}.", "measured"))
+            f"(a measurement, not a test: one random draw), against {np.nanmean(per_head, 0).min():+.3f} to "
+            f"{np.nanmean(per_head, 0).max():+.3f} for {loaded.spec}.", "measured"))
     numbers["readings"] = [dataclasses.asdict(r) for r in readings]
-    numbers["curves"] = {"cosine": _curve(layers, per_head.mean(0), 0, [])}
+    numbers["curves"] = {"cosine": _curve(layers, np.nanmean(per_head, 0), 0, [])}
     return Section("spectrum", "Query-key spectrum: grouping vs contextualisation (Fig. 3, S1, S2)",
                    "The SVD of each head's bilinear form W_q^T W_k gives modes (u_n, σ_n, v_n); cos(u_n, v_n) > 0 means "
                    "query and key directions agree (tokens attend to similar tokens: grouping), ≈ 0 means they are "
@@ -149,9 +150,25 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
                    [], numbers)
 
 
+def left_out_note(left_out: dict[int, str], what: str) -> list[str]:
+    """The report's sentence naming the layers an analysis left out, each with its reason (never a silent drop)."""
+    if not left_out:
+        return []
+    return [f"Layers left out of {what}: " + "; ".join(f"L{l}: {why}" for l, why in sorted(left_out.items())) + "."]
+
+
 def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts: dict[str, Any]) -> Section:
     run = runs / "odd_one_out.h5"
-    record_dataset(loaded, f"o3:{n}:3", run, modes=None, attention="rows", overwrite=True, **opts)
+    sites = find_sites(loaded.model)
+    layers, left_out = rows_layers(loaded.model, sites, tuple(loaded.image_config.size), opts["device"])
+    title = "Attention preference on odd-one-out displays (Fig. 2)"
+    if not layers:
+        return Section("preference", title, "No layer of this model gives attention rows of the displays' tokens, so "
+                       "attention preference is not computed.", departures=left_out_note(left_out, "attention preference"),
+                       warnings=["Not computed: " + left_out_note(left_out, "attention preference")[0]],
+                       numbers={"images": 0, "left_out": left_out})
+    record_dataset(loaded, f"o3:{n}:3", run, modes=None, attention=f"rows:{','.join(map(str, layers))}",
+                   layers=layers if left_out else None, overwrite=True, **opts)
     table = analyze_preference(run, out)
     values, _ = preference_values(run)
     layers = sorted(values)
@@ -168,15 +185,17 @@ def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts:
                "ci": {g: {"low": table[g]["ci_low"], "high": table[g]["ci_high"]} for g in GROUPS},
                "readings": [dataclasses.asdict(r) for r in readings],
                "curves": {f"preference_{g}": _curve(layers, table[g]["mean"], images, few) for g in GROUPS}}
+    numbers["left_out"] = left_out
     return Section(
-        "preference", "Attention preference on odd-one-out displays (Fig. 2)",
+        "preference", title,
         f"For {images} generated odd-one-out displays, the attention of one target and one distractor token is split "
         "into the share that lands on its own object, on the other object and on the background (patch tokens only, "
         "renormalised; mean over heads).", readings,
         [(Path(table["files"]["png"]), f"Paper Fig. 2B-D. Attention shares per layer over {images} images (bands: "
           "95% bootstrap CI of the mean over images).")],
         ["Data: generated displays (coloured shapes among distractors, `o3:N`), not the paper's stimulus set; a folder "
-         "of your own displays with target/distractor masks: `qkhooks record MODEL o3dir:DIR --attention rows`."],
+         "of your own displays with target/distractor masks: `qkhooks record MODEL o3dir:DIR --attention rows`."]
+        + left_out_note(left_out, "attention preference"),
         few, numbers)
 
 
@@ -251,7 +270,7 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
     same = obj.get("same_object") or {"layers": {}}
     rows = {int(k): v for k, v in same["layers"].items()}
     s_layers = sorted(rows)
-    per_head = np.array([rows[l]["per_head"] for l in s_layers], dtype=float).T if s_layers else np.zeros((0, 0))
+    per_head = stack_heads([rows[l]["per_head"] for l in s_layers]) if s_layers else np.zeros((0, 0))
     chance = float(same.get("chance") or float("nan"))
     readings = []
     if s_layers:

@@ -42,7 +42,7 @@ from qkhooks.spectrum import layer_spectrum
 from qkhooks.store.format import INFO_SCHEMA_VERSION, resume_point
 from qkhooks.store.writer import RunWriter
 
-__all__ = ["record_dataset", "RecordResult", "WriterSink", "probe_geometry", "same_layout_layers"]
+__all__ = ["record_dataset", "RecordResult", "WriterSink", "probe_geometry", "same_layout_layers", "rows_layers"]
 
 
 @dataclasses.dataclass
@@ -135,6 +135,34 @@ def _check_rows_geometry(specs: Sequence[Any], geometry: dict[int, LayerGeometry
                 f"({first.describe()}), but layers {other} have other tokens ({geometry[other[0]].describe()}); "
                 f"record {spec.kind!r} on the layers that share layer {first.layer}'s grid (e.g. "
                 f"--attention {spec.kind}:{','.join(str(l) for l in same_layout_layers(geometry))}), or full maps.")
+
+
+def rows_layers(net: nn.Module, sites: Sequence[AttentionSite], image_size: tuple[int, int],
+                device: str | torch.device = "cpu") -> tuple[list[int], dict[int, str]]:
+    """The layers whose attention rows one batch's query tokens can be recorded on (odd-one-out targets, the centre
+    patch), and why each other layer cannot: windowed (a row lives in its window), class attention (only the class
+    token queries), or tokens laid out otherwise than the first such layer's (another stage's grid)."""
+    geometry = probe_geometry(net, sites, image_size, device)
+    left_out: dict[int, str] = {}
+    candidates = []
+    for site in sites:
+        try:
+            site.check_attention_kind("rows")
+        except QKHooksError as exc:
+            left_out[site.layer] = str(exc)
+            continue
+        if site.class_attention:
+            left_out[site.layer] = f"{site.path}: only the class token queries (class attention), not the image's tokens"
+            continue
+        candidates.append(site.layer)
+    if not candidates:
+        return [], left_out
+    kept = same_layout_layers({l: geometry[l] for l in candidates})
+    for l in candidates:
+        if l not in kept:
+            left_out[l] = (f"its tokens ({geometry[l].describe()}) are not layer {kept[0]}'s ({geometry[kept[0]].describe()}), "
+                           "and one batch's query tokens index one layout")
+    return kept, left_out
 
 
 def same_layout_layers(geometry: dict[int, LayerGeometry]) -> list[int]:

@@ -76,12 +76,12 @@ def layer_geometry(meta: Mapping[str, Any], layer: int) -> Any:
 
 def layer_grid(meta: Mapping[str, Any], layer: int, num_tokens: int, prefix: int | None = None,
                grid: Sequence[int] | None = None) -> tuple[int, tuple[int, int]]:
-    """(prefix tokens, grid) of ``layer`` in a batch of ``num_tokens`` tokens: the caller's fixed values, else the
-    layer's geometry, else the batch's ``num_prefix_tokens`` and ``grid``; refused when none says."""
+    """(prefix tokens, grid) of ``layer`` in a batch of ``num_tokens`` tokens: the layer's recorded geometry (each
+    layer its own: stages, CaiT's class-attention blocks), else the caller's values, else the batch's
+    ``num_prefix_tokens`` and ``grid``; refused when none says."""
     geometry = layer_geometry(meta, layer)
     if geometry is not None:
-        prefix = geometry.num_prefix_tokens if prefix is None else prefix
-        grid = geometry.grid if grid is None else grid
+        prefix, grid = geometry.num_prefix_tokens, geometry.grid
     prefix = resolve_prefix(prefix, meta, num_tokens)
     return prefix, grid_of(num_tokens - prefix, grid if grid is not None else meta.get("grid"))
 
