@@ -311,6 +311,14 @@ def loaded_layers(loaded: LoadedModel) -> list[int]:
 
 def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: int | None, opts: dict[str, Any],
                 keep_runs: bool) -> Section:
+    title = "Position vs content (Bi-orthogonal Factor Decomposition)"
+    kept, left_out, _ = bfd.bfd_layers(loaded.model, find_sites(loaded.model), tuple(loaded.image_config.size),
+                                       opts["device"])
+    if not kept:
+        note = left_out_note(left_out, "BFD")
+        return Section("bfd", title, "BFD is not computed for this model: no layer has the one bilinear form over one "
+                       "token grid it decomposes.", departures=note, warnings=["Not computed: " + note[0]],
+                       numbers={"images": 0, "left_out": left_out})
     result = bfd.run_bfd(loaded, photos, runs / "bfd.h5", limit=limit, overwrite=True, holdout_every=3,
                          batch_size=opts["batch_size"], device=opts["device"], progress=opts["progress"])
     write_json(out / "bfd.json", result)
@@ -340,7 +348,8 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
                 trend_reading(shares["CP"] + shares["PC"], layers, "The content-position coupling (CP+PC)", "heads")]
     numbers = {**claims, "images": n, "holdout_images": held, "readings": [dataclasses.asdict(r) for r in readings],
                "curves": {f"bfd_{t}": _curve(layers, np.nanmean(shares[t], 0), n, few) for t in bfd.TERMS}}
-    return Section("bfd", "Position vs content (Bi-orthogonal Factor Decomposition)",
+    numbers["left_out"] = left_out
+    return Section("bfd", title,
                    "Each token is split into its position's mean P and the content C = X − P; the energy of each "
                    "head's bilinear form splits into CC, CP, PC and PP. " + " ".join(sentences),
                    readings, figures,
@@ -348,7 +357,8 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
                     "whatever `--input` says for the maps: on the residual stream the logits would not be the model's.",
                     (f"Data: {n} bundled photos" if photos == PHOTOS else f"Data: {n} photos from {photos}")
                     + f" (the paper: ImageNet); {DATA_HINT}."]
-                   + ([f"Variant: {result['variant']}."] if "variant" in result else []),
+                   + ([f"Variant: {result['variant']}."] if "variant" in result else [])
+                   + left_out_note(left_out, "BFD"),
                    warnings, numbers)
 
 
