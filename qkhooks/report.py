@@ -154,7 +154,7 @@ def left_out_note(left_out: dict[int, str], what: str) -> list[str]:
     """The report's sentence naming the layers an analysis left out, each with its reason (never a silent drop)."""
     if not left_out:
         return []
-    return [f"Layers left out of {what}: " + "; ".join(f"L{l}: {why}" for l, why in sorted(left_out.items())) + "."]
+    return [f"Layers left out of {what}: " + "; ".join(f"L{l}: {why.rstrip('.')}" for l, why in sorted(left_out.items())) + "."]
 
 
 def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts: dict[str, Any]) -> Section:
