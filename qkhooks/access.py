@@ -90,7 +90,8 @@ class LayerGeometry:
             text += f", {self.key_tokens} keys (reduced grid {kg})"
         if self.window is not None:
             w, s = self.window["size"], self.window["shift"]
-            text += f", {self.window['windows']} windows of {w[0]}x{w[1]} shifted by ({s[0]}, {s[1]})"
+            count = self.window['windows']
+            text += f", {count} window{'s' if count != 1 else ''} of {w[0]}x{w[1]} shifted by ({s[0]}, {s[1]})"
         if self.class_attention:
             text += ", class attention"
         if self.heads:
