@@ -11,6 +11,7 @@ The three types answer the same calls with the same arguments, so one script rea
     x.query(l), x.key(l)        # (n, H, K, N) maps x·u_n, x·v_n
     x.attention(l, kind="rows") # rows (n, H, T, N), pooled (n, H, T, M) or full (n, H, N, N)
     x.spectrum(l)               # the layer's LayerSpectrum (U, S, V, cos)
+    x.geometry(l)               # the layer's LayerGeometry: grid, prefix, query/key tokens, stage, windows
 
 ``l`` is a block index or the attention module's path (``"blocks.5.attn"``, as nnsight and TransformerLens
 name sites). Arrays are torch tensors live and lazily read :class:`~qkhooks.store.reader.RunArray` s stored
@@ -21,14 +22,81 @@ Importing this module needs no torch: the reader uses it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Protocol, Sequence, Union
 
 from qkhooks.errors import QKHooksError
 
-__all__ = ["Layer", "Results", "resolve_layer", "require_layer"]
+__all__ = ["Layer", "Results", "LayerGeometry", "resolve_layer", "require_layer"]
 
 Layer = Union[int, str]
 """A block index (``5``) or the attention module's dotted path (``"blocks.5.attn"``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGeometry:
+    """Where one layer's tokens are, as its stored maps have them (multi-stage models differ layer by layer).
+
+    Attributes:
+        layer: the layer (0-based, forward order over all stages); stage: the container its block sits in.
+        grid: (rows, cols) of the query-side patch tokens, row-major after ``num_prefix_tokens`` prefix tokens;
+            None where the recording could not tell it (analyses that need it then refuse the layer).
+        query_tokens, key_tokens: tokens of the stored query and key maps (N and M; M < N for reduced keys).
+        key_grid, key_prefix_tokens: the same for the key side (reduced keys: the reduced grid).
+        heads, head_dim: this layer's heads and per-head width.
+        window: windowed layers (Swin): ``{"size": [wh, ww], "shift": [sh, sw], "windows": nW, "pad_first": bool}``
+            in the model's own window order; None for global attention. Maps are stored on the image grid.
+        class_attention: only the class token queries (CaiT): attention rows exist for it alone.
+    """
+
+    layer: int
+    grid: tuple[int, int] | None
+    num_prefix_tokens: int
+    query_tokens: int
+    key_tokens: int
+    key_grid: tuple[int, int] | None
+    key_prefix_tokens: int
+    heads: int = 0
+    head_dim: int = 0
+    stage: str = ""
+    window: dict[str, Any] | None = None
+    class_attention: bool = False
+
+    @property
+    def windowed(self) -> bool:
+        return self.window is not None
+
+    @property
+    def reduced_keys(self) -> bool:
+        """Whether the keys are other tokens than the queries (spatial reduction)."""
+        return (self.key_tokens, self.key_grid) != (self.query_tokens, self.grid)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LayerGeometry":
+        pair = lambda g: None if g is None else (int(g[0]), int(g[1]))  # noqa: E731
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        return cls(**{**d, "grid": pair(d.get("grid")), "key_grid": pair(d.get("key_grid"))})
+
+    def describe(self) -> str:
+        """One line for ``qkhooks info``."""
+        grid = "?" if self.grid is None else f"{self.grid[0]}x{self.grid[1]}"
+        text = f"grid {grid} + {self.num_prefix_tokens} prefix, {self.query_tokens} queries"
+        if self.reduced_keys:
+            kg = "?" if self.key_grid is None else f"{self.key_grid[0]}x{self.key_grid[1]}"
+            text += f", {self.key_tokens} keys (reduced grid {kg})"
+        if self.window is not None:
+            w, s = self.window["size"], self.window["shift"]
+            count = self.window['windows']
+            text += f", {count} window{'s' if count != 1 else ''} of {w[0]}x{w[1]} shifted by ({s[0]}, {s[1]})"
+        if self.class_attention:
+            text += ", class attention"
+        if self.heads:
+            text += f", {self.heads} heads x {self.head_dim}"
+        return text + (f", stage {self.stage}" if self.stage else "")
 
 
 class Results(Protocol):
@@ -61,6 +129,8 @@ class Results(Protocol):
     def attention(self, layer: Layer, kind: str = "rows") -> Any: ...
 
     def spectrum(self, layer: Layer) -> Any: ...
+
+    def geometry(self, layer: Layer) -> LayerGeometry: ...
 
 
 def resolve_layer(layer: Layer, layers: Sequence[int], paths: Mapping[int, str], where: str) -> int:

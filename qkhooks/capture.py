@@ -38,12 +38,12 @@ from qkhooks.attention import (
     pool_rows,
     split_heads,
 )
-from qkhooks.access import Layer, require_layer, resolve_layer
+from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, select_layers
 from qkhooks.models.load import unwrap_loaded
 from qkhooks.projector import ModeProjector, QKPathProjector
-from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated
+from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum, layer_spectrum
 
 __all__ = ["record", "Recording", "LayerCapture", "BatchCapture", "Sink", "parse_modes"]
@@ -499,6 +499,16 @@ class Recording:
         if isinstance(value, str):
             raise QKHooksError(f"layer {layer} has no position-only additive term to give: {value}.")
         return value
+
+    def geometry(self, layer: Layer) -> LayerGeometry:
+        """``layer``'s grid, prefix tokens, query/key token counts, stage and windows in the last batch, read off
+        its site (:func:`qkhooks.results.observe_geometry`); needs modes (their maps give the token counts)."""
+        index = resolve_layer(layer, self.layers, self.module_paths, "this recording")
+        cap = self._last_batch(index).captures[index]
+        if cap.query is None or cap.key is None:
+            raise QKHooksError("this recording has no query/key maps to read the token counts off; record with modes=.")
+        site = next(s for s in self.sites if s.layer == index)
+        return observe_geometry(site, int(cap.query.shape[-1]), int(cap.key.shape[-1]))
 
     def attention_maps(self, kind: str = "rows") -> dict[int, torch.Tensor]:
         """Deprecated: layer -> rebuilt attention of ``kind`` for the last batch; use ``attention(l, kind)``."""

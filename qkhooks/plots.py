@@ -80,26 +80,38 @@ def plot_cosine_by_layer(spec: QKSpectrum, path: str | os.PathLike, relative_to:
     further curves. ``relative_to``: per-layer anisotropy baselines to subtract (paper Fig. S3), a second curve.
     """
     extra = {label: [float(v) for v in o.cosine_weighted_by_layer()] for label, o in (others or {}).items()}
-    return plot_weighted_cosine({s.layer: (s.S.numpy(), s.cos.numpy()) for s in spec}, spec.layers[0].dim, path,
-                                spec.model, relative_to, extra)
+    return plot_weighted_cosine({s.layer: (s.S.numpy(), s.cos.numpy()) for s in spec}, {s.layer: s.dim for s in spec},
+                                path, spec.model, relative_to, extra)
 
 
-def plot_weighted_cosine(spectra: dict[int, tuple[np.ndarray, np.ndarray]], dim: int, path: str | os.PathLike,
-                         model: str = "", relative_to: Sequence[float] | None = None,
+def stack_heads(per_layer: Sequence[Any]) -> np.ndarray:
+    """Per-layer head values -> (heads, layers), NaN where a layer has fewer heads (stages of a Swin or PiT)."""
+    heads = max(len(v) for v in per_layer)
+    out = np.full((heads, len(per_layer)), np.nan)
+    for i, v in enumerate(per_layer):
+        out[: len(v), i] = np.asarray(v, dtype=np.float64)
+    return out
+
+
+def plot_weighted_cosine(spectra: dict[int, tuple[np.ndarray, np.ndarray]], dim: int | Mapping[int, int],
+                         path: str | os.PathLike, model: str = "", relative_to: Sequence[float] | None = None,
                          others: Mapping[str, Sequence[float]] | None = None) -> Path:
-    """:func:`plot_cosine_by_layer` from arrays: layer -> (S, cos), each (H, K), in dimension ``dim``."""
+    """:func:`plot_cosine_by_layer` from arrays: layer -> (S, cos), each (H, K), in dimension ``dim`` (one for all
+    layers, or per layer where the stages differ in width)."""
     layers = sorted(spectra)
+    dims = dict(dim) if isinstance(dim, Mapping) else {l: int(dim) for l in layers}
     per_head = [head_weighted_cosines(*spectra[layer]) for layer in layers]
     fig, ax = figure((5.5, 3.6))
-    single = random_cosine_band(dim, Z95)
-    band = np.array([Z95 * weighted_cosine_null_sd(np.asarray(spectra[l][0], np.float64), dim)[1] for l in layers])
+    band = np.array([Z95 * weighted_cosine_null_sd(np.asarray(spectra[l][0], np.float64), dims[l])[1] for l in layers])
     span = f"{band.min():.3g}" if np.isclose(band.min(), band.max()) else f"{band.min():.3g}…{band.max():.3g}"
     ax.bar(layers, 2 * band, bottom=-band, width=0.8, color="0.8", zorder=0, label=f"random 95%, mean of heads (±{span})")
-    for y in (-single, single):
-        ax.axhline(y, color="0.5", ls=":", lw=0.8, label=f"random 95%, single mode (±{single:.3f})" if y > 0 else None)
+    if len({dims[l] for l in layers}) == 1:  # one width: one single-mode band (stages of other widths: bars only)
+        single = random_cosine_band(dims[layers[0]], Z95)
+        for y in (-single, single):
+            ax.axhline(y, color="0.5", ls=":", lw=0.8, label=f"random 95%, single mode (±{single:.3f})" if y > 0 else None)
     for layer, heads in zip(layers, per_head):
         ax.scatter([layer] * len(heads), heads, s=8, color="tab:blue", alpha=0.35)
-    mean, low, high = layer_intervals(np.stack(per_head, 1))
+    mean, low, high = layer_intervals(stack_heads(per_head))
     ax.plot(layers, mean, "o-", color="tab:blue", label="σ-weighted cosine (mean of heads)")
     ax.fill_between(layers, low, high, color="tab:blue", alpha=0.2, label="95% CI over heads")
     for (label, values), colour in zip((others or {}).items(), ("tab:orange", "tab:green", "tab:purple")):

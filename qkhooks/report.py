@@ -31,11 +31,11 @@ from qkhooks.analysis.preference import GROUPS, analyze_preference, per_image_gr
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import find_sites
 from qkhooks.models.load import RANDOM_SUFFIX, LoadedModel, load_model
-from qkhooks.plots import plot_cosine_by_layer, plot_cosine_histograms, plot_head_spectra
+from qkhooks.plots import plot_cosine_by_layer, plot_cosine_histograms, plot_head_spectra, stack_heads
 from qkhooks.readings import Estimate, Reading, compare_reading, fmt_layers, trend_reading
 from qkhooks.spectrum import head_weighted_cosines, spectrum
 from qkhooks.store.format import remove_run
-from qkhooks.stream import record_dataset
+from qkhooks.stream import record_dataset, rows_layers
 
 __all__ = ["make_report", "Section", "DEFAULT_MODEL"]
 
@@ -106,7 +106,7 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
     spec = spectrum(loaded.model)
     write_json(out / "spectrum.json", spec.to_dict())
     layers = [l.layer for l in spec.layers]
-    per_head = np.stack([head_weighted_cosines(l.S.numpy(), l.cos.numpy()) for l in spec.layers], 1)  # (H, L)
+    per_head = stack_heads([head_weighted_cosines(l.S.numpy(), l.cos.numpy()) for l in spec.layers])  # (H, L)
     twin = random_weights(loaded)
     no_twin = "this model's weights are random already" if loaded.random_init else "the model was given as a module, not a spec"
     others = {}
@@ -116,7 +116,8 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
         random_spec = spectrum(twin.model)
         others[f"random weights ({twin.spec})"] = random_spec
         numbers["random_init_cosine_by_layer"] = random_spec.cosine_weighted_by_layer()
-    heads = per_head.shape[0]
+    counts = sorted({len(l.S) for l in spec.layers})
+    heads = counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]} (by stage)"
     figures = [
         (plot_cosine_by_layer(spec, out / "cosine_by_layer.png", others=others),
          f"Paper Fig. 3. σ-weighted cos(u_n, v_n) per layer, from the weights (no images): mean of {heads} heads "
@@ -136,10 +137,10 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
         r = np.asarray(numbers["random_init_cosine_by_layer"])
         readings.append(Reading(
             f"With random weights the same cosine stays between {r.min():+.3f} and {r.max():+.3f} at every layer "
-            f"(a measurement, not a test: one random draw), against {per_head.mean(0).min():+.3f} to "
-            f"{per_head.mean(0).max():+.3f} for {loaded.spec}.", "measured"))
+            f"(a measurement, not a test: one random draw), against {np.nanmean(per_head, 0).min():+.3f} to "
+            f"{np.nanmean(per_head, 0).max():+.3f} for {loaded.spec}.", "measured"))
     numbers["readings"] = [dataclasses.asdict(r) for r in readings]
-    numbers["curves"] = {"cosine": _curve(layers, per_head.mean(0), 0, [])}
+    numbers["curves"] = {"cosine": _curve(layers, np.nanmean(per_head, 0), 0, [])}
     return Section("spectrum", "Query-key spectrum: grouping vs contextualisation (Fig. 3, S1, S2)",
                    "The SVD of each head's bilinear form W_q^T W_k gives modes (u_n, σ_n, v_n); cos(u_n, v_n) > 0 means "
                    "query and key directions agree (tokens attend to similar tokens: grouping), ≈ 0 means they are "
@@ -149,9 +150,25 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
                    [], numbers)
 
 
+def left_out_note(left_out: dict[int, str], what: str) -> list[str]:
+    """The report's sentence naming the layers an analysis left out, each with its reason (never a silent drop)."""
+    if not left_out:
+        return []
+    return [f"Layers left out of {what}: " + "; ".join(f"L{l}: {why.rstrip('.')}" for l, why in sorted(left_out.items())) + "."]
+
+
 def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts: dict[str, Any]) -> Section:
     run = runs / "odd_one_out.h5"
-    record_dataset(loaded, f"o3:{n}:3", run, modes=None, attention="rows", overwrite=True, **opts)
+    sites = find_sites(loaded.model)
+    layers, left_out = rows_layers(loaded.model, sites, tuple(loaded.image_config.size), opts["device"])
+    title = "Attention preference on odd-one-out displays (Fig. 2)"
+    if not layers:
+        return Section("preference", title, "No layer of this model gives attention rows of the displays' tokens, so "
+                       "attention preference is not computed.", departures=left_out_note(left_out, "attention preference"),
+                       warnings=["Not computed: " + left_out_note(left_out, "attention preference")[0]],
+                       numbers={"images": 0, "left_out": left_out})
+    record_dataset(loaded, f"o3:{n}:3", run, modes=None, attention=f"rows:{','.join(map(str, layers))}",
+                   layers=layers if left_out else None, overwrite=True, **opts)
     table = analyze_preference(run, out)
     values, _ = preference_values(run)
     layers = sorted(values)
@@ -168,15 +185,17 @@ def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts:
                "ci": {g: {"low": table[g]["ci_low"], "high": table[g]["ci_high"]} for g in GROUPS},
                "readings": [dataclasses.asdict(r) for r in readings],
                "curves": {f"preference_{g}": _curve(layers, table[g]["mean"], images, few) for g in GROUPS}}
+    numbers["left_out"] = left_out
     return Section(
-        "preference", "Attention preference on odd-one-out displays (Fig. 2)",
+        "preference", title,
         f"For {images} generated odd-one-out displays, the attention of one target and one distractor token is split "
         "into the share that lands on its own object, on the other object and on the background (patch tokens only, "
         "renormalised; mean over heads).", readings,
         [(Path(table["files"]["png"]), f"Paper Fig. 2B-D. Attention shares per layer over {images} images (bands: "
           "95% bootstrap CI of the mean over images).")],
         ["Data: generated displays (coloured shapes among distractors, `o3:N`), not the paper's stimulus set; a folder "
-         "of your own displays with target/distractor masks: `qkhooks record MODEL o3dir:DIR --attention rows`."],
+         "of your own displays with target/distractor masks: `qkhooks record MODEL o3dir:DIR --attention rows`."]
+        + left_out_note(left_out, "attention preference"),
         few, numbers)
 
 
@@ -251,7 +270,7 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
     same = obj.get("same_object") or {"layers": {}}
     rows = {int(k): v for k, v in same["layers"].items()}
     s_layers = sorted(rows)
-    per_head = np.array([rows[l]["per_head"] for l in s_layers], dtype=float).T if s_layers else np.zeros((0, 0))
+    per_head = stack_heads([rows[l]["per_head"] for l in s_layers]) if s_layers else np.zeros((0, 0))
     chance = float(same.get("chance") or float("nan"))
     readings = []
     if s_layers:
@@ -292,6 +311,14 @@ def loaded_layers(loaded: LoadedModel) -> list[int]:
 
 def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: int | None, opts: dict[str, Any],
                 keep_runs: bool) -> Section:
+    title = "Position vs content (Bi-orthogonal Factor Decomposition)"
+    kept, left_out, _ = bfd.bfd_layers(loaded.model, find_sites(loaded.model), tuple(loaded.image_config.size),
+                                       opts["device"])
+    if not kept:
+        note = left_out_note(left_out, "BFD")
+        return Section("bfd", title, "BFD is not computed for this model: no layer has the one bilinear form over one "
+                       "token grid it decomposes.", departures=note, warnings=["Not computed: " + note[0]],
+                       numbers={"images": 0, "left_out": left_out})
     result = bfd.run_bfd(loaded, photos, runs / "bfd.h5", limit=limit, overwrite=True, holdout_every=3,
                          batch_size=opts["batch_size"], device=opts["device"], progress=opts["progress"])
     write_json(out / "bfd.json", result)
@@ -321,7 +348,8 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
                 trend_reading(shares["CP"] + shares["PC"], layers, "The content-position coupling (CP+PC)", "heads")]
     numbers = {**claims, "images": n, "holdout_images": held, "readings": [dataclasses.asdict(r) for r in readings],
                "curves": {f"bfd_{t}": _curve(layers, np.nanmean(shares[t], 0), n, few) for t in bfd.TERMS}}
-    return Section("bfd", "Position vs content (Bi-orthogonal Factor Decomposition)",
+    numbers["left_out"] = left_out
+    return Section("bfd", title,
                    "Each token is split into its position's mean P and the content C = X − P; the energy of each "
                    "head's bilinear form splits into CC, CP, PC and PP. " + " ".join(sentences),
                    readings, figures,
@@ -329,7 +357,8 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
                     "whatever `--input` says for the maps: on the residual stream the logits would not be the model's.",
                     (f"Data: {n} bundled photos" if photos == PHOTOS else f"Data: {n} photos from {photos}")
                     + f" (the paper: ImageNet); {DATA_HINT}."]
-                   + ([f"Variant: {result['variant']}."] if "variant" in result else []),
+                   + ([f"Variant: {result['variant']}."] if "variant" in result else [])
+                   + left_out_note(left_out, "BFD"),
                    warnings, numbers)
 
 

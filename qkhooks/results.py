@@ -13,11 +13,11 @@ from typing import Any, Callable
 
 import torch
 
-from qkhooks.access import Layer, require_layer, resolve_layer
+from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum
 
-__all__ = ["LayerCapture", "BatchCapture", "CallOrOld", "deprecated"]
+__all__ = ["LayerCapture", "BatchCapture", "CallOrOld", "deprecated", "observe_geometry"]
 
 
 @dataclasses.dataclass
@@ -36,6 +36,53 @@ class LayerCapture:
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
     attention: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def observe_geometry(site: Any, query_tokens: int, key_tokens: int,
+                     image_size: tuple[int, int] | None = None) -> LayerGeometry:
+    """The geometry of ``site``'s layer in the call just recorded (its maps had ``query_tokens`` queries and
+    ``key_tokens`` keys, the input image ``image_size``), read from the site, never guessed: a grid the site cannot
+    tell is None (the analyses then refuse the layer, naming it).
+
+    Query grid: the site's patch size on this image when its tokens fill it, else the site's own grid for that many
+    tokens (windowed sites: the grid their block was called with). Key grid of a spatially reduced layer: the
+    query grid divided by the one integer reduction ratio whose grid has ``key_tokens`` tokens (a strided
+    conv, kernel = stride, as PVT, Twins and Segformer reduce), or PVT-v2-linear's 7x7 pool; None if neither fits.
+    """
+    prefix = int(site.num_prefix_tokens)
+    grid = None
+    if image_size is not None and site.patch_size is not None:
+        g = site.grid_for_image(*image_size)
+        grid = g if g[0] * g[1] == query_tokens - prefix else None
+    if grid is None:
+        try:
+            grid = tuple(int(v) for v in site.grid_for(query_tokens))
+        except QKHooksError:
+            grid = None
+        if grid is not None and grid[0] * grid[1] != query_tokens - prefix:
+            grid = None
+    key_grid, key_prefix = grid, prefix
+    if site.key_tokens is not None and key_tokens != query_tokens:
+        key_prefix, key_grid = 0, _reduced_grid(grid, key_tokens)
+    window = None
+    if hasattr(site, "window_index"):  # a windowed site (qkhooks.models.windows.WindowSite), in the call just made
+        size, shift = site.geometry()
+        window = {"size": [int(v) for v in size], "shift": [int(v) for v in shift],
+                  "windows": int(site.window_index().shape[0]), "pad_first": bool(site.pad_first)}
+    return LayerGeometry(int(site.layer), None if grid is None else (int(grid[0]), int(grid[1])), prefix,
+                         int(query_tokens), int(key_tokens), key_grid, key_prefix, int(site.num_heads),
+                         int(site.head_dim), str(site.stage), window, bool(site.class_attention))
+
+
+def _reduced_grid(grid: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
+    if grid is None:
+        return None
+    h, w = grid
+    # (h // r) * (w // r) falls as r grows, each factor never rising, so at most one grid per token count
+    found = {(h // r, w // r) for r in range(1, max(h, w) + 1) if (h // r) * (w // r) == tokens}
+    if not found and tokens == 49:
+        found = {(7, 7)}
+    return found.pop() if len(found) == 1 else None
 
 
 def deprecated(old: str, new: str, stacklevel: int = 3) -> None:
@@ -179,6 +226,16 @@ class BatchCapture:
         if self.qk_spectrum is None:
             raise QKHooksError("this batch was recorded without modes, so it has no spectrum; record with modes=.")
         return self.qk_spectrum[cap.layer]
+
+    def geometry(self, layer: Layer) -> LayerGeometry:
+        """``layer``'s grid, prefix tokens, query/key token counts, stage and windows (``meta["geometry"]``, which
+        :func:`qkhooks.record_dataset` puts into every batch)."""
+        cap = self._capture(layer)
+        found = (self.meta.get("geometry") or {}).get(cap.layer)
+        if found is None:
+            raise QKHooksError(f"this batch carries no geometry for layer {cap.layer} (record_dataset puts it into "
+                               "every batch's meta['geometry']; a live recording answers run.geometry(l)).")
+        return found
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """Flat name -> (B, ...) tensors in the run-file schema (``modes/L3/query``, ``attention/L3/rows``)."""

@@ -37,11 +37,12 @@ from qkhooks.models.base import AttentionSite, find_sites, parse_layers
 from qkhooks.models.load import LoadedModel, check_device, load_model
 from qkhooks.options import RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
+from qkhooks.results import LayerGeometry, observe_geometry
 from qkhooks.spectrum import layer_spectrum
-from qkhooks.store.format import resume_point
+from qkhooks.store.format import INFO_SCHEMA_VERSION, resume_point
 from qkhooks.store.writer import RunWriter
 
-__all__ = ["record_dataset", "RecordResult", "WriterSink"]
+__all__ = ["record_dataset", "RecordResult", "WriterSink", "probe_geometry", "same_layout_layers", "rows_layers"]
 
 
 @dataclasses.dataclass
@@ -80,13 +81,95 @@ class WriterSink:
         self.writer.write_batch(batch.ids, arrays)
 
 
-def _batch_meta(batch: dict[str, Any], site: AttentionSite, plan: Recipe) -> dict[str, Any]:
-    """The model's prefix tokens and the patch grid of this input size (from the site: their one source), plus
-    the metadata the recipe makes of the dataset's extras (masks, objects; arrays to store under "arrays")."""
-    h, w = batch["pixel_values"].shape[-2:]
-    meta: dict[str, Any] = {"num_prefix_tokens": site.num_prefix_tokens, "grid": site.grid_for_image(h, w)}
+def _batch_meta(batch: dict[str, Any], geometry: dict[int, LayerGeometry], image_size: tuple[int, int],
+                plan: Recipe) -> dict[str, Any]:
+    """Every recorded layer's geometry (``meta["geometry"]``, from :func:`probe_geometry`), the first layer's prefix
+    tokens and patch grid (``num_prefix_tokens``, ``grid``), plus the metadata the recipe makes of the dataset's
+    extras (masks, objects; arrays to store under "arrays")."""
+    size = tuple(int(v) for v in batch["pixel_values"].shape[-2:])
+    if size != tuple(image_size):
+        raise QKHooksError(f"a batch of {size[0]}x{size[1]} images reached a recording laid out for "
+                           f"{image_size[0]}x{image_size[1]} (every layer's grid depends on it); preprocess every "
+                           "image to the model's input size.")
+    first = geometry[min(geometry)]
+    meta: dict[str, Any] = {"num_prefix_tokens": first.num_prefix_tokens, "geometry": geometry}
+    if first.grid is not None:
+        meta["grid"] = first.grid
     meta.update(plan.batch_meta(batch, meta))
     return meta
+
+
+def probe_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: tuple[int, int],
+                   device: str | torch.device = "cpu") -> dict[int, LayerGeometry]:
+    """Every site's geometry at this input size, from one forward of a blank image before the recording starts.
+
+    Windowed and multi-stage models only show their per-layer grids, windows and key counts in a call (a Swin
+    stage's grid is the block's input), and the run file's layout, the reducers and the dataset's masks need them
+    before the first batch. The probe's outputs go nowhere (no sink, no file)."""
+    dtype = next(net.parameters()).dtype
+    found: dict[int, LayerGeometry] = {}
+
+    def note(batch: BatchCapture) -> None:
+        for site in sites:
+            cap = batch.captures[site.layer]
+            found[site.layer] = observe_geometry(site, int(cap.query.shape[-1]), int(cap.key.shape[-1]),
+                                                 tuple(image_size))
+
+    with record(net, modes=1, sites=sites, sinks=[_Callback(note)]) as run, torch.no_grad():
+        run(torch.zeros(1, 3, *image_size, device=device, dtype=dtype))
+    return found
+
+
+def _check_rows_geometry(specs: Sequence[Any], geometry: dict[int, LayerGeometry]) -> None:
+    """Refuse attention rows or pooled rows on layers whose token layout differs from the first recorded layer's:
+    the query tokens of a batch (odd-one-out targets, the centre patch) index one layout."""
+    first = geometry[min(geometry)]
+    for spec in specs:
+        if spec.kind not in ("rows", "pooled"):
+            continue
+        other = [l for l, g in sorted(geometry.items()) if spec.covers(l)
+                 and (g.grid, g.num_prefix_tokens, g.query_tokens) != (first.grid, first.num_prefix_tokens, first.query_tokens)]
+        if other:
+            raise QKHooksError(
+                f"attention {spec.kind!r} picks query tokens by their index in layer {first.layer}'s tokens "
+                f"({first.describe()}), but layers {other} have other tokens ({geometry[other[0]].describe()}); "
+                f"record {spec.kind!r} on the layers that share layer {first.layer}'s grid (e.g. "
+                f"--attention {spec.kind}:{','.join(str(l) for l in same_layout_layers(geometry))}), or full maps.")
+
+
+def rows_layers(net: nn.Module, sites: Sequence[AttentionSite], image_size: tuple[int, int],
+                device: str | torch.device = "cpu") -> tuple[list[int], dict[int, str]]:
+    """The layers whose attention rows one batch's query tokens can be recorded on (odd-one-out targets, the centre
+    patch), and why each other layer cannot: windowed (a row lives in its window), class attention (only the class
+    token queries), or tokens laid out otherwise than the first such layer's (another stage's grid)."""
+    geometry = probe_geometry(net, sites, image_size, device)
+    left_out: dict[int, str] = {}
+    candidates = []
+    for site in sites:
+        try:
+            site.check_attention_kind("rows")
+        except QKHooksError as exc:
+            left_out[site.layer] = str(exc)
+            continue
+        if site.class_attention:
+            left_out[site.layer] = f"{site.path}: only the class token queries (class attention), not the image's tokens"
+            continue
+        candidates.append(site.layer)
+    if not candidates:
+        return [], left_out
+    kept = same_layout_layers({l: geometry[l] for l in candidates})
+    for l in candidates:
+        if l not in kept:
+            left_out[l] = (f"its tokens ({geometry[l].describe()}) are not layer {kept[0]}'s ({geometry[kept[0]].describe()}), "
+                           "and one batch's query tokens index one layout")
+    return kept, left_out
+
+
+def same_layout_layers(geometry: dict[int, LayerGeometry]) -> list[int]:
+    """The layers whose query tokens are laid out as the first layer's (one index names the same token in each)."""
+    first = geometry[min(geometry)]
+    key = (first.grid, first.num_prefix_tokens, first.query_tokens)
+    return [l for l, g in sorted(geometry.items()) if (g.grid, g.num_prefix_tokens, g.query_tokens) == key]
 
 
 def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str]) -> tuple[int, int]:
@@ -231,6 +314,9 @@ def record_dataset(
     config = resolved.run_config(model=loaded.spec, data=data_spec, reducers=[r.name for r in reducers],
                                  random_init=loaded.random_init, weights=loaded.weights,
                                  shard=list(shard) if shard else None)
+    image_size = tuple(int(v) for v in loaded.image_config.size)
+    geometry = probe_geometry(net, sites, image_size, device)
+    _check_rows_geometry(attention_specs, geometry)
     recording = record(  # built (and so checked) before any file is touched; hooks go on below
         net, modes=modes_value, layers=[s.layer for s in sites], attention=attention_specs, input=opts.input,
         augmented=opts.augmented, keep_inputs=keep_inputs, sites=sites,
@@ -265,7 +351,7 @@ def record_dataset(
             seen = _SeenIds(writer.ids if writer is not None and done else [])
             run.sinks.append(seen)
             if writer is not None:
-                _write_statics(writer, run, sites, tuple(loaded.image_config.size), opts.augmented)
+                _write_statics(writer, run, sites, image_size, opts.augmented, geometry)
                 if shard is not None:  # where this block starts in the dataset: qkhooks.distributed.merge_shards reads it
                     writer.write_static("images/shard", json.dumps({"rank": shard[0], "world": shard[1], "start": lo, "stop": hi}))
                 run.sinks.append(WriterSink(writer, opts.store_modes))
@@ -276,8 +362,8 @@ def record_dataset(
                 batches = position.track(dataset.batches(opts.batch_size, start, hi, opts.num_workers), seen.ids)
             else:
                 batches = _loader_batches(dataset, range(start, hi), opts.batch_size, opts.num_workers, collate)
-            _loop(run, batches, net, hi - start if hi is not None else None, device, sites[0], plan, progress, writer,
-                  checkpointed, opts.checkpoint_every)
+            _loop(run, batches, net, hi - start if hi is not None else None, device, (geometry, image_size), plan,
+                  progress, writer, checkpointed, opts.checkpoint_every)
         if streamed:
             skipped = position.skipped
         else:
@@ -384,7 +470,7 @@ def _loader_batches(dataset, indices, batch_size, num_workers, collate):
         yield batch, len(batch.get("id", [])) if batch is not None else 0
 
 
-def _loop(run, batches, net, total, device, site, plan, progress, writer, checkpointed, checkpoint_every) -> None:
+def _loop(run, batches, net, total, device, layout, plan, progress, writer, checkpointed, checkpoint_every) -> None:
     dtype = next(net.parameters()).dtype
     bar = tqdm(total=total, unit="img", disable=not progress, desc="record")
     try:
@@ -393,7 +479,7 @@ def _loop(run, batches, net, total, device, site, plan, progress, writer, checkp
                 bar.update(read)
                 continue
             pixels = batch["pixel_values"].to(device=device, dtype=dtype, non_blocking=True)
-            meta = _batch_meta(batch, site, plan)
+            meta = _batch_meta(batch, *layout, plan)
             with torch.no_grad():
                 run(pixels, ids=list(batch["id"]), meta=meta)
             if writer is not None and (step + 1) % checkpoint_every == 0:
@@ -404,7 +490,7 @@ def _loop(run, batches, net, total, device, site, plan, progress, writer, checkp
 
 
 def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_size: tuple[int, int],
-                   augmented: bool) -> None:
+                   augmented: bool, geometry: dict[int, LayerGeometry]) -> None:
     if run.qk_spectrum is not None:
         for layer in run.qk_spectrum:
             for name in ("U", "S", "V"):
@@ -416,9 +502,12 @@ def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_
         writer.write_static(f"spectrum/L{site.layer}/cos_all", full.cos.cpu().numpy())
     site = sites[0]
     height, width = image_size
-    info = {"num_prefix_tokens": site.num_prefix_tokens, "heads": site.num_heads, "head_dim": site.head_dim,
-            "dim": site.dim, "layers": [s.layer for s in sites], "paths": [s.path for s in sites], "family": site.family,
-            "image_size": [height, width], "grid": list(site.grid_for_image(height, width))}
+    first = geometry[site.layer]
+    info = {"schema_version": INFO_SCHEMA_VERSION, "num_prefix_tokens": site.num_prefix_tokens,
+            "heads": site.num_heads, "head_dim": site.head_dim, "dim": site.dim, "layers": [s.layer for s in sites],
+            "paths": [s.path for s in sites], "family": site.family, "image_size": [height, width],
+            "grid": None if first.grid is None else list(first.grid),
+            "layer_geometry": {str(layer): g.to_dict() for layer, g in sorted(geometry.items())}}
     writer.write_static("model/info", json.dumps(info))
 
 

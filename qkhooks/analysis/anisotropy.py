@@ -17,7 +17,7 @@ from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer
 from qkhooks.spectrum import head_weighted_cosines
-from qkhooks.analysis.geometry import grid_of, resolve_prefix
+from qkhooks.analysis.geometry import grid_of, layer_geometry, layer_grid, resolve_prefix, tokens_on_grid
 
 __all__ = ["AnisotropyReducer", "CentreEmbeddings", "anisotropy_interval", "anisotropy_from_state",
            "relative_cosine", "anisotropy_table"]
@@ -57,6 +57,16 @@ class AnisotropyReducer(Reducer):
         rows, cols = grid_of(num_tokens - prefix, self.grid or meta.get("grid"))
         return prefix + (rows // 2) * cols + cols // 2
 
+    def centre_embeddings(self, batch: BatchCapture, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """(B, d): each image's centre-patch token at ``layer``, on that layer's own grid (windowed layers' tokens
+        put back on the image grid first)."""
+        geometry = layer_geometry(batch.meta, layer)
+        if geometry is None:
+            return x[:, self.centre_token(int(x.shape[1]), batch.meta)]
+        x = tokens_on_grid(x, geometry)
+        prefix, (rows, cols) = layer_grid(batch.meta, layer, int(x.shape[1]), self.num_prefix_tokens, self.grid)
+        return x[:, prefix + (rows // 2) * cols + cols // 2]
+
     def update(self, batch: BatchCapture) -> None:
         """Fold one batch: every layer whose tokens were kept."""
         layers = {l: c.inputs for l, c in batch.captures.items() if c.inputs is not None}
@@ -65,11 +75,10 @@ class AnisotropyReducer(Reducer):
         for layer, x in sorted(layers.items()):
             if x.dim() != 3:
                 raise QKHooksError(f"layer {layer}: tokens must be (batch, tokens, dim), got {tuple(x.shape)}.")
-            centre = self.centre_token(int(x.shape[1]), batch.meta)
+            dtype = torch.float32 if x.device.type == "mps" else torch.float64
+            z = self.centre_embeddings(batch, layer, x).to(dtype)
             if self.num_prefix_tokens is None:
                 self.num_prefix_tokens = resolve_prefix(None, batch.meta, int(x.shape[1]))
-            dtype = torch.float32 if x.device.type == "mps" else torch.float64
-            z = x[:, centre].to(dtype)
             norm = z.norm(dim=-1, keepdim=True)
             ok = norm.squeeze(-1) > 0
             part = (z / norm.clamp_min(torch.finfo(dtype).tiny))[ok].sum(0)
@@ -102,15 +111,14 @@ class AnisotropyReducer(Reducer):
 
     def state_dict(self) -> dict[str, Any]:
         layers = sorted(self.sums)
-        widths = {int(self.sums[l].shape[0]) for l in layers}
-        if len(widths) > 1:
-            raise QKHooksError(f"AnisotropyReducer.state_dict needs one width in every layer, got {sorted(widths)}.")
-        return {
+        sums = [self.sums[l].detach().double().cpu().numpy() for l in layers]
+        out = {
             "layers": np.asarray(layers, dtype=np.int64),
             "count": np.asarray([self.count[l] for l in layers], dtype=np.int64),
-            "sum": np.stack([self.sums[l].detach().double().cpu().numpy() for l in layers]) if layers else np.zeros((0, 0)),
+            "sum": _stack_widths(sums, 0) if layers else np.zeros((0, 0)),
             "num_prefix_tokens": -1 if self.num_prefix_tokens is None else int(self.num_prefix_tokens),
         }
+        return _with_widths(out, [v.shape[0] for v in sums])
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = [k for k in ("layers", "count", "sum") if k not in state]
@@ -118,7 +126,8 @@ class AnisotropyReducer(Reducer):
             raise QKHooksError(f"not an AnisotropyReducer state: missing {missing}.")
         layers = [int(l) for l in np.asarray(state["layers"]).reshape(-1)]
         counts = np.asarray(state["count"]).reshape(-1)
-        self.sums = {l: torch.as_tensor(np.asarray(state["sum"][i], dtype=np.float64)) for i, l in enumerate(layers)}
+        widths = _widths(state, len(layers))
+        self.sums = {l: torch.as_tensor(np.asarray(state["sum"][i][:widths[i]], dtype=np.float64)) for i, l in enumerate(layers)}
         self.count = {l: int(c) for l, c in zip(layers, counts)}
         prefix = int(np.asarray(state.get("num_prefix_tokens", -1)))
         self.num_prefix_tokens = None if prefix < 0 else prefix
@@ -150,8 +159,7 @@ class CentreEmbeddings(AnisotropyReducer):
         if room <= 0:
             return
         for layer, x in sorted((l, c.inputs) for l, c in batch.captures.items() if c.inputs is not None):
-            centre = self.centre_token(int(x.shape[1]), batch.meta)
-            z = x[:room, centre].double()
+            z = self.centre_embeddings(batch, layer, x)[:room].double()
             z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-300)
             self.vectors.setdefault(layer, []).append(z.float().cpu().numpy())
 
@@ -165,13 +173,37 @@ class CentreEmbeddings(AnisotropyReducer):
 
     def state_dict(self) -> dict[str, Any]:
         layers = sorted(self.vectors)
-        return {"layers": np.asarray(layers, dtype=np.int64),
-                "vectors": np.stack([np.concatenate(self.vectors[l]) for l in layers], 1) if layers
-                else np.zeros((0, 0, 0), np.float32)}
+        vectors = [np.concatenate(self.vectors[l]) for l in layers]
+        return _with_widths({"layers": np.asarray(layers, dtype=np.int64),
+                             "vectors": _stack_widths(vectors, 1) if layers else np.zeros((0, 0, 0), np.float32)},
+                            [v.shape[-1] for v in vectors])
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         vectors = np.asarray(state["vectors"])
-        self.vectors = {int(l): [vectors[:, i]] for i, l in enumerate(np.asarray(state["layers"]).reshape(-1))}
+        layers = np.asarray(state["layers"]).reshape(-1)
+        widths = _widths(state, len(layers))
+        self.vectors = {int(l): [vectors[:, i, :widths[i]]] for i, l in enumerate(layers)}
+
+
+def _stack_widths(arrays: list[np.ndarray], axis: int) -> np.ndarray:
+    """Per-layer vectors (..., d_l) stacked along ``axis``, zero-padded to the widest (stages of different widths:
+    Swin, PiT); zeros change no sum, dot product or norm, and ``widths`` says where each layer's own width ends."""
+    width = max(a.shape[-1] for a in arrays)
+    padded = [np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])]) for a in arrays]
+    return np.stack(padded, axis)
+
+
+def _with_widths(state: dict[str, Any], widths: list[int]) -> dict[str, Any]:
+    if len(set(widths)) > 1:
+        state["widths"] = np.asarray(widths, dtype=np.int64)
+    return state
+
+
+def _widths(state: Mapping[str, Any], layers: int) -> list[int | None]:
+    """Each layer's own width in a padded state (None: the whole last axis)."""
+    if "widths" in state:
+        return [int(w) for w in np.asarray(state["widths"]).reshape(-1)]
+    return [None] * layers
 
 
 def anisotropy_interval(vectors: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:

@@ -179,20 +179,23 @@ def run_bfd(
     net = net.to(device)
     layer_list = parse_layers(layers) if isinstance(layers, str) or layers is None else [int(l) for l in layers]
     sites = find_sites(net, layer_list)
+    images = (data if isinstance(data, torch.Tensor) else torch.cat(list(data))) if tensors else None
+    image_size = tuple(images.shape[-2:]) if images is not None else tuple(loaded.image_config.size)
+    kept, left_out, geometry = bfd_layers(net, sites, image_size, device)
+    if not kept:
+        raise QKHooksError("BFD has no layer of this model to decompose: "
+                           + "; ".join(f"L{l}: {why}" for l, why in sorted(left_out.items())) + ".")
+    sites = [s for s in sites if s.layer in kept]
     chosen = [s.layer for s in sites]
-    prefix = sites[0].num_prefix_tokens
+    prefix, grid = geometry[chosen[0]].num_prefix_tokens, geometry[chosen[0]].grid
 
     if tensors:
-        images = data if isinstance(data, torch.Tensor) else torch.cat(list(data))
         batches = list(images[:limit].split(batch_size))
-        grid = sites[0].grid_for_image(*images.shape[-2:])
 
         def one_pass(path: Path | None, reducers: list[Any]) -> None:
             _tensor_pass(net, batches, reducers, chosen, input, device)
     else:
         from qkhooks.stream import record_dataset
-
-        grid = sites[0].grid_for_image(*loaded.image_config.size)
 
         if out is not None and not (resume or overwrite):
             for path in (pass1_path(out), Path(out)):
@@ -223,9 +226,44 @@ def run_bfd(
         result["variant"] = ("content-only: the energies split the content form W_q^T W_k, not the model's logits, "
                              "in layers " + ", ".join(content_only) + ": " + "; ".join(sorted(set(content_only.values()))))
         result["content_only_layers"] = content_only
+    if left_out:  # never a silent drop: the layers BFD's one form and one grid do not describe, with the reason
+        result["left_out_layers"] = {str(l): why for l, why in sorted(left_out.items())}
     if note:
         result["note"] = note
     return result
+
+
+def bfd_layers(net: nn.Module, sites: Sequence[Any], image_size: tuple[int, int],
+               device: str | torch.device = "cpu") -> tuple[list[int], dict[int, str], dict[int, Any]]:
+    """(layers BFD decomposes, layer -> why it leaves it out, every layer's geometry).
+
+    BFD splits one bilinear form over every pair of one token grid by a position factor P (the mean token at each
+    grid position) shared by queries and keys. Left out, with the reason: windowed layers (their logits pair only
+    the tokens of one window, shifted windows move with the layer, so a form over every pair is not the model's),
+    spatially reduced keys (the keys are other tokens, on another grid, so one P cannot serve both sides), and
+    layers on another grid or prefix than the first kept one (one run holds one P grid; record those with
+    ``--layers``)."""
+    from qkhooks.stream import probe_geometry  # the recording core; imported where a BFD run starts
+
+    geometry = probe_geometry(net, sites, image_size, device)
+    left_out: dict[int, str] = {}
+    kept: list[int] = []
+    for site in sites:
+        g = geometry[site.layer]
+        if g.windowed:
+            left_out[site.layer] = ("windowed attention: its logits pair only the tokens of one window, so BFD's one "
+                                    "form over every token pair is not the model's")
+        elif g.reduced_keys:
+            left_out[site.layer] = ("spatially reduced keys: the keys are other tokens on another grid, so one "
+                                    "position factor cannot serve queries and keys")
+        elif g.grid is None:
+            left_out[site.layer] = f"its token grid is unknown ({g.describe()})"
+        elif kept and (g.grid, g.num_prefix_tokens) != (geometry[kept[0]].grid, geometry[kept[0]].num_prefix_tokens):
+            left_out[site.layer] = (f"its grid ({g.describe()}) is not layer {kept[0]}'s, and one BFD run holds one "
+                                    f"position grid; run `qkhooks bfd --layers {site.layer}` for it")
+        else:
+            kept.append(site.layer)
+    return kept, left_out, geometry
 
 
 # ---------------------------------------------------------------------------------------- run files

@@ -1,9 +1,10 @@
-"""Prefix tokens and patch grid of a batch, for the analyses' reducers and figures.
+"""Prefix tokens and patch grid of a batch or a layer, for the analyses' reducers and figures.
 
-Both come from the attention sites: the recording puts ``num_prefix_tokens`` and ``grid`` into every batch's
-metadata (:class:`qkhooks.capture.BatchCapture`), and a run file keeps them in ``model/info``. The functions
-here read them from there; only a caller that gives neither (hand-made batches) gets the square-grid
-fallback, which refuses what it cannot tell instead of guessing.
+Both come from the attention sites: :func:`qkhooks.record_dataset` puts every layer's geometry into each batch's
+metadata (``meta["geometry"]``: layer -> :class:`qkhooks.access.LayerGeometry`) with the first layer's
+``num_prefix_tokens`` and ``grid``, and a run file keeps them in ``model/info``. The functions here read them
+from there. A hand-made batch that says neither is refused: a token count does not tell its grid (4x6 + CLS
+and 5x5 both have 25 tokens). :func:`infer_prefix_tokens` stays for callers that know their grid is square.
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ from typing import Any, Mapping, Sequence
 
 from qkhooks.errors import QKHooksError
 
-__all__ = ["infer_prefix_tokens", "resolve_prefix", "grid_of", "MAX_INFERRED_PREFIX"]
+__all__ = ["infer_prefix_tokens", "resolve_prefix", "grid_of", "layer_geometry", "layer_grid", "tokens_on_grid",
+           "MAX_INFERRED_PREFIX"]
 
 MAX_INFERRED_PREFIX = 8
 """Largest prefix-token count :func:`infer_prefix_tokens` accepts (CLS + distillation + registers)."""
 
 
 def infer_prefix_tokens(num_tokens: int) -> int:
-    """Prefix tokens of a square patch grid: ``num_tokens`` minus the largest square below it.
+    """Prefix tokens of a grid the caller knows to be square: ``num_tokens`` minus the largest square below it.
 
-    A fallback for reducers fed by a recording that did not say (``batch.meta["num_prefix_tokens"]`` or the
-    constructor argument win). It is exact for square grids with at most :data:`MAX_INFERRED_PREFIX` prefix
-    tokens, which covers CLS, DeiT's distillation token and up to 4 registers plus CLS on grids from 5x5 up;
-    anything else raises instead of guessing.
+    Exact for square grids with at most :data:`MAX_INFERRED_PREFIX` prefix tokens (CLS, DeiT's distillation token
+    and up to 4 registers plus CLS on grids from 5x5 up); anything else raises. Not a fallback for batches that
+    do not say their geometry (:func:`resolve_prefix` refuses those): 25 tokens are 5x5 or 4x6 + CLS.
     """
     side = math.isqrt(int(num_tokens))
     prefix = int(num_tokens) - side * side
@@ -39,23 +40,63 @@ def infer_prefix_tokens(num_tokens: int) -> int:
 
 
 def resolve_prefix(fixed: int | None, meta: Mapping[str, Any], num_tokens: int) -> int:
-    """The prefix-token count: the reducer's own setting, else the batch metadata's (the site's), else the
-    square-grid fallback; checked against the sequence length."""
+    """The prefix-token count: the reducer's own setting, else the batch metadata's (the site's); refused when
+    neither says (a token count does not tell it); checked against the sequence length."""
     prefix = fixed if fixed is not None else meta.get("num_prefix_tokens")
-    prefix = infer_prefix_tokens(num_tokens) if prefix is None else int(prefix)
+    if prefix is None:
+        raise QKHooksError(
+            f"cannot tell the prefix tokens of a {num_tokens}-token sequence: the batch does not say them (a token "
+            "count does not: 25 tokens are a 5x5 grid or 4x6 + CLS); pass num_prefix_tokens=... to the reducer or "
+            "put it in the batch metadata (run(images, meta={'num_prefix_tokens': site.num_prefix_tokens, "
+            "'grid': (rows, cols)})).")
+    prefix = int(prefix)
     if not 0 <= prefix < num_tokens:
         raise QKHooksError(f"num_prefix_tokens={prefix} leaves no patch token in a {num_tokens}-token sequence.")
     return prefix
 
 
 def grid_of(patches: int, grid: Sequence[int] | None = None) -> tuple[int, int]:
-    """The patch grid: ``grid`` when it fits, else the square one; anything else is an error."""
+    """The patch grid: ``grid`` when it fits, else the square one (the prefix tokens being known); anything else is
+    an error."""
     if grid is not None and len(grid) == 2 and int(grid[0]) * int(grid[1]) == patches:
         return int(grid[0]), int(grid[1])
     side = math.isqrt(patches)
     if side * side != patches:
         raise QKHooksError(
             f"{patches} patch tokens do not make a square grid; give the grid (rows, cols) explicitly "
-            "(run info 'grid', or grid=... to the function)."
+            "(the run's per-layer geometry, meta['grid'], or grid=... to the function)."
         )
     return side, side
+
+
+def layer_geometry(meta: Mapping[str, Any], layer: int) -> Any:
+    """``layer``'s :class:`qkhooks.access.LayerGeometry` from a batch's metadata, or None where it has none."""
+    return (meta.get("geometry") or {}).get(layer)
+
+
+def layer_grid(meta: Mapping[str, Any], layer: int, num_tokens: int, prefix: int | None = None,
+               grid: Sequence[int] | None = None) -> tuple[int, tuple[int, int]]:
+    """(prefix tokens, grid) of ``layer`` in a batch of ``num_tokens`` tokens: the layer's recorded geometry (each
+    layer its own: stages, CaiT's class-attention blocks), else the caller's values, else the batch's
+    ``num_prefix_tokens`` and ``grid``; refused when none says."""
+    geometry = layer_geometry(meta, layer)
+    if geometry is not None:
+        prefix, grid = geometry.num_prefix_tokens, geometry.grid
+    prefix = resolve_prefix(prefix, meta, num_tokens)
+    return prefix, grid_of(num_tokens - prefix, grid if grid is not None else meta.get("grid"))
+
+
+def tokens_on_grid(x: Any, geometry: Any) -> Any:
+    """A layer's captured tokens as the model's attention saw them -> per image in row-major grid order: a windowed
+    layer's (B·nW, Nw, d) windows go back to (B, H·W, d) (padding dropped); others are returned as they are."""
+    if geometry is None or geometry.window is None:
+        return x
+    from qkhooks.models.windows import window_index  # the model's own window order; torch only where windows are
+
+    win = geometry.window
+    index = window_index(tuple(geometry.grid), tuple(win["size"]), tuple(win["shift"]), bool(win["pad_first"]))
+    flat = x.reshape(-1, index.numel(), x.shape[-1])  # (B, nW·Nw, d)
+    valid = index.flatten() >= 0
+    where = index.new_empty(int(valid.sum()))
+    where[index.flatten()[valid]] = index.new_tensor(range(index.numel()))[valid]
+    return flat[:, where.to(flat.device)]

@@ -52,7 +52,8 @@ from qkhooks.analysis.same_object import (
     same_object_probability,
     same_object_table,
 )
-from qkhooks.analysis.topk import SIGNS, TopKModes, layer_state, signed_scores, top_images
+from qkhooks.analysis.recipes import objects_array
+from qkhooks.analysis.topk import SIGNS, TopKModes, layer_state, select_layers, signed_scores, top_images
 from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks._json import jsonable
 from qkhooks.errors import QKHooksError
@@ -146,21 +147,6 @@ def _topk_state(run: Any, layers: Sequence[int] | None, k: int | None, prefix: i
         )
     reducer = _topk_from_maps(run, want, k or 8, prefix)
     return reducer.state_dict(), ("; ".join(reasons) + "; " if reasons else "") + "recomputed from the stored maps"
-
-
-def _select_state(state: Mapping[str, Any], layers: Sequence[int], k: int | None) -> dict[str, Any]:
-    """Keep only ``layers`` and the first ``k`` slots of a stacked top-k state."""
-    all_layers = [int(l) for l in np.asarray(state["layers"]).reshape(-1)]
-    idx = [all_layers.index(l) for l in layers]
-    kk = int(np.asarray(state["k"])) if k is None else min(int(k), int(np.asarray(state["k"])))
-    out = dict(state)
-    out["layers"] = np.asarray(layers, dtype=np.int64)
-    out["k"] = kk
-    for name in ("score", "index"):
-        out[name] = np.asarray(state[name])[idx][..., :kk]
-    for name in ("query", "key"):
-        out[name] = np.asarray(state[name])[idx][..., :kk, :]
-    return out
 
 
 def _image_config_for(attrs: Mapping[str, Any], given: Any) -> tuple[Any, str]:
@@ -273,7 +259,7 @@ def analyze_modes(
         The JSON summary (also written to ``modes.json``), with ``files``.
     """
     from qkhooks.models.base import parse_layers
-    from qkhooks.plots import plot_anisotropy, plot_layer_curves
+    from qkhooks.plots import plot_anisotropy, plot_layer_curves, stack_heads
 
     out = Path(out_dir)
     with _open_run(run_path) as run:
@@ -291,13 +277,25 @@ def analyze_modes(
         chosen = _choose_layers(parse_layers(layers) if isinstance(layers, str) or layers is None else list(layers), available)
         topk, source = _topk_state(run, chosen, k, prefix)
         chosen = chosen or [int(l) for l in np.asarray(topk["layers"]).reshape(-1)]
-        topk = _select_state(topk, chosen, k)
+        topk = select_layers(topk, chosen, k)
+        geometry = {l: run.geometry(l) for l in chosen}
         spectra = {l: {name: np.asarray(v) for name, v in run.spectrum_arrays(l).items()} for l in chosen}
         aniso_state = run.state(AnisotropyReducer.name)
         centre_state = run.state(CentreEmbeddings.name)
         objects = None
+        layer_objects: dict[int, np.ndarray] = {}
+        object_left_out: dict[int, str] = {}
         if run.has("masks/objects"):
             objects = np.asarray(run.array("masks/objects")[:n])
+            for l in chosen:
+                name = objects_array(geometry[l].grid, grid) if geometry[l].grid is not None else None
+                if geometry[l].reduced_keys:
+                    object_left_out[l] = ("its keys are spatially reduced tokens, whose grid has no object labels "
+                                          "(the same-object test compares the query and key maps' objects)")
+                elif name is None or not run.has(name):
+                    object_left_out[l] = f"the run has no object labels on its grid ({geometry[l].describe()})"
+                else:
+                    layer_objects[l] = objects if name == "masks/objects" else np.asarray(run.array(name)[:n])
     model, data = str(attrs.get("model", "")), str(attrs.get("data", ""))
     out.mkdir(parents=True, exist_ok=True)  # only once the run is known to hold what the analysis needs
 
@@ -331,7 +329,9 @@ def analyze_modes(
     # --- same object
     same = None
     if objects is not None:
-        same = same_object_table(topk, objects, spectra, prefix, top=same_object_top)
+        same = same_object_table(topk, layer_objects, {l: s for l, s in spectra.items() if l in layer_objects},
+                                 {l: g.num_prefix_tokens for l, g in geometry.items()}, top=same_object_top)
+        same["left_out"] = {int(l): why for l, why in object_left_out.items()}
         rows = []
         for r in same["rows"]:
             rows.append([r["layer"], "mean", "weighted", "", "", _fmt(r["p_same"]), _fmt(r["p_same_pooled"]), _fmt(r["p_same_unweighted"]), r["modes_with_value"]])
@@ -345,7 +345,7 @@ def analyze_modes(
         if same["rows"]:
             from qkhooks.readings import layer_intervals
 
-            per_head = np.array([r["per_head"] for r in same["rows"]], dtype=np.float64).T  # (heads, layers)
+            per_head = stack_heads([r["per_head"] for r in same["rows"]])  # (heads, layers)
             _, low, high = layer_intervals(per_head)
             same["chance"] = chance_same_object(objects)
             weighted = "σ-weighted (per head, mean of heads)"
@@ -360,11 +360,11 @@ def analyze_modes(
 
     # --- figures
     kk = int(topk["k"])
-    heads, modes = np.asarray(topk["score"]).shape[1:3] if chosen else (0, 0)
-    n_fig = modes if figure_modes is None else min(int(figure_modes), modes)
+    shapes = {l: layer_state(topk, l)["score"].shape[:2] for l in chosen}  # (heads, modes): stages differ
     wanted: set[int] = set()
-    for i, l in enumerate(chosen):
-        idx = np.asarray(topk["index"][i])
+    for l in chosen:
+        idx = np.asarray(layer_state(topk, l)["index"])
+        n_fig = shapes[l][1] if figure_modes is None else min(int(figure_modes), shapes[l][1])
         if n_fig:
             wanted.update(int(v) for v in idx[:, :n_fig].reshape(-1) if v >= 0)
         if overview:
@@ -372,18 +372,27 @@ def analyze_modes(
     photos, photo_note = (load_images(attrs, ids, sorted(wanted), image_config) if images and wanted
                           else ({}, "no photos (images=False)" if not images else "no figures"))
     figures: list[str] = []
+    figure_left_out: dict[int, str] = {}
     for l in chosen:
         st = layer_state(topk, l)
         cos = spectra[l]["cos"]
+        g = geometry[l]
+        heads, modes = shapes[l]
+        n_fig = modes if figure_modes is None else min(int(figure_modes), modes)
+        if g.grid is None or g.reduced_keys:  # the key map has no image grid of the query's to overlay on
+            if overview or n_fig:
+                figure_left_out[l] = ("its keys are spatially reduced tokens (the key map is on the reduced grid)"
+                                      if g.reduced_keys else f"its token grid is unknown ({g.describe()})")
+            continue
         if overview:
-            figures.append(str(plot_layer_overview(st, l, out / "figures" / f"L{l}_overview.png", prefix, photos, ids,
-                                                   grid, cos=cos, normalize=normalize)))
+            figures.append(str(plot_layer_overview(st, l, out / "figures" / f"L{l}_overview.png", g.num_prefix_tokens,
+                                                   photos, ids, g.grid, cos=cos, normalize=normalize)))
         for h in range(heads):
             for m in range(n_fig):
                 rel = float(cos[h, m] - baselines[l]) if l in baselines and np.isfinite(baselines[l]) else None
-                figures.append(str(plot_mode(st, l, h, m, out / "figures" / f"L{l}" / f"L{l}_H{h}_M{m}.png", prefix,
-                                             photos, ids, grid, cos=float(cos[h, m]), relative=rel,
-                                             sigma=float(spectra[l]["S"][h, m]), normalize=normalize)))
+                figures.append(str(plot_mode(st, l, h, m, out / "figures" / f"L{l}" / f"L{l}_H{h}_M{m}.png",
+                                             g.num_prefix_tokens, photos, ids, g.grid, cos=float(cos[h, m]),
+                                             relative=rel, sigma=float(spectra[l]["S"][h, m]), normalize=normalize)))
 
     # --- summary
     summary: dict[str, Any] = {
@@ -392,20 +401,24 @@ def analyze_modes(
         "score": "max(0, max_t q) * max(0, max_t k) over patch tokens; sign -1 ranks (-q, -k)",
         "top_note": "per mode, the best k distinct images, each with its better-scoring sign (never listed twice)",
         "layers": [],
+        "geometry": {l: g.to_dict() for l, g in geometry.items()},
+        "figures_left_out": figure_left_out,
         "anisotropy": None if not aniso["layers"] else {r["layer"]: {k_: r[k_] for k_ in ("baseline", "baseline_low", "baseline_high", "cos_weighted", "relative_cos_weighted") if k_ in r} for r in aniso["rows"]},
         "anisotropy_note": ("cos_weighted is the sigma-weighted sum over the recorded modes only (the run keeps the "
-                            f"top {int(np.asarray(topk['score']).shape[2]) if chosen else 0} per head), mean over heads; "
+                            f"top {max((m for _, m in shapes.values()), default=0)} per head), mean over heads; "
                             "baseline = mean cosine between centre-patch embeddings of different images")
         if aniso_state is not None else "the run has no anisotropy reducer state",
         "same_object": None if same is None else {
             "top": same_object_top, "sign": same["sign"],
             "chance": same.get("chance"),
-            "layers": {r["layer"]: {k_: r[k_] for k_ in ("p_same", "p_same_pooled", "p_same_unweighted", "modes_with_value", "per_head")} for r in same["rows"]}},
+            "layers": {r["layer"]: {k_: r[k_] for k_ in ("p_same", "p_same_pooled", "p_same_unweighted", "modes_with_value", "per_head")} for r in same["rows"]},
+            "left_out": same["left_out"]},
         "same_object_note": None if objects is not None else "the run has no masks/objects (record a dataset with object masks)",
     }
     same_rows = {r["layer"]: r for r in same["rows"]} if same is not None else {}
     for l in chosen:
         st = layer_state(topk, l)
+        heads, modes = shapes[l]
         entry: dict[str, Any] = {"layer": l, "heads": []}
         for h in range(heads):
             head_modes = []

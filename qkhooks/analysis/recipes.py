@@ -26,7 +26,7 @@ from qkhooks.analysis.preference import PreferenceReducer, odd_one_out_meta
 from qkhooks.analysis.topk import TopKModes
 from qkhooks.reducers import Recipe, Reducer, register_recipe
 
-__all__ = ["Recipe", "DEFAULT", "default_reducers", "dataset_meta"]
+__all__ = ["Recipe", "DEFAULT", "default_reducers", "dataset_meta", "object_grids", "objects_array"]
 
 
 def default_reducers(modes: Any, attention: Sequence[Any], has_target: bool) -> list[Reducer]:
@@ -56,9 +56,24 @@ def dataset_meta(batch: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str,
         arrays["masks/distractor"] = odd["distractor_grid"]
     if "objects" in batch:
         arrays["masks/objects"] = torch.stack([majority_labels(obj, grid) for obj in batch["objects"]])
+        for other in object_grids(meta):  # the layers' other grids (stages), each under its own name
+            arrays[objects_array(other, grid)] = torch.stack([majority_labels(obj, other) for obj in batch["objects"]])
     if arrays:
         out["arrays"] = arrays
     return out
+
+
+def object_grids(meta: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """The query-side grids of the recorded layers other than the first layer's (``meta["grid"]``)."""
+    grids = {tuple(g.grid) for g in (meta.get("geometry") or {}).values() if g.grid is not None}
+    return sorted(grids - {tuple(meta["grid"])}, reverse=True)
+
+
+def objects_array(grid: Any, first: Any) -> str:
+    """The run-file name of the per-image object labels on ``grid``: ``masks/objects`` on the first layer's grid,
+    ``masks/objects_{rows}x{cols}`` on another stage's."""
+    grid = tuple(int(v) for v in grid)
+    return "masks/objects" if first is None or grid == tuple(int(v) for v in first) else f"masks/objects_{grid[0]}x{grid[1]}"
 
 
 DEFAULT = register_recipe(Recipe("default", build=default_reducers, meta=dataset_meta))

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from qkhooks.errors import QKHooksError
-from qkhooks.analysis.topk import layer_state, top_images
+from qkhooks.analysis.topk import layer_state, state_layers, top_images
 
 __all__ = ["optimal_objects", "same_object_probability", "chance_same_object", "same_object_table"]
 
@@ -103,7 +103,7 @@ def same_object_table(
     topk: Mapping[str, Any],
     objects: Any,
     spectra: Mapping[int, Mapping[str, Any]],
-    num_prefix_tokens: int,
+    num_prefix_tokens: int | Mapping[int, int],
     top: int = 5,
     sign: str | int = "both",
 ) -> dict[str, Any]:
@@ -118,15 +118,23 @@ def same_object_table(
 
     Args:
         topk: :meth:`TopKModes.state_dict` (numpy).
-        objects: (n, gh, gw) integer labels per image (e.g. the run's ``masks/objects``), lazily indexable.
+        objects: (n, gh, gw) integer labels per image (e.g. the run's ``masks/objects``), lazily indexable; or
+            layer -> such labels on that layer's own grid (multi-stage models).
         spectra: layer -> {"S": (H, K)}.
+        num_prefix_tokens: one count for every layer, or layer -> its own.
     """
-    layers = [int(l) for l in np.asarray(topk["layers"]).reshape(-1) if int(l) in spectra]
-    needed = np.concatenate([np.asarray(topk["index"]).reshape(-1)]) if layers else np.zeros(0, np.int64)
-    rows_by_index = _read_rows(objects, needed)
+    layers = [l for l in state_layers(topk) if l in spectra and (not isinstance(objects, Mapping) or l in objects)]
+    per_layer = objects if isinstance(objects, Mapping) else {l: objects for l in layers}
+    prefixes = num_prefix_tokens if isinstance(num_prefix_tokens, Mapping) else {l: num_prefix_tokens for l in layers}
+    rows_cache: dict[int, dict[int, np.ndarray]] = {}
     out_layers = []
     for layer in layers:
         st = layer_state(topk, layer)
+        labels_of = per_layer[layer]
+        if id(labels_of) not in rows_cache:
+            needed = np.concatenate([layer_state(topk, l)["index"].reshape(-1) for l in layers if per_layer[l] is labels_of])
+            rows_cache[id(labels_of)] = _read_rows(labels_of, needed)
+        rows_by_index = rows_cache[id(labels_of)]
         S = np.asarray(spectra[layer]["S"], dtype=np.float64)
         heads, modes = st["score"].shape[:2]
         p = np.full((heads, modes), np.nan)
@@ -137,7 +145,7 @@ def same_object_table(
                 if best["index"].size == 0:
                     continue
                 labels = np.stack([rows_by_index[int(i)] for i in best["index"]])
-                p[h, m], used[h, m] = same_object_probability(best["query"], best["key"], labels, num_prefix_tokens)
+                p[h, m], used[h, m] = same_object_probability(best["query"], best["key"], labels, prefixes[layer])
         w = np.where(np.isnan(p), 0.0, S[:, :modes])
         pz = np.nan_to_num(p)
         head_w = w.sum(1)

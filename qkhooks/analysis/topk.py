@@ -13,7 +13,7 @@ batching, the device or the order in which partial results are merged.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,23 +21,26 @@ import torch
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer
-from qkhooks.analysis.geometry import resolve_prefix
+from qkhooks.analysis.geometry import layer_geometry, resolve_prefix
 
-__all__ = ["TopKModes", "signed_scores", "layer_state", "top_images", "SIGNS"]
+__all__ = ["TopKModes", "signed_scores", "layer_state", "state_layers", "select_layers", "top_images", "SIGNS"]
 
 SIGNS: tuple[int, int] = (1, -1)
 """Sign axis of the top-k state: index 0 ranks (u_n, v_n), index 1 ranks (-u_n, -v_n)."""
 
 
-def signed_scores(query: torch.Tensor, key: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """Ranking scores (B, H, K, 2) of both signs from maps (B, H, K, N), in float32 (float64 stays).
+def signed_scores(query: torch.Tensor, key: torch.Tensor, num_prefix_tokens: int,
+                  key_prefix_tokens: int | None = None) -> torch.Tensor:
+    """Ranking scores (B, H, K, 2) of both signs from maps (B, H, K, N) and (B, H, K, M), in float32 (float64 stays).
 
     Sign +1: max(0, max_t q) * max(0, max_t k); sign -1: the same for (-q, -k), i.e. max(0, -min q) *
-    max(0, -min k). Only patch tokens (t >= num_prefix_tokens) count. NaN scores become -inf (never kept).
+    max(0, -min k). Only patch tokens (t >= num_prefix_tokens; keys: ``key_prefix_tokens``, default the same;
+    spatially reduced keys have none) count. NaN scores become -inf (never kept).
     """
     dtype = torch.promote_types(query.dtype, torch.float32)
+    key_prefix = num_prefix_tokens if key_prefix_tokens is None else key_prefix_tokens
     q_min, q_max = _token_extremes(query[..., num_prefix_tokens:])
-    k_min, k_max = _token_extremes(key[..., num_prefix_tokens:])
+    k_min, k_max = _token_extremes(key[..., key_prefix:])
     q_min, q_max, k_min, k_max = (t.to(dtype) for t in (q_min, q_max, k_min, k_max))
     plus = q_max.clamp_min(0) * k_max.clamp_min(0)
     minus = (-q_min).clamp_min(0) * (-k_min).clamp_min(0)
@@ -108,20 +111,21 @@ class TopKModes(Reducer):
         if self.map_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise QKHooksError(f"map_dtype must be a float dtype such as 'float16' or 'float32', got {map_dtype!r}.")
         self.layers: dict[int, dict[str, torch.Tensor]] = {}
+        self.prefixes: dict[int, int] = {}  # layer -> prefix tokens its scores left out
         self.images = 0
 
     def __repr__(self) -> str:
         return f"TopKModes(k={self.k}, layers={sorted(self.layers)}, images={self.images})"
 
     # ---------------------------------------------------------------- streaming
-    def _empty(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _empty(self, like: torch.Tensor, keys: int | None = None) -> dict[str, torch.Tensor]:
         b, h, m, n = like.shape
         dev = like.device
         return {
             "score": torch.full((h, m, 2, self.k), -math.inf, dtype=torch.float32, device=dev),
             "index": torch.full((h, m, 2, self.k), -1, dtype=torch.int64, device=dev),
             "query": torch.zeros((h, m, 2, self.k, n), dtype=self.map_dtype, device=dev),
-            "key": torch.zeros((h, m, 2, self.k, n), dtype=self.map_dtype, device=dev),
+            "key": torch.zeros((h, m, 2, self.k, n if keys is None else keys), dtype=self.map_dtype, device=dev),
         }
 
     def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,8 +134,9 @@ class TopKModes(Reducer):
         pos = _rank(both["score"], both["index"], self.k)
         return {name: _take(value, pos) for name, value in both.items()}
 
-    def _fold(self, layer: int, query: torch.Tensor, key: torch.Tensor, offset: int, prefix: int) -> None:
-        if query.dim() != 4 or key.shape != query.shape:
+    def _fold(self, layer: int, query: torch.Tensor, key: torch.Tensor, offset: int, prefix: int,
+              key_prefix: int | None = None) -> None:
+        if query.dim() != 4 or key.dim() != 4 or key.shape[:3] != query.shape[:3]:
             raise QKHooksError(
                 f"layer {layer}: query/key maps must both be (batch, heads, modes, tokens), got "
                 f"{tuple(query.shape)} and {tuple(key.shape)}."
@@ -139,23 +144,23 @@ class TopKModes(Reducer):
         b, h, m, n = query.shape
         state = self.layers.get(layer)
         if state is None:
-            state = self.layers[layer] = self._empty(query)
+            state = self.layers[layer] = self._empty(query, int(key.shape[-1]))
         if state["score"].device != query.device:  # a restored (CPU) state follows the maps to their device
             state = self.layers[layer] = {name: v.to(query.device) for name, v in state.items()}
-        if state["query"].shape[:2] != (h, m) or state["query"].shape[-1] != n:
+        if state["query"].shape[:2] != (h, m) or state["query"].shape[-1] != n or state["key"].shape[-1] != key.shape[-1]:
             raise QKHooksError(
                 f"layer {layer}: maps of shape (heads={h}, modes={m}, tokens={n}) do not match the earlier "
                 f"{tuple(state['query'].shape[:2])} x {state['query'].shape[-1]} tokens; keep one model, mode count "
                 "and image size per reducer."
             )
-        score = signed_scores(query, key, prefix).float().permute(1, 2, 3, 0)  # (H, K, 2, B), ranked as stored
+        score = signed_scores(query, key, prefix, key_prefix).float().permute(1, 2, 3, 0)  # (H, K, 2, B), ranked as stored
         index = (int(offset) + torch.arange(b, device=score.device)).expand_as(score)
         pos = _rank(score, index, min(self.k, b))  # the batch's own top-k first: never gather B maps
         sign = torch.tensor(SIGNS, device=query.device, dtype=self.map_dtype).view(1, 1, 2, 1, 1)
 
         def maps(x: torch.Tensor) -> torch.Tensor:  # both signs pick from the same B maps: no expanded copy
             per = x.permute(1, 2, 0, 3)  # (H, K, B, N)
-            return _take(per, pos.reshape(h, m, -1)).view(h, m, 2, -1, n).to(self.map_dtype) * sign
+            return _take(per, pos.reshape(h, m, -1)).view(h, m, 2, -1, x.shape[-1]).to(self.map_dtype) * sign
 
         cand = {"score": score.gather(-1, pos), "index": index.gather(-1, pos), "query": maps(query), "key": maps(key)}
         self.layers[layer] = self._combine(state, cand)
@@ -166,10 +171,19 @@ class TopKModes(Reducer):
         if not layers:
             raise QKHooksError("TopKModes needs query/key maps: record with modes=K (e.g. qkhooks.record(model, modes=16)).")
         for layer, cap in sorted(layers.items()):
-            prefix = resolve_prefix(self.num_prefix_tokens, batch.meta, int(cap.query.shape[-1]))
+            geometry = layer_geometry(batch.meta, layer)
+            if cap.key.shape[-1] != cap.query.shape[-1] and geometry is None:
+                raise QKHooksError(f"layer {layer}: {cap.key.shape[-1]} keys for {cap.query.shape[-1]} queries "
+                                   "(spatially reduced keys) and no geometry in the batch metadata to tell the key "
+                                   "side's prefix tokens; record with qkhooks.record_dataset, which gives it.")
+            # the recording's per-layer geometry (each layer its own prefix: CaiT, stages) over one count for all
+            fixed = geometry.num_prefix_tokens if geometry is not None else self.num_prefix_tokens
+            prefix = resolve_prefix(fixed, batch.meta, int(cap.query.shape[-1]))
             if self.num_prefix_tokens is None:
                 self.num_prefix_tokens = prefix
-            self._fold(layer, cap.query, cap.key, batch.offset, prefix)
+            self.prefixes[layer] = prefix
+            key_prefix = geometry.key_prefix_tokens if geometry is not None and geometry.reduced_keys else None
+            self._fold(layer, cap.query, cap.key, batch.offset, prefix, key_prefix)
         self.images += batch.size
 
     def merge(self, other: Reducer) -> None:
@@ -195,38 +209,52 @@ class TopKModes(Reducer):
                     f"{tuple(mine['query'].shape)} vs {tuple(state['query'].shape)}."
                 )
             self.layers[layer] = self._combine(mine, state)
+        self.prefixes.update(other.prefixes)
         if self.num_prefix_tokens is None:
             self.num_prefix_tokens = other.num_prefix_tokens
         self.images += other.images
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Per-layer arrays stacked along a leading layer axis (``layers`` names them); maps in ``map_dtype``."""
+        """Per-layer arrays stacked along a leading layer axis (``layers`` names them); maps in ``map_dtype``.
+
+        Layers of different heads, modes or tokens (multi-stage models: Swin, PiT) are stored one per layer instead,
+        under ``L{layer}.score`` etc. (``per_layer`` = 1); :func:`layer_state` reads either. ``layer_prefix``: the
+        prefix tokens each layer's scores left out."""
         layers = sorted(self.layers)
         shapes = {tuple(self.layers[l]["query"].shape) for l in layers}
-        if len(shapes) > 1:
-            raise QKHooksError(f"TopKModes.state_dict needs the same heads, modes and tokens in every layer, got {shapes}.")
         out: dict[str, Any] = {
             "layers": np.asarray(layers, dtype=np.int64),
             "k": self.k,
             "images": int(self.images),
             "num_prefix_tokens": -1 if self.num_prefix_tokens is None else int(self.num_prefix_tokens),
         }
+        if self.prefixes:
+            out["layer_prefix"] = np.asarray([self.prefixes.get(l, -1) for l in layers], dtype=np.int64)
         np_dtype = {torch.bfloat16: np.float32}.get(self.map_dtype, None)
+
+        def host(name: str, value: torch.Tensor) -> np.ndarray:
+            value = value.detach().cpu()
+            return (value.float() if name in ("query", "key") and np_dtype is not None else value).numpy()
+
+        if len(shapes) > 1:
+            out["per_layer"] = 1
+            for l in layers:
+                for name in ("score", "index", "query", "key"):
+                    out[f"L{l}.{name}"] = host(name, self.layers[l][name])
+            return out
         for name in ("score", "index", "query", "key"):
             if not layers:
                 stored = torch.int64 if name == "index" else torch.float32 if name == "score" or np_dtype else self.map_dtype
                 out[name] = torch.zeros(0, dtype=stored).numpy()  # an empty state still names its map dtype
                 continue
-            stacked = torch.stack([self.layers[l][name].detach() for l in layers]).cpu()
-            if name in ("query", "key") and np_dtype is not None:
-                stacked = stacked.float()
-            out[name] = stacked.numpy()
+            out[name] = host(name, torch.stack([self.layers[l][name] for l in layers]))
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (tensors on the CPU; they move to the maps' device on the next update)."""
-        missing = [k for k in ("layers", "k", "score", "index", "query", "key") if k not in state]
+        missing = [k for k in ("layers", "k") + (() if _per_layer(state) else ("score", "index", "query", "key"))
+                   if k not in state]
         if missing:
             raise QKHooksError(f"not a TopKModes state: missing {missing}.")
         k = int(np.asarray(state["k"]))
@@ -235,20 +263,23 @@ class TopKModes(Reducer):
         prefix = int(np.asarray(state.get("num_prefix_tokens", -1)))
         self.num_prefix_tokens = None if prefix < 0 else prefix
         self.images = int(np.asarray(state.get("images", 0)))
-        layers = [int(l) for l in np.asarray(state["layers"]).reshape(-1)]
+        layers = state_layers(state)
         self.layers = {}
-        for i, layer in enumerate(layers):
+        if "layer_prefix" in state:
+            self.prefixes = {l: int(p) for l, p in zip(layers, np.asarray(state["layer_prefix"]).reshape(-1)) if p >= 0}
+        for layer in layers:
+            st = layer_state(state, layer)
             self.layers[layer] = {
-                "score": torch.as_tensor(np.asarray(state["score"][i], dtype=np.float32)),
-                "index": torch.as_tensor(np.asarray(state["index"][i], dtype=np.int64)),
-                "query": torch.as_tensor(np.asarray(state["query"][i])).to(self.map_dtype),
-                "key": torch.as_tensor(np.asarray(state["key"][i])).to(self.map_dtype),
+                "score": torch.as_tensor(np.asarray(st["score"], dtype=np.float32)),
+                "index": torch.as_tensor(np.asarray(st["index"], dtype=np.int64)),
+                "query": torch.as_tensor(np.asarray(st["query"])).to(self.map_dtype),
+                "key": torch.as_tensor(np.asarray(st["key"])).to(self.map_dtype),
             }
 
     @classmethod
     def _legacy_configuration(cls, state: Mapping[str, Any]) -> dict[str, Any]:
         """k and the map dtype of a state saved before states described themselves."""
-        dtype = np.asarray(state["query"]).dtype
+        dtype = np.asarray(state["query"] if "query" in state else layer_state(state, state_layers(state)[0])["query"]).dtype
         return {"k": int(np.asarray(state["k"])), "map_dtype": "float16" if dtype == np.float16 else "float32"}
 
     def top(self, layer: int, head: int, mode: int, sign: str | int = "both", k: int | None = None) -> dict[str, np.ndarray]:
@@ -260,13 +291,48 @@ class TopKModes(Reducer):
         return top_images(state, head, mode, sign, k)
 
 
+def _per_layer(state: Mapping[str, Any]) -> bool:
+    return bool(int(np.asarray(state.get("per_layer", 0))))
+
+
+def state_layers(state: Mapping[str, Any]) -> list[int]:
+    """The layers of a :meth:`TopKModes.state_dict`."""
+    return [int(l) for l in np.asarray(state["layers"]).reshape(-1)]
+
+
 def layer_state(state: Mapping[str, Any], layer: int) -> dict[str, np.ndarray]:
-    """One layer's ``score``/``index``/``query``/``key`` out of a stacked :meth:`TopKModes.state_dict`."""
-    layers = [int(l) for l in np.asarray(state["layers"]).reshape(-1)]
+    """One layer's ``score``/``index``/``query``/``key`` out of a :meth:`TopKModes.state_dict` (stacked or per layer)."""
+    layers = state_layers(state)
     if layer not in layers:
         raise QKHooksError(f"the top-k state has no layer {layer}; it has {layers}.")
+    if _per_layer(state):
+        return {name: np.asarray(state[f"L{layer}.{name}"]) for name in ("score", "index", "query", "key")}
     i = layers.index(layer)
     return {name: np.asarray(state[name][i]) for name in ("score", "index", "query", "key")}
+
+
+def layer_prefix(state: Mapping[str, Any], layer: int, default: int) -> int:
+    """The prefix tokens ``layer``'s scores left out (``default``: the run's, for states that do not say)."""
+    if "layer_prefix" in state:
+        found = dict(zip(state_layers(state), np.asarray(state["layer_prefix"]).reshape(-1)))
+        if int(found.get(layer, -1)) >= 0:
+            return int(found[layer])
+    return int(default)
+
+
+def select_layers(state: Mapping[str, Any], layers: Sequence[int], k: int | None) -> dict[str, Any]:
+    """Keep only ``layers`` and the first ``k`` slots of a top-k state, stored one per layer."""
+    kk = int(np.asarray(state["k"])) if k is None else min(int(k), int(np.asarray(state["k"])))
+    out: dict[str, Any] = {"layers": np.asarray(layers, dtype=np.int64), "k": kk, "per_layer": 1}
+    for name in ("images", "num_prefix_tokens"):
+        if name in state:
+            out[name] = state[name]
+    if "layer_prefix" in state:
+        out["layer_prefix"] = np.asarray([layer_prefix(state, l, -1) for l in layers], dtype=np.int64)
+    for l in layers:
+        for name, value in layer_state(state, l).items():
+            out[f"L{l}.{name}"] = value[..., :kk] if name in ("score", "index") else value[..., :kk, :]
+    return out
 
 
 def top_images(

@@ -23,12 +23,19 @@ from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 
+from qkhooks.access import LayerGeometry
+
 __all__ = ["IDS", "SKIPPED", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "per_image_datasets",
-           "read_states", "write_checkpoint", "read_checkpoint", "write_states_into", "resume_point", "config_differences"]
+           "read_states", "write_checkpoint", "read_checkpoint", "write_states_into", "resume_point", "config_differences",
+           "INFO_SCHEMA_VERSION", "layer_geometry"]
 
 IDS = "images/ids"
 SKIPPED = "images/skipped"
 REDUCERS = "reducers"
+INFO_SCHEMA_VERSION = 2
+"""Version of ``model/info``: 2 adds ``layer_geometry`` (each layer's grid, prefix, query/key tokens, stage, windows)
+and ``schema_version``; a file without it is version 1 (one grid and prefix for every layer)."""
+
 _IMAGES_KEY = "_images"  # the image count a checkpoint belongs to (also inside each state, for old readers)
 
 
@@ -202,3 +209,20 @@ def resume_point(n_committed: int, checkpoint_images: int | None, states: Mappin
     if checkpoint_images is None or checkpoint_images > n_committed or any(r not in states for r in reducers):
         return 0
     return checkpoint_images
+
+
+def layer_geometry(info: Mapping[str, Any], layer: int) -> LayerGeometry | None:
+    """Layer ``layer``'s :class:`qkhooks.access.LayerGeometry` from a run's ``model/info``. Version 1 files (no
+    ``layer_geometry``) recorded only single-grid models, so their one grid and prefix hold for every layer;
+    None when the file says neither."""
+    stored = (info.get("layer_geometry") or {}).get(str(layer))
+    if stored is not None:
+        return LayerGeometry.from_dict(stored)
+    if "num_prefix_tokens" not in info:
+        return None
+    grid = info.get("grid")
+    grid = None if grid is None else (int(grid[0]), int(grid[1]))
+    prefix = int(info["num_prefix_tokens"])
+    tokens = prefix + grid[0] * grid[1] if grid is not None else 0
+    return LayerGeometry(int(layer), grid, prefix, tokens, tokens, grid, prefix, int(info.get("heads", 0)),
+                         int(info.get("head_dim", 0)))

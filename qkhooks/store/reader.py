@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
-from qkhooks.access import Layer, require_layer, resolve_layer
+from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum
 from qkhooks.store import format as fmt
@@ -223,6 +223,22 @@ class RunReader:
         ds = self.file.get(f"bias/L{self._layer(layer)}")
         return None if ds is None else ds[()]
 
+    def geometry(self, layer: Layer) -> LayerGeometry:
+        """``layer``'s grid, prefix tokens, query/key token counts, stage and windows as recorded (files written
+        before per-layer geometry: the run's one grid and prefix, which held for every layer of the models they
+        could record)."""
+        index = self._layer(layer)
+        found = fmt.layer_geometry(self.info, index)
+        if found is None:
+            raise QKHooksError(f"{self.path} does not say layer {index}'s token grid (written before qkhooks stored "
+                               "it); record it again.")
+        return found
+
+    @property
+    def schema_version(self) -> int:
+        """Version of the run's ``model/info`` (1: one grid for every layer; 2: per-layer geometry)."""
+        return int(self.info.get("schema_version", 1))
+
     def spectrum(self, layer: Layer) -> LayerSpectrum:
         """The recorded modes of ``layer`` as a :class:`LayerSpectrum` of numpy arrays U (H, d, K), S (H, K), V."""
         index = self._layer(layer)
@@ -284,6 +300,12 @@ class RunReader:
             lines.append(f"  {name:32s} {str(shape):24s} {ds.dtype}")
         if self.states():
             lines.append("reducers " + ", ".join(self.states()))
+        if self.info:
+            lines.append(f"layers   (model/info schema {self.schema_version})")
+            for layer in self.layers:
+                found = fmt.layer_geometry(self.info, layer)
+                lines.append(f"  L{layer:<3d} {self.module_paths.get(layer, '')}: "
+                             + ("grid unknown" if found is None else found.describe()))
         return "\n".join(lines)
 
     def close(self) -> None:
