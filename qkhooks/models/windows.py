@@ -13,8 +13,8 @@ What a recording gives for such a layer:
   windowed (a token's map is x·u_n wherever the model put it);
 - ``rows`` / ``pooled``: refused (a row lives in one window; the image-grid form is not built yet).
 
-Swin-v2 (cosine attention: L2-normalised q and k, a learned logit scale, a log-CPB MLP) is not this form and
-stays refused. The block's grid is read from the block's own call (``AttentionSite.context_hooks``).
+Swin-v2 (cosine attention: L2-normalised q and k, a learned logit scale, a log-CPB MLP) uses these windows with
+its own normalisation and bias (:mod:`qkhooks.models.cosine`). The block's grid is read from the block's own call (``AttentionSite.context_hooks``).
 """
 
 from __future__ import annotations
@@ -70,12 +70,14 @@ class WindowSite(AttentionSite):
         call_grid: ``(block args, block kwargs) -> (H, W)``: the token grid of the block's call.
         relative_bias: ``() -> (1, H, Nw, Nw)``: the module's own relative-position term.
         pad_first: the block pads before rolling (transformers) rather than after (timm).
+        mask_repeats: how many times the module adds the shift mask it is handed (transformers' Swin-v2: twice).
     """
 
     geometry: Callable[[], tuple[tuple[int, int], tuple[int, int]]] | None = None
     call_grid: Callable[[tuple, dict], tuple[int, int]] | None = None
     relative_bias: Callable[[], torch.Tensor] | None = None
     pad_first: bool = False
+    mask_repeats: int = 1
     _grid_of_call: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
     _index: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _call_images: int = dataclasses.field(default=0, repr=False)
@@ -132,15 +134,15 @@ class WindowSite(AttentionSite):
         if mask is None:
             return bias
         windows = mask.shape[0]
-        bias = bias + mask.to(bias.dtype).reshape(windows, 1, *mask.shape[-2:])
+        bias = bias + self.mask_repeats * mask.to(bias.dtype).reshape(windows, 1, *mask.shape[-2:])
         images = self._call_images if self._call_images else 1
         return bias.repeat(images, 1, 1, 1)
 
     def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        # both modelled classes take the shift mask as their second parameter (timm ``mask``, transformers
-        # ``attention_mask``), which transformers passes by position
-        if len(args) == 2 and self.bias_input is not None and self.bias_input not in kwargs:
-            args, kwargs = args[:1], {**kwargs, self.bias_input: args[1]}
+        # every modelled class takes the shift mask as its second parameter (timm ``mask``, transformers
+        # ``attention_mask``), which transformers passes by position (Swin-v2 with ``output_attentions`` after it)
+        if len(args) >= 2 and self.bias_input is not None and self.bias_input not in kwargs:
+            args, kwargs = args[:1] + args[2:], {**kwargs, self.bias_input: args[1]}
         super().refuse_unmodelled_inputs(args, kwargs)
 
     def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""Windowed attention forms beyond Swin v1, each against the model's own computation: Swin-v2's cosine attention
+(timm ``swinv2_*``, ``swinv2_cr_*``, HF ``Swinv2Model``) with its exact normalised form (models/cosine.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkhooks
+from test_zoo import FAST_CASES, Case, _call, eager_maps, perturb
+
+SWIN_V2 = [c for c in FAST_CASES if c.name in ("swinv2_tiny_window8_256", "swinv2_tiny_window8_256-padded",
+                                               "swinv2_cr_tiny_224", "Swinv2Model", "Swinv2Model-padded")]
+
+
+def _build(case: Case):
+    torch.manual_seed(0)
+    return perturb(case.build()), case.inputs()
+
+
+def _seen_tokens(model, inputs, modules: dict[int, torch.nn.Module]) -> dict[int, torch.Tensor]:
+    """The first argument of each module's call, (B, ..., d) flattened to (B, N, d)."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(
+        lambda mod, a, kw, layer=layer: seen.__setitem__(layer, (a[0] if a else next(iter(kw.values()))).detach().flatten(1, -2)),
+        with_kwargs=True) for layer, m in modules.items()]
+    try:
+        _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("case", SWIN_V2, ids=lambda c: c.name)
+def test_cosine_form_rebuilds_the_models_own_logits_from_modes_divided_by_the_token_norms(case: Case):
+    """τ_h/d_k · x̃_i^T W̃_q^T W̃_k x̃_j / (s_q,i s_k,j), s = |q|/√d_k (the RMS form with γ_q = τ_h/d_k, ε = 0), plus the
+    model's own log-CPB bias and shift mask, equals the model's eager logits (log A, up to a constant per row); its
+    middle form is τ_h/d_k times the augmented content form, read off the weights here."""
+    from qkhooks.models.qknorm import normalised_form
+
+    model, inputs = _build(case)
+    sites = qkhooks.sites(model)
+    tokens = _seen_tokens(model, inputs, {s.layer: s.module for s in sites})  # (B·nW, Nw, d) per window
+    eager = eager_maps(model, sites, inputs, case.kind)
+    with qkhooks.record(model, modes=None, attention="full") as run:
+        _call(model, inputs)
+        bias = {s.layer: s.logit_bias() for s in run.sites}  # log-CPB + shift mask of this call, (B·nW or 1, H, Nw, Nw)
+    for site, want in zip(sites, eager):
+        form = normalised_form(site)
+        logits = form.logits(tokens[site.layer]) + bias[site.layer].double()
+        own = want.double().clamp_min(1e-30).log()
+        diff = (logits - logits[..., :1]) - (own - own[..., :1])
+        keep = (want.double() > 1e-12) & (want[..., :1].double() > 1e-12)  # masked keys carry no logit
+        err = float(diff.abs().where(keep, 0).max())
+        assert err < 1e-5 * (1 + float(own.abs().max())), f"{site.path}: the cosine form misses the model's logits by {err:.1e}"
+        w = site.weights()
+        zeros = torch.zeros(w.w_k.shape[:2])
+        wq = torch.cat([w.w_q, (zeros if w.b_q is None else w.b_q)[..., None]], -1).double()
+        wk = torch.cat([w.w_k, (zeros if w.b_k is None else w.b_k)[..., None]], -1).double()
+        tau = torch.clamp(site.module.logit_scale.detach().double().reshape(-1), max=torch.log(torch.tensor(100.0))).exp()
+        middle = tau[:, None, None] / site.head_dim * (wq.transpose(1, 2) @ wk)
+        dense = torch.einsum("hdr,hr,her->hde", form.U, form.S, form.V)
+        assert torch.allclose(dense, middle, atol=1e-10 * float(middle.abs().max()))
+
+
+@pytest.mark.parametrize("case", SWIN_V2, ids=lambda c: c.name)
+def test_cosine_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
+    """Swin-v2 is post-norm: the tokens entering W_q/W_k are the block's input on the image grid (timm (B, H, W, C),
+    transformers (B, H·W, C)); its query and key maps are those tokens projected onto u_n and v_n, in grid order."""
+    model, inputs = _build(case)
+    sites = qkhooks.sites(model)
+    grid_tokens = _seen_tokens(model, inputs, {s.layer: s.block for s in sites})
+    for qk_path in (True, False):
+        with qkhooks.record(model, modes=6, qk_path=qk_path) as run, torch.no_grad():
+            run(**inputs)
+        for site in sites:
+            spec = run.spectrum[site.layer]
+            x = grid_tokens[site.layer].double()
+            want_q = torch.einsum("bnd,hdk->bhkn", x, spec.U.double())
+            want_k = torch.einsum("bnd,hdk->bhkn", x, spec.V.double())
+            assert run.query[site.layer].shape == want_q.shape
+            assert torch.allclose(run.query[site.layer].double(), want_q, atol=1e-4), site.path
+            assert torch.allclose(run.key[site.layer].double(), want_k, atol=1e-4), site.path
+
+
+def test_cosine_attention_names_its_content_term_and_its_temperature_is_the_models():
+    """Analyses of W_q^T W_k say it is the pre-normalisation form; τ_h is the clamped exp of the model's logit_scale
+    (a scale past log 100 is clamped, as the model does)."""
+    case = next(c for c in SWIN_V2 if c.name == "swinv2_tiny_window8_256")
+    model, _ = _build(case)
+    site = qkhooks.sites(model)[0]
+    assert site.scale == 1.0 and "normalised per token" in site.content_only() and not site.modes_rebuild_logits()
+    with torch.no_grad():
+        site.module.logit_scale[0] = 10.0  # past the clamp
+        site.module.logit_scale[1] = 1.5
+    assert torch.allclose(site.qk_norm.temperature(), torch.tensor([100.0, torch.e ** 1.5]))
