@@ -1,5 +1,6 @@
 """Windowed attention forms beyond Swin v1, each against the model's own computation: Swin-v2's cosine attention
-(timm ``swinv2_*``, ``swinv2_cr_*``, HF ``Swinv2Model``) with its exact normalised form (models/cosine.py)."""
+(timm ``swinv2_*``, ``swinv2_cr_*``, HF ``Swinv2Model``) with its exact normalised form (models/cosine.py); MaxViT's
+block and grid partitions (models/windows.py). The maps of every form are checked against eager in test_zoo."""
 
 from __future__ import annotations
 
@@ -95,3 +96,22 @@ def test_cosine_attention_names_its_content_term_and_its_temperature_is_the_mode
         site.module.logit_scale[0] = 10.0  # past the clamp
         site.module.logit_scale[1] = 1.5
     assert torch.allclose(site.qk_norm.temperature(), torch.tensor([100.0, torch.e ** 1.5]))
+
+
+@pytest.mark.parametrize("partition", ["window", "grid"])
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_maxvit_window_order_is_the_models_own_partition(partition: str, layout: str):
+    """window_index reads the windows in the order timm's own partition functions lay them along the batch axis."""
+    from timm.models import maxxvit
+
+    from qkhooks.models.windows import window_index
+
+    h, w, size = 8, 12, (2, 4)
+    ids = torch.arange(h * w, dtype=torch.float32).view(1, h, w, 1)
+    if layout == "nhwc":
+        cut = maxxvit.window_partition if partition == "window" else maxxvit.grid_partition
+        want = cut(ids, list(size)).flatten(1)
+    else:
+        cut = maxxvit.window_partition_nchw if partition == "window" else maxxvit.grid_partition_nchw
+        want = cut(ids.permute(0, 3, 1, 2), list(size)).flatten(1)
+    assert torch.equal(window_index((h, w), size, (0, 0), False, partition), want.long())

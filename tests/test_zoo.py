@@ -355,6 +355,13 @@ FAST_CASES = [
              depths=[2, 2], num_heads=[2, 2], window_size=4),
     _hf_case("Swinv2Model-padded", "Swinv2Model", "Swinv2Config", "exact", size=48, image_size=48, patch_size=4,
              embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4),
+    # MaxViT / CoAtNet: block and grid partitions (NHWC and NCHW), RelPosBias / RelPosBiasTf / RelPosMlp, whole-map
+    _timm_case("test_maxvit", "exact", size=64, img_size=64),
+    _timm_case("test_maxvit-nchw-tf", "exact", size=64, img_size=64, transformer_use_nchw_attn=True,
+               transformer_head_first=False, transformer_rel_pos_type="bias_tf"),
+    _timm_case("test_maxvit-parallel-mlp", "exact", size=64, img_size=64, block_type=("PM",) * 4,
+               transformer_rel_pos_type="mlp", transformer_rel_pos_dim=16),
+    _timm_case("test_coatnet", "exact", size=64, img_size=64),
     _hf_case("MobileViTModel", "MobileViTModel", "MobileViTConfig", "patch-area sequences", size=64,
              module="attention", hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], image_size=64),
     _hf_case("GroupViTVisionModel", "GroupViTVisionModel", "GroupViTVisionConfig", "exact", hidden_size=32,

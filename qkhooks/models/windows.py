@@ -40,12 +40,19 @@ def _pair(value: Any) -> tuple[int, int]:
     return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
 
 
-def window_index(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], pad_first: bool) -> torch.Tensor:
+def window_index(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], pad_first: bool,
+                 partition: str = "window") -> torch.Tensor:
     """(nW, Nw) row-major grid index of the token the model puts at each window position (-1: padding).
 
-    The same roll (by -shift) and padding (bottom and right, to whole windows) the block applies, in its order
-    (timm rolls then pads, transformers pads then rolls), then the windows read row-major."""
+    ``partition="window"``: the same roll (by -shift) and padding (bottom and right, to whole windows) the block
+    applies, in its order (timm rolls then pads, transformers pads then rolls), then the windows read row-major.
+    ``partition="grid"`` (MaxViT's grid attention): ``window`` is the (g_h, g_w) grid of one partition, whose tokens
+    are H/g_h rows and W/g_w columns apart; partition (a, b) holds the tokens (a + i·H/g_h, b + j·W/g_w)."""
     (h, w), (wh, ww) = grid, window
+    if partition == "grid":
+        if h % wh or w % ww or any(shift):
+            raise QKHooksError(f"a {h}x{w} grid does not split into grid partitions of {wh}x{ww} without a shift.")
+        return torch.arange(h * w).view(wh, h // wh, ww, w // ww).permute(1, 3, 0, 2).reshape(-1, wh * ww)
     hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
     index = torch.arange(h * w).view(h, w)
 
@@ -71,6 +78,7 @@ class WindowSite(AttentionSite):
         relative_bias: ``() -> (1, H, Nw, Nw)``: the module's own relative-position term.
         pad_first: the block pads before rolling (transformers) rather than after (timm).
         mask_repeats: how many times the module adds the shift mask it is handed (transformers' Swin-v2: twice).
+        partition: ``"window"`` (contiguous windows) or ``"grid"`` (MaxViT's dilated grid), see :func:`window_index`.
     """
 
     geometry: Callable[[], tuple[tuple[int, int], tuple[int, int]]] | None = None
@@ -78,6 +86,7 @@ class WindowSite(AttentionSite):
     relative_bias: Callable[[], torch.Tensor] | None = None
     pad_first: bool = False
     mask_repeats: int = 1
+    partition: str = "window"
     _grid_of_call: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
     _index: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _call_images: int = dataclasses.field(default=0, repr=False)
@@ -96,7 +105,7 @@ class WindowSite(AttentionSite):
                                "record the whole model (or the block), not the attention module alone.")
         if self._index is None:
             window, shift = self.geometry()  # type: ignore[misc]
-            self._index = window_index(self._grid_of_call, window, shift, self.pad_first)
+            self._index = window_index(self._grid_of_call, window, shift, self.pad_first, self.partition)
         return self._index
 
     def images_in_call(self, rows: int) -> int:
@@ -220,3 +229,92 @@ def _hf_swin_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.
 
 hf.EXTRA_FORMS["SwinAttention"] = (frozenset({"relative_position_bias"}), _hf_swin_site)
 MODELLED_FORMS.add("SwinAttention")
+
+
+# ---------------------------------------------------------------------------------- timm MaxViT / CoAtNet
+def _maxxvit_classes() -> dict[str, type]:
+    from timm.models import maxxvit
+
+    return {"AttentionCl": maxxvit.AttentionCl, "Attention2d": maxxvit.Attention2d}
+
+
+def _maxxvit_qkv(attn: nn.Module):
+    """q then k rows of MaxViT's ``qkv`` (Linear, or 1x1 Conv2d in the NCHW variants). ``head_first`` lays the
+    outputs out per head as [q_h, k_h, v_h], else as [q, k, v]; the rows are picked in q-then-k order, so the q/k
+    output of the module itself is not used (modes are projected from the tokens)."""
+    heads, dh = int(attn.num_heads), int(attn.dim_head)
+    blocks = torch.arange(3 * heads * dh).view(heads, 3, dh) if attn.head_first else torch.arange(3 * heads * dh).view(3, heads, dh).transpose(0, 1)
+    rows = torch.cat([blocks[:, 0].flatten(), blocks[:, 1].flatten()])
+    qkv = attn.qkv
+
+    def qk_linear() -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = qkv.weight.flatten(1)[rows.to(qkv.weight.device)]
+        return w, None if qkv.bias is None else qkv.bias[rows.to(qkv.weight.device)]
+
+    return qk_linear, ()
+
+
+def _maxxvit_relative_bias(site: AttentionSite, attn: nn.Module) -> Callable[[], torch.Tensor] | None:
+    """The module's own ``rel_pos.get_bias()`` (RelPosBias, RelPosBiasTf, RelPosMlp: each adds exactly that)."""
+    from timm.layers.pos_embed_rel import RelPosBias, RelPosBiasTf, RelPosMlp
+
+    rel_pos = attn.rel_pos
+    if rel_pos is None:
+        return None
+    if type(rel_pos).forward not in (RelPosBias.forward, RelPosBiasTf.forward, RelPosMlp.forward):
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): its relative position term "
+                           f"is a {type(rel_pos).__name__}, not one qkhooks models (RelPosBias, RelPosBiasTf, RelPosMlp).")
+    rel_ref = weakref.ref(rel_pos)
+
+    def bias() -> torch.Tensor:  # (1, H, N, N): RelPosBiasTf returns it without the leading axis
+        term = rel_ref().get_bias()
+        return term if term.dim() == 4 else term[None]
+
+    return bias
+
+
+def _maxxvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    """MaxViT's block (window) and grid partition attention, and CoAtNet's whole-map attention (TransformerBlock2d)."""
+    from timm.models import maxxvit
+
+    block = site.block
+    channels_first = type(attn).forward is maxxvit.Attention2d.forward
+    relative_bias = _maxxvit_relative_bias(site, attn)
+    fields = dict(family="timm-maxxvit", grid=None, patch_size=None, qk_modules=(),
+                  token_layout="channels_first" if channels_first else "grid")
+    if isinstance(block, maxxvit.TransformerBlock2d):  # one attention over the whole (B, C, H, W) map
+        def call_bias(args: tuple, kwargs: dict) -> torch.Tensor | None:
+            if (len(args) > 1 and args[1] is not None) or kwargs.get("shared_rel_pos") is not None:
+                raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): the model passes "
+                                   "it a shared relative position table, which the MaxViT adapter does not model.")
+            return None if relative_bias is None else relative_bias().detach()
+
+        return dataclasses.replace(site, call_bias=call_bias, **fields)
+    if isinstance(block, (maxxvit.PartitionAttentionCl, maxxvit.PartitionAttention2d)):
+        partition = "window" if block.partition_block else "grid"
+    elif isinstance(block, maxxvit.ParallelPartitionAttention):
+        partition = "window" if attn is block.attn_block else "grid"
+    else:
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): it sits in a "
+                           f"{type(block).__name__}, a partition layout qkhooks does not model.")
+    block_ref = weakref.ref(block)
+    heads = site.num_heads
+
+    def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+        x = args[0] if args else kwargs["x"]
+        return (int(x.shape[2]), int(x.shape[3])) if channels_first else (int(x.shape[1]), int(x.shape[2]))
+
+    def no_bias() -> torch.Tensor:
+        size = _pair(block_ref().partition_size)
+        return torch.zeros(1, heads, size[0] * size[1], size[0] * size[1])
+
+    return _as_window_site(
+        dataclasses.replace(site, **fields),
+        geometry=lambda: (_pair(block_ref().partition_size), (0, 0)), call_grid=call_grid,
+        relative_bias=relative_bias or no_bias, partition=partition)
+
+
+for _name in ("AttentionCl", "Attention2d"):
+    timm_adapter.EXTRA_FORMS[f"Maxxvit{_name}"] = timm_adapter.ExtraForm(
+        lambda _name=_name: _maxxvit_classes()[_name], _maxxvit_qkv, _maxxvit_site)
+MODELLED_FORMS.update({"timm.models.maxxvit.AttentionCl", "timm.models.maxxvit.Attention2d"})
