@@ -1,6 +1,6 @@
 """Windowed attention forms beyond Swin v1, each against the model's own computation: Swin-v2's cosine attention
 (timm ``swinv2_*``, ``swinv2_cr_*``, HF ``Swinv2Model``) with its exact normalised form (models/cosine.py); MaxViT's
-block and grid partitions (models/windows.py). The maps of every form are checked against eager in test_zoo."""
+block and grid partitions, Twins' locally grouped attention (models/windows.py). The maps of every form are checked against eager in test_zoo."""
 
 from __future__ import annotations
 
@@ -65,13 +65,18 @@ def test_cosine_form_rebuilds_the_models_own_logits_from_modes_divided_by_the_to
         assert torch.allclose(dense, middle, atol=1e-10 * float(middle.abs().max()))
 
 
-@pytest.mark.parametrize("case", SWIN_V2, ids=lambda c: c.name)
-def test_cosine_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
-    """Swin-v2 is post-norm: the tokens entering W_q/W_k are the block's input on the image grid (timm (B, H, W, C),
-    transformers (B, H·W, C)); its query and key maps are those tokens projected onto u_n and v_n, in grid order."""
+TWINS_LSA = [c for c in FAST_CASES if c.name.startswith("twins_svt_small")]
+
+
+@pytest.mark.parametrize("case", SWIN_V2 + TWINS_LSA, ids=lambda c: c.name)
+def test_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
+    """The query and key maps of a windowed layer are the image-grid tokens entering W_q/W_k projected onto u_n and
+    v_n, in grid order: Swin-v2 is post-norm, so those are its block's input (timm (B, H, W, C), transformers
+    (B, H·W, C)); Twins' locally grouped attention takes them itself and cuts the windows inside."""
     model, inputs = _build(case)
-    sites = qkhooks.sites(model)
-    grid_tokens = _seen_tokens(model, inputs, {s.layer: s.block for s in sites})
+    sites = [s for s in qkhooks.sites(model) if s.family != "timm-twins" or s.key_tokens is None]  # Twins: its windows
+    source = {s.layer: s.module if s.family == "timm-twins" else s.block for s in sites}
+    grid_tokens = _seen_tokens(model, inputs, source)
     for qk_path in (True, False):
         with qkhooks.record(model, modes=6, qk_path=qk_path) as run, torch.no_grad():
             run(**inputs)

@@ -75,10 +75,12 @@ class WindowSite(AttentionSite):
     Attributes:
         geometry: ``() -> (window, shift)`` read live from the block (transformers shrinks them for small inputs).
         call_grid: ``(block args, block kwargs) -> (H, W)``: the token grid of the block's call.
-        relative_bias: ``() -> (1, H, Nw, Nw)``: the module's own relative-position term.
+        relative_bias: ``() -> (1, H, Nw, Nw)``: the module's own relative-position term (None: it has none).
         pad_first: the block pads before rolling (transformers) rather than after (timm).
         mask_repeats: how many times the module adds the shift mask it is handed (transformers' Swin-v2: twice).
         partition: ``"window"`` (contiguous windows) or ``"grid"`` (MaxViT's dilated grid), see :func:`window_index`.
+        windows_inside: the module takes the image-grid tokens (B, H·W, d) and cuts the windows itself (Twins'
+            ``LocallyGroupedAttn``, zero padding to whole windows): the site cuts the same windows from its input.
     """
 
     geometry: Callable[[], tuple[tuple[int, int], tuple[int, int]]] | None = None
@@ -87,6 +89,7 @@ class WindowSite(AttentionSite):
     pad_first: bool = False
     mask_repeats: int = 1
     partition: str = "window"
+    windows_inside: bool = False
     _grid_of_call: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
     _index: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _call_images: int = dataclasses.field(default=0, repr=False)
@@ -138,12 +141,13 @@ class WindowSite(AttentionSite):
 
     def logit_bias(self) -> torch.Tensor | None:
         """(B·nW or 1, H, Nw, Nw): the module's relative-position table plus the call's shift mask, if any."""
-        bias = self.relative_bias().detach()  # type: ignore[misc]
+        bias = None if self.relative_bias is None else self.relative_bias().detach()
         mask = _additive(self._call_bias)
         if mask is None:
             return bias
         windows = mask.shape[0]
-        bias = bias + self.mask_repeats * mask.to(bias.dtype).reshape(windows, 1, *mask.shape[-2:])
+        mask = self.mask_repeats * mask.to(torch.float32 if bias is None else bias.dtype).reshape(windows, 1, *mask.shape[-2:])
+        bias = mask if bias is None else bias + mask
         images = self._call_images if self._call_images else 1
         return bias.repeat(images, 1, 1, 1)
 
@@ -159,8 +163,11 @@ class WindowSite(AttentionSite):
             raise QKHooksError(f"{self.path}: input='residual' is not modelled for windowed attention (the residual "
                                "stream is on the image grid, the attention's tokens are windows); use input='normed'.")
         x = super().hidden_states(args, kwargs, block)
-        if not block:
-            self._call_images = self.images_in_call(int(x.shape[0]))
+        if self.windows_inside:  # (B, H·W, d) -> (B·nW, Nw, d), zeros where the model pads
+            index = self.window_index().to(x.device)
+            padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[-1])], dim=1)  # token -1: a zero token
+            x = padded[:, index.flatten()].reshape(-1, index.shape[1], x.shape[-1])
+        self._call_images = self.images_in_call(int(x.shape[0]))
         return x
 
 
@@ -298,23 +305,44 @@ def _maxxvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): it sits in a "
                            f"{type(block).__name__}, a partition layout qkhooks does not model.")
     block_ref = weakref.ref(block)
-    heads = site.num_heads
 
     def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
         x = args[0] if args else kwargs["x"]
         return (int(x.shape[2]), int(x.shape[3])) if channels_first else (int(x.shape[1]), int(x.shape[2]))
 
-    def no_bias() -> torch.Tensor:
-        size = _pair(block_ref().partition_size)
-        return torch.zeros(1, heads, size[0] * size[1], size[0] * size[1])
-
     return _as_window_site(
         dataclasses.replace(site, **fields),
         geometry=lambda: (_pair(block_ref().partition_size), (0, 0)), call_grid=call_grid,
-        relative_bias=relative_bias or no_bias, partition=partition)
+        relative_bias=relative_bias, partition=partition)
 
 
 for _name in ("AttentionCl", "Attention2d"):
     timm_adapter.EXTRA_FORMS[f"Maxxvit{_name}"] = timm_adapter.ExtraForm(
         lambda _name=_name: _maxxvit_classes()[_name], _maxxvit_qkv, _maxxvit_site)
 MODELLED_FORMS.update({"timm.models.maxxvit.AttentionCl", "timm.models.maxxvit.Attention2d"})
+
+
+# -------------------------------------------------------------------------- timm Twins locally grouped attention
+def _twins_lsa_attention() -> type:
+    from timm.models.twins import LocallyGroupedAttn
+
+    return LocallyGroupedAttn
+
+
+def _twins_lsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    """``LocallyGroupedAttn``: (B, H·W, d) tokens and their ``size`` in, windows of ``ws`` cut inside (zero padding at
+    the bottom and right, no shift, no mask, no bias): its qkv runs on the windowed tensor, so modes come from the
+    tokens the site windows the same way."""
+    attn_ref = weakref.ref(attn)
+
+    def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+        size = args[1] if len(args) > 1 else kwargs["size"]
+        return int(size[0]), int(size[1])
+
+    return _as_window_site(
+        dataclasses.replace(site, family="timm-twins", grid=None, patch_size=None, qk_modules=()),
+        geometry=lambda: (_pair(attn_ref().ws), (0, 0)), call_grid=call_grid, windows_inside=True)
+
+
+timm_adapter.EXTRA_FORMS["LocallyGroupedAttn"] = timm_adapter.ExtraForm(_twins_lsa_attention, _timm_qkv, _twins_lsa_site)
+MODELLED_FORMS.add("timm.models.twins.LocallyGroupedAttn")
