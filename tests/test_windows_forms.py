@@ -120,3 +120,40 @@ def test_maxvit_window_order_is_the_models_own_partition(partition: str, layout:
         cut = maxxvit.window_partition_nchw if partition == "window" else maxxvit.grid_partition_nchw
         want = cut(ids.permute(0, 3, 1, 2), list(size)).flatten(1)
     assert torch.equal(window_index((h, w), size, (0, 0), False, partition), want.long())
+
+
+@pytest.mark.parametrize("size", [64, 48], ids=["whole-windows", "padded"])
+def test_maskformer_swin_maps_are_its_own_eager_attention(size: int):
+    """MaskFormer's Swin v1 backbone (HF ``MaskFormerSwinModel``, whose ``output_attentions`` path fails in the model
+    itself, so it is not in the zoo): the recorded maps equal the weights its own self-attention returns when called
+    again, with output_attentions, on the very windows and shift mask of the recorded call."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MaskFormerSwinConfig(image_size=size, patch_size=4, embed_dim=16, depths=[2, 2],
+                                               num_heads=[2, 2], window_size=4)
+    model = perturb(transformers.MaskFormerSwinModel(config))
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    sites = qkhooks.sites(model)
+    calls: dict[int, tuple] = {}
+    handles = [s.module.register_forward_pre_hook(lambda m, a, kw, s=s: calls.__setitem__(s.layer, (a, kw)), with_kwargs=True)
+               for s in sites]
+    try:
+        ref = _call(model, {"pixel_values": pixels}).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+    with qkhooks.record(model, modes="all", augmented=True, attention="full") as run:
+        out = _call(model, {"pixel_values": pixels}).last_hidden_state
+    assert torch.equal(out, ref)
+    shifted = 0
+    for site in sites:
+        args, kwargs = calls[site.layer]
+        with torch.no_grad():
+            want = site.module(args[0], args[1], output_attentions=True)[1]  # (B·nW, H, Nw, Nw)
+        got = run.attention_maps("full")[site.layer]
+        want = want.unflatten(0, (2, -1))
+        assert got.shape == want.shape
+        assert float((got - want).abs().max()) < 1e-5, site.path
+        shifted += args[1] is not None
+    assert shifted >= 2  # the shift masks were applied

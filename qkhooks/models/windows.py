@@ -238,6 +238,31 @@ hf.EXTRA_FORMS["SwinAttention"] = (frozenset({"relative_position_bias"}), _hf_sw
 MODELLED_FORMS.add("SwinAttention")
 
 
+def _hf_maskformer_swin_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:
+    """transformers ``MaskFormerSwinSelfAttention`` (MaskFormer's Swin v1 backbone): query/key/value and its own
+    ``relative_position_bias_table`` read at ``relative_position_index``; padded, then rolled, like ``SwinModel``."""
+    block_ref, module_ref = weakref.ref(site.block), weakref.ref(module)
+    heads = site.num_heads
+
+    def relative_bias() -> torch.Tensor:
+        m = module_ref()
+        area = m.window_size[0] * m.window_size[1]
+        return m.relative_position_bias_table[m.relative_position_index.view(-1)].view(area, area, heads).permute(2, 0, 1)[None]
+
+    def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+        dims = args[1] if len(args) > 1 else kwargs["input_dimensions"]
+        return int(dims[0]), int(dims[1])
+
+    return _as_window_site(
+        dataclasses.replace(site, family="hf-maskformer-swin", bias_input="attention_mask", grid=None, patch_size=None),
+        geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
+        call_grid=call_grid, relative_bias=relative_bias, pad_first=True)
+
+
+hf.EXTRA_FORMS["MaskFormerSwinSelfAttention"] = (frozenset({"relative_position_bias_table"}), _hf_maskformer_swin_site)
+MODELLED_FORMS.update({"MaskFormerSwinSelfAttention", "MaskFormerSwinAttention", "MaskFormerSwinLayer"})
+
+
 # ---------------------------------------------------------------------------------- timm MaxViT / CoAtNet
 def _maxxvit_classes() -> dict[str, type]:
     from timm.models import maxxvit
