@@ -157,3 +157,38 @@ def test_maskformer_swin_maps_are_its_own_eager_attention(size: int):
         assert float((got - want).abs().max()) < 1e-5, site.path
         shifted += args[1] is not None
     assert shifted >= 2  # the shift masks were applied
+
+
+ROWS_CASES = [c for c in FAST_CASES if c.name in ("swin_tiny_patch4_window7_224", "SwinModel", "swinv2_tiny_window8_256",
+                                                  "Swinv2Model", "test_maxvit", "test_maxvit-nchw-tf")]
+
+
+@pytest.mark.parametrize("case", ROWS_CASES, ids=lambda c: c.name)
+def test_windowed_rows_and_pooled_on_the_image_grid_are_the_full_maps_read_there(case: Case):
+    """A token's row on the image grid is its window's row of the full maps, at its keys' grid positions: the dense
+    (H·W) x (H·W) map is assembled here window by window from the recorded full maps and the window layout; pooled
+    attention is that row's mass on each mask."""
+    model, inputs = _build(case)
+    tokens = torch.tensor([[0, 2], [3, 1]])  # within the 2x2 grid of MaxViT's last stage
+    layouts: dict[int, torch.Tensor] = {}
+    with qkhooks.record(model, modes=None, attention=["rows", "full"]) as run, torch.no_grad():
+        run(**inputs, meta={"query_tokens": tokens})
+        layouts = {s.layer: s.window_index() for s in run.sites if hasattr(s, "window_index")}
+    checked = 0
+    for layer, index in layouts.items():
+        full, rows = run.attention_maps("full")[layer], run.attention_maps("rows")[layer]  # (B, nW, H, Nw, Nw), (B, H, T, N)
+        dense = torch.zeros(full.shape[0], full.shape[2], index.numel(), index.numel())
+        for w, cells in enumerate(index):
+            dense[:, :, cells[:, None], cells[None, :]] = full[:, w]
+        want = torch.stack([dense[b][:, tokens[b]] for b in range(2)])
+        assert torch.allclose(rows, want, atol=1e-6), layer
+        assert torch.allclose(rows.sum(-1), torch.ones(()), atol=1e-5)
+        checked += 1
+    assert checked >= 2
+    first = min(layouts)
+    grid_tokens = run.attention_maps("rows")[first].shape[-1]
+    masks = (torch.rand(2, 3, grid_tokens, generator=torch.Generator().manual_seed(2)) > 0.5).float()  # (B, M, H·W)
+    with qkhooks.record(model, modes=None, layers=[first], attention="pooled") as run2, torch.no_grad():
+        run2(**inputs, meta={"query_tokens": tokens, "pool_masks": masks})
+    want = torch.einsum("bhtn,bmn->bhtm", run.attention_maps("rows")[first], masks)
+    assert torch.allclose(run2.attention_maps("pooled")[first], want, atol=1e-6)

@@ -224,6 +224,13 @@ class AttentionSite:
         needs to see a call around its module (a windowed site reads its block's token grid). None here."""
         return []
 
+    def attention_rows(self, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
+        """Post-softmax rows (B, H, T, N) of the query tokens (B, T) in the call whose tokens entering W_q are ``x``
+        (:func:`qkhooks.attention.attention_rows`; a windowed site reads them off its windows' maps)."""
+        from qkhooks.attention import attention_rows
+
+        return attention_rows(self, x, query_tokens)
+
     def check_attention_kind(self, kind: str) -> None:
         """Refuse, when the recording starts, an attention kind this site cannot rebuild exactly (none here)."""
 

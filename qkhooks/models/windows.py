@@ -11,7 +11,9 @@ What a recording gives for such a layer:
   windows in the model's order (row-major over the shifted, padded grid), shift masks applied;
 - query and key maps: on the image grid, (B, H, K, H·W) in row-major grid order, as if the tokens had not been
   windowed (a token's map is x·u_n wherever the model put it);
-- ``rows`` / ``pooled``: refused (a row lives in one window; the image-grid form is not built yet).
+- ``rows`` / ``pooled``: on the image grid, (B, H, T, H·W): a token's row is the model's own row in its window,
+  placed at its keys' grid positions (zero elsewhere); refused for a call whose grid is padded to whole windows (the
+  padding tokens take a share of each row that has no grid position).
 
 Swin-v2 (cosine attention: L2-normalised q and k, a learned logit scale, a log-CPB MLP) uses these windows with
 its own normalisation and bias (:mod:`qkhooks.models.cosine`). The block's grid is read from the block's own call (``AttentionSite.context_hooks``).
@@ -127,14 +129,36 @@ class WindowSite(AttentionSite):
             where = torch.empty(int(valid.sum()), dtype=torch.long)
             where[index.flatten()[valid]] = torch.arange(index.numel())[valid]
             return flat[..., where.to(flat.device)]
-        self.check_attention_kind(kind)
         return t
 
-    def check_attention_kind(self, kind: str) -> None:
-        if kind != "full":
-            raise QKHooksError(f"{self.path}: windowed attention gives full maps per window (attention='full') and "
-                               f"modes on the image grid; {kind!r} attention on the image grid is not built for windows "
-                               "yet (a row lives in one window).")
+    def attention_rows(self, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
+        """Rows (B, H, T, H·W) on the image grid of the query tokens (B, T) (row-major grid indices): each the model's
+        own row in the token's window, placed at its keys' grid positions, zero outside the window. Refused where the
+        windows are padded: the zero tokens the model pads with take a share of the rows, with no grid position."""
+        from qkhooks.attention import attention_full
+
+        index = self.window_index().to(x.device)
+        if bool((index < 0).any()):
+            raise QKHooksError(f"{self.path}: this call's {self._grid_of_call} grid is padded to whole windows, and the "
+                               "padding tokens take a share of each row that has no place on the image grid, so rows and "
+                               "pooled attention are not exact here; record attention='full' (per window), or use an input "
+                               "whose grid the windows tile.")
+        cells, per_window = index.shape
+        tokens = query_tokens.to(x.device).long()
+        if tokens.dim() == 1:
+            tokens = tokens[None].expand(self.images_in_call(int(x.shape[0])), -1)
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= index.numel()):
+            raise QKHooksError(f"query_tokens must index the {index.numel()} grid tokens of {self.path}, got "
+                               f"{tokens.tolist()}.")
+        full = attention_full(self, x).unflatten(0, (-1, cells))  # (B, nW, H, Nw, Nw)
+        where = torch.empty(index.numel(), dtype=torch.long, device=x.device)
+        where[index.flatten()] = torch.arange(index.numel(), device=x.device)
+        at = where[tokens]  # (B, T): flat window position of each query token
+        window, position = at // per_window, at % per_window
+        rows = full[torch.arange(full.shape[0], device=x.device)[:, None], window, :, position, :]  # (B, T, H, Nw)
+        out = rows.new_zeros(*rows.shape[:3], index.numel())
+        out.scatter_(-1, index[window][:, :, None, :].expand(-1, -1, rows.shape[2], -1), rows)
+        return out.transpose(1, 2)
 
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
         return self._grid_of_call if self._grid_of_call is not None else super().grid_for(num_tokens)
