@@ -81,13 +81,13 @@ def test_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
         with qkhooks.record(model, modes=6, qk_path=qk_path) as run, torch.no_grad():
             run(**inputs)
         for site in sites:
-            spec = run.spectrum[site.layer]
+            spec = run.spectrum(site.layer)
             x = grid_tokens[site.layer].double()
             want_q = torch.einsum("bnd,hdk->bhkn", x, spec.U.double())
             want_k = torch.einsum("bnd,hdk->bhkn", x, spec.V.double())
-            assert run.query[site.layer].shape == want_q.shape
-            assert torch.allclose(run.query[site.layer].double(), want_q, atol=1e-4), site.path
-            assert torch.allclose(run.key[site.layer].double(), want_k, atol=1e-4), site.path
+            assert run.query(site.layer).shape == want_q.shape
+            assert torch.allclose(run.query(site.layer).double(), want_q, atol=1e-4), site.path
+            assert torch.allclose(run.key(site.layer).double(), want_k, atol=1e-4), site.path
 
 
 def test_cosine_attention_names_its_content_term_and_its_temperature_is_the_models():
@@ -151,7 +151,7 @@ def test_maskformer_swin_maps_are_its_own_eager_attention(size: int):
         args, kwargs = calls[site.layer]
         with torch.no_grad():
             want = site.module(args[0], args[1], output_attentions=True)[1]  # (B·nW, H, Nw, Nw)
-        got = run.attention_maps("full")[site.layer]
+        got = run.attention(site.layer, "full")
         want = want.unflatten(0, (2, -1))
         assert got.shape == want.shape
         assert float((got - want).abs().max()) < 1e-5, site.path
@@ -176,7 +176,7 @@ def test_windowed_rows_and_pooled_on_the_image_grid_are_the_full_maps_read_there
         layouts = {s.layer: s.window_index() for s in run.sites if hasattr(s, "window_index")}
     checked = 0
     for layer, index in layouts.items():
-        full, rows = run.attention_maps("full")[layer], run.attention_maps("rows")[layer]  # (B, nW, H, Nw, Nw), (B, H, T, N)
+        full, rows = run.attention(layer, "full"), run.attention(layer, "rows")  # (B, nW, H, Nw, Nw), (B, H, T, N)
         dense = torch.zeros(full.shape[0], full.shape[2], index.numel(), index.numel())
         for w, cells in enumerate(index):
             dense[:, :, cells[:, None], cells[None, :]] = full[:, w]
@@ -186,9 +186,9 @@ def test_windowed_rows_and_pooled_on_the_image_grid_are_the_full_maps_read_there
         checked += 1
     assert checked >= 2
     first = min(layouts)
-    grid_tokens = run.attention_maps("rows")[first].shape[-1]
+    grid_tokens = run.attention(first, "rows").shape[-1]
     masks = (torch.rand(2, 3, grid_tokens, generator=torch.Generator().manual_seed(2)) > 0.5).float()  # (B, M, H·W)
     with qkhooks.record(model, modes=None, layers=[first], attention="pooled") as run2, torch.no_grad():
         run2(**inputs, meta={"query_tokens": tokens, "pool_masks": masks})
-    want = torch.einsum("bhtn,bmn->bhtm", run.attention_maps("rows")[first], masks)
-    assert torch.allclose(run2.attention_maps("pooled")[first], want, atol=1e-6)
+    want = torch.einsum("bhtn,bmn->bhtm", run.attention(first, "rows"), masks)
+    assert torch.allclose(run2.attention(first, "pooled"), want, atol=1e-6)

@@ -370,8 +370,9 @@ FAST_CASES = [
     # windowed families refused with the precise reason (no token-token q·k form)
     _timm_case("davit_tiny", "softmax runs over channels", module="stages.0.blocks.0.1.attn", depths=(1, 1, 1, 1),
                embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2)),
-    _timm_case("gcvit_xxtiny", "queries are not projected", module="stages.0.blocks.1.attn", img_size=64),
-    _timm_case("efficientvit_m0", "cascaded group attention", module="stages.0.blocks.0.mixer.m.attn", img_size=64),
+    _timm_case("gcvit_xxtiny", "queries are not projected", module="stages.0.blocks.1.attn", size=64, img_size=64),
+    _timm_case("efficientvit_m0", "cascaded group attention", module="stages.0.blocks.0.mixer.m.attn", size=64,
+               img_size=64),
     _hf_case("MobileViTModel", "MobileViTModel", "MobileViTConfig", "patch-area sequences", size=64,
              module="attention", hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], image_size=64),
     _hf_case("GroupViTVisionModel", "GroupViTVisionModel", "GroupViTVisionConfig", "exact", hidden_size=32,
