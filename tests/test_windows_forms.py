@@ -192,3 +192,11 @@ def test_windowed_rows_and_pooled_on_the_image_grid_are_the_full_maps_read_there
         run2(**inputs, meta={"query_tokens": tokens, "pool_masks": masks})
     want = torch.einsum("bhtn,bmn->bhtm", run.attention(first, "rows"), masks)
     assert torch.allclose(run2.attention(first, "pooled"), want, atol=1e-6)
+
+
+def test_coatnet_residual_input_is_refused_its_norm_downsamples():
+    case = next(c for c in FAST_CASES if c.name == "test_coatnet")
+    model, inputs = _build(case)
+    with pytest.raises(qkhooks.QKHooksError, match="input='residual' is not modelled for CoAtNet"):
+        with qkhooks.record(model, modes=4, input="residual") as run, torch.no_grad():
+            run(**inputs)

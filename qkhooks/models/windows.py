@@ -329,6 +329,19 @@ def _maxxvit_relative_bias(site: AttentionSite, attn: nn.Module) -> Callable[[],
     return bias
 
 
+@dataclasses.dataclass(eq=False)
+class _WholeMapSite(AttentionSite):
+    """CoAtNet's attention over the whole (B, C, H, W) map: its block's ``norm1`` may downsample (stride 2), so the
+    block's input is not on the attention's grid and ``input='residual'`` is refused."""
+
+    def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
+        if block:
+            raise QKHooksError(f"{self.path}: input='residual' is not modelled for CoAtNet's attention (its block's norm "
+                               "may downsample, so the residual stream is not on the attention's token grid); use "
+                               "input='normed'.")
+        return super().hidden_states(args, kwargs, block)
+
+
 def _maxxvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     """MaxViT's block (window) and grid partition attention, and CoAtNet's whole-map attention (TransformerBlock2d)."""
     from timm.models import maxxvit
@@ -345,7 +358,8 @@ def _maxxvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
                                    "it a shared relative position table, which the MaxViT adapter does not model.")
             return None if relative_bias is None else relative_bias().detach()
 
-        return dataclasses.replace(site, call_bias=call_bias, **fields)
+        base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
+        return _WholeMapSite(**{**base, **fields, "call_bias": call_bias})
     if isinstance(block, (maxxvit.PartitionAttentionCl, maxxvit.PartitionAttention2d)):
         partition = "window" if block.partition_block else "grid"
     elif isinstance(block, maxxvit.ParallelPartitionAttention):
