@@ -31,7 +31,6 @@ from torch import nn
 from qkhooks.attention import (
     AttentionSpec,
     attention_full,
-    attention_rows,
     default_query_tokens,
     full_from_qk,
     parse_attention,
@@ -379,10 +378,10 @@ class Recording:
         meta = self._current.meta if self._current is not None else {}
         tokens = meta.get("query_tokens")
         if tokens is None:  # no choice given: the first prefix token (CLS) and the centre patch, recorded as such
-            tokens = default_query_tokens(site, x.shape[1]).expand(x.shape[0], -1)
+            tokens = default_query_tokens(site, x.shape[1]).expand(site.images_in_call(int(x.shape[0])), -1)
             if self._current is not None:
                 self._current.meta["query_tokens"] = tokens.cpu()
-        rows = attention_rows(site, x, torch.as_tensor(tokens))  # checked on the host (no device sync), then moved
+        rows = site.attention_rows(x, torch.as_tensor(tokens))  # checked on the host (no device sync), then moved
         if spec.kind == "rows":
             return rows
         masks = meta.get("pool_masks")

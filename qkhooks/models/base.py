@@ -71,7 +71,8 @@ class AttentionSite:
         head_mixing: the model's own mixing of heads around the softmax (CaiT talking heads, a
             :class:`qkhooks.models.class_attention.TalkingHeads`): maps = mix_post(softmax(mix_pre(logits))).
         token_layout: ``"tokens"`` (B, N, d) or ``"grid"``: the module takes (B, h, w, d) patch grids (VitDet),
-            read row by row as N = h·w tokens.
+            read row by row as N = h·w tokens; ``"channels_first"``: (B, d, h, w) maps (MaxViT's NCHW attention), read
+            the same way.
         stage: dotted path of the container the block sits in (``blocks``, ``transformers.1.blocks``,
             ``encoder.stages.2.layers``): sites of one stage share a token grid.
         qk_modules: the Linear modules whose outputs are q and k, as the model computes them from the hooked
@@ -223,6 +224,13 @@ class AttentionSite:
         needs to see a call around its module (a windowed site reads its block's token grid). None here."""
         return []
 
+    def attention_rows(self, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
+        """Post-softmax rows (B, H, T, N) of the query tokens (B, T) in the call whose tokens entering W_q are ``x``
+        (:func:`qkhooks.attention.attention_rows`; a windowed site reads them off its windows' maps)."""
+        from qkhooks.attention import attention_rows
+
+        return attention_rows(self, x, query_tokens)
+
     def check_attention_kind(self, kind: str) -> None:
         """Refuse, when the recording starts, an attention kind this site cannot rebuild exactly (none here)."""
 
@@ -332,6 +340,8 @@ class AttentionSite:
     def _as_tokens(self, x: Any) -> Any:
         if self.token_layout == "grid" and isinstance(x, torch.Tensor) and x.dim() == 4:
             return x.flatten(1, 2)
+        if self.token_layout == "channels_first" and isinstance(x, torch.Tensor) and x.dim() == 4:
+            return x.flatten(2).transpose(1, 2)
         return x
 
 

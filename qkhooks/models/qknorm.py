@@ -211,6 +211,8 @@ def normalised_form(site: AttentionSite) -> NormalisedForm:
     norm: QKNorm | None = site.qk_norm
     if norm is None:
         raise QKHooksError(f"{site.path}: this attention has no q/k normalisation; its content form is W_q^T W_k.")
+    if not isinstance(norm, QKNorm):  # a normalisation with its own exact form (Swin-v2's cosine, models/cosine.py)
+        return norm.normalised_form(site)
     heads, dk = site.num_heads, site.head_dim
     group = dk if norm.per_head else heads * dk
     w_q, w_k = (w.double().cpu() for w in _augment(site.weights()))  # (H, d_k, d+1)

@@ -164,7 +164,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 block=modules[block_path],
                 num_heads=int(attn.num_heads),
                 dim=int(fields["qk_linear"]()[0].shape[1]),
-                scale=float(attn.scale),
+                scale=float(attn.scale) if hasattr(attn, "scale") else 1.0,  # cosine attention: set by its form
                 grid=site_grid,
                 family={"Attention": "timm-vit", "EvaAttention": "timm-eva", "AttentionRope": "timm-eva"}.get(kind, "timm-cait"),
                 input_name="x",

@@ -10,7 +10,7 @@ the model refused: a model is recorded whole or not at all.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from torch import nn
 
@@ -37,6 +37,9 @@ _ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 # or, where the name is generic, by module and name (``timm.models.pvt_v2.Attention``): the named parts inside
 # them are not refused by name.
 MODELLED_FORMS: set[str] = set()
+# Attention classes (module and name) whose logits are no q·k form of the tokens, each with ``module -> why`` (None:
+# this instance is fine): a model holding one is refused naming it, before any guess from names (windows.py adds them).
+UNMODELLED_FORMS: dict[str, Callable[[nn.Module], str | None]] = {}
 
 
 def _modelled(module: nn.Module) -> bool:
@@ -62,6 +65,11 @@ def diagnose(model: nn.Module) -> None:
     from qkhooks.models.qknorm import qk_norm_modelled
 
     rope_modelled = any(type(m).__name__ in _ROPE_MODELLED for m in model.modules())
+    for name, module in model.named_modules():
+        why = UNMODELLED_FORMS.get(f"{type(module).__module__}.{type(module).__qualname__}")
+        reason = why(module) if why is not None and not _NOT_RECORDED_PATHS.search(name) else None
+        if reason:
+            raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason}")
     modelled = [n + "." for n, m in model.named_modules() if _modelled(m)]
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in modelled):

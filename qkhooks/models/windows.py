@@ -11,10 +11,12 @@ What a recording gives for such a layer:
   windows in the model's order (row-major over the shifted, padded grid), shift masks applied;
 - query and key maps: on the image grid, (B, H, K, H·W) in row-major grid order, as if the tokens had not been
   windowed (a token's map is x·u_n wherever the model put it);
-- ``rows`` / ``pooled``: refused (a row lives in one window; the image-grid form is not built yet).
+- ``rows`` / ``pooled``: on the image grid, (B, H, T, H·W): a token's row is the model's own row in its window,
+  placed at its keys' grid positions (zero elsewhere); refused for a call whose grid is padded to whole windows (the
+  padding tokens take a share of each row that has no grid position).
 
-Swin-v2 (cosine attention: L2-normalised q and k, a learned logit scale, a log-CPB MLP) is not this form and
-stays refused. The block's grid is read from the block's own call (``AttentionSite.context_hooks``).
+Swin-v2 (cosine attention: L2-normalised q and k, a learned logit scale, a log-CPB MLP) uses these windows with
+its own normalisation and bias (:mod:`qkhooks.models.cosine`). The block's grid is read from the block's own call (``AttentionSite.context_hooks``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite, _additive
-from qkhooks.models.unsupported import MODELLED_FORMS
+from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
 
 __all__ = ["WindowSite", "window_index"]
 
@@ -40,12 +42,19 @@ def _pair(value: Any) -> tuple[int, int]:
     return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
 
 
-def window_index(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], pad_first: bool) -> torch.Tensor:
+def window_index(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], pad_first: bool,
+                 partition: str = "window") -> torch.Tensor:
     """(nW, Nw) row-major grid index of the token the model puts at each window position (-1: padding).
 
-    The same roll (by -shift) and padding (bottom and right, to whole windows) the block applies, in its order
-    (timm rolls then pads, transformers pads then rolls), then the windows read row-major."""
+    ``partition="window"``: the same roll (by -shift) and padding (bottom and right, to whole windows) the block
+    applies, in its order (timm rolls then pads, transformers pads then rolls), then the windows read row-major.
+    ``partition="grid"`` (MaxViT's grid attention): ``window`` is the (g_h, g_w) grid of one partition, whose tokens
+    are H/g_h rows and W/g_w columns apart; partition (a, b) holds the tokens (a + i·H/g_h, b + j·W/g_w)."""
     (h, w), (wh, ww) = grid, window
+    if partition == "grid":
+        if h % wh or w % ww or any(shift):
+            raise QKHooksError(f"a {h}x{w} grid does not split into grid partitions of {wh}x{ww} without a shift.")
+        return torch.arange(h * w).view(wh, h // wh, ww, w // ww).permute(1, 3, 0, 2).reshape(-1, wh * ww)
     hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
     index = torch.arange(h * w).view(h, w)
 
@@ -68,14 +77,21 @@ class WindowSite(AttentionSite):
     Attributes:
         geometry: ``() -> (window, shift)`` read live from the block (transformers shrinks them for small inputs).
         call_grid: ``(block args, block kwargs) -> (H, W)``: the token grid of the block's call.
-        relative_bias: ``() -> (1, H, Nw, Nw)``: the module's own relative-position term.
+        relative_bias: ``() -> (1, H, Nw, Nw)``: the module's own relative-position term (None: it has none).
         pad_first: the block pads before rolling (transformers) rather than after (timm).
+        mask_repeats: how many times the module adds the shift mask it is handed (transformers' Swin-v2: twice).
+        partition: ``"window"`` (contiguous windows) or ``"grid"`` (MaxViT's dilated grid), see :func:`window_index`.
+        windows_inside: the module takes the image-grid tokens (B, H·W, d) and cuts the windows itself (Twins'
+            ``LocallyGroupedAttn``, zero padding to whole windows): the site cuts the same windows from its input.
     """
 
     geometry: Callable[[], tuple[tuple[int, int], tuple[int, int]]] | None = None
     call_grid: Callable[[tuple, dict], tuple[int, int]] | None = None
     relative_bias: Callable[[], torch.Tensor] | None = None
     pad_first: bool = False
+    mask_repeats: int = 1
+    partition: str = "window"
+    windows_inside: bool = False
     _grid_of_call: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
     _index: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _call_images: int = dataclasses.field(default=0, repr=False)
@@ -94,7 +110,7 @@ class WindowSite(AttentionSite):
                                "record the whole model (or the block), not the attention module alone.")
         if self._index is None:
             window, shift = self.geometry()  # type: ignore[misc]
-            self._index = window_index(self._grid_of_call, window, shift, self.pad_first)
+            self._index = window_index(self._grid_of_call, window, shift, self.pad_first, self.partition)
         return self._index
 
     def images_in_call(self, rows: int) -> int:
@@ -113,34 +129,57 @@ class WindowSite(AttentionSite):
             where = torch.empty(int(valid.sum()), dtype=torch.long)
             where[index.flatten()[valid]] = torch.arange(index.numel())[valid]
             return flat[..., where.to(flat.device)]
-        self.check_attention_kind(kind)
         return t
 
-    def check_attention_kind(self, kind: str) -> None:
-        if kind != "full":
-            raise QKHooksError(f"{self.path}: windowed attention gives full maps per window (attention='full') and "
-                               f"modes on the image grid; {kind!r} attention on the image grid is not built for windows "
-                               "yet (a row lives in one window).")
+    def attention_rows(self, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
+        """Rows (B, H, T, H·W) on the image grid of the query tokens (B, T) (row-major grid indices): each the model's
+        own row in the token's window, placed at its keys' grid positions, zero outside the window. Refused where the
+        windows are padded: the zero tokens the model pads with take a share of the rows, with no grid position."""
+        from qkhooks.attention import attention_full
+
+        index = self.window_index().to(x.device)
+        if bool((index < 0).any()):
+            raise QKHooksError(f"{self.path}: this call's {self._grid_of_call} grid is padded to whole windows, and the "
+                               "padding tokens take a share of each row that has no place on the image grid, so rows and "
+                               "pooled attention are not exact here; record attention='full' (per window), or use an input "
+                               "whose grid the windows tile.")
+        cells, per_window = index.shape
+        tokens = query_tokens.to(x.device).long()
+        if tokens.dim() == 1:
+            tokens = tokens[None].expand(self.images_in_call(int(x.shape[0])), -1)
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= index.numel()):
+            raise QKHooksError(f"query_tokens must index the {index.numel()} grid tokens of {self.path}, got "
+                               f"{tokens.tolist()}.")
+        full = attention_full(self, x).unflatten(0, (-1, cells))  # (B, nW, H, Nw, Nw)
+        where = torch.empty(index.numel(), dtype=torch.long, device=x.device)
+        where[index.flatten()] = torch.arange(index.numel(), device=x.device)
+        at = where[tokens]  # (B, T): flat window position of each query token
+        window, position = at // per_window, at % per_window
+        rows = full[torch.arange(full.shape[0], device=x.device)[:, None], window, :, position, :]  # (B, T, H, Nw)
+        out = rows.new_zeros(*rows.shape[:3], index.numel())
+        out.scatter_(-1, index[window][:, :, None, :].expand(-1, -1, rows.shape[2], -1), rows)
+        return out.transpose(1, 2)
 
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
         return self._grid_of_call if self._grid_of_call is not None else super().grid_for(num_tokens)
 
     def logit_bias(self) -> torch.Tensor | None:
         """(B·nW or 1, H, Nw, Nw): the module's relative-position table plus the call's shift mask, if any."""
-        bias = self.relative_bias().detach()  # type: ignore[misc]
+        bias = None if self.relative_bias is None else self.relative_bias().detach()
         mask = _additive(self._call_bias)
         if mask is None:
             return bias
         windows = mask.shape[0]
-        bias = bias + mask.to(bias.dtype).reshape(windows, 1, *mask.shape[-2:])
+        mask = self.mask_repeats * mask.to(torch.float32 if bias is None else bias.dtype).reshape(windows, 1, *mask.shape[-2:])
+        bias = mask if bias is None else bias + mask
         images = self._call_images if self._call_images else 1
         return bias.repeat(images, 1, 1, 1)
 
     def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        # both modelled classes take the shift mask as their second parameter (timm ``mask``, transformers
-        # ``attention_mask``), which transformers passes by position
-        if len(args) == 2 and self.bias_input is not None and self.bias_input not in kwargs:
-            args, kwargs = args[:1], {**kwargs, self.bias_input: args[1]}
+        # every modelled class takes the shift mask as its second parameter (timm ``mask``, transformers
+        # ``attention_mask``), which transformers passes by position (Swin-v2 with ``output_attentions`` after it)
+        if len(args) >= 2 and self.bias_input is not None and self.bias_input not in kwargs:
+            args, kwargs = args[:1] + args[2:], {**kwargs, self.bias_input: args[1]}
         super().refuse_unmodelled_inputs(args, kwargs)
 
     def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
@@ -148,8 +187,11 @@ class WindowSite(AttentionSite):
             raise QKHooksError(f"{self.path}: input='residual' is not modelled for windowed attention (the residual "
                                "stream is on the image grid, the attention's tokens are windows); use input='normed'.")
         x = super().hidden_states(args, kwargs, block)
-        if not block:
-            self._call_images = self.images_in_call(int(x.shape[0]))
+        if self.windows_inside:  # (B, H·W, d) -> (B·nW, Nw, d), zeros where the model pads
+            index = self.window_index().to(x.device)
+            padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[-1])], dim=1)  # token -1: a zero token
+            x = padded[:, index.flatten()].reshape(-1, index.shape[1], x.shape[-1])
+        self._call_images = self.images_in_call(int(x.shape[0]))
         return x
 
 
@@ -218,3 +260,177 @@ def _hf_swin_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.
 
 hf.EXTRA_FORMS["SwinAttention"] = (frozenset({"relative_position_bias"}), _hf_swin_site)
 MODELLED_FORMS.add("SwinAttention")
+
+
+def _hf_maskformer_swin_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:
+    """transformers ``MaskFormerSwinSelfAttention`` (MaskFormer's Swin v1 backbone): query/key/value and its own
+    ``relative_position_bias_table`` read at ``relative_position_index``; padded, then rolled, like ``SwinModel``."""
+    block_ref, module_ref = weakref.ref(site.block), weakref.ref(module)
+    heads = site.num_heads
+
+    def relative_bias() -> torch.Tensor:
+        m = module_ref()
+        area = m.window_size[0] * m.window_size[1]
+        return m.relative_position_bias_table[m.relative_position_index.view(-1)].view(area, area, heads).permute(2, 0, 1)[None]
+
+    def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+        dims = args[1] if len(args) > 1 else kwargs["input_dimensions"]
+        return int(dims[0]), int(dims[1])
+
+    return _as_window_site(
+        dataclasses.replace(site, family="hf-maskformer-swin", bias_input="attention_mask", grid=None, patch_size=None),
+        geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
+        call_grid=call_grid, relative_bias=relative_bias, pad_first=True)
+
+
+hf.EXTRA_FORMS["MaskFormerSwinSelfAttention"] = (frozenset({"relative_position_bias_table"}), _hf_maskformer_swin_site)
+MODELLED_FORMS.update({"MaskFormerSwinSelfAttention", "MaskFormerSwinAttention", "MaskFormerSwinLayer"})
+
+
+# ---------------------------------------------------------------------------------- timm MaxViT / CoAtNet
+def _maxxvit_classes() -> dict[str, type]:
+    from timm.models import maxxvit
+
+    return {"AttentionCl": maxxvit.AttentionCl, "Attention2d": maxxvit.Attention2d}
+
+
+def _maxxvit_qkv(attn: nn.Module):
+    """q then k rows of MaxViT's ``qkv`` (Linear, or 1x1 Conv2d in the NCHW variants). ``head_first`` lays the
+    outputs out per head as [q_h, k_h, v_h], else as [q, k, v]; the rows are picked in q-then-k order, so the q/k
+    output of the module itself is not used (modes are projected from the tokens)."""
+    heads, dh = int(attn.num_heads), int(attn.dim_head)
+    blocks = torch.arange(3 * heads * dh).view(heads, 3, dh) if attn.head_first else torch.arange(3 * heads * dh).view(3, heads, dh).transpose(0, 1)
+    rows = torch.cat([blocks[:, 0].flatten(), blocks[:, 1].flatten()])
+    qkv = attn.qkv
+
+    def qk_linear() -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = qkv.weight.flatten(1)[rows.to(qkv.weight.device)]
+        return w, None if qkv.bias is None else qkv.bias[rows.to(qkv.weight.device)]
+
+    return qk_linear, ()
+
+
+def _maxxvit_relative_bias(site: AttentionSite, attn: nn.Module) -> Callable[[], torch.Tensor] | None:
+    """The module's own ``rel_pos.get_bias()`` (RelPosBias, RelPosBiasTf, RelPosMlp: each adds exactly that)."""
+    from timm.layers.pos_embed_rel import RelPosBias, RelPosBiasTf, RelPosMlp
+
+    rel_pos = attn.rel_pos
+    if rel_pos is None:
+        return None
+    if type(rel_pos).forward not in (RelPosBias.forward, RelPosBiasTf.forward, RelPosMlp.forward):
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): its relative position term "
+                           f"is a {type(rel_pos).__name__}, not one qkhooks models (RelPosBias, RelPosBiasTf, RelPosMlp).")
+    rel_ref = weakref.ref(rel_pos)
+
+    def bias() -> torch.Tensor:  # (1, H, N, N): RelPosBiasTf returns it without the leading axis
+        term = rel_ref().get_bias()
+        return term if term.dim() == 4 else term[None]
+
+    return bias
+
+
+@dataclasses.dataclass(eq=False)
+class _WholeMapSite(AttentionSite):
+    """CoAtNet's attention over the whole (B, C, H, W) map: its block's ``norm1`` may downsample (stride 2), so the
+    block's input is not on the attention's grid and ``input='residual'`` is refused."""
+
+    def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
+        if block:
+            raise QKHooksError(f"{self.path}: input='residual' is not modelled for CoAtNet's attention (its block's norm "
+                               "may downsample, so the residual stream is not on the attention's token grid); use "
+                               "input='normed'.")
+        return super().hidden_states(args, kwargs, block)
+
+
+def _maxxvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    """MaxViT's block (window) and grid partition attention, and CoAtNet's whole-map attention (TransformerBlock2d)."""
+    from timm.models import maxxvit
+
+    block = site.block
+    channels_first = type(attn).forward is maxxvit.Attention2d.forward
+    relative_bias = _maxxvit_relative_bias(site, attn)
+    fields = dict(family="timm-maxxvit", grid=None, patch_size=None, qk_modules=(),
+                  token_layout="channels_first" if channels_first else "grid")
+    if isinstance(block, maxxvit.TransformerBlock2d):  # one attention over the whole (B, C, H, W) map
+        def call_bias(args: tuple, kwargs: dict) -> torch.Tensor | None:
+            if (len(args) > 1 and args[1] is not None) or kwargs.get("shared_rel_pos") is not None:
+                raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): the model passes "
+                                   "it a shared relative position table, which the MaxViT adapter does not model.")
+            return None if relative_bias is None else relative_bias().detach()
+
+        base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
+        return _WholeMapSite(**{**base, **fields, "call_bias": call_bias})
+    if isinstance(block, (maxxvit.PartitionAttentionCl, maxxvit.PartitionAttention2d)):
+        partition = "window" if block.partition_block else "grid"
+    elif isinstance(block, maxxvit.ParallelPartitionAttention):
+        partition = "window" if attn is block.attn_block else "grid"
+    else:
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): it sits in a "
+                           f"{type(block).__name__}, a partition layout qkhooks does not model.")
+    block_ref = weakref.ref(block)
+
+    def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+        x = args[0] if args else kwargs["x"]
+        return (int(x.shape[2]), int(x.shape[3])) if channels_first else (int(x.shape[1]), int(x.shape[2]))
+
+    return _as_window_site(
+        dataclasses.replace(site, **fields),
+        geometry=lambda: (_pair(block_ref().partition_size), (0, 0)), call_grid=call_grid,
+        relative_bias=relative_bias, partition=partition)
+
+
+for _name in ("AttentionCl", "Attention2d"):
+    timm_adapter.EXTRA_FORMS[f"Maxxvit{_name}"] = timm_adapter.ExtraForm(
+        lambda _name=_name: _maxxvit_classes()[_name], _maxxvit_qkv, _maxxvit_site)
+MODELLED_FORMS.update({"timm.models.maxxvit.AttentionCl", "timm.models.maxxvit.Attention2d"})
+
+
+# -------------------------------------------------------------------------- timm Twins locally grouped attention
+def _twins_lsa_attention() -> type:
+    from timm.models.twins import LocallyGroupedAttn
+
+    return LocallyGroupedAttn
+
+
+def _twins_lsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    """``LocallyGroupedAttn``: (B, H·W, d) tokens and their ``size`` in, windows of ``ws`` cut inside (zero padding at
+    the bottom and right, no shift, no mask, no bias): its qkv runs on the windowed tensor, so modes come from the
+    tokens the site windows the same way."""
+    attn_ref = weakref.ref(attn)
+
+    def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+        size = args[1] if len(args) > 1 else kwargs["size"]
+        return int(size[0]), int(size[1])
+
+    return _as_window_site(
+        dataclasses.replace(site, family="timm-twins", grid=None, patch_size=None, qk_modules=()),
+        geometry=lambda: (_pair(attn_ref().ws), (0, 0)), call_grid=call_grid, windows_inside=True)
+
+
+timm_adapter.EXTRA_FORMS["LocallyGroupedAttn"] = timm_adapter.ExtraForm(_twins_lsa_attention, _timm_qkv, _twins_lsa_site)
+MODELLED_FORMS.add("timm.models.twins.LocallyGroupedAttn")
+
+
+# ------------------------------------------------------------------------ windowed families refused, and why
+_WHOLE_OR_NOT = "qkhooks records a model whole or not at all, so none of its layers is recorded"
+UNMODELLED_FORMS.update({
+    "timm.models.davit.ChannelAttention": lambda m: (
+        "its softmax runs over channels, not tokens (per head softmax(scale·kᵀv), a d_k x d_k map that then mixes q), "
+        "so there is no token-to-token attention map and no W_q^T W_k form to record. DaViT's spatial window "
+        f"attention (WindowAttention) is not modelled either, and {_WHOLE_OR_NOT}."),
+    "timm.models.davit.ChannelAttentionV2": lambda m: (
+        "its softmax runs over channels, not tokens (per group softmax(qᵀk), a d_k x d_k map applied to v), so there "
+        "is no token-to-token attention map to record. DaViT's spatial window attention (WindowAttention) is not "
+        f"modelled either, and {_WHOLE_OR_NOT}."),
+    "timm.models.gcvit.WindowAttentionGlobal": lambda m: None if not getattr(m, "use_global", False) else (
+        "its queries are not projected from the layer's tokens: they are the global query tokens the stage's "
+        "GlobalContext generator computes from the whole feature map, repeated over the windows (q_global), and its "
+        "qkv makes only keys and values, so the logits q_global·W_k x have no W_q and the content form W_q^T W_k does "
+        "not exist. qkhooks does not model a query side without W_q (nor GCViT's local windows yet), and "
+        f"{_WHOLE_OR_NOT}."),
+    "timm.models.efficientvit_msra.CascadedGroupAttention": lambda m: (
+        "cascaded group attention within its local windows: head h takes its channel split plus head h-1's output, "
+        "and its q passes a depthwise conv (dws) before the product, so the logits are no bilinear form of the "
+        "block's tokens (only head 0's input is); each head also adds its own attention-bias table. qkhooks does not "
+        f"model this, and {_WHOLE_OR_NOT}."),
+})
