@@ -52,3 +52,55 @@ def test_grouped_query_content_form_is_the_query_head_against_its_groups_key_hea
         assert torch.equal(w.w_q[h], attn.q_proj.weight[h * dk:(h + 1) * dk])
         assert torch.equal(w.w_k[h], k_rows[h // (heads // kv)])
         assert torch.equal(w.b_k[h], attn.k_proj.bias.reshape(kv, dk)[h // (heads // kv)])
+
+
+@pytest.mark.parametrize("name", ["gemma4_vit_167m", "PixtralVisionModel", "MLCDVisionModel", "DINOv3ViTModel"])
+def test_rope_pairs_and_angles_rebuild_the_models_own_rotation(name: str):
+    """The pairs and angles --rope-bands reads off the tables (rope_pairs, rope_angles) rebuild the model's own rotation:
+    for any q, k, (R_i q_i)·(R_j k_j) = Σ_f cos Δφ_f q_i^T P_f k_j + sin Δφ_f q_i^T J_f k_j, with the site's
+    rope_apply (the model's own function) on the left."""
+    from test_zoo import FAST_CASES, perturb
+
+    from qkhooks.models.rope import rope_angles, rope_pairs
+
+    case = next(c for c in FAST_CASES if c.name == name)
+    torch.manual_seed(0)
+    model = perturb(case.build())
+    sites = qkhooks.sites(model)
+    tables: dict[int, object] = {}
+
+    def grab(site):
+        def hook(module, args, kwargs):
+            site.refuse_unmodelled_inputs(args, kwargs)
+            tables[site.layer] = site._call_rope
+            site.forget_call()
+
+        return hook
+
+    handles = [s.module.register_forward_pre_hook(grab(s), with_kwargs=True) for s in sites]
+    try:
+        with torch.no_grad():
+            model(**case.inputs())
+    finally:
+        for h in handles:
+            h.remove()
+    site = sites[0]
+    cos = tables[site.layer][0]
+    n = cos.shape[-2] if cos.dim() >= 2 else cos.shape[0]
+    n += site.num_prefix_tokens if name == "DINOv3ViTModel" else 0  # DINOv3 leaves its prefix tokens unrotated
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, site.num_heads, n, site.head_dim, generator=g)
+    k = torch.randn(1, site.num_heads, n, site.head_dim, generator=g)
+    rq, rk = site.rope_apply(q, k, tables[site.layer])
+    want = (rq @ rk.transpose(-1, -2)).double()
+    a, b = rope_pairs(site)
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(site.head_dim))  # every dimension in exactly one pair
+    phi = rope_angles(site, tables[site.layer], n)
+    q, k = q.double(), k.double()
+    got = 0
+    for f in range(len(a)):
+        delta = phi[None, :, f] - phi[:, None, f]
+        same = q[..., a[f], None] * k[..., None, :, a[f]] + q[..., b[f], None] * k[..., None, :, b[f]]  # q^T P_f k
+        turned = -q[..., a[f], None] * k[..., None, :, b[f]] + q[..., b[f], None] * k[..., None, :, a[f]]  # q^T J_f k
+        got = got + torch.cos(delta) * same + torch.sin(delta) * turned
+    assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())

@@ -215,6 +215,7 @@ def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch
     else:
         q_lin = getattr(module, "q_proj", None) or getattr(module, "query", None) or module.q
         k_lin = getattr(module, "k_proj", None) or getattr(module, "key", None) or module.k
+        q_lin, k_lin = getattr(q_lin, "linear", q_lin), getattr(k_lin, "linear", k_lin)  # Gemma 4 wraps its Linear
         w_q, w_k, b_q, b_k = q_lin.weight, k_lin.weight, q_lin.bias, k_lin.bias
     with torch.no_grad():
         q = torch.nn.functional.linear(x, w_q, b_q).unflatten(-1, (heads, -1)).transpose(1, 2)
@@ -366,6 +367,11 @@ FAST_CASES = [
     # zoo-tail: RoPE in HF Pixtral (two images packed into one sequence, block mask) and MLCD (rotated class token)
     _hf_case("PixtralVisionModel", "PixtralVisionModel", "PixtralVisionConfig", "exact", head_dim=8, **HF_SMALL),
     _hf_case("MLCDVisionModel", "MLCDVisionModel", "MLCDVisionConfig", "exact", **HF_SMALL),
+    # zoo-tail: timm Gemma 4 (2-D RoPE on RMS-normalised q/k, scale 1), with and without grouped-query heads
+    _timm_case("gemma4_vit_167m", "exact", embed_dim=32, depth=2, num_heads=4, head_dim=8, img_size=32, patch_size=8,
+               global_pool="avg"),
+    _timm_case("gemma4_vit_167m-grouped-query", "exact", embed_dim=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8,
+               img_size=32, patch_size=8, global_pool="avg"),
 ]
 
 

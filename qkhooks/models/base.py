@@ -58,7 +58,8 @@ class AttentionSite:
             model's own function ``(q, k, tables) -> (q, k)`` that rotates (B, H, N, d_k) q and k with them
             (prefix tokens unrotated, as the model does). Rebuilt maps use the rotated q, k; modes stay those
             of the content form W_q^T W_k (the zero-offset term). ``rope_layout``: how dimensions pair up,
-            ``"interleaved"`` (0,1), (2,3)... or ``"half"`` (i, i + d_k/2); see :mod:`qkhooks.models.rope`.
+            ``"interleaved"`` (0,1), (2,3)..., ``"half"`` (i, i + d_k/2) or ``"axes"`` (two halves, each by its
+            halves: (i, i + d_k/4) and (d_k/2 + i, 3d_k/4 + i), Gemma 4); see :mod:`qkhooks.models.rope`.
         qk_norm: the model's own q/k normalisation (a :class:`qkhooks.models.qknorm.QKNorm`), applied to q and k
             before any rotation as the model does; rebuilt maps use the normalised q, k, modes stay those of the
             pre-norm form W_q^T W_k, and :func:`qkhooks.models.qknorm.normalised_form` gives the exact one.

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 _RELATIVE_BIAS = ("relative_position_bias", "relpos", "rel_pos")
 _ROTARY = ("rope", "rotary")
-_ROPE_MODELLED = ("EvaAttention", "AttentionRope", "DINOv3ViTAttention", "PixtralAttention", "MLCDAttention")
+_ROPE_MODELLED = ("EvaAttention", "AttentionRope", "DINOv3ViTAttention", "PixtralAttention", "MLCDAttention",
+                  "Gemma4Attention")
 _REASONS = (
     (_ROTARY, "rotary position embeddings make the query-key form depend on the relative position"),
     (("window", "swin"), "windowed attention splits the tokens into windows with their own masks and shifts"),
@@ -131,7 +132,7 @@ def diagnose(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in modelled):
             continue
-        if _has_qk_norm(module) and not qk_norm_modelled(module):
+        if _has_qk_norm(module) and not qk_norm_modelled(module) and not _modelled(module):
             raise QKHooksError(
                 f"unsupported attention in {name!r} ({type(module).__name__}): q/k normalisation makes the "
                 "logit a non-linear function of the tokens, so W_q^T W_k has no exact meaning there."
