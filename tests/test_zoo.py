@@ -304,6 +304,14 @@ def _siglip2_padded() -> dict[str, Any]:
     return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([[4, 4], [2, 4]])}
 
 
+def _small_caformer() -> nn.Module:
+    """CAFormer's layout (separable-conv stages, then attention stages) small: its entry points fix depths and dims."""
+    from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
+
+    return MetaFormer(depths=(1, 1, 1, 1), dims=(16, 16, 64, 64), token_mixers=(SepConv, SepConv, Attention, Attention),
+                      norm_layers=[LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2, num_classes=10)
+
+
 FAST_CASES = [
     _timm_case("vit_tiny_patch16_224", "exact", **SMALL_VIT),
     _timm_case("pit_ti_224", "exact", size=64, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8)),
@@ -372,6 +380,11 @@ FAST_CASES = [
                global_pool="avg"),
     _timm_case("gemma4_vit_167m-grouped-query", "exact", embed_dim=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8,
                img_size=32, patch_size=8, global_pool="avg"),
+    # zoo-tail: plain softmax(q·k) of other timm families: (B, N, C) tokens, NCHW maps with a Linear or 1x1-conv qkv
+    Case("caformer_s18", lambda: _small_caformer(), lambda: {"x": _images(64)}, "timm", "exact", entry="caformer_s18"),
+    _timm_case("fastvit_sa12", "exact", size=64, layers=(1, 1, 1, 1), embed_dims=(16, 16, 32, 64), mlp_ratios=(2, 2, 2, 2)),
+    _timm_case("visformer_tiny", "exact", size=64, img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1),
+               num_heads=2),
 ]
 
 

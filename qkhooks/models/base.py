@@ -71,8 +71,8 @@ class AttentionSite:
             ``ClassAttn``): maps are (B, H, 1, N), the model's shape.
         head_mixing: the model's own mixing of heads around the softmax (CaiT talking heads, a
             :class:`qkhooks.models.class_attention.TalkingHeads`): maps = mix_post(softmax(mix_pre(logits))).
-        token_layout: ``"tokens"`` (B, N, d) or ``"grid"``: the module takes (B, h, w, d) patch grids (VitDet),
-            read row by row as N = h·w tokens.
+        token_layout: ``"tokens"`` (B, N, d), ``"grid"``: the module takes (B, h, w, d) patch grids (VitDet), or
+            ``"channels"``: (B, d, h, w) maps (FastViT, Visformer); both read row by row as N = h·w tokens.
         stage: dotted path of the container the block sits in (``blocks``, ``transformers.1.blocks``,
             ``encoder.stages.2.layers``): sites of one stage share a token grid.
         qk_modules: the Linear modules whose outputs are q and k, as the model computes them from the hooked
@@ -333,6 +333,8 @@ class AttentionSite:
     def _as_tokens(self, x: Any) -> Any:
         if self.token_layout == "grid" and isinstance(x, torch.Tensor) and x.dim() == 4:
             return x.flatten(1, 2)
+        if self.token_layout == "channels" and isinstance(x, torch.Tensor) and x.dim() == 4:  # NCHW, read row by row
+            return x.flatten(2).transpose(1, 2)
         return x
 
 
