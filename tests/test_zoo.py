@@ -383,6 +383,8 @@ FAST_CASES = [
     # zoo-tail: plain softmax(q·k) of other timm families: (B, N, C) tokens, NCHW maps with a Linear or 1x1-conv qkv
     Case("caformer_s18", lambda: _small_caformer(), lambda: {"x": _images(64)}, "timm", "exact", entry="caformer_s18"),
     _timm_case("fastvit_sa12", "exact", size=64, layers=(1, 1, 1, 1), embed_dims=(16, 16, 32, 64), mlp_ratios=(2, 2, 2, 2)),
+    # zoo-tail: timm MobileViT's plain attention runs on images x pixels-in-patch: refused naming it, not miscounted
+    _timm_case("mobilevit_xxs", "patch-area sequences", size=64, module="stages.2.1.transformer.0.attn"),
     _timm_case("visformer_tiny", "exact", size=64, img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1),
                num_heads=2),
 ]

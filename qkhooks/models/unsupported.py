@@ -99,7 +99,31 @@ KNOWN_FORMS: dict[str, str] = {
     "pooled grid); not an image-token attention qkhooks records",
     "timm.models.volo.ClassAttention": "class attention after VOLO's outlooker stages; the model is refused for "
     "its outlook attention",
+    "timm.models.mobilevit.LinearSelfAttention": "MobileViT-v2 separable (linear) attention: one score per token "
+    "from a 1-channel projection, softmaxed over tokens and pooled into a single context vector; " + _NO_TOKEN_SOFTMAX,
+    "transformers.models.mobilevitv2.modeling_mobilevitv2.MobileViTV2LinearSelfAttention": "MobileViT-v2 separable "
+    "(linear) attention: one score per token, pooled into a single context vector; " + _NO_TOKEN_SOFTMAX,
+    "transformers.models.swiftformer.modeling_swiftformer.SwiftFormerEfficientAdditiveAttention": "additive attention: "
+    "one learned global query vector scores each token; " + _NO_TOKEN_SOFTMAX,
 }
+MOBILEVIT_UNFOLDED = ("MobileViT unfolds every image into patch-area sequences (batch x pixels-in-patch), so one 'image' "
+                      "of the attention is a pixel offset, not an image; qkhooks stores per image and does not model it yet")
+# Blocks that fold images into another batch layout before a plain attention runs: the attention's batch axis is not
+# images, so a site taken there would count and store its rows as images. Refused naming the attention inside.
+_UNFOLDING_BLOCKS = {
+    "timm.models.mobilevit.MobileVitBlock": MOBILEVIT_UNFOLDED,
+}
+
+
+def _refuse_unfolded(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        cls = type(module)
+        reason = _UNFOLDING_BLOCKS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if reason is None:
+            continue
+        inner = [(f"{name}.{n}", m) for n, m in attention_like(module)]
+        if inner:
+            raise QKHooksError(f"unsupported attention in {inner[0][0]!r} ({type(inner[0][1]).__name__}): {reason}.")
 
 
 def known_reason(module: nn.Module) -> str | None:
@@ -127,6 +151,7 @@ def diagnose(model: nn.Module) -> None:
     # attention classes whose rotary tables the adapters take from the call (AttentionSite.rope_input)
     from qkhooks.models.qknorm import qk_norm_modelled
 
+    _refuse_unfolded(model)
     rope_modelled = any(type(m).__name__ in _ROPE_MODELLED for m in model.modules())
     modelled = [n + "." for n, m in model.named_modules() if _modelled(m)]
     for name, module in model.named_modules():
@@ -225,8 +250,9 @@ def describe_attention_like(model: nn.Module, limit: int = 12) -> str:
             cls = type(module).__name__
             if _ATTENTION_NAME.search(cls) and cls not in seen and not _NOT_RECORDED_PATHS.search(name):
                 children = ", ".join(n for n, _ in module.named_children()) or "no child modules"
-                seen[cls] = (f"  - {name!r} ({cls}; children: {children}): attention-named, but it owns no q/k or fused "
-                             "qkv projection, so its logits are not a q·k form qkhooks can take.")
+                seen[cls] = (f"  - {name!r} ({cls}; children: {children}): " + (f"{known_reason(module)}." if known_reason(
+                    module) else "attention-named, but it owns no q/k or fused qkv projection, so its logits are not a "
+                    "q·k form qkhooks can take."))
     if not seen:
         return "It saw no attention-like module (none owns a q/k or fused qkv projection)."
     lines = list(seen.values())[:limit]
