@@ -304,6 +304,10 @@ def _siglip2_padded() -> dict[str, Any]:
     return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([[4, 4], [2, 4]])}
 
 
+DETR_SMALL = dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                  encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5)
+
+
 def _small_caformer() -> nn.Module:
     """CAFormer's layout (separable-conv stages, then attention stages) small: its entry points fix depths and dims."""
     from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
@@ -383,6 +387,9 @@ FAST_CASES = [
     # zoo-tail: plain softmax(q·k) of other timm families: (B, N, C) tokens, NCHW maps with a Linear or 1x1-conv qkv
     Case("caformer_s18", lambda: _small_caformer(), lambda: {"x": _images(64)}, "timm", "exact", entry="caformer_s18"),
     _timm_case("fastvit_sa12", "exact", size=64, layers=(1, 1, 1, 1), embed_dims=(16, 16, 32, 64), mlp_ratios=(2, 2, 2, 2)),
+    # zoo-tail: DETR-family encoders, position embeddings added to the tokens entering W_q/W_k (4x4 tokens at 128 px)
+    _hf_case("DetrModel", "DetrModel", "DetrConfig", "exact", size=128, **DETR_SMALL),
+    _hf_case("TableTransformerModel", "TableTransformerModel", "TableTransformerConfig", "exact", size=128, **DETR_SMALL),
     # zoo-tail: timm MobileViT's plain attention runs on images x pixels-in-patch: refused naming it, not miscounted
     _timm_case("mobilevit_xxs", "patch-area sequences", size=64, module="stages.2.1.transformer.0.attn"),
     _timm_case("visformer_tiny", "exact", size=64, img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1),
