@@ -104,3 +104,23 @@ def test_rope_pairs_and_angles_rebuild_the_models_own_rotation(name: str):
         turned = -q[..., a[f], None] * k[..., None, :, b[f]] + q[..., b[f], None] * k[..., None, :, a[f]]  # q^T J_f k
         got = got + torch.cos(delta) * same + torch.sin(delta) * turned
     assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
+
+
+def test_efficientformer_bias_is_the_modules_own_table_read_at_each_token_pair():
+    """run.bias(l) is attention_biases[h, idx(i, j)], indexed here directly from the module's parameters (the zoo case
+    checks the maps rebuilt with it against the model's own softmax)."""
+    from test_zoo import FAST_CASES, perturb
+
+    case = next(c for c in FAST_CASES if c.name == "efficientformer_l1")
+    torch.manual_seed(0)
+    model = perturb(case.build())
+    with qkhooks.record(model, modes=None, attention="full") as run, torch.no_grad():
+        run(**case.inputs())
+    attns = [m for m in model.modules() if type(m).__name__ == "Attention"]
+    assert len(attns) == len(run.layers) == 2
+    for layer, attn in zip(run.layers, attns):
+        table = attn.attention_biases.detach()
+        n = attn.attention_bias_idxs.shape[0]
+        want = torch.stack([torch.stack([table[:, int(attn.attention_bias_idxs[i, j])] for j in range(n)], -1)
+                            for i in range(n)], -2)  # (H, N, N)
+        assert torch.equal(run.bias(layer), want)

@@ -64,6 +64,9 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
         handles = []
         for i, site in enumerate(sites):
+            if getattr(site.module, "attn_drop", None) is None:  # no dropout module (EfficientFormer): its softmax
+                handles += _softmax_hooks(site.module, lambda t, i=i: maps.__setitem__(i, t.detach().clone()))
+                continue
             handles.append(site.module.attn_drop.register_forward_hook(
                 lambda m, a, o, i=i: maps.__setitem__(i, o.detach().clone())))
         try:
@@ -96,6 +99,30 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         twin.config._attn_implementation = "eager"
         return eager_maps(twin, twin_sites, inputs, kind)
     return [seen[i] for i in range(len(sites)) if i in seen]
+
+
+def _softmax_hooks(module: nn.Module, keep: Callable[[torch.Tensor], None]) -> list[Any]:
+    """Hooks that hand ``keep`` the output of the softmax the module computes in its own forward (its attention map)."""
+    from torch.overrides import TorchFunctionMode
+
+    softmaxes = {torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax}
+
+    class Grab(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in softmaxes:
+                keep(out)
+            return out
+
+    mode = Grab()
+
+    def enter(m: nn.Module, a: tuple) -> None:
+        mode.__enter__()
+
+    def leave(m: nn.Module, a: tuple, o: Any) -> None:
+        mode.__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
 
 
 def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
@@ -390,6 +417,9 @@ FAST_CASES = [
     # zoo-tail: DETR-family encoders, position embeddings added to the tokens entering W_q/W_k (4x4 tokens at 128 px)
     _hf_case("DetrModel", "DetrModel", "DetrConfig", "exact", size=128, **DETR_SMALL),
     _hf_case("TableTransformerModel", "TableTransformerModel", "TableTransformerConfig", "exact", size=128, **DETR_SMALL),
+    # zoo-tail: a position-indexed additive bias (the module's own attention_biases table)
+    _timm_case("efficientformer_l1", "exact", size=224, depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 64),
+               num_vit=2),
     # zoo-tail: timm MobileViT's plain attention runs on images x pixels-in-patch: refused naming it, not miscounted
     _timm_case("mobilevit_xxs", "patch-area sequences", size=64, module="stages.2.1.transformer.0.attn"),
     _timm_case("visformer_tiny", "exact", size=64, img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1),
