@@ -124,3 +124,27 @@ def test_efficientformer_bias_is_the_modules_own_table_read_at_each_token_pair()
         want = torch.stack([torch.stack([table[:, int(attn.attention_bias_idxs[i, j])] for j in range(n)], -1)
                             for i in range(n)], -2)  # (H, N, N)
         assert torch.equal(run.bias(layer), want)
+
+
+def test_detr_site_takes_tokens_plus_position_and_refuses_the_residual_input():
+    """The tokens handed on are x + p, p the position embedding the layer passes (read here from the call), and
+    input='residual' (x alone) is refused with the reason."""
+    from test_zoo import FAST_CASES, perturb
+
+    case = next(c for c in FAST_CASES if c.name == "DetrModel")
+    torch.manual_seed(0)
+    model = perturb(case.build())
+    (site, *_) = qkhooks.sites(model)
+    assert site.path == "encoder.layers.0.self_attn" and "x + p" in site.tokens_entering_qk
+    seen = {}
+    handle = site.module.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**case.inputs())
+    finally:
+        handle.remove()
+    got = site.hidden_states((), dict(seen))
+    assert torch.equal(got, seen["hidden_states"] + seen["position_embeddings"])
+    with pytest.raises(QKHooksError, match="position embedding is added inside the attention"):
+        with qkhooks.record(model, modes=4, input="residual"), torch.no_grad():
+            model(**case.inputs())

@@ -93,8 +93,13 @@ KNOWN_FORMS: dict[str, str] = {
     "maps with position-indexed biases; not modelled yet",
     "timm.models.levit.AttentionDownsample": "queries from a subsampled grid (a downsampling attention) with "
     "position-indexed biases; not modelled yet",
-    "timm.models.tiny_vit.Attention": "a LayerNorm inside the module before q/k (the module's input is not what enters "
-    "W_q/W_k) and position-indexed biases; not modelled yet",
+    "timm.models.tiny_vit.Attention": "windowed attention (TinyViT's blocks pad and split the grid into windows) with a "
+    "LayerNorm inside the module before q/k and position-indexed biases; not modelled yet",
+    "timm.models.volo.Attention": "plain attention of VOLO's later stages, but its first stage mixes tokens with outlook "
+    "attention (window weights from a linear layer, no q·k), which is not modelled: recording the later layers alone "
+    "would leave it out",
+    "timm.models.levit.Attention": "LeViT attention (q/k from Linear or conv + BatchNorm, position-indexed biases) sits "
+    "between downsampling attentions whose queries come from a subsampled grid; not modelled yet",
     "timm.models.csatv2.SpatialTransformerBlock": "one-channel attention inside a spatial gate (q, k of width 1 over a "
     "pooled grid); not an image-token attention qkhooks records",
     "timm.models.volo.ClassAttention": "class attention after VOLO's outlooker stages; the model is refused for "
