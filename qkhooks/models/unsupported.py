@@ -216,16 +216,18 @@ def refuse_uncovered(model: nn.Module, sites: Sequence["AttentionSite"]) -> None
         for name, module in attention_like(model)
         if not any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in taken)
     ]
-    if left:
-        known = known_reason(left[0][1])
-        raise QKHooksError(
-            "unsupported attention in "
-            + ", ".join(f"{name!r} ({type(module).__name__})" for name, module in left[:6])
-            + (f" and {len(left) - 6} more" if len(left) > 6 else "")
-            + (f": {known}. Recording the other layers alone would leave these out without a word." if known else
-               ": qkhooks does not model this attention form (its forward is not one the adapter knows), and "
-               "recording the other layers alone would leave these out without a word. " + _why(left[0][1]))
-        )
+    if not left:
+        return
+    listed = ", ".join(f"{name!r} ({type(module).__name__})" for name, module in left[:6]) + (
+        f" and {len(left) - 6} more" if len(left) > 6 else "")
+    known = known_reason(left[0][1])
+    if known:  # the reason first, then every module it leaves out
+        raise QKHooksError(f"unsupported attention in {left[0][0]!r} ({type(left[0][1]).__name__}): {known}. Left out "
+                           f"with it: {listed}; recording the other layers alone would leave these out without a word.")
+    raise QKHooksError(
+        f"unsupported attention in {listed}: qkhooks does not model this attention form (its forward is not one the "
+        "adapter knows), and recording the other layers alone would leave these out without a word. " + _why(left[0][1])
+    )
 
 
 def _why(module: nn.Module) -> str:
