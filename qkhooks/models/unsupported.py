@@ -95,6 +95,8 @@ KNOWN_FORMS: dict[str, str] = {
     "position-indexed biases; not modelled yet",
     "timm.models.tiny_vit.Attention": "windowed attention (TinyViT's blocks pad and split the grid into windows) with a "
     "LayerNorm inside the module before q/k and position-indexed biases; not modelled yet",
+    "timm.layers.lambda_layer.LambdaLayer": "lambda layer: the keys are softmaxed over the tokens on their own and "
+    "summarised with the values into a content lambda, plus a position lambda from a conv; " + _NO_TOKEN_SOFTMAX,
     "timm.models.volo.Attention": "plain attention of VOLO's later stages, but its first stage mixes tokens with outlook "
     "attention (window weights from a linear layer, no q·k), which is not modelled: recording the later layers alone "
     "would leave it out",
