@@ -148,3 +148,34 @@ def test_detr_site_takes_tokens_plus_position_and_refuses_the_residual_input():
     with pytest.raises(QKHooksError, match="position embedding is added inside the attention"):
         with qkhooks.record(model, modes=4, input="residual"), torch.no_grad():
             model(**case.inputs())
+
+
+def test_mobilevit_query_maps_are_the_blocks_own_pixels_projected_on_the_pixel_grid():
+    """MobileViT's attention sees each image as P sequences of patches; its query maps are put back on the block's
+    pixel grid. Reference: the block's own (B, C, H, W) map entering the transformer, normalised per pixel by the
+    first block's norm1 and projected on u_n directly, pixel by pixel in row-major order."""
+    from test_zoo import perturb
+
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("mobilevit_xxs", pretrained=False))
+    unfolding = next(m for m in model.modules() if type(m).__name__ == "MobileVitBlock")
+    maps = {}
+    handle = unfolding.conv_1x1.register_forward_hook(lambda m, a, o: maps.setdefault("x", o.detach()))
+    path = next(n for n, m in model.named_modules() if m is unfolding.transformer[0].attn)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    try:
+        with qkhooks.record(model, modes=4, attention="full") as run, torch.no_grad():
+            run(x)
+    finally:
+        handle.remove()
+    layer = next(s.layer for s in run.sites if s.path == path)
+    fmap = maps["x"]
+    with torch.no_grad():
+        tokens = unfolding.transformer[0].norm1(fmap.permute(0, 2, 3, 1)).flatten(1, 2)  # (B, H·W, C), row-major
+    want = torch.einsum("bnd,hdk->bhkn", tokens, run.spectrum[layer].U)
+    assert run.query[layer].shape == want.shape == (2, run.sites[layer].num_heads, 4, fmap.shape[2] * fmap.shape[3])
+    assert torch.allclose(run.query[layer], want, atol=1e-4 * float(want.abs().max()))
+    p = unfolding.patch_area
+    assert run.attention_maps("full")[layer].shape[:2] == (2, p)  # (B, P, H, N, N): one map per (image, offset)
+    with pytest.raises(QKHooksError, match="per pixel offset"):
+        qkhooks.record(model, modes=None, attention="rows")

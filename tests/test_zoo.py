@@ -158,6 +158,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
             bias = {s.layer: s.logit_bias() for s in run.sites}
             rotated = {s.layer: s.rotates() for s in run.sites}
             windows = {s.layer: s.window_index() for s in run.sites if hasattr(s, "window_index")}
+            # MobileViT: (pixel offsets P, patch (p_h, p_w), patches (n_h, n_w)) of the call
+            unfolded = {s.layer: (s.pixels, s.patch, s.patches_of_call()) for s in run.sites if hasattr(s, "patches_of_call")}
             form = _form(run.sites, bias, rotated)
     except QKHooksError as err:
         return _refused(err)
@@ -170,11 +172,17 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         got = full[site.layer]
         if site.layer in windows:  # one map per window: the model's (B·nW) batch axis split per image
             want = want.unflatten(0, (-1, windows[site.layer].shape[0]))
+        if site.layer in unfolded:  # one map per (image, pixel offset): the model's (B·P) batch axis split per image
+            got = got.flatten(0, 1)
         assert got.shape == want.shape, f"{site.path}: maps {tuple(got.shape)}, model {tuple(want.shape)}"
         err = float((got - want).abs().max())
         assert err < 1e-5, f"{site.path}: rebuilt maps differ from the model's eager attention by {err:.2e}"
         # modes (augmented: biases folded in) rebuild the logits; the model's own are log A up to a row constant
         query, key, spectrum = run.query[site.layer], run.key[site.layer], run.spectrum[site.layer]
+        if site.layer in unfolded:  # pixel-grid maps (B, H, K, n_h·p_h·n_w·p_w) back to the model's (B·P, H, K, N)
+            _, (ph, pw), (nh, nw) = unfolded[site.layer]
+            query, key = (t.reshape(*t.shape[:3], nh, ph, nw, pw).permute(0, 4, 6, 1, 2, 3, 5).reshape(
+                -1, t.shape[1], t.shape[2], nh * nw) for t in (query, key))
         if site.layer in windows:
             query = _windowed(query, windows[site.layer], spectrum.U[:, -1])  # (B, nW, H, K, Nw)
             key = _windowed(key, windows[site.layer], spectrum.V[:, -1])
@@ -420,8 +428,8 @@ FAST_CASES = [
     # zoo-tail: a position-indexed additive bias (the module's own attention_biases table)
     _timm_case("efficientformer_l1", "exact", size=224, depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 64),
                num_vit=2),
-    # zoo-tail: timm MobileViT's plain attention runs on images x pixels-in-patch: refused naming it, not miscounted
-    _timm_case("mobilevit_xxs", "patch-area sequences", size=64, module="stages.2.1.transformer.0.attn"),
+    # zoo-tail: timm MobileViT's plain attention runs on images x pixels-in-patch: maps per (image, offset)
+    _timm_case("mobilevit_xxs", "exact", size=64),
     _timm_case("visformer_tiny", "exact", size=64, img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1),
                num_heads=2),
 ]

@@ -23,7 +23,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, register_adapter
 from qkhooks.models.qknorm import qk_norm_modelled, qk_norm_of
-from qkhooks.models.unsupported import MOBILEVIT_UNFOLDED, refuse_uncovered
+from qkhooks.models.unsupported import refuse_uncovered
 
 _LAYER = re.compile(r"^(?P<block>(?:.*\.)?(?:layers?|blocks?)\.(?P<idx>\d+))\.")
 _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
@@ -44,7 +44,9 @@ _ROPE_FUNCTIONS: dict[str, tuple[str, Callable]] = {
 }
 # Attention classes whose token layout qkhooks does not model although their logits are plain.
 _FOLDED_TOKENS = {
-    "MobileViTSelfAttention": MOBILEVIT_UNFOLDED,
+    "MobileViTSelfAttention": "MobileViT unfolds every image into patch-area sequences (batch x pixels-in-patch), "
+    "so one 'image' of the attention is a pixel offset, not an image; qkhooks models that for timm's MobileViT "
+    "(models/mobilevit.py), not for this class yet",
     "HieraMaskUnitAttention": "Hiera splits the tokens into mask units (windows) inside the module and max-pools the "
     "queries (query stride), so its maps are per mask unit and queries x keys; qkhooks does not model that layout",
 }

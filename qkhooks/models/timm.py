@@ -45,6 +45,9 @@ class ExtraForm:
 
 
 EXTRA_FORMS: dict[str, ExtraForm] = {}
+# ``(model, site) -> site`` steps every site goes through last, for forms set by where a module sits rather than by its
+# class (mobilevit.py: timm's plain Attention inside a MobileViT block, which unfolds images into pixel offsets).
+SITE_FINISHERS: list[Callable[[nn.Module, AttentionSite], AttentionSite]] = []
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -202,6 +205,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
         )
         if extra:
             sites[-1] = extra.finish(sites[-1], attn)
+    for finish in SITE_FINISHERS:
+        sites = [finish(model, site) for site in sites]
     refuse_uncovered(model, sites)
     return sites
 

@@ -113,30 +113,7 @@ KNOWN_FORMS: dict[str, str] = {
     "transformers.models.swiftformer.modeling_swiftformer.SwiftFormerEfficientAdditiveAttention": "additive attention: "
     "one learned global query vector scores each token; " + _NO_TOKEN_SOFTMAX,
 }
-MOBILEVIT_UNFOLDED = ("MobileViT unfolds every image into patch-area sequences (batch x pixels-in-patch), so one 'image' "
-                      "of the attention is a pixel offset, not an image; qkhooks stores per image and does not model it yet")
-# Blocks that fold images into another batch layout before a plain attention runs: the attention's batch axis is not
-# images, so a site taken there would count and store its rows as images. Refused naming the attention inside.
-_UNFOLDING_BLOCKS = {
-    "timm.models.mobilevit.MobileVitBlock": MOBILEVIT_UNFOLDED,
-}
 
-
-def _refuse_unfolded(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        cls = type(module)
-        reason = _UNFOLDING_BLOCKS.get(f"{cls.__module__}.{cls.__qualname__}")
-        if reason is None:
-            continue
-        inner = [(f"{name}.{n}", m) for n, m in attention_like(module)]
-        if inner:
-            raise QKHooksError(f"unsupported attention in {inner[0][0]!r} ({type(inner[0][1]).__name__}): {reason}.")
-
-
-def known_reason(module: nn.Module) -> str | None:
-    """Why qkhooks does not model this attention class, when it knows the class (:data:`KNOWN_FORMS`)."""
-    cls = type(module)
-    return KNOWN_FORMS.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
 _NOT_RECORDED_PATHS = re.compile(r"(^|\.)(head|attn_pool|pooler|assign|pre_assign_attn|text_model|text_encoder)(\.|$)")
@@ -158,7 +135,6 @@ def diagnose(model: nn.Module) -> None:
     # attention classes whose rotary tables the adapters take from the call (AttentionSite.rope_input)
     from qkhooks.models.qknorm import qk_norm_modelled
 
-    _refuse_unfolded(model)
     rope_modelled = any(type(m).__name__ in _ROPE_MODELLED for m in model.modules())
     modelled = [n + "." for n, m in model.named_modules() if _modelled(m)]
     for name, module in model.named_modules():
