@@ -115,6 +115,11 @@ KNOWN_FORMS: dict[str, str] = {
 }
 
 
+def known_reason(module: nn.Module) -> str | None:
+    """Why qkhooks does not model this attention class, when it knows the class (:data:`KNOWN_FORMS`)."""
+    cls = type(module)
+    return KNOWN_FORMS.get(f"{cls.__module__}.{cls.__qualname__}")
+
 
 _NOT_RECORDED_PATHS = re.compile(r"(^|\.)(head|attn_pool|pooler|assign|pre_assign_attn|text_model|text_encoder)(\.|$)")
 
