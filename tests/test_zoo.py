@@ -64,6 +64,9 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
         handles = []
         for i, site in enumerate(sites):
+            if getattr(site.module, "attn_drop", None) is None:  # no dropout module (EfficientFormer): its softmax
+                handles += _softmax_hooks(site.module, lambda t, i=i: maps.__setitem__(i, t.detach().clone()))
+                continue
             handles.append(site.module.attn_drop.register_forward_hook(
                 lambda m, a, o, i=i: maps.__setitem__(i, o.detach().clone())))
         try:
@@ -96,6 +99,30 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         twin.config._attn_implementation = "eager"
         return eager_maps(twin, twin_sites, inputs, kind)
     return [seen[i] for i in range(len(sites)) if i in seen]
+
+
+def _softmax_hooks(module: nn.Module, keep: Callable[[torch.Tensor], None]) -> list[Any]:
+    """Hooks that hand ``keep`` the output of the softmax the module computes in its own forward (its attention map)."""
+    from torch.overrides import TorchFunctionMode
+
+    softmaxes = {torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax}
+
+    class Grab(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in softmaxes:
+                keep(out)
+            return out
+
+    mode = Grab()
+
+    def enter(m: nn.Module, a: tuple) -> None:
+        mode.__enter__()
+
+    def leave(m: nn.Module, a: tuple, o: Any) -> None:
+        mode.__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
 
 
 def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
@@ -131,6 +158,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
             bias = {s.layer: s.logit_bias() for s in run.sites}
             rotated = {s.layer: s.rotates() for s in run.sites}
             windows = {s.layer: s.window_index() for s in run.sites if hasattr(s, "window_index")}
+            # MobileViT: (pixel offsets P, patch (p_h, p_w), patches (n_h, n_w)) of the call
+            unfolded = {s.layer: (s.pixels, s.patch, s.patches_of_call()) for s in run.sites if hasattr(s, "patches_of_call")}
             form = _form(run.sites, bias, rotated)
     except QKHooksError as err:
         return _refused(err)
@@ -143,11 +172,17 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         got = full[site.layer]
         if site.layer in windows and want.dim() == 4:  # one map per window: the model's (B·nW) batch axis split per image
             want = want.unflatten(0, (-1, windows[site.layer].shape[0]))
+        if site.layer in unfolded:  # one map per (image, pixel offset): the model's (B·P) batch axis split per image
+            got = got.flatten(0, 1)
         assert got.shape == want.shape, f"{site.path}: maps {tuple(got.shape)}, model {tuple(want.shape)}"
         err = float((got - want).abs().max())
         assert err < 1e-5, f"{site.path}: rebuilt maps differ from the model's eager attention by {err:.2e}"
         # modes (augmented: biases folded in) rebuild the logits; the model's own are log A up to a row constant
         query, key, spectrum = run.query[site.layer], run.key[site.layer], run.spectrum[site.layer]
+        if site.layer in unfolded:  # pixel-grid maps (B, H, K, n_h·p_h·n_w·p_w) back to the model's (B·P, H, K, N)
+            _, (ph, pw), (nh, nw) = unfolded[site.layer]
+            query, key = (t.reshape(*t.shape[:3], nh, ph, nw, pw).permute(0, 4, 6, 1, 2, 3, 5).reshape(
+                -1, t.shape[1], t.shape[2], nh * nw) for t in (query, key))
         if site.layer in windows:
             query = _windowed(query, windows[site.layer], spectrum.U[:, -1])  # (B, nW, H, K, Nw)
             key = _windowed(key, windows[site.layer], spectrum.V[:, -1])
@@ -216,10 +251,12 @@ def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch
     else:
         q_lin = getattr(module, "q_proj", None) or getattr(module, "query", None) or module.q
         k_lin = getattr(module, "k_proj", None) or getattr(module, "key", None) or module.k
+        q_lin, k_lin = getattr(q_lin, "linear", q_lin), getattr(k_lin, "linear", k_lin)  # Gemma 4 wraps its Linear
         w_q, w_k, b_q, b_k = q_lin.weight, k_lin.weight, q_lin.bias, k_lin.bias
     with torch.no_grad():
         q = torch.nn.functional.linear(x, w_q, b_q).unflatten(-1, (heads, -1)).transpose(1, 2)
-        k = torch.nn.functional.linear(x, w_k, b_k).unflatten(-1, (heads, -1)).transpose(1, 2)
+        k = torch.nn.functional.linear(x, w_k, b_k).unflatten(-1, (-1, q.shape[-1])).transpose(1, 2)
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)  # grouped-query: key head g serves heads g·G..g·G+G-1
         return q @ k.transpose(-1, -2)
 
 
@@ -303,6 +340,18 @@ def _siglip2_padded() -> dict[str, Any]:
     return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([[4, 4], [2, 4]])}
 
 
+DETR_SMALL = dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                  encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5)
+
+
+def _small_caformer() -> nn.Module:
+    """CAFormer's layout (separable-conv stages, then attention stages) small: its entry points fix depths and dims."""
+    from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
+
+    return MetaFormer(depths=(1, 1, 1, 1), dims=(16, 16, 64, 64), token_mixers=(SepConv, SepConv, Attention, Attention),
+                      norm_layers=[LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2, num_classes=10)
+
+
 FAST_CASES = [
     _timm_case("vit_tiny_patch16_224", "exact", **SMALL_VIT),
     _timm_case("pit_ti_224", "exact", size=64, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8)),
@@ -315,7 +364,7 @@ FAST_CASES = [
     _timm_case("vit_small_patch16_224", "exact", qk_norm=True, **SMALL_VIT),
     _timm_case("cait_xxs24_224", "exact", depth_token_only=2, **SMALL_VIT),
     _timm_case("vit_pe_core_tiny_patch16_384", "exact", depth=2, img_size=32, qk_norm=True),  # AttentionRope
-    _timm_case("vit_pe_core_tiny_patch16_384", "grouped-query", module="blocks.0.attn", depth=2, img_size=32,
+    _timm_case("vit_pe_core_tiny_patch16_384-grouped-query", "exact", depth=2, img_size=32,
                num_kv_heads=1, qkv_fused=False),
     _hf_case("DINOv3ViTModel", "DINOv3ViTModel", "DINOv3ViTConfig", "exact", hidden_size=32, num_hidden_layers=2,
              num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, num_register_tokens=2),
@@ -392,6 +441,27 @@ FAST_CASES = [
     _hf_case("EomtForUniversalSegmentation", "EomtForUniversalSegmentation", "EomtConfig", "exact",
              num_queries=5, num_blocks=1, **HF_SMALL),
     _hf_case("Blip2VisionModel", "Blip2VisionModel", "Blip2VisionConfig", "exact", **HF_SMALL),
+    # zoo-tail: RoPE in HF Pixtral (two images packed into one sequence, block mask) and MLCD (rotated class token)
+    _hf_case("PixtralVisionModel", "PixtralVisionModel", "PixtralVisionConfig", "exact", head_dim=8, **HF_SMALL),
+    _hf_case("MLCDVisionModel", "MLCDVisionModel", "MLCDVisionConfig", "exact", **HF_SMALL),
+    # zoo-tail: timm Gemma 4 (2-D RoPE on RMS-normalised q/k, scale 1), with and without grouped-query heads
+    _timm_case("gemma4_vit_167m", "exact", embed_dim=32, depth=2, num_heads=4, head_dim=8, img_size=32, patch_size=8,
+               global_pool="avg"),
+    _timm_case("gemma4_vit_167m-grouped-query", "exact", embed_dim=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8,
+               img_size=32, patch_size=8, global_pool="avg"),
+    # zoo-tail: plain softmax(q·k) of other timm families: (B, N, C) tokens, NCHW maps with a Linear or 1x1-conv qkv
+    Case("caformer_s18", lambda: _small_caformer(), lambda: {"x": _images(64)}, "timm", "exact", entry="caformer_s18"),
+    _timm_case("fastvit_sa12", "exact", size=64, layers=(1, 1, 1, 1), embed_dims=(16, 16, 32, 64), mlp_ratios=(2, 2, 2, 2)),
+    # zoo-tail: DETR-family encoders, position embeddings added to the tokens entering W_q/W_k (4x4 tokens at 128 px)
+    _hf_case("DetrModel", "DetrModel", "DetrConfig", "exact", size=128, **DETR_SMALL),
+    _hf_case("TableTransformerModel", "TableTransformerModel", "TableTransformerConfig", "exact", size=128, **DETR_SMALL),
+    # zoo-tail: a position-indexed additive bias (the module's own attention_biases table)
+    _timm_case("efficientformer_l1", "exact", size=224, depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 64),
+               num_vit=2),
+    # zoo-tail: timm MobileViT's plain attention runs on images x pixels-in-patch: maps per (image, offset)
+    _timm_case("mobilevit_xxs", "exact", size=64),
+    _timm_case("visformer_tiny", "exact", size=64, img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1),
+               num_heads=2),
 ]
 
 
@@ -677,8 +747,9 @@ def test_a_mask_handed_to_an_attention_the_adapter_does_not_model_it_for_is_refu
             model.blocks[0](x, attn_mask=mask)
 
 
-@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("vit_small_patch16_dinov3", "DINOv3ViTModel",
-                                                                        "eva02_tiny_patch14_224")], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in (
+    "vit_small_patch16_dinov3", "DINOv3ViTModel", "eva02_tiny_patch14_224", "MLCDVisionModel",
+    "vit_pe_core_tiny_patch16_384-grouped-query")], ids=lambda c: c.name)
 def test_rope_band_forms_rebuild_the_models_rotated_logits(case: Case):
     """Σ_f cos Δφ_f · x̃_i^T W_q^T P_f W_k x̃_j + sin Δφ_f · x̃_i^T W_q^T J_f W_k x̃_j (one band per pair, biases folded in
     through x̃ = [x; 1]) equals the model's own rotated logits, read off its eager attention (log A per row)."""

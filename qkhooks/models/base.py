@@ -58,7 +58,8 @@ class AttentionSite:
             model's own function ``(q, k, tables) -> (q, k)`` that rotates (B, H, N, d_k) q and k with them
             (prefix tokens unrotated, as the model does). Rebuilt maps use the rotated q, k; modes stay those
             of the content form W_q^T W_k (the zero-offset term). ``rope_layout``: how dimensions pair up,
-            ``"interleaved"`` (0,1), (2,3)... or ``"half"`` (i, i + d_k/2); see :mod:`qkhooks.models.rope`.
+            ``"interleaved"`` (0,1), (2,3)..., ``"half"`` (i, i + d_k/2) or ``"axes"`` (two halves, each by its
+            halves: (i, i + d_k/4) and (d_k/2 + i, 3d_k/4 + i), Gemma 4); see :mod:`qkhooks.models.rope`.
         qk_norm: the model's own q/k normalisation (a :class:`qkhooks.models.qknorm.QKNorm`), applied to q and k
             before any rotation as the model does; rebuilt maps use the normalised q, k, modes stay those of the
             pre-norm form W_q^T W_k, and :func:`qkhooks.models.qknorm.normalised_form` gives the exact one.
@@ -70,9 +71,9 @@ class AttentionSite:
             ``ClassAttn``): maps are (B, H, 1, N), the model's shape.
         head_mixing: the model's own mixing of heads around the softmax (CaiT talking heads, a
             :class:`qkhooks.models.class_attention.TalkingHeads`): maps = mix_post(softmax(mix_pre(logits))).
-        token_layout: ``"tokens"`` (B, N, d) or ``"grid"``: the module takes (B, h, w, d) patch grids (VitDet),
-            read row by row as N = h·w tokens; ``"channels_first"``: (B, d, h, w) maps (MaxViT's NCHW attention), read
-            the same way.
+        token_layout: ``"tokens"`` (B, N, d), ``"grid"``: the module takes (B, h, w, d) patch grids (VitDet), or
+            ``"channels_first"``: (B, d, h, w) maps (MaxViT's NCHW attention, FastViT, Visformer); both read row by
+            row as N = h·w tokens.
         stage: dotted path of the container the block sits in (``blocks``, ``transformers.1.blocks``,
             ``encoder.stages.2.layers``): sites of one stage share a token grid.
         qk_modules: the Linear modules whose outputs are q and k, as the model computes them from the hooked
@@ -340,7 +341,7 @@ class AttentionSite:
     def _as_tokens(self, x: Any) -> Any:
         if self.token_layout == "grid" and isinstance(x, torch.Tensor) and x.dim() == 4:
             return x.flatten(1, 2)
-        if self.token_layout == "channels_first" and isinstance(x, torch.Tensor) and x.dim() == 4:
+        if self.token_layout == "channels_first" and isinstance(x, torch.Tensor) and x.dim() == 4:  # NCHW, row by row
             return x.flatten(2).transpose(1, 2)
         return x
 

@@ -31,12 +31,22 @@ _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
 _HARMLESS_CHILDREN = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv", "dropout", "attn_dropout",
                       "attention_dropout", "out_proj", "o_proj", "proj", "projection", "dense", "output",
                       "projection_layer", "projection_dropout"}
-# Attention classes handed (cos, sin) as position_embeddings -> their module's rotation function.
-_ROPE_FUNCTIONS = {"DINOv3ViTAttention": "apply_rotary_pos_emb"}
+# Attention classes handed (cos, sin) as position_embeddings -> (their module's rotation function, how the class
+# calls it on (B, H, N, d_k) q and k). All rotate halves (pairs (i, i + d_k/2)); the zoo test checks each against
+# the model's eager attention.
+_ROPE_FUNCTIONS: dict[str, tuple[str, Callable]] = {
+    "DINOv3ViTAttention": ("apply_rotary_pos_emb", lambda apply, q, k, cos, sin: apply(q, k, cos, sin)),
+    # Pixtral: (N, d_k) tables of the packed sequence of every image's patches (2-D axial, per-image grids)
+    "PixtralAttention": ("apply_rotary_pos_emb", lambda apply, q, k, cos, sin: apply(q, k, cos, sin, unsqueeze_dim=0)),
+    # MLCD: (N, d_k) tables, the class token turned by its own learned angle; the function takes (B, N, H, d_k)
+    "MLCDAttention": ("apply_rotary_pos_emb_vision", lambda apply, q, k, cos, sin: tuple(
+        t.transpose(1, 2) for t in apply(q.transpose(1, 2), k.transpose(1, 2), cos[None].float(), sin[None].float()))),
+}
 # Attention classes whose token layout qkhooks does not model although their logits are plain.
 _FOLDED_TOKENS = {
     "MobileViTSelfAttention": "MobileViT unfolds every image into patch-area sequences (batch x pixels-in-patch), "
-    "so one 'image' of the attention is a pixel offset, not an image; qkhooks stores per image and does not model it",
+    "so one 'image' of the attention is a pixel offset, not an image; qkhooks models that for timm's MobileViT "
+    "(models/mobilevit.py), not for this class yet",
     "HieraMaskUnitAttention": "Hiera splits the tokens into mask units (windows) inside the module and max-pools the "
     "queries (query stride), so its maps are per mask unit and queries x keys; qkhooks does not model that layout",
 }
@@ -246,16 +256,17 @@ def _norm_width(module: nn.Module) -> int | None:
 def _rope_reader(module: nn.Module):
     """The model's own rotation for attention classes whose rotary convention qkhooks has checked (the zoo
     test compares the maps with the model's eager attention); other rotary models are refused at run time."""
-    name = _ROPE_FUNCTIONS.get(type(module).__name__)
-    if name is None:
+    entry = _ROPE_FUNCTIONS.get(type(module).__name__)
+    if entry is None:
         return None
     import sys
 
+    name, call = entry
     apply = getattr(sys.modules[type(module).__module__], name)
 
     def rotate(q: torch.Tensor, k: torch.Tensor, tables):
         cos, sin = tables
-        return apply(q, k, cos, sin)
+        return call(apply, q, k, cos, sin)
 
     return rotate
 

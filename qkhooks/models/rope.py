@@ -53,6 +53,10 @@ def rope_pairs(site: AttentionSite) -> tuple[torch.Tensor, torch.Tensor]:
     dk = site.head_dim
     if site.rope_layout == "half":
         return torch.arange(dk // 2), torch.arange(dk // 2, dk)
+    if site.rope_layout == "axes":  # two halves (rows, columns), each rotated by its own halves (Gemma 4)
+        quarter = torch.arange(dk // 4)
+        first = torch.cat([quarter, quarter + dk // 2])
+        return first, first + dk // 4
     return torch.arange(0, dk, 2), torch.arange(1, dk, 2)
 
 
@@ -129,7 +133,9 @@ def capture_rope_tables(model: nn.Module, sites: Sequence[AttentionSite]) -> dic
 
     def grab(site: AttentionSite):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            tables[site.layer] = kwargs.get(site.rope_input)  # type: ignore[arg-type]
+            site.refuse_unmodelled_inputs(args, kwargs)  # reads the tables wherever the site's call carries them
+            tables[site.layer] = site._call_rope
+            site.forget_call()
 
         return hook
 

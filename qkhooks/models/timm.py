@@ -45,6 +45,9 @@ class ExtraForm:
 
 
 EXTRA_FORMS: dict[str, ExtraForm] = {}
+# ``(model, site) -> site`` steps every site goes through last, for forms set by where a module sits rather than by its
+# class (mobilevit.py: timm's plain Attention inside a MobileViT block, which unfolds images into pixel offsets).
+SITE_FINISHERS: list[Callable[[nn.Module, AttentionSite], AttentionSite]] = []
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -82,10 +85,34 @@ def _qk_reader(attn: nn.Module, kind: str) -> tuple[Callable[[], tuple[torch.Ten
         w = torch.cat([q.weight, k.weight])
         if q.bias is None and k.bias is None:
             return w, None
-        zeros = q.weight.new_zeros(rows)
-        return w, torch.cat([zeros if q.bias is None else q.bias, zeros if k.bias is None else k.bias])
+        return w, torch.cat([q.weight.new_zeros(q.weight.shape[0]) if q.bias is None else q.bias,
+                             k.weight.new_zeros(k.weight.shape[0]) if k.bias is None else k.bias])
 
     return separate, (q, k)
+
+
+def grouped_query_reader(path: str, attn: nn.Module, qk_linear: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+                         ) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+    """Grouped-query attention (``num_kv_heads`` < ``num_heads``): key head g serves query heads g·G .. g·G + G − 1
+    (the model's ``repeat_interleave``), so the content form of query head h is W_q,h^T W_k,h//G. Returns the q rows
+    and the key rows repeated per query head, the (2·H·d_k, d) layout every site reads."""
+    heads, kv_heads = int(attn.num_heads), int(attn.num_kv_heads)
+    if heads % kv_heads:
+        raise QKHooksError(f"unsupported attention in {path!r} ({type(attn).__name__}): {heads} query heads do not "
+                           f"split evenly over {kv_heads} key heads.")
+    groups = heads // kv_heads
+
+    def expanded() -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = qk_linear()
+        dk = w.shape[0] // (heads + kv_heads)
+        rows = heads * dk
+
+        def repeat(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(0, (kv_heads, dk)).repeat_interleave(groups, 0).flatten(0, 1)
+
+        return torch.cat([w[:rows], repeat(w[rows:])]), None if b is None else torch.cat([b[:rows], repeat(b[rows:])])
+
+    return expanded
 
 
 def _eva_rotation(attn: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -143,16 +170,14 @@ def find(model: nn.Module) -> list[AttentionSite]:
         stage = block_path.rpartition(".")[0]
         extra = EXTRA_FORMS.get(kind)
         site_grid = _pit_stage_grid(stage, grid)
-        if int(getattr(attn, "num_kv_heads", attn.num_heads)) != int(attn.num_heads):
-            raise QKHooksError(
-                f"unsupported attention in {name!r} ({type(attn).__name__}): grouped-query attention ({attn.num_heads} "
-                f"query heads share {attn.num_kv_heads} key heads), which qkhooks does not model yet."
-            )
+        grouped = int(getattr(attn, "num_kv_heads", attn.num_heads)) != int(attn.num_heads)
         rotary = kind in ("EvaAttention", "AttentionRope")
         if kind in ("ClassAttn", "TalkingHeadAttn"):  # CaiT: its own query tokens, prefix and head mixing
             fields = cait_site_fields(attn, kind)
         else:
             qk_linear, qk_modules = extra.qk_reader(attn) if extra else _qk_reader(attn, kind)
+            if grouped:  # each query head against its group's key head: modes and maps from the tokens x
+                qk_linear, qk_modules = grouped_query_reader(name, attn, qk_linear), ()
             fields = dict(qk_linear=qk_linear, qk_modules=qk_modules, num_prefix_tokens=num_prefix,
                           head_dim=int(qk_linear()[0].shape[0]) // 2 // int(attn.num_heads))
         sites.append(
@@ -180,6 +205,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
         )
         if extra:
             sites[-1] = extra.finish(sites[-1], attn)
+    for finish in SITE_FINISHERS:
+        sites = [finish(model, site) for site in sites]
     refuse_uncovered(model, sites)
     return sites
 

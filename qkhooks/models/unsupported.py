@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 _RELATIVE_BIAS = ("relative_position_bias", "relpos", "rel_pos")
 _ROTARY = ("rope", "rotary")
-_ROPE_MODELLED = ("EvaAttention", "AttentionRope", "DINOv3ViTAttention")
+_ROPE_MODELLED = ("EvaAttention", "AttentionRope", "DINOv3ViTAttention", "PixtralAttention", "MLCDAttention",
+                  "Gemma4Attention")
 _REASONS = (
     (_ROTARY, "rotary position embeddings make the query-key form depend on the relative position"),
     (("window", "swin"), "windowed attention splits the tokens into windows with their own masks and shifts"),
@@ -45,6 +46,84 @@ UNMODELLED_FORMS: dict[str, Callable[[nn.Module], str | None]] = {}
 def _modelled(module: nn.Module) -> bool:
     cls = type(module)
     return cls.__name__ in MODELLED_FORMS or f"{cls.__module__}.{cls.__qualname__}" in MODELLED_FORMS
+# Attention classes qkhooks knows and does not model, with the reason (module.Class, since names like ``Attention``
+# repeat across families): what a refusal and the generic error say instead of "no adapter models this class".
+_NO_TOKEN_SOFTMAX = "there is no softmax of q·k over the image tokens, so no W_q^T W_k form governs its maps"
+KNOWN_FORMS: dict[str, str] = {
+    "timm.models.xcit.XCA": "cross-covariance attention: the softmax runs over channels (a d_k x d_k map per head from "
+    "L2-normalised q and k with a learned temperature), not over tokens; " + _NO_TOKEN_SOFTMAX,
+    "timm.models.edgenext.CrossCovarianceAttn": "cross-covariance attention (as XCiT): the softmax runs over channels, "
+    "not over tokens; " + _NO_TOKEN_SOFTMAX,
+    "timm.models.convit.GPSA": "gated positional self-attention: each head's map is a sigmoid-gated mix of softmax(q·k) "
+    "and a softmax over a learned positional term, so a map is not one softmax of q·k plus a bias",
+    "timm.models.coat.FactorAttnConvRelPosEnc": "factorised attention: a softmax of k alone over the tokens, then "
+    "q (k^T v), plus a convolutional position term; " + _NO_TOKEN_SOFTMAX,
+    "timm.layers.diff_attention.DiffAttention": "differential attention: the map is the difference of two softmax(q·k) "
+    "maps (weighted by a learned λ), not one softmax, so neither q·k form alone gives the model's maps",
+    "timm.layers.attention2d.MultiQueryAttention2d": "multi-query attention on NCHW maps: one key/value head shared by "
+    "every query head, keys and values from strided depthwise convs and norms (a reduced grid); not modelled yet",
+    "timm.layers.attention2d.MultiQueryAttentionV2": "multi-query attention on NCHW maps (one shared key head, reduced "
+    "keys); not modelled yet",
+    "timm.models.efficientvit_mit.LiteMLA": "linear attention: a ReLU kernel normalised by its sum, no softmax; "
+    + _NO_TOKEN_SOFTMAX,
+    "timm.models.swiftformer.EfficientAdditiveAttention": "additive attention: one learned global query vector scores "
+    "each token; " + _NO_TOKEN_SOFTMAX,
+    "timm.models.shvit.SHSA": "single-head attention on a normalised channel slice of an NCHW map, q/k from a conv with "
+    "a folded norm; not modelled yet",
+    "timm.models.nextvit.EfficientAttention": "keys and values from average-pooled, batch-normalised tokens (spatial "
+    "reduction with a BatchNorm) while the queries keep every token; not modelled yet",
+    "timm.models.volo.OutlookAttention": "outlook attention: the weights of each local window come from a linear layer "
+    "of the centre token, not from q·k; " + _NO_TOKEN_SOFTMAX,
+    "timm.models.hiera.MaskUnitAttention": "Hiera splits the tokens into mask units (windows) inside the module and "
+    "max-pools the queries (query stride), so its maps are per mask unit and queries x keys; not modelled yet",
+    "timm.models.hieradet_sam2.MultiScaleAttention": "queries max-pooled inside the module (query stride) within "
+    "windows, so its maps are pooled queries x keys per window; not modelled yet",
+    "timm.models.mvitv2.MultiScaleAttention": "pooled queries, keys and values (strided convs + norms inside the module) "
+    "plus a decomposed relative-position term q·R; not modelled yet",
+    "timm.models.mvitv2.MultiScaleAttentionPoolFirst": "pooled queries, keys and values plus a decomposed "
+    "relative-position term q·R; not modelled yet",
+    "timm.layers.bottleneck_attn.BottleneckAttn": "a query-dependent relative-position term (q·R_h + q·R_w from "
+    "PosEmbedRel) is added to q·k: a content-position term, not a bias; not modelled yet",
+    "timm.layers.halo_attn.HaloAttn": "blocked (haloed) windows with a query-dependent relative-position term "
+    "(PosEmbedRel); not modelled yet",
+    "timm.models.nest.Attention": "attention within each of the image's non-overlapping blocks (a (B, T, N, C) tensor: "
+    "one map per block, blocks on their own axis); not modelled yet",
+    "timm.models.tnt.Attention": "TNT's inner attention runs over the pixels of each patch (the batch axis is images x "
+    "patches), the outer one over patches; the inner layout is not modelled yet",
+    "timm.models.efficientformer_v2.Attention2d": "talking heads (1x1 convs mixing heads before and after the softmax) "
+    "on NCHW maps with q/k from conv + BatchNorm and position-indexed biases; not modelled yet",
+    "timm.models.efficientformer_v2.Attention2dDownsample": "strided local queries (a downsampling attention) on NCHW "
+    "maps with position-indexed biases; not modelled yet",
+    "timm.models.levit.AttentionDownsample": "queries from a subsampled grid (a downsampling attention) with "
+    "position-indexed biases; not modelled yet",
+    "timm.models.tiny_vit.Attention": "windowed attention (TinyViT's blocks pad and split the grid into windows) with a "
+    "LayerNorm inside the module before q/k and position-indexed biases; not modelled yet",
+    "timm.layers.lambda_layer.LambdaLayer": "lambda layer: the keys are softmaxed over the tokens on their own and "
+    "summarised with the values into a content lambda, plus a position lambda from a conv; " + _NO_TOKEN_SOFTMAX,
+    "timm.models.volo.Attention": "plain attention of VOLO's later stages, but its first stage mixes tokens with outlook "
+    "attention (window weights from a linear layer, no q·k), which is not modelled: recording the later layers alone "
+    "would leave it out",
+    "timm.models.levit.Attention": "LeViT attention (q/k from Linear or conv + BatchNorm, position-indexed biases) sits "
+    "between downsampling attentions whose queries come from a subsampled grid; not modelled yet",
+    "timm.models.csatv2.SpatialTransformerBlock": "one-channel attention inside a spatial gate (q, k of width 1 over a "
+    "pooled grid); not an image-token attention qkhooks records",
+    "timm.models.volo.ClassAttention": "class attention after VOLO's outlooker stages; the model is refused for "
+    "its outlook attention",
+    "timm.models.mobilevit.LinearSelfAttention": "MobileViT-v2 separable (linear) attention: one score per token "
+    "from a 1-channel projection, softmaxed over tokens and pooled into a single context vector; " + _NO_TOKEN_SOFTMAX,
+    "transformers.models.mobilevitv2.modeling_mobilevitv2.MobileViTV2LinearSelfAttention": "MobileViT-v2 separable "
+    "(linear) attention: one score per token, pooled into a single context vector; " + _NO_TOKEN_SOFTMAX,
+    "transformers.models.swiftformer.modeling_swiftformer.SwiftFormerEfficientAdditiveAttention": "additive attention: "
+    "one learned global query vector scores each token; " + _NO_TOKEN_SOFTMAX,
+}
+
+
+def known_reason(module: nn.Module) -> str | None:
+    """Why qkhooks does not model this attention class, when it knows the class (:data:`KNOWN_FORMS`)."""
+    cls = type(module)
+    return KNOWN_FORMS.get(f"{cls.__module__}.{cls.__qualname__}")
+
+
 _NOT_RECORDED_PATHS = re.compile(r"(^|\.)(head|attn_pool|pooler|assign|pre_assign_attn|text_model|text_encoder)(\.|$)")
 
 
@@ -74,7 +153,7 @@ def diagnose(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in modelled):
             continue
-        if _has_qk_norm(module) and not qk_norm_modelled(module):
+        if _has_qk_norm(module) and not qk_norm_modelled(module) and not _modelled(module):
             raise QKHooksError(
                 f"unsupported attention in {name!r} ({type(module).__name__}): q/k normalisation makes the "
                 "logit a non-linear function of the tokens, so W_q^T W_k has no exact meaning there."
@@ -128,18 +207,25 @@ def refuse_uncovered(model: nn.Module, sites: Sequence["AttentionSite"]) -> None
         for name, module in attention_like(model)
         if not any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in taken)
     ]
-    if left:
-        raise QKHooksError(
-            "unsupported attention in "
-            + ", ".join(f"{name!r} ({type(module).__name__})" for name, module in left[:6])
-            + (f" and {len(left) - 6} more" if len(left) > 6 else "")
-            + ": qkhooks does not model this attention form (its forward is not one the adapter knows), and "
-            "recording the other layers alone would leave these out without a word. " + _why(left[0][1])
-        )
+    if not left:
+        return
+    listed = ", ".join(f"{name!r} ({type(module).__name__})" for name, module in left[:6]) + (
+        f" and {len(left) - 6} more" if len(left) > 6 else "")
+    known = known_reason(left[0][1])
+    if known:  # the reason first, then every module it leaves out
+        raise QKHooksError(f"unsupported attention in {left[0][0]!r} ({type(left[0][1]).__name__}): {known}. Left out "
+                           f"with it: {listed}; recording the other layers alone would leave these out without a word.")
+    raise QKHooksError(
+        f"unsupported attention in {listed}: qkhooks does not model this attention form (its forward is not one the "
+        "adapter knows), and recording the other layers alone would leave these out without a word. " + _why(left[0][1])
+    )
 
 
 def _why(module: nn.Module) -> str:
     """The best reason we can give for one unmodelled attention module."""
+    known = known_reason(module)
+    if known:
+        return f"{type(module).__name__}: {known}."
     label = f"{type(module).__name__} " + " ".join(n for n, _ in module.named_children())
     for keys, reason in _REASONS:
         if any(key.strip(".") in label.lower() for key in keys):
@@ -154,14 +240,17 @@ def describe_attention_like(model: nn.Module, limit: int = 12) -> str:
         cls = type(module).__name__
         if cls not in seen:
             children = ", ".join(n for n, _ in module.named_children()) or "no child modules"
-            seen[cls] = f"  - {name!r} ({cls}; children: {children}): no registered adapter models this class. {_why(module)}"
+            known = known_reason(module)
+            seen[cls] = (f"  - {name!r} ({cls}; children: {children}): {known}." if known else
+                         f"  - {name!r} ({cls}; children: {children}): no registered adapter models this class. {_why(module)}")
     if not seen:  # name the attention-named modules it did see, and why none was taken
         for name, module in model.named_modules():
             cls = type(module).__name__
             if _ATTENTION_NAME.search(cls) and cls not in seen and not _NOT_RECORDED_PATHS.search(name):
                 children = ", ".join(n for n, _ in module.named_children()) or "no child modules"
-                seen[cls] = (f"  - {name!r} ({cls}; children: {children}): attention-named, but it owns no q/k or fused "
-                             "qkv projection, so its logits are not a q·k form qkhooks can take.")
+                seen[cls] = (f"  - {name!r} ({cls}; children: {children}): " + (f"{known_reason(module)}." if known_reason(
+                    module) else "attention-named, but it owns no q/k or fused qkv projection, so its logits are not a "
+                    "q·k form qkhooks can take."))
     if not seen:
         return "It saw no attention-like module (none owns a q/k or fused qkv projection)."
     lines = list(seen.values())[:limit]

@@ -1,0 +1,71 @@
+"""Attention with a position-indexed additive bias, taught to the timm adapter: timm EfficientFormer ``Attention``.
+
+logit_h(i, j) = scale · q_h,i·k_h,j + B_h[idx(i, j)]: a learned table ``attention_biases`` (H, P) read at the index
+of the two tokens' offset. The bias is position-only: the site takes the very (H, N, N) term the module adds (its
+own ``get_attention_biases``, read from the call), so rebuilt maps add it and ``run.bias(l)`` returns it as its own
+term; modes are those of W_q^T W_k, exact for the content term. The fused ``qkv`` is laid out per head
+(q, k, v of head 0, then of head 1...), so the q and k rows are gathered head by head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from qkhooks.errors import QKHooksError
+from qkhooks.models import timm as timm_adapter
+from qkhooks.models.base import AttentionSite
+from qkhooks.models.unsupported import MODELLED_FORMS
+
+
+def _efficientformer_attention() -> type:
+    try:
+        from timm.models.efficientformer import Attention
+    except ImportError:  # pragma: no cover - a timm without EfficientFormer: a class no module is an instance of
+        return type("MissingEfficientFormerAttention", (), {"forward": None})
+    return Attention
+
+
+def per_head_rows(attn: nn.Module, linear: nn.Linear) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple]:
+    """q then k rows of a qkv laid out per head ([q_h | k_h | v_h] for each head h, widths key_dim, key_dim, val_dim)."""
+    heads, key_dim, val_dim = int(attn.num_heads), int(attn.key_dim), int(attn.val_dim)
+    per_head = 2 * key_dim + val_dim
+    start = torch.arange(heads)[:, None] * per_head
+    q_rows = (start + torch.arange(key_dim)).flatten()
+    rows = torch.cat([q_rows, q_rows + key_dim])
+
+    def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = linear.weight
+        return w[rows.to(w.device)], None if linear.bias is None else linear.bias[rows.to(w.device)]
+
+    return reader, ()  # the Linear's output interleaves heads: modes and maps from the tokens x
+
+
+def _bias_of_call(site: AttentionSite, attn: nn.Module) -> Callable[[tuple, dict], torch.Tensor]:
+    """The (1, H, N, N) term the module adds in this call, from its own ``get_attention_biases``; any argument besides
+    the tokens is refused."""
+    def bias(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        extra = [f"argument {i}" for i in range(1, len(args))] + sorted(k for k in kwargs if k != site.input_name)
+        if extra:
+            raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): the model passes "
+                               f"{extra}, which the adapter does not model.")
+        x = args[0] if args else kwargs[site.input_name]
+        return attn.get_attention_biases(x.device).detach()[None]
+
+    return bias
+
+
+def _efficientformer_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    tokens = int(attn.attention_bias_idxs.shape[0])
+    side = int(round(tokens**0.5))
+    grid = (side, side) if side * side == tokens else None  # the only grid its table is built for
+    site = dataclasses.replace(site, family="timm-efficientformer", grid=grid, patch_size=None)
+    return dataclasses.replace(site, call_bias=_bias_of_call(site, attn))
+
+
+timm_adapter.EXTRA_FORMS["EfficientFormerAttention"] = timm_adapter.ExtraForm(
+    _efficientformer_attention, lambda attn: per_head_rows(attn, attn.qkv), _efficientformer_site)
+MODELLED_FORMS.add("timm.models.efficientformer.Attention")

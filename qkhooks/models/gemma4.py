@@ -1,0 +1,105 @@
+"""Adapter for timm's Gemma 4 vision encoder (``gemma4_vit_*``): 2-D RoPE on RMS-normalised q and k, scale 1.
+
+Gemma4Attention normalises q and k per head (RMSNorm with a gain), rotates them with 2-D RoPE whose head
+dimensions split into a row half and a column half, each rotated by halves (pairs (i, i + d_k/4) within each half:
+layout ``"axes"`` in :mod:`qkhooks.models.rope`), repeats the key heads over the query heads when it has fewer
+(grouped-query), and takes softmax(q·k) with scale 1. The block hands the rotary tables as positional arguments
+``(x, rope_cos, rope_sin)``: the site reads them from the call (:class:`Gemma4Site`), so maps are rebuilt from the
+model's own normalised, rotated q and k; modes are those of the content form W_q^T W_k (pre-norm, zero offset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from qkhooks.errors import QKHooksError
+from qkhooks.models.base import AttentionSite, register_adapter
+from qkhooks.models.qknorm import qk_norm_of
+from qkhooks.models.timm import grouped_query_reader
+from qkhooks.models.unsupported import MODELLED_FORMS, refuse_uncovered
+
+_ATTENTION = "timm.models.gemma4_vit.Gemma4Attention"
+MODELLED_FORMS.add(_ATTENTION)
+_CALL = ("x", "rope_cos", "rope_sin", "attn_mask")
+
+
+@dataclasses.dataclass(eq=False)
+class Gemma4Site(AttentionSite):
+    """A Gemma4Attention site: its rotary tables come as the call's 2nd and 3rd positional arguments."""
+
+    def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        call = dict(zip(_CALL, args), **kwargs)
+        unknown = sorted(set(call) - set(_CALL)) + [f"argument {i}" for i in range(len(_CALL), len(args))]
+        if unknown:
+            raise QKHooksError(f"unsupported attention in {self.path!r} (Gemma4Attention): the model passes {unknown}, "
+                               "which the Gemma 4 adapter does not model.")
+        self._call_rope = (call["rope_cos"], call["rope_sin"])
+        self._call_bias = call.get("attn_mask")  # padding positions: an additive -inf column mask, or None
+
+
+def _rotation(q: torch.Tensor, k: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own ``apply_multidimensional_rope`` on (B, H, N, d_k) q and k (it takes (B, N, H, d_k))."""
+    from timm.models.gemma4_vit import apply_multidimensional_rope
+
+    cos, sin = tables
+    return tuple(  # type: ignore[return-value]
+        apply_multidimensional_rope(t.transpose(1, 2), cos, sin, ndim=2, unsqueeze_dim=2).transpose(1, 2) for t in (q, k)
+    )
+
+
+def _linear(path: str, clippable: nn.Module) -> nn.Linear:
+    """The Linear inside a Gemma4ClippableLinear; refused when it clamps its input or output (a non-linear map)."""
+    if getattr(clippable, "use_clipped", False) and any(
+        bool(torch.isfinite(getattr(clippable, b)).any()) for b in ("input_min", "input_max", "output_min", "output_max")
+    ):
+        raise QKHooksError(f"unsupported attention in {path!r} (Gemma4Attention): its q/k projections clamp their input "
+                           "or output (use_clipped with finite bounds), so q and k are not linear in the tokens.")
+    return clippable.linear
+
+
+def find(model: nn.Module) -> list[AttentionSite]:
+    """One site per Gemma4Attention, in forward order; anything else attention-like refuses the model."""
+    encoder = model.encoder if hasattr(model, "encoder") else model
+    patch = tuple(int(p) for p in encoder.patch_size)
+    sites: list[AttentionSite] = []
+    for name, attn in model.named_modules():
+        if not _is_gemma4_attention(attn):
+            continue
+        if int(attn.head_dim) % 4:
+            raise QKHooksError(f"unsupported attention in {name!r} (Gemma4Attention): head_dim {attn.head_dim} is not a "
+                               "multiple of 4, so part of each head is left unrotated, which the adapter does not model.")
+        q, k = _linear(name, attn.q_proj), _linear(name, attn.k_proj)
+
+        def qk_linear(q: nn.Linear = q, k: nn.Linear = k) -> tuple[torch.Tensor, None]:
+            return torch.cat([q.weight, k.weight]), None
+
+        grouped = int(attn.num_kv_heads) != int(attn.num_heads)
+        block_path = name.rpartition(".")[0]
+        sites.append(Gemma4Site(
+            layer=len(sites), path=name, module=attn, block_path=block_path, block=model.get_submodule(block_path),
+            num_heads=int(attn.num_heads), head_dim=int(attn.head_dim), dim=q.in_features, scale=1.0,
+            num_prefix_tokens=0, grid=None, family="timm-gemma4", input_name="x", block_input_name="x",
+            qk_linear=grouped_query_reader(name, attn, qk_linear) if grouped else qk_linear,
+            qk_modules=() if grouped else (q, k), patch_size=patch, stage=block_path.rpartition(".")[0],
+            rope_apply=_rotation, rope_layout="axes", qk_norm=qk_norm_of(name, attn),
+        ))
+    refuse_uncovered(model, sites)
+    return sites
+
+
+def _is_gemma4_attention(module: nn.Module) -> bool:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}" == _ATTENTION
+
+
+def matches(model: nn.Module) -> bool:
+    """A timm Gemma 4 vision model."""
+    return type(model).__module__ == "timm.models.gemma4_vit" and any(_is_gemma4_attention(m) for m in model.modules())
+
+
+register_adapter("timm-gemma4", matches, find, families="timm Gemma 4 vision (gemma4_vit_*: 2-D RoPE, RMS q/k-norm, "
+                 "grouped-query)", first=False)

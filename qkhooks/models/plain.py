@@ -1,0 +1,67 @@
+"""Plain softmax(scale · q·k) attention of timm families outside the ViT file, taught to the timm adapter.
+
+Each of these modules computes exactly softmax(scale · q·k) over the tokens of one image, with q and k rows of
+one fused projection (q, then k, then v) and nothing else in the logits; what differs is only how the module
+receives its tokens:
+
+- MetaFormer (CAFormer) ``Attention``: (B, N, C) tokens, ``qkv`` Linear.
+- FastViT ``Attention``: an NCHW map, flattened row by row inside the module, ``qkv`` Linear.
+- Visformer ``Attention``: an NCHW map and a 1x1-conv ``qkv`` (a Linear applied at every pixel).
+
+Sites read NCHW maps as tokens row by row (``token_layout="channels_first"``), as the modules do; the grid of a
+stage is the map's own (no native grid is claimed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qkhooks.models import timm as timm_adapter
+from qkhooks.models.base import AttentionSite
+from qkhooks.models.unsupported import MODELLED_FORMS
+
+
+def _class(module: str, name: str) -> Callable[[], type]:
+    def load() -> type:
+        import importlib
+
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # a timm without this family: a class no module is an instance of
+            return type(f"Missing{name}", (), {"forward": None})
+
+    return load
+
+
+def _fused_rows(attn: nn.Module) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]:
+    """q then k rows of the fused ``qkv`` (a Linear, or a 1x1 conv read as one); projections from the Linear's output
+    where it is a Linear applied to the tokens, from the tokens x for a conv (its output is an NCHW map)."""
+    qkv = attn.qkv
+    rows = int(attn.num_heads) * int(attn.head_dim)
+
+    def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = qkv.weight[: 2 * rows]
+        return w.flatten(1), None if qkv.bias is None else qkv.bias[: 2 * rows]
+
+    return reader, (qkv,) if isinstance(qkv, nn.Linear) else ()
+
+
+def _site(layout: str, family: str) -> Callable[[AttentionSite, nn.Module], AttentionSite]:
+    def finish(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+        return dataclasses.replace(site, token_layout=layout, family=family, grid=None, patch_size=None)
+
+    return finish
+
+
+_FORMS = {
+    "MetaFormerAttention": ("timm.models.metaformer", "Attention", "tokens", "timm-metaformer"),
+    "FastVitAttention": ("timm.models.fastvit", "Attention", "channels_first", "timm-fastvit"),
+    "VisformerAttention": ("timm.models.visformer", "Attention", "channels_first", "timm-visformer"),
+}
+for _kind, (_module, _name, _layout, _family) in _FORMS.items():
+    timm_adapter.EXTRA_FORMS[_kind] = timm_adapter.ExtraForm(_class(_module, _name), _fused_rows, _site(_layout, _family))
+    MODELLED_FORMS.add(f"{_module}.{_name}")
