@@ -141,6 +141,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
     full = run.attention_maps("full")
     for live, site, want in zip(sites, called, eager):
         got = full[site.layer]
+        if want.dim() == 3:  # SAM folds the heads into the batch axis: (B·H, N, N)
+            want = want.unflatten(0, (-1, site.num_heads))
         if site.layer in windows:  # one map per window: the model's (B·nW) batch axis split per image
             want = want.unflatten(0, (-1, windows[site.layer].shape[0]))
         assert got.shape == want.shape, f"{site.path}: maps {tuple(got.shape)}, model {tuple(want.shape)}"
@@ -159,6 +161,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
             logits = logits + (term.unflatten(0, (-1, logits.shape[1])) if site.layer in windows and len(term) > 1 else term)
         if not site.modes_rebuild_logits():  # RoPE, q/k-norm, CaiT: the modes are the content form, compared with q·k
             ref = _own_content_logits(live.module, inputs_seen[site.layer], site.num_heads) * site.scale
+            if site.layer in windows:  # (B·nW, H, Nw, Nw) per window, as the modes were read above
+                ref = ref.unflatten(0, (-1, windows[site.layer].shape[0]))
             err = float((logits - ref).abs().max() / ref.abs().max())
             assert err < 1e-4, f"{site.path}: modes do not rebuild the unrotated content logits ({err:.1e})"
             continue
@@ -361,6 +365,25 @@ FAST_CASES = [
     _hf_case("EomtForUniversalSegmentation", "EomtForUniversalSegmentation", "EomtConfig", "exact",
              num_queries=5, num_blocks=1, **HF_SMALL),
     _hf_case("Blip2VisionModel", "Blip2VisionModel", "Blip2VisionConfig", "exact", **HF_SMALL),
+    # relative positions (models/relpos.py): timm tables, and the query-dependent decomposed term with SAM/ViTDet windows
+    _timm_case("beit_base_patch16_224", "exact", **SMALL_VIT),
+    _timm_case("beit_base_patch16_224-shared", "exact", use_rel_pos_bias=False, use_shared_rel_pos_bias=True, **SMALL_VIT),
+    _timm_case("test_vit_relpos", "exact", **SMALL_VIT),
+    _timm_case("vit_relpos_small_patch16_224-bias-cls", "exact", rel_pos_type="bias", class_token=True,
+               global_pool="token", **SMALL_VIT),
+    _timm_case("vit_relpos_base_patch16_plus_240-shared", "exact", **SMALL_VIT),
+    _timm_case("vit_relpos_small_patch16_rpn_224", "exact", **SMALL_VIT),
+    _timm_case("samvit_base_patch16_224", "exact", size=48, img_size=48, embed_dim=32, depth=3, num_heads=4, patch_size=8,
+               window_size=4, global_attn_indexes=[1]),
+    _hf_case("SamVisionModel", "SamVisionModel", "SamVisionConfig", "exact", size=48, hidden_size=32, num_hidden_layers=3,
+             num_attention_heads=4, mlp_dim=64, image_size=48, patch_size=8, window_size=4, global_attn_indexes=[1],
+             output_channels=16),
+    _hf_case("SamHQVisionModel", "SamHQVisionModel", "SamHQVisionConfig", "exact", size=48, hidden_size=32,
+             num_hidden_layers=3, num_attention_heads=4, mlp_dim=64, image_size=48, patch_size=8, window_size=4,
+             global_attn_indexes=[1], output_channels=16),
+    _hf_case("VitDetModel-relpos-windows", "VitDetModel", "VitDetConfig", "exact", size=48, hidden_size=32,
+             num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=48, pretrain_image_size=48, patch_size=8,
+             use_relative_position_embeddings=True, window_size=4, window_block_indices=[0, 2]),
 ]
 
 

@@ -67,7 +67,7 @@ def _refuse_unmodelled(name: str, module: nn.Module) -> None:
     modelled |= {"q_norm", "k_norm"} if qk_norm_modelled(module) else set()  # applied with the model's own modules
     modelled |= {"relative_position_bias"} if _builds_own_bias(module) else set()
     extra = [n for n, child in module.named_children() if n not in modelled and not isinstance(child, nn.Identity)]
-    extra += [n for n, _ in module.named_parameters(recurse=False)]  # a table or scale used in the logits
+    extra += [n for n, _ in module.named_parameters(recurse=False) if n not in modelled]  # a table or scale in the logits
     if extra:
         raise QKHooksError(
             f"unsupported attention in {name!r} ({cls}): it owns {', '.join(repr(e) for e in extra)} besides its "
