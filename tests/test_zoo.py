@@ -371,7 +371,7 @@ FAST_CASES = [
     _timm_case("test_vit_relpos", "exact", **SMALL_VIT),
     _timm_case("vit_relpos_small_patch16_224-bias-cls", "exact", rel_pos_type="bias", class_token=True,
                global_pool="token", **SMALL_VIT),
-    _timm_case("vit_relpos_base_patch16_plus_240-shared", "exact", **SMALL_VIT),
+    _timm_case("vit_srelpos_small_patch16_224", "exact", **SMALL_VIT),  # one RelPosMlp shared by every layer
     _timm_case("vit_relpos_small_patch16_rpn_224", "exact", **SMALL_VIT),
     _timm_case("samvit_base_patch16_224", "exact", size=48, img_size=48, embed_dim=32, depth=3, num_heads=4, patch_size=8,
                window_size=4, global_attn_indexes=[1]),

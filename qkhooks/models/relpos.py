@@ -42,7 +42,7 @@ from qkhooks.models.base import AttentionSite
 from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import WindowSite
 
-__all__ = ["RelativeSite", "WindowedRelativeSite", "relative_term"]
+__all__ = ["RelativeSite", "WindowedRelativeSite"]
 
 # (q (B·H, N, d_k) as the model multiplies it, (h, w) of the call's grid) -> (B·H, N, N), the model's own computation
 RelativeTerm = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
@@ -127,11 +127,6 @@ class WindowedRelativeSite(WindowSite, RelativeSite):
         return None  # no table, no shift mask: the relative term is added by add_logit_bias
 
 
-def relative_term(site: AttentionSite) -> torch.Tensor | None:
-    """The relative term of the call being recorded at ``site`` (None for sites without one)."""
-    return site.relative_term() if isinstance(site, RelativeSite) else None
-
-
 def _grid_site(site: AttentionSite, relative: RelativeTerm | None, family: str, block: nn.Module,
                window: int, block_grid: Callable[[tuple, dict], tuple[int, int]]) -> AttentionSite:
     """The site of a grid-taking attention: windowed (``window`` > 0) or global, with or without a relative term."""
@@ -184,6 +179,11 @@ def _refuse_unknown_arguments(path: str, module: nn.Module, known: tuple[str, ..
     return call
 
 
+def _batched(term: torch.Tensor) -> torch.Tensor:
+    """A (H, N, N) table (the shared modules return one) as the (1, H, N, N) term it broadcasts to."""
+    return term[None] if term.dim() == 3 else term
+
+
 def _beit_attention() -> type:
     from timm.models.beit import Attention
 
@@ -201,7 +201,7 @@ def _timm_beit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         shared = call.get("shared_rel_pos_bias")
         if shared is not None:
             total = shared if total is None else total + shared
-        return None if total is None else total.detach()
+        return None if total is None else _batched(total.detach())
 
     return dataclasses.replace(site, family="timm-beit", call_bias=bias, rope_input=None, rope_apply=None)
 
@@ -227,7 +227,7 @@ def _timm_relpos_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         call = _refuse_unknown_arguments(path, ref(), ("x", "shared_rel_pos"), args, kwargs)
         m = ref()
         term = m.rel_pos.get_bias() if m.rel_pos is not None else call.get("shared_rel_pos")
-        return None if term is None else term.detach()
+        return None if term is None else _batched(term.detach())
 
     return dataclasses.replace(site, family="timm-relpos", call_bias=bias, rope_input=None, rope_apply=None)
 
