@@ -200,3 +200,15 @@ def test_rows_of_a_global_sam_layer_are_its_full_maps_rows():
     full, rows = rec.attention(1, "full"), rec.attention(1, "rows")
     want = torch.stack([full[b][:, tokens[b]] for b in range(2)])
     assert torch.allclose(rows, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mvitv2_tiny", "hiera_tiny_224", "sam2_hiera_tiny"])
+def test_pooled_query_key_forms_are_refused_naming_the_module_and_the_pooling(name):
+    """MViTv2, Hiera and SAM2's Hiera-det pool their queries (and keys): refused before any forward (built on the
+    meta device), naming the first attention module and what it pools."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    with pytest.raises(QKHooksError, match=r"unsupported attention in '[\w.]+attn' \(\w+Attention\): .*pool.*queries x keys"):
+        qkhooks.sites(model)

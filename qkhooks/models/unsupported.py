@@ -37,6 +37,9 @@ _ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 # or, where the name is generic, by module and name (``timm.models.pvt_v2.Attention``): the named parts inside
 # them are not refused by name.
 MODELLED_FORMS: set[str] = set()
+# Attention classes whose form is known and not modelled (yet), by module and name -> the precise reason the refusal
+# gives (filled by the adapters' files, e.g. relpos.py for the pooled MViTv2 / Hiera forms).
+UNMODELLED_FORMS: dict[str, str] = {}
 
 
 def _modelled(module: nn.Module) -> bool:
@@ -73,6 +76,9 @@ def diagnose(model: nn.Module) -> None:
             )
         if _modelled(module):
             continue
+        known = UNMODELLED_FORMS.get(f"{type(module).__module__}.{type(module).__qualname__}")
+        if known:
+            raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {known}.")
         label = f"{name} {type(module).__name__}".lower()
         for keys, reason in _REASONS:
             if (hf and keys is _RELATIVE_BIAS) or (rope_modelled and keys is _ROTARY):
