@@ -494,7 +494,8 @@ class Recording:
         """The additive position-only term (H, N, N) the model adds to layer ``layer``'s scaled logits (BEiT's
         relative-position table, shared or per layer), the same for every image: logits = scale · content + bias.
         None when the layer has none; a :class:`QKHooksError` when its additive term is a mask or image-dependent
-        (that term enters the rebuilt maps, but is not a property of the layer)."""
+        (that term enters the rebuilt maps, but is not a property of the layer). SAM/ViTDet's decomposed relative
+        positions depend on the query, so they are no bias: :meth:`relative_term`."""
         if layer not in {s.layer for s in self.sites}:
             raise QKHooksError(f"layer {layer} is not recorded here; recorded layers: {[s.layer for s in self.sites]}.")
         value = self._bias.get(layer)

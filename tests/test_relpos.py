@@ -212,3 +212,23 @@ def test_pooled_query_key_forms_are_refused_naming_the_module_and_the_pooling(na
         model = timm.create_model(name, pretrained=False)
     with pytest.raises(QKHooksError, match=r"unsupported attention in '[\w.]+attn' \(\w+Attention\): .*pool.*queries x keys"):
         qkhooks.sites(model)
+
+
+def test_hf_sam2_hiera_det_is_refused_naming_the_pooled_queries():
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.Sam2VisionModel._from_config(transformers.Sam2VisionConfig())
+    with pytest.raises(QKHooksError, match=r"unsupported attention in '[\w.]+attn' \(Sam2MultiScaleAttention\): .*query_stride"):
+        qkhooks.sites(model)
+
+
+@pytest.mark.parametrize("name", ["samvit_base_patch16_224", "SamVisionModel", "VitDetModel-relpos-windows"])
+def test_a_finished_recording_of_relative_or_windowed_sam_attention_keeps_no_model_alive(name):
+    model, inputs, _ = _case(name)
+    with qkhooks.record(model, modes=4, attention="full") as rec, torch.no_grad():
+        rec(**inputs)
+    refs = [weakref.ref(m) for m in model.modules()]
+    del model
+    gc.collect()
+    assert all(ref() is None for ref in refs), [type(ref()).__name__ for ref in refs if ref() is not None]

@@ -201,6 +201,8 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("head mixing")
     if any(hasattr(s, "window_index") for s in sites):
         parts.append("windows")
+    if any(getattr(s, "relative", None) is not None for s in sites):  # SAM/ViTDet decomposed relative positions
+        parts.append("relative term")
     if any(s.key_tokens is not None for s in sites):
         parts.append("reduced keys")
     return ", ".join(parts) or "plain"

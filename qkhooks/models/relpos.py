@@ -107,7 +107,8 @@ class RelativeSite(AttentionSite):
         return self.relative is None and super().modes_rebuild_logits()
 
     def content_only(self) -> str:
-        reasons = [super().content_only()] if super().content_only() else []
+        base = super().content_only()
+        reasons = [base] if base else []
         if self.relative is not None:
             reasons.append("a query-dependent relative-position term q·R_h + q·R_w is added (the form is the content "
                            "term q·k; the relative term is its own, rec.relative_term(l))")
@@ -276,6 +277,8 @@ UNMODELLED_FORMS.update({
     "its own axis) and max-pools the queries over the query stride at stage transitions, " + _POOLED,
     "timm.models.hieradet_sam2.MultiScaleAttention": "SAM2's Hiera-det max-pools q (q_pool, query stride) at stage "
     "transitions after W_q, inside windowed blocks, " + _POOLED,
+    "transformers.models.sam2.modeling_sam2.Sam2MultiScaleAttention": "SAM2's Hiera-det max-pools q (query_stride) at "
+    "stage transitions after W_q, inside windowed blocks, " + _POOLED,
 })
 
 
