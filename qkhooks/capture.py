@@ -333,6 +333,8 @@ class Recording:
                     cap.inputs = x_modes.detach()
                 for spec in specs:
                     cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, x.detach()))
+                if "full" in cap.attention and site.relative_term() is not None:  # SAM/ViTDet: kept with its maps
+                    cap.relative = site.to_images("full", site.relative_term())
                 self._current.captures[site.layer] = cap  # type: ignore[union-attr]
 
         return hook
@@ -491,7 +493,8 @@ class Recording:
         """The additive position-only term (H, N, N) the model adds to layer ``layer``'s scaled logits (BEiT's
         relative-position table, shared or per layer), the same for every image: logits = scale · content + bias.
         None when the layer has none; a :class:`QKHooksError` when its additive term is a mask or image-dependent
-        (that term enters the rebuilt maps, but is not a property of the layer)."""
+        (that term enters the rebuilt maps, but is not a property of the layer). SAM/ViTDet's decomposed relative
+        positions depend on the query, so they are no bias: :meth:`relative_term`."""
         if layer not in {s.layer for s in self.sites}:
             raise QKHooksError(f"layer {layer} is not recorded here; recorded layers: {[s.layer for s in self.sites]}.")
         value = self._bias.get(layer)
@@ -508,6 +511,21 @@ class Recording:
             raise QKHooksError("this recording has no query/key maps to read the token counts off; record with modes=.")
         site = next(s for s in self.sites if s.layer == index)
         return observe_geometry(site, int(cap.query.shape[-1]), int(cap.key.shape[-1]))
+
+    def relative_term(self, layer: Layer) -> torch.Tensor:
+        """The query-dependent relative-position term of ``layer`` for the last batch (SAM/ViTDet decomposed positions,
+        q_i·R_h[h_i − h_j] + q_i·R_w[w_i − w_j]), shaped like its full maps: (B, H, N, N), or (B, nW, H, Nw, Nw) for a
+        windowed block. logits = scale · content + relative term. It depends on the image (it is bilinear between the
+        query and a relative-position table), so it is not a position-only :meth:`bias`; it is kept with the full maps
+        (``attention="full"``) and not stored in run files."""
+        index = resolve_layer(layer, self.layers, self.module_paths, "this recording")
+        site = next(s for s in self.sites if s.layer == index)
+        if getattr(site, "relative", None) is None:
+            raise QKHooksError(f"layer {index} ({site.path}) adds no query-dependent relative-position term; its "
+                               "additive term, if any, is rec.bias(l).")
+        require_layer(index, self.attention_layers("full"), "full attention", "this recording",
+                      "the relative term is kept with the full maps: record the layer with attention='full'.")
+        return self._last_batch(index).captures[index].relative  # type: ignore[return-value]
 
     def attention_maps(self, kind: str = "rows") -> dict[int, torch.Tensor]:
         """Deprecated: layer -> rebuilt attention of ``kind`` for the last batch; use ``attention(l, kind)``."""

@@ -28,6 +28,8 @@ class LayerCapture:
         inputs: (B, N, d) the tokens the modes were taken of (only kept when asked for).
         query, key: (B, H, K, N) query maps x·u_n and key maps x·v_n (None without modes).
         attention: kind -> tensor: ``rows`` (B, H, T, N), ``pooled`` (B, H, T, M), ``full`` (B, H, N, N).
+        relative: the query-dependent relative-position term (SAM/ViTDet), shaped like the ``full`` maps, kept with
+            them (None: no such term, or no full maps recorded).
     """
 
     layer: int
@@ -36,6 +38,7 @@ class LayerCapture:
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
     attention: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    relative: torch.Tensor | None = None
 
 
 def observe_geometry(site: Any, query_tokens: int, key_tokens: int,

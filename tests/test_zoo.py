@@ -170,6 +170,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
     full = run.attention_maps("full")
     for live, site, want in zip(sites, called, eager):
         got = full[site.layer]
+        if want.dim() == 3:  # SAM folds the heads into the batch axis: (B·H, N, N)
+            want = want.unflatten(0, (-1, site.num_heads))
         if site.layer in windows and want.dim() == 4:  # one map per window: the model's (B·nW) batch axis split per image
             want = want.unflatten(0, (-1, windows[site.layer].shape[0]))
         if site.layer in unfolded:  # one map per (image, pixel offset): the model's (B·P) batch axis split per image
@@ -234,6 +236,8 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("head mixing")
     if any(hasattr(s, "window_index") for s in sites):
         parts.append("windows")
+    if any(getattr(s, "relative", None) is not None for s in sites):  # SAM/ViTDet decomposed relative positions
+        parts.append("relative term")
     if any(s.key_tokens is not None for s in sites):
         parts.append("reduced keys")
     return ", ".join(parts) or "plain"
@@ -462,6 +466,25 @@ FAST_CASES = [
     _timm_case("mobilevit_xxs", "exact", size=64),
     _timm_case("visformer_tiny", "exact", size=64, img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1),
                num_heads=2),
+    # relative positions (models/relpos.py): timm tables, and the query-dependent decomposed term with SAM/ViTDet windows
+    _timm_case("beit_base_patch16_224", "exact", **SMALL_VIT),
+    _timm_case("beit_base_patch16_224-shared", "exact", use_rel_pos_bias=False, use_shared_rel_pos_bias=True, **SMALL_VIT),
+    _timm_case("test_vit_relpos", "exact", **SMALL_VIT),
+    _timm_case("vit_relpos_small_patch16_224-bias-cls", "exact", rel_pos_type="bias", class_token=True,
+               global_pool="token", **SMALL_VIT),
+    _timm_case("vit_srelpos_small_patch16_224", "exact", **SMALL_VIT),  # one RelPosMlp shared by every layer
+    _timm_case("vit_relpos_small_patch16_rpn_224", "exact", **SMALL_VIT),
+    _timm_case("samvit_base_patch16_224", "exact", size=48, img_size=48, embed_dim=32, depth=3, num_heads=4, patch_size=8,
+               window_size=4, global_attn_indexes=[1]),
+    _hf_case("SamVisionModel", "SamVisionModel", "SamVisionConfig", "exact", size=48, hidden_size=32, num_hidden_layers=3,
+             num_attention_heads=4, mlp_dim=64, image_size=48, patch_size=8, window_size=4, global_attn_indexes=[1],
+             output_channels=16),
+    _hf_case("SamHQVisionModel", "SamHQVisionModel", "SamHQVisionConfig", "exact", size=48, hidden_size=32,
+             num_hidden_layers=3, num_attention_heads=4, mlp_dim=64, image_size=48, patch_size=8, window_size=4,
+             global_attn_indexes=[1], output_channels=16),
+    _hf_case("VitDetModel-relpos-windows", "VitDetModel", "VitDetConfig", "exact", size=48, hidden_size=32,
+             num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=48, pretrain_image_size=48, patch_size=8,
+             use_relative_position_embeddings=True, window_size=4, window_block_indices=[0, 2]),
 ]
 
 

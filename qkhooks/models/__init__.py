@@ -11,6 +11,7 @@ from qkhooks.models import biased as _biased  # noqa: F401  (teaches the timm ad
 from qkhooks.models import detr as _detr  # noqa: F401  (registers the adapter)
 from qkhooks.models import mobilevit as _mobilevit  # noqa: F401  (timm MobileViT: attention over unfolded patches)
 from qkhooks.models import plain as _plain  # noqa: F401  (teaches the timm adapter MetaFormer, FastViT, Visformer)
+from qkhooks.models import relpos as _relpos  # noqa: F401  (teaches the adapters relative positions, SAM/ViTDet windows)
 
 sites = find_sites
 

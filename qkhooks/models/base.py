@@ -304,6 +304,11 @@ class AttentionSite:
             return None
         return bias[0].expand(self.num_heads, -1, -1)
 
+    def relative_term(self) -> torch.Tensor | None:
+        """The query-dependent relative-position term (B, H, N, N) of the call being recorded (SAM/ViTDet decomposed
+        positions, :mod:`qkhooks.models.relpos`), added by :meth:`add_logit_bias`; None for forms without one."""
+        return None
+
     def add_logit_bias(self, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled logits (B, H, T, N) plus the model's own additive term, rows picked by ``query_tokens`` (B, T)
         when given (all N rows otherwise)."""

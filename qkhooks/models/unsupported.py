@@ -38,18 +38,18 @@ _ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 # or, where the name is generic, by module and name (``timm.models.pvt_v2.Attention``): the named parts inside
 # them are not refused by name.
 MODELLED_FORMS: set[str] = set()
-# Attention classes (module and name) whose logits are no q·k form of the tokens, each with ``module -> why`` (None:
-# this instance is fine): a model holding one is refused naming it, before any guess from names (windows.py adds them).
-UNMODELLED_FORMS: dict[str, Callable[[nn.Module], str | None]] = {}
+# Attention classes qkhooks knows and does not model, by module and name (names like ``Attention`` repeat across
+# families) -> the precise reason, or ``module -> reason | None`` where it depends on the instance (None: this one
+# is fine). A model holding one is refused naming it, before any guess from names; the forms' files add theirs
+# (windows.py: DaViT, GCViT; relpos.py: pooled MViTv2 / Hiera), the table below holds the rest.
+UNMODELLED_FORMS: dict[str, str | Callable[[nn.Module], str | None]] = {}
 
 
 def _modelled(module: nn.Module) -> bool:
     cls = type(module)
     return cls.__name__ in MODELLED_FORMS or f"{cls.__module__}.{cls.__qualname__}" in MODELLED_FORMS
-# Attention classes qkhooks knows and does not model, with the reason (module.Class, since names like ``Attention``
-# repeat across families): what a refusal and the generic error say instead of "no adapter models this class".
 _NO_TOKEN_SOFTMAX = "there is no softmax of q·k over the image tokens, so no W_q^T W_k form governs its maps"
-KNOWN_FORMS: dict[str, str] = {
+UNMODELLED_FORMS.update({
     "timm.models.xcit.XCA": "cross-covariance attention: the softmax runs over channels (a d_k x d_k map per head from "
     "L2-normalised q and k with a learned temperature), not over tokens; " + _NO_TOKEN_SOFTMAX,
     "timm.models.edgenext.CrossCovarianceAttn": "cross-covariance attention (as XCiT): the softmax runs over channels, "
@@ -115,13 +115,14 @@ KNOWN_FORMS: dict[str, str] = {
     "(linear) attention: one score per token, pooled into a single context vector; " + _NO_TOKEN_SOFTMAX,
     "transformers.models.swiftformer.modeling_swiftformer.SwiftFormerEfficientAdditiveAttention": "additive attention: "
     "one learned global query vector scores each token; " + _NO_TOKEN_SOFTMAX,
-}
+})
 
 
-def known_reason(module: nn.Module) -> str | None:
-    """Why qkhooks does not model this attention class, when it knows the class (:data:`KNOWN_FORMS`)."""
+def unmodelled_reason(module: nn.Module) -> str | None:
+    """Why qkhooks does not model this attention module, when it knows its class (:data:`UNMODELLED_FORMS`)."""
     cls = type(module)
-    return KNOWN_FORMS.get(f"{cls.__module__}.{cls.__qualname__}")
+    why = UNMODELLED_FORMS.get(f"{cls.__module__}.{cls.__qualname__}")
+    return why(module) if callable(why) else why
 
 
 _NOT_RECORDED_PATHS = re.compile(r"(^|\.)(head|attn_pool|pooler|assign|pre_assign_attn|text_model|text_encoder)(\.|$)")
@@ -145,10 +146,9 @@ def diagnose(model: nn.Module) -> None:
 
     rope_modelled = any(type(m).__name__ in _ROPE_MODELLED for m in model.modules())
     for name, module in model.named_modules():
-        why = UNMODELLED_FORMS.get(f"{type(module).__module__}.{type(module).__qualname__}")
-        reason = why(module) if why is not None and not _NOT_RECORDED_PATHS.search(name) else None
+        reason = None if _NOT_RECORDED_PATHS.search(name) else unmodelled_reason(module)
         if reason:
-            raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason}")
+            raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason.rstrip('.')}.")
     modelled = [n + "." for n, m in model.named_modules() if _modelled(m)]
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in modelled):
@@ -211,7 +211,7 @@ def refuse_uncovered(model: nn.Module, sites: Sequence["AttentionSite"]) -> None
         return
     listed = ", ".join(f"{name!r} ({type(module).__name__})" for name, module in left[:6]) + (
         f" and {len(left) - 6} more" if len(left) > 6 else "")
-    known = known_reason(left[0][1])
+    known = unmodelled_reason(left[0][1])
     if known:  # the reason first, then every module it leaves out
         raise QKHooksError(f"unsupported attention in {left[0][0]!r} ({type(left[0][1]).__name__}): {known}. Left out "
                            f"with it: {listed}; recording the other layers alone would leave these out without a word.")
@@ -223,7 +223,7 @@ def refuse_uncovered(model: nn.Module, sites: Sequence["AttentionSite"]) -> None
 
 def _why(module: nn.Module) -> str:
     """The best reason we can give for one unmodelled attention module."""
-    known = known_reason(module)
+    known = unmodelled_reason(module)
     if known:
         return f"{type(module).__name__}: {known}."
     label = f"{type(module).__name__} " + " ".join(n for n, _ in module.named_children())
@@ -240,7 +240,7 @@ def describe_attention_like(model: nn.Module, limit: int = 12) -> str:
         cls = type(module).__name__
         if cls not in seen:
             children = ", ".join(n for n, _ in module.named_children()) or "no child modules"
-            known = known_reason(module)
+            known = unmodelled_reason(module)
             seen[cls] = (f"  - {name!r} ({cls}; children: {children}): {known}." if known else
                          f"  - {name!r} ({cls}; children: {children}): no registered adapter models this class. {_why(module)}")
     if not seen:  # name the attention-named modules it did see, and why none was taken
@@ -248,7 +248,7 @@ def describe_attention_like(model: nn.Module, limit: int = 12) -> str:
             cls = type(module).__name__
             if _ATTENTION_NAME.search(cls) and cls not in seen and not _NOT_RECORDED_PATHS.search(name):
                 children = ", ".join(n for n, _ in module.named_children()) or "no child modules"
-                seen[cls] = (f"  - {name!r} ({cls}; children: {children}): " + (f"{known_reason(module)}." if known_reason(
+                seen[cls] = (f"  - {name!r} ({cls}; children: {children}): " + (f"{unmodelled_reason(module)}." if unmodelled_reason(
                     module) else "attention-named, but it owns no q/k or fused qkv projection, so its logits are not a "
                     "q·k form qkhooks can take."))
     if not seen:
