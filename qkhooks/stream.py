@@ -116,7 +116,16 @@ def probe_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: t
                                                  tuple(image_size))
 
     with record(net, modes=1, sites=sites, sinks=[_Callback(note)]) as run, torch.no_grad():
-        run(torch.zeros(1, 3, *image_size, device=device, dtype=dtype))
+        try:
+            run(torch.zeros(1, 3, *image_size, device=device, dtype=dtype))
+        except QKHooksError:
+            raise
+        except Exception as err:  # the model's own check (a window that does not divide a stage, a size it refuses)
+            raise QKHooksError(
+                f"the model fails on a {image_size[0]}x{image_size[1]} image, the size its image config gives "
+                f"({type(err).__name__}: {err}); nothing was written. Load it with the input size it was built for "
+                "(load_model(module, image_config=...), or the model's own pretrained config)."
+            ) from err
     return found
 
 

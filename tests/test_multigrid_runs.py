@@ -223,3 +223,14 @@ def test_demo_runs_on_a_swin_and_names_per_section_the_layers_it_leaves_out(tmp_
         assert all("window" in why for why in sections[key]["left_out"].values())
     page = (tmp_path / "demo" / "index.html").read_text()
     assert page.count("Not computed: Layers left out of") == 2
+
+
+def test_a_model_that_fails_on_its_configured_input_size_is_refused_before_any_file(tmp_path):
+    """MaxViT built for 64 px keeps timm's 160 px data config; its own window check fails in the geometry probe.
+    The user gets a QKHooksError naming the size and the fix, not the model's AssertionError, and no run file."""
+    model = _timm("test_maxvit", img_size=64).eval()
+    loaded = load_model(model)
+    path = tmp_path / "maxvit.h5"
+    with pytest.raises(QKHooksError, match=r"fails on a \d+x\d+ image, the size its image config gives .*image_config"):
+        record_dataset(loaded, "samples", path, limit=2, batch_size=2, progress=False, modes=4)
+    assert not path.exists()
