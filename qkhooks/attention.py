@@ -237,8 +237,17 @@ def sdpa_maps(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None =
         logits = logits + attn_mask
     if keep is not None:
         logits = logits.masked_fill(~keep, float("-inf"))
-    maps = torch.softmax(logits, dim=-1)
+    maps = _softmax_in_place(logits)
     return maps if keep is None else maps.nan_to_num_(0.0)
+
+
+def _softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis written over the logits on the CPU without autograd (one N x N buffer fewer than
+    the eager path: ~0.6 of 10.9 ms per ViT-S layer at batch 8; the row kernel reads a row before writing it);
+    elsewhere a new tensor."""
+    if logits.device.type != "cpu" or not logits.is_contiguous() or logits.requires_grad:  # autograd keeps both
+        return torch.softmax(logits, dim=-1)
+    return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
 
 class OneAttention(torch.overrides.TorchFunctionMode):

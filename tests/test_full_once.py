@@ -171,3 +171,36 @@ def test_record_dataset_passes_outputs_on(tmp_path: Any):
                                attention="full:0", outputs="eager", limit=2, batch_size=2, progress=False,
                                reducers=[], on_batch=lambda b: seen.append(b.attention(0, "full")))
     assert seen and counted.calls == 11  # 12 blocks, one of them attended once from its maps
+
+
+@pytest.mark.parametrize("form", ["plain", "float-mask", "bool-mask", "causal", "grouped-query", "scale"])
+def test_sdpa_maps_are_the_maps_scaled_dot_product_attention_applies(form: str):
+    """Against torch's own kernel (its output = maps @ v) and a direct float64 softmax of q·kᵀ."""
+    from qkhooks.attention import sdpa_maps
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 7, 8, generator=g) for _ in range(3))
+    kwargs: dict[str, Any] = {}
+    if form == "float-mask":
+        kwargs["attn_mask"] = torch.randn(4, 7, 7, generator=g)
+    if form == "bool-mask":
+        kwargs["attn_mask"] = torch.rand(2, 1, 7, 7, generator=g) > 0.4
+        kwargs["attn_mask"][..., 0] = True  # every row keeps a key
+    if form == "causal":
+        kwargs["is_causal"] = True
+    if form == "grouped-query":
+        k, v = k[:, :2], v[:, :2]
+        kwargs["enable_gqa"] = True
+    if form == "scale":
+        kwargs["scale"] = 0.3
+    maps = sdpa_maps(q, k, **kwargs)
+    kk, vv = (k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)) if form == "grouped-query" else (k, v)
+    logits = q.double() @ kk.double().transpose(-1, -2) * kwargs.get("scale", 8 ** -0.5)
+    if form == "float-mask":
+        logits = logits + kwargs["attn_mask"].double()
+    if form == "bool-mask":
+        logits = logits.masked_fill(~kwargs["attn_mask"], float("-inf"))
+    if form == "causal":
+        logits = logits.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+    assert float((maps.double() - logits.softmax(-1)).abs().max()) < 1e-6
+    assert float((maps @ vv - SDPA(q, k, v, **kwargs)).abs().max()) < 1e-5
