@@ -204,3 +204,31 @@ def test_sdpa_maps_are_the_maps_scaled_dot_product_attention_applies(form: str):
         logits = logits.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
     assert float((maps.double() - logits.softmax(-1)).abs().max()) < 1e-6
     assert float((maps @ vv - SDPA(q, k, v, **kwargs)).abs().max()) < 1e-5
+
+
+def test_a_model_on_its_own_eager_path_hands_over_the_maps_it_computes_and_its_outputs_stay_bit_identical():
+    tiny = TINY_MODELS[0]
+    model, images = tiny.model(), tiny.images()
+    want_maps = eager_attention(tiny, model, images)
+    for block in model.blocks:
+        block.attn.fused_attn = False  # timm's eager path: softmax, attn_drop, @ v
+    call = _tiny_call(tiny, model, images)
+    plain = call()
+    with qkhooks.record(model, modes=None, attention="full", outputs="eager") as run:
+        out = call()
+    assert torch.equal(out, plain)
+    for layer, want in enumerate(want_maps):
+        assert torch.equal(run.attention(layer, "full"), want)
+
+
+def test_the_outputs_flag_of_qkhooks_record_is_made_from_the_option():
+    import argparse
+
+    from qkhooks.options import RecordOptions
+
+    parser = argparse.ArgumentParser()
+    RecordOptions.add_arguments(parser)
+    assert RecordOptions.from_args(parser.parse_args(["--outputs", "eager"])).outputs == "eager"
+    assert RecordOptions.from_args(parser.parse_args([])).outputs == "unchanged"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--outputs", "fused"])
