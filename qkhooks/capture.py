@@ -30,6 +30,7 @@ from torch import nn
 
 from qkhooks.attention import (
     AttentionSpec,
+    OneAttention,
     attention_full,
     default_query_tokens,
     full_from_qk,
@@ -48,6 +49,7 @@ from qkhooks.spectrum import LayerSpectrum, QKSpectrum, layer_spectrum
 __all__ = ["record", "Recording", "LayerCapture", "BatchCapture", "Sink", "parse_modes"]
 
 InputKind = Literal["normed", "residual"]
+OutputsKind = Literal["unchanged", "eager"]
 
 
 class Sink(Protocol):
@@ -99,6 +101,7 @@ class Recording:
         sites: Sequence[AttentionSite] | None = None,
         compute_dtype: torch.dtype | None = None,
         qk_path: bool = True,
+        outputs: OutputsKind = "unchanged",
     ):
         model = unwrap_loaded(model)
         if not isinstance(model, nn.Module):
@@ -143,7 +146,10 @@ class Recording:
                     self._from_qk[site.layer] = QKPathProjector(spec, site.weights())
                 else:
                     self._projectors[site.layer] = ModeProjector(spec)
+        self.outputs: OutputsKind = outputs
+        self._once = self._layers_attended_once(outputs)
         self._qk_attention = {s.layer for s in self.sites if self._attention_from_qk(s)}
+        self._attending: dict[int, OneAttention] = {}  # layer -> its OneAttention while attached
         self._handles: list[Any] = []
         self._current: BatchCapture | None = None
         self._outer = False  # whether the open batch is a call of ``model`` itself
@@ -153,6 +159,21 @@ class Recording:
         self._bias: dict[int, torch.Tensor | str] = {}  # layer -> its position-only term, or why it has none
         self.images_seen = 0
         self.index_base = 0
+
+    def _layers_attended_once(self, outputs: str) -> set[int]:
+        """Layers whose attention runs once, from the recorded full maps (``outputs="eager"``). Talking-heads layers
+        mix heads after the softmax and run no fused kernel: their maps are rebuilt as with ``"unchanged"``."""
+        if outputs not in ("unchanged", "eager"):
+            raise QKHooksError(f"outputs must be 'unchanged' (bit-identical to the model) or 'eager' (attention computed "
+                               f"once from the recorded full maps); got {outputs!r}.")
+        if outputs == "unchanged":
+            return set()
+        full = [s for s in self.sites if any(spec.kind == "full" and spec.covers(s.layer) for spec in self.attention_specs)]
+        if not full:
+            raise QKHooksError("outputs='eager' computes a layer's attention once from its recorded full maps, and this "
+                               "recording asks for none; add attention='full' (or 'full:LAYERS'), or leave outputs="
+                               "'unchanged'.")
+        return {s.layer for s in full if s.head_mixing is None}
 
     @property
     def mode_source(self) -> dict[int, str]:
@@ -186,6 +207,10 @@ class Recording:
                 for module, context in site.context_hooks():  # e.g. a windowed site's block grid
                     self._handles.append(module.register_forward_pre_hook(context, with_kwargs=True))
                 self._handles.append(site.module.register_forward_pre_hook(self._layer_hook(site), with_kwargs=True))
+                if site.layer in self._once:
+                    self._attending[site.layer] = OneAttention(site)
+                    self._handles.append(site.module.register_forward_pre_hook(self._begin_attending(site)))
+                    self._handles.append(site.module.register_forward_hook(self._end_attending(site), always_call=True))
                 if site.layer in self._from_qk or site.layer in self._qk_attention:
                     for i, linear in enumerate(site.qk_modules):
                         self._handles.append(linear.register_forward_hook(self._qk_hook(site, i)))
@@ -200,6 +225,10 @@ class Recording:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
+        for mode in self._attending.values():  # a forward stopped by KeyboardInterrupt skips the hook that leaves it
+            if mode.entered:
+                mode.leave()
+        self._attending.clear()
         self._current = None
         self._residual.clear()
         self._qk_outputs.clear()
@@ -301,9 +330,9 @@ class Recording:
     def _layer_hook(self, site: AttentionSite):
         projector = self._projectors.get(site.layer)
         specs = [s for s in self.attention_specs if s.covers(site.layer)]
-        # full maps come from the model's own q and k in the q/k hook; rows and pooled from x here (with a few query
-        # tokens the keys are never computed, which is cheaper than taking k from the model)
-        specs = [s for s in specs if not (s.kind == "full" and site.layer in self._qk_attention)]
+        # full maps come from the model's own q and k in the q/k hook (or its own attention call, outputs="eager");
+        # rows and pooled from x here (with a few query tokens the keys are never computed, cheaper than k)
+        specs = [s for s in specs if not (s.kind == "full" and (site.layer in self._qk_attention or site.layer in self._once))]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = site.hidden_states(args, kwargs)
@@ -342,7 +371,30 @@ class Recording:
     def _attention_from_qk(self, site: AttentionSite) -> bool:
         """Whether this layer's full maps are rebuilt from the q and k its own Linear modules return (no second
         q/k projection: the softmax of q·kᵀ is all the extra work) rather than from the tokens x."""
-        return self._qk_path and bool(site.qk_modules) and any(s.kind == "full" and s.covers(site.layer) for s in self.attention_specs)
+        return (self._qk_path and bool(site.qk_modules) and site.layer not in self._once
+                and any(s.kind == "full" and s.covers(site.layer) for s in self.attention_specs))
+
+    def _begin_attending(self, site: AttentionSite):
+        """Forward pre-hook (after the layer's own): the module's attention is computed once, by OneAttention."""
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._attending[site.layer].enter()
+
+        return hook
+
+    def _end_attending(self, site: AttentionSite):
+        """Forward hook, also called when the forward raised (then with output None): leave OneAttention and keep
+        the maps the module's output was computed from."""
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            mode = self._attending[site.layer]
+            if not mode.entered:
+                return
+            mode.leave()
+            maps = mode.take() if output is not None else None
+            cap = self._current.captures.get(site.layer) if self._current is not None else None
+            if maps is not None and cap is not None:
+                cap.attention["full"] = site.to_images("full", maps.detach())
+
+        return hook
 
     def _qk_hook(self, site: AttentionSite, index: int):
         """Forward hook on q/k Linear ``index`` of ``site``: once q and k are both out, project the modes and
@@ -581,6 +633,7 @@ def record(
     sites: Sequence[AttentionSite] | None = None,
     compute_dtype: torch.dtype | None = None,
     qk_path: bool = True,
+    outputs: OutputsKind = "unchanged",
 ) -> Recording:
     """Hook ``model`` for query-key analysis; use as a context manager.
 
@@ -602,6 +655,14 @@ def record(
             the same maps to float rounding at a d_k/d of the cost: u_n, v_n lie in the row spaces of W_q, W_k).
             Not used for ``input="residual"``, augmented spectra or numerically rank-deficient heads. The
             full maps are then rebuilt from those q and k too (no second projection). False: always use the tokens x.
+        outputs: ``"unchanged"`` (default): the model's attention runs as it is (fused or not) and its outputs are
+            bit-identical; full maps are rebuilt beside it, so q·kᵀ and the softmax run twice. ``"eager"`` (with
+            full maps): each layer with full maps computes its attention once, eagerly: its call of
+            ``scaled_dot_product_attention`` is replaced by the recorded maps @ v (the exact q, k, v, mask and scale
+            the model passes), so the outputs equal the model's *eager* forward to float rounding, not the fused
+            one bit for bit, and the maps cost about what timm's ``AttentionExtract`` pays. A layer that runs
+            its own eager attention hands over the softmax it computes. Refused, naming the module, where this
+            cannot be exact (attention dropout in training mode, a call that does not match the adapter).
 
     Returns:
         A :class:`Recording`; inside ``with``, run the model as usual (or call ``run(images, ids=...)``), then read
@@ -610,4 +671,5 @@ def record(
     return Recording(
         model, modes=modes, layers=layers, attention=attention, input=input, augmented=augmented,
         keep_inputs=keep_inputs, sinks=sinks, spectrum=spectrum, sites=sites, compute_dtype=compute_dtype, qk_path=qk_path,
+        outputs=outputs,
     )

@@ -56,6 +56,12 @@ class RecordOptions:
     """Attention maps rebuilt from q and k: None, a string such as ``"rows+full:5,11"`` or
     :class:`qkhooks.AttentionSpec` s. The run config stores the specs as dicts."""
 
+    outputs: str = _option("unchanged", "unchanged (default: the model's outputs bit for bit, full maps rebuilt "
+                           "beside its attention) or eager (layers with full maps compute their attention once, from the "
+                           "maps: outputs then equal the eager forward)", flag="--outputs", choices=["unchanged", "eager"])
+    """What the model's attention runs: its own, unchanged, or, for layers with full maps, the recorded maps @ v (q·kᵀ
+    and the softmax once; ``qkhooks.record``'s ``outputs``). The maps are the same either way, so a resume may change it."""
+
     input: str = _option("normed", "project the exact tensor entering W_q/W_k (normed, default) or the block's "
                          "residual input", flag="--input", config="input", choices=["normed", "residual"])
     """The token stream the modes project: the normed input of W_q/W_k (exact logits) or the residual stream."""

@@ -229,6 +229,7 @@ def record_dataset(
     modes: int | str | None = 16,
     layers: Sequence[int] | str | None = None,
     attention: Any = None,
+    outputs: str = "unchanged",
     input: str = "normed",
     augmented: bool = False,
     dtype: str = "float16",
@@ -328,7 +329,7 @@ def record_dataset(
     _check_rows_geometry(attention_specs, geometry)
     recording = record(  # built (and so checked) before any file is touched; hooks go on below
         net, modes=modes_value, layers=[s.layer for s in sites], attention=attention_specs, input=opts.input,
-        augmented=opts.augmented, keep_inputs=keep_inputs, sites=sites,
+        augmented=opts.augmented, keep_inputs=keep_inputs, sites=sites, outputs=opts.outputs,  # type: ignore[arg-type]
     )
     writer = None
     start, done = lo, 0

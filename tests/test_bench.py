@@ -156,6 +156,8 @@ def test_each_method_produces_what_it_claims_and_leaves_no_hooks(bench):
         assert torch.allclose(maps[1].gather(2, idx), rows, atol=1e-5)
         full = out["full_maps"]["batch"].captures[1].attention["full"]  # the library's full maps are the same maps
         assert torch.allclose(full.float(), maps[1], atol=1e-5)
+        once = out["full_maps_eager"]["batch"].captures[1].attention["full"]  # attention computed once, same maps
+        assert torch.allclose(once, maps[1], atol=1e-5)
 
         assert out["hf_sdpa"]["attentions"] is None
         att = out["hf_eager_attn"]["attentions"]

@@ -210,6 +210,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("modes_all_rows2", "all modes + rows", _record({"modes": "all", **ROWS})),
     Method("full_maps", "full maps, every layer (attention='full', modes=None)", _record({"modes": None, "attention": "full"}),
            reference="timm_extract"),
+    Method("full_maps_eager", "full maps, every layer, attention computed once from them (outputs='eager')",
+           _record({"modes": None, "attention": "full", "outputs": "eager"}), reference="timm_extract"),
     Method("full_hdf5", "full recording: top-16 + rows + HDF5 (RunWriter, flushed)",
            _record({"modes": 16, **ROWS}, writer=True, name="full")),
     Method("naive_hooks", "naive forward hooks copying every attention input to host", NaiveHookRunner, kind="peer"),
