@@ -525,10 +525,11 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
     caller gives (``spectrum=``) is not vouched for by the cache, so its projectors are built each time.
     """
     full = given if given is not None else layer_spectrum(site, augmented)
-    entry = _LAYER_MODES.get(site.module) if given is None else None
+    cached = given is None and site.module is not None
+    entry = _LAYER_MODES.get(site.module) if cached else None
     if entry is None or entry[0] is not full:
         entry = (full, {})
-        if given is None and site.module is not None:
+        if cached:
             _LAYER_MODES[site.module] = entry
     built = entry[1].get((k, qk_path))
     if built is None:
