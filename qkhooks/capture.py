@@ -137,15 +137,15 @@ class Recording:
         if self.modes is not None:
             k = None if self.modes == "all" else int(self.modes)
             by_layer = {s.layer: s for s in spectrum} if spectrum is not None else {}
-            spectra = [(by_layer.get(site.layer) or layer_spectrum(site, augmented)).top(k) for site in self.sites]
-            self.qk_spectrum = QKSpectrum(spectra, getattr(model, "qkhooks_spec", "") or type(model).__name__)
-            for site, spec in zip(self.sites, spectra):
-                if qk_path and input == "normed" and site.qk_modules and not spec.augmented and bool(
-                    (spec.S > spec.S.max() * 1e-7).all()
-                ):
-                    self._from_qk[site.layer] = QKPathProjector(spec, site.weights())
+            spectra = []
+            for site in self.sites:
+                spec, projector = _layer_modes(site, by_layer.get(site.layer), k, augmented, qk_path and input == "normed")
+                spectra.append(spec)
+                if isinstance(projector, QKPathProjector):
+                    self._from_qk[site.layer] = projector
                 else:
-                    self._projectors[site.layer] = ModeProjector(spec)
+                    self._projectors[site.layer] = projector
+            self.qk_spectrum = QKSpectrum(spectra, getattr(model, "qkhooks_spec", "") or type(model).__name__)
         self.outputs: OutputsKind = outputs
         self._once = self._layers_attended_once(outputs)
         self._qk_attention = {s.layer for s in self.sites if self._attention_from_qk(s)}
@@ -586,6 +586,36 @@ class Recording:
         if self.last is None:
             raise QKHooksError("nothing recorded yet: run the model inside the context first.")
         return {l: self.last.attention(l, kind) for l in self.last.attention_layers(kind)}
+
+
+# Attention module -> (the spectrum its projectors were built from, {(modes kept, q/k path allowed): (top spectrum,
+# projector)}). layer_spectrum returns the very same object while the weights are unchanged (identity, version and
+# fingerprint checked), so that object's identity vouches for the weights the projectors were built from: record()
+# entered per batch builds no projector again. Weak keys: a deleted model frees its entries.
+_LAYER_MODES: "weakref.WeakKeyDictionary[nn.Module, tuple[LayerSpectrum, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None, augmented: bool,
+                 qk_path: bool) -> tuple[LayerSpectrum, ModeProjector | QKPathProjector]:
+    """The top-``k`` spectrum of ``site`` and the projector of its maps: from the model's own q/k Linear outputs
+    where allowed and exact (adapter names them, bias-free spectrum, no numerically zero sigma), else from x.
+
+    Reused from :data:`_LAYER_MODES` when the spectrum is the cached one of unchanged weights; a spectrum the
+    caller gives (``spectrum=``) is not vouched for by the cache, so its projectors are built each time.
+    """
+    full = given if given is not None else layer_spectrum(site, augmented)
+    cached = given is None and site.module is not None
+    entry = _LAYER_MODES.get(site.module) if cached else None
+    if entry is None or entry[0] is not full:
+        entry = (full, {})
+        if cached:
+            _LAYER_MODES[site.module] = entry
+    built = entry[1].get((k, qk_path))
+    if built is None:
+        spec = full.top(k)
+        from_qk = qk_path and site.qk_modules and not spec.augmented and bool((spec.S > spec.S.max() * 1e-7).all())
+        built = entry[1][(k, qk_path)] = (spec, QKPathProjector(spec, site.weights()) if from_qk else ModeProjector(spec))
+    return built
 
 
 def _reduced_keys(site: AttentionSite, x: torch.Tensor, input: str, dtype: torch.dtype | None) -> torch.Tensor:

@@ -97,7 +97,10 @@ class QKPathProjector:
             query = query.sub_(q_offset)
         if k_offset is not None:
             key = key.sub_(k_offset)
-        return query.transpose(-1, -2), key.transpose(-1, -2)
+        # Contiguous (B, H, K, N) maps: every consumer reduces or copies them along the token axis (top-k extremes
+        # and row picks, the float16 cast and the run file's write), which on a transposed view costs a strided
+        # copy each; one copy here serves them all.
+        return query.transpose(-1, -2).contiguous(), key.transpose(-1, -2).contiguous()
 
     def from_linear(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same from the q and k Linear outputs as the model produced them: (B, N, H·d_k) each."""

@@ -49,9 +49,11 @@ def signed_scores(query: torch.Tensor, key: torch.Tensor, num_prefix_tokens: int
 
 
 def _token_extremes(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max over the last (token) axis. Maps from the q/k path are transposed views whose token axis is
-    strided; reducing a contiguous copy is ~8x faster on the CPU than reducing the view (and than aminmax)."""
-    maps = maps.contiguous()
+    """Min and max over the last (token) axis. Reducing a strided token axis (a transposed view) is ~8x slower on
+    the CPU than reducing a contiguous copy (and than aminmax), so such maps are copied first; maps whose tokens
+    are already adjacent (the projectors' output, prefix tokens sliced off) are reduced in place."""
+    if maps.stride(-1) != 1:
+        maps = maps.contiguous()
     return maps.amin(-1), maps.amax(-1)
 
 
@@ -158,9 +160,12 @@ class TopKModes(Reducer):
         pos = _rank(score, index, min(self.k, b))  # the batch's own top-k first: never gather B maps
         sign = torch.tensor(SIGNS, device=query.device, dtype=self.map_dtype).view(1, 1, 2, 1, 1)
 
-        def maps(x: torch.Tensor) -> torch.Tensor:  # both signs pick from the same B maps: no expanded copy
-            per = x.permute(1, 2, 0, 3)  # (H, K, B, N)
-            return _take(per, pos.reshape(h, m, -1)).view(h, m, 2, -1, x.shape[-1]).to(self.map_dtype) * sign
+        def maps(x: torch.Tensor) -> torch.Tensor:
+            # Only the picked rows are copied: row (b, h, m) of x seen as (B·H·K, N) is b·H·K + h·K + m, so both
+            # signs index the B maps in place (no (H, K, B, N) permuted copy, no expanded copy).
+            rows = x.reshape(b * h * m, x.shape[-1])  # queries N, keys M tokens
+            flat = pos.reshape(h, m, -1) * (h * m) + torch.arange(h * m, device=pos.device).view(h, m, 1)
+            return rows.index_select(0, flat.flatten()).view(h, m, 2, -1, x.shape[-1]).to(self.map_dtype) * sign
 
         cand = {"score": score.gather(-1, pos), "index": index.gather(-1, pos), "query": maps(query), "key": maps(key)}
         self.layers[layer] = self._combine(state, cand)

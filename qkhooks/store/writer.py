@@ -48,6 +48,9 @@ CHUNK_CACHE_BYTES = (1 << 20) + (1 << 16)
 """HDF5's chunk cache per array: the one chunk being filled (HDF5 2.0's 8 MiB a dataset made RSS grow with the
 images written; benchmarks/RESULTS.md)."""
 
+MIN_CHUNK_BYTES = 1 << 16
+"""Uncompressed per-image arrays smaller than this per batch share a chunk across batches (see _create_per_image)."""
+
 FREE_MARGIN_BYTES = 1 << 20
 """Free disk space a batch must leave (beyond its own bytes) before the writer starts writing it."""
 
@@ -97,8 +100,8 @@ class RunWriter:
             stored as JSON.
         dtype: storage dtype of per-image floating arrays.
         compression: ``none`` (default, by measurement), ``gzip`` or ``lzf``.
-        chunk_images: images per chunk along the first axis (default: what makes ~1 MiB chunks; with compression,
-            the first batch's size, so that every compressed chunk is written once).
+        chunk_images: images per chunk along the first axis (default: the first batch's size, so that every chunk
+            is written once; uncompressed arrays of under 64 KiB a batch group several batches).
         queue_size: batches that may wait for the writer thread before ``write_batch`` blocks.
 
     A second writer of the same path (in any process) is refused while this one lives. A new run that is
@@ -431,16 +434,20 @@ class RunWriter:
 
     def _create_per_image(self, name: str, value: np.ndarray, n: int) -> h5py.Dataset:
         assert n == 0, "per-image arrays are created with the layout, before the first image"
-        per = max(1, value[0].nbytes)
+        per, batch = max(1, value[0].nbytes), max(1, len(value))
         if self.chunk_images:
             chunk = self.chunk_images
         elif self.compression:
             # A compressed chunk is re-encoded and rewritten elsewhere in the file at every append that touches it
             # (HDF5 does not reuse the old space), so chunks spanning several batches bloat the file 2-3x
             # (benchmarks/RESULTS.md). One chunk per batch writes each chunk exactly once.
-            chunk = len(value)
+            chunk = batch
         else:
-            chunk = int(min(64, max(1, (1 << 20) // per)))
+            # Whole batches per chunk: a chunk that a batch fills only in part goes to disk again at every flush
+            # (one a batch), ~3x the bytes of the data for ~1 MiB chunks; a batch-sized chunk is written once
+            # (writer thread -25% CPU, benchmarks/ANALYSIS.md "speed-e2e"). Small arrays group several
+            # batches up to MIN_CHUNK_BYTES, so they do not end up in thousands of tiny chunks.
+            chunk = batch * max(1, MIN_CHUNK_BYTES // (batch * per))
         ds = self._file.create_dataset(
             name, shape=(0,) + value.shape[1:], maxshape=(None,) + value.shape[1:], dtype=value.dtype,
             chunks=(chunk,) + value.shape[1:], compression=self.compression,
@@ -474,7 +481,8 @@ class RunWriter:
                 if ds is not None:
                     del self._file[name]
                 self._file.require_group(group_name).create_dataset(key, data=value)
-        self._file.flush()
+        if self.laid_out:  # a laid-out file's statics are on disk now; a new run's go with the layout (_publish)
+            self._file.flush()
 
     def _do_checkpoint(self, states: dict[str, dict[str, Any]]) -> None:
         if not self.laid_out:
