@@ -28,10 +28,13 @@ WORK = ROOT / ".mutation"
 EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
 
 # module -> (files to mutate, test files, -k expression or None). Keep the selection narrow: every mutant runs
-# the selected tests that execute the mutated function, so a wide selection multiplies the run time.
+# the selected tests that execute the mutated function, so a wide selection multiplies the run time. Changing a
+# module's files or -k expression makes mutmut forget all of that module's verdicts (a full rerun); a new test in
+# a file already selected, with a name the expression matches, only re-collects the stats.
 MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
-    "spectrum": (["qkhooks/spectrum.py"], ["tests/test_core.py", "tests/test_mutation_kills.py"],
-                 "spectrum or cosine or augmented or remixing or sum_to_model"),
+    "spectrum": (["qkhooks/spectrum.py"],
+                 ["tests/test_spectrum.py", "tests/test_core.py", "tests/test_mutation_kills.py", "tests/test_speed.py"],
+                 "spectrum or cosine or augmented or remixing or sum_to_model or bypass or cached or reuses"),
     "projector": (["qkhooks/projector.py"], ["tests/test_core.py", "tests/test_mutation_kills.py"],
                   "sum_to_model or qk_outputs or fall_back or augmented or residual or remixing"),
     "attention": (["qkhooks/attention.py"], ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_mutation_kills.py"],

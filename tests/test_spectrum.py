@@ -74,3 +74,56 @@ def test_spectrum_head_weighted_cosines_of_float32_singular_values_are_computed_
     s64 = S.astype(np.float64)
     expected = [sum(s64[h, n] / s64[h].sum() * cos[h, n] for n in range(7)) for h in range(3)]
     np.testing.assert_allclose(head_weighted_cosines(S, cos), expected, rtol=1e-13)
+
+
+def test_spectrum_augmented_without_biases_is_the_dense_svd_with_a_zero_bias_column():
+    """A model without q/k biases: the augmented form is [W_q | 0]^T [W_k | 0], checked against numpy's SVD."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, qkv_bias=False).double()
+    site = qkhooks.sites(model)[0]
+    w = site.weights()
+    assert w.b_q is None and w.b_k is None
+    layer = qkhooks.spectrum(model, augmented=True)[0]
+    assert layer.augmented and layer.U.shape[1] == 33
+    zero = np.zeros((4, 8, 1))
+    w_q = np.concatenate([w.w_q.numpy(), zero], -1)
+    w_k = np.concatenate([w.w_k.numpy(), zero], -1)
+    for h in range(4):
+        s = np.linalg.svd(w_q[h].T @ w_k[h], compute_uv=False)[:8]
+        np.testing.assert_allclose(np.asarray(layer.S[h]), s, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(layer.bilinear()[h]), w_q[h].T @ w_k[h], atol=1e-5)
+
+
+def test_spectrum_top_one_keeps_the_leading_mode_and_to_dict_of_one_layer_names_its_form():
+    """``top(1)`` is the largest mode (not a refusal); a one-layer spectrum's summary reads its own layer."""
+    rng = np.random.default_rng(3)
+    U, V = rng.standard_normal((2, 2, 6, 3))
+    S = np.array([[3.0, 2.0, 1.0], [5.0, 4.0, 0.5]])
+    layer = LayerSpectrum(4, U, S, V, augmented=False)
+    first = layer.top(1)
+    np.testing.assert_array_equal(first.S, S[:, :1])
+    np.testing.assert_array_equal(first.U, U[..., :1])
+    assert LayerSpectrum(4, U, S, V, augmented=True).top(2).augmented is True
+    with pytest.raises(qkhooks.QKHooksError, match="modes must be >= 1"):
+        layer.top(0)
+    summary = qkhooks.QKSpectrum([LayerSpectrum(0, U[:, :5], S, V[:, :5], augmented=True)], model="m").to_dict()
+    assert summary["augmented"] is True
+
+
+def test_spectrum_table_names_an_unnamed_model_and_counts_a_single_mode_as_a_whole_fraction():
+    """One head with one mode whose cosine (1.0) lies above the random band: fraction 1.00, not 0.50."""
+    u = np.ones((1, 4, 1))
+    table = qkhooks.QKSpectrum([LayerSpectrum(0, u, np.ones((1, 1)), u)]).table()
+    assert table.splitlines()[0].startswith("QK spectrum of model: d=4,")
+    assert "1.00" in table and "0.50" not in table
+
+
+def test_spectrum_is_labelled_with_the_spec_the_model_was_loaded_from():
+    from conftest import TINY_MODELS
+
+    model = TINY_MODELS[0].model()
+    model.qkhooks_spec = "timm:some_vit"
+    assert qkhooks.spectrum(model).model == "timm:some_vit"
+    assert qkhooks.spectrum(model, name="mine").model == "mine"
