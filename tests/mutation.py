@@ -28,10 +28,13 @@ WORK = ROOT / ".mutation"
 EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
 
 # module -> (files to mutate, test files, -k expression or None). Keep the selection narrow: every mutant runs
-# the selected tests that execute the mutated function, so a wide selection multiplies the run time.
+# the selected tests that execute the mutated function, so a wide selection multiplies the run time. Changing a
+# module's files or -k expression makes mutmut forget all of that module's verdicts (a full rerun); a new test in
+# a file already selected, with a name the expression matches, only re-collects the stats.
 MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
-    "spectrum": (["qkhooks/spectrum.py"], ["tests/test_core.py", "tests/test_mutation_kills.py"],
-                 "spectrum or cosine or augmented or remixing or sum_to_model"),
+    "spectrum": (["qkhooks/spectrum.py"],
+                 ["tests/test_spectrum.py", "tests/test_core.py", "tests/test_mutation_kills.py", "tests/test_speed.py"],
+                 "spectrum or cosine or augmented or remixing or sum_to_model or bypass or cached or reuses"),
     "projector": (["qkhooks/projector.py"], ["tests/test_core.py", "tests/test_mutation_kills.py"],
                   "sum_to_model or qk_outputs or fall_back or augmented or residual or remixing"),
     "attention": (["qkhooks/attention.py"], ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_mutation_kills.py"],
@@ -58,6 +61,11 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
 IN_A_SUBPROCESS = ("reachable_after_import or torchrun or killed or never_mistake or clear_open_flags or sigterm "
                    "or headless_chromium")
 _COPIED = ("qkhooks", "tests", "setup.cfg", "setup.py")
+# mutmut's time limit per mutant is (summed test call time + constant) x 15, in wall and (doubled) CPU seconds.
+# The call time leaves out fixture setup (models, run files built once per module), so with mutmut's 1 s constant
+# a mutant whose tests build a fixture ran out of time on a loaded machine: reducers' 68 "timeouts" of 21:28 were
+# mostly such (e.g. `recipe()`'s default name, re-run: the tests pass). 10 s covers the fixtures.
+TIMEOUT_CONSTANT_S = 10.0
 _KILLED, _SURVIVED, _NO_TESTS, _TIMEOUTS, _SKIPPED = {1, 3}, {0}, {5, 33}, {24, -24, 36, 152, 255}, {34}
 
 
@@ -86,6 +94,7 @@ def _configure(work: Path, files: list[str], tests: list[str], select: str | Non
     expression = f"not ({IN_A_SUBPROCESS})" if select is None else f"({select}) and not ({IN_A_SUBPROCESS})"
     selection = [t for t in tests if (ROOT / t).exists()] + ["-k", expression]
     cfg.set("mutmut", "pytest_add_cli_args_test_selection", "\n" + "\n".join(selection))
+    cfg.set("mutmut", "timeout_constant", str(TIMEOUT_CONSTANT_S))
     with open(work / "setup.cfg", "w") as f:
         cfg.write(f)
 
