@@ -383,6 +383,8 @@ FAST_CASES = [
              num_attention_heads=[2, 2, 2, 2], depths=[1, 1, 1, 1], sequence_reduction_ratios=[4, 2, 1, 1]),
     _hf_case("SegformerModel", "SegformerModel", "SegformerConfig", "exact", size=64, hidden_sizes=[16, 16, 16, 16],
              num_attention_heads=[2, 2, 2, 2], depths=[1, 1, 1, 1], sr_ratios=[4, 2, 1, 1]),
+    _hf_case("GLPNModel", "GLPNModel", "GLPNConfig", "exact", size=64, hidden_sizes=[16, 16, 16, 16],
+             num_attention_heads=[2, 2, 2, 2], depths=[1, 1, 1, 1], sr_ratios=[4, 2, 1, 1]),
     _timm_case("pvt_v2_b0", "exact", size=64, embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2),
                depths=(1, 1, 1, 1), sr_ratios=(4, 2, 1, 1)),
     _timm_case("pvt_v2_b2_li", "exact", size=64, embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2),
@@ -989,7 +991,7 @@ if __name__ == "__main__":
     main(sys.argv[1:])
 
 
-@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("PvtV2Model", "PvtModel", "SegformerModel")],
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("PvtV2Model", "PvtModel", "SegformerModel", "GLPNModel")],
                          ids=lambda c: c.name)
 def test_reduced_keys_modes_from_the_models_qk_outputs_equal_those_from_the_tokens(case: Case):
     """Key maps (B, H, K, M) over the reduced tokens: the q/k path (the model's own key Linear output) and the x path

@@ -1,5 +1,5 @@
 """Attention whose keys come from spatially reduced tokens: HF ``PvtModel``, ``PvtV2Model``, ``SegformerModel``
-(transformers 5 class names), timm ``pvt_v2_*`` and the global attention of ``twins_*`` (METHODS.md C, "different
+(transformers 5 class names), ``GLPNModel`` (Segformer's encoder), timm ``pvt_v2_*`` and the global attention of ``twins_*`` (METHODS.md C, "different
 key tokens").
 
 The queries are the N tokens entering W_q; the keys are the M tokens the model feeds to W_k after its own
@@ -96,11 +96,19 @@ def _segformer(path: str, module: nn.Module) -> Reduction | None:
     return reduce
 
 
+def _glpn(path: str, module: nn.Module) -> Reduction | None:
+    """GLPNEfficientSelfAttention (GLPN's Segformer-style encoder): conv ``sr`` (kernel = stride = ratio) + LayerNorm."""
+    if module.sr_ratio <= 1:
+        return None
+    return _conv_reduction(path, module, "sr", "layer_norm", _grid_args)
+
+
 # class -> (the children its reduction uses, the reduction)
 REDUCED_KEY_CLASSES: dict[str, tuple[frozenset[str], Callable[[str, nn.Module], Any]]] = {
     "PvtV2SelfAttention": (frozenset({"spatial_reduction", "layer_norm", "pool", "act", "attn_drop", "proj_drop"}), _pvt_v2),
     "PvtEfficientSelfAttention": (frozenset({"sequence_reduction", "layer_norm"}), _pvt),
     "SegformerAttention": (frozenset({"sequence_reduction"}), _segformer),
+    "GLPNEfficientSelfAttention": (frozenset({"sr", "layer_norm"}), _glpn),
 }
 
 
