@@ -208,8 +208,9 @@ def test_bfd_names_the_layers_it_leaves_out_and_decomposes_the_rest():
 @pytest.mark.slow
 def test_demo_runs_on_a_swin_and_names_per_section_the_layers_it_leaves_out(tmp_path):
     """`make_report` (what `qkhooks demo` runs) on a small random-weight Swin: every section is in the report; the
-    modes, anisotropy and same-object sections cover every layer on its own grid; attention preference and BFD say
-    per layer why it is left out (windows)."""
+    modes, anisotropy and same-object sections cover every layer on its own grid; attention preference runs on the
+    first stage (windowed rows on the image grid) and names the other stage's layers; BFD says per layer why it is
+    left out (windows)."""
     from qkhooks.report import make_report
 
     summary = make_report(tmp_path / "demo", load_model(_swin()), photos=4, o3=6, objects=3, batch_size=4,
@@ -218,11 +219,14 @@ def test_demo_runs_on_a_swin_and_names_per_section_the_layers_it_leaves_out(tmp_
     assert set(sections) == {"modes", "same_object", "anisotropy", "spectrum", "preference", "bfd"}
     assert sorted(map(int, sections["anisotropy"]["baseline_by_layer"])) == [0, 1, 2, 3]
     assert sorted(map(int, sections["same_object"]["p_same_by_layer"])) == [0, 1, 2, 3]
-    for key in ("preference", "bfd"):
-        assert sorted(map(int, sections[key]["left_out"])) == [0, 1, 2, 3]
-        assert all("window" in why for why in sections[key]["left_out"].values())
+    preference, bfd = sections["preference"], sections["bfd"]
+    assert preference["images"] > 0 and sorted(map(int, preference["left_out"])) == [2, 3]
+    assert all("are not layer 0's" in why for why in preference["left_out"].values())
+    assert sorted(map(int, bfd["left_out"])) == [0, 1, 2, 3]
+    assert all("window" in why for why in bfd["left_out"].values())
     page = (tmp_path / "demo" / "index.html").read_text()
-    assert page.count("Not computed: Layers left out of") == 2
+    assert page.count("Not computed: Layers left out of") == 1  # BFD's; preference names its own in its text
+    assert "Layers left out of attention preference: L2: " in page
 
 
 def test_a_model_that_fails_on_its_configured_input_size_is_refused_before_any_file(tmp_path):
