@@ -8,6 +8,7 @@ from qkhooks.models import windows as _windows  # noqa: F401  (teaches the adapt
 from qkhooks.models import cosine as _cosine  # noqa: F401  (teaches the adapters Swin-v2's cosine attention)
 from qkhooks.models import gemma4 as _gemma4  # noqa: F401  (registers the adapter)
 from qkhooks.models import biased as _biased  # noqa: F401  (teaches the timm adapter position-indexed biases)
+from qkhooks.models import levit as _levit  # noqa: F401  (LeViT-style: BatchNorm folded into W_q/W_k, SHViT)
 from qkhooks.models import detr as _detr  # noqa: F401  (registers the adapter)
 from qkhooks.models import mobilevit as _mobilevit  # noqa: F401  (timm MobileViT: attention over unfolded patches)
 from qkhooks.models import plain as _plain  # noqa: F401  (teaches the timm adapter MetaFormer, FastViT, Visformer)

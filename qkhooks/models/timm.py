@@ -170,7 +170,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
         stage = block_path.rpartition(".")[0]
         extra = EXTRA_FORMS.get(kind)
         site_grid = _pit_stage_grid(stage, grid)
-        grouped = int(getattr(attn, "num_kv_heads", attn.num_heads)) != int(attn.num_heads)
+        heads = int(getattr(attn, "num_heads", 1))  # single-head modules (SHViT's SHSA) have no num_heads
+        grouped = int(getattr(attn, "num_kv_heads", heads)) != heads
         rotary = kind in ("EvaAttention", "AttentionRope")
         if kind in ("ClassAttn", "TalkingHeadAttn"):  # CaiT: its own query tokens, prefix and head mixing
             fields = cait_site_fields(attn, kind)
@@ -179,7 +180,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
             if grouped:  # each query head against its group's key head: modes and maps from the tokens x
                 qk_linear, qk_modules = grouped_query_reader(name, attn, qk_linear), ()
             fields = dict(qk_linear=qk_linear, qk_modules=qk_modules, num_prefix_tokens=num_prefix,
-                          head_dim=int(qk_linear()[0].shape[0]) // 2 // int(attn.num_heads))
+                          head_dim=int(qk_linear()[0].shape[0]) // 2 // heads)
         sites.append(
             AttentionSite(
                 layer=len(sites),
@@ -187,7 +188,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 module=attn,
                 block_path=block_path,
                 block=modules[block_path],
-                num_heads=int(attn.num_heads),
+                num_heads=heads,
                 dim=int(fields["qk_linear"]()[0].shape[1]),
                 scale=float(attn.scale) if hasattr(attn, "scale") else 1.0,  # cosine attention: set by its form
                 grid=site_grid,

@@ -68,8 +68,6 @@ UNMODELLED_FORMS.update({
     + _NO_TOKEN_SOFTMAX,
     "timm.models.swiftformer.EfficientAdditiveAttention": "additive attention: one learned global query vector scores "
     "each token; " + _NO_TOKEN_SOFTMAX,
-    "timm.models.shvit.SHSA": "single-head attention on a normalised channel slice of an NCHW map, q/k from a conv with "
-    "a folded norm; not modelled yet",
     "timm.models.nextvit.EfficientAttention": "keys and values from average-pooled, batch-normalised tokens (spatial "
     "reduction with a BatchNorm) while the queries keep every token; not modelled yet",
     "timm.models.volo.OutlookAttention": "outlook attention: the weights of each local window come from a linear layer "
@@ -94,8 +92,6 @@ UNMODELLED_FORMS.update({
     "on NCHW maps with q/k from conv + BatchNorm and position-indexed biases; not modelled yet",
     "timm.models.efficientformer_v2.Attention2dDownsample": "strided local queries (a downsampling attention) on NCHW "
     "maps with position-indexed biases; not modelled yet",
-    "timm.models.levit.AttentionDownsample": "queries from a subsampled grid (a downsampling attention) with "
-    "position-indexed biases; not modelled yet",
     "timm.models.tiny_vit.Attention": "windowed attention (TinyViT's blocks pad and split the grid into windows) with a "
     "LayerNorm inside the module before q/k and position-indexed biases; not modelled yet",
     "timm.layers.lambda_layer.LambdaLayer": "lambda layer: the keys are softmaxed over the tokens on their own and "
@@ -103,8 +99,6 @@ UNMODELLED_FORMS.update({
     "timm.models.volo.Attention": "plain attention of VOLO's later stages, but its first stage mixes tokens with outlook "
     "attention (window weights from a linear layer, no q·k), which is not modelled: recording the later layers alone "
     "would leave it out",
-    "timm.models.levit.Attention": "LeViT attention (q/k from Linear or conv + BatchNorm, position-indexed biases) sits "
-    "between downsampling attentions whose queries come from a subsampled grid; not modelled yet",
     "timm.models.csatv2.SpatialTransformerBlock": "one-channel attention inside a spatial gate (q, k of width 1 over a "
     "pooled grid); not an image-token attention qkhooks records",
     "timm.models.volo.ClassAttention": "class attention after VOLO's outlooker stages; the model is refused for "

@@ -1,0 +1,235 @@
+"""LeViT-style attention: q/k from a Linear or 1x1 conv followed by BatchNorm, position-indexed biases, and tokens the
+module prepares itself before W_q/W_k (METHODS.md C: additive biases, different key tokens), taught to the timm adapter:
+
+- timm LeViT ``Attention`` (``LinearNorm`` / ``ConvNorm`` qkv) and ``AttentionDownsample``, whose queries come from
+  the subsampled grid (``q.down``: every ``stride``-th token, or a 3x3 average pool) while the keys are every token;
+- timm SHViT ``SHSA``: one head on the first ``pdim`` channels of an NCHW map after the module's own ``pre_norm``.
+
+In eval mode BatchNorm is one affine map per channel, so Linear + BN is the Linear with W' = diag(γ/√(σ²+ε)) W and
+b' = β − μ γ/√(σ²+ε) (:func:`fold_batchnorm`, as timm's own ``fuse`` does): W_q, W_k, b_q, b_k are the folded ones,
+read live. In training mode BN uses each batch's own statistics, which no fixed W_q, W_k describe: the recording is
+refused then. The bias B_h[idx(i, j)] (the module's ``get_attention_biases``) is position-only: rebuilt maps add it and
+``run.bias(l)`` returns it, as for EfficientFormer (:mod:`qkhooks.models.biased`).
+
+Where the module prepares its tokens (a subsampled query grid, SHViT's normalised channel slice), the site hooks the
+module's call and computes, with the model's own modules, the tokens that enter W_q (the site's ``x``: query maps,
+rows) and W_k (:attr:`AttentionSite.key_tokens`): maps are (B, H, N_q, N_k), the model's shape, and the modes of
+W_q^T W_k rebuild the content logits exactly between those tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from qkhooks.errors import QKHooksError
+from qkhooks.models import timm as timm_adapter
+from qkhooks.models.base import AttentionSite
+from qkhooks.models.unsupported import MODELLED_FORMS
+
+__all__ = ["fold_batchnorm", "PreparedSite"]
+
+Reader = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _class(module: str, name: str) -> Callable[[], type]:
+    def load() -> type:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # a timm without this family: a class no module is an instance of
+            return type(f"Missing{name}", (), {"forward": None})
+
+    return load
+
+
+def _projection(path: str, norm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the Linear or conv, its BatchNorm) of a LeViT ``LinearNorm`` / ``ConvNorm`` or SHViT ``Conv2dNorm``; a conv
+    that is not a plain 1x1 (one weight applied to every token alone) is refused."""
+    linear = getattr(norm, "linear", None) or getattr(norm, "c", None)
+    bn = getattr(norm, "bn", None)
+    if not isinstance(linear, (nn.Linear, nn.Conv2d)) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise QKHooksError(f"unsupported attention in {path!r}: its q/k projection {type(norm).__name__} is not a "
+                           "Linear or 1x1 conv followed by BatchNorm, the form qkhooks folds.")
+    if isinstance(linear, nn.Conv2d) and (linear.kernel_size != (1, 1) or linear.stride != (1, 1) or linear.groups != 1
+                                          or linear.padding not in ((0, 0), "valid")):
+        raise QKHooksError(f"unsupported attention in {path!r}: its q/k conv (kernel {linear.kernel_size}, stride "
+                           f"{linear.stride}, groups {linear.groups}) mixes neighbouring tokens, so q and k are not a "
+                           "per-token affine map of the tokens.")
+    return linear, bn
+
+
+def fold_batchnorm(linear: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (out, in), b (out)) of Linear/1x1 conv + BatchNorm in eval mode: BN(Wx + b0) = diag(g) W x + β + g (b0 − μ),
+    g = γ/√(σ² + ε), from the running statistics (what the model uses in eval mode)."""
+    gain = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias if bn.affine else torch.zeros_like(gain)
+    w = linear.weight.flatten(1) * gain[:, None]
+    b0 = linear.bias if linear.bias is not None else torch.zeros_like(gain)
+    return w, shift + gain * (b0 - bn.running_mean)
+
+
+def _folded_rows(path: str, norm: nn.Module, rows: torch.Tensor) -> Reader:
+    """The folded (W, b) rows ``rows`` of a projection + BatchNorm, read live."""
+    linear, bn = _projection(path, norm)
+
+    def reader() -> tuple[torch.Tensor, torch.Tensor]:
+        w, b = fold_batchnorm(linear, bn)
+        index = rows.to(w.device)
+        return w[index], b[index]
+
+    return reader
+
+
+def _joined(q: Reader, k: Reader) -> Reader:
+    def reader() -> tuple[torch.Tensor, torch.Tensor]:
+        (w_q, b_q), (w_k, b_k) = q(), k()
+        return torch.cat([w_q, w_k]), torch.cat([b_q, b_k])
+
+    return reader
+
+
+def _per_head(heads: int, key_dim: int, per_head: int, offset: int = 0) -> torch.Tensor:
+    """Output channels ``offset .. offset + key_dim`` of each head, where head h owns channels h·per_head onwards."""
+    return ((torch.arange(heads)[:, None] * per_head) + offset + torch.arange(key_dim)).flatten()
+
+
+def _batchnorms(*modules: nn.Module) -> tuple[nn.Module, ...]:
+    return tuple(m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+def _refuse_training(site: AttentionSite, batchnorms: tuple[nn.Module, ...]) -> None:
+    if any(bn.training for bn in batchnorms):
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(site.module).__name__}): its q/k BatchNorm is "
+                           "in training mode, where it normalises with each batch's own statistics, so no fixed W_q, W_k "
+                           "describe the logits; call model.eval() (BatchNorm then folds into W_q, W_k exactly).")
+
+
+def _bias_of_call(site: AttentionSite, attn: nn.Module, batchnorms: tuple[nn.Module, ...]
+                  ) -> Callable[[tuple, dict], torch.Tensor]:
+    """The (1, H, N_q, N_k) table the module adds in this call (its own ``get_attention_biases``); any argument besides
+    the tokens, or BatchNorm in training mode, is refused."""
+    def bias(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        extra = [f"argument {i}" for i in range(1, len(args))] + sorted(k for k in kwargs if k != site.input_name)
+        if extra:
+            raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): the model passes "
+                               f"{extra}, which the adapter does not model.")
+        _refuse_training(site, batchnorms)
+        x = args[0] if args else kwargs[site.input_name]
+        return attn.get_attention_biases(x.device).detach()[None]
+
+    return bias
+
+
+@dataclasses.dataclass(eq=False)
+class PreparedSite(AttentionSite):
+    """A site whose module prepares the tokens entering W_q and W_k itself from what it is handed.
+
+    Attributes:
+        prepare: ``(module input) -> (tokens entering W_q (B, N_q, d), tokens entering W_k (B, N_k, d) or None: the
+            same tokens)``, computed with the model's own modules from the call being recorded.
+    """
+
+    prepare: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+    def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
+        if block:
+            raise QKHooksError(f"{self.path}: input='residual' is not modelled here: the module prepares the tokens "
+                               "entering W_q/W_k itself (a subsampled query grid, a normalised channel slice), which have "
+                               "no residual-stream counterpart; use input='normed'.")
+        self.refuse_unmodelled_inputs(args, kwargs)
+        given = args[0] if args else kwargs.get(self.input_name)
+        if not isinstance(given, torch.Tensor):
+            raise QKHooksError(f"{self.path}: could not find the tokens in the call (no positional argument and no "
+                               f"keyword {self.input_name!r}).")
+        with torch.no_grad():
+            x, self._call_keys = self.prepare(given)  # type: ignore[misc]
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise QKHooksError(f"{self.path}: expected (batch, tokens, {self.dim}) tokens entering W_q, prepared "
+                               f"{tuple(x.shape)}; the adapter does not match this module.")
+        return x
+
+
+def _as_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H·W, C) row by row; tokens as they are."""
+    return t.flatten(2).transpose(1, 2) if t.dim() == 4 else t
+
+
+def _prepared(site: AttentionSite, prepare: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+              other_keys: bool, **fields: Any) -> PreparedSite:
+    """``other_keys``: the keys are other tokens than the queries (read by ``keys_for`` from the prepared call; the
+    ``key_tokens`` function itself is never called, :meth:`PreparedSite.hidden_states` sets them)."""
+    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
+    base.update(fields, key_tokens=_prepared_keys if other_keys else None)
+    return PreparedSite(**base, prepare=prepare)
+
+
+def _prepared_keys(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    raise AssertionError("a prepared site's key tokens are set by its hidden_states")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------------------------------- LeViT
+def _levit_rows(attn: nn.Module) -> tuple[Reader, tuple]:
+    """LeViT ``Attention``: qkv channels per head [q_h | k_h | v_h]; ``AttentionDownsample``: q from ``q.ln`` (heads
+    contiguous), k from ``kv`` per head [k_h | v_h]. Modes from the tokens (the outputs interleave heads)."""
+    heads, kd, vd = int(attn.num_heads), int(attn.key_dim), int(attn.val_dim)
+    path = type(attn).__name__
+    if hasattr(attn, "qkv"):
+        q = _folded_rows(path, attn.qkv, _per_head(heads, kd, 2 * kd + vd))
+        k = _folded_rows(path, attn.qkv, _per_head(heads, kd, 2 * kd + vd, kd))
+    else:
+        q = _folded_rows(path, attn.q.ln, torch.arange(heads * kd))
+        k = _folded_rows(path, attn.kv, _per_head(heads, kd, kd + vd))
+    return _joined(q, k), ()
+
+
+def _levit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    conv = bool(attn.use_conv)
+    fields: dict[str, Any] = dict(family="timm-levit", grid=None, patch_size=None,
+                                  token_layout="channels_first" if conv else "tokens")
+    if hasattr(attn, "qkv"):
+        site = dataclasses.replace(site, **fields)
+        return dataclasses.replace(site, call_bias=_bias_of_call(site, attn, _batchnorms(attn.qkv)))
+    ref = weakref.ref(attn)
+
+    def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries: the tokens ``q.down`` keeps (the model's own subsampling or pooling); keys: every token."""
+        return _as_tokens(ref().q.down(given)), _as_tokens(given)
+
+    site = _prepared(site, prepare, True, **fields)
+    return dataclasses.replace(site, call_bias=_bias_of_call(site, attn, _batchnorms(attn.q, attn.kv)))
+
+
+# ------------------------------------------------------------------------------------------------------- SHViT
+def _shvit_rows(attn: nn.Module) -> tuple[Reader, tuple]:
+    """SHSA: one head, qkv channels [q (qk_dim) | k (qk_dim) | v (pdim)] of a 1x1 conv + BatchNorm."""
+    qk = int(attn.qk_dim)
+    return _folded_rows(type(attn).__name__, attn.qkv, torch.arange(2 * qk)), ()
+
+
+def _shvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    ref = weakref.ref(attn)
+    batchnorms = _batchnorms(attn.qkv)
+
+    def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's own ``pre_norm`` of its first ``pdim`` channels: the tokens entering its qkv conv."""
+        m = ref()
+        _refuse_training(site, batchnorms)
+        return _as_tokens(m.pre_norm(given[:, : m.pdim])), None
+
+    return _prepared(site, prepare, False, family="timm-shvit", grid=None, patch_size=None, num_heads=1,
+                     token_layout="channels_first")
+
+
+_FORMS = {
+    "LevitAttention": ("timm.models.levit", "Attention", _levit_rows, _levit_site),
+    "LevitAttentionDownsample": ("timm.models.levit", "AttentionDownsample", _levit_rows, _levit_site),
+    "ShvitSHSA": ("timm.models.shvit", "SHSA", _shvit_rows, _shvit_site),
+}
+for _kind, (_module, _name, _rows, _finish) in _FORMS.items():
+    timm_adapter.EXTRA_FORMS[_kind] = timm_adapter.ExtraForm(_class(_module, _name), _rows, _finish)
+    MODELLED_FORMS.add(f"{_module}.{_name}")
