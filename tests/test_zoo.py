@@ -428,6 +428,13 @@ FAST_CASES = [
     _timm_case("gcvit_xxtiny", "queries are not projected", module="stages.0.blocks.1.attn", size=64, img_size=64),
     _timm_case("efficientvit_m0", "cascaded group attention", module="stages.0.blocks.0.mixer.m.attn", size=64,
                img_size=64),
+    # zoo-bn: q/k from Linear or 1x1 conv + BatchNorm (folded), position-indexed biases, subsampled queries (LeViT)
+    _timm_case("levit_128s", "exact", size=64, img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4),
+               depth=(1, 1, 1)),
+    _timm_case("levit_conv_128s", "exact", size=64, img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4),
+               depth=(1, 1, 1)),
+    _timm_case("shvit_s1", "exact", size=64, embed_dim=(32, 48, 64), partial_dim=(8, 12, 16), qk_dim=(8, 8, 8),
+               depth=(1, 1, 1), types=("s", "s", "s")),
     _hf_case("MobileViTModel", "MobileViTModel", "MobileViTConfig", "patch-area sequences", size=64,
              module="attention", hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], image_size=64),
     _hf_case("GroupViTVisionModel", "GroupViTVisionModel", "GroupViTVisionConfig", "exact", hidden_size=32,

@@ -1,0 +1,156 @@
+"""LeViT-style attention (models/levit.py): BatchNorm folded into W_q/W_k, position-indexed biases, subsampled queries
+and tokens the module prepares itself, each checked against q and k computed here with the model's own modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import qkhooks
+from qkhooks import QKHooksError
+from qkhooks.models.levit import fold_batchnorm
+
+
+def _randomise(model: nn.Module) -> nn.Module:
+    """Every parameter and BatchNorm running statistic away from its initial value, so a fold that ignored the mean,
+    the variance, γ or β would show."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.2 if bool((p == 0).all()) else 0.05))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def _images(size: int) -> torch.Tensor:
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _record(model: nn.Module, images: torch.Tensor) -> tuple[Any, dict[int, torch.Tensor], torch.Tensor, dict]:
+    """(recording, each site's module input, the model's output without hooks, the additive term of each layer)."""
+    sites = qkhooks.sites(model)
+    seen: dict[int, torch.Tensor] = {}
+    handles = [s.module.register_forward_pre_hook(lambda m, a, i=s.layer: seen.__setitem__(i, a[0].detach()))
+               for s in sites]
+    try:
+        with torch.no_grad():
+            ref = model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    with qkhooks.record(model, modes="all", augmented=True, attention="full") as run:
+        with torch.no_grad():
+            out = model(images)
+        bias = {s.layer: s.logit_bias() for s in run.sites}
+    assert torch.equal(out, ref)
+    return run, seen, ref, bias
+
+
+def _levit(**kw: Any) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return _randomise(timm.create_model("levit_128s", pretrained=False, img_size=64, embed_dim=(32, 48, 64), key_dim=8,
+                                        num_heads=(2, 3, 4), depth=(1, 1, 1), **kw))
+
+
+def _levit_qk(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, N_q, d_k) and k (B, H, N_k, d_k) as LeViT's forward computes them, with its own Linear/conv + BN."""
+    heads, kd = attn.num_heads, attn.key_dim
+    if attn.use_conv:
+        b = x.shape[0]
+        if hasattr(attn, "qkv"):
+            q, k, _ = attn.qkv(x).view(b, heads, -1, x.shape[2] * x.shape[3]).split([kd, kd, attn.val_dim], dim=2)
+        else:
+            k, _ = attn.kv(x).view(b, heads, -1, x.shape[2] * x.shape[3]).split([kd, attn.val_dim], dim=2)
+            q = attn.q(x).view(b, heads, kd, -1)
+        return q.transpose(-1, -2), k.transpose(-1, -2)
+    b, n, _ = x.shape
+    if hasattr(attn, "qkv"):
+        q, k, _ = attn.qkv(x).view(b, n, heads, -1).split([kd, kd, attn.val_dim], dim=3)
+    else:
+        k, _ = attn.kv(x).view(b, n, heads, -1).split([kd, attn.val_dim], dim=3)
+        q = attn.q(x).view(b, -1, heads, kd)
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+def test_fold_batchnorm_is_the_module_in_eval_mode():
+    linear, bn = nn.Linear(6, 5), nn.BatchNorm1d(5)
+    _randomise(nn.Sequential(linear, bn))
+    x = torch.randn(7, 6)
+    w, b = fold_batchnorm(linear, bn)
+    with torch.no_grad():
+        assert torch.allclose(torch.nn.functional.linear(x, w, b), bn(linear(x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["levit_128s", "levit_conv_128s"])
+def test_levit_maps_modes_and_bias_against_its_own_q_k(variant: str):
+    """Both LeViT attentions (Attention; AttentionDownsample, whose queries are the subsampled grid), linear and conv:
+    maps = softmax(scale·q·k + the table read at the position index), q and k from the model's Linear/conv + BN here;
+    the modes of the folded W_q^T W_k rebuild scale·q·k between the tokens that enter W_q and W_k."""
+    import timm
+
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model(variant, pretrained=False, img_size=64, embed_dim=(32, 48, 64), key_dim=8,
+                                         num_heads=(2, 3, 4), depth=(1, 1, 1)))
+    run, seen, _, bias = _record(model, _images(64))
+    kinds = {type(model.get_submodule(s.path)).__name__ for s in run.sites}
+    assert kinds == {"Attention", "AttentionDownsample"}
+    for site in run.sites:
+        attn = model.get_submodule(site.path)
+        with torch.no_grad():
+            q, k = _levit_qk(attn, seen[site.layer])
+            table = attn.attention_biases[:, attn.attention_bias_idxs]  # (H, N_q, N_k), indexed here
+            content = (q @ k.transpose(-1, -2)) * attn.scale
+        maps = run.attention(site.layer, "full")
+        assert maps.shape == content.shape  # (B, H, N_q, N_k): fewer queries than keys where it downsamples
+        assert torch.allclose(maps, (content + table).softmax(-1), atol=1e-6)
+        assert torch.allclose(run.bias(site.layer), table, atol=1e-7)
+        assert torch.allclose(bias[site.layer][0], table, atol=1e-7)
+        spectrum = run.spectrum(site.layer)
+        rebuilt = torch.einsum("bhkn,hk,bhkm->bhnm", run.query(site.layer), spectrum.S, run.key(site.layer)) * site.scale
+        assert float((rebuilt - content).abs().max()) < 1e-4 * float(content.abs().max())
+    downsampling = [s for s in run.sites if type(model.get_submodule(s.path)).__name__ == "AttentionDownsample"]
+    assert downsampling and all(run.query(s.layer).shape[-1] < run.key(s.layer).shape[-1] for s in downsampling)
+
+
+def test_levit_refused_with_batchnorm_in_training_mode():
+    model = _levit().train()
+    with pytest.raises(QKHooksError, match="training mode"):
+        with qkhooks.record(model, modes=4):
+            model(_images(64))
+
+
+def test_shvit_single_head_on_its_normalised_channel_slice():
+    """SHSA: one head over the first pdim channels after the module's own pre_norm (a GroupNorm over the whole map),
+    q/k from a 1x1 conv + BN: maps = softmax(scale·q·k), q and k computed here with the model's own modules."""
+    import timm
+
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model("shvit_s1", pretrained=False, embed_dim=(32, 48, 64), partial_dim=(8, 12, 16),
+                                         qk_dim=(8, 8, 8), depth=(1, 1, 1), types=("s", "s", "s")))
+    run, seen, _, _ = _record(model, _images(64))
+    assert run.sites and all(s.num_heads == 1 for s in run.sites)
+    for site in run.sites:
+        attn = model.get_submodule(site.path)
+        with torch.no_grad():
+            x = attn.pre_norm(seen[site.layer][:, : attn.pdim])
+            q, k, _ = attn.qkv(x).flatten(2).split([attn.qk_dim, attn.qk_dim, attn.pdim], dim=1)
+            content = (q.transpose(-1, -2) @ k)[:, None] * attn.scale  # (B, 1, N, N)
+        assert torch.allclose(run.attention(site.layer, "full"), content.softmax(-1), atol=1e-6)
+        spectrum = run.spectrum(site.layer)
+        rebuilt = torch.einsum("bhkn,hk,bhkm->bhnm", run.query(site.layer), spectrum.S, run.key(site.layer)) * site.scale
+        assert float((rebuilt - content).abs().max()) < 1e-4 * float(content.abs().max())
+
+
+def test_prepared_tokens_have_no_residual_counterpart():
+    model = _levit()
+    with pytest.raises(QKHooksError, match="input='normed'"):
+        with qkhooks.record(model, modes=4, input="residual"):
+            model(_images(64))
