@@ -154,3 +154,42 @@ def test_prepared_tokens_have_no_residual_counterpart():
     with pytest.raises(QKHooksError, match="input='normed'"):
         with qkhooks.record(model, modes=4, input="residual"):
             model(_images(64))
+
+
+def test_efficientformer_v2_talking_heads_and_local_queries_against_its_own_convs():
+    """Attention2d: maps = th2(softmax(th1(scale·q·k + table))) with the model's own 1x1 convs over heads, on the map its
+    stride_conv makes; the mixed form's modes (mixed_spectrum) rebuild th1's mixed logits. Attention2dDownsample:
+    queries from local(x) + pool(x), maps (B, H, N/4, N). q and k from the model's conv + BN, computed here."""
+    import timm
+
+    from qkhooks.models.class_attention import mixed_spectrum
+
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model("efficientformerv2_s0", pretrained=False, img_size=64, depths=(1, 1, 2, 2),
+                                         embed_dims=(16, 16, 32, 32), num_vit=2))
+    live = qkhooks.sites(model)
+    run, seen, _, _ = _record(model, _images(64))
+    kinds = [(type(s.module).__name__, getattr(s.module, "stride_conv", None) is not None) for s in live]
+    assert {("Attention2d", True), ("Attention2d", False), ("Attention2dDownsample", False)} <= set(kinds)
+    for site in live:
+        attn, x = site.module, seen[site.layer]
+        with torch.no_grad():
+            if hasattr(attn, "talking_head1"):
+                x = x if attn.stride_conv is None else attn.stride_conv(x)
+            q, k = (proj(x).flatten(2).unflatten(1, (attn.num_heads, -1)) for proj in (attn.q, attn.k))  # (B, H, d_k, N)
+            content = (q.transpose(-1, -2) @ k) * attn.scale
+            logits = content + attn.attention_biases[:, attn.attention_bias_idxs]
+            if not hasattr(attn, "talking_head1"):
+                assert torch.allclose(run.attention(site.layer, "full"), logits.softmax(-1), atol=1e-6)
+                assert run.attention(site.layer, "full").shape[-2] * 4 == run.attention(site.layer, "full").shape[-1]
+                continue
+            want = attn.talking_head2(attn.talking_head1(logits).softmax(-1))
+            assert torch.allclose(run.attention(site.layer, "full"), want, atol=1e-6)
+            spectrum = mixed_spectrum(site)  # augmented: [x; 1], biases folded in
+            tokens = torch.cat([x.flatten(2), x.new_ones(x.shape[0], 1, x.shape[2] * x.shape[3])], 1).double()  # (B, d+1, N)
+            u = torch.einsum("hdk,bdn->bhkn", spectrum.U.double(), tokens)
+            v = torch.einsum("hdk,bdn->bhkn", spectrum.V.double(), tokens)
+            mixed = torch.einsum("bhkn,hk,bhkm->bhnm", u, spectrum.S.double(), v) * site.scale
+            mix = attn.talking_head1.weight.flatten(1).double()
+            ref = torch.einsum("gh,bhnm->bgnm", mix, content.double())
+            assert float((mixed - ref).abs().max()) < 1e-6 * float(ref.abs().max())

@@ -64,6 +64,10 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
         handles = []
         for i, site in enumerate(sites):
+            if getattr(site.module, "talking_head2", None) is not None:  # EfficientFormer-v2: heads mixed after the softmax
+                handles.append(site.module.talking_head2.register_forward_hook(
+                    lambda m, a, o, i=i: maps.__setitem__(i, o.detach().clone())))
+                continue
             if getattr(site.module, "attn_drop", None) is None:  # no dropout module (EfficientFormer): its softmax
                 handles += _softmax_hooks(site.module, lambda t, i=i: maps.__setitem__(i, t.detach().clone()))
                 continue
@@ -138,7 +142,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             fired.append(site.layer)
             x = args[0] if args else kwargs[site.input_name]
-            inputs_seen[site.layer] = x.flatten(1, -2) if x.dim() == 4 else x
+            keep_map = hasattr(module, "talking_head1")  # EfficientFormer-v2: its NCHW map, for its own q/k convs
+            inputs_seen[site.layer] = x.flatten(1, -2) if x.dim() == 4 and not keep_map else x
 
         return hook
 
@@ -245,6 +250,11 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
 
 def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
     """q·k (B, H, N, N) before any rotation, from the module's own q/k parameters, written out here."""
+    if hasattr(module, "talking_head1"):  # EfficientFormer-v2: q, k from its own conv + BN on its (strided) NCHW map
+        with torch.no_grad():
+            x = x if module.stride_conv is None else module.stride_conv(x)
+            q, k = (proj(x).flatten(2).unflatten(1, (heads, -1)) for proj in (module.q, module.k))  # (B, H, d_k, N)
+            return q.transpose(-1, -2) @ k
     if getattr(module, "qkv", None) is not None:
         w, b = module.qkv.weight, module.qkv.bias
         if getattr(module, "q_bias", None) is not None:
@@ -435,6 +445,9 @@ FAST_CASES = [
                depth=(1, 1, 1)),
     _timm_case("shvit_s1", "exact", size=64, embed_dim=(32, 48, 64), partial_dim=(8, 12, 16), qk_dim=(8, 8, 8),
                depth=(1, 1, 1), types=("s", "s", "s")),
+    # zoo-bn: EfficientFormer-v2: talking heads around the softmax (1x1 convs over heads), strided and local queries
+    _timm_case("efficientformerv2_s0", "exact", size=64, img_size=64, depths=(1, 1, 2, 2), embed_dims=(16, 16, 32, 32),
+               num_vit=2),
     _hf_case("MobileViTModel", "MobileViTModel", "MobileViTConfig", "patch-area sequences", size=64,
              module="attention", hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], image_size=64),
     _hf_case("GroupViTVisionModel", "GroupViTVisionModel", "GroupViTVisionConfig", "exact", hidden_size=32,

@@ -50,7 +50,7 @@ def _class(module: str, name: str) -> Callable[[], type]:
 def _projection(path: str, norm: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(the Linear or conv, its BatchNorm) of a LeViT ``LinearNorm`` / ``ConvNorm`` or SHViT ``Conv2dNorm``; a conv
     that is not a plain 1x1 (one weight applied to every token alone) is refused."""
-    linear = getattr(norm, "linear", None) or getattr(norm, "c", None)
+    linear = getattr(norm, "linear", None) or getattr(norm, "c", None) or getattr(norm, "conv", None)
     bn = getattr(norm, "bn", None)
     if not isinstance(linear, (nn.Linear, nn.Conv2d)) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise QKHooksError(f"unsupported attention in {path!r}: its q/k projection {type(norm).__name__} is not a "
@@ -225,10 +225,71 @@ def _shvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
                      token_layout="channels_first")
 
 
+# ------------------------------------------------------------------------------------------- EfficientFormer-v2
+class _HeadConv:
+    """A 1x1 conv over the head axis of (B, H, N, M) logits (EfficientFormer-v2's ``talking_head1/2``) read as the
+    H x H Linear over heads that :class:`qkhooks.models.class_attention.TalkingHeads` applies: weight and bias live."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self.conv = conv
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight.flatten(1)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.conv.bias
+
+
+def _efficientformer_v2_rows(attn: nn.Module) -> tuple[Reader, tuple]:
+    """q from ``q`` (``Attention2d``: a 1x1 conv + BN; ``Attention2dDownsample``: the 1x1 conv + BN ``q.proj`` of its
+    local query), k from ``k``; heads contiguous in both (reshape(B, H, d_k, N))."""
+    rows = torch.arange(int(attn.num_heads) * int(attn.key_dim))
+    path = type(attn).__name__
+    q = attn.q.proj if hasattr(attn.q, "proj") else attn.q
+    return _joined(_folded_rows(path, q, rows), _folded_rows(path, attn.k, rows)), ()
+
+
+def _efficientformer_v2_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    """``Attention2d``: talking heads (a 1x1 conv over heads before the softmax, after the bias, and one after it), on
+    the map its optional depthwise ``stride_conv`` makes; ``Attention2dDownsample``: queries from its
+    ``LocalGlobalQuery`` (a strided depthwise conv plus a strided pool, summed) before ``q.proj``, keys every token."""
+    from qkhooks.models.class_attention import TalkingHeads
+
+    ref = weakref.ref(attn)
+    fields: dict[str, Any] = dict(family="timm-efficientformerv2", grid=None, patch_size=None,
+                                  token_layout="channels_first")
+    if hasattr(attn, "talking_head1"):
+        fields["head_mixing"] = TalkingHeads(_HeadConv(attn.talking_head1), _HeadConv(attn.talking_head2))  # type: ignore[arg-type]
+        batchnorms = _batchnorms(attn.q, attn.k) + (() if attn.stride_conv is None else _batchnorms(attn.stride_conv))
+
+        def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """The tokens entering q and k: the map as handed, or after the module's own stride_conv."""
+            m = ref()
+            return _as_tokens(given if m.stride_conv is None else m.stride_conv(given)), None
+
+        site = _prepared(site, prepare, False, **fields)
+    else:
+        batchnorms = _batchnorms(attn.q, attn.k)
+
+        def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Queries: local(x) + pool(x), the map entering ``q.proj``; keys: every token."""
+            q = ref().q
+            return _as_tokens(q.local(given) + q.pool(given)), _as_tokens(given)
+
+        site = _prepared(site, prepare, True, **fields)
+    return dataclasses.replace(site, call_bias=_bias_of_call(site, attn, batchnorms))
+
+
 _FORMS = {
     "LevitAttention": ("timm.models.levit", "Attention", _levit_rows, _levit_site),
     "LevitAttentionDownsample": ("timm.models.levit", "AttentionDownsample", _levit_rows, _levit_site),
     "ShvitSHSA": ("timm.models.shvit", "SHSA", _shvit_rows, _shvit_site),
+    "EfficientFormerV2Attention2d": ("timm.models.efficientformer_v2", "Attention2d", _efficientformer_v2_rows,
+                                     _efficientformer_v2_site),
+    "EfficientFormerV2Attention2dDownsample": ("timm.models.efficientformer_v2", "Attention2dDownsample",
+                                               _efficientformer_v2_rows, _efficientformer_v2_site),
 }
 for _kind, (_module, _name, _rows, _finish) in _FORMS.items():
     timm_adapter.EXTRA_FORMS[_kind] = timm_adapter.ExtraForm(_class(_module, _name), _rows, _finish)
