@@ -193,3 +193,48 @@ def test_efficientformer_v2_talking_heads_and_local_queries_against_its_own_conv
             mix = attn.talking_head1.weight.flatten(1).double()
             ref = torch.einsum("gh,bhnm->bgnm", mix, content.double())
             assert float((mixed - ref).abs().max()) < 1e-6 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("windows", [(4, 4, 4, 2), (3, 3, 3, 3)], ids=["tiled", "padded"])
+def test_tiny_vit_windows_after_its_own_layernorm(windows: tuple[int, ...]):
+    """TinyViT: the block cuts (and pads with zeros) the windows, the module's LayerNorm makes the tokens entering qkv
+    (LN of a padding token is β, not zero). Maps (B, nW, H, Nw, Nw) = softmax(scale·q·k + table) with q, k from the
+    module's own norm and qkv here; grid modes rebuild scale·q·k inside every window (padding positions excepted)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model("tiny_vit_5m_224", pretrained=False, embed_dims=(16, 16, 32, 32),
+                                         depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 2), window_sizes=windows))
+    grids: dict[str, tuple[int, int]] = {}
+    handles = [b.register_forward_pre_hook(lambda m, a, p=p: grids.__setitem__(p, tuple(a[0].shape[1:3])))
+               for p, b in model.named_modules() if type(b).__name__ == "TinyVitBlock"]
+    run, seen, _, _ = _record(model, _images(64))
+    for h in handles:
+        h.remove()
+    padded = 0
+    for site in run.sites:
+        attn = model.get_submodule(site.path)
+        (gh, gw), ws = grids[site.block_path], model.get_submodule(site.block_path).window_size
+        with torch.no_grad():
+            xw = seen[site.layer]  # (B·nW, Nw, C) as the block hands them
+            q, k, _ = attn.qkv(attn.norm(xw)).view(*xw.shape[:2], attn.num_heads, -1).split(
+                [attn.key_dim, attn.key_dim, attn.val_dim], dim=3)
+            content = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * attn.scale  # (B·nW, H, Nw, Nw)
+            table = attn.attention_biases[:, attn.attention_bias_idxs]
+        maps = run.attention(site.layer, "full")  # (B, nW, H, Nw, Nw)
+        assert torch.allclose(maps.flatten(0, 1), (content + table).softmax(-1), atol=1e-6)
+        # the grid index of every window position, cut here as the block does: pad bottom/right, windows row-major
+        ph, pw = -(-gh // ws) * ws, -(-gw // ws) * ws
+        index = torch.full((ph, pw), -1)
+        index[:gh, :gw] = torch.arange(gh * gw).view(gh, gw)
+        index = index.view(ph // ws, ws, pw // ws, ws).transpose(1, 2).reshape(-1, ws * ws)
+        content = content.unflatten(0, (-1, index.shape[0]))
+        spectrum = run.spectrum(site.layer)
+        query, key = run.query(site.layer), run.key(site.layer)  # (B, H, K, gh·gw) on the image grid
+        for w, cell in enumerate(index):
+            if bool((cell < 0).any()):
+                padded += 1
+                continue
+            rebuilt = torch.einsum("bhkn,hk,bhkm->bhnm", query[..., cell], spectrum.S, key[..., cell]) * site.scale
+            assert float((rebuilt - content[:, w]).abs().max()) < 1e-4 * float(content.abs().max())
+    assert (padded > 0) == (windows == (3, 3, 3, 3))

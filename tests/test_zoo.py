@@ -448,6 +448,9 @@ FAST_CASES = [
     # zoo-bn: EfficientFormer-v2: talking heads around the softmax (1x1 convs over heads), strided and local queries
     _timm_case("efficientformerv2_s0", "exact", size=64, img_size=64, depths=(1, 1, 2, 2), embed_dims=(16, 16, 32, 32),
                num_vit=2),
+    # zoo-bn: TinyViT: windows cut by its block, its LayerNorm inside the module, a bias per window offset
+    _timm_case("tiny_vit_5m_224", "exact", size=64, embed_dims=(16, 16, 32, 32), depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 2),
+               window_sizes=(4, 4, 4, 2)),
     _hf_case("MobileViTModel", "MobileViTModel", "MobileViTConfig", "patch-area sequences", size=64,
              module="attention", hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], image_size=64),
     _hf_case("GroupViTVisionModel", "GroupViTVisionModel", "GroupViTVisionConfig", "exact", hidden_size=32,

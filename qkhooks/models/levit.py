@@ -3,7 +3,13 @@ module prepares itself before W_q/W_k (METHODS.md C: additive biases, different 
 
 - timm LeViT ``Attention`` (``LinearNorm`` / ``ConvNorm`` qkv) and ``AttentionDownsample``, whose queries come from
   the subsampled grid (``q.down``: every ``stride``-th token, or a 3x3 average pool) while the keys are every token;
-- timm SHViT ``SHSA``: one head on the first ``pdim`` channels of an NCHW map after the module's own ``pre_norm``.
+- timm SHViT ``SHSA``: one head on the first ``pdim`` channels of an NCHW map after the module's own ``pre_norm``;
+- timm EfficientFormer-v2 ``Attention2d`` (talking heads: a 1x1 conv over heads before the softmax, after the bias,
+  and one after it, rebuilt with the model's own convs; :func:`qkhooks.models.class_attention.mixed_spectrum` gives
+  the exact modes of the mixed logits) and ``Attention2dDownsample`` (queries from a strided depthwise conv plus a
+  strided pool);
+- timm TinyViT ``Attention``: windows cut by its block (:class:`qkhooks.models.windows.WindowSite`: maps per window
+  in the model's order, modes on the image grid), the module's own LayerNorm before qkv, a bias per window offset.
 
 In eval mode BatchNorm is one affine map per channel, so Linear + BN is the Linear with W' = diag(γ/√(σ²+ε)) W and
 b' = β − μ γ/√(σ²+ε) (:func:`fold_batchnorm`, as timm's own ``fuse`` does): W_q, W_k, b_q, b_k are the folded ones,
@@ -30,6 +36,8 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite
+from qkhooks.models.biased import per_head_rows
+from qkhooks.models.windows import WindowSite
 from qkhooks.models.unsupported import MODELLED_FORMS
 
 __all__ = ["fold_batchnorm", "PreparedSite"]
@@ -282,12 +290,45 @@ def _efficientformer_v2_site(site: AttentionSite, attn: nn.Module) -> AttentionS
     return dataclasses.replace(site, call_bias=_bias_of_call(site, attn, batchnorms))
 
 
+# ------------------------------------------------------------------------------------------------------ TinyViT
+@dataclasses.dataclass(eq=False)
+class _NormedWindowSite(WindowSite):
+    """TinyViT's windows (cut by its block: padded at the bottom and right with zero tokens, no shift) entering the
+    module, whose own LayerNorm then makes the tokens entering W_q/W_k (padding tokens included: LN(0) = β)."""
+
+    def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
+        x = super().hidden_states(args, kwargs, block)
+        with torch.no_grad():
+            return self.module.norm(x)
+
+
+def _tiny_vit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    """TinyViT ``Attention`` in its ``TinyVitBlock``: windows in the block's order (window_index), the module's
+    LayerNorm before qkv, and its position-indexed ``attention_biases`` per window offset."""
+    block_ref, attn_ref = weakref.ref(site.block), weakref.ref(attn)
+
+    def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+        x = args[0] if args else kwargs["x"]
+        return int(x.shape[1]), int(x.shape[2])  # (B, H, W, C)
+
+    def relative_bias() -> torch.Tensor:
+        m = attn_ref()
+        return m.get_attention_biases(m.attention_biases.device)[None]
+
+    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
+    base.update(family="timm-tinyvit", grid=None, patch_size=None, qk_modules=())
+    size = lambda: block_ref().window_size  # noqa: E731
+    return _NormedWindowSite(**base, geometry=lambda: ((size(), size()), (0, 0)), call_grid=call_grid,
+                             relative_bias=relative_bias, pad_first=False)
+
+
 _FORMS = {
     "LevitAttention": ("timm.models.levit", "Attention", _levit_rows, _levit_site),
     "LevitAttentionDownsample": ("timm.models.levit", "AttentionDownsample", _levit_rows, _levit_site),
     "ShvitSHSA": ("timm.models.shvit", "SHSA", _shvit_rows, _shvit_site),
     "EfficientFormerV2Attention2d": ("timm.models.efficientformer_v2", "Attention2d", _efficientformer_v2_rows,
                                      _efficientformer_v2_site),
+    "TinyVitAttention": ("timm.models.tiny_vit", "Attention", lambda attn: per_head_rows(attn, attn.qkv), _tiny_vit_site),
     "EfficientFormerV2Attention2dDownsample": ("timm.models.efficientformer_v2", "Attention2dDownsample",
                                                _efficientformer_v2_rows, _efficientformer_v2_site),
 }

@@ -88,8 +88,6 @@ UNMODELLED_FORMS.update({
     "one map per block, blocks on their own axis); not modelled yet",
     "timm.models.tnt.Attention": "TNT's inner attention runs over the pixels of each patch (the batch axis is images x "
     "patches), the outer one over patches; the inner layout is not modelled yet",
-    "timm.models.tiny_vit.Attention": "windowed attention (TinyViT's blocks pad and split the grid into windows) with a "
-    "LayerNorm inside the module before q/k and position-indexed biases; not modelled yet",
     "timm.layers.lambda_layer.LambdaLayer": "lambda layer: the keys are softmaxed over the tokens on their own and "
     "summarised with the values into a content lambda, plus a position lambda from a conv; " + _NO_TOKEN_SOFTMAX,
     "timm.models.volo.Attention": "plain attention of VOLO's later stages, but its first stage mixes tokens with outlook "
