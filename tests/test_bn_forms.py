@@ -238,3 +238,36 @@ def test_tiny_vit_windows_after_its_own_layernorm(windows: tuple[int, ...]):
             rebuilt = torch.einsum("bhkn,hk,bhkm->bhnm", query[..., cell], spectrum.S, key[..., cell]) * site.scale
             assert float((rebuilt - content[:, w]).abs().max()) < 1e-4 * float(content.abs().max())
     assert (padded > 0) == (windows == (3, 3, 3, 3))
+
+
+@pytest.mark.parametrize("variant", ["levit_128s", "efficientformerv2_s0"])
+def test_rows_are_the_full_maps_rows(variant: str):
+    """Rows of chosen queries (computed from the query tokens alone, keys never formed where that is cheaper) are the
+    rows of the full maps: subsampled and local queries, biases, and talking heads included."""
+    import timm
+
+    kw = dict(embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4), depth=(1, 1, 1)) if variant.startswith("levit") \
+        else dict(depths=(1, 1, 2, 2), embed_dims=(16, 16, 32, 32), num_vit=2)
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model(variant, pretrained=False, img_size=64, **kw))
+    for site in qkhooks.sites(model):
+        with qkhooks.record(model, modes=None, layers=[site.layer], attention="rows+full") as run, torch.no_grad():
+            run(_images(64))
+            tokens = torch.as_tensor(run.last.meta["query_tokens"])
+            full, rows = run.attention(site.layer, "full"), run.attention(site.layer, "rows")
+        want = torch.stack([full[b][:, tokens[b]] for b in range(full.shape[0])])
+        assert torch.allclose(rows, want, atol=1e-6), site.path
+
+
+def test_a_q_k_conv_that_mixes_tokens_is_refused():
+    """A projection conv wider than 1x1 is no per-token affine map: refused, not folded."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("levit_conv_128s", pretrained=False, img_size=64, embed_dim=(32, 48, 64), key_dim=8,
+                              num_heads=(2, 3, 4), depth=(1, 1, 1)).eval()
+    first = next(m for m in model.modules() if type(m).__name__ == "Attention")
+    old = first.qkv.linear
+    first.qkv.linear = nn.Conv2d(old.in_channels, old.out_channels, 3, padding=1, bias=False)
+    with pytest.raises(QKHooksError, match="mixes neighbouring tokens"):
+        qkhooks.sites(model)

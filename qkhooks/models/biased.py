@@ -44,18 +44,29 @@ def per_head_rows(attn: nn.Module, linear: nn.Linear) -> tuple[Callable[[], tupl
     return reader, ()  # the Linear's output interleaves heads: modes and maps from the tokens x
 
 
-def _bias_of_call(site: AttentionSite, attn: nn.Module) -> Callable[[tuple, dict], torch.Tensor]:
-    """The (1, H, N, N) term the module adds in this call, from its own ``get_attention_biases``; any argument besides
-    the tokens is refused."""
+def bias_of_call(site: AttentionSite, attn: nn.Module, batchnorms: tuple[nn.Module, ...] = ()
+                 ) -> Callable[[tuple, dict], torch.Tensor]:
+    """The (1, H, N_q, N_k) term the module adds in this call, from its own ``get_attention_biases``; any argument
+    besides the tokens is refused, and so is a call with any of ``batchnorms`` (the BatchNorm layers folded into its
+    W_q/W_k, :mod:`qkhooks.models.levit`) in training mode, where they normalise with the batch's own statistics."""
     def bias(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         extra = [f"argument {i}" for i in range(1, len(args))] + sorted(k for k in kwargs if k != site.input_name)
         if extra:
             raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): the model passes "
                                f"{extra}, which the adapter does not model.")
+        refuse_training_batchnorm(site, batchnorms)
         x = args[0] if args else kwargs[site.input_name]
         return attn.get_attention_biases(x.device).detach()[None]
 
     return bias
+
+
+def refuse_training_batchnorm(site: AttentionSite, batchnorms: tuple[nn.Module, ...]) -> None:
+    """Refuse a call while a BatchNorm folded into W_q/W_k is in training mode: no fixed W_q, W_k describe it then."""
+    if any(bn.training for bn in batchnorms):
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(site.module).__name__}): its q/k BatchNorm is "
+                           "in training mode, where it normalises with each batch's own statistics, so no fixed W_q, W_k "
+                           "describe the logits; call model.eval() (BatchNorm then folds into W_q, W_k exactly).")
 
 
 def _efficientformer_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -63,7 +74,7 @@ def _efficientformer_site(site: AttentionSite, attn: nn.Module) -> AttentionSite
     side = int(round(tokens**0.5))
     grid = (side, side) if side * side == tokens else None  # the only grid its table is built for
     site = dataclasses.replace(site, family="timm-efficientformer", grid=grid, patch_size=None)
-    return dataclasses.replace(site, call_bias=_bias_of_call(site, attn))
+    return dataclasses.replace(site, call_bias=bias_of_call(site, attn))
 
 
 timm_adapter.EXTRA_FORMS["EfficientFormerAttention"] = timm_adapter.ExtraForm(

@@ -26,7 +26,6 @@ W_q^T W_k rebuild the content logits exactly between those tokens.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import weakref
 from typing import Any, Callable
 
@@ -36,7 +35,8 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite
-from qkhooks.models.biased import per_head_rows
+from qkhooks.models.biased import bias_of_call, per_head_rows, refuse_training_batchnorm
+from qkhooks.models.plain import _class
 from qkhooks.models.windows import WindowSite
 from qkhooks.models.unsupported import MODELLED_FORMS
 
@@ -45,14 +45,9 @@ __all__ = ["fold_batchnorm", "PreparedSite"]
 Reader = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _class(module: str, name: str) -> Callable[[], type]:
-    def load() -> type:
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):  # a timm without this family: a class no module is an instance of
-            return type(f"Missing{name}", (), {"forward": None})
-
-    return load
+def _label(attn: nn.Module) -> str:
+    """The attention class, fully named: the q/k readers see the module, not its path in the model."""
+    return f"{type(attn).__module__}.{type(attn).__qualname__}"
 
 
 def _projection(path: str, norm: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -110,29 +105,6 @@ def _batchnorms(*modules: nn.Module) -> tuple[nn.Module, ...]:
     return tuple(m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
-def _refuse_training(site: AttentionSite, batchnorms: tuple[nn.Module, ...]) -> None:
-    if any(bn.training for bn in batchnorms):
-        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(site.module).__name__}): its q/k BatchNorm is "
-                           "in training mode, where it normalises with each batch's own statistics, so no fixed W_q, W_k "
-                           "describe the logits; call model.eval() (BatchNorm then folds into W_q, W_k exactly).")
-
-
-def _bias_of_call(site: AttentionSite, attn: nn.Module, batchnorms: tuple[nn.Module, ...]
-                  ) -> Callable[[tuple, dict], torch.Tensor]:
-    """The (1, H, N_q, N_k) table the module adds in this call (its own ``get_attention_biases``); any argument besides
-    the tokens, or BatchNorm in training mode, is refused."""
-    def bias(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-        extra = [f"argument {i}" for i in range(1, len(args))] + sorted(k for k in kwargs if k != site.input_name)
-        if extra:
-            raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): the model passes "
-                               f"{extra}, which the adapter does not model.")
-        _refuse_training(site, batchnorms)
-        x = args[0] if args else kwargs[site.input_name]
-        return attn.get_attention_biases(x.device).detach()[None]
-
-    return bias
-
-
 @dataclasses.dataclass(eq=False)
 class PreparedSite(AttentionSite):
     """A site whose module prepares the tokens entering W_q and W_k itself from what it is handed.
@@ -185,7 +157,7 @@ def _levit_rows(attn: nn.Module) -> tuple[Reader, tuple]:
     """LeViT ``Attention``: qkv channels per head [q_h | k_h | v_h]; ``AttentionDownsample``: q from ``q.ln`` (heads
     contiguous), k from ``kv`` per head [k_h | v_h]. Modes from the tokens (the outputs interleave heads)."""
     heads, kd, vd = int(attn.num_heads), int(attn.key_dim), int(attn.val_dim)
-    path = type(attn).__name__
+    path = _label(attn)
     if hasattr(attn, "qkv"):
         q = _folded_rows(path, attn.qkv, _per_head(heads, kd, 2 * kd + vd))
         k = _folded_rows(path, attn.qkv, _per_head(heads, kd, 2 * kd + vd, kd))
@@ -201,7 +173,7 @@ def _levit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
                                   token_layout="channels_first" if conv else "tokens")
     if hasattr(attn, "qkv"):
         site = dataclasses.replace(site, **fields)
-        return dataclasses.replace(site, call_bias=_bias_of_call(site, attn, _batchnorms(attn.qkv)))
+        return dataclasses.replace(site, call_bias=bias_of_call(site, attn, _batchnorms(attn.qkv)))
     ref = weakref.ref(attn)
 
     def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,14 +181,14 @@ def _levit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         return _as_tokens(ref().q.down(given)), _as_tokens(given)
 
     site = _prepared(site, prepare, True, **fields)
-    return dataclasses.replace(site, call_bias=_bias_of_call(site, attn, _batchnorms(attn.q, attn.kv)))
+    return dataclasses.replace(site, call_bias=bias_of_call(site, attn, _batchnorms(attn.q, attn.kv)))
 
 
 # ------------------------------------------------------------------------------------------------------- SHViT
 def _shvit_rows(attn: nn.Module) -> tuple[Reader, tuple]:
     """SHSA: one head, qkv channels [q (qk_dim) | k (qk_dim) | v (pdim)] of a 1x1 conv + BatchNorm."""
     qk = int(attn.qk_dim)
-    return _folded_rows(type(attn).__name__, attn.qkv, torch.arange(2 * qk)), ()
+    return _folded_rows(_label(attn), attn.qkv, torch.arange(2 * qk)), ()
 
 
 def _shvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -226,7 +198,7 @@ def _shvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The module's own ``pre_norm`` of its first ``pdim`` channels: the tokens entering its qkv conv."""
         m = ref()
-        _refuse_training(site, batchnorms)
+        refuse_training_batchnorm(site, batchnorms)
         return _as_tokens(m.pre_norm(given[:, : m.pdim])), None
 
     return _prepared(site, prepare, False, family="timm-shvit", grid=None, patch_size=None, num_heads=1,
@@ -254,7 +226,7 @@ def _efficientformer_v2_rows(attn: nn.Module) -> tuple[Reader, tuple]:
     """q from ``q`` (``Attention2d``: a 1x1 conv + BN; ``Attention2dDownsample``: the 1x1 conv + BN ``q.proj`` of its
     local query), k from ``k``; heads contiguous in both (reshape(B, H, d_k, N))."""
     rows = torch.arange(int(attn.num_heads) * int(attn.key_dim))
-    path = type(attn).__name__
+    path = _label(attn)
     q = attn.q.proj if hasattr(attn.q, "proj") else attn.q
     return _joined(_folded_rows(path, q, rows), _folded_rows(path, attn.k, rows)), ()
 
@@ -287,7 +259,7 @@ def _efficientformer_v2_site(site: AttentionSite, attn: nn.Module) -> AttentionS
             return _as_tokens(q.local(given) + q.pool(given)), _as_tokens(given)
 
         site = _prepared(site, prepare, True, **fields)
-    return dataclasses.replace(site, call_bias=_bias_of_call(site, attn, batchnorms))
+    return dataclasses.replace(site, call_bias=bias_of_call(site, attn, batchnorms))
 
 
 # ------------------------------------------------------------------------------------------------------ TinyViT

@@ -429,8 +429,9 @@ UNMODELLED_FORMS.update({
         "not exist. qkhooks does not model a query side without W_q (nor GCViT's local windows yet), and "
         f"{_WHOLE_OR_NOT}."),
     "timm.models.efficientvit_msra.CascadedGroupAttention": lambda m: (
-        "cascaded group attention within its local windows: head h takes its channel split plus head h-1's output, "
-        "and its q passes a depthwise conv (dws) before the product, so the logits are no bilinear form of the "
-        "block's tokens (only head 0's input is); each head also adds its own attention-bias table. qkhooks does not "
-        f"model this, and {_WHOLE_OR_NOT}."),
+        "cascaded group attention within its local windows: head h takes its channel split plus head h-1's output "
+        "(so heads 1.. see an input that depends on the previous head's attention), and every head's q passes a "
+        "depthwise k x k conv (dws) that mixes neighbouring tokens before the product, so no head's logits are "
+        "x_i^T W_q^T W_k x_j of its input tokens (head 0 included) and the modes of W_q^T W_k would not rebuild them; "
+        f"each head also adds its own attention-bias table. qkhooks does not model this, and {_WHOLE_OR_NOT}."),
 })
