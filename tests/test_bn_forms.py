@@ -271,3 +271,39 @@ def test_a_q_k_conv_that_mixes_tokens_is_refused():
     first.qkv.linear = nn.Conv2d(old.in_channels, old.out_channels, 3, padding=1, bias=False)
     with pytest.raises(QKHooksError, match="mixes neighbouring tokens"):
         qkhooks.sites(model)
+
+
+def test_run_file_keeps_local_queries_and_every_key_of_a_downsampling_layer(tmp_path):
+    """record_dataset on EfficientFormer-v2: the downsampling layer's stored query maps are its local queries
+    (local(x) + pool(x), the map entering q.proj) on U and its key maps every token on V, projected here; its
+    neighbours have as many queries but fewer keys, so per-layer states are kept apart (top-k included)."""
+    import numpy as np
+    import timm
+
+    from qkhooks import load_model, open_run, record_dataset
+
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model("efficientformerv2_s0", pretrained=False, depths=(1, 1, 2, 2),
+                                         embed_dims=(16, 16, 32, 32), num_vit=2))
+    attn = next(m for m in model.modules() if type(m).__name__ == "Attention2dDownsample")
+    calls: list[torch.Tensor] = []
+    handle = attn.register_forward_pre_hook(lambda m, a: calls.append(a[0].detach().clone()))
+    try:
+        path = tmp_path / "efv2.h5"
+        record_dataset(load_model(model), "samples", path, limit=4, batch_size=2, progress=False, dtype="float32",
+                       modes=4)
+    finally:
+        handle.remove()
+    x = torch.cat(calls[1:]).double()  # the geometry probe's blank image first
+    with torch.no_grad():
+        x_q = (attn.q.local.double()(x) + attn.q.pool(x)).flatten(2)
+    attn.q.local.float()
+    with open_run(path) as run:
+        layer = next(l for l in run.layers if run.geometry(l).query_tokens < run.geometry(l).key_tokens)
+        spectrum = run.spectrum(layer)
+        for side, tokens, vectors in (("query", x_q, spectrum.U), ("key", x.flatten(2), spectrum.V)):
+            want = torch.einsum("ndm,hdk->nhkm", tokens, torch.as_tensor(np.asarray(vectors), dtype=torch.float64))
+            got = torch.as_tensor(np.asarray(getattr(run, side)(layer)[:]), dtype=torch.float64)
+            assert got.shape == want.shape
+            assert float((got - want).abs().max()) < 1e-4 * max(1.0, float(want.abs().max()))
+        assert run.geometry(layer).key_tokens == 4 * run.geometry(layer).query_tokens
