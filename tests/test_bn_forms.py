@@ -307,3 +307,12 @@ def test_run_file_keeps_local_queries_and_every_key_of_a_downsampling_layer(tmp_
             assert got.shape == want.shape
             assert float((got - want).abs().max()) < 1e-4 * max(1.0, float(want.abs().max()))
         assert run.geometry(layer).key_tokens == 4 * run.geometry(layer).query_tokens
+
+
+def test_batchnorm_without_running_statistics_is_refused():
+    """track_running_stats=False: BatchNorm uses each batch's statistics even in eval mode, so nothing folds."""
+    model = _levit()
+    first = next(m for m in model.modules() if type(m).__name__ == "Attention")
+    first.qkv.bn = nn.BatchNorm1d(first.qkv.bn.num_features, track_running_stats=False)
+    with pytest.raises(QKHooksError, match="running statistics"):
+        qkhooks.sites(model)

@@ -58,6 +58,10 @@ def _projection(path: str, norm: nn.Module) -> tuple[nn.Module, nn.Module]:
     if not isinstance(linear, (nn.Linear, nn.Conv2d)) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise QKHooksError(f"unsupported attention in {path!r}: its q/k projection {type(norm).__name__} is not a "
                            "Linear or 1x1 conv followed by BatchNorm, the form qkhooks folds.")
+    if bn.running_mean is None or bn.running_var is None:
+        raise QKHooksError(f"unsupported attention in {path!r}: its q/k BatchNorm keeps no running statistics "
+                           "(track_running_stats=False), so it normalises with each batch's own statistics even in eval "
+                           "mode and no fixed W_q, W_k describe the logits.")
     if isinstance(linear, nn.Conv2d) and (linear.kernel_size != (1, 1) or linear.stride != (1, 1) or linear.groups != 1
                                           or linear.padding not in ((0, 0), "valid")):
         raise QKHooksError(f"unsupported attention in {path!r}: its q/k conv (kernel {linear.kernel_size}, stride "
