@@ -88,3 +88,84 @@ def test_hf_mobilevit_query_maps_are_the_layers_own_pixels_projected_on_the_pixe
     assert torch.allclose(run.query[site.layer], want, atol=1e-4 * float(want.abs().max()))
     with pytest.raises(QKHooksError, match="per pixel offset"):
         qkhooks.record(model, modes=None, attention="rows")
+
+
+# ------------------------------------------------------------------------------------------ BoTNet PosEmbedRel
+def _botnet(scale_pos_embed: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = _perturbed(timm.create_model("eca_botnext26ts_256", pretrained=False, img_size=64))
+    for m in model.modules():
+        if type(m).__name__ == "BottleneckAttn":
+            m.scale_pos_embed = scale_pos_embed  # read at every call: (q·k + term) · scale instead of scale · q·k + term
+    return model
+
+
+def _eager_softmax(model: torch.nn.Module, sites: list, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    from test_zoo import _softmax_hooks
+
+    maps: dict[int, torch.Tensor] = {}
+    handles = [h for s in sites for h in _softmax_hooks(s.module, lambda t, i=s.layer: maps.__setitem__(i, t.detach()))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return maps
+
+
+def _row_centred_error(logits: torch.Tensor, maps: torch.Tensor) -> float:
+    own = maps.double().clamp_min(1e-300).log()
+    got = logits.double()
+    return float(((got - got.mean(-1, keepdim=True)) - (own - own.mean(-1, keepdim=True))).abs().max())
+
+
+@pytest.mark.parametrize("scale_pos_embed", [False, True])
+def test_botnet_scale_content_plus_the_relative_term_is_the_models_eager_logits(scale_pos_embed: bool):
+    """The modes of W_q^T W_k (augmented) rebuild the content q·k; scale·content + rec.relative_term(l) is the log of
+    the model's own softmax (up to a row constant) to 1e-5, the content alone is not (the term is real)."""
+    model = _botnet(scale_pos_embed)
+    x = _images(64)
+    sites = qkhooks.sites(model)
+    want = _eager_softmax(model, sites, x)
+    with qkhooks.record(model, modes="all", augmented=True, attention="full") as rec, torch.no_grad():
+        rec(x)
+    assert len(rec.sites) == 3
+    for site in rec.sites:
+        spec = rec.spectrum(site.layer)
+        content = torch.einsum("bhkn,hk,bhkm->bhnm", rec.query(site.layer).double(), spec.S.double(),
+                               rec.key(site.layer).double())
+        term = rec.relative_term(site.layer).double()
+        maps = want[site.layer].unflatten(0, (2, site.num_heads))  # the module's (B·H, N, N)
+        assert term.shape == maps.shape == rec.attention(site.layer, "full").shape
+        assert _row_centred_error(site.scale * content + term, maps) < 1e-5
+        assert _row_centred_error(site.scale * content, maps) > 1e-3, "the relative term does not matter here"
+        assert torch.allclose(rec.attention(site.layer, "full"), maps, atol=1e-6)
+        assert not site.modes_rebuild_logits() and "relative-position term" in site.content_only()
+        assert rec.bias(site.layer) is None  # no position-only term
+
+
+def test_botnet_relative_term_is_q_dot_the_tables_at_the_offsets():
+    """Independent of PosEmbedRel's shift trick: term[i, j] = q_i·R_h[h_j − h_i + H − 1] + q_i·R_w[w_j − w_i + W − 1], q
+    from the module's own 1x1-conv qkv on the NCHW map it was handed (pixels row by row), R its tables indexed directly."""
+    model = _botnet(False)
+    sites = qkhooks.sites(model)
+    seen, handles = _inputs_of([s.module for s in sites])
+    try:
+        with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
+            rec(_images(64))
+    finally:
+        for h in handles:
+            h.remove()
+    for site in sites:
+        attn, fmap = site.module, seen[site.layer].double()
+        b, _, h, w = fmap.shape
+        rows = attn.dim_out_qk
+        q = torch.einsum("bchw,oc->bhwo", fmap, attn.qkv.weight[:rows, :, 0, 0].double())
+        q = q.unflatten(-1, (site.num_heads, -1))  # (B, h, w, H, d_k)
+        r_h, r_w = attn.pos_embed.height_rel.double(), attn.pos_embed.width_rel.double()
+        ii, jj = torch.arange(h), torch.arange(w)
+        by_h = torch.einsum("byxnc,yzc->bnyxz", q, r_h[ii[None, :] - ii[:, None] + h - 1])  # (B, H, h, w, h_k)
+        by_w = torch.einsum("byxnc,xzc->bnyxz", q, r_w[jj[None, :] - jj[:, None] + w - 1])  # (B, H, h, w, w_k)
+        want = (by_h[..., :, None] + by_w[..., None, :]).flatten(2, 3).flatten(-2)
+        assert torch.allclose(rec.relative_term(site.layer).double(), want, atol=1e-5), site.path

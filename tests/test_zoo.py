@@ -142,6 +142,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             fired.append(site.layer)
             x = args[0] if args else kwargs[site.input_name]
+            if x.dim() == 4 and site.token_layout == "channels_first":  # NCHW maps (BoTNet), read row by row
+                x = x.flatten(2).transpose(1, 2)
             inputs_seen[site.layer] = x.flatten(1, -2) if x.dim() == 4 else x
 
         return hook
@@ -253,7 +255,8 @@ def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch
         w, b = module.qkv.weight, module.qkv.bias
         if getattr(module, "q_bias", None) is not None:
             b = torch.cat([module.q_bias, module.k_bias, module.v_bias])
-        rows = w.shape[0] // 3
+        rows = int(getattr(module, "dim_out_qk", w.shape[0] // 3))  # BoTNet: q and k may be narrower than v
+        w = w.flatten(1)  # a 1x1-conv qkv (BoTNet) is a Linear at every pixel
         w_q, w_k = w[:rows], w[rows: 2 * rows]
         b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: 2 * rows])
     else:
@@ -469,6 +472,8 @@ FAST_CASES = [
                num_vit=2),
     # zoo-tail: timm MobileViT's plain attention runs on images x pixels-in-patch: maps per (image, offset)
     _timm_case("mobilevit_xxs", "exact", size=64),
+    # zoo-local: BoTNet's PosEmbedRel, a query-dependent relative term (models/halo.py), on NCHW maps
+    _timm_case("eca_botnext26ts_256", "exact", size=64, img_size=64),
     _timm_case("visformer_tiny", "exact", size=64, img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1),
                num_heads=2),
     # relative positions (models/relpos.py): timm tables, and the query-dependent decomposed term with SAM/ViTDet windows

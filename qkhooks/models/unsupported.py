@@ -82,8 +82,6 @@ UNMODELLED_FORMS.update({
     "plus a decomposed relative-position term q·R; not modelled yet",
     "timm.models.mvitv2.MultiScaleAttentionPoolFirst": "pooled queries, keys and values plus a decomposed "
     "relative-position term q·R; not modelled yet",
-    "timm.layers.bottleneck_attn.BottleneckAttn": "a query-dependent relative-position term (q·R_h + q·R_w from "
-    "PosEmbedRel) is added to q·k: a content-position term, not a bias; not modelled yet",
     "timm.layers.halo_attn.HaloAttn": "blocked (haloed) windows with a query-dependent relative-position term "
     "(PosEmbedRel); not modelled yet",
     "timm.models.nest.Attention": "attention within each of the image's non-overlapping blocks (a (B, T, N, C) tensor: "
