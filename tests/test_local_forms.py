@@ -6,6 +6,8 @@ tokens the module was handed (read with a plain forward hook), or the model's ow
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -169,3 +171,84 @@ def test_botnet_relative_term_is_q_dot_the_tables_at_the_offsets():
         by_w = torch.einsum("byxnc,xzc->bnyxz", q, r_w[jj[None, :] - jj[:, None] + w - 1])  # (B, H, h, w, w_k)
         want = (by_h[..., :, None] + by_w[..., None, :]).flatten(2, 3).flatten(-2)
         assert torch.allclose(rec.relative_term(site.layer).double(), want, atol=1e-5), site.path
+
+
+# ------------------------------------------------------------------------------------------ NesT and TNT blocks
+def _qk_softmax(attn: torch.nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(scale · q·k) of tokens (..., N, d) from the module's own fused qkv (NesT) or qk (TNT) Linear."""
+    proj = attn.qkv if hasattr(attn, "qkv") else attn.qk
+    rows = proj.weight.shape[0] // (3 if hasattr(attn, "qkv") else 2)
+    q = torch.nn.functional.linear(x, proj.weight[:rows], None if proj.bias is None else proj.bias[:rows])
+    k = torch.nn.functional.linear(x, proj.weight[rows: 2 * rows], None if proj.bias is None else proj.bias[rows: 2 * rows])
+    q, k = (t.unflatten(-1, (heads, -1)).movedim(-2, -3) for t in (q, k))  # (..., H, N, d_k)
+    return torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1)
+
+
+def test_nest_maps_are_per_block_and_query_maps_are_the_levels_own_tokens_on_the_grid():
+    """Reference: the module's (B, T, N, C) input, q·k per block from its own qkv: the model's (B, H, T, N, N) maps,
+    handed out blocks first; and the level's (B, C, h, w) map after its pool, plus the position embedding as blockify
+    adds it, normalised by the layer's norm1 and projected on u_n pixel by pixel (row-major grid)."""
+    from test_zoo import _small_nest
+
+    torch.manual_seed(0)
+    model = _perturbed(_small_nest())
+    sites = qkhooks.sites(model)
+    seen, handles = _inputs_of([s.module for s in sites])
+    level = model.levels[0]
+    pooled = {}
+    handles.append(level.pool.register_forward_hook(lambda m, a, o: pooled.setdefault("x", o.detach())))
+    try:
+        with qkhooks.record(model, modes=4, attention="full") as run, torch.no_grad():
+            run(_images(32))
+    finally:
+        for h in handles:
+            h.remove()
+    for site in sites:
+        x = seen[site.layer]  # (B, T, N, C)
+        want = _qk_softmax(site.module, x, site.num_heads)  # (B, T, H, N, N): the model's (B, H, T, N, N), blocks first
+        got = run.attention_maps("full")[site.layer]
+        assert got.shape == (2, x.shape[1], site.num_heads, x.shape[2], x.shape[2])
+        assert x.shape[1] == 4 ** (len(sites) - 1 - site.layer)  # 16, 4, 1 blocks: the first levels have several
+        assert torch.allclose(got, want, atol=1e-6)
+    first = sites[0]
+    fmap = pooled["x"]  # (B, C, h, w) entering blockify
+    b = math.isqrt(seen[0].shape[2])
+    pos = level.pos_embed.detach()  # (1, T, N, C): block-major, as blockify lays the tokens out
+    side = fmap.shape[2] // b
+    pos_grid = pos.reshape(1, side, side, b, b, -1).transpose(2, 3).reshape(1, fmap.shape[2] * fmap.shape[3], -1)
+    with torch.no_grad():
+        tokens = model.levels[0].transformer_encoder[0].norm1(fmap.flatten(2).transpose(1, 2) + pos_grid)
+    want = torch.einsum("bnd,hdk->bhkn", tokens, run.spectrum[first.layer].U)
+    assert torch.allclose(run.query[first.layer], want, atol=1e-4 * float(want.abs().max()))
+
+
+def test_tnt_inner_maps_are_per_patch_and_outer_maps_over_the_patches_and_class_token():
+    """Reference: q·k from the module's own qk Linear on what each attention was handed: inner (B·N_p, P, C_in) split per
+    image into (B, N_p, H, P, P); outer (B, 1 + N_p, C) as it is. The inner query maps sit on the (g·p)² pixel grid: the
+    token of pixel (u, v) of patch (a, b) at row a·p + u, column b·p + v."""
+    torch.manual_seed(0)
+    model = _perturbed(timm.create_model("tnt_s_legacy_patch16_224", pretrained=False, img_size=64, depth=2))
+    sites = qkhooks.sites(model)
+    assert [s.path for s in sites] == ["blocks.0.attn_in", "blocks.0.attn_out", "blocks.1.attn_in", "blocks.1.attn_out"]
+    seen, handles = _inputs_of([s.module for s in sites])
+    try:
+        with qkhooks.record(model, modes=4, attention="full") as run, torch.no_grad():
+            run(_images(64))
+    finally:
+        for h in handles:
+            h.remove()
+    (gh, gw), (ph, pw) = model.pixel_embed.grid_size, model.pixel_embed.new_patch_size
+    for site in sites:
+        x, got = seen[site.layer], run.attention_maps("full")[site.layer]
+        want = _qk_softmax(site.module, x, site.num_heads)
+        if site.path.endswith("attn_in"):
+            want = want.unflatten(0, (2, gh * gw))
+            tokens = x.reshape(2, gh, gw, ph, pw, -1).permute(0, 1, 3, 2, 4, 5).reshape(2, gh * ph * gw * pw, -1)
+        else:
+            tokens = x
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6), site.path
+        proj = torch.einsum("bnd,hdk->bhkn", tokens, run.spectrum[site.layer].U)
+        assert torch.allclose(run.query[site.layer], proj, atol=1e-4 * float(proj.abs().max())), site.path
+    with pytest.raises(QKHooksError, match="input='residual' is not modelled"):
+        with qkhooks.record(model, modes=4, input="residual", layers=[1]) as run, torch.no_grad():
+            run(_images(64))

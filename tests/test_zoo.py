@@ -178,6 +178,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         got = full[site.layer]
         if want.dim() == 3:  # SAM folds the heads into the batch axis: (B·H, N, N)
             want = want.unflatten(0, (-1, site.num_heads))
+        if site.family == "timm-nest":  # NesT's own (B, H, T, N, N): blocks first, as every windowed layer's maps
+            want = want.transpose(1, 2)
         if site.layer in windows and want.dim() == 4:  # one map per window: the model's (B·nW) batch axis split per image
             want = want.unflatten(0, (-1, windows[site.layer].shape[0]))
         if site.layer in unfolded:  # one map per (image, pixel offset): the model's (B·P) batch axis split per image
@@ -363,6 +365,13 @@ def _small_caformer() -> nn.Module:
                       norm_layers=[LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2, num_classes=10)
 
 
+def _small_nest() -> nn.Module:
+    """NesT's three levels small (its entry points fix dims and depths): 16x16 patches, blocks of 4x4 then 2x2 tokens."""
+    from timm.models.nest import Nest
+
+    return Nest(img_size=32, patch_size=2, num_levels=3, embed_dims=(16, 32, 64), num_heads=(2, 2, 2), depths=(1, 1, 1))
+
+
 FAST_CASES = [
     _timm_case("vit_tiny_patch16_224", "exact", **SMALL_VIT),
     _timm_case("pit_ti_224", "exact", size=64, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8)),
@@ -474,6 +483,9 @@ FAST_CASES = [
     _timm_case("mobilevit_xxs", "exact", size=64),
     # zoo-local: BoTNet's PosEmbedRel, a query-dependent relative term (models/halo.py), on NCHW maps
     _timm_case("eca_botnext26ts_256", "exact", size=64, img_size=64),
+    # zoo-local: attention within image blocks: NesT (blocks on their own axis), TNT inner (pixels of each patch)
+    Case("nest_tiny", lambda: _small_nest(), lambda: {"x": _images(32)}, "timm", "exact", entry="nest_tiny"),
+    _timm_case("tnt_s_legacy_patch16_224", "exact", size=64, img_size=64, depth=2),
     _timm_case("visformer_tiny", "exact", size=64, img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1),
                num_heads=2),
     # relative positions (models/relpos.py): timm tables, and the query-dependent decomposed term with SAM/ViTDet windows

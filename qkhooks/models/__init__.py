@@ -13,6 +13,7 @@ from qkhooks.models import mobilevit as _mobilevit  # noqa: F401  (timm MobileVi
 from qkhooks.models import plain as _plain  # noqa: F401  (teaches the timm adapter MetaFormer, FastViT, Visformer)
 from qkhooks.models import relpos as _relpos  # noqa: F401  (teaches the adapters relative positions, SAM/ViTDet windows)
 from qkhooks.models import halo as _halo  # noqa: F401  (teaches the timm adapter BoTNet's PosEmbedRel term)
+from qkhooks.models import blocks as _blocks  # noqa: F401  (teaches the timm adapter NesT and TNT blocks)
 
 sites = find_sites
 

@@ -84,10 +84,6 @@ UNMODELLED_FORMS.update({
     "relative-position term q·R; not modelled yet",
     "timm.layers.halo_attn.HaloAttn": "blocked (haloed) windows with a query-dependent relative-position term "
     "(PosEmbedRel); not modelled yet",
-    "timm.models.nest.Attention": "attention within each of the image's non-overlapping blocks (a (B, T, N, C) tensor: "
-    "one map per block, blocks on their own axis); not modelled yet",
-    "timm.models.tnt.Attention": "TNT's inner attention runs over the pixels of each patch (the batch axis is images x "
-    "patches), the outer one over patches; the inner layout is not modelled yet",
     "timm.models.efficientformer_v2.Attention2d": "talking heads (1x1 convs mixing heads before and after the softmax) "
     "on NCHW maps with q/k from conv + BatchNorm and position-indexed biases; not modelled yet",
     "timm.models.efficientformer_v2.Attention2dDownsample": "strided local queries (a downsampling attention) on NCHW "
