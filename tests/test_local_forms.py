@@ -252,3 +252,85 @@ def test_tnt_inner_maps_are_per_patch_and_outer_maps_over_the_patches_and_class_
     with pytest.raises(QKHooksError, match="input='residual' is not modelled"):
         with qkhooks.record(model, modes=4, input="residual", layers=[1]) as run, torch.no_grad():
             run(_images(64))
+
+
+# ------------------------------------------------------------------------------------------ HaloNet
+def _halonet(scale_pos_embed: bool = False) -> torch.nn.Module:
+    from test_zoo import _small_halonet
+
+    torch.manual_seed(0)
+    model = _perturbed(_small_halonet())
+    for m in model.modules():
+        if type(m).__name__ == "HaloAttn":
+            m.scale_pos_embed = scale_pos_embed
+    return model
+
+
+def _per_window(maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Grid maps (B, H, K, N) read at the window positions (B, nW, H, K, Nw); a padding position (-1) reads 0 (the model
+    pads its keys with zeros after the projection, and this kv conv has no bias)."""
+    out = maps[..., index.clamp_min(0)].permute(0, 3, 1, 2, 4)
+    return out.where(index[:, None, None, :] >= 0, 0.0)
+
+
+@pytest.mark.parametrize("scale_pos_embed", [False, True])
+def test_halonet_scale_content_plus_the_relative_term_is_the_models_eager_logits(scale_pos_embed: bool):
+    """Per block (strided block included): the modes of W_q^T W_k rebuild the content q·k between each query block and
+    its haloed key window, and scale·content + rec.relative_term(l) is the log of the model's own softmax (up to a row
+    constant) to 1e-5; the content alone is not. Maps: the model's (B·H, nB, Q, M), per image blocks first."""
+    model = _halonet(scale_pos_embed)
+    x = _images(64)
+    sites = qkhooks.sites(model)
+    assert sorted(s.query_stride for s in sites) == [1, 1, 2]
+    want = _eager_softmax(model, sites, x)
+    with qkhooks.record(model, modes="all", attention="full") as rec, torch.no_grad():
+        rec(x)
+        index = {s.layer: (s.window_index(), s.key_window_index()) for s in rec.sites}
+    for site in rec.sites:
+        spec = rec.spectrum(site.layer)
+        q_index, k_index = index[site.layer]
+        q = _per_window(rec.query(site.layer).double(), q_index)
+        k = _per_window(rec.key(site.layer).double(), k_index)
+        content = torch.einsum("bwhkn,hk,bwhkm->bwhnm", q, spec.S.double(), k)
+        maps = want[site.layer].unflatten(0, (2, site.num_heads)).transpose(1, 2)  # (B, nB, H, Q, M)
+        term = rec.relative_term(site.layer).double()  # per image, blocks first, like the maps
+        assert term.shape == maps.shape == rec.attention(site.layer, "full").shape
+        assert _row_centred_error(site.scale * content + term, maps) < 1e-5
+        assert _row_centred_error(site.scale * content, maps) > 1e-3, "the relative term does not matter here"
+        assert torch.allclose(rec.attention(site.layer, "full"), maps, atol=1e-6)
+    with pytest.raises(QKHooksError, match="haloed window"):
+        qkhooks.record(model, modes=None, attention="rows")
+
+
+def test_halonet_relative_term_is_q_dot_the_tables_at_the_offsets():
+    """Independent of PosEmbedRel's shift trick, for the unstrided blocks: term[i, j] = q_i·R_h[y_j − y_i + W − 1] +
+    q_i·R_w[x_j − x_i + W − 1], (y_i, x_i) the query's place in its b x b block, (y_j, x_j) the key's in its W x W
+    haloed window, q from the module's own q conv on the map it was handed."""
+    model = _halonet()
+    sites = qkhooks.sites(model)
+    seen, handles = _inputs_of([s.module for s in sites])
+    try:
+        with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
+            rec(_images(64))
+    finally:
+        for h in handles:
+            h.remove()
+    checked = 0
+    for site in sites:
+        attn = site.module
+        if attn.block_stride != 1:
+            continue
+        b, win = attn.block_size, attn.win_size
+        q = attn.q(seen[site.layer]).double()  # (B, H·d_k, h, w)
+        _, _, h, w = q.shape
+        q = q.unflatten(1, (site.num_heads, -1)).unflatten(3, (h // b, b)).unflatten(5, (w // b, b))
+        q = q.permute(0, 3, 5, 1, 4, 6, 2)  # (B, n_h, n_w, H, b, b, d_k)
+        r_h, r_w = attn.pos_embed.height_rel.double(), attn.pos_embed.width_rel.double()
+        off = torch.arange(win)[None, :] - torch.arange(b)[:, None] + win - 1  # (b, W)
+        by_h = torch.einsum("bpqnyxc,yzc->bpqnyxz", q, r_h[off])
+        by_w = torch.einsum("bpqnyxc,xzc->bpqnyxz", q, r_w[off])
+        want = (by_h[..., :, None] + by_w[..., None, :]).flatten(-2).flatten(4, 5).flatten(1, 2)  # (B, nB, H, Q, M)
+        got = rec.relative_term(site.layer).double()
+        assert torch.allclose(got, want, atol=1e-6), site.path
+        checked += 1
+    assert checked == 2

@@ -178,6 +178,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         got = full[site.layer]
         if want.dim() == 3:  # SAM folds the heads into the batch axis: (B·H, N, N)
             want = want.unflatten(0, (-1, site.num_heads))
+        if site.family == "timm-halo":  # HaloNet's own (B·H, nB, Q, M): per image, blocks first
+            want = want.unflatten(0, (-1, site.num_heads)).transpose(1, 2)
         if site.family == "timm-nest":  # NesT's own (B, H, T, N, N): blocks first, as every windowed layer's maps
             want = want.transpose(1, 2)
         if site.layer in windows and want.dim() == 4:  # one map per window: the model's (B·nW) batch axis split per image
@@ -189,6 +191,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         assert err < 1e-5, f"{site.path}: rebuilt maps differ from the model's eager attention by {err:.2e}"
         # modes (augmented: biases folded in) rebuild the logits; the model's own are log A up to a row constant
         query, key, spectrum = run.query[site.layer], run.key[site.layer], run.spectrum[site.layer]
+        if site.family == "timm-halo":  # haloed key windows: tests/test_local_forms.py checks the modes against q·k
+            continue
         if site.layer in unfolded:  # pixel-grid maps (B, H, K, n_h·p_h·n_w·p_w) back to the model's (B·P, H, K, N)
             _, (ph, pw), (nh, nw) = unfolded[site.layer]
             query, key = (t.reshape(*t.shape[:3], nh, ph, nw, pw).permute(0, 4, 6, 1, 2, 3, 5).reshape(
@@ -372,6 +376,17 @@ def _small_nest() -> nn.Module:
     return Nest(img_size=32, patch_size=2, num_levels=3, embed_dims=(16, 32, 64), num_heads=(2, 2, 2), depths=(1, 1, 1))
 
 
+def _small_halonet() -> nn.Module:
+    """halonet_h1's layout small: blocks of 4 with a halo of 1, the second stage's first block strided (query stride 2)."""
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
+
+    cfg = ByoModelCfg(blocks=(ByoBlockCfg(type="self_attn", d=1, c=16, s=1, gs=0, br=1.0),
+                              ByoBlockCfg(type="self_attn", d=2, c=32, s=2, gs=0, br=1.0)),
+                      stem_chs=16, stem_type="7x7", stem_pool="maxpool", self_attn_layer="halo",
+                      self_attn_kwargs=dict(block_size=4, halo_size=1, num_heads=2))
+    return ByobNet(cfg, num_classes=10)
+
+
 FAST_CASES = [
     _timm_case("vit_tiny_patch16_224", "exact", **SMALL_VIT),
     _timm_case("pit_ti_224", "exact", size=64, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8)),
@@ -486,6 +501,8 @@ FAST_CASES = [
     # zoo-local: attention within image blocks: NesT (blocks on their own axis), TNT inner (pixels of each patch)
     Case("nest_tiny", lambda: _small_nest(), lambda: {"x": _images(32)}, "timm", "exact", entry="nest_tiny"),
     _timm_case("tnt_s_legacy_patch16_224", "exact", size=64, img_size=64, depth=2),
+    # zoo-local: HaloNet's blocked queries against haloed key windows, PosEmbedRel term, a strided block (models/halo.py)
+    Case("halonet_h1-small", lambda: _small_halonet(), lambda: {"x": _images(64)}, "timm", "exact", entry="halonet_h1"),
     _timm_case("visformer_tiny", "exact", size=64, img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1),
                num_heads=2),
     # relative positions (models/relpos.py): timm tables, and the query-dependent decomposed term with SAM/ViTDet windows

@@ -82,8 +82,6 @@ UNMODELLED_FORMS.update({
     "plus a decomposed relative-position term q·R; not modelled yet",
     "timm.models.mvitv2.MultiScaleAttentionPoolFirst": "pooled queries, keys and values plus a decomposed "
     "relative-position term q·R; not modelled yet",
-    "timm.layers.halo_attn.HaloAttn": "blocked (haloed) windows with a query-dependent relative-position term "
-    "(PosEmbedRel); not modelled yet",
     "timm.models.efficientformer_v2.Attention2d": "talking heads (1x1 convs mixing heads before and after the softmax) "
     "on NCHW maps with q/k from conv + BatchNorm and position-indexed biases; not modelled yet",
     "timm.models.efficientformer_v2.Attention2dDownsample": "strided local queries (a downsampling attention) on NCHW "
