@@ -334,3 +334,33 @@ def test_halonet_relative_term_is_q_dot_the_tables_at_the_offsets():
         assert torch.allclose(got, want, atol=1e-6), site.path
         checked += 1
     assert checked == 2
+
+
+def test_halonet_run_file_keeps_each_layers_query_grid_and_blocks(tmp_path):
+    """record_dataset's geometry probe reads each HaloNet layer off the model: the query grid is the map the module was
+    handed divided by its query stride, the blocks those of its q conv (b / s per side)."""
+    from qkhooks.data.preprocess import ImageConfig
+    from qkhooks.models.load import load_model
+    from qkhooks.store import open_run
+    from qkhooks.stream import record_dataset
+
+    model = _halonet()
+    sites = qkhooks.sites(model)
+    seen, handles = _inputs_of([s.module for s in sites])
+    try:
+        with torch.no_grad():
+            model(_images(64, batch=1))
+    finally:
+        for h in handles:
+            h.remove()
+    path = tmp_path / "halo.h5"
+    config = ImageConfig(size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3)
+    record_dataset(load_model(model, image_config=config), "samples", path, limit=2, batch_size=2, progress=False,
+                   dtype="float32", modes=4)
+    run = open_run(path)
+    for site in sites:
+        attn, fmap = site.module, seen[site.layer]
+        geometry = run.geometry(site.layer)
+        stride = attn.block_stride
+        assert tuple(geometry.grid) == (fmap.shape[2] // stride, fmap.shape[3] // stride)
+        assert geometry.window["size"] == [attn.block_size // stride] * 2 and geometry.window["shift"] == [0, 0]

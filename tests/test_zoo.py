@@ -250,8 +250,10 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("windows")
     if any(getattr(s, "relative", None) is not None for s in sites):  # SAM/ViTDet decomposed relative positions
         parts.append("relative term")
-    if any(s.key_tokens is not None for s in sites):
+    if any(s.key_tokens is not None and not hasattr(s, "key_window_index") for s in sites):
         parts.append("reduced keys")
+    if any(hasattr(s, "key_window_index") for s in sites):  # HaloNet: each query block against its haloed window
+        parts.append("haloed keys")
     return ", ".join(parts) or "plain"
 
 

@@ -107,8 +107,8 @@ class HaloSite(WindowSite, RelativeSite):
         if self._grid_of_call is None:
             raise QKHooksError(f"{self.path}: rebuild maps of this layer inside a recording of a model call.")
         if self._index is None:
-            (h, w), s, b = self._grid_of_call, self.query_stride, self.halo_block // self.query_stride
-            self._index = window_index((h // s, w // s), (b, b), (0, 0), False)
+            (h, w), s = self._grid_of_call, self.query_stride
+            self._index = window_index((h // s, w // s), *self.geometry(), False)  # type: ignore[misc]
         return self._index
 
     def key_window_index(self) -> torch.Tensor:
@@ -220,8 +220,10 @@ def _halo_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
     fields.update(family="timm-halo", token_layout="channels_first", grid=None, patch_size=None, qk_modules=(),
                   bias_input=None, rope_input=None, rope_apply=None)
+    blocked = int(attn.block_size) // int(attn.block_stride)  # a query block's side on the query grid
     out = HaloSite(**fields, relative=relative, relative_bias=None, halo_block=int(attn.block_size),
-                   halo=int(attn.halo_size), query_stride=int(attn.block_stride))
+                   halo=int(attn.halo_size), query_stride=int(attn.block_stride),
+                   geometry=lambda: ((blocked, blocked), (0, 0)))
     out.key_tokens = out.haloed_keys
     return out
 
