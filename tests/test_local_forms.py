@@ -35,6 +35,19 @@ def _inputs_of(modules: list[torch.nn.Module]) -> tuple[dict[int, torch.Tensor],
     return seen, handles
 
 
+def _recorded(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **options) -> tuple:
+    """(recording, sites, what each site's module was handed) of one recorded call."""
+    sites = qkhooks.sites(model)
+    seen, handles = _inputs_of([s.module for s in sites])
+    try:
+        with qkhooks.record(model, **options) as rec, torch.no_grad():
+            rec(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return rec, sites, seen
+
+
 # ------------------------------------------------------------------------------------------ HF MobileViT
 def _hf_mobilevit() -> torch.nn.Module:
     config = transformers.MobileViTConfig(hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16],
@@ -47,16 +60,8 @@ def _hf_mobilevit() -> torch.nn.Module:
 def test_hf_mobilevit_full_maps_are_softmax_of_q_dot_k_per_image_and_pixel_offset(size: int):
     """Reference: softmax(q·k / sqrt(d_k)) from the module's own query/key Linear layers on the (B·P, N, C) tokens it
     was handed; qkhooks splits the model's B·P axis into (B, P)."""
-    model = _hf_mobilevit()
-    sites = qkhooks.sites(model)
+    run, sites, seen = _recorded(_hf_mobilevit(), {"pixel_values": _images(size)}, modes="all", attention="full")
     assert [s.family for s in sites] == ["hf-mobilevit"] * len(sites) and len({s.stage for s in sites}) > 1
-    seen, handles = _inputs_of([s.module for s in sites])
-    try:
-        with qkhooks.record(model, modes="all", attention="full") as run, torch.no_grad():
-            run(pixel_values=_images(size))
-    finally:
-        for h in handles:
-            h.remove()
     full = run.attention_maps("full")
     for site in sites:
         attn, x = site.module, seen[site.layer]
@@ -150,15 +155,7 @@ def test_botnet_scale_content_plus_the_relative_term_is_the_models_eager_logits(
 def test_botnet_relative_term_is_q_dot_the_tables_at_the_offsets():
     """Independent of PosEmbedRel's shift trick: term[i, j] = q_i·R_h[h_j − h_i + H − 1] + q_i·R_w[w_j − w_i + W − 1], q
     from the module's own 1x1-conv qkv on the NCHW map it was handed (pixels row by row), R its tables indexed directly."""
-    model = _botnet(False)
-    sites = qkhooks.sites(model)
-    seen, handles = _inputs_of([s.module for s in sites])
-    try:
-        with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
-            rec(_images(64))
-    finally:
-        for h in handles:
-            h.remove()
+    rec, sites, seen = _recorded(_botnet(False), {"x": _images(64)}, modes=None, attention="full")
     for site in sites:
         attn, fmap = site.module, seen[site.layer].double()
         b, _, h, w = fmap.shape
@@ -228,15 +225,8 @@ def test_tnt_inner_maps_are_per_patch_and_outer_maps_over_the_patches_and_class_
     token of pixel (u, v) of patch (a, b) at row a·p + u, column b·p + v."""
     torch.manual_seed(0)
     model = _perturbed(timm.create_model("tnt_s_legacy_patch16_224", pretrained=False, img_size=64, depth=2))
-    sites = qkhooks.sites(model)
+    run, sites, seen = _recorded(model, {"x": _images(64)}, modes=4, attention="full")
     assert [s.path for s in sites] == ["blocks.0.attn_in", "blocks.0.attn_out", "blocks.1.attn_in", "blocks.1.attn_out"]
-    seen, handles = _inputs_of([s.module for s in sites])
-    try:
-        with qkhooks.record(model, modes=4, attention="full") as run, torch.no_grad():
-            run(_images(64))
-    finally:
-        for h in handles:
-            h.remove()
     (gh, gw), (ph, pw) = model.pixel_embed.grid_size, model.pixel_embed.new_patch_size
     for site in sites:
         x, got = seen[site.layer], run.attention_maps("full")[site.layer]
@@ -306,15 +296,7 @@ def test_halonet_relative_term_is_q_dot_the_tables_at_the_offsets():
     """Independent of PosEmbedRel's shift trick, for the unstrided blocks: term[i, j] = q_i·R_h[y_j − y_i + W − 1] +
     q_i·R_w[x_j − x_i + W − 1], (y_i, x_i) the query's place in its b x b block, (y_j, x_j) the key's in its W x W
     haloed window, q from the module's own q conv on the map it was handed."""
-    model = _halonet()
-    sites = qkhooks.sites(model)
-    seen, handles = _inputs_of([s.module for s in sites])
-    try:
-        with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
-            rec(_images(64))
-    finally:
-        for h in handles:
-            h.remove()
+    rec, sites, seen = _recorded(_halonet(), {"x": _images(64)}, modes=None, attention="full")
     checked = 0
     for site in sites:
         attn = site.module

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
