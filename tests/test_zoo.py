@@ -88,6 +88,9 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
     handles = [site.module.register_forward_hook(
         lambda m, a, o, i=i: seen.__setitem__(i, o[1].detach()) if isinstance(o, tuple) and len(o) > 1
         and isinstance(o[1], torch.Tensor) else None) for i, site in enumerate(sites)]
+    softmaxed: dict[int, torch.Tensor] = {}  # modules that return no weights (HF MobileViT): the softmax they compute
+    for i, site in enumerate(sites):
+        handles += _softmax_hooks(site.module, lambda t, i=i: softmaxed.__setitem__(i, t.detach().clone()))
     before = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -102,7 +105,8 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         twin_sites = [dataclasses.replace(s, module=twin.get_submodule(s.path)) for s in sites]
         twin.config._attn_implementation = "eager"
         return eager_maps(twin, twin_sites, inputs, kind)
-    return [seen[i] for i in range(len(sites)) if i in seen]
+    seen = {i: seen.get(i, softmaxed.get(i)) for i in range(len(sites))}
+    return [seen[i] for i in range(len(sites)) if seen[i] is not None]
 
 
 def _softmax_hooks(module: nn.Module, keep: Callable[[torch.Tensor], None]) -> list[Any]:
@@ -143,6 +147,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
             fired.append(site.layer)
             x = args[0] if args else kwargs[site.input_name]
             keep_map = hasattr(module, "talking_head1")  # EfficientFormer-v2: its NCHW map, for its own q/k convs
+            if x.dim() == 4 and site.token_layout == "channels_first" and not keep_map:  # NCHW maps (BoTNet), row by row
+                x = x.flatten(2).transpose(1, 2)
             inputs_seen[site.layer] = x.flatten(1, -2) if x.dim() == 4 and not keep_map else x
 
         return hook
@@ -177,6 +183,10 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         got = full[site.layer]
         if want.dim() == 3:  # SAM folds the heads into the batch axis: (B·H, N, N)
             want = want.unflatten(0, (-1, site.num_heads))
+        if site.family == "timm-halo":  # HaloNet's own (B·H, nB, Q, M): per image, blocks first
+            want = want.unflatten(0, (-1, site.num_heads)).transpose(1, 2)
+        if site.family == "timm-nest":  # NesT's own (B, H, T, N, N): blocks first, as every windowed layer's maps
+            want = want.transpose(1, 2)
         if site.layer in windows and want.dim() == 4:  # one map per window: the model's (B·nW) batch axis split per image
             want = want.unflatten(0, (-1, windows[site.layer].shape[0]))
         if site.layer in unfolded:  # one map per (image, pixel offset): the model's (B·P) batch axis split per image
@@ -186,6 +196,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         assert err < 1e-5, f"{site.path}: rebuilt maps differ from the model's eager attention by {err:.2e}"
         # modes (augmented: biases folded in) rebuild the logits; the model's own are log A up to a row constant
         query, key, spectrum = run.query[site.layer], run.key[site.layer], run.spectrum[site.layer]
+        if site.family == "timm-halo":  # haloed key windows: tests/test_local_forms.py checks the modes against q·k
+            continue
         if site.layer in unfolded:  # pixel-grid maps (B, H, K, n_h·p_h·n_w·p_w) back to the model's (B·P, H, K, N)
             _, (ph, pw), (nh, nw) = unfolded[site.layer]
             query, key = (t.reshape(*t.shape[:3], nh, ph, nw, pw).permute(0, 4, 6, 1, 2, 3, 5).reshape(
@@ -243,8 +255,10 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("windows")
     if any(getattr(s, "relative", None) is not None for s in sites):  # SAM/ViTDet decomposed relative positions
         parts.append("relative term")
-    if any(s.key_tokens is not None for s in sites):
+    if any(s.key_tokens is not None and not hasattr(s, "key_window_index") for s in sites):
         parts.append("reduced keys")
+    if any(hasattr(s, "key_window_index") for s in sites):  # HaloNet: each query block against its haloed window
+        parts.append("haloed keys")
     return ", ".join(parts) or "plain"
 
 
@@ -259,7 +273,8 @@ def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch
         w, b = module.qkv.weight, module.qkv.bias
         if getattr(module, "q_bias", None) is not None:
             b = torch.cat([module.q_bias, module.k_bias, module.v_bias])
-        rows = w.shape[0] // 3
+        rows = int(getattr(module, "dim_out_qk", w.shape[0] // 3))  # BoTNet: q and k may be narrower than v
+        w = w.flatten(1)  # a 1x1-conv qkv (BoTNet) is a Linear at every pixel
         w_q, w_k = w[:rows], w[rows: 2 * rows]
         b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: 2 * rows])
     else:
@@ -366,6 +381,24 @@ def _small_caformer() -> nn.Module:
                       norm_layers=[LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2, num_classes=10)
 
 
+def _small_nest() -> nn.Module:
+    """NesT's three levels small (its entry points fix dims and depths): 16x16 patches, blocks of 4x4 then 2x2 tokens."""
+    from timm.models.nest import Nest
+
+    return Nest(img_size=32, patch_size=2, num_levels=3, embed_dims=(16, 32, 64), num_heads=(2, 2, 2), depths=(1, 1, 1))
+
+
+def _small_halonet() -> nn.Module:
+    """halonet_h1's layout small: blocks of 4 with a halo of 1, the second stage's first block strided (query stride 2)."""
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
+
+    cfg = ByoModelCfg(blocks=(ByoBlockCfg(type="self_attn", d=1, c=16, s=1, gs=0, br=1.0),
+                              ByoBlockCfg(type="self_attn", d=2, c=32, s=2, gs=0, br=1.0)),
+                      stem_chs=16, stem_type="7x7", stem_pool="maxpool", self_attn_layer="halo",
+                      self_attn_kwargs=dict(block_size=4, halo_size=1, num_heads=2))
+    return ByobNet(cfg, num_classes=10)
+
+
 FAST_CASES = [
     _timm_case("vit_tiny_patch16_224", "exact", **SMALL_VIT),
     _timm_case("pit_ti_224", "exact", size=64, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8)),
@@ -451,8 +484,7 @@ FAST_CASES = [
     # zoo-bn: TinyViT: windows cut by its block, its LayerNorm inside the module, a bias per window offset
     _timm_case("tiny_vit_5m_224", "exact", size=64, embed_dims=(16, 16, 32, 32), depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 2),
                window_sizes=(4, 4, 4, 2)),
-    _hf_case("MobileViTModel", "MobileViTModel", "MobileViTConfig", "patch-area sequences", size=64,
-             module="attention", hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], image_size=64),
+    _hf_case("MobileViTModel", "MobileViTModel", "MobileViTConfig", "exact", size=64, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], image_size=64),
     _hf_case("GroupViTVisionModel", "GroupViTVisionModel", "GroupViTVisionConfig", "exact", hidden_size=32,
              num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, depths=[1, 1, 1],
              num_group_tokens=[4, 2, 0], num_output_groups=[4, 2, 2]),
@@ -489,6 +521,13 @@ FAST_CASES = [
                num_vit=2),
     # zoo-tail: timm MobileViT's plain attention runs on images x pixels-in-patch: maps per (image, offset)
     _timm_case("mobilevit_xxs", "exact", size=64),
+    # zoo-local: BoTNet's PosEmbedRel, a query-dependent relative term (models/halo.py), on NCHW maps
+    _timm_case("eca_botnext26ts_256", "exact", size=64, img_size=64),
+    # zoo-local: attention within image blocks: NesT (blocks on their own axis), TNT inner (pixels of each patch)
+    Case("nest_tiny", lambda: _small_nest(), lambda: {"x": _images(32)}, "timm", "exact", entry="nest_tiny"),
+    _timm_case("tnt_s_legacy_patch16_224", "exact", size=64, img_size=64, depth=2),
+    # zoo-local: HaloNet's blocked queries against haloed key windows, PosEmbedRel term, a strided block (models/halo.py)
+    Case("halonet_h1-small", lambda: _small_halonet(), lambda: {"x": _images(64)}, "timm", "exact", entry="halonet_h1"),
     _timm_case("visformer_tiny", "exact", size=64, img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1),
                num_heads=2),
     # relative positions (models/relpos.py): timm tables, and the query-dependent decomposed term with SAM/ViTDet windows

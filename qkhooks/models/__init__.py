@@ -13,6 +13,8 @@ from qkhooks.models import detr as _detr  # noqa: F401  (registers the adapter)
 from qkhooks.models import mobilevit as _mobilevit  # noqa: F401  (timm MobileViT: attention over unfolded patches)
 from qkhooks.models import plain as _plain  # noqa: F401  (teaches the timm adapter MetaFormer, FastViT, Visformer)
 from qkhooks.models import relpos as _relpos  # noqa: F401  (teaches the adapters relative positions, SAM/ViTDet windows)
+from qkhooks.models import halo as _halo  # noqa: F401  (teaches the timm adapter BoTNet's PosEmbedRel term)
+from qkhooks.models import blocks as _blocks  # noqa: F401  (teaches the timm adapter NesT and TNT blocks)
 
 sites = find_sites
 

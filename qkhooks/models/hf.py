@@ -44,9 +44,6 @@ _ROPE_FUNCTIONS: dict[str, tuple[str, Callable]] = {
 }
 # Attention classes whose token layout qkhooks does not model although their logits are plain.
 _FOLDED_TOKENS = {
-    "MobileViTSelfAttention": "MobileViT unfolds every image into patch-area sequences (batch x pixels-in-patch), "
-    "so one 'image' of the attention is a pixel offset, not an image; qkhooks models that for timm's MobileViT "
-    "(models/mobilevit.py), not for this class yet",
     "HieraMaskUnitAttention": "Hiera splits the tokens into mask units (windows) inside the module and max-pools the "
     "queries (query stride), so its maps are per mask unit and queries x keys; qkhooks does not model that layout",
 }

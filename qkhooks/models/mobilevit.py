@@ -1,6 +1,6 @@
-"""timm MobileViT (v1): plain attention over unfolded patches, reported per image.
+"""MobileViT (v1, timm and HF): plain attention over unfolded patches, reported per image.
 
-A ``MobileVitBlock`` resizes its (B, C, H, W) map up to a multiple of its patch (p_h, p_w) if needed, then unfolds
+A ``MobileVitBlock`` (HF: ``MobileViTLayer``) resizes its (B, C, H, W) map up to a multiple of its patch (p_h, p_w) if needed, then unfolds
 it: pixel offset (a, b) inside every patch becomes one sequence of the n_h·n_w patches, so the transformer's batch
 axis is images x P (P = p_h·p_w offsets, row b·P + a·p_w + b of image b) and its tokens are the n_h x n_w patches.
 The attention inside is timm's plain ``Attention``; this module makes its site say what an "image" of the attention
@@ -8,6 +8,11 @@ is (:class:`UnfoldedSite`): ``full`` maps keep the model's own maps, (B·P, H, N
 (B, P, H, N, N), offsets in the model's order; query and key maps go back onto the block's (resized) pixel grid,
 (B, H, K, n_h·p_h · n_w·p_w) row-major, as if the map had not been unfolded. ``rows`` / ``pooled`` are refused
 (a row lives in one offset's sequence).
+
+HF's ``MobileViTLayer`` unfolds exactly as timm does (``unfolding``: the same reshapes, bilinear resize up to a multiple
+of the patch), after an optional strided downsampling inside the layer, so the map size is read where it enters its
+``conv_1x1`` (the last module before the unfolding, which keeps the size); its ``MobileViTSelfAttention`` is plain
+softmax(q·k / sqrt(d_k)) with separate query/key Linear layers.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
+from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite
 
@@ -31,8 +37,8 @@ class UnfoldedSite(AttentionSite):
 
     Attributes:
         patch: (p_h, p_w), the unfolding block's patch.
-        unfold_block: the block that unfolds (its call's map size gives the patch grid), held weakly so a finished
-            recording keeps no model alive.
+        unfold_block: the module whose input map has the size the block unfolds (timm: the block itself, HF: its
+            ``conv_1x1``), held weakly so a finished recording keeps no model alive.
     """
 
     patch: tuple[int, int] = (1, 1)
@@ -45,7 +51,7 @@ class UnfoldedSite(AttentionSite):
 
     def context_hooks(self) -> list[tuple[nn.Module, Callable]]:
         def note(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else kwargs["x"]
+            x = args[0] if args else next(iter(kwargs.values()))
             height, width = x.shape[-2:]
             self._patches_of_call = (math.ceil(height / self.patch[0]), math.ceil(width / self.patch[1]))
 
@@ -100,4 +106,18 @@ def unfold_site(model: nn.Module, site: AttentionSite) -> AttentionSite:
     return site
 
 
+def _hf_unfold_site(site: AttentionSite, attn: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:
+    """HF ``MobileViTSelfAttention`` inside its ``MobileViTLayer`` (the ``transformer`` container's owner)."""
+    layer_path = site.path.partition(".transformer.")[0]
+    layer = modules.get(layer_path)
+    if type(layer).__name__ != "MobileViTLayer" or not hasattr(layer, "unfolding"):
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): it does not sit in a "
+                           "MobileViTLayer, so how its images are unfolded into patch sequences is unknown.")
+    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
+    base.update(family="hf-mobilevit", grid=None, patch_size=None, num_prefix_tokens=0)
+    return UnfoldedSite(**base, patch=(int(layer.patch_height), int(layer.patch_width)),
+                        unfold_block=weakref.ref(layer.conv_1x1))
+
+
 timm_adapter.SITE_FINISHERS.append(unfold_site)
+hf.EXTRA_FORMS["MobileViTSelfAttention"] = (frozenset(), _hf_unfold_site)

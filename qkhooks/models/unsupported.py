@@ -80,14 +80,6 @@ UNMODELLED_FORMS.update({
     "plus a decomposed relative-position term q·R; not modelled yet",
     "timm.models.mvitv2.MultiScaleAttentionPoolFirst": "pooled queries, keys and values plus a decomposed "
     "relative-position term q·R; not modelled yet",
-    "timm.layers.bottleneck_attn.BottleneckAttn": "a query-dependent relative-position term (q·R_h + q·R_w from "
-    "PosEmbedRel) is added to q·k: a content-position term, not a bias; not modelled yet",
-    "timm.layers.halo_attn.HaloAttn": "blocked (haloed) windows with a query-dependent relative-position term "
-    "(PosEmbedRel); not modelled yet",
-    "timm.models.nest.Attention": "attention within each of the image's non-overlapping blocks (a (B, T, N, C) tensor: "
-    "one map per block, blocks on their own axis); not modelled yet",
-    "timm.models.tnt.Attention": "TNT's inner attention runs over the pixels of each patch (the batch axis is images x "
-    "patches), the outer one over patches; the inner layout is not modelled yet",
     "timm.layers.lambda_layer.LambdaLayer": "lambda layer: the keys are softmaxed over the tokens on their own and "
     "summarised with the values into a content lambda, plus a position lambda from a conv; " + _NO_TOKEN_SOFTMAX,
     "timm.models.volo.Attention": "plain attention of VOLO's later stages, but its first stage mixes tokens with outlook "
