@@ -419,7 +419,11 @@ class Recording:
             with torch.no_grad():
                 if projector is not None:
                     dt = self.compute_dtype
-                    cap.query, cap.key = projector.from_linear(q if dt is None else q.to(dt), k if dt is None else k.to(dt))
+                    if fused:  # q and k side by side in one output: one product for both
+                        qk = out[..., :2 * width]
+                        cap.query, cap.key = projector.from_fused(qk if dt is None else qk.to(dt))
+                    else:
+                        cap.query, cap.key = projector.from_linear(q if dt is None else q.to(dt), k if dt is None else k.to(dt))
                     cap.query, cap.key = site.to_images("modes", cap.query), site.to_images("modes", cap.key)
                 if full:
                     cap.attention["full"] = site.to_images("full", full_from_qk(site, split_heads(site, q), split_heads(site, k)))
