@@ -78,3 +78,76 @@ def test_recorded_maps_from_the_fused_qkv_equal_the_x_path(modes):
         for a, b in ((fast.last.query(layer), slow.last.query(layer)), (fast.last.key(layer), slow.last.key(layer))):
             assert a.shape == b.shape == (3, 3, 16 if modes == "all" else 5, 25)
             torch.testing.assert_close(a, b, atol=2e-5 * float(b.abs().max()), rtol=0)
+
+
+def _count_find_sites(monkeypatch) -> list[int]:
+    from qkhooks import capture
+
+    calls = [0]
+    real = capture.find_sites
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture, "find_sites", counted)
+    return calls
+
+
+def test_record_entered_again_finds_no_sites_until_the_model_structure_changes(monkeypatch):
+    """The per-batch entry reuses the model's sites (each recording its own copies); a module replaced in place
+    (here a q/k norm put into layer 0) is seen, and the maps then equal the changed model's eager attention."""
+    from conftest import TINY_MODELS, eager_attention
+
+    tiny = TINY_MODELS[0]
+    model, images = tiny.model(), tiny.images(batch=2)
+    calls = _count_find_sites(monkeypatch)
+    tokens = torch.tensor([[0, 3]] * 2)
+
+    def rows_and_full() -> qkhooks.Recording:
+        with qkhooks.record(model, modes=4, attention="rows+full") as run, torch.no_grad():
+            run.set_batch(query_tokens=tokens)
+            model(images)
+        return run
+
+    first = rows_and_full()
+    again = rows_and_full()
+    assert calls[0] == 1
+    assert not set(map(id, first.sites)) & set(map(id, again.sites))  # copies: a recording's call state is its own
+    eager = eager_attention(tiny, model, images)
+    for run in (first, again):
+        for layer in run.layers:
+            torch.testing.assert_close(run.attention_maps("full")[layer], eager[layer], atol=1e-5, rtol=0)
+
+    attn = model.blocks[0].attn
+    torch.manual_seed(4)
+    attn.q_norm, attn.k_norm = torch.nn.LayerNorm(attn.head_dim), torch.nn.LayerNorm(attn.head_dim)
+    with torch.no_grad():
+        for p in [*attn.q_norm.parameters(), *attn.k_norm.parameters()]:
+            p.normal_(1, 0.5)
+    changed = rows_and_full()
+    assert calls[0] == 2
+    eager = eager_attention(tiny, model, images)
+    assert not torch.allclose(eager[0], first.attention_maps("full")[0], atol=1e-3)  # the norms change the maps
+    for layer in changed.layers:
+        torch.testing.assert_close(changed.attention_maps("full")[layer], eager[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(changed.attention_maps("rows")[layer], eager[layer][:, :, [0, 3]], atol=1e-5, rtol=0)
+    model.blocks[1].attn.fused_attn = False  # a plain setting changed: searched again
+    rows_and_full()
+    assert calls[0] == 3
+
+
+def test_a_deleted_model_frees_its_cached_sites():
+    import gc
+    import weakref
+
+    from qkhooks import capture
+
+    model = _vit()
+    with qkhooks.record(model, modes=2):
+        pass
+    assert model in capture._SITES
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
