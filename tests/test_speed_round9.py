@@ -151,3 +151,16 @@ def test_a_deleted_model_frees_its_cached_sites():
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_workers_default_is_none_on_the_cpu_and_the_spare_cores_beside_an_accelerator(monkeypatch):
+    import os
+
+    from qkhooks.options import RecordOptions
+    from qkhooks.stream import default_workers
+
+    assert RecordOptions().num_workers is None  # resolved per device when the recording starts
+    assert default_workers("cpu") == 0
+    for cores, workers in ((1, 0), (2, 1), (8, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert default_workers("cuda") == workers
