@@ -40,7 +40,7 @@ from qkhooks.attention import (
 )
 from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, find_sites, select_layers
+from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, select_layers
 from qkhooks.models.load import unwrap_loaded
 from qkhooks.projector import ModeProjector, QKPathProjector
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
@@ -109,7 +109,7 @@ class Recording:
         if input not in ("normed", "residual"):
             raise QKHooksError(f"input must be 'normed' (the exact tensor entering W_q/W_k) or 'residual'; got {input!r}.")
         self._model_ref = weakref.ref(model)
-        self.sites: list[AttentionSite] = select_layers(list(sites), layers) if sites is not None else find_sites(model, layers)
+        self.sites: list[AttentionSite] = select_layers(list(sites), layers) if sites is not None else _model_sites(model, layers)
         self.modes = parse_modes(modes)
         self.attention_specs = parse_attention(attention)
         recorded = sorted(s.layer for s in self.sites)
@@ -419,7 +419,11 @@ class Recording:
             with torch.no_grad():
                 if projector is not None:
                     dt = self.compute_dtype
-                    cap.query, cap.key = projector.from_linear(q if dt is None else q.to(dt), k if dt is None else k.to(dt))
+                    if fused:  # q and k side by side in one output: one product for both
+                        qk = out[..., :2 * width]
+                        cap.query, cap.key = projector.from_fused(qk if dt is None else qk.to(dt))
+                    else:
+                        cap.query, cap.key = projector.from_linear(q if dt is None else q.to(dt), k if dt is None else k.to(dt))
                     cap.query, cap.key = site.to_images("modes", cap.query), site.to_images("modes", cap.key)
                 if full:
                     cap.attention["full"] = site.to_images("full", full_from_qk(site, split_heads(site, q), split_heads(site, k)))
@@ -616,6 +620,40 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
         from_qk = qk_path and site.qk_modules and not spec.augmented and bool((spec.S > spec.S.max() * 1e-7).all())
         built = entry[1][(k, qk_path)] = (spec, QKPathProjector(spec, site.weights()) if from_qk else ModeProjector(spec))
     return built
+
+
+# The sites of each recorded model (find_sites walks the module tree several times: ~9 of the ~12 ms that entering
+# record() cost on ViT-S), kept while the model's structure is unchanged. Weak keys: a deleted model frees its entry.
+_SITES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[AttentionSite]]]" = weakref.WeakKeyDictionary()
+_SETTINGS = (bool, int, float, str, type(None))
+
+
+def _structure_key(model: nn.Module) -> tuple:
+    """What the adapters read when they find the sites: every module (identity, class), each one's plain settings
+    (``fused_attn``, ``num_heads``, ``training``, ...) and the identity of any other attribute (a replaced rotary
+    table or norm), a Hugging Face config's plain settings (``_attn_implementation`` is changed in place), and the
+    adapter registry. ~1 ms on ViT-S."""
+    key: list[Any] = [tuple(map(id, _ADAPTERS))]
+    for module in model.modules():
+        key.append((id(module), type(module)))
+        for name, value in module.__dict__.items():
+            if isinstance(value, _SETTINGS):
+                key.append((name, value))
+            elif not isinstance(value, dict):  # torch's own registries (_modules, hooks, ...) are walked or not read
+                key.append((name, id(value)))
+                if type(value).__name__.endswith("Config"):
+                    key.append(tuple((k, v) for k, v in vars(value).items() if isinstance(v, _SETTINGS)))
+    return tuple(key)
+
+
+def _model_sites(model: nn.Module, layers: Sequence[int] | None) -> list[AttentionSite]:
+    """``find_sites(model, layers)``, searched once per model while :func:`_structure_key` is unchanged; every
+    recording gets its own copies of the sites (they hold the call being recorded)."""
+    key = _structure_key(model)
+    hit = _SITES.get(model)
+    if hit is None or hit[0] != key:
+        hit = _SITES[model] = (key, find_sites(model))
+    return select_layers([dataclasses.replace(site) for site in hit[1]], layers)
 
 
 def _reduced_keys(site: AttentionSite, x: torch.Tensor, input: str, dtype: torch.dtype | None) -> torch.Tensor:

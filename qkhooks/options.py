@@ -84,9 +84,11 @@ class RecordOptions:
                                   metavar="N")
     """Record only the first ``limit`` images of the data."""
 
-    num_workers: int = _option(0, "processes that decode and preprocess images (any data)", flag="--workers",
-                               type=int, metavar="N")
-    """Processes that decode and preprocess images, for every kind of data (0: in this process)."""
+    num_workers: int | None = _option(None, "processes that decode and preprocess images (any data; default: 0 on "
+                                      "the CPU, min(4, cores - 1) beside an accelerator)", flag="--workers",
+                                      type=int, metavar="N")
+    """Processes that decode and preprocess images, for every kind of data (0: in this process; None:
+    :func:`qkhooks.stream.default_workers` for the device)."""
 
     image_column: str | None = _option(None, "hfds: the column holding the images (default: the Image feature)",
                                        flag="--image-column")

@@ -78,32 +78,54 @@ class QKPathProjector:
         # (q - b_q) @ a = q @ a - b_q @ a: the biases fold into (H, 1, K) offsets, so no (B, H, N, d_k) temporary
         self.q_offset = None if weights.b_q is None else weights.b_q.double().cpu()[:, None, :] @ self.a
         self.k_offset = None if weights.b_k is None else weights.b_k.double().cpu()[:, None, :] @ self.c
-        self._cache: dict[tuple[torch.device, torch.dtype], tuple] = {}
+        # Both sides stacked and transposed for one product: rows (side, head), each (K, d_k); offsets (2H, K, 1)
+        self._stacked = torch.cat([self.a, self.c]).transpose(1, 2)
+        zeros = torch.zeros(self.a.shape[0], 1, self.a.shape[2], dtype=torch.float64)
+        both = (self.q_offset, self.k_offset)
+        self._offsets = None if both == (None, None) else torch.cat([zeros if o is None else o for o in both]).transpose(1, 2)
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def _weights(self, device: torch.device, dtype: torch.dtype) -> tuple:
+    def _weights(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (device, dtype)
         if key not in self._cache:
-            conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-            self._cache[key] = (conv(self.a), conv(self.c), conv(self.q_offset), conv(self.k_offset))
+            self._cache[key] = (self._stacked.to(device=device, dtype=dtype).contiguous(),
+                                None if self._offsets is None else self._offsets.to(device=device, dtype=dtype))
         return self._cache[key]
+
+    def _maps(self, heads: torch.Tensor, sides: slice) -> torch.Tensor:
+        """(B, N, S·H, d_k) q and/or k heads (any strides) -> (S, B, H, K, N) contiguous maps, S = the sides taken.
+
+        One (K, d_k) @ (d_k, B·N) product per side and head reads the Linear's output in place (a strided view,
+        no copy of q or k) and writes the maps with the token axis last, so only one copy remains: the permute to
+        per-image (B, H, K, N). Each map entry is the same d_k-long dot product whatever B, so an image's maps do
+        not depend on the batch it came in (a sharded run equals a single-process one; tested).
+        """
+        weights, offsets = self._weights(heads.device, heads.dtype)
+        b, n, sh, dk = heads.shape
+        out = torch.bmm(weights[sides], heads.reshape(b * n, sh, dk).permute(1, 2, 0))  # (S·H, K, B·N)
+        if offsets is not None:
+            out = out.sub_(offsets[sides])
+        # Contiguous (B, H, K, N) maps: every consumer reduces or copies them along the token axis (top-k extremes
+        # and row picks, the float16 cast and the run file's write), which on a strided view costs a copy each.
+        return out.view(-1, self.a.shape[0], out.shape[1], b, n).permute(0, 3, 1, 2, 4).contiguous()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query and key maps (B, H, K, N) from q, k (B, H, N, d_k) with biases included."""
-        a, c, q_offset, k_offset = self._weights(q.device, q.dtype)
-        # One (N, d_k) @ (d_k, K) product per image and head: the same kernel whatever the batch size, so an
-        # image's maps do not depend on the batch it came in (a sharded run equals a single-process one).
-        query, key = q @ a, k @ c
-        if q_offset is not None:
-            query = query.sub_(q_offset)
-        if k_offset is not None:
-            key = key.sub_(k_offset)
-        # Contiguous (B, H, K, N) maps: every consumer reduces or copies them along the token axis (top-k extremes
-        # and row picks, the float16 cast and the run file's write), which on a transposed view costs a strided
-        # copy each; one copy here serves them all.
-        return query.transpose(-1, -2).contiguous(), key.transpose(-1, -2).contiguous()
+        return self._split(q.transpose(1, 2), k.transpose(1, 2))
 
     def from_linear(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same from the q and k Linear outputs as the model produced them: (B, N, H·d_k) each."""
         h, dk = self.a.shape[0], self.a.shape[1]
-        # "b n (h d) -> b h n d" by hand: per batch and layer (see ModeProjector.__call__)
-        return self(q.unflatten(-1, (h, dk)).transpose(1, 2), k.unflatten(-1, (h, dk)).transpose(1, 2))
+        return self._split(q.unflatten(-1, (h, dk)), k.unflatten(-1, (h, dk)))
+
+    def from_fused(self, qk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same from one Linear's output whose first 2·H·d_k features are q then k (a fused qkv): one product
+        for both sides."""
+        h, dk = self.a.shape[0], self.a.shape[1]
+        maps = self._maps(qk[..., :2 * h * dk].unflatten(-1, (2 * h, dk)), slice(None))
+        return maps[0], maps[1]
+
+    def _split(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k heads (B, N, H, d_k) held apart: one product per side."""
+        h = self.a.shape[0]
+        return self._maps(q, slice(0, h))[0], self._maps(k, slice(h, 2 * h))[0]

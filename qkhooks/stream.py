@@ -236,7 +236,7 @@ def record_dataset(
     compression: str = "none",
     batch_size: int = 16,
     limit: int | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     image_column: str | None = None,
     masks: dict[str, str] | None = None,
     store_modes: bool = True,
@@ -309,6 +309,8 @@ def record_dataset(
             f"attention 'pooled' sums attention onto target, distractor and background masks, which {data_spec!r} "
             "does not have; record odd-one-out data (o3:N or o3dir:DIR), or use rows or full."
         )
+    if opts.num_workers is None:
+        opts = dataclasses.replace(opts, num_workers=default_workers(device))
     if opts.batch_size < 1 or opts.num_workers < 0:
         raise QKHooksError(f"batch size must be >= 1 and workers >= 0; got {opts.batch_size} and {opts.num_workers}.")
     # The analyses' default recipe comes from the registry by name (qkhooks.analysis is imported on first need),
@@ -470,6 +472,18 @@ class _StreamPosition:
             read = part.end - self.position
             self.position = part.end  # read by the checkpoint that follows this batch in the loop
             yield (collate(part.items) if part.items else None), read
+
+
+def default_workers(device: str | torch.device) -> int:
+    """DataLoader workers when none are asked for. On the CPU, 0: torch's threads already use every core for the
+    forward, and a worker only competes with them (ViT-Ti, 240 JPEGs, batch 16, 1 thread, 2 loaded cores: 1
+    worker 1.186x the plain loop's wall time, as without workers; 2 workers 1.30x; benchmarks/ANALYSIS.md, round
+    9). Beside an accelerator the CPU decodes while the device computes: one worker per core but one (the main
+    process feeds the device), at most 4."""
+    if torch.device(device).type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores - 1))
 
 
 def _loader_batches(dataset, indices, batch_size, num_workers, collate):

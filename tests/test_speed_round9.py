@@ -1,0 +1,166 @@
+"""Issue 20, round 9: the q/k-path projection as one product per side and head over the whole batch.
+
+The projector now reads q and k in place from the Linear's output (one batched (K, d_k) @ (d_k, B·N) product for
+both sides of a fused qkv) instead of one small product per image and head. These tests check that nothing a user
+reads changed: the maps equal the x path's x·u_n computed densely in float64, the fused, separate and per-head
+entries agree bit for bit, and an image's maps do not depend on the batch it came in (a sharded run writes what a
+single process writes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import qkhooks
+from qkhooks.projector import QKPathProjector
+
+
+def _vit(seed: int = 0) -> torch.nn.Module:
+    """A small timm ViT on a non-square grid (4 x 6 patches + CLS), every weight and bias random (timm's init
+    leaves the qkv bias at zero, which would hide a wrong offset)."""
+    torch.manual_seed(seed)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=(32, 48), patch_size=8, embed_dim=48, depth=2, num_heads=3, qkv_bias=True, num_classes=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+def _dense_maps(x: torch.Tensor, spectrum) -> tuple[np.ndarray, np.ndarray]:
+    """x·u_n and x·v_n of every head and mode in float64: (B, H, K, N) each, the x path's definition."""
+    x64 = x.double().numpy()
+    u, v = spectrum.U.double().numpy(), spectrum.V.double().numpy()  # (H, d, K)
+    return np.einsum("bnd,hdk->bhkn", x64, u), np.einsum("bnd,hdk->bhkn", x64, v)
+
+
+def test_fused_separate_and_per_head_projections_equal_the_dense_x_path():
+    model = _vit()
+    site = qkhooks.sites(model)[1]
+    spectrum = qkhooks.spectrum(model)[site.layer]
+    projector = QKPathProjector(spectrum, site.weights())
+    x = torch.randn(5, 25, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        qkv = site.module.qkv(x)
+    width = site.num_heads * site.head_dim
+    q, k = qkv[..., :width], qkv[..., width:2 * width]
+    fused = projector.from_fused(qkv)
+    separate = projector.from_linear(q, k)
+    heads = projector(q.unflatten(-1, (3, 16)).transpose(1, 2), k.unflatten(-1, (3, 16)).transpose(1, 2))
+    ref_q, ref_k = _dense_maps(x, spectrum)
+    for got in (fused, separate, heads):
+        assert all(t.shape == (5, 3, 16, 25) and t.is_contiguous() for t in got)
+        scale = max(np.abs(ref_q).max(), np.abs(ref_k).max())
+        np.testing.assert_allclose(got[0].double().numpy(), ref_q, atol=2e-5 * scale, rtol=0)
+        np.testing.assert_allclose(got[1].double().numpy(), ref_k, atol=2e-5 * scale, rtol=0)
+    for got in (separate, heads):  # the same products in the same order: equal bit for bit
+        assert torch.equal(got[0], fused[0]) and torch.equal(got[1], fused[1])
+    # each image alone gives its slice of the batch exactly: the kernel's result does not depend on B
+    for i in range(5):
+        alone = projector.from_fused(qkv[i:i + 1])
+        assert torch.equal(alone[0][0], fused[0][i]) and torch.equal(alone[1][0], fused[1][i])
+
+
+@pytest.mark.parametrize("modes", [5, "all"])
+def test_recorded_maps_from_the_fused_qkv_equal_the_x_path(modes):
+    model = _vit(seed=2)
+    images = torch.randn(3, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with qkhooks.record(model, modes=modes, attention="rows") as fast:
+            fast(images)
+        with qkhooks.record(model, modes=modes, attention="rows", qk_path=False) as slow:
+            slow(images)
+    assert fast.mode_source == {0: "qk", 1: "qk"} and slow.mode_source == {0: "x", 1: "x"}
+    for layer in fast.layers:
+        for a, b in ((fast.last.query(layer), slow.last.query(layer)), (fast.last.key(layer), slow.last.key(layer))):
+            assert a.shape == b.shape == (3, 3, 16 if modes == "all" else 5, 25)
+            torch.testing.assert_close(a, b, atol=2e-5 * float(b.abs().max()), rtol=0)
+
+
+def _count_find_sites(monkeypatch) -> list[int]:
+    from qkhooks import capture
+
+    calls = [0]
+    real = capture.find_sites
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture, "find_sites", counted)
+    return calls
+
+
+def test_record_entered_again_finds_no_sites_until_the_model_structure_changes(monkeypatch):
+    """The per-batch entry reuses the model's sites (each recording its own copies); a module replaced in place
+    (here a q/k norm put into layer 0) is seen, and the maps then equal the changed model's eager attention."""
+    from conftest import TINY_MODELS, eager_attention
+
+    tiny = TINY_MODELS[0]
+    model, images = tiny.model(), tiny.images(batch=2)
+    calls = _count_find_sites(monkeypatch)
+    tokens = torch.tensor([[0, 3]] * 2)
+
+    def rows_and_full() -> qkhooks.Recording:
+        with qkhooks.record(model, modes=4, attention="rows+full") as run, torch.no_grad():
+            run.set_batch(query_tokens=tokens)
+            model(images)
+        return run
+
+    first = rows_and_full()
+    again = rows_and_full()
+    assert calls[0] == 1
+    assert not set(map(id, first.sites)) & set(map(id, again.sites))  # copies: a recording's call state is its own
+    eager = eager_attention(tiny, model, images)
+    for run in (first, again):
+        for layer in run.layers:
+            torch.testing.assert_close(run.attention_maps("full")[layer], eager[layer], atol=1e-5, rtol=0)
+
+    attn = model.blocks[0].attn
+    torch.manual_seed(4)
+    attn.q_norm, attn.k_norm = torch.nn.LayerNorm(attn.head_dim), torch.nn.LayerNorm(attn.head_dim)
+    with torch.no_grad():
+        for p in [*attn.q_norm.parameters(), *attn.k_norm.parameters()]:
+            p.normal_(1, 0.5)
+    changed = rows_and_full()
+    assert calls[0] == 2
+    eager = eager_attention(tiny, model, images)
+    assert not torch.allclose(eager[0], first.attention_maps("full")[0], atol=1e-3)  # the norms change the maps
+    for layer in changed.layers:
+        torch.testing.assert_close(changed.attention_maps("full")[layer], eager[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(changed.attention_maps("rows")[layer], eager[layer][:, :, [0, 3]], atol=1e-5, rtol=0)
+    model.blocks[1].attn.fused_attn = False  # a plain setting changed: searched again
+    rows_and_full()
+    assert calls[0] == 3
+
+
+def test_a_deleted_model_frees_its_cached_sites():
+    import gc
+    import weakref
+
+    from qkhooks import capture
+
+    model = _vit()
+    with qkhooks.record(model, modes=2):
+        pass
+    assert model in capture._SITES
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_workers_default_is_none_on_the_cpu_and_the_spare_cores_beside_an_accelerator(monkeypatch):
+    import os
+
+    from qkhooks.options import RecordOptions
+    from qkhooks.stream import default_workers
+
+    assert RecordOptions().num_workers is None  # resolved per device when the recording starts
+    assert default_workers("cpu") == 0
+    for cores, workers in ((1, 0), (2, 1), (8, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert default_workers("cuda") == workers
