@@ -348,6 +348,16 @@ DETR_SMALL = dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attent
                   encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5)
 
 
+def _small_mobilenetv4_hybrid() -> nn.Module:
+    """MobileNetV4-hybrid's layout small: a conv stem, then multi-query attention with and without kv stride (the
+    timm entry points fix their block lists); a conv block ends the stage, as timm's feature info needs."""
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.mobilenetv3 import MobileNetV3
+
+    arch = [["cn_r1_k3_s2_e1_c16"], ["mqa_r1_k3_h2_s1_v2_d8_c16", "mqa_r1_k3_h2_s1_d8_c16", "cn_r1_k1_s1_c16"]]
+    return MobileNetV3(block_args=decode_arch_def(arch), stem_size=8, num_features=32, num_classes=10)
+
+
 def _small_caformer() -> nn.Module:
     """CAFormer's layout (separable-conv stages, then attention stages) small: its entry points fix depths and dims."""
     from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
@@ -487,6 +497,10 @@ FAST_CASES = [
     _hf_case("VitDetModel-relpos-windows", "VitDetModel", "VitDetConfig", "exact", size=48, hidden_size=32,
              num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=48, pretrain_image_size=48, patch_size=8,
              use_relative_position_embeddings=True, window_size=4, window_block_indices=[0, 2]),
+    # zoo-pooled: keys from other tokens: NextViT (AvgPool1d + BatchNorm1d), MobileNetV4's multi-query attention on
+    # NCHW maps (one shared key head, strided depthwise conv + BatchNorm on the key side), with and without kv stride
+    _timm_case("nextvit_small", "exact", size=64, depths=(1, 1, 5, 1), stem_chs=(8, 8, 16)),
+    Case("mobilenetv4-multi-query", lambda: _small_mobilenetv4_hybrid(), lambda: {"x": _images(32)}, "timm", "exact"),
 ]
 
 

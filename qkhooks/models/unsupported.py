@@ -60,8 +60,6 @@ UNMODELLED_FORMS.update({
     "q (k^T v), plus a convolutional position term; " + _NO_TOKEN_SOFTMAX,
     "timm.layers.diff_attention.DiffAttention": "differential attention: the map is the difference of two softmax(q·k) "
     "maps (weighted by a learned λ), not one softmax, so neither q·k form alone gives the model's maps",
-    "timm.layers.attention2d.MultiQueryAttention2d": "multi-query attention on NCHW maps: one key/value head shared by "
-    "every query head, keys and values from strided depthwise convs and norms (a reduced grid); not modelled yet",
     "timm.layers.attention2d.MultiQueryAttentionV2": "multi-query attention on NCHW maps (one shared key head, reduced "
     "keys); not modelled yet",
     "timm.models.efficientvit_mit.LiteMLA": "linear attention: a ReLU kernel normalised by its sum, no softmax; "
@@ -70,8 +68,6 @@ UNMODELLED_FORMS.update({
     "each token; " + _NO_TOKEN_SOFTMAX,
     "timm.models.shvit.SHSA": "single-head attention on a normalised channel slice of an NCHW map, q/k from a conv with "
     "a folded norm; not modelled yet",
-    "timm.models.nextvit.EfficientAttention": "keys and values from average-pooled, batch-normalised tokens (spatial "
-    "reduction with a BatchNorm) while the queries keep every token; not modelled yet",
     "timm.models.volo.OutlookAttention": "outlook attention: the weights of each local window come from a linear layer "
     "of the centre token, not from q·k; " + _NO_TOKEN_SOFTMAX,
     "timm.models.hiera.MaskUnitAttention": "Hiera splits the tokens into mask units (windows) inside the module and "

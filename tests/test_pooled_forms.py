@@ -1,0 +1,155 @@
+"""Keys (and queries) from other tokens than the ones entering the module: NextViT's average-pooled, batch-normalised
+keys, MobileNetV4/V5's multi-query attention on NCHW maps (one key head shared by every query head, keys from a
+strided depthwise conv and a norm). Each is checked against q·k written out here from the module's parameters
+(pooling, conv and BatchNorm computed directly, not through the model's modules); test_zoo checks the maps
+against the model's own eager attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qkhooks
+from qkhooks import QKHooksError
+from test_zoo import FAST_CASES, Case, _call, perturb
+
+CASES = {c.name: c for c in FAST_CASES if c.name in ("nextvit_small", "mobilenetv4-multi-query")}
+
+
+def _build(name: str):
+    case: Case = CASES[name]
+    torch.manual_seed(0)
+    return perturb(case.build()), case.inputs()
+
+
+def _inputs_of(model, inputs, modules: dict[int, torch.nn.Module]) -> dict[int, torch.Tensor]:
+    """The tensor each module was called with (as the module received it)."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, a, layer=layer: seen.__setitem__(layer, a[0].detach()))
+               for layer, m in modules.items()]
+    try:
+        _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _batch_norm(x: torch.Tensor, bn: torch.nn.Module, channel_axis: int) -> torch.Tensor:
+    """Eval-mode BatchNorm written out: (x - mean) / sqrt(var + eps) · γ + β along ``channel_axis``."""
+    shape = [1] * x.dim()
+    shape[channel_axis] = -1
+    weight, bias, mean, var = (t.detach().double() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    return (x - mean.reshape(shape)) * (weight / torch.sqrt(var + bn.eps)).reshape(shape) + bias.reshape(shape)
+
+
+def _recorded(model, inputs):
+    with qkhooks.record(model, modes="all", attention="full") as run:
+        _call(model, inputs)
+    return run
+
+
+@torch.no_grad()
+def test_nextvit_maps_are_softmax_of_queries_against_pooled_batch_normalised_keys():
+    """Keys: runs of r² consecutive tokens averaged, BatchNorm'd, then W_k; maps (B, H, N, N / r²) = softmax(scale q·k)."""
+    model, inputs = _build("nextvit_small")
+    sites = qkhooks.sites(model)
+    reduced = [s for s in sites if s.module.sr is not None]
+    assert reduced, "the small NextViT must have a layer with reduced keys"
+    tokens = _inputs_of(model, inputs, {s.layer: s.module for s in sites})
+    run = _recorded(model, inputs)
+    full = run.attention_maps("full")
+    for site in sites:
+        attn, x = site.module, tokens[site.layer].double()
+        b, n, c = x.shape
+        if attn.sr is not None:
+            r = attn.N_ratio
+            pooled = x[:, : n // r * r].reshape(b, n // r, r, c).mean(2)  # AvgPool1d(kernel = stride = r²) over tokens
+            keys = _batch_norm(pooled, attn.norm, channel_axis=2)
+        else:
+            keys = x
+        heads, dk = attn.num_heads, attn.head_dim
+        q = F.linear(x, attn.q.weight.double(), attn.q.bias.double()).reshape(b, n, heads, dk).transpose(1, 2)
+        k = F.linear(keys, attn.k.weight.double(), attn.k.bias.double()).reshape(b, -1, heads, dk).transpose(1, 2)
+        want = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1)
+        got = full[site.layer]
+        assert got.shape == want.shape
+        assert float((got.double() - want).abs().max()) < 1e-5, site.path
+
+
+def test_nextvit_key_grid_is_the_row_runs_the_pooling_averages_not_a_square_reduction():
+    """AvgPool1d pools r² consecutive tokens of the row-major sequence: an 8x8 grid with r = 4 gives 8 rows of 4 runs
+    (8 x 4 keys), not the 2x2-ratio grid (4 x 4) that has 16 keys too; runs that cross rows form no grid."""
+    from qkhooks.results import _reduced_grid
+    from qkhooks.results import observe_geometry
+
+    model, _ = _build("nextvit_small")
+    site = next(s for s in qkhooks.sites(model) if s.module.sr is not None and s.module.N_ratio == 16)
+    geometry = observe_geometry(site, 64, 4)
+    assert (geometry.grid, geometry.key_grid) == ((8, 8), None)  # runs of 16 tokens cross the rows of 8
+    geometry = observe_geometry(site, 256, 16)
+    assert (geometry.grid, geometry.key_grid) == ((16, 16), (16, 1))
+    assert _reduced_grid((16, 16), 16) == (4, 4)  # what the generic rule would have said
+    site4 = next(s for s in qkhooks.sites(model) if s.module.sr is not None and s.module.N_ratio == 4)
+    assert observe_geometry(site4, 64, 16).key_grid == (8, 2)
+
+
+@torch.no_grad()
+def test_multi_query_maps_use_the_one_shared_key_head_from_the_strided_depthwise_conv_and_batch_norm():
+    """q_h = W_q,h x (1x1 conv), k = W_k BN(dwconv_stride(x)) (one head), maps = softmax(scale q_h·k) per query head."""
+    model, inputs = _build("mobilenetv4-multi-query")
+    sites = qkhooks.sites(model)
+    assert {s.module.kv_stride for s in sites} == {1, 2}
+    images = _inputs_of(model, inputs, {s.layer: s.module for s in sites})
+    full = _recorded(model, inputs).attention_maps("full")
+    for site in sites:
+        attn, x = site.module, images[site.layer].double()
+        key_in = x
+        if attn.kv_stride > 1:
+            conv = attn.key.down_conv
+            key_in = F.conv2d(x, conv.weight.double(), None, conv.stride, conv.padding, conv.dilation, conv.groups)
+            key_in = _batch_norm(key_in, attn.key.norm, channel_axis=1)
+        q = torch.einsum("oc,bchw->bohw", attn.query.proj.weight.double().flatten(1), x).flatten(2)  # (B, H·dk, N)
+        q = q.unflatten(1, (attn.num_heads, attn.key_dim)).transpose(-1, -2)  # (B, H, N, dk)
+        k = torch.einsum("oc,bchw->bohw", attn.key.proj.weight.double().flatten(1), key_in).flatten(2)  # (B, dk, M)
+        want = torch.softmax(torch.einsum("bhnd,bdm->bhnm", q, k) * attn.scale, -1)
+        got = full[site.layer]
+        assert got.shape == want.shape == (x.shape[0], attn.num_heads, x.shape[2] * x.shape[3], key_in.shape[2] * key_in.shape[3])
+        assert float((got.double() - want).abs().max()) < 1e-5, site.path
+
+
+@torch.no_grad()
+def test_multi_query_modes_are_each_query_heads_form_with_the_shared_key_projection():
+    """The spectrum of query head h is the SVD of W_q,h^T W_k with the one W_k every head shares (dense SVD here)."""
+    model, _ = _build("mobilenetv4-multi-query")
+    spec = qkhooks.spectrum(model)
+    for site, layer in zip(qkhooks.sites(model), spec):
+        attn = site.module
+        w_q = attn.query.proj.weight.double().flatten(1).unflatten(0, (attn.num_heads, attn.key_dim))
+        w_k = attn.key.proj.weight.double().flatten(1)
+        for h in range(attn.num_heads):
+            want = torch.linalg.svdvals(w_q[h].T @ w_k)[: attn.key_dim]
+            got = torch.as_tensor(layer.S[h]).double()
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (site.path, h)
+
+
+def test_batch_norm_in_training_mode_on_the_key_side_is_refused():
+    """In training mode a BatchNorm normalises with the batch's statistics, so one image's keys depend on the others."""
+    for name in CASES:
+        model, inputs = _build(name)
+        site = next(s for s in qkhooks.sites(model) if s.key_tokens is not None)
+        site.module.train()
+        with pytest.raises(QKHooksError, match=r"unsupported attention in .*training mode"):
+            with qkhooks.record(model, modes=4, attention="full"):
+                _call(model, inputs)
+
+
+def test_multi_query_attention_with_pooled_queries_is_refused_naming_the_pooling():
+    from timm.layers.attention2d import MultiQueryAttention2d
+
+    model, _ = _build("mobilenetv4-multi-query")
+    model.blocks[1][0].attn = MultiQueryAttention2d(16, num_heads=2, key_dim=8, query_strides=2, kv_stride=2)
+    with pytest.raises(QKHooksError, match=r"unsupported attention in 'blocks\.1\.0\.attn' \(MultiQueryAttention2d\): "
+                                           r"its queries are average-pooled"):
+        qkhooks.sites(model)
