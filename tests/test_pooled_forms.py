@@ -153,3 +153,94 @@ def test_multi_query_attention_with_pooled_queries_is_refused_naming_the_pooling
     with pytest.raises(QKHooksError, match=r"unsupported attention in 'blocks\.1\.0\.attn' \(MultiQueryAttention2d\): "
                                            r"its queries are average-pooled"):
         qkhooks.sites(model)
+
+
+# ------------------------------------------------------------------------------------- Hiera's pooled queries
+HIERA = [c for c in FAST_CASES if c.name in ("hiera_tiny_224", "HieraModel")]
+
+
+def _hiera(case: Case):
+    torch.manual_seed(0)
+    return perturb(case.build()), case.inputs()
+
+
+def _hiera_q_k(attn, x: torch.Tensor, heads: int, dk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (max-pooled over the query stride) and k per mask unit, written out from the Hiera paper's layout: the
+    tokens are unrolled so that token n sits at position n // nW of mask unit n % nW, and the query-stride groups
+    are the outermost blocks of each unit's positions."""
+    b, n, _ = x.shape
+    rows = heads * dk
+    stride = int(getattr(attn, "q_stride", getattr(attn, "query_stride", 1)))
+    units = n // (stride * attn.window_size) if attn.use_mask_unit_attn else 1
+    w, bias = attn.qkv.weight.double(), attn.qkv.bias.double()
+    q = (x @ w[:rows].T + bias[:rows]).reshape(b, n // units, units, heads, dk).permute(0, 3, 2, 1, 4)
+    k = (x @ w[rows: 2 * rows].T + bias[rows: 2 * rows]).reshape(b, n // units, units, heads, dk).permute(0, 3, 2, 1, 4)
+    if stride > 1:
+        q = q.reshape(b, heads, units, stride, -1, dk).max(dim=3).values
+    return q, k
+
+
+@pytest.mark.parametrize("case", HIERA, ids=lambda c: c.name)
+@torch.no_grad()
+def test_hiera_maps_are_softmax_of_max_pooled_queries_against_keys_per_mask_unit(case: Case):
+    model, inputs = _hiera(case)
+    sites = qkhooks.sites(model)
+    assert {s.query_stride for s in sites} == {1, 4} and {bool(s.mask_unit_size) for s in sites} == {True, False}
+    tokens = _inputs_of(model, inputs, {s.layer: s.module for s in sites})
+    full = _recorded(model, inputs).attention_maps("full")
+    for site in sites:
+        q, k = _hiera_q_k(site.module, tokens[site.layer].double(), site.num_heads, site.head_dim)
+        want = torch.softmax(q @ k.transpose(-1, -2) * site.scale, -1)  # (B, H, nW, N_q, N_k)
+        if case.kind == "timm" and not site.module.use_mask_unit_attn:  # timm's global attention: (B, H, N_q, N_k)
+            want = want[:, :, 0]
+        got = full[site.layer]
+        assert got.shape == want.shape, site.path
+        assert float((got.double() - want).abs().max()) < 1e-5, site.path
+
+
+@pytest.mark.parametrize("case", HIERA, ids=lambda c: c.name)
+@torch.no_grad()
+def test_hiera_q_k_path_modes_of_the_pooled_queries_rebuild_the_pooled_content_logits(case: Case):
+    """What the site claims: with the bias-free spectrum, query maps (q̂ - b_q)·a_n of the pooled q and key maps
+    (k - b_k)·c_n give Σ_n σ_n (q̂ - b_q)·a_n (k - b_k)·c_n = (q̂ - b_q)·(k - b_k) where W_q and W_k have full rank d_k.
+    (The modes of the unpooled tokens, x·u_n, rebuild the unpooled content term: test_zoo checks that.)"""
+    from qkhooks.models.pooled import pooled_qk
+    from qkhooks.projector import QKPathProjector
+
+    model, inputs = _hiera(case)
+    sites = qkhooks.sites(model)
+    tokens = _inputs_of(model, inputs, {s.layer: s.module for s in sites})
+    spec = qkhooks.spectrum(model)
+    checked = 0
+    for site in sites:
+        w = site.weights()
+        if site.query_stride == 1 or torch.linalg.matrix_rank(w.w_q.double()).min() < site.head_dim:
+            continue
+        assert site.content_only() and not site.modes_rebuild_logits()
+        q_hat, k = pooled_qk(site, tokens[site.layer])
+        q_hat, k = q_hat.double(), k.double()
+        if q_hat.dim() == 4:
+            q_hat, k = q_hat[:, :, None], k[:, :, None]
+        b_q, b_k = w.b_q.double()[None, :, None, None], w.b_k.double()[None, :, None, None]
+        want = (q_hat - b_q) @ (k - b_k).transpose(-1, -2)  # (B, H, nW, N_q, N_k), written out
+        path = QKPathProjector(spec[site.layer], w)
+        s = torch.as_tensor(spec[site.layer].S).double()
+        qm, km = path(q_hat.flatten(2, 3), k.flatten(2, 3))  # (B, H, K, nW·N), the offsets remove b_q and b_k
+        qm, km = qm.unflatten(-1, q_hat.shape[2:4]), km.unflatten(-1, k.shape[2:4])  # (B, H, K, nW, N)
+        got = torch.einsum("bhkwn,hk,bhkwm->bhwnm", qm, s, km)
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < 1e-5, f"{site.path}: {err:.1e}"
+        checked += 1
+    assert checked, "no pooled layer with full-rank W_q in the small model"
+
+
+@pytest.mark.parametrize("case", HIERA, ids=lambda c: c.name)
+def test_hiera_rows_and_grids_are_refused_the_tokens_are_unrolled_and_the_queries_pooled(case: Case):
+    from qkhooks.results import observe_geometry
+
+    model, inputs = _hiera(case)
+    with pytest.raises(QKHooksError, match=r"max-pooled inside the module .* record attention='full'"):
+        with qkhooks.record(model, modes=None, attention="rows"):
+            _call(model, inputs)
+    site = qkhooks.sites(model)[0]
+    assert observe_geometry(site, 256, 256).grid is None  # 16x16 tokens, but in the unrolled order: no grid claimed

@@ -240,6 +240,8 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("relative term")
     if any(s.key_tokens is not None for s in sites):
         parts.append("reduced keys")
+    if any(getattr(s, "query_stride", 1) > 1 for s in sites):  # Hiera: queries max-pooled after W_q
+        parts.append("pooled queries")
     return ", ".join(parts) or "plain"
 
 
@@ -501,6 +503,12 @@ FAST_CASES = [
     # NCHW maps (one shared key head, strided depthwise conv + BatchNorm on the key side), with and without kv stride
     _timm_case("nextvit_small", "exact", size=64, depths=(1, 1, 5, 1), stem_chs=(8, 8, 16)),
     Case("mobilenetv4-multi-query", lambda: _small_mobilenetv4_hybrid(), lambda: {"x": _images(32)}, "timm", "exact"),
+    # zoo-pooled: Hiera's mask-unit attention, queries max-pooled after W_q at each stage transition (mask units of 16,
+    # 4 and 1 pooled tokens, then global attention)
+    _timm_case("hiera_tiny_224", "exact", size=64, img_size=64, embed_dim=16, num_heads=1, stages=(1, 2, 1, 1),
+               mask_unit_size=(4, 4)),
+    _hf_case("HieraModel", "HieraModel", "HieraConfig", "exact", size=64, image_size=[64, 64], embed_dim=16,
+             depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 2], masked_unit_size=[8, 8]),
 ]
 
 

@@ -12,6 +12,7 @@ from qkhooks.models import detr as _detr  # noqa: F401  (registers the adapter)
 from qkhooks.models import mobilevit as _mobilevit  # noqa: F401  (timm MobileViT: attention over unfolded patches)
 from qkhooks.models import plain as _plain  # noqa: F401  (teaches the timm adapter MetaFormer, FastViT, Visformer)
 from qkhooks.models import relpos as _relpos  # noqa: F401  (teaches the adapters relative positions, SAM/ViTDet windows)
+from qkhooks.models import pooled as _pooled  # noqa: F401  (Hiera's pooled queries; MViTv2 / SAM2 refusals)
 
 sites = find_sites
 

@@ -47,8 +47,6 @@ _FOLDED_TOKENS = {
     "MobileViTSelfAttention": "MobileViT unfolds every image into patch-area sequences (batch x pixels-in-patch), "
     "so one 'image' of the attention is a pixel offset, not an image; qkhooks models that for timm's MobileViT "
     "(models/mobilevit.py), not for this class yet",
-    "HieraMaskUnitAttention": "Hiera splits the tokens into mask units (windows) inside the module and max-pools the "
-    "queries (query stride), so its maps are per mask unit and queries x keys; qkhooks does not model that layout",
 }
 _TEXT = re.compile(r"(^|\.)text_(model|encoder)(\.|$)")
 # Attention forms beyond plain q·k that their own modules teach this adapter (reduced_keys.py, windows.py):

@@ -41,7 +41,7 @@ MODELLED_FORMS: set[str] = set()
 # Attention classes qkhooks knows and does not model, by module and name (names like ``Attention`` repeat across
 # families) -> the precise reason, or ``module -> reason | None`` where it depends on the instance (None: this one
 # is fine). A model holding one is refused naming it, before any guess from names; the forms' files add theirs
-# (windows.py: DaViT, GCViT; relpos.py: pooled MViTv2 / Hiera), the table below holds the rest.
+# (windows.py: DaViT, GCViT; pooled.py: MViTv2, SAM2's Hiera-det), the table below holds the rest.
 UNMODELLED_FORMS: dict[str, str | Callable[[nn.Module], str | None]] = {}
 
 
@@ -70,14 +70,6 @@ UNMODELLED_FORMS.update({
     "a folded norm; not modelled yet",
     "timm.models.volo.OutlookAttention": "outlook attention: the weights of each local window come from a linear layer "
     "of the centre token, not from q·k; " + _NO_TOKEN_SOFTMAX,
-    "timm.models.hiera.MaskUnitAttention": "Hiera splits the tokens into mask units (windows) inside the module and "
-    "max-pools the queries (query stride), so its maps are per mask unit and queries x keys; not modelled yet",
-    "timm.models.hieradet_sam2.MultiScaleAttention": "queries max-pooled inside the module (query stride) within "
-    "windows, so its maps are pooled queries x keys per window; not modelled yet",
-    "timm.models.mvitv2.MultiScaleAttention": "pooled queries, keys and values (strided convs + norms inside the module) "
-    "plus a decomposed relative-position term q·R; not modelled yet",
-    "timm.models.mvitv2.MultiScaleAttentionPoolFirst": "pooled queries, keys and values plus a decomposed "
-    "relative-position term q·R; not modelled yet",
     "timm.layers.bottleneck_attn.BottleneckAttn": "a query-dependent relative-position term (q·R_h + q·R_w from "
     "PosEmbedRel) is added to q·k: a content-position term, not a bias; not modelled yet",
     "timm.layers.halo_attn.HaloAttn": "blocked (haloed) windows with a query-dependent relative-position term "
