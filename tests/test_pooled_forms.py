@@ -244,3 +244,17 @@ def test_hiera_rows_and_grids_are_refused_the_tokens_are_unrolled_and_the_querie
             _call(model, inputs)
     site = qkhooks.sites(model)[0]
     assert observe_geometry(site, 256, 256).grid is None  # 16x16 tokens, but in the unrolled order: no grid claimed
+
+
+def test_a_dataset_run_of_multi_query_layers_keeps_each_layers_own_key_grid(tmp_path):
+    """Layers of one stage with and without kv stride (784 and 3136 keys on a 56x56 grid) are stored one per layer, each
+    with its key grid from the conv's own arithmetic (stride 2, padding 1: 28x28)."""
+    import numpy as np
+
+    from qkhooks.store.reader import open_run
+
+    model, _ = _build("mobilenetv4-multi-query")
+    images = [((np.random.RandomState(i).rand(64, 64, 3) * 255).astype(np.uint8), 0) for i in range(2)]
+    qkhooks.record_dataset(model, images, tmp_path / "run.h5", modes=4, batch_size=2)
+    run = open_run(tmp_path / "run.h5")
+    assert [(run.geometry(l).grid, run.geometry(l).key_grid) for l in (0, 1)] == [((56, 56), (28, 28)), ((56, 56), (56, 56))]
