@@ -258,3 +258,76 @@ def test_a_dataset_run_of_multi_query_layers_keeps_each_layers_own_key_grid(tmp_
     qkhooks.record_dataset(model, images, tmp_path / "run.h5", modes=4, batch_size=2)
     run = open_run(tmp_path / "run.h5")
     assert [(run.geometry(l).grid, run.geometry(l).key_grid) for l in (0, 1)] == [((56, 56), (28, 28)), ((56, 56), (56, 56))]
+
+
+# -------------------------------------------------------------------------- MViTv2: conv + LayerNorm pooled q and k
+def _mvit():
+    case = next(c for c in FAST_CASES if c.name == "mvitv2-cls")
+    torch.manual_seed(0)
+    return perturb(case.build()), case.inputs()
+
+
+def _pooled_direct(t: torch.Tensor, conv, norm, feat: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, 1 + h·w, d_k) -> the class token kept apart, the grid pooled by the per-head conv (written as F.conv2d)
+    and the LayerNorm over d_k (F.layer_norm), as MViTv2's paper pools."""
+    b, heads, _, dk = t.shape
+    cls_tok, grid = t[:, :, :1], t[:, :, 1:].reshape(b * heads, *feat, dk).permute(0, 3, 1, 2)
+    if conv is not None:
+        grid = F.conv2d(grid, conv.weight.double(), None if conv.bias is None else conv.bias.double(), conv.stride,
+                        conv.padding, conv.dilation, conv.groups)
+    size = (grid.shape[2], grid.shape[3])
+    t = torch.cat([cls_tok, grid.flatten(2).transpose(1, 2).reshape(b, heads, -1, dk)], 2)
+    if norm is not None:
+        t = F.layer_norm(t, (dk,), norm.weight.double(), norm.bias.double(), norm.eps)
+    return t, size
+
+
+@torch.no_grad()
+def test_mvitv2_maps_are_pooled_q_k_plus_the_relative_term_on_the_pooled_grids_and_the_term_is_its_own():
+    """softmax(scale · q̂·k̂ + q̂_i·R_h[Δh] + q̂_i·R_w[Δw]) with q̂, k̂ pooled and normalised and the term indexed here
+    (distances scaled by the grids' ratio, as the MViTv2 paper defines them; the class token's row and column carry
+    no term); the content term alone misses the maps."""
+    model, inputs = _mvit()
+    sites = qkhooks.sites(model)
+    tokens = _inputs_of(model, inputs, {s.layer: s.module for s in sites})
+    feats: dict[int, tuple[int, int]] = {}
+    handles = [s.module.register_forward_pre_hook(lambda m, a, layer=s.layer: feats.__setitem__(layer, tuple(a[1])))
+               for s in sites]
+    _call(model, inputs)
+    for h in handles:
+        h.remove()
+    with qkhooks.record(model, modes=None, attention="full") as run:
+        _call(model, inputs)
+        terms = {s.layer: s.relative_term() for s in run.sites}
+    full = run.attention_maps("full")
+    assert any(s.module.pool_q is not None for s in sites) and sites[0].num_prefix_tokens == 1
+    for site in sites:
+        m, x = site.module, tokens[site.layer].double()
+        b, n, _ = x.shape
+        w, bias = m.qkv.weight.double(), m.qkv.bias.double()
+        rows = w.shape[0] // 3
+        q, k = ((x @ w[i * rows:(i + 1) * rows].T + bias[i * rows:(i + 1) * rows]).reshape(b, n, m.num_heads, -1)
+                .transpose(1, 2) for i in (0, 1))
+        q, (qh, qw) = _pooled_direct(q, m.pool_q, m.norm_q, feats[site.layer])
+        k, (kh, kw) = _pooled_direct(k, m.pool_k, m.norm_k, feats[site.layer])
+        ratio_h, ratio_w = (max(kh / qh, 1.0), max(qh / kh, 1.0)), (max(kw / qw, 1.0), max(qw / kw, 1.0))
+        dist_h = (torch.arange(qh)[:, None] * ratio_h[0] - torch.arange(kh)[None] * ratio_h[1] + (kh - 1) * ratio_h[1]).long()
+        dist_w = (torch.arange(qw)[:, None] * ratio_w[0] - torch.arange(kw)[None] * ratio_w[1] + (kw - 1) * ratio_w[1]).long()
+        r_q = q[:, :, 1:].reshape(b, m.num_heads, qh, qw, -1)
+        rel_h = torch.einsum("byhwc,hkc->byhwk", r_q, m.rel_pos_h.double()[dist_h])  # (B, H, qh, qw, kh)
+        rel_w = torch.einsum("byhwc,wkc->byhwk", r_q, m.rel_pos_w.double()[dist_w])  # (B, H, qh, qw, kw)
+        term = torch.zeros(b, m.num_heads, q.shape[2], k.shape[2], dtype=torch.float64)
+        term[:, :, 1:, 1:] = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, m.num_heads, qh * qw, kh * kw)
+        assert float((terms[site.layer].double() - term).abs().max()) < 1e-5, site.path
+        content = q @ k.transpose(-1, -2) * site.scale
+        want = torch.softmax(content + term, -1)
+        assert full[site.layer].shape == want.shape
+        assert float((full[site.layer].double() - want).abs().max()) < 1e-5, site.path
+        assert float((torch.softmax(content, -1) - want).abs().max()) > 1e-3, "the relative term must matter here"
+
+
+def test_mvitv2_rows_are_refused_the_queries_are_pooled():
+    model, inputs = _mvit()
+    with pytest.raises(QKHooksError, match=r"queries are pooled inside the module .* record attention='full'"):
+        with qkhooks.record(model, modes=None, attention="rows"):
+            _call(model, inputs)

@@ -240,7 +240,7 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("relative term")
     if any(s.key_tokens is not None for s in sites):
         parts.append("reduced keys")
-    if any(getattr(s, "query_stride", 1) > 1 for s in sites):  # Hiera: queries max-pooled after W_q
+    if any(getattr(s, "pools_queries", False) for s in sites):  # Hiera, MViTv2: queries pooled after W_q
         parts.append("pooled queries")
     return ", ".join(parts) or "plain"
 
@@ -358,6 +358,14 @@ def _small_mobilenetv4_hybrid() -> nn.Module:
 
     arch = [["cn_r1_k3_s2_e1_c16"], ["mqa_r1_k3_h2_s1_v2_d8_c16", "mqa_r1_k3_h2_s1_d8_c16", "cn_r1_k1_s1_c16"]]
     return MobileNetV3(block_args=decode_arch_def(arch), stem_size=8, num_features=32, num_classes=10)
+
+
+def _small_mvitv2() -> nn.Module:
+    """MViTv2 small, with a class token (its entry points fix the config and leave the class token out)."""
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    cfg = MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=16, num_heads=1, use_cls_token=True)
+    return MultiScaleVit(cfg=cfg, img_size=64, num_classes=10)
 
 
 def _small_caformer() -> nn.Module:
@@ -509,6 +517,9 @@ FAST_CASES = [
                mask_unit_size=(4, 4)),
     _hf_case("HieraModel", "HieraModel", "HieraConfig", "exact", size=64, image_size=[64, 64], embed_dim=16,
              depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 2], masked_unit_size=[8, 8]),
+    # zoo-pooled: MViTv2, q and k pooled by strided convs + LayerNorm after W_q / W_k, class token kept apart, the
+    # decomposed relative term on the pooled grids
+    Case("mvitv2-cls", lambda: _small_mvitv2(), lambda: {"x": _images(64)}, "timm", "exact"),
 ]
 
 

@@ -23,17 +23,18 @@ W_q x + b_q, so:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
+from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite, register_adapter
 from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS, refuse_uncovered
 
-__all__ = ["PooledQuerySite", "pooled_qk"]
+__all__ = ["PooledQuerySite", "PooledMViTSite", "pooled_qk"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -49,6 +50,7 @@ class PooledQuerySite(AttentionSite):
     query_stride: int = 1
     mask_unit_size: int = 0
     unit_axis: bool = False
+    pools_queries: ClassVar[bool] = True  # the README table's form: "pooled queries"
 
     def units(self, tokens: int) -> int:
         """Mask units in a call with ``tokens`` tokens (1: global attention), as the module counts them."""
@@ -160,10 +162,6 @@ register_adapter("timm-hiera", _is_timm_hiera, _timm_hiera_sites,
 # ------------------------------------------------------------------------------ pooled forms not modelled yet
 _POOLED = "so its maps are pooled queries x keys and its queries are not W_q applied to the tokens"
 UNMODELLED_FORMS.update({
-    "timm.models.mvitv2.MultiScaleAttention": "MViTv2 pools q and k after W_q / W_k with strided depthwise convs "
-    "(pool_q / pool_k, a mix of neighbouring tokens' q) followed by LayerNorms (norm_q / norm_k, a per-token scale), the "
-    "class token kept apart, and adds a decomposed relative-position term q·R on the pooled grids (rel_pos_h / "
-    "rel_pos_w), " + _POOLED + "; qkhooks models max-pooled queries (Hiera), not this conv + norm pooling yet",
     "timm.models.mvitv2.MultiScaleAttentionPoolFirst": "MViTv2 (pool first) pools the tokens with pool_q / pool_k and "
     "norms before W_q / W_k and adds a decomposed relative-position term q·R on the pooled grids, " + _POOLED
     + "; qkhooks does not model this pooling yet",
@@ -175,3 +173,125 @@ UNMODELLED_FORMS.update({
     "after W_q at stage transitions, inside blocks that cut the grid into windows, " + _POOLED + " per window; qkhooks "
     "models max-pooled queries (Hiera's mask units) and SAM's windows, not their combination yet",
 })
+
+
+# ------------------------------------------------------------------------------------- MViTv2: conv + norm pooling
+@dataclasses.dataclass(eq=False)
+class PooledMViTSite(AttentionSite):
+    """timm MViTv2 ``MultiScaleAttention``: q and k pooled after W_q / W_k by the module's own ``pool_q`` / ``pool_k``
+    (strided convs per head, or max / avg pools) on the call's grid (``feat_size``), the class token kept apart, then
+    ``norm_q`` / ``norm_k``; the decomposed relative term q̂·R_h + q̂·R_w on the pooled grids (``rel_pos_type ==
+    'spatial'``) is the layer's :meth:`relative_term`, added by :meth:`add_logit_bias`, never folded into the modes.
+    Maps (B, H, N_q, N_k) are the model's; the modes are those of W_q^T W_k over the unpooled tokens (content only)."""
+
+    pools_queries: ClassVar[bool] = True
+    _call_feat: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
+    _call_tokens: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    _sizes: tuple[list[int], list[int]] | None = dataclasses.field(default=None, repr=False)
+    _term: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+
+    def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
+        x = super().hidden_states(args, kwargs, block)
+        if not block:
+            feat = args[1] if len(args) > 1 else kwargs.get("feat_size")
+            if not isinstance(feat, (list, tuple)) or len(feat) != 2:
+                raise QKHooksError(f"{self.path}: the call does not give the token grid (feat_size) its pooling needs.")
+            self._call_feat, self._call_tokens, self._term = (int(feat[0]), int(feat[1])), x, None
+        return x
+
+    def model_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's own steps on q and k (B, H, N, d_k), in its forward's order."""
+        from timm.models.mvitv2 import reshape_post_pool, reshape_pre_pool
+
+        if self._call_feat is None:
+            raise QKHooksError(f"{self.path}: its q and k are pooled on the call's grid; rebuild maps of this layer "
+                               "inside a recording of a model call.")
+        m, feat = self.module, list(self._call_feat)
+        sizes = []
+        pooled = []
+        for t, pool, norm in ((q, m.pool_q, m.norm_q), (k, m.pool_k, m.norm_k)):
+            size = feat
+            if pool is not None:
+                t, tok = reshape_pre_pool(t, feat, m.has_cls_token)
+                t, size = reshape_post_pool(pool(t), m.num_heads, tok)
+            pooled.append(t if norm is None else norm(t))
+            sizes.append(size)
+        self._sizes = (sizes[0], sizes[1])
+        return pooled[0], pooled[1]
+
+    def relative_term(self) -> torch.Tensor | None:
+        """q̂_i·R_h[h_i − h_j] + q̂_i·R_w[w_i − w_j] (B, H, N_q, N_k) of the call, with the pooled, normalised q and the
+        module's own ``cal_rel_pos_type`` and tables (zero on the class token's row and column); None without it."""
+        m = self.module
+        if m.rel_pos_type != "spatial":
+            return None
+        if self._term is None:
+            from timm.models.mvitv2 import cal_rel_pos_type
+
+            if self._call_tokens is None:
+                raise QKHooksError(f"{self.path}: its relative term is computed from the attention call's queries; "
+                                   "rebuild maps of this layer inside a recording of a model call.")
+            with torch.no_grad():
+                q, k = self.model_qk(*self.qk(self._call_tokens))
+                zeros = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+                self._term = cal_rel_pos_type(zeros, q, m.has_cls_token, self._sizes[0], self._sizes[1], m.rel_pos_h,
+                                              m.rel_pos_w).detach()
+        return self._term
+
+    def add_logit_bias(self, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        if query_tokens is not None:
+            raise QKHooksError(f"{self.path}: rows of pooled queries are not modelled; record attention='full'.")
+        term = self.relative_term()
+        return logits if term is None else logits + term.to(logits.device, logits.dtype)
+
+    def check_attention_kind(self, kind: str) -> None:
+        if kind != "full":
+            raise QKHooksError(f"layer {self.layer} ({self.path}): its queries are pooled inside the module (a query "
+                               f"is not one token), so '{kind}' attention has no exact meaning there; record "
+                               "attention='full' (the model's own (B, H, N_q, N_k) maps).")
+
+    def modes_rebuild_logits(self) -> bool:
+        return False
+
+    def keys_shape_logits(self) -> bool:
+        return True
+
+    def content_only(self) -> str:
+        reasons = [super().content_only(), "q and k are pooled and normalised after W_q / W_k (the form is that of the "
+                   "unpooled tokens)"]
+        if self.module.rel_pos_type == "spatial":
+            reasons.append("a query-dependent relative-position term q·R_h + q·R_w is added (its own term, "
+                           "rec.relative_term(l))")
+        return "; ".join(r for r in reasons if r)
+
+    def forget_call(self) -> None:
+        super().forget_call()
+        self._call_feat, self._call_tokens, self._sizes, self._term = None, None, None, None
+
+
+def _mvit_attention() -> type:
+    from timm.models.mvitv2 import MultiScaleAttention
+
+    return MultiScaleAttention
+
+
+def _mvit_reader(attn: nn.Module):
+    qkv, rows = attn.qkv, 2 * (attn.qkv.out_features // 3)
+
+    def qk_linear() -> tuple[torch.Tensor, torch.Tensor | None]:
+        return qkv.weight[:rows], None if qkv.bias is None else qkv.bias[:rows]
+
+    return qk_linear, (qkv,)
+
+
+def _mvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    if attn.rel_pos_type not in ("spatial", "") and attn.rel_pos_type is not None:
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): relative positions of type "
+                           f"{attn.rel_pos_type!r}, which qkhooks does not model.")
+    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite) if f.init}
+    base.update(family="timm-mvitv2", grid=None, patch_size=None, num_prefix_tokens=int(bool(attn.has_cls_token)))
+    return PooledMViTSite(**base)
+
+
+timm_adapter.EXTRA_FORMS["MViTv2MultiScaleAttention"] = timm_adapter.ExtraForm(_mvit_attention, _mvit_reader, _mvit_site)
+MODELLED_FORMS.add("timm.models.mvitv2.MultiScaleAttention")
