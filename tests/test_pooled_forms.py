@@ -6,6 +6,8 @@ against the model's own eager attention."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,17 +25,23 @@ def _build(name: str):
     return perturb(case.build()), case.inputs()
 
 
-def _inputs_of(model, inputs, modules: dict[int, torch.nn.Module]) -> dict[int, torch.Tensor]:
-    """The tensor each module was called with (as the module received it)."""
-    seen: dict[int, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, a, layer=layer: seen.__setitem__(layer, a[0].detach()))
-               for layer, m in modules.items()]
+@contextlib.contextmanager
+def _calls(modules: dict[int, torch.nn.Module]):
+    """The positional arguments of each module's call made inside the block, by layer."""
+    args: dict[int, tuple] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, a, layer=layer: args.__setitem__(layer, a)) for layer, m in modules.items()]
     try:
-        _call(model, inputs)
+        yield args
     finally:
         for h in handles:
             h.remove()
-    return seen
+
+
+def _inputs_of(model, inputs, modules: dict[int, torch.nn.Module]) -> dict[int, torch.Tensor]:
+    """The tensor each module was called with (as the module received it)."""
+    with _calls(modules) as args:
+        _call(model, inputs)
+    return {layer: a[0].detach() for layer, a in args.items()}
 
 
 def _batch_norm(x: torch.Tensor, bn: torch.nn.Module, channel_axis: int) -> torch.Tensor:
@@ -289,13 +297,10 @@ def test_mvitv2_maps_are_pooled_q_k_plus_the_relative_term_on_the_pooled_grids_a
     no term); the content term alone misses the maps."""
     model, inputs = _mvit()
     sites = qkhooks.sites(model)
-    tokens = _inputs_of(model, inputs, {s.layer: s.module for s in sites})
-    feats: dict[int, tuple[int, int]] = {}
-    handles = [s.module.register_forward_pre_hook(lambda m, a, layer=s.layer: feats.__setitem__(layer, tuple(a[1])))
-               for s in sites]
-    _call(model, inputs)
-    for h in handles:
-        h.remove()
+    with _calls({s.layer: s.module for s in sites}) as args:
+        _call(model, inputs)
+    tokens = {layer: a[0].detach() for layer, a in args.items()}
+    feats = {layer: tuple(a[1]) for layer, a in args.items()}  # the grid each call was handed
     with qkhooks.record(model, modes=None, attention="full") as run:
         _call(model, inputs)
         terms = {s.layer: s.relative_term() for s in run.sites}
