@@ -67,7 +67,7 @@ def test_nextvit_maps_are_softmax_of_queries_against_pooled_batch_normalised_key
     assert reduced, "the small NextViT must have a layer with reduced keys"
     tokens = _inputs_of(model, inputs, {s.layer: s.module for s in sites})
     run = _recorded(model, inputs)
-    full = run.attention_maps("full")
+    full = {s.layer: run.attention(s.layer, "full") for s in sites}
     for site in sites:
         attn, x = site.module, tokens[site.layer].double()
         b, n, c = x.shape
@@ -110,7 +110,8 @@ def test_multi_query_maps_use_the_one_shared_key_head_from_the_strided_depthwise
     sites = qkhooks.sites(model)
     assert {s.module.kv_stride for s in sites} == {1, 2}
     images = _inputs_of(model, inputs, {s.layer: s.module for s in sites})
-    full = _recorded(model, inputs).attention_maps("full")
+    run = _recorded(model, inputs)
+    full = {s.layer: run.attention(s.layer, "full") for s in sites}
     for site in sites:
         attn, x = site.module, images[site.layer].double()
         key_in = x
@@ -195,7 +196,8 @@ def test_hiera_maps_are_softmax_of_max_pooled_queries_against_keys_per_mask_unit
     sites = qkhooks.sites(model)
     assert {s.query_stride for s in sites} == {1, 4} and {bool(s.mask_unit_size) for s in sites} == {True, False}
     tokens = _inputs_of(model, inputs, {s.layer: s.module for s in sites})
-    full = _recorded(model, inputs).attention_maps("full")
+    run = _recorded(model, inputs)
+    full = {s.layer: run.attention(s.layer, "full") for s in sites}
     for site in sites:
         q, k = _hiera_q_k(site.module, tokens[site.layer].double(), site.num_heads, site.head_dim)
         want = torch.softmax(q @ k.transpose(-1, -2) * site.scale, -1)  # (B, H, nW, N_q, N_k)
@@ -304,7 +306,7 @@ def test_mvitv2_maps_are_pooled_q_k_plus_the_relative_term_on_the_pooled_grids_a
     with qkhooks.record(model, modes=None, attention="full") as run:
         _call(model, inputs)
         terms = {s.layer: s.relative_term() for s in run.sites}
-    full = run.attention_maps("full")
+    full = {s.layer: run.attention(s.layer, "full") for s in sites}
     assert any(s.module.pool_q is not None for s in sites) and sites[0].num_prefix_tokens == 1
     for site in sites:
         m, x = site.module, tokens[site.layer].double()
