@@ -66,7 +66,8 @@ def observe_geometry(site: Any, query_tokens: int, key_tokens: int,
             grid = None
     key_grid, key_prefix = grid, prefix
     if site.key_tokens is not None and key_tokens != query_tokens:
-        key_prefix, key_grid = 0, _reduced_grid(grid, key_tokens)
+        own_rule = getattr(site, "reduced_key_grid", None)  # sites whose keys are not a plain grid / ratio say theirs
+        key_prefix, key_grid = 0, own_rule(grid, key_tokens) if own_rule else _reduced_grid(grid, key_tokens)
     window = None
     if hasattr(site, "window_index"):  # a windowed site (qkhooks.models.windows.WindowSite), in the call just made
         size, shift = site.geometry()

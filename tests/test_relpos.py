@@ -202,10 +202,10 @@ def test_rows_of_a_global_sam_layer_are_its_full_maps_rows():
     assert torch.allclose(rows, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["mvitv2_tiny", "hiera_tiny_224", "sam2_hiera_tiny"])
+@pytest.mark.parametrize("name", ["sam2_hiera_tiny"])  # Hiera, MViTv2: exact since zoo-pooled (test_pooled_forms)
 def test_pooled_query_key_forms_are_refused_naming_the_module_and_the_pooling(name):
-    """MViTv2, Hiera and SAM2's Hiera-det pool their queries (and keys): refused before any forward (built on the
-    meta device), naming the first attention module and what it pools."""
+    """SAM2's Hiera-det pools its queries inside windows: refused before any forward (built on the meta device),
+    naming the first attention module and what it pools."""
     import timm
 
     with torch.device("meta"):

@@ -259,6 +259,8 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("reduced keys")
     if any(hasattr(s, "key_window_index") for s in sites):  # HaloNet: each query block against its haloed window
         parts.append("haloed keys")
+    if any(getattr(s, "pools_queries", False) for s in sites):  # Hiera, MViTv2: queries pooled after W_q
+        parts.append("pooled queries")
     return ", ".join(parts) or "plain"
 
 
@@ -371,6 +373,24 @@ def _siglip2_padded() -> dict[str, Any]:
 
 DETR_SMALL = dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
                   encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5)
+
+
+def _small_mobilenetv4_hybrid() -> nn.Module:
+    """MobileNetV4-hybrid's layout small: a conv stem, then multi-query attention with and without kv stride (the
+    timm entry points fix their block lists); a conv block ends the stage, as timm's feature info needs."""
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.mobilenetv3 import MobileNetV3
+
+    arch = [["cn_r1_k3_s2_e1_c16"], ["mqa_r1_k3_h2_s1_v2_d8_c16", "mqa_r1_k3_h2_s1_d8_c16", "cn_r1_k1_s1_c16"]]
+    return MobileNetV3(block_args=decode_arch_def(arch), stem_size=8, num_features=32, num_classes=10)
+
+
+def _small_mvitv2() -> nn.Module:
+    """MViTv2 small, with a class token (its entry points fix the config and leave the class token out)."""
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    cfg = MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=16, num_heads=1, use_cls_token=True)
+    return MultiScaleVit(cfg=cfg, img_size=64, num_classes=10)
 
 
 def _small_caformer() -> nn.Module:
@@ -549,6 +569,19 @@ FAST_CASES = [
     _hf_case("VitDetModel-relpos-windows", "VitDetModel", "VitDetConfig", "exact", size=48, hidden_size=32,
              num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=48, pretrain_image_size=48, patch_size=8,
              use_relative_position_embeddings=True, window_size=4, window_block_indices=[0, 2]),
+    # zoo-pooled: keys from other tokens: NextViT (AvgPool1d + BatchNorm1d), MobileNetV4's multi-query attention on
+    # NCHW maps (one shared key head, strided depthwise conv + BatchNorm on the key side), with and without kv stride
+    _timm_case("nextvit_small", "exact", size=64, depths=(1, 1, 5, 1), stem_chs=(8, 8, 16)),
+    Case("mobilenetv4-multi-query", lambda: _small_mobilenetv4_hybrid(), lambda: {"x": _images(32)}, "timm", "exact"),
+    # zoo-pooled: Hiera's mask-unit attention, queries max-pooled after W_q at each stage transition (mask units of 16,
+    # 4 and 1 pooled tokens, then global attention)
+    _timm_case("hiera_tiny_224", "exact", size=64, img_size=64, embed_dim=16, num_heads=1, stages=(1, 2, 1, 1),
+               mask_unit_size=(4, 4)),
+    _hf_case("HieraModel", "HieraModel", "HieraConfig", "exact", size=64, image_size=[64, 64], embed_dim=16,
+             depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 2], masked_unit_size=[8, 8]),
+    # zoo-pooled: MViTv2, q and k pooled by strided convs + LayerNorm after W_q / W_k, class token kept apart, the
+    # decomposed relative term on the pooled grids
+    Case("mvitv2-cls", lambda: _small_mvitv2(), lambda: {"x": _images(64)}, "timm", "exact"),
 ]
 
 

@@ -24,6 +24,7 @@ import torch
 from qkhooks.analysis.anisotropy import AnisotropyReducer
 from qkhooks.analysis.preference import PreferenceReducer, odd_one_out_meta
 from qkhooks.analysis.topk import TopKModes
+from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Recipe, Reducer, register_recipe
 
 __all__ = ["Recipe", "DEFAULT", "default_reducers", "dataset_meta", "object_grids", "objects_array"]
@@ -46,7 +47,10 @@ def dataset_meta(batch: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str,
     model's ``num_prefix_tokens`` and the ``grid`` of this input size."""
     from qkhooks.data.masks import majority_labels
 
-    grid, prefix = meta["grid"], meta["num_prefix_tokens"]
+    grid, prefix = meta.get("grid"), meta["num_prefix_tokens"]
+    if grid is None and any(name in batch for name in ("target", "distractor", "objects")):  # Hiera's unrolled tokens
+        raise QKHooksError("the first recorded layer's tokens are not on an image grid, so the dataset's masks "
+                           "(target, distractor, objects) cannot be read onto them; record the dataset without masks.")
     out: dict[str, Any] = {}
     arrays: dict[str, torch.Tensor] = {}
     if "target" in batch and "distractor" in batch:

@@ -227,7 +227,7 @@ class TopKModes(Reducer):
         under ``L{layer}.score`` etc. (``per_layer`` = 1); :func:`layer_state` reads either. ``layer_prefix``: the
         prefix tokens each layer's scores left out."""
         layers = sorted(self.layers)
-        shapes = {(tuple(self.layers[l]["query"].shape), tuple(self.layers[l]["key"].shape)) for l in layers}
+        shapes = {(tuple(self.layers[l]["query"].shape), tuple(self.layers[l]["key"].shape)) for l in layers}  # keys: reduced or not
         out: dict[str, Any] = {
             "layers": np.asarray(layers, dtype=np.int64),
             "k": self.k,

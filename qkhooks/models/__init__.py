@@ -15,6 +15,7 @@ from qkhooks.models import plain as _plain  # noqa: F401  (teaches the timm adap
 from qkhooks.models import relpos as _relpos  # noqa: F401  (teaches the adapters relative positions, SAM/ViTDet windows)
 from qkhooks.models import halo as _halo  # noqa: F401  (teaches the timm adapter BoTNet's PosEmbedRel term)
 from qkhooks.models import blocks as _blocks  # noqa: F401  (teaches the timm adapter NesT and TNT blocks)
+from qkhooks.models import pooled as _pooled  # noqa: F401  (Hiera's pooled queries; MViTv2 / SAM2 refusals)
 
 sites = find_sites
 

@@ -44,8 +44,6 @@ _ROPE_FUNCTIONS: dict[str, tuple[str, Callable]] = {
 }
 # Attention classes whose token layout qkhooks does not model although their logits are plain.
 _FOLDED_TOKENS = {
-    "HieraMaskUnitAttention": "Hiera splits the tokens into mask units (windows) inside the module and max-pools the "
-    "queries (query stride), so its maps are per mask unit and queries x keys; qkhooks does not model that layout",
 }
 _TEXT = re.compile(r"(^|\.)text_(model|encoder)(\.|$)")
 # Attention forms beyond plain q·k that their own modules teach this adapter (reduced_keys.py, windows.py):

@@ -23,7 +23,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite
-from qkhooks.models.unsupported import MODELLED_FORMS
+from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
 
 __all__ = ["REDUCED_KEY_CLASSES"]
 
@@ -181,3 +181,156 @@ def _twins_global() -> type:
 timm_adapter.EXTRA_FORMS["PvtV2Attention"] = timm_adapter.ExtraForm(_pvt_v2_attention, _q_kv_reader, _timm_site("timm-pvt-v2"))
 timm_adapter.EXTRA_FORMS["GlobalSubSampleAttn"] = timm_adapter.ExtraForm(_twins_global, _q_kv_reader, _timm_site("timm-twins"))
 MODELLED_FORMS.update({"timm.models.pvt_v2.Attention", "timm.models.twins.GlobalSubSampleAttn"})
+
+
+# ------------------------------------------------------------------ keys from pooled / strided-conv tokens (timm)
+@dataclasses.dataclass(eq=False)
+class ReducedKeySite(AttentionSite):
+    """A site whose keys come from reduced tokens laid out in a way the generic rule (query grid / one integer
+    ratio, :func:`qkhooks.results.observe_geometry`) would misread.
+
+    Attributes:
+        key_grid_rule: ``query grid -> key grid`` (None where the keys form no grid): NextViT pools runs of r²
+            consecutive tokens of the row-major sequence (a (h, w / r²) grid, not (h / r, w / r)); a strided conv
+            with padding keeps ceil-like sizes.
+    """
+
+    key_grid_rule: Callable[[tuple[int, int]], tuple[int, int] | None] | None = None
+
+    def reduced_key_grid(self, grid: tuple[int, int] | None, key_tokens: int) -> tuple[int, int] | None:
+        """The key grid of a call whose query grid is ``grid`` and which had ``key_tokens`` keys (None: no grid)."""
+        if grid is None or self.key_grid_rule is None:
+            return None
+        found = self.key_grid_rule(grid)
+        return found if found is not None and found[0] * found[1] == key_tokens else None
+
+
+def _with_key_grid(site: AttentionSite, rule: Callable[[tuple[int, int]], tuple[int, int] | None], **changes: Any
+                   ) -> ReducedKeySite:
+    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite) if f.init}
+    return ReducedKeySite(**dict(base, **changes), key_grid_rule=rule)
+
+
+def _separate_q_k_reader(q: nn.Module, k: nn.Module, repeat_k: int = 1):
+    """W_q, W_k from two projections (Linear, or 1x1 conv read as one); W_k's rows repeated ``repeat_k`` times
+    where one key head serves every query head (multi-query: the content form of query head h is W_q,h^T W_k)."""
+
+    def qk_linear() -> tuple[torch.Tensor, torch.Tensor | None]:
+        w_k = k.weight.flatten(1).repeat(repeat_k, 1)
+        w = torch.cat([q.weight.flatten(1), w_k])
+        if q.bias is None and k.bias is None:
+            return w, None
+        b_q = q.weight.new_zeros(q.weight.shape[0]) if q.bias is None else q.bias
+        b_k = k.weight.new_zeros(k.weight.shape[0]) if k.bias is None else k.bias
+        return w, torch.cat([b_q, b_k.repeat(repeat_k)])
+
+    return qk_linear, ()  # modes from the tokens: k's input is the reduced tokens, not the hooked ones
+
+
+# NextViT ``EfficientAttention``: k from AvgPool1d over runs of sr² tokens of the row-major sequence, then BatchNorm1d
+def _nextvit_reader(attn: nn.Module):
+    return _separate_q_k_reader(attn.q, attn.k)
+
+
+def _nextvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    """Keys: the model's own ``sr`` (AvgPool1d, kernel = stride = sr²) then ``norm`` (BatchNorm1d, an affine map per
+    channel in eval) on the (B, C, N) sequence. In training mode the norm uses the batch's statistics, refused."""
+    if attn.sr is None:
+        return dataclasses.replace(site, family="timm-nextvit")
+    ref, path = weakref.ref(attn), site.path
+    run = int(attn.N_ratio)
+
+    def reduce(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        m = ref()
+        if m.norm.training:
+            raise QKHooksError(f"unsupported attention in {path!r} (EfficientAttention): its key BatchNorm is in training "
+                               "mode (batch statistics, which the keys of one image then depend on); call model.eval().")
+        return m.norm(m.sr(x.transpose(1, 2))).transpose(1, 2)
+
+    def key_grid(grid: tuple[int, int]) -> tuple[int, int] | None:
+        h, w = grid  # runs of `run` tokens along each row stay a grid only when they do not cross rows
+        return (h, w // run) if w % run == 0 else None
+
+    return _with_key_grid(site, key_grid, key_tokens=reduce, family="timm-nextvit")
+
+
+def _nextvit_attention() -> type:
+    from timm.models.nextvit import EfficientAttention
+
+    return EfficientAttention
+
+
+# timm ``MultiQueryAttention2d`` (MobileNetV4 hybrid / MobileNetV5): NCHW maps, one key head shared by every query
+# head, keys from a strided depthwise conv and a norm (``key.down_conv``, ``key.norm``) where kv_stride > 1
+_MQA_KEY_STEPS = ("down_conv", "norm")
+
+
+def multi_query_unmodelled(attn: nn.Module) -> str | None:
+    """Why one ``MultiQueryAttention2d`` is not modelled (None: it is): pooled queries, or a key path with steps
+    besides the strided depthwise conv, the norm and a 1x1 projection."""
+    if getattr(attn, "has_query_strides", False):
+        return (f"its queries are average-pooled with stride {tuple(attn.query_strides)} and normalised before W_q, and "
+                "its output upsampled back, so the maps are pooled queries x keys; qkhooks does not model pooled "
+                "queries in this module yet")
+    steps = [name for name, _ in attn.key.named_children()]
+    proj = getattr(attn.key, "proj", None)
+    if steps[:-1] != [s for s in _MQA_KEY_STEPS if s in steps[:-1]] or steps[-1:] != ["proj"] or not (
+            isinstance(proj, nn.Conv2d) and proj.kernel_size == (1, 1) and proj.stride == (1, 1)
+            and tuple(proj.padding) == (0, 0)) or not isinstance(attn.query.proj, nn.Conv2d) or attn.query.proj.kernel_size != (1, 1):
+        return (f"its key path ({', '.join(steps)}) is not the strided depthwise conv, norm and 1x1 projection qkhooks "
+                "models")
+    if getattr(attn, "einsum", False):
+        return "its einsum layout gives (B, N, H, M) maps, not the (B, H, N, M) layout qkhooks models"
+    return None
+
+
+def _mqa_reader(attn: nn.Module):
+    return _separate_q_k_reader(attn.query.proj, attn.key.proj, int(attn.num_heads))
+
+
+def _conv_out(size: int, conv: nn.Conv2d, axis: int) -> int:
+    k, s, p, d = conv.kernel_size[axis], conv.stride[axis], conv.padding[axis], conv.dilation[axis]
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _mqa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    """Queries: the NCHW map read row by row; keys: ``key.down_conv`` then ``key.norm`` (the model's own modules) on
+    that map, where it has them. A module :func:`multi_query_unmodelled` refuses never gets here (the refusal table
+    is checked before any adapter)."""
+    site = dataclasses.replace(site, token_layout="channels_first", family="timm-mqa2d", grid=None, patch_size=None)
+    steps = [getattr(attn.key, s) for s in _MQA_KEY_STEPS if hasattr(attn.key, s)]
+    if not steps:
+        return site
+    refs, path = [weakref.ref(m) for m in steps], site.path
+    conv = getattr(attn.key, "down_conv", None)
+
+    def reduce(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        image = args[0] if args else kwargs["x"]
+        for ref in refs:
+            step = ref()
+            if step.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in step.modules()):
+                raise QKHooksError(f"unsupported attention in {path!r} (MultiQueryAttention2d): its key BatchNorm is in "
+                                   "training mode (batch statistics); call model.eval().")
+            image = step(image)
+        return _as_tokens(image)
+
+    def key_grid(grid: tuple[int, int]) -> tuple[int, int] | None:
+        if conv is None:
+            return grid
+        if not isinstance(conv, nn.Conv2d) or not all(isinstance(p, int) for p in conv.padding):
+            return None
+        return _conv_out(grid[0], conv, 0), _conv_out(grid[1], conv, 1)
+
+    return _with_key_grid(site, key_grid, key_tokens=reduce)
+
+
+def _mqa_attention() -> type:
+    from timm.layers.attention2d import MultiQueryAttention2d
+
+    return MultiQueryAttention2d
+
+
+timm_adapter.EXTRA_FORMS["NextViTEfficientAttention"] = timm_adapter.ExtraForm(_nextvit_attention, _nextvit_reader, _nextvit_site)
+timm_adapter.EXTRA_FORMS["MultiQueryAttention2d"] = timm_adapter.ExtraForm(_mqa_attention, _mqa_reader, _mqa_site)
+MODELLED_FORMS.update({"timm.models.nextvit.EfficientAttention", "timm.layers.attention2d.MultiQueryAttention2d"})
+UNMODELLED_FORMS["timm.layers.attention2d.MultiQueryAttention2d"] = multi_query_unmodelled

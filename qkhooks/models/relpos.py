@@ -39,7 +39,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite
-from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
+from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import WindowSite
 
 __all__ = ["RelativeSite", "WindowedRelativeSite"]
@@ -265,21 +265,7 @@ MODELLED_FORMS.update({"timm.models.beit.Attention", "timm.models.beit.RelativeP
                        "timm.models.vision_transformer_relpos.VisionTransformerRelPos",  # the model itself, by name only
                        "timm.layers.pos_embed_rel.RelPosBias", "timm.layers.pos_embed_rel.RelPosMlp"})
 
-_POOLED = ("so its maps are pooled queries x keys and its queries are not W_q applied to the tokens; qkhooks does not "
-           "model the pooling yet")
-UNMODELLED_FORMS.update({
-    "timm.models.mvitv2.MultiScaleAttention": "MViTv2 pools queries and keys after W_q / W_k (pool_q / pool_k "
-    "convolutions followed by norm_q / norm_k, query stride at stage transitions) and adds a decomposed relative-position "
-    "term on the pooled grids (rel_pos_h / rel_pos_w), " + _POOLED,
-    "timm.models.mvitv2.MultiScaleAttentionPoolFirst": "MViTv2 (pool first) pools the tokens before W_q / W_k with "
-    "pool_q / pool_k and norms, and adds a decomposed relative-position term on the pooled grids, " + _POOLED,
-    "timm.models.hiera.MaskUnitAttention": "Hiera splits the tokens into mask units inside the module (windows along "
-    "its own axis) and max-pools the queries over the query stride at stage transitions, " + _POOLED,
-    "timm.models.hieradet_sam2.MultiScaleAttention": "SAM2's Hiera-det max-pools q (q_pool, query stride) at stage "
-    "transitions after W_q, inside windowed blocks, " + _POOLED,
-    "transformers.models.sam2.modeling_sam2.Sam2MultiScaleAttention": "SAM2's Hiera-det max-pools q (query_stride) at "
-    "stage transitions after W_q, inside windowed blocks, " + _POOLED,
-})
+# pooled queries and keys (MViTv2, Hiera, SAM2's Hiera-det): models/pooled.py
 
 
 # ------------------------------------------------------------------------------------------- transformers

@@ -41,7 +41,7 @@ MODELLED_FORMS: set[str] = set()
 # Attention classes qkhooks knows and does not model, by module and name (names like ``Attention`` repeat across
 # families) -> the precise reason, or ``module -> reason | None`` where it depends on the instance (None: this one
 # is fine). A model holding one is refused naming it, before any guess from names; the forms' files add theirs
-# (windows.py: DaViT, GCViT; relpos.py: pooled MViTv2 / Hiera), the table below holds the rest.
+# (windows.py: DaViT, GCViT; pooled.py: MViTv2, SAM2's Hiera-det), the table below holds the rest.
 UNMODELLED_FORMS: dict[str, str | Callable[[nn.Module], str | None]] = {}
 
 
@@ -60,26 +60,14 @@ UNMODELLED_FORMS.update({
     "q (k^T v), plus a convolutional position term; " + _NO_TOKEN_SOFTMAX,
     "timm.layers.diff_attention.DiffAttention": "differential attention: the map is the difference of two softmax(q·k) "
     "maps (weighted by a learned λ), not one softmax, so neither q·k form alone gives the model's maps",
-    "timm.layers.attention2d.MultiQueryAttention2d": "multi-query attention on NCHW maps: one key/value head shared by "
-    "every query head, keys and values from strided depthwise convs and norms (a reduced grid); not modelled yet",
     "timm.layers.attention2d.MultiQueryAttentionV2": "multi-query attention on NCHW maps (one shared key head, reduced "
     "keys); not modelled yet",
     "timm.models.efficientvit_mit.LiteMLA": "linear attention: a ReLU kernel normalised by its sum, no softmax; "
     + _NO_TOKEN_SOFTMAX,
     "timm.models.swiftformer.EfficientAdditiveAttention": "additive attention: one learned global query vector scores "
     "each token; " + _NO_TOKEN_SOFTMAX,
-    "timm.models.nextvit.EfficientAttention": "keys and values from average-pooled, batch-normalised tokens (spatial "
-    "reduction with a BatchNorm) while the queries keep every token; not modelled yet",
     "timm.models.volo.OutlookAttention": "outlook attention: the weights of each local window come from a linear layer "
     "of the centre token, not from q·k; " + _NO_TOKEN_SOFTMAX,
-    "timm.models.hiera.MaskUnitAttention": "Hiera splits the tokens into mask units (windows) inside the module and "
-    "max-pools the queries (query stride), so its maps are per mask unit and queries x keys; not modelled yet",
-    "timm.models.hieradet_sam2.MultiScaleAttention": "queries max-pooled inside the module (query stride) within "
-    "windows, so its maps are pooled queries x keys per window; not modelled yet",
-    "timm.models.mvitv2.MultiScaleAttention": "pooled queries, keys and values (strided convs + norms inside the module) "
-    "plus a decomposed relative-position term q·R; not modelled yet",
-    "timm.models.mvitv2.MultiScaleAttentionPoolFirst": "pooled queries, keys and values plus a decomposed "
-    "relative-position term q·R; not modelled yet",
     "timm.layers.lambda_layer.LambdaLayer": "lambda layer: the keys are softmaxed over the tokens on their own and "
     "summarised with the values into a content lambda, plus a position lambda from a conv; " + _NO_TOKEN_SOFTMAX,
     "timm.models.volo.Attention": "plain attention of VOLO's later stages, but its first stage mixes tokens with outlook "
