@@ -230,6 +230,19 @@ class BatchCapture:
             raise QKHooksError("this batch was recorded without modes, so it has no spectrum; record with modes=.")
         return self.qk_spectrum[cap.layer]
 
+    def relative_term(self, layer: Layer) -> torch.Tensor:
+        """``layer``'s query-dependent relative-position term (SAM/ViTDet), shaped like its full maps; see
+        :meth:`qkhooks.Recording.relative_term`."""
+        index = resolve_layer(layer, self.layers, {}, "this batch")
+        require_layer(index, self.relative_layers, "query-dependent relative-position term", "this batch",
+                      "only layers with one (SAM/ViTDet decomposed positions), recorded with attention='full', keep it.")
+        return self.captures[index].relative  # type: ignore[return-value]
+
+    @property
+    def relative_layers(self) -> list[int]:
+        """Layers with a query-dependent relative-position term kept with their full maps."""
+        return sorted(l for l, c in self.captures.items() if c.relative is not None)
+
     def geometry(self, layer: Layer) -> LayerGeometry:
         """``layer``'s grid, prefix tokens, query/key token counts, stage and windows (``meta["geometry"]``, which
         :func:`qkhooks.record_dataset` puts into every batch)."""
@@ -249,6 +262,8 @@ class BatchCapture:
                 out[f"modes/L{layer}/key"] = cap.key  # type: ignore[assignment]
             for kind, value in cap.attention.items():
                 out[f"attention/L{layer}/{kind}"] = value
+            if cap.relative is not None:  # SAM/ViTDet q·R term, laid out as the layer's full maps
+                out[f"relative/L{layer}"] = cap.relative
         if "query_tokens" in self.meta and any(c.attention for c in self.captures.values()):
             out["attention/query_tokens"] = torch.as_tensor(self.meta["query_tokens"]).long()
         return out
