@@ -101,10 +101,10 @@ def _batch_meta(batch: dict[str, Any], geometry: dict[int, LayerGeometry], image
     return meta
 
 
-# Model -> {(input size, device, dtype, the sites' layers and paths): their geometry}. The geometry is the model's
-# structure at one input shape, so one probe forward serves every caller (the demo asks three times: rows,
-# record_dataset, BFD); weak keys: a deleted model frees its entry.
-_PROBED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[int, LayerGeometry]]]" = weakref.WeakKeyDictionary()
+# Model -> {(input size, device, dtype): {(layer, module path): geometry}}. The geometry is the model's structure at
+# one input shape, so one probe forward (of every site) serves every caller and layer selection (the demo asks five
+# times: rows, BFD and each run's record_dataset); weak keys: a deleted model frees its entry.
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[tuple[int, str], LayerGeometry]]]" = weakref.WeakKeyDictionary()
 # Model classes whose every layer sees the prefix tokens plus the patch embedding's whole grid, one global attention
 # over one grid: their geometry is known without a forward. Others (windows, stages, reduced keys, class attention,
 # ViTMAE's random masking, NaFlex packing) are probed.
@@ -128,12 +128,23 @@ def probe_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: t
     static = _static_geometry(net, sites, image_size)
     if static is not None:
         return static
-    key = (tuple(int(v) for v in image_size), str(torch.device(device)), dtype, tuple((s.layer, s.path) for s in sites))
-    known = _PROBED.get(net, {}).get(key)
-    if known is None:
-        known = _probe_forward(net, sites, image_size, device, dtype)
-        _PROBED.setdefault(net, {})[key] = known
-    return dict(known)
+    known = _PROBED.setdefault(net, {}).setdefault((tuple(int(v) for v in image_size), str(torch.device(device)), dtype), {})
+    wanted = [(s.layer, s.path) for s in sites]
+    if any(w not in known for w in wanted):
+        every = _every_site(net, sites)
+        found = _probe_forward(net, every, image_size, device, dtype)
+        known.update({(s.layer, s.path): found[s.layer] for s in every})
+    return {layer: known[(layer, path)] for layer, path in wanted}
+
+
+def _every_site(net: nn.Module, sites: Sequence[AttentionSite]) -> Sequence[AttentionSite]:
+    """All the model's sites when the adapter finds the given ones among them (one probe then serves any selection),
+    else the given ones (sites a caller made by hand)."""
+    try:
+        every = find_sites(net)
+    except QKHooksError:
+        return sites
+    return every if {(s.layer, s.path) for s in sites} <= {(s.layer, s.path) for s in every} else sites
 
 
 def _static_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: tuple[int, int]) -> dict[int, LayerGeometry] | None:

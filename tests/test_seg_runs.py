@@ -91,3 +91,35 @@ def test_sam_relative_term_is_stored_per_layer_as_the_live_recording_has_it(tmp_
     with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
         rec(torch.zeros(1, 3, 48, 48))
     assert rec.relative_layers == [0, 1, 2]
+
+
+def _count_probes(monkeypatch) -> list[int]:
+    """Counts the geometry probe's forwards (one blank image through the model)."""
+    import qkhooks.stream as stream
+
+    calls: list[int] = []
+    real = stream._probe_forward
+    monkeypatch.setattr(stream, "_probe_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_the_demo_probes_a_windowed_models_geometry_once_and_a_plain_vits_never(tmp_path, monkeypatch):
+    """`make_report` asks for the geometry three times (rows layers, record_dataset, BFD): a Swin's is probed with one
+    forward and reused; a plain ViT's comes from its patch embedding, and equals what a probe forward reads."""
+    import timm
+
+    from qkhooks.report import make_report
+    from qkhooks.stream import _probe_forward, probe_geometry
+
+    calls = _count_probes(monkeypatch)
+    torch.manual_seed(0)
+    swin = perturb(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64, embed_dim=16,
+                                     depths=(2, 2), num_heads=(2, 4), window_size=4))
+    make_report(tmp_path / "swin", load_model(swin), photos=2, o3=3, objects=2, batch_size=4, progress=False)
+    assert len(calls) == 1
+    vit = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=16, depth=2,
+                                    embed_dim=32, num_heads=4))
+    make_report(tmp_path / "vit", load_model(vit), photos=2, o3=3, objects=2, batch_size=4, progress=False)
+    assert len(calls) == 1
+    sites = qkhooks.sites(vit)
+    assert probe_geometry(vit, sites, (64, 64)) == _probe_forward(vit, sites, (64, 64), "cpu", torch.float32)  # a real forward
