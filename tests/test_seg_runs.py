@@ -4,6 +4,7 @@ taken with plain forward hooks, never qkhooks' own rebuild."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import qkhooks
@@ -103,6 +104,7 @@ def _count_probes(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.slow
 def test_the_demo_probes_a_windowed_models_geometry_once_and_a_plain_vits_never(tmp_path, monkeypatch):
     """`make_report` asks for the geometry three times (rows layers, record_dataset, BFD): a Swin's is probed with one
     forward and reused; a plain ViT's comes from its patch embedding, and equals what a probe forward reads."""
