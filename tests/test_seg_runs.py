@@ -31,12 +31,11 @@ def _own_eager_weights(model: torch.nn.Module, sites: list, inputs: dict) -> lis
     handles = [s.module.register_forward_pre_hook(_ask_for_weights, with_kwargs=True) for s in sites]
     handles += [s.module.register_forward_hook(lambda m, a, out, l=s.layer: seen.__setitem__(l, out[1].detach()))
                 for s in sites]
-    try:
-        with torch.no_grad():
+    with torch.no_grad():
+        try:
             model(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
+        finally:
+            list(map(torch.utils.hooks.RemovableHandle.remove, handles))
     return [seen[s.layer] for s in sites]
 
 
