@@ -12,6 +12,8 @@ The three types answer the same calls with the same arguments, so one script rea
     x.attention(l, kind="rows") # rows (n, H, T, N), pooled (n, H, T, M) or full (n, H, N, N)
     x.spectrum(l)               # the layer's LayerSpectrum (U, S, V, cos)
     x.geometry(l)               # the layer's LayerGeometry: grid, prefix, query/key tokens, stage, windows
+    x.relative_layers           # the layers with a query-dependent relative-position term (SAM/ViTDet)
+    x.relative_term(l)          # that term (n, H, N, N), laid out as the full maps: logits = scale·q·k + term
 
 ``l`` is a block index or the attention module's path (``"blocks.5.attn"``, as nnsight and TransformerLens
 name sites). Arrays are torch tensors live and lazily read :class:`~qkhooks.store.reader.RunArray` s stored
@@ -131,6 +133,11 @@ class Results(Protocol):
     def spectrum(self, layer: Layer) -> Any: ...
 
     def geometry(self, layer: Layer) -> LayerGeometry: ...
+
+    @property
+    def relative_layers(self) -> list[int]: ...
+
+    def relative_term(self, layer: Layer) -> Any: ...
 
 
 def resolve_layer(layer: Layer, layers: Sequence[int], paths: Mapping[int, str], where: str) -> int:

@@ -362,8 +362,9 @@ class Recording:
                     cap.inputs = x_modes.detach()
                 for spec in specs:
                     cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, x.detach()))
-                if "full" in cap.attention and site.relative_term() is not None:  # SAM/ViTDet: kept with its maps
-                    cap.relative = site.to_images("full", site.relative_term())
+                relative = site.relative_term() if "full" in cap.attention else None  # SAM/ViTDet: kept with its maps
+                if relative is not None:
+                    cap.relative = site.to_images("full", relative)
                 self._current.captures[site.layer] = cap  # type: ignore[union-attr]
 
         return hook
@@ -473,6 +474,12 @@ class Recording:
         return [l for l in self.layers if any(s.kind == kind and s.covers(l) for s in self.attention_specs)]
 
     @property
+    def relative_layers(self) -> list[int]:
+        """Layers with a query-dependent relative-position term (SAM/ViTDet) kept with their full maps."""
+        full = self.attention_layers("full")
+        return [s.layer for s in self.sites if getattr(s, "relative", None) is not None and s.layer in full]
+
+    @property
     def ids(self) -> list[str]:
         """Ids of the last batch's images (empty before the first forward)."""
         return list(self.last.ids) if self.last is not None else []
@@ -573,7 +580,7 @@ class Recording:
         q_i·R_h[h_i − h_j] + q_i·R_w[w_i − w_j]), shaped like its full maps: (B, H, N, N), or (B, nW, H, Nw, Nw) for a
         windowed block. logits = scale · content + relative term. It depends on the image (it is bilinear between the
         query and a relative-position table), so it is not a position-only :meth:`bias`; it is kept with the full maps
-        (``attention="full"``) and not stored in run files."""
+        (``attention="full"``), and run files store it as ``relative/L{l}`` (``run.relative_term(l)``)."""
         index = resolve_layer(layer, self.layers, self.module_paths, "this recording")
         site = next(s for s in self.sites if s.layer == index)
         if getattr(site, "relative", None) is None:

@@ -49,8 +49,9 @@ def observe_geometry(site: Any, query_tokens: int, key_tokens: int,
 
     Query grid: the site's patch size on this image when its tokens fill it, else the site's own grid for that many
     tokens (windowed sites: the grid their block was called with). Key grid of a spatially reduced layer: the
-    query grid divided by the one integer reduction ratio whose grid has ``key_tokens`` tokens (a strided
-    conv, kernel = stride, as PVT, Twins and Segformer reduce), or PVT-v2-linear's 7x7 pool; None if neither fits.
+    query grid through the module's own reduction (PVT-v2-linear's adaptive pool, then the conv's kernel, stride,
+    padding and dilation, as PVT, Twins, Segformer and GLPN reduce); None where the module has no such conv or its
+    grid does not have ``key_tokens`` tokens.
     """
     prefix = int(site.num_prefix_tokens)
     grid = None
@@ -67,7 +68,7 @@ def observe_geometry(site: Any, query_tokens: int, key_tokens: int,
     key_grid, key_prefix = grid, prefix
     if site.key_tokens is not None and key_tokens != query_tokens:
         own_rule = getattr(site, "reduced_key_grid", None)  # sites whose keys are not a plain grid / ratio say theirs
-        key_prefix, key_grid = 0, own_rule(grid, key_tokens) if own_rule else _reduced_grid(grid, key_tokens)
+        key_prefix, key_grid = 0, own_rule(grid, key_tokens) if own_rule else _reduced_grid(site.module, grid, key_tokens)
     window = None
     if hasattr(site, "window_index"):  # a windowed site (qkhooks.models.windows.WindowSite), in the call just made
         size, shift = site.geometry()
@@ -78,15 +79,27 @@ def observe_geometry(site: Any, query_tokens: int, key_tokens: int,
                          int(site.head_dim), str(site.stage), window, bool(site.class_attention))
 
 
-def _reduced_grid(grid: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
+# children that hold the spatial reduction of the keys (PVT / Twins / GLPN ``sr``, PVT-v2 ``spatial_reduction``,
+# PVT ``sequence_reduction``, Segformer's ``sequence_reduction`` module around its conv)
+_REDUCTIONS = ("sr", "spatial_reduction", "sequence_reduction")
+
+
+def _reduced_grid(module: torch.nn.Module, grid: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
+    """The key grid the module's own reduction makes of the query grid, or None when it cannot be read off it."""
     if grid is None:
         return None
     h, w = grid
-    # (h // r) * (w // r) falls as r grows, each factor never rising, so at most one grid per token count
-    found = {(h // r, w // r) for r in range(1, max(h, w) + 1) if (h // r) * (w // r) == tokens}
-    if not found and tokens == 49:
-        found = {(7, 7)}
-    return found.pop() if len(found) == 1 else None
+    pool = getattr(module, "pool", None)
+    if isinstance(pool, torch.nn.AdaptiveAvgPool2d):
+        size = pool.output_size
+        h, w = (size, size) if isinstance(size, int) else (size[0] or h, size[1] or w)
+    holder = next((getattr(module, n) for n in _REDUCTIONS if isinstance(getattr(module, n, None), torch.nn.Module)), None)
+    conv = next((m for m in holder.modules() if isinstance(m, torch.nn.Conv2d)), None) if holder is not None else None
+    if conv is None or isinstance(conv.padding, str):
+        return None
+    h, w = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+            zip((h, w), conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+    return (h, w) if h * w == tokens else None
 
 
 def deprecated(old: str, new: str, stacklevel: int = 3) -> None:
@@ -231,6 +244,19 @@ class BatchCapture:
             raise QKHooksError("this batch was recorded without modes, so it has no spectrum; record with modes=.")
         return self.qk_spectrum[cap.layer]
 
+    def relative_term(self, layer: Layer) -> torch.Tensor:
+        """``layer``'s query-dependent relative-position term (SAM/ViTDet), shaped like its full maps; see
+        :meth:`qkhooks.Recording.relative_term`."""
+        index = resolve_layer(layer, self.layers, {}, "this batch")
+        require_layer(index, self.relative_layers, "query-dependent relative-position term", "this batch",
+                      "only layers with one (SAM/ViTDet decomposed positions), recorded with attention='full', keep it.")
+        return self.captures[index].relative  # type: ignore[return-value]
+
+    @property
+    def relative_layers(self) -> list[int]:
+        """Layers with a query-dependent relative-position term kept with their full maps."""
+        return sorted(l for l, c in self.captures.items() if c.relative is not None)
+
     def geometry(self, layer: Layer) -> LayerGeometry:
         """``layer``'s grid, prefix tokens, query/key token counts, stage and windows (``meta["geometry"]``, which
         :func:`qkhooks.record_dataset` puts into every batch)."""
@@ -250,6 +276,8 @@ class BatchCapture:
                 out[f"modes/L{layer}/key"] = cap.key  # type: ignore[assignment]
             for kind, value in cap.attention.items():
                 out[f"attention/L{layer}/{kind}"] = value
+            if cap.relative is not None:  # SAM/ViTDet q·R term, laid out as the layer's full maps
+                out[f"relative/L{layer}"] = cap.relative
         if "query_tokens" in self.meta and any(c.attention for c in self.captures.values()):
             out["attention/query_tokens"] = torch.as_tensor(self.meta["query_tokens"]).long()
         return out

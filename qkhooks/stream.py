@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,6 +35,7 @@ from qkhooks.data import ImageDataset, collate
 from qkhooks.data.sources import ItemStream, open_source
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, parse_layers
+from qkhooks.models.unsupported import left_out_by_design
 from qkhooks.models.load import LoadedModel, check_device, load_model
 from qkhooks.options import RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
@@ -99,14 +101,74 @@ def _batch_meta(batch: dict[str, Any], geometry: dict[int, LayerGeometry], image
     return meta
 
 
+# Model -> {(input size, device, dtype): {(layer, module path): geometry}}. The geometry is the model's structure at
+# one input shape, so one probe forward (of every site) serves every caller and layer selection (the demo asks five
+# times: rows, BFD and each run's record_dataset); weak keys: a deleted model frees its entry.
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[tuple[int, str], LayerGeometry]]]" = weakref.WeakKeyDictionary()
+# Model classes whose every layer sees the prefix tokens plus the patch embedding's whole grid, one global attention
+# over one grid: their geometry is known without a forward. Others (windows, stages, reduced keys, class attention,
+# ViTMAE's random masking, NaFlex packing) are probed.
+_STATIC_GEOMETRY = {
+    "timm.models.vision_transformer.VisionTransformer", "timm.models.deit.VisionTransformerDistilled",
+    "transformers.models.vit.modeling_vit.ViTModel", "transformers.models.vit.modeling_vit.ViTForImageClassification",
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Model",
+    "transformers.models.dinov2.modeling_dinov2.Dinov2ForImageClassification",
+}
+
+
 def probe_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: tuple[int, int],
                    device: str | torch.device = "cpu") -> dict[int, LayerGeometry]:
-    """Every site's geometry at this input size, from one forward of a blank image before the recording starts.
+    """Every site's geometry at this input size: from one forward of a blank image before the recording starts, once
+    per model and input shape, or without a forward where the model's class fixes it (plain ViTs).
 
     Windowed and multi-stage models only show their per-layer grids, windows and key counts in a call (a Swin
     stage's grid is the block's input), and the run file's layout, the reducers and the dataset's masks need them
     before the first batch. The probe's outputs go nowhere (no sink, no file)."""
     dtype = next(net.parameters()).dtype
+    static = _static_geometry(net, sites, image_size)
+    if static is not None:
+        return static
+    known = _PROBED.setdefault(net, {}).setdefault((tuple(int(v) for v in image_size), str(torch.device(device)), dtype), {})
+    wanted = [(s.layer, s.path) for s in sites]
+    if any(w not in known for w in wanted):
+        every = _every_site(net, sites)
+        found = _probe_forward(net, every, image_size, device, dtype)
+        known.update({(s.layer, s.path): found[s.layer] for s in every})
+    return {layer: known[(layer, path)] for layer, path in wanted}
+
+
+def _every_site(net: nn.Module, sites: Sequence[AttentionSite]) -> Sequence[AttentionSite]:
+    """All the model's sites when the adapter finds the given ones among them (one probe then serves any selection),
+    else the given ones (sites a caller made by hand)."""
+    try:
+        every = find_sites(net)
+    except QKHooksError:
+        return sites
+    return every if {(s.layer, s.path) for s in sites} <= {(s.layer, s.path) for s in every} else sites
+
+
+def _static_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: tuple[int, int]) -> dict[int, LayerGeometry] | None:
+    """The geometry of a plain ViT (:data:`_STATIC_GEOMETRY`): the grid from its patch embedding (timm's own
+    ``dynamic_feat_size``, padding included) or the site's patch size, every layer prefix + grid tokens; else None."""
+    cls = type(net)
+    if f"{cls.__module__}.{cls.__qualname__}" not in _STATIC_GEOMETRY or any(type(s) is not AttentionSite for s in sites):
+        return None
+    if any(s.patch_size is None or s.key_tokens is not None or s.class_attention for s in sites):
+        return None
+    embed = getattr(net, "patch_embed", None)
+    found = {}
+    for site in sites:
+        grid = embed.dynamic_feat_size(tuple(image_size)) if hasattr(embed, "dynamic_feat_size") else site.grid_for_image(*image_size)
+        if tuple(grid) != tuple(site.grid or ()) and not getattr(embed, "dynamic_img_size", False):
+            return None  # not the size it was built for: the probe runs it (and refuses it with the fix if it fails)
+        tokens = site.num_prefix_tokens + int(grid[0]) * int(grid[1])
+        found[site.layer] = observe_geometry(site, tokens, tokens, tuple(image_size))
+    return found
+
+
+def _probe_forward(net: nn.Module, sites: Sequence[AttentionSite], image_size: tuple[int, int],
+                   device: str | torch.device, dtype: torch.dtype) -> dict[int, LayerGeometry]:
+    """The sites' geometry read off one forward of a blank image."""
     found: dict[int, LayerGeometry] = {}
 
     def note(batch: BatchCapture) -> None:
@@ -363,7 +425,7 @@ def record_dataset(
             seen = _SeenIds(writer.ids if writer is not None and done else [])
             run.sinks.append(seen)
             if writer is not None:
-                _write_statics(writer, run, sites, image_size, opts.augmented, geometry)
+                _write_statics(writer, run, sites, image_size, opts.augmented, geometry, left_out_by_design(net))
                 if shard is not None:  # where this block starts in the dataset: qkhooks.distributed.merge_shards reads it
                     writer.write_static("images/shard", json.dumps({"rank": shard[0], "world": shard[1], "start": lo, "stop": hi}))
                 run.sinks.append(WriterSink(writer, opts.store_modes))
@@ -514,7 +576,7 @@ def _loop(run, batches, net, total, device, layout, plan, progress, writer, chec
 
 
 def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_size: tuple[int, int],
-                   augmented: bool, geometry: dict[int, LayerGeometry]) -> None:
+                   augmented: bool, geometry: dict[int, LayerGeometry], left_out: dict[str, str]) -> None:
     if run.qk_spectrum is not None:
         for layer in run.qk_spectrum:
             for name in ("U", "S", "V"):
@@ -531,7 +593,8 @@ def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_
             "heads": site.num_heads, "head_dim": site.head_dim, "dim": site.dim, "layers": [s.layer for s in sites],
             "paths": [s.path for s in sites], "family": site.family, "image_size": [height, width],
             "grid": None if first.grid is None else list(first.grid),
-            "layer_geometry": {str(layer): g.to_dict() for layer, g in sorted(geometry.items())}}
+            "layer_geometry": {str(layer): g.to_dict() for layer, g in sorted(geometry.items())},
+            "left_out_by_design": left_out}  # parts that are not self-attention of the image tokens (decoders), named
     writer.write_static("model/info", json.dumps(info))
 
 

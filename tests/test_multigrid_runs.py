@@ -238,3 +238,26 @@ def test_a_model_that_fails_on_its_configured_input_size_is_refused_before_any_f
     with pytest.raises(QKHooksError, match=r"fails on a \d+x\d+ image, the size its image config gives .*image_config"):
         record_dataset(loaded, "samples", path, limit=2, batch_size=2, progress=False, modes=4)
     assert not path.exists()
+
+
+@pytest.mark.parametrize("name, kw", [("pvt_v2_b0", {}), ("pvt_v2_b0", {"linear": True})])
+def test_the_reduced_key_grid_is_read_off_the_modules_own_reduction_on_a_non_square_grid(name, kw):
+    """A 4 x 6 query grid through each layer's own spatial reduction (conv kernel/stride/padding, PVT-v2-linear's
+    adaptive pool): the key grid equals the shape the module's own sr conv returns on that grid (2 x 3 for ratio 2,
+    7 x 7 pooled), with no ratio guessed from token counts; a grid whose token count the reduction does not make,
+    or a module without a reduction conv, gives None (the analyses then refuse the layer)."""
+    from qkhooks.results import _reduced_grid
+
+    model = _timm(name, embed_dims=(16, 16, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                  sr_ratios=(2, 2, 1, 1), **kw)
+    sites = [s for s in qkhooks.sites(model) if s.key_tokens is not None]
+    assert sites
+    for site in sites:
+        attn = site.module
+        image = torch.zeros(1, attn.sr.in_channels, 4, 6)
+        with torch.no_grad():
+            want = tuple(attn.sr(attn.pool(image) if getattr(attn, "pool", None) is not None else image).shape[-2:])
+        assert want == ((7, 7) if kw else (2, 3))
+        assert _reduced_grid(attn, (4, 6), want[0] * want[1]) == want
+        assert _reduced_grid(attn, (4, 6), want[0] * want[1] + 1) is None
+    assert _reduced_grid(torch.nn.Linear(2, 2), (4, 6), 6) is None

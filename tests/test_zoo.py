@@ -91,12 +91,18 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
     softmaxed: dict[int, torch.Tensor] = {}  # modules that return no weights (HF MobileViT): the softmax they compute
     for i, site in enumerate(sites):
         handles += _softmax_hooks(site.module, lambda t, i=i: softmaxed.__setitem__(i, t.detach().clone()))
+    handles += [site.module.register_forward_pre_hook(_ask_for_weights, with_kwargs=True) for site in sites]
     before = model.config._attn_implementation
+    # sub-models may run another implementation than the top config says (Mask2Former's Swin backbone: SDPA): each put back
+    sub_configs = [(m, m.config._attn_implementation) for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
     model.set_attn_implementation("eager")
     try:
         _call(model, inputs, output_attentions=True)
     finally:
         model.set_attn_implementation(before)
+        for module, implementation in sub_configs:  # a config's setter passes its value down to its sub-configs:
+            if module.config._attn_implementation != implementation:  # set only those that differ
+                module.config._attn_implementation = implementation
         for h in handles:
             h.remove()
     if len(seen) < len(sites) and before != "eager":  # the class picked its attention modules when built (Data2Vec):
@@ -107,6 +113,17 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         return eager_maps(twin, twin_sites, inputs, kind)
     seen = {i: seen.get(i, softmaxed.get(i)) for i in range(len(sites))}
     return [seen[i] for i in range(len(sites)) if seen[i] is not None]
+
+
+def _ask_for_weights(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """output_attentions=True for a site whose wrapper does not pass the flag down (MaskFormer's Swin backbone)."""
+    import inspect
+
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    if "output_attentions" not in inspect.signature(module.forward).parameters or bound.arguments.get("output_attentions"):
+        return None
+    bound.arguments["output_attentions"] = True
+    return bound.args, bound.kwargs
 
 
 def _softmax_hooks(module: nn.Module, keep: Callable[[torch.Tensor], None]) -> list[Any]:
@@ -419,6 +436,8 @@ def _small_halonet() -> nn.Module:
     return ByobNet(cfg, num_classes=10)
 
 
+SEG_SWIN = dict(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2], window_size=4,
+                out_features=["stage1", "stage2", "stage3", "stage4"])
 FAST_CASES = [
     _timm_case("vit_tiny_patch16_224", "exact", **SMALL_VIT),
     _timm_case("pit_ti_224", "exact", size=64, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8)),
@@ -582,6 +601,14 @@ FAST_CASES = [
     # zoo-pooled: MViTv2, q and k pooled by strided convs + LayerNorm after W_q / W_k, class token kept apart, the
     # decomposed relative term on the pooled grids
     Case("mvitv2-cls", lambda: _small_mvitv2(), lambda: {"x": _images(64)}, "timm", "exact"),
+    # zoo-runs: segmentation models on a Swin image encoder (exact); their object-query decoders left out by design
+    _hf_case("Mask2FormerForUniversalSegmentation", "Mask2FormerForUniversalSegmentation", "Mask2FormerConfig", "exact",
+             size=64, backbone_config=dict(SEG_SWIN, model_type="swin"), feature_size=32, mask_feature_size=32,
+             hidden_dim=32, encoder_feedforward_dim=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+             dim_feedforward=32, num_queries=5),
+    _hf_case("MaskFormerForInstanceSegmentation", "MaskFormerForInstanceSegmentation", "MaskFormerConfig", "exact",
+             size=64, backbone_config=dict(SEG_SWIN, model_type="maskformer-swin"), fpn_feature_size=32,
+             mask_feature_size=32, decoder_config=dict(DETR_SMALL, model_type="detr", num_queries=5)),
 ]
 
 

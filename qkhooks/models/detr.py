@@ -20,7 +20,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, register_adapter
 from qkhooks.models.hf import _pair_reader
-from qkhooks.models.unsupported import MODELLED_FORMS, attention_like
+from qkhooks.models.unsupported import LEFT_OUT_BY_DESIGN, MODELLED_FORMS, attention_like
 
 # encoder attention class (module.Class) -> the keyword under which its layer hands it the position embedding
 _POSITIONED = {
@@ -30,6 +30,20 @@ _POSITIONED = {
     "transformers.models.table_transformer.modeling_table_transformer.TableTransformerAttention": "object_queries",
 }
 MODELLED_FORMS.update(_POSITIONED)
+# Segmentation models whose image encoder is a supported ViT (HF Swin / MaskFormerSwin, taken by the HF adapter):
+# their decoders run attention of learned object queries (self-attention among the queries, cross-attention to the
+# pixel features) and, in Mask2Former, multi-scale deformable attention (sampled offsets, no q·k) in the pixel
+# decoder: not self-attention of the image tokens, so left out by design and named.
+_OBJECT_QUERIES = ("attention of learned object queries (among themselves and over the pixel features), not "
+                   "self-attention of the image tokens: left out by design")
+LEFT_OUT_BY_DESIGN.update({
+    "transformers.models.mask2former.modeling_mask2former": [
+        (r"(^|\.)transformer_module$", _OBJECT_QUERIES),
+        (r"(^|\.)pixel_level_module\.decoder$", "the pixel decoder's multi-scale deformable attention (weights from a "
+         "linear layer of the query at sampled offsets, no softmax of q·k over the tokens): left out by design"),
+    ],
+    "transformers.models.maskformer.modeling_maskformer": [(r"(^|\.)transformer_module$", _OBJECT_QUERIES)],
+})
 _ENCODER_LAYER = re.compile(r"^(?P<block>(?:.*\.)?encoder\.layers\.\d+)\.self_attn$")
 _ENCODER = re.compile(r"(^|\.)encoder$")
 

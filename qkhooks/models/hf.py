@@ -23,7 +23,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, register_adapter
 from qkhooks.models.qknorm import qk_norm_modelled, qk_norm_of
-from qkhooks.models.unsupported import refuse_uncovered
+from qkhooks.models.unsupported import left_out_by_design, refuse_uncovered
 
 _LAYER = re.compile(r"^(?P<block>(?:.*\.)?(?:layers?|blocks?)\.(?P<idx>\d+))\.")
 _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
@@ -86,8 +86,9 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 
 def _attention_modules(model: nn.Module):
+    aside = tuple(p + "." for p in left_out_by_design(model))  # zoo-runs: decoders of object queries, left out by design
     for name, module in model.named_modules():
-        if _TEXT.search(name) or _qk_children(module) is None:
+        if _TEXT.search(name) or _qk_children(module) is None or name.startswith(aside):
             continue
         match = _LAYER.match(name)
         if match and name != match["block"]:

@@ -17,7 +17,7 @@ where the model normalises it) and a relative-position table, so they change wit
 *relative term*. Maps are rebuilt with it exactly (the model's own ``get_decomposed_rel_pos`` /
 ``add_decomposed_relative_positions`` on the model's tables, from the call's q and grid); the modes stay those of
 W_q^T W_k, exact for the content term q·k (analyses of that one form say they are content-only); the term itself is
-``rec.relative_term(l)`` (B, H, N, N), per window for windowed blocks. It is not stored in run files.
+``rec.relative_term(l)`` (B, H, N, N), per window for windowed blocks; run files store it (``run.relative_term(l)``).
 
 **SAM / ViTDet windows**: windowed blocks pad the (H, W) grid to whole windows (bottom, right, zeros) and call the
 attention on the windows stacked along the batch axis, no shift; global blocks in between see the whole grid. The

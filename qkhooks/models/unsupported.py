@@ -94,6 +94,25 @@ def unmodelled_reason(module: nn.Module) -> str | None:
 
 
 _NOT_RECORDED_PATHS = re.compile(r"(^|\.)(head|attn_pool|pooler|assign|pre_assign_attn|text_model|text_encoder)(\.|$)")
+# Parts of a model that are not self-attention of its image tokens, left out by design and named, never silently:
+# the modelling module of the model's class -> [(path pattern, why)]. Adapters take no site under them and
+# :func:`refuse_uncovered` does not count them; :func:`left_out_by_design` names them (run files store it).
+LEFT_OUT_BY_DESIGN: dict[str, list[tuple[str, str]]] = {}
+
+
+def left_out_by_design(model: nn.Module) -> dict[str, str]:
+    """The model's parts left out by design (the outermost module of each matching path) -> why."""
+    rules = LEFT_OUT_BY_DESIGN.get(type(model).__module__, [])
+    found: dict[str, str] = {}
+    for name, _ in model.named_modules():
+        for pattern, why in rules:
+            if re.search(pattern, name) and not any(name.startswith(p + ".") for p in found):
+                found[name] = why
+    return found
+
+
+def _under(name: str, roots: dict[str, str] | Sequence[str]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in roots)
 
 
 def _has_qk_norm(module: nn.Module) -> bool:
@@ -113,13 +132,14 @@ def diagnose(model: nn.Module) -> None:
     from qkhooks.models.qknorm import qk_norm_modelled
 
     rope_modelled = any(type(m).__name__ in _ROPE_MODELLED for m in model.modules())
+    aside = left_out_by_design(model)
     for name, module in model.named_modules():
-        reason = None if _NOT_RECORDED_PATHS.search(name) else unmodelled_reason(module)
+        reason = None if _NOT_RECORDED_PATHS.search(name) or _under(name, aside) else unmodelled_reason(module)
         if reason:
             raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason.rstrip('.')}.")
     modelled = [n + "." for n, m in model.named_modules() if _modelled(m)]
     for name, module in model.named_modules():
-        if any(name.startswith(p) for p in modelled):
+        if any(name.startswith(p) for p in modelled) or _under(name, aside):
             continue
         if _has_qk_norm(module) and not qk_norm_modelled(module) and not _modelled(module):
             raise QKHooksError(
@@ -128,18 +148,27 @@ def diagnose(model: nn.Module) -> None:
             )
         if _modelled(module):
             continue
+        if not _owns_qk(module):  # a guess from names only for a module that computes logits (a patch-embedding conv
+            continue               # under an encoder named "swin" does not)
         label = f"{name} {type(module).__name__}".lower()
         for keys, reason in _REASONS:
             if (hf and keys is _RELATIVE_BIAS) or (rope_modelled and keys is _ROTARY):
                 continue
-            if any(key in label for key in keys) and _owns_parameters_or_attention(module):
+            if any(key in label for key in keys):
                 raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason}.")
 
 
-def _owns_parameters_or_attention(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False)) or "attention" in type(module).__name__.lower() or (
-        any(True for _ in module.buffers(recurse=False))
-    )
+def _owns_qk(module: nn.Module) -> bool:
+    """Whether the module computes attention logits itself: it owns a q/k (or fused qkv) projection (a Linear/Conv
+    child so named, or any child so named of an attention-named module or beside a ``qkv``), or an attention-named
+    module owns a fused projection weight directly."""
+    children = dict(module.named_children())
+    projections = [children[c] for c in _QK_CHILDREN if c in children]
+    attention_named = _ATTENTION_NAME.search(type(module).__name__) is not None
+    owns_qk = any(isinstance(p, nn.Linear | nn.Conv2d | nn.Conv1d) for p in projections) or (
+        bool(projections) and (attention_named or "qkv" in children))
+    return owns_qk or attention_named and any(
+        "proj_weight" in n or n == "qkv_weight" for n, _ in module.named_parameters(recurse=False))
 
 
 def attention_like(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -149,16 +178,8 @@ def attention_like(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if _NOT_RECORDED_PATHS.search(name):
             continue
-        children = dict(module.named_children())
-        # a q/k projection is a Linear/Conv child, or any child so named of an attention-named module or named qkv
-        # (a conv + norm block: MobileNetV5's multi-query attention, EfficientViT's qkv)
-        projections = [children[c] for c in _QK_CHILDREN if c in children]
-        owns_qk = any(isinstance(p, nn.Linear | nn.Conv2d | nn.Conv1d) for p in projections) or (bool(projections) and (
-            _ATTENTION_NAME.search(type(module).__name__) is not None or "qkv" in children))
-        owns_fused = _ATTENTION_NAME.search(type(module).__name__) is not None and any(
-            "proj_weight" in n or n in ("qkv_weight",) for n, _ in module.named_parameters(recurse=False)
-        )
-        if owns_qk or owns_fused:
+        # a q/k projection may be a conv + norm block (MobileNetV5's multi-query attention, EfficientViT's qkv)
+        if _owns_qk(module):
             found.append((name, module))
     return found
 
@@ -170,10 +191,11 @@ def refuse_uncovered(model: nn.Module, sites: Sequence["AttentionSite"]) -> None
     (or a site whose neighbour changes what it sees); the error names every module left out.
     """
     taken = [s.path for s in sites]
+    aside = left_out_by_design(model)
     left = [
         (name, module)
         for name, module in attention_like(model)
-        if not any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in taken)
+        if not any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in taken) and not _under(name, aside)
     ]
     if not left:
         return

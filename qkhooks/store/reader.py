@@ -217,6 +217,20 @@ class RunReader:
                       f"the run stores attention kinds {self.attention_kinds or 'none'} (the attention= option).")
         return self.array(f"attention/L{index}/{kind}")
 
+    @property
+    def relative_layers(self) -> list[int]:
+        """Layers that stored a query-dependent relative-position term (SAM/ViTDet, with their full maps)."""
+        return self._groups("relative")
+
+    def relative_term(self, layer: Layer) -> RunArray:
+        """``layer``'s query-dependent relative-position term (SAM/ViTDet decomposed positions q·R_h + q·R_w) per
+        image, laid out as its full maps ((n, H, N, N), per window for windowed blocks): the model's logits are
+        scale · content + this term, so content and position can be told apart per head and token."""
+        index = self._layer(layer)
+        require_layer(index, self.relative_layers, "query-dependent relative-position term", str(self.path),
+                      "only layers with one (SAM/ViTDet decomposed positions), recorded with attention='full', store it.")
+        return self.array(f"relative/L{index}")
+
     def bias(self, layer: Layer) -> np.ndarray | None:
         """Layer ``layer``'s position-only additive term (H, N, N), stored once per run (see
         :meth:`qkhooks.Recording.bias`); None when the layer has none (masks are never stored)."""
@@ -306,6 +320,8 @@ class RunReader:
                 found = fmt.layer_geometry(self.info, layer)
                 lines.append(f"  L{layer:<3d} {self.module_paths.get(layer, '')}: "
                              + ("grid unknown" if found is None else found.describe()))
+            for path, why in self.info.get("left_out_by_design", {}).items():
+                lines.append(f"  not recorded: {path}: {why}")
         return "\n".join(lines)
 
     def close(self) -> None:
