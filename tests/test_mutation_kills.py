@@ -183,3 +183,77 @@ def test_geometry_source_box_scales_the_window_back_to_source_pixels():
     # resized 100 x 200 -> 50 x 80 (row scale 2, column scale 2.5); window 40 x 90 from row 5, column -4
     box = Geometry(source_hw=(100, 200), resized_hw=(50, 80), top=5, left=-4, output_hw=(40, 90)).source_box()
     assert box == pytest.approx((5 * 2, -4 * 2.5, (5 + 40) * 2, (-4 + 90) * 2.5))
+
+
+def test_augmented_mode_projector_maps_equal_the_tokens_with_a_one_appended_for_every_image_on_their_device():
+    """[x; 1]·u_n and [x; 1]·v_n computed directly, for a batch of three (a batch of one hides a reshape that mixes
+    images), and the maps made on the tokens' device: the meta device stands in for a GPU (no values, but a
+    weight left on the CPU is refused by the biased matmul)."""
+    from qkhooks.projector import ModeProjector
+
+    layer = qkhooks.spectrum(TINY_MODELS[0].model(), augmented=True)[0]
+    assert layer.augmented
+    projector = ModeProjector(layer)
+    x = torch.randn(3, 5, layer.dim, dtype=torch.float64)
+    x1 = torch.cat([x, torch.ones(3, 5, 1, dtype=torch.float64)], dim=-1)
+    query, key = projector(x)
+    torch.testing.assert_close(query, torch.einsum("bnd,hdk->bhkn", x1, layer.U.double()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(key, torch.einsum("bnd,hdk->bhkn", x1, layer.V.double()), rtol=1e-12, atol=1e-12)
+    query_meta, key_meta = projector(x.to("meta"))
+    assert query_meta.device.type == key_meta.device.type == "meta"
+    assert query_meta.shape == key_meta.shape == query.shape
+
+
+def _qk_of(x: torch.Tensor, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k (B, H, N, d_k) as the model's Linear makes them, biases included where it has them."""
+    q = torch.einsum("bnd,hed->bhne", x, weights.w_q.double())
+    k = torch.einsum("bnd,hed->bhne", x, weights.w_k.double())
+    if weights.b_q is not None:
+        q = q + weights.b_q.double()[None, :, None, :]
+    if weights.b_k is not None:
+        k = k + weights.b_k.double()[None, :, None, :]
+    return q, k
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False], ids=["with-biases", "bias-free"])
+def test_qk_outputs_path_equals_the_tokens_projected_on_the_modes_with_and_without_biases(qkv_bias):
+    """QKPathProjector on q, k made from random tokens equals x·u_n and x·v_n formed directly, for a model with
+    q/k biases and one without; a float64 call after a float32 one stays float64; an augmented spectrum is refused. (The spectrum is float32: agreement to 1e-5.)"""
+    import timm
+
+    from qkhooks.projector import QKPathProjector
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              qkv_bias=qkv_bias).eval()
+    site = qkhooks.sites(model)[0]
+    weights, layer = site.weights(), qkhooks.spectrum(model)[0]
+    assert (weights.b_q is None) is (not qkv_bias)
+    x = torch.randn(2, 5, site.dim, dtype=torch.float64)
+    q, k = _qk_of(x, weights)
+    projector = QKPathProjector(layer, weights)
+    projector(q.float(), k.float())
+    query, key = projector(q, k)
+    assert query.dtype == key.dtype == torch.float64
+    torch.testing.assert_close(query, torch.einsum("bnd,hdk->bhkn", x, layer.U.double()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(key, torch.einsum("bnd,hdk->bhkn", x, layer.V.double()), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^the q/k path needs the bias-free spectrum$"):
+        QKPathProjector(qkhooks.spectrum(model, augmented=True)[0], weights)
+
+
+def test_qk_outputs_path_gives_zero_maps_for_a_layer_whose_modes_all_have_sigma_zero():
+    """W_q = 0: every sigma_n is 0, so the maps from q and k are zero (documented) and finite, not 0/0."""
+    import timm
+
+    from qkhooks.projector import QKPathProjector
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1).eval()
+    with torch.no_grad():
+        qkv = model.blocks[0].attn.qkv
+        qkv.weight[: qkv.in_features].zero_()
+        qkv.bias[: qkv.in_features].zero_()
+    site = qkhooks.sites(model)[0]
+    weights, layer = site.weights(), qkhooks.spectrum(model)[0]
+    assert float(layer.S.abs().max()) == 0.0
+    q, k = _qk_of(torch.randn(2, 5, site.dim, dtype=torch.float64), weights)
+    query, key = QKPathProjector(layer, weights)(q, k)
+    assert torch.equal(query, torch.zeros_like(query)) and torch.equal(key, torch.zeros_like(key))
