@@ -45,8 +45,11 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     "projector": (["qkhooks/projector.py"], ["tests/test_core.py", "tests/test_mutation_kills.py"],
                   "(sum_to_model or qk_outputs or fall_back or augmented or residual or remixing or follows_the_dtype) "
                   f"and not ({SAME_FORM_FAMILIES})"),
-    "attention": (["qkhooks/attention.py"], ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_mutation_kills.py"],
-                  f"(attention or rows or default_query or centre_patch) and not ({SAME_FORM_FAMILIES})"),
+    "attention": (["qkhooks/attention.py"],
+                  ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_mutation_kills.py", "tests/test_full_once.py"],
+                  "(attention or rows or default_query or centre_patch or sdpa_maps or fused_kernel or dropout or "
+                  "cannot_match or eager_outputs or own_eager_path) "
+                  f"and not (rope_bias_windows or {SAME_FORM_FAMILIES})"),
     "capture": (["qkhooks/capture.py", "qkhooks/results.py", "qkhooks/access.py"], ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_vocabulary.py"], None),
     "reducers": (["qkhooks/reducers.py"], ["tests/test_reducers.py", "tests/test_modes.py", "tests/test_distributed.py"],
                  "merge or state or reducer or shards"),
