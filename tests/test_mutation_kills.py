@@ -257,3 +257,27 @@ def test_qk_outputs_path_gives_zero_maps_for_a_layer_whose_modes_all_have_sigma_
     q, k = _qk_of(torch.randn(2, 5, site.dim, dtype=torch.float64), weights)
     query, key = QKPathProjector(layer, weights)(q, k)
     assert torch.equal(query, torch.zeros_like(query)) and torch.equal(key, torch.zeros_like(key))
+
+
+@pytest.mark.parametrize("name", ["timm-vit-4x6", "hf-vit-4x6-key-first"])
+def test_attention_logits_of_every_key_are_the_models_eager_attention_before_its_softmax(name):
+    """``_logits`` (the benchmarks' reference, every key computed) softmaxed equals the model's own eager maps, for
+    all tokens and for a subset of query tokens; under RoPE a subset of queries is refused with the whole message."""
+    from qkhooks.attention import _logits
+
+    tiny = next(t for t in TINY_MODELS if t.name == name)
+    sites, x, eager = _eager_and_tokens(tiny)
+    for site in sites:
+        tokens = x[site.layer]
+        torch.testing.assert_close(torch.softmax(_logits(site, tokens, tokens), -1), eager[site.layer],
+                                   atol=1e-5, rtol=1e-4)
+        some = tokens[:, [0, 7, 13]]
+        torch.testing.assert_close(torch.softmax(_logits(site, some, tokens), -1), eager[site.layer][:, :, [0, 7, 13]],
+                                   atol=1e-5, rtol=1e-4)
+    site, tokens = sites[0], x[0]
+    site.rotates = lambda: True  # stands in for a RoPE site: each token is rotated by its own position
+    message = (f"{site.path}: RoPE rotates each token by its own position, so q cannot come from a subset of the "
+               "tokens; use rows_from_qk(site, *site.qk(x), query_tokens).")
+    with pytest.raises(qkhooks.QKHooksError) as refused:
+        _logits(site, tokens[:, :2], tokens)
+    assert str(refused.value) == message
