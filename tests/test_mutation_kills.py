@@ -274,6 +274,14 @@ def test_attention_logits_of_every_key_are_the_models_eager_attention_before_its
         some = tokens[:, [0, 7, 13]]
         torch.testing.assert_close(torch.softmax(_logits(site, some, tokens), -1), eager[site.layer][:, :, [0, 7, 13]],
                                    atol=1e-5, rtol=1e-4)
+    import timm
+
+    bias_free = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                                  qkv_bias=False).eval()
+    for site, tokens in [(s, x[s.layer]) for s in sites] + [(qkhooks.sites(bias_free)[0], torch.randn(2, 17, 192))]:
+        q, k = _qk_of(tokens.double(), site.weights())  # the logits themselves: the key bias does not cancel here
+        torch.testing.assert_close(_logits(site, tokens, tokens).double(), q @ k.transpose(-1, -2) * site.scale,
+                                   atol=1e-5, rtol=1e-4)
     site, tokens = sites[0], x[0]
     site.rotates = lambda: True  # stands in for a RoPE site: each token is rotated by its own position
     message = (f"{site.path}: RoPE rotates each token by its own position, so q cannot come from a subset of the "
