@@ -289,3 +289,16 @@ def test_attention_logits_of_every_key_are_the_models_eager_attention_before_its
     with pytest.raises(qkhooks.QKHooksError) as refused:
         _logits(site, tokens[:, :2], tokens)
     assert str(refused.value) == message
+
+
+def test_pool_rows_takes_boolean_and_float32_masks_for_float64_rows():
+    """Masks come as booleans (segmentations) or in another dtype than the rows: pooled in the rows' dtype."""
+    from qkhooks.attention import pool_rows
+
+    rows = torch.rand(2, 3, 2, 25, dtype=torch.float64)
+    masks = torch.rand(2, 4, 25) > 0.5
+    want = torch.einsum("bhtn,bmn->bhtm", rows, masks.double())
+    for given in (masks, masks.float()):
+        pooled = pool_rows(rows, given, 1)
+        assert pooled.dtype == torch.float64
+        torch.testing.assert_close(pooled, want, rtol=1e-12, atol=1e-12)
