@@ -302,3 +302,16 @@ def test_pool_rows_takes_boolean_and_float32_masks_for_float64_rows():
         pooled = pool_rows(rows, given, 1)
         assert pooled.dtype == torch.float64
         torch.testing.assert_close(pooled, want, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_rows_of_a_class_attention_layer_refuse_tokens_other_than_the_class_token():
+    """Only the class token queries in class attention (CaiT); a stand-in site marked so refuses token 3."""
+    from qkhooks.attention import attention_rows, rows_from_qk
+
+    tiny = next(t for t in TINY_MODELS if t.name == "timm-vit-4x6")
+    site = qkhooks.sites(tiny.model())[0]
+    site.class_attention = True
+    x = torch.randn(2, 25, site.dim)
+    for rows in (lambda t: rows_from_qk(site, *site.qk(x), t), lambda t: attention_rows(site, x, t)):
+        with pytest.raises(qkhooks.QKHooksError, match=r"class attention: only the class token .* the rows of tokens \[3\]"):
+            rows(torch.tensor([[0, 3], [0, 3]]))
