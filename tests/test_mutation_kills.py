@@ -315,3 +315,36 @@ def test_attention_rows_of_a_class_attention_layer_refuse_tokens_other_than_the_
     for rows in (lambda t: rows_from_qk(site, *site.qk(x), t), lambda t: attention_rows(site, x, t)):
         with pytest.raises(qkhooks.QKHooksError, match=r"class attention: only the class token .* the rows of tokens \[3\]"):
             rows(torch.tensor([[0, 3], [0, 3]]))
+
+
+def test_attention_full_maps_of_a_class_attention_layer_are_the_class_tokens_row():
+    """In class attention only the class token queries: the full maps are (B, H, 1, N), the first row of the
+    model's own eager maps (a stand-in site marked so, on the timm 4 x 6 model)."""
+    from qkhooks.attention import attention_full
+
+    sites, x, eager = _eager_and_tokens(next(t for t in TINY_MODELS if t.name == "timm-vit-4x6"))
+    site = sites[1]
+    site.class_attention = True
+    maps = attention_full(site, x[1])
+    assert maps.shape == (2, site.num_heads, 1, 25)
+    torch.testing.assert_close(maps, eager[1][:, :, :1], atol=1e-5, rtol=1e-4)
+
+
+def test_one_attention_takes_the_maps_of_an_sdpa_call_that_leaves_every_default():
+    """A module calling scaled_dot_product_attention(q, k, v) with no other argument: the maps kept are
+    softmax(q kᵀ / sqrt(d_k)) formed directly, and the output is torch's own for the same call."""
+    from qkhooks.attention import OneAttention
+
+    site = qkhooks.sites(next(t for t in TINY_MODELS if t.name == "timm-vit-4x6").model())[0]
+    q, k, v = (torch.randn(2, site.num_heads, 25, site.head_dim) for _ in range(3))
+    want_out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    mode = OneAttention(site)
+    mode.enter()
+    try:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    finally:
+        mode.leave()
+    maps = mode.take()
+    torch.testing.assert_close(maps, torch.softmax(q @ k.transpose(-1, -2) / site.head_dim ** 0.5, -1),
+                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, want_out, atol=1e-6, rtol=1e-5)
