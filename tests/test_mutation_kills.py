@@ -348,3 +348,22 @@ def test_one_attention_takes_the_maps_of_an_sdpa_call_that_leaves_every_default(
     torch.testing.assert_close(maps, torch.softmax(q @ k.transpose(-1, -2) / site.head_dim ** 0.5, -1),
                                atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out, want_out, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wrong", ["heads", "head_dim"])
+def test_one_attention_refuses_an_sdpa_call_whose_q_is_not_the_sites_heads_by_head_dim(wrong):
+    """Either the head count or the head width differing from the site's is refused, naming the shape."""
+    from qkhooks.attention import OneAttention
+
+    site = qkhooks.sites(next(t for t in TINY_MODELS if t.name == "timm-vit-4x6").model())[0]
+    heads, width = (site.num_heads * 2, site.head_dim) if wrong == "heads" else (site.num_heads, site.head_dim * 2)
+    q = k = v = torch.randn(2, heads, 25, width)
+    mode = OneAttention(site)
+    mode.enter()
+    try:
+        with pytest.raises(qkhooks.QKHooksError) as refused:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    finally:
+        mode.leave()
+    assert (f"its attention call has q of shape (2, {heads}, 25, {width}), not the (batch, {site.num_heads} heads, "
+            f"tokens, {site.head_dim}) the adapter describes") in str(refused.value)
