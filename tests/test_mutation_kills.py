@@ -367,3 +367,27 @@ def test_one_attention_refuses_an_sdpa_call_whose_q_is_not_the_sites_heads_by_he
         mode.leave()
     assert (f"its attention call has q of shape (2, {heads}, 25, {width}), not the (batch, {site.num_heads} heads, "
             f"tokens, {site.head_dim}) the adapter describes") in str(refused.value)
+
+
+@pytest.mark.parametrize("form", ["float-mask", "bool-mask", "causal", "scale", "grouped-query"])
+def test_one_attention_hands_every_argument_of_the_sdpa_call_on(form):
+    """Mask, causal flag, scale and grouped-query heads of the model's call all shape the maps kept: the output
+    returned (maps @ v) equals torch's own scaled_dot_product_attention for the same call."""
+    from qkhooks.attention import OneAttention
+
+    site = qkhooks.sites(next(t for t in TINY_MODELS if t.name == "timm-vit-4x6").model())[0]
+    h, n, dk = site.num_heads, 25, site.head_dim
+    kv_heads = h // 2 if form == "grouped-query" else h
+    q = torch.randn(2, h, n, dk)
+    k, v = torch.randn(2, kv_heads, n, dk), torch.randn(2, kv_heads, n, dk)
+    kwargs = {"float-mask": {"attn_mask": torch.randn(n, n)}, "bool-mask": {"attn_mask": torch.rand(n, n) > 0.3},
+              "causal": {"is_causal": True}, "scale": {"scale": 0.3}, "grouped-query": {"enable_gqa": True}}[form]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    mode = OneAttention(site)
+    mode.enter()
+    try:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    finally:
+        mode.leave()
+    assert mode.take().shape == (2, h, n, n)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
