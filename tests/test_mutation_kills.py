@@ -391,3 +391,15 @@ def test_one_attention_hands_every_argument_of_the_sdpa_call_on(form):
         mode.leave()
     assert mode.take().shape == (2, h, n, n)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_maps_of_grouped_query_heads_as_wide_as_they_are_many():
+    """Grouped-query heads where head width == head count (4 and 4), so no axis can stand in for another: the
+    maps @ v equal torch's own scaled_dot_product_attention."""
+    from qkhooks.attention import sdpa_maps
+
+    q = torch.randn(2, 4, 9, 4)
+    k, v = torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(sdpa_maps(q, k, enable_gqa=True) @ v.repeat_interleave(2, dim=-3), want,
+                               atol=1e-6, rtol=1e-5)
