@@ -233,3 +233,19 @@ def test_the_outputs_flag_of_qkhooks_record_is_made_from_the_option():
     assert RecordOptions.from_args(parser.parse_args([])).outputs == "unchanged"
     with pytest.raises(SystemExit):
         parser.parse_args(["--outputs", "fused"])
+
+
+def test_training_mode_dropout_refusal_says_the_whole_reason_and_the_fix():
+    """The whole message: the module, its class, why the maps cannot be the outputs' maps, and the two fixes."""
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              embed_dim=32, num_heads=4, attn_drop_rate=0.1).train()
+    with pytest.raises(QKHooksError) as refused:
+        with qkhooks.record(model, modes=None, attention="full", outputs="eager"):
+            model(torch.randn(1, 3, 32, 32))
+    assert str(refused.value) == (
+        "blocks.0.attn (Attention): outputs='eager' cannot compute this layer's attention once: it drops attention "
+        "weights at random (dropout_p=0.1, the module is in training mode), so its outputs cannot be the recorded "
+        "maps @ v; call model.eval(). Record with outputs='unchanged' (the default: the maps are rebuilt beside the "
+        "model's own attention).")

@@ -183,3 +183,223 @@ def test_geometry_source_box_scales_the_window_back_to_source_pixels():
     # resized 100 x 200 -> 50 x 80 (row scale 2, column scale 2.5); window 40 x 90 from row 5, column -4
     box = Geometry(source_hw=(100, 200), resized_hw=(50, 80), top=5, left=-4, output_hw=(40, 90)).source_box()
     assert box == pytest.approx((5 * 2, -4 * 2.5, (5 + 40) * 2, (-4 + 90) * 2.5))
+
+
+def test_augmented_mode_projector_maps_equal_the_tokens_with_a_one_appended_for_every_image_on_their_device():
+    """[x; 1]·u_n and [x; 1]·v_n computed directly, for a batch of three (a batch of one hides a reshape that mixes
+    images), and the maps made on the tokens' device: the meta device stands in for a GPU (no values, but a
+    weight left on the CPU is refused by the biased matmul)."""
+    from qkhooks.projector import ModeProjector
+
+    layer = qkhooks.spectrum(TINY_MODELS[0].model(), augmented=True)[0]
+    assert layer.augmented
+    projector = ModeProjector(layer)
+    x = torch.randn(3, 5, layer.dim, dtype=torch.float64)
+    x1 = torch.cat([x, torch.ones(3, 5, 1, dtype=torch.float64)], dim=-1)
+    query, key = projector(x)
+    torch.testing.assert_close(query, torch.einsum("bnd,hdk->bhkn", x1, layer.U.double()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(key, torch.einsum("bnd,hdk->bhkn", x1, layer.V.double()), rtol=1e-12, atol=1e-12)
+    query_meta, key_meta = projector(x.to("meta"))
+    assert query_meta.device.type == key_meta.device.type == "meta"
+    assert query_meta.shape == key_meta.shape == query.shape
+
+
+def _qk_of(x: torch.Tensor, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k (B, H, N, d_k) as the model's Linear makes them, biases included where it has them."""
+    q = torch.einsum("bnd,hed->bhne", x, weights.w_q.double())
+    k = torch.einsum("bnd,hed->bhne", x, weights.w_k.double())
+    if weights.b_q is not None:
+        q = q + weights.b_q.double()[None, :, None, :]
+    if weights.b_k is not None:
+        k = k + weights.b_k.double()[None, :, None, :]
+    return q, k
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False], ids=["with-biases", "bias-free"])
+def test_qk_outputs_path_equals_the_tokens_projected_on_the_modes_with_and_without_biases(qkv_bias):
+    """QKPathProjector on q, k made from random tokens equals x·u_n and x·v_n formed directly, for a model with
+    q/k biases and one without; a float64 call after a float32 one stays float64; an augmented spectrum is refused. (The spectrum is float32: agreement to 1e-5.)"""
+    import timm
+
+    from qkhooks.projector import QKPathProjector
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              qkv_bias=qkv_bias).eval()
+    site = qkhooks.sites(model)[0]
+    weights, layer = site.weights(), qkhooks.spectrum(model)[0]
+    assert (weights.b_q is None) is (not qkv_bias)
+    x = torch.randn(2, 5, site.dim, dtype=torch.float64)
+    q, k = _qk_of(x, weights)
+    projector = QKPathProjector(layer, weights)
+    projector(q.float(), k.float())
+    query, key = projector(q, k)
+    assert query.dtype == key.dtype == torch.float64
+    torch.testing.assert_close(query, torch.einsum("bnd,hdk->bhkn", x, layer.U.double()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(key, torch.einsum("bnd,hdk->bhkn", x, layer.V.double()), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^the q/k path needs the bias-free spectrum$"):
+        QKPathProjector(qkhooks.spectrum(model, augmented=True)[0], weights)
+
+
+def test_qk_outputs_path_gives_zero_maps_for_a_layer_whose_modes_all_have_sigma_zero():
+    """W_q = 0: every sigma_n is 0, so the maps from q and k are zero (documented) and finite, not 0/0."""
+    import timm
+
+    from qkhooks.projector import QKPathProjector
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1).eval()
+    with torch.no_grad():
+        qkv = model.blocks[0].attn.qkv
+        qkv.weight[: qkv.in_features].zero_()
+        qkv.bias[: qkv.in_features].zero_()
+    site = qkhooks.sites(model)[0]
+    weights, layer = site.weights(), qkhooks.spectrum(model)[0]
+    assert float(layer.S.abs().max()) == 0.0
+    q, k = _qk_of(torch.randn(2, 5, site.dim, dtype=torch.float64), weights)
+    query, key = QKPathProjector(layer, weights)(q, k)
+    assert torch.equal(query, torch.zeros_like(query)) and torch.equal(key, torch.zeros_like(key))
+
+
+@pytest.mark.parametrize("name", ["timm-vit-4x6", "hf-vit-4x6-key-first"])
+def test_attention_logits_of_every_key_are_the_models_eager_attention_before_its_softmax(name):
+    """``_logits`` (the benchmarks' reference, every key computed) softmaxed equals the model's own eager maps, for
+    all tokens and for a subset of query tokens; under RoPE a subset of queries is refused with the whole message."""
+    from qkhooks.attention import _logits
+
+    tiny = next(t for t in TINY_MODELS if t.name == name)
+    sites, x, eager = _eager_and_tokens(tiny)
+    for site in sites:
+        tokens = x[site.layer]
+        torch.testing.assert_close(torch.softmax(_logits(site, tokens, tokens), -1), eager[site.layer],
+                                   atol=1e-5, rtol=1e-4)
+        some = tokens[:, [0, 7, 13]]
+        torch.testing.assert_close(torch.softmax(_logits(site, some, tokens), -1), eager[site.layer][:, :, [0, 7, 13]],
+                                   atol=1e-5, rtol=1e-4)
+    import timm
+
+    bias_free = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                                  qkv_bias=False).eval()
+    for site, tokens in [(s, x[s.layer]) for s in sites] + [(qkhooks.sites(bias_free)[0], torch.randn(2, 17, 192))]:
+        q, k = _qk_of(tokens.double(), site.weights())  # the logits themselves: the key bias does not cancel here
+        torch.testing.assert_close(_logits(site, tokens, tokens).double(), q @ k.transpose(-1, -2) * site.scale,
+                                   atol=1e-5, rtol=1e-4)
+    site, tokens = sites[0], x[0]
+    site.rotates = lambda: True  # stands in for a RoPE site: each token is rotated by its own position
+    message = (f"{site.path}: RoPE rotates each token by its own position, so q cannot come from a subset of the "
+               "tokens; use rows_from_qk(site, *site.qk(x), query_tokens).")
+    with pytest.raises(qkhooks.QKHooksError) as refused:
+        _logits(site, tokens[:, :2], tokens)
+    assert str(refused.value) == message
+
+
+def test_pool_rows_takes_boolean_and_float32_masks_for_float64_rows():
+    """Masks come as booleans (segmentations) or in another dtype than the rows: pooled in the rows' dtype."""
+    from qkhooks.attention import pool_rows
+
+    rows = torch.rand(2, 3, 2, 25, dtype=torch.float64)
+    masks = torch.rand(2, 4, 25) > 0.5
+    want = torch.einsum("bhtn,bmn->bhtm", rows, masks.double())
+    for given in (masks, masks.float()):
+        pooled = pool_rows(rows, given, 1)
+        assert pooled.dtype == torch.float64
+        torch.testing.assert_close(pooled, want, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_rows_of_a_class_attention_layer_refuse_tokens_other_than_the_class_token():
+    """Only the class token queries in class attention (CaiT); a stand-in site marked so refuses token 3."""
+    from qkhooks.attention import attention_rows, rows_from_qk
+
+    tiny = next(t for t in TINY_MODELS if t.name == "timm-vit-4x6")
+    site = qkhooks.sites(tiny.model())[0]
+    site.class_attention = True
+    x = torch.randn(2, 25, site.dim)
+    for rows in (lambda t: rows_from_qk(site, *site.qk(x), t), lambda t: attention_rows(site, x, t)):
+        with pytest.raises(qkhooks.QKHooksError, match=r"class attention: only the class token .* the rows of tokens \[3\]"):
+            rows(torch.tensor([[0, 3], [0, 3]]))
+
+
+def test_attention_full_maps_of_a_class_attention_layer_are_the_class_tokens_row():
+    """In class attention only the class token queries: the full maps are (B, H, 1, N), the first row of the
+    model's own eager maps (a stand-in site marked so, on the timm 4 x 6 model)."""
+    from qkhooks.attention import attention_full
+
+    sites, x, eager = _eager_and_tokens(next(t for t in TINY_MODELS if t.name == "timm-vit-4x6"))
+    site = sites[1]
+    site.class_attention = True
+    maps = attention_full(site, x[1])
+    assert maps.shape == (2, site.num_heads, 1, 25)
+    torch.testing.assert_close(maps, eager[1][:, :, :1], atol=1e-5, rtol=1e-4)
+
+
+def test_one_attention_takes_the_maps_of_an_sdpa_call_that_leaves_every_default():
+    """A module calling scaled_dot_product_attention(q, k, v) with no other argument: the maps kept are
+    softmax(q kᵀ / sqrt(d_k)) formed directly, and the output is torch's own for the same call."""
+    from qkhooks.attention import OneAttention
+
+    site = qkhooks.sites(next(t for t in TINY_MODELS if t.name == "timm-vit-4x6").model())[0]
+    q, k, v = (torch.randn(2, site.num_heads, 25, site.head_dim) for _ in range(3))
+    want_out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    mode = OneAttention(site)
+    mode.enter()
+    try:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    finally:
+        mode.leave()
+    maps = mode.take()
+    torch.testing.assert_close(maps, torch.softmax(q @ k.transpose(-1, -2) / site.head_dim ** 0.5, -1),
+                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, want_out, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wrong", ["heads", "head_dim"])
+def test_one_attention_refuses_an_sdpa_call_whose_q_is_not_the_sites_heads_by_head_dim(wrong):
+    """Either the head count or the head width differing from the site's is refused, naming the shape."""
+    from qkhooks.attention import OneAttention
+
+    site = qkhooks.sites(next(t for t in TINY_MODELS if t.name == "timm-vit-4x6").model())[0]
+    heads, width = (site.num_heads * 2, site.head_dim) if wrong == "heads" else (site.num_heads, site.head_dim * 2)
+    q = k = v = torch.randn(2, heads, 25, width)
+    mode = OneAttention(site)
+    mode.enter()
+    try:
+        with pytest.raises(qkhooks.QKHooksError) as refused:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    finally:
+        mode.leave()
+    assert (f"its attention call has q of shape (2, {heads}, 25, {width}), not the (batch, {site.num_heads} heads, "
+            f"tokens, {site.head_dim}) the adapter describes") in str(refused.value)
+
+
+@pytest.mark.parametrize("form", ["float-mask", "bool-mask", "causal", "scale", "grouped-query"])
+def test_one_attention_hands_every_argument_of_the_sdpa_call_on(form):
+    """Mask, causal flag, scale and grouped-query heads of the model's call all shape the maps kept: the output
+    returned (maps @ v) equals torch's own scaled_dot_product_attention for the same call."""
+    from qkhooks.attention import OneAttention
+
+    site = qkhooks.sites(next(t for t in TINY_MODELS if t.name == "timm-vit-4x6").model())[0]
+    h, n, dk = site.num_heads, 25, site.head_dim
+    kv_heads = h // 2 if form == "grouped-query" else h
+    q = torch.randn(2, h, n, dk)
+    k, v = torch.randn(2, kv_heads, n, dk), torch.randn(2, kv_heads, n, dk)
+    kwargs = {"float-mask": {"attn_mask": torch.randn(n, n)}, "bool-mask": {"attn_mask": torch.rand(n, n) > 0.3},
+              "causal": {"is_causal": True}, "scale": {"scale": 0.3}, "grouped-query": {"enable_gqa": True}}[form]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    mode = OneAttention(site)
+    mode.enter()
+    try:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    finally:
+        mode.leave()
+    assert mode.take().shape == (2, h, n, n)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_maps_of_grouped_query_heads_as_wide_as_they_are_many():
+    """Grouped-query heads where head width == head count (4 and 4), so no axis can stand in for another: the
+    maps @ v equal torch's own scaled_dot_product_attention."""
+    from qkhooks.attention import sdpa_maps
+
+    q = torch.randn(2, 4, 9, 4)
+    k, v = torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(sdpa_maps(q, k, enable_gqa=True) @ v.repeat_interleave(2, dim=-3), want,
+                               atol=1e-6, rtol=1e-5)
