@@ -660,7 +660,28 @@ def _model_sites(model: nn.Module, layers: Sequence[int] | None) -> list[Attenti
     hit = _SITES.get(model)
     if hit is None or hit[0] != key:
         hit = _SITES[model] = (key, find_sites(model))
-    return select_layers([dataclasses.replace(site) for site in hit[1]], layers)
+    copies = [_own_copy(site) for site in hit[1]]
+    if any(c is None for c in copies):  # a site a copy cannot be cut loose from: searched afresh, never shared
+        del _SITES[model]
+        return find_sites(model, layers)
+    return select_layers(copies, layers)
+
+
+def _own_copy(site: AttentionSite) -> AttentionSite | None:
+    """A copy of a cached ``site`` (which never records: it holds what the search found) that shares no call state
+    with other copies: every attribute kept (adapters set some that are not dataclass fields), containers copied,
+    methods of the original bound to the copy (a HaloNet site keeps its own ``haloed_keys`` as ``key_tokens``); None
+    where a function closes over the original, which no copy can redirect."""
+    copy = dataclasses.replace(site)
+    for name, value in vars(site).items():
+        if inspect.ismethod(value) and value.__self__ is site:
+            value = value.__func__.__get__(copy)
+        elif any(cell.cell_contents is site for cell in getattr(value, "__closure__", None) or ()):
+            return None
+        elif isinstance(value, (dict, list, set)):
+            value = type(value)(value)
+        setattr(copy, name, value)
+    return copy
 
 
 def _reduced_keys(site: AttentionSite, x: torch.Tensor, input: str, dtype: torch.dtype | None) -> torch.Tensor:

@@ -1184,3 +1184,26 @@ def test_a_finished_recording_of_windowed_or_reduced_attention_keeps_no_model_al
     del model
     gc.collect()
     assert all(ref() is None for ref in refs), [type(ref()).__name__ for ref in refs if ref() is not None]
+
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.expect == "exact"], ids=lambda c: c.name)
+def test_a_second_recording_of_the_same_model_equals_the_first(case: Case):
+    """record() keeps a model's sites between entries and hands each recording its own copies
+    (capture._model_sites); the first entry is checked against the model's eager attention by the fast subset. A copy
+    that still shared call state with the cached site or an earlier copy (a bound method of the original, a shared
+    cache) would make the second entry differ or fail, for some form: every exact form is entered twice here."""
+    torch.manual_seed(0)
+    model = perturb(case.build())
+    inputs = case.inputs()
+    recorded = []
+    for _ in range(2):
+        with qkhooks.record(model, modes="all", augmented=True, attention="full") as run:
+            out = _first_tensor(_call(model, inputs))
+        recorded.append((out, run.attention_maps("full"), dict(run.query), dict(run.key)))
+    (out1, full1, q1, k1), (out2, full2, q2, k2) = recorded
+    assert torch.equal(out1, out2)
+    assert sorted(full1) == sorted(full2) == sorted(q1) == sorted(q2) and len(full1) > 0
+    for layer in full1:
+        assert torch.equal(full1[layer], full2[layer]), f"layer {layer}: full maps differ on the second entry"
+        assert torch.equal(q1[layer], q2[layer]) and torch.equal(k1[layer], k2[layer]), f"layer {layer}: modes differ"
