@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 
+import copy
 import dataclasses
 from typing import Any, Callable
 
@@ -106,7 +107,8 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         for h in handles:
             h.remove()
     if len(seen) < len(sites) and before != "eager":  # the class picked its attention modules when built (Data2Vec):
-        twin = type(model)._from_config(model.config, attn_implementation="eager").eval()  # an eager twin, same weights
+        # an eager twin, same weights, on a copy of the config (building it sets the config's implementation: SAM2)
+        twin = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
         twin.load_state_dict(model.state_dict())
         twin_sites = [dataclasses.replace(s, module=twin.get_submodule(s.path)) for s in sites]
         twin.config._attn_implementation = "eager"
@@ -438,6 +440,13 @@ def _small_halonet() -> nn.Module:
 
 SEG_SWIN = dict(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2], window_size=4,
                 out_features=["stage1", "stage2", "stage3", "stage4"])
+SAM2_HIERA = dict(embed_dim=16, num_heads=1, stages=(1, 2, 2, 1), window_spec=(4, 6, 2, 2), global_att_blocks=(4,),
+                  global_pos_size=(4, 4))
+HF_SAM2 = dict(backbone_config=dict(model_type="sam2_hiera_det_model", hidden_size=16, num_attention_heads=1,
+                                    blocks_per_stage=[1, 2, 2, 1], embed_dim_per_stage=[16, 32, 64, 128],
+                                    num_attention_heads_per_stage=[1, 2, 2, 4], window_size_per_stage=[4, 6, 2, 2],
+                                    global_attention_blocks=[4], window_positional_embedding_background_size=[4, 4]),
+               backbone_channel_list=[128, 64, 32, 16], fpn_hidden_size=16)
 FAST_CASES = [
     _timm_case("vit_tiny_patch16_224", "exact", **SMALL_VIT),
     _timm_case("pit_ti_224", "exact", size=64, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8)),
@@ -601,6 +610,12 @@ FAST_CASES = [
     # zoo-pooled: MViTv2, q and k pooled by strided convs + LayerNorm after W_q / W_k, class token kept apart, the
     # decomposed relative term on the pooled grids
     Case("mvitv2-cls", lambda: _small_mvitv2(), lambda: {"x": _images(64)}, "timm", "exact"),
+    # zoo-sam2: SAM2's Hiera-det, q max-pooled after W_q at stage transitions inside windowed blocks; a 16x24 grid, so
+    # windows of 6 pad (pooled and not), a global block, a pooling block of 1x1-query windows
+    Case("sam2_hiera_tiny-padded", _timm("sam2_hiera_tiny", **SAM2_HIERA), lambda: {"x": _images((64, 96))}, "timm",
+         "exact", entry="sam2_hiera_tiny"),
+    Case("Sam2VisionModel-padded", _hf("Sam2VisionModel", "Sam2VisionConfig", **HF_SAM2), lambda: {"pixel_values": _images((64, 96))},
+         "hf", "exact", entry="Sam2VisionModel"),
     # zoo-runs: segmentation models on a Swin image encoder (exact); their object-query decoders left out by design
     _hf_case("Mask2FormerForUniversalSegmentation", "Mask2FormerForUniversalSegmentation", "Mask2FormerConfig", "exact",
              size=64, backbone_config=dict(SEG_SWIN, model_type="swin"), feature_size=32, mask_feature_size=32,

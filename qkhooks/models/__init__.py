@@ -15,7 +15,8 @@ from qkhooks.models import plain as _plain  # noqa: F401  (teaches the timm adap
 from qkhooks.models import relpos as _relpos  # noqa: F401  (teaches the adapters relative positions, SAM/ViTDet windows)
 from qkhooks.models import halo as _halo  # noqa: F401  (teaches the timm adapter BoTNet's PosEmbedRel term)
 from qkhooks.models import blocks as _blocks  # noqa: F401  (teaches the timm adapter NesT and TNT blocks)
-from qkhooks.models import pooled as _pooled  # noqa: F401  (Hiera's pooled queries; MViTv2 / SAM2 refusals)
+from qkhooks.models import pooled as _pooled  # noqa: F401  (Hiera's pooled queries, MViTv2; pool-first refusal)
+from qkhooks.models import sam2 as _sam2  # noqa: F401  (SAM2's Hiera-det: pooled queries inside windows)
 
 sites = find_sites
 

@@ -160,18 +160,12 @@ register_adapter("timm-hiera", _is_timm_hiera, _timm_hiera_sites,
 
 
 # ------------------------------------------------------------------------------ pooled forms not modelled yet
+# (SAM2's Hiera-det, pooled queries inside windows: models/sam2.py)
 _POOLED = "so its maps are pooled queries x keys and its queries are not W_q applied to the tokens"
 UNMODELLED_FORMS.update({
     "timm.models.mvitv2.MultiScaleAttentionPoolFirst": "MViTv2 (pool first) pools the tokens with pool_q / pool_k and "
     "norms before W_q / W_k and adds a decomposed relative-position term q·R on the pooled grids, " + _POOLED
     + "; qkhooks does not model this pooling yet",
-    "timm.models.hieradet_sam2.MultiScaleAttention": "SAM2's Hiera-det max-pools q (q_pool, query stride 2x2) after W_q "
-    "at stage transitions, inside blocks that cut the grid into windows (one call per window, windows on the batch "
-    "axis), " + _POOLED + " per window; qkhooks models max-pooled queries (Hiera's mask units) and SAM's windows, not "
-    "their combination yet",
-    "transformers.models.sam2.modeling_sam2.Sam2MultiScaleAttention": "SAM2's Hiera-det max-pools q (query_stride) "
-    "after W_q at stage transitions, inside blocks that cut the grid into windows, " + _POOLED + " per window; qkhooks "
-    "models max-pooled queries (Hiera's mask units) and SAM's windows, not their combination yet",
 })
 
 
