@@ -404,11 +404,12 @@ def _small_mobilenetv4_hybrid() -> nn.Module:
     return MobileNetV3(block_args=decode_arch_def(arch), stem_size=8, num_features=32, num_classes=10)
 
 
-def _small_mvitv2() -> nn.Module:
-    """MViTv2 small, with a class token (its entry points fix the config and leave the class token out)."""
+def _small_mvitv2(**variant: Any) -> nn.Module:
+    """MViTv2 small, with a class token (its entry points fix the config and leave the class token out); ``variant``:
+    other MultiScaleVitCfg settings users load (pooling mode, pool first, residual pooling, relative positions)."""
     from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 
-    cfg = MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=16, num_heads=1, use_cls_token=True)
+    cfg = MultiScaleVitCfg(**dict(dict(depths=(1, 2, 1, 1), embed_dim=16, num_heads=1, use_cls_token=True), **variant))
     return MultiScaleVit(cfg=cfg, img_size=64, num_classes=10)
 
 
@@ -619,6 +620,14 @@ FAST_CASES = [
     # zoo-pooled: MViTv2, q and k pooled by strided convs + LayerNorm after W_q / W_k, class token kept apart, the
     # decomposed relative term on the pooled grids
     Case("mvitv2-cls", lambda: _small_mvitv2(), lambda: {"x": _images(64)}, "timm", "exact"),
+    # zoo-sam2: MViTv2's other settings: max / avg pooling of q, k, v; no relative positions, no residual pooling, no
+    # class token; pool first (tokens pooled and normed before W_q / W_k) refused naming what it does
+    Case("mvitv2-max-pool", lambda: _small_mvitv2(mode="max", use_cls_token=False), lambda: {"x": _images(64)}, "timm",
+         "exact"),
+    Case("mvitv2-avg-pool-no-relpos-no-residual", lambda: _small_mvitv2(mode="avg", rel_pos_type="", residual_pooling=False),
+         lambda: {"x": _images(64)}, "timm", "exact"),
+    Case("mvitv2-pool-first", lambda: _small_mvitv2(pool_first=True), lambda: {"x": _images(64)}, "timm",
+         "pools the tokens entering W_q and W_k", "stages.0.blocks.0.attn"),
     # zoo-sam2: SAM2's Hiera-det, q max-pooled after W_q at stage transitions inside windowed blocks; a 16x24 grid, so
     # windows of 6 pad (pooled and not), a global block, a pooling block of 1x1-query windows
     Case("sam2_hiera_tiny-padded", _timm("sam2_hiera_tiny", **SAM2_HIERA), lambda: {"x": _images((64, 96))}, "timm",

@@ -161,11 +161,13 @@ register_adapter("timm-hiera", _is_timm_hiera, _timm_hiera_sites,
 
 # ------------------------------------------------------------------------------ pooled forms not modelled yet
 # (SAM2's Hiera-det, pooled queries inside windows: models/sam2.py)
-_POOLED = "so its maps are pooled queries x keys and its queries are not W_q applied to the tokens"
 UNMODELLED_FORMS.update({
-    "timm.models.mvitv2.MultiScaleAttentionPoolFirst": "MViTv2 (pool first) pools the tokens with pool_q / pool_k and "
-    "norms before W_q / W_k and adds a decomposed relative-position term q·R on the pooled grids, " + _POOLED
-    + "; qkhooks does not model this pooling yet",
+    "timm.models.mvitv2.MultiScaleAttentionPoolFirst": "MViTv2 with pool_first=True pools the tokens entering W_q and "
+    "W_k inside the module (its input split into per-head channel groups, pooled by pool_q / pool_k on the call's "
+    "feat_size and normed by norm_q / norm_k, the class token kept apart), so queries and keys are W_q and W_k applied "
+    "to pooled tokens the module makes itself, not to its input, plus the decomposed relative term q·R_h + q·R_w on the "
+    "pooled grids where rel_pos_type='spatial'; qkhooks does not read those pooled tokens out of this module yet "
+    "(MViTv2 with pool_first=False, timm's default, is modelled)",
 })
 
 
