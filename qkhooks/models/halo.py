@@ -180,6 +180,13 @@ class HaloSite(WindowSite, RelativeSite):
             return super().grid_for(num_tokens)
         return self._grid_of_call[0] // self.query_stride, self._grid_of_call[1] // self.query_stride
 
+    def reduced_key_grid(self, grid: tuple[int, int] | None, key_tokens: int) -> tuple[int, int] | None:
+        """The key maps' grid (run-file geometry): the call's own (H, W) map, which a strided block's query grid
+        (H/s, W/s) is not; None when the call's map does not have ``key_tokens`` pixels."""
+        if self._grid_of_call is None or self._grid_of_call[0] * self._grid_of_call[1] != key_tokens:
+            return None
+        return self._grid_of_call
+
     def forget_call(self) -> None:
         super().forget_call()
         self._index = None

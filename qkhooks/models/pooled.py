@@ -215,6 +215,12 @@ class PooledMViTSite(AttentionSite):
         self._sizes = (sizes[0], sizes[1])
         return pooled[0], pooled[1]
 
+    @property
+    def relative(self) -> Any:
+        """What recordings read to tell a layer with a query-dependent relative term (``rel_pos_type='spatial'``), as
+        SAM's sites hold it: this site's :meth:`relative_term`; None without one."""
+        return self.relative_term if self.module.rel_pos_type == "spatial" else None
+
     def relative_term(self) -> torch.Tensor | None:
         """q̂_i·R_h[h_i − h_j] + q̂_i·R_w[w_i − w_j] (B, H, N_q, N_k) of the call, with the pooled, normalised q and the
         module's own ``cal_rel_pos_type`` and tables (zero on the class token's row and column); None without it."""
@@ -272,12 +278,14 @@ def _mvit_attention() -> type:
 
 
 def _mvit_reader(attn: nn.Module):
+    """q then k rows of the fused qkv. No q/k modules: the maps are rebuilt in the site's own call hook, where the
+    relative term of the same call is kept with them (rec.relative_term(l), run files' relative/L{l})."""
     qkv, rows = attn.qkv, 2 * (attn.qkv.out_features // 3)
 
     def qk_linear() -> tuple[torch.Tensor, torch.Tensor | None]:
         return qkv.weight[:rows], None if qkv.bias is None else qkv.bias[:rows]
 
-    return qk_linear, (qkv,)
+    return qk_linear, ()
 
 
 def _mvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
