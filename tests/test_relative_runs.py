@@ -78,3 +78,38 @@ def test_halonet_run_file_stores_each_layers_key_grid_the_calls_own_map(tmp_path
             assert geometry.key_tokens == seen[site.layer][0] * seen[site.layer][1]
             strided += stride > 1
     assert strided, "the case must hold a strided block"
+
+
+def test_mvitv2_grid_of_a_non_square_input_is_the_feat_size_the_model_hands_its_attention():
+    """An 8x32 token grid has 256 tokens, which the old square fallback read as 16x16; the grid is now the call's own
+    feat_size at every stage (the queries of a pooling layer are read on the grid entering W_q, as the modes)."""
+    from test_zoo import _small_mvitv2
+
+    torch.manual_seed(0)
+    model = perturb(_small_mvitv2(rel_pos_type=""))  # its relative tables are sized for square grids only
+    sizes: dict[int, tuple[int, int]] = {}
+    handles = [s.module.register_forward_pre_hook(lambda m, a, layer=s.layer: sizes.__setitem__(layer, tuple(a[1])))
+               for s in qkhooks.sites(model)]
+    try:
+        with qkhooks.record(model, modes=2, attention="full") as rec, torch.no_grad():
+            rec(torch.randn(1, 3, 32, 128))
+    finally:
+        for h in handles:
+            h.remove()
+    assert sizes[0] == (8, 32)
+    assert {layer: tuple(rec.geometry(layer).grid) for layer in rec.layers} == sizes
+
+
+def test_rope_bands_refuse_tables_off_the_native_grid_rather_than_guess_one():
+    """Frequencies are angle steps along the grid's rows and columns: tables of 12 tokens on a 4x4 site are refused
+    (the old fallback read them as 3x4, whatever the model's grid)."""
+    from qkhooks.models.rope import rope_bands
+
+    case = next(c for c in FAST_CASES if c.name == "vit_small_patch16_dinov3")
+    torch.manual_seed(0)
+    site = qkhooks.sites(case.build())[0]
+    assert site.grid[0] * site.grid[1] != 12
+    dk = site.head_dim
+    tables = torch.cat([torch.zeros(12, dk), torch.ones(12, dk)], -1)  # timm's [sin | cos] on 12 tokens
+    with pytest.raises(QKHooksError, match=r"12 rotated tokens are not the native .* grid"):
+        rope_bands(site, tables, 2)

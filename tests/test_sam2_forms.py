@@ -185,3 +185,51 @@ def test_a_q_pool_other_than_a_max_pool_is_refused_naming_it():
     model.blocks[1].attn.q_pool = torch.nn.AvgPool2d(2, 2)
     with pytest.raises(QKHooksError, match=r"unsupported attention in 'blocks\.1\.attn' .* AvgPool2d"):
         qkhooks.sites(model)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_each_layers_grid_is_its_blocks_own_non_square_grid(case: Case):
+    """A 64x96 image: 16x24 tokens at stage 0 down to 2x3; each layer's recorded grid is its block's (B, H, W, d) input
+    grid (the unpooled tokens its modes are on), never a square guess; windowed layers say their window."""
+    model, inputs = _build(case)
+    sites = qkhooks.sites(model)
+    seen, handles = _block_inputs(model, sites)
+    try:
+        with qkhooks.record(model, modes=2, attention="full") as rec, torch.no_grad():
+            _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    grids = {s.layer: tuple(seen[s.layer].shape[1:3]) for s in sites}
+    assert grids[0] == (16, 24) and grids[4] == (4, 6)
+    for site in sites:
+        geometry = rec.geometry(site.layer)
+        assert tuple(geometry.grid) == grids[site.layer], site.path
+        w = _window_of(site.block)
+        assert (geometry.window is None) is (not w) and (not w or geometry.window["size"] == [w, w]), site.path
+
+
+@pytest.mark.parametrize("case", CASES[:1], ids=lambda c: c.name)
+def test_a_dataset_run_stores_each_layers_pooled_maps_and_grid_as_the_live_recording(case: Case, tmp_path):
+    from qkhooks.data.preprocess import ImageConfig
+    from qkhooks.models.load import load_model
+    from qkhooks.store import open_run
+    from qkhooks.stream import record_dataset
+
+    model, _ = _build(case)
+    maps: dict[int, list[torch.Tensor]] = {}
+
+    def keep(batch) -> None:
+        for layer in batch.attention_layers("full"):
+            maps.setdefault(layer, []).append(batch.attention(layer, "full").clone())
+
+    config = ImageConfig(size=(64, 96), mean=(0.5,) * 3, std=(0.5,) * 3)
+    record_dataset(load_model(model, image_config=config), "samples", tmp_path / "sam2.h5", limit=4, batch_size=2,
+                   progress=False, dtype="float32", modes=2, attention="full", reducers=[], on_batch=keep)
+    with open_run(tmp_path / "sam2.h5") as run:
+        assert sorted(maps) == list(range(6))
+        for layer, live in maps.items():
+            stored = torch.as_tensor(run.attention(layer, "full")[:])
+            torch.testing.assert_close(stored, torch.cat(live), atol=0, rtol=0)
+        assert tuple(run.geometry(0).grid) == (16, 24) and tuple(run.geometry(4).grid) == (4, 6)
+        assert run.geometry(1).window["windows"] == 24  # the pooling block's 4x4 windows of the 16x24 grid

@@ -199,7 +199,7 @@ class PooledMViTSite(AttentionSite):
         """The module's own steps on q and k (B, H, N, d_k), in its forward's order."""
         from timm.models.mvitv2 import reshape_post_pool, reshape_pre_pool
 
-        if self._call_feat is None:
+        if self._call_feat is None or self._call_feat[0] * self._call_feat[1] + self.num_prefix_tokens != q.shape[2]:
             raise QKHooksError(f"{self.path}: its q and k are pooled on the call's grid; rebuild maps of this layer "
                                "inside a recording of a model call.")
         m, feat = self.module, list(self._call_feat)
@@ -266,9 +266,17 @@ class PooledMViTSite(AttentionSite):
                            "rec.relative_term(l))")
         return "; ".join(r for r in reasons if r)
 
+    def grid_for(self, num_tokens: int) -> tuple[int, int]:
+        """The (h, w) grid of the tokens entering W_q in the call (its ``feat_size``, after the class token), as the
+        model hands it; never a square guess (MViTv2 takes any h x w)."""
+        if self._call_feat is None or self._call_feat[0] * self._call_feat[1] != num_tokens - self.num_prefix_tokens:
+            raise QKHooksError(f"{self.path}: the grid of {num_tokens} tokens is the feat_size the model hands this "
+                               f"attention, and no call of that size is being recorded (last: {self._call_feat}).")
+        return self._call_feat
+
     def forget_call(self) -> None:
-        super().forget_call()
-        self._call_feat, self._call_tokens, self._sizes, self._term = None, None, None, None
+        super().forget_call()  # the call's grid stays: the layer's geometry in the recording just made (no tensor)
+        self._call_tokens, self._sizes, self._term = None, None, None
 
 
 def _mvit_attention() -> type:

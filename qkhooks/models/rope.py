@@ -13,7 +13,6 @@ attention), so the split is the model's, not a guess.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import torch
@@ -86,7 +85,12 @@ def rope_angles(site: AttentionSite, tables: Any, num_tokens: int) -> torch.Tens
 def _frequency(site: AttentionSite, phi_patches: torch.Tensor) -> torch.Tensor:
     """Angle step per token of every pair: the larger of its mean steps along grid rows and columns."""
     n = phi_patches.shape[0]
-    gh, gw = site.grid if site.grid and site.grid[0] * site.grid[1] == n else (int(math.isqrt(n)), n // max(1, int(math.isqrt(n))))
+    if site.grid and n == site.num_prefix_tokens + site.grid[0] * site.grid[1]:  # tables with the prefix rows (MLCD)
+        phi_patches, n = phi_patches[site.num_prefix_tokens:], n - site.num_prefix_tokens
+    if not site.grid or site.grid[0] * site.grid[1] != n:  # steps along rows and columns need the model's own grid
+        raise QKHooksError(f"{site.path}: {n} rotated tokens are not the native {site.grid} grid the rotary tables "
+                           "are read on; qkhooks does not guess another grid for the RoPE bands.")
+    gh, gw = site.grid
     grid = phi_patches[: gh * gw].reshape(gh, gw, -1)
     steps = []
     for diff in (grid[:, 1:] - grid[:, :-1], grid[1:] - grid[:-1]):

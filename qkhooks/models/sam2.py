@@ -53,7 +53,7 @@ class QueryPoolSite(AttentionSite):
     """
 
     pool_q: QueryPool | None = None
-    _call_hw: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
+    _call_hw: tuple[int, int] | None = dataclasses.field(default=None, repr=False)  # kept: the layer's geometry
 
     @property
     def pools_queries(self) -> bool:
@@ -108,9 +108,6 @@ class QueryPoolSite(AttentionSite):
                                f"(B, h, w, d) input, and no call of that size is being recorded (last: {self._call_hw}).")
         return self._call_hw
 
-    def forget_call(self) -> None:
-        super().forget_call()
-        self._call_hw = None
 
 
 @dataclasses.dataclass(eq=False)
