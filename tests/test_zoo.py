@@ -91,6 +91,10 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
     softmaxed: dict[int, torch.Tensor] = {}  # modules that return no weights (HF MobileViT): the softmax they compute
     for i, site in enumerate(sites):
         handles += _softmax_hooks(site.module, lambda t, i=i: softmaxed.__setitem__(i, t.detach().clone()))
+    segments: dict[int, list[torch.Tensor]] = {}  # zoo-packed: a packed tower's softmax of each segment, in order
+    for i, site in enumerate(sites):
+        if hasattr(site, "segment_lengths"):
+            handles += _softmax_hooks(site.module, lambda t, i=i: segments.setdefault(i, []).append(t.detach().clone()))
     handles += [site.module.register_forward_pre_hook(_ask_for_weights, with_kwargs=True) for site in sites]
     before = model.config._attn_implementation
     # sub-models may run another implementation than the top config says (Mask2Former's Swin backbone: SDPA): each put back
@@ -105,6 +109,7 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
                 module.config._attn_implementation = implementation
         for h in handles:
             h.remove()
+    seen.update({i: _padded_segments(maps) for i, maps in segments.items()})  # zoo-packed: its eager softmaxes
     if len(seen) < len(sites) and before != "eager":  # the class picked its attention modules when built (Data2Vec):
         twin = type(model)._from_config(model.config, attn_implementation="eager").eval()  # an eager twin, same weights
         twin.load_state_dict(model.state_dict())
@@ -113,6 +118,19 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         return eager_maps(twin, twin_sites, inputs, kind)
     seen = {i: seen.get(i, softmaxed.get(i)) for i in range(len(sites))}
     return [seen[i] for i in range(len(sites)) if seen[i] is not None]
+
+
+def _padded_segments(maps: list[torch.Tensor]) -> torch.Tensor:
+    """zoo-packed: per-segment maps (1, H, n_s, n_s) -> (S, H, n_max, n_max), zero outside each segment's block."""
+    n = max(m.shape[-1] for m in maps)
+    return torch.cat([torch.nn.functional.pad(m, (0, n - m.shape[-1], 0, n - m.shape[-2])) for m in maps])
+
+
+def _packed_tokens(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """zoo-packed: packed tokens (N_total, d) -> (S, n_max, d) zero-padded, and which positions are tokens (S, n_max)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    valid = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    return torch.nn.utils.rnn.pad_sequence(list(x.split(lengths)), batch_first=True), valid
 
 
 def _ask_for_weights(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -158,6 +176,7 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         return _refused(err)
     fired: list[int] = []  # layer indices must be the order the forward runs the sites
     inputs_seen: dict[int, torch.Tensor] = {}
+    packed_valid: dict[int, torch.Tensor] = {}  # zoo-packed: token positions of each segment of a packed call
 
     def seen(site: Any):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -167,6 +186,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
             if x.dim() == 4 and site.token_layout == "channels_first" and not keep_map:  # NCHW maps (BoTNet), row by row
                 x = x.flatten(2).transpose(1, 2)
             inputs_seen[site.layer] = x.flatten(1, -2) if x.dim() == 4 and not keep_map else x
+            if "cu_seqlens" in kwargs and x.dim() == 2:  # zoo-packed: one packed sequence, cut by the call's cu_seqlens
+                inputs_seen[site.layer], packed_valid[site.layer] = _packed_tokens(x, kwargs["cu_seqlens"])
 
         return hook
 
@@ -229,6 +250,9 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
             ref = _own_content_logits(live.module, inputs_seen[site.layer], site.num_heads) * site.scale
             if site.layer in windows:  # (B·nW, H, Nw, Nw) as the module saw it
                 ref = ref.unflatten(0, (-1, windows[site.layer].shape[0]))
+            if site.layer in packed_valid:  # zoo-packed: padding is no token; qkhooks reports 0 there
+                valid = packed_valid[site.layer]
+                ref = ref * (valid[:, None, :, None] & valid[:, None, None, :])
             err = float((logits - ref).abs().max() / ref.abs().max())
             assert err < 1e-4, f"{site.path}: modes do not rebuild the unrotated content logits ({err:.1e})"
             continue
@@ -753,6 +777,8 @@ def _hf_small(cls_name: str) -> tuple[nn.Module, dict[str, Any]]:
     import transformers
 
     cls = getattr(transformers, cls_name)
+    if _takes_packed_grids(cls):  # zoo-packed: vision towers of VLMs take packed patches and per-image grids
+        return _packed_small(cls)
     default = cls.config_class()
     shrink = {k: v for k, v in dict(HF_SMALL, num_channels=3).items() if isinstance(getattr(default, k, None), int)}
     if isinstance(getattr(default, "image_size", None), (list, tuple)) and len(default.image_size) == 2:  # YOLOS: (512, 864)
@@ -770,6 +796,52 @@ def _hf_small(cls_name: str) -> tuple[nn.Module, dict[str, Any]]:
     torch.manual_seed(0)
     model = perturb(cls._from_config(config, **extra))
     inputs = {"pixel_values": _images(size, batch=1)}
+    _call(model, inputs)
+    return model, inputs
+
+
+# zoo-packed: two images of different grids, (t, h, w) = (1, 4, 6) and (1, 2, 4) patches, in one packed sequence
+PACKED_GRIDS = ((1, 4, 6), (1, 2, 4))
+PACKED_SMALL = dict(depth=2, num_hidden_layers=2, hidden_size=32, embed_dim=32, num_heads=4, num_attention_heads=4,
+                    num_key_value_heads=4, intermediate_size=64, out_hidden_size=32, patch_size=8, temporal_patch_size=1,
+                    spatial_merge_size=2, in_channels=3, num_channels=3, head_dim=8)
+
+
+def _takes_packed_grids(cls: type) -> bool:
+    """Whether the class's forward takes per-image patch grids beside the pixels (a packed vision tower)."""
+    import inspect
+
+    return bool({"grid_thw", "image_grid_thw"} & set(inspect.signature(cls.forward).parameters))
+
+
+def _packed_inputs(config: Any, cls: type, grids: tuple[tuple[int, int, int], ...] = PACKED_GRIDS) -> dict[str, Any]:
+    """Flattened patches (sum of t·h·w, C·T·P·P) and the grids, under the forward's own argument names."""
+    import inspect
+
+    params = list(inspect.signature(cls.forward).parameters)
+    channels = getattr(config, "in_channels", None) or getattr(config, "num_channels", 3)
+    temporal, patch = getattr(config, "temporal_patch_size", 1) or 1, config.patch_size
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), channels * temporal * patch * patch,
+                         generator=torch.Generator().manual_seed(1))
+    inputs = {params[1]: pixels, "image_grid_thw" if "image_grid_thw" in params else "grid_thw": grid}
+    if "merge_sizes" in params:  # VideoLlama3: the merge size of each image
+        inputs["merge_sizes"] = torch.full((len(grids),), int(getattr(config, "spatial_merge_size", 2) or 2))
+    return inputs
+
+
+def _packed_small(cls: type) -> tuple[nn.Module, dict[str, Any]]:
+    """A packed vision tower from its default config with PACKED_SMALL's sizes, on two images of different grids."""
+    default = cls.config_class()
+    config = cls.config_class(**{k: v for k, v in PACKED_SMALL.items() if isinstance(getattr(default, k, None), int)})
+    extra = {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
+    with torch.device("meta"):
+        params = _params(cls._from_config(config, **extra))
+    if params > ZOO_MAX_PARAMS:
+        raise RuntimeError(f"{params / 1e6:.0f}M parameters even with the small config")
+    torch.manual_seed(0)
+    model = perturb(cls._from_config(config, **extra))
+    inputs = _packed_inputs(config, cls)
     _call(model, inputs)
     return model, inputs
 
