@@ -186,8 +186,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
             if x.dim() == 4 and site.token_layout == "channels_first" and not keep_map:  # NCHW maps (BoTNet), row by row
                 x = x.flatten(2).transpose(1, 2)
             inputs_seen[site.layer] = x.flatten(1, -2) if x.dim() == 4 and not keep_map else x
-            if "cu_seqlens" in kwargs and x.dim() == 2:  # zoo-packed: one packed sequence, cut by the call's cu_seqlens
-                inputs_seen[site.layer], packed_valid[site.layer] = _packed_tokens(x, kwargs["cu_seqlens"])
+            if "cu_seqlens" in kwargs:  # zoo-packed: one packed sequence (HYV4VL: a batch of one), cut by its cu_seqlens
+                inputs_seen[site.layer], packed_valid[site.layer] = _packed_tokens(x.reshape(-1, x.shape[-1]), kwargs["cu_seqlens"])
 
         return hook
 
@@ -814,24 +814,36 @@ def _takes_packed_grids(cls: type) -> bool:
     return bool({"grid_thw", "image_grid_thw"} & set(inspect.signature(cls.forward).parameters))
 
 
-def _packed_inputs(config: Any, cls: type, grids: tuple[tuple[int, int, int], ...] = PACKED_GRIDS) -> dict[str, Any]:
-    """Flattened patches (sum of t·h·w, C·T·P·P) and the grids, under the forward's own argument names."""
+def _packed_inputs(config: Any, cls: type, layout: str = "flat", grids: tuple[tuple[int, int, int], ...] = PACKED_GRIDS
+                   ) -> dict[str, Any]:
+    """The grids and their patches under the forward's own argument names, laid out as ``layout`` says: ``"flat"``
+    (sum of t·h·w, C·T·P·P) (Qwen-VL), ``"conv"`` (sum of t·h·w, C, P, P) (Kimi), ``"merged"`` (tokens after the
+    m x m merge, P·m, P·m, C) with grids counted in merged tokens (Inkling2)."""
     import inspect
 
     params = list(inspect.signature(cls.forward).parameters)
     channels = getattr(config, "in_channels", None) or getattr(config, "num_channels", 3)
-    temporal, patch = getattr(config, "temporal_patch_size", 1) or 1, config.patch_size
+    temporal = getattr(config, "temporal_patch_size", None) or getattr(config, "patch_temporal", None) or 1
+    patch, merge = config.patch_size, int(getattr(config, "spatial_merge_size", 2) or 2)
     grid = torch.tensor(grids)
-    pixels = torch.randn(int(grid.prod(-1).sum()), channels * temporal * patch * patch,
-                         generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    count = int(grid.prod(-1).sum())
+    if layout == "merged":
+        grid = grid // torch.tensor([1, merge, merge])
+        pixels = torch.randn(count // merge**2, patch * merge, patch * merge, channels, generator=g)
+    elif layout == "conv":
+        pixels = torch.randn(count, channels, patch, patch, generator=g)
+    else:
+        pixels = torch.randn(count, channels * temporal * patch * patch, generator=g)
     inputs = {params[1]: pixels, "image_grid_thw" if "image_grid_thw" in params else "grid_thw": grid}
     if "merge_sizes" in params:  # VideoLlama3: the merge size of each image
-        inputs["merge_sizes"] = torch.full((len(grids),), int(getattr(config, "spatial_merge_size", 2) or 2))
+        inputs["merge_sizes"] = torch.full((len(grids),), merge)
     return inputs
 
 
 def _packed_small(cls: type) -> tuple[nn.Module, dict[str, Any]]:
-    """A packed vision tower from its default config with PACKED_SMALL's sizes, on two images of different grids."""
+    """A packed vision tower from its default config with PACKED_SMALL's sizes, on two images of different grids
+    (the first patch layout its forward runs on)."""
     default = cls.config_class()
     config = cls.config_class(**{k: v for k, v in PACKED_SMALL.items() if isinstance(getattr(default, k, None), int)})
     extra = {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
@@ -841,9 +853,15 @@ def _packed_small(cls: type) -> tuple[nn.Module, dict[str, Any]]:
         raise RuntimeError(f"{params / 1e6:.0f}M parameters even with the small config")
     torch.manual_seed(0)
     model = perturb(cls._from_config(config, **extra))
-    inputs = _packed_inputs(config, cls)
-    _call(model, inputs)
-    return model, inputs
+    failures = []
+    for layout in ("flat", "conv", "merged"):
+        inputs = _packed_inputs(config, cls, layout)
+        try:
+            _call(model, inputs)
+            return model, inputs
+        except Exception as err:  # noqa: BLE001 - not this layout: try the next
+            failures.append(f"{layout}: {type(err).__name__}: {str(err)[:80]}")
+    raise RuntimeError("no packed patch layout runs: " + "; ".join(failures))
 
 
 def _small(name: str, kind: str) -> tuple[nn.Module, dict[str, Any]]:

@@ -28,6 +28,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
 from qkhooks.models.hf import EXTRA_FORMS
+from qkhooks.models.unsupported import MODELLED_FORMS
 
 __all__ = ["PackedSite", "PACKED_ATTENTION"]
 
@@ -36,6 +37,7 @@ __all__ = ["PackedSite", "PACKED_ATTENTION"]
 # The zoo test checks each against the model's own eager attention per segment.
 PACKED_ATTENTION = {
     "VisionAttention": True,  # Qwen2-VL
+    "Qwen2_5_VLVisionAttention": True,  # window layers get their windows as the segments (cu_window_seqlens)
     "Qwen3VLVisionAttention": True,
     "Qwen3VLMoeVisionAttention": True,
     "Qwen3_5VisionAttention": True,
@@ -48,7 +50,13 @@ PACKED_ATTENTION = {
     "Glm5NextVisionAttention": True,  # q/k RMSNorm per head before the rotation
     "GlmImageVisionAttention": False,  # no rotation in the attention (positions added to the patches)
     "Kimi_K25VisionAttention": True,
+    "MuseGlimmerVisionAttention": True,  # Kimi's attention
+    "MuseSparkVisionAttention": True,
+    "Exaone4_5_VisionAttention": True,  # grouped-query heads (one fused qkv of q_dim + 2·kv_dim rows)
+    "HYV4VLVisionAttention": False,  # (1, tokens, d) packed batch of one, no rotation in the attention
+    "Cosmos3EdgeVisionAttention": False,  # packed SigLIP2 attention, positions added to the patches
     "VideoLlama3VisionAttention": True,
+    "Inkling2VisionAttention": True,  # a class token in front of each image, rotated by angle 0 (position (0, 0))
 }
 _CALL = ("hidden_states", "cu_seqlens", "position_embeddings", "max_seqlen")
 
@@ -67,6 +75,7 @@ class PackedSite(AttentionSite):
         if unknown:
             raise self._refusal(f"the model passes {unknown}, which the packed-sequence adapter does not model")
         x, cu = call.get("hidden_states"), call.get("cu_seqlens")
+        x = x[0] if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] == 1 else x  # HYV4VL: a batch of one
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or not isinstance(cu, torch.Tensor):
             raise self._refusal("it was not called with a packed (tokens, dim) sequence and its cu_seqlens")
         bounds = [int(b) for b in cu.tolist()]
@@ -93,6 +102,7 @@ class PackedSite(AttentionSite):
                                 "attention call; record with input='normed' (the tokens entering W_q/W_k)")
         self.refuse_unmodelled_inputs(args, kwargs)
         x = args[0] if args else kwargs["hidden_states"]
+        x = x[0] if x.dim() == 3 else x  # (1, tokens, d): checked above
         if x.shape[-1] != self.dim:
             raise self._refusal(f"its tokens are {x.shape[-1]} wide, not {self.dim}")
         return self._segments(x)
@@ -159,14 +169,35 @@ def _rotation(module: nn.Module):
     return rotate
 
 
+def _grouped_fields(site: AttentionSite, module: nn.Module, groups: int) -> dict[str, Any]:
+    """Head sizes and a q/k reader for a fused qkv of q_dim + 2·kv_dim rows whose key head g serves query heads
+    g·G..g·G+G-1 (the eager path's repeat_kv): each query head's own key rows, repeated."""
+    qkv, heads, head_dim = getattr(module, "qkv", None), int(module.num_heads), int(module.head_dim)
+    q_dim, kv_dim = heads * head_dim, int(getattr(module, "kv_dim", -1))
+    if not isinstance(qkv, nn.Linear) or kv_dim * groups != q_dim or qkv.out_features != q_dim + 2 * kv_dim:
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(module).__name__}): grouped-query heads "
+                           f"({groups} query heads per key head) laid out otherwise than one fused qkv of q_dim + "
+                           "2·kv_dim rows, which the packed adapter does not model.")
+
+    def qk_linear() -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = qkv.weight, qkv.bias
+        w_k = w[q_dim: q_dim + kv_dim].unflatten(0, (-1, head_dim)).repeat_interleave(groups, 0).flatten(0, 1)
+        if b is None:
+            return torch.cat([w[:q_dim], w_k]), None
+        b_k = b[q_dim: q_dim + kv_dim].unflatten(0, (-1, head_dim)).repeat_interleave(groups, 0).flatten(0, 1)
+        return torch.cat([w[:q_dim], w_k]), torch.cat([b[:q_dim], b_k])
+
+    return dict(num_heads=heads, head_dim=head_dim, qk_linear=qk_linear, scale=float(module.scaling))
+
+
 def _packed_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:
     """The HF adapter's site of a packed attention module, as a :class:`PackedSite`."""
     if type(module).__name__ == "VisionAttention" and not type(module).__module__.endswith(".modeling_qwen2_vl"):
         return site  # another family's class of that name: not this form
-    if int(getattr(module, "num_key_value_groups", 1)) != 1:
-        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(module).__name__}): grouped-query heads "
-                           f"({module.num_key_value_groups} query heads per key head) in a packed tower are not modelled.")
     fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    if groups != 1 or hasattr(module, "kv_dim"):  # Exaone 4.5: the fused qkv holds q_dim + 2·kv_dim rows
+        fields.update(_grouped_fields(site, module, groups))
     rotates = PACKED_ATTENTION[type(module).__name__]
     fields.update(qk_modules=(), num_prefix_tokens=0, grid=None, patch_size=None, bias_input=None,
                   rope_input="position_embeddings" if rotates else None,
@@ -176,3 +207,4 @@ def _packed_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.M
 
 for _name in PACKED_ATTENTION:
     EXTRA_FORMS[_name] = (frozenset({"q_norm", "k_norm"}), _packed_site)
+MODELLED_FORMS.update(PACKED_ATTENTION)  # q/k RMSNorm of GlmOcr / Glm5Next: applied with the model's own modules
