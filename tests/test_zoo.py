@@ -318,8 +318,10 @@ def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch
             b = torch.cat([module.q_bias, module.k_bias, module.v_bias])
         rows = int(getattr(module, "dim_out_qk", w.shape[0] // 3))  # BoTNet: q and k may be narrower than v
         w = w.flatten(1)  # a 1x1-conv qkv (BoTNet) is a Linear at every pixel
-        w_q, w_k = w[:rows], w[rows: 2 * rows]
-        b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: 2 * rows])
+        kv_rows = int(getattr(module, "kv_dim", rows))  # zoo-packed: Exaone 4.5's grouped-query qkv, q_dim + 2·kv_dim rows
+        rows = int(getattr(module, "q_dim", rows))
+        w_q, w_k = w[:rows], w[rows: rows + kv_rows]
+        b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: rows + kv_rows])
     else:
         q_lin = getattr(module, "q_proj", None) or getattr(module, "query", None) or module.q
         k_lin = getattr(module, "k_proj", None) or getattr(module, "key", None) or module.k
@@ -458,6 +460,28 @@ def _small_halonet() -> nn.Module:
                       stem_chs=16, stem_type="7x7", stem_pool="maxpool", self_attn_layer="halo",
                       self_attn_kwargs=dict(block_size=4, halo_size=1, num_heads=2))
     return ByobNet(cfg, num_classes=10)
+
+
+def _packed_case(cls_name: str, module: str = "transformers", config: str = "", layout: str = "flat", **kw: Any) -> Case:
+    """zoo-packed: a packed vision tower with PACKED_SMALL's sizes (``kw`` over them) and its packed inputs."""
+    import importlib
+
+    def parts() -> tuple[type, Any]:
+        cls = getattr(importlib.import_module(module), cls_name)
+        config_cls = getattr(importlib.import_module("transformers"), config) if config else cls.config_class
+        default = config_cls()
+        sizes = {k: v for k, v in PACKED_SMALL.items() if isinstance(getattr(default, k, None), int)}
+        return cls, config_cls(**dict(sizes, **kw))
+
+    def build() -> nn.Module:
+        cls, cfg = parts()
+        return cls._from_config(cfg, attn_implementation="sdpa")
+
+    def inputs() -> dict[str, Any]:
+        cls, cfg = parts()
+        return _packed_inputs(cfg, cls, layout)
+
+    return Case(cls_name, build, inputs, "hf", "exact", entry=cls_name)
 
 
 SEG_SWIN = dict(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2], window_size=4,
@@ -633,6 +657,19 @@ FAST_CASES = [
     _hf_case("MaskFormerForInstanceSegmentation", "MaskFormerForInstanceSegmentation", "MaskFormerConfig", "exact",
              size=64, backbone_config=dict(SEG_SWIN, model_type="maskformer-swin"), fpn_feature_size=32,
              mask_feature_size=32, decoder_config=dict(DETR_SMALL, model_type="detr", num_queries=5)),
+
+    # zoo-packed: vision towers of VLMs on one packed sequence of two images of different grids (4x6 and 2x4 patches):
+    # one map per segment of the call's cu_seqlens; Qwen2.5-VL's window layers one per window
+    _packed_case("Qwen2VisionTransformerPretrainedModel", module="transformers.models.qwen2_vl.modeling_qwen2_vl",
+                 config="Qwen2VLVisionConfig", embed_dim=32, mlp_ratio=2),
+    _packed_case("Qwen2_5_VisionTransformerPretrainedModel", config="Qwen2_5_VLVisionConfig", depth=3, window_size=32,
+                 fullatt_block_indexes=[1]),
+    _packed_case("Qwen3VLVisionModel"),
+    _packed_case("GlmOcrVisionModel"),  # q/k RMSNorm before the rotation
+    _packed_case("Exaone4_5_VisionModel", num_key_value_heads=2),  # grouped-query heads
+    _packed_case("Kimi_K25VisionModel", layout="conv"),
+    _packed_case("Inkling2VisionModel", layout="merged"),  # a class token per image
+    _packed_case("HYV4VLVisionModel"),  # no rotation, a (1, tokens, d) batch of one
 ]
 
 
