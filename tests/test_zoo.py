@@ -462,6 +462,29 @@ def _small_halonet() -> nn.Module:
     return ByobNet(cfg, num_classes=10)
 
 
+def _mllama_tiles() -> dict[str, Any]:
+    """zoo-packed: Mllama's tiled input, two images of up to 2 tiles of 32 px: the first one tile (the second masked)."""
+    g = torch.Generator().manual_seed(1)
+    return {"pixel_values": torch.randn(2, 1, 2, 3, 32, 32, generator=g), "aspect_ratio_ids": torch.tensor([[1], [2]]),
+            "aspect_ratio_mask": torch.tensor([[[1, 0]], [[1, 1]]])}
+
+
+def _minicpm_strip() -> dict[str, Any]:
+    """zoo-packed: MiniCPM-V's packed input, the 4x6 and 2x4 patches of two images side by side in one 8 px strip."""
+    g = torch.Generator().manual_seed(1)
+    return {"pixel_values": torch.randn(1, 3, 8, 32 * 8, generator=g), "target_sizes": torch.tensor([[4, 6], [2, 4]])}
+
+
+def _gemma4_padded() -> dict[str, Any]:
+    """zoo-packed: HF Gemma 4 vision's padded batch: 6x6 patches, and 3x6 patches plus 18 padding positions (-1, -1)."""
+    g = torch.Generator().manual_seed(1)
+    positions = torch.full((2, 36, 2), -1, dtype=torch.long)
+    for i, rows in enumerate((6, 3)):
+        ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(6), indexing="ij")
+        positions[i, : rows * 6] = torch.stack([xs.flatten(), ys.flatten()], -1)
+    return {"pixel_values": torch.randn(2, 36, 3 * 8 * 8, generator=g), "pixel_position_ids": positions}
+
+
 def _packed_case(cls_name: str, module: str = "transformers", config: str = "", layout: str = "flat", **kw: Any) -> Case:
     """zoo-packed: a packed vision tower with PACKED_SMALL's sizes (``kw`` over them) and its packed inputs."""
     import importlib
@@ -670,6 +693,20 @@ FAST_CASES = [
     _packed_case("Kimi_K25VisionModel", layout="conv"),
     _packed_case("Inkling2VisionModel", layout="merged"),  # a class token per image
     _packed_case("HYV4VLVisionModel"),  # no rotation, a (1, tokens, d) batch of one
+    _hf_case("MllamaVisionModel", "MllamaVisionModel", "MllamaVisionConfig", "exact", inputs=lambda: _mllama_tiles(),
+             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+             image_size=32, patch_size=8, max_num_tiles=2, vision_output_dim=64, intermediate_layers_indices=[0],
+             supported_aspect_ratios=[[1, 1], [1, 2]]),  # tiles, the padded tile masked
+    _hf_case("MiniCPMV4_7VisionModel", "MiniCPMV4_7VisionModel", "MiniCPMV4_7VisionConfig", "window-attention merger",
+             module="vit_merger", inputs=lambda: _minicpm_strip(), hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, insert_layer_id=0),
+    _hf_case("MiniCPMOcrVisionModel", "MiniCPMOcrVisionModel", "MiniCPMOcrVisionConfig", "window-attention merger",
+             module="vit_merger", inputs=lambda: _minicpm_strip(), hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, insert_layer_id=0),
+    _hf_case("Gemma4VisionModel", "Gemma4VisionModel", "Gemma4VisionConfig", "position_ids",
+             module="encoder.layers.0.self_attn", inputs=lambda: _gemma4_padded(), hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8, patch_size=8,
+             position_embedding_size=64),
 ]
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
 from qkhooks.models.hf import EXTRA_FORMS
-from qkhooks.models.unsupported import MODELLED_FORMS
+from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
 
 __all__ = ["PackedSite", "PACKED_ATTENTION"]
 
@@ -208,3 +208,18 @@ def _packed_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.M
 for _name in PACKED_ATTENTION:
     EXTRA_FORMS[_name] = (frozenset({"q_norm", "k_norm"}), _packed_site)
 MODELLED_FORMS.update(PACKED_ATTENTION)  # q/k RMSNorm of GlmOcr / Glm5Next: applied with the model's own modules
+
+_MINICPM_MERGER = ("the ViT window-attention merger of MiniCPM-V's vision tower runs the packed attention on 2x2-token "
+                   "windows from inside the merger (after encoder layer insert_layer_id), where no adapter takes a site; "
+                   "recording the encoder layers alone would leave it out")
+# the vision towers of this family qkhooks does not model yet, each with its reason (a model is recorded whole or not at all)
+UNMODELLED_FORMS.update({
+    "transformers.models.minicpmv4_7.modeling_minicpmv4_7.MiniCPMV4_7ViTWindowAttentionMerger": _MINICPM_MERGER,
+    "transformers.models.minicpm_ocr.modeling_minicpm_ocr.MiniCPMOcrViTWindowAttentionMerger": _MINICPM_MERGER,
+    "transformers.models.gemma4.modeling_gemma4.Gemma4VisionAttention": "HF Gemma 4 vision attention: q and k pass "
+    "clippable linears, grouped-query heads and a per-head RMSNorm, then 2-D RoPE indexed by the call's position_ids "
+    "(apply_multidimensional_rope), on a padded batch; the HF class is not modelled yet (timm's gemma4_vit_* is exact)",
+    "transformers.models.lfm3_vl.modeling_lfm3_vl.Lfm3VlVisionShortConv": "LFM3-VL's gated short convolution (a "
+    "depthwise conv gated by the tokens, no softmax of q·k) interleaved with grouped-query, q/k-RMSNorm packed "
+    "attention layers; neither is modelled yet, and recording one without the other would leave layers out",
+})
