@@ -151,6 +151,10 @@ def test_packed_refusals_name_the_module_and_the_reason():
             model(**inputs)
     with pytest.raises(QKHooksError, match="no single patch grid"):
         qkhooks.sites(model)[0].grid_for(24)
+    from qkhooks.stream import probe_geometry
+
+    with pytest.raises(QKHooksError, match=r"run file: blocks\.0\.attn: a packed vision tower"):  # record_dataset's first step
+        probe_geometry(model, qkhooks.sites(model), (32, 48))
 
 
 def test_images_of_one_grid_are_a_batch_rows_included():

@@ -134,9 +134,13 @@ class PackedSite(AttentionSite):
         return super().attention_rows(x, query_tokens)
 
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
-        raise QKHooksError(f"{self.path}: a packed vision tower holds images of their own grids, in the model's packed "
-                           "token order (merge blocks), so no single patch grid describes a layer; run files and grid "
-                           "analyses need one. Record it live with qkhooks.record() (one map per image).")
+        raise QKHooksError(f"{self.path}: {self.run_file_refusal()}")
+
+    def run_file_refusal(self) -> str:
+        return ("a packed vision tower takes every image's patches as one sequence with per-image grids, not an image "
+                "batch, and holds images of their own grids in the model's packed token order (merge blocks), so no "
+                "single patch grid describes a layer; run files and grid analyses need one. Record it live with "
+                "qkhooks.record() (one map per image).")
 
     def forget_call(self) -> None:
         super().forget_call()
