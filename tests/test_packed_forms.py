@@ -172,3 +172,27 @@ def test_images_of_one_grid_are_a_batch_rows_included():
         assert full.shape == (2, 4, 16, 16)
         want = torch.gather(full, 2, tokens.long()[:, None, :, None].expand(-1, 4, -1, 16))
         assert float((rows - want).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["heads", "grouped-query"])
+def test_hf_gemma4_vision_maps_are_the_models_eager_weights_on_a_padded_batch(kv_heads):
+    """transformers' Gemma4VisionModel: q/k RMSNorm, 2-D RoPE, scale 1, the second image padded (its keys masked)."""
+    from test_zoo import _gemma4_padded
+
+    cfg = transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=kv_heads, head_dim=8, patch_size=8, position_embedding_size=64)
+    torch.manual_seed(0)
+    model = perturb(transformers.Gemma4VisionModel._from_config(cfg, attn_implementation="eager"))
+    inputs = _gemma4_padded()
+    with torch.no_grad():
+        own = model(**inputs, output_attentions=True)
+        with qkhooks.record(model, modes=None, attention="full") as run:
+            out = model(**inputs)
+    assert torch.equal(out.last_hidden_state, own.last_hidden_state)
+    weights = own.attentions  # the model's own eager softmax per layer (B, H, N, N)
+    assert len(weights) == 2 and [s.family for s in run.sites] == ["hf-gemma4-vision"] * 2
+    for layer, want in enumerate(weights):
+        got = run.attention_maps("full")[layer]
+        assert got.shape == want.shape == (2, 4, 36, 36)
+        assert float((got - want).abs().max()) < 1e-5
+        assert int(torch.count_nonzero(got[1, :, :, 18:])) == 0  # the padded image's padding keys get no weight

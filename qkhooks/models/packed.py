@@ -220,9 +220,6 @@ _MINICPM_MERGER = ("the ViT window-attention merger of MiniCPM-V's vision tower 
 UNMODELLED_FORMS.update({
     "transformers.models.minicpmv4_7.modeling_minicpmv4_7.MiniCPMV4_7ViTWindowAttentionMerger": _MINICPM_MERGER,
     "transformers.models.minicpm_ocr.modeling_minicpm_ocr.MiniCPMOcrViTWindowAttentionMerger": _MINICPM_MERGER,
-    "transformers.models.gemma4.modeling_gemma4.Gemma4VisionAttention": "HF Gemma 4 vision attention: q and k pass "
-    "clippable linears, grouped-query heads and a per-head RMSNorm, then 2-D RoPE indexed by the call's position_ids "
-    "(apply_multidimensional_rope), on a padded batch; the HF class is not modelled yet (timm's gemma4_vit_* is exact)",
     "transformers.models.lfm3_vl.modeling_lfm3_vl.Lfm3VlVisionShortConv": "LFM3-VL's gated short convolution (a "
     "depthwise conv gated by the tokens, no softmax of q·k) interleaved with grouped-query, q/k-RMSNorm packed "
     "attention layers; neither is modelled yet, and recording one without the other would leave layers out",
