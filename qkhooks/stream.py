@@ -124,6 +124,9 @@ def probe_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: t
     Windowed and multi-stage models only show their per-layer grids, windows and key counts in a call (a Swin
     stage's grid is the block's input), and the run file's layout, the reducers and the dataset's masks need them
     before the first batch. The probe's outputs go nowhere (no sink, no file)."""
+    refused = [f"{s.path}: {why}" for s in sites if (why := s.run_file_refusal())]  # zoo-packed: packed vision towers
+    if refused:
+        raise QKHooksError("this model cannot be recorded into a run file: " + refused[0])
     dtype = next(net.parameters()).dtype
     static = _static_geometry(net, sites, image_size)
     if static is not None:

@@ -92,6 +92,10 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
     softmaxed: dict[int, torch.Tensor] = {}  # modules that return no weights (HF MobileViT): the softmax they compute
     for i, site in enumerate(sites):
         handles += _softmax_hooks(site.module, lambda t, i=i: softmaxed.__setitem__(i, t.detach().clone()))
+    segments: dict[int, list[torch.Tensor]] = {}  # zoo-packed: a packed tower's softmax of each segment, in order
+    for i, site in enumerate(sites):
+        if hasattr(site, "segment_lengths"):
+            handles += _softmax_hooks(site.module, lambda t, i=i: segments.setdefault(i, []).append(t.detach().clone()))
     handles += [site.module.register_forward_pre_hook(_ask_for_weights, with_kwargs=True) for site in sites]
     before = model.config._attn_implementation
     # sub-models may run another implementation than the top config says (Mask2Former's Swin backbone: SDPA): each put back
@@ -106,6 +110,7 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
                 module.config._attn_implementation = implementation
         for h in handles:
             h.remove()
+    seen.update({i: _padded_segments(maps) for i, maps in segments.items()})  # zoo-packed: its eager softmaxes
     if len(seen) < len(sites) and before != "eager":  # the class picked its attention modules when built (Data2Vec):
         # an eager twin, same weights, on a copy of the config (building it sets the config's implementation: SAM2)
         twin = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
@@ -115,6 +120,19 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         return eager_maps(twin, twin_sites, inputs, kind)
     seen = {i: seen.get(i, softmaxed.get(i)) for i in range(len(sites))}
     return [seen[i] for i in range(len(sites)) if seen[i] is not None]
+
+
+def _padded_segments(maps: list[torch.Tensor]) -> torch.Tensor:
+    """zoo-packed: per-segment maps (1, H, n_s, n_s) -> (S, H, n_max, n_max), zero outside each segment's block."""
+    n = max(m.shape[-1] for m in maps)
+    return torch.cat([torch.nn.functional.pad(m, (0, n - m.shape[-1], 0, n - m.shape[-2])) for m in maps])
+
+
+def _packed_tokens(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """zoo-packed: packed tokens (N_total, d) -> (S, n_max, d) zero-padded, and which positions are tokens (S, n_max)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    valid = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    return torch.nn.utils.rnn.pad_sequence(list(x.split(lengths)), batch_first=True), valid
 
 
 def _ask_for_weights(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -160,6 +178,7 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
         return _refused(err)
     fired: list[int] = []  # layer indices must be the order the forward runs the sites
     inputs_seen: dict[int, torch.Tensor] = {}
+    packed_valid: dict[int, torch.Tensor] = {}  # zoo-packed: token positions of each segment of a packed call
 
     def seen(site: Any):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -169,6 +188,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
             if x.dim() == 4 and site.token_layout == "channels_first" and not keep_map:  # NCHW maps (BoTNet), row by row
                 x = x.flatten(2).transpose(1, 2)
             inputs_seen[site.layer] = x.flatten(1, -2) if x.dim() == 4 and not keep_map else x
+            if "cu_seqlens" in kwargs:  # zoo-packed: one packed sequence (HYV4VL: a batch of one), cut by its cu_seqlens
+                inputs_seen[site.layer], packed_valid[site.layer] = _packed_tokens(x.reshape(-1, x.shape[-1]), kwargs["cu_seqlens"])
 
         return hook
 
@@ -231,6 +252,9 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str) -> Outcome:
             ref = _own_content_logits(live.module, inputs_seen[site.layer], site.num_heads) * site.scale
             if site.layer in windows:  # (B·nW, H, Nw, Nw) as the module saw it
                 ref = ref.unflatten(0, (-1, windows[site.layer].shape[0]))
+            if site.layer in packed_valid:  # zoo-packed: padding is no token; qkhooks reports 0 there
+                valid = packed_valid[site.layer]
+                ref = ref * (valid[:, None, :, None] & valid[:, None, None, :])
             err = float((logits - ref).abs().max() / ref.abs().max())
             assert err < 1e-4, f"{site.path}: modes do not rebuild the unrotated content logits ({err:.1e})"
             continue
@@ -296,8 +320,10 @@ def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch
             b = torch.cat([module.q_bias, module.k_bias, module.v_bias])
         rows = int(getattr(module, "dim_out_qk", w.shape[0] // 3))  # BoTNet: q and k may be narrower than v
         w = w.flatten(1)  # a 1x1-conv qkv (BoTNet) is a Linear at every pixel
-        w_q, w_k = w[:rows], w[rows: 2 * rows]
-        b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: 2 * rows])
+        kv_rows = int(getattr(module, "kv_dim", rows))  # zoo-packed: Exaone 4.5's grouped-query qkv, q_dim + 2·kv_dim rows
+        rows = int(getattr(module, "q_dim", rows))
+        w_q, w_k = w[:rows], w[rows: rows + kv_rows]
+        b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: rows + kv_rows])
     else:
         q_lin = getattr(module, "q_proj", None) or getattr(module, "query", None) or module.q
         k_lin = getattr(module, "k_proj", None) or getattr(module, "key", None) or module.k
@@ -446,6 +472,50 @@ def _small_edgetam() -> nn.Module:
     backbone = transformers.TimmWrapperConfig(architecture="repvit_m1", model_args={
         "in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]})
     return transformers.EdgeTamVisionModel(transformers.EdgeTamVisionConfig(backbone_config=backbone))
+
+def _mllama_tiles() -> dict[str, Any]:
+    """zoo-packed: Mllama's tiled input, two images of up to 2 tiles of 32 px: the first one tile (the second masked)."""
+    g = torch.Generator().manual_seed(1)
+    return {"pixel_values": torch.randn(2, 1, 2, 3, 32, 32, generator=g), "aspect_ratio_ids": torch.tensor([[1], [2]]),
+            "aspect_ratio_mask": torch.tensor([[[1, 0]], [[1, 1]]])}
+
+
+def _minicpm_strip() -> dict[str, Any]:
+    """zoo-packed: MiniCPM-V's packed input, the 4x6 and 2x4 patches of two images side by side in one 8 px strip."""
+    g = torch.Generator().manual_seed(1)
+    return {"pixel_values": torch.randn(1, 3, 8, 32 * 8, generator=g), "target_sizes": torch.tensor([[4, 6], [2, 4]])}
+
+
+def _gemma4_padded() -> dict[str, Any]:
+    """zoo-packed: HF Gemma 4 vision's padded batch: 6x6 patches, and 3x6 patches plus 18 padding positions (-1, -1)."""
+    g = torch.Generator().manual_seed(1)
+    positions = torch.full((2, 36, 2), -1, dtype=torch.long)
+    for i, rows in enumerate((6, 3)):
+        ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(6), indexing="ij")
+        positions[i, : rows * 6] = torch.stack([xs.flatten(), ys.flatten()], -1)
+    return {"pixel_values": torch.randn(2, 36, 3 * 8 * 8, generator=g), "pixel_position_ids": positions}
+
+
+def _packed_case(cls_name: str, module: str = "transformers", config: str = "", layout: str = "flat", **kw: Any) -> Case:
+    """zoo-packed: a packed vision tower with PACKED_SMALL's sizes (``kw`` over them) and its packed inputs."""
+    import importlib
+
+    def parts() -> tuple[type, Any]:
+        cls = getattr(importlib.import_module(module), cls_name)
+        config_cls = getattr(importlib.import_module("transformers"), config) if config else cls.config_class
+        default = config_cls()
+        sizes = {k: v for k, v in PACKED_SMALL.items() if isinstance(getattr(default, k, None), int)}
+        return cls, config_cls(**dict(sizes, **kw))
+
+    def build() -> nn.Module:
+        cls, cfg = parts()
+        return cls._from_config(cfg, attn_implementation="sdpa")
+
+    def inputs() -> dict[str, Any]:
+        cls, cfg = parts()
+        return _packed_inputs(cfg, cls, layout)
+
+    return Case(cls_name, build, inputs, "hf", "exact", entry=cls_name)
 
 
 SEG_SWIN = dict(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2], window_size=4,
@@ -646,6 +716,32 @@ FAST_CASES = [
     _hf_case("MaskFormerForInstanceSegmentation", "MaskFormerForInstanceSegmentation", "MaskFormerConfig", "exact",
              size=64, backbone_config=dict(SEG_SWIN, model_type="maskformer-swin"), fpn_feature_size=32,
              mask_feature_size=32, decoder_config=dict(DETR_SMALL, model_type="detr", num_queries=5)),
+
+    # zoo-packed: vision towers of VLMs on one packed sequence of two images of different grids (4x6 and 2x4 patches):
+    # one map per segment of the call's cu_seqlens; Qwen2.5-VL's window layers one per window
+    _packed_case("Qwen2VisionTransformerPretrainedModel", module="transformers.models.qwen2_vl.modeling_qwen2_vl",
+                 config="Qwen2VLVisionConfig", embed_dim=32, mlp_ratio=2),
+    _packed_case("Qwen2_5_VisionTransformerPretrainedModel", config="Qwen2_5_VLVisionConfig", depth=3, window_size=32,
+                 fullatt_block_indexes=[1]),
+    _packed_case("Qwen3VLVisionModel"),
+    _packed_case("GlmOcrVisionModel"),  # q/k RMSNorm before the rotation
+    _packed_case("Exaone4_5_VisionModel", num_key_value_heads=2),  # grouped-query heads
+    _packed_case("Kimi_K25VisionModel", layout="conv"),
+    _packed_case("Inkling2VisionModel", layout="merged"),  # a class token per image
+    _packed_case("HYV4VLVisionModel"),  # no rotation, a (1, tokens, d) batch of one
+    _hf_case("MllamaVisionModel", "MllamaVisionModel", "MllamaVisionConfig", "exact", inputs=lambda: _mllama_tiles(),
+             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+             image_size=32, patch_size=8, max_num_tiles=2, vision_output_dim=64, intermediate_layers_indices=[0],
+             supported_aspect_ratios=[[1, 1], [1, 2]]),  # tiles, the padded tile masked
+    _hf_case("MiniCPMV4_7VisionModel", "MiniCPMV4_7VisionModel", "MiniCPMV4_7VisionConfig", "window-attention merger",
+             module="vit_merger", inputs=lambda: _minicpm_strip(), hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, insert_layer_id=0),
+    _hf_case("MiniCPMOcrVisionModel", "MiniCPMOcrVisionModel", "MiniCPMOcrVisionConfig", "window-attention merger",
+             module="vit_merger", inputs=lambda: _minicpm_strip(), hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, insert_layer_id=0),
+    _hf_case("Gemma4VisionModel", "Gemma4VisionModel", "Gemma4VisionConfig", "exact", inputs=lambda: _gemma4_padded(), hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8, patch_size=8,
+             position_embedding_size=64),
 ]
 
 
@@ -796,6 +892,8 @@ def _hf_small(cls_name: str) -> tuple[nn.Module, dict[str, Any]]:
     import transformers
 
     cls = getattr(transformers, cls_name)
+    if _takes_packed_grids(cls):  # zoo-packed: vision towers of VLMs take packed patches and per-image grids
+        return _packed_small(cls)
     default = cls.config_class()
     shrink = {k: v for k, v in dict(HF_SMALL, num_channels=3).items() if isinstance(getattr(default, k, None), int)}
     if isinstance(getattr(default, "image_size", None), (list, tuple)) and len(default.image_size) == 2:  # YOLOS: (512, 864)
@@ -815,6 +913,70 @@ def _hf_small(cls_name: str) -> tuple[nn.Module, dict[str, Any]]:
     inputs = {"pixel_values": _images(size, batch=1)}
     _call(model, inputs)
     return model, inputs
+
+
+# zoo-packed: two images of different grids, (t, h, w) = (1, 4, 6) and (1, 2, 4) patches, in one packed sequence
+PACKED_GRIDS = ((1, 4, 6), (1, 2, 4))
+PACKED_SMALL = dict(depth=2, num_hidden_layers=2, hidden_size=32, embed_dim=32, num_heads=4, num_attention_heads=4,
+                    num_key_value_heads=4, intermediate_size=64, out_hidden_size=32, patch_size=8, temporal_patch_size=1,
+                    spatial_merge_size=2, in_channels=3, num_channels=3, head_dim=8)
+
+
+def _takes_packed_grids(cls: type) -> bool:
+    """Whether the class's forward takes per-image patch grids beside the pixels (a packed vision tower)."""
+    import inspect
+
+    return bool({"grid_thw", "image_grid_thw"} & set(inspect.signature(cls.forward).parameters))
+
+
+def _packed_inputs(config: Any, cls: type, layout: str = "flat", grids: tuple[tuple[int, int, int], ...] = PACKED_GRIDS
+                   ) -> dict[str, Any]:
+    """The grids and their patches under the forward's own argument names, laid out as ``layout`` says: ``"flat"``
+    (sum of t·h·w, C·T·P·P) (Qwen-VL), ``"conv"`` (sum of t·h·w, C, P, P) (Kimi), ``"merged"`` (tokens after the
+    m x m merge, P·m, P·m, C) with grids counted in merged tokens (Inkling2)."""
+    import inspect
+
+    params = list(inspect.signature(cls.forward).parameters)
+    channels = getattr(config, "in_channels", None) or getattr(config, "num_channels", 3)
+    temporal = getattr(config, "temporal_patch_size", None) or getattr(config, "patch_temporal", None) or 1
+    patch, merge = config.patch_size, int(getattr(config, "spatial_merge_size", 2) or 2)
+    grid = torch.tensor(grids)
+    g = torch.Generator().manual_seed(1)
+    count = int(grid.prod(-1).sum())
+    if layout == "merged":
+        grid = grid // torch.tensor([1, merge, merge])
+        pixels = torch.randn(count // merge**2, patch * merge, patch * merge, channels, generator=g)
+    elif layout == "conv":
+        pixels = torch.randn(count, channels, patch, patch, generator=g)
+    else:
+        pixels = torch.randn(count, channels * temporal * patch * patch, generator=g)
+    inputs = {params[1]: pixels, "image_grid_thw" if "image_grid_thw" in params else "grid_thw": grid}
+    if "merge_sizes" in params:  # VideoLlama3: the merge size of each image
+        inputs["merge_sizes"] = torch.full((len(grids),), merge)
+    return inputs
+
+
+def _packed_small(cls: type) -> tuple[nn.Module, dict[str, Any]]:
+    """A packed vision tower from its default config with PACKED_SMALL's sizes, on two images of different grids
+    (the first patch layout its forward runs on)."""
+    default = cls.config_class()
+    config = cls.config_class(**{k: v for k, v in PACKED_SMALL.items() if isinstance(getattr(default, k, None), int)})
+    extra = {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
+    with torch.device("meta"):
+        params = _params(cls._from_config(config, **extra))
+    if params > ZOO_MAX_PARAMS:
+        raise RuntimeError(f"{params / 1e6:.0f}M parameters even with the small config")
+    torch.manual_seed(0)
+    model = perturb(cls._from_config(config, **extra))
+    failures = []
+    for layout in ("flat", "conv", "merged"):
+        inputs = _packed_inputs(config, cls, layout)
+        try:
+            _call(model, inputs)
+            return model, inputs
+        except Exception as err:  # noqa: BLE001 - not this layout: try the next
+            failures.append(f"{layout}: {type(err).__name__}: {str(err)[:80]}")
+    raise RuntimeError("no packed patch layout runs: " + "; ".join(failures))
 
 
 def _small(name: str, kind: str) -> tuple[nn.Module, dict[str, Any]]:

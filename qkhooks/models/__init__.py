@@ -3,6 +3,7 @@
 from qkhooks.models.base import AttentionSite, QKWeights, adapters, find_sites, parse_layers, register_adapter
 from qkhooks.models import timm as _timm  # noqa: F401  (registers the adapter)
 from qkhooks.models import hf as _hf  # noqa: F401  (registers the adapter)
+from qkhooks.models import packed as _packed  # noqa: F401  (teaches the HF adapter packed vision towers: Qwen-VL, GLM-4V)
 from qkhooks.models import reduced_keys as _reduced_keys  # noqa: F401  (teaches the adapters reduced keys)
 from qkhooks.models import windows as _windows  # noqa: F401  (teaches the adapters windowed attention)
 from qkhooks.models import cosine as _cosine  # noqa: F401  (teaches the adapters Swin-v2's cosine attention)

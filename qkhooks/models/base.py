@@ -235,6 +235,11 @@ class AttentionSite:
     def check_attention_kind(self, kind: str) -> None:
         """Refuse, when the recording starts, an attention kind this site cannot rebuild exactly (none here)."""
 
+    def run_file_refusal(self) -> str | None:
+        """Why this layer cannot be streamed into a run file (one image batch, one geometry per layer), or None
+        (zoo-packed: a packed vision tower takes no image batch and has no one grid per layer)."""
+        return None
+
     def images_in_call(self, rows: int) -> int:
         """Images in a call of the module whose batch axis has ``rows`` entries (windowed sites: rows / windows)."""
         return rows
