@@ -47,6 +47,8 @@ def _first_tensor(out: Any) -> torch.Tensor:
         return out
     if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None:
         return out.last_hidden_state
+    if getattr(out, "feature_maps", None):  # an HF *Backbone's BackboneOutput: every stage it returns, in one tensor
+        return torch.cat([f.flatten() for f in out.feature_maps])
     values = out.values() if isinstance(out, dict) else (out.to_tuple() if hasattr(out, "to_tuple") else out)
     return next(v for v in values if isinstance(v, torch.Tensor))
 
@@ -388,6 +390,30 @@ def _siglip2_padded() -> dict[str, Any]:
     return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([[4, 4], [2, 4]])}
 
 
+def _clips(frames: int, size: int = 32, batch: int = 2) -> Callable[[], dict[str, Any]]:
+    """A batch of video clips (B, T, C, H, W), as HF video models take them."""
+    return lambda: {"pixel_values": torch.randn(batch, frames, 3, size, size, generator=torch.Generator().manual_seed(1))}
+
+
+def _small_eomt_dinov3() -> nn.Module:
+    """EoMT on DINOv3 small, its mask head's logits centred per query: small random weights put every mask logit above
+    0, so the mask of the last block would let every query see every patch; centred, each query masks about half."""
+    model = _hf("EomtDinov3ForUniversalSegmentation", "EomtDinov3Config", num_queries=5, num_blocks=1, **HF_SMALL)()
+    predict = model.predict
+
+    def centred(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        masks, classes = predict(hidden)
+        return masks - masks.flatten(2).median(-1).values[..., None, None], classes
+
+    model.predict = centred
+    return model
+
+
+# DepthPro: every DINOv2 encoder 2 layers of 4x4 patches (its patch_size is the encoders' image size); 128 px images
+_DINOV2_SMALL = dict(HF_SMALL, model_type="dinov2")
+DEPTH_PRO_SMALL = dict(patch_size=32, fusion_hidden_size=16, intermediate_hook_ids=[1, 0], intermediate_feature_dims=[16, 16],
+                       scaled_images_feature_dims=[32, 32, 16], image_model_config=_DINOV2_SMALL,
+                       patch_model_config=_DINOV2_SMALL, fov_model_config=_DINOV2_SMALL)
 DETR_SMALL = dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
                   encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5)
 
@@ -609,6 +635,20 @@ FAST_CASES = [
     _hf_case("MaskFormerForInstanceSegmentation", "MaskFormerForInstanceSegmentation", "MaskFormerConfig", "exact",
              size=64, backbone_config=dict(SEG_SWIN, model_type="maskformer-swin"), fpn_feature_size=32,
              mask_feature_size=32, decoder_config=dict(DETR_SMALL, model_type="detr", num_queries=5)),
+    # zoo-hfsmall: EoMT on DINOv3 (RoPE on the patch tokens; the object queries masked to their predicted masks in the
+    # last block), an HF *Backbone wrapper (its BackboneOutput read whole), DepthPro (one DINOv2 on the image, one on
+    # its overlapping patches at several scales), video ViTs on 5-D clips (joint space-time attention exact,
+    # TimeSformer's divided attention refused)
+    Case("EomtDinov3ForUniversalSegmentation", lambda: _small_eomt_dinov3(), lambda: {"pixel_values": _images(32)}, "hf",
+         "exact", entry="EomtDinov3ForUniversalSegmentation"),
+    _hf_case("Dinov2Backbone", "Dinov2Backbone", "Dinov2Config", "exact", out_features=["stage1", "stage2"], **HF_SMALL),
+    _hf_case("DepthProModel", "DepthProModel", "DepthProConfig", "exact", size=128, **DEPTH_PRO_SMALL),
+    _hf_case("VideoMAEModel", "VideoMAEModel", "VideoMAEConfig", "exact", inputs=_clips(4), num_frames=4, tubelet_size=2,
+             **HF_SMALL),
+    _hf_case("VivitModel", "VivitModel", "VivitConfig", "exact", inputs=_clips(4), num_frames=4, tubelet_size=[2, 8, 8],
+             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32),
+    _hf_case("TimesformerModel", "TimesformerModel", "TimesformerConfig", "divided space-time attention", inputs=_clips(4),
+             module="encoder.layer.0.attention.attention", num_frames=4, **HF_SMALL),
 ]
 
 
@@ -675,6 +715,7 @@ def _hf_vision_classes() -> list[str]:
     names = set(auto.MODEL_FOR_IMAGE_MAPPING_NAMES.values())
     names |= {v for v in auto.MODEL_MAPPING_NAMES.values() if isinstance(v, str) and v.endswith("VisionModel")}
     names |= {v for v in getattr(auto, "MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES", {}).values() if isinstance(v, str)}
+    names |= {v for v in getattr(auto, "MODEL_FOR_BACKBONE_MAPPING_NAMES", {}).values() if isinstance(v, str)}  # *Backbone wrappers
     return sorted(names)
 
 
