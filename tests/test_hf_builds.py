@@ -152,3 +152,58 @@ def test_divided_space_time_attention_is_refused_naming_the_module_and_the_group
     model, _ = _case("TimesformerModel")
     with pytest.raises(QKHooksError, match=r"encoder\.layer\.0\.(temporal_)?attention\.attention.*divided space-time"):
         qkhooks.sites(model)
+
+
+def _levit_direct(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HF LeViT's attention written out with its own modules (Linear + BatchNorm1d as called, not folded)."""
+    heads, kd = module.num_attention_heads, module.key_dim
+    b, n, _ = x.shape
+    if hasattr(module, "queries_keys_values"):
+        q, k, _ = module.queries_keys_values(x).view(b, n, heads, -1).split([kd, kd, module.attention_ratio * kd], dim=3)
+    else:
+        k, _ = module.keys_values(x).view(b, n, heads, -1).split([kd, module.attention_ratio * kd], dim=3)
+        q = module.queries(module.queries_subsample(x)).view(b, -1, heads, kd)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    bias = module.attention_biases[:, module.attention_bias_idxs]
+    return (q @ k.transpose(-1, -2) * module.scale + bias).softmax(-1)
+
+
+def test_hf_levit_maps_are_its_own_attention_with_batchnorm_biases_and_subsampled_queries():
+    """transformers' LeViT: 3 attention layers and 2 subsampling ones; maps equal the module's own computation (its
+    BatchNorm as called, its bias table), position-only biases as run.bias(l); BatchNorm in training mode refused."""
+    model, inputs = _case("LevitModel")
+    sites = qkhooks.sites(model)
+    assert [type(s.module).__name__ for s in sites] == ["LevitAttention", "LevitAttentionSubsample", "LevitAttention",
+                                                        "LevitAttentionSubsample", "LevitAttention"]
+    calls = _calls(model, sites, inputs)
+    with qkhooks.record(model, modes="all", attention="full") as rec, torch.no_grad():
+        out = model(**inputs).last_hidden_state
+        maps = [rec.attention(s.layer, "full") for s in sites]
+        biases = [rec.bias(s.layer) for s in sites]
+    with torch.no_grad():
+        assert torch.equal(out, model(**inputs).last_hidden_state)
+        for site, got, bias in zip(sites, maps, biases):
+            want = _levit_direct(site.module, calls[site.layer][0][0])
+            assert got.shape == want.shape
+            assert float((got - want).abs().max()) < 1e-5, site.path
+            assert torch.allclose(bias, site.module.attention_biases[:, site.module.attention_bias_idxs])
+    assert maps[1].shape[-2:] == (4, 16)  # 4x4 tokens, queries every 2nd row and column: 2x2
+    model.train()
+    with pytest.raises(QKHooksError, match="training mode"):
+        with qkhooks.record(model, attention="full"), torch.no_grad():
+            model(**inputs)
+
+
+def test_swin2sr_windows_are_recorded_as_swin_v2s():
+    """Swin2SR's blocks are Swin-v2's (cosine attention, log-CPB bias, shift mask): full maps per window equal the
+    model's eager weights, the shifted block included."""
+    model, inputs = _case("Swin2SRModel-v2-blocks")
+    sites = qkhooks.sites(model)
+    eager = eager_maps(model, sites, inputs, "hf")
+    with qkhooks.record(model, attention="full") as rec, torch.no_grad():
+        model(**inputs)
+        maps = [rec.attention(s.layer, "full") for s in sites]
+    assert [s.block.shift_size for s in sites] == [0, 2]
+    for got, want in zip(maps, eager):  # ours (B, nW, H, Nw, Nw); the model's (B·nW, H, Nw, Nw)
+        assert got.shape == (2, 16, 2, 16, 16)
+        assert float((got.flatten(0, 1) - want).abs().max()) < 1e-5

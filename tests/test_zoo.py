@@ -649,6 +649,12 @@ FAST_CASES = [
              hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32),
     _hf_case("TimesformerModel", "TimesformerModel", "TimesformerConfig", "divided space-time attention", inputs=_clips(4),
              module="encoder.layer.0.attention.attention", num_frames=4, **HF_SMALL),
+    # zoo-hfsmall: transformers' LeViT (BatchNorm folded, attention biases, subsampled queries: models/hf_levit.py) and
+    # Swin2SR (Swin-v2's cosine attention, log-CPB and shift masks on a 1-pixel-patch grid)
+    _hf_case("LevitModel", "LevitModel", "LevitConfig", "exact", size=64, image_size=64, hidden_sizes=[32, 48, 64],
+             num_attention_heads=[2, 3, 4], depths=[1, 1, 1], key_dim=[8, 8, 8]),
+    _hf_case("Swin2SRModel-v2-blocks", "Swin2SRModel", "Swin2SRConfig", "exact", size=16, image_size=16, patch_size=1, embed_dim=16,
+             depths=[2], num_heads=[2], window_size=4),
 ]
 
 

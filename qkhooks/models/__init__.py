@@ -16,6 +16,7 @@ from qkhooks.models import relpos as _relpos  # noqa: F401  (teaches the adapter
 from qkhooks.models import halo as _halo  # noqa: F401  (teaches the timm adapter BoTNet's PosEmbedRel term)
 from qkhooks.models import blocks as _blocks  # noqa: F401  (teaches the timm adapter NesT and TNT blocks)
 from qkhooks.models import pooled as _pooled  # noqa: F401  (Hiera's pooled queries; MViTv2 / SAM2 refusals)
+from qkhooks.models import hf_levit as _hf_levit  # noqa: F401  (registers the adapter: transformers' LeViT)
 from qkhooks.models import video as _video  # noqa: F401  (VideoMAE / ViViT joint space-time attention)
 
 sites = find_sites
