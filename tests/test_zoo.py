@@ -390,9 +390,9 @@ def _siglip2_padded() -> dict[str, Any]:
     return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([[4, 4], [2, 4]])}
 
 
-def _clips(frames: int, size: int = 32, batch: int = 2) -> Callable[[], dict[str, Any]]:
-    """A batch of video clips (B, T, C, H, W), as HF video models take them."""
-    return lambda: {"pixel_values": torch.randn(batch, frames, 3, size, size, generator=torch.Generator().manual_seed(1))}
+def _clips(frames: int, size: int = 32, batch: int = 2, key: str = "pixel_values") -> Callable[[], dict[str, Any]]:
+    """A batch of video clips (B, T, C, H, W), as HF video models take them (under ``key``)."""
+    return lambda: {key: torch.randn(batch, frames, 3, size, size, generator=torch.Generator().manual_seed(1))}
 
 
 def _small_eomt_dinov3() -> nn.Module:
@@ -416,6 +416,13 @@ DEPTH_PRO_SMALL = dict(patch_size=32, fusion_hidden_size=16, intermediate_hook_i
                        patch_model_config=_DINOV2_SMALL, fov_model_config=_DINOV2_SMALL)
 DETR_SMALL = dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
                   encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5)
+
+
+# a ResNet backbone of a few channels for DETR-family detectors (their default is a full ResNet-50), built eager:
+# transformers' ResNet has no SDPA path to switch to
+SMALL_RESNET = dict(backbone_config=dict(model_type="resnet", embedding_size=8, hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1],
+                                         out_features=["stage2", "stage3", "stage4"]),
+                    use_timm_backbone=False, use_pretrained_backbone=False, attn_implementation="eager")
 
 
 def _small_mobilenetv4_hybrid() -> nn.Module:
@@ -653,6 +660,23 @@ FAST_CASES = [
     # Swin2SR (Swin-v2's cosine attention, log-CPB and shift masks on a 1-pixel-patch grid)
     _hf_case("LevitModel", "LevitModel", "LevitConfig", "exact", size=64, image_size=64, hidden_sizes=[32, 48, 64],
              num_attention_heads=[2, 3, 4], depths=[1, 1, 1], key_dim=[8, 8, 8]),
+    # zoo-hfsmall: refused with their reasons (Llama 4's complex 2-D RoPE, VideoPrism's soft-capped logits, VidEoMT's
+    # per-frame query blocks); Llama 4's pixel-shuffle adapter couples intermediate_size to hidden_size / ratio²
+    _hf_case("Llama4VisionModel", "Llama4VisionModel", "Llama4VisionConfig", "freqs_ci", module="model.layers.0.self_attn",
+             vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, **dict(HF_SMALL, intermediate_size=128)),
+    _hf_case("VideoPrismVisionModel", "VideoPrismVisionModel", "VideoPrismVisionConfig", "soft-caps its logits",
+             module="spatial_layers.0.attention", inputs=_clips(4, key="pixel_values_videos"), hidden_size=32,
+             num_spatial_layers=2, num_temporal_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+             num_frames=4, tubelet_size=[1, 8, 8]),
+    _hf_case("VideomtForUniversalSegmentation", "VideomtForUniversalSegmentation", "VideomtConfig", "once per frame",
+             module="layers.0.attention", inputs=_clips(2, key="pixel_values_videos"), num_queries=5, num_blocks=1,
+             **HF_SMALL),
+    # zoo-hfsmall: DETR's segmentation head on the DETR encoder (exact; its mask-attention head left out as the decoder);
+    # Deformable DETR's encoder refused (deformable attention: no q·k); both on a small ResNet backbone
+    _hf_case("DetrForSegmentation", "DetrForSegmentation", "DetrConfig", "exact", size=128, **dict(
+        DETR_SMALL, encoder_attention_heads=8, decoder_attention_heads=8), **SMALL_RESNET),  # its GroupNorm: d + heads = 8k
+    _hf_case("DeformableDetrModel", "DeformableDetrModel", "DeformableDetrConfig", "deformable attention", size=64,
+             module="encoder.layers.0.self_attn", num_feature_levels=3, **DETR_SMALL, **SMALL_RESNET),
     _hf_case("Swin2SRModel-v2-blocks", "Swin2SRModel", "Swin2SRConfig", "exact", size=16, image_size=16, patch_size=1, embed_dim=16,
              depths=[2], num_heads=[2], window_size=4),
 ]
