@@ -48,6 +48,8 @@ def _first_tensor(out: Any) -> torch.Tensor:
         return out
     if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None:
         return out.last_hidden_state
+    if getattr(out, "feature_maps", None):  # an HF *Backbone's BackboneOutput: every stage it returns, in one tensor
+        return torch.cat([f.flatten() for f in out.feature_maps])
     values = out.values() if isinstance(out, dict) else (out.to_tuple() if hasattr(out, "to_tuple") else out)
     return next(v for v in values if isinstance(v, torch.Tensor))
 
@@ -416,8 +418,39 @@ def _siglip2_padded() -> dict[str, Any]:
     return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([[4, 4], [2, 4]])}
 
 
+def _clips(frames: int, size: int = 32, batch: int = 2, key: str = "pixel_values") -> Callable[[], dict[str, Any]]:
+    """A batch of video clips (B, T, C, H, W), as HF video models take them (under ``key``)."""
+    return lambda: {key: torch.randn(batch, frames, 3, size, size, generator=torch.Generator().manual_seed(1))}
+
+
+def _small_eomt_dinov3() -> nn.Module:
+    """EoMT on DINOv3 small, its mask head's logits centred per query: small random weights put every mask logit above
+    0, so the mask of the last block would let every query see every patch; centred, each query masks about half."""
+    model = _hf("EomtDinov3ForUniversalSegmentation", "EomtDinov3Config", num_queries=5, num_blocks=1, **HF_SMALL)()
+    predict = model.predict
+
+    def centred(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        masks, classes = predict(hidden)
+        return masks - masks.flatten(2).median(-1).values[..., None, None], classes
+
+    model.predict = centred
+    return model
+
+
+# DepthPro: every DINOv2 encoder 2 layers of 4x4 patches (its patch_size is the encoders' image size); 128 px images
+_DINOV2_SMALL = dict(HF_SMALL, model_type="dinov2")
+DEPTH_PRO_SMALL = dict(patch_size=32, fusion_hidden_size=16, intermediate_hook_ids=[1, 0], intermediate_feature_dims=[16, 16],
+                       scaled_images_feature_dims=[32, 32, 16], image_model_config=_DINOV2_SMALL,
+                       patch_model_config=_DINOV2_SMALL, fov_model_config=_DINOV2_SMALL)
 DETR_SMALL = dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
                   encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5)
+
+
+# a ResNet backbone of a few channels for DETR-family detectors (their default is a full ResNet-50), built eager:
+# transformers' ResNet has no SDPA path to switch to
+SMALL_RESNET = dict(backbone_config=dict(model_type="resnet", embedding_size=8, hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1],
+                                         out_features=["stage2", "stage3", "stage4"]),
+                    use_timm_backbone=False, use_pretrained_backbone=False, attn_implementation="eager")
 
 
 def _small_mobilenetv4_hybrid() -> nn.Module:
@@ -742,6 +775,44 @@ FAST_CASES = [
     _hf_case("Gemma4VisionModel", "Gemma4VisionModel", "Gemma4VisionConfig", "exact", inputs=lambda: _gemma4_padded(), hidden_size=32, intermediate_size=64,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8, patch_size=8,
              position_embedding_size=64),
+
+    # zoo-hfsmall: EoMT on DINOv3 (RoPE on the patch tokens; the object queries masked to their predicted masks in the
+    # last block), an HF *Backbone wrapper (its BackboneOutput read whole), DepthPro (one DINOv2 on the image, one on
+    # its overlapping patches at several scales), video ViTs on 5-D clips (joint space-time attention exact,
+    # TimeSformer's divided attention refused)
+    Case("EomtDinov3ForUniversalSegmentation", lambda: _small_eomt_dinov3(), lambda: {"pixel_values": _images(32)}, "hf",
+         "exact", entry="EomtDinov3ForUniversalSegmentation"),
+    _hf_case("Dinov2Backbone", "Dinov2Backbone", "Dinov2Config", "exact", out_features=["stage1", "stage2"], **HF_SMALL),
+    _hf_case("DepthProModel", "DepthProModel", "DepthProConfig", "exact", size=128, **DEPTH_PRO_SMALL),
+    _hf_case("VideoMAEModel", "VideoMAEModel", "VideoMAEConfig", "exact", inputs=_clips(4), num_frames=4, tubelet_size=2,
+             **HF_SMALL),
+    _hf_case("VivitModel", "VivitModel", "VivitConfig", "exact", inputs=_clips(4), num_frames=4, tubelet_size=[2, 8, 8],
+             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32),
+    _hf_case("TimesformerModel", "TimesformerModel", "TimesformerConfig", "divided space-time attention", inputs=_clips(4),
+             module="encoder.layer.0.attention.attention", num_frames=4, **HF_SMALL),
+    # zoo-hfsmall: transformers' LeViT (BatchNorm folded, attention biases, subsampled queries: models/hf_levit.py) and
+    # Swin2SR (Swin-v2's cosine attention, log-CPB and shift masks on a 1-pixel-patch grid)
+    _hf_case("LevitModel", "LevitModel", "LevitConfig", "exact", size=64, image_size=64, hidden_sizes=[32, 48, 64],
+             num_attention_heads=[2, 3, 4], depths=[1, 1, 1], key_dim=[8, 8, 8]),
+    # zoo-hfsmall: refused with their reasons (Llama 4's complex 2-D RoPE, VideoPrism's soft-capped logits, VidEoMT's
+    # per-frame query blocks); Llama 4's pixel-shuffle adapter couples intermediate_size to hidden_size / ratio²
+    _hf_case("Llama4VisionModel", "Llama4VisionModel", "Llama4VisionConfig", "freqs_ci", module="model.layers.0.self_attn",
+             vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, **dict(HF_SMALL, intermediate_size=128)),
+    _hf_case("VideoPrismVisionModel", "VideoPrismVisionModel", "VideoPrismVisionConfig", "soft-caps its logits",
+             module="spatial_layers.0.attention", inputs=_clips(4, key="pixel_values_videos"), hidden_size=32,
+             num_spatial_layers=2, num_temporal_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+             num_frames=4, tubelet_size=[1, 8, 8]),
+    _hf_case("VideomtForUniversalSegmentation", "VideomtForUniversalSegmentation", "VideomtConfig", "once per frame",
+             module="layers.0.attention", inputs=_clips(2, key="pixel_values_videos"), num_queries=5, num_blocks=1,
+             **HF_SMALL),
+    # zoo-hfsmall: DETR's segmentation head on the DETR encoder (exact; its mask-attention head left out as the decoder);
+    # Deformable DETR's encoder refused (deformable attention: no q·k); both on a small ResNet backbone
+    _hf_case("DetrForSegmentation", "DetrForSegmentation", "DetrConfig", "exact", size=128, **dict(
+        DETR_SMALL, encoder_attention_heads=8, decoder_attention_heads=8), **SMALL_RESNET),  # its GroupNorm: d + heads = 8k
+    _hf_case("DeformableDetrModel", "DeformableDetrModel", "DeformableDetrConfig", "deformable attention", size=64,
+             module="encoder.layers.0.self_attn", num_feature_levels=3, **DETR_SMALL, **SMALL_RESNET),
+    _hf_case("Swin2SRModel-v2-blocks", "Swin2SRModel", "Swin2SRConfig", "exact", size=16, image_size=16, patch_size=1, embed_dim=16,
+             depths=[2], num_heads=[2], window_size=4),
 ]
 
 
@@ -814,6 +885,7 @@ def _hf_vision_classes() -> list[str]:
     names = set(auto.MODEL_FOR_IMAGE_MAPPING_NAMES.values())
     names |= {v for v in auto.MODEL_MAPPING_NAMES.values() if isinstance(v, str) and v.endswith("VisionModel")}
     names |= {v for v in getattr(auto, "MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES", {}).values() if isinstance(v, str)}
+    names |= {v for v in getattr(auto, "MODEL_FOR_BACKBONE_MAPPING_NAMES", {}).values() if isinstance(v, str)}  # *Backbone wrappers
     return sorted(names)
 
 

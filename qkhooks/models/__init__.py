@@ -19,6 +19,9 @@ from qkhooks.models import blocks as _blocks  # noqa: F401  (teaches the timm ad
 from qkhooks.models import pooled as _pooled  # noqa: F401  (Hiera's pooled queries, MViTv2; pool-first refusal)
 from qkhooks.models import sam2 as _sam2  # noqa: F401  (SAM2's Hiera-det: pooled queries inside windows)
 
+from qkhooks.models import hf_levit as _hf_levit  # noqa: F401  (registers the adapter: transformers' LeViT)
+from qkhooks.models import video as _video  # noqa: F401  (VideoMAE / ViViT joint space-time attention)
+
 sites = find_sites
 
 __all__ = ["AttentionSite", "QKWeights", "adapters", "sites", "find_sites", "parse_layers", "register_adapter"]

@@ -192,3 +192,6 @@ def _hf_swinv2_site(site: AttentionSite, module: nn.Module, modules: dict[str, n
 
 hf.EXTRA_FORMS["Swinv2SelfAttention"] = (frozenset({"continuous_position_bias_mlp", "logit_scale"}), _hf_swinv2_site)
 MODELLED_FORMS.update({"Swinv2SelfAttention", "Swinv2Attention", "Swinv2Layer"})
+# zoo-hfsmall: transformers' Swin2SR copies Swin-v2's self-attention and layer verbatim (same children, same forward)
+hf.EXTRA_FORMS["Swin2SRSelfAttention"] = hf.EXTRA_FORMS["Swinv2SelfAttention"]
+MODELLED_FORMS.update({"Swin2SRSelfAttention", "Swin2SRAttention", "Swin2SRLayer"})

@@ -41,6 +41,9 @@ _ROPE_FUNCTIONS: dict[str, tuple[str, Callable]] = {
     # MLCD: (N, d_k) tables, the class token turned by its own learned angle; the function takes (B, N, H, d_k)
     "MLCDAttention": ("apply_rotary_pos_emb_vision", lambda apply, q, k, cos, sin: tuple(
         t.transpose(1, 2) for t in apply(q.transpose(1, 2), k.transpose(1, 2), cos[None].float(), sin[None].float()))),
+    # zoo-hfsmall: EoMT on DINOv3 (DINOv3's rotation of the patch tokens only; the object queries and the prefix
+    # tokens before them stay unrotated, the mask of the last blocks enters as attention_mask)
+    "EomtDinov3Attention": ("apply_rotary_pos_emb", lambda apply, q, k, cos, sin: apply(q, k, cos, sin)),
 }
 # Attention classes whose token layout qkhooks does not model although their logits are plain.
 _FOLDED_TOKENS = {

@@ -54,7 +54,7 @@ def _projection(path: str, norm: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(the Linear or conv, its BatchNorm) of a LeViT ``LinearNorm`` / ``ConvNorm`` or SHViT ``Conv2dNorm``; a conv
     that is not a plain 1x1 (one weight applied to every token alone) is refused."""
     linear = getattr(norm, "linear", None) or getattr(norm, "c", None) or getattr(norm, "conv", None)
-    bn = getattr(norm, "bn", None)
+    bn = getattr(norm, "bn", None) or getattr(norm, "batch_norm", None)  # transformers' MLPLayerWithBN: batch_norm
     if not isinstance(linear, (nn.Linear, nn.Conv2d)) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise QKHooksError(f"unsupported attention in {path!r}: its q/k projection {type(norm).__name__} is not a "
                            "Linear or 1x1 conv followed by BatchNorm, the form qkhooks folds.")
