@@ -16,6 +16,8 @@ from qkhooks.models import relpos as _relpos  # noqa: F401  (teaches the adapter
 from qkhooks.models import halo as _halo  # noqa: F401  (teaches the timm adapter BoTNet's PosEmbedRel term)
 from qkhooks.models import blocks as _blocks  # noqa: F401  (teaches the timm adapter NesT and TNT blocks)
 from qkhooks.models import pooled as _pooled  # noqa: F401  (Hiera's pooled queries; MViTv2 / SAM2 refusals)
+from qkhooks.models import davit as _davit  # noqa: F401  (DaViT spatial windows; channel blocks left out by name)
+from qkhooks.models import gcvit as _gcvit  # noqa: F401  (GCViT local windows; global-query blocks left out by name)
 
 sites = find_sites
 

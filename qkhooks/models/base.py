@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.unsupported import describe_attention_like, diagnose
+from qkhooks.models.unsupported import describe_attention_like, diagnose, skipping_unmodelled, unmodelled_parts
 
 __all__ = ["AttentionSite", "QKWeights", "register_adapter", "find_sites", "adapters"]
 
@@ -413,15 +413,26 @@ def adapters() -> list[tuple[str, str]]:
     return [(a.name, a.families) for a in _ADAPTERS]
 
 
-def find_sites(model: nn.Module, layers: Sequence[int] | None = None) -> list[AttentionSite]:
-    """All attention sites of ``model`` (or the chosen block indices), found by the first matching adapter."""
-    diagnose(model)
-    for adapter in _ADAPTERS:
-        if adapter.matches(model):
-            found = adapter.find(model)
-            if not found:
-                raise QKHooksError(f"adapter {adapter.name!r} matched {type(model).__name__} but found no attention layers.")
-            return select_layers(number_in_forward_order(model, found), layers)
+def find_sites(model: nn.Module, layers: Sequence[int] | None = None, skip_unmodelled: bool = False) -> list[AttentionSite]:
+    """All attention sites of ``model`` (or the chosen block indices), found by the first matching adapter.
+
+    ``skip_unmodelled``: take the sites an adapter models exactly and leave out the modules qkhooks does not model
+    (a channel softmax, an unknown attention) instead of refusing the model; :func:`qkhooks.models.unsupported.unmodelled_parts` names them.
+    Layer indices number the sites taken, in forward order; a module left out has none."""
+    with skipping_unmodelled(skip_unmodelled):
+        diagnose(model)
+        for adapter in _ADAPTERS:
+            if adapter.matches(model):
+                found = adapter.find(model)
+                if not found:
+                    raise QKHooksError(f"adapter {adapter.name!r} matched {type(model).__name__} but found no attention layers.")
+                return select_layers(number_in_forward_order(model, found), layers)
+    left = unmodelled_parts(model, []) if skip_unmodelled else {}
+    if left:
+        raise QKHooksError(f"{type(model).__name__} has no attention layer qkhooks models exactly, so skip_unmodelled "
+                           "leaves nothing to record; its attention modules: "
+                           + "; ".join(f"{path!r} ({why})" for path, why in list(left.items())[:4])
+                           + (f" and {len(left) - 4} more" if len(left) > 4 else "") + ".")
     listing = "\n".join(f"  - {name}: {fam}" for name, fam in adapters())
     raise QKHooksError(
         f"qkhooks does not know how to find the attention layers of {type(model).__name__}.\n"

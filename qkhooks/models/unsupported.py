@@ -9,8 +9,10 @@ the model refused: a model is recorded whole or not at all.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from torch import nn
 
@@ -111,6 +113,43 @@ def left_out_by_design(model: nn.Module) -> dict[str, str]:
     return found
 
 
+# Partial recording (``record(..., skip_unmodelled=True)``): while set, a module qkhooks does not model is left out and
+# named (:func:`unmodelled_parts`) instead of refusing the model. Set only by :func:`skipping_unmodelled`.
+_SKIP_UNMODELLED: contextvars.ContextVar[bool] = contextvars.ContextVar("qkhooks_skip_unmodelled", default=False)
+SKIP_HINT = ("To record the layers qkhooks does model and leave this one out, named with its reason in the recording "
+             "and the run file, pass skip_unmodelled=True (qkhooks record --skip-unmodelled).")
+
+
+@contextlib.contextmanager
+def skipping_unmodelled(skip: bool = True) -> Iterator[None]:
+    """Within this block :func:`diagnose` and :func:`refuse_uncovered` leave unmodelled modules out instead of refusing."""
+    token = _SKIP_UNMODELLED.set(skip)
+    try:
+        yield
+    finally:
+        _SKIP_UNMODELLED.reset(token)
+
+
+def unmodelled_parts(model: nn.Module, sites: Sequence["AttentionSite"]) -> dict[str, str]:
+    """The modules a partial recording leaves out (every site of the model found, ``sites``), outermost first, in
+    the order of the model's modules -> why: each module with a known unmodelled form (:data:`UNMODELLED_FORMS`)
+    or computing attention logits (:func:`attention_like`) that no site covers. Parts left out by design are not
+    listed here (:func:`left_out_by_design` names them)."""
+    taken = [s.path for s in sites]
+    aside = left_out_by_design(model)
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not name or _NOT_RECORDED_PATHS.search(name) or _under(name, aside) or _under(name, found):
+            continue
+        if any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in taken):
+            continue
+        known = unmodelled_reason(module)
+        if known or _owns_qk(module):  # the reason without its advice on skip_unmodelled, which is what was done
+            why = ". ".join(part for part in (known or _why(module)).split(". ") if "skip_unmodelled" not in part)
+            found[name] = f"{type(module).__name__}: " + why.rstrip(".")
+    return found
+
+
 def _under(name: str, roots: dict[str, str] | Sequence[str]) -> bool:
     return any(name == r or name.startswith(r + ".") for r in roots)
 
@@ -132,11 +171,14 @@ def diagnose(model: nn.Module) -> None:
     from qkhooks.models.qknorm import qk_norm_modelled
 
     rope_modelled = any(type(m).__name__ in _ROPE_MODELLED for m in model.modules())
-    aside = left_out_by_design(model)
+    aside = dict(left_out_by_design(model))
     for name, module in model.named_modules():
         reason = None if _NOT_RECORDED_PATHS.search(name) or _under(name, aside) else unmodelled_reason(module)
-        if reason:
-            raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason.rstrip('.')}.")
+        if reason and _SKIP_UNMODELLED.get():  # partial recording: left out, named by unmodelled_parts
+            aside[name] = reason
+        elif reason:
+            raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason.rstrip('.')}."
+                               + ("" if "skip_unmodelled" in reason else " " + SKIP_HINT))
     modelled = [n + "." for n, m in model.named_modules() if _modelled(m)]
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in modelled) or _under(name, aside):
@@ -197,18 +239,19 @@ def refuse_uncovered(model: nn.Module, sites: Sequence["AttentionSite"]) -> None
         for name, module in attention_like(model)
         if not any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in taken) and not _under(name, aside)
     ]
-    if not left:
+    if not left or _SKIP_UNMODELLED.get():  # partial recording: unmodelled_parts names what is left out
         return
     listed = ", ".join(f"{name!r} ({type(module).__name__})" for name, module in left[:6]) + (
         f" and {len(left) - 6} more" if len(left) > 6 else "")
     known = unmodelled_reason(left[0][1])
     if known:  # the reason first, then every module it leaves out
         raise QKHooksError(f"unsupported attention in {left[0][0]!r} ({type(left[0][1]).__name__}): {known}. Left out "
-                           f"with it: {listed}; recording the other layers alone would leave these out without a word.")
+                           f"with it: {listed}; recording the other layers alone would leave these out without a word."
+                           + ("" if "skip_unmodelled" in known else " " + SKIP_HINT))
     raise QKHooksError(
         f"unsupported attention in {listed}: qkhooks does not model this attention form (its forward is not one the "
         "adapter knows), and recording the other layers alone would leave these out without a word. " + _why(left[0][1])
-    )
+        + " " + SKIP_HINT)
 
 
 def _why(module: nn.Module) -> str:
