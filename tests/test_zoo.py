@@ -521,6 +521,9 @@ FAST_CASES = [
     _timm_case("gcvit_xxtiny-partial", "exact", size=64, img_size=64),  # zoo-davit: local windows; global blocks left out
     _timm_case("efficientvit_m0", "cascaded group attention", module="stages.0.blocks.0.mixer.m.attn", size=64,
                img_size=64),
+    # zoo-davit: ConViT's MHSA blocks after its GPSA blocks (two-softmax maps, left out by name)
+    _timm_case("convit_tiny-partial", "exact", depth=3, local_up_to_layer=2, embed_dim=32, num_heads=4, img_size=32,
+               patch_size=8),
     # zoo-bn: q/k from Linear or 1x1 conv + BatchNorm (folded), position-indexed biases, subsampled queries (LeViT)
     _timm_case("levit_128s", "exact", size=64, img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4),
                depth=(1, 1, 1)),

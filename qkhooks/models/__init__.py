@@ -18,6 +18,8 @@ from qkhooks.models import blocks as _blocks  # noqa: F401  (teaches the timm ad
 from qkhooks.models import pooled as _pooled  # noqa: F401  (Hiera's pooled queries; MViTv2 / SAM2 refusals)
 from qkhooks.models import davit as _davit  # noqa: F401  (DaViT spatial windows; channel blocks left out by name)
 from qkhooks.models import gcvit as _gcvit  # noqa: F401  (GCViT local windows; global-query blocks left out by name)
+from qkhooks.models import two_softmax as _two_softmax  # noqa: F401  (ConViT MHSA; GPSA, DiffAttention refused)
+from qkhooks.models import cascaded as _cascaded  # noqa: F401  (EfficientViT-MSRA cascaded heads refused)
 
 sites = find_sites
 

@@ -4,7 +4,8 @@ q/k normalisation makes the logit a non-linear function of x; rotary embeddings 
 the relative position; windowed attention splits tokens into windows; relative-position bias adds a
 position-only term. qkhooks says which module is the problem instead of producing wrong numbers. Beyond
 those named forms, any attention-like module an adapter does not take (see :func:`refuse_uncovered`) makes
-the model refused: a model is recorded whole or not at all.
+the model refused: a model is recorded whole, or, only when asked (``skip_unmodelled=True``), on the sites qkhooks
+models with every module left out named and its reason (:func:`unmodelled_parts`), never silently.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ MODELLED_FORMS: set[str] = set()
 # Attention classes qkhooks knows and does not model, by module and name (names like ``Attention`` repeat across
 # families) -> the precise reason, or ``module -> reason | None`` where it depends on the instance (None: this one
 # is fine). A model holding one is refused naming it, before any guess from names; the forms' files add theirs
-# (windows.py: DaViT, GCViT; pooled.py: MViTv2, SAM2's Hiera-det), the table below holds the rest.
+# (davit.py, gcvit.py, cascaded.py, two_softmax.py; pooled.py: MViTv2, SAM2's Hiera-det), the table below holds the rest.
 UNMODELLED_FORMS: dict[str, str | Callable[[nn.Module], str | None]] = {}
 
 
@@ -56,12 +57,8 @@ UNMODELLED_FORMS.update({
     "L2-normalised q and k with a learned temperature), not over tokens; " + _NO_TOKEN_SOFTMAX,
     "timm.models.edgenext.CrossCovarianceAttn": "cross-covariance attention (as XCiT): the softmax runs over channels, "
     "not over tokens; " + _NO_TOKEN_SOFTMAX,
-    "timm.models.convit.GPSA": "gated positional self-attention: each head's map is a sigmoid-gated mix of softmax(q·k) "
-    "and a softmax over a learned positional term, so a map is not one softmax of q·k plus a bias",
     "timm.models.coat.FactorAttnConvRelPosEnc": "factorised attention: a softmax of k alone over the tokens, then "
     "q (k^T v), plus a convolutional position term; " + _NO_TOKEN_SOFTMAX,
-    "timm.layers.diff_attention.DiffAttention": "differential attention: the map is the difference of two softmax(q·k) "
-    "maps (weighted by a learned λ), not one softmax, so neither q·k form alone gives the model's maps",
     "timm.layers.attention2d.MultiQueryAttentionV2": "multi-query attention on NCHW maps (one shared key head, reduced "
     "keys); not modelled yet",
     "timm.models.efficientvit_mit.LiteMLA": "linear attention: a ReLU kernel normalised by its sum, no softmax; "
