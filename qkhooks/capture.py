@@ -113,8 +113,10 @@ class Recording:
         self._model_ref = weakref.ref(model)
         every = list(sites) if sites is not None else _model_sites(model, None, skip_unmodelled)
         self.sites: list[AttentionSite] = select_layers(every, layers)
-        # partial recording: module path -> why it is left out (named, never silent; {} when none is)
-        self.left_out: dict[str, str] = unmodelled_parts(model, every) if skip_unmodelled else {}
+        # partial recording: module path -> why it is left out (named, never silent; {} when none is), from every site
+        # of the model (given sites may be a selection)
+        self.left_out: dict[str, str] = unmodelled_parts(
+            model, every if sites is None else find_sites(model, skip_unmodelled=True)) if skip_unmodelled else {}
         self.modes = parse_modes(modes)
         self.attention_specs = parse_attention(attention)
         recorded = sorted(s.layer for s in self.sites)

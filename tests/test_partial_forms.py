@@ -204,3 +204,14 @@ def test_the_refusal_offers_skip_unmodelled_only_where_it_would_record_something
     assert "skip_unmodelled" not in str(err.value)
     with pytest.raises(QKHooksError, match=r"DiffAttention.*leaves nothing to record"):
         qkhooks.sites(model, skip_unmodelled=True)
+
+
+def test_left_out_names_the_unmodelled_modules_only_when_a_selection_of_sites_is_recorded():
+    model = _davit()
+    every = qkhooks.sites(model, skip_unmodelled=True)
+    channel = [n + ".attn" for n, m in model.named_modules() if type(m).__name__ == "ChannelBlock"]
+    with qkhooks.record(model, modes=2, sites=every[1:2], skip_unmodelled=True) as rec:
+        pass
+    with qkhooks.record(model, modes=2, layers=[1], skip_unmodelled=True) as chosen:
+        pass
+    assert list(rec.left_out) == list(chosen.left_out) == channel and rec.layers == chosen.layers == [1]
