@@ -49,8 +49,7 @@ timm_adapter.EXTRA_FORMS["DavitWindowAttention"] = timm_adapter.ExtraForm(_davit
 MODELLED_FORMS.update({"timm.models.davit.WindowAttention", "timm.models.davit.SpatialBlock"})
 
 _CHANNEL_SOFTMAX = ("so there is no token-to-token attention map and no W_q^T W_k form to record. DaViT's spatial window "
-                    "attention is modelled exactly: skip_unmodelled=True (qkhooks record --skip-unmodelled) records those "
-                    "blocks and names every channel block as left out")
+                    "attention (WindowAttention) is modelled exactly")
 UNMODELLED_FORMS.update({
     "timm.models.davit.ChannelAttention": "its softmax runs over channels, not tokens (per head softmax(scale·kᵀv), a "
     "d_k x d_k map that then mixes q), " + _CHANNEL_SOFTMAX,

@@ -65,5 +65,4 @@ UNMODELLED_FORMS["timm.models.gcvit.WindowAttentionGlobal"] = lambda m: None if 
     "its queries are not projected from the layer's tokens: they are the global query tokens the stage's GlobalContext "
     "generator computes from the whole feature map, repeated over the windows (q_global), and its qkv makes only keys "
     "and values, so the logits q_global·W_k x have no W_q and the content form W_q^T W_k does not exist. GCViT's local "
-    "window blocks are modelled exactly: skip_unmodelled=True (qkhooks record --skip-unmodelled) records them and names "
-    "every global-query block as left out")
+    "window blocks (use_global=False) are modelled exactly")

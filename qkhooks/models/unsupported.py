@@ -113,6 +113,7 @@ def left_out_by_design(model: nn.Module) -> dict[str, str]:
 # Partial recording (``record(..., skip_unmodelled=True)``): while set, a module qkhooks does not model is left out and
 # named (:func:`unmodelled_parts`) instead of refusing the model. Set only by :func:`skipping_unmodelled`.
 _SKIP_UNMODELLED: contextvars.ContextVar[bool] = contextvars.ContextVar("qkhooks_skip_unmodelled", default=False)
+# Offered in a refusal only where a partial recording would record something (:func:`qkhooks.models.base.find_sites`).
 SKIP_HINT = ("To record the layers qkhooks does model and leave this one out, named with its reason in the recording "
              "and the run file, pass skip_unmodelled=True (qkhooks record --skip-unmodelled).")
 
@@ -141,9 +142,8 @@ def unmodelled_parts(model: nn.Module, sites: Sequence["AttentionSite"]) -> dict
         if any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in taken):
             continue
         known = unmodelled_reason(module)
-        if known or _owns_qk(module):  # the reason without its advice on skip_unmodelled, which is what was done
-            why = ". ".join(part for part in (known or _why(module)).split(". ") if "skip_unmodelled" not in part)
-            found[name] = f"{type(module).__name__}: " + why.rstrip(".")
+        if known or _owns_qk(module):
+            found[name] = f"{type(module).__name__}: " + (known or _why(module)).rstrip(".")
     return found
 
 
@@ -174,8 +174,8 @@ def diagnose(model: nn.Module) -> None:
         if reason and _SKIP_UNMODELLED.get():  # partial recording: left out, named by unmodelled_parts
             aside[name] = reason
         elif reason:
-            raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason.rstrip('.')}."
-                               + ("" if "skip_unmodelled" in reason else " " + SKIP_HINT))
+            raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason.rstrip('.')}. "
+                               + SKIP_HINT)
     modelled = [n + "." for n, m in model.named_modules() if _modelled(m)]
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in modelled) or _under(name, aside):
@@ -243,8 +243,7 @@ def refuse_uncovered(model: nn.Module, sites: Sequence["AttentionSite"]) -> None
     known = unmodelled_reason(left[0][1])
     if known:  # the reason first, then every module it leaves out
         raise QKHooksError(f"unsupported attention in {left[0][0]!r} ({type(left[0][1]).__name__}): {known}. Left out "
-                           f"with it: {listed}; recording the other layers alone would leave these out without a word."
-                           + ("" if "skip_unmodelled" in known else " " + SKIP_HINT))
+                           f"with it: {listed}; recording the other layers alone would leave these out without a word. " + SKIP_HINT)
     raise QKHooksError(
         f"unsupported attention in {listed}: qkhooks does not model this attention form (its forward is not one the "
         "adapter knows), and recording the other layers alone would leave these out without a word. " + _why(left[0][1])
