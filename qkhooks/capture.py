@@ -42,6 +42,7 @@ from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, select_layers
 from qkhooks.models.load import unwrap_loaded
+from qkhooks.models.unsupported import unmodelled_parts
 from qkhooks.projector import ModeProjector, QKPathProjector
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum, layer_spectrum
@@ -102,6 +103,7 @@ class Recording:
         compute_dtype: torch.dtype | None = None,
         qk_path: bool = True,
         outputs: OutputsKind = "unchanged",
+        skip_unmodelled: bool = False,
     ):
         model = unwrap_loaded(model)
         if not isinstance(model, nn.Module):
@@ -109,7 +111,12 @@ class Recording:
         if input not in ("normed", "residual"):
             raise QKHooksError(f"input must be 'normed' (the exact tensor entering W_q/W_k) or 'residual'; got {input!r}.")
         self._model_ref = weakref.ref(model)
-        self.sites: list[AttentionSite] = select_layers(list(sites), layers) if sites is not None else _model_sites(model, layers)
+        every = list(sites) if sites is not None else _model_sites(model, None, skip_unmodelled)
+        self.sites: list[AttentionSite] = select_layers(every, layers)
+        # partial recording: module path -> why it is left out (named, never silent; {} when none is), from every site
+        # of the model (given sites may be a selection)
+        self.left_out: dict[str, str] = unmodelled_parts(
+            model, every if sites is None else find_sites(model, skip_unmodelled=True)) if skip_unmodelled else {}
         self.modes = parse_modes(modes)
         self.attention_specs = parse_attention(attention)
         recorded = sorted(s.layer for s in self.sites)
@@ -653,17 +660,17 @@ def _structure_key(model: nn.Module) -> tuple:
     return tuple(key)
 
 
-def _model_sites(model: nn.Module, layers: Sequence[int] | None) -> list[AttentionSite]:
-    """``find_sites(model, layers)``, searched once per model while :func:`_structure_key` is unchanged; every
-    recording gets its own copies of the sites (they hold the call being recorded)."""
-    key = _structure_key(model)
+def _model_sites(model: nn.Module, layers: Sequence[int] | None, skip_unmodelled: bool = False) -> list[AttentionSite]:
+    """``find_sites(model, layers, skip_unmodelled)``, searched once per model while :func:`_structure_key` is
+    unchanged; every recording gets its own copies of the sites (they hold the call being recorded)."""
+    key = (_structure_key(model), skip_unmodelled)
     hit = _SITES.get(model)
     if hit is None or hit[0] != key:
-        hit = _SITES[model] = (key, find_sites(model))
+        hit = _SITES[model] = (key, find_sites(model, skip_unmodelled=skip_unmodelled))
     copies = [_own_copy(site) for site in hit[1]]
     if any(c is None for c in copies):  # a site a copy cannot be cut loose from: searched afresh, never shared
         del _SITES[model]
-        return find_sites(model, layers)
+        return find_sites(model, layers, skip_unmodelled)
     return select_layers(copies, layers)
 
 
@@ -730,6 +737,7 @@ def record(
     compute_dtype: torch.dtype | None = None,
     qk_path: bool = True,
     outputs: OutputsKind = "unchanged",
+    skip_unmodelled: bool = False,
 ) -> Recording:
     """Hook ``model`` for query-key analysis; use as a context manager.
 
@@ -759,6 +767,10 @@ def record(
             one bit for bit, and the maps cost about what timm's ``AttentionExtract`` pays. A layer that runs
             its own eager attention hands over the softmax it computes. Refused, naming the module, where this
             cannot be exact (attention dropout in training mode, a call that does not match the adapter).
+        skip_unmodelled: record a model that also holds attention qkhooks does not model (DaViT's channel attention,
+            a softmax over channels) on the sites it models exactly, leaving the others out, each named with its
+            reason in ``Recording.left_out`` (and in a run file). Default False: such a model is refused, the error
+            naming the module. Layer indices number the recorded sites in forward order.
 
     Returns:
         A :class:`Recording`; inside ``with``, run the model as usual (or call ``run(images, ids=...)``), then read
@@ -767,5 +779,5 @@ def record(
     return Recording(
         model, modes=modes, layers=layers, attention=attention, input=input, augmented=augmented,
         keep_inputs=keep_inputs, sinks=sinks, spectrum=spectrum, sites=sites, compute_dtype=compute_dtype, qk_path=qk_path,
-        outputs=outputs,
+        outputs=outputs, skip_unmodelled=skip_unmodelled,
     )

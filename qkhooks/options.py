@@ -66,6 +66,13 @@ class RecordOptions:
                          "residual input", flag="--input", config="input", choices=["normed", "residual"])
     """The token stream the modes project: the normed input of W_q/W_k (exact logits) or the residual stream."""
 
+    skip_unmodelled: bool = _option(False, "record the layers qkhooks models exactly and leave out the attention "
+                                    "modules it does not (e.g. DaViT's channel attention), each named with its reason "
+                                    "in the run file (default: refuse such a model)", flag="--skip-unmodelled",
+                                    action="store_true")
+    """Partial recording: leave out modules qkhooks does not model, named in the run file's ``left_out_unmodelled``
+    (``qkhooks.record``'s ``skip_unmodelled``). Not in the config: what is left out is a fact of the model, stored."""
+
     augmented: bool = _option(False, "fold the q/k biases into the modes through x -> [x; 1]", flag="--augmented",
                               config="augmented", action="store_true")
     """Modes of the bias-augmented form ``[x; 1]`` instead of the bias-free bilinear form."""

@@ -34,8 +34,8 @@ from qkhooks.capture import BatchCapture, parse_modes, record
 from qkhooks.data import ImageDataset, collate
 from qkhooks.data.sources import ItemStream, open_source
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, find_sites, parse_layers
-from qkhooks.models.unsupported import left_out_by_design
+from qkhooks.models.base import AttentionSite, find_sites, parse_layers, select_layers
+from qkhooks.models.unsupported import left_out_by_design, unmodelled_parts
 from qkhooks.models.load import LoadedModel, check_device, load_model
 from qkhooks.options import RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
@@ -296,6 +296,7 @@ def record_dataset(
     attention: Any = None,
     outputs: str = "unchanged",
     input: str = "normed",
+    skip_unmodelled: bool = False,
     augmented: bool = False,
     dtype: str = "float16",
     compression: str = "none",
@@ -341,7 +342,9 @@ def record_dataset(
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_init=random_init, device=device)
     net = loaded.model.to(device)
     layer_list = parse_layers(opts.layers) if isinstance(opts.layers, str) or opts.layers is None else list(opts.layers)
-    sites = find_sites(net, layer_list)
+    every = find_sites(net, skip_unmodelled=opts.skip_unmodelled)
+    sites = select_layers(every, layer_list)
+    unmodelled = unmodelled_parts(net, every) if opts.skip_unmodelled else {}
     attention_specs = parse_attention(opts.attention)
     modes_value = parse_modes(opts.modes)
     if resume and overwrite:
@@ -428,7 +431,7 @@ def record_dataset(
             seen = _SeenIds(writer.ids if writer is not None and done else [])
             run.sinks.append(seen)
             if writer is not None:
-                _write_statics(writer, run, sites, image_size, opts.augmented, geometry, left_out_by_design(net))
+                _write_statics(writer, run, sites, image_size, opts.augmented, geometry, left_out_by_design(net), unmodelled)
                 if shard is not None:  # where this block starts in the dataset: qkhooks.distributed.merge_shards reads it
                     writer.write_static("images/shard", json.dumps({"rank": shard[0], "world": shard[1], "start": lo, "stop": hi}))
                 run.sinks.append(WriterSink(writer, opts.store_modes))
@@ -579,7 +582,8 @@ def _loop(run, batches, net, total, device, layout, plan, progress, writer, chec
 
 
 def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_size: tuple[int, int],
-                   augmented: bool, geometry: dict[int, LayerGeometry], left_out: dict[str, str]) -> None:
+                   augmented: bool, geometry: dict[int, LayerGeometry], left_out: dict[str, str],
+                   unmodelled: dict[str, str]) -> None:
     if run.qk_spectrum is not None:
         for layer in run.qk_spectrum:
             for name in ("U", "S", "V"):
@@ -597,7 +601,8 @@ def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_
             "paths": [s.path for s in sites], "family": site.family, "image_size": [height, width],
             "grid": None if first.grid is None else list(first.grid),
             "layer_geometry": {str(layer): g.to_dict() for layer, g in sorted(geometry.items())},
-            "left_out_by_design": left_out}  # parts that are not self-attention of the image tokens (decoders), named
+            "left_out_by_design": left_out,  # parts that are not self-attention of the image tokens (decoders), named
+            "left_out_unmodelled": unmodelled}  # skip_unmodelled: modules qkhooks does not model, left out and named
     writer.write_static("model/info", json.dumps(info))
 
 

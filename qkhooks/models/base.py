@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.unsupported import describe_attention_like, diagnose
+from qkhooks.models.unsupported import SKIP_HINT, describe_attention_like, diagnose, skipping_unmodelled, unmodelled_parts
 
 __all__ = ["AttentionSite", "QKWeights", "register_adapter", "find_sites", "adapters"]
 
@@ -418,15 +418,41 @@ def adapters() -> list[tuple[str, str]]:
     return [(a.name, a.families) for a in _ADAPTERS]
 
 
-def find_sites(model: nn.Module, layers: Sequence[int] | None = None) -> list[AttentionSite]:
-    """All attention sites of ``model`` (or the chosen block indices), found by the first matching adapter."""
-    diagnose(model)
-    for adapter in _ADAPTERS:
-        if adapter.matches(model):
-            found = adapter.find(model)
-            if not found:
-                raise QKHooksError(f"adapter {adapter.name!r} matched {type(model).__name__} but found no attention layers.")
-            return select_layers(number_in_forward_order(model, found), layers)
+def find_sites(model: nn.Module, layers: Sequence[int] | None = None, skip_unmodelled: bool = False) -> list[AttentionSite]:
+    """All attention sites of ``model`` (or the chosen block indices), found by the first matching adapter.
+
+    ``skip_unmodelled``: take the sites an adapter models exactly and leave out the modules qkhooks does not model
+    (a channel softmax, an unknown attention) instead of refusing the model; :func:`qkhooks.models.unsupported.unmodelled_parts` names them.
+    Layer indices number the sites taken, in forward order; a module left out has none."""
+    try:
+        return _find_sites(model, layers, skip_unmodelled)
+    except QKHooksError as err:  # the refusal offers skip_unmodelled only where it would record something
+        if skip_unmodelled or SKIP_HINT not in str(err):
+            raise
+        try:
+            _find_sites(model, None, True)
+        except QKHooksError:
+            raise QKHooksError(str(err).replace(" " + SKIP_HINT, "")) from None
+        raise
+
+
+def _find_sites(model: nn.Module, layers: Sequence[int] | None, skip_unmodelled: bool) -> list[AttentionSite]:
+    with skipping_unmodelled(skip_unmodelled):
+        diagnose(model)
+        for adapter in _ADAPTERS:
+            if adapter.matches(model):
+                found = adapter.find(model)
+                if not found:
+                    raise QKHooksError(f"adapter {adapter.name!r} matched {type(model).__name__} but found no attention layers.")
+                return select_layers(number_in_forward_order(model, found), layers)
+    left = unmodelled_parts(model, []) if skip_unmodelled else {}
+    if left:  # each entry reads "Class: reason"
+        (first, why), others = next(iter(left.items())), list(left)[1:]
+        cls, _, reason = why.partition(": ")
+        raise QKHooksError(f"unsupported attention in {first!r} ({cls}): {reason}. skip_unmodelled=True leaves nothing "
+                           f"to record: no attention of {type(model).__name__} is one qkhooks models exactly"
+                           + (f" (left out with it: {', '.join(map(repr, others[:3]))}" + (" ..." if len(others) > 3 else "")
+                              + ")" if others else "") + ".")
     listing = "\n".join(f"  - {name}: {fam}" for name, fam in adapters())
     raise QKHooksError(
         f"qkhooks does not know how to find the attention layers of {type(model).__name__}.\n"

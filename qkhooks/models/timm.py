@@ -41,7 +41,7 @@ class ExtraForm:
 
     cls: Callable[[], type]
     qk_reader: Callable[[nn.Module], tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]]
-    finish: Callable[[AttentionSite, nn.Module], AttentionSite]
+    finish: Callable[[AttentionSite, nn.Module], AttentionSite | None]
 
 
 EXTRA_FORMS: dict[str, ExtraForm] = {}
@@ -206,6 +206,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
         )
         if extra:
             sites[-1] = extra.finish(sites[-1], attn)
+            if sites[-1] is None:  # zoo-davit: an instance its form leaves to unsupported.py (GCViT's global blocks)
+                sites.pop()
     for finish in SITE_FINISHERS:
         sites = [finish(model, site) for site in sites]
     refuse_uncovered(model, sites)

@@ -4,13 +4,16 @@ q/k normalisation makes the logit a non-linear function of x; rotary embeddings 
 the relative position; windowed attention splits tokens into windows; relative-position bias adds a
 position-only term. qkhooks says which module is the problem instead of producing wrong numbers. Beyond
 those named forms, any attention-like module an adapter does not take (see :func:`refuse_uncovered`) makes
-the model refused: a model is recorded whole or not at all.
+the model refused: a model is recorded whole, or, only when asked (``skip_unmodelled=True``), on the sites qkhooks
+models with every module left out named and its reason (:func:`unmodelled_parts`), never silently.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from torch import nn
 
@@ -41,7 +44,7 @@ MODELLED_FORMS: set[str] = set()
 # Attention classes qkhooks knows and does not model, by module and name (names like ``Attention`` repeat across
 # families) -> the precise reason, or ``module -> reason | None`` where it depends on the instance (None: this one
 # is fine). A model holding one is refused naming it, before any guess from names; the forms' files add theirs
-# (windows.py: DaViT, GCViT; pooled.py: MViTv2, SAM2's Hiera-det), the table below holds the rest.
+# (davit.py, gcvit.py, cascaded.py, two_softmax.py; pooled.py: MViTv2, SAM2's Hiera-det), the table below holds the rest.
 UNMODELLED_FORMS: dict[str, str | Callable[[nn.Module], str | None]] = {}
 
 
@@ -54,12 +57,8 @@ UNMODELLED_FORMS.update({
     "L2-normalised q and k with a learned temperature), not over tokens; " + _NO_TOKEN_SOFTMAX,
     "timm.models.edgenext.CrossCovarianceAttn": "cross-covariance attention (as XCiT): the softmax runs over channels, "
     "not over tokens; " + _NO_TOKEN_SOFTMAX,
-    "timm.models.convit.GPSA": "gated positional self-attention: each head's map is a sigmoid-gated mix of softmax(q·k) "
-    "and a softmax over a learned positional term, so a map is not one softmax of q·k plus a bias",
     "timm.models.coat.FactorAttnConvRelPosEnc": "factorised attention: a softmax of k alone over the tokens, then "
     "q (k^T v), plus a convolutional position term; " + _NO_TOKEN_SOFTMAX,
-    "timm.layers.diff_attention.DiffAttention": "differential attention: the map is the difference of two softmax(q·k) "
-    "maps (weighted by a learned λ), not one softmax, so neither q·k form alone gives the model's maps",
     "timm.layers.attention2d.MultiQueryAttentionV2": "multi-query attention on NCHW maps (one shared key head, reduced "
     "keys); not modelled yet",
     "timm.models.efficientvit_mit.LiteMLA": "linear attention: a ReLU kernel normalised by its sum, no softmax; "
@@ -132,6 +131,43 @@ def left_out_by_design(model: nn.Module) -> dict[str, str]:
     return found
 
 
+# Partial recording (``record(..., skip_unmodelled=True)``): while set, a module qkhooks does not model is left out and
+# named (:func:`unmodelled_parts`) instead of refusing the model. Set only by :func:`skipping_unmodelled`.
+_SKIP_UNMODELLED: contextvars.ContextVar[bool] = contextvars.ContextVar("qkhooks_skip_unmodelled", default=False)
+# Offered in a refusal only where a partial recording would record something (:func:`qkhooks.models.base.find_sites`).
+SKIP_HINT = ("To record the layers qkhooks does model and leave this one out, named with its reason in the recording "
+             "and the run file, pass skip_unmodelled=True (qkhooks record --skip-unmodelled).")
+
+
+@contextlib.contextmanager
+def skipping_unmodelled(skip: bool = True) -> Iterator[None]:
+    """Within this block :func:`diagnose` and :func:`refuse_uncovered` leave unmodelled modules out instead of refusing."""
+    token = _SKIP_UNMODELLED.set(skip)
+    try:
+        yield
+    finally:
+        _SKIP_UNMODELLED.reset(token)
+
+
+def unmodelled_parts(model: nn.Module, sites: Sequence["AttentionSite"]) -> dict[str, str]:
+    """The modules a partial recording leaves out (every site of the model found, ``sites``), outermost first, in
+    the order of the model's modules -> why: each module with a known unmodelled form (:data:`UNMODELLED_FORMS`)
+    or computing attention logits (:func:`attention_like`) that no site covers. Parts left out by design are not
+    listed here (:func:`left_out_by_design` names them)."""
+    taken = [s.path for s in sites]
+    aside = left_out_by_design(model)
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not name or _NOT_RECORDED_PATHS.search(name) or _under(name, aside) or _under(name, found):
+            continue
+        if any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in taken):
+            continue
+        known = unmodelled_reason(module)
+        if known or _owns_qk(module):
+            found[name] = f"{type(module).__name__}: " + (known or _why(module)).rstrip(".")
+    return found
+
+
 def _under(name: str, roots: dict[str, str] | Sequence[str]) -> bool:
     return any(name == r or name.startswith(r + ".") for r in roots)
 
@@ -153,11 +189,14 @@ def diagnose(model: nn.Module) -> None:
     from qkhooks.models.qknorm import qk_norm_modelled
 
     rope_modelled = any(type(m).__name__ in _ROPE_MODELLED for m in model.modules())
-    aside = left_out_by_design(model)
+    aside = dict(left_out_by_design(model))
     for name, module in model.named_modules():
         reason = None if _NOT_RECORDED_PATHS.search(name) or _under(name, aside) else unmodelled_reason(module)
-        if reason:
-            raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason.rstrip('.')}.")
+        if reason and _SKIP_UNMODELLED.get():  # partial recording: left out, named by unmodelled_parts
+            aside[name] = reason
+        elif reason:
+            raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason.rstrip('.')}. "
+                               + SKIP_HINT)
     modelled = [n + "." for n, m in model.named_modules() if _modelled(m)]
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in modelled) or _under(name, aside):
@@ -218,18 +257,18 @@ def refuse_uncovered(model: nn.Module, sites: Sequence["AttentionSite"]) -> None
         for name, module in attention_like(model)
         if not any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in taken) and not _under(name, aside)
     ]
-    if not left:
+    if not left or _SKIP_UNMODELLED.get():  # partial recording: unmodelled_parts names what is left out
         return
     listed = ", ".join(f"{name!r} ({type(module).__name__})" for name, module in left[:6]) + (
         f" and {len(left) - 6} more" if len(left) > 6 else "")
     known = unmodelled_reason(left[0][1])
     if known:  # the reason first, then every module it leaves out
         raise QKHooksError(f"unsupported attention in {left[0][0]!r} ({type(left[0][1]).__name__}): {known}. Left out "
-                           f"with it: {listed}; recording the other layers alone would leave these out without a word.")
+                           f"with it: {listed}; recording the other layers alone would leave these out without a word. " + SKIP_HINT)
     raise QKHooksError(
         f"unsupported attention in {listed}: qkhooks does not model this attention form (its forward is not one the "
         "adapter knows), and recording the other layers alone would leave these out without a word. " + _why(left[0][1])
-    )
+        + " " + SKIP_HINT)
 
 
 def _why(module: nn.Module) -> str:

@@ -32,7 +32,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite, _additive
-from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
+from qkhooks.models.unsupported import MODELLED_FORMS
 
 __all__ = ["WindowSite", "window_index"]
 
@@ -409,29 +409,3 @@ def _twins_lsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 
 timm_adapter.EXTRA_FORMS["LocallyGroupedAttn"] = timm_adapter.ExtraForm(_twins_lsa_attention, _timm_qkv, _twins_lsa_site)
 MODELLED_FORMS.add("timm.models.twins.LocallyGroupedAttn")
-
-
-# ------------------------------------------------------------------------ windowed families refused, and why
-_WHOLE_OR_NOT = "qkhooks records a model whole or not at all, so none of its layers is recorded"
-UNMODELLED_FORMS.update({
-    "timm.models.davit.ChannelAttention": lambda m: (
-        "its softmax runs over channels, not tokens (per head softmax(scale·kᵀv), a d_k x d_k map that then mixes q), "
-        "so there is no token-to-token attention map and no W_q^T W_k form to record. DaViT's spatial window "
-        f"attention (WindowAttention) is not modelled either, and {_WHOLE_OR_NOT}."),
-    "timm.models.davit.ChannelAttentionV2": lambda m: (
-        "its softmax runs over channels, not tokens (per group softmax(qᵀk), a d_k x d_k map applied to v), so there "
-        "is no token-to-token attention map to record. DaViT's spatial window attention (WindowAttention) is not "
-        f"modelled either, and {_WHOLE_OR_NOT}."),
-    "timm.models.gcvit.WindowAttentionGlobal": lambda m: None if not getattr(m, "use_global", False) else (
-        "its queries are not projected from the layer's tokens: they are the global query tokens the stage's "
-        "GlobalContext generator computes from the whole feature map, repeated over the windows (q_global), and its "
-        "qkv makes only keys and values, so the logits q_global·W_k x have no W_q and the content form W_q^T W_k does "
-        "not exist. qkhooks does not model a query side without W_q (nor GCViT's local windows yet), and "
-        f"{_WHOLE_OR_NOT}."),
-    "timm.models.efficientvit_msra.CascadedGroupAttention": lambda m: (
-        "cascaded group attention within its local windows: head h takes its channel split plus head h-1's output "
-        "(so heads 1.. see an input that depends on the previous head's attention), and every head's q passes a "
-        "depthwise k x k conv (dws) that mixes neighbouring tokens before the product, so no head's logits are "
-        "x_i^T W_q^T W_k x_j of its input tokens (head 0 included) and the modes of W_q^T W_k would not rebuild them; "
-        f"each head also adds its own attention-bias table. qkhooks does not model this, and {_WHOLE_OR_NOT}."),
-})

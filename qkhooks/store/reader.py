@@ -320,7 +320,7 @@ class RunReader:
                 found = fmt.layer_geometry(self.info, layer)
                 lines.append(f"  L{layer:<3d} {self.module_paths.get(layer, '')}: "
                              + ("grid unknown" if found is None else found.describe()))
-            for path, why in self.info.get("left_out_by_design", {}).items():
+            for path, why in {**self.info.get("left_out_by_design", {}), **self.info.get("left_out_unmodelled", {})}.items():
                 lines.append(f"  not recorded: {path}: {why}")
         return "\n".join(lines)
 

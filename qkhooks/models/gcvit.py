@@ -1,0 +1,68 @@
+"""GCViT (timm ``gcvit_*``): local window blocks exact; global-query blocks left out by name (METHODS.md C, windows).
+
+Each stage alternates a local block (``WindowAttentionGlobal`` with ``use_global=False``: qkv of the window's tokens,
+softmax(scale·q·k + RelPosBias) per window, no shift, no padding) and a global block, whose queries are the stage's
+``GlobalContext`` tokens (a function of the whole feature map, made once per stage, repeated over the windows) and
+whose qkv makes only keys and values. The local blocks are windowed sites of :mod:`qkhooks.models.windows` with the
+module's own relative-position table; the block hands every block the global query tokens, which a local block
+ignores (timm: ``if self.use_global and q_global is not None``), so the site accepts that argument there only.
+
+The global blocks have no W_q: their logits are q_global·W_k x, so W_q^T W_k does not exist and no mode of the
+layer's tokens describes the query side. They are refused by default, and left out by name with
+``skip_unmodelled=True``; layer indices number the local blocks in forward order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any
+
+from torch import nn
+
+from qkhooks.models import timm as timm_adapter
+from qkhooks.models.base import AttentionSite
+from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
+from qkhooks.models.windows import WindowSite, _as_window_site, _maxxvit_relative_bias, _pair, _timm_qkv
+
+
+@dataclasses.dataclass(eq=False)
+class LocalWindowSite(WindowSite):
+    """A GCViT local block: the call's ``q_global`` (argument 1 or keyword) is handed to every block of the stage and
+    ignored by a module built with ``use_global=False``, so it is no term of these logits; anything else is refused."""
+
+    def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().refuse_unmodelled_inputs(args[:1] + args[2:], {k: v for k, v in kwargs.items() if k != "q_global"})
+
+
+def _gcvit_attention() -> type:
+    from timm.models.gcvit import WindowAttentionGlobal
+
+    return WindowAttentionGlobal
+
+
+def _gcvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite | None:
+    """Local blocks: windows of ``block.window_size`` over the block's (B, H, W, C) input; global blocks: no site
+    (:data:`UNMODELLED_FORMS` says why)."""
+    if attn.use_global:
+        return None
+    block_ref = weakref.ref(site.block)  # a finished recording keeps no model alive
+
+    def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+        x = args[0] if args else kwargs["x"]
+        return int(x.shape[1]), int(x.shape[2])
+
+    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
+    fields.update(family="timm-gcvit", grid=None, patch_size=None, num_prefix_tokens=0)
+    window = _as_window_site(AttentionSite(**fields), geometry=lambda: (_pair(block_ref().window_size), (0, 0)),
+                             call_grid=call_grid, relative_bias=_maxxvit_relative_bias(site, attn), pad_first=False)
+    return LocalWindowSite(**{f.name: getattr(window, f.name) for f in dataclasses.fields(WindowSite)})
+
+
+timm_adapter.EXTRA_FORMS["GcvitWindowAttentionGlobal"] = timm_adapter.ExtraForm(_gcvit_attention, _timm_qkv, _gcvit_site)
+MODELLED_FORMS.update({"timm.models.gcvit.WindowAttentionGlobal", "timm.models.gcvit.GlobalContextVitBlock"})
+UNMODELLED_FORMS["timm.models.gcvit.WindowAttentionGlobal"] = lambda m: None if not getattr(m, "use_global", False) else (
+    "its queries are not projected from the layer's tokens: they are the global query tokens the stage's GlobalContext "
+    "generator computes from the whole feature map, repeated over the windows (q_global), and its qkv makes only keys "
+    "and values, so the logits q_global·W_k x have no W_q and the content form W_q^T W_k does not exist. GCViT's local "
+    "window blocks (use_global=False) are modelled exactly")
