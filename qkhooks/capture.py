@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import inspect
+import types
 import weakref
 from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
 
@@ -678,17 +680,47 @@ def _own_copy(site: AttentionSite) -> AttentionSite | None:
     """A copy of a cached ``site`` (which never records: it holds what the search found) that shares no call state
     with other copies: every attribute kept (adapters set some that are not dataclass fields), containers copied,
     methods of the original bound to the copy (a HaloNet site keeps its own ``haloed_keys`` as ``key_tokens``); None
-    where a function closes over the original, which no copy can redirect."""
+    where anything else the site holds leads back to the original or its containers (a closure over it, a helper
+    object keeping its bound method), which no copy can redirect."""
+    containers = {name: value for name, value in vars(site).items() if isinstance(value, (dict, list, set))}
+    originals = {id(site), *map(id, containers.values())}
     copy = dataclasses.replace(site)
     for name, value in vars(site).items():
         if inspect.ismethod(value) and value.__self__ is site:
             value = value.__func__.__get__(copy)
-        elif any(cell.cell_contents is site for cell in getattr(value, "__closure__", None) or ()):
+        elif _links_back(gc.get_referents(value) if name in containers else [value], originals):
             return None
-        elif isinstance(value, (dict, list, set)):
+        elif name in containers:
             value = type(value)(value)
         setattr(copy, name, value)
     return copy
+
+
+# What a site's attributes may hold that never leads back to a site: values, tensors, the model's modules, classes.
+_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.Tensor, nn.Module, type, types.ModuleType,
+           types.CodeType, torch.dtype, torch.device, torch.Size)
+
+
+def _links_back(values: Iterable[Any], originals: set[int]) -> bool:
+    """Whether any of ``values`` reaches an object in ``originals`` (ids) through closures, defaults, bound methods,
+    containers or object attributes (a function's module globals are not followed). A graph too large to walk
+    (over 10,000 objects) counts as reaching them: such a site is searched afresh, never shared."""
+    stack, seen = list(values), set()
+    while stack:
+        value = stack.pop()
+        if id(value) in originals:
+            return True
+        if isinstance(value, _LEAVES) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        if len(seen) > 10_000:
+            return True
+        if isinstance(value, types.FunctionType):
+            stack.extend(gc.get_referents(*(value.__closure__ or ())))
+            stack.extend([*(value.__defaults__ or ()), *(value.__kwdefaults__ or {}).values()])
+        else:
+            stack.extend(gc.get_referents(value))
+    return False
 
 
 def _reduced_keys(site: AttentionSite, x: torch.Tensor, input: str, dtype: torch.dtype | None) -> torch.Tensor:

@@ -73,17 +73,22 @@ class QKPathProjector:
         s = spectrum.S.double()
         inv = torch.where(s > s.max() * 1e-7, 1.0 / s, torch.zeros_like(s))
         # a_n = W_k v_n / sigma_n  (H, d_k, K);  c_n = W_q u_n / sigma_n.
-        self.a = (weights.w_k.double().cpu() @ spectrum.V.double()) * inv[:, None, :]
-        self.c = (weights.w_q.double().cpu() @ spectrum.U.double()) * inv[:, None, :]
-        # (q - b_q) @ a = q @ a - b_q @ a: the biases fold into (H, 1, K) offsets, so no (B, H, N, d_k) temporary
-        self.q_offset = None if weights.b_q is None else weights.b_q.double().cpu()[:, None, :] @ self.a
-        self.k_offset = None if weights.b_k is None else weights.b_k.double().cpu()[:, None, :] @ self.c
-        # Both sides stacked and transposed for one product: rows (side, head), each (K, d_k); offsets (2H, K, 1)
-        self._stacked = torch.cat([self.a, self.c]).transpose(1, 2)
-        zeros = torch.zeros(self.a.shape[0], 1, self.a.shape[2], dtype=torch.float64)
-        both = (self.q_offset, self.k_offset)
-        self._offsets = None if both == (None, None) else torch.cat([zeros if o is None else o for o in both]).transpose(1, 2)
+        a = (weights.w_k.double().cpu() @ spectrum.V.double()) * inv[:, None, :]
+        c = (weights.w_q.double().cpu() @ spectrum.U.double()) * inv[:, None, :]
+        # The one representation kept: both sides stacked and transposed for one product, rows (side, head), each
+        # (K, d_k). (q - b_q) @ a = q @ a - b_q @ a: the biases fold into (2H, K, 1) offsets, so no (B, H, N, d_k)
+        # temporary; None when the model has neither bias.
+        self._stacked = torch.cat([a, c]).transpose(1, 2)
+        offsets = [None if b is None else b.double().cpu()[:, None, :] @ m for b, m in ((weights.b_q, a), (weights.b_k, c))]
+        self._offsets = None if all(o is None for o in offsets) else torch.cat(
+            [torch.zeros(a.shape[0], 1, a.shape[2], dtype=torch.float64) if o is None else o for o in offsets]).transpose(1, 2)
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @property
+    def _dims(self) -> tuple[int, int, int]:
+        """(heads, d_k, modes), read off the stacked weights."""
+        sides_heads, modes, head_dim = self._stacked.shape
+        return sides_heads // 2, head_dim, modes
 
     def _weights(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (device, dtype)
@@ -107,7 +112,7 @@ class QKPathProjector:
             out = out.sub_(offsets[sides])
         # Contiguous (B, H, K, N) maps: every consumer reduces or copies them along the token axis (top-k extremes
         # and row picks, the float16 cast and the run file's write), which on a strided view costs a copy each.
-        return out.view(-1, self.a.shape[0], out.shape[1], b, n).permute(0, 3, 1, 2, 4).contiguous()
+        return out.view(-1, self._dims[0], out.shape[1], b, n).permute(0, 3, 1, 2, 4).contiguous()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query and key maps (B, H, K, N) from q, k (B, H, N, d_k) with biases included."""
@@ -115,17 +120,17 @@ class QKPathProjector:
 
     def from_linear(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same from the q and k Linear outputs as the model produced them: (B, N, H·d_k) each."""
-        h, dk = self.a.shape[0], self.a.shape[1]
+        h, dk, _ = self._dims
         return self._split(q.unflatten(-1, (h, dk)), k.unflatten(-1, (h, dk)))
 
     def from_fused(self, qk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same from one Linear's output whose first 2·H·d_k features are q then k (a fused qkv): one product
         for both sides."""
-        h, dk = self.a.shape[0], self.a.shape[1]
+        h, dk, _ = self._dims
         maps = self._maps(qk[..., :2 * h * dk].unflatten(-1, (2 * h, dk)), slice(None))
         return maps[0], maps[1]
 
     def _split(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k heads (B, N, H, d_k) held apart: one product per side."""
-        h = self.a.shape[0]
+        h = self._dims[0]
         return self._maps(q, slice(0, h))[0], self._maps(k, slice(h, 2 * h))[0]

@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 
 from qkhooks._version import __version__
 from qkhooks.attention import parse_attention
-from qkhooks.capture import BatchCapture, parse_modes, record
+from qkhooks.capture import BatchCapture, _model_sites, _structure_key, parse_modes, record
 from qkhooks.data import ImageDataset, collate
 from qkhooks.data.sources import ItemStream, open_source
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, find_sites, parse_layers, select_layers
+from qkhooks.models.base import AttentionSite, parse_layers, select_layers
 from qkhooks.models.unsupported import left_out_by_design, unmodelled_parts
 from qkhooks.models.load import LoadedModel, check_device, load_model
 from qkhooks.options import RecordOptions
@@ -101,10 +101,13 @@ def _batch_meta(batch: dict[str, Any], geometry: dict[int, LayerGeometry], image
     return meta
 
 
-# Model -> {(input size, device, dtype): {(layer, module path): geometry}}. The geometry is the model's structure at
-# one input shape, so one probe forward (of every site) serves every caller and layer selection (the demo asks five
-# times: rows, BFD and each run's record_dataset); weak keys: a deleted model frees its entry.
-_PROBED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[tuple[int, str], LayerGeometry]]]" = weakref.WeakKeyDictionary()
+# Model -> (its structure key, {(input size, device, dtype): {(layer, module path): geometry}}). The geometry is the
+# model's structure at one input shape, so one probe forward (of every site) serves every caller and layer selection
+# (the demo asks five times: rows, BFD and each run's record_dataset) while the structure is the one probed (the key
+# of the site cache, capture._structure_key: a module replaced or a setting changed probes again); weak keys: a
+# deleted model frees its entry.
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[tuple, dict[tuple[int, str], LayerGeometry]]]]" = (
+    weakref.WeakKeyDictionary())
 # Model classes whose every layer sees the prefix tokens plus the patch embedding's whole grid, one global attention
 # over one grid: their geometry is known without a forward. Others (windows, stages, reduced keys, class attention,
 # ViTMAE's random masking, NaFlex packing) are probed.
@@ -131,7 +134,10 @@ def probe_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: t
     static = _static_geometry(net, sites, image_size)
     if static is not None:
         return static
-    known = _PROBED.setdefault(net, {}).setdefault((tuple(int(v) for v in image_size), str(torch.device(device)), dtype), {})
+    structure = _structure_key(net)
+    if net not in _PROBED or _PROBED[net][0] != structure:
+        _PROBED[net] = (structure, {})
+    known = _PROBED[net][1].setdefault((tuple(int(v) for v in image_size), str(torch.device(device)), dtype), {})
     wanted = [(s.layer, s.path) for s in sites]
     if any(w not in known for w in wanted):
         every = _every_site(net, sites)
@@ -142,9 +148,9 @@ def probe_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: t
 
 def _every_site(net: nn.Module, sites: Sequence[AttentionSite]) -> Sequence[AttentionSite]:
     """All the model's sites when the adapter finds the given ones among them (one probe then serves any selection),
-    else the given ones (sites a caller made by hand)."""
+    else the given ones (sites a caller made by hand). From the site cache: the search is not repeated."""
     try:
-        every = find_sites(net)
+        every = _model_sites(net, None)
     except QKHooksError:
         return sites
     return every if {(s.layer, s.path) for s in sites} <= {(s.layer, s.path) for s in every} else sites
@@ -342,7 +348,7 @@ def record_dataset(
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_init=random_init, device=device)
     net = loaded.model.to(device)
     layer_list = parse_layers(opts.layers) if isinstance(opts.layers, str) or opts.layers is None else list(opts.layers)
-    every = find_sites(net, skip_unmodelled=opts.skip_unmodelled)
+    every = _model_sites(net, None, opts.skip_unmodelled)
     sites = select_layers(every, layer_list)
     unmodelled = unmodelled_parts(net, every) if opts.skip_unmodelled else {}
     attention_specs = parse_attention(opts.attention)
