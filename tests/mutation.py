@@ -70,7 +70,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
               ["tests/test_store.py", "tests/test_store_safety.py", "tests/test_distributed.py",
                "tests/test_vocabulary.py", KILLS_IO], IN_PROCESS_SAFETY),
     "stream": (["qkhooks/stream.py"],
-               ["tests/test_store.py", "tests/test_store_safety.py", "tests/test_late_decode.py", KILLS_IO],
+               ["tests/test_store.py", "tests/test_store_safety.py", "tests/test_late_decode.py",
+                "tests/test_distributed.py", KILLS_IO],
                IN_PROCESS_SAFETY),
     "statistics": (
         ["qkhooks/analysis/topk.py", "qkhooks/analysis/anisotropy.py"],
@@ -88,6 +89,11 @@ _COPIED = ("qkhooks", "tests", "setup.cfg", "setup.py")
 # a mutant whose tests build a fixture ran out of time on a loaded machine: reducers' 68 "timeouts" of 21:28 were
 # mostly such (e.g. `recipe()`'s default name, re-run: the tests pass). 10 s covers the fixtures.
 TIMEOUT_CONSTANT_S = 10.0
+# The fork server imports these and nothing else (mutmut's default, collecting the tests, runs torch ops that start
+# OpenMP's thread team; a mutant forked from it then hung in gomp_team_barrier_wait_end at its first parallel op
+# until its wall-clock limit, a "timeout" counted as a kill: reducers, round 10). No qkhooks module: the mutants
+# must be imported in the worker, from mutants/.
+PRELOADED = ("numpy", "torch", "h5py", "PIL.Image", "timm", "transformers", "pytest")
 _KILLED, _SURVIVED, _NO_TESTS, _TIMEOUTS, _SKIPPED = {1, 3}, {0}, {5, 33}, {24, -24, 36, 152, 255}, {34}
 
 
@@ -117,6 +123,10 @@ def _configure(work: Path, files: list[str], tests: list[str], select: str | Non
     selection = [t for t in tests if (ROOT / t).exists()] + ["-k", expression]
     cfg.set("mutmut", "pytest_add_cli_args_test_selection", "\n" + "\n".join(selection))
     cfg.set("mutmut", "timeout_constant", str(TIMEOUT_CONSTANT_S))
+    preload = work / "preload_modules.txt"
+    preload.write_text("\n".join(PRELOADED) + "\n")
+    cfg.set("mutmut", "forkserver_warmup", "import")
+    cfg.set("mutmut", "preload_modules_file", str(preload))
     with open(work / "setup.cfg", "w") as f:
         cfg.write(f)
 
