@@ -162,9 +162,9 @@ def score(work: Path) -> dict[str, object]:
     }
 
 
-def run(module: str, children: int) -> dict[str, object]:
+def run(module: str, children: int, root: Path = WORK) -> dict[str, object]:
     files, tests, select = MODULES[module]
-    work = WORK / module
+    work = root / module
     for name in _COPIED:
         _sync(ROOT / name, work / name)
     _configure(work, files, tests, select)
@@ -182,13 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", default=list(MODULES), help=f"any of {', '.join(MODULES)}")
     parser.add_argument("--children", type=int, default=2, help="mutants tested in parallel")
     parser.add_argument("--score-only", action="store_true", help="report the last run's verdicts, run nothing")
+    parser.add_argument("--work", type=Path, default=WORK, help="where the per-module copies live (default: .mutation; "
+                        "another folder keeps a second run apart from one under way)")
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
     print(f"# mutation run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     for module in args.modules:
-        result = score(WORK / module) if args.score_only else run(module, args.children)
+        result = score(args.work / module) if args.score_only else run(module, args.children, args.work)
         print(f"{module}: {result['killed']}/{result['mutants'] - result['equivalent']} killed "
               f"({100 * result['score']:.1f}%), {result['equivalent']} equivalent excluded")
         for name in result["survived"]:
