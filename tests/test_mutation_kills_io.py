@@ -242,3 +242,192 @@ def test_a_streamed_id_seen_twice_is_refused(tmp_path, loaded, order, twice):
         record_dataset(loaded, items, tmp_path / "run.h5", modes=4, batch_size=3, progress=False, reducers=[])
     assert str(err.value) == (f"two items of the data have the id 'img{twice}'; "
                               "give each item its own 'id', or none at all (then the position is the id).")
+
+
+# ------------------------------------------------------------------------------------------------ store
+def _rows(n: int = 10) -> np.ndarray:
+    return np.arange(n * 3 * 2, dtype=np.float32).reshape(n, 3, 2)
+
+
+def test_run_array_indexing_equals_numpy_on_the_committed_rows_only(tmp_path):
+    """A dataset of 10 rows of which 7 are committed: every kind of index gives numpy's answer on the first 7."""
+    from qkhooks.store.reader import RunArray
+
+    data = _rows()
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["x"] = data
+    ref = data[:7]
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        arr = RunArray(f["x"], 7)
+        assert arr.shape == (7, 3, 2) and len(arr) == 7 and arr.dtype == np.float32
+        assert repr(arr) == "RunArray(/x, shape=(7, 3, 2), dtype=float32)"
+        for key in (slice(None), slice(2, None), slice(-3, None), slice(None, None, 2), slice(1, 20), slice(-20, 3),
+                    0, 6, -1, -7, np.int64(3), (slice(None), 1), (-2, 1, 0), [4, 0, 2], np.array([-1, 0]), [],
+                    np.array([True, False, False, True, False, False, True]), ([5, 1], slice(None), 1)):
+            got = arr[key]
+            np.testing.assert_array_equal(got, ref[key], err_msg=repr(key))
+            assert got.shape == ref[key].shape, repr(key)
+        for bad in (7, -8, 100):
+            with pytest.raises(IndexError) as err:
+                arr[bad]
+            assert str(err.value) == f"image {bad} is out of range for a run of 7 images."
+        for bad in ([0, 7], [-8], np.array([8])):
+            with pytest.raises(IndexError) as err:
+                arr[bad]
+            assert str(err.value) == "an image index is out of range for a run of 7 images."
+        blocks = list(arr.chunks(3))
+        assert [sl for sl, _ in blocks] == [slice(0, 3), slice(3, 6), slice(6, 7)]
+        for sl, block in blocks:
+            np.testing.assert_array_equal(block, ref[sl])
+        assert [sl for sl, _ in arr.chunks()] == [slice(0, 7)]
+
+
+def _hand_made_run(path: Path, committed: int = 7, complete: bool = False, info: dict | None = None) -> dict:
+    """A run file written with h5py alone: 10 rows of ids and maps, ``committed`` of them committed, layers 2 and 10
+    (so a plain string sort would put 10 first), rows at layer 2 and full maps at layer 10."""
+    arrays = {"modes/L2/query": _rows(), "modes/L10/query": _rows() + 1, "modes/L2/key": _rows() + 2,
+              "modes/L10/key": _rows() + 3, "attention/L2/rows": _rows() + 4, "attention/L10/full": _rows() + 5}
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"model": "timm:tiny", "data": "samples", "qkhooks_version": "9.9", "complete": complete,
+                        "config": json.dumps({"augmented": False, "modes": 4})})
+        ids = f.create_dataset("images/ids", data=np.array([f"img{i}".encode() for i in range(10)]))
+        for holder in (f["images"], ids):
+            holder.attrs["committed"] = np.int64(committed)
+        f["images/skipped"] = np.array([[b"bad.jpg", b"cannot decode"], [b"odd.png", b"truncated"]])
+        for name, value in arrays.items():
+            f.create_dataset(name, data=value).attrs["per_image"] = True
+        f["spectrum/L2/S_all"] = np.ones((4, 8))
+        f["spectrum/L10/S_all"] = np.ones((4, 8))
+        if info is not None:
+            f.require_group("model").attrs["info"] = json.dumps(info)
+    return arrays
+
+
+INFO = {"schema_version": 2, "num_prefix_tokens": 1, "heads": 4, "head_dim": 8, "dim": 32, "layers": [10, 2],
+        "paths": ["blocks.10.attn", "blocks.2.attn"], "grid": [2, 3],
+        "layer_geometry": {"2": _geometry(2, grid=(2, 3), queries=7).to_dict()},
+        "left_out_by_design": {"head.decoder": "not self-attention"}}
+
+
+def test_a_hand_made_run_file_reads_back_its_committed_images_names_and_layers(tmp_path):
+    path = tmp_path / "run.h5"
+    arrays = _hand_made_run(path, info=INFO)
+    with open_run(path) as run:
+        assert run.n == 7 and run.ids == [f"img{i}" for i in range(7)]
+        assert run.skipped == [("bad.jpg", "cannot decode"), ("odd.png", "truncated")]
+        assert run.model == "timm:tiny" and run.config == {"augmented": False, "modes": 4} and not run.complete
+        assert run.info == json.loads(json.dumps(INFO)) and run.schema_version == 2
+        assert run.arrays() == ["attention/L2/rows", "attention/L10/full", "modes/L2/key", "modes/L2/query",
+                                "modes/L10/key", "modes/L10/query"]
+        assert run.has("spectrum/L2/S_all") and not run.has("spectrum/L3")
+        assert run.layers == [2, 10] and run.module_paths == {10: "blocks.10.attn", 2: "blocks.2.attn"}
+        assert run.mode_layers == [2, 10] and run.attention_kinds == ["full", "rows"]
+        assert run.attention_layers() == [2] and run.attention_layers("full") == [10] and run.attention_layers("x") == []
+        for layer in (10, "blocks.10.attn", "10"):
+            np.testing.assert_array_equal(run.query(layer)[:], arrays["modes/L10/query"][:7])
+            np.testing.assert_array_equal(run.key(layer)[:], arrays["modes/L10/key"][:7])
+        np.testing.assert_array_equal(run.attention(2)[:], arrays["attention/L2/rows"][:7])
+        np.testing.assert_array_equal(run.attention("blocks.10.attn", "full")[-1], arrays["attention/L10/full"][6])
+        with pytest.raises(QKHooksError) as err:
+            run.array("spectrum/L2/S_all")
+        assert str(err.value) == (f"{path} has no per-image array 'spectrum/L2/S_all'; it has: " + ", ".join(run.arrays())
+                                  + ".")
+        with pytest.raises(QKHooksError) as err:
+            run.attention(10)
+        assert str(err.value) == (f"{path} has no 'rows' attention for layer 10 (layers with them: [2]); the run stores "
+                                  "attention kinds ['full', 'rows'] (the attention= option).")
+        assert run.geometry(2) == _geometry(2, grid=(2, 3), queries=7)
+        assert run.geometry(10) == LayerGeometry(10, (2, 3), 1, 7, 7, (2, 3), 1, 4, 8)  # version-1 rule: one grid
+        assert repr(run) == f"RunReader({str(path)!r}, images=7, layers=[2, 10])"
+        assert run.summary().splitlines() == [
+            f"run      {path}", "model    timm:tiny", "data     samples",
+            "images   7 committed (incomplete: resume with the same command plus --resume)", "version  qkhooks 9.9",
+            "skipped  2: bad.jpg, odd.png", "arrays",
+            *[f"  {name:32s} {'(7, 3, 2)':24s} float32" for name in run.arrays()],
+            "layers   (model/info schema 2)",
+            "  L2   blocks.2.attn: grid 2x3 + 1 prefix, 7 queries",
+            "  L10  blocks.10.attn: grid 2x3 + 1 prefix, 7 queries, 4 heads x 8",
+            "  not recorded: head.decoder: not self-attention",
+        ]
+        with pytest.raises(QKHooksError) as err:
+            run.spectrum(2)
+        assert str(err.value) == (f"{path} stores no modes for layer 2 (recorded without modes); its every-mode sigma "
+                                  "and cosine are in spectrum_arrays(2) as S_all, cos_all.")
+        assert run.qk_spectrum is None
+
+
+def test_a_run_file_without_model_info_takes_its_layers_from_its_groups_and_says_what_it_lacks(tmp_path):
+    path = tmp_path / "old.h5"
+    _hand_made_run(path, committed=0, complete=True)
+    with h5py.File(path, "a") as f:
+        f["spectrum/L4/S_all"] = np.ones(2)
+        f["images"].attrs["shards"] = "[]"
+    with open_run(path) as run:
+        assert run.n == 0 and run.ids == [] and run.info == {} and run.schema_version == 1 and run.complete
+        assert run.layers == [2, 4, 10] and run.module_paths == {}
+        assert run.query(2)[:].shape == (0, 3, 2)
+        with pytest.raises(QKHooksError) as err:
+            run.query("blocks.2.attn")
+        assert str(err.value) == (f"{path} does not know its layers' module paths (a run file written before qkhooks "
+                                  "stored them); address the layer by block index: [2, 4, 10].")
+        with pytest.raises(QKHooksError) as err:
+            run.geometry(4)
+        assert str(err.value) == f"{path} does not say layer 4's token grid (written before qkhooks stored it); record it again."
+        with pytest.raises(QKHooksError) as err:
+            run.query(4)
+        assert str(err.value) == (f"{path} has no query/key maps for layer 4 (layers with them: [2, 10]); record with "
+                                  "modes= to store them.")
+        assert "images   0 committed\n" in run.summary() + "\n"
+    with h5py.File(path, "a") as f:
+        f.attrs["complete"] = False
+    with open_run(path) as run:
+        assert "images   0 committed (incomplete: resume its shards with --resume)" in run.summary().splitlines()
+        with pytest.raises(QKHooksError) as err:
+            run.spectrum_arrays(4) and run.spectrum_arrays(3)
+        assert str(err.value) == f"{path} did not record layer 3; its layers are [2, 4, 10]."
+
+
+def test_a_file_that_is_not_a_run_is_refused_by_name(tmp_path):
+    with pytest.raises(QKHooksError) as err:
+        open_run(tmp_path / "none.h5")
+    assert str(err.value) == f"no run file at {tmp_path / 'none.h5'}; record one with `qkhooks record`."
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["images/ids"] = np.array([b"a"])
+    with pytest.raises(QKHooksError) as err:
+        open_run(tmp_path / "other.h5")
+    assert str(err.value) == (f"{tmp_path / 'other.h5'} is an HDF5 file but not a qkhooks run (no /images/ids with "
+                              "`committed`).")
+
+
+def test_the_committed_count_is_read_off_the_ids_first_then_the_images_group():
+    from qkhooks.store import format as fmt
+
+    with h5py.File("mem.h5", "w", driver="core", backing_store=False) as f:
+        assert fmt.committed(f) is None
+        f.create_group("images/ids")
+        assert fmt.committed(f) is None  # a group is not the ids dataset
+        del f["images/ids"]
+        ids = f.create_dataset("images/ids", data=np.zeros(3))
+        assert fmt.committed(f) is None
+        f["images"].attrs["committed"] = np.int64(2)
+        assert fmt.committed(f) == 2
+        ids.attrs["committed"] = np.int64(1)
+        assert fmt.committed(f) == 1
+        fmt.set_committed(f, 3)
+        assert int(f["images"].attrs["committed"]) == 3 and int(ids.attrs["committed"]) == 3
+
+
+def test_resume_point_and_config_differences_follow_their_rules():
+    from qkhooks.store.format import config_differences, resume_point
+
+    assert resume_point(9, None, {}, []) == 9  # no reducer: every committed image
+    assert resume_point(9, 4, {"a": {}, "b": {}}, ["a", "b"]) == 4
+    assert resume_point(9, 9, {"a": {}}, ["a"]) == 9
+    assert resume_point(9, 10, {"a": {}}, ["a"]) == 0  # claims more than is committed
+    assert resume_point(9, None, {"a": {}}, ["a"]) == 0
+    assert resume_point(9, 4, {"a": {}}, ["a", "b"]) == 0  # lacks one
+    assert config_differences('{"a": 1, "b": "x", "c": 2}', '{"a": 1, "b": "y", "d": 3}') == (
+        " (b: file 'x', now 'y'; c: file 2, now None; d: file None, now 3)")
+    assert config_differences('{"a": 1}', '{"a": 1}') == ""
+    assert config_differences("[1]", '{"a": 1}') == "" and config_differences('{"a": 1}', "[1]") == ""
+    assert config_differences("not json", '{"a": 1}') == "" and config_differences(None, '{"a": 1}') == ""
