@@ -126,7 +126,7 @@ def _configure(work: Path, files: list[str], tests: list[str], select: str | Non
     preload = work / "preload_modules.txt"
     preload.write_text("\n".join(PRELOADED) + "\n")
     cfg.set("mutmut", "forkserver_warmup", "import")
-    cfg.set("mutmut", "preload_modules_file", str(preload))
+    cfg.set("mutmut", "preload_modules_file", str(preload.resolve()))
     with open(work / "setup.cfg", "w") as f:
         cfg.write(f)
 
