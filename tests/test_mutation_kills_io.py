@@ -431,3 +431,167 @@ def test_resume_point_and_config_differences_follow_their_rules():
     assert config_differences('{"a": 1}', '{"a": 1}') == ""
     assert config_differences("[1]", '{"a": 1}') == "" and config_differences('{"a": 1}', "[1]") == ""
     assert config_differences("not json", '{"a": 1}') == "" and config_differences(None, '{"a": 1}') == ""
+
+
+# ------------------------------------------------------------------------------------------------ data/preprocess
+def _refused(call, message: str) -> None:
+    with pytest.raises(QKHooksError) as err:
+        call()
+    assert str(err.value) == message
+
+
+def test_image_config_coerces_its_fields_and_refuses_bad_ones_with_the_whole_reason():
+    base = dict(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    c = ImageConfig(size=np.int64(16), mean=np.array([1, 2, 3]), std=[1, 2, 3], resize=[20, 18], pad_value=np.uint8(7),
+                    letterbox=0)
+    assert (c.size, c.mean, c.std, c.resize, c.pad_value, c.letterbox) == ((16, 16), (1.0, 2.0, 3.0), (1.0, 2.0, 3.0),
+                                                                          (20, 18), 7, False)
+    assert type(c.pad_value) is int and type(c.mean[0]) is float and type(c.size[0]) is int
+    assert ImageConfig(size=(16, 24), resize=np.int64(30), **base).resize == 30
+    assert ImageConfig(size=(16, 24), pad_value=255, letterbox=1, **base).letterbox is True
+    assert ImageConfig(size=(16, 24), pad_value=0, **base).pad_value == 0
+    _refused(lambda: ImageConfig(size=True, **base), "ImageConfig.size must be an int or an (H, W) pair, got True; "
+             "pass e.g. (224, 224).")
+    _refused(lambda: ImageConfig(size=(1, 2, 3), **base), "ImageConfig.size must be an int or an (H, W) pair, got "
+             "(1, 2, 3); pass e.g. (224, 224).")
+    _refused(lambda: ImageConfig(size=(16.5, 16), **base), "ImageConfig.size must hold integers, got (16.5, 16); pass "
+             "e.g. (224, 224).")
+    _refused(lambda: ImageConfig(size=(16, 0), **base), "ImageConfig.size must be positive, got (16, 0).")
+    _refused(lambda: ImageConfig(size=(16, 16), resize=-1, **base), "ImageConfig.resize must be positive, got -1.")
+    _refused(lambda: ImageConfig(size=16, mean=(1, 2), std=(1, 1, 1)), "ImageConfig.mean must be three numbers (R, G, "
+             "B), got (1, 2).")
+    _refused(lambda: ImageConfig(size=16, mean=0.5, std=(1, 1, 1)), "ImageConfig.mean must be three numbers (R, G, B), "
+             "got 0.5.")
+    _refused(lambda: ImageConfig(size=16, mean=(0, 0, 0), std=(1, 0, 1)), "ImageConfig.std must be positive, got "
+             "(1.0, 0.0, 1.0).")
+    _refused(lambda: ImageConfig(size=16, interpolation="lanczos", **base), "ImageConfig.interpolation 'lanczos' is not "
+             "supported; use one of ('area', 'bicubic', 'bilinear', 'nearest').")
+    _refused(lambda: ImageConfig(size=16, resize=(20, 20), letterbox=True, **base),
+             "ImageConfig(letterbox=True) scales to fit `size` itself; leave resize=None.")
+    for bad in (256, -1, 1.0, "0"):
+        _refused(lambda: ImageConfig(size=16, pad_value=bad, **base),
+                 f"ImageConfig.pad_value must be an int in 0..255, got {bad!r}.")
+
+
+def test_from_hf_reads_each_size_layout_and_refuses_what_it_cannot_express():
+    half = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    cfg = ImageConfig.from_hf({"size": {"height": 20, "width": 30}, **half})
+    assert (cfg.size, cfg.resize, cfg.interpolation, cfg.mean) == ((20, 30), None, "bilinear", (0.5, 0.5, 0.5))
+    cfg = ImageConfig.from_hf({"size": [20, 30], "resample": 3, "do_normalize": False})
+    assert (cfg.size, cfg.interpolation, cfg.mean, cfg.std) == ((20, 30), "bicubic", (0.0,) * 3, (1.0,) * 3)
+    cfg = ImageConfig.from_hf({"size": 24, "resample": "NEAREST"})
+    assert (cfg.size, cfg.interpolation, cfg.mean, cfg.std) == ((24, 24), "nearest", (0.485, 0.456, 0.406),
+                                                                (0.229, 0.224, 0.225))
+    crop = {"do_center_crop": True, "crop_size": {"height": 16, "width": 16}}
+    assert ImageConfig.from_hf({**crop, "size": {"shortest_edge": 20}}).resize == 20
+    assert ImageConfig.from_hf({**crop, "size": 22}).resize == 22
+    assert ImageConfig.from_hf({**crop, "size": {"height": 18, "width": 20}}).resize == (18, 20)
+    assert ImageConfig.from_hf({**crop, "size": {"height": 16, "width": 16}}).resize is None
+    assert ImageConfig.from_hf({**crop, "size": [16, 16], "do_rescale": False, "rescale_factor": 2}).size == (16, 16)
+    assert ImageConfig.from_hf({"do_center_crop": True, "crop_size": None, "size": [16, 12]}).size == (16, 12)
+    assert ImageConfig.from_hf({"do_center_crop": False, "crop_size": 8, "size": [16, 12]}).size == (16, 12)
+    assert ImageConfig.from_hf({"size": [16, 12], "rescale_factor": 1 / 255}).size == (16, 12)
+    _refused(lambda: ImageConfig.from_hf("config.json"), "ImageConfig.from_hf expects the preprocessor_config.json "
+             "dict; for a processor object pass processor.to_dict().")
+    _refused(lambda: ImageConfig.from_hf({**crop, "size": 20, "do_resize": False}), "processor config centre-crops "
+             "without resizing, so the model input depends on the photo size; build ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf(crop), "processor config centre-crops without resizing, so the model input "
+             "depends on the photo size; build ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf({"size": 20, "do_resize": False}), "processor config neither resizes nor "
+             "crops to a fixed size; build ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf({}), "processor config neither resizes nor crops to a fixed size; build "
+             "ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf({"size": {"shortest_edge": 20}}), "processor config resizes the shortest "
+             "edge without a centre crop, so inputs vary in size; build ImageConfig(size=(S, S), resize=S, ...) by hand "
+             "to crop them.")
+    assert ImageConfig.from_hf({"size": {"shortest_edge": 20, "height": 16, "width": 12}}).size == (16, 12)
+    _refused(lambda: ImageConfig.from_hf({"size": {"width": 20}}), "cannot read size={'width': 20} from the "
+             "processor config; expected {height, width}.")
+    _refused(lambda: ImageConfig.from_hf({**crop, "crop_size": {"height": 16}, "size": 20}), "cannot read "
+             "crop_size={'height': 16} from the processor config; expected {height, width}.")
+    _refused(lambda: ImageConfig.from_hf({"size": 20, "rescale_factor": 1.0}), "processor rescale_factor 1.0 is not "
+             "1/255; build ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf({"size": 20, "resample": 1}), "processor resample 1 is not supported; qkhooks "
+             "handles ['bicubic', 'bilinear', 'nearest'] (PIL codes 0, 2, 3).")
+    _refused(lambda: ImageConfig.from_hf({"size": 20, "resample": "lanczos"}), "processor resample 'lanczos' is not "
+             "supported; qkhooks handles ['bicubic', 'bilinear', 'nearest'] (PIL codes 0, 2, 3).")
+
+
+def test_from_hf_model_reads_the_vision_config_or_the_config_and_says_it_guessed():
+    from types import SimpleNamespace as NS
+
+    cases = [  # (model, size, mean, resize, interpolation, model_type named in the warning)
+        (NS(config=NS(model_type="clip", vision_config=NS(image_size=24))), (24, 24), CLIP, 24, "bicubic", "clip"),
+        (NS(config=NS(model_type="", vision_config=NS(image_size=(24, 32), model_type="CLIP_vision_model"))),
+         (24, 32), CLIP, None, "bicubic", "clip_vision_model"),
+        (NS(config=NS(model_type="siglip", vision_config=None, image_size=20)), (20, 20), (0.5,) * 3, None, "bilinear",
+         "siglip"),
+        (NS(model_type="vit", image_size=16), (16, 16), (0.5,) * 3, None, "bilinear", "vit"),
+        (NS(config=NS(model_type="vit_mae", image_size=16)), (16, 16), (0.485, 0.456, 0.406), None, "bicubic", "vit_mae"),
+        (NS(config=NS(vision_config=NS(image_size=None), image_size=12)), (12, 12), (0.485, 0.456, 0.406), None,
+         "bicubic", ""),
+    ]
+    for model, size, mean, resize, interpolation, model_type in cases:
+        with pytest.warns(UserWarning) as caught:
+            cfg = ImageConfig.from_hf_model(model)
+        assert (cfg.size, cfg.mean, cfg.resize, cfg.interpolation) == (size, mean, resize, interpolation)
+        assert str(caught[0].message) == (
+            f"ImageConfig.from_hf_model guessed preprocessing for model_type={model_type!r} (size={size}, "
+            f"mean={mean}, std={cfg.std}); pass the checkpoint's preprocessor_config.json to ImageConfig.from_hf for "
+            "the exact one.")
+        assert caught[0].filename == __file__  # blamed on the caller
+    _refused(lambda: ImageConfig.from_hf_model(NS(config=NS(model_type="vit"))), "model.config has no image_size; use "
+             "ImageConfig.from_hf(preprocessor_config_dict) or build ImageConfig(...) by hand.")
+
+
+CLIP = (0.48145466, 0.4578275, 0.40821073)
+
+
+def test_geometry_of_each_resize_policy_against_the_rules_written_out():
+    base = dict(mean=(0, 0, 0), std=(1, 1, 1))
+    tall = ImageConfig(size=(16, 16), resize=20, **base).geometry((50, 30))  # w <= h: the short side is the width
+    assert (tall.resized_hw, tall.top, tall.left) == ((33, 20), 8, 2)  # int(20 * 50 / 30); 17 / 2 rounds to even
+    wide = ImageConfig(size=(16, 16), resize=20, **base).geometry((30, 50))
+    assert (wide.resized_hw, wide.top, wide.left) == ((20, 33), 2, 8)
+    square = ImageConfig(size=(16, 16), resize=20, **base).geometry((40, 40))
+    assert square.resized_hw == (20, 20)
+    squash = ImageConfig(size=(16, 12), resize=(20, 14), **base).geometry((50, 30))
+    assert (squash.resized_hw, squash.top, squash.left, squash.output_hw) == ((20, 14), 2, 1, (16, 12))
+    plain = ImageConfig(size=(16, 12), **base).geometry((50, 30))
+    assert (plain.resized_hw, plain.top, plain.left, plain.source_hw) == ((16, 12), 0, 0, (50, 30))
+    box = ImageConfig(size=(16, 24), letterbox=True, **base).geometry((10, 40))  # scale min(1.6, 0.6) = 0.6
+    assert (box.resized_hw, box.top, box.left) == ((6, 24), -5, 0)
+    same = ImageConfig(size=(16, 24), letterbox=True, **base).geometry((16, 24))
+    assert (same.resized_hw, same.top, same.left) == ((16, 24), 0, 0)
+    thin = ImageConfig(size=(16, 24), letterbox=True, **base).geometry((1000, 1))  # never below one pixel
+    assert (thin.resized_hw, thin.top, thin.left) == ((16, 1), 0, -11)
+    _refused(lambda: ImageConfig(size=16, **base).geometry((0, 5)), "image_hw must be positive, got (0, 5).")
+
+
+def test_normalize_and_masks_refuse_what_they_cannot_place_with_the_whole_reason():
+    cfg = ImageConfig(size=(4, 6), mean=(0.1, 0.3, 0.6), std=(0.2, 0.45, 0.35))
+    pixels = np.random.default_rng(0).integers(0, 255, (4, 6, 3), dtype=np.uint8)
+    expected = (pixels.astype(np.float32) / 255 - np.float32(cfg.mean)) / np.float32(cfg.std)
+    np.testing.assert_allclose(cfg.normalize(Image.fromarray(pixels)).numpy(), expected.transpose(2, 0, 1), rtol=1e-6)
+    _refused(lambda: cfg.normalize(pixels), "expected a PIL.Image.Image, got ndarray; use PIL.Image.open(path).")
+    _refused(lambda: cfg(pixels), "expected a PIL.Image.Image, got ndarray; use PIL.Image.open(path).")
+    _refused(lambda: cfg.normalize(Image.fromarray(pixels[:, :4])), "normalize() needs an image of exactly (4, 6) "
+             "(H, W), got (4, 4); call the config itself to resize and crop.")
+    _refused(lambda: cfg.mask(np.zeros(3), "labels"), "mask must be a 2-D (H, W) array, got shape (3,).")
+    _refused(lambda: cfg.mask(np.zeros((4, 6)), "labels"), "labels mask must have an integer dtype, got float64; use "
+             "kind='fraction'.")
+    _refused(lambda: cfg.mask(np.full((4, 6), 2**31, np.int64), "labels"), "labels mask values must fit in int32.")
+    _refused(lambda: cfg.mask(np.full((4, 6), -2**31 - 1, np.int64), "labels"), "labels mask values must fit in int32.")
+    for bad in (1.5, -0.5, np.nan):  # one bad value among good ones (nanmin / nanmax skip a NaN)
+        _refused(lambda: cfg.mask(np.where(np.eye(4, 6) > 0, bad, 0.5), "fraction"), "fraction mask values must lie in [0, 1]; "
+                 "threshold or rescale it first.")
+    _refused(lambda: cfg.mask(np.zeros((4, 6)), "area"), "mask kind must be 'labels' or 'fraction', got 'area'.")
+    labels = np.arange(24).reshape(4, 6)
+    np.testing.assert_array_equal(cfg.mask(torch.from_numpy(labels), "labels").numpy(), labels)
+    assert cfg.mask(labels.astype(np.int32), "labels").dtype == torch.int64
+    np.testing.assert_array_equal(cfg.mask(labels > 11, "labels").numpy(), (labels > 11).astype(np.int64))
+    fractions = np.linspace(0, 1, 24).reshape(4, 6)
+    np.testing.assert_allclose(cfg.mask(fractions, "fraction").numpy(), fractions.astype(np.float32), atol=1e-6)
+    assert cfg.mask(fractions, "fraction").dtype == torch.float32
+    assert cfg.mask(np.full((4, 6), 2**31 - 1, np.int64), "labels").max() == 2**31 - 1
+    assert cfg.mask(np.full((4, 6), -2**31, np.int64), "labels").min() == -2**31
