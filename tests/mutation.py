@@ -17,6 +17,7 @@ import configparser
 import filecmp
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -142,11 +143,20 @@ def equivalent_mutants() -> dict[str, str]:
     return out
 
 
-def score(work: Path) -> dict[str, object]:
-    """Counts of one module's mutants by verdict, and the score with equivalent mutants excluded."""
+def _verdicts(work: Path) -> dict[str, int | None]:
+    """Mutant name -> mutmut's exit code for it (None: not run yet)."""
     codes: dict[str, int | None] = {}
     for meta in (work / "mutants").rglob("*.meta"):
         codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return codes
+
+
+def score(work: Path, only: list[str] | None = None) -> dict[str, object]:
+    """Counts of one module's mutants by verdict (or of the sample ``only``), and the score with equivalent mutants
+    excluded."""
+    codes = _verdicts(work)
+    if only is not None:
+        codes = {name: code for name, code in codes.items() if name in only}
     equivalent = equivalent_mutants()
     counted = {name: code for name, code in codes.items() if name not in equivalent}
     killed = sum(code in _KILLED or code in _TIMEOUTS for code in counted.values())
@@ -162,7 +172,7 @@ def score(work: Path) -> dict[str, object]:
     }
 
 
-def run(module: str, children: int, root: Path = WORK) -> dict[str, object]:
+def run(module: str, children: int, root: Path = WORK, sample: int = 0) -> dict[str, object]:
     files, tests, select = MODULES[module]
     work = root / module
     for name in _COPIED:
@@ -170,6 +180,8 @@ def run(module: str, children: int, root: Path = WORK) -> dict[str, object]:
     _configure(work, files, tests, select)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # import the mutants, not this checkout
     mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)]
+    if sample:
+        return _run_sample(work, mutmut, env, sample)
     earlier = score(work)["survived"] if (work / "mutants").exists() else []
     subprocess.run(mutmut, cwd=work, env=env, check=False)  # new and changed functions' mutants
     if earlier:  # mutmut keeps a survivor's verdict; the tests may have changed since, so try them again
@@ -177,11 +189,26 @@ def run(module: str, children: int, root: Path = WORK) -> dict[str, object]:
     return score(work)
 
 
+def _run_sample(work: Path, mutmut: list[str], env: dict[str, str], size: int) -> dict[str, object]:
+    """Run ``size`` of the module's mutants drawn at random (seed 0, so a rerun draws the same ones, and retries
+    the sample's survivors against the current tests): a score with a known error where the whole module does not
+    fit the time (a loaded machine runs 2-3 mutants a minute). The sample is written to ``sample.txt``."""
+    if not _verdicts(work):  # mutmut makes the mutants (and its test stats) before it looks for the names asked
+        subprocess.run(mutmut + ["no mutant has this name"], cwd=work, env=env, check=False)
+    names = sorted(_verdicts(work))
+    chosen = sorted(random.Random(0).sample(names, min(size, len(names))))
+    (work / "sample.txt").write_text("\n".join(chosen) + "\n")
+    subprocess.run(mutmut + chosen, cwd=work, env=env, check=False)
+    return score(work, only=chosen)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", default=list(MODULES), help=f"any of {', '.join(MODULES)}")
     parser.add_argument("--children", type=int, default=2, help="mutants tested in parallel")
     parser.add_argument("--score-only", action="store_true", help="report the last run's verdicts, run nothing")
+    parser.add_argument("--sample", type=int, default=0, help="run only this many of each module's mutants, drawn at "
+                        "random (seed 0), and score those")
     parser.add_argument("--work", type=Path, default=WORK, help="where the per-module copies live (default: .mutation; "
                         "another folder keeps a second run apart from one under way)")
     args = parser.parse_args(argv)
@@ -190,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
     print(f"# mutation run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     for module in args.modules:
-        result = score(args.work / module) if args.score_only else run(module, args.children, args.work)
+        drawn = args.work / module / "sample.txt"
+        only = drawn.read_text().split() if args.sample and drawn.exists() else None
+        result = (score(args.work / module, only) if args.score_only
+                  else run(module, args.children, args.work, args.sample))
         print(f"{module}: {result['killed']}/{result['mutants'] - result['equivalent']} killed "
               f"({100 * result['score']:.1f}%), {result['equivalent']} equivalent excluded")
         for name in result["survived"]:
