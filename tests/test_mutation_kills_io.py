@@ -595,3 +595,34 @@ def test_normalize_and_masks_refuse_what_they_cannot_place_with_the_whole_reason
     assert cfg.mask(fractions, "fraction").dtype == torch.float32
     assert cfg.mask(np.full((4, 6), 2**31 - 1, np.int64), "labels").max() == 2**31 - 1
     assert cfg.mask(np.full((4, 6), -2**31, np.int64), "labels").min() == -2**31
+
+
+def test_probe_geometry_runs_one_forward_per_model_size_and_dtype_for_every_site_and_refuses_a_size_the_model_fails_on(
+        monkeypatch):
+    """A 4 x 6 HF ViT, its class taken off the list whose geometry needs no forward: the probe's geometry is the grid and
+    prefix written down for the fixture, one forward serves every layer selection, another size or dtype probes
+    again, and a size the model cannot take is refused naming the size and the model's own error."""
+    import qkhooks.stream as stream
+    from qkhooks.models.base import find_sites
+
+    tiny = next(t for t in TINY_MODELS if t.name == "hf-vit-4x6-key-first")
+    model = tiny.model()
+    monkeypatch.setattr(stream, "_STATIC_GEOMETRY", set())
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(tuple(args[0].shape)))
+    sites = find_sites(model)
+    found = stream.probe_geometry(model, sites[1:], tiny.hw)
+    assert forwards == [(1, 3, 32, 48)] and list(found) == [1]
+    g = found[1]
+    assert (g.grid, g.num_prefix_tokens, g.query_tokens, g.key_tokens) == (tiny.grid, tiny.prefix, 25, 25)
+    first = stream.probe_geometry(model, sites[:1], tiny.hw)[0]
+    assert (first.layer, first.grid, first.num_prefix_tokens, first.query_tokens) == (0, (4, 6), 1, 25)
+    assert len(forwards) == 1  # layer 0 was probed with layer 1
+    model.double()
+    assert stream.probe_geometry(model, sites, tiny.hw)[1].grid == (4, 6) and forwards[1:] == [(1, 3, 32, 48)]
+    with pytest.raises(QKHooksError) as err:  # another size is probed again (and this model takes no other)
+        stream.probe_geometry(model, sites, (40, 48))
+    assert forwards[2:] == [(1, 3, 40, 48)]
+    assert re.fullmatch(r"the model fails on a 40x48 image, the size its image config gives \(\w+: .+\); nothing was "
+                        r"written\. Load it with the input size it was built for \(load_model\(module, image_config=\.\.\.\), "
+                        r"or the model's own pretrained config\)\.", str(err.value), flags=re.S), str(err.value)
