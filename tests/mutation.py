@@ -64,7 +64,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     "reducers": (["qkhooks/reducers.py"], ["tests/test_reducers.py", "tests/test_modes.py", "tests/test_distributed.py"],
                  "merge or state or reducer or shards"),
     "preprocess": (["qkhooks/data/preprocess.py"],
-                   ["tests/test_data.py", "tests/test_asymmetry.py", "tests/test_mutation_kills.py", KILLS_IO], None),
+                   ["tests/test_data.py", "tests/test_asymmetry.py", KILLS_IO], None),
     "models": (["qkhooks/models/base.py", "qkhooks/models/timm.py", "qkhooks/models/hf.py"],
                ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_offline.py", KILLS_IO], None),
     "store": (["qkhooks/store/writer.py", "qkhooks/store/reader.py", "qkhooks/store/format.py"],
