@@ -625,3 +625,38 @@ def test_probe_geometry_runs_one_forward_per_model_size_and_dtype_for_every_site
     assert re.fullmatch(r"the model fails on a 40x48 image, the size its image config gives \(\w+: .+\); nothing was "
                         r"written\. Load it with the input size it was built for \(load_model\(module, image_config=\.\.\.\), "
                         r"or the model's own pretrained config\)\.", str(err.value), flags=re.S), str(err.value)
+
+
+def test_config_readers_name_the_field_they_refuse():
+    base = dict(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    _refused(lambda: ImageConfig(size=16, resize=(20, 0), **base), "ImageConfig.resize must be positive, got (20, 0).")
+    _refused(lambda: ImageConfig.from_hf({"size": 20, "image_mean": [1, 2]}), "image_mean must be three numbers (R, G, "
+             "B), got [1, 2].")
+    _refused(lambda: ImageConfig.from_hf({"size": 20, "image_std": [1, 2]}), "image_std must be three numbers (R, G, B), "
+             "got [1, 2].")
+    crop = {"do_center_crop": True, "crop_size": {"height": 16, "width": 16}}
+    _refused(lambda: ImageConfig.from_hf({**crop, "size": {"shortest_edge": 0}}), "size.shortest_edge must be positive, "
+             "got 0.")
+    _refused(lambda: ImageConfig.from_hf({**crop, "size": -3}), "size must be positive, got -3.")
+    _refused(lambda: ImageConfig.from_hf({"size": {"height": 0, "width": 5}}), "size must be positive, got (0, 5).")
+
+
+def test_from_timm_takes_the_size_the_model_was_built_for_over_its_pretrained_config():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=40, patch_size=8, embed_dim=32, depth=1,
+                              num_heads=2)
+    cfg = ImageConfig.from_timm(model)  # the pretrained config says 224 px, crop_pct 0.9, bicubic
+    assert (cfg.size, cfg.resize, cfg.interpolation) == ((40, 40), 44, "bicubic")  # floor(40 / 0.9) = 44
+    assert (cfg.mean, cfg.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_labels_masks_shrink_by_nearest_pixel_centres_and_photos_by_exact_area_means():
+    labels = np.arange(8 * 12).reshape(8, 12)
+    cfg = ImageConfig(size=(4, 6), mean=(0, 0, 0), std=(1, 1, 1), interpolation="area")
+    # a 2x shrink: output pixel i's centre (i + 0.5) * 2 falls in source pixel 2i + 1
+    np.testing.assert_array_equal(cfg.mask(labels, "labels").numpy(), labels[1::2, 1::2])
+    photo = np.random.default_rng(1).integers(0, 255, (8, 12, 3), dtype=np.uint8)
+    means = photo.astype(np.float64).reshape(4, 2, 6, 2, 3).mean(axis=(1, 3))
+    expected = np.clip(np.rint(means), 0, 255).astype(np.float32).transpose(2, 0, 1) / 255
+    np.testing.assert_allclose(cfg(Image.fromarray(photo)).numpy(), expected, atol=1e-6)
