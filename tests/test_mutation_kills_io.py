@@ -1,0 +1,662 @@
+"""Tests written to kill mutants of the I/O and statistics modules (reducers, stream, store, data/preprocess, the
+analyses' statistics, capture, models) that survived the rest of the suite (tests/MUTATION.md, round 10), each
+against an independent reference: numpy, a direct computation, or a run file read back with h5py."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qkhooks import QKHooksError, load_model
+from qkhooks.access import LayerGeometry
+from qkhooks.analysis.modes import TopKModes
+from qkhooks.attention import parse_attention
+from qkhooks.data import ImageConfig
+from qkhooks.store.reader import open_run
+from qkhooks.stream import record_dataset
+from conftest import TINY_MODELS
+
+ASYMMETRIC_TIMM = next(t for t in TINY_MODELS if t.name == "timm-vit-4x6")  # 4 x 6 patches, mean != std
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    model = ASYMMETRIC_TIMM.model()
+    return load_model(model, image_config=ImageConfig.from_timm(model))
+
+
+def _png(seed: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _no_address(text: str) -> str:
+    """A decoder's message without the object address it names (``<_io.BytesIO object at 0x7f...>``)."""
+    return re.sub(r" at 0x[0-9a-f]+", "", text)
+
+
+def _same_run(path_a: Path, path_b: Path) -> None:
+    """Two run files hold the same images, skipped list, arrays and reducer states."""
+    with open_run(path_a) as a, open_run(path_b) as b:
+        assert a.ids == b.ids
+        assert [(i, _no_address(why)) for i, why in a.skipped] == [(i, _no_address(why)) for i, why in b.skipped]
+        assert a.arrays() == b.arrays() and a.arrays()
+        for name in a.arrays():
+            np.testing.assert_array_equal(a.array(name)[:], b.array(name)[:], err_msg=name)
+        assert a.states() == b.states()
+        for name in a.states():
+            sa, sb = a.state(name), b.state(name)
+            assert sa.keys() == sb.keys()
+            for key in sa:
+                if isinstance(sa[key], str):
+                    assert _no_address(sa[key]) == _no_address(sb[key])
+                else:
+                    np.testing.assert_array_equal(np.asarray(sa[key]), np.asarray(sb[key]), err_msg=f"{name}/{key}")
+
+
+# ------------------------------------------------------------------------------------------------ stream
+def _geometry(layer, grid=(4, 6), prefix=1, queries=25) -> LayerGeometry:
+    return LayerGeometry(layer=layer, grid=grid, num_prefix_tokens=prefix, query_tokens=queries, key_tokens=queries,
+                         key_grid=grid, key_prefix_tokens=prefix)
+
+
+# layers 2, 4, 5 each differ from layer 0 in one thing only: the grid (rows and cols swapped), the prefix, the queries;
+# the dict is not in layer order, so "the first layer" must be the lowest, not the first key
+MIXED = {3: _geometry(3), 0: _geometry(0), 2: _geometry(2, grid=(6, 4)), 1: _geometry(1),
+         4: _geometry(4, prefix=2), 5: _geometry(5, queries=26)}
+
+
+def test_rows_are_refused_on_layers_whose_tokens_differ_from_the_lowest_layers_in_grid_prefix_or_count():
+    from qkhooks.stream import _check_rows_geometry, same_layout_layers
+
+    assert same_layout_layers(MIXED) == [0, 1, 3]
+    for kind in ("rows", "pooled"):
+        with pytest.raises(QKHooksError) as err:
+            _check_rows_geometry(parse_attention(kind), MIXED)
+        assert str(err.value) == (
+            f"attention {kind!r} picks query tokens by their index in layer 0's tokens (grid 4x6 + 1 prefix, 25 queries), "
+            f"but layers [2, 4, 5] have other tokens (grid 6x4 + 1 prefix, 25 queries); record {kind!r} on the layers "
+            f"that share layer 0's grid (e.g. --attention {kind}:0,1,3), or full maps.")
+    _check_rows_geometry(parse_attention("rows:0,1,3+full"), MIXED)  # rows only where the layout is layer 0's
+    with pytest.raises(QKHooksError, match=r"but layers \[4\] have other tokens \(grid 4x6 \+ 2 prefix"):
+        _check_rows_geometry(parse_attention("rows:1,4"), MIXED)
+
+
+class _Site:
+    """What rows_layers reads of a site: its layer, path, kind check and class attention."""
+
+    def __init__(self, layer, refuse=None, class_attention=False):
+        self.layer, self.path, self.class_attention, self._refuse = layer, f"blocks.{layer}.attn", class_attention, refuse
+
+    def check_attention_kind(self, kind):
+        assert kind == "rows"
+        if self._refuse:
+            raise QKHooksError(self._refuse)
+
+
+def test_rows_layers_keep_the_layers_laid_out_as_the_first_candidate_and_say_why_each_other_is_left_out(monkeypatch):
+    import qkhooks.stream as stream
+
+    geometry = {0: _geometry(0, grid=(2, 3), queries=7), 1: _geometry(1), 2: _geometry(2), 3: _geometry(3, grid=(6, 4)),
+                4: _geometry(4)}
+    seen = []
+    monkeypatch.setattr(stream, "probe_geometry", lambda net, sites, size, device: seen.append((size, device)) or geometry)
+    sites = [_Site(0, refuse="windowed: a row lives in its window"), _Site(1), _Site(2, class_attention=True), _Site(3),
+             _Site(4)]
+    kept, left_out = stream.rows_layers(None, sites, (32, 48), "cpu")
+    assert seen == [((32, 48), "cpu")]
+    assert kept == [1, 4]
+    assert left_out == {
+        0: "windowed: a row lives in its window",
+        2: "blocks.2.attn: only the class token queries (class attention), not the image's tokens",
+        3: "its tokens (grid 6x4 + 1 prefix, 25 queries) are not layer 1's (grid 4x6 + 1 prefix, 25 queries), and one "
+           "batch's query tokens index one layout",
+    }
+    assert stream.rows_layers(None, [_Site(2, class_attention=True)], (32, 48)) == (
+        [], {2: "blocks.2.attn: only the class token queries (class attention), not the image's tokens"})
+
+
+def test_default_workers_are_none_on_the_cpu_and_the_cores_but_one_up_to_four_beside_an_accelerator(monkeypatch):
+    import qkhooks.stream as stream
+
+    for cores, expected in ((1, 0), (2, 1), (4, 3), (5, 4), (16, 4)):
+        monkeypatch.setattr(stream.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert stream.default_workers("cpu") == 0
+        assert stream.default_workers("meta") == expected, cores
+    monkeypatch.delattr(stream.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(stream.os, "cpu_count", lambda: 3)
+    assert stream.default_workers(torch.device("meta")) == 2
+    monkeypatch.setattr(stream.os, "cpu_count", lambda: None)
+    assert stream.default_workers("meta") == 0
+
+
+def test_batch_meta_refuses_another_input_size_and_reads_the_lowest_layers_prefix_and_grid():
+    from qkhooks.reducers import Recipe
+    from qkhooks.stream import _batch_meta
+
+    plan = Recipe("probe", meta=lambda batch, meta: {"arrays": {"seen": dict(meta)}})
+    geometry = {3: _geometry(3, grid=(2, 3), prefix=0, queries=6), 1: _geometry(1, grid=(4, 6), prefix=2, queries=26)}
+    meta = _batch_meta({"pixel_values": torch.zeros(1, 3, 32, 48)}, geometry, (32, 48), plan)
+    assert meta["num_prefix_tokens"] == 2 and meta["grid"] == (4, 6) and meta["geometry"] is geometry
+    assert meta["arrays"]["seen"] == {"num_prefix_tokens": 2, "geometry": geometry, "grid": (4, 6)}
+    no_grid = {0: LayerGeometry(0, None, 1, 9, 9, None, 1)}
+    assert "grid" not in _batch_meta({"pixel_values": torch.zeros(1, 3, 32, 48)}, no_grid, [32, 48], plan)
+    with pytest.raises(QKHooksError) as err:
+        _batch_meta({"pixel_values": torch.zeros(2, 3, 48, 32)}, geometry, (32, 48), plan)
+    assert str(err.value) == ("a batch of 48x32 images reached a recording laid out for 32x48 (every layer's grid "
+                              "depends on it); preprocess every image to the model's input size.")
+
+
+class _Photos:
+    """A sequence of PNG bytes (one of them not an image) that notes every position it is asked for."""
+
+    def __init__(self, n: int, broken: int):
+        self.items = [b"not an image" if i == broken else _png(i) for i in range(n)]
+        self.read: list[int] = []
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return self.items[i]
+
+
+def test_a_streamed_shard_interrupted_then_resumed_continues_at_its_checkpoint_without_decoding_what_came_before(
+        tmp_path, loaded, capsys):
+    """14 items, shard 1 of 2 (items 7..13), item 8 not an image, batches of 2 read items, a checkpoint every 2
+    batches; the run is stopped in its third batch. The resume starts at the checkpoint's position, reads nothing
+    before it, keeps the skipped item listed by the checkpoint, and ends equal to an uninterrupted run."""
+    def record(photos, out, **kw):  # fresh reducers each time: they hold state
+        return record_dataset(loaded, photos, out, modes=4, batch_size=2, checkpoint_every=2, reducers=[TopKModes(k=2)],
+                              progress=False, shard=(1, 2), **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clean = record(_Photos(14, broken=8), tmp_path / "clean.h5")
+        assert clean.images == 6 and [i for i, _ in clean.skipped] == ["8"]
+
+        def stop(batch, calls=[]):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            record(_Photos(14, broken=8), tmp_path / "run.h5", on_batch=stop)
+        capsys.readouterr()
+        photos = _Photos(14, broken=8)
+        resumed = record(photos, tmp_path / "run.h5", resume=True)
+    said = re.fullmatch(r"resuming the stream at item (\d+): (\d+) images are in the file; the (\d+) items before are "
+                        r"skipped without decoding\n", capsys.readouterr().err)
+    assert said, "the resume says where it continues"
+    position, done, before = map(int, said.groups())
+    assert position in (9, 11) and before == position - 7 and done == position - 7 - 1  # item 8 is no image
+    assert min(photos.read[1:]) == position  # the first read is the open check of item 0
+    assert resumed.images == 6 and [i for i, _ in resumed.skipped] == ["8"]
+    assert resumed.skipped[0][1].startswith("UnidentifiedImageError: cannot identify image file")
+    _same_run(tmp_path / "clean.h5", tmp_path / "run.h5")
+    with open_run(tmp_path / "run.h5") as run:
+        assert run.ids == ["7", "9", "10", "11", "12", "13"]
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert json.loads(f["images"].attrs["shard"]) == {"rank": 1, "world": 2, "start": 7, "stop": 14}
+
+
+def test_a_streamed_run_stopped_before_its_first_checkpoint_starts_again_silently(tmp_path, loaded, capsys):
+    def record(photos, out, **kw):
+        return record_dataset(loaded, photos, out, modes=4, batch_size=2, checkpoint_every=3, reducers=[TopKModes(k=2)],
+                              progress=False, **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record(_Photos(7, broken=1), tmp_path / "clean.h5")
+
+        def stop(batch, calls=[]):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            record(_Photos(7, broken=1), tmp_path / "run.h5", on_batch=stop)
+        capsys.readouterr()
+        photos = _Photos(7, broken=1)
+        record(photos, tmp_path / "run.h5", resume=True)
+    assert capsys.readouterr().err == ""  # nothing resumed, nothing said (progress off)
+    assert sorted(set(photos.read)) == list(range(7))
+    _same_run(tmp_path / "clean.h5", tmp_path / "run.h5")
+
+
+@pytest.mark.parametrize("order,twice", [([0, 1, 1, 2], 1), ([0, 1, 2, 0], 0)], ids=["in-one-batch", "in-a-later-batch"])
+def test_a_streamed_id_seen_twice_is_refused(tmp_path, loaded, order, twice):
+    items = [{"image": _png(i), "id": f"img{i}"} for i in order]
+    with pytest.raises(QKHooksError) as err:
+        record_dataset(loaded, items, tmp_path / "run.h5", modes=4, batch_size=3, progress=False, reducers=[])
+    assert str(err.value) == (f"two items of the data have the id 'img{twice}'; "
+                              "give each item its own 'id', or none at all (then the position is the id).")
+
+
+# ------------------------------------------------------------------------------------------------ store
+def _rows(n: int = 10) -> np.ndarray:
+    return np.arange(n * 3 * 2, dtype=np.float32).reshape(n, 3, 2)
+
+
+def test_run_array_indexing_equals_numpy_on_the_committed_rows_only(tmp_path):
+    """A dataset of 10 rows of which 7 are committed: every kind of index gives numpy's answer on the first 7."""
+    from qkhooks.store.reader import RunArray
+
+    data = _rows()
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["x"] = data
+    ref = data[:7]
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        arr = RunArray(f["x"], 7)
+        assert arr.shape == (7, 3, 2) and len(arr) == 7 and arr.dtype == np.float32
+        assert repr(arr) == "RunArray(/x, shape=(7, 3, 2), dtype=float32)"
+        for key in (slice(None), slice(2, None), slice(-3, None), slice(None, None, 2), slice(1, 20), slice(-20, 3),
+                    0, 6, -1, -7, np.int64(3), (slice(None), 1), (-2, 1, 0), [4, 0, 2], np.array([-1, 0]), [],
+                    np.array([True, False, False, True, False, False, True]), ([5, 1], slice(None), 1)):
+            got = arr[key]
+            np.testing.assert_array_equal(got, ref[key], err_msg=repr(key))
+            assert got.shape == ref[key].shape, repr(key)
+        for bad in (7, -8, 100):
+            with pytest.raises(IndexError) as err:
+                arr[bad]
+            assert str(err.value) == f"image {bad} is out of range for a run of 7 images."
+        for bad in ([0, 7], [-8], np.array([8])):
+            with pytest.raises(IndexError) as err:
+                arr[bad]
+            assert str(err.value) == "an image index is out of range for a run of 7 images."
+        blocks = list(arr.chunks(3))
+        assert [sl for sl, _ in blocks] == [slice(0, 3), slice(3, 6), slice(6, 7)]
+        for sl, block in blocks:
+            np.testing.assert_array_equal(block, ref[sl])
+        assert [sl for sl, _ in arr.chunks()] == [slice(0, 7)]
+
+
+def _hand_made_run(path: Path, committed: int = 7, complete: bool = False, info: dict | None = None) -> dict:
+    """A run file written with h5py alone: 10 rows of ids and maps, ``committed`` of them committed, layers 2 and 10
+    (so a plain string sort would put 10 first), rows at layer 2 and full maps at layer 10."""
+    arrays = {"modes/L2/query": _rows(), "modes/L10/query": _rows() + 1, "modes/L2/key": _rows() + 2,
+              "modes/L10/key": _rows() + 3, "attention/L2/rows": _rows() + 4, "attention/L10/full": _rows() + 5}
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"model": "timm:tiny", "data": "samples", "qkhooks_version": "9.9", "complete": complete,
+                        "config": json.dumps({"augmented": False, "modes": 4})})
+        ids = f.create_dataset("images/ids", data=np.array([f"img{i}".encode() for i in range(10)]))
+        for holder in (f["images"], ids):
+            holder.attrs["committed"] = np.int64(committed)
+        f["images/skipped"] = np.array([[b"bad.jpg", b"cannot decode"], [b"odd.png", b"truncated"]])
+        for name, value in arrays.items():
+            f.create_dataset(name, data=value).attrs["per_image"] = True
+        f["spectrum/L2/S_all"] = np.ones((4, 8))
+        f["spectrum/L10/S_all"] = np.ones((4, 8))
+        if info is not None:
+            f.require_group("model").attrs["info"] = json.dumps(info)
+    return arrays
+
+
+INFO = {"schema_version": 2, "num_prefix_tokens": 1, "heads": 4, "head_dim": 8, "dim": 32, "layers": [10, 2],
+        "paths": ["blocks.10.attn", "blocks.2.attn"], "grid": [2, 3],
+        "layer_geometry": {"2": _geometry(2, grid=(2, 3), queries=7).to_dict()},
+        "left_out_by_design": {"head.decoder": "not self-attention"}}
+
+
+def test_a_hand_made_run_file_reads_back_its_committed_images_names_and_layers(tmp_path):
+    path = tmp_path / "run.h5"
+    arrays = _hand_made_run(path, info=INFO)
+    with open_run(path) as run:
+        assert run.n == 7 and run.ids == [f"img{i}" for i in range(7)]
+        assert run.skipped == [("bad.jpg", "cannot decode"), ("odd.png", "truncated")]
+        assert run.model == "timm:tiny" and run.config == {"augmented": False, "modes": 4} and not run.complete
+        assert run.info == json.loads(json.dumps(INFO)) and run.schema_version == 2
+        assert run.arrays() == ["attention/L2/rows", "attention/L10/full", "modes/L2/key", "modes/L2/query",
+                                "modes/L10/key", "modes/L10/query"]
+        assert run.has("spectrum/L2/S_all") and not run.has("spectrum/L3")
+        assert run.layers == [2, 10] and run.module_paths == {10: "blocks.10.attn", 2: "blocks.2.attn"}
+        assert run.mode_layers == [2, 10] and run.attention_kinds == ["full", "rows"]
+        assert run.attention_layers() == [2] and run.attention_layers("full") == [10] and run.attention_layers("x") == []
+        for layer in (10, "blocks.10.attn", "10"):
+            np.testing.assert_array_equal(run.query(layer)[:], arrays["modes/L10/query"][:7])
+            np.testing.assert_array_equal(run.key(layer)[:], arrays["modes/L10/key"][:7])
+        np.testing.assert_array_equal(run.attention(2)[:], arrays["attention/L2/rows"][:7])
+        np.testing.assert_array_equal(run.attention("blocks.10.attn", "full")[-1], arrays["attention/L10/full"][6])
+        with pytest.raises(QKHooksError) as err:
+            run.array("spectrum/L2/S_all")
+        assert str(err.value) == (f"{path} has no per-image array 'spectrum/L2/S_all'; it has: " + ", ".join(run.arrays())
+                                  + ".")
+        with pytest.raises(QKHooksError) as err:
+            run.attention(10)
+        assert str(err.value) == (f"{path} has no 'rows' attention for layer 10 (layers with them: [2]); the run stores "
+                                  "attention kinds ['full', 'rows'] (the attention= option).")
+        assert run.geometry(2) == _geometry(2, grid=(2, 3), queries=7)
+        assert run.geometry(10) == LayerGeometry(10, (2, 3), 1, 7, 7, (2, 3), 1, 4, 8)  # version-1 rule: one grid
+        assert repr(run) == f"RunReader({str(path)!r}, images=7, layers=[2, 10])"
+        assert run.summary().splitlines() == [
+            f"run      {path}", "model    timm:tiny", "data     samples",
+            "images   7 committed (incomplete: resume with the same command plus --resume)", "version  qkhooks 9.9",
+            "skipped  2: bad.jpg, odd.png", "arrays",
+            *[f"  {name:32s} {'(7, 3, 2)':24s} float32" for name in run.arrays()],
+            "layers   (model/info schema 2)",
+            "  L2   blocks.2.attn: grid 2x3 + 1 prefix, 7 queries",
+            "  L10  blocks.10.attn: grid 2x3 + 1 prefix, 7 queries, 4 heads x 8",
+            "  not recorded: head.decoder: not self-attention",
+        ]
+        with pytest.raises(QKHooksError) as err:
+            run.spectrum(2)
+        assert str(err.value) == (f"{path} stores no modes for layer 2 (recorded without modes); its every-mode sigma "
+                                  "and cosine are in spectrum_arrays(2) as S_all, cos_all.")
+        assert run.qk_spectrum is None
+
+
+def test_a_run_file_without_model_info_takes_its_layers_from_its_groups_and_says_what_it_lacks(tmp_path):
+    path = tmp_path / "old.h5"
+    _hand_made_run(path, committed=0, complete=True)
+    with h5py.File(path, "a") as f:
+        f["spectrum/L4/S_all"] = np.ones(2)
+        f["images"].attrs["shards"] = "[]"
+    with open_run(path) as run:
+        assert run.n == 0 and run.ids == [] and run.info == {} and run.schema_version == 1 and run.complete
+        assert run.layers == [2, 4, 10] and run.module_paths == {}
+        assert run.query(2)[:].shape == (0, 3, 2)
+        with pytest.raises(QKHooksError) as err:
+            run.query("blocks.2.attn")
+        assert str(err.value) == (f"{path} does not know its layers' module paths (a run file written before qkhooks "
+                                  "stored them); address the layer by block index: [2, 4, 10].")
+        with pytest.raises(QKHooksError) as err:
+            run.geometry(4)
+        assert str(err.value) == f"{path} does not say layer 4's token grid (written before qkhooks stored it); record it again."
+        with pytest.raises(QKHooksError) as err:
+            run.query(4)
+        assert str(err.value) == (f"{path} has no query/key maps for layer 4 (layers with them: [2, 10]); record with "
+                                  "modes= to store them.")
+        assert "images   0 committed\n" in run.summary() + "\n"
+    with h5py.File(path, "a") as f:
+        f.attrs["complete"] = False
+    with open_run(path) as run:
+        assert "images   0 committed (incomplete: resume its shards with --resume)" in run.summary().splitlines()
+        with pytest.raises(QKHooksError) as err:
+            run.spectrum_arrays(4) and run.spectrum_arrays(3)
+        assert str(err.value) == f"{path} did not record layer 3; its layers are [2, 4, 10]."
+
+
+def test_a_file_that_is_not_a_run_is_refused_by_name(tmp_path):
+    with pytest.raises(QKHooksError) as err:
+        open_run(tmp_path / "none.h5")
+    assert str(err.value) == f"no run file at {tmp_path / 'none.h5'}; record one with `qkhooks record`."
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["images/ids"] = np.array([b"a"])
+    with pytest.raises(QKHooksError) as err:
+        open_run(tmp_path / "other.h5")
+    assert str(err.value) == (f"{tmp_path / 'other.h5'} is an HDF5 file but not a qkhooks run (no /images/ids with "
+                              "`committed`).")
+
+
+def test_the_committed_count_is_read_off_the_ids_first_then_the_images_group():
+    from qkhooks.store import format as fmt
+
+    with h5py.File("mem.h5", "w", driver="core", backing_store=False) as f:
+        assert fmt.committed(f) is None
+        f.create_group("images/ids")
+        assert fmt.committed(f) is None  # a group is not the ids dataset
+        del f["images/ids"]
+        ids = f.create_dataset("images/ids", data=np.zeros(3))
+        assert fmt.committed(f) is None
+        f["images"].attrs["committed"] = np.int64(2)
+        assert fmt.committed(f) == 2
+        ids.attrs["committed"] = np.int64(1)
+        assert fmt.committed(f) == 1
+        fmt.set_committed(f, 3)
+        assert int(f["images"].attrs["committed"]) == 3 and int(ids.attrs["committed"]) == 3
+
+
+def test_resume_point_and_config_differences_follow_their_rules():
+    from qkhooks.store.format import config_differences, resume_point
+
+    assert resume_point(9, None, {}, []) == 9  # no reducer: every committed image
+    assert resume_point(9, 4, {"a": {}, "b": {}}, ["a", "b"]) == 4
+    assert resume_point(9, 9, {"a": {}}, ["a"]) == 9
+    assert resume_point(9, 10, {"a": {}}, ["a"]) == 0  # claims more than is committed
+    assert resume_point(9, None, {"a": {}}, ["a"]) == 0
+    assert resume_point(9, 4, {"a": {}}, ["a", "b"]) == 0  # lacks one
+    assert config_differences('{"a": 1, "b": "x", "c": 2}', '{"a": 1, "b": "y", "d": 3}') == (
+        " (b: file 'x', now 'y'; c: file 2, now None; d: file None, now 3)")
+    assert config_differences('{"a": 1}', '{"a": 1}') == ""
+    assert config_differences("[1]", '{"a": 1}') == "" and config_differences('{"a": 1}', "[1]") == ""
+    assert config_differences("not json", '{"a": 1}') == "" and config_differences(None, '{"a": 1}') == ""
+
+
+# ------------------------------------------------------------------------------------------------ data/preprocess
+def _refused(call, message: str) -> None:
+    with pytest.raises(QKHooksError) as err:
+        call()
+    assert str(err.value) == message
+
+
+def test_image_config_coerces_its_fields_and_refuses_bad_ones_with_the_whole_reason():
+    base = dict(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    c = ImageConfig(size=np.int64(16), mean=np.array([1, 2, 3]), std=[1, 2, 3], resize=[20, 18], pad_value=np.uint8(7),
+                    letterbox=0)
+    assert (c.size, c.mean, c.std, c.resize, c.pad_value, c.letterbox) == ((16, 16), (1.0, 2.0, 3.0), (1.0, 2.0, 3.0),
+                                                                          (20, 18), 7, False)
+    assert type(c.pad_value) is int and type(c.mean[0]) is float and type(c.size[0]) is int
+    assert ImageConfig(size=(16, 24), resize=np.int64(30), **base).resize == 30
+    assert ImageConfig(size=(16, 24), pad_value=255, letterbox=1, **base).letterbox is True
+    assert ImageConfig(size=(16, 24), pad_value=0, **base).pad_value == 0
+    _refused(lambda: ImageConfig(size=True, **base), "ImageConfig.size must be an int or an (H, W) pair, got True; "
+             "pass e.g. (224, 224).")
+    _refused(lambda: ImageConfig(size=(1, 2, 3), **base), "ImageConfig.size must be an int or an (H, W) pair, got "
+             "(1, 2, 3); pass e.g. (224, 224).")
+    _refused(lambda: ImageConfig(size=(16.5, 16), **base), "ImageConfig.size must hold integers, got (16.5, 16); pass "
+             "e.g. (224, 224).")
+    _refused(lambda: ImageConfig(size=(16, 0), **base), "ImageConfig.size must be positive, got (16, 0).")
+    _refused(lambda: ImageConfig(size=(16, 16), resize=-1, **base), "ImageConfig.resize must be positive, got -1.")
+    _refused(lambda: ImageConfig(size=16, mean=(1, 2), std=(1, 1, 1)), "ImageConfig.mean must be three numbers (R, G, "
+             "B), got (1, 2).")
+    _refused(lambda: ImageConfig(size=16, mean=0.5, std=(1, 1, 1)), "ImageConfig.mean must be three numbers (R, G, B), "
+             "got 0.5.")
+    _refused(lambda: ImageConfig(size=16, mean=(0, 0, 0), std=(1, 0, 1)), "ImageConfig.std must be positive, got "
+             "(1.0, 0.0, 1.0).")
+    _refused(lambda: ImageConfig(size=16, interpolation="lanczos", **base), "ImageConfig.interpolation 'lanczos' is not "
+             "supported; use one of ('area', 'bicubic', 'bilinear', 'nearest').")
+    _refused(lambda: ImageConfig(size=16, resize=(20, 20), letterbox=True, **base),
+             "ImageConfig(letterbox=True) scales to fit `size` itself; leave resize=None.")
+    for bad in (256, -1, 1.0, "0"):
+        _refused(lambda: ImageConfig(size=16, pad_value=bad, **base),
+                 f"ImageConfig.pad_value must be an int in 0..255, got {bad!r}.")
+
+
+def test_from_hf_reads_each_size_layout_and_refuses_what_it_cannot_express():
+    half = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    cfg = ImageConfig.from_hf({"size": {"height": 20, "width": 30}, **half})
+    assert (cfg.size, cfg.resize, cfg.interpolation, cfg.mean) == ((20, 30), None, "bilinear", (0.5, 0.5, 0.5))
+    cfg = ImageConfig.from_hf({"size": [20, 30], "resample": 3, "do_normalize": False})
+    assert (cfg.size, cfg.interpolation, cfg.mean, cfg.std) == ((20, 30), "bicubic", (0.0,) * 3, (1.0,) * 3)
+    cfg = ImageConfig.from_hf({"size": 24, "resample": "NEAREST"})
+    assert (cfg.size, cfg.interpolation, cfg.mean, cfg.std) == ((24, 24), "nearest", (0.485, 0.456, 0.406),
+                                                                (0.229, 0.224, 0.225))
+    crop = {"do_center_crop": True, "crop_size": {"height": 16, "width": 16}}
+    assert ImageConfig.from_hf({**crop, "size": {"shortest_edge": 20}}).resize == 20
+    assert ImageConfig.from_hf({**crop, "size": 22}).resize == 22
+    assert ImageConfig.from_hf({**crop, "size": {"height": 18, "width": 20}}).resize == (18, 20)
+    assert ImageConfig.from_hf({**crop, "size": {"height": 16, "width": 16}}).resize is None
+    assert ImageConfig.from_hf({**crop, "size": [16, 16], "do_rescale": False, "rescale_factor": 2}).size == (16, 16)
+    assert ImageConfig.from_hf({"do_center_crop": True, "crop_size": None, "size": [16, 12]}).size == (16, 12)
+    assert ImageConfig.from_hf({"do_center_crop": False, "crop_size": 8, "size": [16, 12]}).size == (16, 12)
+    assert ImageConfig.from_hf({"size": [16, 12], "rescale_factor": 1 / 255}).size == (16, 12)
+    _refused(lambda: ImageConfig.from_hf("config.json"), "ImageConfig.from_hf expects the preprocessor_config.json "
+             "dict; for a processor object pass processor.to_dict().")
+    _refused(lambda: ImageConfig.from_hf({**crop, "size": 20, "do_resize": False}), "processor config centre-crops "
+             "without resizing, so the model input depends on the photo size; build ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf(crop), "processor config centre-crops without resizing, so the model input "
+             "depends on the photo size; build ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf({"size": 20, "do_resize": False}), "processor config neither resizes nor "
+             "crops to a fixed size; build ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf({}), "processor config neither resizes nor crops to a fixed size; build "
+             "ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf({"size": {"shortest_edge": 20}}), "processor config resizes the shortest "
+             "edge without a centre crop, so inputs vary in size; build ImageConfig(size=(S, S), resize=S, ...) by hand "
+             "to crop them.")
+    assert ImageConfig.from_hf({"size": {"shortest_edge": 20, "height": 16, "width": 12}}).size == (16, 12)
+    _refused(lambda: ImageConfig.from_hf({"size": {"width": 20}}), "cannot read size={'width': 20} from the "
+             "processor config; expected {height, width}.")
+    _refused(lambda: ImageConfig.from_hf({**crop, "crop_size": {"height": 16}, "size": 20}), "cannot read "
+             "crop_size={'height': 16} from the processor config; expected {height, width}.")
+    _refused(lambda: ImageConfig.from_hf({"size": 20, "rescale_factor": 1.0}), "processor rescale_factor 1.0 is not "
+             "1/255; build ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf({"size": 20, "resample": 1}), "processor resample 1 is not supported; qkhooks "
+             "handles ['bicubic', 'bilinear', 'nearest'] (PIL codes 0, 2, 3).")
+    _refused(lambda: ImageConfig.from_hf({"size": 20, "resample": "lanczos"}), "processor resample 'lanczos' is not "
+             "supported; qkhooks handles ['bicubic', 'bilinear', 'nearest'] (PIL codes 0, 2, 3).")
+
+
+def test_from_hf_model_reads_the_vision_config_or_the_config_and_says_it_guessed():
+    from types import SimpleNamespace as NS
+
+    cases = [  # (model, size, mean, resize, interpolation, model_type named in the warning)
+        (NS(config=NS(model_type="clip", vision_config=NS(image_size=24))), (24, 24), CLIP, 24, "bicubic", "clip"),
+        (NS(config=NS(model_type="", vision_config=NS(image_size=(24, 32), model_type="CLIP_vision_model"))),
+         (24, 32), CLIP, None, "bicubic", "clip_vision_model"),
+        (NS(config=NS(model_type="siglip", vision_config=None, image_size=20)), (20, 20), (0.5,) * 3, None, "bilinear",
+         "siglip"),
+        (NS(model_type="vit", image_size=16), (16, 16), (0.5,) * 3, None, "bilinear", "vit"),
+        (NS(config=NS(model_type="vit_mae", image_size=16)), (16, 16), (0.485, 0.456, 0.406), None, "bicubic", "vit_mae"),
+        (NS(config=NS(vision_config=NS(image_size=None), image_size=12)), (12, 12), (0.485, 0.456, 0.406), None,
+         "bicubic", ""),
+    ]
+    for model, size, mean, resize, interpolation, model_type in cases:
+        with pytest.warns(UserWarning) as caught:
+            cfg = ImageConfig.from_hf_model(model)
+        assert (cfg.size, cfg.mean, cfg.resize, cfg.interpolation) == (size, mean, resize, interpolation)
+        assert str(caught[0].message) == (
+            f"ImageConfig.from_hf_model guessed preprocessing for model_type={model_type!r} (size={size}, "
+            f"mean={mean}, std={cfg.std}); pass the checkpoint's preprocessor_config.json to ImageConfig.from_hf for "
+            "the exact one.")
+    _refused(lambda: ImageConfig.from_hf_model(NS(config=NS(model_type="vit"))), "model.config has no image_size; use "
+             "ImageConfig.from_hf(preprocessor_config_dict) or build ImageConfig(...) by hand.")
+
+
+CLIP = (0.48145466, 0.4578275, 0.40821073)
+
+
+def test_geometry_of_each_resize_policy_against_the_rules_written_out():
+    base = dict(mean=(0, 0, 0), std=(1, 1, 1))
+    tall = ImageConfig(size=(16, 16), resize=20, **base).geometry((50, 30))  # w <= h: the short side is the width
+    assert (tall.resized_hw, tall.top, tall.left) == ((33, 20), 8, 2)  # int(20 * 50 / 30); 17 / 2 rounds to even
+    wide = ImageConfig(size=(16, 16), resize=20, **base).geometry((30, 50))
+    assert (wide.resized_hw, wide.top, wide.left) == ((20, 33), 2, 8)
+    square = ImageConfig(size=(16, 16), resize=20, **base).geometry((40, 40))
+    assert square.resized_hw == (20, 20)
+    squash = ImageConfig(size=(16, 12), resize=(20, 14), **base).geometry((50, 30))
+    assert (squash.resized_hw, squash.top, squash.left, squash.output_hw) == ((20, 14), 2, 1, (16, 12))
+    plain = ImageConfig(size=(16, 12), **base).geometry((50, 30))
+    assert (plain.resized_hw, plain.top, plain.left, plain.source_hw) == ((16, 12), 0, 0, (50, 30))
+    box = ImageConfig(size=(16, 24), letterbox=True, **base).geometry((10, 40))  # scale min(1.6, 0.6) = 0.6
+    assert (box.resized_hw, box.top, box.left) == ((6, 24), -5, 0)
+    same = ImageConfig(size=(16, 24), letterbox=True, **base).geometry((16, 24))
+    assert (same.resized_hw, same.top, same.left) == ((16, 24), 0, 0)
+    thin = ImageConfig(size=(16, 24), letterbox=True, **base).geometry((1000, 1))  # never below one pixel
+    assert (thin.resized_hw, thin.top, thin.left) == ((16, 1), 0, -11)
+    _refused(lambda: ImageConfig(size=16, **base).geometry((0, 5)), "image_hw must be positive, got (0, 5).")
+
+
+def test_normalize_and_masks_refuse_what_they_cannot_place_with_the_whole_reason():
+    cfg = ImageConfig(size=(4, 6), mean=(0.1, 0.3, 0.6), std=(0.2, 0.45, 0.35))
+    pixels = np.random.default_rng(0).integers(0, 255, (4, 6, 3), dtype=np.uint8)
+    expected = (pixels.astype(np.float32) / 255 - np.float32(cfg.mean)) / np.float32(cfg.std)
+    np.testing.assert_allclose(cfg.normalize(Image.fromarray(pixels)).numpy(), expected.transpose(2, 0, 1), rtol=1e-6)
+    _refused(lambda: cfg.normalize(pixels), "expected a PIL.Image.Image, got ndarray; use PIL.Image.open(path).")
+    _refused(lambda: cfg(pixels), "expected a PIL.Image.Image, got ndarray; use PIL.Image.open(path).")
+    _refused(lambda: cfg.normalize(Image.fromarray(pixels[:, :4])), "normalize() needs an image of exactly (4, 6) "
+             "(H, W), got (4, 4); call the config itself to resize and crop.")
+    _refused(lambda: cfg.mask(np.zeros(3), "labels"), "mask must be a 2-D (H, W) array, got shape (3,).")
+    _refused(lambda: cfg.mask(np.zeros((4, 6)), "labels"), "labels mask must have an integer dtype, got float64; use "
+             "kind='fraction'.")
+    _refused(lambda: cfg.mask(np.full((4, 6), 2**31, np.int64), "labels"), "labels mask values must fit in int32.")
+    _refused(lambda: cfg.mask(np.full((4, 6), -2**31 - 1, np.int64), "labels"), "labels mask values must fit in int32.")
+    for bad in (1.5, -0.5, np.nan):  # one bad value among good ones (nanmin / nanmax skip a NaN)
+        _refused(lambda: cfg.mask(np.where(np.eye(4, 6) > 0, bad, 0.5), "fraction"), "fraction mask values must lie in [0, 1]; "
+                 "threshold or rescale it first.")
+    _refused(lambda: cfg.mask(np.zeros((4, 6)), "area"), "mask kind must be 'labels' or 'fraction', got 'area'.")
+    labels = np.arange(24).reshape(4, 6)
+    np.testing.assert_array_equal(cfg.mask(torch.from_numpy(labels), "labels").numpy(), labels)
+    assert cfg.mask(labels.astype(np.int32), "labels").dtype == torch.int64
+    np.testing.assert_array_equal(cfg.mask(labels > 11, "labels").numpy(), (labels > 11).astype(np.int64))
+    fractions = np.linspace(0, 1, 24).reshape(4, 6)
+    np.testing.assert_allclose(cfg.mask(fractions, "fraction").numpy(), fractions.astype(np.float32), atol=1e-6)
+    assert cfg.mask(fractions, "fraction").dtype == torch.float32
+    assert cfg.mask(np.full((4, 6), 2**31 - 1, np.int64), "labels").max() == 2**31 - 1
+    assert cfg.mask(np.full((4, 6), -2**31, np.int64), "labels").min() == -2**31
+
+
+def test_probe_geometry_runs_one_forward_per_model_size_and_dtype_for_every_site_and_refuses_a_size_the_model_fails_on(
+        monkeypatch):
+    """A 4 x 6 HF ViT, its class taken off the list whose geometry needs no forward: the probe's geometry is the grid and
+    prefix written down for the fixture, one forward serves every layer selection, another size or dtype probes
+    again, and a size the model cannot take is refused naming the size and the model's own error."""
+    import qkhooks.stream as stream
+    from qkhooks.models.base import find_sites
+
+    tiny = next(t for t in TINY_MODELS if t.name == "hf-vit-4x6-key-first")
+    model = tiny.model()
+    monkeypatch.setattr(stream, "_STATIC_GEOMETRY", set())
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(tuple(args[0].shape)))
+    sites = find_sites(model)
+    found = stream.probe_geometry(model, sites[1:], tiny.hw)
+    assert forwards == [(1, 3, 32, 48)] and list(found) == [1]
+    g = found[1]
+    assert (g.grid, g.num_prefix_tokens, g.query_tokens, g.key_tokens) == (tiny.grid, tiny.prefix, 25, 25)
+    first = stream.probe_geometry(model, sites[:1], tiny.hw)[0]
+    assert (first.layer, first.grid, first.num_prefix_tokens, first.query_tokens) == (0, (4, 6), 1, 25)
+    assert len(forwards) == 1  # layer 0 was probed with layer 1
+    model.double()
+    assert stream.probe_geometry(model, sites, tiny.hw)[1].grid == (4, 6) and forwards[1:] == [(1, 3, 32, 48)]
+    with pytest.raises(QKHooksError) as err:  # another size is probed again (and this model takes no other)
+        stream.probe_geometry(model, sites, (40, 48))
+    assert forwards[2:] == [(1, 3, 40, 48)]
+    assert re.fullmatch(r"the model fails on a 40x48 image, the size its image config gives \(\w+: .+\); nothing was "
+                        r"written\. Load it with the input size it was built for \(load_model\(module, image_config=\.\.\.\), "
+                        r"or the model's own pretrained config\)\.", str(err.value), flags=re.S), str(err.value)
+
+
+def test_config_readers_name_the_field_they_refuse():
+    base = dict(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    _refused(lambda: ImageConfig(size=16, resize=(20, 0), **base), "ImageConfig.resize must be positive, got (20, 0).")
+    _refused(lambda: ImageConfig.from_hf({"size": 20, "image_mean": [1, 2]}), "image_mean must be three numbers (R, G, "
+             "B), got [1, 2].")
+    _refused(lambda: ImageConfig.from_hf({"size": 20, "image_std": [1, 2]}), "image_std must be three numbers (R, G, B), "
+             "got [1, 2].")
+    crop = {"do_center_crop": True, "crop_size": {"height": 16, "width": 16}}
+    _refused(lambda: ImageConfig.from_hf({**crop, "size": {"shortest_edge": 0}}), "size.shortest_edge must be positive, "
+             "got 0.")
+    _refused(lambda: ImageConfig.from_hf({**crop, "size": -3}), "size must be positive, got -3.")
+    _refused(lambda: ImageConfig.from_hf({"size": {"height": 0, "width": 5}}), "size must be positive, got (0, 5).")
+
+
+def test_from_timm_takes_the_size_the_model_was_built_for_over_its_pretrained_config():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=40, patch_size=8, embed_dim=32, depth=1,
+                              num_heads=2)
+    cfg = ImageConfig.from_timm(model)  # the pretrained config says 224 px, crop_pct 0.9, bicubic
+    assert (cfg.size, cfg.resize, cfg.interpolation) == ((40, 40), 44, "bicubic")  # floor(40 / 0.9) = 44
+    assert (cfg.mean, cfg.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_labels_masks_shrink_by_nearest_pixel_centres_and_photos_by_exact_area_means():
+    labels = np.arange(8 * 12).reshape(8, 12)
+    cfg = ImageConfig(size=(4, 6), mean=(0, 0, 0), std=(1, 1, 1), interpolation="area")
+    # a 2x shrink: output pixel i's centre (i + 0.5) * 2 falls in source pixel 2i + 1
+    np.testing.assert_array_equal(cfg.mask(labels, "labels").numpy(), labels[1::2, 1::2])
+    photo = np.random.default_rng(1).integers(0, 255, (8, 12, 3), dtype=np.uint8)
+    means = photo.astype(np.float64).reshape(4, 2, 6, 2, 3).mean(axis=(1, 3))
+    expected = np.clip(np.rint(means), 0, 255).astype(np.float32).transpose(2, 0, 1) / 255
+    np.testing.assert_allclose(cfg(Image.fromarray(photo)).numpy(), expected, atol=1e-6)
