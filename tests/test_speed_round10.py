@@ -185,3 +185,20 @@ def test_the_geometry_probe_follows_the_structure_and_reuses_the_cached_sites(mo
     changed = stream.probe_geometry(model, real_find(model), (32, 48))
     assert probes[0] == 3
     assert changed[0].grid == (2, 3) and changed[0].query_tokens == 7
+
+
+def test_the_benchmark_counts_the_page_faults_of_fresh_memory():
+    """``qkhooks bench`` reports each method's minor page faults per batch (they set much of the round-to-round
+    noise): touching 64 MiB of fresh memory must move the counter by one fault per page, or per 2 MiB huge page."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from harness.machine import minor_page_faults
+
+    before = minor_page_faults()
+    if before is None:
+        pytest.skip("no resource module on this platform")
+    fresh = np.empty(64 << 20, dtype=np.uint8)
+    fresh[::4096] = 1
+    assert minor_page_faults() - before >= (64 << 20) // (2 << 20)
