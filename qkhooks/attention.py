@@ -91,11 +91,10 @@ def split_heads(site: AttentionSite, t: torch.Tensor) -> torch.Tensor:
 def _softmax(site: AttentionSite, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over keys in float32, as HF's eager path does (a no-op cast for float32 models), after the model's
     own additive term (position bias, mask) for the rows of ``query_tokens`` (all rows when None)."""
-    biased = site.add_logit_bias(logits.float(), query_tokens)
+    logits = site.add_logit_bias(logits.float(), query_tokens)
     if site.head_mixing is not None:  # talking heads: heads mixed before and after the softmax, as the model does
-        return site.head_mixing.maps(biased)
-    # the callers' logits are their own temporaries: written over when nothing was added (no second N x N buffer)
-    return _softmax_in_place(biased) if biased is logits else torch.softmax(biased, dim=-1)
+        return site.head_mixing.maps(logits)
+    return torch.softmax(logits, dim=-1)
 
 
 def full_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -102,3 +102,14 @@ MALLOC_VARIANTS: dict[str, dict[str, str]] = {
 """Allocator settings for the memory-vs-images runs. glibc raises its mmap threshold each time a large block is
 freed, so later large arrays come from the heap and RSS wanders by tens of MB; a fixed threshold (128 KiB,
 glibc's initial value) returns every large block to the system on free and shows the true trend."""
+
+
+def minor_page_faults() -> int | None:
+    """This process's minor page faults so far (None where ``resource`` is missing): with glibc's default malloc a
+    ViT-S forward re-touches ~220 MB (~56,000 faults), and how many a method pays moves its ratio by several points
+    between rounds (ANALYSIS.md, speed round 10)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

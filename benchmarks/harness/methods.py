@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from harness.machine import load_average, sync
+from harness.machine import load_average, minor_page_faults, sync
 from harness.material import Bench
 from harness.stats import interleaved_schedule, paired_ratios, summarize
 
@@ -247,6 +247,7 @@ def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 
     runners = {}
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
+    faults: dict[str, list[float]] = {n: [] for n in names}
     order: list[str] = []
     try:
         for name in names:
@@ -260,17 +261,20 @@ def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 
             try:
                 with torch.no_grad():
                     sync(bench.device)
-                    t0, c0 = time.perf_counter(), time.process_time()
+                    f0, t0, c0 = minor_page_faults(), time.perf_counter(), time.process_time()
                     for _ in range(batches_per_rep):
                         runner.step(bench.images)
                     runner.end_rep()
                     sync(bench.device)
                     dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                    df = None if f0 is None else (minor_page_faults() or 0) - f0
             finally:
                 runner.detach()
             if r >= 0:
                 wall[name].append(dt)
                 cpu[name].append(dc)
+                if df is not None:
+                    faults[name].append(df / batches_per_rep)
                 order.append(name)
                 if log and len(order) % len(names) == 0:
                     log(f"  round {r + 1}/{rounds} done (load {load_average()})")
@@ -291,6 +295,8 @@ def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 
             "ms_per_batch": summarize([1000 * t / batches_per_rep for t in wall[name]]),
             "cpu_ms_per_batch": summarize([1000 * t / batches_per_rep for t in cpu[name]]),
         }
+        if faults[name]:
+            entry["minor_faults_per_batch"] = summarize(faults[name])
         if "plain" in wall:
             entry["ratio_to_plain"] = summarize(paired_ratios(primary[name], primary["plain"]))
             entry["ratio_to_plain_wall"] = summarize(paired_ratios(wall[name], wall["plain"]))

@@ -145,12 +145,13 @@ def render_markdown(data: dict[str, Any]) -> str:
             if gpu is not None:
                 peaks_cells[0] += f" (GPU {fmt(gpu, 0)})"
             rows.append([f"`{name}`", m["label"], _med_iqr(m["images_per_s"], 2), _med_iqr(m.get("cpu_ms_per_batch"), 0),
+                         _med_iqr(m.get("minor_faults_per_batch"), 0),
                          f"**{_overhead(m.get('ratio_to_plain'))}**",
                          _overhead(m.get("ratio_to_plain_wall" if metric == "cpu" else "ratio_to_plain_cpu")), ref,
                          *peaks_cells])
         primary = "process CPU time" if metric == "cpu" else "wall time"
         secondary = "wall" if metric == "cpu" else "process CPU time; OpenMP spinning included"
-        L += _table(["method", "what", "images/s (wall)", "CPU ms/batch", f"overhead vs plain ({primary})",
+        L += _table(["method", "what", "images/s (wall)", "CPU ms/batch", "minor page faults/batch", f"overhead vs plain ({primary})",
                      f"overhead vs plain ({secondary})", f"vs own-family reference ({primary})",
                      *[f"peak RSS over set-up, MB ({v})" for v in MALLOC_VARIANTS]], rows)
         L += ["", "Peak memory: one fresh subprocess per method, RSS high-water mark (VmHWM, reset after set-up via "
