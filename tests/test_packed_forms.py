@@ -196,3 +196,14 @@ def test_hf_gemma4_vision_maps_are_the_models_eager_weights_on_a_padded_batch(kv
         assert got.shape == want.shape == (2, 4, 36, 36)
         assert float((got - want).abs().max()) < 1e-5
         assert int(torch.count_nonzero(got[1, :, :, 18:])) == 0  # the padded image's padding keys get no weight
+
+
+def test_hf_gemma4_vision_clamping_q_k_projections_are_refused():
+    cfg = transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=4, head_dim=8, patch_size=8, position_embedding_size=64,
+                                          use_clipped_linears=True)
+    model = transformers.Gemma4VisionModel._from_config(cfg).eval()
+    assert len(qkhooks.sites(model)) == 2  # infinite bounds clamp nothing
+    model.encoder.layers[1].self_attn.k_proj.output_max.fill_(3.0)
+    with pytest.raises(QKHooksError, match=r"encoder\.layers\.1\.self_attn.*clamp"):
+        qkhooks.sites(model)

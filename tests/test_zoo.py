@@ -312,6 +312,8 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("haloed keys")
     if any(getattr(s, "pools_queries", False) for s in sites):  # Hiera, MViTv2: queries pooled after W_q
         parts.append("pooled queries")
+    if any(hasattr(s, "segment_lengths") for s in sites):  # zoo-packed: one packed sequence cut by its cu_seqlens
+        parts.append("packed segments (padding masked)")
     return ", ".join(parts) or "plain"
 
 

@@ -51,13 +51,15 @@ def _rotation(q: torch.Tensor, k: torch.Tensor, tables: tuple[torch.Tensor, torc
     )
 
 
-def _linear(path: str, clippable: nn.Module) -> nn.Linear:
-    """The Linear inside a Gemma4ClippableLinear; refused when it clamps its input or output (a non-linear map)."""
-    if getattr(clippable, "use_clipped", False) and any(
+def _linear(path: str, clippable: nn.Module, owner: str = "Gemma4Attention") -> nn.Linear:
+    """The Linear inside a Gemma4ClippableLinear (timm's, or transformers' with ``use_clipped_linears``); refused when
+    it clamps its input or output (a non-linear map)."""
+    clipped = getattr(clippable, "use_clipped", False) or getattr(clippable, "use_clipped_linears", False)
+    if clipped and any(
         bool(torch.isfinite(getattr(clippable, b)).any()) for b in ("input_min", "input_max", "output_min", "output_max")
     ):
-        raise QKHooksError(f"unsupported attention in {path!r} (Gemma4Attention): its q/k projections clamp their input "
-                           "or output (use_clipped with finite bounds), so q and k are not linear in the tokens.")
+        raise QKHooksError(f"unsupported attention in {path!r} ({owner}): its q/k projections clamp their input "
+                           "or output (clipping with finite bounds), so q and k are not linear in the tokens.")
     return clippable.linear
 
 
@@ -145,16 +147,6 @@ def _hf_rotation(q: torch.Tensor, k: torch.Tensor, tables: tuple[torch.Tensor, t
     return tuple(apply_multidimensional_rope(t.transpose(1, 2), cos, sin, two_axes).transpose(1, 2) for t in (q, k))  # type: ignore[return-value]
 
 
-def _hf_linear(path: str, clippable: nn.Module) -> nn.Linear:
-    """The Linear inside transformers' Gemma4ClippableLinear; refused when it clamps with finite bounds."""
-    if getattr(clippable, "use_clipped_linears", False) and any(
-        bool(torch.isfinite(getattr(clippable, b)).any()) for b in ("input_min", "input_max", "output_min", "output_max")
-    ):
-        raise QKHooksError(f"unsupported attention in {path!r} (Gemma4VisionAttention): its q/k projections clamp their "
-                           "input or output (use_clipped_linears with finite bounds), so q and k are not linear in the tokens.")
-    return clippable.linear
-
-
 def find_hf(model: nn.Module) -> list[AttentionSite]:
     """One site per Gemma4VisionAttention of a transformers Gemma 4 vision tower, in forward order."""
     import types
@@ -164,7 +156,7 @@ def find_hf(model: nn.Module) -> list[AttentionSite]:
     for name, attn in model.named_modules():
         if not _is_class(attn, _HF_ATTENTION):
             continue
-        q, k = _hf_linear(name, attn.q_proj), _hf_linear(name, attn.k_proj)
+        q, k = (_linear(name, proj, "Gemma4VisionAttention") for proj in (attn.q_proj, attn.k_proj))
 
         def qk_linear(q: nn.Linear = q, k: nn.Linear = k) -> tuple[torch.Tensor, None]:
             return torch.cat([q.weight, k.weight]), None

@@ -61,8 +61,9 @@ def _qk_children(module: nn.Module) -> tuple[nn.Linear, ...] | None:
         if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
             return q, k
     qkv = getattr(module, "qkv", None)
-    # a form of EXTRA_FORMS may size its qkv otherwise (zoo-packed: Exaone 4.5's q_dim + 2·kv_dim rows; it reads them)
-    if isinstance(qkv, nn.Linear) and (qkv.out_features % 3 == 0 or type(module).__name__ in EXTRA_FORMS):
+    # zoo-packed: a grouped-query qkv of q_dim + 2·kv_dim rows (Exaone 4.5), which its EXTRA_FORMS entry reads
+    grouped = type(module).__name__ in EXTRA_FORMS and hasattr(module, "kv_dim")
+    if isinstance(qkv, nn.Linear) and (qkv.out_features % 3 == 0 or grouped):
         return (qkv,)
     return None
 
