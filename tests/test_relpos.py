@@ -202,25 +202,30 @@ def test_rows_of_a_global_sam_layer_are_its_full_maps_rows():
     assert torch.allclose(rows, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["sam2_hiera_tiny"])  # Hiera, MViTv2: exact since zoo-pooled (test_pooled_forms)
-def test_pooled_query_key_forms_are_refused_naming_the_module_and_the_pooling(name):
-    """SAM2's Hiera-det pools its queries inside windows: refused before any forward (built on the meta device),
-    naming the first attention module and what it pools."""
-    import timm
+def test_pooled_query_key_forms_are_refused_naming_the_module_and_the_pooling():
+    """MViTv2's pool-first variant pools the tokens entering W_q and W_k inside the module: refused before any forward
+    (built on the meta device), naming the first attention module and what it pools. (SAM2's Hiera-det, refused here
+    until round 10, is exact since zoo-sam2: tests/test_sam2_forms.py; Hiera, MViTv2: test_pooled_forms.py.)"""
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
-    with pytest.raises(QKHooksError, match=r"unsupported attention in '[\w.]+attn' \(\w+Attention\): .*pool.*queries x keys"):
+        model = MultiScaleVit(cfg=MultiScaleVitCfg(pool_first=True))
+    with pytest.raises(QKHooksError, match=r"unsupported attention in '[\w.]+attn' \(\w+\): .*pools the tokens entering W_q"):
         qkhooks.sites(model)
 
 
-def test_hf_sam2_hiera_det_is_refused_naming_the_pooled_queries():
+def test_hf_sam2_hiera_det_default_config_is_taken_pooling_where_its_blocks_pool():
+    """HF SAM2 at its default (checkpoint) config, on the meta device: every block's attention is a site, q pooled
+    exactly in the blocks with a query stride, windowed exactly where the block has a window."""
     import transformers
 
     with torch.device("meta"):
         model = transformers.Sam2VisionModel._from_config(transformers.Sam2VisionConfig())
-    with pytest.raises(QKHooksError, match=r"unsupported attention in '[\w.]+attn' \(Sam2MultiScaleAttention\): .*query_stride"):
-        qkhooks.sites(model)
+    sites = qkhooks.sites(model)
+    blocks = model.backbone.blocks
+    assert len(sites) == len(blocks)
+    assert [s.pools_queries for s in sites] == [bool(b.query_stride) for b in blocks]
+    assert [hasattr(s, "window_index") for s in sites] == [b.window_size > 0 for b in blocks]
 
 
 @pytest.mark.parametrize("name", ["samvit_base_patch16_224", "SamVisionModel", "VitDetModel-relpos-windows"])

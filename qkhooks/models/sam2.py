@@ -35,6 +35,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite
+from qkhooks.models.relpos import _nhwc_grid
 from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import WindowSite, _pair
 
@@ -129,14 +130,6 @@ def _site(site: AttentionSite, block: nn.Module, pool_q: QueryPool | None, famil
                                  call_grid=call_grid, relative_bias=None)
 
 
-def _nhwc_grid(name: str) -> Callable[[tuple, dict], tuple[int, int]]:
-    def grid(args: tuple, kwargs: dict) -> tuple[int, int]:
-        x = args[0] if args else kwargs[name]
-        return int(x.shape[1]), int(x.shape[2])
-
-    return grid
-
-
 def _stage(index: int, stage_ends: list[int]) -> int:
     """The Hiera stage of block ``index`` (a stage's first block, the one that pools, belongs to it)."""
     return sum(1 for end in stage_ends if end < index)
@@ -186,13 +179,12 @@ MODELLED_FORMS.update({"timm.models.hieradet_sam2.MultiScaleAttention", "timm.mo
 def _hf_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:
     """HF ``Sam2MultiScaleAttention``: q pooled with its module's own ``do_pool`` where it has a ``query_stride``."""
     stride = module.query_stride
-    pool_q = None
-    if stride:
-        do_pool = sys.modules[type(module).__module__].do_pool  # (B, h, w, C) -> (B, h', w', C), max pool
+    do_pool = sys.modules[type(module).__module__].do_pool  # (B, h, w, C) -> (B, h', w', C), max pool
 
-        def pool_q(t: torch.Tensor, stride: Any = stride) -> torch.Tensor:
-            return do_pool(t.permute(0, 2, 3, 1), stride).permute(0, 3, 1, 2)
+    def pool(t: torch.Tensor) -> torch.Tensor:
+        return do_pool(t.permute(0, 2, 3, 1), stride).permute(0, 3, 1, 2)
 
+    pool_q = pool if stride else None
     container = site.block_path.rpartition(".")[0]
     owner = modules.get(container.rpartition(".")[0] if "." in container else "")
     if getattr(owner, "stage_ends", None) is not None:
