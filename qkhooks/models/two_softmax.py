@@ -36,9 +36,9 @@ def _convit_mhsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 timm_adapter.EXTRA_FORMS["ConvitMHSA"] = timm_adapter.ExtraForm(_convit_mhsa, _timm_qkv, _convit_mhsa_site)
 MODELLED_FORMS.add("timm.models.convit.MHSA")
 UNMODELLED_FORMS.update({
-    "timm.models.convit.GPSA": "gated positional self-attention: each head's map is (1−σ(g_h))·softmax(scale·q·k) + "
-    "σ(g_h)·softmax(pos_proj(relative positions)), renormalised: a gated mix of a content softmax and a position-only "
-    "softmax, not one softmax of q·k plus a bias, and qkhooks does not record mixed maps yet. ConViT's MHSA "
+    "timm.models.convit.GPSA": "gated positional self-attention: each head's map is a sigmoid-gated mix of a content "
+    "softmax and a position-only softmax, (1−σ(g_h))·softmax(scale·q·k) + σ(g_h)·softmax(pos_proj(relative positions)) "
+    "renormalised, not one softmax of q·k plus a bias, and qkhooks does not record mixed maps yet. ConViT's MHSA "
     "blocks (after its GPSA blocks) are plain attention, modelled exactly",
     "timm.layers.diff_attention.DiffAttention": "differential attention: the map is softmax(q1·k1) − λ·softmax(q2·k2) "
     "(two halves of each head's q and k, λ learned), not one softmax of q·k plus a bias, so neither q·k form alone "
