@@ -22,13 +22,13 @@ def _case(name: str):
 def _calls(model: torch.nn.Module, sites: list, inputs: dict) -> dict[int, tuple[tuple, dict]]:
     """Each site module's call (args, kwargs) in a plain forward, taken with plain hooks."""
     seen: dict[int, tuple[tuple, dict]] = {}
-    handles = [s.module.register_forward_pre_hook(
-        lambda m, a, k, l=s.layer: seen.__setitem__(l, (a, dict(k))), with_kwargs=True) for s in sites]
-    try:
-        _call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def keep(layer: int):
+        return lambda module, args, kwargs: seen.__setitem__(layer, (args, dict(kwargs)))
+
+    handles = [s.module.register_forward_pre_hook(keep(s.layer), with_kwargs=True) for s in sites]
+    _call(model, inputs)  # the model is the test's own: a failing call fails the test, hooks and all
+    list(map(torch.utils.hooks.RemovableHandle.remove, handles))
     return seen
 
 
@@ -207,3 +207,22 @@ def test_swin2sr_windows_are_recorded_as_swin_v2s():
     for got, want in zip(maps, eager):  # ours (B, nW, H, Nw, Nw); the model's (B·nW, H, Nw, Nw)
         assert got.shape == (2, 16, 2, 16, 16)
         assert float((got.flatten(0, 1) - want).abs().max()) < 1e-5
+
+
+def test_a_timm_model_inside_timm_backbone_is_refused_and_recorded_as_itself():
+    """TimmBackbone wraps a whole timm ViT: the transformers adapter refuses it naming the module, and recording the
+    timm model it names while calling the wrapper gives the timm ViT's own maps (softmax(q·k) written out here)."""
+    model, inputs = _case("TimmBackbone")
+    with pytest.raises(QKHooksError, match=r"record the timm model itself \(qkhooks.record\(model._backbone.model\)"):
+        qkhooks.sites(model)
+    inner = model._backbone.model
+    sites = qkhooks.sites(inner)
+    assert sites[0].family == "timm-vit"
+    calls = _calls(model, sites, inputs)
+    with qkhooks.record(inner, attention="full") as rec:
+        _call(model, inputs)
+        got = rec.attention(0, "full")
+    attn, x = sites[0].module, calls[0][0][0]
+    q, k, _ = attn.qkv(x).unflatten(-1, (3, 4, -1)).permute(2, 0, 3, 1, 4)
+    want = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+    assert float((got - want).abs().max().detach()) < 1e-5

@@ -409,6 +409,14 @@ def _small_eomt_dinov3() -> nn.Module:
     return model
 
 
+def _small_timm_backbone() -> nn.Module:
+    """transformers' TimmBackbone around a small timm ViT (its config names the timm entry point; sizes go to timm)."""
+    import transformers
+
+    config = transformers.TimmBackboneConfig(backbone="vit_tiny_patch16_224", out_indices=[1])
+    return transformers.TimmBackbone(config, **SMALL_VIT)
+
+
 # DepthPro: every DINOv2 encoder 2 layers of 4x4 patches (its patch_size is the encoders' image size); 128 px images
 _DINOV2_SMALL = dict(HF_SMALL, model_type="dinov2")
 DEPTH_PRO_SMALL = dict(patch_size=32, fusion_hidden_size=16, intermediate_hook_ids=[1, 0], intermediate_feature_dims=[16, 16],
@@ -685,6 +693,8 @@ FAST_CASES = [
              n_embd=32, n_layer=2, n_head=4, n_positions=16),
     _hf_case("MobileViTV2Model", "MobileViTV2Model", "MobileViTV2Config", "separable", size=64, image_size=64,
              module="encoder.layer.2.transformer.layer.0.attention", width_multiplier=0.25),
+    Case("TimmBackbone", lambda: _small_timm_backbone(), lambda: {"pixel_values": _images(32)}, "hf",
+         "timm attention inside a transformers wrapper", "_backbone.model.blocks.0.attn", "TimmBackbone"),
     # zoo-hfsmall: DETR's segmentation head on the DETR encoder (exact; its mask-attention head left out as the decoder);
     # Deformable DETR's encoder refused (deformable attention: no q·k); both on a small ResNet backbone
     _hf_case("DetrForSegmentation", "DetrForSegmentation", "DetrConfig", "exact", size=128, **dict(

@@ -155,6 +155,12 @@ def find(model: nn.Module) -> list[AttentionSite]:
     family = f"hf-{getattr(config, 'model_type', 'vit')}"
     sites = []
     for name, module, match in _attention_modules(model):
+        if type(module).__module__.startswith("timm."):  # zoo-hfsmall: TimmBackbone wraps a whole timm model
+            raise QKHooksError(
+                f"unsupported attention in {name!r} ({type(module).__name__}): a timm attention inside a transformers "
+                "wrapper (TimmBackbone), whose forms this adapter does not read; record the timm model itself "
+                f"(qkhooks.record(model.{name.split('.blocks.')[0]}) or timm.create_model(...)), which the timm adapter takes."
+            )
         _refuse_unmodelled(name, module)
         if getattr(modules[match["block"]], "window_size", 0) and type(module).__name__ not in EXTRA_FORMS:
             raise QKHooksError(
