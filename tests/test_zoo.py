@@ -657,6 +657,8 @@ FAST_CASES = [
     Case("EomtDinov3ForUniversalSegmentation", lambda: _small_eomt_dinov3(), lambda: {"pixel_values": _images(32)}, "hf",
          "exact", entry="EomtDinov3ForUniversalSegmentation"),
     _hf_case("Dinov2Backbone", "Dinov2Backbone", "Dinov2Config", "exact", out_features=["stage1", "stage2"], **HF_SMALL),
+    _hf_case("Swinv2Backbone", "Swinv2Backbone", "Swinv2Config", "exact", size=64, image_size=64, patch_size=4, embed_dim=16,
+             depths=[2, 2], num_heads=[2, 2], window_size=4, out_features=["stage1", "stage2"]),
     _hf_case("DepthProModel", "DepthProModel", "DepthProConfig", "exact", size=128, **DEPTH_PRO_SMALL),
     _hf_case("VideoMAEModel", "VideoMAEModel", "VideoMAEConfig", "exact", inputs=_clips(4), num_frames=4, tubelet_size=2,
              **HF_SMALL),
