@@ -10,7 +10,7 @@ import torch
 
 import qkhooks
 from qkhooks import QKHooksError
-from test_zoo import FAST_CASES, _call, _first_tensor, eager_maps, perturb
+from test_zoo import FAST_CASES, HF_SMALL, _call, _first_tensor, eager_maps, perturb
 
 
 def _case(name: str):
@@ -22,13 +22,13 @@ def _case(name: str):
 def _calls(model: torch.nn.Module, sites: list, inputs: dict) -> dict[int, tuple[tuple, dict]]:
     """Each site module's call (args, kwargs) in a plain forward, taken with plain hooks."""
     seen: dict[int, tuple[tuple, dict]] = {}
-    handles = [s.module.register_forward_pre_hook(
-        lambda m, a, k, l=s.layer: seen.__setitem__(l, (a, dict(k))), with_kwargs=True) for s in sites]
-    try:
-        _call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def keep(layer: int):
+        return lambda module, args, kwargs: seen.__setitem__(layer, (args, dict(kwargs)))
+
+    handles = [s.module.register_forward_pre_hook(keep(s.layer), with_kwargs=True) for s in sites]
+    _call(model, inputs)  # the model is the test's own: a failing call fails the test, hooks and all
+    list(map(torch.utils.hooks.RemovableHandle.remove, handles))
     return seen
 
 
@@ -64,6 +64,7 @@ def test_eomt_dinov3_maps_are_the_models_own_with_rope_and_the_query_mask():
     mask = kwargs["attention_mask"]
     assert mask is not None and bool((mask < -1e30).any()), "the small model's last block must mask some query rows"
     assert x.shape[1] == 5 + 1 + 4 + 16  # 5 object queries, CLS, 4 registers, 4x4 patches
+    assert [s.num_prefix_tokens for s in sites] == [5, 10]  # the queries are prefix tokens where they are joined
     cos, sin = kwargs["position_embeddings"]
     direct = _direct_maps(sites[-1].module, x, 4, mask, lambda q, k: eomt.apply_rotary_pos_emb(q, k, cos, sin))
     got = rec.attention(last, "full")
@@ -132,6 +133,18 @@ def test_joint_space_time_attention_is_exact_and_its_grid_is_the_frames_stacked(
         assert x.shape[1] == prefix + 2 * 4 * 4
         assert (g.grid, g.num_prefix_tokens, g.query_tokens) == ((8, 4), prefix, prefix + 32)
         assert float((got - _direct_maps(site.module, x, 4)).abs().max()) < 1e-5
+
+
+def test_videomae_pretraining_decoder_is_refused_naming_it():
+    """VideoMAE's pre-training decoder sees [visible; mask tokens], not tubelet order, so no grid (t·h, w) may be claimed
+    for it: the model is refused naming the decoder's attention (no adapter takes it), never recorded on a wrong grid."""
+    import transformers
+
+    config = transformers.VideoMAEConfig(num_frames=4, tubelet_size=2, decoder_num_hidden_layers=1, decoder_hidden_size=32,
+                                         decoder_num_attention_heads=4, decoder_intermediate_size=64, **HF_SMALL)
+    model = transformers.VideoMAEForPreTraining(config).eval()
+    with pytest.raises(QKHooksError, match=r"'decoder\.decoder_layers\.0\.attention\.attention' \(VideoMAESelfAttention\)"):
+        qkhooks.sites(model)
 
 
 def test_a_masked_clip_has_no_grid_rather_than_a_guessed_one():
@@ -207,3 +220,22 @@ def test_swin2sr_windows_are_recorded_as_swin_v2s():
     for got, want in zip(maps, eager):  # ours (B, nW, H, Nw, Nw); the model's (B·nW, H, Nw, Nw)
         assert got.shape == (2, 16, 2, 16, 16)
         assert float((got.flatten(0, 1) - want).abs().max()) < 1e-5
+
+
+def test_a_timm_model_inside_timm_backbone_is_refused_and_recorded_as_itself():
+    """TimmBackbone wraps a whole timm ViT: the transformers adapter refuses it naming the module, and recording the
+    timm model it names while calling the wrapper gives the timm ViT's own maps (softmax(q·k) written out here)."""
+    model, inputs = _case("TimmBackbone")
+    with pytest.raises(QKHooksError, match=r"record the timm model itself \(qkhooks.record\(model._backbone.model\)"):
+        qkhooks.sites(model)
+    inner = model._backbone.model
+    sites = qkhooks.sites(inner)
+    assert sites[0].family == "timm-vit"
+    calls = _calls(model, sites, inputs)
+    with qkhooks.record(inner, attention="full") as rec:
+        _call(model, inputs)
+        got = rec.attention(0, "full")
+    attn, x = sites[0].module, calls[0][0][0]
+    q, k, _ = attn.qkv(x).unflatten(-1, (3, 4, -1)).permute(2, 0, 3, 1, 4)
+    want = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+    assert float((got - want).abs().max().detach()) < 1e-5

@@ -445,6 +445,14 @@ def _small_eomt_dinov3() -> nn.Module:
     return model
 
 
+def _small_timm_backbone() -> nn.Module:
+    """transformers' TimmBackbone around a small timm ViT (its config names the timm entry point; sizes go to timm)."""
+    import transformers
+
+    config = transformers.TimmBackboneConfig(backbone="vit_tiny_patch16_224", out_indices=[1])
+    return transformers.TimmBackbone(config, **SMALL_VIT)
+
+
 # DepthPro: every DINOv2 encoder 2 layers of 4x4 patches (its patch_size is the encoders' image size); 128 px images
 _DINOV2_SMALL = dict(HF_SMALL, model_type="dinov2")
 DEPTH_PRO_SMALL = dict(patch_size=32, fusion_hidden_size=16, intermediate_hook_ids=[1, 0], intermediate_feature_dims=[16, 16],
@@ -799,6 +807,8 @@ FAST_CASES = [
     Case("EomtDinov3ForUniversalSegmentation", lambda: _small_eomt_dinov3(), lambda: {"pixel_values": _images(32)}, "hf",
          "exact", entry="EomtDinov3ForUniversalSegmentation"),
     _hf_case("Dinov2Backbone", "Dinov2Backbone", "Dinov2Config", "exact", out_features=["stage1", "stage2"], **HF_SMALL),
+    _hf_case("Swinv2Backbone", "Swinv2Backbone", "Swinv2Config", "exact", size=64, image_size=64, patch_size=4, embed_dim=16,
+             depths=[2, 2], num_heads=[2, 2], window_size=4, out_features=["stage1", "stage2"]),
     _hf_case("DepthProModel", "DepthProModel", "DepthProConfig", "exact", size=128, **DEPTH_PRO_SMALL),
     _hf_case("VideoMAEModel", "VideoMAEModel", "VideoMAEConfig", "exact", inputs=_clips(4), num_frames=4, tubelet_size=2,
              **HF_SMALL),
@@ -821,6 +831,22 @@ FAST_CASES = [
     _hf_case("VideomtForUniversalSegmentation", "VideomtForUniversalSegmentation", "VideomtConfig", "once per frame",
              module="layers.0.attention", inputs=_clips(2, key="pixel_values_videos"), num_queries=5, num_blocks=1,
              **HF_SMALL),
+    # zoo-hfsmall: OneFormer on a Swin encoder (exact), its object-query decoder, deformable pixel decoder and text
+    # mapper left out by design as Mask2Former's; task_inputs: the task text's token ids
+    _hf_case("OneFormerForUniversalSegmentation", "OneFormerForUniversalSegmentation", "OneFormerConfig", "exact",
+             inputs=lambda: {"pixel_values": _images(64), "task_inputs": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(2))},
+             backbone_config=dict(SEG_SWIN, model_type="swin"), task_seq_len=8, text_encoder_width=32,
+             text_encoder_context_length=8, text_encoder_num_layers=1, text_encoder_vocab_size=100, text_encoder_n_ctx=4,
+             conv_dim=32, mask_dim=32, hidden_dim=32, encoder_feedforward_dim=32, encoder_layers=1, decoder_layers=2,
+             num_attention_heads=2, dim_feedforward=32, num_queries=5, query_dec_layers=1),
+    # zoo-hfsmall: refusals whose models only build with inputs or sizes the generic build lacks
+    _hf_case("ImageGPTModel", "ImageGPTModel", "ImageGPTConfig", "causal language model", module="h.0.attn",
+             inputs=lambda: {"input_ids": torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))},
+             n_embd=32, n_layer=2, n_head=4, n_positions=16),
+    _hf_case("MobileViTV2Model", "MobileViTV2Model", "MobileViTV2Config", "separable", size=64, image_size=64,
+             module="encoder.layer.2.transformer.layer.0.attention", width_multiplier=0.25),
+    Case("TimmBackbone", lambda: _small_timm_backbone(), lambda: {"pixel_values": _images(32)}, "hf",
+         "timm attention inside a transformers wrapper", "_backbone.model.blocks.0.attn", "TimmBackbone"),
     # zoo-hfsmall: DETR's segmentation head on the DETR encoder (exact; its mask-attention head left out as the decoder);
     # Deformable DETR's encoder refused (deformable attention: no q·k); both on a small ResNet backbone
     _hf_case("DetrForSegmentation", "DetrForSegmentation", "DetrConfig", "exact", size=128, **dict(

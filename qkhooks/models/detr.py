@@ -36,13 +36,21 @@ MODELLED_FORMS.update(_POSITIONED)
 # decoder: not self-attention of the image tokens, so left out by design and named.
 _OBJECT_QUERIES = ("attention of learned object queries (among themselves and over the pixel features), not "
                    "self-attention of the image tokens: left out by design")
+_DEFORMABLE_PIXEL_DECODER = ("the pixel decoder's multi-scale deformable attention (weights from a linear layer of the "
+                             "query at sampled offsets, no softmax of q·k over the tokens): left out by design")
 LEFT_OUT_BY_DESIGN.update({
     "transformers.models.mask2former.modeling_mask2former": [
         (r"(^|\.)transformer_module$", _OBJECT_QUERIES),
-        (r"(^|\.)pixel_level_module\.decoder$", "the pixel decoder's multi-scale deformable attention (weights from a "
-         "linear layer of the query at sampled offsets, no softmax of q·k over the tokens): left out by design"),
+        (r"(^|\.)pixel_level_module\.decoder$", _DEFORMABLE_PIXEL_DECODER),
     ],
     "transformers.models.maskformer.modeling_maskformer": [(r"(^|\.)transformer_module$", _OBJECT_QUERIES)],
+    # zoo-hfsmall: OneFormer, as Mask2Former, plus its text mapper (task text tokens, built for training only)
+    "transformers.models.oneformer.modeling_oneformer": [
+        (r"(^|\.)transformer_module$", _OBJECT_QUERIES),
+        (r"(^|\.)pixel_level_module\.decoder$", _DEFORMABLE_PIXEL_DECODER),
+        (r"(^|\.)text_mapper$", "attention over the task text's tokens (the text mapper), not the vision stack: left out "
+         "by design"),
+    ],
 })
 _ENCODER_LAYER = re.compile(r"^(?P<block>(?:.*\.)?encoder\.layers\.\d+)\.self_attn$")
 _ENCODER = re.compile(r"(^|\.)encoder$")

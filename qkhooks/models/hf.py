@@ -157,6 +157,12 @@ def find(model: nn.Module) -> list[AttentionSite]:
     family = f"hf-{getattr(config, 'model_type', 'vit')}"
     sites = []
     for name, module, match in _attention_modules(model):
+        if type(module).__module__.startswith("timm."):  # zoo-hfsmall: TimmBackbone wraps a whole timm model
+            raise QKHooksError(
+                f"unsupported attention in {name!r} ({type(module).__name__}): a timm attention inside a transformers "
+                "wrapper (TimmBackbone), whose forms this adapter does not read; record the timm model itself "
+                f"(qkhooks.record(model.{name.split('.blocks.')[0]}) or timm.create_model(...)), which the timm adapter takes."
+            )
         _refuse_unmodelled(name, module)
         if getattr(modules[match["block"]], "window_size", 0) and type(module).__name__ not in EXTRA_FORMS:
             raise QKHooksError(
@@ -207,8 +213,22 @@ def find(model: nn.Module) -> list[AttentionSite]:
         )
         if type(module).__name__ in EXTRA_FORMS:
             sites[-1] = EXTRA_FORMS[type(module).__name__][1](sites[-1], module, modules)
+    _object_queries_are_prefix(model, sites)
     refuse_uncovered(model, sites)
     return sites
+
+
+def _object_queries_are_prefix(model: nn.Module, sites: list[AttentionSite]) -> None:
+    """zoo-hfsmall: EoMT (ViT and DINOv3) prepends its num_queries object queries to the tokens of its last num_blocks
+    layers: there they are prefix tokens too, so no query is ever read as a patch of the grid."""
+    config = getattr(model, "config", None)
+    queries, blocks = getattr(config, "num_queries", None), getattr(config, "num_blocks", None)
+    if not (type(model).__name__.startswith("Eomt") and isinstance(queries, int) and isinstance(blocks, int)):
+        return
+    layers = int(config.num_hidden_layers)
+    for site in sites:
+        if int(_LAYER.match(site.path)["idx"]) >= layers - blocks:
+            site.num_prefix_tokens += queries
 
 
 _DATA2VEC_ARGUMENTS = ("hidden_states", "output_attentions", "relative_position_bias", "interpolate_pos_encoding", "resolution")
