@@ -660,3 +660,68 @@ def test_labels_masks_shrink_by_nearest_pixel_centres_and_photos_by_exact_area_m
     means = photo.astype(np.float64).reshape(4, 2, 6, 2, 3).mean(axis=(1, 3))
     expected = np.clip(np.rint(means), 0, 255).astype(np.float32).transpose(2, 0, 1) / 255
     np.testing.assert_allclose(cfg(Image.fromarray(photo)).numpy(), expected, atol=1e-6)
+
+
+def test_the_writers_chunks_hold_whole_images_a_batch_or_64_kib_of_batches_at_a_time(tmp_path):
+    """The chunk rule read back with h5py: uncompressed arrays group whole batches up to MIN_CHUNK_BYTES,
+    compressed ones take one batch a chunk, ``chunk_images`` overrides both; a chunk always holds whole images."""
+    from qkhooks.store.writer import MIN_CHUNK_BYTES, RunWriter
+
+    small = np.ones((3, 4, 5), np.float32)  # 80 bytes an image as float32 -> 40 as float16
+    big = np.ones((3, 128, 200), np.float32)  # 51200 bytes an image as float16
+    expected = {"none": {"small": 3 * (MIN_CHUNK_BYTES // (3 * 40)), "big": 3}, "gzip": {"small": 3, "big": 3}}
+    for compression, chunk_images in (("none", None), ("gzip", None), ("none", 5)):
+        path = tmp_path / f"{compression}{chunk_images}.h5"
+        with RunWriter(path, compression=compression, chunk_images=chunk_images) as writer:
+            writer.write_batch(["a", "b", "c"], {"x/small": small, "x/big": big})
+        with h5py.File(path, "r") as f:
+            for name in ("small", "big"):
+                want = chunk_images or expected[compression][name]
+                assert f[f"x/{name}"].chunks == (want,) + f[f"x/{name}"].shape[1:], (compression, name)
+                assert f[f"x/{name}"].dtype == np.float16 and f[f"x/{name}"].attrs["per_image"]
+            assert f["images/ids"].chunks == (1024,) and f["images/ids"].maxshape == (None,)
+            assert [i.decode() for i in f["images/ids"][()]] == ["a", "b", "c"]
+            assert f.attrs["complete"]
+
+
+def test_the_writer_refuses_a_late_array_and_a_truncation_past_committed_with_the_whole_reason(tmp_path):
+    from qkhooks.store.writer import RunWriter
+
+    path = tmp_path / "run.h5"
+    writer = RunWriter(path, attrs={"model": "m", "config": {"a": [1, 2]}, "n": 3})
+    writer.write_batch(["a", "b"], {"x": np.zeros((2, 3))})
+    writer.write_skipped([("bad.jpg", "cannot decode")])
+    writer.truncate(2)  # as many as are committed: nothing to cut, no refusal
+    writer.flush()
+    writer.close()
+    with h5py.File(path, "r") as f:
+        assert f.attrs["model"] == "m" and json.loads(f.attrs["config"]) == {"a": [1, 2]} and f.attrs["n"] == 3
+        assert int(f["images"].attrs["committed"]) == 2 and f["images/skipped"][()].tolist() == [[b"bad.jpg",
+                                                                                               b"cannot decode"]]
+    for step, message in (
+        (lambda w: w.truncate(3), "cannot truncate to 3 images: only 2 are committed."),
+        (lambda w: w.write_batch(["c"], {"x": np.ones((1, 3)), "y": np.ones((1, 2))}),
+         "y appears after the run's first batch, which did not have it; every batch needs the same arrays."),
+    ):
+        writer = RunWriter(path, mode="resume", attrs={"model": "m", "config": {"a": [1, 2]}, "n": 3})
+        with pytest.raises(QKHooksError) as err:  # raised by the call or by the flush after it (writer thread)
+            step(writer)
+            writer.flush()
+        assert str(err.value) == f"writing {path} failed: {message}"
+        try:
+            writer.close(complete=False)
+        except QKHooksError:
+            pass
+        with open_run(path) as run:
+            assert run.n == 2
+
+
+def test_a_full_disk_is_told_by_errno_or_by_hdf5s_message():
+    import errno
+
+    from qkhooks.store.writer import _disk_full
+
+    assert _disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert _disk_full(RuntimeError("Can't write data (file write failed: ..., errno = 28, error message = 'No space')"))
+    assert not _disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not _disk_full(RuntimeError("errno = 2"))
