@@ -725,3 +725,66 @@ def test_a_full_disk_is_told_by_errno_or_by_hdf5s_message():
     assert _disk_full(RuntimeError("Can't write data (file write failed: ..., errno = 28, error message = 'No space')"))
     assert not _disk_full(OSError(errno.EACCES, "Permission denied"))
     assert not _disk_full(RuntimeError("errno = 2"))
+
+
+def _photo_folder(root: Path, n: int) -> Path:
+    folder = root / "photos"
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"p{i}.png").write_bytes(_png(i))
+    return folder
+
+
+def test_a_resume_refuses_a_dataset_that_lost_a_recorded_image_and_the_run_keeps_its_options(tmp_path, loaded):
+    import dataclasses
+
+    import qkhooks
+
+    folder = _photo_folder(tmp_path, 4)
+    out = tmp_path / "run.h5"
+
+    def stop(batch):
+        raise KeyboardInterrupt
+
+    opts = dict(modes=4, batch_size=1, reducers=[], progress=False, input="residual")
+    with pytest.raises(KeyboardInterrupt):
+        record_dataset(loaded, str(folder), out, on_batch=stop, **opts)
+    (folder / "p0.png").unlink()
+    with pytest.raises(QKHooksError) as err:
+        record_dataset(loaded, str(folder), out, resume=True, **opts)
+    assert str(err.value) == ("cannot resume: image 'p0.png' of the run file is not where the dataset has it; the "
+                              "dataset changed since the run started. Use --overwrite to start again.")
+    result = record_dataset(loaded, str(folder), out, overwrite=True, **opts)
+    assert result.images == 3 and result.reducers == []
+    with pytest.raises(KeyError) as err:
+        result.reducer("topk_modes")
+    assert err.value.args == ("topk_modes",)
+    with open_run(out) as run, h5py.File(out, "r", locking=False) as f:
+        assert run.ids == ["p1.png", "p2.png", "p3.png"]
+        assert json.loads(f.attrs["image_config"]) == json.loads(json.dumps(dataclasses.asdict(loaded.image_config)))
+        images = torch.stack([loaded.image_config(Image.open(folder / i)) for i in run.ids])
+        with qkhooks.record(loaded.model, modes=4, input="residual") as rec, torch.no_grad():
+            loaded.model(images)
+        for layer in run.mode_layers:  # the file's maps are those of the residual stream, as asked
+            np.testing.assert_allclose(run.query(layer)[:], rec.query(layer).numpy(), rtol=2e-3, atol=2e-3)
+        with qkhooks.record(loaded.model, modes=4, input="normed") as normed, torch.no_grad():
+            loaded.model(images)
+        assert not np.allclose(run.query(0)[:], normed.query(0).numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_pooled_attention_needs_target_masks_and_a_plain_vit_needs_no_probe_forward(tmp_path, loaded, monkeypatch):
+    import qkhooks.stream as stream
+
+    folder = _photo_folder(tmp_path, 1)
+    with pytest.raises(QKHooksError) as err:
+        record_dataset(loaded, str(folder), tmp_path / "run.h5", attention="pooled", progress=False)
+    assert str(err.value) == (f"attention 'pooled' sums attention onto target, distractor and background masks, which "
+                              f"{str(folder)!r} does not have; record odd-one-out data (o3:N or o3dir:DIR), or use rows or "
+                              "full.")
+    assert not (tmp_path / "run.h5").exists()
+    forwards = []
+    monkeypatch.setattr(stream, "_probe_forward", lambda *a: forwards.append(a))
+    from qkhooks.models.base import find_sites
+
+    found = stream.probe_geometry(loaded.model, find_sites(loaded.model), (32, 48))
+    assert forwards == [] and [(g.grid, g.query_tokens) for g in found.values()] == [((4, 6), 25)] * 2
