@@ -788,3 +788,41 @@ def test_pooled_attention_needs_target_masks_and_a_plain_vit_needs_no_probe_forw
 
     found = stream.probe_geometry(loaded.model, find_sites(loaded.model), (32, 48))
     assert forwards == [] and [(g.grid, g.query_tokens) for g in found.values()] == [((4, 6), 25)] * 2
+
+
+def test_reducer_states_round_trip_through_the_checkpoint_and_inside_a_file_with_their_image_count(tmp_path):
+    from qkhooks.store import format as fmt
+
+    states = {"topk": {"index": np.arange(6).reshape(2, 3), "k": np.int64(3), "name": "x", "score": torch.ones(2)},
+              "aniso": {"sum": np.full(4, 0.5), "count": 9}}
+    want = {"topk": {"index": np.arange(6).reshape(2, 3), "k": 3, "name": "x", "score": np.ones(2, np.float32)},
+            "aniso": {"sum": np.full(4, 0.5), "count": 9}}
+
+    def same(got, expected):
+        assert got.keys() == expected.keys()
+        for name in expected:
+            assert got[name].keys() == expected[name].keys(), name
+            for key, value in expected[name].items():
+                if isinstance(value, np.ndarray):
+                    np.testing.assert_array_equal(got[name][key], value)
+                    assert got[name][key].dtype == value.dtype
+                else:
+                    assert got[name][key] == value and type(got[name][key]) is type(value), (name, key)
+
+    run = tmp_path / "run.h5"
+    assert fmt.read_checkpoint(run) is None
+    fmt.write_checkpoint(run, 7, states)
+    assert not fmt.checkpoint_path(run).with_name("run.h5.reducers.tmp").exists()
+    images, read = fmt.read_checkpoint(run)
+    assert images == 7
+    same(read, want)
+    with h5py.File(run, "w") as f:
+        assert fmt.read_states(f, run)[0] == 7  # no states inside: the checkpoint beside it
+        fmt.write_states_into(f, states, 5)
+        images, inside = fmt.read_states(f, run)
+        assert images == 5
+        same(inside, want)
+        assert f["reducers/topk"].attrs["current"] == "a" and json.loads(f["reducers/topk/a"].attrs["scalars"]) == {
+            "k": 3, "name": "x", "_images": 5}
+    fmt.checkpoint_path(run).write_bytes(b"not a zip")
+    assert fmt.read_checkpoint(run) is None
