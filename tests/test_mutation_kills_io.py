@@ -826,3 +826,20 @@ def test_reducer_states_round_trip_through_the_checkpoint_and_inside_a_file_with
             "k": 3, "name": "x", "_images": 5}
     fmt.checkpoint_path(run).write_bytes(b"not a zip")
     assert fmt.read_checkpoint(run) is None
+
+
+def test_a_resumed_run_reads_as_incomplete_until_its_writer_closes_it_complete(tmp_path):
+    from qkhooks.store.writer import RunWriter
+
+    path = tmp_path / "run.h5"
+    attrs = {"model": "m", "config": "{}"}
+    with RunWriter(path, attrs=attrs) as writer:
+        writer.write_batch(["a"], {"x": np.zeros((1, 2))})
+    with open_run(path) as run:
+        assert run.complete
+    writer = RunWriter(path, mode="resume", attrs=attrs)
+    with open_run(path) as run:  # read while the writer has it: a kill now leaves a run that says it is unfinished
+        assert run.complete is False and run.n == 1
+    writer.close()
+    with open_run(path) as run, h5py.File(path, "r", locking=False) as f:
+        assert run.complete and f.attrs["complete"] is np.True_
