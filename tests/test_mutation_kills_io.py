@@ -843,3 +843,33 @@ def test_a_resumed_run_reads_as_incomplete_until_its_writer_closes_it_complete(t
     writer.close()
     with open_run(path) as run, h5py.File(path, "r", locking=False) as f:
         assert run.complete and f.attrs["complete"] is np.True_
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def test_topk_scores_reduced_keys_over_every_key_token_and_queries_past_the_prefix():
+    """Spatially reduced keys (4 keys, no prefix, for 1 + 2x3 queries): the score of sign +1 is
+    max(0, max over patch queries) * max(0, max over all keys), of sign -1 the same of the negated maps (numpy)."""
+    from types import SimpleNamespace as NS
+
+    from qkhooks.analysis.modes import TopKModes
+
+    rng = np.random.default_rng(3)
+    query = rng.normal(size=(3, 1, 2, 7))
+    key = rng.normal(size=(3, 1, 2, 4))
+    key[..., 0] = 5.0 * np.sign(rng.normal(size=(3, 1, 2)))  # the first key token decides: counted only without a prefix
+    query[..., 0] = 9.0  # the class token would win every query maximum
+    geometry = LayerGeometry(0, (2, 3), 1, 7, 4, (2, 2), 0)
+    batch = NS(captures={0: NS(query=torch.from_numpy(query), key=torch.from_numpy(key))}, size=3, offset=10,
+               meta={"geometry": {0: geometry}, "num_prefix_tokens": 1})
+    topk = TopKModes(k=2, map_dtype="float64")
+    topk.update(batch)
+    q, k = query[..., 1:], key
+    plus = np.maximum(q.max(-1), 0) * np.maximum(k.max(-1), 0)  # (B, H, K)
+    minus = np.maximum(-q.min(-1), 0) * np.maximum(-k.min(-1), 0)
+    for s, scores in enumerate((plus, minus)):
+        for m in range(2):
+            order = sorted(range(3), key=lambda b: (-scores[b, 0, m], b))[:2]
+            state = topk.layers[0]
+            np.testing.assert_allclose(state["score"][0, m, s].numpy(), scores[order, 0, m], rtol=1e-6)
+            assert state["index"][0, m, s].tolist() == [10 + b for b in order]
+    assert topk.images == 3 and topk.prefixes == {0: 1}
