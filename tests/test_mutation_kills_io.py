@@ -873,3 +873,21 @@ def test_topk_scores_reduced_keys_over_every_key_token_and_queries_past_the_pref
             np.testing.assert_allclose(state["score"][0, m, s].numpy(), scores[order, 0, m], rtol=1e-6)
             assert state["index"][0, m, s].tolist() == [10 + b for b in order]
     assert topk.images == 3 and topk.prefixes == {0: 1}
+
+
+def test_topk_keeps_image_indices_past_float32s_exact_integers_and_centre_embeddings_keep_their_documented_cap():
+    from types import SimpleNamespace as NS
+
+    from qkhooks.analysis.anisotropy import CentreEmbeddings
+    from qkhooks.analysis.modes import TopKModes
+
+    offset = 2**24 + 1  # the first integer float32 cannot hold
+    maps = torch.arange(2 * 1 * 1 * 5, dtype=torch.float32).reshape(2, 1, 1, 5) - 3
+    batch = NS(captures={0: NS(query=maps, key=maps)}, size=2, offset=offset, meta={"num_prefix_tokens": 1})
+    topk = TopKModes(k=2)
+    topk.update(batch)
+    best = topk.top(0, 0, 0, sign=1)
+    assert best["index"].dtype.kind == "i" and best["index"].tolist() == [offset + 1, offset]
+    assert CentreEmbeddings().max_images == 2048 and CentreEmbeddings().configuration()["max_images"] == 2048
+    empty = CentreEmbeddings(grid=(2, 3)).state_dict()
+    assert empty["vectors"].shape == (0, 0, 0) and empty["layers"].tolist() == []  # no image, no layer
