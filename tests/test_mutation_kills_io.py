@@ -891,3 +891,27 @@ def test_topk_keeps_image_indices_past_float32s_exact_integers_and_centre_embedd
     assert CentreEmbeddings().max_images == 2048 and CentreEmbeddings().configuration()["max_images"] == 2048
     empty = CentreEmbeddings(grid=(2, 3)).state_dict()
     assert empty["vectors"].shape == (0, 0, 0) and empty["layers"].tolist() == []  # no image, no layer
+
+
+def test_the_centre_patch_is_read_off_the_layers_own_grid_and_a_top_k_selection_keeps_all_slots_by_default():
+    from types import SimpleNamespace as NS
+
+    from qkhooks.analysis.anisotropy import AnisotropyReducer
+    from qkhooks.analysis.modes import TopKModes
+    from qkhooks.analysis.topk import select_layers
+
+    x = torch.arange(2 * 7 * 3, dtype=torch.float64).reshape(2, 7, 3)
+    meta = {"num_prefix_tokens": 1, "grid": (3, 2), "geometry": {1: LayerGeometry(1, (2, 3), 1, 7, 7, (2, 3), 1)}}
+    batch = NS(meta=meta)
+    # layer 1's own 2 x 3 grid: centre (row 1, col 1) is token 1 + 1 * 3 + 1 = 5; the batch-wide 3 x 2 grid would give 4
+    torch.testing.assert_close(AnisotropyReducer().centre_embeddings(batch, 1, x), x[:, 5])
+    torch.testing.assert_close(AnisotropyReducer().centre_embeddings(batch, 0, x), x[:, 4])  # no geometry: the batch's
+
+    maps = torch.randn(3, 2, 2, 5, generator=torch.Generator().manual_seed(0))
+    topk = TopKModes(k=3)
+    topk.update(NS(captures={0: NS(query=maps, key=maps)}, size=3, offset=0, meta={"num_prefix_tokens": 1}))
+    state = topk.state_dict()
+    every = select_layers(state, [0], None)
+    assert every["k"] == 3 and every["L0.score"].shape[-1] == 3 and every["layers"].tolist() == [0]
+    np.testing.assert_array_equal(every["L0.index"], topk.layers[0]["index"].numpy())
+    assert select_layers(state, [0], 2)["L0.query"].shape[-2] == 2 and select_layers(state, [0], 9)["k"] == 3
