@@ -915,3 +915,23 @@ def test_the_centre_patch_is_read_off_the_layers_own_grid_and_a_top_k_selection_
     assert every["k"] == 3 and every["L0.score"].shape[-1] == 3 and every["layers"].tolist() == [0]
     np.testing.assert_array_equal(every["L0.index"], topk.layers[0]["index"].numpy())
     assert select_layers(state, [0], 2)["L0.query"].shape[-2] == 2 and select_layers(state, [0], 9)["k"] == 3
+
+
+def test_a_bfloat16_top_k_state_of_layers_with_other_token_counts_saves_its_maps_as_float32():
+    from types import SimpleNamespace as NS
+
+    from qkhooks.analysis.modes import TopKModes
+
+    g = torch.Generator().manual_seed(0)
+    small, big = torch.randn(2, 1, 1, 5, generator=g), torch.randn(2, 1, 1, 9, generator=g)  # two stages' token counts
+    topk = TopKModes(k=2, map_dtype="bfloat16")
+    topk.update(NS(captures={0: NS(query=big, key=big), 3: NS(query=small, key=small)}, size=2, offset=0,
+                   meta={"num_prefix_tokens": 1}))
+    state = topk.state_dict()
+    assert state["per_layer"] == 1 and state["layers"].tolist() == [0, 3]
+    for layer in (0, 3):
+        for name in ("query", "key"):
+            saved = state[f"L{layer}.{name}"]
+            assert saved.dtype == np.float32
+            np.testing.assert_array_equal(saved, topk.layers[layer][name].float().numpy())
+        assert state[f"L{layer}.index"].dtype == np.int64
