@@ -45,23 +45,20 @@ def _no_address(text: str) -> str:
     return re.sub(r" at 0x[0-9a-f]+", "", text)
 
 
+def _contents(path: Path) -> dict:
+    """What a run holds, decoder messages without their object addresses (they differ from run to run)."""
+    with open_run(path) as run:
+        return {"ids": run.ids, "skipped": [(i, _no_address(why)) for i, why in run.skipped],
+                "arrays": {name: run.array(name)[:] for name in run.arrays()},
+                "states": {name: {k: _no_address(v) if isinstance(v, str) else np.asarray(v)
+                                  for k, v in run.state(name).items()} for name in run.states()}}
+
+
 def _same_run(path_a: Path, path_b: Path) -> None:
     """Two run files hold the same images, skipped list, arrays and reducer states."""
-    with open_run(path_a) as a, open_run(path_b) as b:
-        assert a.ids == b.ids
-        assert [(i, _no_address(why)) for i, why in a.skipped] == [(i, _no_address(why)) for i, why in b.skipped]
-        assert a.arrays() == b.arrays() and a.arrays()
-        for name in a.arrays():
-            np.testing.assert_array_equal(a.array(name)[:], b.array(name)[:], err_msg=name)
-        assert a.states() == b.states()
-        for name in a.states():
-            sa, sb = a.state(name), b.state(name)
-            assert sa.keys() == sb.keys()
-            for key in sa:
-                if isinstance(sa[key], str):
-                    assert _no_address(sa[key]) == _no_address(sb[key])
-                else:
-                    np.testing.assert_array_equal(np.asarray(sa[key]), np.asarray(sb[key]), err_msg=f"{name}/{key}")
+    a = _contents(path_a)
+    assert a["arrays"] and a["states"]
+    np.testing.assert_equal(a, _contents(path_b))
 
 
 # ------------------------------------------------------------------------------------------------ stream
@@ -172,6 +169,26 @@ class _Photos:
         return self.items[i]
 
 
+def _stopped_then_resumed(record, photos, tmp_path: Path, capsys, stop_at: int):
+    """A clean run, a run stopped in batch ``stop_at``, and its resume (what it read kept); stderr of the resume is
+    left for the caller."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clean = record(photos(), tmp_path / "clean.h5")
+        batches = []
+
+        def stop(batch):
+            batches.append(batch)
+            if len(batches) == stop_at:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            record(photos(), tmp_path / "run.h5", on_batch=stop)
+        capsys.readouterr()
+        again = photos()
+        return clean, record(again, tmp_path / "run.h5", resume=True), again
+
+
 def test_a_streamed_shard_interrupted_then_resumed_continues_at_its_checkpoint_without_decoding_what_came_before(
         tmp_path, loaded, capsys):
     """14 items, shard 1 of 2 (items 7..13), item 8 not an image, batches of 2 read items, a checkpoint every 2
@@ -181,21 +198,8 @@ def test_a_streamed_shard_interrupted_then_resumed_continues_at_its_checkpoint_w
         return record_dataset(loaded, photos, out, modes=4, batch_size=2, checkpoint_every=2, reducers=[TopKModes(k=2)],
                               progress=False, shard=(1, 2), **kw)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clean = record(_Photos(14, broken=8), tmp_path / "clean.h5")
-        assert clean.images == 6 and [i for i, _ in clean.skipped] == ["8"]
-
-        def stop(batch, calls=[]):
-            calls.append(1)
-            if len(calls) == 3:
-                raise KeyboardInterrupt
-
-        with pytest.raises(KeyboardInterrupt):
-            record(_Photos(14, broken=8), tmp_path / "run.h5", on_batch=stop)
-        capsys.readouterr()
-        photos = _Photos(14, broken=8)
-        resumed = record(photos, tmp_path / "run.h5", resume=True)
+    clean, resumed, photos = _stopped_then_resumed(record, lambda: _Photos(14, broken=8), tmp_path, capsys, stop_at=3)
+    assert clean.images == 6 and [i for i, _ in clean.skipped] == ["8"]
     said = re.fullmatch(r"resuming the stream at item (\d+): (\d+) images are in the file; the (\d+) items before are "
                         r"skipped without decoding\n", capsys.readouterr().err)
     assert said, "the resume says where it continues"
@@ -216,20 +220,7 @@ def test_a_streamed_run_stopped_before_its_first_checkpoint_starts_again_silentl
         return record_dataset(loaded, photos, out, modes=4, batch_size=2, checkpoint_every=3, reducers=[TopKModes(k=2)],
                               progress=False, **kw)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        record(_Photos(7, broken=1), tmp_path / "clean.h5")
-
-        def stop(batch, calls=[]):
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-
-        with pytest.raises(KeyboardInterrupt):
-            record(_Photos(7, broken=1), tmp_path / "run.h5", on_batch=stop)
-        capsys.readouterr()
-        photos = _Photos(7, broken=1)
-        record(photos, tmp_path / "run.h5", resume=True)
+    _, _, photos = _stopped_then_resumed(record, lambda: _Photos(7, broken=1), tmp_path, capsys, stop_at=2)
     assert capsys.readouterr().err == ""  # nothing resumed, nothing said (progress off)
     assert sorted(set(photos.read)) == list(range(7))
     _same_run(tmp_path / "clean.h5", tmp_path / "run.h5")
