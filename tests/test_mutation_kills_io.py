@@ -926,3 +926,21 @@ def test_a_bfloat16_top_k_state_of_layers_with_other_token_counts_saves_its_maps
             assert saved.dtype == np.float32
             np.testing.assert_array_equal(saved, topk.layers[layer][name].float().numpy())
         assert state[f"L{layer}.index"].dtype == np.int64
+
+
+# ------------------------------------------------------------------------------------------------ capture
+def test_a_recordings_geometry_spectrum_and_refusals_name_its_layers_by_index_or_module_path():
+    import qkhooks
+
+    model = ASYMMETRIC_TIMM.model()
+    with qkhooks.record(model, modes=4, attention="rows:1") as rec, torch.no_grad():
+        model(ASYMMETRIC_TIMM.images())
+    g = rec.geometry("blocks.1.attn")
+    assert (g.layer, g.grid, g.num_prefix_tokens, g.query_tokens, g.key_tokens) == (1, (4, 6), 1, 25, 25)
+    np.testing.assert_array_equal(rec.spectrum("blocks.0.attn").S.numpy(), rec.spectrum(0).S.numpy())
+    with pytest.raises(QKHooksError) as err:
+        rec.attention("blocks.0.attn", "rows")
+    assert str(err.value).startswith("this recording has no 'rows' attention for layer 0 (layers with them: [1]); ")
+    with pytest.raises(QKHooksError) as err:
+        rec.relative_term(0)
+    assert str(err.value).startswith("layer 0 (blocks.0.attn) adds no query-dependent relative-position term")
