@@ -77,7 +77,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                "tests/test_vocabulary.py", KILLS_IO], IN_PROCESS_SAFETY),
     "stream": (["qkhooks/stream.py"],
                ["tests/test_store.py", "tests/test_store_safety.py", "tests/test_late_decode.py",
-                "tests/test_distributed.py", KILLS_IO],
+                "tests/test_distributed.py", "tests/test_options.py", KILLS_IO],
                IN_PROCESS_SAFETY),
     "statistics": (
         ["qkhooks/analysis/topk.py", "qkhooks/analysis/anisotropy.py"],

@@ -45,23 +45,20 @@ def _no_address(text: str) -> str:
     return re.sub(r" at 0x[0-9a-f]+", "", text)
 
 
+def _contents(path: Path) -> dict:
+    """What a run holds, decoder messages without their object addresses (they differ from run to run)."""
+    with open_run(path) as run:
+        return {"ids": run.ids, "skipped": [(i, _no_address(why)) for i, why in run.skipped],
+                "arrays": {name: run.array(name)[:] for name in run.arrays()},
+                "states": {name: {k: _no_address(v) if isinstance(v, str) else np.asarray(v)
+                                  for k, v in run.state(name).items()} for name in run.states()}}
+
+
 def _same_run(path_a: Path, path_b: Path) -> None:
     """Two run files hold the same images, skipped list, arrays and reducer states."""
-    with open_run(path_a) as a, open_run(path_b) as b:
-        assert a.ids == b.ids
-        assert [(i, _no_address(why)) for i, why in a.skipped] == [(i, _no_address(why)) for i, why in b.skipped]
-        assert a.arrays() == b.arrays() and a.arrays()
-        for name in a.arrays():
-            np.testing.assert_array_equal(a.array(name)[:], b.array(name)[:], err_msg=name)
-        assert a.states() == b.states()
-        for name in a.states():
-            sa, sb = a.state(name), b.state(name)
-            assert sa.keys() == sb.keys()
-            for key in sa:
-                if isinstance(sa[key], str):
-                    assert _no_address(sa[key]) == _no_address(sb[key])
-                else:
-                    np.testing.assert_array_equal(np.asarray(sa[key]), np.asarray(sb[key]), err_msg=f"{name}/{key}")
+    a = _contents(path_a)
+    assert a["arrays"] and a["states"]
+    np.testing.assert_equal(a, _contents(path_b))
 
 
 # ------------------------------------------------------------------------------------------------ stream
@@ -172,6 +169,26 @@ class _Photos:
         return self.items[i]
 
 
+def _stopped_then_resumed(record, photos, tmp_path: Path, capsys, stop_at: int):
+    """A clean run, a run stopped in batch ``stop_at``, and its resume (what it read kept); stderr of the resume is
+    left for the caller."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clean = record(photos(), tmp_path / "clean.h5")
+        batches = []
+
+        def stop(batch):
+            batches.append(batch)
+            if len(batches) == stop_at:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            record(photos(), tmp_path / "run.h5", on_batch=stop)
+        capsys.readouterr()
+        again = photos()
+        return clean, record(again, tmp_path / "run.h5", resume=True), again
+
+
 def test_a_streamed_shard_interrupted_then_resumed_continues_at_its_checkpoint_without_decoding_what_came_before(
         tmp_path, loaded, capsys):
     """14 items, shard 1 of 2 (items 7..13), item 8 not an image, batches of 2 read items, a checkpoint every 2
@@ -181,21 +198,8 @@ def test_a_streamed_shard_interrupted_then_resumed_continues_at_its_checkpoint_w
         return record_dataset(loaded, photos, out, modes=4, batch_size=2, checkpoint_every=2, reducers=[TopKModes(k=2)],
                               progress=False, shard=(1, 2), **kw)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clean = record(_Photos(14, broken=8), tmp_path / "clean.h5")
-        assert clean.images == 6 and [i for i, _ in clean.skipped] == ["8"]
-
-        def stop(batch, calls=[]):
-            calls.append(1)
-            if len(calls) == 3:
-                raise KeyboardInterrupt
-
-        with pytest.raises(KeyboardInterrupt):
-            record(_Photos(14, broken=8), tmp_path / "run.h5", on_batch=stop)
-        capsys.readouterr()
-        photos = _Photos(14, broken=8)
-        resumed = record(photos, tmp_path / "run.h5", resume=True)
+    clean, resumed, photos = _stopped_then_resumed(record, lambda: _Photos(14, broken=8), tmp_path, capsys, stop_at=3)
+    assert clean.images == 6 and [i for i, _ in clean.skipped] == ["8"]
     said = re.fullmatch(r"resuming the stream at item (\d+): (\d+) images are in the file; the (\d+) items before are "
                         r"skipped without decoding\n", capsys.readouterr().err)
     assert said, "the resume says where it continues"
@@ -216,20 +220,7 @@ def test_a_streamed_run_stopped_before_its_first_checkpoint_starts_again_silentl
         return record_dataset(loaded, photos, out, modes=4, batch_size=2, checkpoint_every=3, reducers=[TopKModes(k=2)],
                               progress=False, **kw)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        record(_Photos(7, broken=1), tmp_path / "clean.h5")
-
-        def stop(batch, calls=[]):
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-
-        with pytest.raises(KeyboardInterrupt):
-            record(_Photos(7, broken=1), tmp_path / "run.h5", on_batch=stop)
-        capsys.readouterr()
-        photos = _Photos(7, broken=1)
-        record(photos, tmp_path / "run.h5", resume=True)
+    _, _, photos = _stopped_then_resumed(record, lambda: _Photos(7, broken=1), tmp_path, capsys, stop_at=2)
     assert capsys.readouterr().err == ""  # nothing resumed, nothing said (progress off)
     assert sorted(set(photos.read)) == list(range(7))
     _same_run(tmp_path / "clean.h5", tmp_path / "run.h5")
@@ -660,3 +651,296 @@ def test_labels_masks_shrink_by_nearest_pixel_centres_and_photos_by_exact_area_m
     means = photo.astype(np.float64).reshape(4, 2, 6, 2, 3).mean(axis=(1, 3))
     expected = np.clip(np.rint(means), 0, 255).astype(np.float32).transpose(2, 0, 1) / 255
     np.testing.assert_allclose(cfg(Image.fromarray(photo)).numpy(), expected, atol=1e-6)
+
+
+def test_the_writers_chunks_hold_whole_images_a_batch_or_64_kib_of_batches_at_a_time(tmp_path):
+    """The chunk rule read back with h5py: uncompressed arrays group whole batches up to MIN_CHUNK_BYTES,
+    compressed ones take one batch a chunk, ``chunk_images`` overrides both; a chunk always holds whole images."""
+    from qkhooks.store.writer import MIN_CHUNK_BYTES, RunWriter
+
+    small = np.ones((3, 4, 5), np.float32)  # 80 bytes an image as float32 -> 40 as float16
+    big = np.ones((3, 128, 200), np.float32)  # 51200 bytes an image as float16
+    expected = {"none": {"small": 3 * (MIN_CHUNK_BYTES // (3 * 40)), "big": 3}, "gzip": {"small": 3, "big": 3}}
+    for compression, chunk_images in (("none", None), ("gzip", None), ("none", 5)):
+        path = tmp_path / f"{compression}{chunk_images}.h5"
+        with RunWriter(path, compression=compression, chunk_images=chunk_images) as writer:
+            writer.write_batch(["a", "b", "c"], {"x/small": small, "x/big": big})
+        with h5py.File(path, "r") as f:
+            for name in ("small", "big"):
+                want = chunk_images or expected[compression][name]
+                assert f[f"x/{name}"].chunks == (want,) + f[f"x/{name}"].shape[1:], (compression, name)
+                assert f[f"x/{name}"].dtype == np.float16 and f[f"x/{name}"].attrs["per_image"]
+            assert f["images/ids"].chunks == (1024,) and f["images/ids"].maxshape == (None,)
+            assert [i.decode() for i in f["images/ids"][()]] == ["a", "b", "c"]
+            assert f.attrs["complete"]
+
+
+def test_the_writer_refuses_a_late_array_and_a_truncation_past_committed_with_the_whole_reason(tmp_path):
+    from qkhooks.store.writer import RunWriter
+
+    path = tmp_path / "run.h5"
+    writer = RunWriter(path, attrs={"model": "m", "config": {"a": [1, 2]}, "n": 3})
+    writer.write_batch(["a", "b"], {"x": np.zeros((2, 3))})
+    writer.write_skipped([("bad.jpg", "cannot decode")])
+    writer.truncate(2)  # as many as are committed: nothing to cut, no refusal
+    writer.flush()
+    writer.close()
+    with h5py.File(path, "r") as f:
+        assert f.attrs["model"] == "m" and json.loads(f.attrs["config"]) == {"a": [1, 2]} and f.attrs["n"] == 3
+        assert int(f["images"].attrs["committed"]) == 2 and f["images/skipped"][()].tolist() == [[b"bad.jpg",
+                                                                                               b"cannot decode"]]
+    for step, message in (
+        (lambda w: w.truncate(3), "cannot truncate to 3 images: only 2 are committed."),
+        (lambda w: w.write_batch(["c"], {"x": np.ones((1, 3)), "y": np.ones((1, 2))}),
+         "y appears after the run's first batch, which did not have it; every batch needs the same arrays."),
+    ):
+        writer = RunWriter(path, mode="resume", attrs={"model": "m", "config": {"a": [1, 2]}, "n": 3})
+        with pytest.raises(QKHooksError) as err:  # raised by the call or by the flush after it (writer thread)
+            step(writer)
+            writer.flush()
+        assert str(err.value) == f"writing {path} failed: {message}"
+        try:
+            writer.close(complete=False)
+        except QKHooksError:
+            pass
+        with open_run(path) as run:
+            assert run.n == 2
+
+
+def test_a_full_disk_is_told_by_errno_or_by_hdf5s_message():
+    import errno
+
+    from qkhooks.store.writer import _disk_full
+
+    assert _disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert _disk_full(RuntimeError("Can't write data (file write failed: ..., errno = 28, error message = 'No space')"))
+    assert not _disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not _disk_full(RuntimeError("errno = 2"))
+
+
+def _photo_folder(root: Path, n: int) -> Path:
+    folder = root / "photos"
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"p{i}.png").write_bytes(_png(i))
+    return folder
+
+
+def test_a_resume_refuses_a_dataset_that_lost_a_recorded_image_and_the_run_keeps_its_options(tmp_path, loaded):
+    import dataclasses
+
+    import qkhooks
+
+    folder = _photo_folder(tmp_path, 4)
+    out = tmp_path / "run.h5"
+
+    def stop(batch):
+        raise KeyboardInterrupt
+
+    opts = dict(modes=4, batch_size=1, reducers=[], progress=False, input="residual")
+    with pytest.raises(KeyboardInterrupt):
+        record_dataset(loaded, str(folder), out, on_batch=stop, **opts)
+    (folder / "p0.png").unlink()
+    with pytest.raises(QKHooksError) as err:
+        record_dataset(loaded, str(folder), out, resume=True, **opts)
+    assert str(err.value) == ("cannot resume: image 'p0.png' of the run file is not where the dataset has it; the "
+                              "dataset changed since the run started. Use --overwrite to start again.")
+    result = record_dataset(loaded, str(folder), out, overwrite=True, **opts)
+    assert result.images == 3 and result.reducers == []
+    with pytest.raises(KeyError) as err:
+        result.reducer("topk_modes")
+    assert err.value.args == ("topk_modes",)
+    with open_run(out) as run, h5py.File(out, "r", locking=False) as f:
+        assert run.ids == ["p1.png", "p2.png", "p3.png"]
+        assert json.loads(f.attrs["image_config"]) == json.loads(json.dumps(dataclasses.asdict(loaded.image_config)))
+        images = torch.stack([loaded.image_config(Image.open(folder / i)) for i in run.ids])
+        with qkhooks.record(loaded.model, modes=4, input="residual") as rec, torch.no_grad():
+            loaded.model(images)
+        for layer in run.mode_layers:  # the file's maps are those of the residual stream, as asked
+            np.testing.assert_allclose(run.query(layer)[:], rec.query(layer).numpy(), rtol=2e-3, atol=2e-3)
+        with qkhooks.record(loaded.model, modes=4, input="normed") as normed, torch.no_grad():
+            loaded.model(images)
+        assert not np.allclose(run.query(0)[:], normed.query(0).numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_pooled_attention_needs_target_masks_and_a_plain_vit_needs_no_probe_forward(tmp_path, loaded, monkeypatch):
+    import qkhooks.stream as stream
+
+    folder = _photo_folder(tmp_path, 1)
+    with pytest.raises(QKHooksError) as err:
+        record_dataset(loaded, str(folder), tmp_path / "run.h5", attention="pooled", progress=False)
+    assert str(err.value) == (f"attention 'pooled' sums attention onto target, distractor and background masks, which "
+                              f"{str(folder)!r} does not have; record odd-one-out data (o3:N or o3dir:DIR), or use rows or "
+                              "full.")
+    assert not (tmp_path / "run.h5").exists()
+    forwards = []
+    monkeypatch.setattr(stream, "_probe_forward", lambda *a: forwards.append(a))
+    from qkhooks.models.base import find_sites
+
+    found = stream.probe_geometry(loaded.model, find_sites(loaded.model), (32, 48))
+    assert forwards == [] and [(g.grid, g.query_tokens) for g in found.values()] == [((4, 6), 25)] * 2
+
+
+def test_reducer_states_round_trip_through_the_checkpoint_and_inside_a_file_with_their_image_count(tmp_path):
+    from qkhooks.store import format as fmt
+
+    states = {"topk": {"index": np.arange(6).reshape(2, 3), "k": np.int64(3), "name": "x", "score": torch.ones(2)},
+              "aniso": {"sum": np.full(4, 0.5), "count": 9}}
+    want = {"topk": {"index": np.arange(6).reshape(2, 3), "k": 3, "name": "x", "score": np.ones(2, np.float32)},
+            "aniso": {"sum": np.full(4, 0.5), "count": 9}}
+
+    def same(got, expected):
+        assert got.keys() == expected.keys()
+        for name in expected:
+            assert got[name].keys() == expected[name].keys(), name
+            for key, value in expected[name].items():
+                if isinstance(value, np.ndarray):
+                    np.testing.assert_array_equal(got[name][key], value)
+                    assert got[name][key].dtype == value.dtype
+                else:
+                    assert got[name][key] == value and type(got[name][key]) is type(value), (name, key)
+
+    run = tmp_path / "run.h5"
+    assert fmt.read_checkpoint(run) is None
+    fmt.write_checkpoint(run, 7, states)
+    assert not fmt.checkpoint_path(run).with_name("run.h5.reducers.tmp").exists()
+    images, read = fmt.read_checkpoint(run)
+    assert images == 7
+    same(read, want)
+    with h5py.File(run, "w") as f:
+        assert fmt.read_states(f, run)[0] == 7  # no states inside: the checkpoint beside it
+        fmt.write_states_into(f, states, 5)
+        images, inside = fmt.read_states(f, run)
+        assert images == 5
+        same(inside, want)
+        assert f["reducers/topk"].attrs["current"] == "a" and json.loads(f["reducers/topk/a"].attrs["scalars"]) == {
+            "k": 3, "name": "x", "_images": 5}
+    fmt.checkpoint_path(run).write_bytes(b"not a zip")
+    assert fmt.read_checkpoint(run) is None
+
+
+def test_a_resumed_run_reads_as_incomplete_until_its_writer_closes_it_complete(tmp_path):
+    from qkhooks.store.writer import RunWriter
+
+    path = tmp_path / "run.h5"
+    attrs = {"model": "m", "config": "{}"}
+    with RunWriter(path, attrs=attrs) as writer:
+        writer.write_batch(["a"], {"x": np.zeros((1, 2))})
+    with open_run(path) as run:
+        assert run.complete
+    writer = RunWriter(path, mode="resume", attrs=attrs)
+    with open_run(path) as run:  # read while the writer has it: a kill now leaves a run that says it is unfinished
+        assert run.complete is False and run.n == 1
+    writer.close()
+    with open_run(path) as run, h5py.File(path, "r", locking=False) as f:
+        assert run.complete and f.attrs["complete"] is np.True_
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def test_topk_scores_reduced_keys_over_every_key_token_and_queries_past_the_prefix():
+    """Spatially reduced keys (4 keys, no prefix, for 1 + 2x3 queries): the score of sign +1 is
+    max(0, max over patch queries) * max(0, max over all keys), of sign -1 the same of the negated maps (numpy)."""
+    from types import SimpleNamespace as NS
+
+    from qkhooks.analysis.modes import TopKModes
+
+    rng = np.random.default_rng(3)
+    query = rng.normal(size=(3, 1, 2, 7))
+    key = rng.normal(size=(3, 1, 2, 4))
+    key[..., 0] = 5.0 * np.sign(rng.normal(size=(3, 1, 2)))  # the first key token decides: counted only without a prefix
+    query[..., 0] = 9.0  # the class token would win every query maximum
+    geometry = LayerGeometry(0, (2, 3), 1, 7, 4, (2, 2), 0)
+    batch = NS(captures={0: NS(query=torch.from_numpy(query), key=torch.from_numpy(key))}, size=3, offset=10,
+               meta={"geometry": {0: geometry}, "num_prefix_tokens": 1})
+    topk = TopKModes(k=2, map_dtype="float64")
+    topk.update(batch)
+    q, k = query[..., 1:], key
+    plus = np.maximum(q.max(-1), 0) * np.maximum(k.max(-1), 0)  # (B, H, K)
+    minus = np.maximum(-q.min(-1), 0) * np.maximum(-k.min(-1), 0)
+    for s, scores in enumerate((plus, minus)):
+        for m in range(2):
+            order = sorted(range(3), key=lambda b: (-scores[b, 0, m], b))[:2]
+            state = topk.layers[0]
+            np.testing.assert_allclose(state["score"][0, m, s].numpy(), scores[order, 0, m], rtol=1e-6)
+            assert state["index"][0, m, s].tolist() == [10 + b for b in order]
+    assert topk.images == 3 and topk.prefixes == {0: 1}
+
+
+def test_topk_keeps_image_indices_past_float32s_exact_integers_and_centre_embeddings_keep_their_documented_cap():
+    from types import SimpleNamespace as NS
+
+    from qkhooks.analysis.anisotropy import CentreEmbeddings
+    from qkhooks.analysis.modes import TopKModes
+
+    offset = 2**24 + 1  # the first integer float32 cannot hold
+    maps = torch.arange(2 * 1 * 1 * 5, dtype=torch.float32).reshape(2, 1, 1, 5) - 3
+    batch = NS(captures={0: NS(query=maps, key=maps)}, size=2, offset=offset, meta={"num_prefix_tokens": 1})
+    topk = TopKModes(k=2)
+    topk.update(batch)
+    best = topk.top(0, 0, 0, sign=1)
+    assert best["index"].dtype.kind == "i" and best["index"].tolist() == [offset + 1, offset]
+    assert CentreEmbeddings().max_images == 2048 and CentreEmbeddings().configuration()["max_images"] == 2048
+    empty = CentreEmbeddings(grid=(2, 3)).state_dict()
+    assert empty["vectors"].shape == (0, 0, 0) and empty["layers"].tolist() == []  # no image, no layer
+
+
+def test_the_centre_patch_is_read_off_the_layers_own_grid_and_a_top_k_selection_keeps_all_slots_by_default():
+    from types import SimpleNamespace as NS
+
+    from qkhooks.analysis.anisotropy import AnisotropyReducer
+    from qkhooks.analysis.modes import TopKModes
+    from qkhooks.analysis.topk import select_layers
+
+    x = torch.arange(2 * 7 * 3, dtype=torch.float64).reshape(2, 7, 3)
+    meta = {"num_prefix_tokens": 1, "grid": (3, 2), "geometry": {1: LayerGeometry(1, (2, 3), 1, 7, 7, (2, 3), 1)}}
+    batch = NS(meta=meta)
+    # layer 1's own 2 x 3 grid: centre (row 1, col 1) is token 1 + 1 * 3 + 1 = 5; the batch-wide 3 x 2 grid would give 4
+    torch.testing.assert_close(AnisotropyReducer().centre_embeddings(batch, 1, x), x[:, 5])
+    torch.testing.assert_close(AnisotropyReducer().centre_embeddings(batch, 0, x), x[:, 4])  # no geometry: the batch's
+
+    maps = torch.randn(3, 2, 2, 5, generator=torch.Generator().manual_seed(0))
+    topk = TopKModes(k=3)
+    topk.update(NS(captures={0: NS(query=maps, key=maps)}, size=3, offset=0, meta={"num_prefix_tokens": 1}))
+    state = topk.state_dict()
+    every = select_layers(state, [0], None)
+    assert every["k"] == 3 and every["L0.score"].shape[-1] == 3 and every["layers"].tolist() == [0]
+    np.testing.assert_array_equal(every["L0.index"], topk.layers[0]["index"].numpy())
+    assert select_layers(state, [0], 2)["L0.query"].shape[-2] == 2 and select_layers(state, [0], 9)["k"] == 3
+
+
+def test_a_bfloat16_top_k_state_of_layers_with_other_token_counts_saves_its_maps_as_float32():
+    from types import SimpleNamespace as NS
+
+    from qkhooks.analysis.modes import TopKModes
+
+    g = torch.Generator().manual_seed(0)
+    small, big = torch.randn(2, 1, 1, 5, generator=g), torch.randn(2, 1, 1, 9, generator=g)  # two stages' token counts
+    topk = TopKModes(k=2, map_dtype="bfloat16")
+    topk.update(NS(captures={0: NS(query=big, key=big), 3: NS(query=small, key=small)}, size=2, offset=0,
+                   meta={"num_prefix_tokens": 1}))
+    state = topk.state_dict()
+    assert state["per_layer"] == 1 and state["layers"].tolist() == [0, 3]
+    for layer in (0, 3):
+        for name in ("query", "key"):
+            saved = state[f"L{layer}.{name}"]
+            assert saved.dtype == np.float32
+            np.testing.assert_array_equal(saved, topk.layers[layer][name].float().numpy())
+        assert state[f"L{layer}.index"].dtype == np.int64
+
+
+# ------------------------------------------------------------------------------------------------ capture
+def test_a_recordings_geometry_spectrum_and_refusals_name_its_layers_by_index_or_module_path():
+    import qkhooks
+
+    model = ASYMMETRIC_TIMM.model()
+    with qkhooks.record(model, modes=4, attention="rows:1") as rec, torch.no_grad():
+        model(ASYMMETRIC_TIMM.images())
+    g = rec.geometry("blocks.1.attn")
+    assert (g.layer, g.grid, g.num_prefix_tokens, g.query_tokens, g.key_tokens) == (1, (4, 6), 1, 25, 25)
+    np.testing.assert_array_equal(rec.spectrum("blocks.0.attn").S.numpy(), rec.spectrum(0).S.numpy())
+    with pytest.raises(QKHooksError) as err:
+        rec.attention("blocks.0.attn", "rows")
+    assert str(err.value).startswith("this recording has no 'rows' attention for layer 0 (layers with them: [1]); ")
+    with pytest.raises(QKHooksError) as err:
+        rec.relative_term(0)
+    assert str(err.value).startswith("layer 0 (blocks.0.attn) adds no query-dependent relative-position term")
