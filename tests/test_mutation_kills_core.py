@@ -423,3 +423,28 @@ def test_one_attention_refuses_no_map_and_two_maps_with_the_whole_message():
         mode.leave()
     assert str(refused.value) == (_ONE_ATTENTION_PREFIX + "it computes attention more than once in one call, so which "
                                   "maps its output uses is not known" + _ONE_ATTENTION_SUFFIX)
+
+
+# ----------------------------------------------------------------------------------------------------- spectrum.py
+
+def test_spectrum_of_a_model_made_in_inference_mode_is_computed_uncached_and_equals_a_dense_svd():
+    """Inference-mode parameters keep no version counter, so the spectrum cache is bypassed: the augmented
+    spectrum of such a model still equals numpy's SVD of [W_q | b_q]^T [W_k | b_k] per head (singular values, and
+    the rank-one sum rebuilding the dense form)."""
+    from qkhooks.spectrum import layer_spectrum
+
+    import qkhooks
+
+    with torch.inference_mode():
+        model = _vit()
+    site = qkhooks.sites(model)[0]
+    got = layer_spectrum(site, augmented=True)
+    assert got.augmented
+    qkv = site.module.qkv
+    h, dk, d = site.num_heads, site.head_dim, site.dim
+    w = np.concatenate([qkv.weight.detach().numpy().astype(np.float64), qkv.bias.detach().numpy().astype(np.float64)[:, None]], 1)
+    w_q, w_k = w[: h * dk].reshape(h, dk, d + 1), w[h * dk: 2 * h * dk].reshape(h, dk, d + 1)
+    dense = np.einsum("hed,hef->hdf", w_q, w_k)
+    s = np.linalg.svd(dense, compute_uv=False)[:, :dk]
+    np.testing.assert_allclose(np.asarray(got.S, np.float64), s, rtol=1e-5, atol=1e-6 * s.max())
+    np.testing.assert_allclose(np.asarray(got.bilinear(), np.float64), dense, rtol=0, atol=1e-5 * np.abs(dense).max())
