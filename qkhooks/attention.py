@@ -238,7 +238,8 @@ def sdpa_maps(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None =
     if keep is not None:
         logits = logits.masked_fill(~keep, float("-inf"))
     maps = _softmax_in_place(logits)
-    return maps if keep is None else maps.nan_to_num_(0.0)
+    # a row whose every key is masked (boolean or -inf float mask) is 0, as torch's own sdpa returns, not NaN
+    return maps if keep is None and attn_mask is None else maps.nan_to_num_(0.0)
 
 
 def _softmax_in_place(logits: torch.Tensor) -> torch.Tensor:

@@ -315,9 +315,7 @@ def test_attention_sdpa_maps_rows_with_every_key_masked_by_a_boolean_mask_are_ze
     torch.testing.assert_close(maps @ v, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: sdpa_maps leaves NaN in a row that a float mask sets to -inf "
-                   "everywhere (nan_to_num runs only for boolean or causal masks); torch's kernels return zeros there, "
-                   "so outputs='eager' would hand the model NaN where its own call gives 0")
+# was a real bug (found by mutation testing, round 10): a -inf float mask row gave NaN, torch's kernels give 0
 def test_attention_sdpa_maps_rows_with_every_key_masked_by_a_float_mask_are_zero_as_torchs():
     from qkhooks.attention import sdpa_maps
 
