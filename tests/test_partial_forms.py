@@ -215,3 +215,22 @@ def test_left_out_names_the_unmodelled_modules_only_when_a_selection_of_sites_is
     with qkhooks.record(model, modes=2, layers=[1], skip_unmodelled=True) as chosen:
         pass
     assert list(rec.left_out) == list(chosen.left_out) == channel and rec.layers == chosen.layers == [1]
+
+
+@pytest.mark.parametrize("name", ["VideomtForUniversalSegmentation", "Llama4VisionModel"])
+def test_skip_unmodelled_never_takes_a_module_of_a_known_unmodelled_class(name):
+    """An adapter takes every attention of its family; a partial recording must still leave out a class qkhooks knows
+    it does not model (VidEoMT's per-frame layers would be recorded once per forward, silently). Every attention of
+    these two is such a class, so the flag is not offered and, given, leaves nothing to record."""
+    from qkhooks.models import find_sites
+    from qkhooks.models.unsupported import SKIP_HINT
+    from test_zoo import _small
+
+    model, _ = _small(name, "hf")
+    with pytest.raises(QKHooksError) as plain:
+        find_sites(model)
+    assert "unsupported attention in" in str(plain.value) and SKIP_HINT not in str(plain.value)
+    with pytest.raises(QKHooksError, match="leaves nothing to record"):
+        find_sites(model, skip_unmodelled=True)
+    with pytest.raises(QKHooksError, match="leaves nothing to record"):
+        qkhooks.record(model, modes=2, skip_unmodelled=True)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.unsupported import SKIP_HINT, describe_attention_like, diagnose, skipping_unmodelled, unmodelled_parts
+from qkhooks.models.unsupported import (SKIP_HINT, describe_attention_like, diagnose, skipping_unmodelled, unmodelled_parts,
+                                        unmodelled_reason)
 
 __all__ = ["AttentionSite", "QKWeights", "register_adapter", "find_sites", "adapters"]
 
@@ -444,7 +445,11 @@ def _find_sites(model: nn.Module, layers: Sequence[int] | None, skip_unmodelled:
                 found = adapter.find(model)
                 if not found:
                     raise QKHooksError(f"adapter {adapter.name!r} matched {type(model).__name__} but found no attention layers.")
-                return select_layers(number_in_forward_order(model, found), layers)
+                if skip_unmodelled:  # an adapter may take every attention of its family, the unmodelled ones too
+                    found = [s for s in found if unmodelled_reason(s.module) is None]
+                if found:
+                    return select_layers(number_in_forward_order(model, found), layers)
+                break
     left = unmodelled_parts(model, []) if skip_unmodelled else {}
     if left:  # each entry reads "Class: reason"
         (first, why), others = next(iter(left.items())), list(left)[1:]
