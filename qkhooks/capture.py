@@ -118,7 +118,7 @@ class Recording:
         # partial recording: module path -> why it is left out (named, never silent; {} when none is), from every site
         # of the model (given sites may be a selection)
         self.left_out: dict[str, str] = unmodelled_parts(
-            model, every if sites is None else find_sites(model, skip_unmodelled=True)) if skip_unmodelled else {}
+            model, every if sites is None else _model_sites(model, None, True)) if skip_unmodelled else {}
         self.modes = parse_modes(modes)
         self.attention_specs = parse_attention(attention)
         recorded = sorted(s.layer for s in self.sites)
