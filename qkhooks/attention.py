@@ -88,6 +88,48 @@ def split_heads(site: AttentionSite, t: torch.Tensor) -> torch.Tensor:
     return t.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2)
 
 
+# ------------------------------------------------------------------ the two products, read in place on the CPU
+# Below this many query and key tokens a head's product is too small for per-head calls to pay off (windows of 49).
+_IN_PLACE_MIN_TOKENS = 128
+
+
+def _in_place(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the per-head products below apply: two (B, H, ·, ·) CPU tensors of the same B, H and dtype, many
+    query or key tokens, no autograd (``out=`` does not record a graph)."""
+    return (a.device.type == "cpu" and a.dim() == 4 and b.dim() == 4 and a.shape[:2] == b.shape[:2]
+            and max(a.shape[-2], b.shape[-2]) >= _IN_PLACE_MIN_TOKENS and a.dtype == b.dtype
+            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
+
+
+def scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · q kᵀ over the last two axes: (..., L, d) and (..., S, d) -> (..., L, S).
+
+    q and k are usually strided views of one Linear's output (heads split off a fused qkv), which ``matmul`` first
+    copies into contiguous tensors (q once more to scale it). On the CPU one ``baddbmm`` per head reads them in
+    place and folds the scale into the product (~10% of a ViT-S attention's own q·kᵀ, softmax and maps @ v,
+    benchmarks/round11_ab.py). The value is scale·(q·k) rounded once, where ``(q·scale) @ kᵀ`` rounds q·scale
+    first: equal for a power-of-two scale (d_k = 64), within a float ulp otherwise.
+    """
+    if not (isinstance(scale, (int, float)) and _in_place(q, k)):  # a tensor scale: a learned temperature
+        return (q * scale) @ k.transpose(-1, -2)
+    logits = q.new_empty(*q.shape[:-1], k.shape[-2])
+    for h in range(q.shape[1]):
+        torch.baddbmm(logits[:, h], q[:, h], k[:, h].transpose(-1, -2), beta=0, alpha=scale, out=logits[:, h])
+    return logits
+
+
+def maps_times_values(maps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """maps @ v, (B, H, L, S) @ (B, H, S, d) -> (B, H, L, d); on the CPU one ``bmm`` per head that reads v in place
+    and writes a (B, L, H, d) buffer, the layout the model's next ``transpose(1, 2).reshape`` reads without a copy
+    (the layout torch's own CPU flash kernel returns)."""
+    if not _in_place(maps, v):
+        return maps @ v
+    out = v.new_empty(v.shape[0], maps.shape[-2], v.shape[1], v.shape[-1])
+    for h in range(v.shape[1]):
+        torch.bmm(maps[:, h], v[:, h], out=out[:, :, h])
+    return out.transpose(1, 2)
+
+
 def _softmax(site: AttentionSite, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over keys in float32, as HF's eager path does (a no-op cast for float32 models), after the model's
     own additive term (position bias, mask) for the rows of ``query_tokens`` (all rows when None)."""
@@ -101,13 +143,13 @@ def full_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> torch
     """All post-softmax maps (B, H, N, N) from q, k (B, H, N, d_k), biases included, as the model computed them.
 
     q and k are as the Linear layers return them; the model's own normalisation and rotation (q/k-norm, RoPE)
-    are applied here. Scaling q before the product (as timm's eager path does) touches N·d_k values instead of
-    N·N. Class attention (CaiT): only the first token queries, so the maps are (B, H, 1, N), the model's shape.
+    are applied here; the scale enters the product (:func:`scaled_logits`). Class attention (CaiT): only the
+    first token queries, so the maps are (B, H, 1, N), the model's shape.
     """
     q, k = site.model_qk(q, k)
     if site.class_attention:
         q = q[:, :, :1]
-    return _softmax(site, (q * site.scale) @ k.transpose(-1, -2))
+    return _softmax(site, scaled_logits(q, k, site.scale))
 
 
 def rows_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
@@ -117,7 +159,7 @@ def rows_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, query_to
     _refuse_non_querying_tokens(site, query_tokens)
     q, k = site.model_qk(q, k)
     q_t = torch.gather(q, 2, idx[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
-    return _softmax(site, (q_t * site.scale) @ k.transpose(-1, -2), idx)
+    return _softmax(site, scaled_logits(q_t, k, site.scale), idx)
 
 
 def _logits(site: AttentionSite, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:
@@ -221,13 +263,13 @@ def sdpa_maps(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None =
               scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """softmax(q kᵀ·scale + mask) as ``scaled_dot_product_attention`` defines it, in q's dtype: (..., L, S).
 
-    q is scaled before the product (N·d_k values instead of N·N), as timm's eager path does; a boolean mask keeps
+    The scale enters the product (:func:`scaled_logits`), never the N·N logits; a boolean mask keeps
     the True entries, a float mask is added, ``is_causal`` keeps the lower triangle; rows with every key masked
     are zero (not NaN), as the fused kernels return them.
     """
     if enable_gqa and k.shape[-3] != q.shape[-3]:  # grouped-query: each key head serves a group of query heads
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-    logits = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)
+    logits = scaled_logits(q, k, q.shape[-1] ** -0.5 if scale is None else scale)
     keep = None
     if is_causal:
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
@@ -237,18 +279,9 @@ def sdpa_maps(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None =
         logits = logits + attn_mask
     if keep is not None:
         logits = logits.masked_fill(~keep, float("-inf"))
-    maps = _softmax_in_place(logits)
+    maps = torch.softmax(logits, dim=-1)
     # a row whose every key is masked (boolean or -inf float mask) is 0, as torch's own sdpa returns, not NaN
     return maps if keep is None and attn_mask is None else maps.nan_to_num_(0.0)
-
-
-def _softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis written over the logits on the CPU without autograd (one N x N buffer fewer than
-    the eager path: ~0.6 of 10.9 ms per ViT-S layer at batch 8; the row kernel reads a row before writing it);
-    elsewhere a new tensor."""
-    if logits.device.type != "cpu" or not logits.is_contiguous() or logits.requires_grad:  # autograd keeps both
-        return torch.softmax(logits, dim=-1)
-    return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
 
 class OneAttention(torch.overrides.TorchFunctionMode):
@@ -299,7 +332,7 @@ class OneAttention(torch.overrides.TorchFunctionMode):
         self._keep(maps, "sdpa")
         if enable_gqa and v.shape[-3] != q.shape[-3]:
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-        return maps @ v
+        return maps_times_values(maps, v)
 
     def _is_map(self, t: Any) -> bool:
         """(batch, this site's heads, tokens, keys or d_k)."""

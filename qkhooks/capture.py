@@ -38,6 +38,7 @@ from qkhooks.attention import (
     full_from_qk,
     parse_attention,
     pool_rows,
+    rows_from_qk,
     split_heads,
 )
 from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
@@ -158,6 +159,7 @@ class Recording:
         self.outputs: OutputsKind = outputs
         self._once = self._layers_attended_once(outputs)
         self._qk_attention = {s.layer for s in self.sites if self._attention_from_qk(s)}
+        self._qk_rows = {s.layer for s in self.sites if self._takes_rows_from_qk(s)}
         self._attending: dict[int, OneAttention] = {}  # layer -> its OneAttention while attached
         self._handles: list[Any] = []
         self._current: BatchCapture | None = None
@@ -308,7 +310,8 @@ class Recording:
         if batch is None or not batch.captures:
             return
         for layer, cap in batch.captures.items():
-            if (layer in self._from_qk and cap.query is None) or (layer in self._qk_attention and "full" not in cap.attention):
+            if ((layer in self._from_qk and cap.query is None) or (layer in self._qk_attention and "full" not in cap.attention)
+                    or (layer in self._qk_rows and not cap.attention.keys() - {"full"})):
                 raise QKHooksError(
                     f"layer {layer}'s attention did not call its q/k Linear modules, so its modes or full maps could "
                     "not be taken from their outputs; record with qk_path=False to use the tokens instead."
@@ -340,8 +343,10 @@ class Recording:
         projector = self._projectors.get(site.layer)
         specs = [s for s in self.attention_specs if s.covers(site.layer)]
         # full maps come from the model's own q and k in the q/k hook (or its own attention call, outputs="eager");
-        # rows and pooled from x here (with a few query tokens the keys are never computed, cheaper than k)
-        specs = [s for s in specs if not (s.kind == "full" and (site.layer in self._qk_attention or site.layer in self._once))]
+        # rows and pooled from x here (with a few query tokens the keys are never computed, cheaper than k), or
+        # from q and k in the q/k hook where it runs anyway (modes or full maps from q/k)
+        specs = [s for s in specs if not (s.kind == "full" and (site.layer in self._qk_attention or site.layer in self._once))
+                 and not (s.kind != "full" and site.layer in self._qk_rows)]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = site.hidden_states(args, kwargs)
@@ -384,6 +389,16 @@ class Recording:
         return (self._qk_path and bool(site.qk_modules) and site.layer not in self._once
                 and any(s.kind == "full" and s.covers(site.layer) for s in self.attention_specs))
 
+    def _takes_rows_from_qk(self, site: AttentionSite) -> bool:
+        """Whether this layer's rows (and pooled rows) are taken from the q and k its Linear modules return, where
+        the q/k hook runs anyway: the model's own q and k, no second q projection (a few tenths of a ms per ViT-S
+        layer). Not where the site reads rows its own way (windows, packed sequences) or keys come from other tokens,
+        nor inside a layer attended once (its softmax would be taken for the module's own)."""
+        return ((site.layer in self._from_qk or site.layer in self._qk_attention) and site.key_tokens is None
+                and site.layer not in self._once
+                and type(site).attention_rows is AttentionSite.attention_rows
+                and any(s.kind != "full" and s.covers(site.layer) for s in self.attention_specs))
+
     def _begin_attending(self, site: AttentionSite):
         """Forward pre-hook (after the layer's own): the module's attention is computed once, by OneAttention."""
         def hook(module: nn.Module, args: tuple) -> None:
@@ -411,6 +426,7 @@ class Recording:
         rebuild the full maps from them."""
         projector, width, fused = self._from_qk.get(site.layer), site.num_heads * site.head_dim, len(site.qk_modules) == 1
         full = site.layer in self._qk_attention
+        row_specs = [s for s in self.attention_specs if s.kind != "full" and s.covers(site.layer)] if site.layer in self._qk_rows else []
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             cap = self._current.captures.get(site.layer) if self._current is not None else None
@@ -435,21 +451,30 @@ class Recording:
                     else:
                         cap.query, cap.key = projector.from_linear(q if dt is None else q.to(dt), k if dt is None else k.to(dt))
                     cap.query, cap.key = site.to_images("modes", cap.query), site.to_images("modes", cap.key)
+                if full or row_specs:
+                    q, k = split_heads(site, q), split_heads(site, k)
                 if full:
-                    cap.attention["full"] = site.to_images("full", full_from_qk(site, split_heads(site, q), split_heads(site, k)))
+                    cap.attention["full"] = site.to_images("full", full_from_qk(site, q, k))
+                for spec in row_specs:
+                    cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, qk=(q, k)))
 
         return hook
 
-    def _attention(self, site: AttentionSite, spec: AttentionSpec, x: torch.Tensor) -> torch.Tensor:
+    def _attention(self, site: AttentionSite, spec: AttentionSpec, x: torch.Tensor | None = None,
+                   qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The layer's attention of ``spec.kind`` from the tokens x entering W_q, or from its q and k heads
+        (B, H, N, d_k) as its Linear modules returned them (rows and pooled only)."""
         if spec.kind == "full":
             return attention_full(site, x)
         meta = self._current.meta if self._current is not None else {}
         tokens = meta.get("query_tokens")
         if tokens is None:  # no choice given: the first prefix token (CLS) and the centre patch, recorded as such
-            tokens = default_query_tokens(site, x.shape[1]).expand(site.images_in_call(int(x.shape[0])), -1)
+            n, rows_in_call = (x.shape[1], x.shape[0]) if qk is None else (qk[0].shape[2], qk[0].shape[0])
+            tokens = default_query_tokens(site, n).expand(site.images_in_call(int(rows_in_call)), -1)
             if self._current is not None:
                 self._current.meta["query_tokens"] = tokens.cpu()
-        rows = site.attention_rows(x, torch.as_tensor(tokens))  # checked on the host (no device sync), then moved
+        tokens = torch.as_tensor(tokens)  # checked on the host (no device sync), then moved
+        rows = site.attention_rows(x, tokens) if qk is None else rows_from_qk(site, *qk, tokens)
         if spec.kind == "rows":
             return rows
         masks = meta.get("pool_masks")

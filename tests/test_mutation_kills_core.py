@@ -327,26 +327,29 @@ def test_attention_sdpa_maps_rows_with_every_key_masked_by_a_float_mask_are_zero
     torch.testing.assert_close(maps @ v, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
-def test_attention_softmax_in_place_overwrites_only_contiguous_cpu_logits_without_grad():
-    """Documented memory saving: contiguous CPU logits without autograd are overwritten by their softmax (one
-    buffer fewer); a transposed (non-contiguous) or grad-requiring input gets a new tensor and is left as it was.
-    Every result equals numpy's softmax over the last axis."""
-    from qkhooks.attention import _softmax_in_place
+@pytest.mark.parametrize("queries", [130, 7])
+@pytest.mark.parametrize("scale", [0.125, 0.3])
+def test_attention_products_read_strided_heads_and_equal_a_float64_reference(queries: int, scale: float):
+    """scale·q kᵀ and maps @ v from heads split off one fused (B, N, 3·H·d) output (strided views, as every fused
+    qkv gives them), on the per-head path (130 queries) and the matmul path (7): equal to float64 numpy products.
+    On the per-head path maps @ v is laid out (B, L, H, d), so the model's transpose(1, 2).reshape is a view."""
+    from qkhooks.attention import maps_times_values, scaled_logits
 
-    g = torch.Generator().manual_seed(30)
-    base = torch.randn(2, 3, 4, 6, generator=g)
-    logits = base.clone()
-    out = _softmax_in_place(logits)
-    assert out.data_ptr() == logits.data_ptr()
-    np.testing.assert_allclose(out.numpy(), _numpy_softmax(base.detach().double().numpy()), atol=1e-6)
-    strided = base.clone().transpose(-1, -2)  # (2, 3, 6, 4), not contiguous
-    before = strided.clone()
-    out = _softmax_in_place(strided)
-    assert out.data_ptr() != strided.data_ptr() and torch.equal(strided, before)
-    np.testing.assert_allclose(out.numpy(), _numpy_softmax(before.detach().double().numpy()), atol=1e-6)
-    grad = base.clone().requires_grad_(True)
-    out = _softmax_in_place(grad)
-    np.testing.assert_allclose(out.detach().numpy(), _numpy_softmax(base.detach().double().numpy()), atol=1e-6)
+    g = torch.Generator().manual_seed(31)
+    b, h, d = 2, 3, 8
+    qkv = torch.randn(b, queries, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    logits = scaled_logits(q, k, scale)
+    want = np.einsum("bhld,bhsd->bhls", q.double().numpy(), k.double().numpy()) * scale
+    np.testing.assert_allclose(logits.double().numpy(), want, atol=1e-5)
+    maps = logits.softmax(-1)
+    out = maps_times_values(maps, v)
+    np.testing.assert_allclose(out.double().numpy(), np.einsum("bhls,bhsd->bhld", maps.double().numpy(),
+                                                               v.double().numpy()), atol=1e-5)
+    assert out.shape == (b, h, queries, d)
+    assert out.transpose(1, 2).is_contiguous() == (queries >= 128)  # 7 queries, 7 keys: the matmul path
+    grad_q = q.clone().requires_grad_(True)  # autograd: the matmul path, with a graph
+    assert scaled_logits(grad_q, k, scale).grad_fn is not None
 
 
 class _EagerAttention(torch.nn.Module):

@@ -1,0 +1,98 @@
+"""Round 11 (issue 20): the attention products read q, k and v in place; rows come from the q/k hook.
+
+    python benchmarks/round11_ab.py --model vit_small_patch16_224 --rounds 20
+
+One thread, thread CPU time, medians [IQR] in ms per layer (the middle block, batch 8), interleaved in one process:
+timm's eager attention with ``AttentionExtract``'s hook against the attention computed once (``outputs="eager"``);
+the core products before (``matmul`` on contiguous copies, softmax over the logits) and after (one product per head
+on the strided views, softmax out of place); the full maps rebuilt beside the fused kernel, before and after; the
+rows of 2 query tokens from x (before, where modes come from q and k) and from the hook's q and k (after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from round10_ab import _interleaved, _summary  # noqa: E402  (the same timing loop and summary as round 10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+
+    import timm
+    import torch
+
+    import qkhooks
+    from qkhooks.attention import (OneAttention, attention_rows, full_from_qk, maps_times_values, rows_from_qk,
+                                   scaled_logits, split_heads)
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval()
+    images = torch.randn(args.batch, 3, 224, 224)
+    grid = 224 // model.patch_embed.patch_size[0]
+    tokens = torch.tensor([[0, 1 + (grid // 2) * grid + grid // 2]] * args.batch)
+    middle = len(model.blocks) // 2
+    attn, seen = model.blocks[middle].attn, {}
+    hook = attn.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    x = seen["x"]
+    site = qkhooks.record(model, modes="all", attention="rows").sites[middle]
+    width = site.num_heads * site.head_dim
+    with torch.no_grad():
+        qkv = attn.qkv(x)
+    q, k, v = (split_heads(site, qkv[..., i * width:(i + 1) * width]) for i in range(3))
+    eager = copy.deepcopy(attn)
+    eager.fused_attn = False
+    extracted: dict[str, torch.Tensor] = {}
+    eager.attn_drop.register_forward_hook(lambda m, a, out: extracted.__setitem__("maps", out))
+    once = OneAttention(site)
+
+    def attention_once() -> torch.Tensor:
+        once.enter()
+        attn(x)
+        once.leave()
+        return once.take()
+
+    def core_before() -> torch.Tensor:  # round 10: matmul on copies, softmax written over the logits
+        logits = (q * site.scale) @ k.transpose(-1, -2)
+        maps = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+        return (maps @ v).transpose(1, 2).reshape(x.shape)
+
+    def core_after() -> torch.Tensor:
+        maps = torch.softmax(scaled_logits(q, k, site.scale), dim=-1)
+        return maps_times_values(maps, v).transpose(1, 2).reshape(x.shape)
+
+    parts: dict[str, Callable[[], Any]] = {
+        "the model's attention module (fused)": lambda: attn(x),
+        "timm eager attention + AttentionExtract's hook": lambda: eager(x),
+        "attention computed once (outputs='eager')": attention_once,
+        "- its core before: matmul on copies, softmax over the logits, maps @ v, reshape": core_before,
+        "- its core after: per-head products in place, softmax out of place": core_after,
+        "full maps rebuilt beside the fused kernel, before (matmul on copies)":
+            lambda: torch.softmax((q * site.scale) @ k.transpose(-1, -2), dim=-1),
+        "full maps rebuilt beside the fused kernel, after (full_from_qk)": lambda: full_from_qk(site, q, k),
+        "rows of 2 tokens from x (before, with modes from q and k)": lambda: attention_rows(site, x, tokens),
+        "rows of 2 tokens from the hook's q and k (after)": lambda: rows_from_qk(site, q, k, tokens),
+    }
+    times = _interleaved(parts, args.rounds)
+    print(f"{args.model}, batch {args.batch}, 1 thread, thread CPU ms per layer, medians [IQR] of {args.rounds}")
+    print("| part | ms |\n|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {_summary(values)} |")
+
+
+if __name__ == "__main__":
+    main()
