@@ -62,11 +62,17 @@ def _own_copy_before(site: Any) -> Any:
     return copied
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def model_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every round's A/B script takes: which timm model, its batch, how many interleaved rounds."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    return parser
+
+
+def main() -> None:
+    parser = model_parser(__doc__, rounds=20)
     parser.add_argument("--faults", action="store_true", help="also count page faults of whole forwards")
     args = parser.parse_args()
 

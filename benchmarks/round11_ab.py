@@ -11,7 +11,6 @@ rows of 2 query tokens from x (before, where modes come from q and k) and from t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -19,15 +18,11 @@ from typing import Any, Callable
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from round10_ab import _interleaved, _summary  # noqa: E402  (the same timing loop and summary as round 10)
+from round10_ab import _interleaved, _summary, model_parser  # noqa: E402  (round 10's timing loop and options)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=20)
-    args = parser.parse_args()
+    args = model_parser(__doc__, rounds=20).parse_args()
 
     import timm
     import torch

@@ -11,7 +11,6 @@ per-round process CPU (1 thread) or wall time (more threads) over the plain forw
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -46,10 +45,9 @@ def _old_projector_class() -> type:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=8)
+    from round10_ab import model_parser  # the options every round's A/B script takes
+
+    parser = model_parser(__doc__, rounds=8)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", action="store_true", help="time the changed parts alone instead (1 thread, "
