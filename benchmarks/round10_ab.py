@@ -71,23 +71,51 @@ def model_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    parser = model_parser(__doc__, rounds=20)
-    parser.add_argument("--faults", action="store_true", help="also count page faults of whole forwards")
-    args = parser.parse_args()
-
+def one_thread_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Torch on one thread; the random-init timm model, a batch of 224 x 224 images and, per image, the query tokens
+    of the rows (the class token and the centre patch)."""
     import timm
     import torch
-
-    import qkhooks
-    from qkhooks.attention import OneAttention, attention_rows, full_from_qk, rows_from_qk, split_heads
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False).eval()
     images = torch.randn(args.batch, 3, 224, 224)
     grid = 224 // model.patch_embed.patch_size[0]
-    tokens = torch.tensor([[0, 1 + (grid // 2) * grid + grid // 2]] * args.batch)
+    return model, images, torch.tensor([[0, 1 + (grid // 2) * grid + grid // 2]] * args.batch)
+
+
+def eager_and_once(attn: Any, x: Any, site: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """timm's eager attention (a copy with ``fused_attn`` off) with ``AttentionExtract``'s hook on ``attn_drop``, and
+    the module's own call with its attention computed once (``OneAttention``, as ``outputs="eager"`` runs it)."""
+    from qkhooks.attention import OneAttention
+
+    eager = copy.deepcopy(attn)
+    eager.fused_attn = False
+    extracted: dict[str, Any] = {}
+    eager.attn_drop.register_forward_hook(lambda m, a, out: extracted.__setitem__("maps", out))
+    once = OneAttention(site)
+
+    def attention_once() -> Any:
+        once.enter()
+        attn(x)
+        once.leave()
+        return once.take()
+
+    return (lambda: eager(x)), attention_once
+
+
+def main() -> None:
+    parser = model_parser(__doc__, rounds=20)
+    parser.add_argument("--faults", action="store_true", help="also count page faults of whole forwards")
+    args = parser.parse_args()
+
+    import torch
+
+    import qkhooks
+    from qkhooks.attention import attention_rows, full_from_qk, rows_from_qk, split_heads
+
+    model, images, tokens = one_thread_model(args)
     spectrum = qkhooks.spectrum(model)
     middle = len(model.blocks) // 2
     block, seen = model.blocks[middle], {}
@@ -109,17 +137,7 @@ def main() -> None:
     b, n = heads.shape[:2]
     stacked = heads.reshape(b * n, -1, site.head_dim).permute(1, 2, 0)
     product = torch.bmm(weights, stacked)
-    eager = copy.deepcopy(attn)
-    eager.fused_attn = False
-    extracted: dict[str, torch.Tensor] = {}
-    eager.attn_drop.register_forward_hook(lambda m, a, out: extracted.__setitem__("maps", out))
-    once = OneAttention(site)
-
-    def attention_once() -> torch.Tensor:
-        once.enter()
-        attn(x)
-        once.leave()
-        return once.take()
+    eager, attention_once = eager_and_once(attn, x, site)
 
     def full_before() -> torch.Tensor:  # main's _softmax: a new tensor for the softmax
         return torch.softmax((q * site.scale) @ k.transpose(-1, -2), dim=-1)
@@ -150,7 +168,7 @@ def main() -> None:
         "rows, 2 tokens, from q and k": lambda: rows_from_qk(site, q, k, tokens),
         "full maps rebuilt, softmax out of place (before)": full_before,
         "full maps rebuilt, softmax over the logits (after)": lambda: full_from_qk(site, q, k),
-        "timm eager attention + AttentionExtract's hook": lambda: eager(x),
+        "timm eager attention + AttentionExtract's hook": eager,
         "attention computed once (outputs='eager')": attention_once,
         "record(modes=16) entry + exit, round 9's site copies (before)": entry_before,
         "record(modes=16) entry + exit, site copies checked for links back (after)": entry,

@@ -11,32 +11,25 @@ rows of 2 query tokens from x (before, where modes come from q and k) and from t
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from round10_ab import _interleaved, _summary, model_parser  # noqa: E402  (round 10's timing loop and options)
+from round10_ab import _interleaved, _summary, eager_and_once, model_parser, one_thread_model  # noqa: E402  (round 10's timing loop and options)
 
 
 def main() -> None:
     args = model_parser(__doc__, rounds=20).parse_args()
 
-    import timm
     import torch
 
     import qkhooks
-    from qkhooks.attention import (OneAttention, attention_rows, full_from_qk, maps_times_values, rows_from_qk,
+    from qkhooks.attention import (attention_rows, full_from_qk, maps_times_values, rows_from_qk,
                                    scaled_logits, split_heads)
 
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
-    images = torch.randn(args.batch, 3, 224, 224)
-    grid = 224 // model.patch_embed.patch_size[0]
-    tokens = torch.tensor([[0, 1 + (grid // 2) * grid + grid // 2]] * args.batch)
+    model, images, tokens = one_thread_model(args)
     middle = len(model.blocks) // 2
     attn, seen = model.blocks[middle].attn, {}
     hook = attn.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
@@ -49,17 +42,7 @@ def main() -> None:
     with torch.no_grad():
         qkv = attn.qkv(x)
     q, k, v = (split_heads(site, qkv[..., i * width:(i + 1) * width]) for i in range(3))
-    eager = copy.deepcopy(attn)
-    eager.fused_attn = False
-    extracted: dict[str, torch.Tensor] = {}
-    eager.attn_drop.register_forward_hook(lambda m, a, out: extracted.__setitem__("maps", out))
-    once = OneAttention(site)
-
-    def attention_once() -> torch.Tensor:
-        once.enter()
-        attn(x)
-        once.leave()
-        return once.take()
+    eager, attention_once = eager_and_once(attn, x, site)
 
     def core_before() -> torch.Tensor:  # round 10: matmul on copies, softmax written over the logits
         logits = (q * site.scale) @ k.transpose(-1, -2)
@@ -72,7 +55,7 @@ def main() -> None:
 
     parts: dict[str, Callable[[], Any]] = {
         "the model's attention module (fused)": lambda: attn(x),
-        "timm eager attention + AttentionExtract's hook": lambda: eager(x),
+        "timm eager attention + AttentionExtract's hook": eager,
         "attention computed once (outputs='eager')": attention_once,
         "- its core before: matmul on copies, softmax over the logits, maps @ v, reshape": core_before,
         "- its core after: per-head products in place, softmax out of place": core_after,
