@@ -147,13 +147,18 @@ def probe_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: t
 
 
 def _every_site(net: nn.Module, sites: Sequence[AttentionSite]) -> Sequence[AttentionSite]:
-    """All the model's sites when the adapter finds the given ones among them (one probe then serves any selection),
-    else the given ones (sites a caller made by hand). From the site cache: the search is not repeated."""
-    try:
-        every = _model_sites(net, None)
-    except QKHooksError:
-        return sites
-    return every if {(s.layer, s.path) for s in sites} <= {(s.layer, s.path) for s in every} else sites
+    """All the model's sites when the adapter finds the given ones among them (one probe then serves any selection;
+    a partial recording's among the sites ``skip_unmodelled`` finds), else the given ones (sites a caller made by
+    hand). From the site cache: the search is not repeated."""
+    given = {(s.layer, s.path) for s in sites}
+    for skip_unmodelled in (False, True):
+        try:
+            every = _model_sites(net, None, skip_unmodelled)
+        except QKHooksError:
+            continue
+        if given <= {(s.layer, s.path) for s in every}:
+            return every
+    return sites
 
 
 def _static_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: tuple[int, int]) -> dict[int, LayerGeometry] | None:
