@@ -147,6 +147,7 @@ class Recording:
             k = None if self.modes == "all" else int(self.modes)
             by_layer = {s.layer: s for s in spectrum} if spectrum is not None else {}
             spectra = []
+            _refuse_maps_only_modes(self.sites)
             for site in self.sites:
                 spec, projector = _layer_modes(site, by_layer.get(site.layer), k, augmented, qk_path and input == "normed")
                 spectra.append(spec)
@@ -158,6 +159,7 @@ class Recording:
         self.outputs: OutputsKind = outputs
         self._once = self._layers_attended_once(outputs)
         self._qk_attention = {s.layer for s in self.sites if self._attention_from_qk(s)}
+        self._inside: dict[int, Any] = {}  # layer -> its InsideCall while attached (maps taken in the module's forward)
         self._attending: dict[int, OneAttention] = {}  # layer -> its OneAttention while attached
         self._handles: list[Any] = []
         self._current: BatchCapture | None = None
@@ -223,6 +225,7 @@ class Recording:
                 if site.layer in self._from_qk or site.layer in self._qk_attention:
                     for i, linear in enumerate(site.qk_modules):
                         self._handles.append(linear.register_forward_hook(self._qk_hook(site, i)))
+                self._handles.extend(self._inside_hooks(site))
             self._handles.append(last.module.register_forward_hook(self._end_inner, always_call=False))
         except BaseException:
             self.detach()
@@ -238,6 +241,10 @@ class Recording:
             if mode.entered:
                 mode.leave()
         self._attending.clear()
+        for call in self._inside.values():
+            if call.entered:
+                call.leave()
+        self._inside.clear()
         self._current = None
         self._residual.clear()
         self._qk_outputs.clear()
@@ -341,7 +348,8 @@ class Recording:
         specs = [s for s in self.attention_specs if s.covers(site.layer)]
         # full maps come from the model's own q and k in the q/k hook (or its own attention call, outputs="eager");
         # rows and pooled from x here (with a few query tokens the keys are never computed, cheaper than k)
-        specs = [s for s in specs if not (s.kind == "full" and (site.layer in self._qk_attention or site.layer in self._once))]
+        specs = [s for s in specs if not (s.kind == "full" and (site.layer in self._qk_attention or site.layer in self._once
+                                                                or site.observes_maps()))]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = site.hidden_states(args, kwargs)
@@ -377,6 +385,31 @@ class Recording:
                 self._current.captures[site.layer] = cap  # type: ignore[union-attr]
 
         return hook
+
+    # ---- q/k made inside the module (zoo11-inside, qkhooks.models.inside): the maps observed in its own forward
+    def _inside_hooks(self, site: AttentionSite) -> list[Any]:
+        """Hooks that watch an :class:`InsideSite`'s module compute its attention and keep its maps as the layer's
+        full maps (nothing when the site is not one, or no full maps are asked for it)."""
+        if not site.observes_maps() or not any(s.kind == "full" and s.covers(site.layer) for s in self.attention_specs):
+            return []
+        from qkhooks.models.inside import InsideCall
+
+        call = self._inside[site.layer] = InsideCall(site)  # type: ignore[arg-type]
+
+        def enter(module: nn.Module, args: tuple) -> None:
+            if self._current is not None and site.layer in self._current.captures:
+                call.enter()
+
+        def leave(module: nn.Module, args: tuple, output: Any) -> None:
+            if not call.entered:
+                return
+            seen = call.leave()
+            cap = self._current.captures.get(site.layer) if self._current is not None else None
+            if output is not None and cap is not None:
+                cap.attention["full"] = site.to_images("full", site.assemble(seen))  # type: ignore[attr-defined]
+
+        return [site.module.register_forward_pre_hook(enter),
+                site.module.register_forward_hook(leave, always_call=True)]
 
     def _attention_from_qk(self, site: AttentionSite) -> bool:
         """Whether this layer's full maps are rebuilt from the q and k its own Linear modules return (no second
@@ -721,6 +754,14 @@ def _links_back(values: Iterable[Any], originals: set[int]) -> bool:
         else:
             stack.extend(gc.get_referents(value))
     return False
+
+
+def _refuse_maps_only_modes(sites: Sequence[AttentionSite]) -> None:
+    """Modes asked of a layer whose q or k is made inside the module (no W_q^T W_k of its tokens): refused, naming it."""
+    for site in sites:
+        why = site.modes_refusal()
+        if why:
+            raise QKHooksError(why)
 
 
 def _reduced_keys(site: AttentionSite, x: torch.Tensor, input: str, dtype: torch.dtype | None) -> torch.Tensor:

@@ -241,6 +241,16 @@ class AttentionSite:
         (zoo-packed: a packed vision tower takes no image batch and has no one grid per layer)."""
         return None
 
+    # ---- q/k made inside the module (zoo11-inside, :mod:`qkhooks.models.inside`): maps observed, modes refused
+    def observes_maps(self) -> bool:
+        """Whether this layer's full maps are taken in the module's own forward (its q or k is made inside the module)
+        instead of rebuilt from the hooked tokens (:class:`qkhooks.models.inside.InsideSite`)."""
+        return False
+
+    def modes_refusal(self) -> str | None:
+        """Why no mode of W_q^T W_k describes this layer's logits (a maps-only site), or None: modes are projected."""
+        return None
+
     def images_in_call(self, rows: int) -> int:
         """Images in a call of the module whose batch axis has ``rows`` entries (windowed sites: rows / windows)."""
         return rows

@@ -1,0 +1,81 @@
+"""Attention whose q or k is made inside the module (qkhooks.models.inside): maps taken in the module's own forward,
+modes refused naming the layer. References are written out here from the model's parameters and the tensors its
+modules receive (plain forward hooks), never from qkhooks' own capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkhooks
+from qkhooks.errors import QKHooksError
+from test_zoo import perturb
+
+
+def _images(size: int = 64, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _calls(model: torch.nn.Module, cls: str, images: torch.Tensor, keep=lambda m: True) -> tuple[torch.Tensor, dict]:
+    """The model's output and, per module of class ``cls``, the (args, kwargs) of its call (cloned)."""
+    seen: dict[str, tuple] = {}
+    handles = [m.register_forward_pre_hook(
+        lambda m, a, k, n=n: seen.__setitem__(n, ([t.detach().clone() if isinstance(t, torch.Tensor) else t for t in a], k)),
+        with_kwargs=True) for n, m in model.named_modules() if type(m).__name__ == cls and keep(m)]
+    try:
+        with torch.no_grad():
+            out = model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, seen
+
+
+# --------------------------------------------------------------------------------------------------- GCViT
+def _gcvit() -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return perturb(timm.create_model("gcvit_xxtiny", pretrained=False, img_size=64)).eval()
+
+
+def test_gcvit_global_query_maps_are_softmax_of_the_stage_queries_against_the_window_keys():
+    """Global blocks: maps (B, nW, H, Nw, Nw) equal softmax(scale·q_global·W_k x + RelPosBias) written out from the
+    q_global and window tokens the module receives and its own qkv; outputs bit-identical; every block is a site, in
+    forward order."""
+    model, images = _gcvit(), _images()
+    plain, calls = _calls(model, "WindowAttentionGlobal", images)
+    with torch.no_grad(), qkhooks.record(model, modes=0, attention="full") as rec:
+        out = model(images)
+    assert torch.equal(out, plain)
+    assert [rec.module_paths[l] for l in rec.layers] == list(calls)
+    glob = [l for l in rec.layers if model.get_submodule(rec.module_paths[l]).use_global]
+    assert glob and len(glob) < len(rec.layers)
+    for layer in glob:
+        module = model.get_submodule(rec.module_paths[layer])
+        (x, q_global), _ = calls[rec.module_paths[layer]]
+        b, n, c = x.shape
+        heads = module.num_heads
+        with torch.no_grad():
+            k = torch.nn.functional.linear(x, module.qkv.weight[:c], module.qkv.bias[:c])
+            k = k.view(b, n, heads, -1).transpose(1, 2)
+            q = q_global.repeat_interleave(b // q_global.shape[0], dim=0).reshape(b, n, heads, -1).transpose(1, 2)
+            bias = module.rel_pos.relative_position_bias_table[module.rel_pos.relative_position_index.view(-1)]
+            bias = bias.view(n, n, heads).permute(2, 0, 1)
+            want = torch.softmax(q @ k.transpose(-1, -2) * module.scale + bias, dim=-1)
+        got = rec.attention(layer, "full")
+        assert got.shape[:2] == (2, b // 2) and got.shape[2:] == want.shape[1:]
+        torch.testing.assert_close(got.flatten(0, 1), want, atol=1e-6, rtol=0)
+
+
+def test_modes_of_a_global_query_block_are_refused_naming_the_layer_the_reason_and_modes_0():
+    model = _gcvit()
+    with pytest.raises(QKHooksError, match=r"layer 1 \(stages\.0\.blocks\.1\.attn, WindowAttentionGlobal\) is recorded as "
+                                           r"maps only: its queries are the stage's global query tokens.*no W_q.*modes=0"):
+        qkhooks.record(model, modes=4, attention="full")
+    local = qkhooks.record(model, modes=4, layers=[0], attention="full")  # the local block keeps its modes
+    assert local.qk_spectrum is not None
+    with pytest.raises(QKHooksError, match=r"maps only.*'rows' attention is not rebuilt for it: record attention='full'"):
+        qkhooks.record(model, modes=0, attention="rows")
+    with pytest.raises(QKHooksError, match=r"maps only.*no W_q\^T W_k of its tokens to analyse"):
+        qkhooks.spectrum(model)
