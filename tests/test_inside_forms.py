@@ -79,3 +79,45 @@ def test_modes_of_a_global_query_block_are_refused_naming_the_layer_the_reason_a
         qkhooks.record(model, modes=0, attention="rows")
     with pytest.raises(QKHooksError, match=r"maps only.*no W_q\^T W_k of its tokens to analyse"):
         qkhooks.spectrum(model)
+
+
+# ------------------------------------------------------------------------------------------ EfficientViT-MSRA
+def _cascade_written_out(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B', H, N, N): each head's softmax(scale·dws(q)ᵀk + bias) with head h fed its split plus head h-1's output."""
+    b, _, h, w = x.shape
+    splits, maps, feat = x.chunk(module.num_heads, dim=1), [], None
+    bias = module.attention_biases[:, module.attention_bias_idxs]
+    for head in range(module.num_heads):
+        feat = splits[0] if head == 0 else feat + splits[head]
+        q, k, v = module.qkvs[head](feat).view(b, -1, h, w).split([module.key_dim, module.key_dim, module.val_dim], dim=1)
+        q, k, v = module.dws[head](q).flatten(2), k.flatten(2), v.flatten(2)
+        attn = torch.softmax(q.transpose(-2, -1) @ k * module.scale + bias[head], dim=-1)
+        maps.append(attn)
+        feat = (v @ attn.transpose(-2, -1)).view(b, module.val_dim, h, w)
+    return torch.stack(maps, dim=1)
+
+
+@pytest.mark.parametrize("size, windows", [(64, 1), (96, 4)], ids=["one-window", "padded-windows"])
+def test_efficientvit_msra_maps_are_its_cascaded_heads_written_out_per_window(size, windows):
+    """Maps (B, nW, H, N, N) equal the cascade written out here from each module's own convs, BatchNorms and bias
+    table, on the windows its block cuts (at 96 px the first stage's 6x6 map pads to 2x2 windows of 4x4)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("efficientvit_m0", pretrained=False, img_size=size, window_size=(4, 4, 4))).eval()
+    images = _images(size)
+    plain, calls = _calls(model, "CascadedGroupAttention", images)
+    with torch.no_grad(), qkhooks.record(model, modes=None, attention="full") as rec:
+        out = model(images)
+    assert torch.equal(out, plain)
+    assert [rec.module_paths[l] for l in rec.layers] == list(calls)
+    assert rec.attention(0, "full").shape[1] == windows
+    for layer in rec.layers:
+        module = model.get_submodule(rec.module_paths[layer])
+        with torch.no_grad():
+            want = _cascade_written_out(module, calls[rec.module_paths[layer]][0][0])
+        got = rec.attention(layer, "full")
+        assert got.shape[0] == 2 and got.shape[2:] == want.shape[1:]
+        torch.testing.assert_close(got.flatten(0, 1), want, atol=1e-6, rtol=0)
+    with pytest.raises(QKHooksError, match=r"layer 0 .*maps only: its heads run in cascade.*modes=0"):
+        qkhooks.record(model, modes="all")

@@ -66,7 +66,11 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         maps: dict[int, torch.Tensor] = {}
         fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
         handles = []
+        per_head: dict[int, list[torch.Tensor]] = {}  # zoo11-inside: one softmax per head (EfficientViT-MSRA), in order
         for i, site in enumerate(sites):
+            if getattr(site, "softmaxes_per_call", 1) > 1:
+                handles += _softmax_hooks(site.module, lambda t, i=i: per_head.setdefault(i, []).append(t.detach().clone()))
+                continue
             if getattr(site.module, "talking_head2", None) is not None:  # EfficientFormer-v2: heads mixed after the softmax
                 handles.append(site.module.talking_head2.register_forward_hook(
                     lambda m, a, o, i=i: maps.__setitem__(i, o.detach().clone())))
@@ -85,6 +89,7 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
                 h.remove()
             for m, value in fused:
                 m.fused_attn = value
+        maps.update({i: torch.stack(heads, dim=1) for i, heads in per_head.items()})
         return [maps[i] for i in range(len(sites)) if i in maps]
     # HF attention modules return (output, weights) on the eager path: read each site's own weights
     seen: dict[int, torch.Tensor] = {}
@@ -663,8 +668,10 @@ FAST_CASES = [
                num_heads=(2, 2, 2, 2)),
     # zoo11-inside: GCViT's global-query blocks maps only (q_global made by the stage), local blocks exact with modes
     _timm_case("gcvit_xxtiny", "exact", size=64, img_size=64),
-    _timm_case("efficientvit_m0", "cascaded group attention", module="stages.0.blocks.0.mixer.m.attn", size=64,
-               img_size=64),
+    # zoo11-inside: EfficientViT-MSRA's cascaded heads maps only (conv-mixed q, each head fed the previous one's output);
+    # at 64 px the first stage's 4x4 map is one window, at 96 px its 6x6 map pads to 2x2 windows of 4
+    _timm_case("efficientvit_m0", "exact", size=64, img_size=64),
+    _timm_case("efficientvit_m0-padded-windows", "exact", size=96, img_size=96, window_size=(4, 4, 4)),
     # zoo-davit: ConViT's MHSA blocks after its GPSA blocks (two-softmax maps, left out by name)
     _timm_case("convit_tiny-partial", "exact", depth=3, local_up_to_layer=2, embed_dim=32, num_heads=4, img_size=32,
                patch_size=8),

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from qkhooks.attention import _SDPA, _SOFTMAXES, sdpa_maps
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
 
@@ -107,6 +106,9 @@ class InsideCall(torch.overrides.TorchFunctionMode):
 
     def __init__(self, site: InsideSite):
         super().__init__()
+        from qkhooks import attention  # here: qkhooks.attention imports the models package this module is part of
+
+        self._sdpa_fn, self._softmaxes, self._maps_of = attention._SDPA, attention._SOFTMAXES, attention.sdpa_maps
         self.site = site
         self.seen: list[torch.Tensor] = []
         self.entered = False
@@ -124,9 +126,9 @@ class InsideCall(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is _SDPA:
+        if func is self._sdpa_fn:
             self.seen.append(self._sdpa(*args, **kwargs))
-        elif func in _SOFTMAXES and isinstance(out, torch.Tensor) and out.dim() >= 3:
+        elif func in self._softmaxes and isinstance(out, torch.Tensor) and out.dim() >= 3:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             if dim in (-1, out.dim() - 1):
                 self.seen.append(out.detach())
@@ -139,4 +141,4 @@ class InsideCall(torch.overrides.TorchFunctionMode):
             raise QKHooksError(f"{self.site.path}: its attention drops weights at random (dropout_p={dropout_p}, training "
                                "mode), so no map is the one its output used; call model.eval().")
         with torch.no_grad():
-            return sdpa_maps(q.detach(), k.detach(), attn_mask, is_causal, scale, enable_gqa)
+            return self._maps_of(q.detach(), k.detach(), attn_mask, is_causal, scale, enable_gqa)
