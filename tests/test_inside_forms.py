@@ -121,3 +121,58 @@ def test_efficientvit_msra_maps_are_its_cascaded_heads_written_out_per_window(si
         torch.testing.assert_close(got.flatten(0, 1), want, atol=1e-6, rtol=0)
     with pytest.raises(QKHooksError, match=r"layer 0 .*maps only: its heads run in cascade.*modes=0"):
         qkhooks.record(model, modes="all")
+
+
+# ------------------------------------------------------------------------------------------------ TimeSformer
+def _timesformer():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.TimesformerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, image_size=32, patch_size=8, num_frames=4)
+    return perturb(transformers.TimesformerModel(config)).eval()
+
+
+def test_timesformer_time_and_space_attention_are_their_own_sites_exact_per_group():
+    """Divided space-time: per block a time site (P groups of T frames) then a space site (T groups of the class
+    token's copy + P patches), numbered in the order the block runs them; maps (B, G, H, n, n) equal softmax(scale·q·k)
+    written out from each call's group tokens and the module's qkv; the modes on the clip's token axis rebuild
+    the content logits of every group (the token of group g, position i is window_index()[g, i])."""
+    model = _timesformer()
+    clip = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, a[0].detach().clone())))
+               for n, m in model.named_modules() if type(m).__name__ == "TimesformerSelfAttention"]
+    try:
+        with torch.no_grad():
+            plain = model(pixel_values=clip).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad(), qkhooks.record(model, modes="all", augmented=True, attention="full") as rec:
+        out = model(pixel_values=clip).last_hidden_state
+        index = {s.layer: s.window_index().clone() for s in rec.sites}
+    assert torch.equal(out, plain)
+    assert [rec.module_paths[l] for l in rec.layers] == [n for n, _ in calls] == [
+        "encoder.layer.0.temporal_attention.attention", "encoder.layer.0.attention.attention",
+        "encoder.layer.1.temporal_attention.attention", "encoder.layer.1.attention.attention"]
+    patches, frames = 16, 4
+    for layer, (name, x) in enumerate(calls):
+        module = model.get_submodule(name)
+        with torch.no_grad():
+            q, k, _ = module.qkv(x).view(x.shape[0], x.shape[1], 3, 4, 8).permute(2, 0, 3, 1, 4)
+            logits = q @ k.transpose(-1, -2) * module.scale
+        got = rec.attention(layer, "full")
+        groups = patches if "temporal" in name else frames
+        assert got.shape == (2, groups, 4, x.shape[1], x.shape[1])
+        torch.testing.assert_close(got.flatten(0, 1), torch.softmax(logits, -1), atol=1e-6, rtol=0)
+        query, key, spectrum = rec.query(layer), rec.key(layer), rec.spectrum(layer)
+        assert query.shape[-1] == (patches * frames if "temporal" in name else 1 + patches * frames)
+        pos = index[layer]  # (G, n) clip tokens
+        qg, kg = query[..., pos].permute(0, 3, 1, 2, 4), key[..., pos].permute(0, 3, 1, 2, 4)  # (B, G, H, K, n)
+        content = torch.einsum("bghkn,hk,bghkm->bghnm", qg, spectrum.S, kg) * module.scale
+        # the augmented modes (biases folded in) rebuild the logits
+        want = logits.unflatten(0, (2, groups))
+        torch.testing.assert_close(content, want, atol=1e-4, rtol=0)
+    with pytest.raises(QKHooksError, match=r"time attention runs within its groups.*record attention='full'"):
+        qkhooks.record(model, modes=0, attention="rows")

@@ -329,6 +329,8 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("pooled queries")
     if any(hasattr(s, "segment_lengths") for s in sites):  # zoo-packed: one packed sequence cut by its cu_seqlens
         parts.append("packed segments (padding masked)")
+    if any(getattr(s, "axis", None) in ("time", "space") for s in sites):  # zoo11-inside: TimeSformer's two groupings
+        parts.append("divided space-time")
     if any(s.observes_maps() for s in sites):  # zoo11-inside: q or k made inside the module, maps observed, no modes
         parts.append("q/k made inside (maps only)")
     return ", ".join(parts) or "plain"
@@ -833,8 +835,9 @@ FAST_CASES = [
              **HF_SMALL),
     _hf_case("VivitModel", "VivitModel", "VivitConfig", "exact", inputs=_clips(4), num_frames=4, tubelet_size=[2, 8, 8],
              hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32),
-    _hf_case("TimesformerModel", "TimesformerModel", "TimesformerConfig", "divided space-time attention", inputs=_clips(4),
-             module="encoder.layer.0.attention.attention", num_frames=4, **HF_SMALL),
+    # zoo11-inside: TimeSformer's divided space-time attention, time and space as their own sites (time first)
+    _hf_case("TimesformerModel", "TimesformerModel", "TimesformerConfig", "exact", inputs=_clips(4), num_frames=4,
+             **HF_SMALL),
     # zoo-hfsmall: transformers' LeViT (BatchNorm folded, attention biases, subsampled queries: models/hf_levit.py) and
     # Swin2SR (Swin-v2's cosine attention, log-CPB and shift masks on a 1-pixel-patch grid)
     _hf_case("LevitModel", "LevitModel", "LevitConfig", "exact", size=64, image_size=64, hidden_sizes=[32, 48, 64],

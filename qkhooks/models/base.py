@@ -251,6 +251,12 @@ class AttentionSite:
         """Why no mode of W_q^T W_k describes this layer's logits (a maps-only site), or None: modes are projected."""
         return None
 
+    def forward_anchor(self) -> nn.Module:
+        """The module whose place in the model's registration order is this site's place in the forward: its module,
+        unless its block calls its attentions in another order than it registers them (TimeSformer registers the space
+        attention first and runs the time attention first: the time site's anchor is its block)."""
+        return self.module
+
     def images_in_call(self, rows: int) -> int:
         """Images in a call of the module whose batch axis has ``rows`` entries (windowed sites: rows / windows)."""
         return rows
@@ -492,7 +498,7 @@ def number_in_forward_order(model: nn.Module, found: list[AttentionSite]) -> lis
     paths = [s.path for s in found]
     if len(set(paths)) != len(paths):
         raise QKHooksError(f"the adapter returned an attention module twice: {sorted(p for p in paths if paths.count(p) > 1)}.")
-    found = sorted(found, key=lambda s: order[id(s.module)])
+    found = sorted(found, key=lambda s: order[id(s.forward_anchor())])
     for index, site in enumerate(found):
         site.layer = index
         if not site.stage:
