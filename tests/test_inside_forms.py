@@ -16,19 +16,23 @@ def _images(size: int = 64, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def _calls(model: torch.nn.Module, cls: str, images: torch.Tensor, keep=lambda m: True) -> tuple[torch.Tensor, dict]:
-    """The model's output and, per module of class ``cls``, the (args, kwargs) of its call (cloned)."""
-    seen: dict[str, tuple] = {}
-    handles = [m.register_forward_pre_hook(
-        lambda m, a, k, n=n: seen.__setitem__(n, ([t.detach().clone() if isinstance(t, torch.Tensor) else t for t in a], k)),
-        with_kwargs=True) for n, m in model.named_modules() if type(m).__name__ == cls and keep(m)]
+def _calls(model: torch.nn.Module, cls: str, *args, **kwargs) -> tuple[torch.Tensor, dict[str, list[list]]]:
+    """The model's first output tensor and, per module of class ``cls`` in forward order, the tensors of each of its
+    calls (positional, then keyword; cloned), taken with plain hooks."""
+    seen: dict[str, list[list]] = {}
+
+    def keep(m: torch.nn.Module, a: tuple, k: dict, name: str) -> None:
+        seen.setdefault(name, []).append([t.detach().clone() for t in (*a, *k.values()) if isinstance(t, torch.Tensor)])
+
+    handles = [m.register_forward_pre_hook(lambda m, a, k, n=n: keep(m, a, k, n), with_kwargs=True)
+               for n, m in model.named_modules() if type(m).__name__ == cls]
     try:
         with torch.no_grad():
-            out = model(images)
+            out = model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return out, seen
+    return (out if isinstance(out, torch.Tensor) else out.last_hidden_state), seen
 
 
 # --------------------------------------------------------------------------------------------------- GCViT
@@ -53,7 +57,7 @@ def test_gcvit_global_query_maps_are_softmax_of_the_stage_queries_against_the_wi
     assert glob and len(glob) < len(rec.layers)
     for layer in glob:
         module = model.get_submodule(rec.module_paths[layer])
-        (x, q_global), _ = calls[rec.module_paths[layer]]
+        (x, q_global), = calls[rec.module_paths[layer]]
         b, n, c = x.shape
         heads = module.num_heads
         with torch.no_grad():
@@ -140,15 +144,8 @@ def test_timesformer_time_and_space_attention_are_their_own_sites_exact_per_grou
     the content logits of every group (the token of group g, position i is window_index()[g, i])."""
     model = _timesformer()
     clip = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    calls: list[tuple[str, torch.Tensor]] = []
-    handles = [m.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, a[0].detach().clone())))
-               for n, m in model.named_modules() if type(m).__name__ == "TimesformerSelfAttention"]
-    try:
-        with torch.no_grad():
-            plain = model(pixel_values=clip).last_hidden_state
-    finally:
-        for h in handles:
-            h.remove()
+    plain, seen = _calls(model, "TimesformerSelfAttention", pixel_values=clip)
+    calls = [(name, seen[name][0][0]) for name in seen]
     with torch.no_grad(), qkhooks.record(model, modes="all", augmented=True, attention="full") as rec:
         out = model(pixel_values=clip).last_hidden_state
         index = {s.layer: s.window_index().clone() for s in rec.sites}
@@ -176,3 +173,55 @@ def test_timesformer_time_and_space_attention_are_their_own_sites_exact_per_grou
         torch.testing.assert_close(content, want, atol=1e-4, rtol=0)
     with pytest.raises(QKHooksError, match=r"time attention runs within its groups.*record attention='full'"):
         qkhooks.record(model, modes=0, attention="rows")
+
+
+# ---------------------------------------------------------------------------------------------------- VidEoMT
+def test_videomt_per_frame_layers_keep_every_frames_call_frames_as_images():
+    """VidEoMT's last num_blocks layers run once per frame: each is one site whose T calls are joined, image-major
+    (b·T + t, the order of its first layers' frames-as-images axis); the maps of every call equal softmax(scale·q·k)
+    written out from that call's tokens and the module's q_proj / k_proj, and the augmented modes rebuild them."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.VideomtConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                                        image_size=32, patch_size=8, num_queries=5, num_blocks=2)
+    model = perturb(transformers.VideomtForUniversalSegmentation(config)).eval()
+    clip = torch.randn(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    plain, seen = _calls(model, "VideomtAttention", pixel_values_videos=clip)
+    calls = {name: [call[0] for call in each] for name, each in seen.items()}
+    assert [len(c) for c in calls.values()] == [1, 3, 3]  # the last two layers: once per frame
+    with torch.no_grad(), qkhooks.record(model, modes="all", augmented=True, attention="full") as rec:
+        out = model(pixel_values_videos=clip).last_hidden_state
+    assert torch.equal(out, plain)
+    assert [rec.module_paths[l] for l in rec.layers] == list(calls) and rec.n == 6
+    for layer, (name, xs) in enumerate(calls.items()):
+        module = model.get_submodule(name)
+        x = torch.stack(xs, dim=1).flatten(0, 1) if len(xs) > 1 else xs[0]  # (B·T, N, d): b·T + t
+        with torch.no_grad():
+            q, k = (proj(x).unflatten(-1, (4, 8)).transpose(1, 2) for proj in (module.q_proj, module.k_proj))
+            logits = q @ k.transpose(-1, -2) * module.scale
+        torch.testing.assert_close(rec.attention(layer, "full"), torch.softmax(logits, -1), atol=1e-6, rtol=0)
+        content = torch.einsum("bhkn,hk,bhkm->bhnm", rec.query(layer), rec.spectrum(layer).S, rec.key(layer)) * module.scale
+        torch.testing.assert_close(content, logits, atol=1e-4, rtol=0)
+    assert rec.sites[1].num_prefix_tokens == rec.sites[0].num_prefix_tokens + 5  # the object queries
+    with torch.no_grad(), qkhooks.record(model, modes=0, layers=[1, 2], attention="full") as frames_only:
+        model(pixel_values_videos=clip)  # the first recorded layer runs once per frame: still one batch of 6 frames
+    assert frames_only.n == 6 and frames_only.images_seen == 6
+    for layer in (1, 2):
+        assert torch.equal(frames_only.attention(layer, "full"), rec.attention(layer, "full"))
+    with pytest.raises(QKHooksError, match=r"runs it once per frame.*record attention='full'"):
+        qkhooks.record(model, modes=0, attention="rows")
+
+
+def test_a_layer_run_twice_in_one_forward_is_refused_not_recorded_once():
+    """A module the forward calls twice (here a ViT's second block used twice) would keep only its last call: refused,
+    named."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=32, num_heads=2, img_size=32,
+                              patch_size=8).eval()
+    model.blocks = torch.nn.Sequential(model.blocks[0], model.blocks[1], model.blocks[1])
+    with pytest.raises(QKHooksError, match=r"layer 1 \(blocks\.1\.attn, Attention\) ran more than once in one forward"):
+        with torch.no_grad(), qkhooks.record(model, modes=4) as rec:
+            rec(_images(32))

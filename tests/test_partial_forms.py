@@ -215,11 +215,12 @@ def test_left_out_names_the_unmodelled_modules_only_when_a_selection_of_sites_is
     assert list(rec.left_out) == list(chosen.left_out) == channel and rec.layers == chosen.layers == [1]
 
 
-@pytest.mark.parametrize("name", ["VideomtForUniversalSegmentation", "Llama4VisionModel"])
+@pytest.mark.parametrize("name", ["VideoPrismVisionModel", "Llama4VisionModel"])
 def test_skip_unmodelled_never_takes_a_module_of_a_known_unmodelled_class(name):
     """An adapter takes every attention of its family; a partial recording must still leave out a class qkhooks knows
-    it does not model (VidEoMT's per-frame layers would be recorded once per forward, silently). Every attention of
-    these two is such a class, so the flag is not offered and, given, leaves nothing to record."""
+    it does not model (VideoPrism's soft-capped logits would be rebuilt without the cap, silently; VidEoMT, the first
+    case here until zoo11-inside modelled its per-frame layers). Every attention of these two is such a class, so the
+    flag is not offered and, given, leaves nothing to record."""
     from qkhooks.models import find_sites
     from qkhooks.models.unsupported import SKIP_HINT
     from test_zoo import _small

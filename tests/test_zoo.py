@@ -96,6 +96,9 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
     handles = [site.module.register_forward_hook(
         lambda m, a, o, i=i: seen.__setitem__(i, o[1].detach()) if isinstance(o, tuple) and len(o) > 1
         and isinstance(o[1], torch.Tensor) else None) for i, site in enumerate(sites)]
+    calls: dict[int, list[torch.Tensor]] = {}  # zoo11-inside: a layer run once per frame (VidEoMT): every call's weights
+    handles += [site.module.register_forward_hook(lambda m, a, o, i=i: calls.setdefault(i, []).append(o[1].detach()))
+                for i, site in enumerate(sites) if site.joins_calls()]
     softmaxed: dict[int, torch.Tensor] = {}  # modules that return no weights (HF MobileViT): the softmax they compute
     for i, site in enumerate(sites):
         handles += _softmax_hooks(site.module, lambda t, i=i: softmaxed.__setitem__(i, t.detach().clone()))
@@ -118,6 +121,7 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         for h in handles:
             h.remove()
     seen.update({i: _padded_segments(maps) for i, maps in segments.items()})  # zoo-packed: its eager softmaxes
+    seen.update({i: torch.stack(maps, dim=1).flatten(0, 1) for i, maps in calls.items()})  # zoo11-inside: b·T + t
     if len(seen) < len(sites) and before != "eager":  # the class picked its attention modules when built (Data2Vec):
         # an eager twin, same weights, on a copy of the config (building it sets the config's implementation: SAM2)
         twin = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
@@ -207,7 +211,9 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str, skip_unmodelled: 
     finally:
         for h in handles:
             h.remove()
-    assert fired == list(range(len(sites))), f"layer indices {fired} are not the forward order"
+    # zoo11-inside: a layer run once per frame (joins_calls) fires once per frame; every other layer once
+    repeated = [l for l in set(fired) if fired.count(l) > 1 and not sites[l].joins_calls()]
+    assert list(dict.fromkeys(fired)) == list(range(len(sites))) and not repeated, f"layer indices {fired} are not the forward order"
     eager = eager_maps(model, sites, inputs, kind)
     # zoo11-inside: maps-only layers (q or k made inside the module): their maps here, the other layers' modes below
     maps_only = [s.layer for s in sites if s.modes_refusal()]
@@ -331,6 +337,8 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("packed segments (padding masked)")
     if any(getattr(s, "axis", None) in ("time", "space") for s in sites):  # zoo11-inside: TimeSformer's two groupings
         parts.append("divided space-time")
+    if any(s.joins_calls() for s in sites):  # zoo11-inside: VidEoMT's per-frame layers, calls joined
+        parts.append("per-frame calls")
     if any(s.observes_maps() for s in sites):  # zoo11-inside: q or k made inside the module, maps observed, no modes
         parts.append("q/k made inside (maps only)")
     return ", ".join(parts) or "plain"
@@ -850,9 +858,9 @@ FAST_CASES = [
              module="spatial_layers.0.attention", inputs=_clips(4, key="pixel_values_videos"), hidden_size=32,
              num_spatial_layers=2, num_temporal_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
              num_frames=4, tubelet_size=[1, 8, 8]),
-    _hf_case("VideomtForUniversalSegmentation", "VideomtForUniversalSegmentation", "VideomtConfig", "once per frame",
-             module="layers.0.attention", inputs=_clips(2, key="pixel_values_videos"), num_queries=5, num_blocks=1,
-             **HF_SMALL),
+    # zoo11-inside: VidEoMT's last num_blocks layers run once per frame: their calls joined, frames as images
+    _hf_case("VideomtForUniversalSegmentation", "VideomtForUniversalSegmentation", "VideomtConfig", "exact",
+             inputs=_clips(3, key="pixel_values_videos"), num_queries=5, num_blocks=1, **HF_SMALL),
     # zoo-hfsmall: OneFormer on a Swin encoder (exact), its object-query decoder, deformable pixel decoder and text
     # mapper left out by design as Mask2Former's; task_inputs: the task text's token ids
     _hf_case("OneFormerForUniversalSegmentation", "OneFormerForUniversalSegmentation", "OneFormerConfig", "exact",

@@ -251,6 +251,12 @@ class AttentionSite:
         """Why no mode of W_q^T W_k describes this layer's logits (a maps-only site), or None: modes are projected."""
         return None
 
+    def joins_calls(self) -> bool:
+        """Whether the forward runs this module several times (VidEoMT's per-frame layers: once per frame), each call one
+        more image of the layer's batch axis; a recording joins the calls (image-major). Elsewhere a second call of a
+        layer in one forward is refused: a recording holds one call per layer and forward."""
+        return False
+
     def forward_anchor(self) -> nn.Module:
         """The module whose place in the model's registration order is this site's place in the forward: its module,
         unless its block calls its attentions in another order than it registers them (TimeSformer registers the space

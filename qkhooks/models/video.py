@@ -24,7 +24,14 @@ frame-minor: token 1 + p·T + t). Each is a plain softmax(scale·q·k) within it
   the class token takes no part), space N = 1 + P·T (the class token's copies are the same token, one map);
 - :meth:`DividedSite.window_index` gives the (G, n) clip token of every group position; no image grid is claimed
   (a token is a (patch, frame) pair), and rows / pooled attention are refused (record ``full``).
-The space-only and joint layouts of the same class stay refused in :mod:`qkhooks.models.unsupported`.
+The space-only and joint layouts of the same class are refused naming the layout.
+
+VidEoMT (HF ``VideomtForUniversalSegmentation``) runs its first layers on the clip's frames as images (B·T, N, d),
+then its last ``num_blocks`` layers once per frame, on (B, Q + N, d): the frame's tokens after its Q object queries
+(propagated from frame to frame). Each such layer is one site whose T calls of one forward are joined
+(:meth:`FrameCallSite.joins_calls`): every capture's batch axis is B·T frames, image-major (b·T + t), the order of the
+first layers' own frames-as-images axis, so layer indices stay the forward order and each frame's maps are kept;
+the object queries are prefix tokens there. Rows / pooled attention and run files are refused for those layers.
 """
 
 from __future__ import annotations
@@ -177,3 +184,37 @@ def _timesformer_site(site: AttentionSite, module: nn.Module, modules: dict[str,
 
 hf.EXTRA_FORMS["TimesformerSelfAttention"] = (frozenset({"attn_drop"}), _timesformer_site)
 MODELLED_FORMS.add("transformers.models.timesformer.modeling_timesformer.TimesformerSelfAttention")
+
+
+# ------------------------------------------------------------------------------ VidEoMT: per-frame query layers
+@dataclasses.dataclass(eq=False)
+class FrameCallSite(AttentionSite):
+    """A VidEoMT layer the forward runs once per frame (object queries joined to the frame's tokens): its calls are
+    joined, frames as images (b·T + t)."""
+
+    def joins_calls(self) -> bool:
+        return True
+
+    def check_attention_kind(self, kind: str) -> None:
+        if kind != "full":
+            raise QKHooksError(f"layer {self.layer} ({self.path}): VidEoMT runs it once per frame, and '{kind}' attention "
+                               "takes its query tokens per image of one call; record attention='full' (every frame's "
+                               "maps, (B·T, H, N, N)).")
+
+    def run_file_refusal(self) -> str | None:
+        return (f"layer {self.layer} ({self.path}) runs once per frame of each clip (VidEoMT's query layers), so its "
+                "images are frames, not the clips a run file is given ids for; record it live with qkhooks.record")
+
+
+def _videomt_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:
+    config = modules[""].config
+    index = int(site.block_path.rpartition(".")[2])
+    if index < int(config.num_hidden_layers) - int(config.num_blocks):
+        return site  # frames as images, once per forward
+    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite) if f.init}
+    fields.update(num_prefix_tokens=site.num_prefix_tokens + int(config.num_queries))
+    return FrameCallSite(**fields)
+
+
+hf.EXTRA_FORMS["VideomtAttention"] = (frozenset(), _videomt_site)
+MODELLED_FORMS.add("transformers.models.videomt.modeling_videomt.VideomtAttention")
