@@ -225,3 +225,51 @@ def test_a_layer_run_twice_in_one_forward_is_refused_not_recorded_once():
     with pytest.raises(QKHooksError, match=r"layer 1 \(blocks\.1\.attn, Attention\) ran more than once in one forward"):
         with torch.no_grad(), qkhooks.record(model, modes=4) as rec:
             rec(_images(32))
+
+
+# ------------------------------------------------------------------------------- the mechanism on its own
+def test_maps_taken_from_a_fused_sdpa_call_equal_the_models_eager_softmax():
+    """InsideCall's SDPA path: a timm ViT attention running fused SDPA, described as a maps-only site, gives maps equal
+    to the same module's eager softmax (fused_attn=False, taken at its attn_drop), outputs bit-identical."""
+    import dataclasses
+
+    import timm
+
+    from qkhooks.models.base import AttentionSite
+    from qkhooks.models.inside import InsideSite
+
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=32, num_heads=2,
+                                      img_size=32, patch_size=8)).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = True
+    images = _images(32)
+    sites = [InsideSite(**{f.name: getattr(s, f.name) for f in dataclasses.fields(AttentionSite)}, inside="test: q, k "
+                        "read from the SDPA call") for s in qkhooks.sites(model)]
+    with torch.no_grad(), qkhooks.record(model, modes=0, attention="full", sites=sites) as rec:
+        out = model(images)
+    eager: dict[int, torch.Tensor] = {}
+    handles = [b.attn.attn_drop.register_forward_hook(lambda m, a, o, i=i: eager.__setitem__(i, o.detach().clone()))
+               for i, b in enumerate(model.blocks)]
+    try:
+        for block in model.blocks:
+            block.attn.fused_attn = False
+        with torch.no_grad():
+            plain = model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)  # fused vs eager: rounding only
+    for layer in rec.layers:
+        torch.testing.assert_close(rec.attention(layer, "full"), eager[layer], atol=1e-6, rtol=0)
+
+
+def test_a_maps_only_layer_is_refused_by_run_files_naming_it(tmp_path):
+    from qkhooks.models.load import load_model
+    from qkhooks.stream import record_dataset
+
+    loaded = load_model(_gcvit())
+    with pytest.raises(QKHooksError, match=r"run file: stages\.0\.blocks\.1\.attn: layer 1 .*maps only.*record it live"):
+        record_dataset(loaded, "samples", tmp_path / "gcvit.h5", limit=2, progress=False, reducers=[], modes=0,
+                       attention="full")
+    assert not (tmp_path / "gcvit.h5").exists()

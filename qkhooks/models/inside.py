@@ -65,6 +65,7 @@ class InsideSite(AttentionSite):
 
     def __post_init__(self) -> None:
         self.qk_linear = self._no_qk_form  # every reader of W_q, W_k (spectrum, BFD, modes) meets the reason
+        self.qk_modules = ()  # no maps rebuilt from q/k Linear outputs (their hooks would run inside the watched forward)
 
     def _no_qk_form(self) -> Any:
         raise QKHooksError(self.maps_only() + "; it has no W_q^T W_k of its tokens to analyse (spectrum, BFD, modes).")
