@@ -148,6 +148,7 @@ class Recording:
             k = None if self.modes == "all" else int(self.modes)
             by_layer = {s.layer: s for s in spectrum} if spectrum is not None else {}
             spectra = []
+            _refuse_maps_only_modes(self.sites)
             for site in self.sites:
                 spec, projector = _layer_modes(site, by_layer.get(site.layer), k, augmented, qk_path and input == "normed")
                 spectra.append(spec)
@@ -160,6 +161,9 @@ class Recording:
         self._once = self._layers_attended_once(outputs)
         self._qk_attention = {s.layer for s in self.sites if self._attention_from_qk(s)}
         self._qk_rows = {s.layer for s in self.sites if self._takes_rows_from_qk(s)}
+        self._inside: dict[int, Any] = {}  # layer -> its InsideCall while attached (maps taken in the module's forward)
+        self._calls: dict[int, list[LayerCapture]] = {}  # layer -> its earlier calls in this forward (joins_calls sites)
+        self._first_joins = False  # whether the first recorded site joins its calls (set when attached)
         self._attending: dict[int, OneAttention] = {}  # layer -> its OneAttention while attached
         self._handles: list[Any] = []
         self._current: BatchCapture | None = None
@@ -206,6 +210,7 @@ class Recording:
         # CLIPModel.forward; then the batch spans the recorded attention modules, first to last.
         first = min(self.sites, key=lambda s: s.layer)
         last = max(self.sites, key=lambda s: s.layer)
+        self._first_joins = first.joins_calls()  # zoo11-inside: its next call in a forward of model is the next frame
         try:
             self._handles.append(model.register_forward_pre_hook(self._begin_batch, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._end_batch, always_call=False))
@@ -225,6 +230,7 @@ class Recording:
                 if site.layer in self._from_qk or site.layer in self._qk_attention:
                     for i, linear in enumerate(site.qk_modules):
                         self._handles.append(linear.register_forward_hook(self._qk_hook(site, i)))
+                self._handles.extend(self._inside_hooks(site))
             self._handles.append(last.module.register_forward_hook(self._end_inner, always_call=False))
         except BaseException:
             self.detach()
@@ -240,6 +246,11 @@ class Recording:
             if mode.entered:
                 mode.leave()
         self._attending.clear()
+        for call in self._inside.values():
+            if call.entered:
+                call.leave()
+        self._inside.clear()
+        self._calls.clear()
         self._current = None
         self._residual.clear()
         self._qk_outputs.clear()
@@ -293,11 +304,12 @@ class Recording:
         meta, self._pending_meta = self._pending_meta, {}
         self._current = BatchCapture(ids=list(meta.pop("ids", [])), meta=meta, module_paths=self.module_paths,
                                      qk_spectrum=self.qk_spectrum)
+        self._calls.clear()
         self._outer = outer
 
     def _begin_inner(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The first recorded layer starts: keep the batch ``model`` just opened, else open one here."""
-        if self._current is None or not self._outer or self._current.captures:
+        if self._current is None or not self._outer or (self._current.captures and not self._first_joins):
             self._begin_batch(module, args, kwargs, outer=False)
 
     def _end_inner(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -309,6 +321,7 @@ class Recording:
         self._qk_outputs.clear()
         if batch is None or not batch.captures:
             return
+        self._join_calls(batch)
         for layer, cap in batch.captures.items():
             if ((layer in self._from_qk and cap.query is None) or (layer in self._qk_attention and "full" not in cap.attention)
                     or (layer in self._qk_rows and not cap.attention.keys() - {"full"})):
@@ -345,7 +358,8 @@ class Recording:
         # full maps come from the model's own q and k in the q/k hook (or its own attention call, outputs="eager");
         # rows and pooled from x here (with a few query tokens the keys are never computed, cheaper than k), or
         # from q and k in the q/k hook where it runs anyway (modes or full maps from q/k)
-        specs = [s for s in specs if not (s.kind == "full" and (site.layer in self._qk_attention or site.layer in self._once))
+        specs = [s for s in specs if not (s.kind == "full" and (site.layer in self._qk_attention or site.layer in self._once
+                                                                or site.observes_maps()))
                  and not (s.kind != "full" and site.layer in self._qk_rows)]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -379,9 +393,52 @@ class Recording:
                 relative = site.relative_term() if "full" in cap.attention else None  # SAM/ViTDet: kept with its maps
                 if relative is not None:
                     cap.relative = site.to_images("full", relative)
+                if site.layer in self._current.captures:  # type: ignore[union-attr]
+                    self._repeated_call(site)
                 self._current.captures[site.layer] = cap  # type: ignore[union-attr]
 
         return hook
+
+    # ---- q/k made inside the module (zoo11-inside, qkhooks.models.inside): the maps observed in its own forward
+    def _inside_hooks(self, site: AttentionSite) -> list[Any]:
+        """Hooks that watch an :class:`InsideSite`'s module compute its attention and keep its maps as the layer's
+        full maps (nothing when the site is not one, or no full maps are asked for it)."""
+        if not site.observes_maps() or not any(s.kind == "full" and s.covers(site.layer) for s in self.attention_specs):
+            return []
+        from qkhooks.models.inside import InsideCall
+
+        call = self._inside[site.layer] = InsideCall(site)  # type: ignore[arg-type]
+
+        def enter(module: nn.Module, args: tuple) -> None:
+            if self._current is not None and site.layer in self._current.captures:
+                call.enter()
+
+        def leave(module: nn.Module, args: tuple, output: Any) -> None:
+            if not call.entered:
+                return
+            seen = call.leave()
+            cap = self._current.captures.get(site.layer) if self._current is not None else None
+            if output is not None and cap is not None:
+                cap.attention["full"] = site.to_images("full", site.assemble(seen))  # type: ignore[attr-defined]
+
+        return [site.module.register_forward_pre_hook(enter),
+                site.module.register_forward_hook(leave, always_call=True)]
+
+    # ---- several calls of one layer per forward (zoo11-inside): joined, or refused
+    def _repeated_call(self, site: AttentionSite) -> None:
+        """The layer runs again in the same forward: keep its finished call (a site that joins its calls, VidEoMT's
+        per-frame layers), or refuse: one capture per layer would silently hold only the last call."""
+        if not site.joins_calls():
+            raise QKHooksError(f"layer {site.layer} ({site.path}, {type(site.module).__name__}) ran more than once in one "
+                               "forward of the model, and a recording holds one call per layer and forward, so its "
+                               "earlier calls would be lost; qkhooks does not model this module's repeated calls.")
+        self._calls.setdefault(site.layer, []).append(self._current.captures[site.layer])  # type: ignore[union-attr]
+
+    def _join_calls(self, batch: BatchCapture) -> None:
+        """Each layer that ran several times: its calls as one capture, batch axis image-major (b·T + t for T calls)."""
+        calls, self._calls = self._calls, {}
+        for layer, earlier in calls.items():
+            batch.captures[layer] = _joined_calls(earlier + [batch.captures[layer]])
 
     def _attention_from_qk(self, site: AttentionSite) -> bool:
         """Whether this layer's full maps are rebuilt from the q and k its own Linear modules return (no second
@@ -392,10 +449,11 @@ class Recording:
     def _takes_rows_from_qk(self, site: AttentionSite) -> bool:
         """Whether this layer's rows (and pooled rows) are taken from the q and k its Linear modules return, where
         the q/k hook runs anyway: the model's own q and k, no second q projection (a few tenths of a ms per ViT-S
-        layer). Not where the site reads rows its own way (windows, packed sequences) or keys come from other tokens,
-        nor inside a layer attended once (its softmax would be taken for the module's own)."""
+        layer). Not where the site reads rows its own way (windows, packed sequences), keys come from other tokens or
+        maps are observed in the module's own forward, nor in a layer attended once (its softmax would be taken for
+        the module's own) or run once per frame."""
         return ((site.layer in self._from_qk or site.layer in self._qk_attention) and site.key_tokens is None
-                and site.layer not in self._once
+                and site.layer not in self._once and not site.observes_maps() and not site.joins_calls()
                 and type(site).attention_rows is AttentionSite.attention_rows
                 and any(s.kind != "full" and s.covers(site.layer) for s in self.attention_specs))
 
@@ -746,6 +804,27 @@ def _links_back(values: Iterable[Any], originals: set[int]) -> bool:
         else:
             stack.extend(gc.get_referents(value))
     return False
+
+
+def _joined_calls(caps: list[LayerCapture]) -> LayerCapture:
+    """One capture of T calls of a layer, each over the same B images: every tensor (B, ...) -> (B·T, ...), image b's
+    calls together (b·T + t), the order in which a model that runs its frames as images lays them out."""
+    def join(parts: list[Any]) -> Any:
+        return None if parts[0] is None else torch.stack(parts, dim=1).flatten(0, 1)
+
+    first = caps[0]
+    return LayerCapture(first.layer, sum(c.batch_size for c in caps), inputs=join([c.inputs for c in caps]),
+                        query=join([c.query for c in caps]), key=join([c.key for c in caps]),
+                        attention={kind: join([c.attention.get(kind) for c in caps]) for kind in first.attention},
+                        relative=join([c.relative for c in caps]))
+
+
+def _refuse_maps_only_modes(sites: Sequence[AttentionSite]) -> None:
+    """Modes asked of a layer whose q or k is made inside the module (no W_q^T W_k of its tokens): refused, naming it."""
+    for site in sites:
+        why = site.modes_refusal()
+        if why:
+            raise QKHooksError(why)
 
 
 def _reduced_keys(site: AttentionSite, x: torch.Tensor, input: str, dtype: torch.dtype | None) -> torch.Tensor:

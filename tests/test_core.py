@@ -355,7 +355,7 @@ def _unknown_qk_norm(model: nn.Module) -> nn.Module:
     "build, reason",
     [
         (lambda: _unknown_qk_norm(timm.create_model("vit_tiny_patch16_224", pretrained=False, qk_norm=True, depth=1, embed_dim=32, num_heads=2, img_size=32, patch_size=8)), "q/k normalisation"),  # LayerNorm/RMSNorm are modelled (test_forms)
-        (lambda: timm.create_model("efficientvit_m0", pretrained=False, img_size=64), "window"),  # Swin v1/v2 are modelled (test_zoo)
+        (lambda: timm.create_model("volo_d1_224", pretrained=False, img_size=64), "window"),  # Swin v1/v2, EfficientViT-MSRA are modelled (test_zoo)
         (lambda: timm.create_model("xcit_nano_12_p8_224", pretrained=False, depth=1, img_size=32), "softmax runs over channels"),  # grouped-query AttentionRope is modelled now (test_zoo)
     ],
     ids=["qk-norm", "windows", "xca"],

@@ -161,9 +161,14 @@ def test_a_masked_clip_has_no_grid_rather_than_a_guessed_one():
     assert geometry.query_tokens == 16 and geometry.grid is None
 
 
-def test_divided_space_time_attention_is_refused_naming_the_module_and_the_grouping():
-    model, _ = _case("TimesformerModel")
-    with pytest.raises(QKHooksError, match=r"encoder\.layer\.0\.(temporal_)?attention\.attention.*divided space-time"):
+def test_timesformer_layouts_other_than_divided_space_time_are_refused_naming_the_module_and_the_layout():
+    """Divided space-time is exact since zoo11-inside (tests/test_inside_forms.py); the joint layout is refused."""
+    import transformers
+
+    model = transformers.TimesformerModel(transformers.TimesformerConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8,
+        num_frames=4, attention_type="joint_space_time"))
+    with pytest.raises(QKHooksError, match=r"encoder\.layer\.0\.attention\.attention.*'joint_space_time' layout"):
         qkhooks.sites(model)
 
 

@@ -66,7 +66,11 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         maps: dict[int, torch.Tensor] = {}
         fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
         handles = []
+        per_head: dict[int, list[torch.Tensor]] = {}  # zoo11-inside: one softmax per head (EfficientViT-MSRA), in order
         for i, site in enumerate(sites):
+            if getattr(site, "softmaxes_per_call", 1) > 1:
+                handles += _softmax_hooks(site.module, lambda t, i=i: per_head.setdefault(i, []).append(t.detach().clone()))
+                continue
             if getattr(site.module, "talking_head2", None) is not None:  # EfficientFormer-v2: heads mixed after the softmax
                 handles.append(site.module.talking_head2.register_forward_hook(
                     lambda m, a, o, i=i: maps.__setitem__(i, o.detach().clone())))
@@ -85,12 +89,16 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
                 h.remove()
             for m, value in fused:
                 m.fused_attn = value
+        maps.update({i: torch.stack(heads, dim=1) for i, heads in per_head.items()})
         return [maps[i] for i in range(len(sites)) if i in maps]
     # HF attention modules return (output, weights) on the eager path: read each site's own weights
     seen: dict[int, torch.Tensor] = {}
     handles = [site.module.register_forward_hook(
         lambda m, a, o, i=i: seen.__setitem__(i, o[1].detach()) if isinstance(o, tuple) and len(o) > 1
         and isinstance(o[1], torch.Tensor) else None) for i, site in enumerate(sites)]
+    calls: dict[int, list[torch.Tensor]] = {}  # zoo11-inside: a layer run once per frame (VidEoMT): every call's weights
+    handles += [site.module.register_forward_hook(lambda m, a, o, i=i: calls.setdefault(i, []).append(o[1].detach()))
+                for i, site in enumerate(sites) if site.joins_calls()]
     softmaxed: dict[int, torch.Tensor] = {}  # modules that return no weights (HF MobileViT): the softmax they compute
     for i, site in enumerate(sites):
         handles += _softmax_hooks(site.module, lambda t, i=i: softmaxed.__setitem__(i, t.detach().clone()))
@@ -113,6 +121,7 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
         for h in handles:
             h.remove()
     seen.update({i: _padded_segments(maps) for i, maps in segments.items()})  # zoo-packed: its eager softmaxes
+    seen.update({i: torch.stack(maps, dim=1).flatten(0, 1) for i, maps in calls.items()})  # zoo11-inside: b·T + t
     if len(seen) < len(sites) and before != "eager":  # the class picked its attention modules when built (Data2Vec):
         # an eager twin, same weights, on a copy of the config (building it sets the config's implementation: SAM2)
         twin = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
@@ -202,10 +211,15 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str, skip_unmodelled: 
     finally:
         for h in handles:
             h.remove()
-    assert fired == list(range(len(sites))), f"layer indices {fired} are not the forward order"
+    # zoo11-inside: a layer run once per frame (joins_calls) fires once per frame; every other layer once
+    repeated = [l for l in set(fired) if fired.count(l) > 1 and not sites[l].joins_calls()]
+    assert list(dict.fromkeys(fired)) == list(range(len(sites))) and not repeated, f"layer indices {fired} are not the forward order"
     eager = eager_maps(model, sites, inputs, kind)
+    # zoo11-inside: maps-only layers (q or k made inside the module): their maps here, the other layers' modes below
+    maps_only = [s.layer for s in sites if s.modes_refusal()]
     try:
-        with qkhooks.record(model, modes="all", augmented=True, attention="full", skip_unmodelled=skip_unmodelled) as run:
+        with qkhooks.record(model, modes=None if maps_only else "all", augmented=True, attention="full",
+                            skip_unmodelled=skip_unmodelled) as run:
             out = _first_tensor(_call(model, inputs))
             called = [dataclasses.replace(s) for s in run.sites]  # as called: the recording forgets the call on exit
             # the call's own terms, read while recording: a finished recording forgets them
@@ -217,6 +231,11 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str, skip_unmodelled: 
             form = _form(run.sites, bias, rotated)
     except QKHooksError as err:
         return _refused(err)
+    modes_run = run
+    if maps_only and len(maps_only) < len(sites):  # zoo11-inside: the modes of the layers that have them
+        with qkhooks.record(model, modes="all", augmented=True, layers=[s.layer for s in sites if s.layer not in maps_only],
+                            skip_unmodelled=skip_unmodelled) as modes_run:
+            _call(model, inputs)
     families = tuple(sorted({s.family for s in sites}))
     assert torch.equal(out, ref), "output changed under record()"
     assert [s.layer for s in run.sites] == list(range(len(sites)))
@@ -237,8 +256,10 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str, skip_unmodelled: 
         assert got.shape == want.shape, f"{site.path}: maps {tuple(got.shape)}, model {tuple(want.shape)}"
         err = float((got - want).abs().max())
         assert err < 1e-5, f"{site.path}: rebuilt maps differ from the model's eager attention by {err:.2e}"
+        if site.layer in maps_only:  # zoo11-inside: no W_q^T W_k of its tokens, so no modes (refused if asked)
+            continue
         # modes (augmented: biases folded in) rebuild the logits; the model's own are log A up to a row constant
-        query, key, spectrum = run.query[site.layer], run.key[site.layer], run.spectrum[site.layer]
+        query, key, spectrum = modes_run.query[site.layer], modes_run.key[site.layer], modes_run.spectrum[site.layer]
         if site.family == "timm-halo":  # haloed key windows: tests/test_local_forms.py checks the modes against q·k
             continue
         if site.layer in unfolded:  # pixel-grid maps (B, H, K, n_h·p_h·n_w·p_w) back to the model's (B·P, H, K, N)
@@ -314,6 +335,12 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("pooled queries")
     if any(hasattr(s, "segment_lengths") for s in sites):  # zoo-packed: one packed sequence cut by its cu_seqlens
         parts.append("packed segments (padding masked)")
+    if any(getattr(s, "axis", None) in ("time", "space") for s in sites):  # zoo11-inside: TimeSformer's two groupings
+        parts.append("divided space-time")
+    if any(s.joins_calls() for s in sites):  # zoo11-inside: VidEoMT's per-frame layers, calls joined
+        parts.append("per-frame calls")
+    if any(s.observes_maps() for s in sites):  # zoo11-inside: q or k made inside the module, maps observed, no modes
+        parts.append("q/k made inside (maps only)")
     return ", ".join(parts) or "plain"
 
 
@@ -649,10 +676,12 @@ FAST_CASES = [
     _timm_case("davit_tiny-partial", "exact", depths=(1, 1, 1, 1), embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2)),
     _timm_case("davit_base_fl-partial", "exact", size=64, depths=(1, 1, 1, 1), embed_dims=(16, 16, 16, 16),
                num_heads=(2, 2, 2, 2)),
-    _timm_case("gcvit_xxtiny", "queries are not projected", module="stages.0.blocks.1.attn", size=64, img_size=64),
-    _timm_case("gcvit_xxtiny-partial", "exact", size=64, img_size=64),  # zoo-davit: local windows; global blocks left out
-    _timm_case("efficientvit_m0", "cascaded group attention", module="stages.0.blocks.0.mixer.m.attn", size=64,
-               img_size=64),
+    # zoo11-inside: GCViT's global-query blocks maps only (q_global made by the stage), local blocks exact with modes
+    _timm_case("gcvit_xxtiny", "exact", size=64, img_size=64),
+    # zoo11-inside: EfficientViT-MSRA's cascaded heads maps only (conv-mixed q, each head fed the previous one's output);
+    # at 64 px the first stage's 4x4 map is one window, at 96 px its 6x6 map pads to 2x2 windows of 4
+    _timm_case("efficientvit_m0", "exact", size=64, img_size=64),
+    _timm_case("efficientvit_m0-padded-windows", "exact", size=96, img_size=96, window_size=(4, 4, 4)),
     # zoo-davit: ConViT's MHSA blocks after its GPSA blocks (two-softmax maps, left out by name)
     _timm_case("convit_tiny-partial", "exact", depth=3, local_up_to_layer=2, embed_dim=32, num_heads=4, img_size=32,
                patch_size=8),
@@ -814,8 +843,9 @@ FAST_CASES = [
              **HF_SMALL),
     _hf_case("VivitModel", "VivitModel", "VivitConfig", "exact", inputs=_clips(4), num_frames=4, tubelet_size=[2, 8, 8],
              hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32),
-    _hf_case("TimesformerModel", "TimesformerModel", "TimesformerConfig", "divided space-time attention", inputs=_clips(4),
-             module="encoder.layer.0.attention.attention", num_frames=4, **HF_SMALL),
+    # zoo11-inside: TimeSformer's divided space-time attention, time and space as their own sites (time first)
+    _hf_case("TimesformerModel", "TimesformerModel", "TimesformerConfig", "exact", inputs=_clips(4), num_frames=4,
+             **HF_SMALL),
     # zoo-hfsmall: transformers' LeViT (BatchNorm folded, attention biases, subsampled queries: models/hf_levit.py) and
     # Swin2SR (Swin-v2's cosine attention, log-CPB and shift masks on a 1-pixel-patch grid)
     _hf_case("LevitModel", "LevitModel", "LevitConfig", "exact", size=64, image_size=64, hidden_sizes=[32, 48, 64],
@@ -828,9 +858,9 @@ FAST_CASES = [
              module="spatial_layers.0.attention", inputs=_clips(4, key="pixel_values_videos"), hidden_size=32,
              num_spatial_layers=2, num_temporal_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
              num_frames=4, tubelet_size=[1, 8, 8]),
-    _hf_case("VideomtForUniversalSegmentation", "VideomtForUniversalSegmentation", "VideomtConfig", "once per frame",
-             module="layers.0.attention", inputs=_clips(2, key="pixel_values_videos"), num_queries=5, num_blocks=1,
-             **HF_SMALL),
+    # zoo11-inside: VidEoMT's last num_blocks layers run once per frame: their calls joined, frames as images
+    _hf_case("VideomtForUniversalSegmentation", "VideomtForUniversalSegmentation", "VideomtConfig", "exact",
+             inputs=_clips(3, key="pixel_values_videos"), num_queries=5, num_blocks=1, **HF_SMALL),
     # zoo-hfsmall: OneFormer on a Swin encoder (exact), its object-query decoder, deformable pixel decoder and text
     # mapper left out by design as Mask2Former's; task_inputs: the task text's token ids
     _hf_case("OneFormerForUniversalSegmentation", "OneFormerForUniversalSegmentation", "OneFormerConfig", "exact",
@@ -1519,14 +1549,18 @@ def test_a_second_recording_of_the_same_model_equals_the_first(case: Case):
     model = perturb(case.build())
     inputs = case.inputs()
     recorded = []
+    # zoo11-inside: a model with maps-only layers (q or k made inside the module) is entered without modes
+    maps_only = any(s.modes_refusal() for s in qkhooks.sites(model, skip_unmodelled=case.name.endswith("-partial")))
     for _ in range(2):
-        with qkhooks.record(model, modes="all", augmented=True, attention="full",
+        with qkhooks.record(model, modes=None if maps_only else "all", augmented=True, attention="full",
                             skip_unmodelled=case.name.endswith("-partial")) as run:
             out = _first_tensor(_call(model, inputs))
-        recorded.append((out, run.attention_maps("full"), dict(run.query), dict(run.key)))
+        full = run.attention_maps("full")
+        recorded.append((out, full, {} if maps_only else dict(run.query), {} if maps_only else dict(run.key)))
     (out1, full1, q1, k1), (out2, full2, q2, k2) = recorded
     assert torch.equal(out1, out2)
-    assert sorted(full1) == sorted(full2) == sorted(q1) == sorted(q2) and len(full1) > 0
+    assert sorted(full1) == sorted(full2) and (maps_only or sorted(full1) == sorted(q1) == sorted(q2)) and len(full1) > 0
     for layer in full1:
         assert torch.equal(full1[layer], full2[layer]), f"layer {layer}: full maps differ on the second entry"
-        assert torch.equal(q1[layer], q2[layer]) and torch.equal(k1[layer], k2[layer]), f"layer {layer}: modes differ"
+        if not maps_only:
+            assert torch.equal(q1[layer], q2[layer]) and torch.equal(k1[layer], k2[layer]), f"layer {layer}: modes differ"

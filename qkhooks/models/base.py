@@ -241,6 +241,28 @@ class AttentionSite:
         (zoo-packed: a packed vision tower takes no image batch and has no one grid per layer)."""
         return None
 
+    # ---- q/k made inside the module (zoo11-inside, :mod:`qkhooks.models.inside`): maps observed, modes refused
+    def observes_maps(self) -> bool:
+        """Whether this layer's full maps are taken in the module's own forward (its q or k is made inside the module)
+        instead of rebuilt from the hooked tokens (:class:`qkhooks.models.inside.InsideSite`)."""
+        return False
+
+    def modes_refusal(self) -> str | None:
+        """Why no mode of W_q^T W_k describes this layer's logits (a maps-only site), or None: modes are projected."""
+        return None
+
+    def joins_calls(self) -> bool:
+        """Whether the forward runs this module several times (VidEoMT's per-frame layers: once per frame), each call one
+        more image of the layer's batch axis; a recording joins the calls (image-major). Elsewhere a second call of a
+        layer in one forward is refused: a recording holds one call per layer and forward."""
+        return False
+
+    def forward_anchor(self) -> nn.Module:
+        """The module whose place in the model's registration order is this site's place in the forward: its module,
+        unless its block calls its attentions in another order than it registers them (TimeSformer registers the space
+        attention first and runs the time attention first: the time site's anchor is its block)."""
+        return self.module
+
     def images_in_call(self, rows: int) -> int:
         """Images in a call of the module whose batch axis has ``rows`` entries (windowed sites: rows / windows)."""
         return rows
@@ -482,7 +504,7 @@ def number_in_forward_order(model: nn.Module, found: list[AttentionSite]) -> lis
     paths = [s.path for s in found]
     if len(set(paths)) != len(paths):
         raise QKHooksError(f"the adapter returned an attention module twice: {sorted(p for p in paths if paths.count(p) > 1)}.")
-    found = sorted(found, key=lambda s: order[id(s.module)])
+    found = sorted(found, key=lambda s: order[id(s.forward_anchor())])
     for index, site in enumerate(found):
         site.layer = index
         if not site.stage:

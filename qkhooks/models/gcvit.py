@@ -1,4 +1,4 @@
-"""GCViT (timm ``gcvit_*``): local window blocks exact; global-query blocks left out by name (METHODS.md C, windows).
+"""GCViT (timm ``gcvit_*``): local window blocks exact; global-query blocks maps only (METHODS.md C, windows).
 
 Each stage alternates a local block (``WindowAttentionGlobal`` with ``use_global=False``: qkv of the window's tokens,
 softmax(scale·q·k + RelPosBias) per window, no shift, no padding) and a global block, whose queries are the stage's
@@ -8,8 +8,9 @@ module's own relative-position table; the block hands every block the global que
 ignores (timm: ``if self.use_global and q_global is not None``), so the site accepts that argument there only.
 
 The global blocks have no W_q: their logits are q_global·W_k x, so W_q^T W_k does not exist and no mode of the
-layer's tokens describes the query side. They are refused by default, and left out by name with
-``skip_unmodelled=True``; layer indices number the local blocks in forward order.
+layer's tokens describes the query side. They are maps-only sites (:mod:`qkhooks.models.inside`): full maps
+(B, nW, H, Nw, Nw), windows in the model's order, are the module's own softmax(scale·q_global·k + RelPosBias) taken
+in its forward; ``record(modes=...)`` on them is refused naming the layer (``modes=0`` records them).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import nn
 
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite
-from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
+from qkhooks.models.inside import InsideSite
+from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import WindowSite, _as_window_site, _maxxvit_relative_bias, _pair, _timm_qkv
 
 
@@ -35,6 +37,17 @@ class LocalWindowSite(WindowSite):
         super().refuse_unmodelled_inputs(args[:1] + args[2:], {k: v for k, v in kwargs.items() if k != "q_global"})
 
 
+@dataclasses.dataclass(eq=False)
+class GlobalQueryWindowSite(InsideSite, LocalWindowSite):
+    """A GCViT global block: the stage's global query tokens (``q_global``) against the keys of each window; maps
+    observed in the module's forward, per image and window as for the local blocks; no modes (no W_q)."""
+
+
+_GLOBAL_QUERIES = ("its queries are the stage's global query tokens (q_global, made by the stage's GlobalContext "
+                   "generator from the whole feature map and repeated over the windows), not a projection of the "
+                   "layer's tokens, so the logits q_global·W_k x have no W_q and the content form W_q^T W_k does not exist")
+
+
 def _gcvit_attention() -> type:
     from timm.models.gcvit import WindowAttentionGlobal
 
@@ -42,10 +55,8 @@ def _gcvit_attention() -> type:
 
 
 def _gcvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite | None:
-    """Local blocks: windows of ``block.window_size`` over the block's (B, H, W, C) input; global blocks: no site
-    (:data:`UNMODELLED_FORMS` says why)."""
-    if attn.use_global:
-        return None
+    """Local blocks: windows of ``block.window_size`` over the block's (B, H, W, C) input; global blocks: the same
+    windows, maps only (:class:`GlobalQueryWindowSite`)."""
     block_ref = weakref.ref(site.block)  # a finished recording keeps no model alive
 
     def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
@@ -56,13 +67,12 @@ def _gcvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite | None:
     fields.update(family="timm-gcvit", grid=None, patch_size=None, num_prefix_tokens=0)
     window = _as_window_site(AttentionSite(**fields), geometry=lambda: (_pair(block_ref().window_size), (0, 0)),
                              call_grid=call_grid, relative_bias=_maxxvit_relative_bias(site, attn), pad_first=False)
-    return LocalWindowSite(**{f.name: getattr(window, f.name) for f in dataclasses.fields(WindowSite)})
+    fields = {f.name: getattr(window, f.name) for f in dataclasses.fields(WindowSite)}
+    if not attn.use_global:
+        return LocalWindowSite(**fields)
+    fields.update(qk_modules=(), head_dim=int(attn.head_dim), family="timm-gcvit-global")
+    return GlobalQueryWindowSite(**fields, inside=_GLOBAL_QUERIES)
 
 
 timm_adapter.EXTRA_FORMS["GcvitWindowAttentionGlobal"] = timm_adapter.ExtraForm(_gcvit_attention, _timm_qkv, _gcvit_site)
 MODELLED_FORMS.update({"timm.models.gcvit.WindowAttentionGlobal", "timm.models.gcvit.GlobalContextVitBlock"})
-UNMODELLED_FORMS["timm.models.gcvit.WindowAttentionGlobal"] = lambda m: None if not getattr(m, "use_global", False) else (
-    "its queries are not projected from the layer's tokens: they are the global query tokens the stage's GlobalContext "
-    "generator computes from the whole feature map, repeated over the windows (q_global), and its qkv makes only keys "
-    "and values, so the logits q_global·W_k x have no W_q and the content form W_q^T W_k does not exist. GCViT's local "
-    "window blocks (use_global=False) are modelled exactly")

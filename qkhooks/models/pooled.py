@@ -167,7 +167,9 @@ UNMODELLED_FORMS.update({
     "feat_size and normed by norm_q / norm_k, the class token kept apart), so queries and keys are W_q and W_k applied "
     "to pooled tokens the module makes itself, not to its input, plus the decomposed relative term q·R_h + q·R_w on the "
     "pooled grids where rel_pos_type='spatial'; qkhooks does not read those pooled tokens out of this module yet "
-    "(MViTv2 with pool_first=False, timm's default, is modelled)",
+    "(MViTv2 with pool_first=False, timm's default, is modelled). Note: in timm 1.0.31 this module's own forward "
+    "fails for every configuration (k is reshaped to (B, N, H, d) and multiplied untransposed: q @ k), so such a "
+    "model does not run at all",
 })
 
 

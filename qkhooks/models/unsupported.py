@@ -82,13 +82,8 @@ UNMODELLED_FORMS.update({
     "(linear) attention: one score per token, pooled into a single context vector; " + _NO_TOKEN_SOFTMAX,
     "transformers.models.swiftformer.modeling_swiftformer.SwiftFormerEfficientAdditiveAttention": "additive attention: "
     "one learned global query vector scores each token; " + _NO_TOKEN_SOFTMAX,
-    # zoo-hfsmall: video and detection forms (models/video.py models VideoMAE / ViViT joint space-time attention)
-    "transformers.models.timesformer.modeling_timesformer.TimesformerSelfAttention": "TimeSformer attention: under "
-    "divided space-time attention (its default) each block runs a time attention over the frames of each patch "
-    "((B·h·w) groups of T tokens) and a space attention over each frame's patches plus a copy of the class token "
-    "((B·T) groups), the tokens regrouped between the two and the class token's outputs averaged over frames; each is "
-    "a plain softmax(q·k) over its group, but qkhooks models neither grouping as a site yet (nor the space-only and "
-    "joint layouts of this class), so its maps are not recorded rather than read on the wrong tokens",
+    # zoo-hfsmall: video and detection forms (models/video.py models VideoMAE / ViViT joint space-time attention and,
+    # since zoo11-inside, TimeSformer's divided space-time attention)
     "transformers.models.deformable_detr.modeling_deformable_detr.DeformableDetrMultiscaleDeformableAttention":
     "multi-scale deformable attention: each query samples a few points around its reference point at learned offsets "
     "and weights them with a softmax of a linear layer of the query alone, with no key projection; " + _NO_TOKEN_SOFTMAX,
@@ -100,9 +95,6 @@ UNMODELLED_FORMS.update({
     "(c·tanh(logit / c), attn_logit_softcapping) before the softmax, so the logits are not scale·q·k + bias and the "
     "modes of W_q^T W_k would not rebuild them; its factorised encoders (a spatial ViT per frame, then a temporal one "
     "over the frames of each patch) are not modelled either",
-    "transformers.models.videomt.modeling_videomt.VideomtAttention": "VidEoMT runs its last num_blocks layers once per "
-    "frame (object queries joined to each frame's tokens and propagated from frame to frame), so those layers attend "
-    "several times in one forward, and a recording holds one call of each layer per forward",
     "transformers.models.imagegpt.modeling_imagegpt.ImageGPTAttention": "ImageGPT is a causal language model over "
     "colour-cluster tokens in raster order (each token attends only to those before it, q/k from a fused Conv1D "
     "c_attn); it takes token ids, not image patches, and its causal attention is not modelled",

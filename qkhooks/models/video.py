@@ -12,9 +12,26 @@ The (t, h, w) of each call is read off the model's own Conv3d as it runs, never 
 a call whose tokens do not fill it (VideoMAE's ``bool_masked_pos`` drops the masked tubelets) has no grid and
 grid analyses refuse the layer.
 
-TimeSformer (divided space-time attention: a time attention over the frames of each patch, then a space
-attention over the patches of each frame, with the tokens regrouped between them) is refused in
-:mod:`qkhooks.models.unsupported` with that reason.
+TimeSformer (HF ``TimesformerModel``, divided space-time attention, its default): each block runs a time attention
+over the T frames of each of its P patches, then a space attention over each frame's P patches plus a copy of the
+class token, the tokens regrouped between the two (the clip's tokens are the class token, then patch-major,
+frame-minor: token 1 + p·T + t). Each is a plain softmax(scale·q·k) within its groups, so each is its own site
+(:class:`DividedSite`), the time site numbered first, as the block runs them:
+
+- ``full`` maps: the model's own (B·G, H, n, n) per group, split per image: (B, G, H, n, n), time: G = P groups of
+  n = T frames; space: G = T groups of n = 1 + P (the class token's copy first);
+- modes: those of W_q^T W_k, exact for every group, on the clip's token axis (B, H, K, N): time N = P·T (patch-major,
+  the class token takes no part), space N = 1 + P·T (the class token's copies are the same token, one map);
+- :meth:`DividedSite.window_index` gives the (G, n) clip token of every group position; no image grid is claimed
+  (a token is a (patch, frame) pair), and rows / pooled attention are refused (record ``full``).
+The space-only and joint layouts of the same class are refused naming the layout.
+
+VidEoMT (HF ``VideomtForUniversalSegmentation``) runs its first layers on the clip's frames as images (B·T, N, d),
+then its last ``num_blocks`` layers once per frame, on (B, Q + N, d): the frame's tokens after its Q object queries
+(propagated from frame to frame). Each such layer is one site whose T calls of one forward are joined
+(:meth:`FrameCallSite.joins_calls`): every capture's batch axis is B·T frames, image-major (b·T + t), the order of the
+first layers' own frames-as-images axis, so layer indices stay the forward order and each frame's maps are kept;
+the object queries are prefix tokens there. Rows / pooled attention and run files are refused for those layers.
 """
 
 from __future__ import annotations
@@ -22,11 +39,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models.base import AttentionSite
+from qkhooks.models.unsupported import MODELLED_FORMS
+from qkhooks.models.windows import WindowSite
 
 
 @dataclasses.dataclass(eq=False)
@@ -80,3 +100,121 @@ def _space_time_site(site: AttentionSite, module: nn.Module, modules: dict[str, 
 
 for _cls in ("VideoMAESelfAttention", "VivitAttention"):
     hf.EXTRA_FORMS[_cls] = (frozenset(), _space_time_site)
+
+
+# ------------------------------------------------------------------------------ TimeSformer: divided space-time
+@dataclasses.dataclass(eq=False)
+class DividedSite(WindowSite):
+    """One of the two attentions of a TimeSformer block (``axis``: ``"time"`` or ``"space"``), its groups read as
+    windows over the clip's tokens: the block's call gives the batch B and the frames T (its config), so the P
+    patches and every group's clip tokens are known before the attention runs."""
+
+    axis: str = "time"
+    _clip: tuple[int, int, int] | None = dataclasses.field(default=None, repr=False)  # (B, P, T) of the block's call
+
+    def context_hooks(self) -> list[tuple[nn.Module, Callable]]:
+        def note_clip(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs["hidden_states"]  # (B, 1 + P·T, d)
+            frames = int(module.config.num_frames)
+            self._clip, self._index = (int(x.shape[0]), (int(x.shape[1]) - 1) // frames, frames), None
+
+        return [(self.block, note_clip)]
+
+    def forward_anchor(self) -> nn.Module:
+        return self.block if self.axis == "time" else self.module  # the block runs its time attention first
+
+    def window_index(self) -> torch.Tensor:
+        """(G, n) clip token of each group position: time (P, T): p·T + t over the patch tokens; space (T, 1 + P): the
+        class token (0), then 1 + p·T + t."""
+        if self._clip is None:
+            raise QKHooksError(f"{self.path}: its block was not seen running, so the clip's frames and patches are "
+                               "unknown; record the whole model.")
+        if self._index is None:
+            _, patches, frames = self._clip
+            grid = torch.arange(patches * frames).view(patches, frames)
+            if self.axis == "time":
+                self._index = grid
+            else:
+                self._index = torch.cat([torch.zeros(frames, 1, dtype=torch.long), 1 + grid.T], dim=1)
+        return self._index
+
+    def images_in_call(self, rows: int) -> int:
+        if self._clip is None or rows != self._clip[0] * self.window_index().shape[0]:
+            raise QKHooksError(f"{self.path}: {rows} groups in the call are not the {self.axis} groups of the block's clip "
+                               f"(batch, patches, frames) = {self._clip}.")
+        return self._clip[0]
+
+    def to_images(self, kind: str, t: torch.Tensor) -> torch.Tensor:
+        """Maps per image (B, G, H, n, n); modes (B·G, H, K, n) on the clip's token axis (B, H, K, N), each token's map
+        taken from its first group position (the class token's copies in the space groups are one token)."""
+        if kind != "modes":
+            return super().to_images(kind, t)
+        index = self.window_index().flatten()
+        flat = t.unflatten(0, (-1, self.window_index().shape[0])).permute(0, 2, 3, 1, 4).flatten(3)
+        first = torch.full((int(index.max()) + 1,), index.numel(), dtype=torch.long)
+        first.scatter_reduce_(0, index, torch.arange(index.numel()), reduce="amin")
+        return flat[..., first.to(flat.device)]
+
+    def grid_for(self, num_tokens: int) -> tuple[int, int]:
+        raise QKHooksError(f"{self.path}: a token of TimeSformer's divided attention is a (patch, frame) pair in the "
+                           "clip's patch-major order, not a position on one image grid; no grid is read off it.")
+
+    def check_attention_kind(self, kind: str) -> None:
+        if kind != "full":
+            raise QKHooksError(f"layer {self.layer} ({self.path}): TimeSformer's {self.axis} attention runs within its "
+                               f"groups of the clip's tokens, so '{kind}' attention (rows on an image grid) is not rebuilt "
+                               "for it; record attention='full' (the model's own (B, G, H, n, n) maps).")
+
+    def forget_call(self) -> None:
+        super().forget_call()
+        self._clip = None
+
+
+def _timesformer_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:
+    layout = getattr(getattr(modules[site.block_path], "config", None), "attention_type", "divided_space_time")
+    if layout != "divided_space_time":
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(module).__name__}): TimeSformer's "
+                           f"{layout!r} layout, which qkhooks does not model (its divided space-time layout is).")
+    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite) if f.init}
+    axis = "time" if ".temporal_attention." in f".{site.path}." else "space"
+    fields.update(grid=None, patch_size=None, num_prefix_tokens=0 if axis == "time" else 1, bias_input=None,
+                  stage=f"{site.stage} ({axis})")
+    return DividedSite(**fields, axis=axis, geometry=None, call_grid=None, relative_bias=None)
+
+
+hf.EXTRA_FORMS["TimesformerSelfAttention"] = (frozenset({"attn_drop"}), _timesformer_site)
+MODELLED_FORMS.add("transformers.models.timesformer.modeling_timesformer.TimesformerSelfAttention")
+
+
+# ------------------------------------------------------------------------------ VidEoMT: per-frame query layers
+@dataclasses.dataclass(eq=False)
+class FrameCallSite(AttentionSite):
+    """A VidEoMT layer the forward runs once per frame (object queries joined to the frame's tokens): its calls are
+    joined, frames as images (b·T + t)."""
+
+    def joins_calls(self) -> bool:
+        return True
+
+    def check_attention_kind(self, kind: str) -> None:
+        if kind != "full":
+            raise QKHooksError(f"layer {self.layer} ({self.path}): VidEoMT runs it once per frame, and '{kind}' attention "
+                               "takes its query tokens per image of one call; record attention='full' (every frame's "
+                               "maps, (B·T, H, N, N)).")
+
+    def run_file_refusal(self) -> str | None:
+        return (f"layer {self.layer} ({self.path}) runs once per frame of each clip (VidEoMT's query layers), so its "
+                "images are frames, not the clips a run file is given ids for; record it live with qkhooks.record")
+
+
+def _videomt_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:
+    config = modules[""].config
+    index = int(site.block_path.rpartition(".")[2])
+    if index < int(config.num_hidden_layers) - int(config.num_blocks):
+        return site  # frames as images, once per forward
+    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite) if f.init}
+    fields.update(num_prefix_tokens=site.num_prefix_tokens + int(config.num_queries))
+    return FrameCallSite(**fields)
+
+
+hf.EXTRA_FORMS["VideomtAttention"] = (frozenset(), _videomt_site)
+MODELLED_FORMS.add("transformers.models.videomt.modeling_videomt.VideomtAttention")
