@@ -234,6 +234,9 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str, skip_unmodelled: 
             want = want.unflatten(0, (-1, windows[site.layer].shape[0]))
         if site.layer in unfolded:  # one map per (image, pixel offset): the model's (B·P) batch axis split per image
             got = got.flatten(0, 1)
+        if site.family == "timm-diff":  # zoo11-maps: the model's 2H softmaxes (at attn_drop) as it combines them
+            want = want.unflatten(1, (-1, 2))
+            want = want[:, :, 0] - live.module._compute_lambda().detach().type_as(want) * want[:, :, 1]
         assert got.shape == want.shape, f"{site.path}: maps {tuple(got.shape)}, model {tuple(want.shape)}"
         err = float((got - want).abs().max())
         assert err < 1e-5, f"{site.path}: rebuilt maps differ from the model's eager attention by {err:.2e}"
@@ -300,8 +303,10 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("q/k-norm")
     if any(s.class_attention for s in sites):
         parts.append("class attention")
-    if any(s.head_mixing is not None for s in sites):
+    if any(s.head_mixing is not None and not hasattr(s, "map_terms") for s in sites):
         parts.append("head mixing")
+    if any(hasattr(s, "map_terms") for s in sites):  # zoo11-maps: differential attention, ConViT GPSA
+        parts.append("two softmaxes")
     if any(hasattr(s, "window_index") for s in sites):
         parts.append("windows")
     if any(getattr(s, "relative", None) is not None for s in sites):  # SAM/ViTDet decomposed relative positions
@@ -334,6 +339,9 @@ def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch
         rows = int(getattr(module, "q_dim", rows))
         w_q, w_k = w[:rows], w[rows: rows + kv_rows]
         b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: rows + kv_rows])
+    elif getattr(module, "qk", None) is not None:  # zoo11-maps: ConViT GPSA's fused qk Linear, q rows then k rows
+        w_q, w_k = module.qk.weight.chunk(2)
+        b_q, b_k = (None, None) if module.qk.bias is None else module.qk.bias.chunk(2)
     else:
         q_lin = getattr(module, "q_proj", None) or getattr(module, "query", None) or module.q
         k_lin = getattr(module, "k_proj", None) or getattr(module, "key", None) or module.k
@@ -653,8 +661,11 @@ FAST_CASES = [
     _timm_case("gcvit_xxtiny-partial", "exact", size=64, img_size=64),  # zoo-davit: local windows; global blocks left out
     _timm_case("efficientvit_m0", "cascaded group attention", module="stages.0.blocks.0.mixer.m.attn", size=64,
                img_size=64),
-    # zoo-davit: ConViT's MHSA blocks after its GPSA blocks (two-softmax maps, left out by name)
-    _timm_case("convit_tiny-partial", "exact", depth=3, local_up_to_layer=2, embed_dim=32, num_heads=4, img_size=32,
+    # zoo11-maps: differential attention (softmax1 − λ·softmax2 of 2H component heads), with q/k RMSNorm
+    _timm_case("vit_dwee_patch16_reg1_gap_256", "exact", qkv_bias=True, **SMALL_VIT),
+    _timm_case("vit_dwee_patch16_reg1_gap_256-qknorm", "exact", qk_norm=True, **SMALL_VIT),
+    # zoo11-maps: ConViT, every block: GPSA (a gated mix of a content and a position softmax), then MHSA
+    _timm_case("convit_tiny", "exact", depth=3, local_up_to_layer=2, embed_dim=32, num_heads=4, img_size=32,
                patch_size=8),
     # zoo-bn: q/k from Linear or 1x1 conv + BatchNorm (folded), position-indexed biases, subsampled queries (LeViT)
     _timm_case("levit_128s", "exact", size=64, img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4),
