@@ -211,3 +211,100 @@ def test_gpsa_rows_carry_the_position_term_of_their_own_query_rows():
     full = rec.attention(0, "full")
     want = torch.stack([full[b, :, tokens[b]] for b in range(2)])
     torch.testing.assert_close(rec.attention(0, "rows"), want, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- Llama 4 vision RoPE
+def _llama4() -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Llama4VisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=128, image_size=32, patch_size=8, vision_output_dim=32,
+                                             projector_input_dim=32, projector_output_dim=32)
+    return perturb(transformers.Llama4VisionModel(config)).eval()
+
+
+def _turn_pairs(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, d_k) turned pair by pair: (t_2i, t_2i+1) by the angle of freqs[n, i], written as a real rotation."""
+    cos, sin = freqs.real.double(), freqs.imag.double()
+    a, b = t[..., 0::2], t[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+
+
+def test_llama4_vision_maps_are_the_softmax_of_pairwise_rotated_q_k_and_modes_the_content_form():
+    """Maps = softmax(scale · R(q)·R(k)) with R the rotation of interleaved pairs by the call's own freqs_ci (written
+    here as a real rotation, not the model's complex product), equal to the model's eager weights; modes rebuild the
+    unrotated content logits q·k; no grid is claimed (class token last)."""
+    model = _llama4()
+    layers = model.model.layers
+    attns = {f"model.layers.{i}.self_attn": layer.self_attn for i, layer in enumerate(layers)}
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    freqs: list[torch.Tensor] = []
+    handle = layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a, kw: freqs.append(kw["freqs_ci"].detach().clone().reshape(17, -1)), with_kwargs=True)
+    xs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw, n=n: xs.__setitem__(n, (a[0] if a else kw["hidden_states"]).detach().clone()),
+                                         with_kwargs=True) for n, m in attns.items()]
+    try:
+        with torch.no_grad():
+            plain = model(images).last_hidden_state
+    finally:
+        for h in [handle, *hooks]:
+            h.remove()
+    eager: dict[str, torch.Tensor] = {}
+    model.set_attn_implementation("eager")
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: eager.__setitem__(n, o[1].detach().clone()))
+             for n, m in attns.items()]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.set_attn_implementation("sdpa")
+    with qkhooks.record(model, modes="all", augmented=True, attention="full") as rec:
+        with torch.no_grad():
+            out = model(images).last_hidden_state
+    assert torch.equal(out, plain)
+    assert freqs[0].shape == (17, 4) and bool((freqs[0][:-1].imag != 0).any())  # 16 patches + the class token, d_k/2
+    for layer, (path, attn) in enumerate(attns.items()):
+        x = xs[path].double()
+        q = (x @ attn.q_proj.weight.double().T + attn.q_proj.bias.double()).unflatten(-1, (4, 8)).transpose(1, 2)
+        k = (x @ attn.k_proj.weight.double().T + attn.k_proj.bias.double()).unflatten(-1, (4, 8)).transpose(1, 2)
+        want = ((_turn_pairs(q, freqs[0]) @ _turn_pairs(k, freqs[0]).transpose(-1, -2)) * 8**-0.5).softmax(-1)
+        got = rec.attention(layer, "full")
+        assert got.shape == eager[path].shape == (2, 4, 17, 17)
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got, eager[path], atol=1e-6, rtol=0)
+        torch.testing.assert_close(_mode_logits(rec, layer), (q @ k.transpose(-1, -2)) * 8**-0.5, atol=1e-5, rtol=1e-5)
+        assert rec.sites[layer].rope_layout == "interleaved" and rec.sites[layer].num_prefix_tokens == 0
+    with pytest.raises(QKHooksError, match="class token after the patches"):
+        rec.sites[0].grid_for(17)
+
+
+def test_llama4_vision_rows_of_chosen_tokens_use_the_rotated_keys():
+    model = _llama4()
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    tokens = torch.tensor([[16, 5]])  # the class token (last) and a patch
+    with qkhooks.record(model, modes=None, attention="rows+full") as rec:
+        rec.set_batch(query_tokens=tokens)
+        with torch.no_grad():
+            model(images)
+    torch.testing.assert_close(rec.attention(1, "rows"), rec.attention(1, "full")[:, :, [16, 5]], atol=1e-6, rtol=0)
+
+
+def test_llama4_vision_rope_bands_read_the_pairs_off_its_complex_tables_and_refuse_run_files():
+    """The band summary runs on the model's own freqs_ci: its 4 interleaved pairs, two with the column and two with the
+    row (the same step along the grid: a frequency 1 and θ^(-1/2) apart); run files are refused with the reason."""
+    from qkhooks.models.rope import rope_band_summary
+    from qkhooks.stream import probe_geometry
+
+    model = _llama4()
+    sites = qkhooks.sites(model)
+    summary = rope_band_summary(model, sites, 2)
+    assert sorted(summary) == [0, 1]
+    high, low = summary[0]
+    assert sorted(high["pairs"] + low["pairs"]) == [0, 1, 2, 3] and sorted(high["pairs"]) == [0, 2]  # pair 0: x, 2: y
+    assert high["frequency"][0] == pytest.approx(1.0, abs=1e-6) and low["frequency"][1] < 1.0
+    with pytest.raises(QKHooksError, match="class token after the patches"):
+        probe_geometry(model, sites, (32, 32))

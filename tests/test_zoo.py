@@ -104,7 +104,8 @@ def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str)
     sub_configs = [(m, m.config._attn_implementation) for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
     model.set_attn_implementation("eager")
     try:
-        _call(model, inputs, output_attentions=True)
+        # zoo11-maps: Llama 4 vision's modules return their eager weights, but its encoder fails gathering them
+        _call(model, inputs, **({} if type(model).__name__ == "Llama4VisionModel" else {"output_attentions": True}))
     finally:
         model.set_attn_implementation(before)
         for module, implementation in sub_configs:  # a config's setter passes its value down to its sub-configs:
@@ -833,7 +834,7 @@ FAST_CASES = [
              num_attention_heads=[2, 3, 4], depths=[1, 1, 1], key_dim=[8, 8, 8]),
     # zoo-hfsmall: refused with their reasons (Llama 4's complex 2-D RoPE, VideoPrism's soft-capped logits, VidEoMT's
     # per-frame query blocks); Llama 4's pixel-shuffle adapter couples intermediate_size to hidden_size / ratio²
-    _hf_case("Llama4VisionModel", "Llama4VisionModel", "Llama4VisionConfig", "freqs_ci", module="model.layers.0.self_attn",
+    _hf_case("Llama4VisionModel", "Llama4VisionModel", "Llama4VisionConfig", "exact",  # zoo11-maps: complex 2-D RoPE
              vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, **dict(HF_SMALL, intermediate_size=128)),
     _hf_case("VideoPrismVisionModel", "VideoPrismVisionModel", "VideoPrismVisionConfig", "soft-caps its logits",
              module="spatial_layers.0.attention", inputs=_clips(4, key="pixel_values_videos"), hidden_size=32,
@@ -1229,7 +1230,7 @@ def test_a_mask_handed_to_an_attention_the_adapter_does_not_model_it_for_is_refu
 
 @pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in (
     "vit_small_patch16_dinov3", "DINOv3ViTModel", "eva02_tiny_patch14_224", "MLCDVisionModel",
-    "vit_pe_core_tiny_patch16_384-grouped-query")], ids=lambda c: c.name)
+    "vit_pe_core_tiny_patch16_384-grouped-query", "Llama4VisionModel")], ids=lambda c: c.name)
 def test_rope_band_forms_rebuild_the_models_rotated_logits(case: Case):
     """Σ_f cos Δφ_f · x̃_i^T W_q^T P_f W_k x̃_j + sin Δφ_f · x̃_i^T W_q^T J_f W_k x̃_j (one band per pair, biases folded in
     through x̃ = [x; 1]) equals the model's own rotated logits, read off its eager attention (log A per row)."""
