@@ -308,3 +308,85 @@ def test_llama4_vision_rope_bands_read_the_pairs_off_its_complex_tables_and_refu
     assert high["frequency"][0] == pytest.approx(1.0, abs=1e-6) and low["frequency"][1] < 1.0
     with pytest.raises(QKHooksError, match="class token after the patches"):
         probe_geometry(model, sites, (32, 32))
+
+
+# --------------------------------------------------------------------------------------- VideoPrism soft-capped logits
+def _videoprism(cap: float | None = 0.5) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.VideoPrismVisionConfig(hidden_size=32, num_spatial_layers=2, num_temporal_layers=2,
+                                                 num_attention_heads=4, intermediate_size=64, image_size=32, num_frames=4,
+                                                 tubelet_size=[1, 8, 8], attn_logit_softcapping=cap or 0.5, qkv_bias=True)
+    model = perturb(transformers.VideoPrismVisionModel(config)).eval()
+    for module in model.modules():  # the config takes a float only; a module without a cap skips it (None)
+        if hasattr(module, "attn_logit_softcapping"):
+            module.attn_logit_softcapping = cap
+    return model
+
+
+def test_videoprism_maps_are_the_softmax_of_capped_logits_in_forward_order_and_modes_the_logits_before_the_cap():
+    """Spatial layers: each frame's 16 patches (batch axis clips x frames); temporal layers: each patch's 4 frames (clips
+    x patches). Maps = softmax(c·tanh(scale·q·k / c)), q, k written out here from the tokens each module receives, and
+    the cap matters (without it the maps differ); the modes rebuild scale·q·k before the cap."""
+    model = _videoprism()
+    attns = {f"{stage}.{i}.attention": getattr(model, stage)[i].attention
+             for stage in ("spatial_layers", "temporal_layers") for i in range(2)}
+    clips = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    xs: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+
+    def keep(name: str):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            xs[name] = args[0].detach().clone()
+            order.append(name)
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep(n)) for n, m in attns.items()]
+    try:
+        with torch.no_grad():
+            plain = model(pixel_values_videos=clips).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+    with qkhooks.record(model, modes="all", augmented=True, attention="full") as rec:
+        with torch.no_grad():
+            out = model(pixel_values_videos=clips).last_hidden_state
+    assert torch.equal(out, plain)
+    assert [rec.module_paths[l] for l in rec.layers] == order == list(attns)
+    for layer, (path, attn) in enumerate(attns.items()):
+        x = xs[path].double()
+        with torch.no_grad():
+            q = (x @ attn.q_proj.weight.double().T + attn.q_proj.bias.double()).unflatten(-1, (4, 8)).transpose(1, 2)
+            k = (x @ attn.k_proj.weight.double().T + attn.k_proj.bias.double()).unflatten(-1, (4, 8)).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2)) * 8**-0.5
+        want = (0.5 * torch.tanh(logits / 0.5)).softmax(-1)
+        got = rec.attention(layer, "full")
+        rows, tokens = (8, 16) if layer < 2 else (32, 4)  # 2 clips x 4 frames of 4x4 patches, 2 clips x 16 patches of 4 frames
+        assert got.shape == (rows, 4, tokens, tokens)
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+        assert float((got.double() - logits.softmax(-1)).abs().max()) > 1e-3  # the cap is not a no-op here
+        torch.testing.assert_close(_mode_logits(rec, layer), logits, atol=1e-5, rtol=1e-5)
+        site = rec.sites[layer]
+        assert "soft-capped" in site.content_only() and not site.modes_rebuild_logits()
+        assert site.grid_for(tokens) == ((4, 4) if layer < 2 else (1, 4))
+
+
+def test_videoprism_rows_compute_every_key_under_the_cap_and_run_files_are_refused():
+    """Rows of chosen tokens equal the full maps' rows (the q·b_k term shared by a row's keys does not cancel under the
+    cap); a model without a cap has plain maps; run files are refused with the reason."""
+    from qkhooks.stream import probe_geometry
+
+    clips = torch.randn(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    for cap in (0.5, None):
+        model = _videoprism(cap)
+        # query tokens per row of the layer's batch axis: spatial layer 0 has the 4 frames of the one clip
+        with qkhooks.record(model, modes=None, attention="rows+full", layers=[0]) as rec:
+            rec.set_batch(query_tokens=torch.tensor([[0, 5]]).expand(4, -1))
+            with torch.no_grad():
+                model(pixel_values_videos=clips)
+        torch.testing.assert_close(rec.attention(0, "rows"), rec.attention(0, "full")[:, :, [0, 5]], atol=1e-6, rtol=0)
+        assert rec.sites[0].keys_shape_logits() == (cap is not None)
+    with pytest.raises(QKHooksError, match="clips x frames"):
+        probe_geometry(model, qkhooks.sites(model), (32, 32))

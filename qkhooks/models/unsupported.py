@@ -92,10 +92,6 @@ UNMODELLED_FORMS.update({
     "transformers.models.deformable_detr.modeling_deformable_detr.DeformableDetrMultiscaleDeformableAttention":
     "multi-scale deformable attention: each query samples a few points around its reference point at learned offsets "
     "and weights them with a softmax of a linear layer of the query alone, with no key projection; " + _NO_TOKEN_SOFTMAX,
-    "transformers.models.videoprism.modeling_videoprism.VideoPrismAttention": "VideoPrism soft-caps its logits "
-    "(c·tanh(logit / c), attn_logit_softcapping) before the softmax, so the logits are not scale·q·k + bias and the "
-    "modes of W_q^T W_k would not rebuild them; its factorised encoders (a spatial ViT per frame, then a temporal one "
-    "over the frames of each patch) are not modelled either",
     "transformers.models.videomt.modeling_videomt.VideomtAttention": "VidEoMT runs its last num_blocks layers once per "
     "frame (object queries joined to each frame's tokens and propagated from frame to frame), so those layers attend "
     "several times in one forward, and a recording holds one call of each layer per forward",
