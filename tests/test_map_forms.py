@@ -390,3 +390,71 @@ def test_videoprism_rows_compute_every_key_under_the_cap_and_run_files_are_refus
         assert rec.sites[0].keys_shape_logits() == (cap is not None)
     with pytest.raises(QKHooksError, match="clips x frames"):
         probe_geometry(model, qkhooks.sites(model), (32, 32))
+
+
+# ------------------------------------------------------------------------------------------ ImageGPT causal tokens
+def _imagegpt(**kw) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ImageGPTConfig(n_embd=32, n_layer=2, n_head=4, n_positions=16, **kw)
+    return perturb(transformers.ImageGPTModel(config)).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, {"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True}],
+                         ids=["plain", "inverse-layer-scale"])
+def test_imagegpt_maps_are_causal_softmax_of_its_conv1d_q_k_and_modes_rebuild_the_allowed_logits(kw):
+    """Maps = softmax over keys j ≤ i of q_i·k_j / √d_k (/ (layer + 1) where the config says so), q, k written out here
+    from c_attn's (d, 3d) weight, equal to the model's eager weights; the modes rebuild those logits below the diagonal;
+    the grid is the 4x4 image only when all 16 tokens are there."""
+    model = _imagegpt(**kw)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(10))
+    attns = {f"h.{i}.attn": block.attn for i, block in enumerate(model.h)}
+    xs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw_, n=n: xs.__setitem__(n, (a[0] if a else kw_["hidden_states"]).detach().clone()),
+                                         with_kwargs=True) for n, m in attns.items()]
+    try:
+        with torch.no_grad():
+            plain = model(input_ids=ids).last_hidden_state
+            eager = model(input_ids=ids, output_attentions=True).attentions
+    finally:
+        for h in hooks:
+            h.remove()
+    with qkhooks.record(model, modes="all", augmented=True, attention="full") as rec:
+        with torch.no_grad():
+            out = model(input_ids=ids).last_hidden_state
+    assert torch.equal(out, plain)
+    below = torch.ones(16, 16, dtype=torch.bool).tril()
+    for layer, (path, attn) in enumerate(attns.items()):
+        x = xs[path].double()
+        w, b = attn.c_attn.weight.detach().double(), attn.c_attn.bias.detach().double()
+        q = (x @ w[:, :32] + b[:32]).unflatten(-1, (4, 8)).transpose(1, 2)
+        k = (x @ w[:, 32:64] + b[32:64]).unflatten(-1, (4, 8)).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2)) * 8**-0.5 / ((layer + 1) if kw else 1)
+        want = logits.masked_fill(~below, float("-inf")).softmax(-1)
+        got = rec.attention(layer, "full")
+        assert got.shape == eager[layer].shape == (2, 4, 16, 16)
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got, eager[layer], atol=1e-6, rtol=0)
+        modes = _mode_logits(rec, layer)
+        torch.testing.assert_close(modes.where(below, 0), logits.where(below, 0), atol=1e-5, rtol=1e-5)
+    site = rec.sites[0]
+    assert site.grid_for(16) == (4, 4) and site.modes_rebuild_logits()
+    with pytest.raises(QKHooksError, match="not the whole image"):
+        site.grid_for(8)
+    with pytest.raises(QKHooksError, match="a mask"):
+        rec.bias(0)
+
+
+def test_imagegpt_refuses_a_call_that_continues_a_cache_and_run_files():
+    from qkhooks.stream import probe_geometry
+
+    model = _imagegpt()
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :8], use_cache=True).past_key_values
+    with pytest.raises(QKHooksError, match="continues a cache"):
+        with qkhooks.record(model, modes=2, attention="full"), torch.no_grad():
+            model(input_ids=ids[:, 8:], cache=cache, use_cache=True)
+    with pytest.raises(QKHooksError, match="token ids"):
+        probe_geometry(model, qkhooks.sites(model), (32, 32))

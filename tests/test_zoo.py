@@ -340,6 +340,9 @@ def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch
         rows = int(getattr(module, "q_dim", rows))
         w_q, w_k = w[:rows], w[rows: rows + kv_rows]
         b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: rows + kv_rows])
+    elif getattr(module, "c_attn", None) is not None:  # zoo11-maps: ImageGPT's fused Conv1D (x @ W, W (d, 3d))
+        w_q, w_k, _ = module.c_attn.weight.T.chunk(3)
+        b_q, b_k, _ = module.c_attn.bias.chunk(3)
     elif getattr(module, "qk", None) is not None:  # zoo11-maps: ConViT GPSA's fused qk Linear, q rows then k rows
         w_q, w_k = module.qk.weight.chunk(2)
         b_q, b_k = (None, None) if module.qk.bias is None else module.qk.bias.chunk(2)
@@ -852,7 +855,7 @@ FAST_CASES = [
              conv_dim=32, mask_dim=32, hidden_dim=32, encoder_feedforward_dim=32, encoder_layers=1, decoder_layers=2,
              num_attention_heads=2, dim_feedforward=32, num_queries=5, query_dec_layers=1),
     # zoo-hfsmall: refusals whose models only build with inputs or sizes the generic build lacks
-    _hf_case("ImageGPTModel", "ImageGPTModel", "ImageGPTConfig", "causal language model", module="h.0.attn",
+    _hf_case("ImageGPTModel", "ImageGPTModel", "ImageGPTConfig", "exact",  # zoo11-maps: causal, a 4x4 image's tokens
              inputs=lambda: {"input_ids": torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))},
              n_embd=32, n_layer=2, n_head=4, n_positions=16),
     _hf_case("MobileViTV2Model", "MobileViTV2Model", "MobileViTV2Config", "separable", size=64, image_size=64,

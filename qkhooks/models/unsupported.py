@@ -95,9 +95,6 @@ UNMODELLED_FORMS.update({
     "transformers.models.videomt.modeling_videomt.VideomtAttention": "VidEoMT runs its last num_blocks layers once per "
     "frame (object queries joined to each frame's tokens and propagated from frame to frame), so those layers attend "
     "several times in one forward, and a recording holds one call of each layer per forward",
-    "transformers.models.imagegpt.modeling_imagegpt.ImageGPTAttention": "ImageGPT is a causal language model over "
-    "colour-cluster tokens in raster order (each token attends only to those before it, q/k from a fused Conv1D "
-    "c_attn); it takes token ids, not image patches, and its causal attention is not modelled",
 })
 
 
