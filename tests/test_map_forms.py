@@ -123,6 +123,41 @@ def test_differential_attention_with_qk_norm_rebuilds_the_models_eager_maps():
     torch.testing.assert_close(rec.attention(0, "full"), want, atol=1e-6, rtol=0)
 
 
+def test_differential_attention_inside_parallel_blocks_reads_the_blocks_own_norm_and_projection():
+    """vit_dpwee: the block normalises its input and projects [MLP | q | k | v] in one Linear; maps = the model's eager
+    softmaxes combined with its λ, modes rebuild q_j·k_j of the component heads from in_norm(x), written out here."""
+    import timm
+
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("vit_dpwee_patch16_reg1_gap_256", pretrained=False, embed_dim=32, depth=2,
+                                      num_heads=4, img_size=32, patch_size=8, qkv_bias=True)).eval()
+    block = model.blocks[1]
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(12))
+    eager: list[torch.Tensor] = []
+    _, xs = _inputs_of(model, {"b": block}, images)
+    block.fused_attn = False
+    handle = block.attn_drop.register_forward_hook(lambda m, a, o: eager.append(o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        handle.remove()
+        block.fused_attn = True
+    with qkhooks.record(model, modes="all", augmented=True, attention="full", layers=[1]) as rec:
+        with torch.no_grad():
+            model(images)
+    assert rec.module_paths == {1: "blocks.1"}
+    lam = block._compute_lambda().detach()
+    torch.testing.assert_close(rec.attention(1, "full"), eager[0][:, 0::2] - lam * eager[0][:, 1::2], atol=1e-6, rtol=0)
+    with torch.no_grad():
+        y = block.in_norm(xs["b"]).double()
+        w, b = block.in_proj.weight.double(), block.in_proj.bias.double()
+        rows = slice(block.in_split[0], block.in_split[0] + 64)
+        qk = y @ w[rows].T + b[rows]
+    q, k = (t.unflatten(-1, (8, 4)).transpose(1, 2) for t in qk.chunk(2, -1))
+    torch.testing.assert_close(_mode_logits(rec, 1), (q @ k.transpose(-1, -2)) * 0.5, atol=1e-5, rtol=1e-5)
+
+
 def test_differential_layers_are_refused_for_run_files_and_terms_need_full_maps():
     from qkhooks.stream import probe_geometry
 

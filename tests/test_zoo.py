@@ -308,6 +308,8 @@ def _form(sites: list, bias: dict[int, Any], rotated: dict[int, bool]) -> str:
         parts.append("head mixing")
     if any(hasattr(s, "map_terms") for s in sites):  # zoo11-maps: differential attention, ConViT GPSA
         parts.append("two softmaxes")
+    if any(getattr(s, "cap", None) is not None for s in sites):  # zoo11-maps: VideoPrism's c·tanh(logit / c)
+        parts.append("soft-capped logits")
     if any(hasattr(s, "window_index") for s in sites):
         parts.append("windows")
     if any(getattr(s, "relative", None) is not None for s in sites):  # SAM/ViTDet decomposed relative positions
@@ -340,6 +342,12 @@ def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch
         rows = int(getattr(module, "q_dim", rows))
         w_q, w_k = w[:rows], w[rows: rows + kv_rows]
         b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: rows + kv_rows])
+    elif getattr(module, "in_split", None) is not None:  # zoo11-maps: timm DiffParallelScalingBlock, [MLP | q | k | v]
+        x = module.in_norm(x)
+        start, width = module.in_split[0], module.in_split[1]
+        w_q, w_k = module.in_proj.weight[start: start + width], module.in_proj.weight[start + width: start + 2 * width]
+        bias = module.in_proj.bias
+        b_q, b_k = (None, None) if bias is None else (bias[start: start + width], bias[start + width: start + 2 * width])
     elif getattr(module, "c_attn", None) is not None:  # zoo11-maps: ImageGPT's fused Conv1D (x @ W, W (d, 3d))
         w_q, w_k, _ = module.c_attn.weight.T.chunk(3)
         b_q, b_k, _ = module.c_attn.bias.chunk(3)
@@ -668,6 +676,7 @@ FAST_CASES = [
     # zoo11-maps: differential attention (softmax1 − λ·softmax2 of 2H component heads), with q/k RMSNorm
     _timm_case("vit_dwee_patch16_reg1_gap_256", "exact", qkv_bias=True, **SMALL_VIT),
     _timm_case("vit_dwee_patch16_reg1_gap_256-qknorm", "exact", qk_norm=True, **SMALL_VIT),
+    _timm_case("vit_dpwee_patch16_reg1_gap_256", "exact", qkv_bias=True, **SMALL_VIT),  # inside parallel blocks
     # zoo11-maps: ConViT, every block: GPSA (a gated mix of a content and a position softmax), then MHSA
     _timm_case("convit_tiny", "exact", depth=3, local_up_to_layer=2, embed_dim=32, num_heads=4, img_size=32,
                patch_size=8),

@@ -145,8 +145,49 @@ def _diff_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
                  head_mixing=DifferentialMaps(attn))
 
 
+@dataclasses.dataclass(eq=False)
+class _DiffParallelSite(TwoSoftmaxSite):
+    """timm ``DiffParallelScalingBlock`` (``vit_dpwee_*``): the block itself is hooked; the tokens entering W_q / W_k
+    are its ``in_norm`` of the block's input, which the block computes inside (its q, k rows sit in ``in_proj``
+    after the MLP's)."""
+
+    def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
+        x = super().hidden_states(args, kwargs, block)
+        if block:
+            return x
+        with torch.no_grad():
+            return self.module.in_norm(x)
+
+
+def _diff_parallel_block() -> type:
+    from timm.models.vision_transformer import DiffParallelScalingBlock
+
+    return DiffParallelScalingBlock
+
+
+def _diff_parallel_qk(block: nn.Module):
+    """q then k rows of the fused ``in_proj`` (MLP rows first, then q, k, v)."""
+    proj, start = block.in_proj, int(block.in_split[0])
+    width = int(block.in_split[1])
+
+    def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = None if proj.bias is None else proj.bias[start: start + 2 * width]
+        return proj.weight[start: start + 2 * width], bias
+
+    return reader, ()  # the q/k outputs sit behind the MLP's in one Linear: modes from the normed tokens
+
+
+def _diff_parallel_site(site: AttentionSite, block: nn.Module) -> AttentionSite:
+    diff = _diff_site(site, block)
+    fields = {f.name: getattr(diff, f.name) for f in dataclasses.fields(AttentionSite)}
+    return _DiffParallelSite(**fields | dict(block_path=site.path, block=block, stage=site.path.rpartition(".")[0]))
+
+
 timm_adapter.EXTRA_FORMS["DiffAttention"] = timm_adapter.ExtraForm(_diff_attention, _timm_qkv, _diff_site)
-MODELLED_FORMS.add("timm.layers.diff_attention.DiffAttention")
+timm_adapter.EXTRA_FORMS["DiffParallelScalingBlock"] = timm_adapter.ExtraForm(_diff_parallel_block, _diff_parallel_qk,
+                                                                              _diff_parallel_site)
+MODELLED_FORMS.update({"timm.layers.diff_attention.DiffAttention",
+                       "timm.models.vision_transformer.DiffParallelScalingBlock"})
 
 
 # -------------------------------------------------------------------------------------------------- ConViT
