@@ -493,3 +493,21 @@ def test_imagegpt_refuses_a_call_that_continues_a_cache_and_run_files():
             model(input_ids=ids[:, 8:], cache=cache, use_cache=True)
     with pytest.raises(QKHooksError, match="token ids"):
         probe_geometry(model, qkhooks.sites(model), (32, 32))
+
+
+def test_convit_run_file_stores_the_gpsa_maps_and_modes_of_the_live_recording(tmp_path):
+    """A run file of ConViT keeps every block: the GPSA layer's stored full maps and query maps are the live
+    recording's (the terms stay live-only: rec.terms(l))."""
+    from qkhooks.models.load import load_model
+    from qkhooks.store import open_run
+    from qkhooks.stream import record_dataset
+
+    model = _convit()
+    live: list[tuple[torch.Tensor, torch.Tensor]] = []
+    record_dataset(load_model(model), "samples", tmp_path / "convit.h5", limit=2, batch_size=2, progress=False,
+                   dtype="float32", modes=2, attention="full:0", reducers=[],
+                   on_batch=lambda b: live.append((b.attention(0, "full").clone(), b.query(0).clone())))
+    with open_run(tmp_path / "convit.h5") as run:
+        assert run.layers == [0, 1, 2]
+        torch.testing.assert_close(torch.as_tensor(run.attention(0, "full")[:]), live[0][0], atol=0, rtol=0)
+        torch.testing.assert_close(torch.as_tensor(run.query(0)[:]), live[0][1], atol=0, rtol=0)
