@@ -105,6 +105,17 @@ def test_differential_attention_with_qk_norm_rebuilds_the_models_eager_maps():
     model = _dwee(qk_norm=True)
     attn = model.blocks[0].attn
     images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    want = _eager_differential_maps(model, attn, images)
+    with qkhooks.record(model, modes=2, attention="full", layers=[0]) as rec:
+        with torch.no_grad():
+            model(images)
+    assert rec.sites[0].qk_norm is not None
+    torch.testing.assert_close(rec.attention(0, "full"), want, atol=1e-6, rtol=0)
+
+
+def _eager_differential_maps(model: torch.nn.Module, attn: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The model's own non-fused softmaxes of ``attn`` (its attn_drop input, 2H component heads) combined as its
+    forward combines them: softmax1 − λ·softmax2 with its own λ."""
     eager: list[torch.Tensor] = []
     attn.fused_attn = False
     handle = attn.attn_drop.register_forward_hook(lambda m, a, o: eager.append(o.detach().clone()))
@@ -114,13 +125,7 @@ def test_differential_attention_with_qk_norm_rebuilds_the_models_eager_maps():
     finally:
         handle.remove()
         attn.fused_attn = True
-    with qkhooks.record(model, modes=2, attention="full", layers=[0]) as rec:
-        with torch.no_grad():
-            model(images)
-    assert rec.sites[0].qk_norm is not None
-    lam = attn._compute_lambda().detach()
-    want = eager[0][:, 0::2] - lam * eager[0][:, 1::2]
-    torch.testing.assert_close(rec.attention(0, "full"), want, atol=1e-6, rtol=0)
+    return eager[0][:, 0::2] - attn._compute_lambda().detach() * eager[0][:, 1::2]
 
 
 def test_differential_attention_inside_parallel_blocks_reads_the_blocks_own_norm_and_projection():
@@ -133,22 +138,13 @@ def test_differential_attention_inside_parallel_blocks_reads_the_blocks_own_norm
                                       num_heads=4, img_size=32, patch_size=8, qkv_bias=True)).eval()
     block = model.blocks[1]
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(12))
-    eager: list[torch.Tensor] = []
     _, xs = _inputs_of(model, {"b": block}, images)
-    block.fused_attn = False
-    handle = block.attn_drop.register_forward_hook(lambda m, a, o: eager.append(o.detach().clone()))
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        handle.remove()
-        block.fused_attn = True
+    want = _eager_differential_maps(model, block, images)
     with qkhooks.record(model, modes="all", augmented=True, attention="full", layers=[1]) as rec:
         with torch.no_grad():
             model(images)
     assert rec.module_paths == {1: "blocks.1"}
-    lam = block._compute_lambda().detach()
-    torch.testing.assert_close(rec.attention(1, "full"), eager[0][:, 0::2] - lam * eager[0][:, 1::2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(rec.attention(1, "full"), want, atol=1e-6, rtol=0)
     with torch.no_grad():
         y = block.in_norm(xs["b"]).double()
         w, b = block.in_proj.weight.double(), block.in_proj.bias.double()
