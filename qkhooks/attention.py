@@ -22,7 +22,7 @@ from qkhooks.models.base import AttentionSite, parse_layers
 
 __all__ = [
     "AttentionSpec", "attention_rows", "attention_full", "rows_from_qk", "full_from_qk", "split_heads", "pool_rows",
-    "parse_attention", "default_query_tokens", "sdpa_maps", "OneAttention",
+    "parse_attention", "default_query_tokens", "sdpa_maps", "OneAttention", "map_terms",
 ]
 
 Kind = Literal["rows", "pooled", "full"]
@@ -150,6 +150,17 @@ def full_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> torch
     if site.class_attention:
         q = q[:, :, :1]
     return _softmax(site, scaled_logits(q, k, site.scale))
+
+
+def map_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """The softmax terms a two-softmax site's maps combine (differential attention, ConViT GPSA:
+    :mod:`qkhooks.models.two_softmax`), from q, k (B, H, N, d_k) as the Linear layers return them; None for a site
+    whose map is one softmax."""
+    terms = getattr(site, "map_terms", None)
+    if terms is None:
+        return None
+    q, k = site.model_qk(q, k)
+    return terms(site.add_logit_bias(((q * site.scale) @ k.transpose(-1, -2)).float()))
 
 
 def rows_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:

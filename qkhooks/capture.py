@@ -36,6 +36,7 @@ from qkhooks.attention import (
     attention_full,
     default_query_tokens,
     full_from_qk,
+    map_terms,
     parse_attention,
     pool_rows,
     rows_from_qk,
@@ -395,6 +396,8 @@ class Recording:
                     cap.relative = site.to_images("full", relative)
                 if site.layer in self._current.captures:  # type: ignore[union-attr]
                     self._repeated_call(site)
+                if "full" in cap.attention and hasattr(site, "map_terms"):  # zoo11-maps: two-softmax terms, with the maps
+                    cap.terms = map_terms(site, *site.qk(x.detach()))
                 self._current.captures[site.layer] = cap  # type: ignore[union-attr]
 
         return hook
@@ -515,6 +518,8 @@ class Recording:
                     cap.attention["full"] = site.to_images("full", full_from_qk(site, q, k))
                 for spec in row_specs:
                     cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, qk=(q, k)))
+                    if hasattr(site, "map_terms"):  # zoo11-maps: two-softmax terms, with the maps
+                        cap.terms = map_terms(site, q, k)
 
         return hook
 
@@ -681,6 +686,19 @@ class Recording:
         require_layer(index, self.attention_layers("full"), "full attention", "this recording",
                       "the relative term is kept with the full maps: record the layer with attention='full'.")
         return self._last_batch(index).captures[index].relative  # type: ignore[return-value]
+
+    def terms(self, layer: Layer) -> dict[str, torch.Tensor]:
+        """The terms ``layer``'s maps combine, for the last batch, where a map is not one softmax
+        (:mod:`qkhooks.models.two_softmax`): differential attention ``softmax1``, ``softmax2`` (B, H, N, N) and
+        ``lambda`` (map = softmax1 − λ·softmax2); ConViT GPSA ``content`` (B, H, N, N), ``position`` (H, N, N) and
+        ``gate`` (H,) (map = renormalised (1 − gate)·content + gate·position). Kept with the full maps."""
+        index = resolve_layer(layer, self.layers, self.module_paths, "this recording")
+        site = next(s for s in self.sites if s.layer == index)
+        if not hasattr(site, "map_terms"):
+            raise QKHooksError(f"layer {index} ({site.path}) has one softmax per map: it has no separate terms.")
+        require_layer(index, self.attention_layers("full"), "full attention", "this recording",
+                      "the terms are kept with the full maps: record the layer with attention='full'.")
+        return dict(self._last_batch(index).captures[index].terms or {})
 
     def attention_maps(self, kind: str = "rows") -> dict[int, torch.Tensor]:
         """Deprecated: layer -> rebuilt attention of ``kind`` for the last batch; use ``attention(l, kind)``."""

@@ -30,6 +30,8 @@ class LayerCapture:
         attention: kind -> tensor: ``rows`` (B, H, T, N), ``pooled`` (B, H, T, M), ``full`` (B, H, N, N).
         relative: the query-dependent relative-position term (SAM/ViTDet), shaped like the ``full`` maps, kept with
             them (None: no such term, or no full maps recorded).
+        terms: name -> tensor, the softmax terms a two-softmax map combines (differential attention, ConViT GPSA),
+            kept with the full maps (None: one softmax per map, or no full maps).
     """
 
     layer: int
@@ -39,6 +41,7 @@ class LayerCapture:
     key: torch.Tensor | None = None
     attention: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     relative: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] | None = None  # zoo11-maps: a two-softmax map's terms (Recording.terms)
 
 
 def observe_geometry(site: Any, query_tokens: int, key_tokens: int,

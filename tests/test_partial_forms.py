@@ -162,16 +162,15 @@ def test_gcvit_local_windows_are_exact_and_its_global_query_blocks_are_maps_only
         torch.testing.assert_close(got.flatten(0, 1), eager[name], atol=1e-6, rtol=0)
 
 
-def test_convit_mhsa_blocks_are_exact_and_its_gpsa_blocks_are_named_as_left_out():
-    """ConViT: GPSA blocks (a gated mix of a content and a positional softmax) named as left out; the MHSA blocks after
-    them (class token joined) recorded, their full maps equal to each module's own eager softmax (its attn_drop input)."""
+def test_convit_mhsa_blocks_are_exact_after_its_gpsa_blocks():
+    """ConViT: the MHSA blocks after its GPSA blocks (class token joined) recorded, their full maps equal to each
+    module's own eager softmax (its attn_drop input). zoo11-maps: GPSA is modelled now (tests/test_map_forms.py), so
+    every block is recorded and none is left out."""
     import timm
 
     torch.manual_seed(0)
     model = perturb(timm.create_model("convit_tiny", pretrained=False, depth=3, local_up_to_layer=2, embed_dim=32,
                                       num_heads=4, img_size=32, patch_size=8)).eval()
-    with pytest.raises(QKHooksError, match=r"'blocks\.0\.attn' \(GPSA\): gated positional.*MHSA.*skip_unmodelled=True"):
-        qkhooks.sites(model)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     eager: list[torch.Tensor] = []
     handle = model.blocks[2].attn.attn_drop.register_forward_hook(lambda m, a, o: eager.append(o.detach().clone()))
@@ -180,27 +179,27 @@ def test_convit_mhsa_blocks_are_exact_and_its_gpsa_blocks_are_named_as_left_out(
             plain = model(images)
     finally:
         handle.remove()
-    with torch.no_grad(), qkhooks.record(model, modes=4, attention="full", skip_unmodelled=True) as rec:
+    with torch.no_grad(), qkhooks.record(model, modes=4, attention="full") as rec:
         out = model(images)
     assert torch.equal(out, plain)
-    assert rec.module_paths == {0: "blocks.2.attn"} and list(rec.left_out) == ["blocks.0.attn", "blocks.1.attn"]
-    assert rec.sites[0].num_prefix_tokens == 1
-    got = rec.attention(0, "full")
+    assert rec.module_paths[2] == "blocks.2.attn" and not rec.left_out
+    assert rec.sites[2].num_prefix_tokens == 1
+    got = rec.attention(2, "full")
     assert got.shape == eager[0].shape == (2, 4, 17, 17)
     torch.testing.assert_close(got, eager[0], atol=1e-6, rtol=0)
 
 
 def test_the_refusal_offers_skip_unmodelled_only_where_it_would_record_something():
-    """Differential attention in every block: nothing is modelled, so the refusal does not point at the flag."""
+    """Factorised attention in every block (CoaT-Lite, no softmax of q·k): nothing is modelled, so the refusal does
+    not point at the flag (zoo11-maps: differential attention, used here before, is modelled now)."""
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_dwee_patch16_reg1_gap_256", pretrained=False, embed_dim=32, depth=2, num_heads=4,
-                              img_size=32, patch_size=8)
-    with pytest.raises(QKHooksError, match=r"'blocks\.0\.attn' \(DiffAttention\): differential") as err:
+    model = timm.create_model("coat_lite_tiny", pretrained=False)
+    with pytest.raises(QKHooksError, match=r"'serial_blocks1\.0\.factoratt_crpe' \(FactorAttnConvRelPosEnc\): factorised") as err:
         qkhooks.sites(model)
     assert "skip_unmodelled" not in str(err.value)
-    with pytest.raises(QKHooksError, match=r"DiffAttention.*leaves nothing to record"):
+    with pytest.raises(QKHooksError, match=r"FactorAttnConvRelPosEnc.*leaves nothing to record"):
         qkhooks.sites(model, skip_unmodelled=True)
 
 
@@ -215,12 +214,12 @@ def test_left_out_names_the_unmodelled_modules_only_when_a_selection_of_sites_is
     assert list(rec.left_out) == list(chosen.left_out) == channel and rec.layers == chosen.layers == [1]
 
 
-@pytest.mark.parametrize("name", ["VideoPrismVisionModel", "Llama4VisionModel"])
+@pytest.mark.parametrize("name", ["MobileViTV2Model", "SwiftFormerModel"])  # VidEoMT, Llama 4, VideoPrism: modelled now
 def test_skip_unmodelled_never_takes_a_module_of_a_known_unmodelled_class(name):
     """An adapter takes every attention of its family; a partial recording must still leave out a class qkhooks knows
-    it does not model (VideoPrism's soft-capped logits would be rebuilt without the cap, silently; VidEoMT, the first
-    case here until zoo11-inside modelled its per-frame layers). Every attention of these two is such a class, so the
-    flag is not offered and, given, leaves nothing to record."""
+    it does not model (VidEoMT's per-frame layers were once recorded once per forward, silently, before they were
+    modelled). Every attention of these two is such a class, so the flag is not offered and, given, leaves nothing
+    to record."""
     from qkhooks.models import find_sites
     from qkhooks.models.unsupported import SKIP_HINT
     from test_zoo import _small

@@ -22,7 +22,10 @@ from qkhooks.models import hf_levit as _hf_levit  # noqa: F401  (registers the a
 from qkhooks.models import video as _video  # noqa: F401  (VideoMAE / ViViT joint space-time attention)
 from qkhooks.models import davit as _davit  # noqa: F401  (DaViT spatial windows; channel blocks left out by name)
 from qkhooks.models import gcvit as _gcvit  # noqa: F401  (GCViT local windows; global-query blocks maps only)
-from qkhooks.models import two_softmax as _two_softmax  # noqa: F401  (ConViT MHSA; GPSA, DiffAttention refused)
+from qkhooks.models import imagegpt as _imagegpt  # noqa: F401  (ImageGPT: causal attention over colour-cluster tokens)
+from qkhooks.models import softcap as _softcap  # noqa: F401  (VideoPrism: soft-capped logits, factorised encoder)
+from qkhooks.models import llama4 as _llama4  # noqa: F401  (Llama 4 vision: complex 2-D RoPE, class token last)
+from qkhooks.models import two_softmax as _two_softmax  # noqa: F401  (two-softmax maps: DiffAttention, ConViT GPSA + MHSA)
 from qkhooks.models import cascaded as _cascaded  # noqa: F401  (EfficientViT-MSRA cascaded heads, maps only)
 
 sites = find_sites

@@ -60,7 +60,10 @@ def rope_pairs(site: AttentionSite) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _cos_sin(tables: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(tables, (tuple, list)):  # HF: (cos, sin)
+    if isinstance(tables, torch.Tensor) and tables.is_complex():  # zoo11-maps: Llama 4's freqs_ci (N, ..., d_k/2)
+        tables = tables.reshape(tables.shape[0], -1)  # pair i = dimensions (2i, 2i + 1): each angle on both
+        cos, sin = tables.real.repeat_interleave(2, -1), tables.imag.repeat_interleave(2, -1)
+    elif isinstance(tables, (tuple, list)):  # HF: (cos, sin)
         cos, sin = tables
     else:  # timm: [sin | cos] along the last axis
         sin, cos = tables.chunk(2, -1)
@@ -87,7 +90,8 @@ def _frequency(site: AttentionSite, phi_patches: torch.Tensor) -> torch.Tensor:
     n = phi_patches.shape[0]
     if site.grid and n == site.num_prefix_tokens + site.grid[0] * site.grid[1]:  # tables with the prefix rows (MLCD)
         phi_patches, n = phi_patches[site.num_prefix_tokens:], n - site.num_prefix_tokens
-    if not site.grid or site.grid[0] * site.grid[1] != n:  # steps along rows and columns need the model's own grid
+    suffix = int(getattr(site, "num_suffix_tokens", 0))  # zoo11-maps: Llama 4 vision's class token after the patches
+    if not site.grid or site.grid[0] * site.grid[1] != n - suffix:  # steps along rows and columns need the model's own grid
         raise QKHooksError(f"{site.path}: {n} rotated tokens are not the native {site.grid} grid the rotary tables "
                            "are read on; qkhooks does not guess another grid for the RoPE bands.")
     gh, gw = site.grid

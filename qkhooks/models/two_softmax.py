@@ -1,27 +1,196 @@
-"""Two-softmax attention (METHODS.md C): ConViT's GPSA and differential attention refused with the reason; ConViT's
-plain MHSA blocks recorded.
+"""Maps made of two softmaxes (METHODS.md C): differential attention and ConViT's GPSA, exactly, each term on its own.
 
-ConViT runs gated positional self-attention (``GPSA``) in its first blocks and plain multi-head attention (``MHSA``:
-softmax(scale·q·k) of one fused qkv, the class token joined before the first of them) after. A GPSA map is
-(1−σ(g_h))·softmax(scale·q·k) + σ(g_h)·softmax(pos_proj(r)) renormalised, a mix of a content softmax and a
-position-only softmax: its content term has a W_q^T W_k form, but the map is not the softmax of it plus a bias, and
-qkhooks does not record such mixed maps yet. With ``skip_unmodelled=True`` the MHSA blocks are recorded exactly and
-every GPSA block is named as left out. Differential attention (timm ``DiffAttention``) is refused: its map is the
-difference of two softmax(q·k) maps weighted by a learned λ.
+**Differential attention** (timm ``DiffAttention``, ``vit_dwee_*``): each of the H output heads has two component
+heads c = 0, 1 (the model reshapes q and k to 2H heads of d_k = d / 2H; component head 2h + c), and
+
+    A_h = softmax(scale · q_{2h}·k_{2h}) − λ · softmax(scale · q_{2h+1}·k_{2h+1}),     λ = the module's _compute_lambda()
+
+(a sub-RMSNorm then acts on A_h @ v, not on the map). So the site has **2H component heads**: modes, projections and
+the spectrum are those of the 2H content forms W_q,j^T W_k,j (j = 2h + c), each exact for its own logits; full maps
+and rows have the model's H heads (the combined map). ``rec.terms(l)`` gives ``softmax1``, ``softmax2`` (B, H, N, N)
+and ``lambda`` (a scalar, shared by the heads). The analyses that read one map per mode head refuse the layer (its
+maps are no softmax of one form); run files are refused (one head count per layer there).
+
+**ConViT GPSA** (timm ``GPSA``, the first ``local_up_to_layer`` blocks of ``convit_*``, patch tokens only):
+
+    A_h = renormalised( (1 − σ(g_h)) · softmax(scale · q·k) + σ(g_h) · softmax(pos_proj(r)) )
+
+with r the module's own relative indices (Δx, Δy, Δx² + Δy²) of the token pair. The content softmax has the W_q^T W_k
+form (its modes rebuild its logits exactly); the position softmax is position-only and the gate σ(g_h) a per-head
+number: ``rec.terms(l)`` gives ``content`` (B, H, N, N), ``position`` (H, N, N) and ``gate`` (H,). ConViT's MHSA
+blocks after them (class token joined) are plain attention.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import torch
 from torch import nn
 
+from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite
-from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
+from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import _timm_qkv
 
+__all__ = ["DifferentialMaps", "GatedPositionalMaps", "TwoSoftmaxSite"]
 
+
+@dataclasses.dataclass(eq=False)
+class DifferentialMaps:
+    """Differential attention's combination of its 2H component softmaxes into H maps, with the module's own λ."""
+
+    module: nn.Module
+
+    def terms(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scaled logits (B, 2H, T, N) of the component heads -> ``softmax1``, ``softmax2`` (B, H, T, N), ``lambda``."""
+        maps = logits.softmax(dim=-1).unflatten(1, (-1, 2))
+        return {"softmax1": maps[:, :, 0], "softmax2": maps[:, :, 1],
+                "lambda": self.module._compute_lambda().detach().type_as(maps)}
+
+    def maps(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's maps (B, H, T, N): softmax1 − λ · softmax2, as its forward combines them."""
+        t = self.terms(logits)
+        return t["softmax1"] - t["lambda"] * t["softmax2"]
+
+
+@dataclasses.dataclass(eq=False)
+class GatedPositionalMaps:
+    """GPSA's gated mix of the content softmax and its position-only softmax, from the module's own parameters."""
+
+    module: nn.Module
+
+    def position(self, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        """softmax(pos_proj(r)) (H, N, N) on the module's own relative indices for ``num_tokens`` patches."""
+        rel = self.module.rel_indices
+        if rel is None or rel.shape[1] != num_tokens:  # the forward rebuilds them the same way for a new size
+            rel = self.module.get_rel_indices(num_tokens)
+        return self.module.pos_proj(rel).permute(0, 3, 1, 2).softmax(dim=-1)[0].detach().to(dtype)
+
+    def gate(self, dtype: torch.dtype) -> torch.Tensor:
+        """σ(g_h) (H,): the weight of the position softmax in each head."""
+        return torch.sigmoid(self.module.gating_param.detach()).to(dtype)
+
+    def terms(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scaled content logits (B, H, N, N) -> ``content`` (B, H, N, N), ``position`` (H, N, N), ``gate`` (H,)."""
+        return {"content": logits.softmax(dim=-1), "position": self.position(logits.shape[-1], logits.dtype),
+                "gate": self.gate(logits.dtype)}
+
+    def maps(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's maps (B, H, N, N): gated mix, renormalised per row as its forward does."""
+        t = self.terms(logits)
+        gate = t["gate"].view(1, -1, 1, 1)
+        attn = (1.0 - gate) * t["content"] + gate * t["position"]
+        return attn / attn.sum(dim=-1).unsqueeze(-1)
+
+
+@dataclasses.dataclass(eq=False)
+class TwoSoftmaxSite(AttentionSite):
+    """A site whose maps combine two softmaxes (``head_mixing`` is a :class:`DifferentialMaps` or
+    :class:`GatedPositionalMaps`): maps exact, modes those of the content form(s), the terms on their own."""
+
+    def content_only(self) -> str:
+        reasons = ["q and k are normalised per token (the form is the pre-norm one)"] if self.qk_norm is not None else []
+        if isinstance(self.head_mixing, DifferentialMaps):
+            reasons.append("differential attention: each map is softmax1 − λ·softmax2 of two component heads; the modes "
+                           "are those of the 2H component content forms (head 2h + c is term c of map h), each exact for "
+                           "its own logits; the terms are rec.terms(l)")
+        else:
+            reasons.append("gated positional attention: each map is a gated mix of the content softmax and a "
+                           "position-only softmax; the modes are those of the content form W_q^T W_k; the terms are "
+                           "rec.terms(l)")
+        return "; ".join(reasons)
+
+    def attention_rows(self, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
+        """Rows (B, H, T, N) read off the full maps: GPSA's position softmax is a whole-map term."""
+        if isinstance(self.head_mixing, DifferentialMaps):
+            return super().attention_rows(x, query_tokens)
+        from qkhooks.attention import _check_tokens, attention_full
+
+        idx = _check_tokens(query_tokens, x.shape[0], x.shape[1], x.device)
+        maps = attention_full(self, x)
+        return torch.gather(maps, 2, idx[:, None, :, None].expand(-1, maps.shape[1], -1, maps.shape[-1]))
+
+    def run_file_refusal(self) -> str | None:
+        if isinstance(self.head_mixing, DifferentialMaps):
+            return (f"{self.path} is differential attention: its modes have 2H component heads and its maps H heads, "
+                    "and a run file keeps one head count per layer; record it live (qkhooks.record), or leave it out")
+        return None
+
+    def map_terms(self, logits: torch.Tensor) -> dict[str, Any]:
+        """The call's terms from the scaled (float) logits of its content form(s)."""
+        return self.head_mixing.terms(logits)
+
+
+def _site(site: AttentionSite, **fields: Any) -> TwoSoftmaxSite:
+    return TwoSoftmaxSite(**{f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)} | fields)
+
+
+# -------------------------------------------------------------------------------------- differential attention
+def _diff_attention() -> type:
+    from timm.layers.diff_attention import DiffAttention
+
+    return DiffAttention
+
+
+def _diff_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    """2H component heads of d / 2H (the model's own reshape of q and k), combined into H maps."""
+    heads = 2 * int(attn.num_heads)
+    if int(attn.head_dim) * heads != site.dim:
+        raise QKHooksError(f"unsupported attention in {site.path!r} (DiffAttention): {heads} component heads of "
+                           f"{attn.head_dim} do not make its width {site.dim}.")
+    return _site(site, num_heads=heads, head_dim=int(attn.head_dim), scale=float(attn.scale), family="timm-diff",
+                 head_mixing=DifferentialMaps(attn))
+
+
+@dataclasses.dataclass(eq=False)
+class _DiffParallelSite(TwoSoftmaxSite):
+    """timm ``DiffParallelScalingBlock`` (``vit_dpwee_*``): the block itself is hooked; the tokens entering W_q / W_k
+    are its ``in_norm`` of the block's input, which the block computes inside (its q, k rows sit in ``in_proj``
+    after the MLP's)."""
+
+    def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
+        x = super().hidden_states(args, kwargs, block)
+        if block:
+            return x
+        with torch.no_grad():
+            return self.module.in_norm(x)
+
+
+def _diff_parallel_block() -> type:
+    from timm.models.vision_transformer import DiffParallelScalingBlock
+
+    return DiffParallelScalingBlock
+
+
+def _diff_parallel_qk(block: nn.Module):
+    """q then k rows of the fused ``in_proj`` (MLP rows first, then q, k, v)."""
+    proj, start = block.in_proj, int(block.in_split[0])
+    width = int(block.in_split[1])
+
+    def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = None if proj.bias is None else proj.bias[start: start + 2 * width]
+        return proj.weight[start: start + 2 * width], bias
+
+    return reader, ()  # the q/k outputs sit behind the MLP's in one Linear: modes from the normed tokens
+
+
+def _diff_parallel_site(site: AttentionSite, block: nn.Module) -> AttentionSite:
+    diff = _diff_site(site, block)
+    fields = {f.name: getattr(diff, f.name) for f in dataclasses.fields(AttentionSite)}
+    return _DiffParallelSite(**fields | dict(block_path=site.path, block=block, stage=site.path.rpartition(".")[0]))
+
+
+timm_adapter.EXTRA_FORMS["DiffAttention"] = timm_adapter.ExtraForm(_diff_attention, _timm_qkv, _diff_site)
+timm_adapter.EXTRA_FORMS["DiffParallelScalingBlock"] = timm_adapter.ExtraForm(_diff_parallel_block, _diff_parallel_qk,
+                                                                              _diff_parallel_site)
+MODELLED_FORMS.update({"timm.layers.diff_attention.DiffAttention",
+                       "timm.models.vision_transformer.DiffParallelScalingBlock"})
+
+
+# -------------------------------------------------------------------------------------------------- ConViT
 def _convit_mhsa() -> type:
     from timm.models.convit import MHSA
 
@@ -33,14 +202,27 @@ def _convit_mhsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     return dataclasses.replace(site, family="timm-convit")
 
 
+def _convit_gpsa() -> type:
+    from timm.models.convit import GPSA
+
+    return GPSA
+
+
+def _gpsa_qk(attn: nn.Module):
+    """GPSA's fused ``qk`` Linear: q rows then k rows."""
+    qk = attn.qk
+
+    def fused() -> tuple[torch.Tensor, torch.Tensor | None]:
+        return qk.weight, qk.bias
+
+    return fused, (qk,)
+
+
+def _gpsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    """Patch tokens only (ConViT joins its class token after the GPSA blocks)."""
+    return _site(site, num_prefix_tokens=0, family="timm-convit-gpsa", head_mixing=GatedPositionalMaps(attn))
+
+
 timm_adapter.EXTRA_FORMS["ConvitMHSA"] = timm_adapter.ExtraForm(_convit_mhsa, _timm_qkv, _convit_mhsa_site)
-MODELLED_FORMS.add("timm.models.convit.MHSA")
-UNMODELLED_FORMS.update({
-    "timm.models.convit.GPSA": "gated positional self-attention: each head's map is a sigmoid-gated mix of a content "
-    "softmax and a position-only softmax, (1−σ(g_h))·softmax(scale·q·k) + σ(g_h)·softmax(pos_proj(relative positions)) "
-    "renormalised, not one softmax of q·k plus a bias, and qkhooks does not record mixed maps yet. ConViT's MHSA "
-    "blocks (after its GPSA blocks) are plain attention, modelled exactly",
-    "timm.layers.diff_attention.DiffAttention": "differential attention: the map is softmax(q1·k1) − λ·softmax(q2·k2) "
-    "(two halves of each head's q and k, λ learned), not one softmax of q·k plus a bias, so neither q·k form alone "
-    "gives the model's maps, and qkhooks does not record differences of maps yet",
-})
+timm_adapter.EXTRA_FORMS["ConvitGPSA"] = timm_adapter.ExtraForm(_convit_gpsa, _gpsa_qk, _gpsa_site)
+MODELLED_FORMS.update({"timm.models.convit.MHSA", "timm.models.convit.GPSA"})

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 _RELATIVE_BIAS = ("relative_position_bias", "relpos", "rel_pos")
 _ROTARY = ("rope", "rotary")
 _ROPE_MODELLED = ("EvaAttention", "AttentionRope", "DINOv3ViTAttention", "PixtralAttention", "MLCDAttention",
-                  "Gemma4Attention")
+                  "Gemma4Attention", "Llama4VisionAttention")  # zoo11-maps: Llama 4 vision (models/llama4.py)
 _REASONS = (
     (_ROTARY, "rotary position embeddings make the query-key form depend on the relative position"),
     (("window", "swin"), "windowed attention splits the tokens into windows with their own masks and shifts"),
@@ -87,17 +87,6 @@ UNMODELLED_FORMS.update({
     "transformers.models.deformable_detr.modeling_deformable_detr.DeformableDetrMultiscaleDeformableAttention":
     "multi-scale deformable attention: each query samples a few points around its reference point at learned offsets "
     "and weights them with a softmax of a linear layer of the query alone, with no key projection; " + _NO_TOKEN_SOFTMAX,
-    "transformers.models.llama4.modeling_llama4.Llama4VisionAttention": "Llama 4 vision's 2-D rotary embedding (complex "
-    "multiplication by the freqs_ci tables on interleaved pairs, its class token rotated too) is handed to the module "
-    "as freqs_ci, a rotation qkhooks does not model for this family yet, so maps from q and k alone would not be the "
-    "model's",
-    "transformers.models.videoprism.modeling_videoprism.VideoPrismAttention": "VideoPrism soft-caps its logits "
-    "(c·tanh(logit / c), attn_logit_softcapping) before the softmax, so the logits are not scale·q·k + bias and the "
-    "modes of W_q^T W_k would not rebuild them; its factorised encoders (a spatial ViT per frame, then a temporal one "
-    "over the frames of each patch) are not modelled either",
-    "transformers.models.imagegpt.modeling_imagegpt.ImageGPTAttention": "ImageGPT is a causal language model over "
-    "colour-cluster tokens in raster order (each token attends only to those before it, q/k from a fused Conv1D "
-    "c_attn); it takes token ids, not image patches, and its causal attention is not modelled",
 })
 
 
