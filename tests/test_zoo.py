@@ -522,6 +522,19 @@ def _small_edgetam() -> nn.Module:
         "in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]})
     return transformers.EdgeTamVisionModel(transformers.EdgeTamVisionConfig(backbone_config=backbone))
 
+def _small_mobilenetv5() -> nn.Module:
+    """zoo11-build: MobileNetV5's encoder layout small (its entry point fixes ~300M parameters of blocks): edge-residual
+    and universal-inverted-residual stages, multi-query attention with and without kv stride, the multi-scale fusion."""
+    import timm
+    from timm.models._efficientnet_builder import decode_arch_def
+
+    arch = [["er_r1_k3_s2_e4_c16"], ["uir_r1_a3_k5_s2_e6_c16"],
+            ["uir_r1_a5_k5_s2_e6_c32", "uir_r1_a0_k0_s1_e1_c32", "mqa_r1_k3_h2_v2_s1_d8_c32", "uir_r1_a0_k0_s1_e2_c32"],
+            ["uir_r1_a5_k5_s2_e6_c32", "mqa_r1_k3_h2_s1_d8_c32", "uir_r1_a0_k0_s1_e2_c32"]]
+    return timm.create_model("mobilenetv5_300m_enc", pretrained=False, block_args=decode_arch_def(arch), stem_size=8,
+                             msfa_output_resolution=4)
+
+
 def _mllama_tiles() -> dict[str, Any]:
     """zoo-packed: Mllama's tiled input, two images of up to 2 tiles of 32 px: the first one tile (the second masked)."""
     g = torch.Generator().manual_seed(1)
@@ -855,6 +868,27 @@ FAST_CASES = [
              module="encoder.layers.0.self_attn", num_feature_levels=3, **DETR_SMALL, **SMALL_RESNET),
     _hf_case("Swin2SRModel-v2-blocks", "Swin2SRModel", "Swin2SRConfig", "exact", size=16, image_size=16, patch_size=1, embed_dim=16,
              depths=[2], num_heads=[2], window_size=4),
+
+    # zoo11-build: the models the generic small build could not enter. timm giants sized through their entry points'
+    # kwargs (Gemma 4's encoder keeps its 3x3 soft-token pooling: 6x6 patches); MobileNetV5 from a small block list
+    _timm_case("eva02_enormous_patch14_clip_224", "exact", size=28, embed_dim=32, depth=2, num_heads=4, img_size=28,
+               patch_size=7),
+    _timm_case("gemma4_vit_167m_enc", "exact", size=48, embed_dim=32, depth=2, num_heads=4, head_dim=8, img_size=48,
+               patch_size=8),
+    Case("mobilenetv5_300m_enc", lambda: _small_mobilenetv5(), lambda: {"x": _images(64)}, "timm", "exact",
+         entry="mobilenetv5_300m_enc"),
+    # zoo11-build: convolution-only HF models whose default config the generic shrink breaks (hidden_size shrunk but not
+    # hidden_sizes; FocalNet's default hidden_sizes is a tuple its backbone adds to a list): no attention
+    _hf_case("ConvNextModel", "ConvNextModel", "ConvNextConfig", "no attention", size=64, hidden_sizes=[8, 8, 16, 16],
+             depths=[1, 1, 1, 1]),
+    _hf_case("ConvNextV2Model", "ConvNextV2Model", "ConvNextV2Config", "no attention", size=64,
+             hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1]),
+    _hf_case("ConvNextBackbone", "ConvNextBackbone", "ConvNextConfig", "no attention", size=64,
+             hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1], out_features=["stage1", "stage2"]),
+    _hf_case("ConvNextV2Backbone", "ConvNextV2Backbone", "ConvNextV2Config", "no attention", size=64,
+             hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1], out_features=["stage1", "stage2"]),
+    _hf_case("FocalNetBackbone", "FocalNetBackbone", "FocalNetConfig", "no attention", size=64, embed_dim=16,
+             depths=[1, 1], hidden_sizes=[16, 32], out_features=["stage1", "stage2"]),
 ]
 
 
