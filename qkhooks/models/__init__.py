@@ -24,6 +24,8 @@ from qkhooks.models import davit as _davit  # noqa: F401  (DaViT spatial windows
 from qkhooks.models import gcvit as _gcvit  # noqa: F401  (GCViT local windows; global-query blocks left out by name)
 from qkhooks.models import two_softmax as _two_softmax  # noqa: F401  (ConViT MHSA; GPSA, DiffAttention refused)
 from qkhooks.models import cascaded as _cascaded  # noqa: F401  (EfficientViT-MSRA cascaded heads refused)
+from qkhooks.models import vlm as _vlm  # noqa: F401  (zoo11-build: VLMs' language models left out by design)
+from qkhooks.models import sam3 as _sam3  # noqa: F401  (zoo11-build: SAM3's windowed RoPE ViT refused, precisely)
 
 sites = find_sites
 
