@@ -62,7 +62,7 @@ def _call(model: nn.Module, inputs: dict[str, Any], **extra: Any) -> Any:
 
 def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str) -> list[torch.Tensor]:
     """The model's own attention weights per recorded site, from its non-fused path."""
-    if kind == "timm":
+    if kind == "timm" or all(s.family.startswith("timm") for s in sites):  # zoo11-build: a timm model in an HF wrapper
         maps: dict[int, torch.Tensor] = {}
         fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
         handles = []
@@ -334,6 +334,10 @@ def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch
         rows = int(getattr(module, "q_dim", rows))
         w_q, w_k = w[:rows], w[rows: rows + kv_rows]
         b_q, b_k = (None, None) if b is None else (b[:rows], b[rows: rows + kv_rows])
+    elif getattr(module, "kv", None) is not None:  # zoo11-build: VOLO's class attention: q Linear, k the first half of kv
+        rows = module.q.out_features
+        w_q, b_q = module.q.weight, module.q.bias
+        w_k, b_k = module.kv.weight[:rows], None if module.kv.bias is None else module.kv.bias[:rows]
     else:
         q_lin = getattr(module, "q_proj", None) or getattr(module, "query", None) or module.q
         k_lin = getattr(module, "k_proj", None) or getattr(module, "key", None) or module.k
@@ -558,6 +562,14 @@ def _granite4_vision_inputs() -> dict[str, Any]:
     window Q-Former (query side 1 of window side 2) leaves 4 tokens per view plus one newline per tile row: 10."""
     pixels = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     return _vlm_inputs(10, pixels, image_sizes=torch.tensor([[32, 32]] * 2))()
+
+
+def _small_volo() -> nn.Module:
+    """zoo11-build: VOLO-D1's layout small: an outlooker stage (8x8 tokens), then transformer stages (4x4) and two class
+    attention blocks."""
+    from timm.models.volo import VOLO
+
+    return VOLO(layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64), num_heads=(2, 2, 2, 2), num_classes=10)
 
 
 def _mllama_tiles() -> dict[str, Any]:
@@ -883,8 +895,9 @@ FAST_CASES = [
              n_embd=32, n_layer=2, n_head=4, n_positions=16),
     _hf_case("MobileViTV2Model", "MobileViTV2Model", "MobileViTV2Config", "separable", size=64, image_size=64,
              module="encoder.layer.2.transformer.layer.0.attention", width_multiplier=0.25),
-    Case("TimmBackbone", lambda: _small_timm_backbone(), lambda: {"pixel_values": _images(32)}, "hf",
-         "timm attention inside a transformers wrapper", "_backbone.model.blocks.0.attn", "TimmBackbone"),
+    # zoo11-build: the timm ViT inside transformers' TimmBackbone, recorded by the timm adapter under the wrapper's paths
+    Case("TimmBackbone", lambda: _small_timm_backbone(), lambda: {"pixel_values": _images(32)}, "hf", "exact",
+         entry="TimmBackbone"),
     # zoo-hfsmall: DETR's segmentation head on the DETR encoder (exact; its mask-attention head left out as the decoder);
     # Deformable DETR's encoder refused (deformable attention: no q·k); both on a small ResNet backbone
     _hf_case("DetrForSegmentation", "DetrForSegmentation", "DetrConfig", "exact", size=128, **dict(
@@ -939,6 +952,15 @@ FAST_CASES = [
                  model_type="sam3_vit_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  image_size=56, patch_size=14, window_size=2, global_attn_indexes=[1], pretrain_image_size=28),
              fpn_hidden_size=16, backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]]),
+    # zoo11-build: Sapiens2: per-head q/k RMSNorm, then DINOv3's rotation of the patch tokens (registers unrotated); the
+    # middle layer grouped-query (2 key heads for 4 query heads)
+    _hf_case("Sapiens2Backbone", "Sapiens2Backbone", "Sapiens2Config", "exact", num_register_tokens=2,
+             num_first_full_attention_layers=1, num_last_full_attention_layers=1, num_key_value_attention_heads=2,
+             out_features=["stage1", "stage3"], **dict(HF_SMALL, num_hidden_layers=3)),
+    # zoo11-build: VOLO (its entry points fix the layers): plain attention on NHWC grids and class attention exact, the
+    # outlooker stage left out by name (a partial recording); refused whole, naming the outlook attention
+    Case("volo_d1_224-partial", lambda: _small_volo(), lambda: {"x": _images(64)}, "timm", "exact", entry="volo_d1_224"),
+    Case("volo_d1_224", lambda: _small_volo(), lambda: {"x": _images(64)}, "timm", "outlook attention", "network.0.0.attn"),
 ]
 
 

@@ -69,13 +69,8 @@ UNMODELLED_FORMS.update({
     "of the centre token, not from q·k; " + _NO_TOKEN_SOFTMAX,
     "timm.layers.lambda_layer.LambdaLayer": "lambda layer: the keys are softmaxed over the tokens on their own and "
     "summarised with the values into a content lambda, plus a position lambda from a conv; " + _NO_TOKEN_SOFTMAX,
-    "timm.models.volo.Attention": "plain attention of VOLO's later stages, but its first stage mixes tokens with outlook "
-    "attention (window weights from a linear layer, no q·k), which is not modelled: recording the later layers alone "
-    "would leave it out",
     "timm.models.csatv2.SpatialTransformerBlock": "one-channel attention inside a spatial gate (q, k of width 1 over a "
     "pooled grid); not an image-token attention qkhooks records",
-    "timm.models.volo.ClassAttention": "class attention after VOLO's outlooker stages; the model is refused for "
-    "its outlook attention",
     "timm.models.mobilevit.LinearSelfAttention": "MobileViT-v2 separable (linear) attention: one score per token "
     "from a 1-channel projection, softmaxed over tokens and pooled into a single context vector; " + _NO_TOKEN_SOFTMAX,
     "transformers.models.mobilevitv2.modeling_mobilevitv2.MobileViTV2LinearSelfAttention": "MobileViT-v2 separable "

@@ -1,0 +1,96 @@
+"""zoo11-build: models the zoo could not build or refused for reasons not about their attention form, checked against
+references taken in the test (the model's eager attention weights, q·k written out here), never qkhooks' own rebuild."""
+
+from __future__ import annotations
+
+import torch
+
+import qkhooks
+from test_zoo import FAST_CASES, _call, eager_maps, perturb
+
+
+def _case(name: str):
+    case = next(c for c in FAST_CASES if c.name == name)
+    torch.manual_seed(0)
+    return perturb(case.build()), case.inputs()
+
+
+def _rms(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_sapiens2_maps_are_its_eager_weights_and_the_normalised_form_rebuilds_q_hat_k_hat_on_grouped_keys():
+    """Sapiens2: per-head RMSNorm on q and k (written out here), grouped-query keys in the middle layer; the full maps
+    are the model's eager attention, the exact normalised form rebuilds q̂·k̂ before the rotation."""
+    from qkhooks.models.qknorm import normalised_form
+
+    model, inputs = _case("Sapiens2Backbone")
+    sites = qkhooks.sites(model)
+    assert [s.module.k_proj.out_features for s in sites] == [32, 16, 32]  # the middle layer: 2 key heads of 8
+    seen: dict[int, torch.Tensor] = {}
+    handles = [s.module.register_forward_pre_hook(lambda m, a, kw, i=s.layer: seen.__setitem__(i, kw.get(
+        "hidden_states", a[0] if a else None)), with_kwargs=True) for s in sites]
+    _call(model, inputs)
+    for h in handles:
+        h.remove()
+    want = eager_maps(model, sites, inputs, "hf")
+    with qkhooks.record(model, modes=4, attention="full") as run, torch.no_grad():
+        run(**inputs)
+    for site, eager in zip(sites, want):
+        got = run.attention_maps("full")[site.layer]
+        assert got.shape == eager.shape and float((got - eager).abs().max()) < 1e-5, site.path
+        m, x = site.module, seen[site.layer].detach().double()
+        q = torch.nn.functional.linear(x, m.q_proj.weight.detach().double(), m.q_proj.bias.detach().double()).unflatten(-1, (4, 8))
+        k = torch.nn.functional.linear(x, m.k_proj.weight.detach().double(), m.k_proj.bias.detach().double()).unflatten(-1, (-1, 8))
+        q_hat = _rms(q, m.q_norm.weight.detach().double(), m.q_norm.variance_epsilon).transpose(1, 2)
+        k_hat = _rms(k, m.k_norm.weight.detach().double(), m.k_norm.variance_epsilon).transpose(1, 2)
+        k_hat = k_hat.repeat_interleave(4 // k_hat.shape[1], dim=1)  # key head g serves query heads 2g, 2g + 1
+        direct = q_hat @ k_hat.transpose(-1, -2)
+        rebuilt = normalised_form(site).logits(seen[site.layer])
+        assert float((rebuilt - direct).abs().max() / direct.abs().max()) < 1e-6, site.path
+
+
+def test_vlm_towers_are_recorded_and_their_language_models_left_out_by_design_named():
+    """AyaVision / Cohere2Vision / Granite4Vision: the sites are the vision tower's, the output of the whole model is
+    unchanged under record(), and the language model (Granite4Vision: also its Q-Formers) is named as left out."""
+    from qkhooks.models.unsupported import left_out_by_design
+
+    for name, aside in (("AyaVisionModel", {"language_model"}), ("Cohere2VisionModel", {"language_model"}),
+                        ("Granite4VisionModel", {"language_model", "layerwise_projectors.0.qformer"})):
+        model, inputs = _case(name)
+        sites = qkhooks.sites(model)
+        assert sites and all(s.path.startswith("vision_tower.") for s in sites), name
+        named = left_out_by_design(model)
+        assert aside <= set(named) and all("left out by design" in why for why in named.values()), (name, named)
+        plain = _call(model, inputs).last_hidden_state
+        with qkhooks.record(model, modes=None, attention="full") as run:
+            out = _call(model, inputs).last_hidden_state
+        assert torch.equal(out, plain) and len(run.attention_maps("full")) == len(sites)
+
+
+def test_volo_plain_and_class_attention_are_softmax_q_k_written_out_and_the_outlooker_is_named():
+    """VOLO, partially: the transformer blocks' maps on their NHWC grid and the class blocks' (B, H, 1, N) maps equal
+    softmax(scale · q·k) from the modules' own qkv / q + kv weights on the tokens each module received; the outlook
+    attention is left out, named with its reason."""
+    model, inputs = _case("volo_d1_224-partial")
+    sites = qkhooks.sites(model, skip_unmodelled=True)
+    seen: dict[int, torch.Tensor] = {}
+    handles = [s.module.register_forward_pre_hook(lambda m, a, i=s.layer: seen.__setitem__(i, a[0])) for s in sites]
+    _call(model, inputs)
+    for h in handles:
+        h.remove()
+    with qkhooks.record(model, modes=None, attention="full", skip_unmodelled=True) as run, torch.no_grad():
+        run(**inputs)
+    assert list(run.left_out) == ["network.0.0.attn"] and "outlook attention" in run.left_out["network.0.0.attn"]
+    assert [type(s.module).__name__ for s in sites] == ["Attention"] * 3 + ["ClassAttention"] * 2
+    with torch.no_grad():
+        for site in sites:
+            m, x = site.module, seen[site.layer].flatten(1, -2)  # (B, h, w, C) grids row by row
+            if hasattr(m, "qkv"):
+                q, k = m.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)[:2]
+            else:
+                q = m.q(x[:, :1]).unflatten(-1, (2, -1)).transpose(1, 2)
+                k = m.kv(x).unflatten(-1, (2, 2, -1)).permute(2, 0, 3, 1, 4)[0]
+            want = (q @ k.transpose(-1, -2) * m.scale).softmax(-1)
+            got = run.attention(site.layer, "full")
+            assert got.shape == want.shape and float((got - want).abs().max()) < 1e-5, site.path
