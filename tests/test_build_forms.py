@@ -94,3 +94,28 @@ def test_volo_plain_and_class_attention_are_softmax_q_k_written_out_and_the_outl
             want = (q @ k.transpose(-1, -2) * m.scale).softmax(-1)
             got = run.attention(site.layer, "full")
             assert got.shape == want.shape and float((got - want).abs().max()) < 1e-5, site.path
+
+
+def test_minicpm_merger_maps_are_each_2x2_windows_softmax_q_k_in_forward_order():
+    """MiniCPM-V 4.7's window-attention merger runs between encoder layers 0 and 1: its site is layer 1, and its maps
+    are one softmax(scale · q·k) per window of 4 tokens, q and k from its own q_proj / k_proj on the tokens it received
+    (already in window order), written out here per window."""
+    model, inputs = _case("MiniCPMV4_7VisionModel")
+    sites = qkhooks.sites(model)
+    assert [s.path for s in sites] == ["encoder.layers.0.self_attn", "vit_merger.self_attn", "encoder.layers.1.self_attn"]
+    merger = sites[1].module
+    seen = {}
+    handle = merger.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    _call(model, inputs)
+    handle.remove()
+    with qkhooks.record(model, modes=None, attention="full") as run, torch.no_grad():
+        run(**inputs)
+    x, bounds = seen["hidden_states"][0], seen["cu_seqlens"].tolist()
+    assert len(bounds) - 1 == (4 * 6 + 2 * 4) // 4  # the two images' 2x2 windows
+    with torch.no_grad():
+        q = merger.q_proj(x).unflatten(-1, (4, -1)).transpose(0, 1)  # (H, N, d_k)
+        k = merger.k_proj(x).unflatten(-1, (4, -1)).transpose(0, 1)
+        want = torch.stack([(q[:, a:b] @ k[:, a:b].transpose(-1, -2) * merger.scaling).softmax(-1)
+                            for a, b in zip(bounds, bounds[1:])])
+    got = run.attention(1, "full")
+    assert got.shape == want.shape == (8, 4, 4, 4) and float((got - want).abs().max()) < 1e-5

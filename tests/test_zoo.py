@@ -840,11 +840,11 @@ FAST_CASES = [
              hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
              image_size=32, patch_size=8, max_num_tiles=2, vision_output_dim=64, intermediate_layers_indices=[0],
              supported_aspect_ratios=[[1, 1], [1, 2]]),  # tiles, the padded tile masked
-    _hf_case("MiniCPMV4_7VisionModel", "MiniCPMV4_7VisionModel", "MiniCPMV4_7VisionConfig", "window-attention merger",
-             module="vit_merger", inputs=lambda: _minicpm_strip(), hidden_size=32, intermediate_size=64,
+    # zoo11-build: the window-attention merger's packed attention is a site (per 2x2-token window), after layer 0
+    _hf_case("MiniCPMV4_7VisionModel", "MiniCPMV4_7VisionModel", "MiniCPMV4_7VisionConfig", "exact", inputs=lambda: _minicpm_strip(), hidden_size=32, intermediate_size=64,
              num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, insert_layer_id=0),
-    _hf_case("MiniCPMOcrVisionModel", "MiniCPMOcrVisionModel", "MiniCPMOcrVisionConfig", "window-attention merger",
-             module="vit_merger", inputs=lambda: _minicpm_strip(), hidden_size=32, intermediate_size=64,
+    # zoo11-build: the window-attention merger's packed attention is a site (per 2x2-token window), after layer 0
+    _hf_case("MiniCPMOcrVisionModel", "MiniCPMOcrVisionModel", "MiniCPMOcrVisionConfig", "exact", inputs=lambda: _minicpm_strip(), hidden_size=32, intermediate_size=64,
              num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, insert_layer_id=0),
     _hf_case("Gemma4VisionModel", "Gemma4VisionModel", "Gemma4VisionConfig", "exact", inputs=lambda: _gemma4_padded(), hidden_size=32, intermediate_size=64,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8, patch_size=8,

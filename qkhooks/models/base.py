@@ -482,7 +482,10 @@ def number_in_forward_order(model: nn.Module, found: list[AttentionSite]) -> lis
     paths = [s.path for s in found]
     if len(set(paths)) != len(paths):
         raise QKHooksError(f"the adapter returned an attention module twice: {sorted(p for p in paths if paths.count(p) > 1)}.")
-    found = sorted(found, key=lambda s: order[id(s.module)])
+    # zoo11-build: a site may run inside another's stretch of the forward (MiniCPM-V's merger, called after encoder layer
+    # insert_layer_id although registered after the encoder): ``runs_after`` names the site module it follows
+    found = sorted(found, key=lambda s: (order[id(s.runs_after)], 1) if getattr(s, "runs_after", None) is not None
+                   else (order[id(s.module)], 0))
     for index, site in enumerate(found):
         site.layer = index
         if not site.stage:

@@ -28,6 +28,9 @@ from qkhooks.models.timm import grouped_query_reader
 from qkhooks.models.unsupported import left_out_by_design, refuse_uncovered
 
 _LAYER = re.compile(r"^(?P<block>(?:.*\.)?(?:layers?|blocks?)\.(?P<idx>\d+))\.")
+# zoo11-build: attention that runs outside the numbered layers: MiniCPM-V's window-attention merger (its packed
+# attention on 2x2-token windows, between two encoder layers); its index comes from the forward order like every site's
+_OUTSIDE_LAYERS = re.compile(r"^(?P<block>(?:.*\.)?vit_merger)(?P<idx>)\.self_attn$")
 _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
 # Children an attention module may own besides its q/k/v projections without changing the logits.
 _HARMLESS_CHILDREN = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv", "dropout", "attn_dropout",
@@ -99,7 +102,7 @@ def _attention_modules(model: nn.Module):
     for name, module in model.named_modules():
         if _TEXT.search(name) or _qk_children(module) is None or name.startswith(aside):
             continue
-        match = _LAYER.match(name)
+        match = _LAYER.match(name) or _OUTSIDE_LAYERS.match(name)
         if match and name != match["block"]:
             yield name, module, match
 
@@ -192,7 +195,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
 
         sites.append(
             AttentionSite(
-                layer=int(match["idx"]),
+                layer=int(match["idx"] or 0),  # numbered in forward order by find_sites
                 path=name,
                 module=module,
                 block_path=match["block"],
