@@ -119,3 +119,37 @@ def test_minicpm_merger_maps_are_each_2x2_windows_softmax_q_k_in_forward_order()
                             for a, b in zip(bounds, bounds[1:])])
     got = run.attention(1, "full")
     assert got.shape == want.shape == (8, 4, 4, 4) and float((got - want).abs().max()) < 1e-5
+
+
+def test_lfm3_vl_attention_layers_are_softmax_of_normed_rotated_grouped_q_k_and_its_short_convs_no_attention():
+    """LFM3-VL: the two attention layers are sites, the gated short convolutions are neither sites nor left out (no
+    attention: qkhooks.models.unsupported.NOT_ATTENTION); each map is, per image, softmax(scale · q̂·k̂) with q̂, k̂ the
+    RMS-normed (written out here), model-rotated q and k, each key head serving two query heads."""
+    from transformers.models.lfm3_vl.modeling_lfm3_vl import apply_rotary_pos_emb_vision
+
+    from qkhooks.models.unsupported import attention_like
+
+    model, inputs = _case("Lfm3VlVisionModel")
+    sites = qkhooks.sites(model)
+    assert [s.path for s in sites] == ["layers.1.self_attn", "layers.3.self_attn"]
+    assert not [n for n, _ in attention_like(model) if n.endswith(".conv")]
+    seen: dict[int, dict] = {}
+    handles = [s.module.register_forward_pre_hook(lambda m, a, kw, i=s.layer: seen.__setitem__(i, dict(kw)), with_kwargs=True)
+               for s in sites]
+    _call(model, inputs)
+    for h in handles:
+        h.remove()
+    with qkhooks.record(model, modes=None, attention="full") as run, torch.no_grad():
+        run(**inputs)
+    with torch.no_grad():
+        for site in sites:
+            m, call = site.module, seen[site.layer]
+            x, bounds = call["hidden_states"], call["cu_seqlens"].tolist()
+            q = _rms(m.q_proj(x).unflatten(-1, (4, -1)), m.q_norm.weight, m.q_norm.variance_epsilon)
+            k = _rms(m.k_proj(x).unflatten(-1, (2, -1)), m.k_norm.weight, m.k_norm.variance_epsilon)
+            q, k = apply_rotary_pos_emb_vision(q, k, *call["position_embeddings"])  # (N, H, d_k), the model's rotation
+            q, k = q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(2, dim=0)
+            got = run.attention(site.layer, "full")
+            for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
+                want = (q[:, a:b] @ k[:, a:b].transpose(-1, -2) * m.scaling).softmax(-1)
+                assert float((got[s, :, : b - a, : b - a] - want).abs().max()) < 1e-5, (site.path, s)

@@ -836,6 +836,9 @@ FAST_CASES = [
     _packed_case("Kimi_K25VisionModel", layout="conv"),
     _packed_case("Inkling2VisionModel", layout="merged"),  # a class token per image
     _packed_case("HYV4VLVisionModel"),  # no rotation, a (1, tokens, d) batch of one
+    # zoo11-build: LFM3-VL: gated short-convolution layers (no attention) between grouped-query q/k-RMSNorm attention
+    _packed_case("Lfm3VlVisionModel", num_hidden_layers=4, num_key_value_heads=2,
+                 layer_types=["conv", "full_attention", "conv", "full_attention"]),
     _hf_case("MllamaVisionModel", "MllamaVisionModel", "MllamaVisionConfig", "exact", inputs=lambda: _mllama_tiles(),
              hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
              image_size=32, patch_size=8, max_num_tiles=2, vision_output_dim=64, intermediate_layers_indices=[0],

@@ -28,7 +28,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
 from qkhooks.models.hf import EXTRA_FORMS
-from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
+from qkhooks.models.unsupported import MODELLED_FORMS
 
 __all__ = ["PackedSite", "PACKED_ATTENTION"]
 
@@ -61,6 +61,9 @@ PACKED_ATTENTION = {
     # per image, the window-attention merger (vit_merger.self_attn) per 2x2-token window of its window_index order
     "MiniCPMV4_7VisionAttention": False,
     "MiniCPMOcrVisionAttention": False,
+    # zoo11-build: LFM3-VL: grouped-query q_proj / k_proj (the HF adapter repeats each key head), per-head q/k RMSNorm
+    # before the rotation; its gated short-convolution layers mix tokens without attention (no site, as a CNN block)
+    "Lfm3VlVisionAttention": True,
 }
 _CALL = ("hidden_states", "cu_seqlens", "position_embeddings", "max_seqlen")
 
@@ -207,7 +210,8 @@ def _packed_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.M
         return site  # another family's class of that name: not this form
     fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
     groups = int(getattr(module, "num_key_value_groups", 1))
-    if groups != 1 or hasattr(module, "kv_dim"):  # Exaone 4.5: the fused qkv holds q_dim + 2·kv_dim rows
+    if hasattr(module, "qkv") and (groups != 1 or hasattr(module, "kv_dim")):  # Exaone 4.5: q_dim + 2·kv_dim rows
+        # (separate grouped q_proj / k_proj, LFM3-VL: the HF adapter's site already repeats each key head)
         fields.update(_grouped_fields(site, module, groups))
     rotates = PACKED_ATTENTION[type(module).__name__]
     fields.update(qk_modules=(), num_prefix_tokens=0, grid=None, patch_size=None, bias_input=None,
@@ -233,10 +237,3 @@ def _merger_runs_after(site: AttentionSite, modules: dict[str, nn.Module]) -> nn
 for _name in PACKED_ATTENTION:
     EXTRA_FORMS[_name] = (frozenset({"q_norm", "k_norm"}), _packed_site)
 MODELLED_FORMS.update(PACKED_ATTENTION)  # q/k RMSNorm of GlmOcr / Glm5Next: applied with the model's own modules
-
-# the vision towers of this family qkhooks does not model yet, each with its reason (a model is recorded whole or not at all)
-UNMODELLED_FORMS.update({
-    "transformers.models.lfm3_vl.modeling_lfm3_vl.Lfm3VlVisionShortConv": "LFM3-VL's gated short convolution (a "
-    "depthwise conv gated by the tokens, no softmax of q·k) interleaved with grouped-query, q/k-RMSNorm packed "
-    "attention layers; neither is modelled yet, and recording one without the other would leave layers out",
-})
