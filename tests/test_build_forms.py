@@ -153,3 +153,32 @@ def test_lfm3_vl_attention_layers_are_softmax_of_normed_rotated_grouped_q_k_and_
             for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
                 want = (q[:, a:b] @ k[:, a:b].transpose(-1, -2) * m.scaling).softmax(-1)
                 assert float((got[s, :, : b - a, : b - a] - want).abs().max()) < 1e-5, (site.path, s)
+
+
+def test_no_site_or_analysis_guesses_a_square_grid_on_a_non_square_input():
+    """64 patch tokens of a 128x32 image are 16x4, which the old square fallback read as 8x8: a token-sequence site
+    refuses naming its layer (run.geometry then has no grid, so grid analyses refuse the layer), a module handed an
+    NHWC grid (VOLO) gives the call's own 4x6 grid, and analysis.geometry.grid_of takes only a grid that fits."""
+    import pytest
+    import timm
+    from timm.models.volo import VOLO
+
+    from qkhooks import QKHooksError
+    from qkhooks.analysis.geometry import grid_of
+
+    torch.manual_seed(0)
+    vit = perturb(timm.create_model("vit_tiny_patch16_224", embed_dim=32, depth=1, num_heads=4, img_size=32, patch_size=8,
+                                    dynamic_img_size=True))
+    with qkhooks.record(vit, modes=2) as run, torch.no_grad():
+        run(torch.randn(2, 3, 128, 32))
+        with pytest.raises(QKHooksError, match=r"layer 0 \(blocks.0.attn\): 64 patch tokens .* never assumed"):
+            run.sites[0].grid_for(65)
+    assert run.geometry(0).grid is None
+    volo = perturb(VOLO(layers=(1, 1, 1, 1), img_size=(64, 96), embed_dims=(32, 64, 64, 64), num_heads=(2, 2, 2, 2),
+                        num_classes=10))
+    with qkhooks.record(volo, modes=2, skip_unmodelled=True) as run, torch.no_grad():
+        run(torch.randn(2, 3, 64, 96))
+        assert tuple(run.geometry(0).grid) == (4, 6)
+    with pytest.raises(QKHooksError, match="layer 3: 16 patch tokens"):
+        grid_of(16, None, layer=3)
+    assert grid_of(16, (8, 2)) == (8, 2)
