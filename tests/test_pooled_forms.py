@@ -94,16 +94,12 @@ def test_nextvit_key_grid_is_the_row_runs_the_pooling_averages_not_a_square_redu
 
     model, _ = _build("nextvit_small")
     site = next(s for s in qkhooks.sites(model) if s.module.sr is not None and s.module.N_ratio == 16)
-    assert observe_geometry(site, 64, 4).grid is None  # zoo11-build: no grid handed to the module, no square guessed
-    site._grid_of_input = (8, 8)  # the query grid as a call that says it (AttentionSite.grid_for)
     geometry = observe_geometry(site, 64, 4)
     assert (geometry.grid, geometry.key_grid) == ((8, 8), None)  # runs of 16 tokens cross the rows of 8
-    site._grid_of_input = (16, 16)
     geometry = observe_geometry(site, 256, 16)
     assert (geometry.grid, geometry.key_grid) == ((16, 16), (16, 1))
     assert _reduced_grid(site.module, (16, 16), 16) is None  # the generic rule reads no grid off a 1-D pooling
     site4 = next(s for s in qkhooks.sites(model) if s.module.sr is not None and s.module.N_ratio == 4)
-    site4._grid_of_input = (8, 8)
     assert observe_geometry(site4, 64, 16).key_grid == (8, 2)
 
 

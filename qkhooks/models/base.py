@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -341,14 +342,18 @@ class AttentionSite:
         return height // self.patch_size[0], width // self.patch_size[1]
 
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
-        """Patch grid for a sequence of ``num_tokens``: the native grid, or the grid of the call being recorded where
-        the module received its tokens as a grid (NHWC / NCHW); never a guessed square (zoo11-build)."""
+        """Patch grid for a sequence of ``num_tokens``: the native grid, or the grid the call hands the module (NHWC /
+        NCHW tokens, ``feat_size``, ``height, width``); a site with a native grid never falls back to a square
+        (zoo11-build). Only a site that knows no grid at all still reads a square token count as square."""
         patches = num_tokens - self.num_prefix_tokens
         if self.grid is not None and self.grid[0] * self.grid[1] == patches:
             return self.grid
         called = getattr(self, "_grid_of_input", None)
         if called is not None and called[0] * called[1] == patches:
             return called
+        side = math.isqrt(max(patches, 0))
+        if self.grid is None and side * side == patches:  # left to do: a site that knows no grid of its own (LeViT,
+            return side, side  # EfficientFormer-v2, NextViT) still reads a square; its adapter should read the call's
         raise QKHooksError(
             f"layer {self.layer} ({self.path}): {patches} patch tokens are not its native grid {self.grid}, and the "
             "module was not handed them as a grid, so their grid is not known here (a square is never assumed); "
