@@ -227,19 +227,22 @@ def test_swin2sr_windows_are_recorded_as_swin_v2s():
         assert float((got.flatten(0, 1) - want).abs().max()) < 1e-5
 
 
-def test_a_timm_model_inside_timm_backbone_is_refused_and_recorded_as_itself():
-    """TimmBackbone wraps a whole timm ViT: the transformers adapter refuses it naming the module, and recording the
-    timm model it names while calling the wrapper gives the timm ViT's own maps (softmax(q·k) written out here)."""
+def test_a_timm_model_inside_timm_backbone_is_recorded_by_the_timm_adapter_and_as_itself():
+    """TimmBackbone wraps a whole timm ViT: qkhooks records it with the timm adapter under the wrapper's own paths
+    (zoo11-build; it was refused before), and recording the timm model itself while calling the wrapper gives the
+    same maps: the timm ViT's own softmax(q·k), written out here."""
     model, inputs = _case("TimmBackbone")
-    with pytest.raises(QKHooksError, match=r"record the timm model itself \(qkhooks.record\(model._backbone.model\)"):
-        qkhooks.sites(model)
     inner = model._backbone.model
     sites = qkhooks.sites(inner)
     assert sites[0].family == "timm-vit"
+    assert [s.path for s in qkhooks.sites(model)] == [f"_backbone.model.{s.path}" for s in sites]
     calls = _calls(model, sites, inputs)
     with qkhooks.record(inner, attention="full") as rec:
         _call(model, inputs)
         got = rec.attention(0, "full")
+    with qkhooks.record(model, attention="full") as wrapped:
+        _call(model, inputs)
+        assert torch.equal(wrapped.attention(0, "full"), got)
     attn, x = sites[0].module, calls[0][0][0]
     q, k, _ = attn.qkv(x).unflatten(-1, (3, 4, -1)).permute(2, 0, 3, 1, 4)
     want = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)

@@ -234,7 +234,7 @@ def test_anisotropy_equals_pairwise_cosines_and_merges():
     n, tokens, d, prefix = 11, 2 + 16, 6, 2
     x = torch.randn(n, tokens, d, generator=g, dtype=torch.float64) + torch.tensor([2.0, 0, 0, 0, 0, 1.0], dtype=torch.float64)
     centre = prefix + 2 * 4 + 2  # row 2, col 2 of the 4x4 grid
-    caps = lambda lo, hi: BatchCapture(ids=[], meta={"num_prefix_tokens": prefix}, offset=lo,
+    caps = lambda lo, hi: BatchCapture(ids=[], meta={"num_prefix_tokens": prefix, "grid": (4, 4)}, offset=lo,
                                       layers={3: LayerCapture(3, hi - lo, inputs=x[lo:hi])})
     one, a, b = AnisotropyReducer(), AnisotropyReducer(), AnisotropyReducer()
     for lo, hi in ((0, 4), (4, 11)):
@@ -243,7 +243,7 @@ def test_anisotropy_equals_pairwise_cosines_and_merges():
     b.update(caps(4, 11))
     a.merge(b)
     expected = numpy_mean_pairwise_cosine(x[:, centre].numpy())
-    assert one.centre_token(tokens, {"num_prefix_tokens": prefix}) == centre
+    assert one.centre_token(tokens, {"num_prefix_tokens": prefix, "grid": (4, 4)}) == centre
     assert one.baselines()[3] == pytest.approx(expected, abs=1e-12)
     assert a.baselines()[3] == pytest.approx(expected, abs=1e-12)
     restored = AnisotropyReducer()

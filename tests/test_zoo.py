@@ -62,7 +62,7 @@ def _call(model: nn.Module, inputs: dict[str, Any], **extra: Any) -> Any:
 
 def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str) -> list[torch.Tensor]:
     """The model's own attention weights per recorded site, from its non-fused path."""
-    if kind == "timm":
+    if kind == "timm" or all(s.family.startswith("timm") for s in sites):  # zoo11-build: a timm model in an HF wrapper
         maps: dict[int, torch.Tensor] = {}
         fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
         handles = []
@@ -381,6 +381,10 @@ def _own_content_logits(module: nn.Module, x: torch.Tensor, heads: int) -> torch
     elif getattr(module, "qk", None) is not None:  # zoo11-maps: ConViT GPSA's fused qk Linear, q rows then k rows
         w_q, w_k = module.qk.weight.chunk(2)
         b_q, b_k = (None, None) if module.qk.bias is None else module.qk.bias.chunk(2)
+    elif getattr(module, "kv", None) is not None:  # zoo11-build: VOLO's class attention: q Linear, k the first half of kv
+        rows = module.q.out_features
+        w_q, b_q = module.q.weight, module.q.bias
+        w_k, b_k = module.kv.weight[:rows], None if module.kv.bias is None else module.kv.bias[:rows]
     else:
         q_lin = getattr(module, "q_proj", None) or getattr(module, "query", None) or module.q
         k_lin = getattr(module, "k_proj", None) or getattr(module, "key", None) or module.k
@@ -568,6 +572,52 @@ def _small_edgetam() -> nn.Module:
     backbone = transformers.TimmWrapperConfig(architecture="repvit_m1", model_args={
         "in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]})
     return transformers.EdgeTamVisionModel(transformers.EdgeTamVisionConfig(backbone_config=backbone))
+
+def _small_mobilenetv5() -> nn.Module:
+    """zoo11-build: MobileNetV5's encoder layout small (its entry point fixes ~300M parameters of blocks): edge-residual
+    and universal-inverted-residual stages, multi-query attention with and without kv stride, the multi-scale fusion."""
+    import timm
+    from timm.models._efficientnet_builder import decode_arch_def
+
+    arch = [["er_r1_k3_s2_e4_c16"], ["uir_r1_a3_k5_s2_e6_c16"],
+            ["uir_r1_a5_k5_s2_e6_c32", "uir_r1_a0_k0_s1_e1_c32", "mqa_r1_k3_h2_v2_s1_d8_c32", "uir_r1_a0_k0_s1_e2_c32"],
+            ["uir_r1_a5_k5_s2_e6_c32", "mqa_r1_k3_h2_s1_d8_c32", "uir_r1_a0_k0_s1_e2_c32"]]
+    return timm.create_model("mobilenetv5_300m_enc", pretrained=False, block_args=decode_arch_def(arch), stem_size=8,
+                             msfa_output_resolution=4)
+
+
+# zoo11-build: whole vision-language models, small: a SigLIP / CLIP tower and a one-layer language model; the tower is
+# recorded, the language model left out by design (qkhooks/models/vlm.py)
+VLM_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=4, head_dim=8)
+VLM_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+VLM_IMAGE_TOKEN = 63
+
+
+def _vlm_inputs(image_tokens: int, pixels: torch.Tensor | None = None, **extra: Any) -> Callable[[], dict[str, Any]]:
+    """Two prompts of a few text tokens around ``image_tokens`` image placeholders each, and their images."""
+    def inputs() -> dict[str, Any]:
+        ids = torch.tensor([[1, 2] + [VLM_IMAGE_TOKEN] * image_tokens + [3]] * 2)
+        return dict(input_ids=ids, pixel_values=_images(32) if pixels is None else pixels, **extra)
+
+    return inputs
+
+
+def _granite4_vision_inputs() -> dict[str, Any]:
+    """Granite4Vision's any-resolution input: per image its base view and one 32 px tile (grid pinpoint 32x32); the
+    window Q-Former (query side 1 of window side 2) leaves 4 tokens per view plus one newline per tile row: 10."""
+    pixels = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return _vlm_inputs(10, pixels, image_sizes=torch.tensor([[32, 32]] * 2))()
+
+
+def _small_volo() -> nn.Module:
+    """zoo11-build: VOLO-D1's layout small: an outlooker stage (8x8 tokens), then transformer stages (4x4) and two class
+    attention blocks."""
+    from timm.models.volo import VOLO
+
+    return VOLO(layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64), num_heads=(2, 2, 2, 2), num_classes=10)
+
 
 def _mllama_tiles() -> dict[str, Any]:
     """zoo-packed: Mllama's tiled input, two images of up to 2 tiles of 32 px: the first one tile (the second masked)."""
@@ -839,15 +889,18 @@ FAST_CASES = [
     _packed_case("Kimi_K25VisionModel", layout="conv"),
     _packed_case("Inkling2VisionModel", layout="merged"),  # a class token per image
     _packed_case("HYV4VLVisionModel"),  # no rotation, a (1, tokens, d) batch of one
+    # zoo11-build: LFM3-VL: gated short-convolution layers (no attention) between grouped-query q/k-RMSNorm attention
+    _packed_case("Lfm3VlVisionModel", num_hidden_layers=4, num_key_value_heads=2,
+                 layer_types=["conv", "full_attention", "conv", "full_attention"]),
     _hf_case("MllamaVisionModel", "MllamaVisionModel", "MllamaVisionConfig", "exact", inputs=lambda: _mllama_tiles(),
              hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
              image_size=32, patch_size=8, max_num_tiles=2, vision_output_dim=64, intermediate_layers_indices=[0],
              supported_aspect_ratios=[[1, 1], [1, 2]]),  # tiles, the padded tile masked
-    _hf_case("MiniCPMV4_7VisionModel", "MiniCPMV4_7VisionModel", "MiniCPMV4_7VisionConfig", "window-attention merger",
-             module="vit_merger", inputs=lambda: _minicpm_strip(), hidden_size=32, intermediate_size=64,
+    # zoo11-build: the window-attention merger's packed attention is a site (per 2x2-token window), after layer 0
+    _hf_case("MiniCPMV4_7VisionModel", "MiniCPMV4_7VisionModel", "MiniCPMV4_7VisionConfig", "exact", inputs=lambda: _minicpm_strip(), hidden_size=32, intermediate_size=64,
              num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, insert_layer_id=0),
-    _hf_case("MiniCPMOcrVisionModel", "MiniCPMOcrVisionModel", "MiniCPMOcrVisionConfig", "window-attention merger",
-             module="vit_merger", inputs=lambda: _minicpm_strip(), hidden_size=32, intermediate_size=64,
+    # zoo11-build: the window-attention merger's packed attention is a site (per 2x2-token window), after layer 0
+    _hf_case("MiniCPMOcrVisionModel", "MiniCPMOcrVisionModel", "MiniCPMOcrVisionConfig", "exact", inputs=lambda: _minicpm_strip(), hidden_size=32, intermediate_size=64,
              num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, insert_layer_id=0),
     _hf_case("Gemma4VisionModel", "Gemma4VisionModel", "Gemma4VisionConfig", "exact", inputs=lambda: _gemma4_padded(), hidden_size=32, intermediate_size=64,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8, patch_size=8,
@@ -899,8 +952,9 @@ FAST_CASES = [
              n_embd=32, n_layer=2, n_head=4, n_positions=16),
     _hf_case("MobileViTV2Model", "MobileViTV2Model", "MobileViTV2Config", "separable", size=64, image_size=64,
              module="encoder.layer.2.transformer.layer.0.attention", width_multiplier=0.25),
-    Case("TimmBackbone", lambda: _small_timm_backbone(), lambda: {"pixel_values": _images(32)}, "hf",
-         "timm attention inside a transformers wrapper", "_backbone.model.blocks.0.attn", "TimmBackbone"),
+    # zoo11-build: the timm ViT inside transformers' TimmBackbone, recorded by the timm adapter under the wrapper's paths
+    Case("TimmBackbone", lambda: _small_timm_backbone(), lambda: {"pixel_values": _images(32)}, "hf", "exact",
+         entry="TimmBackbone"),
     # zoo-hfsmall: DETR's segmentation head on the DETR encoder (exact; its mask-attention head left out as the decoder);
     # Deformable DETR's encoder refused (deformable attention: no q·k); both on a small ResNet backbone
     _hf_case("DetrForSegmentation", "DetrForSegmentation", "DetrConfig", "exact", size=128, **dict(
@@ -909,6 +963,61 @@ FAST_CASES = [
              module="encoder.layers.0.self_attn", num_feature_levels=3, **DETR_SMALL, **SMALL_RESNET),
     _hf_case("Swin2SRModel-v2-blocks", "Swin2SRModel", "Swin2SRConfig", "exact", size=16, image_size=16, patch_size=1, embed_dim=16,
              depths=[2], num_heads=[2], window_size=4),
+
+    # zoo11-build: the models the generic small build could not enter. timm giants sized through their entry points'
+    # kwargs (Gemma 4's encoder keeps its 3x3 soft-token pooling: 6x6 patches); MobileNetV5 from a small block list
+    _timm_case("eva02_enormous_patch14_clip_224", "exact", size=28, embed_dim=32, depth=2, num_heads=4, img_size=28,
+               patch_size=7),
+    _timm_case("gemma4_vit_167m_enc", "exact", size=48, embed_dim=32, depth=2, num_heads=4, head_dim=8, img_size=48,
+               patch_size=8),
+    Case("mobilenetv5_300m_enc", lambda: _small_mobilenetv5(), lambda: {"x": _images(64)}, "timm", "exact",
+         entry="mobilenetv5_300m_enc"),
+    # zoo11-build: convolution-only HF models whose default config the generic shrink breaks (hidden_size shrunk but not
+    # hidden_sizes; FocalNet's default hidden_sizes is a tuple its backbone adds to a list): no attention
+    _hf_case("ConvNextModel", "ConvNextModel", "ConvNextConfig", "no attention", size=64, hidden_sizes=[8, 8, 16, 16],
+             depths=[1, 1, 1, 1]),
+    _hf_case("ConvNextV2Model", "ConvNextV2Model", "ConvNextV2Config", "no attention", size=64,
+             hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1]),
+    _hf_case("ConvNextBackbone", "ConvNextBackbone", "ConvNextConfig", "no attention", size=64,
+             hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1], out_features=["stage1", "stage2"]),
+    _hf_case("ConvNextV2Backbone", "ConvNextV2Backbone", "ConvNextV2Config", "no attention", size=64,
+             hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1], out_features=["stage1", "stage2"]),
+    _hf_case("FocalNetBackbone", "FocalNetBackbone", "FocalNetConfig", "no attention", size=64, embed_dim=16,
+             depths=[1, 1], hidden_sizes=[16, 32], out_features=["stage1", "stage2"]),
+    # zoo11-build: whole VLMs (their class names end in VisionModel): the vision tower exact, the language model (and
+    # Granite4Vision's window Q-Former) left out by design; 4 image tokens per image after the 2x2 downsampling
+    _hf_case("AyaVisionModel", "AyaVisionModel", "AyaVisionConfig", "exact", inputs=_vlm_inputs(4),
+             vision_config=dict(VLM_VISION, model_type="siglip_vision_model"), text_config=dict(VLM_TEXT, model_type="cohere2"),
+             image_token_index=VLM_IMAGE_TOKEN),
+    _hf_case("Cohere2VisionModel", "Cohere2VisionModel", "Cohere2VisionConfig", "exact", inputs=_vlm_inputs(4),
+             vision_config=dict(VLM_VISION, model_type="siglip_vision_model"), text_config=dict(VLM_TEXT, model_type="cohere2"),
+             image_token_id=VLM_IMAGE_TOKEN, alignment_intermediate_size=64),
+    # its Q-Former's heads are hidden_size // 64: a 64-wide tower
+    _hf_case("Granite4VisionModel", "Granite4VisionModel", "Granite4VisionConfig", "exact", inputs=_granite4_vision_inputs,
+             vision_config=dict(VLM_VISION, hidden_size=64, model_type="clip_vision_model"),
+             text_config=dict(VLM_TEXT, model_type="granite4_vision_text"), image_token_index=VLM_IMAGE_TOKEN,
+             image_grid_pinpoints=[[32, 32]], downsample_rate="1/2", deepstack_layer_map=[[-1, 0]],
+             spatial_target_layers=[0, 0, 0, 0], vision_feature_layer=-1,
+             qformer_config=dict(model_type="blip_2_qformer", num_hidden_layers=1, intermediate_size=64)),
+    # zoo11-build: LW-DETR's ViT backbone (num_windows must be a square dividing the image: 4 windows of 2x2 patches)
+    _hf_case("LwDetrViTBackbone", "LwDetrViTBackbone", "LwDetrViTConfig", "exact", hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, mlp_ratio=2, image_size=32, pretrain_image_size=32, patch_size=8, num_windows=4,
+             num_windows_side=2, window_block_indices=[0], out_features=["stage1", "stage2"], out_indices=[1, 2]),
+    # zoo11-build: SAM3's image encoder small (4x4 patches of 14 px, windows of 2, a global block): refused, precisely
+    _hf_case("Sam3VisionModel", "Sam3VisionModel", "Sam3VisionConfig", "interleaved pairs", size=56,
+             module="backbone.layers.0.attention", backbone_config=dict(
+                 model_type="sam3_vit_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 image_size=56, patch_size=14, window_size=2, global_attn_indexes=[1], pretrain_image_size=28),
+             fpn_hidden_size=16, backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]]),
+    # zoo11-build: Sapiens2: per-head q/k RMSNorm, then DINOv3's rotation of the patch tokens (registers unrotated); the
+    # middle layer grouped-query (2 key heads for 4 query heads)
+    _hf_case("Sapiens2Backbone", "Sapiens2Backbone", "Sapiens2Config", "exact", num_register_tokens=2,
+             num_first_full_attention_layers=1, num_last_full_attention_layers=1, num_key_value_attention_heads=2,
+             out_features=["stage1", "stage3"], **dict(HF_SMALL, num_hidden_layers=3)),
+    # zoo11-build: VOLO (its entry points fix the layers): plain attention on NHWC grids and class attention exact, the
+    # outlooker stage left out by name (a partial recording); refused whole, naming the outlook attention
+    Case("volo_d1_224-partial", lambda: _small_volo(), lambda: {"x": _images(64)}, "timm", "exact", entry="volo_d1_224"),
+    Case("volo_d1_224", lambda: _small_volo(), lambda: {"x": _images(64)}, "timm", "outlook attention", "network.0.0.attn"),
 ]
 
 
@@ -1055,6 +1164,11 @@ def _timm_small(name: str) -> tuple[nn.Module, dict[str, Any]]:
     raise RuntimeError("no small variant builds and runs: " + "; ".join(failures[-2:]))
 
 
+# zoo11-build: why DiNAT (neighbourhood attention) is not built here (checked with pip against the package registry)
+NATTEN_NOT_INSTALLABLE = (": the registry's only natten, 0.21.7, is a source build (no CPU wheel) without "
+                          "natten2dqkrpb / natten2dav, which DiNAT imports")
+
+
 def _hf_small(cls_name: str) -> tuple[nn.Module, dict[str, Any]]:
     """The class from its default config with the integer sizes HF_SMALL names shrunk, perturbed and run once."""
     import transformers
@@ -1073,7 +1187,11 @@ def _hf_small(cls_name: str) -> tuple[nn.Module, dict[str, Any]]:
     size = size if isinstance(size, int) else int(size[0])
     extra = {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
     with torch.device("meta"):  # sized before it takes memory: some classes carry a whole language model
-        params = _params(cls._from_config(config, **extra))
+        try:
+            params = _params(cls._from_config(config, **extra))
+        except ImportError as err:  # an optional package the class needs: say which, and why it is not here
+            first = next(line for line in str(err).splitlines() + [type(err).__name__] if line.strip()).split(" but ")[0]
+            raise RuntimeError(first + (NATTEN_NOT_INSTALLABLE if "natten" in str(err) else "")) from err
     if params > ZOO_MAX_PARAMS:
         raise RuntimeError(f"{params / 1e6:.0f}M parameters even with the small config")
     torch.manual_seed(0)

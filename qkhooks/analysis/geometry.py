@@ -55,18 +55,18 @@ def resolve_prefix(fixed: int | None, meta: Mapping[str, Any], num_tokens: int) 
     return prefix
 
 
-def grid_of(patches: int, grid: Sequence[int] | None = None) -> tuple[int, int]:
-    """The patch grid: ``grid`` when it fits, else the square one (the prefix tokens being known); anything else is
-    an error."""
+def grid_of(patches: int, grid: Sequence[int] | None = None, layer: int | None = None) -> tuple[int, int]:
+    """The patch grid: ``grid`` (the recording's or the caller's) when it has ``patches`` tokens; otherwise refused,
+    naming the layer where known. A square is never assumed (zoo11-build): 16 tokens may be 4x4 or 2x8."""
     if grid is not None and len(grid) == 2 and int(grid[0]) * int(grid[1]) == patches:
         return int(grid[0]), int(grid[1])
-    side = math.isqrt(patches)
-    if side * side != patches:
-        raise QKHooksError(
-            f"{patches} patch tokens do not make a square grid; give the grid (rows, cols) explicitly "
-            "(the run's per-layer geometry, meta['grid'], or grid=... to the function)."
-        )
-    return side, side
+    where = f"layer {layer}: " if layer is not None else ""
+    said = f"the grid {tuple(int(g) for g in grid)} has {int(grid[0]) * int(grid[1])}" if grid is not None and len(grid) == 2 \
+        else "no grid was recorded for them"
+    raise QKHooksError(
+        f"{where}{patches} patch tokens, and {said}; their grid is not known (a square is never assumed). Give the "
+        "grid (rows, cols) explicitly (the run's per-layer geometry, meta['grid'], or grid=... to the function)."
+    )
 
 
 def layer_geometry(meta: Mapping[str, Any], layer: int) -> Any:
@@ -83,7 +83,7 @@ def layer_grid(meta: Mapping[str, Any], layer: int, num_tokens: int, prefix: int
     if geometry is not None:
         prefix, grid = geometry.num_prefix_tokens, geometry.grid
     prefix = resolve_prefix(prefix, meta, num_tokens)
-    return prefix, grid_of(num_tokens - prefix, grid if grid is not None else meta.get("grid"))
+    return prefix, grid_of(num_tokens - prefix, grid if grid is not None else meta.get("grid"), layer)
 
 
 def tokens_on_grid(x: Any, geometry: Any) -> Any:

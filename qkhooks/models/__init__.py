@@ -2,6 +2,7 @@
 
 from qkhooks.models.base import AttentionSite, QKWeights, adapters, find_sites, parse_layers, register_adapter
 from qkhooks.models import timm as _timm  # noqa: F401  (registers the adapter)
+from qkhooks.models import timm_backbone as _timm_backbone  # noqa: F401  (zoo11-build: transformers' TimmBackbone, before hf-vit)
 from qkhooks.models import hf as _hf  # noqa: F401  (registers the adapter)
 from qkhooks.models import packed as _packed  # noqa: F401  (teaches the HF adapter packed vision towers: Qwen-VL, GLM-4V)
 from qkhooks.models import reduced_keys as _reduced_keys  # noqa: F401  (teaches the adapters reduced keys)
@@ -27,6 +28,9 @@ from qkhooks.models import softcap as _softcap  # noqa: F401  (VideoPrism: soft-
 from qkhooks.models import llama4 as _llama4  # noqa: F401  (Llama 4 vision: complex 2-D RoPE, class token last)
 from qkhooks.models import two_softmax as _two_softmax  # noqa: F401  (two-softmax maps: DiffAttention, ConViT GPSA + MHSA)
 from qkhooks.models import cascaded as _cascaded  # noqa: F401  (EfficientViT-MSRA cascaded heads, maps only)
+from qkhooks.models import vlm as _vlm  # noqa: F401  (zoo11-build: VLMs' language models left out by design)
+from qkhooks.models import sam3 as _sam3  # noqa: F401  (zoo11-build: SAM3's windowed RoPE ViT refused, precisely)
+from qkhooks.models import volo as _volo  # noqa: F401  (zoo11-build: VOLO's plain and class attention; outlook left out)
 
 sites = find_sites
 

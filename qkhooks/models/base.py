@@ -9,6 +9,9 @@ model family) turn a model into a list of sites; users add their own with :func:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -172,6 +175,8 @@ class AttentionSite:
             )
         if not block:
             self.refuse_unmodelled_inputs(args, kwargs)
+            if len(args) > 1 or kwargs:  # zoo11-build: the grid the module is handed (PVT's feat_size, HF's height, width)
+                self._grid_of_input = _grid_in_call(self.module, args, kwargs)
         if args:
             x = args[0]
         elif name in kwargs:
@@ -359,24 +364,57 @@ class AttentionSite:
         return height // self.patch_size[0], width // self.patch_size[1]
 
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
-        """Patch grid for a sequence of ``num_tokens`` (native grid, or square when the input size changed)."""
+        """Patch grid for a sequence of ``num_tokens``: the native grid, or the grid the call hands the module (NHWC /
+        NCHW tokens, ``feat_size``, ``height, width``); a site with a native grid never falls back to a square
+        (zoo11-build). Only a site that knows no grid at all still reads a square token count as square."""
         patches = num_tokens - self.num_prefix_tokens
         if self.grid is not None and self.grid[0] * self.grid[1] == patches:
             return self.grid
-        side = int(round(patches**0.5))
-        if side * side != patches:
-            raise QKHooksError(
-                f"{self.path}: {patches} patch tokens do not form the native grid {self.grid} nor a square; "
-                "pass the grid explicitly."
-            )
-        return side, side
+        called = getattr(self, "_grid_of_input", None)
+        if called is not None and called[0] * called[1] == patches:
+            return called
+        side = math.isqrt(max(patches, 0))
+        if self.grid is None and side * side == patches:  # left to do: a site that knows no grid of its own (LeViT,
+            return side, side  # EfficientFormer-v2, NextViT) still reads a square; its adapter should read the call's
+        raise QKHooksError(
+            f"layer {self.layer} ({self.path}): {patches} patch tokens are not its native grid {self.grid}, and the "
+            "module was not handed them as a grid, so their grid is not known here (a square is never assumed); "
+            "pass the grid explicitly (grid=(rows, cols)), or record run files with qkhooks.record_dataset, which reads "
+            "each layer's grid off the input image size."
+        )
 
     def _as_tokens(self, x: Any) -> Any:
         if self.token_layout == "grid" and isinstance(x, torch.Tensor) and x.dim() == 4:
+            self._grid_of_input = (int(x.shape[1]), int(x.shape[2]))  # the call's own grid, for grid_for
             return x.flatten(1, 2)
         if self.token_layout == "channels_first" and isinstance(x, torch.Tensor) and x.dim() == 4:  # NCHW, row by row
+            self._grid_of_input = (int(x.shape[2]), int(x.shape[3]))
             return x.flatten(2).transpose(1, 2)
         return x
+
+
+_GRID_ARGUMENTS = (("feat_size",), ("hw_shape",), ("height", "width"), ("H", "W"))
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_names(forward: Callable) -> tuple[str, ...]:
+    return tuple(inspect.signature(forward).parameters)
+
+
+def _grid_in_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """zoo11-build: the (rows, cols) token grid an attention module is handed with its tokens, by the argument names
+    models use for it (timm PVT-v2 / MViTv2 ``feat_size``, HF Segformer / GLPN / PVT ``height, width``), else None."""
+    try:
+        names = _parameter_names(type(module).forward)
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        return None
+    call = dict(zip(names[1:], args), **kwargs)  # names[0] is self
+    for keys in _GRID_ARGUMENTS:
+        values = call.get(keys[0]) if len(keys) == 1 else tuple(call.get(k) for k in keys)
+        if isinstance(values, (list, tuple, torch.Size)) and len(values) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return int(values[0]), int(values[1])
+    return None
 
 
 def _carries_tensor(value: Any) -> bool:
@@ -504,7 +542,10 @@ def number_in_forward_order(model: nn.Module, found: list[AttentionSite]) -> lis
     paths = [s.path for s in found]
     if len(set(paths)) != len(paths):
         raise QKHooksError(f"the adapter returned an attention module twice: {sorted(p for p in paths if paths.count(p) > 1)}.")
-    found = sorted(found, key=lambda s: order[id(s.forward_anchor())])
+    # zoo11-build: a site may run inside another's stretch of the forward (MiniCPM-V's merger, called after encoder layer
+    # insert_layer_id although registered after the encoder): ``runs_after`` names the site module it follows
+    found = sorted(found, key=lambda s: (order[id(s.runs_after)], 1) if getattr(s, "runs_after", None) is not None
+                   else (order[id(s.forward_anchor())], 0))
     for index, site in enumerate(found):
         site.layer = index
         if not site.stage:

@@ -15,6 +15,7 @@ embeddings module (a CLS token, a distillation token, register tokens), so new v
 from __future__ import annotations
 
 import re
+import types
 from typing import Callable
 
 import torch
@@ -23,9 +24,13 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, register_adapter
 from qkhooks.models.qknorm import qk_norm_modelled, qk_norm_of
+from qkhooks.models.timm import grouped_query_reader
 from qkhooks.models.unsupported import left_out_by_design, refuse_uncovered
 
 _LAYER = re.compile(r"^(?P<block>(?:.*\.)?(?:layers?|blocks?)\.(?P<idx>\d+))\.")
+# zoo11-build: attention that runs outside the numbered layers: MiniCPM-V's window-attention merger (its packed
+# attention on 2x2-token windows, between two encoder layers); its index comes from the forward order like every site's
+_OUTSIDE_LAYERS = re.compile(r"^(?P<block>(?:.*\.)?vit_merger)(?P<idx>)\.self_attn$")
 _QK_NAMES = (("q_proj", "k_proj"), ("query", "key"))
 # Children an attention module may own besides its q/k/v projections without changing the logits.
 _HARMLESS_CHILDREN = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv", "dropout", "attn_dropout",
@@ -44,6 +49,8 @@ _ROPE_FUNCTIONS: dict[str, tuple[str, Callable]] = {
     # zoo-hfsmall: EoMT on DINOv3 (DINOv3's rotation of the patch tokens only; the object queries and the prefix
     # tokens before them stay unrotated, the mask of the last blocks enters as attention_mask)
     "EomtDinov3Attention": ("apply_rotary_pos_emb", lambda apply, q, k, cos, sin: apply(q, k, cos, sin)),
+    # zoo11-build: Sapiens2 (DINOv3's rotation of the patch tokens, after its per-head q/k RMSNorm; grouped-query keys)
+    "Sapiens2Attention": ("apply_rotary_pos_emb", lambda apply, q, k, cos, sin: apply(q, k, cos, sin)),
 }
 # Attention classes whose token layout qkhooks does not model although their logits are plain.
 _FOLDED_TOKENS = {
@@ -95,7 +102,7 @@ def _attention_modules(model: nn.Module):
     for name, module in model.named_modules():
         if _TEXT.search(name) or _qk_children(module) is None or name.startswith(aside):
             continue
-        match = _LAYER.match(name)
+        match = _LAYER.match(name) or _OUTSIDE_LAYERS.match(name)
         if match and name != match["block"]:
             yield name, module, match
 
@@ -181,10 +188,14 @@ def find(model: nn.Module) -> list[AttentionSite]:
         head_dim = width // heads
         scale = getattr(module, "scaling", None) or getattr(module, "scale", None) or head_dim**-0.5
         qk_linear = _fused_reader(qk[0], width) if len(qk) == 1 else _pair_reader(*qk)
+        grouped = len(qk) == 2 and qk[1].out_features != qk[0].out_features  # zoo11-build: grouped-query keys (Sapiens2)
+        if grouped:
+            counts = types.SimpleNamespace(num_heads=heads, num_kv_heads=qk[1].out_features // head_dim)
+            qk_linear = grouped_query_reader(name, counts, qk_linear)
 
         sites.append(
             AttentionSite(
-                layer=int(match["idx"]),
+                layer=int(match["idx"] or 0),  # numbered in forward order by find_sites
                 path=name,
                 module=module,
                 block_path=match["block"],
@@ -200,7 +211,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 block_input_name="hidden_states",
                 qk_linear=qk_linear,
                 patch_size=_pair(getattr(config, "patch_size", None)),
-                qk_modules=() if grid_layout else qk,  # its q/k outputs are grids too: project the tokens
+                qk_modules=() if grid_layout or grouped else qk,  # its q/k outputs are grids too: project the tokens
                 stage=match["block"].rpartition(".")[0],
                 token_layout="grid" if grid_layout else "tokens",
                 bias_input=None if grid_layout else "attention_mask",

@@ -28,7 +28,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
 from qkhooks.models.hf import EXTRA_FORMS
-from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
+from qkhooks.models.unsupported import MODELLED_FORMS
 
 __all__ = ["PackedSite", "PACKED_ATTENTION"]
 
@@ -57,6 +57,13 @@ PACKED_ATTENTION = {
     "Cosmos3EdgeVisionAttention": False,  # packed SigLIP2 attention, positions added to the patches
     "VideoLlama3VisionAttention": True,
     "Inkling2VisionAttention": True,  # a class token in front of each image, rotated by angle 0 (position (0, 0))
+    # zoo11-build: MiniCPM-V 4.7 / MiniCPM-OCR: no rotation (positions added to the patches); the encoder layers attend
+    # per image, the window-attention merger (vit_merger.self_attn) per 2x2-token window of its window_index order
+    "MiniCPMV4_7VisionAttention": False,
+    "MiniCPMOcrVisionAttention": False,
+    # zoo11-build: LFM3-VL: grouped-query q_proj / k_proj (the HF adapter repeats each key head), per-head q/k RMSNorm
+    # before the rotation; its gated short-convolution layers mix tokens without attention (no site, as a CNN block)
+    "Lfm3VlVisionAttention": True,
 }
 _CALL = ("hidden_states", "cu_seqlens", "position_embeddings", "max_seqlen")
 
@@ -66,6 +73,9 @@ class PackedSite(AttentionSite):
     """An attention over a packed sequence, segment by segment (``cu_seqlens``); segments become the batch."""
 
     _call_lengths: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
+    # zoo11-build: the attention module this one runs right after, where that is not the registration order (MiniCPM-V's
+    # merger runs after encoder layer insert_layer_id); read by number_in_forward_order
+    runs_after: nn.Module | None = dataclasses.field(default=None, repr=False)
 
     def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         call = dict(zip(_CALL, args), **kwargs)
@@ -200,27 +210,30 @@ def _packed_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.M
         return site  # another family's class of that name: not this form
     fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
     groups = int(getattr(module, "num_key_value_groups", 1))
-    if groups != 1 or hasattr(module, "kv_dim"):  # Exaone 4.5: the fused qkv holds q_dim + 2·kv_dim rows
+    if hasattr(module, "qkv") and (groups != 1 or hasattr(module, "kv_dim")):  # Exaone 4.5: q_dim + 2·kv_dim rows
+        # (separate grouped q_proj / k_proj, LFM3-VL: the HF adapter's site already repeats each key head)
         fields.update(_grouped_fields(site, module, groups))
     rotates = PACKED_ATTENTION[type(module).__name__]
     fields.update(qk_modules=(), num_prefix_tokens=0, grid=None, patch_size=None, bias_input=None,
                   rope_input="position_embeddings" if rotates else None,
                   rope_apply=_rotation(module) if rotates else None, rope_layout="half")
-    return PackedSite(**fields)
+    return PackedSite(**fields, runs_after=_merger_runs_after(site, modules))
+
+
+def _merger_runs_after(site: AttentionSite, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """zoo11-build: MiniCPM-V's window-attention merger (``vit_merger.self_attn``) runs after encoder layer
+    ``insert_layer_id``: that layer's attention module (None for every other site)."""
+    tower, _, rest = site.path.rpartition("vit_merger.")
+    if rest != "self_attn":
+        return None
+    insert = getattr(getattr(modules[tower.rstrip(".")], "config", None), "insert_layer_id", None)
+    after = modules.get(f"{tower}encoder.layers.{insert}.self_attn")
+    if not isinstance(insert, int) or insert < 0 or after is None:
+        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(site.module).__name__}): MiniCPM-V's merger "
+                           f"runs after encoder layer insert_layer_id={insert!r}, which this tower does not have.")
+    return after
 
 
 for _name in PACKED_ATTENTION:
     EXTRA_FORMS[_name] = (frozenset({"q_norm", "k_norm"}), _packed_site)
 MODELLED_FORMS.update(PACKED_ATTENTION)  # q/k RMSNorm of GlmOcr / Glm5Next: applied with the model's own modules
-
-_MINICPM_MERGER = ("the ViT window-attention merger of MiniCPM-V's vision tower runs the packed attention on 2x2-token "
-                   "windows from inside the merger (after encoder layer insert_layer_id), where no adapter takes a site; "
-                   "recording the encoder layers alone would leave it out")
-# the vision towers of this family qkhooks does not model yet, each with its reason (a model is recorded whole or not at all)
-UNMODELLED_FORMS.update({
-    "transformers.models.minicpmv4_7.modeling_minicpmv4_7.MiniCPMV4_7ViTWindowAttentionMerger": _MINICPM_MERGER,
-    "transformers.models.minicpm_ocr.modeling_minicpm_ocr.MiniCPMOcrViTWindowAttentionMerger": _MINICPM_MERGER,
-    "transformers.models.lfm3_vl.modeling_lfm3_vl.Lfm3VlVisionShortConv": "LFM3-VL's gated short convolution (a "
-    "depthwise conv gated by the tokens, no softmax of q·k) interleaved with grouped-query, q/k-RMSNorm packed "
-    "attention layers; neither is modelled yet, and recording one without the other would leave layers out",
-})

@@ -96,6 +96,12 @@ def qk_norm_modelled(module: nn.Module) -> bool:
         forwards.append(InternVLVisionAttention.forward)
     except ImportError:  # pragma: no cover - an older transformers without InternVL
         pass
+    try:  # zoo11-build: Sapiens2's per-head RMSNorm on q and k, before its rotation (the HF adapter's DINOv3 rotation)
+        from transformers.models.sapiens2.modeling_sapiens2 import Sapiens2Attention
+
+        forwards.append(Sapiens2Attention.forward)
+    except ImportError:  # pragma: no cover - an older transformers without Sapiens2
+        pass
     return type(module).forward in forwards
 
 

@@ -69,13 +69,8 @@ UNMODELLED_FORMS.update({
     "of the centre token, not from q·k; " + _NO_TOKEN_SOFTMAX,
     "timm.layers.lambda_layer.LambdaLayer": "lambda layer: the keys are softmaxed over the tokens on their own and "
     "summarised with the values into a content lambda, plus a position lambda from a conv; " + _NO_TOKEN_SOFTMAX,
-    "timm.models.volo.Attention": "plain attention of VOLO's later stages, but its first stage mixes tokens with outlook "
-    "attention (window weights from a linear layer, no q·k), which is not modelled: recording the later layers alone "
-    "would leave it out",
     "timm.models.csatv2.SpatialTransformerBlock": "one-channel attention inside a spatial gate (q, k of width 1 over a "
     "pooled grid); not an image-token attention qkhooks records",
-    "timm.models.volo.ClassAttention": "class attention after VOLO's outlooker stages; the model is refused for "
-    "its outlook attention",
     "timm.models.mobilevit.LinearSelfAttention": "MobileViT-v2 separable (linear) attention: one score per token "
     "from a 1-channel projection, softmaxed over tokens and pooled into a single context vector; " + _NO_TOKEN_SOFTMAX,
     "transformers.models.mobilevitv2.modeling_mobilevitv2.MobileViTV2LinearSelfAttention": "MobileViT-v2 separable "
@@ -202,10 +197,20 @@ def diagnose(model: nn.Module) -> None:
                 raise QKHooksError(f"unsupported attention in {name!r} ({type(module).__name__}): {reason}.")
 
 
+# zoo11-build: token mixers whose children are named like q/k projections but that compute no attention (module and
+# class -> what they compute): not attention, so neither a site nor a module left out, as a CNN block of a hybrid
+NOT_ATTENTION: dict[str, str] = {
+    "transformers.models.lfm3_vl.modeling_lfm3_vl.Lfm3VlVisionShortConv": "LFM3-VL's gated short convolution: in_proj "
+    "splits the tokens into gates and values for a depthwise conv over the patch grid; no softmax over tokens",
+}
+
+
 def _owns_qk(module: nn.Module) -> bool:
     """Whether the module computes attention logits itself: it owns a q/k (or fused qkv) projection (a Linear/Conv
     child so named, or any child so named of an attention-named module or beside a ``qkv``), or an attention-named
     module owns a fused projection weight directly."""
+    if f"{type(module).__module__}.{type(module).__qualname__}" in NOT_ATTENTION:
+        return False
     children = dict(module.named_children())
     projections = [children[c] for c in _QK_CHILDREN if c in children]
     attention_named = _ATTENTION_NAME.search(type(module).__name__) is not None
