@@ -111,23 +111,28 @@ def test_loading_a_state_of_another_configuration_is_refused_with_the_whole_mess
                                   "reducer with the saved settings (or start the run again).")
 
 
-def test_kinds_and_recipes_not_registered_yet_are_looked_for_in_the_builtin_analyses_package(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lookup", ["reducer_class", "recipe"])
+def test_kinds_and_recipes_not_registered_yet_are_looked_for_in_the_builtin_analyses_package(lookup, tmp_path,
+                                                                                            monkeypatch):
     """``reducer_class`` and ``recipe`` import :data:`BUILTIN_ANALYSES` when asked for a name nobody registered:
-    a stand-in package that registers one kind and one recipe when imported must be imported by the lookup."""
-    (tmp_path / "kills_rest_analyses.py").write_text(
-        "from qkhooks.reducers import Recipe, Reducer, register_recipe\n"
-        "class Late(Reducer):\n    name = 'test_kills_rest_late'\n"
-        "LATE = register_recipe(Recipe('test_kills_rest_late'))\n")
+    a stand-in package that registers one kind (or one recipe) when imported must be imported by the lookup."""
+    module = f"kills_rest_analyses_{lookup}"
+    registers = ("class Late(Reducer):\n    name = 'test_kills_rest_late'\n" if lookup == "reducer_class" else
+                 "LATE = register_recipe(Recipe('test_kills_rest_late'))\n")
+    (tmp_path / f"{module}.py").write_text("from qkhooks.reducers import Recipe, Reducer, register_recipe\n"
+                                           + registers)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr("qkhooks.reducers.BUILTIN_ANALYSES", "kills_rest_analyses")
-    monkeypatch.delitem(sys.modules, "kills_rest_analyses", raising=False)
+    monkeypatch.setattr("qkhooks.reducers.BUILTIN_ANALYSES", module)
+    monkeypatch.delitem(sys.modules, module, raising=False)
     try:
-        assert reducer_class("test_kills_rest_late").__module__ == "kills_rest_analyses"
-        assert recipe("test_kills_rest_late").name == "test_kills_rest_late"
+        if lookup == "reducer_class":
+            assert reducer_class("test_kills_rest_late").__module__ == module
+        else:
+            assert recipe("test_kills_rest_late").name == "test_kills_rest_late"
     finally:
         _REDUCERS.pop("test_kills_rest_late", None)
         _RECIPES.pop("test_kills_rest_late", None)
-        sys.modules.pop("kills_rest_analyses", None)
+        sys.modules.pop(module, None)
 
 
 def test_a_recipe_hands_its_build_the_modes_attention_and_target_flag_and_the_default_recipe_is_named_default():
