@@ -42,6 +42,8 @@ SAME_FORM_FAMILIES = "deit or clip or hf-dinov2] or timm-vit] or hf-vit]"
 # quiet machine in the time a round leaves (models: 5500 lines, thousands of mutants); tests/MUTATION.md names
 # what is left out. Their kill tests live in one file, selected for each of them.
 KILLS_IO = "tests/test_mutation_kills_io.py"
+# Round 11 (mut11-rest): the kill tests of reducers, models, stream, store, preprocess and statistics.
+KILLS_REST = "tests/test_mutation_kills_rest.py"
 # test_store_safety.py's in-process tests (the order of writes, flushes and commits; rows past `committed`;
 # damaged files and repair); its other tests start processes or mount file systems.
 IN_PROCESS_SAFETY = ("not test_store_safety or writes_data_then_flushes or readers_see_only_committed "
@@ -66,22 +68,24 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                   f"and not (rope_bias_windows or {SAME_FORM_FAMILIES})"),
     "capture": (["qkhooks/capture.py"],
                 ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_vocabulary.py", KILLS_IO], None),
-    "reducers": (["qkhooks/reducers.py"], ["tests/test_reducers.py", "tests/test_modes.py", "tests/test_distributed.py"],
-                 "merge or state or reducer or shards"),
+    "reducers": (["qkhooks/reducers.py"],
+                 ["tests/test_reducers.py", "tests/test_modes.py", "tests/test_distributed.py", KILLS_REST],
+                 "merge or state or reducer or shards or kills_rest"),
     "preprocess": (["qkhooks/data/preprocess.py"],
-                   ["tests/test_data.py", "tests/test_asymmetry.py", KILLS_IO], None),
+                   ["tests/test_data.py", "tests/test_asymmetry.py", KILLS_IO, KILLS_REST], None),
     "models": (["qkhooks/models/base.py", "qkhooks/models/timm.py", "qkhooks/models/hf.py"],
-               ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_offline.py", KILLS_IO], None),
+               ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_offline.py", KILLS_IO, KILLS_REST], None),
     "store": (["qkhooks/store/writer.py", "qkhooks/store/reader.py", "qkhooks/store/format.py"],
               ["tests/test_store.py", "tests/test_store_safety.py", "tests/test_distributed.py",
-               "tests/test_vocabulary.py", KILLS_IO], IN_PROCESS_SAFETY),
+               "tests/test_vocabulary.py", KILLS_IO, KILLS_REST], IN_PROCESS_SAFETY),
     "stream": (["qkhooks/stream.py"],
                ["tests/test_store.py", "tests/test_store_safety.py", "tests/test_late_decode.py",
-                "tests/test_distributed.py", "tests/test_options.py", KILLS_IO],
+                "tests/test_distributed.py", "tests/test_options.py", KILLS_IO, KILLS_REST],
                IN_PROCESS_SAFETY),
     "statistics": (
         ["qkhooks/analysis/topk.py", "qkhooks/analysis/anisotropy.py"],
-        ["tests/test_modes.py", "tests/test_preference.py", "tests/test_bfd.py", "tests/test_reducers.py", KILLS_IO],
+        ["tests/test_modes.py", "tests/test_preference.py", "tests/test_bfd.py", "tests/test_reducers.py", KILLS_IO,
+         KILLS_REST],
         None,
     ),
 }
