@@ -19,6 +19,14 @@ from conftest import TINY_MODELS
 ASYMMETRIC_TIMM = next(t for t in TINY_MODELS if t.name == "timm-vit-4x6")  # 4 x 6 patches, mean != std
 
 
+def _assert_refused(cases) -> None:
+    """Each call raises a QKHooksError whose whole message is the one written down."""
+    for call, message in cases:
+        with pytest.raises(QKHooksError) as err:
+            call()
+        assert str(err.value) == message
+
+
 def test_a_layer_geometry_describes_itself_in_one_line_naming_every_part_it_has():
     plain = LayerGeometry(3, (4, 6), 1, 25, 25, (4, 6), 1, heads=2, head_dim=8, stage="blocks")
     assert plain.describe() == "grid 4x6 + 1 prefix, 25 queries, 2 heads x 8, stage blocks"
@@ -57,6 +65,7 @@ def test_layers_are_resolved_by_index_digits_or_path_and_refused_with_the_whole_
     assert resolve_layer(3, [0, 3], paths, "here") == 3
     assert resolve_layer("3", [0, 3], paths, "here") == 3
     assert resolve_layer("blocks.0.attn", [0, 3], paths, "here") == 0
+    assert resolve_layer("X3", [0, 3], {0: "X3"}, "here") == 0  # a path, though digits follow its first letter
     assert resolve_layer(np.int64(3), [0, 3], paths, "here") == 3
     cases = [
         ("-3", {}, "here did not record layer -3; its layers are [0, 3]."),
@@ -68,10 +77,8 @@ def test_layers_are_resolved_by_index_digits_or_path_and_refused_with_the_whole_
         (True, paths, "a layer is a block index or a module path such as 'blocks.5.attn'; got True."),
         (3.0, paths, "a layer is a block index or a module path such as 'blocks.5.attn'; got 3.0."),
     ]
-    for layer, known, message in cases:
-        with pytest.raises(QKHooksError) as err:
-            resolve_layer(layer, [0, 3], known, "here")
-        assert str(err.value) == message
+    _assert_refused([(lambda l=layer, k=known: resolve_layer(l, [0, 3], k, "here"), message)
+                     for layer, known, message in cases])
     require_layer(3, [3], "maps", "here", "fix it.")
     for available, listed in (([0], "[0]"), ([], "none")):
         with pytest.raises(QKHooksError) as err:
@@ -99,6 +106,9 @@ def test_the_observed_grid_is_the_images_patch_grid_else_the_sites_own_and_none_
     wrong = copy.copy(site_4x6)
     wrong.grid_for = lambda tokens: (3, 3)  # a site rule that does not fill the tokens
     assert observe_geometry(wrong, 17, 17).grid is None
+    cait = copy.copy(site_4x6)
+    cait.class_attention = True  # only the class token queries (CaiT's class-attention blocks)
+    assert observe_geometry(cait, 25, 25).class_attention is True
     # keys other than the queries on a site without reduction: the generic rule finds no conv, so no key grid
     reduced = observe_geometry(dataclasses.replace(site_4x6, key_tokens=lambda *a: None), 25, 7)
     assert (reduced.grid, reduced.key_grid, reduced.key_prefix_tokens, reduced.key_tokens) == ((4, 6), None, 0, 7)
@@ -215,10 +225,7 @@ def test_a_hand_made_batch_refuses_what_it_lacks_with_the_whole_reason():
                                                   "run.geometry(l))."),
         (lambda: batch.query(1), "this batch did not record layer 1; its layers are [0, 2]."),
     ]
-    for call, message in cases:
-        with pytest.raises(QKHooksError) as err:
-            call()
-        assert str(err.value) == message
+    _assert_refused(cases)
     from qkhooks.results import BatchCapture, LayerCapture
 
     with pytest.raises(QKHooksError) as err:
@@ -362,10 +369,7 @@ def test_a_recordings_refusals_say_the_whole_reason():
         (lambda: rec.spectrum(0), "this recording has no modes (modes=None), so no spectrum; use qkhooks.spectrum(model)."),
         (lambda: rec.bias(2), "layer 2 is not recorded here; recorded layers: [0, 1]."),
     ]
-    for call, message in cases:
-        with pytest.raises(QKHooksError) as err:
-            call()
-        assert str(err.value) == message
+    _assert_refused(cases)
     assert rec.bias(0) is None  # a plain ViT adds no position term
 
 
@@ -408,3 +412,89 @@ def test_old_spellings_warn_at_the_callers_line():
             warnings.simplefilter("always")
             call()
         assert [w.filename for w in caught] == [__file__], [str(w.message) for w in caught]
+
+
+def test_modes_are_read_as_a_count_all_or_none():
+    from qkhooks.capture import parse_modes
+
+    for given, want in ((16, 16), ("16", 16), (" 3 ", 3), ("all", "all"), ("ALL", "all"), (None, None), (0, None),
+                        ("0", None), ("none", None), (" None ", None)):
+        assert parse_modes(given) == want, given
+    for bad in (True, -2, "1.5", "some"):
+        with pytest.raises(QKHooksError) as err:
+            parse_modes(bad)
+        assert str(err.value) == f"modes must be a positive integer, 'all' or none (0); got {bad!r}."
+
+
+def test_each_batch_says_its_prefix_tokens_and_its_grid_read_off_the_first_recorded_layer():
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    with qkhooks.record(model, modes=None, layers=[1]) as rec, torch.no_grad():
+        rec(images, ids=["left", "right"], meta={"note": 7})
+    assert rec.last.meta == {"note": 7, "num_prefix_tokens": 1, "grid": (4, 6)}
+    assert rec.ids == ["left", "right"] and rec.last.offset == 0
+
+
+def test_sites_are_searched_once_per_model_and_again_when_a_setting_the_adapters_read_changes(monkeypatch):
+    import qkhooks
+    import qkhooks.capture as capture
+
+    calls = []
+    real = capture.find_sites
+    monkeypatch.setattr(capture, "find_sites", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    hf = next(t for t in TINY_MODELS if t.name == "hf-vit-4x6-key-first")
+    for tiny in (ASYMMETRIC_TIMM, hf):
+        model = tiny.model()
+        for _ in range(2):
+            with qkhooks.record(model, modes=None):
+                pass
+        assert calls == [model], tiny.name
+        if tiny.kind == "timm":
+            model.blocks[0].attn.fused_attn = not model.blocks[0].attn.fused_attn  # a plain setting
+        else:
+            model.config._attn_implementation = "eager"  # a config's setting, changed in place
+        with qkhooks.record(model, modes=None):
+            pass
+        assert calls == [model, model], tiny.name
+        calls.clear()
+
+
+def test_a_recording_of_unchanged_weights_reuses_the_projectors_built_for_them_and_rebuilds_after_a_change():
+    """record() entered per batch builds no projector again while the weights are unchanged (the cached spectrum's
+    identity vouches for them); changed weights get new projectors whose maps follow the new weights."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    with qkhooks.record(model, modes=2) as first, torch.no_grad():
+        model(images)
+    with qkhooks.record(model, modes=2) as second, torch.no_grad():
+        model(images)
+    assert first.mode_source == second.mode_source == {0: "qk", 1: "qk"}
+    assert all(first._from_qk[l] is second._from_qk[l] for l in (0, 1))
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.weight.mul_(2.0)  # both W_q and W_k doubled: sigma x 4
+    with qkhooks.record(model, modes=2) as third, torch.no_grad():
+        model(images)
+    assert third._from_qk[0] is first._from_qk[0] and third._from_qk[1] is not first._from_qk[1]
+    torch.testing.assert_close(third.spectrum(1).S, 4 * first.spectrum(1).S, rtol=1e-5, atol=1e-6)
+
+
+def test_a_recording_built_directly_takes_the_documented_defaults_and_a_given_spectrum_over_the_models():
+    import qkhooks
+    from qkhooks.capture import Recording
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    direct = Recording(model)
+    assert (direct.input, direct.modes, direct.left_out, direct.outputs) == ("normed", 16, {}, "unchanged")
+    assert direct.config["augmented"] is False and direct.mode_source == {0: "qk", 1: "qk"}
+    given = qkhooks.spectrum(model)
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.weight.mul_(2.0)  # the model's own spectrum changes; the given one does not
+    with qkhooks.record(model, modes=2, spectrum=given) as rec, torch.no_grad():
+        model(images)
+    torch.testing.assert_close(rec.spectrum(1).S, given[1].S[:, :2], atol=0, rtol=0)
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.record(model, layers=[0], attention="full:1")
+    assert str(err.value) == ("attention 'full' asks for layers [1], which this recording does not hook (recorded "
+                              "layers: [0]); pick block indices among them or add them to layers.")
