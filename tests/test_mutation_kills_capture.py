@@ -498,3 +498,16 @@ def test_a_recording_built_directly_takes_the_documented_defaults_and_a_given_sp
         qkhooks.record(model, layers=[0], attention="full:1")
     assert str(err.value) == ("attention 'full' asks for layers [1], which this recording does not hook (recorded "
                               "layers: [0]); pick block indices among them or add them to layers.")
+
+
+def test_a_recording_names_its_models_spectrum_and_refuses_a_second_attach_and_eager_outputs_without_full_maps():
+    import qkhooks
+
+    model = ASYMMETRIC_TIMM.model()
+    with qkhooks.record(model, modes=2) as rec:
+        assert rec.qk_spectrum.model == "VisionTransformer"
+        _assert_refused([(rec.attach, "this recording is already attached; use a new qkhooks.record(...) to nest."),
+                         (lambda: qkhooks.record(model, modes=2, outputs="eager"),
+                          "outputs='eager' computes a layer's attention once from its recorded full maps, and this "
+                          "recording asks for none; add attention='full' (or 'full:LAYERS'), or leave "
+                          "outputs='unchanged'.")])
