@@ -44,6 +44,7 @@ SAME_FORM_FAMILIES = "deit or clip or hf-dinov2] or timm-vit] or hf-vit]"
 KILLS_IO = "tests/test_mutation_kills_io.py"
 # Round 11 (mut11-rest): the kill tests of reducers, models, stream, store, preprocess and statistics.
 KILLS_REST = "tests/test_mutation_kills_rest.py"
+KILLS_CAPTURE = "tests/test_mutation_kills_capture.py"
 # test_store_safety.py's in-process tests (the order of writes, flushes and commits; rows past `committed`;
 # damaged files and repair); its other tests start processes or mount file systems.
 IN_PROCESS_SAFETY = ("not test_store_safety or writes_data_then_flushes or readers_see_only_committed "
@@ -66,8 +67,14 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                   "(attention or rows or default_query or centre_patch or sdpa_maps or fused_kernel or dropout or "
                   "cannot_match or eager_outputs or own_eager_path) "
                   f"and not (rope_bias_windows or {SAME_FORM_FAMILIES})"),
-    "capture": (["qkhooks/capture.py"],
-                ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_vocabulary.py", KILLS_IO], None),
+    # capture (round 11): results.py and access.py added, with the tests that read results through them:
+    # test_multigrid_runs.py's per-layer geometry (windows, reduced keys, a file without per-layer geometry);
+    # test_mutation_kills_capture.py kills the rest against references.
+    "capture": (["qkhooks/capture.py", "qkhooks/results.py", "qkhooks/access.py"],
+                ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_vocabulary.py", "tests/test_multigrid_runs.py",
+                 KILLS_IO, KILLS_CAPTURE],
+                "(not test_multigrid_runs or swin_run_stores or reduced_key or without_per_layer_geometry "
+                f"or hand_made_batch) and not ({SAME_FORM_FAMILIES})"),
     "reducers": (["qkhooks/reducers.py"],
                  ["tests/test_reducers.py", "tests/test_modes.py", "tests/test_distributed.py", KILLS_REST],
                  "merge or state or reducer or shards or kills_rest"),

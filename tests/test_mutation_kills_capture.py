@@ -1,0 +1,513 @@
+"""Tests written to kill mutants of capture (``capture.py``, ``results.py``, ``access.py``) that survived the rest of
+capture's selection (tests/MUTATION.md, round 11), each against an independent reference: numpy, a direct
+computation, the model's own eager attention, or a hand-written value."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from qkhooks import QKHooksError
+from qkhooks.access import LayerGeometry, require_layer, resolve_layer
+from qkhooks.results import observe_geometry
+from conftest import TINY_MODELS
+
+ASYMMETRIC_TIMM = next(t for t in TINY_MODELS if t.name == "timm-vit-4x6")  # 4 x 6 patches, mean != std
+
+
+def _assert_refused(cases) -> None:
+    """Each call raises a QKHooksError whose whole message is the one written down."""
+    for call, message in cases:
+        with pytest.raises(QKHooksError) as err:
+            call()
+        assert str(err.value) == message
+
+
+def test_a_layer_geometry_describes_itself_in_one_line_naming_every_part_it_has():
+    plain = LayerGeometry(3, (4, 6), 1, 25, 25, (4, 6), 1, heads=2, head_dim=8, stage="blocks")
+    assert plain.describe() == "grid 4x6 + 1 prefix, 25 queries, 2 heads x 8, stage blocks"
+    reduced = LayerGeometry(0, None, 0, 24, 6, (2, 3), 0, window={"size": [2, 3], "shift": [1, 0], "windows": 1,
+                                                                 "pad_first": False}, class_attention=True)
+    assert reduced.describe() == ("grid ? + 0 prefix, 24 queries, 6 keys (reduced grid 2x3), 1 window of 2x3 "
+                                  "shifted by (1, 0), class attention")
+    many = LayerGeometry(0, (4, 6), 0, 24, 24, (4, 6), 0, window={"size": [2, 2], "shift": [0, 0], "windows": 6,
+                                                                 "pad_first": True})
+    assert many.describe() == "grid 4x6 + 0 prefix, 24 queries, 6 windows of 2x2 shifted by (0, 0)"
+    assert LayerGeometry(0, (4, 6), 0, 24, 4, None, 0).describe() == (
+        "grid 4x6 + 0 prefix, 24 queries, 4 keys (reduced grid ?)")
+
+
+def test_a_layer_geometry_round_trips_through_its_dict_dropping_unknown_keys_and_reading_grids_as_pairs():
+    geometry = LayerGeometry(2, (4, 6), 1, 25, 7, (2, 3), 1, heads=4, head_dim=8, stage="stages.1",
+                             window={"size": [2, 3], "shift": [0, 1], "windows": 4, "pad_first": True},
+                             class_attention=True)
+    stored = geometry.to_dict()
+    assert stored == {"layer": 2, "grid": (4, 6), "num_prefix_tokens": 1, "query_tokens": 25, "key_tokens": 7,
+                      "key_grid": (2, 3), "key_prefix_tokens": 1, "heads": 4, "head_dim": 8, "stage": "stages.1",
+                      "window": {"size": [2, 3], "shift": [0, 1], "windows": 4, "pad_first": True},
+                      "class_attention": True}
+    as_json = {**stored, "grid": [4, 6], "key_grid": [2, 3], "written_by_a_later_version": 1}
+    assert LayerGeometry.from_dict(as_json) == geometry
+    bare = LayerGeometry.from_dict({"layer": 0, "grid": None, "num_prefix_tokens": 0, "query_tokens": 9,
+                                    "key_tokens": 9, "key_grid": None, "key_prefix_tokens": 0})
+    assert (bare.grid, bare.key_grid, bare.heads, bare.window, bare.windowed) == (None, None, 0, None, False)
+    assert geometry.windowed and geometry.reduced_keys
+    assert not LayerGeometry(0, (4, 6), 1, 25, 25, (4, 6), 1).reduced_keys
+    assert LayerGeometry(0, (4, 6), 1, 25, 25, (6, 4), 1).reduced_keys  # same count, another grid
+
+
+def test_layers_are_resolved_by_index_digits_or_path_and_refused_with_the_whole_reason():
+    paths = {0: "blocks.0.attn", 3: "blocks.3.attn"}
+    assert resolve_layer(3, [0, 3], paths, "here") == 3
+    assert resolve_layer("3", [0, 3], paths, "here") == 3
+    assert resolve_layer("blocks.0.attn", [0, 3], paths, "here") == 0
+    assert resolve_layer("X3", [0, 3], {0: "X3"}, "here") == 0  # a path, though digits follow its first letter
+    assert resolve_layer(np.int64(3), [0, 3], paths, "here") == 3
+    cases = [
+        ("-3", {}, "here did not record layer -3; its layers are [0, 3]."),
+        (1, paths, "here did not record layer 1; its layers are [0, 3]."),
+        ("blocks.1.attn", {}, "here does not know its layers' module paths (a run file written before qkhooks stored "
+                              "them); address the layer by block index: [0, 3]."),
+        ("blocks.1.attn", paths, "here has no layer at module path 'blocks.1.attn'; its layers are 'blocks.0.attn' "
+                                 "(layer 0), 'blocks.3.attn' (layer 3)."),
+        (True, paths, "a layer is a block index or a module path such as 'blocks.5.attn'; got True."),
+        (3.0, paths, "a layer is a block index or a module path such as 'blocks.5.attn'; got 3.0."),
+    ]
+    _assert_refused([(lambda l=layer, k=known: resolve_layer(l, [0, 3], k, "here"), message)
+                     for layer, known, message in cases])
+    require_layer(3, [3], "maps", "here", "fix it.")
+    for available, listed in (([0], "[0]"), ([], "none")):
+        with pytest.raises(QKHooksError) as err:
+            require_layer(3, available, "maps", "here", "fix it.")
+        assert str(err.value) == f"here has no maps for layer 3 (layers with them: {listed}); fix it."
+
+
+# ------------------------------------------------------------------------------------------------ results.py
+@pytest.fixture(scope="module")
+def site_4x6():
+    """The first attention site of the tiny timm ViT with a 4 x 6 patch grid (8 px patches, one class token)."""
+    import qkhooks
+
+    return qkhooks.sites(ASYMMETRIC_TIMM.model())[0]
+
+
+def test_the_observed_grid_is_the_images_patch_grid_else_the_sites_own_and_none_when_neither_fits(site_4x6):
+    seen = observe_geometry(site_4x6, 25, 25, (32, 48))  # 32 x 48 px in 8 px patches: 4 x 6 = 24 + 1 class token
+    assert seen == LayerGeometry(0, (4, 6), 1, 25, 25, (4, 6), 1, 4, 8, "blocks", None, False)
+    assert observe_geometry(site_4x6, 31, 31, (40, 48)).grid == (5, 6)  # another image: its own patch grid
+    assert observe_geometry(site_4x6, 25, 25, (40, 48)).grid == (4, 6)  # 5 x 6 != 24 tokens: the site's own grid
+    assert observe_geometry(site_4x6, 17, 17).grid == (4, 4)  # 16 patch tokens, not the native 24: a square
+    assert observe_geometry(site_4x6, 20, 20).grid is None  # 19 patch tokens: no grid, not guessed
+    assert observe_geometry(dataclasses.replace(site_4x6, patch_size=None), 25, 25, (40, 48)).grid == (4, 6)
+    wrong = copy.copy(site_4x6)
+    wrong.grid_for = lambda tokens: (3, 3)  # a site rule that does not fill the tokens
+    assert observe_geometry(wrong, 17, 17).grid is None
+    cait = copy.copy(site_4x6)
+    cait.class_attention = True  # only the class token queries (CaiT's class-attention blocks)
+    assert observe_geometry(cait, 25, 25).class_attention is True
+    # keys other than the queries on a site without reduction: the generic rule finds no conv, so no key grid
+    reduced = observe_geometry(dataclasses.replace(site_4x6, key_tokens=lambda *a: None), 25, 7)
+    assert (reduced.grid, reduced.key_grid, reduced.key_prefix_tokens, reduced.key_tokens) == ((4, 6), None, 0, 7)
+    same = observe_geometry(dataclasses.replace(site_4x6, key_tokens=lambda *a: None), 25, 25)
+    assert (same.key_grid, same.key_prefix_tokens) == ((4, 6), 1)
+
+
+class _Reducing(torch.nn.Module):
+    """An attention module holding a key reduction under ``name`` (a conv inside a container, after an optional
+    adaptive pool), as PVT, Twins, Segformer and GLPN hold theirs."""
+
+    def __init__(self, name: str, conv: torch.nn.Conv2d, pool: torch.nn.Module | None = None):
+        super().__init__()
+        setattr(self, name, torch.nn.Sequential(torch.nn.Identity(), conv))
+        if pool is not None:
+            self.pool = pool
+
+    def grid_of(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The reference: the spatial shape the module's own layers give a zero image of that grid."""
+        x = torch.zeros(1, 3, *grid)
+        if hasattr(self, "pool"):
+            x = self.pool(x)
+        for name in ("sr", "spatial_reduction", "sequence_reduction"):
+            if hasattr(self, name):
+                return tuple(getattr(self, name)(x).shape[-2:])
+
+
+def test_a_reduced_key_grid_is_the_shape_the_modules_own_pool_and_conv_give_the_query_grid():
+    from qkhooks.results import _reduced_grid
+
+    grid = (9, 13)
+    cases = [
+        _Reducing("sr", torch.nn.Conv2d(3, 3, (2, 3), stride=(2, 3))),
+        _Reducing("spatial_reduction", torch.nn.Conv2d(3, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1))),
+        _Reducing("sequence_reduction", torch.nn.Conv2d(3, 3, 3, stride=2, padding=1)),
+        _Reducing("sr", torch.nn.Conv2d(3, 3, 1), pool=torch.nn.AdaptiveAvgPool2d(5)),
+        _Reducing("sr", torch.nn.Conv2d(3, 3, 1), pool=torch.nn.AdaptiveAvgPool2d((4, None))),
+        _Reducing("sr", torch.nn.Conv2d(3, 3, 1), pool=torch.nn.AdaptiveAvgPool2d((None, 6))),
+        _Reducing("sr", torch.nn.Conv2d(3, 3, 2, stride=2), pool=torch.nn.AdaptiveAvgPool2d((6, 4))),
+    ]
+    for module in cases:
+        want = module.grid_of(grid)
+        assert _reduced_grid(module, grid, want[0] * want[1]) == want, module
+        assert _reduced_grid(module, grid, want[0] * want[1] + 1) is None
+    assert _reduced_grid(cases[0], None, 12) is None
+    assert _reduced_grid(_Reducing("sr", torch.nn.Conv2d(3, 3, 3, padding="same")), grid, 9 * 13) is None
+    assert _reduced_grid(_Reducing("other", torch.nn.Conv2d(3, 3, 1)), grid, 9 * 13) is None
+    no_conv = _Reducing("sr", torch.nn.Conv2d(3, 3, 1))
+    no_conv.sr = torch.nn.Sequential(torch.nn.Identity())
+    assert _reduced_grid(no_conv, grid, 9 * 13) is None
+
+
+def _hand_made_batch():
+    """A batch built by hand: layer 0 with modes, rows and a relative term, layer 2 with full maps only, three images."""
+    from qkhooks.results import BatchCapture, LayerCapture
+
+    g = torch.Generator().manual_seed(0)
+    q0, k0 = torch.randn(3, 2, 4, 7, generator=g), torch.randn(3, 2, 4, 7, generator=g)
+    rows0, rel0 = torch.rand(3, 2, 2, 7, generator=g), torch.randn(3, 2, 7, 7, generator=g)
+    full2 = torch.rand(3, 2, 7, 7, generator=g)
+    captures = {2: LayerCapture(2, 3, attention={"full": full2}),
+                0: LayerCapture(0, 3, query=q0, key=k0, attention={"rows": rows0}, relative=rel0)}
+    bias = torch.randn(2, 7, 7, generator=g)
+    batch = BatchCapture(["a", "b", "c", "d"][:3], {"query_tokens": [[0, 5]] * 3}, captures, offset=6,
+                         module_paths={0: "blocks.0.attn", 2: "blocks.2.attn"}, position_bias={2: bias})
+    return batch, dict(q0=q0, k0=k0, rows0=rows0, rel0=rel0, full2=full2, bias=bias)
+
+
+def test_a_hand_made_batch_answers_the_vocabulary_with_the_tensors_it_holds():
+    batch, t = _hand_made_batch()
+    assert (batch.n, batch.size, batch.offset, batch.ids) == (3, 3, 6, ["a", "b", "c"])
+    assert list(batch.layers) == [0, 2] and batch.mode_layers == [0] and batch.relative_layers == [0]
+    assert batch.attention_kinds == ["full", "rows"]
+    assert (batch.attention_layers(), batch.attention_layers("full"), batch.attention_layers("pooled")) == ([0], [2], [])
+    assert batch.query("blocks.0.attn") is t["q0"] and batch.key(0) is t["k0"]
+    assert batch.attention(0) is t["rows0"] and batch.attention("blocks.2.attn", "full") is t["full2"]
+    assert batch.relative_term(0) is t["rel0"]
+    assert repr(batch) == "BatchCapture(n=3, layers=[0, 2], offset=6, ids=['a', 'b', 'c'])"
+    from qkhooks.results import BatchCapture, LayerCapture
+
+    four = BatchCapture(list("abcd"), {}, {1: LayerCapture(1, 4)})
+    assert repr(four) == "BatchCapture(n=4, layers=[1], offset=0, ids=['a', 'b', 'c']...)"
+    assert BatchCapture([], {}).n == 0 and BatchCapture([], {}).statics() == {}
+    arrays = batch.arrays()
+    assert sorted(arrays) == ["attention/L0/rows", "attention/L2/full", "attention/query_tokens", "modes/L0/key",
+                              "modes/L0/query", "relative/L0"]
+    assert arrays["modes/L0/query"] is t["q0"] and arrays["modes/L0/key"] is t["k0"]
+    assert arrays["relative/L0"] is t["rel0"] and arrays["attention/L2/full"] is t["full2"]
+    assert arrays["attention/query_tokens"].dtype == torch.int64
+    np.testing.assert_array_equal(arrays["attention/query_tokens"].numpy(), [[0, 5]] * 3)
+    no_attention = BatchCapture(["a"], {"query_tokens": [[0]]}, {0: LayerCapture(0, 1, query=t["q0"][:1], key=t["k0"][:1])})
+    assert sorted(no_attention.arrays()) == ["modes/L0/key", "modes/L0/query"]
+    statics = batch.statics()
+    assert list(statics) == ["bias/L2"] and torch.equal(statics["bias/L2"], t["bias"])
+    assert statics["bias/L2"] is not t["bias"]  # a copy: the model may reuse its tensor
+
+
+def test_a_hand_made_batch_refuses_what_it_lacks_with_the_whole_reason():
+    batch, _ = _hand_made_batch()
+    cases = [
+        (lambda: batch.query(2), "this batch has no query/key maps for layer 2 (layers with them: [0]); record with "
+                                 "modes= to get them."),
+        (lambda: batch.key(2), "this batch has no query/key maps for layer 2 (layers with them: [0]); record with "
+                               "modes= to get them."),
+        (lambda: batch.attention(2), "this batch has no 'rows' attention for layer 2 (layers with them: [0]); it has "
+                                     "attention kinds ['full', 'rows'] (the attention= option of qkhooks.record)."),
+        (lambda: batch.inputs(0), "this batch kept no input tokens for layer 0; record with keep_inputs=True."),
+        (lambda: batch.spectrum(0), "this batch was recorded without modes, so it has no spectrum; record with modes=."),
+        (lambda: batch.relative_term(2), "this batch has no query-dependent relative-position term for layer 2 (layers "
+                                         "with them: [0]); only layers with one (SAM/ViTDet decomposed positions), "
+                                         "recorded with attention='full', keep it."),
+        (lambda: batch.geometry("blocks.2.attn"), "this batch carries no geometry for layer 2 (record_dataset puts it "
+                                                  "into every batch's meta['geometry']; a live recording answers "
+                                                  "run.geometry(l))."),
+        (lambda: batch.query(1), "this batch did not record layer 1; its layers are [0, 2]."),
+    ]
+    _assert_refused(cases)
+    from qkhooks.results import BatchCapture, LayerCapture
+
+    with pytest.raises(QKHooksError) as err:
+        BatchCapture(["a"], {}, {0: LayerCapture(0, 1)}).attention(0)
+    assert str(err.value) == ("this batch has no 'rows' attention for layer 0 (layers with them: none); it has "
+                              "attention kinds none (the attention= option of qkhooks.record).")
+    geometry = LayerGeometry(2, (2, 3), 1, 7, 7, (2, 3), 1)
+    batch.meta["geometry"] = {2: geometry}
+    assert batch.geometry(2) is geometry
+
+
+# ------------------------------------------------------------------------------------------------ capture.py
+def _zoo_case(name: str):
+    from test_relpos import _case
+
+    return _case(name)
+
+
+def test_the_relative_term_is_q_dot_the_tables_at_the_offsets_and_is_refused_without_full_maps():
+    """SAM's global layer 1: the recorded term is q_i·R_h[h_i − h_j + h − 1] + q_i·R_w[w_i − w_j + w − 1], q the
+    layer's own query and R the module's tables indexed directly (as test_relpos.py); its windowed layer 0 has a term
+    too, but without full maps it is refused, naming the layers with them."""
+    import qkhooks
+
+    model, inputs, _ = _zoo_case("samvit_base_patch16_224")
+    site = qkhooks.sites(model)[1]
+    tokens = []
+    handle = site.module.register_forward_pre_hook(lambda m, a: tokens.append(a[0].detach()))
+    try:
+        with qkhooks.record(model, modes=None, attention="full:1") as rec, torch.no_grad():
+            rec(**inputs)
+    finally:
+        handle.remove()
+    x = tokens[0].double()  # (B, h, w, d)
+    _, h, w, _ = x.shape
+    rows = site.num_heads * site.head_dim
+    q = (x @ site.module.qkv.weight[:rows].double().T + site.module.qkv.bias[:rows].double()).unflatten(-1, (site.num_heads, -1))
+    r_h, r_w = site.module.rel_pos_h.double(), site.module.rel_pos_w.double()
+    ii, jj = torch.arange(h)[:, None], torch.arange(w)[:, None]
+    by_h = torch.einsum("bywhc,yzc->bhywz", q, r_h[ii - ii.T + h - 1])
+    by_w = torch.einsum("bywhc,wzc->bhywz", q, r_w[jj - jj.T + w - 1])
+    want = (by_h[..., :, None] + by_w[..., None, :]).flatten(2, 3).flatten(-2)  # (B, H, N, N)
+    torch.testing.assert_close(rec.relative_term("blocks.1.attn").double(), want.detach(), atol=1e-5, rtol=1e-5)
+    assert float(want.abs().max()) > 1e-2 and rec.relative_layers == [1]
+    with pytest.raises(QKHooksError) as err:
+        rec.relative_term(0)
+    assert str(err.value) == ("this recording has no full attention for layer 0 (layers with them: [1]); the relative "
+                              "term is kept with the full maps: record the layer with attention='full'.")
+
+
+def test_a_layers_position_bias_is_its_tables_entries_at_the_relative_index_and_other_layers_are_refused():
+    """BEiT's per-layer table indexed by the model's own relative_position_index (a direct computation from the
+    module's parameters); a layer outside the recording is refused, naming those recorded."""
+    import qkhooks
+
+    model, inputs, _ = _zoo_case("beit_base_patch16_224")
+    with qkhooks.record(model, modes=2, layers=[1]) as rec, torch.no_grad():
+        rec(**inputs)
+    attn = model.blocks[1].attn
+    n = attn.relative_position_index.shape[0]
+    want = attn.relative_position_bias_table.detach()[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+    torch.testing.assert_close(rec.bias(1), want, atol=0, rtol=0)
+    assert float(want.abs().max()) > 0
+    with pytest.raises(QKHooksError) as err:
+        rec.bias(0)
+    assert str(err.value) == "layer 0 is not recorded here; recorded layers: [1]."
+
+
+def test_keys_of_spatially_reduced_tokens_are_refused_on_the_residual_stream_naming_the_module():
+    import qkhooks
+
+    model, inputs, _ = _zoo_case("pvt_v2_b0")
+    site = next(s for s in qkhooks.sites(model) if s.key_tokens is not None)
+    with qkhooks.record(model, modes=2, layers=[site.layer], input="residual") as rec, torch.no_grad():
+        with pytest.raises(QKHooksError) as err:
+            rec(**inputs)
+    assert str(err.value) == (f"{site.path}: its keys are spatially reduced tokens, which have no residual-stream "
+                              "counterpart; record it with input='normed'.")
+
+
+def test_eager_outputs_hand_over_the_full_maps_the_layer_computed_equal_to_the_models_eager_attention():
+    import qkhooks
+    from conftest import eager_attention
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    want = eager_attention(ASYMMETRIC_TIMM, model, images)
+    with qkhooks.record(model, modes=None, attention="full:1", outputs="eager") as rec, torch.no_grad():
+        model(images)
+    torch.testing.assert_close(rec.attention(1, "full"), want[1], atol=1e-6, rtol=1e-5)
+    assert rec.attention_layers("full") == [1] and rec.last.attention_layers("full") == [1]
+
+
+def test_default_attention_kind_is_rows_for_the_recording_and_its_old_maps_call():
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    with qkhooks.record(model, modes=None, attention=["rows:0", "full:1"]) as rec, torch.no_grad():
+        model(images)
+    assert rec.attention_layers() == [0] and rec.attention_layers("full") == [1]
+    with pytest.warns(DeprecationWarning, match=r"use Recording.attention\(l, kind\)"):
+        maps = rec.attention_maps()
+    assert list(maps) == [0] and maps[0] is rec.attention(0)
+
+
+def test_a_windowed_layers_eager_maps_are_its_windows_softmax_per_image():
+    """Swin with outputs="eager": the maps the layer computed once, laid out per image (B, nW, H, Nw, Nw), equal the
+    softmax timm's own eager window attention returns (read off its attn_drop)."""
+    import qkhooks
+    from test_multigrid_runs import _swin
+
+    model, images = _swin(), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    attn = model.layers[0].blocks[1].attn
+    seen = []
+    attn.fused_attn = False
+    handle = attn.attn_drop.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        handle.remove()
+        attn.fused_attn = True
+    with qkhooks.record(model, modes=None, attention="full:1", outputs="eager") as rec, torch.no_grad():
+        model(images)
+    got = rec.attention(1, "full")
+    assert got.shape == (2, 16, 2, 16, 16)
+    torch.testing.assert_close(got.flatten(0, 1), seen[0], atol=1e-6, rtol=1e-5)
+
+
+def test_a_recordings_refusals_say_the_whole_reason():
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    with qkhooks.record(model, modes=None) as rec, torch.no_grad():
+        model(images)
+    cases = [
+        (lambda: rec.attention(0), "this recording rebuilds no 'rows' attention; it has none (the attention= option "
+                                   "of qkhooks.record)."),
+        (lambda: rec.geometry(1), "this recording has no query/key maps to read the token counts off; record with "
+                                  "modes=."),
+        (lambda: rec.geometry(7), "this recording did not record layer 7; its layers are [0, 1]."),
+        (lambda: rec.spectrum(0), "this recording has no modes (modes=None), so no spectrum; use qkhooks.spectrum(model)."),
+        (lambda: rec.bias(2), "layer 2 is not recorded here; recorded layers: [0, 1]."),
+    ]
+    _assert_refused(cases)
+    assert rec.bias(0) is None  # a plain ViT adds no position term
+
+
+def test_old_spellings_answer_the_old_dicts_values():
+    """The deprecated dict views hand out the very tensors the new calls return (len, membership, iteration, dict
+    methods); private probes (copy, pickle, IPython) see a plain method, not the old value."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    with qkhooks.record(model, modes=2, layers=[1], keep_inputs=True) as rec, torch.no_grad():
+        model(images)
+    with pytest.warns(DeprecationWarning, match=r"Recording.query\[l\] is deprecated; use query\(l\)."):
+        assert len(rec.query) == 1 and 1 in rec.query and 0 not in rec.query and list(rec.query) == [1]
+    with pytest.warns(DeprecationWarning):
+        assert rec.key.get(1) is rec.key(1) and list(rec.inputs.keys()) == [1] and rec.inputs[1] is rec.inputs(1)
+    with pytest.raises(AttributeError):
+        rec.query._repr_html_
+    assert repr(rec.query) == "<method query(l)>" and repr(rec.spectrum) == "<method spectrum(l) or recording.qk_spectrum>"
+    assert rec.inputs(1).shape == (2, 25, 32)
+    with pytest.warns(DeprecationWarning, match=r"use batch.captures"):
+        assert list(rec.last.layers.keys()) == [1] and rec.last.layers.get(1) is rec.last.captures[1]
+        assert rec.last.layers.get(5, "none") == "none" and list(rec.last.layers.values()) == [rec.last.captures[1]]
+
+
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in __import__("os").environ,
+                    reason="inside mutmut its trampolines are the callers, so no warning can point at this file")
+def test_old_spellings_warn_at_the_callers_line():
+    import warnings
+
+    import qkhooks
+    from qkhooks.results import BatchCapture, LayerCapture
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    with qkhooks.record(model, modes=2, attention="rows") as rec, torch.no_grad():
+        model(images)
+    calls = [lambda: rec.query[1], lambda: rec.spectrum[0], lambda: rec.last.layers.items(),
+             lambda: rec.attention_maps("rows"), lambda: BatchCapture([], {}, layers={0: LayerCapture(0, 1)})]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert [w.filename for w in caught] == [__file__], [str(w.message) for w in caught]
+
+
+def test_modes_are_read_as_a_count_all_or_none():
+    from qkhooks.capture import parse_modes
+
+    for given, want in ((16, 16), ("16", 16), (" 3 ", 3), ("all", "all"), ("ALL", "all"), (None, None), (0, None),
+                        ("0", None), ("none", None), (" None ", None)):
+        assert parse_modes(given) == want, given
+    for bad in (True, -2, "1.5", "some"):
+        with pytest.raises(QKHooksError) as err:
+            parse_modes(bad)
+        assert str(err.value) == f"modes must be a positive integer, 'all' or none (0); got {bad!r}."
+
+
+def test_each_batch_says_its_prefix_tokens_and_its_grid_read_off_the_first_recorded_layer():
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    with qkhooks.record(model, modes=None, layers=[1]) as rec, torch.no_grad():
+        rec(images, ids=["left", "right"], meta={"note": 7})
+    assert rec.last.meta == {"note": 7, "num_prefix_tokens": 1, "grid": (4, 6)}
+    assert rec.ids == ["left", "right"] and rec.last.offset == 0
+
+
+def test_sites_are_searched_once_per_model_and_again_when_a_setting_the_adapters_read_changes(monkeypatch):
+    import qkhooks
+    import qkhooks.capture as capture
+
+    calls = []
+    real = capture.find_sites
+    monkeypatch.setattr(capture, "find_sites", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    hf = next(t for t in TINY_MODELS if t.name == "hf-vit-4x6-key-first")
+    for tiny in (ASYMMETRIC_TIMM, hf):
+        model = tiny.model()
+        for _ in range(2):
+            with qkhooks.record(model, modes=None):
+                pass
+        assert calls == [model], tiny.name
+        if tiny.kind == "timm":
+            model.blocks[0].attn.fused_attn = not model.blocks[0].attn.fused_attn  # a plain setting
+        else:
+            model.config._attn_implementation = "eager"  # a config's setting, changed in place
+        with qkhooks.record(model, modes=None):
+            pass
+        assert calls == [model, model], tiny.name
+        calls.clear()
+
+
+def test_a_recording_of_unchanged_weights_reuses_the_projectors_built_for_them_and_rebuilds_after_a_change():
+    """record() entered per batch builds no projector again while the weights are unchanged (the cached spectrum's
+    identity vouches for them); changed weights get new projectors whose maps follow the new weights."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    with qkhooks.record(model, modes=2) as first, torch.no_grad():
+        model(images)
+    with qkhooks.record(model, modes=2) as second, torch.no_grad():
+        model(images)
+    assert first.mode_source == second.mode_source == {0: "qk", 1: "qk"}
+    assert all(first._from_qk[l] is second._from_qk[l] for l in (0, 1))
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.weight.mul_(2.0)  # both W_q and W_k doubled: sigma x 4
+    with qkhooks.record(model, modes=2) as third, torch.no_grad():
+        model(images)
+    assert third._from_qk[0] is first._from_qk[0] and third._from_qk[1] is not first._from_qk[1]
+    torch.testing.assert_close(third.spectrum(1).S, 4 * first.spectrum(1).S, rtol=1e-5, atol=1e-6)
+
+
+def test_a_recording_built_directly_takes_the_documented_defaults_and_a_given_spectrum_over_the_models():
+    import qkhooks
+    from qkhooks.capture import Recording
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    direct = Recording(model)
+    assert (direct.input, direct.modes, direct.left_out, direct.outputs) == ("normed", 16, {}, "unchanged")
+    assert direct.config["augmented"] is False and direct.mode_source == {0: "qk", 1: "qk"}
+    given = qkhooks.spectrum(model)
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.weight.mul_(2.0)  # the model's own spectrum changes; the given one does not
+    with qkhooks.record(model, modes=2, spectrum=given) as rec, torch.no_grad():
+        model(images)
+    torch.testing.assert_close(rec.spectrum(1).S, given[1].S[:, :2], atol=0, rtol=0)
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.record(model, layers=[0], attention="full:1")
+    assert str(err.value) == ("attention 'full' asks for layers [1], which this recording does not hook (recorded "
+                              "layers: [0]); pick block indices among them or add them to layers.")
+
+
+def test_a_recording_names_its_models_spectrum_and_refuses_a_second_attach_and_eager_outputs_without_full_maps():
+    import qkhooks
+
+    model = ASYMMETRIC_TIMM.model()
+    with qkhooks.record(model, modes=2) as rec:
+        assert rec.qk_spectrum.model == "VisionTransformer"
+        _assert_refused([(rec.attach, "this recording is already attached; use a new qkhooks.record(...) to nest."),
+                         (lambda: qkhooks.record(model, modes=2, outputs="eager"),
+                          "outputs='eager' computes a layer's attention once from its recorded full maps, and this "
+                          "recording asks for none; add attention='full' (or 'full:LAYERS'), or leave "
+                          "outputs='unchanged'.")])
