@@ -516,10 +516,10 @@ class Recording:
                     q, k = split_heads(site, q), split_heads(site, k)
                 if full:
                     cap.attention["full"] = site.to_images("full", full_from_qk(site, q, k))
-                for spec in row_specs:
-                    cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, qk=(q, k)))
                     if hasattr(site, "map_terms"):  # zoo11-maps: two-softmax terms, with the maps
                         cap.terms = map_terms(site, q, k)
+                for spec in row_specs:
+                    cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, qk=(q, k)))
 
         return hook
 

@@ -158,8 +158,12 @@ def test_default_query_tokens_are_integer_indices_on_odd_grids_too():
     from qkhooks.attention import default_query_tokens
 
     site = qkhooks.sites(next(t for t in TINY_MODELS if t.prefix == 0).model())[0]
-    tokens = default_query_tokens(site, 9)  # not the native 4 x 4: a 3 x 3 square, centre at row 1, column 1
-    assert tokens.dtype == torch.long and tokens.tolist() == [[4, 4]]
+    tokens = default_query_tokens(site, 16)  # the native 4 x 4, no prefix token: the centre patch twice
+    assert tokens.dtype == torch.long and tokens.tolist() == [[10, 10]]
+    with pytest.raises(qkhooks.QKHooksError, match="a square is never assumed"):  # 9 tokens: not its grid, never a guess
+        default_query_tokens(site, 9)
+    odd = qkhooks.sites(next(t for t in TINY_MODELS if t.grid == (4, 6)).model())[0]
+    assert default_query_tokens(odd, 25).tolist() == [[0, 1 + 2 * 6 + 3]]  # CLS, then row 2, column 3 of 4 x 6
 
 
 def test_mode_projector_follows_the_dtype_of_its_input():

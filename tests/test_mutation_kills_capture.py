@@ -100,7 +100,7 @@ def test_the_observed_grid_is_the_images_patch_grid_else_the_sites_own_and_none_
     assert seen == LayerGeometry(0, (4, 6), 1, 25, 25, (4, 6), 1, 4, 8, "blocks", None, False)
     assert observe_geometry(site_4x6, 31, 31, (40, 48)).grid == (5, 6)  # another image: its own patch grid
     assert observe_geometry(site_4x6, 25, 25, (40, 48)).grid == (4, 6)  # 5 x 6 != 24 tokens: the site's own grid
-    assert observe_geometry(site_4x6, 17, 17).grid == (4, 4)  # 16 patch tokens, not the native 24: a square
+    assert observe_geometry(site_4x6, 17, 17).grid is None  # 16 patch tokens, not the native 24: a square never assumed
     assert observe_geometry(site_4x6, 20, 20).grid is None  # 19 patch tokens: no grid, not guessed
     assert observe_geometry(dataclasses.replace(site_4x6, patch_size=None), 25, 25, (40, 48)).grid == (4, 6)
     wrong = copy.copy(site_4x6)
