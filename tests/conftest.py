@@ -136,6 +136,21 @@ def tiny(request) -> Tiny:
     return request.param
 
 
+def timm_module_eager_maps(model: torch.nn.Module, attn: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The softmax outputs one timm attention module hands its ``attn_drop`` on its eager path (fused attention off for
+    one forward of ``model``, restored after), one per call: an independent reference for that module's maps."""
+    seen: list[torch.Tensor] = []
+    attn.fused_attn = False
+    handle = attn.attn_drop.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        handle.remove()
+        attn.fused_attn = True
+    return seen
+
+
 def eager_attention(tiny: Tiny, model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """The model's own eager attention maps per layer (B, H, N, N): an independent reference."""
     if tiny.kind == "timm":

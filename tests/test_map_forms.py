@@ -10,6 +10,7 @@ import torch
 
 import qkhooks
 from qkhooks.errors import QKHooksError
+from conftest import timm_module_eager_maps
 from test_zoo import perturb
 
 
@@ -116,15 +117,7 @@ def test_differential_attention_with_qk_norm_rebuilds_the_models_eager_maps():
 def _eager_differential_maps(model: torch.nn.Module, attn: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The model's own non-fused softmaxes of ``attn`` (its attn_drop input, 2H component heads) combined as its
     forward combines them: softmax1 − λ·softmax2 with its own λ."""
-    eager: list[torch.Tensor] = []
-    attn.fused_attn = False
-    handle = attn.attn_drop.register_forward_hook(lambda m, a, o: eager.append(o.detach().clone()))
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        handle.remove()
-        attn.fused_attn = True
+    eager = timm_module_eager_maps(model, attn, images)
     return eager[0][:, 0::2] - attn._compute_lambda().detach() * eager[0][:, 1::2]
 
 

@@ -14,7 +14,7 @@ import torch
 from qkhooks import QKHooksError
 from qkhooks.access import LayerGeometry, require_layer, resolve_layer
 from qkhooks.results import observe_geometry
-from conftest import TINY_MODELS
+from conftest import TINY_MODELS, timm_module_eager_maps
 
 ASYMMETRIC_TIMM = next(t for t in TINY_MODELS if t.name == "timm-vit-4x6")  # 4 x 6 patches, mean != std
 
@@ -338,15 +338,7 @@ def test_a_windowed_layers_eager_maps_are_its_windows_softmax_per_image():
 
     model, images = _swin(), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     attn = model.layers[0].blocks[1].attn
-    seen = []
-    attn.fused_attn = False
-    handle = attn.attn_drop.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        handle.remove()
-        attn.fused_attn = True
+    seen = timm_module_eager_maps(model, attn, images)
     with qkhooks.record(model, modes=None, attention="full:1", outputs="eager") as rec, torch.no_grad():
         model(images)
     got = rec.attention(1, "full")
