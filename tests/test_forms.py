@@ -334,3 +334,19 @@ def test_demo_runs_every_section_on_a_rope_model_and_names_bfds_content_only_var
     assert bfd["variant"].startswith("content-only") and "RoPE" in bfd["variant"]
     assert sorted(map(int, bfd["content_only_layers"])) == list(range(12))
     assert "Variant: content-only" in (out / "index.html").read_text()
+
+
+def test_a_form_whose_class_this_timm_version_lacks_is_skipped_not_an_import_error(monkeypatch):
+    """The oldest supported timm has no ``timm.layers.diff_attention``: a form taught for a class the installed timm does
+    not have can match no module, so finding the sites of any other model must not fail on importing it."""
+    import timm
+
+    from qkhooks.models import timm as timm_adapter
+
+    def missing() -> type:
+        raise ImportError("No module named 'timm.layers.not_in_this_version'")
+
+    monkeypatch.setitem(timm_adapter.EXTRA_FORMS, "NotInThisVersion",
+                        timm_adapter.ExtraForm(missing, lambda attn: (None, ()), lambda site, attn: site))
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    assert [s.path for s in qkhooks.sites(model)] == ["blocks.0.attn", "blocks.1.attn"]
