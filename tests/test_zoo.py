@@ -513,6 +513,13 @@ DETR_SMALL = dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attent
                   encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5)
 
 
+# zoo12: SAM3's ViT small; its global layers' rotary tables are built for image_size (the model's own forward fails on
+# another grid), so each case's images are that size. image_size is (height, width).
+SAM3_VIT = dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                image_size=56, patch_size=14, window_size=2, global_attn_indexes=[1], pretrain_image_size=28)
+SAM3_VIT_PADDED = dict(SAM3_VIT, num_hidden_layers=3, image_size=[70, 42])
+
+
 # a ResNet backbone of a few channels for DETR-family detectors (their default is a full ResNet-50), built eager:
 # transformers' ResNet has no SDPA path to switch to
 SMALL_RESNET = dict(backbone_config=dict(model_type="resnet", embedding_size=8, hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1],
@@ -1003,12 +1010,15 @@ FAST_CASES = [
     _hf_case("LwDetrViTBackbone", "LwDetrViTBackbone", "LwDetrViTConfig", "exact", hidden_size=32, num_hidden_layers=2,
              num_attention_heads=4, mlp_ratio=2, image_size=32, pretrain_image_size=32, patch_size=8, num_windows=4,
              num_windows_side=2, window_block_indices=[0], out_features=["stage1", "stage2"], out_indices=[1, 2]),
-    # zoo11-build: SAM3's image encoder small (4x4 patches of 14 px, windows of 2, a global block): refused, precisely
-    _hf_case("Sam3VisionModel", "Sam3VisionModel", "Sam3VisionConfig", "interleaved pairs", size=56,
-             module="backbone.layers.0.attention", backbone_config=dict(
-                 model_type="sam3_vit_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 image_size=56, patch_size=14, window_size=2, global_attn_indexes=[1], pretrain_image_size=28),
+    # zoo12: SAM3's image encoder small (4x4 patches of 14 px, windows of 2, a global block): 2-D axial RoPE on
+    # interleaved pairs handed by position, windows folded into the batch axis
+    _hf_case("Sam3VisionModel", "Sam3VisionModel", "Sam3VisionConfig", "exact", size=56, backbone_config=SAM3_VIT,
              fpn_hidden_size=16, backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]]),
+    # zoo12: a non-square 5x3 grid (70x42 px) whose windows of 2 pad to 6x4 (6 windows, zero tokens as keys), windowed
+    # blocks on both sides of the global one
+    Case("Sam3VisionModel-padded", _hf("Sam3VisionModel", "Sam3VisionConfig", backbone_config=SAM3_VIT_PADDED, fpn_hidden_size=16,
+                                       backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]]),
+         lambda: {"pixel_values": _images((70, 42))}, "hf", "exact", entry="Sam3VisionModel"),
     # zoo11-build: Sapiens2: per-head q/k RMSNorm, then DINOv3's rotation of the patch tokens (registers unrotated); the
     # middle layer grouped-query (2 key heads for 4 query heads)
     _hf_case("Sapiens2Backbone", "Sapiens2Backbone", "Sapiens2Config", "exact", num_register_tokens=2,

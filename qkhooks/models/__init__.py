@@ -29,7 +29,7 @@ from qkhooks.models import llama4 as _llama4  # noqa: F401  (Llama 4 vision: com
 from qkhooks.models import two_softmax as _two_softmax  # noqa: F401  (two-softmax maps: DiffAttention, ConViT GPSA + MHSA)
 from qkhooks.models import cascaded as _cascaded  # noqa: F401  (EfficientViT-MSRA cascaded heads, maps only)
 from qkhooks.models import vlm as _vlm  # noqa: F401  (zoo11-build: VLMs' language models left out by design)
-from qkhooks.models import sam3 as _sam3  # noqa: F401  (zoo11-build: SAM3's windowed RoPE ViT refused, precisely)
+from qkhooks.models import sam3 as _sam3  # noqa: F401  (SAM3: windowed 2-D RoPE on interleaved pairs)
 from qkhooks.models import volo as _volo  # noqa: F401  (zoo11-build: VOLO's plain and class attention; outlook left out)
 
 sites = find_sites

@@ -88,13 +88,14 @@ def rope_angles(site: AttentionSite, tables: Any, num_tokens: int) -> torch.Tens
 def _frequency(site: AttentionSite, phi_patches: torch.Tensor) -> torch.Tensor:
     """Angle step per token of every pair: the larger of its mean steps along grid rows and columns."""
     n = phi_patches.shape[0]
-    if site.grid and n == site.num_prefix_tokens + site.grid[0] * site.grid[1]:  # tables with the prefix rows (MLCD)
+    grid = getattr(site, "rope_grid", None) or site.grid  # zoo12: a windowed site's tables are one window's (SAM3)
+    if grid and n == site.num_prefix_tokens + grid[0] * grid[1]:  # tables with the prefix rows (MLCD)
         phi_patches, n = phi_patches[site.num_prefix_tokens:], n - site.num_prefix_tokens
     suffix = int(getattr(site, "num_suffix_tokens", 0))  # zoo11-maps: Llama 4 vision's class token after the patches
-    if not site.grid or site.grid[0] * site.grid[1] != n - suffix:  # steps along rows and columns need the model's own grid
-        raise QKHooksError(f"{site.path}: {n} rotated tokens are not the native {site.grid} grid the rotary tables "
+    if not grid or grid[0] * grid[1] != n - suffix:  # steps along rows and columns need the model's own grid
+        raise QKHooksError(f"{site.path}: {n} rotated tokens are not the native {grid} grid the rotary tables "
                            "are read on; qkhooks does not guess another grid for the RoPE bands.")
-    gh, gw = site.grid
+    gh, gw = grid
     grid = phi_patches[: gh * gw].reshape(gh, gw, -1)
     steps = []
     for diff in (grid[:, 1:] - grid[:, :-1], grid[1:] - grid[:-1]):
@@ -147,7 +148,7 @@ def capture_rope_tables(model: nn.Module, sites: Sequence[AttentionSite]) -> dic
 
         return hook
 
-    site = sites[0]
+    site = next((s for s in sites if s.grid is not None and s.patch_size is not None), sites[0])  # windowed sites have no grid
     if site.grid is None or site.patch_size is None:
         raise QKHooksError(f"{site.path}: no native grid and patch size, so no blank image to read the rotary tables.")
     size = (site.grid[0] * site.patch_size[0], site.grid[1] * site.patch_size[1])
