@@ -156,9 +156,9 @@ def test_lfm3_vl_attention_layers_are_softmax_of_normed_rotated_grouped_q_k_and_
 
 
 def test_no_site_or_analysis_guesses_a_square_grid_on_a_non_square_input():
-    """64 patch tokens of a 128x32 image are 16x4, which the old square fallback read as 8x8: a token-sequence site
-    refuses naming its layer (run.geometry then has no grid, so grid analyses refuse the layer), a module handed an
-    NHWC grid (VOLO) gives the call's own 4x6 grid, and analysis.geometry.grid_of takes only a grid that fits."""
+    """64 patch tokens of a 128x32 image are 16x4, which the old square fallback read as 8x8: the dynamic-size ViT's
+    site reads the 16x4 grid its patch embed made (zoo12) and refuses any other count naming its layer, a module handed
+    an NHWC grid (VOLO) gives the call's own 4x6 grid, and analysis.geometry.grid_of takes only a grid that fits."""
     import pytest
     import timm
     from timm.models.volo import VOLO
@@ -171,9 +171,10 @@ def test_no_site_or_analysis_guesses_a_square_grid_on_a_non_square_input():
                                     dynamic_img_size=True))
     with qkhooks.record(vit, modes=2) as run, torch.no_grad():
         run(torch.randn(2, 3, 128, 32))
-        with pytest.raises(QKHooksError, match=r"layer 0 \(blocks.0.attn\): 64 patch tokens .* never assumed"):
-            run.sites[0].grid_for(65)
-    assert run.geometry(0).grid is None
+        assert run.sites[0].grid_for(65) == (16, 4)  # CLS + the 16x4 patches of the call
+        with pytest.raises(QKHooksError, match=r"layer 0 \(blocks.0.attn\): 63 patch tokens .* never assumed"):
+            run.sites[0].grid_for(64)
+    assert tuple(run.geometry(0).grid) == (16, 4)
     volo = perturb(VOLO(layers=(1, 1, 1, 1), img_size=(64, 96), embed_dims=(32, 64, 64, 64), num_heads=(2, 2, 2, 2),
                         num_classes=10))
     with qkhooks.record(volo, modes=2, skip_unmodelled=True) as run, torch.no_grad():

@@ -88,19 +88,25 @@ def test_nextvit_maps_are_softmax_of_queries_against_pooled_batch_normalised_key
 
 def test_nextvit_key_grid_is_the_row_runs_the_pooling_averages_not_a_square_reduction():
     """AvgPool1d pools r² consecutive tokens of the row-major sequence: an 8x8 grid with r = 4 gives 8 rows of 4 runs
-    (8 x 4 keys), not the 2x2-ratio grid (4 x 4) that has 16 keys too; runs that cross rows form no grid."""
+    (8 x 4 keys), not the 2x2-ratio grid (4 x 4) that has 16 keys too; runs that cross rows form no grid. The query
+    grid is the call's (zoo12: the map the block's norm is handed, set here as a recording's hook sets it)."""
     from qkhooks.results import _reduced_grid
     from qkhooks.results import observe_geometry
 
     model, _ = _build("nextvit_small")
     site = next(s for s in qkhooks.sites(model) if s.module.sr is not None and s.module.N_ratio == 16)
+    site._grid_of_source = (8, 8)
     geometry = observe_geometry(site, 64, 4)
     assert (geometry.grid, geometry.key_grid) == ((8, 8), None)  # runs of 16 tokens cross the rows of 8
+    site._grid_of_source = (16, 16)
     geometry = observe_geometry(site, 256, 16)
     assert (geometry.grid, geometry.key_grid) == ((16, 16), (16, 1))
     assert _reduced_grid(site.module, (16, 16), 16) is None  # the generic rule reads no grid off a 1-D pooling
     site4 = next(s for s in qkhooks.sites(model) if s.module.sr is not None and s.module.N_ratio == 4)
+    site4._grid_of_source = (8, 8)
     assert observe_geometry(site4, 64, 16).key_grid == (8, 2)
+    site4._grid_of_source = None
+    assert observe_geometry(site4, 64, 16).grid is None  # no call seen: 64 tokens are not read as 8x8
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 
 import qkhooks
 from test_sam2_forms import _windows
-from test_zoo import FAST_CASES, Case, _call, perturb
+from test_zoo import FAST_CASES, Case, _call, perturb, rope_band_logits
 
 CASE = next(c for c in FAST_CASES if c.name == "Sam3VisionModel-padded")  # 5x3 patches, windows of 2 padded to 6x4
 
@@ -129,8 +129,8 @@ def test_each_layer_says_the_image_grid_and_its_windows():
 @torch.no_grad()
 def test_rope_bands_of_windowed_and_global_layers_rebuild_the_rotated_logits():
     """One band per pair, biases folded in (x̃ = [x; 1]): Σ_f cos Δφ_f x̃^T W_q^T P_f W_k x̃ + sin Δφ_f x̃^T W_q^T J_f W_k x̃,
-    the angles read off the call's tables, equals scale · rotated q·k written out here, per window and globally."""
-    from qkhooks.models.rope import rope_angles, rope_band_summary, rope_bands, rope_pairs
+    the angles read off the call's tables, equals the rotated q·k written out here, per window and globally."""
+    from qkhooks.models.rope import rope_band_summary
 
     model, inputs = _build()
     sites = qkhooks.sites(model)
@@ -145,14 +145,7 @@ def test_rope_bands_of_windowed_and_global_layers_rebuild_the_rotated_logits():
     theta = float(sites[0].block.config.rope_parameters["rope_theta"])
     for site in sites:
         x, tables = calls[site.layer]  # (B·nW or B, N, d): the tokens the module is handed, zero padding included
-        x1 = torch.cat([x, torch.ones_like(x[..., :1])], -1).double()
-        phi = rope_angles(site, tables, x.shape[1])
-        logits = 0
-        for band in rope_bands(site, tables, len(rope_pairs(site)[0]), augmented=True):
-            (f,) = band.pairs
-            delta = phi[None, :, f] - phi[:, None, f]
-            for trig, u, s, v in ((torch.cos, band.cos_U, band.cos_S, band.cos_V), (torch.sin, band.sin_U, band.sin_S, band.sin_V)):
-                logits = logits + trig(delta) * torch.einsum("bnd,hdr,hr,bme,her->bhnm", x1, u, s, x1, v)
+        logits = rope_band_logits(site, x, tables)
         q, k = _q_k(site.module, x.double(), site.num_heads)
         want = _rotated(q, site.block.position_ids, theta) @ _rotated(k, site.block.position_ids, theta).transpose(-1, -2)
         assert float((logits - want).abs().max() / want.abs().max()) < 1e-6, site.path

@@ -1398,13 +1398,29 @@ def test_a_mask_handed_to_an_attention_the_adapter_does_not_model_it_for_is_refu
             model.blocks[0](x, attn_mask=mask)
 
 
+def rope_band_logits(site: Any, x: torch.Tensor, tables: Any) -> torch.Tensor:
+    """Σ_f cos Δφ_f · x̃_i^T W_q^T P_f W_k x̃_j + sin Δφ_f · x̃_i^T W_q^T J_f W_k x̃_j over one band per pair (x̃ = [x; 1]),
+    the angles read off the call's rotary tables: the rotated q·k (unscaled) as the band forms rebuild it."""
+    from qkhooks.models.rope import rope_angles, rope_bands, rope_pairs
+
+    x1 = torch.cat([x, torch.ones_like(x[..., :1])], -1).double()
+    phi = rope_angles(site, tables, x.shape[1])
+    logits = 0
+    for band in rope_bands(site, tables, len(rope_pairs(site)[0]), augmented=True):
+        (f,) = band.pairs
+        delta = phi[None, :, f] - phi[:, None, f]  # Δφ[i, j] = φ(j) − φ(i)
+        for trig, u, s, v in ((torch.cos, band.cos_U, band.cos_S, band.cos_V), (torch.sin, band.sin_U, band.sin_S, band.sin_V)):
+            logits = logits + trig(delta) * torch.einsum("bnd,hdr,hr,bme,her->bhnm", x1, u, s, x1, v)
+    return logits
+
+
 @pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in (
     "vit_small_patch16_dinov3", "DINOv3ViTModel", "eva02_tiny_patch14_224", "MLCDVisionModel",
     "vit_pe_core_tiny_patch16_384-grouped-query", "Llama4VisionModel")], ids=lambda c: c.name)
 def test_rope_band_forms_rebuild_the_models_rotated_logits(case: Case):
     """Σ_f cos Δφ_f · x̃_i^T W_q^T P_f W_k x̃_j + sin Δφ_f · x̃_i^T W_q^T J_f W_k x̃_j (one band per pair, biases folded in
     through x̃ = [x; 1]) equals the model's own rotated logits, read off its eager attention (log A per row)."""
-    from qkhooks.models.rope import rope_angles, rope_bands, rope_pairs
+    from qkhooks.models.rope import rope_bands
 
     torch.manual_seed(0)
     model, inputs = perturb(case.build()), case.inputs()
@@ -1421,17 +1437,7 @@ def test_rope_band_forms_rebuild_the_models_rotated_logits(case: Case):
     eager = eager_maps(model, sites, inputs, case.kind)
     for site, want in zip(sites, eager):
         x, tables = seen[site.layer]
-        x1 = torch.cat([x, torch.ones_like(x[..., :1])], -1).double()
-        pairs = len(rope_pairs(site)[0])
-        phi = rope_angles(site, tables, x.shape[1])
-        logits = 0
-        for band in rope_bands(site, tables, pairs, augmented=True):
-            (f,) = band.pairs
-            delta = phi[None, :, f] - phi[:, None, f]  # Δφ[i, j] = φ(j) − φ(i)
-            for trig, u, s, v in ((torch.cos, band.cos_U, band.cos_S, band.cos_V), (torch.sin, band.sin_U, band.sin_S, band.sin_V)):
-                form = torch.einsum("bnd,hdr,hr,bme,her->bhnm", x1, u, s, x1, v)
-                logits = logits + trig(delta) * form
-        logits = logits * site.scale
+        logits = rope_band_logits(site, x, tables) * site.scale
         own = want.double().log()
         diff = (logits - logits[..., :1]) - (own - own[..., :1])
         assert float(diff.abs().max()) < 1e-5 * (1 + float(own.abs().max())), f"{site.path}: {float(diff.abs().max()):.2e}"

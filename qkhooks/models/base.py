@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -86,6 +85,10 @@ class AttentionSite:
         key_tokens: where the keys come from other tokens than the queries (spatial reduction in PVT/Segformer):
             ``(x, args, kwargs) -> x_k`` (B, M, d), the tokens the model feeds to W_k, computed with the model's
             own reduction modules from the hooked call; None: the keys' tokens are the queries' (M = N).
+        grid_source: ``(module, (args, kwargs) -> (rows, cols))``: a module the forward calls before this layer, and the
+            token grid read off its call (timm's dynamic-size patch embed: the grid it makes of the image; NextViT's
+            block norm: the NCHW map it is handed). A recording hooks it, so :meth:`grid_for` reads each call's own
+            grid rather than the native one or a square.
     """
 
     layer: int
@@ -116,6 +119,9 @@ class AttentionSite:
     class_attention: bool = False
     head_mixing: Any = None
     key_tokens: Callable[[torch.Tensor, tuple, dict], torch.Tensor] | None = None
+    grid_source: tuple[nn.Module, Callable[[tuple, dict], tuple[int, int]]] | None = None
+    _grid_of_source: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
+    _grid_of_input: tuple[int, int] | None = dataclasses.field(default=None, repr=False)  # the grid the call hands it
     _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _call_rope: Any = dataclasses.field(default=None, repr=False)
     _call_keys: torch.Tensor | None = dataclasses.field(default=None, repr=False)
@@ -175,8 +181,8 @@ class AttentionSite:
             )
         if not block:
             self.refuse_unmodelled_inputs(args, kwargs)
-            if len(args) > 1 or kwargs:  # zoo11-build: the grid the module is handed (PVT's feat_size, HF's height, width)
-                self._grid_of_input = _grid_in_call(self.module, args, kwargs)
+            # zoo11-build: the grid the module is handed (PVT's feat_size, HF's height, width); none from an earlier call
+            self._grid_of_input = _grid_in_call(self.module, args, kwargs) if len(args) > 1 or kwargs else None
         if args:
             x = args[0]
         elif name in kwargs:
@@ -228,8 +234,15 @@ class AttentionSite:
 
     def context_hooks(self) -> list[tuple[nn.Module, Callable[[nn.Module, tuple, dict], None]]]:
         """(module, forward pre-hook with kwargs) pairs a recording installs besides the site's own: where a site
-        needs to see a call around its module (a windowed site reads its block's token grid). None here."""
-        return []
+        needs to see a call around its module (a windowed site reads its block's token grid; :attr:`grid_source`)."""
+        if self.grid_source is None:
+            return []
+        module, read = self.grid_source
+
+        def note_grid(_: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._grid_of_source = tuple(int(v) for v in read(args, kwargs))  # type: ignore[assignment]
+
+        return [(module, note_grid)]
 
     def attention_rows(self, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
         """Post-softmax rows (B, H, T, N) of the query tokens (B, T) in the call whose tokens entering W_q are ``x``
@@ -364,18 +377,13 @@ class AttentionSite:
         return height // self.patch_size[0], width // self.patch_size[1]
 
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
-        """Patch grid for a sequence of ``num_tokens``: the native grid, or the grid the call hands the module (NHWC /
-        NCHW tokens, ``feat_size``, ``height, width``); a site with a native grid never falls back to a square
-        (zoo11-build). Only a site that knows no grid at all still reads a square token count as square."""
+        """Patch grid for a sequence of ``num_tokens``: the grid of the call being recorded (read off its
+        :attr:`grid_source`, or handed to the module: NHWC / NCHW tokens, ``feat_size``, ``height, width``), else the
+        native grid. A token count that fits neither is refused: a square is never assumed (zoo12)."""
         patches = num_tokens - self.num_prefix_tokens
-        if self.grid is not None and self.grid[0] * self.grid[1] == patches:
-            return self.grid
-        called = getattr(self, "_grid_of_input", None)
-        if called is not None and called[0] * called[1] == patches:
-            return called
-        side = math.isqrt(max(patches, 0))
-        if self.grid is None and side * side == patches:  # left to do: a site that knows no grid of its own (LeViT,
-            return side, side  # EfficientFormer-v2, NextViT) still reads a square; its adapter should read the call's
+        for grid in (self._grid_of_source, self._grid_of_input, self.grid):
+            if grid is not None and grid[0] * grid[1] == patches:
+                return grid
         raise QKHooksError(
             f"layer {self.layer} ({self.path}): {patches} patch tokens are not its native grid {self.grid}, and the "
             "module was not handed them as a grid, so their grid is not known here (a square is never assumed); "
@@ -393,7 +401,7 @@ class AttentionSite:
         return x
 
 
-_GRID_ARGUMENTS = (("feat_size",), ("hw_shape",), ("height", "width"), ("H", "W"))
+_GRID_ARGUMENTS = (("feat_size",), ("hw_shape",), ("size",), ("height", "width"), ("H", "W"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -403,7 +411,8 @@ def _parameter_names(forward: Callable) -> tuple[str, ...]:
 
 def _grid_in_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
     """zoo11-build: the (rows, cols) token grid an attention module is handed with its tokens, by the argument names
-    models use for it (timm PVT-v2 / MViTv2 ``feat_size``, HF Segformer / GLPN / PVT ``height, width``), else None."""
+    models use for it (timm PVT-v2 / MViTv2 ``feat_size``, Twins ``size``, HF Segformer / GLPN / PVT ``height, width``),
+    else None."""
     try:
         names = _parameter_names(type(module).forward)
     except (TypeError, ValueError):  # pragma: no cover - a forward without a signature

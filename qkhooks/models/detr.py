@@ -86,6 +86,9 @@ def find(model: nn.Module) -> list[AttentionSite]:
     config = getattr(model, "config", None)
     sites: list[AttentionSite] = []
     encoders = [name for name, _ in model.named_modules() if _ENCODER.search(name)]
+    projection = next((m for n, m in model.named_modules() if n.rpartition(".")[2] == "input_projection"), None)
+    # zoo12: the encoder's tokens are the backbone map entering the 1x1 input_projection, flattened row by row
+    source = None if projection is None else (projection, lambda args, kwargs: tuple(args[0].shape[-2:]))
     for name, module in model.named_modules():
         match = _ENCODER_LAYER.match(name)
         if match is None:
@@ -102,7 +105,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
             dim=q.in_features, scale=float(module.scaling), num_prefix_tokens=0, grid=None,
             family=f"hf-{getattr(config, 'model_type', 'detr')}-encoder", input_name="hidden_states",
             qk_linear=_pair_reader(q, k), qk_modules=(q, k), stage=match["block"].rpartition(".")[0],
-            bias_input="attention_mask", position_input=position,
+            bias_input="attention_mask", position_input=position, grid_source=source,
         ))
     taken = {s.path for s in sites}
     for encoder in encoders:  # anything else attention-like in an encoder refuses the model

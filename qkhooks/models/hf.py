@@ -161,6 +161,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
     modules = dict(model.named_modules())
     prefix = num_prefix_tokens(model)
     grid = _grid(config)
+    config_patch = getattr(config, "patch_size", None)
     family = f"hf-{getattr(config, 'model_type', 'vit')}"
     sites = []
     for name, module, match in _attention_modules(model):
@@ -177,6 +178,9 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 f"windows of {modules[match['block']].window_size} (one attention call per window, windows along the "
                 "batch axis), which qkhooks does not model for this family yet."
             )
+        # zoo12: an encoder nested in another model (DepthPro's DINOv2s) has its own config with its own native grid
+        own = getattr(module, "config", None) if grid is None else None
+        site_grid, site_patch = (_grid(own), getattr(own, "patch_size", config_patch)) if own is not None else (grid, config_patch)
         grid_layout = type(module).__name__ == "VitDetAttention"  # takes (B, h, w, d) grids
         qk = _qk_children(module)
         heads = int(
@@ -205,12 +209,12 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 dim=qk[0].in_features,
                 scale=float(scale),
                 num_prefix_tokens=prefix,
-                grid=grid,
+                grid=site_grid,
                 family=family,
                 input_name="hidden_states",
                 block_input_name="hidden_states",
                 qk_linear=qk_linear,
-                patch_size=_pair(getattr(config, "patch_size", None)),
+                patch_size=_pair(site_patch),
                 qk_modules=() if grid_layout or grouped else qk,  # its q/k outputs are grids too: project the tokens
                 stage=match["block"].rpartition(".")[0],
                 token_layout="grid" if grid_layout else "tokens",

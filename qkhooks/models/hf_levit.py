@@ -11,6 +11,7 @@ In eval mode each BatchNorm folds into W_q / W_k exactly; in training mode the r
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 
 import torch
@@ -52,12 +53,14 @@ def find(model: nn.Module) -> list[AttentionSite]:
             projections = (attn.queries_keys_values,)
             qk = _joined(_folded_rows(label, attn.queries_keys_values, _per_head(heads, kd, 2 * kd + vd)),
                          _folded_rows(label, attn.queries_keys_values, _per_head(heads, kd, 2 * kd + vd, kd)))
+        # zoo12: the grid its bias table is built on (itertools.product(range(r), range(r)): r x r, queries r_out x r_out)
+        side = int(attn.resolution_out) if subsample else math.isqrt(int(attn.attention_bias_idxs.shape[0]))
         parent = name.rpartition(".")[0]
         block_path = name if subsample else parent  # LevitResidualLayer: x + module(x), no norm before it
         site = AttentionSite(
             layer=len(sites), path=name, module=attn, block_path=block_path, block=modules[block_path],
             num_heads=heads, head_dim=kd, dim=int(projections[0].linear.in_features), scale=float(attn.scale),
-            num_prefix_tokens=0, grid=None, family="hf-levit", input_name="hidden_state", block_input_name="hidden_state",
+            num_prefix_tokens=0, grid=(side, side), family="hf-levit", input_name="hidden_state", block_input_name="hidden_state",
             qk_linear=qk, patch_size=None, stage=block_path.rpartition(".")[0])
         if subsample:
             ref = weakref.ref(attn)

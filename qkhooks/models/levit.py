@@ -114,8 +114,9 @@ class PreparedSite(AttentionSite):
     """A site whose module prepares the tokens entering W_q and W_k itself from what it is handed.
 
     Attributes:
-        prepare: ``(module input) -> (tokens entering W_q (B, N_q, d), tokens entering W_k (B, N_k, d) or None: the
-            same tokens)``, computed with the model's own modules from the call being recorded.
+        prepare: ``(module input) -> (tokens entering W_q, tokens entering W_k or None: the same tokens)``, computed
+            with the model's own modules from the call being recorded, each (B, N, d) tokens or a (B, d, h, w) map read
+            row by row; a query map's (h, w) is the call's grid (zoo12: never a square read off N_q).
     """
 
     prepare: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None
@@ -131,7 +132,9 @@ class PreparedSite(AttentionSite):
             raise QKHooksError(f"{self.path}: could not find the tokens in the call (no positional argument and no "
                                f"keyword {self.input_name!r}).")
         with torch.no_grad():
-            x, self._call_keys = self.prepare(given)  # type: ignore[misc]
+            x, keys = self.prepare(given)  # type: ignore[misc]
+        self._grid_of_input = (int(x.shape[2]), int(x.shape[3])) if x.dim() == 4 else None
+        x, self._call_keys = _as_tokens(x), None if keys is None else _as_tokens(keys)
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise QKHooksError(f"{self.path}: expected (batch, tokens, {self.dim}) tokens entering W_q, prepared "
                                f"{tuple(x.shape)}; the adapter does not match this module.")
@@ -172,8 +175,12 @@ def _levit_rows(attn: nn.Module) -> tuple[Reader, tuple]:
 
 
 def _levit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
+    """zoo12: the grid is the module's own ``resolution`` (its bias table is built on it, so the model runs on no
+    other), the queries of ``AttentionDownsample`` on every ``stride``-th row and column of it."""
     conv = bool(attn.use_conv)
-    fields: dict[str, Any] = dict(family="timm-levit", grid=None, patch_size=None,
+    resolution = tuple(int(r) for r in attn.resolution)
+    grid = resolution if hasattr(attn, "qkv") else tuple(-(-r // int(attn.stride)) for r in resolution)
+    fields: dict[str, Any] = dict(family="timm-levit", grid=grid, patch_size=None,
                                   token_layout="channels_first" if conv else "tokens")
     if hasattr(attn, "qkv"):
         site = dataclasses.replace(site, **fields)
@@ -182,7 +189,7 @@ def _levit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 
     def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries: the tokens ``q.down`` keeps (the model's own subsampling or pooling); keys: every token."""
-        return _as_tokens(ref().q.down(given)), _as_tokens(given)
+        return ref().q.down(given), given
 
     site = _prepared(site, prepare, True, **fields)
     return dataclasses.replace(site, call_bias=bias_of_call(site, attn, _batchnorms(attn.q, attn.kv)))
@@ -203,7 +210,7 @@ def _shvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         """The module's own ``pre_norm`` of its first ``pdim`` channels: the tokens entering its qkv conv."""
         m = ref()
         refuse_training_batchnorm(site, batchnorms)
-        return _as_tokens(m.pre_norm(given[:, : m.pdim])), None
+        return m.pre_norm(given[:, : m.pdim]), None
 
     return _prepared(site, prepare, False, family="timm-shvit", grid=None, patch_size=None, num_heads=1,
                      token_layout="channels_first")
@@ -242,7 +249,9 @@ def _efficientformer_v2_site(site: AttentionSite, attn: nn.Module) -> AttentionS
     from qkhooks.models.class_attention import TalkingHeads
 
     ref = weakref.ref(attn)
-    fields: dict[str, Any] = dict(family="timm-efficientformerv2", grid=None, patch_size=None,
+    # zoo12: the module's own resolution (its bias table's grid; the queries' ``resolution2`` when it downsamples)
+    grid = tuple(int(r) for r in getattr(attn, "resolution2", attn.resolution))
+    fields: dict[str, Any] = dict(family="timm-efficientformerv2", grid=grid, patch_size=None,
                                   token_layout="channels_first")
     if hasattr(attn, "talking_head1"):
         fields["head_mixing"] = TalkingHeads(_HeadConv(attn.talking_head1), _HeadConv(attn.talking_head2))  # type: ignore[arg-type]
@@ -251,7 +260,7 @@ def _efficientformer_v2_site(site: AttentionSite, attn: nn.Module) -> AttentionS
         def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             """The tokens entering q and k: the map as handed, or after the module's own stride_conv."""
             m = ref()
-            return _as_tokens(given if m.stride_conv is None else m.stride_conv(given)), None
+            return given if m.stride_conv is None else m.stride_conv(given), None
 
         site = _prepared(site, prepare, False, **fields)
     else:
@@ -260,7 +269,7 @@ def _efficientformer_v2_site(site: AttentionSite, attn: nn.Module) -> AttentionS
         def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             """Queries: local(x) + pool(x), the map entering ``q.proj``; keys: every token."""
             q = ref().q
-            return _as_tokens(q.local(given) + q.pool(given)), _as_tokens(given)
+            return q.local(given) + q.pool(given), given
 
         site = _prepared(site, prepare, True, **fields)
     return dataclasses.replace(site, call_bias=bias_of_call(site, attn, batchnorms))

@@ -4,7 +4,7 @@ Each of these modules computes exactly softmax(scale · q·k) over the tokens of
 one fused projection (q, then k, then v) and nothing else in the logits; what differs is only how the module
 receives its tokens:
 
-- MetaFormer (CAFormer) ``Attention``: (B, N, C) tokens, ``qkv`` Linear.
+- MetaFormer (CAFormer) ``Attention``: (B, N, C) tokens, ``qkv`` Linear; the grid is the stage's downsampled map.
 - FastViT ``Attention``: an NCHW map, flattened row by row inside the module, ``qkv`` Linear.
 - Visformer ``Attention``: an NCHW map and a 1x1-conv ``qkv`` (a Linear applied at every pixel).
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite
+from qkhooks.models.reduced_keys import _conv_out
 from qkhooks.models.unsupported import MODELLED_FORMS
 
 
@@ -56,6 +57,26 @@ def _site(layout: str, family: str) -> Callable[[AttentionSite, nn.Module], Atte
 
     return finish
 
+
+def _metaformer_grid(model: nn.Module, site: AttentionSite) -> AttentionSite:
+    """zoo12: a MetaFormer stage flattens the map its ``downsample`` makes before its blocks, so the grid is read off
+    the map the stage is handed, through that conv (kernel, stride, padding), never off the token count."""
+    if site.family != "timm-metaformer":
+        return site
+    stage = model.get_submodule(site.stage.rpartition(".")[0])
+    down = stage.downsample
+    conv = getattr(down, "conv", None)
+    if not isinstance(down, nn.Identity) and not isinstance(conv, nn.Conv2d):
+        return site  # a downsampling qkhooks cannot follow: no grid is claimed
+
+    def read(args: tuple, kwargs: dict) -> tuple[int, int]:
+        h, w = (int(v) for v in (args[0] if args else kwargs["x"]).shape[-2:])
+        return (h, w) if conv is None else (_conv_out(h, conv, 0), _conv_out(w, conv, 1))
+
+    return dataclasses.replace(site, grid_source=(stage, read))
+
+
+timm_adapter.SITE_FINISHERS.append(_metaformer_grid)
 
 _FORMS = {
     "MetaFormerAttention": ("timm.models.metaformer", "Attention", "tokens", "timm-metaformer"),

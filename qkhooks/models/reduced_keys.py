@@ -235,8 +235,10 @@ def _nextvit_reader(attn: nn.Module):
 def _nextvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     """Keys: the model's own ``sr`` (AvgPool1d, kernel = stride = sr²) then ``norm`` (BatchNorm1d, an affine map per
     channel in eval) on the (B, C, N) sequence. In training mode the norm uses the batch's statistics, refused."""
+    # zoo12: the grid is the (B, C, H, W) map the block's norm1 is handed before it flattens it for the attention
+    source = (site.block.norm1, lambda args, kwargs: tuple((args[0] if args else kwargs["input"]).shape[-2:]))
     if attn.sr is None:
-        return dataclasses.replace(site, family="timm-nextvit")
+        return dataclasses.replace(site, family="timm-nextvit", grid_source=source)
     ref, path = weakref.ref(attn), site.path
     run = int(attn.N_ratio)
 
@@ -251,7 +253,7 @@ def _nextvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         h, w = grid  # runs of `run` tokens along each row stay a grid only when they do not cross rows
         return (h, w // run) if w % run == 0 else None
 
-    return _with_key_grid(site, key_grid, key_tokens=reduce, family="timm-nextvit")
+    return _with_key_grid(site, key_grid, key_tokens=reduce, family="timm-nextvit", grid_source=source)
 
 
 def _nextvit_attention() -> type:

@@ -161,10 +161,26 @@ def _pit_stage_grid(stage: str, grid: tuple[int, int] | None) -> tuple[int, int]
     return grid
 
 
+def _patch_grid_source(model: nn.Module) -> tuple[nn.Module, Callable[[tuple, dict], tuple[int, int]]] | None:
+    """zoo12: (patch embed, the grid it makes of the call's image) where the patch embed takes other sizes than its
+    own (``strict_img_size=False``, e.g. ``dynamic_img_size``): an 8x2 grid then has the native 4x4 grid's token count,
+    and only the call tells them apart. Read with the patch embed's own ``dynamic_feat_size`` (its padding rule)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if getattr(patch_embed, "strict_img_size", True) or not callable(getattr(patch_embed, "dynamic_feat_size", None)):
+        return None
+
+    def read(args: tuple, kwargs: dict) -> tuple[int, int]:
+        image = args[0] if args else kwargs["x"]
+        return patch_embed.dynamic_feat_size(tuple(int(v) for v in image.shape[-2:]))
+
+    return patch_embed, read
+
+
 def find(model: nn.Module) -> list[AttentionSite]:
     """Sites for every modelled attention of a timm model, in forward order; refuses anything unmodelled."""
     modules = dict(model.named_modules())
     num_prefix, grid, patch = _geometry(model)
+    patch_grid = _patch_grid_source(model) if patch is not None else None
     sites = []
     for name, attn in modules.items():
         kind = _kind(attn)
@@ -200,6 +216,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 input_name="x",
                 block_input_name="x",
                 patch_size=patch if site_grid == grid else None,
+                grid_source=patch_grid if site_grid == grid else None,
                 stage=stage,
                 rope_input="rope" if rotary else None,
                 rope_apply=_eva_rotation(attn) if rotary else None,
