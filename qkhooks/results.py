@@ -175,7 +175,12 @@ class BatchCapture:
     def statics(self) -> dict[str, Any]:
         """Run-file datasets written once per run, not per image: ``bias/L3`` (H, N, N), each layer's position-only
         additive term (relative-position tables; the same for every image). Masks are never among them."""
-        return {f"bias/L{layer}": bias.clone() for layer, bias in sorted(self.position_bias.items())}
+        out: dict[str, Any] = {f"bias/L{layer}": bias.clone() for layer, bias in sorted(self.position_bias.items())}
+        for layer, cap in sorted(self.captures.items()):  # zoo12: a two-softmax layer's terms that are not per image
+            for name, term in (cap.terms or {}).items():
+                if not _per_image_term(term):  # GPSA's position softmax (H, N, N) and gate (H,), differential λ
+                    out[f"terms/L{layer}/{name}"] = term.detach().clone()
+        return out
 
     def __repr__(self) -> str:
         more = "..." if len(self.ids) > 3 else ""
@@ -281,10 +286,19 @@ class BatchCapture:
                 out[f"attention/L{layer}/{kind}"] = value
             if cap.relative is not None:  # SAM/ViTDet q·R term, laid out as the layer's full maps
                 out[f"relative/L{layer}"] = cap.relative
+            for name, term in (cap.terms or {}).items():  # zoo12: two-softmax terms shaped like the maps, per image
+                if _per_image_term(term):
+                    out[f"terms/L{layer}/{name}"] = term
         if "query_tokens" in self.meta and any(c.attention for c in self.captures.values()):
             out["attention/query_tokens"] = torch.as_tensor(self.meta["query_tokens"]).long()
         return out
 
+
+
+def _per_image_term(term: torch.Tensor) -> bool:
+    """A two-softmax term shaped like the layer's maps, (B, H, T, N), has one entry per image (softmax1, softmax2,
+    GPSA's content softmax); any other shape is the layer's own, the same for every image (stored once)."""
+    return term.dim() == 4
 
 
 class CallOrOld:

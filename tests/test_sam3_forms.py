@@ -10,7 +10,7 @@ import torch
 
 import qkhooks
 from test_sam2_forms import _windows
-from test_zoo import FAST_CASES, Case, _call, perturb, rope_band_logits
+from test_zoo import FAST_CASES, Case, _call, module_calls, perturb, rope_band_logits
 
 CASE = next(c for c in FAST_CASES if c.name == "Sam3VisionModel-padded")  # 5x3 patches, windows of 2 padded to 6x4
 
@@ -134,14 +134,7 @@ def test_rope_bands_of_windowed_and_global_layers_rebuild_the_rotated_logits():
 
     model, inputs = _build()
     sites = qkhooks.sites(model)
-    calls: dict[int, tuple] = {}
-    handles = [s.module.register_forward_pre_hook(lambda m, a, kw, s=s: calls.__setitem__(s.layer, (a[0].flatten(1, 2), a[1])),
-                                                  with_kwargs=True) for s in sites]
-    try:
-        _call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    calls = module_calls(model, {s.layer: s.module for s in sites}, inputs, lambda l, a, kw: (a[0].flatten(1, 2), a[1]))
     theta = float(sites[0].block.config.rope_parameters["rope_theta"])
     for site in sites:
         x, tables = calls[site.layer]  # (B·nW or B, N, d): the tokens the module is handed, zero padding included

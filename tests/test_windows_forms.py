@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qkhooks
-from test_zoo import FAST_CASES, Case, _call, eager_maps, perturb
+from test_zoo import FAST_CASES, Case, _call, eager_maps, module_calls, perturb
 
 SWIN_V2 = [c for c in FAST_CASES if c.name in ("swinv2_tiny_window8_256", "swinv2_tiny_window8_256-padded",
                                                "swinv2_cr_tiny_224", "Swinv2Model", "Swinv2Model-padded")]
@@ -21,16 +21,8 @@ def _build(case: Case):
 
 def _seen_tokens(model, inputs, modules: dict[int, torch.nn.Module]) -> dict[int, torch.Tensor]:
     """The first argument of each module's call, (B, ..., d) flattened to (B, N, d)."""
-    seen: dict[int, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(
-        lambda mod, a, kw, layer=layer: seen.__setitem__(layer, (a[0] if a else next(iter(kw.values()))).detach().flatten(1, -2)),
-        with_kwargs=True) for layer, m in modules.items()]
-    try:
-        _call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    return module_calls(model, modules, inputs,
+                        lambda layer, a, kw: (a[0] if a else next(iter(kw.values()))).detach().flatten(1, -2))
 
 
 @pytest.mark.parametrize("case", SWIN_V2, ids=lambda c: c.name)

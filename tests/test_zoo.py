@@ -1398,6 +1398,20 @@ def test_a_mask_handed_to_an_attention_the_adapter_does_not_model_it_for_is_refu
             model.blocks[0](x, attn_mask=mask)
 
 
+def module_calls(model: nn.Module, modules: dict[int, nn.Module], inputs: dict[str, Any],
+                 read: Callable[[int, tuple, dict], Any]) -> dict[int, Any]:
+    """Layer -> ``read(layer, args, kwargs)`` of its module's call in one forward of ``model`` on ``inputs``."""
+    seen: dict[int, Any] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, a, kw, layer=layer: seen.__setitem__(layer, read(layer, a, kw)),
+                                           with_kwargs=True) for layer, m in modules.items()]
+    try:
+        _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def rope_band_logits(site: Any, x: torch.Tensor, tables: Any) -> torch.Tensor:
     """Σ_f cos Δφ_f · x̃_i^T W_q^T P_f W_k x̃_j + sin Δφ_f · x̃_i^T W_q^T J_f W_k x̃_j over one band per pair (x̃ = [x; 1]),
     the angles read off the call's rotary tables: the rotated q·k (unscaled) as the band forms rebuild it."""
@@ -1425,15 +1439,9 @@ def test_rope_band_forms_rebuild_the_models_rotated_logits(case: Case):
     torch.manual_seed(0)
     model, inputs = perturb(case.build()), case.inputs()
     sites = qkhooks.sites(model)
-    seen: dict[int, tuple] = {}
-    handles = [s.module.register_forward_pre_hook(
-        lambda m, a, kw, s=s: seen.__setitem__(s.layer, (a[0] if a else kw[s.input_name], kw[s.rope_input])),
-        with_kwargs=True) for s in sites]
-    try:
-        _call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    by_layer = {s.layer: s for s in sites}
+    seen = module_calls(model, {s.layer: s.module for s in sites}, inputs,
+                        lambda l, a, kw: (a[0] if a else kw[by_layer[l].input_name], kw[by_layer[l].rope_input]))
     eager = eager_maps(model, sites, inputs, case.kind)
     for site, want in zip(sites, eager):
         x, tables = seen[site.layer]

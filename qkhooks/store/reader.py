@@ -231,6 +231,22 @@ class RunReader:
                       "only layers with one (SAM/ViTDet decomposed positions), recorded with attention='full', store it.")
         return self.array(f"relative/L{index}")
 
+    @property
+    def terms_layers(self) -> list[int]:
+        """Layers whose maps combine two softmaxes and stored their terms (differential attention, ConViT GPSA)."""
+        return self._groups("terms")
+
+    def terms(self, layer: Layer) -> dict[str, RunArray | np.ndarray]:
+        """The terms ``layer``'s maps combine, by the names of :meth:`qkhooks.Recording.terms`: those shaped like the maps
+        per image (``softmax1``, ``softmax2``, GPSA's ``content``: (n, H, N, N)), the others stored once for the run
+        (GPSA's ``position`` (H, N, N) and ``gate`` (H,), differential attention's ``lambda``)."""
+        index = self._layer(layer)
+        require_layer(index, self.terms_layers, "two-softmax terms", str(self.path),
+                      "only layers whose maps combine two softmaxes (ConViT GPSA), recorded with attention='full', store them.")
+        group = self.file[f"terms/L{index}"]
+        return {name: self.array(f"terms/L{index}/{name}") if group[name].attrs.get("per_image", False) else group[name][()]
+                for name in sorted(group)}
+
     def bias(self, layer: Layer) -> np.ndarray | None:
         """Layer ``layer``'s position-only additive term (H, N, N), stored once per run (see
         :meth:`qkhooks.Recording.bias`); None when the layer has none (masks are never stored)."""
