@@ -164,7 +164,6 @@ class Recording:
         self._qk_rows = {s.layer for s in self.sites if self._takes_rows_from_qk(s)}
         self._inside: dict[int, Any] = {}  # layer -> its InsideCall while attached (maps taken in the module's forward)
         self._calls: dict[int, list[LayerCapture]] = {}  # layer -> its earlier calls in this forward (joins_calls sites)
-        self._first_joins = False  # whether the first recorded site joins its calls (set when attached)
         self._attending: dict[int, OneAttention] = {}  # layer -> its OneAttention while attached
         self._handles: list[Any] = []
         self._current: BatchCapture | None = None
@@ -211,7 +210,6 @@ class Recording:
         # CLIPModel.forward; then the batch spans the recorded attention modules, first to last.
         first = min(self.sites, key=lambda s: s.layer)
         last = max(self.sites, key=lambda s: s.layer)
-        self._first_joins = first.joins_calls()  # zoo11-inside: its next call in a forward of model is the next frame
         try:
             self._handles.append(model.register_forward_pre_hook(self._begin_batch, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._end_batch, always_call=False))
@@ -309,8 +307,10 @@ class Recording:
         self._outer = outer
 
     def _begin_inner(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """The first recorded layer starts: keep the batch ``model`` just opened, else open one here."""
-        if self._current is None or not self._outer or (self._current.captures and not self._first_joins):
+        """The first recorded layer starts: keep the batch ``model`` just opened, else open one here. Within one call
+        of ``model`` the batch stays open when the first layer runs again: its layer hook then joins the calls or
+        refuses them (a new batch here would drop the earlier call without a word)."""
+        if self._current is None or not self._outer:
             self._begin_batch(module, args, kwargs, outer=False)
 
     def _end_inner(self, module: nn.Module, args: tuple, output: Any) -> None:

@@ -227,6 +227,23 @@ def test_a_layer_run_twice_in_one_forward_is_refused_not_recorded_once():
             rec(_images(32))
 
 
+def test_the_first_recorded_layer_run_twice_in_one_forward_is_refused_not_split_into_two_batches():
+    """The first layer used twice: its second call must not open a new batch (which dropped the first call and every
+    layer between without a word); refused, named, and nothing handed to the sinks."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=32, num_heads=2, img_size=32,
+                              patch_size=8).eval()
+    model.blocks = torch.nn.Sequential(model.blocks[0], model.blocks[0], model.blocks[1])
+    handed: list = []
+    with pytest.raises(QKHooksError, match=r"layer 0 \(blocks\.0\.attn, Attention\) ran more than once in one forward"):
+        with torch.no_grad(), qkhooks.record(model, modes=4) as rec:
+            rec.sinks.append(type("Sink", (), {"update": lambda self, batch: handed.append(batch)})())
+            rec(_images(32))
+    assert handed == [] and rec.images_seen == 0
+
+
 # ------------------------------------------------------------------------------- the mechanism on its own
 def test_maps_taken_from_a_fused_sdpa_call_equal_the_models_eager_softmax():
     """InsideCall's SDPA path: a timm ViT attention running fused SDPA, described as a maps-only site, gives maps equal
