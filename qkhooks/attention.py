@@ -165,6 +165,15 @@ def map_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> dict[str
     return terms(site.add_logit_bias(scaled_logits(q, k, site.scale).float()))
 
 
+def full_and_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """:func:`full_from_qk` and :func:`map_terms` together: a two-softmax site's maps combined from its terms, so
+    q·kᵀ and the softmaxes run once; (maps, None) for a site whose map is one softmax."""
+    terms = map_terms(site, q, k)
+    if terms is None:
+        return full_from_qk(site, q, k), None
+    return site.head_mixing.combine(terms), terms  # type: ignore[union-attr]
+
+
 def rows_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
     """Post-softmax rows (B, H, T, N) of the query tokens (B, T) from q, k (B, H, N, d_k) as the Linear layers
     return them (rotated here first, as the model rotates them)."""

@@ -35,7 +35,7 @@ from qkhooks.attention import (
     OneAttention,
     attention_full,
     default_query_tokens,
-    full_from_qk,
+    full_and_terms,
     map_terms,
     parse_attention,
     pool_rows,
@@ -514,10 +514,11 @@ class Recording:
                     cap.query, cap.key = site.to_images("modes", cap.query), site.to_images("modes", cap.key)
                 if full or row_specs:
                     q, k = split_heads(site, q), split_heads(site, k)
-                if full:
-                    cap.attention["full"] = site.to_images("full", full_from_qk(site, q, k))
-                    if hasattr(site, "map_terms"):  # zoo11-maps: two-softmax terms, with the maps
-                        cap.terms = map_terms(site, q, k)
+                if full:  # two-softmax sites (zoo11-maps): the maps combined from the terms, both kept
+                    maps, terms = full_and_terms(site, q, k)
+                    cap.attention["full"] = site.to_images("full", maps)
+                    if terms is not None:
+                        cap.terms = terms
                 for spec in row_specs:
                     cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, qk=(q, k)))
 

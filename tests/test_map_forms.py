@@ -86,6 +86,34 @@ def test_differential_maps_terms_and_component_modes_are_exact():
         assert "differential attention" in site.content_only()
 
 
+@pytest.mark.parametrize("build", [_dwee, lambda: _convit()], ids=["differential", "gpsa"])
+def test_two_softmax_maps_and_terms_come_from_one_product_of_q_and_k(build, monkeypatch):
+    """A two-softmax layer recording full maps computes scale·q·kᵀ once (its maps are combined from the terms it
+    keeps), not once for the maps and again for the terms; the maps still equal the terms combined by hand."""
+    from qkhooks import attention
+
+    model = build()
+    calls: list[tuple[int, ...]] = []
+    product = attention.scaled_logits
+    monkeypatch.setattr(attention, "scaled_logits", lambda q, k, scale: calls.append(tuple(q.shape)) or product(q, k, scale))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with qkhooks.record(model, modes="all", attention="full") as rec:
+        with torch.no_grad():
+            model(images)
+    assert len(calls) == len(rec.layers)  # one product per layer
+    for layer in rec.layers:
+        if not hasattr(rec.sites[layer], "map_terms"):  # ConViT's last block: plain attention
+            continue
+        terms, full = rec.terms(layer), rec.attention(layer, "full").double()
+        if "softmax1" in terms:
+            want = terms["softmax1"].double() - terms["lambda"].double() * terms["softmax2"].double()
+        else:
+            gate = terms["gate"].double().view(1, -1, 1, 1)
+            mix = (1 - gate) * terms["content"].double() + gate * terms["position"].double()
+            want = mix / mix.sum(-1, keepdim=True)
+        torch.testing.assert_close(full, want, atol=1e-6, rtol=0)
+
+
 def test_differential_rows_are_the_rows_of_the_combined_maps():
     model = _dwee()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
