@@ -168,6 +168,7 @@ class Recording:
         self._handles: list[Any] = []
         self._current: BatchCapture | None = None
         self._outer = False  # whether the open batch is a call of ``model`` itself
+        self._rows_axis: tuple[AttentionSite, tuple[str, int, int], bool] | None = None
         self._pending_meta: dict[str, Any] = {}
         self._residual: dict[int, torch.Tensor] = {}
         self.last: BatchCapture | None = None
@@ -177,7 +178,9 @@ class Recording:
 
     def _layers_attended_once(self, outputs: str) -> set[int]:
         """Layers whose attention runs once, from the recorded full maps (``outputs="eager"``). Talking-heads layers
-        mix heads after the softmax and run no fused kernel: their maps are rebuilt as with ``"unchanged"``."""
+        mix heads after the softmax and run no fused kernel: their maps are rebuilt as with ``"unchanged"``. Maps-only
+        layers (q and k made inside the module) already hand over the maps the module computed, with nothing
+        computed twice: they run as they are."""
         if outputs not in ("unchanged", "eager"):
             raise QKHooksError(f"outputs must be 'unchanged' (bit-identical to the model) or 'eager' (attention computed "
                                f"once from the recorded full maps); got {outputs!r}.")
@@ -188,7 +191,7 @@ class Recording:
             raise QKHooksError("outputs='eager' computes a layer's attention once from its recorded full maps, and this "
                                "recording asks for none; add attention='full' (or 'full:LAYERS'), or leave outputs="
                                "'unchanged'.")
-        return {s.layer for s in full if s.head_mixing is None}
+        return {s.layer for s in full if s.head_mixing is None and not s.observes_maps()}
 
     @property
     def mode_source(self) -> dict[int, str]:
@@ -305,6 +308,8 @@ class Recording:
                                      qk_spectrum=self.qk_spectrum)
         self._calls.clear()
         self._outer = outer
+        self._rows_axis: tuple[AttentionSite, tuple[str, int, int], bool] | None = None  # the first rows layer, its
+        # (stage, rows, tokens) and whether the query tokens were chosen (else the defaults of its grid)
 
     def _begin_inner(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The first recorded layer starts: keep the batch ``model`` just opened, else open one here. Within one call
@@ -524,6 +529,24 @@ class Recording:
 
         return hook
 
+    def _check_rows_axis(self, site: AttentionSite, rows_in_call: int, n: int, chosen: bool) -> None:
+        """One batch's query tokens name the same tokens in every layer whose rows are recorded: refuse a layer whose
+        call holds another number of images (``rows_in_call``: windows counted as their images; a factorised video
+        attention's other axis), or, for the default tokens (the class token and the centre patch of the first such
+        layer's grid), another stage or token count."""
+        if self._rows_axis is None:
+            self._rows_axis = (site, (site.stage, rows_in_call, n), chosen)
+            return
+        first, (stage, rows, tokens), chosen = self._rows_axis
+        if rows_in_call == rows and (chosen or (site.stage, n) == (stage, tokens)):
+            return  # chosen tokens index each layer's own tokens (e.g. the class token of every PiT stage)
+        what = ("the default query tokens (the class token and the centre patch) are those of the first layer's grid"
+                if not chosen else "one set of query tokens cannot name the same tokens in both")
+        raise QKHooksError(
+            f"layer {site.layer} ({site.path}) attends over {rows_in_call} images of {n} tokens (stage {site.stage!r}) and "
+            f"layer {first.layer} ({first.path}) over {rows} images of {tokens} (stage {stage!r}): {what}. Record the rows "
+            "of one stage at a time (layers=[...]) or record attention='full'.")
+
     def _attention(self, site: AttentionSite, spec: AttentionSpec, x: torch.Tensor | None = None,
                    qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The layer's attention of ``spec.kind`` from the tokens x entering W_q, or from its q and k heads
@@ -532,8 +555,9 @@ class Recording:
             return attention_full(site, x)
         meta = self._current.meta if self._current is not None else {}
         tokens = meta.get("query_tokens")
+        n, rows_in_call = (x.shape[1], x.shape[0]) if qk is None else (qk[0].shape[2], qk[0].shape[0])
+        self._check_rows_axis(site, site.images_in_call(int(rows_in_call)), int(n), chosen=tokens is not None)
         if tokens is None:  # no choice given: the first prefix token (CLS) and the centre patch, recorded as such
-            n, rows_in_call = (x.shape[1], x.shape[0]) if qk is None else (qk[0].shape[2], qk[0].shape[0])
             tokens = default_query_tokens(site, n).expand(site.images_in_call(int(rows_in_call)), -1)
             if self._current is not None:
                 self._current.meta["query_tokens"] = tokens.cpu()

@@ -127,6 +127,26 @@ def test_efficientvit_msra_maps_are_its_cascaded_heads_written_out_per_window(si
         qkhooks.record(model, modes="all")
 
 
+def test_maps_only_layers_run_as_they_are_under_outputs_eager():
+    """outputs='eager' computes a layer's attention once from the maps qkhooks rebuilds; a maps-only layer's maps are
+    the ones the module computes, so it runs untouched: outputs bit-identical to the plain forward, maps equal to a
+    default recording's (before, EfficientViT-MSRA's 3-D per-head softmaxes were refused as 'no softmax')."""
+    import timm
+
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("efficientvit_m0", pretrained=False, img_size=64, window_size=(4, 4, 4))).eval()
+    images = _images(64)
+    with torch.no_grad():
+        plain = model(images)
+    with torch.no_grad(), qkhooks.record(model, modes=None, attention="full") as unchanged:
+        model(images)
+    with torch.no_grad(), qkhooks.record(model, modes=None, attention="full", outputs="eager") as eager:
+        out = model(images)
+    assert torch.equal(out, plain)
+    for layer in unchanged.layers:
+        assert torch.equal(eager.attention(layer, "full"), unchanged.attention(layer, "full"))
+
+
 # ------------------------------------------------------------------------------------------------ TimeSformer
 def _timesformer():
     import transformers

@@ -334,6 +334,38 @@ def test_llama4_vision_maps_are_the_softmax_of_pairwise_rotated_q_k_and_modes_th
         rec.sites[0].grid_for(17)
 
 
+def test_llama4_vision_refuses_an_attention_mask_its_attention_ignores():
+    """Llama4VisionAttention takes ``attention_mask`` but hands its attention function None: the model's maps are
+    unmasked. A mask given to the encoder is refused by name, never added to the rebuilt maps (it was, silently)."""
+    model = _llama4()
+    seen: dict = {}
+    hook = model.model.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(x=a[0] if a else kw["hidden_states"], freqs=kw["freqs_ci"]), with_kwargs=True)
+    with torch.no_grad():
+        model(pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+    hook.remove()
+    n = seen["x"].shape[1]
+    mask = torch.zeros(2, 1, n, n)
+    mask[..., :3] = float("-inf")
+    with torch.no_grad():
+        eager = _with_eager(model, lambda: model.model(seen["x"], freqs_ci=seen["freqs"], attention_mask=mask,
+                                                       output_attentions=True).attentions[0])
+    assert float(eager[..., :3].sum()) > 1.0  # the masked keys keep their weight: the model ignores the mask
+    with pytest.raises(QKHooksError, match=r"passes 'attention_mask' \(a \(2, 1, \d+, \d+\) tensor\)"):
+        with torch.no_grad(), qkhooks.record(model, modes=0, attention="full"):
+            model.model(seen["x"], freqs_ci=seen["freqs"], attention_mask=mask)
+
+
+def _with_eager(model: torch.nn.Module, call):
+    """``call()`` with the model's attention set to eager (output_attentions needs it), then set back."""
+    before = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        return call()
+    finally:
+        model.config._attn_implementation = before
+
+
 def test_llama4_vision_rows_of_chosen_tokens_use_the_rotated_keys():
     model = _llama4()
     images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
