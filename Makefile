@@ -20,7 +20,7 @@ OLDEST_PINS ?= transformers==4.54.0 tokenizers==0.21.0 huggingface_hub==0.34.0 t
 # The model/loading/preprocessing part of the suite: what depends on transformers, timm and pillow.
 OLDEST_TESTS ?= tests/test_core.py tests/test_offline.py tests/test_inputs.py tests/test_data.py
 
-.PHONY: demo test test-slow test-oldest venv clean mutation zoo-table
+.PHONY: demo test test-slow test-oldest venv clean mutation bug-patterns zoo-table
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -73,6 +73,10 @@ MODULES ?=
 MUTATION_CHILDREN ?= 2
 mutation: $(VENV)/.test
 	nice -n 15 $(PY) tests/mutation.py --children $(MUTATION_CHILDREN) $(MODULES)
+
+# Issue 19's twelve bug patterns, each applied to a scratch copy and its tests run (a few minutes).
+bug-patterns: $(VENV)/.test
+	$(PY) tests/bug_patterns.py
 
 clean:
 	rm -rf $(VENV) $(OLDEST) $(DEMO_OUT) *.egg-info

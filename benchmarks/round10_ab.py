@@ -31,18 +31,50 @@ def _summary(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} [{q[0]:.2f}, {q[2]:.2f}]"
 
 
-def _interleaved(parts: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+def _interleaved(parts: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2,
+                 clock: Callable[[], float] = time.thread_time) -> dict[str, list[float]]:
+    """ms per call of each part, the parts run in turn each round; thread CPU time unless another clock is given
+    (wall time where torch runs on more than one thread)."""
     import torch
 
     times: dict[str, list[float]] = {name: [] for name in parts}
     with torch.no_grad():
         for r in range(rounds + warmup):
             for name, part in parts.items():
-                start = time.thread_time()
+                start = clock()
                 part()
                 if r >= warmup:
-                    times[name].append((time.thread_time() - start) * 1e3)
+                    times[name].append((clock() - start) * 1e3)
     return times
+
+
+def print_table(title: str, times: dict[str, list[float]]) -> None:
+    """The A/B scripts' output: a title line, then one Markdown row per part with its median [IQR]."""
+    print(title)
+    print("| part | ms |\n|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {_summary(values)} |")
+
+
+def middle_attention(model: Any, images: Any) -> tuple[Any, Any, Any, tuple[Any, Any, Any]]:
+    """The middle block's attention module, the tokens x it gets for ``images``, its attention site, and its q, k, v
+    as strided (B, H, N, d) views of the fused qkv Linear's output, as the hooks see them."""
+    import torch
+
+    import qkhooks
+    from qkhooks.attention import split_heads
+
+    middle = len(model.blocks) // 2
+    attn, seen = model.blocks[middle].attn, {}
+    hook = attn.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    site = qkhooks.sites(model)[middle]
+    width = site.num_heads * site.head_dim
+    with torch.no_grad():
+        qkv = attn.qkv(seen["x"])
+    return attn, seen["x"], site, tuple(split_heads(site, qkv[..., i * width:(i + 1) * width]) for i in range(3))
 
 
 def _own_copy_before(site: Any) -> Any:
@@ -174,10 +206,7 @@ def main() -> None:
         "record(modes=16) entry + exit, site copies checked for links back (after)": entry,
     }
     times = _interleaved(parts, args.rounds)
-    print(f"{args.model}, batch {args.batch}, 1 thread, thread CPU ms, medians [IQR] of {args.rounds}")
-    print("| part | ms |\n|---|---|")
-    for name, values in times.items():
-        print(f"| {name} | {_summary(values)} |")
+    print_table(f"{args.model}, batch {args.batch}, 1 thread, thread CPU ms, medians [IQR] of {args.rounds}", times)
 
     if args.faults:
         def faults() -> int:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from round10_ab import _interleaved, _summary, eager_and_once, model_parser, one_thread_model  # noqa: E402  (round 10's timing loop and options)
+from round10_ab import _interleaved, eager_and_once, middle_attention, model_parser, one_thread_model, print_table  # noqa: E402  (round 10's timing loop and options)
 
 
 def main() -> None:
@@ -25,23 +25,10 @@ def main() -> None:
 
     import torch
 
-    import qkhooks
-    from qkhooks.attention import (attention_rows, full_from_qk, maps_times_values, rows_from_qk,
-                                   scaled_logits, split_heads)
+    from qkhooks.attention import attention_rows, full_from_qk, maps_times_values, rows_from_qk, scaled_logits
 
     model, images, tokens = one_thread_model(args)
-    middle = len(model.blocks) // 2
-    attn, seen = model.blocks[middle].attn, {}
-    hook = attn.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
-    with torch.no_grad():
-        model(images)
-    hook.remove()
-    x = seen["x"]
-    site = qkhooks.record(model, modes="all", attention="rows").sites[middle]
-    width = site.num_heads * site.head_dim
-    with torch.no_grad():
-        qkv = attn.qkv(x)
-    q, k, v = (split_heads(site, qkv[..., i * width:(i + 1) * width]) for i in range(3))
+    attn, x, site, (q, k, v) = middle_attention(model, images)
     eager, attention_once = eager_and_once(attn, x, site)
 
     def core_before() -> torch.Tensor:  # round 10: matmul on copies, softmax written over the logits
@@ -66,10 +53,7 @@ def main() -> None:
         "rows of 2 tokens from the hook's q and k (after)": lambda: rows_from_qk(site, q, k, tokens),
     }
     times = _interleaved(parts, args.rounds)
-    print(f"{args.model}, batch {args.batch}, 1 thread, thread CPU ms per layer, medians [IQR] of {args.rounds}")
-    print("| part | ms |\n|---|---|")
-    for name, values in times.items():
-        print(f"| {name} | {_summary(values)} |")
+    print_table(f"{args.model}, batch {args.batch}, 1 thread, thread CPU ms per layer, medians [IQR] of {args.rounds}", times)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def split_heads(site: AttentionSite, t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ the two products, read in place on the CPU
-# Below this many query and key tokens a head's product is too small for per-head calls to pay off (windows of 49).
+# Below this many query and key tokens an image's products are too small for per-image calls to pay off (windows of 49).
 _IN_PLACE_MIN_TOKENS = 128
 
 
@@ -105,28 +105,30 @@ def scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     """scale · q kᵀ over the last two axes: (..., L, d) and (..., S, d) -> (..., L, S).
 
     q and k are usually strided views of one Linear's output (heads split off a fused qkv), which ``matmul`` first
-    copies into contiguous tensors (q once more to scale it). On the CPU one ``baddbmm`` per head reads them in
-    place and folds the scale into the product (~10% of a ViT-S attention's own q·kᵀ, softmax and maps @ v,
-    benchmarks/round11_ab.py). The value is scale·(q·k) rounded once, where ``(q·scale) @ kᵀ`` rounds q·scale
-    first: equal for a power-of-two scale (d_k = 64), within a float ulp otherwise.
+    copies into contiguous tensors (q once more to scale it). On the CPU one ``baddbmm`` per image reads them in
+    place, all heads at once, and folds the scale into the product. Per image, not per head: an image's q and k
+    rows lie together in memory, and its call's H products split evenly over the threads; with 2 threads the
+    per-head loop of round 11 was slower than ``matmul`` on copies (benchmarks/round12_ab.py). The value is
+    scale·(q·k) rounded once, where ``(q·scale) @ kᵀ`` rounds q·scale first: equal for a power-of-two scale
+    (d_k = 64), within a float ulp otherwise.
     """
     if not (isinstance(scale, (int, float)) and _in_place(q, k)):  # a tensor scale: a learned temperature
         return (q * scale) @ k.transpose(-1, -2)
     logits = q.new_empty(*q.shape[:-1], k.shape[-2])
-    for h in range(q.shape[1]):
-        torch.baddbmm(logits[:, h], q[:, h], k[:, h].transpose(-1, -2), beta=0, alpha=scale, out=logits[:, h])
+    for b in range(q.shape[0]):
+        torch.baddbmm(logits[b], q[b], k[b].transpose(-1, -2), beta=0, alpha=scale, out=logits[b])
     return logits
 
 
 def maps_times_values(maps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """maps @ v, (B, H, L, S) @ (B, H, S, d) -> (B, H, L, d); on the CPU one ``bmm`` per head that reads v in place
+    """maps @ v, (B, H, L, S) @ (B, H, S, d) -> (B, H, L, d); on the CPU one ``bmm`` per image that reads v in place
     and writes a (B, L, H, d) buffer, the layout the model's next ``transpose(1, 2).reshape`` reads without a copy
     (the layout torch's own CPU flash kernel returns)."""
     if not _in_place(maps, v):
         return maps @ v
     out = v.new_empty(v.shape[0], maps.shape[-2], v.shape[1], v.shape[-1])
-    for h in range(v.shape[1]):
-        torch.bmm(maps[:, h], v[:, h], out=out[:, :, h])
+    for b in range(v.shape[0]):
+        torch.bmm(maps[b], v[b], out=out[b].transpose(0, 1))
     return out.transpose(1, 2)
 
 
@@ -160,7 +162,16 @@ def map_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> dict[str
     if terms is None:
         return None
     q, k = site.model_qk(q, k)
-    return terms(site.add_logit_bias(((q * site.scale) @ k.transpose(-1, -2)).float()))
+    return terms(site.add_logit_bias(scaled_logits(q, k, site.scale).float()))
+
+
+def full_and_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """:func:`full_from_qk` and :func:`map_terms` together: a two-softmax site's maps combined from its terms, so
+    q·kᵀ and the softmaxes run once; (maps, None) for a site whose map is one softmax."""
+    terms = map_terms(site, q, k)
+    if terms is None:
+        return full_from_qk(site, q, k), None
+    return site.head_mixing.combine(terms), terms  # type: ignore[union-attr]
 
 
 def rows_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from qkhooks.attention import (
     OneAttention,
     attention_full,
     default_query_tokens,
-    full_from_qk,
+    full_and_terms,
     map_terms,
     parse_attention,
     pool_rows,
@@ -164,11 +164,11 @@ class Recording:
         self._qk_rows = {s.layer for s in self.sites if self._takes_rows_from_qk(s)}
         self._inside: dict[int, Any] = {}  # layer -> its InsideCall while attached (maps taken in the module's forward)
         self._calls: dict[int, list[LayerCapture]] = {}  # layer -> its earlier calls in this forward (joins_calls sites)
-        self._first_joins = False  # whether the first recorded site joins its calls (set when attached)
         self._attending: dict[int, OneAttention] = {}  # layer -> its OneAttention while attached
         self._handles: list[Any] = []
         self._current: BatchCapture | None = None
         self._outer = False  # whether the open batch is a call of ``model`` itself
+        self._rows_axis: tuple[AttentionSite, tuple[str, int, int], bool] | None = None
         self._pending_meta: dict[str, Any] = {}
         self._residual: dict[int, torch.Tensor] = {}
         self.last: BatchCapture | None = None
@@ -178,7 +178,9 @@ class Recording:
 
     def _layers_attended_once(self, outputs: str) -> set[int]:
         """Layers whose attention runs once, from the recorded full maps (``outputs="eager"``). Talking-heads layers
-        mix heads after the softmax and run no fused kernel: their maps are rebuilt as with ``"unchanged"``."""
+        mix heads after the softmax and run no fused kernel: their maps are rebuilt as with ``"unchanged"``. Maps-only
+        layers (q and k made inside the module) already hand over the maps the module computed, with nothing
+        computed twice: they run as they are."""
         if outputs not in ("unchanged", "eager"):
             raise QKHooksError(f"outputs must be 'unchanged' (bit-identical to the model) or 'eager' (attention computed "
                                f"once from the recorded full maps); got {outputs!r}.")
@@ -189,7 +191,7 @@ class Recording:
             raise QKHooksError("outputs='eager' computes a layer's attention once from its recorded full maps, and this "
                                "recording asks for none; add attention='full' (or 'full:LAYERS'), or leave outputs="
                                "'unchanged'.")
-        return {s.layer for s in full if s.head_mixing is None}
+        return {s.layer for s in full if s.head_mixing is None and not s.observes_maps()}
 
     @property
     def mode_source(self) -> dict[int, str]:
@@ -211,7 +213,6 @@ class Recording:
         # CLIPModel.forward; then the batch spans the recorded attention modules, first to last.
         first = min(self.sites, key=lambda s: s.layer)
         last = max(self.sites, key=lambda s: s.layer)
-        self._first_joins = first.joins_calls()  # zoo11-inside: its next call in a forward of model is the next frame
         try:
             self._handles.append(model.register_forward_pre_hook(self._begin_batch, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._end_batch, always_call=False))
@@ -307,10 +308,14 @@ class Recording:
                                      qk_spectrum=self.qk_spectrum)
         self._calls.clear()
         self._outer = outer
+        self._rows_axis: tuple[AttentionSite, tuple[str, int, int], bool] | None = None  # the first rows layer, its
+        # (stage, rows, tokens) and whether the query tokens were chosen (else the defaults of its grid)
 
     def _begin_inner(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """The first recorded layer starts: keep the batch ``model`` just opened, else open one here."""
-        if self._current is None or not self._outer or (self._current.captures and not self._first_joins):
+        """The first recorded layer starts: keep the batch ``model`` just opened, else open one here. Within one call
+        of ``model`` the batch stays open when the first layer runs again: its layer hook then joins the calls or
+        refuses them (a new batch here would drop the earlier call without a word)."""
+        if self._current is None or not self._outer:
             self._begin_batch(module, args, kwargs, outer=False)
 
     def _end_inner(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -514,14 +519,33 @@ class Recording:
                     cap.query, cap.key = site.to_images("modes", cap.query), site.to_images("modes", cap.key)
                 if full or row_specs:
                     q, k = split_heads(site, q), split_heads(site, k)
-                if full:
-                    cap.attention["full"] = site.to_images("full", full_from_qk(site, q, k))
-                    if hasattr(site, "map_terms"):  # zoo11-maps: two-softmax terms, with the maps
-                        cap.terms = map_terms(site, q, k)
+                if full:  # two-softmax sites (zoo11-maps): the maps combined from the terms, both kept
+                    maps, terms = full_and_terms(site, q, k)
+                    cap.attention["full"] = site.to_images("full", maps)
+                    if terms is not None:
+                        cap.terms = terms
                 for spec in row_specs:
                     cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, qk=(q, k)))
 
         return hook
+
+    def _check_rows_axis(self, site: AttentionSite, rows_in_call: int, n: int, chosen: bool) -> None:
+        """One batch's query tokens name the same tokens in every layer whose rows are recorded: refuse a layer whose
+        call holds another number of images (``rows_in_call``: windows counted as their images; a factorised video
+        attention's other axis), or, for the default tokens (the class token and the centre patch of the first such
+        layer's grid), another stage or token count."""
+        if self._rows_axis is None:
+            self._rows_axis = (site, (site.stage, rows_in_call, n), chosen)
+            return
+        first, (stage, rows, tokens), chosen = self._rows_axis
+        if rows_in_call == rows and (chosen or (site.stage, n) == (stage, tokens)):
+            return  # chosen tokens index each layer's own tokens (e.g. the class token of every PiT stage)
+        what = ("the default query tokens (the class token and the centre patch) are those of the first layer's grid"
+                if not chosen else "one set of query tokens cannot name the same tokens in both")
+        raise QKHooksError(
+            f"layer {site.layer} ({site.path}) attends over {rows_in_call} images of {n} tokens (stage {site.stage!r}) and "
+            f"layer {first.layer} ({first.path}) over {rows} images of {tokens} (stage {stage!r}): {what}. Record the rows "
+            "of one stage at a time (layers=[...]) or record attention='full'.")
 
     def _attention(self, site: AttentionSite, spec: AttentionSpec, x: torch.Tensor | None = None,
                    qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -531,8 +555,9 @@ class Recording:
             return attention_full(site, x)
         meta = self._current.meta if self._current is not None else {}
         tokens = meta.get("query_tokens")
+        n, rows_in_call = (x.shape[1], x.shape[0]) if qk is None else (qk[0].shape[2], qk[0].shape[0])
+        self._check_rows_axis(site, site.images_in_call(int(rows_in_call)), int(n), chosen=tokens is not None)
         if tokens is None:  # no choice given: the first prefix token (CLS) and the centre patch, recorded as such
-            n, rows_in_call = (x.shape[1], x.shape[0]) if qk is None else (qk[0].shape[2], qk[0].shape[0])
             tokens = default_query_tokens(site, n).expand(site.images_in_call(int(rows_in_call)), -1)
             if self._current is not None:
                 self._current.meta["query_tokens"] = tokens.cpu()

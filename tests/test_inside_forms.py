@@ -127,6 +127,26 @@ def test_efficientvit_msra_maps_are_its_cascaded_heads_written_out_per_window(si
         qkhooks.record(model, modes="all")
 
 
+def test_maps_only_layers_run_as_they_are_under_outputs_eager():
+    """outputs='eager' computes a layer's attention once from the maps qkhooks rebuilds; a maps-only layer's maps are
+    the ones the module computes, so it runs untouched: outputs bit-identical to the plain forward, maps equal to a
+    default recording's (before, EfficientViT-MSRA's 3-D per-head softmaxes were refused as 'no softmax')."""
+    import timm
+
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("efficientvit_m0", pretrained=False, img_size=64, window_size=(4, 4, 4))).eval()
+    images = _images(64)
+    with torch.no_grad():
+        plain = model(images)
+    with torch.no_grad(), qkhooks.record(model, modes=None, attention="full") as unchanged:
+        model(images)
+    with torch.no_grad(), qkhooks.record(model, modes=None, attention="full", outputs="eager") as eager:
+        out = model(images)
+    assert torch.equal(out, plain)
+    for layer in unchanged.layers:
+        assert torch.equal(eager.attention(layer, "full"), unchanged.attention(layer, "full"))
+
+
 # ------------------------------------------------------------------------------------------------ TimeSformer
 def _timesformer():
     import transformers
@@ -225,6 +245,23 @@ def test_a_layer_run_twice_in_one_forward_is_refused_not_recorded_once():
     with pytest.raises(QKHooksError, match=r"layer 1 \(blocks\.1\.attn, Attention\) ran more than once in one forward"):
         with torch.no_grad(), qkhooks.record(model, modes=4) as rec:
             rec(_images(32))
+
+
+def test_the_first_recorded_layer_run_twice_in_one_forward_is_refused_not_split_into_two_batches():
+    """The first layer used twice: its second call must not open a new batch (which dropped the first call and every
+    layer between without a word); refused, named, and nothing handed to the sinks."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=32, num_heads=2, img_size=32,
+                              patch_size=8).eval()
+    model.blocks = torch.nn.Sequential(model.blocks[0], model.blocks[0], model.blocks[1])
+    handed: list = []
+    with pytest.raises(QKHooksError, match=r"layer 0 \(blocks\.0\.attn, Attention\) ran more than once in one forward"):
+        with torch.no_grad(), qkhooks.record(model, modes=4) as rec:
+            rec.sinks.append(type("Sink", (), {"update": lambda self, batch: handed.append(batch)})())
+            rec(_images(32))
+    assert handed == [] and rec.images_seen == 0
 
 
 # ------------------------------------------------------------------------------- the mechanism on its own

@@ -86,6 +86,34 @@ def test_differential_maps_terms_and_component_modes_are_exact():
         assert "differential attention" in site.content_only()
 
 
+@pytest.mark.parametrize("build", [_dwee, lambda: _convit()], ids=["differential", "gpsa"])
+def test_two_softmax_maps_and_terms_come_from_one_product_of_q_and_k(build, monkeypatch):
+    """A two-softmax layer recording full maps computes scale·q·kᵀ once (its maps are combined from the terms it
+    keeps), not once for the maps and again for the terms; the maps still equal the terms combined by hand."""
+    from qkhooks import attention
+
+    model = build()
+    calls: list[tuple[int, ...]] = []
+    product = attention.scaled_logits
+    monkeypatch.setattr(attention, "scaled_logits", lambda q, k, scale: calls.append(tuple(q.shape)) or product(q, k, scale))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with qkhooks.record(model, modes="all", attention="full") as rec:
+        with torch.no_grad():
+            model(images)
+    assert len(calls) == len(rec.layers)  # one product per layer
+    for layer in rec.layers:
+        if not hasattr(rec.sites[layer], "map_terms"):  # ConViT's last block: plain attention
+            continue
+        terms, full = rec.terms(layer), rec.attention(layer, "full").double()
+        if "softmax1" in terms:
+            want = terms["softmax1"].double() - terms["lambda"].double() * terms["softmax2"].double()
+        else:
+            gate = terms["gate"].double().view(1, -1, 1, 1)
+            mix = (1 - gate) * terms["content"].double() + gate * terms["position"].double()
+            want = mix / mix.sum(-1, keepdim=True)
+        torch.testing.assert_close(full, want, atol=1e-6, rtol=0)
+
+
 def test_differential_rows_are_the_rows_of_the_combined_maps():
     model = _dwee()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -304,6 +332,38 @@ def test_llama4_vision_maps_are_the_softmax_of_pairwise_rotated_q_k_and_modes_th
         assert rec.sites[layer].rope_layout == "interleaved" and rec.sites[layer].num_prefix_tokens == 0
     with pytest.raises(QKHooksError, match="class token after the patches"):
         rec.sites[0].grid_for(17)
+
+
+def test_llama4_vision_refuses_an_attention_mask_its_attention_ignores():
+    """Llama4VisionAttention takes ``attention_mask`` but hands its attention function None: the model's maps are
+    unmasked. A mask given to the encoder is refused by name, never added to the rebuilt maps (it was, silently)."""
+    model = _llama4()
+    seen: dict = {}
+    hook = model.model.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(x=a[0] if a else kw["hidden_states"], freqs=kw["freqs_ci"]), with_kwargs=True)
+    with torch.no_grad():
+        model(pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+    hook.remove()
+    n = seen["x"].shape[1]
+    mask = torch.zeros(2, 1, n, n)
+    mask[..., :3] = float("-inf")
+    with torch.no_grad():
+        eager = _with_eager(model, lambda: model.model(seen["x"], freqs_ci=seen["freqs"], attention_mask=mask,
+                                                       output_attentions=True).attentions[0])
+    assert float(eager[..., :3].sum()) > 1.0  # the masked keys keep their weight: the model ignores the mask
+    with pytest.raises(QKHooksError, match=r"passes 'attention_mask' \(a \(2, 1, \d+, \d+\) tensor\)"):
+        with torch.no_grad(), qkhooks.record(model, modes=0, attention="full"):
+            model.model(seen["x"], freqs_ci=seen["freqs"], attention_mask=mask)
+
+
+def _with_eager(model: torch.nn.Module, call):
+    """``call()`` with the model's attention set to eager (output_attentions needs it), then set back."""
+    before = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        return call()
+    finally:
+        model.config._attn_implementation = before
 
 
 def test_llama4_vision_rows_of_chosen_tokens_use_the_rotated_keys():

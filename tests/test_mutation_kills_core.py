@@ -327,18 +327,20 @@ def test_attention_sdpa_maps_rows_with_every_key_masked_by_a_float_mask_are_zero
     torch.testing.assert_close(maps @ v, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
-@pytest.mark.parametrize("queries", [130, 7])
+@pytest.mark.parametrize("queries, keys", [(130, 130), (7, 7), (2, 130)])
 @pytest.mark.parametrize("scale", [0.125, 0.3])
-def test_attention_products_read_strided_heads_and_equal_a_float64_reference(queries: int, scale: float):
+def test_attention_products_read_strided_heads_and_equal_a_float64_reference(queries: int, keys: int, scale: float):
     """scale·q kᵀ and maps @ v from heads split off one fused (B, N, 3·H·d) output (strided views, as every fused
-    qkv gives them), on the per-head path (130 queries) and the matmul path (7): equal to float64 numpy products.
-    On the per-head path maps @ v is laid out (B, L, H, d), so the model's transpose(1, 2).reshape is a view."""
+    qkv gives them), on the per-image path (130 keys: all queries, or 2 query rows) and the matmul path (7): equal to
+    float64 numpy products. On the per-image path maps @ v is laid out (B, L, H, d), so the model's
+    transpose(1, 2).reshape is a view."""
     from qkhooks.attention import maps_times_values, scaled_logits
 
     g = torch.Generator().manual_seed(31)
-    b, h, d = 2, 3, 8
-    qkv = torch.randn(b, queries, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)
+    b, h, d = 3, 5, 8
+    qkv = torch.randn(b, keys, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
+    q = q[:, :, keys - queries:]  # the last query rows: a view whose rows do not start at the buffer's start
     logits = scaled_logits(q, k, scale)
     want = np.einsum("bhld,bhsd->bhls", q.double().numpy(), k.double().numpy()) * scale
     np.testing.assert_allclose(logits.double().numpy(), want, atol=1e-5)
@@ -347,7 +349,7 @@ def test_attention_products_read_strided_heads_and_equal_a_float64_reference(que
     np.testing.assert_allclose(out.double().numpy(), np.einsum("bhls,bhsd->bhld", maps.double().numpy(),
                                                                v.double().numpy()), atol=1e-5)
     assert out.shape == (b, h, queries, d)
-    assert out.transpose(1, 2).is_contiguous() == (queries >= 128)  # 7 queries, 7 keys: the matmul path
+    assert out.transpose(1, 2).is_contiguous() == (keys >= 128)  # 7 queries, 7 keys: the matmul path
     grad_q = q.clone().requires_grad_(True)  # autograd: the matmul path, with a graph
     assert scaled_logits(grad_q, k, scale).grad_fn is not None
 

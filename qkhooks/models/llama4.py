@@ -72,7 +72,10 @@ def _llama4_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.M
     fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
     return Llama4VisionSite(**fields | dict(
         num_prefix_tokens=0, family="hf-llama4-vision", scale=float(module.head_dim) ** -0.5,
-        rope_input="freqs_ci", rope_apply=_rotation(module), rope_layout="interleaved"))
+        rope_input="freqs_ci", rope_apply=_rotation(module), rope_layout="interleaved",
+        # its forward takes attention_mask but hands its attention function None: a mask it is given is not what it
+        # applies, so one is refused by name (refuse_unmodelled_inputs) instead of being added to the rebuilt maps
+        bias_input=None))
 
 
 hf.EXTRA_FORMS["Llama4VisionAttention"] = (frozenset(), _llama4_site)

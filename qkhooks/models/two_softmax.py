@@ -52,7 +52,11 @@ class DifferentialMaps:
 
     def maps(self, logits: torch.Tensor) -> torch.Tensor:
         """The model's maps (B, H, T, N): softmax1 − λ · softmax2, as its forward combines them."""
-        t = self.terms(logits)
+        return self.combine(self.terms(logits))
+
+    @staticmethod
+    def combine(t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The maps from the terms (kept separately, so a recording that keeps both computes the softmaxes once)."""
         return t["softmax1"] - t["lambda"] * t["softmax2"]
 
 
@@ -80,7 +84,11 @@ class GatedPositionalMaps:
 
     def maps(self, logits: torch.Tensor) -> torch.Tensor:
         """The model's maps (B, H, N, N): gated mix, renormalised per row as its forward does."""
-        t = self.terms(logits)
+        return self.combine(self.terms(logits))
+
+    @staticmethod
+    def combine(t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The maps from the terms (kept separately, so a recording that keeps both computes the softmaxes once)."""
         gate = t["gate"].view(1, -1, 1, 1)
         attn = (1.0 - gate) * t["content"] + gate * t["position"]
         return attn / attn.sum(dim=-1).unsqueeze(-1)
