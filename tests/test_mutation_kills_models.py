@@ -332,3 +332,103 @@ def test_the_rope_layout_read_off_each_family_is_the_pairs_its_own_rotation_turn
     site, tables = _rope_tables(perturb(case.build()), case.inputs())[0]
     assert site.rope_layout == {"eva02_tiny_patch14_224": "interleaved"}.get(name, "half")
     _own_rotation_keeps_each_pairs_length(site, tables)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_reduced_keys_without_projection_biases_rebuild_the_models_maps(bias):
+    import timm
+
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("pvt_v2_b0", pretrained=False, embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2),
+                                      depths=(1, 1, 1, 1), sr_ratios=(4, 2, 1, 1), qkv_bias=bias))
+    assert all((s.module.q.bias is not None) == bias for s in qkhooks.sites(model))
+    outcome = check(model, {"x": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))}, "timm")
+    assert outcome.status == "exact", outcome.detail
+
+
+# ---------------------------------------------------------------------------------------------- HF readers
+def _hf_vit(**kw):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=64, image_size=32, patch_size=8, qkv_bias=True), **kw})
+    return perturb(transformers.ViTModel._from_config(config, attn_implementation="sdpa"))
+
+
+def _pixels(h: int = 32, w: int = 32) -> dict:
+    return {"pixel_values": torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))}
+
+
+@pytest.mark.parametrize("scaling", [0.3, None])
+def test_an_hf_scale_is_the_modules_own_scaling_or_without_one_head_dim_to_the_minus_half(scaling):
+    model = _hf_vit()
+    attentions = [s.module for s in qkhooks.sites(model)]
+    for module in attentions:
+        module.scaling = scaling  # a temperature of its own; None: the attention function's 1 / sqrt(d_k)
+    assert not any(hasattr(m, "scale") for m in attentions)
+    assert [s.scale for s in qkhooks.sites(model)] == [0.3 if scaling else 8 ** -0.5] * 2
+    outcome = check(model, _pixels(), "hf")
+    assert outcome.status == "exact", outcome.detail
+
+
+def test_an_hf_non_square_patch_gives_the_grid_its_patch_embedding_makes():
+    model = _hf_vit(image_size=(32, 48), patch_size=(8, 4))
+    seen = []
+    handle = model.embeddings.patch_embeddings.projection.register_forward_hook(
+        lambda m, a, out: seen.append(tuple(out.shape[2:])))
+    try:
+        with torch.no_grad():
+            model(**_pixels(32, 48))
+    finally:
+        handle.remove()
+    site = qkhooks.sites(model)[0]
+    assert seen == [(4, 12)] and site.grid == (4, 12) and site.patch_size == (8, 4)
+    assert site.grid_for_image(64, 48) == (8, 12)
+    outcome = check(model, _pixels(32, 48), "hf")
+    assert outcome.status == "exact", outcome.detail
+
+
+def test_eomt_object_queries_count_as_prefix_tokens_in_the_layers_that_see_them():
+    model = perturb(_CASES["EomtForUniversalSegmentation"].build())
+    sites = qkhooks.sites(model)
+    tokens = {}
+    handles = [s.module.register_forward_pre_hook(
+        lambda m, a, kw, s=s: tokens.__setitem__(s.layer, (a[0] if a else kw["hidden_states"]).shape[1]),
+        with_kwargs=True) for s in sites]
+    try:
+        with torch.no_grad():
+            model(**_pixels())
+    finally:
+        for h in handles:
+            h.remove()
+    patches = 4 * 4  # 32 px in patches of 8
+    assert [s.num_prefix_tokens for s in sites] == [tokens[s.layer] - patches for s in sites]
+    assert sites[-1].num_prefix_tokens - sites[0].num_prefix_tokens == 5  # num_queries
+
+
+def test_an_hf_attention_owning_a_table_or_scale_or_sitting_in_a_windowed_block_is_refused_naming_it():
+    model = _hf_vit()
+    path = qkhooks.sites(model)[0].path
+    name = type(qkhooks.sites(model)[0].module).__name__
+    attention = model.get_submodule(path)
+    attention.position_table, attention.dropout = nn.Linear(2, 2), nn.Identity()  # an Identity is harmless
+    attention.temperature = nn.Parameter(torch.ones(1))
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.sites(model)
+    assert str(err.value).startswith(f"unsupported attention in {path!r} ({name}): it owns 'position_table', 'temperature' "
+                                     "besides its q/k/v projections (a position table")
+    model = _hf_vit()
+    model.get_submodule(qkhooks.sites(model)[1].block_path).window_size = 2
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.sites(model)
+    assert str(err.value).startswith(f"unsupported attention in {qkhooks.sites(_hf_vit())[1].path!r} ({name}): its block "
+                                     "partitions the tokens into windows of 2 (one attention call per window")
+
+
+def test_data2vec_tables_interpolated_to_another_resolution_rebuild_the_models_maps():
+    case = _CASES["Data2VecVisionModel"]
+    torch.manual_seed(0)
+    model = perturb(case.build())
+    outcome = check(model, {**_pixels(48, 48), "interpolate_pos_encoding": True}, "hf")
+    assert outcome.status == "exact", outcome.detail
