@@ -60,6 +60,8 @@ def test_pit_stage_grids_are_the_grids_each_stage_reshapes_its_tokens_to_on_a_no
     assert [s.grid_for(1 + h * w) for s, (h, w) in zip(sites, seen)] == seen
     outcome = check(model, {"x": torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))}, "timm")
     assert outcome.status == "exact", outcome.detail
+    model.patch_embed.grid_size = None  # an older timm's ConvEmbedding: only its height and width
+    assert [(s.grid, s.patch_size, s.num_prefix_tokens) for s in qkhooks.sites(model)] == [(g, None, 1) for g in seen]
 
 
 def test_layer_selections_parse_ranges_negative_ends_and_lists_as_written():
@@ -418,6 +420,12 @@ def test_an_hf_attention_owning_a_table_or_scale_or_sitting_in_a_windowed_block_
         qkhooks.sites(model)
     assert str(err.value).startswith(f"unsupported attention in {path!r} ({name}): it owns 'position_table', 'temperature' "
                                      "besides its q/k/v projections (a position table")
+    model = _hf_vit()
+    model.get_submodule(path).q_norm = nn.LayerNorm(8)  # refused before the adapter runs (unsupported.diagnose)
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.sites(model)
+    assert str(err.value) == (f"unsupported attention in {path!r} ({name}): q/k normalisation makes the logit a non-linear "
+                              "function of the tokens, so W_q^T W_k has no exact meaning there.")
     model = _hf_vit()
     model.get_submodule(qkhooks.sites(model)[1].block_path).window_size = 2
     with pytest.raises(QKHooksError) as err:
