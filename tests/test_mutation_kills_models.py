@@ -440,3 +440,28 @@ def test_data2vec_tables_interpolated_to_another_resolution_rebuild_the_models_m
     model = perturb(case.build())
     outcome = check(model, {**_pixels(48, 48), "interpolate_pos_encoding": True}, "hf")
     assert outcome.status == "exact", outcome.detail
+
+
+def _sapiens2_uneven_groups():
+    from test_zoo import HF_SMALL, _hf
+
+    torch.manual_seed(0)  # 4 query heads of 12 dims over 3 key heads in the middle layer
+    return _hf("Sapiens2Backbone", "Sapiens2Config", num_register_tokens=2, num_first_full_attention_layers=1,
+               num_last_full_attention_layers=1, num_key_value_attention_heads=3, out_features=["stage1", "stage3"],
+               **dict(HF_SMALL, num_hidden_layers=3, hidden_size=48))()
+
+
+def test_hf_grouped_query_heads_that_do_not_split_evenly_are_refused_naming_the_layer():
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.sites(_sapiens2_uneven_groups())
+    message = str(err.value)
+    assert message.startswith("unsupported attention in 'model.layer.1.attention' (")
+    assert message.endswith("): 4 query heads do not split evenly over 3 key heads.")
+
+
+@pytest.mark.xfail(strict=True, reason="hf.find hands grouped_query_reader a SimpleNamespace of the head counts, so the "
+                   "refusal names 'SimpleNamespace' instead of the attention class (Sapiens2Attention)")
+def test_hf_grouped_query_refusal_names_the_attention_class():
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.sites(_sapiens2_uneven_groups())
+    assert "(Sapiens2Attention)" in str(err.value)
