@@ -313,11 +313,12 @@ def _own_rotation_keeps_each_pairs_length(site: AttentionSite, tables) -> None:
     assert not torch.allclose(rq, q)  # the tables turn something
 
 
-def _rope_tables(model, inputs: dict) -> list:
+def _per_site_calls(model, inputs: dict, read) -> list:
+    """(site, read(site, args, kwargs)) for every site of ``model``, read off its module's call in one forward."""
     sites = qkhooks.sites(model)
     seen = {}
     handles = [s.module.register_forward_pre_hook(
-        lambda m, a, kw, s=s: seen.__setitem__(s.layer, kw[s.rope_input]), with_kwargs=True) for s in sites]
+        lambda m, a, kw, s=s: seen.__setitem__(s.layer, read(s, a, kw)), with_kwargs=True) for s in sites]
     try:
         with torch.no_grad():
             model(**inputs)
@@ -331,7 +332,7 @@ def _rope_tables(model, inputs: dict) -> list:
 def test_the_rope_layout_read_off_each_family_is_the_pairs_its_own_rotation_turns(name):
     case = _CASES[name]
     torch.manual_seed(0)
-    site, tables = _rope_tables(perturb(case.build()), case.inputs())[0]
+    site, tables = _per_site_calls(perturb(case.build()), case.inputs(), lambda s, a, kw: kw[s.rope_input])[0]
     assert site.rope_layout == {"eva02_tiny_patch14_224": "interleaved"}.get(name, "half")
     _own_rotation_keeps_each_pairs_length(site, tables)
 
@@ -393,20 +394,10 @@ def test_an_hf_non_square_patch_gives_the_grid_its_patch_embedding_makes():
 
 def test_eomt_object_queries_count_as_prefix_tokens_in_the_layers_that_see_them():
     model = perturb(_CASES["EomtForUniversalSegmentation"].build())
-    sites = qkhooks.sites(model)
-    tokens = {}
-    handles = [s.module.register_forward_pre_hook(
-        lambda m, a, kw, s=s: tokens.__setitem__(s.layer, (a[0] if a else kw["hidden_states"]).shape[1]),
-        with_kwargs=True) for s in sites]
-    try:
-        with torch.no_grad():
-            model(**_pixels())
-    finally:
-        for h in handles:
-            h.remove()
+    calls = _per_site_calls(model, _pixels(), lambda s, a, kw: (a[0] if a else kw["hidden_states"]).shape[1])
     patches = 4 * 4  # 32 px in patches of 8
-    assert [s.num_prefix_tokens for s in sites] == [tokens[s.layer] - patches for s in sites]
-    assert sites[-1].num_prefix_tokens - sites[0].num_prefix_tokens == 5  # num_queries
+    assert [s.num_prefix_tokens for s, _ in calls] == [tokens - patches for _, tokens in calls]
+    assert calls[-1][0].num_prefix_tokens - calls[0][0].num_prefix_tokens == 5  # num_queries
 
 
 def test_an_hf_attention_owning_a_table_or_scale_or_sitting_in_a_windowed_block_is_refused_naming_it():
