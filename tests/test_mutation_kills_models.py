@@ -456,3 +456,15 @@ def test_hf_grouped_query_refusal_names_the_attention_class():
     with pytest.raises(QKHooksError) as err:
         qkhooks.sites(_sapiens2_uneven_groups())
     assert "(Sapiens2Attention)" in str(err.value)
+
+
+def test_the_hf_adapter_refuses_a_timm_attention_inside_a_transformers_wrapper_pointing_at_the_timm_model():
+    from qkhooks.models import hf
+    from test_zoo import _small_timm_backbone
+
+    torch.manual_seed(0)
+    with pytest.raises(QKHooksError) as err:
+        hf.find(_small_timm_backbone())  # what the HF adapter would see of a wrapper the timm-backbone adapter missed
+    assert str(err.value).startswith("unsupported attention in '_backbone.model.blocks.0.attn' (Attention): a timm attention "
+                                     "inside a transformers wrapper (TimmBackbone)")
+    assert "qkhooks.record(model._backbone.model)" in str(err.value)
