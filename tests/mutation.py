@@ -45,6 +45,9 @@ KILLS_IO = "tests/test_mutation_kills_io.py"
 # Round 11 (mut11-rest): the kill tests of reducers, models, stream, store, preprocess and statistics.
 KILLS_REST = "tests/test_mutation_kills_rest.py"
 KILLS_CAPTURE = "tests/test_mutation_kills_capture.py"
+# Round 12 (mut12-models): the adapters' branches only families outside the plain ViTs reach (PiT, RoPE, q/k-norm,
+# CaiT, reduced keys, grouped-query keys, HF DINOv3 / Data2Vec / BEiT / EoMT / BLIP / GroupViT), ~40 s.
+KILLS_MODELS = "tests/test_mutation_kills_models.py"
 # test_store_safety.py's in-process tests (the order of writes, flushes and commits; rows past `committed`;
 # damaged files and repair); its other tests start processes or mount file systems.
 IN_PROCESS_SAFETY = ("not test_store_safety or writes_data_then_flushes or readers_see_only_committed "
@@ -81,7 +84,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     "preprocess": (["qkhooks/data/preprocess.py"],
                    ["tests/test_data.py", "tests/test_asymmetry.py", KILLS_IO, KILLS_REST], None),
     "models": (["qkhooks/models/base.py", "qkhooks/models/timm.py", "qkhooks/models/hf.py"],
-               ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_offline.py", KILLS_IO, KILLS_REST], None),
+               ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_offline.py", KILLS_IO, KILLS_REST, KILLS_MODELS],
+               None),
     "store": (["qkhooks/store/writer.py", "qkhooks/store/reader.py", "qkhooks/store/format.py"],
               ["tests/test_store.py", "tests/test_store_safety.py", "tests/test_distributed.py",
                "tests/test_vocabulary.py", KILLS_IO, KILLS_REST], IN_PROCESS_SAFETY),
