@@ -632,3 +632,23 @@ def test_a_windowed_layers_rows_come_from_its_windows_not_from_the_qk_hook():
             keys = [(r // 4 * 4 + j // 4) * 16 + c // 4 * 4 + j % 4 for j in range(16)]
             want[b, :, t, keys] = windows[window, :, (r % 4) * 4 + c % 4]
     torch.testing.assert_close(rec.attention(0), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["timm-vit-4x6", "hf-vit-4x6-key-first"])  # fused qkv; separate q/k, k called first
+def test_modes_from_the_qk_hook_in_a_compute_dtype_cast_both_sides_and_equal_the_tokens_on_the_modes(name):
+    """compute_dtype=float64 on a float32 model: the q and k the Linear modules return are both cast before the
+    projection, so both maps are float64 and equal x·u_n and x·v_n (numpy, float64) to float32 rounding of q, k."""
+    import qkhooks
+
+    tiny = next(t for t in TINY_MODELS if t.name == name)
+    model, images = tiny.model(), tiny.images()
+    with qkhooks.record(model, modes=2, compute_dtype=torch.float64, keep_inputs=True) as rec, torch.no_grad():
+        rec(images)
+    assert rec.mode_source == {0: "qk", 1: "qk"}
+    for layer in (0, 1):
+        x = rec.inputs(layer).double().numpy()
+        spectrum = rec.spectrum(layer)
+        assert (rec.query(layer).dtype, rec.key(layer).dtype) == (torch.float64, torch.float64)
+        for got, side in ((rec.query(layer), spectrum.U), (rec.key(layer), spectrum.V)):
+            want = np.einsum("bnd,hdk->bhkn", x, np.asarray(side, dtype=np.float64))
+            np.testing.assert_allclose(got.numpy(), want, atol=2e-5, rtol=1e-4)
