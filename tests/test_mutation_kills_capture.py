@@ -652,3 +652,25 @@ def test_modes_from_the_qk_hook_in_a_compute_dtype_cast_both_sides_and_equal_the
         for got, side in ((rec.query(layer), spectrum.U), (rec.key(layer), spectrum.V)):
             want = np.einsum("bnd,hdk->bhkn", x, np.asarray(side, dtype=np.float64))
             np.testing.assert_allclose(got.numpy(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_an_attention_that_bypasses_its_qk_linear_is_refused_when_its_full_maps_or_modes_come_from_it():
+    """A layer whose full maps (or modes) are taken from its q/k Linear's output, in a forward that computes q, k
+    without calling that module (its hook never runs): the batch is refused with the whole reason, never handed
+    over without the maps asked for."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    qkv = model.blocks[0].attn.qkv
+    for options in (dict(modes=None, attention="full:0"), dict(modes=2)):
+        with qkhooks.record(model, **options) as rec, torch.no_grad():
+            object.__setattr__(model.blocks[0].attn, "qkv", lambda x: torch.nn.functional.linear(x, qkv.weight, qkv.bias))
+            try:
+                with pytest.raises(QKHooksError) as err:
+                    model(images)
+            finally:
+                del model.blocks[0].attn.__dict__["qkv"]
+        assert str(err.value) == (
+            "layer 0's attention did not call its q/k Linear modules, so its modes or full maps could not be taken "
+            "from their outputs; record with qk_path=False to use the tokens instead."), options
+        assert rec.last is None and rec.images_seen == 0
