@@ -503,3 +503,174 @@ def test_a_recording_names_its_models_spectrum_and_refuses_a_second_attach_and_e
                           "outputs='eager' computes a layer's attention once from its recorded full maps, and this "
                           "recording asks for none; add attention='full' (or 'full:LAYERS'), or leave "
                           "outputs='unchanged'.")])
+
+
+# ------------------------------------------------------------------------------------------------ round 12
+class _UnmodelledProbe(torch.nn.Module):
+    """A module that owns q and k projections no adapter models (never called): a partial recording names it."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+
+def test_given_sites_with_skip_unmodelled_leave_out_the_models_unmodelled_modules_not_the_unselected_layers():
+    """left_out names what no site of the model covers, found from every site of the model even when the sites are
+    handed over as a selection (a layer not selected is recorded elsewhere, not unmodelled)."""
+    import qkhooks
+
+    model = ASYMMETRIC_TIMM.model()
+    model.probe = _UnmodelledProbe()
+    every = qkhooks.sites(model, skip_unmodelled=True)
+    assert [s.path for s in every] == ["blocks.0.attn", "blocks.1.attn"]
+    with qkhooks.record(model, modes=None, sites=every[1:], skip_unmodelled=True) as given:
+        pass
+    with qkhooks.record(model, modes=None, layers=[1], skip_unmodelled=True) as chosen:
+        pass
+    assert list(given.left_out) == list(chosen.left_out) == ["probe"] and given.layers == [1]
+    assert given.left_out["probe"].startswith("_UnmodelledProbe: ")
+
+
+def test_a_forward_that_fails_inside_an_eager_layer_leaves_the_recording_usable_for_the_next_one():
+    """outputs="eager": the layer's attention mode is left even when its forward raises (the exit hook runs on
+    errors too), so the retried forward computes the layer's maps once, equal to the module's own eager maps."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    attn = model.blocks[0].attn
+    want = timm_module_eager_maps(model, attn, images)[0]
+
+    def fail(module, args, output):
+        raise RuntimeError("stopped after the attention")
+
+    with qkhooks.record(model, modes=None, attention="full:0", outputs="eager") as rec, torch.no_grad():
+        handle = attn.proj.register_forward_hook(fail)
+        with pytest.raises(RuntimeError, match="stopped after the attention"):
+            model(images)
+        handle.remove()
+        model(images)
+    torch.testing.assert_close(rec.attention(0, "full"), want, atol=1e-6, rtol=1e-5)
+    assert torch.overrides._get_current_function_mode_stack() == []
+
+
+def test_a_finished_recording_keeps_no_module_alive_and_its_sites_stay_well_formed():
+    """After the with block the sites hold no module (the model can be freed) and keep their field types: no
+    q/k modules is the empty tuple a site without them has, so code iterating them needs no special case."""
+    import gc
+    import weakref
+
+    import qkhooks
+
+    model = ASYMMETRIC_TIMM.model()
+    alive = weakref.ref(model)
+    with qkhooks.record(model, modes=2) as rec:
+        assert [len(s.qk_modules) for s in rec.sites] == [1, 1]  # timm's fused qkv
+    assert [(s.module, s.block, s.qk_modules) for s in rec.sites] == [(None, None, ())] * 2
+    with pytest.raises(QKHooksError):
+        rec.sites[0].qk_linear()
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+# rows from the q/k hook (round 11's hot path): where the hook runs anyway (modes or full maps from q/k), rows and
+# pooled rows come from the model's own q and k; elsewhere from the tokens x. Either way: the model's eager rows.
+_CENTRE_4X6 = 1 + 2 * 6 + 3  # the class token, then row 2 (of 4), column 3 (of 6): the default second query
+
+
+@pytest.mark.parametrize("name", ["timm-vit-4x6", "hf-vit-4x6-key-first"])  # fused qkv; separate q/k, k called first
+def test_rows_taken_from_the_qk_hook_equal_the_models_eager_rows_wherever_that_hook_runs(name):
+    import qkhooks
+    from conftest import eager_attention
+
+    tiny = next(t for t in TINY_MODELS if t.name == name)
+    model, images = tiny.model(), tiny.images()
+    eager = eager_attention(tiny, model, images)
+    masks = torch.rand(2, 3, 25, generator=torch.Generator().manual_seed(5))
+    chosen = torch.tensor([[5, 0, 24], [17, 3, 3]])
+    cases = [  # (record's options, the layers whose rows come from the q/k hook)
+        (dict(modes=2, attention=["rows", "pooled"]), {0, 1}),
+        (dict(modes=None, attention=["full:0", "rows"]), {0}),
+        (dict(modes=None, attention=["rows", "pooled"]), set()),
+        (dict(modes=2, attention="rows", qk_path=False), set()),
+        (dict(modes=2, attention=["full:0", "rows"], outputs="eager"), {1}),  # layer 0's softmax is the model's own
+    ]
+    for options, from_qk in cases:
+        for tokens in (None, chosen):
+            meta = {"pool_masks": masks} if "pooled" in options["attention"] else {}
+            if tokens is not None:
+                meta["query_tokens"] = tokens
+            with qkhooks.record(model, **options) as rec, torch.no_grad():
+                rec(images, meta=meta)
+            assert rec._qk_rows == from_qk, options
+            want_tokens = torch.tensor([[0, _CENTRE_4X6]] * 2) if tokens is None else tokens
+            for layer in (0, 1):
+                want = torch.stack([eager[layer][b][:, want_tokens[b]] for b in range(2)])
+                torch.testing.assert_close(rec.attention(layer), want, atol=1e-6, rtol=1e-5, msg=lambda m: f"{options}: {m}")
+                if "pooled" in options["attention"]:
+                    pooled = np.einsum("bhtn,bmn->bhtm", want.double().numpy(), masks.double().numpy())
+                    np.testing.assert_allclose(rec.attention(layer, "pooled").double().numpy(), pooled, atol=1e-6)
+
+
+def test_a_windowed_layers_rows_come_from_its_windows_not_from_the_qk_hook():
+    """Swin: the q/k hook runs (modes from q/k), but a window site reads its rows its own way: each row is the
+    query's window softmax (timm's eager window attention), placed at that window's tokens, zero elsewhere."""
+    import qkhooks
+    from test_multigrid_runs import _swin
+
+    model, images = _swin(), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    windows = timm_module_eager_maps(model, model.layers[0].blocks[0].attn, images)[0]  # (B * 16, H, 16, 16)
+    tokens = torch.tensor([[136, 5], [0, 255]])  # on the 16 x 16 grid, windows of 4 x 4, no shift in block 0
+    with qkhooks.record(model, modes=2, layers=[0], attention="rows") as rec, torch.no_grad():
+        rec(images, meta={"query_tokens": tokens})
+    assert rec.mode_source == {0: "qk"} and rec._qk_rows == set()
+    want = torch.zeros(2, 2, 2, 256)
+    for b in range(2):
+        for t, token in enumerate(tokens[b].tolist()):
+            r, c = divmod(token, 16)
+            window = b * 16 + (r // 4) * 4 + c // 4
+            keys = [(r // 4 * 4 + j // 4) * 16 + c // 4 * 4 + j % 4 for j in range(16)]
+            want[b, :, t, keys] = windows[window, :, (r % 4) * 4 + c % 4]
+    torch.testing.assert_close(rec.attention(0), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["timm-vit-4x6", "hf-vit-4x6-key-first"])  # fused qkv; separate q/k, k called first
+def test_modes_from_the_qk_hook_in_a_compute_dtype_cast_both_sides_and_equal_the_tokens_on_the_modes(name):
+    """compute_dtype=float64 on a float32 model: the q and k the Linear modules return are both cast before the
+    projection, so both maps are float64 and equal x·u_n and x·v_n (numpy, float64) to float32 rounding of q, k."""
+    import qkhooks
+
+    tiny = next(t for t in TINY_MODELS if t.name == name)
+    model, images = tiny.model(), tiny.images()
+    with qkhooks.record(model, modes=2, compute_dtype=torch.float64, keep_inputs=True) as rec, torch.no_grad():
+        rec(images)
+    assert rec.mode_source == {0: "qk", 1: "qk"}
+    for layer in (0, 1):
+        x = rec.inputs(layer).double().numpy()
+        spectrum = rec.spectrum(layer)
+        assert (rec.query(layer).dtype, rec.key(layer).dtype) == (torch.float64, torch.float64)
+        for got, side in ((rec.query(layer), spectrum.U), (rec.key(layer), spectrum.V)):
+            want = np.einsum("bnd,hdk->bhkn", x, np.asarray(side, dtype=np.float64))
+            np.testing.assert_allclose(got.numpy(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_an_attention_that_bypasses_its_qk_linear_is_refused_when_its_full_maps_or_modes_come_from_it():
+    """A layer whose full maps (or modes) are taken from its q/k Linear's output, in a forward that computes q, k
+    without calling that module (its hook never runs): the batch is refused with the whole reason, never handed
+    over without the maps asked for."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    qkv = model.blocks[0].attn.qkv
+    for options in (dict(modes=None, attention="full:0"), dict(modes=2)):
+        with qkhooks.record(model, **options) as rec, torch.no_grad():
+            object.__setattr__(model.blocks[0].attn, "qkv", lambda x: torch.nn.functional.linear(x, qkv.weight, qkv.bias))
+            try:
+                with pytest.raises(QKHooksError) as err:
+                    model(images)
+            finally:
+                del model.blocks[0].attn.__dict__["qkv"]
+        assert str(err.value) == (
+            "layer 0's attention did not call its q/k Linear modules, so its modes or full maps could not be taken "
+            "from their outputs; record with qk_path=False to use the tokens instead."), options
+        assert rec.last is None and rec.images_seen == 0
