@@ -48,6 +48,8 @@ KILLS_CAPTURE = "tests/test_mutation_kills_capture.py"
 # Round 12 (mut12-models): the adapters' branches only families outside the plain ViTs reach (PiT, RoPE, q/k-norm,
 # CaiT, reduced keys, grouped-query keys, HF DINOv3 / Data2Vec / BEiT / EoMT / BLIP / GroupViT), ~40 s.
 KILLS_MODELS = "tests/test_mutation_kills_models.py"
+# Round 12 (mut12-io): the kill tests of stream, store, preprocess and statistics.
+KILLS_IO2 = "tests/test_mutation_kills_io2.py"
 # test_store_safety.py's in-process tests (the order of writes, flushes and commits; rows past `committed`;
 # damaged files and repair); its other tests start processes or mount file systems.
 IN_PROCESS_SAFETY = ("not test_store_safety or writes_data_then_flushes or readers_see_only_committed "
@@ -82,21 +84,21 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  ["tests/test_reducers.py", "tests/test_modes.py", "tests/test_distributed.py", KILLS_REST],
                  "merge or state or reducer or shards or kills_rest"),
     "preprocess": (["qkhooks/data/preprocess.py"],
-                   ["tests/test_data.py", "tests/test_asymmetry.py", KILLS_IO, KILLS_REST], None),
+                   ["tests/test_data.py", "tests/test_asymmetry.py", KILLS_IO, KILLS_REST, KILLS_IO2], None),
     "models": (["qkhooks/models/base.py", "qkhooks/models/timm.py", "qkhooks/models/hf.py"],
                ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_offline.py", KILLS_IO, KILLS_REST, KILLS_MODELS],
                None),
     "store": (["qkhooks/store/writer.py", "qkhooks/store/reader.py", "qkhooks/store/format.py"],
               ["tests/test_store.py", "tests/test_store_safety.py", "tests/test_distributed.py",
-               "tests/test_vocabulary.py", KILLS_IO, KILLS_REST], IN_PROCESS_SAFETY),
+               "tests/test_vocabulary.py", KILLS_IO, KILLS_REST, KILLS_IO2], IN_PROCESS_SAFETY),
     "stream": (["qkhooks/stream.py"],
                ["tests/test_store.py", "tests/test_store_safety.py", "tests/test_late_decode.py",
-                "tests/test_distributed.py", "tests/test_options.py", KILLS_IO, KILLS_REST],
+                "tests/test_distributed.py", "tests/test_options.py", KILLS_IO, KILLS_REST, KILLS_IO2],
                IN_PROCESS_SAFETY),
     "statistics": (
         ["qkhooks/analysis/topk.py", "qkhooks/analysis/anisotropy.py"],
         ["tests/test_modes.py", "tests/test_preference.py", "tests/test_bfd.py", "tests/test_reducers.py", KILLS_IO,
-         KILLS_REST],
+         KILLS_REST, KILLS_IO2],
         None,
     ),
 }
