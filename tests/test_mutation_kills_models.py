@@ -450,9 +450,8 @@ def test_hf_grouped_query_heads_that_do_not_split_evenly_are_refused_naming_the_
     assert message.endswith("): 4 query heads do not split evenly over 3 key heads.")
 
 
-@pytest.mark.xfail(strict=True, reason="hf.find hands grouped_query_reader a SimpleNamespace of the head counts, so the "
-                   "refusal names 'SimpleNamespace' instead of the attention class (Sapiens2Attention)")
 def test_hf_grouped_query_refusal_names_the_attention_class():
+    """Before: hf.find handed grouped_query_reader a SimpleNamespace of the head counts, and the refusal named it."""
     with pytest.raises(QKHooksError) as err:
         qkhooks.sites(_sapiens2_uneven_groups())
     assert "(Sapiens2Attention)" in str(err.value)

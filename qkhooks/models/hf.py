@@ -15,7 +15,6 @@ embeddings module (a CLS token, a distillation token, register tokens), so new v
 from __future__ import annotations
 
 import re
-import types
 from typing import Callable
 
 import torch
@@ -194,8 +193,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
         qk_linear = _fused_reader(qk[0], width) if len(qk) == 1 else _pair_reader(*qk)
         grouped = len(qk) == 2 and qk[1].out_features != qk[0].out_features  # zoo11-build: grouped-query keys (Sapiens2)
         if grouped:
-            counts = types.SimpleNamespace(num_heads=heads, num_kv_heads=qk[1].out_features // head_dim)
-            qk_linear = grouped_query_reader(name, counts, qk_linear)
+            qk_linear = grouped_query_reader(name, module, qk_linear, counts=(heads, qk[1].out_features // head_dim))
 
         sites.append(
             AttentionSite(

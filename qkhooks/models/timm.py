@@ -95,12 +95,13 @@ def _qk_reader(attn: nn.Module, kind: str) -> tuple[Callable[[], tuple[torch.Ten
     return separate, (q, k)
 
 
-def grouped_query_reader(path: str, attn: nn.Module, qk_linear: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
-                         ) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+def grouped_query_reader(path: str, attn: nn.Module, qk_linear: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
+                         counts: tuple[int, int] | None = None) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
     """Grouped-query attention (``num_kv_heads`` < ``num_heads``): key head g serves query heads g·G .. g·G + G − 1
     (the model's ``repeat_interleave``), so the content form of query head h is W_q,h^T W_k,h//G. Returns the q rows
-    and the key rows repeated per query head, the (2·H·d_k, d) layout every site reads."""
-    heads, kv_heads = int(attn.num_heads), int(attn.num_kv_heads)
+    and the key rows repeated per query head, the (2·H·d_k, d) layout every site reads. ``counts``: (query heads, key
+    heads) where the module does not hold them as ``num_heads`` / ``num_kv_heads`` (HF: read off its Linear layers)."""
+    heads, kv_heads = counts if counts is not None else (int(attn.num_heads), int(attn.num_kv_heads))
     if heads % kv_heads:
         raise QKHooksError(f"unsupported attention in {path!r} ({type(attn).__name__}): {heads} query heads do not "
                            f"split evenly over {kv_heads} key heads.")
