@@ -277,7 +277,8 @@ class Recording:
 
     def sites_release(self) -> None:
         """Forget the model's modules so a finished recording keeps no model alive."""
-        self.sites = [dataclasses.replace(s, module=None, block=None, qk_linear=_released, qk_modules=())  # type: ignore[arg-type]
+        self.sites = [dataclasses.replace(s, module=None, block=None, qk_linear=_released, qk_modules=(),  # type: ignore[arg-type]
+                                          grid_source=None)  # the grid its last call read stays (_grid_of_source)
                       for s in self.sites]
 
     def __repr__(self) -> str:
