@@ -538,11 +538,11 @@ class Recording:
         if self._rows_axis is None:
             self._rows_axis = (site, (site.stage, rows_in_call, n), chosen)
             return
-        first, (stage, rows, tokens), chosen = self._rows_axis
-        if rows_in_call == rows and (chosen or (site.stage, n) == (stage, tokens)):
+        first, (stage, rows, tokens), first_chosen = self._rows_axis  # later layers see the defaults in the metadata
+        if rows_in_call == rows and (first_chosen or (site.stage, n) == (stage, tokens)):
             return  # chosen tokens index each layer's own tokens (e.g. the class token of every PiT stage)
         what = ("the default query tokens (the class token and the centre patch) are those of the first layer's grid"
-                if not chosen else "one set of query tokens cannot name the same tokens in both")
+                if not first_chosen else "one set of query tokens cannot name the same tokens in both")
         raise QKHooksError(
             f"layer {site.layer} ({site.path}) attends over {rows_in_call} images of {n} tokens (stage {site.stage!r}) and "
             f"layer {first.layer} ({first.path}) over {rows} images of {tokens} (stage {stage!r}): {what}. Record the rows "
