@@ -136,6 +136,30 @@ def tiny(request) -> Tiny:
     return request.param
 
 
+def forward_with_hooks(model: torch.nn.Module, handles: list, *args, **kwargs):
+    """One no-grad forward of ``model`` while the hooks behind ``handles`` watch it; the hooks are removed afterwards,
+    even when the forward fails, so that no test's hook outlives it into a shared (module-scoped) model."""
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def record_samples(model: torch.nn.Module, size: tuple[int, int], path, on_batch, limit: int = 4) -> None:
+    """Record the bundled sample photos, resized to ``size`` (H, W), into the run file ``path`` with full maps and two
+    modes, no reducers and float32 storage (nothing rounded), handing each live batch to ``on_batch``: the live side of
+    a "the run file equals the live recording" test."""
+    from qkhooks.data.preprocess import ImageConfig
+    from qkhooks.models.load import load_model
+    from qkhooks.stream import record_dataset
+
+    config = ImageConfig(size=size, mean=(0.5,) * 3, std=(0.5,) * 3)
+    record_dataset(load_model(model, image_config=config), "samples", path, limit=limit, batch_size=2, progress=False,
+                   dtype="float32", modes=2, attention="full", reducers=[], on_batch=on_batch)
+
+
 def timm_module_eager_maps(model: torch.nn.Module, attn: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """The softmax outputs one timm attention module hands its ``attn_drop`` on its eager path (fused attention off for
     one forward of ``model``, restored after), one per call: an independent reference for that module's maps."""
@@ -143,10 +167,8 @@ def timm_module_eager_maps(model: torch.nn.Module, attn: torch.nn.Module, images
     attn.fused_attn = False
     handle = attn.attn_drop.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
     try:
-        with torch.no_grad():
-            model(images)
+        forward_with_hooks(model, [handle], images)
     finally:
-        handle.remove()
         attn.fused_attn = True
     return seen
 
@@ -160,11 +182,8 @@ def eager_attention(tiny: Tiny, model: torch.nn.Module, images: torch.Tensor) ->
             block.attn.fused_attn = False
             handles.append(block.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o.detach().clone())))
         try:
-            with torch.no_grad():
-                model(images)
+            forward_with_hooks(model, handles, images)
         finally:
-            for h in handles:
-                h.remove()
             for block in model.blocks:
                 block.attn.fused_attn = True
         return maps

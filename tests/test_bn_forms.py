@@ -12,6 +12,7 @@ from torch import nn
 import qkhooks
 from qkhooks import QKHooksError
 from qkhooks.models.levit import fold_batchnorm
+from conftest import forward_with_hooks
 
 
 def _randomise(model: nn.Module) -> nn.Module:
@@ -38,12 +39,7 @@ def _record(model: nn.Module, images: torch.Tensor) -> tuple[Any, dict[int, torc
     seen: dict[int, torch.Tensor] = {}
     handles = [s.module.register_forward_pre_hook(lambda m, a, i=s.layer: seen.__setitem__(i, a[0].detach()))
                for s in sites]
-    try:
-        with torch.no_grad():
-            ref = model(images)
-    finally:
-        for h in handles:
-            h.remove()
+    ref = forward_with_hooks(model, handles, images)
     with qkhooks.record(model, modes="all", augmented=True, attention="full") as run:
         with torch.no_grad():
             out = model(images)

@@ -13,6 +13,7 @@ import torch
 import qkhooks
 from qkhooks import QKHooksError
 from test_zoo import SMALL_VIT, check, perturb
+from conftest import forward_with_hooks
 
 
 def _timm(name: str, **kw):
@@ -35,12 +36,7 @@ def _normed_qk(model, sites, inputs) -> dict[int, tuple[torch.Tensor, torch.Tens
             lambda m, a, kw, s=s: seen[s.layer].__setitem__(0, (a[0] if a else kw[s.input_name]).detach()), with_kwargs=True))
         handles.append(s.qk_norm.q_norm.register_forward_hook(lambda m, a, o, s=s: seen[s.layer].__setitem__(1, o.detach())))
         handles.append(s.qk_norm.k_norm.register_forward_hook(lambda m, a, o, s=s: seen[s.layer].__setitem__(2, o.detach())))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, handles, **inputs)
     return {l: tuple(v) for l, v in seen.items()}
 
 

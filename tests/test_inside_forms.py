@@ -10,6 +10,7 @@ import torch
 import qkhooks
 from qkhooks.errors import QKHooksError
 from test_zoo import perturb
+from conftest import forward_with_hooks
 
 
 def _images(size: int = 64, batch: int = 2) -> torch.Tensor:
@@ -26,12 +27,7 @@ def _calls(model: torch.nn.Module, cls: str, *args, **kwargs) -> tuple[torch.Ten
 
     handles = [m.register_forward_pre_hook(lambda m, a, k, n=n: keep(m, a, k, n), with_kwargs=True)
                for n, m in model.named_modules() if type(m).__name__ == cls]
-    try:
-        with torch.no_grad():
-            out = model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    out = forward_with_hooks(model, handles, *args, **kwargs)
     return (out if isinstance(out, torch.Tensor) else out.last_hidden_state), seen
 
 

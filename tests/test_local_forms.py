@@ -13,6 +13,7 @@ import torch
 
 import qkhooks
 from qkhooks import QKHooksError
+from conftest import forward_with_hooks
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -112,12 +113,7 @@ def _eager_softmax(model: torch.nn.Module, sites: list, x: torch.Tensor) -> dict
 
     maps: dict[int, torch.Tensor] = {}
     handles = [h for s in sites for h in _softmax_hooks(s.module, lambda t, i=s.layer: maps.__setitem__(i, t.detach()))]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, handles, x)
     return maps
 
 
@@ -329,12 +325,7 @@ def test_halonet_run_file_keeps_each_layers_query_grid_and_blocks(tmp_path):
     model = _halonet()
     sites = qkhooks.sites(model)
     seen, handles = _inputs_of([s.module for s in sites])
-    try:
-        with torch.no_grad():
-            model(_images(64, batch=1))
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, handles, _images(64, batch=1))
     path = tmp_path / "halo.h5"
     config = ImageConfig(size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3)
     record_dataset(load_model(model, image_config=config), "samples", path, limit=2, batch_size=2, progress=False,

@@ -10,7 +10,7 @@ import torch
 
 import qkhooks
 from qkhooks.errors import QKHooksError
-from conftest import timm_module_eager_maps
+from conftest import forward_with_hooks, timm_module_eager_maps
 from test_zoo import perturb
 
 
@@ -19,12 +19,7 @@ def _inputs_of(model: torch.nn.Module, modules: dict[str, torch.nn.Module], imag
     seen: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.__setitem__(n, a[0].detach().clone()))
                for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            out = model(images)
-    finally:
-        for h in handles:
-            h.remove()
+    out = forward_with_hooks(model, handles, images)
     return out, seen
 
 
@@ -308,11 +303,8 @@ def test_llama4_vision_maps_are_the_softmax_of_pairwise_rotated_q_k_and_modes_th
     hooks = [m.register_forward_hook(lambda mod, a, o, n=n: eager.__setitem__(n, o[1].detach().clone()))
              for n, m in attns.items()]
     try:
-        with torch.no_grad():
-            model(images)
+        forward_with_hooks(model, hooks, images)
     finally:
-        for h in hooks:
-            h.remove()
         model.set_attn_implementation("sdpa")
     with qkhooks.record(model, modes="all", augmented=True, attention="full") as rec:
         with torch.no_grad():
@@ -428,12 +420,7 @@ def test_videoprism_maps_are_the_softmax_of_capped_logits_in_forward_order_and_m
         return hook
 
     hooks = [m.register_forward_pre_hook(keep(n)) for n, m in attns.items()]
-    try:
-        with torch.no_grad():
-            plain = model(pixel_values_videos=clips).last_hidden_state
-    finally:
-        for h in hooks:
-            h.remove()
+    plain = forward_with_hooks(model, hooks, pixel_values_videos=clips).last_hidden_state
     with qkhooks.record(model, modes="all", augmented=True, attention="full") as rec:
         with torch.no_grad():
             out = model(pixel_values_videos=clips).last_hidden_state

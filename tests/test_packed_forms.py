@@ -15,6 +15,7 @@ from qkhooks import QKHooksError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_zoo import _packed_inputs, perturb  # noqa: E402
+from conftest import forward_with_hooks
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,12 +54,7 @@ def _calls(model, inputs):
     hooks = [a.register_forward_pre_hook(lambda m, a, k: seen.append((m, a[0] if a else k["hidden_states"], k["cu_seqlens"],
                                                                       *(k.get("position_embeddings") or (None, None)))),
                                          with_kwargs=True) for a in attns]
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, hooks, **inputs)
     return seen
 
 

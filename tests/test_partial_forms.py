@@ -14,6 +14,7 @@ from qkhooks.models.load import load_model
 from qkhooks.store import open_run
 from qkhooks.stream import record_dataset
 from test_zoo import perturb
+from conftest import forward_with_hooks
 
 DAVIT = dict(depths=(1, 1, 1, 1), embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2))
 
@@ -35,12 +36,7 @@ def _spatial_calls(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.
                 lambda m, a, n=name: seen.setdefault(n, [None, None]).__setitem__(0, a[0].shape[2:])))
             handles.append(module.attn.register_forward_pre_hook(
                 lambda m, a, n=name: seen[n].__setitem__(1, a[0].detach().clone())))
-    try:
-        with torch.no_grad():
-            out = model(images)
-    finally:
-        for h in handles:
-            h.remove()
+    out = forward_with_hooks(model, handles, images)
     return out, {n: tuple(v) for n, v in seen.items()}
 
 
@@ -145,12 +141,7 @@ def test_gcvit_local_windows_are_exact_and_its_global_query_blocks_are_maps_only
     eager: dict[str, torch.Tensor] = {}
     handles = [model.get_submodule(n).attn_drop.register_forward_hook(
         lambda m, a, o, n=n: eager.__setitem__(n, o.detach().clone())) for n in local]
-    try:
-        with torch.no_grad():
-            plain = model(images)
-    finally:
-        for h in handles:
-            h.remove()
+    plain = forward_with_hooks(model, handles, images)
     layers = [every.index(n) for n in local]
     with torch.no_grad(), qkhooks.record(model, modes=4, layers=layers, attention="full", skip_unmodelled=True) as rec:
         out = model(images)

@@ -16,6 +16,7 @@ from qkhooks.models.load import load_model
 from qkhooks.store import open_run
 from qkhooks.stream import record_dataset
 from test_zoo import FAST_CASES, perturb
+from conftest import forward_with_hooks, record_samples
 
 RELATIVE = {"mvitv2-cls": 64, "eca_botnext26ts_256": 64, "halonet_h1-small": 64}
 
@@ -29,7 +30,6 @@ def _case(name: str):
 @pytest.mark.parametrize("name", sorted(RELATIVE))
 def test_relative_term_and_full_maps_in_the_run_file_equal_the_live_recording(name, tmp_path):
     model, side = _case(name), RELATIVE[name]
-    config = ImageConfig(size=(side, side), mean=(0.5,) * 3, std=(0.5,) * 3)
     live: dict[int, list[torch.Tensor]] = {}
     maps: dict[int, list[torch.Tensor]] = {}
 
@@ -38,8 +38,7 @@ def test_relative_term_and_full_maps_in_the_run_file_equal_the_live_recording(na
             live.setdefault(layer, []).append(batch.relative_term(layer).clone())
             maps.setdefault(layer, []).append(batch.attention(layer, "full").clone())
 
-    record_dataset(load_model(model, image_config=config), "samples", tmp_path / "run.h5", limit=4, batch_size=2,
-                   progress=False, dtype="float32", modes=2, attention="full", reducers=[], on_batch=keep)
+    record_samples(model, (side, side), tmp_path / "run.h5", keep)
     layers = [s.layer for s in qkhooks.sites(model)]
     with open_run(tmp_path / "run.h5") as run:
         assert run.relative_layers == sorted(live) == layers, "every layer of these models has a relative term"
@@ -60,12 +59,7 @@ def test_halonet_run_file_stores_each_layers_key_grid_the_calls_own_map(tmp_path
     seen: dict[int, tuple[int, int]] = {}
     handles = [s.module.register_forward_pre_hook(lambda m, a, layer=s.layer: seen.__setitem__(layer, tuple(a[0].shape[2:])))
                for s in sites]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, 64, 64))
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, handles, torch.zeros(1, 3, 64, 64))
     config = ImageConfig(size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3)
     record_dataset(load_model(model, image_config=config), "samples", tmp_path / "halo.h5", limit=2, batch_size=2,
                    progress=False, dtype="float32", modes=2)

@@ -11,6 +11,7 @@ import torch
 import qkhooks
 from qkhooks import QKHooksError
 from test_zoo import FAST_CASES, Case, _call, perturb
+from conftest import record_samples
 
 CASES = [c for c in FAST_CASES if c.name in ("sam2_hiera_tiny-padded", "Sam2VisionModel-padded")]
 
@@ -211,10 +212,7 @@ def test_each_layers_grid_is_its_blocks_own_non_square_grid(case: Case):
 
 @pytest.mark.parametrize("case", CASES[:1], ids=lambda c: c.name)
 def test_a_dataset_run_stores_each_layers_pooled_maps_and_grid_as_the_live_recording(case: Case, tmp_path):
-    from qkhooks.data.preprocess import ImageConfig
-    from qkhooks.models.load import load_model
     from qkhooks.store import open_run
-    from qkhooks.stream import record_dataset
 
     model, _ = _build(case)
     maps: dict[int, list[torch.Tensor]] = {}
@@ -223,9 +221,7 @@ def test_a_dataset_run_stores_each_layers_pooled_maps_and_grid_as_the_live_recor
         for layer in batch.attention_layers("full"):
             maps.setdefault(layer, []).append(batch.attention(layer, "full").clone())
 
-    config = ImageConfig(size=(64, 96), mean=(0.5,) * 3, std=(0.5,) * 3)
-    record_dataset(load_model(model, image_config=config), "samples", tmp_path / "sam2.h5", limit=4, batch_size=2,
-                   progress=False, dtype="float32", modes=2, attention="full", reducers=[], on_batch=keep)
+    record_samples(model, (64, 96), tmp_path / "sam2.h5", keep)
     with open_run(tmp_path / "sam2.h5") as run:
         assert sorted(maps) == list(range(6))
         for layer, live in maps.items():

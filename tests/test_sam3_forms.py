@@ -11,6 +11,7 @@ import torch
 import qkhooks
 from test_sam2_forms import _windows
 from test_zoo import FAST_CASES, Case, _call, module_calls, perturb, rope_band_logits
+from conftest import record_samples
 
 CASE = next(c for c in FAST_CASES if c.name == "Sam3VisionModel-padded")  # 5x3 patches, windows of 2 padded to 6x4
 
@@ -148,10 +149,7 @@ def test_rope_bands_of_windowed_and_global_layers_rebuild_the_rotated_logits():
 
 
 def test_a_dataset_run_stores_each_layers_window_maps_and_grid_as_the_live_recording(tmp_path):
-    from qkhooks.data.preprocess import ImageConfig
-    from qkhooks.models.load import load_model
     from qkhooks.store import open_run
-    from qkhooks.stream import record_dataset
 
     model, _ = _build()
     maps: dict[int, list[torch.Tensor]] = {}
@@ -160,9 +158,7 @@ def test_a_dataset_run_stores_each_layers_window_maps_and_grid_as_the_live_recor
         for layer in batch.attention_layers("full"):
             maps.setdefault(layer, []).append(batch.attention(layer, "full").clone())
 
-    config = ImageConfig(size=(70, 42), mean=(0.5,) * 3, std=(0.5,) * 3)
-    record_dataset(load_model(model, image_config=config), "samples", tmp_path / "sam3.h5", limit=4, batch_size=2,
-                   progress=False, dtype="float32", modes=2, attention="full", reducers=[], on_batch=keep)
+    record_samples(model, (70, 42), tmp_path / "sam3.h5", keep)
     with open_run(tmp_path / "sam3.h5") as run:
         assert sorted(maps) == [0, 1, 2]
         for layer, live in maps.items():

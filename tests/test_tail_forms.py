@@ -10,6 +10,7 @@ import torch
 import qkhooks
 from qkhooks import QKHooksError
 from qkhooks.models.unsupported import UNMODELLED_FORMS
+from conftest import forward_with_hooks
 
 timm = pytest.importorskip("timm")
 
@@ -78,12 +79,7 @@ def test_rope_pairs_and_angles_rebuild_the_models_own_rotation(name: str):
         return hook
 
     handles = [s.module.register_forward_pre_hook(grab(s), with_kwargs=True) for s in sites]
-    try:
-        with torch.no_grad():
-            model(**case.inputs())
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, handles, **case.inputs())
     site = sites[0]
     cos = tables[site.layer][0]
     n = cos.shape[-2] if cos.dim() >= 2 else cos.shape[0]
