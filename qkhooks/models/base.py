@@ -254,6 +254,11 @@ class AttentionSite:
     def check_attention_kind(self, kind: str) -> None:
         """Refuse, when the recording starts, an attention kind this site cannot rebuild exactly (none here)."""
 
+    def map_heads(self) -> int:
+        """Heads of this layer's maps: ``num_heads`` (the modes' heads), except where a map combines several
+        component heads (differential attention: 2H component heads, H maps)."""
+        return self.num_heads
+
     def run_file_refusal(self) -> str | None:
         """Why this layer cannot be streamed into a run file (one image batch, one geometry per layer), or None
         (zoo-packed: a packed vision tower takes no image batch and has no one grid per layer)."""
