@@ -120,8 +120,9 @@ def test_a_differential_run_stopped_then_resumed_equals_an_uninterrupted_run(tmp
 
 def test_analyses_never_read_a_component_head_as_a_map_head(tmp_path):
     """An analysis of the maps as one form refuses the layer naming it and why; the modes analysis of a stored run
-    computes the per-component variant and names each head's map head and term."""
+    and BFD compute the per-component variant (one entry per component head) and name it."""
     import qkhooks
+    from qkhooks.analysis.bfd import run_bfd
     from qkhooks.analysis.modes import analyze_modes
     from qkhooks.models.class_attention import refuse_modes_of_mixed_maps
 
@@ -136,3 +137,7 @@ def test_analyses_never_read_a_component_head_as_a_map_head(tmp_path):
     for entry in summary["layers"]:
         assert [h["component_of"] for h in entry["heads"]] == [
             {"map_head": m, "term": t} for m in range(4) for t in ("softmax1", "softmax2")]
+    bfd = run_bfd(_dwee(), torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), batch_size=3,
+                  holdout_every=3)
+    assert [len(layer["heads"]) for layer in bfd["layers"]] == [8, 8]  # the component heads, not the 4 maps
+    assert "differential attention" in bfd["variant"] and "2H component content forms" in bfd["variant"]
