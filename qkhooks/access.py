@@ -78,7 +78,10 @@ class LayerGeometry:
         return (self.key_tokens, self.key_grid) != (self.query_tokens, self.grid)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["component_heads"]:  # zoo13: written for differential layers only, so other layers' JSON is unchanged
+            del d["component_heads"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LayerGeometry":
