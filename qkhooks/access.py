@@ -49,6 +49,9 @@ class LayerGeometry:
         window: windowed layers (Swin): ``{"size": [wh, ww], "shift": [sh, sw], "windows": nW, "pad_first": bool}``
             in the model's own window order; None for global attention. Maps are stored on the image grid.
         class_attention: only the class token queries (CaiT): attention rows exist for it alone.
+        component_heads: 0, or (differential attention, zoo13) the heads of the layer's modes and spectrum when they
+            are not its maps' ``heads``: component head 2h + c is softmax term c + 1 of map head h, so mode head h
+            is never map head h on such a layer.
     """
 
     layer: int
@@ -63,6 +66,7 @@ class LayerGeometry:
     stage: str = ""
     window: dict[str, Any] | None = None
     class_attention: bool = False
+    component_heads: int = 0
 
     @property
     def windowed(self) -> bool:
@@ -74,7 +78,10 @@ class LayerGeometry:
         return (self.key_tokens, self.key_grid) != (self.query_tokens, self.grid)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["component_heads"]:  # zoo13: written for differential layers only, so other layers' JSON is unchanged
+            del d["component_heads"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LayerGeometry":
@@ -96,7 +103,9 @@ class LayerGeometry:
             text += f", {count} window{'s' if count != 1 else ''} of {w[0]}x{w[1]} shifted by ({s[0]}, {s[1]})"
         if self.class_attention:
             text += ", class attention"
-        if self.heads:
+        if self.component_heads:
+            text += f", {self.heads} maps of {self.component_heads} component heads x {self.head_dim}"
+        elif self.heads:
             text += f", {self.heads} heads x {self.head_dim}"
         return text + (f", stage {self.stage}" if self.stage else "")
 

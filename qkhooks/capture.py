@@ -534,19 +534,27 @@ class Recording:
         """One batch's query tokens name the same tokens in every layer whose rows are recorded: refuse a layer whose
         call holds another number of images (``rows_in_call``: windows counted as their images; a factorised video
         attention's other axis), or, for the default tokens (the class token and the centre patch of the first such
-        layer's grid), another stage or token count."""
+        layer's grid), another stage or another layout of the call's query positions (``site.rows_layout``: prefix
+        tokens and the call's grid, a windowed layer's being its block's grid, not its window)."""
+        layout = site.rows_layout(n)  # zoo13: the call's query positions, not a token count (a window's, for windows)
         if self._rows_axis is None:
-            self._rows_axis = (site, (site.stage, rows_in_call, n), chosen)
+            self._rows_axis = (site, (site.stage, rows_in_call, n, layout), chosen)
             return
-        first, (stage, rows, tokens), first_chosen = self._rows_axis  # later layers see the defaults in the metadata
-        if rows_in_call == rows and (first_chosen or (site.stage, n) == (stage, tokens)):
+        first, (stage, rows, tokens, first_layout), first_chosen = self._rows_axis  # later layers: the defaults in meta
+        if rows_in_call == rows and (first_chosen or (site.stage, layout) == (stage, first_layout)):
             return  # chosen tokens index each layer's own tokens (e.g. the class token of every PiT stage)
         what = ("the default query tokens (the class token and the centre patch) are those of the first layer's grid"
                 if not first_chosen else "one set of query tokens cannot name the same tokens in both")
+
+        def _layout_text(layout: tuple[int, tuple[int, ...]]) -> str:
+            prefix, grid = layout
+            return f"{prefix} prefix + " + (f"{grid[0]}x{grid[1]} grid" if len(grid) == 2 else f"{grid[0] - prefix} tokens")
+
         raise QKHooksError(
-            f"layer {site.layer} ({site.path}) attends over {rows_in_call} images of {n} tokens (stage {site.stage!r}) and "
-            f"layer {first.layer} ({first.path}) over {rows} images of {tokens} (stage {stage!r}): {what}. Record the rows "
-            "of one stage at a time (layers=[...]) or record attention='full'.")
+            f"layer {site.layer} ({site.path}) attends over {rows_in_call} images of {n} tokens (stage {site.stage!r}; "
+            f"query positions {_layout_text(layout)}) and layer {first.layer} ({first.path}) over {rows} images of "
+            f"{tokens} (stage {stage!r}; query positions {_layout_text(first_layout)}): {what}. Record the rows of one "
+            "stage at a time (layers=[...]) or record attention='full'.")
 
     def _attention(self, site: AttentionSite, spec: AttentionSpec, x: torch.Tensor | None = None,
                    qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

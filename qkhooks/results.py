@@ -77,9 +77,11 @@ def observe_geometry(site: Any, query_tokens: int, key_tokens: int,
         size, shift = site.geometry()
         window = {"size": [int(v) for v in size], "shift": [int(v) for v in shift],
                   "windows": int(site.window_index().shape[0]), "pad_first": bool(site.pad_first)}
+    heads = int(site.map_heads()) if hasattr(site, "map_heads") else int(site.num_heads)  # zoo13: differential maps
     return LayerGeometry(int(site.layer), None if grid is None else (int(grid[0]), int(grid[1])), prefix,
-                         int(query_tokens), int(key_tokens), key_grid, key_prefix, int(site.num_heads),
-                         int(site.head_dim), str(site.stage), window, bool(site.class_attention))
+                         int(query_tokens), int(key_tokens), key_grid, key_prefix, heads,
+                         int(site.head_dim), str(site.stage), window, bool(site.class_attention),
+                         0 if heads == int(site.num_heads) else int(site.num_heads))
 
 
 # children that hold the spatial reduction of the keys (PVT / Twins / GLPN ``sr``, PVT-v2 ``spatial_reduction``,

@@ -170,13 +170,15 @@ def test_differential_attention_inside_parallel_blocks_reads_the_blocks_own_norm
     torch.testing.assert_close(_mode_logits(rec, 1), (q @ k.transpose(-1, -2)) * 0.5, atol=1e-5, rtol=1e-5)
 
 
-def test_differential_layers_are_refused_for_run_files_and_terms_need_full_maps():
+def test_differential_geometry_names_its_component_heads_and_terms_need_full_maps():
+    """zoo13: run files take differential layers (tests/test_differential_runs.py); their geometry tells the 4 map
+    heads from the 8 component heads the modes have."""
     from qkhooks.stream import probe_geometry
 
     model = _dwee()
     sites = qkhooks.sites(model)
-    with pytest.raises(QKHooksError, match=r"differential attention: its modes have 2H component heads"):
-        probe_geometry(model, sites, (32, 32))
+    geometry = probe_geometry(model, sites, (32, 32))
+    assert [(g.heads, g.component_heads) for g in geometry.values()] == [(4, 8), (4, 8)]
     with qkhooks.record(model, modes=2, attention="full:1") as rec:
         with torch.no_grad():
             model(torch.randn(1, 3, 32, 32))

@@ -76,3 +76,31 @@ def test_default_rows_of_a_factorised_video_encoder_are_refused_across_its_spati
         full = rec.attention(layer, "full")
         assert full.shape[0] == tokens.shape[0]
         torch.testing.assert_close(rec.attention(layer, "rows"), _rows_from_full(full, tokens), atol=1e-6, rtol=0)
+
+
+def test_default_rows_of_windowed_and_global_blocks_on_one_grid_are_kept_and_equal_the_full_maps_rows():
+    """zoo13: the check compares the calls' query positions, not token counts. SAM's windowed block (4 windows of
+    16 tokens) and its global block (64 tokens) both index the 8x8 grid; the old proxy (16 != 64 tokens) refused them.
+    The centre patch's rows equal the full maps' rows: the global map's row 36, and the windowed map's row at the
+    window written out here ((4, 4) is position 0 of window 3, whose keys are rows 4-7, columns 4-7 of the grid)."""
+    import timm
+
+    from test_zoo import perturb
+
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("samvit_base_patch16", pretrained=False, img_size=64, patch_size=8, embed_dim=32,
+                                      depth=2, num_heads=2, window_size=4, global_attn_indexes=(1,),
+                                      neck_chans=8)).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with qkhooks.record(model, modes=0, attention="rows") as rows, torch.no_grad():
+        model(images)
+    with qkhooks.record(model, modes=0, attention="full") as full, torch.no_grad():
+        model(images)
+    assert rows.last.meta["query_tokens"].tolist() == [[36, 36], [36, 36]]  # no prefix: the centre patch twice
+    windowed = full.attention(0, "full")  # (B, nW, H, Nw, Nw)
+    assert windowed.shape == (2, 4, 2, 16, 16)
+    want = torch.zeros(2, 2, 8, 8)
+    want[:, :, 4:, 4:] = windowed[:, 3, :, 0].reshape(2, 2, 4, 4)
+    torch.testing.assert_close(rows.attention(0, "rows"), want.flatten(2)[:, :, None].expand(-1, -1, 2, -1), atol=0, rtol=0)
+    torch.testing.assert_close(rows.attention(1, "rows"), _rows_from_full(full.attention(1, "full"), torch.tensor([[36, 36]] * 2)),
+                               atol=1e-6, rtol=0)

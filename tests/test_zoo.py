@@ -241,9 +241,8 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str, skip_unmodelled: 
     assert torch.equal(out, ref), "output changed under record()"
     assert [s.layer for s in run.sites] == list(range(len(sites)))
     assert len(eager) == len(sites), f"{len(sites)} sites but the model returns {len(eager)} attention maps"
-    full = run.attention_maps("full")
     for live, site, want in zip(sites, called, eager):
-        got = full[site.layer]
+        got = run.attention(site.layer, "full")
         if want.dim() == 3:  # SAM folds the heads into the batch axis: (B·H, N, N)
             want = want.unflatten(0, (-1, site.num_heads))
         if site.family == "timm-halo":  # HaloNet's own (B·H, nB, Q, M): per image, blocks first
@@ -263,7 +262,7 @@ def check(model: nn.Module, inputs: dict[str, Any], kind: str, skip_unmodelled: 
         if site.layer in maps_only:  # zoo11-inside: no W_q^T W_k of its tokens, so no modes (refused if asked)
             continue
         # modes (augmented: biases folded in) rebuild the logits; the model's own are log A up to a row constant
-        query, key, spectrum = modes_run.query[site.layer], modes_run.key[site.layer], modes_run.spectrum[site.layer]
+        query, key, spectrum = modes_run.query(site.layer), modes_run.key(site.layer), modes_run.spectrum(site.layer)
         if site.family == "timm-halo":  # haloed key windows: tests/test_local_forms.py checks the modes against q·k
             continue
         if site.layer in unfolded:  # pixel-grid maps (B, H, K, n_h·p_h·n_w·p_w) back to the model's (B·P, H, K, N)
@@ -1577,9 +1576,10 @@ def test_rows_of_biased_masked_and_rotated_attention_are_the_full_maps_rows(case
     tokens = torch.tensor([[0, 2], [3, 1]])  # within the 2x2 grid of the last stage of the staged models
     with qkhooks.record(model, modes=None, attention=["rows", "full"]) as run, torch.no_grad():
         run(**inputs, meta={"query_tokens": tokens})
-    for layer, full in run.attention_maps("full").items():
+    for layer in run.attention_layers("full"):
+        full = run.attention(layer, "full")
         want = torch.stack([full[b][:, tokens[b]] for b in range(2)])
-        assert torch.allclose(run.attention_maps("rows")[layer], want, atol=1e-6)
+        assert torch.allclose(run.attention(layer, "rows"), want, atol=1e-6)
 
 
 def main(argv: list[str]) -> None:
@@ -1669,13 +1669,13 @@ def test_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
             with qkhooks.record(model, modes=6, qk_path=qk_path) as run, torch.no_grad():
                 run(**inputs)
             for site in sites:
-                spec = run.spectrum[site.layer]
+                spec = run.spectrum(site.layer)
                 x = grid_tokens[site.layer].double()
                 want_q = torch.einsum("bnd,hdk->bhkn", x, spec.U.double())
                 want_k = torch.einsum("bnd,hdk->bhkn", x, spec.V.double())
-                assert run.query[site.layer].shape == want_q.shape
-                assert torch.allclose(run.query[site.layer].double(), want_q, atol=1e-4), site.path
-                assert torch.allclose(run.key[site.layer].double(), want_k, atol=1e-4), site.path
+                assert run.query(site.layer).shape == want_q.shape
+                assert torch.allclose(run.query(site.layer).double(), want_q, atol=1e-4), site.path
+                assert torch.allclose(run.key(site.layer).double(), want_k, atol=1e-4), site.path
     finally:
         for h in handles:
             h.remove()
@@ -1723,8 +1723,9 @@ def test_a_second_recording_of_the_same_model_equals_the_first(case: Case):
         with qkhooks.record(model, modes=None if maps_only else "all", augmented=True, attention="full",
                             skip_unmodelled=case.name.endswith("-partial")) as run:
             out = _first_tensor(_call(model, inputs))
-        full = run.attention_maps("full")
-        recorded.append((out, full, {} if maps_only else dict(run.query), {} if maps_only else dict(run.key)))
+        full = {l: run.attention(l, "full") for l in run.attention_layers("full")}
+        modes = [] if maps_only else run.mode_layers
+        recorded.append((out, full, {l: run.query(l) for l in modes}, {l: run.key(l) for l in modes}))
     (out1, full1, q1, k1), (out2, full2, q2, k2) = recorded
     assert torch.equal(out1, out2)
     assert sorted(full1) == sorted(full2) and (maps_only or sorted(full1) == sorted(q1) == sorted(q2)) and len(full1) > 0

@@ -415,6 +415,12 @@ def analyze_modes(
             "left_out": same["left_out"]},
         "same_object_note": None if objects is not None else "the run has no masks/objects (record a dataset with object masks)",
     }
+    components = [l for l in chosen if geometry[l].component_heads]
+    if components:  # zoo13: heads of differential layers are component heads, never map heads
+        summary["component_heads_note"] = (
+            f"layers {components} are differential attention: their heads here are the {geometry[components[0]].component_heads} "
+            "component heads (head 2h + c is term softmax{c+1} of map head h, 'component_of'), each mode exact for "
+            "its component's logits; no head here is a map head")
     same_rows = {r["layer"]: r for r in same["rows"]} if same is not None else {}
     for l in chosen:
         st = layer_state(topk, l)
@@ -435,7 +441,10 @@ def analyze_modes(
                     p = same_rows[l]["per_mode"][h][m]
                     rec["p_same"] = None if p is None or (isinstance(p, float) and math.isnan(p)) else p
                 head_modes.append(rec)
-            entry["heads"].append({"head": h, "modes": head_modes})
+            head_entry: dict[str, Any] = {"head": h, "modes": head_modes}
+            if geometry[l].component_heads:  # zoo13: differential attention, the per-component variant, named
+                head_entry["component_of"] = {"map_head": h // 2, "term": f"softmax{h % 2 + 1}"}
+            entry["heads"].append(head_entry)
         summary["layers"].append(entry)
     files["figures"] = str(out / "figures") if figures else ""
     summary["files"] = {**files, "json": str(out / "modes.json"), "figure_count": len(figures)}

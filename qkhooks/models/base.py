@@ -254,6 +254,11 @@ class AttentionSite:
     def check_attention_kind(self, kind: str) -> None:
         """Refuse, when the recording starts, an attention kind this site cannot rebuild exactly (none here)."""
 
+    def map_heads(self) -> int:
+        """Heads of this layer's maps: ``num_heads`` (the modes' heads), except where a map combines several
+        component heads (differential attention: 2H component heads, H maps)."""
+        return self.num_heads
+
     def run_file_refusal(self) -> str | None:
         """Why this layer cannot be streamed into a run file (one image batch, one geometry per layer), or None
         (zoo-packed: a packed vision tower takes no image batch and has no one grid per layer)."""
@@ -367,6 +372,18 @@ class AttentionSite:
             index = query_tokens.to(bias.device).long()[:, None, :, None]
             bias = torch.gather(bias, 2, index.expand(-1, bias.shape[1], -1, bias.shape[-1]))
         return logits + bias
+
+    def rows_layout(self, num_tokens: int) -> tuple[int, tuple[int, ...]]:
+        """What a query-token index names in the call being recorded, ``num_tokens`` tokens: (prefix tokens, the grid
+        (rows, cols) after them), or (prefix tokens, (num_tokens,)) where no grid is read. Two calls with one layout
+        give an index the same token (zoo13: the rows-axis check compares these, not token counts)."""
+        try:
+            grid = tuple(int(v) for v in self.grid_for(num_tokens))
+        except QKHooksError:
+            return int(self.num_prefix_tokens), (int(num_tokens),)
+        if int(self.num_prefix_tokens) + grid[0] * grid[1] != num_tokens:
+            return int(self.num_prefix_tokens), (int(num_tokens),)
+        return int(self.num_prefix_tokens), grid
 
     def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid of an input image of the given size."""

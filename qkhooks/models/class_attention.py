@@ -73,6 +73,14 @@ def mixed_spectrum(site: AttentionSite, augmented: bool = True):
 
 def refuse_modes_of_mixed_maps(site: AttentionSite) -> None:
     """Raise for an analysis that reads a site's maps as the softmax of one bilinear form."""
+    if getattr(site, "map_heads", lambda: site.num_heads)() != site.num_heads:  # zoo13: two_softmax.DifferentialMaps
+        raise QKHooksError(
+            f"layer {site.layer} ({site.path}) is differential attention: each of its {site.map_heads()} maps is "
+            f"softmax1 - lambda * softmax2 of two of its {site.num_heads} component heads, not the softmax of one "
+            "bilinear form, and mode head h is component head h, not map head h. Its maps and terms are exact "
+            "(rec.terms(l), run.terms(l)) and each component head's modes rebuild that component's logits; leave the "
+            "layer out (layers=) for an analysis of the maps as one form."
+        )
     if site.head_mixing is not None:
         raise QKHooksError(
             f"layer {site.layer} ({site.path}) mixes heads after the softmax (CaiT talking heads): each map is a weighted "

@@ -43,7 +43,9 @@ class CausalTokenSite(AttentionSite):
         raise QKHooksError(f"{self.path}: ImageGPT takes colour-cluster token ids, not an image.")
 
     def run_file_refusal(self) -> str | None:
-        return "ImageGPT takes colour-cluster token ids, not images, and run files record image batches"
+        return ("ImageGPT takes colour-cluster token ids (each pixel's nearest colour cluster, made by its image "
+                "processor), not images, and record_dataset feeds pixel_values; a run file would need that data path "
+                "(its causal maps themselves are exact); record it live (qkhooks.record) on the model's input_ids")
 
 
 def _causal_term(path: str, module: nn.Module):
@@ -52,9 +54,15 @@ def _causal_term(path: str, module: nn.Module):
 
     def term(args: tuple, kwargs: dict) -> torch.Tensor:
         x = args[0] if args else kwargs["hidden_states"]
-        if len(args) > 1 or kwargs.get("encoder_hidden_states") is not None:
-            raise QKHooksError(f"unsupported attention in {path!r} ({type(module).__name__}): it is handed encoder states "
-                               "or positional arguments besides the tokens (cross-attention), which qkhooks does not model.")
+        if kwargs.get("encoder_hidden_states") is not None:
+            raise QKHooksError(f"unsupported attention in {path!r} ({type(module).__name__}): it is handed "
+                               "encoder_hidden_states (cross-attention: its keys are the encoder's states, not the tokens), "
+                               "which qkhooks does not model.")
+        if len(args) > 1:  # by position, ImageGPTAttention takes layer_past (a cache), then attention_mask, ...
+            raise QKHooksError(f"unsupported attention in {path!r} ({type(module).__name__}): it is handed {len(args) - 1} "
+                               "positional argument(s) after the tokens (by position: layer_past, the cache of earlier "
+                               "tokens, then attention_mask, ...), and qkhooks reads these arguments by name only, so it "
+                               "cannot check what they change; call the module with keywords, as ImageGPTBlock does.")
         cache = kwargs.get("layer_past")
         if cache is not None and int(cache.get_seq_length(module.layer_idx)) > 0:
             raise QKHooksError(f"unsupported attention in {path!r} ({type(module).__name__}): the call continues a cache "

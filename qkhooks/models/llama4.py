@@ -11,7 +11,7 @@ RoPE models.
 
 Token order: the patches in raster order, then the **class token last** (the model appends it). qkhooks' grids put
 prefix tokens first, so it claims no grid for these layers (grid analyses refuse them, naming the reason) rather than
-read the class token as a patch, and run files are refused; maps, rows with explicit query tokens and modes are exact.
+read the class token as a patch, and run files are refused (their geometry has no suffix tokens, zoo13); maps, rows with explicit query tokens and modes are exact.
 RoPE bands (``qkhooks spectrum --rope-bands``) carry over: pair f is dimensions (2f, 2f + 1), its angle read off
 freqs_ci, the frequency measured on the patches (the class token is left out of it).
 """
@@ -51,7 +51,10 @@ class Llama4VisionSite(AttentionSite):
         raise QKHooksError(f"{self.path}: {_CLASS_LAST}.")
 
     def run_file_refusal(self) -> str | None:
-        return f"{_CLASS_LAST}, and a run file needs each layer's grid; record it live (qkhooks.record)"
+        return (f"{_CLASS_LAST}; a run file's layer geometry and the analyses that read it (top-k modes over patch "
+                "tokens, the centre token, masks and objects on the grid) know prefix tokens before the patches only, "
+                "and have no field for a class token after them, so its class token would be read as a patch; record "
+                "it live (qkhooks.record), where maps, rows of chosen tokens and modes are exact")
 
 
 def _rotation(module: nn.Module):

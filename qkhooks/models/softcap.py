@@ -80,7 +80,8 @@ class SoftCapSite(AttentionSite):
 
     def run_file_refusal(self) -> str | None:
         return ("VideoPrism's spatial layers hold clips x frames and its temporal layers clips x patches along the "
-                "batch axis, and a run file holds one batch axis of images; record it live (qkhooks.record)")
+                "batch axis, and a run file holds one batch axis of images, one row per id (its schema has no per-layer "
+                "batch axis, and record_dataset feeds images, not clips); record it live (qkhooks.record)")
 
 
 def _vision_models(model: nn.Module) -> list[tuple[str, nn.Module]]:

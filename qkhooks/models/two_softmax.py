@@ -9,7 +9,9 @@ heads c = 0, 1 (the model reshapes q and k to 2H heads of d_k = d / 2H; componen
 the spectrum are those of the 2H content forms W_q,j^T W_k,j (j = 2h + c), each exact for its own logits; full maps
 and rows have the model's H heads (the combined map). ``rec.terms(l)`` gives ``softmax1``, ``softmax2`` (B, H, N, N)
 and ``lambda`` (a scalar, shared by the heads). The analyses that read one map per mode head refuse the layer (its
-maps are no softmax of one form); run files are refused (one head count per layer there).
+maps are no softmax of one form). In run files (zoo13) the maps have H heads, ``modes/L{l}`` and ``spectrum/L{l}`` the
+2H component heads, and the layer's geometry says so (``LayerGeometry.component_heads`` = 2H, ``heads`` = H); the
+terms go to ``/terms/L{l}/`` (``softmax1``, ``softmax2`` per image, ``lambda`` once).
 
 **ConViT GPSA** (timm ``GPSA``, the first ``local_up_to_layer`` blocks of ``convit_*``, patch tokens only):
 
@@ -121,11 +123,9 @@ class TwoSoftmaxSite(AttentionSite):
         maps = attention_full(self, x)
         return torch.gather(maps, 2, idx[:, None, :, None].expand(-1, maps.shape[1], -1, maps.shape[-1]))
 
-    def run_file_refusal(self) -> str | None:
-        if isinstance(self.head_mixing, DifferentialMaps):
-            return (f"{self.path} is differential attention: its modes have 2H component heads and its maps H heads, "
-                    "and a run file keeps one head count per layer; record it live (qkhooks.record), or leave it out")
-        return None
+    def map_heads(self) -> int:
+        """Differential attention: H maps of the 2H component heads (``num_heads``); else one map per head."""
+        return self.num_heads // 2 if isinstance(self.head_mixing, DifferentialMaps) else self.num_heads
 
     def map_terms(self, logits: torch.Tensor) -> dict[str, Any]:
         """The call's terms from the scaled (float) logits of its content form(s)."""

@@ -24,6 +24,9 @@ frame-minor: token 1 + p·T + t). Each is a plain softmax(scale·q·k) within it
   the class token takes no part), space N = 1 + P·T (the class token's copies are the same token, one map);
 - :meth:`DividedSite.window_index` gives the (G, n) clip token of every group position; no image grid is claimed
   (a token is a (patch, frame) pair), and rows / pooled attention are refused (record ``full``).
+- The block groups by ``config.num_frames`` whatever the clip's length; the clip's own frame count is read off the
+  embeddings' call (zoo13), so :meth:`DividedSite.group_positions` gives the (patch, frame) each group position
+  really holds: with a clip of another length a group mixes patches and frames, exactly as the model computes it.
 The space-only and joint layouts of the same class are refused naming the layout.
 
 VidEoMT (HF ``VideomtForUniversalSegmentation``) runs its first layers on the clip's frames as images (B·T, N, d),
@@ -37,6 +40,7 @@ the object queries are prefix tokens there. Rows / pooled attention and run file
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Callable
 
 import torch
@@ -110,15 +114,47 @@ class DividedSite(WindowSite):
     patches and every group's clip tokens are known before the attention runs."""
 
     axis: str = "time"
-    _clip: tuple[int, int, int] | None = dataclasses.field(default=None, repr=False)  # (B, P, T) of the block's call
+    # zoo13: the model's TimesformerEmbeddings, whose call holds the clip (a weak reference: a finished recording
+    # forgets the model's modules, capture.sites_release)
+    embeddings: "weakref.ref[nn.Module] | None" = None
+    _clip: tuple[int, int, int] | None = dataclasses.field(default=None, repr=False)  # (B, groups, T_c) the block makes
+    _frames: int | None = dataclasses.field(default=None, repr=False)  # T of the clip the embeddings were handed
 
     def context_hooks(self) -> list[tuple[nn.Module, Callable]]:
         def note_clip(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else kwargs["hidden_states"]  # (B, 1 + P·T, d)
-            frames = int(module.config.num_frames)
+            frames = int(module.config.num_frames)  # the block groups by its config, whatever the clip's length
             self._clip, self._index = (int(x.shape[0]), (int(x.shape[1]) - 1) // frames, frames), None
 
-        return [(self.block, note_clip)]
+        def note_frames(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            pixels = args[0] if args else kwargs["pixel_values"]  # (B, T, C, H, W): one token per patch and frame
+            self._frames = int(pixels.shape[1])
+
+        embeddings = None if self.embeddings is None else self.embeddings()
+        return [(self.block, note_clip)] + ([(embeddings, note_frames)] if embeddings is not None else [])
+
+    def group_positions(self) -> torch.Tensor:
+        """(G, n, 2) (patch, frame) of the token at each group position of the call being recorded ((-1, -1): the
+        class token's copy), from the frame count T the embeddings produced, not the config.
+
+        The block groups its tokens by ``config.num_frames`` (T_c) whatever the clip: time groups are runs of T_c
+        consecutive tokens, space groups the tokens whose index is the same modulo T_c. With T = T_c a time group is
+        one patch's frames and a space group one frame's patches; with another T they are not (a group then mixes
+        patches and frames, as the model computes it), and this says what each group holds."""
+        if self._frames is None:
+            raise QKHooksError(f"{self.path}: the model's embeddings were not seen running, so the clip's frame count "
+                               "is unknown (the block's config.num_frames is how it groups, not the clip's length); "
+                               "record the whole model.")
+        index = self.window_index()
+        token = index if self.axis == "time" else index - 1  # patch tokens 0.., token 1 + p·T + t; -1: the class token
+        where = torch.stack([token.div(self._frames, rounding_mode="floor"), token.remainder(self._frames)], dim=-1)
+        return torch.where((token < 0)[..., None], torch.full_like(where, -1), where)
+
+    def groups_are_patches_and_frames(self) -> bool:
+        """Whether each time group is one patch's frames and each space group one frame's patches (the clip has the
+        config's ``num_frames``); otherwise :meth:`group_positions` says what each group mixes."""
+        self.group_positions()  # refuses when the clip was not seen
+        return self._frames == self._clip[2]  # type: ignore[index]
 
     def forward_anchor(self) -> nn.Module:
         return self.block if self.axis == "time" else self.module  # the block runs its time attention first
@@ -141,7 +177,7 @@ class DividedSite(WindowSite):
     def images_in_call(self, rows: int) -> int:
         if self._clip is None or rows != self._clip[0] * self.window_index().shape[0]:
             raise QKHooksError(f"{self.path}: {rows} groups in the call are not the {self.axis} groups of the block's clip "
-                               f"(batch, patches, frames) = {self._clip}.")
+                               f"(batch, groups of config.num_frames, config.num_frames) = {self._clip}.")
         return self._clip[0]
 
     def to_images(self, kind: str, t: torch.Tensor) -> torch.Tensor:
@@ -155,6 +191,16 @@ class DividedSite(WindowSite):
         first.scatter_reduce_(0, index, torch.arange(index.numel()), reduce="amin")
         return flat[..., first.to(flat.device)]
 
+    def hidden_states(self, args: tuple, kwargs: dict, block: bool = False) -> torch.Tensor:
+        if block:
+            held = ("the config's num_frames consecutive tokens (one patch's frames for a clip of that length)"
+                    if self.axis == "time" else "every config.num_frames-th token (one frame's patches for a clip of "
+                    "that length) after a copy of the class token")
+            raise QKHooksError(f"{self.path}: input='residual' is not modelled for TimeSformer's divided attention (the "
+                               f"block's residual stream holds the clip's tokens, patch-major over the frames, while its "
+                               f"{self.axis} attention sees them regrouped, each group {held}); use input='normed'.")
+        return super().hidden_states(args, kwargs, block)
+
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
         raise QKHooksError(f"{self.path}: a token of TimeSformer's divided attention is a (patch, frame) pair in the "
                            "clip's patch-major order, not a position on one image grid; no grid is read off it.")
@@ -167,7 +213,7 @@ class DividedSite(WindowSite):
 
     def forget_call(self) -> None:
         super().forget_call()
-        self._clip = None
+        self._clip = self._frames = None
 
 
 def _timesformer_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:
@@ -179,7 +225,10 @@ def _timesformer_site(site: AttentionSite, module: nn.Module, modules: dict[str,
     axis = "time" if ".temporal_attention." in f".{site.path}." else "space"
     fields.update(grid=None, patch_size=None, num_prefix_tokens=0 if axis == "time" else 1, bias_input=None,
                   stage=f"{site.stage} ({axis})")
-    return DividedSite(**fields, axis=axis, geometry=None, call_grid=None, relative_bias=None)
+    holder = site.block_path.split(".encoder.")[0] if ".encoder." in site.block_path else ""
+    embeddings = modules.get(f"{holder}.embeddings" if holder else "embeddings")
+    return DividedSite(**fields, axis=axis, geometry=None, call_grid=None, relative_bias=None,
+                       embeddings=None if embeddings is None else weakref.ref(embeddings))
 
 
 hf.EXTRA_FORMS["TimesformerSelfAttention"] = (frozenset({"attn_drop"}), _timesformer_site)

@@ -163,6 +163,11 @@ class WindowSite(AttentionSite):
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
         return self._grid_of_call if self._grid_of_call is not None else super().grid_for(num_tokens)
 
+    def rows_layout(self, num_tokens: int) -> tuple[int, tuple[int, ...]]:
+        """Rows index the block's grid of the call (no prefix token), whatever a window's token count ``num_tokens``."""
+        self.window_index()  # refuses when the block was not seen running
+        return 0, tuple(int(v) for v in self._grid_of_call)  # type: ignore[union-attr]
+
     def logit_bias(self) -> torch.Tensor | None:
         """(B·nW or 1, H, Nw, Nw): the module's relative-position table plus the call's shift mask, if any."""
         bias = None if self.relative_bias is None else self.relative_bias().detach()
