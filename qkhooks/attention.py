@@ -19,6 +19,7 @@ import torch
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, parse_layers
+from qkhooks.sdpa import AttentionCallMode, SdpaCall, maps_times_values, scaled_logits, sdpa_maps
 
 __all__ = [
     "AttentionSpec", "attention_rows", "attention_full", "rows_from_qk", "full_from_qk", "split_heads", "pool_rows",
@@ -86,50 +87,6 @@ def default_query_tokens(site: AttentionSite, num_tokens: int) -> torch.Tensor:
 def split_heads(site: AttentionSite, t: torch.Tensor) -> torch.Tensor:
     """(B, N, H·d_k) as a Linear returns it -> (B, H, N, d_k) (a view)."""
     return t.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2)
-
-
-# ------------------------------------------------------------------ the two products, read in place on the CPU
-# Below this many query and key tokens an image's products are too small for per-image calls to pay off (windows of 49).
-_IN_PLACE_MIN_TOKENS = 128
-
-
-def _in_place(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the per-head products below apply: two (B, H, ·, ·) CPU tensors of the same B, H and dtype, many
-    query or key tokens, no autograd (``out=`` does not record a graph)."""
-    return (a.device.type == "cpu" and a.dim() == 4 and b.dim() == 4 and a.shape[:2] == b.shape[:2]
-            and max(a.shape[-2], b.shape[-2]) >= _IN_PLACE_MIN_TOKENS and a.dtype == b.dtype
-            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
-
-
-def scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale · q kᵀ over the last two axes: (..., L, d) and (..., S, d) -> (..., L, S).
-
-    q and k are usually strided views of one Linear's output (heads split off a fused qkv), which ``matmul`` first
-    copies into contiguous tensors (q once more to scale it). On the CPU one ``baddbmm`` per image reads them in
-    place, all heads at once, and folds the scale into the product. Per image, not per head: an image's q and k
-    rows lie together in memory, and its call's H products split evenly over the threads; with 2 threads the
-    per-head loop of round 11 was slower than ``matmul`` on copies (benchmarks/round12_ab.py). The value is
-    scale·(q·k) rounded once, where ``(q·scale) @ kᵀ`` rounds q·scale first: equal for a power-of-two scale
-    (d_k = 64), within a float ulp otherwise.
-    """
-    if not (isinstance(scale, (int, float)) and _in_place(q, k)):  # a tensor scale: a learned temperature
-        return (q * scale) @ k.transpose(-1, -2)
-    logits = q.new_empty(*q.shape[:-1], k.shape[-2])
-    for b in range(q.shape[0]):
-        torch.baddbmm(logits[b], q[b], k[b].transpose(-1, -2), beta=0, alpha=scale, out=logits[b])
-    return logits
-
-
-def maps_times_values(maps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """maps @ v, (B, H, L, S) @ (B, H, S, d) -> (B, H, L, d); on the CPU one ``bmm`` per image that reads v in place
-    and writes a (B, L, H, d) buffer, the layout the model's next ``transpose(1, 2).reshape`` reads without a copy
-    (the layout torch's own CPU flash kernel returns)."""
-    if not _in_place(maps, v):
-        return maps @ v
-    out = v.new_empty(v.shape[0], maps.shape[-2], v.shape[1], v.shape[-1])
-    for b in range(v.shape[0]):
-        torch.bmm(maps[b], v[b], out=out[b].transpose(0, 1))
-    return out.transpose(1, 2)
 
 
 def _softmax(site: AttentionSite, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,36 +234,7 @@ def pool_rows(rows: torch.Tensor, masks: torch.Tensor, num_prefix_tokens: int) -
 
 
 # ------------------------------------------------------------------ one attention computation (outputs="eager")
-_SDPA = torch.nn.functional.scaled_dot_product_attention
-_SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
-
-
-def sdpa_maps(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-              scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
-    """softmax(q kᵀ·scale + mask) as ``scaled_dot_product_attention`` defines it, in q's dtype: (..., L, S).
-
-    The scale enters the product (:func:`scaled_logits`), never the N·N logits; a boolean mask keeps
-    the True entries, a float mask is added, ``is_causal`` keeps the lower triangle; rows with every key masked
-    are zero (not NaN), as the fused kernels return them.
-    """
-    if enable_gqa and k.shape[-3] != q.shape[-3]:  # grouped-query: each key head serves a group of query heads
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-    logits = scaled_logits(q, k, q.shape[-1] ** -0.5 if scale is None else scale)
-    keep = None
-    if is_causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        keep = attn_mask if keep is None else keep & attn_mask
-    elif attn_mask is not None:
-        logits = logits + attn_mask
-    if keep is not None:
-        logits = logits.masked_fill(~keep, float("-inf"))
-    maps = torch.softmax(logits, dim=-1)
-    # a row whose every key is masked (boolean or -inf float mask) is 0, as torch's own sdpa returns, not NaN
-    return maps if keep is None and attn_mask is None else maps.nan_to_num_(0.0)
-
-
-class OneAttention(torch.overrides.TorchFunctionMode):
+class OneAttention(AttentionCallMode):
     """Active while one attention module runs (``record(..., outputs="eager")``): its call of
     ``scaled_dot_product_attention`` is computed once, eagerly, the maps kept for the recording and maps @ v
     returned to the model, so q·kᵀ and the softmax are not paid twice. A module that runs its own eager attention
@@ -317,54 +245,41 @@ class OneAttention(torch.overrides.TorchFunctionMode):
     """
 
     def __init__(self, site: AttentionSite):
-        super().__init__()
-        self.site = site
+        super().__init__(site)
         self.maps: torch.Tensor | None = None
-        self.source = ""
-        self.entered = False
 
-    def enter(self) -> None:
-        """The module starts: intercept its calls (entered in its forward pre-hook, left in its forward hook)."""
-        self.maps, self.entered = None, True
-        self.__enter__()
+    def begin(self) -> None:
+        self.maps = None
 
-    def leave(self) -> None:
-        self.entered = False
-        self.__exit__(None, None, None)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if func is _SDPA:
-            return self._attend(*args, **kwargs)
-        out = func(*args, **kwargs)
-        if func in _SOFTMAXES and self._is_map(out) and kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, 3):
-            self._keep(out, "softmax")
-        return out
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                enable_gqa: bool = False) -> torch.Tensor:
-        if dropout_p > 0:
-            raise self._refusal(f"it drops attention weights at random (dropout_p={dropout_p}, the module is in "
-                                "training mode), so its outputs cannot be the recorded maps @ v; call model.eval()")
+    def on_sdpa(self, call: SdpaCall, kernel: Any) -> torch.Tensor:
+        """maps @ v of the call's maps, computed once (torch's kernel does not run)."""
+        q, v = call.query, call.value
         if not self._is_map(q) or q.shape[-1] != self.site.head_dim:
             raise self._refusal(f"its attention call has q of shape {tuple(q.shape)}, not the (batch, "
                                 f"{self.site.num_heads} heads, tokens, {self.site.head_dim}) the adapter describes")
-        maps = sdpa_maps(q, k, attn_mask, is_causal, scale, enable_gqa)
-        self._keep(maps, "sdpa")
-        if enable_gqa and v.shape[-3] != q.shape[-3]:
+        maps = call.maps()
+        self._keep(maps)
+        if call.enable_gqa and v.shape[-3] != q.shape[-3]:
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
         return maps_times_values(maps, v)
+
+    def on_softmax(self, maps: torch.Tensor) -> None:
+        if self._is_map(maps):
+            self._keep(maps)
+
+    def dropout_refusal(self, dropout_p: float) -> QKHooksError:
+        return self._refusal(f"it drops attention weights at random (dropout_p={dropout_p}, the module is in "
+                             "training mode), so its outputs cannot be the recorded maps @ v; call model.eval()")
 
     def _is_map(self, t: Any) -> bool:
         """(batch, this site's heads, tokens, keys or d_k)."""
         return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == self.site.num_heads
 
-    def _keep(self, maps: torch.Tensor, source: str) -> None:
+    def _keep(self, maps: torch.Tensor) -> None:
         if self.maps is not None:
             raise self._refusal("it computes attention more than once in one call, so which maps its output uses "
                                 "is not known")
-        self.maps, self.source = maps, source
+        self.maps = maps
 
     def _refusal(self, why: str) -> QKHooksError:
         return QKHooksError(f"{self.site.path} ({type(self.site.module).__name__}): outputs='eager' cannot compute this "

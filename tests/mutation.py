@@ -50,6 +50,12 @@ KILLS_CAPTURE = "tests/test_mutation_kills_capture.py"
 KILLS_MODELS = "tests/test_mutation_kills_models.py"
 # Round 12 (mut12-io): the kill tests of stream, store, preprocess and statistics.
 KILLS_IO2 = "tests/test_mutation_kills_io2.py"
+# Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
+# two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
+# (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
+KILLS_ATTENTION = "tests/test_mutation_kills_attention.py"
+TWO_SOFTMAX_AND_INSIDE = ("(test_map_forms and (differential or gpsa_maps_terms or gpsa_rows or two_softmax)) or "
+                          "(test_inside_forms and (fused_sdpa or (efficientvit and one-window)))")
 # test_store_safety.py's in-process tests (the order of writes, flushes and commits; rows past `committed`;
 # damaged files and repair); its other tests start processes or mount file systems.
 IN_PROCESS_SAFETY = ("not test_store_safety or writes_data_then_flushes or readers_see_only_committed "
@@ -66,12 +72,15 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                                              "tests/test_mutation_kills_core.py"],
                   "(sum_to_model or qk_outputs or fall_back or augmented or residual or remixing or follows_the_dtype "
                   f"or projector) and not ({SAME_FORM_FAMILIES})"),
-    "attention": (["qkhooks/attention.py"],
+    # attention (round 13): sdpa.py added (the products, sdpa_maps and AttentionCallMode moved there), with the
+    # two-softmax and inside forms' fast tests (TWO_SOFTMAX_AND_INSIDE) and KILLS_ATTENTION.
+    "attention": (["qkhooks/attention.py", "qkhooks/sdpa.py"],
                   ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_mutation_kills.py", "tests/test_full_once.py",
-                   "tests/test_mutation_kills_core.py"],
-                  "(attention or rows or default_query or centre_patch or sdpa_maps or fused_kernel or dropout or "
-                  "cannot_match or eager_outputs or own_eager_path) "
-                  f"and not (rope_bias_windows or {SAME_FORM_FAMILIES})"),
+                   "tests/test_mutation_kills_core.py", "tests/test_map_forms.py", "tests/test_inside_forms.py",
+                   KILLS_ATTENTION],
+                  "((attention or rows or default_query or centre_patch or sdpa_maps or fused_kernel or dropout or "
+                  "cannot_match or eager_outputs or own_eager_path) and not (test_map_forms or test_inside_forms) "
+                  f"or {TWO_SOFTMAX_AND_INSIDE}) and not (rope_bias_windows or {SAME_FORM_FAMILIES})"),
     # capture (round 11): results.py and access.py added, with the tests that read results through them:
     # test_multigrid_runs.py's per-layer geometry (windows, reduced keys, a file without per-layer geometry);
     # test_mutation_kills_capture.py kills the rest against references.

@@ -10,7 +10,7 @@ An :class:`InsideSite` takes the maps from the module's own forward: while the m
 watches the tensors entering its attention:
 
 - a ``scaled_dot_product_attention`` call: the maps are softmax(q·kᵀ·scale + mask) of the very q, k, mask and scale
-  the module hands the kernel (:func:`qkhooks.attention.sdpa_maps`), the kernel itself still runs (outputs
+  the module hands the kernel (:func:`qkhooks.sdpa.sdpa_maps`), the kernel itself still runs (outputs
   bit-identical);
 - a softmax over the last axis of the module's own logits (its eager path): those are the maps.
 
@@ -22,12 +22,13 @@ fix: ``modes=0``, or ``layers=`` without it); rows / pooled attention, run files
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
+from qkhooks.sdpa import AttentionCallMode, SdpaCall
 
 __all__ = ["InsideSite", "InsideCall"]
 
@@ -101,45 +102,34 @@ class InsideSite(AttentionSite):
         return maps
 
 
-class InsideCall(torch.overrides.TorchFunctionMode):
+class InsideCall(AttentionCallMode):
     """Active while one :class:`InsideSite`'s module runs: keeps the maps of every attention computation it makes
     (from its ``scaled_dot_product_attention`` call's own q, k, mask and scale, or its eager softmax), changing none."""
 
     def __init__(self, site: InsideSite):
-        super().__init__()
-        from qkhooks import attention  # here: qkhooks.attention imports the models package this module is part of
-
-        self._sdpa_fn, self._softmaxes, self._maps_of = attention._SDPA, attention._SOFTMAXES, attention.sdpa_maps
-        self.site = site
+        super().__init__(site)
         self.seen: list[torch.Tensor] = []
-        self.entered = False
 
-    def enter(self) -> None:
-        self.seen, self.entered = [], True
-        self.__enter__()
+    def begin(self) -> None:
+        self.seen = []
 
-    def leave(self) -> list[torch.Tensor]:
-        self.entered = False
-        self.__exit__(None, None, None)
+    def leave(self) -> list[torch.Tensor]:  # type: ignore[override]
+        """Stop watching; the maps seen in this call, in the order the module computed them."""
+        super().leave()
         seen, self.seen = self.seen, []
         return seen
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is self._sdpa_fn:
-            self.seen.append(self._sdpa(*args, **kwargs))
-        elif func in self._softmaxes and isinstance(out, torch.Tensor) and out.dim() >= 3:
-            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if dim in (-1, out.dim() - 1):
-                self.seen.append(out.detach())
+    def on_sdpa(self, call: SdpaCall, kernel: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The module's own kernel output, untouched; its maps kept beside it."""
+        out = kernel()
+        with torch.no_grad():
+            self.seen.append(call.maps())
         return out
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-              enable_gqa: bool = False) -> torch.Tensor:
-        if dropout_p > 0:
-            raise QKHooksError(f"{self.site.path}: its attention drops weights at random (dropout_p={dropout_p}, training "
-                               "mode), so no map is the one its output used; call model.eval().")
-        with torch.no_grad():
-            return self._maps_of(q.detach(), k.detach(), attn_mask, is_causal, scale, enable_gqa)
+    def on_softmax(self, maps: torch.Tensor) -> None:
+        if maps.dim() >= 3:
+            self.seen.append(maps.detach())
+
+    def dropout_refusal(self, dropout_p: float) -> QKHooksError:
+        return QKHooksError(f"{self.site.path}: its attention drops weights at random (dropout_p={dropout_p}, training "
+                            "mode), so no map is the one its output used; call model.eval().")

@@ -1,0 +1,171 @@
+"""``scaled_dot_product_attention`` computed eagerly, and a module's attention call intercepted while it runs.
+
+Two recorders take a module's own attention computation instead of rebuilding it from the hooked tokens:
+:class:`qkhooks.attention.OneAttention` (``record(..., outputs="eager")``: computes the call once and hands the maps
+back as the layer's) and :class:`qkhooks.models.inside.InsideCall` (maps-only sites whose q or k is made inside the
+module: observes, changes nothing). Both are an :class:`AttentionCallMode`: the same interception (the SDPA call's
+own arguments, an eager softmax over the last axis, the dropout refusal), each saying what to do with a call.
+
+This module sits below :mod:`qkhooks.attention` and :mod:`qkhooks.models` (it imports neither), so both import it at
+module level: :mod:`qkhooks.attention` imports the models package, which imports :mod:`qkhooks.models.inside`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from qkhooks.errors import QKHooksError
+
+__all__ = ["scaled_logits", "maps_times_values", "sdpa_maps", "SdpaCall", "AttentionCallMode"]
+
+# ------------------------------------------------------------------ the two products, read in place on the CPU
+# Below this many query and key tokens an image's products are too small for per-image calls to pay off (windows of 49).
+_IN_PLACE_MIN_TOKENS = 128
+
+
+def _in_place(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the per-head products below apply: two (B, H, ·, ·) CPU tensors of the same B, H and dtype, many
+    query or key tokens, no autograd (``out=`` does not record a graph)."""
+    return (a.device.type == "cpu" and a.dim() == 4 and b.dim() == 4 and a.shape[:2] == b.shape[:2]
+            and max(a.shape[-2], b.shape[-2]) >= _IN_PLACE_MIN_TOKENS and a.dtype == b.dtype
+            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
+
+
+def scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · q kᵀ over the last two axes: (..., L, d) and (..., S, d) -> (..., L, S).
+
+    q and k are usually strided views of one Linear's output (heads split off a fused qkv), which ``matmul`` first
+    copies into contiguous tensors (q once more to scale it). On the CPU one ``baddbmm`` per image reads them in
+    place, all heads at once, and folds the scale into the product. Per image, not per head: an image's q and k
+    rows lie together in memory, and its call's H products split evenly over the threads; with 2 threads the
+    per-head loop of round 11 was slower than ``matmul`` on copies (benchmarks/round12_ab.py). The value is
+    scale·(q·k) rounded once, where ``(q·scale) @ kᵀ`` rounds q·scale first: equal for a power-of-two scale
+    (d_k = 64), within a float ulp otherwise.
+    """
+    if not (isinstance(scale, (int, float)) and _in_place(q, k)):  # a tensor scale: a learned temperature
+        return (q * scale) @ k.transpose(-1, -2)
+    logits = q.new_empty(*q.shape[:-1], k.shape[-2])
+    for b in range(q.shape[0]):
+        torch.baddbmm(logits[b], q[b], k[b].transpose(-1, -2), beta=0, alpha=scale, out=logits[b])
+    return logits
+
+
+def maps_times_values(maps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """maps @ v, (B, H, L, S) @ (B, H, S, d) -> (B, H, L, d); on the CPU one ``bmm`` per image that reads v in place
+    and writes a (B, L, H, d) buffer, the layout the model's next ``transpose(1, 2).reshape`` reads without a copy
+    (the layout torch's own CPU flash kernel returns)."""
+    if not _in_place(maps, v):
+        return maps @ v
+    out = v.new_empty(v.shape[0], maps.shape[-2], v.shape[1], v.shape[-1])
+    for b in range(v.shape[0]):
+        torch.bmm(maps[b], v[b], out=out[b].transpose(0, 1))
+    return out.transpose(1, 2)
+
+
+# ------------------------------------------------------------------ the SDPA call, eagerly
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+_SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
+
+
+def sdpa_maps(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+              scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """softmax(q kᵀ·scale + mask) as ``scaled_dot_product_attention`` defines it, in q's dtype: (..., L, S).
+
+    The scale enters the product (:func:`scaled_logits`), never the N·N logits; a boolean mask keeps
+    the True entries, a float mask is added, ``is_causal`` keeps the lower triangle; rows with every key masked
+    are zero (not NaN), as the fused kernels return them.
+    """
+    if enable_gqa and k.shape[-3] != q.shape[-3]:  # grouped-query: each key head serves a group of query heads
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    logits = scaled_logits(q, k, q.shape[-1] ** -0.5 if scale is None else scale)
+    keep = None
+    if is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep = attn_mask if keep is None else keep & attn_mask
+    elif attn_mask is not None:
+        logits = logits + attn_mask
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    maps = torch.softmax(logits, dim=-1)
+    # a row whose every key is masked (boolean or -inf float mask) is 0, as torch's own sdpa returns, not NaN
+    return maps if keep is None and attn_mask is None else maps.nan_to_num_(0.0)
+
+
+@dataclasses.dataclass
+class SdpaCall:
+    """The arguments of one ``scaled_dot_product_attention`` call, bound as torch binds them (same names, defaults
+    and keyword-only ``scale`` / ``enable_gqa``, so a model's positional or keyword call reads the same)."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attn_mask: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    is_causal: bool = False
+    _: dataclasses.KW_ONLY
+    scale: float | None = None
+    enable_gqa: bool = False
+
+    def maps(self) -> torch.Tensor:
+        """The call's maps, softmax(q kᵀ·scale + mask) (:func:`sdpa_maps`), before dropout."""
+        return sdpa_maps(self.query, self.key, self.attn_mask, self.is_causal, self.scale, self.enable_gqa)
+
+
+def _softmax_over_last_axis(out: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a softmax call returned a tensor normalised over its last axis (keys), as attention maps are."""
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    return isinstance(out, torch.Tensor) and dim in (-1, out.dim() - 1)
+
+
+class AttentionCallMode(torch.overrides.TorchFunctionMode):
+    """Entered while one attention module runs (from its forward pre-hook to its forward hook): hands each of the
+    module's ``scaled_dot_product_attention`` calls to :meth:`on_sdpa` and each softmax over the last axis (its eager
+    path) to :meth:`on_softmax`. A call that drops attention weights at random (training mode) is refused: no map is
+    the one its output used."""
+
+    def __init__(self, site: Any):
+        super().__init__()
+        self.site = site
+        self.entered = False
+
+    def enter(self) -> None:
+        """The module starts: intercept its calls."""
+        self.begin()
+        self.entered = True
+        self.__enter__()
+
+    def leave(self) -> None:
+        """The module finished (or raised): stop intercepting."""
+        self.entered = False
+        self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            call = SdpaCall(*args, **kwargs)
+            if call.dropout_p > 0:
+                raise self.dropout_refusal(call.dropout_p)
+            return self.on_sdpa(call, lambda: func(*args, **kwargs))
+        out = func(*args, **kwargs)
+        if func in _SOFTMAXES and _softmax_over_last_axis(out, args, kwargs):
+            self.on_softmax(out)
+        return out
+
+    def begin(self) -> None:
+        """Forget the previous call's maps (the module is about to run)."""
+        raise NotImplementedError
+
+    def on_sdpa(self, call: SdpaCall, kernel: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """What the module's SDPA call returns; ``kernel()`` runs torch's own."""
+        raise NotImplementedError
+
+    def on_softmax(self, maps: torch.Tensor) -> None:
+        """A softmax over the last axis the module computed (its eager attention, or something else it normalises)."""
+        raise NotImplementedError
+
+    def dropout_refusal(self, dropout_p: float) -> QKHooksError:
+        raise NotImplementedError
