@@ -674,3 +674,146 @@ def test_an_attention_that_bypasses_its_qk_linear_is_refused_when_its_full_maps_
             "layer 0's attention did not call its q/k Linear modules, so its modes or full maps could not be taken "
             "from their outputs; record with qk_path=False to use the tokens instead."), options
         assert rec.last is None and rec.images_seen == 0
+
+
+# ---------------------------------------------------------------------------------------------- round 13 (mut13-capture)
+def test_default_rows_across_swin_stages_are_refused_with_the_whole_reason_and_chosen_tokens_are_each_stages_own():
+    """The rows-axis check: default tokens (those of the first rows layer's grid) in a layer of another stage are
+    refused before any batch is handed over; chosen tokens index each layer's own tokens, so the rows of both stages
+    are recorded, each the query's window softmax of timm's eager window attention (block 0 of a stage: no shift)."""
+    import qkhooks
+    from test_multigrid_runs import _swin
+
+    model, images = _swin(), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(QKHooksError) as err:
+        with qkhooks.record(model, modes=0, layers=[1, 2], attention="rows") as rec, torch.no_grad():
+            rec(images)
+    assert str(err.value) == (
+        "layer 2 (layers.1.blocks.0.attn) attends over 2 images of 16 tokens (stage 'layers.1.blocks') and layer 1 "
+        "(layers.0.blocks.1.attn) over 2 images of 16 (stage 'layers.0.blocks'): the default query tokens (the class "
+        "token and the centre patch) are those of the first layer's grid. Record the rows of one stage at a time "
+        "(layers=[...]) or record attention='full'.")
+    assert rec.images_seen == 0 and rec.last is None
+    tokens = torch.tensor([[3, 45], [0, 60]])  # valid on both grids (16 x 16 and 8 x 8)
+    with qkhooks.record(model, modes=0, layers=[0, 2], attention="rows") as rec, torch.no_grad():
+        rec(images, meta={"query_tokens": tokens})
+    for layer, attn, side in ((0, model.layers[0].blocks[0].attn, 16), (2, model.layers[1].blocks[0].attn, 8)):
+        windows = timm_module_eager_maps(model, attn, images)[0]  # (B * windows, H, 16, 16), windows of 4 x 4
+        per_row = side // 4
+        want = torch.zeros(2, windows.shape[1], 2, side * side)
+        for b in range(2):
+            for t, token in enumerate(tokens[b].tolist()):
+                r, c = divmod(token, side)
+                window = b * per_row * per_row + (r // 4) * per_row + c // 4
+                keys = [(r // 4 * 4 + j // 4) * side + c // 4 * 4 + j % 4 for j in range(16)]
+                want[b, :, t, keys] = windows[window, :, (r % 4) * 4 + c % 4]
+        torch.testing.assert_close(rec.attention(layer), want, atol=1e-6, rtol=1e-5)
+
+
+def test_a_layer_run_twice_is_refused_with_the_whole_reason():
+    """A module called twice in one forward (a ViT's second block used twice): the refusal names the layer, its
+    module and why, in full; nothing is handed over."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    model.blocks = torch.nn.Sequential(model.blocks[0], model.blocks[1], model.blocks[1])
+    with pytest.raises(QKHooksError) as err:
+        with torch.no_grad(), qkhooks.record(model, modes=2) as rec:
+            rec(images)
+    assert str(err.value) == (
+        "layer 1 (blocks.1.attn, Attention) ran more than once in one forward of the model, and a recording holds one "
+        "call per layer and forward, so its earlier calls would be lost; qkhooks does not model this module's "
+        "repeated calls.")
+    assert rec.images_seen == 0
+
+
+def test_per_frame_calls_are_joined_image_major_in_every_tensor_a_capture_holds():
+    """T calls of a layer over the same B images become one capture of B·T, image b's calls together (b·T + t), for
+    every tensor kept (inputs, modes, each attention kind, the relative term); a tensor a call lacks stays None."""
+    from qkhooks.capture import _joined_calls
+    from qkhooks.results import LayerCapture
+
+    rng = np.random.default_rng(13)
+    shapes = {"inputs": (2, 5, 3), "query": (2, 2, 4, 5), "key": (2, 2, 4, 5), "relative": (2, 2, 5, 5)}
+    calls = []
+    for _ in range(3):
+        parts = {name: torch.from_numpy(rng.standard_normal(shape)) for name, shape in shapes.items()}
+        attention = {"full": torch.from_numpy(rng.standard_normal((2, 2, 5, 5))),
+                     "rows": torch.from_numpy(rng.standard_normal((2, 2, 1, 5)))}
+        calls.append(LayerCapture(7, 2, attention=attention, **parts))
+    joined = _joined_calls(calls)
+    assert (joined.layer, joined.batch_size, sorted(joined.attention)) == (7, 6, ["full", "rows"])
+    for name in shapes:
+        want = np.stack([[getattr(calls[t], name)[b].numpy() for t in range(3)] for b in range(2)]).reshape(
+            (6,) + shapes[name][1:])
+        np.testing.assert_array_equal(getattr(joined, name).numpy(), want)
+    for kind in ("full", "rows"):
+        want = np.concatenate([np.stack([calls[t].attention[kind][b].numpy() for t in range(3)]) for b in range(2)])
+        np.testing.assert_array_equal(joined.attention[kind].numpy(), want)
+    bare = _joined_calls([LayerCapture(0, 2, query=torch.zeros(2, 1, 1, 3)), LayerCapture(0, 2, query=torch.ones(2, 1, 1, 3))])
+    assert (bare.inputs, bare.key, bare.relative, bare.attention) == (None, None, None, {})
+    assert bare.query[:, 0, 0, 0].tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_terms_are_read_by_index_or_path_and_refused_with_the_whole_reason():
+    """Recording.terms: the same terms by block index and by module path; a one-softmax layer, a two-softmax layer
+    recorded without full maps and a layer never recorded are refused with the whole message."""
+    import qkhooks
+    from test_map_forms import _dwee
+
+    model = _dwee()
+    plain = ASYMMETRIC_TIMM.model()
+    with qkhooks.record(model, modes=0, attention="full:1") as rec, torch.no_grad():
+        model(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    by_path = rec.terms(rec.module_paths[1])
+    assert set(by_path) == {"softmax1", "softmax2", "lambda"}
+    for name, term in rec.terms(1).items():
+        assert torch.equal(term, by_path[name])
+    with qkhooks.record(plain, modes=0, attention="full") as plain_rec, torch.no_grad():
+        plain_rec(ASYMMETRIC_TIMM.images())
+    _assert_refused([
+        (lambda: plain_rec.terms(0), "layer 0 (blocks.0.attn) has one softmax per map: it has no separate terms."),
+        (lambda: rec.terms(0), "this recording has no full attention for layer 0 (layers with them: [1]); the terms "
+                               "are kept with the full maps: record the layer with attention='full'."),
+        (lambda: rec.terms(5), "this recording did not record layer 5; its layers are [0, 1]."),
+    ])
+
+
+def test_a_forward_that_fails_in_the_last_recorded_layer_hands_over_no_batch_whichever_call_opened_it():
+    """A forward that raises inside the last recorded layer (after every layer's hooks ran): whether the batch was
+    opened by the model's own call or by the first layer (a submodule's forward called directly), no batch is handed
+    to the sinks or counted; the next forward is recorded as batch 0, with the maps of timm's eager attention."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    want = timm_module_eager_maps(model, model.blocks[1].attn, images)[0]
+
+    def fail(module, args, output):
+        raise RuntimeError("stopped inside the last layer")
+
+    for forward in (model, model.forward_features):
+        handed: list = []
+        with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
+            rec.sinks.append(type("Sink", (), {"update": lambda self, batch: handed.append(batch)})())
+            handle = model.blocks[1].attn.proj.register_forward_hook(fail)
+            with pytest.raises(RuntimeError, match="stopped inside the last layer"):
+                forward(images)
+            handle.remove()
+            assert (handed, rec.images_seen, rec.last) == ([], 0, None)
+            forward(images)
+        assert len(handed) == 1 and handed[0].ids == ["0", "1"] and rec.images_seen == 2
+        torch.testing.assert_close(rec.attention(1, "full"), want, atol=1e-6, rtol=1e-5)
+
+
+def test_pooled_rows_without_pool_masks_are_refused_with_the_whole_reason_on_either_path():
+    """attention='pooled' with no pool_masks in the batch metadata: refused with the whole message, whether the rows
+    come from the tokens x (qk_path=False) or from the q/k hook; nothing is counted."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    for options in (dict(modes=2, qk_path=False), dict(modes=2)):
+        with pytest.raises(QKHooksError) as err:
+            with qkhooks.record(model, attention="pooled", **options) as rec, torch.no_grad():
+                rec(images)
+        assert str(err.value) == "attention='pooled' needs pool_masks (B, M, tokens) in the batch metadata.", options
+        assert rec.images_seen == 0
