@@ -817,3 +817,95 @@ def test_pooled_rows_without_pool_masks_are_refused_with_the_whole_reason_on_eit
                 rec(images)
         assert str(err.value) == "attention='pooled' needs pool_masks (B, M, tokens) in the batch metadata.", options
         assert rec.images_seen == 0
+
+
+def test_two_softmax_terms_taken_from_the_tokens_without_the_qk_path_equal_the_terms_written_out():
+    """qk_path=False: a differential layer's full maps and its terms (softmax1, softmax2, λ) come from the tokens x in
+    the layer hook, not from the q/k hook; each equals the terms written out from the parameters (float64)."""
+    import qkhooks
+    from test_map_forms import _diff_reference, _dwee, _inputs_of
+
+    model = _dwee(qkv_bias=True)
+    attn = model.blocks[1].attn
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    _, xs = _inputs_of(model, {"a": attn}, images)
+    with qkhooks.record(model, modes=2, attention="full:1", qk_path=False) as rec, torch.no_grad():
+        rec(images)
+    assert rec._qk_attention == set() and rec.mode_source == {0: "x", 1: "x"}
+    _, s1, s2, lam = _diff_reference(attn, xs["a"])
+    terms = rec.terms(1)
+    torch.testing.assert_close(terms["softmax1"].double(), s1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(terms["softmax2"].double(), s2, atol=1e-6, rtol=0)
+    assert abs(float(terms["lambda"]) - float(lam)) < 1e-6
+    torch.testing.assert_close(rec.attention(1, "full").double(), s1 - lam * s2, atol=1e-6, rtol=0)
+
+
+def test_a_masked_layer_has_no_position_only_term_and_says_why_in_full():
+    """EoMT's last block masks each object query to its predicted mask: a term that depends on the image, so the
+    layer's bias is refused with the whole reason; its first block adds no term at all (None)."""
+    import qkhooks
+    from test_zoo import FAST_CASES, _call
+
+    case = next(c for c in FAST_CASES if c.name == "EomtDinov3ForUniversalSegmentation")
+    torch.manual_seed(0)
+    model, inputs = case.build().eval(), case.inputs()
+    with qkhooks.record(model, modes=0, attention="full") as rec, torch.no_grad():
+        _call(model, inputs)
+    assert rec.layers == [0, 1] and rec.bias(0) is None
+    _assert_refused([(lambda: rec.bias(1), "layer 1 has no position-only additive term to give: it is a mask (it "
+                                           "masks keys out or differs between images), applied in the rebuilt maps.")])
+
+
+def test_reduced_keys_in_a_compute_dtype_are_the_models_reduced_tokens_on_the_modes_in_that_dtype():
+    """PVT-v2 (keys from spatially reduced tokens, modes from x): with compute_dtype=float64 both maps are float64,
+    the query maps the layer's input tokens times U and the key maps the model's own reduced tokens (the output of its
+    reduction LayerNorm) times V, in numpy float64."""
+    import qkhooks
+    from test_multigrid_runs import _outputs, _timm
+
+    model = _timm("pvt_v2_b0", embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2), depths=(1, 1, 1, 1),
+                  sr_ratios=(4, 2, 1, 1))
+    images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    attn = model.stages[0].blocks[0].attn
+    reduced, remove = _outputs({0: attn.norm})
+    inputs: list = []
+    handle = attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    try:
+        with qkhooks.record(model, modes=2, layers=[0], compute_dtype=torch.float64) as rec, torch.no_grad():
+            rec(images)
+    finally:
+        remove()
+        handle.remove()
+    assert rec.mode_source == {0: "x"} and (rec.query(0).dtype, rec.key(0).dtype) == (torch.float64, torch.float64)
+    spectrum = rec.spectrum(0)
+    for got, tokens, side in ((rec.query(0), inputs[0], spectrum.U), (rec.key(0), reduced[0][0], spectrum.V)):
+        want = np.einsum("bnd,hdk->bhkn", tokens.double().numpy(), np.asarray(side, dtype=np.float64))
+        assert got.shape == want.shape  # (2, 2, 2, 384) queries, (2, 2, 2, 24) reduced keys
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-10, rtol=1e-10)
+
+
+def test_a_windowed_layers_modes_from_the_tokens_are_laid_out_on_the_image_grid():
+    """Swin with qk_path=False (modes from the window tokens x in the layer hook): the query and key maps of each
+    image are on its 16 x 16 grid, the token at (r, c) the one timm's window partition put in window (r//4, c//4) at
+    (r%4, c%4) (block 0: no shift), times U and V (numpy float64)."""
+    import qkhooks
+    from test_multigrid_runs import _swin
+
+    model, images = _swin(), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    attn = model.layers[0].blocks[0].attn
+    windows: list = []
+    handle = attn.register_forward_pre_hook(lambda module, args: windows.append(args[0].detach().clone()))
+    try:
+        with qkhooks.record(model, modes=2, layers=[0], qk_path=False) as rec, torch.no_grad():
+            rec(images)
+    finally:
+        handle.remove()
+    assert rec.mode_source == {0: "x"}
+    x = windows[0].double().numpy()  # (2 * 16 windows, 16 tokens, C)
+    grid = np.stack([[x[b * 16 + (r // 4) * 4 + c // 4, (r % 4) * 4 + c % 4] for r in range(16) for c in range(16)]
+                     for b in range(2)])  # (2, 256, C), row-major on the image grid
+    spectrum = rec.spectrum(0)
+    for got, side in ((rec.query(0), spectrum.U), (rec.key(0), spectrum.V)):
+        want = np.einsum("bnd,hdk->bhkn", grid, np.asarray(side, dtype=np.float64))
+        assert got.shape == want.shape == (2, 2, 2, 256)
+        np.testing.assert_allclose(got.double().numpy(), want, atol=1e-5, rtol=1e-4)
