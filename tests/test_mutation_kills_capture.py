@@ -909,3 +909,34 @@ def test_a_windowed_layers_modes_from_the_tokens_are_laid_out_on_the_image_grid(
         want = np.einsum("bnd,hdk->bhkn", grid, np.asarray(side, dtype=np.float64))
         assert got.shape == want.shape == (2, 2, 2, 256)
         np.testing.assert_allclose(got.double().numpy(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_windowed_layers_relative_term_is_laid_out_per_image_and_window_like_its_full_maps():
+    """SAM's windowed layer 0: the module is called on windows (B·nW, s, s, d); its relative term is q_i·R_h[h_i − h_j
+    + s − 1] + q_i·R_w[w_i − w_j + s − 1] within each window (the module's tables indexed directly), stored per image
+    as (B, nW, H, s·s, s·s), the layout of its full maps."""
+    import qkhooks
+
+    model, inputs, _ = _zoo_case("samvit_base_patch16_224")
+    site = qkhooks.sites(model)[0]
+    tokens = []
+    handle = site.module.register_forward_pre_hook(lambda m, a: tokens.append(a[0].detach()))
+    try:
+        with qkhooks.record(model, modes=None, attention="full:0") as rec, torch.no_grad():
+            rec(**inputs)
+    finally:
+        handle.remove()
+    x = tokens[0].double()  # (B·nW, s, s, d)
+    calls, s, _, _ = x.shape
+    rows = site.num_heads * site.head_dim
+    q = (x @ site.module.qkv.weight[:rows].double().T + site.module.qkv.bias[:rows].double()).unflatten(-1, (site.num_heads, -1))
+    r_h, r_w = site.module.rel_pos_h.double(), site.module.rel_pos_w.double()
+    ii = torch.arange(s)[:, None]
+    by_h = torch.einsum("bywhc,yzc->bhywz", q, r_h[ii - ii.T + s - 1])
+    by_w = torch.einsum("bywhc,wzc->bhywz", q, r_w[ii - ii.T + s - 1])
+    want = (by_h[..., :, None] + by_w[..., None, :]).flatten(2, 3).flatten(-2)  # (B·nW, H, s·s, s·s)
+    images = rec.n
+    assert calls % images == 0 and calls // images > 1  # several windows per image
+    got = rec.relative_term(0)
+    assert got.shape == rec.attention(0, "full").shape == (images, calls // images) + tuple(want.shape[1:])
+    torch.testing.assert_close(got.double(), want.unflatten(0, (images, -1)).detach(), atol=1e-5, rtol=1e-5)
