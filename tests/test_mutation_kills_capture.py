@@ -940,3 +940,36 @@ def test_a_windowed_layers_relative_term_is_laid_out_per_image_and_window_like_i
     got = rec.relative_term(0)
     assert got.shape == rec.attention(0, "full").shape == (images, calls // images) + tuple(want.shape[1:])
     torch.testing.assert_close(got.double(), want.unflatten(0, (images, -1)).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_whether_a_cached_sites_attributes_lead_back_to_it_is_walked_through_every_road_once():
+    """_links_back (a cached site is copied only when nothing it holds reaches the original): a closure, a default,
+    a keyword default, an object's attribute and a list each reach the site; a graph with a cycle that reaches
+    nothing is walked once and answers False; a graph over 10,000 objects counts as reaching it."""
+    import types
+
+    from qkhooks.capture import _links_back
+
+    site = object.__new__(type("Site", (), {}))  # anything with an id; only identity matters
+    originals = {id(site)}
+
+    def closure():
+        return site
+
+    roads = {
+        "closure": closure,
+        "default": lambda x=site: x,
+        "keyword default": lambda *, x=site: x,
+        "attribute": types.SimpleNamespace(helper=types.SimpleNamespace(owner=site)),
+        "list": [1.0, [site]],
+    }
+    for road, value in roads.items():
+        assert _links_back([value], originals), road
+        assert not _links_back([value], {id(object())}), road
+    cycle: dict = {"size": 3, "name": "grid"}
+    cycle["again"] = types.SimpleNamespace(back=cycle)
+    assert not _links_back([cycle, lambda n: n + 1], originals)
+    chain = None
+    for _ in range(10_001):
+        chain = types.SimpleNamespace(next=chain)
+    assert _links_back([chain], originals)  # too large to walk: taken as reaching the site
