@@ -973,3 +973,23 @@ def test_whether_a_cached_sites_attributes_lead_back_to_it_is_walked_through_eve
     for _ in range(10_001):
         chain = types.SimpleNamespace(next=chain)
     assert _links_back([chain], originals)  # too large to walk: taken as reaching the site
+
+
+def test_an_attention_module_replaced_by_another_of_the_same_class_is_found_by_a_new_search():
+    """The cached sites are keyed by every module's identity, not only its class and settings: after a block's
+    attention is replaced by a copy with other weights (same class, same settings), the next recording hooks the
+    new module and its maps are the new module's eager maps."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
+        rec(images)  # the sites are searched and cached for this model
+    new = copy.deepcopy(model.blocks[1].attn)
+    with torch.no_grad():
+        new.qkv.weight.mul_(1.5)
+    model.blocks[1].attn = new
+    want = timm_module_eager_maps(model, new, images)[0]
+    with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
+        rec(images)
+        assert rec.sites[1].module is new
+    torch.testing.assert_close(rec.attention(1, "full"), want, atol=1e-6, rtol=1e-5)
