@@ -840,17 +840,23 @@ def test_two_softmax_terms_taken_from_the_tokens_without_the_qk_path_equal_the_t
     torch.testing.assert_close(rec.attention(1, "full").double(), s1 - lam * s2, atol=1e-6, rtol=0)
 
 
-def test_a_masked_layer_has_no_position_only_term_and_says_why_in_full():
-    """EoMT's last block masks each object query to its predicted mask: a term that depends on the image, so the
-    layer's bias is refused with the whole reason; its first block adds no term at all (None)."""
+def _eomt_recording(**options):
+    """A recording of the small EoMT-DINOv3 of the zoo (5 object queries joined before its last block), one batch."""
     import qkhooks
     from test_zoo import FAST_CASES, _call
 
     case = next(c for c in FAST_CASES if c.name == "EomtDinov3ForUniversalSegmentation")
     torch.manual_seed(0)
     model, inputs = case.build().eval(), case.inputs()
-    with qkhooks.record(model, modes=0, attention="full") as rec, torch.no_grad():
+    with qkhooks.record(model, modes=0, **options) as rec, torch.no_grad():
         _call(model, inputs)
+    return rec
+
+
+def test_a_masked_layer_has_no_position_only_term_and_says_why_in_full():
+    """EoMT's last block masks each object query to its predicted mask: a term that depends on the image, so the
+    layer's bias is refused with the whole reason; its first block adds no term at all (None)."""
+    rec = _eomt_recording(attention="full")
     assert rec.layers == [0, 1] and rec.bias(0) is None
     _assert_refused([(lambda: rec.bias(1), "layer 1 has no position-only additive term to give: it is a mask (it "
                                            "masks keys out or differs between images), applied in the rebuilt maps.")])
@@ -993,3 +999,36 @@ def test_an_attention_module_replaced_by_another_of_the_same_class_is_found_by_a
         rec(images)
         assert rec.sites[1].module is new
     torch.testing.assert_close(rec.attention(1, "full"), want, atol=1e-6, rtol=1e-5)
+
+
+def test_a_batchs_prefix_tokens_are_the_first_recorded_layers_where_later_layers_have_more():
+    """EoMT: CLS and 4 registers are the prefix tokens (5); the 5 object queries join them before the last block (10
+    there). The batch's metadata keeps the first recorded layer's count, and the last layer's when it alone is
+    recorded."""
+    both, last = _eomt_recording(attention="full"), _eomt_recording(attention="full", layers=[1])
+    assert [s.num_prefix_tokens for s in both.sites] == [5, 10]
+    assert (both.last.meta["num_prefix_tokens"], last.last.meta["num_prefix_tokens"]) == (5, 10)
+
+
+def test_a_module_whose_class_changes_in_place_is_searched_again(monkeypatch):
+    """The cached sites are keyed by every module's class too: a block's attention given, in place, a class that
+    qkhooks knows as unmodelled (a test's entry in UNMODELLED_FORMS) is refused by the next recording, naming it,
+    not recorded from the sites found for its old class."""
+    import qkhooks
+    from qkhooks.models import unsupported
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
+        rec(images)  # the sites are searched and cached for this model
+    attn = model.blocks[1].attn
+
+    class OpaqueAttention(type(attn)):
+        pass
+
+    monkeypatch.setitem(unsupported.UNMODELLED_FORMS, f"{OpaqueAttention.__module__}.{OpaqueAttention.__qualname__}",
+                        "a test's opaque attention")
+    attn.__class__ = OpaqueAttention
+    _assert_refused([(lambda: qkhooks.record(model, modes=None, attention="full"),
+                      "unsupported attention in 'blocks.1.attn' (OpaqueAttention): a test's opaque attention. To record "
+                      "the layers qkhooks does model and leave this one out, named with its reason in the recording and "
+                      "the run file, pass skip_unmodelled=True (qkhooks record --skip-unmodelled).")])
