@@ -244,22 +244,22 @@ def _zoo_case(name: str):
     return _case(name)
 
 
-def test_the_relative_term_is_q_dot_the_tables_at_the_offsets_and_is_refused_without_full_maps():
-    """SAM's global layer 1: the recorded term is q_i·R_h[h_i − h_j + h − 1] + q_i·R_w[w_i − w_j + w − 1], q the
-    layer's own query and R the module's tables indexed directly (as test_relpos.py); its windowed layer 0 has a term
-    too, but without full maps it is refused, naming the layers with them."""
+def _sam_relative_term_of_its_calls(layer: int):
+    """SAM recorded with full maps of ``layer``, and that layer's relative term written out from the tokens its module
+    was called on, (calls, h, w, d): q_i·R_h[h_i − h_j + h − 1] + q_i·R_w[w_i − w_j + w − 1], q the layer's own query
+    and R the module's tables indexed directly (as test_relpos.py), as (calls, H, h·w, h·w)."""
     import qkhooks
 
     model, inputs, _ = _zoo_case("samvit_base_patch16_224")
-    site = qkhooks.sites(model)[1]
+    site = qkhooks.sites(model)[layer]
     tokens = []
     handle = site.module.register_forward_pre_hook(lambda m, a: tokens.append(a[0].detach()))
     try:
-        with qkhooks.record(model, modes=None, attention="full:1") as rec, torch.no_grad():
+        with qkhooks.record(model, modes=None, attention=f"full:{layer}") as rec, torch.no_grad():
             rec(**inputs)
     finally:
         handle.remove()
-    x = tokens[0].double()  # (B, h, w, d)
+    x = tokens[0].double()
     _, h, w, _ = x.shape
     rows = site.num_heads * site.head_dim
     q = (x @ site.module.qkv.weight[:rows].double().T + site.module.qkv.bias[:rows].double()).unflatten(-1, (site.num_heads, -1))
@@ -267,8 +267,15 @@ def test_the_relative_term_is_q_dot_the_tables_at_the_offsets_and_is_refused_wit
     ii, jj = torch.arange(h)[:, None], torch.arange(w)[:, None]
     by_h = torch.einsum("bywhc,yzc->bhywz", q, r_h[ii - ii.T + h - 1])
     by_w = torch.einsum("bywhc,wzc->bhywz", q, r_w[jj - jj.T + w - 1])
-    want = (by_h[..., :, None] + by_w[..., None, :]).flatten(2, 3).flatten(-2)  # (B, H, N, N)
-    torch.testing.assert_close(rec.relative_term("blocks.1.attn").double(), want.detach(), atol=1e-5, rtol=1e-5)
+    return rec, (by_h[..., :, None] + by_w[..., None, :]).flatten(2, 3).flatten(-2).detach()
+
+
+def test_the_relative_term_is_q_dot_the_tables_at_the_offsets_and_is_refused_without_full_maps():
+    """SAM's global layer 1: the recorded term is q_i·R_h[h_i − h_j + h − 1] + q_i·R_w[w_i − w_j + w − 1], q the
+    layer's own query and R the module's tables indexed directly (as test_relpos.py); its windowed layer 0 has a term
+    too, but without full maps it is refused, naming the layers with them."""
+    rec, want = _sam_relative_term_of_its_calls(1)  # (B, H, N, N): layer 1 is called on whole images
+    torch.testing.assert_close(rec.relative_term("blocks.1.attn").double(), want, atol=1e-5, rtol=1e-5)
     assert float(want.abs().max()) > 1e-2 and rec.relative_layers == [1]
     with pytest.raises(QKHooksError) as err:
         rec.relative_term(0)
@@ -921,31 +928,12 @@ def test_a_windowed_layers_relative_term_is_laid_out_per_image_and_window_like_i
     """SAM's windowed layer 0: the module is called on windows (B·nW, s, s, d); its relative term is q_i·R_h[h_i − h_j
     + s − 1] + q_i·R_w[w_i − w_j + s − 1] within each window (the module's tables indexed directly), stored per image
     as (B, nW, H, s·s, s·s), the layout of its full maps."""
-    import qkhooks
-
-    model, inputs, _ = _zoo_case("samvit_base_patch16_224")
-    site = qkhooks.sites(model)[0]
-    tokens = []
-    handle = site.module.register_forward_pre_hook(lambda m, a: tokens.append(a[0].detach()))
-    try:
-        with qkhooks.record(model, modes=None, attention="full:0") as rec, torch.no_grad():
-            rec(**inputs)
-    finally:
-        handle.remove()
-    x = tokens[0].double()  # (B·nW, s, s, d)
-    calls, s, _, _ = x.shape
-    rows = site.num_heads * site.head_dim
-    q = (x @ site.module.qkv.weight[:rows].double().T + site.module.qkv.bias[:rows].double()).unflatten(-1, (site.num_heads, -1))
-    r_h, r_w = site.module.rel_pos_h.double(), site.module.rel_pos_w.double()
-    ii = torch.arange(s)[:, None]
-    by_h = torch.einsum("bywhc,yzc->bhywz", q, r_h[ii - ii.T + s - 1])
-    by_w = torch.einsum("bywhc,wzc->bhywz", q, r_w[ii - ii.T + s - 1])
-    want = (by_h[..., :, None] + by_w[..., None, :]).flatten(2, 3).flatten(-2)  # (B·nW, H, s·s, s·s)
-    images = rec.n
+    rec, want = _sam_relative_term_of_its_calls(0)  # (B·nW, H, s·s, s·s): layer 0 is called on windows
+    calls, images = want.shape[0], rec.n
     assert calls % images == 0 and calls // images > 1  # several windows per image
     got = rec.relative_term(0)
     assert got.shape == rec.attention(0, "full").shape == (images, calls // images) + tuple(want.shape[1:])
-    torch.testing.assert_close(got.double(), want.unflatten(0, (images, -1)).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.double(), want.unflatten(0, (images, -1)), atol=1e-5, rtol=1e-5)
 
 
 def test_whether_a_cached_sites_attributes_lead_back_to_it_is_walked_through_every_road_once():
