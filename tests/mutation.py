@@ -45,6 +45,15 @@ KILLS_IO = "tests/test_mutation_kills_io.py"
 # Round 11 (mut11-rest): the kill tests of reducers, models, stream, store, preprocess and statistics.
 KILLS_REST = "tests/test_mutation_kills_rest.py"
 KILLS_CAPTURE = "tests/test_mutation_kills_capture.py"
+# Round 13 (mut13-capture): the fast tests of the zoo11 forms that reach capture code nothing else in its selection
+# runs: per-frame layers joined (VidEoMT: `_repeated_call`, `_join_calls`, `_joined_calls`), a layer run twice
+# refused, maps observed inside the module (`_inside_hooks`, maps-only layers under outputs="eager"), two-softmax
+# terms (`terms`, `statics`, the run file's terms). ~9 s of tests at load 2; GCViT, EfficientViT-MSRA, ConViT's
+# product test and its run-file test (2-4 s each) add no capture branch these miss.
+CAPTURE_FORMS = ("videomt_per_frame or run_twice_in_one_forward or maps_taken_from_a_fused_sdpa "
+                 "or maps_only_layers_run_as_they_are or differential_maps_terms or differential_rows "
+                 "or (one_product_of_q_and_k and differential) or terms_need_full_maps or gpsa_maps_terms "
+                 "or test_terms_runs")
 # Round 12 (mut12-models): the adapters' branches only families outside the plain ViTs reach (PiT, RoPE, q/k-norm,
 # CaiT, reduced keys, grouped-query keys, HF DINOv3 / Data2Vec / BEiT / EoMT / BLIP / GroupViT), ~40 s.
 KILLS_MODELS = "tests/test_mutation_kills_models.py"
@@ -83,12 +92,14 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                   f"or {TWO_SOFTMAX_AND_INSIDE}) and not (rope_bias_windows or {SAME_FORM_FAMILIES})"),
     # capture (round 11): results.py and access.py added, with the tests that read results through them:
     # test_multigrid_runs.py's per-layer geometry (windows, reduced keys, a file without per-layer geometry);
-    # test_mutation_kills_capture.py kills the rest against references.
+    # test_mutation_kills_capture.py kills the rest against references. Round 13: the zoo11 forms' fast tests
+    # (CAPTURE_FORMS) for the code only they reach.
     "capture": (["qkhooks/capture.py", "qkhooks/results.py", "qkhooks/access.py"],
                 ["tests/test_core.py", "tests/test_asymmetry.py", "tests/test_vocabulary.py", "tests/test_multigrid_runs.py",
-                 KILLS_IO, KILLS_CAPTURE],
-                "(not test_multigrid_runs or swin_run_stores or reduced_key or without_per_layer_geometry "
-                f"or hand_made_batch) and not ({SAME_FORM_FAMILIES})"),
+                 "tests/test_inside_forms.py", "tests/test_map_forms.py", "tests/test_terms_runs.py", KILLS_IO,
+                 KILLS_CAPTURE],
+                "(not (test_multigrid_runs or test_inside_forms or test_map_forms) or swin_run_stores or reduced_key "
+                f"or without_per_layer_geometry or hand_made_batch or {CAPTURE_FORMS}) and not ({SAME_FORM_FAMILIES})"),
     "reducers": (["qkhooks/reducers.py"],
                  ["tests/test_reducers.py", "tests/test_modes.py", "tests/test_distributed.py", KILLS_REST],
                  "merge or state or reducer or shards or kills_rest"),

@@ -244,22 +244,22 @@ def _zoo_case(name: str):
     return _case(name)
 
 
-def test_the_relative_term_is_q_dot_the_tables_at_the_offsets_and_is_refused_without_full_maps():
-    """SAM's global layer 1: the recorded term is q_i·R_h[h_i − h_j + h − 1] + q_i·R_w[w_i − w_j + w − 1], q the
-    layer's own query and R the module's tables indexed directly (as test_relpos.py); its windowed layer 0 has a term
-    too, but without full maps it is refused, naming the layers with them."""
+def _sam_relative_term_of_its_calls(layer: int):
+    """SAM recorded with full maps of ``layer``, and that layer's relative term written out from the tokens its module
+    was called on, (calls, h, w, d): q_i·R_h[h_i − h_j + h − 1] + q_i·R_w[w_i − w_j + w − 1], q the layer's own query
+    and R the module's tables indexed directly (as test_relpos.py), as (calls, H, h·w, h·w)."""
     import qkhooks
 
     model, inputs, _ = _zoo_case("samvit_base_patch16_224")
-    site = qkhooks.sites(model)[1]
+    site = qkhooks.sites(model)[layer]
     tokens = []
     handle = site.module.register_forward_pre_hook(lambda m, a: tokens.append(a[0].detach()))
     try:
-        with qkhooks.record(model, modes=None, attention="full:1") as rec, torch.no_grad():
+        with qkhooks.record(model, modes=None, attention=f"full:{layer}") as rec, torch.no_grad():
             rec(**inputs)
     finally:
         handle.remove()
-    x = tokens[0].double()  # (B, h, w, d)
+    x = tokens[0].double()
     _, h, w, _ = x.shape
     rows = site.num_heads * site.head_dim
     q = (x @ site.module.qkv.weight[:rows].double().T + site.module.qkv.bias[:rows].double()).unflatten(-1, (site.num_heads, -1))
@@ -267,8 +267,15 @@ def test_the_relative_term_is_q_dot_the_tables_at_the_offsets_and_is_refused_wit
     ii, jj = torch.arange(h)[:, None], torch.arange(w)[:, None]
     by_h = torch.einsum("bywhc,yzc->bhywz", q, r_h[ii - ii.T + h - 1])
     by_w = torch.einsum("bywhc,wzc->bhywz", q, r_w[jj - jj.T + w - 1])
-    want = (by_h[..., :, None] + by_w[..., None, :]).flatten(2, 3).flatten(-2)  # (B, H, N, N)
-    torch.testing.assert_close(rec.relative_term("blocks.1.attn").double(), want.detach(), atol=1e-5, rtol=1e-5)
+    return rec, (by_h[..., :, None] + by_w[..., None, :]).flatten(2, 3).flatten(-2).detach()
+
+
+def test_the_relative_term_is_q_dot_the_tables_at_the_offsets_and_is_refused_without_full_maps():
+    """SAM's global layer 1: the recorded term is q_i·R_h[h_i − h_j + h − 1] + q_i·R_w[w_i − w_j + w − 1], q the
+    layer's own query and R the module's tables indexed directly (as test_relpos.py); its windowed layer 0 has a term
+    too, but without full maps it is refused, naming the layers with them."""
+    rec, want = _sam_relative_term_of_its_calls(1)  # (B, H, N, N): layer 1 is called on whole images
+    torch.testing.assert_close(rec.relative_term("blocks.1.attn").double(), want, atol=1e-5, rtol=1e-5)
     assert float(want.abs().max()) > 1e-2 and rec.relative_layers == [1]
     with pytest.raises(QKHooksError) as err:
         rec.relative_term(0)
@@ -674,3 +681,342 @@ def test_an_attention_that_bypasses_its_qk_linear_is_refused_when_its_full_maps_
             "layer 0's attention did not call its q/k Linear modules, so its modes or full maps could not be taken "
             "from their outputs; record with qk_path=False to use the tokens instead."), options
         assert rec.last is None and rec.images_seen == 0
+
+
+# ---------------------------------------------------------------------------------------------- round 13 (mut13-capture)
+def test_default_rows_across_swin_stages_are_refused_with_the_whole_reason_and_chosen_tokens_are_each_stages_own():
+    """The rows-axis check: default tokens (those of the first rows layer's grid) in a layer of another stage are
+    refused before any batch is handed over; chosen tokens index each layer's own tokens, so the rows of both stages
+    are recorded, each the query's window softmax of timm's eager window attention (block 0 of a stage: no shift)."""
+    import qkhooks
+    from test_multigrid_runs import _swin
+
+    model, images = _swin(), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(QKHooksError) as err:
+        with qkhooks.record(model, modes=0, layers=[1, 2], attention="rows") as rec, torch.no_grad():
+            rec(images)
+    assert str(err.value) == (
+        "layer 2 (layers.1.blocks.0.attn) attends over 2 images of 16 tokens (stage 'layers.1.blocks') and layer 1 "
+        "(layers.0.blocks.1.attn) over 2 images of 16 (stage 'layers.0.blocks'): the default query tokens (the class "
+        "token and the centre patch) are those of the first layer's grid. Record the rows of one stage at a time "
+        "(layers=[...]) or record attention='full'.")
+    assert rec.images_seen == 0 and rec.last is None
+    tokens = torch.tensor([[3, 45], [0, 60]])  # valid on both grids (16 x 16 and 8 x 8)
+    with qkhooks.record(model, modes=0, layers=[0, 2], attention="rows") as rec, torch.no_grad():
+        rec(images, meta={"query_tokens": tokens})
+    for layer, attn, side in ((0, model.layers[0].blocks[0].attn, 16), (2, model.layers[1].blocks[0].attn, 8)):
+        windows = timm_module_eager_maps(model, attn, images)[0]  # (B * windows, H, 16, 16), windows of 4 x 4
+        per_row = side // 4
+        want = torch.zeros(2, windows.shape[1], 2, side * side)
+        for b in range(2):
+            for t, token in enumerate(tokens[b].tolist()):
+                r, c = divmod(token, side)
+                window = b * per_row * per_row + (r // 4) * per_row + c // 4
+                keys = [(r // 4 * 4 + j // 4) * side + c // 4 * 4 + j % 4 for j in range(16)]
+                want[b, :, t, keys] = windows[window, :, (r % 4) * 4 + c % 4]
+        torch.testing.assert_close(rec.attention(layer), want, atol=1e-6, rtol=1e-5)
+
+
+def test_a_layer_run_twice_is_refused_with_the_whole_reason():
+    """A module called twice in one forward (a ViT's second block used twice): the refusal names the layer, its
+    module and why, in full; nothing is handed over."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    model.blocks = torch.nn.Sequential(model.blocks[0], model.blocks[1], model.blocks[1])
+    with pytest.raises(QKHooksError) as err:
+        with torch.no_grad(), qkhooks.record(model, modes=2) as rec:
+            rec(images)
+    assert str(err.value) == (
+        "layer 1 (blocks.1.attn, Attention) ran more than once in one forward of the model, and a recording holds one "
+        "call per layer and forward, so its earlier calls would be lost; qkhooks does not model this module's "
+        "repeated calls.")
+    assert rec.images_seen == 0
+
+
+def test_per_frame_calls_are_joined_image_major_in_every_tensor_a_capture_holds():
+    """T calls of a layer over the same B images become one capture of B·T, image b's calls together (b·T + t), for
+    every tensor kept (inputs, modes, each attention kind, the relative term); a tensor a call lacks stays None."""
+    from qkhooks.capture import _joined_calls
+    from qkhooks.results import LayerCapture
+
+    rng = np.random.default_rng(13)
+    shapes = {"inputs": (2, 5, 3), "query": (2, 2, 4, 5), "key": (2, 2, 4, 5), "relative": (2, 2, 5, 5)}
+    calls = []
+    for _ in range(3):
+        parts = {name: torch.from_numpy(rng.standard_normal(shape)) for name, shape in shapes.items()}
+        attention = {"full": torch.from_numpy(rng.standard_normal((2, 2, 5, 5))),
+                     "rows": torch.from_numpy(rng.standard_normal((2, 2, 1, 5)))}
+        calls.append(LayerCapture(7, 2, attention=attention, **parts))
+    joined = _joined_calls(calls)
+    assert (joined.layer, joined.batch_size, sorted(joined.attention)) == (7, 6, ["full", "rows"])
+    for name in shapes:
+        want = np.stack([[getattr(calls[t], name)[b].numpy() for t in range(3)] for b in range(2)]).reshape(
+            (6,) + shapes[name][1:])
+        np.testing.assert_array_equal(getattr(joined, name).numpy(), want)
+    for kind in ("full", "rows"):
+        want = np.concatenate([np.stack([calls[t].attention[kind][b].numpy() for t in range(3)]) for b in range(2)])
+        np.testing.assert_array_equal(joined.attention[kind].numpy(), want)
+    bare = _joined_calls([LayerCapture(0, 2, query=torch.zeros(2, 1, 1, 3)), LayerCapture(0, 2, query=torch.ones(2, 1, 1, 3))])
+    assert (bare.inputs, bare.key, bare.relative, bare.attention) == (None, None, None, {})
+    assert bare.query[:, 0, 0, 0].tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_terms_are_read_by_index_or_path_and_refused_with_the_whole_reason():
+    """Recording.terms: the same terms by block index and by module path; a one-softmax layer, a two-softmax layer
+    recorded without full maps and a layer never recorded are refused with the whole message."""
+    import qkhooks
+    from test_map_forms import _dwee
+
+    model = _dwee()
+    plain = ASYMMETRIC_TIMM.model()
+    with qkhooks.record(model, modes=0, attention="full:1") as rec, torch.no_grad():
+        model(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    by_path = rec.terms(rec.module_paths[1])
+    assert set(by_path) == {"softmax1", "softmax2", "lambda"}
+    for name, term in rec.terms(1).items():
+        assert torch.equal(term, by_path[name])
+    with qkhooks.record(plain, modes=0, attention="full") as plain_rec, torch.no_grad():
+        plain_rec(ASYMMETRIC_TIMM.images())
+    _assert_refused([
+        (lambda: plain_rec.terms(0), "layer 0 (blocks.0.attn) has one softmax per map: it has no separate terms."),
+        (lambda: rec.terms(0), "this recording has no full attention for layer 0 (layers with them: [1]); the terms "
+                               "are kept with the full maps: record the layer with attention='full'."),
+        (lambda: rec.terms(5), "this recording did not record layer 5; its layers are [0, 1]."),
+    ])
+
+
+def test_a_forward_that_fails_in_the_last_recorded_layer_hands_over_no_batch_whichever_call_opened_it():
+    """A forward that raises inside the last recorded layer (after every layer's hooks ran): whether the batch was
+    opened by the model's own call or by the first layer (a submodule's forward called directly), no batch is handed
+    to the sinks or counted; the next forward is recorded as batch 0, with the maps of timm's eager attention."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    want = timm_module_eager_maps(model, model.blocks[1].attn, images)[0]
+
+    def fail(module, args, output):
+        raise RuntimeError("stopped inside the last layer")
+
+    for forward in (model, model.forward_features):
+        handed: list = []
+        with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
+            rec.sinks.append(type("Sink", (), {"update": lambda self, batch: handed.append(batch)})())
+            handle = model.blocks[1].attn.proj.register_forward_hook(fail)
+            with pytest.raises(RuntimeError, match="stopped inside the last layer"):
+                forward(images)
+            handle.remove()
+            assert (handed, rec.images_seen, rec.last) == ([], 0, None)
+            forward(images)
+        assert len(handed) == 1 and handed[0].ids == ["0", "1"] and rec.images_seen == 2
+        torch.testing.assert_close(rec.attention(1, "full"), want, atol=1e-6, rtol=1e-5)
+
+
+def test_pooled_rows_without_pool_masks_are_refused_with_the_whole_reason_on_either_path():
+    """attention='pooled' with no pool_masks in the batch metadata: refused with the whole message, whether the rows
+    come from the tokens x (qk_path=False) or from the q/k hook; nothing is counted."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    for options in (dict(modes=2, qk_path=False), dict(modes=2)):
+        with pytest.raises(QKHooksError) as err:
+            with qkhooks.record(model, attention="pooled", **options) as rec, torch.no_grad():
+                rec(images)
+        assert str(err.value) == "attention='pooled' needs pool_masks (B, M, tokens) in the batch metadata.", options
+        assert rec.images_seen == 0
+
+
+def test_two_softmax_terms_taken_from_the_tokens_without_the_qk_path_equal_the_terms_written_out():
+    """qk_path=False: a differential layer's full maps and its terms (softmax1, softmax2, λ) come from the tokens x in
+    the layer hook, not from the q/k hook; each equals the terms written out from the parameters (float64)."""
+    import qkhooks
+    from test_map_forms import _diff_reference, _dwee, _inputs_of
+
+    model = _dwee(qkv_bias=True)
+    attn = model.blocks[1].attn
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    _, xs = _inputs_of(model, {"a": attn}, images)
+    with qkhooks.record(model, modes=2, attention="full:1", qk_path=False) as rec, torch.no_grad():
+        rec(images)
+    assert rec._qk_attention == set() and rec.mode_source == {0: "x", 1: "x"}
+    _, s1, s2, lam = _diff_reference(attn, xs["a"])
+    terms = rec.terms(1)
+    torch.testing.assert_close(terms["softmax1"].double(), s1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(terms["softmax2"].double(), s2, atol=1e-6, rtol=0)
+    assert abs(float(terms["lambda"]) - float(lam)) < 1e-6
+    torch.testing.assert_close(rec.attention(1, "full").double(), s1 - lam * s2, atol=1e-6, rtol=0)
+
+
+def _eomt_recording(**options):
+    """A recording of the small EoMT-DINOv3 of the zoo (5 object queries joined before its last block), one batch."""
+    import qkhooks
+    from test_zoo import FAST_CASES, _call
+
+    case = next(c for c in FAST_CASES if c.name == "EomtDinov3ForUniversalSegmentation")
+    torch.manual_seed(0)
+    model, inputs = case.build().eval(), case.inputs()
+    with qkhooks.record(model, modes=0, **options) as rec, torch.no_grad():
+        _call(model, inputs)
+    return rec
+
+
+def test_a_masked_layer_has_no_position_only_term_and_says_why_in_full():
+    """EoMT's last block masks each object query to its predicted mask: a term that depends on the image, so the
+    layer's bias is refused with the whole reason; its first block adds no term at all (None)."""
+    rec = _eomt_recording(attention="full")
+    assert rec.layers == [0, 1] and rec.bias(0) is None
+    _assert_refused([(lambda: rec.bias(1), "layer 1 has no position-only additive term to give: it is a mask (it "
+                                           "masks keys out or differs between images), applied in the rebuilt maps.")])
+
+
+def test_reduced_keys_in_a_compute_dtype_are_the_models_reduced_tokens_on_the_modes_in_that_dtype():
+    """PVT-v2 (keys from spatially reduced tokens, modes from x): with compute_dtype=float64 both maps are float64,
+    the query maps the layer's input tokens times U and the key maps the model's own reduced tokens (the output of its
+    reduction LayerNorm) times V, in numpy float64."""
+    import qkhooks
+    from test_multigrid_runs import _outputs, _timm
+
+    model = _timm("pvt_v2_b0", embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2), depths=(1, 1, 1, 1),
+                  sr_ratios=(4, 2, 1, 1))
+    images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    attn = model.stages[0].blocks[0].attn
+    reduced, remove = _outputs({0: attn.norm})
+    inputs: list = []
+    handle = attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    try:
+        with qkhooks.record(model, modes=2, layers=[0], compute_dtype=torch.float64) as rec, torch.no_grad():
+            rec(images)
+    finally:
+        remove()
+        handle.remove()
+    assert rec.mode_source == {0: "x"} and (rec.query(0).dtype, rec.key(0).dtype) == (torch.float64, torch.float64)
+    spectrum = rec.spectrum(0)
+    for got, tokens, side in ((rec.query(0), inputs[0], spectrum.U), (rec.key(0), reduced[0][0], spectrum.V)):
+        want = np.einsum("bnd,hdk->bhkn", tokens.double().numpy(), np.asarray(side, dtype=np.float64))
+        assert got.shape == want.shape  # (2, 2, 2, 384) queries, (2, 2, 2, 24) reduced keys
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-10, rtol=1e-10)
+
+
+def test_a_windowed_layers_modes_from_the_tokens_are_laid_out_on_the_image_grid():
+    """Swin with qk_path=False (modes from the window tokens x in the layer hook): the query and key maps of each
+    image are on its 16 x 16 grid, the token at (r, c) the one timm's window partition put in window (r//4, c//4) at
+    (r%4, c%4) (block 0: no shift), times U and V (numpy float64)."""
+    import qkhooks
+    from test_multigrid_runs import _swin
+
+    model, images = _swin(), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    attn = model.layers[0].blocks[0].attn
+    windows: list = []
+    handle = attn.register_forward_pre_hook(lambda module, args: windows.append(args[0].detach().clone()))
+    try:
+        with qkhooks.record(model, modes=2, layers=[0], qk_path=False) as rec, torch.no_grad():
+            rec(images)
+    finally:
+        handle.remove()
+    assert rec.mode_source == {0: "x"}
+    x = windows[0].double().numpy()  # (2 * 16 windows, 16 tokens, C)
+    grid = np.stack([[x[b * 16 + (r // 4) * 4 + c // 4, (r % 4) * 4 + c % 4] for r in range(16) for c in range(16)]
+                     for b in range(2)])  # (2, 256, C), row-major on the image grid
+    spectrum = rec.spectrum(0)
+    for got, side in ((rec.query(0), spectrum.U), (rec.key(0), spectrum.V)):
+        want = np.einsum("bnd,hdk->bhkn", grid, np.asarray(side, dtype=np.float64))
+        assert got.shape == want.shape == (2, 2, 2, 256)
+        np.testing.assert_allclose(got.double().numpy(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_windowed_layers_relative_term_is_laid_out_per_image_and_window_like_its_full_maps():
+    """SAM's windowed layer 0: the module is called on windows (B·nW, s, s, d); its relative term is q_i·R_h[h_i − h_j
+    + s − 1] + q_i·R_w[w_i − w_j + s − 1] within each window (the module's tables indexed directly), stored per image
+    as (B, nW, H, s·s, s·s), the layout of its full maps."""
+    rec, want = _sam_relative_term_of_its_calls(0)  # (B·nW, H, s·s, s·s): layer 0 is called on windows
+    calls, images = want.shape[0], rec.n
+    assert calls % images == 0 and calls // images > 1  # several windows per image
+    got = rec.relative_term(0)
+    assert got.shape == rec.attention(0, "full").shape == (images, calls // images) + tuple(want.shape[1:])
+    torch.testing.assert_close(got.double(), want.unflatten(0, (images, -1)), atol=1e-5, rtol=1e-5)
+
+
+def test_whether_a_cached_sites_attributes_lead_back_to_it_is_walked_through_every_road_once():
+    """_links_back (a cached site is copied only when nothing it holds reaches the original): a closure, a default,
+    a keyword default, an object's attribute and a list each reach the site; a graph with a cycle that reaches
+    nothing is walked once and answers False; a graph over 10,000 objects counts as reaching it."""
+    import types
+
+    from qkhooks.capture import _links_back
+
+    site = object.__new__(type("Site", (), {}))  # anything with an id; only identity matters
+    originals = {id(site)}
+
+    def closure():
+        return site
+
+    roads = {
+        "closure": closure,
+        "default": lambda x=site: x,
+        "keyword default": lambda *, x=site: x,
+        "attribute": types.SimpleNamespace(helper=types.SimpleNamespace(owner=site)),
+        "list": [1.0, [site]],
+    }
+    for road, value in roads.items():
+        assert _links_back([value], originals), road
+        assert not _links_back([value], {id(object())}), road
+    cycle: dict = {"size": 3, "name": "grid"}
+    cycle["again"] = types.SimpleNamespace(back=cycle)
+    assert not _links_back([cycle, lambda n: n + 1], originals)
+    chain = None
+    for _ in range(10_001):
+        chain = types.SimpleNamespace(next=chain)
+    assert _links_back([chain], originals)  # too large to walk: taken as reaching the site
+
+
+def test_an_attention_module_replaced_by_another_of_the_same_class_is_found_by_a_new_search():
+    """The cached sites are keyed by every module's identity, not only its class and settings: after a block's
+    attention is replaced by a copy with other weights (same class, same settings), the next recording hooks the
+    new module and its maps are the new module's eager maps."""
+    import qkhooks
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
+        rec(images)  # the sites are searched and cached for this model
+    new = copy.deepcopy(model.blocks[1].attn)
+    with torch.no_grad():
+        new.qkv.weight.mul_(1.5)
+    model.blocks[1].attn = new
+    want = timm_module_eager_maps(model, new, images)[0]
+    with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
+        rec(images)
+        assert rec.sites[1].module is new
+    torch.testing.assert_close(rec.attention(1, "full"), want, atol=1e-6, rtol=1e-5)
+
+
+def test_a_batchs_prefix_tokens_are_the_first_recorded_layers_where_later_layers_have_more():
+    """EoMT: CLS and 4 registers are the prefix tokens (5); the 5 object queries join them before the last block (10
+    there). The batch's metadata keeps the first recorded layer's count, and the last layer's when it alone is
+    recorded."""
+    both, last = _eomt_recording(attention="full"), _eomt_recording(attention="full", layers=[1])
+    assert [s.num_prefix_tokens for s in both.sites] == [5, 10]
+    assert (both.last.meta["num_prefix_tokens"], last.last.meta["num_prefix_tokens"]) == (5, 10)
+
+
+def test_a_module_whose_class_changes_in_place_is_searched_again(monkeypatch):
+    """The cached sites are keyed by every module's class too: a block's attention given, in place, a class that
+    qkhooks knows as unmodelled (a test's entry in UNMODELLED_FORMS) is refused by the next recording, naming it,
+    not recorded from the sites found for its old class."""
+    import qkhooks
+    from qkhooks.models import unsupported
+
+    model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
+    with qkhooks.record(model, modes=None, attention="full") as rec, torch.no_grad():
+        rec(images)  # the sites are searched and cached for this model
+    attn = model.blocks[1].attn
+
+    class OpaqueAttention(type(attn)):
+        pass
+
+    monkeypatch.setitem(unsupported.UNMODELLED_FORMS, f"{OpaqueAttention.__module__}.{OpaqueAttention.__qualname__}",
+                        "a test's opaque attention")
+    attn.__class__ = OpaqueAttention
+    _assert_refused([(lambda: qkhooks.record(model, modes=None, attention="full"),
+                      "unsupported attention in 'blocks.1.attn' (OpaqueAttention): a test's opaque attention. To record "
+                      "the layers qkhooks does model and leave this one out, named with its reason in the recording and "
+                      "the run file, pass skip_unmodelled=True (qkhooks record --skip-unmodelled).")])
