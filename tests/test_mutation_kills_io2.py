@@ -110,3 +110,105 @@ def test_a_string_static_is_an_attribute_of_the_group_its_path_names_and_the_lay
             assert sorted(f.attrs) == ["complete"]
     with h5py.File(out, "r") as f:
         assert f.attrs["complete"] == True  # noqa: E712
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def test_the_anisotropy_interval_is_the_mean_cosine_over_pairs_of_different_images_and_its_bootstrap_quantiles():
+    """Round 13: ``anisotropy_interval`` against a direct computation. The value: the mean of G_ij over ordered pairs
+    i != j. Each bootstrap resample (the function's own multinomial draw, seed 0): the images drawn, expanded to one
+    row per draw, and the mean of G over pairs of draws of *different* images; the interval: its 2.5 / 97.5 %
+    quantiles. Eight images, so no resample draws one image only (checked)."""
+    from qkhooks.analysis.anisotropy import anisotropy_interval
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(8, 5)) + 0.7  # a shared direction: positive mean cosine
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    n, n_boot = len(z), 300
+    G = z @ z.T
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    direct = np.mean([G[i, j] for i, j in pairs])
+    counts = np.random.default_rng(0).multinomial(n, np.full(n, 1 / n), size=n_boot)
+    boot = []
+    for c in counts:
+        drawn = np.repeat(np.arange(n), c)
+        different = drawn[:, None] != drawn[None, :]
+        assert different.any()
+        boot.append(G[np.ix_(drawn, drawn)][different].mean())
+    low, high = np.quantile(boot, [0.025, 0.975])
+    assert anisotropy_interval(z, n_boot=n_boot) == pytest.approx((direct, low, high), rel=1e-12, abs=1e-12)
+    assert anisotropy_interval(z[:1]) == pytest.approx((np.nan,) * 3, nan_ok=True)
+    value, *interval = anisotropy_interval(z[:2])
+    assert value == pytest.approx(G[0, 1], rel=1e-12) and np.isnan(interval).all()
+
+
+def _stages_batch(tokens: dict[int, torch.Tensor], caps: dict[int, dict] | None = None) -> "BatchCapture":
+    """A hand-made batch of a two-stage model: layer 0 on a 4 x 6 grid, layer 1 on a 2 x 3 grid, one CLS token each
+    (the batch's own grid is layer 0's, as a recording's is the first layer's)."""
+    from qkhooks.access import LayerGeometry
+    from qkhooks.results import BatchCapture, LayerCapture
+
+    geometry = {0: LayerGeometry(0, (4, 6), 1, 25, 25, (4, 6), 1), 1: LayerGeometry(1, (2, 3), 1, 7, 7, (2, 3), 1)}
+    layers = {l: LayerCapture(l, int(x.shape[0]), inputs=x, **(caps or {}).get(l, {})) for l, x in tokens.items()}
+    return BatchCapture(ids=[str(i) for i in range(5)], meta={"num_prefix_tokens": 1, "grid": (4, 6),
+                                                              "geometry": geometry}, layers=layers)
+
+
+def test_centre_embeddings_of_stages_of_different_grids_and_widths_survive_the_saved_state_unpadded():
+    """Round 13: each layer's centre patch is read on that layer's own grid (token 1 + 2·6 + 3 = 16 of the 4 x 6 layer,
+    1 + 1·3 + 1 = 5 of the 2 x 3 one), unit-normalised (numpy); the saved state pads the narrower layer to the wider
+    width and says each layer's own (``widths``), so a reducer loaded from it keeps each layer's own width, and the
+    anisotropy baseline is numpy's mean cosine over pairs of different images."""
+    from qkhooks.analysis.anisotropy import AnisotropyReducer, CentreEmbeddings
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = {0: torch.randn(5, 25, 3, generator=gen, dtype=torch.float64) + 0.5,
+              1: torch.randn(5, 7, 5, generator=gen, dtype=torch.float64) + 0.5}
+    centre = {0: tokens[0][:, 16].numpy(), 1: tokens[1][:, 5].numpy()}
+    unit = {l: v / np.linalg.norm(v, axis=1, keepdims=True) for l, v in centre.items()}
+    images, baseline = CentreEmbeddings(), AnisotropyReducer()
+    for reducer in (images, baseline):
+        reducer.update(_stages_batch(tokens))
+    state = images.state_dict()
+    np.testing.assert_array_equal(state["widths"], [3, 5])
+    assert state["vectors"].shape == (5, 2, 5) and not state["vectors"][:, 0, 3:].any()
+    loaded = CentreEmbeddings()
+    loaded.load_state_dict(state)
+    for l in (0, 1):
+        (kept,) = loaded.vectors[l]
+        assert kept.shape == unit[l].shape
+        np.testing.assert_allclose(kept, unit[l], rtol=1e-6)
+    again = AnisotropyReducer()
+    again.load_state_dict(baseline.state_dict())
+    assert {l: tuple(s.shape) for l, s in again.sums.items()} == {0: (3,), 1: (5,)}
+    for reducer in (baseline, again):
+        for l in (0, 1):
+            G = unit[l] @ unit[l].T
+            assert reducer.baselines()[l] == pytest.approx((G.sum() - np.trace(G)) / 20, rel=1e-12)
+
+
+def test_a_top_k_state_stored_one_layer_at_a_time_loads_back_and_an_empty_legacy_state_keeps_its_map_dtype():
+    """Round 13: layers of different token counts are stored one per layer (``per_layer``), without the stacked
+    ``score`` / ``index`` / ``query`` / ``key``; that state loads into a fresh reducer, every array as saved. A state saved
+    before states described themselves is rebuilt with the map dtype its ``query`` array has, also when it holds no
+    layer yet (its empty ``query`` still has the dtype)."""
+    from qkhooks.analysis.topk import TopKModes
+    from qkhooks.reducers import DESCRIPTION_KEY, Reducer
+
+    gen = torch.Generator().manual_seed(1)
+    maps = {l: {"query": torch.randn(5, 2, 3, n, generator=gen), "key": torch.randn(5, 2, 3, n, generator=gen)}
+            for l, n in ((0, 25), (1, 7))}
+    top = TopKModes(k=2, map_dtype="float32")
+    top.update(_stages_batch({l: torch.zeros(5, n, 4) for l, n in ((0, 25), (1, 7))}, maps))
+    state = top.state_dict()
+    assert state["per_layer"] == 1 and not {"score", "index", "query", "key"} & set(state)
+    loaded = TopKModes(k=2, map_dtype="float32")
+    loaded.load_state_dict(state)
+    again = loaded.state_dict()
+    assert sorted(again) == sorted(state)
+    for name, value in state.items():
+        np.testing.assert_array_equal(again[name], value)
+    for dtype in ("float32", "float16"):
+        saved = dict(TopKModes(k=3, map_dtype=dtype).saved_state())
+        del saved[DESCRIPTION_KEY]
+        rebuilt = Reducer.from_state(saved, kind="topk_modes")
+        assert (type(rebuilt), rebuilt.k, rebuilt.map_dtype) == (TopKModes, 3, getattr(torch, dtype))
