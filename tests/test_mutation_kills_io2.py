@@ -161,9 +161,8 @@ def test_centre_embeddings_of_stages_of_different_grids_and_widths_survive_the_s
     from qkhooks.analysis.anisotropy import AnisotropyReducer, CentreEmbeddings
 
     gen = torch.Generator().manual_seed(0)
-    tokens = {0: torch.randn(5, 25, 3, generator=gen, dtype=torch.float64) + 0.5,
-              1: torch.randn(5, 7, 5, generator=gen, dtype=torch.float64) + 0.5}
-    centre = {0: tokens[0][:, 16].numpy(), 1: tokens[1][:, 5].numpy()}
+    tokens = {0: torch.randn(5, 25, 3, generator=gen) + 0.5, 1: torch.randn(5, 7, 5, generator=gen) + 0.5}  # float32
+    centre = {0: tokens[0][:, 16].double().numpy(), 1: tokens[1][:, 5].double().numpy()}
     unit = {l: v / np.linalg.norm(v, axis=1, keepdims=True) for l, v in centre.items()}
     images, baseline = CentreEmbeddings(), AnisotropyReducer()
     for reducer in (images, baseline):
@@ -183,7 +182,8 @@ def test_centre_embeddings_of_stages_of_different_grids_and_widths_survive_the_s
     for reducer in (baseline, again):
         for l in (0, 1):
             G = unit[l] @ unit[l].T
-            assert reducer.baselines()[l] == pytest.approx((G.sum() - np.trace(G)) / 20, rel=1e-12)
+            # the baseline is summed in float64 whatever the tokens' dtype (float32 here): exact to float64 rounding
+            assert reducer.baselines()[l] == pytest.approx((G.sum() - np.trace(G)) / 20, rel=1e-12, abs=1e-14)
 
 
 def test_a_top_k_state_stored_one_layer_at_a_time_loads_back_and_an_empty_legacy_state_keeps_its_map_dtype():
@@ -212,3 +212,30 @@ def test_a_top_k_state_stored_one_layer_at_a_time_loads_back_and_an_empty_legacy
         del saved[DESCRIPTION_KEY]
         rebuilt = Reducer.from_state(saved, kind="topk_modes")
         assert (type(rebuilt), rebuilt.k, rebuilt.map_dtype) == (TopKModes, 3, getattr(torch, dtype))
+
+
+def test_top_k_slots_not_filled_yet_say_so_the_maps_keep_their_dtype_and_a_batch_without_maps_is_refused_whole():
+    """Round 13: with fewer images than k the empty slots hold index -1 and score -inf (the documented markers), the
+    kept maps are stored in ``map_dtype`` (float16 by default: query and key alike); a batch without query/key maps
+    is refused with the whole message; ``select_layers`` keeps a layer's "prefix not said" (-1) as -1."""
+    from qkhooks.analysis.topk import TopKModes, select_layers
+    from qkhooks.results import BatchCapture, LayerCapture
+
+    gen = torch.Generator().manual_seed(2)
+    query, key = torch.randn(2, 1, 1, 5, generator=gen), torch.randn(2, 1, 1, 5, generator=gen)
+    top = TopKModes(k=4)
+    top.update(BatchCapture(ids=["a", "b"], meta={"num_prefix_tokens": 1},
+                            layers={0: LayerCapture(0, 2, query=query, key=key)}))
+    state = top.state_dict()
+    np.testing.assert_array_equal(np.sort(state["index"][0, 0, 0, 0, :2]), [0, 1])
+    np.testing.assert_array_equal(state["index"][..., 2:], -1)
+    assert np.isneginf(state["score"][..., 2:]).all() and np.isfinite(state["score"][..., :2]).all()
+    assert state["query"].dtype == state["key"].dtype == np.float16
+    with pytest.raises(QKHooksError) as err:
+        top.update(BatchCapture(ids=["c"], meta={"num_prefix_tokens": 1}, layers={0: LayerCapture(0, 1)}))
+    assert str(err.value) == "TopKModes needs query/key maps: record with modes=K (e.g. qkhooks.record(model, modes=16))."
+    two = {**state, "layers": np.asarray([0, 3]), "layer_prefix": np.asarray([-1, 1]),
+           **{name: np.concatenate([state[name]] * 2) for name in ("score", "index", "query", "key")}}
+    picked = select_layers(two, [0, 3], 2)
+    np.testing.assert_array_equal(picked["layer_prefix"], [-1, 1])
+    np.testing.assert_array_equal(picked["L3.index"], state["index"][0, ..., :2])
