@@ -239,3 +239,40 @@ def test_top_k_slots_not_filled_yet_say_so_the_maps_keep_their_dtype_and_a_batch
     picked = select_layers(two, [0, 3], 2)
     np.testing.assert_array_equal(picked["layer_prefix"], [-1, 1])
     np.testing.assert_array_equal(picked["L3.index"], state["index"][0, ..., :2])
+
+
+# ------------------------------------------------------------------------------------------------ store (round 13)
+def test_a_runs_two_softmax_terms_read_back_per_image_up_to_committed_and_once_stored_as_written(tmp_path):
+    """Round 13, ``RunReader.terms`` (new in round 12): a run written by hand with a two-softmax layer 1 (two per-image
+    terms, a position term and a gate stored once) and a plain layer 0. The per-image terms read back as run arrays of
+    the committed images only (rows written past ``committed`` by hand stay unseen), the once-stored ones as arrays,
+    all equal to what was written (numpy), by index or module path; a layer without terms is refused whole."""
+    rng = np.random.default_rng(4)
+    content, softmax = (rng.random((3, 2, 5, 5)).astype(np.float32) for _ in range(2))
+    position, gate = rng.random((2, 5, 5)).astype(np.float32), np.asarray([0.25, 0.75], np.float32)
+    out = tmp_path / "run.h5"
+    with RunWriter(out, dtype="float32") as w:
+        w.write_static("model/info", json.dumps({"layers": [0, 1], "paths": ["blocks.0.attn", "blocks.1.attn"]}))
+        w.write_static("terms/L1/position", position)
+        w.write_static("terms/L1/gate", gate)
+        w.write_batch(["a", "b", "c"], {"terms/L1/content": content, "terms/L1/softmax2": softmax,
+                                        "attention/L0/full": np.zeros((3, 2, 5, 5), np.float32)})
+    with h5py.File(out, "a") as f:  # a fourth image's rows written but never committed
+        for name in ("terms/L1/content", "terms/L1/softmax2"):
+            f[name].resize(4, axis=0)
+            f[name][3] = 9.0
+    with open_run(out) as run:
+        assert run.terms_layers == [1]
+        for layer in (1, "blocks.1.attn"):
+            terms = run.terms(layer)
+            assert sorted(terms) == ["content", "gate", "position", "softmax2"]
+            assert len(terms["content"]) == 3 and terms["softmax2"].shape == (3, 2, 5, 5)
+            np.testing.assert_array_equal(terms["content"][:], content)
+            np.testing.assert_array_equal(terms["softmax2"][1:], softmax[1:])
+            assert isinstance(terms["position"], np.ndarray) and isinstance(terms["gate"], np.ndarray)
+            np.testing.assert_array_equal(terms["position"], position)
+            np.testing.assert_array_equal(terms["gate"], gate)
+        with pytest.raises(QKHooksError) as err:
+            run.terms(0)
+    assert str(err.value) == (f"{out} has no two-softmax terms for layer 0 (layers with them: [1]); only layers whose "
+                              "maps combine two softmaxes (ConViT GPSA), recorded with attention='full', store them.")
