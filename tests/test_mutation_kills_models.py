@@ -467,3 +467,17 @@ def test_the_hf_adapter_refuses_a_timm_attention_inside_a_transformers_wrapper_p
     assert str(err.value).startswith("unsupported attention in '_backbone.model.blocks.0.attn' (Attention): a timm attention "
                                      "inside a transformers wrapper (TimmBackbone)")
     assert "qkhooks.record(model._backbone.model)" in str(err.value)
+
+
+def test_an_hf_attention_that_does_not_hold_the_config_still_gets_the_configs_native_grid():
+    """Round 13 (``hf.find`` _7): the native grid is read off the model's (vision) config, image_size // patch_size,
+    written out here (48 x 32 px, 8 px patches: 6 x 4), not off the attention module: VitDet's attention holds no
+    config, so a site built from the module alone would know no grid and refuse a plain token count."""
+    import transformers
+
+    config = transformers.VitDetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                       image_size=(48, 32), patch_size=8, pretrain_image_size=48)
+    model = transformers.VitDetModel(config).eval()
+    sites = base.find_sites(model)
+    assert not any(hasattr(s.module, "config") for s in sites)
+    assert [(s.grid, s.patch_size, s.grid_for(24)) for s in sites] == [((6, 4), (8, 8), (6, 4))] * 2
