@@ -279,76 +279,6 @@ def test_a_runs_two_softmax_terms_read_back_per_image_up_to_committed_and_once_s
 
 
 # ------------------------------------------------------------------------------------------------ preprocess (round 13)
-def test_a_processor_config_is_read_key_by_key_with_hfs_defaults_and_refused_whole_where_it_cannot_be_expressed():
-    """Round 13, ``ImageConfig.from_hf`` against configs built by hand: each key read (or HF's default where it is
-    missing: resample 2 = bilinear, rescale_factor 1/255, do_normalize True), the result compared with the
-    ImageConfig written out by hand; the refusals with their whole messages."""
-    from qkhooks.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageConfig
-
-    stats = {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}
-    plain = {"size": {"height": 32, "width": 48}, **stats}  # no resample, no rescale_factor: HF's defaults
-    assert ImageConfig.from_hf(plain) == ImageConfig(size=(32, 48), mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6),
-                                                     interpolation="bilinear")
-    assert ImageConfig.from_hf({**plain, "resample": 3, "rescale_factor": 1 / 255}).interpolation == "bicubic"
-    assert ImageConfig.from_hf({**plain, "resample": "Nearest"}).interpolation == "nearest"
-    assert ImageConfig.from_hf({**plain, "do_rescale": False, "rescale_factor": 0.5}).size == (32, 48)
-    bare = ImageConfig.from_hf({"size": 40, "do_normalize": False})
-    assert (bare.size, bare.mean, bare.std) == ((40, 40), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    assert ImageConfig.from_hf({"size": 40}).mean == tuple(IMAGENET_MEAN) and ImageConfig.from_hf({"size": 40}).std == tuple(IMAGENET_STD)
-    crop = {"do_center_crop": True, "crop_size": {"height": 28, "width": 28}}
-    assert ImageConfig.from_hf({**crop, "size": {"shortest_edge": 32}}) == ImageConfig(
-        size=(28, 28), mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=32, interpolation="bilinear")
-    assert ImageConfig.from_hf({**crop, "size": 36}).resize == 36  # legacy CLIP: an int is the shortest edge
-    assert ImageConfig.from_hf({**crop, "size": {"height": 28, "width": 28}}).resize is None  # the crop is the size
-    refusals = [
-        ({**plain, "rescale_factor": 0.5}, "processor rescale_factor 0.5 is not 1/255; build ImageConfig(...) by hand."),
-        ({**plain, "do_resize": False},
-         "processor config neither resizes nor crops to a fixed size; build ImageConfig(...) by hand."),
-        ({"size": {"shortest_edge": 32}}, "processor config resizes the shortest edge without a centre crop, so inputs "
-         "vary in size; build ImageConfig(size=(S, S), resize=S, ...) by hand to crop them."),
-        ({**crop, "size": 0}, "size must be positive, got 0."),
-        ({**plain, "image_mean": [0.5, 0.5]}, "image_mean must be three numbers (R, G, B), got [0.5, 0.5]."),
-    ]
-    for config, message in refusals:
-        with pytest.raises(QKHooksError) as err:
-            ImageConfig.from_hf(config)
-        assert str(err.value) == message
-
-
-def test_the_guessed_preprocessing_of_a_model_config_follows_its_model_type_and_says_so_whole():
-    """Round 13, ``ImageConfig.from_hf_model``: a config object handed directly or as ``model.config``, its (vision)
-    ``image_size``; CLIP / SigLIP / ViT / anything else get the documented statistics and interpolation; the warning
-    and the refusal without ``image_size`` word for word."""
-    import types
-    import warnings
-
-    from qkhooks.data.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageConfig
-
-    half = (0.5, 0.5, 0.5)
-    expected = {"clip": (CLIP_MEAN, CLIP_STD, "bicubic", 32), "siglip": (half, half, "bilinear", None),
-                "vit": (half, half, "bilinear", None), "deit": (IMAGENET_MEAN, IMAGENET_STD, "bicubic", None)}
-    for model_type, (mean, std, interpolation, resize) in expected.items():
-        config = types.SimpleNamespace(model_type=model_type, image_size=32)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            guessed = ImageConfig.from_hf_model(types.SimpleNamespace(config=config))
-            assert ImageConfig.from_hf_model(config) == guessed  # a config handed directly
-        assert guessed == ImageConfig(size=(32, 32), mean=tuple(mean), std=tuple(std), resize=resize,
-                                      interpolation=interpolation)
-        assert [str(w.message) for w in caught][0] == (
-            f"ImageConfig.from_hf_model guessed preprocessing for model_type={model_type!r} (size=(32, 32), "
-            f"mean={tuple(mean)}, std={tuple(std)}); pass the checkpoint's preprocessor_config.json to "
-            "ImageConfig.from_hf for the exact one.")
-    nested = types.SimpleNamespace(model_type="", vision_config=types.SimpleNamespace(model_type="siglip_vision_model",
-                                                                                        image_size=(32, 48)))
-    with pytest.warns(UserWarning):
-        assert ImageConfig.from_hf_model(nested).size == (32, 48)
-    with pytest.raises(QKHooksError) as err:
-        ImageConfig.from_hf_model(types.SimpleNamespace(model_type="vit"))
-    assert str(err.value) == ("model.config has no image_size; use ImageConfig.from_hf(preprocessor_config_dict) or "
-                              "build ImageConfig(...) by hand.")
-
-
 def test_a_timm_models_pretrained_cfg_gives_its_crop_and_interpolation_and_the_unexpressible_ones_are_refused_whole():
     """Round 13, ``ImageConfig.from_timm`` on a module carrying a hand-written ``pretrained_cfg`` (what
     ``resolve_data_config`` reads): timm's defaults where a key is unset (crop_pct 0.875, centre crop, bicubic), each
@@ -379,3 +309,15 @@ def test_a_timm_models_pretrained_cfg_gives_its_crop_and_interpolation_and_the_u
         with pytest.raises(QKHooksError) as err:
             ImageConfig(size=32, **{**stats, field: (0.5, 0.5)})
         assert str(err.value) == f"{text} must be three numbers (R, G, B), got (0.5, 0.5)."
+
+
+def test_a_processor_config_rescaling_by_other_than_1_255_is_refused_whole_unless_it_does_not_rescale():
+    """Round 13: ``rescale_factor`` 0.5 with rescaling on is refused word for word; with ``do_rescale`` false it is not
+    read (the size is the config's)."""
+    from qkhooks.data.preprocess import ImageConfig
+
+    plain = {"size": {"height": 32, "width": 48}, "rescale_factor": 0.5}
+    with pytest.raises(QKHooksError) as err:
+        ImageConfig.from_hf(plain)
+    assert str(err.value) == "processor rescale_factor 0.5 is not 1/255; build ImageConfig(...) by hand."
+    assert ImageConfig.from_hf({**plain, "do_rescale": False}).size == (32, 48)
