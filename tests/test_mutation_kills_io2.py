@@ -321,3 +321,20 @@ def test_a_processor_config_rescaling_by_other_than_1_255_is_refused_whole_unles
         ImageConfig.from_hf(plain)
     assert str(err.value) == "processor rescale_factor 0.5 is not 1/255; build ImageConfig(...) by hand."
     assert ImageConfig.from_hf({**plain, "do_rescale": False}).size == (32, 48)
+
+
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in __import__("os").environ,
+                    reason="inside mutmut its trampolines are the callers, so no warning can point at this file")
+def test_the_guessed_preprocessing_warning_points_at_the_callers_line():
+    """Round 13 (``from_hf_model`` _106, ``stacklevel=3``): the warning names the line that called
+    ``ImageConfig.from_hf_model``, where the fix (pass the preprocessor config) belongs."""
+    import types
+    import warnings
+
+    from qkhooks.data.preprocess import ImageConfig
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = __import__("inspect").currentframe().f_lineno + 1
+        ImageConfig.from_hf_model(types.SimpleNamespace(model_type="vit", image_size=32))
+    assert [(Path(w.filename).name, w.lineno) for w in caught] == [(Path(__file__).name, line)]
