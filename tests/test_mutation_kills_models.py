@@ -481,3 +481,18 @@ def test_an_hf_attention_that_does_not_hold_the_config_still_gets_the_configs_na
     sites = base.find_sites(model)
     assert not any(hasattr(s.module, "config") for s in sites)
     assert [(s.grid, s.patch_size, s.grid_for(24)) for s in sites] == [((6, 4), (8, 8), (6, 4))] * 2
+
+
+def test_a_timm_site_names_its_enclosing_block_by_the_models_own_module_path():
+    """Round 13 (``timm.find`` _115): ``block_path`` is the dotted path of the block around the attention (documented
+    on :class:`AttentionSite`), read back with the model's own ``get_submodule``; a refusal that names the block (its
+    hidden states not found in the block's call) names it by that path."""
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **SMALL_VIT).eval()
+    sites = base.find_sites(model)
+    assert [(s.path, s.block_path) for s in sites] == [("blocks.0.attn", "blocks.0"), ("blocks.1.attn", "blocks.1")]
+    assert all(model.get_submodule(s.block_path) is s.block for s in sites)
+    with pytest.raises(QKHooksError) as err:
+        sites[1].hidden_states((), {}, block=True)
+    assert str(err.value).startswith("blocks.1: could not find the hidden states in the call")
