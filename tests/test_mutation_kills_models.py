@@ -496,3 +496,17 @@ def test_a_timm_site_names_its_enclosing_block_by_the_models_own_module_path():
     with pytest.raises(QKHooksError) as err:
         sites[1].hidden_states((), {}, block=True)
     assert str(err.value).startswith("blocks.1: could not find the hidden states in the call")
+
+
+def test_an_hf_sites_stage_is_the_container_that_holds_its_block():
+    """Round 13 (``hf.find`` _253): ``stage`` is the container the block sits in (:class:`qkhooks.access.LayerGeometry`),
+    read back with the model's own ``get_submodule``: CLIP's blocks sit two levels deep (``encoder.layers``), where the
+    first dotted name alone would be the whole encoder."""
+    import transformers
+
+    config = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, image_size=32, patch_size=8)
+    model = transformers.CLIPVisionModel(config).eval()
+    sites = base.find_sites(model)
+    assert [s.stage for s in sites] == ["encoder.layers"] * 2
+    assert [model.get_submodule(s.stage)[i] is s.block for i, s in enumerate(sites)] == [True, True]
