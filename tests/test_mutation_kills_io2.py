@@ -110,3 +110,231 @@ def test_a_string_static_is_an_attribute_of_the_group_its_path_names_and_the_lay
             assert sorted(f.attrs) == ["complete"]
     with h5py.File(out, "r") as f:
         assert f.attrs["complete"] == True  # noqa: E712
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def test_the_anisotropy_interval_is_the_mean_cosine_over_pairs_of_different_images_and_its_bootstrap_quantiles():
+    """Round 13: ``anisotropy_interval`` against a direct computation. The value: the mean of G_ij over ordered pairs
+    i != j. Each bootstrap resample (the function's own multinomial draw, seed 0): the images drawn, expanded to one
+    row per draw, and the mean of G over pairs of draws of *different* images; the interval: its 2.5 / 97.5 %
+    quantiles. Eight images, so no resample draws one image only (checked)."""
+    from qkhooks.analysis.anisotropy import anisotropy_interval
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(8, 5)) + 0.7  # a shared direction: positive mean cosine
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    n, n_boot = len(z), 300
+    G = z @ z.T
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    direct = np.mean([G[i, j] for i, j in pairs])
+    counts = np.random.default_rng(0).multinomial(n, np.full(n, 1 / n), size=n_boot)
+    boot = []
+    for c in counts:
+        drawn = np.repeat(np.arange(n), c)
+        different = drawn[:, None] != drawn[None, :]
+        assert different.any()
+        boot.append(G[np.ix_(drawn, drawn)][different].mean())
+    low, high = np.quantile(boot, [0.025, 0.975])
+    assert anisotropy_interval(z, n_boot=n_boot) == pytest.approx((direct, low, high), rel=1e-12, abs=1e-12)
+    assert anisotropy_interval(z[:1]) == pytest.approx((np.nan,) * 3, nan_ok=True)
+    value, *interval = anisotropy_interval(z[:2])
+    assert value == pytest.approx(G[0, 1], rel=1e-12) and np.isnan(interval).all()
+
+
+def _stages_batch(tokens: dict[int, torch.Tensor], caps: dict[int, dict] | None = None) -> "BatchCapture":
+    """A hand-made batch of a two-stage model: layer 0 on a 4 x 6 grid, layer 1 on a 2 x 3 grid, one CLS token each
+    (the batch's own grid is layer 0's, as a recording's is the first layer's)."""
+    from qkhooks.access import LayerGeometry
+    from qkhooks.results import BatchCapture, LayerCapture
+
+    geometry = {0: LayerGeometry(0, (4, 6), 1, 25, 25, (4, 6), 1), 1: LayerGeometry(1, (2, 3), 1, 7, 7, (2, 3), 1)}
+    layers = {l: LayerCapture(l, int(x.shape[0]), inputs=x, **(caps or {}).get(l, {})) for l, x in tokens.items()}
+    return BatchCapture(ids=[str(i) for i in range(5)], meta={"num_prefix_tokens": 1, "grid": (4, 6),
+                                                              "geometry": geometry}, layers=layers)
+
+
+def test_centre_embeddings_of_stages_of_different_grids_and_widths_survive_the_saved_state_unpadded():
+    """Round 13: each layer's centre patch is read on that layer's own grid (token 1 + 2·6 + 3 = 16 of the 4 x 6 layer,
+    1 + 1·3 + 1 = 5 of the 2 x 3 one), unit-normalised (numpy); the saved state pads the narrower layer to the wider
+    width and says each layer's own (``widths``), so a reducer loaded from it keeps each layer's own width, and the
+    anisotropy baseline is numpy's mean cosine over pairs of different images."""
+    from qkhooks.analysis.anisotropy import AnisotropyReducer, CentreEmbeddings
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = {0: torch.randn(5, 25, 3, generator=gen) + 0.5, 1: torch.randn(5, 7, 5, generator=gen) + 0.5}  # float32
+    centre = {0: tokens[0][:, 16].double().numpy(), 1: tokens[1][:, 5].double().numpy()}
+    unit = {l: v / np.linalg.norm(v, axis=1, keepdims=True) for l, v in centre.items()}
+    images, baseline = CentreEmbeddings(), AnisotropyReducer()
+    for reducer in (images, baseline):
+        reducer.update(_stages_batch(tokens))
+    state = images.state_dict()
+    np.testing.assert_array_equal(state["widths"], [3, 5])
+    assert state["vectors"].shape == (5, 2, 5) and not state["vectors"][:, 0, 3:].any()
+    loaded = CentreEmbeddings()
+    loaded.load_state_dict(state)
+    for l in (0, 1):
+        (kept,) = loaded.vectors[l]
+        assert kept.shape == unit[l].shape
+        np.testing.assert_allclose(kept, unit[l], rtol=1e-6)
+    again = AnisotropyReducer()
+    again.load_state_dict(baseline.state_dict())
+    assert {l: tuple(s.shape) for l, s in again.sums.items()} == {0: (3,), 1: (5,)}
+    for reducer in (baseline, again):
+        for l in (0, 1):
+            G = unit[l] @ unit[l].T
+            # the baseline is summed in float64 whatever the tokens' dtype (float32 here): exact to float64 rounding
+            assert reducer.baselines()[l] == pytest.approx((G.sum() - np.trace(G)) / 20, rel=1e-12, abs=1e-14)
+
+
+def test_a_top_k_state_stored_one_layer_at_a_time_loads_back_and_an_empty_legacy_state_keeps_its_map_dtype():
+    """Round 13: layers of different token counts are stored one per layer (``per_layer``), without the stacked
+    ``score`` / ``index`` / ``query`` / ``key``; that state loads into a fresh reducer, every array as saved. A state saved
+    before states described themselves is rebuilt with the map dtype its ``query`` array has, also when it holds no
+    layer yet (its empty ``query`` still has the dtype)."""
+    from qkhooks.analysis.topk import TopKModes
+    from qkhooks.reducers import DESCRIPTION_KEY, Reducer
+
+    gen = torch.Generator().manual_seed(1)
+    maps = {l: {"query": torch.randn(5, 2, 3, n, generator=gen), "key": torch.randn(5, 2, 3, n, generator=gen)}
+            for l, n in ((0, 25), (1, 7))}
+    top = TopKModes(k=2, map_dtype="float32")
+    top.update(_stages_batch({l: torch.zeros(5, n, 4) for l, n in ((0, 25), (1, 7))}, maps))
+    state = top.state_dict()
+    assert state["per_layer"] == 1 and not {"score", "index", "query", "key"} & set(state)
+    loaded = TopKModes(k=2, map_dtype="float32")
+    loaded.load_state_dict(state)
+    again = loaded.state_dict()
+    assert sorted(again) == sorted(state)
+    for name, value in state.items():
+        np.testing.assert_array_equal(again[name], value)
+    for dtype in ("float32", "float16"):
+        saved = dict(TopKModes(k=3, map_dtype=dtype).saved_state())
+        del saved[DESCRIPTION_KEY]
+        rebuilt = Reducer.from_state(saved, kind="topk_modes")
+        assert (type(rebuilt), rebuilt.k, rebuilt.map_dtype) == (TopKModes, 3, getattr(torch, dtype))
+
+
+def test_top_k_slots_not_filled_yet_say_so_the_maps_keep_their_dtype_and_a_batch_without_maps_is_refused_whole():
+    """Round 13: with fewer images than k the empty slots hold index -1 and score -inf (the documented markers), the
+    kept maps are stored in ``map_dtype`` (float16 by default: query and key alike); a batch without query/key maps
+    is refused with the whole message; ``select_layers`` keeps a layer's "prefix not said" (-1) as -1."""
+    from qkhooks.analysis.topk import TopKModes, select_layers
+    from qkhooks.results import BatchCapture, LayerCapture
+
+    gen = torch.Generator().manual_seed(2)
+    query, key = torch.randn(2, 1, 1, 5, generator=gen), torch.randn(2, 1, 1, 5, generator=gen)
+    top = TopKModes(k=4)
+    top.update(BatchCapture(ids=["a", "b"], meta={"num_prefix_tokens": 1},
+                            layers={0: LayerCapture(0, 2, query=query, key=key)}))
+    state = top.state_dict()
+    np.testing.assert_array_equal(np.sort(state["index"][0, 0, 0, 0, :2]), [0, 1])
+    np.testing.assert_array_equal(state["index"][..., 2:], -1)
+    assert np.isneginf(state["score"][..., 2:]).all() and np.isfinite(state["score"][..., :2]).all()
+    assert state["query"].dtype == state["key"].dtype == np.float16
+    with pytest.raises(QKHooksError) as err:
+        top.update(BatchCapture(ids=["c"], meta={"num_prefix_tokens": 1}, layers={0: LayerCapture(0, 1)}))
+    assert str(err.value) == "TopKModes needs query/key maps: record with modes=K (e.g. qkhooks.record(model, modes=16))."
+    two = {**state, "layers": np.asarray([0, 3]), "layer_prefix": np.asarray([-1, 1]),
+           **{name: np.concatenate([state[name]] * 2) for name in ("score", "index", "query", "key")}}
+    picked = select_layers(two, [0, 3], 2)
+    np.testing.assert_array_equal(picked["layer_prefix"], [-1, 1])
+    np.testing.assert_array_equal(picked["L3.index"], state["index"][0, ..., :2])
+
+
+# ------------------------------------------------------------------------------------------------ store (round 13)
+def test_a_runs_two_softmax_terms_read_back_per_image_up_to_committed_and_once_stored_as_written(tmp_path):
+    """Round 13, ``RunReader.terms`` (new in round 12): a run written by hand with a two-softmax layer 1 (two per-image
+    terms, a position term and a gate stored once) and a plain layer 0. The per-image terms read back as run arrays of
+    the committed images only (rows written past ``committed`` by hand stay unseen), the once-stored ones as arrays,
+    all equal to what was written (numpy), by index or module path; a layer without terms is refused whole."""
+    rng = np.random.default_rng(4)
+    content, softmax = (rng.random((3, 2, 5, 5)).astype(np.float32) for _ in range(2))
+    position, gate = rng.random((2, 5, 5)).astype(np.float32), np.asarray([0.25, 0.75], np.float32)
+    out = tmp_path / "run.h5"
+    with RunWriter(out, dtype="float32") as w:
+        w.write_static("model/info", json.dumps({"layers": [0, 1], "paths": ["blocks.0.attn", "blocks.1.attn"]}))
+        w.write_static("terms/L1/position", position)
+        w.write_static("terms/L1/gate", gate)
+        w.write_batch(["a", "b", "c"], {"terms/L1/content": content, "terms/L1/softmax2": softmax,
+                                        "attention/L0/full": np.zeros((3, 2, 5, 5), np.float32)})
+    with h5py.File(out, "a") as f:  # a fourth image's rows written but never committed
+        for name in ("terms/L1/content", "terms/L1/softmax2"):
+            f[name].resize(4, axis=0)
+            f[name][3] = 9.0
+    with open_run(out) as run:
+        assert run.terms_layers == [1]
+        for layer in (1, "blocks.1.attn"):
+            terms = run.terms(layer)
+            assert sorted(terms) == ["content", "gate", "position", "softmax2"]
+            assert len(terms["content"]) == 3 and terms["softmax2"].shape == (3, 2, 5, 5)
+            np.testing.assert_array_equal(terms["content"][:], content)
+            np.testing.assert_array_equal(terms["softmax2"][1:], softmax[1:])
+            assert isinstance(terms["position"], np.ndarray) and isinstance(terms["gate"], np.ndarray)
+            np.testing.assert_array_equal(terms["position"], position)
+            np.testing.assert_array_equal(terms["gate"], gate)
+        with pytest.raises(QKHooksError) as err:
+            run.terms(0)
+    assert str(err.value) == (f"{out} has no two-softmax terms for layer 0 (layers with them: [1]); only layers whose "
+                              "maps combine two softmaxes (ConViT GPSA), recorded with attention='full', store them.")
+
+
+# ------------------------------------------------------------------------------------------------ preprocess (round 13)
+def test_a_timm_models_pretrained_cfg_gives_its_crop_and_interpolation_and_the_unexpressible_ones_are_refused_whole():
+    """Round 13, ``ImageConfig.from_timm`` on a module carrying a hand-written ``pretrained_cfg`` (what
+    ``resolve_data_config`` reads): timm's defaults where a key is unset (crop_pct 0.875, centre crop, bicubic), each
+    key read where set; the refusals word for word; and an ImageConfig's own statistics refused whole."""
+    from qkhooks.data.preprocess import ImageConfig
+
+    stats = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}
+    model = torch.nn.Module()
+    model.pretrained_cfg = {"input_size": (3, 32, 32), **stats}
+    assert ImageConfig.from_timm(model) == ImageConfig(size=(32, 32), resize=36, interpolation="bicubic", **stats)
+    model.pretrained_cfg = {"input_size": (3, 32, 48), "crop_pct": 0.8, "crop_mode": "squash",
+                            "interpolation": "bilinear", **stats}
+    assert ImageConfig.from_timm(model) == ImageConfig(size=(32, 48), resize=(40, 60), interpolation="bilinear", **stats)
+    refusals = [
+        ({"input_size": (3, 32, 48)}, "timm model has a non-square input (32, 48) with crop_mode='center' "
+         "(ResizeKeepRatio), which ImageConfig cannot express; build ImageConfig(size=..., resize=(H, W)) by hand."),
+        ({"input_size": (3, 32, 32), "crop_mode": "border"},
+         "timm crop_mode 'border' is not supported (only 'center' and 'squash'); build ImageConfig(...) by hand."),
+        ({"input_size": (3, 32, 32), "interpolation": "lanczos"}, "timm model asks for interpolation 'lanczos'; qkhooks "
+         "supports ['bicubic', 'bilinear', 'nearest']. Build ImageConfig(...) by hand with the closest one."),
+    ]
+    for cfg, message in refusals:
+        model.pretrained_cfg = {**cfg, **stats}
+        with pytest.raises(QKHooksError) as err:
+            ImageConfig.from_timm(model)
+        assert str(err.value) == message
+    for field, text in (("mean", "ImageConfig.mean"), ("std", "ImageConfig.std")):
+        with pytest.raises(QKHooksError) as err:
+            ImageConfig(size=32, **{**stats, field: (0.5, 0.5)})
+        assert str(err.value) == f"{text} must be three numbers (R, G, B), got (0.5, 0.5)."
+
+
+def test_a_processor_config_rescaling_by_other_than_1_255_is_refused_whole_unless_it_does_not_rescale():
+    """Round 13: ``rescale_factor`` 0.5 with rescaling on is refused word for word; with ``do_rescale`` false it is not
+    read (the size is the config's)."""
+    from qkhooks.data.preprocess import ImageConfig
+
+    plain = {"size": {"height": 32, "width": 48}, "rescale_factor": 0.5}
+    with pytest.raises(QKHooksError) as err:
+        ImageConfig.from_hf(plain)
+    assert str(err.value) == "processor rescale_factor 0.5 is not 1/255; build ImageConfig(...) by hand."
+    assert ImageConfig.from_hf({**plain, "do_rescale": False}).size == (32, 48)
+
+
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in __import__("os").environ,
+                    reason="inside mutmut its trampolines are the callers, so no warning can point at this file")
+def test_the_guessed_preprocessing_warning_points_at_the_callers_line():
+    """Round 13 (``from_hf_model`` _106, ``stacklevel=3``): the warning names the line that called
+    ``ImageConfig.from_hf_model``, where the fix (pass the preprocessor config) belongs."""
+    import types
+    import warnings
+
+    from qkhooks.data.preprocess import ImageConfig
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = __import__("inspect").currentframe().f_lineno + 1
+        ImageConfig.from_hf_model(types.SimpleNamespace(model_type="vit", image_size=32))
+    assert [(Path(w.filename).name, w.lineno) for w in caught] == [(Path(__file__).name, line)]

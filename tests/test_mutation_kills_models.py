@@ -467,3 +467,46 @@ def test_the_hf_adapter_refuses_a_timm_attention_inside_a_transformers_wrapper_p
     assert str(err.value).startswith("unsupported attention in '_backbone.model.blocks.0.attn' (Attention): a timm attention "
                                      "inside a transformers wrapper (TimmBackbone)")
     assert "qkhooks.record(model._backbone.model)" in str(err.value)
+
+
+def test_an_hf_attention_that_does_not_hold_the_config_still_gets_the_configs_native_grid():
+    """Round 13 (``hf.find`` _7): the native grid is read off the model's (vision) config, image_size // patch_size,
+    written out here (48 x 32 px, 8 px patches: 6 x 4), not off the attention module: VitDet's attention holds no
+    config, so a site built from the module alone would know no grid and refuse a plain token count."""
+    import transformers
+
+    config = transformers.VitDetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                       image_size=(48, 32), patch_size=8, pretrain_image_size=48)
+    model = transformers.VitDetModel(config).eval()
+    sites = base.find_sites(model)
+    assert not any(hasattr(s.module, "config") for s in sites)
+    assert [(s.grid, s.patch_size, s.grid_for(24)) for s in sites] == [((6, 4), (8, 8), (6, 4))] * 2
+
+
+def test_a_timm_site_names_its_enclosing_block_by_the_models_own_module_path():
+    """Round 13 (``timm.find`` _115): ``block_path`` is the dotted path of the block around the attention (documented
+    on :class:`AttentionSite`), read back with the model's own ``get_submodule``; a refusal that names the block (its
+    hidden states not found in the block's call) names it by that path."""
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **SMALL_VIT).eval()
+    sites = base.find_sites(model)
+    assert [(s.path, s.block_path) for s in sites] == [("blocks.0.attn", "blocks.0"), ("blocks.1.attn", "blocks.1")]
+    assert all(model.get_submodule(s.block_path) is s.block for s in sites)
+    with pytest.raises(QKHooksError) as err:
+        sites[1].hidden_states((), {}, block=True)
+    assert str(err.value).startswith("blocks.1: could not find the hidden states in the call")
+
+
+def test_an_hf_sites_stage_is_the_container_that_holds_its_block():
+    """Round 13 (``hf.find`` _253): ``stage`` is the container the block sits in (:class:`qkhooks.access.LayerGeometry`),
+    read back with the model's own ``get_submodule``: CLIP's blocks sit two levels deep (``encoder.layers``), where the
+    first dotted name alone would be the whole encoder."""
+    import transformers
+
+    config = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, image_size=32, patch_size=8)
+    model = transformers.CLIPVisionModel(config).eval()
+    sites = base.find_sites(model)
+    assert [s.stage for s in sites] == ["encoder.layers"] * 2
+    assert [model.get_submodule(s.stage)[i] is s.block for i, s in enumerate(sites)] == [True, True]
