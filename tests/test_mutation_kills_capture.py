@@ -696,8 +696,9 @@ def test_default_rows_across_swin_stages_are_refused_with_the_whole_reason_and_c
         with qkhooks.record(model, modes=0, layers=[1, 2], attention="rows") as rec, torch.no_grad():
             rec(images)
     assert str(err.value) == (
-        "layer 2 (layers.1.blocks.0.attn) attends over 2 images of 16 tokens (stage 'layers.1.blocks') and layer 1 "
-        "(layers.0.blocks.1.attn) over 2 images of 16 (stage 'layers.0.blocks'): the default query tokens (the class "
+        "layer 2 (layers.1.blocks.0.attn) attends over 2 images of 16 tokens (stage 'layers.1.blocks'; query positions "
+        "0 prefix + 8x8 grid) and layer 1 (layers.0.blocks.1.attn) over 2 images of 16 (stage 'layers.0.blocks'; query "
+        "positions 0 prefix + 16x16 grid): the default query tokens (the class "
         "token and the centre patch) are those of the first layer's grid. Record the rows of one stage at a time "
         "(layers=[...]) or record attention='full'.")
     assert rec.images_seen == 0 and rec.last is None
