@@ -1021,3 +1021,32 @@ def test_a_module_whose_class_changes_in_place_is_searched_again(monkeypatch):
                       "unsupported attention in 'blocks.1.attn' (OpaqueAttention): a test's opaque attention. To record "
                       "the layers qkhooks does model and leave this one out, named with its reason in the recording and "
                       "the run file, pass skip_unmodelled=True (qkhooks record --skip-unmodelled).")])
+
+
+# ------------------------------------------------------------------ round 13, after the merge: zoo13's changed functions
+def test_a_differential_layers_description_is_a_plain_layers_with_the_heads_part_naming_maps_and_components():
+    """``describe`` of a layer whose modes have 2H component heads (differential attention) keeps every part a plain
+    layer's line has and replaces only the heads part (the whole line compared, not a substring)."""
+    geometry = LayerGeometry(3, (4, 6), 1, 25, 25, (4, 6), 1, heads=4, head_dim=8, stage="blocks", component_heads=8)
+    plain = dataclasses.replace(geometry, component_heads=0).describe()
+    assert ", 4 heads x 8" in plain
+    assert geometry.describe() == plain.replace(", 4 heads x 8", ", 4 maps of 8 component heads x 8")
+
+
+def test_chosen_query_tokens_in_a_call_of_another_image_count_are_refused_as_naming_no_common_tokens():
+    """Chosen tokens index each layer's own tokens, so another stage is fine; a call that holds another number of
+    images than the first rows layer's cannot be indexed by one (images, tokens) array: the refusal says that, not the
+    default tokens' reason (which would send the user to choose tokens they already chose)."""
+    import qkhooks
+
+    model = ASYMMETRIC_TIMM.model()
+    rec = qkhooks.record(model, modes=0, attention="rows")
+    first, second = rec.sites[0], rec.sites[1]
+    rec._check_rows_axis(first, 2, 25, chosen=True)
+    rec._check_rows_axis(second, 2, 25, chosen=True)  # same images: accepted
+    with pytest.raises(QKHooksError) as err:
+        rec._check_rows_axis(second, 3, 25, chosen=True)
+    message = str(err.value)
+    assert "one set of query tokens cannot name the same tokens in both" in message
+    assert "default query tokens" not in message
+    assert f"layer {second.layer} ({second.path}) attends over 3 images of 25 tokens" in message
