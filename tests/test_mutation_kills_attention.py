@@ -14,30 +14,9 @@ import torch
 import qkhooks
 from qkhooks.attention import OneAttention
 from qkhooks.models.inside import InsideCall
+from test_mutation_kills_core import _numpy_sdpa_maps as _numpy_maps, _numpy_softmax
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
-
-
-def _numpy_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def _numpy_maps(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
-                scale: float | None = None) -> np.ndarray:
-    """softmax(q kᵀ·scale + mask) in float64 numpy (scale 1/sqrt(d_k) unless given; key heads repeated over their
-    group of query heads; boolean masks keep the True entries)."""
-    qn, kn = q.detach().double().numpy(), k.detach().double().numpy()
-    kn = np.repeat(kn, qn.shape[-3] // kn.shape[-3], axis=-3)
-    logits = qn @ np.swapaxes(kn, -1, -2) * (qn.shape[-1] ** -0.5 if scale is None else scale)
-    keep = np.ones(logits.shape[-2:], bool)
-    if causal:
-        keep = np.tril(keep)
-    if mask is not None and mask.dtype == torch.bool:
-        keep = keep & mask.numpy()
-    elif mask is not None:
-        logits = logits + mask.double().numpy()
-    return _numpy_softmax(np.where(keep, logits, -np.inf))
 
 
 def _site(heads: int = 3, head_dim: int = 4) -> types.SimpleNamespace:

@@ -241,12 +241,12 @@ def test_attention_rows_of_a_class_attention_site_take_the_class_token_and_refus
         site.class_attention = False
 
 
-def _numpy_sdpa_maps(q, k, mask=None, causal=False):
-    """softmax(q kᵀ / sqrt(d_k) + mask) per head in numpy, key heads shared by groups of query heads; masked-out
-    rows as zeros."""
+def _numpy_sdpa_maps(q, k, mask=None, causal=False, scale=None):
+    """softmax(q kᵀ · scale + mask) per head in numpy (scale 1/sqrt(d_k) unless given), key heads shared by groups of
+    query heads; masked-out rows as zeros."""
     q, k = q.detach().double().numpy(), k.detach().double().numpy()
     k = np.repeat(k, q.shape[-3] // k.shape[-3], axis=-3) if q.ndim > 2 else k
-    logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    logits = q @ np.swapaxes(k, -1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
     keep = np.ones(logits.shape[-2:], bool)
     if causal:
         keep = np.tril(keep)
