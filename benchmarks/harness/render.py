@@ -83,17 +83,20 @@ def render_markdown(data: dict[str, Any]) -> str:
                     "`benchmarks/results.json` (machine-readable, every sample kept). "
                     "Do not edit by hand: re-run a command below and this file is re-rendered from the merged JSON.", ""]
     threads = sorted({str(_threads(e)) for e in entries.values()})
-    machines = {json.dumps({k: v for k, v in e.get("machine", {}).items() if k != "torch_threads"}, sort_keys=True)
-                for e in entries.values()}
+    machines: dict[str, set[str]] = {}  # machine -> the sections measured on it (the machine can change between runs)
+    for e in entries.values():
+        m = json.dumps({k: v for k, v in e.get("machine", {}).items() if k != "torch_threads"}, sort_keys=True)
+        machines.setdefault(m, set()).add(f"{e['section']}/{e['model']}")
     L += ["## Machine", ""]
-    for m in sorted(machines):
+    for m, sections in sorted(machines.items()):
         m = json.loads(m)
         if m:
             L.append(f"- CPU: {m.get('cpu')} ({m.get('cores')} cores, {m.get('memory_gib')} GiB); torch {m.get('torch')} "
                      f"with **{' or '.join(threads)} intra-op thread(s), set explicitly** per run (each table says which), "
                      f"{m.get('torch_interop_threads')} inter-op; timm {m.get('timm')}, transformers {m.get('transformers')}, "
                      f"h5py {m.get('h5py')} (HDF5 {m.get('hdf5')}), numpy {m.get('numpy')}, Python {m.get('python')}; "
-                     f"GPU: {m.get('gpu') or 'none'}.")
+                     f"GPU: {m.get('gpu') or 'none'}." + (f" Measured here: {', '.join(sorted(sections))}."
+                                                            if len(machines) > 1 else ""))
     cuda = any(e.get("device") == "cuda" for e in entries.values())
     if not cuda:
         L += ["- GPU rows: **pending: no GPU lent** to the session that produced these numbers. The code is CUDA-ready "
