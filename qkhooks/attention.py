@@ -19,8 +19,7 @@ import torch
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, parse_layers
-from qkhooks.buffers import OutputBuffers, output_buffers
-from qkhooks.sdpa import AttentionCallMode, SdpaCall, maps_times_values, scaled_logits, sdpa_maps, softmax_maps
+from qkhooks.sdpa import AttentionCallMode, SdpaCall, maps_times_values, scaled_logits, sdpa_maps
 
 __all__ = [
     "AttentionSpec", "attention_rows", "attention_full", "rows_from_qk", "full_from_qk", "split_heads", "pool_rows",
@@ -90,29 +89,26 @@ def split_heads(site: AttentionSite, t: torch.Tensor) -> torch.Tensor:
     return t.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2)
 
 
-def _softmax(site: AttentionSite, logits: torch.Tensor, query_tokens: torch.Tensor | None = None,
-             buffers: OutputBuffers | None = None) -> torch.Tensor:
+def _softmax(site: AttentionSite, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over keys in float32, as HF's eager path does (a no-op cast for float32 models), after the model's
-    own additive term (position bias, mask) for the rows of ``query_tokens`` (all rows when None); written into a
-    buffer of ``buffers`` when given (:func:`softmax_maps`)."""
+    own additive term (position bias, mask) for the rows of ``query_tokens`` (all rows when None)."""
     logits = site.add_logit_bias(logits.float(), query_tokens)
     if site.head_mixing is not None:  # talking heads: heads mixed before and after the softmax, as the model does
         return site.head_mixing.maps(logits)
-    return softmax_maps(logits, buffers)
+    return torch.softmax(logits, dim=-1)
 
 
-def full_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, buffers: OutputBuffers | None = None) -> torch.Tensor:
+def full_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """All post-softmax maps (B, H, N, N) from q, k (B, H, N, d_k), biases included, as the model computed them.
 
     q and k are as the Linear layers return them; the model's own normalisation and rotation (q/k-norm, RoPE)
     are applied here; the scale enters the product (:func:`scaled_logits`). Class attention (CaiT): only the
-    first token queries, so the maps are (B, H, 1, N), the model's shape. With ``buffers`` (the module's
-    :class:`~qkhooks.buffers.OutputBuffers`), the logits and maps are written into blocks reused from batch to batch.
+    first token queries, so the maps are (B, H, 1, N), the model's shape.
     """
     q, k = site.model_qk(q, k)
     if site.class_attention:
         q = q[:, :, :1]
-    return _softmax(site, scaled_logits(q, k, site.scale, scratch=buffers is not None), buffers=buffers)
+    return _softmax(site, scaled_logits(q, k, site.scale))
 
 
 def map_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -126,13 +122,12 @@ def map_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> dict[str
     return terms(site.add_logit_bias(scaled_logits(q, k, site.scale).float()))
 
 
-def full_and_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor,
-                   buffers: OutputBuffers | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+def full_and_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """:func:`full_from_qk` and :func:`map_terms` together: a two-softmax site's maps combined from its terms, so
     q·kᵀ and the softmaxes run once; (maps, None) for a site whose map is one softmax."""
     terms = map_terms(site, q, k)
     if terms is None:
-        return full_from_qk(site, q, k, buffers), None
+        return full_from_qk(site, q, k), None
     return site.head_mixing.combine(terms), terms  # type: ignore[union-attr]
 
 
@@ -252,7 +247,6 @@ class OneAttention(AttentionCallMode):
     def __init__(self, site: AttentionSite):
         super().__init__(site)
         self.maps: torch.Tensor | None = None
-        self.buffers = output_buffers(site.module)  # the maps written into blocks reused from batch to batch (CPU)
 
     def begin(self) -> None:
         self.maps = None
@@ -263,7 +257,7 @@ class OneAttention(AttentionCallMode):
         if not self._is_map(q) or q.shape[-1] != self.site.head_dim:
             raise self._refusal(f"its attention call has q of shape {tuple(q.shape)}, not the (batch, "
                                 f"{self.site.num_heads} heads, tokens, {self.site.head_dim}) the adapter describes")
-        maps = call.maps(self.buffers)
+        maps = call.maps()
         self._keep(maps)
         if call.enable_gqa and v.shape[-3] != q.shape[-3]:
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)

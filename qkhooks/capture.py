@@ -43,7 +43,6 @@ from qkhooks.attention import (
     split_heads,
 )
 from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
-from qkhooks.buffers import SCRATCH, OutputBuffers, output_buffers
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, select_layers
 from qkhooks.models.load import unwrap_loaded
@@ -167,7 +166,6 @@ class Recording:
         self._calls: dict[int, list[LayerCapture]] = {}  # layer -> its earlier calls in this forward (joins_calls sites)
         self._attending: dict[int, OneAttention] = {}  # layer -> its OneAttention while attached
         self._handles: list[Any] = []
-        self._pools: weakref.finalize | None = None  # stops using the output buffers once released or collected
         self._current: BatchCapture | None = None
         self._outer = False  # whether the open batch is a call of ``model`` itself
         self._rows_axis: tuple[AttentionSite, tuple[str, int, int], bool] | None = None
@@ -215,11 +213,6 @@ class Recording:
         # CLIPModel.forward; then the batch spans the recorded attention modules, first to last.
         first = min(self.sites, key=lambda s: s.layer)
         last = max(self.sites, key=lambda s: s.layer)
-        if self._pools is None:  # the buffers it writes its maps into are kept from here until it is released
-            pools = [SCRATCH, *{id(p): p for s in self.sites if (p := output_buffers(s.module)) is not None}.values()]
-            for pool in pools:
-                pool.attach()
-            self._pools = weakref.finalize(self, _stop_using, pools)  # released or collected: let them go
         try:
             self._handles.append(model.register_forward_pre_hook(self._begin_batch, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._end_batch, always_call=False))
@@ -283,10 +276,7 @@ class Recording:
         self.sites_release()
 
     def sites_release(self) -> None:
-        """Forget the model's modules so a finished recording keeps no model alive (and stop using their output
-        buffers: the last recording on a module lets go of those nobody holds)."""
-        if self._pools is not None:
-            self._pools()
+        """Forget the model's modules so a finished recording keeps no model alive."""
         self.sites = [dataclasses.replace(s, module=None, block=None, qk_linear=_released, qk_modules=(),  # type: ignore[arg-type]
                                           grid_source=None)  # the grid its last call read stays (_grid_of_source)
                       for s in self.sites]
@@ -502,7 +492,6 @@ class Recording:
         """Forward hook on q/k Linear ``index`` of ``site``: once q and k are both out, project the modes and
         rebuild the full maps from them."""
         projector, width, fused = self._from_qk.get(site.layer), site.num_heads * site.head_dim, len(site.qk_modules) == 1
-        buffers = output_buffers(site.module)  # the maps written into blocks reused from batch to batch (CPU)
         full = site.layer in self._qk_attention
         row_specs = [s for s in self.attention_specs if s.kind != "full" and s.covers(site.layer)] if site.layer in self._qk_rows else []
 
@@ -525,15 +514,14 @@ class Recording:
                     dt = self.compute_dtype
                     if fused:  # q and k side by side in one output: one product for both
                         qk = out[..., :2 * width]
-                        cap.query, cap.key = projector.from_fused(qk if dt is None else qk.to(dt), buffers)
+                        cap.query, cap.key = projector.from_fused(qk if dt is None else qk.to(dt))
                     else:
-                        cap.query, cap.key = projector.from_linear(q if dt is None else q.to(dt),
-                                                                   k if dt is None else k.to(dt), buffers)
+                        cap.query, cap.key = projector.from_linear(q if dt is None else q.to(dt), k if dt is None else k.to(dt))
                     cap.query, cap.key = site.to_images("modes", cap.query), site.to_images("modes", cap.key)
                 if full or row_specs:
                     q, k = split_heads(site, q), split_heads(site, k)
                 if full:  # two-softmax sites (zoo11-maps): the maps combined from the terms, both kept
-                    maps, terms = full_and_terms(site, q, k, buffers)
+                    maps, terms = full_and_terms(site, q, k)
                     cap.attention["full"] = site.to_images("full", maps)
                     if terms is not None:
                         cap.terms = terms
@@ -753,12 +741,6 @@ class Recording:
         if self.last is None:
             raise QKHooksError("nothing recorded yet: run the model inside the context first.")
         return {l: self.last.attention(l, kind) for l in self.last.attention_layers(kind)}
-
-
-def _stop_using(pools: list[OutputBuffers]) -> None:
-    """A recording is released or collected: it no longer writes into ``pools``."""
-    for pool in pools:
-        pool.detach()
 
 
 # Attention module -> (the spectrum its projectors were built from, {(modes kept, q/k path allowed): (top spectrum,

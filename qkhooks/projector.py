@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from qkhooks.buffers import SCRATCH, OutputBuffers
 from qkhooks.models.base import QKWeights
 from qkhooks.spectrum import LayerSpectrum
 
@@ -98,56 +97,40 @@ class QKPathProjector:
                                 None if self._offsets is None else self._offsets.to(device=device, dtype=dtype))
         return self._cache[key]
 
-    def _maps(self, heads: torch.Tensor, sides: slice, buffers: OutputBuffers | None = None) -> torch.Tensor:
+    def _maps(self, heads: torch.Tensor, sides: slice) -> torch.Tensor:
         """(B, N, S·H, d_k) q and/or k heads (any strides) -> (S, B, H, K, N) contiguous maps, S = the sides taken.
 
         One (K, d_k) @ (d_k, B·N) product per side and head reads the Linear's output in place (a strided view,
-        no copy of q or k) and writes the maps with the token axis last; one pass then moves them to per-image
-        (B, H, K, N) and subtracts the folded bias offsets on the way. Each map entry is the same d_k-long dot
-        product whatever B, so an image's maps do not depend on the batch it came in (a sharded run equals a
-        single-process one; tested). With ``buffers`` (the module's :class:`OutputBuffers`), both results are
-        written into buffers reused from batch to batch.
+        no copy of q or k) and writes the maps with the token axis last, so only one copy remains: the permute to
+        per-image (B, H, K, N). Each map entry is the same d_k-long dot product whatever B, so an image's maps do
+        not depend on the batch it came in (a sharded run equals a single-process one; tested).
         """
         weights, offsets = self._weights(heads.device, heads.dtype)
-        weights, offsets = weights[sides], None if offsets is None else offsets[sides]
         b, n, sh, dk = heads.shape
-        heads_, modes = weights.shape[0], weights.shape[1]
-        tokens = heads.reshape(b * n, sh, dk).permute(1, 2, 0)  # (S·H, d_k, B·N), a view
-        if buffers is None or (torch.is_grad_enabled() and heads.requires_grad):  # out= records no graph
-            product = torch.bmm(weights, tokens)
-            if offsets is not None:
-                product = product.sub_(offsets)
-            return product.view(-1, self._dims[0], modes, b, n).permute(0, 3, 1, 2, 4).contiguous()
-        role = f"modes {sides.start}:{sides.stop}"
-        product = torch.bmm(weights, tokens, out=SCRATCH.empty(f"{role} product", (heads_, modes, b * n), heads.dtype,
-                                                               heads.device, keep=1))  # (S·H, K, B·N)
-        per_image = product.view(-1, self._dims[0], modes, b, n).permute(0, 3, 1, 2, 4)
+        out = torch.bmm(weights[sides], heads.reshape(b * n, sh, dk).permute(1, 2, 0))  # (S·H, K, B·N)
+        if offsets is not None:
+            out = out.sub_(offsets[sides])
         # Contiguous (B, H, K, N) maps: every consumer reduces or copies them along the token axis (top-k extremes
         # and row picks, the float16 cast and the run file's write), which on a strided view costs a copy each.
-        out = buffers.empty(f"{role} maps", per_image.shape, heads.dtype, heads.device)
-        if offsets is None:
-            return out.copy_(per_image)
-        return torch.sub(per_image, offsets.view(-1, 1, self._dims[0], modes, 1), out=out)
+        return out.view(-1, self._dims[0], out.shape[1], b, n).permute(0, 3, 1, 2, 4).contiguous()
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, buffers: OutputBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query and key maps (B, H, K, N) from q, k (B, H, N, d_k) with biases included."""
-        return self._split(q.transpose(1, 2), k.transpose(1, 2), buffers)
+        return self._split(q.transpose(1, 2), k.transpose(1, 2))
 
-    def from_linear(self, q: torch.Tensor, k: torch.Tensor,
-                    buffers: OutputBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_linear(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same from the q and k Linear outputs as the model produced them: (B, N, H·d_k) each."""
         h, dk, _ = self._dims
-        return self._split(q.unflatten(-1, (h, dk)), k.unflatten(-1, (h, dk)), buffers)
+        return self._split(q.unflatten(-1, (h, dk)), k.unflatten(-1, (h, dk)))
 
-    def from_fused(self, qk: torch.Tensor, buffers: OutputBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_fused(self, qk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same from one Linear's output whose first 2·H·d_k features are q then k (a fused qkv): one product
         for both sides."""
         h, dk, _ = self._dims
-        maps = self._maps(qk[..., :2 * h * dk].unflatten(-1, (2 * h, dk)), slice(0, 2 * h), buffers)
+        maps = self._maps(qk[..., :2 * h * dk].unflatten(-1, (2 * h, dk)), slice(None))
         return maps[0], maps[1]
 
-    def _split(self, q: torch.Tensor, k: torch.Tensor,
-               buffers: OutputBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k heads (B, N, H, d_k) held apart: one product per side."""
         h = self._dims[0]
-        return self._maps(q, slice(0, h), buffers)[0], self._maps(k, slice(h, 2 * h), buffers)[0]
+        return self._maps(q, slice(0, h))[0], self._maps(k, slice(h, 2 * h))[0]

@@ -17,10 +17,9 @@ from typing import Any, Callable
 
 import torch
 
-from qkhooks.buffers import SCRATCH, OutputBuffers
 from qkhooks.errors import QKHooksError
 
-__all__ = ["scaled_logits", "maps_times_values", "softmax_maps", "sdpa_maps", "SdpaCall", "AttentionCallMode"]
+__all__ = ["scaled_logits", "maps_times_values", "sdpa_maps", "SdpaCall", "AttentionCallMode"]
 
 # ------------------------------------------------------------------ the two products, read in place on the CPU
 # Below this many query and key tokens an image's products are too small for per-image calls to pay off (windows of 49).
@@ -35,7 +34,7 @@ def _in_place(a: torch.Tensor, b: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
 
 
-def scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float, scratch: bool = False) -> torch.Tensor:
+def scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """scale · q kᵀ over the last two axes: (..., L, d) and (..., S, d) -> (..., L, S).
 
     q and k are usually strided views of one Linear's output (heads split off a fused qkv), which ``matmul`` first
@@ -44,13 +43,11 @@ def scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float, scratch: bool 
     rows lie together in memory, and its call's H products split evenly over the threads; with 2 threads the
     per-head loop of round 11 was slower than ``matmul`` on copies (benchmarks/round12_ab.py). The value is
     scale·(q·k) rounded once, where ``(q·scale) @ kᵀ`` rounds q·scale first: equal for a power-of-two scale
-    (d_k = 64), within a float ulp otherwise. With ``scratch``, the logits are written into a buffer shared by every
-    layer and reused from batch to batch (:data:`qkhooks.buffers.SCRATCH`; one that is still held is never reused).
+    (d_k = 64), within a float ulp otherwise.
     """
     if not (isinstance(scale, (int, float)) and _in_place(q, k)):  # a tensor scale: a learned temperature
         return (q * scale) @ k.transpose(-1, -2)
-    shape = (*q.shape[:-1], k.shape[-2])
-    logits = SCRATCH.empty("logits", shape, q.dtype, q.device, keep=1) if scratch else q.new_empty(shape)
+    logits = q.new_empty(*q.shape[:-1], k.shape[-2])
     for b in range(q.shape[0]):
         torch.baddbmm(logits[b], q[b], k[b].transpose(-1, -2), beta=0, alpha=scale, out=logits[b])
     return logits
@@ -73,27 +70,17 @@ _SDPA = torch.nn.functional.scaled_dot_product_attention
 _SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
 
 
-def softmax_maps(logits: torch.Tensor, buffers: OutputBuffers | None = None) -> torch.Tensor:
-    """``torch.softmax(logits, -1)``, written into a buffer of ``buffers`` (role ``"maps"``) reused from batch to
-    batch when given and autograd is not recording (the same kernel: equal values)."""
-    if buffers is None or (torch.is_grad_enabled() and logits.requires_grad):
-        return torch.softmax(logits, dim=-1)
-    out = buffers.empty("maps", logits.shape, logits.dtype, logits.device)
-    return torch.ops.aten._softmax.out(logits, -1, False, out=out)
-
-
 def sdpa_maps(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-              scale: float | None = None, enable_gqa: bool = False, buffers: OutputBuffers | None = None) -> torch.Tensor:
+              scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """softmax(q kᵀ·scale + mask) as ``scaled_dot_product_attention`` defines it, in q's dtype: (..., L, S).
 
     The scale enters the product (:func:`scaled_logits`), never the N·N logits; a boolean mask keeps
     the True entries, a float mask is added, ``is_causal`` keeps the lower triangle; rows with every key masked
-    are zero (not NaN), as the fused kernels return them. With ``buffers`` (the module's
-    :class:`~qkhooks.buffers.OutputBuffers`) the maps are written into blocks reused from batch to batch.
+    are zero (not NaN), as the fused kernels return them.
     """
     if enable_gqa and k.shape[-3] != q.shape[-3]:  # grouped-query: each key head serves a group of query heads
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-    logits = scaled_logits(q, k, q.shape[-1] ** -0.5 if scale is None else scale, scratch=buffers is not None)
+    logits = scaled_logits(q, k, q.shape[-1] ** -0.5 if scale is None else scale)
     keep = None
     if is_causal:
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
@@ -103,7 +90,7 @@ def sdpa_maps(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None =
         logits = logits + attn_mask
     if keep is not None:
         logits = logits.masked_fill(~keep, float("-inf"))
-    maps = softmax_maps(logits, buffers)
+    maps = torch.softmax(logits, dim=-1)
     # a row whose every key is masked (boolean or -inf float mask) is 0, as torch's own sdpa returns, not NaN
     return maps if keep is None and attn_mask is None else maps.nan_to_num_(0.0)
 
@@ -123,9 +110,9 @@ class SdpaCall:
     scale: float | None = None
     enable_gqa: bool = False
 
-    def maps(self, buffers: OutputBuffers | None = None) -> torch.Tensor:
+    def maps(self) -> torch.Tensor:
         """The call's maps, softmax(q kᵀ·scale + mask) (:func:`sdpa_maps`), before dropout."""
-        return sdpa_maps(self.query, self.key, self.attn_mask, self.is_causal, self.scale, self.enable_gqa, buffers)
+        return sdpa_maps(self.query, self.key, self.attn_mask, self.is_causal, self.scale, self.enable_gqa)
 
 
 def _softmax_over_last_axis(out: Any, args: tuple, kwargs: dict) -> bool:

@@ -90,7 +90,7 @@ def test_two_softmax_maps_and_terms_come_from_one_product_of_q_and_k(build, monk
     model = build()
     calls: list[tuple[int, ...]] = []
     product = attention.scaled_logits
-    monkeypatch.setattr(attention, "scaled_logits", lambda q, k, scale, **kw: calls.append(tuple(q.shape)) or product(q, k, scale, **kw))
+    monkeypatch.setattr(attention, "scaled_logits", lambda q, k, scale: calls.append(tuple(q.shape)) or product(q, k, scale))
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with qkhooks.record(model, modes="all", attention="full") as rec:
         with torch.no_grad():
