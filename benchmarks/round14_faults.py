@@ -57,7 +57,8 @@ def main() -> None:
     seen: dict[bool, list[tuple[float, int]]] = {False: [], True: []}
     with torch.no_grad():
         for _ in range(3):
-            forward(False), forward(True)
+            forward(False)
+            forward(True)
         for i in range(args.rounds):
             for recorded in ((False, True) if i % 2 else (True, False)):
                 seen[recorded].append(forward(recorded))
