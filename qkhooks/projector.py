@@ -61,6 +61,14 @@ class ModeProjector:
         return out[0], out[1]
 
 
+def _product_layout(device: torch.device, modes: int, head_dim: int) -> str:
+    """Which shape of product computes the q/k path's maps fastest where they run (see ``QKPathProjector._maps``):
+    "tokens" (tokens-major), "images" (one product per image) or "batched" (one product over the batch)."""
+    if device.type != "cpu":
+        return "batched"
+    return "tokens" if 4 * modes <= head_dim else "images"
+
+
 class QKPathProjector:
     """The same maps computed from q and k (B, H, N, d_k) instead of x: a d_k x K matmul per head.
 
@@ -98,21 +106,49 @@ class QKPathProjector:
         return self._cache[key]
 
     def _maps(self, heads: torch.Tensor, sides: slice) -> torch.Tensor:
-        """(B, N, S·H, d_k) q and/or k heads (any strides) -> (S, B, H, K, N) contiguous maps, S = the sides taken.
+        """(B, N, S·H, d_k) q and/or k heads (any strides) -> (S, B, H, K, N) maps, S = the sides taken.
 
-        One (K, d_k) @ (d_k, B·N) product per side and head reads the Linear's output in place (a strided view,
-        no copy of q or k) and writes the maps with the token axis last, so only one copy remains: the permute to
-        per-image (B, H, K, N). Each map entry is the same d_k-long dot product whatever B, so an image's maps do
-        not depend on the batch it came in (a sharded run equals a single-process one; tested).
+        The products read the Linear's output in place (a strided view, no copy of q or k). Which shape of product
+        is fastest depends on where it runs (``benchmarks/round14_projection.py``): on the CPU the product is
+        memory-bound, since the model's qkv Linear has pushed q and k out of the cache by now, so
+
+        - with few modes per head (K <= d_k / 4), one (B·N, d_k) @ (d_k, K) product per side and head reads q and k
+          row by row, and a transposing pass writes the (B, H, K, N) maps (18-26 % faster than the general way);
+        - with more, one (K, d_k) @ (d_k, N) product per image and (side, head) writes each image's maps in place
+          (20-38 % faster with all modes). The two sides of a fused qkv then share each image's block, so a side's
+          (B, H, K, N) maps are a view, each image's (H, K, N) block contiguous;
+        - elsewhere (an accelerator, where a Python loop over images costs a kernel launch each), one (K, d_k) @
+          (d_k, B·N) product per side and head, then one pass into per-image (B, H, K, N) maps.
+
+        Each map entry is the same d_k-long dot product whatever B, so an image's maps do not depend on the batch it
+        came in (a sharded run equals a single-process one; tested).
         """
         weights, offsets = self._weights(heads.device, heads.dtype)
+        weights, offsets = weights[sides], None if offsets is None else offsets[sides]
         b, n, sh, dk = heads.shape
-        out = torch.bmm(weights[sides], heads.reshape(b * n, sh, dk).permute(1, 2, 0))  # (S·H, K, B·N)
+        h, modes = self._dims[0], weights.shape[1]
+        tokens, layout = heads.reshape(b * n, sh, dk), _product_layout(heads.device, modes, dk)
+        if layout == "tokens":
+            product = torch.bmm(tokens.transpose(0, 1), weights.transpose(1, 2))  # (S·H, B·N, K)
+            maps = product.view(-1, h, b, n, modes).permute(0, 2, 1, 4, 3)
+            if offsets is None:
+                return maps.contiguous()
+            # the transposing pass, the offsets subtracted on the way (into a contiguous block: an elementwise op's
+            # own output would keep the permuted strides)
+            return torch.sub(maps, offsets.view(-1, 1, h, modes, 1), out=heads.new_empty(maps.shape))
+        if layout == "images":
+            out = heads.new_empty(b, sh, modes, n)
+            for image in range(b):
+                torch.bmm(weights, heads[image].permute(1, 2, 0), out=out[image])
+            if offsets is not None:
+                out.sub_(offsets)
+            return out.view(b, -1, h, modes, n).transpose(0, 1)
+        out = torch.bmm(weights, tokens.permute(1, 2, 0))  # (S·H, K, B·N)
         if offsets is not None:
-            out = out.sub_(offsets[sides])
+            out = out.sub_(offsets)
         # Contiguous (B, H, K, N) maps: every consumer reduces or copies them along the token axis (top-k extremes
         # and row picks, the float16 cast and the run file's write), which on a strided view costs a copy each.
-        return out.view(-1, self._dims[0], out.shape[1], b, n).permute(0, 3, 1, 2, 4).contiguous()
+        return out.view(-1, h, modes, b, n).permute(0, 3, 1, 2, 4).contiguous()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query and key maps (B, H, K, N) from q, k (B, H, N, d_k) with biases included."""

@@ -78,9 +78,9 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "(spectrum or cosine or augmented or remixing or sum_to_model or bypass or cached or reuses) "
                  f"and not (live_layer_read_as_the_old_dict or {SAME_FORM_FAMILIES})"),
     "projector": (["qkhooks/projector.py"], ["tests/test_core.py", "tests/test_mutation_kills.py",
-                                             "tests/test_mutation_kills_core.py"],
+                                             "tests/test_mutation_kills_core.py", "tests/test_speed_round9.py"],
                   "(sum_to_model or qk_outputs or fall_back or augmented or residual or remixing or follows_the_dtype "
-                  f"or projector) and not ({SAME_FORM_FAMILIES})"),
+                  f"or projector or projections) and not ({SAME_FORM_FAMILIES})"),
     # attention (round 13): sdpa.py added (the products, sdpa_maps and AttentionCallMode moved there), with the
     # two-softmax and inside forms' fast tests (TWO_SOFTMAX_AND_INSIDE) and KILLS_ATTENTION.
     "attention": (["qkhooks/attention.py", "qkhooks/sdpa.py"],

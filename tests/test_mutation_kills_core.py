@@ -60,13 +60,19 @@ def _random_layer(heads: int, head_dim: int, dim: int, modes: int, q_bias: bool,
     return weights, spectrum
 
 
+@pytest.mark.parametrize("layout", ["tokens", "images", "batched"])
 @pytest.mark.parametrize("q_bias, k_bias", [(True, False), (False, True), (True, True)],
                          ids=["query-bias-only", "key-bias-only", "both-biases"])
-def test_qk_path_projector_with_one_side_biased_and_truncated_modes_equals_the_tokens_on_the_modes(q_bias, k_bias):
+def test_qk_path_projector_with_one_side_biased_and_truncated_modes_equals_the_tokens_on_the_modes(
+        monkeypatch, q_bias, k_bias, layout):
     """QKPathProjector on a layer with a bias on one side only (the other side's offset is a zero block), H = 2 heads
     of d_k = 3 (H != d_k), K = 2 < d_k modes: from q, k heads, from the q and k Linear outputs and from a fused
-    q|k|v output, the maps equal x·u_n and x·v_n of a numpy SVD of the dense form, in float64 and float32."""
+    q|k|v output, the maps equal x·u_n and x·v_n of a numpy SVD of the dense form, in float64 and float32, with
+    each shape of product the projector chooses from (forced here)."""
+    import qkhooks.projector
     from qkhooks.projector import QKPathProjector
+
+    monkeypatch.setattr(qkhooks.projector, "_product_layout", lambda device, k, head_dim: layout)
 
     heads, head_dim, dim, modes = 2, 3, 7, 2
     weights, spectrum = _random_layer(heads, head_dim, dim, modes, q_bias, k_bias, seed=11)

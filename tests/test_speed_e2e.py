@@ -91,7 +91,7 @@ def test_record_entered_again_reuses_its_projectors_until_the_weights_change(mon
 
 
 @pytest.mark.parametrize("tiny", [TINY_MODELS[0]], ids=lambda t: t.name)
-def test_qk_path_maps_are_contiguous_and_equal_the_x_path(tiny):
+def test_qk_path_maps_are_contiguous_per_image_and_equal_the_x_path(tiny):
     model = tiny.model()
     images = tiny.images(2, 3)
     with torch.no_grad():
@@ -103,5 +103,7 @@ def test_qk_path_maps_are_contiguous_and_equal_the_x_path(tiny):
     for l in qk.layers:
         for side in ("query", "key"):
             got, want = getattr(qk.last, side)(l), getattr(x.last, side)(l)
-            assert got.is_contiguous()
+            # each image's (H, K, N) block is contiguous, its token axis last (a fused qkv's two sides may share
+            # one block per image, so the batch axis may stride over both)
+            assert all(image.is_contiguous() for image in got)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

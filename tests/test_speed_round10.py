@@ -61,7 +61,8 @@ def test_projector_maps_equal_the_dense_x_path_with_a_bias_on_either_side(zero_s
     ref_q = np.einsum("bnd,hdk->bhkn", x64, spectrum.U.double().numpy())
     ref_k = np.einsum("bnd,hdk->bhkn", x64, spectrum.V.double().numpy())
     scale = max(np.abs(ref_q).max(), np.abs(ref_k).max())
-    assert query.shape == key.shape == (4, 3, 16, 25) and query.is_contiguous() and key.is_contiguous()
+    assert query.shape == key.shape == (4, 3, 16, 25)
+    assert all(image.is_contiguous() for image in (*query, *key))  # each image's block, its token axis last
     np.testing.assert_allclose(query.double().numpy(), ref_q, atol=2e-5 * scale, rtol=0)
     np.testing.assert_allclose(key.double().numpy(), ref_k, atol=2e-5 * scale, rtol=0)
 

@@ -1,8 +1,8 @@
-"""Issue 20, round 9: the q/k-path projection as one product per side and head over the whole batch.
+"""Issue 20, rounds 9 and 15: the q/k-path projection reads q and k in place from the Linear's output.
 
-The projector now reads q and k in place from the Linear's output (one batched (K, d_k) @ (d_k, B·N) product for
-both sides of a fused qkv) instead of one small product per image and head. These tests check that nothing a user
-reads changed: the maps equal the x path's x·u_n computed densely in float64, the fused, separate and per-head
+Round 9 made it one batched (K, d_k) @ (d_k, B·N) product for both sides of a fused qkv instead of one small product
+per image and head; round 15 lets the projector choose, by device and number of modes, between that, tokens-major
+products and one product per image (each forced in turn here). These tests check that nothing a user reads changed: the maps equal the x path's x·u_n computed densely in float64, the fused, separate and per-head
 entries agree bit for bit, and an image's maps do not depend on the batch it came in (a sharded run writes what a
 single process writes).
 """
@@ -37,10 +37,16 @@ def _dense_maps(x: torch.Tensor, spectrum) -> tuple[np.ndarray, np.ndarray]:
     return np.einsum("bnd,hdk->bhkn", x64, u), np.einsum("bnd,hdk->bhkn", x64, v)
 
 
-def test_fused_separate_and_per_head_projections_equal_the_dense_x_path():
+@pytest.mark.parametrize("layout, modes", [("tokens", 4), ("images", 16), ("batched", 16), ("images", 5)])
+def test_fused_separate_and_per_head_projections_equal_the_dense_x_path(monkeypatch, layout, modes):
+    """Each shape of product the projector chooses from (forced here; on the CPU it picks "tokens" for K <= d_k / 4,
+    else "images"; "batched" on an accelerator) gives the dense maps."""
+    import qkhooks.projector
+
+    monkeypatch.setattr(qkhooks.projector, "_product_layout", lambda device, k, head_dim: layout)
     model = _vit()
     site = qkhooks.sites(model)[1]
-    spectrum = qkhooks.spectrum(model)[site.layer]
+    spectrum = qkhooks.spectrum(model)[site.layer].top(modes)
     projector = QKPathProjector(spectrum, site.weights())
     x = torch.randn(5, 25, 48, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -52,7 +58,9 @@ def test_fused_separate_and_per_head_projections_equal_the_dense_x_path():
     heads = projector(q.unflatten(-1, (3, 16)).transpose(1, 2), k.unflatten(-1, (3, 16)).transpose(1, 2))
     ref_q, ref_k = _dense_maps(x, spectrum)
     for got in (fused, separate, heads):
-        assert all(t.shape == (5, 3, 16, 25) and t.is_contiguous() for t in got)
+        # a side's maps: each image's (H, K, N) block contiguous (the fused "images" product keeps both sides of an
+        # image in one block, so there the batch axis strides over both)
+        assert all(t.shape == (5, 3, modes, 25) and all(image.is_contiguous() for image in t) for t in got)
         scale = max(np.abs(ref_q).max(), np.abs(ref_k).max())
         np.testing.assert_allclose(got[0].double().numpy(), ref_q, atol=2e-5 * scale, rtol=0)
         np.testing.assert_allclose(got[1].double().numpy(), ref_k, atol=2e-5 * scale, rtol=0)
