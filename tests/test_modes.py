@@ -617,3 +617,74 @@ def test_cosine_plot_draws_the_head_mean_band(monkeypatch, tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(captured["fig"])
+
+
+@pytest.mark.parametrize("images", [1, 5])
+def test_topk_keeps_the_same_images_and_maps_from_maps_that_share_one_block_per_image(images):
+    """The q/k path hands a fused qkv's query and key maps out as views of one (B, 2H, K, N) block per image; the
+    top-k reducer reads their rows in place. Its state equals the one from contiguous copies of the same maps, bit
+    for bit, and so does the state from maps whose image blocks are not contiguous (heads and modes swapped: read
+    through a copy); both equal a direct numpy ranking by the paper's score."""
+    from qkhooks.analysis.topk import TopKModes
+    from qkhooks.results import BatchCapture, LayerCapture
+
+    h, m, n, prefix = 3, 4, 9, 1
+    block = torch.randn(images, 2 * h, m, n, generator=torch.Generator().manual_seed(images))
+    query, key = block[:, :h], block[:, h:]
+    swapped = block.transpose(1, 2).contiguous().transpose(1, 2)  # same values, image blocks strided inside
+
+    def state(q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
+        reducer = TopKModes(k=2, num_prefix_tokens=prefix, map_dtype="float32")
+        reducer.update(BatchCapture(ids=[str(i) for i in range(images)], meta={"num_prefix_tokens": prefix},
+                                    captures={0: LayerCapture(layer=0, batch_size=images, query=q, key=k)}, offset=0))
+        return reducer.layers[0]
+
+    got = state(query, key)
+    for other in (state(query.contiguous(), key.contiguous()), state(swapped[:, :h], swapped[:, h:])):
+        assert all(torch.equal(got[name], other[name]) for name in got)
+    q, k = query.double().numpy()[..., prefix:], key.double().numpy()[..., prefix:]
+    plus = np.maximum(q.max(-1), 0) * np.maximum(k.max(-1), 0)  # (B, H, K)
+    best = np.argsort(-plus, axis=0, kind="stable")[:min(2, images)]  # ties to the lower image
+    np.testing.assert_array_equal(got["index"][:, :, 0, :min(2, images)].numpy(), best.transpose(1, 2, 0))
+    picked = np.take_along_axis(query.numpy(), best[..., None], axis=0)  # (k, H, K, N)
+    np.testing.assert_array_equal(got["query"][:, :, 0, :min(2, images)].numpy(), picked.transpose(1, 2, 0, 3))
+
+
+def test_topk_reads_the_token_rows_of_maps_that_share_a_block_per_image_in_place():
+    """The rows the top-k reducer picks from: a view of the maps (no copy) when each image's block is contiguous,
+    the step between images read off their stride; a copy otherwise. Row b·step + h·K + m is map (b, h, m)."""
+    from qkhooks.analysis.topk import _token_rows
+
+    block = torch.randn(5, 6, 4, 9, generator=torch.Generator().manual_seed(0))
+    swapped = block.transpose(1, 2).contiguous().transpose(1, 2)  # image blocks not contiguous
+    odd = torch.randn(5 * 110).as_strided((5, 3, 4, 9), (110, 36, 9, 1))  # images 110 floats apart: not whole rows
+    for maps, step, view in ((block[:, :3], 24, True), (block[:, 3:], 24, True), (block[:, :3].contiguous(), 12, True),
+                             (block[2:3, 3:], 24, True), (block[:, :, 1:3], 12, False), (swapped[:, :3], 12, False),
+                             (odd, 12, False)):
+        rows, got = _token_rows(maps)
+        b, h, m, n = maps.shape
+        assert got == step and (rows.data_ptr() == maps.data_ptr()) == view
+        assert rows.shape == ((b - 1) * step + h * m, n) if view else rows.shape == (b * h * m, n)
+        for i, j, k in np.ndindex(b, h, m):
+            assert torch.equal(rows[i * step + j * m + k], maps[i, j, k])
+
+
+
+def test_topk_refuses_maps_of_another_rank_or_shape_naming_both():
+    """Query and key maps must both be (batch, heads, modes, tokens) with the same first three axes, and a layer's
+    later batches must keep its heads, modes and token counts; each refusal names the shapes and changes nothing."""
+    from qkhooks.analysis.topk import TopKModes
+
+    reducer = TopKModes(k=2, num_prefix_tokens=1)
+    maps = torch.randn(2, 3, 4, 9)
+    with pytest.raises(QKHooksError, match=r"must both be .* got \(2, 3, 4\) and \(2, 3, 4, 9\)"):
+        reducer._fold(0, maps[..., 0], maps, 0, 1)
+    with pytest.raises(QKHooksError, match=r"got \(2, 3, 4, 9\) and \(2, 2, 4, 9\)"):
+        reducer._fold(0, maps, maps[:, :2], 0, 1)
+    assert reducer.layers == {}
+    reducer._fold(0, maps, maps, 0, 1)
+    before = {name: value.clone() for name, value in reducer.layers[0].items()}
+    for query, key in ((maps[..., :7], maps), (maps, maps[..., :7]), (maps[:, :2], maps[:, :2])):
+        with pytest.raises(QKHooksError, match=r"do not match the earlier \(3, 4\) x 9 tokens"):
+            reducer._fold(0, query, key, 2, 1)
+    assert all(torch.equal(before[name], reducer.layers[0][name]) for name in before)

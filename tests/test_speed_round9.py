@@ -172,3 +172,44 @@ def test_workers_default_is_none_on_the_cpu_and_the_spare_cores_beside_an_accele
     for cores, workers in ((1, 0), (2, 1), (8, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
         assert default_workers("cuda") == workers
+
+
+def test_the_projector_product_is_chosen_by_device_and_modes():
+    """On the CPU tokens-major products up to K = d_k / 4 modes per head, one product per image above; one batched
+    product on any other device (there a loop over images would cost a kernel launch each)."""
+    from qkhooks.projector import _product_layout
+
+    cpu = torch.device("cpu")
+    assert [_product_layout(cpu, k, 64) for k in (1, 16, 17, 64)] == ["tokens", "tokens", "images", "images"]
+    assert [_product_layout(cpu, k, 16) for k in (4, 5)] == ["tokens", "images"]
+    assert {_product_layout(torch.device("meta"), k, 64) for k in (1, 16, 64)} == {"batched"}
+
+
+@pytest.mark.parametrize("layout", ["tokens", "images", "batched"])
+def test_each_projector_layout_runs_its_own_products_and_hands_out_its_own_strides(monkeypatch, layout):
+    """The products each layout runs (seen through a TorchFunctionMode) and the strides of the maps it returns: a
+    fused qkv's sides share one (B, 2H, K, N) block only with one product per image."""
+    import qkhooks.projector
+
+    monkeypatch.setattr(qkhooks.projector, "_product_layout", lambda device, k, head_dim: layout)
+    model = _vit()
+    site = qkhooks.sites(model)[0]
+    projector = QKPathProjector(qkhooks.spectrum(model)[site.layer].top(4), site.weights())
+    b, n, h, k, dk = 5, 25, 3, 4, 16
+    with torch.no_grad():
+        qkv = site.module.qkv(torch.randn(b, n, 48, generator=torch.Generator().manual_seed(4)))
+    products: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    class Products(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.bmm:
+                products.append((tuple(args[0].shape), tuple(args[1].shape)))
+            return func(*args, **(kwargs or {}))
+
+    with Products():
+        query, key = projector.from_fused(qkv)
+    assert products == {"tokens": [((2 * h, b * n, dk), (2 * h, dk, k))],
+                        "images": [((2 * h, k, dk), (2 * h, dk, n))] * b,
+                        "batched": [((2 * h, k, dk), (2 * h, dk, b * n))]}[layout]
+    per_image = (2 if layout == "images" else 1) * h * k * n
+    assert query.stride() == key.stride() == (per_image, k * n, n, 1)

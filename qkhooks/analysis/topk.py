@@ -57,6 +57,19 @@ def _token_extremes(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return maps.amin(-1), maps.amax(-1)
 
 
+def _token_rows(maps: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Maps (B, H, K, N) as rows of N tokens in their own memory, and the rows from one image to the next.
+
+    Each image's (H, K, N) block is usually contiguous while the images need not be adjacent (the q/k path
+    writes both sides of an image into one block): then the rows are a view and the step is the images' stride
+    in rows; otherwise the maps are copied into contiguous ones (step H·K)."""
+    b, h, m, n = maps.shape
+    if b and maps.stride(0) % n == 0 and maps[0].is_contiguous():
+        step = maps.stride(0) // n
+        return maps.as_strided(((b - 1) * step + h * m, n), (n, 1)), step
+    return maps.reshape(b * h * m, n), h * m
+
+
 def _rank(score: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the first ``k`` entries along the last axis by (score descending, index ascending).
 
@@ -161,10 +174,10 @@ class TopKModes(Reducer):
         sign = torch.tensor(SIGNS, device=query.device, dtype=self.map_dtype).view(1, 1, 2, 1, 1)
 
         def maps(x: torch.Tensor) -> torch.Tensor:
-            # Only the picked rows are copied: row (b, h, m) of x seen as (B·H·K, N) is b·H·K + h·K + m, so both
-            # signs index the B maps in place (no (H, K, B, N) permuted copy, no expanded copy).
-            rows = x.reshape(b * h * m, x.shape[-1])  # queries N, keys M tokens
-            flat = pos.reshape(h, m, -1) * (h * m) + torch.arange(h * m, device=pos.device).view(h, m, 1)
+            # Only the picked rows are copied: row (h, m) of image b is b·step + h·K + m of the maps seen as rows of
+            # N tokens, so both signs index the B maps in place (no (H, K, B, N) permuted copy, no expanded copy).
+            rows, step = _token_rows(x)  # queries N, keys M tokens
+            flat = pos.reshape(h, m, -1) * step + torch.arange(h * m, device=pos.device).view(h, m, 1)
             return rows.index_select(0, flat.flatten()).view(h, m, 2, -1, x.shape[-1]).to(self.map_dtype) * sign
 
         cand = {"score": score.gather(-1, pos), "index": index.gather(-1, pos), "query": maps(query), "key": maps(key)}
