@@ -8,11 +8,13 @@ the L2 cache), so each call here is preceded by a 32 MB write (the flush) and a 
 projection is timed (wall, median [IQR] ms). For top-16 and all 64 modes per head, with the bias offsets:
 
 - ``bmm + copy``: one (K, d_k) @ (d_k, B·N) product per side and head on the strided q/k view, then one pass into
-  per-image (B, H, K, N) maps with the offsets subtracted (what :class:`qkhooks.projector.QKPathProjector` does, the
-  subtraction folded into the copy);
+  per-image (B, H, K, N) maps with the offsets subtracted (:class:`qkhooks.projector.QKPathProjector`'s product in
+  rounds 9-14, its "batched" layout since round 15, used off the CPU);
 - ``per image``: one such product per image, written in place into (B, 2H, K, N), offsets subtracted after;
+- ``per image and side``: the same per image, one product per side, so each side's maps stay contiguous;
 - ``per image, baddbmm``: the same with the offsets folded into ``baddbmm``;
-- ``tokens-major``: (B·N, d_k) @ (d_k, K) products, then a transposing pass into per-image maps;
+- ``tokens-major``: (B·N, d_k) @ (d_k, K) products, then a transposing pass into per-image maps (the projector's
+  "tokens" layout on the CPU for K <= d_k / 4 since round 15; "per image" is its "images" layout above that);
 - ``x path``: the tokens x (B·N, d) @ (d, 2·H·K), then a pass into per-image maps (:class:`ModeProjector`'s way).
 Every variant's maps are checked equal (to 1e-4) to the first's before timing.
 """
