@@ -117,8 +117,9 @@ class QKPathProjector:
         - with more, one (K, d_k) @ (d_k, N) product per image and (side, head) writes each image's maps in place
           (20-38 % faster with all modes). The two sides of a fused qkv then share each image's block, so a side's
           (B, H, K, N) maps are a view, each image's (H, K, N) block contiguous;
-        - elsewhere (an accelerator, where a Python loop over images costs a kernel launch each), one (K, d_k) @
-          (d_k, B·N) product per side and head, then one pass into per-image (B, H, K, N) maps.
+        - elsewhere (an accelerator, where a Python loop over images costs a kernel launch each), and where autograd
+          records a graph through q and k (the CPU products write with ``out=``, which records none), one
+          (K, d_k) @ (d_k, B·N) product per side and head, then one pass into per-image (B, H, K, N) maps.
 
         Each map entry is the same d_k-long dot product whatever B, so an image's maps do not depend on the batch it
         came in (a sharded run equals a single-process one; tested).
@@ -128,6 +129,8 @@ class QKPathProjector:
         b, n, sh, dk = heads.shape
         h, modes = self._dims[0], weights.shape[1]
         tokens, layout = heads.reshape(b * n, sh, dk), _product_layout(heads.device, modes, dk)
+        if torch.is_grad_enabled() and heads.requires_grad:
+            layout = "batched"  # products written with out= record no graph
         if layout == "tokens":
             product = torch.bmm(tokens.transpose(0, 1), weights.transpose(1, 2))  # (S·H, B·N, K)
             maps = product.view(-1, h, b, n, modes).permute(0, 2, 1, 4, 3)

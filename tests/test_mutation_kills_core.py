@@ -61,8 +61,8 @@ def _random_layer(heads: int, head_dim: int, dim: int, modes: int, q_bias: bool,
 
 
 @pytest.mark.parametrize("layout", ["tokens", "images", "batched"])
-@pytest.mark.parametrize("q_bias, k_bias", [(True, False), (False, True), (True, True)],
-                         ids=["query-bias-only", "key-bias-only", "both-biases"])
+@pytest.mark.parametrize("q_bias, k_bias", [(True, False), (False, True), (True, True), (False, False)],
+                         ids=["query-bias-only", "key-bias-only", "both-biases", "no-bias"])
 def test_qk_path_projector_with_one_side_biased_and_truncated_modes_equals_the_tokens_on_the_modes(
         monkeypatch, q_bias, k_bias, layout):
     """QKPathProjector on a layer with a bias on one side only (the other side's offset is a zero block), H = 2 heads

@@ -213,3 +213,22 @@ def test_each_projector_layout_runs_its_own_products_and_hands_out_its_own_strid
                         "batched": [((2 * h, k, dk), (2 * h, dk, b * n))]}[layout]
     per_image = (2 if layout == "images" else 1) * h * k * n
     assert query.stride() == key.stride() == (per_image, k * n, n, 1)
+
+
+@pytest.mark.parametrize("modes", [4, 16])
+def test_projector_maps_of_tensors_that_need_gradients_carry_them(modes):
+    """With autograd on and q/k that require gradients, the projector uses the batched product (the CPU layouts write
+    with out=, which records no graph): the maps equal the dense x path and d(sum of query maps)/dx is the sum of
+    the query singular vectors u_n over heads and modes, at every token."""
+    model = _vit()
+    site = qkhooks.sites(model)[0]
+    spectrum = qkhooks.spectrum(model)[site.layer].top(modes)
+    projector = QKPathProjector(spectrum, site.weights())
+    x = torch.randn(2, 25, 48, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    query, key = projector.from_fused(site.module.qkv(x))
+    ref_q, ref_k = _dense_maps(x.detach(), spectrum)
+    np.testing.assert_allclose(query.detach().double().numpy(), ref_q, atol=2e-5 * np.abs(ref_q).max(), rtol=0)
+    np.testing.assert_allclose(key.detach().double().numpy(), ref_k, atol=2e-5 * np.abs(ref_k).max(), rtol=0)
+    query.sum().backward()
+    want = spectrum.U.double().sum((0, 2))  # (d,)
+    np.testing.assert_allclose(x.grad.double().numpy(), want.expand(2, 25, -1).numpy(), atol=1e-4 * want.abs().max().item())
