@@ -61,12 +61,13 @@ class ModeProjector:
         return out[0], out[1]
 
 
-def _product_layout(device: torch.device, modes: int, head_dim: int) -> str:
+def _product_layout(heads: torch.Tensor, modes: int) -> str:
     """Which shape of product computes the q/k path's maps fastest where they run (see ``QKPathProjector._maps``):
-    "tokens" (tokens-major), "images" (one product per image) or "batched" (one product over the batch)."""
-    if device.type != "cpu":
+    "tokens" (tokens-major), "images" (one product per image) or "batched" (one product over the batch, also where
+    autograd records a graph through the heads: the CPU products write with ``out=``, which records none)."""
+    if heads.device.type != "cpu" or (torch.is_grad_enabled() and heads.requires_grad):
         return "batched"
-    return "tokens" if 4 * modes <= head_dim else "images"
+    return "tokens" if 4 * modes <= heads.shape[-1] else "images"
 
 
 class QKPathProjector:
@@ -128,9 +129,7 @@ class QKPathProjector:
         weights, offsets = weights[sides], None if offsets is None else offsets[sides]
         b, n, sh, dk = heads.shape
         h, modes = self._dims[0], weights.shape[1]
-        tokens, layout = heads.reshape(b * n, sh, dk), _product_layout(heads.device, modes, dk)
-        if torch.is_grad_enabled() and heads.requires_grad:
-            layout = "batched"  # products written with out= record no graph
+        tokens, layout = heads.reshape(b * n, sh, dk), _product_layout(heads, modes)
         if layout == "tokens":
             product = torch.bmm(tokens.transpose(0, 1), weights.transpose(1, 2))  # (S·H, B·N, K)
             maps = product.view(-1, h, b, n, modes).permute(0, 2, 1, 4, 3)
@@ -150,7 +149,7 @@ class QKPathProjector:
         if offsets is not None:
             out = out.sub_(offsets)
         # Contiguous (B, H, K, N) maps: every consumer reduces or copies them along the token axis (top-k extremes
-        # and row picks, the float16 cast and the run file's write), which on a strided view costs a copy each.
+        # and row picks, the float16 cast and the run file's write), which with the tokens strided costs a copy each.
         return out.view(-1, h, modes, b, n).permute(0, 3, 1, 2, 4).contiguous()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

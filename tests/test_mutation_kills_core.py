@@ -72,7 +72,7 @@ def test_qk_path_projector_with_one_side_biased_and_truncated_modes_equals_the_t
     import qkhooks.projector
     from qkhooks.projector import QKPathProjector
 
-    monkeypatch.setattr(qkhooks.projector, "_product_layout", lambda device, k, head_dim: layout)
+    monkeypatch.setattr(qkhooks.projector, "_product_layout", lambda heads, k: layout)
 
     heads, head_dim, dim, modes = 2, 3, 7, 2
     weights, spectrum = _random_layer(heads, head_dim, dim, modes, q_bias, k_bias, seed=11)

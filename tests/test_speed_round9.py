@@ -43,7 +43,7 @@ def test_fused_separate_and_per_head_projections_equal_the_dense_x_path(monkeypa
     else "images"; "batched" on an accelerator) gives the dense maps."""
     import qkhooks.projector
 
-    monkeypatch.setattr(qkhooks.projector, "_product_layout", lambda device, k, head_dim: layout)
+    monkeypatch.setattr(qkhooks.projector, "_product_layout", lambda heads, k: layout)
     model = _vit()
     site = qkhooks.sites(model)[1]
     spectrum = qkhooks.spectrum(model)[site.layer].top(modes)
@@ -176,13 +176,20 @@ def test_workers_default_is_none_on_the_cpu_and_the_spare_cores_beside_an_accele
 
 def test_the_projector_product_is_chosen_by_device_and_modes():
     """On the CPU tokens-major products up to K = d_k / 4 modes per head, one product per image above; one batched
-    product on any other device (there a loop over images would cost a kernel launch each)."""
+    product on any other device (there a loop over images would cost a kernel launch each) and where autograd
+    records a graph through q and k."""
     from qkhooks.projector import _product_layout
 
-    cpu = torch.device("cpu")
-    assert [_product_layout(cpu, k, 64) for k in (1, 16, 17, 64)] == ["tokens", "tokens", "images", "images"]
-    assert [_product_layout(cpu, k, 16) for k in (4, 5)] == ["tokens", "images"]
-    assert {_product_layout(torch.device("meta"), k, 64) for k in (1, 16, 64)} == {"batched"}
+    def heads(head_dim: int, device: str = "cpu", requires_grad: bool = False) -> torch.Tensor:
+        return torch.empty(2, 5, 3, head_dim, device=device, requires_grad=requires_grad)
+
+    assert [_product_layout(heads(64), k) for k in (1, 16, 17, 64)] == ["tokens", "tokens", "images", "images"]
+    assert [_product_layout(heads(16), k) for k in (4, 5)] == ["tokens", "images"]
+    assert {_product_layout(heads(64, "meta"), k) for k in (1, 16, 64)} == {"batched"}
+    # heads that autograd records a graph through take the batched product; without autograd they need not
+    assert {_product_layout(heads(64, requires_grad=True), k) for k in (1, 16, 64)} == {"batched"}
+    with torch.no_grad():
+        assert _product_layout(heads(64, requires_grad=True), 16) == "tokens"
 
 
 @pytest.mark.parametrize("layout", ["tokens", "images", "batched"])
@@ -191,7 +198,7 @@ def test_each_projector_layout_runs_its_own_products_and_hands_out_its_own_strid
     fused qkv's sides share one (B, 2H, K, N) block only with one product per image."""
     import qkhooks.projector
 
-    monkeypatch.setattr(qkhooks.projector, "_product_layout", lambda device, k, head_dim: layout)
+    monkeypatch.setattr(qkhooks.projector, "_product_layout", lambda heads, k: layout)
     model = _vit()
     site = qkhooks.sites(model)[0]
     projector = QKPathProjector(qkhooks.spectrum(model)[site.layer].top(4), site.weights())

@@ -1,0 +1,76 @@
+"""Round 15 (issue 20): the projector's product layouts against round 9-14's single product, in one process.
+
+    python benchmarks/round15_layouts.py --threads 2 --rounds 20                        # ViT-S, batch 8
+    python benchmarks/round15_layouts.py --threads 1 --rounds 10 --batch 16
+    python benchmarks/round15_layouts.py --threads 2 --rounds 12 --model vit_base_patch16_224
+
+A random-init timm model; ``record()`` with the spectrum given, attached around each forward (all modes + rows of 2
+query tokens, and top-16). Each recording runs once with the layouts ``_product_layout`` picks ("new") and once with
+it forced to "batched" (the single product of rounds 9-14, "old"), every variant once per round in random order,
+beside the plain forward. Prints the median [IQR] of each variant's wall time over the plain forward's in its round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+
+    import timm
+    import torch
+
+    import qkhooks
+    import qkhooks.projector as projector
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval()
+    spectrum = qkhooks.spectrum(model)
+    images = torch.randn(args.batch, 3, 224, 224)
+    query_tokens = torch.tensor([[0, 100]] * args.batch)
+    chosen, batched = projector._product_layout, (lambda heads, modes: "batched")
+    options = {"all modes + rows": {"modes": "all", "attention": "rows"}, "top-16": {"modes": 16}}
+    variants = {f"{name}, {which}": (qkhooks.record(model, spectrum=spectrum, **opts), layout)
+                for name, opts in options.items() for which, layout in (("new", chosen), ("old", batched))}
+    times: dict[str, list[float]] = {name: [] for name in ["plain", *variants]}
+    with torch.no_grad():
+        for r in range(args.rounds + 2):  # two warm-up rounds
+            for name in random.sample(list(times), len(times)):
+                run, layout = variants.get(name, (None, chosen))
+                projector._product_layout = layout
+                if run is not None:
+                    run.attach()
+                    if "rows" in name:
+                        run.set_batch(query_tokens=query_tokens)
+                start = time.perf_counter()
+                model(images)
+                elapsed = time.perf_counter() - start
+                if run is not None:
+                    run.detach()
+                if r >= 2:
+                    times[name].append(elapsed)
+    projector._product_layout = chosen
+    plain = times.pop("plain")
+    print(f"{args.model}, batch {args.batch}, {args.threads} thread(s): plain {statistics.median(plain) * 1e3:.0f} ms")
+    for name, values in times.items():
+        ratios = [t / p for t, p in zip(values, plain)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        print(f"  {name:26s} {statistics.median(ratios):.3f} [{q1:.3f}, {q3:.3f}]")
+
+
+if __name__ == "__main__":
+    main()
