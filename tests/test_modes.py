@@ -92,8 +92,25 @@ def assert_matches_brute(reducer: TopKModes, query: np.ndarray, key: np.ndarray,
 
 
 # ------------------------------------------------------------------------------------------ top-k
+@pytest.fixture(params=["entering rows", "every candidate's rows"])
+def fold_path(request, monkeypatch):
+    """Both ways a fold copies maps: the entering images' rows only (the CPU's) and every candidate's rows (an
+    accelerator's, fixed shapes); a test that takes this fixture runs each, with the same expectations."""
+    from qkhooks.analysis import topk
+
+    monkeypatch.setattr(topk, "_entrants_only", lambda device: request.param == "entering rows")
+    return request.param
+
+
+def test_a_fold_copies_only_entering_rows_on_the_cpu_and_every_candidate_elsewhere():
+    from qkhooks.analysis.topk import _entrants_only
+
+    assert _entrants_only(torch.device("cpu")) and not _entrants_only(torch.device("cuda"))
+    assert not _entrants_only(torch.device("meta"))
+
+
 @pytest.mark.parametrize("tiny", [TINY_MODELS[0], TINY_MODELS[3]], ids=lambda t: t.name)
-def test_topk_on_a_real_recording_equals_brute_force(tiny):
+def test_topk_on_a_real_recording_equals_brute_force(tiny, fold_path):
     """Tiny ViT (1 prefix token) and DINOv2 with registers (5): streamed top-k == sorting all images."""
     model = tiny.model()
     reducer = TopKModes(k=3, map_dtype="float32")  # prefix inferred from the token count
@@ -110,7 +127,7 @@ def test_topk_on_a_real_recording_equals_brute_force(tiny):
         assert_matches_brute(reducer, q, k, tiny.prefix, layer=l, map_tol=1e-6)
 
 
-def test_topk_ties_signs_and_prefix_on_constructed_maps():
+def test_topk_ties_signs_and_prefix_on_constructed_maps(fold_path):
     q, k = tied_maps()
     # image 5: both maxima negative for sign +1: the product would be positive, the score must be 0
     q[5, 0, 0, 1:], k[5, 0, 0, 1:] = -torch.arange(1, 10).float(), -2 * torch.arange(1, 10).float()
@@ -142,7 +159,7 @@ def brute_force_best_sign(query: np.ndarray, key: np.ndarray, prefix: int):
     return out
 
 
-def test_topk_fewer_images_than_k_and_both_signs_union():
+def test_topk_fewer_images_than_k_and_both_signs_union(fold_path):
     q, k = tied_maps(n=3)
     reducer = feed(TopKModes(k=5, num_prefix_tokens=1), q, k, [2, 1])
     for sign in (1, -1):
@@ -154,7 +171,7 @@ def test_topk_fewer_images_than_k_and_both_signs_union():
 
 
 @pytest.mark.parametrize("maps", ["tied", "gaussian"])
-def test_both_signs_lists_each_image_once_with_its_better_sign(maps):
+def test_both_signs_lists_each_image_once_with_its_better_sign(maps, fold_path):
     """METHODS A.6/A.7: 'both' ranks images (not (image, sign) pairs) by their better sign; the first k
     distinct images are exact although the state keeps only k per sign."""
     if maps == "tied":
@@ -620,7 +637,7 @@ def test_cosine_plot_draws_the_head_mean_band(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("images", [1, 5])
-def test_topk_keeps_the_same_images_and_maps_from_maps_that_share_one_block_per_image(images):
+def test_topk_keeps_the_same_images_and_maps_from_maps_that_share_one_block_per_image(images, fold_path):
     """The q/k path hands a fused qkv's query and key maps out as views of one (B, 2H, K, N) block per image; the
     top-k reducer reads their rows in place. Its state equals the one from contiguous copies of the same maps, bit
     for bit, and so does the state from maps whose image blocks are not contiguous (heads and modes swapped: read
@@ -668,6 +685,45 @@ def test_topk_reads_the_token_rows_of_maps_that_share_a_block_per_image_in_place
         for i, j, k in np.ndindex(b, h, m):
             assert torch.equal(rows[i * step + j * m + k], maps[i, j, k])
 
+
+
+def test_topk_folds_the_layers_of_one_shape_together_exactly_as_each_layer_alone(fold_path):
+    """update() ranks and merges all layers of one shape as one stacked tensor (here layers 0, 1, 2 of 10 tokens and
+    layer 5 of 7). Its state equals, bit for bit, the one of folding every layer alone, also when a restored state
+    and a merged reducer replace the layers' states between batches (the next batch stacks those anew), and
+    equals the brute-force ranking of all images."""
+    shapes = {0: 10, 1: 10, 2: 10, 5: 7}
+    maps = {l: tied_maps(n=20, tokens=n, seed=l) for l, n in shapes.items()}
+    sizes, starts = [3, 5, 2, 4], [0, 3, 8, 10]
+    together = TopKModes(k=3, num_prefix_tokens=1, map_dtype="float32")
+    alone = {l: TopKModes(k=3, num_prefix_tokens=1, map_dtype="float32") for l in shapes}
+
+    def batch(layers, lo, size):
+        return fake_batch({l: (maps[l][0][lo:lo + size], maps[l][1][lo:lo + size]) for l in layers}, lo)
+
+    def seen_elsewhere(layers) -> TopKModes:
+        other = TopKModes(k=3, num_prefix_tokens=1, map_dtype="float32")
+        other.update(batch(layers, 14, 6))
+        return other
+
+    for step, (lo, size) in enumerate(zip(starts, sizes)):
+        together.update(batch(shapes, lo, size))
+        for l in shapes:
+            alone[l].update(batch([l], lo, size))
+        if step == 1:  # a restored state: plain CPU tensors, no longer the stack's views
+            restored = TopKModes(k=3, num_prefix_tokens=1, map_dtype="float32")
+            restored.load_state_dict(together.state_dict())
+            together = restored
+        if step == 2:  # images 14-19, seen elsewhere, merged in
+            together.merge(seen_elsewhere(shapes))
+            for l in shapes:
+                alone[l].merge(seen_elsewhere([l]))
+    for l in shapes:
+        assert sorted(alone[l].layers) == [l]
+        for name in ("score", "index", "query", "key"):
+            assert torch.equal(together.layers[l][name], alone[l].layers[l][name]), (l, name)
+    for l in shapes:
+        assert_matches_brute(together, maps[l][0].double().numpy(), maps[l][1].double().numpy(), 1, layer=l)
 
 
 def test_topk_refuses_maps_of_another_rank_or_shape_naming_both():

@@ -297,6 +297,47 @@ def test_writer_commits_whole_batches_and_checkpoints_replace_each_other(tmp_pat
             run.array("w")
 
 
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_appends_on_a_chunk_boundary_go_as_whole_chunks_and_every_other_append_through_hdf5(tmp_path, monkeypatch,
+                                                                                            compression):
+    """A batch that starts a chunk of an unfiltered array, in the array's own dtype, is written as whole chunks (the
+    last one padded); one that starts inside a chunk (after a short batch, or in a resume), one of another dtype, or
+    a compressed array goes through HDF5's own write. Either way the file holds exactly the rows written."""
+    from qkhooks.store import writer as writer_module
+
+    direct: list[tuple[str, int, int]] = []
+    write_chunks = writer_module._PerImage._write_chunks
+
+    def spy(self, n, value):
+        direct.append((self.ds.name, n, len(value)))
+        write_chunks(self, n, value)
+
+    monkeypatch.setattr(writer_module._PerImage, "_write_chunks", spy)
+    rng = np.random.default_rng(0)
+    sizes = [4, 4, 3, 2, 3, 4, 5]  # with chunks of 4: starts 0, 4, 8 on a boundary, 11 and 13 inside, 16 and 20 on one
+    maps = [rng.standard_normal((b, 2, 3)).astype(np.float32) for b in sizes]
+    counts = [rng.integers(-2**30, 2**30, (b, 3)) for b in sizes]
+    counts[5] = counts[5].astype(np.int32)  # an int32 batch (on a boundary) into the int64 array: converted by HDF5
+    out = tmp_path / "chunks.h5"
+    ids = [[f"{i}-{j}" for j in range(b)] for i, b in enumerate(sizes)]
+    options = {"dtype": "float32", "compression": compression, "chunk_images": 4}
+    with RunWriter(out, **options) as w:  # the first three batches, closed on a partly filled (padded) chunk
+        for i in range(3):
+            w.write_batch(ids[i], {"maps": maps[i], "counts": counts[i]})
+    with RunWriter(out, mode="resume", **options) as w:  # the rest, the first batch inside that chunk
+        for i in range(3, len(sizes)):
+            w.write_batch(ids[i], {"maps": maps[i], "counts": counts[i]})
+    with open_run(out) as run:
+        assert run.ids == sum(ids, [])
+        np.testing.assert_array_equal(run.array("maps")[:], np.concatenate(maps))
+        np.testing.assert_array_equal(run.array("counts")[:], np.concatenate([c.astype(np.int64) for c in counts]))
+    if compression == "gzip":
+        assert direct == []
+    else:
+        starts = {"/maps": [(0, 4), (4, 4), (8, 3), (16, 4), (20, 5)], "/counts": [(0, 4), (4, 4), (8, 3), (20, 5)]}
+        assert sorted(direct) == sorted((name, n, b) for name, rows in starts.items() for n, b in rows)
+
+
 def test_the_layout_is_fixed_by_the_first_batch_and_a_file_appears_only_then(tmp_path):
     out = tmp_path / "w.h5"
     with RunWriter(out, dtype="float32") as w:

@@ -173,11 +173,11 @@ def test_the_writer_writes_data_then_flushes_then_commits_for_every_batch(tmp_pa
     from qkhooks.store import writer as writer_module
 
     events: list[tuple] = []
-    append, set_committed, flush = writer_module._append, fmt.set_committed, h5py.File.flush
+    append, set_committed, flush = writer_module._PerImage.append, fmt.set_committed, h5py.File.flush
 
-    def spy_append(ds, n, value):
-        events.append(("data", ds.name, n + len(value)))
-        append(ds, n, value)
+    def spy_append(self, n, value):
+        events.append(("data", self.ds.name, n + len(value)))
+        append(self, n, value)
 
     def spy_commit(f, n):
         events.append(("commit", n))
@@ -187,7 +187,7 @@ def test_the_writer_writes_data_then_flushes_then_commits_for_every_batch(tmp_pa
         events.append(("flush",))
         flush(self)
 
-    monkeypatch.setattr(writer_module, "_append", spy_append)
+    monkeypatch.setattr(writer_module._PerImage, "append", spy_append)
     monkeypatch.setattr(fmt, "set_committed", spy_commit)
     monkeypatch.setattr(h5py.File, "flush", spy_flush)
     out = tmp_path / "run.h5"

@@ -91,6 +91,12 @@ def _take(values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return rows.reshape(-1, n).index_select(0, flat).view(*pos.shape, n)
 
 
+def _entrants_only(device: torch.device) -> bool:
+    """Whether a fold copies the maps of entering images only. On the CPU their count costs nothing to read; on an
+    accelerator reading it would wait for the device, so there every candidate's rows are copied (fixed shapes)."""
+    return device.type == "cpu"
+
+
 # -------------------------------------------------------------------------------------- top-k reducer
 class TopKModes(Reducer):
     """Streaming top-k images per (layer, head, mode, sign) by the paper's ranking score.
@@ -128,6 +134,8 @@ class TopKModes(Reducer):
         self.layers: dict[int, dict[str, torch.Tensor]] = {}
         self.prefixes: dict[int, int] = {}  # layer -> prefix tokens its scores left out
         self.images = 0
+        # layers folded together -> (their state stacked, the per-layer views of it in self.layers)
+        self._stacks: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
 
     def __repr__(self) -> str:
         return f"TopKModes(k={self.k}, layers={sorted(self.layers)}, images={self.images})"
@@ -144,50 +152,144 @@ class TopKModes(Reducer):
         }
 
     def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        dev = a["score"].device
-        both = {name: torch.cat([a[name], b[name].to(dev, a[name].dtype)], dim=3) for name in a}
+        dev, slots = a["score"].device, a["score"].dim() - 1  # the slot axis: last of the scores, (L,) H, K, 2, k
+        both = {name: torch.cat([a[name], b[name].to(dev, a[name].dtype)], dim=slots) for name in a}
         pos = _rank(both["score"], both["index"], self.k)
         return {name: _take(value, pos) for name, value in both.items()}
 
     def _fold(self, layer: int, query: torch.Tensor, key: torch.Tensor, offset: int, prefix: int,
               key_prefix: int | None = None) -> None:
-        if query.dim() != 4 or key.dim() != 4 or key.shape[:3] != query.shape[:3]:
-            raise QKHooksError(
-                f"layer {layer}: query/key maps must both be (batch, heads, modes, tokens), got "
-                f"{tuple(query.shape)} and {tuple(key.shape)}."
-            )
-        b, h, m, n = query.shape
-        state = self.layers.get(layer)
-        if state is None:
-            state = self.layers[layer] = self._empty(query, int(key.shape[-1]))
-        if state["score"].device != query.device:  # a restored (CPU) state follows the maps to their device
-            state = self.layers[layer] = {name: v.to(query.device) for name, v in state.items()}
-        if state["query"].shape[:2] != (h, m) or state["query"].shape[-1] != n or state["key"].shape[-1] != key.shape[-1]:
-            raise QKHooksError(
-                f"layer {layer}: maps of shape (heads={h}, modes={m}, tokens={n}) do not match the earlier "
-                f"{tuple(state['query'].shape[:2])} x {state['query'].shape[-1]} tokens; keep one model, mode count "
-                "and image size per reducer."
-            )
-        score = signed_scores(query, key, prefix, key_prefix).float().permute(1, 2, 3, 0)  # (H, K, 2, B), ranked as stored
-        index = (int(offset) + torch.arange(b, device=score.device)).expand_as(score)
-        pos = _rank(score, index, min(self.k, b))  # the batch's own top-k first: never gather B maps
-        sign = torch.tensor(SIGNS, device=query.device, dtype=self.map_dtype).view(1, 1, 2, 1, 1)
+        """Fold one layer's maps of a batch (:meth:`update` folds all the layers of one shape together)."""
+        self._fold_layers([(layer, query, key)], offset, prefix, key_prefix)
 
-        def maps(x: torch.Tensor) -> torch.Tensor:
+    def _fold_layers(self, maps: Sequence[tuple[int, torch.Tensor, torch.Tensor]], offset: int, prefix: int,
+                     key_prefix: int | None = None) -> None:
+        """Fold a batch's maps of several layers, (layer, query, key) of one shape, dtype, device and prefix.
+
+        The layers are ranked and merged as one stacked tensor, so a batch costs a few tensor operations per
+        layer (its extremes and the rows it keeps) instead of some forty: each operation on these small tensors
+        costs more in dispatch than in arithmetic. Every (layer, head, mode, sign) is ranked on its own, so the
+        result is the one of folding each layer alone."""
+        layers = [layer for layer, _, _ in maps]
+        query, key = maps[0][1], maps[0][2]
+        for layer, q, k in maps:
+            if q.dim() != 4 or k.dim() != 4 or k.shape[:3] != q.shape[:3]:
+                raise QKHooksError(
+                    f"layer {layer}: query/key maps must both be (batch, heads, modes, tokens), got "
+                    f"{tuple(q.shape)} and {tuple(k.shape)}."
+                )
+        b, h, m, n = query.shape
+        state = self._stacked_state(layers, query, int(key.shape[-1]))
+        dev = query.device
+        extremes = [_token_extremes(x[..., skip:]) for _, q, k in maps
+                    for x, skip in ((q, prefix), (k, prefix if key_prefix is None else key_prefix))]
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        lo = torch.stack([lo for lo, _ in extremes]).to(dtype).view(len(maps), 2, b, h, m)
+        hi = torch.stack([hi for _, hi in extremes]).to(dtype).view(len(maps), 2, b, h, m)
+        # (L, H, K, 2, B), as signed_scores: sign +1 max(0, max q)·max(0, max k), sign -1 the same for (-q, -k)
+        score = torch.stack([hi.clamp_min(0).prod(1), lo.neg().clamp_min(0).prod(1)], dim=-1)
+        score = torch.nan_to_num(score, nan=-math.inf).float().permute(0, 2, 3, 4, 1)
+        index = (int(offset) + torch.arange(b, device=dev)).expand_as(score)
+        if _entrants_only(dev):
+            self._store_stacked(layers, self._merge_entrants(state, score, index, maps, m))
+            return
+        pos = _rank(score, index, min(self.k, b))  # the batch's own top-k first: never gather B maps
+        sign = torch.tensor(SIGNS, device=dev, dtype=self.map_dtype).view(1, 1, 1, 2, 1, 1)
+        picked = pos.reshape(len(maps), h, m, -1)
+        lanes = torch.arange(h * m, device=dev).view(h, m, 1)
+
+        def rows(side: int) -> torch.Tensor:
             # Only the picked rows are copied: row (h, m) of image b is b·step + h·K + m of the maps seen as rows of
             # N tokens, so both signs index the B maps in place (no (H, K, B, N) permuted copy, no expanded copy).
-            rows, step = _token_rows(x)  # queries N, keys M tokens
-            flat = pos.reshape(h, m, -1) * step + torch.arange(h * m, device=pos.device).view(h, m, 1)
-            return rows.index_select(0, flat.flatten()).view(h, m, 2, -1, x.shape[-1]).to(self.map_dtype) * sign
+            tokens = maps[0][1 + side].shape[-1]
+            out = torch.empty((len(maps), h, m, 2, picked.shape[-1] // 2, tokens), dtype=query.dtype, device=dev)
+            for i, entry in enumerate(maps):
+                flat_rows, step = _token_rows(entry[1 + side])
+                torch.index_select(flat_rows, 0, (picked[i] * step + lanes).flatten(), out=out[i].view(-1, tokens))
+            return out.to(self.map_dtype) * sign
 
-        cand = {"score": score.gather(-1, pos), "index": index.gather(-1, pos), "query": maps(query), "key": maps(key)}
-        self.layers[layer] = self._combine(state, cand)
+        cand = {"score": score.gather(-1, pos), "index": index.gather(-1, pos), "query": rows(0), "key": rows(1)}
+        self._store_stacked(layers, self._combine(state, cand))
+
+    def _merge_entrants(self, state: dict[str, torch.Tensor], score: torch.Tensor, index: torch.Tensor,
+                        maps: Sequence[tuple[int, torch.Tensor, torch.Tensor]], modes: int) -> dict[str, torch.Tensor]:
+        """The stacked state merged with a batch's scores (L, H, K, 2, B), copying the maps of entering images only.
+
+        The state's slots and the batch's images are ranked together by the same total order as :meth:`_combine`,
+        so the result is the one of folding the batch's own top-k first. Kept slots are gathered from the state;
+        only the rows of images that enter are read from the maps (all of them in the first batch, few once the
+        state holds good images), cast and signed."""
+        k = self.k
+        both_score = torch.cat([state["score"], score], dim=-1)
+        both_index = torch.cat([state["index"], index], dim=-1)
+        pos = _rank(both_score, both_index, k)  # (L, H, K, 2, k): a state slot (< k) or batch image k + i
+        merged = {"score": both_score.gather(-1, pos), "index": both_index.gather(-1, pos)}
+        enters = pos >= k
+        where = enters.nonzero()  # (E, 5): layer, head, mode, sign, slot, in layer order
+        image = pos[enters] - k
+        slots = enters.flatten().nonzero().squeeze(1)
+        counts = torch.bincount(where[:, 0], minlength=len(maps)).tolist()
+        sign = torch.tensor(SIGNS, dtype=self.map_dtype, device=pos.device)[where[:, 3]].unsqueeze(1)
+        kept = pos.clamp(max=k - 1)  # entering slots are overwritten below
+        for side, name in ((1, "query"), (2, "key")):
+            out = _take(state[name], kept)
+            if len(slots):
+                parts, lo = [], 0
+                for entry, count in zip(maps, counts):
+                    if count:
+                        rows, step = _token_rows(entry[side])
+                        at = slice(lo, lo + count)
+                        parts.append(rows.index_select(0, image[at] * step + where[at, 1] * modes + where[at, 2]))
+                    lo += count
+                picked = torch.cat(parts).to(self.map_dtype) * sign
+                out.view(-1, out.shape[-1]).index_copy_(0, slots, picked)
+            merged[name] = out
+        return merged
+
+    def _stacked_state(self, layers: list[int], like: torch.Tensor, keys: int) -> dict[str, torch.Tensor]:
+        """The state of ``layers`` as (L, ...) tensors on ``like``'s device: the last fold's own stack when every
+        layer still holds the views of it that :meth:`_store_stacked` handed out (no copy), else stacked anew
+        (a merge or a restored state replaced a layer)."""
+        cached = self._stacks.get(tuple(layers))
+        if cached is not None and cached[0]["score"].device == like.device and all(
+                self.layers.get(layer) is view for layer, view in zip(layers, cached[1])):
+            self._check_state(layers[0], cached[1][0], like, keys)  # every layer of a stack has one shape
+            return cached[0]
+        parts = []
+        for layer in layers:
+            state = self.layers.get(layer)
+            if state is None:
+                state = self._empty(like, keys)
+            elif state["score"].device != like.device:  # a restored (CPU) state follows the maps to their device
+                state = {name: v.to(like.device) for name, v in state.items()}
+            self._check_state(layer, state, like, keys)
+            parts.append(state)
+        return {name: torch.stack([part[name] for part in parts]) for name in parts[0]}
+
+    @staticmethod
+    def _check_state(layer: int, state: Mapping[str, torch.Tensor], like: torch.Tensor, keys: int) -> None:
+        """A layer's later batches keep its heads, modes and token counts."""
+        _, h, m, n = like.shape
+        if state["query"].shape[:2] != (h, m) or state["query"].shape[-1] != n or state["key"].shape[-1] != keys:
+            raise QKHooksError(
+                f"layer {layer}: maps of shape (heads={h}, modes={m}, tokens={n}) do not match the earlier "
+                f"{tuple(state['query'].shape[:2])} x {state['query'].shape[-1]} tokens; keep one model, mode "
+                "count and image size per reducer."
+            )
+
+    def _store_stacked(self, layers: list[int], stacked: dict[str, torch.Tensor]) -> None:
+        """Each layer's state becomes a view of ``stacked``, kept for the next batch's fold."""
+        views = [{name: value[i] for name, value in stacked.items()} for i in range(len(layers))]
+        for layer, view in zip(layers, views):
+            self.layers[layer] = view
+        self._stacks[tuple(layers)] = (stacked, views)
 
     def update(self, batch: BatchCapture) -> None:
-        """Fold one batch: every layer that has query/key maps."""
+        """Fold one batch: every layer that has query/key maps, layers of one shape together."""
         layers = {l: c for l, c in batch.captures.items() if c.query is not None and c.key is not None}
         if not layers:
             raise QKHooksError("TopKModes needs query/key maps: record with modes=K (e.g. qkhooks.record(model, modes=16)).")
+        groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         for layer, cap in sorted(layers.items()):
             geometry = layer_geometry(batch.meta, layer)
             if cap.key.shape[-1] != cap.query.shape[-1] and geometry is None:
@@ -201,7 +303,11 @@ class TopKModes(Reducer):
                 self.num_prefix_tokens = prefix
             self.prefixes[layer] = prefix
             key_prefix = geometry.key_prefix_tokens if geometry is not None and geometry.reduced_keys else None
-            self._fold(layer, cap.query, cap.key, batch.offset, prefix, key_prefix)
+            kind = (tuple(cap.query.shape), tuple(cap.key.shape), cap.query.dtype, cap.key.dtype, cap.query.device,
+                    prefix, key_prefix)
+            groups.setdefault(kind, []).append((layer, cap.query, cap.key))
+        for kind, maps in groups.items():
+            self._fold_layers(maps, batch.offset, kind[-2], kind[-1])
         self.images += batch.size
 
     def merge(self, other: Reducer) -> None:

@@ -146,7 +146,8 @@ class RunWriter:
             self._writer_lock.release()
             raise
         self.committed = fmt.committed(self._file) or 0
-        self._handles: dict[str, h5py.Dataset] = {}  # per-image datasets of the SWMR file handle
+        self._handles: dict[str, Any] = {}  # per-image datasets (and the ids) of the SWMR file handle
+        self._chunk_rows: dict[str, int] = {}  # per-image array -> images per chunk (fixed at layout)
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._error: BaseException | None = None
@@ -403,17 +404,19 @@ class RunWriter:
         if not self.laid_out:
             self._publish()
         for name, value in values.items():
-            ds = self._handles.get(name)
-            if ds is None:
+            target = self._handles.get(name)
+            if target is None:
                 if not isinstance(self._file.get(name), h5py.Dataset):
                     raise QKHooksError(f"{name} appears after the run's first batch, which did not have it; every "
                                        "batch needs the same arrays.")
-                ds = self._handles[name] = self._file[name]
-            if ds.shape[1:] != value.shape[1:]:
-                raise QKHooksError(f"{name}: a batch has shape {value.shape[1:]} per image, the run has {ds.shape[1:]}.")
-            _append(ds, n, value)
+                target = self._handles[name] = _PerImage(self._file[name])
+            if target.shape != value.shape[1:]:
+                raise QKHooksError(f"{name}: a batch has shape {value.shape[1:]} per image, the run has {target.shape}.")
+            target.append(n, value)
         f = self._file
-        ids_ds = f[fmt.IDS]
+        ids_ds = self._handles.get(fmt.IDS)
+        if ids_ds is None:
+            ids_ds = self._handles[fmt.IDS] = f[fmt.IDS]
         ids_ds.resize(n + b, axis=0)
         ids_ds[n:n + b] = ids
         f.flush()  # the images reach the disk before the count that commits them
@@ -424,8 +427,10 @@ class RunWriter:
         """Refuse a batch the disk has no room for before HDF5 writes any of it (HDF5 allocates whole chunks)."""
         needed = FREE_MARGIN_BYTES
         for name, value in values.items():
-            ds = self._file.get(name)
-            rows = ds.chunks[0] if isinstance(ds, h5py.Dataset) and ds.chunks else 1
+            rows = self._chunk_rows.get(name)
+            if rows is None:
+                ds = self._file.get(name)
+                rows = self._chunk_rows[name] = ds.chunks[0] if isinstance(ds, h5py.Dataset) and ds.chunks else 1
             chunks = -(-(n + len(value)) // rows) - -(-n // rows)
             needed += chunks * rows * (value[0].nbytes if len(value) else 0)
         free = shutil.disk_usage(self.path.parent if str(self.path.parent) else ".").free
@@ -517,14 +522,44 @@ class RunWriter:
         self._completed = complete
 
 
-def _append(ds: h5py.Dataset, n: int, value: np.ndarray) -> None:
-    """``ds.resize(n + b); ds[n:n + b] = value`` through h5py's low-level calls, which skip the per-call
-    selection machinery of ``Dataset.__setitem__`` (a third of the writer thread's time at 36 arrays a batch)."""
-    value = np.ascontiguousarray(value)
-    ds.id.set_extent((n + len(value),) + value.shape[1:])
-    space = ds.id.get_space()
-    space.select_hyperslab((n,) + (0,) * (value.ndim - 1), value.shape)
-    ds.id.write(h5py.h5s.create_simple(value.shape), space, value)
+class _PerImage:
+    """A per-image dataset of the open run file and how a batch is appended to it (read from the file once)."""
+
+    __slots__ = ("ds", "shape", "rows", "direct")
+
+    def __init__(self, ds: h5py.Dataset):
+        self.ds = ds
+        self.shape = ds.shape[1:]
+        chunks = ds.chunks
+        self.rows = chunks[0] if chunks else 0
+        # Whole chunks of an unfiltered array whose chunk spans whole images can go to the file as they are
+        self.direct = bool(chunks) and chunks[1:] == self.shape and ds.id.get_create_plist().get_nfilters() == 0
+
+    def append(self, n: int, value: np.ndarray) -> None:
+        """``ds.resize(n + b); ds[n:n + b] = value``, without h5py's per-call selection machinery (a third of the
+        writer thread's time at 36 arrays a batch). A batch that starts a chunk, of the array's own dtype, is
+        written chunk by chunk with ``write_direct_chunk`` (HDF5's H5Dwrite_chunk): no copy into the chunk cache,
+        no type conversion, and no dirty chunk left for the flush (the last chunk padded with zeros past the
+        extent, as HDF5 fills it). Anything else goes through a hyperslab write."""
+        value = np.ascontiguousarray(value)
+        b = len(value)
+        ds = self.ds
+        ds.id.set_extent((n + b,) + self.shape)
+        if self.direct and n % self.rows == 0 and value.dtype == ds.dtype and value.dtype.kind in "fiu":
+            self._write_chunks(n, value)
+            return
+        space = ds.id.get_space()
+        space.select_hyperslab((n,) + (0,) * (value.ndim - 1), value.shape)
+        ds.id.write(h5py.h5s.create_simple(value.shape), space, value)
+
+    def _write_chunks(self, n: int, value: np.ndarray) -> None:
+        """Rows ``n``, ``n + 1``, ... (``n`` on a chunk boundary) as whole chunks, the last one padded with zeros."""
+        origin = (0,) * len(self.shape)
+        for start in range(0, len(value), self.rows):
+            part = value[start:start + self.rows]
+            if len(part) < self.rows:
+                part = np.concatenate([part, np.zeros((self.rows - len(part),) + self.shape, value.dtype)])
+            self.ds.id.write_direct_chunk((n + start,) + origin, part)
 
 
 def _attr(value: Any) -> Any:
