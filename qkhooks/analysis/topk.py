@@ -37,15 +37,20 @@ def signed_scores(query: torch.Tensor, key: torch.Tensor, num_prefix_tokens: int
     max(0, -min k). Only patch tokens (t >= num_prefix_tokens; keys: ``key_prefix_tokens``, default the same;
     spatially reduced keys have none) count. NaN scores become -inf (never kept).
     """
-    dtype = torch.promote_types(query.dtype, torch.float32)
     key_prefix = num_prefix_tokens if key_prefix_tokens is None else key_prefix_tokens
     q_min, q_max = _token_extremes(query[..., num_prefix_tokens:])
     k_min, k_max = _token_extremes(key[..., key_prefix:])
+    return _scores(q_min, q_max, k_min, k_max)
+
+
+def _scores(q_min: torch.Tensor, q_max: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor) -> torch.Tensor:
+    """The ranking scores of both signs (..., 2) from the maps' token extremes, in float32 at least (half-precision
+    maxima would overflow in their product); NaN becomes -inf."""
+    dtype = torch.promote_types(q_min.dtype, torch.float32)
     q_min, q_max, k_min, k_max = (t.to(dtype) for t in (q_min, q_max, k_min, k_max))
     plus = q_max.clamp_min(0) * k_max.clamp_min(0)
     minus = (-q_min).clamp_min(0) * (-k_min).clamp_min(0)
-    out = torch.stack([plus, minus], dim=-1)
-    return torch.nan_to_num(out, nan=-math.inf)
+    return torch.nan_to_num(torch.stack([plus, minus], dim=-1), nan=-math.inf)
 
 
 def _token_extremes(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,18 +188,15 @@ class TopKModes(Reducer):
         dev = query.device
         extremes = [_token_extremes(x[..., skip:]) for _, q, k in maps
                     for x, skip in ((q, prefix), (k, prefix if key_prefix is None else key_prefix))]
-        dtype = torch.promote_types(query.dtype, torch.float32)
-        lo = torch.stack([lo for lo, _ in extremes]).to(dtype).view(len(maps), 2, b, h, m)
-        hi = torch.stack([hi for _, hi in extremes]).to(dtype).view(len(maps), 2, b, h, m)
-        # (L, H, K, 2, B), as signed_scores: sign +1 max(0, max q)·max(0, max k), sign -1 the same for (-q, -k)
-        score = torch.stack([hi.clamp_min(0).prod(1), lo.neg().clamp_min(0).prod(1)], dim=-1)
-        score = torch.nan_to_num(score, nan=-math.inf).float().permute(0, 2, 3, 4, 1)
+        lo = torch.stack([lo for lo, _ in extremes]).view(len(maps), 2, b, h, m)  # (L, query / key, B, H, K)
+        hi = torch.stack([hi for _, hi in extremes]).view(len(maps), 2, b, h, m)
+        score = _scores(lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]).float().permute(0, 2, 3, 4, 1)  # (L, H, K, 2, B)
         index = (int(offset) + torch.arange(b, device=dev)).expand_as(score)
         if _entrants_only(dev):
             self._store_stacked(layers, self._merge_entrants(state, score, index, maps, m))
             return
         pos = _rank(score, index, min(self.k, b))  # the batch's own top-k first: never gather B maps
-        sign = torch.tensor(SIGNS, device=dev, dtype=self.map_dtype).view(1, 1, 1, 2, 1, 1)
+        sign = torch.tensor(SIGNS, device=dev, dtype=self.map_dtype).view(2, 1, 1)  # (2, k, N) of (L, H, K, 2, k, N)
         picked = pos.reshape(len(maps), h, m, -1)
         lanes = torch.arange(h * m, device=dev).view(h, m, 1)
 
