@@ -746,6 +746,55 @@ def test_topk_never_keeps_an_image_with_a_nan_score_and_scores_half_maps_without
     assert reducer.layers[0]["score"][0, 0, 0].tolist() == [90000.0, 6.0, 0.0]
 
 
+def test_topk_folds_the_layers_that_have_both_maps_and_refuses_a_batch_without_any():
+    """A layer with query maps but no key maps (a hand-made batch) is left out, not folded half; a batch where no
+    layer has both is refused with the fix."""
+    q, k = tied_maps(n=4)
+    batch = fake_batch({0: (q, k), 1: (q, k)}, 0)
+    batch.captures[1].key = None
+    reducer = TopKModes(k=2, num_prefix_tokens=1)
+    reducer.update(batch)
+    assert sorted(reducer.layers) == [0] and reducer.images == 4
+    batch.captures[0].query = None
+    with pytest.raises(QKHooksError, match="record with modes=K"):
+        reducer.update(batch)
+
+
+def test_topk_takes_each_layers_prefix_from_the_recording_geometry_and_refuses_reduced_keys_without_it():
+    """A layer's prefix tokens come from the batch's per-layer geometry (each layer its own: CaiT, stages) over the
+    reducer's one count; reduced keys (fewer key tokens) without that geometry are refused, naming both counts."""
+    from qkhooks.access import LayerGeometry
+
+    q, k = tied_maps(n=4, tokens=10)
+    geometry = {0: LayerGeometry(layer=0, grid=(2, 4), num_prefix_tokens=2, query_tokens=10, key_tokens=10,
+                                 key_grid=(2, 4), key_prefix_tokens=2)}
+    reducer = TopKModes(k=2, num_prefix_tokens=1)
+    reducer.update(fake_batch({0: (q, k), 1: (q, k)}, 0, num_prefix_tokens=1, geometry=geometry))
+    assert reducer.prefixes == {0: 2, 1: 1}
+    with pytest.raises(QKHooksError, match=r"^layer 0: 6 keys for 10 queries \(spatially reduced keys\) and no "
+                                           r"geometry in the batch metadata to tell the key side's prefix tokens; "
+                                           r"record with qkhooks.record_dataset, which gives it\.$"):
+        TopKModes(k=2, num_prefix_tokens=1).update(fake_batch({0: (q, k[..., :6])}, 0))
+
+
+def test_topk_reuses_its_stacked_state_while_every_layer_holds_its_view_and_stacks_anew_after_a_merge():
+    """Each layer's state is a view of one stacked tensor; the next batch folds into that stack without copying it
+    (the state's storage is the stack's), and stacks anew when a merge has replaced a layer's state."""
+    q, k = tied_maps(n=6)
+    reducer = TopKModes(k=2, num_prefix_tokens=1)
+    reducer.update(fake_batch({0: (q[:3], k[:3]), 1: (q[:3], k[:3])}, 0))
+    stack = reducer._stacked_state([0, 1], q, int(k.shape[-1]))
+    for i, layer in enumerate((0, 1)):
+        for name, value in stack.items():
+            assert reducer.layers[layer][name].data_ptr() == value[i].data_ptr(), (layer, name)
+    other = TopKModes(k=2, num_prefix_tokens=1)
+    other.update(fake_batch({1: (q[3:], k[3:])}, 3))
+    reducer.merge(other)
+    fresh = reducer._stacked_state([0, 1], q, int(k.shape[-1]))
+    assert fresh["score"].data_ptr() != stack["score"].data_ptr()
+    assert torch.equal(fresh["score"][1], reducer.layers[1]["score"]) and torch.equal(fresh["index"][0], stack["index"][0])
+
+
 def test_topk_refuses_maps_of_another_rank_or_shape_naming_both():
     """Query and key maps must both be (batch, heads, modes, tokens) with the same first three axes, and a layer's
     later batches must keep its heads, modes and token counts; each refusal names the shapes and changes nothing."""
@@ -761,6 +810,11 @@ def test_topk_refuses_maps_of_another_rank_or_shape_naming_both():
     reducer._fold(0, maps, maps, 0, 1)
     before = {name: value.clone() for name, value in reducer.layers[0].items()}
     for query, key in ((maps[..., :7], maps), (maps, maps[..., :7]), (maps[:, :2], maps[:, :2])):
-        with pytest.raises(QKHooksError, match=r"do not match the earlier \(3, 4\) x 9 tokens"):
+        with pytest.raises(QKHooksError, match=r"^layer 0: maps of shape .* do not match the earlier \(3, 4\) x 9 tokens; "
+                                               r"keep one model, mode count and image size per reducer\.$"):
             reducer._fold(0, query, key, 2, 1)
     assert all(torch.equal(before[name], reducer.layers[0][name]) for name in before)
+    restored = TopKModes(k=2, num_prefix_tokens=1)  # a restored state is checked as it is stacked
+    restored.load_state_dict(reducer.state_dict())
+    with pytest.raises(QKHooksError, match=r"^layer 0: maps of shape \(heads=3, modes=4, tokens=7\) do not match"):
+        restored._fold(0, maps[..., :7], maps[..., :7], 2, 1)
