@@ -75,6 +75,13 @@ def _token_rows(maps: torch.Tensor) -> tuple[torch.Tensor, int]:
     return maps.reshape(b * h * m, n), h * m
 
 
+def _pick_rows(maps: torch.Tensor, image: torch.Tensor, lane: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The token rows of maps (B, H, K, N) at ``image`` and ``lane`` = head·K + mode (broadcast together), read in
+    place (:func:`_token_rows`): row b·step + lane of the maps seen as rows of N tokens."""
+    rows, step = _token_rows(maps)
+    return torch.index_select(rows, 0, (image * step + lane).flatten(), out=out)
+
+
 def _rank(score: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the first ``k`` entries along the last axis by (score descending, index ascending).
 
@@ -201,13 +208,12 @@ class TopKModes(Reducer):
         lanes = torch.arange(h * m, device=dev).view(h, m, 1)
 
         def rows(side: int) -> torch.Tensor:
-            # Only the picked rows are copied: row (h, m) of image b is b·step + h·K + m of the maps seen as rows of
-            # N tokens, so both signs index the B maps in place (no (H, K, B, N) permuted copy, no expanded copy).
+            # Only the picked rows are copied, both signs indexing the B maps in place (no (H, K, B, N) permuted
+            # copy, no expanded copy).
             tokens = maps[0][1 + side].shape[-1]
             out = torch.empty((len(maps), h, m, 2, picked.shape[-1] // 2, tokens), dtype=query.dtype, device=dev)
             for i, entry in enumerate(maps):
-                flat_rows, step = _token_rows(entry[1 + side])
-                torch.index_select(flat_rows, 0, (picked[i] * step + lanes).flatten(), out=out[i].view(-1, tokens))
+                _pick_rows(entry[1 + side], picked[i], lanes, out=out[i].view(-1, tokens))
             return out.to(self.map_dtype) * sign
 
         cand = {"score": score.gather(-1, pos), "index": index.gather(-1, pos), "query": rows(0), "key": rows(1)}
@@ -239,9 +245,8 @@ class TopKModes(Reducer):
                 parts, lo = [], 0
                 for entry, count in zip(maps, counts):
                     if count:
-                        rows, step = _token_rows(entry[side])
                         at = slice(lo, lo + count)
-                        parts.append(rows.index_select(0, image[at] * step + where[at, 1] * modes + where[at, 2]))
+                        parts.append(_pick_rows(entry[side], image[at], where[at, 1] * modes + where[at, 2]))
                     lo += count
                 picked = torch.cat(parts).to(self.map_dtype) * sign
                 out.view(-1, out.shape[-1]).index_copy_(0, slots, picked)

@@ -147,7 +147,6 @@ class RunWriter:
             raise
         self.committed = fmt.committed(self._file) or 0
         self._handles: dict[str, Any] = {}  # per-image datasets (and the ids) of the SWMR file handle
-        self._chunk_rows: dict[str, int] = {}  # per-image array -> images per chunk (fixed at layout)
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._error: BaseException | None = None
@@ -427,10 +426,12 @@ class RunWriter:
         """Refuse a batch the disk has no room for before HDF5 writes any of it (HDF5 allocates whole chunks)."""
         needed = FREE_MARGIN_BYTES
         for name, value in values.items():
-            rows = self._chunk_rows.get(name)
-            if rows is None:
+            target = self._handles.get(name)  # none yet in a run's first batch: read from the file
+            if target is not None:
+                rows = target.rows or 1
+            else:
                 ds = self._file.get(name)
-                rows = self._chunk_rows[name] = ds.chunks[0] if isinstance(ds, h5py.Dataset) and ds.chunks else 1
+                rows = ds.chunks[0] if isinstance(ds, h5py.Dataset) and ds.chunks else 1
             chunks = -(-(n + len(value)) // rows) - -(-n // rows)
             needed += chunks * rows * (value[0].nbytes if len(value) else 0)
         free = shutil.disk_usage(self.path.parent if str(self.path.parent) else ".").free
@@ -553,12 +554,17 @@ class _PerImage:
         ds.id.write(h5py.h5s.create_simple(value.shape), space, value)
 
     def _write_chunks(self, n: int, value: np.ndarray) -> None:
-        """Rows ``n``, ``n + 1``, ... (``n`` on a chunk boundary) as whole chunks, the last one padded with zeros."""
+        """Rows ``n``, ``n + 1``, ... (``n`` on a chunk boundary) as whole chunks, the last one padded with zeros.
+
+        Every buffer is exactly one chunk: the run file's chunk index (``libver="latest"``, unfiltered) records no
+        chunk sizes, so a longer buffer would be written past the chunk's space in the file."""
         origin = (0,) * len(self.shape)
         for start in range(0, len(value), self.rows):
             part = value[start:start + self.rows]
             if len(part) < self.rows:
-                part = np.concatenate([part, np.zeros((self.rows - len(part),) + self.shape, value.dtype)])
+                padded = np.zeros((self.rows,) + self.shape, value.dtype)
+                padded[:len(part)] = part
+                part = padded
             self.ds.id.write_direct_chunk((n + start,) + origin, part)
 
 
