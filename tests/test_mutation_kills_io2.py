@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -338,3 +339,137 @@ def test_the_guessed_preprocessing_warning_points_at_the_callers_line():
         line = __import__("inspect").currentframe().f_lineno + 1
         ImageConfig.from_hf_model(types.SimpleNamespace(model_type="vit", image_size=32))
     assert [(Path(w.filename).name, w.lineno) for w in caught] == [(Path(__file__).name, line)]
+
+
+def _bytes_asked(tmp_path: Path, monkeypatch, sizes: list[int], chunk_images: int | None, free: int | None = None):
+    """Write batches of ``sizes`` images (a float32 (3, 5) array and an int64 scalar per image); the last one meets
+    ``free`` bytes on the disk (0 by default). Returns (the bytes the writer said the last batch needs, or None
+    if it was written, and the images committed)."""
+    from qkhooks.store import writer as writer_module
+
+    plenty = type("Disk", (), {"free": 1 << 40})()
+    last = type("Disk", (), {"free": 0 if free is None else free})()
+    out = Path(tempfile.mkdtemp(dir=tmp_path)) / "run.h5"
+    w = RunWriter(out, dtype="float32", chunk_images=chunk_images)
+    n, asked_about = 0, []
+    for i, b in enumerate(sizes):
+        disk = last if i == len(sizes) - 1 else plenty
+        monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda path, disk=disk: asked_about.append(path) or disk)
+        w.write_batch([str(n + j) for j in range(b)],
+                      {"big": np.ones((b, 3, 5), np.float32), "small": np.arange(n, n + b, dtype=np.int64)})
+        n += b
+        try:
+            w.flush()
+        except QKHooksError as err:
+            w.close()
+            assert asked_about and all(Path(p) == out.parent for p in asked_about)  # the disk the run file is on
+            assert isinstance(err.__cause__, OSError) and err.__cause__.errno == errno.ENOSPC
+            message = err.__cause__.strerror
+            assert message.startswith(f"{last.free} bytes free, the next batch needs ")
+            return int(message.rsplit(" ", 1)[1]), w.committed
+    w.close()
+    return None, w.committed
+
+
+@pytest.mark.parametrize("sizes, chunk_images, new_chunks", [
+    ([3], 4, 1),              # the first batch: chunk rows read from the file the writer just laid out
+    ([3, 3], 4, 1),           # rows 3-5: the chunk of rows 0-3 is allocated, one new chunk (4-7)
+    ([3, 3, 7], 4, 2),        # rows 6-12: chunks 8-11 and 12-15 are new
+    ([4, 4], 4, 1),           # on a chunk boundary: exactly one
+    ([2, 1], 4, 0),           # inside the first chunk: none
+    ([5], None, 1),           # default chunks: whole batches grouped up to MIN_CHUNK_BYTES
+])
+def test_the_free_space_check_asks_for_the_chunks_a_batch_opens_at_their_full_size_plus_the_margin(
+        tmp_path, monkeypatch, sizes, chunk_images, new_chunks):
+    """HDF5 allocates whole chunks, so a batch needs (chunks it opens) x (chunk rows) x (bytes per image) per array,
+    plus the margin; computed here from the file's own chunk shapes. With exactly that free the batch is written;
+    one byte less and it is refused before anything of it is written."""
+    from qkhooks.store.writer import FREE_MARGIN_BYTES
+
+    with h5py.File(_write_plain(tmp_path, sizes, chunk_images), "r") as f:
+        rows = {name: f[name].chunks[0] for name in ("big", "small")}
+    assert chunk_images is None or set(rows.values()) == {chunk_images}
+    expected = FREE_MARGIN_BYTES + new_chunks * (rows["big"] * 3 * 5 * 4 + rows["small"] * 8)
+    asked, committed = _bytes_asked(tmp_path, monkeypatch, sizes, chunk_images)
+    assert (asked, committed) == (expected, sum(sizes[:-1]))
+    assert _bytes_asked(tmp_path, monkeypatch, sizes, chunk_images, free=expected - 1) == (expected, sum(sizes[:-1]))
+    assert _bytes_asked(tmp_path, monkeypatch, sizes, chunk_images, free=expected) == (None, sum(sizes))
+
+
+def _write_plain(tmp_path: Path, sizes: list[int], chunk_images: int | None) -> Path:
+    out = tmp_path / "plain.h5"
+    with RunWriter(out, dtype="float32", chunk_images=chunk_images) as w:
+        n = 0
+        for b in sizes:
+            w.write_batch([str(n + j) for j in range(b)],
+                          {"big": np.ones((b, 3, 5), np.float32), "small": np.arange(n, n + b, dtype=np.int64)})
+            n += b
+    return out
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"compression": "zstd"}, "compression must be one of none, gzip, lzf; got 'zstd'."),
+    ({"dtype": "bfloat16"}, "dtype must be 'float16' or 'float32', got 'bfloat16'."),
+])
+def test_a_writer_with_an_unknown_codec_or_dtype_is_refused_by_name_before_any_file_is_made(tmp_path, options, message):
+    out = tmp_path / "run.h5"
+    with pytest.raises(QKHooksError) as err:
+        RunWriter(out, **options)
+    assert str(err.value) == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_whose_array_changes_shape_is_refused_by_name_and_the_run_keeps_the_batches_before_it(tmp_path):
+    out = tmp_path / "run.h5"
+    w = RunWriter(out, dtype="float32")
+    w.write_batch(["a", "b"], {"v": np.ones((2, 3), np.float32)})
+    w.write_batch(["c", "d"], {"v": np.ones((2, 4), np.float32)})
+    with pytest.raises(QKHooksError) as err:
+        w.flush()
+    assert str(err.value) == f"writing {out} failed: v: a batch has shape (4,) per image, the run has (3,)."
+    w.close()
+    with open_run(out) as run:
+        assert run.ids == ["a", "b"] and run.array("v").shape == (2, 3)
+
+
+def test_a_runs_later_batches_find_their_arrays_without_looking_them_up_in_the_file(tmp_path, monkeypatch):
+    """After the first batch the writer keeps each array's dataset (and its chunk rows): HDF5's path lookups, which
+    cost more than the writes of a small batch, are not repeated for every array of every batch."""
+    looked_up: list[str] = []
+    get, getitem = h5py.Group.get, h5py.Group.__getitem__
+
+    def spy_get(self, name, *args, **kwargs):
+        looked_up.append(name)
+        return get(self, name, *args, **kwargs)
+
+    def spy_getitem(self, name):
+        looked_up.append(name)
+        return getitem(self, name)
+
+    out = tmp_path / "run.h5"
+    with RunWriter(out, dtype="float32") as w:
+        w.write_batch(["a"], {"modes/v": np.ones((1, 3), np.float32), "w": np.zeros((1, 2), np.float32)})
+        w.flush()
+        monkeypatch.setattr(h5py.Group, "get", spy_get)
+        monkeypatch.setattr(h5py.Group, "__getitem__", spy_getitem)
+        for i in range(3):
+            w.write_batch([f"b{i}"], {"modes/v": np.full((1, 3), i, np.float32), "w": np.ones((1, 2), np.float32)})
+        w.flush()
+        monkeypatch.undo()
+    assert "images" in looked_up  # the spy sees the writer thread's lookups (the committed count's holders)
+    assert not {"modes/v", "w", "modes", "/modes/v", "/w"} & set(looked_up), looked_up
+    with open_run(out) as run:
+        np.testing.assert_array_equal(run.array("modes/v")[:, 0], [1.0, 0.0, 1.0, 2.0])
+
+
+def test_an_empty_batch_after_the_first_adds_nothing_and_the_run_goes_on(tmp_path):
+    out = tmp_path / "run.h5"
+    with RunWriter(out, dtype="float32") as w:
+        w.write_batch(["a"], {"v": np.ones((1, 2), np.float32)})
+        w.write_batch([], {"v": np.zeros((0, 2), np.float32)})
+        w.write_batch(["b"], {"v": np.full((1, 2), 2.0, np.float32)})
+        w.flush()
+        assert w.committed == 2
+    with open_run(out) as run:
+        assert run.ids == ["a", "b"] and run.complete
+        np.testing.assert_array_equal(run.array("v")[:], [[1.0, 1.0], [2.0, 2.0]])

@@ -434,7 +434,7 @@ class RunWriter:
                 rows = ds.chunks[0] if isinstance(ds, h5py.Dataset) and ds.chunks else 1
             chunks = -(-(n + len(value)) // rows) - -(-n // rows)
             needed += chunks * rows * (value[0].nbytes if len(value) else 0)
-        free = shutil.disk_usage(self.path.parent if str(self.path.parent) else ".").free
+        free = shutil.disk_usage(self.path.parent).free  # a bare name's parent is "."
         if free < needed:
             raise OSError(errno.ENOSPC, f"{free} bytes free, the next batch needs {needed}")
 
