@@ -473,3 +473,67 @@ def test_an_empty_batch_after_the_first_adds_nothing_and_the_run_goes_on(tmp_pat
     with open_run(out) as run:
         assert run.ids == ["a", "b"] and run.complete
         np.testing.assert_array_equal(run.array("v")[:], [[1.0, 1.0], [2.0, 2.0]])
+
+
+def test_a_resume_matches_the_config_by_content_not_by_the_order_its_keys_were_given_in(tmp_path):
+    """The run's config attribute is stored as JSON with sorted keys, so a resume whose config dict lists the same
+    settings in another order is the same run (and the stored text does not depend on the caller's order)."""
+    out = tmp_path / "run.h5"
+    w = RunWriter(out, dtype="float32", attrs={"model": "timm:x", "config": {"modes": 16, "batch_size": 4}})
+    w.write_batch(["a"], {"v": np.ones((1, 2), np.float32)})
+    w.close(complete=False)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["config"] == '{"batch_size": 4, "modes": 16}'
+    with RunWriter(out, mode="resume", dtype="float32", attrs={"model": "timm:x", "config": {"batch_size": 4, "modes": 16}}) as w:
+        assert w.committed == 1
+        w.write_batch(["b"], {"v": np.ones((1, 2), np.float32)})
+    with open_run(out) as run:
+        assert run.ids == ["a", "b"] and run.complete
+
+
+def test_a_closed_writer_refuses_another_batch_by_saying_so(tmp_path):
+    w = RunWriter(tmp_path / "run.h5", dtype="float32")
+    w.close()
+    with pytest.raises(QKHooksError) as err:
+        w.write_batch(["a"], {"v": np.ones((1, 2), np.float32)})
+    assert str(err.value) == "this run writer is closed."
+
+
+def test_the_writer_thread_never_keeps_a_program_alive_that_forgot_to_close_its_writer(tmp_path):
+    """The writer's thread is a daemon: a script that ends without ``close()`` exits (its last batches may be lost,
+    never the ones committed) instead of hanging on the thread's queue."""
+    w = RunWriter(tmp_path / "run.h5", dtype="float32")
+    try:
+        threads = [t for t in __import__("threading").enumerate() if t.name == "qkhooks-writer" and t.is_alive()]
+        assert threads and all(t.daemon for t in threads)
+    finally:
+        w.close()
+
+
+def test_a_compressed_run_whose_first_batch_has_one_image_keeps_one_image_per_chunk(tmp_path):
+    """Compressed chunks are one batch each (a chunk touched by two batches is rewritten elsewhere in the file), so a
+    first batch of one image makes one-image chunks."""
+    out = tmp_path / "run.h5"
+    with RunWriter(out, dtype="float32", compression="gzip") as w:
+        for i in range(3):
+            w.write_batch([str(i)], {"v": np.full((1, 4), i, np.float32)})
+    with h5py.File(out, "r") as f:
+        assert f["v"].chunks == (1, 4) and f["v"].compression == "gzip"
+        np.testing.assert_array_equal(f["v"][:, 0], [0.0, 1.0, 2.0])
+
+
+def test_the_summary_of_a_run_without_a_data_attribute_says_it_is_unknown(tmp_path):
+    out = tmp_path / "run.h5"
+    with RunWriter(out, dtype="float32") as w:
+        w.write_batch(["a"], {"v": np.ones((1, 2), np.float32)})
+    with open_run(out) as run:
+        lines = run.summary().splitlines()
+    assert "data     ?" in lines and "version  qkhooks ?" in lines
+
+
+def test_a_version_1_model_info_without_heads_gives_every_layer_its_one_grid_and_no_head_count():
+    from qkhooks.access import LayerGeometry
+
+    info = {"num_prefix_tokens": 1, "grid": [2, 3]}
+    assert fmt.layer_geometry(info, 4) == LayerGeometry(4, (2, 3), 1, 7, 7, (2, 3), 1, 0, 0)
+    assert fmt.layer_geometry({"grid": [2, 3]}, 4) is None
