@@ -426,7 +426,8 @@ class RunWriter:
         """Refuse a batch the disk has no room for before HDF5 writes any of it (HDF5 allocates whole chunks)."""
         needed = FREE_MARGIN_BYTES
         for name, value in values.items():
-            target = self._handles.get(name)  # none yet in a run's first batch: read from the file
+            # No handle yet in a run's first batch: they are taken after _publish, which reopens the file
+            target = self._handles.get(name)
             if target is not None:
                 rows = target.rows or 1
             else:
