@@ -134,3 +134,123 @@ def test_a_dynamic_size_vit_reads_the_grid_its_patch_embed_made_not_the_native_o
         assert tuple(run.geometry(0).grid) == (4, 4)
     centre = qkhooks.attention.default_query_tokens(run.sites[0], 17)  # CLS + 4x4: the centre patch (2, 2)
     assert centre.tolist() == [[0, 1 + 2 * 4 + 2]]
+
+
+# ---- review 18: Hugging Face ViTs on a non-square image of the native token count; token orders without a grid
+_HF_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                 patch_size=8)
+HF_DYNAMIC = {  # model class -> (config class, extra config, call keywords): all take other image sizes than the config's
+    "ViTModel": ("ViTConfig", {}, {"interpolate_pos_encoding": True}),
+    "DeiTModel": ("DeiTConfig", {}, {"interpolate_pos_encoding": True}),
+    "Dinov2Model": ("Dinov2Config", {}, {}),
+    "Dinov2WithRegistersModel": ("Dinov2WithRegistersConfig", {"num_register_tokens": 2}, {}),
+    "CLIPVisionModel": ("CLIPVisionConfig", {}, {"interpolate_pos_encoding": True}),
+    "SiglipVisionModel": ("SiglipVisionConfig", {}, {"interpolate_pos_encoding": True}),
+    "BeitModel": ("BeitConfig", {"use_relative_position_bias": True}, {"interpolate_pos_encoding": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_DYNAMIC))
+@torch.no_grad()
+def test_hf_vits_read_the_grid_of_the_call_when_it_has_the_native_token_count(name: str):
+    """A 16x64 image makes a 2x8 grid, the native 4x4 grid's 16 tokens: the recorded grid is the one the model's patch
+    projection made (read off its output here), and the centre-patch row is that grid's centre token's row of the full
+    maps (before: the native 4x4 grid, the wrong token's row)."""
+    config, extra, call = HF_DYNAMIC[name]
+    torch.manual_seed(0)
+    model = perturb(_hf(name, config, **_HF_SMALL, **extra)()).eval()
+    made: list[tuple[int, int]] = []
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1
+    handle = convs[0].register_forward_hook(lambda m, a, o: made.append(tuple(o.shape[-2:])))
+    try:
+        with qkhooks.record(model, modes=2, attention=["rows", "full"]) as run:
+            model(pixel_values=torch.randn(2, 3, 16, 64), **call)
+    finally:
+        handle.remove()
+    assert made == [(2, 8)]
+    prefix = run.geometry(0).num_prefix_tokens
+    for layer in run.layers:
+        assert tuple(run.geometry(layer).grid) == (2, 8)
+        rows, full = run.attention(layer, "rows"), run.attention(layer, "full")
+        centre = prefix + (2 // 2) * 8 + 8 // 2
+        torch.testing.assert_close(rows[:, :, 1], full[:, :, centre], rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_vitmae_tokens_are_in_no_grid_order_so_grid_readings_are_refused_and_maps_stay_exact(tmp_path):
+    """ViTMAE shuffles every image's patch tokens (random_masking, all kept at mask_ratio=0): its maps are the model's
+    in its own token order (equal to its eager attention), and nothing reads a token as a grid position."""
+    import transformers
+    from qkhooks.stream import probe_geometry
+
+    torch.manual_seed(0)
+    config = transformers.ViTMAEConfig(**_HF_SMALL, mask_ratio=0.0, attn_implementation="eager")
+    model = perturb(transformers.ViTMAEModel(config)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16)
+    reference = model(pixel_values=images, noise=noise, output_attentions=True)
+    assert not torch.equal(reference.ids_restore[0], torch.arange(16))  # the tokens really are shuffled
+    with qkhooks.record(model, modes="all", attention="full") as run:
+        model(pixel_values=images, noise=noise)
+    for layer in run.layers:
+        torch.testing.assert_close(run.attention(layer, "full"), reference.attentions[layer], rtol=0, atol=1e-6)
+        assert run.geometry(layer).grid is None
+    with pytest.raises(QKHooksError, match="random_masking.*ViTModel"):
+        with qkhooks.record(model, modes=2, attention="rows"):
+            model(pixel_values=images, noise=noise)
+    with pytest.raises(QKHooksError, match="cannot be recorded into a run file.*random_masking"):
+        probe_geometry(model, qkhooks.sites(model), (32, 32))
+
+
+@torch.no_grad()
+def test_crossvit_fusion_attention_is_refused_or_left_out_by_name_and_each_branch_has_its_class_token():
+    model = timm.create_model("crossvit_tiny_240", depth=((1, 1, 1),), embed_dim=[16, 32], num_heads=[2, 2],
+                              mlp_ratio=[2, 2, 1]).eval()
+    fusion = [n for n, m in model.named_modules() if type(m).__name__ == "CrossAttention"]
+    assert len(fusion) == 2
+    with pytest.raises(QKHooksError, match=rf"'{fusion[0]}' \(CrossAttention\): CrossViT's cross-attention"):
+        qkhooks.record(model, modes=2)
+    with qkhooks.record(model, modes=2, skip_unmodelled=True) as run:
+        model(torch.randn(1, 3, 240, 240))
+    assert sorted(run.left_out) == sorted(fusion)
+    assert [run.geometry(layer).num_prefix_tokens for layer in run.layers] == [1, 1]  # cls_token_0, cls_token_1
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@torch.no_grad()
+def test_a_mask_handed_by_position_is_the_mask_the_maps_add(implementation: str):
+    """HF ViT passes its attention mask to the attention module by position, DINOv2 by keyword: both are the same
+    parameter, so both maps equal the model's eager attention, masked keys at 0 (before: refused as an unknown term)."""
+    import transformers
+
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[1, 12:] = 0
+    images = torch.randn(2, 3, 32, 32)
+    for cls, config in (("ViTModel", "ViTConfig"), ("Dinov2Model", "Dinov2Config")):
+        torch.manual_seed(0)
+        model = perturb(getattr(transformers, cls)(getattr(transformers, config)(**_HF_SMALL, attn_implementation="eager")))
+        reference = model(pixel_values=images, attention_mask=mask, output_attentions=True).attentions
+        model.set_attn_implementation(implementation)
+        with qkhooks.record(model, modes=2, attention="full") as run:
+            model(pixel_values=images, attention_mask=mask)
+        for layer in run.layers:
+            full = run.attention(layer, "full")
+            torch.testing.assert_close(full, reference[layer], rtol=0, atol=1e-6)
+            assert float(full[1, :, :, 12:].max()) == 0.0
+
+
+def test_a_wrapped_model_is_refused_naming_the_wrapped_model():
+    vit = timm.create_model("vit_tiny_patch16_224", embed_dim=32, depth=1, num_heads=2, img_size=32, patch_size=8).eval()
+    for wrapper, how in ((nn.Sequential(vit), r"model\[0\]"), (nn.DataParallel(vit), r"model\.module")):
+        with pytest.raises(QKHooksError, match=rf"{type(wrapper).__name__} wraps a model qkhooks knows: record {how} "
+                                               r"\(VisionTransformer\) itself"):
+            qkhooks.record(wrapper, modes=2)
+
+
+def test_the_unknown_grid_refusal_offers_only_what_works():
+    site = qkhooks.sites(timm.create_model("levit_128s", img_size=(64, 96), embed_dim=(32, 48, 64), key_dim=8,
+                                           num_heads=(2, 3, 4), depth=(1, 1, 1)))[0]
+    with pytest.raises(QKHooksError) as refused:
+        site.grid_for(16)
+    assert "grid=" not in str(refused.value) and "attention='full'" in str(refused.value)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -209,12 +209,16 @@ class AttentionSite:
         if self.call_bias is not None:  # the adapter reads every argument of the call itself
             self._call_bias = self.call_bias(args, kwargs)
             return
-        extra = [(f"argument {i}", v) for i, v in enumerate(args[1:], 1)]
-        extra += [(repr(k), v) for k, v in kwargs.items() if k not in (self.input_name, self.bias_input, self.rope_input)]
+        # zoo18: an argument is what the forward names it, by position or by keyword (HF ViT passes its mask by
+        # position, DINOv2 by keyword); one past the named positions stays "argument i"
+        names = _positional_names(self.module)  # names[i] names args[i]
+        call = {names[i] if i < len(names) else f"argument {i}": v for i, v in enumerate(args[1:], 1)} | kwargs
+        extra = [(k if k.startswith("argument ") else repr(k), v) for k, v in call.items()
+                 if k not in (self.input_name, self.bias_input, self.rope_input)]
         if self.bias_input is not None:
-            self._call_bias = kwargs.get(self.bias_input)  # made additive only where a map is rebuilt
+            self._call_bias = call.get(self.bias_input)  # made additive only where a map is rebuilt
         if self.rope_input is not None:
-            self._call_rope = kwargs.get(self.rope_input)
+            self._call_rope = call.get(self.rope_input)
         for label, value in extra:
             if _carries_tensor(value) or (label in ("'is_causal'", "'causal'") and value is True):
                 raise QKHooksError(
@@ -403,9 +407,8 @@ class AttentionSite:
                 return grid
         raise QKHooksError(
             f"layer {self.layer} ({self.path}): {patches} patch tokens are not its native grid {self.grid}, and the "
-            "module was not handed them as a grid, so their grid is not known here (a square is never assumed); "
-            "pass the grid explicitly (grid=(rows, cols)), or record run files with qkhooks.record_dataset, which reads "
-            "each layer's grid off the input image size."
+            "module was not handed them as a grid, so their grid is not known here (a square is never assumed). What "
+            "needs no grid still works: the modes' maps and full attention maps (attention='full'), token by token."
         )
 
     def _as_tokens(self, x: Any) -> Any:
@@ -418,12 +421,34 @@ class AttentionSite:
         return x
 
 
+SiteT = TypeVar("SiteT", bound=AttentionSite)
+
+
+def recast(site: AttentionSite, cls: type[SiteT], **changes: Any) -> SiteT:
+    """``site``'s fields as a ``cls`` (a subclass that adds its form's own rules), with ``changes`` applied."""
+    return cls(**{f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)} | changes)
+
+
 _GRID_ARGUMENTS = (("feat_size",), ("hw_shape",), ("size",), ("height", "width"), ("H", "W"))
 
 
 @functools.lru_cache(maxsize=None)
 def _parameter_names(forward: Callable) -> tuple[str, ...]:
     return tuple(inspect.signature(forward).parameters)
+
+
+def _positional_names(module: nn.Module) -> tuple[str, ...]:
+    """The names of ``module.forward``'s positional parameters after ``self``: the i-th names a call's ``args[i]``."""
+    try:
+        return _positional_parameters(type(module).forward)[1:]
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        return ()
+
+
+@functools.lru_cache(maxsize=None)
+def _positional_parameters(forward: Callable) -> tuple[str, ...]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(n for n, p in inspect.signature(forward).parameters.items() if p.kind in kinds)
 
 
 def _grid_in_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
@@ -544,6 +569,10 @@ def _find_sites(model: nn.Module, layers: Sequence[int] | None, skip_unmodelled:
                            f"to record: no attention of {type(model).__name__} is one qkhooks models exactly"
                            + (f" (left out with it: {', '.join(map(repr, others[:3]))}" + (" ..." if len(others) > 3 else "")
                               + ")" if others else "") + ".")
+    wrapped = _wrapped_model(model)
+    if wrapped:
+        raise QKHooksError(f"{type(model).__name__} wraps a model qkhooks knows: record {wrapped} itself (qkhooks "
+                           "finds the attention layers by the model's own class, which the wrapper hides).")
     listing = "\n".join(f"  - {name}: {fam}" for name, fam in adapters())
     raise QKHooksError(
         f"qkhooks does not know how to find the attention layers of {type(model).__name__}.\n"
@@ -552,6 +581,16 @@ def _find_sites(model: nn.Module, layers: Sequence[int] | None, skip_unmodelled:
         "Add your own in a few lines with qkhooks.register_adapter(name, matches, find) (see README, "
         "'Your own architecture')."
     )
+
+
+def _wrapped_model(model: nn.Module) -> str | None:
+    """How to reach the model inside a wrapper (torch.compile's ``_orig_mod``, DataParallel's ``module``, a
+    Sequential's item) when an adapter knows it, else None."""
+    for name, child in model.named_children():
+        if any(adapter.matches(child) for adapter in _ADAPTERS):
+            how = f"model[{name}]" if name.isdigit() else f"model.{name}"
+            return f"{how} ({type(child).__name__})"
+    return None
 
 
 def number_in_forward_order(model: nn.Module, found: list[AttentionSite]) -> list[AttentionSite]:

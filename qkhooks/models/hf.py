@@ -14,6 +14,7 @@ embeddings module (a CLS token, a distillation token, register tokens), so new v
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, register_adapter
+from qkhooks.models.base import AttentionSite, recast, register_adapter
 from qkhooks.models.qknorm import qk_norm_modelled, qk_norm_of
 from qkhooks.models.timm import grouped_query_reader
 from qkhooks.models.unsupported import left_out_by_design, refuse_uncovered
@@ -123,6 +124,33 @@ def _embeddings(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def _patch_grid_source(model: nn.Module) -> tuple[nn.Module, Callable[[tuple, dict], tuple[int, int]]] | None:
+    """zoo18: (the patch projection, the grid it makes of the call's image). A 2x8 image has the native 4x4 grid's
+    token count, and only the call tells them apart (ViT, DeiT, DINOv2, CLIP, SigLIP, BEiT take other sizes). The
+    embeddings' one Conv2d lays its output out row by row as the tokens; its own kernel, stride, padding and
+    dilation give the grid. None where the embeddings hold no Conv2d or several (a hybrid's CNN stem)."""
+    emb = _embeddings(model)
+    convs = [m for m in emb.modules() if isinstance(m, nn.Conv2d)] if emb is not None else []
+    if len(convs) != 1:
+        return None
+    conv = convs[0]
+
+    def read(args: tuple, kwargs: dict) -> tuple[int, int]:
+        image = args[0] if args else kwargs["input"]
+        return tuple(_conv_out(int(size), conv, axis) for axis, size in enumerate(image.shape[-2:]))  # type: ignore[return-value]
+
+    return conv, read
+
+
+def _conv_out(size: int, conv: nn.Conv2d, axis: int) -> int:
+    """The output length of ``conv`` along ``axis`` (0: rows, 1: cols) for an input of ``size`` (torch's formula)."""
+    if conv.padding == "same":
+        return size
+    pad = 0 if conv.padding == "valid" else int(conv.padding[axis])  # type: ignore[index]
+    kernel, stride, dilation = int(conv.kernel_size[axis]), int(conv.stride[axis]), int(conv.dilation[axis])
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def num_prefix_tokens(model: nn.Module) -> int:
     """CLS + distillation + register tokens, read off the embeddings module's parameters."""
     emb = _embeddings(model)
@@ -162,6 +190,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
     grid = _grid(config)
     config_patch = getattr(config, "patch_size", None)
     family = f"hf-{getattr(config, 'model_type', 'vit')}"
+    patch_grid = _patch_grid_source(model)
+    shuffled = callable(getattr(_embeddings(model), "random_masking", None))  # ViTMAE
     sites = []
     for name, module, match in _attention_modules(model):
         if type(module).__module__.startswith("timm."):  # zoo-hfsmall: TimmBackbone wraps a whole timm model
@@ -226,9 +256,36 @@ def find(model: nn.Module) -> list[AttentionSite]:
         )
         if type(module).__name__ in EXTRA_FORMS:
             sites[-1] = EXTRA_FORMS[type(module).__name__][1](sites[-1], module, modules)
+        elif shuffled:
+            sites[-1] = recast(sites[-1], ShuffledTokenSite, grid=None, patch_size=None)
+        elif own is None and patch_grid is not None:  # one global attention over the patch embedding's grid
+            sites[-1].grid_source = patch_grid
     _object_queries_are_prefix(model, sites)
     refuse_uncovered(model, sites)
     return sites
+
+
+@dataclasses.dataclass(eq=False)
+class ShuffledTokenSite(AttentionSite):
+    """A ViTMAE encoder layer: its embeddings shuffle every image's patch tokens (``random_masking``, which keeps them
+    all at ``mask_ratio=0``, in a random order of its own), so token n is no fixed patch of the grid. Its maps and
+    modes are exact in the model's token order; nothing here reads a token as a grid position."""
+
+    def _why(self) -> str:
+        return ("ViTMAE shuffles each image's patch tokens (random_masking, even "
+                "at mask_ratio=0), so its tokens are in no grid order and no token is a fixed patch; its maps and modes "
+                "are exact in the model's own token order. To read tokens as grid patches (rows of the centre patch, "
+                "run files, masks), load the same encoder weights into ViTModel (ViTModel.from_pretrained on the MAE "
+                "checkpoint), which keeps the patches in raster order.")
+
+    def grid_for(self, num_tokens: int) -> tuple[int, int]:
+        raise QKHooksError(f"layer {self.layer} ({self.path}): {self._why()}")
+
+    def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
+        raise QKHooksError(f"layer {self.layer} ({self.path}): {self._why()}")
+
+    def run_file_refusal(self) -> str | None:
+        return self._why()
 
 
 def _object_queries_are_prefix(model: nn.Module, sites: list[AttentionSite]) -> None:

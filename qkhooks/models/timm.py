@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Callable
 
 import torch
@@ -138,8 +139,9 @@ def _geometry(model: nn.Module) -> tuple[int, tuple[int, int] | None, tuple[int,
     num_prefix = getattr(model, "num_prefix_tokens", None)
     if num_prefix is None:
         num_prefix = getattr(model, "num_tokens", None)  # PiT: 1, or 2 when distilled
-    if num_prefix is None:
-        num_prefix = 1 if getattr(model, "cls_token", None) is not None else 0
+    if num_prefix is None:  # a class token, or one per branch (CrossViT's cls_token_0, cls_token_1)
+        num_prefix = int(getattr(model, "cls_token", None) is not None or any(
+            re.fullmatch(r"cls_token_\d+", n) for n, _ in model.named_parameters(recurse=False)))
     patch_embed = getattr(model, "patch_embed", None)
     grid = None
     if getattr(patch_embed, "grid_size", None) is not None:

@@ -53,6 +53,9 @@ def _modelled(module: nn.Module) -> bool:
     return cls.__name__ in MODELLED_FORMS or f"{cls.__module__}.{cls.__qualname__}" in MODELLED_FORMS
 _NO_TOKEN_SOFTMAX = "there is no softmax of q·k over the image tokens, so no W_q^T W_k form governs its maps"
 UNMODELLED_FORMS.update({
+    "timm.models.crossvit.CrossAttention": "CrossViT's cross-attention between branches: one branch's class token "
+    "(projected to the other branch's width) queries the other branch's patch tokens, a query-key form between two "
+    "token sets of different scales; not modelled yet",
     "timm.models.xcit.XCA": "cross-covariance attention: the softmax runs over channels (a d_k x d_k map per head from "
     "L2-normalised q and k with a learned temperature), not over tokens; " + _NO_TOKEN_SOFTMAX,
     "timm.models.edgenext.CrossCovarianceAttn": "cross-covariance attention (as XCiT): the softmax runs over channels, "
