@@ -9,7 +9,7 @@ checkpoint with no image lost or written twice.
 Per-image extras stored next to the maps (when the dataset has masks):
 
 - ``masks/target``, ``masks/distractor`` (n, gh, gw): odd-one-out masks on the patch grid (area fraction);
-- ``masks/objects`` (n, gh, gw) int16: per-patch majority instance label (0 = background).
+- ``masks/objects`` (n, gh, gw) int32: per-patch majority instance label, the data's own ids (0 = background).
 """
 
 from __future__ import annotations

@@ -699,4 +699,223 @@ def test_majority_labels_keep_ids_and_background_wins_ties():
     labels[3, 3] = 0  # patch (1, 1): 3/4 object 2
     expected = np.array([[3, 0], [0, 2]])
     np.testing.assert_array_equal(majority_labels(labels, (2, 2)).numpy(), expected)
-    assert majority_labels(labels, (2, 2)).dtype == torch.int16
+    assert majority_labels(labels, (2, 2)).dtype == torch.int32
+
+
+# ------------------------------------------------------------------- masks beside EXIF photos, label ids, mask gaps
+
+
+def _tiny_loaded():
+    import timm
+
+    import qkhooks
+
+    torch.manual_seed(0)
+    return qkhooks.load_model(timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32,
+                                                embed_dim=32, depth=2, num_heads=4).eval())
+
+
+def _majority_reference(labels: np.ndarray, patch: int) -> np.ndarray:
+    """Per (patch x patch) block, the label covering most pixels, ties to the lowest label (0 first): numpy only."""
+    gh, gw = labels.shape[0] // patch, labels.shape[1] // patch
+    out = np.zeros((gh, gw), dtype=np.int64)
+    for i in range(gh):
+        for j in range(gw):
+            values, counts = np.unique(labels[i * patch:(i + 1) * patch, j * patch:(j + 1) * patch], return_counts=True)
+            out[i, j] = values[np.argmax(counts)]  # np.unique sorts: the first maximum is the lowest label
+    return out
+
+
+def _exif_jpeg(path: Path, stored: np.ndarray, orientation: int) -> None:
+    img = Image.fromarray(stored)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(path, exif=exif, quality=95)
+
+
+def _stored_labels(h: int, w: int) -> np.ndarray:
+    """An asymmetric label map (every turn or flip of it differs), with an id above int16 (a 16-bit PNG holds it)."""
+    labels = np.zeros((h, w), dtype=np.uint16)
+    labels[: h // 2, : w // 3] = 40000
+    labels[h // 2 :, w // 2 :] = 2
+    labels[: h // 4, w // 2 :] = 7
+    return labels
+
+
+def test_masks_of_an_exif_rotated_photo_are_turned_with_it_in_every_source(tmp_path):
+    from qkhooks.stream import record_dataset
+
+    rng = np.random.default_rng(0)
+    stored_rgb = rng.integers(0, 255, (120, 200, 3), dtype=np.uint8)
+    _exif_jpeg(tmp_path / "photo.jpg", stored_rgb, 6)  # shown 200 x 120 (turned 90 degrees clockwise)
+    labels = _stored_labels(120, 200)
+    shown_labels = np.rot90(labels, -1)  # independent of qkhooks: what the photo shows
+    Image.fromarray(labels).save(tmp_path / "stored.png")  # drawn on the stored pixels
+    Image.fromarray(np.ascontiguousarray(shown_labels)).save(tmp_path / "shown.png")  # drawn on the photo as shown
+    tagged = Image.fromarray(labels)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged.save(tmp_path / "tagged.png", exif=exif)  # stored frame, saying so with the photo's own tag
+    loaded = _tiny_loaded()
+    cfg = loaded.image_config
+    expected = _majority_reference(cfg.mask(np.ascontiguousarray(shown_labels), "labels").numpy(), 32)
+    assert set(np.unique(expected)) >= {0, 2, 7, 40000}
+    photo = str(tmp_path / "photo.jpg")
+    items = [{"image": photo, "objects": str(tmp_path / name), "id": name} for name in ("stored.png", "shown.png")]
+    items.append({"image": Image.open(photo), "objects": Image.open(tmp_path / "tagged.png"), "id": "tagged"})
+    items.append({"image": open(photo, "rb").read(), "objects": labels, "id": "bytes+array"})
+    out = tmp_path / "run.h5"
+    record_dataset(loaded, items, out, layers="0", modes=2, batch_size=2, progress=False)
+    import h5py
+
+    with h5py.File(out, "r") as f:
+        objects = f["masks/objects"][:]
+    assert objects.dtype == np.int32
+    for n in range(len(items)):
+        np.testing.assert_array_equal(objects[n], expected)
+
+    # ade20k: layout, a class map in the stored frame
+    for split in ("images/training", "annotations/training"):
+        (tmp_path / "ade" / split).mkdir(parents=True)
+    _exif_jpeg(tmp_path / "ade/images/training/ADE_1.jpg", stored_rgb, 6)
+    classes = np.zeros((120, 200), dtype=np.uint8)
+    classes[:60, :70] = 9
+    classes[60:, 100:] = 3
+    Image.fromarray(classes).save(tmp_path / "ade/annotations/training/ADE_1.png")
+    ade = open_dataset(f"ade20k:{tmp_path / 'ade'}", cfg)[0]["objects"].numpy()
+    renumbered = np.searchsorted([0, 3, 9], np.rot90(classes, -1))  # class ids 3, 9 -> objects 1, 2
+    np.testing.assert_array_equal(ade, cfg.mask(np.ascontiguousarray(renumbered), "labels").numpy())
+
+    # o3dir:, binary masks in the stored frame
+    for sub in ("images", "targ_images", "dist_images"):
+        (tmp_path / "o3" / sub).mkdir(parents=True)
+    _exif_jpeg(tmp_path / "o3/images/a.jpg", stored_rgb, 6)
+    target = np.zeros((120, 200), np.uint8)
+    target[10:40, 20:60] = 255
+    distractor = np.zeros((120, 200), np.uint8)
+    distractor[70:110, 120:190] = 255
+    Image.fromarray(target).save(tmp_path / "o3/targ_images/a.png")
+    Image.fromarray(distractor).save(tmp_path / "o3/dist_images/a.png")
+    o3 = open_dataset(f"o3dir:{tmp_path / 'o3'}", cfg)[0]
+    for key, mask in (("target", target), ("distractor", distractor)):
+        turned = np.ascontiguousarray(np.rot90(mask, -1) >= 128)
+        assert torch.equal(o3[key], cfg.mask(turned, "fraction")), key
+
+
+@pytest.mark.parametrize("orientation, size", [(6, (64, 64)), (8, (48, 48)), (3, (40, 64)), (2, (40, 64))])
+def test_a_mask_whose_frame_cannot_be_told_is_refused_naming_the_photo(tmp_path, orientation, size):
+    from qkhooks.data import open_source
+
+    cfg = _tiny_loaded().image_config
+    _exif_jpeg(tmp_path / "amb.jpg", np.zeros((*size, 3), np.uint8), orientation)
+    Image.fromarray(np.ones(size, np.uint8)).save(tmp_path / "amb_mask.png")
+    with pytest.raises(QKHooksError, match=r"amb\.jpg.*cannot be told.*exif_transpose"):
+        open_source([{"image": str(tmp_path / "amb.jpg"), "objects": str(tmp_path / "amb_mask.png")}], cfg)
+    for split in ("images/training", "annotations/training"):
+        (tmp_path / "ade" / split).mkdir(parents=True)
+    _exif_jpeg(tmp_path / "ade/images/training/amb.jpg", np.zeros((*size, 3), np.uint8), orientation)
+    Image.fromarray(np.ones(size, np.uint8)).save(tmp_path / "ade/annotations/training/amb.png")
+    with pytest.raises(QKHooksError, match=r"amb\.jpg.*cannot be told"):
+        open_dataset(f"ade20k:{tmp_path / 'ade'}", cfg)[0]
+    for sub in ("images", "targ_images", "dist_images"):
+        (tmp_path / "o3" / sub).mkdir(parents=True)
+    _exif_jpeg(tmp_path / "o3/images/amb.jpg", np.zeros((*size, 3), np.uint8), orientation)
+    for sub in ("targ_images", "dist_images"):
+        Image.fromarray(np.zeros(size, np.uint8)).save(tmp_path / "o3" / sub / "amb.png")
+    with pytest.raises(QKHooksError, match=r"amb\.jpg.*cannot be told"):  # at open time, before any recording
+        open_dataset(f"o3dir:{tmp_path / 'o3'}", cfg)
+
+
+def test_mask_turns_are_pils_exif_transpose():
+    from PIL import ImageOps
+
+    from qkhooks.data.items import _mask_as_shown
+
+    stored = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    for orientation in range(2, 9):
+        img = Image.fromarray(stored)
+        img.getexif()[0x0112] = orientation
+        shown = np.asarray(ImageOps.exif_transpose(img))
+        if shown.shape != stored.shape:  # 5-8 on a non-square photo: the stored frame is told by its size
+            np.testing.assert_array_equal(_mask_as_shown(stored, orientation, shown.shape, "p", "objects"), shown)
+            np.testing.assert_array_equal(_mask_as_shown(shown, orientation, shown.shape, "p", "objects"), shown)
+        with pytest.raises(QKHooksError, match="has size 5x5"):
+            _mask_as_shown(np.zeros((5, 5)), orientation, shown.shape, "p", "objects")
+
+
+def test_colour_coded_label_masks_are_refused_as_such(tmp_path):
+    from qkhooks.data import open_source
+
+    cfg = _tiny_loaded().image_config
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(QKHooksError, match=r"3-channel.*2-D \(H, W\) map of integer instance ids.*np\.unique"):
+        open_source([{"image": image, "objects": np.zeros((64, 64, 3), np.uint8)}], cfg)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "colour.png")
+    with pytest.raises(QKHooksError, match=r"3-channel.*instance ids"):
+        open_source([{"image": image, "objects": str(tmp_path / "colour.png")}], cfg)
+
+
+def test_majority_labels_keep_large_ids_exactly_and_match_the_one_hot_definition():
+    from qkhooks.data import majority_labels
+
+    labels = torch.zeros(32, 32, dtype=torch.long)
+    labels[:16] = 40000
+    labels[16:, 16:] = 2**31 - 1
+    labels[20:, :8] = 70000
+    out = majority_labels(labels, (4, 4))
+    assert out.dtype == torch.int32
+    np.testing.assert_array_equal(out.numpy(), _majority_reference(labels.numpy(), 8))
+    with pytest.raises(QKHooksError, match="above 2147483647"):
+        majority_labels(torch.full((4, 4), 2**31), (2, 2))
+    rng = np.random.default_rng(3)
+    for grid, hw in (((2, 2), (8, 8)), ((3, 3), (10, 11)), ((7, 7), (224, 224))):
+        small = torch.from_numpy(rng.integers(0, 4, hw) * rng.integers(1, 3, hw))
+        onehot = labels_to_onehot(small)  # the one-hot definition over every id up to the largest
+        fractions = downscale_mask(torch.cat([(small == 0).float()[None], onehot]), grid)
+        assert torch.equal(majority_labels(small, grid), fractions.argmax(0).to(torch.int32)), (grid, hw)
+
+
+def _partial(kind: str, first_has: bool):
+    image = np.zeros((64, 64, 3), np.uint8)
+    with_mask = {"image": image, "objects": np.ones((64, 64), np.int32)}
+    items = [dict(with_mask), {"image": image}, dict(with_mask)] if first_has else [{"image": image}, dict(with_mask)]
+    for n, item in enumerate(items):
+        item["id"] = f"p{n}"
+    if kind == "list":
+        return items
+    return (item for item in items)  # a generator: no look-ahead, checked item by item
+
+
+@pytest.mark.parametrize("kind", ["list", "iterable"])
+@pytest.mark.parametrize("first_has", [True, False])
+def test_masks_on_only_some_items_are_refused_alike_at_every_batch_size(tmp_path, kind, first_has):
+    from qkhooks.stream import record_dataset
+
+    loaded = _tiny_loaded()
+    lacking = "item 1 \\(id 'p1'\\)" if first_has else "item 0 \\(id 'p0'\\)"
+    for batch in (1, 4):
+        out = tmp_path / f"{kind}{batch}.h5"
+        with pytest.raises(QKHooksError, match=f"{lacking} has no 'objects' mask, but item") as refused:
+            record_dataset(loaded, _partial(kind, first_has), out, layers="0", modes=2, batch_size=batch,
+                           progress=False)
+        if kind == "list" or batch == 4:  # refused before the first batch is written: no file left
+            assert not out.exists()
+        else:  # a generator cannot be looked ahead: the first batch is in the file, which says it is incomplete
+            from qkhooks.store import open_run
+
+            with open_run(out) as run:
+                assert run.n == 1 and not run.complete
+            assert "left incomplete: after the fix, rerun with --overwrite" in str(refused.value)
+
+
+def test_masks_on_only_some_rows_of_a_hugging_face_dataset_are_refused_before_recording(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from qkhooks.data import open_source
+
+    cfg = _tiny_loaded().image_config
+    images = [Image.fromarray(np.full((40, 40, 3), v, np.uint8)) for v in (10, 20, 30)]
+    masks = [Image.fromarray(np.ones((40, 40), np.uint8)), Image.fromarray(np.ones((40, 40), np.uint8)), None]
+    ds = datasets.Dataset.from_dict({"image": images, "objects": masks, "id": ["a", "b", "c"]})
+    ds = ds.cast_column("image", datasets.Image()).cast_column("objects", datasets.Image())
+    with pytest.raises(QKHooksError, match=r"item 2 \(id 'c'\) has no 'objects' mask.*Nothing was recorded"):
+        open_source(ds, cfg)

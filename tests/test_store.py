@@ -72,7 +72,7 @@ def test_round_trip_of_every_dataset(tmp_path, data, limit):
             np.testing.assert_allclose(stored["U"], spec[layer].U[:, :, :16].numpy(), atol=1e-6)
         if data in ("voc", "arc2017"):
             objects = run.array("masks/objects")[:]
-            assert objects.shape == (run.n, 7, 7) and objects.dtype == np.int16 and objects.max() >= 1
+            assert objects.shape == (run.n, 7, 7) and objects.dtype == np.int32 and objects.max() >= 1
         if data.startswith("o3"):
             target = run.array("masks/target")[:]
             assert target.shape == (run.n, 7, 7) and 0 < target.max() <= 1

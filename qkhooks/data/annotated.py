@@ -10,7 +10,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qkhooks.data.items import ImageDataset, _list_images, _Raw, _read_rgb, _Record
+from qkhooks.data.items import (
+    ImageDataset,
+    _list_images,
+    _mask_as_shown,
+    _needs_turn,
+    _orientation,
+    _photo_orientation,
+    _Raw,
+    _read_mask,
+    _read_rgb,
+    _Record,
+)
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.data.stimuli import make_o3
 from qkhooks.errors import QKHooksError
@@ -28,29 +39,35 @@ def _renumber(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
+def _ade_item(image: str, annotation: str, labels: np.ndarray, tagged: bool) -> _Raw:
+    """The photo and its label map in the frame of the photo as shown (README: masks beside EXIF-rotated photos)."""
+    photo = _read_rgb(image)
+    objects = _mask_as_shown(labels, _photo_orientation(image), (photo.height, photo.width),
+                             f"ADE20K image {image}", "objects", tagged, annotation)
+    return _Raw(image=photo, objects=objects)
+
+
 def _load_ade_classes(image: str, annotation: str) -> _Raw:
     """ADEChallengeData2016 class map (0 = other): each class present becomes one object (segments, not instances)."""
-    with Image.open(annotation) as im:
-        classes = np.array(im)
+    classes, tagged = _read_mask(annotation)
     if classes.ndim != 2:
         raise QKHooksError(f"ADE20K annotation {annotation} is not a single-channel class map.")
-    return _Raw(image=_read_rgb(image), objects=_renumber(classes, classes > 0))
+    return _ade_item(image, annotation, _renumber(classes, classes > 0), tagged)
 
 
 def _load_ade_instances(image: str, annotation: str) -> _Raw:
     """Places-challenge ``annotations_instance`` PNG: R = category, G = instance id (0 = none)."""
-    with Image.open(annotation) as im:
-        rgb = np.array(im.convert("RGB"))
+    rgb, tagged = _read_mask(annotation, "RGB")
     inst = rgb[:, :, 1]
-    return _Raw(image=_read_rgb(image), objects=_renumber(inst, inst > 0))
+    return _ade_item(image, annotation, _renumber(inst, inst > 0), tagged)
 
 
 def _load_ade_full(image: str, seg: str) -> _Raw:
     """Full ADE20K ``*_seg.png``: class = R // 10 * 256 + G (0 = unlabelled), instance = distinct B values."""
-    with Image.open(seg) as im:
-        rgb = np.array(im.convert("RGB")).astype(np.int32)
+    rgb, tagged = _read_mask(seg, "RGB")
+    rgb = rgb.astype(np.int32)
     classes = rgb[:, :, 0] // 10 * 256 + rgb[:, :, 1]
-    return _Raw(image=_read_rgb(image), objects=_renumber(rgb[:, :, 2], classes > 0))
+    return _ade_item(image, seg, _renumber(rgb[:, :, 2], classes > 0), tagged)
 
 
 _ADE_LAYOUTS = (
@@ -175,14 +192,45 @@ def _open_o3(rest: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
     return ImageDataset(f"o3:{n}:{seed}", records, cfg, has_masks=True, has_targets=True)
 
 
-def _read_binary_mask(path: str) -> np.ndarray:
-    """O3 masks are greyscale, white = object; JPEG compression noise is removed by thresholding at 128."""
-    with Image.open(path) as im:
-        return np.array(im.convert("L")) >= 128
+def _read_binary_mask(path: str) -> tuple[np.ndarray, bool]:
+    """O3 masks are greyscale, white = object; JPEG compression noise is removed by thresholding at 128. Also
+    whether the file carried an orientation tag of its own (then applied)."""
+    grey, tagged = _read_mask(path, "L")
+    return grey >= 128, tagged
 
 
 def _load_o3_file(image: str, target: str, distractor: str) -> _Raw:
-    return _o3_item((_read_binary_mask(target), _read_binary_mask(distractor)), _read_rgb(image), native=False)
+    photo = _read_rgb(image)
+    orientation, shown = _photo_orientation(image), (photo.height, photo.width)
+    masks = []
+    for key, path in (("target", target), ("distractor", distractor)):
+        mask, tagged = _read_binary_mask(path)
+        masks.append(_mask_as_shown(mask, orientation, shown, f"O3 image {image}", key, tagged, path))
+    return _o3_item((masks[0], masks[1]), photo, native=False)
+
+
+def _o3_sizes(img: Path, masks: dict[str, Path], root: Path) -> None:
+    """Open-time check that an O3 image's masks fit it (in the photo's stored or shown frame, README: masks beside
+    EXIF-rotated photos), so that a misfit is refused before anything is recorded."""
+    with Image.open(img) as im:
+        orientation, (w, h) = _orientation(im), im.size
+    shown = (w, h) if orientation >= 5 else (h, w)
+    sizes = {img: shown}
+    for key, path in masks.items():
+        with Image.open(path) as m:
+            own, (mw, mh) = _orientation(m), m.size
+        mask_hw = (mw, mh) if own >= 5 else (mh, mw)  # as a viewer shows it
+        if own == 1 and orientation != 1:
+            _needs_turn(mask_hw, orientation, shown, f"O3 image {img}", key, str(path))
+            continue
+        sizes[path] = mask_hw
+    if len(set(sizes.values())) != 1:
+        rel = img.relative_to(root / "images").as_posix()
+        raise QKHooksError(
+            f"O3 files for {rel!r} differ in size: "
+            + ", ".join(f"{p.relative_to(root).as_posix()} {s[0]}x{s[1]}" for p, s in sizes.items())
+            + "; image and masks must have the same size."
+        )
 
 
 _O3_LAYOUT = (
@@ -228,15 +276,6 @@ def _open_o3dir(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageData
     for rel in images[:limit] if limit else images:
         stem = str(Path(rel).with_suffix(""))
         img, tgt, dst = root / "images" / rel, targets[stem], distractors[stem]
-        sizes = {}
-        for p in (img, tgt, dst):
-            with Image.open(p) as im:
-                sizes[p] = im.size
-        if len(set(sizes.values())) != 1:
-            raise QKHooksError(
-                f"O3 files for {rel!r} differ in size: "
-                + ", ".join(f"{p.relative_to(root).as_posix()} {s[1]}x{s[0]}" for p, s in sizes.items())
-                + "; image and masks must have the same size."
-            )
+        _o3_sizes(img, {"target": tgt, "distractor": dst}, root)
         records.append(_Record(id=rel, load=functools.partial(_load_o3_file, str(img), str(tgt), str(dst))))
     return ImageDataset(f"o3dir:{root}", records, cfg, has_masks=True, has_targets=True)

@@ -4,6 +4,7 @@ load it (:class:`_Record`), the dataset that preprocesses it for one model (:cla
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from qkhooks.data.preprocess import ImageConfig, to_rgb
@@ -51,6 +52,110 @@ def _read_rgb(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
     the one conversion every source's pixels go through) and close the file."""
     with Image.open(path) as im:
         return to_rgb(im)
+
+
+# ------------------------------------------------------------------------------ masks beside EXIF-rotated photos
+#
+# A photo is recorded as shown: to_rgb applies its EXIF orientation. Its masks must be turned alike, and a mask file
+# does not say in which frame it was drawn, so its size decides (README, "Your data"): a mask the size of the photo's
+# stored pixels (and not of the photo as shown) was drawn on them and gets the photo's very transpose; a mask the size
+# of the photo as shown is already in its frame. Where both frames have the same size (a square photo turned by 90
+# degrees, any flip or 180-degree turn) nothing is guessed: the item is refused, naming the photo and the fix. A mask
+# file (or PIL image) with an orientation tag of its own is read as a viewer shows it, like the photo, so it is in the
+# shown frame: this is how a mask drawn on the stored pixels says so unambiguously (saved with the photo's tag).
+
+_EXIF_ORIENTATION = 0x0112
+_TURNS: dict[int, Callable[[np.ndarray], np.ndarray]] = {  # ImageOps.exif_transpose, on an array's first two axes
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1], 5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, -1), 7: lambda a: np.swapaxes(np.rot90(a, 2), 0, 1), 8: lambda a: np.rot90(a, 1),
+}
+_TURN_WORDS = {2: "mirrored left-right", 3: "turned 180 degrees", 4: "mirrored top-bottom",
+               5: "mirrored along its main diagonal", 6: "turned 90 degrees clockwise",
+               7: "mirrored along its anti-diagonal", 8: "turned 90 degrees anticlockwise"}
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation :func:`to_rgb` applies to ``image`` (``ImageOps.exif_transpose``): 2..8, or 1 for none."""
+    try:
+        value = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except (TypeError, ValueError):
+        return 1
+    return value if value in _TURNS else 1
+
+
+def _photo_orientation(value: Any) -> int:
+    """The EXIF orientation of a photo given as a PIL image, a path, an open binary file, bytes or a Hugging Face
+    ``{"bytes", "path"}`` cell (only its header is read); 1 for arrays, which carry none."""
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = io.BytesIO(bytes(value))
+    if isinstance(value, Image.Image):
+        return _orientation(value)
+    if isinstance(value, (str, os.PathLike, io.IOBase)):
+        if isinstance(value, io.IOBase):
+            value.seek(0)
+        with Image.open(value) as im:
+            return _orientation(im)
+    return 1
+
+
+def _mask_pixels(image: Image.Image, mode: str | None = None) -> tuple[np.ndarray, bool]:
+    """A mask image's pixels (converted to ``mode`` if given), and whether it carried an orientation tag of its own
+    (then applied, as a viewer shows it: the pixels are in the shown frame)."""
+    own = _orientation(image)
+    if own != 1:
+        image = ImageOps.exif_transpose(image)
+    if mode is not None and image.mode != mode:
+        image = image.convert(mode)
+    return np.array(image), own != 1
+
+
+def _read_mask(path: str | os.PathLike[str] | IO[bytes], mode: str | None = None) -> tuple[np.ndarray, bool]:
+    """:func:`_mask_pixels` of a mask file, closed after reading."""
+    with Image.open(path) as im:
+        return _mask_pixels(im, mode)
+
+
+def _needs_turn(mask_hw: tuple[int, int], orientation: int, shown_hw: tuple[int, int], photo: str, key: str,
+                mask_file: str | None = None) -> bool:
+    """Whether a mask of size ``mask_hw`` is in the stored frame of a photo with this EXIF ``orientation`` that is
+    ``shown_hw`` as shown (then it gets the photo's transpose); refused where the frame cannot be told."""
+    if orientation == 1:
+        return False
+    mask_hw, shown_hw = tuple(int(v) for v in mask_hw), tuple(int(v) for v in shown_hw)
+    stored_hw = (shown_hw[1], shown_hw[0]) if orientation >= 5 else shown_hw
+    size = f"{mask_hw[0]}x{mask_hw[1]}"
+    mask = f"{key!r} mask {mask_file}" if mask_file else f"{key!r} mask"
+    if mask_hw == stored_hw == shown_hw:
+        raise QKHooksError(
+            f"{photo}: the photo has EXIF orientation {orientation} (shown {_TURN_WORDS[orientation]}), and its "
+            f"{mask} ({size}) fits both its stored pixels and the photo as shown, so it cannot be told in "
+            "which of the two it was drawn (qkhooks does not guess). If the mask was drawn on the photo as shown, "
+            "save the photo with its orientation applied (PIL.ImageOps.exif_transpose(Image.open(photo)).save(...)); "
+            "if it was drawn on the stored pixels, save the mask file with the photo's orientation tag "
+            "(mask.save(path, exif=Image.open(photo).getexif())), or strip the photo's tag to record it as stored."
+        )
+    if mask_hw == shown_hw:
+        return False
+    if mask_hw == stored_hw:
+        return True
+    raise QKHooksError(
+        f"{photo}: the {mask} has size {size}, but the photo is {shown_hw[0]}x{shown_hw[1]} as shown (EXIF "
+        f"orientation {orientation}: {_TURN_WORDS[orientation]}) and {stored_hw[0]}x{stored_hw[1]} as stored; a "
+        "mask must have the photo's size in one of these frames."
+    )
+
+
+def _mask_as_shown(mask: np.ndarray, orientation: int, shown_hw: tuple[int, int], photo: str, key: str,
+                   tagged: bool = False, mask_file: str | None = None) -> np.ndarray:
+    """``mask`` in the frame of the photo as shown (see the rule above); ``tagged``: the mask carried an
+    orientation tag of its own and is in that frame already."""
+    if tagged or orientation == 1 or np.ndim(mask) < 2:
+        return mask
+    if _needs_turn(np.shape(mask)[:2], orientation, shown_hw, photo, key, mask_file):
+        return np.ascontiguousarray(_TURNS[orientation](np.asarray(mask)))
+    return mask
 
 
 def _load_file(path: str) -> _Raw:
@@ -141,6 +246,8 @@ def preprocess_raw(name: str, cfg: ImageConfig, item_id: str, raw: _Raw) -> dict
     hw = (raw.image.height, raw.image.width)
     for key in ("objects", "target", "distractor", "distractor_items"):
         value = getattr(raw, key)
+        if value is not None and np.ndim(value) == 3 and value.shape[:2] == hw:
+            raise QKHooksError(f"{name}: mask {key!r} of {item_id!r} {_not_a_label_map(value.shape)}")
         if value is not None and value.shape != hw:
             raise QKHooksError(
                 f"{name}: mask {key!r} of {item_id!r} has size {value.shape} but its image is {hw}; "
@@ -168,6 +275,18 @@ def preprocess_raw(name: str, cfg: ImageConfig, item_id: str, raw: _Raw) -> dict
     ordered = {k: item[k] for k in order if k in item}
     ordered.update(raw.extras)
     return ordered
+
+
+def _not_a_label_map(shape: tuple[int, ...]) -> str:
+    """Why an (H, W, C) mask is refused, with the conversion (the end of a sentence naming the mask)."""
+    return (
+        f"is a {shape[2]}-channel ({shape[0]}, {shape[1]}, {shape[2]}) image, e.g. a colour-coded label PNG; a mask "
+        "must be a 2-D (H, W) map of integer instance ids (0 = background; 'target' / 'distractor': nonzero = in "
+        "the mask). Convert a colour-coded one with one id per colour: colours, ids = np.unique(rgb.reshape(-1, "
+        f"{shape[2]}), axis=0, return_inverse=True); ids = ids.reshape(rgb.shape[:2]) (np.unique sorts the colours, "
+        "so black becomes 0 = background when present), or decode its own scheme (COCO panoptic: R + 256 * G + "
+        "65536 * B)."
+    )
 
 
 def collate(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:

@@ -19,7 +19,16 @@ import torch
 from PIL import Image
 
 from qkhooks.data.annotated import _o3_item
-from qkhooks.data.items import IMAGE_EXTENSIONS, _Raw, _read_rgb
+from qkhooks.data.items import (
+    IMAGE_EXTENSIONS,
+    _mask_as_shown,
+    _mask_pixels,
+    _not_a_label_map,
+    _photo_orientation,
+    _Raw,
+    _read_mask,
+    _read_rgb,
+)
 from qkhooks.data.preprocess import to_rgb
 from qkhooks.errors import QKHooksError
 
@@ -79,24 +88,48 @@ def _convert_image(value: Any, where: str) -> Image.Image:
     )
 
 
-def _mask_of(value: Any) -> np.ndarray:
-    """A mask as a 2-D array; a mask stored as an image (PNG of labels) is read as is, without RGB conversion."""
+def _mask_of(value: Any) -> tuple[np.ndarray, bool]:
+    """A mask as an array, read as is (a PNG of labels without RGB conversion), and whether it carried an EXIF
+    orientation tag of its own (then applied: it is in the frame of its photo as shown)."""
     return _decoded(_mask_array, value)
 
 
-def _mask_array(value: Any) -> np.ndarray:
+def _mask_array(value: Any) -> tuple[np.ndarray, bool]:
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
     if isinstance(value, (bytes, bytearray)):
         value = io.BytesIO(bytes(value))
     if isinstance(value, (io.IOBase, str, os.PathLike)):
-        with Image.open(value) as im:
-            value = np.array(im)
+        return _read_mask(value)
     if isinstance(value, Image.Image):
-        value = np.array(value)
+        return _mask_pixels(value)
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
-    return np.asarray(value)
+    return np.asarray(value), False
+
+
+def _photo_masks(item: Mapping[str, Any], value: Any, image: Image.Image, where: str) -> dict[str, np.ndarray]:
+    """The item's masks, each a 2-D array in the frame of its photo as shown (README: masks beside EXIF-rotated
+    photos); a colour-coded (H, W, 3) label image is refused with the conversion."""
+    masks: dict[str, np.ndarray] = {}
+    orientation = None
+    named = [f"id {str(item['id'])!r}"] if item.get("id") is not None else []
+    if isinstance(value, (str, os.PathLike)):
+        named.append(os.fspath(value))
+    photo = f"{where} ({', '.join(named)})" if named else where
+    for key in MASK_KEYS:
+        if item.get(key) is None:
+            continue
+        mask, tagged = _mask_of(item[key])
+        if mask.ndim == 3 and mask.shape[2] == 1:
+            mask = mask[:, :, 0]
+        if mask.ndim == 3:
+            raise QKHooksError(f"{photo}: mask {key!r} {_not_a_label_map(mask.shape)}")
+        if orientation is None:
+            orientation = _photo_orientation(value)
+        source = os.fspath(item[key]) if isinstance(item[key], (str, os.PathLike)) else None
+        masks[key] = _mask_as_shown(mask, orientation, (image.height, image.width), photo, key, tagged, source)
+    return masks
 
 
 def _image_value(item: Mapping[str, Any]) -> Any:
@@ -125,7 +158,7 @@ def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
             "image_column= for a Hugging Face dataset)."
         )
     image = _image_of(value, where)
-    masks = {k: _mask_of(item[k]) for k in MASK_KEYS if item.get(k) is not None}
+    masks = _photo_masks(item, value, image, where)
     if ("target" in masks) != ("distractor" in masks):
         raise QKHooksError(f"{where}: odd-one-out data needs both 'target' and 'distractor' masks, got only one.")
     if "target" in masks:
@@ -140,6 +173,14 @@ def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
     if own is None and "__key__" in item and "image" not in item:  # a webdataset sample: the image member's name
         own = f"{item['__key__']}.{_image_ext(item)}"
     return (None if own is None else str(own)), raw
+
+
+def _mask_layout(present: Iterable[str]) -> tuple[bool, bool]:
+    """(has objects, has target/distractor) of an item whose non-None mask keys are ``present``, as
+    :func:`_item_to_raw` makes it (odd-one-out masks give objects too)."""
+    keys = set(present)
+    odd = bool(keys & {"target", "distractor"})
+    return ("objects" in keys or odd), odd
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -160,6 +201,15 @@ class _MapReader:
 
     def row_id(self, row: int, position: int) -> str:
         return str(position)
+
+    def mask_layouts(self, stop: int) -> Iterator[tuple[int, str, tuple[bool, bool]]] | None:
+        """Each item's (position, id, mask layout) without decoding, for a list or tuple (whose items are already
+        in memory); None for a Dataset, whose ``__getitem__`` may load the image."""
+        if not isinstance(self.container, (list, tuple)):
+            return None
+        return ((i, str(item["id"]) if isinstance(item, Mapping) and item.get("id") is not None else str(i),
+                 _mask_layout(k for k in MASK_KEYS if isinstance(item, Mapping) and item.get(k) is not None))
+                for i, item in enumerate(self.container[:stop]))
 
 
 class _IterReader:
@@ -208,6 +258,26 @@ class _HFReader:
         item = {"image": row[self.image_column], "id": self.row_id(row, position)}
         item.update({key: row[column] for key, column in self.masks.items()})
         return _item_to_raw(item, f"row {position}")
+
+    def mask_layouts(self, stop: int) -> Iterator[tuple[int, str, tuple[bool, bool]]] | None:
+        """Each row's (position, id, mask layout) from the mask columns' nulls, in Arrow (no image is decoded);
+        None for a streamed dataset or one without mask columns."""
+        if self.length is None or not self.masks:
+            return None
+        columns = list(dict.fromkeys(self.masks.values()))
+        wanted = columns + ([self.id_column] if self.id_column is not None and self.id_column not in columns else [])
+        view = self.ds.select_columns(wanted).with_format("arrow")
+        return self._layouts(view, stop)
+
+    def _layouts(self, view: Any, stop: int) -> Iterator[tuple[int, str, tuple[bool, bool]]]:
+        for lo in range(0, stop, 4096):
+            table = view[lo:min(stop, lo + 4096)]
+            present = {key: ~np.asarray(table.column(column).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+                       for key, column in self.masks.items()}
+            ids = table.column(self.id_column).to_pylist() if self.id_column is not None else None
+            for n in range(table.num_rows):
+                layout = _mask_layout(key for key, have in present.items() if have[n])
+                yield lo + n, str(ids[n]) if ids is not None else str(lo + n), layout
 
     def row_id(self, row: Mapping[str, Any], position: int) -> str:
         if self.id_column is not None:

@@ -86,7 +86,9 @@ class ItemStream:
         self.name, self._reader, self.image_config = name, reader, image_config
         self.limit = limit
         self.length = reader.length if reader.length is None or limit is None else min(limit, reader.length)
+        self._first: tuple[int, str] = (0, "0")  # the item _peek learns the masks from: (position, id)
         self.has_masks, self.has_targets = self._peek()
+        self._check_layouts()
 
     def __repr__(self) -> str:
         return f"ItemStream(name={self.name!r}, length={self.length}, has_masks={self.has_masks})"
@@ -98,9 +100,10 @@ class ItemStream:
         for position, row in enumerate(rows):
             seen.append(row)
             try:
-                _, raw = self._reader.decode(row, position)
+                own_id, raw = self._reader.decode(row, position)
             except _Unreadable:
                 continue
+            self._first = (position, own_id if own_id is not None else str(position))
             break
         else:
             raise QKHooksError(f"{self.name} is empty: it gave no items (a generator gives its items only once)."
@@ -109,6 +112,29 @@ class ItemStream:
         if getattr(self._reader, "one_shot", False):  # put the peeked items back in front
             self._reader = _Replay(self._reader, seen, rows)
         return raw.objects is not None, raw.target is not None
+
+    def _check_layouts(self) -> None:
+        """Refuse, before anything is recorded, a source whose items do not all carry the first item's masks, where
+        the reader can tell without decoding (a list or tuple of dicts, a map-style Hugging Face dataset's columns);
+        other sources are checked item by item as they are decoded (:meth:`_decode`)."""
+        layouts = getattr(self._reader, "mask_layouts", None)
+        found = layouts(self.length) if layouts is not None and self.length is not None else None
+        for position, item_id, layout in found or ():
+            if layout != (self.has_masks, self.has_targets):
+                raise QKHooksError(self._mask_gap(position, item_id, layout) + " Nothing was recorded.")
+
+    def _mask_gap(self, position: int, item_id: str, layout: tuple[bool, bool]) -> str:
+        """Why an item whose masks (``layout``: has objects, has target/distractor) differ from the first's is
+        refused, naming the first item without them and the fix."""
+        what = "'target' / 'distractor' masks" if self.has_targets or layout[1] else "'objects' mask"
+        first = f"item {self._first[0]} (id {self._first[1]!r})"
+        this = f"item {position} (id {item_id!r})"
+        lacking, having = (this, first) if (self.has_masks, self.has_targets) > layout else (first, this)
+        return (
+            f"{self.name}: {lacking} has no {what}, but {having} has; every item of a run needs the same masks (an "
+            f"item without them would be stored as 'annotated, no objects'). Give {lacking} its masks (an all-zero "
+            f"'objects' mask if the image has no objects), or record the items without masks in a run of their own."
+        )
 
     def _decode(self, position: int, row: Any) -> dict[str, Any] | tuple[str, str]:
         """One position to its preprocessed item, or (id, reason) if its bytes do not decode."""
@@ -121,6 +147,10 @@ class ItemStream:
                 exc.add_note(f"(while qkhooks read item {position} of {self.name})")
             raise
         item_id = own_id if own_id is not None else str(position)
+        layout = (raw.objects is not None, raw.target is not None)
+        if layout != (self.has_masks, self.has_targets):
+            raise QKHooksError(self._mask_gap(position, item_id, layout) + " (A run file that already holds earlier "
+                               "batches is left incomplete: after the fix, rerun with --overwrite.)")
         return preprocess_raw(self.name, self.image_config, item_id, raw)
 
     def _decode_batch(self, rows: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
