@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 
 from qkhooks.readings import layer_intervals
-from qkhooks.spectrum import QKSpectrum, head_weighted_cosines, random_cosine_band
+from qkhooks.spectrum import QKSpectrum, head_weighted_cosines, null_modes, random_cosine_band
 
 __all__ = ["save", "figure", "weighted_cosine_null_sd", "plot_cosine_by_layer", "plot_weighted_cosine",
            "plot_cosine_histograms", "plot_head_spectra", "plot_layer_curves", "plot_stacked_shares",
@@ -65,7 +65,8 @@ def weighted_cosine_null_sd(S: np.ndarray, dim: int) -> tuple[np.ndarray, float]
     S = np.asarray(S, dtype=np.float64)
     w = S / np.maximum(S.sum(-1, keepdims=True), 1e-30)
     sq = (w**2).sum(-1)
-    return np.sqrt(sq / dim), float(np.sqrt(sq.sum() / dim) / S.shape[0])
+    heads = max(int((S.sum(-1) > 0).sum()), 1)  # heads without weights (all sigma = 0) are not in the layer mean
+    return np.sqrt(sq / dim), float(np.sqrt(sq.sum() / dim) / heads)
 
 
 def plot_cosine_by_layer(spec: QKSpectrum, path: str | os.PathLike, relative_to: Sequence[float] | None = None,
@@ -80,8 +81,13 @@ def plot_cosine_by_layer(spec: QKSpectrum, path: str | os.PathLike, relative_to:
     further curves. ``relative_to``: per-layer anisotropy baselines to subtract (paper Fig. S3), a second curve.
     """
     extra = {label: [float(v) for v in o.cosine_weighted_by_layer()] for label, o in (others or {}).items()}
-    return plot_weighted_cosine({s.layer: (s.S.numpy(), s.cos.numpy()) for s in spec}, {s.layer: s.dim for s in spec},
+    return plot_weighted_cosine({s.layer: _all_modes(s) for s in spec}, {s.layer: s.dim for s in spec},
                                 path, spec.model, relative_to, extra)
+
+
+def _all_modes(layer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A LayerSpectrum's every-mode (S, cos) as numpy (a recording's truncated spectrum: its S_all, cos_all)."""
+    return tuple(np.asarray(a.detach().cpu() if hasattr(a, "detach") else a) for a in layer.all_modes())  # type: ignore[return-value]
 
 
 def stack_heads(per_layer: Sequence[Any]) -> np.ndarray:
@@ -96,8 +102,9 @@ def stack_heads(per_layer: Sequence[Any]) -> np.ndarray:
 def plot_weighted_cosine(spectra: dict[int, tuple[np.ndarray, np.ndarray]], dim: int | Mapping[int, int],
                          path: str | os.PathLike, model: str = "", relative_to: Sequence[float] | None = None,
                          others: Mapping[str, Sequence[float]] | None = None) -> Path:
-    """:func:`plot_cosine_by_layer` from arrays: layer -> (S, cos), each (H, K), in dimension ``dim`` (one for all
-    layers, or per layer where the stages differ in width)."""
+    """:func:`plot_cosine_by_layer` from arrays: layer -> (S, cos), each (H, d_k) of every mode (the weighted cosine
+    is a sum over all modes, METHODS A.2), in dimension ``dim`` (one for all layers, or per layer where the stages
+    differ in width). Heads whose sigma are all zero have no weighted cosine (NaN) and are left out of the mean."""
     layers = sorted(spectra)
     dims = dict(dim) if isinstance(dim, Mapping) else {l: int(dim) for l in layers}
     per_head = [head_weighted_cosines(*spectra[layer]) for layer in layers]
@@ -129,25 +136,40 @@ def plot_weighted_cosine(spectra: dict[int, tuple[np.ndarray, np.ndarray]], dim:
 
 def plot_cosine_histograms(spec: QKSpectrum, path: str | os.PathLike) -> Path:
     """Paper Fig. S1: per layer, the histogram of every mode's cos(u_n, v_n) over all heads, with the 95% band
-    of a single mode's cosine between random directions (grey); the title gives the share of modes outside it."""
+    of a single mode's cosine between random directions (grey); the title gives the share of modes outside it.
+
+    Numerically null modes (:func:`qkhooks.spectrum.null_modes`: sigma_n <= max sigma of the head x d x float32 eps)
+    are left out: their u_n, v_n are not determined by the weights, so their cosines are arbitrary. A recording's
+    truncated spectrum contributes every mode (its cos_all)."""
     layers = list(spec)
     cols = min(6, len(layers))
     rows = int(np.ceil(len(layers) / cols))
     fig, axes = figure((2.0 * cols, 1.6 * rows), rows, cols, squeeze=False, sharex=True)
     band = spec.random_baseline_cos95
     bins = np.linspace(-1, 1, 41)
+    counts = []
     for ax, layer in zip(axes.flat, layers):
-        cos = layer.cos.numpy().reshape(-1)
+        cos = histogram_cosines(layer)
+        counts.append(cos.size)
         ax.axvspan(-band, band, color="0.85", zorder=0)
         ax.hist(cos, bins=bins, color="tab:blue")
-        ax.set_title(f"L{layer.layer}: {np.mean(np.abs(cos) > band):.0%} outside", fontsize=7)
+        ax.set_title(f"L{layer.layer}: {np.mean(np.abs(cos) > band) if cos.size else float('nan'):.0%} outside", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
-    fig.suptitle(f"cos(u_n, v_n) of all {layers[0].cos.numel()} modes per layer; grey: random 95% (±{band:.3f}) "
-                 f"— {spec.model}", fontsize=8)
+    total = _all_modes(layers[0])[0].size
+    shown = f"all {counts[0]}" if len(set(counts)) == 1 and counts[0] == total else f"the {min(counts)}-{max(counts)} non-null"
+    fig.suptitle(f"cos(u_n, v_n) of {shown} modes per layer (numerically null modes left out); grey: random 95% "
+                 f"(±{band:.3f}) — {spec.model}", fontsize=8)
     fig.tight_layout()
     return save(fig, path)
+
+
+def histogram_cosines(layer: Any) -> np.ndarray:
+    """The cosines Fig. S1 counts for one layer (flat): every mode of every head but the numerically null ones
+    (:func:`qkhooks.spectrum.null_modes`)."""
+    S, cos = _all_modes(layer)
+    return np.asarray(cos, np.float64)[~null_modes(S, layer.U.shape[1])]
 
 
 HEAD_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",

@@ -33,7 +33,7 @@ from qkhooks.models.base import find_sites
 from qkhooks.models.load import RANDOM_SUFFIX, LoadedModel, load_model
 from qkhooks.plots import plot_cosine_by_layer, plot_cosine_histograms, plot_head_spectra, stack_heads
 from qkhooks.readings import Estimate, Reading, compare_reading, fmt_layers, trend_reading
-from qkhooks.spectrum import head_weighted_cosines, spectrum
+from qkhooks.spectrum import spectrum
 from qkhooks.store.format import remove_run
 from qkhooks.stream import record_dataset, rows_layers
 
@@ -106,7 +106,7 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
     spec = spectrum(loaded.model)
     write_json(out / "spectrum.json", spec.to_dict())
     layers = [l.layer for l in spec.layers]
-    per_head = stack_heads([head_weighted_cosines(l.S.numpy(), l.cos.numpy()) for l in spec.layers])  # (H, L)
+    per_head = stack_heads([np.asarray(l.cosine_weighted, np.float64) for l in spec.layers])  # (H, L); NaN: no weights
     twin = random_weights(loaded)
     no_twin = "this model's weights are random already" if loaded.random_init else "the model was given as a module, not a spec"
     others = {}
@@ -121,12 +121,14 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
     figures = [
         (plot_cosine_by_layer(spec, out / "cosine_by_layer.png", others=others),
          f"Paper Fig. 3. σ-weighted cos(u_n, v_n) per layer, from the weights (no images): mean of {heads} heads "
-         f"(dots: heads; blue band: 95% bootstrap CI over heads), the same architecture with random weights"
+         f"(dots: heads; blue band: 95% bootstrap CI over heads; a head whose σ are all zero has no weighted cosine and "
+         f"is left out), the same architecture with random weights"
          f"{' (triangles)' if others else f' (not drawn: {no_twin})'}, grey bars: "
          "95% band of the weighted mean over random directions; dotted: a single mode's random band."),
         (plot_cosine_histograms(spec, out / "cosine_histograms.png"),
          "Paper Fig. S1. Histogram of every mode's cosine per layer, from the weights (no images); grey: the 95% band "
-         "of one mode's cosine between random directions; titles: the share of modes outside it."),
+         "of one mode's cosine between random directions; titles: the share of modes outside it. Numerically null "
+         "modes (σ_n ≤ σ_max of the head × d × float32 eps; their cosines are arbitrary) are left out."),
         (plot_head_spectra(spec, out / "head_spectra.png"),
          "Paper Fig. S2. Per layer, each head's singular values (top, one colour per head) and mode cosines by mode "
          "index (bottom), from the weights (no images)."),

@@ -34,13 +34,54 @@ if TYPE_CHECKING:
 Array = Union["torch.Tensor", np.ndarray]
 """A torch tensor (computed live) or a numpy array (read from a run file); ``np.asarray`` takes either."""
 
-__all__ = ["LayerSpectrum", "QKSpectrum", "spectrum", "factored_svd", "random_cosine_band"]
+__all__ = ["LayerSpectrum", "QKSpectrum", "spectrum", "factored_svd", "random_cosine_band", "null_modes",
+           "head_weighted_cosines", "mean_over_heads"]
 
 
 def head_weighted_cosines(S: np.ndarray, cos: np.ndarray) -> np.ndarray:
-    """:attr:`LayerSpectrum.cosine_weighted` from arrays S, cos (H, K): each head's sigma-weighted sum of cosines."""
+    """:attr:`LayerSpectrum.cosine_weighted` from arrays S, cos (H, K): each head's sigma-weighted sum of cosines,
+    sum_n (sigma_n / sum_m sigma_m) cos_n (METHODS A.2). Pass every mode of each head (a spectrum's
+    :meth:`LayerSpectrum.all_modes`): over fewer modes the weights are renormalised and the number is another one.
+
+    A head whose sigma are all zero (W_q or W_k zero) has no weights: its value is NaN (0/0), not 0, and
+    :func:`mean_over_heads` leaves it out of a layer's mean.
+    """
     S, cos = np.asarray(S, np.float64), np.asarray(cos, np.float64)
-    return (S / np.maximum(S.sum(-1, keepdims=True), 1e-30) * cos).sum(-1)
+    total = S.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (S / np.where(total > 0, total, 1.0) * cos).sum(-1)
+    return np.where(total[..., 0] > 0, out, np.nan)
+
+
+def mean_over_heads(values: Any) -> float:
+    """A layer's plain mean of its heads' weighted cosines, leaving out the NaN of heads without weights (all
+    sigma = 0); NaN when no head has weights."""
+    values = np.asarray(values, np.float64)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+NULL_MODE_NOTE = ("numerically null modes (sigma_n <= max_n sigma_n * d * eps, eps of the float type sigma is held in: "
+                  "float32 for every spectrum qkhooks computes or stores) are left out: their u_n, v_n are not "
+                  "determined by the weights, so their cosines are arbitrary")
+
+
+def null_modes(S: Any, dim: int, eps: float | None = None) -> np.ndarray:
+    """(H, K) bool: the numerically null modes of each head, sigma_n <= max_n sigma_n(head) * dim * eps.
+
+    The rule is numpy's ``matrix_rank`` tolerance for the d x d form W_q^T W_k (``dim`` = d, or d + 1 augmented),
+    with ``eps`` the machine epsilon of the float type ``S`` is held in (default; float32 for qkhooks' spectra:
+    the precision of the weights and of the stored sigma). A null mode's u_n, v_n are any basis of the null
+    spaces, not determined by the weights, so its cosine means nothing; a head with every sigma = 0 is all null.
+    ``S`` sorted or not; numpy or torch. Pass the head's *all* modes or a leading part of them (the largest sigma
+    is the first mode's).
+    """
+    if not isinstance(S, np.ndarray):
+        S = S.detach().cpu().numpy() if hasattr(S, "detach") else np.asarray(S)
+    if eps is None:
+        eps = float(np.finfo(S.dtype).eps) if np.issubdtype(S.dtype, np.floating) else float(np.finfo(np.float64).eps)
+    S = np.asarray(S, np.float64)
+    return S <= S.max(-1, keepdims=True) * dim * eps
 
 
 def random_cosine_band(dim: int, z: float = 1.96) -> float:
@@ -81,6 +122,12 @@ class LayerSpectrum:
         S: (H, K) singular values, decreasing.
         augmented: whether biases were folded in through x -> [x; 1].
         dim: the embedding width d.
+        truncated: whether U, S, V keep only the leading K of each head's modes (``top(k)``; a recording's
+            ``modes=K``). False for a spectrum built by hand: it is taken to hold every mode.
+        S_all, cos_all: (H, d_k) every mode's sigma and cosine, for a truncated spectrum that knows them (``top``
+            of a whole one; a run file's ``S_all``/``cos_all``), else None. The per-head and per-layer statistics
+            (:attr:`cosine_weighted`, :meth:`QKSpectrum.table`) are over all modes (METHODS A.2): a truncated
+            spectrum without S_all/cos_all refuses them instead of renormalising over the K kept modes.
 
     The arrays are torch tensors when computed from a model and numpy arrays when read from a run file;
     every statistic below returns the same kind (``np.asarray`` turns either into numpy).
@@ -92,6 +139,9 @@ class LayerSpectrum:
     V: Array
     augmented: bool = False
     _stored: dict[str, np.ndarray] | None = dataclasses.field(default=None, repr=False, compare=False)
+    S_all: Array | None = dataclasses.field(default=None, repr=False, compare=False)
+    cos_all: Array | None = dataclasses.field(default=None, repr=False, compare=False)
+    truncated: bool = False
 
     @property
     def num_heads(self) -> int:
@@ -114,21 +164,55 @@ class LayerSpectrum:
         return (u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1)).clamp_min(1e-30)
 
     @property
+    def null_modes(self) -> np.ndarray:
+        """(H, K) bool numpy: the kept modes that are numerically null (see :func:`null_modes`); their cosines are
+        arbitrary and are left out of the table's cos>band fractions and the Fig. S1 histograms."""
+        S = self.S if self.S_all is None else self.S_all
+        return null_modes(S, self.U.shape[1])[:, : self.num_modes]
+
+    def all_modes(self) -> tuple[Array, Array]:
+        """(S, cos), each (H, d_k): every mode's sigma and cosine, the ones the per-head statistics are over.
+
+        Raises QKHooksError for a truncated spectrum that does not know its other modes."""
+        if not self.truncated:
+            return self.S, self.cos
+        if self.S_all is None or self.cos_all is None:
+            raise QKHooksError(
+                f"layer {self.layer}'s spectrum keeps only the top {self.num_modes} modes of each head and does not "
+                "know the others' sigma and cosine, so it cannot give the sigma-weighted cosine (METHODS A.2: a sum "
+                "over all modes; over the kept ones only it would be another number). Use qkhooks.spectrum(model) "
+                "(every mode, from the weights), a recording's spectrum (it carries every mode's sigma and cosine), "
+                "or a run file's spectrum_arrays(layer)['S_all'], ['cos_all'] with "
+                "qkhooks.spectrum.head_weighted_cosines.")
+        return self.S_all, self.cos_all
+
+    @property
     def cosine_weighted(self) -> Array:
-        """(H,) sigma-weighted *sum* of the mode cosines, sum_n (sigma_n / sum_m sigma_m) cos_n (paper's formula)."""
-        if isinstance(self.S, np.ndarray):
-            weights = self.S / np.maximum(self.S.sum(-1, keepdims=True), 1e-30)
-        else:
-            weights = self.S / self.S.sum(-1, keepdim=True).clamp_min(1e-30)
-        return (weights * self.cos).sum(-1)
+        """(H,) sigma-weighted *sum* of the mode cosines over every mode of each head,
+        sum_n (sigma_n / sum_m sigma_m) cos_n (METHODS A.2), also when this spectrum keeps fewer modes (from
+        :attr:`S_all`, :attr:`cos_all`; refused when it does not know them). NaN for a head whose sigma are all
+        zero (no weights: 0/0)."""
+        S, cos = self.all_modes()
+        if isinstance(S, np.ndarray):
+            return head_weighted_cosines(S, cos)
+        import torch
+
+        return torch.from_numpy(head_weighted_cosines(S.detach().cpu().numpy(), np.asarray(cos.detach().cpu().numpy()))
+                                ).to(S.dtype)
 
     def top(self, k: int | None) -> "LayerSpectrum":
-        """The leading ``k`` modes of every head (all of them for None)."""
+        """The leading ``k`` modes of every head (all of them for None); it keeps every mode's sigma and cosine
+        (:attr:`S_all`, :attr:`cos_all`) for the per-head statistics."""
         if k is None or k >= self.num_modes:
             return self
         if k < 1:
             raise QKHooksError(f"modes must be >= 1 or 'all', got {k}.")
-        return LayerSpectrum(self.layer, self.U[..., :k], self.S[:, :k], self.V[..., :k], self.augmented)
+        if self.truncated:
+            S_all, cos_all = self.S_all, self.cos_all
+        else:
+            S_all, cos_all = self.S, self.cos
+        return LayerSpectrum(self.layer, self.U[..., :k], self.S[:, :k], self.V[..., :k], self.augmented,
+                             S_all=S_all, cos_all=cos_all, truncated=True)
 
     def bilinear(self) -> Array:
         """(H, d', d') the dense form sum_n sigma_n u_n v_n^T of the kept modes (for checks, small models)."""
@@ -195,26 +279,31 @@ class QKSpectrum:
         return random_cosine_band(self.dim)
 
     def cosine_weighted_by_layer(self) -> list[float]:
-        """Per layer: the mean over heads of each head's sigma-weighted cosine (paper Fig. 3)."""
-        return [float(s.cosine_weighted.mean()) for s in self.layers]
+        """Per layer: the mean over heads of each head's sigma-weighted cosine over all its modes (paper Fig. 3,
+        METHODS A.2), also for a recording's truncated spectrum. Heads whose sigma are all zero (NaN) are left out
+        of the mean; NaN when no head has weights."""
+        return [mean_over_heads(np.asarray(s.cosine_weighted)) for s in self.layers]
 
     def top(self, k: int | None) -> "QKSpectrum":
         return QKSpectrum([s.top(k) for s in self.layers], self.model)
 
     def to_dict(self) -> dict:
-        """JSON-ready summary: the shape documented for ``qkhooks spectrum --json``."""
+        """JSON-ready summary: the shape documented for ``qkhooks spectrum --json``. ``cosine_weighted`` is over all
+        modes (also for a truncated spectrum, whose ``singular_values``/``cosine`` list the kept ones); None for a
+        head whose sigma are all zero (and a layer with no other head)."""
         layers = []
         for spec, layer_cos in zip(self.layers, self.cosine_weighted_by_layer()):
+            weighted = np.asarray(spec.cosine_weighted, np.float64)
             heads = [
                 {
                     "head": h,
                     "singular_values": spec.S[h].tolist(),
                     "cosine": spec.cos[h].tolist(),
-                    "cosine_weighted": float(spec.cosine_weighted[h]),
+                    "cosine_weighted": _finite_or_none(weighted[h]),
                 }
                 for h in range(spec.num_heads)
             ]
-            layers.append({"layer": spec.layer, "cosine_weighted": layer_cos, "heads": heads})
+            layers.append({"layer": spec.layer, "cosine_weighted": _finite_or_none(layer_cos), "heads": heads})
         return {
             "model": self.model,
             "dim": self.dim,
@@ -224,19 +313,32 @@ class QKSpectrum:
         }
 
     def table(self) -> str:
-        """A per-layer text table: heads, top singular value, weighted cosine, fraction of modes above the band."""
+        """A per-layer text table: heads, modes, top singular value, weighted cosine, fraction of modes above the band.
+
+        Every statistic is over all modes of each head (for a truncated spectrum, from :attr:`LayerSpectrum.S_all`
+        and ``cos_all``; "modes" then reads kept/all). The cos>band and cos<-band fractions leave out numerically
+        null modes (:func:`null_modes`), whose cosines are arbitrary; "null" counts them."""
         band = self.random_baseline_cos95
         lines = [
             f"QK spectrum of {self.model or 'model'}: d={self.dim}, random 95% cosine band +-{band:.3f}",
-            f"{'layer':>5} {'heads':>5} {'modes':>5} {'sigma_max':>10} {'cos_w':>7} {'cos>band':>8} {'cos<-band':>9}",
+            f"{'layer':>5} {'heads':>5} {'modes':>5} {'sigma_max':>10} {'cos_w':>7} {'cos>band':>8} {'cos<-band':>9} "
+            f"{'null':>5}",
         ]
         for spec, cos_w in zip(self.layers, self.cosine_weighted_by_layer()):
-            cos = spec.cos
+            S, cos = (np.asarray(a.detach().cpu() if hasattr(a, "detach") else a) for a in spec.all_modes())
+            null = null_modes(S, spec.U.shape[1])
+            cos = np.asarray(cos, np.float64)[~null]
+            modes = f"{spec.num_modes}/{S.shape[1]}" if spec.truncated else f"{spec.num_modes}"
             lines.append(
-                f"{spec.layer:>5} {spec.num_heads:>5} {spec.num_modes:>5} {float(spec.S.max()):>10.3f} {cos_w:>7.3f} "
-                f"{_fraction(cos > band):>8.2f} {_fraction(cos < -band):>9.2f}"
+                f"{spec.layer:>5} {spec.num_heads:>5} {modes:>5} {float(S.max()):>10.3f} {cos_w:>7.3f} "
+                f"{_fraction(cos > band):>8.2f} {_fraction(cos < -band):>9.2f} {int(null.sum()):>5}"
             )
         return "\n".join(lines)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _fraction(mask: Array) -> float:

@@ -536,3 +536,35 @@ def test_cli_writes_json_of_the_documented_shape(tmp_path, capsys):
         assert (tmp_path / "fig" / name).read_bytes()[:4] == b"\x89PNG"
     assert main(["analyze", "bfd", str(out), "--out", str(tmp_path / "fig"), "--head", "7"]) == 2
     assert "LAYER,HEAD" in capsys.readouterr().err
+
+
+def test_one_image_is_refused_because_its_content_factor_is_zero_by_construction():
+    """METHODS B.1: P[p] = mean_i X[i, p], so with n = 1 the content factor C = X - P is identically zero (checked
+    here in numpy on the recorded tokens) and every head would be 100 % PP, with paper_claims saying "Content-content
+    does not dominate (PP does)" (review 18 F7). run_bfd refuses before its passes (tensors, also through limit),
+    summarize refuses a one-image state, and paper_claims a one-image result; two images are accepted."""
+    import qkhooks
+    from qkhooks.analysis.bfd_reducers import full_modes
+
+    tiny = TINY_MODELS[0]
+    model = tiny.model()
+    images = tiny.images(3, seed=4)
+    for data, limit in ((images[:1], None), (images, 1), (list(images[:1].split(1)), None)):
+        with pytest.raises(QKHooksError, match=r"at least 2 images; it got 1.*content factor C = X - P is zero"):
+            run_bfd(model, data, limit=limit, decode=False)
+    means = PositionMeans([0])
+    with qkhooks.record(model, modes=None, layers=[0], keep_inputs=True, sinks=[means]) as run, torch.no_grad():
+        run(images[:1])
+        x = run.last.inputs(0).double().numpy()
+    p = means.means()[0].numpy()
+    assert np.abs(x[0] - x.mean(0)).max() == 0 and np.allclose(p, x[0])  # numpy: C = X - P = 0 with one image
+    energies = BFDEnergies(full_modes(model, [0]), means, tiny.prefix)
+    with qkhooks.record(model, modes=None, layers=[0], keep_inputs=True, sinks=[energies]) as run, torch.no_grad():
+        run(images[:1])
+    with pytest.raises(QKHooksError, match="at least 2 images"):
+        summarize(energies.state_dict())
+    one = {**_fake_result([{"CC": 0.0, "CP": 0.0, "PC": 0.0, "PP": 1.0}], ["PP"]), "images": 1}
+    with pytest.raises(QKHooksError, match="at least 2 images"):
+        paper_claims(one)
+    assert paper_claims({**one, "images": 2})["cc_dominant"] is False
+    assert run_bfd(model, images[:2], decode=False)["images"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import dataclasses
 import json
 
@@ -553,11 +554,11 @@ def test_negative_layers_count_from_the_highest_recorded_layer(capsys):
 
 def test_anisotropy_weighted_cosine_covers_every_mode_like_the_spectrum(samples_run, tmp_path):
     """The run keeps 3 of 8 modes per head, yet its layer cosine is the model's full sigma-weighted cosine (what
-    `qkhooks spectrum` and Fig. 3 show), recomputed here from the model's weights; without the full S and cos
-    (older runs) it falls back to LayerSpectrum.cosine_weighted of the stored U, S, V."""
+    `qkhooks spectrum` and Fig. 3 show), recomputed here from the model's weights, and modes.json's note says so
+    (review 18 F2: it said "over the recorded modes only"); without the full S and cos (older runs) it is NaN with a
+    note, never the 3 stored modes renormalised (review 18 F1)."""
     import h5py
 
-    from qkhooks.spectrum import LayerSpectrum
     from qkhooks.store import open_run
 
     path, _, _ = samples_run
@@ -569,6 +570,11 @@ def test_anisotropy_weighted_cosine_covers_every_mode_like_the_spectrum(samples_
         assert sp["S"].shape[1] == 3 and sp["S_all"].shape[1] == 8
         want = float(full[l].cosine_weighted.mean())
         assert summary["anisotropy"][l]["cos_weighted"] == pytest.approx(want, abs=1e-5)
+        kept = float(np.mean((sp["S"] / sp["S"].sum(1, keepdims=True) * sp["cos"]).sum(1)))
+        assert abs(kept - want) > 1e-3  # the 3-mode number the note used to describe is another one
+    note = summary["anisotropy_note"]
+    assert "over all 8 modes of each head" in note and "top 3 per head" in note and "recorded modes only" not in note
+    assert json.loads((tmp_path / "a" / "modes.json").read_text())["anisotropy_note"] == note
     old = tmp_path / "old.h5"
     old.write_bytes(path.read_bytes())
     old.with_name(old.name + ".reducers").write_bytes(path.with_name(path.name + ".reducers").read_bytes())  # checkpoint
@@ -577,8 +583,9 @@ def test_anisotropy_weighted_cosine_covers_every_mode_like_the_spectrum(samples_
             del f[f"spectrum/L{l}/S_all"], f[f"spectrum/L{l}/cos_all"]
     summary = analyze_modes(old, tmp_path / "b", figure_modes=0, overview=False, images=False)
     for l, sp in stored.items():
-        spec = LayerSpectrum(l, torch.as_tensor(sp["U"]), torch.as_tensor(sp["S"]), torch.as_tensor(sp["V"]))
-        assert summary["anisotropy"][l]["cos_weighted"] == pytest.approx(float(spec.cosine_weighted.mean()), abs=1e-5)
+        assert math.isnan(summary["anisotropy"][l]["cos_weighted"])
+        assert "sigma-weighted cosine over all modes is unknown" in summary["anisotropy"][l]["cos_weighted_note"]
+    assert "there it is NaN" in summary["anisotropy_note"]
 
 
 # ------------------------------------------------------------------------------------------ random bands (plots.py)

@@ -47,7 +47,7 @@ def test_spectrum_summaries_agree_with_numpy():
     assert spec.random_baseline_cos95 == pytest.approx(band) and random_cosine_band(32, z=1.0) == pytest.approx(32**-0.5)
     lines = spec.table().splitlines()
     assert lines[0] == f"QK spectrum of tiny: d=32, random 95% cosine band +-{band:.3f}"
-    assert lines[1].split() == ["layer", "heads", "modes", "sigma_max", "cos_w", "cos>band", "cos<-band"]
+    assert lines[1].split() == ["layer", "heads", "modes", "sigma_max", "cos_w", "cos>band", "cos<-band", "null"]
     js = spec.to_dict()
     assert js["model"] == "tiny" and js["dim"] == 32 and js["augmented"] is False
     for row, layer, entry in zip(lines[2:], spec, js["layers"]):
@@ -55,15 +55,15 @@ def test_spectrum_summaries_agree_with_numpy():
         weighted = (s / s.sum(1, keepdims=True) * cos).sum(1)
         np.testing.assert_allclose(head_weighted_cosines(s, cos), weighted, rtol=1e-12)
         expected = [layer.layer, 4, 8, f"{s.max():.3f}", f"{weighted.mean():.3f}", f"{(cos > band).mean():.2f}",
-                    f"{(cos < -band).mean():.2f}"]
+                    f"{(cos < -band).mean():.2f}", 0]
         assert row.split() == [str(e) for e in expected]
         assert entry["layer"] == layer.layer and entry["cosine_weighted"] == pytest.approx(weighted.mean(), abs=1e-6)
         for h, head in enumerate(entry["heads"]):
             assert head["head"] == h
             np.testing.assert_allclose(head["singular_values"], s[h], rtol=1e-6)
             np.testing.assert_allclose(head["cosine"], cos[h], atol=1e-6)
-    # a head without any weight has zero weighted cosine, not NaN
-    assert head_weighted_cosines(np.zeros((1, 3)), np.ones((1, 3))).tolist() == [0.0]
+    # a head without any weight has no weighted cosine (0/0): NaN, left out of layer means (review 18 F6)
+    assert np.isnan(head_weighted_cosines(np.zeros((1, 3)), np.ones((1, 3)))).tolist() == [True]
     # the dense form of all modes is W_q^T W_k; the leading k modes are the first k columns
     w = qkhooks.sites(model)[0].weights()
     dense = (w.w_q.double().transpose(1, 2) @ w.w_k.double()).float()

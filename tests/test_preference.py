@@ -119,7 +119,7 @@ def test_empty_mask_and_bad_shapes_are_clear_errors():
     distractor = torch.ones(3, 16, 16) * 0.5
     target[0, :4, :4] = 1
     target[2, :4, :4] = 1
-    with pytest.raises(QKHooksError, match=r"target mask of image\(s\) \[1\].*empty"):
+    with pytest.raises(QKHooksError, match=r"target mask of image\(s\) at position\(s\) \[1\] of this batch is empty"):
         odd_one_out_meta(target, distractor, (4, 4), 1)
     with pytest.raises(QKHooksError, match="same shape"):
         odd_one_out_meta(target, distractor[:, :8], (4, 4), 1)
@@ -372,3 +372,39 @@ def test_rows_not_at_the_mask_maximum_or_a_wrong_prefix_are_refused(tmp_path, ca
     write_run(tmp_path / "bad.h5", ["a", "b", "c"], arrays(tokens), prefix=1)
     with pytest.raises(QKHooksError, match="distractor query token of image 2"):
         analyze_preference(tmp_path / "bad.h5", tmp_path / "o")
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_a_display_whose_target_the_centre_crop_removes_is_named_by_its_id_with_the_cause_and_the_fix(tmp_path, batch_size):
+    """o3dir displays of 64x64 cropped to 32 after resizing to 36 (review 18 F4): d2.png's target lies in the 2-pixel
+    left border the crop removes, so its downscaled target mask is empty (numpy: the crop's columns hold none of it).
+    The refusal names "d2.png", not its position in the batch ([0] with batch_size 2, [2] with 4), the crop and the
+    way out."""
+    from PIL import Image
+
+    import qkhooks
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+    from conftest import TINY_MODELS
+
+    for d in ("images", "targ_images", "dist_images"):
+        (tmp_path / d).mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        target, distractor = np.zeros((2, 64, 64), np.uint8)
+        target[28:36, 0:2] = 255 if i == 2 else 0
+        target[28:36, 20:28] = 0 if i == 2 else 255
+        distractor[10:18, 40:48] = distractor[44:52, 40:48] = 255
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / f"d{i}.png")
+        Image.fromarray(target).save(tmp_path / "targ_images" / f"d{i}.png")
+        Image.fromarray(distractor).save(tmp_path / "dist_images" / f"d{i}.png")
+    # numpy: resize 64 -> 36 keeps the target within columns < 2 * 36 / 64 + 1 < 3, the centre crop drops columns < 2
+    assert np.ceil(2 * 36 / 64) <= (36 - 32) // 2 + 1
+    cfg = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, resize=36)
+    loaded = LoadedModel(model=TINY_MODELS[0].model(), spec="tiny", image_config=cfg)
+    with pytest.raises(QKHooksError) as caught:
+        qkhooks.record_dataset(loaded, f"o3dir:{tmp_path}", tmp_path / "run.h5", modes=None, attention="rows",
+                               batch_size=batch_size, progress=False)
+    message = str(caught.value)
+    assert "target mask of image(s) ['d2.png'] is empty" in message and "[0]" not in message and "[2]" not in message
+    assert "centre crop" in message and "Drop those images" in message

@@ -384,3 +384,36 @@ def test_a_recipe_replaces_the_default_reducers_and_metadata_and_gets_prefix_and
         assert run.config["reducers"] == ["test_geometry"] and run.states() == ["test_geometry"]
         assert run.array("masks/probe")[:].tolist() == [[[7] * 3] * 2] * 5
         assert not run.has("masks/target")  # the recipe's metadata replaced the default one whole
+
+
+def test_centre_embeddings_interval_is_over_the_baselines_images_when_a_centre_embedding_is_zero():
+    """7 images, one whose centre token is exactly zero in layer 0 only (review 18 F5): AnisotropyReducer skips it,
+    and the bootstrap interval from CentreEmbeddings (what analyze_modes reports as baseline_low/high) must be over
+    the same 6 images: its point estimate equals the baseline (numpy mean pairwise cosine of the 6 non-zero
+    vectors), the interval holds it, and layer 1 (no zero) still keeps all 7 rows in the one state."""
+    from qkhooks.analysis.anisotropy import anisotropy_interval
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 1 + 6, 5, generator=g, dtype=torch.float64) + torch.tensor([3.0, 1.0, 0, 0, 0], dtype=torch.float64)
+    centre = 1 + (2 // 2) * 3 + 3 // 2  # prefix 1, grid (2, 3)
+    x0 = x.clone()
+    x0[4, centre] = 0.0
+    batch = lambda lo, hi: BatchCapture(ids=[str(i) for i in range(lo, hi)], meta={"num_prefix_tokens": 1, "grid": (2, 3)},
+                                        offset=lo, layers={0: LayerCapture(0, hi - lo, inputs=x0[lo:hi]),
+                                                           1: LayerCapture(1, hi - lo, inputs=x[lo:hi])})
+    base, kept = AnisotropyReducer(), CentreEmbeddings()
+    for lo, hi in ((0, 3), (3, 7)):
+        base.update(batch(lo, hi))
+        kept.update(batch(lo, hi))
+    for layer, tokens, skip in ((0, x0, [4]), (1, x, [])):
+        z = np.delete(tokens[:, centre].numpy(), skip, axis=0)
+        z = z / np.linalg.norm(z, axis=1, keepdims=True)
+        n = len(z)
+        want = float(((z @ z.T).sum() - n) / (n * (n - 1)))
+        assert base.baselines()[layer] == pytest.approx(want, abs=1e-12)
+        state = kept.state_dict()
+        vectors = np.asarray(state["vectors"])[:, list(state["layers"]).index(layer)]
+        assert vectors.shape[0] == 7
+        value, low, high = anisotropy_interval(vectors)
+        assert value == pytest.approx(want, abs=1e-6)  # was 0.61 vs the 0.85 baseline on the reviewer's data
+        assert low <= want <= high

@@ -127,3 +127,142 @@ def test_spectrum_is_labelled_with_the_spec_the_model_was_loaded_from():
     model.qkhooks_spec = "timm:some_vit"
     assert qkhooks.spectrum(model).model == "timm:some_vit"
     assert qkhooks.spectrum(model, name="mine").model == "mine"
+
+
+# ------------------------------------------------------------------ review 18: all-mode statistics, null modes
+def _numpy_modes(site):
+    """Per head, a numpy float64 SVD of the dense W_q^T W_k (METHODS A.1): S (H, d_k), cos (H, d_k), the form."""
+    w = site.weights()
+    S, cos, forms = [], [], []
+    for h in range(site.num_heads):
+        m = w.w_q[h].double().numpy().T @ w.w_k[h].double().numpy()
+        u, s, vt = np.linalg.svd(m)
+        k = site.head_dim
+        S.append(s[:k])
+        cos.append((u[:, :k] * vt[:k].T).sum(0))  # unit columns; the joint sign flip leaves u_n·v_n unchanged
+        forms.append(m)
+    return np.array(S), np.array(cos), forms
+
+
+def _numpy_weighted(S, cos):
+    """METHODS A.2 per head: sum_n (sigma_n / sum_m sigma_m) cos_n over the modes given."""
+    return (S / S.sum(1, keepdims=True) * cos).sum(1)
+
+
+def test_a_recordings_truncated_spectrum_gives_the_all_mode_weighted_cosine_live_and_stored(tmp_path):
+    """modes=2 of d_k=8: live ``run.spectrum(l)``/``run.qk_spectrum`` and the run file's ``RunReader.spectrum(l)``/
+    ``.qk_spectrum`` give METHODS A.2's sum over all 8 modes (numpy SVD), not the 2 kept modes renormalised (review 18
+    F1: 0.0597 instead of 0.0256 on the reviewer's model); the kept arrays stay (H, d, 2). A file without the every-mode
+    S_all/cos_all refuses instead of renormalising."""
+    import h5py
+
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+    from qkhooks.spectrum import head_weighted_cosines
+
+    from conftest import TINY_MODELS
+
+    model = TINY_MODELS[0].model()
+    ref = {site.layer: _numpy_modes(site)[:2] for site in qkhooks.sites(model)}
+    with qkhooks.record(model, modes=2) as live, torch.no_grad():
+        live(TINY_MODELS[0].images(1))
+    rng = np.random.default_rng(0)
+    items = [{"image": rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8), "id": f"im{i}"} for i in range(2)]
+    path = tmp_path / "r.h5"
+    qkhooks.record_dataset(LoadedModel(model, "tiny", ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)),
+                           items, path, modes=2, progress=False, reducers=[])
+    with qkhooks.open_run(path) as run:
+        stored = {l: run.spectrum(l) for l in (0, 1)}
+        stored_by_layer = run.qk_spectrum.cosine_weighted_by_layer()
+        stored_table = run.qk_spectrum.table()
+    for l, (S, cos) in ref.items():
+        want = _numpy_weighted(S, cos)
+        kept_only = _numpy_weighted(S[:, :2], cos[:, :2])
+        assert np.abs(kept_only - want).max() > 1e-2  # the old, renormalised number is another one
+        for spec in (live.spectrum(l), stored[l]):
+            np.testing.assert_allclose(np.asarray(spec.cosine_weighted), want, atol=1e-5)
+            assert spec.truncated and spec.num_modes == 2 and tuple(spec.S.shape) == (4, 2) and spec.U.shape[-1] == 2
+        assert live.qk_spectrum.cosine_weighted_by_layer()[l] == pytest.approx(want.mean(), abs=1e-5)
+        assert stored_by_layer[l] == pytest.approx(want.mean(), abs=1e-5)
+        row = stored_table.splitlines()[2 + l].split()
+        assert row[2] == "2/8" and row[4] == f"{want.mean():.3f}"
+        np.testing.assert_allclose(head_weighted_cosines(S, cos), want, rtol=1e-12)
+    with h5py.File(path, "r+") as f:  # a file from before runs stored every mode's sigma and cosine
+        for l in (0, 1):
+            del f[f"spectrum/L{l}/S_all"], f[f"spectrum/L{l}/cos_all"]
+    with qkhooks.open_run(path) as run:
+        old = run.spectrum(0)
+        assert old.truncated and old.num_modes == 2
+        with pytest.raises(qkhooks.QKHooksError, match=r"keeps only the top 2 modes .* cannot give the sigma-weighted"):
+            old.cosine_weighted
+        with pytest.raises(qkhooks.QKHooksError, match="S_all"):
+            run.qk_spectrum.cosine_weighted_by_layer()
+
+
+def test_top_of_a_spectrum_keeps_every_modes_statistics_and_a_truncated_one_without_them_refuses():
+    """``top(k)`` (what a recording keeps) carries the whole spectrum's sigma and cosine, so cosine_weighted,
+    cosine_weighted_by_layer, to_dict and table are the all-mode numbers; a spectrum marked truncated that does not
+    know the other modes refuses every one of them rather than renormalising over its K modes."""
+    rng = np.random.default_rng(5)
+    U, V = rng.standard_normal((2, 2, 6, 4))
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    V /= np.linalg.norm(V, axis=1, keepdims=True)
+    S = np.array([[4.0, 3.0, 2.0, 1.0], [5.0, 1.0, 0.5, 0.25]])
+    whole = LayerSpectrum(0, U, S, V)
+    cos = (U * V).sum(1)
+    want = _numpy_weighted(S, cos)
+    for k in (1, 2, 3):
+        top = whole.top(k)
+        np.testing.assert_allclose(top.cosine_weighted, want, rtol=1e-12)
+        np.testing.assert_allclose(top.top(1).cosine_weighted, want, rtol=1e-12)  # top of a top: still all modes
+        assert top.truncated and top.S.shape == (2, k) and top.top(1).truncated
+        summary = qkhooks.QKSpectrum([top]).to_dict()["layers"][0]
+        assert summary["cosine_weighted"] == pytest.approx(want.mean(), rel=1e-12)
+        assert [h["cosine_weighted"] for h in summary["heads"]] == pytest.approx(want.tolist(), rel=1e-12)
+        assert len(summary["heads"][0]["singular_values"]) == k
+    assert whole.top(None) is whole and not whole.truncated
+    blind = LayerSpectrum(0, U[..., :2], S[:, :2], V[..., :2], truncated=True)
+    for call in (lambda: blind.cosine_weighted, lambda: blind.top(1).cosine_weighted,
+                 lambda: qkhooks.QKSpectrum([blind]).cosine_weighted_by_layer(),
+                 lambda: qkhooks.QKSpectrum([blind]).table(), lambda: qkhooks.QKSpectrum([blind]).to_dict()):
+        with pytest.raises(qkhooks.QKHooksError, match="keeps only the top"):
+            call()
+
+
+def test_a_head_without_weights_has_no_weighted_cosine_and_null_modes_are_left_out_of_the_band_fractions(tmp_path):
+    """Head 2 of layer 0 with W_q = 0 (every sigma 0) and head 1 with 3 of its 8 query rows zero (3 null modes): the
+    all-null head's weighted cosine is NaN and the layer mean is over the other heads; the table's cos>band /
+    cos<-band fractions and Fig. S1's histogram count only the modes above numpy's matrix_rank tolerance (float32
+    eps), which is the matrix rank of each head's dense form (review 18 F6)."""
+    from conftest import TINY_MODELS
+
+    model = TINY_MODELS[0].model()
+    site = qkhooks.sites(model)[0]
+    d, dk = site.dim, site.head_dim
+    with torch.no_grad():
+        w = model.blocks[0].attn.qkv.weight
+        w[2 * dk:3 * dk] = 0  # head 2: W_q = 0
+        w[dk:dk + 3] = 0  # head 1: 3 query rows zero, so W_q^T W_k has rank 5
+    S, cos, forms = _numpy_modes(site)
+    rank = np.array([np.linalg.matrix_rank(m, tol=np.linalg.svd(m, compute_uv=False)[0] * d
+                                           * np.finfo(np.float32).eps) if np.any(m) else 0 for m in forms])
+    assert rank.tolist() == [8, 5, 0, 8]
+    layer = qkhooks.spectrum(model)[0]
+    weighted = np.asarray(layer.cosine_weighted, np.float64)
+    assert np.isnan(weighted[2]) and np.isfinite(weighted[[0, 1, 3]]).all()
+    want = _numpy_weighted(S[[0, 1, 3]], cos[[0, 1, 3]])
+    np.testing.assert_allclose(weighted[[0, 1, 3]], want, atol=1e-5)
+    spec = qkhooks.spectrum(model, layers=[0])
+    assert spec.cosine_weighted_by_layer()[0] == pytest.approx(want.mean(), abs=1e-5)  # not (sum + 0) / 4
+    band = spec.random_baseline_cos95
+    counted = np.concatenate([cos[h, :r] for h, r in enumerate(rank)])  # numpy sorts modes by sigma: nulls last
+    row = spec.table().splitlines()[2].split()
+    assert row[4] == f"{want.mean():.3f}" and row[7] == str(int(8 * 4 - rank.sum()))
+    assert row[5] == f"{(counted > band).mean():.2f}" and row[6] == f"{(counted < -band).mean():.2f}"
+    from qkhooks.plots import histogram_cosines
+    from qkhooks.spectrum import null_modes
+
+    null = null_modes(layer.S, d)
+    assert (~null).sum(1).tolist() == rank.tolist() and layer.null_modes.tolist() == null.tolist()
+    assert sorted(histogram_cosines(layer)) == pytest.approx(sorted(counted), abs=1e-5)
+    assert tuple(layer.S.shape) == tuple(layer.cos.shape) == (4, 8)  # the per-mode arrays keep every mode

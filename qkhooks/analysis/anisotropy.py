@@ -16,7 +16,7 @@ import torch
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer
-from qkhooks.spectrum import head_weighted_cosines
+from qkhooks.spectrum import head_weighted_cosines, mean_over_heads
 from qkhooks.analysis.geometry import grid_of, layer_geometry, layer_grid, resolve_prefix, tokens_on_grid
 
 __all__ = ["AnisotropyReducer", "CentreEmbeddings", "anisotropy_interval", "anisotropy_from_state",
@@ -138,7 +138,9 @@ class CentreEmbeddings(AnisotropyReducer):
     so that its uncertainty over images can be measured (:func:`anisotropy_interval`).
 
     Keeps the first ``max_images`` images (float32, images x layers x d: 2048 x 12 x 384 is 38 MB); the
-    baseline itself comes from :class:`AnisotropyReducer`, which sees every image.
+    baseline itself comes from :class:`AnisotropyReducer`, which sees every image. A zero centre embedding (no
+    direction, no cosine) is kept as a zero row, so every layer keeps one row per image; :func:`anisotropy_interval`
+    skips zero rows, as :class:`AnisotropyReducer` skips zero vectors, so the interval is over the baseline's images.
     """
 
     name = "anisotropy_images"
@@ -211,8 +213,13 @@ def anisotropy_interval(vectors: np.ndarray, n_boot: int = 2000, seed: int = 0) 
 
     A resample with counts c_i uses the pairs of different images only: (c'Gc - sum c_i^2) / (n^2 - sum c_i^2),
     G the Gram matrix (unit diagonal), so an image drawn twice is never compared with itself.
+
+    Zero rows (an image whose centre embedding is zero: it has no cosine with anything) are left out before
+    anything is computed, as :class:`AnisotropyReducer` leaves them out of the baseline, so the point estimate
+    equals that baseline and the interval is around it; n counts the other rows.
     """
     z = np.asarray(vectors, dtype=np.float64)
+    z = z[np.linalg.norm(z, axis=-1) > 0]
     n = z.shape[0]
     if n < 2:
         return math.nan, math.nan, math.nan
@@ -243,9 +250,10 @@ def relative_cosine(cos: Any, baseline: Any) -> np.ndarray:
 
 
 def _weighted_cos(S: np.ndarray, cos: np.ndarray) -> float:
-    """Mean over heads of each head's sigma-weighted *sum* of cosines (paper's formula, METHODS A.2/A.7):
-    ``LayerSpectrum.cosine_weighted.mean()`` from S and cos alone (tests check the two agree on a run)."""
-    return float(head_weighted_cosines(S, cos).mean())
+    """Mean over heads of each head's sigma-weighted *sum* of cosines over every mode (paper's formula, METHODS
+    A.2/A.7): ``QKSpectrum.cosine_weighted_by_layer()`` from S and cos alone (tests check the two agree on a run).
+    Heads whose sigma are all zero (NaN) are left out of the mean."""
+    return mean_over_heads(head_weighted_cosines(S, cos))
 
 
 def anisotropy_table(spectra: Mapping[int, Mapping[str, Any]], baselines: Mapping[int, float]) -> dict[str, Any]:
@@ -253,8 +261,11 @@ def anisotropy_table(spectra: Mapping[int, Mapping[str, Any]], baselines: Mappin
 
     Args:
         spectra: layer -> {"S": (H, K), "cos": (H, K)} of the stored modes, plus "S_all", "cos_all" (H, d_k)
-            of every mode where the run has them: the weighted cosine is then over all modes, as in Fig. 3 and
-            ``qkhooks spectrum``, otherwise over the K stored ones. Per-mode rows are the stored modes.
+            of every mode where the run has them: the weighted cosine is over all modes, as in Fig. 3 and
+            ``qkhooks spectrum`` (METHODS A.2). Without them "S"/"cos" are taken as every mode, unless the entry
+            says ``"truncated": True`` (a file from before runs stored S_all, recorded with modes=K < d_k): its
+            weighted cosine is then NaN, with a ``cos_weighted_note``, never the K-mode renormalised number.
+            Per-mode rows are the stored modes.
         baselines: layer -> anisotropy baseline.
     """
     layers = [l for l in sorted(spectra) if l in baselines]
@@ -263,8 +274,19 @@ def anisotropy_table(spectra: Mapping[int, Mapping[str, Any]], baselines: Mappin
         S, cos = np.asarray(spectra[layer]["S"], np.float64), np.asarray(spectra[layer]["cos"], np.float64)
         base = float(baselines[layer])
         every = "S_all" in spectra[layer] and "cos_all" in spectra[layer]
-        weighted = _weighted_cos(*(np.asarray(spectra[layer][k], np.float64) for k in ("S_all", "cos_all"))) if every \
-            else _weighted_cos(S, cos)
-        rows.append({"layer": layer, "baseline": base, "cos_weighted": weighted, "relative_cos_weighted": weighted - base,
-                     "relative_cos": relative_cosine(cos, base).tolist(), "cos": cos.tolist(), "S": S.tolist()})
+        note = None
+        if every:
+            weighted = _weighted_cos(*(np.asarray(spectra[layer][k], np.float64) for k in ("S_all", "cos_all")))
+        elif bool(spectra[layer].get("truncated", False)):
+            weighted = math.nan
+            note = (f"the run keeps {S.shape[-1]} modes per head and not every mode's sigma and cosine (recorded before "
+                    "runs stored S_all/cos_all), so the sigma-weighted cosine over all modes is unknown; "
+                    "qkhooks spectrum MODEL gives it from the weights")
+        else:
+            weighted = _weighted_cos(S, cos)
+        row = {"layer": layer, "baseline": base, "cos_weighted": weighted, "relative_cos_weighted": weighted - base,
+               "relative_cos": relative_cosine(cos, base).tolist(), "cos": cos.tolist(), "S": S.tolist()}
+        if note is not None:
+            row["cos_weighted_note"] = note
+        rows.append(row)
     return {"layers": layers, "rows": rows}

@@ -36,6 +36,7 @@ from qkhooks.analysis.bfd_summary import (
     TERMS,
     decoding_r2,
     energy_tables,
+    refuse_one_image,
     paper_claims,
     summarize,
 )
@@ -154,6 +155,9 @@ def run_bfd(
 
     Returns:
         The JSON-shaped result (see :func:`summarize`), with ``input`` and the model's ``note`` added.
+
+    Raises QKHooksError for fewer than 2 images: the position factor is the mean over images, so with one image
+    the content factor is zero by construction (checked before the passes for tensors, after pass 1 otherwise).
     """
     from qkhooks.models.load import LoadedModel, load_model
 
@@ -190,6 +194,7 @@ def run_bfd(
     prefix, grid = geometry[chosen[0]].num_prefix_tokens, geometry[chosen[0]].grid
 
     if tensors:
+        refuse_one_image(int(images[:limit].shape[0]))  # before any pass: the ANOVA needs 2 images
         batches = list(images[:limit].split(batch_size))
 
         def one_pass(path: Path | None, reducers: list[Any]) -> None:
@@ -214,6 +219,7 @@ def run_bfd(
     pass1 = PositionMeans(chosen)
     one_pass(None if out is None else pass1_path(out), [pass1])
     means = pass1.means()
+    refuse_one_image(min(pass1.counts.values()))  # after pass 1, before pass 2: one image has no content factor
     reducers: list[Any] = [BFDEnergies(full_modes(sites), means, prefix, drop_prefix)]
     if decode:
         reducers.append(PositionDecoding(means, grid, prefix, holdout_every))

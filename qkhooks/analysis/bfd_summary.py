@@ -16,7 +16,8 @@ import numpy as np
 from qkhooks.analysis.bfd_reducers import layer_state, patch_targets
 from qkhooks.errors import QKHooksError
 
-__all__ = ["summarize", "energy_tables", "decoding_r2", "paper_claims", "DEFINITIONS", "TERMS", "CELLS"]
+__all__ = ["summarize", "energy_tables", "decoding_r2", "paper_claims", "refuse_one_image", "DEFINITIONS", "TERMS",
+           "CELLS"]
 
 TERMS = ("CC", "CP", "PC", "PP")  # query factor first: CP = query content, key position
 CELLS = ("GG", "GP", "GC", "PG", "PP", "PC", "CG", "CP", "CC")  # three-way: G = grand mean, P = P - mu, C
@@ -109,6 +110,16 @@ def _ranking(e: np.ndarray) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------------- energies
+def refuse_one_image(images: int) -> None:
+    """BFD's position/content split is an ANOVA over images: refuse fewer than 2 (METHODS B.1)."""
+    if 0 < images < 2:
+        raise QKHooksError(
+            f"BFD's position/content split needs at least 2 images; it got {images}. With one image the position "
+            "factor P (the per-position mean over images) is that image itself, so the content factor C = X - P is "
+            "zero by construction: every head would be 100% position-position and the content claims untestable. "
+            "Run it over a dataset of several images (raise limit, or pass more image tensors).")
+
+
 def energy_tables(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """All energies of one layer as arrays (absolute values, not shares) from its :class:`BFDEnergies` state.
 
@@ -121,6 +132,7 @@ def energy_tables(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     n = float(s["images"])
     if n <= 0:
         raise QKHooksError("the BFD energies saw no images: run pass 2 over the dataset.")
+    refuse_one_image(int(n))
     p = s["P"]
     tokens = p.shape[0]
     mu = p.mean(0)
@@ -389,8 +401,12 @@ def paper_claims(
 
     Returns:
         ``{claim: bool | None, ..., "sentences": [one line per claim, in the order above]}``.
+
+    Raises QKHooksError for a result of one image (its content factor is zero by construction).
     """
     kind = definition or result.get("definition", "frobenius")
+    if result.get("images") is not None:
+        refuse_one_image(int(result["images"]))
     if kind not in KINDS:
         raise QKHooksError(f"definition must be 'frobenius' or 'additive', got {kind!r}.")
     heads = [h for layer in result["layers"] for h in layer["heads"]]

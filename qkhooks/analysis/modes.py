@@ -280,6 +280,9 @@ def analyze_modes(
         topk = select_layers(topk, chosen, k)
         geometry = {l: run.geometry(l) for l in chosen}
         spectra = {l: {name: np.asarray(v) for name, v in run.spectrum_arrays(l).items()} for l in chosen}
+        for l, arrays in spectra.items():  # a file without every mode's sigma/cosine: say whether it kept them all
+            if "S_all" not in arrays:
+                arrays["truncated"] = np.asarray(run.spectrum(l).truncated)
         aniso_state = run.state(AnisotropyReducer.name)
         centre_state = run.state(CentreEmbeddings.name)
         objects = None
@@ -316,8 +319,9 @@ def analyze_modes(
             vectors = np.asarray(centre_state["vectors"])
             for r in aniso["rows"]:
                 if r["layer"] in where:
-                    _, r["baseline_low"], r["baseline_high"] = anisotropy_interval(vectors[:, where[r["layer"]]])
-                    r["baseline_images"] = int(vectors.shape[0])
+                    layer_vectors = vectors[:, where[r["layer"]]]
+                    _, r["baseline_low"], r["baseline_high"] = anisotropy_interval(layer_vectors)
+                    r["baseline_images"] = int((np.linalg.norm(layer_vectors, axis=-1) > 0).sum())  # zero rows skipped
         ci = all("baseline_low" in r for r in aniso["rows"])
         files["anisotropy_png"] = str(plot_anisotropy(
             aniso["layers"], [r["baseline"] for r in aniso["rows"]],
@@ -403,11 +407,9 @@ def analyze_modes(
         "layers": [],
         "geometry": {l: g.to_dict() for l, g in geometry.items()},
         "figures_left_out": figure_left_out,
-        "anisotropy": None if not aniso["layers"] else {r["layer"]: {k_: r[k_] for k_ in ("baseline", "baseline_low", "baseline_high", "cos_weighted", "relative_cos_weighted") if k_ in r} for r in aniso["rows"]},
-        "anisotropy_note": ("cos_weighted is the sigma-weighted sum over the recorded modes only (the run keeps the "
-                            f"top {max((m for _, m in shapes.values()), default=0)} per head), mean over heads; "
-                            "baseline = mean cosine between centre-patch embeddings of different images")
-        if aniso_state is not None else "the run has no anisotropy reducer state",
+        "anisotropy": None if not aniso["layers"] else {r["layer"]: {k_: r[k_] for k_ in ("baseline", "baseline_low", "baseline_high", "cos_weighted", "relative_cos_weighted", "cos_weighted_note") if k_ in r} for r in aniso["rows"]},
+        "anisotropy_note": _anisotropy_note(spectra, shapes) if aniso_state is not None
+        else "the run has no anisotropy reducer state",
         "same_object": None if same is None else {
             "top": same_object_top, "sign": same["sign"],
             "chance": same.get("chance"),
@@ -451,6 +453,24 @@ def analyze_modes(
 
     (out / "modes.json").write_text(json.dumps(jsonable(summary), indent=1, allow_nan=False))
     return summary
+
+
+def _anisotropy_note(spectra: dict[int, dict[str, Any]], shapes: dict[int, tuple[int, int]]) -> str:
+    """What summary['anisotropy'] holds, true to how cos_weighted was computed for these layers."""
+    kept = max((m for _, m in shapes.values()), default=0)
+    every = [l for l in sorted(spectra) if "S_all" in spectra[l] and "cos_all" in spectra[l]]
+    total = max((int(np.asarray(spectra[l]["S_all"]).shape[-1]) for l in every), default=kept)
+    if len(every) == len(spectra):
+        what = (f"cos_weighted is the sigma-weighted sum over all {total} modes of each head (METHODS A.2, from the "
+                f"run's every-mode S_all/cos_all; the run keeps the top {kept} per head for maps, and anisotropy.csv's "
+                "per-mode rows are those)")
+    else:
+        what = (f"cos_weighted is the sigma-weighted sum over all modes of each head (METHODS A.2); the run keeps the "
+                f"top {kept} per head and, for layers {[l for l in sorted(spectra) if l not in every]}, not the others' "
+                "sigma and cosine: there it is NaN if the run kept fewer than every mode")
+    return (what + "; mean over heads (a head whose sigma are all zero has none and is left out); baseline = mean "
+            "cosine between centre-patch embeddings of different images (zero embeddings skipped), "
+            "baseline_low/high (where the run kept the centre embeddings) its 95% bootstrap interval over the same images")
 
 
 def _no_modes(run: Any, run_path: str | os.PathLike) -> None:

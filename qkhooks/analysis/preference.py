@@ -26,7 +26,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -76,7 +76,8 @@ def _as_masks(mask: Any, name: str) -> torch.Tensor:
 
 
 def odd_one_out_meta(
-    target: torch.Tensor, distractor: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int
+    target: torch.Tensor, distractor: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int,
+    ids: Sequence[Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Query tokens, pool masks and patch-grid masks for a batch of odd-one-out images.
 
@@ -88,6 +89,8 @@ def odd_one_out_meta(
         distractor: (B, H, W) distractor masks (all distractors together).
         grid: the patch grid (gh, gw) of this input size.
         num_prefix_tokens: tokens before the patches (1 for CLS, 2 for DeiT-distilled, 5 with 4 registers).
+        ids: the batch's image ids (a dataset's ``id``), named in the error for an empty mask; None names the
+            images by their position in the batch.
 
     Returns:
         ``query_tokens`` LongTensor (B, 2): (target, distractor) token in model order (prefix + patch index
@@ -112,9 +115,14 @@ def odd_one_out_meta(
     for name, g in (("target", t_grid), ("distractor", d_grid)):
         empty = (g.flatten(1).amax(1) <= 0).nonzero().flatten().tolist()
         if empty:
+            which = (f"image(s) {[str(ids[i]) for i in empty]}" if ids is not None and len(ids) == g.shape[0]
+                     else f"image(s) at position(s) {empty} of this batch")
             raise QKHooksError(
-                f"the {name} mask of image(s) {empty} in this batch is empty, so there is no {name} token to "
-                "query; drop those images or fix their masks."
+                f"the {name} mask of {which} is empty in the model's input (after resizing and centre cropping to "
+                f"{tuple(t.shape[-2:])}), so there is no {name} token to query (METHODS A.4). Either the mask file is "
+                f"blank or the preprocessing cut the {name} away (e.g. it lies in the border the centre crop removes). "
+                "Drop those images from the dataset, fix their masks, or preprocess without cropping them away "
+                "(an image config whose resize keeps the whole display)."
             )
     tokens = torch.stack([first_argmax(t_grid.flatten(1)), first_argmax(d_grid.flatten(1))], dim=1)
     background = (1.0 - t_grid - d_grid).clamp_min(0.0)

@@ -54,7 +54,7 @@ def dataset_meta(batch: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str,
     out: dict[str, Any] = {}
     arrays: dict[str, torch.Tensor] = {}
     if "target" in batch and "distractor" in batch:
-        odd = odd_one_out_meta(batch["target"], batch["distractor"], grid, prefix)
+        odd = odd_one_out_meta(batch["target"], batch["distractor"], grid, prefix, ids=batch.get("id"))
         out.update(odd)
         arrays["masks/target"] = odd["target_grid"]
         arrays["masks/distractor"] = odd["distractor_grid"]

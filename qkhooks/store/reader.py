@@ -270,14 +270,27 @@ class RunReader:
         return int(self.info.get("schema_version", 1))
 
     def spectrum(self, layer: Layer) -> LayerSpectrum:
-        """The recorded modes of ``layer`` as a :class:`LayerSpectrum` of numpy arrays U (H, d, K), S (H, K), V."""
+        """The recorded modes of ``layer`` as a :class:`LayerSpectrum` of numpy arrays U (H, d, K), S (H, K), V.
+
+        With K < d_k kept it is ``truncated`` and carries the file's every-mode ``S_all``/``cos_all``, so its
+        ``cosine_weighted`` is the all-mode statistic of METHODS A.2, as ``qkhooks.spectrum(model)`` gives."""
         index = self._layer(layer)
         arrays = self.spectrum_arrays(index)
         if not {"U", "S", "V"} <= set(arrays):
             raise QKHooksError(f"{self.path} stores no modes for layer {index} (recorded without modes); its every-mode "
                                f"sigma and cosine are in spectrum_arrays({index}) as S_all, cos_all.")
         augmented = bool(self.config.get("augmented", False))
-        return LayerSpectrum(index, arrays["U"], arrays["S"], arrays["V"], augmented, _stored=arrays)
+        kept = arrays["S"].shape[-1]
+        if "S_all" in arrays and "cos_all" in arrays:  # every mode's sigma and cosine: the statistics are over all
+            truncated = arrays["S_all"].shape[-1] > kept
+            return LayerSpectrum(index, arrays["U"], arrays["S"], arrays["V"], augmented, _stored=arrays,
+                                 S_all=arrays["S_all"] if truncated else None,
+                                 cos_all=arrays["cos_all"] if truncated else None, truncated=truncated)
+        # a file written before runs stored S_all/cos_all: truncated unless it kept every mode (modes="all", or
+        # as many as the head width); a truncated one refuses the all-mode statistics rather than renormalise
+        head_dim = self.info.get("head_dim")
+        truncated = self.config.get("modes") != "all" and (head_dim is None or kept < int(head_dim))
+        return LayerSpectrum(index, arrays["U"], arrays["S"], arrays["V"], augmented, _stored=arrays, truncated=truncated)
 
     def spectrum_arrays(self, layer: Layer) -> dict[str, np.ndarray]:
         """The stored spectrum arrays of ``layer``: U (H, d, K), S (H, K), V (H, d, K), cos (H, K) with modes;
