@@ -47,7 +47,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, select_layers
 from qkhooks.models.load import unwrap_loaded
 from qkhooks.models.unsupported import unmodelled_parts
-from qkhooks.projector import ModeProjector, QKPathProjector
+from qkhooks.projector import ModeProjector, QKPathProjector, qk_path_check
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum, layer_spectrum
 
@@ -753,7 +753,8 @@ _LAYER_MODES: "weakref.WeakKeyDictionary[nn.Module, tuple[LayerSpectrum, dict]]"
 def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None, augmented: bool,
                  qk_path: bool) -> tuple[LayerSpectrum, ModeProjector | QKPathProjector]:
     """The top-``k`` spectrum of ``site`` and the projector of its maps: from the model's own q/k Linear outputs
-    where allowed and exact (adapter names them, bias-free spectrum, no numerically zero sigma), else from x.
+    where allowed and as accurate as from x (the adapter names them and :func:`qkhooks.projector.qk_path_check`: the
+    bias-free spectrum, every kept mode's error amplification small), else from x.
 
     Reused from :data:`_LAYER_MODES` when the spectrum is the cached one of unchanged weights; a spectrum the
     caller gives (``spectrum=``) is not vouched for by the cache, so its projectors are built each time.
@@ -768,8 +769,10 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
     built = entry[1].get((k, qk_path))
     if built is None:
         spec = full.top(k)
-        from_qk = qk_path and site.qk_modules and not spec.augmented and bool((spec.S > spec.S.max() * 1e-7).all())
-        built = entry[1][(k, qk_path)] = (spec, QKPathProjector(spec, site.weights()) if from_qk else ModeProjector(spec))
+        weights = site.weights() if qk_path and site.qk_modules and not spec.augmented else None
+        check = qk_path_check(spec, weights) if weights is not None else None
+        built = entry[1][(k, qk_path)] = (spec, QKPathProjector(spec, weights, (check.a, check.c)) if check is not None
+                                          and check.fits else ModeProjector(spec))
     return built
 
 
@@ -945,8 +948,10 @@ def record(
         compute_dtype: dtype for projections (default: the tokens' own dtype).
         qk_path: take the modes from the model's own q/k Linear outputs where the adapter names them (default;
             the same maps to float rounding at a d_k/d of the cost: u_n, v_n lie in the row spaces of W_q, W_k).
-            Not used for ``input="residual"``, augmented spectra or numerically rank-deficient heads. The
-            full maps are then rebuilt from those q and k too (no second projection). False: always use the tokens x.
+            Not used for ``input="residual"``, augmented spectra, or a layer where some kept mode's error
+            amplification is large (an ill-conditioned W_q or W_k: :func:`qkhooks.projector.qk_path_check`), whose
+            maps come from x; ``run.mode_source`` says which. The full maps are then rebuilt from those q and k too
+            (no second projection). False: always use the tokens x.
         outputs: ``"unchanged"`` (default): the model's attention runs as it is (fused or not) and its outputs are
             bit-identical; full maps are rebuilt beside it, so q·kᵀ and the softmax run twice. ``"eager"`` (with
             full maps): each layer with full maps computes its attention once, eagerly: its call of

@@ -4,13 +4,22 @@ The query map of mode n is x·u_n over tokens, the key map x·v_n. We stack [U_K
 single (d, 2·H·K) matrix so one GEMM serves every head and both sides; the matrix is moved to the tokens'
 device and dtype once and cached.
 
-A second path (DESIGN.md) starts from q and k when they are already computed: x·u_n = (q - b_q)·a_n with
-a_n = W_k v_n / sigma_n, and x·v_n = (k - b_k)·c_n with c_n = W_q u_n / sigma_n; it costs a d_k x K matmul
-per head instead of d x K. ``benchmarks/`` times both; :class:`ModeProjector` uses the x path, which needs
-nothing the model has not already given us and is exact for every mode (also sigma_n = 0).
+A second path (DESIGN.md) starts from q and k when they are already computed: u_n lies in the row space of W_q, so
+x·u_n = (q - b_q)·a_n with a_n the solution of W_q^T a_n = u_n (a_n = W_k v_n / sigma_n in exact arithmetic), and
+x·v_n = (k - b_k)·c_n with W_k^T c_n = v_n; it costs a d_k x K matmul per head instead of d x K. ``benchmarks/``
+times both; :class:`ModeProjector` uses the x path, which needs nothing the model has not already given us and is
+exact for every mode (also sigma_n = 0).
+
+The q/k path is exact in exact arithmetic only: the model's q carries its own float rounding, and the product with
+a_n magnifies it by up to kappa_n = ||a_n|| (||W_q||_2 + ||b_q|| / sqrt(d)) relative to the x path's rounding
+(:func:`qk_path_amplification`). :func:`qk_path_check` is the one rule that decides, per layer, whether the q/k path
+gives the x path's maps to float rounding (every kept mode's kappa below :data:`QK_PATH_MAX_AMPLIFICATION`);
+``capture`` takes the x path for every other layer.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from einops import rearrange
@@ -18,7 +27,113 @@ from einops import rearrange
 from qkhooks.models.base import QKWeights
 from qkhooks.spectrum import LayerSpectrum
 
-__all__ = ["ModeProjector", "QKPathProjector"]
+__all__ = ["ModeProjector", "QKPathProjector", "QK_PATH_MAX_AMPLIFICATION", "qk_path_amplification", "qk_path_fits",
+           "qk_path_check", "qk_path_vectors", "QKPathCheck"]
+
+#: The largest error amplification kappa (:func:`qk_path_amplification`) of any kept mode, on either side, for which
+#: a layer's maps are taken from the model's own q and k. Measured (``benchmarks/round18_qkpath_precision.py``, on
+#: DINOv2-S/14, whose biases are about as large as W_q x, and on ill-conditioned synthetic heads): a mode's float32
+#: map is within about 4·eps32·kappa (2.4e-7·kappa) of its float64 reference relative to the map's largest entry, so
+#: kappa <= 32 keeps every map within ~1e-5, about 10x the x path's own rounding (~1e-6 on DINOv2-S); DINOv2-S modes
+#: with kappa in 64..128 were off by up to 3.6e-5, kappa ~ 1e3 by 2e-4. Random-init ViTs have kappa <= cond(W_q) ~ 2.
+QK_PATH_MAX_AMPLIFICATION = 32.0
+
+#: How far (2-norm) W_q^T a_n may be from u_n (a unit vector) for a_n to stand for u_n: u_n is stored in float32, so
+#: about 3e-8 is its own rounding; more means u_n is not in W_q's row space (a spectrum of other weights, a
+#: rank-deficient W_q) and the q/k path would give another vector's maps.
+QK_PATH_MAX_RESIDUAL = 1e-6
+
+
+class QKPathCheck(NamedTuple):
+    """What :func:`qk_path_check` found for one layer: ``fits`` (the verdict), ``amplification`` (2, H, K) kappa of the
+    query and key maps, ``residual`` (2, H, K) ||W_q^T a_n - u_n|| and ||W_k^T c_n - v_n||, and the vectors a, c
+    (H, d_k, K) float64 on the CPU, handed to :class:`QKPathProjector` so that they are solved once."""
+
+    fits: bool
+    amplification: torch.Tensor
+    residual: torch.Tensor
+    a: torch.Tensor
+    c: torch.Tensor
+
+
+def _solve_side(w: torch.Tensor, b: torch.Tensor | None, modes, dim: int) -> tuple[torch.Tensor, ...]:
+    """One side of :func:`qk_path_check`: (vectors (H, d_k, K), residual (H, K), amplification (H, K)), float64 CPU.
+
+    Normal equations (W W^T) a = W u with one step of refinement (residual 1e-16 at cond W ~ 1e3): BLAS products
+    and a d_k x d_k Cholesky, 2x cheaper than a column-pivoted QR (gelsy) on one thread and ~30x on two busy cores
+    (LAPACK's threads on d x d_k panels). Where the Cholesky fails (W rank-deficient, d_k > d) or the refined residual
+    is not float rounding, least squares with gelsy (W = 0 gives a = 0)."""
+    w = w.detach().double().cpu()
+    wt, target = w.transpose(1, 2), torch.as_tensor(modes).double().cpu()  # (H, d, d_k), (H, d, K)
+    gram = w @ wt
+    factor, info = torch.linalg.cholesky_ex(gram)
+    vectors = None
+    if not bool(info.any()):
+        vectors = torch.cholesky_solve(w @ target, factor)
+        vectors = vectors + torch.cholesky_solve(w @ (target - wt @ vectors), factor)
+        if not bool(((wt @ vectors - target).norm(dim=1) <= QK_PATH_MAX_RESIDUAL).all()):
+            vectors = None
+    if vectors is None:
+        vectors = torch.linalg.lstsq(wt, target, driver="gelsy").solution
+    residual = (wt @ vectors - target).norm(dim=1)
+    gain = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt()  # ||W||_2, from the Gram matrix already formed
+    if b is not None:
+        gain = gain + b.detach().double().cpu().norm(dim=-1) / dim ** 0.5
+    return vectors, residual, vectors.norm(dim=1) * gain[:, None]
+
+
+def _solve(spectrum: LayerSpectrum, weights: QKWeights) -> list[tuple[torch.Tensor, ...]]:
+    return [_solve_side(w, b, modes, spectrum.dim)
+            for w, b, modes in ((weights.w_q, weights.b_q, spectrum.U), (weights.w_k, weights.b_k, spectrum.V))]
+
+
+def qk_path_vectors(spectrum: LayerSpectrum, weights: QKWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """a_n and c_n, each (H, d_k, K) float64 on the CPU: the (least-squares) solutions of W_q^T a_n = u_n and
+    W_k^T c_n = v_n, so that (q - b_q)·a_n = x·u_n and (k - b_k)·c_n = x·v_n.
+
+    Solved from u_n itself, not formed as W_k v_n / sigma_n: that form also multiplies v_n's float32 rounding by up to
+    ||W_k|| / sigma_n (on DINOv2-S layer 2 its maps were 7x further off). Where u_n is not in W_q's row space (W_q
+    rank-deficient, a spectrum of other weights) the least-squares a_n gives another vector's maps, which
+    :func:`qk_path_check` catches."""
+    (a, _, _), (c, _, _) = _solve(spectrum, weights)
+    return a, c
+
+
+def qk_path_amplification(spectrum: LayerSpectrum, weights: QKWeights) -> torch.Tensor:
+    """(2, H, K) float64: how much the q/k path magnifies the model's float rounding of q (row 0) and k (row 1)
+    relative to the x path's, per head and mode: kappa_n = ||a_n|| (||W_q^h||_2 + ||b_q^h|| / sqrt(d)) for the
+    query map, ||c_n|| (||W_k^h||_2 + ||b_k^h|| / sqrt(d)) for the key map (no bias: the second term is 0).
+
+    Why: the model's q = W_q x + b_q carries an error of about eps·(||W_q|| ||x|| + ||b_q||) and the query map
+    (q - b_q)·a_n multiplies it by ||a_n||, while x·u_n (||u_n|| = 1) errs by about eps·||x||. sqrt(d) is the norm of
+    a LayerNorm'd token (unit gain), the input the q/k path serves. a_n is the unique solution of W_q^T a = u_n, so
+    ||a_n|| >= 1 / ||W_q||_2 and kappa_n >= 1; kappa_n <= cond(W_q^h) (more with a bias), which is small for random
+    weights and large where W_q^h is ill-conditioned and u_n leans on its weak directions. Bias-free, kappa_n is
+    ||a_n|| ||W_q^h||_2."""
+    return torch.stack([side[2] for side in _solve(spectrum, weights)])
+
+
+def qk_path_check(spectrum: LayerSpectrum, weights: QKWeights, bound: float = QK_PATH_MAX_AMPLIFICATION) -> QKPathCheck:
+    """Whether a layer's maps may be taken from the model's own q and k (:class:`QKPathProjector`) rather than from
+    x (:class:`ModeProjector`): the one rule ``capture`` applies (:func:`qk_path_fits` gives the verdict alone).
+
+    Fits when the spectrum is the bias-free one, every kept sigma_n > 0, every kept u_n (v_n) lies in W_q's (W_k's)
+    row space to float32 rounding (:data:`QK_PATH_MAX_RESIDUAL`), and every kept mode's error amplification
+    (:func:`qk_path_amplification`, both sides, every head) is below ``bound``. The last is why: the q/k path is a
+    speed optimisation that must give the x path's maps to float rounding, and its error is about kappa_n times the
+    x path's. It replaces a rule on sigma_n / sigma_max (> 1e-7), which let through maps off by O(1): the error grows
+    with W_q's conditioning along u_n, not with sigma_n (a tiny sigma_n needs an ill-conditioned W_q or W_k, since
+    sigma_n / sigma_1 >= 1 / (cond W_q · cond W_k), but not the other way round). A NaN (a failed solve) fails."""
+    (a, res_q, amp_q), (c, res_k, amp_k) = _solve(spectrum, weights)
+    amplification, residual = torch.stack([amp_q, amp_k]), torch.stack([res_q, res_k])
+    fits = (not spectrum.augmented and bool((torch.as_tensor(spectrum.S) > 0).all())
+            and bool((residual <= QK_PATH_MAX_RESIDUAL).all()) and bool((amplification < bound).all()))
+    return QKPathCheck(fits, amplification, residual, a, c)
+
+
+def qk_path_fits(spectrum: LayerSpectrum, weights: QKWeights, bound: float = QK_PATH_MAX_AMPLIFICATION) -> bool:
+    """:func:`qk_path_check`'s verdict: whether the q/k path gives this layer's maps to float rounding."""
+    return qk_path_check(spectrum, weights, bound).fits
 
 
 class ModeProjector:
@@ -73,17 +188,19 @@ def _product_layout(heads: torch.Tensor, modes: int) -> str:
 class QKPathProjector:
     """The same maps computed from q and k (B, H, N, d_k) instead of x: a d_k x K matmul per head.
 
-    Only valid for the bias-free spectrum and modes with sigma_n > 0 (others give zero maps here).
+    Only for the bias-free spectrum. The maps are x·u_n exactly only where u_n lies in W_q's row space, and equal
+    the x path's to float rounding only where the error amplification is small: :func:`qk_path_check` says whether
+    both hold (``capture`` builds this projector only then). Elsewhere a_n is the least-squares solution (W_q = 0:
+    zero maps). ``vectors``: (a, c) from :func:`qk_path_vectors` or :func:`qk_path_check`, solved here when not
+    given.
     """
 
-    def __init__(self, spectrum: LayerSpectrum, weights: QKWeights):
+    def __init__(self, spectrum: LayerSpectrum, weights: QKWeights,
+                 vectors: tuple[torch.Tensor, torch.Tensor] | None = None):
         if spectrum.augmented:
             raise ValueError("the q/k path needs the bias-free spectrum")
-        s = spectrum.S.double()
-        inv = torch.where(s > s.max() * 1e-7, 1.0 / s, torch.zeros_like(s))
-        # a_n = W_k v_n / sigma_n  (H, d_k, K);  c_n = W_q u_n / sigma_n.
-        a = (weights.w_k.double().cpu() @ spectrum.V.double()) * inv[:, None, :]
-        c = (weights.w_q.double().cpu() @ spectrum.U.double()) * inv[:, None, :]
+        # W_q^T a_n = u_n, W_k^T c_n = v_n  (H, d_k, K) each; given by qk_path_check when it has solved them
+        a, c = vectors if vectors is not None else qk_path_vectors(spectrum, weights)
         # The one representation kept: both sides stacked and transposed for one product, rows (side, head), each
         # (K, d_k). (q - b_q) @ a = q @ a - b_q @ a: the biases fold into (2H, K, 1) offsets, so no (B, H, N, d_k)
         # temporary; None when the model has neither bias.

@@ -245,10 +245,12 @@ def test_qk_outputs_path_equals_the_tokens_projected_on_the_modes_with_and_witho
 
 
 def test_qk_outputs_path_gives_zero_maps_for_a_layer_whose_modes_all_have_sigma_zero():
-    """W_q = 0: every sigma_n is 0, so the maps from q and k are zero (documented) and finite, not 0/0."""
+    """W_q = 0: every sigma_n is 0. The query maps from q are zero and finite (a_n is W_q^T a = u_n's least-squares
+    solution, 0, not 0/0), and qk_path_check refuses the layer (u_n is not in W_q's row space: residual 1), so a
+    recording takes its maps from x; the key maps from k are x·v_n (v_n is in W_k's row space, c_n exact)."""
     import timm
 
-    from qkhooks.projector import QKPathProjector
+    from qkhooks.projector import QKPathProjector, qk_path_check
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1).eval()
     with torch.no_grad():
@@ -258,9 +260,16 @@ def test_qk_outputs_path_gives_zero_maps_for_a_layer_whose_modes_all_have_sigma_
     site = qkhooks.sites(model)[0]
     weights, layer = site.weights(), qkhooks.spectrum(model)[0]
     assert float(layer.S.abs().max()) == 0.0
-    q, k = _qk_of(torch.randn(2, 5, site.dim, dtype=torch.float64), weights)
+    x = torch.randn(2, 5, site.dim, dtype=torch.float64)
+    q, k = _qk_of(x, weights)
     query, key = QKPathProjector(layer, weights)(q, k)
-    assert torch.equal(query, torch.zeros_like(query)) and torch.equal(key, torch.zeros_like(key))
+    assert torch.equal(query, torch.zeros_like(query))
+    torch.testing.assert_close(key, torch.einsum("bnd,hdk->bhkn", x, layer.V.double()), rtol=1e-5, atol=1e-6)
+    check = qk_path_check(layer, weights)
+    assert not check.fits and float(check.residual[0].min()) > 0.99
+    with qkhooks.record(model, modes=4) as run:
+        pass
+    assert run.mode_source == {0: "x"}
 
 
 @pytest.mark.parametrize("name", ["timm-vit-4x6", "hf-vit-4x6-key-first"])
