@@ -4,8 +4,9 @@ A run stores no pixels: ``analyze modes`` (and reports) reopen the dataset from 
 maps over the photos. A spec such as ``imgs`` typed in one folder names other files, or none, from another folder,
 so :func:`absolute_spec` makes the paths in a spec absolute at record time. :func:`file_sizes` keeps each image
 file's size in the run (root attribute :data:`SIZES_ATTR`, JSON ``{id: bytes}``), and :func:`changed_files` checks
-a reopened dataset against the run: every image drawn must still be there, with the size it had when recorded.
-A run from before these existed names its data as typed and has no sizes: its ids are still checked.
+a reopened dataset against the run: every image drawn that is still there must have the size it had when recorded
+(images that are gone are left out and counted). A run from before these existed names its data as typed and has
+no sizes: when that is a relative path and images are missing, the folder found is taken to be another one.
 """
 
 from __future__ import annotations
@@ -81,26 +82,31 @@ def file_sizes(dataset: Any, ids: Sequence[str] | None = None) -> dict[str, int]
 
 
 def changed_files(attrs: Mapping[str, Any], dataset: Any, ids: Sequence[str]) -> str:
-    """Why the reopened ``dataset`` does not hold the images ``ids`` the run recorded ("" when it does): ids it lacks,
-    or files whose size differs from the size stored at record time (runs from before sizes were stored: ids only)."""
-    spec = attrs.get("data", "?")
+    """Why the reopened ``dataset`` does not hold the images ``ids`` the run recorded ("" when it does, as far as can
+    be told). A run with stored sizes: a file there with another size means other files (images that are gone are
+    left out and counted by the caller). A run from before, naming a folder relative to where it was recorded: any
+    image missing means the folder found from here is another one."""
+    spec = str(attrs.get("data", "?"))
     present = set(getattr(dataset, "ids", []))
-    absent = [i for i in ids if i not in present]
-    if absent:
-        return (f"{len(absent)} of the {len(ids)} images to draw are not in {spec!r} (first: {absent[0]!r}), so it is "
-                "not the dataset this run recorded or it has changed; drawing no photos rather than others. Put the "
-                "data back where the run names it, or draw without photos (--no-images).")
     try:
         stored = json.loads(attrs.get(SIZES_ATTR) or "{}")
     except (TypeError, ValueError):
         stored = {}
     if not stored:
+        absent = [i for i in ids if i not in present]
+        if absent and absolute_spec(spec) != spec:
+            return (f"{len(absent)} of the {len(ids)} images to draw are not in {spec!r} (first: {absent[0]!r}), a "
+                    "path this run names relative to the folder it was recorded in, so the folder found from here is "
+                    "not the one recorded; drawing no photos rather than others. Run from that folder, or draw "
+                    "without photos (--no-images).")
         return ""
-    now = file_sizes(dataset, [i for i in ids if i in stored])
-    differ = [i for i in ids if i in stored and now.get(i) != stored[i]]
+    checked = [i for i in ids if i in stored and i in present]
+    now = file_sizes(dataset, checked)
+    differ = [i for i in checked if now.get(i) != stored[i]]
     if differ:
         first = differ[0]
         return (f"{len(differ)} of the {len(ids)} images to draw in {spec!r} are not the files this run recorded "
-                f"(first: {first!r}, {stored[first]} bytes when recorded, {now.get(first, 'missing')} now); drawing "
-                "no photos rather than others. Put the recorded files back, or draw without photos (--no-images).")
+                f"(first: {first!r}, {stored[first]} bytes when recorded, {now.get(first, 'unreadable')} now); "
+                "drawing no photos rather than others. Put the recorded files back, or draw without photos "
+                "(--no-images).")
     return ""

@@ -458,8 +458,10 @@ def record_dataset(
             "model_note": loaded.note, "data": data_spec,
             "image_config": json.dumps(dataclasses.asdict(loaded.image_config)),
         }
-        sizes = {} if streamed else file_sizes(dataset, ids[lo:hi])
-        if sizes:  # each file's size, so a reopened folder can be checked to hold the files recorded
+        # each file's size, so a reopened folder can be checked to hold the files recorded; every shard stores the
+        # whole dataset's, so a merge (which keeps the first shard's attributes) equals a single-process run
+        sizes = {} if streamed else file_sizes(dataset, ids)
+        if sizes:
             attrs[SIZES_ATTR] = json.dumps(sizes, ensure_ascii=False, separators=(",", ":"))
         writer = RunWriter(out, mode=mode, attrs=attrs, dtype=opts.dtype, compression=opts.compression)
         if mode == "resume":

@@ -508,14 +508,14 @@ def test_a_run_names_its_folder_absolutely_and_photos_are_drawn_only_from_the_fi
     (tmp_path / "imgs" / ids[1]).write_bytes((other / "imgs" / ids[1]).read_bytes())  # a file replaced in place
     photos, note = load_images(attrs, ids, [0, 1])
     assert photos == {} and f"not the files this run recorded (first: {ids[1]!r}" in note
-    (tmp_path / "imgs" / ids[1]).unlink()
+    (tmp_path / "imgs" / ids[1]).unlink()  # one gone: the others are still the recorded files, drawn
     photos, note = load_images(attrs, ids, [0, 1])
-    assert photos == {} and f"1 of the 2 images to draw are not in {str(tmp_path / 'imgs')!r}" in note
-    old = {**attrs, "data": "imgs"}  # a run from before: its data as typed, no sizes; its ids are still checked
-    del old[SIZES_ATTR]
+    assert photos[0] is not None and photos[1] is None and "1 image(s) not found" in note
+    old = {**attrs, "data": "imgs"}  # a run from before: its data as typed, no sizes; images missing from a
+    del old[SIZES_ATTR]  # relative folder mean another folder
     (other / "imgs" / ids[2]).unlink()
     photos, note = load_images(old, ids, [0, 2])
-    assert photos == {} and "not in 'imgs'" in note
+    assert photos == {} and "not in 'imgs' (first: " in note and "relative to the folder it was recorded in" in note
     photos, note = load_images(old, ids, [0])
     assert photos[0] is not None and "photos from 'imgs'" in note
     monkeypatch.chdir(tmp_path)  # such a run, recorded here as 'imgs', still resumes from here (not refused with
