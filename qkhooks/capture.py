@@ -24,6 +24,7 @@ import functools
 import gc
 import inspect
 import types
+import warnings
 import weakref
 from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
 
@@ -158,6 +159,7 @@ class Recording:
                 else:
                     self._projectors[site.layer] = projector
             self.qk_spectrum = QKSpectrum(spectra, getattr(model, "qkhooks_spec", "") or type(model).__name__)
+            self._modes_kept = modes_kept(self.modes, [s.num_modes for s in spectra], self.sites, stacklevel=5)
         self.outputs: OutputsKind = outputs
         self._once = self._layers_attended_once(outputs)
         self._qk_attention = {s.layer for s in self.sites if self._attention_from_qk(s)}
@@ -194,6 +196,11 @@ class Recording:
         return {s.layer for s in full if s.head_mixing is None and not s.observes_maps()}
 
     @property
+    def modes_kept(self) -> int | None | Literal["all"]:
+        """The modes kept per head: ``modes`` as asked, or the most any recorded head has when it asked for more."""
+        return getattr(self, "_modes_kept", self.modes)
+
+    @property
     def mode_source(self) -> dict[int, str]:
         """Layer -> where its modes are taken from: ``"qk"`` (the model's q/k Linear outputs) or ``"x"``."""
         return {s.layer: "qk" if s.layer in self._from_qk else "x" for s in self.sites} if self.modes is not None else {}
@@ -208,6 +215,7 @@ class Recording:
         if self.active:
             raise QKHooksError("this recording is already attached; use a new qkhooks.record(...) to nest.")
         model = self._live_model()
+        _warn_active_dropout(model)
         # A batch is one call of ``model``: handed to the sinks only when that call returns, so a forward that
         # fails late hands over nothing. A full CLIPModel is used through get_image_features, which never calls
         # CLIPModel.forward; then the batch spans the recorded attention modules, first to last.
@@ -623,7 +631,7 @@ class Recording:
     @property
     def config(self) -> dict[str, Any]:
         """The options that define what is recorded, encoded as in a run file's ``config``."""
-        return {"modes": self.modes, "layers": self.layers, "attention": [dataclasses.asdict(s) for s in self.attention_specs],
+        return {"modes": self.modes_kept, "layers": self.layers, "attention": [dataclasses.asdict(s) for s in self.attention_specs],
                 "input": self.input, "augmented": bool(self.qk_spectrum is not None and self.qk_spectrum.layers[0].augmented)}
 
     def _last_batch(self, layer: Layer) -> BatchCapture:
@@ -798,6 +806,59 @@ def _structure_key(model: nn.Module) -> tuple:
                 if type(value).__name__.endswith("Config"):
                     key.append(tuple((k, v) for k, v in vars(value).items() if isinstance(v, _SETTINGS)))
     return tuple(key)
+
+
+def modes_kept(modes: int | None | str, counts: Sequence[int], sites: Sequence[AttentionSite],
+               stacklevel: int = 2) -> int | None | str:
+    """``modes`` (an int) when some recorded head has that many modes, else the most any has, with a warning: a
+    head of dimension d_k has at most d_k modes, so ``--modes 65`` on 64-dim heads records 64, and says so (a
+    run's config stores what was kept). ``"all"`` and None pass through."""
+    if not isinstance(modes, int) or not counts or modes <= max(counts):
+        return modes
+    most = max(counts)
+    dims = sorted({s.head_dim for s in sites if getattr(s, "head_dim", None)})
+    heads = f"its {'/'.join(map(str, dims))}-dim heads have" if dims else "its heads have"
+    warnings.warn(f"modes={modes} is more than this model has: {heads} at most {most} modes each, so all {most} are "
+                  f"recorded (the config of the recording or run file says modes={most}); ask for modes <= {most}, or 'all' "
+                  "(--modes all).",
+                  stacklevel=stacklevel)
+    return most
+
+
+# Float attributes through which modules drop at random while training: DropPath's ``drop_prob``, Hugging Face
+# attention's ``attention_dropout`` / ``dropout_prob`` (CLIP's ``dropout``), passed to the attention call as dropout_p.
+_DROP_ATTRS = ("drop_prob", "dropout_prob", "attention_dropout", "attention_probs_dropout_prob", "dropout", "dropout_p",
+               "attn_drop")
+
+
+def active_dropout(model: nn.Module) -> list[str]:
+    """``"path (Class p=0.3)"`` for every module of ``model`` that drops at random as it is set now: in training mode,
+    with dropout, attention dropout or stochastic depth (drop-path) of probability > 0. Empty in eval mode."""
+    found = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            p = module.p
+        else:
+            own = vars(module)
+            names = _DROP_ATTRS + (("p",) if any(w in type(module).__name__.lower() for w in ("drop", "stochastic")) else ())
+            p = max((float(own[a]) for a in names if isinstance(own.get(a), float)), default=0.0)
+        if p > 0:
+            found.append(f"{name or '(model)'} ({type(module).__name__} p={p:g})")
+    return found
+
+
+def _warn_active_dropout(model: nn.Module) -> None:
+    """Recording measures the model as it runs: in training mode with dropout or drop-path, that is a random model."""
+    found = active_dropout(model)
+    if found:
+        more = f" and {len(found) - 4} more" if len(found) > 4 else ""
+        warnings.warn(
+            f"{type(model).__name__} is in training mode with dropout or stochastic depth active ({', '.join(found[:4])}"
+            f"{more}): its attention and outputs are random, so identical images give different maps and "
+            "attention. Call model.eval() before recording (and model.train() after, to go on training); "
+            "record_dataset does both itself.", stacklevel=4)
 
 
 def _model_sites(model: nn.Module, layers: Sequence[int] | None, skip_unmodelled: bool = False) -> list[AttentionSite]:

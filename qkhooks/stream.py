@@ -15,6 +15,7 @@ Per-image extras stored next to the maps (when the dataset has masks):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -30,9 +31,11 @@ from tqdm.auto import tqdm
 
 from qkhooks._version import __version__
 from qkhooks.attention import parse_attention
-from qkhooks.capture import BatchCapture, _model_sites, _structure_key, parse_modes, record
+from qkhooks.capture import (BatchCapture, _model_sites, _refuse_maps_only_modes, _structure_key, modes_kept, parse_modes,
+                              record)
 from qkhooks.data import ImageDataset, collate
 from qkhooks.data.sources import ItemStream, open_source
+from qkhooks.data_files import SIZES_ATTR, absolute_spec, file_sizes
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, parse_layers, select_layers
 from qkhooks.models.unsupported import left_out_by_design, unmodelled_parts
@@ -287,6 +290,26 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str]) -> tup
     return done, last + 1
 
 
+def _keeps_train_modes(fn: Callable[..., "RecordResult"]) -> Callable[..., "RecordResult"]:
+    """Record in eval mode and hand the caller's module back as it came: a model recorded in the middle of training
+    goes on training with its dropout and drop-path on. Every submodule's own flag is put back (a frozen BatchNorm
+    kept in eval stays so), also when the recording fails."""
+
+    @functools.wraps(fn)
+    def keeping(*args: Any, **kwargs: Any) -> "RecordResult":
+        model = args[0] if args else kwargs.get("model")
+        module = model.model if isinstance(model, LoadedModel) else model
+        saved = [(m, m.training) for m in module.modules()] if isinstance(module, nn.Module) else []
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for m, training in saved:
+                m.training = training
+
+    return keeping
+
+
+@_keeps_train_modes
 def record_dataset(
     model: LoadedModel | str | nn.Module,
     data: Any,
@@ -347,17 +370,26 @@ def record_dataset(
         shard: (rank, world_size) — record only this rank's contiguous block of the dataset.
         random_init: with a spec string, build the model without pretrained weights.
         on_batch: called with every complete batch (after the writer and the reducers).
+
+    The model records in eval mode (no dropout or drop-path, whatever mode it came in); a module you pass (or the
+    one inside your LoadedModel) is handed back in the train/eval mode it had, also when the recording fails.
     """
     opts = RecordOptions.from_keywords(options, **{k: v for k, v in locals().items() if k in RecordOptions.names()})
     check_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_init=random_init, device=device)
-    net = loaded.model.to(device)
+    # Recording measures the model as it runs for inference: dropout and drop-path off (a LoadedModel or a module
+    # the caller put in training mode too; _keeps_train_modes gives the caller's modes back afterwards).
+    net = loaded.model.to(device).eval()
     layer_list = parse_layers(opts.layers) if isinstance(opts.layers, str) or opts.layers is None else list(opts.layers)
     every = _model_sites(net, None, opts.skip_unmodelled)
     sites = select_layers(every, layer_list)
     unmodelled = unmodelled_parts(net, every) if opts.skip_unmodelled else {}
     attention_specs = parse_attention(opts.attention)
     modes_value = parse_modes(opts.modes)
+    if isinstance(modes_value, int):  # more modes than the heads have: record all, and say so in the config
+        _refuse_maps_only_modes(sites)
+        modes_value = modes_kept(modes_value, [layer_spectrum(s, opts.augmented).num_modes for s in sites], sites,
+                                 stacklevel=4)
     if resume and overwrite:
         raise QKHooksError("--resume and --overwrite exclude each other: pick one.")
     if opts.dtype not in ("float16", "float32"):
@@ -367,7 +399,10 @@ def record_dataset(
                           masks=opts.masks)
     streamed = isinstance(dataset, ItemStream)
     at_open = list(getattr(dataset, "skipped", []))
-    data_spec = getattr(dataset, "name", str(data))
+    # paths made absolute, so the run names the same files from any folder (analyses reopen them to draw photos)
+    data_spec = absolute_spec(getattr(dataset, "name", str(data)))
+    if resume and out is not None:
+        data_spec = _resumed_data_spec(out, data_spec)
     ids = [] if streamed else list(dataset.ids)
     if opts.limit is not None and isinstance(data, ImageDataset):  # a spec string got its limit from open_dataset
         ids = ids[:opts.limit]
@@ -423,6 +458,11 @@ def record_dataset(
             "model_note": loaded.note, "data": data_spec,
             "image_config": json.dumps(dataclasses.asdict(loaded.image_config)),
         }
+        # each file's size, so a reopened folder can be checked to hold the files recorded; every shard stores the
+        # whole dataset's, so a merge (which keeps the first shard's attributes) equals a single-process run
+        sizes = {} if streamed else file_sizes(dataset, ids)
+        if sizes:
+            attrs[SIZES_ATTR] = json.dumps(sizes, ensure_ascii=False, separators=(",", ":"))
         writer = RunWriter(out, mode=mode, attrs=attrs, dtype=opts.dtype, compression=opts.compression)
         if mode == "resume":
             try:
@@ -468,6 +508,19 @@ def record_dataset(
             writer.close(complete=False)  # a new run with nothing committed leaves no file that blocks a rerun
         raise
     return RecordResult(Path(out) if out is not None else None, reducers, run.images_seen, skipped)
+
+
+def _resumed_data_spec(out: str | os.PathLike, data_spec: str) -> str:
+    """The data spec a resume compares: the run's own when it names the same data as typed before specs were made
+    absolute (a relative folder, resumed from the folder it was recorded in), else ``data_spec``."""
+    from qkhooks.store._hdf5 import open_reader
+
+    try:
+        with open_reader(out, deadline_s=0) as f:
+            stored = json.loads(f.attrs.get("config", "{}")).get("data")
+    except Exception:  # no readable run there: the writer says what is wrong
+        return data_spec
+    return stored if isinstance(stored, str) and stored != data_spec and absolute_spec(stored) == data_spec else data_spec
 
 
 class _SeenIds:

@@ -450,3 +450,146 @@ def test_ade20k_skips_are_named_like_ids(tmp_path):
     with pytest.warns(UserWarning, match="without a partner"):
         ds = open_dataset(f"ade20k:{root}", CFG)
     assert ds.ids == ["training/ADE_1.jpg"] and [i for i, _ in ds.skipped] == ["training/ADE_2.jpg"]
+
+
+# ------------------------------------------------------------------------------ your own models (review 18)
+def _dropout_vit(**kw) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             embed_dim=32, num_heads=4, **kw)
+
+
+SAME_THREE = [np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)] * 3
+
+
+def test_record_dataset_records_in_eval_mode_and_hands_the_module_back_in_its_own_modes(tmp_path):
+    """Review 18 (6, 7): a module in training mode came back in eval mode, and one put in training mode inside a
+    LoadedModel recorded with dropout on (identical images, different maps). Now: eval for the recording, every
+    submodule's own mode back afterwards, also when the recording fails."""
+    from qkhooks import load_model, open_run, record_dataset
+
+    model = _dropout_vit(drop_rate=0.3, attn_drop_rate=0.3, drop_path_rate=0.3).train()
+    model.blocks[0].norm1.eval()  # a caller's own mix (e.g. a frozen part) comes back as it was
+    modes = {name: m.training for name, m in model.named_modules()}
+    record_dataset(model, SAME_THREE, tmp_path / "a.h5", modes=2, batch_size=3, progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    loaded = load_model(_dropout_vit(attn_drop_rate=0.3, drop_path_rate=0.3))
+    loaded.model.train()
+    record_dataset(loaded, SAME_THREE, tmp_path / "b.h5", modes=2, attention="rows:1", batch_size=3, progress=False)
+    assert loaded.model.training
+    for name in ("a.h5", "b.h5"):
+        with open_run(tmp_path / name) as run:
+            q = np.asarray(run.query(1)[:], np.float32)
+            assert np.array_equal(q[0], q[1]) and np.array_equal(q[1], q[2]), name
+    with pytest.raises(QKHooksError, match="does not exist"):
+        record_dataset(model, str(tmp_path / "no-such-folder"), tmp_path / "c.h5", progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+def test_live_record_of_a_model_dropping_at_random_warns_naming_the_modules_and_the_fix():
+    """Review 18 (6): qkhooks.record on a model in training mode with attention dropout said nothing."""
+    import warnings
+
+    import qkhooks
+
+    model = _dropout_vit(attn_drop_rate=0.25, drop_path_rate=0.2).train()
+    with pytest.warns(UserWarning, match=r"training mode with dropout .*blocks\.0\.attn\.attn_drop \(Dropout p=0\.25\)"
+                                         r".*blocks\.1\.drop_path1 \(DropPath p=0\.2\).*model\.eval\(\)") as caught:
+        with qkhooks.record(model, modes=2, attention="full"), torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+    assert caught[0].filename == __file__  # names the caller's line
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with qkhooks.record(model, modes=2), torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+    plain = _dropout_vit().train()  # training mode without any dropout: nothing random, nothing said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with qkhooks.record(plain, modes=2), torch.no_grad():
+            plain(torch.randn(1, 3, 32, 32))
+
+
+def test_a_model_on_the_meta_device_is_refused_with_the_fix():
+    """Review 18 (10): torch's raw 'Cannot copy out of meta tensor' from load_model and spectrum."""
+    import qkhooks
+
+    with torch.device("meta"):
+        model = _dropout_vit()
+    for call in (lambda: qkhooks.load_model(model), lambda: qkhooks.spectrum(model), lambda: qkhooks.record(model)):
+        with pytest.raises(QKHooksError, match=r"no weights: its tensors are on the 'meta' device .*to_empty"):
+            call()
+
+
+def test_more_modes_than_a_head_has_are_recorded_as_all_and_the_config_says_how_many(tmp_path):
+    """Review 18 (17): --modes 65 on 64-dim heads stored 64 modes under a config saying 65. The config now says
+    what was kept (here 8 of 8-dim heads), with a warning; the same through record_dataset (which `qkhooks record`
+    runs) and record()."""
+    import qkhooks
+
+    model = _dropout_vit().eval()
+    with pytest.warns(UserWarning, match=r"modes=9 is more than this model has: its 8-dim heads have at most 8"):
+        qkhooks.record_dataset(model, SAME_THREE, tmp_path / "m.h5", modes=9, progress=False)
+    with qkhooks.open_run(tmp_path / "m.h5") as run:
+        assert run.config["modes"] == 8 and run.array("modes/L0/query").shape[2] == 8
+    with pytest.warns(UserWarning, match="modes=20 is more"):
+        live = qkhooks.record(model, modes=20)
+    assert live.config["modes"] == 8 and live.modes == 20
+    assert qkhooks.record(model, modes=8).config["modes"] == 8  # as many as there are: nothing to say
+
+
+def test_checkpoints_differing_only_in_the_head_or_a_wrapper_prefix_load(tmp_path):
+    """Review 18 (14): a backbone checkpoint (no head), a 10-class fine-tune and a DDP 'module.' state dict were
+    refused with 'Check the model name matches'. The head feeds no attention: they now load (said in a warning and in
+    ``weights``); other mismatches name the keys by pattern."""
+    import timm
+
+    from qkhooks.models.load import load_checkpoint
+
+    source = _dropout_vit(num_classes=10)
+    state = source.state_dict()
+    body = {k: v for k, v in state.items() if not k.startswith("head.")}
+    torch.save(body, tmp_path / "headless.pth")
+    torch.save(state, tmp_path / "ten.pth")
+    torch.save({"module." + k: v for k, v in _dropout_vit().state_dict().items()}, tmp_path / "ddp.pth")
+    for name, says in (("headless.pth", "has no classifier head"), ("ten.pth", r"another classifier head \(head.bias "
+                                                                                r"\(10,\) vs \(1000,\)")):
+        target = _dropout_vit(num_classes=1000)
+        with pytest.warns(UserWarning, match=says + ".*the recorded maps are the checkpoint's"):
+            load_checkpoint(target, tmp_path / name)
+        mine = target.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in body.items())
+    with pytest.warns(UserWarning, match="every key began with 'module.'"):
+        load_checkpoint(_dropout_vit(), tmp_path / "ddp.pth")
+    wider = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=64,
+                              num_heads=4).state_dict()
+    torch.save(wider, tmp_path / "wider.pth")
+    with pytest.raises(QKHooksError, match=r"wrong shape: .*blocks\.N\.attn\.qkv\.weight \(x2\).*another width"):
+        load_checkpoint(_dropout_vit(), tmp_path / "wider.pth")
+
+
+def test_a_backbone_checkpoint_through_load_model_says_the_head_was_not_loaded(tmp_path):
+    import timm
+
+    from qkhooks import load_model
+
+    with torch.device("meta"):  # only the shapes: building the real thing twice costs seconds
+        shapes = timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict()
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in shapes.items() if not k.startswith("head.")}
+    torch.save(state, tmp_path / "headless.pth")
+    with pytest.warns(UserWarning, match="has no classifier head"):
+        loaded = load_model("timm:vit_tiny_patch16_224", checkpoint=tmp_path / "headless.pth")
+    assert loaded.weights == f"checkpoint:{tmp_path / 'headless.pth'} (head not loaded)"
+    assert torch.equal(loaded.model.blocks[3].attn.qkv.weight, state["blocks.3.attn.qkv.weight"])
+
+
+def test_normalisation_statistics_on_the_0_255_scale_are_refused():
+    """Review 18 (18): ImageConfig(mean=(123.7, ...)) was accepted, making every input about -2."""
+    from qkhooks import load_model
+
+    config = ImageConfig(size=(32, 32), mean=(123.7, 116.3, 103.5), std=(58.4, 57.1, 57.4))
+    with pytest.raises(QKHooksError, match=r"0\.\.255 scale.*divide both by 255"):
+        load_model(_dropout_vit(), image_config=config)

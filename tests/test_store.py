@@ -440,3 +440,89 @@ def test_limit_applies_to_an_opened_dataset_as_to_a_spec_string(tmp_path):
     with open_run(tmp_path / "run.h5") as run:
         assert run.ids == list(dataset.ids[:2]) and json.loads(run.attrs["config"])["limit"] == 2
 
+
+
+# ------------------------------------------------------------------ what is not a run; where the photos are (review 18)
+def test_a_folder_an_image_and_an_empty_file_are_not_run_files_in_one_line(tmp_path, capsys):
+    """Review 18 (11, 12): `info DIR` printed an IsADirectoryError traceback, and a PNG was called "damaged" with
+    `qkhooks repair` suggested; each is now one line saying it is not a run file, status 2."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(photo)
+    (tmp_path / "empty.h5").touch()
+    for given, says in ((tmp_path, "is a folder, not a qkhooks run file"),
+                        (photo, "is not a qkhooks run file (not an HDF5 file at all)"),
+                        (tmp_path / "empty.h5", "is an empty file, not a qkhooks run file")):
+        for argv in (["info", str(given)], ["analyze", "modes", str(given), "--out", str(tmp_path / "an")]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert says in err and "repair" not in err and "Traceback" not in err, err
+        with pytest.raises(QKHooksError, match="not a qkhooks run file"):
+            open_run(given)
+
+
+def _small_run(folder: Path, out: Path, n: int = 3) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    record_dataset(tiny_vit(), str(folder.name), out, modes=2, layers="0", batch_size=4, progress=False)
+
+
+def test_a_moved_run_without_its_reducer_states_file_says_so(tmp_path, monkeypatch, capsys):
+    """Review 18 (19): a run copied without RUN.h5.reducers lost its reducer states with no word; info and
+    analyze modes now name the missing file."""
+    monkeypatch.chdir(tmp_path)
+    _small_run(tmp_path / "imgs", tmp_path / "run.h5")
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "run.h5").write_bytes((tmp_path / "run.h5").read_bytes())
+    with open_run(tmp_path / "run.h5") as run:
+        assert run.states() and run.missing_states() == ""
+    assert main(["info", "moved/run.h5"]) == 0
+    assert "run.h5.reducers is missing" in capsys.readouterr().out
+    assert main(["analyze", "modes", "moved/run.h5", "--out", "an", "--figure-modes", "0", "--no-overview",
+                 "--no-images"]) == 0
+    assert "note: run.h5.reducers is missing" in capsys.readouterr().out
+
+
+def test_a_run_names_its_folder_absolutely_and_photos_are_drawn_only_from_the_files_recorded(tmp_path, monkeypatch):
+    """Review 18 (4): the run stored 'imgs' as typed, so analyze modes from another folder drew over whatever
+    ./imgs held there. The path is now absolute, each file's size is stored, and a folder whose files are missing
+    or have other sizes gives no photos, saying why."""
+    from qkhooks.analysis.modes import load_images
+    from qkhooks.data_files import SIZES_ATTR
+
+    monkeypatch.chdir(tmp_path)
+    _small_run(tmp_path / "imgs", tmp_path / "run.h5")
+    with open_run(tmp_path / "run.h5") as run:
+        attrs, ids, config = run.attrs, run.ids, run.config
+    assert attrs["data"] == str(tmp_path / "imgs") and config["data"] == str(tmp_path / "imgs")
+    assert json.loads(attrs[SIZES_ATTR]) == {i: (tmp_path / "imgs" / i).stat().st_size for i in ids}
+    other = tmp_path / "elsewhere"
+    (other / "imgs").mkdir(parents=True)
+    for i in ids:  # same names, other pictures, in the folder 'imgs' would mean from there
+        Image.fromarray(np.full((10, 10, 3), 255, np.uint8)).save(other / "imgs" / i)
+    monkeypatch.chdir(other)
+    photos, note = load_images(attrs, ids, [0, 1])
+    assert photos[0] is not None and "photos from" in note  # the recorded folder, named absolutely
+    original = (tmp_path / "imgs" / ids[1]).read_bytes()
+    (tmp_path / "imgs" / ids[1]).write_bytes((other / "imgs" / ids[1]).read_bytes())  # a file replaced in place
+    photos, note = load_images(attrs, ids, [0, 1])
+    assert photos == {} and f"not the files this run recorded (first: {ids[1]!r}" in note
+    (tmp_path / "imgs" / ids[1]).unlink()  # one gone: the others are still the recorded files, drawn
+    photos, note = load_images(attrs, ids, [0, 1])
+    assert photos[0] is not None and photos[1] is None and "1 image(s) not found" in note
+    old = {**attrs, "data": "imgs"}  # a run from before: its data as typed, no sizes; images missing from a
+    del old[SIZES_ATTR]  # relative folder mean another folder
+    (other / "imgs" / ids[2]).unlink()
+    photos, note = load_images(old, ids, [0, 2])
+    assert photos == {} and "not in 'imgs' (first: " in note and "relative to the folder it was recorded in" in note
+    photos, note = load_images(old, ids, [0])
+    assert photos[0] is not None and "photos from 'imgs'" in note
+    monkeypatch.chdir(tmp_path)  # such a run, recorded here as 'imgs', still resumes from here (not refused with
+    (tmp_path / "imgs" / ids[1]).write_bytes(original)  # 'data: file imgs, now /.../imgs')
+    with h5py.File(tmp_path / "run.h5", "r+") as f:
+        f.attrs["config"] = json.dumps({**config, "data": "imgs"}, sort_keys=True)
+    record_dataset(tiny_vit(), "imgs", tmp_path / "run.h5", modes=2, layers="0", batch_size=4, progress=False,
+                   resume=True)
+    with open_run(tmp_path / "run.h5") as run:
+        assert run.complete and run.n == 3 and run.config["data"] == "imgs"

@@ -195,6 +195,11 @@ def load_images(attrs: Mapping[str, Any], ids: Sequence[str], wanted: Sequence[i
             dataset = open_dataset(str(spec), cfg)
     except Exception as exc:
         return {}, f"no photos: cannot reopen dataset {spec!r} ({type(exc).__name__}: {exc})"
+    from qkhooks.data_files import changed_files  # the images drawn must be the files recorded, or none is drawn
+
+    changed = changed_files(attrs, dataset, [ids[i] for i in sorted(set(int(i) for i in wanted)) if 0 <= i < len(ids)])
+    if changed:
+        return {}, f"no photos: {changed}"
     position = {id_: i for i, id_ in enumerate(dataset.ids)}
     mean = np.asarray(cfg.mean, np.float32)[:, None, None]
     std = np.asarray(cfg.std, np.float32)[:, None, None]

@@ -8,6 +8,16 @@ from qkhooks.cli import command
 from qkhooks.errors import QKHooksError, writable_dir
 
 
+def _sidecar_note(run_path: str) -> None:
+    """Say so when the run's reducer states file (RUN.h5.reducers) is not next to it."""
+    from qkhooks.store.reader import open_run
+
+    with open_run(run_path) as run:
+        missing = run.missing_states()
+    if missing:
+        print(f"note: {missing}")
+
+
 # ------------------------------------------------------------------------------------ preference
 def _preference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run file recorded on odd-one-out data (o3:N or o3dir:DIR) with --attention rows")
@@ -24,6 +34,7 @@ def run_preference(args: argparse.Namespace) -> int:
     if not result["complete"]:
         print(f"note: {args.run} is incomplete (the recording stopped early); the table covers its "
               f"{result['num_images']} committed images.")
+    _sidecar_note(args.run)
     print("wrote " + ", ".join(result["files"].values()))
     return 0
 
@@ -61,6 +72,7 @@ def run_modes(args: argparse.Namespace) -> int:
     )
     print(format_summary(summary))
     print(f"top-k: {summary['topk_source']}; {summary['photos']}")
+    _sidecar_note(args.run)
     files = summary["files"]
     print("wrote " + ", ".join(v for k_, v in files.items() if k_ not in ("figures", "figure_count") and v)
           + (f" and {files['figure_count']} figures under {files['figures']}" if files["figure_count"] else ""))

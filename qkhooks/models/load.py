@@ -16,11 +16,13 @@ cannot be made honestly (a module you built, a checkpoint) the request is refuse
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -65,15 +67,51 @@ class LoadedModel:
 
 
 def unwrap_loaded(model: Any) -> Any:
-    """The module inside a :class:`LoadedModel` (anything else as given), so APIs take either."""
-    return model.model if isinstance(model, LoadedModel) else model
+    """The module inside a :class:`LoadedModel` (anything else as given), so APIs take either.
+
+    Every API that takes a model needs its weights, so a module whose weights are on the ``meta`` device is
+    refused here (:func:`refuse_meta`), with the fix, instead of torch's "Cannot copy out of meta tensor".
+    """
+    model = model.model if isinstance(model, LoadedModel) else model
+    refuse_meta(model)
+    return model
+
+
+def refuse_meta(model: Any) -> None:
+    """A :class:`QKHooksError` for a module built on the ``meta`` device (shapes only, no weights)."""
+    if not isinstance(model, nn.Module):
+        return
+    named = itertools.chain(model.named_parameters(), model.named_buffers())
+    empty = next((name for name, t in named if t.is_meta), None)
+    if empty is not None:
+        raise QKHooksError(
+            f"{type(model).__name__} has no weights: its tensors are on the 'meta' device (e.g. {empty}), which holds "
+            "shapes but no data, so there are no weights to record. Materialise it first: model.to_empty(device="
+            "'cpu') and then load its weights (model.load_state_dict(...), or qkhooks.models.load.load_checkpoint("
+            "model, PATH)); or build it on a real device."
+        )
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Load weights from a local file without executing code from it (safetensors or weights-only torch.load).
 
-    A checkpoint that does not fit the architecture is a :class:`QKHooksError` naming the mismatched keys.
+    Two differences that do not change attention are taken care of, each said in a warning: a prefix on every key
+    (``module.`` from DistributedDataParallel, ``_orig_mod.`` from torch.compile, ``model.``) is stripped, and a
+    checkpoint whose only mismatches are the classifier head's (none, as self-supervised backbones ship, or another
+    number of classes) loads everything else and leaves the model's own head as built: the head reads the last
+    block's output and never feeds the attention, so recorded maps are exact (the model's logits are not the
+    checkpoint's). Any other mismatch is a :class:`QKHooksError` naming the mismatched keys by pattern.
     """
+    _load_checkpoint(model, path, strict)
+    return model
+
+
+# Prefixes that wrappers put on every key of a saved state dict: DDP / DataParallel, torch.compile, Lightning-style.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def _load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> str:
+    """:func:`load_checkpoint`; returns what was left out ("" when the checkpoint fit exactly), for ``weights``."""
     path = Path(path)
     if not path.is_file():
         raise QKHooksError(f"checkpoint {str(path)!r} does not exist.")
@@ -97,21 +135,89 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     if not isinstance(state, dict):
         raise QKHooksError(f"{str(path)!r} holds a {type(state).__name__}, not a state_dict of tensors.")
     own = model.state_dict()
+    stripped, given = [], state
+    while state and not set(state) & set(own):  # nothing fits: a wrapper's prefix on every key?
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(str(k).startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        stripped.append(prefix)
+    if stripped and not set(state) & set(own):  # still nothing fits: not a wrapper's prefix, report the keys as saved
+        stripped, state = [], given
+    if stripped:
+        warnings.warn(f"checkpoint {str(path)!r}: every key began with {''.join(stripped)!r} (a training wrapper's "
+                      "prefix, e.g. DistributedDataParallel's 'module.'); stripped it.", stacklevel=3)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    head = _classifier_names(model)
+    in_head = lambda k: any(k == h or k.startswith(h + ".") for h in head)  # noqa: E731
+    left_out = ""
+    if strict and head and (missing or unexpected or shape) and all(in_head(k) for k in missing + unexpected + shape):
+        if shape:
+            changed = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shape[:2])
+            what = f"has another classifier head ({changed})"
+        else:
+            what = "has no classifier head" if missing else "has classifier keys this model lacks"
+        state = {k: v for k, v in state.items() if k in own and k not in shape}
+        left_out = "head not loaded"
+        warnings.warn(
+            f"checkpoint {str(path)!r} {what}: loaded every other weight exactly and left {type(model).__name__}'s own "
+            f"{'/'.join(head)} as built ({', '.join((missing + shape + unexpected)[:4])}). The head reads the last "
+            "block's output and feeds no attention, so the recorded maps are the checkpoint's; the model's logits "
+            "are not. (To load a head, build the model with the checkpoint's num_classes.)", stacklevel=3)
+        model.load_state_dict(state, strict=False)
+        return left_out
     if strict and (missing or unexpected or shape):
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shape)):
             if keys:
-                more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
-                parts.append(f"{label}: {', '.join(keys[:8])}{more}")
+                parts.append(f"{label}: {_key_patterns(keys)}")
         raise QKHooksError(
             f"checkpoint {str(path)!r} does not fit {type(model).__name__}: " + "; ".join(parts)
-            + ". Check the model name matches the checkpoint's architecture."
+            + ". " + _mismatch_hint(missing, unexpected, shape, own, state)
         )
     model.load_state_dict(state, strict=strict)
-    return model
+    return left_out
+
+
+def _classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """The classifier head's module names (timm's pretrained config says them: ``head``, ``head_dist``, ...)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("classifier") if isinstance(cfg, dict) else None
+    names = (names,) if isinstance(names, str) else tuple(names or ())
+    modules = dict(model.named_modules())
+    return tuple(n for n in names if n in modules)
+
+
+def _key_patterns(keys: Sequence[str], most: int = 6) -> str:
+    """Keys grouped by pattern, block numbers as N: ``blocks.N.attn.qkv.weight (x12), head.bias``."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(re.sub(r"(?<=\.)\d+(?=\.)", "N", key), []).append(key)
+    shown = [f"{p} (x{len(ks)})" if len(ks) > 1 else ks[0] for p, ks in list(groups.items())[:most]]
+    more = f" (+{len(groups) - most} more patterns)" if len(groups) > most else ""
+    return ", ".join(shown) + more + f" [{len(keys)} keys]"
+
+
+def _mismatch_hint(missing: Sequence[str], unexpected: Sequence[str], shape: Sequence[str], own: dict,
+                   state: dict) -> str:
+    """The likeliest cause of a mismatch, for the error."""
+    first = lambda keys: sorted({k.split(".")[0] for k in keys})  # noqa: E731
+    if missing and unexpected and len(missing) == len(unexpected) and not shape:
+        prefixes = {u[: len(u) - len(m)] for m, u in zip(sorted(missing, key=lambda k: k[::-1]),
+                                                         sorted(unexpected, key=lambda k: k[::-1])) if u.endswith(m)}
+        if len(prefixes) == 1 and next(iter(prefixes)):
+            return (f"Every checkpoint key has the extra prefix {next(iter(prefixes))!r}: strip it from the state "
+                    "dict's keys (or save model.state_dict() of the unwrapped model).")
+    if shape:
+        return ("The same names with other shapes: another width, patch size, image size or number of classes; "
+                "pick the timm model name of the checkpoint's architecture (mismatched parts: "
+                f"{', '.join(first(shape))}).")
+    return ("Check the model name matches the checkpoint's architecture (another depth or family; mismatched parts: "
+            f"{', '.join(first(list(missing) + list(unexpected)))}).")
 
 
 def _refused_unpickle(path: str | os.PathLike, exc: BaseException) -> QKHooksError:
@@ -147,6 +253,20 @@ def check_device(device: str | torch.device) -> None:
         raise QKHooksError(f"device {device!r} asked for, but MPS is not available here; use --device cpu.")
 
 
+def _check_scale(image_config: Any) -> None:
+    """Refuse normalisation statistics on the 0..255 scale: pixels are scaled to 0..1 before they are normalised."""
+    if image_config is None:
+        return
+    mean, std = getattr(image_config, "mean", ()), getattr(image_config, "std", ())
+    if any(float(v) > 1 for v in mean):  # a mean over 1 is never a 0..1 pixel statistic
+        raise QKHooksError(
+            f"image_config has mean={tuple(mean)}, std={tuple(std)} on the 0..255 scale, but qkhooks scales pixels to "
+            "0..1 before normalising (as timm and Hugging Face do), so every input would be about "
+            f"{-float(mean[0]) / float(std[0]) if mean and std else -2:.1f}; divide both by 255 (e.g. mean=(0.485, "
+            "0.456, 0.406), std=(0.229, 0.224, 0.225))."
+        )
+
+
 def _image_config(kind: str, model: nn.Module, processor: dict | None = None):
     if kind == "timm":
         return ImageConfig.from_timm(model)
@@ -170,7 +290,9 @@ def _load_timm(name: str, random_init: bool, checkpoint: str | None) -> nn.Modul
             "--random-init / random_init=True, or a local checkpoint with --checkpoint PATH."
         ) from None
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        left_out = _load_checkpoint(model, checkpoint)
+        if left_out:
+            model.qkhooks_weights_note = left_out  # type: ignore[attr-defined]  # load_model puts it in `weights`
     return model
 
 
@@ -271,6 +393,7 @@ def load_model(
     """
     note = ""
     check_device(device)
+    _check_scale(image_config)
     label = spec if isinstance(spec, str) else type(spec).__name__
     if isinstance(spec, str) and spec.endswith(RANDOM_SUFFIX):
         spec, random_init = spec[: -len(RANDOM_SUFFIX)], True
@@ -289,6 +412,7 @@ def load_model(
                 "or pass a spec such as 'timm:NAME@random'."
             )
         weights = "as given"
+        refuse_meta(spec)
         model, name = spec, type(spec).__name__
         module = type(spec).__module__
         if image_config is None and not module.startswith(("timm.", "transformers.")):
@@ -306,6 +430,8 @@ def load_model(
             raise QKHooksError("--checkpoint goes with a timm:NAME architecture; for HF give the folder as hf:DIR.")
         if kind == "timm":
             model = _seeded(lambda: _load_timm(name, random_init, None if checkpoint is None else str(checkpoint)))
+            if getattr(model, "qkhooks_weights_note", ""):  # e.g. a backbone checkpoint without its classifier head
+                weights += f" ({model.qkhooks_weights_note})"
             image_config = image_config or _image_config("timm", model)
         elif kind == "hf":
             model, processor = _seeded(lambda: _load_hf(name, random_init))

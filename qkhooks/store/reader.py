@@ -85,6 +85,7 @@ class RunReader:
         self.path = Path(path)
         if not self.path.exists():
             raise QKHooksError(f"no run file at {self.path}; record one with `qkhooks record`.")
+        _refuse_non_run(self.path)
         self.file = open_reader(self.path)
         try:
             if fmt.committed(self.file) is None:
@@ -317,6 +318,17 @@ class RunReader:
     def states(self) -> list[str]:
         return sorted(fmt.read_states(self.file, self.path)[1])
 
+    def missing_states(self) -> str:
+        """A one-line notice when the run's config lists reducers but their saved states are nowhere: the sidecar
+        ``RUN.h5.reducers`` is not next to the run file (copied or moved without it). Empty otherwise."""
+        wanted = self.config.get("reducers") or []
+        if not wanted or self.states():
+            return ""
+        sidecar = fmt.checkpoint_path(self.path)
+        return (f"{sidecar.name} is missing: the states of the reducers this run kept ({', '.join(wanted)}) live in "
+                f"that file, next to {self.path.name}; copy it along with the run (analyses recompute what they can "
+                "from the stored maps, the rest is left out).")
+
     # ------------------------------------------------------------------ summary
     def _incomplete_hint(self) -> str:
         if self.complete:
@@ -343,6 +355,8 @@ class RunReader:
             lines.append(f"  {name:32s} {str(shape):24s} {ds.dtype}")
         if self.states():
             lines.append("reducers " + ", ".join(self.states()))
+        elif self.missing_states():
+            lines.append("reducers none: " + self.missing_states())
         if self.info:
             lines.append(f"layers   (model/info schema {self.schema_version})")
             for layer in self.layers:
@@ -365,6 +379,30 @@ class RunReader:
 
     def __repr__(self) -> str:
         return f"RunReader({str(self.path)!r}, images={self.n}, layers={self.layers})"
+
+
+# How files that are not HDF5 at all begin (a run file whose first bytes were zeroed is damaged, not foreign).
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _refuse_non_run(path: Path) -> None:
+    """One clear line for what cannot be a run file: a folder, an empty file, a file that is not HDF5 at all
+    (a photo, a text file). A file whose start is zeroed is left to :func:`open_reader`, which calls it damaged and
+    names ``qkhooks repair``: that is how a real run's lost superblock looks."""
+    if path.is_dir():
+        raise QKHooksError(f"{path} is a folder, not a qkhooks run file; give a run file (RUN.h5) written by "
+                           "`qkhooks record`.")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_HDF5_SIGNATURE))
+    except OSError as exc:
+        raise QKHooksError(f"cannot read {path} ({exc.strerror or exc}).") from None
+    if not head:
+        raise QKHooksError(f"{path} is an empty file, not a qkhooks run file; give a run file (RUN.h5) written by "
+                           "`qkhooks record`.")
+    if head != _HDF5_SIGNATURE and any(head):
+        raise QKHooksError(f"{path} is not a qkhooks run file (not an HDF5 file at all); give a run file (RUN.h5) "
+                           "written by `qkhooks record`.")
 
 
 def _natural(name: str) -> list[Any]:
