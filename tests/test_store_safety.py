@@ -417,3 +417,235 @@ def main_rc(argv: list[str]) -> int:
     from qkhooks.cli import main
 
     return main(argv)
+
+
+# ------------------------------------------------------------------------------------------ review 18 (store)
+def _small_run(path: Path, batches: int = 3, checkpoint: bool = False) -> None:
+    with RunWriter(path, dtype="float32", chunk_images=2) as w:
+        for i in range(batches):
+            w.write_batch([f"i{2 * i}", f"i{2 * i + 1}"], {"v": np.full((2, 8), i, np.float32)})
+        if checkpoint:
+            w.write_checkpoint({"r": {"a": np.arange(64.0), "count": 6}})
+
+
+def _header(path: Path, name: str) -> int:
+    """File offset of ``name``'s object header."""
+    with h5py.File(path, "r") as f:
+        return h5py.h5o.get_info(f[name].id).addr
+
+
+def _chunk_index(path: Path, name: str) -> int:
+    """File offset of a byte of dataset ``name``'s chunk index (extensible array header): the one whose damage
+    leaves the file's tree readable and makes the chunk lookup of ``name`` fail."""
+    data = path.read_bytes()
+    at = data.find(b"EAHD")
+    while at >= 0:
+        path.write_bytes(data[:at + 8] + bytes([data[at + 8] ^ 0xFF]) + data[at + 9:])
+        try:
+            with h5py.File(path, "r") as f:
+                list(f["images"])
+                try:
+                    f[name].id.get_chunk_info_by_coord((0,) * f[name].ndim)
+                except (OSError, RuntimeError):
+                    return at + 8
+        except (OSError, RuntimeError, KeyError):
+            pass
+        at = data.find(b"EAHD", at + 1)
+    raise AssertionError(f"no chunk index of {name} found")
+    # (the file is left with the byte flipped; the callers flip it again to damage it themselves)
+
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _as_if_killed(path: Path) -> None:
+    """Set the superblock's "open for SWMR write" flags a killed writer leaves (readers then read in SWMR mode)."""
+    from qkhooks.store._hdf5 import _Superblock
+
+    block = _Superblock.read(path)
+    with open(path, "r+b") as fh:
+        fh.write(block.with_flags(0x05))
+
+
+def _answer(argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess:
+    start = time.monotonic()
+    done = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=timeout)  # a hang fails here
+    done.seconds = time.monotonic() - start
+    return done
+
+
+READ_ALL = ("import sys, qkhooks\ntry:\n    r = qkhooks.open_run(sys.argv[1])\n    [r.array(a)[:] for a in r.arrays()]\n"
+            "    print(r.n, r.ids)\nexcept qkhooks.QKHooksError as e:\n    print(e, file=sys.stderr); sys.exit(2)")
+
+
+@pytest.mark.parametrize("how", ["hardlink", "symlink"])
+def test_a_second_writer_through_another_name_of_the_file_is_refused(tmp_path, how):
+    """F1: the lock follows the file, not the name it was given (a hard link, a symlink)."""
+    real, other = tmp_path / "real.h5", tmp_path / "other.h5"
+    with RunWriter(real, dtype="float32", chunk_images=2) as w:
+        w.write_batch(["a", "b"], {"v": np.ones((2, 8), np.float32)})
+        w.flush()
+        (os.link if how == "hardlink" else os.symlink)(real, other)
+        for mode in ("resume", "overwrite"):
+            with pytest.raises(QKHooksError, match="being written by another process"):
+                RunWriter(other, mode=mode, dtype="float32")
+        w.write_batch(["c", "d"], {"v": np.ones((2, 8), np.float32)})
+    with RunWriter(other, mode="resume", dtype="float32") as w2:  # once the first is gone, the other name may write
+        w2.write_batch(["e", "f"], {"v": np.ones((2, 8), np.float32)})
+    with open_run(real) as run:
+        assert run.ids == list("abcdef") and run.complete
+
+
+def test_a_killed_writers_run_lock_is_taken_over_by_a_writer_through_a_hard_link(tmp_path):
+    real, link = tmp_path / "real.h5", tmp_path / "link.h5"
+    _small_run(real)
+    code = (f"import numpy as np, os, sys\nfrom qkhooks.store import RunWriter\nw = RunWriter({str(real)!r}, mode='resume', "
+            "dtype='float32')\nw.flush()\nprint('held', flush=True)\nimport time; time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"held", child.stderr.read().decode()[-2000:]
+        os.link(real, link)
+        with pytest.raises(QKHooksError, match="another name of the same file"):
+            RunWriter(link, mode="resume", dtype="float32")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    with RunWriter(link, mode="resume", dtype="float32") as w:  # the dead writer's locks are gone
+        w.write_batch(["x", "y"], {"v": np.zeros((2, 8), np.float32)})
+    with open_run(real) as run:
+        assert run.n == 8
+
+
+def test_a_reader_of_a_killed_writers_file_with_damaged_metadata_answers_within_seconds(tmp_path):
+    """F2: SWMR reading retried a bad metadata checksum for minutes; now it gives up in about a second."""
+    for name, where in (("ids_header", lambda p: _header(p, "images/ids") + 12),
+                        ("array_index", lambda p: _chunk_index(p, "v"))):
+        path = tmp_path / f"{name}.h5"
+        _small_run(path)
+        clean = path.read_bytes()
+        at = where(path)
+        path.write_bytes(clean)
+        _flip(path, at)
+        _as_if_killed(path)
+        for argv in ([sys.executable, "-c", READ_ALL, str(path)], [sys.executable, "-m", "qkhooks", "info", str(path)]):
+            done = _answer(argv)
+            assert done.returncode == 2 and "Traceback" not in done.stderr, (name, done.stderr[-1500:])
+            assert f"qkhooks repair {path} --out FIXED.h5" in done.stderr and "damaged" in done.stderr, done.stderr
+            assert done.seconds < 10, (name, done.seconds)
+
+
+def test_damaged_metadata_of_a_complete_run_is_reported_as_damage_never_a_raw_error(tmp_path):
+    """F6: one QKHooksError naming the file and `qkhooks repair`, from open_run, every read and `qkhooks info`."""
+    ids_damaged = tmp_path / "ids.h5"
+    _small_run(ids_damaged)
+    _flip(ids_damaged, _header(ids_damaged, "images/ids") + 12)
+    with pytest.raises(QKHooksError, match=r"damaged.*qkhooks repair") as err:
+        open_run(ids_damaged)
+    assert "not a qkhooks run" not in str(err.value)
+    index_damaged = tmp_path / "index.h5"
+    _small_run(index_damaged)
+    _chunk_index(index_damaged, "v")  # leaves it flipped
+    with open_run(index_damaged) as run:  # opens (the array's index is read only when it is read) ...
+        with pytest.raises(QKHooksError, match=rf"{index_damaged} is damaged .*qkhooks repair {index_damaged} --out"):
+            run.array("v")[:]
+        with pytest.raises(QKHooksError, match="damaged"):
+            run.array("v")[0]
+    done = _answer([sys.executable, "-m", "qkhooks", "info", str(index_damaged)])
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-1500:]
+    assert "DAMAGED" in done.stdout and f"qkhooks repair {index_damaged}" in done.stderr
+    header_damaged = tmp_path / "header.h5"
+    _small_run(header_damaged)
+    _flip(header_damaged, _header(header_damaged, "v") + 12)
+    for argv in ([sys.executable, "-m", "qkhooks", "info", str(header_damaged)],
+                 [sys.executable, "-c", READ_ALL, str(header_damaged)]):
+        done = _answer(argv)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-1500:]
+        assert f"qkhooks repair {header_damaged} --out FIXED.h5" in done.stderr
+
+
+RESUME_CUT = ("import numpy as np, sys\nfrom qkhooks.store import RunWriter\n"
+              "with RunWriter(sys.argv[1], mode='resume', dtype='float32') as w:\n    w.truncate(2)\n"
+              "    w.write_batch(['n2', 'n3'], {'v': np.full((2, 8), 7, np.float32)})")
+
+
+def test_a_reader_of_a_closed_run_that_a_resume_cuts_says_so_instead_of_returning_stale_rows(tmp_path):
+    """F7: a closed run is read without SWMR (nothing refreshes); a resume cuts and rewrites it in place."""
+    path = tmp_path / "run.h5"
+    _small_run(path)
+    run = open_run(path)
+    assert not run.file.swmr_mode and run.n == 6
+    v = run.array("v")
+    assert v[5][0] == 2
+    done = subprocess.run([sys.executable, "-c", RESUME_CUT, str(path)], env=ENV, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for read in (lambda: v[5], lambda: v[:], lambda: run.ids, run.refresh, lambda: run.array("v")):
+        with pytest.raises(QKHooksError, match="changed .* since this reader opened it.*open it again"):
+            read()
+    run.close()
+    with open_run(path) as again:
+        assert again.ids == ["i0", "i1", "n2", "n3"] and again.array("v")[3][0] == 7
+
+
+def test_a_readers_file_replaced_under_its_name_is_reported_on_refresh(tmp_path):
+    path, other = tmp_path / "run.h5", tmp_path / "other.h5"
+    _small_run(path)
+    _small_run(other, batches=1)
+    with open_run(path) as run:
+        os.replace(other, path)
+        with pytest.raises(QKHooksError, match="replaced by another file"):
+            run.refresh()
+
+
+def test_a_damaged_reducer_checkpoint_is_reported_never_silently_ignored(tmp_path):
+    """F10: states() / state() raise naming the checkpoint and what a resume does; `qkhooks info` says it (exit 2)."""
+    path = tmp_path / "run.h5"
+    _small_run(path, checkpoint=True)
+    with open_run(path) as run:
+        assert run.states() == ["r"]
+    ckpt = tmp_path / "run.h5.reducers"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+    with open_run(path) as run:
+        assert run.n == 6  # the images are unaffected
+        for read in (run.states, lambda: run.state("r")):
+            with pytest.raises(QKHooksError, match=rf"checkpoint {ckpt} is damaged.*--resume .* records every image again"):
+                read()
+    done = _answer([sys.executable, "-m", "qkhooks", "info", str(path)])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "reducers DAMAGED" in done.stdout and str(ckpt) in done.stderr
+
+
+def test_an_unusable_lock_file_and_a_dangling_symlink_are_refused_clearly(tmp_path):
+    """F11: a lock file that cannot be opened (here a folder of that name; in real use, another user's) and a
+    symlink to nothing as the output (writing would replace the link and never create its target)."""
+    (tmp_path / "run.h5.lock").mkdir()
+    with pytest.raises(QKHooksError, match=r"cannot take the writer lock of .*run.h5.lock"):
+        RunWriter(tmp_path / "run.h5")
+    link, target = tmp_path / "link.h5", tmp_path / "sub_target.h5"
+    link.symlink_to(target)
+    with pytest.raises(QKHooksError, match=rf"symlink to {target}, which does not exist"):
+        RunWriter(link)
+    assert link.is_symlink() and not target.exists()
+
+
+def test_a_full_disk_while_laying_out_a_run_does_not_advise_resuming_a_file_that_does_not_exist(tmp_path, monkeypatch):
+    import errno
+
+    from qkhooks.store import writer as writer_module
+
+    def full(self, name, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_module.RunWriter, "_do_static", full)
+    out = tmp_path / "run.h5"
+    w = RunWriter(out)
+    w.write_static("spectrum/L0/S", np.ones(3))
+    with pytest.raises(QKHooksError) as err:
+        w.close()
+    assert "no run file was written" in str(err.value) and "--resume" not in str(err.value)
+    assert not out.exists()

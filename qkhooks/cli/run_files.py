@@ -20,8 +20,12 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 def run_info(args: argparse.Namespace) -> int:
     from qkhooks.store.reader import open_run  # the reader alone: qkhooks.store also holds the writer (torch)
 
+    from qkhooks.errors import QKHooksError
+
     with open_run(args.run) as run:
         print(run.summary())
+        if run.problems:  # damage found while summarising: said, and the exit status says it too
+            raise QKHooksError(f"{args.run} is damaged: " + "; ".join(run.problems))
     return 0
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from qkhooks.access import LayerGeometry
 
 __all__ = ["IDS", "SKIPPED", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "per_image_datasets",
-           "read_states", "write_checkpoint", "read_checkpoint", "write_states_into", "resume_point", "config_differences",
+           "read_states", "write_checkpoint", "read_checkpoint", "checkpoint_problem", "write_states_into", "resume_point", "config_differences",
            "INFO_SCHEMA_VERSION", "layer_geometry"]
 
 IDS = "images/ids"
@@ -61,7 +61,10 @@ def committed(f: h5py.File) -> int | None:
     Read from ``/images/ids``'s copy of the count: an SWMR reader that stays open sees a dataset's
     attributes change after ``Dataset.refresh()``, while a group's attributes stay as first read.
     """
-    ds = f.get(IDS)
+    # ``in`` (not ``get``, which answers None for any error): a damaged file raises here, it is not "not a run"
+    if IDS not in f:
+        return None
+    ds = f[IDS]
     if not isinstance(ds, h5py.Dataset):
         return None
     for holder in (ds, f["images"]):
@@ -83,11 +86,17 @@ def per_image_datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
     """The per-image arrays of a run file (datasets marked ``per_image``), by schema name."""
     found: dict[str, h5py.Dataset] = {}
 
-    def visit(name: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image", False):
-            found[name] = obj
+    # A walk by names, not ``visititems``: HDF5's visit also reads every dataset's chunk index (for its storage
+    # size), so one damaged index would hide every array, where a walk opens object headers only.
+    def walk(group: h5py.Group, prefix: str) -> None:
+        for key in group:
+            obj = group[key]
+            if isinstance(obj, h5py.Group):
+                walk(obj, f"{prefix}{key}/")
+            elif isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image", False):
+                found[f"{prefix}{key}"] = obj
 
-    f.visititems(visit)
+    walk(f, "")
     return found
 
 
@@ -147,6 +156,22 @@ def read_checkpoint(run: str | os.PathLike) -> tuple[int, dict[str, dict[str, An
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
         return None
     return int(meta["images"]), states
+
+
+def checkpoint_problem(run: str | os.PathLike) -> str | None:
+    """What is wrong with ``RUN.h5.reducers`` when it exists but cannot be read (None: absent or readable)."""
+    path = checkpoint_path(run)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(str(archive["__meta__"]))
+            int(meta["images"])
+            for member in archive.files:
+                archive[member]  # every member's CRC is checked as it is read
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def write_states_into(f: h5py.File, states: Mapping[str, Mapping[str, Any]], images: int) -> None:

@@ -1,18 +1,28 @@
-"""One writer per run file: an exclusive ``flock`` on ``RUN.h5.lock``, held for the writer's whole life.
+"""One writer per run file: an exclusive ``flock`` on ``RUN.h5.lock``, held for the writer's whole life, plus an
+exclusive lock on the run file itself.
 
-The OS drops the lock when its process dies, however it dies, so a dead writer's run resumes without
+The lock file sits beside the run's real path (symlinks resolved), so two names of the file through a symlink
+share it. A hard link is another name of the same inode with no common path: the writer also takes an open file
+description lock (``F_OFD_SETLK``, Linux) on the run file itself, keyed by the file, not its name, so a second
+writer through any name of the same file is refused. (An OFD lock and HDF5's own ``flock`` do not interact on a
+local file system, so readers and HDF5 are unaffected.) Where OFD locks do not exist, the lock file alone
+guards, and only the file's real path.
+
+The OS drops both when their process dies, however it dies, so a dead writer's run resumes without
 guesswork; a live one's is refused at once, naming its pid and host. The lock file also reserves a little disk
 space that the writer frees after a disk-full error, so HDF5 can still flush and close the run file cleanly.
-Readers never take it.
+Readers never take either.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
 import socket
+import struct
 from pathlib import Path
 
 from qkhooks.errors import QKHooksError
@@ -62,14 +72,60 @@ def _drop_in_forked_child() -> None:
 os.register_at_fork(after_in_child=_drop_in_forked_child)
 
 
+_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37 if os.uname().sysname == "Linux" else None)
+
+
+def _lock_file_itself(fd: int) -> bool:
+    """An exclusive OFD write lock on all of ``fd``'s file, without waiting: False when another holds one.
+    (True where OFD locks do not exist: nothing more can be checked there.)"""
+    if _OFD_SETLK is None:
+        return True
+    # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (0 for OFD locks)
+    request = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0) + bytes(8)
+    try:
+        fcntl.fcntl(fd, _OFD_SETLK, request)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+            return True  # no OFD locks here (an old kernel, a file system without them)
+        raise
+    return True
+
+
+def _dangling_link(run: Path) -> str | None:
+    """The missing target of ``run`` when it is a symlink to nothing (None otherwise)."""
+    if run.is_symlink() and not run.exists():
+        return os.path.realpath(run)
+    return None
+
+
 class WriterLock:
-    """Take the writer lock of ``run`` (refused with a :class:`QKHooksError` while another process holds it)."""
+    """Take the writer lock of ``run`` (refused with a :class:`QKHooksError` while another process holds it).
+
+    The lock file is named after the run's real path (symlinks resolved), and an existing run file is itself locked
+    (see the module docstring), so a second writer through a symlink or a hard link is refused too. A run that is a
+    symlink to a missing file is refused: writing it would replace the link by a new file and leave its target
+    uncreated. Call :meth:`hold_run` again whenever a new file takes the run's name (a new run published).
+    """
 
     def __init__(self, run: str | os.PathLike, reserve: int = 0):
         self.run = Path(run)
-        self.path = lock_path(run)
+        target = _dangling_link(self.run)
+        if target is not None:
+            raise QKHooksError(f"{self.run} is a symlink to {target}, which does not exist; writing would replace the "
+                               f"link by a new file and never create {target}. Give {target} as the output (or remove "
+                               "the link).")
+        self.path = lock_path(os.path.realpath(self.run))
+        self._run_fd: int | None = None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise QKHooksError(
+                    f"cannot take the writer lock of {self.run}: {self.path} cannot be opened for writing "
+                    f"({exc.strerror}). If it belongs to another user or no writer is running, remove it (or write the "
+                    "run elsewhere), then run again.") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -88,6 +144,11 @@ class WriterLock:
             os.close(fd)
         self._fd = fd
         keep_out_of_forked_children(fd)
+        try:
+            self.hold_run()
+        except BaseException:
+            self.release()
+            raise
         note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         os.ftruncate(fd, 0)
@@ -101,12 +162,39 @@ class WriterLock:
                 raise QKHooksError(f"cannot start writing {self.run}: {exc.strerror} (no room for even "
                                    f"{reserve >> 20} MiB); free space first.") from None
 
+    def hold_run(self) -> None:
+        """Lock the file now at the run's name (if any) itself, giving up the one locked before: refused while another
+        writer, through any name of the file (a hard link), holds it."""
+        try:
+            fd = os.open(self.run, os.O_RDWR)
+        except FileNotFoundError:
+            fd = None
+        except OSError:  # not writable, a directory...: the writer refuses it by itself
+            fd = None
+        old, self._run_fd = self._run_fd, None
+        if old is not None:
+            forget_in_forked_children(old)
+            os.close(old)
+        if fd is None:
+            return
+        if not _lock_file_itself(fd):
+            os.close(fd)
+            raise QKHooksError(
+                f"{self.run} is being written by another process under another name of the same file (a hard link or "
+                "symlink); wait for it to finish or stop it, then run again.")
+        self._run_fd = fd
+        keep_out_of_forked_children(fd)
+
     def free_reserve(self) -> None:
         """Give the reserved space back to the file system (after a disk-full error)."""
         if self._fd is not None:
             os.ftruncate(self._fd, self._note_size)
 
     def release(self) -> None:
+        if self._run_fd is not None:
+            forget_in_forked_children(self._run_fd)
+            os.close(self._run_fd)
+            self._run_fd = None
         if self._fd is None:
             return
         forget_in_forked_children(self._fd)

@@ -6,10 +6,17 @@ picks up images committed since.
 
 :class:`RunReader` speaks the vocabulary of live results (:mod:`qkhooks.access`): ``run.query(l)`` here and
 ``recording.query(l)`` there. It needs h5py and numpy only, never torch.
+
+Every read answers with the file's contents or a :class:`QKHooksError`, never a raw HDF5 error or a hang: an
+HDF5 error reading the run is reported as damage with the ``qkhooks repair`` command, an SWMR reader's metadata
+reads give up within about a second (:data:`qkhooks.store._hdf5.SWMR_READ_ATTEMPTS`), and a reader of a closed run
+whose file is changed under it (a resume cuts and rewrites it in place) says so instead of returning stale rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
@@ -23,7 +30,7 @@ from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import open_reader
+from qkhooks.store._hdf5 import damaged_message, open_reader
 
 __all__ = ["open_run", "RunReader", "RunArray"]
 
@@ -31,9 +38,10 @@ __all__ = ["open_run", "RunReader", "RunArray"]
 class RunArray:
     """A per-image dataset limited to the committed images; slicing returns numpy arrays."""
 
-    def __init__(self, dataset: h5py.Dataset, n: int):
+    def __init__(self, dataset: h5py.Dataset, n: int, owner: "RunReader | None" = None):
         self.dataset = dataset
         self.n = n
+        self._owner = owner
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -47,6 +55,12 @@ class RunArray:
         return self.n
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        if self._owner is None:
+            return self._read(key)
+        with self._owner._reading():
+            return self._read(key)
+
+    def _read(self, key: Any) -> np.ndarray:
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         if isinstance(first, slice):
             first = slice(*first.indices(self.n))
@@ -86,30 +100,83 @@ class RunReader:
         if not self.path.exists():
             raise QKHooksError(f"no run file at {self.path}; record one with `qkhooks record`.")
         _refuse_non_run(self.path)
-        self.file = open_reader(self.path)
+        self.problems: list[str] = []
+        """Damage :meth:`summary` found that does not stop the run from being read (``qkhooks info`` exits 2)."""
+        for attempt in range(20):  # a writer that changes the file while it opens (a resume starting): open again
+            self._stamp = _stamp(self.path)
+            self.file = open_reader(self.path)
+            self._swmr = self.file.swmr_mode
+            self.n = 0
+            try:
+                with self._reading():
+                    if fmt.committed(self.file) is None:
+                        raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images/ids with "
+                                           "`committed`).")
+                self.refresh()
+                return
+            except _Stale:
+                self.file.close()
+                if attempt == 19:
+                    raise
+            except BaseException:
+                self.file.close()
+                raise
+
+    # ------------------------------------------------------------------ damage and staleness
+    def _changed(self) -> str | None:
+        """How the file at :attr:`path` differs from the one opened (None: the same). A closed run is read without
+        SWMR, from what HDF5 read at opening, so any change to its file (a resume cuts and rewrites it in place, an
+        overwrite replaces it) makes what this reader would return wrong; an SWMR reader follows its writer in place
+        and only loses track of a file replaced under its name."""
+        now = _stamp(self.path)
+        if now is None:
+            return "was deleted or renamed"
+        if now[:2] != self._stamp[:2]:
+            return "was replaced by another file (an --overwrite or a copy)"
+        if not self._swmr and now != self._stamp:
+            return "was changed (a writer resumed or truncated it)"
+        return None
+
+    def _stale_error(self, why: str) -> QKHooksError:
+        return _Stale(f"{self.path} {why} since this reader opened it, so what it would read is stale; open it "
+                            "again (qkhooks.open_run).")
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Turn any HDF5 error while reading into a QKHooksError (stale, or damaged with the repair command), and
+        refuse an answer read from a closed run's file that changed under this reader."""
         try:
-            if fmt.committed(self.file) is None:
-                raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images/ids with `committed`).")
-            self.refresh()
-        except BaseException:
-            self.file.close()
+            yield
+        except QKHooksError:
             raise
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            if isinstance(exc, (KeyError, ValueError)) and not _from_hdf5(exc):
+                raise
+            why = self._changed()
+            if why is not None:
+                raise self._stale_error(why) from None
+            raise QKHooksError(damaged_message(self.path, f"HDF5 cannot read it: {exc}")) from None
+        if not self._swmr:
+            why = self._changed()
+            if why is not None:
+                raise self._stale_error(why)
 
     def refresh(self) -> int:
         """Re-read the committed count (a run still being written grows); returns it.
 
         Per-image arrays grow in place (a run file's layout never changes once it has images). Group
         attributes are read as of opening (HDF5 refreshes datasets only); reducer states are read afresh
-        from the run's checkpoint at every :meth:`state`.
+        from the run's checkpoint at every :meth:`state`. A run that was closed when opened is read as it was
+        then: once its file changes (a resume), refresh and every read raise, asking to open it again.
         """
-        try:
+        why = self._changed()
+        if why is not None:
+            raise self._stale_error(why)
+        with self._reading():
             if self.file.swmr_mode:
                 for ds in [*fmt.per_image_datasets(self.file).values(), self.file[fmt.IDS]]:
                     ds.refresh()
             self.n = fmt.committed(self.file) or 0
-        except (OSError, RuntimeError, KeyError, ValueError) as exc:
-            raise QKHooksError(f"cannot read {self.path} ({exc}); it may be damaged: try "
-                               f"`qkhooks repair {self.path} --out FIXED.h5`.") from None
         return self.n
 
     # ------------------------------------------------------------------ metadata
@@ -155,7 +222,7 @@ class RunReader:
         if not isinstance(ds, h5py.Dataset) or not ds.attrs.get("per_image", False):
             have = ", ".join(self.arrays()) or "none"
             raise QKHooksError(f"{self.path} has no per-image array {name!r}; it has: {have}.")
-        return RunArray(ds, self.n)
+        return RunArray(ds, self.n, self)
 
     def arrays(self) -> list[str]:
         """Names of all per-image arrays."""
@@ -313,10 +380,26 @@ class RunReader:
 
         Kept in the run's checkpoint ``RUN.h5.reducers`` next to it (merged files hold theirs inside).
         """
-        return fmt.read_states(self.file, self.path)[1].get(name.rpartition("/")[2])
+        return self._states().get(name.rpartition("/")[2])
 
     def states(self) -> list[str]:
-        return sorted(fmt.read_states(self.file, self.path)[1])
+        """Names of the reducers with a saved state (a damaged checkpoint raises, naming it)."""
+        return sorted(self._states())
+
+    def _states(self) -> dict[str, dict[str, Any]]:
+        states = fmt.read_states(self.file, self.path)[1]
+        if not states:
+            problem = fmt.checkpoint_problem(self.path)
+            if problem is not None:
+                raise QKHooksError(self._damaged_checkpoint(problem))
+        return states
+
+    def _damaged_checkpoint(self, problem: str) -> str:
+        ckpt = fmt.checkpoint_path(self.path)
+        return (f"the reducer checkpoint {ckpt} is damaged ({problem}): the reducer states (top-k images, preference, ...) "
+                "are lost; the per-image arrays are not affected. A --resume of this run records every image again from "
+                f"the first (the reducers need their states) and writes a new checkpoint; to read the run without "
+                f"states, move {ckpt.name} away.")
 
     def missing_states(self) -> str:
         """A one-line notice when the run's config lists reducers but their saved states are nowhere: the sidecar
@@ -349,11 +432,23 @@ class RunReader:
         if self.skipped:
             lines.append(f"skipped  {len(self.skipped)}: " + ", ".join(i for i, _ in self.skipped[:5]))
         lines.append("arrays")
+        self.problems = []
+        unreadable = []
         for name in self.arrays():
             ds = self.file[name]
             shape = (self.n,) + tuple(ds.shape[1:])
-            lines.append(f"  {name:32s} {str(shape):24s} {ds.dtype}")
-        if self.states():
+            bad = not _index_readable(ds, self.n)
+            unreadable += [name] if bad else []
+            lines.append(f"  {name:32s} {str(shape):24s} {ds.dtype}" + ("  DAMAGED (chunk index unreadable)" if bad else ""))
+        if unreadable:
+            self.problems.append(f"{len(unreadable)} per-image arrays are unreadable ({', '.join(unreadable[:3])}"
+                                 f"{' ...' if len(unreadable) > 3 else ''}): run `qkhooks repair {self.path} --out "
+                                 "FIXED.h5` to copy every image still readable into a new file")
+        problem = None if fmt.read_states(self.file, self.path)[1] else fmt.checkpoint_problem(self.path)
+        if problem is not None:
+            self.problems.append(self._damaged_checkpoint(problem))
+            lines.append(f"reducers DAMAGED checkpoint {fmt.checkpoint_path(self.path).name} ({problem})")
+        elif self.states():
             lines.append("reducers " + ", ".join(self.states()))
         elif self.missing_states():
             lines.append("reducers none: " + self.missing_states())
@@ -403,6 +498,57 @@ def _refuse_non_run(path: Path) -> None:
     if head != _HDF5_SIGNATURE and any(head):
         raise QKHooksError(f"{path} is not a qkhooks run file (not an HDF5 file at all); give a run file (RUN.h5) "
                            "written by `qkhooks record`.")
+
+
+class _Stale(QKHooksError):
+    """The file changed under a reader that cannot follow it (see :meth:`RunReader._changed`)."""
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime) of the file at ``path``: what a change to it changes (None: no file)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _from_hdf5(exc: BaseException) -> bool:
+    """Whether a KeyError or ValueError came from HDF5 failing to read (not from a name the caller got wrong)."""
+    text = str(exc)
+    return "Unable to" in text or "Can't" in text or "checksum" in text
+
+
+def _index_readable(ds: h5py.Dataset, n: int) -> bool:
+    """Whether the chunk index of a per-image array answers for its first and last committed image (reads metadata
+    only, not the data; a damaged index makes every read of the array fail)."""
+    if not ds.chunks or n == 0:
+        return True
+    try:
+        for row in {0, n - 1}:
+            ds.id.get_chunk_info_by_coord((row,) + (0,) * (ds.ndim - 1))
+    except (OSError, RuntimeError, ValueError, KeyError):
+        return False
+    return True
+
+
+def _guarded(method: Any) -> Any:
+    @functools.wraps(method)
+    def guarded(self: RunReader, *args: Any, **kwargs: Any) -> Any:
+        with self._reading():
+            return method(self, *args, **kwargs)
+
+    return guarded
+
+
+_UNGUARDED = {"refresh", "close", "_reading", "_changed", "_stale_error", "_damaged_checkpoint"}
+for _name, _member in list(vars(RunReader).items()):  # every read of the file answers as _reading says
+    if (_name.startswith("__") and _name != "__repr__") or _name in _UNGUARDED:
+        continue
+    if isinstance(_member, property):
+        setattr(RunReader, _name, property(_guarded(_member.fget), doc=_member.__doc__))
+    elif callable(_member) and not isinstance(_member, (staticmethod, classmethod)):
+        setattr(RunReader, _name, _guarded(_member))
 
 
 def _natural(name: str) -> list[Any]:

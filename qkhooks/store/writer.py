@@ -205,6 +205,7 @@ class RunWriter:
         self._file.close()
         fmt.checkpoint_path(self.path).unlink(missing_ok=True)  # an overwritten run's checkpoint is not ours (gone first)
         os.replace(self._creating, self.path)
+        self._writer_lock.hold_run()  # the new file under the run's name is this writer's (hard links: lock.py)
         self._published = True
         if reopen:
             self._file = self._keep_from_children(open_swmr_writer(self.path, CHUNK_CACHE_BYTES))
@@ -363,6 +364,10 @@ class RunWriter:
         if self._error is None:
             return
         self._reported = True
+        if _disk_full(self._error) and not self.laid_out:  # no run file yet: nothing to resume
+            unchanged = f" ({self.path.name} as it was is unchanged)" if self.mode == "overwrite" else ""
+            raise QKHooksError(f"disk full while laying out {self.path.name}: no image was committed and no run file "
+                               f"was written{unchanged}; free space and run the same command again") from self._error
         if _disk_full(self._error):
             raise QKHooksError(f"disk full while writing {self.path.name}: {self.committed} images are committed and "
                                "safe; free space and run the same command with --resume") from self._error
