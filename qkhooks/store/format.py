@@ -140,22 +140,32 @@ def write_checkpoint(run: str | os.PathLike, images: int, states: Mapping[str, M
         raise
 
 
+_UNREADABLE = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile)
+
+
+def _load_checkpoint(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    """(images, states) of a checkpoint file; raises one of :data:`_UNREADABLE` where it cannot be read (every
+    member's CRC is checked as it is read)."""
+    with np.load(path, allow_pickle=False) as archive:
+        meta = json.loads(str(archive["__meta__"]))
+        states = {name: dict(scalars) for name, scalars in meta["scalars"].items()}
+        for member in archive.files:
+            if member != "__meta__":
+                name, _, key = member.rpartition("/")
+                states[name][key] = archive[member]
+    return int(meta["images"]), states
+
+
 def read_checkpoint(run: str | os.PathLike) -> tuple[int, dict[str, dict[str, Any]]] | None:
-    """(images, states) of ``RUN.h5.reducers``, or None when there is none (or it cannot be read)."""
+    """(images, states) of ``RUN.h5.reducers``, or None when there is none (or it cannot be read:
+    :func:`checkpoint_problem` says why)."""
     path = checkpoint_path(run)
     if not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(str(archive["__meta__"]))
-            states = {name: dict(scalars) for name, scalars in meta["scalars"].items()}
-            for member in archive.files:
-                if member != "__meta__":
-                    name, _, key = member.rpartition("/")
-                    states[name][key] = archive[member]
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+        return _load_checkpoint(path)
+    except _UNREADABLE:
         return None
-    return int(meta["images"]), states
 
 
 def checkpoint_problem(run: str | os.PathLike) -> str | None:
@@ -164,12 +174,8 @@ def checkpoint_problem(run: str | os.PathLike) -> str | None:
     if not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(str(archive["__meta__"]))
-            int(meta["images"])
-            for member in archive.files:
-                archive[member]  # every member's CRC is checked as it is read
-    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        _load_checkpoint(path)
+    except _UNREADABLE as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
