@@ -231,8 +231,11 @@ def test_a_streamed_id_seen_twice_is_refused(tmp_path, loaded, order, twice):
     items = [{"image": _png(i), "id": f"img{i}"} for i in order]
     with pytest.raises(QKHooksError) as err:
         record_dataset(loaded, items, tmp_path / "run.h5", modes=4, batch_size=3, progress=False, reducers=[])
-    assert str(err.value) == (f"two items of the data have the id 'img{twice}'; "
-                              "give each item its own 'id', or none at all (then the position is the id).")
+    said = (f"two items of the data have the id 'img{twice}'; "
+            "give each item its own 'id', or none at all (then the position is the id). ")
+    then = ("Nothing was written; fix the data" if twice == 1 else  # found in the first batch, or after 3 committed
+            f"The 3 images before it stay committed in {tmp_path / 'run.h5'}: fix the data and run the same command with --resume")
+    assert str(err.value).startswith(said + then)
 
 
 # ------------------------------------------------------------------------------------------------ store
@@ -690,15 +693,19 @@ def test_the_writer_refuses_a_late_array_and_a_truncation_past_committed_with_th
         assert int(f["images"].attrs["committed"]) == 2 and f["images/skipped"][()].tolist() == [[b"bad.jpg",
                                                                                                b"cannot decode"]]
     for step, message in (
-        (lambda w: w.truncate(3), "cannot truncate to 3 images: only 2 are committed."),
-        (lambda w: w.write_batch(["c"], {"x": np.ones((1, 3)), "y": np.ones((1, 2))}),
-         "y appears after the run's first batch, which did not have it; every batch needs the same arrays."),
+        (lambda w: w.truncate(3), f"writing {path} failed: cannot truncate to 3 images: only 2 are committed."),
+        (lambda w: w.write_batch(["c"], {"x": np.ones((1, 3)), "y": np.ones((1, 2))}),  # refused before it is queued
+         "a batch (first image 'c') does not have the run's arrays: it has y, which the run's first batch did not have "
+         "(or the run file lost an array: then recover it with `qkhooks repair`). Every batch needs the same arrays: "
+         "give every item the same annotations (masks on all items or on none). "
+         f"{path} keeps the 2 images before it, but its arrays were fixed by its first batch, so a --resume meets the "
+         "same refusal: fix the data and start again with --overwrite."),
     ):
         writer = RunWriter(path, mode="resume", attrs={"model": "m", "config": {"a": [1, 2]}, "n": 3})
         with pytest.raises(QKHooksError) as err:  # raised by the call or by the flush after it (writer thread)
             step(writer)
             writer.flush()
-        assert str(err.value) == f"writing {path} failed: {message}"
+        assert str(err.value) == message
         try:
             writer.close(complete=False)
         except QKHooksError:
@@ -743,8 +750,10 @@ def test_a_resume_refuses_a_dataset_that_lost_a_recorded_image_and_the_run_keeps
     (folder / "p0.png").unlink()
     with pytest.raises(QKHooksError) as err:
         record_dataset(loaded, str(folder), out, resume=True, **opts)
-    assert str(err.value) == ("cannot resume: image 'p0.png' of the run file is not where the dataset has it; the "
-                              "dataset changed since the run started. Use --overwrite to start again.")
+    assert str(err.value) == (f"cannot resume {out}: image 'p0.png' of the run file is no longer in the dataset; the "
+                              "dataset changed since the run started (files removed, renamed or reordered). Put the "
+                              "dataset back as it was when the run started, record it into a new --out, or "
+                              "--overwrite to start again.")
     result = record_dataset(loaded, str(folder), out, overwrite=True, **opts)
     assert result.images == 3 and result.reducers == []
     with pytest.raises(KeyError) as err:

@@ -37,7 +37,7 @@ def test_a_checkpoint_keeps_scalars_in_its_json_and_arrays_as_members_numpy_scal
             meta = json.loads(str(archive["__meta__"]))
             np.testing.assert_array_equal(archive["r/total"], [0.0, 1.0, 2.0])
             np.testing.assert_array_equal(archive["r/t"], [1.0, 2.0])
-        assert meta == {"images": 2, "scalars": {"r": {"count": 3, "mean": 0.5, "n": 4, "name": "x"}}}
+        assert meta == {"images": 2, "scalars": {"r": {"count": 3, "mean": 0.5, "n": 4, "name": "x"}}, "run_id": w.run_id}
         images, states = w.checkpoint()
         assert images == 2 and {k: states["r"][k] for k in ("count", "mean", "n", "name")} == meta["scalars"]["r"]
         assert type(states["r"]["count"]) is int and type(states["r"]["name"]) is str
@@ -108,7 +108,7 @@ def test_a_string_static_is_an_attribute_of_the_group_its_path_names_and_the_lay
             assert dict(f["spectrum/L0"].attrs) == {"note": "made by hand"}
             np.testing.assert_array_equal(f["spectrum/L0/S"][()], [0.0, 1.0, 2.0])
             assert f.attrs["complete"] == False  # noqa: E712 - a numpy bool read back
-            assert sorted(f.attrs) == ["complete"]
+            assert sorted(f.attrs) == ["complete", "identity"]  # its run_id: ties the checkpoints to this run
     with h5py.File(out, "r") as f:
         assert f.attrs["complete"] == True  # noqa: E712
 

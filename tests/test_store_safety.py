@@ -22,6 +22,7 @@ import torch
 import qkhooks
 from qkhooks import QKHooksError
 from qkhooks.store import RunWriter, open_run, repair
+from qkhooks.store import format as fmt
 from qkhooks.stream import record_dataset
 
 ROOT = Path(__file__).parents[1]
@@ -649,3 +650,200 @@ def test_a_full_disk_while_laying_out_a_run_does_not_advise_resuming_a_file_that
         w.close()
     assert "no run file was written" in str(err.value) and "--resume" not in str(err.value)
     assert not out.exists()
+# ------------------------------------------------------------------------------------------ resume identity
+def _other_weights() -> qkhooks.LoadedModel:
+    import timm  # noqa: F401  (BUILD names it)
+
+    torch.manual_seed(1)  # the same class and spec, other weights (which the model name cannot tell apart)
+    return qkhooks.load_model(eval(BUILD).eval())
+
+
+def _interrupted(out: Path, loaded, data="samples", after: int = 1, **kw) -> None:
+    """A run stopped (KeyboardInterrupt from on_batch) after ``after`` batches of 2, checkpointed every batch."""
+    seen = {"batches": 0}
+
+    def stop(batch):
+        seen["batches"] += 1
+        if seen["batches"] == after:
+            raise KeyboardInterrupt
+
+    opts = {"layers": "0", "modes": 4, "batch_size": 2, "limit": 6, "checkpoint_every": 1, **kw}
+    with pytest.raises(KeyboardInterrupt):
+        record_dataset(loaded, data, out, progress=False, on_batch=stop, **opts)
+
+
+def test_a_resume_refuses_other_weights_another_compute_dtype_or_other_preprocessing(tmp_path):
+    import dataclasses
+
+    out = tmp_path / "run.h5"
+    _interrupted(out, tiny_vit())
+    before = sha(out)
+    others = _other_weights()
+    half = tiny_vit()
+    half.model.to(torch.bfloat16)
+    moved = tiny_vit()
+    moved.image_config = dataclasses.replace(moved.image_config, mean=(0.0, 0.0, 0.0))
+    for loaded, what in ((others, r"the model's weights \(sha256"), (half, "compute dtype .*file float32, now bfloat16"),
+                         (moved, r"preprocessing \(image_config.*mean: file")):
+        with pytest.raises(QKHooksError, match=f"{what}.*never mixes.*--overwrite"):
+            record_dataset(loaded, "samples", out, layers="0", modes=4, batch_size=2, limit=6, progress=False,
+                           resume=True)
+        assert sha(out) == before  # a refused resume changes nothing
+    record_dataset(tiny_vit(), "samples", out, layers="0", modes=4, batch_size=2, limit=6, progress=False, resume=True)
+    with open_run(out) as run:
+        assert run.complete and run.n == 6
+
+
+def test_a_run_file_from_before_weight_hashes_is_resumed_by_comparing_its_spectra(tmp_path):
+    out = tmp_path / "run.h5"
+    _interrupted(out, tiny_vit())
+    with h5py.File(out, "r+") as f:  # as older versions wrote it
+        del f.attrs["identity"]
+    others = _other_weights()
+    with pytest.raises(QKHooksError, match="weights differ.*spectrum/L0/S_all"):
+        record_dataset(others, "samples", out, layers="0", modes=4, batch_size=2, limit=6, progress=False, resume=True)
+    record_dataset(tiny_vit(), "samples", out, layers="0", modes=4, batch_size=2, limit=6, progress=False, resume=True)
+    with open_run(out) as run:
+        assert run.complete and run.n == 6
+
+
+def test_a_resume_refuses_an_image_added_before_its_resume_point_and_never_calls_it_undecodable(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    out = tmp_path / "run.h5"
+    _interrupted(out, tiny_vit(), str(folder), after=2, reducers=[], limit=None)
+    before = sha(out)
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / "im0_added.png")
+    with pytest.raises(QKHooksError, match=r"'im0_added.png' \(number 1\) comes before .* not in the run file.*--overwrite"):
+        record_dataset(tiny_vit(), str(folder), out, layers="0", modes=4, batch_size=2, reducers=[], progress=False,
+                       resume=True)
+    assert sha(out) == before
+    (folder / "im0_added.png").unlink()
+    result = record_dataset(tiny_vit(), str(folder), out, layers="0", modes=4, batch_size=2, reducers=[],
+                            progress=False, resume=True)
+    assert result.skipped == []
+    with open_run(out) as run:
+        assert run.complete and run.ids == [f"im{i}.png" for i in range(6)]
+
+    # an image missing from a run although it decodes is never listed as "could not be decoded"
+    from qkhooks.data import open_dataset
+    from qkhooks.stream import _skipped
+
+    ds = open_dataset(str(folder), tiny_vit().image_config)
+    reasons = dict(_skipped([], ds, ds.ids, set(ds.ids[1:]), first_shard=True))
+    assert list(reasons) == ["im0.png"] and "decodes now" in reasons["im0.png"]
+
+
+def test_duplicate_ids_of_an_indexable_dataset_are_refused_before_any_file(tmp_path):
+    from qkhooks.data import ImageDataset, open_dataset
+
+    loaded = tiny_vit()
+    ds = open_dataset("samples", loaded.image_config, limit=3)
+    twice = ImageDataset("twice", ds._records + ds._records[:1], loaded.image_config, False)
+    out = tmp_path / "run.h5"
+    with pytest.raises(QKHooksError, match=r"items 0 and 3 of 'twice' have the same id .*Nothing was written"):
+        record_dataset(loaded, twice, out, layers="0", modes=4, batch_size=2, reducers=[], progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_refused_mid_run_says_where_the_file_stands_and_what_to_do(tmp_path):
+    img = np.zeros((64, 64, 3), np.uint8)
+    loaded = tiny_vit()
+    kw = dict(layers="0", modes=4, batch_size=2, reducers=[], progress=False)
+    out = tmp_path / "dup.h5"
+    items = [{"image": img, "id": i} for i in ("a", "b", "c", "a")]
+    with pytest.raises(QKHooksError, match="the id 'a'.*The 2 images before it stay committed .*--resume.*--overwrite"):
+        record_dataset(loaded, items, out, **kw)
+    with pytest.raises(QKHooksError, match="the id 'a'"):  # the file resumes once the data is fixed
+        record_dataset(loaded, items, out, resume=True, **kw)
+    record_dataset(loaded, items[:3] + [{"image": img, "id": "d"}], out, resume=True, **kw)
+    with open_run(out) as run:
+        assert run.complete and run.ids == ["a", "b", "c", "d"]
+    out = tmp_path / "masks.h5"
+    obj = np.ones((64, 64), np.int32)
+    items = [{"image": img, "id": "0"}, {"image": img, "id": "1", "objects": obj}]
+    with pytest.raises(QKHooksError, match="item 0 .* has no 'objects' mask.*Nothing was recorded"):
+        record_dataset(loaded, items, out, **{**kw, "batch_size": 1})  # a list is checked whole before any file
+    assert not out.exists()
+    with pytest.raises(QKHooksError, match="has no 'objects' mask.*--overwrite"):  # a stream: found as it is decoded
+        record_dataset(loaded, (item for item in items), out, **{**kw, "batch_size": 1})
+
+
+class _Failing(torch.utils.data.Dataset):
+    def __init__(self, n: int, fail_at: int):
+        self.n, self.fail_at = n, fail_at
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise RuntimeError("user dataset bug")
+        return np.full((64, 64, 3), 10 * i, np.uint8)
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path):
+    from qkhooks.analysis.preference import PreferenceReducer  # noqa: F401  (the default recipe's reducers)
+
+    loaded = tiny_vit()
+    kw = dict(layers="0", modes=4, batch_size=2, progress=False)
+    out = tmp_path / "run.h5"
+    record_dataset(loaded, "samples", out, limit=6, **kw)
+    old, old_states = sha(out), sha(fmt.checkpoint_path(out))
+    with pytest.raises(RuntimeError, match="user dataset bug"):  # fails before the new run's first checkpoint
+        record_dataset(loaded, _Failing(6, 3), out, overwrite=True, checkpoint_every=8, num_workers=0, **kw)
+    assert sha(out) == old and sha(fmt.checkpoint_path(out)) == old_states
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5", "run.h5.reducers"]
+    with open_run(out) as run:
+        assert run.complete and run.n == 6
+    # a checkpoint: the new run replaces the old one (file and checkpoint) and resumes like any run
+    with pytest.raises(RuntimeError, match="user dataset bug"):
+        record_dataset(loaded, _Failing(6, 5), out, overwrite=True, checkpoint_every=1, num_workers=0, **kw)
+    with open_run(out) as run:
+        assert not run.complete and run.n == 4 and run.file.attrs["data"] != "samples"
+    assert not list(tmp_path.glob("*.creating*"))
+    record_dataset(loaded, _Failing(6, -1), out, resume=True, checkpoint_every=1, num_workers=0, **kw)
+    with open_run(out) as run:
+        assert run.complete and run.n == 6
+
+
+def test_a_checkpoint_of_another_run_is_never_read_as_this_ones(tmp_path):
+    run = tmp_path / "run.h5"
+    fmt.write_checkpoint(run, 3, {"r": {"s": np.ones(2)}}, run_id="new")
+    assert fmt.read_checkpoint(run, "new")[0] == 3
+    assert fmt.read_checkpoint(run, "old") is None and fmt.read_checkpoint(run, None) is None
+    fmt.write_checkpoint(run, 2, {"r": {"s": np.ones(2)}})  # no id (older versions, qkhooks repair): taken
+    assert fmt.read_checkpoint(run, "any")[0] == 2
+
+
+@pytest.mark.parametrize("edit", ["shrink", "delete"])
+def test_a_resume_refuses_a_run_file_whose_arrays_were_cut_or_removed(tmp_path, edit):
+    out = tmp_path / "run.h5"
+    record_dataset(tiny_vit(), "samples", out, layers="0", modes=4, batch_size=2, limit=4, reducers=[], progress=False)
+    with h5py.File(out, "r+") as f:
+        if edit == "shrink":
+            f["modes/L0/query"].resize(2, axis=0)
+        else:
+            del f["modes/L0/query"]
+    before = sha(out)
+    detail = "modes/L0/query has 2 rows" if edit == "shrink" else "modes/L0/query is missing"
+    with pytest.raises(QKHooksError, match=f"damaged \\({detail}, with 4 images committed\\).*qkhooks repair"):
+        record_dataset(tiny_vit(), "samples", out, layers="0", modes=4, batch_size=2, limit=4, reducers=[],
+                       progress=False, resume=True)
+    assert sha(out) == before
+
+
+def test_a_resume_while_this_process_reads_the_run_says_to_close_the_reader(tmp_path):
+    out = tmp_path / "run.h5"
+    kw = dict(layers="0", modes=4, batch_size=2, limit=4, reducers=[], progress=False)
+    record_dataset(tiny_vit(), "samples", out, **kw)
+    with open_run(out) as run:
+        with pytest.raises(QKHooksError, match=r"still has it open for reading.*run.close\(\)"):
+            record_dataset(tiny_vit(), "samples", out, resume=True, **kw)
+        assert run.n == 4
+    record_dataset(tiny_vit(), "samples", out, resume=True, **kw)  # closed: the resume goes ahead

@@ -26,12 +26,18 @@ import numpy as np
 from qkhooks.access import LayerGeometry
 
 __all__ = ["IDS", "SKIPPED", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "per_image_datasets",
-           "read_states", "write_checkpoint", "read_checkpoint", "checkpoint_problem", "write_states_into", "resume_point", "config_differences",
-           "INFO_SCHEMA_VERSION", "layer_geometry"]
+           "read_states", "write_checkpoint", "read_checkpoint", "checkpoint_problem", "write_states_into", "resume_point",
+           "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "run_id_of", "ARRAYS_ATTR", "IDENTITY"]
 
 IDS = "images/ids"
 SKIPPED = "images/skipped"
 REDUCERS = "reducers"
+IDENTITY = "identity"
+"""Root attribute: JSON of ``run_id`` (ties ``RUN.h5.reducers`` to this file), and of ``compute_dtype`` and
+``weights_sha256`` (the model's; a resume compares them) when the run was recorded by ``record_dataset``."""
+ARRAYS_ATTR = "arrays"
+"""``/images`` attribute: JSON list of the per-image arrays' names, written with the layout (a resume checks that
+every one is still there with at least ``committed`` rows)."""
 INFO_SCHEMA_VERSION = 2
 """Version of ``model/info``: 2 adds ``layer_geometry`` (each layer's grid, prefix, query/key tokens, stage, windows)
 and ``schema_version``; a file without it is version 1 (one grid and prefix for every layer)."""
@@ -113,16 +119,20 @@ def _split(state: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, A
     return arrays, scalars
 
 
-def write_checkpoint(run: str | os.PathLike, images: int, states: Mapping[str, Mapping[str, Any]]) -> None:
+def write_checkpoint(run: str | os.PathLike, images: int, states: Mapping[str, Mapping[str, Any]],
+                     run_id: str | None = None) -> None:
     """Replace ``RUN.h5.reducers`` with ``states`` (reducer name -> state) at ``images`` images, atomically.
 
     A plain numpy archive written beside and renamed over the old one: a kill or a full disk at any moment
-    leaves the previous checkpoint whole (and an error here touches no HDF5 state).
+    leaves the previous checkpoint whole (and an error here touches no HDF5 state). ``run_id`` (the run file's
+    ``run_id``) ties the checkpoint to its run: :func:`read_checkpoint` ignores it beside another run.
     """
     path = checkpoint_path(run)
     tmp = path.with_name(path.name + ".tmp")
     members: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"images": int(images), "scalars": {}}
+    if run_id is not None:
+        meta["run_id"] = str(run_id)
     for name, state in states.items():
         arrays, scalars = _split(state)
         meta["scalars"][name] = scalars
@@ -143,8 +153,8 @@ def write_checkpoint(run: str | os.PathLike, images: int, states: Mapping[str, M
 _UNREADABLE = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile)
 
 
-def _load_checkpoint(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
-    """(images, states) of a checkpoint file; raises one of :data:`_UNREADABLE` where it cannot be read (every
+def _load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(meta, states) of a checkpoint file; raises one of :data:`_UNREADABLE` where it cannot be read (every
     member's CRC is checked as it is read)."""
     with np.load(path, allow_pickle=False) as archive:
         meta = json.loads(str(archive["__meta__"]))
@@ -153,19 +163,25 @@ def _load_checkpoint(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
             if member != "__meta__":
                 name, _, key = member.rpartition("/")
                 states[name][key] = archive[member]
-    return int(meta["images"]), states
+    int(meta["images"])
+    return meta, states
 
 
-def read_checkpoint(run: str | os.PathLike) -> tuple[int, dict[str, dict[str, Any]]] | None:
+def read_checkpoint(run: str | os.PathLike, run_id: Any = None) -> tuple[int, dict[str, dict[str, Any]]] | None:
     """(images, states) of ``RUN.h5.reducers``, or None when there is none (or it cannot be read:
-    :func:`checkpoint_problem` says why)."""
+    :func:`checkpoint_problem` says why), or when it belongs to another run: it names a ``run_id`` other than
+    ``run_id`` (the run file's; None for files written before run ids, which have none). A checkpoint without an
+    id (older versions, ``qkhooks repair``) is taken."""
     path = checkpoint_path(run)
     if not path.exists():
         return None
     try:
-        return _load_checkpoint(path)
+        meta, states = _load_checkpoint(path)
     except _UNREADABLE:
         return None
+    if "run_id" in meta and meta["run_id"] != _text(run_id):
+        return None  # another run's (an --overwrite killed between its two renames): never mixed into this one
+    return int(meta["images"]), states
 
 
 def checkpoint_problem(run: str | os.PathLike) -> str | None:
@@ -178,6 +194,21 @@ def checkpoint_problem(run: str | os.PathLike) -> str | None:
     except _UNREADABLE as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def run_id_of(f: h5py.File) -> str | None:
+    """The run file's ``run_id`` (in its ``identity`` attribute; None for files written before run ids)."""
+    try:
+        identity = json.loads(_text(f.attrs.get(IDENTITY)) or "{}")
+    except (TypeError, ValueError):
+        return None
+    return _text(identity.get("run_id")) if isinstance(identity, dict) else None
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def write_states_into(f: h5py.File, states: Mapping[str, Mapping[str, Any]], images: int) -> None:
@@ -215,7 +246,7 @@ def read_states(f: h5py.File, run: str | os.PathLike) -> tuple[int | None, dict[
     images, states = _states_inside(f)
     if states:
         return images, states
-    return read_checkpoint(run) or (None, {})
+    return read_checkpoint(run, run_id_of(f)) or (None, {})
 
 
 def config_differences(theirs: Any, ours: Any) -> str:

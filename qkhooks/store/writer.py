@@ -4,8 +4,13 @@ The file is in SWMR mode from the moment it has its name, so it is consistent on
 dies, and other processes can watch it grow:
 
 1. **Layout.** A new run is laid out in ``RUN.h5.creating`` (attributes, statics, and at the first batch every
-   per-image array), then renamed to ``RUN.h5`` (an ``--overwrite`` replaces the old run only now) and reopened
-   in SWMR mode; from then on objects are only written, grown and flushed. A resume reopens it in SWMR mode.
+   per-image array), then renamed to ``RUN.h5`` and reopened in SWMR mode; from then on objects are only
+   written, grown and flushed. A resume checks the file (identity, then that every per-image array is there with
+   its committed rows) and reopens it in SWMR mode.
+   An ``--overwrite`` keeps the old run whole until the new one can replace it: the new run is written (SWMR)
+   under ``RUN.h5.creating`` and renamed over ``RUN.h5`` (its checkpoint over ``RUN.h5.reducers`` first) at its
+   first reducer checkpoint, or when it is closed complete. Stopped before that (an error, a kill), the old run
+   is what ``RUN.h5`` holds and the unfinished new one is dropped.
 2. **Commit.** Per batch: each per-image array, then the ids, flush, and only then ``committed`` (on disk with
    the next flush). Readers ignore, and a resume cuts, everything past it.
 3. **Checkpoints.** Reducer states go to ``RUN.h5.reducers`` after a flush (:mod:`qkhooks.store.format`).
@@ -23,6 +28,7 @@ import os
 import queue
 import shutil
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -43,6 +49,16 @@ zstd) while writing 2-20x slower; see benchmarks/RESULTS.md."""
 
 IDENTITY_ATTRS = ("model", "config")
 """Root attributes a resume must match: the same model and the same run configuration."""
+
+CHECKED_ATTRS = {
+    "compute_dtype": "the model's compute dtype",
+    "image_config": "the preprocessing (image_config: size, mean, std, interpolation, crop)",
+    "weights_sha256": "the model's weights (sha256 of its state dict)",
+}
+"""What a resume must match when the file has it (files from before it lack it): what the model computes in, how
+images are preprocessed, and the weights' content. ``image_config`` is a root attribute; the others are keys of the
+root attribute ``identity`` (JSON, with the ``run_id``): one attribute, so the root keeps its attributes in its
+(checksummed) object header, which holds at most 8."""
 
 CHUNK_CACHE_BYTES = (1 << 20) + (1 << 16)
 """HDF5's chunk cache per array: the one chunk being filled (HDF5 2.0's 8 MiB a dataset made RSS grow with the
@@ -95,7 +111,7 @@ class RunWriter:
         path: the ``.h5`` file.
         mode: ``create`` (the file must not exist), ``overwrite`` (replace it once the new run has its first
             batch), ``resume`` (continue it; its ``model`` and ``config`` attributes must equal ``attrs``'s, and
-            images past ``committed`` are cut).
+            so must :data:`CHECKED_ATTRS` where the file has them; images past ``committed`` are cut).
         attrs: root attributes (model spec, configuration JSON, versions); values that are not str/number are
             stored as JSON.
         dtype: storage dtype of per-image floating arrays.
@@ -103,6 +119,9 @@ class RunWriter:
         chunk_images: images per chunk along the first axis (default: the first batch's size, so that every chunk
             is written once; uncompressed arrays of under 64 KiB a batch group several batches).
         queue_size: batches that may wait for the writer thread before ``write_batch`` blocks.
+        expected_statics: for a resume of a file without ``weights_sha256`` (written before it): statics the
+            file must hold with these values (e.g. every layer's ``spectrum/L*/S_all``), else the resume is
+            refused as another model's.
 
     A second writer of the same path (in any process) is refused while this one lives. A new run that is
     closed unfinished with no committed image leaves no file behind.
@@ -117,6 +136,7 @@ class RunWriter:
         compression: str = "none",
         chunk_images: int | None = None,
         queue_size: int = 4,
+        expected_statics: Mapping[str, Any] | None = None,
     ):
         self.path = Path(path)
         if mode not in ("create", "overwrite", "resume"):
@@ -132,14 +152,20 @@ class RunWriter:
         attrs = {k: _attr(v) for k, v in (attrs or {}).items()}
         self._check_folder()
         self._writer_lock = WriterLock(self.path, reserve=RESERVE_BYTES)  # before anything is read or replaced
+        if mode == "overwrite" and not self.path.exists():
+            mode = self.mode = "create"  # nothing to keep: written under its own name from the first batch
         self._child_fds: list[int] = []  # descriptors kept out of forked workers while this writer has them
         self._creating = self.path.with_name(self.path.name + ".creating")
         self._published = mode == "resume"
+        self._in_place = mode == "resume"  # the file lives under self.path (an overwrite: once it replaced the old run)
         self._completed = False
+        self.was_complete = False  # a resumed file's flag as found (a refused resume puts it back)
+        self.run_id: str | None = None
+        self._layout_names: set[str] | None = None  # per-image array names, fixed by the first batch
         try:
             self._check_path(mode)
             if mode == "resume":
-                self._file = self._open_for_resume(attrs)
+                self._file = self._open_for_resume(attrs, expected_statics or {})
             else:
                 self._file = self._lay_out(attrs)
         except BaseException:
@@ -188,10 +214,14 @@ class RunWriter:
 
     def _lay_out(self, attrs: Mapping[str, Any]) -> h5py.File:
         """A new run, laid out under ``RUN.h5.creating`` until its first batch (see the module docstring)."""
+        fmt.checkpoint_path(self._creating).unlink(missing_ok=True)  # a dead writer's (we hold the lock)
         f = h5py.File(self._creating, "w", libver="latest", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_w0=1.0)
         self._keep_from_children(f)
+        self.run_id = uuid.uuid4().hex  # ties the reducer checkpoints to this run (format.read_checkpoint)
+        self._identity = json.dumps({**json.loads(attrs.get(fmt.IDENTITY, "{}")), "run_id": self.run_id}, sort_keys=True)
         for key, value in attrs.items():
-            f.attrs[key] = value
+            if key != fmt.IDENTITY:  # written with the layout's end (_publish)
+                f.attrs[key] = value
         f.attrs["complete"] = False
         images = f.create_group("images")
         images.create_dataset("ids", (0,), maxshape=(None,), chunks=(1024,), dtype=h5py.string_dtype())
@@ -200,20 +230,43 @@ class RunWriter:
         return f
 
     def _publish(self, reopen: bool = True) -> None:
-        """Give the laid-out file its name; reopen it in SWMR mode for the batches."""
+        """Give the laid-out file its name; reopen it in SWMR mode for the batches. An overwrite keeps the
+        ``.creating`` name (and the old run) until :meth:`_replace_old`."""
+        names = sorted(fmt.per_image_datasets(self._file))
+        # Written last, so the metadata laid out first (root, ids) stays where it was before these two existed
+        self._file["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps(names)
+        self._file.attrs[fmt.IDENTITY] = self._identity
         self._file.flush()
         self._file.close()
-        fmt.checkpoint_path(self.path).unlink(missing_ok=True)  # an overwritten run's checkpoint is not ours (gone first)
+        if self.mode == "overwrite":
+            self._published = True
+            if reopen:
+                self._file = self._keep_from_children(open_swmr_writer(self._creating, CHUNK_CACHE_BYTES))
+            return
+        fmt.checkpoint_path(self.path).unlink(missing_ok=True)  # a stale checkpoint is not ours (gone first)
         os.replace(self._creating, self.path)
         self._writer_lock.hold_run()  # the new file under the run's name is this writer's (hard links: lock.py)
-        self._published = True
+        self._published = self._in_place = True
         if reopen:
             self._file = self._keep_from_children(open_swmr_writer(self.path, CHUNK_CACHE_BYTES))
 
-    def _open_for_resume(self, attrs: Mapping[str, Any]) -> h5py.File:
+    def _replace_old(self) -> None:
+        """An overwrite's new run takes the old run's place: its checkpoint first, then the file (a kill between
+        the two leaves the old run with a checkpoint of another run id, which is never read as its own)."""
+        new_states = fmt.checkpoint_path(self._creating)
+        if new_states.exists():
+            os.replace(new_states, fmt.checkpoint_path(self.path))
+        else:
+            fmt.checkpoint_path(self.path).unlink(missing_ok=True)
+        os.replace(self._creating, self.path)
+        self._writer_lock.hold_run()  # the new file under the run's name is this writer's (hard links: lock.py)
+        self._in_place = True
+
+    def _open_for_resume(self, attrs: Mapping[str, Any], expected_statics: Mapping[str, Any]) -> h5py.File:
+        self._refuse_if_open_here()
         # read-only first: a refused resume changes nothing
         with open_reader(self.path) as f:
-            theirs = {k: f.attrs.get(k) for k in IDENTITY_ATTRS}
+            theirs = {**{k: f.attrs.get(k) for k in IDENTITY_ATTRS}, **_checked(f.attrs)}
             if fmt.committed(f) is None:
                 raise QKHooksError(f"cannot resume {self.path}: it is not a qkhooks run file; use --overwrite.")
             if "shards" in f["images"].attrs:
@@ -221,22 +274,107 @@ class RunWriter:
                     f"cannot resume {self.path}: it is a merge of shard files ({f['images'].attrs['shards']}); "
                     "resume the shards with the same torchrun command plus --resume, which merges again."
                 )
+            mine = {**attrs, **{k: v for k, v in _checked(attrs).items() if v is not None}}
+            self._check_identity(theirs, mine)
+            if theirs["weights_sha256"] is None and "weights_sha256" in mine:
+                self._check_statics(f, expected_statics)
+            self._check_whole(f)
+            self.run_id = fmt.run_id_of(f)
+            self.was_complete = bool(f.attrs.get("complete", False))
+        try:
+            clear_open_flags(self.path)  # a dead writer's; we hold the run's lock, so no live one's
+            f = self._keep_from_children(open_swmr_writer(self.path, CHUNK_CACHE_BYTES))
+        except OSError as exc:
+            if "already open" in str(exc):
+                raise self._open_here_error() from None
+            raise
+        for leftover in (self._creating, fmt.checkpoint_path(self._creating)):  # an --overwrite killed before it
+            leftover.unlink(missing_ok=True)  # replaced this run (we hold the lock: no live writer's)
+        f.attrs.modify("complete", False)
+        self._cut(f, fmt.committed(f) or 0)
+        f.flush()
+        self._layout_names = set(fmt.per_image_datasets(f)) or None
+        return f
+
+    def _open_here_error(self) -> QKHooksError:
+        return QKHooksError(
+            f"cannot resume {self.path}: this process still has it open for reading (open_run); close it first "
+            "(run.close(), or leave its `with` block), then resume.")
+
+    def _refuse_if_open_here(self) -> None:
+        """HDF5 refuses to open a file for writing that this process has open for reading: say so, with the fix."""
+        try:
+            target = os.path.realpath(self.path)
+            for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+                name = fid.name.decode() if isinstance(fid.name, bytes) else str(fid.name)
+                if os.path.realpath(name) == target:
+                    raise self._open_here_error()
+        except QKHooksError:
+            raise
+        except Exception:  # noqa: BLE001 - only a better message; HDF5's own refusal is caught below
+            pass
+
+    def _resume_fix(self) -> str:
+        return "Resume with the same model and options as the first run, record into a new --out, or --overwrite to start again."
+
+    def _check_identity(self, theirs: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
         for key in IDENTITY_ATTRS:
             if key in attrs and _attr(theirs[key]) != attrs[key]:
                 why = fmt.config_differences(_attr(theirs[key]), attrs[key])
                 raise QKHooksError(
                     f"cannot resume {self.path}: its {key} differs from this run's{why}"
-                    f".\n  file: {theirs[key]}\n  now:  {attrs[key]}\nResume with the same model and options as the "
-                    "first run, or --overwrite to start again."
+                    f".\n  file: {theirs[key]}\n  now:  {attrs[key]}\n{self._resume_fix()}"
                 )
-        clear_open_flags(self.path)  # a dead writer's; we hold the run's lock, so no live one's
-        f = self._keep_from_children(open_swmr_writer(self.path, CHUNK_CACHE_BYTES))
-        f.attrs.modify("complete", False)
-        self._cut(f, fmt.committed(f) or 0)
-        f.flush()
-        return f
+        for key, what in CHECKED_ATTRS.items():
+            if key not in attrs or theirs[key] is None:
+                continue  # a file from before the attribute (the spectra stand in for the weights: _check_statics)
+            mine, stored = attrs[key], _text(theirs[key])
+            if key == "image_config":
+                why = fmt.config_differences(stored, mine)
+                if json.loads(stored) == json.loads(mine):
+                    continue
+            elif stored == mine:
+                continue
+            else:
+                short = (lambda v: v[:12] + "...") if key == "weights_sha256" else (lambda v: v)
+                why = f" (file {short(stored)}, now {short(mine)})"
+            raise QKHooksError(f"cannot resume {self.path}: {what} differs between the run file and this run{why}; "
+                               "its images so far were recorded otherwise, and one run file never mixes the two. "
+                               + self._resume_fix())
+
+    def _check_statics(self, f: h5py.File, expected: Mapping[str, Any]) -> None:
+        """A file from before ``weights_sha256``: the model's own spectra must equal the stored ones."""
+        for name, value in expected.items():
+            stored = f.get(name)
+            value = np.asarray(value)
+            if not isinstance(stored, h5py.Dataset):
+                continue  # not recorded in that version; nothing to compare
+            stored = stored[()]
+            if stored.shape != value.shape or not np.allclose(stored, value, rtol=1e-3, atol=1e-6 * float(np.abs(value).max(initial=0))):
+                raise QKHooksError(
+                    f"cannot resume {self.path}: the model's weights differ from those of the run (its {name} differs "
+                    "from this model's); its images so far come from the other weights, and one run file never "
+                    f"mixes two models. {self._resume_fix()}")
+
+    def _check_whole(self, f: h5py.File) -> None:
+        """Every per-image array the layout lists is there with at least the committed rows (h5py edits, a cut)."""
+        n = fmt.committed(f) or 0
+        arrays = fmt.per_image_datasets(f)
+        problems = [f"{name} has {ds.shape[0]} rows" for name, ds in sorted(arrays.items()) if ds.shape[0] < n]
+        if f[fmt.IDS].shape[0] < n:
+            problems.insert(0, f"{fmt.IDS} has {f[fmt.IDS].shape[0]} rows")
+        listed = f["images"].attrs.get(fmt.ARRAYS_ATTR)
+        if listed is not None:
+            problems += [f"{name} is missing" for name in sorted(set(json.loads(_text(listed))) - set(arrays))]
+        if problems:
+            raise QKHooksError(
+                f"cannot resume {self.path}: it is damaged ({'; '.join(problems)}, with {n} images committed). "
+                f"Recover its intact images with `qkhooks repair {self.path} --out FIXED.h5` and resume that, or "
+                "start again with --overwrite.")
 
     def _cut(self, f: h5py.File, n: int) -> None:
+        if (fmt.committed(f) or 0) > n:
+            fmt.set_committed(f, n)  # the count first: a partial flush never leaves committed above the rows
         for ds in [*fmt.per_image_datasets(f).values(), f[fmt.IDS]]:
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)  # shrinking an existing dataset is allowed in SWMR mode
@@ -258,8 +396,45 @@ class RunWriter:
         sizes = {name: len(v) for name, v in arrays.items()}
         if any(s != len(ids) for s in sizes.values()):
             raise QKHooksError(f"every array of a batch needs one row per id ({len(ids)}); got {sizes}.")
+        self._check_names(ids, arrays)
         dtype = getattr(torch, self.dtype.name)
         self._enqueue(("batch", [str(i) for i in ids], {name: _to_host(v, dtype) for name, v in arrays.items()}))
+
+    def _check_names(self, ids: Sequence[str], arrays: Mapping[str, Any]) -> None:
+        """Every batch has the arrays of the run's first batch (checked here, before anything of it is written)."""
+        names = {name.lstrip("/") for name in arrays}
+        if self._layout_names is None:
+            self._layout_names = names
+            return
+        if names == self._layout_names:
+            return
+        extra, missing = sorted(names - self._layout_names), sorted(self._layout_names - names)
+        what = "; ".join(([f"it has {', '.join(extra)}, which the run's first batch did not have"] if extra else [])
+                         + ([f"it lacks {', '.join(missing)}, which the run has"] if missing else []))
+        damaged = (" (or the run file lost an array: then recover it with `qkhooks repair`)"
+                   if self.mode == "resume" and extra else "")
+        raise QKHooksError(
+            f"a batch (first image {str(ids[0])!r}) does not have the run's arrays: {what}{damaged}. Every batch needs "
+            "the same arrays: give every item the same annotations (masks on all items or on none). "
+            + self.refusal_help(resumable=False))
+
+    def refusal_help(self, resumable: bool) -> str:
+        """What the user can do after a batch is refused mid-run (a data error that would come back every time):
+        said from where the run file stands."""
+        try:
+            self.flush()
+        except QKHooksError:
+            pass
+        if self.mode == "overwrite" and not self._in_place:
+            return (f"{self.path} still holds the old run, unchanged (the new one is dropped); fix the data and run "
+                    "the same command again.")
+        if self.committed == 0 and self.mode != "resume":
+            return "Nothing was written; fix the data and run the same command again."
+        if resumable:
+            return (f"The {self.committed} images before it stay committed in {self.path}: fix the data and run the "
+                    "same command with --resume to continue after them, or start again with --overwrite.")
+        return (f"{self.path} keeps the {self.committed} images before it, but its arrays were fixed by its first "
+                "batch, so a --resume meets the same refusal: fix the data and start again with --overwrite.")
 
     def write_static(self, name: str, value: Any) -> None:
         """Queue a dataset written once (spectra, model info); a JSON string is stored as a string attribute.
@@ -283,7 +458,7 @@ class RunWriter:
     def checkpoint(self) -> tuple[int, dict[str, dict[str, Any]]] | None:
         """(images, states) of the last checkpoint, or None (waits for queued work first)."""
         self.flush()
-        return fmt.read_checkpoint(self.path)
+        return fmt.read_checkpoint(self.path if self._in_place else self._creating, self.run_id)
 
     def write_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
         """Queue the list of (id, reason) of images the dataset could not read."""
@@ -327,19 +502,24 @@ class RunWriter:
         with no committed image (and not complete) leaves no file."""
         self._handles.clear()
         keep = self.mode == "resume" or self.committed > 0 or (self._completed and self._error is None)
+        if self.mode == "overwrite" and not self._in_place:  # the old run stays unless the new one is complete
+            keep = self._completed and self._error is None
         try:
             if self._file.id.valid:
                 if keep and not self.laid_out:
                     self._publish(reopen=False)  # a complete run without batches (statics only)
                 else:
                     self._file.close()
+            if keep and not self._in_place:
+                self._replace_old()
         except Exception:
             if self._error is None:
                 raise  # after a failed write the first error is the one to report
         finally:
             if not keep:
                 self._creating.unlink(missing_ok=True)
-                if self._published:
+                fmt.checkpoint_path(self._creating).unlink(missing_ok=True)
+                if self._in_place:
                     fmt.remove_run(self.path)
 
     def __enter__(self) -> "RunWriter":
@@ -364,10 +544,13 @@ class RunWriter:
         if self._error is None:
             return
         self._reported = True
+        if _disk_full(self._error) and self.mode == "overwrite" and not self._in_place:
+            raise QKHooksError(f"disk full while writing the new run beside {self.path.name}, before its first "
+                               f"checkpoint: {self.path.name} keeps the old run, unchanged; free space and run the "
+                               "same command (with --overwrite) again") from self._error
         if _disk_full(self._error) and not self.laid_out:  # no run file yet: nothing to resume
-            unchanged = f" ({self.path.name} as it was is unchanged)" if self.mode == "overwrite" else ""
             raise QKHooksError(f"disk full while laying out {self.path.name}: no image was committed and no run file "
-                               f"was written{unchanged}; free space and run the same command again") from self._error
+                               "was written; free space and run the same command again") from self._error
         if _disk_full(self._error):
             raise QKHooksError(f"disk full while writing {self.path.name}: {self.committed} images are committed and "
                                "safe; free space and run the same command with --resume") from self._error
@@ -500,7 +683,9 @@ class RunWriter:
         if not self.laid_out:
             return  # no image yet, nothing to resume from (and an overwritten run's checkpoint stays its own)
         self._file.flush()  # the count the checkpoint claims is on disk first
-        fmt.write_checkpoint(self.path, self.committed, states)
+        fmt.write_checkpoint(self.path if self._in_place else self._creating, self.committed, states, self.run_id)
+        if not self._in_place:
+            self._replace_old()  # an overwrite: the new run has something to resume from, so it replaces the old
 
     def _do_skipped(self, skipped: list[tuple[str, str]]) -> None:
         ds = self._file.get(fmt.SKIPPED)
@@ -572,6 +757,24 @@ class _PerImage:
                 padded[:len(part)] = part
                 part = padded
             self.ds.id.write_direct_chunk((n + start,) + origin, part)
+
+
+def _checked(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`CHECKED_ATTRS` of root attributes (a file's, or the ones a run is given); None where absent."""
+    found = {"image_config": attrs.get("image_config")}
+    identity = attrs.get(fmt.IDENTITY)
+    try:
+        identity = json.loads(_text(identity)) if identity is not None else {}
+    except (TypeError, ValueError):
+        identity = {}
+    for key in CHECKED_ATTRS:
+        if key != "image_config":
+            found[key] = identity.get(key) if isinstance(identity, dict) else None
+    return found
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _attr(value: Any) -> Any:
