@@ -12,23 +12,19 @@ beside the plain forward. Prints the median [IQR] of each variant's wall time ov
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from harness.options import round_parser  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=8)
-    args = parser.parse_args()
+    args = round_parser(__doc__, threads=2, model="vit_small_patch16_224", batch=8, rounds=20).parse_args()
 
     import timm
     import torch

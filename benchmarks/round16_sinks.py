@@ -17,7 +17,6 @@ Prints each variant's median ms per batch and its ratio to the baseline measured
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
@@ -25,16 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from harness.options import round_parser  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model", default="vit_tiny_patch16_224")
-    parser.add_argument("--batch", type=int, default=16)
+    parser = round_parser(__doc__, threads=1, model="vit_tiny_patch16_224", batch=16, rounds=5)
     parser.add_argument("--batches", type=int, default=8, help="batches folded per measurement")
-    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     import timm

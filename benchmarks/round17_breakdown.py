@@ -21,7 +21,6 @@ Set ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` (README, performan
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gc
 import statistics
@@ -33,14 +32,12 @@ from typing import Any, Callable
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+from harness.options import round_parser  # noqa: E402
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model", default="vit_tiny_patch16_224")
+    parser = round_parser(__doc__, threads=1, model="vit_tiny_patch16_224", batch=16, rounds=5)
     parser.add_argument("--images", type=int, default=240)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     import torch

@@ -17,22 +17,18 @@ Prints ms per batch for each, medians.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from harness.options import round_parser  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model", default="vit_tiny_patch16_224")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=15)
-    args = parser.parse_args()
+    args = round_parser(__doc__, threads=1, model="vit_tiny_patch16_224", batch=16, rounds=15).parse_args()
 
     import timm
     import torch

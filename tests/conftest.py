@@ -147,6 +147,19 @@ def forward_with_hooks(model: torch.nn.Module, handles: list, *args, **kwargs):
             handle.remove()
 
 
+def noise_photos(folder, names, size: tuple[int, int] = (40, 50), seed: int = 0):
+    """Random-noise RGB photos of ``size`` (H, W) saved in ``folder`` (made if missing) under ``names`` (relative
+    paths, their format by extension); returns the generator, for more photos that differ from these."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / name)
+    return rng
+
+
 def record_samples(model: torch.nn.Module, size: tuple[int, int], path, on_batch, limit: int = 4) -> None:
     """Record the bundled sample photos, resized to ``size`` (H, W), into the run file ``path`` with full maps and two
     modes, no reducers and float32 storage (nothing rounded), handing each live batch to ``on_batch``: the live side of

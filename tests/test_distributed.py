@@ -18,6 +18,7 @@ import timm
 import torch
 from PIL import Image
 
+from conftest import noise_photos
 import qkhooks
 from qkhooks import QKHooksError
 from qkhooks.cli import main
@@ -182,10 +183,7 @@ def _record_shards(loaded, data: str, out: Path, world: int, **kw) -> list[Path]
 
 def test_merge_renumbers_top_k_past_skipped_images_and_copies_on_request(tmp_path):
     folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(7):
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"i{i}.png")
+    rng = noise_photos(folder, [f"i{i}.png" for i in range(7)])
     (folder / "i0b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # left out when the folder is opened
     late = folder / "i1b.jpg"  # passes the open-time check, fails to decode inside rank 0's block
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(late, quality=95)

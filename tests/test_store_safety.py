@@ -708,17 +708,14 @@ def test_a_run_file_from_before_weight_hashes_is_resumed_by_comparing_its_spectr
 
 
 def test_a_resume_refuses_an_image_added_before_its_resume_point_and_never_calls_it_undecodable(tmp_path):
-    from PIL import Image
+    from conftest import noise_photos
 
     folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    rng = noise_photos(folder, [f"im{i}.png" for i in range(6)], size=(40, 40))
     out = tmp_path / "run.h5"
     _interrupted(out, tiny_vit(), str(folder), after=2, reducers=[], limit=None)
     before = sha(out)
-    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / "im0_added.png")
+    noise_photos(folder, ["im0_added.png"], size=(40, 40), seed=int(rng.integers(1 << 30)))
     with pytest.raises(QKHooksError, match=r"'im0_added.png' \(number 1\) comes before .* not in the run file.*--overwrite"):
         record_dataset(tiny_vit(), str(folder), out, layers="0", modes=4, batch_size=2, reducers=[], progress=False,
                        resume=True)

@@ -15,6 +15,17 @@ DESCRIPTION = "benchmark capture, projection, attention rows and HDF5 streaming 
 SECTIONS = ("methods", "memory", "projection", "svd", "writer", "codecs", "dataset_memory", "end_to_end", "profile")
 
 
+def round_parser(doc: str | None, *, threads: int, model: str, batch: int, rounds: int) -> argparse.ArgumentParser:
+    """The options every kept round script shares (``benchmarks/round*.py``): torch threads, the timm model, the batch
+    size and the interleaved rounds, with that script's defaults; the script adds its own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    return parser
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``python benchmarks/run.py`` and ``qkhooks bench`` (no torch import: every CLI call builds them)."""
     p.add_argument("--models", default="vit_s", help=f"comma-separated sizes: {', '.join(SIZES)} (default vit_s)")
