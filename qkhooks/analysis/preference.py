@@ -118,8 +118,8 @@ def odd_one_out_meta(
             which = (f"image(s) {[str(ids[i]) for i in empty]}" if ids is not None and len(ids) == g.shape[0]
                      else f"image(s) at position(s) {empty} of this batch")
             raise QKHooksError(
-                f"the {name} mask of {which} is empty in the model's input (after resizing and centre cropping to "
-                f"{tuple(t.shape[-2:])}), so there is no {name} token to query (METHODS A.4). Either the mask file is "
+                f"the {name} mask of {which} is empty at the model's input size "
+                f"{tuple(t.shape[-2:])}, so there is no {name} token to query (METHODS A.4). Either the mask file is "
                 f"blank or the preprocessing cut the {name} away (e.g. it lies in the border the centre crop removes). "
                 "Drop those images from the dataset, fix their masks, or preprocess without cropping them away "
                 "(an image config whose resize keeps the whole display)."
