@@ -45,7 +45,7 @@ from qkhooks.attention import (
 )
 from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, select_layers
+from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, grid_source_hooks, select_layers
 from qkhooks.models.load import unwrap_loaded
 from qkhooks.models.unsupported import unmodelled_parts
 from qkhooks.projector import ModeProjector, QKPathProjector, qk_path_check
@@ -225,6 +225,8 @@ class Recording:
             self._handles.append(model.register_forward_pre_hook(self._begin_batch, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._end_batch, always_call=False))
             self._handles.append(first.module.register_forward_pre_hook(self._begin_inner, with_kwargs=True))
+            for module, context in grid_source_hooks(self.sites):  # the grid of each call, read once for all layers
+                self._handles.append(module.register_forward_pre_hook(context, with_kwargs=True))
             for site in self.sites:
                 if self.input == "residual":
                     self._handles.append(

@@ -238,15 +238,9 @@ class AttentionSite:
 
     def context_hooks(self) -> list[tuple[nn.Module, Callable[[nn.Module, tuple, dict], None]]]:
         """(module, forward pre-hook with kwargs) pairs a recording installs besides the site's own: where a site
-        needs to see a call around its module (a windowed site reads its block's token grid; :attr:`grid_source`)."""
-        if self.grid_source is None:
-            return []
-        module, read = self.grid_source
-
-        def note_grid(_: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._grid_of_source = tuple(int(v) for v in read(args, kwargs))  # type: ignore[assignment]
-
-        return [(module, note_grid)]
+        needs to see a call around its module (a windowed site reads its block's token grid). A :attr:`grid_source`
+        is hooked once for all the sites that share it (:func:`grid_source_hooks`)."""
+        return []
 
     def attention_rows(self, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
         """Post-softmax rows (B, H, T, N) of the query tokens (B, T) in the call whose tokens entering W_q are ``x``
@@ -419,6 +413,24 @@ class AttentionSite:
             self._grid_of_input = (int(x.shape[2]), int(x.shape[3]))
             return x.flatten(2).transpose(1, 2)
         return x
+
+
+def grid_source_hooks(sites: Sequence[AttentionSite]) -> list[tuple[nn.Module, Callable[[nn.Module, tuple, dict], None]]]:
+    """One forward pre-hook per distinct :attr:`AttentionSite.grid_source` of ``sites``: the call's grid is read once
+    and noted on every site that reads it (all layers of a ViT share their patch embedding's)."""
+    readers: dict[int, tuple[tuple, list[AttentionSite]]] = {}
+    for site in sites:
+        if site.grid_source is not None:
+            readers.setdefault(id(site.grid_source), (site.grid_source, []))[1].append(site)
+    hooks = []
+    for (module, read), sharing in readers.values():
+        def note_grid(_: nn.Module, args: tuple, kwargs: dict, read=read, sharing=sharing) -> None:
+            grid = tuple(int(v) for v in read(args, kwargs))
+            for site in sharing:
+                site._grid_of_source = grid  # type: ignore[assignment]
+
+        hooks.append((module, note_grid))
+    return hooks
 
 
 SiteT = TypeVar("SiteT", bound=AttentionSite)

@@ -182,6 +182,10 @@ def _grid(config) -> tuple[int, int] | None:
     return size[0] // patch[0], size[1] // patch[1]
 
 
+# Embeddings that put every image's patch tokens in a random order of their own (random_masking, even keeping all)
+_SHUFFLING_EMBEDDINGS = {"transformers.models.vit_mae.modeling_vit_mae.ViTMAEEmbeddings"}
+
+
 def find(model: nn.Module) -> list[AttentionSite]:
     """Sites for every encoder layer of an HF vision transformer, in layer order."""
     config = _vision_config(model)
@@ -191,7 +195,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
     config_patch = getattr(config, "patch_size", None)
     family = f"hf-{getattr(config, 'model_type', 'vit')}"
     patch_grid = _patch_grid_source(model)
-    shuffled = callable(getattr(_embeddings(model), "random_masking", None))  # ViTMAE
+    embeddings = type(_embeddings(model))
+    shuffled = f"{embeddings.__module__}.{embeddings.__qualname__}" in _SHUFFLING_EMBEDDINGS
     sites = []
     for name, module, match in _attention_modules(model):
         if type(module).__module__.startswith("timm."):  # zoo-hfsmall: TimmBackbone wraps a whole timm model
