@@ -146,6 +146,7 @@ class Recording:
         # of x's d x K): the same maps to float rounding, since u_n and v_n lie in the row spaces of W_q, W_k.
         self._from_qk: dict[int, QKPathProjector] = {}
         self._qk_outputs: dict[int, dict[int, torch.Tensor]] = {}
+        self._modes_kept: int | None | str = self.modes
         if self.modes is not None:
             k = None if self.modes == "all" else int(self.modes)
             by_layer = {s.layer: s for s in spectrum} if spectrum is not None else {}
@@ -198,7 +199,7 @@ class Recording:
     @property
     def modes_kept(self) -> int | None | Literal["all"]:
         """The modes kept per head: ``modes`` as asked, or the most any recorded head has when it asked for more."""
-        return getattr(self, "_modes_kept", self.modes)
+        return self._modes_kept
 
     @property
     def mode_source(self) -> dict[int, str]:

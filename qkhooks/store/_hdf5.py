@@ -14,6 +14,7 @@ import ctypes
 import io
 import os
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -189,10 +190,14 @@ def _set_read_attempts(fapl: h5py.h5p.PropFAID, attempts: int) -> bool:
             _H5P_SET_ATTEMPTS = function
         except (OSError, AttributeError):
             _H5P_SET_ATTEMPTS = False
-    return bool(_H5P_SET_ATTEMPTS) and _H5P_SET_ATTEMPTS(fapl.id, attempts) >= 0
+    if not _H5P_SET_ATTEMPTS:
+        return False
+    with h5py._objects.phil:  # h5py's own lock around every HDF5 call (a writer thread may be inside the library)
+        return _H5P_SET_ATTEMPTS(fapl.id, attempts) >= 0
 
 
 _H5P_SET_ATTEMPTS = None
+_WARNED_ATTEMPTS: list[bool] = []  # the warning below, once a process
 
 
 def _open_read(path: Path, swmr: bool) -> h5py.File:
@@ -203,7 +208,10 @@ def _open_read(path: Path, swmr: bool) -> h5py.File:
         if not locking:
             fapl.set_file_locking(False, True)
         if swmr:
-            _set_read_attempts(fapl, SWMR_READ_ATTEMPTS)
+            if not _set_read_attempts(fapl, SWMR_READ_ATTEMPTS) and not _WARNED_ATTEMPTS:
+                _WARNED_ATTEMPTS.append(True)
+                warnings.warn("qkhooks could not bound HDF5's metadata read attempts in this HDF5 build: a reader of "
+                              "a damaged run still being written may retry for minutes before it says so.")
         flags = h5py.h5f.ACC_RDONLY | (h5py.h5f.ACC_SWMR_READ if swmr else 0)
         try:
             return h5py.File(h5py.h5f.open(os.fsencode(path), flags, fapl=fapl))

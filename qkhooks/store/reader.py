@@ -104,6 +104,8 @@ class RunReader:
         """Damage :meth:`summary` found that does not stop the run from being read (``qkhooks info`` exits 2)."""
         for attempt in range(20):  # a writer that changes the file while it opens (a resume starting): open again
             self._stamp = _stamp(self.path)
+            if self._stamp is None:  # gone between the check above and now
+                raise QKHooksError(f"no run file at {self.path}; record one with `qkhooks record`.")
             self.file = open_reader(self.path)
             self._swmr = self.file.swmr_mode
             self.n = 0
@@ -516,6 +518,8 @@ def _stamp(path: Path) -> tuple[int, int, int, int] | None:
 def _from_hdf5(exc: BaseException) -> bool:
     """Whether a KeyError or ValueError came from HDF5 failing to read (not from a name the caller got wrong)."""
     text = str(exc)
+    if "doesn't exist" in text:  # h5py's "Unable to ... (object 'x' doesn't exist)": a name, not damage
+        return False
     return "Unable to" in text or "Can't" in text or "checksum" in text
 
 

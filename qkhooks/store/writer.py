@@ -251,15 +251,17 @@ class RunWriter:
             self._file = self._keep_from_children(open_swmr_writer(self.path, CHUNK_CACHE_BYTES))
 
     def _replace_old(self) -> None:
-        """An overwrite's new run takes the old run's place: its checkpoint first, then the file (a kill between
-        the two leaves the old run with a checkpoint of another run id, which is never read as its own)."""
+        """An overwrite's new run takes the old run's place: the file first, then its checkpoint. A kill between the
+        two leaves the new run beside the old run's checkpoint, whose other run id is never read as its own (the new
+        run resumes from its start); the old run is never left with a checkpoint it cannot use (a resume of it would
+        start again and cut its images)."""
+        os.replace(self._creating, self.path)
+        self._writer_lock.hold_run()  # the new file under the run's name is this writer's (hard links: lock.py)
         new_states = fmt.checkpoint_path(self._creating)
         if new_states.exists():
             os.replace(new_states, fmt.checkpoint_path(self.path))
         else:
             fmt.checkpoint_path(self.path).unlink(missing_ok=True)
-        os.replace(self._creating, self.path)
-        self._writer_lock.hold_run()  # the new file under the run's name is this writer's (hard links: lock.py)
         self._in_place = True
 
     def _open_for_resume(self, attrs: Mapping[str, Any], expected_statics: Mapping[str, Any]) -> h5py.File:
