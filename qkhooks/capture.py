@@ -48,7 +48,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, grid_source_hooks, select_layers
 from qkhooks.models.load import unwrap_loaded
 from qkhooks.models.unsupported import unmodelled_parts
-from qkhooks.projector import ModeProjector, QKPathProjector, qk_path_check
+from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum, layer_spectrum
 
@@ -755,7 +755,7 @@ class Recording:
 
 
 # Attention module -> (the spectrum its projectors were built from, {(modes kept, q/k path allowed): (top spectrum,
-# projector)}). layer_spectrum returns the very same object while the weights are unchanged (identity, version and
+# projector), "qk_solution": the q/k path's QKPathSolution of every mode}). layer_spectrum returns the very same object while the weights are unchanged (identity, version and
 # fingerprint checked), so that object's identity vouches for the weights the projectors were built from: record()
 # entered per batch builds no projector again. Weak keys: a deleted model frees its entries.
 _LAYER_MODES: "weakref.WeakKeyDictionary[nn.Module, tuple[LayerSpectrum, dict]]" = weakref.WeakKeyDictionary()
@@ -780,10 +780,15 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
     built = entry[1].get((k, qk_path))
     if built is None:
         spec = full.top(k)
-        weights = site.weights() if qk_path and site.qk_modules and not spec.augmented else None
-        check = qk_path_check(spec, weights) if weights is not None else None
-        built = entry[1][(k, qk_path)] = (spec, QKPathProjector(spec, weights, (check.a, check.c)) if check is not None
-                                          and check.fits else ModeProjector(spec))
+        check = None
+        if qk_path and site.qk_modules and not spec.augmented:
+            # one solve of every mode per layer and weights, its leading k sliced for each k recorded
+            solution = entry[1].get("qk_solution")
+            if solution is None:
+                solution = entry[1]["qk_solution"] = QKPathSolution(full, site.weights())
+            check = solution.check(k)
+        built = entry[1][(k, qk_path)] = (spec, QKPathProjector(spec, solution.weights, (check.a, check.c))
+                                          if check is not None and check.fits else ModeProjector(spec))
     return built
 
 

@@ -28,7 +28,7 @@ from qkhooks.models.base import QKWeights
 from qkhooks.spectrum import LayerSpectrum
 
 __all__ = ["ModeProjector", "QKPathProjector", "QK_PATH_MAX_AMPLIFICATION", "qk_path_amplification", "qk_path_fits",
-           "qk_path_check", "qk_path_vectors", "QKPathCheck"]
+           "qk_path_check", "qk_path_vectors", "QKPathCheck", "QKPathSolution"]
 
 #: The largest error amplification kappa (:func:`qk_path_amplification`) of any kept mode, on either side, for which
 #: a layer's maps are taken from the model's own q and k. Measured (``benchmarks/round18_qkpath_precision.py``, on
@@ -56,35 +56,62 @@ class QKPathCheck(NamedTuple):
     c: torch.Tensor
 
 
-def _solve_side(w: torch.Tensor, b: torch.Tensor | None, modes, dim: int) -> tuple[torch.Tensor, ...]:
-    """One side of :func:`qk_path_check`: (vectors (H, d_k, K), residual (H, K), amplification (H, K)), float64 CPU.
+class _SideSolution:
+    """One side of a layer's q/k path, solved once for every mode of its spectrum (:class:`QKPathSolution`).
 
     Normal equations (W W^T) a = W u with one step of refinement (residual 1e-16 at cond W ~ 1e3): BLAS products
     and a d_k x d_k Cholesky, 2x cheaper than a column-pivoted QR (gelsy) on one thread and ~30x on two busy cores
     (LAPACK's threads on d x d_k panels). Where the Cholesky fails (W rank-deficient, d_k > d) or the refined residual
-    is not float rounding, least squares with gelsy (W = 0 gives a = 0)."""
-    w = w.detach().double().cpu()
-    wt, target = w.transpose(1, 2), torch.as_tensor(modes).double().cpu()  # (H, d, d_k), (H, d, K)
-    gram = w @ wt
-    factor, info = torch.linalg.cholesky_ex(gram)
-    vectors = None
-    if not bool(info.any()):
-        vectors = torch.cholesky_solve(w @ target, factor)
-        vectors = vectors + torch.cholesky_solve(w @ (target - wt @ vectors), factor)
-        if not bool(((wt @ vectors - target).norm(dim=1) <= QK_PATH_MAX_RESIDUAL).all()):
-            vectors = None
-    if vectors is None:
-        vectors = torch.linalg.lstsq(wt, target, driver="gelsy").solution
-    residual = (wt @ vectors - target).norm(dim=1)
-    gain = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt()  # ||W||_2, from the Gram matrix already formed
-    if b is not None:
-        gain = gain + b.detach().double().cpu().norm(dim=-1) / dim ** 0.5
-    return vectors, residual, vectors.norm(dim=1) * gain[:, None]
+    of a kept mode is not float rounding, least squares with gelsy for the kept modes (W = 0 gives a = 0), solved
+    here when first needed. Each mode's column is computed on its own, so the leading k of the whole solution are
+    the solution of the leading k modes (:meth:`top`)."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, modes, dim: int):
+        w = w.detach().double().cpu()
+        self._wt, self._target = w.transpose(1, 2), torch.as_tensor(modes).double().cpu()  # (H, d, d_k), (H, d, K)
+        gram = w @ self._wt
+        factor, info = torch.linalg.cholesky_ex(gram)
+        # the normal equations' vectors and, per mode (K,), whether every head's refined residual is float rounding
+        self._normal: tuple[torch.Tensor, torch.Tensor] | None = None
+        if not bool(info.any()):
+            vectors = torch.cholesky_solve(w @ self._target, factor)
+            vectors = vectors + torch.cholesky_solve(w @ (self._target - self._wt @ vectors), factor)
+            self._normal = vectors, ((self._wt @ vectors - self._target).norm(dim=1) <= QK_PATH_MAX_RESIDUAL).all(0)
+        self._least_squares: torch.Tensor | None = None
+        self._gain = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt()  # ||W||_2, from the Gram matrix formed
+        if b is not None:
+            self._gain = self._gain + b.detach().double().cpu().norm(dim=-1) / dim ** 0.5
+
+    def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(vectors (H, d_k, k), residual (H, k), amplification (H, k)) of the leading ``k`` modes, float64 CPU."""
+        if self._normal is not None and bool(self._normal[1][:k].all()):
+            vectors = self._normal[0][..., :k]
+        else:
+            if self._least_squares is None:
+                self._least_squares = torch.linalg.lstsq(self._wt, self._target, driver="gelsy").solution
+            vectors = self._least_squares[..., :k]
+        residual = (self._wt @ vectors - self._target[..., :k]).norm(dim=1)
+        return vectors, residual, vectors.norm(dim=1) * self._gain[:, None]
 
 
-def _solve(spectrum: LayerSpectrum, weights: QKWeights) -> list[tuple[torch.Tensor, ...]]:
-    return [_solve_side(w, b, modes, spectrum.dim)
-            for w, b, modes in ((weights.w_q, weights.b_q, spectrum.U), (weights.w_k, weights.b_k, spectrum.V))]
+class QKPathSolution:
+    """The q/k path's a_n and c_n of every mode of one layer's spectrum and weights, solved once: :meth:`check`
+    gives the verdict for the leading k modes (a recording's ``modes=k``) from the same solution, sliced, so a layer
+    recorded with several k is solved once (``capture`` keeps one per layer and weights)."""
+
+    def __init__(self, spectrum: LayerSpectrum, weights: QKWeights):
+        self.spectrum, self.weights = spectrum, weights
+        self._sides = [_SideSolution(w, b, modes, spectrum.dim)
+                       for w, b, modes in ((weights.w_q, weights.b_q, spectrum.U), (weights.w_k, weights.b_k, spectrum.V))]
+
+    def check(self, modes: int | None = None, bound: float = QK_PATH_MAX_AMPLIFICATION) -> QKPathCheck:
+        """:func:`qk_path_check` of the leading ``modes`` (None: all) of the spectrum."""
+        k = self.spectrum.num_modes if modes is None else min(int(modes), self.spectrum.num_modes)
+        (a, res_q, amp_q), (c, res_k, amp_k) = (side.top(k) for side in self._sides)
+        amplification, residual = torch.stack([amp_q, amp_k]), torch.stack([res_q, res_k])
+        fits = (not self.spectrum.augmented and bool((torch.as_tensor(self.spectrum.S)[:, :k] > 0).all())
+                and bool((residual <= QK_PATH_MAX_RESIDUAL).all()) and bool((amplification < bound).all()))
+        return QKPathCheck(fits, amplification, residual, a, c)
 
 
 def qk_path_vectors(spectrum: LayerSpectrum, weights: QKWeights) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,8 +122,8 @@ def qk_path_vectors(spectrum: LayerSpectrum, weights: QKWeights) -> tuple[torch.
     ||W_k|| / sigma_n (on DINOv2-S layer 2 its maps were 7x further off). Where u_n is not in W_q's row space (W_q
     rank-deficient, a spectrum of other weights) the least-squares a_n gives another vector's maps, which
     :func:`qk_path_check` catches."""
-    (a, _, _), (c, _, _) = _solve(spectrum, weights)
-    return a, c
+    check = QKPathSolution(spectrum, weights).check()
+    return check.a, check.c
 
 
 def qk_path_amplification(spectrum: LayerSpectrum, weights: QKWeights) -> torch.Tensor:
@@ -110,7 +137,7 @@ def qk_path_amplification(spectrum: LayerSpectrum, weights: QKWeights) -> torch.
     ||a_n|| >= 1 / ||W_q||_2 and kappa_n >= 1; kappa_n <= cond(W_q^h) (more with a bias), which is small for random
     weights and large where W_q^h is ill-conditioned and u_n leans on its weak directions. Bias-free, kappa_n is
     ||a_n|| ||W_q^h||_2."""
-    return torch.stack([side[2] for side in _solve(spectrum, weights)])
+    return QKPathSolution(spectrum, weights).check().amplification
 
 
 def qk_path_check(spectrum: LayerSpectrum, weights: QKWeights, bound: float = QK_PATH_MAX_AMPLIFICATION) -> QKPathCheck:
@@ -124,11 +151,7 @@ def qk_path_check(spectrum: LayerSpectrum, weights: QKWeights, bound: float = QK
     x path's. It replaces a rule on sigma_n / sigma_max (> 1e-7), which let through maps off by O(1): the error grows
     with W_q's conditioning along u_n, not with sigma_n (a tiny sigma_n needs an ill-conditioned W_q or W_k, since
     sigma_n / sigma_1 >= 1 / (cond W_q · cond W_k), but not the other way round). A NaN (a failed solve) fails."""
-    (a, res_q, amp_q), (c, res_k, amp_k) = _solve(spectrum, weights)
-    amplification, residual = torch.stack([amp_q, amp_k]), torch.stack([res_q, res_k])
-    fits = (not spectrum.augmented and bool((torch.as_tensor(spectrum.S) > 0).all())
-            and bool((residual <= QK_PATH_MAX_RESIDUAL).all()) and bool((amplification < bound).all()))
-    return QKPathCheck(fits, amplification, residual, a, c)
+    return QKPathSolution(spectrum, weights).check(bound=bound)
 
 
 def qk_path_fits(spectrum: LayerSpectrum, weights: QKWeights, bound: float = QK_PATH_MAX_AMPLIFICATION) -> bool:

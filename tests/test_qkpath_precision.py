@@ -14,7 +14,8 @@ import torch
 
 import qkhooks
 from qkhooks.models.base import QKWeights
-from qkhooks.projector import (QK_PATH_MAX_AMPLIFICATION, ModeProjector, QKPathProjector, qk_path_amplification,
+from qkhooks.projector import (QK_PATH_MAX_AMPLIFICATION, ModeProjector, QKPathProjector, QKPathSolution,
+                               qk_path_amplification,
                                qk_path_check, qk_path_fits)
 from qkhooks.spectrum import LayerSpectrum
 
@@ -142,3 +143,48 @@ def test_amplification_of_hand_made_heads_equals_numpy_and_the_rule_cuts_at_the_
     zero = LayerSpectrum(0, spec.U, torch.where(spec.S < 0.3, 0.0, spec.S), spec.V)
     assert not qk_path_fits(zero, weights, bound=math.inf)
     assert not qk_path_fits(LayerSpectrum(0, spec.U, spec.S, spec.V, augmented=True), weights, bound=math.inf)
+
+
+def test_a_layer_recorded_with_several_k_solves_its_qk_path_vectors_once(monkeypatch):
+    """record() with modes=1, 2, 'all', then 2 again, on unchanged weights: each layer's a_n and c_n are solved once
+    (one Cholesky per side and layer, counted at torch.linalg.cholesky_ex), not once per k; every k takes the q/k
+    path and its maps equal float64 x·U to 1e-5."""
+    model = _tiny()
+    calls = [0]
+    inner = torch.linalg.cholesky_ex
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", counted)
+    for modes in (1, 2, "all", 2):
+        run, (query, ref_q), (key, ref_k) = _maps_and_reference(model, modes)
+        assert run.mode_source == {0: "qk"}
+        assert _worst_relative_error(query, ref_q) < 1e-5 and _worst_relative_error(key, ref_k) < 1e-5
+    assert calls[0] == 2  # one layer, two sides
+
+
+def test_the_leading_k_of_one_solution_are_the_solution_of_the_leading_k_modes():
+    """QKPathSolution(full).check(k) equals qk_path_check(full.top(k)) (the solve of the k modes alone), on a random
+    layer and on a hand-made one whose last u_n leaves W_q's row space: there the whole solution falls back to least
+    squares and does not fit, while its leading modes keep the normal equations' a_n (e_n / s_n) and fit, as a solve
+    of those modes alone does. Equal to float64 rounding, not bit for bit: BLAS takes other kernels for products one
+    or two columns wide (~1e-15 apart here), far below the float32 the projector's weights are cast to."""
+    model = _tiny()
+    site = qkhooks.sites(model)[0]
+    s = np.array([[2.0, 1.0, 0.5, 0.25], [3.0, 3.0, 1.5, 1.0]])
+    hand, weights, _, _ = _diagonal_layer(s, None)
+    u = hand.U.clone()
+    u[:, :, -1] = 0.0
+    u[:, -1, -1] = 1.0  # e_{d-1}: W_q's rows are zero there
+    escaped = LayerSpectrum(0, u, hand.S, hand.V)
+    for full, w in ((qkhooks.spectrum(model)[0], site.weights()), (escaped, weights)):
+        solution = QKPathSolution(full, w)
+        for k in (1, 2, 3, full.num_modes, None):
+            sliced, alone = solution.check(k), qk_path_check(full.top(k), w)
+            assert sliced.fits == alone.fits
+            for name in ("amplification", "residual", "a", "c"):
+                torch.testing.assert_close(getattr(sliced, name), getattr(alone, name), rtol=1e-12, atol=1e-14)
+    assert not solution.check().fits and float(solution.check().residual.max()) > 0.5 and solution.check(3).fits
+    np.testing.assert_allclose(solution.check(3).a.numpy()[0], np.eye(4)[:, :3] / s[0, :3], atol=1e-15)
