@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 
 from qkhooks.readings import layer_intervals
-from qkhooks.spectrum import QKSpectrum, head_weighted_cosines, null_modes, random_cosine_band
+from qkhooks.spectrum import QKSpectrum, head_weighted_cosines, random_cosine_band
 
 __all__ = ["save", "figure", "weighted_cosine_null_sd", "plot_cosine_by_layer", "plot_weighted_cosine",
            "plot_cosine_histograms", "plot_head_spectra", "plot_layer_curves", "plot_stacked_shares",
@@ -81,13 +81,8 @@ def plot_cosine_by_layer(spec: QKSpectrum, path: str | os.PathLike, relative_to:
     further curves. ``relative_to``: per-layer anisotropy baselines to subtract (paper Fig. S3), a second curve.
     """
     extra = {label: [float(v) for v in o.cosine_weighted_by_layer()] for label, o in (others or {}).items()}
-    return plot_weighted_cosine({s.layer: _all_modes(s) for s in spec}, {s.layer: s.dim for s in spec},
+    return plot_weighted_cosine({s.layer: s.all_modes_numpy() for s in spec}, {s.layer: s.dim for s in spec},
                                 path, spec.model, relative_to, extra)
-
-
-def _all_modes(layer: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A LayerSpectrum's every-mode (S, cos) as numpy (a recording's truncated spectrum: its S_all, cos_all)."""
-    return tuple(np.asarray(a.detach().cpu() if hasattr(a, "detach") else a) for a in layer.all_modes())  # type: ignore[return-value]
 
 
 def stack_heads(per_layer: Sequence[Any]) -> np.ndarray:
@@ -149,7 +144,7 @@ def plot_cosine_histograms(spec: QKSpectrum, path: str | os.PathLike) -> Path:
     bins = np.linspace(-1, 1, 41)
     counts = []
     for ax, layer in zip(axes.flat, layers):
-        cos = histogram_cosines(layer)
+        cos = layer.non_null_cosines()
         counts.append(cos.size)
         ax.axvspan(-band, band, color="0.85", zorder=0)
         ax.hist(cos, bins=bins, color="tab:blue")
@@ -157,19 +152,12 @@ def plot_cosine_histograms(spec: QKSpectrum, path: str | os.PathLike) -> Path:
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
-    total = _all_modes(layers[0])[0].size
+    total = layers[0].all_modes_numpy()[0].size
     shown = f"all {counts[0]}" if len(set(counts)) == 1 and counts[0] == total else f"the {min(counts)}-{max(counts)} non-null"
     fig.suptitle(f"cos(u_n, v_n) of {shown} modes per layer (numerically null modes left out); grey: random 95% "
                  f"(±{band:.3f}) — {spec.model}", fontsize=8)
     fig.tight_layout()
     return save(fig, path)
-
-
-def histogram_cosines(layer: Any) -> np.ndarray:
-    """The cosines Fig. S1 counts for one layer (flat): every mode of every head but the numerically null ones
-    (:func:`qkhooks.spectrum.null_modes`)."""
-    S, cos = _all_modes(layer)
-    return np.asarray(cos, np.float64)[~null_modes(S, layer.U.shape[1])]
 
 
 HEAD_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",

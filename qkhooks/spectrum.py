@@ -186,6 +186,18 @@ class LayerSpectrum:
                 "qkhooks.spectrum.head_weighted_cosines.")
         return self.S_all, self.cos_all
 
+    def all_modes_numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`all_modes` as numpy arrays (S, cos), each (H, d_k), in the spectrum's own float type."""
+        return tuple(np.asarray(a.detach().cpu() if hasattr(a, "detach") else a)  # type: ignore[return-value]
+                     for a in self.all_modes())
+
+    def non_null_cosines(self) -> np.ndarray:
+        """Every mode's cosine of every head, flat float64, but the numerically null modes' (:func:`null_modes`):
+        the cosines whose values mean something, which :meth:`QKSpectrum.table`'s cos>band fractions and the Fig. S1
+        histograms count."""
+        S, cos = self.all_modes_numpy()
+        return np.asarray(cos, np.float64)[~null_modes(S, self.U.shape[1])]
+
     @property
     def cosine_weighted(self) -> Array:
         """(H,) sigma-weighted *sum* of the mode cosines over every mode of each head,
@@ -325,13 +337,11 @@ class QKSpectrum:
             f"{'null':>5}",
         ]
         for spec, cos_w in zip(self.layers, self.cosine_weighted_by_layer()):
-            S, cos = (np.asarray(a.detach().cpu() if hasattr(a, "detach") else a) for a in spec.all_modes())
-            null = null_modes(S, spec.U.shape[1])
-            cos = np.asarray(cos, np.float64)[~null]
+            S, cos = spec.all_modes_numpy()[0], spec.non_null_cosines()
             modes = f"{spec.num_modes}/{S.shape[1]}" if spec.truncated else f"{spec.num_modes}"
             lines.append(
                 f"{spec.layer:>5} {spec.num_heads:>5} {modes:>5} {float(S.max()):>10.3f} {cos_w:>7.3f} "
-                f"{_fraction(cos > band):>8.2f} {_fraction(cos < -band):>9.2f} {int(null.sum()):>5}"
+                f"{_fraction(cos > band):>8.2f} {_fraction(cos < -band):>9.2f} {S.size - cos.size:>5}"
             )
         return "\n".join(lines)
 

@@ -3,6 +3,8 @@ against an independent reference (numpy on the model's weights, or the arrays th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -259,10 +261,57 @@ def test_a_head_without_weights_has_no_weighted_cosine_and_null_modes_are_left_o
     row = spec.table().splitlines()[2].split()
     assert row[4] == f"{want.mean():.3f}" and row[7] == str(int(8 * 4 - rank.sum()))
     assert row[5] == f"{(counted > band).mean():.2f}" and row[6] == f"{(counted < -band).mean():.2f}"
-    from qkhooks.plots import histogram_cosines
     from qkhooks.spectrum import null_modes
 
     null = null_modes(layer.S, d)
     assert (~null).sum(1).tolist() == rank.tolist() and layer.null_modes.tolist() == null.tolist()
-    assert sorted(histogram_cosines(layer)) == pytest.approx(sorted(counted), abs=1e-5)
+    assert sorted(layer.non_null_cosines()) == pytest.approx(sorted(counted), abs=1e-5)
     assert tuple(layer.S.shape) == tuple(layer.cos.shape) == (4, 8)  # the per-mode arrays keep every mode
+
+
+def test_fig3_and_fig_s1_plot_every_modes_numbers_of_a_recordings_truncated_spectrum(monkeypatch, tmp_path):
+    """The figures draw numpy's numbers from the weights: a recording with modes=2 of d_k=8 (its spectrum truncated,
+    carrying every mode's sigma and cosine), layer 0 with an all-zero head and a rank-5 head. Fig. 3's head dots
+    and mean line are each head's sigma-weighted cosine over all 8 modes (the zero head NaN, left out of the mean);
+    Fig. S1's bars count the non-null modes' cosines in 40 bins over [-1, 1], its title the share outside the
+    band."""
+    import qkhooks.plots as plots
+    from conftest import TINY_MODELS
+
+    tiny = TINY_MODELS[0]
+    model = tiny.model()
+    sites = qkhooks.sites(model)
+    d, dk = sites[0].dim, sites[0].head_dim
+    with torch.no_grad():
+        w = model.blocks[0].attn.qkv.weight
+        w[2 * dk:3 * dk] = 0  # head 2: W_q = 0
+        w[dk:dk + 3] = 0  # head 1: rank 5
+    with qkhooks.record(model, modes=2) as run, torch.no_grad():
+        model(tiny.images(2, 0))
+    spec = run.qk_spectrum
+    assert all(layer.truncated and layer.num_modes == 2 for layer in spec)
+    drawn = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path: drawn.setdefault(Path(path).name, fig) and path)
+    plots.plot_cosine_by_layer(spec, tmp_path / "fig3.png")
+    plots.plot_cosine_histograms(spec, tmp_path / "figs1.png")
+    fig3 = drawn["fig3.png"].axes[0]
+    dots = np.concatenate([c.get_offsets() for c in fig3.collections if len(c.get_offsets()) and
+                           type(c).__name__ == "PathCollection"])
+    (mean_line,) = [line for line in fig3.get_lines() if line.get_marker() == "o"]
+    band = 1.96 / np.sqrt(d)
+    for i, site in enumerate(sites):
+        S, cos, forms = _numpy_modes(site)
+        rank = np.array([np.linalg.matrix_rank(m, tol=np.linalg.svd(m, compute_uv=False)[0] * d
+                                               * np.finfo(np.float32).eps) if np.any(m) else 0 for m in forms])
+        with np.errstate(invalid="ignore"):
+            weighted = _numpy_weighted(S, cos)  # NaN for a head whose sigma are all 0
+        if i == 0:
+            assert rank.tolist() == [8, 5, 0, 8] and np.isnan(weighted[2])
+        heads = dots[dots[:, 0] == site.layer][:, 1]
+        np.testing.assert_allclose(heads, weighted, atol=1e-5)  # NaN where NaN
+        assert mean_line.get_ydata()[i] == pytest.approx(np.nanmean(weighted), abs=1e-5)
+        counted = np.concatenate([cos[h, :r] for h, r in enumerate(rank)])
+        axis = drawn["figs1.png"].axes[i]
+        heights = [bar.get_height() for bar in axis.patches if bar.get_width() < 0.1]  # the bins, not the band
+        np.testing.assert_array_equal(heights, np.histogram(counted, bins=np.linspace(-1, 1, 41))[0])
+        assert axis.get_title() == f"L{site.layer}: {np.mean(np.abs(counted) > band):.0%} outside"
