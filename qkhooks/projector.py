@@ -62,35 +62,39 @@ class _SideSolution:
     Normal equations (W W^T) a = W u with one step of refinement (residual 1e-16 at cond W ~ 1e3): BLAS products
     and a d_k x d_k Cholesky, 2x cheaper than a column-pivoted QR (gelsy) on one thread and ~30x on two busy cores
     (LAPACK's threads on d x d_k panels). Where the Cholesky fails (W rank-deficient, d_k > d) or the refined residual
-    of a kept mode is not float rounding, least squares with gelsy for the kept modes (W = 0 gives a = 0), solved
-    here when first needed. Each mode's column is computed on its own, so the leading k of the whole solution are
-    the solution of the leading k modes (:meth:`top`)."""
+    of a kept mode is not float rounding, least squares with gelsy for the kept modes (W = 0 gives a = 0), solved only
+    where some mode needs it. Each mode's column is solved on its own, so the leading k of the whole solution are the
+    solution of the leading k modes (:meth:`top`). Only the (H, d_k, K) vectors and (H, K) residuals are kept: a
+    recording caches this per layer for the model's lifetime."""
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, modes, dim: int):
         w = w.detach().double().cpu()
-        self._wt, self._target = w.transpose(1, 2), torch.as_tensor(modes).double().cpu()  # (H, d, d_k), (H, d, K)
-        gram = w @ self._wt
+        wt, target = w.transpose(1, 2), torch.as_tensor(modes).double().cpu()  # (H, d, d_k), (H, d, K)
+        gram = w @ wt
         factor, info = torch.linalg.cholesky_ex(gram)
-        # the normal equations' vectors and, per mode (K,), whether every head's refined residual is float rounding
+        # (vectors (H, d_k, K), residual (H, K)) of the normal equations, and of least squares where needed
         self._normal: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._least_squares: tuple[torch.Tensor, torch.Tensor] | None = None
         if not bool(info.any()):
-            vectors = torch.cholesky_solve(w @ self._target, factor)
-            vectors = vectors + torch.cholesky_solve(w @ (self._target - self._wt @ vectors), factor)
-            self._normal = vectors, ((self._wt @ vectors - self._target).norm(dim=1) <= QK_PATH_MAX_RESIDUAL).all(0)
-        self._least_squares: torch.Tensor | None = None
+            vectors = torch.cholesky_solve(w @ target, factor)
+            vectors = vectors + torch.cholesky_solve(w @ (target - wt @ vectors), factor)
+            self._normal = vectors, (wt @ vectors - target).norm(dim=1)
+        if self._normal is None or not bool((self._normal[1] <= QK_PATH_MAX_RESIDUAL).all()):
+            vectors = torch.linalg.lstsq(wt, target, driver="gelsy").solution
+            self._least_squares = vectors, (wt @ vectors - target).norm(dim=1)
         self._gain = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt()  # ||W||_2, from the Gram matrix formed
         if b is not None:
             self._gain = self._gain + b.detach().double().cpu().norm(dim=-1) / dim ** 0.5
 
     def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(vectors (H, d_k, k), residual (H, k), amplification (H, k)) of the leading ``k`` modes, float64 CPU."""
-        if self._normal is not None and bool(self._normal[1][:k].all()):
-            vectors = self._normal[0][..., :k]
+        """(vectors (H, d_k, k), residual (H, k), amplification (H, k)) of the leading ``k`` modes, float64 CPU: the
+        normal equations' where every head's residual of those modes is float rounding, else least squares'."""
+        normal = self._normal
+        if normal is not None and bool((normal[1][:, :k] <= QK_PATH_MAX_RESIDUAL).all()):
+            vectors, residual = (x[..., :k] for x in normal)
         else:
-            if self._least_squares is None:
-                self._least_squares = torch.linalg.lstsq(self._wt, self._target, driver="gelsy").solution
-            vectors = self._least_squares[..., :k]
-        residual = (self._wt @ vectors - self._target[..., :k]).norm(dim=1)
+            assert self._least_squares is not None  # solved where any mode's normal residual is not rounding
+            vectors, residual = (x[..., :k] for x in self._least_squares)
         return vectors, residual, vectors.norm(dim=1) * self._gain[:, None]
 
 
