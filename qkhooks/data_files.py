@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from qkhooks.data.readers import _split_spec
+
 __all__ = ["SIZES_ATTR", "absolute_spec", "file_sizes", "changed_files"]
 
 SIZES_ATTR = "data_file_sizes"
@@ -23,6 +25,7 @@ SIZES_ATTR = "data_file_sizes"
 
 _NAMED = ("samples", "voc", "arc2017")
 _PATH_PREFIXES = ("ade20k:", "o3dir:", "hfds:", "wds:")
+_STREAMED = ("hfds:", "wds:")  # read whole by open_source: a '+' in them is part of a path, not a join
 
 
 def _absolute(path: str) -> str:
@@ -38,9 +41,10 @@ def _absolute_part(spec: str) -> str:
             rest = spec[len(prefix):]
             if not rest or "://" in rest or rest.startswith(("pipe:", "/")):
                 return spec
-            if prefix == "hfds:":  # hfds:DIR_OR_NAME[:SPLIT]: a hub name stays a name
-                head, sep, split = rest.rpartition(":") if not Path(rest).expanduser().exists() else (rest, "", "")
-                return prefix + _absolute(head) + sep + split if head and Path(head).expanduser().exists() else spec
+            if prefix == "hfds:":  # hfds:DIR_OR_NAME[:SPLIT], split off as the reader does: a hub name stays a name
+                head, split = _split_spec(rest)
+                tail = "" if split is None else ":" + split
+                return prefix + _absolute(head) + tail if Path(head).expanduser().exists() else spec
             if prefix == "wds:":  # a (brace) pattern: its folder must exist here
                 folder = os.path.dirname(rest) or "."
                 return prefix + _absolute(rest) if Path(folder).expanduser().is_dir() else spec
@@ -56,7 +60,7 @@ def absolute_spec(spec: Any) -> Any:
         return _absolute(os.fspath(spec)) if Path(spec).expanduser().exists() else spec
     if not isinstance(spec, str) or not spec:
         return spec
-    if "+" in spec and not Path(spec).expanduser().exists():
+    if "+" in spec and not spec.startswith(_STREAMED) and not Path(spec).expanduser().exists():
         return "+".join(_absolute_part(part) if part else part for part in spec.split("+"))
     return _absolute_part(spec)
 

@@ -14,6 +14,12 @@ class QKHooksError(Exception):
     """
 
 
+class DataRefusal(QKHooksError):
+    """A refusal of the data found while a run is recorded (it comes back on every try, so a resume alone cannot get
+    past it); ``record_dataset`` adds where the run file stands and what to do. A class of its own, importable by the
+    data readers and picklable, so that it keeps its kind when raised in a decoding worker process."""
+
+
 def writable_dir(path: str | os.PathLike, what: str, create: bool = False) -> Path:
     """Refuse, before any work, an output folder that cannot be created or written, naming the fix.
 

@@ -36,7 +36,7 @@ from qkhooks.capture import (BatchCapture, _model_sites, _refuse_maps_only_modes
 from qkhooks.data import ImageDataset, collate
 from qkhooks.data.sources import ItemStream, open_source
 from qkhooks.data_files import SIZES_ATTR, absolute_spec, file_sizes
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import DataRefusal, QKHooksError
 from qkhooks.models.base import AttentionSite, parse_layers, select_layers
 from qkhooks.models.unsupported import left_out_by_design, unmodelled_parts
 from qkhooks.models.load import LoadedModel, check_device, load_model
@@ -546,7 +546,7 @@ def record_dataset(
             _checkpoint(writer, checkpointed)
             writer.write_skipped(skipped)
             writer.close(complete=True)
-    except _DataRefusal as exc:  # comes back on every try: say where the run file stands and what to do
+    except DataRefusal as exc:  # comes back on every try: say where the run file stands and what to do
         if writer is None:
             raise
         what_now = writer.refusal_help(resumable=True)
@@ -570,10 +570,6 @@ def _resumed_data_spec(out: str | os.PathLike, data_spec: str) -> str:
     except Exception:  # no readable run there: the writer says what is wrong
         return data_spec
     return stored if isinstance(stored, str) and stored != data_spec and absolute_spec(stored) == data_spec else data_spec
-
-
-class _DataRefusal(QKHooksError):
-    """A refusal of the data found mid-run (it comes back on every try); record_dataset adds what to do."""
 
 
 def _refuse_duplicate_ids(ids: Sequence[str], data_spec: str) -> None:
@@ -698,7 +694,7 @@ class _StreamPosition:
             ids = [item["id"] for item in part.items]
             twice = next((i for n, i in enumerate(ids) if i in seen or i in ids[:n]), None)
             if twice is not None:
-                raise _DataRefusal(f"two items of the data have the id {twice!r}; give each item its own 'id', or "
+                raise DataRefusal(f"two items of the data have the id {twice!r}; give each item its own 'id', or "
                                    "none at all (then the position is the id).")
             for id_, reason in part.failures:
                 warnings.warn(f"skipping unreadable image {id_} ({reason})", stacklevel=2)

@@ -905,7 +905,7 @@ def test_masks_on_only_some_items_are_refused_alike_at_every_batch_size(tmp_path
 
             with open_run(out) as run:
                 assert run.n == 1 and not run.complete
-            assert "left incomplete: after the fix, rerun with --overwrite" in str(refused.value)
+            assert f"The 1 images before it stay committed in {out}" in str(refused.value)
 
 
 def test_masks_on_only_some_rows_of_a_hugging_face_dataset_are_refused_before_recording(tmp_path):

@@ -24,6 +24,7 @@ from PIL import Image
 
 import qkhooks
 from qkhooks import QKHooksError
+from qkhooks.cli import main as cli_main
 from qkhooks.data import open_source
 from qkhooks.store import open_run
 from qkhooks.stream import record_dataset
@@ -167,8 +168,8 @@ def test_two_workers_record_every_image_once_in_the_source_order(tmp_path):
     write_shards(paths, str(tmp_path / "s{}.tar"), per_shard=3)
     spec = f"wds:{tmp_path}/s{{0..2}}.tar"
     record(spec, tmp_path / "one.h5")
-    code = qkhooks.cli.main(["record", "timm:vit_small_patch16_224", spec, "--random-init", "--out",
-                             str(tmp_path / "cli.h5"), "--workers", "2", "--batch-size", "2", "--layers", "0"])
+    code = cli_main(["record", "timm:vit_small_patch16_224", spec, "--random-init", "--out",
+                    str(tmp_path / "cli.h5"), "--workers", "2", "--batch-size", "2", "--layers", "0"])
     assert code == 0
     with open_run(tmp_path / "cli.h5") as run:
         assert run.ids == [p.name for p in paths]  # each once, none missing, in order

@@ -12,19 +12,27 @@ from PIL import Image
 
 from qkhooks.data.items import (
     ImageDataset,
+    _check_mask_file,
     _list_images,
     _mask_as_shown,
-    _needs_turn,
-    _orientation,
     _photo_orientation,
     _Raw,
     _read_mask,
     _read_rgb,
     _Record,
+    _shown_frame,
 )
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.data.stimuli import make_o3
 from qkhooks.errors import QKHooksError
+
+
+def _layout_root(spec_dir: str, what: str, layout: str) -> Path:
+    """The folder of an annotated dataset spec (``~`` expanded), refused when it is not a folder."""
+    root = Path(spec_dir).expanduser()
+    if not root.is_dir():
+        raise QKHooksError(f"{what} folder {str(root)!r} does not exist; expected {layout}.")
+    return root
 
 
 # ------------------------------------------------------------------------------------------ ADE20K
@@ -77,10 +85,19 @@ _ADE_LAYOUTS = (
 )
 
 
+def _check_ade_frames(records: list[_Record], annotations: dict[str, str]) -> None:
+    """Open-time check that each annotation fits its photo's frame where the photo has an EXIF orientation, so that a
+    mask whose frame cannot be told is refused before anything is recorded; reads the photos' headers only (a
+    JPEG's EXIF), and an annotation only when its photo is rotated."""
+    for record in records:
+        photo = str(record.path)
+        orientation, shown = _shown_frame(photo, "ADE20K image")
+        if orientation != 1:
+            _check_mask_file(annotations[record.id], orientation, shown, f"ADE20K image {photo}", "objects")
+
+
 def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
-    root = Path(spec_dir).expanduser()
-    if not root.is_dir():
-        raise QKHooksError(f"ADE20K folder {str(root)!r} does not exist; expected {_ADE_LAYOUTS}.")
+    root = _layout_root(spec_dir, "ADE20K", _ADE_LAYOUTS)
     base, splits = None, None
     if (root / "images").is_dir() and any((root / a).is_dir() for a in ("annotations", "annotations_instance")):
         base = root
@@ -91,6 +108,7 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
         base, splits = root.parent.parent, [root.name]
 
     records: list[_Record] = []
+    annotations: dict[str, str] = {}  # id -> its annotation file
     skipped: list[tuple[str, str]] = []
     if base is not None:
         for split in splits or []:
@@ -108,9 +126,10 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
                 if not ann.is_file():
                     skipped.append((f"{split}/{rel}", f"no annotation {ann}"))
                     continue
-                records.append(
-                    _Record(id=f"{split}/{rel}", load=functools.partial(loader, str(img_dir / rel), str(ann)))
-                )
+                image, item_id = img_dir / rel, f"{split}/{rel}"
+                load = functools.partial(loader, str(image), str(ann))
+                records.append(_Record(id=item_id, load=load, path=str(image)))
+                annotations[item_id] = str(ann)
     else:
         for seg in sorted(root.rglob("*_seg.png")):
             image = seg.with_name(seg.name[: -len("_seg.png")] + ".jpg")
@@ -118,7 +137,9 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
                 skipped.append((seg.relative_to(root).as_posix(), f"no image {image.name} next to it"))
                 continue
             rel = image.relative_to(root).as_posix()
-            records.append(_Record(id=rel, load=functools.partial(_load_ade_full, str(image), str(seg))))
+            load = functools.partial(_load_ade_full, str(image), str(seg))
+            records.append(_Record(id=rel, load=load, path=str(image)))
+            annotations[rel] = str(seg)
         records.sort(key=lambda r: r.id)
     if skipped:
         warnings.warn(
@@ -128,7 +149,9 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
         )
     if not records:
         raise QKHooksError(f"no annotated ADE20K images found under {str(root)!r}; expected {_ADE_LAYOUTS}.")
-    return ImageDataset(f"ade20k:{root}", records[:limit] if limit else records, cfg, has_masks=True, skipped=skipped)
+    records = records[:limit] if limit else records
+    _check_ade_frames(records, annotations)
+    return ImageDataset(f"ade20k:{root}", records, cfg, has_masks=True, skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------- O3
@@ -212,18 +235,12 @@ def _load_o3_file(image: str, target: str, distractor: str) -> _Raw:
 def _o3_sizes(img: Path, masks: dict[str, Path], root: Path) -> None:
     """Open-time check that an O3 image's masks fit it (in the photo's stored or shown frame, README: masks beside
     EXIF-rotated photos), so that a misfit is refused before anything is recorded."""
-    with Image.open(img) as im:
-        orientation, (w, h) = _orientation(im), im.size
-    shown = (w, h) if orientation >= 5 else (h, w)
+    orientation, shown = _shown_frame(img, "O3 image")
     sizes = {img: shown}
     for key, path in masks.items():
-        with Image.open(path) as m:
-            own, (mw, mh) = _orientation(m), m.size
-        mask_hw = (mw, mh) if own >= 5 else (mh, mw)  # as a viewer shows it
-        if own == 1 and orientation != 1:
-            _needs_turn(mask_hw, orientation, shown, f"O3 image {img}", key, str(path))
-            continue
-        sizes[path] = mask_hw
+        mask_hw = _check_mask_file(path, orientation, shown, f"O3 image {img}", key)
+        if mask_hw is not None:
+            sizes[path] = mask_hw
     if len(set(sizes.values())) != 1:
         rel = img.relative_to(root / "images").as_posix()
         raise QKHooksError(
@@ -241,9 +258,7 @@ _O3_LAYOUT = (
 
 
 def _open_o3dir(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
-    root = Path(spec_dir).expanduser()
-    if not root.is_dir():
-        raise QKHooksError(f"O3 folder {str(root)!r} does not exist; expected {_O3_LAYOUT}.")
+    root = _layout_root(spec_dir, "O3", _O3_LAYOUT)
     missing = [d for d in ("images", "targ_images", "dist_images") if not (root / d).is_dir()]
     if missing:
         present = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -277,5 +292,6 @@ def _open_o3dir(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageData
         stem = str(Path(rel).with_suffix(""))
         img, tgt, dst = root / "images" / rel, targets[stem], distractors[stem]
         _o3_sizes(img, {"target": tgt, "distractor": dst}, root)
-        records.append(_Record(id=rel, load=functools.partial(_load_o3_file, str(img), str(tgt), str(dst))))
+        records.append(_Record(id=rel, load=functools.partial(_load_o3_file, str(img), str(tgt), str(dst)),
+                               path=str(img)))
     return ImageDataset(f"o3dir:{root}", records, cfg, has_masks=True, has_targets=True)

@@ -103,7 +103,8 @@ def _open_folder(spec: str, cfg: ImageConfig, limit: int | None, check: Check) -
             warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=3)
             skipped.append((rel, reason))
             continue
-        records.append(_Record(id=rel, load=functools.partial(_load_file, str(path)), path=str(path)))
+        records.append(_Record(id=rel, load=functools.partial(_load_file, str(path)), path=str(path),
+                               skip_unreadable=True))
     if not records:
         raise QKHooksError(
             f"none of the {len(rel_paths)} image files in {str(root)!r} could be read (first: {skipped[0][0]}: "

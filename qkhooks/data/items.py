@@ -40,11 +40,13 @@ class _Raw:
 
 @dataclass(frozen=True)
 class _Record:
-    """How to load one item. ``path`` set means a decode failure skips the item instead of raising."""
+    """How to load one item: ``path`` is its image file (a run keeps its size, :mod:`qkhooks.data_files`), and
+    ``skip_unreadable`` makes a decode failure skip the item instead of raising (a folder's files)."""
 
     id: str
     load: Callable[[], _Raw]
     path: str | None = None
+    skip_unreadable: bool = False
 
 
 def _read_rgb(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
@@ -117,6 +119,35 @@ def _read_mask(path: str | os.PathLike[str] | IO[bytes], mode: str | None = None
         return _mask_pixels(im, mode)
 
 
+def _other_frame(hw: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """``(h, w)`` of an image in its other frame (stored <-> shown): orientations 5..8 swap the axes, 1..4 keep them."""
+    return (int(hw[1]), int(hw[0])) if orientation >= 5 else (int(hw[0]), int(hw[1]))
+
+
+def _shown_frame(path: str | os.PathLike[str], what: str) -> tuple[int, tuple[int, int]]:
+    """The EXIF orientation of an image file and its ``(h, w)`` as a viewer shows it, from its header (a JPEG's
+    EXIF is in its header; PIL decodes a PNG to find its eXIf chunk); ``what`` names the file in a refusal."""
+    try:
+        with Image.open(path) as im:
+            orientation = _orientation(im)
+            return orientation, _other_frame((im.height, im.width), orientation)
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        why = f"{type(exc).__name__}: {exc}"
+    raise QKHooksError(f"{what} {path} cannot be read ({why}); replace or remove it.")
+
+
+def _check_mask_file(mask_file: str | os.PathLike[str], orientation: int, shown_hw: tuple[int, int], photo: str,
+                     key: str) -> tuple[int, int] | None:
+    """Open-time form of :func:`_mask_as_shown` for a mask file (headers only where they hold the tags): refuses a mask
+    of an EXIF-rotated photo whose frame cannot be told or that fits neither frame; returns the mask's ``(h, w)`` in
+    the photo's shown frame for the caller to compare, or None where the frame rule already matched it."""
+    own, mask_hw = _shown_frame(mask_file, f"{photo}: the {key!r} mask")
+    if own == 1 and orientation != 1:
+        _needs_turn(mask_hw, orientation, shown_hw, photo, key, str(mask_file))
+        return None
+    return mask_hw
+
+
 def _needs_turn(mask_hw: tuple[int, int], orientation: int, shown_hw: tuple[int, int], photo: str, key: str,
                 mask_file: str | None = None) -> bool:
     """Whether a mask of size ``mask_hw`` is in the stored frame of a photo with this EXIF ``orientation`` that is
@@ -124,7 +155,7 @@ def _needs_turn(mask_hw: tuple[int, int], orientation: int, shown_hw: tuple[int,
     if orientation == 1:
         return False
     mask_hw, shown_hw = tuple(int(v) for v in mask_hw), tuple(int(v) for v in shown_hw)
-    stored_hw = (shown_hw[1], shown_hw[0]) if orientation >= 5 else shown_hw
+    stored_hw = _other_frame(shown_hw, orientation)
     size = f"{mask_hw[0]}x{mask_hw[1]}"
     mask = f"{key!r} mask {mask_file}" if mask_file else f"{key!r} mask"
     if mask_hw == stored_hw == shown_hw:
@@ -229,7 +260,7 @@ class ImageDataset(Dataset):
         except QKHooksError:
             raise
         except Exception as exc:
-            if record.path is None:
+            if not record.skip_unreadable:
                 raise
             reason = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"skipping unreadable image {record.path} ({reason})", stacklevel=2)

@@ -51,7 +51,7 @@ from qkhooks.data.readers import (
     _Unreadable,
     expand_braces,
 )
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import DataRefusal, QKHooksError
 
 __all__ = ["DATASETS_INSTALL", "ItemStream", "StreamBatch", "expand_braces", "open_source"]
 
@@ -149,8 +149,7 @@ class ItemStream:
         item_id = own_id if own_id is not None else str(position)
         layout = (raw.objects is not None, raw.target is not None)
         if layout != (self.has_masks, self.has_targets):
-            raise QKHooksError(self._mask_gap(position, item_id, layout) + " (A run file that already holds earlier "
-                               "batches is left incomplete: after the fix, rerun with --overwrite.)")
+            raise DataRefusal(self._mask_gap(position, item_id, layout))  # record_dataset adds where the run file is
         return preprocess_raw(self.name, self.image_config, item_id, raw)
 
     def _decode_batch(self, rows: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
