@@ -26,7 +26,7 @@ import inspect
 import types
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
+from typing import Any, Callable, Iterable, Literal, ParamSpec, Protocol, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -955,45 +955,39 @@ def _reduced_keys(site: AttentionSite, x: torch.Tensor, input: str, dtype: torch
     return keys if dtype is None else keys.to(dtype)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
 def _released() -> Any:
     raise QKHooksError("this recording has ended and released the model; start a new qkhooks.record(...).")
 
 
-def _refuse_unknown_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Refuse an unknown keyword with a QKHooksError listing the options (Python's TypeError names only the bad
-    one); ``help()`` and ``inspect.signature`` still show ``fn``'s own signature."""
-    parameters = inspect.signature(fn).parameters
-    options = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
+def _options_of(cls: Callable[P, R]) -> Callable[[Callable[..., R]], Callable[P, R]]:
+    """``cls``'s parameters for a function that hands its arguments on to ``cls``, so they are written once: ``help()``,
+    ``inspect.signature`` and type checkers show them, and an unknown keyword is refused with a QKHooksError listing
+    the options (Python's TypeError names only the bad one)."""
+    signature = inspect.signature(cls)
+    options = [name for name, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY]
 
-    @functools.wraps(fn)
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        unknown = sorted(set(kwargs) - set(parameters))
-        if unknown:
-            raise QKHooksError(f"{fn.__name__}() got unknown option(s) {', '.join(unknown)}; the options are "
-                               f"{', '.join(options)}.")
-        return fn(*args, **kwargs)
+    def wrap(fn: Callable[..., R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def checked(*args: Any, **kwargs: Any) -> R:
+            unknown = sorted(set(kwargs) - set(signature.parameters))
+            if unknown:
+                raise QKHooksError(f"{fn.__name__}() got unknown option(s) {', '.join(unknown)}; the options are "
+                                   f"{', '.join(options)}.")
+            return fn(*args, **kwargs)
 
-    return checked
+        checked.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            return_annotation=inspect.signature(fn).return_annotation)
+        return checked
+
+    return wrap
 
 
-@_refuse_unknown_options
-def record(
-    model: nn.Module,
-    *,
-    modes: int | str | None = 16,
-    layers: Sequence[int] | None = None,
-    attention: None | str | AttentionSpec | Sequence[AttentionSpec | str] = None,
-    input: InputKind = "normed",
-    augmented: bool = False,
-    keep_inputs: bool = False,
-    sinks: Iterable[Sink] = (),
-    spectrum: QKSpectrum | None = None,
-    sites: Sequence[AttentionSite] | None = None,
-    compute_dtype: torch.dtype | None = None,
-    qk_path: bool = True,
-    outputs: OutputsKind = "unchanged",
-    skip_unmodelled: bool = False,
-) -> Recording:
+@_options_of(Recording)
+def record(model: nn.Module, **options: Any) -> Recording:
     """Hook ``model`` for query-key analysis; use as a context manager.
 
     Args:
@@ -1033,8 +1027,4 @@ def record(
         A :class:`Recording`; inside ``with``, run the model as usual (or call ``run(images, ids=...)``), then read
         ``run.query(l)``, ``run.attention(l, kind)``, ``run.spectrum(l)`` (the vocabulary of :mod:`qkhooks.access`).
     """
-    return Recording(
-        model, modes=modes, layers=layers, attention=attention, input=input, augmented=augmented,
-        keep_inputs=keep_inputs, sinks=sinks, spectrum=spectrum, sites=sites, compute_dtype=compute_dtype, qk_path=qk_path,
-        outputs=outputs, skip_unmodelled=skip_unmodelled,
-    )
+    return Recording(model, **options)
