@@ -48,6 +48,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, grid_source_hooks, select_layers
 from qkhooks.models.load import unwrap_loaded
 from qkhooks.models.unsupported import unmodelled_parts
+from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, qk_path_check
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum, layer_spectrum
@@ -65,7 +66,8 @@ class Sink(Protocol):
 
 
 def parse_modes(modes: int | str | None) -> int | None | Literal["all"]:
-    """``16``/``"16"`` -> 16, ``"all"`` -> "all", ``None``/``0``/``"0"``/``"none"`` -> None (capture only)."""
+    """``16``/``"16"`` -> 16, ``"all"`` -> "all", ``None``/``0``/``"0"``/``"none"`` -> None (capture only); the default
+    stays :data:`qkhooks.options.DEFAULT_MODES`, so that :func:`modes_kept` knows nobody asked for its number."""
     text = str(modes).strip().lower() if modes is not None else "none"
     if text in ("none", "0"):
         return None
@@ -73,7 +75,7 @@ def parse_modes(modes: int | str | None) -> int | None | Literal["all"]:
         return "all"
     if isinstance(modes, bool) or not text.isdigit():
         raise QKHooksError(f"modes must be a positive integer, 'all' or none (0); got {modes!r}.")
-    return int(text)
+    return modes if isinstance(modes, DefaultModes) else int(text)
 
 
 class Recording:
@@ -96,7 +98,7 @@ class Recording:
         self,
         model: nn.Module,
         *,
-        modes: int | str | None = 16,
+        modes: int | str | None = DEFAULT_MODES,
         layers: Sequence[int] | None = None,
         attention: None | str | AttentionSpec | Sequence[AttentionSpec | str] = None,
         input: InputKind = "normed",
@@ -815,10 +817,13 @@ def modes_kept(modes: int | None | str, counts: Sequence[int], sites: Sequence[A
                stacklevel: int = 2) -> int | None | str:
     """``modes`` (an int) when some recorded head has that many modes, else the most any has, with a warning: a
     head of dimension d_k has at most d_k modes, so ``--modes 65`` on 64-dim heads records 64, and says so (a
-    run's config stores what was kept). ``"all"`` and None pass through."""
+    run's config stores what was kept). The default (:data:`~qkhooks.options.DEFAULT_MODES`) is cut without a word:
+    nobody asked for its number. ``"all"`` and None pass through."""
     if not isinstance(modes, int) or not counts or modes <= max(counts):
         return modes
     most = max(counts)
+    if isinstance(modes, DefaultModes):
+        return most
     dims = sorted({s.head_dim for s in sites if getattr(s, "head_dim", None)})
     heads = f"its {'/'.join(map(str, dims))}-dim heads have" if dims else "its heads have"
     warnings.warn(f"modes={modes} is more than this model has: {heads} at most {most} modes each, so all {most} are "
