@@ -26,7 +26,7 @@ import inspect
 import types
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
+from typing import Any, Callable, Iterable, Literal, ParamSpec, Protocol, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -48,6 +48,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, grid_source_hooks, select_layers
 from qkhooks.models.load import unwrap_loaded
 from qkhooks.models.unsupported import unmodelled_parts
+from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum, layer_spectrum
@@ -65,7 +66,8 @@ class Sink(Protocol):
 
 
 def parse_modes(modes: int | str | None) -> int | None | Literal["all"]:
-    """``16``/``"16"`` -> 16, ``"all"`` -> "all", ``None``/``0``/``"0"``/``"none"`` -> None (capture only)."""
+    """``16``/``"16"`` -> 16, ``"all"`` -> "all", ``None``/``0``/``"0"``/``"none"`` -> None (capture only); the default
+    stays :data:`qkhooks.options.DEFAULT_MODES`, so that :func:`modes_kept` knows nobody asked for its number."""
     text = str(modes).strip().lower() if modes is not None else "none"
     if text in ("none", "0"):
         return None
@@ -73,7 +75,7 @@ def parse_modes(modes: int | str | None) -> int | None | Literal["all"]:
         return "all"
     if isinstance(modes, bool) or not text.isdigit():
         raise QKHooksError(f"modes must be a positive integer, 'all' or none (0); got {modes!r}.")
-    return int(text)
+    return modes if isinstance(modes, DefaultModes) else int(text)
 
 
 class Recording:
@@ -96,7 +98,7 @@ class Recording:
         self,
         model: nn.Module,
         *,
-        modes: int | str | None = 16,
+        modes: int | str | None = DEFAULT_MODES,
         layers: Sequence[int] | None = None,
         attention: None | str | AttentionSpec | Sequence[AttentionSpec | str] = None,
         input: InputKind = "normed",
@@ -820,10 +822,13 @@ def modes_kept(modes: int | None | str, counts: Sequence[int], sites: Sequence[A
                stacklevel: int = 2) -> int | None | str:
     """``modes`` (an int) when some recorded head has that many modes, else the most any has, with a warning: a
     head of dimension d_k has at most d_k modes, so ``--modes 65`` on 64-dim heads records 64, and says so (a
-    run's config stores what was kept). ``"all"`` and None pass through."""
+    run's config stores what was kept). The default (:data:`~qkhooks.options.DEFAULT_MODES`) is cut without a word:
+    nobody asked for its number. ``"all"`` and None pass through."""
     if not isinstance(modes, int) or not counts or modes <= max(counts):
         return modes
     most = max(counts)
+    if isinstance(modes, DefaultModes):
+        return most
     dims = sorted({s.head_dim for s in sites if getattr(s, "head_dim", None)})
     heads = f"its {'/'.join(map(str, dims))}-dim heads have" if dims else "its heads have"
     warnings.warn(f"modes={modes} is more than this model has: {heads} at most {most} modes each, so all {most} are "
@@ -960,45 +965,39 @@ def _reduced_keys(site: AttentionSite, x: torch.Tensor, input: str, dtype: torch
     return keys if dtype is None else keys.to(dtype)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
 def _released() -> Any:
     raise QKHooksError("this recording has ended and released the model; start a new qkhooks.record(...).")
 
 
-def _refuse_unknown_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Refuse an unknown keyword with a QKHooksError listing the options (Python's TypeError names only the bad
-    one); ``help()`` and ``inspect.signature`` still show ``fn``'s own signature."""
-    parameters = inspect.signature(fn).parameters
-    options = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
+def _options_of(cls: Callable[P, R]) -> Callable[[Callable[..., R]], Callable[P, R]]:
+    """``cls``'s parameters for a function that hands its arguments on to ``cls``, so they are written once: ``help()``,
+    ``inspect.signature`` and type checkers show them, and an unknown keyword is refused with a QKHooksError listing
+    the options (Python's TypeError names only the bad one)."""
+    signature = inspect.signature(cls)
+    options = [name for name, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY]
 
-    @functools.wraps(fn)
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        unknown = sorted(set(kwargs) - set(parameters))
-        if unknown:
-            raise QKHooksError(f"{fn.__name__}() got unknown option(s) {', '.join(unknown)}; the options are "
-                               f"{', '.join(options)}.")
-        return fn(*args, **kwargs)
+    def wrap(fn: Callable[..., R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def checked(*args: Any, **kwargs: Any) -> R:
+            unknown = sorted(set(kwargs) - set(signature.parameters))
+            if unknown:
+                raise QKHooksError(f"{fn.__name__}() got unknown option(s) {', '.join(unknown)}; the options are "
+                                   f"{', '.join(options)}.")
+            return fn(*args, **kwargs)
 
-    return checked
+        checked.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            return_annotation=inspect.signature(fn).return_annotation)
+        return checked
+
+    return wrap
 
 
-@_refuse_unknown_options
-def record(
-    model: nn.Module,
-    *,
-    modes: int | str | None = 16,
-    layers: Sequence[int] | None = None,
-    attention: None | str | AttentionSpec | Sequence[AttentionSpec | str] = None,
-    input: InputKind = "normed",
-    augmented: bool = False,
-    keep_inputs: bool = False,
-    sinks: Iterable[Sink] = (),
-    spectrum: QKSpectrum | None = None,
-    sites: Sequence[AttentionSite] | None = None,
-    compute_dtype: torch.dtype | None = None,
-    qk_path: bool = True,
-    outputs: OutputsKind = "unchanged",
-    skip_unmodelled: bool = False,
-) -> Recording:
+@_options_of(Recording)
+def record(model: nn.Module, **options: Any) -> Recording:
     """Hook ``model`` for query-key analysis; use as a context manager.
 
     Args:
@@ -1038,8 +1037,4 @@ def record(
         A :class:`Recording`; inside ``with``, run the model as usual (or call ``run(images, ids=...)``), then read
         ``run.query(l)``, ``run.attention(l, kind)``, ``run.spectrum(l)`` (the vocabulary of :mod:`qkhooks.access`).
     """
-    return Recording(
-        model, modes=modes, layers=layers, attention=attention, input=input, augmented=augmented,
-        keep_inputs=keep_inputs, sinks=sinks, spectrum=spectrum, sites=sites, compute_dtype=compute_dtype, qk_path=qk_path,
-        outputs=outputs, skip_unmodelled=skip_unmodelled,
-    )
+    return Recording(model, **options)

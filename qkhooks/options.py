@@ -14,11 +14,21 @@ from qkhooks.errors import QKHooksError
 if TYPE_CHECKING:  # the library never imports argparse; only the command line hands a parser in
     import argparse
 
-__all__ = ["RecordOptions", "RUN_FACTS"]
+__all__ = ["RecordOptions", "RUN_FACTS", "DEFAULT_MODES"]
 
 RUN_FACTS = ("model", "data", "reducers", "random_init", "weights", "shard")
 """Keys of the run config that are facts of the recording rather than options: the model spec, the dataset's name,
 the reducers' names, whether the weights are random, which weights, and the shard (rank, world) or null."""
+
+
+class DefaultModes(int):
+    """The number of modes kept when none is asked for, told apart from the same number asked for: a head of d_k
+    dimensions has d_k modes, and cutting a number nobody asked for to that is not worth a warning."""
+
+
+DEFAULT_MODES = DefaultModes(16)
+"""``modes``' default in :func:`qkhooks.record`, :func:`qkhooks.record_dataset` and ``qkhooks record``: 16, or all a
+head has where that is fewer (silently; an explicit ``modes=16`` there warns)."""
 
 
 def _modes_flag(text: str) -> int | str:
@@ -42,7 +52,7 @@ class RecordOptions:
     the reducers and what to do with an existing file (resume, overwrite) are arguments of the call, not options.
     """
 
-    modes: int | str | None = _option(16, "top modes per head to store, or 'all' (default 16)", flag="--modes",
+    modes: int | str | None = _option(DEFAULT_MODES, "top modes per head to store, or 'all' (default 16)", flag="--modes",
                                       config="modes", type=_modes_flag)
     """Singular modes kept per head: an integer, ``"all"``, or None/0 (capture q/k and attention only)."""
 

@@ -40,7 +40,7 @@ from qkhooks.errors import DataRefusal, QKHooksError
 from qkhooks.models.base import AttentionSite, parse_layers, select_layers
 from qkhooks.models.unsupported import left_out_by_design, unmodelled_parts
 from qkhooks.models.load import LoadedModel, check_device, load_model
-from qkhooks.options import RecordOptions
+from qkhooks.options import DEFAULT_MODES, RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
 from qkhooks.results import LayerGeometry, observe_geometry
 from qkhooks.spectrum import layer_spectrum
@@ -361,7 +361,7 @@ def record_dataset(
     random_init: bool = False,
     on_batch: Callable[[BatchCapture], None] | None = None,
     # the fields of RecordOptions, as keywords (tests/test_options.py keeps them equal)
-    modes: int | str | None = 16,
+    modes: int | str | None = DEFAULT_MODES,
     layers: Sequence[int] | str | None = None,
     attention: Any = None,
     outputs: str = "unchanged",

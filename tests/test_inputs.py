@@ -520,6 +520,10 @@ def test_a_model_on_the_meta_device_is_refused_with_the_fix():
     for call in (lambda: qkhooks.load_model(model), lambda: qkhooks.spectrum(model), lambda: qkhooks.record(model)):
         with pytest.raises(QKHooksError, match=r"no weights: its tensors are on the 'meta' device .*to_empty"):
             call()
+    buffered = _dropout_vit()  # real weights, one buffer on the meta device: refused, naming it
+    buffered.blocks[1].register_buffer("table", torch.empty(3, device="meta"))
+    with pytest.raises(QKHooksError, match=r"'meta' device \(e\.g\. blocks\.1\.table\)"):
+        qkhooks.record(buffered)
 
 
 def test_more_modes_than_a_head_has_are_recorded_as_all_and_the_config_says_how_many(tmp_path):
@@ -537,6 +541,38 @@ def test_more_modes_than_a_head_has_are_recorded_as_all_and_the_config_says_how_
         live = qkhooks.record(model, modes=20)
     assert live.config["modes"] == 8 and live.modes == 20
     assert qkhooks.record(model, modes=8).config["modes"] == 8  # as many as there are: nothing to say
+
+
+def test_the_default_modes_are_cut_to_small_heads_silently_and_a_number_asked_for_with_a_warning(tmp_path):
+    """Round 19: the default modes=16 on 8-dim heads (every tiny model) warned that 16 is more than the model has,
+    though nobody asked for 16. The default is cut to the heads' 8 without a word, and the config says 8, through
+    record(), record_dataset and the command line's parsed options; modes=16 asked for still warns."""
+    import argparse
+    import warnings
+
+    import qkhooks
+    from qkhooks.capture import modes_kept, parse_modes
+    from qkhooks.options import RecordOptions
+
+    model = _dropout_vit().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        live = qkhooks.record(model)
+        qkhooks.record_dataset(model, SAME_THREE, tmp_path / "d.h5", progress=False)
+    assert live.config["modes"] == 8 and live.qk_spectrum[0].num_modes == 8
+    with qkhooks.open_run(tmp_path / "d.h5") as run:
+        assert run.config["modes"] == 8 and run.array("modes/L0/query").shape[2] == 8
+    with pytest.warns(UserWarning, match="modes=16 is more than this model has: its 8-dim heads have at most 8"):
+        asked = qkhooks.record(model, modes=16)
+    assert asked.config["modes"] == 8
+    parser = argparse.ArgumentParser()
+    RecordOptions.add_arguments(parser)
+    for argv, warned in (((), False), (("--modes", "16"), True)):
+        modes = parse_modes(RecordOptions.from_args(parser.parse_args(list(argv))).modes)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert modes_kept(modes, [8, 8], live.sites) == 8
+        assert [str(w.message).startswith("modes=16 is more") for w in seen] == ([True] if warned else [])
 
 
 def test_checkpoints_differing_only_in_the_head_or_a_wrapper_prefix_load(tmp_path):

@@ -28,9 +28,9 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, SiteT, recast
 from qkhooks.models.unsupported import MODELLED_FORMS
-from qkhooks.models.windows import WindowSite, _timm_qkv
+from qkhooks.models.windows import WindowSite, _qk_rows, _timm_qkv
 
 __all__ = ["BlockedSite"]
 
@@ -45,11 +45,10 @@ class BlockedSite(WindowSite):
         return super()._as_tokens(x)
 
 
-def _as(cls: type, site: AttentionSite, **fields: Any) -> Any:
-    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-    base.update(bias_input=None, rope_input=None, rope_apply=None, grid=None, patch_size=None, qk_modules=())
-    base.update({k: fields.pop(k) for k in list(fields) if k in base})
-    return cls(**base, **fields)
+def _as(cls: type[SiteT], site: AttentionSite, **fields: Any) -> SiteT:
+    """``site`` as a block form ``cls``: no mask, rotation, native grid or q/k Linear path unless ``fields`` set one."""
+    return recast(site, cls, **dict(bias_input=None, rope_input=None, rope_apply=None, grid=None, patch_size=None,
+                                    qk_modules=()) | fields)
 
 
 # ---------------------------------------------------------------------------------------------------- NesT
@@ -92,16 +91,6 @@ def _tnt_attention() -> type:
     return Attention
 
 
-def _tnt_qk(attn: nn.Module):
-    """TNT's q and k come from one ``qk`` Linear (q rows, then k rows); v has its own."""
-    qk = attn.qk
-
-    def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
-        return qk.weight, qk.bias
-
-    return reader, (qk,)
-
-
 @dataclasses.dataclass(eq=False)
 class _TntOuterSite(AttentionSite):
     def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
@@ -120,9 +109,8 @@ def _tnt_site(model: nn.Module, site: AttentionSite) -> AttentionSite:
     embed = model.pixel_embed
     (gh, gw), (ph, pw) = (int(g) for g in embed.grid_size), (int(p) for p in embed.new_patch_size)
     if site.path.rpartition(".")[2] == "attn_out":
-        fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-        fields.update(grid=(gh, gw), patch_size=tuple(int(p) for p in embed.patch_size), num_prefix_tokens=1)
-        return _TntOuterSite(**fields)
+        return recast(site, _TntOuterSite, grid=(gh, gw), patch_size=tuple(int(p) for p in embed.patch_size),
+                      num_prefix_tokens=1)
     return _as(WindowSite, site, num_prefix_tokens=0, geometry=lambda: ((ph, pw), (0, 0)),
                call_grid=lambda args, kwargs: (gh * ph, gw * pw), relative_bias=None)
 
@@ -132,6 +120,6 @@ def _tnt_family(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 
 
 timm_adapter.EXTRA_FORMS["NestAttention"] = timm_adapter.ExtraForm(_nest_attention, _timm_qkv, _nest_site)
-timm_adapter.EXTRA_FORMS["TntAttention"] = timm_adapter.ExtraForm(_tnt_attention, _tnt_qk, _tnt_family)
+timm_adapter.EXTRA_FORMS["TntAttention"] = timm_adapter.ExtraForm(_tnt_attention, _qk_rows, _tnt_family)
 timm_adapter.SITE_FINISHERS.append(_tnt_site)
 MODELLED_FORMS.update({"timm.models.nest.Attention", "timm.models.tnt.Attention"})

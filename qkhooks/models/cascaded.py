@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.inside import InsideSite
 from qkhooks.models.plain import _class
 from qkhooks.models.unsupported import MODELLED_FORMS
@@ -60,11 +60,10 @@ def _cascaded_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         size = int(block_ref().attn.resolution)
         return (size, size), (0, 0)
 
-    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-    fields.update(family="timm-efficientvit-msra", grid=None, patch_size=None, num_prefix_tokens=0, qk_modules=(),
-                  token_layout="channels_first")
-    return CascadedWindowSite(**fields, geometry=geometry, call_grid=call_grid, relative_bias=None, pad_first=False,
-                              inside=CASCADED, softmaxes_per_call=int(attn.num_heads))
+    return recast(site, CascadedWindowSite, family="timm-efficientvit-msra", grid=None, patch_size=None,
+                  num_prefix_tokens=0, qk_modules=(), token_layout="channels_first", geometry=geometry,
+                  call_grid=call_grid, relative_bias=None, pad_first=False, inside=CASCADED,
+                  softmaxes_per_call=int(attn.num_heads))
 
 
 timm_adapter.EXTRA_FORMS["EfficientVitMsraCascadedGroupAttention"] = timm_adapter.ExtraForm(

@@ -31,9 +31,9 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.unsupported import MODELLED_FORMS
-from qkhooks.models.windows import _as_window_site, _pair
+from qkhooks.models.windows import WindowSite, _pair
 
 __all__ = ["CosineNorm"]
 
@@ -88,9 +88,8 @@ def _cosine_site(site: AttentionSite, attn: nn.Module, family: str, bias_input: 
     """The windowed site of a cosine attention: scale 1 (τ_h enters with the normalisation), the shift mask as
     ``bias_input``, the window ``fields`` of :class:`qkhooks.models.windows.WindowSite`."""
     attn_ref = weakref.ref(attn)  # a finished recording keeps no model alive
-    return _as_window_site(
-        dataclasses.replace(site, family=family, scale=1.0, grid=None, patch_size=None, bias_input=bias_input,
-                            qk_norm=CosineNorm(lambda: attn_ref().logit_scale)), **fields)
+    return recast(site, WindowSite, family=family, scale=1.0, grid=None, patch_size=None, bias_input=bias_input,
+                  qk_norm=CosineNorm(lambda: attn_ref().logit_scale), **fields)
 
 
 def _timm_block_geometry(block: nn.Module, path: str, attn: nn.Module) -> dict[str, Any]:

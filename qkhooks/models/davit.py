@@ -14,15 +14,14 @@ file's ``left_out_unmodelled``). Layer indices number the spatial blocks in forw
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 
 from torch import nn
 
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
-from qkhooks.models.windows import _as_window_site, _pair, _timm_qkv
+from qkhooks.models.windows import WindowSite, _pair, _timm_qkv
 
 
 def _davit_window_attention() -> type:
@@ -40,9 +39,8 @@ def _davit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         return int(x.shape[2]), int(x.shape[3])
 
     stage = site.path.split(".blocks.")[0]  # "stages.N": the spatial blocks of a stage share its grid
-    return _as_window_site(
-        dataclasses.replace(site, family="timm-davit", grid=None, patch_size=None, num_prefix_tokens=0, stage=stage),
-        geometry=lambda: (_pair(block_ref().window_size), (0, 0)), call_grid=call_grid, pad_first=False)
+    return recast(
+        site, WindowSite, family="timm-davit", grid=None, patch_size=None, num_prefix_tokens=0, stage=stage, geometry=lambda: (_pair(block_ref().window_size), (0, 0)), call_grid=call_grid, pad_first=False)
 
 
 timm_adapter.EXTRA_FORMS["DavitWindowAttention"] = timm_adapter.ExtraForm(_davit_window_attention, _timm_qkv, _davit_site)

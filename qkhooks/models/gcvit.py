@@ -22,10 +22,10 @@ from typing import Any
 from torch import nn
 
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.inside import InsideSite
 from qkhooks.models.unsupported import MODELLED_FORMS
-from qkhooks.models.windows import WindowSite, _as_window_site, _maxxvit_relative_bias, _pair, _timm_qkv
+from qkhooks.models.windows import WindowSite, _maxxvit_relative_bias, _pair, _timm_qkv
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,15 +63,13 @@ def _gcvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite | None:
         x = args[0] if args else kwargs["x"]
         return int(x.shape[1]), int(x.shape[2])
 
-    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-    fields.update(family="timm-gcvit", grid=None, patch_size=None, num_prefix_tokens=0)
-    window = _as_window_site(AttentionSite(**fields), geometry=lambda: (_pair(block_ref().window_size), (0, 0)),
-                             call_grid=call_grid, relative_bias=_maxxvit_relative_bias(site, attn), pad_first=False)
-    fields = {f.name: getattr(window, f.name) for f in dataclasses.fields(WindowSite)}
+    window = dict(family="timm-gcvit", grid=None, patch_size=None, num_prefix_tokens=0,
+                  geometry=lambda: (_pair(block_ref().window_size), (0, 0)), call_grid=call_grid,
+                  relative_bias=_maxxvit_relative_bias(site, attn), pad_first=False)
     if not attn.use_global:
-        return LocalWindowSite(**fields)
-    fields.update(qk_modules=(), head_dim=int(attn.head_dim), family="timm-gcvit-global")
-    return GlobalQueryWindowSite(**fields, inside=_GLOBAL_QUERIES)
+        return recast(site, LocalWindowSite, **window)
+    return recast(site, GlobalQueryWindowSite, **window | dict(qk_modules=(), head_dim=int(attn.head_dim),
+                                                                family="timm-gcvit-global"), inside=_GLOBAL_QUERIES)
 
 
 timm_adapter.EXTRA_FORMS["GcvitWindowAttentionGlobal"] = timm_adapter.ExtraForm(_gcvit_attention, _timm_qkv, _gcvit_site)

@@ -34,7 +34,7 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.relpos import RelativeSite
 from qkhooks.models.windows import WindowSite, window_index
 from qkhooks.models.unsupported import MODELLED_FORMS
@@ -81,10 +81,8 @@ def _bottleneck_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         term = m.pos_embed(q)  # (B·H, N, N), the module's own PosEmbedRel on the call's q
         return term * m.scale if m.scale_pos_embed else term
 
-    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-    fields.update(family="timm-botnet", token_layout="channels_first", grid=None, patch_size=None, qk_modules=(),
-                  bias_input=None, rope_input=None, rope_apply=None)
-    return ChannelsFirstRelativeSite(**fields, relative=relative)
+    return recast(site, ChannelsFirstRelativeSite, family="timm-botnet", token_layout="channels_first", grid=None,
+                  patch_size=None, qk_modules=(), bias_input=None, rope_input=None, rope_apply=None, relative=relative)
 
 
 @dataclasses.dataclass(eq=False)
@@ -224,13 +222,11 @@ def _halo_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         term = m.pos_embed(q)  # (B·H, nB, Q, M), the module's own PosEmbedRel on the call's blocked q
         return term * m.scale if m.scale_pos_embed else term
 
-    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-    fields.update(family="timm-halo", token_layout="channels_first", grid=None, patch_size=None, qk_modules=(),
-                  bias_input=None, rope_input=None, rope_apply=None)
     blocked = int(attn.block_size) // int(attn.block_stride)  # a query block's side on the query grid
-    out = HaloSite(**fields, relative=relative, relative_bias=None, halo_block=int(attn.block_size),
-                   halo=int(attn.halo_size), query_stride=int(attn.block_stride),
-                   geometry=lambda: ((blocked, blocked), (0, 0)))
+    out = recast(site, HaloSite, family="timm-halo", token_layout="channels_first", grid=None, patch_size=None,
+                 qk_modules=(), bias_input=None, rope_input=None, rope_apply=None, relative=relative,
+                 relative_bias=None, halo_block=int(attn.block_size), halo=int(attn.halo_size),
+                 query_stride=int(attn.block_stride), geometry=lambda: ((blocked, blocked), (0, 0)))
     out.key_tokens = out.haloed_keys
     return out
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.biased import bias_of_call, per_head_rows, refuse_training_batchnorm
 from qkhooks.models.plain import _class
 from qkhooks.models.windows import WindowSite
@@ -150,9 +150,7 @@ def _prepared(site: AttentionSite, prepare: Callable[[torch.Tensor], tuple[torch
               other_keys: bool, **fields: Any) -> PreparedSite:
     """``other_keys``: the keys are other tokens than the queries (read by ``keys_for`` from the prepared call; the
     ``key_tokens`` function itself is never called, :meth:`PreparedSite.hidden_states` sets them)."""
-    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-    base.update(fields, key_tokens=_prepared_keys if other_keys else None)
-    return PreparedSite(**base, prepare=prepare)
+    return recast(site, PreparedSite, **fields | dict(key_tokens=_prepared_keys if other_keys else None), prepare=prepare)
 
 
 def _prepared_keys(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -300,11 +298,10 @@ def _tiny_vit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         m = attn_ref()
         return m.get_attention_biases(m.attention_biases.device)[None]
 
-    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-    base.update(family="timm-tinyvit", grid=None, patch_size=None, qk_modules=())
     size = lambda: block_ref().window_size  # noqa: E731
-    return _NormedWindowSite(**base, geometry=lambda: ((size(), size()), (0, 0)), call_grid=call_grid,
-                             relative_bias=relative_bias, pad_first=False)
+    return recast(site, _NormedWindowSite, family="timm-tinyvit", grid=None, patch_size=None, qk_modules=(),
+                  geometry=lambda: ((size(), size()), (0, 0)), call_grid=call_grid, relative_bias=relative_bias,
+                  pad_first=False)
 
 
 _FORMS = {

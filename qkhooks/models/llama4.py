@@ -26,7 +26,7 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.unsupported import MODELLED_FORMS
 
 __all__ = ["Llama4VisionSite"]
@@ -72,13 +72,12 @@ def _llama4_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.M
     if int(getattr(module, "num_key_value_groups", 1)) != 1:
         raise QKHooksError(f"unsupported attention in {site.path!r} ({type(module).__name__}): "
                            f"{module.num_key_value_groups} query heads per key head, which this adapter has not checked.")
-    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-    return Llama4VisionSite(**fields | dict(
-        num_prefix_tokens=0, family="hf-llama4-vision", scale=float(module.head_dim) ** -0.5,
+    return recast(
+        site, Llama4VisionSite, num_prefix_tokens=0, family="hf-llama4-vision", scale=float(module.head_dim) ** -0.5,
         rope_input="freqs_ci", rope_apply=_rotation(module), rope_layout="interleaved",
         # its forward takes attention_mask but hands its attention function None: a mask it is given is not what it
         # applies, so one is refused by name (refuse_unmodelled_inputs) instead of being added to the rebuilt maps
-        bias_input=None))
+        bias_input=None)
 
 
 hf.EXTRA_FORMS["Llama4VisionAttention"] = (frozenset(), _llama4_site)

@@ -81,9 +81,10 @@ def refuse_meta(model: Any) -> None:
     """A :class:`QKHooksError` for a module built on the ``meta`` device (shapes only, no weights)."""
     if not isinstance(model, nn.Module):
         return
-    named = itertools.chain(model.named_parameters(), model.named_buffers())
-    empty = next((name for name, t in named if t.is_meta), None)
-    if empty is not None:
+    # one walk over the modules, as every record() entry pays it; the tensors are named only for the refusal
+    if any(t is not None and t.is_meta for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values())):
+        named = itertools.chain(model.named_parameters(), model.named_buffers())
+        empty = next(name for name, t in named if t.is_meta)
         raise QKHooksError(
             f"{type(model).__name__} has no weights: its tensors are on the 'meta' device (e.g. {empty}), which holds "
             "shapes but no data, so there are no weights to record. Materialise it first: model.to_empty(device="

@@ -28,7 +28,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 
 
 @dataclasses.dataclass(eq=False)
@@ -100,9 +100,8 @@ def unfold_site(model: nn.Module, site: AttentionSite) -> AttentionSite:
     for end in range(len(parts) - 1, 0, -1):
         block = model.get_submodule(".".join(parts[:end]))
         if type(block).__module__ == "timm.models.mobilevit" and type(block).__name__ == "MobileVitBlock":
-            base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-            base.update(family="timm-mobilevit", grid=None, patch_size=None)
-            return UnfoldedSite(**base, patch=tuple(int(p) for p in block.patch_size), unfold_block=weakref.ref(block))
+            return recast(site, UnfoldedSite, family="timm-mobilevit", grid=None, patch_size=None,
+                          patch=tuple(int(p) for p in block.patch_size), unfold_block=weakref.ref(block))
     return site
 
 
@@ -113,10 +112,8 @@ def _hf_unfold_site(site: AttentionSite, attn: nn.Module, modules: dict[str, nn.
     if type(layer).__name__ != "MobileViTLayer" or not hasattr(layer, "unfolding"):
         raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): it does not sit in a "
                            "MobileViTLayer, so how its images are unfolded into patch sequences is unknown.")
-    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-    base.update(family="hf-mobilevit", grid=None, patch_size=None, num_prefix_tokens=0)
-    return UnfoldedSite(**base, patch=(int(layer.patch_height), int(layer.patch_width)),
-                        unfold_block=weakref.ref(layer.conv_1x1))
+    return recast(site, UnfoldedSite, family="hf-mobilevit", grid=None, patch_size=None, num_prefix_tokens=0,
+                  patch=(int(layer.patch_height), int(layer.patch_width)), unfold_block=weakref.ref(layer.conv_1x1))
 
 
 timm_adapter.SITE_FINISHERS.append(unfold_site)

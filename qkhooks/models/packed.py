@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.hf import EXTRA_FORMS
 from qkhooks.models.unsupported import MODELLED_FORMS
 
@@ -208,16 +208,16 @@ def _packed_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.M
     """The HF adapter's site of a packed attention module, as a :class:`PackedSite`."""
     if type(module).__name__ == "VisionAttention" and not type(module).__module__.endswith(".modeling_qwen2_vl"):
         return site  # another family's class of that name: not this form
-    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
     groups = int(getattr(module, "num_key_value_groups", 1))
+    grouped: dict[str, Any] = {}
     if hasattr(module, "qkv") and (groups != 1 or hasattr(module, "kv_dim")):  # Exaone 4.5: q_dim + 2·kv_dim rows
         # (separate grouped q_proj / k_proj, LFM3-VL: the HF adapter's site already repeats each key head)
-        fields.update(_grouped_fields(site, module, groups))
+        grouped = _grouped_fields(site, module, groups)
     rotates = PACKED_ATTENTION[type(module).__name__]
-    fields.update(qk_modules=(), num_prefix_tokens=0, grid=None, patch_size=None, bias_input=None,
-                  rope_input="position_embeddings" if rotates else None,
-                  rope_apply=_rotation(module) if rotates else None, rope_layout="half")
-    return PackedSite(**fields, runs_after=_merger_runs_after(site, modules))
+    return recast(site, PackedSite, **grouped | dict(
+        qk_modules=(), num_prefix_tokens=0, grid=None, patch_size=None, bias_input=None,
+        rope_input="position_embeddings" if rotates else None, rope_apply=_rotation(module) if rotates else None,
+        rope_layout="half"), runs_after=_merger_runs_after(site, modules))
 
 
 def _merger_runs_after(site: AttentionSite, modules: dict[str, nn.Module]) -> nn.Module | None:

@@ -31,7 +31,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, register_adapter
+from qkhooks.models.base import AttentionSite, recast, register_adapter
 from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS, refuse_uncovered
 
 __all__ = ["PooledQuerySite", "PooledMViTSite", "pooled_qk"]
@@ -104,8 +104,7 @@ def _fields(module: nn.Module) -> dict[str, Any]:
 
 
 def _as_pooled(site: AttentionSite, unit_axis: bool, **changes: Any) -> PooledQuerySite:
-    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite) if f.init}
-    return PooledQuerySite(**dict(base, **changes), **_fields(site.module), unit_axis=unit_axis)
+    return recast(site, PooledQuerySite, **changes, **_fields(site.module), unit_axis=unit_axis)
 
 
 # ---------------------------------------------------------------------------------------------------- HF Hiera
@@ -302,9 +301,8 @@ def _mvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     if attn.rel_pos_type not in ("spatial", "") and attn.rel_pos_type is not None:
         raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): relative positions of type "
                            f"{attn.rel_pos_type!r}, which qkhooks does not model.")
-    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite) if f.init}
-    base.update(family="timm-mvitv2", grid=None, patch_size=None, num_prefix_tokens=int(bool(attn.has_cls_token)))
-    return PooledMViTSite(**base)
+    return recast(site, PooledMViTSite, family="timm-mvitv2", grid=None, patch_size=None,
+                  num_prefix_tokens=int(bool(attn.has_cls_token)))
 
 
 timm_adapter.EXTRA_FORMS["MViTv2MultiScaleAttention"] = timm_adapter.ExtraForm(_mvit_attention, _mvit_reader, _mvit_site)

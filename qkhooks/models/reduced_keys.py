@@ -22,7 +22,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
 
 __all__ = ["REDUCED_KEY_CLASSES"]
@@ -207,8 +207,7 @@ class ReducedKeySite(AttentionSite):
 
 def _with_key_grid(site: AttentionSite, rule: Callable[[tuple[int, int]], tuple[int, int] | None], **changes: Any
                    ) -> ReducedKeySite:
-    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite) if f.init}
-    return ReducedKeySite(**dict(base, **changes), key_grid_rule=rule)
+    return recast(site, ReducedKeySite, **changes, key_grid_rule=rule)
 
 
 def _separate_q_k_reader(q: nn.Module, k: nn.Module, repeat_k: int = 1):

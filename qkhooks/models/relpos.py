@@ -38,7 +38,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import WindowSite
 
@@ -131,15 +131,14 @@ class WindowedRelativeSite(WindowSite, RelativeSite):
 def _grid_site(site: AttentionSite, relative: RelativeTerm | None, family: str, block: nn.Module,
                window: int, block_grid: Callable[[tuple, dict], tuple[int, int]]) -> AttentionSite:
     """The site of a grid-taking attention: windowed (``window`` > 0) or global, with or without a relative term."""
-    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-    fields.update(family=family, token_layout="grid", qk_modules=(), bias_input=None, rope_input=None, rope_apply=None)
+    fields = dict(family=family, token_layout="grid", qk_modules=(), bias_input=None, rope_input=None, rope_apply=None,
+                  relative=relative)
     if window <= 0:
-        return RelativeSite(**fields, relative=relative)
-    fields.update(grid=None, patch_size=None)
+        return recast(site, RelativeSite, **fields)
     block_ref = weakref.ref(block)  # a finished recording keeps no model alive
-    return WindowedRelativeSite(
-        **fields, relative=relative, geometry=lambda: ((int(block_ref().window_size),) * 2, (0, 0)),
-        call_grid=block_grid, relative_bias=None, pad_first=True)
+    return recast(site, WindowedRelativeSite, **fields, grid=None, patch_size=None,
+                  geometry=lambda: ((int(block_ref().window_size),) * 2, (0, 0)), call_grid=block_grid,
+                  relative_bias=None, pad_first=True)
 
 
 def _nhwc_grid(name: str) -> Callable[[tuple, dict], tuple[int, int]]:

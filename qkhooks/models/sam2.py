@@ -34,7 +34,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.relpos import _nhwc_grid
 from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import WindowSite, _pair
@@ -120,14 +120,13 @@ class WindowedQueryPoolSite(WindowSite, QueryPoolSite):
 def _site(site: AttentionSite, block: nn.Module, pool_q: QueryPool | None, family: str, window: int | tuple[int, int],
           call_grid: Callable[[tuple, dict], tuple[int, int]]) -> AttentionSite:
     """The site of one Hiera-det attention: windowed (``window`` non-zero) or global, pooling q or not."""
-    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite) if f.init}
-    fields.update(family=family, token_layout="grid", qk_modules=(), bias_input=None, rope_input=None, rope_apply=None,
-                  grid=None, patch_size=None, num_prefix_tokens=0)
+    fields = dict(family=family, token_layout="grid", qk_modules=(), bias_input=None, rope_input=None, rope_apply=None,
+                  grid=None, patch_size=None, num_prefix_tokens=0, pool_q=pool_q)
     if not any(_pair(window)):
-        return QueryPoolSite(**fields, pool_q=pool_q)
+        return recast(site, QueryPoolSite, **fields)
     block_ref = weakref.ref(block)  # a finished recording keeps no model alive
-    return WindowedQueryPoolSite(**fields, pool_q=pool_q, geometry=lambda: (_pair(block_ref().window_size), (0, 0)),
-                                 call_grid=call_grid, relative_bias=None)
+    return recast(site, WindowedQueryPoolSite, **fields, geometry=lambda: (_pair(block_ref().window_size), (0, 0)),
+                  call_grid=call_grid, relative_bias=None)
 
 
 def _stage(index: int, stage_ends: list[int]) -> int:

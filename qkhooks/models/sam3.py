@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from qkhooks.models import hf
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.relpos import _nhwc_grid
 from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import WindowSite
@@ -75,19 +75,16 @@ def _rotation(module: nn.Module):
 
 
 def _sam3_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:
-    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
     config = site.block.config
-    patch = hf._pair(config.patch_size)
-    fields.update(family="hf-sam3-vit", token_layout="grid", num_prefix_tokens=0, qk_modules=(), bias_input=None, rope_input=_TABLES,
-                  rope_apply=_rotation(module), rope_layout="interleaved", scale=float(module.scaling),
-                  patch_size=patch, grid=hf._grid(config))
+    fields = dict(family="hf-sam3-vit", token_layout="grid", num_prefix_tokens=0, qk_modules=(), bias_input=None,
+                  rope_input=_TABLES, rope_apply=_rotation(module), rope_layout="interleaved",
+                  scale=float(module.scaling), patch_size=hf._pair(config.patch_size))
     window = int(site.block.window_size)
     if window <= 0:
-        return Sam3Site(**fields)
-    fields.update(grid=None)
+        return recast(site, Sam3Site, **fields, grid=hf._grid(config))
     block = weakref.ref(site.block)  # a finished recording keeps no model alive
-    return Sam3WindowSite(**fields, geometry=lambda: ((int(block().window_size),) * 2, (0, 0)),
-                          call_grid=_nhwc_grid("hidden_states"), relative_bias=None, pad_first=True)
+    return recast(site, Sam3WindowSite, **fields, grid=None, geometry=lambda: ((int(block().window_size),) * 2, (0, 0)),
+                  call_grid=_nhwc_grid("hidden_states"), relative_bias=None, pad_first=True)
 
 
 hf.EXTRA_FORMS["Sam3ViTRoPEAttention"] = (frozenset(), _sam3_site)

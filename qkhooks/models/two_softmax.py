@@ -33,9 +33,9 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.unsupported import MODELLED_FORMS
-from qkhooks.models.windows import _timm_qkv
+from qkhooks.models.windows import _qk_rows, _timm_qkv
 
 __all__ = ["DifferentialMaps", "GatedPositionalMaps", "TwoSoftmaxSite"]
 
@@ -132,10 +132,6 @@ class TwoSoftmaxSite(AttentionSite):
         return self.head_mixing.terms(logits)
 
 
-def _site(site: AttentionSite, **fields: Any) -> TwoSoftmaxSite:
-    return TwoSoftmaxSite(**{f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)} | fields)
-
-
 # -------------------------------------------------------------------------------------- differential attention
 def _diff_attention() -> type:
     from timm.layers.diff_attention import DiffAttention
@@ -149,7 +145,7 @@ def _diff_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     if int(attn.head_dim) * heads != site.dim:
         raise QKHooksError(f"unsupported attention in {site.path!r} (DiffAttention): {heads} component heads of "
                            f"{attn.head_dim} do not make its width {site.dim}.")
-    return _site(site, num_heads=heads, head_dim=int(attn.head_dim), scale=float(attn.scale), family="timm-diff",
+    return recast(site, TwoSoftmaxSite, num_heads=heads, head_dim=int(attn.head_dim), scale=float(attn.scale), family="timm-diff",
                  head_mixing=DifferentialMaps(attn))
 
 
@@ -186,9 +182,8 @@ def _diff_parallel_qk(block: nn.Module):
 
 
 def _diff_parallel_site(site: AttentionSite, block: nn.Module) -> AttentionSite:
-    diff = _diff_site(site, block)
-    fields = {f.name: getattr(diff, f.name) for f in dataclasses.fields(AttentionSite)}
-    return _DiffParallelSite(**fields | dict(block_path=site.path, block=block, stage=site.path.rpartition(".")[0]))
+    return recast(_diff_site(site, block), _DiffParallelSite, block_path=site.path, block=block,
+                  stage=site.path.rpartition(".")[0])
 
 
 timm_adapter.EXTRA_FORMS["DiffAttention"] = timm_adapter.ExtraForm(_diff_attention, _timm_qkv, _diff_site)
@@ -216,21 +211,11 @@ def _convit_gpsa() -> type:
     return GPSA
 
 
-def _gpsa_qk(attn: nn.Module):
-    """GPSA's fused ``qk`` Linear: q rows then k rows."""
-    qk = attn.qk
-
-    def fused() -> tuple[torch.Tensor, torch.Tensor | None]:
-        return qk.weight, qk.bias
-
-    return fused, (qk,)
-
-
 def _gpsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     """Patch tokens only (ConViT joins its class token after the GPSA blocks)."""
-    return _site(site, num_prefix_tokens=0, family="timm-convit-gpsa", head_mixing=GatedPositionalMaps(attn))
+    return recast(site, TwoSoftmaxSite, num_prefix_tokens=0, family="timm-convit-gpsa", head_mixing=GatedPositionalMaps(attn))
 
 
 timm_adapter.EXTRA_FORMS["ConvitMHSA"] = timm_adapter.ExtraForm(_convit_mhsa, _timm_qkv, _convit_mhsa_site)
-timm_adapter.EXTRA_FORMS["ConvitGPSA"] = timm_adapter.ExtraForm(_convit_gpsa, _gpsa_qk, _gpsa_site)
+timm_adapter.EXTRA_FORMS["ConvitGPSA"] = timm_adapter.ExtraForm(_convit_gpsa, _qk_rows, _gpsa_site)
 MODELLED_FORMS.update({"timm.models.convit.MHSA", "timm.models.convit.GPSA"})

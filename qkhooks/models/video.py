@@ -48,7 +48,7 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import WindowSite
 
@@ -97,9 +97,7 @@ def _space_time_site(site: AttentionSite, module: nn.Module, modules: dict[str, 
     if len(convs) != 1:
         raise QKHooksError(f"unsupported attention in {site.path!r} ({type(module).__name__}): expected one Conv3d "
                            f"tubelet embedding, found {len(convs)}, so the clip's (frames, rows, cols) are unknown.")
-    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite) if f.init}
-    fields.update(grid=None, patch_size=None, family=site.family)
-    return SpaceTimeSite(**fields, tubelets=convs[0])
+    return recast(site, SpaceTimeSite, grid=None, patch_size=None, tubelets=convs[0])
 
 
 for _cls in ("VideoMAESelfAttention", "VivitAttention"):
@@ -221,14 +219,12 @@ def _timesformer_site(site: AttentionSite, module: nn.Module, modules: dict[str,
     if layout != "divided_space_time":
         raise QKHooksError(f"unsupported attention in {site.path!r} ({type(module).__name__}): TimeSformer's "
                            f"{layout!r} layout, which qkhooks does not model (its divided space-time layout is).")
-    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite) if f.init}
     axis = "time" if ".temporal_attention." in f".{site.path}." else "space"
-    fields.update(grid=None, patch_size=None, num_prefix_tokens=0 if axis == "time" else 1, bias_input=None,
-                  stage=f"{site.stage} ({axis})")
     holder = site.block_path.split(".encoder.")[0] if ".encoder." in site.block_path else ""
     embeddings = modules.get(f"{holder}.embeddings" if holder else "embeddings")
-    return DividedSite(**fields, axis=axis, geometry=None, call_grid=None, relative_bias=None,
-                       embeddings=None if embeddings is None else weakref.ref(embeddings))
+    return recast(site, DividedSite, grid=None, patch_size=None, num_prefix_tokens=0 if axis == "time" else 1,
+                  bias_input=None, stage=f"{site.stage} ({axis})", axis=axis, geometry=None, call_grid=None,
+                  relative_bias=None, embeddings=None if embeddings is None else weakref.ref(embeddings))
 
 
 hf.EXTRA_FORMS["TimesformerSelfAttention"] = (frozenset({"attn_drop"}), _timesformer_site)
@@ -260,9 +256,7 @@ def _videomt_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.
     index = int(site.block_path.rpartition(".")[2])
     if index < int(config.num_hidden_layers) - int(config.num_blocks):
         return site  # frames as images, once per forward
-    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite) if f.init}
-    fields.update(num_prefix_tokens=site.num_prefix_tokens + int(config.num_queries))
-    return FrameCallSite(**fields)
+    return recast(site, FrameCallSite, num_prefix_tokens=site.num_prefix_tokens + int(config.num_queries))
 
 
 hf.EXTRA_FORMS["VideomtAttention"] = (frozenset(), _videomt_site)

@@ -31,7 +31,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, _additive
+from qkhooks.models.base import AttentionSite, _additive, recast
 from qkhooks.models.unsupported import MODELLED_FORMS
 
 __all__ = ["WindowSite", "window_index"]
@@ -200,11 +200,6 @@ class WindowSite(AttentionSite):
         return x
 
 
-def _as_window_site(site: AttentionSite, **fields: Any) -> WindowSite:
-    base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-    return WindowSite(**base, **fields)
-
-
 # ---------------------------------------------------------------------------------------------------- timm
 def _timm_swin_attention() -> type:
     from timm.models.swin_transformer import WindowAttention
@@ -222,6 +217,16 @@ def _timm_qkv(attn: nn.Module):
     return fused, (qkv,)
 
 
+def _qk_rows(attn: nn.Module):
+    """The whole ``qk`` Linear of a module that makes q and k in one and v apart (TNT, ConViT's GPSA): q rows, then k."""
+    qk = attn.qk
+
+    def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
+        return qk.weight, qk.bias
+
+    return reader, (qk,)
+
+
 def _timm_swin_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     block = site.block
     if getattr(block, "dynamic_mask", False):
@@ -233,10 +238,9 @@ def _timm_swin_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         return int(x.shape[1]), int(x.shape[2])  # (B, H, W, C)
 
     block_ref, attn_ref = weakref.ref(block), weakref.ref(attn)  # a finished recording keeps no model alive
-    return _as_window_site(
-        dataclasses.replace(site, family="timm-swin", bias_input="mask", rope_input=None, rope_apply=None, grid=None,
-                            patch_size=None),
-        geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
+    return recast(
+        site, WindowSite, family="timm-swin", bias_input="mask", rope_input=None, rope_apply=None, grid=None,
+        patch_size=None, geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
         call_grid=call_grid, relative_bias=lambda: attn_ref()._get_rel_pos_bias(), pad_first=False)
 
 
@@ -257,9 +261,8 @@ def _hf_swin_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.
         return int(dims[0]), int(dims[1])
 
     block_ref, module_ref = weakref.ref(block), weakref.ref(module)  # a finished recording keeps no model alive
-    return _as_window_site(
-        dataclasses.replace(site, family="hf-swin", bias_input="attention_mask", grid=None, patch_size=None),
-        geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
+    return recast(
+        site, WindowSite, family="hf-swin", bias_input="attention_mask", grid=None, patch_size=None, geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
         call_grid=call_grid, relative_bias=lambda: module_ref().relative_position_bias(), pad_first=True)
 
 
@@ -282,8 +285,8 @@ def _hf_maskformer_swin_site(site: AttentionSite, module: nn.Module, modules: di
         dims = args[1] if len(args) > 1 else kwargs["input_dimensions"]
         return int(dims[0]), int(dims[1])
 
-    return _as_window_site(
-        dataclasses.replace(site, family="hf-maskformer-swin", bias_input="attention_mask", grid=None, patch_size=None),
+    return recast(
+        site, WindowSite, family="hf-maskformer-swin", bias_input="attention_mask", grid=None, patch_size=None,
         geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
         call_grid=call_grid, relative_bias=relative_bias, pad_first=True)
 
@@ -363,8 +366,7 @@ def _maxxvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
                                    "it a shared relative position table, which the MaxViT adapter does not model.")
             return None if relative_bias is None else relative_bias().detach()
 
-        base = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
-        return _WholeMapSite(**{**base, **fields, "call_bias": call_bias})
+        return recast(site, _WholeMapSite, **fields, call_bias=call_bias)
     if isinstance(block, (maxxvit.PartitionAttentionCl, maxxvit.PartitionAttention2d)):
         partition = "window" if block.partition_block else "grid"
     elif isinstance(block, maxxvit.ParallelPartitionAttention):
@@ -378,9 +380,8 @@ def _maxxvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         x = args[0] if args else kwargs["x"]
         return (int(x.shape[2]), int(x.shape[3])) if channels_first else (int(x.shape[1]), int(x.shape[2]))
 
-    return _as_window_site(
-        dataclasses.replace(site, **fields),
-        geometry=lambda: (_pair(block_ref().partition_size), (0, 0)), call_grid=call_grid,
+    return recast(
+        site, WindowSite, **fields, geometry=lambda: (_pair(block_ref().partition_size), (0, 0)), call_grid=call_grid,
         relative_bias=relative_bias, partition=partition)
 
 
@@ -407,9 +408,8 @@ def _twins_lsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         size = args[1] if len(args) > 1 else kwargs["size"]
         return int(size[0]), int(size[1])
 
-    return _as_window_site(
-        dataclasses.replace(site, family="timm-twins", grid=None, patch_size=None, qk_modules=()),
-        geometry=lambda: (_pair(attn_ref().ws), (0, 0)), call_grid=call_grid, windows_inside=True)
+    return recast(site, WindowSite, family="timm-twins", grid=None, patch_size=None, qk_modules=(),
+                  geometry=lambda: (_pair(attn_ref().ws), (0, 0)), call_grid=call_grid, windows_inside=True)
 
 
 timm_adapter.EXTRA_FORMS["LocallyGroupedAttn"] = timm_adapter.ExtraForm(_twins_lsa_attention, _timm_qkv, _twins_lsa_site)
