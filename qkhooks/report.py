@@ -206,7 +206,7 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
     """Fig. 4 (top images per mode) and S3 (anisotropy) from one photo run; Fig. 5 (same object) from another."""
     started = time.perf_counter()
     run = runs / "photos.h5"
-    record_dataset(loaded, photos, run, modes=16, limit=limit, overwrite=True, store_modes=keep_runs,
+    record_dataset(loaded, photos, run, limit=limit, overwrite=True, store_modes=keep_runs,
                    reducers=default_reducers(16, [], False) + [CentreEmbeddings()], **opts)
     n_layers = len(loaded_layers(loaded))
     show = sorted({0, n_layers // 2, n_layers - 1})
@@ -267,7 +267,7 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
 
     started = time.perf_counter()
     obj_run = runs / "objects.h5"
-    record_dataset(loaded, objects, obj_run, modes=16, overwrite=True, store_modes=keep_runs, **opts)
+    record_dataset(loaded, objects, obj_run, overwrite=True, store_modes=keep_runs, **opts)
     obj = analyze_modes(obj_run, out / "same_object", figure_modes=0, overview=False, images=False)
     same = obj.get("same_object") or {"layers": {}}
     rows = {int(k): v for k, v in same["layers"].items()}
