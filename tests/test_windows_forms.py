@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qkhooks
-from test_zoo import FAST_CASES, Case, _call, eager_maps, module_calls, perturb
+from test_zoo import FAST_CASES, Case, _call, assert_maps_project_tokens, eager_maps, module_calls, perturb
 
 SWIN_V2 = [c for c in FAST_CASES if c.name in ("swinv2_tiny_window8_256", "swinv2_tiny_window8_256-padded",
                                                "swinv2_cr_tiny_224", "Swinv2Model", "Swinv2Model-padded")]
@@ -69,17 +69,7 @@ def test_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
     sites = [s for s in qkhooks.sites(model) if s.family != "timm-twins" or s.key_tokens is None]  # Twins: its windows
     source = {s.layer: s.module if s.family == "timm-twins" else s.block for s in sites}
     grid_tokens = _seen_tokens(model, inputs, source)
-    for qk_path in (True, False):
-        with qkhooks.record(model, modes=6, qk_path=qk_path) as run, torch.no_grad():
-            run(**inputs)
-        for site in sites:
-            spec = run.spectrum(site.layer)
-            x = grid_tokens[site.layer].double()
-            want_q = torch.einsum("bnd,hdk->bhkn", x, spec.U.double())
-            want_k = torch.einsum("bnd,hdk->bhkn", x, spec.V.double())
-            assert run.query(site.layer).shape == want_q.shape
-            assert torch.allclose(run.query(site.layer).double(), want_q, atol=1e-4), site.path
-            assert torch.allclose(run.key(site.layer).double(), want_k, atol=1e-4), site.path
+    assert_maps_project_tokens(model, inputs, sites, grid_tokens)
 
 
 def test_cosine_attention_names_its_content_term_and_its_temperature_is_the_models():

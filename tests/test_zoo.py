@@ -1652,6 +1652,24 @@ def test_reduced_keys_modes_from_the_models_qk_outputs_equal_those_from_the_toke
     assert reduced >= 2
 
 
+def assert_maps_project_tokens(model: nn.Module, inputs: dict, sites: list, tokens: dict[int, torch.Tensor]) -> Any:
+    """Each site's recorded query and key maps, from the model's q/k outputs and from the tokens alike (``qk_path``
+    on and off), equal ``tokens[layer]`` (B, N, d: what a hook saw entering W_q/W_k) projected onto u_n and v_n.
+    Returns the last recording (``qk_path=False``)."""
+    for qk_path in (True, False):
+        with qkhooks.record(model, modes=6, qk_path=qk_path) as run, torch.no_grad():
+            run(**inputs)
+        for site in sites:
+            spec = run.spectrum(site.layer)
+            x = tokens[site.layer].double()
+            want_q = torch.einsum("bnd,hdk->bhkn", x, spec.U.double())
+            want_k = torch.einsum("bnd,hdk->bhkn", x, spec.V.double())
+            assert run.query(site.layer).shape == want_q.shape
+            assert torch.allclose(run.query(site.layer).double(), want_q, atol=1e-4), site.path
+            assert torch.allclose(run.key(site.layer).double(), want_k, atol=1e-4), site.path
+    return run
+
+
 @pytest.mark.parametrize("case", [c for c in FAST_CASES if "swin" in c.name.lower() and "v2" not in c.name.lower()],
                          ids=lambda c: c.name)
 def test_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
@@ -1665,17 +1683,7 @@ def test_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
     handles = [(s.block.norm1 if case.kind == "timm" else s.block.layernorm_before).register_forward_hook(
         lambda m, a, o, s=s: grid_tokens.__setitem__(s.layer, o.flatten(1, -2))) for s in sites]
     try:
-        for qk_path in (True, False):
-            with qkhooks.record(model, modes=6, qk_path=qk_path) as run, torch.no_grad():
-                run(**inputs)
-            for site in sites:
-                spec = run.spectrum(site.layer)
-                x = grid_tokens[site.layer].double()
-                want_q = torch.einsum("bnd,hdk->bhkn", x, spec.U.double())
-                want_k = torch.einsum("bnd,hdk->bhkn", x, spec.V.double())
-                assert run.query(site.layer).shape == want_q.shape
-                assert torch.allclose(run.query(site.layer).double(), want_q, atol=1e-4), site.path
-                assert torch.allclose(run.key(site.layer).double(), want_k, atol=1e-4), site.path
+        run = assert_maps_project_tokens(model, inputs, sites, grid_tokens)
     finally:
         for h in handles:
             h.remove()
