@@ -27,7 +27,40 @@ _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MASK = 0xFFFFFFFF
 _SWMR_WRITE_FLAG = 0x04
 READ_DEADLINE_S = 3.0
-"""How long a reader retries a run file that does not open before it reports the file as damaged."""
+"""How long a reader retries a run file that does not open (or changes while it opens) before it gives up."""
+FIRST_PAUSE_S, LONGEST_PAUSE_S = 0.01, 0.25
+"""The pause between two tries of a file that a writer may be laying out, resuming or replacing: it doubles from
+the first to the longest, so a writer in mid-step is met within milliseconds and a reader never spins a core."""
+_clock, _sleep = time.monotonic, time.sleep  # module names, so a test can run a deadline on a fake clock
+
+
+class Backoff:
+    """Tries until a deadline with a growing pause between them: ``while ...: if not backoff.wait(): give up``."""
+
+    def __init__(self, deadline_s: float):
+        self.deadline_s = deadline_s
+        self._start = _clock()
+        self._pause = FIRST_PAUSE_S
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline_s - (_clock() - self._start))
+
+    def wait(self) -> bool:
+        """Pause before the next try; False (no pause) once the deadline has passed."""
+        left = self.remaining()
+        if left <= 0:
+            return False
+        _sleep(min(self._pause, left))
+        self._pause = min(2 * self._pause, LONGEST_PAUSE_S)
+        return True
+
+
+class DamagedRunError(QKHooksError):
+    """A run file that does not open: :attr:`problem` says what is wrong (the message adds how to recover it)."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(damaged_message(path, problem))
+        self.problem = problem
 
 
 def _rot(x: int, k: int) -> int:
@@ -158,7 +191,7 @@ def open_reader(path: str | os.PathLike, deadline_s: float = READ_DEADLINE_S) ->
     A file that stays unopenable is reported with what is wrong and how to recover its images.
     """
     path = Path(path)
-    start = time.monotonic()
+    backoff = Backoff(deadline_s)
     while True:
         problem = damage(path)
         if problem is None:
@@ -166,9 +199,8 @@ def open_reader(path: str | os.PathLike, deadline_s: float = READ_DEADLINE_S) ->
                 return _open_read(path, swmr=bool(_Superblock.read(path).flags & _SWMR_WRITE_FLAG))
             except OSError as exc:
                 problem = f"HDF5 cannot read it: {exc}"
-        if time.monotonic() - start >= deadline_s:
-            raise QKHooksError(damaged_message(path, problem))
-        time.sleep(0.1)
+        if not backoff.wait():
+            raise DamagedRunError(path, problem)
 
 
 SWMR_READ_ATTEMPTS = 29
@@ -178,14 +210,19 @@ rewriting) for minutes to hours, at every read. 29 attempts give up on such a bl
 (measured: 0.55 s; 28 gave up in 4 ms, 32 in 4.3 s) while still re-reading a block caught mid-write."""
 
 
+def _libhdf5() -> ctypes.CDLL:
+    """The HDF5 library h5py itself uses: dlsym on h5py's own extension module finds a symbol in the libhdf5 it is
+    linked to (never another copy)."""
+    return ctypes.CDLL(h5py.h5p.__file__)
+
+
 def _set_read_attempts(fapl: h5py.h5p.PropFAID, attempts: int) -> bool:
     """Set ``fapl``'s metadata read attempts through the HDF5 library h5py itself uses (h5py does not wrap the call);
     False where that library cannot be reached."""
     global _H5P_SET_ATTEMPTS
     if _H5P_SET_ATTEMPTS is None:
         try:
-            # dlsym on h5py's own extension module finds the symbol in the libhdf5 it is linked to (never another copy)
-            function = ctypes.CDLL(h5py.h5p.__file__).H5Pset_metadata_read_attempts
+            function = _libhdf5().H5Pset_metadata_read_attempts
             function.argtypes, function.restype = [ctypes.c_int64, ctypes.c_uint], ctypes.c_int
             _H5P_SET_ATTEMPTS = function
         except (OSError, AttributeError):

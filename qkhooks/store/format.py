@@ -26,8 +26,9 @@ import numpy as np
 from qkhooks.access import LayerGeometry
 
 __all__ = ["IDS", "SKIPPED", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "per_image_datasets",
-           "read_states", "write_checkpoint", "read_checkpoint", "checkpoint_problem", "write_states_into", "resume_point",
-           "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "run_id_of", "ARRAYS_ATTR", "IDENTITY"]
+           "read_states", "states_and_problem", "write_checkpoint", "read_checkpoint", "checkpoint_problem",
+           "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "run_id_of",
+           "identity_of", "as_str", "read_ids", "read_skipped", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY"]
 
 IDS = "images/ids"
 SKIPPED = "images/skipped"
@@ -167,48 +168,80 @@ def _load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, An
     return meta, states
 
 
+def _checkpoint(run: str | os.PathLike, run_id: Any) -> tuple[tuple[int, dict[str, dict[str, Any]]] | None, str | None]:
+    """((images, states) or None, what is wrong with it or None) of ``RUN.h5.reducers``, loaded once (see
+    :func:`read_checkpoint` and :func:`checkpoint_problem`, which each want one half)."""
+    path = checkpoint_path(run)
+    if not path.exists():
+        return None, None
+    try:
+        meta, states = _load_checkpoint(path)
+    except _UNREADABLE as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if "run_id" in meta and meta["run_id"] != as_str(run_id):
+        return None, None  # another run's (an --overwrite killed between its two renames): never mixed into this one
+    return (int(meta["images"]), states), None
+
+
 def read_checkpoint(run: str | os.PathLike, run_id: Any = None) -> tuple[int, dict[str, dict[str, Any]]] | None:
     """(images, states) of ``RUN.h5.reducers``, or None when there is none (or it cannot be read:
     :func:`checkpoint_problem` says why), or when it belongs to another run: it names a ``run_id`` other than
     ``run_id`` (the run file's; None for files written before run ids, which have none). A checkpoint without an
     id (older versions, ``qkhooks repair``) is taken."""
-    path = checkpoint_path(run)
-    if not path.exists():
-        return None
-    try:
-        meta, states = _load_checkpoint(path)
-    except _UNREADABLE:
-        return None
-    if "run_id" in meta and meta["run_id"] != _text(run_id):
-        return None  # another run's (an --overwrite killed between its two renames): never mixed into this one
-    return int(meta["images"]), states
+    return _checkpoint(run, run_id)[0]
 
 
 def checkpoint_problem(run: str | os.PathLike) -> str | None:
     """What is wrong with ``RUN.h5.reducers`` when it exists but cannot be read (None: absent or readable)."""
-    path = checkpoint_path(run)
-    if not path.exists():
-        return None
+    return _checkpoint(run, None)[1]
+
+
+def identity_of(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`IDENTITY` JSON of root attributes (a file's ``attrs``, or the ones a run is given); empty where
+    absent or not a JSON object (files written before it)."""
+    value = attrs.get(IDENTITY)
     try:
-        _load_checkpoint(path)
-    except _UNREADABLE as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        identity = json.loads(as_str(value)) if value is not None else {}
+    except (TypeError, ValueError):
+        return {}
+    return identity if isinstance(identity, dict) else {}
 
 
 def run_id_of(f: h5py.File) -> str | None:
     """The run file's ``run_id`` (in its ``identity`` attribute; None for files written before run ids)."""
-    try:
-        identity = json.loads(_text(f.attrs.get(IDENTITY)) or "{}")
-    except (TypeError, ValueError):
-        return None
-    return _text(identity.get("run_id")) if isinstance(identity, dict) else None
+    return as_str(identity_of(f.attrs).get("run_id"))
 
 
-def _text(value: Any) -> str | None:
+def as_str(value: Any) -> str | None:
+    """A string attribute's value as ``str`` (h5py gives some as bytes); None stays None."""
     if value is None:
         return None
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_ids(f: h5py.File, n: int) -> list[str]:
+    """The first ``n`` image ids of a run file (an id that is not UTF-8 raises UnicodeDecodeError: damage)."""
+    return [as_str(s) for s in f[IDS][:n]]
+
+
+def read_skipped(f: h5py.File) -> list[tuple[str, ...]]:
+    """The (id, reason) rows of ``/images/skipped`` (empty for files written before it)."""
+    if SKIPPED not in f:
+        return []
+    return [tuple(as_str(x) for x in row) for row in f[SKIPPED][()]]
+
+
+def chunk_index_readable(ds: h5py.Dataset, rows: Sequence[int]) -> bool:
+    """Whether the chunk index of a per-image array answers for these rows (reads metadata only, not the data;
+    a damaged index makes every read of the array fail)."""
+    if not ds.chunks:
+        return True
+    try:
+        for row in set(rows):
+            ds.id.get_chunk_info_by_coord((row,) + (0,) * (ds.ndim - 1))
+    except (OSError, RuntimeError, ValueError, KeyError):
+        return False
+    return True
 
 
 def write_states_into(f: h5py.File, states: Mapping[str, Mapping[str, Any]], images: int) -> None:
@@ -243,10 +276,18 @@ def _states_inside(f: h5py.File) -> tuple[int | None, dict[str, dict[str, Any]]]
 
 def read_states(f: h5py.File, run: str | os.PathLike) -> tuple[int | None, dict[str, dict[str, Any]]]:
     """(images, states by reducer name) of a run: the file's own states, else its checkpoint sidecar."""
+    images, states, _ = states_and_problem(f, run)
+    return images, states
+
+
+def states_and_problem(f: h5py.File, run: str | os.PathLike) -> tuple[int | None, dict[str, dict[str, Any]], str | None]:
+    """:func:`read_states` plus what is wrong with the checkpoint sidecar when it cannot be read (None: nothing),
+    from one load of it (each load reads and CRC-checks the whole archive)."""
     images, states = _states_inside(f)
     if states:
-        return images, states
-    return read_checkpoint(run, run_id_of(f)) or (None, {})
+        return images, states, None
+    found, problem = _checkpoint(run, run_id_of(f))
+    return (*(found or (None, {})), problem)
 
 
 def config_differences(theirs: Any, ours: Any) -> str:

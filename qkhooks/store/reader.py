@@ -30,7 +30,7 @@ from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import damaged_message, open_reader
+from qkhooks.store._hdf5 import READ_DEADLINE_S, Backoff, damaged_message, open_reader
 
 __all__ = ["open_run", "RunReader", "RunArray"]
 
@@ -102,11 +102,12 @@ class RunReader:
         _refuse_non_run(self.path)
         self.problems: list[str] = []
         """Damage :meth:`summary` found that does not stop the run from being read (``qkhooks info`` exits 2)."""
-        for attempt in range(20):  # a writer that changes the file while it opens (a resume starting): open again
+        backoff = Backoff(READ_DEADLINE_S)
+        while True:  # a writer that changes the file while it opens (a resume starting): open again, after a pause
             self._stamp = _stamp(self.path)
             if self._stamp is None:  # gone between the check above and now
                 raise QKHooksError(f"no run file at {self.path}; record one with `qkhooks record`.")
-            self.file = open_reader(self.path)
+            self.file = open_reader(self.path, backoff.remaining())
             self._swmr = self.file.swmr_mode
             self.n = 0
             try:
@@ -116,10 +117,12 @@ class RunReader:
                                            "`committed`).")
                 self.refresh()
                 return
-            except _Stale:
+            except _Stale as exc:
                 self.file.close()
-                if attempt == 19:
-                    raise
+                if not backoff.wait():
+                    raise _Stale(f"{self.path} kept changing while it was being opened, for {READ_DEADLINE_S:g} s (a "
+                                 "writer laying it out, resuming, truncating or replacing it): open it again once that "
+                                 "writer is past that step (a resume's cut takes seconds).") from exc
             except BaseException:
                 self.file.close()
                 raise
@@ -206,13 +209,11 @@ class RunReader:
 
     @property
     def ids(self) -> list[str]:
-        return [s.decode() if isinstance(s, bytes) else str(s) for s in self.file["images/ids"][: self.n]]
+        return fmt.read_ids(self.file, self.n)
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
-        if "images/skipped" not in self.file:
-            return []
-        return [tuple(x.decode() if isinstance(x, bytes) else x for x in row) for row in self.file["images/skipped"][()]]
+        return fmt.read_skipped(self.file)
 
     # ------------------------------------------------------------------ data
     def has(self, name: str) -> bool:
@@ -389,11 +390,9 @@ class RunReader:
         return sorted(self._states())
 
     def _states(self) -> dict[str, dict[str, Any]]:
-        states = fmt.read_states(self.file, self.path)[1]
-        if not states:
-            problem = fmt.checkpoint_problem(self.path)
-            if problem is not None:
-                raise QKHooksError(self._damaged_checkpoint(problem))
+        _, states, problem = fmt.states_and_problem(self.file, self.path)
+        if problem is not None:
+            raise QKHooksError(self._damaged_checkpoint(problem))
         return states
 
     def _damaged_checkpoint(self, problem: str) -> str:
@@ -406,8 +405,11 @@ class RunReader:
     def missing_states(self) -> str:
         """A one-line notice when the run's config lists reducers but their saved states are nowhere: the sidecar
         ``RUN.h5.reducers`` is not next to the run file (copied or moved without it). Empty otherwise."""
+        return self._missing_states(self._states())
+
+    def _missing_states(self, states: dict[str, dict[str, Any]]) -> str:
         wanted = self.config.get("reducers") or []
-        if not wanted or self.states():
+        if not wanted or states:
             return ""
         sidecar = fmt.checkpoint_path(self.path)
         return (f"{sidecar.name} is missing: the states of the reducers this run kept ({', '.join(wanted)}) live in "
@@ -439,21 +441,21 @@ class RunReader:
         for name in self.arrays():
             ds = self.file[name]
             shape = (self.n,) + tuple(ds.shape[1:])
-            bad = not _index_readable(ds, self.n)
+            bad = self.n > 0 and not fmt.chunk_index_readable(ds, (0, self.n - 1))
             unreadable += [name] if bad else []
             lines.append(f"  {name:32s} {str(shape):24s} {ds.dtype}" + ("  DAMAGED (chunk index unreadable)" if bad else ""))
         if unreadable:
             self.problems.append(f"{len(unreadable)} per-image arrays are unreadable ({', '.join(unreadable[:3])}"
                                  f"{' ...' if len(unreadable) > 3 else ''}): run `qkhooks repair {self.path} --out "
                                  "FIXED.h5` to copy every image still readable into a new file")
-        problem = None if fmt.read_states(self.file, self.path)[1] else fmt.checkpoint_problem(self.path)
+        _, states, problem = fmt.states_and_problem(self.file, self.path)  # one load of the checkpoint
         if problem is not None:
             self.problems.append(self._damaged_checkpoint(problem))
             lines.append(f"reducers DAMAGED checkpoint {fmt.checkpoint_path(self.path).name} ({problem})")
-        elif self.states():
-            lines.append("reducers " + ", ".join(self.states()))
-        elif self.missing_states():
-            lines.append("reducers none: " + self.missing_states())
+        elif states:
+            lines.append("reducers " + ", ".join(sorted(states)))
+        elif notice := self._missing_states(states):
+            lines.append("reducers none: " + notice)
         if self.info:
             lines.append(f"layers   (model/info schema {self.schema_version})")
             for layer in self.layers:
@@ -521,19 +523,6 @@ def _from_hdf5(exc: BaseException) -> bool:
     if "doesn't exist" in text:  # h5py's "Unable to ... (object 'x' doesn't exist)": a name, not damage
         return False
     return "Unable to" in text or "Can't" in text or "checksum" in text
-
-
-def _index_readable(ds: h5py.Dataset, n: int) -> bool:
-    """Whether the chunk index of a per-image array answers for its first and last committed image (reads metadata
-    only, not the data; a damaged index makes every read of the array fail)."""
-    if not ds.chunks or n == 0:
-        return True
-    try:
-        for row in {0, n - 1}:
-            ds.id.get_chunk_info_by_coord((row,) + (0,) * (ds.ndim - 1))
-    except (OSError, RuntimeError, ValueError, KeyError):
-        return False
-    return True
 
 
 def _guarded(method: Any) -> Any:

@@ -84,7 +84,7 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     ids = np.array([""] * n, dtype=object)
     good = np.zeros(n, dtype=bool)
     try:
-        ids[:] = [s.decode() if isinstance(s, bytes) else str(s) for s in src[fmt.IDS][:n]]
+        ids[:] = fmt.read_ids(src, n)
         good[:] = ids != ""
     except _READ_ERRORS as exc:
         problems.append(f"image ids unreadable ({exc})")
@@ -104,7 +104,7 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     lost = np.flatnonzero(~good).tolist()
     skipped = [(str(ids[i]) or f"row {i}", "unreadable in the damaged run file") for i in lost]
     if _readable(lambda: src[fmt.SKIPPED][()]):
-        skipped = [tuple(x.decode() if isinstance(x, bytes) else x for x in row) for row in src[fmt.SKIPPED][()]] + skipped
+        skipped = fmt.read_skipped(src) + skipped
     images.create_dataset("skipped", data=np.array(skipped, dtype=object).reshape(-1, 2), maxshape=(None, 2),
                           chunks=(64, 2), dtype=h5py.string_dtype())
     for name, ds in arrays.items():

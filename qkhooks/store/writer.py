@@ -22,6 +22,7 @@ later call raises.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -30,7 +31,7 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -38,7 +39,7 @@ import torch
 
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import clear_open_flags, open_reader, open_swmr_writer
+from qkhooks.store._hdf5 import DamagedRunError, clear_open_flags, open_reader, open_swmr_writer
 from qkhooks.store.lock import RESERVE_BYTES, WriterLock, forget_in_forked_children, keep_out_of_forked_children
 
 __all__ = ["RunWriter", "COMPRESSIONS", "IDENTITY_ATTRS"]
@@ -266,9 +267,10 @@ class RunWriter:
 
     def _open_for_resume(self, attrs: Mapping[str, Any], expected_statics: Mapping[str, Any]) -> h5py.File:
         self._refuse_if_open_here()
-        # read-only first: a refused resume changes nothing
-        with open_reader(self.path) as f:
-            theirs = {**{k: f.attrs.get(k) for k in IDENTITY_ATTRS}, **_checked(f.attrs)}
+        # read-only first, every part of the file that the resume uses: a refused resume changes nothing
+        with self._refused_if_damaged(), open_reader(self.path) as f:
+            root = dict(f.attrs.items())  # all at once: a damaged attribute raises here (attrs.get would say None)
+            theirs = {**{k: root.get(k) for k in IDENTITY_ATTRS}, **_checked(root)}
             if fmt.committed(f) is None:
                 raise QKHooksError(f"cannot resume {self.path}: it is not a qkhooks run file; use --overwrite.")
             if "shards" in f["images"].attrs:
@@ -282,7 +284,7 @@ class RunWriter:
                 self._check_statics(f, expected_statics)
             self._check_whole(f)
             self.run_id = fmt.run_id_of(f)
-            self.was_complete = bool(f.attrs.get("complete", False))
+            self.was_complete = bool(root.get("complete", False))
         try:
             clear_open_flags(self.path)  # a dead writer's; we hold the run's lock, so no live one's
             f = self._keep_from_children(open_swmr_writer(self.path, CHUNK_CACHE_BYTES))
@@ -292,11 +294,35 @@ class RunWriter:
             raise
         for leftover in (self._creating, fmt.checkpoint_path(self._creating)):  # an --overwrite killed before it
             leftover.unlink(missing_ok=True)  # replaced this run (we hold the lock: no live writer's)
-        f.attrs.modify("complete", False)
-        self._cut(f, fmt.committed(f) or 0)
-        f.flush()
-        self._layout_names = set(fmt.per_image_datasets(f)) or None
+        with self._refused_if_damaged():
+            try:
+                f.attrs.modify("complete", False)
+                self._cut(f, fmt.committed(f) or 0)
+                f.flush()
+                self._layout_names = set(fmt.per_image_datasets(f)) or None
+            except BaseException:
+                f.close()
+                raise
         return f
+
+    def _damaged(self, problem: str) -> QKHooksError:
+        return QKHooksError(
+            f"cannot resume {self.path}: it is damaged ({problem}). Recover its intact images with `qkhooks repair "
+            f"{self.path} --out FIXED.h5` and resume that (the same command with --out FIXED.h5 --resume), or start "
+            "again with --overwrite.")
+
+    @contextlib.contextmanager
+    def _refused_if_damaged(self) -> Iterator[None]:
+        """Any failure to read the run file while a resume checks or opens it is damage (a checksum that fails, an
+        object or attribute the resume needs that is missing, an id that is not UTF-8): one error that says what to do."""
+        try:
+            yield
+        except DamagedRunError as exc:
+            raise self._damaged(exc.problem) from None
+        except QKHooksError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise self._damaged(f"reading it failed: {type(exc).__name__}: {exc}") from None
 
     def _open_here_error(self) -> QKHooksError:
         return QKHooksError(
@@ -321,6 +347,8 @@ class RunWriter:
 
     def _check_identity(self, theirs: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
         for key in IDENTITY_ATTRS:
+            if key in attrs and theirs[key] is None:  # every run file has them
+                raise self._damaged(f"its root attribute {key!r} is missing")
             if key in attrs and _attr(theirs[key]) != attrs[key]:
                 why = fmt.config_differences(_attr(theirs[key]), attrs[key])
                 raise QKHooksError(
@@ -330,7 +358,7 @@ class RunWriter:
         for key, what in CHECKED_ATTRS.items():
             if key not in attrs or theirs[key] is None:
                 continue  # a file from before the attribute (the spectra stand in for the weights: _check_statics)
-            mine, stored = attrs[key], _text(theirs[key])
+            mine, stored = attrs[key], fmt.as_str(theirs[key])
             if key == "image_config":
                 why = fmt.config_differences(stored, mine)
                 if json.loads(stored) == json.loads(mine):
@@ -359,20 +387,24 @@ class RunWriter:
                     f"mixes two models. {self._resume_fix()}")
 
     def _check_whole(self, f: h5py.File) -> None:
-        """Every per-image array the layout lists is there with at least the committed rows (h5py edits, a cut)."""
+        """Every per-image array the layout lists is there with at least the committed rows (h5py edits, a cut), and
+        everything a resume reads or rewrites reads (any failure raises): every object's header and attributes, the
+        statics, the committed ids and each per-image array's chunk index where the resume cuts or appends."""
         n = fmt.committed(f) or 0
+        _read_every_object(f)
+        fmt.read_ids(f, n)
+        fmt.read_skipped(f)
         arrays = fmt.per_image_datasets(f)
         problems = [f"{name} has {ds.shape[0]} rows" for name, ds in sorted(arrays.items()) if ds.shape[0] < n]
         if f[fmt.IDS].shape[0] < n:
             problems.insert(0, f"{fmt.IDS} has {f[fmt.IDS].shape[0]} rows")
         listed = f["images"].attrs.get(fmt.ARRAYS_ATTR)
         if listed is not None:
-            problems += [f"{name} is missing" for name in sorted(set(json.loads(_text(listed))) - set(arrays))]
+            problems += [f"{name} is missing" for name in sorted(set(json.loads(fmt.as_str(listed))) - set(arrays))]
+        problems += [f"{name}'s chunk index is unreadable" for name, ds in sorted(arrays.items())
+                     if ds.shape[0] and not fmt.chunk_index_readable(ds, (0, max(n, 1) - 1, ds.shape[0] - 1))]
         if problems:
-            raise QKHooksError(
-                f"cannot resume {self.path}: it is damaged ({'; '.join(problems)}, with {n} images committed). "
-                f"Recover its intact images with `qkhooks repair {self.path} --out FIXED.h5` and resume that, or "
-                "start again with --overwrite.")
+            raise self._damaged(f"{'; '.join(problems)}, with {n} images committed")
 
     def _cut(self, f: h5py.File, n: int) -> None:
         if (fmt.committed(f) or 0) > n:
@@ -388,7 +420,7 @@ class RunWriter:
         """Ids of the committed images (waits for queued batches first)."""
         self.flush()
         with self._lock:
-            return [s.decode() if isinstance(s, bytes) else s for s in self._file[fmt.IDS][: self.committed]]
+            return fmt.read_ids(self._file, self.committed)
 
     def write_batch(self, ids: Sequence[str], arrays: Mapping[str, Any]) -> None:
         """Queue one batch: ``arrays`` maps schema names to (B, ...) tensors/arrays. Blocks only if the queue is full."""
@@ -763,20 +795,20 @@ class _PerImage:
 
 def _checked(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """The :data:`CHECKED_ATTRS` of root attributes (a file's, or the ones a run is given); None where absent."""
-    found = {"image_config": attrs.get("image_config")}
-    identity = attrs.get(fmt.IDENTITY)
-    try:
-        identity = json.loads(_text(identity)) if identity is not None else {}
-    except (TypeError, ValueError):
-        identity = {}
-    for key in CHECKED_ATTRS:
-        if key != "image_config":
-            found[key] = identity.get(key) if isinstance(identity, dict) else None
-    return found
+    identity = fmt.identity_of(attrs)
+    return {key: attrs.get(key) if key == "image_config" else identity.get(key) for key in CHECKED_ATTRS}
 
 
-def _text(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
+def _read_every_object(group: h5py.Group) -> None:
+    """Open every object below ``group`` and read its attributes (its header): the metadata a resume goes through
+    (statics are rewritten in place), read before it writes. Any damage raises."""
+    dict(group.attrs.items())
+    for key in group:
+        obj = group[key]
+        if isinstance(obj, h5py.Group):
+            _read_every_object(obj)
+        else:
+            dict(obj.attrs.items())
 
 
 def _attr(value: Any) -> Any:
