@@ -45,7 +45,7 @@ def in_memory_maps(loaded, data: str, layers=(0, 1), limit=None) -> tuple[list[s
     """The same images through qkhooks.record directly (no store): the reference for the file's contents."""
     ds = open_dataset(data, loaded.image_config, limit=limit)
     batch = collate([ds[i] for i in range(len(ds))])
-    with qkhooks.record(loaded.model, modes=16, layers=list(layers)) as run, torch.no_grad():
+    with qkhooks.record(loaded.model, modes=8, layers=list(layers)) as run, torch.no_grad():
         loaded.model(batch["pixel_values"])
     return list(batch["id"]), {k: v.numpy() for k, v in run.last.arrays().items()}
 
@@ -54,7 +54,7 @@ def in_memory_maps(loaded, data: str, layers=(0, 1), limit=None) -> tuple[list[s
 def test_round_trip_of_every_dataset(tmp_path, data, limit):
     loaded = tiny_vit()
     out = tmp_path / "run.h5"
-    result = record_dataset(loaded, data, out, modes=16, layers="0,1", dtype="float32", limit=limit, batch_size=2,
+    result = record_dataset(loaded, data, out, modes=8, layers="0,1", dtype="float32", limit=limit, batch_size=2,
                             reducers=[], progress=False)
     ids, ref = in_memory_maps(loaded, data, limit=limit)
     spec = qkhooks.spectrum(loaded.model)
