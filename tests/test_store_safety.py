@@ -694,6 +694,23 @@ def test_a_resume_refuses_other_weights_another_compute_dtype_or_other_preproces
         assert run.complete and run.n == 6
 
 
+def test_a_weights_hash_that_differs_only_past_its_first_digits_is_shown_whole(tmp_path):
+    """The refusal shows hashes by their first 12 digits only where those tell them apart (a damaged stored hash may
+    share them), so it never reads "file 8486bb887b2e..., now 8486bb887b2e..."."""
+    import json
+
+    out = tmp_path / "run.h5"
+    _interrupted(out, tiny_vit())
+    with h5py.File(out, "r+") as f:
+        identity = json.loads(f.attrs["identity"])
+        true_hash = identity["weights_sha256"]
+        identity["weights_sha256"] = true_hash[:-1] + ("0" if true_hash[-1] != "0" else "1")
+        f.attrs["identity"] = json.dumps(identity)
+    with pytest.raises(QKHooksError, match=f"file {identity['weights_sha256']}, now {true_hash}\\)"):
+        record_dataset(tiny_vit(), "samples", out, layers="0", modes=4, batch_size=2, limit=6, progress=False,
+                       resume=True)
+
+
 def test_a_run_file_from_before_weight_hashes_is_resumed_by_comparing_its_spectra(tmp_path):
     out = tmp_path / "run.h5"
     _interrupted(out, tiny_vit())

@@ -366,7 +366,9 @@ class RunWriter:
             elif stored == mine:
                 continue
             else:
-                short = (lambda v: v[:12] + "...") if key == "weights_sha256" else (lambda v: v)
+                # a hash is shown by its first 12 digits where those tell the two apart (a damaged one may not)
+                cut = key == "weights_sha256" and stored[:12] != mine[:12]
+                short = (lambda v: v[:12] + "...") if cut else (lambda v: v)
                 why = f" (file {short(stored)}, now {short(mine)})"
             raise QKHooksError(f"cannot resume {self.path}: {what} differs between the run file and this run{why}; "
                                "its images so far were recorded otherwise, and one run file never mixes the two. "
