@@ -123,10 +123,6 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class _Shard:
     """What the merge needs from one shard file (opened read-only; SWMR, so a live writer is no problem)."""
 
@@ -145,19 +141,19 @@ class _Shard:
         f, path = self.file, self.path
         if fmt.committed(f) is None:
             raise QKHooksError(f"{path} is not a qkhooks run file (no /images/ids with `committed`).")
-        self.attrs = {k: (_str(v) if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        self.config = json.loads(_str(self.attrs.get("config", "{}")))
+        self.attrs = {k: (fmt.as_str(v) if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        self.config = json.loads(fmt.as_str(self.attrs.get("config", "{}")))
         shard = self.config.get("shard")
         if not shard:
             raise QKHooksError(f"{path} is a single-process run, not a shard (its config has no shard).")
         self.rank, self.world = int(shard[0]), int(shard[1])
-        block = json.loads(_str(f["images"].attrs["shard"])) if "shard" in f["images"].attrs else {}
+        block = json.loads(fmt.as_str(f["images"].attrs["shard"])) if "shard" in f["images"].attrs else {}
         self.start = block.get("start")
         self.committed = fmt.committed(f) or 0
         self.complete = bool(f.attrs.get("complete", False))
         self.n, self.states = self._consistent()
-        self.ids = [_str(s) for s in f["images/ids"][: self.n]]
-        self.skipped = [tuple(_str(x) for x in row) for row in f["images/skipped"][()]] if "images/skipped" in f else []
+        self.ids = fmt.read_ids(f, self.n)
+        self.skipped = fmt.read_skipped(f)
         self.per_image = fmt.per_image_datasets(f)
 
     def _consistent(self) -> tuple[int, dict[str, dict[str, Any] | None]]:
