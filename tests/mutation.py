@@ -136,10 +136,11 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "tests/test_call_grids.py", "tests/test_modes.py", KILLS_R19],
                 "test_qkpath_precision or test_mutation_kills_r19 or (test_mutation_kills and qk_path) or "
                 "(test_spectrum and (truncated or without_weights or top_of_a_spectrum or null)) or "
-                "(test_reducers and (interval or centre)) or (test_modes and anisotropy) or (test_store_safety and (resume or overwrite or another_name "
-                "or hard_link or checkpoint_of_another or duplicate_ids or lock) and not (sigkill or full_disk or "
-                "worker_processes)) or (test_store and (absolutely or moved_run or folder)) or (test_call_grids and "
-                "(hf_vits_read or mask_handed or vitmae or dynamic_size_vit or wrapped_model))"),
+                "(test_reducers and (interval or centre)) or (test_modes and anisotropy) or "
+                "(test_store_safety and (resume or overwrite or another_name or hard_link or checkpoint_of_another "
+                "or duplicate_ids or lock) and not (sigkill or full_disk or worker_processes)) or "
+                "(test_store and (absolutely or moved_run or folder or corrupt_images_are_skipped)) or "
+                "(test_call_grids and (hf_vits_read or mask_handed or vitmae or dynamic_size_vit or wrapped_model))"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
 ROUND18 = (
