@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import filecmp
+import fnmatch
 import json
 import os
 import random
@@ -59,6 +60,8 @@ CAPTURE_FORMS = ("videomt_per_frame or run_twice_in_one_forward or maps_taken_fr
 KILLS_MODELS = "tests/test_mutation_kills_models.py"
 # Round 12 (mut12-io): the kill tests of stream, store, preprocess and statistics.
 KILLS_IO2 = "tests/test_mutation_kills_io2.py"
+# Round 19 (mutation): the kill tests of the functions round 18 changed or added (module "round18").
+KILLS_R19 = "tests/test_mutation_kills_r19.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -121,7 +124,44 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
          KILLS_REST, KILLS_IO2],
         None,
     ),
+    # Round 19 (mutation): the functions round 18 changed or added, across eight files, against the tests that reach
+    # them (~40 s): the q/k path's check and solve, the all-mode weighted cosine and null modes, the anisotropy
+    # interval, the weights' fingerprint, the resume identity check, the overwrite laid out beside the old run, the
+    # run-file lock, the data files' absolute specs and sizes, and models/base.py's call-argument names, grid hooks
+    # and recast. Run with --only ROUND18 (the functions by name); the files' other mutants have their modules.
+    "round18": (["qkhooks/projector.py", "qkhooks/spectrum.py", "qkhooks/analysis/anisotropy.py", "qkhooks/stream.py",
+                 "qkhooks/store/writer.py", "qkhooks/store/lock.py", "qkhooks/data_files.py", "qkhooks/models/base.py"],
+                ["tests/test_qkpath_precision.py", "tests/test_mutation_kills.py", "tests/test_spectrum.py",
+                 "tests/test_reducers.py", "tests/test_store_safety.py", "tests/test_store.py",
+                 "tests/test_call_grids.py", "tests/test_modes.py", KILLS_R19],
+                "test_qkpath_precision or test_mutation_kills_r19 or (test_mutation_kills and qk_path) or "
+                "(test_spectrum and (truncated or without_weights or top_of_a_spectrum or null)) or "
+                "(test_reducers and (interval or centre)) or (test_modes and anisotropy) or "
+                "(test_store_safety and (resume or overwrite or another_name or hard_link or checkpoint_of_another "
+                "or duplicate_ids or lock) and not (sigkill or full_disk or worker_processes)) or "
+                "(test_store and (absolutely or moved_run or folder or corrupt_images_are_skipped)) or "
+                "(test_call_grids and (hf_vits_read or mask_handed or vitmae or dynamic_size_vit or wrapped_model))"),
 }
+# The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
+ROUND18 = (
+    "qkhooks.projector.x_qk_path_check__*", "qkhooks.projector.x__solve_side__*", "qkhooks.projector.x__solve__*",
+    "qkhooks.spectrum.x_head_weighted_cosines__*", "qkhooks.spectrum.x_mean_over_heads__*",
+    "qkhooks.spectrum.x_null_modes__*", "qkhooks.spectrum.xǁLayerSpectrumǁnull_modes__*",
+    "qkhooks.spectrum.xǁLayerSpectrumǁall_modes__*", "qkhooks.spectrum.xǁLayerSpectrumǁcosine_weighted__*",
+    "qkhooks.spectrum.xǁLayerSpectrumǁtop__*", "qkhooks.spectrum.xǁQKSpectrumǁcosine_weighted_by_layer__*",
+    "qkhooks.analysis.anisotropy.x_anisotropy_interval__*", "qkhooks.analysis.anisotropy.x__weighted_cos__*",
+    "qkhooks.analysis.anisotropy.x_anisotropy_table__*",
+    "qkhooks.stream.x_weights_fingerprint__*",
+    "qkhooks.store.writer.xǁRunWriterǁ_check_identity__*", "qkhooks.store.writer.x__checked__*",
+    "qkhooks.store.writer.xǁRunWriterǁ_lay_out__*", "qkhooks.store.writer.xǁRunWriterǁ_publish__*",
+    "qkhooks.store.writer.xǁRunWriterǁ_replace_old__*",
+    "qkhooks.store.lock.xǁWriterLockǁhold_run__*",
+    "qkhooks.data_files.*",
+    "qkhooks.models.base.x__positional_names__*", "qkhooks.models.base.x__positional_parameters__*",
+    "qkhooks.models.base.xǁAttentionSiteǁrefuse_unmodelled_inputs__*", "qkhooks.models.base.x_recast__*",
+    "qkhooks.models.base.x_grid_source_hooks__*",
+)
+NAMED_SETS = {"ROUND18": ROUND18}
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
 IN_A_SUBPROCESS = ("reachable_after_import or torchrun or killed or never_mistake or clear_open_flags or sigterm "
@@ -214,7 +254,14 @@ def score(work: Path, only: list[str] | None = None) -> dict[str, object]:
     }
 
 
-def run(module: str, children: int, root: Path = WORK, sample: int = 0) -> dict[str, object]:
+def matching(names: list[str], patterns: tuple[str, ...]) -> list[str]:
+    """The mutant names matching any of ``patterns`` (fnmatch, or a name of :data:`NAMED_SETS`); all for none."""
+    patterns = tuple(p for name in patterns for p in NAMED_SETS.get(name, (name,)))
+    return sorted(n for n in names if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns))
+
+
+def run(module: str, children: int, root: Path = WORK, sample: int = 0,
+        only: tuple[str, ...] = ()) -> dict[str, object]:
     files, tests, select = MODULES[module]
     work = root / module
     for name in _COPIED:
@@ -222,8 +269,8 @@ def run(module: str, children: int, root: Path = WORK, sample: int = 0) -> dict[
     _configure(work, files, tests, select)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # import the mutants, not this checkout
     mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)]
-    if sample:
-        return _run_sample(work, mutmut, env, sample)
+    if sample or only:
+        return _run_chosen(work, mutmut, env, sample, only)
     earlier = score(work)["survived"] if (work / "mutants").exists() else []
     subprocess.run(mutmut, cwd=work, env=env, check=False)  # new and changed functions' mutants
     if earlier:  # mutmut keeps a survivor's verdict; the tests may have changed since, so try them again
@@ -231,14 +278,16 @@ def run(module: str, children: int, root: Path = WORK, sample: int = 0) -> dict[
     return score(work)
 
 
-def _run_sample(work: Path, mutmut: list[str], env: dict[str, str], size: int) -> dict[str, object]:
-    """Run ``size`` of the module's mutants drawn at random (seed 0, so a rerun draws the same ones, and retries
-    the sample's survivors against the current tests): a score with a known error where the whole module does not
-    fit the time (a loaded machine runs 2-3 mutants a minute). The sample is written to ``sample.txt``."""
+def _run_chosen(work: Path, mutmut: list[str], env: dict[str, str], size: int,
+                only: tuple[str, ...] = ()) -> dict[str, object]:
+    """Run the module's mutants named by ``only`` (all for none), or ``size`` of those drawn at random (seed 0, so a
+    rerun draws the same ones, and retries the sample's survivors against the current tests): a score with a known
+    error where the whole module does not fit the time (a loaded machine runs 2-3 mutants a minute). The mutants
+    run are written to ``sample.txt``."""
     if not _verdicts(work):  # mutmut makes the mutants (and its test stats) before it looks for the names asked
         subprocess.run(mutmut + ["no mutant has this name"], cwd=work, env=env, check=False)
-    names = sorted(_verdicts(work))
-    chosen = sorted(random.Random(0).sample(names, min(size, len(names))))
+    names = matching(sorted(_verdicts(work)), only)
+    chosen = sorted(random.Random(0).sample(names, min(size, len(names)))) if size else names
     (work / "sample.txt").write_text("\n".join(chosen) + "\n")
     subprocess.run(mutmut + chosen, cwd=work, env=env, check=False)
     return score(work, only=chosen)
@@ -251,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-only", action="store_true", help="report the last run's verdicts, run nothing")
     parser.add_argument("--sample", type=int, default=0, help="run only this many of each module's mutants, drawn at "
                         "random (seed 0), and score those")
+    parser.add_argument("--only", nargs="+", default=(), metavar="PATTERN", help="run and score only the mutants "
+                        f"whose names match (fnmatch), or a named set: {', '.join(NAMED_SETS)}")
     parser.add_argument("--work", type=Path, default=WORK, help="where the per-module copies live (default: .mutation; "
                         "another folder keeps a second run apart from one under way)")
     args = parser.parse_args(argv)
@@ -260,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# mutation run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     for module in args.modules:
         drawn = args.work / module / "sample.txt"
-        only = drawn.read_text().split() if args.sample and drawn.exists() else None
+        only = drawn.read_text().split() if (args.sample or args.only) and drawn.exists() else None
         result = (score(args.work / module, only) if args.score_only
-                  else run(module, args.children, args.work, args.sample))
+                  else run(module, args.children, args.work, args.sample, tuple(args.only)))
         print(f"{module}: {result['killed']}/{result['mutants'] - result['equivalent']} killed "
               f"({100 * result['score']:.1f}%), {result['equivalent']} equivalent excluded")
         for name in result["survived"]:
