@@ -526,3 +526,47 @@ def test_a_run_names_its_folder_absolutely_and_photos_are_drawn_only_from_the_fi
                    resume=True)
     with open_run(tmp_path / "run.h5") as run:
         assert run.complete and run.n == 3 and run.config["data"] == "imgs"
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("small") / "run.h5"
+    record_dataset(tiny_vit(), "samples", out, modes=4, layers="0", limit=5, batch_size=2, reducers=[], progress=False)
+    return out
+
+
+def test_a_run_array_indexes_the_committed_images_as_numpy_indexes_them(small_run):
+    """Slicing a RunArray is numpy's indexing of the committed images, for the idioms HDF5 itself refuses (a reversed
+    slice, repeated or unsorted images, lists on other axes, ``...``, new axes); the reference is the dataset read
+    whole with h5py."""
+    with h5py.File(small_run, "r") as f:
+        full = f["modes/L0/query"][:5]
+    with open_run(small_run) as run:
+        q = run.query(0)
+        keys = [0, -1, slice(None), slice(1, 4), slice(None, None, 2), slice(None, None, -1), slice(3, 0, -2),
+                [2, 0], [0, 0, 3], np.array([4, 1, 1]), [], np.array([True, False, True, False, True]),
+                (Ellipsis, 0), (Ellipsis, slice(1, None)), (1, Ellipsis, 2), (slice(None), 0, slice(None), slice(1, None)),
+                (slice(None), slice(None), [3, 1]), ([2, 0], 1, [0, 0]), (slice(None, None, -1), 0, -1),
+                (None, 0), (slice(None), None, 1), (-2, slice(None), [1]), (Ellipsis, None), ([1, 2], None, 0)]
+        for key in keys:
+            got, want = q[key], full[key]
+            assert got.shape == want.shape and np.array_equal(got, want), key
+        for bad in (5, -6, [0, 5], np.array([True, False])):
+            with pytest.raises(IndexError):
+                q[bad]
+        with pytest.raises(IndexError, match="integer, a slice"):
+            q[np.array([0.5])]
+
+
+def test_a_closed_reader_says_it_is_closed_and_never_answers_empty_or_calls_the_file_damaged(small_run):
+    with open_run(small_run) as run:
+        q = run.query(0)
+        assert run.layers == [0] and run.modes_kept == 4
+    reads = [lambda: run.layers, lambda: run.mode_layers, lambda: run.module_paths, lambda: run.ids,
+             lambda: run.config, lambda: run.query(0), lambda: run.spectrum(0), lambda: run.state("topk_modes"),
+             lambda: q[0]]
+    for read in reads:
+        with pytest.raises(QKHooksError, match="is closed .*open the run again") as caught:
+            read()
+        assert "repair" not in str(caught.value)
+    assert "closed" in repr(run)

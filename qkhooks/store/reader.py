@@ -61,26 +61,65 @@ class RunArray:
             return self._read(key)
 
     def _read(self, key: Any) -> np.ndarray:
-        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
-        if isinstance(first, slice):
-            first = slice(*first.indices(self.n))
-        elif isinstance(first, (int, np.integer)):
+        """numpy's indexing over the committed images: the image axis is read from the file (in increasing order,
+        as HDF5 needs, then put in the order asked for); the other axes go to HDF5 where it selects them itself
+        (integers and forward slices: only those bytes are read), else to numpy on what was read."""
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key):
+            at = next(i for i, k in enumerate(key) if k is Ellipsis)
+            fill = len(self.shape) - (len(key) - 1 - sum(k is None for k in key))
+            key = key[:at] + (slice(None),) * max(fill, 0) + key[at + 1:]
+        if any(k is None for k in key):  # new axes: numpy's shape (on a zero-stride stand-in), read without them
+            want = np.lib.stride_tricks.as_strided(np.zeros(1, bool), self.shape, (0,) * len(self.shape))[key].shape
+            got = self._read(tuple(k for k in key if k is not None))
+            if [d for d in want if d != 1] != [d for d in got.shape if d != 1]:
+                raise IndexError("new axes among several index arrays move numpy's axes; read the array first "
+                                 "(np.asarray(a)) and index that.")
+            return got.reshape(want)
+        first, rest = (key[0], key[1:]) if key else (slice(None), ())
+        if len(rest) > len(self.shape) - 1:
+            raise IndexError(f"too many indices: the array has {len(self.shape)} axes {self.shape}, {len(key)} were "
+                             "given.")
+        native = all(isinstance(k, (int, np.integer)) or (isinstance(k, slice) and (k.step or 1) > 0) for k in rest)
+        if isinstance(first, (int, np.integer)) and not isinstance(first, bool):
             if not -self.n <= first < self.n:
                 raise IndexError(f"image {first} is out of range for a run of {self.n} images.")
-            first = int(first) % self.n
-        else:
-            index = np.asarray(first)
-            if index.dtype == bool:
-                index = np.flatnonzero(index)
-            index = np.where(index < 0, index + self.n, index)
-            if index.size and (index.min() < 0 or index.max() >= self.n):
-                raise IndexError(f"an image index is out of range for a run of {self.n} images.")
-            order = np.argsort(index, kind="stable")  # h5py wants increasing indices
-            picked = self.dataset[(index[order],) + rest] if index.size else np.empty((0,) + self.shape[1:], self.dtype)
-            out = np.empty_like(picked)
-            out[order] = picked
-            return out
-        return self.dataset[(first,) + rest]
+            i = int(first) % self.n
+            # HDF5 selects the rest itself; otherwise numpy, on the one image read with the same kind of key
+            return self.dataset[(i,) + rest] if native else self.dataset[i:i + 1][(0,) + rest]
+        if isinstance(first, slice):
+            index = np.arange(self.n)[first]
+            if first.step is None or first.step > 0:  # a forward slice is HDF5's own selection
+                sl = slice(*first.indices(self.n))
+                return self.dataset[(sl,) + rest] if native else self.dataset[sl][(slice(None),) + rest]
+            if not index.size:
+                return self.dataset[0:0][(slice(None),) + rest]
+            lo, hi = int(index.min()), int(index.max())
+            # the covering forward range, then the same backward slice within it (a slice, as numpy treats it)
+            stop = int(index[-1]) - lo - 1
+            return self.dataset[lo:hi + 1][(slice(int(index[0]) - lo, stop if stop >= 0 else None, first.step),)
+                                           + rest]
+        index = np.asarray(first)
+        if index.size == 0:  # [] is float64 to numpy; an empty pick of images whatever its dtype
+            index = index.astype(np.intp)
+        if index.dtype == bool:
+            if index.shape != (self.n,):
+                raise IndexError(f"a boolean image mask must have one entry per image ({self.n}), not {index.shape}.")
+            index = np.flatnonzero(index)
+        elif index.dtype.kind not in "iu" or index.ndim != 1:
+            raise IndexError(f"images are picked by an integer, a slice, a list of integers or a boolean mask, not "
+                             f"{first!r}; for anything else read the array first (np.asarray(a)).")
+        index = np.where(index < 0, index + self.n, index)
+        if index.size and (index.min() < 0 or index.max() >= self.n):
+            raise IndexError(f"an image index is out of range for a run of {self.n} images.")
+        unique, inverse = np.unique(index, return_inverse=True)  # HDF5 wants increasing indices, each once
+        inverse = inverse.reshape(-1)
+        if native:
+            if not unique.size:
+                return self.dataset[(slice(0, 0),) + rest]
+            return self.dataset[(unique,) + rest][inverse]
+        block = self.dataset[unique] if unique.size else self.dataset[0:0]
+        return block[(inverse,) + rest]  # numpy's rules for several index arrays, on the images read
 
     def chunks(self, size: int = 256) -> Iterator[tuple[slice, np.ndarray]]:
         """(slice, block) pairs over all committed images, ``size`` images at a time."""
@@ -150,6 +189,10 @@ class RunReader:
     def _reading(self) -> Iterator[None]:
         """Turn any HDF5 error while reading into a QKHooksError (stale, or damaged with the repair command), and
         refuse an answer read from a closed run's file that changed under this reader."""
+        if not self.file.id.valid:  # h5py answers a closed file with empty groups or errors that look like damage
+            raise QKHooksError(f"this reader of {self.path} is closed (it was used after its `with "
+                               "qkhooks.open_run(...)` block, or after close()); read inside the block, or open the "
+                               "run again.")
         try:
             yield
         except QKHooksError:
@@ -196,6 +239,11 @@ class RunReader:
     @property
     def config(self) -> dict[str, Any]:
         return json.loads(self.attrs.get("config", "{}"))
+
+    @property
+    def modes_kept(self) -> int | str | None:
+        """Modes kept per head, as a live ``Recording.modes_kept`` says: an int, ``"all"``, or None (no modes)."""
+        return self.config.get("modes")
 
     @property
     def complete(self) -> bool:
@@ -477,6 +525,8 @@ class RunReader:
         self.close()
 
     def __repr__(self) -> str:
+        if not self.file.id.valid:
+            return f"RunReader({str(self.path)!r}, closed)"
         return f"RunReader({str(self.path)!r}, images={self.n}, layers={self.layers})"
 
 
@@ -534,7 +584,7 @@ def _guarded(method: Any) -> Any:
     return guarded
 
 
-_UNGUARDED = {"refresh", "close", "_reading", "_changed", "_stale_error", "_damaged_checkpoint"}
+_UNGUARDED = {"refresh", "close", "__repr__", "_reading", "_changed", "_stale_error", "_damaged_checkpoint"}
 for _name, _member in list(vars(RunReader).items()):  # every read of the file answers as _reading says
     if (_name.startswith("__") and _name != "__repr__") or _name in _UNGUARDED:
         continue
