@@ -56,10 +56,12 @@ class RecordOptions:
                                       config="modes", type=_modes_flag)
     """Singular modes kept per head: an integer, ``"all"``, or None/0 (capture q/k and attention only)."""
 
-    layers: str | Sequence[int] | None = _option(None, "block indices, e.g. '0,3,5-7' (default all)", flag="--layers",
-                                                 config="layers")
-    """Blocks to hook: indices, a selection string (``"0,3,5-7,-1"``) or None for all. The run config stores the
-    layers found."""
+    layers: str | int | Sequence[int | str] | None = _option(
+        None, "block indices or attention module paths, e.g. '0,3,5-7' or 'blocks.5.attn' (default all)",
+        flag="--layers", config="layers")
+    """Blocks to hook: an index, indices, a selection string (``"0,3,5-7,-1"``), the attention modules' dotted paths
+    (``["blocks.5.attn"]``, as ``run.query("blocks.5.attn")`` reads them) or None for all. The run config stores the
+    block indices found."""
 
     attention: Any = _option(None, "none, rows, pooled or full, optionally with layers and combined: 'rows+full:5,11'",
                              flag="--attention", config="attention")
@@ -129,7 +131,7 @@ class RecordOptions:
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, (list, range)):  # frozen all the way down: a list could change after the check
-            object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
+            object.__setattr__(self, "layers", tuple(self.layers))
         if isinstance(self.attention, list):
             object.__setattr__(self, "attention", tuple(self.attention))
 
@@ -194,3 +196,30 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstrings written under a dataclass's fields (Python keeps none of them), read from the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    except (OSError, TypeError, IndexError):  # no source (a frozen build): help() keeps the class docstring only
+        return {}
+    return {field.target.id: " ".join(doc.value.value.split())
+            for field, doc in zip(body, body[1:])
+            if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+            and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+
+
+def _document_fields(cls: type) -> None:
+    """Append each option, its default and its docstring to ``cls.__doc__``, so ``help(RecordOptions)`` lists them."""
+    docs = _field_docs(cls)
+    lines = [f"    {f.name} (default {f.default!r}{', ' + f.metadata['flag'] if f.metadata['flag'] else ''}): "
+             f"{docs.get(f.name) or f.metadata['help'] or ''}" for f in dataclasses.fields(cls)]
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Options:\n" + "\n".join(lines) + "\n"
+
+
+_document_fields(RecordOptions)

@@ -124,6 +124,16 @@ class _LayerList(list):
         deprecated("batch.layers as a dict of LayerCapture", "batch.captures (batch.layers is the list of layers)", 4)
         return self._captures
 
+    def __getitem__(self, index: Any) -> Any:
+        """The list's item; an index past its end that is a recorded layer was the old dict's key: say so."""
+        try:
+            return super().__getitem__(index)
+        except IndexError:
+            if isinstance(index, int) and index in self._captures:
+                raise IndexError(f"batch.layers is the list of recorded layers {list(self)} (position {index} is past "
+                                 f"its end); the LayerCapture of layer {index} is batch.captures[{index}].") from None
+            raise
+
     def items(self) -> Any:
         return self._old().items()
 

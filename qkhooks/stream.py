@@ -37,7 +37,7 @@ from qkhooks.data import ImageDataset, collate
 from qkhooks.data.sources import ItemStream, open_source
 from qkhooks.data_files import SIZES_ATTR, absolute_spec, file_sizes
 from qkhooks.errors import DataRefusal, QKHooksError
-from qkhooks.models.base import AttentionSite, parse_layers, select_layers
+from qkhooks.models.base import AttentionSite, select_layers
 from qkhooks.models.unsupported import left_out_by_design, unmodelled_parts
 from qkhooks.models.load import LoadedModel, check_device, load_model
 from qkhooks.options import DEFAULT_MODES, RecordOptions
@@ -416,9 +416,8 @@ def record_dataset(
     # Recording measures the model as it runs for inference: dropout and drop-path off (a LoadedModel or a module
     # the caller put in training mode too; _keeps_train_modes gives the caller's modes back afterwards).
     net = loaded.model.to(device).eval()
-    layer_list = parse_layers(opts.layers) if isinstance(opts.layers, str) or opts.layers is None else list(opts.layers)
     every = _model_sites(net, None, opts.skip_unmodelled)
-    sites = select_layers(every, layer_list)
+    sites = select_layers(every, opts.layers)
     unmodelled = unmodelled_parts(net, every) if opts.skip_unmodelled else {}
     attention_specs = parse_attention(opts.attention)
     modes_value = parse_modes(opts.modes)

@@ -571,9 +571,33 @@ def test_layer_selections_are_strings_or_indices_everywhere():
     with qkhooks.record(model, modes=2, layers="1") as run, torch.no_grad():
         model(TINY_MODELS[0].images())
     assert sorted(run.query) == [1]
-    for bad, message in (("1-0", "low to high"), ([], "empty"), ("x", "bad layer selection")):
+    for bad, message in (("1-0", "low to high"), ([], "empty"), ("x", "no attention module at path 'x'"),
+                         ([0.5], "bad layer selection"), (["blocks.7.attn"], "path 'blocks.7.attn'.*'blocks.0.attn' "
+                                                                             r"\(layer 0\)")):
         with pytest.raises(qkhooks.QKHooksError, match=message):
             qkhooks.record(model, layers=bad)
+
+
+def test_layers_are_chosen_by_index_or_by_the_module_path_the_reading_api_takes(tmp_path):
+    """``layers=`` takes one index, a list, a string, and the attention modules' dotted paths (what
+    ``run.query("blocks.1.attn")`` reads), mixed or alone, in record, spectrum and record_dataset; the run config keeps
+    the block indices."""
+    from qkhooks.stream import record_dataset
+
+    model = TINY_MODELS[0].model()
+    paths = {s.layer: s.path for s in qkhooks.sites(model)}
+    images = TINY_MODELS[0].images()
+    for selection, want in ((1, [1]), ([paths[1]], [1]), ([0, paths[1]], [0, 1]), (f"{paths[1]},0", [0, 1]),
+                            (np.int64(-1), [1])):
+        with qkhooks.record(model, modes=2, layers=selection) as run, torch.no_grad():
+            model(images)
+        assert run.layers == want and sorted(run.query) == want, selection
+        assert [s.layer for s in qkhooks.spectrum(model, layers=selection)] == want
+        assert run.query(paths[want[-1]]).shape == run.query(want[-1]).shape
+    record_dataset(qkhooks.load_model(model), "samples", tmp_path / "r.h5", layers=[paths[1]], modes=2, limit=2,
+                   reducers=[], progress=False)
+    with qkhooks.open_run(tmp_path / "r.h5") as run:
+        assert run.layers == [1] and run.config["layers"] == [1] and run.module_paths == {1: paths[1]}
 
 
 def test_record_and_spectrum_take_what_load_model_returns_and_name_unknown_options():

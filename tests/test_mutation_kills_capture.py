@@ -181,6 +181,11 @@ def test_a_hand_made_batch_answers_the_vocabulary_with_the_tensors_it_holds():
     batch, t = _hand_made_batch()
     assert (batch.n, batch.size, batch.offset, batch.ids) == (3, 3, 6, ["a", "b", "c"])
     assert list(batch.layers) == [0, 2] and batch.mode_layers == [0] and batch.relative_layers == [0]
+    assert batch.layers[1] == 2 and batch.layers[-1] == 2 and batch.layers[:1] == [0]
+    with pytest.raises(IndexError, match=r"list of recorded layers \[0, 2\] .*batch.captures\[2\]"):
+        batch.layers[2]  # the old dict's key of layer 2 (past the list's end): says where its capture is now
+    with pytest.raises(IndexError, match="list index out of range"):
+        batch.layers[3]
     assert batch.attention_kinds == ["full", "rows"]
     assert (batch.attention_layers(), batch.attention_layers("full"), batch.attention_layers("pooled")) == ([0], [2], [])
     assert batch.query("blocks.0.attn") is t["q0"] and batch.key(0) is t["k0"]

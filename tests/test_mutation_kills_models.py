@@ -75,7 +75,12 @@ def test_layer_selections_parse_ranges_negative_ends_and_lists_as_written():
     assert str(err.value) == "bad layer range '5-3' in '5-3': write it low to high, e.g. '3-5'."
     with pytest.raises(QKHooksError) as err:
         parse_layers("1,x")
-    assert str(err.value) == "bad layer selection '1,x': use e.g. '0,3,5-7,-1' or 'all'."
+    assert str(err.value) == ("bad layer selection '1,x': use block indices ('0,3,5-7,-1', 2, [0, 5]), the attention "
+                              "modules' paths (['blocks.5.attn']) with a model, or 'all'.")
+    assert parse_layers(3) == [3] and parse_layers(np.int64(2)) == [2] and parse_layers(torch.tensor(1)) == [1]
+    for bad in ([1.0], [True], 2.5, object()):
+        with pytest.raises(QKHooksError, match="bad layer selection"):
+            parse_layers(bad)
 
 
 def test_an_adapter_registered_last_is_tried_after_the_built_in_ones_and_first_before_them():

@@ -75,3 +75,17 @@ def test_cli_and_api_store_the_same_config_which_gives_the_options_back(tmp_path
                                  dtype="float32", limit=2)
     record_dataset(loaded, DATA, tmp_path / "again.h5", options=back, progress=False)
     assert config("again.h5") == stored
+
+
+def test_help_of_record_options_lists_every_option_with_its_default_and_what_it_does():
+    import dataclasses
+    import re
+
+    from qkhooks.options import RecordOptions
+
+    doc = RecordOptions.__doc__
+    for field in dataclasses.fields(RecordOptions):
+        line = re.search(rf"^    {field.name} \(default (.*?)\): (.+)$", doc, re.M)
+        assert line is not None, field.name
+        assert line.group(1).startswith(repr(field.default)) and len(line.group(2)) > 20, line.group(0)
+    assert "Batches between checkpoints of the reducers' states" in doc  # an API-only option's docstring

@@ -26,7 +26,6 @@ def _spectrum_args(p: argparse.ArgumentParser) -> None:
 @command("spectrum", "singular modes of W_q^T W_k per head, cosines, weighted averages")(_spectrum_args)
 def run_spectrum(args: argparse.Namespace) -> int:
     from qkhooks.models import sites as find_sites
-    from qkhooks.models.base import parse_layers
     from qkhooks.models.rope import rope_band_summary
     from qkhooks.plots import plot_cosine_by_layer, plot_head_spectra
     from qkhooks.spectrum import spectrum
@@ -34,7 +33,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
     for target in filter(None, (args.json, args.plot)):
         writable_dir(Path(target).parent, "output folder")
     loaded = load_from_args(args)
-    spec = spectrum(loaded.model, layers=parse_layers(args.layers), augmented=args.augmented, name=loaded.spec)
+    spec = spectrum(loaded.model, layers=args.layers, augmented=args.augmented, name=loaded.spec)
     print(spec.table())
     if loaded.note:
         print(f"note: {loaded.note}")
@@ -43,7 +42,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
         payload["note"] = loaded.note
         payload["biases"] = "folded in ([x; 1])" if args.augmented else "excluded (bias-free bilinear form)"
         if args.rope_bands:
-            bands = rope_band_summary(loaded.model, find_sites(loaded.model, parse_layers(args.layers)), args.rope_bands)
+            bands = rope_band_summary(loaded.model, find_sites(loaded.model, args.layers), args.rope_bands)
             for layer in payload["layers"]:
                 layer["rope_bands"] = bands[layer["layer"]]
         write_json(args.json, payload)

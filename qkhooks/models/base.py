@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Sequence, TypeVar
+import operator
+from typing import Any, Callable, Iterable, NoReturn, Sequence, TypeVar, Union
 
 import torch
 from torch import nn
@@ -542,7 +543,7 @@ def adapters() -> list[tuple[str, str]]:
     return [(a.name, a.families) for a in _ADAPTERS]
 
 
-def find_sites(model: nn.Module, layers: Sequence[int] | None = None, skip_unmodelled: bool = False) -> list[AttentionSite]:
+def find_sites(model: nn.Module, layers: "LayerSelection" = None, skip_unmodelled: bool = False) -> list[AttentionSite]:
     """All attention sites of ``model`` (or the chosen block indices), found by the first matching adapter.
 
     ``skip_unmodelled``: take the sites an adapter models exactly and leave out the modules qkhooks does not model
@@ -560,7 +561,7 @@ def find_sites(model: nn.Module, layers: Sequence[int] | None = None, skip_unmod
         raise
 
 
-def _find_sites(model: nn.Module, layers: Sequence[int] | None, skip_unmodelled: bool) -> list[AttentionSite]:
+def _find_sites(model: nn.Module, layers: "LayerSelection", skip_unmodelled: bool) -> list[AttentionSite]:
     with skipping_unmodelled(skip_unmodelled):
         diagnose(model)
         for adapter in _ADAPTERS:
@@ -630,10 +631,10 @@ def number_in_forward_order(model: nn.Module, found: list[AttentionSite]) -> lis
     return found
 
 
-def select_layers(found: list[AttentionSite], layers: str | Sequence[int] | None) -> list[AttentionSite]:
-    """Keep the requested block indices (negative indices count from the end, strings as in
-    :func:`parse_layers`), in block order."""
-    layers = parse_layers(layers)
+def select_layers(found: list[AttentionSite], layers: LayerSelection) -> list[AttentionSite]:
+    """Keep the requested layers, in block order: block indices (negative ones count from the end), strings as in
+    :func:`parse_layers`, or the attention modules' dotted paths (``"blocks.5.attn"``, as the reading API takes)."""
+    layers = parse_layers(_paths_as_indices(found, layers))
     if layers is None:
         return found
     if not layers:
@@ -649,12 +650,46 @@ def select_layers(found: list[AttentionSite], layers: str | Sequence[int] | None
     return [by_layer[i] for i in sorted(set(chosen))]
 
 
-def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
-    """Parse a layer selection such as ``"0,3,5-7,-1"`` (ranges inclusive); None or "all" means every layer."""
+LayerSelection = Union[str, int, Sequence[Union[int, str]], None]
+"""Which layers: None/"all", a block index, a list of indices or module paths, or "0,3,5-7,-1" / "blocks.5.attn"."""
+
+
+def _is_path(part: Any) -> bool:
+    """A module path among layer indices: a string with a letter (``"blocks.5.attn"``; ``"-1"``, ``"5-7"`` are not)."""
+    return isinstance(part, str) and any(c.isalpha() for c in part) and part.strip().lower() != "all"
+
+
+def _paths_as_indices(found: Sequence[AttentionSite], layers: LayerSelection) -> LayerSelection:
+    """``layers`` with each module path replaced by its block index (an unknown path refused, listing the paths)."""
+    parts = layers.split(",") if isinstance(layers, str) else layers
+    if not isinstance(parts, (list, tuple)) or not any(_is_path(p) for p in parts):
+        return layers
+    by_path = {s.path: s.layer for s in found}
+    out: list[int | str] = []
+    for part in parts:
+        if not _is_path(part):
+            out.append(part.strip() if isinstance(part, str) else part)
+            continue
+        if part.strip() not in by_path:
+            known = ", ".join(f"{p!r} (layer {l})" for p, l in list(by_path.items())[:6])
+            more = f" and {len(by_path) - 6} more" if len(by_path) > 6 else ""
+            raise QKHooksError(f"no attention module at path {part.strip()!r} in this model; its attention modules are "
+                               f"{known}{more} (give those paths or block indices).")
+        out.append(by_path[part.strip()])
+    return ",".join(map(str, out)) if isinstance(layers, str) else out
+
+
+def parse_layers(spec: str | int | Sequence[int | str] | None) -> list[int] | None:
+    """Parse a layer selection such as ``"0,3,5-7,-1"`` (ranges inclusive), a block index or a list of them; None or
+    "all" means every layer. (Module paths are resolved against a model by :func:`select_layers`.)"""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
         return None
     if not isinstance(spec, str):
-        return [int(v) for v in spec]
+        try:
+            one = not isinstance(spec, Iterable) or getattr(spec, "ndim", None) == 0  # an int, a 0-d array/tensor
+            return [_block_index(v) for v in ([spec] if one else list(spec))]
+        except (TypeError, ValueError):
+            _bad_layers(spec)
     out: list[int] = []
     for part in spec.split(","):
         part = part.strip()
@@ -667,5 +702,17 @@ def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
             else:
                 out.append(int(part))
         except ValueError:
-            raise QKHooksError(f"bad layer selection {spec!r}: use e.g. '0,3,5-7,-1' or 'all'.") from None
+            _bad_layers(spec)
     return out
+
+
+def _block_index(value: Any) -> int:
+    """One block index: an integer (Python, numpy or torch) or its digits; not a bool or a float."""
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a block index")
+    return int(value.strip()) if isinstance(value, str) else operator.index(value)
+
+
+def _bad_layers(spec: Any) -> NoReturn:
+    raise QKHooksError(f"bad layer selection {spec!r}: use block indices ('0,3,5-7,-1', 2, [0, 5]), the attention "
+                       "modules' paths (['blocks.5.attn']) with a model, or 'all'.") from None
