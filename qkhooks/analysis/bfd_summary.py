@@ -51,8 +51,9 @@ DEFINITIONS = {
     "content_variance_share = 1 - position_variance_share.",
     "second_moment_shares": "mean_i ||X_i||^2 = N ||mu||^2 + ||P - mu||^2 + mean_i ||C_i||^2, as shares.",
     "decoding": "Held-out R^2 of ridge probes (closed form, unpenalised intercept, lambda = alpha * "
-    "trace(S_xx) / d) decoding the patch row and column from X, P and C of the patch tokens; image i is held "
-    "out when i % holdout_every == holdout_every - 1 (X and C). P is one vector per position, so its probe "
+    "trace(S_xx) / d) decoding the patch row and column from X, P and C of the patch tokens; an image is held "
+    "out when the first 8 bytes of sha256 of its id, big-endian, are 0 modulo holdout_every (X and C; one in "
+    "holdout_every on average, whatever the batching, sharding or resume). P is one vector per position, so its probe "
     "holds out positions instead: P of all images, 5 folds (position p in fold p % 5), each fold predicted by a "
     "ridge probe fitted on the other positions; R^2 over all positions. A P that only labels positions without "
     "encoding where they are (or is noise) scores low; None with fewer than 10 patch positions. C = X - P uses "
