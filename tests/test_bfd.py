@@ -700,3 +700,43 @@ def test_a_probe_state_split_by_position_is_not_continued():
     old = {k: v for k, v in PositionDecoding(means, (2, 2), 1, 3).state_dict().items() if k != "holdout_rule"}
     with pytest.raises(QKHooksError, match="position in the run.*overwrite"):
         PositionDecoding(means, (2, 2), 1, 3).load_state_dict(old)
+
+
+# ------------------------------------------------------------------------------ no content, no decomposition
+def test_identical_images_are_refused_and_barely_different_ones_decompose(tiny_run):
+    """Two identical images have C = 0 like one image: refused by run_bfd, by the reducers' summary and by read_bfd
+    of the run file. Two images one grey level apart in one pixel have content and match numpy."""
+    import io
+
+    from PIL import Image
+
+    loaded, _, pixels, tmp = tiny_run
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    same = [{"image": buffer.getvalue(), "id": name} for name in ("a", "b")]
+    out = tmp / "same.h5"
+    with pytest.raises(QKHooksError, match="content factor is zero.*same tokens.*more, different images"):
+        run_bfd(loaded, same, out, batch_size=2)
+    with pytest.raises(QKHooksError, match="content factor is zero"):
+        read_bfd(out)  # pass 2 is complete in the file: reading it back refuses too
+    twins = pixels[:1].repeat(2, 1, 1, 1)
+    with pytest.raises(QKHooksError, match="content factor is zero"):
+        run_bfd(loaded.model, twins, batch_size=2, decode=False)
+    rng = np.random.default_rng(4)
+    x = np.broadcast_to(rng.normal(size=(5, 4)), (3, 5, 4)).copy()
+    wq, wk = rng.normal(size=(2, 2, 4)), rng.normal(size=(2, 2, 4))
+    with pytest.raises(QKHooksError, match="all 3 images give the same tokens"):
+        stream(x, wq, wk, [2, 1])
+
+    twins[1, 0, 3, 5] += 2 / 255  # one grey level (the images are normalised with std 0.5)
+    result = run_bfd(loaded.model, twins, batch_size=2, decode=False)
+    xs, wqs, wks = timm_reference_inputs(loaded.model, twins, 2)
+    for layer, (x, wq, wk) in enumerate(zip(xs, wqs, wks)):
+        ref = numpy_bfd(x, wq, wk)
+        entry = result["layers"][layer]
+        assert 0 < entry["content_variance_share"] < 1e-3  # barely different, yet not rounding
+        np.testing.assert_allclose(entry["position_variance_share"], ref["position_variance_share"], rtol=1e-8)
+        for head, want in zip(entry["heads"], ref["heads"]):
+            summed = sum(want["frob"].values())
+            np.testing.assert_allclose([head["frobenius"]["energy"][t] for t in TERMS],
+                                       [want["frob"][t] / summed for t in TERMS], rtol=1e-6, atol=1e-15)
