@@ -3,6 +3,7 @@ two-pass streaming against a direct numpy computation, merging, run files, resum
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 
@@ -479,6 +480,24 @@ def tiny_run(tmp_path):
     return loaded, folder, pixels, tmp_path
 
 
+@contextlib.contextmanager
+def _killed_on_update(monkeypatch, reducer_class, call: int):
+    """Within the block, the ``call``-th ``reducer_class.update`` raises KeyboardInterrupt (a run killed mid-pass)."""
+    original, calls = reducer_class.update, {"n": 0}
+
+    def dying(self, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        original(self, batch)
+
+    monkeypatch.setattr(reducer_class, "update", dying)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(reducer_class, "update", original)
+
+
 def test_run_file_equals_in_memory_and_resumes(tiny_run, monkeypatch):
     loaded, folder, pixels, tmp = tiny_run
     out = tmp / "bfd.h5"
@@ -507,18 +526,8 @@ def test_run_file_equals_in_memory_and_resumes(tiny_run, monkeypatch):
         run_bfd(loaded, str(folder), out)
     # interrupt pass 2 after 9 of 10 batches (a checkpoint is taken after batch 8), then resume
     out2 = tmp / "again.h5"
-    original, calls = BFDEnergies.update, {"n": 0}
-
-    def dying(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise KeyboardInterrupt
-        original(self, batch)
-
-    monkeypatch.setattr(BFDEnergies, "update", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with _killed_on_update(monkeypatch, BFDEnergies, 10), pytest.raises(KeyboardInterrupt):
         run_bfd(loaded, str(folder), out2, batch_size=1, holdout_every=3)
-    monkeypatch.setattr(BFDEnergies, "update", original)
     with pytest.raises(QKHooksError, match="unfinished"):
         read_bfd(out2)
     resumed = run_bfd(loaded, str(folder), out2, batch_size=1, holdout_every=3, resume=True)
@@ -649,18 +658,8 @@ def test_probe_split_is_the_same_for_shards_skipped_images_batch_sizes_and_resum
         merge_shards(tmp / "s.h5", [str(p) for p in shards])
         with open_run(tmp / "s.h5") as run:
             states["2 shards"], ids = run.state(PositionDecoding.name), list(run.ids)
-        original, calls = PositionDecoding.update, {"n": 0}
-
-        def dying(self, batch):
-            calls["n"] += 1
-            if calls["n"] == 7:
-                raise KeyboardInterrupt
-            original(self, batch)
-
-        monkeypatch.setattr(PositionDecoding, "update", dying)
-        with pytest.raises(KeyboardInterrupt):
+        with _killed_on_update(monkeypatch, PositionDecoding, 7), pytest.raises(KeyboardInterrupt):
             record_dataset(loaded, items, tmp / "r.h5", reducers=[probes()], batch_size=2, **kw)
-        monkeypatch.setattr(PositionDecoding, "update", original)
         record_dataset(loaded, items, tmp / "r.h5", reducers=[probes()], batch_size=2, resume=True, **kw)
         with open_run(tmp / "r.h5") as run:
             states["resumed"] = run.state(PositionDecoding.name)
