@@ -3,6 +3,8 @@ two-pass streaming against a direct numpy computation, merging, run files, resum
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 
 import numpy as np
@@ -53,9 +55,18 @@ def kfold_position_r2(p: np.ndarray, y: np.ndarray, alpha: float, folds: int = 5
     return 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
 
 
+def held_out_ids(ids, holdout_every: int) -> np.ndarray:
+    """The documented split (DEFINITIONS['decoding']): held out where the first 16 hex digits of sha256(id) are 0
+    modulo holdout_every."""
+    return np.array([int(hashlib.sha256(str(i).encode()).hexdigest()[:16], 16) % holdout_every == 0 for i in ids])
+
+
 def numpy_bfd(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, grid=None, prefix: int = 0, holdout_every: int = 5,
-              alpha: float = 1e-3) -> dict:
-    """Everything of METHODS B computed the slow, obvious way: explicit N x N logits of every term, per image."""
+              alpha: float = 1e-3, ids=None) -> dict:
+    """Everything of METHODS B computed the slow, obvious way: explicit N x N logits of every term, per image.
+
+    ``ids``: the images' ids, which choose the probes' held-out images (default "0", "1", ... as a recording of
+    tensors numbers them)."""
     x = np.asarray(x, np.float64)
     n, tokens, d = x.shape
     p = x.mean(0)
@@ -88,7 +99,7 @@ def numpy_bfd(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, grid=None, prefix: 
            "global_moment_share": tokens * mu @ mu / np.mean(np.sum(x**2, (1, 2)))}
     if grid is not None:
         y = np.stack(np.divmod(np.arange(grid[0] * grid[1]), grid[1]), 1).astype(np.float64)
-        held = np.arange(n) % holdout_every == holdout_every - 1
+        held = held_out_ids([str(i) for i in range(n)] if ids is None else ids, holdout_every)
         xp, cp = x[:, prefix:], c[:, prefix:]
         flat = lambda a: a.reshape(-1, d)  # noqa: E731
         ytr, yte = np.tile(y, (int((~held).sum()), 1)), np.tile(y, (int(held.sum()), 1))
@@ -279,7 +290,8 @@ def test_decoding_separates_position_from_content():
         ref = numpy_bfd(x, np.zeros((0, 2, d)), np.zeros((0, 2, d)), grid=grid)["r2"]
         for f in "XPC":
             np.testing.assert_allclose([dec[f]["row"], dec[f]["col"]], ref[f], rtol=1e-6, atol=1e-8)
-        assert (dec["train_images"], dec["holdout_images"]) == (32, 8)
+        held = int(held_out_ids(map(str, range(n)), 5).sum())
+        assert 0 < held < n and (dec["train_images"], dec["holdout_images"]) == (n - held, held)
         assert dec["C"]["mean"] < 0.1
         if positional is True:
             assert dec["P"]["mean"] > 0.8 and dec["X"]["mean"] > 0.5
@@ -468,36 +480,54 @@ def tiny_run(tmp_path):
     return loaded, folder, pixels, tmp_path
 
 
+@contextlib.contextmanager
+def _killed_on_update(monkeypatch, reducer_class, call: int):
+    """Within the block, the ``call``-th ``reducer_class.update`` raises KeyboardInterrupt (a run killed mid-pass)."""
+    original, calls = reducer_class.update, {"n": 0}
+
+    def dying(self, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        original(self, batch)
+
+    monkeypatch.setattr(reducer_class, "update", dying)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(reducer_class, "update", original)
+
+
 def test_run_file_equals_in_memory_and_resumes(tiny_run, monkeypatch):
     loaded, folder, pixels, tmp = tiny_run
     out = tmp / "bfd.h5"
     result = run_bfd(loaded, str(folder), out, batch_size=1, holdout_every=3)
     direct = run_bfd(loaded.model, pixels, batch_size=4, holdout_every=3)
-    assert _close({k: v for k, v in result.items() if k != "model"}, {k: v for k, v in direct.items() if k != "model"},
-                  rtol=1e-9)
+    # the tensors are numbered "0".."9", the files by name: other ids hold out other images for the X and C probes
+    assert _close(_without_image_probes(result), _without_image_probes(direct), rtol=1e-9)
     assert _close(read_bfd(out), result)
     from qkhooks.store import open_run
 
     with open_run(pass1_path(out)) as run:
         assert run.complete and run.n == 10 and run.state("bfd_position_means") is not None
-    xs, _, _ = timm_reference_inputs(loaded.model, pixels, 1)
+    with open_run(out) as run:
+        ids = list(run.ids)
+    xs, wqs, wks = timm_reference_inputs(loaded.model, pixels, 1)
     np.testing.assert_allclose(position_factors(out)[1], xs[1].mean(0), rtol=1e-9)
+    held = held_out_ids(ids, 3)
+    assert 0 < held.sum() < 10
+    for layer in result["layers"]:
+        dec, grid = layer["decoding"], (4, 4)
+        ref = numpy_bfd(xs[layer["layer"]], wqs[0][:0], wks[0][:0], grid=grid, prefix=2, holdout_every=3, ids=ids)
+        assert (dec["train_images"], dec["holdout_images"]) == (10 - held.sum(), held.sum())
+        for f in "XC":
+            np.testing.assert_allclose([dec[f]["row"], dec[f]["col"]], ref["r2"][f], rtol=1e-6, atol=1e-8)
     with pytest.raises(QKHooksError, match="resume"):
         run_bfd(loaded, str(folder), out)
     # interrupt pass 2 after 9 of 10 batches (a checkpoint is taken after batch 8), then resume
     out2 = tmp / "again.h5"
-    original, calls = BFDEnergies.update, {"n": 0}
-
-    def dying(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise KeyboardInterrupt
-        original(self, batch)
-
-    monkeypatch.setattr(BFDEnergies, "update", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with _killed_on_update(monkeypatch, BFDEnergies, 10), pytest.raises(KeyboardInterrupt):
         run_bfd(loaded, str(folder), out2, batch_size=1, holdout_every=3)
-    monkeypatch.setattr(BFDEnergies, "update", original)
     with pytest.raises(QKHooksError, match="unfinished"):
         read_bfd(out2)
     resumed = run_bfd(loaded, str(folder), out2, batch_size=1, holdout_every=3, resume=True)
@@ -505,6 +535,14 @@ def test_run_file_equals_in_memory_and_resumes(tiny_run, monkeypatch):
     assert _close(run_bfd(loaded, str(folder), out2, batch_size=1, holdout_every=3, resume=True), result)
     with pytest.raises(QKHooksError, match="drop_prefix"):
         run_bfd(loaded, str(folder), tmp / "bfd.h5", batch_size=1, holdout_every=3, drop_prefix=True, resume=True)
+
+
+def _without_image_probes(result: dict) -> dict:
+    """The result less the X and C probes and their split (which depend on the images' ids) and the model label."""
+    layers = [{**layer, "decoding": {k: v for k, v in layer["decoding"].items()
+                                     if k not in ("X", "C", "train_images", "holdout_images")}}
+              for layer in result["layers"]]
+    return {**{k: v for k, v in result.items() if k != "model"}, "layers": layers}
 
 
 def test_cli_writes_json_of_the_documented_shape(tmp_path, capsys):
@@ -568,3 +606,136 @@ def test_one_image_is_refused_because_its_content_factor_is_zero_by_construction
         paper_claims(one)
     assert paper_claims({**one, "images": 2})["cc_dominant"] is False
     assert run_bfd(model, images[:2], decode=False)["images"] == 2
+
+
+# ----------------------------------------------------------------------------- probe split: the image's own
+def _png_items(n: int, bad: int) -> list[dict]:
+    """n noise PNGs as dataset items with ids, the one at ``bad`` unreadable (skipped by a recording)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    items = []
+    for i in range(n):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        items.append({"image": b"not an image" if i == bad else buffer.getvalue(), "id": f"im{i}"})
+    return items
+
+
+def test_probe_split_is_the_same_for_shards_skipped_images_batch_sizes_and_resume(tiny_run, monkeypatch):
+    """The held-out images are chosen by id: one process, two merged shards with an unreadable image in the first,
+    batch sizes 1 and 3 and an interrupted-and-resumed run give the same split, and R^2 equals sklearn's ridge on
+    it (a split by position in the run held out other images in the shards)."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    from qkhooks.analysis.bfd_summary import decoding_r2
+    from qkhooks.analysis.bfd_reducers import layer_state
+    from qkhooks.distributed import merge_shards, shard_path
+    from qkhooks.store import open_run
+    from qkhooks.stream import record_dataset
+
+    loaded, _, _, tmp = tiny_run
+    items, every, grid, prefix = _png_items(17, bad=2), 3, (4, 4), 2
+    kw = dict(modes=None, layers=[0, 1], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unreadable image is reported as skipped
+        means = PositionMeans()
+        record_dataset(loaded, items, None, reducers=[means], batch_size=4, **kw)
+        probes = lambda: PositionDecoding(means, grid, prefix, every)  # noqa: E731
+        states = {}
+        for size in (1, 3, 4):
+            reducer = probes()
+            record_dataset(loaded, items, None, reducers=[reducer], batch_size=size, **kw)
+            states[f"batch {size}"] = reducer.state_dict()
+        shards = [shard_path(tmp / "s.h5", r, 2) for r in range(2)]
+        for r, path in enumerate(shards):
+            record_dataset(loaded, items, path, reducers=[probes()], batch_size=4, shard=(r, 2), **kw)
+        merge_shards(tmp / "s.h5", [str(p) for p in shards])
+        with open_run(tmp / "s.h5") as run:
+            states["2 shards"], ids = run.state(PositionDecoding.name), list(run.ids)
+        with _killed_on_update(monkeypatch, PositionDecoding, 7), pytest.raises(KeyboardInterrupt):
+            record_dataset(loaded, items, tmp / "r.h5", reducers=[probes()], batch_size=2, **kw)
+        record_dataset(loaded, items, tmp / "r.h5", reducers=[probes()], batch_size=2, resume=True, **kw)
+        with open_run(tmp / "r.h5") as run:
+            states["resumed"] = run.state(PositionDecoding.name)
+
+    assert ids == [f"im{i}" for i in range(17) if i != 2]
+    held = held_out_ids(ids, every)
+    assert 0 < held.sum() < len(ids) and held[:3].any()  # the split is tested across the skipped image
+    pixels = torch.stack([(torch.as_tensor(np.asarray(Image.open(io.BytesIO(it["image"])).convert("RGB"), np.float32))
+                           / 255 - 0.5).permute(2, 0, 1) / 0.5 for i, it in enumerate(items) if i != 2])
+    xs, _, _ = timm_reference_inputs(loaded.model, pixels, 1)
+    y = np.stack(np.divmod(np.arange(16), 4), 1).astype(np.float64)
+    for layer in (0, 1):
+        one = decoding_r2(layer_state(states["batch 4"], layer), grid)
+        for how, state in states.items():  # whatever the rule, every way of recording agrees with one process
+            dec = decoding_r2(layer_state(state, layer), grid)
+            assert (dec["train_images"], dec["holdout_images"]) == (one["train_images"], one["holdout_images"]), how
+            for f in "XC":
+                np.testing.assert_allclose(dec[f]["mean"], one[f]["mean"], rtol=1e-5, err_msg=f"{how} L{layer} {f}")
+        x = xs[layer][:, prefix:].reshape(len(ids), 16, -1)
+        ref = {"X": x, "C": x - xs[layer].mean(0)[prefix:]}
+        for how, state in states.items():
+            dec = decoding_r2(layer_state(state, layer), grid)
+            assert (dec["train_images"], dec["holdout_images"]) == (len(ids) - held.sum(), held.sum()), how
+            for f, feats in ref.items():
+                want = ridge_r2(feats[~held].reshape(-1, x.shape[-1]), np.tile(y, ((~held).sum(), 1)),
+                                feats[held].reshape(-1, x.shape[-1]), np.tile(y, (held.sum(), 1)), 1e-3)
+                np.testing.assert_allclose([dec[f]["row"], dec[f]["col"]], want, rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{how} L{layer} {f}")
+
+
+def test_a_probe_state_split_by_position_is_not_continued():
+    """A state from before the id rule (no holdout_rule) would mix two splits on resume or merge: refused."""
+    x = np.random.default_rng(0).normal(size=(4, 5, 4))
+    means = PositionMeans()
+    for b in batches_of(x, [4]):
+        means.update(b)
+    old = {k: v for k, v in PositionDecoding(means, (2, 2), 1, 3).state_dict().items() if k != "holdout_rule"}
+    with pytest.raises(QKHooksError, match="position in the run.*overwrite"):
+        PositionDecoding(means, (2, 2), 1, 3).load_state_dict(old)
+
+
+# ------------------------------------------------------------------------------ no content, no decomposition
+def test_identical_images_are_refused_and_barely_different_ones_decompose(tiny_run):
+    """Two identical images have C = 0 like one image: refused by run_bfd, by the reducers' summary and by read_bfd
+    of the run file. Two images one grey level apart in one pixel have content and match numpy."""
+    import io
+
+    from PIL import Image
+
+    loaded, _, pixels, tmp = tiny_run
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    same = [{"image": buffer.getvalue(), "id": name} for name in ("a", "b")]
+    out = tmp / "same.h5"
+    with pytest.raises(QKHooksError, match="content factor is zero.*same tokens.*more, different images"):
+        run_bfd(loaded, same, out, batch_size=2)
+    with pytest.raises(QKHooksError, match="content factor is zero"):
+        read_bfd(out)  # pass 2 is complete in the file: reading it back refuses too
+    twins = pixels[:1].repeat(2, 1, 1, 1)
+    with pytest.raises(QKHooksError, match="content factor is zero"):
+        run_bfd(loaded.model, twins, batch_size=2, decode=False)
+    rng = np.random.default_rng(4)
+    x = np.broadcast_to(rng.normal(size=(5, 4)), (3, 5, 4)).copy()
+    wq, wk = rng.normal(size=(2, 2, 4)), rng.normal(size=(2, 2, 4))
+    with pytest.raises(QKHooksError, match="all 3 images give the same tokens"):
+        stream(x, wq, wk, [2, 1])
+
+    twins[1, 0, 3, 5] += 2 / 255  # one grey level (the images are normalised with std 0.5)
+    result = run_bfd(loaded.model, twins, batch_size=2, decode=False)
+    xs, wqs, wks = timm_reference_inputs(loaded.model, twins, 2)
+    for layer, (x, wq, wk) in enumerate(zip(xs, wqs, wks)):
+        ref = numpy_bfd(x, wq, wk)
+        entry = result["layers"][layer]
+        assert 0 < entry["content_variance_share"] < 1e-3  # barely different, yet not rounding
+        np.testing.assert_allclose(entry["position_variance_share"], ref["position_variance_share"], rtol=1e-8)
+        for head, want in zip(entry["heads"], ref["heads"]):
+            summed = sum(want["frob"].values())
+            np.testing.assert_allclose([head["frobenius"]["energy"][t] for t in TERMS],
+                                       [want["frob"][t] / summed for t in TERMS], rtol=1e-6, atol=1e-15)

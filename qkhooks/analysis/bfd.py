@@ -157,7 +157,8 @@ def run_bfd(
         The JSON-shaped result (see :func:`summarize`), with ``input`` and the model's ``note`` added.
 
     Raises QKHooksError for fewer than 2 images: the position factor is the mean over images, so with one image
-    the content factor is zero by construction (checked before the passes for tensors, after pass 1 otherwise).
+    the content factor is zero by construction (checked before the passes for tensors, after pass 1 otherwise),
+    and for images that all give the same tokens (content at float rounding, found after pass 2).
     """
     from qkhooks.models.load import LoadedModel, load_model
 

@@ -18,6 +18,7 @@ the per-image CC and total energies and two per-mode products need streaming.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -30,7 +31,8 @@ from qkhooks.models.base import AttentionSite, find_sites, select_layers
 from qkhooks.reducers import Reducer
 from qkhooks.spectrum import LayerSpectrum, factored_svd
 
-__all__ = ["PositionMeans", "BFDEnergies", "PositionDecoding", "full_modes", "patch_targets", "layer_state"]
+__all__ = ["PositionMeans", "BFDEnergies", "PositionDecoding", "full_modes", "patch_targets", "layer_state",
+           "is_held_out"]
 
 
 def full_modes(model: nn.Module | Sequence[AttentionSite], layers: Sequence[int] | None = None) -> list[LayerSpectrum]:
@@ -53,6 +55,17 @@ def patch_targets(grid: tuple[int, int]) -> np.ndarray:
     rows, cols = grid
     index = np.arange(rows * cols)
     return np.stack([index // cols, index % cols], axis=1).astype(np.float64)
+
+
+def is_held_out(image_id: str, holdout_every: int) -> bool:
+    """Whether the position probes test on this image: the first 8 bytes of sha256(id), big-endian, are 0 modulo
+    ``holdout_every`` (so one image in ``holdout_every`` is held out on average).
+
+    A function of the image's id alone (ids are unique within a run), so batching, sharding, resuming and
+    unreadable images elsewhere in the dataset never move an image between the splits.
+    """
+    digest = hashlib.sha256(str(image_id).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % int(holdout_every) == 0
 
 
 def layer_state(state: Mapping[str, Any], layer: int) -> dict[str, np.ndarray]:
@@ -337,11 +350,17 @@ class BFDEnergies(Reducer):
             self.stats[layer] = {key: torch.as_tensor(saved[layer][key], dtype=self.dtype) for key in _ENERGY_STATS}
 
 
+HOLDOUT_BY_ID = 1
+"""``holdout_rule`` of a :class:`PositionDecoding` state whose split is :func:`is_held_out` of the ids; states
+without it (0) split by position in the run, which sharding and unreadable images changed."""
+
+
 class PositionDecoding(Reducer):
     """Pass 2: sufficient statistics of held-out ridge probes decoding patch row and column (METHODS B.5).
 
-    Image ``i`` (global index) is held out when ``i % holdout_every == holdout_every - 1``; the others
-    train. Per split the reducer keeps the image count, sum_i X_i^T X_i (d x d) and sum_i X_i (T x d) over
+    An image is held out when :func:`is_held_out` of its id says so (one in ``holdout_every`` on average);
+    the others train. The split depends on the image alone, never on its position in a batch, shard or
+    resumed run, so every way of recording the same images gives the same probes. Per split the reducer keeps the image count, sum_i X_i^T X_i (d x d) and sum_i X_i (T x d) over
     patch tokens, which give the normal equations of probes on X, on C = X - P and on the split's own
     position means alike, so memory is O(d^2 + T d) whatever the number of images. The probes are solved
     in the summary (:func:`qkhooks.analysis.bfd_summary.decoding_r2`).
@@ -350,7 +369,7 @@ class PositionDecoding(Reducer):
         positions: layer -> P (N, d) from pass 1, or the :class:`PositionMeans`.
         grid: (rows, cols) of the patch grid.
         num_prefix_tokens: tokens before the patches (never decoded).
-        holdout_every: one image in this many is held out.
+        holdout_every: one image in this many is held out (on average).
         dtype: accumulation dtype.
     """
 
@@ -416,8 +435,7 @@ class PositionDecoding(Reducer):
                     f"layer {layer}: patch tokens of shape {tuple(x.shape[1:])} do not match the position means "
                     f"{tuple(self.patch_positions[layer].shape)}; both passes need the same images at the same size."
                 )
-            index = torch.arange(batch.offset, batch.offset + x.shape[0])
-            held = ((index % self.holdout_every) == (self.holdout_every - 1)).to(x.device)
+            held = torch.tensor([is_held_out(i, self.holdout_every) for i in batch.ids], device=x.device)
             for split, mask in ((0, ~held), (1, held)):
                 part = x[mask]
                 if len(part):
@@ -443,6 +461,7 @@ class PositionDecoding(Reducer):
             "grid": np.asarray(self.grid, dtype=np.int64),
             "num_prefix_tokens": np.asarray(self.num_prefix_tokens),
             "holdout_every": np.asarray(self.holdout_every),
+            "holdout_rule": np.asarray(HOLDOUT_BY_ID),
         }
         for layer in self.layers:
             state[f"L{layer}.P"] = _numpy(self.patch_positions[layer])
@@ -458,6 +477,12 @@ class PositionDecoding(Reducer):
             raise QKHooksError(
                 "the saved position-probe state has other layers, grid or hold-out rule than this run; use the same "
                 "options or start again with overwrite."
+            )
+        if int(np.asarray(state.get("holdout_rule", 0))) != HOLDOUT_BY_ID:
+            raise QKHooksError(
+                "the saved position-probe state chose its held-out images by their position in the run (an older "
+                "qkhooks), which differs from the id rule this version uses; continuing or merging it would mix two "
+                "splits. Start the BFD run again with overwrite."
             )
         for layer in layers:
             saved = layer_state(state, layer)

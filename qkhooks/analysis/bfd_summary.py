@@ -16,8 +16,8 @@ import numpy as np
 from qkhooks.analysis.bfd_reducers import layer_state, patch_targets
 from qkhooks.errors import QKHooksError
 
-__all__ = ["summarize", "energy_tables", "decoding_r2", "paper_claims", "refuse_one_image", "DEFINITIONS", "TERMS",
-           "CELLS"]
+__all__ = ["summarize", "energy_tables", "decoding_r2", "paper_claims", "refuse_one_image", "refuse_no_content",
+           "DEFINITIONS", "TERMS", "CELLS"]
 
 TERMS = ("CC", "CP", "PC", "PP")  # query factor first: CP = query content, key position
 CELLS = ("GG", "GP", "GC", "PG", "PP", "PC", "CG", "CP", "CC")  # three-way: G = grand mean, P = P - mu, C
@@ -51,8 +51,9 @@ DEFINITIONS = {
     "content_variance_share = 1 - position_variance_share.",
     "second_moment_shares": "mean_i ||X_i||^2 = N ||mu||^2 + ||P - mu||^2 + mean_i ||C_i||^2, as shares.",
     "decoding": "Held-out R^2 of ridge probes (closed form, unpenalised intercept, lambda = alpha * "
-    "trace(S_xx) / d) decoding the patch row and column from X, P and C of the patch tokens; image i is held "
-    "out when i % holdout_every == holdout_every - 1 (X and C). P is one vector per position, so its probe "
+    "trace(S_xx) / d) decoding the patch row and column from X, P and C of the patch tokens; an image is held "
+    "out when the first 8 bytes of sha256 of its id, big-endian, are 0 modulo holdout_every (X and C; one in "
+    "holdout_every on average, whatever the batching, sharding or resume). P is one vector per position, so its probe "
     "holds out positions instead: P of all images, 5 folds (position p in fold p % 5), each fold predicted by a "
     "ridge probe fitted on the other positions; R^2 over all positions. A P that only labels positions without "
     "encoding where they are (or is noise) scores low; None with fewer than 10 patch positions. C = X - P uses "
@@ -120,6 +121,22 @@ def refuse_one_image(images: int) -> None:
             "Run it over a dataset of several images (raise limit, or pass more image tensors).")
 
 
+def refuse_no_content(content_ss: float, second_moment: float, images: int, dtype: np.dtype) -> None:
+    """Refuse a dataset whose content factor is zero up to float rounding: all images give the same tokens.
+
+    ``content_ss`` = mean_i ||C_i||^2 and ``second_moment`` = mean_i ||X_i||^2 of one layer; ``dtype`` is the one
+    the reducers accumulated in. Why this threshold: P = (sum of n tokens) / n, summed in ``dtype``, errs by at
+    most (n - 1) eps |X| per element (recursive summation), the division and C = X - P by one eps each, so n
+    identical images leave |C| <= (n + 1) eps |X| from rounding alone; content at or below that is no content.
+    """
+    eps = float(np.finfo(dtype if np.issubdtype(dtype, np.floating) else np.float64).eps)
+    if content_ss <= ((images + 1) * eps) ** 2 * second_moment:
+        raise QKHooksError(
+            f"BFD's content factor is zero: all {images} images give the same tokens entering W_q/W_k (content "
+            f"energy {content_ss:.3g} of {second_moment:.3g}, within {np.dtype(dtype).name} rounding), so every head "
+            "would be 100% position-position and the content claims untestable. Run it over more, different images.")
+
+
 def energy_tables(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """All energies of one layer as arrays (absolute values, not shares) from its :class:`BFDEnergies` state.
 
@@ -127,6 +144,8 @@ def energy_tables(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     ``mode_terms`` (term -> (H, K)), ``mode_energy`` (H, K); plus ``cells`` (three-way, cell -> (H,)),
     ``mode_add_full`` (H, K) additive energy with the grand mean, ``q``/``k`` side scores (H, K), and layer
     scalars ``pos_ss`` = ||P - mu||^2, ``content_ss`` = mean_i ||C_i||^2, ``mean_ss`` = N ||mu||^2.
+
+    Raises QKHooksError for fewer than 2 images or a content factor at float rounding (:func:`refuse_no_content`).
     """
     s = {key: np.asarray(value, dtype=np.float64) for key, value in state.items()}
     n = float(s["images"])
@@ -151,6 +170,8 @@ def energy_tables(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     k = {"G": b**2, "P": _diag(gk["P"]) / tokens, "C": _diag(gk["C"]) / tokens}
     mode_add = {t: s2 * q[t[0]] * k[t[1]] for t in TERMS}
     add_terms = {t: v.sum(-1) for t, v in mode_add.items()}
+    pos_ss, content_ss, mean_ss = float(((p - mu) ** 2).sum()), float(s["content_ss"]) / n, tokens * float(mu @ mu)
+    refuse_no_content(content_ss, mean_ss + pos_ss + content_ss, int(round(n)), np.asarray(state["content_ss"]).dtype)
     return {
         "images": int(round(n)),
         "num_tokens": tokens,
@@ -163,9 +184,9 @@ def energy_tables(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
         "mode_add_full": s2 * (q["G"] + q["P"] + q["C"]) * (k["G"] + k["P"] + k["C"]),
         "q": q,
         "k": k,
-        "pos_ss": float(((p - mu) ** 2).sum()),
-        "content_ss": float(s["content_ss"]) / n,
-        "mean_ss": tokens * float(mu @ mu),
+        "pos_ss": pos_ss,
+        "content_ss": content_ss,
+        "mean_ss": mean_ss,
         "content_mean": float(np.abs(s["content_sum"] / n).max() / max(np.abs(p).max(), 1e-300)),
     }
 
