@@ -21,7 +21,9 @@ def _bfd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", default="normed", choices=["normed", "residual"],
                    help="the tensor entering W_q/W_k (normed, default) or the block's residual input")
     p.add_argument("--drop-prefix", action="store_true", help="leave prefix tokens out (default: they are positions)")
-    p.add_argument("--holdout-every", type=int, default=5, help="hold out about one image in this many for the probes (chosen by a hash of its id, so the same images whatever the batching, sharding or resume)")
+    p.add_argument("--holdout-every", type=int, default=5,
+                   help="hold out about one image in this many for the probes (chosen by a hash of its id, so the same "
+                        "images whatever the batching, sharding or resume)")
     p.add_argument("--alpha", type=float, default=1e-3, help="relative ridge strength of the position probes")
     p.add_argument("--definition", default="frobenius", choices=["frobenius", "additive"],
                    help="which energy definition fills the main numbers (both are in the JSON)")
