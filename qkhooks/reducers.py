@@ -27,7 +27,8 @@ import torch
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
 
-__all__ = ["Reducer", "Recipe", "to_numpy_state", "reducer_class", "register_recipe", "recipe", "DESCRIPTION_KEY"]
+__all__ = ["Reducer", "Recipe", "to_numpy_state", "reducer_class", "register_recipe", "recipe", "refuse_non_finite",
+           "DESCRIPTION_KEY"]
 
 DESCRIPTION_KEY = "_reducer"
 """State key of a saved reducer's description: the UTF-8 bytes (a uint8 array, stored like any other state
@@ -166,6 +167,39 @@ class Reducer:
         if differ:
             settings = ", ".join(f"{k}={theirs[k]!r} (here {mine[k]!r})" for k in differ)
             raise QKHooksError(f"{what} {settings}; {fix}")
+
+
+def refuse_non_finite(finite: torch.Tensor, layers: Sequence[int], batch: BatchCapture, reducer: str,
+                      what: str) -> None:
+    """Refuse a batch whose values a reducer would fold are not all finite, before anything is folded.
+
+    A NaN or inf image folded into a sum, or silently never ranked, gives a wrong statistic without a word (and
+    different layers may keep different images). Reducers call this on the small per-image tensors they already
+    compute (scores, extremes, centre vectors: NaN and inf survive amax and sums), never on a second pass over
+    the maps; one device synchronisation per batch.
+
+    Args:
+        finite: (L, B) bool: whether each image's values at each of ``layers`` are all finite.
+        layers: the layers of ``finite``'s rows.
+        batch: the batch (its ``ids`` and ``offset`` name the images).
+        reducer, what: the reducer's and the values' names, for the message.
+    """
+    if bool(finite.all()):
+        return
+    bad = ~finite.cpu()
+    images = bad.any(0).nonzero().flatten().tolist()
+    at = [layers[i] for i in bad.any(1).nonzero().flatten().tolist()]
+    ids = list(getattr(batch, "ids", None) or [])
+    named = [str(ids[i]) for i in images] if len(ids) == finite.shape[1] else None
+    offset = int(getattr(batch, "offset", 0))
+    which = (f"image(s) {named} " if named is not None else "image(s) ") + (
+        f"at position(s) {images} of this batch (image index {[offset + i for i in images]})")
+    raise QKHooksError(
+        f"{reducer}: the {what} of {which} are not finite (NaN or inf) at layer(s) {at}. Folding them would give a "
+        "wrong statistic, so the whole batch is refused and the reducer's state is unchanged (drop these images and "
+        "go on). Likely causes: NaN or inf pixels in the input (check torch.isfinite(pixel_values)), or a model run in "
+        "float16 whose activations overflow (compute in float32: model.float(), or bfloat16)."
+    )
 
 
 def _qualified(cls: type) -> str:

@@ -734,21 +734,25 @@ def test_topk_folds_the_layers_of_one_shape_together_exactly_as_each_layer_alone
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_topk_never_keeps_an_image_with_a_nan_score_and_scores_half_maps_without_overflow(fold_path, dtype):
-    """An image whose maps hold NaN (here image 0, the lowest index) scores -inf and is never kept, not even against
-    images scoring 0 (images 1 and 2: no positive token). Half-precision maps are scored in float32: maxima of 300
-    give 90000, beyond float16's range. Both equal a numpy computation in float64."""
+def test_topk_refuses_a_batch_with_a_nan_map_and_scores_half_maps_without_overflow(fold_path, dtype):
+    """A batch holding an image whose maps hold NaN (image 0) is refused whole, naming it, never ranked around it
+    without a word; the images after it, fed without it, are ranked as numpy ranks them (images 1 and 2 score 0: no
+    positive token). Half-precision maps are scored in float32: maxima of 300 give 90000, beyond float16's range."""
     q = torch.full((5, 1, 1, 4), -1.0)
     k = torch.full((5, 1, 1, 4), -1.0)
     q[0, 0, 0, 2] = float("nan")
     q[3, 0, 0, 1:], k[3, 0, 0, 1:] = 300.0, 300.0  # the prefix token (index 0) is left out
     q[4, 0, 0, 1:], k[4, 0, 0, 1:] = 2.0, 3.0
     q, k = q.to(dtype), k.to(dtype)
-    reducer = feed(TopKModes(k=3, num_prefix_tokens=1, map_dtype="float32"), q, k, [3, 2])
+    reducer = TopKModes(k=3, num_prefix_tokens=1, map_dtype="float32")
+    with pytest.raises(QKHooksError, match=r"position\(s\) \[0\] of this batch \(image index \[0\]\) are not finite"):
+        feed(reducer, q, k, [3, 2])
+    assert reducer.layers == {} and reducer.images == 0
+    feed(reducer, q, k, [2, 2], start=1)
     top = reducer.top(0, 0, 0, sign=1)
     qq, kk = q.double().numpy()[:, 0, 0, 1:], k.double().numpy()[:, 0, 0, 1:]
-    expected = np.maximum(qq.max(1), 0) * np.maximum(kk.max(1), 0)  # image 0: NaN
-    assert np.isnan(expected[0]) and top["index"].tolist() == [3, 4, 1]  # ties at 0: the lower index
+    expected = np.maximum(qq.max(1), 0) * np.maximum(kk.max(1), 0)
+    assert top["index"].tolist() == [3, 4, 1]  # ties at 0: the lower index
     np.testing.assert_array_equal(top["score"], expected[[3, 4, 1]])
     assert reducer.layers[0]["score"][0, 0, 0].tolist() == [90000.0, 6.0, 0.0]
 

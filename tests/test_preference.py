@@ -104,14 +104,79 @@ def test_query_tokens_and_pool_masks_on_hand_made_masks():
     assert torch.equal(plain["query_tokens"], expected_patches)
 
 
-def test_background_is_clipped_where_masks_overlap():
-    target = torch.zeros(1, 8, 8)
-    distractor = torch.zeros(1, 8, 8)
-    target[0, :4, :4] = 1
-    distractor[0, :4, :4] = 1  # overlapping (bad data): 1 - 1 - 1 = -1 is clipped
-    distractor[0, 4:, 4:] = 1
-    meta = odd_one_out_meta(target, distractor, (2, 2), 1)
-    assert meta["pool_masks"][0, 2].tolist() == [0.0, 1.0, 1.0, 0.0]
+@pytest.mark.parametrize("how, pixels", [("identical", 16), ("overlapping", 4)])
+def test_overlapping_or_identical_masks_are_refused_on_pixels_and_on_the_patch_grid(how, pixels):
+    """METHODS A.7: background = 1 - T - D, so the three values of a query sum to 1 only for disjoint masks; an
+    overlap is refused naming the image and the overlapping cells, on the pixels odd_one_out_meta gets and on the
+    patch grid the values are computed from (the reducer's and a run file's input)."""
+    target, distractor = torch.zeros(2, 8, 8), torch.zeros(2, 8, 8)
+    target[:, :4, :4] = 1
+    distractor[0, 4:, 4:] = 1  # image 'a': disjoint
+    if how == "identical":
+        distractor[1] = target[1]
+    else:
+        distractor[1, 2:6, 2:6] = 1  # overlaps the target on [2:4, 2:4]
+    with pytest.raises(QKHooksError, match=rf"overlap \(image 'b': {pixels} of 64 pixels.*must be disjoint"):
+        odd_one_out_meta(target, distractor, (2, 2), 1, ids=["a", "b"])
+    rows = torch.softmax(torch.randn(2, 3, 2, 5, generator=torch.Generator().manual_seed(0)), -1)
+    t_grid, d_grid = (m.reshape(2, 2, 4, 2, 4).mean((2, 4)) for m in (target, distractor))
+    with pytest.raises(QKHooksError, match=r"at position 1 of this batch: 1 of 4 patches of the 2 x 2 grid"):
+        preference_from_rows(rows, t_grid, d_grid, 1)
+
+
+def test_masks_that_touch_inside_a_patch_are_accepted_and_their_values_sum_to_one_as_in_numpy():
+    target, distractor = torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)
+    target[:, :3, :4] = 1
+    distractor[:, 3:6, :4] = 1  # touches the target inside patch (0, 0): 12 + 4 of its 16 pixels
+    meta = odd_one_out_meta(target, distractor, (2, 2), 1, ids=["a", "b", "c"])
+    assert meta["target_grid"][0, 0, 0] + meta["distractor_grid"][0, 0, 0] == 1.0
+    rows = torch.softmax(torch.randn(3, 2, 2, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64), -1)
+    values = preference_from_rows(rows, meta["target_grid"], meta["distractor_grid"], 1)
+    ref = numpy_reference(rows.numpy(), meta["target_grid"].numpy(), meta["distractor_grid"].numpy(), 1)
+    np.testing.assert_allclose(values.numpy(), ref, rtol=1e-12)
+    np.testing.assert_allclose(values[..., :3].sum(-1).numpy(), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(values[..., 3:].sum(-1).numpy(), 1.0, rtol=1e-12)
+
+
+def test_dict_items_whose_masks_overlap_are_refused_by_id_and_touching_ones_recorded_as_numpy_says(tmp_path):
+    """Dict items are checked on their own pixels (before preprocessing), named by id; touching masks, whose
+    area-averaged edges are fractions, go through and the stored values equal numpy's on the stored grids."""
+    from qkhooks.models.load import LoadedModel
+    from qkhooks.data import ImageConfig
+    from qkhooks.stream import record_dataset
+
+    loaded = LoadedModel(model=TINY_O3.model(), spec="tiny-deit-48",
+                         image_config=ImageConfig(size=(48, 48), mean=(0.5,) * 3, std=(0.5,) * 3))
+    rng = np.random.default_rng(0)
+
+    def items(overlap: bool) -> list[dict]:
+        out = []
+        for i in range(3):
+            t, d = np.zeros((60, 60), bool), np.zeros((60, 60), bool)
+            t[10:25, 10:30] = True
+            d[25:45, 10:30] = True  # touches the target along row 25
+            if overlap and i == 1:
+                d[20:25, 10:30] = True  # 5 x 20 pixels inside the target
+            out.append({"image": rng.integers(0, 256, (60, 60, 3), dtype=np.uint8), "id": f"o{i}", "target": t,
+                        "distractor": d})
+        return out
+
+    with pytest.raises(QKHooksError, match=r"overlap \(item 1 \(id 'o1'\): 100 of 3600 pixels.*Nothing was written"):
+        record_dataset(loaded, items(True), tmp_path / "bad.h5", modes=None, attention="rows", batch_size=3,
+                       progress=False)
+    result = record_dataset(loaded, items(False), tmp_path / "ok.h5", modes=None, attention="rows", batch_size=3,
+                            progress=False, dtype="float32")
+    from qkhooks.analysis.preference import preference_values
+    from qkhooks.store import open_run
+
+    values, prefix = preference_values(result.path)
+    with open_run(result.path) as run:
+        t_grid, d_grid = run.array("masks/target")[:], run.array("masks/distractor")[:]
+        rows = {l: run.array(f"attention/L{l}/rows")[:] for l in values}
+    assert (t_grid + d_grid).max() <= 1 + 1e-6 and ((t_grid > 0) & (d_grid > 0)).any()  # shared patches
+    for l, v in values.items():
+        np.testing.assert_allclose(v, numpy_reference(rows[l], t_grid, d_grid, prefix), rtol=1e-6)
+        np.testing.assert_allclose(v[..., :3].sum(-1), 1.0, rtol=1e-5)
 
 
 def test_empty_mask_and_bad_shapes_are_clear_errors():

@@ -417,3 +417,37 @@ def test_centre_embeddings_interval_is_over_the_baselines_images_when_a_centre_e
         value, low, high = anisotropy_interval(vectors)
         assert value == pytest.approx(want, abs=1e-6)  # was 0.61 vs the 0.85 baseline on the reviewer's data
         assert low <= want <= high
+
+
+def _two_layers(batch: BatchCapture, poison: int | None = None, value: float = float("nan")) -> BatchCapture:
+    """The batch's layer 0 also as layer 1; with ``poison``, that image's tokens, maps and rows at layer 1 hold
+    ``value`` at one token (as a NaN pixel, or a float16 overflow, reaches a later layer)."""
+    cap = batch.captures[0]
+    x, q, k, rows = (t.clone() for t in (cap.inputs, cap.query, cap.key, cap.attention["rows"]))
+    if poison is not None:
+        centre = PREFIX + (GRID[0] // 2) * GRID[1] + GRID[1] // 2
+        x[poison, centre, 0] = q[poison, 0, 0, centre] = k[poison, 1, 2, centre] = rows[poison, 1, 0, centre] = value
+    second = LayerCapture(layer=1, batch_size=batch.n, inputs=x, query=q, key=k, attention={"rows": rows})
+    return BatchCapture(ids=batch.ids, meta=batch.meta, captures={0: cap, 1: second}, offset=batch.offset)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", ["topk_modes", "anisotropy", "anisotropy_images", "preference"])
+def test_a_batch_with_a_nan_or_inf_image_is_refused_whole_and_leaves_the_state_unchanged(name, value):
+    """A non-finite image is neither folded nor silently dropped (at one layer and kept at another): the batch is
+    refused naming the image, the layer and the causes, and the state stays that of the batches before it, so a
+    caller who drops the image and goes on gets the result of the finite batches alone."""
+    make, _ = KINDS[name]
+    batches = [_two_layers(b) for b in _batches(seed=2)]
+    reducer, finite_only = make(), make()
+    reducer.update(batches[0])
+    before = {key: np.array(v, copy=True) for key, v in reducer.state_dict().items()}
+    with pytest.raises(QKHooksError, match=r"image\(s\) \['4'\] at position\(s\) \[1\] of this batch \(image index "
+                                           r"\[4\]\) are not finite \(NaN or inf\) at layer\(s\) \[1\].*float32"):
+        reducer.update(_two_layers(_batches(seed=2)[1], poison=1, value=value))
+    _assert_same_state(reducer.state_dict(), before, exact=True)
+    for batch in batches[2:]:
+        reducer.update(batch)
+    for batch in batches[:1] + batches[2:]:
+        finite_only.update(batch)
+    _assert_same_state(reducer.state_dict(), finite_only.state_dict(), exact=True)

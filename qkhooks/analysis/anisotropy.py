@@ -15,7 +15,7 @@ import torch
 
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
-from qkhooks.reducers import Reducer
+from qkhooks.reducers import Reducer, refuse_non_finite
 from qkhooks.spectrum import head_weighted_cosines, mean_over_heads
 from qkhooks.analysis.geometry import grid_of, layer_geometry, layer_grid, resolve_prefix, tokens_on_grid
 
@@ -72,13 +72,11 @@ class AnisotropyReducer(Reducer):
         layers = {l: c.inputs for l, c in batch.captures.items() if c.inputs is not None}
         if not layers:
             raise QKHooksError("AnisotropyReducer needs the captured tokens: record with keep_inputs=True.")
-        for layer, x in sorted(layers.items()):
-            if x.dim() != 3:
-                raise QKHooksError(f"layer {layer}: tokens must be (batch, tokens, dim), got {tuple(x.shape)}.")
-            dtype = torch.float32 if x.device.type == "mps" else torch.float64
-            z = self.centre_embeddings(batch, layer, x).to(dtype)
-            if self.num_prefix_tokens is None:
-                self.num_prefix_tokens = resolve_prefix(None, batch.meta, int(x.shape[1]))
+        centres = self._finite_centres(batch, layers)  # every layer's first: a refused batch changes nothing
+        if self.num_prefix_tokens is None:
+            self.num_prefix_tokens = resolve_prefix(None, batch.meta, int(layers[min(layers)].shape[1]))
+        for layer, z in centres.items():
+            dtype = z.dtype
             norm = z.norm(dim=-1, keepdim=True)
             ok = norm.squeeze(-1) > 0
             part = (z / norm.clamp_min(torch.finfo(dtype).tiny))[ok].sum(0)
@@ -89,6 +87,19 @@ class AnisotropyReducer(Reducer):
                 self.count[layer] += int(ok.sum())
             else:
                 self.sums[layer], self.count[layer] = part, int(ok.sum())
+
+    def _finite_centres(self, batch: BatchCapture, layers: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Layer -> (B, d) centre embeddings in the accumulation dtype, in layer order; a batch with a NaN or inf
+        among them is refused (:func:`~qkhooks.reducers.refuse_non_finite`) before the state changes."""
+        centres: dict[int, torch.Tensor] = {}
+        for layer, x in sorted(layers.items()):
+            if x.dim() != 3:
+                raise QKHooksError(f"layer {layer}: tokens must be (batch, tokens, dim), got {tuple(x.shape)}.")
+            dtype = torch.float32 if x.device.type == "mps" else torch.float64
+            centres[layer] = self.centre_embeddings(batch, layer, x).to(dtype)
+        finite = torch.stack([torch.isfinite(z).all(-1) for z in centres.values()])
+        refuse_non_finite(finite, list(centres), batch, type(self).__name__, "centre-patch embeddings")
+        return centres
 
     def merge(self, other: Reducer) -> None:
         """Fold a reducer that saw a disjoint set of images."""
@@ -160,8 +171,9 @@ class CentreEmbeddings(AnisotropyReducer):
         room = self.max_images - self._images()
         if room <= 0:
             return
-        for layer, x in sorted((l, c.inputs) for l, c in batch.captures.items() if c.inputs is not None):
-            z = self.centre_embeddings(batch, layer, x)[:room].double()
+        layers = {l: c.inputs for l, c in batch.captures.items() if c.inputs is not None}
+        for layer, z in self._finite_centres(batch, layers).items():
+            z = z[:room].double()
             z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-300)
             self.vectors.setdefault(layer, []).append(z.float().cpu().numpy())
 

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from qkhooks.errors import QKHooksError
-from qkhooks.data.masks import first_argmax
-from qkhooks.reducers import Reducer
+from qkhooks.data.masks import first_argmax, refuse_overlap
+from qkhooks.reducers import Reducer, refuse_non_finite
 
 __all__ = [
     "PAIRS",
@@ -75,6 +75,13 @@ def _as_masks(mask: Any, name: str) -> torch.Tensor:
     return mask if mask.is_floating_point() else mask.float()
 
 
+def _image_names(ids: Sequence[Any] | None, n: int) -> list[str]:
+    """How refusals name a batch's n images: their ids, else their positions in the batch."""
+    if ids is not None and len(ids) == n:
+        return [f"image {str(i)!r}" for i in ids]
+    return [f"the image at position {i} of this batch" for i in range(n)]
+
+
 def odd_one_out_meta(
     target: torch.Tensor, distractor: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int,
     ids: Sequence[Any] | None = None,
@@ -98,7 +105,8 @@ def odd_one_out_meta(
         background on the patch grid; ``target_grid`` and ``distractor_grid`` (B, gh, gw).
 
     Raises:
-        QKHooksError: mismatched shapes, or an image whose target or distractor mask is empty.
+        QKHooksError: mismatched shapes, an image whose target or distractor mask is empty, or one whose masks
+        overlap (:func:`~qkhooks.data.masks.refuse_overlap`).
     """
     from qkhooks.data.masks import downscale_mask
 
@@ -124,6 +132,7 @@ def odd_one_out_meta(
                 "Drop those images from the dataset, fix their masks, or preprocess without cropping them away "
                 "(an image config whose resize keeps the whole display)."
             )
+    refuse_overlap(t, d, _image_names(ids, t.shape[0]), f"pixels at the model's input size {tuple(t.shape[-2:])}")
     tokens = torch.stack([first_argmax(t_grid.flatten(1)), first_argmax(d_grid.flatten(1))], dim=1)
     background = (1.0 - t_grid - d_grid).clamp_min(0.0)
     pool = torch.stack([t_grid, d_grid, background], dim=1).flatten(2)
@@ -137,14 +146,17 @@ def odd_one_out_meta(
 
 # ---------------------------------------------------------------------------------------- values
 def preference_from_rows(
-    rows: torch.Tensor, target_grid: torch.Tensor, distractor_grid: torch.Tensor, num_prefix_tokens: int
+    rows: torch.Tensor, target_grid: torch.Tensor, distractor_grid: torch.Tensor, num_prefix_tokens: int,
+    names: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """The six preference values (B, H, 6), ordered as :data:`PAIRS`, from two attention rows per image.
 
     Args:
         rows: (B, H, 2, N) post-softmax rows of the target (index 0) and distractor (index 1) query tokens.
-        target_grid, distractor_grid: (B, gh, gw) fractional masks on the patch grid.
+        target_grid, distractor_grid: (B, gh, gw) fractional masks on the patch grid; grids that overlap (target +
+            distractor above 1 in a patch: the masks the values are computed from) are refused.
         num_prefix_tokens: tokens before the patches; they are dropped before renormalising.
+        names: how a refusal names each image (default: its position in the batch).
 
     Returns:
         float tensor (B, H, 6) (at least float32, on the rows' device).
@@ -170,6 +182,8 @@ def preference_from_rows(
             f"the rows have {rows.shape[-1]} tokens but {p} prefix tokens + a {tuple(t.shape[1:])} grid make "
             f"{p + patches}; pass the model's num_prefix_tokens and the grid of this input size."
         )
+    refuse_overlap(t, d, names if names is not None else _image_names(None, t.shape[0]),
+                   f"patches of the {t.shape[1]} x {t.shape[2]} grid")
     attn = rows[..., p:].to(dtype)
     attn = attn / attn.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     t, d = t.flatten(1), d.flatten(1)
@@ -260,6 +274,8 @@ class PreferenceReducer(Reducer):
         t_grid, d_grid = batch.meta["target_grid"], batch.meta["distractor_grid"]
         patches = int(t_grid.shape[-2] * t_grid.shape[-1])
         given = batch.meta.get("num_prefix_tokens")  # from the sites, when a recording made the batch
+        names = _image_names(getattr(batch, "ids", None), int(t_grid.shape[0]))
+        values: dict[int, torch.Tensor] = {}  # every layer's values first: a refused batch leaves the state as it was
         for layer, rows in sorted(layers.items()):
             prefix = int(rows.shape[-1]) - patches
             if prefix < 0:
@@ -269,9 +285,13 @@ class PreferenceReducer(Reducer):
                     f"layer {layer}: {rows.shape[-1]} tokens with a {tuple(t_grid.shape[-2:])} mask grid leave {prefix} "
                     f"prefix tokens, but the model has {int(given)}; build the masks on the model's patch grid."
                 )
-            if self.num_prefix_tokens is None:
-                self.num_prefix_tokens = prefix
-            self._fold(layer, preference_from_rows(rows, t_grid, d_grid, prefix))
+            values[layer] = preference_from_rows(rows, t_grid, d_grid, prefix, names)
+        finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in values.values()])
+        refuse_non_finite(finite, list(values), batch, "PreferenceReducer", "preference values (attention rows)")
+        if self.num_prefix_tokens is None:
+            self.num_prefix_tokens = int(layers[min(layers)].shape[-1]) - patches
+        for layer, v in values.items():
+            self._fold(layer, v)
 
     def merge(self, other: Reducer) -> None:
         """Fold a reducer that saw a disjoint set of images."""
@@ -454,9 +474,10 @@ def _run_values(run: Any) -> tuple[dict[int, np.ndarray], int]:
         t = torch.from_numpy(t_arr[sl].astype(np.float64))
         d = torch.from_numpy(d_arr[sl].astype(np.float64))
         _check_query_tokens(q_arr[sl].astype(np.int64), t, d, prefix, sl.start, run.path)
+        names = [f"image {i} of {run.path}" for i in range(sl.start, sl.stop)]
         for l in layers:
             r = torch.from_numpy(rows[l][sl].astype(np.float64))
-            values[l].append(preference_from_rows(r, t, d, prefix).numpy())
+            values[l].append(preference_from_rows(r, t, d, prefix, names).numpy())
     return {l: np.concatenate(v) for l, v in values.items()}, prefix
 
 

@@ -20,7 +20,7 @@ import torch
 
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
-from qkhooks.reducers import Reducer
+from qkhooks.reducers import Reducer, refuse_non_finite
 from qkhooks.analysis.geometry import layer_geometry, resolve_prefix
 
 __all__ = ["TopKModes", "signed_scores", "layer_state", "state_layers", "select_layers", "top_images", "SIGNS"]
@@ -60,6 +60,23 @@ def _token_extremes(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if maps.stride(-1) != 1:
         maps = maps.contiguous()
     return maps.amin(-1), maps.amax(-1)
+
+
+def _layer_extremes(maps: Sequence[tuple[int, torch.Tensor, torch.Tensor]], prefix: int,
+                    key_prefix: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over the patch tokens of (layer, query, key) maps of one shape, each (L, query / key, B, H, K)."""
+    for layer, q, k in maps:
+        if q.dim() != 4 or k.dim() != 4 or k.shape[:3] != q.shape[:3]:
+            raise QKHooksError(
+                f"layer {layer}: query/key maps must both be (batch, heads, modes, tokens), got "
+                f"{tuple(q.shape)} and {tuple(k.shape)}."
+            )
+    b, h, m, _ = maps[0][1].shape
+    extremes = [_token_extremes(x[..., skip:]) for _, q, k in maps
+                for x, skip in ((q, prefix), (k, prefix if key_prefix is None else key_prefix))]
+    lo = torch.stack([lo for lo, _ in extremes]).view(len(maps), 2, b, h, m)
+    hi = torch.stack([hi for _, hi in extremes]).view(len(maps), 2, b, h, m)
+    return lo, hi
 
 
 def _token_rows(maps: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -175,28 +192,21 @@ class TopKModes(Reducer):
         self._fold_layers([(layer, query, key)], offset, prefix, key_prefix)
 
     def _fold_layers(self, maps: Sequence[tuple[int, torch.Tensor, torch.Tensor]], offset: int, prefix: int,
-                     key_prefix: int | None = None) -> None:
+                     key_prefix: int | None = None,
+                     extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Fold a batch's maps of several layers, (layer, query, key) of one shape, dtype, device and prefix.
 
         The layers are ranked and merged as one stacked tensor, so a batch costs a few tensor operations per
         layer (its extremes and the rows it keeps) instead of some forty: each operation on these small tensors
         costs more in dispatch than in arithmetic. Every (layer, head, mode, sign) is ranked on its own, so the
-        result is the one of folding each layer alone."""
+        result is the one of folding each layer alone. ``extremes``: the maps' :func:`_layer_extremes`, where
+        :meth:`update` has them already (it checks them before folding anything)."""
         layers = [layer for layer, _, _ in maps]
         query, key = maps[0][1], maps[0][2]
-        for layer, q, k in maps:
-            if q.dim() != 4 or k.dim() != 4 or k.shape[:3] != q.shape[:3]:
-                raise QKHooksError(
-                    f"layer {layer}: query/key maps must both be (batch, heads, modes, tokens), got "
-                    f"{tuple(q.shape)} and {tuple(k.shape)}."
-                )
+        lo, hi = _layer_extremes(maps, prefix, key_prefix) if extremes is None else extremes  # checks the shapes
         b, h, m, n = query.shape
         state = self._stacked_state(layers, query, int(key.shape[-1]))
         dev = query.device
-        extremes = [_token_extremes(x[..., skip:]) for _, q, k in maps
-                    for x, skip in ((q, prefix), (k, prefix if key_prefix is None else key_prefix))]
-        lo = torch.stack([lo for lo, _ in extremes]).view(len(maps), 2, b, h, m)  # (L, query / key, B, H, K)
-        hi = torch.stack([hi for _, hi in extremes]).view(len(maps), 2, b, h, m)
         score = _scores(lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]).float().permute(0, 2, 3, 4, 1)  # (L, H, K, 2, B)
         index = (int(offset) + torch.arange(b, device=dev)).expand_as(score)
         if _entrants_only(dev):
@@ -297,6 +307,7 @@ class TopKModes(Reducer):
         if not layers:
             raise QKHooksError("TopKModes needs query/key maps: record with modes=K (e.g. qkhooks.record(model, modes=16)).")
         groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        prefixes: dict[int, int] = {}  # committed with the folds, after the check: a refused batch changes nothing
         for layer, cap in sorted(layers.items()):
             geometry = layer_geometry(batch.meta, layer)
             if cap.key.shape[-1] != cap.query.shape[-1] and geometry is None:
@@ -306,15 +317,22 @@ class TopKModes(Reducer):
             # the recording's per-layer geometry (each layer its own prefix: CaiT, stages) over one count for all
             fixed = geometry.num_prefix_tokens if geometry is not None else self.num_prefix_tokens
             prefix = resolve_prefix(fixed, batch.meta, int(cap.query.shape[-1]))
-            if self.num_prefix_tokens is None:
-                self.num_prefix_tokens = prefix
-            self.prefixes[layer] = prefix
+            prefixes[layer] = prefix
             key_prefix = geometry.key_prefix_tokens if geometry is not None and geometry.reduced_keys else None
             kind = (tuple(cap.query.shape), tuple(cap.key.shape), cap.query.dtype, cap.key.dtype, cap.query.device,
                     prefix, key_prefix)
             groups.setdefault(kind, []).append((layer, cap.query, cap.key))
+        extremes = {kind: _layer_extremes(maps, kind[-2], kind[-1]) for kind, maps in groups.items()}
+        dev = next(iter(extremes.values()))[0].device
+        finite = torch.cat([(torch.isfinite(lo) & torch.isfinite(hi)).all(1).flatten(2).all(-1).to(dev)
+                            for lo, hi in extremes.values()])  # (layers, B): NaN and inf survive min and max
+        refuse_non_finite(finite, [layer for maps in groups.values() for layer, _, _ in maps], batch, "TopKModes",
+                          "query/key maps (their extremes over the patch tokens)")
+        if self.num_prefix_tokens is None:
+            self.num_prefix_tokens = prefixes[min(prefixes)]
+        self.prefixes.update(prefixes)
         for kind, maps in groups.items():
-            self._fold_layers(maps, batch.offset, kind[-2], kind[-1])
+            self._fold_layers(maps, batch.offset, kind[-2], kind[-1], extremes[kind])
         self.images += batch.size
 
     def merge(self, other: Reducer) -> None:

@@ -24,7 +24,8 @@ from qkhooks.data.items import (
 )
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.data.stimuli import make_o3
-from qkhooks.errors import QKHooksError
+from qkhooks.data.masks import refuse_overlap
+from qkhooks.errors import DataRefusal, QKHooksError
 
 
 def _layout_root(spec_dir: str, what: str, layout: str) -> Path:
@@ -157,9 +158,11 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
 # ---------------------------------------------------------------------------------------------- O3
 
 
-def _o3_item(raw_masks: tuple[np.ndarray, np.ndarray], image: Image.Image, native: bool) -> _Raw:
-    """Target/distractor boolean masks to the O3 item fields (distractors split into connected components)."""
+def _o3_item(raw_masks: tuple[np.ndarray, np.ndarray], image: Image.Image, native: bool, where: str) -> _Raw:
+    """Target/distractor boolean masks to the O3 item fields (distractors split into connected components); masks
+    that overlap are refused here, on the source's own pixels, naming the item (``where``)."""
     target, distractor = raw_masks
+    refuse_overlap(target[None], distractor[None], [where], "pixels", error=DataRefusal)
     try:
         from scipy import ndimage
     except ImportError:
@@ -229,7 +232,7 @@ def _load_o3_file(image: str, target: str, distractor: str) -> _Raw:
     for key, path in (("target", target), ("distractor", distractor)):
         mask, tagged = _read_binary_mask(path)
         masks.append(_mask_as_shown(mask, orientation, shown, f"O3 image {image}", key, tagged, path))
-    return _o3_item((masks[0], masks[1]), photo, native=False)
+    return _o3_item((masks[0], masks[1]), photo, native=False, where=f"O3 image {image}")
 
 
 def _o3_sizes(img: Path, masks: dict[str, Path], root: Path) -> None:

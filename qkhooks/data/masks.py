@@ -9,13 +9,16 @@ and partial coverage stays visible.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from qkhooks.errors import QKHooksError
 
-__all__ = ["LABEL_LIMIT", "downscale_mask", "labels_to_onehot", "majority_labels", "patch_argmax"]
+__all__ = ["LABEL_LIMIT", "OVERLAP_TOLERANCE", "downscale_mask", "labels_to_onehot", "majority_labels", "patch_argmax",
+           "refuse_overlap"]
 
 
 def downscale_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -166,3 +169,37 @@ def patch_argmax(mask_grid: torch.Tensor) -> int:
     if flat.dtype.kind == "f" and np.isnan(flat).any():
         raise QKHooksError("patch_argmax got NaN values; clean the grid first (e.g. torch.nan_to_num).")
     return int(first_argmax(torch.from_numpy(np.ascontiguousarray(flat))[None])[0])
+
+
+OVERLAP_TOLERANCE = 2e-3
+"""How far target + distractor fractions may exceed 1 in one cell before the masks count as overlapping: rounding
+of area-averaged masks and of masks stored in float16, well below one pixel of a 16 x 16 patch (1/256)."""
+
+
+def refuse_overlap(target: torch.Tensor | np.ndarray, distractor: torch.Tensor | np.ndarray, names: Sequence[str],
+                   cells: str, error: type[QKHooksError] = QKHooksError) -> None:
+    """Refuse odd-one-out masks that overlap: METHODS A.7 takes background = 1 - target - distractor, so the three
+    values of a query sum to 1 only for disjoint masks (overlapping cells count twice, background goes negative).
+
+    Args:
+        target, distractor: (B, H, W) masks, booleans or fractions; a cell overlaps where the two add up to more than
+            1 + :data:`OVERLAP_TOLERANCE` (booleans: where both are set), so touching masks and area-averaged edges
+            pass.
+        names: how the message names each of the B images (ids, files, run-file indices).
+        cells: what a cell is, for the message (e.g. "pixels", "patches of the 14 x 14 grid").
+        error: the refusal's type (:class:`~qkhooks.errors.DataRefusal` for items found while a run is recorded).
+    """
+    t, d = (torch.as_tensor(np.asarray(m) if not isinstance(m, torch.Tensor) else m) for m in (target, distractor))
+    both = t.to(torch.float64) + d.to(torch.float64)
+    overlap = (both > 1 + OVERLAP_TOLERANCE).flatten(1).sum(1)
+    bad = overlap.nonzero().flatten().tolist()
+    if not bad:
+        return
+    counts = ", ".join(f"{names[i]}: {int(overlap[i])} of {both[i].numel()} {cells}" for i in bad[:5])
+    more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+    raise error(
+        f"the target and distractor masks overlap ({counts}{more}). METHODS A.7 takes background = 1 - target - "
+        "distractor, so overlapping masks count those cells twice and a query's three values (T, D, B) no longer sum "
+        "to 1. The masks must be disjoint: fix or drop these items (e.g. distractor = distractor & ~target, if the "
+        "target was drawn into the distractor mask)."
+    )

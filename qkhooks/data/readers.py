@@ -162,7 +162,8 @@ def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
     if ("target" in masks) != ("distractor" in masks):
         raise QKHooksError(f"{where}: odd-one-out data needs both 'target' and 'distractor' masks, got only one.")
     if "target" in masks:
-        raw = _o3_item((masks["target"] > 0, masks["distractor"] > 0), image, native=False)
+        named = f"{where} (id {str(item['id'])!r})" if item.get("id") is not None else where
+        raw = _o3_item((masks["target"] > 0, masks["distractor"] > 0), image, native=False, where=named)
         if "objects" in masks:
             raw.objects = masks["objects"]
     else:
