@@ -739,3 +739,14 @@ def test_identical_images_are_refused_and_barely_different_ones_decompose(tiny_r
             summed = sum(want["frob"].values())
             np.testing.assert_allclose([head["frobenius"]["energy"][t] for t in TERMS],
                                        [want["frob"][t] / summed for t in TERMS], rtol=1e-6, atol=1e-15)
+
+
+def test_an_image_with_nan_or_inf_pixels_is_refused_not_decomposed_into_nones(tiny_run):
+    """A NaN or inf pixel makes every sum of the BFD non-finite: refused, naming the cause, where it returned every
+    energy, label and R² as None without a word."""
+    loaded, _, pixels, _ = tiny_run
+    for bad in (float("nan"), float("inf")):
+        broken = pixels[:4].clone()
+        broken[2, 1, 5, 7] = bad
+        with pytest.raises(QKHooksError, match="energies are not finite .*NaN or inf tokens"):
+            run_bfd(loaded.model, broken, batch_size=2, decode=False)

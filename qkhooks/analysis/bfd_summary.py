@@ -129,6 +129,11 @@ def refuse_no_content(content_ss: float, second_moment: float, images: int, dtyp
     most (n - 1) eps |X| per element (recursive summation), the division and C = X - P by one eps each, so n
     identical images leave |C| <= (n + 1) eps |X| from rounding alone; content at or below that is no content.
     """
+    if not (np.isfinite(content_ss) and np.isfinite(second_moment)):
+        raise QKHooksError(
+            f"BFD's energies are not finite (content {content_ss}, second moment {second_moment}): some image gives "
+            "NaN or inf tokens entering W_q/W_k (NaN/inf pixels, or a float16 model that overflows). Find the image "
+            "with qkhooks.record and its reducers (they name it), drop it, or compute in float32.")
     eps = float(np.finfo(dtype if np.issubdtype(dtype, np.floating) else np.float64).eps)
     if content_ss <= ((images + 1) * eps) ** 2 * second_moment:
         raise QKHooksError(
