@@ -84,7 +84,7 @@ class PilDataset(torch.utils.data.Dataset):
 
 
 def record(data, out: Path, **kw):
-    opts = dict(modes=16, layers="0,1", dtype="float32", batch_size=2, reducers=[], progress=False)
+    opts = dict(modes=8, layers="0,1", dtype="float32", batch_size=2, reducers=[], progress=False)
     return record_dataset(tiny_vit(), data, out, **{**opts, **kw})
 
 
@@ -113,7 +113,7 @@ def test_every_container_gives_the_folders_arrays_and_ids(tmp_path):
     # the folder run is the model's own forward on the folder's images (an independent reference)
     loaded = tiny_vit()
     pixels = torch.stack([loaded.image_config(Image.open(p).convert("RGB")) for p in paths])
-    with qkhooks.record(loaded.model, modes=16, layers=[0, 1]) as run, torch.no_grad():
+    with qkhooks.record(loaded.model, modes=8, layers=[0, 1]) as run, torch.no_grad():
         loaded.model(pixels)
     ids, arrays = contents(folder)
     assert ids == [p.name for p in paths]
@@ -200,7 +200,7 @@ CHILD = textwrap.dedent(
         if len(batches) == 7:
             os.kill(os.getpid(), signal.SIGKILL)
     data = datasets.load_from_disk(sys.argv[2]).to_iterable_dataset()
-    record_dataset(loaded, data, sys.argv[1], modes=16, layers="0,1", dtype="float32", batch_size=2,
+    record_dataset(loaded, data, sys.argv[1], modes=8, layers="0,1", dtype="float32", batch_size=2,
                    progress=False, checkpoint_every=3, on_batch=die)
     """
 )
@@ -223,7 +223,7 @@ def test_an_iterable_source_killed_mid_run_resumes_to_the_uninterrupted_run(tmp_
     decoded: list[int] = []
     real = readers._read_rgb
     monkeypatch.setattr(readers, "_read_rgb", lambda f: decoded.append(1) or real(f))
-    opts = dict(modes=16, layers="0,1", dtype="float32", batch_size=2, progress=False, checkpoint_every=3)
+    opts = dict(modes=8, layers="0,1", dtype="float32", batch_size=2, progress=False, checkpoint_every=3)
     data = datasets.load_from_disk(str(tmp_path / "hf")).to_iterable_dataset()
     resumed = record_dataset(tiny_vit(), data, killed, resume=True, **opts)
     assert resumed.images == 24
