@@ -166,6 +166,9 @@ def resolve_layer(layer: Layer, layers: Sequence[int], paths: Mapping[int, str],
     if isinstance(layer, bool) or not hasattr(layer, "__index__"):
         raise QKHooksError(f"a layer is a block index or a module path such as 'blocks.5.attn'; got {layer!r}.")
     index = int(layer)
+    if index < 0 and layers:  # record(layers=[-1]) counts from the model's end; what it recorded is named by index
+        raise QKHooksError(f"layer {index}: recorded layers are read by their block index (or module path), not from "
+                           f"the end; {where}'s layers are {list(layers)} (the last: {max(layers)}).")
     if index not in layers:
         raise QKHooksError(f"{where} did not record layer {index}; its layers are {list(layers)}.")
     return index

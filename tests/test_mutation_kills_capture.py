@@ -68,7 +68,10 @@ def test_layers_are_resolved_by_index_digits_or_path_and_refused_with_the_whole_
     assert resolve_layer("X3", [0, 3], {0: "X3"}, "here") == 0  # a path, though digits follow its first letter
     assert resolve_layer(np.int64(3), [0, 3], paths, "here") == 3
     cases = [
-        ("-3", {}, "here did not record layer -3; its layers are [0, 3]."),
+        ("-3", {}, "layer -3: recorded layers are read by their block index (or module path), not from the end; "
+                   "here's layers are [0, 3] (the last: 3)."),
+        (-1, paths, "layer -1: recorded layers are read by their block index (or module path), not from the end; "
+                    "here's layers are [0, 3] (the last: 3)."),
         (1, paths, "here did not record layer 1; its layers are [0, 3]."),
         ("blocks.1.attn", {}, "here does not know its layers' module paths (a run file written before qkhooks stored "
                               "them); address the layer by block index: [0, 3]."),
