@@ -763,7 +763,8 @@ def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_
             "grid": None if first.grid is None else list(first.grid),
             "layer_geometry": {str(layer): g.to_dict() for layer, g in sorted(geometry.items())},
             "left_out_by_design": left_out,  # parts that are not self-attention of the image tokens (decoders), named
-            "left_out_unmodelled": unmodelled}  # skip_unmodelled: modules qkhooks does not model, left out and named
+            "left_out_unmodelled": unmodelled,  # skip_unmodelled: modules qkhooks does not model, left out and named
+            "mode_source": {str(layer): source for layer, source in run.mode_source.items()}}  # "qk" or "x" per layer
     writer.write_static("model/info", json.dumps(info))
 
 

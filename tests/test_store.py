@@ -562,6 +562,10 @@ def test_a_closed_reader_says_it_is_closed_and_never_answers_empty_or_calls_the_
     with open_run(small_run) as run:
         q = run.query(0)
         assert run.layers == [0] and run.modes_kept == 4
+        model = tiny_vit().model
+        with qkhooks.record(model, modes=4, layers=[0]) as live:
+            pass
+        assert run.mode_source == live.mode_source == {0: "qk"}
     reads = [lambda: run.layers, lambda: run.mode_layers, lambda: run.module_paths, lambda: run.ids,
              lambda: run.config, lambda: run.query(0), lambda: run.spectrum(0), lambda: run.state("topk_modes"),
              lambda: q[0]]

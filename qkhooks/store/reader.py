@@ -241,6 +241,13 @@ class RunReader:
         return json.loads(self.attrs.get("config", "{}"))
 
     @property
+    def mode_source(self) -> dict[int, str]:
+        """Layer -> where its maps were taken from, as a live ``Recording.mode_source`` says: ``"qk"`` (the model's
+        q/k outputs) or ``"x"`` (the tokens entering W_q/W_k); empty without modes or for runs written before it was
+        stored."""
+        return {int(layer): str(source) for layer, source in self.info.get("mode_source", {}).items()}
+
+    @property
     def modes_kept(self) -> int | str | None:
         """Modes kept per head, as a live ``Recording.modes_kept`` says: an int, ``"all"``, or None (no modes)."""
         return self.config.get("modes")
