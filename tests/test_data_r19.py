@@ -110,6 +110,22 @@ def test_an_absolute_spec_opens_the_same_files_from_any_folder(tmp_path, monkeyp
     assert not torch.equal(open_dataset("imgs", CFG)[0]["pixel_values"], pixels[0])  # the spec as typed: others
 
 
+def test_a_folder_opened_by_a_relative_path_loads_its_own_files_after_a_change_of_directory(tmp_path, monkeypatch):
+    """Images load lazily: a dataset opened as "imgs" in one folder reads those files even when the working directory
+    changes before an item is loaded (to a folder with other files of the same names)."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    noise_photos(here / "imgs", ["a.png"], seed=1)
+    noise_photos(there / "imgs", ["a.png"], seed=2)
+    monkeypatch.chdir(there)
+    reference = open_dataset("imgs", CFG)[0]["pixel_values"]  # "imgs" of there, opened and read there
+    monkeypatch.chdir(here)
+    opened_here = open_dataset("imgs", CFG)
+    monkeypatch.chdir(there)
+    assert not torch.equal(opened_here[0]["pixel_values"], reference)
+    monkeypatch.chdir(here)
+    assert torch.equal(opened_here[0]["pixel_values"], open_dataset("imgs", CFG)[0]["pixel_values"])
+
+
 # ------------------------------------------------------------------------------ file sizes and changed files
 
 

@@ -94,10 +94,11 @@ def _open_folder(spec: str, cfg: ImageConfig, limit: int | None, check: Check) -
         )
     records: list[_Record] = []
     skipped: list[tuple[str, str]] = []
+    base = root.absolute()  # images load lazily: a later change of working directory must not change the files
     for rel in rel_paths:
         if limit is not None and len(records) >= limit:
             break
-        path = root / rel
+        path = base / rel
         reason = _check_image(path, check)
         if reason is not None:
             warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=3)
