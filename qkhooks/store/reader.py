@@ -94,11 +94,11 @@ class RunArray:
                 return self.dataset[(sl,) + rest] if native else self.dataset[sl][(slice(None),) + rest]
             if not index.size:
                 return self.dataset[0:0][(slice(None),) + rest]
-            lo, hi = int(index.min()), int(index.max())
-            # the covering forward range, then the same backward slice within it (a slice, as numpy treats it)
-            stop = int(index[-1]) - lo - 1
-            return self.dataset[lo:hi + 1][(slice(int(index[0]) - lo, stop if stop >= 0 else None, first.step),)
-                                           + rest]
+            # a backward slice: its images read in increasing order (HDF5's), then reversed: a slice, as numpy has it
+            ascending = index[::-1]
+            if native:
+                return self.dataset[(ascending,) + rest][::-1]
+            return self.dataset[ascending][(slice(None, None, -1),) + rest]
         index = np.asarray(first)
         if index.size == 0:  # [] is float64 to numpy; an empty pick of images whatever its dtype
             index = index.astype(np.intp)
