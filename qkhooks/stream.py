@@ -566,7 +566,7 @@ def _resumed_data_spec(out: str | os.PathLike, data_spec: str) -> str:
     try:
         with open_reader(out, deadline_s=0) as f:
             stored = json.loads(f.attrs.get("config", "{}")).get("data")
-    except Exception:  # no readable run there: the writer says what is wrong
+    except (QKHooksError, OSError, RuntimeError, KeyError, ValueError):  # no readable run there: the writer says why
         return data_spec
     return stored if isinstance(stored, str) and stored != data_spec and absolute_spec(stored) == data_spec else data_spec
 

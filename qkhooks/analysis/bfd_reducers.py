@@ -422,6 +422,7 @@ class PositionDecoding(Reducer):
         return reducer
 
     def update(self, batch: BatchCapture) -> None:
+        held_ids = torch.tensor([is_held_out(i, self.holdout_every) for i in batch.ids])  # one split for all layers
         for layer, cap in batch.captures.items():
             if layer not in self.stats:
                 continue
@@ -435,7 +436,7 @@ class PositionDecoding(Reducer):
                     f"layer {layer}: patch tokens of shape {tuple(x.shape[1:])} do not match the position means "
                     f"{tuple(self.patch_positions[layer].shape)}; both passes need the same images at the same size."
                 )
-            held = torch.tensor([is_held_out(i, self.holdout_every) for i in batch.ids], device=x.device)
+            held = held_ids.to(x.device)
             for split, mask in ((0, ~held), (1, held)):
                 part = x[mask]
                 if len(part):

@@ -147,7 +147,7 @@ def odd_one_out_meta(
 # ---------------------------------------------------------------------------------------- values
 def preference_from_rows(
     rows: torch.Tensor, target_grid: torch.Tensor, distractor_grid: torch.Tensor, num_prefix_tokens: int,
-    names: Sequence[str] | None = None,
+    names: Sequence[str] | None = None, check_overlap: bool = True,
 ) -> torch.Tensor:
     """The six preference values (B, H, 6), ordered as :data:`PAIRS`, from two attention rows per image.
 
@@ -157,6 +157,8 @@ def preference_from_rows(
             distractor above 1 in a patch: the masks the values are computed from) are refused.
         num_prefix_tokens: tokens before the patches; they are dropped before renormalising.
         names: how a refusal names each image (default: its position in the batch).
+        check_overlap: False where the caller has refused overlapping grids already (a reducer, once per batch
+            rather than once per layer).
 
     Returns:
         float tensor (B, H, 6) (at least float32, on the rows' device).
@@ -182,8 +184,9 @@ def preference_from_rows(
             f"the rows have {rows.shape[-1]} tokens but {p} prefix tokens + a {tuple(t.shape[1:])} grid make "
             f"{p + patches}; pass the model's num_prefix_tokens and the grid of this input size."
         )
-    refuse_overlap(t, d, names if names is not None else _image_names(None, t.shape[0]),
-                   f"patches of the {t.shape[1]} x {t.shape[2]} grid")
+    if check_overlap:
+        refuse_overlap(t, d, names if names is not None else _image_names(None, t.shape[0]),
+                       f"patches of the {t.shape[1]} x {t.shape[2]} grid")
     attn = rows[..., p:].to(dtype)
     attn = attn / attn.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     t, d = t.flatten(1), d.flatten(1)
@@ -275,6 +278,9 @@ class PreferenceReducer(Reducer):
         patches = int(t_grid.shape[-2] * t_grid.shape[-1])
         given = batch.meta.get("num_prefix_tokens")  # from the sites, when a recording made the batch
         names = _image_names(getattr(batch, "ids", None), int(t_grid.shape[0]))
+        if tuple(t_grid.shape) == tuple(d_grid.shape):  # once for every layer (other shapes: refused per layer)
+            refuse_overlap(torch.as_tensor(t_grid), torch.as_tensor(d_grid), names,
+                           f"patches of the {t_grid.shape[-2]} x {t_grid.shape[-1]} grid")
         values: dict[int, torch.Tensor] = {}  # every layer's values first: a refused batch leaves the state as it was
         for layer, rows in sorted(layers.items()):
             prefix = int(rows.shape[-1]) - patches
@@ -285,7 +291,7 @@ class PreferenceReducer(Reducer):
                     f"layer {layer}: {rows.shape[-1]} tokens with a {tuple(t_grid.shape[-2:])} mask grid leave {prefix} "
                     f"prefix tokens, but the model has {int(given)}; build the masks on the model's patch grid."
                 )
-            values[layer] = preference_from_rows(rows, t_grid, d_grid, prefix, names)
+            values[layer] = preference_from_rows(rows, t_grid, d_grid, prefix, names, check_overlap=False)
         finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in values.values()])
         refuse_non_finite(finite, list(values), batch, "PreferenceReducer", "preference values (attention rows)")
         if self.num_prefix_tokens is None:

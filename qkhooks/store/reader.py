@@ -593,7 +593,7 @@ def _guarded(method: Any) -> Any:
 
 _UNGUARDED = {"refresh", "close", "__repr__", "_reading", "_changed", "_stale_error", "_damaged_checkpoint"}
 for _name, _member in list(vars(RunReader).items()):  # every read of the file answers as _reading says
-    if (_name.startswith("__") and _name != "__repr__") or _name in _UNGUARDED:
+    if _name.startswith("__") or _name in _UNGUARDED:
         continue
     if isinstance(_member, property):
         setattr(RunReader, _name, property(_guarded(_member.fget), doc=_member.__doc__))
