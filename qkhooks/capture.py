@@ -782,15 +782,16 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
     built = entry[1].get((k, qk_path))
     if built is None:
         spec = full.top(k)
-        check = None
+        projector: ModeProjector | QKPathProjector = ModeProjector(spec)
         if qk_path and site.qk_modules and not spec.augmented:
             # one solve of every mode per layer and weights, its leading k sliced for each k recorded
             solution = entry[1].get("qk_solution")
             if solution is None:
                 solution = entry[1]["qk_solution"] = QKPathSolution(full, site.weights())
             check = solution.check(k)
-        built = entry[1][(k, qk_path)] = (spec, QKPathProjector(spec, solution.weights, (check.a, check.c))
-                                          if check is not None and check.fits else ModeProjector(spec))
+            if check.fits:
+                projector = QKPathProjector(spec, solution.weights, (check.a, check.c))
+        built = entry[1][(k, qk_path)] = (spec, projector)
     return built
 
 
