@@ -756,11 +756,24 @@ class Recording:
         return {l: self.last.attention(l, kind) for l in self.last.attention_layers(kind)}
 
 
-# Attention module -> (the spectrum its projectors were built from, {(modes kept, q/k path allowed): (top spectrum,
-# projector), "qk_solution": the q/k path's QKPathSolution of every mode}). layer_spectrum returns the very same object while the weights are unchanged (identity, version and
-# fingerprint checked), so that object's identity vouches for the weights the projectors were built from: record()
-# entered per batch builds no projector again. Weak keys: a deleted model frees its entries.
-_LAYER_MODES: "weakref.WeakKeyDictionary[nn.Module, tuple[LayerSpectrum, dict]]" = weakref.WeakKeyDictionary()
+@dataclasses.dataclass(eq=False)
+class _LayerModes:
+    """What one attention module's projectors were built from and the projectors themselves, kept while its
+    weights are unchanged: ``spectrum`` (the full one), ``qk_solution`` (its q/k path's :class:`QKPathSolution`
+    of every mode, solved once for all k; None until a k takes the q/k path) and ``built`` ((modes kept, q/k path
+    allowed) -> (top spectrum, projector))."""
+
+    spectrum: LayerSpectrum
+    qk_solution: QKPathSolution | None = None
+    built: dict[tuple[int | None, bool], tuple[LayerSpectrum, ModeProjector | QKPathProjector]] = dataclasses.field(
+        default_factory=dict)
+
+
+# Attention module -> its _LayerModes. layer_spectrum returns the very same spectrum object while the weights are
+# unchanged (identity, version and fingerprint checked), so that object's identity vouches for the weights the
+# projectors were built from: record() entered per batch builds no projector again. Weak keys: a deleted model frees
+# its entries.
+_LAYER_MODES: "weakref.WeakKeyDictionary[nn.Module, _LayerModes]" = weakref.WeakKeyDictionary()
 
 
 def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None, augmented: bool,
@@ -775,23 +788,22 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
     full = given if given is not None else layer_spectrum(site, augmented)
     cached = given is None and site.module is not None
     entry = _LAYER_MODES.get(site.module) if cached else None
-    if entry is None or entry[0] is not full:
-        entry = (full, {})
+    if entry is None or entry.spectrum is not full:
+        entry = _LayerModes(full)
         if cached:
             _LAYER_MODES[site.module] = entry
-    built = entry[1].get((k, qk_path))
+    built = entry.built.get((k, qk_path))
     if built is None:
         spec = full.top(k)
         projector: ModeProjector | QKPathProjector = ModeProjector(spec)
         if qk_path and site.qk_modules and not spec.augmented:
             # one solve of every mode per layer and weights, its leading k sliced for each k recorded
-            solution = entry[1].get("qk_solution")
-            if solution is None:
-                solution = entry[1]["qk_solution"] = QKPathSolution(full, site.weights())
-            check = solution.check(k)
+            if entry.qk_solution is None:
+                entry.qk_solution = QKPathSolution(full, site.weights())
+            check = entry.qk_solution.check(k)
             if check.fits:
-                projector = QKPathProjector(spec, solution.weights, (check.a, check.c))
-        built = entry[1][(k, qk_path)] = (spec, projector)
+                projector = QKPathProjector(spec, entry.qk_solution.weights, (check.a, check.c))
+        built = entry.built[(k, qk_path)] = (spec, projector)
     return built
 
 
