@@ -29,7 +29,7 @@ from typing import Any, Mapping, Protocol, Sequence, Union
 
 from qkhooks.errors import QKHooksError
 
-__all__ = ["Layer", "Results", "LayerGeometry", "resolve_layer", "require_layer"]
+__all__ = ["Layer", "Results", "LayerGeometry", "resolve_layer", "layer_at_path", "require_layer"]
 
 Layer = Union[int, str]
 """A block index (``5``) or the attention module's dotted path (``"blocks.5.attn"``)."""
@@ -155,14 +155,10 @@ def resolve_layer(layer: Layer, layers: Sequence[int], paths: Mapping[int, str],
         if layer.lstrip("-").isdigit():
             layer = int(layer)
         else:
-            found = [l for l, path in paths.items() if path == layer]
-            if found:
-                return found[0]
             if not paths:
                 raise QKHooksError(f"{where} does not know its layers' module paths (a run file written before "
                                    f"qkhooks stored them); address the layer by block index: {list(layers)}.")
-            known = ", ".join(f"{path!r} (layer {l})" for l, path in sorted(paths.items()))
-            raise QKHooksError(f"{where} has no layer at module path {layer!r}; its layers are {known}.")
+            return layer_at_path(layer, paths, where)
     if isinstance(layer, bool) or not hasattr(layer, "__index__"):
         raise QKHooksError(f"a layer is a block index or a module path such as 'blocks.5.attn'; got {layer!r}.")
     index = int(layer)
@@ -172,6 +168,17 @@ def resolve_layer(layer: Layer, layers: Sequence[int], paths: Mapping[int, str],
     if index not in layers:
         raise QKHooksError(f"{where} did not record layer {index}; its layers are {list(layers)}.")
     return index
+
+
+def layer_at_path(path: str, paths: Mapping[int, str], where: str) -> int:
+    """The block index of the attention module at dotted ``path`` among ``paths`` (layer -> path), refused with every
+    known path: the one place a layer given as a module path becomes an index (reading API and layer selections)."""
+    for layer, known in paths.items():
+        if known == path:
+            return layer
+    listed = ", ".join(f"{known!r} (layer {l})" for l, known in sorted(paths.items()))
+    raise QKHooksError(f"{where} has no layer at module path {path!r}; its layers are the attention modules {listed} "
+                       f"(give one of those paths or a block index).")
 
 
 def require_layer(layer: int, available: Sequence[int], what: str, where: str, fix: str) -> None:

@@ -571,11 +571,29 @@ def test_layer_selections_are_strings_or_indices_everywhere():
     with qkhooks.record(model, modes=2, layers="1") as run, torch.no_grad():
         model(TINY_MODELS[0].images())
     assert sorted(run.query) == [1]
-    for bad, message in (("1-0", "low to high"), ([], "empty"), ("x", "no attention module at path 'x'"),
+    for bad, message in (("1-0", "low to high"), ([], "empty"), ("x", "this model has no layer at module path 'x'"),
                          ([0.5], "bad layer selection"), (["blocks.7.attn"], "path 'blocks.7.attn'.*'blocks.0.attn' "
                                                                              r"\(layer 0\)")):
         with pytest.raises(qkhooks.QKHooksError, match=message):
             qkhooks.record(model, layers=bad)
+
+
+def test_an_unknown_module_path_is_refused_alike_when_selecting_and_reading_naming_every_path_and_the_fix():
+    """One lookup turns a module path into a block index: ``layers=`` and the reading API refuse an unknown path with
+    the same words, listing every attention module's path (all eight here, none cut) and what to give instead."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=8,
+                              embed_dim=8, num_heads=2).eval()
+    listed = ", ".join(f"'blocks.{l}.attn' (layer {l})" for l in range(8))
+    reason = (f"has no layer at module path 'blocks.9.attn'; its layers are the attention modules {listed} "
+              "(give one of those paths or a block index).")
+    with pytest.raises(QKHooksError) as selecting:
+        qkhooks.record(model, layers=["blocks.9.attn"])
+    assert str(selecting.value) == f"this model {reason}"
+    with qkhooks.record(model, modes=2) as run, torch.no_grad():
+        model(torch.randn(1, 3, 16, 16))
+    with pytest.raises(QKHooksError) as reading:
+        run.query("blocks.9.attn")
+    assert str(reading.value) == f"this recording {reason}"
 
 
 def test_layers_are_chosen_by_index_or_by_the_module_path_the_reading_api_takes(tmp_path):

@@ -75,8 +75,9 @@ def test_layers_are_resolved_by_index_digits_or_path_and_refused_with_the_whole_
         (1, paths, "here did not record layer 1; its layers are [0, 3]."),
         ("blocks.1.attn", {}, "here does not know its layers' module paths (a run file written before qkhooks stored "
                               "them); address the layer by block index: [0, 3]."),
-        ("blocks.1.attn", paths, "here has no layer at module path 'blocks.1.attn'; its layers are 'blocks.0.attn' "
-                                 "(layer 0), 'blocks.3.attn' (layer 3)."),
+        ("blocks.1.attn", paths, "here has no layer at module path 'blocks.1.attn'; its layers are the attention "
+                                 "modules 'blocks.0.attn' (layer 0), 'blocks.3.attn' (layer 3) (give one of those "
+                                 "paths or a block index)."),
         (True, paths, "a layer is a block index or a module path such as 'blocks.5.attn'; got True."),
         (3.0, paths, "a layer is a block index or a module path such as 'blocks.5.attn'; got 3.0."),
     ]

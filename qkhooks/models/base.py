@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, NoReturn, Sequence, TypeVar, Union
 import torch
 from torch import nn
 
+from qkhooks.access import layer_at_path
 from qkhooks.errors import QKHooksError
 from qkhooks.models.unsupported import (SKIP_HINT, describe_attention_like, diagnose, skipping_unmodelled, unmodelled_parts,
                                         unmodelled_reason)
@@ -664,18 +665,9 @@ def _paths_as_indices(found: Sequence[AttentionSite], layers: LayerSelection) ->
     parts = layers.split(",") if isinstance(layers, str) else layers
     if not isinstance(parts, (list, tuple)) or not any(_is_path(p) for p in parts):
         return layers
-    by_path = {s.path: s.layer for s in found}
-    out: list[int | str] = []
-    for part in parts:
-        if not _is_path(part):
-            out.append(part.strip() if isinstance(part, str) else part)
-            continue
-        if part.strip() not in by_path:
-            known = ", ".join(f"{p!r} (layer {l})" for p, l in list(by_path.items())[:6])
-            more = f" and {len(by_path) - 6} more" if len(by_path) > 6 else ""
-            raise QKHooksError(f"no attention module at path {part.strip()!r} in this model; its attention modules are "
-                               f"{known}{more} (give those paths or block indices).")
-        out.append(by_path[part.strip()])
+    paths = {s.layer: s.path for s in found}
+    out = [layer_at_path(part.strip(), paths, "this model") if _is_path(part)
+           else part.strip() if isinstance(part, str) else part for part in parts]
     return ",".join(map(str, out)) if isinstance(layers, str) else out
 
 
