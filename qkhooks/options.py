@@ -35,11 +35,12 @@ def _modes_flag(text: str) -> int | str:
     return int(text) if text.strip().isdigit() else text
 
 
-def _option(default: Any, help: str | None = None, *, flag: str | None = None, config: str | None = None,
+def _option(default: Any, help: str | None = None, *, doc: str, flag: str | None = None, config: str | None = None,
             **argparse_kwargs: Any) -> Any:
-    """A field with its ``qkhooks record`` flag (``flag``, ``help``, argparse keywords; none: API only) and its key
-    in the run config (``config``; none: the option does not change what is recorded, so a resume may change it)."""
-    return dataclasses.field(default=default, metadata={"flag": flag, "help": help, "config": config,
+    """A field with what it does (``doc``: its line in ``help(RecordOptions)``), its ``qkhooks record`` flag (``flag``,
+    ``help``, argparse keywords; none: API only) and its key in the run config (``config``; none: the option does
+    not change what is recorded, so a resume may change it)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "flag": flag, "help": help, "config": config,
                                                         "argparse": argparse_kwargs})
 
 
@@ -53,81 +54,92 @@ class RecordOptions:
     """
 
     modes: int | str | None = _option(DEFAULT_MODES, "top modes per head to store, or 'all' (default 16)", flag="--modes",
-                                      config="modes", type=_modes_flag)
-    """Singular modes kept per head: an integer, ``"all"``, or None/0 (capture q/k and attention only)."""
+                                      config="modes", type=_modes_flag,
+                                      doc='Singular modes kept per head: an integer, ``"all"``, or None/0 (capture '
+                                          "q/k and attention only).")
 
     layers: str | int | Sequence[int | str] | None = _option(
         None, "block indices or attention module paths, e.g. '0,3,5-7' or 'blocks.5.attn' (default all)",
-        flag="--layers", config="layers")
-    """Blocks to hook: an index, indices, a selection string (``"0,3,5-7,-1"``), the attention modules' dotted paths
-    (``["blocks.5.attn"]``, as ``run.query("blocks.5.attn")`` reads them) or None for all. The run config stores the
-    block indices found."""
+        flag="--layers", config="layers",
+        doc='Blocks to hook: an index, indices, a selection string (``"0,3,5-7,-1"``), the attention '
+            "modules' dotted paths (``[\"blocks.5.attn\"]``, as ``run.query(\"blocks.5.attn\")`` reads them) or "
+            "None for all. The run config stores the block indices found.")
 
     attention: Any = _option(None, "none, rows, pooled or full, optionally with layers and combined: 'rows+full:5,11'",
-                             flag="--attention", config="attention")
-    """Attention maps rebuilt from q and k: None, a string such as ``"rows+full:5,11"`` or
-    :class:`qkhooks.AttentionSpec` s. The run config stores the specs as dicts."""
+                             flag="--attention", config="attention",
+                             doc='Attention maps rebuilt from q and k: None, a string such as ``"rows+full:5,11"`` '
+                                 "or :class:`qkhooks.AttentionSpec` s. The run config stores the specs as dicts.")
 
     outputs: str = _option("unchanged", "unchanged (default: the model's outputs bit for bit, full maps rebuilt "
                            "beside its attention) or eager (layers with full maps compute their attention once, from the "
-                           "maps: outputs then equal the eager forward)", flag="--outputs", choices=["unchanged", "eager"])
-    """What the model's attention runs: its own, unchanged, or, for layers with full maps, the recorded maps @ v (q·kᵀ
-    and the softmax once; ``qkhooks.record``'s ``outputs``). The maps are the same either way, so a resume may change it."""
+                           "maps: outputs then equal the eager forward)", flag="--outputs", choices=["unchanged", "eager"],
+                           doc="What the model's attention runs: its own, unchanged, or, for layers with full maps, "
+                               "the recorded maps @ v (q·kᵀ and the softmax once; ``qkhooks.record``'s "
+                               "``outputs``). The maps are the same either way, so a resume may change it.")
 
     input: str = _option("normed", "project the exact tensor entering W_q/W_k (normed, default) or the block's "
-                         "residual input", flag="--input", config="input", choices=["normed", "residual"])
-    """The token stream the modes project: the normed input of W_q/W_k (exact logits) or the residual stream."""
+                         "residual input", flag="--input", config="input", choices=["normed", "residual"],
+                         doc="The token stream the modes project: the normed input of W_q/W_k (exact logits) or the "
+                             "residual stream.")
 
     skip_unmodelled: bool = _option(False, "record the layers qkhooks models exactly and leave out the attention "
                                     "modules it does not (e.g. DaViT's channel attention), each named with its reason "
                                     "in the run file (default: refuse such a model)", flag="--skip-unmodelled",
-                                    action="store_true")
-    """Partial recording: leave out modules qkhooks does not model, named in the run file's ``left_out_unmodelled``
-    (``qkhooks.record``'s ``skip_unmodelled``). Not in the config: what is left out is a fact of the model, stored."""
+                                    action="store_true",
+                                    doc="Partial recording: leave out modules qkhooks does not model, named in the "
+                                        "run file's ``left_out_unmodelled`` (``qkhooks.record``'s "
+                                        "``skip_unmodelled``). Not in the config: what is left out is a fact of the "
+                                        "model, stored.")
 
     augmented: bool = _option(False, "fold the q/k biases into the modes through x -> [x; 1]", flag="--augmented",
-                              config="augmented", action="store_true")
-    """Modes of the bias-augmented form ``[x; 1]`` instead of the bias-free bilinear form."""
+                              config="augmented", action="store_true",
+                              doc="Modes of the bias-augmented form ``[x; 1]`` instead of the bias-free bilinear "
+                                  "form.")
 
-    dtype: str = _option("float16", "storage dtype", flag="--dtype", config="dtype", choices=["float16", "float32"])
-    """Storage dtype of the per-image float arrays."""
+    dtype: str = _option("float16", "storage dtype", flag="--dtype", config="dtype", choices=["float16", "float32"],
+                         doc="Storage dtype of the per-image float arrays.")
 
     compression: str = _option("none", "codec for per-image arrays (default none: float16 maps hardly compress; "
-                               "see benchmarks)", flag="--compression", choices=["none", "gzip", "lzf"])
-    """HDF5 codec of the per-image arrays (``none``, ``gzip``, ``lzf``); benchmarks/RESULTS.md says what each costs."""
+                               "see benchmarks)", flag="--compression", choices=["none", "gzip", "lzf"],
+                               doc="HDF5 codec of the per-image arrays (``none``, ``gzip``, ``lzf``); "
+                                   "benchmarks/RESULTS.md says what each costs.")
 
-    batch_size: int = _option(16, "images per forward pass (default 16)", flag="--batch-size", type=int)
-    """Images per forward pass."""
+    batch_size: int = _option(16, "images per forward pass (default 16)", flag="--batch-size", type=int,
+                              doc="Images per forward pass.")
 
     limit: int | None = _option(None, "only the first N images", flag="--limit", config="limit", type=int,
-                                  metavar="N")
-    """Record only the first ``limit`` images of the data."""
+                                metavar="N", doc="Record only the first ``limit`` images of the data.")
 
     num_workers: int | None = _option(None, "processes that decode and preprocess images (any data; default: 0 on "
                                       "the CPU, min(4, cores - 1) beside an accelerator)", flag="--workers",
-                                      type=int, metavar="N")
-    """Processes that decode and preprocess images, for every kind of data (0: in this process; None:
-    :func:`qkhooks.stream.default_workers` for the device)."""
+                                      type=int, metavar="N",
+                                      doc="Processes that decode and preprocess images, for every kind of data (0: "
+                                          "in this process; None: :func:`qkhooks.stream.default_workers` for the "
+                                          "device).")
 
     image_column: str | None = _option(None, "hfds: the column holding the images (default: the Image feature)",
-                                       flag="--image-column")
-    """Hugging Face data: the image column (default: found by its feature type)."""
+                                       flag="--image-column",
+                                       doc="Hugging Face data: the image column (default: found by its feature "
+                                           "type).")
 
-    masks: Mapping[str, str] | None = _option(None)
-    """Hugging Face data: mask columns, e.g. ``{"objects": "instance_mask"}`` (default: columns named like masks)."""
+    masks: Mapping[str, str] | None = _option(
+        None, doc='Hugging Face data: mask columns, e.g. ``{"objects": "instance_mask"}`` (default: columns named like '
+                  "masks).")
 
-    store_modes: bool = _option(True, config="store_modes")
-    """Write the per-image mode maps (False keeps only the reducers' states and the attention maps)."""
+    store_modes: bool = _option(True, config="store_modes",
+                                doc="Write the per-image mode maps (False keeps only the reducers' states and the "
+                                    "attention maps).")
 
-    keep_inputs: bool = _option(False)
-    """Keep the captured tokens for the reducers (switched on anyway when a reducer needs them)."""
+    keep_inputs: bool = _option(False, doc="Keep the captured tokens for the reducers (switched on anyway when a "
+                                           "reducer needs them).")
 
-    checkpoint_every: int = _option(8)
-    """Batches between checkpoints of the reducers' states (a resume redoes at most this many)."""
+    checkpoint_every: int = _option(8, doc="Batches between checkpoints of the reducers' states (a resume redoes at "
+                                           "most this many).")
 
-    extra_config: Mapping[str, Any] | None = _option(None, config="extra")
-    """More settings that define the run's content (e.g. an analysis's), stored in the run config, so that a resume
-    with other ones is refused before the file is touched."""
+    extra_config: Mapping[str, Any] | None = _option(None, config="extra",
+                                                     doc="More settings that define the run's content (e.g. an "
+                                                         "analysis's), stored in the run config, so that a resume "
+                                                         "with other ones is refused before the file is touched.")
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, (list, range)):  # frozen all the way down: a list could change after the check
@@ -198,27 +210,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """The docstrings written under a dataclass's fields (Python keeps none of them), read from the source."""
-    import ast
-    import inspect
-    import textwrap
-
-    try:
-        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
-    except (OSError, TypeError, IndexError):  # no source (a frozen build): help() keeps the class docstring only
-        return {}
-    return {field.target.id: " ".join(doc.value.value.split())
-            for field, doc in zip(body, body[1:])
-            if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
-            and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
-
-
 def _document_fields(cls: type) -> None:
-    """Append each option, its default and its docstring to ``cls.__doc__``, so ``help(RecordOptions)`` lists them."""
-    docs = _field_docs(cls)
+    """Append each option, its default and its ``doc`` to ``cls.__doc__``, so ``help(RecordOptions)`` lists them
+    (Python keeps no docstring written under a field, and reading them back from the source costs ~10 ms at import)."""
     lines = [f"    {f.name} (default {f.default!r}{', ' + f.metadata['flag'] if f.metadata['flag'] else ''}): "
-             f"{docs.get(f.name) or f.metadata['help'] or ''}" for f in dataclasses.fields(cls)]
+             f"{f.metadata['doc']}" for f in dataclasses.fields(cls)]
     cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Options:\n" + "\n".join(lines) + "\n"
 
 

@@ -89,3 +89,22 @@ def test_help_of_record_options_lists_every_option_with_its_default_and_what_it_
         assert line is not None, field.name
         assert line.group(1).startswith(repr(field.default)) and len(line.group(2)) > 20, line.group(0)
     assert "Batches between checkpoints of the reducers' states" in doc  # an API-only option's docstring
+
+
+def test_help_of_record_options_is_the_same_where_python_cannot_read_the_source():
+    """A build without the .py source (a frozen or .pyc-only install, inspect.getsource refusing) lists every option
+    with the same text: the help is built from the fields' declared docs, nothing is read back from the source."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import inspect\n"
+            "def no_source(obj):\n    raise OSError('no source')\n"
+            "inspect.getsource = no_source\n"
+            "from qkhooks.options import RecordOptions\n"
+            "print(RecordOptions.__doc__, end='')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == RecordOptions.__doc__
+    assert "checkpoint_every (default 8): Batches between checkpoints of the reducers' states" in done.stdout
