@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image, ImageOps
 
 from qkhooks.data import ImageConfig, open_dataset
 from qkhooks.data.datasets import (
@@ -51,3 +55,74 @@ def test_every_spec_form_the_parsers_accept_is_known_to_absolute_spec(tmp_path, 
         (tmp_path / spec).mkdir()
         assert absolute_spec(spec) == spec
         assert absolute_spec(f"imgs+{spec}") == f"{here}+{spec}"  # a join of it with a folder
+
+
+# ------------------------------------------------------------------------------ an annotated photo opened once
+
+
+def _noise_jpeg(path: Path, size: tuple[int, int], orientation: int) -> None:
+    """A noise photo of stored ``size`` (H, W) with an EXIF orientation tag."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pixels = np.random.default_rng(1).integers(0, 255, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, exif=exif)
+
+
+def _counting_opens(monkeypatch) -> Counter:
+    """PIL.Image.open patched to count the opens of each path."""
+    opens: Counter = Counter()
+    real = Image.open
+
+    def counting(fp, *args, **kwargs):
+        opens[os.fspath(fp) if isinstance(fp, (str, os.PathLike)) else "<file>"] += 1
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting)
+    return opens
+
+
+def _as_shown(path: Path) -> np.ndarray:
+    """Independent reference: the photo as a viewer shows it."""
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def test_an_ade20k_item_opens_its_rotated_photo_once_with_the_pixels_and_mask_turn_of_before(tmp_path, monkeypatch):
+    root = tmp_path / "ade"
+    photo, annotation = root / "images" / "training" / "a.jpg", root / "annotations" / "training" / "a.png"
+    _noise_jpeg(photo, (20, 30), 6)  # shown 30x20: turned 90 degrees clockwise
+    classes = np.zeros((20, 30), np.uint8)  # drawn on the stored pixels: turned like the photo
+    classes[:, :10], classes[:5, 20:] = 9, 5
+    annotation.parent.mkdir(parents=True)
+    Image.fromarray(classes).save(annotation)
+    record = open_dataset(f"ade20k:{root}", CFG)._records[0]
+    opens = _counting_opens(monkeypatch)
+    raw = record.load()
+    assert opens[str(photo)] == 1 and opens[str(annotation)] == 1
+    np.testing.assert_array_equal(np.asarray(raw.image), _as_shown(photo))
+    turned = np.asarray(Image.fromarray(classes).transpose(Image.Transpose.ROTATE_270))
+    np.testing.assert_array_equal(raw.objects, np.unique(turned, return_inverse=True)[1].reshape(turned.shape))
+    Image.fromarray(classes[:, :24]).save(annotation)  # changed after the open: fits neither frame, refused as before
+    with pytest.raises(QKHooksError, match=r"a\.jpg: the 'objects' mask .*a\.png has size 20x24, but the photo is "
+                                           r"30x20 as shown"):
+        record.load()
+
+
+def test_an_o3dir_item_opens_its_rotated_photo_once_with_the_pixels_and_mask_turn_of_before(tmp_path, monkeypatch):
+    root = tmp_path / "o3"
+    photo = root / "images" / "a.jpg"
+    _noise_jpeg(photo, (20, 30), 8)  # shown 30x20: turned 90 degrees anticlockwise
+    target, distractor = np.zeros((20, 30), np.uint8), np.zeros((20, 30), np.uint8)
+    target[2:6, 3:9], distractor[10:15, 12:25] = 255, 255
+    for sub, mask in (("targ_images", target), ("dist_images", distractor)):
+        (root / sub).mkdir()
+        Image.fromarray(mask).save(root / sub / "a.png")
+    record = open_dataset(f"o3dir:{root}", CFG)._records[0]
+    opens = _counting_opens(monkeypatch)
+    raw = record.load()
+    assert opens[str(photo)] == 1
+    np.testing.assert_array_equal(np.asarray(raw.image), _as_shown(photo))
+    for mask, got in ((target, raw.target), (distractor, raw.distractor)):
+        turned = np.asarray(Image.fromarray(mask).transpose(Image.Transpose.ROTATE_90)) >= 128
+        np.testing.assert_array_equal(got, turned.astype(np.float32))

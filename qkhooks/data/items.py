@@ -52,8 +52,14 @@ class _Record:
 def _read_rgb(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
     """Fully decode an image file (a path or an open binary file) to RGB as a viewer shows it (:func:`to_rgb`,
     the one conversion every source's pixels go through) and close the file."""
+    return _read_photo(path)[0]
+
+
+def _read_photo(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image, int]:
+    """:func:`_read_rgb` of a photo and the EXIF orientation it applied (:func:`_orientation`), from one opening of
+    the file: a photo beside masks needs both, to turn its masks alike."""
     with Image.open(path) as im:
-        return to_rgb(im)
+        return to_rgb(im), _orientation(im)  # to_rgb first, as when read alone: its failures are the photo's
 
 
 # ------------------------------------------------------------------------------ masks beside EXIF-rotated photos
