@@ -3,14 +3,17 @@ without decoding the image."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from qkhooks.data import ImageConfig, open_dataset
 from qkhooks.data.datasets import (
@@ -20,6 +23,7 @@ from qkhooks.data.datasets import (
     NAMED_SPECS,
     STREAMED_PREFIXES,
 )
+from qkhooks.data.items import _shown_frame
 from qkhooks.data.sources import _SPECS as STREAMED_SPECS
 from qkhooks.data_files import absolute_spec
 from qkhooks.errors import QKHooksError
@@ -126,3 +130,110 @@ def test_an_o3dir_item_opens_its_rotated_photo_once_with_the_pixels_and_mask_tur
     for mask, got in ((target, raw.target), (distractor, raw.distractor)):
         turned = np.asarray(Image.fromarray(mask).transpose(Image.Transpose.ROTATE_90)) >= 128
         np.testing.assert_array_equal(got, turned.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------ PNG orientation without decoding
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    """A PNG's chunks, each whole (length, type, data, CRC), after the signature."""
+    out, at = [], 8
+    while at < len(data):
+        length = struct.unpack(">I", data[at:at + 4])[0]
+        out.append(data[at:at + 12 + length])
+        at += 12 + length
+    return out
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png(path: Path, size: tuple[int, int], orientation: int | None, where: str = "after", extra: bytes = b"") -> Path:
+    """A noise PNG; its EXIF orientation in an eXIf chunk (PIL's ``exif=``) left before the image data or moved
+    after it; ``extra`` chunks inserted after the image data."""
+    pixels = np.random.default_rng(2).integers(0, 255, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.fromarray(pixels).save(buffer, format="PNG", exif=exif if orientation is not None else None)
+    chunks = _chunks(buffer.getvalue())
+    if where == "after":
+        moved = [c for c in chunks if c[4:8] == b"eXIf"]
+        chunks = [c for c in chunks if c[4:8] != b"eXIf"]
+        chunks[-1:-1] = moved  # before IEND
+    chunks[-1:-1] = [extra] if extra else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(chunks))
+    return path
+
+
+def _decoded_orientation(path: Path) -> tuple[int, tuple[int, int]]:
+    """Independent reference: PIL's own getexif (which decodes a PNG to read chunks after the image data), and the
+    (h, w) of the photo as shown."""
+    with Image.open(path) as im:
+        orientation = im.getexif().get(0x0112, 1)
+        shown = ImageOps.exif_transpose(im)
+        return orientation, (shown.height, shown.width)
+
+
+def test_a_png_orientation_after_the_image_data_is_found_without_decoding(tmp_path, monkeypatch):
+    files = [_png(tmp_path / "after6.png", (20, 30), 6), _png(tmp_path / "after3.png", (20, 30), 3),
+             _png(tmp_path / "header8.png", (20, 30), 8, where="header"), _png(tmp_path / "none.png", (20, 30), None),
+             _png(tmp_path / "text.png", (20, 30), 6, extra=_chunk(b"tEXt", b"Comment\0after the data"))]
+    with Image.open(files[0]) as im:
+        assert "exif" not in im.info  # PIL's header does not hold it: only its decode finds it
+    expected = {f.name: _decoded_orientation(f) for f in files}
+    assert [expected[f.name][0] for f in files] == [6, 3, 8, 1, 6]
+
+    def no_decode(self, *args, **kwargs):
+        raise AssertionError("decoded a PNG to read its orientation")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decode)
+    assert {f.name: _shown_frame(f, "photo") for f in files} == expected
+
+
+def test_a_png_whose_trailing_chunks_pil_reads_exif_from_is_still_decoded_with_the_same_result(tmp_path, monkeypatch):
+    """A text chunk after the image data that PIL reads EXIF or XMP from: left to PIL's decode, as before."""
+    xmp = _chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0<x tiff:Orientation=\"8\"/>")
+    path = _png(tmp_path / "xmp.png", (20, 30), None, extra=xmp)
+    expected = _decoded_orientation(path)
+    assert expected[0] == 8
+    loads = Counter()
+    real = PngImagePlugin.PngImageFile.load
+
+    def counting(self, *args, **kwargs):
+        loads["load"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", counting)
+    assert _shown_frame(path, "photo") == expected and loads["load"] >= 1
+
+
+def test_an_o3dir_of_pngs_opens_without_decoding_and_turns_masks_by_an_orientation_after_the_image_data(
+        tmp_path, monkeypatch):
+    root = tmp_path / "o3"
+    photo = _png(root / "images" / "a.png", (20, 30), 6)
+    target, distractor = np.zeros((20, 30), np.uint8), np.zeros((20, 30), np.uint8)
+    target[2:6, 3:9], distractor[10:15, 12:25] = 255, 255
+    for sub, mask in (("targ_images", target), ("dist_images", distractor)):
+        (root / sub).mkdir()
+        Image.fromarray(mask).save(root / sub / "a.png")
+    real = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda *a, **k: pytest.fail("decoded at open"))
+    dataset = open_dataset(f"o3dir:{root}", CFG)
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", real)
+    raw = dataset._records[0].load()
+    np.testing.assert_array_equal(np.asarray(raw.image), _as_shown(photo))
+    turned = np.asarray(Image.fromarray(target).transpose(Image.Transpose.ROTATE_270)) >= 128
+    np.testing.assert_array_equal(raw.target, turned.astype(np.float32))
+
+
+def test_a_truncated_png_is_still_refused_at_open_as_unreadable(tmp_path):
+    """The walk meets the end of the file before IEND and leaves the file to PIL's decode, which fails, as before."""
+    whole = _png(tmp_path / "whole.png", (20, 30), 6).read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(QKHooksError, match=r"photo .*cut\.png cannot be read"):
+        _shown_frame(cut, "photo")
