@@ -113,15 +113,21 @@ def test_an_ade20k_item_opens_its_rotated_photo_once_with_the_pixels_and_mask_tu
         record.load()
 
 
-def test_an_o3dir_item_opens_its_rotated_photo_once_with_the_pixels_and_mask_turn_of_before(tmp_path, monkeypatch):
-    root = tmp_path / "o3"
-    photo = root / "images" / "a.jpg"
-    _noise_jpeg(photo, (20, 30), 8)  # shown 30x20: turned 90 degrees anticlockwise
+def _o3_masks(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """O3 target and distractor masks of item ``a``, 20x30 (the stored frame of its photo)."""
     target, distractor = np.zeros((20, 30), np.uint8), np.zeros((20, 30), np.uint8)
     target[2:6, 3:9], distractor[10:15, 12:25] = 255, 255
     for sub, mask in (("targ_images", target), ("dist_images", distractor)):
         (root / sub).mkdir()
         Image.fromarray(mask).save(root / sub / "a.png")
+    return target, distractor
+
+
+def test_an_o3dir_item_opens_its_rotated_photo_once_with_the_pixels_and_mask_turn_of_before(tmp_path, monkeypatch):
+    root = tmp_path / "o3"
+    photo = root / "images" / "a.jpg"
+    _noise_jpeg(photo, (20, 30), 8)  # shown 30x20: turned 90 degrees anticlockwise
+    target, distractor = _o3_masks(root)
     record = open_dataset(f"o3dir:{root}", CFG)._records[0]
     opens = _counting_opens(monkeypatch)
     raw = record.load()
@@ -215,11 +221,7 @@ def test_an_o3dir_of_pngs_opens_without_decoding_and_turns_masks_by_an_orientati
         tmp_path, monkeypatch):
     root = tmp_path / "o3"
     photo = _png(root / "images" / "a.png", (20, 30), 6)
-    target, distractor = np.zeros((20, 30), np.uint8), np.zeros((20, 30), np.uint8)
-    target[2:6, 3:9], distractor[10:15, 12:25] = 255, 255
-    for sub, mask in (("targ_images", target), ("dist_images", distractor)):
-        (root / sub).mkdir()
-        Image.fromarray(mask).save(root / sub / "a.png")
+    target, _ = _o3_masks(root)
     real = PngImagePlugin.PngImageFile.load
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda *a, **k: pytest.fail("decoded at open"))
     dataset = open_dataset(f"o3dir:{root}", CFG)
