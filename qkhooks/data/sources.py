@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qkhooks.data.datasets import open_dataset
+from qkhooks.data.datasets import STREAMED_PREFIXES, open_dataset
 from qkhooks.data.items import ImageDataset, preprocess_raw
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.data.readers import (
@@ -273,7 +273,7 @@ def open_source(
     """
     if isinstance(data, ImageDataset):
         return data
-    if isinstance(data, (str, os.PathLike)) and not str(data).startswith(("hfds:", "wds:")):
+    if isinstance(data, (str, os.PathLike)) and not str(data).startswith(STREAMED_PREFIXES):
         return open_dataset(data, image_config, limit=limit)
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
         raise QKHooksError(f"limit must be a positive integer or None, got {limit!r}.")
