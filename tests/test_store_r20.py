@@ -20,6 +20,7 @@ from qkhooks.data_files import SIZES_ATTR, changed_files, recorded_sizes
 from qkhooks.distributed import merge_shards, shard_path
 from qkhooks.store import open_run, repair
 from qkhooks.store import format as fmt
+from qkhooks.store.reader import _from_hdf5
 from qkhooks.stream import record_dataset
 
 NAMES = [f"im{i}.png" for i in range(5)]
@@ -140,3 +141,36 @@ def test_shards_hold_their_own_images_sizes_and_merged_and_repaired_files_carry_
         with open_run(path) as run:
             assert run.ids == NAMES and SIZES_ATTR not in run.attrs
             assert run.array(fmt.FILE_SIZES)[:].tolist() == on_disk(imgs, NAMES)
+
+
+def test_a_dangling_link_in_a_run_is_damage_and_a_wrong_name_or_index_stays_the_callers_error(tmp_path):
+    """The reader told HDF5's errors from the caller's by their text: an external link to an object that is gone
+    says "doesn't exist", as a wrong name does, and escaped as a raw KeyError; now by where they were raised."""
+    out = tmp_path / "run.h5"
+    record("o3:2", out)
+    h5py.File(tmp_path / "other.h5", "w").close()
+    for link in (h5py.ExternalLink("other.h5", "/gone"), h5py.SoftLink("/modes/L0/gone")):
+        with h5py.File(out, "r+") as f:
+            f["modes/L0/extra"] = link
+        with open_run(out) as run:
+            for read in (run.arrays, run.summary):
+                with pytest.raises(qkhooks.QKHooksError) as err:
+                    read()
+                assert "is damaged (HDF5 cannot read it:" in str(err.value) and "qkhooks repair" in str(err.value)
+        with h5py.File(out, "r+") as f:
+            del f["modes/L0/extra"]
+    with open_run(out) as run:
+        with pytest.raises(qkhooks.QKHooksError, match="has no per-image array 'modes/L0/nope'; it has: "):
+            run.array("modes/L0/nope")
+    with h5py.File(out, "r") as f:  # what the reader's guard lets through as the caller's own error
+        assert not _from_hdf5(_raised(lambda: f[fmt.IDS][0, 0]))  # an index h5py refuses itself (ValueError)
+        assert not _from_hdf5(_raised(lambda: {"a": 1}["b"]))  # Python's KeyError
+        assert _from_hdf5(_raised(lambda: f["modes/L0/nope"]))  # HDF5's; the reader asks `in`/`get` first
+
+
+def _raised(read) -> BaseException:
+    try:
+        read()
+    except (KeyError, ValueError) as exc:
+        return exc
+    raise AssertionError("nothing raised")
