@@ -2,11 +2,14 @@
 
 A run stores no pixels: ``analyze modes`` (and reports) reopen the dataset from the run's ``data`` attribute to draw
 maps over the photos. A spec such as ``imgs`` typed in one folder names other files, or none, from another folder,
-so :func:`absolute_spec` makes the paths in a spec absolute at record time. :func:`file_sizes` keeps each image
-file's size in the run (root attribute :data:`SIZES_ATTR`, JSON ``{id: bytes}``), and :func:`changed_files` checks
-a reopened dataset against the run: every image drawn that is still there must have the size it had when recorded
-(images that are gone are left out and counted). A run from before these existed names its data as typed and has
-no sizes: when that is a relative path and images are missing, the folder found is taken to be another one.
+so :func:`absolute_spec` makes the paths in a spec absolute at record time. :func:`file_size_column` gives each
+image file's size as it is recorded, for the per-image array :data:`qkhooks.store.format.FILE_SIZES` (it grows with
+the run: a shard holds its own images' sizes, a resume continues it), and :func:`changed_files` checks a reopened
+dataset against the sizes :func:`recorded_sizes` reads of the images drawn: every image drawn that is still there
+must have the size it had when recorded (images that are gone are left out and counted). Runs of round 19 keep
+every file's size in one root attribute (:data:`SIZES_ATTR`, JSON ``{id: bytes}``), read when the array is absent.
+A run from before both names its data as typed and has no sizes: when that is a relative path and images are
+missing, the folder found is taken to be another one.
 """
 
 from __future__ import annotations
@@ -14,15 +17,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from qkhooks.data.datasets import FOLDER_PREFIXES, GENERATED_PREFIXES, NAMED_SPECS, STREAMED_PREFIXES
 from qkhooks.data.readers import _split_spec
+from qkhooks.store.format import FILE_SIZES
 
-__all__ = ["SIZES_ATTR", "absolute_spec", "file_sizes", "changed_files"]
+__all__ = ["SIZES_ATTR", "absolute_spec", "file_sizes", "file_size_column", "recorded_sizes", "changed_files"]
 
 SIZES_ATTR = "data_file_sizes"
-"""Root attribute of a run file: JSON ``{image id: file size in bytes}`` for datasets read from files."""
+"""Root attribute of round-19 run files: JSON ``{image id: file size in bytes}`` of the whole dataset, for datasets
+read from files (read when the run has no :data:`qkhooks.store.format.FILE_SIZES` array; no longer written)."""
 
 
 def _absolute(path: str) -> str:
@@ -68,31 +75,64 @@ def _paths(dataset: Any) -> dict[str, str]:
     return {r.id: r.path for r in records if getattr(r, "path", None)}
 
 
+def _size(path: str | None) -> int:
+    """The file's size in bytes; -1 for no file or one that cannot be read now (the recording skips it and says
+    why)."""
+    if path is None:
+        return -1
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
 def file_sizes(dataset: Any, ids: Sequence[str] | None = None) -> dict[str, int]:
     """``{id: size in bytes}`` of the image files behind ``dataset`` (only ``ids`` when given); {} for data that is
     not read from files (generated displays, your own containers)."""
     paths = _paths(dataset)
     wanted = paths if ids is None else {i: paths[i] for i in ids if i in paths}
-    sizes = {}
-    for id_, path in wanted.items():
-        try:
-            sizes[id_] = os.stat(path).st_size
-        except OSError:
-            continue  # unreadable now: the recording skips it and says why
-    return sizes
+    sizes = {id_: _size(path) for id_, path in wanted.items()}
+    return {id_: size for id_, size in sizes.items() if size >= 0}
 
 
-def changed_files(attrs: Mapping[str, Any], dataset: Any, ids: Sequence[str]) -> str:
+def file_size_column(dataset: Any) -> Callable[[Sequence[str]], np.ndarray] | None:
+    """What a recording stores in :data:`~qkhooks.store.format.FILE_SIZES` for a batch of ids: each image file's
+    size in bytes (int64, -1 where the image is not read from a file or cannot be read); None for data that is not
+    read from files, whose runs have no such array. The paths are looked up once, not per batch."""
+    paths = _paths(dataset)
+    if not paths:
+        return None
+    return lambda ids: np.array([_size(paths.get(i)) for i in ids], np.int64)
+
+
+def recorded_sizes(run: Any, ids: Sequence[str], rows: Iterable[int]) -> dict[str, int] | None:
+    """``{id: bytes}`` a run (a :class:`qkhooks.store.RunReader`, whose ids are ``ids``) recorded for its images at
+    ``rows``, reading only those rows of its :data:`~qkhooks.store.format.FILE_SIZES` array (images not read from a
+    file left out); None for a run without the array (older runs keep theirs in the root attribute
+    :data:`SIZES_ATTR`, which :func:`changed_files` reads)."""
+    if not run.has(FILE_SIZES):
+        return None
+    rows = sorted({int(r) for r in rows if 0 <= int(r) < len(ids)})
+    sizes = run.array(FILE_SIZES)[rows] if rows else []
+    return {ids[r]: int(size) for r, size in zip(rows, sizes) if size >= 0}
+
+
+def changed_files(attrs: Mapping[str, Any], dataset: Any, ids: Sequence[str],
+                  sizes: Mapping[str, int] | None = None) -> str:
     """Why the reopened ``dataset`` does not hold the images ``ids`` the run recorded ("" when it does, as far as can
-    be told). A run with stored sizes: a file there with another size means other files (images that are gone are
-    left out and counted by the caller). A run from before, naming a folder relative to where it was recorded: any
-    image missing means the folder found from here is another one."""
+    be told). ``sizes``: what the run recorded of them (:func:`recorded_sizes`; None for a run without the array:
+    its root attribute :data:`SIZES_ATTR` is read). A run with stored sizes: a file there with another size means
+    other files (images that are gone are left out and counted by the caller). A run from before, naming a folder
+    relative to where it was recorded: any image missing means the folder found from here is another one."""
     spec = str(attrs.get("data", "?"))
     present = set(getattr(dataset, "ids", []))
-    try:
-        stored = json.loads(attrs.get(SIZES_ATTR) or "{}")
-    except (TypeError, ValueError):
-        stored = {}
+    if sizes is not None:
+        stored = dict(sizes)
+    else:
+        try:
+            stored = json.loads(attrs.get(SIZES_ATTR) or "{}")
+        except (TypeError, ValueError):
+            stored = {}
     if not stored:
         absent = [i for i in ids if i not in present]
         if absent and absolute_spec(spec) != spec:

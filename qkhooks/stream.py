@@ -35,7 +35,7 @@ from qkhooks.capture import (BatchCapture, _model_sites, _refuse_maps_only_modes
                               record)
 from qkhooks.data import ImageDataset, collate
 from qkhooks.data.sources import ItemStream, open_source
-from qkhooks.data_files import SIZES_ATTR, absolute_spec, file_sizes
+from qkhooks.data_files import absolute_spec, file_size_column
 from qkhooks.errors import DataRefusal, QKHooksError
 from qkhooks.models.base import AttentionSite, select_layers
 from qkhooks.models.unsupported import left_out_by_design, unmodelled_parts
@@ -44,7 +44,7 @@ from qkhooks.options import DEFAULT_MODES, RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
 from qkhooks.results import LayerGeometry, observe_geometry
 from qkhooks.spectrum import layer_spectrum
-from qkhooks.store.format import INFO_SCHEMA_VERSION, resume_point
+from qkhooks.store.format import FILE_SIZES, INFO_SCHEMA_VERSION, resume_point
 from qkhooks.store.writer import RunWriter
 
 __all__ = ["record_dataset", "RecordResult", "WriterSink", "probe_geometry", "same_layout_layers", "rows_layers"]
@@ -67,11 +67,14 @@ class RecordResult:
 
 
 class WriterSink:
-    """Feeds complete batches to a :class:`qkhooks.store.RunWriter` (maps, attention, per-image extras)."""
+    """Feeds complete batches to a :class:`qkhooks.store.RunWriter` (maps, attention, per-image extras, and each
+    image file's size from ``file_sizes``: :func:`qkhooks.data_files.file_size_column`)."""
 
-    def __init__(self, writer: Any, store_modes: bool = True):
+    def __init__(self, writer: Any, store_modes: bool = True,
+                 file_sizes: Callable[[Sequence[str]], Any] | None = None):
         self.writer = writer
         self.store_modes = store_modes
+        self.file_sizes = file_sizes
         self._statics_written = False
 
     def update(self, batch: BatchCapture) -> None:
@@ -83,6 +86,9 @@ class WriterSink:
         if not self.store_modes:
             arrays = {k: v for k, v in arrays.items() if not k.startswith("modes/")}
         arrays.update(batch.meta.get("arrays", {}))
+        layout = self.writer.layout_arrays
+        if self.file_sizes is not None and (layout is None or FILE_SIZES in layout):  # not in a resumed older run
+            arrays[FILE_SIZES] = self.file_sizes(batch.ids)
         self.writer.write_batch(batch.ids, arrays)
 
 
@@ -497,11 +503,6 @@ def record_dataset(
             "identity": {"compute_dtype": str(next(net.parameters()).dtype).replace("torch.", ""),
                          "weights_sha256": weights_fingerprint(net)},
         }
-        # each file's size, so a reopened folder can be checked to hold the files recorded; every shard stores the
-        # whole dataset's, so a merge (which keeps the first shard's attributes) equals a single-process run
-        sizes = {} if streamed else file_sizes(dataset, ids)
-        if sizes:
-            attrs[SIZES_ATTR] = json.dumps(sizes, ensure_ascii=False, separators=(",", ":"))
         expected = {f"spectrum/L{site.layer}/S_all": layer_spectrum(site, opts.augmented).S.cpu().numpy()
                     for site in sites} if mode == "resume" else None  # for files from before weights_sha256
         writer = RunWriter(out, mode=mode, attrs=attrs, dtype=opts.dtype, compression=opts.compression,
@@ -527,7 +528,8 @@ def record_dataset(
                 _write_statics(writer, run, sites, image_size, opts.augmented, geometry, left_out_by_design(net), unmodelled)
                 if shard is not None:  # where this block starts in the dataset: qkhooks.distributed.merge_shards reads it
                     writer.write_static("images/shard", json.dumps({"rank": shard[0], "world": shard[1], "start": lo, "stop": hi}))
-                run.sinks.append(WriterSink(writer, opts.store_modes))
+                # each file's size goes with its batch, so a reopened folder can be checked to hold the files recorded
+                run.sinks.append(WriterSink(writer, opts.store_modes, None if streamed else file_size_column(dataset)))
             run.sinks.extend(reducers)
             if on_batch is not None:
                 run.sinks.append(_Callback(on_batch))

@@ -3,7 +3,6 @@ ADE20K photos checked at open, and a streamed source's mask refusal mid-run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from PIL import Image
 
 import qkhooks
 from qkhooks.data import ImageConfig, open_dataset
-from qkhooks.data_files import SIZES_ATTR, absolute_spec, changed_files, file_sizes
+from qkhooks.data_files import SIZES_ATTR, absolute_spec, changed_files, file_sizes, recorded_sizes
 from qkhooks.errors import QKHooksError
 from qkhooks.store import open_run
 from qkhooks.stream import record_dataset
@@ -140,11 +139,11 @@ def test_annotated_datasets_keep_their_photos_sizes_like_a_folder(tmp_path):
         record_dataset(_tiny_loaded(), spec, out, modes=2, layers="0", progress=False)
         with open_run(out) as run:
             attrs, ids = dict(run.attrs), list(run.ids)
-        stored = json.loads(attrs[SIZES_ATTR])
+            stored = recorded_sizes(run, ids, range(len(ids)))
         assert stored == {i: (photos / i).stat().st_size for i in ids} and len(stored) == 2
-        assert changed_files(attrs, open_dataset(spec, CFG), ids) == ""
+        assert changed_files(attrs, open_dataset(spec, CFG), ids, stored) == ""
         Image.new("RGB", (30, 20), (9, 9, 9)).save(photos / ids[1])  # same name and size in pixels, another photo
-        said = changed_files(attrs, open_dataset(spec, CFG), ids)
+        said = changed_files(attrs, open_dataset(spec, CFG), ids, stored)
         assert f"1 of the 2 images to draw in {spec!r} are not the files this run recorded (first: {ids[1]!r}" in said
 
 

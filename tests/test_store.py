@@ -489,30 +489,33 @@ def test_a_run_names_its_folder_absolutely_and_photos_are_drawn_only_from_the_fi
     ./imgs held there. The path is now absolute, each file's size is stored, and a folder whose files are missing
     or have other sizes gives no photos, saying why."""
     from qkhooks.analysis.modes import load_images
-    from qkhooks.data_files import SIZES_ATTR
+    from qkhooks.data_files import SIZES_ATTR, recorded_sizes
 
     monkeypatch.chdir(tmp_path)
     _small_run(tmp_path / "imgs", tmp_path / "run.h5")
     with open_run(tmp_path / "run.h5") as run:
         attrs, ids, config = run.attrs, run.ids, run.config
+        sizes = recorded_sizes(run, ids, [0, 1])
     assert attrs["data"] == str(tmp_path / "imgs") and config["data"] == str(tmp_path / "imgs")
-    assert json.loads(attrs[SIZES_ATTR]) == {i: (tmp_path / "imgs" / i).stat().st_size for i in ids}
+    assert sizes == {i: (tmp_path / "imgs" / i).stat().st_size for i in ids[:2]}
     other = tmp_path / "elsewhere"
     (other / "imgs").mkdir(parents=True)
     for i in ids:  # same names, other pictures, in the folder 'imgs' would mean from there
         Image.fromarray(np.full((10, 10, 3), 255, np.uint8)).save(other / "imgs" / i)
     monkeypatch.chdir(other)
-    photos, note = load_images(attrs, ids, [0, 1])
+    photos, note = load_images(attrs, ids, [0, 1], sizes=sizes)
     assert photos[0] is not None and "photos from" in note  # the recorded folder, named absolutely
     original = (tmp_path / "imgs" / ids[1]).read_bytes()
     (tmp_path / "imgs" / ids[1]).write_bytes((other / "imgs" / ids[1]).read_bytes())  # a file replaced in place
-    photos, note = load_images(attrs, ids, [0, 1])
+    photos, note = load_images(attrs, ids, [0, 1], sizes=sizes)
+    assert photos == {} and f"not the files this run recorded (first: {ids[1]!r}" in note
+    photos, note = load_images({**attrs, SIZES_ATTR: json.dumps(sizes)}, ids, [0, 1])  # a round-19 run's attribute
     assert photos == {} and f"not the files this run recorded (first: {ids[1]!r}" in note
     (tmp_path / "imgs" / ids[1]).unlink()  # one gone: the others are still the recorded files, drawn
-    photos, note = load_images(attrs, ids, [0, 1])
+    photos, note = load_images(attrs, ids, [0, 1], sizes=sizes)
     assert photos[0] is not None and photos[1] is None and "1 image(s) not found" in note
     old = {**attrs, "data": "imgs"}  # a run from before: its data as typed, no sizes; images missing from a
-    del old[SIZES_ATTR]  # relative folder mean another folder
+    assert SIZES_ATTR not in old  # relative folder mean another folder
     (other / "imgs" / ids[2]).unlink()
     photos, note = load_images(old, ids, [0, 2])
     assert photos == {} and "not in 'imgs' (first: " in note and "relative to the folder it was recorded in" in note

@@ -175,11 +175,14 @@ def _image_config_for(attrs: Mapping[str, Any], given: Any) -> tuple[Any, str]:
         return None, f"cannot rebuild the preprocessing of {spec!r} ({type(exc).__name__}: {exc})"
 
 
-def load_images(attrs: Mapping[str, Any], ids: Sequence[str], wanted: Sequence[int], image_config: Any = None) -> tuple[dict[int, np.ndarray | None], str]:
+def load_images(attrs: Mapping[str, Any], ids: Sequence[str], wanted: Sequence[int], image_config: Any = None,
+                sizes: Mapping[str, int] | None = None) -> tuple[dict[int, np.ndarray | None], str]:
     """Photos (H, W, 3) in [0, 1] in model-input geometry for the image indices ``wanted``, and a note.
 
     A run stores no pixels: the dataset is reopened from its spec (root attr ``data``) with the model's
-    preprocessing and un-normalised. Anything missing gives no photos (maps on black) and says why.
+    preprocessing and un-normalised. Anything missing gives no photos (maps on black) and says why. ``sizes``: the
+    file sizes the run recorded of the images wanted (:func:`qkhooks.data_files.recorded_sizes`; None: a run
+    without them, or one that keeps them in ``attrs``).
     """
     cfg, how = _image_config_for(attrs, image_config)
     if cfg is None:
@@ -197,7 +200,8 @@ def load_images(attrs: Mapping[str, Any], ids: Sequence[str], wanted: Sequence[i
         return {}, f"no photos: cannot reopen dataset {spec!r} ({type(exc).__name__}: {exc})"
     from qkhooks.data_files import changed_files  # the images drawn must be the files recorded, or none is drawn
 
-    changed = changed_files(attrs, dataset, [ids[i] for i in sorted(set(int(i) for i in wanted)) if 0 <= i < len(ids)])
+    changed = changed_files(attrs, dataset, [ids[i] for i in sorted(set(int(i) for i in wanted)) if 0 <= i < len(ids)],
+                            sizes)
     if changed:
         return {}, f"no photos: {changed}"
     position = {id_: i for i, id_ in enumerate(dataset.ids)}
@@ -378,7 +382,13 @@ def analyze_modes(
             wanted.update(int(v) for v in idx[:, :n_fig].reshape(-1) if v >= 0)
         if overview:
             wanted.update(int(v) for v in idx[:, :1].reshape(-1) if v >= 0)
-    photos, photo_note = (load_images(attrs, ids, sorted(wanted), image_config) if images and wanted
+    sizes = None
+    if images and wanted:
+        from qkhooks.data_files import recorded_sizes
+
+        with _open_run(run_path) as run:  # the file sizes recorded of the images drawn: their rows only
+            sizes = recorded_sizes(run, ids, wanted)
+    photos, photo_note = (load_images(attrs, ids, sorted(wanted), image_config, sizes) if images and wanted
                           else ({}, "no photos (images=False)" if not images else "no figures"))
     figures: list[str] = []
     figure_left_out: dict[int, str] = {}

@@ -25,13 +25,17 @@ import numpy as np
 
 from qkhooks.access import LayerGeometry
 
-__all__ = ["IDS", "SKIPPED", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "per_image_datasets",
+__all__ = ["IDS", "SKIPPED", "FILE_SIZES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "per_image_datasets",
            "read_states", "states_and_problem", "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "run_id_of",
            "identity_of", "as_str", "read_ids", "read_skipped", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY"]
 
 IDS = "images/ids"
 SKIPPED = "images/skipped"
+FILE_SIZES = "images/file_sizes"
+"""Per-image int64 array: the size in bytes of each image's file when it was recorded, -1 where the image is not read
+from a file (runs of data read from files only; a reopened dataset is checked against it before photos are drawn:
+:mod:`qkhooks.data_files`). Runs of round 19 keep the sizes in a root attribute instead, older runs none."""
 REDUCERS = "reducers"
 IDENTITY = "identity"
 """Root attribute: JSON of ``run_id`` (ties ``RUN.h5.reducers`` to this file), and of ``compute_dtype`` and

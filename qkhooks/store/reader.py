@@ -575,11 +575,22 @@ def _stamp(path: Path) -> tuple[int, int, int, int] | None:
 
 
 def _from_hdf5(exc: BaseException) -> bool:
-    """Whether a KeyError or ValueError came from HDF5 failing to read (not from a name the caller got wrong)."""
-    text = str(exc)
-    if "doesn't exist" in text:  # h5py's "Unable to ... (object 'x' doesn't exist)": a name, not damage
+    """Whether a KeyError or ValueError was raised by HDF5 failing to read, told by where it was raised, not by its
+    text: HDF5's errors come out of h5py's compiled low-level modules (``h5py/h5o.pyx``, ``h5a.pyx``, ...), whereas
+    Python code and h5py's own check of an index (``_selector.pyx``) raise for a key the caller got wrong. The reader
+    looks names up with ``in``/``get`` before HDF5 opens them (a wrong one answers a QKHooksError), so a KeyError from
+    HDF5 is a link that is there but cannot be followed: a dangling soft or external link, damage."""
+    tb = exc.__traceback__
+    if tb is None:
         return False
-    return "Unable to" in text or "Can't" in text or "checksum" in text
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    where = Path(tb.tb_frame.f_code.co_filename)
+    return where.parent.name == "h5py" and where.suffix == ".pyx" and where.name not in _H5PY_OWN_CHECKS
+
+
+_H5PY_OWN_CHECKS = {"_selector.pyx", "utils.pyx"}
+"""h5py's compiled modules that raise for a bad argument themselves, before HDF5 is asked (indices, shapes)."""
 
 
 def _guarded(method: Any) -> Any:

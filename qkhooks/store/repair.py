@@ -94,6 +94,11 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
         arrays = {}
         good[:] = False
         problems.append(f"the per-image arrays cannot be listed ({exc})")
+    virtual = sorted(name for name, ds in arrays.items() if ds.is_virtual)
+    if virtual:  # HDF5 would open the shards through this file's read-only view of itself: a crash, not a copy
+        raise QKHooksError(f"{run} is a merge whose per-image arrays ({virtual[0]}, ...) are views of its shard files, "
+                           "where the images are: repair the damaged shard (qkhooks repair SHARD --out SHARD), then "
+                           "merge again (qkhooks merge).")
     for name, ds in arrays.items():
         good &= _readable_rows(ds, n, real_size)
     keep = np.flatnonzero(good)

@@ -206,6 +206,12 @@ class RunWriter:
         """Whether the file has its final layout and lives, in SWMR mode, under its own name."""
         return self._published
 
+    @property
+    def layout_arrays(self) -> frozenset[str] | None:
+        """The per-image arrays every batch must have: a resumed run's, or those of a new run's first batch; None
+        before that batch (a sink leaves out an array that a resumed run from before it lacks)."""
+        return None if self._layout_names is None else frozenset(self._layout_names)
+
     def _keep_from_children(self, f: h5py.File) -> h5py.File:
         """Keep the run file's descriptor out of forked workers while this writer has it (see lock.py)."""
         fd = f.id.get_vfd_handle()
