@@ -203,3 +203,29 @@ def test_where_the_read_attempts_cannot_be_set_the_reader_warns_once_and_still_r
                 assert run.ids == IDS and run.file.swmr_mode
     bounded = [w for w in caught if "could not bound HDF5's metadata read attempts" in str(w.message)]
     assert len(bounded) == 1, [str(w.message) for w in caught]
+
+
+def test_a_resume_reads_the_attributes_of_every_object_in_the_file_before_it_writes(tmp_path, monkeypatch):
+    """The resume's check goes through every object header and attribute (statics are rewritten in place): damage
+    anywhere in them is found before anything is written, not halfway through the run."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path, dtype="float32", chunk_images=2, attrs={"model": "m"}) as w:
+        w.write_static("spectrum/L0/S", np.ones(3))  # statics: nested groups and datasets, with attributes
+        w.write_static("model/info", "{}")
+        for i in range(2):
+            w.write_batch(IDS[2 * i:2 * i + 2], {"v": np.full((2, 8), i, np.float32)})
+    with h5py.File(path, "r") as f:
+        names = {"/"}
+        f.visit(lambda name: names.add("/" + name))
+    _as_if_killed(path)
+    read: set[str] = set()
+    items = h5py.AttributeManager.items
+
+    def counted(self):
+        read.add(h5py.h5i.get_name(self._id).decode())
+        return items(self)
+
+    monkeypatch.setattr(h5py.AttributeManager, "items", counted)
+    with RunWriter(path, mode="resume", dtype="float32", attrs={"model": "m"}):
+        pass
+    assert names <= read, sorted(names - read)

@@ -93,18 +93,25 @@ def set_committed(f: h5py.File, n: int) -> None:
         holder.attrs.modify("committed", np.int64(n))
 
 
-def per_image_datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
-    """The per-image arrays of a run file (datasets marked ``per_image``), by schema name."""
+def per_image_datasets(f: h5py.File, read_every_attribute: bool = False) -> dict[str, h5py.Dataset]:
+    """The per-image arrays of a run file (datasets marked ``per_image``), by schema name. With
+    ``read_every_attribute`` every object's attributes are read on the way (a resume's check that the whole file
+    reads: any damage raises), in the same walk."""
     found: dict[str, h5py.Dataset] = {}
 
     # A walk by names, not ``visititems``: HDF5's visit also reads every dataset's chunk index (for its storage
     # size), so one damaged index would hide every array, where a walk opens object headers only.
     def walk(group: h5py.Group, prefix: str) -> None:
+        if read_every_attribute:
+            dict(group.attrs.items())
         for key in group:
             obj = group[key]
             if isinstance(obj, h5py.Group):
                 walk(obj, f"{prefix}{key}/")
-            elif isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image", False):
+                continue
+            if read_every_attribute:
+                dict(obj.attrs.items())
+            if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image", False):
                 found[f"{prefix}{key}"] = obj
 
     walk(f, "")

@@ -399,10 +399,9 @@ class RunWriter:
         everything a resume reads or rewrites reads (any failure raises): every object's header and attributes, the
         statics, the committed ids and each per-image array's chunk index where the resume cuts or appends."""
         n = fmt.committed(f) or 0
-        _read_every_object(f)
+        arrays = fmt.per_image_datasets(f, read_every_attribute=True)
         fmt.read_ids(f, n)
         fmt.read_skipped(f)
-        arrays = fmt.per_image_datasets(f)
         problems = [f"{name} has {ds.shape[0]} rows" for name, ds in sorted(arrays.items()) if ds.shape[0] < n]
         if f[fmt.IDS].shape[0] < n:
             problems.insert(0, f"{fmt.IDS} has {f[fmt.IDS].shape[0]} rows")
@@ -805,18 +804,6 @@ def _checked(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """The :data:`CHECKED_ATTRS` of root attributes (a file's, or the ones a run is given); None where absent."""
     identity = fmt.identity_of(attrs)
     return {key: attrs.get(key) if key == "image_config" else identity.get(key) for key in CHECKED_ATTRS}
-
-
-def _read_every_object(group: h5py.Group) -> None:
-    """Open every object below ``group`` and read its attributes (its header): the metadata a resume goes through
-    (statics are rewritten in place), read before it writes. Any damage raises."""
-    dict(group.attrs.items())
-    for key in group:
-        obj = group[key]
-        if isinstance(obj, h5py.Group):
-            _read_every_object(obj)
-        else:
-            dict(obj.attrs.items())
 
 
 def _attr(value: Any) -> Any:
