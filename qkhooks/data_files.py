@@ -6,10 +6,10 @@ so :func:`absolute_spec` makes the paths in a spec absolute at record time. :fun
 image file's size as it is recorded, for the per-image array :data:`qkhooks.store.format.FILE_SIZES` (it grows with
 the run: a shard holds its own images' sizes, a resume continues it), and :func:`changed_files` checks a reopened
 dataset against the sizes :func:`recorded_sizes` reads of the images drawn: every image drawn that is still there
-must have the size it had when recorded (images that are gone are left out and counted). Runs of round 19 keep
-every file's size in one root attribute (:data:`SIZES_ATTR`, JSON ``{id: bytes}``), read when the array is absent.
-A run from before both names its data as typed and has no sizes: when that is a relative path and images are
-missing, the folder found is taken to be another one.
+must have the size it had when recorded (images that are gone are left out and counted). Runs written before that
+array keep every file's size in one root attribute (:data:`SIZES_ATTR`, JSON ``{id: bytes}``), read when the array
+is absent. A run from before both names its data as typed and has no sizes: when that is a relative path and images
+are missing, the folder found is taken to be another one.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from qkhooks.store.format import FILE_SIZES
 __all__ = ["SIZES_ATTR", "absolute_spec", "file_sizes", "file_size_column", "recorded_sizes", "changed_files"]
 
 SIZES_ATTR = "data_file_sizes"
-"""Root attribute of round-19 run files: JSON ``{image id: file size in bytes}`` of the whole dataset, for datasets
-read from files (read when the run has no :data:`qkhooks.store.format.FILE_SIZES` array; no longer written)."""
+"""Root attribute of older run files (before :data:`qkhooks.store.format.FILE_SIZES`): JSON ``{image id: file size
+in bytes}`` of the whole dataset, for datasets read from files (read when the run has no such array; no longer
+written)."""
 
 
 def _absolute(path: str) -> str:

@@ -35,7 +35,8 @@ SKIPPED = "images/skipped"
 FILE_SIZES = "images/file_sizes"
 """Per-image int64 array: the size in bytes of each image's file when it was recorded, -1 where the image is not read
 from a file (runs of data read from files only; a reopened dataset is checked against it before photos are drawn:
-:mod:`qkhooks.data_files`). Runs of round 19 keep the sizes in a root attribute instead, older runs none."""
+:mod:`qkhooks.data_files`). Older runs keep the sizes in a root attribute instead (``data_file_sizes``), the
+oldest none."""
 REDUCERS = "reducers"
 IDENTITY = "identity"
 """Root attribute: JSON of ``run_id`` (ties ``RUN.h5.reducers`` to this file), and of ``compute_dtype`` and
