@@ -24,7 +24,9 @@ cannot detect) is also warned about and appended to ``.skipped``, and
 ``dataset[i]`` returns ``None`` for it; :func:`collate` drops ``None`` items,
 so a long run keeps going and the batch's ``"id"`` list says which images it
 holds. (Appends made inside DataLoader worker processes stay in the workers;
-the warning is still printed.)
+the warning is still printed.) In ``ade20k:`` and ``o3dir:`` datasets the open
+checks headers only, and a photo or mask that fails to decode when its item
+loads is not skipped: it is refused, naming the file (a run stops there).
 """
 
 from __future__ import annotations
