@@ -175,12 +175,27 @@ def clear_open_flags(path: str | os.PathLike) -> bool:
 
 def open_swmr_writer(path: str | os.PathLike, chunk_cache_bytes: int) -> h5py.File:
     """Open an existing run file for writing directly in SWMR mode (no moment in which it is not SWMR), with a
-    raw-data chunk cache of ``chunk_cache_bytes`` per dataset whose fully written chunks are evicted first."""
-    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
-    fapl.set_cache(0, 521, chunk_cache_bytes, 1.0)
-    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl)
-    return h5py.File(fid)
+    raw-data chunk cache of ``chunk_cache_bytes`` per dataset whose fully written chunks are evicted first.
+
+    With HDF5's file lock where it can be had (the default flags, which a plain ``h5py.File`` of the same file in
+    this process must match), else without: HDF5 drops its ``flock`` once a file is open for SWMR writing, so it
+    only covers the open itself, and there it can stand in the way. On NFS, where ``flock`` is emulated with
+    byte-range locks, it conflicts with the writer's own OFD lock on the run file (:mod:`qkhooks.store.lock`);
+    anywhere, a program holding the file open with HDF5's default locking (``h5py.File(path, "r")`` in a notebook)
+    made a resume fail with a raw lock error. One writer per run is what
+    :class:`~qkhooks.store.lock.WriterLock` and the superblock's open-for-write flags guarantee."""
+    for locking in (True, False):
+        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+        fapl.set_cache(0, 521, chunk_cache_bytes, 1.0)
+        if not locking:
+            fapl.set_file_locking(False, True)
+        try:
+            return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl))
+        except OSError as exc:  # HDF5's lock refused (EAGAIN: another lock on the file, see above; ENOLCK: no lockd)
+            if not locking or "unable to lock file" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
 
 
 def open_reader(path: str | os.PathLike, deadline_s: float = READ_DEADLINE_S) -> h5py.File:
