@@ -62,6 +62,8 @@ KILLS_MODELS = "tests/test_mutation_kills_models.py"
 KILLS_IO2 = "tests/test_mutation_kills_io2.py"
 # Round 19 (mutation): the kill tests of the functions round 18 changed or added (module "round18").
 KILLS_R19 = "tests/test_mutation_kills_r19.py"
+# Round 20 (mutation): the kill tests of the functions round 19 changed or added (module "round19").
+KILLS_R20 = "tests/test_mutation_kills_r20.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -141,6 +143,25 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "or duplicate_ids or lock) and not (sigkill or full_disk or worker_processes)) or "
                 "(test_store and (absolutely or moved_run or folder or corrupt_images_are_skipped)) or "
                 "(test_call_grids and (hf_vits_read or mask_handed or vitmae or dynamic_size_vit or wrapped_model))"),
+    # Round 20 (mutation): the functions round 19 changed or added, against the tests that reach them: the reducers'
+    # non-finite refusal, BFD's id split and content refusal, the odd-one-out overlap refusal, the default modes cut,
+    # layers by module path, the meta-device refusal, the run file's string/ids/identity readers, the reader's
+    # numpy indexing and open retries, and the writer's damaged-resume refusal. Run with --only ROUND19.
+    "round19": (["qkhooks/reducers.py", "qkhooks/analysis/bfd_reducers.py", "qkhooks/analysis/bfd_summary.py",
+                 "qkhooks/data/masks.py", "qkhooks/analysis/preference.py", "qkhooks/capture.py",
+                 "qkhooks/models/base.py", "qkhooks/models/load.py", "qkhooks/store/format.py",
+                 "qkhooks/store/reader.py", "qkhooks/store/_hdf5.py", "qkhooks/store/writer.py"],
+                ["tests/test_reducers.py", "tests/test_modes.py", "tests/test_bfd.py", "tests/test_preference.py",
+                 "tests/test_inputs.py", "tests/test_core.py", "tests/test_mutation_kills_capture.py",
+                 "tests/test_store_r19.py", "tests/test_store.py", "tests/test_store_safety.py", KILLS_R20],
+                "test_store_r19 or test_mutation_kills_r20 or (test_reducers and nan_or_inf_image) or "
+                "(test_modes and nan_map) or (test_bfd and (probe_split or split_by_position or identical_images or "
+                "nan_or_inf_pixels)) or (test_preference and (overlap or touch)) or "
+                "(test_inputs and (modes or meta_device)) or (test_core and (module_path or layer_selections)) or "
+                "(test_mutation_kills_capture and layers_are_resolved) or "
+                "(test_store and (run_array_indexes or closed_reader)) or "
+                "(test_store_safety and (damaged or weights_hash) and not (sigkill or full_disk or worker_processes or within_20_s "
+                "or damaged_run_files_open))"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
 ROUND18 = (
@@ -161,11 +182,33 @@ ROUND18 = (
     "qkhooks.models.base.xǁAttentionSiteǁrefuse_unmodelled_inputs__*", "qkhooks.models.base.x_recast__*",
     "qkhooks.models.base.x_grid_source_hooks__*",
 )
-NAMED_SETS = {"ROUND18": ROUND18}
+# The round-19 functions' mutant names (fnmatch patterns), for `--only` with the module "round19". Those other
+# helpers of round 20 were refactoring (reader._from_hdf5, writer._check_whole, base._paths_as_indices, options.py)
+# are last in the list, so a partial run reaches them last.
+ROUND19 = (
+    "qkhooks.reducers.x_refuse_non_finite__*",
+    "qkhooks.analysis.bfd_reducers.x_is_held_out__*", "qkhooks.analysis.bfd_reducers.xǁPositionDecodingǁupdate__*",
+    "qkhooks.analysis.bfd_summary.x_refuse_no_content__*",
+    "qkhooks.data.masks.x_refuse_overlap__*", "qkhooks.analysis.preference.x__image_names__*",
+    "qkhooks.analysis.preference.xǁPreferenceReducerǁupdate__*",
+    "qkhooks.capture.x_modes_kept__*",
+    "qkhooks.models.base.x__is_path__*", "qkhooks.models.base.x__block_index__*",
+    "qkhooks.models.load.x_refuse_meta__*",
+    "qkhooks.store.format.x_as_str__*", "qkhooks.store.format.x_read_ids__*", "qkhooks.store.format.x_read_skipped__*",
+    "qkhooks.store.format.x_identity_of__*", "qkhooks.store.format.x_chunk_index_readable__*",
+    "qkhooks.store.reader.xǁRunArrayǁ_read__*", "qkhooks.store.reader.xǁRunReaderǁ__init____*",
+    "qkhooks.store.reader.xǁRunReaderǁmodes_kept__*", "qkhooks.store.reader.xǁRunReaderǁmode_source__*",
+    "qkhooks.store._hdf5.xǁBackoffǁ*",
+    "qkhooks.store.writer.xǁRunWriterǁ_damaged__*", "qkhooks.store.writer.xǁRunWriterǁ_refused_if_damaged__*",
+    "qkhooks.store.writer.x__read_every_object__*",
+    "qkhooks.models.base.x__paths_as_indices__*", "qkhooks.store.writer.xǁRunWriterǁ_check_whole__*",
+)
+NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19}
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
-IN_A_SUBPROCESS = ("reachable_after_import or torchrun or killed or never_mistake or clear_open_flags or sigterm "
-                   "or headless_chromium")
+# test_store_r19.py's resumes of a "damaged killed run" stay in this process (the kill is simulated by the flags).
+IN_A_SUBPROCESS = ("reachable_after_import or torchrun or (killed and not damaged_killed_run) or never_mistake "
+                   "or clear_open_flags or sigterm or headless_chromium")
 _COPIED = ("qkhooks", "tests", "setup.cfg", "setup.py")
 # mutmut's time limit per mutant is (summed test call time + constant) x 15, in wall and (doubled) CPU seconds.
 # The call time leaves out fixture setup (models, run files built once per module), so with mutmut's 1 s constant
