@@ -200,7 +200,7 @@ ROUND19 = (
     "qkhooks.store.reader.xǁRunReaderǁmodes_kept__*", "qkhooks.store.reader.xǁRunReaderǁmode_source__*",
     "qkhooks.store._hdf5.xǁBackoffǁ*",
     "qkhooks.store.writer.xǁRunWriterǁ_damaged__*", "qkhooks.store.writer.xǁRunWriterǁ_refused_if_damaged__*",
-    "qkhooks.store.writer.x__read_every_object__*",
+    "qkhooks.store.format.x_per_image_datasets__*",  # since round 20 it also reads every attribute (was _read_every_object)
     "qkhooks.models.base.x__paths_as_indices__*", "qkhooks.store.writer.xǁRunWriterǁ_check_whole__*",
 )
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19}
