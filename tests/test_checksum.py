@@ -17,6 +17,7 @@ import torch
 import qkhooks
 from qkhooks import QKHooksError
 from qkhooks.cli import main
+from qkhooks.distributed import merge_shards, shard_path
 from qkhooks.options import RecordOptions
 from qkhooks.store import RunWriter, open_run, repair
 from qkhooks.stream import record_dataset
@@ -162,6 +163,23 @@ def test_record_dataset_with_checksum_writes_the_same_values_and_reports_a_damag
     assert main(["repair", str(tmp_path / "True.h5"), "--out", str(tmp_path / "fixed.h5")]) == 0
     with open_run(tmp_path / "fixed.h5") as fixed:
         assert fixed.n == 4 and fixed.query(0)[:].tobytes() == want[:4].tobytes()
+
+
+def test_merged_shards_keep_the_checksum_a_copy_in_its_arrays_a_view_through_its_shards(tmp_path):
+    out = tmp_path / "run.h5"
+    for rank in range(2):
+        record_dataset(tiny_vit(), "samples", shard_path(out, rank, 2), modes=2, layers="0", batch_size=4, limit=8,
+                       progress=False, reducers=[], shard=(rank, 2), checksum=True)
+    merge_shards(out, copy=True)
+    merge_shards(tmp_path / "view.h5", [shard_path(out, rank, 2) for rank in range(2)])
+    with open_run(out) as copied:
+        assert all(copied.array(name).dataset.fletcher32 for name in copied.arrays())
+        want = copied.query(0)[:]
+    flip_byte(shard_path(out, 1, 2), "modes/L0/query", image=1)  # image 5 of the run
+    with open_run(tmp_path / "view.h5") as view:
+        assert view.query(0)[:4].tobytes() == want[:4].tobytes()
+        with pytest.raises(QKHooksError, match="qkhooks repair"):
+            view.query(0)[5]
 
 
 def _parsed(*argv: str):

@@ -120,10 +120,10 @@ class RunWriter:
         dtype: storage dtype of per-image floating arrays.
         compression: ``none`` (default, by measurement), ``gzip`` or ``lzf``.
         checksum: give every per-image array HDF5's Fletcher-32 checksum, so a damaged chunk is reported when read,
-            never returned (off by default: it costs the writer thread about twice its CPU, see README.md).
+            never returned (off by default: it costs the writer thread about 2.5x its CPU, see README.md).
             A resume keeps the file's own layout (compression and checksum) and warns where they differ.
         chunk_images: images per chunk along the first axis (default: the first batch's size, so that every chunk
-            is written once; uncompressed arrays of under 64 KiB a batch group several batches).
+            is written once; uncompressed, unchecksummed arrays of under 64 KiB a batch group several batches).
         queue_size: batches that may wait for the writer thread before ``write_batch`` blocks.
         expected_statics: for a resume of a file without ``weights_sha256`` (written before it): statics the
             file must hold with these values (e.g. every layer's ``spectrum/L*/S_all``), else the resume is
