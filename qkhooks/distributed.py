@@ -359,7 +359,8 @@ def _merge_per_image(f: h5py.File, out: Path, name: str, shards: list[_Shard], b
     rest = tuple(ref.shape[1:])
     if copy:
         ds = f.create_dataset(name, shape=(total,) + rest, maxshape=(None,) + rest, dtype=ref.dtype, chunks=ref.chunks,
-                              compression=ref.compression, compression_opts=ref.compression_opts)
+                              compression=ref.compression, compression_opts=ref.compression_opts,
+                              fletcher32=ref.fletcher32)
         step = max(1, (64 << 20) // max(1, int(np.prod(rest, dtype=np.int64)) * ref.dtype.itemsize))
         for s, base in parts:
             src = s.per_image[name]

@@ -376,6 +376,7 @@ def record_dataset(
     augmented: bool = False,
     dtype: str = "float16",
     compression: str = "none",
+    checksum: bool = False,
     batch_size: int = 16,
     limit: int | None = None,
     num_workers: int | None = None,
@@ -399,7 +400,7 @@ def record_dataset(
             reached without decoding the images before it.
         out: the run file; None keeps results in the reducers only.
         options: how to record (:class:`qkhooks.options.RecordOptions`: modes, layers, attention, input,
-            augmented, dtype, compression, batch_size, limit, num_workers, ...), or give the same names as
+            augmented, dtype, compression, checksum, batch_size, limit, num_workers, ...), or give the same names as
             keywords (documented there), not both.
         reducers: streaming statistics to keep, or a recipe that builds them and the per-batch metadata they
             read (:mod:`qkhooks.analysis.recipes`). Default: the registry's ``"default"`` recipe: top-k images
@@ -506,7 +507,7 @@ def record_dataset(
         expected = {f"spectrum/L{site.layer}/S_all": layer_spectrum(site, opts.augmented).S.cpu().numpy()
                     for site in sites} if mode == "resume" else None  # for files from before weights_sha256
         writer = RunWriter(out, mode=mode, attrs=attrs, dtype=opts.dtype, compression=opts.compression,
-                           expected_statics=expected)
+                           checksum=opts.checksum, expected_statics=expected)
         if mode == "resume":
             try:
                 if streamed:

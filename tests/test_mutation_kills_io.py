@@ -338,6 +338,7 @@ def test_a_hand_made_run_file_reads_back_its_committed_images_names_and_layers(t
             "images   7 committed (incomplete: resume with the same command plus --resume)", "version  qkhooks 9.9",
             "skipped  2: bad.jpg, odd.png", "arrays",
             *[f"  {name:32s} {'(7, 3, 2)':24s} float32" for name in run.arrays()],
+            "checksum none on the per-image arrays: damage inside their data is not detected (record with --checksum)",
             "layers   (model/info schema 2)",
             "  L2   blocks.2.attn: grid 2x3 + 1 prefix, 7 queries",
             "  L10  blocks.10.attn: grid 2x3 + 1 prefix, 7 queries, 4 heads x 8",

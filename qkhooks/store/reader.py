@@ -57,7 +57,7 @@ class RunArray:
     def __getitem__(self, key: Any) -> np.ndarray:
         if self._owner is None:
             return self._read(key)
-        with self._owner._reading():
+        with self._owner._reading(f"its array {self.dataset.name}"):
             return self._read(key)
 
     def _read(self, key: Any) -> np.ndarray:
@@ -186,9 +186,10 @@ class RunReader:
                             "again (qkhooks.open_run).")
 
     @contextlib.contextmanager
-    def _reading(self) -> Iterator[None]:
-        """Turn any HDF5 error while reading into a QKHooksError (stale, or damaged with the repair command), and
-        refuse an answer read from a closed run's file that changed under this reader."""
+    def _reading(self, what: str = "it") -> Iterator[None]:
+        """Turn any HDF5 error while reading ``what`` into a QKHooksError (stale, or damaged with the repair command:
+        a data chunk failing its checksum included), and refuse an answer read from a closed run's file that changed
+        under this reader."""
         if not self.file.id.valid:  # h5py answers a closed file with empty groups or errors that look like damage
             raise QKHooksError(f"this reader of {self.path} is closed (it was used after its `with "
                                "qkhooks.open_run(...)` block, or after close()); read inside the block, or open the "
@@ -203,7 +204,7 @@ class RunReader:
             why = self._changed()
             if why is not None:
                 raise self._stale_error(why) from None
-            raise QKHooksError(damaged_message(self.path, f"HDF5 cannot read it: {exc}")) from None
+            raise QKHooksError(damaged_message(self.path, f"HDF5 cannot read {what}: {exc}")) from None
         if not self._swmr:
             why = self._changed()
             if why is not None:
@@ -493,12 +494,22 @@ class RunReader:
         lines.append("arrays")
         self.problems = []
         unreadable = []
-        for name in self.arrays():
+        names = self.arrays()
+        checksummed = 0
+        for name in names:
             ds = self.file[name]
+            checksummed += bool(ds.fletcher32)
             shape = (self.n,) + tuple(ds.shape[1:])
             bad = self.n > 0 and not fmt.chunk_index_readable(ds, (0, self.n - 1))
             unreadable += [name] if bad else []
             lines.append(f"  {name:32s} {str(shape):24s} {ds.dtype}" + ("  DAMAGED (chunk index unreadable)" if bad else ""))
+        if checksummed:
+            lines.append("checksum Fletcher-32 on " + ("every per-image array" if checksummed == len(names) else
+                                                       f"{checksummed} of {len(names)} per-image arrays")
+                         + ": a damaged data chunk is reported when read, never returned")
+        elif names:
+            lines.append("checksum none on the per-image arrays: damage inside their data is not detected (record "
+                         "with --checksum)")
         if unreadable:
             self.problems.append(f"{len(unreadable)} per-image arrays are unreadable ({', '.join(unreadable[:3])}"
                                  f"{' ...' if len(unreadable) > 3 else ''}): run `qkhooks repair {self.path} --out "

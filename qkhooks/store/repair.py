@@ -2,7 +2,8 @@
 
 The damaged file is only read (through a view that clears its open flags, rebuilds a zeroed superblock and
 reads a truncated tail as zeros), never changed. An image is copied when its id and its rows of every per-image
-array read back and lie wholly inside the file as it is on disk (zeros read past a truncation are not data).
+array read back (with a checksum, ``--checksum``: that they pass it) and lie wholly inside the file as it is on disk
+(zeros read past a truncation are not data). The copy keeps the arrays' compression and checksum.
 Statics and the reducer checkpoint are copied when they read; the checkpoint only when every image it counts
 was recovered, so ``--resume`` on the new file continues correctly.
 """
@@ -100,7 +101,7 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
                            "where the images are: repair the damaged shard (qkhooks repair SHARD --out SHARD), then "
                            "merge again (qkhooks merge).")
     for name, ds in arrays.items():
-        good &= _readable_rows(ds, n, real_size)
+        good &= _readable_rows(ds, n, real_size, problems)
     keep = np.flatnonzero(good)
     images = dst.create_group("images")
     images.create_dataset("ids", data=ids[keep].astype(object), maxshape=(None,), chunks=(1024,),
@@ -115,7 +116,7 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     for name, ds in arrays.items():
         rest = ds.shape[1:]
         copy = dst.create_dataset(name, shape=(len(keep),) + rest, maxshape=(None,) + rest, dtype=ds.dtype,
-                                  chunks=ds.chunks, compression=ds.compression)
+                                  chunks=ds.chunks, compression=ds.compression, fletcher32=ds.fletcher32)
         for start in range(0, len(keep), 256):
             rows = keep[start:start + 256]
             copy[start:start + len(rows)] = ds[rows] if len(rows) else ds[:0]
@@ -134,21 +135,31 @@ def _readable(read: Any) -> bool:
         return False
 
 
-def _readable_rows(ds: h5py.Dataset, n: int, real_size: int) -> np.ndarray:
-    """Rows of ``ds`` that read back from chunks lying wholly inside the file on disk."""
+def _readable_rows(ds: h5py.Dataset, n: int, real_size: int, problems: list[str]) -> np.ndarray:
+    """Rows of ``ds`` that read back (a chunk whose checksum fails does not) from chunks lying wholly inside the file
+    on disk; the chunks that do not are noted in ``problems``, one line for the array."""
     ok = np.zeros(n, dtype=bool)
     step = ds.chunks[0] if ds.chunks else n
+    lost: list[str] = []
+    why = ""
     for lo in range(0, n, max(1, step)):
         hi = min(lo + step, n)
         try:
             if ds.chunks:
                 info = ds.id.get_chunk_info_by_coord((lo,) + (0,) * (ds.ndim - 1))
                 if info.byte_offset is None or info.byte_offset + info.size > real_size:
+                    lost.append(f"{lo}-{hi - 1}")
+                    why = why or "a chunk missing from the file or lying past its end"
                     continue
             ds[lo:hi]
-        except _READ_ERRORS:
+        except _READ_ERRORS as exc:
+            lost.append(f"{lo}-{hi - 1}")
+            why = why or f"{exc}" + ("; the array carries a Fletcher-32 checksum" if ds.fletcher32 else "")
             continue
         ok[lo:hi] = True
+    if lost:
+        problems.append(f"{ds.name}: rows {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''} do not read "
+                        f"({why})")
     return ok
 
 

@@ -30,8 +30,9 @@ import queue
 import shutil
 import threading
 import uuid
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -66,7 +67,8 @@ CHUNK_CACHE_BYTES = (1 << 20) + (1 << 16)
 images written; benchmarks/RESULTS.md)."""
 
 MIN_CHUNK_BYTES = 1 << 16
-"""Uncompressed per-image arrays smaller than this per batch share a chunk across batches (see _create_per_image)."""
+"""Uncompressed, unchecksummed per-image arrays smaller than this per batch share a chunk across batches (see
+_create_per_image)."""
 
 FREE_MARGIN_BYTES = 1 << 20
 """Free disk space a batch must leave (beyond its own bytes) before the writer starts writing it."""
@@ -117,8 +119,11 @@ class RunWriter:
             stored as JSON.
         dtype: storage dtype of per-image floating arrays.
         compression: ``none`` (default, by measurement), ``gzip`` or ``lzf``.
+        checksum: give every per-image array HDF5's Fletcher-32 checksum, so a damaged chunk is reported when read,
+            never returned (off by default: it costs the writer thread about 2.5x its CPU, see README.md).
+            A resume keeps the file's own layout (compression and checksum) and warns where they differ.
         chunk_images: images per chunk along the first axis (default: the first batch's size, so that every chunk
-            is written once; uncompressed arrays of under 64 KiB a batch group several batches).
+            is written once; uncompressed, unchecksummed arrays of under 64 KiB a batch group several batches).
         queue_size: batches that may wait for the writer thread before ``write_batch`` blocks.
         expected_statics: for a resume of a file without ``weights_sha256`` (written before it): statics the
             file must hold with these values (e.g. every layer's ``spectrum/L*/S_all``), else the resume is
@@ -135,6 +140,7 @@ class RunWriter:
         attrs: Mapping[str, Any] | None = None,
         dtype: str = "float16",
         compression: str = "none",
+        checksum: bool = False,
         chunk_images: int | None = None,
         queue_size: int = 4,
         expected_statics: Mapping[str, Any] | None = None,
@@ -149,6 +155,7 @@ class RunWriter:
         self.mode = mode
         self.dtype = np.dtype(dtype)
         self.compression = None if compression == "none" else compression
+        self.checksum = bool(checksum)
         self.chunk_images = chunk_images
         attrs = {k: _attr(v) for k, v in (attrs or {}).items()}
         self._check_folder()
@@ -305,11 +312,32 @@ class RunWriter:
                 f.attrs.modify("complete", False)
                 self._cut(f, fmt.committed(f) or 0)
                 f.flush()
-                self._layout_names = set(fmt.per_image_datasets(f)) or None
+                arrays = fmt.per_image_datasets(f)
+                self._layout_names = set(arrays) or None
+                self._follow_file_layout(arrays.values())
             except BaseException:
                 f.close()
                 raise
         return f
+
+    def _follow_file_layout(self, arrays: Iterable[h5py.Dataset]) -> None:
+        """A resume appends to the arrays as the run's first batch made them: their compression and checksum stay the
+        file's (one run file never mixes two). Where the options given differ, say so, and report the file's."""
+        found = sorted({(ds.compression or "none", bool(ds.fletcher32)) for ds in arrays})
+        if not found:
+            return
+        compression, checksum = found[0]  # one layout in a file qkhooks wrote
+        differ = []
+        if compression != (self.compression or "none"):
+            differ.append(f"compression {compression}, not {self.compression or 'none'} as given now")
+        if checksum != self.checksum:
+            differ.append("a Fletcher-32 checksum, though none is asked for now" if checksum else
+                          "no checksum, though checksum=True (--checksum) is given now")
+        if differ:
+            warnings.warn(f"resuming {self.path}: its per-image arrays keep the layout their first batch gave them "
+                          f"({'; '.join(differ)}), and the images added now are stored that way too; to change the "
+                          "layout, record the run again with --overwrite.", stacklevel=4)
+        self.compression, self.checksum = (None if compression == "none" else compression), checksum
 
     def _damaged(self, problem: str) -> QKHooksError:
         return QKHooksError(
@@ -673,10 +701,12 @@ class RunWriter:
         per, batch = max(1, value[0].nbytes), max(1, len(value))
         if self.chunk_images:
             chunk = self.chunk_images
-        elif self.compression:
+        elif self.compression or self.checksum:
             # A compressed chunk is re-encoded and rewritten elsewhere in the file at every append that touches it
             # (HDF5 does not reuse the old space), so chunks spanning several batches bloat the file 2-3x
-            # (benchmarks/RESULTS.md). One chunk per batch writes each chunk exactly once.
+            # (benchmarks/RESULTS.md). A checksummed chunk is rewritten in place, so a kill inside that write (the
+            # kernel may stop a write between pages) would leave committed images beside a stale checksum: lost.
+            # One chunk per batch writes each chunk exactly once, whole, before its images are committed.
             chunk = batch
         else:
             # Whole batches per chunk: a chunk that a batch fills only in part goes to disk again at every flush
@@ -686,7 +716,7 @@ class RunWriter:
             chunk = batch * max(1, MIN_CHUNK_BYTES // (batch * per))
         ds = self._file.create_dataset(
             name, shape=(0,) + value.shape[1:], maxshape=(None,) + value.shape[1:], dtype=value.dtype,
-            chunks=(chunk,) + value.shape[1:], compression=self.compression,
+            chunks=(chunk,) + value.shape[1:], compression=self.compression, fletcher32=self.checksum,
         )
         ds.attrs["per_image"] = True
         return ds
