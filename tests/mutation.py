@@ -64,6 +64,8 @@ KILLS_IO2 = "tests/test_mutation_kills_io2.py"
 KILLS_R19 = "tests/test_mutation_kills_r19.py"
 # Round 20 (mutation): the kill tests of the functions round 19 changed or added (module "round19").
 KILLS_R20 = "tests/test_mutation_kills_r20.py"
+# Round 20 (second run): the kill tests of the functions round 20 changed or added (module "round20").
+KILLS_R20B = "tests/test_mutation_kills_r20b.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -162,6 +164,27 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_store and (run_array_indexes or closed_reader)) or "
                 "(test_store_safety and (damaged or weights_hash) and not (sigkill or full_disk or worker_processes or within_20_s "
                 "or damaged_run_files_open))"),
+    # Round 20 (second run): the functions round 20 changed or added, against the tests that reach them: the layer's
+    # cached projectors (_LayerModes), layers by module path, the per-image file sizes, the writer sink, the photos'
+    # EXIF/PNG orientation and load-time refusals, the spec grammar, the reader's HDF5-error test and checksum line,
+    # repair's readable rows, the resume's file layout and whole-file check, the SWMR writer's open. --only ROUND20.
+    "round20": (["qkhooks/capture.py", "qkhooks/access.py", "qkhooks/models/base.py", "qkhooks/data_files.py",
+                 "qkhooks/stream.py", "qkhooks/data/items.py", "qkhooks/data/datasets.py", "qkhooks/store/reader.py",
+                 "qkhooks/store/repair.py", "qkhooks/store/writer.py", "qkhooks/store/format.py",
+                 "qkhooks/store/_hdf5.py"],
+                ["tests/test_data_r20.py", "tests/test_data_r19.py", "tests/test_data.py", "tests/test_store_r20.py",
+                 "tests/test_checksum.py", "tests/test_store_r19.py", "tests/test_store_safety.py", "tests/test_core.py",
+                 "tests/test_mutation_kills_capture.py", "tests/test_mutation_kills_r19.py",
+                 "tests/test_qkpath_precision.py", "tests/test_speed_e2e.py", KILLS_R20B],
+                "test_data_r20 or test_store_r20 or test_checksum or test_store_r19 or test_mutation_kills_r20b or "
+                "(test_data_r19 and not masks_missing_late) or "
+                "(test_data and (exif or frame_cannot_be_told or mask_turns)) or "
+                "(test_core and (module_path or layer_selections)) or "
+                "(test_mutation_kills_capture and (layers_are_resolved or reuses_the_projectors or given_spectrum_over)) or "
+                "(test_mutation_kills_r19 and (absolute_spec or changed_files or file_sizes)) or "
+                "(test_qkpath_precision and several_k) or (test_speed_e2e and record_entered_again) or "
+                "(test_store_safety and damaged and not (sigkill or full_disk or worker_processes or within_20_s "
+                "or damaged_run_files_open))"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
 ROUND18 = (
@@ -203,7 +226,27 @@ ROUND19 = (
     "qkhooks.store.format.x_per_image_datasets__*",  # since round 20 it also reads every attribute (was _read_every_object)
     "qkhooks.models.base.x__paths_as_indices__*", "qkhooks.store.writer.xǁRunWriterǁ_check_whole__*",
 )
-NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19}
+# The round-20 functions' mutant names, for `--only` with the module "round20". Of the reader's summary only the
+# mutants of the checksum line round 20 added (numbered as mutmut 3.8.1 numbers them at `19f6ec5`: a change to
+# `summary` renumbers them); RunReader._reading is a context manager, which mutmut does not mutate.
+ROUND20 = (
+    "qkhooks.capture.x__layer_modes__*", "qkhooks.access.x_layer_at_path__*", "qkhooks.access.x_resolve_layer__*",
+    "qkhooks.models.base.x__paths_as_indices__*",
+    "qkhooks.data_files.x_file_size_column__*", "qkhooks.data_files.x_recorded_sizes__*",
+    "qkhooks.data_files.x_changed_files__*", "qkhooks.data_files.x__size__*", "qkhooks.data_files.x__absolute_part__*",
+    "qkhooks.stream.xǁWriterSinkǁupdate__*",
+    "qkhooks.data.items.x__read_photo__*", "qkhooks.data.items.x__exif_orientation__*",
+    "qkhooks.data.items.x__png_exif_after_data__*", "qkhooks.data.items.x__file_orientation__*",
+    "qkhooks.data.items.x__shown_frame__*", "qkhooks.data.items.x__unreadable_refused__*",
+    "qkhooks.data.items.x__read_mask_file__*", "qkhooks.data.datasets.x_open_dataset__*",
+    "qkhooks.store.reader.x__from_hdf5__*", "qkhooks.store.reader.xǁRunReaderǁ_reading__*",
+    *(f"qkhooks.store.reader.xǁRunReaderǁsummary__mutmut_{n}" for n in (27, 28, *range(30, 33), *range(62, 80))),
+    "qkhooks.store.repair.x__readable_rows__*",
+    "qkhooks.store.writer.xǁRunWriterǁ_follow_file_layout__*", "qkhooks.store.writer.xǁRunWriterǁ_create_per_image__*",
+    "qkhooks.store.writer.xǁRunWriterǁ_check_whole__*",
+    "qkhooks.store.format.x_per_image_datasets__*", "qkhooks.store._hdf5.x_open_swmr_writer__*",
+)
+NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20}
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
 # test_store_r19.py's resumes of a "damaged killed run" stay in this process (the kill is simulated by the flags).
