@@ -10,13 +10,15 @@ DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 # The oldest versions setup.cfg allows (keep the two in step), installed beside .venv's torch and put first on
 # PYTHONPATH; the rest (requests & co.) is what huggingface_hub 0.x needs and transformers 5 does not.
+# kernels: transformers >= 5.25 pulls it into .venv, and transformers 4.54 imports whatever kernels it finds; .venv's
+# needs a newer huggingface_hub than 0.34, so the overlay carries one of 4.54's time.
 # transformers 4.54 is the first 4.x with set_attn_implementation (the tests' eager reference) and
 # timm 1.0.16 the first with timm.layers.Attention (the timm adapter).
 OLDEST ?= .venv-oldest
 # pillow 9.3 has wheels up to Python 3.11; newer Pythons get the first pillow with wheels for them.
 OLDEST_PILLOW = $(shell $(PY) -c "import sys; print({(3, 12): '10.1.0', (3, 13): '11.0.0'}.get(sys.version_info[:2], '9.3.0'))")
 OLDEST_PINS ?= transformers==4.54.0 tokenizers==0.21.0 huggingface_hub==0.34.0 timm==1.0.16 pillow==$(OLDEST_PILLOW) \
-	requests==2.34.2 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1 charset_normalizer==3.5.3
+	requests==2.34.2 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1 charset_normalizer==3.5.3 kernels==0.8.1
 # The model/loading/preprocessing part of the suite: what depends on transformers, timm and pillow.
 OLDEST_TESTS ?= tests/test_core.py tests/test_offline.py tests/test_inputs.py tests/test_data.py
 
