@@ -45,6 +45,16 @@ def test_the_preference_reducer_refuses_overlapping_grids_by_the_batchs_ids_and_
         np.testing.assert_array_equal(after[key], before[key], err_msg=key)
 
 
+def test_grids_without_the_batch_axis_are_refused_for_their_shape_not_read_as_rows_of_images():
+    """The reducer's once-per-batch overlap check takes only (batch, gh, gw) grids: equal (gh, gw) grids given without
+    the batch axis get the shape refusal, not an overlap refusal that reads each grid row as an image."""
+    rows, t, d = random_case(grid=(3, 5))
+    t2, d2 = np.array(t[1]), np.array(d[1])
+    t2[0, :] = d2[0, :] = 0.6  # the rows of a (gh, gw) grid would "overlap" if read as images
+    with pytest.raises(QKHooksError, match=r"grids must both be \(batch=5, gh, gw\), got \(3, 5\)"):
+        PreferenceReducer().update(make_batch({0: rows}, t2, d2))
+
+
 def test_a_batch_without_ids_is_folded_as_one_with_them_and_its_refusals_name_positions():
     """A duck-typed batch (captures and meta, no ids) gives the same state as a BatchCapture of the same values; its
     overlap refusal names the image by its position in the batch."""

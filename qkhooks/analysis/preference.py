@@ -278,7 +278,9 @@ class PreferenceReducer(Reducer):
         patches = int(t_grid.shape[-2] * t_grid.shape[-1])
         given = batch.meta.get("num_prefix_tokens")  # from the sites, when a recording made the batch
         names = _image_names(getattr(batch, "ids", None), int(t_grid.shape[0]))
-        if tuple(t_grid.shape) == tuple(d_grid.shape):  # once for every layer (other shapes: refused per layer)
+        batch_rows = int(next(iter(layers.values())).shape[0])
+        # once for every layer, where the grids have the shape preference_from_rows takes (others: refused there)
+        if tuple(t_grid.shape) == tuple(d_grid.shape) and len(t_grid.shape) == 3 and int(t_grid.shape[0]) == batch_rows:
             refuse_overlap(torch.as_tensor(t_grid), torch.as_tensor(d_grid), names,
                            f"patches of the {t_grid.shape[-2]} x {t_grid.shape[-1]} grid")
         values: dict[int, torch.Tensor] = {}  # every layer's values first: a refused batch leaves the state as it was
