@@ -795,7 +795,7 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
     built = entry.built.get((k, qk_path))
     if built is None:
         spec = full.top(k)
-        projector: ModeProjector | QKPathProjector = ModeProjector(spec)
+        projector: ModeProjector | QKPathProjector | None = None
         if qk_path and site.qk_modules and not spec.augmented:
             # one solve of every mode per layer and weights, its leading k sliced for each k recorded
             if entry.qk_solution is None:
@@ -803,7 +803,7 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
             check = entry.qk_solution.check(k)
             if check.fits:
                 projector = QKPathProjector(spec, entry.qk_solution.weights, (check.a, check.c))
-        built = entry.built[(k, qk_path)] = (spec, projector)
+        built = entry.built[(k, qk_path)] = (spec, projector if projector is not None else ModeProjector(spec))
     return built
 
 
