@@ -125,6 +125,27 @@ def test_a_folder_opened_by_a_relative_path_loads_its_own_files_after_a_change_o
     assert torch.equal(opened_here[0]["pixel_values"], open_dataset("imgs", CFG)[0]["pixel_values"])
 
 
+@pytest.mark.parametrize("kind", ["o3dir", "ade20k"])
+def test_an_annotated_dataset_opened_by_a_relative_path_loads_its_own_files_after_a_change_of_directory(
+        tmp_path, monkeypatch, kind):
+    """As for folders: ``o3dir:o3`` / ``ade20k:ade`` opened in one folder read that folder's photos after a change of
+    working directory (to a folder with other photos of the same names)."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    for root, seed in ((here, 1), (there, 2)):
+        if kind == "o3dir":
+            _o3(root / "d", ["a"])
+            noise_photos(root / "d" / "images", ["a.png"], (20, 30), seed=seed)
+        else:
+            _ade(root / "d", ["ADE_1"])
+            noise_photos(root / "d" / "images" / "training", ["ADE_1.jpg"], (20, 30), seed=seed)
+    monkeypatch.chdir(here)
+    opened_here = open_dataset(f"{kind}:d", CFG)
+    reference = opened_here[0]["pixel_values"]
+    monkeypatch.chdir(there)
+    assert torch.equal(opened_here[0]["pixel_values"], reference)
+    assert not torch.equal(open_dataset(f"{kind}:d", CFG)[0]["pixel_values"], reference)
+
+
 # ------------------------------------------------------------------------------ file sizes and changed files
 
 

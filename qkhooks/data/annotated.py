@@ -28,11 +28,12 @@ from qkhooks.errors import DataRefusal, QKHooksError
 
 
 def _layout_root(spec_dir: str, what: str, layout: str) -> Path:
-    """The folder of an annotated dataset spec (``~`` expanded), refused when it is not a folder."""
+    """The folder of an annotated dataset spec (``~`` expanded, made absolute as folder datasets are: a change of
+    working directory after opening must not load another folder's files), refused when it is not a folder."""
     root = Path(spec_dir).expanduser()
     if not root.is_dir():
         raise QKHooksError(f"{what} folder {str(root)!r} does not exist; expected {layout}.")
-    return root
+    return root.absolute()
 
 
 # ------------------------------------------------------------------------------------------ ADE20K
