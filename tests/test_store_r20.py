@@ -181,9 +181,10 @@ def _raised(read) -> BaseException:
 
 
 def test_a_resume_needs_no_hdf5_flock_on_the_run_file(tmp_path):
-    """HDF5 drops its flock once a file is open for SWMR writing, so the writer opens without it: a program that
-    holds the run open with HDF5's default locking (here h5py in another process), or, on NFS, the writer's own
-    OFD lock seen through flock's emulation, must not stop a resume. Before, this failed with a raw lock error."""
+    """HDF5 drops its flock once a file is open for SWMR writing, so where the lock is refused the writer opens
+    without it: a program that holds the run open with HDF5's default locking (here h5py in another process), or, on
+    NFS, the writer's own OFD lock seen through flock's emulation, must not stop a resume. Before, this failed with a
+    raw lock error."""
     import subprocess
     import sys
 

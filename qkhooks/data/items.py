@@ -122,9 +122,9 @@ def _exif_orientation(exif: Image.Exif) -> int:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Keywords of the text chunks (tEXt, zTXt, iTXt) that PIL reads an orientation from: PngStream.chunk_tEXt/zTXt/iTXt
 # store a chunk in image.info under its keyword, and Image.Image.getexif reads info["exif"], info["Raw profile type
-# exif"] and the XMP in info["XML:com.adobe.xmp"] (Pillow >= 11.2 also info["xmp"], but fails on the text a chunk
-# keyed "xmp" puts there: such a file is refused when its item loads).
-_PNG_EXIF_TEXT_KEYS = (b"exif", b"Raw profile type exif", b"XML:com.adobe.xmp")
+# exif"] and the XMP in info["XML:com.adobe.xmp"] (Pillow >= 11.2 also info["xmp"], and fails on the text a chunk
+# keyed "xmp" puts there: left to PIL's decode at open, so such a file is refused before a run starts, not halfway).
+_PNG_EXIF_TEXT_KEYS = (b"exif", b"Raw profile type exif", b"XML:com.adobe.xmp", b"xmp")
 
 
 def _png_exif_after_data(path: str | os.PathLike[str]) -> tuple[bool, bytes | None]:
