@@ -304,15 +304,29 @@ def test_bench_command_is_registered_and_runs_the_cheap_sections(tmp_path, capsy
 
 
 def test_writer_bench_times_the_caller_and_the_thread_per_codec(bench):
-    res = writer_bench(bench, ["none", "lzf@batch"], rounds=1, batches=2)
-    assert set(res["codecs"]) == {"none", "lzf@batch"}
+    res = writer_bench(bench, ["none", "lzf@batch", "none+checksum"], rounds=1, batches=2)
+    assert set(res["codecs"]) == {"none", "lzf@batch", "none+checksum"}
     for c, v in res["codecs"].items():
         assert v["blocked_ms_per_batch"]["n"] == 2 and v["writer_thread_cpu_ms_per_batch"]["n"] == 2, c
         assert v["mb_per_batch"] > 0 and v["file_ratio"] > 0 and v["file_mb_per_batch"] > 0
         assert v["images"] == 2 * 2 * bench.batch  # warm-up round + 1 round, 2 batches each
     assert not any(bench.workdir.glob("*.h5"))
-    with pytest.raises(ValueError, match="unknown chunking"):
-        writer_bench(bench, ["lzf@nope"], rounds=1, batches=1)
+    for bad in ("lzf@nope", "none+crc"):
+        with pytest.raises(ValueError, match="unknown writer layout"):
+            writer_bench(bench, [bad], rounds=1, batches=1)
+
+
+def test_writer_bench_checksum_suffix_gives_the_arrays_fletcher32(bench):
+    """``CODEC+checksum`` measures the same layout with the Fletcher-32 filter (--checksum), and only that."""
+    for spec, want in (("none", False), ("none+checksum", True)):
+        codec, plus, _ = spec.partition("+")
+        runner = RecordRunner(bench, {"modes": 16, **ROWS}, writer=True, name=f"sum-{codec}-{bool(plus)}", checksum=bool(plus))
+        _step(runner, bench.images)
+        runner.writer.flush()
+        with h5py.File(runner.path, "r", swmr=True) as f:
+            found = {bool(ds.fletcher32) for ds in per_image_datasets(f).values()}
+        runner.close()
+        assert found == {want}, spec
 
 
 def test_chunks_of_1mib_restore_the_chunking_of_before_patch_c(bench):

@@ -67,7 +67,7 @@ class RecordRunner(Runner):
     """
 
     def __init__(self, bench: Bench, options: dict[str, Any], writer: bool = False, name: str = "record",
-                 compression: str = "none", chunk_images: int | None = None):
+                 compression: str = "none", chunk_images: int | None = None, checksum: bool = False):
         import qkhooks
 
         self.bench, self.model = bench, bench.timm()
@@ -81,7 +81,7 @@ class RecordRunner(Runner):
             from qkhooks.stream import WriterSink
 
             self.writer = RunWriter(self.path, mode="overwrite", compression=compression, chunk_images=chunk_images,
-                                    attrs={"model": bench.size.timm_name, "config": {"bench": name, **options}})
+                                    checksum=checksum, attrs={"model": bench.size.timm_name, "config": {"bench": name, **options}})
             self.run.sinks.append(WriterSink(self.writer))
 
     def attach(self) -> None:

@@ -40,9 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--memory-steps", type=int, default=2, help="forwards per memory subprocess")
     p.add_argument("--dataset-images", type=int, default=40, help="images of the 1x record_dataset run (10x is the other)")
-    p.add_argument("--compressions", default="none,lzf,gzip,lzf@1mib,gzip@1mib",
+    p.add_argument("--compressions", default="none,none+checksum,lzf,gzip,lzf@1mib,gzip@1mib",
                    help="codecs for the writer section: CODEC (the writer's default chunks), CODEC@batch (chunks of one "
-                        "batch), CODEC@1mib (the ~1 MiB chunks of before patch C)")
+                        "batch), CODEC@1mib (the ~1 MiB chunks of before patch C), each optionally +checksum (Fletcher-32, "
+                        "--checksum)")
     p.add_argument("--e2e-images", type=int, default=240, help="JPEGs of the end_to_end section (default 240)")
     p.add_argument("--e2e-rounds", type=int, default=3, help="interleaved rounds of the end_to_end section")
     p.add_argument("--workdir", help="folder for temporary run files (default: a temporary folder)")

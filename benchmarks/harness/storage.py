@@ -62,7 +62,8 @@ def writer_bench(bench: Bench, compressions: Sequence[str], rounds: int = 6, bat
 
     Chunking: plain ``X`` is the writer's default (~1 MiB chunks uncompressed; one chunk per batch when compressed,
     since patch C); ``X@batch`` passes ``chunk_images=batch`` explicitly; ``X@1mib`` restores the ~1 MiB chunks of
-    every dataset as before patch C (for the before/after file sizes, see :func:`_chunks_of_1mib`).
+    every dataset as before patch C (for the before/after file sizes, see :func:`_chunks_of_1mib`); a ``+checksum``
+    suffix adds HDF5's Fletcher-32 filter (``--checksum``) to the same layout, for its cost.
 
     Per repetition: ``batches`` forwards, then ``flush`` (drain). Reported: time blocked inside write_batch
     per batch, the writer thread's time per batch, the drain at the end, and wall time vs no writer.
@@ -70,11 +71,14 @@ def writer_bench(bench: Bench, compressions: Sequence[str], rounds: int = 6, bat
     runners: dict[str, RecordRunner] = {"no_writer": RecordRunner(bench, {"modes": 16, **ROWS}, name="nowriter")}
     timed: dict[str, _TimedWriter] = {}
     for c in compressions:
-        codec, _, chunking = c.partition("@")  # "lzf@batch": chunks of one batch (every chunk written once)
-        if chunking not in ("", "batch", "1mib"):
-            raise ValueError(f"unknown chunking {chunking!r} in {c!r}: use CODEC, CODEC@batch or CODEC@1mib")
-        runners[c] = RecordRunner(bench, {"modes": 16, **ROWS}, writer=True, name=f"writer-{codec}-{chunking}",
-                                  compression=codec, chunk_images=bench.batch if chunking == "batch" else None)
+        layout, plus, extra = c.partition("+")  # "none+checksum": the same with Fletcher-32 on every array
+        codec, _, chunking = layout.partition("@")  # "lzf@batch": chunks of one batch (every chunk written once)
+        if chunking not in ("", "batch", "1mib") or (plus and extra != "checksum"):
+            raise ValueError(f"unknown writer layout {c!r}: use CODEC, CODEC@batch or CODEC@1mib, each optionally "
+                             "followed by +checksum")
+        runners[c] = RecordRunner(bench, {"modes": 16, **ROWS}, writer=True,
+                                  name=f"writer-{codec}-{chunking}{'-checksum' if plus else ''}", compression=codec,
+                                  chunk_images=bench.batch if chunking == "batch" else None, checksum=bool(plus))
         if chunking == "1mib":
             _chunks_of_1mib(runners[c].writer)
         timed[c] = _TimedWriter(runners[c].writer)
