@@ -132,7 +132,13 @@ def _png_exif_after_data(path: str | os.PathLike[str]) -> tuple[bool, bytes | No
     skipped) and the last ``eXIf`` chunk among them, which PIL finds only by decoding the image. Not walked (False),
     so that PIL's decode decides as before: a text chunk there that PIL reads EXIF or XMP from, an animation, image
     data after other chunks, a broken chunk structure (a truncated file). The image data itself is not checked: a
-    corrupt data stream passes here and is refused when the item loads (:func:`_read_photo`)."""
+    corrupt data stream passes here and is refused when the item loads (:func:`_read_photo`).
+
+    PIL's own chunk reader is not reused: ``PngImagePlugin.ChunkStream.read`` parses only the 8-byte header (one
+    ``struct.unpack`` here) and, on a broken one, raises SyntaxError or, where the process-wide
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is set, returns it as a chunk (Pillow 9.3 to 13), so the walk would keep its
+    own check; ``ChunkStream.crc`` and the ``PngStream`` chunk handlers read (and decompress) a chunk's whole data,
+    where the walk seeks past the image data and reads a text chunk's keyword only."""
     exif, in_data, after_data = None, False, False
     with open(path, "rb") as f:
         if f.read(8) != _PNG_SIGNATURE:
