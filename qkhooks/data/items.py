@@ -5,7 +5,6 @@ load it (:class:`_Record`), the dataset that preprocesses it for one model (:cla
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import struct
 import warnings
@@ -51,11 +50,13 @@ class _Record:
     skip_unreadable: bool = False
 
 
-def _read_rgb(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
+def _read_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image, int]:
     """Fully decode an image file (a path or an open binary file) to RGB as a viewer shows it (:func:`to_rgb`,
-    the one conversion every source's pixels go through) and close the file."""
+    the one conversion every source's pixels go through), with the EXIF orientation that applied, from one opening
+    of the file (masks beside a photo are turned alike), and close the file."""
     with Image.open(path) as im:
-        return to_rgb(im)
+        # to_rgb first, as when read alone; the Exif it read (cached on the image) is the one it applied
+        return to_rgb(im), _exif_orientation(im.getexif())
 
 
 @contextlib.contextmanager
@@ -72,13 +73,11 @@ def _unreadable_refused(what: str, path: str | os.PathLike[str], error: type[QKH
 
 
 def _read_photo(path: str | os.PathLike[str], what: str) -> tuple[Image.Image, int]:
-    """:func:`_read_rgb` of a photo beside masks and the EXIF orientation it applied, from one opening of the file
-    (its masks are turned alike). A file that fails to decode is refused naming it (``what``: its role), as at open:
-    the open reads headers only, so a corrupt data stream is found here. A :class:`DataRefusal`, as it is found while
-    a run is recorded."""
-    with _unreadable_refused(what, path, DataRefusal), Image.open(path) as im:
-        # to_rgb first, as when read alone; the Exif it read (cached on the image) is the one it applied
-        return to_rgb(im), _exif_orientation(im.getexif())
+    """:func:`_read_oriented` of a photo beside masks. A file that fails to decode is refused naming it (``what``:
+    its role), as at open: the open reads headers only, so a corrupt data stream is found here. A
+    :class:`DataRefusal`, as it is found while a run is recorded."""
+    with _unreadable_refused(what, path, DataRefusal):
+        return _read_oriented(path)
 
 
 def _read_mask_file(path: str | os.PathLike[str], photo: str, key: str, mode: str | None = None
@@ -181,23 +180,6 @@ def _file_orientation(image: Image.Image, path: str | os.PathLike[str]) -> int:
     return _exif_orientation(image.getexif())
 
 
-def _photo_orientation(value: Any) -> int:
-    """The EXIF orientation of a photo given as a PIL image, a path, an open binary file, bytes or a Hugging Face
-    ``{"bytes", "path"}`` cell (only its header is read); 1 for arrays, which carry none."""
-    if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        value = io.BytesIO(bytes(value))
-    if isinstance(value, Image.Image):
-        return _exif_orientation(value.getexif())
-    if isinstance(value, (str, os.PathLike, io.IOBase)):
-        if isinstance(value, io.IOBase):
-            value.seek(0)
-        with Image.open(value) as im:
-            return _exif_orientation(im.getexif())
-    return 1
-
-
 def _mask_pixels(image: Image.Image, mode: str | None = None) -> tuple[np.ndarray, bool]:
     """A mask image's pixels (converted to ``mode`` if given), and whether it carried an orientation tag of its own
     (then applied, as a viewer shows it: the pixels are in the shown frame)."""
@@ -283,7 +265,7 @@ def _mask_as_shown(mask: np.ndarray, orientation: int, shown_hw: tuple[int, int]
 
 
 def _load_file(path: str) -> _Raw:
-    return _Raw(image=_read_rgb(path))
+    return _Raw(image=_read_oriented(path)[0])
 
 
 def _load_array(array: np.ndarray) -> _Raw:
