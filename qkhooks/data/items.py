@@ -5,6 +5,7 @@ load it (:class:`_Record`), the dataset that preprocesses it for one model (:cla
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import struct
 import warnings
@@ -59,16 +60,42 @@ def _read_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Imag
         return to_rgb(im), _exif_orientation(im.getexif())
 
 
+# errno values of an OSError that are the file's own: its path names no readable file (gone, a folder, a dangling
+# link), its blocks cannot be read off the disk (EIO), or its permissions. Any other errno (ENOMEM, EMFILE, ENFILE,
+# EINTR, ESTALE, ETIMEDOUT, ...) is the machine's or the file system's, and replacing the file would not help. PIL's
+# own errors on bad data (UnidentifiedImageError, "image file is truncated", "broken data stream ...") carry none,
+# or, built with two arguments (Pillow 9.3's "Truncated MSP file, expected %d bytes on row %s", (rowlen, x)), no int.
+_FILE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EIO,
+                          errno.EACCES, errno.EPERM})
+
+
+def _file_fault(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while reading an image file or bytes, is the file's own fault, so that the file may
+    be skipped or refused: corrupt, truncated or unidentified data (PIL raises OSError without an errno,
+    SyntaxError, ValueError, struct.error, DecompressionBombError, ...) or an errno of :data:`_FILE_ERRNOS`. Not
+    MemoryError nor an OSError with another errno (too many open files, an interrupted or timed-out network file
+    system): those are the machine's, and propagate unchanged."""
+    if isinstance(exc, OSError) and isinstance(exc.errno, int):
+        return exc.errno in _FILE_ERRNOS
+    return isinstance(exc, Exception) and not isinstance(exc, MemoryError)
+
+
 @contextlib.contextmanager
 def _unreadable_refused(what: str, path: str | os.PathLike[str], error: type[QKHooksError] = QKHooksError
                         ) -> Iterator[None]:
-    """A failure to read the file ``path`` as a refusal naming it (``what`` names the file's role) and the fix; a
-    QKHooksError (a refusal of what the file holds) passes as is."""
+    """A failure to read the file ``path`` that is the file's own (:func:`_file_fault`) as a refusal naming it
+    (``what`` names the file's role) and the fix; a QKHooksError (a refusal of what the file holds) and the
+    machine's failures pass as they are."""
     try:
         yield
     except QKHooksError:
         raise
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+    except Exception as exc:
+        if not _file_fault(exc):
+            raise
+        if isinstance(exc, PermissionError):
+            raise error(f"{what} {path} cannot be read: permission denied ({exc}); give the user running qkhooks "
+                        "read permission on it (and search permission on its folders), or remove it.") from exc
         raise error(f"{what} {path} cannot be read ({type(exc).__name__}: {exc}); replace or remove it.") from exc
 
 
@@ -335,7 +362,7 @@ class ImageDataset(Dataset):
         except QKHooksError:
             raise
         except Exception as exc:
-            if not record.skip_unreadable:
+            if not (record.skip_unreadable and _file_fault(exc)):
                 raise
             reason = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"skipping unreadable image {record.path} ({reason})", stacklevel=2)

@@ -22,6 +22,7 @@ from qkhooks.data.annotated import _o3_item
 from qkhooks.data.items import (
     IMAGE_EXTENSIONS,
     _exif_orientation,
+    _file_fault,
     _mask_as_shown,
     _mask_pixels,
     _not_a_label_map,
@@ -42,12 +43,15 @@ _EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS) + ("bmp", "tif", "t
 
 
 def _decoded(read: Any, value: Any) -> Any:
-    """``read(value)``, a failure to decode (corrupt or truncated bytes) turned into :class:`_Unreadable`."""
+    """``read(value)``, a failure to decode that is the data's own (corrupt or truncated bytes, a missing file:
+    :func:`_file_fault`) turned into :class:`_Unreadable`; the machine's (out of memory, ...) propagate."""
     try:
         return read(value)
     except QKHooksError:
         raise
-    except Exception as exc:  # PIL raises many types on corrupt data
+    except Exception as exc:
+        if not _file_fault(exc):
+            raise
         raise _Unreadable(f"{type(exc).__name__}: {exc}") from exc
 
 
