@@ -5,7 +5,7 @@ load it (:class:`_Record`), the dataset that preprocesses it for one model (:cla
 from __future__ import annotations
 
 import contextlib
-import io
+import errno
 import os
 import struct
 import warnings
@@ -51,34 +51,60 @@ class _Record:
     skip_unreadable: bool = False
 
 
-def _read_rgb(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
+def _read_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image, int]:
     """Fully decode an image file (a path or an open binary file) to RGB as a viewer shows it (:func:`to_rgb`,
-    the one conversion every source's pixels go through) and close the file."""
+    the one conversion every source's pixels go through), with the EXIF orientation that applied, from one opening
+    of the file (masks beside a photo are turned alike), and close the file."""
     with Image.open(path) as im:
-        return to_rgb(im)
+        # to_rgb first, as when read alone; the Exif it read (cached on the image) is the one it applied
+        return to_rgb(im), _exif_orientation(im.getexif())
+
+
+# errno values of an OSError that are the file's own: its path names no readable file (gone, a folder, a dangling
+# link), its blocks cannot be read off the disk (EIO), or its permissions. Any other errno (ENOMEM, EMFILE, ENFILE,
+# EINTR, ESTALE, ETIMEDOUT, ...) is the machine's or the file system's, and replacing the file would not help. PIL's
+# own errors on bad data (UnidentifiedImageError, "image file is truncated", "broken data stream ...") carry none,
+# or, built with two arguments (Pillow 9.3's "Truncated MSP file, expected %d bytes on row %s", (rowlen, x)), no int.
+_FILE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EIO,
+                          errno.EACCES, errno.EPERM})
+
+
+def _file_fault(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while reading an image file or bytes, is the file's own fault, so that the file may
+    be skipped or refused: corrupt, truncated or unidentified data (PIL raises OSError without an errno,
+    SyntaxError, ValueError, struct.error, DecompressionBombError, ...) or an errno of :data:`_FILE_ERRNOS`. Not
+    MemoryError nor an OSError with another errno (too many open files, an interrupted or timed-out network file
+    system): those are the machine's, and propagate unchanged."""
+    if isinstance(exc, OSError) and isinstance(exc.errno, int):
+        return exc.errno in _FILE_ERRNOS
+    return isinstance(exc, Exception) and not isinstance(exc, MemoryError)
 
 
 @contextlib.contextmanager
 def _unreadable_refused(what: str, path: str | os.PathLike[str], error: type[QKHooksError] = QKHooksError
                         ) -> Iterator[None]:
-    """A failure to read the file ``path`` as a refusal naming it (``what`` names the file's role) and the fix; a
-    QKHooksError (a refusal of what the file holds) passes as is."""
+    """A failure to read the file ``path`` that is the file's own (:func:`_file_fault`) as a refusal naming it
+    (``what`` names the file's role) and the fix; a QKHooksError (a refusal of what the file holds) and the
+    machine's failures pass as they are."""
     try:
         yield
     except QKHooksError:
         raise
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+    except Exception as exc:
+        if not _file_fault(exc):
+            raise
+        if isinstance(exc, PermissionError):
+            raise error(f"{what} {path} cannot be read: permission denied ({exc}); give the user running qkhooks "
+                        "read permission on it (and search permission on its folders), or remove it.") from exc
         raise error(f"{what} {path} cannot be read ({type(exc).__name__}: {exc}); replace or remove it.") from exc
 
 
 def _read_photo(path: str | os.PathLike[str], what: str) -> tuple[Image.Image, int]:
-    """:func:`_read_rgb` of a photo beside masks and the EXIF orientation it applied, from one opening of the file
-    (its masks are turned alike). A file that fails to decode is refused naming it (``what``: its role), as at open:
-    the open reads headers only, so a corrupt data stream is found here. A :class:`DataRefusal`, as it is found while
-    a run is recorded."""
-    with _unreadable_refused(what, path, DataRefusal), Image.open(path) as im:
-        # to_rgb first, as when read alone; the Exif it read (cached on the image) is the one it applied
-        return to_rgb(im), _exif_orientation(im.getexif())
+    """:func:`_read_oriented` of a photo beside masks. A file that fails to decode is refused naming it (``what``:
+    its role), as at open: the open reads headers only, so a corrupt data stream is found here. A
+    :class:`DataRefusal`, as it is found while a run is recorded."""
+    with _unreadable_refused(what, path, DataRefusal):
+        return _read_oriented(path)
 
 
 def _read_mask_file(path: str | os.PathLike[str], photo: str, key: str, mode: str | None = None
@@ -132,7 +158,13 @@ def _png_exif_after_data(path: str | os.PathLike[str]) -> tuple[bool, bytes | No
     skipped) and the last ``eXIf`` chunk among them, which PIL finds only by decoding the image. Not walked (False),
     so that PIL's decode decides as before: a text chunk there that PIL reads EXIF or XMP from, an animation, image
     data after other chunks, a broken chunk structure (a truncated file). The image data itself is not checked: a
-    corrupt data stream passes here and is refused when the item loads (:func:`_read_photo`)."""
+    corrupt data stream passes here and is refused when the item loads (:func:`_read_photo`).
+
+    PIL's own chunk reader is not reused: ``PngImagePlugin.ChunkStream.read`` parses only the 8-byte header (one
+    ``struct.unpack`` here) and, on a broken one, raises SyntaxError or, where the process-wide
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is set, returns it as a chunk (Pillow 9.3 to 13), so the walk would keep its
+    own check; ``ChunkStream.crc`` and the ``PngStream`` chunk handlers read (and decompress) a chunk's whole data,
+    where the walk seeks past the image data and reads a text chunk's keyword only."""
     exif, in_data, after_data = None, False, False
     with open(path, "rb") as f:
         if f.read(8) != _PNG_SIGNATURE:
@@ -173,23 +205,6 @@ def _file_orientation(image: Image.Image, path: str | os.PathLike[str]) -> int:
             # PngImageFile.getexif does where info has no "exif"
             return _exif_orientation(Image.Image.getexif(image))
     return _exif_orientation(image.getexif())
-
-
-def _photo_orientation(value: Any) -> int:
-    """The EXIF orientation of a photo given as a PIL image, a path, an open binary file, bytes or a Hugging Face
-    ``{"bytes", "path"}`` cell (only its header is read); 1 for arrays, which carry none."""
-    if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        value = io.BytesIO(bytes(value))
-    if isinstance(value, Image.Image):
-        return _exif_orientation(value.getexif())
-    if isinstance(value, (str, os.PathLike, io.IOBase)):
-        if isinstance(value, io.IOBase):
-            value.seek(0)
-        with Image.open(value) as im:
-            return _exif_orientation(im.getexif())
-    return 1
 
 
 def _mask_pixels(image: Image.Image, mode: str | None = None) -> tuple[np.ndarray, bool]:
@@ -277,7 +292,7 @@ def _mask_as_shown(mask: np.ndarray, orientation: int, shown_hw: tuple[int, int]
 
 
 def _load_file(path: str) -> _Raw:
-    return _Raw(image=_read_rgb(path))
+    return _Raw(image=_read_oriented(path)[0])
 
 
 def _load_array(array: np.ndarray) -> _Raw:
@@ -347,7 +362,7 @@ class ImageDataset(Dataset):
         except QKHooksError:
             raise
         except Exception as exc:
-            if not record.skip_unreadable:
+            if not (record.skip_unreadable and _file_fault(exc)):
                 raise
             reason = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"skipping unreadable image {record.path} ({reason})", stacklevel=2)

@@ -21,13 +21,14 @@ from PIL import Image
 from qkhooks.data.annotated import _o3_item
 from qkhooks.data.items import (
     IMAGE_EXTENSIONS,
+    _exif_orientation,
+    _file_fault,
     _mask_as_shown,
     _mask_pixels,
     _not_a_label_map,
-    _photo_orientation,
     _Raw,
     _read_mask,
-    _read_rgb,
+    _read_oriented,
 )
 from qkhooks.data.preprocess import to_rgb
 from qkhooks.errors import QKHooksError
@@ -42,32 +43,36 @@ _EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS) + ("bmp", "tif", "t
 
 
 def _decoded(read: Any, value: Any) -> Any:
-    """``read(value)``, a failure to decode (corrupt or truncated bytes) turned into :class:`_Unreadable`."""
+    """``read(value)``, a failure to decode that is the data's own (corrupt or truncated bytes, a missing file:
+    :func:`_file_fault`) turned into :class:`_Unreadable`; the machine's (out of memory, ...) propagate."""
     try:
         return read(value)
     except QKHooksError:
         raise
-    except Exception as exc:  # PIL raises many types on corrupt data
+    except Exception as exc:
+        if not _file_fault(exc):
+            raise
         raise _Unreadable(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _image_of(value: Any, where: str) -> Image.Image:
-    """Any accepted image value to RGB through the folders' conversion; tensors and unknown types refused."""
+def _image_of(value: Any, where: str) -> tuple[Image.Image, int]:
+    """Any accepted image value to RGB through the folders' conversion, and the EXIF orientation that applied (1 for
+    arrays, which carry none), from one opening of a file; tensors and unknown types refused."""
     return _decoded(lambda v: _convert_image(v, where), value)
 
 
-def _convert_image(value: Any, where: str) -> Image.Image:
+def _convert_image(value: Any, where: str) -> tuple[Image.Image, int]:
     if isinstance(value, Image.Image):
-        return to_rgb(value)
+        return to_rgb(value), _exif_orientation(value.getexif())
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return _read_rgb(io.BytesIO(bytes(value)))
+        return _read_oriented(io.BytesIO(bytes(value)))
     if isinstance(value, (str, os.PathLike)):
-        return _read_rgb(os.fspath(value))
+        return _read_oriented(os.fspath(value))
     if isinstance(value, dict) and ("bytes" in value or "path" in value):  # a Hugging Face Image(decode=False) cell
         if value.get("bytes") is not None:
-            return _read_rgb(io.BytesIO(value["bytes"]))
+            return _read_oriented(io.BytesIO(value["bytes"]))
         if value.get("path"):
-            return _read_rgb(value["path"])
+            return _read_oriented(value["path"])
     if isinstance(value, np.ndarray):
         if value.dtype != np.uint8 or not (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (1, 3, 4))):
             raise QKHooksError(
@@ -75,7 +80,7 @@ def _convert_image(value: Any, where: str) -> Image.Image:
                 f"{value.shape}; pass the image as loaded (PIL or uint8 HWC), not normalised or CHW."
             )
         # as an L, RGB or RGBA image, so that an array and the file it was read from convert alike
-        return to_rgb(np.ascontiguousarray(value))
+        return to_rgb(np.ascontiguousarray(value)), 1
     if isinstance(value, torch.Tensor):
         raise QKHooksError(
             f"{where}: the image is already a tensor {tuple(value.shape)} {value.dtype}, the output of some transform "
@@ -108,11 +113,12 @@ def _mask_array(value: Any) -> tuple[np.ndarray, bool]:
     return np.asarray(value), False
 
 
-def _photo_masks(item: Mapping[str, Any], value: Any, image: Image.Image, where: str) -> dict[str, np.ndarray]:
-    """The item's masks, each a 2-D array in the frame of its photo as shown (README: masks beside EXIF-rotated
-    photos); a colour-coded (H, W, 3) label image is refused with the conversion."""
+def _photo_masks(item: Mapping[str, Any], value: Any, image: Image.Image, orientation: int, where: str
+                 ) -> dict[str, np.ndarray]:
+    """The item's masks, each a 2-D array in the frame of its photo (``image``, shown turned by the EXIF
+    ``orientation``) as shown (README: masks beside EXIF-rotated photos); a colour-coded (H, W, 3) label image is
+    refused with the conversion."""
     masks: dict[str, np.ndarray] = {}
-    orientation = None
     named = [f"id {str(item['id'])!r}"] if item.get("id") is not None else []
     if isinstance(value, (str, os.PathLike)):
         named.append(os.fspath(value))
@@ -125,8 +131,6 @@ def _photo_masks(item: Mapping[str, Any], value: Any, image: Image.Image, where:
             mask = mask[:, :, 0]
         if mask.ndim == 3:
             raise QKHooksError(f"{photo}: mask {key!r} {_not_a_label_map(mask.shape)}")
-        if orientation is None:
-            orientation = _photo_orientation(value)
         source = os.fspath(item[key]) if isinstance(item[key], (str, os.PathLike)) else None
         masks[key] = _mask_as_shown(mask, orientation, (image.height, image.width), photo, key, tagged, source)
     return masks
@@ -150,15 +154,15 @@ def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
             )
         item = item[0]  # (image, label) as torchvision datasets return
     if not isinstance(item, Mapping):
-        return None, _Raw(image=_image_of(item, where))
+        return None, _Raw(image=_image_of(item, where)[0])
     value = _image_value(item)
     if value is None:
         raise QKHooksError(
             f"{where} has no image: its keys are {sorted(map(str, item))}; put the image under 'image' (or pass "
             "image_column= for a Hugging Face dataset)."
         )
-    image = _image_of(value, where)
-    masks = _photo_masks(item, value, image, where)
+    image, orientation = _image_of(value, where)
+    masks = _photo_masks(item, value, image, orientation, where)
     if ("target" in masks) != ("distractor" in masks):
         raise QKHooksError(f"{where}: odd-one-out data needs both 'target' and 'distractor' masks, got only one.")
     if "target" in masks:
