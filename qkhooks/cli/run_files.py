@@ -1,8 +1,8 @@
 """Commands on run files: ``qkhooks info``, ``qkhooks repair``, ``qkhooks merge``.
 
-``info`` reads with h5py and numpy only: this module and what ``info`` imports load no torch, so it works where
-torch is not installed (tests/test_imports.py). ``merge`` rebuilds reducers, which needs torch: it imports
-:mod:`qkhooks.distributed` inside the command.
+``info`` (and ``info --verify``) reads with h5py and numpy only: this module and what ``info`` imports load no
+torch, so it works where torch is not installed (tests/test_imports.py). ``merge`` rebuilds reducers, which needs
+torch: it imports :mod:`qkhooks.distributed` inside the command.
 """
 
 from __future__ import annotations
@@ -14,13 +14,22 @@ from qkhooks.cli import command
 
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run file written by qkhooks record")
+    p.add_argument("--verify", action="store_true",
+                   help="read every committed chunk, dataset, attribute and reducer state back and say what is damaged "
+                        "(exit status 1 when something is); checksums are checked where the run has them (--checksum)")
 
 
 @command("info", "print what a run file holds")(_info_args)
 def run_info(args: argparse.Namespace) -> int:
-    from qkhooks.store.reader import open_run  # the reader alone: qkhooks.store also holds the writer (torch)
-
     from qkhooks.errors import QKHooksError
+
+    if args.verify:
+        from qkhooks.store.repair import verify_run  # reads with h5py and numpy only, as the reader
+
+        report = verify_run(args.run)
+        print(report.summary())
+        return 0 if report.ok else 1
+    from qkhooks.store.reader import open_run  # the reader alone: qkhooks.store also holds the writer (torch)
 
     with open_run(args.run) as run:
         print(run.summary())

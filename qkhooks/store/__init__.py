@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from qkhooks.store.reader import RunArray, RunReader, open_run
-from qkhooks.store.repair import RepairReport, repair
+from qkhooks.store.repair import RepairReport, VerifyReport, repair, verify_run
 
-__all__ = ["RunWriter", "RunReader", "RunArray", "open_run", "repair", "RepairReport", "COMPRESSIONS"]
+__all__ = ["RunWriter", "RunReader", "RunArray", "open_run", "repair", "RepairReport", "verify_run", "VerifyReport",
+           "COMPRESSIONS"]
 
 _FROM_WRITER = ("RunWriter", "COMPRESSIONS")
 

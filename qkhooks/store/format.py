@@ -25,7 +25,8 @@ import numpy as np
 
 from qkhooks.access import LayerGeometry
 
-__all__ = ["IDS", "SKIPPED", "FILE_SIZES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "per_image_datasets",
+__all__ = ["IDS", "SKIPPED", "FILE_SIZES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed",
+           "datasets", "per_image_datasets", "layout_problems",
            "read_states", "states_and_problem", "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "run_id_of",
            "identity_of", "as_str", "read_ids", "read_skipped", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY"]
@@ -94,29 +95,55 @@ def set_committed(f: h5py.File, n: int) -> None:
         holder.attrs.modify("committed", np.int64(n))
 
 
-def per_image_datasets(f: h5py.File, read_every_attribute: bool = False) -> dict[str, h5py.Dataset]:
-    """The per-image arrays of a run file (datasets marked ``per_image``), by schema name. With
-    ``read_every_attribute`` every object's attributes are read on the way (a resume's check that the whole file
-    reads: any damage raises), in the same walk."""
+def datasets(f: h5py.File, read_every_attribute: bool = False,
+             unreadable: list[str] | None = None) -> dict[str, h5py.Dataset]:
+    """Every dataset of a run file, by schema name. With ``read_every_attribute`` every object's attributes are read
+    on the way (any damage raises), in the same walk. With ``unreadable`` a list, an object that does not open or
+    whose attributes do not read is named there (with why) and the walk goes on (``verify_run`` collects them all)."""
     found: dict[str, h5py.Dataset] = {}
+
+    def attempt(name: str, read: Any) -> Any:
+        try:
+            return read()
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
+            if unreadable is None:
+                raise
+            unreadable.append(f"/{name} unreadable ({exc})")
+            return None
 
     # A walk by names, not ``visititems``: HDF5's visit also reads every dataset's chunk index (for its storage
     # size), so one damaged index would hide every array, where a walk opens object headers only.
     def walk(group: h5py.Group, prefix: str) -> None:
         if read_every_attribute:
-            dict(group.attrs.items())
-        for key in group:
-            obj = group[key]
+            attempt(prefix, lambda: dict(group.attrs.items()))
+        for key in attempt(prefix, lambda: list(group)) or ():
+            obj = attempt(prefix + key, lambda: group[key])
             if isinstance(obj, h5py.Group):
                 walk(obj, f"{prefix}{key}/")
-                continue
-            if read_every_attribute:
-                dict(obj.attrs.items())
-            if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image", False):
-                found[f"{prefix}{key}"] = obj
+            elif isinstance(obj, h5py.Dataset):
+                if not read_every_attribute or attempt(prefix + key, lambda: dict(obj.attrs.items())) is not None:
+                    found[f"{prefix}{key}"] = obj
 
     walk(f, "")
     return found
+
+
+def per_image_datasets(f: h5py.File, read_every_attribute: bool = False) -> dict[str, h5py.Dataset]:
+    """The per-image arrays of a run file (datasets marked ``per_image``), by schema name (see :func:`datasets`)."""
+    return {name: ds for name, ds in datasets(f, read_every_attribute).items() if ds.attrs.get("per_image", False)}
+
+
+def layout_problems(f: h5py.File, arrays: Mapping[str, h5py.Dataset], n: int) -> list[str]:
+    """What the layout lacks for ``n`` committed images: the ids or a per-image array (of ``arrays``) with fewer rows
+    (h5py edits, a cut), an array the layout lists (:data:`ARRAYS_ATTR`) missing. A resume refuses such a file;
+    ``verify_run`` reports it."""
+    problems = [f"{name} has {ds.shape[0]} rows" for name, ds in sorted(arrays.items()) if ds.shape[0] < n]
+    if f[IDS].shape[0] < n:
+        problems.insert(0, f"{IDS} has {f[IDS].shape[0]} rows")
+    listed = f["images"].attrs.get(ARRAYS_ATTR)
+    if listed is not None:
+        problems += [f"{name} is missing" for name in sorted(set(json.loads(as_str(listed))) - set(arrays))]
+    return problems
 
 
 # ------------------------------------------------------------------------------------------ reducer states

@@ -1,11 +1,14 @@
-"""``qkhooks repair``: copy what is still readable of a damaged run file into a new run file.
+"""``qkhooks repair``: copy what is still readable of a damaged run file into a new run file; and
+``qkhooks info --verify`` (:func:`verify_run`): read a whole run file back and say what does not read.
 
 The damaged file is only read (through a view that clears its open flags, rebuilds a zeroed superblock and
 reads a truncated tail as zeros), never changed. An image is copied when its id and its rows of every per-image
 array read back (with a checksum, ``--checksum``: that they pass it) and lie wholly inside the file as it is on disk
 (zeros read past a truncation are not data). The copy keeps the arrays' compression and checksum.
 Statics and the reducer checkpoint are copied when they read; the checkpoint only when every image it counts
-was recovered, so ``--resume`` on the new file continues correctly.
+was recovered, so ``--resume`` on the new file continues correctly. :func:`verify_run` reads the same chunks the
+same way, one at a time, through the reader's bounded opening (a file a writer has open included), and changes
+nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import numpy as np
 
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import open_damaged
+from qkhooks.store._hdf5 import DamagedRunError, open_damaged
+from qkhooks.store.reader import RunReader
 
-__all__ = ["repair", "RepairReport"]
+__all__ = ["repair", "RepairReport", "verify_run", "VerifyReport"]
 
 _READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
 
@@ -136,31 +140,46 @@ def _readable(read: Any) -> bool:
 
 
 def _readable_rows(ds: h5py.Dataset, n: int, real_size: int, problems: list[str]) -> np.ndarray:
-    """Rows of ``ds`` that read back (a chunk whose checksum fails does not) from chunks lying wholly inside the file
-    on disk; the chunks that do not are noted in ``problems``, one line for the array."""
-    ok = np.zeros(n, dtype=bool)
-    step = ds.chunks[0] if ds.chunks else n
-    lost: list[str] = []
+    """Rows of ``ds`` that read back (:func:`_failing_rows`); the chunks that do not are noted in ``problems``, one
+    line for the array."""
+    ok = np.ones(n, dtype=bool)
+    failing, why = _failing_rows(ds, n, real_size)
+    for lo, hi in failing:
+        ok[lo:hi] = False
+    if failing:
+        problems.append(_rows_line(ds.name, failing, why))
+    return ok
+
+
+def _failing_rows(ds: h5py.Dataset, n: int, real_size: int) -> tuple[list[tuple[int, int]], str]:
+    """The [start, stop) row ranges of ``ds``'s first ``n`` rows that do not read back, and why the first did not:
+    read one chunk's rows at a time (never more in memory; an unchunked view 64 MiB of rows at a time). A chunk fails
+    when its checksum does, when it does not decompress, or when it is missing from the file or lies past the file's
+    end on disk (``real_size`` bytes); a string (the ids) when it is not UTF-8."""
+    step = ds.chunks[0] if ds.chunks else max(1, (64 << 20) // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
+    failing: list[tuple[int, int]] = []
     why = ""
-    for lo in range(0, n, max(1, step)):
+    for lo in range(0, n, step):
         hi = min(lo + step, n)
         try:
             if ds.chunks:
                 info = ds.id.get_chunk_info_by_coord((lo,) + (0,) * (ds.ndim - 1))
                 if info.byte_offset is None or info.byte_offset + info.size > real_size:
-                    lost.append(f"{lo}-{hi - 1}")
+                    failing.append((lo, hi))
                     why = why or "a chunk missing from the file or lying past its end"
                     continue
-            ds[lo:hi]
-        except _READ_ERRORS as exc:
-            lost.append(f"{lo}-{hi - 1}")
+            block = ds[lo:hi]
+            if h5py.check_string_dtype(ds.dtype):
+                [fmt.as_str(value) for value in block.flat]
+        except _READ_ERRORS as exc:  # a UnicodeDecodeError is a ValueError
+            failing.append((lo, hi))
             why = why or f"{exc}" + ("; the array carries a Fletcher-32 checksum" if ds.fletcher32 else "")
-            continue
-        ok[lo:hi] = True
-    if lost:
-        problems.append(f"{ds.name}: rows {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''} do not read "
-                        f"({why})")
-    return ok
+    return failing, why
+
+
+def _rows_line(name: str, failing: list[tuple[int, int]], why: str) -> str:
+    spans = [f"{lo}-{hi - 1}" for lo, hi in failing]
+    return f"{name}: rows {', '.join(spans[:5])}{' ...' if len(spans) > 5 else ''} do not read ({why})"
 
 
 def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str]) -> None:
@@ -199,3 +218,138 @@ def _copy_states(src: h5py.File, run: Path, out: Path, keep: np.ndarray, n: int,
         return []
     fmt.write_checkpoint(out, images, states)
     return sorted(states)
+
+
+# ------------------------------------------------------------------------------------------ verify
+@dataclasses.dataclass
+class VerifyReport:
+    """What :func:`verify_run` read back of a run file. :attr:`ok` says that every part read (and that every chunk of
+    a checksummed array passed its checksum), never that the data are intact: without a checksum a flipped bit
+    inside an array's data reads back as another value, which no reader can see."""
+
+    path: Path
+    images: int | None
+    """The committed images whose ids and rows of every per-image array were read (None: the file does not open)."""
+    complete: bool
+    arrays: list[str]
+    """The per-image arrays read, chunk by chunk."""
+    checksummed: list[str]
+    """Those of :attr:`arrays` that carry a Fletcher-32 checksum: each of their chunks read was checked against it."""
+    statics: int
+    """How many other datasets (spectra, position terms, the skipped list) were read, each whole."""
+    damaged: dict[str, list[tuple[int, int]]]
+    """A per-image array (or ``images/ids``) -> the [start, stop) image rows of each chunk of it that does not
+    read."""
+    states: list[str]
+    """The reducers whose saved state loads (``RUN.h5.reducers``, or inside a merged or repaired file)."""
+    problems: list[str]
+    """Everything that does not read, in words: the damaged arrays' lines first."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        """What ``qkhooks info RUN --verify`` prints."""
+        fix = (f"run `qkhooks repair {self.path} --out FIXED.h5` to copy every image still readable into a new file "
+               f"(it leaves {self.path.name} unchanged)")
+        if self.images is None:
+            return "\n".join([f"verify   {self.path}", f"result   DAMAGED: {self.problems[0]}; {fix}"])
+        unsummed = [a for a in self.arrays if a not in self.checksummed]
+        lines = [f"verify   {self.path}",
+                 f"images   {self.images} committed{'' if self.complete else ' (an incomplete run: those checked)'}: "
+                 f"their ids and their rows of {len(self.arrays)} per-image arrays read, chunk by chunk",
+                 f"statics  {self.statics} datasets and every attribute read"]
+        if self.arrays:
+            lines.append(self._checksum_line(unsummed))
+        lines.append("reducers " + (", ".join(self.states) + " load" if self.states else "no saved state"))
+        lines += [f"damaged  {p}" for p in self.problems]
+        if self.problems:
+            lines.append(f"result   DAMAGED: {fix}")
+        elif self.arrays and not unsummed:
+            lines.append("result   every part read, every chunk passed its checksum")
+        else:
+            lines.append("result   every part read; damage inside data without a checksum would not show")
+        return "\n".join(lines)
+
+    def _checksum_line(self, unsummed: list[str]) -> str:
+        if not unsummed:
+            return "checksum Fletcher-32 on every per-image array: every chunk read was checked against it"
+        if self.checksummed:
+            return (f"checksum Fletcher-32 on {len(self.checksummed)} of {len(self.arrays)} per-image arrays; none on "
+                    f"{', '.join(unsummed[:3])}{' ...' if len(unsummed) > 3 else ''}, whose chunks were only read and "
+                    "decompressed: a flipped bit inside their data cannot be detected")
+        return ("checksum none: every chunk was read and decompressed, but a flipped bit inside the data reads back as "
+                "another value and cannot be detected (record with --checksum)")
+
+
+def verify_run(run: str | os.PathLike) -> VerifyReport:
+    """Read every committed part of ``run`` back, one chunk at a time, and collect what does not read: each per-image
+    array's chunks (against their checksum where they carry one) and the ids, the other datasets and every attribute,
+    the layout's rows and arrays, and the reducer states a reader would load. Opens as every reader does (a writer's
+    open file is not waited on; a run still being written, or killed, is checked up to its committed images) and
+    changes nothing. A file that does not open at all is reported, not raised."""
+    path = Path(run)
+    try:
+        reader = RunReader(path)
+    except DamagedRunError as exc:
+        return VerifyReport(path, None, False, [], [], 0, {}, [], [f"the file does not open ({exc.problem})"])
+    with reader, reader._reading():  # a closed run changed during the check (a resume) raises: its answers are stale
+        return _verify(reader, os.path.getsize(path))
+
+
+def _verify(reader: RunReader, real_size: int) -> VerifyReport:
+    f, n, problems = reader.file, reader.n, []
+    found = fmt.datasets(f, read_every_attribute=True, unreadable=problems)
+    arrays: dict[str, h5py.Dataset] = {}
+    statics = 0
+    for name, ds in found.items():
+        try:
+            if ds.attrs.get("per_image", False):
+                arrays[name] = ds
+            elif name != fmt.IDS:
+                ds[()]  # a spectrum, a position term, the skipped list: small, read whole
+                statics += 1
+        except _READ_ERRORS as exc:
+            problems.append(f"/{name} unreadable ({exc})")
+    damaged: dict[str, list[tuple[int, int]]] = {}
+    lines = []
+    for name, ds in sorted(arrays.items()) + ([(fmt.IDS, found[fmt.IDS])] if fmt.IDS in found else []):
+        failing, why = _failing_rows(ds, n, real_size)
+        gone = _missing_sources(ds, reader.path.parent, n)
+        if failing or gone:
+            damaged[name] = sorted(failing + gone)
+            lines.append(_rows_line(ds.name, damaged[name], why or "their shard file is missing: this merged view "
+                                    "reads them as NaN or -1"))
+    try:
+        problems += [f"the layout: {p}" for p in fmt.layout_problems(f, arrays, n)]
+    except _READ_ERRORS as exc:
+        problems.append(f"the layout's rows and arrays unreadable ({exc})")
+    states: list[str] = []
+    try:
+        images, loaded, problem = fmt.states_and_problem(f, reader.path)
+        states = sorted(loaded)
+        if problem is not None:
+            problems.append(reader._damaged_checkpoint(problem))
+        elif images is not None and images > n:
+            problems.append(f"the reducer states count {images} images, but only {n} are committed")
+    except _READ_ERRORS as exc:
+        problems.append(f"the reducer states inside the file unreadable ({exc})")
+    complete = _readable(lambda: f.attrs["complete"]) and bool(f.attrs["complete"])
+    checksummed = sorted(name for name, ds in arrays.items() if ds.fletcher32)
+    return VerifyReport(reader.path, n, complete, sorted(arrays), checksummed, statics, damaged, states,
+                        lines + problems)
+
+
+def _missing_sources(ds: h5py.Dataset, folder: Path, n: int) -> list[tuple[int, int]]:
+    """The [start, stop) rows of a merged view (a virtual dataset) whose shard file is missing: HDF5 reads them as
+    the view's fill value, without an error."""
+    if not ds.is_virtual:
+        return []
+    missing = []
+    for source in ds.virtual_sources():
+        if source.file_name != "." and not (folder / source.file_name).exists():
+            (lo, *_), (hi, *_) = source.vspace.get_select_bounds()
+            if lo < n:
+                missing.append((lo, min(hi + 1, n)))
+    return missing

@@ -430,12 +430,7 @@ class RunWriter:
         arrays = fmt.per_image_datasets(f, read_every_attribute=True)
         fmt.read_ids(f, n)
         fmt.read_skipped(f)
-        problems = [f"{name} has {ds.shape[0]} rows" for name, ds in sorted(arrays.items()) if ds.shape[0] < n]
-        if f[fmt.IDS].shape[0] < n:
-            problems.insert(0, f"{fmt.IDS} has {f[fmt.IDS].shape[0]} rows")
-        listed = f["images"].attrs.get(fmt.ARRAYS_ATTR)
-        if listed is not None:
-            problems += [f"{name} is missing" for name in sorted(set(json.loads(fmt.as_str(listed))) - set(arrays))]
+        problems = fmt.layout_problems(f, arrays, n)
         problems += [f"{name}'s chunk index is unreadable" for name, ds in sorted(arrays.items())
                      if ds.shape[0] and not fmt.chunk_index_readable(ds, (0, max(n, 1) - 1, ds.shape[0] - 1))]
         if problems:
