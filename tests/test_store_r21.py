@@ -1,0 +1,111 @@
+"""Round 21 (store and reading API): image selections read as HDF5 slices wherever they are one, a resume of a file
+whose per-image arrays differ in layout, the lock refusal told by its errno, unknown module paths answered with the
+closest ones."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from qkhooks.store import reader
+from qkhooks.store.reader import RunArray
+
+N = 9  # committed images; the dataset holds two more, uncommitted, which no read may show
+
+
+class KeyLog:
+    """An h5py dataset that records the keys it is indexed with."""
+
+    def __init__(self, dataset: h5py.Dataset):
+        self.dataset, self.keys = dataset, []
+
+    def __getitem__(self, key):
+        self.keys.append(key if isinstance(key, tuple) else (key,))
+        return self.dataset[key]
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+
+@pytest.fixture(params=[(1, None), (4, None), (1, 2 * 96)], ids=["chunk1", "chunk4", "span2"])
+def stored(request, tmp_path, monkeypatch):
+    """A (N + 2, 3, 4, 2) float32 array (96 bytes an image) in an HDF5 file, chunked by 1 or 4 images (a read
+    then spans images not asked for), or with reads cut every 2 images; and the first N rows read whole."""
+    chunk, span_bytes = request.param
+    if span_bytes:
+        monkeypatch.setattr(reader, "SPAN_BYTES", span_bytes)
+    values = np.random.default_rng(0).normal(size=(N + 2, 3, 4, 2)).astype(np.float32)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("a", data=values, chunks=(chunk, 3, 4, 2), maxshape=(None, 3, 4, 2))
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        yield f["a"], values[:N]
+
+
+def image_keys(rng: np.random.Generator) -> list:
+    """Keys of the image axis: slices of every sign of step with starts and stops out of range, evenly stepped index
+    arrays in every order, uneven ones, repeats, single images, empty picks, masks."""
+    ends = [None, *range(-N - 3, N + 4)]
+    keys: list = [slice(None, None, -1), slice(10, 2, -2), slice(2, 10, -2), slice(-1, -N - 5, -3), slice(N + 4, None, -1),
+                  [], np.array([], np.int64), [4], [-1], [4, 2, 0], [0, 2, 4], [8, 5, 2], [1, 2, 3, 4],
+                  [3, 3], [0, 4, 2, 4], [0, 1, 5], np.arange(N), np.arange(N)[::-1], np.array([-1, -3, -5]),
+                  np.array([2, 5, 8], np.uint32), np.arange(N) % 3 == 0, np.zeros(N, bool)]
+    for _ in range(60):
+        keys.append(slice(rng.choice(ends), rng.choice(ends), rng.choice([None, 1, 2, 3, 5, -1, -2, -4])))
+    for _ in range(40):
+        start, step = int(rng.integers(0, N)), int(rng.choice([1, 2, 3, -1, -2]))
+        stepped = np.arange(start, -1 if step < 0 else N, step)[: int(rng.integers(0, 5))]
+        keys.append(rng.permutation(stepped) if rng.random() < 0.3 else stepped)
+    return keys
+
+
+REST = [(), (1,), (-1, 2), (slice(None), slice(1, None)), (slice(None, None, -1),), (slice(None), [3, 1]),
+        (0, slice(None), [1, 1]), ([2, 0],), (Ellipsis, 1), (slice(None), slice(None, None, -2), 0)]
+
+
+def test_every_image_selection_is_numpys_answer_on_the_array_read_whole(stored):
+    """Property-style: each image key, alone and with keys on the other axes (HDF5's own and numpy's), gives exactly
+    numpy's answer on the committed rows read whole, never an uncommitted row."""
+    dataset, whole = stored
+    array = RunArray(dataset, N)
+    checked = 0
+    for first in image_keys(np.random.default_rng(1)):
+        for rest in REST:
+            key = (first, *rest)
+            try:
+                want = whole[key]
+            except IndexError:  # shapes numpy itself cannot broadcast
+                continue
+            got = array[key]
+            assert got.shape == want.shape and np.array_equal(got, want), key
+            checked += 1
+    assert checked > 1000
+
+
+@pytest.mark.parametrize("first", [slice(None, None, -1), slice(10, 2, -2), slice(-2, None, -3), slice(None, None, 2),
+                                   [6, 4, 2, 0], [0, 3, 6], [5, 5, 6, 7], [7, 0, 1, 7], np.arange(N) % 2 == 1])
+@pytest.mark.parametrize("rest", [(), (1, slice(None, None, -1), 1)])
+def test_picked_images_are_read_as_contiguous_slices_not_a_strided_or_listed_selection(stored, first, rest):
+    """A backward slice, a stepped one or a list of images reach HDF5 as contiguous forward slices, never as a strided
+    or listed selection (which HDF5 reads row by row, 10-50x slower); the answer is still numpy's."""
+    dataset, whole = stored
+    log = KeyLog(dataset)
+    got = RunArray(log, N)[(first, *rest)]
+    assert np.array_equal(got, whole[(first, *rest)])
+    assert log.keys and all(isinstance(k[0], slice) and k[0].step in (None, 1) for k in log.keys), log.keys
+
+
+def test_a_read_spanning_images_not_asked_for_is_bounded(tmp_path, monkeypatch):
+    """Images within a chunk of each other are read together with those between, at most SPAN_BYTES at a time (here
+    4 images); images a chunk or more apart are read apart; a contiguous run is read whole."""
+    monkeypatch.setattr(reader, "SPAN_BYTES", 2 * 96)
+    values = np.random.default_rng(0).normal(size=(20, 3, 4, 2)).astype(np.float32)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("a", data=values, chunks=(4, 3, 4, 2), maxshape=(None, 3, 4, 2))
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        log = KeyLog(f["a"])
+        for key, reads in [(slice(None, None, 2), [(0, 3), (4, 7), (8, 11), (12, 15), (16, 19)]),
+                           ([19, 1, 2, 9, 14], [(1, 3), (9, 10), (14, 15), (19, 20)]), (slice(17, 1, -1), [(2, 18)])]:
+            log.keys.clear()
+            assert np.array_equal(RunArray(log, 20)[key], values[key])
+            assert [(k[0].start, k[0].stop) for k in log.keys] == reads, key
