@@ -4,12 +4,19 @@ closest ones."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
+import timm
+import torch
 
+import qkhooks
+from qkhooks.store import format as fmt
 from qkhooks.store import reader
 from qkhooks.store.reader import RunArray
+from qkhooks.stream import record_dataset
 
 N = 9  # committed images; the dataset holds two more, uncommitted, which no read may show
 
@@ -109,3 +116,49 @@ def test_a_read_spanning_images_not_asked_for_is_bounded(tmp_path, monkeypatch):
             log.keys.clear()
             assert np.array_equal(RunArray(log, 20)[key], values[key])
             assert [(k[0].start, k[0].stop) for k in log.keys] == reads, key
+
+
+def tiny_vit() -> qkhooks.LoadedModel:
+    torch.manual_seed(0)
+    return qkhooks.load_model(timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32,
+                                                embed_dim=32, depth=1, num_heads=2).eval())
+
+
+def record(out: Path, **kw) -> None:
+    record_dataset(tiny_vit(), "samples", out, modes=2, layers="0", limit=5, batch_size=2, progress=False,
+                   reducers=[], **kw)
+
+
+def test_a_resume_of_a_file_whose_arrays_differ_in_layout_keeps_each_and_names_them(tmp_path):
+    """A run stopped after its first batch, one of its arrays then rewritten by h5py with gzip and a checksum: the
+    resume warns naming each layout's arrays (not one layout picked for all), and each array keeps its own layout
+    while the images go on as in a run never stopped."""
+    record(tmp_path / "whole.h5")
+
+    def stop(batch) -> None:
+        raise KeyboardInterrupt  # killed after its first batch
+
+    path = tmp_path / "run.h5"
+    with pytest.raises(KeyboardInterrupt):
+        record(path, on_batch=stop)
+    changed = "modes/L0/query"
+    with h5py.File(path, "r+") as f:
+        old = f[changed]
+        values, attrs, chunks = old[()], dict(old.attrs), old.chunks
+        del f[changed]
+        new = f.create_dataset(changed, data=values, maxshape=(None,) + values.shape[1:], chunks=chunks,
+                               compression="gzip", fletcher32=True)
+        new.attrs.update(attrs)
+        others = sorted(n for n in fmt.per_image_datasets(f) if n != changed)
+    assert others
+    with pytest.warns(UserWarning, match="differ in layout") as caught:
+        record(path, resume=True)
+    said = " ".join(str(w.message) for w in caught)
+    assert f"compression gzip, a Fletcher-32 checksum: {changed}" in said
+    assert f"compression none, no checksum: {', '.join(others)}" in said
+    with h5py.File(path, "r") as f, h5py.File(tmp_path / "whole.h5", "r") as whole:
+        assert f[changed].compression == "gzip" and f[changed].fletcher32
+        for name in others:
+            assert f[name].compression is None and not f[name].fletcher32, name
+        for name in [changed, *others]:
+            assert f[name].shape[0] == 5 and np.array_equal(f[name][:5], whole[name][:5]), name
