@@ -4,6 +4,10 @@ closest ones."""
 
 from __future__ import annotations
 
+import errno
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -13,8 +17,10 @@ import timm
 import torch
 
 import qkhooks
+from qkhooks.store import RunWriter
 from qkhooks.store import format as fmt
 from qkhooks.store import reader
+from qkhooks.store._hdf5 import LOCK_REFUSED, open_swmr_writer
 from qkhooks.store.reader import RunArray
 from qkhooks.stream import record_dataset
 
@@ -162,3 +168,58 @@ def test_a_resume_of_a_file_whose_arrays_differ_in_layout_keeps_each_and_names_t
             assert f[name].compression is None and not f[name].fletcher32, name
         for name in [changed, *others]:
             assert f[name].shape[0] == 5 and np.array_equal(f[name][:5], whole[name][:5]), name
+
+
+@pytest.fixture
+def held(tmp_path):
+    """A run file (one batch) held open by h5py with HDF5's default locking in another process."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path, dtype="float32", chunk_images=2) as w:
+        w.write_batch(["a", "b"], {"v": np.ones((2, 4), np.float32)})
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'r'); "
+                               "print('open', flush=True); sys.stdin.read()", str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        yield path
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_a_refused_hdf5_lock_is_told_by_its_errno(held):
+    """The signal the writer's retry reads: h5py's OSError for HDF5's refused flock carries errno EAGAIN."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    with pytest.raises(OSError) as caught:
+        h5py.h5f.open(os.fsencode(held), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl)
+    assert caught.value.errno == errno.EAGAIN and isinstance(caught.value, BlockingIOError)
+    assert errno.EAGAIN in LOCK_REFUSED
+
+
+def open_failing_with_lock(monkeypatch, error: OSError) -> list[bool]:
+    """h5py.h5f.open raising ``error`` wherever HDF5's file lock is asked for; returns the lock flag of each call."""
+    real, calls = h5py.h5f.open, []
+
+    def fake(name, flags, fapl):
+        calls.append(bool(fapl.get_file_locking()[0]))
+        if calls[-1]:
+            raise error
+        return real(name, flags, fapl=fapl)
+
+    monkeypatch.setattr(h5py.h5f, "open", fake)
+    return calls
+
+
+def test_the_writer_opens_without_the_lock_where_its_errno_says_refused_whatever_the_words(held, monkeypatch):
+    """A lock refused in other words (another HDF5's wording) is still retried without the lock: the errno decides;
+    an open that fails for another reason (here EIO, though its text mentions a lock) is raised as it is."""
+    calls = open_failing_with_lock(monkeypatch, BlockingIOError(errno.EAGAIN, "Unable to open file (flock refused)"))
+    f = open_swmr_writer(held, 1 << 20)
+    try:
+        assert calls == [True, False] and f.swmr_mode and f["v"].shape == (2, 4)
+    finally:
+        f.close()
+    calls = open_failing_with_lock(monkeypatch, OSError(errno.EIO, "Unable to open file (unable to lock file, I/O)"))
+    with pytest.raises(OSError) as caught:
+        open_swmr_writer(held, 1 << 20)
+    assert caught.value.errno == errno.EIO and calls == [True]
