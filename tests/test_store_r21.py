@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ import timm
 import torch
 
 import qkhooks
-from qkhooks.store import RunWriter
+from qkhooks.access import CLOSEST_PATHS
+from qkhooks.errors import QKHooksError
+from qkhooks.store import RunWriter, open_run
 from qkhooks.store import format as fmt
 from qkhooks.store import reader
 from qkhooks.store._hdf5 import LOCK_REFUSED, open_swmr_writer
@@ -223,3 +226,46 @@ def test_the_writer_opens_without_the_lock_where_its_errno_says_refused_whatever
     with pytest.raises(OSError) as caught:
         open_swmr_writer(held, 1 << 20)
     assert caught.value.errno == errno.EIO and calls == [True]
+
+
+@pytest.fixture(scope="module")
+def deep_run(tmp_path_factory):
+    """A 40-block model and its run file: more attention modules than a refusal should list."""
+    torch.manual_seed(0)
+    model = qkhooks.load_model(timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32,
+                                                 embed_dim=16, depth=40, num_heads=2).eval())
+    out = tmp_path_factory.mktemp("deep") / "run.h5"
+    record_dataset(model, "samples", out, modes=1, limit=1, batch_size=1, reducers=[], progress=False)
+    return model, out
+
+
+def quoted_paths(message: str) -> list[str]:
+    return re.findall(r"'(blocks\.\d+\.attn)' \(layer (\d+)\)", message)
+
+
+def test_an_unknown_module_path_of_a_deep_run_names_the_closest_and_how_to_list_all(deep_run):
+    """Of a run's 40 modules the refusal names the closest few (each with its layer), the count and `module_paths`,
+    not all 40; the right path still reads the layer it names."""
+    _, path = deep_run
+    with open_run(path) as run:
+        assert len(run.module_paths) == 40
+        with pytest.raises(QKHooksError) as caught:
+            run.query("blocks.37.atn")
+        message = str(caught.value)
+        named = quoted_paths(message)
+        assert ("blocks.37.attn", "37") in named and len(named) == CLOSEST_PATHS
+        assert all(run.module_paths[int(layer)] == p for p, layer in named)
+        assert "40 attention modules" in message and "`.module_paths`" in message
+        assert np.array_equal(run.query("blocks.37.attn")[:], run.query(37)[:])
+
+
+def test_an_unknown_module_path_in_a_layer_selection_names_the_closest_and_qkhooks_sites(deep_run):
+    model, _ = deep_run
+    with pytest.raises(QKHooksError) as caught:
+        qkhooks.record(model.model, modes=1, layers="blocks.12.attn.qkv")
+    message = str(caught.value)
+    named = quoted_paths(message)
+    assert ("blocks.12.attn", "12") in named and len(named) == CLOSEST_PATHS
+    assert "qkhooks.sites(model)" in message and "40 attention modules" in message
+    with qkhooks.record(model.model, modes=1, layers="blocks.12.attn") as live:
+        assert live.layers == [12] and live.module_paths == {12: "blocks.12.attn"}
