@@ -17,14 +17,16 @@ import pytest
 import timm
 import torch
 
+from conftest import noise_photos
 import qkhooks
 from qkhooks.access import CLOSEST_PATHS
+from qkhooks.analysis.modes import analyze_modes
 from qkhooks.errors import QKHooksError
 from qkhooks.store import RunWriter, open_run
 from qkhooks.store import format as fmt
 from qkhooks.store import reader
 from qkhooks.store._hdf5 import LOCK_REFUSED, open_swmr_writer
-from qkhooks.store.reader import RunArray
+from qkhooks.store.reader import RunArray, RunReader
 from qkhooks.stream import record_dataset
 
 N = 9  # committed images; the dataset holds two more, uncommitted, which no read may show
@@ -269,3 +271,26 @@ def test_an_unknown_module_path_in_a_layer_selection_names_the_closest_and_qkhoo
     assert "qkhooks.sites(model)" in message and "40 attention modules" in message
     with qkhooks.record(model.model, modes=1, layers="blocks.12.attn") as live:
         assert live.layers == [12] and live.module_paths == {12: "blocks.12.attn"}
+
+
+def test_the_modes_analysis_opens_its_run_once_and_still_checks_the_photos_against_the_recorded_sizes(tmp_path,
+                                                                                                      monkeypatch):
+    """analyze_modes reads everything it needs from the run, the drawn images' recorded file sizes included, in one
+    open (RunReader.__init__ counted); those sizes still decide whether the photos drawn are the files recorded."""
+    imgs = tmp_path / "imgs"
+    noise_photos(imgs, [f"im{i}.png" for i in range(4)], size=(40, 40))
+    record_dataset(tiny_vit(), str(imgs), tmp_path / "run.h5", modes=2, layers="0", batch_size=2, progress=False)
+    opens = []
+    real = RunReader.__init__
+
+    def counted(self, path):
+        opens.append(path)
+        real(self, path)
+
+    monkeypatch.setattr(RunReader, "__init__", counted)
+    summary = analyze_modes(tmp_path / "run.h5", tmp_path / "out", figure_modes=1, overview=False)
+    assert len(opens) == 1 and summary["photos"].startswith("photos from")
+    for name in sorted(p.name for p in imgs.iterdir()):  # same names, other sizes: not the files recorded
+        noise_photos(imgs, [name], size=(48, 40), seed=1)
+    summary = analyze_modes(tmp_path / "run.h5", tmp_path / "out2", figure_modes=1, overview=False)
+    assert len(opens) == 2 and "not the files this run recorded" in summary["photos"]
