@@ -25,6 +25,7 @@ Importing this module needs no torch: the reader uses it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Mapping, Protocol, Sequence, Union
 
 from qkhooks.errors import QKHooksError
@@ -170,15 +171,30 @@ def resolve_layer(layer: Layer, layers: Sequence[int], paths: Mapping[int, str],
     return index
 
 
-def layer_at_path(path: str, paths: Mapping[int, str], where: str) -> int:
-    """The block index of the attention module at dotted ``path`` among ``paths`` (layer -> path), refused with every
-    known path: the one place a layer given as a module path becomes an index (reading API and layer selections)."""
+LISTED_PATHS, CLOSEST_PATHS = 12, 5
+"""A refusal of an unknown module path lists every known one up to LISTED_PATHS (a ViT-B's twelve), else the
+CLOSEST_PATHS closest."""
+
+
+def layer_at_path(path: str, paths: Mapping[int, str], where: str,
+                  listing: str = "`.module_paths` (layer -> path)") -> int:
+    """The block index of the attention module at dotted ``path`` among ``paths`` (layer -> path): the one place a
+    layer given as a module path becomes an index (reading API and layer selections). An unknown path is refused
+    naming the closest known ones (all of a deep model's would bury them), their count, and ``listing``: how to
+    list them all."""
     for layer, known in paths.items():
         if known == path:
             return layer
-    listed = ", ".join(f"{known!r} (layer {l})" for l, known in sorted(paths.items()))
-    raise QKHooksError(f"{where} has no layer at module path {path!r}; its layers are the attention modules {listed} "
-                       f"(give one of those paths or a block index).")
+    if len(paths) <= LISTED_PATHS:
+        listed = ", ".join(f"{known!r} (layer {layer})" for layer, known in sorted(paths.items()))
+        raise QKHooksError(f"{where} has no layer at module path {path!r}; its layers are the attention modules "
+                           f"{listed} (give one of those paths or a block index).")
+    layer_of = {known: layer for layer, known in paths.items()}
+    closest = difflib.get_close_matches(path, list(layer_of), n=CLOSEST_PATHS, cutoff=0.0)
+    listed = ", ".join(f"{known!r} (layer {layer_of[known]})" for known in closest)
+    raise QKHooksError(f"{where} has no layer at module path {path!r}; the closest of its {len(paths)} attention "
+                       f"modules are {listed} (give one of their paths or a block index; {listing} lists all "
+                       f"{len(paths)}).")
 
 
 def require_layer(layer: int, available: Sequence[int], what: str, where: str, fix: str) -> None:

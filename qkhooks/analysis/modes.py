@@ -56,6 +56,7 @@ from qkhooks.analysis.recipes import objects_array
 from qkhooks.analysis.topk import SIGNS, TopKModes, layer_state, select_layers, signed_scores, top_images
 from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks._json import jsonable
+from qkhooks.data_files import recorded_sizes
 from qkhooks.errors import QKHooksError
 
 __all__ = [
@@ -234,6 +235,18 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
     return path
 
 
+def _drawn_images(topk: Mapping[str, Any], layers: Sequence[int], figure_modes: int | None, overview: bool) -> set[int]:
+    """The images the figures draw: the top-k of each head's first ``figure_modes`` modes (None: all), and of its
+    leading mode for the overview."""
+    wanted: set[int] = set()
+    for l in layers:
+        idx = np.asarray(layer_state(topk, l)["index"])  # (heads, modes, ...)
+        drawn = idx.shape[1] if figure_modes is None else min(int(figure_modes), idx.shape[1])
+        drawn = max(drawn, 1) if overview else drawn
+        wanted.update(int(v) for v in idx[:, :drawn].reshape(-1) if v >= 0)
+    return wanted
+
+
 def analyze_modes(
     run_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -308,6 +321,8 @@ def analyze_modes(
                     object_left_out[l] = f"the run has no object labels on its grid ({geometry[l].describe()})"
                 else:
                     layer_objects[l] = objects if name == "masks/objects" else np.asarray(run.array(name)[:n])
+        wanted = _drawn_images(topk, chosen, figure_modes, overview)
+        sizes = recorded_sizes(run, ids, wanted) if images and wanted else None  # of the images drawn: their rows
     model, data = str(attrs.get("model", "")), str(attrs.get("data", ""))
     out.mkdir(parents=True, exist_ok=True)  # only once the run is known to hold what the analysis needs
 
@@ -374,20 +389,6 @@ def analyze_modes(
     # --- figures
     kk = int(topk["k"])
     shapes = {l: layer_state(topk, l)["score"].shape[:2] for l in chosen}  # (heads, modes): stages differ
-    wanted: set[int] = set()
-    for l in chosen:
-        idx = np.asarray(layer_state(topk, l)["index"])
-        n_fig = shapes[l][1] if figure_modes is None else min(int(figure_modes), shapes[l][1])
-        if n_fig:
-            wanted.update(int(v) for v in idx[:, :n_fig].reshape(-1) if v >= 0)
-        if overview:
-            wanted.update(int(v) for v in idx[:, :1].reshape(-1) if v >= 0)
-    sizes = None
-    if images and wanted:
-        from qkhooks.data_files import recorded_sizes
-
-        with _open_run(run_path) as run:  # the file sizes recorded of the images drawn: their rows only
-            sizes = recorded_sizes(run, ids, wanted)
     photos, photo_note = (load_images(attrs, ids, sorted(wanted), image_config, sizes) if images and wanted
                           else ({}, "no photos (images=False)" if not images else "no figures"))
     figures: list[str] = []

@@ -666,7 +666,8 @@ def _paths_as_indices(found: Sequence[AttentionSite], layers: LayerSelection) ->
     if not isinstance(parts, (list, tuple)) or not any(_is_path(p) for p in parts):
         return layers
     paths = {s.layer: s.path for s in found}
-    out = [layer_at_path(part.strip(), paths, "this model") if _is_path(part)
+    listing = "`{s.layer: s.path for s in qkhooks.sites(model)}`"
+    out = [layer_at_path(part.strip(), paths, "this model", listing) if _is_path(part)
            else part.strip() if isinstance(part, str) else part for part in parts]
     return ",".join(map(str, out)) if isinstance(layers, str) else out
 

@@ -11,6 +11,7 @@ calls it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import os
 import time
@@ -173,6 +174,11 @@ def clear_open_flags(path: str | os.PathLike) -> bool:
     return True
 
 
+LOCK_REFUSED = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP})
+"""The errnos of an ``flock`` HDF5 could not take: held elsewhere (EAGAIN, EWOULDBLOCK: see
+:func:`open_swmr_writer`), no lock daemon (ENOLCK), not supported by the file system (ENOSYS, EOPNOTSUPP)."""
+
+
 def open_swmr_writer(path: str | os.PathLike, chunk_cache_bytes: int) -> h5py.File:
     """Open an existing run file for writing directly in SWMR mode (no moment in which it is not SWMR), with a
     raw-data chunk cache of ``chunk_cache_bytes`` per dataset whose fully written chunks are evicted first.
@@ -183,7 +189,12 @@ def open_swmr_writer(path: str | os.PathLike, chunk_cache_bytes: int) -> h5py.Fi
     byte-range locks, it conflicts with the writer's own OFD lock on the run file (:mod:`qkhooks.store.lock`);
     anywhere, a program holding the file open with HDF5's default locking (``h5py.File(path, "r")`` in a notebook)
     made a resume fail with a raw lock error. One writer per run is what
-    :class:`~qkhooks.store.lock.WriterLock` and the superblock's open-for-write flags guarantee."""
+    :class:`~qkhooks.store.lock.WriterLock` and the superblock's open-for-write flags guarantee.
+
+    The refused lock is told by the OSError's ``errno`` (:data:`LOCK_REFUSED`), which h5py (3.2 on) sets from
+    HDF5's innermost error, the failed ``flock`` (its ``errno = 11``): a refused lock is a ``BlockingIOError``. The
+    error stack's minor code (``H5E_CANTLOCKFILE``) would say more, but h5py does not expose it; HDF5's wording
+    ("unable to lock file") is not relied on. An open that fails otherwise (no such file, damage) is not retried."""
     for locking in (True, False):
         fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
         fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
@@ -192,8 +203,8 @@ def open_swmr_writer(path: str | os.PathLike, chunk_cache_bytes: int) -> h5py.Fi
             fapl.set_file_locking(False, True)
         try:
             return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl))
-        except OSError as exc:  # HDF5's lock refused (EAGAIN: another lock on the file, see above; ENOLCK: no lockd)
-            if not locking or "unable to lock file" not in str(exc):
+        except OSError as exc:
+            if not locking or exc.errno not in LOCK_REFUSED:
                 raise
     raise AssertionError("unreachable")
 

@@ -32,7 +32,7 @@ import threading
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -105,6 +105,10 @@ def _numpy(item: tuple[Any, Any]) -> np.ndarray:
 
 def _disk_full(exc: BaseException) -> bool:
     return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "errno = 28" in str(exc)
+
+
+def _layout_words(compression: str, checksum: bool) -> str:
+    return f"compression {compression}, " + ("a Fletcher-32 checksum" if checksum else "no checksum")
 
 
 class RunWriter:
@@ -314,19 +318,33 @@ class RunWriter:
                 f.flush()
                 arrays = fmt.per_image_datasets(f)
                 self._layout_names = set(arrays) or None
-                self._follow_file_layout(arrays.values())
+                self._follow_file_layout(arrays)
             except BaseException:
                 f.close()
                 raise
         return f
 
-    def _follow_file_layout(self, arrays: Iterable[h5py.Dataset]) -> None:
-        """A resume appends to the arrays as the run's first batch made them: their compression and checksum stay the
-        file's (one run file never mixes two). Where the options given differ, say so, and report the file's."""
-        found = sorted({(ds.compression or "none", bool(ds.fletcher32)) for ds in arrays})
-        if not found:
+    def _follow_file_layout(self, arrays: Mapping[str, h5py.Dataset]) -> None:
+        """A resume appends to the arrays as they were made: HDF5 fixes a dataset's compression and checksum when it
+        is created. Every file qkhooks writes has one layout (repair and merge copy each array's own): it becomes
+        the writer's, and options given that differ are named. Arrays that differ among themselves (a file other
+        tools made or changed) each keep their own; the writer keeps the options given, for arrays made now (a
+        resume makes none: a batch has the run's arrays), and the warning names which arrays have which layout."""
+        layouts: dict[tuple[str, bool], list[str]] = {}
+        for name, ds in arrays.items():
+            layouts.setdefault((ds.compression or "none", bool(ds.fletcher32)), []).append(name)
+        if len(layouts) > 1:
+            which = "; ".join(f"{_layout_words(*layout)}: {', '.join(sorted(names))}"
+                              for layout, names in sorted(layouts.items()))
+            warnings.warn(f"resuming {self.path}: its per-image arrays differ in layout ({which}), which qkhooks "
+                          "never writes (another tool made or changed the file). Each array keeps its own, so the "
+                          "images added now are stored as its earlier ones, whatever the options given now "
+                          f"({_layout_words(self.compression or 'none', self.checksum)}); to give every array one "
+                          "layout, record the run again with --overwrite.", stacklevel=4)
             return
-        compression, checksum = found[0]  # one layout in a file qkhooks wrote
+        if not layouts:
+            return
+        [(compression, checksum)] = layouts
         differ = []
         if compression != (self.compression or "none"):
             differ.append(f"compression {compression}, not {self.compression or 'none'} as given now")
