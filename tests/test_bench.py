@@ -345,7 +345,7 @@ def test_chunks_of_1mib_restore_the_chunking_of_before_patch_c(bench):
         return out, per
 
     default, _ = chunks("lzf", "")
-    assert set(default.values()) == {bench.batch}  # patch C: one chunk per batch when compressed
+    assert set(default.values()) == {1}  # round 21: one image a chunk when compressed (patch C: one batch)
     legacy, per = chunks("lzf", "1mib")
     assert legacy == {name: min(64, max(1, (1 << 20) // per[name])) for name in legacy}
 

@@ -659,12 +659,12 @@ def test_labels_masks_shrink_by_nearest_pixel_centres_and_photos_by_exact_area_m
 
 def test_the_writers_chunks_hold_whole_images_a_batch_or_64_kib_of_batches_at_a_time(tmp_path):
     """The chunk rule read back with h5py: uncompressed arrays group whole batches up to MIN_CHUNK_BYTES,
-    compressed ones take one batch a chunk, ``chunk_images`` overrides both; a chunk always holds whole images."""
+    compressed ones take one image a chunk, ``chunk_images`` overrides both; a chunk always holds whole images."""
     from qkhooks.store.writer import MIN_CHUNK_BYTES, RunWriter
 
     small = np.ones((3, 4, 5), np.float32)  # 80 bytes an image as float32 -> 40 as float16
     big = np.ones((3, 128, 200), np.float32)  # 51200 bytes an image as float16
-    expected = {"none": {"small": 3 * (MIN_CHUNK_BYTES // (3 * 40)), "big": 3}, "gzip": {"small": 3, "big": 3}}
+    expected = {"none": {"small": 3 * (MIN_CHUNK_BYTES // (3 * 40)), "big": 3}, "gzip": {"small": 1, "big": 1}}
     for compression, chunk_images in (("none", None), ("gzip", None), ("none", 5)):
         path = tmp_path / f"{compression}{chunk_images}.h5"
         with RunWriter(path, compression=compression, chunk_images=chunk_images) as writer:

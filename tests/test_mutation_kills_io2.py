@@ -511,8 +511,8 @@ def test_the_writer_thread_never_keeps_a_program_alive_that_forgot_to_close_its_
 
 
 def test_a_compressed_run_whose_first_batch_has_one_image_keeps_one_image_per_chunk(tmp_path):
-    """Compressed chunks are one batch each (a chunk touched by two batches is rewritten elsewhere in the file), so a
-    first batch of one image makes one-image chunks."""
+    """Compressed chunks are one image each (a chunk touched by two batches is rewritten elsewhere in the file), also
+    after a first batch of one image."""
     out = tmp_path / "run.h5"
     with RunWriter(out, dtype="float32", compression="gzip") as w:
         for i in range(3):

@@ -308,7 +308,7 @@ def test_a_layer_list_mixing_a_module_path_and_a_tensor_index_selects_both_block
 
 @pytest.mark.parametrize("layout", [{"checksum": True}, {"compression": "gzip"}])
 def test_a_checksummed_or_compressed_run_whose_first_batch_holds_one_image_gets_one_image_chunks(tmp_path, layout):
-    """RunWriter._create_per_image (_16: a chunk of at least two images): one chunk a batch, so a one-image batch
+    """RunWriter._create_per_image (_16: a chunk of at least two images): one image a chunk, so a one-image batch
     fills its chunk (a checksummed chunk is never rewritten beside committed images); h5py reads the chunks."""
     import h5py
 

@@ -226,8 +226,8 @@ def render_markdown(data: dict[str, Any]) -> str:
                  _overhead(v["wall_ratio_to_no_writer"]), f"{v['mb_per_batch']:.1f}", fmt(v.get("file_mb_per_batch"), 1),
                  fmt(v["file_ratio"], 2)]
                 for c, v in d["codecs"].items()]
-        L += ["Chunking: `CODEC` = the writer's default (~1 MiB chunks uncompressed; one chunk per batch when compressed, "
-              "since patch C); `CODEC@batch` = `chunk_images` of one batch, given explicitly; `CODEC@1mib` = the ~1 MiB "
+        L += ["Chunking: `CODEC` = the writer's default when measured (~1 MiB chunks uncompressed; when compressed or "
+              "checksummed one chunk per batch from patch C, one image per chunk from round 21); `CODEC@batch` = `chunk_images` of one batch, given explicitly; `CODEC@1mib` = the ~1 MiB "
               "chunks of before patch C (compressed chunks spanning several batches, rewritten at every append). The compression "
               "ratio is raw bytes / file size: below 1 means the file is *larger* than the raw data.", ""]
         L += _table(["codec", "blocked ms/batch", "blocked % of wall", "thread CPU ms/batch", "thread wall ms/batch",

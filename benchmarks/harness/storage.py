@@ -60,8 +60,8 @@ def writer_bench(bench: Bench, compressions: Sequence[str], rounds: int = 6, bat
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Stream top-16 modes + rows through a RunWriter per codec, interleaved with a no-writer reference.
 
-    Chunking: plain ``X`` is the writer's default (~1 MiB chunks uncompressed; one chunk per batch when compressed,
-    since patch C); ``X@batch`` passes ``chunk_images=batch`` explicitly; ``X@1mib`` restores the ~1 MiB chunks of
+    Chunking: plain ``X`` is the writer's default (~1 MiB chunks uncompressed; when compressed or checksummed one
+    chunk per batch from patch C, one image per chunk from round 21); ``X@batch`` passes ``chunk_images=batch`` explicitly; ``X@1mib`` restores the ~1 MiB chunks of
     every dataset as before patch C (for the before/after file sizes, see :func:`_chunks_of_1mib`); a ``+checksum``
     suffix adds HDF5's Fletcher-32 filter (``--checksum``) to the same layout, for its cost.
 

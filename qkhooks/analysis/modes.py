@@ -137,6 +137,11 @@ def _topk_state(run: Any, layers: Sequence[int] | None, k: int | None, prefix: i
         missing = [l for l in want if l not in saved_layers]
         if missing:
             problems.append(f"it lacks layers {missing}")
+        # an image index past the run's images means the state's indices are not this file's rows (a merge that
+        # placed a shard's images wrongly): none of them can be trusted, so the state does not fit at all
+        past = max((int(layer_state(saved, l)["index"].max(initial=-1)) for l in want if l in saved_layers), default=-1)
+        if past >= int(run.n):
+            problems.append(f"it names image row {past}, past the run's {run.n} images: its indices are not this file's rows")
         if not problems:
             return dict(saved), "reducer state saved with the run"
         reasons.append("the saved top-k state does not fit (" + "; ".join(problems) + ")")
@@ -266,7 +271,7 @@ def analyze_modes(
         run_path: a run written by :func:`qkhooks.stream.record_dataset` (``qkhooks record``).
         out_dir: where ``modes.json``, ``same_object.csv/.png``, ``anisotropy.csv/.png`` and ``figures/`` go.
         k: images per mode and sign (default: what the saved reducer kept, 8). A larger k than saved, a state
-            that does not cover the run, or no state at all is recomputed from the stored maps.
+            that does not cover the run (or names rows past it), or no state at all is recomputed from the stored maps.
         layers: block indices (``"0,3,5-7"``, a list, or None for all recorded); negative indices count back from
             the highest *recorded* layer (-1 = the last recorded one; see :func:`_choose_layers`), not from the
             model's last block as in ``qkhooks record``: a run does not store the model's depth.
@@ -450,7 +455,7 @@ def analyze_modes(
                 best = top_images(st, h, m, "both", kk)
                 rec: dict[str, Any] = {
                     "mode": m, "name": mode_name(l, h, m), "sigma": float(spectra[l]["S"][h, m]), "cos": float(spectra[l]["cos"][h, m]),
-                    "top": [{"index": int(ix), "id": ids[int(ix)] if int(ix) < len(ids) else None, "score": float(sc), "sign": int(sg)}
+                    "top": [{"index": int(ix), "id": ids[int(ix)], "score": float(sc), "sign": int(sg)}
                             for ix, sc, sg in zip(best["index"], best["score"], best["sign"])],
                 }
                 if l in baselines:

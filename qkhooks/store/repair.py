@@ -4,7 +4,9 @@
 The damaged file is only read (through a view that clears its open flags, rebuilds a zeroed superblock and
 reads a truncated tail as zeros), never changed. An image is copied when its id and its rows of every per-image
 array read back (with a checksum, ``--checksum``: that they pass it) and lie wholly inside the file as it is on disk
-(zeros read past a truncation are not data). The copy keeps the arrays' compression and checksum.
+(zeros read past a truncation are not data) and lie inside every array (one cut shorter than ``committed`` loses
+its missing rows). The copy keeps the arrays' compression and checksum, and the attributes of the root and of
+``/images`` (a shard's block start) but the image count and the list of arrays, which are the new file's own.
 Statics and the reducer checkpoint are copied when they read; the checkpoint only when every image it counts
 was recovered, so ``--resume`` on the new file continues correctly. :func:`verify_run` reads the same chunks the
 same way, one at a time, through the reader's bounded opening (a file a writer has open included), and changes
@@ -14,6 +16,7 @@ nothing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -81,16 +84,15 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     n = fmt.committed(src) if _readable(lambda: src[fmt.IDS]) else None
     if n is None:
         raise QKHooksError(f"{run} has no readable /images/ids with a committed count; no image can be recovered.")
-    for key in list(src.attrs):
-        try:
-            dst.attrs[key] = src.attrs[key]
-        except _READ_ERRORS:
-            problems.append(f"root attribute {key} unreadable")
+    _copy_attrs(src, dst, "root attribute", problems)
     ids = np.array([""] * n, dtype=object)
     good = np.zeros(n, dtype=bool)
     try:
-        ids[:] = fmt.read_ids(src, n)
+        found = fmt.read_ids(src, n)  # fewer than n where the ids were cut: the rest are lost
+        ids[:len(found)] = found
         good[:] = ids != ""
+        if len(found) < n:
+            problems.append(_past_the_end(f"/{fmt.IDS}", len(found), n))
     except _READ_ERRORS as exc:
         problems.append(f"image ids unreadable ({exc})")
     try:
@@ -108,6 +110,9 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
         good &= _readable_rows(ds, n, real_size, problems)
     keep = np.flatnonzero(good)
     images = dst.create_group("images")
+    # A shard's block start (``shard``: the merge renumbers its top-k images by it) and a merge's ``shards`` are
+    # copied; ``committed`` and the layout's array list are this file's own, written below
+    _copy_attrs(src["images"], images, "/images attribute", problems, skip=("committed", fmt.ARRAYS_ATTR))
     images.create_dataset("ids", data=ids[keep].astype(object), maxshape=(None,), chunks=(1024,),
                           dtype=h5py.string_dtype())
     fmt.set_committed(dst, len(keep))
@@ -125,6 +130,7 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
             rows = keep[start:start + 256]
             copy[start:start + len(rows)] = ds[rows] if len(rows) else ds[:0]
         copy.attrs["per_image"] = True
+    images.attrs[fmt.ARRAYS_ATTR] = json.dumps(sorted(arrays))
     _copy_statics(src, dst, problems)
     dst.attrs["complete"] = bool(src.attrs.get("complete", False)) and len(keep) == n
     states = _copy_states(src, run, out, keep, n, problems)
@@ -139,10 +145,19 @@ def _readable(read: Any) -> bool:
         return False
 
 
+def _past_the_end(name: str, rows: int, n: int) -> str:
+    """The note for a dataset cut shorter than the committed count (its missing rows are lost images)."""
+    return f"{name}: rows {rows}-{n - 1} are past its end (it has {rows} rows, {n} images are committed)"
+
+
 def _readable_rows(ds: h5py.Dataset, n: int, real_size: int, problems: list[str]) -> np.ndarray:
     """Rows of ``ds`` that read back (:func:`_failing_rows`); the chunks that do not are noted in ``problems``, one
-    line for the array."""
+    line for the array, and rows past the array's end (an array cut shorter than ``committed``) in another."""
     ok = np.ones(n, dtype=bool)
+    rows = min(n, ds.shape[0])
+    if rows < n:
+        problems.append(_past_the_end(ds.name, rows, n))
+        ok[rows:] = False
     failing, why = _failing_rows(ds, n, real_size)
     for lo, hi in failing:
         ok[lo:hi] = False
@@ -152,15 +167,17 @@ def _readable_rows(ds: h5py.Dataset, n: int, real_size: int, problems: list[str]
 
 
 def _failing_rows(ds: h5py.Dataset, n: int, real_size: int) -> tuple[list[tuple[int, int]], str]:
-    """The [start, stop) row ranges of ``ds``'s first ``n`` rows that do not read back, and why the first did not:
-    read one chunk's rows at a time (never more in memory; an unchunked view 64 MiB of rows at a time). A chunk fails
-    when its checksum does, when it does not decompress, or when it is missing from the file or lies past the file's
-    end on disk (``real_size`` bytes); a string (the ids) when it is not UTF-8."""
+    """The [start, stop) row ranges of ``ds``'s first ``n`` rows (those it has: rows past its end are the caller's to
+    note) that do not read back, and why the first did not: read one chunk's rows at a time (never more in memory; an
+    unchunked view 64 MiB of rows at a time). A chunk fails when its checksum does, when it does not decompress, or
+    when it is missing from the file or lies past the file's end on disk (``real_size`` bytes); a string (the ids)
+    when it is not UTF-8."""
+    rows = min(n, ds.shape[0])
     step = ds.chunks[0] if ds.chunks else max(1, (64 << 20) // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
     failing: list[tuple[int, int]] = []
     why = ""
-    for lo in range(0, n, step):
-        hi = min(lo + step, n)
+    for lo in range(0, rows, step):
+        hi = min(lo + step, rows)
         try:
             if ds.chunks:
                 info = ds.id.get_chunk_info_by_coord((lo,) + (0,) * (ds.ndim - 1))
@@ -180,6 +197,22 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int) -> tuple[list[tuple[
 def _rows_line(name: str, failing: list[tuple[int, int]], why: str) -> str:
     spans = [f"{lo}-{hi - 1}" for lo, hi in failing]
     return f"{name}: rows {', '.join(spans[:5])}{' ...' if len(spans) > 5 else ''} do not read ({why})"
+
+
+def _copy_attrs(src: h5py.Group, dst: h5py.Group, what: str, problems: list[str], skip: tuple[str, ...] = ()) -> None:
+    """Every attribute of ``src`` but ``skip`` onto ``dst``; one that does not read is noted in ``problems``."""
+    try:
+        keys = list(src.attrs)
+    except _READ_ERRORS as exc:
+        problems.append(f"{what}s unreadable ({exc})")
+        return
+    for key in keys:
+        if key in skip:
+            continue
+        try:
+            dst.attrs[key] = src.attrs[key]
+        except _READ_ERRORS:
+            problems.append(f"{what} {key} unreadable")
 
 
 def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str]) -> None:

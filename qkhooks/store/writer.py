@@ -127,7 +127,8 @@ class RunWriter:
             never returned (off by default: it costs the writer thread about 2.5x its CPU, see README.md).
             A resume keeps the file's own layout (compression and checksum) and warns where they differ.
         chunk_images: images per chunk along the first axis (default: the first batch's size, so that every chunk
-            is written once; uncompressed, unchecksummed arrays of under 64 KiB a batch group several batches).
+            is written once; uncompressed, unchecksummed arrays of under 64 KiB a batch group several batches;
+            compressed or checksummed arrays one image, so that no chunk holding a committed image is written again).
         queue_size: batches that may wait for the writer thread before ``write_batch`` blocks.
         expected_statics: for a resume of a file without ``weights_sha256`` (written before it): statics the
             file must hold with these values (e.g. every layer's ``spectrum/L*/S_all``), else the resume is
@@ -715,17 +716,23 @@ class RunWriter:
         if self.chunk_images:
             chunk = self.chunk_images
         elif self.compression or self.checksum:
-            # A compressed chunk is re-encoded and rewritten elsewhere in the file at every append that touches it
-            # (HDF5 does not reuse the old space), so chunks spanning several batches bloat the file 2-3x
-            # (benchmarks/RESULTS.md). A checksummed chunk is rewritten in place, so a kill inside that write (the
-            # kernel may stop a write between pages) would leave committed images beside a stale checksum: lost.
-            # One chunk per batch writes each chunk exactly once, whole, before its images are committed.
-            chunk = batch
+            # A filtered chunk that a later append touches is re-encoded and rewritten: a checksummed one in place, so
+            # a kill inside that write (the kernel may stop a write between pages) leaves committed images beside a
+            # stale checksum (lost), a compressed one elsewhere, bloating the file 2-3x (benchmarks/RESULTS.md). A
+            # chunk of one batch is not enough: a later batch of another size (a photo that fails to decode late, a
+            # resume with another batch size) shifts every later chunk across two batches. One image per chunk
+            # writes each chunk exactly once, whole, before its image is committed, whatever the batches. Against one
+            # batch a chunk (36 float16 arrays of (6, 16, 394), random, batch 8 and 16, tmpfs, 2-core VM at load 4-7,
+            # paired medians of 24-30 interleaved batches): writer thread CPU +2-7 % with the checksum alone
+            # (48 -> 50 ms a 43 MB batch), +15-20 % lzf, -8-10 % gzip; file size +0.04-0.08 %.
+            chunk = 1
         else:
             # Whole batches per chunk: a chunk that a batch fills only in part goes to disk again at every flush
             # (one a batch), ~3x the bytes of the data for ~1 MiB chunks; a batch-sized chunk is written once
             # (writer thread -25% CPU, benchmarks/ANALYSIS.md "speed-e2e"). Small arrays group several
-            # batches up to MIN_CHUNK_BYTES, so they do not end up in thousands of tiny chunks.
+            # batches up to MIN_CHUNK_BYTES, so they do not end up in thousands of tiny chunks. A chunk that a
+            # later batch fills is rewritten with its committed rows' bytes unchanged (no filter recodes them): a
+            # write cut by a kill leaves those bytes as they were.
             chunk = batch * max(1, MIN_CHUNK_BYTES // (batch * per))
         ds = self._file.create_dataset(
             name, shape=(0,) + value.shape[1:], maxshape=(None,) + value.shape[1:], dtype=value.dtype,
