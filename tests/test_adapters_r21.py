@@ -159,3 +159,111 @@ def test_a_peft_model_is_refused_with_merge_and_unload():
 
     with pytest.raises(QKHooksError, match=r"PeftModelLike holds adapter layers .*merge_and_unload\(\)"):
         find_sites(PeftModelLike(_timm_vit()))
+
+
+# ------------------------------------------------------------------ half precision: float32 logits
+def _sharpened(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Logits of order 10-20, as in trained ViTs, where half-precision logits lose up to 1/16."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("qkv.weight", "q_proj.weight", "k_proj.weight", "query.weight", "key.weight")):
+                p.mul_(14)
+    return model.to(dtype)
+
+
+def _model_qk(model: nn.Module, kind: str, layer: int):
+    """A hook keeping the q and k (B, H, N, d_k) the model computes in ``layer``, and its handle(s)."""
+    seen: dict[str, torch.Tensor] = {}
+    if kind == "timm":
+        attn = model.blocks[layer].attn
+
+        def split(o: torch.Tensor) -> None:
+            b, n, _ = o.shape
+            q, k, _ = o.detach().reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            seen["q"], seen["k"] = q, k
+
+        return seen, [attn.qkv.register_forward_hook(lambda m, a, o: split(o))]
+    attn = _hf_attentions(model)[layer]
+    heads = 3
+    handles = []
+    for key, name in zip("qk", _hf_qk_names(attn)):
+        def keep(m, a, o, key=key):
+            seen[key] = o.detach().unflatten(-1, (heads, -1)).transpose(1, 2)
+
+        handles.append(getattr(attn, name).register_forward_hook(keep))
+    return seen, handles
+
+
+def _exact_maps(seen: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float64 softmax of the model's own half-precision q and k: what fused SDPA computes, up to float32 sums."""
+    q, k = seen["q"].double(), seen["k"].double()
+    return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+
+
+@pytest.mark.parametrize("qk_path", [True, False], ids=["from-q-k", "from-x"])
+@pytest.mark.parametrize("kind", ["timm", "hf"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_maps_and_rows_are_the_softmax_of_the_models_own_q_k(kind, dtype, qk_path):
+    """From the model's q/k outputs or from the tokens x (rows then from every key: the few-query shortcut's keys are
+    not rounded as the model's are)."""
+    model = _sharpened(_timm_vit() if kind == "timm" else _hf_vit(), dtype)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    seen, handles = _model_qk(model, kind, 1)
+    with qkhooks.record(model, modes=None, attention="full+rows", qk_path=qk_path) as run, torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    exact = _exact_maps(seen)
+    assert float(exact.amax()) > 0.5  # sharp maps: half-precision logits would move them by ~1e-2
+    tokens = torch.as_tensor(run.last.meta["query_tokens"])
+    full, rows = run.attention(1, "full").double(), run.attention(1, "rows").double()
+    assert float((full - exact).abs().max()) < 1e-4
+    assert float((rows - exact[torch.arange(2)[:, None], :, tokens].transpose(1, 2)).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_eager_outputs_are_as_close_as_the_models_sdpa(dtype):
+    """outputs='eager': maps @ v from float32 maps, rounded once, is as close to float64 attention as the model's own
+    SDPA kernel (both compared on layer 0, whose input the two forwards share); the kept maps are rounded once."""
+    model = _sharpened(_timm_vit(), dtype)
+    attn = model.blocks[0].attn
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got: dict[str, torch.Tensor] = {}
+    handles = [attn.qkv.register_forward_hook(lambda m, a, o: got.__setitem__("qkv", o.detach())),
+               attn.proj.register_forward_pre_hook(lambda m, a: got.__setitem__("attended", a[0].detach()))]
+
+    def error() -> float:
+        b, n, _ = got["qkv"].shape
+        q, k, v = got["qkv"].double().reshape(b, n, 3, 3, -1).permute(2, 0, 3, 1, 4)
+        exact = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        return float((got["attended"].double() - exact.transpose(1, 2).flatten(2)).abs().max())
+
+    with torch.no_grad():
+        model(images)
+    kernel = error()
+    with qkhooks.record(model, modes=None, attention="full", outputs="eager") as run, torch.no_grad():
+        model(images)
+    eager = error()
+    for handle in handles:
+        handle.remove()
+    assert eager <= 1.25 * kernel, (eager, kernel)
+    maps = run.attention(0, "full")
+    b, n, _ = got["qkv"].shape
+    q, k, _ = got["qkv"].reshape(b, n, 3, 3, -1).permute(2, 0, 3, 1, 4)
+    assert maps.dtype == dtype
+    assert float((maps.double() - _exact_maps({"q": q, "k": k})).abs().max()) <= torch.finfo(dtype).eps / 2 + 1e-6
+
+
+def test_autocast_maps_are_the_softmax_of_the_models_own_q_k():
+    """Under autocast the model's q and k are bfloat16; the rebuilt logits are float32 all the same (autocast would run
+    the product of 17 tokens, below the in-place CPU path, in bfloat16 again)."""
+    model = _sharpened(_timm_vit(), torch.float32)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    seen, handles = _model_qk(model, "timm", 1)
+    with qkhooks.record(model, modes=None, attention="full") as run, torch.no_grad(), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images)
+    for handle in handles:
+        handle.remove()
+    assert seen["q"].dtype == torch.bfloat16
+    assert float((run.attention(1, "full").double() - _exact_maps(seen)).abs().max()) < 1e-4
