@@ -2,7 +2,8 @@
 
 Fused kernels never materialise softmax(q k^T * scale); HF returns None or raises, timm's extractor
 returns nothing. We recompute only what is asked for, from the exact tokens entering W_q/W_k, with the
-model's own weights, biases and scale, softmax in float32 like HF's eager path:
+model's own weights, biases and scale; q·kᵀ of half-precision q, k accumulated in float32 as the fused kernels do
+(:func:`qkhooks.sdpa.scaled_logits`), the softmax in float32 like HF's eager path:
 
 - ``rows``: the post-softmax rows of chosen query tokens per image, (B, H, T, N);
 - ``pooled``: the mass those rows put on each of M token masks, (B, H, T, M), reduced on device so no
@@ -19,7 +20,7 @@ import torch
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, parse_layers
-from qkhooks.sdpa import AttentionCallMode, SdpaCall, maps_times_values, scaled_logits, sdpa_maps
+from qkhooks.sdpa import HALF, AttentionCallMode, SdpaCall, autocast_off, maps_times_values, scaled_logits, sdpa_maps
 
 __all__ = [
     "AttentionSpec", "attention_rows", "attention_full", "rows_from_qk", "full_from_qk", "split_heads", "pool_rows",
@@ -90,7 +91,7 @@ def split_heads(site: AttentionSite, t: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax(site: AttentionSite, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax over keys in float32, as HF's eager path does (a no-op cast for float32 models), after the model's
+    """Softmax over keys in float32, as HF's eager path does (a no-op cast for float32 logits), after the model's
     own additive term (position bias, mask) for the rows of ``query_tokens`` (all rows when None)."""
     logits = site.add_logit_bias(logits.float(), query_tokens)
     if site.head_mixing is not None:  # talking heads: heads mixed before and after the softmax, as the model does
@@ -202,8 +203,8 @@ def attention_rows(site: AttentionSite, x: torch.Tensor, query_tokens: torch.Ten
     idx = _check_tokens(query_tokens, x.shape[0], x.shape[1], x.device)
     _refuse_non_querying_tokens(site, query_tokens)
     # few query tokens: never compute the keys (not under RoPE or q/k-norm, where each key's own rotation or
-    # scale enters its logit)
-    if not site.keys_shape_logits() and site.num_heads * idx.shape[1] < x.shape[-1]:
+    # scale enters its logit; nor in half precision, where the model's logits are those of its rounded keys)
+    if not site.keys_shape_logits() and x.dtype not in HALF and site.num_heads * idx.shape[1] < x.shape[-1]:
         x_q = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
         return _softmax(site, _row_logits(site, x_q, site.keys_for(x)), idx)
     return rows_from_qk(site, *site.qk(x), idx)
@@ -241,7 +242,9 @@ class OneAttention(AttentionCallMode):
     keeps doing so; its softmax over (B, H, N, M) is then the map it hands over.
 
     It takes the exact q, k, v, mask, scale and causal flag the model passes (after its norms, RoPE and biases),
-    so no family needs code of its own; a call it cannot match is refused, naming the module.
+    so no family needs code of its own; a call it cannot match is refused, naming the module. For half-precision
+    q, k the maps are computed in float32 (:func:`~qkhooks.sdpa.sdpa_probabilities`) and kept rounded to q's dtype;
+    the output is the float32 maps @ v rounded once to v's dtype, as the fused kernels accumulate.
     """
 
     def __init__(self, site: AttentionSite):
@@ -257,11 +260,14 @@ class OneAttention(AttentionCallMode):
         if not self._is_map(q) or q.shape[-1] != self.site.head_dim:
             raise self._refusal(f"its attention call has q of shape {tuple(q.shape)}, not the (batch, "
                                 f"{self.site.num_heads} heads, tokens, {self.site.head_dim}) the adapter describes")
-        maps = call.maps()
-        self._keep(maps)
+        maps = call.probabilities()  # float32 for half-precision q, k: kept in q's dtype, multiplied with v as is
+        self._keep(maps.to(q.dtype))
         if call.enable_gqa and v.shape[-3] != q.shape[-3]:
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-        return maps_times_values(maps, v)
+        if maps.dtype == v.dtype:
+            return maps_times_values(maps, v)
+        with autocast_off(v.device):  # the fused kernels accumulate in float32 and round the output once
+            return maps_times_values(maps, v.to(maps.dtype)).to(v.dtype)
 
     def on_softmax(self, maps: torch.Tensor) -> None:
         if self._is_map(maps):

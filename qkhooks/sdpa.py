@@ -12,6 +12,7 @@ module level: :mod:`qkhooks.attention` imports the models package, which imports
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -19,7 +20,7 @@ import torch
 
 from qkhooks.errors import QKHooksError
 
-__all__ = ["scaled_logits", "maps_times_values", "sdpa_maps", "SdpaCall", "AttentionCallMode"]
+__all__ = ["HALF", "scaled_logits", "maps_times_values", "sdpa_maps", "sdpa_probabilities", "SdpaCall", "AttentionCallMode"]
 
 # ------------------------------------------------------------------ the two products, read in place on the CPU
 # Below this many query and key tokens an image's products are too small for per-image calls to pay off (windows of 49).
@@ -34,8 +35,15 @@ def _in_place(a: torch.Tensor, b: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 def scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """scale · q kᵀ over the last two axes: (..., L, d) and (..., S, d) -> (..., L, S).
+
+    Half-precision q and k (float16, bfloat16) are multiplied in float32, autocast off, and the logits are float32:
+    the fused kernels a model runs accumulate q·kᵀ in float32, and logits rounded to half precision (a logit of 16
+    moves by up to 1/16 in bfloat16) made maps differ from the softmax of the model's own q, k by 1e-2.
 
     q and k are usually strided views of one Linear's output (heads split off a fused qkv), which ``matmul`` first
     copies into contiguous tensors (q once more to scale it). On the CPU one ``baddbmm`` per image reads them in
@@ -45,12 +53,24 @@ def scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     scale·(q·k) rounded once, where ``(q·scale) @ kᵀ`` rounds q·scale first: equal for a power-of-two scale
     (d_k = 64), within a float ulp otherwise.
     """
+    if q.dtype in HALF or k.dtype in HALF:
+        with autocast_off(q.device):
+            return _scaled_logits(q.float(), k.float(), scale)
+    return _scaled_logits(q, k, scale)
+
+
+def _scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     if not (isinstance(scale, (int, float)) and _in_place(q, k)):  # a tensor scale: a learned temperature
         return (q * scale) @ k.transpose(-1, -2)
     logits = q.new_empty(*q.shape[:-1], k.shape[-2])
     for b in range(q.shape[0]):
         torch.baddbmm(logits[b], q[b], k[b].transpose(-1, -2), beta=0, alpha=scale, out=logits[b])
     return logits
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device`` (it would run a float32 product in half precision again)."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
 
 
 def maps_times_values(maps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -72,7 +92,15 @@ _SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
 
 def sdpa_maps(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
               scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
-    """softmax(q kᵀ·scale + mask) as ``scaled_dot_product_attention`` defines it, in q's dtype: (..., L, S).
+    """softmax(q kᵀ·scale + mask) as ``scaled_dot_product_attention`` defines it, in q's dtype: (..., L, S)
+    (:func:`sdpa_probabilities` rounded to q's dtype once, at the end)."""
+    return sdpa_probabilities(q, k, attn_mask, is_causal, scale, enable_gqa).to(q.dtype)
+
+
+def sdpa_probabilities(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                       scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """softmax(q kᵀ·scale + mask) as ``scaled_dot_product_attention`` defines it, in the logits' dtype: q's, float32
+    for half-precision q, k (whose logits and softmax are float32, as the fused kernels keep them).
 
     The scale enters the product (:func:`scaled_logits`), never the N·N logits; a boolean mask keeps
     the True entries, a float mask is added, ``is_causal`` keeps the lower triangle; rows with every key masked
@@ -113,6 +141,10 @@ class SdpaCall:
     def maps(self) -> torch.Tensor:
         """The call's maps, softmax(q kᵀ·scale + mask) (:func:`sdpa_maps`), before dropout."""
         return sdpa_maps(self.query, self.key, self.attn_mask, self.is_causal, self.scale, self.enable_gqa)
+
+    def probabilities(self) -> torch.Tensor:
+        """The call's maps before they are rounded to q's dtype (:func:`sdpa_probabilities`)."""
+        return sdpa_probabilities(self.query, self.key, self.attn_mask, self.is_causal, self.scale, self.enable_gqa)
 
 
 def _softmax_over_last_axis(out: Any, args: tuple, kwargs: dict) -> bool:

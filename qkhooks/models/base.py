@@ -19,8 +19,8 @@ from torch import nn
 
 from qkhooks.access import layer_at_path
 from qkhooks.errors import QKHooksError
-from qkhooks.models.unsupported import (SKIP_HINT, describe_attention_like, diagnose, skipping_unmodelled, unmodelled_parts,
-                                        unmodelled_reason)
+from qkhooks.models.unsupported import (PEFT_FIX, SKIP_HINT, describe_attention_like, diagnose, refuse_unplain_qk,
+                                        skipping_unmodelled, unmodelled_parts, unmodelled_reason)
 
 __all__ = ["AttentionSite", "QKWeights", "register_adapter", "find_sites", "adapters"]
 
@@ -573,6 +573,7 @@ def _find_sites(model: nn.Module, layers: "LayerSelection", skip_unmodelled: boo
                 if skip_unmodelled:  # an adapter may take every attention of its family, the unmodelled ones too
                     found = [s for s in found if unmodelled_reason(s.module) is None]
                 if found:
+                    refuse_unplain_qk(found)
                     return select_layers(number_in_forward_order(model, found), layers)
                 break
     left = unmodelled_parts(model, []) if skip_unmodelled else {}
@@ -583,6 +584,9 @@ def _find_sites(model: nn.Module, layers: "LayerSelection", skip_unmodelled: boo
                            f"to record: no attention of {type(model).__name__} is one qkhooks models exactly"
                            + (f" (left out with it: {', '.join(map(repr, others[:3]))}" + (" ..." if len(others) > 3 else "")
                               + ")" if others else "") + ".")
+    if callable(getattr(model, "merge_and_unload", None)):  # a peft model: its q/k layers compute W x + B·A x
+        raise QKHooksError(f"{type(model).__name__} holds adapter layers (peft) whose forward adds a term its weights "
+                           f"do not say: {PEFT_FIX}.")
     wrapped = _wrapped_model(model)
     if wrapped:
         raise QKHooksError(f"{type(model).__name__} wraps a model qkhooks knows: record {wrapped} itself (qkhooks "

@@ -61,16 +61,27 @@ _TEXT = re.compile(r"(^|\.)text_(model|encoder)(\.|$)")
 EXTRA_FORMS: dict[str, tuple[frozenset[str], Callable[[AttentionSite, nn.Module, dict[str, nn.Module]], AttentionSite]]] = {}
 
 
+def _linear_like(module: object) -> bool:
+    """An nn.Linear, or a module standing in for one: a 2-D ``weight`` of (out_features, in_features), as peft's LoRA
+    layer exposes its base layer's. Taken as a q/k projection so that the check of what it computes
+    (:func:`qkhooks.models.unsupported.refuse_unplain_qk`) names it, rather than the model being refused as unknown."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None) if isinstance(module, nn.Module) else None
+    return isinstance(weight, torch.Tensor) and tuple(weight.shape) == (getattr(module, "out_features", None),
+                                                                        getattr(module, "in_features", None))
+
+
 def _qk_children(module: nn.Module) -> tuple[nn.Linear, ...] | None:
     """(q, k) Linear children, or (qkv,) for a fused projection (q, then k, then v along the outputs)."""
     for q_name, k_name in _QK_NAMES:
         q, k = getattr(module, q_name, None), getattr(module, k_name, None)
-        if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
+        if _linear_like(q) and _linear_like(k):
             return q, k
     qkv = getattr(module, "qkv", None)
     # zoo-packed: a grouped-query qkv of q_dim + 2·kv_dim rows (Exaone 4.5), which its EXTRA_FORMS entry reads
     grouped = type(module).__name__ in EXTRA_FORMS and hasattr(module, "kv_dim")
-    if isinstance(qkv, nn.Linear) and (qkv.out_features % 3 == 0 or grouped):
+    if _linear_like(qkv) and (qkv.out_features % 3 == 0 or grouped):
         return (qkv,)
     return None
 

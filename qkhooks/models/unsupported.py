@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import re
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from qkhooks.errors import QKHooksError
 
@@ -297,3 +300,93 @@ def describe_attention_like(model: nn.Module, limit: int = 12) -> str:
         return "It saw no attention-like module (none owns a q/k or fused qkv projection)."
     lines = list(seen.values())[:limit]
     return "Attention-like modules it saw (one per class):\n" + "\n".join(lines)
+
+
+# ------------------------------------------------------------------ q/k layers that compute more than their weights
+PEFT_FIX = ("merge the adapter into the weights first (peft: model = model.merge_and_unload(), then record that "
+            "model), or record the model without the wrapper")
+
+
+class _TensorsHanded(TorchFunctionMode):
+    """Notes every tensor a torch function is handed while active: which parameters and buffers a reader reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        self.ids.update(map(id, _tensors((args, kwargs))))
+        return func(*args, **kwargs)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``value``, looking into tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def tensors_read(read: Callable[[], Any]) -> set[int]:
+    """The ids of the tensors ``read()`` hands to torch functions or returns (a site's ``qk_linear``: the parameters
+    W_q, W_k, b_q, b_k are read from, through slices, concatenations, BatchNorm folding or a property)."""
+    with _TensorsHanded() as seen:
+        out = read()
+    return seen.ids | set(map(id, _tensors(out)))
+
+
+def _known_forward(module: nn.Module, library: str) -> bool:
+    """Whether qkhooks knows what ``module`` computes from its weights: its forward is torch's own (Linear, Conv,
+    BatchNorm, Sequential) or comes from the attention's own library (timm's ConvNorm, transformers' Conv1D), whose
+    forms the adapters model. Anything else (peft's LoRA layer, a quantised or user-written wrapper) may add a term
+    the weights do not hold."""
+    origin = getattr(type(module).forward, "__module__", None) or ""
+    return origin.startswith("torch.nn.") or origin.partition(".")[0] == library
+
+
+def refuse_unplain_qk(sites: Sequence["AttentionSite"]) -> None:
+    """Refuse a site whose W_q/W_k come from a module that computes more than those weights say.
+
+    Every site reads W_q, W_k (and b_q, b_k) off the model's modules (``qk_linear``). A peft LoRA layer wrapped
+    around ``qkv`` or ``query`` exposes its base layer's ``weight`` while its forward adds B·A·x, so spectra, modes
+    and maps would describe W, not W + BA. Checked on the modules that own what ``qk_linear`` reads and the modules
+    between them and the attention module: each must have a forward qkhooks knows (:func:`_known_forward`), and a
+    module that owns what is read must have every one of its parameters read (a LoRA A/B pair, a DoRA magnitude or a
+    quantisation scale beside the weight is a term the reader would miss). Sites whose maps are taken in the module's
+    own forward (:meth:`~qkhooks.models.base.AttentionSite.observes_maps`) read no weights and are not checked.
+
+    Hooks someone else registered on those modules are not seen here: one that changes their output (a steering
+    hook) changes q or k the way a wrapper does, undetected (README, 'Supported models').
+    """
+    for site in sites:
+        if site.observes_maps():
+            continue
+        read = tensors_read(site.qk_linear)
+        library = type(site.module).__module__.partition(".")[0]
+        modules = dict(site.module.named_modules())
+        for path, module in modules.items():
+            owned = itertools.chain(module._parameters.values(), module._buffers.values())
+            if not path or not any(t is not None and id(t) in read for t in owned):
+                continue  # the attention module's own parameters (EVA's q_bias) are read as its forward uses them
+            parts = path.split(".")
+            for inner in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+                if not _known_forward(modules[inner], library):
+                    _refuse_qk_module(site, inner, modules[inner], "whose forward is not one qkhooks knows to compute "
+                                      "exactly what the weights read say (a LoRA layer adds B·A·x)")
+            unread = [n for n, p in module.named_parameters() if id(p) not in read]
+            if unread:
+                _refuse_qk_module(site, path, module, f"which also computes with {', '.join(map(repr, unread[:4]))}, "
+                                  "parameters W_q/W_k are not read from")
+
+
+def _refuse_qk_module(site: "AttentionSite", path: str, module: nn.Module, why: str) -> None:
+    cls = type(module)
+    raise QKHooksError(
+        f"unsupported attention in {site.path!r} ({type(site.module).__name__}): W_q/W_k are read off "
+        f"'{site.path}.{path}' ({cls.__module__}.{cls.__qualname__}), {why}, so the spectrum, modes and maps would "
+        f"describe the bare weights, not what the model computes. To record it, {PEFT_FIX}.")
