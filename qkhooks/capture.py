@@ -10,7 +10,8 @@ bit-identical with and without the context, and fused attention stays on.
 A batch is complete when the recorded model's forward returns; only then is it handed to the sinks (the
 run store, streaming reducers) and exposed as ``run.last``. A forward that raises hands nothing on, so a
 store never receives half a batch. Hooks are removed on exit, on exceptions and on KeyboardInterrupt;
-each context removes only its own hooks, so contexts nest.
+each context removes only its own hooks, so contexts nest. The modes belong to the weights the model had at entry:
+a forward after the weights changed inside the context (a checkpoint loaded, an optimiser step) is refused.
 
 Results are read in the vocabulary of :mod:`qkhooks.access` (``run.query(l)``, ``run.attention(l, kind)``,
 ``run.spectrum(l)``, ...), the same calls a stored run answers.
@@ -51,7 +52,7 @@ from qkhooks.models.unsupported import unmodelled_parts
 from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
-from qkhooks.spectrum import LayerSpectrum, QKSpectrum, layer_spectrum
+from qkhooks.spectrum import LayerSpectrum, QKSpectrum, layer_spectrum, same_weights, weights_state
 
 __all__ = ["record", "Recording", "LayerCapture", "BatchCapture", "Sink", "parse_modes"]
 
@@ -145,9 +146,16 @@ class Recording:
         self.qk_spectrum: QKSpectrum | None = None
         self._projectors: dict[int, ModeProjector] = {}  # layers whose modes are projected from the tokens x
         # Layers whose modes come from the model's own q/k Linear outputs (a d_k x K product per head instead
-        # of x's d x K): the same maps to float rounding, since u_n and v_n lie in the row spaces of W_q, W_k.
+        # of x's d x K): the same maps to float rounding, since u_n and v_n lie in the row spaces of W_q, W_k, where
+        # q and k are float32 or float64 (a batch whose q/k come out in less takes x: _qk_path_serves).
         self._from_qk: dict[int, QKPathProjector] = {}
         self._qk_outputs: dict[int, dict[int, torch.Tensor]] = {}
+        self._qk_tokens: dict[int, torch.Tensor] = {}  # q/k-path layer -> its tokens x in the open call (for x)
+        self._x_fallback: dict[int, ModeProjector] = {}  # q/k-path layer -> its x path, built when first needed
+        self._took_x: set[int] = set()  # q/k-path layers that took x in the last complete batch
+        self._taking_x: set[int] = set()  # ... in the open batch
+        self._pinned: dict[int, str] | None = None  # mode_source as a store states it (pin_mode_source)
+        self._weights_at_entry: dict[int, tuple] = {}  # layer -> weights_state when its modes were computed
         self._modes_kept: int | None | str = self.modes
         if self.modes is not None:
             k = None if self.modes == "all" else int(self.modes)
@@ -155,7 +163,9 @@ class Recording:
             spectra = []
             _refuse_maps_only_modes(self.sites)
             for site in self.sites:
-                spec, projector = _layer_modes(site, by_layer.get(site.layer), k, augmented, qk_path and input == "normed")
+                spec, projector = _layer_modes(site, by_layer.get(site.layer), k, augmented,
+                                               qk_path and input == "normed" and _full_precision_qk(site, compute_dtype))
+                self._weights_at_entry[site.layer] = weights_state(site)
                 spectra.append(spec)
                 if isinstance(projector, QKPathProjector):
                     self._from_qk[site.layer] = projector
@@ -205,8 +215,21 @@ class Recording:
 
     @property
     def mode_source(self) -> dict[int, str]:
-        """Layer -> where its modes are taken from: ``"qk"`` (the model's q/k Linear outputs) or ``"x"``."""
-        return {s.layer: "qk" if s.layer in self._from_qk else "x" for s in self.sites} if self.modes is not None else {}
+        """Layer -> where its maps came from in the last batch (before the first: where they will, as decided at
+        entry): ``"qk"`` (the model's q/k Linear outputs) or ``"x"`` (the tokens entering W_q/W_k). A q/k-path layer
+        whose q or k comes out in less than float32 in a batch (a bfloat16 or float16 model, autocast) takes x in
+        that batch: from q's own rounding the q/k path would give maps up to kappa times less exact."""
+        if self.modes is None:
+            return {}
+        took_x = self._took_x if self._pinned is None else {l for l, source in self._pinned.items() if source == "x"}
+        return {s.layer: "qk" if s.layer in self._from_qk and s.layer not in took_x else "x" for s in self.sites}
+
+    def pin_mode_source(self) -> dict[int, str]:
+        """:attr:`mode_source`, fixed for the rest of this recording: what a run file states once, before its first
+        batch. A later batch whose q/k would move a layer pinned ``"qk"`` to x (its q or k in less than float32) is
+        refused before any sink sees it; a layer pinned ``"x"`` keeps taking x."""
+        self._pinned = self.mode_source
+        return dict(self._pinned)
 
     # ------------------------------------------------------------------ hooks
     @property
@@ -269,6 +292,7 @@ class Recording:
         self._current = None
         self._residual.clear()
         self._qk_outputs.clear()
+        self._qk_tokens.clear()
         for site in self.sites:  # the last call's mask, bias and rotary tables: not kept past the recording
             site.forget_call()
 
@@ -317,7 +341,9 @@ class Recording:
         return model(*args, **kwargs)
 
     def _begin_batch(self, module: nn.Module, args: tuple, kwargs: dict, outer: bool = True) -> None:
+        self._check_weights()
         meta, self._pending_meta = self._pending_meta, {}
+        self._taking_x = set()
         self._current = BatchCapture(ids=list(meta.pop("ids", [])), meta=meta, module_paths=self.module_paths,
                                      qk_spectrum=self.qk_spectrum)
         self._calls.clear()
@@ -332,6 +358,21 @@ class Recording:
         if self._current is None or not self._outer:
             self._begin_batch(module, args, kwargs, outer=False)
 
+    def _check_weights(self) -> None:
+        """Refuse a batch when a layer's W_q/W_k are not the weights its modes were computed from at entry: its
+        spectrum, q/k path vectors and bias offsets belong to those (a checkpoint loaded or an optimiser step inside
+        the context gave maps off by up to O(1) on the q/k path, and ``run.spectrum(l)`` of the old weights on
+        both paths). A few us a layer (:func:`qkhooks.spectrum.weights_state`)."""
+        for site in self.sites:
+            at_entry = self._weights_at_entry.get(site.layer)
+            if at_entry is not None and not same_weights(at_entry, weights_state(site)):
+                raise QKHooksError(
+                    f"layer {site.layer} ({site.path}): its weights changed inside this record() context (a checkpoint "
+                    "loaded, an optimiser step, .to() or another in-place edit) after its modes were computed at entry, "
+                    f"so its maps and run.spectrum({site.layer}) would belong to the old weights. Enter record() per "
+                    "batch (the spectrum cache recomputes only the layers whose weights changed, so that is cheap), or "
+                    "change the weights outside the context.")
+
     def _end_inner(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._current is not None and not self._outer:
             self._end_batch(module, args, output)
@@ -339,6 +380,7 @@ class Recording:
     def _end_batch(self, module: nn.Module, args: tuple, kwargs: dict | Any, output: Any = None) -> None:
         batch, self._current = self._current, None
         self._qk_outputs.clear()
+        self._qk_tokens.clear()
         if batch is None or not batch.captures:
             return
         self._join_calls(batch)
@@ -357,6 +399,7 @@ class Recording:
             raise QKHooksError(f"{len(batch.ids)} ids were given for a batch of {size} images; give one id per image.")
         self.images_seen += size
         self.last = batch
+        self._took_x = self._taking_x
         for layer, bias in batch.position_bias.items():
             before = self._bias.setdefault(layer, bias.clone())  # the layer's own copy, whatever the model reuses
             if isinstance(before, torch.Tensor) and not (before.shape == bias.shape and torch.equal(before, bias)):
@@ -402,10 +445,9 @@ class Recording:
                 if self.compute_dtype is not None:
                     x_modes = x_modes.to(self.compute_dtype)
                 if projector is not None:
-                    cap.query, cap.key = projector(x_modes.detach())
-                    if site.key_tokens is not None:  # keys from the reduced tokens the model feeds to W_k
-                        cap.key = projector(_reduced_keys(site, x, self.input, self.compute_dtype))[1]
-                    cap.query, cap.key = site.to_images("modes", cap.query), site.to_images("modes", cap.key)
+                    cap.query, cap.key = self._x_maps(site, projector, x, x_modes)
+                elif site.layer in self._from_qk:  # kept for the q/k hook, should this call's q/k be below float32
+                    self._qk_tokens[site.layer] = x
                 if self.keep_inputs:
                     cap.inputs = x_modes.detach()
                 for spec in specs:
@@ -461,6 +503,36 @@ class Recording:
         calls, self._calls = self._calls, {}
         for layer, earlier in calls.items():
             batch.captures[layer] = _joined_calls(earlier + [batch.captures[layer]])
+
+    def _x_maps(self, site: AttentionSite, projector: ModeProjector, x: torch.Tensor,
+                x_modes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The x path's query and key maps of one call: ``x_modes`` (the tokens to project, in the compute dtype)
+        projected, keys from the reduced tokens the model feeds to W_k where it has them (read off ``x``)."""
+        query, key = projector(x_modes.detach())
+        if site.key_tokens is not None:
+            key = projector(_reduced_keys(site, x, self.input, self.compute_dtype))[1]
+        return site.to_images("modes", query), site.to_images("modes", key)
+
+    def _qk_path_serves(self, site: AttentionSite, *outputs: torch.Tensor) -> bool:
+        """Whether this call's q and k (as the Linear returned them) give the maps: only in float32 or float64. The
+        q/k path magnifies q's rounding by up to kappa < 32 (:data:`~qkhooks.projector.QK_PATH_MAX_AMPLIFICATION`,
+        set for float32); in bfloat16 (rounding 2^-8) that is maps off by ~1e-1 where x gives ~4e-3, and no bound
+        on kappa scaled by eps32/eps would let any mode through (kappa >= 1). Else the layer takes x in this batch,
+        unless a store has stated it takes q/k (:meth:`pin_mode_source`): then the batch is refused."""
+        full = all(t.dtype in _FULL_PRECISION for t in outputs)
+        pinned = None if self._pinned is None else self._pinned.get(site.layer)
+        if full and pinned != "x":
+            return True
+        if pinned == "qk":
+            dtype = next(t.dtype for t in outputs if t.dtype not in _FULL_PRECISION)
+            raise QKHooksError(
+                f"layer {site.layer} ({site.path}): its q/k Linear returned {str(dtype).replace('torch.', '')} in this "
+                "batch, where this recording's store states its maps come from the model's float32 q and k (decided "
+                "before the first batch); from q and k below float32 they would be far less exact than from the "
+                "tokens. Enter torch.autocast (or cast the model) before record() / record_dataset, so that each "
+                "layer's source is decided at entry, or record with qk_path=False.")
+        self._taking_x.add(site.layer)
+        return False
 
     def _attention_from_qk(self, site: AttentionSite) -> bool:
         """Whether this layer's full maps are rebuilt from the q and k its own Linear modules return (no second
@@ -523,7 +595,12 @@ class Recording:
                 del self._qk_outputs[site.layer]
                 q, k = seen[0], seen[1]
             with torch.no_grad():
-                if projector is not None:
+                tokens = self._qk_tokens.pop(site.layer, None)  # this call's x, kept by the layer hook
+                if projector is not None and not self._qk_path_serves(site, q, k):
+                    assert tokens is not None  # kept for every call of a q/k-path layer
+                    cap.query, cap.key = self._x_maps(site, self._x_projector(site.layer), tokens, tokens if
+                                                      self.compute_dtype is None else tokens.to(self.compute_dtype))
+                elif projector is not None:
                     dt = self.compute_dtype
                     if fused:  # q and k side by side in one output: one product for both
                         qk = out[..., :2 * width]
@@ -542,6 +619,13 @@ class Recording:
                     cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, qk=(q, k)))
 
         return hook
+
+    def _x_projector(self, layer: int) -> ModeProjector:
+        """The x path of a q/k-path layer, built on its first call whose q/k are below float32 (none is built before:
+        most recordings never need it)."""
+        if layer not in self._x_fallback:
+            self._x_fallback[layer] = ModeProjector(self.qk_spectrum[layer])  # type: ignore[index]
+        return self._x_fallback[layer]
 
     def _check_rows_axis(self, site: AttentionSite, rows_in_call: int, n: int, chosen: bool) -> None:
         """One batch's query tokens name the same tokens in every layer whose rows are recorded: refuse a layer whose
@@ -767,6 +851,31 @@ class _LayerModes:
     qk_solution: QKPathSolution | None = None
     built: dict[tuple[int | None, bool], tuple[LayerSpectrum, ModeProjector | QKPathProjector]] = dataclasses.field(
         default_factory=dict)
+
+
+# The dtypes whose rounding QK_PATH_MAX_AMPLIFICATION was set for: the q/k path's input must be one of them.
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs Linear layers in on ``device_type`` now, None when it is off (or this torch cannot
+    say: before 2.4; each batch's q/k dtype still decides)."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+def _full_precision_qk(site: AttentionSite, compute_dtype: torch.dtype | None) -> bool:
+    """Whether ``site``'s q/k Linear outputs will be float32 or float64 and the maps computed in such a dtype, as far
+    as entering record() can tell (the weights' dtype, autocast where the weights are, ``compute_dtype``): only then
+    does a layer plan the q/k path. Each batch checks the tensors themselves (``Recording._qk_path_serves``)."""
+    if compute_dtype is not None and compute_dtype not in _FULL_PRECISION:
+        return False
+    params = [p for module in site.qk_modules for p in module.parameters()]
+    if any(p.dtype not in _FULL_PRECISION for p in params):
+        return False
+    return not params or _autocast_dtype(params[0].device.type) in (None, *_FULL_PRECISION)
 
 
 # Attention module -> its _LayerModes. layer_spectrum returns the very same spectrum object while the weights are
@@ -1029,9 +1138,10 @@ def record(model: nn.Module, **options: Any) -> Recording:
         compute_dtype: dtype for projections (default: the tokens' own dtype).
         qk_path: take the modes from the model's own q/k Linear outputs where the adapter names them (default;
             the same maps to float rounding at a d_k/d of the cost: u_n, v_n lie in the row spaces of W_q, W_k).
-            Not used for ``input="residual"``, augmented spectra, or a layer where some kept mode's error
-            amplification is large (an ill-conditioned W_q or W_k: :func:`qkhooks.projector.qk_path_check`), whose
-            maps come from x; ``run.mode_source`` says which. The full maps are then rebuilt from those q and k too
+            Not used for ``input="residual"``, augmented spectra, a layer where some kept mode's error
+            amplification is large (an ill-conditioned W_q or W_k: :func:`qkhooks.projector.qk_path_check`), or a
+            batch whose q or k comes out below float32 (a bfloat16/float16 model, autocast; or a ``compute_dtype``
+            below float32), whose maps come from x; ``run.mode_source`` says which (for the last batch). The full maps are then rebuilt from those q and k too
             (no second projection). False: always use the tokens x.
         outputs: ``"unchanged"`` (default): the model's attention runs as it is (fused or not) and its outputs are
             bit-identical; full maps are rebuilt beside it, so q·kᵀ and the softmax run twice. ``"eager"`` (with

@@ -13,8 +13,9 @@ exact for every mode (also sigma_n = 0).
 The q/k path is exact in exact arithmetic only: the model's q carries its own float rounding, and the product with
 a_n magnifies it by up to kappa_n = ||a_n|| (||W_q||_2 + ||b_q|| / sqrt(d)) relative to the x path's rounding
 (:func:`qk_path_amplification`). :func:`qk_path_check` is the one rule that decides, per layer, whether the q/k path
-gives the x path's maps to float rounding (every kept mode's kappa below :data:`QK_PATH_MAX_AMPLIFICATION`);
-``capture`` takes the x path for every other layer.
+gives the x path's maps to float rounding (every kept mode's kappa below :data:`QK_PATH_MAX_AMPLIFICATION`), for
+q and k in float32 or float64; ``capture`` takes the x path for every other layer, and for any batch whose q or k
+comes out in less (bfloat16 or float16 rounding times kappa >= 1 is more than the x path's error at that dtype).
 """
 
 from __future__ import annotations

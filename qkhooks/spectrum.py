@@ -392,10 +392,10 @@ def _weights_key(site: AttentionSite) -> tuple | None:
     pointer, dtype, device and shape catch replaced tensors (``.to()``, ``param.data = ...``).
     """
     modules = site.qk_modules or (site.module,)
-    try:
+    try:  # every parameter of the modules and their submodules; _parameters directly: half of parameters()' ~5 us
         return tuple(
-            (id(p), p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
-            for m in modules for p in m.parameters()
+            (id(p), p.data_ptr(), p._version, p.dtype, p.device, p.shape)
+            for m in modules for sub in m.modules() for p in sub._parameters.values() if p is not None
         )
     except RuntimeError:  # inference-mode tensors keep no version counter
         return None
@@ -425,6 +425,22 @@ def _same_fingerprint(a: tuple, b: tuple) -> bool:
     return a[:2] == b[:2] and torch.equal(a[2], b[2]) and (
         (a[3] is None and b[3] is None) or (a[3] is not None and b[3] is not None and torch.equal(a[3], b[3]))
     )
+
+
+def weights_state(site: AttentionSite) -> tuple:
+    """What the spectrum cache tells ``site``'s W_q/W_k weights apart by, now: :func:`_weights_key` (a few us), or
+    the fingerprint for weights that keep no version counter (inference-mode tensors). A recording takes it when it
+    computes its modes and compares it per batch (:func:`same_weights`): its modes, q/k path vectors and spectrum
+    belong to those weights only."""
+    key = _weights_key(site)
+    return ("key", key) if key is not None else ("fingerprint", _weights_fingerprint(site))
+
+
+def same_weights(a: tuple, b: tuple) -> bool:
+    """Whether two :func:`weights_state` of one site name the same weights."""
+    if a[0] != b[0]:
+        return False
+    return a[1] == b[1] if a[0] == "key" else _same_fingerprint(a[1], b[1])
 
 
 def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectrum:

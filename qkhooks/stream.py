@@ -767,7 +767,8 @@ def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_
             "layer_geometry": {str(layer): g.to_dict() for layer, g in sorted(geometry.items())},
             "left_out_by_design": left_out,  # parts that are not self-attention of the image tokens (decoders), named
             "left_out_unmodelled": unmodelled,  # skip_unmodelled: modules qkhooks does not model, left out and named
-            "mode_source": {str(layer): source for layer, source in run.mode_source.items()}}  # "qk" or "x" per layer
+            # "qk" or "x" per layer, stated once: pinned, so no later batch takes another source
+            "mode_source": {str(layer): source for layer, source in run.pin_mode_source().items()}}
     writer.write_static("model/info", json.dumps(info))
 
 
