@@ -93,6 +93,10 @@ def _unreadable_refused(what: str, path: str | os.PathLike[str], error: type[QKH
     except Exception as exc:
         if not _file_fault(exc):
             raise
+        if isinstance(exc, Image.DecompressionBombError):  # PIL's guard, not damage: a genuine large photo trips it
+            raise error(f"{what} {path} cannot be read: {exc} If the photo is genuine, raise PIL's limit before "
+                        "recording (`PIL.Image.MAX_IMAGE_PIXELS = None` or a larger count); otherwise remove it."
+                        ) from exc
         if isinstance(exc, PermissionError):
             raise error(f"{what} {path} cannot be read: permission denied ({exc}); give the user running qkhooks "
                         "read permission on it (and search permission on its folders), or remove it.") from exc
