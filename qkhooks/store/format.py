@@ -99,24 +99,26 @@ def per_image_datasets(f: h5py.File, read_every_attribute: bool = False) -> dict
     ``read_every_attribute`` every object's attributes are read on the way (a resume's check that the whole file
     reads: any damage raises), in the same walk."""
     found: dict[str, h5py.Dataset] = {}
-
-    # A walk by names, not ``visititems``: HDF5's visit also reads every dataset's chunk index (for its storage
-    # size), so one damaged index would hide every array, where a walk opens object headers only.
-    def walk(group: h5py.Group, prefix: str) -> None:
-        if read_every_attribute:
-            dict(group.attrs.items())
-        for key in group:
-            obj = group[key]
-            if isinstance(obj, h5py.Group):
-                walk(obj, f"{prefix}{key}/")
-                continue
-            if read_every_attribute:
-                dict(obj.attrs.items())
-            if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image", False):
-                found[f"{prefix}{key}"] = obj
-
-    walk(f, "")
+    _walk(f, "", found, read_every_attribute)
     return found
+
+
+def _walk(group: h5py.Group, prefix: str, found: dict[str, h5py.Dataset], read_every_attribute: bool) -> None:
+    """A walk by names, not ``visititems``: HDF5's visit also reads every dataset's chunk index (for its storage
+    size), so one damaged index would hide every array, where a walk opens object headers only. A function of the
+    module, not a closure calling itself: that is a reference cycle, which kept every handle it opened open until the
+    garbage collector ran (an SWMR reader must not refresh a dataset another handle holds: RunReader._refresh)."""
+    if read_every_attribute:
+        dict(group.attrs.items())
+    for key in group:
+        obj = group[key]
+        if isinstance(obj, h5py.Group):
+            _walk(obj, f"{prefix}{key}/", found, read_every_attribute)
+            continue
+        if read_every_attribute:
+            dict(obj.attrs.items())
+        if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_image", False):
+            found[f"{prefix}{key}"] = obj
 
 
 # ------------------------------------------------------------------------------------------ reducer states
