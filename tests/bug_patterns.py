@@ -58,7 +58,7 @@ PATTERNS: tuple[BugPattern, ...] = (
     BugPattern("reader slices not limited to the committed rows", "qkhooks/store/reader.py",
                "slice(*first.indices(self.n))", "slice(*first.indices(len(self.dataset)))", (_STRICT,)),
     BugPattern("reader counts not limited to the committed rows", "qkhooks/store/reader.py",
-               "self.n = fmt.committed(self.file) or 0", "self.n = len(self.file[fmt.IDS])", (_STRICT,)),
+               "n = fmt.committed(self.file) or 0", "n = len(self.file[fmt.IDS])", (_STRICT,)),
     BugPattern("resume after a late decode failure restarts from the image count", "qkhooks/stream.py",
                "return done, last + 1", "return done, done",
                ("tests/test_late_decode.py::test_late_decode_failure_then_interruption_then_resume_equals_one_run"

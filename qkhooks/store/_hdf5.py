@@ -222,11 +222,17 @@ def open_reader(path: str | os.PathLike, deadline_s: float = READ_DEADLINE_S) ->
         problem = damage(path)
         if problem is None:
             try:
-                return _open_read(path, swmr=bool(_Superblock.read(path).flags & _SWMR_WRITE_FLAG))
+                return _open_read(path, swmr=being_written(path))
             except OSError as exc:
                 problem = f"HDF5 cannot read it: {exc}"
         if not backoff.wait():
             raise DamagedRunError(path, problem)
+
+
+def being_written(path: str | os.PathLike) -> bool:
+    """Whether the superblock says a writer has the file open for SWMR writing (a live writer, or a killed one whose
+    flags no writer has cleared yet)."""
+    return bool(_Superblock.read(path).flags & _SWMR_WRITE_FLAG)
 
 
 SWMR_READ_ATTEMPTS = 29

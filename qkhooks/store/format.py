@@ -18,7 +18,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -111,21 +111,26 @@ def datasets(f: h5py.File, read_every_attribute: bool = False,
             unreadable.append(f"/{name} unreadable ({exc})")
             return None
 
-    # A walk by names, not ``visititems``: HDF5's visit also reads every dataset's chunk index (for its storage
-    # size), so one damaged index would hide every array, where a walk opens object headers only.
-    def walk(group: h5py.Group, prefix: str) -> None:
-        if read_every_attribute:
-            attempt(prefix, lambda: dict(group.attrs.items()))
-        for key in attempt(prefix, lambda: list(group)) or ():
-            obj = attempt(prefix + key, lambda: group[key])
-            if isinstance(obj, h5py.Group):
-                walk(obj, f"{prefix}{key}/")
-            elif isinstance(obj, h5py.Dataset):
-                if not read_every_attribute or attempt(prefix + key, lambda: dict(obj.attrs.items())) is not None:
-                    found[f"{prefix}{key}"] = obj
-
-    walk(f, "")
+    _walk(f, "", found, read_every_attribute, attempt)
     return found
+
+
+def _walk(group: h5py.Group, prefix: str, found: dict[str, h5py.Dataset], read_every_attribute: bool,
+          attempt: Callable[[str, Any], Any]) -> None:
+    """A walk by names, not ``visititems``: HDF5's visit also reads every dataset's chunk index (for its storage
+    size), so one damaged index would hide every array, where a walk opens object headers only. A function of the
+    module, not a closure calling itself: that is a reference cycle, which kept every handle it opened open until the
+    garbage collector ran (an SWMR reader must not refresh a dataset another handle holds: RunReader._refresh).
+    ``attempt(name, read)`` reads or, collecting what does not read, returns None."""
+    if read_every_attribute:
+        attempt(prefix, lambda: dict(group.attrs.items()))
+    for key in attempt(prefix, lambda: list(group)) or ():
+        obj = attempt(prefix + key, lambda: group[key])
+        if isinstance(obj, h5py.Group):
+            _walk(obj, f"{prefix}{key}/", found, read_every_attribute, attempt)
+        elif isinstance(obj, h5py.Dataset):
+            if not read_every_attribute or attempt(prefix + key, lambda: dict(obj.attrs.items())) is not None:
+                found[f"{prefix}{key}"] = obj
 
 
 def per_image_datasets(f: h5py.File, read_every_attribute: bool = False) -> dict[str, h5py.Dataset]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from qkhooks.errors import QKHooksError
 from qkhooks.store.format import lock_path
 
-__all__ = ["WriterLock", "keep_out_of_forked_children", "forget_in_forked_children"]
+__all__ = ["WriterLock", "keep_out_of_forked_children", "forget_in_forked_children", "writer_alive"]
 
 RESERVE_BYTES = 1 << 20
 """Disk space the lock file holds for the writer's last flush and close after a disk-full error."""
@@ -73,6 +73,26 @@ os.register_at_fork(after_in_child=_drop_in_forked_child)
 
 
 _OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37 if os.uname().sysname == "Linux" else None)
+_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36 if os.uname().sysname == "Linux" else None)
+_FLOCK = "hhqqi"  # struct flock: short l_type, l_whence, off_t l_start, l_len, pid_t l_pid (0 for OFD locks)
+
+
+def writer_alive(run: str | os.PathLike) -> bool | None:
+    """Whether a live writer holds the lock on the run file itself (:meth:`WriterLock.hold_run`), asked without taking
+    any lock; None where that cannot be told (no OFD locks, a file that does not open)."""
+    if _OFD_GETLK is None:
+        return None
+    try:
+        fd = os.open(run, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        answer = fcntl.fcntl(fd, _OFD_GETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0) + bytes(8))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return struct.unpack_from(_FLOCK, answer)[0] != fcntl.F_UNLCK
 
 
 def _lock_file_itself(fd: int) -> bool:
@@ -80,8 +100,7 @@ def _lock_file_itself(fd: int) -> bool:
     (True where OFD locks do not exist: nothing more can be checked there.)"""
     if _OFD_SETLK is None:
         return True
-    # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (0 for OFD locks)
-    request = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0) + bytes(8)
+    request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0) + bytes(8)
     try:
         fcntl.fcntl(fd, _OFD_SETLK, request)
     except OSError as exc:

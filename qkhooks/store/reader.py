@@ -7,10 +7,12 @@ picks up images committed since.
 :class:`RunReader` speaks the vocabulary of live results (:mod:`qkhooks.access`): ``run.query(l)`` here and
 ``recording.query(l)`` there. It needs h5py and numpy only, never torch.
 
-Every read answers with the file's contents or a :class:`QKHooksError`, never a raw HDF5 error or a hang: an
-HDF5 error reading the run is reported as damage with the ``qkhooks repair`` command, an SWMR reader's metadata
-reads give up within about a second (:data:`qkhooks.store._hdf5.SWMR_READ_ATTEMPTS`), and a reader of a closed run
-whose file is changed under it (a resume cuts and rewrites it in place) says so instead of returning stale rows.
+Every read answers with the file's contents or a :class:`QKHooksError`, never a raw HDF5 error, a short block or
+a hang: an HDF5 error reading the run is reported as damage with the ``qkhooks repair`` command (reading a file that
+was or is being written, after reading it again on the file opened anew, :meth:`RunReader._retried`), an SWMR
+reader's metadata reads give up within about a second (:data:`qkhooks.store._hdf5.SWMR_READ_ATTEMPTS`), and a reader
+of a closed run whose file is changed under it (a resume cuts and rewrites it in place) says so instead of returning
+stale rows.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import h5py
 import numpy as np
@@ -30,9 +32,12 @@ from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import READ_DEADLINE_S, Backoff, damaged_message, open_reader
+from qkhooks.store._hdf5 import READ_DEADLINE_S, Backoff, being_written, damaged_message, open_reader
+from qkhooks.store.lock import writer_alive
 
 __all__ = ["open_run", "RunReader", "RunArray"]
+
+_T = TypeVar("_T")
 
 
 SPAN_BYTES = 1 << 26
@@ -52,9 +57,19 @@ class RunArray:
     """A per-image dataset limited to the committed images; slicing returns numpy arrays."""
 
     def __init__(self, dataset: h5py.Dataset, n: int, owner: "RunReader | None" = None):
-        self.dataset = dataset
+        self._dataset = dataset
+        self._name = dataset.name
         self.n = n
         self._owner = owner
+        self._opened = owner._opened if owner is not None else 0
+
+    @property
+    def dataset(self) -> h5py.Dataset:
+        """The owner's one handle on this array (taken again after the owner reopened its file)."""
+        owner = self._owner
+        if owner is not None and self._opened != owner._opened:
+            self._dataset, self._opened = owner._per_image(self._name) or self._dataset, owner._opened
+        return self._dataset
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -69,9 +84,19 @@ class RunArray:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if self._owner is None:
-            return self._read(key)
-        with self._owner._reading(f"its array {self.dataset.name}"):
-            return self._read(key)
+            return self._checked_read(key)
+        return self._owner._retried(f"its array {self._name}", lambda: self._checked_read(key))
+
+    def _checked_read(self, key: Any) -> np.ndarray:
+        """:meth:`_read`, refused when the dataset holds fewer rows than the images counted: h5py would quietly cut
+        every slice short (and raise its own IndexError past the end) while ``shape`` claims them all."""
+        rows = self.dataset.shape[0]
+        if rows < self.n:
+            what = f"its array {self._name}"
+            if self._owner is not None:
+                raise self._owner._too_few_rows(what, rows, self.n)
+            raise QKHooksError(damaged_message(Path(self.dataset.file.filename), _too_few(what, rows, self.n)))
+        return self._read(key)
 
     def _read(self, key: Any) -> np.ndarray:
         """numpy's indexing over the committed images: the images asked for are read from the file each once, in
@@ -167,21 +192,32 @@ class RunReader:
         _refuse_non_run(self.path)
         self.problems: list[str] = []
         """Damage :meth:`summary` found that does not stop the run from being read (``qkhooks info`` exits 2)."""
-        backoff = Backoff(READ_DEADLINE_S)
+        self._opened = 0
+        self._open(Backoff(READ_DEADLINE_S))
+
+    def _open(self, backoff: Backoff) -> None:
+        """Open the file (again), its per-image arrays and its count, by ``backoff``'s deadline."""
+        self._opened += 1
         while True:  # a writer that changes the file while it opens (a resume starting): open again, after a pause
             self._stamp = _stamp(self.path)
             if self._stamp is None:  # gone between the check above and now
                 raise QKHooksError(f"no run file at {self.path}; record one with `qkhooks record`.")
             self.file = open_reader(self.path, backoff.remaining())
             self._swmr = self.file.swmr_mode
+            self._datasets: dict[str, h5py.Dataset] = {}
             self.n = 0
             try:
                 with self._reading():
                     if fmt.committed(self.file) is None:
                         raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images/ids with "
                                            "`committed`).")
-                self.refresh()
+                    self._ids = self.file[fmt.IDS]
+                self._refresh()
                 return
+            except _ReadAgain as exc:
+                self.file.close()
+                if not (exc.live and backoff.wait()):
+                    raise
             except _Stale as exc:
                 self.file.close()
                 if not backoff.wait():
@@ -230,11 +266,48 @@ class RunReader:
             why = self._changed()
             if why is not None:
                 raise self._stale_error(why) from None
-            raise QKHooksError(damaged_message(self.path, f"HDF5 cannot read {what}: {exc}")) from None
+            others = _other_handles(self.file)
+            if self._swmr or being_written(self.path):  # read again on the file opened anew before calling it damaged
+                live = being_written(self.path) and writer_alive(self.path) is not False
+                raise _ReadAgain(self._unreadable(what, exc, live, others), live) from None
+            raise QKHooksError(self._unreadable(what, exc, False, others)) from None
         if not self._swmr:
             why = self._changed()
             if why is not None:
                 raise self._stale_error(why)
+
+    def _unreadable(self, what: str, exc: BaseException, live: bool, others: int) -> str:
+        """Why ``what`` did not read: damage, unless a writer holds the file or other handles on it are open here."""
+        held = (f"{others} other handle(s) on this file are open in this process (another qkhooks.open_run of it, an "
+                "h5py.File), and HDF5 shares datasets among them: refreshing one while another holds it breaks its "
+                "reads. Close them and open the run again (qkhooks.open_run).")
+        if live:
+            return (f"{self.path} is being written (a writer holds it) and HDF5 could not read {what} ({exc}), also on "
+                    f"the file opened anew for {READ_DEADLINE_S:g} s: that is not damage. "
+                    + (held if others else "Open the run again once the writer has finished (qkhooks.open_run)."))
+        if others:
+            return f"{self.path}: HDF5 could not read {what} ({exc}), also on the file opened anew: {held}"
+        return damaged_message(self.path, f"HDF5 cannot read {what}: {exc}")
+
+    def _retried(self, what: str, read: Callable[[], _T]) -> _T:
+        """``read()`` as :meth:`_reading` answers; an HDF5 error reading a file that was or is being written is read
+        again on the file opened anew: at once, then, while a writer holds the file, after growing pauses until the
+        read deadline. Opening anew drops the views HDF5 holds of the file, and moves its end, which an SWMR reader
+        never does by itself: the ids (variable-length strings) of images committed since opening can lie past it
+        ("address of object past end of allocation")."""
+        backoff = None
+        while True:
+            try:
+                if backoff is not None:
+                    self.file.close()
+                    self._open(backoff)
+                with self._reading(what):
+                    return read()
+            except _ReadAgain as exc:
+                if backoff is None:
+                    backoff = Backoff(READ_DEADLINE_S)
+                elif not exc.live or not backoff.wait():
+                    raise
 
     def refresh(self) -> int:
         """Re-read the committed count (a run still being written grows); returns it.
@@ -244,14 +317,30 @@ class RunReader:
         from the run's checkpoint at every :meth:`state`. A run that was closed when opened is read as it was
         then: once its file changes (a resume), refresh and every read raise, asking to open it again.
         """
+        return self._retried("it", self._refresh)
+
+    def _refresh(self) -> int:
+        """The count first, then the arrays: the writer flushes an image's rows before the count that commits it, so
+        every array refreshed after the count holds at least that many rows (refreshed before it, an array could
+        hold fewer, and h5py cuts a slice past its end short without a word).
+
+        Each array is refreshed through the reader's one handle on it, which every :class:`RunArray` reads through:
+        HDF5 (1.10 to 2.0) refreshing a dataset that has another handle open reloads its layout without the chunk
+        counts it numbers chunks by, so every later read spanning two chunks fails ("can't insert duplicate key")
+        until all its handles are closed."""
         why = self._changed()
         if why is not None:
             raise self._stale_error(why)
         with self._reading():
-            if self.file.swmr_mode:
-                for ds in [*fmt.per_image_datasets(self.file).values(), self.file[fmt.IDS]]:
+            if self._swmr:
+                self._ids.refresh()  # the count is an attribute of the ids
+            n = fmt.committed(self.file) or 0
+            if self._swmr:
+                if not self._datasets:  # once: a run's layout is fixed by its first batch
+                    self._datasets = fmt.per_image_datasets(self.file)
+                for ds in self._datasets.values():
                     ds.refresh()
-            self.n = fmt.committed(self.file) or 0
+            self.n = n
         return self.n
 
     # ------------------------------------------------------------------ metadata
@@ -291,7 +380,10 @@ class RunReader:
 
     @property
     def ids(self) -> list[str]:
-        return fmt.read_ids(self.file, self.n)
+        ids = fmt.read_ids(self.file, self.n)
+        if len(ids) < self.n:
+            raise self._too_few_rows(f"its image ids /{fmt.IDS}", len(ids), self.n)
+        return ids
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -303,11 +395,34 @@ class RunReader:
 
     def array(self, name: str) -> RunArray:
         """Any per-image dataset by schema name, e.g. ``modes/L3/query`` or ``masks/objects``."""
-        ds = self.file.get(name)
-        if not isinstance(ds, h5py.Dataset) or not ds.attrs.get("per_image", False):
+        ds = self._per_image(name)
+        if ds is None:
             have = ", ".join(self.arrays()) or "none"
             raise QKHooksError(f"{self.path} has no per-image array {name!r}; it has: {have}.")
         return RunArray(ds, self.n, self)
+
+    def _per_image(self, name: str) -> h5py.Dataset | None:
+        """The reader's one handle on the per-image array ``name`` (None: the run has none), kept while the file is
+        open: see :meth:`_refresh` for why an array is never read or refreshed through a second one."""
+        key = name.strip("/")
+        ds = self._datasets.get(key)
+        if ds is None and not self._swmr:  # an SWMR reader holds every array from its first refresh on
+            found = self.file.get(key) if key else None
+            if isinstance(found, h5py.Dataset) and found.attrs.get("per_image", False):
+                ds = self._datasets[key] = found
+        return ds
+
+    def _too_few_rows(self, what: str, rows: int, n: int) -> QKHooksError:
+        """The refusal of ``what`` holding fewer rows than the ``n`` images counted (never a short block)."""
+        why = self._changed()
+        if why is not None:
+            return self._stale_error(why)
+        if not self._swmr:
+            return QKHooksError(damaged_message(self.path, _too_few(what, rows, n)))
+        return QKHooksError(f"{self.path}: {_too_few(what, rows, n)} when this reader counted them: a writer cut the "
+                            "run since (a resume drops the images past its last checkpoint), or the file is damaged. "
+                            "Call run.refresh() and take the array again; if it is still short, run "
+                            f"`qkhooks repair {self.path} --out FIXED.h5`.")
 
     def arrays(self) -> list[str]:
         """Names of all per-image arrays."""
@@ -526,9 +641,11 @@ class RunReader:
             ds = self.file[name]
             checksummed += bool(ds.fletcher32)
             shape = (self.n,) + tuple(ds.shape[1:])
-            bad = self.n > 0 and not fmt.chunk_index_readable(ds, (0, self.n - 1))
+            short = ds.shape[0] < self.n  # every read of it is refused (RunArray)
+            bad = self.n > 0 and (short or not fmt.chunk_index_readable(ds, (0, self.n - 1)))
             unreadable += [name] if bad else []
-            lines.append(f"  {name:32s} {str(shape):24s} {ds.dtype}" + ("  DAMAGED (chunk index unreadable)" if bad else ""))
+            why = f"{ds.shape[0]} rows, fewer than committed" if short else "chunk index unreadable"
+            lines.append(f"  {name:32s} {str(shape):24s} {ds.dtype}" + (f"  DAMAGED ({why})" if bad else ""))
         if checksummed:
             lines.append("checksum Fletcher-32 on " + ("every per-image array" if checksummed == len(names) else
                                                        f"{checksummed} of {len(names)} per-image arrays")
@@ -559,6 +676,7 @@ class RunReader:
         return "\n".join(lines)
 
     def close(self) -> None:
+        self._datasets = {}
         if self.file.id.valid:
             self.file.close()
 
@@ -602,6 +720,19 @@ class _Stale(QKHooksError):
     """The file changed under a reader that cannot follow it (see :meth:`RunReader._changed`)."""
 
 
+class _ReadAgain(QKHooksError):
+    """HDF5 failed to read a file that was or is being written: read it again (:meth:`RunReader._retried`); ``live``:
+    a writer holds it (its message says so), else the message is the damage one."""
+
+    def __init__(self, message: str, live: bool):
+        super().__init__(message)
+        self.live = live
+
+
+def _too_few(what: str, rows: int, n: int) -> str:
+    return f"{what} has {rows} rows, fewer than the {n} images committed"
+
+
 def _stamp(path: Path) -> tuple[int, int, int, int] | None:
     """(device, inode, size, mtime) of the file at ``path``: what a change to it changes (None: no file)."""
     try:
@@ -609,6 +740,15 @@ def _stamp(path: Path) -> tuple[int, int, int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _other_handles(f: h5py.File) -> int:
+    """Handles on ``f``'s file that this process opened otherwise than through ``f`` (other files, their objects)."""
+    try:
+        return h5py.h5f.get_obj_count(f.id, h5py.h5f.OBJ_ALL) - h5py.h5f.get_obj_count(f.id, h5py.h5f.OBJ_ALL |
+                                                                                         h5py.h5f.OBJ_LOCAL)
+    except (ValueError, RuntimeError, OSError):  # a file HDF5 no longer holds open
+        return 0
 
 
 def _from_hdf5(exc: BaseException) -> bool:
@@ -633,13 +773,13 @@ _H5PY_OWN_CHECKS = {"_selector.pyx", "utils.pyx"}
 def _guarded(method: Any) -> Any:
     @functools.wraps(method)
     def guarded(self: RunReader, *args: Any, **kwargs: Any) -> Any:
-        with self._reading():
-            return method(self, *args, **kwargs)
+        return self._retried("it", lambda: method(self, *args, **kwargs))
 
     return guarded
 
 
-_UNGUARDED = {"refresh", "close", "__repr__", "_reading", "_changed", "_stale_error", "_damaged_checkpoint"}
+_UNGUARDED = {"refresh", "close", "__repr__", "_reading", "_changed", "_stale_error", "_damaged_checkpoint", "_open",
+              "_retried", "_refresh", "_per_image", "_too_few_rows", "_unreadable"}
 for _name, _member in list(vars(RunReader).items()):  # every read of the file answers as _reading says
     if _name.startswith("__") or _name in _UNGUARDED:
         continue
