@@ -207,3 +207,27 @@ def eager_attention(tiny: Tiny, model: torch.nn.Module, images: torch.Tensor) ->
     finally:
         model.set_attn_implementation("sdpa")
     return [a.detach() for a in out.attentions]
+
+
+@pytest.fixture
+def held_run(tmp_path):
+    """A run file (one batch of ids "a", "b", values 1) held open by h5py with HDF5's default locking in another
+    process, as a notebook holds a run it reads (tests of the writer's open without HDF5's flock)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from qkhooks.store import RunWriter
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path, dtype="float32", chunk_images=2) as w:
+        w.write_batch(["a", "b"], {"v": np.ones((2, 4), np.float32)})
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'r'); "
+                               "print('open', flush=True); sys.stdin.read()", str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        yield path
+    finally:
+        holder.communicate("", timeout=30)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -175,23 +173,8 @@ def test_a_resume_of_a_file_whose_arrays_differ_in_layout_keeps_each_and_names_t
             assert f[name].shape[0] == 5 and np.array_equal(f[name][:5], whole[name][:5]), name
 
 
-@pytest.fixture
-def held(tmp_path):
-    """A run file (one batch) held open by h5py with HDF5's default locking in another process."""
-    path = tmp_path / "run.h5"
-    with RunWriter(path, dtype="float32", chunk_images=2) as w:
-        w.write_batch(["a", "b"], {"v": np.ones((2, 4), np.float32)})
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'r'); "
-                               "print('open', flush=True); sys.stdin.read()", str(path)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "open"
-        yield path
-    finally:
-        holder.communicate("", timeout=30)
-
-
-def test_a_refused_hdf5_lock_is_told_by_its_errno(held):
+def test_a_refused_hdf5_lock_is_told_by_its_errno(held_run):
+    held = held_run
     """The signal the writer's retry reads: h5py's OSError for HDF5's refused flock carries errno EAGAIN."""
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
@@ -215,7 +198,8 @@ def open_failing_with_lock(monkeypatch, error: OSError) -> list[bool]:
     return calls
 
 
-def test_the_writer_opens_without_the_lock_where_its_errno_says_refused_whatever_the_words(held, monkeypatch):
+def test_the_writer_opens_without_the_lock_where_its_errno_says_refused_whatever_the_words(held_run, monkeypatch):
+    held = held_run
     """A lock refused in other words (another HDF5's wording) is still retried without the lock: the errno decides;
     an open that fails for another reason (here EIO, though its text mentions a lock) is raised as it is."""
     calls = open_failing_with_lock(monkeypatch, BlockingIOError(errno.EAGAIN, "Unable to open file (flock refused)"))
