@@ -75,11 +75,17 @@ def died(tmp_path_factory) -> dict[str, Path]:
     return {"folder": folder, "out": out, "single": tmp / "single.h5"}
 
 
-def test_a_repaired_shard_keeps_its_block_start_so_the_merge_names_the_same_top_k_images(died, tmp_path):
+def _copied_shards(died, tmp_path: Path) -> Path:
+    """The died run's two shards and their reducer checkpoints copied under ``tmp_path``; the copy's merged path."""
     out = tmp_path / "run.h5"
     for rank in range(2):
         for suffix in ("", ".reducers"):
             Path(f"{shard_path(out, rank, 2)}{suffix}").write_bytes(Path(f"{shard_path(died['out'], rank, 2)}{suffix}").read_bytes())
+    return out
+
+
+def test_a_repaired_shard_keeps_its_block_start_so_the_merge_names_the_same_top_k_images(died, tmp_path):
+    out = _copied_shards(died, tmp_path)
     shard = shard_path(out, 1, 2)
     with h5py.File(shard, "r") as f:
         before = dict(f["images"].attrs)
@@ -95,10 +101,7 @@ def test_a_repaired_shard_keeps_its_block_start_so_the_merge_names_the_same_top_
 
 
 def test_a_repaired_shard_of_a_rank_that_died_resumes_and_merges_to_the_single_process_run(died, tmp_path):
-    out = tmp_path / "run.h5"
-    for rank in range(2):
-        for suffix in ("", ".reducers"):
-            Path(f"{shard_path(out, rank, 2)}{suffix}").write_bytes(Path(f"{shard_path(died['out'], rank, 2)}{suffix}").read_bytes())
+    out = _copied_shards(died, tmp_path)
     shard = shard_path(out, 0, 2)
     repair(shard, tmp_path / "fixed.h5")
     replace_run(tmp_path / "fixed.h5", shard)
@@ -117,10 +120,7 @@ def test_a_repaired_shard_of_a_rank_that_died_resumes_and_merges_to_the_single_p
 def test_the_modes_analysis_recomputes_a_top_k_state_that_names_rows_past_the_run_instead_of_naming_none(died, tmp_path):
     """A shard without its block start (as repair left it before round 21) merges into a state whose indices are not
     the merged file's rows; the analysis says so and ranks the stored maps itself, giving the good merge's images."""
-    out = tmp_path / "run.h5"
-    for rank in range(2):
-        for suffix in ("", ".reducers"):
-            Path(f"{shard_path(out, rank, 2)}{suffix}").write_bytes(Path(f"{shard_path(died['out'], rank, 2)}{suffix}").read_bytes())
+    out = _copied_shards(died, tmp_path)
     with h5py.File(shard_path(out, 1, 2), "r+") as f:
         del f["images"].attrs["shard"]
     merge_shards(out, copy=True)
