@@ -66,6 +66,8 @@ KILLS_R19 = "tests/test_mutation_kills_r19.py"
 KILLS_R20 = "tests/test_mutation_kills_r20.py"
 # Round 20 (second run): the kill tests of the functions round 20 changed or added (module "round20").
 KILLS_R20B = "tests/test_mutation_kills_r20b.py"
+# Round 21 (mutation): the kill tests of the functions round 21 changed or added (module "round21").
+KILLS_R21 = "tests/test_mutation_kills_r21.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -185,6 +187,28 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_qkpath_precision and several_k) or (test_speed_e2e and record_entered_again) or "
                 "(test_store_safety and damaged and not (sigkill or full_disk or worker_processes or within_20_s "
                 "or damaged_run_files_open))"),
+    # Round 21 (mutation): the functions round 21 changed or added, against the tests that reach them: a photo's
+    # own faults and its one oriented decode (also for streamed masks), repair's chunk walk and verify_run, the file
+    # layout's checks, the reader's contiguous-span reads, one image a chunk for filtered arrays, the SWMR writer's
+    # errno fallback, the closest module paths, the q/k path only for float32 q/k and the weights' check inside
+    # record(), the unplain-W_q/W_k refusal and half-precision scaled logits. --only ROUND21.
+    "round21": (["qkhooks/data/items.py", "qkhooks/data/readers.py", "qkhooks/store/repair.py",
+                 "qkhooks/store/format.py", "qkhooks/store/reader.py", "qkhooks/store/writer.py",
+                 "qkhooks/store/_hdf5.py", "qkhooks/access.py", "qkhooks/capture.py", "qkhooks/spectrum.py",
+                 "qkhooks/models/unsupported.py", "qkhooks/sdpa.py"],
+                ["tests/test_data_r21.py", "tests/test_verify_r21.py", "tests/test_repair_r21.py",
+                 "tests/test_chunk_rewrite_r21.py", "tests/test_store_r21.py", "tests/test_adapters_r21.py",
+                 "tests/test_precision_r21.py", "tests/test_data_r20.py", "tests/test_store_r20.py",
+                 "tests/test_store_r19.py", "tests/test_checksum.py", "tests/test_store.py", "tests/test_core.py",
+                 "tests/test_store_safety.py", KILLS_R20B, KILLS_R21],
+                "test_data_r21 or test_verify_r21 or test_repair_r21 or test_chunk_rewrite_r21 or test_store_r21 or "
+                "test_adapters_r21 or test_precision_r21 or test_mutation_kills_r21 or test_data_r20 or "
+                "test_store_r20 or test_checksum or test_mutation_kills_r20b or "
+                "(test_store_r19 and (damaged_killed_run or every_object)) or "
+                "(test_store and (run_array_indexes or lazy_indexing)) or "
+                "(test_core and module_path) or "
+                "(test_store_safety and damaged and not (sigkill or full_disk or worker_processes or within_20_s "
+                "or damaged_run_files_open))"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
 ROUND18 = (
@@ -246,7 +270,35 @@ ROUND20 = (
     "qkhooks.store.writer.xǁRunWriterǁ_check_whole__*",
     "qkhooks.store.format.x_per_image_datasets__*", "qkhooks.store._hdf5.x_open_swmr_writer__*",
 )
-NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20}
+# The round-21 functions' mutant names, for `--only` with the module "round21". Recording.mode_source is a property
+# and items._unreadable_refused a context manager (mutmut mutates neither; their tests run all the same).
+ROUND21 = (
+    "qkhooks.data.items.x__file_fault__*", "qkhooks.data.items.x__unreadable_refused__*",
+    "qkhooks.data.items.x__read_oriented__*", "qkhooks.data.items.x__read_photo__*",
+    "qkhooks.data.readers.x__photo_masks__*", "qkhooks.data.readers.x__item_to_raw__*",
+    "qkhooks.store.repair.x__readable_rows__*", "qkhooks.store.repair.x__failing_rows__*",
+    "qkhooks.store.repair.x__rows_line__*", "qkhooks.store.repair.x__copy_attrs__*",
+    "qkhooks.store.repair.x__past_the_end__*", "qkhooks.store.repair.x__copy__*",
+    "qkhooks.store.repair.x_verify_run__*",
+    "qkhooks.store.repair.x__verify__*", "qkhooks.store.repair.xǁVerifyReportǁsummary__*",
+    "qkhooks.store.repair.xǁVerifyReportǁ_checksum_line__*", "qkhooks.store.repair.x__missing_sources__*",
+    "qkhooks.store.format.x_datasets__*", "qkhooks.store.format.x_per_image_datasets__*",
+    "qkhooks.store.format.x_layout_problems__*",
+    "qkhooks.store.reader.xǁRunArrayǁ_read__*", "qkhooks.store.reader.xǁRunArrayǁ_read_images__*",
+    "qkhooks.store.reader.xǁRunArrayǁ_image_indices__*", "qkhooks.store.reader.x__spans__*",
+    "qkhooks.store.writer.xǁRunWriterǁ_follow_file_layout__*", "qkhooks.store.writer.xǁRunWriterǁ_create_per_image__*",
+    "qkhooks.store._hdf5.x_open_swmr_writer__*",
+    "qkhooks.access.x_layer_at_path__*",
+    "qkhooks.capture.xǁRecordingǁ_check_weights__*", "qkhooks.capture.xǁRecordingǁ_qk_path_serves__*",
+    "qkhooks.capture.x__full_precision_qk__*", "qkhooks.capture.x__autocast_dtype__*",
+    "qkhooks.capture.xǁRecordingǁmode_source__*", "qkhooks.capture.xǁRecordingǁpin_mode_source__*",
+    "qkhooks.capture.xǁRecordingǁ_x_projector__*",
+    "qkhooks.spectrum.x_weights_state__*", "qkhooks.spectrum.x_same_weights__*", "qkhooks.spectrum.x__weights_key__*",
+    "qkhooks.models.unsupported.x_refuse_unplain_qk__*", "qkhooks.models.unsupported.x__known_forward__*",
+    "qkhooks.models.unsupported.x_tensors_read__*",
+    "qkhooks.sdpa.x_scaled_logits__*",
+)
+NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21}
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
 # test_store_r19.py's resumes of a "damaged killed run" stay in this process (the kill is simulated by the flags).
