@@ -44,10 +44,19 @@ SPAN_BYTES = 1 << 26
 """The most bytes one contiguous read of images takes (the images asked for and those between them)."""
 
 
-def _spans(images: np.ndarray, gap: int, most: int) -> list[np.ndarray]:
+def _spans(images: np.ndarray | range, gap: int, most: int) -> list[np.ndarray | range]:
     """Increasing, distinct image indices cut into runs, each read as one contiguous slice: cut wherever the next
     image is more than ``gap`` on (a chunk's images: a run reads no chunk HDF5 would skip), and a run with gaps
-    every ``most`` images (what it reads beyond the images asked for stays bounded)."""
+    every ``most`` images (what it reads beyond the images asked for stays bounded). A slice's images (a forward
+    ``range``) are cut by arithmetic into ranges, with no index array: a step-1 slice is one run, whatever its size."""
+    if isinstance(images, range):
+        if images.step == 1:
+            return [images]
+        if images.step > gap:
+            return [range(i, i + 1) for i in images]
+        bounds = [images.start, *range((images.start // most + 1) * most, images[-1] + 1, most), images.stop]
+        return [images[-(-(lo - images.start) // images.step):-(-(hi - images.start) // images.step)]
+                for lo, hi in zip(bounds, bounds[1:])]
     runs = np.split(images, np.flatnonzero(np.diff(images) > gap) + 1)
     return [part for run in runs
             for part in ([run] if run[-1] - run[0] < len(run) else np.split(run, np.flatnonzero(np.diff(run // most)) + 1))]
@@ -129,8 +138,7 @@ class RunArray:
         if isinstance(first, slice):  # a backward slice: the same images read forward, then reversed
             picked = range(*first.indices(self.n))
             in_order = picked.step > 0
-            picked = picked if in_order else picked[::-1]
-            images = np.arange(picked.start, picked.stop, picked.step)
+            images: np.ndarray | range = picked if in_order else picked[::-1]
             after: slice | np.ndarray = slice(None, None, 1 if in_order else -1)
         else:
             index = self._image_indices(first)
@@ -141,18 +149,20 @@ class RunArray:
             return got if in_order else got[after]
         return self._read_images(images, ())[(after,) + rest]  # numpy's rules for the other axes, on the images read
 
-    def _read_images(self, images: np.ndarray, rest: tuple) -> np.ndarray:
+    def _read_images(self, images: np.ndarray | range, rest: tuple) -> np.ndarray:
         """The images ``images`` (increasing, distinct) with HDF5's own selection ``rest`` of the other axes, read in
         contiguous slices and picked in numpy: HDF5 reads a strided or listed selection of images row by row, 10-50x
         slower than the same chunks read contiguously (h5py 3.16, HDF5 2.0)."""
-        if not images.size:
+        if not len(images):
             return self.dataset[(slice(0, 0),) + rest]
         chunk = self.dataset.chunks[0] if self.dataset.chunks else 1
         most = max(chunk, SPAN_BYTES // max(1, self.dataset.dtype.itemsize * int(np.prod(self.dataset.shape[1:]))))
         parts = []
         for span in _spans(images, chunk, most):
             part = self.dataset[(slice(int(span[0]), int(span[-1]) + 1),) + rest]
-            parts.append(part if len(part) == len(span) else part[span - span[0]])
+            if len(part) != len(span):  # a copy of the images asked for: the span read is let go
+                part = np.ascontiguousarray(part[::span.step]) if isinstance(span, range) else part[span - span[0]]
+            parts.append(part)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _image_indices(self, first: Any) -> np.ndarray:
