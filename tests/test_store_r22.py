@@ -1,4 +1,5 @@
-"""Round 22 (reading): a slice of the image axis reaches HDF5 without an index array of its images."""
+"""Round 22 (reading): a slice of the image axis reaches HDF5 without an index array of its images; readers of one
+run in one process share one HDF5 handle, so one refreshing never breaks another's reads while a writer appends."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import h5py
 import numpy as np
 import pytest
 
-from qkhooks.store import reader
+from test_store_live_r21 import NAMES, _broken_by_another_handle, _check, _laid_out, _Pauses, _rows, _Writer
+from qkhooks.errors import QKHooksError
+from qkhooks.store import _hdf5, open_run
 from qkhooks.store.reader import RunArray, _spans
+from qkhooks.store.repair import verify_run
+from qkhooks.store.writer import RunWriter
 
 
 class KeyLog:
@@ -102,3 +107,89 @@ def test_a_slices_spans_are_those_of_its_images_listed(monkeypatch):
         assert [list(s) for s in spans] == [list(s) for s in listed], (images, gap, most)
         checked += len(spans) > 1
     assert checked > 1000
+
+
+# ------------------------------------------------------------------ several readers of one run in one process
+def test_two_readers_of_a_live_run_in_one_process_read_every_committed_image_while_it_grows(tmp_path):
+    """HDF5 shares a file's datasets among all its handles in a process, so one reader refreshing its arrays broke the
+    other's reads ("can't insert duplicate key", refused after the read deadline, naming the other handles). Readers
+    of one file share one handle: each refreshes, the other reads every image it counts, through arrays taken before
+    and after, each value as the writer wrote it."""
+    path = _laid_out(tmp_path)
+    with _Writer(path) as child, open_run(path) as one, open_run(path) as two:
+        held = {run: {name: run.array(name) for name in NAMES} for run in (one, two)}
+        for batch in range(4):
+            n = child.commit(3)  # 3 images: a batch across a chunk boundary
+            first, second = (one, two) if batch % 2 else (two, one)
+            before = second.n
+            assert first.refresh() == n
+            _check(first, n)
+            for k, name in enumerate(NAMES):  # the other reader, not refreshed yet, reads what it counts
+                np.testing.assert_array_equal(second.array(name)[:], _rows(k, 0, before))
+                np.testing.assert_array_equal(held[second][name][1:], _rows(k, 1, 2))
+            assert second.refresh() == n
+            _check(second, n)
+            _check(first, n)
+            for run in (one, two):
+                for k, name in enumerate(NAMES):
+                    np.testing.assert_array_equal(held[run][name][:], _rows(k, 0, 2))
+
+
+def test_a_reader_opening_the_shared_file_anew_takes_the_other_readers_arrays_with_it(tmp_path, monkeypatch):
+    """A read that fails (here: a raw h5py handle in this process breaks the dataset) opens the file anew for every
+    reader sharing it: the other reader's arrays, taken before, read on through the new handle."""
+    path = _laid_out(tmp_path)
+    with _Writer(path) as child, open_run(path) as one, open_run(path) as two:
+        held = two.array("a")
+        other = h5py.File(path, "r", swmr=True, locking=False)
+        n, broken = _broken_by_another_handle(one, other, child)
+        pauses = _Pauses(at_first_pause=other.close)
+        monkeypatch.setattr(_hdf5, "_clock", pauses.monotonic)
+        monkeypatch.setattr(_hdf5, "_sleep", pauses.sleep)
+        np.testing.assert_array_equal(one.array("a")[:], _rows(0, 0, n))
+        assert pauses.sleeps == [_hdf5.FIRST_PAUSE_S] and not broken.id.valid
+        np.testing.assert_array_equal(held[:], _rows(0, 0, 2))
+        assert two.refresh() == n
+        _check(two, n)
+        np.testing.assert_array_equal(two.array("a")[:], _rows(0, 0, n))
+
+
+def test_the_shared_handle_closed_under_an_open_reader_is_opened_anew_at_its_next_read(tmp_path):
+    """Another reader's opening anew that failed leaves the shared handle closed (it raised that reader's error):
+    a reader still open opens the file anew at its next read rather than calling itself closed."""
+    path = _laid_out(tmp_path)
+    with _Writer(path) as child, open_run(path) as one, open_run(path) as two:
+        n = child.commit(3)
+        one.file.close()  # as a failed opening anew leaves it
+        assert two.refresh() == n
+        _check(two, n)
+        _check(one, 2)  # as counted before, through the handle opened anew
+        assert one.refresh() == n
+        _check(one, n)
+
+
+def test_each_reader_closes_alone_and_the_file_with_the_last(tmp_path):
+    """Readers sharing a handle close one at a time: a closed one says so, the others (and a run verified meanwhile,
+    as `qkhooks info --verify` does) read on; the handle closes with the last, and a reader opened later opens it
+    anew."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path, attrs={"model": "m", "config": "{}"}, dtype="float32", chunk_images=2) as w:
+        for b in range(3):
+            w.write_batch([f"im{2 * b}", f"im{2 * b + 1}"],
+                          {name: _rows(k, 2 * b, 2 * b + 2) for k, name in enumerate(NAMES)})
+    one, two = open_run(path), open_run(path)
+    handle = one.file
+    assert two.file is handle and not handle.swmr_mode
+    a = one.array("a")
+    one.close()
+    for read in (lambda: a[:], lambda: one.ids, lambda: one.refresh()):
+        with pytest.raises(QKHooksError, match="is closed .*open the run again"):
+            read()
+    assert "closed" in repr(one) and "closed" not in repr(two)
+    assert verify_run(path).ok
+    _check(two, 6)
+    two.close()
+    assert not handle.id.valid
+    with open_run(path) as three:
+        assert three.file is not handle
+        _check(three, 6)
