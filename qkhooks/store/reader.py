@@ -22,6 +22,8 @@ import functools
 import json
 import os
 import re
+import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -44,10 +46,19 @@ SPAN_BYTES = 1 << 26
 """The most bytes one contiguous read of images takes (the images asked for and those between them)."""
 
 
-def _spans(images: np.ndarray, gap: int, most: int) -> list[np.ndarray]:
+def _spans(images: np.ndarray | range, gap: int, most: int) -> list[np.ndarray | range]:
     """Increasing, distinct image indices cut into runs, each read as one contiguous slice: cut wherever the next
     image is more than ``gap`` on (a chunk's images: a run reads no chunk HDF5 would skip), and a run with gaps
-    every ``most`` images (what it reads beyond the images asked for stays bounded)."""
+    every ``most`` images (what it reads beyond the images asked for stays bounded). A slice's images (a forward
+    ``range``) are cut by arithmetic into ranges, with no index array: a step-1 slice is one run, whatever its size."""
+    if isinstance(images, range):
+        if images.step == 1:
+            return [images]
+        if images.step > gap:
+            return [range(i, i + 1) for i in images]
+        bounds = [images.start, *range((images.start // most + 1) * most, images[-1] + 1, most), images.stop]
+        return [images[-(-(lo - images.start) // images.step):-(-(hi - images.start) // images.step)]
+                for lo, hi in zip(bounds, bounds[1:])]
     runs = np.split(images, np.flatnonzero(np.diff(images) > gap) + 1)
     return [part for run in runs
             for part in ([run] if run[-1] - run[0] < len(run) else np.split(run, np.flatnonzero(np.diff(run // most)) + 1))]
@@ -61,14 +72,14 @@ class RunArray:
         self._name = dataset.name
         self.n = n
         self._owner = owner
-        self._opened = owner._opened if owner is not None else 0
+        self._opened = owner._shared.opened if owner is not None else 0
 
     @property
     def dataset(self) -> h5py.Dataset:
         """The owner's one handle on this array (taken again after the owner reopened its file)."""
         owner = self._owner
-        if owner is not None and self._opened != owner._opened:
-            self._dataset, self._opened = owner._per_image(self._name) or self._dataset, owner._opened
+        if owner is not None and self._opened != owner._shared.opened:
+            self._dataset, self._opened = owner._per_image(self._name) or self._dataset, owner._shared.opened
         return self._dataset
 
     @property
@@ -129,8 +140,7 @@ class RunArray:
         if isinstance(first, slice):  # a backward slice: the same images read forward, then reversed
             picked = range(*first.indices(self.n))
             in_order = picked.step > 0
-            picked = picked if in_order else picked[::-1]
-            images = np.arange(picked.start, picked.stop, picked.step)
+            images: np.ndarray | range = picked if in_order else picked[::-1]
             after: slice | np.ndarray = slice(None, None, 1 if in_order else -1)
         else:
             index = self._image_indices(first)
@@ -141,18 +151,20 @@ class RunArray:
             return got if in_order else got[after]
         return self._read_images(images, ())[(after,) + rest]  # numpy's rules for the other axes, on the images read
 
-    def _read_images(self, images: np.ndarray, rest: tuple) -> np.ndarray:
+    def _read_images(self, images: np.ndarray | range, rest: tuple) -> np.ndarray:
         """The images ``images`` (increasing, distinct) with HDF5's own selection ``rest`` of the other axes, read in
         contiguous slices and picked in numpy: HDF5 reads a strided or listed selection of images row by row, 10-50x
         slower than the same chunks read contiguously (h5py 3.16, HDF5 2.0)."""
-        if not images.size:
+        if not len(images):
             return self.dataset[(slice(0, 0),) + rest]
         chunk = self.dataset.chunks[0] if self.dataset.chunks else 1
         most = max(chunk, SPAN_BYTES // max(1, self.dataset.dtype.itemsize * int(np.prod(self.dataset.shape[1:]))))
         parts = []
         for span in _spans(images, chunk, most):
             part = self.dataset[(slice(int(span[0]), int(span[-1]) + 1),) + rest]
-            parts.append(part if len(part) == len(span) else part[span - span[0]])
+            if len(part) != len(span):  # a copy of the images asked for: the span read is let go
+                part = np.ascontiguousarray(part[::span.step]) if isinstance(span, range) else part[span - span[0]]
+            parts.append(part)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _image_indices(self, first: Any) -> np.ndarray:
@@ -182,6 +194,44 @@ class RunArray:
         return f"RunArray({self.dataset.name}, shape={self.shape}, dtype={self.dtype})"
 
 
+class _SharedFile:
+    """The one HDF5 handle on a run file that every open :class:`RunReader` of it in this process reads through, with
+    its per-image arrays and ids. HDF5 shares a file's datasets among all its handles in a process, and refreshing a
+    dataset through one handle while another handle has it open breaks reads through that one (see
+    :meth:`RunReader._refresh`); with one handle, whichever reader refreshes refreshes it for all, and opening it anew
+    after a failed read opens it anew for all."""
+
+    def __init__(self) -> None:
+        self.file: h5py.File | None = None
+        self.stamp: tuple[int, int, int, int] | None = None
+        self.swmr = False
+        self.datasets: dict[str, h5py.Dataset] = {}
+        self.ids: h5py.Dataset | None = None
+        self.opened = 0
+        """How many times the file was opened: a :class:`RunArray` takes its dataset again when this changes."""
+        self.readers = 0
+        """Open readers: the last to close closes the handle."""
+
+    def changed(self, now: tuple[int, int, int, int] | None) -> str | None:
+        """How the file, whose stamp is now ``now``, differs from the one opened (None: the same). A closed run is read
+        without SWMR, from what HDF5 read at opening, so any change to its file (a resume cuts and rewrites it in
+        place, an overwrite replaces it) makes what a reader would return wrong; an SWMR reader follows its writer in
+        place and only loses track of a file replaced under its name."""
+        if now is None:
+            return "was deleted or renamed"
+        if now[:2] != self.stamp[:2]:
+            return "was replaced by another file (an --overwrite or a copy)"
+        if not self.swmr and now != self.stamp:
+            return "was changed (a writer resumed or truncated it)"
+        return None
+
+
+_SHARED: "weakref.WeakValueDictionary[tuple[int, int], _SharedFile]" = weakref.WeakValueDictionary()
+"""The shared handle of each run file open here, by (device, inode): the identity by which HDF5 itself shares a file
+opened twice in a process. Weak: an entry goes with the last reader holding it (closed or collected)."""
+_SHARED_LOCK = threading.RLock()
+
+
 class RunReader:
     """Labelled, lazy access to one run file. Prefer :func:`open_run`."""
 
@@ -192,27 +242,46 @@ class RunReader:
         _refuse_non_run(self.path)
         self.problems: list[str] = []
         """Damage :meth:`summary` found that does not stop the run from being read (``qkhooks info`` exits 2)."""
-        self._opened = 0
-        self._open(Backoff(READ_DEADLINE_S))
+        self.n = 0
+        self._closed = False
+        with _SHARED_LOCK:  # another reader of this file here: its handle (HDF5 shares the file's datasets anyway)
+            stamp = _stamp(self.path)
+            shared = _SHARED.get(stamp[:2]) if stamp is not None else None
+            if shared is not None and shared.file.id.valid and shared.changed(stamp) is None:
+                self._shared = shared
+                self.refresh()
+            else:
+                self._shared = _SharedFile()
+                self._open(Backoff(READ_DEADLINE_S))
+            self._shared.readers += 1
+
+    @property
+    def file(self) -> h5py.File:
+        """The HDF5 handle this reader reads through, shared with every other open reader of the file here."""
+        return self._shared.file
 
     def _open(self, backoff: Backoff) -> None:
-        """Open the file (again), its per-image arrays and its count, by ``backoff``'s deadline."""
-        self._opened += 1
+        """Open the file (again) for every reader sharing its handle, its per-image arrays and this reader's count, by
+        ``backoff``'s deadline."""
+        shared = self._shared
+        shared.opened += 1
         while True:  # a writer that changes the file while it opens (a resume starting): open again, after a pause
-            self._stamp = _stamp(self.path)
-            if self._stamp is None:  # gone between the check above and now
+            shared.stamp = _stamp(self.path)
+            if shared.stamp is None:  # gone between the check above and now
                 raise QKHooksError(f"no run file at {self.path}; record one with `qkhooks record`.")
-            self.file = open_reader(self.path, backoff.remaining())
-            self._swmr = self.file.swmr_mode
-            self._datasets: dict[str, h5py.Dataset] = {}
+            shared.file = open_reader(self.path, backoff.remaining())
+            shared.swmr = shared.file.swmr_mode
+            shared.datasets = {}
             self.n = 0
             try:
                 with self._reading():
                     if fmt.committed(self.file) is None:
                         raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images/ids with "
                                            "`committed`).")
-                    self._ids = self.file[fmt.IDS]
+                    shared.ids = self.file[fmt.IDS]
                 self._refresh()
+                with _SHARED_LOCK:
+                    _SHARED[shared.stamp[:2]] = shared
                 return
             except _ReadAgain as exc:
                 self.file.close()
@@ -230,18 +299,8 @@ class RunReader:
 
     # ------------------------------------------------------------------ damage and staleness
     def _changed(self) -> str | None:
-        """How the file at :attr:`path` differs from the one opened (None: the same). A closed run is read without
-        SWMR, from what HDF5 read at opening, so any change to its file (a resume cuts and rewrites it in place, an
-        overwrite replaces it) makes what this reader would return wrong; an SWMR reader follows its writer in place
-        and only loses track of a file replaced under its name."""
-        now = _stamp(self.path)
-        if now is None:
-            return "was deleted or renamed"
-        if now[:2] != self._stamp[:2]:
-            return "was replaced by another file (an --overwrite or a copy)"
-        if not self._swmr and now != self._stamp:
-            return "was changed (a writer resumed or truncated it)"
-        return None
+        """How the file at :attr:`path` differs from the one opened (None: the same; :meth:`_SharedFile.changed`)."""
+        return self._shared.changed(_stamp(self.path))
 
     def _stale_error(self, why: str) -> QKHooksError:
         return _Stale(f"{self.path} {why} since this reader opened it, so what it would read is stale; open it "
@@ -252,7 +311,7 @@ class RunReader:
         """Turn any HDF5 error while reading ``what`` into a QKHooksError (stale, or damaged with the repair command:
         a data chunk failing its checksum included), and refuse an answer read from a closed run's file that changed
         under this reader."""
-        if not self.file.id.valid:  # h5py answers a closed file with empty groups or errors that look like damage
+        if self._closed or not self.file.id.valid:  # h5py answers a closed file with empty groups or damage-like errors
             raise QKHooksError(f"this reader of {self.path} is closed (it was used after its `with "
                                "qkhooks.open_run(...)` block, or after close()); read inside the block, or open the "
                                "run again.")
@@ -267,20 +326,22 @@ class RunReader:
             if why is not None:
                 raise self._stale_error(why) from None
             others = _other_handles(self.file)
-            if self._swmr or being_written(self.path):  # read again on the file opened anew before calling it damaged
+            # read again on the file opened anew before calling it damaged
+            if self._shared.swmr or being_written(self.path):
                 live = being_written(self.path) and writer_alive(self.path) is not False
                 raise _ReadAgain(self._unreadable(what, exc, live, others), live) from None
             raise QKHooksError(self._unreadable(what, exc, False, others)) from None
-        if not self._swmr:
+        if not self._shared.swmr:
             why = self._changed()
             if why is not None:
                 raise self._stale_error(why)
 
     def _unreadable(self, what: str, exc: BaseException, live: bool, others: int) -> str:
         """Why ``what`` did not read: damage, unless a writer holds the file or other handles on it are open here."""
-        held = (f"{others} other handle(s) on this file are open in this process (another qkhooks.open_run of it, an "
-                "h5py.File), and HDF5 shares datasets among them: refreshing one while another holds it breaks its "
-                "reads. Close them and open the run again (qkhooks.open_run).")
+        held = (f"{others} other handle(s) on this file are open in this process (an h5py.File of it, or a dataset "
+                "taken from one; qkhooks readers of it share one handle), and HDF5 shares datasets among them: "
+                "refreshing one while another holds it breaks its reads. Close them and open the run again "
+                "(qkhooks.open_run).")
         if live:
             return (f"{self.path} is being written (a writer holds it) and HDF5 could not read {what} ({exc}), also on "
                     f"the file opened anew for {READ_DEADLINE_S:g} s: that is not damage. "
@@ -298,6 +359,8 @@ class RunReader:
         backoff = None
         while True:
             try:
+                if backoff is None and not self._closed and not self.file.id.valid:  # another reader of it failed to
+                    backoff = Backoff(READ_DEADLINE_S)  # open it anew (and raised that): open it anew for this one
                 if backoff is not None:
                     self.file.close()
                     self._open(backoff)
@@ -331,14 +394,15 @@ class RunReader:
         why = self._changed()
         if why is not None:
             raise self._stale_error(why)
+        shared = self._shared
         with self._reading():
-            if self._swmr:
-                self._ids.refresh()  # the count is an attribute of the ids
+            if shared.swmr:
+                shared.ids.refresh()  # the count is an attribute of the ids
             n = fmt.committed(self.file) or 0
-            if self._swmr:
-                if not self._datasets:  # once: a run's layout is fixed by its first batch
-                    self._datasets = fmt.per_image_datasets(self.file)
-                for ds in self._datasets.values():
+            if shared.swmr:
+                if not shared.datasets:  # once: a run's layout is fixed by its first batch
+                    shared.datasets = fmt.per_image_datasets(self.file)
+                for ds in shared.datasets.values():
                     ds.refresh()
             self.n = n
         return self.n
@@ -404,12 +468,12 @@ class RunReader:
     def _per_image(self, name: str) -> h5py.Dataset | None:
         """The reader's one handle on the per-image array ``name`` (None: the run has none), kept while the file is
         open: see :meth:`_refresh` for why an array is never read or refreshed through a second one."""
-        key = name.strip("/")
-        ds = self._datasets.get(key)
-        if ds is None and not self._swmr:  # an SWMR reader holds every array from its first refresh on
+        key, shared = name.strip("/"), self._shared
+        ds = shared.datasets.get(key)
+        if ds is None and not shared.swmr:  # an SWMR reader holds every array from its first refresh on
             found = self.file.get(key) if key else None
             if isinstance(found, h5py.Dataset) and found.attrs.get("per_image", False):
-                ds = self._datasets[key] = found
+                ds = shared.datasets[key] = found
         return ds
 
     def _too_few_rows(self, what: str, rows: int, n: int) -> QKHooksError:
@@ -417,7 +481,7 @@ class RunReader:
         why = self._changed()
         if why is not None:
             return self._stale_error(why)
-        if not self._swmr:
+        if not self._shared.swmr:
             return QKHooksError(damaged_message(self.path, _too_few(what, rows, n)))
         return QKHooksError(f"{self.path}: {_too_few(what, rows, n)} when this reader counted them: a writer cut the "
                             "run since (a resume drops the images past its last checkpoint), or the file is damaged. "
@@ -676,9 +740,17 @@ class RunReader:
         return "\n".join(lines)
 
     def close(self) -> None:
-        self._datasets = {}
-        if self.file.id.valid:
-            self.file.close()
+        """Close this reader; the file's handle closes with the last open reader of it here."""
+        if self._closed:
+            return
+        self._closed = True
+        with _SHARED_LOCK:
+            shared = self._shared
+            shared.readers -= 1
+            if shared.readers == 0:
+                shared.datasets, shared.ids = {}, None
+                if shared.file.id.valid:
+                    shared.file.close()
 
     def __enter__(self) -> "RunReader":
         return self
@@ -687,7 +759,7 @@ class RunReader:
         self.close()
 
     def __repr__(self) -> str:
-        if not self.file.id.valid:
+        if self._closed or not self.file.id.valid:
             return f"RunReader({str(self.path)!r}, closed)"
         return f"RunReader({str(self.path)!r}, images={self.n}, layers={self.layers})"
 
@@ -778,8 +850,8 @@ def _guarded(method: Any) -> Any:
     return guarded
 
 
-_UNGUARDED = {"refresh", "close", "__repr__", "_reading", "_changed", "_stale_error", "_damaged_checkpoint", "_open",
-              "_retried", "_refresh", "_per_image", "_too_few_rows", "_unreadable"}
+_UNGUARDED = {"file", "refresh", "close", "__repr__", "_reading", "_changed", "_stale_error", "_damaged_checkpoint",
+              "_open", "_retried", "_refresh", "_per_image", "_too_few_rows", "_unreadable"}
 for _name, _member in list(vars(RunReader).items()):  # every read of the file answers as _reading says
     if _name.startswith("__") or _name in _UNGUARDED:
         continue
