@@ -48,7 +48,7 @@ from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, grid_source_hooks, select_layers
 from qkhooks.models.load import unwrap_loaded
-from qkhooks.models.unsupported import unmodelled_parts
+from qkhooks.models.unsupported import own_hooks, refuse_altered_qk, remove_own_hooks, unmodelled_parts
 from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
@@ -121,6 +121,8 @@ class Recording:
         self._model_ref = weakref.ref(model)
         every = list(sites) if sites is not None else _model_sites(model, None, skip_unmodelled)
         self.sites: list[AttentionSite] = select_layers(every, layers)
+        if sites is not None:  # found ones are checked by _model_sites
+            refuse_altered_qk(self.sites)
         # partial recording: module path -> why it is left out (named, never silent; {} when none is), from every site
         # of the model (given sites may be a selection)
         self.left_out: dict[str, str] = unmodelled_parts(
@@ -270,6 +272,7 @@ class Recording:
                         self._handles.append(linear.register_forward_hook(self._qk_hook(site, i)))
                 self._handles.extend(self._inside_hooks(site))
             self._handles.append(last.module.register_forward_hook(self._end_inner, always_call=False))
+            own_hooks(self._handles)  # not someone else's hooks to a recording entered inside this one
         except BaseException:
             self.detach()
             raise
@@ -278,8 +281,7 @@ class Recording:
     def detach(self) -> None:
         """Remove this recording's hooks (idempotent) and drop any half-finished batch."""
         handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
+        remove_own_hooks(handles)
         for mode in self._attending.values():  # a forward stopped by KeyboardInterrupt skips the hook that leaves it
             if mode.entered:
                 mode.leave()
@@ -1007,6 +1009,7 @@ def _model_sites(model: nn.Module, layers: Sequence[int] | None, skip_unmodelled
     if any(c is None for c in copies):  # a site a copy cannot be cut loose from: searched afresh, never shared
         del _SITES[model]
         return find_sites(model, layers, skip_unmodelled)
+    refuse_altered_qk(copies)  # hooks, patched forwards, swapped weights: not in the structure key
     return select_layers(copies, layers)
 
 

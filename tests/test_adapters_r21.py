@@ -172,7 +172,8 @@ def _sharpened(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def _model_qk(model: nn.Module, kind: str, layer: int):
-    """A hook keeping the q and k (B, H, N, d_k) the model computes in ``layer``, and its handle(s)."""
+    """A hook keeping the q and k (B, H, N, d_k) the model computes in ``layer``, and its handle(s); put on inside
+    ``record()``, which refuses hooks already on a q/k layer (r22: it cannot tell an observer from a steering hook)."""
     seen: dict[str, torch.Tensor] = {}
     if kind == "timm":
         attn = model.blocks[layer].attn
@@ -208,8 +209,8 @@ def test_half_precision_maps_and_rows_are_the_softmax_of_the_models_own_q_k(kind
     not rounded as the model's are)."""
     model = _sharpened(_timm_vit() if kind == "timm" else _hf_vit(), dtype)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
-    seen, handles = _model_qk(model, kind, 1)
     with qkhooks.record(model, modes=None, attention="full+rows", qk_path=qk_path) as run, torch.no_grad():
+        seen, handles = _model_qk(model, kind, 1)
         model(images)
     for handle in handles:
         handle.remove()
@@ -229,8 +230,10 @@ def test_half_precision_eager_outputs_are_as_close_as_the_models_sdpa(dtype):
     attn = model.blocks[0].attn
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
     got: dict[str, torch.Tensor] = {}
-    handles = [attn.qkv.register_forward_hook(lambda m, a, o: got.__setitem__("qkv", o.detach())),
-               attn.proj.register_forward_pre_hook(lambda m, a: got.__setitem__("attended", a[0].detach()))]
+
+    def observe() -> list:  # on qkv only outside record() or inside it: record() refuses hooks already on a q/k layer
+        return [attn.qkv.register_forward_hook(lambda m, a, o: got.__setitem__("qkv", o.detach())),
+                attn.proj.register_forward_pre_hook(lambda m, a: got.__setitem__("attended", a[0].detach()))]
 
     def error() -> float:
         b, n, _ = got["qkv"].shape
@@ -238,10 +241,14 @@ def test_half_precision_eager_outputs_are_as_close_as_the_models_sdpa(dtype):
         exact = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) @ v
         return float((got["attended"].double() - exact.transpose(1, 2).flatten(2)).abs().max())
 
+    handles = observe()
     with torch.no_grad():
         model(images)
     kernel = error()
+    for handle in handles:
+        handle.remove()
     with qkhooks.record(model, modes=None, attention="full", outputs="eager") as run, torch.no_grad():
+        handles = observe()
         model(images)
     eager = error()
     for handle in handles:
@@ -259,9 +266,9 @@ def test_autocast_maps_are_the_softmax_of_the_models_own_q_k():
     the product of 17 tokens, below the in-place CPU path, in bfloat16 again)."""
     model = _sharpened(_timm_vit(), torch.float32)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    seen, handles = _model_qk(model, "timm", 1)
     with qkhooks.record(model, modes=None, attention="full") as run, torch.no_grad(), \
             torch.autocast("cpu", dtype=torch.bfloat16):
+        seen, handles = _model_qk(model, "timm", 1)
         model(images)
     for handle in handles:
         handle.remove()

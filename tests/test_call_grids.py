@@ -82,13 +82,13 @@ def test_each_layer_reads_the_grid_of_the_call_on_a_non_square_input(name: str):
     sites = qkhooks.sites(model)
     seen: dict[int, tuple[int, int]] = {}
     handles = []
-    for site in sites:
-        module, read = reference(model, site)
-        handles.append(module.register_forward_hook(
-            lambda m, a, o, layer=site.layer, read=read: seen.setdefault(layer, read(m, a, o)) and None))
     image = torch.randn(2, 3, h, w)
     try:
         with qkhooks.record(model, modes=2, attention=None) as run:
+            for site in sites:  # put on inside: record() refuses hooks already on a q/k layer (EfficientFormer-v2's q)
+                module, read = reference(model, site)
+                handles.append(module.register_forward_hook(
+                    lambda m, a, o, layer=site.layer, read=read: seen.setdefault(layer, read(m, a, o)) and None))
             model(image) if name != "DetrModel" else model(pixel_values=image)
     finally:
         for handle in handles:

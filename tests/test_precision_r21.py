@@ -160,9 +160,10 @@ def test_float32_keeps_the_qk_path_with_the_projectors_values():
     (captured by a hook of the test), within float32 rounding of float64 x·u_n."""
     model, images = _vit(), _images()
     outputs = {}
-    hooks = [block.attn.qkv.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out.detach()))
-             for i, block in enumerate(model.blocks)]
-    run = _record(model, images)
+    with qkhooks.record(model, modes="all", keep_inputs=True) as run, torch.no_grad():  # _record, hooks put on inside:
+        hooks = [block.attn.qkv.register_forward_hook(  # record() refuses hooks already on a q/k layer
+            lambda m, a, out, i=i: outputs.__setitem__(i, out.detach())) for i, block in enumerate(model.blocks)]
+        model(images)
     for hook in hooks:
         hook.remove()
     assert run.mode_source == {0: "qk", 1: "qk"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import qkhooks
 from qkhooks.models.load import load_model
@@ -69,7 +70,8 @@ def test_sam_relative_term_is_stored_per_layer_as_the_live_recording_has_it(tmp_
     model, _ = _case("samvit_base_patch16_224")
     loaded = load_model(model)
     qkv: list[torch.Tensor] = []
-    handle = model.blocks[1].attn.qkv.register_forward_hook(lambda m, a, out: qkv.append(out.detach().clone()))
+    attn = model.blocks[1].attn  # its qkv output computed from its input: record() refuses hooks on a q/k layer
+    handle = attn.register_forward_pre_hook(lambda m, a: qkv.append(F.linear(a[0], attn.qkv.weight, attn.qkv.bias).detach()))
     live: dict[int, list[torch.Tensor]] = {0: [], 1: [], 2: []}
     try:
         record_dataset(loaded, "samples", tmp_path / "sam.h5", limit=4, batch_size=2, progress=False, dtype="float32",

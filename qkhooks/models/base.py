@@ -91,6 +91,9 @@ class AttentionSite:
             token grid read off its call (timm's dynamic-size patch embed: the grid it makes of the image; NextViT's
             block norm: the NCHW map it is handed). A recording hooks it, so :meth:`grid_for` reads each call's own
             grid rather than the native one or a square.
+        qk_scope: set by the search (:func:`qkhooks.models.unsupported.refuse_unplain_qk`): (path under ``module``,
+            whether it owns what ``qk_linear`` reads) of the modules W_q/W_k are read off and those between, which
+            every ``record()`` entry checks for hooks, patched forwards and tensor subclasses (``refuse_altered_qk``).
     """
 
     layer: int
@@ -122,6 +125,7 @@ class AttentionSite:
     head_mixing: Any = None
     key_tokens: Callable[[torch.Tensor, tuple, dict], torch.Tensor] | None = None
     grid_source: tuple[nn.Module, Callable[[tuple, dict], tuple[int, int]]] | None = None
+    qk_scope: tuple[tuple[str, bool], ...] = ()
     _grid_of_source: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
     _grid_of_input: tuple[int, int] | None = dataclasses.field(default=None, repr=False)  # the grid the call hands it
     _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)

@@ -29,6 +29,7 @@ from torch import nn
 
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.errors import QKHooksError
+from qkhooks.models.unsupported import accelerate_offloading
 
 __all__ = ["LoadedModel", "load_model", "load_checkpoint", "MODEL_SPEC_HELP", "RANDOM_SUFFIX"]
 
@@ -85,6 +86,13 @@ def refuse_meta(model: Any) -> None:
     if any(t is not None and t.is_meta for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values())):
         named = itertools.chain(model.named_parameters(), model.named_buffers())
         empty = next(name for name, t in named if t.is_meta)
+        offloading = accelerate_offloading(model)
+        if offloading is not None:
+            raise QKHooksError(
+                f"{type(model).__name__}'s weights are offloaded by accelerate (the hook on {offloading or '(model)'!r} has "
+                f"offload=True): between calls they sit on the 'meta' device (e.g. {empty}), so there are no weights to "
+                "read. To record it, load it without offloading the weights (a device_map whose devices hold the whole "
+                "model: no 'cpu' or 'disk' entries).")
         raise QKHooksError(
             f"{type(model).__name__} has no weights: its tensors are on the 'meta' device (e.g. {empty}), which holds "
             "shapes but no data, so there are no weights to record. Materialise it first: model.to_empty(device="

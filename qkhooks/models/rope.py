@@ -20,6 +20,7 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
+from qkhooks.models.unsupported import own_hooks, remove_own_hooks
 from qkhooks.spectrum import _augment, factored_svd, head_weighted_cosines
 
 __all__ = ["RopeBand", "rope_pairs", "rope_angles", "rope_bands", "capture_rope_tables", "rope_band_summary"]
@@ -155,12 +156,12 @@ def capture_rope_tables(model: nn.Module, sites: Sequence[AttentionSite]) -> dic
     param = next(model.parameters())
     image = torch.zeros(1, 3, *size, dtype=param.dtype, device=param.device)
     handles = [s.module.register_forward_pre_hook(grab(s), with_kwargs=True) for s in sites]
+    own_hooks(handles)
     try:
         with torch.no_grad():
             model(image) if type(model).__module__.startswith("timm.") else model(pixel_values=image)
     finally:
-        for h in handles:
-            h.remove()
+        remove_own_hooks(handles)
     missing = [s.layer for s in sites if tables.get(s.layer) is None]
     if missing:
         raise QKHooksError(f"layers {missing} were handed no rotary tables: they have no RoPE bands.")

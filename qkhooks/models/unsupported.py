@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import re
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 
 from qkhooks.errors import QKHooksError
 
@@ -305,6 +308,34 @@ def describe_attention_like(model: nn.Module, limit: int = 12) -> str:
 # ------------------------------------------------------------------ q/k layers that compute more than their weights
 PEFT_FIX = ("merge the adapter into the weights first (peft: model = model.merge_and_unload(), then record that "
             "model), or record the model without the wrapper")
+HOOK_FIX = ("remove it while recording (handle.remove() on the handle its registration returned) and put it back "
+            "after, or record first and steer after")
+# The forwards whose arithmetic the adapters model, by ``module.qualname``: torch's own layers (a container with no
+# forward of its own, ModuleList / ModuleDict, cannot compute anything; a parametrization computes the weight as it is
+# read, so the reader reads the weight the layer uses), and the library layers W_q/W_k are read off in
+# the zoo (``tests/test_zoo.py``): timm's LeViT / EfficientFormer-v2 conv + BatchNorm and Gemma 4's clippable Linear
+# (models/levit.py, models/gemma4.py), transformers' LeViT Linear + BatchNorm, GPT-2-style Conv1D (ImageGPT) and
+# Gemma 4's clippable Linear. An adapter that reads W_q/W_k off another layer adds its forward here.
+QK_FORWARDS: set[str] = {
+    "torch.nn.modules.linear.Linear.forward", "torch.nn.modules.conv.Conv1d.forward", "torch.nn.modules.conv.Conv2d.forward",
+    "torch.nn.modules.conv.Conv3d.forward", "torch.nn.modules.batchnorm._BatchNorm.forward",
+    "torch.nn.modules.container.Sequential.forward", "torch.nn.modules.linear.Identity.forward",
+    "torch.nn.modules.module._forward_unimplemented", "torch.nn.utils.parametrize.ParametrizationList.forward",
+    "timm.models.levit.ConvNorm.forward", "timm.models.levit.LinearNorm.forward",
+    "timm.models.efficientformer_v2.ConvNorm.forward", "timm.models.efficientformer_v2.LocalGlobalQuery.forward",
+    "timm.models.gemma4_vit.Gemma4ClippableLinear.forward",
+    "transformers.models.levit.modeling_levit.MLPLayerWithBN.forward", "transformers.pytorch_utils.Conv1D.forward",
+    "transformers.models.gemma4.modeling_gemma4.Gemma4ClippableLinear.forward",
+}
+# accelerate's wrapper (``add_hook_to_module``: models loaded with ``device_map=...``) around a hook that only moves
+# the call's tensors to the execution device and the output back: the arithmetic is the module's own.
+_ACCELERATE_FORWARD = "accelerate.hooks.add_hook_to_module.<locals>.new_forward"
+_ACCELERATE_DEVICE_HOOK = "accelerate.hooks.AlignDevicesHook"
+_ACCELERATE_SEQUENTIAL = "accelerate.hooks.SequentialHook"
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)  # a Parameter of a tensor subclass has the subclass's type
+# ids (``RemovableHandle.id``, never reused) of the hooks qkhooks itself has on the model: a recording's own, a nested
+# or attached one's, the rotary-table probe's; every other hook on a q/k module is someone else's.
+_OWN_HOOKS: set[int] = set()
 
 
 class _TensorsHanded(TorchFunctionMode):
@@ -340,13 +371,46 @@ def tensors_read(read: Callable[[], Any]) -> set[int]:
     return seen.ids | set(map(id, _tensors(out)))
 
 
-def _known_forward(module: nn.Module, library: str) -> bool:
-    """Whether qkhooks knows what ``module`` computes from its weights: its forward is torch's own (Linear, Conv,
-    BatchNorm, Sequential) or comes from the attention's own library (timm's ConvNorm, transformers' Conv1D), whose
-    forms the adapters model. Anything else (peft's LoRA layer, a quantised or user-written wrapper) may add a term
-    the weights do not hold."""
-    origin = getattr(type(module).forward, "__module__", None) or ""
-    return origin.startswith("torch.nn.") or origin.partition(".")[0] == library
+def own_hooks(handles: Sequence[RemovableHandle]) -> None:
+    """Mark hooks qkhooks registered, so :func:`refuse_altered_qk` passes them by (two recordings nested on one model)."""
+    _OWN_HOOKS.update(handle.id for handle in handles)
+
+
+def remove_own_hooks(handles: Sequence[RemovableHandle]) -> None:
+    """Remove hooks marked by :func:`own_hooks`, and their marks."""
+    for handle in handles:
+        handle.remove()
+        _OWN_HOOKS.discard(handle.id)
+
+
+def _name(obj: Any) -> str:
+    """``module.qualname`` of a function, class or callable object (a partial: of its function)."""
+    obj = obj.func if isinstance(obj, functools.partial) else obj
+    named = obj if hasattr(obj, "__qualname__") else type(obj)
+    return f"{getattr(named, '__module__', None)}.{named.__qualname__}"
+
+
+def _known_forward(module: nn.Module) -> bool:
+    """Whether qkhooks knows what ``module`` computes from its weights: its class's forward is one of
+    :data:`QK_FORWARDS`. Anything else (peft's LoRA layer, a quantised or user-written wrapper, even one defined beside
+    the attention class) may add a term the weights do not say."""
+    return _name(type(module).forward) in QK_FORWARDS
+
+
+def qk_scope(attention: nn.Module, read: set[int]) -> tuple[tuple[str, bool], ...]:
+    """(path under ``attention``, whether it owns a tensor of ``read``) of the modules W_q/W_k are read off (``read``:
+    :func:`tensors_read` of a site's ``qk_linear``) and of every module between them and ``attention``, outermost
+    first."""
+    scope: dict[str, bool] = {}
+    for path, module in attention.named_modules():
+        owned = itertools.chain(module._parameters.values(), module._buffers.values())
+        if not path or not any(t is not None and id(t) in read for t in owned):
+            continue  # the attention module's own parameters (EVA's q_bias) are read as its forward uses them
+        parts = path.split(".")
+        for inner in (".".join(parts[:i]) for i in range(1, len(parts))):
+            scope.setdefault(inner, False)
+        scope[path] = True
+    return tuple(scope.items())
 
 
 def refuse_unplain_qk(sites: Sequence["AttentionSite"]) -> None:
@@ -355,38 +419,131 @@ def refuse_unplain_qk(sites: Sequence["AttentionSite"]) -> None:
     Every site reads W_q, W_k (and b_q, b_k) off the model's modules (``qk_linear``). A peft LoRA layer wrapped
     around ``qkv`` or ``query`` exposes its base layer's ``weight`` while its forward adds B·A·x, so spectra, modes
     and maps would describe W, not W + BA. Checked on the modules that own what ``qk_linear`` reads and the modules
-    between them and the attention module: each must have a forward qkhooks knows (:func:`_known_forward`), and a
-    module that owns what is read must have every one of its parameters read (a LoRA A/B pair, a DoRA magnitude or a
-    quantisation scale beside the weight is a term the reader would miss). Sites whose maps are taken in the module's
-    own forward (:meth:`~qkhooks.models.base.AttentionSite.observes_maps`) read no weights and are not checked.
-
-    Hooks someone else registered on those modules are not seen here: one that changes their output (a steering
-    hook) changes q or k the way a wrapper does, undetected (README, 'Supported models').
+    between them and the attention module (:func:`qk_scope`, kept as the site's ``qk_scope``): each must have a forward
+    qkhooks knows (:func:`_known_forward`), and a module that owns what is read must have every one of its parameters
+    read (a LoRA A/B pair, a DoRA magnitude or a quantisation scale beside the weight is a term the reader would
+    miss); then :func:`refuse_altered_qk`. Sites whose maps are taken in the module's own forward
+    (:meth:`~qkhooks.models.base.AttentionSite.observes_maps`) read no weights and are not checked.
     """
     for site in sites:
         if site.observes_maps():
             continue
         read = tensors_read(site.qk_linear)
-        library = type(site.module).__module__.partition(".")[0]
-        modules = dict(site.module.named_modules())
-        for path, module in modules.items():
-            owned = itertools.chain(module._parameters.values(), module._buffers.values())
-            if not path or not any(t is not None and id(t) in read for t in owned):
-                continue  # the attention module's own parameters (EVA's q_bias) are read as its forward uses them
-            parts = path.split(".")
-            for inner in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
-                if not _known_forward(modules[inner], library):
-                    _refuse_qk_module(site, inner, modules[inner], "whose forward is not one qkhooks knows to compute "
-                                      "exactly what the weights read say (a LoRA layer adds B·A·x)")
-            unread = [n for n, p in module.named_parameters() if id(p) not in read]
+        site.qk_scope = qk_scope(site.module, read)
+        for path, owns in site.qk_scope:
+            module = site.module.get_submodule(path)
+            if not _known_forward(module):
+                _refuse_qk_module(site, path, module, "whose forward is not one qkhooks knows to compute exactly what "
+                                  "the weights read say (a LoRA layer adds B·A·x)")
+            unread = [n for n, p in module.named_parameters() if id(p) not in read] if owns else []
             if unread:
                 _refuse_qk_module(site, path, module, f"which also computes with {', '.join(map(repr, unread[:4]))}, "
                                   "parameters W_q/W_k are not read from")
+    refuse_altered_qk(sites)
 
 
-def _refuse_qk_module(site: "AttentionSite", path: str, module: nn.Module, why: str) -> None:
+def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
+    """Refuse what makes a q/k module or the attention module compute other than the weights qkhooks reads say,
+    while its class and weights look plain: checked at every ``record()`` entry (the search is cached per structure).
+
+    On every module of a site's ``qk_scope``: a forward replaced on the instance (``module.forward = ...``: baukit,
+    nnsight-style tracers, a patch; accelerate's wrapper around hooks that only move tensors between devices, as a
+    ``device_map=...`` load leaves, is taken unless it offloads the weights), a forward hook or pre-hook (any kind,
+    ``with_kwargs`` and ``always_call`` too) someone else registered (a steering hook changes q or k; whether a hook
+    changes anything cannot be seen, so any hook is refused; qkhooks' own, :func:`own_hooks`, are passed by), and a
+    weight or buffer that is a ``torch.Tensor`` subclass (torchao's quantised tensors: the forward computes with the
+    subclass's arithmetic). Torch's global forward hooks and pre-hooks run on every module, these too: refused as
+    well. On the attention module itself only a replaced forward (qkhooks models its class's forward): hooks there
+    are taken, as qkhooks reads the tokens in its own pre-hook, after those already registered (torch calls global
+    pre-hooks first, then a module's in the order registered), so it sees the very tokens they hand the forward.
+    Hooks registered after ``record()`` started are not seen.
+    """
+    checked = [s for s in sites if s.module is not None and not s.observes_maps()]
+    if not checked:
+        return
+    site = checked[0]
+    for kind, hooks in (("forward hook", _global_forward_hooks), ("forward pre-hook", _global_forward_pre_hooks)):
+        hook = next((h for i, h in hooks.items() if i not in _OWN_HOOKS), None)
+        if hook is not None:
+            what = f"'{site.path}.{site.qk_scope[0][0]}'" if site.qk_scope else "the q/k layers"
+            raise QKHooksError(
+                f"unsupported attention in {site.path!r} ({type(site.module).__name__}): a global {kind} ({_name(hook)}, "
+                f"registered with torch.nn.modules.module.register_module_{kind.replace(' ', '_').replace('-', '_')}) runs "
+                f"on every module, {what} among them, and can change q or k while the weights read stay the same, so the "
+                f"spectrum, modes and maps would describe the bare weights, not what the model computes. To record it, "
+                f"{HOOK_FIX}.")
+    for site in checked:
+        _refuse_patched_forward(site, "", site.module)
+        for path, owns in site.qk_scope:
+            try:
+                module = site.module.get_submodule(path)
+            except AttributeError:  # sites handed in from before a module was replaced: nothing left to check there
+                continue
+            _refuse_patched_forward(site, path, module)
+            for kind, hooks in (("forward hook", module._forward_hooks), ("forward pre-hook", module._forward_pre_hooks)):
+                hook = next((h for i, h in hooks.items() if i not in _OWN_HOOKS), None)
+                if hook is not None:
+                    _refuse_qk_module(site, path, module, f"which carries a {kind} someone else registered ({_name(hook)}): "
+                                      "it can change what the layer hands on as q or k (a steering hook) while the weights "
+                                      "read stay the same", HOOK_FIX)
+            for name, t in itertools.chain(module._parameters.items(), module._buffers.items()) if owns else ():
+                if t is not None and type(t) not in _PLAIN_TENSORS:
+                    _refuse_qk_module(site, path, module, f"whose {name!r} is a {_name(type(t))} (a torch.Tensor subclass, "
+                                      "as quantised weights are): its forward computes with the subclass's arithmetic, "
+                                      "not with the values read", "record the float model (load it unquantised, or "
+                                      "turn the weight into a plain tensor first)")
+
+
+def _refuse_patched_forward(site: "AttentionSite", path: str, module: nn.Module) -> None:
+    """Refuse ``module`` whose forward is replaced on the instance, unless by accelerate's device placement only."""
+    forward = module.__dict__.get("forward")
+    if forward is None or _moves_devices_only(module):
+        return
+    how = f"its forward is replaced on the instance (module.forward = {_name(forward)}"
+    hook = module.__dict__.get("_hf_hook")
+    how += (f": accelerate's wrapper around {hook!r}, taken only where its hooks merely move tensors between devices "
+            "around the class's own forward" if hook is not None else ": baukit, an nnsight-style tracer or a patch") + ")"
+    fix = ("restore the class's forward while recording (accelerate: remove_hook_from_module, or load without offloading "
+           "the weights; otherwise del module.forward or the tool's own way to undo its patch)")
+    if path:
+        _refuse_qk_module(site, path, module, f"where {how}: it may compute other than what the weights read say", fix)
+    raise QKHooksError(
+        f"unsupported attention in {site.path!r} ({type(module).__name__}): {how}, while qkhooks rebuilds the maps as "
+        f"{_name(type(module).forward)} computes them, so the maps, modes and spectrum would describe the class's "
+        f"forward, not what the model runs. To record it, {fix}.")
+
+
+def _moves_devices_only(module: nn.Module) -> bool:
+    """Whether ``module.forward`` is accelerate's wrapper around the class's own forward with hooks that only move the
+    call's tensors to their execution device and back (``AlignDevicesHook`` without offloading, alone or in a
+    ``SequentialHook``), as a model loaded with ``device_map=...`` carries. Recognised by name: accelerate is not a
+    dependency. An offloading hook leaves the weights on the meta device between calls: not taken."""
+    forward, old = module.__dict__.get("forward"), module.__dict__.get("_old_forward")
+    if _name(forward) != _ACCELERATE_FORWARD or getattr(old, "__self__", None) is not module \
+            or getattr(old, "__func__", None) is not type(module).forward:
+        return False
+    hooks = accelerate_hooks(module)
+    return bool(hooks) and all(_name(type(h)) == _ACCELERATE_DEVICE_HOOK and not getattr(h, "offload", True) for h in hooks)
+
+
+def accelerate_hooks(module: nn.Module) -> tuple[Any, ...]:
+    """The accelerate hooks ``add_hook_to_module`` left on ``module`` (a ``SequentialHook``'s parts), by name."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return ()
+    return tuple(getattr(hook, "hooks", ())) if _name(type(hook)) == _ACCELERATE_SEQUENTIAL else (hook,)
+
+
+def accelerate_offloading(model: nn.Module) -> str | None:
+    """The path of a module of ``model`` whose accelerate hook offloads weights (between calls they sit on the meta
+    device), or None."""
+    return next((path for path, m in model.named_modules() if any(getattr(h, "offload", False) is True
+                                                                   for h in accelerate_hooks(m))), None)
+
+
+def _refuse_qk_module(site: "AttentionSite", path: str, module: nn.Module, why: str, fix: str = PEFT_FIX) -> NoReturn:
     cls = type(module)
     raise QKHooksError(
         f"unsupported attention in {site.path!r} ({type(site.module).__name__}): W_q/W_k are read off "
         f"'{site.path}.{path}' ({cls.__module__}.{cls.__qualname__}), {why}, so the spectrum, modes and maps would "
-        f"describe the bare weights, not what the model computes. To record it, {PEFT_FIX}.")
+        f"describe the bare weights, not what the model computes. To record it, {fix}.")
