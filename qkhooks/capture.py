@@ -52,7 +52,7 @@ from qkhooks.models.unsupported import own_hooks, refuse_altered_qk, remove_own_
 from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
-from qkhooks.spectrum import LayerSpectrum, QKSpectrum, layer_spectrum, same_weights, weights_state
+from qkhooks.spectrum import LayerSpectrum, QKSpectrum, WeightsState, layer_spectrum, same_weights, weights_state
 
 __all__ = ["record", "Recording", "LayerCapture", "BatchCapture", "Sink", "parse_modes"]
 
@@ -157,7 +157,7 @@ class Recording:
         self._took_x: set[int] = set()  # q/k-path layers that took x in the last complete batch
         self._taking_x: set[int] = set()  # ... in the open batch
         self._pinned: dict[int, str] | None = None  # mode_source as a store states it (pin_mode_source)
-        self._weights_at_entry: dict[int, tuple] = {}  # layer -> weights_state when its modes were computed
+        self._weights_at_entry: dict[int, WeightsState] = {}  # layer -> weights_state when its modes were computed
         self._modes_kept: int | None | str = self.modes
         if self.modes is not None:
             k = None if self.modes == "all" else int(self.modes)
@@ -364,10 +364,11 @@ class Recording:
         """Refuse a batch when a layer's W_q/W_k are not the weights its modes were computed from at entry: its
         spectrum, q/k path vectors and bias offsets belong to those (a checkpoint loaded or an optimiser step inside
         the context gave maps off by up to O(1) on the q/k path, and ``run.spectrum(l)`` of the old weights on
-        both paths). A few us a layer (:func:`qkhooks.spectrum.weights_state`)."""
+        both paths). Once per forward: a few us a layer, or for weights made in inference mode (no version counter)
+        a bit-for-bit compare with the copy taken at entry (:func:`qkhooks.spectrum.weights_state`)."""
         for site in self.sites:
             at_entry = self._weights_at_entry.get(site.layer)
-            if at_entry is not None and not same_weights(at_entry, weights_state(site)):
+            if at_entry is not None and not same_weights(at_entry, site):
                 raise QKHooksError(
                     f"layer {site.layer} ({site.path}): its weights changed inside this record() context (a checkpoint "
                     "loaded, an optimiser step, .to() or another in-place edit) after its modes were computed at entry, "
@@ -881,7 +882,7 @@ def _full_precision_qk(site: AttentionSite, compute_dtype: torch.dtype | None) -
 
 
 # Attention module -> its _LayerModes. layer_spectrum returns the very same spectrum object while the weights are
-# unchanged (identity, version and fingerprint checked), so that object's identity vouches for the weights the
+# unchanged (identity, version and a bit-for-bit copy checked), so that object's identity vouches for the weights the
 # projectors were built from: record() entered per batch builds no projector again. Weak keys: a deleted model frees
 # its entries.
 _LAYER_MODES: "weakref.WeakKeyDictionary[nn.Module, _LayerModes]" = weakref.WeakKeyDictionary()

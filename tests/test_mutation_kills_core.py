@@ -437,8 +437,8 @@ def test_one_attention_refuses_no_map_and_two_maps_with_the_whole_message():
 # ----------------------------------------------------------------------------------------------------- spectrum.py
 
 def test_spectrum_of_a_model_made_in_inference_mode_is_computed_uncached_and_equals_a_dense_svd():
-    """Inference-mode parameters keep no version counter, so the spectrum cache is bypassed: the augmented
-    spectrum of such a model still equals numpy's SVD of [W_q | b_q]^T [W_k | b_k] per head (singular values, and
+    """Inference-mode parameters keep no version counter (the spectrum cache bypassed them until round 22; it now
+    compares a copy bit for bit): the augmented spectrum of such a model still equals numpy's SVD of [W_q | b_q]^T [W_k | b_k] per head (singular values, and
     the rank-one sum rebuilding the dense form)."""
     from qkhooks.spectrum import layer_spectrum
 

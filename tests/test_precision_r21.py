@@ -262,8 +262,9 @@ def test_forwards_that_change_no_weights_are_not_refused_and_match_a_fresh_recor
 
 
 def test_weights_without_a_version_counter_are_checked_by_their_fingerprint():
-    """A model made in inference mode keeps no version counters (the spectrum cache computes its spectra afresh):
-    batches pass, and an in-place edit of W_q inside the context is refused, seen by W·r (the fingerprint)."""
+    """A model made in inference mode keeps no version counters: batches pass, and an in-place edit of W_q inside
+    the context is refused, seen by the bit-for-bit compare with the copy taken at entry (a fingerprint W·r until
+    round 22)."""
     with torch.inference_mode():
         model, images = _vit(), _images()
         with qkhooks.record(model, modes=4) as run:

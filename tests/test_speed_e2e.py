@@ -76,7 +76,7 @@ def test_record_entered_again_reuses_its_projectors_until_the_weights_change(mon
         linear = site.qk_modules[0] if site.qk_modules else site.module
         weight = next(p for n, p in linear.named_parameters() if n.endswith("weight"))
         version = weight._version
-        weight.data.mul_(1.5)  # bypasses the version counter; the spectrum's fingerprint sees it
+        weight.data.mul_(1.5)  # bypasses the version counter; the spectrum cache's bit-for-bit copy sees it
         assert weight._version == version
         with qkhooks.record(model, modes=4) as edited:
             edited(images)
