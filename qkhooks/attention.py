@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, parse_layers
+from qkhooks.models.base import AttentionSite, parse_layers, select_layers
 from qkhooks.sdpa import HALF, AttentionCallMode, SdpaCall, autocast_off, maps_times_values, scaled_logits, sdpa_maps
 
 __all__ = [
@@ -37,11 +37,12 @@ class AttentionSpec:
 
     Attributes:
         kind: ``"rows"``, ``"pooled"`` or ``"full"``.
-        layers: block indices (None: every recorded layer). Choose a few for ``full``: it is N x N per head.
+        layers: block indices (None: every recorded layer), or attention module paths, resolved by the recording.
+            Choose a few for ``full``: it is N x N per head.
     """
 
     kind: Kind
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int | str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -51,18 +52,37 @@ class AttentionSpec:
         return self.layers is None or layer in self.layers
 
 
-def _from_string(text: str) -> AttentionSpec:
-    """``rows`` -> every layer; ``full:5,11`` or ``full:9-11`` -> those block indices."""
+def _from_string(text: str, sites: Sequence[AttentionSite] | None) -> AttentionSpec:
+    """``rows`` -> every layer; ``full:5,11``, ``full:9-11`` or ``full:blocks.5.attn`` -> those blocks."""
     kind, _, layers = text.partition(":")
     if kind not in KINDS:
         raise QKHooksError(f"unknown attention kind {kind!r}; use one of {', '.join(KINDS)} (optionally KIND:LAYERS, e.g. full:5,11).")
-    return AttentionSpec(kind, tuple(parse_layers(layers)) if layers else None)  # type: ignore[arg-type]
+    if layers and sites is None:
+        return AttentionSpec(kind, tuple(parse_layers(layers)))  # type: ignore[arg-type]
+    return _resolved(kind, layers or None, sites)
 
 
-def parse_attention(spec: None | str | AttentionSpec | Sequence[AttentionSpec | str]) -> list[AttentionSpec]:
+def _resolved(kind: str, layers: Any, sites: Sequence[AttentionSite] | None) -> AttentionSpec:
+    """The spec of ``kind`` on ``layers``, each module path replaced by its block index among ``sites`` (an unknown
+    path refused by :func:`select_layers`, listing the paths); block indices stay as given, so one the recording does
+    not hook is refused naming the recorded layers. As given without sites."""
+    if layers is None or sites is None:
+        return AttentionSpec(kind, layers)  # type: ignore[arg-type]
+    parts = [p.strip() for p in layers.split(",")] if isinstance(layers, str) else list(layers)
+    paths = [p for p in parts if isinstance(p, str) and any(c.isalpha() for c in p) and p.lower() != "all"]
+    indices = parse_layers(",".join(str(p) for p in parts if p not in paths)) if len(paths) < len(parts) else []
+    if indices is None:  # "all"
+        return AttentionSpec(kind)  # type: ignore[arg-type]
+    found = [s.layer for s in select_layers(list(sites), paths)] if paths else []
+    return AttentionSpec(kind, tuple(indices) + tuple(l for l in found if l not in indices))  # type: ignore[arg-type]
+
+
+def parse_attention(spec: None | str | AttentionSpec | Sequence[AttentionSpec | str],
+                    sites: Sequence[AttentionSite] | None = None) -> list[AttentionSpec]:
     """Normalise the ``attention=`` argument into a list of specs (``None``/``"none"``: nothing).
 
-    Strings may name several kinds with layers: ``"rows+full:5,11"``.
+    Strings may name several kinds with layers: ``"rows+full:5,11"``. Given the model's ``sites``, layers may also be
+    the attention modules' paths (``"full:blocks.5.attn"``), as in ``layers=``.
     """
     if spec is None or (isinstance(spec, str) and spec == "none"):
         return []
@@ -70,7 +90,7 @@ def parse_attention(spec: None | str | AttentionSpec | Sequence[AttentionSpec | 
         spec = [part for part in spec.split("+") if part]
     elif isinstance(spec, AttentionSpec):
         spec = [spec]
-    out = [_from_string(s) if isinstance(s, str) else s for s in spec]
+    out = [_from_string(s, sites) if isinstance(s, str) else _resolved(s.kind, s.layers, sites) for s in spec]
     kinds = [s.kind for s in out]
     if len(set(kinds)) != len(kinds):
         raise QKHooksError(f"attention kinds repeat in {kinds}; give each kind once with the layers it needs.")

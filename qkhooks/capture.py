@@ -128,7 +128,7 @@ class Recording:
         self.left_out: dict[str, str] = unmodelled_parts(
             model, every if sites is None else _model_sites(model, None, True)) if skip_unmodelled else {}
         self.modes = parse_modes(modes)
-        self.attention_specs = parse_attention(attention)
+        self.attention_specs = parse_attention(attention, every)  # module paths resolved among all sites
         recorded = sorted(s.layer for s in self.sites)
         for spec in self.attention_specs:
             for site in self.sites:
@@ -676,7 +676,8 @@ class Recording:
             return rows
         masks = meta.get("pool_masks")
         if masks is None:
-            raise QKHooksError("attention='pooled' needs pool_masks (B, M, tokens) in the batch metadata.")
+            raise QKHooksError("attention='pooled' needs pool_masks (B, M, tokens), the masks each row's mass is summed "
+                               "on, with the batch; none came with this one. " + _per_batch_hint(["pool_masks"]))
         return pool_rows(rows, torch.as_tensor(masks), site.num_prefix_tokens)
 
     # ------------------------------------------------ the shared vocabulary (qkhooks.access), of the last batch
@@ -1099,6 +1100,19 @@ def _released() -> Any:
     raise QKHooksError("this recording has ended and released the model; start a new qkhooks.record(...).")
 
 
+_BATCH_METADATA = {"query_tokens": "tokens", "pool_masks": "masks"}
+"""What a recording takes per batch, not per recording (name -> the variable the hint names it by)."""
+
+
+def _per_batch_hint(names: Sequence[str]) -> str:
+    """How to hand batch metadata (``query_tokens``, ``pool_masks``) to a live recording."""
+    given = ", ".join(f"{name!r}: {_BATCH_METADATA[name]}" for name in names)
+    keywords = ", ".join(f"{name}={_BATCH_METADATA[name]}" for name in names)
+    return (f"{' and '.join(names)} belong{'s' * (len(names) == 1)} to each batch: inside the `with`, call "
+            f"`run(images, meta={{{given}}})` or `run.set_batch({keywords})` before `model(images)` (README: "
+            "\"Choosing query tokens and pooled masks\").")
+
+
 def _options_of(cls: Callable[P, R]) -> Callable[[Callable[..., R]], Callable[P, R]]:
     """``cls``'s parameters for a function that hands its arguments on to ``cls``, so they are written once: ``help()``,
     ``inspect.signature`` and type checkers show them, and an unknown keyword is refused with a QKHooksError listing
@@ -1111,8 +1125,9 @@ def _options_of(cls: Callable[P, R]) -> Callable[[Callable[..., R]], Callable[P,
         def checked(*args: Any, **kwargs: Any) -> R:
             unknown = sorted(set(kwargs) - set(signature.parameters))
             if unknown:
+                per_batch = [name for name in unknown if name in _BATCH_METADATA]
                 raise QKHooksError(f"{fn.__name__}() got unknown option(s) {', '.join(unknown)}; the options are "
-                                   f"{', '.join(options)}.")
+                                   f"{', '.join(options)}." + (" " + _per_batch_hint(per_batch) if per_batch else ""))
             return fn(*args, **kwargs)
 
         checked.__signature__ = signature.replace(  # type: ignore[attr-defined]

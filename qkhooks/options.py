@@ -14,7 +14,10 @@ from qkhooks.errors import QKHooksError
 if TYPE_CHECKING:  # the library never imports argparse; only the command line hands a parser in
     import argparse
 
-__all__ = ["RecordOptions", "RUN_FACTS", "DEFAULT_MODES"]
+__all__ = ["RecordOptions", "RUN_FACTS", "DEFAULT_MODES", "LAYERS_HELP"]
+
+LAYERS_HELP = "block indices or attention module paths, e.g. '0,3,5-7' or 'blocks.5.attn' (default all)"
+"""The help of every command's ``--layers`` that names the model's layers (record, spectrum, bfd)."""
 
 RUN_FACTS = ("model", "data", "reducers", "random_init", "weights", "shard")
 """Keys of the run config that are facts of the recording rather than options: the model spec, the dataset's name,
@@ -59,13 +62,13 @@ class RecordOptions:
                                           "q/k and attention only).")
 
     layers: str | int | Sequence[int | str] | None = _option(
-        None, "block indices or attention module paths, e.g. '0,3,5-7' or 'blocks.5.attn' (default all)",
-        flag="--layers", config="layers",
+        None, LAYERS_HELP, flag="--layers", config="layers",
         doc='Blocks to hook: an index, indices, a selection string (``"0,3,5-7,-1"``), the attention '
             "modules' dotted paths (``[\"blocks.5.attn\"]``, as ``run.query(\"blocks.5.attn\")`` reads them) or "
             "None for all. The run config stores the block indices found.")
 
-    attention: Any = _option(None, "none, rows, pooled or full, optionally with layers and combined: 'rows+full:5,11'",
+    attention: Any = _option(None, "none, rows, pooled or full, optionally with layers (indices or module paths) and "
+                             "combined: 'rows+full:5,11', 'full:blocks.5.attn' (default none)",
                              flag="--attention", config="attention",
                              doc='Attention maps rebuilt from q and k: None, a string such as ``"rows+full:5,11"`` '
                                  "or :class:`qkhooks.AttentionSpec` s. The run config stores the specs as dicts.")

@@ -208,6 +208,9 @@ def _qualified(cls: type) -> str:
 
 def describe_state(state: Mapping[str, Any], kind: str | None = None) -> tuple[str, dict[str, Any] | None]:
     """(kind, configuration) of a saved state; the configuration is None for a state saved without it."""
+    if not isinstance(state, Mapping):
+        raise QKHooksError(f"a reducer state is a mapping of arrays, as run.state(name) returns it, not "
+                           f"{type(state).__name__}; run.states() lists the names a run holds.")
     raw = state.get(DESCRIPTION_KEY)
     if raw is None:
         if kind is None:

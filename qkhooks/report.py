@@ -47,8 +47,6 @@ OBJECTS = "voc+arc2017+o3:{n}:7"  # instance masks: two real photos plus display
 MIN_IMAGES = 30
 """Below this many images a statistic gets a warning in the report, with the command to run it on more data."""
 
-MIN_HOLDOUT = 8
-"""Held-out images below which the BFD position probes from X and C are not read (their R² is noise)."""
 
 DATA_HINT = ("run it on more images: `qkhooks demo --data DIR` (a folder of your photos) or `--data ade20k:DIR` "
              "(ADE20K; add `--objects-data ade20k:DIR` for Fig. 5's object masks)")
@@ -328,21 +326,21 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
         for path in (runs / "bfd.h5", bfd.pass1_path(runs / "bfd.h5")):
             remove_run(path)
     n = int(result["images"])
-    held = max((l.get("decoding", {}).get("holdout_images", 0) for l in result["layers"]), default=0)
+    held = bfd.holdout_images(result)
     captions = list(bfd.FIGURE_CAPTIONS)
     captions[-1] += (f" The X and C probes are tested on {held} held-out images"
-                     + (f", fewer than {MIN_HOLDOUT}: not read." if held < MIN_HOLDOUT else "."))
+                     + (f", fewer than {bfd.MIN_HOLDOUT}: not read." if held < bfd.MIN_HOLDOUT else "."))
     figures = [(Path(p), f"{c} ({n} photos)") for p, c in zip(bfd.plot_bfd(result, out), captions)]
     claims = bfd.paper_claims(result)
     few = few_images(n, "photos")
     warnings = list(few)
     sentences = list(claims["sentences"])
-    if held < MIN_HOLDOUT:
+    if held < bfd.MIN_HOLDOUT:
         sentences = sentences[:-1]
         claims["split_isolates_position"] = None
         claims["sentences"] = sentences  # summary.json states what the page states
         warnings.append(f"The position probes from X and C are tested on {held} held-out images (fewer than "
-                        f"{MIN_HOLDOUT}), so their R² is not read here; {DATA_HINT}.")
+                        f"{bfd.MIN_HOLDOUT}), so their R² is not read here; {DATA_HINT}.")
     layers = [l["layer"] for l in result["layers"]]
     shares = {t: np.array([[np.nan if h["energy"][t] is None else h["energy"][t] for h in l["heads"]]
                            for l in result["layers"]], dtype=float).T for t in bfd.TERMS}  # (heads, layers)

@@ -496,17 +496,18 @@ def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectru
 
 
 def spectrum(
-    model: nn.Module | LoadedModel | Sequence[AttentionSite],
-    layers: str | Sequence[int] | None = None,
+    model: str | nn.Module | LoadedModel | Sequence[AttentionSite],
+    layers: str | Sequence[int | str] | None = None,
     augmented: bool = False,
     name: str = "",
 ) -> QKSpectrum:
     """Query-key spectrum of every head of every (chosen) layer.
 
     Args:
-        model: a supported model (or the :class:`LoadedModel` from :func:`load_model`), or its sites from
-            :func:`qkhooks.sites`.
-        layers: block indices to keep, or a string such as "0,5-7,-1" (None: all).
+        model: a supported model (or the :class:`LoadedModel` from :func:`load_model`), its sites from
+            :func:`qkhooks.sites`, or a model spec as ``qkhooks spectrum`` takes it (``"timm:vit_small_patch16_224"``,
+            ``"...@random"``), loaded on the CPU with :func:`load_model`.
+        layers: block indices or attention module paths to keep, or a string such as "0,5-7,-1" (None: all).
         augmented: fold the biases in through x -> [x; 1] (default: the papers' bias-free form, Linear
             weights only, no 1/sqrt(d_k), no LayerNorm affine).
         name: a label for reports (defaults to the model's class name).
@@ -515,8 +516,11 @@ def spectrum(
 
     from qkhooks.models import sites as find_sites
     from qkhooks.models.base import select_layers
-    from qkhooks.models.load import unwrap_loaded
+    from qkhooks.models.load import load_model, unwrap_loaded
 
+    if isinstance(model, str):  # a spec, as the command line takes it
+        model = load_model(model)
+        name = name or model.spec
     model = unwrap_loaded(model)
     if isinstance(model, nn.Module):
         found = find_sites(model, layers)

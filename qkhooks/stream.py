@@ -426,7 +426,7 @@ def record_dataset(
     every = _model_sites(net, None, opts.skip_unmodelled)
     sites = select_layers(every, opts.layers)
     unmodelled = unmodelled_parts(net, every) if opts.skip_unmodelled else {}
-    attention_specs = parse_attention(opts.attention)
+    attention_specs = parse_attention(opts.attention, every)
     modes_value = parse_modes(opts.modes)
     if isinstance(modes_value, int):  # more modes than the heads have: record all, and say so in the config
         _refuse_maps_only_modes(sites)

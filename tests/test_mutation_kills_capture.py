@@ -832,7 +832,11 @@ def test_pooled_rows_without_pool_masks_are_refused_with_the_whole_reason_on_eit
         with pytest.raises(QKHooksError) as err:
             with qkhooks.record(model, attention="pooled", **options) as rec, torch.no_grad():
                 rec(images)
-        assert str(err.value) == "attention='pooled' needs pool_masks (B, M, tokens) in the batch metadata.", options
+        assert str(err.value) == (
+            "attention='pooled' needs pool_masks (B, M, tokens), the masks each row's mass is summed on, with the "
+            "batch; none came with this one. pool_masks belongs to each batch: inside the `with`, call "
+            "`run(images, meta={'pool_masks': masks})` or `run.set_batch(pool_masks=masks)` before `model(images)` "
+            "(README: \"Choosing query tokens and pooled masks\")."), options
         assert rec.images_seen == 0
 
 

@@ -28,6 +28,7 @@ from harness.profiles import op_diff, profile_method
 from harness.render import render_markdown, save_results
 from harness.sizes import SIZES
 from harness.storage import codec_bench, writer_bench
+from qkhooks.cli import DefaultsHelpFormatter
 from qkhooks.errors import QKHooksError
 
 
@@ -133,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python benchmarks/run.py [options]``: the same as ``qkhooks bench [options]``."""
-    parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=DESCRIPTION,
+                                     formatter_class=DefaultsHelpFormatter)  # as `qkhooks bench --help` shows them
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     p.add_argument("--methods", help="comma-separated subset of the methods in benchmarks/harness/methods.py (default all; "
                         "an unknown name lists them)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="images per forward")
     p.add_argument("--rounds", type=int, default=12, help="timed rounds per method (interleaved)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up rounds (not recorded)")
     p.add_argument("--batches-per-rep", type=int, default=2, help="forwards per timed repetition")

@@ -41,7 +41,7 @@ from qkhooks.analysis.bfd_summary import (
     summarize,
 )
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import find_sites, parse_layers
+from qkhooks.models.base import find_sites
 
 __all__ = [
     "run_bfd",
@@ -65,6 +65,9 @@ __all__ = [
     "CELLS",
 ]
 
+
+MIN_HOLDOUT = 8
+"""Held-out images below which the BFD position probes from X and C are not read (their R² is noise)."""
 
 FIGURE_CAPTIONS = (
     "Energy shares CC/CP/PC/PP (query factor first) of every head; vertical lines separate the layers: which "
@@ -114,7 +117,7 @@ def run_bfd(
     data: Any,
     out: str | os.PathLike | None = None,
     *,
-    layers: Sequence[int] | str | None = None,
+    layers: Sequence[int | str] | str | None = None,
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     limit: int | None = None,
@@ -138,7 +141,7 @@ def run_bfd(
             tensors already preprocessed ((n, 3, H, W) or a list of batches), then without a run file.
         out: run file (HDF5) for pass 2's reducer states; pass 1 goes to :func:`pass1_path` next to it.
             Both are resumable like a recording run. None keeps everything in memory.
-        layers: block indices (``"0,3,5-7"`` or a list; None: all).
+        layers: block indices or attention module paths (``"0,3,5-7"``, ``"blocks.5.attn"`` or a list; None: all).
         batch_size, device, limit: images per forward, where, and how many in all.
         input: ``"normed"`` (default: the exact tensor entering W_q/W_k, METHODS B.1) or ``"residual"`` (the
             block's input before its LayerNorm; the logits are then not the model's).
@@ -182,8 +185,7 @@ def run_bfd(
     label = (getattr(net, "qkhooks_spec", "") or type(net).__name__) if loaded is None else loaded.spec
     note = "" if loaded is None else loaded.note
     net = net.to(device)
-    layer_list = parse_layers(layers) if isinstance(layers, str) or layers is None else [int(l) for l in layers]
-    sites = find_sites(net, layer_list)
+    sites = find_sites(net, layers)  # block indices or module paths, as record's layers=
     images = (data if isinstance(data, torch.Tensor) else torch.cat(list(data))) if tensors else None
     image_size = tuple(images.shape[-2:]) if images is not None else tuple(loaded.image_config.size)
     kept, left_out, geometry = bfd_layers(net, sites, image_size, device)
@@ -279,7 +281,7 @@ def _states(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | N
     from qkhooks.store import open_run
 
     with open_run(path) as run:
-        energies, decoding = run.state(BFDEnergies.name), run.state(PositionDecoding.name)
+        energies, decoding = run.state(BFDEnergies.name, default=None), run.state(PositionDecoding.name, default=None)
         complete, attrs, config = run.complete, run.attrs, run.config
     if energies is None:
         raise QKHooksError(f"{path} has no BFD energies (reducer {BFDEnergies.name!r}); write it with `qkhooks bfd`.")
@@ -331,7 +333,23 @@ def format_table(result: dict[str, Any]) -> str:
             f"{fmt(e['PP'])} {fmt(layer['coupling'])} {fmt(layer['interference'], 7)} {fmt(layer['global_mean_share'])} "
             f"{fmt(dec.get('X', {}).get('mean'))} {fmt(dec.get('P', {}).get('mean'))} {fmt(dec.get('C', {}).get('mean'))}"
         )
+    held = holdout_images(result)
+    if any(layer.get("decoding") for layer in result["layers"]) and held < MIN_HOLDOUT:
+        lines.append(f"R2(X) and R2(C) are tested on {held} held-out image{'s' * (held != 1)}, fewer than {MIN_HOLDOUT}: not to be read "
+                     "(one image in holdout_every is held out; record more images).")
     return "\n".join(lines)
+
+
+def holdout_images(result: dict[str, Any]) -> int:
+    """The held-out images the X and C position probes of a BFD result are tested on (0 without probes)."""
+    return max((int(l.get("decoding", {}).get("holdout_images", 0)) for l in result["layers"]), default=0)
+
+
+def _numbers(values: Sequence[int]) -> str:
+    """``0-11`` for consecutive integers, else ``0,2,5``."""
+    if len(values) > 2 and list(values) == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}-{values[-1]}"
+    return ",".join(map(str, values))
 
 
 def _pick_head(result: dict[str, Any], head: tuple[int, int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -341,7 +359,8 @@ def _pick_head(result: dict[str, Any], head: tuple[int, int] | None) -> tuple[di
     for layer, h in pairs:
         if (layer["layer"], h["head"]) == tuple(head):
             return layer, h
-    raise QKHooksError(f"head L{head[0]} H{head[1]} is not in this result; pick a recorded layer and head.")
+    heads = "; ".join(f"L{layer['layer']}: H{_numbers([h['head'] for h in layer['heads']])}" for layer in result["layers"])
+    raise QKHooksError(f"head L{head[0]} H{head[1]} is not in this result; pick a recorded layer and head ({heads}).")
 
 
 def plot_bfd(result: dict[str, Any], out_dir: str | os.PathLike, head: tuple[int, int] | None = None) -> list[Path]:
@@ -385,7 +404,7 @@ def plot_bfd(result: dict[str, Any], out_dir: str | os.PathLike, head: tuple[int
         dec = {f"R² from {f}": [l.get("decoding", {}).get(f, {}).get("mean") for l in result["layers"]] for f in "XPC"}
         dec["position variance share"] = [l["position_variance_share"] for l in result["layers"]]
         dec = {k: [v if v is None else max(v, R2_FLOOR) for v in vals] for k, vals in dec.items()}
-        held = max(l.get("decoding", {}).get("holdout_images", 0) for l in result["layers"])
+        held = holdout_images(result)
         paths.append(plot_layer_curves(layers, _nan(dec), out_dir / "bfd_decoding.png", "held-out R² (row, col mean)",
                                        f"Position decoding from X, P, C ({held} held-out images) — {name}",
                                        ylim=(R2_FLOOR - 0.05, 1.05)))

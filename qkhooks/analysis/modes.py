@@ -120,7 +120,7 @@ def _topk_from_maps(run: Any, layers: Sequence[int], k: int, prefix: int) -> Top
 
 def _topk_state(run: Any, layers: Sequence[int] | None, k: int | None, prefix: int) -> tuple[dict[str, Any], str]:
     """The top-k state to analyse and where it came from: the saved reducer when it fits, else the maps."""
-    saved = run.state(TopKModes.name)
+    saved = run.state(TopKModes.name, default=None)
     stored = [int(l) for l in run.mode_layers]
     reasons = []
     if saved is not None:
@@ -298,7 +298,7 @@ def analyze_modes(
         n = int(run.n)
         if n == 0:
             raise QKHooksError(f"{run_path} holds no committed images yet.")
-        available = sorted(set(int(l) for l in run.mode_layers) | set(_state_layers(run.state(TopKModes.name))))
+        available = sorted(set(int(l) for l in run.mode_layers) | set(_state_layers(run.state(TopKModes.name, default=None))))
         if not available:
             _no_modes(run, run_path)
         chosen = _choose_layers(parse_layers(layers) if isinstance(layers, str) or layers is None else list(layers), available)
@@ -310,8 +310,8 @@ def analyze_modes(
         for l, arrays in spectra.items():  # a file without every mode's sigma/cosine: say whether it kept them all
             if "S_all" not in arrays:
                 arrays["truncated"] = np.asarray(run.spectrum(l).truncated)
-        aniso_state = run.state(AnisotropyReducer.name)
-        centre_state = run.state(CentreEmbeddings.name)
+        aniso_state = run.state(AnisotropyReducer.name, default=None)
+        centre_state = run.state(CentreEmbeddings.name, default=None)
         objects = None
         layer_objects: dict[int, np.ndarray] = {}
         object_left_out: dict[int, str] = {}
@@ -497,6 +497,11 @@ def _anisotropy_note(spectra: dict[int, dict[str, Any]], shapes: dict[int, tuple
 def _no_modes(run: Any, run_path: str | os.PathLike) -> None:
     """Raise the error for a run with neither stored query/key maps nor a saved top-k state."""
     config = run.config
+    if "bfd" in (config.get("extra") or {}):
+        raise QKHooksError(
+            f"{run_path} is a BFD run, written by `qkhooks bfd`: it keeps the BFD energies, not modes. Read it with "
+            f"`qkhooks analyze bfd {run_path}`; for modes, record the model with `qkhooks record` (modes are its default)."
+        )
     if "modes" not in config or config.get("modes") is None:
         raise QKHooksError(
             f"{run_path}: this run stored no modes (it was recorded with --modes 0/none); record with --modes K "

@@ -24,7 +24,7 @@ from qkhooks._json import jsonable, write_json
 from qkhooks._version import __version__
 from qkhooks.errors import QKHooksError
 
-__all__ = ["main", "build_parser", "command", "COMMAND_MODULES", "add_model_arguments", "load_from_args",
+__all__ = ["main", "build_parser", "command", "COMMAND_MODULES", "add_model_arguments", "add_run_arguments", "DATA_HELP", "load_from_args",
            "sigterm_exits", "jsonable", "write_json"]  # the helpers the command modules share
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
@@ -78,6 +78,17 @@ def add_model_arguments(p: argparse.ArgumentParser, default: str | None = None) 
     p.add_argument("--checkpoint", help="local weights for a timm:NAME architecture (safetensors or .pth)")
 
 
+DATA_HELP = ("a folder, samples, voc, arc2017, ade20k:DIR, o3:N[:seed], o3dir:DIR, several of these joined with '+' "
+             "(voc+arc2017+o3:24:7), hfds:DIR_OR_NAME[:SPLIT] (Hugging Face datasets) or wds:PATTERN (tar shards)")
+"""The help of a command's dataset argument (README's DATA)."""
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model runs and how many images go through it at once (commands that run a model over data)."""
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N or mps")
+
+
 def load_from_args(args: argparse.Namespace, device: str = "cpu"):
     """The model of :func:`add_model_arguments`' flags, on ``device``."""
     from qkhooks.models.load import load_model  # here: loading a model needs torch, building the parser does not
@@ -103,8 +114,31 @@ def sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _shows_default(action: argparse.Action) -> bool:
+    """Whether an option's help must state its default: it has one (not None, not a flag's False) and is shown."""
+    return (action.help is not argparse.SUPPRESS and action.default not in (None, argparse.SUPPRESS)
+            and action.nargs != 0 and bool(action.option_strings or action.nargs in ("?", "*")))
+
+
+def _states_default(help: str, default: Any) -> bool:
+    """Whether ``help`` already says the default ``default`` (``... (default 16)``)."""
+    return "default" in help and str(default) in help
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it (one rule for every command, so a
+    new option cannot forget it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if _shows_default(action) and not _states_default(help, action.default):
+            help += " (default: %(default)s)"
+        return help
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qkhooks", description="Query-key analysis of unmodified vision transformers.")
+    parser = argparse.ArgumentParser(prog="qkhooks", description="Query-key analysis of unmodified vision transformers.",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"qkhooks {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -112,11 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         group, _, leaf = name.partition(" ")
         if leaf:
             if group not in groups:
-                gp = sub.add_parser(group, help=f"{group} subcommands", description=f"{group} subcommands")
+                gp = sub.add_parser(group, help=f"{group} subcommands", description=f"{group} subcommands",
+                                    formatter_class=DefaultsHelpFormatter)
                 groups[group] = gp.add_subparsers(dest=f"{group}_command", required=True)
-            p = groups[group].add_parser(leaf, help=help, description=help)
+            p = groups[group].add_parser(leaf, help=help, description=help, formatter_class=DefaultsHelpFormatter)
         else:
-            p = sub.add_parser(name, help=help, description=help)
+            p = sub.add_parser(name, help=help, description=help, formatter_class=DefaultsHelpFormatter)
         add_arguments(p)
         p.set_defaults(_run=run)
     return parser

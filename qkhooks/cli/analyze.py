@@ -50,7 +50,7 @@ def _modes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--figure-modes", default="2", help="per head, draw figures for its first N modes ('all', 0 = none; default 2)")
     p.add_argument("--no-overview", action="store_true", help="skip the per-layer sheets of each head's leading mode")
     p.add_argument("--no-images", action="store_true", help="draw the maps on black instead of reopening the dataset")
-    p.add_argument("--same-object-top", type=int, default=5, help="images per mode for the same-object probability (5)")
+    p.add_argument("--same-object-top", type=int, default=5, help="images per mode for the same-object probability")
     p.add_argument("--normalize", default="max", choices=["max", "percentile"], help="map display scaling")
 
 

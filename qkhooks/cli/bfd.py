@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qkhooks.cli import add_model_arguments, command, load_from_args, write_json
+from qkhooks.cli import DATA_HELP, add_model_arguments, add_run_arguments, command, load_from_args, write_json
 from qkhooks.errors import QKHooksError, writable_dir
+from qkhooks.options import LAYERS_HELP
 
 
 def _bfd_args(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("data", help="folder, samples, voc, arc2017, ade20k:DIR, o3:N[:seed], hfds:DIR, wds:PATTERN, ...")
+    p.add_argument("data", help=DATA_HELP)
     p.add_argument("--out", required=True, help="run file (HDF5) for pass 2; pass 1 goes to RUN.pass1.h5 next to it")
     p.add_argument("--json", help="write the result as JSON here")
-    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7' (default all)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--layers", help=LAYERS_HELP)
+    add_run_arguments(p)
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--input", default="normed", choices=["normed", "residual"],
                    help="the tensor entering W_q/W_k (normed, default) or the block's residual input")
@@ -24,9 +24,7 @@ def _bfd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout-every", type=int, default=5,
                    help="hold out about one image in this many for the probes (chosen by a hash of its id, so the same "
                         "images whatever the batching, sharding or resume)")
-    p.add_argument("--alpha", type=float, default=1e-3, help="relative ridge strength of the position probes")
-    p.add_argument("--definition", default="frobenius", choices=["frobenius", "additive"],
-                   help="which energy definition fills the main numbers (both are in the JSON)")
+    _summary_args(p)
     p.add_argument("--no-decode", action="store_true", help="skip the position probes")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -60,7 +58,13 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run file written by `qkhooks bfd`")
     p.add_argument("--out", required=True, help="folder for bfd.json and the figures")
     p.add_argument("--head", help="'LAYER,HEAD' for the per-mode figure (default: largest CP+PC coupling)")
-    p.add_argument("--definition", default="frobenius", choices=["frobenius", "additive"])
+    _summary_args(p)
+
+
+def _summary_args(p: argparse.ArgumentParser) -> None:
+    """How the energies are summarised, in `qkhooks bfd` and again in `qkhooks analyze bfd`."""
+    p.add_argument("--definition", default="frobenius", choices=["frobenius", "additive"],
+                   help="which energy definition fills the main numbers (both are in the JSON)")
     p.add_argument("--alpha", type=float, default=1e-3, help="relative ridge strength of the position probes")
 
 

@@ -11,15 +11,14 @@ import argparse
 import os
 from pathlib import Path
 
-from qkhooks.cli import add_model_arguments, command, load_from_args, sigterm_exits
+from qkhooks.cli import DATA_HELP, add_model_arguments, command, load_from_args, sigterm_exits
 from qkhooks.errors import writable_dir
 from qkhooks.options import RecordOptions
 
 
 def _record_args(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("data", help="folder, samples, voc, arc2017, ade20k:DIR, o3:N[:seed], o3dir:DIR, "
-                                "hfds:DIR_OR_NAME[:SPLIT] (Hugging Face datasets) or wds:PATTERN (tar shards)")
+    p.add_argument("data", help=DATA_HELP)
     p.add_argument("--out", required=True, help="the run file (HDF5)")
     p.add_argument("--device", default="cpu", help="where the model runs; under torchrun 'cuda' is each rank's GPU")
     RecordOptions.add_arguments(p)

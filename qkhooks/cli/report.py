@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qkhooks.cli import command
+from qkhooks.cli import add_run_arguments, command
 from qkhooks.errors import QKHooksError, writable_dir
 
 
@@ -31,8 +31,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--display", choices=("max", "percentile"), default="max",
                    help="mode maps scaled by their max (default) or clipped to the 30th-95th percentile (paper)")
     p.add_argument("--keep-runs", action="store_true", help="keep per-image maps and every per-mode figure (large)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    add_run_arguments(p)
 
 
 @command("demo", "run every analysis on one model (or several) and write DIR/index.html and DIR/summary.json")(_demo_args)

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from qkhooks.cli import add_model_arguments, command, load_from_args, write_json
 from qkhooks.errors import writable_dir
+from qkhooks.options import LAYERS_HELP
 
 
 def _spectrum_args(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7' (default all)")
+    p.add_argument("--layers", help=LAYERS_HELP)
     p.add_argument("--augmented", action="store_true", help="fold biases in through x -> [x; 1]")
     p.add_argument("--json", help="write the per-layer/per-head spectrum as JSON here")
     p.add_argument("--plot", help="write the cosine-by-layer figure here (PNG); per-head spectra go next to it")

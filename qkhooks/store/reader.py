@@ -41,6 +41,9 @@ __all__ = ["open_run", "RunReader", "RunArray"]
 
 _T = TypeVar("_T")
 
+_REQUIRED: Any = object()
+"""``RunReader.state``'s default when none is given: an unknown name is refused."""
+
 
 SPAN_BYTES = 1 << 26
 """The most bytes one contiguous read of images takes (the images asked for and those between them)."""
@@ -62,6 +65,27 @@ def _spans(images: np.ndarray | range, gap: int, most: int) -> list[np.ndarray |
     runs = np.split(images, np.flatnonzero(np.diff(images) > gap) + 1)
     return [part for run in runs
             for part in ([run] if run[-1] - run[0] < len(run) else np.split(run, np.flatnonzero(np.diff(run // most)) + 1))]
+
+
+_AXES = (
+    (r"modes/L\d+/query", ("images", "heads", "modes", "tokens")),
+    (r"modes/L\d+/key", ("images", "heads", "modes", "keys")),
+    (r"attention/L\d+/rows", ("images", "heads", "query rows", "tokens")),
+    (r"attention/L\d+/pooled", ("images", "heads", "query rows", "masks")),
+    (r"(attention/L\d+/full|terms/L\d+/\w+|relative/L\d+)", ("images", "heads", "queries", "keys")),
+    (r"attention/query_tokens", ("images", "query rows")),
+    (r"masks/\w+", ("images", "grid rows", "grid columns")),
+)
+"""The axes of the per-image arrays by schema name (README's run file schema), for messages."""
+
+
+def _axis_names(name: str, ndim: int) -> tuple[str, ...]:
+    """The names of the axes of the per-image array ``name``: the schema's where it has that many axes (a windowed
+    layer's arrays have more), else ``axis i`` after the images."""
+    for pattern, names in _AXES:
+        if re.fullmatch(pattern, name.strip("/")) and len(names) == ndim:
+            return names
+    return ("images",) + tuple(f"axis {i}" for i in range(1, ndim))
 
 
 class RunArray:
@@ -94,9 +118,24 @@ class RunArray:
         return self.n
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        self._check_integers(key)
         if self._owner is None:
             return self._checked_read(key)
         return self._owner._retried(f"its array {self._name}", lambda: self._checked_read(key))
+
+    def _check_integers(self, key: Any) -> None:
+        """Refuse an integer past an axis after the images as numpy does, naming the axis, before HDF5 sees it (its
+        own IndexError names neither axis nor array). The image axis is checked where the images are picked."""
+        key = tuple(k for k in (key if isinstance(key, tuple) else (key,)) if k is not None)
+        shape = self.shape
+        if any(k is Ellipsis for k in key):  # the indices after ``...`` count from the last axis
+            at = key.index(Ellipsis)
+            key = key[:at] + (slice(None),) * (len(shape) - len(key) + 1) + key[at + 1:]
+        names = _axis_names(self._name, len(shape))
+        for axis, (k, size) in enumerate(zip(key, shape)):
+            if axis and isinstance(k, (int, np.integer)) and not isinstance(k, bool) and not -size <= k < size:
+                raise IndexError(f"index {k} is out of bounds for axis {axis} ({names[axis]}) with size {size}: "
+                                 f"{self._name} is {' x '.join(names)} {shape}.")
 
     def _checked_read(self, key: Any) -> np.ndarray:
         """:meth:`_read`, refused when the dataset holds fewer rows than the images counted: h5py would quietly cut
@@ -639,12 +678,24 @@ class RunReader:
         layers = [l for l in self._groups("spectrum") if "U" in self.file[f"spectrum/L{l}"]]
         return QKSpectrum([self.spectrum(l) for l in layers], self.model) if layers else None
 
-    def state(self, name: str) -> dict[str, Any] | None:
-        """The saved state of a streaming reducer (``topk_modes``, ``preference``, ...), or None.
+    def state(self, name: str, default: Any = _REQUIRED) -> Any:
+        """The saved state of a streaming reducer (``topk_modes``, ``preference``, ...).
 
-        Kept in the run's checkpoint ``RUN.h5.reducers`` next to it (merged files hold theirs inside).
+        Kept in the run's checkpoint ``RUN.h5.reducers`` next to it (merged files hold theirs inside). A name the run
+        has no state for is refused, naming the states it has (a typo would otherwise surface later as an error on
+        None), unless ``default`` is given: then that is returned (``run.state("anisotropy", default=None)``).
         """
-        return self._states().get(name.rpartition("/")[2])
+        states = self._states()
+        found = states.get(name.rpartition("/")[2], default)
+        if found is _REQUIRED:
+            raise QKHooksError(self._no_state(name, states))
+        return found
+
+    def _no_state(self, name: str, states: dict[str, dict[str, Any]]) -> str:
+        """The refusal of a state the run does not hold: the names it has, and where the others went if it has none."""
+        have = ", ".join(sorted(states)) or "none"
+        return " ".join(filter(None, (f"{self.path} holds no reducer state {name!r}; its states: {have} "
+                                      "(run.states() lists them).", self._missing_states(states))))
 
     def states(self) -> list[str]:
         """Names of the reducers with a saved state (a damaged checkpoint raises, naming it)."""
