@@ -231,3 +231,17 @@ def held_run(tmp_path):
         yield path
     finally:
         holder.communicate("", timeout=30)
+
+
+class KeyLog:
+    """An h5py dataset that records the keys it is indexed with."""
+
+    def __init__(self, dataset: "h5py.Dataset"):
+        self.dataset, self.keys = dataset, []
+
+    def __getitem__(self, key):
+        self.keys.append(key if isinstance(key, tuple) else (key,))
+        return self.dataset[key]
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)

@@ -26,22 +26,9 @@ from qkhooks.store import reader
 from qkhooks.store._hdf5 import LOCK_REFUSED, open_swmr_writer
 from qkhooks.store.reader import RunArray, RunReader
 from qkhooks.stream import record_dataset
+from conftest import KeyLog
 
 N = 9  # committed images; the dataset holds two more, uncommitted, which no read may show
-
-
-class KeyLog:
-    """An h5py dataset that records the keys it is indexed with."""
-
-    def __init__(self, dataset: h5py.Dataset):
-        self.dataset, self.keys = dataset, []
-
-    def __getitem__(self, key):
-        self.keys.append(key if isinstance(key, tuple) else (key,))
-        return self.dataset[key]
-
-    def __getattr__(self, name):
-        return getattr(self.dataset, name)
 
 
 @pytest.fixture(params=[(1, None), (4, None), (1, 2 * 96)], ids=["chunk1", "chunk4", "span2"])

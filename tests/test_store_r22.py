@@ -15,20 +15,7 @@ from qkhooks.store import _hdf5, open_run
 from qkhooks.store.reader import RunArray, _spans
 from qkhooks.store.repair import verify_run
 from qkhooks.store.writer import RunWriter
-
-
-class KeyLog:
-    """An h5py dataset that records the keys it is indexed with."""
-
-    def __init__(self, dataset: h5py.Dataset):
-        self.dataset, self.keys = dataset, []
-
-    def __getitem__(self, key):
-        self.keys.append(key if isinstance(key, tuple) else (key,))
-        return self.dataset[key]
-
-    def __getattr__(self, name):
-        return getattr(self.dataset, name)
+from conftest import KeyLog
 
 
 M = 300_000  # images of one byte: an index array of them (8 bytes each) dwarfs any answer

@@ -129,7 +129,7 @@ class RunArray:
         key = tuple(k for k in (key if isinstance(key, tuple) else (key,)) if k is not None)
         shape = self.shape
         if any(k is Ellipsis for k in key):  # the indices after ``...`` count from the last axis
-            at = key.index(Ellipsis)
+            at = next(i for i, k in enumerate(key) if k is Ellipsis)  # by identity: tuple.index compares arrays
             key = key[:at] + (slice(None),) * (len(shape) - len(key) + 1) + key[at + 1:]
         names = _axis_names(self._name, len(shape))
         for axis, (k, size) in enumerate(zip(key, shape)):
