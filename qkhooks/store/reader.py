@@ -118,7 +118,6 @@ class RunArray:
         return self.n
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        self._check_integers(key)
         if self._owner is None:
             return self._checked_read(key)
         return self._owner._retried(f"its array {self._name}", lambda: self._checked_read(key))
@@ -139,7 +138,9 @@ class RunArray:
 
     def _checked_read(self, key: Any) -> np.ndarray:
         """:meth:`_read`, refused when the dataset holds fewer rows than the images counted: h5py would quietly cut
-        every slice short (and raise its own IndexError past the end) while ``shape`` claims them all."""
+        every slice short (and raise its own IndexError past the end) while ``shape`` claims them all. Inside the
+        owner's read guard, which refuses a closed reader before the shape is asked for."""
+        self._check_integers(key)
         rows = self.dataset.shape[0]
         if rows < self.n:
             what = f"its array {self._name}"
