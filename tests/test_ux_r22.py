@@ -220,3 +220,11 @@ def test_joined_data_specs_are_documented_and_open():
     config = ImageConfig(size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3)
     joined = open_dataset("voc+o3:2:7", config)
     assert joined.ids == open_dataset("voc", config).ids + open_dataset("o3:2:7", config).ids
+
+
+def test_sites_takes_a_loaded_model_and_refuses_a_spec_string_by_name():
+    loaded = tiny_vit()
+    paths = [s.path for s in qkhooks.sites(loaded.model)]
+    assert paths and [s.path for s in qkhooks.sites(loaded)] == paths
+    with pytest.raises(QKHooksError, match="got str; load one with qkhooks.load_model"):
+        qkhooks.sites("timm:vit_tiny_patch16_224@random")
