@@ -121,8 +121,7 @@ class Recording:
         self._model_ref = weakref.ref(model)
         every = list(sites) if sites is not None else _model_sites(model, None, skip_unmodelled)
         self.sites: list[AttentionSite] = select_layers(every, layers)
-        if sites is not None:  # found ones are checked by _model_sites
-            refuse_altered_qk(self.sites)
+        refuse_altered_qk(self.sites)  # the recorded layers only: a hook on another layer's q/k changes nothing here
         # partial recording: module path -> why it is left out (named, never silent; {} when none is), from every site
         # of the model (given sites may be a selection)
         self.left_out: dict[str, str] = unmodelled_parts(
@@ -1011,7 +1010,6 @@ def _model_sites(model: nn.Module, layers: Sequence[int] | None, skip_unmodelled
     if any(c is None for c in copies):  # a site a copy cannot be cut loose from: searched afresh, never shared
         del _SITES[model]
         return find_sites(model, layers, skip_unmodelled)
-    refuse_altered_qk(copies)  # hooks, patched forwards, swapped weights: not in the structure key
     return select_layers(copies, layers)
 
 

@@ -517,6 +517,7 @@ def spectrum(
     from qkhooks.models import sites as find_sites
     from qkhooks.models.base import select_layers
     from qkhooks.models.load import load_model, unwrap_loaded
+    from qkhooks.models.unsupported import refuse_altered_qk
 
     if isinstance(model, str):  # a spec, as the command line takes it
         model = load_model(model)
@@ -527,4 +528,5 @@ def spectrum(
         name = name or getattr(model, "qkhooks_spec", "") or type(model).__name__
     else:
         found = select_layers(list(model), layers)
+    refuse_altered_qk(found)  # a tensor-subclass weight, like a hook or a patched forward, makes it another model's
     return QKSpectrum([layer_spectrum(site, augmented) for site in found], name)

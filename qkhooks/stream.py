@@ -38,7 +38,7 @@ from qkhooks.data.sources import ItemStream, open_source
 from qkhooks.data_files import absolute_spec, file_size_column
 from qkhooks.errors import DataRefusal, QKHooksError
 from qkhooks.models.base import AttentionSite, select_layers
-from qkhooks.models.unsupported import left_out_by_design, unmodelled_parts
+from qkhooks.models.unsupported import left_out_by_design, refuse_altered_qk, unmodelled_parts
 from qkhooks.models.load import LoadedModel, check_device, load_model
 from qkhooks.options import DEFAULT_MODES, RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
@@ -425,6 +425,7 @@ def record_dataset(
     net = loaded.model.to(device).eval()
     every = _model_sites(net, None, opts.skip_unmodelled)
     sites = select_layers(every, opts.layers)
+    refuse_altered_qk(sites)  # before any file is made (record() checks again at entry)
     unmodelled = unmodelled_parts(net, every) if opts.skip_unmodelled else {}
     attention_specs = parse_attention(opts.attention, every)
     modes_value = parse_modes(opts.modes)

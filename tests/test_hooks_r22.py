@@ -94,7 +94,7 @@ HOOKS = {  # name -> (how it is registered, the hook, its options)
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_hook_on_a_q_or_k_layer_is_refused_at_entry_naming_layer_hook_and_fix(kind, hook):
     """Any kind of hook, on the fused qkv, on HF's query (forward hooks) or key (pre-hooks), after the search was
-    cached: refused by record(), the spectrum and the search; taken again, exact, once the handle is removed."""
+    cached: refused by record() and the spectrum; taken again, exact, once the handle is removed."""
     model = _model(kind)
     _entered_once(model)
     layer = _qk_layer(model, kind, side=int(hook.startswith("pre")))
@@ -105,9 +105,8 @@ def test_a_hook_on_a_q_or_k_layer_is_refused_at_entry_naming_layer_hook_and_fix(
     message = str(err.value)
     assert f"'{_path(model, layer)}'" in message and ("pre-hook" in message) == hook.startswith("pre"), message
     assert steer.__qualname__ in message and "handle.remove()" in message, message
-    for search in (qkhooks.spectrum, find_sites):
-        with pytest.raises(QKHooksError, match="someone else registered"):
-            search(model)
+    with pytest.raises(QKHooksError, match="someone else registered"):
+        qkhooks.spectrum(model)
     handle.remove()
     _assert_exact(model, kind)
 
@@ -130,6 +129,31 @@ def test_a_global_hook_is_refused_naming_it(kind, which):
     assert f"register_module_forward_{'hook' if which == 'forward' else 'pre_hook'}" in message, message
     assert ("steer_output" if which == "forward" else "steer_input") in message and "handle.remove()" in message, message
     _assert_exact(model, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_hook_on_a_layer_not_recorded_is_taken_and_the_recorded_layers_exact(kind):
+    """Steering one layer's q/k while recording the others (a common experiment): only the recorded layers' q/k
+    modules are checked, and their maps are the steered model's own eager maps; recording the steered layer is
+    refused. The search finds the sites whatever the hooks."""
+    model = _model(kind)
+    first = _hf_attentions(model)[0] if kind == "hf" else None
+    layer = model.blocks[0].attn.qkv if kind == "timm" else getattr(first, _hf_qk_names(first)[0])  # layer 0's q
+    handle = layer.register_forward_hook(steer_output)
+    try:
+        assert [s.layer for s in find_sites(model)] == [0, 1]
+        images = _images()
+        with qkhooks.record(model, modes=4, attention="full", layers=[1]) as run, torch.no_grad():
+            model(images) if kind == "timm" else model(pixel_values=images)
+        steered = _eager(model, kind, images)[1]  # layer 1 sees the residual stream layer 0's steering changed
+        torch.testing.assert_close(run.attention(1, "full"), steered, atol=1e-5, rtol=0)
+        with pytest.raises(QKHooksError, match="someone else registered"):
+            qkhooks.record(model, modes=4, layers=[0])
+        with pytest.raises(QKHooksError, match="someone else registered"):
+            qkhooks.spectrum(model, layers=[0])
+        assert [s.layer for s in qkhooks.spectrum(model, layers=[1]).layers] == [1]
+    finally:
+        handle.remove()
 
 
 def test_a_steering_hook_refuses_record_dataset_before_any_file_is_written(tmp_path):

@@ -93,7 +93,8 @@ class AttentionSite:
             grid rather than the native one or a square.
         qk_scope: set by the search (:func:`qkhooks.models.unsupported.refuse_unplain_qk`): (path under ``module``,
             whether it owns what ``qk_linear`` reads) of the modules W_q/W_k are read off and those between, which
-            every ``record()`` entry checks for hooks, patched forwards and tensor subclasses (``refuse_altered_qk``).
+            every ``record()`` entry checks on its recorded layers for hooks, patched forwards and tensor subclasses
+            (``refuse_altered_qk``).
     """
 
     layer: int

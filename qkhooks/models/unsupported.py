@@ -422,7 +422,8 @@ def refuse_unplain_qk(sites: Sequence["AttentionSite"]) -> None:
     between them and the attention module (:func:`qk_scope`, kept as the site's ``qk_scope``): each must have a forward
     qkhooks knows (:func:`_known_forward`), and a module that owns what is read must have every one of its parameters
     read (a LoRA A/B pair, a DoRA magnitude or a quantisation scale beside the weight is a term the reader would
-    miss); then :func:`refuse_altered_qk`. Sites whose maps are taken in the module's own forward
+    miss). What can change after the search (hooks, patched forwards, swapped weights) is :func:`refuse_altered_qk`'s,
+    checked on the layers a recording or a spectrum takes. Sites whose maps are taken in the module's own forward
     (:meth:`~qkhooks.models.base.AttentionSite.observes_maps`) read no weights and are not checked.
     """
     for site in sites:
@@ -439,7 +440,6 @@ def refuse_unplain_qk(sites: Sequence["AttentionSite"]) -> None:
             if unread:
                 _refuse_qk_module(site, path, module, f"which also computes with {', '.join(map(repr, unread[:4]))}, "
                                   "parameters W_q/W_k are not read from")
-    refuse_altered_qk(sites)
 
 
 def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
