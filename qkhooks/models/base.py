@@ -555,10 +555,11 @@ def find_sites(model: nn.Module, layers: "LayerSelection" = None, skip_unmodelle
     ``skip_unmodelled``: take the sites an adapter models exactly and leave out the modules qkhooks does not model
     (a channel softmax, an unknown attention) instead of refusing the model; :func:`qkhooks.models.unsupported.unmodelled_parts` names them.
     Layer indices number the sites taken, in forward order; a module left out has none. ``model`` may be a
-    :class:`~qkhooks.models.load.LoadedModel`, as everywhere else."""
-    from qkhooks.models.load import unwrap_loaded
+    :class:`~qkhooks.models.load.LoadedModel`, as everywhere else; a model on the meta device is searched too (the
+    zoo finds forms that way), so only the LoadedModel is unwrapped here, not checked for weights."""
+    from qkhooks.models.load import LoadedModel
 
-    model = unwrap_loaded(model)
+    model = model.model if isinstance(model, LoadedModel) else model
     if not isinstance(model, nn.Module):
         raise QKHooksError(f"finding attention sites needs a torch nn.Module or a LoadedModel, got "
                            f"{type(model).__name__}; load one with qkhooks.load_model (it takes the CLI's specs, "
