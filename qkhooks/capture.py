@@ -48,7 +48,7 @@ from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, grid_source_hooks, select_layers
 from qkhooks.models.load import unwrap_loaded
-from qkhooks.models.unsupported import own_hooks, refuse_altered_qk, remove_own_hooks, unmodelled_parts
+from qkhooks.models.unsupported import own_hooks, refuse_altered_qk, refuse_compiled, remove_own_hooks, unmodelled_parts
 from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
@@ -118,6 +118,7 @@ class Recording:
             raise QKHooksError(f"record() needs a torch nn.Module, got {type(model).__name__}; load one with qkhooks.load_model.")
         if input not in ("normed", "residual"):
             raise QKHooksError(f"input must be 'normed' (the exact tensor entering W_q/W_k) or 'residual'; got {input!r}.")
+        refuse_compiled(model)  # its hooks would run while the graph is traced, or never
         self._model_ref = weakref.ref(model)
         every = list(sites) if sites is not None else _model_sites(model, None, skip_unmodelled)
         self.sites: list[AttentionSite] = select_layers(every, layers)
@@ -342,6 +343,7 @@ class Recording:
         return model(*args, **kwargs)
 
     def _begin_batch(self, module: nn.Module, args: tuple, kwargs: dict, outer: bool = True) -> None:
+        refuse_altered_qk(self.sites)  # a hook, patch or weight put on inside the context (~70 us a ViT-B batch)
         self._check_weights()
         meta, self._pending_meta = self._pending_meta, {}
         self._taking_x = set()

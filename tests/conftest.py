@@ -233,6 +233,19 @@ def held_run(tmp_path):
         holder.communicate("", timeout=30)
 
 
+class LayerStack(torch.nn.Module):
+    """A user's own network for the own-architecture tests: its layers applied to the tokens in turn."""
+
+    def __init__(self, *layers: torch.nn.Module):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 class KeyLog:
     """An h5py dataset that records the keys it is indexed with."""
 

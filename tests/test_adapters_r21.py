@@ -5,6 +5,7 @@ kernels accumulate), checked against the float64 softmax of the model's own half
 from __future__ import annotations
 
 import warnings
+from typing import Any, Callable
 
 import pytest
 import timm
@@ -136,7 +137,7 @@ def test_weights_recomputed_by_a_hook_are_refused_those_computed_on_reading_take
     with warnings.catch_warnings():  # deprecated in favour of the parametrized form
         warnings.simplefilter("ignore")
         torch.nn.utils.weight_norm(model.blocks[1].attn.qkv)
-    with pytest.raises(QKHooksError, match=r"'blocks\.1\.attn\.qkv' .*'weight_g', 'weight_v'.*merge_and_unload"):
+    with pytest.raises(QKHooksError, match=r"'blocks\.1\.attn\.qkv' .*'weight_g', 'weight_v'.*remove_weight_norm\(model\.blocks\.1\.attn\.qkv\)"):
         find_sites(model)
     model = _timm_vit()
     torch.nn.utils.parametrizations.weight_norm(model.blocks[1].attn.qkv)
@@ -171,9 +172,10 @@ def _sharpened(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
-def _model_qk(model: nn.Module, kind: str, layer: int):
-    """A hook keeping the q and k (B, H, N, d_k) the model computes in ``layer``, and its handle(s); put on inside
-    ``record()``, which refuses hooks already on a q/k layer (r22: it cannot tell an observer from a steering hook)."""
+def _model_qk(model: nn.Module, kind: str, layer: int, run_model: Callable[[], Any]) -> dict[str, torch.Tensor]:
+    """The q and k (B, H, N, d_k) the model computes in ``layer`` in a forward ``run_model()`` makes outside any
+    recording, whose hooks keep them: record() refuses a hook on a q/k layer, put on before entry or inside (it cannot
+    tell an observer from a steering hook). The forward is deterministic, so they are the recorded forward's."""
     seen: dict[str, torch.Tensor] = {}
     if kind == "timm":
         attn = model.blocks[layer].attn
@@ -183,16 +185,23 @@ def _model_qk(model: nn.Module, kind: str, layer: int):
             q, k, _ = o.detach().reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
             seen["q"], seen["k"] = q, k
 
-        return seen, [attn.qkv.register_forward_hook(lambda m, a, o: split(o))]
-    attn = _hf_attentions(model)[layer]
-    heads = 3
-    handles = []
-    for key, name in zip("qk", _hf_qk_names(attn)):
-        def keep(m, a, o, key=key):
-            seen[key] = o.detach().unflatten(-1, (heads, -1)).transpose(1, 2)
+        handles = [attn.qkv.register_forward_hook(lambda m, a, o: split(o))]
+    else:
+        attn = _hf_attentions(model)[layer]
+        heads = 3
+        handles = []
+        for key, name in zip("qk", _hf_qk_names(attn)):
+            def keep(m, a, o, key=key):
+                seen[key] = o.detach().unflatten(-1, (heads, -1)).transpose(1, 2)
 
-        handles.append(getattr(attn, name).register_forward_hook(keep))
-    return seen, handles
+            handles.append(getattr(attn, name).register_forward_hook(keep))
+    try:
+        with torch.no_grad():
+            run_model()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def _exact_maps(seen: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -210,11 +219,8 @@ def test_half_precision_maps_and_rows_are_the_softmax_of_the_models_own_q_k(kind
     model = _sharpened(_timm_vit() if kind == "timm" else _hf_vit(), dtype)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
     with qkhooks.record(model, modes=None, attention="full+rows", qk_path=qk_path) as run, torch.no_grad():
-        seen, handles = _model_qk(model, kind, 1)
         model(images)
-    for handle in handles:
-        handle.remove()
-    exact = _exact_maps(seen)
+    exact = _exact_maps(_model_qk(model, kind, 1, lambda: model(images)))
     assert float(exact.amax()) > 0.5  # sharp maps: half-precision logits would move them by ~1e-2
     tokens = torch.as_tensor(run.last.meta["query_tokens"])
     full, rows = run.attention(1, "full").double(), run.attention(1, "rows").double()
@@ -231,9 +237,12 @@ def test_half_precision_eager_outputs_are_as_close_as_the_models_sdpa(dtype):
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
     got: dict[str, torch.Tensor] = {}
 
-    def observe() -> list:  # on qkv only outside record() or inside it: record() refuses hooks already on a q/k layer
-        return [attn.qkv.register_forward_hook(lambda m, a, o: got.__setitem__("qkv", o.detach())),
-                attn.proj.register_forward_pre_hook(lambda m, a: got.__setitem__("attended", a[0].detach()))]
+    def observe(qkv: bool = True) -> list:  # qkv in a forward outside record() only (record() refuses a hook on a q/k
+        # layer); layer 0's q, k, v are the same in every forward, as its input is the images
+        handles = [attn.proj.register_forward_pre_hook(lambda m, a: got.__setitem__("attended", a[0].detach()))]
+        if qkv:
+            handles.append(attn.qkv.register_forward_hook(lambda m, a, o: got.__setitem__("qkv", o.detach())))
+        return handles
 
     def error() -> float:
         b, n, _ = got["qkv"].shape
@@ -248,7 +257,7 @@ def test_half_precision_eager_outputs_are_as_close_as_the_models_sdpa(dtype):
     for handle in handles:
         handle.remove()
     with qkhooks.record(model, modes=None, attention="full", outputs="eager") as run, torch.no_grad():
-        handles = observe()
+        handles = observe(qkv=False)
         model(images)
     eager = error()
     for handle in handles:
@@ -268,9 +277,8 @@ def test_autocast_maps_are_the_softmax_of_the_models_own_q_k():
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with qkhooks.record(model, modes=None, attention="full") as run, torch.no_grad(), \
             torch.autocast("cpu", dtype=torch.bfloat16):
-        seen, handles = _model_qk(model, "timm", 1)
         model(images)
-    for handle in handles:
-        handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seen = _model_qk(model, "timm", 1, lambda: model(images))
     assert seen["q"].dtype == torch.bfloat16
     assert float((run.attention(1, "full").double() - _exact_maps(seen)).abs().max()) < 1e-4

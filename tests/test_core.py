@@ -20,7 +20,7 @@ from torch import nn
 import qkhooks
 from qkhooks import QKHooksError
 from qkhooks.models.load import load_checkpoint
-from conftest import TINY_MODELS, Tiny, eager_attention
+from conftest import TINY_MODELS, LayerStack, Tiny, eager_attention
 
 
 def run_model(tiny: Tiny, model_or_run, images):
@@ -491,16 +491,6 @@ def test_register_adapter_for_own_architecture():
         def forward(self, tokens):
             return tokens
 
-    class MyNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList([MyAttention(), MyAttention()])
-
-        def forward(self, x):
-            for layer in self.layers:
-                x = layer(x)
-            return x
-
     def find(model):
         return [
             qkhooks.AttentionSite(
@@ -511,9 +501,10 @@ def test_register_adapter_for_own_architecture():
             for i, m in enumerate(model.layers)
         ]
 
-    qkhooks.register_adapter("mynet", lambda m: isinstance(m, MyNet), find, families="MyNet")
+    qkhooks.register_adapter("mynet", lambda m: isinstance(m, LayerStack) and isinstance(m.layers[0], MyAttention), find,
+                             families="MyNet")
     try:
-        model = MyNet()
+        model = LayerStack(MyAttention(), MyAttention())
         x = torch.randn(1, 4, 16)
         with qkhooks.record(model, modes=3) as run, torch.no_grad():
             model(x)

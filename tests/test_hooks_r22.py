@@ -19,7 +19,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models import base
 from qkhooks.models.base import find_sites
 
-from conftest import eager_attention
+from conftest import LayerStack, eager_attention
 from test_adapters_r21 import _hf_attentions, _hf_qk_names, _hf_vit, _path, _timm_vit
 
 KINDS = ["timm", "hf"]
@@ -238,17 +238,6 @@ class MyAttention(nn.Module):
         return tokens + (self.maps @ v).transpose(1, 2).reshape(b, n, d)
 
 
-class MyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([MyAttention(), MyAttention()])
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
 class LoRALinear(nn.Module):
     """peft's layout: the base layer's weight and bias exposed, B·A·x added."""
 
@@ -289,10 +278,11 @@ def test_a_users_own_vit_of_plain_linears_is_taken_a_wrapper_from_its_own_packag
             qk_linear=lambda m=m: (torch.cat([m.q.weight, m.k.weight]), torch.cat([m.q.bias, m.k.bias])))
             for i, m in enumerate(model.layers)]
 
-    qkhooks.register_adapter("mypkg-r22", lambda model: isinstance(model, mypkg.MyNet), find, families="MyNet")
+    qkhooks.register_adapter("mypkg-r22", lambda model: isinstance(model, LayerStack) and isinstance(
+        model.layers[0], mypkg.MyAttention), find, families="MyNet")
     try:
         torch.manual_seed(0)
-        model = mypkg.MyNet().eval()
+        model = LayerStack(mypkg.MyAttention(), mypkg.MyAttention()).eval()
         tokens = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(2))
         with qkhooks.record(model, modes=4, attention="full") as run, torch.no_grad():
             model(tokens)

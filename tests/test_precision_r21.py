@@ -157,20 +157,17 @@ def test_autocast_entered_before_record_plans_x():
 
 def test_float32_keeps_the_qk_path_with_the_projectors_values():
     """float32: every layer on the q/k path, its maps those of QKPathProjector applied to the model's own qkv output
-    (captured by a hook of the test), within float32 rounding of float64 x·u_n."""
+    (the layer's qkv run again on the tokens it was handed, kept with keep_inputs: a hook of the test on a q/k layer
+    would be refused), within float32 rounding of float64 x·u_n."""
     model, images = _vit(), _images()
-    outputs = {}
-    with qkhooks.record(model, modes="all", keep_inputs=True) as run, torch.no_grad():  # _record, hooks put on inside:
-        hooks = [block.attn.qkv.register_forward_hook(  # record() refuses hooks already on a q/k layer
-            lambda m, a, out, i=i: outputs.__setitem__(i, out.detach())) for i, block in enumerate(model.blocks)]
-        model(images)
-    for hook in hooks:
-        hook.remove()
+    run = _record(model, images)
     assert run.mode_source == {0: "qk", 1: "qk"}
     assert _error(run) < 1e-5
     for site in qkhooks.sites(model):
         projector = QKPathProjector(run.spectrum(site.layer), site.weights())
-        query, key = projector.from_fused(outputs[site.layer][..., :2 * 48])
+        with torch.no_grad():
+            output = model.blocks[site.layer].attn.qkv(run.inputs(site.layer))
+        query, key = projector.from_fused(output[..., :2 * 48])
         assert torch.equal(run.query(site.layer), query) and torch.equal(run.key(site.layer), key)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from qkhooks.access import layer_at_path
 from qkhooks.errors import QKHooksError
-from qkhooks.models.unsupported import (PEFT_FIX, SKIP_HINT, describe_attention_like, diagnose, refuse_unplain_qk,
+from qkhooks.models.unsupported import (PEFT_FIX, SKIP_HINT, describe_attention_like, diagnose, refuse_opaque, refuse_unplain_qk,
                                         skipping_unmodelled, unmodelled_parts, unmodelled_reason)
 
 __all__ = ["AttentionSite", "QKWeights", "register_adapter", "find_sites", "adapters"]
@@ -577,6 +577,7 @@ def find_sites(model: nn.Module, layers: "LayerSelection" = None, skip_unmodelle
 
 
 def _find_sites(model: nn.Module, layers: "LayerSelection", skip_unmodelled: bool) -> list[AttentionSite]:
+    refuse_opaque(model)  # TorchScript, fx and quantised layers: no attention module to read, or no float weights
     with skipping_unmodelled(skip_unmodelled):
         diagnose(model)
         for adapter in _ADAPTERS:

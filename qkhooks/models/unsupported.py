@@ -305,6 +305,58 @@ def describe_attention_like(model: nn.Module, limit: int = 12) -> str:
     return "Attention-like modules it saw (one per class):\n" + "\n".join(lines)
 
 
+# ------------------------------------------------------------------ models tooling turned into something else
+# torch's quantised layers (torch.ao.quantization.quantize_dynamic / convert): packed integer weights, no float W_q/W_k
+_QUANTISED_MODULES = ("torch.ao.nn.quantized.", "torch.nn.quantized.", "torch.ao.nn.intrinsic.quantized.")
+_COMPILED_WRAPPER = "torch._dynamo.eval_frame.OptimizedModule"
+
+
+def _where(model: nn.Module, path: str, module: nn.Module) -> str:
+    return f"{path!r} ({type(module).__name__})" if path else f"the model ({type(model).__name__})"
+
+
+def refuse_opaque(model: nn.Module) -> None:
+    """Refuse a model that tooling turned into something whose attention cannot be found or read, before the search
+    (which crashed on TorchScript and quantised layers and gave unrelated reasons for the rest): TorchScript
+    (``torch.jit.script`` / ``trace``: a compiled graph, no Python forward to hook), a ``torch.fx`` GraphModule (tracing
+    inlines the attention modules' forwards into one graph: no attention module is left) and torch's quantised layers
+    (integer weights: no float W_q/W_k the model computes with)."""
+    for path, module in model.named_modules():
+        where, cls = _where(model, path, module), type(module)
+        if isinstance(module, torch.jit.ScriptModule):
+            raise QKHooksError(f"{where} is TorchScript (made by torch.jit.script or torch.jit.trace): it runs a compiled "
+                               "graph, not the Python forward qkhooks hooks and models, so q and k cannot be read. Record "
+                               "the nn.Module you scripted or traced instead (it has the same weights).")
+        if isinstance(module, torch.fx.GraphModule):
+            raise QKHooksError(f"{where} is a torch.fx GraphModule (symbolic_trace, or a feature extractor built with "
+                               "it): tracing inlined the attention modules' forwards into one graph, so there is no "
+                               "attention module left to hook. Record the nn.Module you traced instead.")
+        if cls.__module__.startswith(_QUANTISED_MODULES):
+            raise QKHooksError(f"{where} is a quantised layer ({cls.__module__}.{cls.__qualname__}, from "
+                               "torch.ao.quantization.quantize_dynamic or convert): it computes with integer weights, so "
+                               "there are no float W_q/W_k whose products the model computes. Record the float model "
+                               "(before quantising it).")
+
+
+def refuse_compiled(model: nn.Module) -> None:
+    """Refuse a model compiled by TorchDynamo, whole or in part (``module.compile()``, or a ``torch.compile`` wrapper
+    handed over or put in place of a module): the compiled graph runs the hooks qkhooks reads q, k and the tokens with
+    while tracing, or not at all (a compiled timm ViT recorded nothing; ``record_dataset`` wrote a run of 0 images
+    without a word). Checked at every ``record()`` and ``record_dataset`` entry: compiling changes no structure the
+    search's cache sees."""
+    for path, module in model.named_modules():
+        wrapper = _name(type(module)) == _COMPILED_WRAPPER
+        if wrapper or getattr(module, "_compiled_call_impl", None) is not None:
+            inner = f"{'model.' + path if path else 'model'}._orig_mod"
+            how = (f"record {inner} and run that module itself (the wrapper runs the compiled graph around it)" if wrapper
+                   else "record the model uncompiled (load or build it again without .compile(); compile only what "
+                   "runs without qkhooks)")
+            raise QKHooksError(
+                f"{_where(model, path, module)} is compiled by torch.compile ({'a compiled wrapper' if wrapper else 'module.compile()'}"
+                "): the compiled graph runs the hooks qkhooks reads q, k and the tokens with only while it is traced, or "
+                f"not at all, so the recording would be empty or stale without a word. To record it, {how}.")
+
+
 # ------------------------------------------------------------------ q/k layers that compute more than their weights
 PEFT_FIX = ("merge the adapter into the weights first (peft: model = model.merge_and_unload(), then record that "
             "model), or record the model without the wrapper")
@@ -433,13 +485,37 @@ def refuse_unplain_qk(sites: Sequence["AttentionSite"]) -> None:
         site.qk_scope = qk_scope(site.module, read)
         for path, owns in site.qk_scope:
             module = site.module.get_submodule(path)
+            fix = _reparametrization_fix(site, path, module)
             if not _known_forward(module):
                 _refuse_qk_module(site, path, module, "whose forward is not one qkhooks knows to compute exactly what "
-                                  "the weights read say (a LoRA layer adds B·A·x)")
+                                  "the weights read say (a LoRA layer adds B·A·x)", fix)
             unread = [n for n, p in module.named_parameters() if id(p) not in read] if owns else []
             if unread:
                 _refuse_qk_module(site, path, module, f"which also computes with {', '.join(map(repr, unread[:4]))}, "
-                                  "parameters W_q/W_k are not read from")
+                                  "parameters W_q/W_k are not read from", fix)
+
+
+# torch.nn.utils' old-style reparametrisations (a forward pre-hook recomputing the weight) -> how to fold them in
+_TORCH_REPARAMETRISATIONS = {
+    "torch.nn.utils.weight_norm.WeightNorm": "torch.nn.utils.remove_weight_norm({module})",
+    "torch.nn.utils.spectral_norm.SpectralNorm": "torch.nn.utils.remove_spectral_norm({module})",
+    "torch.nn.utils.prune.": "torch.nn.utils.prune.remove({module}, {name!r})",
+}
+
+
+def _reparametrization_fix(site: "AttentionSite", path: str, module: nn.Module) -> str:
+    """The fix for a q/k weight torch.nn.utils reparametrises (prune, weight_norm, spectral_norm, a parametrization
+    qkhooks does not take): fold it into a plain weight first; else the adapter's (:data:`PEFT_FIX`)."""
+    owner, _, rest = path.partition(".parametrizations.")
+    if rest:
+        return (f"fold the parametrization into a plain weight first: torch.nn.utils.parametrize.remove_parametrizations("
+                f"model.{site.path}.{owner}, {rest.split('.')[0]!r})")
+    for hook in module._forward_pre_hooks.values():
+        for prefix, call in _TORCH_REPARAMETRISATIONS.items():
+            if _name(type(hook)).startswith(prefix):
+                name = getattr(hook, "name", None) or getattr(hook, "_tensor_name", "weight")
+                return f"fold it into a plain weight first: {call.format(module=f'model.{site.path}.{path}', name=name)}"
+    return PEFT_FIX
 
 
 def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
@@ -456,7 +532,9 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
     well. On the attention module itself only a replaced forward (qkhooks models its class's forward): hooks there
     are taken, as qkhooks reads the tokens in its own pre-hook, after those already registered (torch calls global
     pre-hooks first, then a module's in the order registered), so it sees the very tokens they hand the forward.
-    Hooks registered after ``record()`` started are not seen.
+    A pre-hook someone else put on the attention module or the block after qkhooks' own runs after qkhooks read the
+    tokens: refused. A recording checks again before every batch (the model's call), so what is put on inside the
+    context is refused too; what a hook puts on during a forward is seen at the next batch.
     """
     checked = [s for s in sites if s.module is not None and not s.observes_maps()]
     if not checked:
@@ -474,6 +552,16 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
                 f"{HOOK_FIX}.")
     for site in checked:
         _refuse_patched_forward(site, "", site.module)
+        for module in dict.fromkeys(m for m in (site.module, site.block) if m is not None):
+            late = next((h for i, h in _after_own(module._forward_pre_hooks)), None)
+            if late is not None:
+                path = site.path if module is site.module else site.block_path
+                raise QKHooksError(
+                    f"unsupported attention in {site.path!r} ({type(site.module).__name__}): {path!r} carries a forward "
+                    f"pre-hook ({_name(late)}) registered after qkhooks' own: it runs after qkhooks reads the tokens, so "
+                    "the maps, modes and inputs recorded would be of tokens the forward does not receive. Register it "
+                    "before entering record() (qkhooks reads what the hooks already there hand on), or remove it "
+                    "while recording (handle.remove()).")
         for path, owns in site.qk_scope:
             try:
                 module = site.module.get_submodule(path)
@@ -492,6 +580,15 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
                                       "as quantised weights are): its forward computes with the subclass's arithmetic, "
                                       "not with the values read", "record the float model (load it unquantised, or "
                                       "turn the weight into a plain tensor first)")
+
+
+def _after_own(hooks: dict[int, Any]) -> Iterator[tuple[int, Any]]:
+    """The hooks of ``hooks`` (in the order torch runs them) someone else registered after one of qkhooks' own."""
+    seen_own = False
+    for i, hook in hooks.items():
+        seen_own = seen_own or i in _OWN_HOOKS
+        if seen_own and i not in _OWN_HOOKS:
+            yield i, hook
 
 
 def _refuse_patched_forward(site: "AttentionSite", path: str, module: nn.Module) -> None:
