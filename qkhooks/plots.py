@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 
-from qkhooks.readings import layer_intervals
+from qkhooks.readings import COSINE, layer_intervals
 from qkhooks.spectrum import QKSpectrum, head_weighted_cosines, random_cosine_band
 
 __all__ = ["save", "figure", "weighted_cosine_null_sd", "plot_cosine_by_layer", "plot_weighted_cosine",
@@ -113,7 +113,7 @@ def plot_weighted_cosine(spectra: dict[int, tuple[np.ndarray, np.ndarray]], dim:
             ax.axhline(y, color="0.5", ls=":", lw=0.8, label=f"random 95%, single mode (±{single:.3f})" if y > 0 else None)
     for layer, heads in zip(layers, per_head):
         ax.scatter([layer] * len(heads), heads, s=8, color="tab:blue", alpha=0.35)
-    mean, low, high = layer_intervals(stack_heads(per_head))
+    mean, low, high = layer_intervals(stack_heads(per_head), limits=COSINE)
     ax.plot(layers, mean, "o-", color="tab:blue", label="σ-weighted cosine (mean of heads)")
     ax.fill_between(layers, low, high, color="tab:blue", alpha=0.2, label="95% CI over heads")
     for (label, values), colour in zip((others or {}).items(), ("tab:orange", "tab:green", "tab:purple")):

@@ -25,15 +25,16 @@ import numpy as np
 from qkhooks._json import jsonable, write_json
 from qkhooks._version import __version__
 from qkhooks.analysis import bfd
-from qkhooks.analysis.modes import CentreEmbeddings, analyze_modes
+from qkhooks.analysis.modes import CentreEmbeddings, analyze_modes, baseline_pivots
 from qkhooks.analysis.recipes import default_reducers
 from qkhooks.analysis.preference import GROUPS, analyze_preference, per_image_groups, preference_values
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import find_sites
 from qkhooks.models.load import RANDOM_SUFFIX, LoadedModel, load_model
 from qkhooks.plots import plot_cosine_by_layer, plot_cosine_histograms, plot_head_spectra, stack_heads
-from qkhooks.readings import Estimate, Reading, compare_reading, fmt_layers, trend_reading
+from qkhooks.readings import COSINE, PROBABILITY, Reading, compare_reading, trend_reading
 from qkhooks.spectrum import spectrum
+from qkhooks.store import open_run
 from qkhooks.store.format import remove_run
 from qkhooks.stream import record_dataset, rows_layers
 
@@ -131,8 +132,9 @@ def spectrum_section(loaded: LoadedModel, out: Path) -> Section:
          "Paper Fig. S2. Per layer, each head's singular values (top, one colour per head) and mode cosines by mode "
          "index (bottom), from the weights (no images)."),
     ]
-    readings = [trend_reading(per_head, layers, "The σ-weighted query-key cosine", "heads"),
-                compare_reading(per_head, 0.0, layers, "The σ-weighted cosine", "zero (random directions)", "heads")]
+    readings = [trend_reading(per_head, layers, "The σ-weighted query-key cosine", "heads", limits=COSINE),
+                compare_reading(per_head, 0.0, layers, "The σ-weighted cosine", "zero (random directions)", "heads",
+                                limits=COSINE)]
     if others:
         r = np.asarray(numbers["random_init_cosine_by_layer"])
         readings.append(Reading(
@@ -176,10 +178,10 @@ def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts:
     images = table["num_images"]
     few = few_images(images, "displays", "more displays: `qkhooks demo --o3 N`")
     readings = [
-        trend_reading(groups["same_object"], layers, "The same-object share", "images"),
+        trend_reading(groups["same_object"], layers, "The same-object share", "images", limits=PROBABILITY),
         compare_reading(groups["same_object"], groups["different_object"], layers, "The same-object share",
-                        "the other-object share", "images"),
-        trend_reading(groups["background"], layers, "The background share", "images"),
+                        "the other-object share", "images", limits=PROBABILITY),
+        trend_reading(groups["background"], layers, "The background share", "images", limits=PROBABILITY),
     ]
     numbers = {"images": images, **{g: table[g]["mean"] for g in GROUPS},
                "ci": {g: {"low": table[g]["ci_low"], "high": table[g]["ci_high"]} for g in GROUPS},
@@ -231,23 +233,14 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
 
     aniso_rows = {int(k): v for k, v in (summary.get("anisotropy") or {}).items()}
     layers = sorted(aniso_rows)
-    base = np.array([aniso_rows[l]["baseline"] for l in layers])
-    cos = np.array([aniso_rows[l]["cos_weighted"] for l in layers])
+    base = np.array([aniso_rows[l]["baseline"] for l in layers], dtype=float)
+    cos = np.array([aniso_rows[l]["cos_weighted"] for l in layers], dtype=float)
     readings: list[Reading] = []
-    if layers and all("baseline_low" in aniso_rows[l] for l in layers):
-        rel = {l: Estimate(cos[i] - base[i], cos[i] - aniso_rows[l]["baseline_high"],
-                           cos[i] - aniso_rows[l]["baseline_low"], n) for i, l in enumerate(layers)}
-        above = [l for l, e in rel.items() if e.sign > 0]
-        below = [l for l, e in rel.items() if e.sign < 0]
-        unclear = [l for l, e in rel.items() if e.sign == 0]
-        parts = [f"above the anisotropy baseline at {fmt_layers(above)}" if above else "",
-                 f"below it at {fmt_layers(below)}" if below else "",
-                 f"not clearly different from it at {fmt_layers(unclear)}" if unclear else ""]
-        first, last = layers[0], layers[-1]
-        readings.append(Reading(
-            f"The σ-weighted mode cosine is {'; '.join(p for p in parts if p)} (interval: the baseline's 95% "
-            f"bootstrap CI over {n} images, per layer, not adjusted for {len(layers)} layers; L{first} {rel[first].text()}, L{last} {rel[last].text()}).",
-            "relative", {f"L{l}": e for l, e in rel.items()}))
+    with open_run(run) as stored:
+        centre = stored.state(CentreEmbeddings.name, default=None)
+    if layers and centre is not None:  # the cosine is from the weights, a constant per layer; the baseline's images vary
+        readings.append(compare_reading(cos, baseline_pivots(centre, layers), layers, "The σ-weighted mode cosine",
+                                        "the anisotropy baseline", "images", limits=COSINE))
     numbers = {"baseline_by_layer": dict(zip(layers, base.tolist())),
                "baseline_ci": {l: [aniso_rows[l].get("baseline_low"), aniso_rows[l].get("baseline_high")] for l in layers},
                "readings": [dataclasses.asdict(r) for r in readings]}
@@ -258,7 +251,8 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
         "merely above zero, means grouping.", readings,
         [(Path(summary["files"]["anisotropy_png"]),
           f"Paper Fig. S3 over {n} photos. (A) The anisotropy baseline per layer: mean cosine between the centre-patch "
-          f"embeddings of different photos (band: 95% bootstrap CI over images). (B) The σ-weighted mode cosine of Fig. 3 minus it.")]
+          f"embeddings of different photos (band: 95% bootstrap-t CI over images, per layer). (B) The σ-weighted mode "
+          "cosine of Fig. 3 minus it.")]
         if summary["files"].get("anisotropy_png") else [],
         [input_note(opts["input"], "the embeddings are"), "One baseline, named: the photo run's (the masked images of Fig. 5 are not used for it)."],
         few_images(n, "photos"), numbers)
@@ -274,9 +268,9 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
     chance = float(same.get("chance") or float("nan"))
     readings = []
     if s_layers:
-        readings = [trend_reading(per_head, s_layers, "The same-object probability", "heads"),
+        readings = [trend_reading(per_head, s_layers, "The same-object probability", "heads", limits=PROBABILITY),
                     compare_reading(per_head, chance, s_layers, "The same-object probability",
-                                    f"chance ({chance:.2f})", "heads")]
+                                    f"chance ({chance:.2f})", "heads", limits=PROBABILITY)]
     bundled = objects.startswith("voc+arc2017+o3:")
     real = 2 if bundled else int(obj["images"])  # the voc and arc2017 photos; the rest are displays
     made = f"{real} real photos, {int(obj['images']) - real} generated displays" if bundled else f"from {objects}"
@@ -344,8 +338,10 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
     layers = [l["layer"] for l in result["layers"]]
     shares = {t: np.array([[np.nan if h["energy"][t] is None else h["energy"][t] for h in l["heads"]]
                            for l in result["layers"]], dtype=float).T for t in bfd.TERMS}  # (heads, layers)
-    readings = [trend_reading(shares["CC"], layers, "The content-content (CC) energy share", "heads"),
-                trend_reading(shares["CP"] + shares["PC"], layers, "The content-position coupling (CP+PC)", "heads")]
+    readings = [trend_reading(shares["CC"], layers, "The content-content (CC) energy share", "heads",
+                              limits=PROBABILITY),  # shares of the sum of four energies, each >= 0
+                trend_reading(shares["CP"] + shares["PC"], layers, "The content-position coupling (CP+PC)", "heads",
+                              limits=PROBABILITY)]
     numbers = {**claims, "images": n, "holdout_images": held, "readings": [dataclasses.asdict(r) for r in readings],
                "curves": {f"bfd_{t}": _curve(layers, np.nanmean(shares[t], 0), n, few) for t in bfd.TERMS}}
     numbers["left_out"] = left_out

@@ -217,7 +217,7 @@ ROUND18 = (
     "qkhooks.spectrum.x_null_modes__*", "qkhooks.spectrum.xǁLayerSpectrumǁnull_modes__*",
     "qkhooks.spectrum.xǁLayerSpectrumǁall_modes__*", "qkhooks.spectrum.xǁLayerSpectrumǁcosine_weighted__*",
     "qkhooks.spectrum.xǁLayerSpectrumǁtop__*", "qkhooks.spectrum.xǁQKSpectrumǁcosine_weighted_by_layer__*",
-    "qkhooks.analysis.anisotropy.x_anisotropy_interval__*", "qkhooks.analysis.anisotropy.x__weighted_cos__*",
+    "qkhooks.analysis.anisotropy.x_baseline_pivots__*", "qkhooks.analysis.anisotropy.x__weighted_cos__*",
     "qkhooks.analysis.anisotropy.x_anisotropy_table__*",
     "qkhooks.stream.x_weights_fingerprint__*",
     "qkhooks.store.writer.xǁRunWriterǁ_check_identity__*", "qkhooks.store.writer.x__checked__*",

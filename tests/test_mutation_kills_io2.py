@@ -114,34 +114,6 @@ def test_a_string_static_is_an_attribute_of_the_group_its_path_names_and_the_lay
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def test_the_anisotropy_interval_is_the_mean_cosine_over_pairs_of_different_images_and_its_bootstrap_quantiles():
-    """Round 13: ``anisotropy_interval`` against a direct computation. The value: the mean of G_ij over ordered pairs
-    i != j. Each bootstrap resample (the function's own multinomial draw, seed 0): the images drawn, expanded to one
-    row per draw, and the mean of G over pairs of draws of *different* images; the interval: its 2.5 / 97.5 %
-    quantiles. Eight images, so no resample draws one image only (checked)."""
-    from qkhooks.analysis.anisotropy import anisotropy_interval
-
-    rng = np.random.default_rng(3)
-    z = rng.normal(size=(8, 5)) + 0.7  # a shared direction: positive mean cosine
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    n, n_boot = len(z), 300
-    G = z @ z.T
-    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
-    direct = np.mean([G[i, j] for i, j in pairs])
-    counts = np.random.default_rng(0).multinomial(n, np.full(n, 1 / n), size=n_boot)
-    boot = []
-    for c in counts:
-        drawn = np.repeat(np.arange(n), c)
-        different = drawn[:, None] != drawn[None, :]
-        assert different.any()
-        boot.append(G[np.ix_(drawn, drawn)][different].mean())
-    low, high = np.quantile(boot, [0.025, 0.975])
-    assert anisotropy_interval(z, n_boot=n_boot) == pytest.approx((direct, low, high), rel=1e-12, abs=1e-12)
-    assert anisotropy_interval(z[:1]) == pytest.approx((np.nan,) * 3, nan_ok=True)
-    value, *interval = anisotropy_interval(z[:2])
-    assert value == pytest.approx(G[0, 1], rel=1e-12) and np.isnan(interval).all()
-
-
 def _stages_batch(tokens: dict[int, torch.Tensor], caps: dict[int, dict] | None = None) -> "BatchCapture":
     """A hand-made batch of a two-stage model: layer 0 on a 4 x 6 grid, layer 1 on a 2 x 3 grid, one CLS token each
     (the batch's own grid is layer 0's, as a recording's is the first layer's)."""

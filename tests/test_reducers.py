@@ -388,10 +388,11 @@ def test_a_recipe_replaces_the_default_reducers_and_metadata_and_gets_prefix_and
 
 def test_centre_embeddings_interval_is_over_the_baselines_images_when_a_centre_embedding_is_zero():
     """7 images, one whose centre token is exactly zero in layer 0 only (review 18 F5): AnisotropyReducer skips it,
-    and the bootstrap interval from CentreEmbeddings (what analyze_modes reports as baseline_low/high) must be over
+    and the bootstrap-t interval from CentreEmbeddings (what analyze_modes reports as baseline_low/high) must be over
     the same 6 images: its point estimate equals the baseline (numpy mean pairwise cosine of the 6 non-zero
     vectors), the interval holds it, and layer 1 (no zero) still keeps all 7 rows in the one state."""
-    from qkhooks.analysis.anisotropy import anisotropy_interval
+    from qkhooks.analysis.anisotropy import baseline_pivots
+    from qkhooks.readings import layer_intervals
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(7, 1 + 6, 5, generator=g, dtype=torch.float64) + torch.tensor([3.0, 1.0, 0, 0, 0], dtype=torch.float64)
@@ -414,9 +415,10 @@ def test_centre_embeddings_interval_is_over_the_baselines_images_when_a_centre_e
         state = kept.state_dict()
         vectors = np.asarray(state["vectors"])[:, list(state["layers"]).index(layer)]
         assert vectors.shape[0] == 7
-        value, low, high = anisotropy_interval(vectors)
+        pivots = baseline_pivots(state, [layer])
+        (value,), (low,), (high,) = layer_intervals(pivots)
         assert value == pytest.approx(want, abs=1e-6)  # was 0.61 vs the 0.85 baseline on the reviewer's data
-        assert low <= want <= high
+        assert pivots.count[0] == n and low <= want <= high
 
 
 def _two_layers(batch: BatchCapture, poison: int | None = None, value: float = float("nan")) -> BatchCapture:

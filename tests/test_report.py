@@ -107,20 +107,19 @@ def test_readings_state_the_effects_of_the_numbers_in_the_summary(report):
 
 
 def test_run_files_keep_reducer_states_not_per_image_maps(report):
-    out, _, _ = report
+    out, summary, _ = report
     with qkhooks.open_run(out / "runs" / "photos.h5") as run:
         assert not run.has("modes/L0/query") and run.state("topk_modes") is not None
         vectors = run.state("anisotropy_images")["vectors"]
         assert vectors.shape[:2] == (4, 3)
-    from qkhooks.analysis.modes import anisotropy_interval
-
     z = np.asarray(vectors[:, 1], dtype=np.float64)
     G = z @ z.T
     direct = (G.sum() - np.trace(G)) / (len(z) * (len(z) - 1))  # mean cosine over pairs of different images
-    value, low, high = anisotropy_interval(z)
     aniso = json.loads((out / "modes" / "modes.json").read_text())["anisotropy"]["1"]
-    assert value == pytest.approx(direct) == pytest.approx(aniso["baseline"], abs=1e-5)
-    assert low <= value <= high and aniso["baseline_low"] == pytest.approx(low)
+    assert direct == pytest.approx(aniso["baseline"], abs=1e-5) and aniso["baseline_images"] == 4
+    assert aniso["baseline_low"] is None  # 4 images: fewer than 6, no interval (round 23's bootstrap-t)
+    reading = summary["sections"]["anisotropy"]["readings"][0]  # compare_reading over the layers
+    assert reading["verdict"] == "too_few" and "too few images (4)" in reading["text"]
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")

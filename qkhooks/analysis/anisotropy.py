@@ -2,24 +2,26 @@
 
 :class:`AnisotropyReducer` streams, per layer, the mean cosine between the centre-patch embeddings of
 different images; :func:`relative_cosine` subtracts it from the modes' cosines; :class:`CentreEmbeddings`
-keeps the embeddings themselves for a bootstrap interval (:func:`anisotropy_interval`).
+keeps the embeddings themselves, from which :func:`baseline_pivots` gives the baseline's bootstrap-t intervals
+over images (:mod:`qkhooks.readings`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
+from qkhooks.readings import Pivots, pair_pivots
 from qkhooks.reducers import Reducer, refuse_non_finite
 from qkhooks.spectrum import head_weighted_cosines, mean_over_heads
 from qkhooks.analysis.geometry import grid_of, layer_geometry, layer_grid, resolve_prefix, tokens_on_grid
 
-__all__ = ["AnisotropyReducer", "CentreEmbeddings", "anisotropy_interval", "anisotropy_from_state",
+__all__ = ["AnisotropyReducer", "CentreEmbeddings", "baseline_pivots", "anisotropy_from_state",
            "relative_cosine", "anisotropy_table"]
 
 
@@ -146,11 +148,11 @@ class AnisotropyReducer(Reducer):
 
 class CentreEmbeddings(AnisotropyReducer):
     """The unit centre-patch embeddings of each image, per layer: what the anisotropy baseline averages, kept
-    so that its uncertainty over images can be measured (:func:`anisotropy_interval`).
+    so that its uncertainty over images can be measured (:func:`baseline_pivots`).
 
     Keeps the first ``max_images`` images (float32, images x layers x d: 2048 x 12 x 384 is 38 MB); the
     baseline itself comes from :class:`AnisotropyReducer`, which sees every image. A zero centre embedding (no
-    direction, no cosine) is kept as a zero row, so every layer keeps one row per image; :func:`anisotropy_interval`
+    direction, no cosine) is kept as a zero row, so every layer keeps one row per image; :func:`baseline_pivots`
     skips zero rows, as :class:`AnisotropyReducer` skips zero vectors, so the interval is over the baseline's images.
     """
 
@@ -220,30 +222,13 @@ def _widths(state: Mapping[str, Any], layers: int) -> list[int | None]:
     return [None] * layers
 
 
-def anisotropy_interval(vectors: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean cosine between different images' unit vectors (n, d), with a 95% bootstrap interval over images.
-
-    A resample with counts c_i uses the pairs of different images only: (c'Gc - sum c_i^2) / (n^2 - sum c_i^2),
-    G the Gram matrix (unit diagonal), so an image drawn twice is never compared with itself.
-
-    Zero rows (an image whose centre embedding is zero: it has no cosine with anything) are left out before
-    anything is computed, as :class:`AnisotropyReducer` leaves them out of the baseline, so the point estimate
-    equals that baseline and the interval is around it; n counts the other rows.
-    """
-    z = np.asarray(vectors, dtype=np.float64)
-    z = z[np.linalg.norm(z, axis=-1) > 0]
-    n = z.shape[0]
-    if n < 2:
-        return math.nan, math.nan, math.nan
-    G = z @ z.T
-    value = float((G.sum() - np.trace(G)) / (n * (n - 1)))
-    if n < 3:
-        return value, math.nan, math.nan
-    c = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=n_boot).astype(np.float64)
-    sq = (c**2).sum(1)
-    boot = (np.einsum("bi,ij,bj->b", c, G, c) - (c**2 * np.diag(G)).sum(1)) / np.maximum(n * n - sq, 1)
-    low, high = np.quantile(boot, [0.025, 0.975])
-    return value, float(low), float(high)
+def baseline_pivots(centre_state: Mapping[str, Any], layers: Sequence[int]) -> Pivots:
+    """The baseline of each of ``layers`` (all in the state) from a :class:`CentreEmbeddings` state, with what its
+    bootstrap-t intervals are made of: the mean cosine over pairs of different images (:func:`pair_pivots`; a
+    zero embedding has no cosine and is left out, as :class:`AnisotropyReducer` leaves it out), the images
+    resampled together across layers, so :mod:`qkhooks.readings` reads every layer at once."""
+    where = {int(l): i for i, l in enumerate(np.asarray(centre_state["layers"]).reshape(-1))}
+    return pair_pivots(np.asarray(centre_state["vectors"])[:, [where[int(l)] for l in layers]])
 
 
 def anisotropy_from_state(state: Mapping[str, Any]) -> dict[int, float]:

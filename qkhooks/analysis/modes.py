@@ -31,8 +31,8 @@ from qkhooks.analysis.anisotropy import (
     AnisotropyReducer,
     CentreEmbeddings,
     anisotropy_from_state,
-    anisotropy_interval,
     anisotropy_table,
+    baseline_pivots,
     relative_cosine,
 )
 from qkhooks.analysis.geometry import MAX_INFERRED_PREFIX, infer_prefix_tokens
@@ -58,12 +58,13 @@ from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks._json import jsonable
 from qkhooks.data_files import recorded_sizes
 from qkhooks.errors import QKHooksError
+from qkhooks.readings import COSINE, PROBABILITY, layer_intervals
 
 __all__ = [
     "TopKModes",
     "AnisotropyReducer",
     "CentreEmbeddings",
-    "anisotropy_interval",
+    "baseline_pivots",
     "signed_scores",
     "infer_prefix_tokens",
     "layer_state",
@@ -344,13 +345,13 @@ def analyze_modes(
                     rows.append([r["layer"], h, m, _fmt(s), _fmt(c), _fmt(r["baseline"]), _fmt(c - r["baseline"])])
         files["anisotropy_csv"] = str(_write_csv(out / "anisotropy.csv", ["layer", "head", "mode", "sigma", "cos", "baseline", "relative_cos"], rows))
         if centre_state is not None:
-            where = {int(l): i for i, l in enumerate(np.asarray(centre_state["layers"]).reshape(-1))}
-            vectors = np.asarray(centre_state["vectors"])
-            for r in aniso["rows"]:
-                if r["layer"] in where:
-                    layer_vectors = vectors[:, where[r["layer"]]]
-                    _, r["baseline_low"], r["baseline_high"] = anisotropy_interval(layer_vectors)
-                    r["baseline_images"] = int((np.linalg.norm(layer_vectors, axis=-1) > 0).sum())  # zero rows skipped
+            kept = [r for r in aniso["rows"] if r["layer"] in set(_state_layers(centre_state))]
+            if kept:
+                pivots = baseline_pivots(centre_state, [r["layer"] for r in kept])
+                _, low, high = layer_intervals(pivots, limits=COSINE)
+                for r, lo, hi, images in zip(kept, low, high, pivots.count):
+                    r["baseline_low"], r["baseline_high"] = float(lo), float(hi)
+                    r["baseline_images"] = int(images)  # zero rows skipped
         ci = all("baseline_low" in r for r in aniso["rows"])
         files["anisotropy_png"] = str(plot_anisotropy(
             aniso["layers"], [r["baseline"] for r in aniso["rows"]],
@@ -376,10 +377,8 @@ def analyze_modes(
             out / "same_object.csv",
             ["layer", "head", "mode", "sigma", "cos", "p_same", "p_same_pooled", "p_same_unweighted", "images"], rows))
         if same["rows"]:
-            from qkhooks.readings import layer_intervals
-
             per_head = stack_heads([r["per_head"] for r in same["rows"]])  # (heads, layers)
-            _, low, high = layer_intervals(per_head)
+            _, low, high = layer_intervals(per_head, limits=PROBABILITY)
             same["chance"] = chance_same_object(objects)
             weighted = "σ-weighted (per head, mean of heads)"
             files["same_object_png"] = str(plot_layer_curves(
@@ -428,7 +427,7 @@ def analyze_modes(
         "layers": [],
         "geometry": {l: g.to_dict() for l, g in geometry.items()},
         "figures_left_out": figure_left_out,
-        "anisotropy": None if not aniso["layers"] else {r["layer"]: {k_: r[k_] for k_ in ("baseline", "baseline_low", "baseline_high", "cos_weighted", "relative_cos_weighted", "cos_weighted_note") if k_ in r} for r in aniso["rows"]},
+        "anisotropy": None if not aniso["layers"] else {r["layer"]: {k_: r[k_] for k_ in ("baseline", "baseline_low", "baseline_high", "baseline_images", "cos_weighted", "relative_cos_weighted", "cos_weighted_note") if k_ in r} for r in aniso["rows"]},
         "anisotropy_note": _anisotropy_note(spectra, shapes) if aniso_state is not None
         else "the run has no anisotropy reducer state",
         "same_object": None if same is None else {
@@ -490,8 +489,9 @@ def _anisotropy_note(spectra: dict[int, dict[str, Any]], shapes: dict[int, tuple
                 f"top {kept} per head and, for layers {[l for l in sorted(spectra) if l not in every]}, not the others' "
                 "sigma and cosine: there it is NaN if the run kept fewer than every mode")
     return (what + "; mean over heads (a head whose sigma are all zero has none and is left out); baseline = mean "
-            "cosine between centre-patch embeddings of different images (zero embeddings skipped), "
-            "baseline_low/high (where the run kept the centre embeddings) its 95% bootstrap interval over the same images")
+            "cosine between centre-patch embeddings of different images (zero embeddings skipped); baseline_low/high "
+            "(where the run kept the centre embeddings: of its first baseline_images images) its 95% bootstrap-t "
+            "interval over them at that layer (jackknife standard error; null with fewer than 6), within [-1, 1]")
 
 
 def _no_modes(run: Any, run_path: str | os.PathLike) -> None:

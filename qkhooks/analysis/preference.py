@@ -573,11 +573,11 @@ def analyze_preference(run_path: str | os.PathLike, out_dir: str | os.PathLike) 
     with open_run(run_path) as run:
         values, prefix = _run_values(run)
         source = {"run": str(run_path), "model": run.model, "data": run.attrs.get("data", ""), "complete": run.complete}
-    from qkhooks.readings import layer_intervals
+    from qkhooks.readings import PROBABILITY, layer_intervals
 
     table = {**preference_table(values, prefix), **source}
     for name, per_image in per_image_groups(values).items():  # 95% CI over images of the head-averaged value
-        _, low, high = layer_intervals(per_image)
+        _, low, high = layer_intervals(per_image, limits=PROBABILITY)  # shares
         table[name]["ci_low"], table[name]["ci_high"] = low.tolist(), high.tolist()
     note = "" if source["complete"] else "; run incomplete"
     files = write_preference(table, out_dir, title=f"Attention preference — {Path(run_path).name} "
