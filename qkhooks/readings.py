@@ -409,8 +409,8 @@ def compare_reading(a: np.ndarray | float | Pivots, b: np.ndarray | float | Pivo
     elif len(below) == len(layers):
         text, verdict = f"{name_a} is below {name_b} at every layer ({smallest}; {n}).", "below"
     elif above and below:
-        text, verdict = (f"{name_a} and {name_b} cross: {name_a} is above at {fmt_layers(above)} and below at "
-                         f"{fmt_layers(below)} ({biggest}; {n}).", "crosses")
+        text, verdict = (f"{name_a} is above {name_b} at {fmt_layers(above)} and below it at {fmt_layers(below)}: they "
+                         f"cross ({biggest}; {n}).", "crosses")
     elif above or below:
         side, clear = ("above", above) if above else ("below", below)
         rest = [l for l in layers if l not in clear]

@@ -46,7 +46,8 @@ def test_crossing_curves_and_a_curve_above_another():
     a = _units(np.linspace(0.5, 0.2, 12), seed=1)
     b = _units(np.linspace(0.2, 0.5, 12), seed=2)
     r = compare_reading(a, b, LAYERS, "same object", "other object", "images")
-    assert r.verdict == "crosses" and "above at L0" in r.text and "L11" in r.text.split("below at")[1]
+    assert r.verdict == "crosses" and "same object is above other object at L0" in r.text
+    assert "L11" in r.text.split("below it at")[1].split(":")[0] and "L0," not in r.text.split("below it at")[1]
     above = compare_reading(a + 1, b, LAYERS, "A", "B", "images")
     assert above.verdict == "above" and "95% CI" in above.text and "adjusted for 12 layers" in above.text
     chance = compare_reading(_units(np.full(12, 0.1), seed=2), 0.1, LAYERS, "P(same)", "chance", "heads")

@@ -132,4 +132,4 @@ def test_intervals_are_the_bootstrap_t_written_out_and_match_the_verdicts():
     above = [l for l in LAYERS if mean[l] - c_high * se[l] > 0]
     below = [l for l in LAYERS if mean[l] - c_low * se[l] < 0]
     assert above and below and r.verdict == "crosses"
-    assert f"above at {', '.join(f'L{l}' for l in above)} and below at {', '.join(f'L{l}' for l in below)} (" in r.text
+    assert f"above zero at {', '.join(f'L{l}' for l in above)} and below it at {', '.join(f'L{l}' for l in below)}: " in r.text
