@@ -68,6 +68,8 @@ KILLS_R20 = "tests/test_mutation_kills_r20.py"
 KILLS_R20B = "tests/test_mutation_kills_r20b.py"
 # Round 21 (mutation): the kill tests of the functions round 21 changed or added (module "round21").
 KILLS_R21 = "tests/test_mutation_kills_r21.py"
+# Round 23 (mutation): the kill tests of the functions round 22 changed or added (module "round22").
+KILLS_R23 = "tests/test_mutation_kills_r23.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -209,6 +211,22 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_core and module_path) or "
                 "(test_store_safety and damaged and not (sigkill or full_disk or worker_processes or within_20_s "
                 "or damaged_run_files_open))"),
+    # Round 23 (mutation): the functions round 22 changed or added, against the tests that reach them: the q/k
+    # modules' entry check (others' hooks, forwards replaced on the instance, tensor-subclass weights, accelerate's
+    # wrapper, qkhooks' own hooks), the bit-for-bit weights compare and the spectrum cache keyed by it, the reader's
+    # slices cut by arithmetic, its shared HDF5 handle and axis check, and the readings' bootstrap-t intervals.
+    # --only ROUND22.
+    "round22": (["qkhooks/models/unsupported.py", "qkhooks/spectrum.py", "qkhooks/store/reader.py",
+                 "qkhooks/readings.py"],
+                ["tests/test_hooks_r22.py", "tests/test_weights_check_r22.py", "tests/test_store_r22.py",
+                 "tests/test_readings_r22.py", "tests/test_readings.py", "tests/test_ux_r22.py",
+                 "tests/test_adapters_r21.py", "tests/test_store_r21.py", "tests/test_store.py", KILLS_R21, KILLS_R23],
+                "test_hooks_r22 or test_weights_check_r22 or test_store_r22 or test_readings or "
+                "test_mutation_kills_r23 or (test_mutation_kills_r21 and (lora or pinned or levit)) or "
+                "(test_ux_r22 and (state or integer_past or spectrum_takes)) or "
+                "(test_adapters_r21 and (lora or linear_subclass or recomputed or peft)) or "
+                "(test_store_r21 and (every_image_selection or picked_images or spanning)) or "
+                "(test_store and (run_array_indexes or lazy_indexing or closed_reader))"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
 ROUND18 = (
@@ -298,7 +316,28 @@ ROUND21 = (
     "qkhooks.models.unsupported.x_tensors_read__*",
     "qkhooks.sdpa.x_scaled_logits__*",
 )
-NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21}
+# The round-22 functions' mutant names, for `--only` with the module "round22". spectrum._memcmp
+# (functools.cache) and readings._resamples (functools.lru_cache) are decorated: mutmut mutates neither; their tests
+# run all the same.
+ROUND22 = (
+    "qkhooks.models.unsupported.x_own_hooks__*", "qkhooks.models.unsupported.x_remove_own_hooks__*",
+    "qkhooks.models.unsupported.x__name__*", "qkhooks.models.unsupported.x__known_forward__*",
+    "qkhooks.models.unsupported.x_qk_scope__*", "qkhooks.models.unsupported.x_refuse_unplain_qk__*",
+    "qkhooks.models.unsupported.x_refuse_altered_qk__*", "qkhooks.models.unsupported.x__refuse_patched_forward__*",
+    "qkhooks.models.unsupported.x__moves_devices_only__*", "qkhooks.models.unsupported.x_accelerate_hooks__*",
+    "qkhooks.models.unsupported.x_accelerate_offloading__*", "qkhooks.models.unsupported.x__refuse_qk_module__*",
+    "qkhooks.spectrum.x__qk_tensors__*", "qkhooks.spectrum.x__same_bits__*", "qkhooks.spectrum.x_weights_state__*",
+    "qkhooks.spectrum.x__copied_state__*", "qkhooks.spectrum.x_same_weights__*",
+    "qkhooks.spectrum.x_layer_spectrum__*",
+    "qkhooks.store.reader.x__spans__*", "qkhooks.store.reader.x__axis_names__*",
+    "qkhooks.store.reader.xǁRunArrayǁ_check_integers__*", "qkhooks.store.reader.xǁRunArrayǁ_read_images__*",
+    "qkhooks.store.reader.xǁ_SharedFileǁ*", "qkhooks.store.reader.xǁRunReaderǁ__init____*",
+    "qkhooks.store.reader.xǁRunReaderǁ_open__*", "qkhooks.store.reader.xǁRunReaderǁclose__*",
+    "qkhooks.store.reader.xǁRunReaderǁstate__*", "qkhooks.store.reader.xǁRunReaderǁ_no_state__*",
+    "qkhooks.readings.x__bootstrap_t__*", "qkhooks.readings.x__bounds__*", "qkhooks.readings.x_intervals__*",
+    "qkhooks.readings.x_layer_intervals__*", "qkhooks.readings.x__too_few__*",
+)
+NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22}
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
 # test_store_r19.py's resumes of a "damaged killed run" stay in this process (the kill is simulated by the flags).
@@ -315,7 +354,9 @@ TIMEOUT_CONSTANT_S = 10.0
 # until its wall-clock limit, a "timeout" counted as a kill: reducers, round 10). No qkhooks module: the mutants
 # must be imported in the worker, from mutants/.
 PRELOADED = ("numpy", "torch", "h5py", "PIL.Image", "timm", "transformers", "pytest")
-_KILLED, _SURVIVED, _NO_TESTS, _TIMEOUTS, _SKIPPED = {1, 3}, {0}, {5, 33}, {24, -24, 36, 152, 255}, {34}
+# -11: the tests' process died of a segfault (mutmut's 'segfault'; round 23: memcmp handed a null pointer), which
+# the tests detect as surely as a failure: counted as killed.
+_KILLED, _SURVIVED, _NO_TESTS, _TIMEOUTS, _SKIPPED = {1, 3, -11}, {0}, {5, 33}, {24, -24, 36, 152, 255}, {34}
 
 
 def _sync(src: Path, dst: Path) -> None:
