@@ -235,8 +235,8 @@ def _bounds(pivots: Pivots, level: float, simultaneous: bool, limits: Limits | t
         c_high = np.quantile(hi, 1 - alpha, axis=0, method="higher")
         c_low = np.quantile(lo, alpha, axis=0, method="lower")
         with np.errstate(invalid="ignore"):  # inf · 0: an infinite critical value where se = 0
-            low[tested] = np.nan_to_num(mean[tested] - c_high * se[tested], nan=-np.inf)
-            high[tested] = np.nan_to_num(mean[tested] - c_low * se[tested], nan=np.inf)
+            low[tested] = np.nan_to_num(mean[tested] - c_high * se[tested], nan=-np.inf, posinf=np.inf, neginf=-np.inf)
+            high[tested] = np.nan_to_num(mean[tested] - c_low * se[tested], nan=np.inf, posinf=np.inf, neginf=-np.inf)
     return mean, np.clip(low, floor, ceiling), np.clip(high, floor, ceiling), count
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from qkhooks.errors import QKHooksError
-from qkhooks.readings import (BOOTSTRAP, COSINE, PROBABILITY, _resamples, compare_reading, layer_intervals,
+from qkhooks.readings import (BOOTSTRAP, COSINE, PROBABILITY, _resamples, compare_reading, intervals, layer_intervals,
                               pair_pivots, trend_reading)
 
 LAYERS = list(range(12))
@@ -185,3 +185,14 @@ def test_the_anisotropy_reading_finds_a_cosine_clearly_above_the_baseline(true_b
     readings = [compare_reading(one, pair_pivots(_embeddings(rng, 30)), layers, "cos", "baseline", "images",
                                 limits=COSINE) for _ in range(30)]
     assert sum(r.verdict == "mixed" and "above baseline at L2 (" in r.text for r in readings) >= 20
+
+
+def test_an_infinite_bound_reads_inf_or_the_range_end_never_the_largest_float():
+    """Seven 0s and one 8: resamples drawing only 0s have no spread and a moved mean (t* = -inf), so the upper
+    critical value is infinite. The bound is +inf (no finite upper bound), not 1.8e308 printed as 309 digits (a
+    mutation run found it); with a declared range it is the range's end."""
+    x = np.array([0.0] * 7 + [8.0])[:, None]
+    (free,) = intervals(x)
+    assert free.high == np.inf and free.low < 1.0 and "to +inf" in free.text()
+    (bounded,) = intervals(x / 8, limits=PROBABILITY)
+    assert bounded.high == 1.0 and bounded.text().endswith("to +1.000")
