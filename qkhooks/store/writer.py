@@ -27,6 +27,7 @@ import errno
 import json
 import os
 import queue
+import resource
 import shutil
 import threading
 import uuid
@@ -40,7 +41,7 @@ import torch
 
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import DamagedRunError, clear_open_flags, open_reader, open_swmr_writer
+from qkhooks.store._hdf5 import DamagedRunError, clear_open_flags, damage, open_reader, open_swmr_writer
 from qkhooks.store.lock import RESERVE_BYTES, WriterLock, forget_in_forked_children, keep_out_of_forked_children
 
 __all__ = ["RunWriter", "COMPRESSIONS", "IDENTITY_ATTRS"]
@@ -103,8 +104,20 @@ def _numpy(item: tuple[Any, Any]) -> np.ndarray:
     return value.numpy() if isinstance(value, torch.Tensor) else value
 
 
-def _disk_full(exc: BaseException) -> bool:
-    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "errno = 28" in str(exc)
+def _out_of_room(exc: BaseException) -> str | None:
+    """Which limit a failed write met: ``"disk"`` (no space left) or ``"size"`` (the largest file this process or file
+    system may write: ``ulimit -f``, FAT32's 4 GiB); None for any other failure. HDF5's own errors carry the errno in
+    their text."""
+    for room, code in (("disk", errno.ENOSPC), ("size", errno.EFBIG)):
+        if (isinstance(exc, OSError) and exc.errno == code) or f"errno = {code}," in str(exc):
+            return room
+    return None
+
+
+_ROOM = {"disk": ("disk full", "free space"),
+         "size": ("file size limit reached", "raise the limit on file size (`ulimit -f`; where the file system has a "
+                  "largest file, such as FAT32's 4 GiB, write the run to another)")}
+"""What a write that ran out of room says, and its fix."""
 
 
 def _layout_words(compression: str, checksum: bool) -> str:
@@ -627,17 +640,26 @@ class RunWriter:
         if self._error is None:
             return
         self._reported = True
-        if _disk_full(self._error) and self.mode == "overwrite" and not self._in_place:
-            raise QKHooksError(f"disk full while writing the new run beside {self.path.name}, before its first "
-                               f"checkpoint: {self.path.name} keeps the old run, unchanged; free space and run the "
-                               "same command (with --overwrite) again") from self._error
-        if _disk_full(self._error) and not self.laid_out:  # no run file yet: nothing to resume
-            raise QKHooksError(f"disk full while laying out {self.path.name}: no image was committed and no run file "
-                               "was written; free space and run the same command again") from self._error
-        if _disk_full(self._error):
-            raise QKHooksError(f"disk full while writing {self.path.name}: {self.committed} images are committed and "
-                               "safe; free space and run the same command with --resume") from self._error
-        raise QKHooksError(f"writing {self.path} failed: {self._error}") from self._error
+        room = _out_of_room(self._error)
+        if room is None:
+            raise QKHooksError(f"writing {self.path} failed: {self._error}") from self._error
+        what, fix = _ROOM[room]
+        name = self.path.name
+        if self.mode == "overwrite" and not self._in_place:
+            raise QKHooksError(f"{what} while writing the new run beside {name}, before its first checkpoint: {name} "
+                               f"keeps the old run, unchanged; {fix} and run the same command (with --overwrite) "
+                               "again") from self._error
+        if not self.laid_out:  # no run file yet: nothing to resume
+            raise QKHooksError(f"{what} while laying out {name}: no image was committed and no run file was written; "
+                               f"{fix} and run the same command again") from self._error
+        problem = damage(self.path)  # HDF5 met the limit (not the check before it) and could not close the file whole
+        if problem is not None:
+            raise QKHooksError(f"{what} while writing {name}, and closing it left it {problem}: its {self.committed} "
+                               f"committed images are recoverable: {fix}, run `qkhooks repair {self.path} --out "
+                               "FIXED.h5` and resume that (the same command with --out FIXED.h5 --resume)"
+                               ) from self._error
+        raise QKHooksError(f"{what} while writing {name}: {self.committed} images are committed and safe; {fix} and "
+                           "run the same command with --resume") from self._error
 
     def _work(self) -> None:
         while True:
@@ -650,7 +672,7 @@ class RunWriter:
                         getattr(self, f"_do_{item[0]}")(*item[1:])
             except BaseException as exc:  # surfaced on the caller's next call
                 self._error = exc
-                if _disk_full(exc):
+                if _out_of_room(exc) == "disk":
                     self._writer_lock.free_reserve()  # room for the flush that closing the file needs
                 with self._lock:
                     self._handles.clear()
@@ -709,6 +731,12 @@ class RunWriter:
         free = shutil.disk_usage(self.path.parent).free  # a bare name's parent is "."
         if free < needed:
             raise OSError(errno.ENOSPC, f"{free} bytes free, the next batch needs {needed}")
+        # A write past the process's largest file (``ulimit -f``) fails with EFBIG inside HDF5, which then closes the
+        # file with an end of file it could not write: refused here, the file closes whole
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and self._file.id.get_filesize() + needed > limit:
+            raise OSError(errno.EFBIG, f"files may have at most {limit} bytes (ulimit -f), the next batch needs "
+                          f"{needed} past the file's {self._file.id.get_filesize()}")
 
     def _create_per_image(self, name: str, value: np.ndarray, n: int) -> h5py.Dataset:
         assert n == 0, "per-image arrays are created with the layout, before the first image"

@@ -1,0 +1,98 @@
+"""Round 23 (run-file safety, adversarial): a writer child process meeting the largest file it may write (``ulimit -f``,
+RLIMIT_FSIZE: writes fail with EFBIG, as past FAT32's 4 GiB) stops with the images it committed readable and resumable.
+
+Each child writes images whose values say their index, so every read is compared with what was written."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from qkhooks.store import open_run, repair
+from qkhooks.store.writer import RunWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+WIDTH = 16384  # 64 KiB a float32 image, one image a chunk
+
+
+def _values(lo: int, hi: int) -> np.ndarray:
+    return np.repeat(np.arange(lo, hi, dtype=np.float32)[:, None], WIDTH, 1)
+
+
+WRITER = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np
+    from qkhooks import QKHooksError
+    from qkhooks.store import writer
+
+    if sys.argv[2] == "unseen":  # the check before a batch sees no limit: HDF5 meets it (a file system's largest file)
+        class Unlimited:
+            RLIMIT_FSIZE, RLIM_INFINITY = resource.RLIMIT_FSIZE, resource.RLIM_INFINITY
+
+            @staticmethod
+            def getrlimit(what):
+                return resource.RLIM_INFINITY, resource.RLIM_INFINITY
+
+        writer.resource = Unlimited
+    w = writer.RunWriter(sys.argv[1], dtype="float32", chunk_images=1)
+    try:
+        for i in range(10 ** 6):
+            w.write_batch([f"i{i}"], {"v": np.full((1, %d), i, np.float32)})
+            w.flush()
+    except QKHooksError as exc:
+        print(exc)
+    w.close(complete=False)
+    """ % WIDTH
+)
+
+
+def _write_until_the_limit(tmp_path: Path, how: str) -> tuple[Path, str]:
+    out = tmp_path / "run.h5"
+    limit = 3 << 20
+
+    def limited() -> None:  # in the child: writes past `limit` bytes fail with EFBIG (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-c", WRITER, str(out), how], env=ENV, capture_output=True, text=True,
+                          timeout=120, preexec_fn=limited)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out, done.stdout.strip()
+
+
+def test_a_file_size_limit_stops_the_run_with_its_committed_images_readable_and_a_resume_finishes_it(tmp_path):
+    out, said = _write_until_the_limit(tmp_path, "seen")
+    assert said.startswith("file size limit reached while writing run.h5: "), said  # was: writing ... failed: [Errno 27]
+    n = int(said.split("run.h5: ")[1].split(" images")[0])
+    assert said == (f"file size limit reached while writing run.h5: {n} images are committed and safe; raise the limit "
+                    "on file size (`ulimit -f`; where the file system has a largest file, such as FAT32's 4 GiB, write "
+                    "the run to another) and run the same command with --resume") and 10 < n < 48
+    with open_run(out) as run:  # the file closed whole (before: its end of file lay past the limit, so it did not open)
+        assert run.n == n and run.ids == [f"i{i}" for i in range(n)] and not run.complete
+        np.testing.assert_array_equal(run.array("v")[:], _values(0, n))
+    with RunWriter(out, mode="resume", dtype="float32") as w:  # the limit raised
+        w.write_batch([f"i{n}", f"i{n + 1}"], {"v": _values(n, n + 2)})
+    with open_run(out) as run:
+        assert run.complete and run.ids == [f"i{i}" for i in range(n + 2)]
+        np.testing.assert_array_equal(run.array("v")[:], _values(0, n + 2))
+
+
+def test_a_file_size_limit_met_inside_hdf5_names_the_damage_and_repair_recovers_every_committed_image(tmp_path):
+    out, said = _write_until_the_limit(tmp_path, "unseen")
+    assert said.startswith("file size limit reached while writing run.h5, and closing it left it truncated at "), said
+    n = int(said.split("its ")[1].split(" committed")[0])
+    assert said.endswith(f"its {n} committed images are recoverable: raise the limit on file size (`ulimit -f`; where "
+                         "the file system has a largest file, such as FAT32's 4 GiB, write the run to another), run "
+                         f"`qkhooks repair {out} --out FIXED.h5` and resume that (the same command with --out FIXED.h5 "
+                         "--resume)") and n > 10
+    report = repair(out, tmp_path / "fixed.h5")
+    assert report.recovered == [f"i{i}" for i in range(n)]
+    with open_run(tmp_path / "fixed.h5") as run:
+        np.testing.assert_array_equal(run.array("v")[:], _values(0, n))
