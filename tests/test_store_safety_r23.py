@@ -96,3 +96,53 @@ def test_a_file_size_limit_met_inside_hdf5_names_the_damage_and_repair_recovers_
     assert report.recovered == [f"i{i}" for i in range(n)]
     with open_run(tmp_path / "fixed.h5") as run:
         np.testing.assert_array_equal(run.array("v")[:], _values(0, n))
+
+
+READER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from qkhooks import QKHooksError
+    from qkhooks.store import open_run
+
+    run = open_run(sys.argv[1])
+    print(run.file.swmr_mode, run.n, flush=True)
+    for line in sys.stdin:  # read everything again when told
+        try:
+            n = run.refresh()
+            v = run.array("v")[:]
+            print("read", n, run.ids == [f"i{i}" for i in range(n)], bool((v == np.arange(n)[:, None]).all()), flush=True)
+        except QKHooksError as exc:
+            print("error", exc, flush=True)
+    """
+)
+
+
+def test_a_reader_opening_a_new_run_the_moment_it_gets_its_name_follows_the_writer(tmp_path, monkeypatch):
+    """The name appears on a file already open for SWMR writing, so a reader opening it then reads it as SWMR and
+    follows every batch (before: it found the file closed, read it plainly, and the writer's reopening made every
+    later read "changed (a writer resumed or truncated it) since this reader opened it")."""
+    out = tmp_path / "run.h5"
+    replace, reader = os.replace, []
+
+    def replace_then_open_a_reader(src, dst):  # the reader opens between the rename and the writer's next step
+        replace(src, dst)
+        if Path(dst) == out and not reader:
+            reader.append(subprocess.Popen([sys.executable, "-c", READER, str(out)], env=ENV, text=True,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            reader.append(reader[0].stdout.readline().strip())
+
+    monkeypatch.setattr(os, "replace", replace_then_open_a_reader)
+    try:
+        with RunWriter(out, dtype="float32") as w:
+            for i in range(0, 6, 2):
+                w.write_batch([f"i{i}", f"i{i + 1}"], {"v": np.arange(i, i + 2, dtype=np.float32)[:, None] * [1, 1]})
+                w.flush()
+                reader[0].stdin.write("\n")
+                reader[0].stdin.flush()
+                assert reader[0].stdout.readline().strip() == f"read {i + 2} True True"
+        assert reader[1] == "True 0"  # opened as SWMR, nothing committed yet
+    finally:
+        if reader:
+            reader[0].stdin.close()
+            reader[0].wait(timeout=30)  # its reads of the file and the stdin it waits on end

@@ -4,7 +4,7 @@ The file is in SWMR mode from the moment it has its name, so it is consistent on
 dies, and other processes can watch it grow:
 
 1. **Layout.** A new run is laid out in ``RUN.h5.creating`` (attributes, statics, and at the first batch every
-   per-image array), then renamed to ``RUN.h5`` and reopened in SWMR mode; from then on objects are only
+   per-image array), then reopened in SWMR mode and renamed to ``RUN.h5``; from then on objects are only
    written, grown and flushed. A resume checks the file (identity, then that every per-image array is there with
    its committed rows) and reopens it in SWMR mode.
    An ``--overwrite`` keeps the old run whole until the new one can replace it: the new run is written (SWMR)
@@ -276,11 +276,12 @@ class RunWriter:
                 self._file = self._keep_from_children(open_swmr_writer(self._creating, CHUNK_CACHE_BYTES))
             return
         fmt.checkpoint_path(self.path).unlink(missing_ok=True)  # a stale checkpoint is not ours (gone first)
+        if reopen:  # in SWMR mode before it has the run's name: a reader opening it then reads it as SWMR, following
+            # the writer (a file found closed is read plainly, and the writer's reopening changed it under the reader)
+            self._file = self._keep_from_children(open_swmr_writer(self._creating, CHUNK_CACHE_BYTES))
         os.replace(self._creating, self.path)
         self._writer_lock.hold_run()  # the new file under the run's name is this writer's (hard links: lock.py)
         self._published = self._in_place = True
-        if reopen:
-            self._file = self._keep_from_children(open_swmr_writer(self.path, CHUNK_CACHE_BYTES))
 
     def _replace_old(self) -> None:
         """An overwrite's new run takes the old run's place: the file first, then its checkpoint. A kill between the
