@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from qkhooks.errors import QKHooksError
 from qkhooks.store import open_run, repair
 from qkhooks.store.writer import RunWriter
 
@@ -146,3 +149,38 @@ def test_a_reader_opening_a_new_run_the_moment_it_gets_its_name_follows_the_writ
         if reader:
             reader[0].stdin.close()
             reader[0].wait(timeout=30)  # its reads of the file and the stdin it waits on end
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A small tmpfs with a finished run on it, then remounted read-only (root only, as test_store_safety's small_disk)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("this machine does not let the test mount a tmpfs")
+    try:
+        with RunWriter(mnt / "run.h5", dtype="float32") as w:
+            w.write_batch(["i0", "i1"], {"v": _values(0, 2)})
+            w.write_checkpoint({"count": {"n": np.array([2])}})
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_run_on_a_read_only_file_system_reads_and_a_resume_says_to_copy_it(read_only_disk):
+    run_file = read_only_disk / "run.h5"
+    with open_run(run_file) as run:
+        assert run.ids == ["i0", "i1"] and run.complete
+        np.testing.assert_array_equal(run.array("v")[:], _values(0, 2))
+    with pytest.raises(QKHooksError) as refused:
+        RunWriter(run_file, mode="resume", dtype="float32")
+    assert str(refused.value) == (f"cannot resume {run_file}: its file system is read-only (reading it works). Copy it "
+                                  "with run.h5.reducers to a writable folder and resume the copy.")
+    with pytest.raises(QKHooksError) as refused:
+        RunWriter(read_only_disk / "new.h5", dtype="float32")
+    assert str(refused.value) == (f"cannot write {read_only_disk / 'new.h5'}: its file system is read-only; choose a "
+                                  "writable location.")
+    assert sorted(p.name for p in read_only_disk.iterdir()) == ["run.h5", "run.h5.reducers"]

@@ -215,7 +215,11 @@ class RunWriter:
         if not parent.is_dir():
             raise QKHooksError(f"cannot write {self.path}: the folder {parent} does not exist; create it first.")
         if not os.access(parent, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
-            raise QKHooksError(f"cannot write {self.path}: permission denied; choose a writable location.")
+            why = ("its file system is read-only" if os.statvfs(parent).f_flag & os.ST_RDONLY else "permission denied")
+            if self.mode == "resume":  # the run itself is fine and readable: it is continued elsewhere
+                raise QKHooksError(f"cannot resume {self.path}: {why} (reading it works). Copy it with "
+                                   f"{fmt.checkpoint_path(self.path).name} to a writable folder and resume the copy.")
+            raise QKHooksError(f"cannot write {self.path}: {why}; choose a writable location.")
 
     def _check_path(self, mode: str) -> None:
         if mode == "create" and self.path.exists():
