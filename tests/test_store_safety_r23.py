@@ -184,3 +184,38 @@ def test_a_run_on_a_read_only_file_system_reads_and_a_resume_says_to_copy_it(rea
     assert str(refused.value) == (f"cannot write {read_only_disk / 'new.h5'}: its file system is read-only; choose a "
                                   "writable location.")
     assert sorted(p.name for p in read_only_disk.iterdir()) == ["run.h5", "run.h5.reducers"]
+
+
+def test_an_exceeded_disk_quota_met_inside_hdf5_says_so_keeps_the_committed_images_and_resumes(tmp_path, monkeypatch):
+    """A quota is invisible to the free-space check: HDF5 meets it (its error carries errno 122, EDQUOT). The writer
+    gives back the lock file's reserve as for a full disk and says what ran out (before: 'writing ... failed')."""
+    from qkhooks.store import writer
+
+    out = tmp_path / "run.h5"
+    append = writer._PerImage.append
+
+    def over_quota_from_image_4(self, n, value):
+        if n >= 4:
+            raise RuntimeError("Can't write data (file write failed: time = ..., errno = 122, error message = 'Disk "
+                               "quota exceeded')")
+        append(self, n, value)
+
+    monkeypatch.setattr(writer._PerImage, "append", over_quota_from_image_4)
+    w = RunWriter(out, dtype="float32")
+    with pytest.raises(QKHooksError) as stopped:
+        for i in range(0, 8, 2):
+            w.write_batch([f"i{i}", f"i{i + 1}"], {"v": _values(i, i + 2)})
+            w.flush()
+    assert str(stopped.value) == ("disk quota exceeded while writing run.h5: 4 images are committed and safe; free space "
+                                  "within your quota (or have it raised) and run the same command with --resume")
+    assert os.path.getsize(w._writer_lock.path) < 4096  # the reserve given back for the last flush and close
+    w.close(complete=False)
+    monkeypatch.setattr(writer._PerImage, "append", append)
+    with open_run(out) as run:
+        assert run.ids == ["i0", "i1", "i2", "i3"] and not run.complete
+        np.testing.assert_array_equal(run.array("v")[:], _values(0, 4))
+    with RunWriter(out, mode="resume", dtype="float32") as w:
+        w.write_batch(["i4", "i5"], {"v": _values(4, 6)})
+    with open_run(out) as run:
+        assert run.complete and run.ids == [f"i{i}" for i in range(6)]
+        np.testing.assert_array_equal(run.array("v")[:], _values(0, 6))

@@ -105,16 +105,17 @@ def _numpy(item: tuple[Any, Any]) -> np.ndarray:
 
 
 def _out_of_room(exc: BaseException) -> str | None:
-    """Which limit a failed write met: ``"disk"`` (no space left) or ``"size"`` (the largest file this process or file
-    system may write: ``ulimit -f``, FAT32's 4 GiB); None for any other failure. HDF5's own errors carry the errno in
-    their text."""
-    for room, code in (("disk", errno.ENOSPC), ("size", errno.EFBIG)):
+    """Which limit a failed write met: ``"disk"`` (no space left), ``"quota"`` (the user's disk quota, which the
+    free-space check cannot see) or ``"size"`` (the largest file this process or file system may write: ``ulimit -f``,
+    FAT32's 4 GiB); None for any other failure. HDF5's own errors carry the errno in their text."""
+    for room, code in (("disk", errno.ENOSPC), ("quota", errno.EDQUOT), ("size", errno.EFBIG)):
         if (isinstance(exc, OSError) and exc.errno == code) or f"errno = {code}," in str(exc):
             return room
     return None
 
 
 _ROOM = {"disk": ("disk full", "free space"),
+         "quota": ("disk quota exceeded", "free space within your quota (or have it raised)"),
          "size": ("file size limit reached", "raise the limit on file size (`ulimit -f`; where the file system has a "
                   "largest file, such as FAT32's 4 GiB, write the run to another)")}
 """What a write that ran out of room says, and its fix."""
@@ -677,7 +678,7 @@ class RunWriter:
                         getattr(self, f"_do_{item[0]}")(*item[1:])
             except BaseException as exc:  # surfaced on the caller's next call
                 self._error = exc
-                if _out_of_room(exc) == "disk":
+                if _out_of_room(exc) in ("disk", "quota"):  # the lock file's reserve counts against both
                     self._writer_lock.free_reserve()  # room for the flush that closing the file needs
                 with self._lock:
                     self._handles.clear()
