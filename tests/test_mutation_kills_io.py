@@ -718,12 +718,14 @@ def test_the_writer_refuses_a_late_array_and_a_truncation_past_committed_with_th
 def test_a_full_disk_is_told_by_errno_or_by_hdf5s_message():
     import errno
 
-    from qkhooks.store.writer import _disk_full
+    from qkhooks.store.writer import _out_of_room
 
-    assert _disk_full(OSError(errno.ENOSPC, "No space left on device"))
-    assert _disk_full(RuntimeError("Can't write data (file write failed: ..., errno = 28, error message = 'No space')"))
-    assert not _disk_full(OSError(errno.EACCES, "Permission denied"))
-    assert not _disk_full(RuntimeError("errno = 2"))
+    assert _out_of_room(OSError(errno.ENOSPC, "No space left on device")) == "disk"
+    assert _out_of_room(RuntimeError("Can't write data (file write failed: ..., errno = 28, error message = 'No space')")) == "disk"
+    assert _out_of_room(RuntimeError("Can't write (file write failed: ..., errno = 27, error message = 'File too large')")) == "size"
+    assert _out_of_room(OSError(errno.EACCES, "Permission denied")) is None
+    assert _out_of_room(RuntimeError("errno = 2")) is None
+    assert _out_of_room(RuntimeError("errno = 280, error message = ...")) is None
 
 
 def _photo_folder(root: Path, n: int) -> Path:

@@ -4,7 +4,7 @@ The file is in SWMR mode from the moment it has its name, so it is consistent on
 dies, and other processes can watch it grow:
 
 1. **Layout.** A new run is laid out in ``RUN.h5.creating`` (attributes, statics, and at the first batch every
-   per-image array), then renamed to ``RUN.h5`` and reopened in SWMR mode; from then on objects are only
+   per-image array), then reopened in SWMR mode and renamed to ``RUN.h5``; from then on objects are only
    written, grown and flushed. A resume checks the file (identity, then that every per-image array is there with
    its committed rows) and reopens it in SWMR mode.
    An ``--overwrite`` keeps the old run whole until the new one can replace it: the new run is written (SWMR)
@@ -27,6 +27,7 @@ import errno
 import json
 import os
 import queue
+import resource
 import shutil
 import threading
 import uuid
@@ -40,7 +41,7 @@ import torch
 
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import DamagedRunError, clear_open_flags, open_reader, open_swmr_writer
+from qkhooks.store._hdf5 import DamagedRunError, clear_open_flags, damage, open_reader, open_swmr_writer
 from qkhooks.store.lock import RESERVE_BYTES, WriterLock, forget_in_forked_children, keep_out_of_forked_children
 
 __all__ = ["RunWriter", "COMPRESSIONS", "IDENTITY_ATTRS"]
@@ -103,8 +104,21 @@ def _numpy(item: tuple[Any, Any]) -> np.ndarray:
     return value.numpy() if isinstance(value, torch.Tensor) else value
 
 
-def _disk_full(exc: BaseException) -> bool:
-    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "errno = 28" in str(exc)
+def _out_of_room(exc: BaseException) -> str | None:
+    """Which limit a failed write met: ``"disk"`` (no space left), ``"quota"`` (the user's disk quota, which the
+    free-space check cannot see) or ``"size"`` (the largest file this process or file system may write: ``ulimit -f``,
+    FAT32's 4 GiB); None for any other failure. HDF5's own errors carry the errno in their text."""
+    for room, code in (("disk", errno.ENOSPC), ("quota", errno.EDQUOT), ("size", errno.EFBIG)):
+        if (isinstance(exc, OSError) and exc.errno == code) or f"errno = {code}," in str(exc):
+            return room
+    return None
+
+
+_ROOM = {"disk": ("disk full", "free space"),
+         "quota": ("disk quota exceeded", "free space within your quota (or have it raised)"),
+         "size": ("file size limit reached", "raise the limit on file size (`ulimit -f`; where the file system has a "
+                  "largest file, such as FAT32's 4 GiB, write the run to another)")}
+"""What a write that ran out of room says, and its fix."""
 
 
 def _layout_words(compression: str, checksum: bool) -> str:
@@ -202,7 +216,11 @@ class RunWriter:
         if not parent.is_dir():
             raise QKHooksError(f"cannot write {self.path}: the folder {parent} does not exist; create it first.")
         if not os.access(parent, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
-            raise QKHooksError(f"cannot write {self.path}: permission denied; choose a writable location.")
+            why = ("its file system is read-only" if os.statvfs(parent).f_flag & os.ST_RDONLY else "permission denied")
+            if self.mode == "resume":  # the run itself is fine and readable: it is continued elsewhere
+                raise QKHooksError(f"cannot resume {self.path}: {why} (reading it works). Copy it with "
+                                   f"{fmt.checkpoint_path(self.path).name} to a writable folder and resume the copy.")
+            raise QKHooksError(f"cannot write {self.path}: {why}; choose a writable location.")
 
     def _check_path(self, mode: str) -> None:
         if mode == "create" and self.path.exists():
@@ -263,11 +281,12 @@ class RunWriter:
                 self._file = self._keep_from_children(open_swmr_writer(self._creating, CHUNK_CACHE_BYTES))
             return
         fmt.checkpoint_path(self.path).unlink(missing_ok=True)  # a stale checkpoint is not ours (gone first)
+        if reopen:  # in SWMR mode before it has the run's name: a reader opening it then reads it as SWMR, following
+            # the writer (a file found closed is read plainly, and the writer's reopening changed it under the reader)
+            self._file = self._keep_from_children(open_swmr_writer(self._creating, CHUNK_CACHE_BYTES))
         os.replace(self._creating, self.path)
         self._writer_lock.hold_run()  # the new file under the run's name is this writer's (hard links: lock.py)
         self._published = self._in_place = True
-        if reopen:
-            self._file = self._keep_from_children(open_swmr_writer(self.path, CHUNK_CACHE_BYTES))
 
     def _replace_old(self) -> None:
         """An overwrite's new run takes the old run's place: the file first, then its checkpoint. A kill between the
@@ -627,17 +646,26 @@ class RunWriter:
         if self._error is None:
             return
         self._reported = True
-        if _disk_full(self._error) and self.mode == "overwrite" and not self._in_place:
-            raise QKHooksError(f"disk full while writing the new run beside {self.path.name}, before its first "
-                               f"checkpoint: {self.path.name} keeps the old run, unchanged; free space and run the "
-                               "same command (with --overwrite) again") from self._error
-        if _disk_full(self._error) and not self.laid_out:  # no run file yet: nothing to resume
-            raise QKHooksError(f"disk full while laying out {self.path.name}: no image was committed and no run file "
-                               "was written; free space and run the same command again") from self._error
-        if _disk_full(self._error):
-            raise QKHooksError(f"disk full while writing {self.path.name}: {self.committed} images are committed and "
-                               "safe; free space and run the same command with --resume") from self._error
-        raise QKHooksError(f"writing {self.path} failed: {self._error}") from self._error
+        room = _out_of_room(self._error)
+        if room is None:
+            raise QKHooksError(f"writing {self.path} failed: {self._error}") from self._error
+        what, fix = _ROOM[room]
+        name = self.path.name
+        if self.mode == "overwrite" and not self._in_place:
+            raise QKHooksError(f"{what} while writing the new run beside {name}, before its first checkpoint: {name} "
+                               f"keeps the old run, unchanged; {fix} and run the same command (with --overwrite) "
+                               "again") from self._error
+        if not self.laid_out:  # no run file yet: nothing to resume
+            raise QKHooksError(f"{what} while laying out {name}: no image was committed and no run file was written; "
+                               f"{fix} and run the same command again") from self._error
+        problem = damage(self.path)  # HDF5 met the limit (not the check before it) and could not close the file whole
+        if problem is not None:
+            raise QKHooksError(f"{what} while writing {name}, and closing it left it {problem}: its {self.committed} "
+                               f"committed images are recoverable: {fix}, run `qkhooks repair {self.path} --out "
+                               "FIXED.h5` and resume that (the same command with --out FIXED.h5 --resume)"
+                               ) from self._error
+        raise QKHooksError(f"{what} while writing {name}: {self.committed} images are committed and safe; {fix} and "
+                           "run the same command with --resume") from self._error
 
     def _work(self) -> None:
         while True:
@@ -650,7 +678,7 @@ class RunWriter:
                         getattr(self, f"_do_{item[0]}")(*item[1:])
             except BaseException as exc:  # surfaced on the caller's next call
                 self._error = exc
-                if _disk_full(exc):
+                if _out_of_room(exc) in ("disk", "quota"):  # the lock file's reserve counts against both
                     self._writer_lock.free_reserve()  # room for the flush that closing the file needs
                 with self._lock:
                     self._handles.clear()
@@ -709,6 +737,12 @@ class RunWriter:
         free = shutil.disk_usage(self.path.parent).free  # a bare name's parent is "."
         if free < needed:
             raise OSError(errno.ENOSPC, f"{free} bytes free, the next batch needs {needed}")
+        # A write past the process's largest file (``ulimit -f``) fails with EFBIG inside HDF5, which then closes the
+        # file with an end of file it could not write: refused here, the file closes whole
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and self._file.id.get_filesize() + needed > limit:
+            raise OSError(errno.EFBIG, f"files may have at most {limit} bytes (ulimit -f), the next batch needs "
+                          f"{needed} past the file's {self._file.id.get_filesize()}")
 
     def _create_per_image(self, name: str, value: np.ndarray, n: int) -> h5py.Dataset:
         assert n == 0, "per-image arrays are created with the layout, before the first image"
