@@ -83,16 +83,18 @@ def test_each_layer_reads_the_grid_of_the_call_on_a_non_square_input(name: str):
     seen: dict[int, tuple[int, int]] = {}
     handles = []
     image = torch.randn(2, 3, h, w)
-    try:
-        with qkhooks.record(model, modes=2, attention=None) as run:
-            for site in sites:  # put on inside: record() refuses hooks already on a q/k layer (EfficientFormer-v2's q)
-                module, read = reference(model, site)
-                handles.append(module.register_forward_hook(
-                    lambda m, a, o, layer=site.layer, read=read: seen.setdefault(layer, read(m, a, o)) and None))
-            model(image) if name != "DetrModel" else model(pixel_values=image)
+    forward = (lambda: model(image)) if name != "DetrModel" else (lambda: model(pixel_values=image))
+    try:  # the model's own grids, read in a forward of their own (record() refuses others' hooks on q/k layers)
+        for site in sites:
+            module, read = reference(model, site)
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, layer=site.layer, read=read: seen.setdefault(layer, read(m, a, o)) and None))
+        forward()
     finally:
         for handle in handles:
             handle.remove()
+    with qkhooks.record(model, modes=2, attention=None) as run:
+        forward()
     checked = 0
     for site in sites:
         want = seen[site.layer]
