@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
+from qkhooks.errors import QKHooksError
 from qkhooks.store import RunWriter
 from qkhooks.store import format as fmt
 
@@ -99,3 +100,33 @@ def test_run_file_bytes_do_not_depend_on_the_batches_count_path(tmp_path: Path, 
                 w.write_batch([f"{i}-{j}" for j in range(4)], arrays)
         digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+def test_statics_written_before_the_layout_land_in_their_groups(tmp_path: Path) -> None:
+    """The layout's groups are kept between statics; a static that replaces a group (and so the group's handle)
+    leaves no stale handle behind: a later static under that name is refused as before, never written into the
+    deleted group where no reader finds it."""
+    path = tmp_path / "run.h5"
+    w = RunWriter(path, attrs={"model": "m", "config": "{}"})
+    w.write_static("spectrum/L0/S", np.arange(3.0))
+    w.write_static("spectrum/L0/cos", np.arange(2.0))
+    w.write_static("spectrum/L1/S", np.arange(4.0))
+    w.write_static("g/x", np.float64(1.0))
+    w.write_static("g", np.arange(5))  # a dataset in the place of the group g
+    w.write_static("g/y", np.float64(2.0))  # g is a dataset now: no group to put y in
+    with pytest.raises(QKHooksError, match="writing .* failed"):
+        w.flush()
+    w.close(complete=False)
+    assert not path.exists()  # a run that failed before its first image leaves no file
+    path = tmp_path / "run2.h5"
+    with RunWriter(path, attrs={"model": "m", "config": "{}"}) as w:
+        w.write_static("spectrum/L0/S", np.arange(3.0))
+        w.write_static("spectrum/L0/cos", np.arange(2.0))
+        w.write_static("spectrum/L1/S", np.arange(4.0))
+        w.write_static("g/x", np.float64(1.0))
+        w.write_static("g", np.arange(5))
+        w.write_batch(["a"], {"labels": np.zeros(1, np.int64)})
+    with h5py.File(path, "r") as f:
+        assert f["spectrum/L0/S"][()].tolist() == [0.0, 1.0, 2.0] and f["spectrum/L0/cos"][()].tolist() == [0.0, 1.0]
+        assert f["spectrum/L1/S"][()].tolist() == [0.0, 1.0, 2.0, 3.0]
+        assert f["g"][()].tolist() == [0, 1, 2, 3, 4] and isinstance(f["g"], h5py.Dataset)

@@ -177,6 +177,7 @@ class RunWriter:
         self.run_id: str | None = None
         self._layout_names: set[str] | None = None  # per-image array names, fixed by the first batch
         self._created: list[str] = []  # the per-image arrays this writer made (a new run's layout), by schema name
+        self._groups: dict[str, h5py.Group] = {}  # the layout's groups by name (_layout_group), until _publish
         try:
             self._check_path(mode)
             if mode == "resume":
@@ -254,6 +255,7 @@ class RunWriter:
         """Give the laid-out file its name; reopen it in SWMR mode for the batches. An overwrite keeps the
         ``.creating`` name (and the old run) until :meth:`_replace_old`."""
         names = sorted(self._created)  # every per-image array of a new run is made here (walking the file: ~20 ms)
+        self._groups.clear()  # handles of the file closed below
         # Written last, so the metadata laid out first (root, ids) stays where it was before these two existed
         self._file["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps(names)
         self._file.attrs[fmt.IDENTITY] = self._identity
@@ -745,6 +747,14 @@ class RunWriter:
         self._created.append(ds.name[1:])  # the schema name fmt.per_image_datasets gives it (no leading "/")
         return ds
 
+    def _layout_group(self, name: str) -> h5py.Group:
+        """A group of the file being laid out, made on first use and kept: a run's ~70 statics go to a few groups,
+        and h5py's ``require_group`` costs ~0.07-0.16 ms a call (benchmarks/ANALYSIS.md, round 23)."""
+        group = self._groups.get(name)
+        if group is None:
+            group = self._groups[name] = self._file.require_group(name)
+        return group
+
     def _layout_is_fixed(self, what: str) -> QKHooksError:
         return QKHooksError(f"cannot add {what} to {self.path}: its layout is fixed by its first batch (a run file "
                             "never leaves SWMR mode); write statics before the first batch.")
@@ -759,7 +769,7 @@ class RunWriter:
             elif self.laid_out:
                 raise self._layout_is_fixed(f"the attribute {name}")
             else:
-                self._file.require_group(group_name).attrs[key] = value
+                self._layout_group(group_name).attrs[key] = value
         else:
             value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
             ds = self._file.get(name)
@@ -770,7 +780,8 @@ class RunWriter:
             else:
                 if ds is not None:
                     del self._file[name]
-                self._file.require_group(group_name).create_dataset(key, data=value)
+                    self._groups.clear()  # it may have been a group, or held one
+                self._layout_group(group_name).create_dataset(key, data=value)
         if self.laid_out:  # a laid-out file's statics are on disk now; a new run's go with the layout (_publish)
             self._file.flush()
 
