@@ -184,12 +184,18 @@ def test_the_writer_writes_data_then_flushes_then_commits_for_every_batch(tmp_pa
         events.append(("commit", n))
         set_committed(f, n)
 
+    def spy_count(self, n):  # the count as a batch sets it (fmt.CommittedCount, round 23)
+        events.append(("commit", n))
+        count(self, n)
+
     def spy_flush(self):
         events.append(("flush",))
         flush(self)
 
+    count = fmt.CommittedCount.set
     monkeypatch.setattr(writer_module._PerImage, "append", spy_append)
     monkeypatch.setattr(fmt, "set_committed", spy_commit)
+    monkeypatch.setattr(fmt.CommittedCount, "set", spy_count)
     monkeypatch.setattr(h5py.File, "flush", spy_flush)
     out = tmp_path / "run.h5"
     record_dataset(tiny_vit(), "samples", out, modes=4, layers="0,1", attention="rows", limit=7, batch_size=2,

@@ -240,7 +240,13 @@ class TopKModes(Reducer):
         k = self.k
         both_score = torch.cat([state["score"], score], dim=-1)
         both_index = torch.cat([state["index"], index], dim=-1)
-        pos = _rank(both_score, both_index, k)  # (L, H, K, 2, k): a state slot (< k) or batch image k + i
+        if index.numel() and int(state["index"].max()) < int(index.min()):
+            # The state is ranked (index ascending among equal scores) and the batch's images follow it in index
+            # order, so the entries' positions already are their index order: one stable sort by score gives the
+            # total order of _rank (a merged or restored state holding later images takes _rank's two sorts).
+            pos = torch.argsort(both_score, dim=-1, descending=True, stable=True)[..., :k]
+        else:
+            pos = _rank(both_score, both_index, k)  # (L, H, K, 2, k): a state slot (< k) or batch image k + i
         merged = {"score": both_score.gather(-1, pos), "index": both_index.gather(-1, pos)}
         enters = pos >= k
         where = enters.nonzero()  # (E, 5): layer, head, mode, sign, slot, in layer order

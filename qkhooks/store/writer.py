@@ -75,6 +75,7 @@ FREE_MARGIN_BYTES = 1 << 20
 """Free disk space a batch must leave (beyond its own bytes) before the writer starts writing it."""
 
 _STOP = object()
+_COMMITTED = "/images/ids committed"  # RunWriter._handles' key of the run's fmt.CommittedCount (no dataset's name)
 
 
 def _to_host(value: Any, dtype: torch.dtype | None = None) -> Any:
@@ -189,6 +190,8 @@ class RunWriter:
         self.was_complete = False  # a resumed file's flag as found (a refused resume puts it back)
         self.run_id: str | None = None
         self._layout_names: set[str] | None = None  # per-image array names, fixed by the first batch
+        self._created: list[str] = []  # the per-image arrays this writer made (a new run's layout), by schema name
+        self._groups: dict[str, h5py.Group] = {}  # the layout's groups by name (_layout_group), until _publish
         try:
             self._check_path(mode)
             if mode == "resume":
@@ -269,7 +272,8 @@ class RunWriter:
     def _publish(self, reopen: bool = True) -> None:
         """Give the laid-out file its name; reopen it in SWMR mode for the batches. An overwrite keeps the
         ``.creating`` name (and the old run) until :meth:`_replace_old`."""
-        names = sorted(fmt.per_image_datasets(self._file))
+        names = sorted(self._created)  # every per-image array of a new run is made here (walking the file: ~20 ms)
+        self._groups.clear()  # handles of the file closed below
         # Written last, so the metadata laid out first (root, ids) stays where it was before these two existed
         self._file["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps(names)
         self._file.attrs[fmt.IDENTITY] = self._identity
@@ -715,10 +719,11 @@ class RunWriter:
         ids_ds = self._handles.get(fmt.IDS)
         if ids_ds is None:
             ids_ds = self._handles[fmt.IDS] = f[fmt.IDS]
+            self._handles[_COMMITTED] = fmt.CommittedCount(f)
         ids_ds.resize(n + b, axis=0)
         ids_ds[n:n + b] = ids
         f.flush()  # the images reach the disk before the count that commits them
-        fmt.set_committed(f, n + b)  # on disk with the next batch's flush (or flush()/close()): one flush a batch
+        self._handles[_COMMITTED].set(n + b)  # on disk with the next batch's flush (or flush()/close()): one a batch
         self.committed = n + b
 
     def _check_space(self, values: Mapping[str, np.ndarray], n: int) -> None:
@@ -773,7 +778,16 @@ class RunWriter:
             chunks=(chunk,) + value.shape[1:], compression=self.compression, fletcher32=self.checksum,
         )
         ds.attrs["per_image"] = True
+        self._created.append(ds.name[1:])  # the schema name fmt.per_image_datasets gives it (no leading "/")
         return ds
+
+    def _layout_group(self, name: str) -> h5py.Group:
+        """A group of the file being laid out, made on first use and kept: a run's ~70 statics go to a few groups,
+        and h5py's ``require_group`` costs ~0.07-0.16 ms a call (benchmarks/ANALYSIS.md, round 23)."""
+        group = self._groups.get(name)
+        if group is None:
+            group = self._groups[name] = self._file.require_group(name)
+        return group
 
     def _layout_is_fixed(self, what: str) -> QKHooksError:
         return QKHooksError(f"cannot add {what} to {self.path}: its layout is fixed by its first batch (a run file "
@@ -789,7 +803,7 @@ class RunWriter:
             elif self.laid_out:
                 raise self._layout_is_fixed(f"the attribute {name}")
             else:
-                self._file.require_group(group_name).attrs[key] = value
+                self._layout_group(group_name).attrs[key] = value
         else:
             value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
             ds = self._file.get(name)
@@ -800,7 +814,8 @@ class RunWriter:
             else:
                 if ds is not None:
                     del self._file[name]
-                self._file.require_group(group_name).create_dataset(key, data=value)
+                    self._groups.clear()  # it may have been a group, or held one
+                self._layout_group(group_name).create_dataset(key, data=value)
         if self.laid_out:  # a laid-out file's statics are on disk now; a new run's go with the layout (_publish)
             self._file.flush()
 
