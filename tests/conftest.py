@@ -258,3 +258,15 @@ class KeyLog:
 
     def __getattr__(self, name):
         return getattr(self.dataset, name)
+
+
+def mount_small_tmpfs(path) -> None:
+    """Mount an 8 MiB tmpfs at ``path`` (made here) for the full-disk and read-only tests, or skip: it needs root and
+    a machine that lets a test mount (CI runs as root). Unmount with ``umount -l``."""
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)]).returncode:
+        pytest.skip("this machine does not let the test mount a tmpfs")

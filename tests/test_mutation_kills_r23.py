@@ -25,16 +25,9 @@ from test_hooks_r22 import Quantised, _accelerate, steer_input, steer_output
 from test_store_r19 import IDS, clock  # noqa: F401 (clock: a fixture)
 from test_weights_check_r22 import DK, H, _vit
 from test_zoo import perturb
-from test_ux_r22 import tiny_vit
+from test_ux_r22 import run_path, tiny_vit  # noqa: F401 (run_path: a fixture, a 3-image run of a 2-block ViT)
 
 
-@pytest.fixture(scope="module")
-def run_path(tmp_path_factory) -> Path:
-    """A 3-image run of a 2-block ViT with its reducers' checkpoint."""
-    out = tmp_path_factory.mktemp("kills_r23") / "run.h5"
-    record_dataset(tiny_vit(), "samples", out, modes=4, layers="0,1", limit=3, batch_size=3, progress=False,
-                   dtype="float32")
-    return out
 
 
 # ------------------------------------------------------------------------------------ models/unsupported.py

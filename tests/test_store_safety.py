@@ -24,6 +24,7 @@ from qkhooks import QKHooksError
 from qkhooks.store import RunWriter, open_run, repair
 from qkhooks.store import format as fmt
 from qkhooks.stream import record_dataset
+from conftest import mount_small_tmpfs
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -267,12 +268,8 @@ def test_sigkill_at_many_random_moments_then_resume_equals_an_uninterrupted_run(
 # ------------------------------------------------------------------------------------------ full disk
 @pytest.fixture
 def small_disk(tmp_path):
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
     mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("this machine does not let the test mount a tmpfs")
+    mount_small_tmpfs(mnt)
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)])
 

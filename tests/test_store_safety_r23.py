@@ -19,6 +19,7 @@ import pytest
 from qkhooks.errors import QKHooksError
 from qkhooks.store import open_run, repair
 from qkhooks.store.writer import RunWriter
+from conftest import mount_small_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -154,12 +155,8 @@ def test_a_reader_opening_a_new_run_the_moment_it_gets_its_name_follows_the_writ
 @pytest.fixture
 def read_only_disk(tmp_path):
     """A small tmpfs with a finished run on it, then remounted read-only (root only, as test_store_safety's small_disk)."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("this machine does not let the test mount a tmpfs")
+    mount_small_tmpfs(mnt)
     try:
         with RunWriter(mnt / "run.h5", dtype="float32") as w:
             w.write_batch(["i0", "i1"], {"v": _values(0, 2)})
