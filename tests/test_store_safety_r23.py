@@ -17,6 +17,7 @@ import pytest
 
 from qkhooks.errors import QKHooksError
 from qkhooks.store import open_run, repair
+from qkhooks.store.lock import RESERVE_BYTES
 from qkhooks.store.writer import RunWriter
 from conftest import mount_small_tmpfs
 
@@ -215,3 +216,19 @@ def test_an_exceeded_disk_quota_met_inside_hdf5_says_so_keeps_the_committed_imag
     with open_run(out) as run:
         assert run.complete and run.ids == [f"i{i}" for i in range(6)]
         np.testing.assert_array_equal(run.array("v")[:], _values(0, 6))
+
+
+def test_a_file_size_limit_below_the_lock_files_reserve_names_the_limit_not_free_space(tmp_path):
+    """The lock file reserves RESERVE_BYTES before anything is written; under a smaller `ulimit -f` that reservation
+    fails with EFBIG, which said "free space first" (no disk was full). Nothing is left behind."""
+    out = tmp_path / "run.h5"
+    code = ("import sys\nfrom qkhooks import QKHooksError\nfrom qkhooks.store import writer\n"
+            "try:\n    writer.RunWriter(sys.argv[1], dtype='float32')\nexcept QKHooksError as exc:\n    print(exc)\n")
+    limit = 64 << 10
+    assert RESERVE_BYTES > limit
+    done = subprocess.run([sys.executable, "-c", code, str(out)], env=ENV, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = done.stdout.strip()
+    assert said.startswith(f"cannot start writing {out}: ") and "ulimit -f" in said and "free space" not in said, said
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -178,8 +178,10 @@ class WriterLock:
                 os.posix_fallocate(fd, self._note_size, reserve)
             except OSError as exc:
                 self.release()
+                fix = {errno.EFBIG: "the process may write no file that large (ulimit -f): raise the limit first",
+                       errno.EDQUOT: "the disk quota is used up: free space within it first"}.get(exc.errno, "free space first")
                 raise QKHooksError(f"cannot start writing {self.run}: {exc.strerror} (no room for even "
-                                   f"{reserve >> 20} MiB); free space first.") from None
+                                   f"{reserve >> 20} MiB); {fix}.") from None
 
     def hold_run(self) -> None:
         """Lock the file now at the run's name (if any) itself, giving up the one locked before: refused while another
