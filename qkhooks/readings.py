@@ -234,9 +234,10 @@ def _bounds(pivots: Pivots, level: float, simultaneous: bool, limits: Limits | t
         alpha = (1 - level) / 2
         c_high = np.quantile(hi, 1 - alpha, axis=0, method="higher")
         c_low = np.quantile(lo, alpha, axis=0, method="lower")
-        with np.errstate(invalid="ignore"):  # inf · 0: an infinite critical value where se = 0
-            low[tested] = np.nan_to_num(mean[tested] - c_high * se[tested], nan=-np.inf, posinf=np.inf, neginf=-np.inf)
-            high[tested] = np.nan_to_num(mean[tested] - c_low * se[tested], nan=np.inf, posinf=np.inf, neginf=-np.inf)
+        with np.errstate(invalid="ignore"):  # inf · 0 (an infinite critical value where se = 0) is NaN: no bound
+            low[tested], high[tested] = (np.where(np.isnan(b), fill, b) for b, fill in
+                                         ((mean[tested] - c_high * se[tested], -np.inf),
+                                          (mean[tested] - c_low * se[tested], np.inf)))
     return mean, np.clip(low, floor, ceiling), np.clip(high, floor, ceiling), count
 
 

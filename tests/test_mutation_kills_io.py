@@ -718,7 +718,7 @@ def test_the_writer_refuses_a_late_array_and_a_truncation_past_committed_with_th
 def test_a_full_disk_is_told_by_errno_or_by_hdf5s_message():
     import errno
 
-    from qkhooks.store.writer import _out_of_room
+    from qkhooks.store.lock import out_of_room as _out_of_room
 
     assert _out_of_room(OSError(errno.ENOSPC, "No space left on device")) == "disk"
     assert _out_of_room(RuntimeError("Can't write data (file write failed: ..., errno = 28, error message = 'No space')")) == "disk"

@@ -345,7 +345,8 @@ def analyze_modes(
                     rows.append([r["layer"], h, m, _fmt(s), _fmt(c), _fmt(r["baseline"]), _fmt(c - r["baseline"])])
         files["anisotropy_csv"] = str(_write_csv(out / "anisotropy.csv", ["layer", "head", "mode", "sigma", "cos", "baseline", "relative_cos"], rows))
         if centre_state is not None:
-            kept = [r for r in aniso["rows"] if r["layer"] in set(_state_layers(centre_state))]
+            kept_layers = set(_state_layers(centre_state))
+            kept = [r for r in aniso["rows"] if r["layer"] in kept_layers]
             if kept:
                 pivots = baseline_pivots(centre_state, [r["layer"] for r in kept])
                 _, low, high = layer_intervals(pivots, limits=COSINE)

@@ -34,6 +34,23 @@ RESERVE_BYTES = 1 << 20
 """Disk space the lock file holds for the writer's last flush and close after a disk-full error."""
 
 
+def out_of_room(exc: BaseException) -> str | None:
+    """Which limit a failed write met: ``"disk"`` (no space left), ``"quota"`` (the user's disk quota, which the
+    free-space check cannot see) or ``"size"`` (the largest file this process or file system may write: ``ulimit -f``,
+    FAT32's 4 GiB); None for any other failure. HDF5's own errors carry the errno in their text."""
+    for room, code in (("disk", errno.ENOSPC), ("quota", errno.EDQUOT), ("size", errno.EFBIG)):
+        if (isinstance(exc, OSError) and exc.errno == code) or f"errno = {code}," in str(exc):
+            return room
+    return None
+
+
+ROOM = {"disk": ("disk full", "free space"),
+        "quota": ("disk quota exceeded", "free space within your quota (or have it raised)"),
+        "size": ("file size limit reached", "raise the limit on file size (`ulimit -f`; where the file system has a "
+                 "largest file, such as FAT32's 4 GiB, write the run to another)")}
+"""What a write that ran out of room says, and its fix."""
+
+
 _HELD: dict[int, tuple[int, int]] = {}
 """Descriptors this process writes through, with the (device, inode) they referred to when registered."""
 
@@ -178,10 +195,8 @@ class WriterLock:
                 os.posix_fallocate(fd, self._note_size, reserve)
             except OSError as exc:
                 self.release()
-                fix = {errno.EFBIG: "the process may write no file that large (ulimit -f): raise the limit first",
-                       errno.EDQUOT: "the disk quota is used up: free space within it first"}.get(exc.errno, "free space first")
                 raise QKHooksError(f"cannot start writing {self.run}: {exc.strerror} (no room for even "
-                                   f"{reserve >> 20} MiB); {fix}.") from None
+                                   f"{reserve >> 20} MiB); {ROOM[out_of_room(exc) or 'disk'][1]} first.") from None
 
     def hold_run(self) -> None:
         """Lock the file now at the run's name (if any) itself, giving up the one locked before: refused while another

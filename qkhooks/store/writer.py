@@ -42,7 +42,7 @@ import torch
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import DamagedRunError, clear_open_flags, damage, open_reader, open_swmr_writer
-from qkhooks.store.lock import RESERVE_BYTES, WriterLock, forget_in_forked_children, keep_out_of_forked_children
+from qkhooks.store.lock import RESERVE_BYTES, ROOM, WriterLock, out_of_room, forget_in_forked_children, keep_out_of_forked_children
 
 __all__ = ["RunWriter", "COMPRESSIONS", "IDENTITY_ATTRS"]
 
@@ -105,21 +105,6 @@ def _numpy(item: tuple[Any, Any]) -> np.ndarray:
     return value.numpy() if isinstance(value, torch.Tensor) else value
 
 
-def _out_of_room(exc: BaseException) -> str | None:
-    """Which limit a failed write met: ``"disk"`` (no space left), ``"quota"`` (the user's disk quota, which the
-    free-space check cannot see) or ``"size"`` (the largest file this process or file system may write: ``ulimit -f``,
-    FAT32's 4 GiB); None for any other failure. HDF5's own errors carry the errno in their text."""
-    for room, code in (("disk", errno.ENOSPC), ("quota", errno.EDQUOT), ("size", errno.EFBIG)):
-        if (isinstance(exc, OSError) and exc.errno == code) or f"errno = {code}," in str(exc):
-            return room
-    return None
-
-
-_ROOM = {"disk": ("disk full", "free space"),
-         "quota": ("disk quota exceeded", "free space within your quota (or have it raised)"),
-         "size": ("file size limit reached", "raise the limit on file size (`ulimit -f`; where the file system has a "
-                  "largest file, such as FAT32's 4 GiB, write the run to another)")}
-"""What a write that ran out of room says, and its fix."""
 
 
 def _layout_words(compression: str, checksum: bool) -> str:
@@ -650,10 +635,10 @@ class RunWriter:
         if self._error is None:
             return
         self._reported = True
-        room = _out_of_room(self._error)
+        room = out_of_room(self._error)
         if room is None:
             raise QKHooksError(f"writing {self.path} failed: {self._error}") from self._error
-        what, fix = _ROOM[room]
+        what, fix = ROOM[room]
         name = self.path.name
         if self.mode == "overwrite" and not self._in_place:
             raise QKHooksError(f"{what} while writing the new run beside {name}, before its first checkpoint: {name} "
@@ -682,7 +667,7 @@ class RunWriter:
                         getattr(self, f"_do_{item[0]}")(*item[1:])
             except BaseException as exc:  # surfaced on the caller's next call
                 self._error = exc
-                if _out_of_room(exc) in ("disk", "quota"):  # the lock file's reserve counts against both
+                if out_of_room(exc) in ("disk", "quota"):  # the lock file's reserve counts against both
                     self._writer_lock.free_reserve()  # room for the flush that closing the file needs
                 with self._lock:
                     self._handles.clear()
