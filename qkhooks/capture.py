@@ -48,7 +48,8 @@ from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, grid_source_hooks, select_layers
 from qkhooks.models.load import unwrap_loaded
-from qkhooks.models.unsupported import own_hooks, refuse_altered_qk, refuse_compiled, remove_own_hooks, unmodelled_parts
+from qkhooks.models.unsupported import (hooked_paths, own_hook, refuse_altered_qk, refuse_compiled, remove_own_hooks,
+                                        traced_refusal, unmodelled_parts)
 from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
@@ -118,9 +119,9 @@ class Recording:
             raise QKHooksError(f"record() needs a torch nn.Module, got {type(model).__name__}; load one with qkhooks.load_model.")
         if input not in ("normed", "residual"):
             raise QKHooksError(f"input must be 'normed' (the exact tensor entering W_q/W_k) or 'residual'; got {input!r}.")
-        refuse_compiled(model)  # its hooks would run while the graph is traced, or never
         self._model_ref = weakref.ref(model)
         every = list(sites) if sites is not None else _model_sites(model, None, skip_unmodelled)
+        refuse_compiled(model, hooked_paths(model, every))  # hooks there would run while the graph is traced, or never
         self.sites: list[AttentionSite] = select_layers(every, layers)
         refuse_altered_qk(self.sites)  # the recorded layers only: a hook on another layer's q/k changes nothing here
         # partial recording: module path -> why it is left out (named, never silent; {} when none is), from every site
@@ -250,29 +251,27 @@ class Recording:
         first = min(self.sites, key=lambda s: s.layer)
         last = max(self.sites, key=lambda s: s.layer)
         try:
-            self._handles.append(model.register_forward_pre_hook(self._begin_batch, with_kwargs=True))
-            self._handles.append(model.register_forward_hook(self._end_batch, always_call=False))
-            self._handles.append(first.module.register_forward_pre_hook(self._begin_inner, with_kwargs=True))
+            hook = functools.partial(own_hook, model)  # every hook goes through own_hook: marked, and refusing to be traced
+            self._handles.append(hook(model, self._begin_batch, with_kwargs=True))
+            self._handles.append(hook(model, self._end_batch, pre=False, always_call=False))
+            self._handles.append(hook(first.module, self._begin_inner, with_kwargs=True))
             for module, context in grid_source_hooks(self.sites):  # the grid of each call, read once for all layers
-                self._handles.append(module.register_forward_pre_hook(context, with_kwargs=True))
+                self._handles.append(hook(module, context, with_kwargs=True))
             for site in self.sites:
                 if self.input == "residual":
-                    self._handles.append(
-                        site.block.register_forward_pre_hook(self._residual_hook(site), with_kwargs=True)
-                    )
+                    self._handles.append(hook(site.block, self._residual_hook(site), with_kwargs=True))
                 for module, context in site.context_hooks():  # e.g. a windowed site's block grid
-                    self._handles.append(module.register_forward_pre_hook(context, with_kwargs=True))
-                self._handles.append(site.module.register_forward_pre_hook(self._layer_hook(site), with_kwargs=True))
+                    self._handles.append(hook(module, context, with_kwargs=True))
+                self._handles.append(hook(site.module, self._layer_hook(site), with_kwargs=True))
                 if site.layer in self._once:
                     self._attending[site.layer] = OneAttention(site)
-                    self._handles.append(site.module.register_forward_pre_hook(self._begin_attending(site)))
-                    self._handles.append(site.module.register_forward_hook(self._end_attending(site), always_call=True))
+                    self._handles.append(hook(site.module, self._begin_attending(site)))
+                    self._handles.append(hook(site.module, self._end_attending(site), pre=False, always_call=True))
                 if site.layer in self._from_qk or site.layer in self._qk_attention:
                     for i, linear in enumerate(site.qk_modules):
-                        self._handles.append(linear.register_forward_hook(self._qk_hook(site, i)))
-                self._handles.extend(self._inside_hooks(site))
-            self._handles.append(last.module.register_forward_hook(self._end_inner, always_call=False))
-            own_hooks(self._handles)  # not someone else's hooks to a recording entered inside this one
+                        self._handles.append(hook(linear, self._qk_hook(site, i), pre=False))
+                self._handles.extend(self._inside_hooks(model, site))
+            self._handles.append(hook(last.module, self._end_inner, pre=False, always_call=False))
         except BaseException:
             self.detach()
             raise
@@ -310,9 +309,13 @@ class Recording:
     def __enter__(self) -> "Recording":
         return self.attach()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        model = self._model_ref()
         self.detach()
         self.sites_release()
+        refusal = traced_refusal(exc, model, [s.path for s in self.sites])  # a hook traced with fullgraph=True
+        if refusal is not None:
+            raise refusal from exc
 
     def sites_release(self) -> None:
         """Forget the model's modules so a finished recording keeps no model alive."""
@@ -468,7 +471,7 @@ class Recording:
         return hook
 
     # ---- q/k made inside the module (zoo11-inside, qkhooks.models.inside): the maps observed in its own forward
-    def _inside_hooks(self, site: AttentionSite) -> list[Any]:
+    def _inside_hooks(self, model: nn.Module, site: AttentionSite) -> list[Any]:
         """Hooks that watch an :class:`InsideSite`'s module compute its attention and keep its maps as the layer's
         full maps (nothing when the site is not one, or no full maps are asked for it)."""
         if not site.observes_maps() or not any(s.kind == "full" and s.covers(site.layer) for s in self.attention_specs):
@@ -489,8 +492,7 @@ class Recording:
             if output is not None and cap is not None:
                 cap.attention["full"] = site.to_images("full", site.assemble(seen))  # type: ignore[attr-defined]
 
-        return [site.module.register_forward_pre_hook(enter),
-                site.module.register_forward_hook(leave, always_call=True)]
+        return [own_hook(model, site.module, enter), own_hook(model, site.module, leave, pre=False, always_call=True)]
 
     # ---- several calls of one layer per forward (zoo11-inside): joined, or refused
     def _repeated_call(self, site: AttentionSite) -> None:

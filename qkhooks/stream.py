@@ -38,7 +38,8 @@ from qkhooks.data.sources import ItemStream, open_source
 from qkhooks.data_files import absolute_spec, file_size_column
 from qkhooks.errors import DataRefusal, QKHooksError
 from qkhooks.models.base import AttentionSite, select_layers
-from qkhooks.models.unsupported import left_out_by_design, refuse_altered_qk, refuse_compiled, unmodelled_parts
+from qkhooks.models.unsupported import (hooked_paths, left_out_by_design, refuse_altered_qk, refuse_compiled,
+                                        unmodelled_parts)
 from qkhooks.models.load import LoadedModel, check_device, load_model
 from qkhooks.options import DEFAULT_MODES, RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
@@ -423,8 +424,8 @@ def record_dataset(
     # Recording measures the model as it runs for inference: dropout and drop-path off (a LoadedModel or a module
     # the caller put in training mode too; _keeps_train_modes gives the caller's modes back afterwards).
     net = loaded.model.to(device).eval()
-    refuse_compiled(net)  # before any file is made: a compiled model's run would hold no image
     every = _model_sites(net, None, opts.skip_unmodelled)
+    refuse_compiled(net, hooked_paths(net, every))  # before any file is made: a compiled model's run would hold no image
     sites = select_layers(every, opts.layers)
     refuse_altered_qk(sites)  # before any file is made (record() checks again at entry)
     unmodelled = unmodelled_parts(net, every) if opts.skip_unmodelled else {}

@@ -320,7 +320,7 @@ ROUND21 = (
 # (functools.cache) and readings._resamples (functools.lru_cache) are decorated: mutmut mutates neither; their tests
 # run all the same.
 ROUND22 = (
-    "qkhooks.models.unsupported.x_own_hooks__*", "qkhooks.models.unsupported.x_remove_own_hooks__*",
+    "qkhooks.models.unsupported.x_own_hook__*", "qkhooks.models.unsupported.x_remove_own_hooks__*",
     "qkhooks.models.unsupported.x__name__*", "qkhooks.models.unsupported.x__known_forward__*",
     "qkhooks.models.unsupported.x_qk_scope__*", "qkhooks.models.unsupported.x_refuse_unplain_qk__*",
     "qkhooks.models.unsupported.x_refuse_altered_qk__*", "qkhooks.models.unsupported.x__refuse_patched_forward__*",

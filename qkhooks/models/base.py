@@ -19,8 +19,8 @@ from torch import nn
 
 from qkhooks.access import layer_at_path
 from qkhooks.errors import QKHooksError
-from qkhooks.models.unsupported import (PEFT_FIX, SKIP_HINT, describe_attention_like, diagnose, refuse_opaque, refuse_unplain_qk,
-                                        skipping_unmodelled, unmodelled_parts, unmodelled_reason)
+from qkhooks.models.unsupported import (PEFT_FIX, SKIP_HINT, describe_attention_like, diagnose, refuse_opaque, refuse_quantised,
+                                        refuse_unplain_qk, skipping_unmodelled, unmodelled_parts, unmodelled_reason)
 
 __all__ = ["AttentionSite", "QKWeights", "register_adapter", "find_sites", "adapters"]
 
@@ -577,7 +577,7 @@ def find_sites(model: nn.Module, layers: "LayerSelection" = None, skip_unmodelle
 
 
 def _find_sites(model: nn.Module, layers: "LayerSelection", skip_unmodelled: bool) -> list[AttentionSite]:
-    refuse_opaque(model)  # TorchScript, fx and quantised layers: no attention module to read, or no float weights
+    refuse_opaque(model)  # TorchScript, fx; quantised or compiled attention: no attention module to read, or no float weights
     with skipping_unmodelled(skip_unmodelled):
         diagnose(model)
         for adapter in _ADAPTERS:
@@ -588,6 +588,7 @@ def _find_sites(model: nn.Module, layers: "LayerSelection", skip_unmodelled: boo
                 if skip_unmodelled:  # an adapter may take every attention of its family, the unmodelled ones too
                     found = [s for s in found if unmodelled_reason(s.module) is None]
                 if found:
+                    refuse_quantised(model, [s.path for s in found])  # an adapter's site the candidates did not hold
                     refuse_unplain_qk(found)
                     return select_layers(number_in_forward_order(model, found), layers)
                 break

@@ -20,7 +20,7 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
-from qkhooks.models.unsupported import own_hooks, remove_own_hooks
+from qkhooks.models.unsupported import own_hook, remove_own_hooks
 from qkhooks.spectrum import _augment, factored_svd, head_weighted_cosines
 
 __all__ = ["RopeBand", "rope_pairs", "rope_angles", "rope_bands", "capture_rope_tables", "rope_band_summary"]
@@ -155,8 +155,7 @@ def capture_rope_tables(model: nn.Module, sites: Sequence[AttentionSite]) -> dic
     size = (site.grid[0] * site.patch_size[0], site.grid[1] * site.patch_size[1])
     param = next(model.parameters())
     image = torch.zeros(1, 3, *size, dtype=param.dtype, device=param.device)
-    handles = [s.module.register_forward_pre_hook(grab(s), with_kwargs=True) for s in sites]
-    own_hooks(handles)
+    handles = [own_hook(model, s.module, grab(s), with_kwargs=True) for s in sites]
     try:
         with torch.no_grad():
             model(image) if type(model).__module__.startswith("timm.") else model(pixel_values=image)

@@ -15,6 +15,7 @@ import contextvars
 import functools
 import itertools
 import re
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
@@ -309,20 +310,42 @@ def describe_attention_like(model: nn.Module, limit: int = 12) -> str:
 # torch's quantised layers (torch.ao.quantization.quantize_dynamic / convert): packed integer weights, no float W_q/W_k
 _QUANTISED_MODULES = ("torch.ao.nn.quantized.", "torch.nn.quantized.", "torch.ao.nn.intrinsic.quantized.")
 _COMPILED_WRAPPER = "torch._dynamo.eval_frame.OptimizedModule"
+_COMPILED_HARM = ("the compiled graph runs the hooks qkhooks reads q, k and the tokens with only while it is traced, or "
+                  "not at all, so the recording would be empty or stale without a word")
+_TRACED_FIX = ("To record it, record the model uncompiled and compile outside qkhooks: inside record() run the model "
+               "itself, not a torch.compile wrapper of it, and compile only after leaving record() (a module compiled "
+               "with .compile() stays compiled: load or build it again without it).")
 
 
 def _where(model: nn.Module, path: str, module: nn.Module) -> str:
     return f"{path!r} ({type(module).__name__})" if path else f"the model ({type(model).__name__})"
 
 
-def refuse_opaque(model: nn.Module) -> None:
-    """Refuse a model that tooling turned into something whose attention cannot be found or read, before the search
-    (which crashed on TorchScript and quantised layers and gave unrelated reasons for the rest): TorchScript
-    (``torch.jit.script`` / ``trace``: a compiled graph, no Python forward to hook), a ``torch.fx`` GraphModule (tracing
-    inlines the attention modules' forwards into one graph: no attention module is left) and torch's quantised layers
-    (integer weights: no float W_q/W_k the model computes with)."""
+def _at(model: nn.Module, roots: Sequence[str]) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) of every module of ``model`` that is one of ``roots`` (module paths: the attention modules),
+    contains one (the model itself, a block) or lies inside one (a q/k layer), in the order of the model's modules."""
+    at = set(roots)
+    around = {".".join(parts[:i]) for parts in (root.split(".") for root in at) for i in range(len(parts))}
     for path, module in model.named_modules():
-        where, cls = _where(model, path, module), type(module)
+        above = path
+        while above not in at and "." in above:  # the path itself, then each module above it
+            above = above.rpartition(".")[0]
+        if path in around or above in at:
+            yield path, module
+
+
+def refuse_opaque(model: nn.Module) -> None:
+    """Refuse, before the search, a model that tooling turned into something whose attention cannot be found or read:
+    TorchScript (``torch.jit.script`` / ``trace``: a compiled graph, no Python forward to hook) and a ``torch.fx``
+    GraphModule (tracing inlines the attention modules' forwards into one graph: no attention module is left) anywhere,
+    as there is no Python module structure to trust; and, at the modules that compute attention logits
+    (:func:`attention_like`: the search's candidates), torch's quantised layers (integer weights: the search read
+    W_q/W_k off a quantised qkv, whose ``weight`` is a method, and crashed; an adapter took no site where q_proj is
+    not a Linear, a misleading refusal) and a ``torch.compile`` wrapper put in place (it hides the attention's class
+    from the adapters). Elsewhere (a quantised or compiled head or MLP) the attention stays float and runs qkhooks'
+    hooks eagerly: taken, and the sites found are checked again (:func:`refuse_quantised`, :func:`refuse_compiled`)."""
+    for path, module in model.named_modules():
+        where = _where(model, path, module)
         if isinstance(module, torch.jit.ScriptModule):
             raise QKHooksError(f"{where} is TorchScript (made by torch.jit.script or torch.jit.trace): it runs a compiled "
                                "graph, not the Python forward qkhooks hooks and models, so q and k cannot be read. Record "
@@ -331,30 +354,58 @@ def refuse_opaque(model: nn.Module) -> None:
             raise QKHooksError(f"{where} is a torch.fx GraphModule (symbolic_trace, or a feature extractor built with "
                                "it): tracing inlined the attention modules' forwards into one graph, so there is no "
                                "attention module left to hook. Record the nn.Module you traced instead.")
+    attention = [name for name, _ in attention_like(model)]
+    refuse_quantised(model, attention)
+    refuse_compiled(model, attention)
+
+
+def refuse_quantised(model: nn.Module, roots: Sequence[str]) -> None:
+    """Refuse torch's quantised layers that are one of ``roots`` (the attention modules' paths), contain one or lie
+    inside one: they compute with integer weights, so there are no float W_q/W_k whose products the model computes.
+    A quantised layer elsewhere (the head, an MLP) changes no attention map: taken."""
+    for path, module in _at(model, roots):
+        cls = type(module)
         if cls.__module__.startswith(_QUANTISED_MODULES):
-            raise QKHooksError(f"{where} is a quantised layer ({cls.__module__}.{cls.__qualname__}, from "
-                               "torch.ao.quantization.quantize_dynamic or convert): it computes with integer weights, so "
-                               "there are no float W_q/W_k whose products the model computes. Record the float model "
-                               "(before quantising it).")
+            raise QKHooksError(f"{_where(model, path, module)} is a quantised layer ({cls.__module__}.{cls.__qualname__}, "
+                               "from torch.ao.quantization.quantize_dynamic or convert) in an attention layer: it computes "
+                               "with integer weights, so there are no float W_q/W_k whose products the model computes. "
+                               "Record the float model (before quantising it), or quantise only layers outside the "
+                               "attention (the head, the MLPs: those are taken).")
 
 
-def refuse_compiled(model: nn.Module) -> None:
-    """Refuse a model compiled by TorchDynamo, whole or in part (``module.compile()``, or a ``torch.compile`` wrapper
-    handed over or put in place of a module): the compiled graph runs the hooks qkhooks reads q, k and the tokens with
-    while tracing, or not at all (a compiled timm ViT recorded nothing; ``record_dataset`` wrote a run of 0 images
-    without a word). Checked at every ``record()`` and ``record_dataset`` entry: compiling changes no structure the
-    search's cache sees."""
-    for path, module in model.named_modules():
-        wrapper = _name(type(module)) == _COMPILED_WRAPPER
-        if wrapper or getattr(module, "_compiled_call_impl", None) is not None:
-            inner = f"{'model.' + path if path else 'model'}._orig_mod"
-            how = (f"record {inner} and run that module itself (the wrapper runs the compiled graph around it)" if wrapper
-                   else "record the model uncompiled (load or build it again without .compile(); compile only what "
-                   "runs without qkhooks)")
-            raise QKHooksError(
-                f"{_where(model, path, module)} is compiled by torch.compile ({'a compiled wrapper' if wrapper else 'module.compile()'}"
-                "): the compiled graph runs the hooks qkhooks reads q, k and the tokens with only while it is traced, or "
-                f"not at all, so the recording would be empty or stale without a word. To record it, {how}.")
+def _compiled(module: nn.Module) -> str | None:
+    """How ``module`` is compiled by TorchDynamo (a ``torch.compile`` wrapper, or ``module.compile()``), or None."""
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return "module.compile()"
+    wrapper = type(module).__name__ == "OptimizedModule" and _name(type(module)) == _COMPILED_WRAPPER
+    return "a compiled wrapper" if wrapper else None
+
+
+def hooked_paths(model: nn.Module, sites: Sequence["AttentionSite"]) -> list[str]:
+    """The paths of the modules a recording of ``sites`` hooks, besides those inside or around them: the sites and the
+    modules whose call the sites read their grid from (:func:`qkhooks.models.base.grid_source_hooks`)."""
+    sources = {id(s.grid_source[0]) for s in sites if s.grid_source is not None}
+    return [s.path for s in sites] + ([path for path, m in model.named_modules() if id(m) in sources] if sources else [])
+
+
+def refuse_compiled(model: nn.Module, roots: Sequence[str]) -> None:
+    """Refuse a model compiled by TorchDynamo where qkhooks hooks it (``module.compile()``, or a ``torch.compile``
+    wrapper handed over or put in place of a module): a compiled module that is one of ``roots`` (the modules hooked:
+    :func:`hooked_paths`), contains one (the model itself, a block) or lies inside one (a q/k layer), as there the
+    compiled graph runs the hooks qkhooks reads q, k and the tokens with while tracing, or not at all (a compiled timm
+    ViT recorded nothing; ``record_dataset`` wrote a run of 0 images without a word). A compiled head or MLP runs no
+    qkhooks hook: taken. Checked at every ``record()`` and ``record_dataset`` entry (the search is cached); a model
+    compiled inside the context is refused by the hooks themselves (:func:`own_hook`)."""
+    for path, module in _at(model, roots):
+        how = _compiled(module)
+        if how is None:
+            continue
+        inner = f"{'model.' + path if path else 'model'}._orig_mod"
+        fix = (f"record {inner} and run that module itself (the wrapper runs the compiled graph around it)"
+               if how == "a compiled wrapper" else "record the model uncompiled (load or build it again without "
+               ".compile(); compile only what runs without qkhooks, such as the head)")
+        raise QKHooksError(f"{_where(model, path, module)} is compiled by torch.compile ({how}) where qkhooks hooks the "
+                           f"attention: {_COMPILED_HARM}. To record it, {fix}.")
 
 
 # ------------------------------------------------------------------ q/k layers that compute more than their weights
@@ -423,13 +474,63 @@ def tensors_read(read: Callable[[], Any]) -> set[int]:
     return seen.ids | set(map(id, _tensors(out)))
 
 
-def own_hooks(handles: Sequence[RemovableHandle]) -> None:
-    """Mark hooks qkhooks registered, so :func:`refuse_altered_qk` passes them by (two recordings nested on one model)."""
-    _OWN_HOOKS.update(handle.id for handle in handles)
+def own_hook(model: nn.Module, module: nn.Module, hook: Callable[..., Any], *, pre: bool = True,
+             **options: Any) -> RemovableHandle:
+    """Register one of qkhooks' hooks on ``module`` (a module of ``model``; ``pre``: a forward pre-hook, else a forward
+    hook; ``options``: torch's, ``with_kwargs`` / ``always_call``). Every hook qkhooks puts on a model goes through here:
+    it is marked as qkhooks' own, so :func:`refuse_altered_qk` passes it by (two recordings nested on one model), and
+    it refuses to be traced by TorchDynamo (:func:`_untraced`)."""
+    register = module.register_forward_pre_hook if pre else module.register_forward_hook
+    handle = register(_untraced(hook, weakref.ref(model)), **options)
+    _OWN_HOOKS.add(handle.id)
+    return handle
+
+
+def _untraced(hook: Callable[..., Any], model: "weakref.ref[nn.Module]") -> Callable[..., Any]:
+    """``hook``, refusing to run while TorchDynamo traces it (the model, or a part around the hooked module, compiled
+    inside the record() context: ``model.compile()``, a ``torch.compile`` wrapper called there). A compiled graph runs
+    what a hook reads only while it is traced, or not at all. The check costs about 1 us a hook call (a ViT-B
+    batch calls about 30)."""
+    def untraced_hook(module: nn.Module, *args: Any) -> Any:
+        if torch.compiler.is_compiling():  # a constant True while traced: the refusal is called, eagerly (below)
+            torch.compiler.disable(_refuse_traced)(model, module)
+        return hook(module, *args)
+
+    return untraced_hook
+
+
+def _refuse_traced(model_ref: "weakref.ref[nn.Module]", module: nn.Module) -> NoReturn:
+    """The refusal of a traced hook. Called through ``torch.compiler.disable``: Dynamo breaks the graph there and runs
+    it as plain Python, so the QKHooksError reaches the caller as it is, not as an exception seen while tracing (which
+    Dynamo takes as a reason to run the hook uncompiled, or wraps); ``fullgraph=True`` cannot break the graph:
+    :func:`traced_refusal` turns Dynamo's error into this one."""
+    model = model_ref()
+    path = next((p for p, m in model.named_modules() if m is module), None) if model is not None else None
+    where = _where(model, path, module) if path is not None else f"a {type(module).__name__} of the recorded model"
+    raise QKHooksError(f"{where} runs under torch.compile: TorchDynamo is tracing qkhooks' hook on it (the model, or a "
+                       f"part around this module, was compiled, or a torch.compile wrapper of it called, inside the "
+                       f"record() context), and {_COMPILED_HARM}. {_TRACED_FIX}")
+
+
+def traced_refusal(exc: BaseException | None, model: nn.Module | None, roots: Sequence[str]) -> QKHooksError | None:
+    """The QKHooksError for Dynamo's own error (``torch._dynamo.exc``) when it came from tracing one of qkhooks' hooks
+    with ``fullgraph=True``, where no graph break can call :func:`_refuse_traced`; None for any other exception.
+    Dynamo names where it stopped (``innermost_user_frame_summary``): a hook's check (:func:`_untraced`). Names the
+    module compiled at or around ``roots`` (the recorded sites' paths), if one is; else a wrapper was called."""
+    frame = getattr(exc, "innermost_user_frame_summary", None)
+    dynamo = type(exc).__module__.startswith("torch._dynamo")
+    if not dynamo or frame is None or (frame.name, frame.filename) != ("untraced_hook", __file__):
+        return None
+    compiled = next(((p, m) for p, m in _at(model, roots) if _compiled(m)), None) if model is not None else None
+    where = (f"{_where(model, *compiled)} is compiled by torch.compile ({_compiled(compiled[1])}) and" if compiled else
+             "the recorded model, through a torch.compile wrapper,")
+    return QKHooksError(f"{where} ran under torch.compile(fullgraph=True) inside the record() context: qkhooks' hooks "
+                        f"were traced by TorchDynamo, which cannot break the graph to run them, and {_COMPILED_HARM}. "
+                        f"{_TRACED_FIX}")
 
 
 def remove_own_hooks(handles: Sequence[RemovableHandle]) -> None:
-    """Remove hooks marked by :func:`own_hooks`, and their marks."""
+    """Remove hooks registered by :func:`own_hook`, and their marks."""
     for handle in handles:
         handle.remove()
         _OWN_HOOKS.discard(handle.id)
@@ -526,7 +627,7 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
     nnsight-style tracers, a patch; accelerate's wrapper around hooks that only move tensors between devices, as a
     ``device_map=...`` load leaves, is taken unless it offloads the weights), a forward hook or pre-hook (any kind,
     ``with_kwargs`` and ``always_call`` too) someone else registered (a steering hook changes q or k; whether a hook
-    changes anything cannot be seen, so any hook is refused; qkhooks' own, :func:`own_hooks`, are passed by), and a
+    changes anything cannot be seen, so any hook is refused; qkhooks' own, :func:`own_hook`, are passed by), and a
     weight or buffer that is a ``torch.Tensor`` subclass (torchao's quantised tensors: the forward computes with the
     subclass's arithmetic). Torch's global forward hooks and pre-hooks run on every module, these too: refused as
     well. On the attention module itself only a replaced forward (qkhooks models its class's forward): hooks there
