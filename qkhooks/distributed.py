@@ -9,7 +9,8 @@ rank 0 writes ``RUN.h5``, which reads exactly like the run file of one process o
 - root attributes of the shards with ``config["shard"] = null`` (so the configuration equals a single-process
   run's), ``complete`` only when every shard is complete;
 - ``/images/ids`` (and ``/images/skipped``) concatenated in rank order, ``committed`` their total, and the
-  attribute ``shards`` (JSON list of the shard files, relative to ``RUN.h5``);
+  attribute ``shards`` (JSON list of the shard files, relative to ``RUN.h5``); with ``--checksum`` the ids'
+  digests (``/images/id_digests``), each shard's ids checked against its own first;
 - every per-image array (``per_image`` attribute) an HDF5 *virtual dataset* over the shards: no data is copied
   and source files are named relative to ``RUN.h5``, so the folder can be moved as a whole (``copy=True``
   writes a self-contained file instead);
@@ -152,7 +153,8 @@ class _Shard:
         self.committed = fmt.committed(f) or 0
         self.complete = bool(f.attrs.get("complete", False))
         self.n, self.states = self._consistent()
-        self.ids = fmt.read_ids(f, self.n)
+        self.ids = fmt.read_ids(f, self.n)  # checked against their digests where the shard has them
+        self.digest_rows = f[fmt.ID_DIGESTS].chunks[0] if fmt.ID_DIGESTS in f else None
         self.skipped = fmt.read_skipped(f)
         self.per_image = fmt.per_image_datasets(f)
 
@@ -271,6 +273,9 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
     ids = [i for s in shards for i in s.ids]
     images.create_dataset("ids", data=np.array(ids, dtype=object), maxshape=(None,), chunks=(1024,),
                           dtype=h5py.string_dtype())
+    digested = [s.digest_rows for s in shards if s.digest_rows is not None]
+    if len(digested) == len(shards):  # every shard's ids were checked against theirs: the merged ids' digests
+        fmt.create_id_digests(f, fmt.id_digests(ids), digested[0])
     fmt.set_committed(f, total)
     if any("images/skipped" in s.file for s in shards):
         skipped = [row for s in shards for row in s.skipped]

@@ -107,12 +107,13 @@ class RecordOptions:
                                doc="HDF5 codec of the per-image arrays (``none``, ``gzip``, ``lzf``); "
                                    "benchmarks/RESULTS.md says what each costs.")
 
-    checksum: bool = _option(False, "give the per-image arrays HDF5's Fletcher-32 checksum, so a damaged chunk is "
-                             "reported, not read (the writer thread's CPU about 2.5x)", flag="--checksum",
-                             action="store_true",
-                             doc="Per-image arrays get HDF5's Fletcher-32 checksum, so a damaged chunk is reported, "
-                                 "not read; costs the writer thread about 2.5x its CPU (README.md). A resume keeps "
-                                 "the file's layout (and warns if this differs).")
+    checksum: bool = _option(False, "give the per-image arrays HDF5's Fletcher-32 checksum and store a checksummed "
+                             "digest of each image id, so a damaged chunk or id is reported, not read (the writer "
+                             "thread's CPU about 2.5x)", flag="--checksum", action="store_true",
+                             doc="Per-image arrays get HDF5's Fletcher-32 checksum and each image id a checksummed "
+                                 "digest, so a damaged chunk or id is reported, not read; costs the writer thread about "
+                                 "2.5x its CPU (README.md). A resume keeps the file's layout (and warns if this "
+                                 "differs).")
 
     batch_size: int = _option(16, "images per forward pass (default 16)", flag="--batch-size", type=int,
                               doc="Images per forward pass.")

@@ -36,7 +36,7 @@ class BugPattern:
 
 
 _WRITER_ORDER = ("        f.flush()  # the images reach the disk before the count that commits them\n"
-                 "        self._handles[_COMMITTED].set(n + b)")
+                 "        self._committed_count.set(n + b)")
 _STRICT = "tests/test_store_safety.py::test_readers_see_only_committed_rows_and_a_resume_cuts_the_rest"
 PATTERNS: tuple[BugPattern, ...] = (
     BugPattern("default centre query token swaps rows and columns", "qkhooks/attention.py",
@@ -53,7 +53,7 @@ PATTERNS: tuple[BugPattern, ...] = (
                "prefix + (rows // 2) * cols + cols // 2", "prefix + (cols // 2) * rows + rows // 2",
                ("tests/test_asymmetry.py::test_anisotropy_takes_the_centre_patch_of_a_rows_by_cols_grid",)),
     BugPattern("the run file's count committed before the flush that carries the batch", "qkhooks/store/writer.py",
-               _WRITER_ORDER, "        self._handles[_COMMITTED].set(n + b)\n        f.flush()",
+               _WRITER_ORDER, "        self._committed_count.set(n + b)\n        f.flush()",
                ("tests/test_store_safety.py::test_the_writer_writes_data_then_flushes_then_commits_for_every_batch",)),
     BugPattern("reader slices not limited to the committed rows", "qkhooks/store/reader.py",
                "picked = range(*first.indices(self.n))", "picked = range(*first.indices(len(self.dataset)))",

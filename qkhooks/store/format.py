@@ -14,6 +14,7 @@ a resume keeps the checkpoint's images and records the rest again (with no reduc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
@@ -25,13 +26,21 @@ import numpy as np
 
 from qkhooks.access import LayerGeometry
 
-__all__ = ["IDS", "SKIPPED", "FILE_SIZES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
+__all__ = ["IDS", "ID_DIGESTS", "ID_DIGEST_BYTES", "id_digests", "mismatched_ids", "create_id_digests", "id_datasets", "SKIPPED", "FILE_SIZES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
            "datasets", "per_image_datasets", "layout_problems",
            "read_states", "states_and_problem", "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "run_id_of",
            "identity_of", "as_str", "read_ids", "read_skipped", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY"]
 
 IDS = "images/ids"
+ID_DIGESTS = "images/id_digests"
+"""Runs recorded with ``--checksum`` (``checksum=True``): (n, :data:`ID_DIGEST_BYTES`) uint8, row i the BLAKE2b digest
+of image i's id (its UTF-8 bytes, as :data:`IDS` stores them), with HDF5's Fletcher-32 checksum. HDF5 keeps the ids
+(variable-length strings) in its global heap, which has no checksum; every reader of the ids checks them against
+these (:func:`read_ids`), so a flipped bit in an id is refused like one in a per-image array. Written with the ids in
+each batch, committed by the same count, one image a chunk (as the checksummed arrays: a chunk is written once).
+Absent without ``--checksum`` and in runs written before it (their ids are not covered)."""
+ID_DIGEST_BYTES = 16
 SKIPPED = "images/skipped"
 FILE_SIZES = "images/file_sizes"
 """Per-image int64 array: the size in bytes of each image's file when it was recorded, -1 where the image is not read
@@ -156,12 +165,11 @@ def per_image_datasets(f: h5py.File, read_every_attribute: bool = False) -> dict
 
 
 def layout_problems(f: h5py.File, arrays: Mapping[str, h5py.Dataset], n: int) -> list[str]:
-    """What the layout lacks for ``n`` committed images: the ids or a per-image array (of ``arrays``) with fewer rows
-    (h5py edits, a cut), an array the layout lists (:data:`ARRAYS_ATTR`) missing. A resume refuses such a file;
-    ``verify_run`` reports it."""
-    problems = [f"{name} has {ds.shape[0]} rows" for name, ds in sorted(arrays.items()) if ds.shape[0] < n]
-    if f[IDS].shape[0] < n:
-        problems.insert(0, f"{IDS} has {f[IDS].shape[0]} rows")
+    """What the layout lacks for ``n`` committed images: the ids (or their digests) or a per-image array (of
+    ``arrays``) with fewer rows (h5py edits, a cut), an array the layout lists (:data:`ARRAYS_ATTR`) missing. A resume
+    refuses such a file; ``verify_run`` reports it."""
+    problems = [f"{ds.name[1:]} has {ds.shape[0]} rows" for ds in id_datasets(f) if ds.shape[0] < n]
+    problems += [f"{name} has {ds.shape[0]} rows" for name, ds in sorted(arrays.items()) if ds.shape[0] < n]
     listed = f["images"].attrs.get(ARRAYS_ATTR)
     if listed is not None:
         problems += [f"{name} is missing" for name in sorted(set(json.loads(as_str(listed))) - set(arrays))]
@@ -273,16 +281,60 @@ def run_id_of(f: h5py.File) -> str | None:
     return as_str(identity_of(f.attrs).get("run_id"))
 
 
-def as_str(value: Any) -> str | None:
+def as_str(value: Any, errors: str = "strict") -> str | None:
     """A string attribute's value as ``str`` (h5py gives some as bytes); None stays None."""
     if value is None:
         return None
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors=errors) if isinstance(value, bytes) else str(value)
 
 
 def read_ids(f: h5py.File, n: int) -> list[str]:
-    """The first ``n`` image ids of a run file (an id that is not UTF-8 raises UnicodeDecodeError: damage)."""
-    return [as_str(s) for s in f[IDS][:n]]
+    """The first ``n`` image ids of a run file (an id that is not UTF-8 raises UnicodeDecodeError: damage). In a run
+    with :data:`ID_DIGESTS` each id is checked against its digest first: a mismatch, or fewer digests than ids, raises
+    :class:`~qkhooks.store._hdf5.DamagedRunError` naming the image (a digest chunk failing its own checksum raises
+    HDF5's OSError)."""
+    raw = f[IDS][:n]
+    if ID_DIGESTS in f:  # ``in``, not ``get`` (None for any error): damaged digests raise, never skip the check
+        stored = f[ID_DIGESTS][:n]
+        bad = mismatched_ids(raw, stored)
+        if len(stored) < len(raw) or len(bad):
+            from qkhooks.store._hdf5 import DamagedRunError  # it imports this module
+
+            what = (f"/{ID_DIGESTS} has {len(stored)} rows, fewer than the {len(raw)} image ids" if not len(bad) else
+                    f"image {bad[0]}'s id, read as {as_str(raw[bad[0]], 'replace')!r}, does not match its digest in "
+                    f"/{ID_DIGESTS}" + (f", nor do those of {len(bad) - 1} more" if len(bad) > 1 else "")
+                    + ": it changed on disk, so that image is lost (repair leaves it out; recording the run again "
+                    "restores it)")
+            raise DamagedRunError(Path(f.filename), what)
+    return [as_str(s) for s in raw]
+
+
+def id_digests(ids: Sequence[str | bytes]) -> np.ndarray:
+    """(len(ids), :data:`ID_DIGEST_BYTES`) uint8: each id's BLAKE2b digest, of its UTF-8 bytes (:data:`ID_DIGESTS`)."""
+    out = np.zeros((len(ids), ID_DIGEST_BYTES), dtype=np.uint8)
+    for row, id_ in zip(out, ids):
+        row[:] = np.frombuffer(hashlib.blake2b(id_.encode() if isinstance(id_, str) else bytes(id_),
+                                               digest_size=ID_DIGEST_BYTES).digest(), dtype=np.uint8)
+    return out
+
+
+def mismatched_ids(raw: Sequence[str | bytes], stored: np.ndarray) -> np.ndarray:
+    """The indices ``i`` (of the rows both have) where ``raw[i]``, an id as read from :data:`IDS`, does not match its
+    digest ``stored[i]``."""
+    rows = min(len(raw), len(stored))
+    return np.flatnonzero((id_digests(raw[:rows]) != stored[:rows]).any(axis=1))
+
+
+def create_id_digests(f: h5py.File, digests: np.ndarray, chunk_rows: int) -> h5py.Dataset:
+    """:data:`ID_DIGESTS` holding ``digests``, growable, ``chunk_rows`` images a chunk, with Fletcher-32 (the writer,
+    repair and the shard merge lay it out alike)."""
+    return f.create_dataset(ID_DIGESTS, data=digests, maxshape=(None, ID_DIGEST_BYTES),
+                            chunks=(chunk_rows, ID_DIGEST_BYTES), fletcher32=True)
+
+
+def id_datasets(f: h5py.File) -> list[h5py.Dataset]:
+    """The ids and, where the run stores them, their digests: the image lists a cut resizes with the arrays."""
+    return [f[IDS]] + ([f[ID_DIGESTS]] if ID_DIGESTS in f else [])
 
 
 def read_skipped(f: h5py.File) -> list[tuple[str, ...]]:

@@ -247,6 +247,8 @@ class _SharedFile:
         self.swmr = False
         self.datasets: dict[str, h5py.Dataset] = {}
         self.ids: h5py.Dataset | None = None
+        self.digests: h5py.Dataset | None = None
+        """The ids' digests (:data:`qkhooks.store.format.ID_DIGESTS`) where the run has them, refreshed as the arrays."""
         self.opened = 0
         """How many times the file was opened: a :class:`RunArray` takes its dataset again when this changes."""
         self.readers = 0
@@ -319,6 +321,7 @@ class RunReader:
                         raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images/ids with "
                                            "`committed`).")
                     shared.ids = self.file[fmt.IDS]
+                    shared.digests = self.file[fmt.ID_DIGESTS] if fmt.ID_DIGESTS in self.file else None
                 self._refresh()
                 with _SHARED_LOCK:
                     _SHARED[shared.stamp[:2]] = shared
@@ -444,6 +447,8 @@ class RunReader:
                     shared.datasets = fmt.per_image_datasets(self.file)
                 for ds in shared.datasets.values():
                     ds.refresh()
+                if shared.digests is not None:
+                    shared.digests.refresh()
             self.n = n
         return self.n
 
@@ -484,6 +489,8 @@ class RunReader:
 
     @property
     def ids(self) -> list[str]:
+        """The committed images' ids; in a checksummed run each is checked against its digest (a mismatch is refused
+        as damage, naming the image and ``qkhooks repair``)."""
         ids = fmt.read_ids(self.file, self.n)
         if len(ids) < self.n:
             raise self._too_few_rows(f"its image ids /{fmt.IDS}", len(ids), self.n)
@@ -765,7 +772,10 @@ class RunReader:
         if checksummed:
             lines.append("checksum Fletcher-32 on " + ("every per-image array" if checksummed == len(names) else
                                                        f"{checksummed} of {len(names)} per-image arrays")
-                         + ": a damaged data chunk is reported when read, never returned")
+                         + (" and on the image ids (each read is checked against its digest): a damaged data chunk "
+                            "or id is reported when read, never returned" if fmt.ID_DIGESTS in self.file else
+                            ", not on the image ids (written before qkhooks stored their digests): a damaged data "
+                            "chunk is reported when read, never returned; a changed id is not detected"))
         elif names:
             lines.append("checksum none on the per-image arrays: damage inside their data is not detected (record "
                          "with --checksum)")
@@ -800,7 +810,7 @@ class RunReader:
             shared = self._shared
             shared.readers -= 1
             if shared.readers == 0:
-                shared.datasets, shared.ids = {}, None
+                shared.datasets, shared.ids, shared.digests = {}, None, None
                 if shared.file.id.valid:
                     shared.file.close()
 

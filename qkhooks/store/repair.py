@@ -3,9 +3,10 @@
 
 The damaged file is only read (through a view that clears its open flags, rebuilds a zeroed superblock and
 reads a truncated tail as zeros), never changed. An image is copied when its id and its rows of every per-image
-array read back (with a checksum, ``--checksum``: that they pass it) and lie wholly inside the file as it is on disk
+array read back (with a checksum, ``--checksum``: that they pass it, and that its id matches its digest,
+:data:`~qkhooks.store.format.ID_DIGESTS`) and lie wholly inside the file as it is on disk
 (zeros read past a truncation are not data) and lie inside every array (one cut shorter than ``committed`` loses
-its missing rows). The copy keeps the arrays' compression and checksum, and the attributes of the root and of
+its missing rows). The copy keeps the arrays' compression and checksum (and the ids' digests), and the attributes of the root and of
 ``/images`` (a shard's block start) but the image count and the list of arrays, which are the new file's own.
 Statics and the reducer checkpoint are copied when they read; the checkpoint only when every image it counts
 was recovered, so ``--resume`` on the new file continues correctly. :func:`verify_run` reads the same chunks the
@@ -87,12 +88,28 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     _copy_attrs(src, dst, "root attribute", problems)
     ids = np.array([""] * n, dtype=object)
     good = np.zeros(n, dtype=bool)
+    digest_rows = None  # images a chunk of the source's id digests (None: it has none)
     try:
-        found = fmt.read_ids(src, n)  # fewer than n where the ids were cut: the rest are lost
-        ids[:len(found)] = found
+        raw = src[fmt.IDS][:n]  # fewer than n where the ids were cut: the rest are lost
+        vouched = np.ones(len(raw), dtype=bool)
+        if fmt.ID_DIGESTS in src:  # an id is kept only when its digest reads and matches it
+            digests = src[fmt.ID_DIGESTS]
+            digest_rows = digests.chunks[0]
+            off, failing, why = _ids_off_their_digests(digests, raw)
+            if digests.shape[0] < len(raw):
+                vouched[digests.shape[0]:] = False
+                problems.append(_past_the_end(digests.name, digests.shape[0], n))
+            for lo, hi in failing:
+                vouched[lo:hi] = False
+            if failing:
+                problems.append(_rows_line(digests.name, failing, why))
+            vouched[off] = False
+            if off:
+                problems.append(_off_digest_line(off))
+        ids[:len(raw)] = [fmt.as_str(s) if ok else "" for s, ok in zip(raw, vouched)]  # a changed id is not decoded
         good[:] = ids != ""
-        if len(found) < n:
-            problems.append(_past_the_end(f"/{fmt.IDS}", len(found), n))
+        if len(raw) < n:
+            problems.append(_past_the_end(f"/{fmt.IDS}", len(raw), n))
     except _READ_ERRORS as exc:
         problems.append(f"image ids unreadable ({exc})")
     try:
@@ -115,6 +132,8 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     _copy_attrs(src["images"], images, "/images attribute", problems, skip=("committed", fmt.ARRAYS_ATTR))
     images.create_dataset("ids", data=ids[keep].astype(object), maxshape=(None,), chunks=(1024,),
                           dtype=h5py.string_dtype())
+    if digest_rows is not None:  # of the ids kept, each of which matched its digest
+        fmt.create_id_digests(dst, fmt.id_digests(ids[keep]), digest_rows)
     fmt.set_committed(dst, len(keep))
     lost = np.flatnonzero(~good).tolist()
     skipped = [(str(ids[i]) or f"row {i}", "unreadable in the damaged run file") for i in lost]
@@ -166,12 +185,12 @@ def _readable_rows(ds: h5py.Dataset, n: int, real_size: int, problems: list[str]
     return ok
 
 
-def _failing_rows(ds: h5py.Dataset, n: int, real_size: int) -> tuple[list[tuple[int, int]], str]:
+def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True) -> tuple[list[tuple[int, int]], str]:
     """The [start, stop) row ranges of ``ds``'s first ``n`` rows (those it has: rows past its end are the caller's to
     note) that do not read back, and why the first did not: read one chunk's rows at a time (never more in memory; an
     unchunked view 64 MiB of rows at a time). A chunk fails when its checksum does, when it does not decompress, or
     when it is missing from the file or lies past the file's end on disk (``real_size`` bytes); a string (the ids)
-    when it is not UTF-8."""
+    when it is not UTF-8 (with ``decode``: ids with digests are checked against them instead, image by image)."""
     rows = min(n, ds.shape[0])
     step = ds.chunks[0] if ds.chunks else max(1, (64 << 20) // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
     failing: list[tuple[int, int]] = []
@@ -186,12 +205,49 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int) -> tuple[list[tuple[
                     why = why or "a chunk missing from the file or lying past its end"
                     continue
             block = ds[lo:hi]
-            if h5py.check_string_dtype(ds.dtype):
+            if decode and h5py.check_string_dtype(ds.dtype):
                 [fmt.as_str(value) for value in block.flat]
         except _READ_ERRORS as exc:  # a UnicodeDecodeError is a ValueError
             failing.append((lo, hi))
             why = why or f"{exc}" + ("; the array carries a Fletcher-32 checksum" if ds.fletcher32 else "")
     return failing, why
+
+
+def _ids_off_their_digests(digests: h5py.Dataset, raw: np.ndarray,
+                           start: int = 0) -> tuple[list[int], list[tuple[int, int]], str]:
+    """(the rows whose id, ``raw[i]`` for row ``start + i`` as read from ``/images/ids``, does not match its digest in
+    ``digests``; the [start, stop) rows whose digests' chunk does not read; why the first did not). Read a few
+    thousand rows at a time, chunk by chunk only around a chunk that does not read (HDF5's chunk lookup, which
+    :func:`_failing_rows` asks once a chunk, grows with the chunks: digests have one a row). A digest read as zeros
+    past a truncation matches no id. Rows past the digests' end are the caller's to note."""
+    stop, chunk = min(start + len(raw), digests.shape[0]), digests.chunks[0]
+    step = chunk * max(1, 4096 // chunk)  # whole chunks (from a chunk's start): a block reads each once
+    off: list[int] = []
+    failing: list[tuple[int, int]] = []
+    why = ""
+    lo = start
+    while lo < stop:
+        hi = min(lo - lo % chunk + step, stop)
+        try:
+            blocks = [(lo, digests[lo:hi])]
+        except _READ_ERRORS:
+            blocks = []
+            cuts = [lo, *range(lo - lo % chunk + chunk, hi, chunk), hi]
+            for a, b in zip(cuts, cuts[1:]):
+                try:
+                    blocks.append((a, digests[a:b]))
+                except _READ_ERRORS as exc:
+                    failing.append((a, b))
+                    why = why or f"{exc}; the digests carry a Fletcher-32 checksum"
+        for a, stored in blocks:
+            off += (a + fmt.mismatched_ids(raw[a - start:a - start + len(stored)], stored)).tolist()
+        lo = hi
+    return off, failing, why
+
+
+def _off_digest_line(off: list[int]) -> str:
+    return _rows_line(f"/{fmt.IDS}", [(i, i + 1) for i in off], "their ids do not match their digests "
+                      f"in /{fmt.ID_DIGESTS}: changed on disk")
 
 
 def _rows_line(name: str, failing: list[tuple[int, int]], why: str) -> str:
@@ -277,6 +333,9 @@ class VerifyReport:
     """The reducers whose saved state loads (``RUN.h5.reducers``, or inside a merged or repaired file)."""
     problems: list[str]
     """Everything that does not read, in words: the damaged arrays' lines first."""
+    id_digests: bool = False
+    """Whether the run stores its ids' digests (:data:`~qkhooks.store.format.ID_DIGESTS`, ``--checksum``): each id
+    read was checked against its digest, and each digest's chunk against its checksum."""
 
     @property
     def ok(self) -> bool:
@@ -300,14 +359,19 @@ class VerifyReport:
         if self.problems:
             lines.append(f"result   DAMAGED: {fix}")
         elif self.arrays and not unsummed:
-            lines.append("result   every part read, every chunk passed its checksum")
+            lines.append("result   every part read, every chunk passed its checksum" +
+                         (" and every id its digest" if self.id_digests else " (the ids carry none)"))
         else:
             lines.append("result   every part read; damage inside data without a checksum would not show")
         return "\n".join(lines)
 
     def _checksum_line(self, unsummed: list[str]) -> str:
+        if not unsummed and self.id_digests:
+            return ("checksum Fletcher-32 on every per-image array and on the image ids: every chunk read was checked "
+                    "against it, every id against its digest")
         if not unsummed:
-            return "checksum Fletcher-32 on every per-image array: every chunk read was checked against it"
+            return ("checksum Fletcher-32 on every per-image array, not on the image ids (written before qkhooks stored "
+                    "their digests): every chunk read was checked against it; a changed id cannot be detected")
         if self.checksummed:
             return (f"checksum Fletcher-32 on {len(self.checksummed)} of {len(self.arrays)} per-image arrays; none on "
                     f"{', '.join(unsummed[:3])}{' ...' if len(unsummed) > 3 else ''}, whose chunks were only read and "
@@ -340,7 +404,7 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
         try:
             if ds.attrs.get("per_image", False):
                 arrays[name] = ds
-            elif name != fmt.IDS:
+            elif name not in (fmt.IDS, fmt.ID_DIGESTS):
                 ds[()]  # a spectrum, a position term, the skipped list: small, read whole
                 statics += 1
         except _READ_ERRORS as exc:
@@ -348,12 +412,20 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
     damaged: dict[str, list[tuple[int, int]]] = {}
     lines = []
     for name, ds in sorted(arrays.items()) + ([(fmt.IDS, found[fmt.IDS])] if fmt.IDS in found else []):
-        failing, why = _failing_rows(ds, n, real_size)
+        failing, why = _failing_rows(ds, n, real_size, decode=fmt.ID_DIGESTS not in found)
         gone = _missing_sources(ds, reader.path.parent, n)
         if failing or gone:
             damaged[name] = sorted(failing + gone)
             lines.append(_rows_line(ds.name, damaged[name], why or "their shard file is missing: this merged view "
                                     "reads them as NaN or -1"))
+    if fmt.ID_DIGESTS in found and fmt.IDS in found:
+        off, failing, why = _ids_off_digests_in(found[fmt.IDS], found[fmt.ID_DIGESTS], n, damaged)
+        if failing:
+            damaged[fmt.ID_DIGESTS] = failing
+            lines.append(_rows_line(f"/{fmt.ID_DIGESTS}", failing, why))
+        if off:
+            damaged[fmt.IDS] = sorted(damaged.get(fmt.IDS, []) + [(i, i + 1) for i in off])
+            lines.append(_off_digest_line(off))
     try:
         problems += [f"the layout: {p}" for p in fmt.layout_problems(f, arrays, n)]
     except _READ_ERRORS as exc:
@@ -371,7 +443,27 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
     complete = _readable(lambda: f.attrs["complete"]) and bool(f.attrs["complete"])
     checksummed = sorted(name for name, ds in arrays.items() if ds.fletcher32)
     return VerifyReport(reader.path, n, complete, sorted(arrays), checksummed, statics, damaged, states,
-                        lines + problems)
+                        lines + problems, fmt.ID_DIGESTS in found)
+
+
+def _ids_off_digests_in(ids: h5py.Dataset, digests: h5py.Dataset, n: int,
+                        damaged: dict[str, list[tuple[int, int]]]) -> tuple[list[int], list[tuple[int, int]], str]:
+    """:func:`_ids_off_their_digests` for :func:`_verify`, one chunk of the ids at a time (those that read: ``damaged``
+    holds the others)."""
+    unread = np.zeros(n, dtype=bool)
+    for lo, hi in damaged.get(fmt.IDS, []):
+        unread[lo:hi] = True
+    off: list[int] = []
+    failing: list[tuple[int, int]] = []
+    why = ""
+    rows = min(n, ids.shape[0])
+    step = ids.chunks[0] if ids.chunks else max(1, rows)
+    for lo in range(0, rows, step):
+        hi = min(lo + step, rows)
+        if not unread[lo:hi].any():
+            found = _ids_off_their_digests(digests, ids[lo:hi], lo)
+            off, failing, why = off + found[0], failing + found[1], why or found[2]
+    return off, failing, why
 
 
 def _missing_sources(ds: h5py.Dataset, folder: Path, n: int) -> list[tuple[int, int]]:

@@ -11,8 +11,8 @@ dies, and other processes can watch it grow:
    under ``RUN.h5.creating`` and renamed over ``RUN.h5`` (its checkpoint over ``RUN.h5.reducers`` first) at its
    first reducer checkpoint, or when it is closed complete. Stopped before that (an error, a kill), the old run
    is what ``RUN.h5`` holds and the unfinished new one is dropped.
-2. **Commit.** Per batch: each per-image array, then the ids, flush, and only then ``committed`` (on disk with
-   the next flush). Readers ignore, and a resume cuts, everything past it.
+2. **Commit.** Per batch: each per-image array, then the ids (and, with a checksum, their digests), flush, and only
+   then ``committed`` (on disk with the next flush). Readers ignore, and a resume cuts, everything past it.
 3. **Checkpoints.** Reducer states go to ``RUN.h5.reducers`` after a flush (:mod:`qkhooks.store.format`).
 
 One writer per run (:class:`~qkhooks.store.lock.WriterLock`). A write error (a full disk included) stops the
@@ -75,7 +75,6 @@ FREE_MARGIN_BYTES = 1 << 20
 """Free disk space a batch must leave (beyond its own bytes) before the writer starts writing it."""
 
 _STOP = object()
-_COMMITTED = "/images/ids committed"  # RunWriter._handles' key of the run's fmt.CommittedCount (no dataset's name)
 
 
 def _to_host(value: Any, dtype: torch.dtype | None = None) -> Any:
@@ -123,8 +122,9 @@ class RunWriter:
             stored as JSON.
         dtype: storage dtype of per-image floating arrays.
         compression: ``none`` (default, by measurement), ``gzip`` or ``lzf``.
-        checksum: give every per-image array HDF5's Fletcher-32 checksum, so a damaged chunk is reported when read,
-            never returned (off by default: it costs the writer thread about 2.5x its CPU, see README.md).
+        checksum: give every per-image array HDF5's Fletcher-32 checksum, and store a checksummed digest of every image
+            id (:data:`~qkhooks.store.format.ID_DIGESTS`), so a damaged chunk or id is reported when read, never
+            returned (off by default: it costs the writer thread about 2.5x its CPU, see README.md).
             A resume keeps the file's own layout (compression and checksum) and warns where they differ.
         chunk_images: images per chunk along the first axis (default: the first batch's size, so that every chunk
             is written once; uncompressed, unchecksummed arrays of under 64 KiB a batch group several batches;
@@ -187,7 +187,8 @@ class RunWriter:
             self._writer_lock.release()
             raise
         self.committed = fmt.committed(self._file) or 0
-        self._handles: dict[str, Any] = {}  # per-image datasets (and the ids) of the SWMR file handle
+        self._handles: dict[str, Any] = {}  # per-image datasets (and the ids, their digests) of the SWMR file handle
+        self._committed_count: fmt.CommittedCount | None = None  # the count's attributes, opened with the handles
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._error: BaseException | None = None
@@ -251,6 +252,8 @@ class RunWriter:
         images = f.create_group("images")
         images.create_dataset("ids", (0,), maxshape=(None,), chunks=(1024,), dtype=h5py.string_dtype())
         images.create_dataset("skipped", (0, 2), maxshape=(None, 2), chunks=(64, 2), dtype=h5py.string_dtype())
+        if self.checksum:  # one image a chunk unless told otherwise, as the checksummed arrays (_create_per_image)
+            fmt.create_id_digests(f, fmt.id_digests([]), self.chunk_images or 1)
         fmt.set_committed(f, 0)
         return f
 
@@ -259,6 +262,7 @@ class RunWriter:
         ``.creating`` name (and the old run) until :meth:`_replace_old`."""
         names = sorted(self._created)  # every per-image array of a new run is made here (walking the file: ~20 ms)
         self._groups.clear()  # handles of the file closed below
+        self._drop_handles()
         # Written last, so the metadata laid out first (root, ids) stays where it was before these two existed
         self._file["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps(names)
         self._file.attrs[fmt.IDENTITY] = self._identity
@@ -466,7 +470,7 @@ class RunWriter:
     def _cut(self, f: h5py.File, n: int) -> None:
         if (fmt.committed(f) or 0) > n:
             fmt.set_committed(f, n)  # the count first: a partial flush never leaves committed above the rows
-        for ds in [*fmt.per_image_datasets(f).values(), f[fmt.IDS]]:
+        for ds in [*fmt.per_image_datasets(f).values(), *fmt.id_datasets(f)]:
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)  # shrinking an existing dataset is allowed in SWMR mode
         fmt.set_committed(f, n)
@@ -588,10 +592,16 @@ class RunWriter:
         if not self._reported:
             self._raise_if_failed()
 
+    def _drop_handles(self) -> None:
+        """Let go of the datasets and the count taken from the file (before it is closed; taken again from the next
+        batch on)."""
+        self._handles.clear()
+        self._committed_count = None
+
     def _close_file(self) -> None:
         """Close the HDF5 file deliberately (handles first), also after a failed write; a new run that ends
         with no committed image (and not complete) leaves no file."""
-        self._handles.clear()
+        self._drop_handles()
         keep = self.mode == "resume" or self.committed > 0 or (self._completed and self._error is None)
         if self.mode == "overwrite" and not self._in_place:  # the old run stays unless the new one is complete
             keep = self._completed and self._error is None
@@ -670,7 +680,7 @@ class RunWriter:
                 if out_of_room(exc) in ("disk", "quota"):  # the lock file's reserve counts against both
                     self._writer_lock.free_reserve()  # room for the flush that closing the file needs
                 with self._lock:
-                    self._handles.clear()
+                    self._drop_handles()
                     try:
                         self._file.close()
                     except Exception:  # noqa: BLE001 - the first error is the one reported
@@ -704,11 +714,16 @@ class RunWriter:
         ids_ds = self._handles.get(fmt.IDS)
         if ids_ds is None:
             ids_ds = self._handles[fmt.IDS] = f[fmt.IDS]
-            self._handles[_COMMITTED] = fmt.CommittedCount(f)
+            if fmt.ID_DIGESTS in f:  # a checksummed run's (a resume keeps the file's own: none in older runs)
+                self._handles[fmt.ID_DIGESTS] = _PerImage(f[fmt.ID_DIGESTS])
+            self._committed_count = fmt.CommittedCount(f)
         ids_ds.resize(n + b, axis=0)
         ids_ds[n:n + b] = ids
+        digests = self._handles.get(fmt.ID_DIGESTS)
+        if digests is not None:
+            digests.append(n, fmt.id_digests(ids))
         f.flush()  # the images reach the disk before the count that commits them
-        self._handles[_COMMITTED].set(n + b)  # on disk with the next batch's flush (or flush()/close()): one a batch
+        self._committed_count.set(n + b)  # on disk with the next batch's flush (or flush()/close()): one a batch
         self.committed = n + b
 
     def _check_space(self, values: Mapping[str, np.ndarray], n: int) -> None:
