@@ -229,13 +229,14 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_adapters_r21 and (lora or linear_subclass or recomputed or peft)) or "
                 "(test_store_r21 and (every_image_selection or picked_images or spanning)) or "
                 "(test_store and (run_array_indexes or lazy_indexing or closed_reader))"),
-    # Round 24 (mutation; named for the round that ran it): the functions round 23 changed or added, against the tests
-    # that reach them: the writer's
-    # fixed costs (the arrays it made, the committed count opened once, the layout's groups kept), the file size
-    # limit (EFBIG) and quota (EDQUOT) handled as a full disk, the SWMR reopen before the rename, the lock file's
-    # reserve; top-k's one stable sort; the readings' clipped intervals, pair pivots and crossing sentence, the
-    # anisotropy baseline's pivots; the compiled / opaque / late-hook refusals and the per-batch check. The children
-    # of test_store_safety_r23.py's file size limit tests run unmutated code (left out). --only ROUND23.
+    # Round 24 (mutation; named for the round that ran it): the functions round 23 changed or added, against the
+    # tests that reach them: the writer's fixed costs (the arrays it made, the committed count opened once, the
+    # layout's groups kept), the file size limit (EFBIG) and quota (EDQUOT) handled as a full disk, the SWMR reopen
+    # before the rename, the lock file's reserve; top-k's one stable sort; the readings' clipped intervals, pair
+    # pivots and crossing sentence, the anisotropy baseline's pivots; the compiled / opaque / late-hook refusals and
+    # the per-batch check. Left out: the children of test_store_safety_r23.py's file size limit tests (they run
+    # unmutated code; test_mutation_kills_r24.py has both in this process) and test_store_safety.py's tmpfs
+    # full-disk test (27 s a mutant; test_mutation_kills_io2.py's full disk covers its writer paths). --only ROUND23.
     "round24": (["qkhooks/store/writer.py", "qkhooks/store/lock.py", "qkhooks/store/format.py",
                  "qkhooks/analysis/topk.py", "qkhooks/readings.py", "qkhooks/analysis/anisotropy.py",
                  "qkhooks/models/unsupported.py", "qkhooks/capture.py"],
@@ -248,10 +249,10 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "test_readings or test_tooling_r23 or test_hooks_r22 or test_mutation_kills_r23 or "
                 "test_mutation_kills_r24 or (test_reducers and (interval or centre)) or "
                 "(test_mutation_kills_r19 and pair_pivots) or (test_mutation_kills_io and full_disk_is_told) or "
-                "(test_mutation_kills_io2 and (full_disk or free_space_check or find_their_arrays or string_static)) or "
+                "(test_mutation_kills_io2 and (full_disk or free_space_check or find_their_arrays or string_static or "
+                "array_changes_shape or compressed_run_whose_first_batch)) or "
                 "(test_store_safety and (full_disk_while_laying_out or write_error_inside_hdf5 or overwrite_keeps or "
-                "writes_data_then) "
-                "and not sigkill)"),
+                "writes_data_then) and not sigkill)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
 ROUND18 = (

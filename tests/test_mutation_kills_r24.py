@@ -4,21 +4,29 @@ against an independent reference (h5py's own reading of the file, numpy, the who
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 
 import h5py
 import numpy as np
 import pytest
+import torch
+
+import qkhooks
 
 from qkhooks.errors import QKHooksError
-from qkhooks.readings import BOOTSTRAP, MIN_UNITS, _resamples, intervals, pair_pivots, trend_reading
+from qkhooks.readings import (BOOTSTRAP, MIN_UNITS, _resamples, compare_reading, intervals, layer_intervals,
+                              pair_pivots, trend_reading)
 from qkhooks.store import RunWriter, open_run, repair
 from qkhooks.store import writer as writer_module
 from qkhooks.store.writer import FREE_MARGIN_BYTES
 
+from test_hooks_r22 import _images, _model
+from test_mutation_kills_r23 import _reference_bootstrap_t
 from test_readings_r23 import _pair_mean
 from test_store_safety_r23 import WIDTH, _values
+from test_tooling_r23 import _quantised
 
 LIMIT_FIX = ("raise the limit on file size (`ulimit -f`; where the file system has a largest file, such as FAT32's 4 "
              "GiB, write the run to another)")
@@ -134,17 +142,37 @@ def test_a_steady_trend_is_not_said_to_bend_back_at_its_inner_extreme(direction)
 
 
 # ------------------------------------------------------------------------------------ store/writer.py: the layout
-def test_a_checksummed_compressed_run_keeps_one_image_a_chunk_whatever_its_batches(tmp_path):
-    """With a filter (here both) every chunk is one image, so no later batch re-encodes a chunk holding committed
-    images (a kill inside that write would lose them); the filters are the ones asked for (h5py reads the layout)."""
+def test_a_float16_run_stores_every_floating_array_as_float16_and_integer_arrays_as_they_are(tmp_path):
+    """The run's dtype is its floating arrays' storage, whatever float the batch hands over (float32 tensors'
+    values, float64 numpy); integer arrays (masks, labels) keep their own dtype. h5py reads the stored types."""
     out = tmp_path / "run.h5"
-    with RunWriter(out, dtype="float32", compression="gzip", checksum=True) as w:
-        w.write_batch(["i0", "i1"], {"v": _values(0, 2)[:, :8]})
-        w.write_batch(["i2", "i3", "i4"], {"v": _values(2, 5)[:, :8]})
+    v32, v64 = _values(0, 2)[:, :4] + 0.1, np.linspace(0, 1, 8).reshape(2, 4)
+    labels = np.array([[1, 2], [3, 4]], dtype=np.int32)
+    with RunWriter(out, dtype="float16") as w:
+        w.write_batch(["i0", "i1"], {"a": v32, "b": v64, "labels": labels})
     with h5py.File(out, "r") as f:
-        v = f["v"]
-        assert (v.chunks, v.compression, v.fletcher32, v.shape) == ((1, 8), "gzip", True, (5, 8))
-        np.testing.assert_array_equal(v[:], _values(0, 5)[:, :8])
+        assert (f["a"].dtype, f["b"].dtype, f["labels"].dtype) == (np.float16, np.float16, np.int32)
+        np.testing.assert_array_equal(f["a"][:], v32.astype(np.float16))
+        np.testing.assert_array_equal(f["b"][:], v64.astype(np.float16))
+        np.testing.assert_array_equal(f["labels"][:], labels)
+
+
+def test_an_array_that_appears_when_a_run_of_ids_only_is_resumed_is_refused_whole_and_its_images_stay(tmp_path):
+    """A run whose batches had no array (ids only) leaves its resume no array names to check a batch against before
+    it is queued: the writer thread refuses the new array, and the committed images stay as they were."""
+    out = tmp_path / "run.h5"
+    w = RunWriter(out, dtype="float32")
+    w.write_batch(["i0"], {})
+    w.close(complete=False)
+    w = RunWriter(out, mode="resume", dtype="float32")
+    w.write_batch(["i1"], {"v": _values(1, 2)})
+    with pytest.raises(QKHooksError) as refused:
+        w.flush()
+    assert str(refused.value) == (f"writing {out} failed: v appears after the run's first batch, which did not have it; "
+                                  "every batch needs the same arrays.")
+    w.close(complete=False)
+    with open_run(out) as run:
+        assert run.ids == ["i0"] and not run.complete
 
 
 def test_a_static_written_again_with_its_shape_holds_the_last_value_before_and_after_the_layout(tmp_path):
@@ -186,3 +214,168 @@ def test_pair_pivots_of_images_all_alike_have_no_spread_and_no_shift():
     few = (_resamples(8, BOOTSTRAP, 0) > 0).sum(1) < 3
     assert p.value[0] == pytest.approx(1.0) and p.se[0] == pytest.approx(0.0, abs=1e-7)
     assert (p.t[~few, 0] == 0).all() and np.isnan(p.t[few, 0]).all()
+
+
+# ------------------------------------------------------------------------------------ readings.py: intervals
+def test_intervals_at_another_level_say_their_level():
+    x = np.random.default_rng(9).normal(0.3, 0.2, (20, 2))
+    est = intervals(x, level=0.9)
+    assert [e.level for e in est] == [0.9, 0.9] and est[0].text().startswith(f"{x[:, 0].mean():+.3f}, 90% CI ")
+
+
+@pytest.mark.parametrize("simultaneous", [True, False])
+def test_a_column_with_few_values_among_many_units_gets_a_finite_interval_from_its_rare_empty_resamples(simultaneous):
+    """7 values among 20 units: a few resamples draw fewer than 2 of them (no t*, as extreme as any), too few to move
+    the 97.5% critical value: the interval is finite, equal to bootstrap-t written out resample by resample."""
+    rng = np.random.default_rng(10)
+    x = np.column_stack([rng.normal(0.4, 0.3, 20), np.where(np.arange(20) % 3 == 0, rng.normal(0.2, 0.3, 20), np.nan)])
+    assert np.isfinite(x[:, 1]).sum() == 7
+    mean, low, high, count = _reference_bootstrap_t(x, simultaneous)
+    got = (np.array([[e.value, e.low, e.high, e.units] for e in intervals(x)]).T if simultaneous
+           else np.array([*layer_intervals(x), count]))
+    np.testing.assert_allclose(got, np.array([mean, low, high, count]), rtol=1e-9, atol=1e-12)
+    assert np.isfinite(low).all() and np.isfinite(high).all()
+
+
+def test_a_mean_outside_its_declared_range_is_refused_whole():
+    with pytest.raises(QKHooksError) as refused:
+        intervals(np.full((8, 2), 0.5) + [0.0, 0.7], limits=(-1.0, 1.0))
+    assert str(refused.value) == ("column 1's mean +1.2 lies outside its declared range [-1, +1]: declare the range the "
+                                  "statistic's definition gives (limits=), or check the samples.")
+
+
+def test_a_range_that_excludes_0_is_refused_whole():
+    with pytest.raises(QKHooksError) as refused:
+        intervals(np.full((8, 2), 0.5), limits=([-1.0, 0.2], [1.0, 0.9]))
+    assert str(refused.value) == ("column 1's range [+0.2, +0.9] excludes 0, the value every interval is tested against: "
+                                  "the value compared with lies outside the statistic's range.")
+
+
+# ------------------------------------------------------------------------------------ readings.py: comparisons
+def test_a_curve_above_another_at_every_layer_names_the_layer_of_the_smallest_difference():
+    rng = np.random.default_rng(7)
+    x = rng.normal(0.0, 0.02, (12, 4)) + [0.9, 0.5, 0.2, 0.6]  # smallest above chance at the third layer
+    reading = compare_reading(x, 0.0, [0, 1, 2, 3], "the probability", "chance", "heads")
+    small = reading.estimates["L2"]
+    assert reading.verdict == "above" and small.value == pytest.approx(x[:, 2].mean(), abs=1e-12)
+    assert reading.text == (f"the probability is above chance at every layer (smallest difference at L2: {small.text()}; "
+                            "12 heads; intervals adjusted for 4 layers).")
+
+
+def test_a_comparison_of_too_few_units_keeps_every_layers_mean_without_an_interval():
+    """Below MIN_UNITS no interval is drawn, but each layer's estimate is still the mean difference (numpy's)."""
+    x = np.random.default_rng(8).normal(0.5, 0.1, (MIN_UNITS - 2, 3))
+    reading = compare_reading(x, 0.1, [4, 5, 6], "the probability", "chance", "heads")
+    assert reading.verdict == "too_few" and list(reading.estimates) == ["L4", "L5", "L6"]
+    for layer, e in zip((4, 5, 6), reading.estimates.values()):
+        assert e.value == pytest.approx(x[:, layer - 4].mean() - 0.1, abs=1e-12)
+        assert e.units == MIN_UNITS - 2 and np.isnan(e.low) and np.isnan(e.high)
+
+
+# ------------------------------------------------------------------------------------ store/lock.py
+def test_a_second_writer_is_refused_naming_the_writer_its_lock_file_names(tmp_path):
+    """The refusal quotes the lock file's note (read here as JSON: pid, host, since) and says what to do."""
+    out = tmp_path / "run.h5"
+    with RunWriter(out, dtype="float32"):
+        with open(f"{out}.lock", "rb") as fh:
+            note = json.loads(fh.readline())
+        with pytest.raises(QKHooksError) as refused:
+            RunWriter(out, mode="resume", dtype="float32")
+    assert str(refused.value) == (f"{out} is being written by another process (pid {note['pid']} on {note['host']}, "
+                                  f"since {note['since']}); wait for it to finish or stop it, then run again (a dead "
+                                  "writer's lock is released by the system).")
+
+
+def test_a_symlink_to_nothing_as_the_output_is_refused_whole(tmp_path):
+    link, target = tmp_path / "link.h5", tmp_path / "sub" / "run.h5"
+    link.symlink_to(target)
+    with pytest.raises(QKHooksError) as refused:
+        RunWriter(link)
+    assert str(refused.value) == (f"{link} is a symlink to {target}, which does not exist; writing would replace the "
+                                  f"link by a new file and never create {target}. Give {target} as the output (or "
+                                  "remove the link).")
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link.h5"]
+
+
+# ------------------------------------------------------------------------------------ capture.py
+def test_a_batch_handed_to_a_sink_carries_the_spectrum_its_modes_were_projected_on():
+    """A sink reads a batch's modes against their spectrum (batch.spectrum(layer)): the model's own, as
+    qkhooks.spectrum computes it apart from any recording."""
+    model, images = _model("timm"), _images()
+
+    class Keep:
+        def __init__(self):
+            self.batches = []
+
+        def update(self, batch):
+            self.batches.append(batch)
+
+    sink = Keep()
+    with qkhooks.record(model, modes=4, sinks=[sink]), torch.no_grad():
+        model(images)
+    (batch,) = sink.batches
+    reference = qkhooks.spectrum(model)
+    for layer in (0, 1):
+        torch.testing.assert_close(batch.spectrum(layer).S, reference[layer].S[:, :4], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(batch.spectrum(layer).U, reference[layer].U[:, :, :4], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------ models/unsupported.py
+def _pass_through_forward(module: torch.nn.Module):
+    """A forward set on the instance that calls the class's own (as baukit or a patch would put one there)."""
+    own = module.forward
+
+    def patched_forward(*args, **kwargs):
+        return own(*args, **kwargs)
+
+    return patched_forward
+
+
+def test_an_attention_module_whose_forward_is_replaced_is_refused_whole_naming_it_and_its_class_forward():
+    model = _model("timm")
+    attn = model.blocks[1].attn
+    attn.forward = _pass_through_forward(attn)
+    with pytest.raises(QKHooksError) as refused:
+        qkhooks.record(model, modes=4)
+    forward = f"{__name__}._pass_through_forward.<locals>.patched_forward"
+    assert str(refused.value) == (
+        f"unsupported attention in 'blocks.1.attn' (Attention): its forward is replaced on the instance (module.forward "
+        f"= {forward}: baukit, an nnsight-style tracer or a patch), while qkhooks rebuilds the maps as "
+        f"{type(attn).__module__}.Attention.forward computes them, so the maps, modes and spectrum would describe the "
+        "class's forward, not what the model runs. To record it, restore the class's forward while recording "
+        "(accelerate: remove_hook_from_module, or load without offloading the weights; otherwise del module.forward or "
+        "the tool's own way to undo its patch).")
+
+
+COMPILED_WHY = ("the compiled graph runs the hooks qkhooks reads q, k and the tokens with only while it is traced, or not "
+                "at all, so the recording would be empty or stale without a word. To record it, ")
+
+
+@pytest.mark.parametrize("how", ["model.compile", "wrapper in place"])
+def test_a_compiled_model_is_refused_whole_with_the_fix_for_how_it_was_compiled(how):
+    """Nothing is run (refused at entry), so the eager backend compiles nothing here."""
+    model = _model("timm")
+    if how == "model.compile":
+        model.compile(backend="eager")
+        says = ("the model (VisionTransformer) is compiled by torch.compile (module.compile()): " + COMPILED_WHY
+                + "record the model uncompiled (load or build it again without .compile(); compile only what runs "
+                "without qkhooks).")
+    else:
+        model.blocks[1].attn = torch.compile(model.blocks[1].attn, backend="eager")
+        says = ("'blocks.1.attn' (OptimizedModule) is compiled by torch.compile (a compiled wrapper): " + COMPILED_WHY
+                + "record model.blocks.1.attn._orig_mod and run that module itself (the wrapper runs the compiled graph "
+                "around it).")
+    with pytest.raises(QKHooksError) as refused:
+        qkhooks.record(model, modes=4)
+    assert str(refused.value) == says
+
+
+def test_a_quantised_q_k_layer_is_refused_whole_naming_its_class_and_the_fix():
+    model = _quantised("timm")
+    with pytest.raises(QKHooksError) as refused:
+        qkhooks.record(model, modes=4)
+    cls = type(model.blocks[0].attn.qkv)
+    assert str(refused.value) == (
+        f"'blocks.0.attn.qkv' (Linear) is a quantised layer ({cls.__module__}.{cls.__qualname__}, from "
+        "torch.ao.quantization.quantize_dynamic or convert): it computes with integer weights, so there are no float "
+        "W_q/W_k whose products the model computes. Record the float model (before quantising it).")
