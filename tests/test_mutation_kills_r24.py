@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import qkhooks
-
 from qkhooks.errors import QKHooksError
 from qkhooks.readings import (BOOTSTRAP, MIN_UNITS, _resamples, compare_reading, intervals, layer_intervals,
                               pair_pivots, trend_reading)
@@ -379,3 +378,35 @@ def test_a_quantised_q_k_layer_is_refused_whole_naming_its_class_and_the_fix():
         f"'blocks.0.attn.qkv' (Linear) is a quantised layer ({cls.__module__}.{cls.__qualname__}, from "
         "torch.ao.quantization.quantize_dynamic or convert): it computes with integer weights, so there are no float "
         "W_q/W_k whose products the model computes. Record the float model (before quantising it).")
+
+
+# ------------------------------------------------------------------------------------ store/writer.py: out of room
+@pytest.mark.parametrize("room", ["disk", "size"])
+def test_running_out_of_room_while_overwriting_before_the_first_checkpoint_keeps_the_old_run_and_says_so(
+        tmp_path, monkeypatch, room):
+    """The new run is written beside the old one until its first checkpoint: a full disk (or a file size limit) then
+    leaves the old run whole, and the message says so (not --resume: there is nothing of the new run to resume)."""
+    out = tmp_path / "run.h5"
+    with RunWriter(out, dtype="float32") as w:
+        w.write_batch(["old0", "old1"], {"v": _values(0, 2)})
+    w = RunWriter(out, mode="overwrite", dtype="float32")
+    w.write_batch(["new0"], {"v": _values(5, 6)})
+    w.flush()
+    if room == "disk":
+        monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda path: type("Full", (), {"free": 1000})())
+        what, fix = "disk full", "free space"
+    else:
+        monkeypatch.setattr(writer_module, "resource", _FileSizeLimit(os.path.getsize(f"{out}.creating")))
+        what, fix = "file size limit reached", LIMIT_FIX
+    w.write_batch(["new1"], {"v": _values(6, 7)})
+    with pytest.raises(QKHooksError) as stopped:
+        w.flush()
+    assert str(stopped.value) == (f"{what} while writing the new run beside run.h5, before its first checkpoint: run.h5 "
+                                  f"keeps the old run, unchanged; {fix} and run the same command (with --overwrite) "
+                                  "again")
+    w.close(complete=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]  # the new run's file is gone
+    with open_run(out) as run:
+        assert run.ids == ["old0", "old1"] and run.complete
+        np.testing.assert_array_equal(run.array("v")[:], _values(0, 2))
