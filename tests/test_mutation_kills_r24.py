@@ -280,9 +280,11 @@ def test_a_second_writer_is_refused_naming_the_writer_its_lock_file_names(tmp_pa
             note = json.loads(fh.readline())
         with pytest.raises(QKHooksError) as refused:
             RunWriter(out, mode="resume", dtype="float32")
-    assert str(refused.value) == (f"{out} is being written by another process (pid {note['pid']} on {note['host']}, "
-                                  f"since {note['since']}); wait for it to finish or stop it, then run again (a dead "
-                                  "writer's lock is released by the system).")
+    assert note["pid"] == os.getpid()  # the same process: the refusal says so, not "another process"
+    assert str(refused.value) == (f"{out} is being written by this process (pid {note['pid']} on {note['host']}, "
+                                  f"since {note['since']}): another writer in it (a RunWriter, record_dataset) has the "
+                                  "run open; close that one first (leave its with block or call its close()), then open "
+                                  "the run again.")
 
 
 def test_a_symlink_to_nothing_as_the_output_is_refused_whole(tmp_path):
@@ -356,12 +358,13 @@ def test_a_compiled_model_is_refused_whole_with_the_fix_for_how_it_was_compiled(
     model = _model("timm")
     if how == "model.compile":
         model.compile(backend="eager")
-        says = ("the model (VisionTransformer) is compiled by torch.compile (module.compile()): " + COMPILED_WHY
-                + "record the model uncompiled (load or build it again without .compile(); compile only what runs "
-                "without qkhooks).")
+        says = ("the model (VisionTransformer) is compiled by torch.compile (module.compile()) where qkhooks hooks the "
+                "attention: " + COMPILED_WHY + "record the model uncompiled (load or build it again without .compile(); "
+                "compile only what runs without qkhooks, such as the head).")
     else:
         model.blocks[1].attn = torch.compile(model.blocks[1].attn, backend="eager")
-        says = ("'blocks.1.attn' (OptimizedModule) is compiled by torch.compile (a compiled wrapper): " + COMPILED_WHY
+        says = ("'blocks.1.attn' (OptimizedModule) is compiled by torch.compile (a compiled wrapper) where qkhooks hooks "
+                "the attention: " + COMPILED_WHY
                 + "record model.blocks.1.attn._orig_mod and run that module itself (the wrapper runs the compiled graph "
                 "around it).")
     with pytest.raises(QKHooksError) as refused:
@@ -376,8 +379,9 @@ def test_a_quantised_q_k_layer_is_refused_whole_naming_its_class_and_the_fix():
     cls = type(model.blocks[0].attn.qkv)
     assert str(refused.value) == (
         f"'blocks.0.attn.qkv' (Linear) is a quantised layer ({cls.__module__}.{cls.__qualname__}, from "
-        "torch.ao.quantization.quantize_dynamic or convert): it computes with integer weights, so there are no float "
-        "W_q/W_k whose products the model computes. Record the float model (before quantising it).")
+        "torch.ao.quantization.quantize_dynamic or convert) in an attention layer: it computes with integer weights, so "
+        "there are no float W_q/W_k whose products the model computes. Record the float model (before quantising it), "
+        "or quantise only layers outside the attention (the head, the MLPs: those are taken).")
 
 
 # ------------------------------------------------------------------------------------ store/writer.py: out of room

@@ -165,9 +165,12 @@ class WriterLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                owner = _owner(fd)
+                owner, ours = _owner(fd)
                 os.close(fd)
                 raise QKHooksError(
+                    f"{self.run} is being written by this process ({owner}): another writer in it (a RunWriter, "
+                    "record_dataset) has the run open; close that one first (leave its with block or call its "
+                    "close()), then open the run again." if ours else
                     f"{self.run} is being written by another process ({owner}); wait for it to finish or stop it, "
                     "then run again (a dead writer's lock is released by the system)."
                 ) from None
@@ -216,8 +219,8 @@ class WriterLock:
         if not _lock_file_itself(fd):
             os.close(fd)
             raise QKHooksError(
-                f"{self.run} is being written by another process under another name of the same file (a hard link or "
-                "symlink); wait for it to finish or stop it, then run again.")
+                f"{self.run} is being written by another writer under another name of the same file (a hard link or "
+                "symlink), in another process or in this one; wait for it to finish, or stop or close it, then run again.")
         self._run_fd = fd
         keep_out_of_forked_children(fd)
 
@@ -239,9 +242,11 @@ class WriterLock:
         self._fd = None
 
 
-def _owner(fd: int) -> str:
+def _owner(fd: int) -> tuple[str, bool]:
+    """Who holds the lock, as its note says, and whether that is this very process (a second writer opened in it)."""
     try:
         note = json.loads(os.pread(fd, 512, 0).split(b"\n", 1)[0])
-        return f"pid {note['pid']} on {note['host']}, since {note['since']}"
+        ours = note["pid"] == os.getpid() and note["host"] == socket.gethostname()
+        return f"pid {note['pid']} on {note['host']}, since {note['since']}", ours
     except (OSError, ValueError, KeyError, TypeError):
-        return "pid and host not yet written"
+        return "pid and host not yet written", False
