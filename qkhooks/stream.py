@@ -596,19 +596,27 @@ def weights_fingerprint(net: nn.Module) -> str:
     """sha256 of the model's state dict (every tensor's name, shape, dtype and bytes): what a resume compares to
     know the model is the one the run was recorded with (a class name or a checkpoint's path says nothing of the
     weights). Tensors are hashed in parallel threads (hashlib releases the GIL); ViT-B 0.8 s and ViT-L 3.0 s on one
-    core (sha256, 330 / 1160 MiB). Kept per model while no tensor changes (version counters, storage pointers)."""
+    core (sha256, 330 / 1160 MiB). Kept per model while no tensor changes (version counters, storage pointers).
+    Entries that are not plain tensors (a quantised head's packed weights, its dtype: :func:`_state_entries`) are
+    hashed by their content too."""
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    state = net.state_dict(keep_vars=False)
-    key = tuple((name, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device)) for name, t in state.items())
+    state = _state_entries(net.state_dict(keep_vars=False))
+    key = tuple((name, t) if isinstance(t, bytes) else (name, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype),
+                                                        str(t.device)) for name, t in state)
     known = _FINGERPRINTS.get(net)
     if known is not None and known[0] == key:
         return known[1]
 
-    def one(item: tuple[str, torch.Tensor]) -> bytes:
+    def one(item: tuple[str, torch.Tensor | bytes]) -> bytes:
         name, t = item
+        if isinstance(t, bytes):
+            return hashlib.sha256(f"{name}|".encode() + t).digest()
         h = hashlib.sha256(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        if t.is_quantized:  # the integers and the scale(s) and zero point(s) that give them their values
+            h.update(_quantisation(t))
+            t = t.int_repr()
         flat = t.detach().contiguous().reshape(-1).cpu()
         if flat.numel():
             h.update(memoryview(flat.view(torch.uint8).numpy()))
@@ -616,10 +624,51 @@ def weights_fingerprint(net: nn.Module) -> str:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, min(8, cores))) as pool:
-        digests = list(pool.map(one, sorted(state.items(), key=lambda kv: kv[0])))
+        digests = list(pool.map(one, sorted(state, key=lambda kv: kv[0])))
     total = hashlib.sha256(b"".join(digests)).hexdigest()
     _FINGERPRINTS[net] = (key, total)
     return total
+
+
+_PLAIN_STATE = (torch.dtype, torch.Size, int, float, bool, str, bytes, type(None))
+
+
+def _state_entries(state: dict[str, Any]) -> list[tuple[str, torch.Tensor | bytes]]:
+    """(name, tensor or bytes) of every entry of a state dict, tuples and lists opened (``name.i``): torch's
+    dynamically quantised Linear keeps ``_packed_params._packed_params`` as a (weight, bias) tuple and
+    ``_packed_params.dtype`` as a dtype. Other values are stood for by their ``repr`` (plain values) or pickle; one
+    that has neither is refused, since a resume could not tell whether it changed."""
+    import pickle
+
+    entries: list[tuple[str, torch.Tensor | bytes]] = []
+    pending = list(state.items())
+    while pending:
+        name, value = pending.pop(0)
+        if isinstance(value, torch.Tensor):
+            entries.append((name, value))
+        elif isinstance(value, (tuple, list)):
+            pending[:0] = [(f"{name}.{i}", v) for i, v in enumerate(value)]
+        elif isinstance(value, _PLAIN_STATE):
+            entries.append((name, f"{type(value).__name__}:{value!r}".encode()))
+        else:
+            try:
+                entries.append((name, pickle.dumps(value, protocol=4)))
+            except Exception as exc:
+                raise QKHooksError(
+                    f"the model's state dict holds {name!r}, a {type(value).__qualname__} that can be neither hashed as "
+                    f"a tensor nor pickled ({exc}), so a run file cannot record which weights it was made with (a "
+                    "resume compares them). Record the model without that state (it comes from the module's "
+                    "get_extra_state).") from None
+    return entries
+
+
+def _quantisation(t: torch.Tensor) -> bytes:
+    """What turns a quantised tensor's integers into its values: its scheme, scale(s), zero point(s) and axis."""
+    scheme = t.qscheme()
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return repr((str(scheme), t.q_scale(), t.q_zero_point())).encode()
+    scales, zeros = t.q_per_channel_scales().double().cpu(), t.q_per_channel_zero_points().cpu()
+    return repr((str(scheme), t.q_per_channel_axis())).encode() + scales.numpy().tobytes() + zeros.numpy().tobytes()
 
 
 class _SeenIds:

@@ -382,9 +382,11 @@ def _compiled(module: nn.Module) -> str | None:
 
 
 def hooked_paths(model: nn.Module, sites: Sequence["AttentionSite"]) -> list[str]:
-    """The paths of the modules a recording of ``sites`` hooks, besides those inside or around them: the sites and the
-    modules whose call the sites read their grid from (:func:`qkhooks.models.base.grid_source_hooks`)."""
+    """The paths of the modules a recording of ``sites`` hooks, besides those inside or around them: the sites, the
+    modules whose call the sites read their grid from (:func:`qkhooks.models.base.grid_source_hooks`) and those a
+    site watches besides its own (``context_hooks``: a video model's tubelet embedding, a block around windows)."""
     sources = {id(s.grid_source[0]) for s in sites if s.grid_source is not None}
+    sources |= {id(module) for s in sites for module, _ in s.context_hooks()}
     return [s.path for s in sites] + ([path for path, m in model.named_modules() if id(m) in sources] if sources else [])
 
 

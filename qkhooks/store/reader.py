@@ -491,7 +491,7 @@ class RunReader:
     def ids(self) -> list[str]:
         """The committed images' ids; in a checksummed run each is checked against its digest (a mismatch is refused
         as damage, naming the image and ``qkhooks repair``)."""
-        ids = fmt.read_ids(self.file, self.n)
+        ids = self._retried("its image ids", lambda: fmt.read_ids(self.file, self.n))
         if len(ids) < self.n:
             raise self._too_few_rows(f"its image ids /{fmt.IDS}", len(ids), self.n)
         return ids
