@@ -22,7 +22,7 @@ import sys
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -633,7 +633,7 @@ def weights_fingerprint(net: nn.Module) -> str:
 _PLAIN_STATE = (torch.dtype, torch.Size, int, float, bool, str, bytes, type(None))
 
 
-def _state_entries(state: dict[str, Any]) -> list[tuple[str, torch.Tensor | bytes]]:
+def _state_entries(state: Mapping[str, Any]) -> list[tuple[str, torch.Tensor | bytes]]:
     """(name, tensor or bytes) of every entry of a state dict, tuples and lists opened (``name.i``): torch's
     dynamically quantised Linear keeps ``_packed_params._packed_params`` as a (weight, bias) tuple and
     ``_packed_params.dtype`` as a dtype. Other values are stood for by their ``repr`` (plain values) or pickle; one
@@ -641,13 +641,11 @@ def _state_entries(state: dict[str, Any]) -> list[tuple[str, torch.Tensor | byte
     import pickle
 
     entries: list[tuple[str, torch.Tensor | bytes]] = []
-    pending = list(state.items())
-    while pending:
-        name, value = pending.pop(0)
+    for name, value in state.items():
         if isinstance(value, torch.Tensor):
             entries.append((name, value))
         elif isinstance(value, (tuple, list)):
-            pending[:0] = [(f"{name}.{i}", v) for i, v in enumerate(value)]
+            entries += _state_entries({f"{name}.{i}": v for i, v in enumerate(value)})
         elif isinstance(value, _PLAIN_STATE):
             entries.append((name, f"{type(value).__name__}:{value!r}".encode()))
         else:

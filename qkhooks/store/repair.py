@@ -238,9 +238,10 @@ def _ids_off_their_digests(digests: h5py.Dataset, raw: np.ndarray,
                            start: int = 0) -> tuple[list[int], list[tuple[int, int]], str]:
     """(the rows whose id, ``raw[i]`` for row ``start + i`` as read from ``/images/ids``, does not match its digest in
     ``digests``; the [start, stop) rows whose digests' chunk does not read; why the first did not). Read a few
-    thousand rows at a time, chunk by chunk only around a chunk that does not read (HDF5's chunk lookup, which
-    :func:`_failing_rows` asks once a chunk, grows with the chunks: digests have one a row). A digest read as zeros
-    past a truncation matches no id. Rows past the digests' end are the caller's to note."""
+    thousand rows at a time, chunk by chunk only around a chunk that does not read (digests have one chunk a row by
+    default: a read per chunk would cost a call each). A digest read as zeros past a truncation matches no id, so its
+    image is reported as changed rather than past the end (it is lost either way). Rows past the digests' end are the
+    caller's to note."""
     stop, chunk = min(start + len(raw), digests.shape[0]), digests.chunks[0]
     step = chunk * max(1, 4096 // chunk)  # whole chunks (from a chunk's start): a block reads each once
     off: list[int] = []
