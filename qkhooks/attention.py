@@ -18,6 +18,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, parse_layers, select_layers
 from qkhooks.sdpa import HALF, AttentionCallMode, SdpaCall, autocast_off, maps_times_values, scaled_logits, sdpa_maps
@@ -204,7 +205,7 @@ def _check_tokens(query_tokens: torch.Tensor, batch: int, n: int, device: torch.
         )
     if query_tokens.numel() and (int(query_tokens.max()) >= n or int(query_tokens.min()) < 0):
         raise QKHooksError(f"query_tokens must index tokens 0..{n - 1} (prefix tokens first), got {query_tokens.tolist()}.")
-    return query_tokens.to(device).long()
+    return to_device(query_tokens.long(), device)
 
 
 def _refuse_non_querying_tokens(site: AttentionSite, query_tokens: torch.Tensor) -> None:
@@ -251,7 +252,7 @@ def pool_rows(rows: torch.Tensor, masks: torch.Tensor, num_prefix_tokens: int) -
             f"pool_masks must be (batch, masks, tokens) with {n} tokens or {n - num_prefix_tokens} patch tokens; "
             f"got {tuple(masks.shape)} for a batch of {rows.shape[0]}."
         )
-    return torch.einsum("bhtn,bmn->bhtm", rows, masks.to(rows.device, rows.dtype))
+    return torch.einsum("bhtn,bmn->bhtm", rows, to_device(masks, rows.device).to(rows.dtype))
 
 
 # ------------------------------------------------------------------ one attention computation (outputs="eager")

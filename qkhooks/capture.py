@@ -53,7 +53,8 @@ from qkhooks.models.unsupported import (hooked_paths, own_hook, refuse_altered_q
 from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
-from qkhooks.spectrum import LayerSpectrum, QKSpectrum, WeightsState, layer_spectrum, same_weights, weights_state
+from qkhooks.spectrum import (LayerSpectrum, QKSpectrum, WeightsState, check_cached_weights, layer_spectrum, same_weights,
+                              weights_state)
 
 __all__ = ["record", "Recording", "LayerCapture", "BatchCapture", "Sink", "parse_modes"]
 
@@ -165,6 +166,8 @@ class Recording:
             by_layer = {s.layer: s for s in spectrum} if spectrum is not None else {}
             spectra = []
             _refuse_maps_only_modes(self.sites)
+            if spectrum is None:
+                check_cached_weights(self.sites)  # on a GPU: one device read for every layer's cached spectrum
             for site in self.sites:
                 spec, projector = _layer_modes(site, by_layer.get(site.layer), k, augmented,
                                                qk_path and input == "normed" and _full_precision_qk(site, compute_dtype))

@@ -476,6 +476,47 @@ def same_weights(state: WeightsState, site: AttentionSite) -> bool:
     return _weights_key(site) == key and (copy is None or _same_bits(copy, _qk_tensors(site)))
 
 
+# Attention module -> (its weights key, whether its cached copy holds the same bits): verdicts of
+# check_cached_weights, each taken (and dropped) by the next layer_spectrum of that module.
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, bool]]" = weakref.WeakKeyDictionary()
+
+
+def check_cached_weights(sites: Sequence[AttentionSite]) -> None:
+    """Compare the spectrum cache's copies of W_q/W_k on a GPU with the weights now, for all ``sites`` together, so
+    that the ``layer_spectrum`` calls that follow read one answer from the device instead of one per layer (each a
+    ``torch.equal``, which makes the host wait for every kernel queued: entering ``record()`` per batch stalled the
+    forward of the batch before it once per layer). Copies on the CPU are left to ``layer_spectrum`` (memcmp)."""
+    import torch
+
+    pending = []
+    for site in sites:
+        entry = _SPECTRUM_CACHE.get(site.module) if site.module is not None else None
+        if entry is None or entry[0][1] is None:
+            continue
+        (key, copy), now_key = entry[0], _weights_key(site)
+        now = _qk_tensors(site) if now_key == key else ()
+        if now_key != key or len(now) != len(copy) or any(
+                a.dtype != b.dtype or a.shape != b.shape or a.device != b.device or a.device.type == "cpu"
+                for a, b in zip(copy, now)):
+            continue  # decided without comparing on a device
+        ints = [getattr(torch, _SAME_SIZE_INTS[a.element_size()]) for a in copy]
+        differs = torch.stack([(a.view(i) != b.view(i)).any() for a, b, i in zip(copy, now, ints)]).any()
+        pending.append((site.module, now_key, differs))
+    if pending:
+        device = pending[0][2].device
+        verdicts = torch.stack([differs.to(device) for _, _, differs in pending]).tolist()
+        for (module, key, _), differs in zip(pending, verdicts):
+            _CHECKED[module] = (key, not differs)
+
+
+def _cached_still_valid(state: WeightsState, site: AttentionSite) -> bool:
+    """:func:`same_weights` of the cache's state, answered by :func:`check_cached_weights` where it just ran."""
+    checked = _CHECKED.pop(site.module, None) if site.module is not None else None
+    if checked is not None and checked[0] == state[0] and _weights_key(site) == checked[0]:
+        return checked[1]
+    return same_weights(state, site)
+
+
 def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectrum:
     """Spectrum of one site: float64 SVD, stored as float32 on the CPU.
 
@@ -487,7 +528,7 @@ def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectru
     if module is None:
         return _compute_layer_spectrum(site, augmented)
     entry = _SPECTRUM_CACHE.get(module)
-    if entry is None or not same_weights(entry[0], site):
+    if entry is None or not _cached_still_valid(entry[0], site):
         entry = _SPECTRUM_CACHE[module] = (_copied_state(site, _weights_key(site)), {})
     spec = entry[1].get(augmented)
     if spec is None or spec.layer != site.layer:

@@ -355,11 +355,18 @@ def test_end_to_end_section_renders_the_record_to_plain_ratio(tmp_path):
             "record": {"wall_s": _s(8.6), "cpu_s": _s(7.7)}, "ratio_wall": _s(1.075), "ratio_cpu": _s(1.1),
             "parts_ms_per_batch": {"plain_forward": 480.0, "topk_modes": 11.0}}
     md, js = tmp_path / "RESULTS.md", tmp_path / "results.json"
-    save_results({"end_to_end/vit_ti/cpu/t1": _entry("end_to_end", data, model="vit_ti")}, md, js, merge=False)
+    gpu = dict(_entry("end_to_end", {**data, "workers": 4, "ratio_wall": _s(1.03)}, model="vit_ti"), device="cuda")
+    save_results({"end_to_end/vit_ti/cpu/t1": _entry("end_to_end", data, model="vit_ti"),
+                  "end_to_end/vit_ti/cuda/t1": gpu}, md, js, merge=False)
     text = md.read_text()
     assert "## End to end: `qkhooks record` over a folder vs a plain loop" in text
-    assert "| ViT-Ti/16 (timm vit_tiny_patch16_224, random init) | 2 | 240 |" in text
-    assert "**1.100 [1.089, 1.111]**" in text and "plain_forward 480.0, topk_modes 11.0" in text
+    cpu_row = next(line for line in text.splitlines() if "| cpu | 2 | 240 | 0 |" in line)
+    cuda_row = next(line for line in text.splitlines() if "| cuda | 2 | 240 | 4 |" in line)
+    assert cpu_row.startswith("| ViT-Ti/16 (timm vit_tiny_patch16_224, random init) |")
+    # the primary metric is bold: process CPU time on the CPU, wall time beside a GPU
+    assert "**1.100 [1.089, 1.111]**" in cpu_row and "**1.075 [1.064, 1.086]**" not in cpu_row
+    assert "**1.030 [" in cuda_row and "**1.100" not in cuda_row
+    assert "plain_forward 480.0, topk_modes 11.0" in cpu_row
 
 
 def test_per_batch_record_runner_builds_the_recording_each_step_and_matches_the_given_spectrum_path():

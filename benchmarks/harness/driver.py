@@ -105,10 +105,10 @@ def run(args: argparse.Namespace) -> int:
                     record("dataset_memory", size, dict(batch=args.batch, images=args.dataset_images),
                            lambda: dataset_memory(size, args.batch, args.dataset_images, args.threads, workdir / size, log),
                            dev="cpu")
-                if "end_to_end" in sections and device.type == "cpu":
+                if "end_to_end" in sections:
                     record("end_to_end", size, dict(images=args.e2e_images, batch=16, rounds=args.e2e_rounds),
-                           lambda: end_to_end_bench(size, workdir / size, args.e2e_images, 16, args.e2e_rounds, log),
-                           dev="cpu")
+                           lambda: end_to_end_bench(size, workdir / size, args.e2e_images, 16, args.e2e_rounds, log,
+                                                    device))
                 if "profile" in sections:
                     def profiles() -> dict[str, Any]:
                         targets = [n for n in ("rows2", "modes_all", "full_hdf5") if n in names]

@@ -279,12 +279,18 @@ def render_markdown(data: dict[str, Any]) -> str:
         for key, e in e2e:
             d = e["data"]
             parts = d.get("parts_ms_per_batch", {})
-            rows.append([_label(e["model"]), _threads(e), d["images"], _med_iqr(d["plain"]["cpu_s"], 2),
-                         _med_iqr(d["record"]["cpu_s"], 2), f"**{_med_iqr(d['ratio_cpu'], 3)}**",
-                         _med_iqr(d["ratio_wall"], 3), f"{e.get('load_before')}",
-                         ", ".join(f"{k} {v:.1f}" for k, v in parts.items())])
-        L += _table(["model", "threads", "images", "plain CPU s", "record CPU s", "record/plain (CPU)",
-                     "record/plain (wall)", "load before", "parts, ms per batch"], rows)
+            cpu_ratio, wall_ratio = _med_iqr(d["ratio_cpu"], 3), _med_iqr(d["ratio_wall"], 3)
+            if e["device"] == "cpu":  # the primary metric in bold: process CPU on the CPU, wall time beside a GPU
+                cpu_ratio = f"**{cpu_ratio}**"
+            else:
+                wall_ratio = f"**{wall_ratio}**"
+            rows.append([_label(e["model"]), e["device"], _threads(e), d["images"], d.get("workers", 0),
+                         _med_iqr(d["plain"]["cpu_s"], 2), _med_iqr(d["record"]["cpu_s"], 2), cpu_ratio,
+                         _med_iqr(d["plain"]["wall_s"], 2), _med_iqr(d["record"]["wall_s"], 2), wall_ratio,
+                         f"{e.get('load_before')}", ", ".join(f"{k} {v:.1f}" for k, v in parts.items())])
+        L += _table(["model", "device", "threads", "images", "loader workers", "plain CPU s", "record CPU s",
+                     "record/plain (CPU)", "plain wall s", "record wall s", "record/plain (wall)", "load before",
+                     "parts, ms per batch"], rows)
         L.append("")
     for key, e in by_section.get("profile", []):
         d = e["data"]

@@ -78,17 +78,21 @@ class AnisotropyReducer(Reducer):
         if self.num_prefix_tokens is None:
             self.num_prefix_tokens = resolve_prefix(None, batch.meta, int(layers[min(layers)].shape[1]))
         for layer, z in centres.items():
-            dtype = z.dtype
+            if layer in self.sums and self.sums[layer].shape[0] != z.shape[-1]:
+                raise QKHooksError(f"layer {layer}: width {z.shape[-1]} differs from the earlier {self.sums[layer].shape[0]}.")
+        parts, kept = {}, []
+        for layer, z in centres.items():  # masks by multiplying, not by indexing: no device sync per layer
             norm = z.norm(dim=-1, keepdim=True)
-            ok = norm.squeeze(-1) > 0
-            part = (z / norm.clamp_min(torch.finfo(dtype).tiny))[ok].sum(0)
+            ok = norm > 0  # a zero vector has no direction: not counted
+            parts[layer] = (z / norm.clamp_min(torch.finfo(z.dtype).tiny) * ok).sum(0)
+            kept.append(ok.sum())
+        counts = torch.stack(kept).tolist()  # every layer's count in one read of the device
+        for (layer, part), count in zip(parts.items(), counts):
             if layer in self.sums:
-                if self.sums[layer].shape != part.shape:
-                    raise QKHooksError(f"layer {layer}: width {part.shape[0]} differs from the earlier {self.sums[layer].shape[0]}.")
                 self.sums[layer] = self.sums[layer].to(part.device, part.dtype) + part
-                self.count[layer] += int(ok.sum())
+                self.count[layer] += int(count)
             else:
-                self.sums[layer], self.count[layer] = part, int(ok.sum())
+                self.sums[layer], self.count[layer] = part, int(count)
 
     def _finite_centres(self, batch: BatchCapture, layers: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Layer -> (B, d) centre embeddings in the accumulation dtype, in layer order; a batch with a NaN or inf

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 
 __all__ = ["infer_prefix_tokens", "resolve_prefix", "grid_of", "layer_geometry", "layer_grid", "tokens_on_grid",
@@ -99,4 +100,4 @@ def tokens_on_grid(x: Any, geometry: Any) -> Any:
     valid = index.flatten() >= 0
     where = index.new_empty(int(valid.sum()))
     where[index.flatten()[valid]] = index.new_tensor(range(index.numel()))[valid]
-    return flat[:, where.to(flat.device)]
+    return flat[:, to_device(where, flat.device)]

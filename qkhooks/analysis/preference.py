@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.data.masks import first_argmax, refuse_overlap
 from qkhooks.reducers import Reducer, refuse_non_finite
@@ -204,7 +205,7 @@ def group_preference(values: torch.Tensor | np.ndarray) -> dict[str, torch.Tenso
 
 def _groups(values: torch.Tensor) -> torch.Tensor:
     """(..., 6) -> (..., 3) group values in :data:`GROUPS` order."""
-    return values[..., _GROUP_INDEX.to(values.device)].mean(-1)
+    return values[..., to_device(_GROUP_INDEX, values.device)].mean(-1)
 
 
 # -------------------------------------------------------------------------------------- reducer

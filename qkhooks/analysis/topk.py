@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from qkhooks._devices import to_device
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer, refuse_non_finite
@@ -213,7 +214,7 @@ class TopKModes(Reducer):
             self._store_stacked(layers, self._merge_entrants(state, score, index, maps, m))
             return
         pos = _rank(score, index, min(self.k, b))  # the batch's own top-k first: never gather B maps
-        sign = torch.tensor(SIGNS, device=dev, dtype=self.map_dtype).view(2, 1, 1)  # (2, k, N) of (L, H, K, 2, k, N)
+        sign = to_device(torch.tensor(SIGNS, dtype=self.map_dtype), dev).view(2, 1, 1)  # (2, k, N) of (L, H, K, 2, k, N)
         picked = pos.reshape(len(maps), h, m, -1)
         lanes = torch.arange(h * m, device=dev).view(h, m, 1)
 
@@ -253,7 +254,7 @@ class TopKModes(Reducer):
         image = pos[enters] - k
         slots = enters.flatten().nonzero().squeeze(1)
         counts = torch.bincount(where[:, 0], minlength=len(maps)).tolist()
-        sign = torch.tensor(SIGNS, dtype=self.map_dtype, device=pos.device)[where[:, 3]].unsqueeze(1)
+        sign = to_device(torch.tensor(SIGNS, dtype=self.map_dtype), pos.device)[where[:, 3]].unsqueeze(1)
         kept = pos.clamp(max=k - 1)  # entering slots are overwritten below
         for side, name in ((1, "query"), (2, "key")):
             out = _take(state[name], kept)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, NoReturn, Sequence, TypeVar, Union
 import torch
 from torch import nn
 
+from qkhooks._devices import to_device
 from qkhooks.access import layer_at_path
 from qkhooks.errors import QKHooksError
 from qkhooks.models.unsupported import (PEFT_FIX, SKIP_HINT, describe_attention_like, diagnose, refuse_opaque, refuse_quantised,
@@ -374,7 +375,7 @@ class AttentionSite:
         bias = bias[..., : logits.shape[-1]].to(logits.device, logits.dtype)
         if query_tokens is not None:
             bias = bias.expand(logits.shape[0], -1, -1, -1)
-            index = query_tokens.to(bias.device).long()[:, None, :, None]
+            index = to_device(query_tokens.long(), bias.device)[:, None, :, None]
             bias = torch.gather(bias, 2, index.expand(-1, bias.shape[1], -1, bias.shape[-1]))
         return logits + bias
 

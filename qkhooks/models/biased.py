@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite
@@ -39,7 +40,8 @@ def per_head_rows(attn: nn.Module, linear: nn.Linear) -> tuple[Callable[[], tupl
 
     def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
         w = linear.weight
-        return w[rows.to(w.device)], None if linear.bias is None else linear.bias[rows.to(w.device)]
+        at = to_device(rows, w.device)
+        return w[at], None if linear.bias is None else linear.bias[at]
 
     return reader, ()  # the Linear's output interleaves heads: modes and maps from the tokens x
 

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite, recast
@@ -128,14 +129,14 @@ class HaloSite(WindowSite, RelativeSite):
         x = AttentionSite.hidden_states(self, args, kwargs)  # (B, H·W, d); its key windows by key_tokens
         (h, w), s = self._grid_of_call, self.query_stride
         queries = x.unflatten(1, (h, w))[:, ::s, ::s].flatten(1, 2)  # the pixels the strided q conv reads
-        index = self.window_index().to(x.device)
+        index = to_device(self.window_index(), x.device)
         queries = queries[:, index.flatten()].reshape(-1, index.shape[1], x.shape[-1])  # (B·nB, Q, d)
         self._call_images, self._call_tokens, self._term = int(x.shape[0]), queries, None
         return queries
 
     def haloed_keys(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """The tokens of every haloed key window (B·nB, M, d), zero where the model pads (its padded keys are 0)."""
-        index = self.key_window_index().to(x.device)
+        index = to_device(self.key_window_index(), x.device)
         padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[-1])], dim=1)  # token -1: a zero token
         return padded[:, index.flatten()].reshape(-1, index.shape[1], x.shape[-1])
 
@@ -163,7 +164,7 @@ class HaloSite(WindowSite, RelativeSite):
             where = torch.empty(self._grid_of_call[0] * self._grid_of_call[1], dtype=torch.long)  # type: ignore[index]
             valid = index.flatten() >= 0
             where[index.flatten()[valid].flip(0)] = torch.arange(index.numel())[valid].flip(0)  # first occurrence
-            return flat[..., where.to(flat.device)]
+            return flat[..., to_device(where, flat.device)]
         if kind not in ("full", "modes"):
             self.check_attention_kind(kind)
         return super().to_images(kind, t)

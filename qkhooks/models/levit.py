@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite, recast
@@ -86,7 +87,7 @@ def _folded_rows(path: str, norm: nn.Module, rows: torch.Tensor) -> Reader:
 
     def reader() -> tuple[torch.Tensor, torch.Tensor]:
         w, b = fold_batchnorm(linear, bn)
-        index = rows.to(w.device)
+        index = to_device(rows, w.device)
         return w[index], b[index]
 
     return reader

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.hf import EXTRA_FORMS
@@ -132,7 +133,7 @@ class PackedSite(AttentionSite):
                                 f"{len(lengths)} segments")
         if len(set(lengths)) == 1:
             return t
-        valid = self._valid().to(t.device)
+        valid = to_device(self._valid(), t.device)
         if kind == "modes":  # (S, H, K, n_max)
             return t * valid[:, None, None, :].to(t.dtype)
         return t * valid[:, None, :, None].to(t.dtype)  # (S, H, n_max, n_max): padded query rows

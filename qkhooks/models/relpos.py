@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
@@ -99,7 +100,7 @@ class RelativeSite(AttentionSite):
             return logits
         term = term.to(logits.device, logits.dtype)
         if query_tokens is not None:
-            index = query_tokens.to(term.device).long()[:, None, :, None]
+            index = to_device(query_tokens.long(), term.device)[:, None, :, None]
             term = torch.gather(term, 2, index.expand(-1, term.shape[1], -1, term.shape[-1]))
         return logits + term
 

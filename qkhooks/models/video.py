@@ -46,6 +46,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models.base import AttentionSite, recast
@@ -187,7 +188,7 @@ class DividedSite(WindowSite):
         flat = t.unflatten(0, (-1, self.window_index().shape[0])).permute(0, 2, 3, 1, 4).flatten(3)
         first = torch.full((int(index.max()) + 1,), index.numel(), dtype=torch.long)
         first.scatter_reduce_(0, index, torch.arange(index.numel()), reduce="amin")
-        return flat[..., first.to(flat.device)]
+        return flat[..., to_device(first, flat.device)]
 
     def hidden_states(self, args: tuple, kwargs: dict, block: bool = False) -> torch.Tensor:
         if block:

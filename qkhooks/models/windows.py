@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
@@ -128,7 +129,7 @@ class WindowSite(AttentionSite):
             valid = index.flatten() >= 0
             where = torch.empty(int(valid.sum()), dtype=torch.long)
             where[index.flatten()[valid]] = torch.arange(index.numel())[valid]
-            return flat[..., where.to(flat.device)]
+            return flat[..., to_device(where, flat.device)]
         return t
 
     def attention_rows(self, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
@@ -137,19 +138,20 @@ class WindowSite(AttentionSite):
         windows are padded: the zero tokens the model pads with take a share of the rows, with no grid position."""
         from qkhooks.attention import attention_full
 
-        index = self.window_index().to(x.device)
-        if bool((index < 0).any()):
+        host_index = self.window_index()
+        if bool((host_index < 0).any()):  # checked on the host: no device sync
             raise QKHooksError(f"{self.path}: this call's {self._grid_of_call} grid is padded to whole windows, and the "
                                "padding tokens take a share of each row that has no place on the image grid, so rows and "
                                "pooled attention are not exact here; record attention='full' (per window), or use an input "
                                "whose grid the windows tile.")
-        cells, per_window = index.shape
-        tokens = query_tokens.to(x.device).long()
+        tokens = query_tokens.long()  # checked where it is (the host, unless the caller put it on the device)
         if tokens.dim() == 1:
             tokens = tokens[None].expand(self.images_in_call(int(x.shape[0])), -1)
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= index.numel()):
-            raise QKHooksError(f"query_tokens must index the {index.numel()} grid tokens of {self.path}, got "
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= host_index.numel()):
+            raise QKHooksError(f"query_tokens must index the {host_index.numel()} grid tokens of {self.path}, got "
                                f"{tokens.tolist()}.")
+        index, tokens = to_device(host_index, x.device), to_device(tokens, x.device)
+        cells, per_window = index.shape
         full = attention_full(self, x).unflatten(0, (-1, cells))  # (B, nW, H, Nw, Nw)
         where = torch.empty(index.numel(), dtype=torch.long, device=x.device)
         where[index.flatten()] = torch.arange(index.numel(), device=x.device)
@@ -193,7 +195,7 @@ class WindowSite(AttentionSite):
                                "stream is on the image grid, the attention's tokens are windows); use input='normed'.")
         x = super().hidden_states(args, kwargs, block)
         if self.windows_inside:  # (B, H·W, d) -> (B·nW, Nw, d), zeros where the model pads
-            index = self.window_index().to(x.device)
+            index = to_device(self.window_index(), x.device)
             padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[-1])], dim=1)  # token -1: a zero token
             x = padded[:, index.flatten()].reshape(-1, index.shape[1], x.shape[-1])
         self._call_images = self.images_in_call(int(x.shape[0]))
@@ -312,8 +314,8 @@ def _maxxvit_qkv(attn: nn.Module):
     qkv = attn.qkv
 
     def qk_linear() -> tuple[torch.Tensor, torch.Tensor | None]:
-        w = qkv.weight.flatten(1)[rows.to(qkv.weight.device)]
-        return w, None if qkv.bias is None else qkv.bias[rows.to(qkv.weight.device)]
+        at = to_device(rows, qkv.weight.device)
+        return qkv.weight.flatten(1)[at], None if qkv.bias is None else qkv.bias[at]
 
     return qk_linear, ()
 
