@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import tempfile
 import time
@@ -74,7 +75,8 @@ def end_to_end_bench(size: str, workdir: Path, images: int = 240, batch: int = 1
 
 
 def _record_parts(net: torch.nn.Module, batch: int, device: torch.device, steps: int = 4) -> dict[str, float]:
-    """Main-thread CPU ms per batch of each part of a default recording, and the writer thread's CPU."""
+    """Main-thread CPU ms per batch of each part of a default recording (``record()`` entered once, as
+    ``record_dataset`` does), and the writer thread's CPU."""
     import qkhooks
     from qkhooks.analysis.modes import AnisotropyReducer, TopKModes
     from qkhooks.store import RunWriter
@@ -99,16 +101,14 @@ def _record_parts(net: torch.nn.Module, batch: int, device: torch.device, steps:
         times: dict[str, float] = {}
         for label, options in (("plain_forward", None), ("forward_with_capture", {"modes": 16, "keep_inputs": True}),
                                ("forward_with_sinks", {"modes": 16, "keep_inputs": True, "sinks": sinks})):
-            for i in range(steps + 1):
-                if i == 1:
-                    spent.clear()
-                    t0, p0 = time.thread_time(), time.process_time()
-                with torch.no_grad():
-                    if options is None:
-                        net(images)
-                    else:
-                        with qkhooks.record(net, **options) as run:
-                            run(images)
+            with contextlib.ExitStack() as stack:  # record() entered once, as record_dataset does
+                run = net if options is None else stack.enter_context(qkhooks.record(net, **options))
+                for i in range(steps + 1):
+                    if i == 1:
+                        spent.clear()
+                        t0, p0 = time.thread_time(), time.process_time()
+                    with torch.no_grad():
+                        run(images)
             writer.flush()
             times[label] = 1000 * (time.thread_time() - t0) / steps
             if label == "forward_with_sinks":
