@@ -53,7 +53,7 @@ from qkhooks.models.unsupported import (hooked_paths, own_hook, refuse_altered_q
 from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
-from qkhooks.spectrum import (LayerSpectrum, QKSpectrum, WeightsState, check_cached_weights, layer_spectrum, same_weights,
+from qkhooks.spectrum import (LayerSpectrum, QKSpectrum, WeightsState, cached_weights_checked, layer_spectrum, same_weights,
                               weights_state)
 
 __all__ = ["record", "Recording", "LayerCapture", "BatchCapture", "Sink", "parse_modes"]
@@ -166,17 +166,17 @@ class Recording:
             by_layer = {s.layer: s for s in spectrum} if spectrum is not None else {}
             spectra = []
             _refuse_maps_only_modes(self.sites)
-            if spectrum is None:
-                check_cached_weights(self.sites)  # on a GPU: one device read for every layer's cached spectrum
-            for site in self.sites:
-                spec, projector = _layer_modes(site, by_layer.get(site.layer), k, augmented,
-                                               qk_path and input == "normed" and _full_precision_qk(site, compute_dtype))
-                self._weights_at_entry[site.layer] = weights_state(site)
-                spectra.append(spec)
-                if isinstance(projector, QKPathProjector):
-                    self._from_qk[site.layer] = projector
-                else:
-                    self._projectors[site.layer] = projector
+            # on a GPU: one device read for every cached spectrum's weights check, not one per layer
+            with cached_weights_checked([s for s in self.sites if s.layer not in by_layer]):
+                for site in self.sites:
+                    from_qk = qk_path and input == "normed" and _full_precision_qk(site, compute_dtype)
+                    spec, projector = _layer_modes(site, by_layer.get(site.layer), k, augmented, from_qk)
+                    self._weights_at_entry[site.layer] = weights_state(site)
+                    spectra.append(spec)
+                    if isinstance(projector, QKPathProjector):
+                        self._from_qk[site.layer] = projector
+                    else:
+                        self._projectors[site.layer] = projector
             self.qk_spectrum = QKSpectrum(spectra, getattr(model, "qkhooks_spec", "") or type(model).__name__)
             self._modes_kept = modes_kept(self.modes, [s.num_modes for s in spectra], self.sites, stacklevel=5)
         self.outputs: OutputsKind = outputs

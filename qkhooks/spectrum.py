@@ -14,11 +14,14 @@ Torch is imported where a spectrum is computed.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import ctypes
 import dataclasses
 import functools
 import math
 import sys
+import threading
 import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
@@ -476,42 +479,64 @@ def same_weights(state: WeightsState, site: AttentionSite) -> bool:
     return _weights_key(site) == key and (copy is None or _same_bits(copy, _qk_tensors(site)))
 
 
-# Attention module -> (its weights key, whether its cached copy holds the same bits): verdicts of
-# check_cached_weights, each taken (and dropped) by the next layer_spectrum of that module.
-_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, bool]]" = weakref.WeakKeyDictionary()
+# Attention module -> (its weights key, whether its cached copy holds the same bits): the verdicts of the
+# cached_weights_checked block open in this thread, each taken (and dropped) by the next layer_spectrum of that module.
+# Scoped to the block: a verdict outliving it (an entry that failed at an earlier layer) would answer a later spectrum
+# for weights edited since through .data, which keeps the key.
+_VERDICTS = threading.local()
 
 
-def check_cached_weights(sites: Sequence[AttentionSite]) -> None:
-    """Compare the spectrum cache's copies of W_q/W_k on a GPU with the weights now, for all ``sites`` together, so
-    that the ``layer_spectrum`` calls that follow read one answer from the device instead of one per layer (each a
-    ``torch.equal``, which makes the host wait for every kernel queued: entering ``record()`` per batch stalled the
-    forward of the batch before it once per layer). Copies on the CPU are left to ``layer_spectrum`` (memcmp)."""
+def _compared_on_device(t: torch.Tensor) -> bool:
+    """Whether a cached copy is compared on its device, every layer in one read (a GPU's); CPU copies take memcmp."""
+    return t.device.type != "cpu"
+
+
+@contextlib.contextmanager
+def cached_weights_checked(sites: Sequence[AttentionSite]) -> Iterator[None]:
+    """Within the block, ``layer_spectrum`` of these ``sites`` takes its cached-weights verdict from one comparison of
+    the spectrum cache's copies of W_q/W_k on a GPU with the weights now, for all ``sites`` together: one read of the
+    device instead of one per layer (each a ``torch.equal``, which makes the host wait for every kernel queued:
+    entering ``record()`` per batch stalled the forward of the batch before it once per layer). Copies on the CPU are
+    left to ``layer_spectrum`` (memcmp); the verdicts are dropped when the block ends."""
+    outer = getattr(_VERDICTS, "by_module", None)
+    _VERDICTS.by_module = _device_verdicts(sites)
+    try:
+        yield
+    finally:
+        _VERDICTS.by_module = outer
+
+
+def _device_verdicts(sites: Sequence[AttentionSite]) -> dict[Any, tuple[tuple | None, bool]]:
+    """Module -> (its weights key, whether the cache's copy holds the same bits), for the sites whose copy is on a
+    device; a module with several sites gets none (each site reads its own tensors)."""
     import torch
 
-    pending = []
+    pending, seen = [], collections.Counter(s.module for s in sites if s.module is not None)
     for site in sites:
         entry = _SPECTRUM_CACHE.get(site.module) if site.module is not None else None
-        if entry is None or entry[0][1] is None:
+        if entry is None or entry[0][1] is None or seen[site.module] > 1:
             continue
         (key, copy), now_key = entry[0], _weights_key(site)
         now = _qk_tensors(site) if now_key == key else ()
         if now_key != key or len(now) != len(copy) or any(
-                a.dtype != b.dtype or a.shape != b.shape or a.device != b.device or a.device.type == "cpu"
+                a.dtype != b.dtype or a.shape != b.shape or a.device != b.device or not _compared_on_device(a)
                 for a, b in zip(copy, now)):
             continue  # decided without comparing on a device
         ints = [getattr(torch, _SAME_SIZE_INTS[a.element_size()]) for a in copy]
         differs = torch.stack([(a.view(i) != b.view(i)).any() for a, b, i in zip(copy, now, ints)]).any()
         pending.append((site.module, now_key, differs))
-    if pending:
-        device = pending[0][2].device
-        verdicts = torch.stack([differs.to(device) for _, _, differs in pending]).tolist()
-        for (module, key, _), differs in zip(pending, verdicts):
-            _CHECKED[module] = (key, not differs)
+    if not pending:
+        return {}
+    device = pending[0][2].device
+    verdicts = torch.stack([differs.to(device) for _, _, differs in pending]).tolist()
+    return {module: (key, not differs) for (module, key, _), differs in zip(pending, verdicts)}
 
 
 def _cached_still_valid(state: WeightsState, site: AttentionSite) -> bool:
-    """:func:`same_weights` of the cache's state, answered by :func:`check_cached_weights` where it just ran."""
-    checked = _CHECKED.pop(site.module, None) if site.module is not None else None
+    """:func:`same_weights` of the cache's state, answered by the open :func:`cached_weights_checked` where it has a
+    verdict for this module and the weights key is still the one it was taken with."""
+    verdicts = getattr(_VERDICTS, "by_module", None)
+    checked = verdicts.pop(site.module, None) if verdicts and site.module is not None else None
     if checked is not None and checked[0] == state[0] and _weights_key(site) == checked[0]:
         return checked[1]
     return same_weights(state, site)
