@@ -171,8 +171,8 @@ def preference_from_rows(
             f"{tuple(rows.shape)}; record odd-one-out data with attention='rows' and odd_one_out_meta()."
         )
     dtype = torch.promote_types(rows.dtype, torch.float32)
-    t = torch.as_tensor(target_grid).to(rows.device, dtype)
-    d = torch.as_tensor(distractor_grid).to(rows.device, dtype)
+    t = torch.as_tensor(target_grid).to(dtype)  # checked where they are (the host), then moved: no device sync
+    d = torch.as_tensor(distractor_grid).to(dtype)
     if t.shape != d.shape or t.dim() != 3 or t.shape[0] != rows.shape[0]:
         raise QKHooksError(
             f"target/distractor grids must both be (batch={rows.shape[0]}, gh, gw), got {tuple(t.shape)} and "
@@ -188,6 +188,7 @@ def preference_from_rows(
     if check_overlap:
         refuse_overlap(t, d, names if names is not None else _image_names(None, t.shape[0]),
                        f"patches of the {t.shape[1]} x {t.shape[2]} grid")
+    t, d = to_device(t, rows.device), to_device(d, rows.device)
     attn = rows[..., p:].to(dtype)
     attn = attn / attn.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     t, d = t.flatten(1), d.flatten(1)
