@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qkhooks._devices import to_device
 from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, select_layers
@@ -422,7 +423,11 @@ class PositionDecoding(Reducer):
         return reducer
 
     def update(self, batch: BatchCapture) -> None:
-        held_ids = torch.tensor([is_held_out(i, self.holdout_every) for i in batch.ids])  # one split for all layers
+        held = torch.tensor([is_held_out(i, self.holdout_every) for i in batch.ids], dtype=torch.bool)
+        # one split for all layers, as row indices made on the host: a boolean mask on the device would make the host
+        # wait for the GPU in every layer (the rows' count is read back), a host mask moved by .to() as well
+        rows = {split: torch.nonzero(mask).flatten() for split, mask in ((0, ~held), (1, held))}
+        moved: dict[tuple[int, torch.device], torch.Tensor] = {}
         for layer, cap in batch.captures.items():
             if layer not in self.stats:
                 continue
@@ -436,14 +441,16 @@ class PositionDecoding(Reducer):
                     f"layer {layer}: patch tokens of shape {tuple(x.shape[1:])} do not match the position means "
                     f"{tuple(self.patch_positions[layer].shape)}; both passes need the same images at the same size."
                 )
-            held = held_ids.to(x.device)
-            for split, mask in ((0, ~held), (1, held)):
-                part = x[mask]
-                if len(part):
-                    flat = part.reshape(-1, part.shape[-1])
-                    st["images"][split] += len(part)
-                    st["xtx"][split] += flat.T @ flat
-                    st["sums"][split] += part.sum(0)
+            for split, index in rows.items():
+                if not len(index):
+                    continue
+                if (split, x.device) not in moved:
+                    moved[split, x.device] = to_device(index, x.device)
+                part = x.index_select(0, moved[split, x.device])
+                flat = part.reshape(-1, part.shape[-1])
+                st["images"][split] += len(index)
+                st["xtx"][split] += flat.T @ flat
+                st["sums"][split] += part.sum(0)
 
     def merge(self, other: Reducer) -> None:
         self._check_same_kind(other)
