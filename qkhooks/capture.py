@@ -53,8 +53,8 @@ from qkhooks.models.unsupported import (hooked_paths, own_hook, refuse_altered_q
 from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
-from qkhooks.spectrum import (LayerSpectrum, QKSpectrum, WeightsState, cached_weights_checked, layer_spectrum, same_weights,
-                              weights_state)
+from qkhooks.spectrum import (LayerSpectrum, QKSpectrum, WeightsState, cached_weights_checked, layer_spectrum,
+                              weights_state, weights_unchanged)
 
 __all__ = ["record", "Recording", "LayerCapture", "BatchCapture", "Sink", "parse_modes"]
 
@@ -373,9 +373,9 @@ class Recording:
         the context gave maps off by up to O(1) on the q/k path, and ``run.spectrum(l)`` of the old weights on
         both paths). Once per forward: a few us a layer, or for weights made in inference mode (no version counter)
         a bit-for-bit compare with the copy taken at entry (:func:`qkhooks.spectrum.weights_state`)."""
-        for site in self.sites:
-            at_entry = self._weights_at_entry.get(site.layer)
-            if at_entry is not None and not same_weights(at_entry, site):
+        checked = [(self._weights_at_entry[s.layer], s) for s in self.sites if s.layer in self._weights_at_entry]
+        for (_, site), same in zip(checked, weights_unchanged(checked)):  # on a GPU: one device read for all layers
+            if not same:
                 raise QKHooksError(
                     f"layer {site.layer} ({site.path}): its weights changed inside this record() context (a checkpoint "
                     "loaded, an optimiser step, .to() or another in-place edit) after its modes were computed at entry, "

@@ -509,27 +509,42 @@ def cached_weights_checked(sites: Sequence[AttentionSite]) -> Iterator[None]:
 def _device_verdicts(sites: Sequence[AttentionSite]) -> dict[Any, tuple[tuple | None, bool]]:
     """Module -> (its weights key, whether the cache's copy holds the same bits), for the sites whose copy is on a
     device; a module with several sites gets none (each site reads its own tensors)."""
-    import torch
-
-    pending, seen = [], collections.Counter(s.module for s in sites if s.module is not None)
+    seen = collections.Counter(s.module for s in sites if s.module is not None)
+    pairs = []
     for site in sites:
         entry = _SPECTRUM_CACHE.get(site.module) if site.module is not None else None
-        if entry is None or entry[0][1] is None or seen[site.module] > 1:
+        if entry is not None and entry[0][1] is not None and seen[site.module] == 1 and _weights_key(site) == entry[0][0]:
+            pairs.append((entry[0], site))
+    verdicts = weights_unchanged(pairs, device_only=True)
+    return {site.module: (state[0], same) for (state, site), same in zip(pairs, verdicts) if same is not None}
+
+
+def weights_unchanged(pairs: Sequence[tuple[WeightsState, AttentionSite]],
+                      device_only: bool = False) -> list[bool | None]:
+    """:func:`same_weights` of every (state, site) pair, the bit-for-bit comparisons of copies on a GPU read from the
+    device once for all pairs: one ``torch.equal`` a layer makes the host wait for every kernel queued, once a layer.
+    ``device_only``: None for the pairs whose answer needs no comparison on a device (the caller decides those)."""
+    import torch
+
+    out: list[bool | None] = []
+    pending: list[tuple[int, torch.Tensor]] = []
+    for (key, copy), site in pairs:
+        if _weights_key(site) != key or copy is None:
+            out.append(None if device_only else _weights_key(site) == key)
             continue
-        (key, copy), now_key = entry[0], _weights_key(site)
-        now = _qk_tensors(site) if now_key == key else ()
-        if now_key != key or len(now) != len(copy) or any(
-                a.dtype != b.dtype or a.shape != b.shape or a.device != b.device or not _compared_on_device(a)
-                for a, b in zip(copy, now)):
-            continue  # decided without comparing on a device
+        now = _qk_tensors(site)
+        if len(now) != len(copy) or any(a.dtype != b.dtype or a.shape != b.shape or a.device != b.device
+                                        or not _compared_on_device(a) for a, b in zip(copy, now)):
+            out.append(None if device_only else _same_bits(copy, now))
+            continue
         ints = [getattr(torch, _SAME_SIZE_INTS[a.element_size()]) for a in copy]
-        differs = torch.stack([(a.view(i) != b.view(i)).any() for a, b, i in zip(copy, now, ints)]).any()
-        pending.append((site.module, now_key, differs))
-    if not pending:
-        return {}
-    device = pending[0][2].device
-    verdicts = torch.stack([differs.to(device) for _, _, differs in pending]).tolist()
-    return {module: (key, not differs) for (module, key, _), differs in zip(pending, verdicts)}
+        pending.append((len(out), torch.stack([(a.view(i) != b.view(i)).any() for a, b, i in zip(copy, now, ints)]).any()))
+        out.append(None)
+    if pending:
+        device = pending[0][1].device
+        for (at, _), differs in zip(pending, torch.stack([d.to(device) for _, d in pending]).tolist()):
+            out[at] = not differs
+    return out
 
 
 def _cached_still_valid(state: WeightsState, site: AttentionSite) -> bool:
