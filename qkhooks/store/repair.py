@@ -27,7 +27,7 @@ import numpy as np
 
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import DamagedRunError, open_damaged
+from qkhooks.store._hdf5 import DamagedRunError, create_run_file, open_damaged
 from qkhooks.store.reader import RunReader
 
 __all__ = ["repair", "RepairReport", "verify_run", "VerifyReport"]
@@ -69,14 +69,16 @@ def repair(run: str | os.PathLike, out: str | os.PathLike) -> RepairReport:
         src = open_damaged(run)
     except _READ_ERRORS as exc:
         raise QKHooksError(f"nothing of {run} can be read ({exc}); no image can be recovered.") from None
-    tmp = out.with_name(out.name + ".creating")
-    try:
-        with src, h5py.File(tmp, "w", libver="latest") as dst:
-            report = _copy(src, dst, run, out, os.path.getsize(run))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with src:
+        _refuse_newer_format(src, run, "repair")
+        tmp = out.with_name(out.name + ".creating")
+        try:
+            with create_run_file(tmp) as dst:
+                report = _copy(src, dst, run, out, os.path.getsize(run))
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return report
 
 
@@ -85,7 +87,7 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     n = fmt.committed(src) if _readable(lambda: src[fmt.IDS]) else None
     if n is None:
         raise QKHooksError(f"{run} has no readable /images/ids with a committed count; no image can be recovered.")
-    _copy_attrs(src, dst, "root attribute", problems)
+    _copy_attrs(src, dst, "root attribute", problems, skip=(fmt.FORMAT_ATTR,))  # the copy's format is its own
     ids = np.array([""] * n, dtype=object)
     good = np.zeros(n, dtype=bool)
     digest_rows = None  # images a chunk of the source's id digests (None: it has none)
@@ -154,6 +156,16 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     dst.attrs["complete"] = bool(src.attrs.get("complete", False)) and len(keep) == n
     states = _copy_states(src, run, out, keep, n, problems)
     return RepairReport(run, out, n, [str(ids[i]) for i in keep], lost, sorted(arrays), states, problems)
+
+
+def _refuse_newer_format(f: h5py.File, run: Path, doing: str) -> None:
+    """:func:`~qkhooks.store.format.refuse_newer_format` for a file that may be damaged: a format attribute that does
+    not read says nothing (the copy and the check note unreadable root attributes)."""
+    try:
+        attrs = {fmt.FORMAT_ATTR: f.attrs[fmt.FORMAT_ATTR]} if fmt.FORMAT_ATTR in f.attrs else {}
+    except _READ_ERRORS:
+        return
+    fmt.refuse_newer_format(attrs, run, doing)
 
 
 def _readable(read: Any) -> bool:
@@ -414,6 +426,7 @@ def verify_run(run: str | os.PathLike) -> VerifyReport:
     except DamagedRunError as exc:
         return VerifyReport(path, None, False, [], [], 0, {}, [], [f"the file does not open ({exc.problem})"])
     with reader, reader._reading():  # a closed run changed during the check (a resume) raises: its answers are stale
+        _refuse_newer_format(reader.file, path, "verify")  # its verdict stands on the rules of the file's format
         return _verify(reader, os.path.getsize(path))
 
 
