@@ -49,7 +49,7 @@ import torch.distributed as dist
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer, reducer_class
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import open_reader
+from qkhooks.store._hdf5 import create_run_file, open_reader
 from qkhooks.store.lock import WriterLock
 from qkhooks.stream import RecordResult, record_dataset
 
@@ -140,6 +140,7 @@ class _Shard:
 
     def _read(self) -> None:
         f, path = self.file, self.path
+        fmt.refuse_newer_format(f.attrs, path, "merge")
         if fmt.committed(f) is None:
             raise QKHooksError(f"{path} is not a qkhooks run file (no /images/ids with `committed`).")
         self.attrs = {k: (fmt.as_str(v) if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
@@ -241,7 +242,7 @@ def _merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike] | No
         if tmp.exists():
             tmp.unlink()
         try:
-            with h5py.File(tmp, "w", libver="latest") as f:
+            with create_run_file(tmp) as f:
                 merged = _write_merged(f, out, shards, {r.name: r for r in reducers or []}, copy)
             os.replace(tmp, out)
             fmt.checkpoint_path(out).unlink(missing_ok=True)  # its states are inside; no older run's checkpoint
@@ -262,7 +263,8 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
     bases = np.cumsum([0] + [s.n for s in shards]).tolist()
     total = int(bases[-1])
     for key, value in first.file.attrs.items():
-        f.attrs[key] = value
+        if key != fmt.FORMAT_ATTR:  # the merged file's format is its own (create_run_file)
+            f.attrs[key] = value
     config = dict(first.config, shard=None)
     f.attrs["config"] = json.dumps(config, sort_keys=True)
     f.attrs["complete"] = all(s.complete and s.n == s.committed for s in shards)

@@ -108,7 +108,8 @@ def test_a_string_static_is_an_attribute_of_the_group_its_path_names_and_the_lay
             assert dict(f["spectrum/L0"].attrs) == {"note": "made by hand"}
             np.testing.assert_array_equal(f["spectrum/L0/S"][()], [0.0, 1.0, 2.0])
             assert f.attrs["complete"] == False  # noqa: E712 - a numpy bool read back
-            assert sorted(f.attrs) == ["complete", "identity"]  # its run_id: ties the checkpoints to this run
+            # its run_id (ties the checkpoints to this run) and its format number, stamped when it was created
+            assert sorted(f.attrs) == ["complete", "identity", "qkhooks_format"]
     with h5py.File(out, "r") as f:
         assert f.attrs["complete"] == True  # noqa: E712
 

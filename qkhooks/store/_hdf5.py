@@ -20,9 +20,10 @@ import weakref
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from qkhooks.errors import QKHooksError
-from qkhooks.store.format import committed
+from qkhooks.store.format import FORMAT, FORMAT_ATTR, committed
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MASK = 0xFFFFFFFF
@@ -177,6 +178,30 @@ def clear_open_flags(path: str | os.PathLike) -> bool:
 LOCK_REFUSED = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP})
 """The errnos of an ``flock`` HDF5 could not take: held elsewhere (EAGAIN, EWOULDBLOCK: see
 :func:`open_swmr_writer`), no lock daemon (ENOLCK), not supported by the file system (ENOSYS, EOPNOTSUPP)."""
+
+
+ROOT_COMPACT_ATTRIBUTES = 16
+"""How many attributes the root of a run file keeps in its object header, where HDF5 reads them with the header
+(HDF5's default is 8, and a run's root has 9 with :data:`~qkhooks.store.format.FORMAT_ATTR`; past the limit HDF5
+moves every one of them to a heap and an index of their own)."""
+
+
+def create_run_file(path: str | os.PathLike, chunk_cache_bytes: int | None = None) -> h5py.File:
+    """A new, empty run file at ``path`` (replacing a file there), stamped with its format
+    (:data:`~qkhooks.store.format.FORMAT`): every run file qkhooks writes (a new run's layout, a merge, a repair)
+    begins here. Latest file format, no object times (as h5py's own files), room for
+    :data:`ROOT_COMPACT_ATTRIBUTES` root attributes in the root's header, and with ``chunk_cache_bytes`` a raw-data
+    chunk cache of that many bytes per dataset whose fully written chunks are evicted first (the writer's)."""
+    fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+    fcpl.set_obj_track_times(False)
+    fcpl.set_attr_phase_change(ROOT_COMPACT_ATTRIBUTES, ROOT_COMPACT_ATTRIBUTES - 2)
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    if chunk_cache_bytes is not None:
+        fapl.set_cache(0, 521, chunk_cache_bytes, 1.0)
+    f = h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fapl=fapl, fcpl=fcpl))
+    f.attrs[FORMAT_ATTR] = np.int64(FORMAT)
+    return f
 
 
 def open_swmr_writer(path: str | os.PathLike, chunk_cache_bytes: int) -> h5py.File:

@@ -25,12 +25,25 @@ import h5py
 import numpy as np
 
 from qkhooks.access import LayerGeometry
+from qkhooks.errors import QKHooksError
 
-__all__ = ["IDS", "ID_DIGESTS", "ID_DIGEST_BYTES", "id_digests", "mismatched_ids", "create_id_digests", "id_datasets", "SKIPPED", "FILE_SIZES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
+__all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "IDS", "ID_DIGESTS", "ID_DIGEST_BYTES", "id_digests", "mismatched_ids", "create_id_digests", "id_datasets", "SKIPPED", "FILE_SIZES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
            "datasets", "per_image_datasets", "layout_problems",
            "read_states", "states_and_problem", "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "run_id_of",
            "identity_of", "as_str", "read_ids", "read_skipped", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY"]
+
+FORMAT_ATTR = "qkhooks_format"
+"""Root attribute: the run file's format number, an integer written when the file is created (the writer's layout, a
+merge, a repair: :func:`qkhooks.store._hdf5.create_run_file`) and never changed after (a resume keeps the file's own
+layout, and so its number). Files without it are of the formats before it (0)."""
+FORMAT = 1
+"""The format this qkhooks writes: 1 is the layout of round 24 (``/images/id_digests`` in checksummed runs). Raise it
+when a writer of the format before would leave a file of the new one inconsistent (round 24's digests: an older
+resume appends ids without them, which then read as damage). A writer (a resume, a merge, a repair) refuses a newer
+format (:func:`refuse_newer_format`), as does ``verify_run``, whose verdict stands on the layout's rules. Readers read
+any format: they find every part by name and ignore parts they do not know, so a change that an older reader would
+misread (an existing dataset or attribute that comes to mean something else) takes a new name instead."""
 
 IDS = "images/ids"
 ID_DIGESTS = "images/id_digests"
@@ -59,6 +72,23 @@ INFO_SCHEMA_VERSION = 2
 and ``schema_version``; a file without it is version 1 (one grid and prefix for every layer)."""
 
 _IMAGES_KEY = "_images"  # the image count a checkpoint belongs to (also inside each state, for old readers)
+
+
+def refuse_newer_format(attrs: Mapping[str, Any], path: str | os.PathLike, doing: str) -> None:
+    """Raise QKHooksError when the root attributes ``attrs`` (of the run file at ``path``) say a format newer than
+    :data:`FORMAT`, or one qkhooks never writes: ``doing`` it (``resume``, ``repair`` ...) with this qkhooks could leave
+    the file inconsistent or misjudge it. Files without :data:`FORMAT_ATTR` (older formats) pass."""
+    number = attrs.get(FORMAT_ATTR)
+    if number is None:
+        return
+    if not isinstance(number, (int, np.integer)) or isinstance(number, (bool, np.bool_)) or number < 0:
+        raise QKHooksError(f"cannot {doing} {path}: its root attribute {FORMAT_ATTR} is {number!r}, not a run-file "
+                           "format number qkhooks writes (another tool wrote or changed the file).")
+    if number > FORMAT:
+        raise QKHooksError(f"cannot {doing} {path}: it is a run file of format {int(number)} (root attribute "
+                           f"{FORMAT_ATTR}), newer than format {FORMAT}, the newest this qkhooks knows; reading it "
+                           f"works, but to {doing} it takes the rules of its format. Upgrade qkhooks to a version that "
+                           f"writes format {int(number)} or later (pip install -U qkhooks) and {doing} it with that.")
 
 
 def lock_path(run: str | os.PathLike) -> Path:

@@ -20,14 +20,14 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import h5py
 import numpy as np
 
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import DamagedRunError, open_damaged
+from qkhooks.store._hdf5 import DamagedRunError, create_run_file, open_damaged
 from qkhooks.store.reader import RunReader
 
 __all__ = ["repair", "RepairReport", "verify_run", "VerifyReport"]
@@ -69,14 +69,16 @@ def repair(run: str | os.PathLike, out: str | os.PathLike) -> RepairReport:
         src = open_damaged(run)
     except _READ_ERRORS as exc:
         raise QKHooksError(f"nothing of {run} can be read ({exc}); no image can be recovered.") from None
-    tmp = out.with_name(out.name + ".creating")
-    try:
-        with src, h5py.File(tmp, "w", libver="latest") as dst:
-            report = _copy(src, dst, run, out, os.path.getsize(run))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with src:
+        _refuse_newer_format(src, run, "repair")
+        tmp = out.with_name(out.name + ".creating")
+        try:
+            with create_run_file(tmp) as dst:
+                report = _copy(src, dst, run, out, os.path.getsize(run))
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return report
 
 
@@ -85,7 +87,7 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     n = fmt.committed(src) if _readable(lambda: src[fmt.IDS]) else None
     if n is None:
         raise QKHooksError(f"{run} has no readable /images/ids with a committed count; no image can be recovered.")
-    _copy_attrs(src, dst, "root attribute", problems)
+    _copy_attrs(src, dst, "root attribute", problems, skip=(fmt.FORMAT_ATTR,))  # the copy's format is its own
     ids = np.array([""] * n, dtype=object)
     good = np.zeros(n, dtype=bool)
     digest_rows = None  # images a chunk of the source's id digests (None: it has none)
@@ -95,7 +97,7 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
         if fmt.ID_DIGESTS in src:  # an id is kept only when its digest reads and matches it
             digests = src[fmt.ID_DIGESTS]
             digest_rows = digests.chunks[0]
-            off, failing, why = _ids_off_their_digests(digests, raw)
+            off, failing, why = _ids_off_their_digests(digests, raw, len(raw), real_size)
             if digests.shape[0] < len(raw):
                 vouched[digests.shape[0]:] = False
                 problems.append(_past_the_end(digests.name, digests.shape[0], n))
@@ -156,6 +158,16 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     return RepairReport(run, out, n, [str(ids[i]) for i in keep], lost, sorted(arrays), states, problems)
 
 
+def _refuse_newer_format(f: h5py.File, run: Path, doing: str) -> None:
+    """:func:`~qkhooks.store.format.refuse_newer_format` for a file that may be damaged: a format attribute that does
+    not read says nothing (the copy and the check note unreadable root attributes)."""
+    try:
+        attrs = {fmt.FORMAT_ATTR: f.attrs[fmt.FORMAT_ATTR]} if fmt.FORMAT_ATTR in f.attrs else {}
+    except _READ_ERRORS:
+        return
+    fmt.refuse_newer_format(attrs, run, doing)
+
+
 def _readable(read: Any) -> bool:
     try:
         read()
@@ -185,32 +197,48 @@ def _readable_rows(ds: h5py.Dataset, n: int, real_size: int, problems: list[str]
     return ok
 
 
-def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True) -> tuple[list[tuple[int, int]], str]:
+def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True, rows_per_read: int = 1,
+                  each: Callable[[int, np.ndarray], None] | None = None) -> tuple[list[tuple[int, int]], str]:
     """The [start, stop) row ranges of ``ds``'s first ``n`` rows (those it has: rows past its end are the caller's to
-    note) that do not read back, and why the first did not: read one chunk's rows at a time (never more in memory; an
-    unchunked view 64 MiB of rows at a time). A chunk fails when its checksum does, when it does not decompress, or
-    when it is missing from the file or lies past the file's end on disk (``real_size`` bytes); a string (the ids)
-    when it is not UTF-8 (with ``decode``: ids with digests are checked against them instead, image by image)."""
+    note) that do not read back, and why the first did not; ``each(lo, block)`` is handed every block of
+    rows, from row ``lo``, that does. A chunk fails when its checksum does, when it does not decompress, or when it is
+    missing from the file or lies past the file's end on disk (``real_size`` bytes); a string (the ids) when it is not
+    UTF-8 (with ``decode``: ids with digests are checked against them instead, image by image). Read one chunk at a
+    time (never more in memory; an unchunked view 64 MiB of rows), or whole chunks of about ``rows_per_read`` rows,
+    chunk by chunk only around one that does not read (the ids' digests: one chunk a row by default, and a read per
+    chunk would cost a call each)."""
     rows = min(n, ds.shape[0])
-    step = ds.chunks[0] if ds.chunks else max(1, (64 << 20) // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
-    failing: list[tuple[int, int]] = []
-    why = ""
+    chunk = ds.chunks[0] if ds.chunks else max(1, (64 << 20) // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
+    step = chunk * max(1, rows_per_read // chunk)
     where = _chunk_locations(ds) if ds.chunks else None
-    for lo in range(0, rows, step):
-        hi = min(lo + step, rows)
+
+    def problem(lo: int, hi: int) -> str | None:
+        """Why rows [lo, hi), in whole chunks, do not read; None when they do (then handed to ``each``)."""
+        for first in range(lo, hi, chunk) if ds.chunks else ():
+            offset, size = where.get(first, (None, 0)) if where is not None else _chunk_location(ds, first)
+            if offset is None or offset + size > real_size:
+                return "a chunk missing from the file or lying past its end"
         try:
-            if ds.chunks:
-                offset, size = where.get(lo, (None, 0)) if where is not None else _chunk_location(ds, lo)
-                if offset is None or offset + size > real_size:
-                    failing.append((lo, hi))
-                    why = why or "a chunk missing from the file or lying past its end"
-                    continue
             block = ds[lo:hi]
             if decode and h5py.check_string_dtype(ds.dtype):
                 [fmt.as_str(value) for value in block.flat]
         except _READ_ERRORS as exc:  # a UnicodeDecodeError is a ValueError
-            failing.append((lo, hi))
-            why = why or f"{exc}" + ("; the array carries a Fletcher-32 checksum" if ds.fletcher32 else "")
+            return f"{exc}" + ("; the array carries a Fletcher-32 checksum" if ds.fletcher32 else "")
+        if each is not None:
+            each(lo, block)
+        return None
+
+    failing: list[tuple[int, int]] = []
+    why = ""
+    for lo in range(0, rows, step):
+        hi = min(lo + step, rows)
+        first = problem(lo, hi)
+        cuts = [lo, *range(lo + chunk, hi, chunk), hi] if first is not None else []
+        for a, b in zip(cuts, cuts[1:]):
+            why_not = first if len(cuts) == 2 else problem(a, b)  # one chunk: known already
+            if why_not is not None:
+                failing.append((a, b))
+                why = why or why_not
     return failing, why
 
 
@@ -234,36 +262,24 @@ def _chunk_locations(ds: h5py.Dataset) -> dict[int, tuple[int, int]] | None:
     return found
 
 
-def _ids_off_their_digests(digests: h5py.Dataset, raw: np.ndarray,
-                           start: int = 0) -> tuple[list[int], list[tuple[int, int]], str]:
-    """(the rows whose id, ``raw[i]`` for row ``start + i`` as read from ``/images/ids``, does not match its digest in
-    ``digests``; the [start, stop) rows whose digests' chunk does not read; why the first did not). Read a few
-    thousand rows at a time, chunk by chunk only around a chunk that does not read (digests have one chunk a row by
-    default: a read per chunk would cost a call each). A digest read as zeros past a truncation matches no id, so its
-    image is reported as changed rather than past the end (it is lost either way). Rows past the digests' end are the
-    caller's to note."""
-    stop, chunk = min(start + len(raw), digests.shape[0]), digests.chunks[0]
-    step = chunk * max(1, 4096 // chunk)  # whole chunks (from a chunk's start): a block reads each once
+def _ids_off_their_digests(digests: h5py.Dataset, ids: np.ndarray | h5py.Dataset, n: int, real_size: int,
+                           unread: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[tuple[int, int]], str]:
+    """(the rows of the first ``n`` whose id, as read from ``/images/ids`` (``ids``: the rows read, or the dataset,
+    read a block at a time but for its ``unread`` [start, stop) rows), does not match its digest in ``digests``; the
+    [start, stop) rows whose digests' chunk does not read, a chunk missing from the file or lying past its end on disk
+    (``real_size`` bytes) included; why the first did not), read by :func:`_failing_rows` a few thousand rows at a
+    time. Rows past the digests' end are the caller's to note."""
+    skip = np.zeros(n, dtype=bool)
+    for lo, hi in unread:
+        skip[lo:hi] = True
     off: list[int] = []
-    failing: list[tuple[int, int]] = []
-    why = ""
-    lo = start
-    while lo < stop:
-        hi = min(lo - lo % chunk + step, stop)
-        try:
-            blocks = [(lo, digests[lo:hi])]
-        except _READ_ERRORS:
-            blocks = []
-            cuts = [lo, *range(lo - lo % chunk + chunk, hi, chunk), hi]
-            for a, b in zip(cuts, cuts[1:]):
-                try:
-                    blocks.append((a, digests[a:b]))
-                except _READ_ERRORS as exc:
-                    failing.append((a, b))
-                    why = why or f"{exc}; the digests carry a Fletcher-32 checksum"
-        for a, stored in blocks:
-            off += (a + fmt.mismatched_ids(raw[a - start:a - start + len(stored)], stored)).tolist()
-        lo = hi
+
+    def compare(lo: int, stored: np.ndarray) -> None:
+        edges = np.flatnonzero(np.diff(np.concatenate([[True], skip[lo:lo + len(stored)], [True]]).astype(np.int8)))
+        for a, b in edges.reshape(-1, 2):  # the runs of rows whose ids read
+            off.extend((lo + a + fmt.mismatched_ids(ids[lo + a:lo + b], stored[a:b])).tolist())
+
+    failing, why = _failing_rows(digests, n, real_size, rows_per_read=4096, each=compare)
     return off, failing, why
 
 
@@ -414,6 +430,7 @@ def verify_run(run: str | os.PathLike) -> VerifyReport:
     except DamagedRunError as exc:
         return VerifyReport(path, None, False, [], [], 0, {}, [], [f"the file does not open ({exc.problem})"])
     with reader, reader._reading():  # a closed run changed during the check (a resume) raises: its answers are stale
+        _refuse_newer_format(reader.file, path, "verify")  # its verdict stands on the rules of the file's format
         return _verify(reader, os.path.getsize(path))
 
 
@@ -441,7 +458,9 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
             lines.append(_rows_line(ds.name, damaged[name], why or "their shard file is missing: this merged view "
                                     "reads them as NaN or -1"))
     if fmt.ID_DIGESTS in found and fmt.IDS in found:
-        off, failing, why = _ids_off_digests_in(found[fmt.IDS], found[fmt.ID_DIGESTS], n, damaged)
+        ids = found[fmt.IDS]
+        off, failing, why = _ids_off_their_digests(found[fmt.ID_DIGESTS], ids, min(n, ids.shape[0]), real_size,
+                                                   damaged.get(fmt.IDS, []))
         if failing:
             damaged[fmt.ID_DIGESTS] = failing
             lines.append(_rows_line(f"/{fmt.ID_DIGESTS}", failing, why))
@@ -466,26 +485,6 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
     checksummed = sorted(name for name, ds in arrays.items() if ds.fletcher32)
     return VerifyReport(reader.path, n, complete, sorted(arrays), checksummed, statics, damaged, states,
                         lines + problems, fmt.ID_DIGESTS in found)
-
-
-def _ids_off_digests_in(ids: h5py.Dataset, digests: h5py.Dataset, n: int,
-                        damaged: dict[str, list[tuple[int, int]]]) -> tuple[list[int], list[tuple[int, int]], str]:
-    """:func:`_ids_off_their_digests` for :func:`_verify`, one chunk of the ids at a time (those that read: ``damaged``
-    holds the others)."""
-    unread = np.zeros(n, dtype=bool)
-    for lo, hi in damaged.get(fmt.IDS, []):
-        unread[lo:hi] = True
-    off: list[int] = []
-    failing: list[tuple[int, int]] = []
-    why = ""
-    rows = min(n, ids.shape[0])
-    step = ids.chunks[0] if ids.chunks else max(1, rows)
-    for lo in range(0, rows, step):
-        hi = min(lo + step, rows)
-        if not unread[lo:hi].any():
-            found = _ids_off_their_digests(digests, ids[lo:hi], lo)
-            off, failing, why = off + found[0], failing + found[1], why or found[2]
-    return off, failing, why
 
 
 def _missing_sources(ds: h5py.Dataset, folder: Path, n: int) -> list[tuple[int, int]]:

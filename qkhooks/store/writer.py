@@ -41,7 +41,8 @@ import torch
 
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import DamagedRunError, clear_open_flags, damage, open_reader, open_swmr_writer
+from qkhooks.store._hdf5 import (DamagedRunError, clear_open_flags, create_run_file, damage, open_reader,
+                                 open_swmr_writer)
 from qkhooks.store.lock import RESERVE_BYTES, ROOM, WriterLock, out_of_room, forget_in_forked_children, keep_out_of_forked_children
 
 __all__ = ["RunWriter", "COMPRESSIONS", "IDENTITY_ATTRS"]
@@ -61,7 +62,7 @@ CHECKED_ATTRS = {
 """What a resume must match when the file has it (files from before it lack it): what the model computes in, how
 images are preprocessed, and the weights' content. ``image_config`` is a root attribute; the others are keys of the
 root attribute ``identity`` (JSON, with the ``run_id``): one attribute, so the root keeps its attributes in its
-(checksummed) object header, which holds at most 8."""
+(checksummed) object header, which holds at most :data:`~qkhooks.store._hdf5.ROOT_COMPACT_ATTRIBUTES`."""
 
 CHUNK_CACHE_BYTES = (1 << 20) + (1 << 16)
 """HDF5's chunk cache per array: the one chunk being filled (HDF5 2.0's 8 MiB a dataset made RSS grow with the
@@ -241,7 +242,7 @@ class RunWriter:
     def _lay_out(self, attrs: Mapping[str, Any]) -> h5py.File:
         """A new run, laid out under ``RUN.h5.creating`` until its first batch (see the module docstring)."""
         fmt.checkpoint_path(self._creating).unlink(missing_ok=True)  # a dead writer's (we hold the lock)
-        f = h5py.File(self._creating, "w", libver="latest", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_w0=1.0)
+        f = create_run_file(self._creating, CHUNK_CACHE_BYTES)
         self._keep_from_children(f)
         self.run_id = uuid.uuid4().hex  # ties the reducer checkpoints to this run (format.read_checkpoint)
         self._identity = json.dumps({**json.loads(attrs.get(fmt.IDENTITY, "{}")), "run_id": self.run_id}, sort_keys=True)
@@ -300,6 +301,7 @@ class RunWriter:
         # read-only first, every part of the file that the resume uses: a refused resume changes nothing
         with self._refused_if_damaged(), open_reader(self.path) as f:
             root = dict(f.attrs.items())  # all at once: a damaged attribute raises here (attrs.get would say None)
+            fmt.refuse_newer_format(root, self.path, "resume")  # first: a newer layout may hold its parts elsewhere
             theirs = {**{k: root.get(k) for k in IDENTITY_ATTRS}, **_checked(root)}
             if fmt.committed(f) is None:
                 raise QKHooksError(f"cannot resume {self.path}: it is not a qkhooks run file; use --overwrite.")
