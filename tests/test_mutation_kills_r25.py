@@ -82,6 +82,30 @@ def test_a_digest_chunk_of_several_images_that_fails_its_checksum_is_named_as_on
     assert fixed.lost == [4, 5, 6, 7] and fixed.recovered == written[:4] + written[8:]
 
 
+
+@pytest.mark.parametrize("changed", [[6], [6, 9]], ids=["one", "two"])
+def test_an_id_off_its_digest_is_refused_quoting_the_id_as_the_file_holds_it(tmp_path, changed):
+    """The refusal quotes the changed id as HDF5 reads it now (h5py's own reading, undecodable bytes replaced), so a
+    user can find it, and counts the others that changed."""
+    from qkhooks.store import open_run
+
+    from test_ids_checksum_r24 import flip_in_id
+
+    path = tmp_path / "run.h5"
+    written = write(path)
+    for image in changed:
+        flip_in_id(path, written[image], 0x80)
+    with h5py.File(path, "r") as f:
+        held = f[fmt.IDS][changed[0]].decode("utf-8", errors="replace")
+    assert held != written[changed[0]]
+    with open_run(path) as run, pytest.raises(QKHooksError) as refused:
+        run.ids
+    more = ", nor do those of 1 more" if len(changed) > 1 else ""
+    assert (f"image {changed[0]}'s id, read as {held!r}, does not match its digest in /{fmt.ID_DIGESTS}{more}: it "
+            "changed on disk, so that image is lost (repair leaves it out; recording the run again restores it)"
+            ) in str(refused.value)
+
+
 # ------------------------------------------------------------------------------------ store/lock.py: another process
 HOLDER = textwrap.dedent("""
     import fcntl, json, os, socket, sys
@@ -146,6 +170,173 @@ def test_a_second_fingerprint_of_an_unchanged_model_hashes_nothing_and_a_changed
     changed = weights_fingerprint(net)
     assert len(calls) == len(net.state_dict()) + 1
     assert changed != first and changed == weights_fingerprint(copy.deepcopy(net))
+
+
+def test_a_buffer_reinterpreted_as_another_dtype_in_place_changes_the_fingerprint():
+    """A buffer replaced by a view of its own bytes as another dtype (same storage, pointer, shape and version: only
+    the dtype tells) is other weights: the fingerprint follows, equal to a fresh copy's (whose storage is new)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from qkhooks.stream import weights_fingerprint
+
+    net = nn.Module()
+    net.register_buffer("table", torch.arange(6, dtype=torch.float32))
+    before = weights_fingerprint(net)
+    net.table = net.table.view(torch.int32)
+    after = weights_fingerprint(net)
+    assert after != before and after == weights_fingerprint(copy.deepcopy(net))
+
+
+def test_extra_state_is_fingerprinted_by_its_pickle_as_documented_and_follows_its_content():
+    """A module's extra state that is neither a tensor nor a plain value (a dict, from ``get_extra_state``) is hashed
+    by its pickle (protocol 4, so a run's stored fingerprint stays the one a later qkhooks computes on resume): the
+    whole fingerprint against hashlib and pickle directly, and a change of the state changes it."""
+    import pickle
+
+    import torch
+    from torch import nn
+
+    from qkhooks.stream import weights_fingerprint
+
+    class Calibrated(nn.Module):
+        def __init__(self, offset: float) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.arange(3, dtype=torch.float32))
+            self.calibration = {"offset": offset, "source": "bench"}
+
+        def get_extra_state(self):
+            return self.calibration
+
+        def set_extra_state(self, state) -> None:
+            self.calibration = state
+
+    def reference(net: nn.Module) -> str:
+        digests = []
+        for name, value in sorted(net.state_dict().items()):
+            if isinstance(value, torch.Tensor):
+                h = hashlib.sha256(f"{name}|{tuple(value.shape)}|{value.dtype}|".encode())
+                h.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h = hashlib.sha256(f"{name}|".encode() + pickle.dumps(value, protocol=4))
+            digests.append(h.digest())
+        return hashlib.sha256(b"".join(digests)).hexdigest()
+
+    net = Calibrated(0.5)
+    assert sorted(net.state_dict()) == ["_extra_state", "weight"]
+    assert weights_fingerprint(net) == reference(net)
+    assert weights_fingerprint(Calibrated(0.25)) == reference(Calibrated(0.25)) != weights_fingerprint(net)
+
+
+def test_state_that_cannot_be_fingerprinted_is_refused_whole():
+    """The refusal names the entry and its type, why (with pickle's own error) and the fix."""
+    from test_quantised_r24 import _WithExtraState
+
+    from qkhooks.stream import weights_fingerprint
+
+    import pickle
+
+    model = _WithExtraState()
+    with pytest.raises(Exception) as unpicklable:  # pickle's own words for the same state
+        pickle.dumps(model.get_extra_state(), protocol=4)
+    cause = str(unpicklable.value)
+    with pytest.raises(QKHooksError) as refused:
+        weights_fingerprint(model)
+    assert str(refused.value) == ("the model's state dict holds '_extra_state', a _Opaque that can be neither hashed as a tensor "
+                       f"nor pickled ({cause}), so a run file cannot record which weights it was made with (a resume "
+                       "compares them). Record the model without that state (it comes from the module's "
+                       "get_extra_state).")
+
+
+# ------------------------------------------------------------------------------------ capture.attach through own_hook
+def test_a_windowed_model_recorded_once_through_qkhooks_own_hooks_gives_its_eager_outputs_and_maps():
+    """Round 24 put every hook a recording registers through ``own_hook`` (torch's options handed on): a windowed
+    model (Swin: each block's token grid read by a context pre-hook with kwargs) recorded with ``outputs="eager"``
+    (each attention computed once: a pre-hook and an always-called forward hook on it) gives the model's own eager
+    output and eager attention maps (test_zoo's references), as before."""
+    import torch
+
+    import qkhooks
+    from test_full_once import _case, _eager_forward
+    from test_zoo import _call, _first_tensor, eager_maps, perturb
+
+    case = _case("swin_tiny_patch4_window7_224")
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    sites = qkhooks.sites(model)
+    assert all(site.context_hooks() for site in sites)  # what this test is about: hooks besides the site's own
+    want_maps = eager_maps(model, sites, inputs, case.kind)
+    want_out = _eager_forward(model, case.kind, lambda: _first_tensor(_call(model, inputs)))
+    with qkhooks.record(model, modes=None, attention="full", outputs="eager") as run:
+        out = _first_tensor(_call(model, inputs))
+    assert run.outputs == "eager" and float((out - want_out).abs().max()) < 1e-5
+    for site, want in zip(sites, want_maps):
+        assert float((run.attention(site.layer, "full").reshape(want.shape) - want).abs().max()) < 1e-5, site.path
+
+
+# ------------------------------------------------------------------------------------ models/unsupported.py: refusals
+COMPILED_HARM = ("the compiled graph runs the hooks qkhooks reads q, k and the tokens with only while it is traced, or "
+                 "not at all, so the recording would be empty or stale without a word.")
+QUANTISED_WHY = ("from torch.ao.quantization.quantize_dynamic or convert) in an attention layer: it computes with "
+                 "integer weights, so there are no float W_q/W_k whose products the model computes. Record the float "
+                 "model (before quantising it), or quantise only layers outside the attention (the head, the MLPs: "
+                 "those are taken).")
+
+
+@pytest.mark.parametrize("how", ["model.compile", "wrapper"])
+def test_a_whole_model_compiled_before_entry_is_refused_whole_naming_the_model_and_the_fix(how):
+    """Compiled whole before ``record()`` (``model.compile()``, or a ``torch.compile`` wrapper handed over): refused at
+    entry naming the model's own class (the wrapper's, whose ``_orig_mod`` is what to record), the harm and the fix."""
+    import torch
+
+    import qkhooks
+    from test_adapters_r21 import _timm_vit
+
+    torch._dynamo.reset()
+    model = _timm_vit()
+    if how == "model.compile":
+        model.compile(backend="eager")
+        want = ("the model (VisionTransformer) is compiled by torch.compile (module.compile()) where qkhooks hooks the "
+                f"attention: {COMPILED_HARM} To record it, record the model uncompiled (load or build it again without "
+                ".compile(); compile only what runs without qkhooks, such as the head).")
+    else:
+        model = torch.compile(model, backend="eager")
+        want = ("the model (OptimizedModule) is compiled by torch.compile (a compiled wrapper) where qkhooks hooks the "
+                f"attention: {COMPILED_HARM} To record it, record model._orig_mod and run that module itself (the "
+                "wrapper runs the compiled graph around it).")
+    with pytest.raises(QKHooksError) as refused:
+        qkhooks.record(model, modes=4)
+    assert str(refused.value) == want
+
+
+def test_a_quantised_qk_layer_is_refused_whole():
+    import qkhooks
+    from test_compile_r24 import _refused_model
+
+    with pytest.raises(QKHooksError) as refused:
+        qkhooks.record(_refused_model("quantised qkv"), modes=4)
+    assert str(refused.value) == ("'blocks.1.attn.qkv' (Linear) is a quantised layer (torch.ao.nn.quantized.dynamic."
+                                  f"modules.linear.Linear, {QUANTISED_WHY}")
+
+
+def test_a_quantised_module_that_is_itself_the_attention_checked_is_named_as_the_model():
+    """A module handed over whole whose own path ("") is the attention checked (a bare attention module recorded has
+    path ""): the refusal names it as the model, with its class."""
+    import warnings
+
+    from torch.ao.nn.quantized import dynamic
+
+    from qkhooks.models.unsupported import refuse_quantised
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = dynamic.Linear(4, 4)
+    with pytest.raises(QKHooksError) as refused:
+        refuse_quantised(layer, [""])
+    assert str(refused.value) == ("the model (Linear) is a quantised layer (torch.ao.nn.quantized.dynamic.modules.linear."
+                                  f"Linear, {QUANTISED_WHY}")
 
 
 # ------------------------------------------------------------------------------------ tests/mutation.py: round25
