@@ -602,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, default=0, help="run only this many of each module's mutants, drawn at "
                         "random (seed 0), and score those")
     parser.add_argument("--only", nargs="+", default=(), metavar="PATTERN", help="run and score only the mutants "
-                        f"whose names match (fnmatch), or a named set: {', '.join(NAMED_SETS)}")
+                        f"whose names match (fnmatch), a named set ({', '.join(NAMED_SETS)}), or {COMMITS}A..B (the "
+                        "mutants on lines those commits wrote, by git blame)")
     parser.add_argument("--work", type=Path, default=WORK, help="where the per-module copies live (default: .mutation; "
                         "another folder keeps a second run apart from one under way)")
     args = parser.parse_args(argv)
