@@ -72,6 +72,8 @@ KILLS_R21 = "tests/test_mutation_kills_r21.py"
 KILLS_R23 = "tests/test_mutation_kills_r23.py"
 # Round 24 (mutation): the kill tests of the functions round 23 changed or added (module "round24").
 KILLS_R24 = "tests/test_mutation_kills_r24.py"
+# Round 25 (mutation): the kill tests of the functions round 24 changed or added (module "round25").
+KILLS_R25 = "tests/test_mutation_kills_r25.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -253,6 +255,24 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "array_changes_shape or compressed_run_whose_first_batch)) or "
                 "(test_store_safety and (full_disk_while_laying_out or write_error_inside_hdf5 or overwrite_keeps or "
                 "writes_data_then) and not sigkill)"),
+    # Round 25 (mutation): the functions round 24 changed or added, against the tests that reach them (~40 s): the
+    # compile and quantisation refusals narrowed to the attention (`_at`, `hooked_paths`), qkhooks' hooks marked and
+    # refusing to be traced (`own_hook`, `_untraced`, `_refuse_traced`, `traced_refusal`, `Recording.__exit__`); the
+    # ids' digests (written, read, cut, verified, repaired, merged), repair's one walk of the chunk index; the lock's
+    # same-process refusal; the weights fingerprint's state entries. Left out: test_store_safety.py's live-run second
+    # writer (its writer runs in a child process, 24 s) and test_verify_r21.py's unopenable file (6 s, no round-24
+    # code). --only ROUND24.
+    "round25": (["qkhooks/models/unsupported.py", "qkhooks/capture.py", "qkhooks/store/format.py",
+                 "qkhooks/store/writer.py", "qkhooks/store/repair.py", "qkhooks/store/lock.py",
+                 "qkhooks/store/reader.py", "qkhooks/distributed.py", "qkhooks/stream.py"],
+                ["tests/test_compile_r24.py", "tests/test_ids_checksum_r24.py", "tests/test_chunk_walk_r24.py",
+                 "tests/test_quantised_r24.py", "tests/test_hooks_r22.py", "tests/test_verify_r21.py",
+                 "tests/test_repair_r21.py", "tests/test_store_safety.py", "tests/test_mutation_kills_r19.py",
+                 KILLS_R24, KILLS_R25],
+                "test_compile_r24 or test_ids_checksum_r24 or test_chunk_walk_r24 or test_quantised_r24 or "
+                "test_hooks_r22 or test_repair_r21 or test_mutation_kills_r25 or "
+                "(test_verify_r21 and not does_not_open) or (test_mutation_kills_r24 and second_writer) or "
+                "(test_store_safety and another_name) or (test_mutation_kills_r19 and fingerprint)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
 ROUND18 = (
@@ -387,8 +407,13 @@ ROUND23 = (
     "qkhooks.models.unsupported.x_refuse_unplain_qk__*",
     "qkhooks.capture.xǁRecordingǁ_begin_batch__*",
 )
+# The round-24 code, for `--only` with the module "round25": every mutant whose mutated line round 24's commits wrote
+# (and no later commit rewrote), in new functions and old alike (`commits:` patterns: :func:`written_by`, so no mutant
+# numbers go stale), and `weights_fingerprint` whole (round 24's review rewrote it; its equivalents were renumbered).
+ROUND24 = ("commits:30068a4..a5476db", "qkhooks.stream.x_weights_fingerprint__*")
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
-              "ROUND23": ROUND23}
+              "ROUND23": ROUND23, "ROUND24": ROUND24}
+COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
 # test_store_r19.py's resumes of a "damaged killed run" stay in this process (the kill is simulated by the flags).
@@ -484,10 +509,56 @@ def score(work: Path, only: list[str] | None = None) -> dict[str, object]:
     }
 
 
-def matching(names: list[str], patterns: tuple[str, ...]) -> list[str]:
-    """The mutant names matching any of ``patterns`` (fnmatch, or a name of :data:`NAMED_SETS`); all for none."""
+def matching(names: list[str], patterns: tuple[str, ...], work: Path | None = None) -> list[str]:
+    """The mutant names matching any of ``patterns`` (fnmatch, a name of :data:`NAMED_SETS`, or ``commits:A..B``:
+    the mutants of ``work`` on lines those commits wrote, :func:`written_by`); all for none."""
     patterns = tuple(p for name in patterns for p in NAMED_SETS.get(name, (name,)))
-    return sorted(n for n in names if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    written = set().union(*(written_by(work, p[len(COMMITS):]) for p in patterns if p.startswith(COMMITS)))
+    return sorted(n for n in names if not patterns or n in written
+                  or any(fnmatch.fnmatchcase(n, p) for p in patterns if not p.startswith(COMMITS)))
+
+
+def written_by(work: Path, revs: str) -> set[str]:
+    """The mutants of ``work`` (a module's copy, its mutants made) whose mutated line was written by the commits
+    ``revs`` (``git rev-list`` syntax, ``A..B``) and is still as they wrote it (``git blame`` of this checkout): one
+    round's code, in the functions it added and in the lines it changed in older ones, whatever numbers mutmut gives
+    them. mutmut's ``.spans`` file places each mutant's copy of its function; the line where the copy differs from the
+    unmutated copy (``__mutmut_orig``) is placed in the source by where that function's body lies there."""
+    commits = set(subprocess.run(["git", "rev-list", revs], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    found: set[str] = set()
+    for spans_file in (work / "mutants").rglob("*.py.spans"):
+        relative = spans_file.relative_to(work / "mutants").with_suffix("")
+        blame = subprocess.run(["git", "blame", "-l", "-s", "--", str(relative)], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+        theirs = {i for i, line in enumerate(blame) if line.split(maxsplit=1)[0].lstrip("^") in commits}
+        if not theirs:
+            continue
+        source = [line.strip() for line in (ROOT / relative).read_text().splitlines()]
+        copies = (work / "mutants" / relative).read_text().splitlines()
+        spans = json.loads(spans_file.read_text())["spans"]
+        module = ".".join(relative.with_suffix("").parts)
+        for name, (first, last) in spans.items():
+            function, _, number = name.rpartition("__mutmut_")
+            if number == "orig":
+                continue
+            orig_first, orig_last = spans[f"{function}__mutmut_orig"]
+            orig, mutant = copies[orig_first - 1:orig_last], copies[first - 1:last]
+            body = next(i for i, line in enumerate(orig) if "__mutmut_orig" in line) + 1  # past the def's first line
+            changed = next((i for i, (a, b) in enumerate(zip(orig, mutant))
+                            if a.replace("__mutmut_orig", "") != b.replace(f"__mutmut_{number}", "")), None)
+            start = _body_in(source, [line.strip() for line in orig[body:]])
+            if changed is not None and start is not None and start + changed - body in theirs:
+                found.add(f"{module}.{name}")
+    return found
+
+
+def _body_in(source: list[str], body: list[str]) -> int | None:
+    """Where the lines ``body`` (stripped) start in ``source`` (stripped), or None."""
+    for i in range(len(source) - len(body) + 1):
+        if source[i:i + len(body)] == body:
+            return i
+    return None
 
 
 def run(module: str, children: int, root: Path = WORK, sample: int = 0,
@@ -516,7 +587,7 @@ def _run_chosen(work: Path, mutmut: list[str], env: dict[str, str], size: int,
     run are written to ``sample.txt``."""
     if not _verdicts(work):  # mutmut makes the mutants (and its test stats) before it looks for the names asked
         subprocess.run(mutmut + ["no mutant has this name"], cwd=work, env=env, check=False)
-    names = matching(sorted(_verdicts(work)), only)
+    names = matching(sorted(_verdicts(work)), only, work)
     chosen = sorted(random.Random(0).sample(names, min(size, len(names)))) if size else names
     (work / "sample.txt").write_text("\n".join(chosen) + "\n")
     subprocess.run(mutmut + chosen, cwd=work, env=env, check=False)
@@ -531,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, default=0, help="run only this many of each module's mutants, drawn at "
                         "random (seed 0), and score those")
     parser.add_argument("--only", nargs="+", default=(), metavar="PATTERN", help="run and score only the mutants "
-                        f"whose names match (fnmatch), or a named set: {', '.join(NAMED_SETS)}")
+                        f"whose names match (fnmatch), a named set ({', '.join(NAMED_SETS)}), or {COMMITS}A..B (the "
+                        "mutants on lines those commits wrote, by git blame)")
     parser.add_argument("--work", type=Path, default=WORK, help="where the per-module copies live (default: .mutation; "
                         "another folder keeps a second run apart from one under way)")
     args = parser.parse_args(argv)

@@ -1,0 +1,406 @@
+"""Kill tests for the mutants of round 24's code that its own tests let survive (module "round25" of
+tests/mutation.py, ``--only ROUND24``; tests/MUTATION.md's round-25 section names each); each checks a behaviour a
+user relies on against an independent reference (hashlib's digests, h5py's own reading of the file, the whole
+message a user reads). The last test keeps the harness's round25 module consistent with the code it names."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from qkhooks.errors import QKHooksError
+from qkhooks.store import RunWriter, repair, verify_run
+from qkhooks.store import format as fmt
+
+from test_ids_checksum_r24 import blake2b_rows, ids_of, write
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ repair/verify: the ids' digests
+def test_verify_says_whole_which_parts_a_checksum_covers_with_and_without_the_ids_digests(tmp_path):
+    """The two checksum lines and result lines of ``qkhooks info --verify`` for a checksummed run, with the ids'
+    digests (round 24's runs) and without (a checksummed run written before them): what is covered, word for word."""
+    path = tmp_path / "run.h5"
+    write(path, batches=2)
+    lines = verify_run(path).summary().splitlines()
+    assert lines[3:] == ["checksum Fletcher-32 on every per-image array and on the image ids: every chunk read was "
+                         "checked against it, every id against its digest", "reducers no saved state",
+                         "result   every part read, every chunk passed its checksum and every id its digest"]
+    with h5py.File(path, "r+") as f:
+        del f[fmt.ID_DIGESTS]
+    lines = verify_run(path).summary().splitlines()
+    assert lines[3:] == ["checksum Fletcher-32 on every per-image array, not on the image ids (written before qkhooks "
+                         "stored their digests): every chunk read was checked against it; a changed id cannot be "
+                         "detected", "reducers no saved state",
+                         "result   every part read, every chunk passed its checksum (the ids carry none)"]
+
+
+def test_repair_of_a_run_whose_digests_were_cut_short_names_the_cut_and_keeps_the_vouched_images(tmp_path):
+    """Digests cut shorter than the ids (an h5py edit, a cut): the images past the digests' end are not vouched for,
+    so they are lost, and the report names the cut as it names a cut array."""
+    path = tmp_path / "run.h5"
+    written = write(path, batches=3)  # 12 images
+    with h5py.File(path, "r+") as f:
+        f[fmt.ID_DIGESTS].resize(9, axis=0)
+    fixed = repair(path, tmp_path / "fixed.h5")
+    assert fixed.lost == [9, 10, 11] and fixed.recovered == written[:9]
+    assert f"/{fmt.ID_DIGESTS}: rows 9-11 are past its end (it has 9 rows, 12 images are committed)" in fixed.problems
+    with h5py.File(tmp_path / "fixed.h5", "r") as f:
+        assert np.array_equal(f[fmt.ID_DIGESTS][()], blake2b_rows(written[:9]))
+
+
+def test_a_digest_chunk_of_several_images_that_fails_its_checksum_is_named_as_one_span_and_only_its_images_lost(
+        tmp_path):
+    """Digests laid out four images a chunk (``chunk_images=4``): a flipped bit fails that chunk's checksum, and verify
+    and repair name its four rows as one span (the chunk), read around it chunk by chunk, and keep every other image."""
+    path = tmp_path / "run.h5"
+    written = write(path, batches=3, chunk_images=4)
+    with h5py.File(path, "r") as f:
+        assert f[fmt.ID_DIGESTS].chunks == (4, fmt.ID_DIGEST_BYTES)
+        info = f[fmt.ID_DIGESTS].id.get_chunk_info_by_coord((4, 0))
+    with open(path, "r+b") as fh:  # one bit of the second chunk's data (images 4-7)
+        fh.seek(info.byte_offset + 21)
+        byte = fh.read(1)[0]
+        fh.seek(info.byte_offset + 21)
+        fh.write(bytes([byte ^ 0x10]))
+    report = verify_run(path)
+    assert report.damaged == {fmt.ID_DIGESTS: [(4, 8)]}
+    assert any(line.startswith(f"/{fmt.ID_DIGESTS}: rows 4-7 do not read (") for line in report.problems)
+    fixed = repair(path, tmp_path / "fixed.h5")
+    assert fixed.lost == [4, 5, 6, 7] and fixed.recovered == written[:4] + written[8:]
+
+
+
+@pytest.mark.parametrize("changed", [[6], [6, 9]], ids=["one", "two"])
+def test_an_id_off_its_digest_is_refused_quoting_the_id_as_the_file_holds_it(tmp_path, changed):
+    """The refusal quotes the changed id as HDF5 reads it now (h5py's own reading, undecodable bytes replaced), so a
+    user can find it, and counts the others that changed."""
+    from qkhooks.store import open_run
+
+    from test_ids_checksum_r24 import flip_in_id
+
+    path = tmp_path / "run.h5"
+    written = write(path)
+    for image in changed:
+        flip_in_id(path, written[image], 0x80)
+    with h5py.File(path, "r") as f:
+        held = f[fmt.IDS][changed[0]].decode("utf-8", errors="replace")
+    assert held != written[changed[0]]
+    with open_run(path) as run, pytest.raises(QKHooksError) as refused:
+        run.ids
+    more = ", nor do those of 1 more" if len(changed) > 1 else ""
+    assert (f"image {changed[0]}'s id, read as {held!r}, does not match its digest in /{fmt.ID_DIGESTS}{more}: it "
+            "changed on disk, so that image is lost (repair leaves it out; recording the run again restores it)"
+            ) in str(refused.value)
+
+
+# ------------------------------------------------------------------------------------ store/lock.py: another process
+HOLDER = textwrap.dedent("""
+    import fcntl, json, os, socket, sys
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    note = {"pid": os.getpid(), "host": socket.gethostname(), "since": "2026-12-05T10:00:00+00:00"}
+    if sys.argv[2] == "note":  # as a writer's lock file says who holds it; "none": taken, its note not yet written
+        os.pwrite(fd, (json.dumps(note) + "\\n").encode(), 0)
+    print(note["pid"], flush=True)
+    sys.stdin.read()
+""")
+
+
+@pytest.mark.parametrize("note", ["note", "none"])
+def test_a_writer_refused_by_another_processs_lock_says_another_process_and_who(tmp_path, note):
+    """The lock held by another process (a plain flock on RUN.h5.lock, as a writer takes it, with or without its note
+    written yet): the refusal says another process, names it from the note, and says to wait or stop it, never to
+    close a writer of this process."""
+    out = tmp_path / "run.h5"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, f"{out}.lock", note], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(holder.stdout.readline())
+        with pytest.raises(QKHooksError) as refused:
+            RunWriter(out)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    who = (f"pid {pid} on {socket.gethostname()}, since 2026-12-05T10:00:00+00:00" if note == "note"
+           else "pid and host not yet written")
+    assert str(refused.value) == (f"{out} is being written by another process ({who}); wait for it to finish or stop "
+                                  "it, then run again (a dead writer's lock is released by the system).")
+
+
+# ------------------------------------------------------------------------------------ stream.weights_fingerprint
+def test_a_second_fingerprint_of_an_unchanged_model_hashes_nothing_and_a_changed_one_is_hashed_again(monkeypatch):
+    """The fingerprint is kept per model while no tensor changes (ViT-L: 3 s of hashing a call, once per
+    ``record_dataset``); the tensors are hashed again once one changes, giving a fresh copy's fingerprint (hashlib's
+    sha256 of each entry, counted here)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from qkhooks.stream import weights_fingerprint
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    calls: list[int] = []
+    sha256 = hashlib.sha256
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return sha256(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "sha256", counted)
+    first = weights_fingerprint(net)
+    assert len(calls) == len(net.state_dict()) + 1  # one a tensor, one over their digests
+    calls.clear()
+    assert weights_fingerprint(net) == first and calls == []
+    with torch.no_grad():
+        net[1].bias.add_(1.0)
+    changed = weights_fingerprint(net)
+    assert len(calls) == len(net.state_dict()) + 1
+    assert changed != first and changed == weights_fingerprint(copy.deepcopy(net))
+
+
+def test_a_buffer_reinterpreted_as_another_dtype_in_place_changes_the_fingerprint():
+    """A buffer replaced by a view of its own bytes as another dtype (same storage, pointer, shape and version: only
+    the dtype tells) is other weights: the fingerprint follows, equal to a fresh copy's (whose storage is new)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from qkhooks.stream import weights_fingerprint
+
+    net = nn.Module()
+    net.register_buffer("table", torch.arange(6, dtype=torch.float32))
+    before = weights_fingerprint(net)
+    net.table = net.table.view(torch.int32)
+    after = weights_fingerprint(net)
+    assert after != before and after == weights_fingerprint(copy.deepcopy(net))
+
+
+def test_extra_state_is_fingerprinted_by_its_pickle_as_documented_and_follows_its_content():
+    """A module's extra state that is neither a tensor nor a plain value (a dict, from ``get_extra_state``) is hashed
+    by its pickle (protocol 4, so a run's stored fingerprint stays the one a later qkhooks computes on resume): the
+    whole fingerprint against hashlib and pickle directly, and a change of the state changes it."""
+    import pickle
+
+    import torch
+    from torch import nn
+
+    from qkhooks.stream import weights_fingerprint
+
+    class Calibrated(nn.Module):
+        def __init__(self, offset: float) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.arange(3, dtype=torch.float32))
+            self.calibration = {"offset": offset, "source": "bench"}
+
+        def get_extra_state(self):
+            return self.calibration
+
+        def set_extra_state(self, state) -> None:
+            self.calibration = state
+
+    def reference(net: nn.Module) -> str:
+        digests = []
+        for name, value in sorted(net.state_dict().items()):
+            if isinstance(value, torch.Tensor):
+                h = hashlib.sha256(f"{name}|{tuple(value.shape)}|{value.dtype}|".encode())
+                h.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h = hashlib.sha256(f"{name}|".encode() + pickle.dumps(value, protocol=4))
+            digests.append(h.digest())
+        return hashlib.sha256(b"".join(digests)).hexdigest()
+
+    net = Calibrated(0.5)
+    assert sorted(net.state_dict()) == ["_extra_state", "weight"]
+    assert weights_fingerprint(net) == reference(net)
+    assert weights_fingerprint(Calibrated(0.25)) == reference(Calibrated(0.25)) != weights_fingerprint(net)
+
+
+def test_state_that_cannot_be_fingerprinted_is_refused_whole():
+    """The refusal names the entry and its type, why (with pickle's own error) and the fix."""
+    from test_quantised_r24 import _WithExtraState
+
+    from qkhooks.stream import weights_fingerprint
+
+    import pickle
+
+    model = _WithExtraState()
+    with pytest.raises(Exception) as unpicklable:  # pickle's own words for the same state
+        pickle.dumps(model.get_extra_state(), protocol=4)
+    cause = str(unpicklable.value)
+    with pytest.raises(QKHooksError) as refused:
+        weights_fingerprint(model)
+    assert str(refused.value) == ("the model's state dict holds '_extra_state', a _Opaque that can be neither hashed as a tensor "
+                       f"nor pickled ({cause}), so a run file cannot record which weights it was made with (a resume "
+                       "compares them). Record the model without that state (it comes from the module's "
+                       "get_extra_state).")
+
+
+# ------------------------------------------------------------------------------------ capture.attach through own_hook
+def test_a_windowed_model_recorded_once_through_qkhooks_own_hooks_gives_its_eager_outputs_and_maps():
+    """Round 24 put every hook a recording registers through ``own_hook`` (torch's options handed on): a windowed
+    model (Swin: each block's token grid read by a context pre-hook with kwargs) recorded with ``outputs="eager"``
+    (each attention computed once: a pre-hook and an always-called forward hook on it) gives the model's own eager
+    output and eager attention maps (test_zoo's references), as before."""
+    import torch
+
+    import qkhooks
+    from test_full_once import _case, _eager_forward
+    from test_zoo import _call, _first_tensor, eager_maps, perturb
+
+    case = _case("swin_tiny_patch4_window7_224")
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    sites = qkhooks.sites(model)
+    assert all(site.context_hooks() for site in sites)  # what this test is about: hooks besides the site's own
+    want_maps = eager_maps(model, sites, inputs, case.kind)
+    want_out = _eager_forward(model, case.kind, lambda: _first_tensor(_call(model, inputs)))
+    with qkhooks.record(model, modes=None, attention="full", outputs="eager") as run:
+        out = _first_tensor(_call(model, inputs))
+    assert run.outputs == "eager" and float((out - want_out).abs().max()) < 1e-5
+    for site, want in zip(sites, want_maps):
+        assert float((run.attention(site.layer, "full").reshape(want.shape) - want).abs().max()) < 1e-5, site.path
+
+
+# ------------------------------------------------------------------------------------ models/unsupported.py: refusals
+COMPILED_HARM = ("the compiled graph runs the hooks qkhooks reads q, k and the tokens with only while it is traced, or "
+                 "not at all, so the recording would be empty or stale without a word.")
+QUANTISED_WHY = ("from torch.ao.quantization.quantize_dynamic or convert) in an attention layer: it computes with "
+                 "integer weights, so there are no float W_q/W_k whose products the model computes. Record the float "
+                 "model (before quantising it), or quantise only layers outside the attention (the head, the MLPs: "
+                 "those are taken).")
+
+
+@pytest.mark.parametrize("how", ["model.compile", "wrapper"])
+def test_a_whole_model_compiled_before_entry_is_refused_whole_naming_the_model_and_the_fix(how):
+    """Compiled whole before ``record()`` (``model.compile()``, or a ``torch.compile`` wrapper handed over): refused at
+    entry naming the model's own class (the wrapper's, whose ``_orig_mod`` is what to record), the harm and the fix."""
+    import torch
+
+    import qkhooks
+    from test_adapters_r21 import _timm_vit
+
+    torch._dynamo.reset()
+    model = _timm_vit()
+    if how == "model.compile":
+        model.compile(backend="eager")
+        want = ("the model (VisionTransformer) is compiled by torch.compile (module.compile()) where qkhooks hooks the "
+                f"attention: {COMPILED_HARM} To record it, record the model uncompiled (load or build it again without "
+                ".compile(); compile only what runs without qkhooks, such as the head).")
+    else:
+        model = torch.compile(model, backend="eager")
+        want = ("the model (OptimizedModule) is compiled by torch.compile (a compiled wrapper) where qkhooks hooks the "
+                f"attention: {COMPILED_HARM} To record it, record model._orig_mod and run that module itself (the "
+                "wrapper runs the compiled graph around it).")
+    with pytest.raises(QKHooksError) as refused:
+        qkhooks.record(model, modes=4)
+    assert str(refused.value) == want
+
+
+def test_a_quantised_qk_layer_is_refused_whole():
+    import qkhooks
+    from test_compile_r24 import _refused_model
+
+    with pytest.raises(QKHooksError) as refused:
+        qkhooks.record(_refused_model("quantised qkv"), modes=4)
+    assert str(refused.value) == ("'blocks.1.attn.qkv' (Linear) is a quantised layer (torch.ao.nn.quantized.dynamic."
+                                  f"modules.linear.Linear, {QUANTISED_WHY}")
+
+
+def test_a_quantised_module_that_is_itself_the_attention_checked_is_named_as_the_model():
+    """A module handed over whole whose own path ("") is the attention checked (a bare attention module recorded has
+    path ""): the refusal names it as the model, with its class."""
+    import warnings
+
+    from torch.ao.nn.quantized import dynamic
+
+    from qkhooks.models.unsupported import refuse_quantised
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = dynamic.Linear(4, 4)
+    with pytest.raises(QKHooksError) as refused:
+        refuse_quantised(layer, [""])
+    assert str(refused.value) == ("the model (Linear) is a quantised layer (torch.ao.nn.quantized.dynamic.modules.linear."
+                                  f"Linear, {QUANTISED_WHY}")
+
+
+# ------------------------------------------------------------------------------------ tests/mutation.py: round25
+def _harness():
+    """tests/mutation.py, in a git checkout of the project (its commit ranges and blame need one; a mutation run's
+    copy of the project under .mutation/ is not one: skipped there)."""
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True)
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != ROOT.resolve():
+        pytest.skip("not a git checkout of the project")
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import mutation
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    return mutation
+
+
+def test_the_round25_module_names_files_tests_and_functions_that_exist():
+    """The harness's module "round25" and its named set ROUND24: every file to mutate and every test file exists, the
+    selection names only test files it selects, ``weights_fingerprint`` (named by pattern) is a function of the file
+    mutated, and the commit range resolves in this checkout (``git rev-list``), so ``--only ROUND24`` draws the same
+    sample wherever it runs."""
+    mutation = _harness()
+    files, tests, select = mutation.MODULES["round25"]
+    assert all((ROOT / f).is_file() for f in files) and all((ROOT / t).is_file() for t in tests)
+    stems = {Path(t).stem for t in tests}
+    assert {w for w in select.replace("(", " ").replace(")", " ").split() if w.startswith("test_")} <= stems
+    assert mutation.NAMED_SETS["ROUND24"] == mutation.ROUND24
+    patterns = [p for p in mutation.ROUND24 if not p.startswith(mutation.COMMITS)]
+    for pattern in patterns:  # qkhooks.stream.x_weights_fingerprint__* -> a def in qkhooks/stream.py
+        module, _, function = pattern.rpartition(".")
+        path = ROOT / (module.replace(".", "/") + ".py")
+        assert f"qkhooks/{path.relative_to(ROOT / 'qkhooks')}" in files
+        defined = {node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
+        assert function.removeprefix("x_").removesuffix("__*") in defined
+    (revs,) = [p[len(mutation.COMMITS):] for p in mutation.ROUND24 if p.startswith(mutation.COMMITS)]
+    listed = subprocess.run(["git", "rev-list", revs], cwd=ROOT, capture_output=True, text=True)
+    assert listed.returncode == 0 and len(listed.stdout.split()) == 14  # round 24's commits, 30068a4 excluded
+
+
+def test_written_by_places_each_mutant_on_the_source_line_it_changes(tmp_path):
+    """:func:`mutation.written_by` against a hand-made mutants folder in mutmut's layout (a ``.spans`` file of line
+    ranges per function copy): a mutant on a line the given commits wrote is named, one on an older line is not. The
+    file and its commits are this checkout's own: qkhooks/store/format.py's ``id_datasets`` (round 24's) and
+    ``remove_run`` (older; an edit to either line moves this test's ground)."""
+    mutation = _harness()
+    source = (ROOT / "qkhooks/store/format.py").read_text().splitlines()
+    def copy_of(name: str, suffix: str, edit=None) -> list[str]:
+        first = next(i for i, line in enumerate(source) if line.startswith(f"def {name}("))
+        last = next(i for i in range(first + 1, len(source)) if source[i] and not source[i][0].isspace())
+        lines = [source[first].replace(f"def {name}(", f"def x_{name}__mutmut_{suffix}(")] + source[first + 1:last]
+        return edit(lines) if edit else lines
+    copies = {"id_datasets": copy_of("id_datasets", "orig"), "id_datasets_1": copy_of(
+        "id_datasets", "1", lambda ls: [l.replace("[f[IDS]]", "[None]") for l in ls]),
+        "remove_run": copy_of("remove_run", "orig"), "remove_run_1": copy_of(
+        "remove_run", "1", lambda ls: [ls[0]] + [l.replace("missing_ok=True", "missing_ok=False") for l in ls[1:]])}
+    assert copies["id_datasets_1"] != copies["id_datasets"] and copies["remove_run_1"] != copies["remove_run"]
+    text, spans = [], {}
+    for key, lines in copies.items():
+        name = lines[0].split("def ", 1)[1].split("(", 1)[0]
+        spans[name] = [len(text) + 1, len(text) + len(lines)]
+        text += lines
+    mutants = tmp_path / "mutants" / "qkhooks" / "store"
+    mutants.mkdir(parents=True)
+    (mutants / "format.py").write_text("\n".join(text) + "\n")
+    (mutants / "format.py.spans").write_text(json.dumps({"version": 1, "spans": spans}))
+    assert mutation.written_by(tmp_path, "30068a4..a5476db") == {"qkhooks.store.format.x_id_datasets__mutmut_1"}
