@@ -3,6 +3,8 @@ spectrum cache compare W_q/W_k bit for bit with a copy, so every edit inside the
 float64 fingerprint W·r rounds away, and unchanged weights give the maps of a fresh recording."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import timm
@@ -42,10 +44,19 @@ EDITS = {
 }
 
 
+@pytest.mark.parametrize("device_path", [False, True], ids=["memcmp", "one-device-read"])
 @pytest.mark.parametrize("edit", EDITS)
-def test_an_edit_of_inference_mode_weights_inside_the_context_refuses_the_next_batch(edit):
+def test_an_edit_of_inference_mode_weights_inside_the_context_refuses_the_next_batch(edit, device_path, monkeypatch):
     """Each edit (in inference mode: the only place inference tensors can be edited in place) of layer 1's W_q, W_k
-    or b_k after a first batch refuses the next one naming layer 1; the last edit fooled the fingerprint."""
+    or b_k after a first batch refuses the next one naming layer 1; the last edit fooled the fingerprint. With the
+    device path opened (as for copies on a GPU: every layer compared in one read of the device, round 25), the
+    per-batch check makes no per-layer comparison (``_same_bits``) and refuses the same edits."""
+    per_layer: list[int] = []
+    if device_path:
+        spectrum_module = sys.modules["qkhooks.spectrum"]  # the module: qkhooks.spectrum is also the function's name
+        monkeypatch.setattr(spectrum_module, "_compared_on_device", lambda t: True)
+        same_bits = spectrum_module._same_bits
+        monkeypatch.setattr(spectrum_module, "_same_bits", lambda a, b: per_layer.append(1) or same_bits(a, b))
     images = _images()
     with torch.inference_mode():
         model = _vit()
@@ -53,12 +64,13 @@ def test_an_edit_of_inference_mode_weights_inside_the_context_refuses_the_next_b
         qkv.weight[0, 0] = 1e-30
         with qkhooks.record(model, modes=4) as run:
             model(images)
+            per_layer.clear()  # entry's checks are not the per-batch check
             before = qkv.weight.clone(), qkv.bias.clone()
             EDITS[edit](qkv.weight, qkv.bias)
             assert not (torch.equal(qkv.weight, before[0]) and torch.equal(qkv.bias, before[1]))
             with pytest.raises(QKHooksError, match=r"layer 1 \(blocks.1.attn\): its weights changed inside this record"):
                 model(images)
-    assert run.images_seen == 2
+    assert run.images_seen == 2 and per_layer == []
 
 
 def test_an_edit_through_data_outside_inference_mode_is_refused_too():
