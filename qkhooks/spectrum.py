@@ -494,52 +494,46 @@ def _compared_on_device(t: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def cached_weights_checked(sites: Sequence[AttentionSite]) -> Iterator[None]:
     """Within the block, ``layer_spectrum`` of these ``sites`` takes its cached-weights verdict from one comparison of
-    the spectrum cache's copies of W_q/W_k on a GPU with the weights now, for all ``sites`` together: one read of the
-    device instead of one per layer (each a ``torch.equal``, which makes the host wait for every kernel queued:
-    entering ``record()`` per batch stalled the forward of the batch before it once per layer). Copies on the CPU are
-    left to ``layer_spectrum`` (memcmp); the verdicts are dropped when the block ends."""
+    the spectrum cache's copies of W_q/W_k with the weights now, for all ``sites`` together (:func:`weights_unchanged`:
+    on a GPU one read of the device instead of one ``torch.equal`` a layer, each of which makes the host wait for every
+    kernel queued: entering ``record()`` per batch stalled the forward of the batch before it once per layer). The
+    verdicts are dropped when the block ends."""
     outer = getattr(_VERDICTS, "by_module", None)
-    _VERDICTS.by_module = _device_verdicts(sites)
+    _VERDICTS.by_module = _cache_verdicts(sites)
     try:
         yield
     finally:
         _VERDICTS.by_module = outer
 
 
-def _device_verdicts(sites: Sequence[AttentionSite]) -> dict[Any, tuple[tuple | None, bool]]:
-    """Module -> (its weights key, whether the cache's copy holds the same bits), for the sites whose copy is on a
-    device; a module with several sites gets none (each site reads its own tensors)."""
+def _cache_verdicts(sites: Sequence[AttentionSite]) -> dict[Any, tuple[tuple | None, bool]]:
+    """Module -> (its weights key, whether the cache's copy still holds its weights) for every cached site; a module
+    with several sites gets none (each site reads its own tensors)."""
     seen = collections.Counter(s.module for s in sites if s.module is not None)
-    pairs = []
-    for site in sites:
-        entry = _SPECTRUM_CACHE.get(site.module) if site.module is not None else None
-        if entry is not None and entry[0][1] is not None and seen[site.module] == 1 and _weights_key(site) == entry[0][0]:
-            pairs.append((entry[0], site))
-    verdicts = weights_unchanged(pairs, device_only=True)
-    return {site.module: (state[0], same) for (state, site), same in zip(pairs, verdicts) if same is not None}
+    pairs = [(_SPECTRUM_CACHE[s.module][0], s) for s in sites
+             if s.module is not None and seen[s.module] == 1 and s.module in _SPECTRUM_CACHE]
+    return {site.module: (state[0], same) for (state, site), same in zip(pairs, weights_unchanged(pairs))}
 
 
-def weights_unchanged(pairs: Sequence[tuple[WeightsState, AttentionSite]],
-                      device_only: bool = False) -> list[bool | None]:
+def weights_unchanged(pairs: Sequence[tuple[WeightsState, AttentionSite]]) -> list[bool]:
     """:func:`same_weights` of every (state, site) pair, the bit-for-bit comparisons of copies on a GPU read from the
-    device once for all pairs: one ``torch.equal`` a layer makes the host wait for every kernel queued, once a layer.
-    ``device_only``: None for the pairs whose answer needs no comparison on a device (the caller decides those)."""
+    device once for all pairs: one ``torch.equal`` a layer makes the host wait for every kernel queued, once a layer."""
     import torch
 
-    out: list[bool | None] = []
+    out: list[bool] = []
     pending: list[tuple[int, torch.Tensor]] = []
     for (key, copy), site in pairs:
         if _weights_key(site) != key or copy is None:
-            out.append(None if device_only else _weights_key(site) == key)
+            out.append(_weights_key(site) == key)
             continue
         now = _qk_tensors(site)
         if len(now) != len(copy) or any(a.dtype != b.dtype or a.shape != b.shape or a.device != b.device
                                         or not _compared_on_device(a) for a, b in zip(copy, now)):
-            out.append(None if device_only else _same_bits(copy, now))
+            out.append(_same_bits(copy, now))  # memcmp on the CPU (or a mismatch of shape or place)
             continue
         ints = [getattr(torch, _SAME_SIZE_INTS[a.element_size()]) for a in copy]
         pending.append((len(out), torch.stack([(a.view(i) != b.view(i)).any() for a, b, i in zip(copy, now, ints)]).any()))
-        out.append(None)
+        out.append(False)  # answered below
     if pending:
         device = pending[0][1].device
         for (at, _), differs in zip(pending, torch.stack([d.to(device) for _, d in pending]).tolist()):

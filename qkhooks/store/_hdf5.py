@@ -200,7 +200,11 @@ def create_run_file(path: str | os.PathLike, chunk_cache_bytes: int | None = Non
     if chunk_cache_bytes is not None:
         fapl.set_cache(0, 521, chunk_cache_bytes, 1.0)
     f = h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fapl=fapl, fcpl=fcpl))
-    f.attrs[FORMAT_ATTR] = np.int64(FORMAT)
+    try:
+        f.attrs[FORMAT_ATTR] = np.int64(FORMAT)
+    except BaseException:  # a full disk, an interrupt: no open handle left behind (the caller removes the file)
+        f.close()
+        raise
     return f
 
 
