@@ -336,6 +336,7 @@ def test_a_hand_made_run_file_reads_back_its_committed_images_names_and_layers(t
         assert run.summary().splitlines() == [
             f"run      {path}", "model    timm:tiny", "data     samples",
             "images   7 committed (incomplete: resume with the same command plus --resume)", "version  qkhooks 9.9",
+            "format   0 (written before format numbers: no root attribute qkhooks_format)",
             "skipped  2: bad.jpg, odd.png", "arrays",
             *[f"  {name:32s} {'(7, 3, 2)':24s} float32" for name in run.arrays()],
             "checksum none on the per-image arrays: damage inside their data is not detected (record with --checksum)",

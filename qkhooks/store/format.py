@@ -27,7 +27,7 @@ import numpy as np
 from qkhooks.access import LayerGeometry
 from qkhooks.errors import QKHooksError
 
-__all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "IDS", "ID_DIGESTS", "ID_DIGEST_BYTES", "id_digests", "mismatched_ids", "create_id_digests", "id_datasets", "SKIPPED", "FILE_SIZES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
+__all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "IDS", "ID_DIGESTS", "ID_DIGEST_BYTES", "id_digests", "mismatched_ids", "create_id_digests", "id_datasets", "SKIPPED", "FILE_SIZES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
            "datasets", "per_image_datasets", "layout_problems",
            "read_states", "states_and_problem", "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "run_id_of",
@@ -81,7 +81,7 @@ def refuse_newer_format(attrs: Mapping[str, Any], path: str | os.PathLike, doing
     number = attrs.get(FORMAT_ATTR)
     if number is None:
         return
-    if not isinstance(number, (int, np.integer)) or isinstance(number, (bool, np.bool_)) or number < 0:
+    if not _is_format_number(number):
         raise QKHooksError(f"cannot {doing} {path}: its root attribute {FORMAT_ATTR} is {number!r}, not a run-file "
                            "format number qkhooks writes (another tool wrote or changed the file).")
     if number > FORMAT:
@@ -89,6 +89,27 @@ def refuse_newer_format(attrs: Mapping[str, Any], path: str | os.PathLike, doing
                            f"{FORMAT_ATTR}), newer than format {FORMAT}, the newest this qkhooks knows; reading it "
                            f"works, but to {doing} it takes the rules of its format. Upgrade qkhooks to a version that "
                            f"writes format {int(number)} or later (pip install -U qkhooks) and {doing} it with that.")
+
+
+def _is_format_number(value: Any) -> bool:
+    """Whether a :data:`FORMAT_ATTR` value is one qkhooks writes: a non-negative integer (not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 0
+
+
+def describe_format(attrs: Mapping[str, Any]) -> str:
+    """What ``qkhooks info`` (``RunReader.summary``) says of the format of a run file with root attributes ``attrs``:
+    its number; 0 for a file written before the numbers; for a newer one, that reading works and that the rest takes
+    an upgrade (:func:`refuse_newer_format` refuses it then)."""
+    number = attrs.get(FORMAT_ATTR)
+    if number is None:
+        return f"0 (written before format numbers: no root attribute {FORMAT_ATTR})"
+    if not _is_format_number(number):
+        return (f"unknown: root attribute {FORMAT_ATTR} is {number!r}, not a run-file format number qkhooks writes "
+                "(another tool wrote or changed the file)")
+    if number > FORMAT:
+        return (f"{int(number)}, newer than format {FORMAT}, the newest this qkhooks knows: reading it works; to "
+                "resume, merge, repair or verify it, upgrade qkhooks (pip install -U qkhooks)")
+    return str(int(number))
 
 
 def lock_path(run: str | os.PathLike) -> Path:

@@ -752,6 +752,7 @@ class RunReader:
             f"data     {self.attrs.get('data', '?')}",
             f"images   {self.n} committed{self._incomplete_hint()}",
             f"version  qkhooks {self.attrs.get('qkhooks_version', '?')}",
+            f"format   {fmt.describe_format(self.attrs)}",
         ]
         if self.skipped:
             lines.append(f"skipped  {len(self.skipped)}: " + ", ".join(i for i, _ in self.skipped[:5]))
