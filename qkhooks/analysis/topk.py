@@ -166,6 +166,7 @@ class TopKModes(Reducer):
         self.images = 0
         # layers folded together -> (their state stacked, the per-layer views of it in self.layers)
         self._stacks: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
+        self._signs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # see _signs_on
 
     def __repr__(self) -> str:
         return f"TopKModes(k={self.k}, layers={sorted(self.layers)}, images={self.images})"
@@ -180,6 +181,15 @@ class TopKModes(Reducer):
             "query": torch.zeros((h, m, 2, self.k, n), dtype=self.map_dtype, device=dev),
             "key": torch.zeros((h, m, 2, self.k, n if keys is None else keys), dtype=self.map_dtype, device=dev),
         }
+
+    def _signs_on(self, device: torch.device) -> torch.Tensor:
+        """:data:`SIGNS` (2,) in the map dtype on ``device``, made once per device and dtype (a constant: nothing
+        invalidates it), not a host-to-device copy every fold."""
+        key = (device, self.map_dtype)
+        signs = self._signs.get(key)
+        if signs is None:
+            signs = self._signs[key] = to_device(torch.tensor(SIGNS, dtype=self.map_dtype), device)
+        return signs
 
     def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dev, slots = a["score"].device, a["score"].dim() - 1  # the slot axis: last of the scores, (L,) H, K, 2, k
@@ -214,7 +224,7 @@ class TopKModes(Reducer):
             self._store_stacked(layers, self._merge_entrants(state, score, index, maps, m))
             return
         pos = _rank(score, index, min(self.k, b))  # the batch's own top-k first: never gather B maps
-        sign = to_device(torch.tensor(SIGNS, dtype=self.map_dtype), dev).view(2, 1, 1)  # (2, k, N) of (L, H, K, 2, k, N)
+        sign = self._signs_on(dev).view(2, 1, 1)  # (2, k, N) of (L, H, K, 2, k, N)
         picked = pos.reshape(len(maps), h, m, -1)
         lanes = torch.arange(h * m, device=dev).view(h, m, 1)
 
@@ -254,7 +264,7 @@ class TopKModes(Reducer):
         image = pos[enters] - k
         slots = enters.flatten().nonzero().squeeze(1)
         counts = torch.bincount(where[:, 0], minlength=len(maps)).tolist()
-        sign = to_device(torch.tensor(SIGNS, dtype=self.map_dtype), pos.device)[where[:, 3]].unsqueeze(1)
+        sign = self._signs_on(pos.device)[where[:, 3]].unsqueeze(1)
         kept = pos.clamp(max=k - 1)  # entering slots are overwritten below
         for side, name in ((1, "query"), (2, "key")):
             out = _take(state[name], kept)
