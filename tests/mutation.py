@@ -518,23 +518,24 @@ def matching(names: list[str], patterns: tuple[str, ...], work: Path | None = No
                   or any(fnmatch.fnmatchcase(n, p) for p in patterns if not p.startswith(COMMITS)))
 
 
-def written_by(work: Path, revs: str) -> set[str]:
+def written_by(work: Path, revs: str, repo: Path = ROOT) -> set[str]:
     """The mutants of ``work`` (a module's copy, its mutants made) whose mutated line was written by the commits
     ``revs`` (``git rev-list`` syntax, ``A..B``) and is still as they wrote it (``git blame`` of this checkout): one
     round's code, in the functions it added and in the lines it changed in older ones, whatever numbers mutmut gives
     them. mutmut's ``.spans`` file places each mutant's copy of its function; the line where the copy differs from the
-    unmutated copy (``__mutmut_orig``) is placed in the source by where that function's body lies there."""
-    commits = set(subprocess.run(["git", "rev-list", revs], cwd=ROOT, capture_output=True, text=True,
+    unmutated copy (``__mutmut_orig``) is placed in the source by where that function's body lies there. ``repo``: the
+    git checkout holding the source (this project's by default)."""
+    commits = set(subprocess.run(["git", "rev-list", revs], cwd=repo, capture_output=True, text=True,
                                  check=True).stdout.split())
     found: set[str] = set()
     for spans_file in (work / "mutants").rglob("*.py.spans"):
         relative = spans_file.relative_to(work / "mutants").with_suffix("")
-        blame = subprocess.run(["git", "blame", "-l", "-s", "--", str(relative)], cwd=ROOT, capture_output=True,
+        blame = subprocess.run(["git", "blame", "-l", "-s", "--", str(relative)], cwd=repo, capture_output=True,
                                text=True, check=True).stdout.splitlines()
         theirs = {i for i, line in enumerate(blame) if line.split(maxsplit=1)[0].lstrip("^") in commits}
         if not theirs:
             continue
-        source = [line.strip() for line in (ROOT / relative).read_text().splitlines()]
+        source = [line.strip() for line in (repo / relative).read_text().splitlines()]
         copies = (work / "mutants" / relative).read_text().splitlines()
         spans = json.loads(spans_file.read_text())["spans"]
         module = ".".join(relative.with_suffix("").parts)

@@ -9,6 +9,7 @@ import ast
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -350,6 +351,11 @@ def _harness():
     known = subprocess.run(["git", "cat-file", "-e", "30068a4^{commit}"], cwd=ROOT, capture_output=True)
     if shallow.stdout.strip() == "true" or known.returncode != 0:  # blame and commit ranges need round 24's history
         pytest.skip("a clone without the project's history (shallow)")
+    return _mutation_module()
+
+
+def _mutation_module():
+    """tests/mutation.py, imported (it needs no git to import)."""
     sys.path.insert(0, str(ROOT / "tests"))
     try:
         import mutation
@@ -381,30 +387,90 @@ def test_the_round25_module_names_files_tests_and_functions_that_exist():
     assert listed.returncode == 0 and len(listed.stdout.split()) == 14  # round 24's commits, 30068a4 excluded
 
 
+# A module in three commits: A writes it, B changes one line of alpha (between two of A's), C one line of beta.
+_MODULE_A = ['"""A module of a throwaway repository."""', "", "", "def alpha(x):", "    a = x + 1", "    b = a * 2",
+             "    return b", "", "", "def beta(y):", "    c = y - 1", "    return c", ""]
+_MODULE_B = [line.replace("a * 2", "a * 3") for line in _MODULE_A]
+_MODULE_C = [line.replace("y - 1", "y - 5") for line in _MODULE_B]
+# mutant -> (function, the line it changes, as it reads mutated)
+_MUTANTS = {"1": ("alpha", "    a = x + 1", "    a = x - 1"),  # A's line, just above B's
+            "2": ("alpha", "    b = a * 3", "    b = a / 3"),  # B's line
+            "3": ("alpha", "    return b", "    return None"),  # A's line, just below B's
+            "4": ("beta", "    c = y - 5", "    c = y + 5"),  # C's line
+            "5": ("beta", "    return c", "    return None")}  # A's line, just below C's
+
+
+def _throwaway_repository(root: Path) -> dict[str, str]:
+    """``root`` made a git repository holding pkg/mod.py in the three commits A, B, C after a first one (their hashes
+    by name)."""
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+    for inherited in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):  # set when pytest runs inside a git hook
+        env.pop(inherited, None)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    (root / "pkg").mkdir()
+    hashes = {}
+    # a first commit of another file: git blame marks the root commit's lines "^" plus 39 hex digits, and the
+    # project's rounds never start at its root commit
+    for name, path, lines in (("root", "README", ["a throwaway repository"]), ("A", "pkg/mod.py", _MODULE_A),
+                              ("B", "pkg/mod.py", _MODULE_B), ("C", "pkg/mod.py", _MODULE_C)):
+        (root / path).write_text("\n".join(lines))
+        git("add", path)
+        git("commit", "-q", "--no-gpg-sign", "-m", name)
+        hashes[name] = git("rev-parse", "HEAD").strip()
+    return hashes
+
+
+def _mutants_folder(work: Path) -> None:
+    """``work``/mutants in mutmut's layout for pkg/mod.py as commit C leaves it: a header, then each function's
+    unmutated copy (``x_NAME__mutmut_orig``) and its mutants' copies, one ``.spans`` entry [first, last] (1-based)
+    per copy; the copies sit at other line numbers than the functions in the source."""
+    source = _MODULE_C
+    text = ["import os  # mutmut's trampolines and imports come first", "import sys", "", "", "", ""]
+    spans = {}
+
+    def add(copy_name: str, lines: list[str]) -> None:
+        spans[copy_name] = [len(text) + 1, len(text) + len(lines)]
+        text.extend(lines + ["", ""])
+
+    for function in ("alpha", "beta"):
+        first = next(i for i, line in enumerate(source) if line.startswith(f"def {function}("))
+        body = source[first:source.index("", first)]  # the def and its lines, up to the blank line after them
+        add(f"x_{function}__mutmut_orig", [body[0].replace(f"def {function}(", f"def x_{function}__mutmut_orig(")]
+            + body[1:])
+        for number, (owner, line, mutated) in _MUTANTS.items():
+            if owner == function:
+                assert line in body, (function, line)
+                add(f"x_{function}__mutmut_{number}",
+                    [body[0].replace(f"def {function}(", f"def x_{function}__mutmut_{number}(")]
+                    + [mutated if l == line else l for l in body[1:]])
+    folder = work / "mutants" / "pkg"
+    folder.mkdir(parents=True)
+    (folder / "mod.py").write_text("\n".join(text) + "\n")
+    (folder / "mod.py.spans").write_text(json.dumps({"version": 1, "spans": spans}))
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_written_by_places_each_mutant_on_the_source_line_it_changes(tmp_path):
-    """:func:`mutation.written_by` against a hand-made mutants folder in mutmut's layout (a ``.spans`` file of line
-    ranges per function copy): a mutant on a line the given commits wrote is named, one on an older line is not. The
-    file and its commits are this checkout's own: qkhooks/store/format.py's ``id_datasets`` (round 24's) and
-    ``remove_run`` (older; an edit to either line moves this test's ground)."""
-    mutation = _harness()
-    source = (ROOT / "qkhooks/store/format.py").read_text().splitlines()
-    def copy_of(name: str, suffix: str, edit=None) -> list[str]:
-        first = next(i for i, line in enumerate(source) if line.startswith(f"def {name}("))
-        last = next(i for i in range(first + 1, len(source)) if source[i] and not source[i][0].isspace())
-        lines = [source[first].replace(f"def {name}(", f"def x_{name}__mutmut_{suffix}(")] + source[first + 1:last]
-        return edit(lines) if edit else lines
-    copies = {"id_datasets": copy_of("id_datasets", "orig"), "id_datasets_1": copy_of(
-        "id_datasets", "1", lambda ls: [l.replace("[f[IDS]]", "[None]") for l in ls]),
-        "remove_run": copy_of("remove_run", "orig"), "remove_run_1": copy_of(
-        "remove_run", "1", lambda ls: [ls[0]] + [l.replace("missing_ok=True", "missing_ok=False") for l in ls[1:]])}
-    assert copies["id_datasets_1"] != copies["id_datasets"] and copies["remove_run_1"] != copies["remove_run"]
-    text, spans = [], {}
-    for key, lines in copies.items():
-        name = lines[0].split("def ", 1)[1].split("(", 1)[0]
-        spans[name] = [len(text) + 1, len(text) + len(lines)]
-        text += lines
-    mutants = tmp_path / "mutants" / "qkhooks" / "store"
-    mutants.mkdir(parents=True)
-    (mutants / "format.py").write_text("\n".join(text) + "\n")
-    (mutants / "format.py.spans").write_text(json.dumps({"version": 1, "spans": spans}))
-    assert mutation.written_by(tmp_path, "30068a4..a5476db") == {"qkhooks.store.format.x_id_datasets__mutmut_1"}
+    """:func:`mutation.written_by` against a throwaway git repository (pkg/mod.py in three commits A, B, C, each
+    changing one line between lines of A) and a hand-made mutants folder in mutmut's layout: for a commit range it
+    names exactly the mutants on lines those commits wrote and the later ones left as they were, never a mutant a
+    line above or below, nor one on a line of a commit outside the range."""
+    mutation = _mutation_module()
+    repo, work = tmp_path / "repo", tmp_path / "work"
+    repo.mkdir()
+    commit = _throwaway_repository(repo)
+    _mutants_folder(work)
+    named = {f"pkg.mod.x_{function}__mutmut_{number}" for number, (function, _, _) in _MUTANTS.items()}
+    assert mutation.written_by(work, f"{commit['A']}..{commit['B']}", repo) == {"pkg.mod.x_alpha__mutmut_2"}
+    assert mutation.written_by(work, f"{commit['B']}..{commit['C']}", repo) == {"pkg.mod.x_beta__mutmut_4"}
+    assert mutation.written_by(work, f"{commit['A']}..{commit['C']}", repo) == {"pkg.mod.x_alpha__mutmut_2",
+                                                                                   "pkg.mod.x_beta__mutmut_4"}
+    assert mutation.written_by(work, commit["C"], repo) == named  # A, B and C: every mutated line is theirs
+    assert mutation.written_by(work, f"{commit['root']}..{commit['A']}", repo) == {  # B and C rewrote two of A's
+        "pkg.mod.x_alpha__mutmut_1", "pkg.mod.x_alpha__mutmut_3", "pkg.mod.x_beta__mutmut_5"}
+    assert mutation.written_by(work, f"{commit['C']}..{commit['C']}", repo) == set()
