@@ -530,7 +530,7 @@ def written_by(work: Path, revs: str, repo: Path = ROOT) -> set[str]:
     found: set[str] = set()
     for spans_file in (work / "mutants").rglob("*.py.spans"):
         relative = spans_file.relative_to(work / "mutants").with_suffix("")
-        blame = subprocess.run(["git", "blame", "-l", "-s", "--", str(relative)], cwd=repo, capture_output=True,
+        blame = subprocess.run(["git", "blame", "--root", "-l", "-s", "--", str(relative)], cwd=repo, capture_output=True,
                                text=True, check=True).stdout.splitlines()
         theirs = {i for i, line in enumerate(blame) if line.split(maxsplit=1)[0].lstrip("^") in commits}
         if not theirs:

@@ -400,9 +400,9 @@ _MUTANTS = {"1": ("alpha", "    a = x + 1", "    a = x - 1"),  # A's line, just 
             "5": ("beta", "    return c", "    return None")}  # A's line, just below C's
 
 
-def _throwaway_repository(root: Path) -> dict[str, str]:
-    """``root`` made a git repository holding pkg/mod.py in the three commits A, B, C after a first one (their hashes
-    by name)."""
+def _throwaway_repository(root: Path, first: bool = True) -> dict[str, str]:
+    """``root`` made a git repository holding pkg/mod.py in the three commits A, B, C, after a first one of another
+    file unless ``first`` is False (then A is the root commit); their hashes by name."""
     env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
     for inherited in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):  # set when pytest runs inside a git hook
@@ -414,10 +414,9 @@ def _throwaway_repository(root: Path) -> dict[str, str]:
     git("init", "-q")
     (root / "pkg").mkdir()
     hashes = {}
-    # a first commit of another file: git blame marks the root commit's lines "^" plus 39 hex digits, and the
-    # project's rounds never start at its root commit
-    for name, path, lines in (("root", "README", ["a throwaway repository"]), ("A", "pkg/mod.py", _MODULE_A),
-                              ("B", "pkg/mod.py", _MODULE_B), ("C", "pkg/mod.py", _MODULE_C)):
+    commits = [("root", "README", ["a throwaway repository"])] * first + [
+        ("A", "pkg/mod.py", _MODULE_A), ("B", "pkg/mod.py", _MODULE_B), ("C", "pkg/mod.py", _MODULE_C)]
+    for name, path, lines in commits:
         (root / path).write_text("\n".join(lines))
         git("add", path)
         git("commit", "-q", "--no-gpg-sign", "-m", name)
@@ -474,3 +473,8 @@ def test_written_by_places_each_mutant_on_the_source_line_it_changes(tmp_path):
     assert mutation.written_by(work, f"{commit['root']}..{commit['A']}", repo) == {  # B and C rewrote two of A's
         "pkg.mod.x_alpha__mutmut_1", "pkg.mod.x_alpha__mutmut_3", "pkg.mod.x_beta__mutmut_5"}
     assert mutation.written_by(work, f"{commit['C']}..{commit['C']}", repo) == set()
+    # lines of a root commit: git blame marks them "^" plus 39 hex digits unless told --root
+    rooted = tmp_path / "rooted"
+    rooted.mkdir()
+    assert mutation.written_by(work, _throwaway_repository(rooted, first=False)["A"], rooted) == {
+        "pkg.mod.x_alpha__mutmut_1", "pkg.mod.x_alpha__mutmut_3", "pkg.mod.x_beta__mutmut_5"}
