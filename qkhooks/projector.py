@@ -286,9 +286,10 @@ class QKPathProjector:
         if layout == "images":
             out = heads.new_empty(b, sh, modes, n)
             for image in range(b):
-                torch.bmm(weights, heads[image].permute(1, 2, 0), out=out[image])
-            if offsets is not None:
-                out.sub_(offsets)
+                if offsets is None:
+                    torch.bmm(weights, heads[image].permute(1, 2, 0), out=out[image])
+                else:  # the offsets subtracted while the image's block is in the cache, not in a pass over all maps
+                    torch.baddbmm(offsets, weights, heads[image].permute(1, 2, 0), beta=-1, out=out[image])
             return out.view(b, -1, h, modes, n).transpose(0, 1)
         out = torch.bmm(weights, tokens.permute(1, 2, 0))  # (S·H, K, B·N)
         if offsets is not None:

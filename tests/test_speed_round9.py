@@ -209,15 +209,16 @@ def test_each_projector_layout_runs_its_own_products_and_hands_out_its_own_strid
 
     class Products(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is torch.bmm:
-                products.append((tuple(args[0].shape), tuple(args[1].shape)))
+            if func in (torch.bmm, torch.baddbmm):  # baddbmm(offsets, a, b): the product and the offsets in one
+                products.append((func.__name__, *(tuple(t.shape) for t in args[-2:])))
             return func(*args, **(kwargs or {}))
 
     with Products():
         query, key = projector.from_fused(qkv)
-    assert products == {"tokens": [((2 * h, b * n, dk), (2 * h, dk, k))],
-                        "images": [((2 * h, k, dk), (2 * h, dk, n))] * b,
-                        "batched": [((2 * h, k, dk), (2 * h, dk, b * n))]}[layout]
+    assert projector._weights(qkv.device, qkv.dtype)[1] is not None  # the qkv biases give offsets to subtract
+    assert products == {"tokens": [("bmm", (2 * h, b * n, dk), (2 * h, dk, k))],
+                        "images": [("baddbmm", (2 * h, k, dk), (2 * h, dk, n))] * b,
+                        "batched": [("bmm", (2 * h, k, dk), (2 * h, dk, b * n))]}[layout]
     per_image = (2 if layout == "images" else 1) * h * k * n
     assert query.stride() == key.stride() == (per_image, k * n, n, 1)
 
