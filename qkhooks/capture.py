@@ -928,8 +928,12 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
 
 # The sites of each recorded model (find_sites walks the module tree several times: ~9 of the ~12 ms that entering
 # record() cost on ViT-S), kept while the model's structure is unchanged. Weak keys: a deleted model frees its entry.
-_SITES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[AttentionSite]]]" = weakref.WeakKeyDictionary()
+_SITES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[tuple[AttentionSite, _CopyPlan]]]]" = (
+    weakref.WeakKeyDictionary())
 _SETTINGS = (bool, int, float, str, type(None))
+# torch's own per-module registries (parameters, buffers, children, hooks: dicts, which the key does not read), skipped
+# by name: about 14 of a module's ~30 attributes, and a third of the key's time
+_TORCH_REGISTRIES = frozenset(name for name, value in vars(nn.Module()).items() if isinstance(value, dict))
 
 
 def _structure_key(model: nn.Module) -> tuple:
@@ -940,7 +944,9 @@ def _structure_key(model: nn.Module) -> tuple:
     key: list[Any] = [tuple(map(id, _ADAPTERS))]
     for module in model.modules():
         key.append((id(module), type(module)))
-        for name, value in module.__dict__.items():
+        attributes = module.__dict__
+        for name in [name for name in attributes if name not in _TORCH_REGISTRIES]:
+            value = attributes[name]
             if isinstance(value, _SETTINGS):
                 key.append((name, value))
             elif not isinstance(value, dict):  # torch's own registries (_modules, hooks, ...) are walked or not read
@@ -1012,32 +1018,49 @@ def _model_sites(model: nn.Module, layers: Sequence[int] | None, skip_unmodelled
     key = (_structure_key(model), skip_unmodelled)
     hit = _SITES.get(model)
     if hit is None or hit[0] != key:
-        hit = _SITES[model] = (key, find_sites(model, skip_unmodelled=skip_unmodelled))
-    copies = [_own_copy(site) for site in hit[1]]
-    if any(c is None for c in copies):  # a site a copy cannot be cut loose from: searched afresh, never shared
-        del _SITES[model]
-        return find_sites(model, layers, skip_unmodelled)
-    return select_layers(copies, layers)
+        found = find_sites(model, skip_unmodelled=skip_unmodelled)
+        plans = [_copy_plan(site) for site in found]
+        if any(plan is None for plan in plans):  # a site a copy cannot be cut loose from: never shared
+            _SITES.pop(model, None)
+            return select_layers(found, layers)
+        hit = _SITES[model] = (key, list(zip(found, plans)))
+    return select_layers([plan.copy(site) for site, plan in hit[1]], layers)
 
 
-def _own_copy(site: AttentionSite) -> AttentionSite | None:
-    """A copy of a cached ``site`` (which never records: it holds what the search found) that shares no call state
-    with other copies: every attribute kept (adapters set some that are not dataclass fields), containers copied,
-    methods of the original bound to the copy (a HaloNet site keeps its own ``haloed_keys`` as ``key_tokens``); None
-    where anything else the site holds leads back to the original or its containers (a closure over it, a helper
+@dataclasses.dataclass(frozen=True)
+class _CopyPlan:
+    """How to copy a cached site (which never records: it holds what the search found, so the plan made once from
+    it holds for every copy): every attribute kept (adapters set some that are not dataclass fields), the methods
+    of the original bound to the copy (a HaloNet site keeps its own ``haloed_keys`` as ``key_tokens``), the
+    containers copied, anything else shared."""
+
+    methods: frozenset[str]
+    containers: frozenset[str]
+
+    def copy(self, site: AttentionSite) -> AttentionSite:
+        copy = dataclasses.replace(site)
+        for name, value in vars(site).items():
+            if name in self.methods:
+                value = value.__func__.__get__(copy)
+            elif name in self.containers:
+                value = type(value)(value)
+            setattr(copy, name, value)
+        return copy
+
+
+def _copy_plan(site: AttentionSite) -> _CopyPlan | None:
+    """The :class:`_CopyPlan` of ``site``, for copies that share no call state with each other; None where anything
+    the site holds, other than its own methods, leads back to it or its containers (a closure over it, a helper
     object keeping its bound method), which no copy can redirect."""
     containers = {name: value for name, value in vars(site).items() if isinstance(value, (dict, list, set))}
     originals = {id(site), *map(id, containers.values())}
-    copy = dataclasses.replace(site)
+    methods = set()
     for name, value in vars(site).items():
         if inspect.ismethod(value) and value.__self__ is site:
-            value = value.__func__.__get__(copy)
+            methods.add(name)
         elif _links_back(gc.get_referents(value) if name in containers else [value], originals):
             return None
-        elif name in containers:
-            value = type(value)(value)
-        setattr(copy, name, value)
-    return copy
+    return _CopyPlan(frozenset(methods), frozenset(containers))
 
 
 # What a site's attributes may hold that never leads back to a site: values, tensors, the model's modules, classes.

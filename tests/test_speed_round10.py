@@ -112,7 +112,7 @@ def _helper_with(site):
 def test_a_site_whose_helper_leads_back_to_it_is_not_shared(road):
     site = qkhooks.sites(_vit())[0]
     site.helper = _helper_with(site)[road]
-    assert capture._own_copy(site) is None
+    assert capture._copy_plan(site) is None
 
 
 def test_a_helper_that_leads_elsewhere_is_shared_and_direct_methods_are_rebound():
@@ -120,8 +120,9 @@ def test_a_helper_that_leads_elsewhere_is_shared_and_direct_methods_are_rebound(
     other = qkhooks.sites(_vit(seed=1))[0]
     site.helper = types.SimpleNamespace(call=other.grid_for, settings={"size": 3})
     site.own = site.grid_for
-    copy = capture._own_copy(site)
-    assert copy is not None and copy is not site
+    plan = capture._copy_plan(site)
+    copy = plan.copy(site)
+    assert copy is not site
     assert copy.helper is site.helper  # nothing in it leads back: shared as the search left it
     assert copy.own.__self__ is copy and copy.own.__func__ is site.own.__func__
 
@@ -145,7 +146,7 @@ def test_sites_with_a_helper_leading_back_are_searched_at_every_entry_and_record
         with qkhooks.record(model, modes=4, attention="full") as run, torch.no_grad():
             run(images)
         runs.append(run)
-    assert calls[0] == 4  # per entry: the search for the cache, then a fresh one when its sites cannot be shared
+    assert calls[0] == 2  # one search per entry: sites that cannot be shared are used as found, never cached
     assert model not in capture._SITES
     assert not {id(s) for s in runs[0].sites} & {id(s) for s in runs[1].sites}
     for layer in runs[0].layers:
