@@ -204,3 +204,26 @@ def test_the_benchmark_counts_the_page_faults_of_fresh_memory():
     fresh = np.empty(64 << 20, dtype=np.uint8)
     fresh[::4096] = 1
     assert minor_page_faults() - before >= (64 << 20) // (2 << 20)
+
+
+def test_entering_again_copies_the_cached_sites_by_their_plan_without_walking_them(monkeypatch):
+    """The cached sites never record, so the copy plan made when they were found (which attributes are the site's own
+    methods, which are containers) holds for every later copy: entering again walks no site's referents, and each
+    recording's containers are its own."""
+    model = _vit(seed=5)
+    walks = [0]
+    real = capture._links_back
+
+    def counted(*args, **kwargs):
+        walks[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture, "_links_back", counted)
+    first = qkhooks.record(model, modes=2)
+    after_first = walks[0]
+    again = qkhooks.record(model, modes=2)
+    assert after_first > 0 and walks[0] == after_first
+    for one, other in zip(first.sites, again.sites):
+        shared = [name for name, value in vars(one).items()
+                  if isinstance(value, (dict, list, set)) and value is vars(other)[name]]
+        assert one is not other and not shared
