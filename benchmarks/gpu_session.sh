@@ -44,6 +44,13 @@ timeout 60 "$PY" benchmarks/profile_record.py --device cuda --model vit_ti --ima
 want writer && step "HDF5 writer beside the GPU (ViT-S, batch 32)" &&
 timeout 90 "${BENCH[@]}" --models vit_s --sections writer --batch 32 --compressions none,none@batch
 
+# not in the default STEPS: the writer thread's waits for the GIL (benchmarks/writer_gil.py), the full recording and
+# end to end again with the interpreter switching threads every 0.5 ms instead of 5 (their own keys in results.json)
+want switch && step "full recording and end to end, switch interval 0.5 ms (ViT-S, ViT-B; ViT-Ti)" &&
+timeout 150 "${BENCH[@]}" --models vit_s,vit_b --sections methods --batch 32 --rounds 12 --methods plain,full_hdf5 \
+    --switch-interval 0.0005 2>&1 | grep -v "^  round" &&
+timeout 100 "${BENCH[@]}" --models vit_ti --sections end_to_end --e2e-images 960 --e2e-rounds 3 --switch-interval 0.0005
+
 want memory && step "GPU peak memory (ViT-S, batch 32)" &&
 timeout 110 "${BENCH[@]}" --models vit_s --sections memory --batch 32 \
     --methods plain,capture,modes16,rows2,full_maps,full_maps_eager,full_hdf5,timm_extract

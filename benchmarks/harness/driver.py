@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         cmd = " ".join(["qkhooks bench", *map(shlex.quote, sys.argv[2:])])
     else:
         cmd = " ".join(["python benchmarks/run.py", *map(shlex.quote, sys.argv[1:])])
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     machine = machine_info()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     if threading.current_thread() is threading.main_thread():  # a killed run still removes its run files
@@ -72,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
         log(f"[{section}] {size} on {dev} ...")
         before, t0 = load_average(), time.perf_counter()
         result = fn()
-        entries[f"{section}/{size}/{dev}/t{args.threads}"] = {
+        switched = ""
+        if args.switch_interval is not None:  # kept beside the default interval's entry, and said in its parameters
+            switched, params = f"/switch{args.switch_interval:g}", {**params, "switch_interval": args.switch_interval}
+        entries[f"{section}/{size}/{dev}/t{args.threads}{switched}"] = {
             "section": section, "model": size, "device": dev, "command": cmd, "params": params, "machine": machine,
             "when": datetime.datetime.now().isoformat(timespec="seconds"), "load_before": before, "load_after": load_average(),
             "seconds": time.perf_counter() - t0, "data": result}

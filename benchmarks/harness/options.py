@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches-per-rep", type=int, default=2, help="forwards per timed repetition")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="seconds between the interpreter's forced thread switches for the whole run (sys."
+                        "setswitchinterval; default Python's 0.005): how long the HDF5 writer thread can wait for the "
+                        "GIL while the main thread runs Python")
     p.add_argument("--memory-steps", type=int, default=2, help="forwards per memory subprocess")
     p.add_argument("--dataset-images", type=int, default=40, help="images of the 1x record_dataset run (10x is the other)")
     p.add_argument("--compressions", default="none,none+checksum,lzf,gzip,lzf@1mib,gzip@1mib",
