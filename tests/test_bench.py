@@ -303,6 +303,27 @@ def test_bench_command_is_registered_and_runs_the_cheap_sections(tmp_path, capsy
     assert "Factored vs dense SVD" in md.read_text()
 
 
+def test_switch_interval_is_set_for_the_run_kept_beside_the_default_and_restored(tmp_path, monkeypatch):
+    """``--switch-interval``: the sections run with the interpreter's switch interval set (seen from inside a
+    section), their entries sit beside the default interval's under their own key, saying the interval, and the
+    interval is restored when the run ends."""
+    import harness.driver as driver
+
+    seen = []
+    real = driver.svd_bench
+    monkeypatch.setattr(driver, "svd_bench", lambda bench: (seen.append(sys.getswitchinterval()), real(bench))[1])
+    before = sys.getswitchinterval()
+    md, js = tmp_path / "R.md", tmp_path / "r.json"
+    common = ["--models", "tiny", "--sections", "svd", "--out", str(md), "--json", str(js), "--notes", str(tmp_path / "n")]
+    assert bench_main([*common, "--fresh"]) == 0
+    assert bench_main([*common, "--switch-interval", "0.0007"]) == 0
+    assert seen == [before, 0.0007] and sys.getswitchinterval() == before
+    entries = json.loads(js.read_text())["entries"]
+    assert set(entries) == {"svd/tiny/cpu/t2", "svd/tiny/cpu/t2/switch0.0007"}
+    assert entries["svd/tiny/cpu/t2/switch0.0007"]["params"]["switch_interval"] == 0.0007
+    assert "switch_interval" not in entries["svd/tiny/cpu/t2"]["params"]
+
+
 def test_writer_bench_times_the_caller_and_the_thread_per_codec(bench):
     res = writer_bench(bench, ["none", "lzf@batch", "none+checksum"], rounds=1, batches=2)
     assert set(res["codecs"]) == {"none", "lzf@batch", "none+checksum"}

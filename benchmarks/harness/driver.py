@@ -57,8 +57,6 @@ def run(args: argparse.Namespace) -> int:
         cmd = " ".join(["qkhooks bench", *map(shlex.quote, sys.argv[2:])])
     else:
         cmd = " ".join(["python benchmarks/run.py", *map(shlex.quote, sys.argv[1:])])
-    if args.switch_interval is not None:
-        sys.setswitchinterval(args.switch_interval)
     machine = machine_info()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     if threading.current_thread() is threading.main_thread():  # a killed run still removes its run files
@@ -85,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         fresh = False
         log(f"[{section}] done in {time.perf_counter() - t0:.0f} s")
 
+    interval = sys.getswitchinterval()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     try:
         for size in sizes:
             bench = Bench(size, args.batch, device, workdir / size)
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             json_path.write_text(json.dumps(data, indent=1, default=str))
             md_path.write_text(render_markdown(data))
     finally:
+        sys.setswitchinterval(interval)
         tmp.cleanup()
     log(f"wrote {md_path} and {json_path}")
     return 0
