@@ -29,6 +29,8 @@ from qkhooks.store.writer import CHUNK_CACHE_BYTES
 from test_ids_checksum_r24 import blake2b_rows, write
 from test_mutation_kills_r25 import _harness
 from test_modes import numpy_mean_pairwise_cosine
+from test_windows_forms import TWINS_LSA
+from test_windows_forms import test_windowed_modes_are_the_image_grid_tokens_projected as windowed_modes_projected
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,8 +169,17 @@ def test_a_new_runs_file_holds_the_writers_chunk_cache_from_its_creation(tmp_pat
     """The writer bounds HDF5's raw-data chunk cache per array (memory that grows with the arrays otherwise) from the
     file's creation, the first batch included: HDF5's own access property list says so."""
     with RunWriter(tmp_path / "run.h5", checksum=True) as writer:
-        _, slots, size, w0 = writer._file.id.get_access_plist().get_cache()
-        assert (slots, size, w0) == (521, CHUNK_CACHE_BYTES, 1.0)
+        _, _, size, w0 = writer._file.id.get_access_plist().get_cache()
+        assert (size, w0) == (CHUNK_CACHE_BYTES, 1.0)  # bytes per array, fully written chunks evicted first
+
+
+# ------------------------------------------------------------------------------------ models/windows.py
+@pytest.mark.parametrize("case", [c for c in TWINS_LSA if "padded" in c.name], ids=lambda c: c.name)
+def test_a_model_that_cuts_its_own_windows_gives_the_image_grid_tokens_projected(case):
+    """Twins' locally-grouped attention takes the image-grid tokens and cuts the windows itself (``windows_inside``:
+    the site windows the tokens, the padded grid too): its maps are the tokens entering the block's attention projected
+    onto u_n and v_n directly (test_windows_forms' check, here so that round 26's selection reaches that branch)."""
+    windowed_modes_projected(case)
 
 
 # ------------------------------------------------------------------------------------ spectrum.py
@@ -229,18 +240,21 @@ def test_entering_record_again_compares_the_cached_weights_in_one_read_not_layer
     assert torch.allclose(again.qk_spectrum[0].S.double(), _dense_svdvals(site, 4), rtol=1e-5)
 
 
-def test_entering_record_with_some_layers_cached_and_others_not_computes_the_others():
-    """A first recording of layer 1 only caches its spectrum; a recording of every layer then reuses it and computes
-    layer 0's (no verdict for a module the cache does not hold): each the dense SVD."""
-    model = TINY_MODELS[0].model()
-    with qkhooks.record(model, modes=4, layers=[1]) as first:
-        pass
-    with qkhooks.record(model, modes=4) as every:
-        pass
-    assert every.qk_spectrum[1] is first.qk_spectrum[1]
-    for site in qkhooks.sites(model):
-        ref = _dense_svdvals(site, 4)
-        assert torch.allclose(every.qk_spectrum[site.layer].S.double(), ref, rtol=1e-5, atol=1e-7 * float(ref.max()))
+@pytest.mark.parametrize("qk_path", [True, False])
+def test_a_float32_vit_takes_its_maps_from_the_models_own_q_and_k_by_default(qk_path):
+    """Entering record() decides each layer's path once (round 25 moved that decision into the batched weights
+    check's block): a float32 ViT with input="normed" takes every layer's maps from its own q/k outputs, ``qk_path=False``
+    from the tokens; both give the tokens entering W_q/W_k projected onto u_n (the reference, in float64)."""
+    tiny = TINY_MODELS[0]
+    model, images = tiny.model(), tiny.images()
+    tokens: dict[int, torch.Tensor] = {}
+    with qkhooks.record(model, modes=4, qk_path=qk_path, keep_inputs=True) as run, torch.no_grad():
+        assert run.mode_source == {s.layer: "qk" if qk_path else "x" for s in run.sites}
+        run(images)
+        tokens = {layer: x.double() for layer, x in run.inputs.items()}
+    for site in run.sites:
+        want = torch.einsum("bnd,hdk->bhkn", tokens[site.layer], run.spectrum(site.layer).U.double())
+        assert torch.allclose(run.query(site.layer).double(), want, atol=1e-4)
 
 
 def test_a_module_with_several_sites_takes_no_shared_verdict_and_its_edit_is_seen():
