@@ -164,6 +164,32 @@ def test_verify_reads_a_merged_view_of_one_value_per_image_and_of_several(tmp_pa
     assert report.ok and report.damaged == {} and report.arrays == ["maps/a", "scores/s"]
 
 
+def test_verify_of_a_merged_view_names_only_the_rows_of_its_shards_damaged_chunks(tmp_path):
+    """A merge's view reads each row from its shard's chunks, so a damaged chunk of a shard fails every block of the
+    view around it: verify names exactly the rows that do not read (found by halving a block that does not), as h5py
+    reading the view row by row finds them, not every row of the block (round 26: it named rows 0-23 of 24)."""
+    out = tmp_path / "run.h5"
+    for rank in range(2):
+        write(shard_path(out, rank, 2), prefix=f"r{rank}", attrs={"config": json.dumps({"shard": [rank, 2]})})
+    merge_shards(out)
+    for rank, row in ((0, 5), (1, 2), (1, 3)):  # view rows 5, 14 and 15 (12 images a shard)
+        _flip_in_chunk(shard_path(out, rank, 2), "maps/a", row, at=8)
+    with h5py.File(out, "r") as f:
+        view = f["maps/a"]
+        assert view.is_virtual and view.shape[0] == 24
+        unread = []
+        for row in range(24):
+            try:
+                view[row]
+            except OSError:
+                unread.append(row)
+    assert unread == [5, 14, 15]
+    error = _h5py_error(out, "maps/a", 5, 6)
+    report = verify_run(out)
+    assert report.damaged == {"maps/a": [(5, 6), (14, 16)]}
+    assert f"/maps/a: rows 5-5, 14-15 do not read ({error})" in report.problems
+
+
 # ------------------------------------------------------------------------------------ store/writer.py, _hdf5.py
 def test_a_new_runs_file_holds_the_writers_chunk_cache_from_its_creation(tmp_path):
     """The writer bounds HDF5's raw-data chunk cache per array (memory that grows with the arrays otherwise) from the
