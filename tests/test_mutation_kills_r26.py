@@ -24,7 +24,6 @@ from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks.distributed import merge_shards, shard_path
 from qkhooks.store import RunWriter, repair, verify_run
 from qkhooks.store import format as fmt
-from qkhooks.store.writer import CHUNK_CACHE_BYTES
 
 from test_ids_checksum_r24 import blake2b_rows, write
 from test_mutation_kills_r25 import _harness
@@ -188,15 +187,6 @@ def test_verify_of_a_merged_view_names_only_the_rows_of_its_shards_damaged_chunk
     report = verify_run(out)
     assert report.damaged == {"maps/a": [(5, 6), (14, 16)]}
     assert f"/maps/a: rows 5-5, 14-15 do not read ({error})" in report.problems
-
-
-# ------------------------------------------------------------------------------------ store/writer.py, _hdf5.py
-def test_a_new_runs_file_holds_the_writers_chunk_cache_from_its_creation(tmp_path):
-    """The writer bounds HDF5's raw-data chunk cache per array (memory that grows with the arrays otherwise) from the
-    file's creation, the first batch included: HDF5's own access property list says so."""
-    with RunWriter(tmp_path / "run.h5", checksum=True) as writer:
-        _, _, size, w0 = writer._file.id.get_access_plist().get_cache()
-        assert (size, w0) == (CHUNK_CACHE_BYTES, 1.0)  # bytes per array, fully written chunks evicted first
 
 
 # ------------------------------------------------------------------------------------ models/windows.py
