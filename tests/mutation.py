@@ -74,6 +74,8 @@ KILLS_R23 = "tests/test_mutation_kills_r23.py"
 KILLS_R24 = "tests/test_mutation_kills_r24.py"
 # Round 25 (mutation): the kill tests of the functions round 24 changed or added (module "round25").
 KILLS_R25 = "tests/test_mutation_kills_r25.py"
+# Round 26 (mutation): the kill tests of round 25's code (module "round26").
+KILLS_R26 = "tests/test_mutation_kills_r26.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -273,6 +275,28 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "test_hooks_r22 or test_repair_r21 or test_mutation_kills_r25 or "
                 "(test_verify_r21 and not does_not_open) or (test_mutation_kills_r24 and second_writer) or "
                 "(test_store_safety and another_name) or (test_mutation_kills_r19 and fingerprint)"),
+    # Round 26 (mutation): round 25's code, against the tests that reach it: host-to-device copies (`to_device`), the
+    # entry's and the per-batch batched weights verdicts (`cached_weights_checked`, `_cache_verdicts`,
+    # `weights_unchanged`, `_cached_still_valid`, with the device path opened on the CPU), the run files' format number
+    # (`create_run_file`, `refuse_newer_format` and its callers in the resume, merge, repair and verify), repair's one
+    # chunk reader (`_failing_rows(rows_per_read, each)`, `_ids_off_their_digests`), the anisotropy reducer's one read of
+    # the counts, PositionDecoding's host-made row indices and the windows' host-side checks. Left out:
+    # test_cuda_r25.py (CUDA, or QKHOOKS_TEST_DEVICE=cpu: whole recordings that duplicate the tests below on the CPU).
+    # --only ROUND25.
+    "round26": (["qkhooks/_devices.py", "qkhooks/spectrum.py", "qkhooks/capture.py", "qkhooks/store/_hdf5.py",
+                 "qkhooks/store/format.py", "qkhooks/store/repair.py", "qkhooks/store/writer.py",
+                 "qkhooks/distributed.py", "qkhooks/analysis/anisotropy.py", "qkhooks/analysis/bfd_reducers.py",
+                 "qkhooks/models/windows.py"],
+                ["tests/test_devices_r25.py", "tests/test_format_version_r25.py", "tests/test_digest_walk_r25.py",
+                 "tests/test_weights_check_r22.py", "tests/test_ids_checksum_r24.py", "tests/test_chunk_walk_r24.py",
+                 "tests/test_repair_r21.py", "tests/test_verify_r21.py", "tests/test_windows_forms.py",
+                 "tests/test_bfd.py", "tests/test_reducers.py", "tests/test_modes.py", KILLS_R25, KILLS_R26],
+                "test_devices_r25 or test_format_version_r25 or test_digest_walk_r25 or test_weights_check_r22 or "
+                "test_ids_checksum_r24 or test_chunk_walk_r24 or test_repair_r21 or test_mutation_kills_r26 or "
+                "(test_verify_r21 and not does_not_open) or (test_windows_forms and windowed_rows_and_pooled) or "
+                "(test_bfd and (decoding_separates or position_probe or probe_split)) or "
+                "(test_reducers and anisotropy) or (test_modes and anisotropy_equals) or "
+                "(test_mutation_kills_r25 and (digest or repair or verify))"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
 ROUND18 = (
@@ -411,8 +435,11 @@ ROUND23 = (
 # (and no later commit rewrote), in new functions and old alike (`commits:` patterns: :func:`written_by`, so no mutant
 # numbers go stale), and `weights_fingerprint` whole (round 24's review rewrote it; its equivalents were renumbered).
 ROUND24 = ("commits:30068a4..a5476db", "qkhooks.stream.x_weights_fingerprint__*")
+# Round 25's code, for `--only` with the module "round26": every mutant whose mutated line round 25's commits wrote (and
+# no later commit rewrote), by :func:`written_by`.
+ROUND25 = ("commits:a5476db..aaff763",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
-              "ROUND23": ROUND23, "ROUND24": ROUND24}
+              "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.

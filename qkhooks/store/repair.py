@@ -206,7 +206,8 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
     UTF-8 (with ``decode``: ids with digests are checked against them instead, image by image). Read one chunk at a
     time (never more in memory; an unchunked view 64 MiB of rows), or whole chunks of about ``rows_per_read`` rows,
     chunk by chunk only around one that does not read (the ids' digests: one chunk a row by default, and a read per
-    chunk would cost a call each)."""
+    chunk would cost a call each). An unchunked block that does not read is halved down to the rows that do not (a
+    merge's view reads each row from its shard's chunks: one damaged chunk fails every block around it)."""
     rows = min(n, ds.shape[0])
     chunk = ds.chunks[0] if ds.chunks else max(1, (64 << 20) // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
     step = chunk * max(1, rows_per_read // chunk)
@@ -228,6 +229,17 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
             each(lo, block)
         return None
 
+    def halved(lo: int, hi: int, why_not: str) -> list[tuple[int, int, str]]:
+        """The runs of rows of the unchunked block [lo, hi), which does not read (``why_not``), that do not read."""
+        if hi - lo == 1:
+            return [(lo, hi, why_not)]
+        mid = (lo + hi) // 2
+        found = [span for a, b in ((lo, mid), (mid, hi)) if (w := problem(a, b)) is not None for span in halved(a, b, w)]
+        for i in range(len(found) - 1, 0, -1):  # adjacent runs joined (the first's reason kept)
+            if found[i - 1][1] == found[i][0]:
+                found[i - 1:i + 1] = [(found[i - 1][0], found[i][1], found[i - 1][2])]
+        return found
+
     failing: list[tuple[int, int]] = []
     why = ""
     for lo in range(0, rows, step):
@@ -236,9 +248,11 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
         cuts = [lo, *range(lo + chunk, hi, chunk), hi] if first is not None else []
         for a, b in zip(cuts, cuts[1:]):
             why_not = first if len(cuts) == 2 else problem(a, b)  # one chunk: known already
-            if why_not is not None:
-                failing.append((a, b))
-                why = why or why_not
+            if why_not is None:
+                continue
+            for start, stop, reason in [(a, b, why_not)] if ds.chunks else halved(a, b, why_not):
+                failing.append((start, stop))
+                why = why or reason
     return failing, why
 
 
