@@ -4,6 +4,7 @@ maps after the products (``bmm`` then ``sub_``, rounds 15-25), in one process.
     python benchmarks/round26_offsets.py --threads 1 --rounds 16                        # ViT-S, batch 8
     python benchmarks/round26_offsets.py --threads 2 --rounds 16
     python benchmarks/round26_offsets.py --threads 2 --rounds 12 --model vit_base_patch16_224
+    python benchmarks/round26_offsets.py --threads 1 --rounds 40 --per-layer                   # one layer's product
 
 A random-init timm model; ``record(modes="all", attention="rows")`` (2 query tokens) with the spectrum given,
 attached around each forward. The CPU's product layout for all modes is one product per image ("images"); the "old"
@@ -11,6 +12,10 @@ variant runs it as rounds 15-25 did (``torch.baddbmm`` replaced by ``bmm`` into 
 offsets over every image's maps once all products are done). Every variant once per round in random order, beside the
 plain forward; prints the median [IQR] of each variant's time over the plain forward's in its round, wall and
 process CPU (CPU is the one to read with one thread on a shared machine), and checks that both give the same maps.
+
+``--per-layer``: one layer's product alone, the model's shapes (a fused qkv's q and k heads of a batch, d_k = 64, all
+64 modes), both ways, the caches flushed and q/k written again before each (as the model's qkv Linear leaves them);
+the median wall time over rounds, interleaved.
 """
 
 from __future__ import annotations
@@ -69,8 +74,52 @@ def offsets_after_products():
         projector.torch, projector.QKPathProjector._maps = torch, real_maps
 
 
+def per_layer(args) -> None:
+    """One layer's all-modes product, both ways (``--per-layer``)."""
+    import timm
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = timm.create_model(args.model, pretrained=False).blocks[0].attn
+    b, n, h, dk = args.batch, 197, cfg.num_heads, cfg.head_dim
+    qkv = torch.randn(b, n, 3 * h * dk)
+    heads = qkv[..., :2 * h * dk].unflatten(-1, (2 * h, dk))
+    weights, offsets = torch.randn(2 * h, dk, dk), torch.randn(2 * h, dk, 1)
+    flush = torch.empty(64 << 18)
+
+    def old() -> torch.Tensor:
+        out = heads.new_empty(b, 2 * h, dk, n)
+        for image in range(b):
+            torch.bmm(weights, heads[image].permute(1, 2, 0), out=out[image])
+        return out.sub_(offsets)
+
+    def new() -> torch.Tensor:
+        out = heads.new_empty(b, 2 * h, dk, n)
+        for image in range(b):
+            torch.baddbmm(offsets, weights, heads[image].permute(1, 2, 0), beta=-1, out=out[image])
+        return out
+
+    assert torch.equal(old(), new()), "the two ways gave different maps"
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    for r in range(args.rounds):
+        for name in random.sample(list(times), 2):
+            flush.fill_(r)
+            qkv.add_(0)
+            start = time.perf_counter()
+            (old if name == "old" else new)()
+            times[name].append(time.perf_counter() - start)
+    o, w = statistics.median(times["old"]) * 1e3, statistics.median(times["new"]) * 1e3
+    print(f"{args.model} one layer, batch {b}, {args.threads} thread(s), {args.rounds} rounds: bmm + sub_ {o:.2f} ms, "
+          f"baddbmm {w:.2f} ms ({w / o:.3f}x); bit-identical")
+
+
 def main() -> None:
-    args = round_parser(__doc__, threads=1, model="vit_small_patch16_224", batch=8, rounds=16).parse_args()
+    parser = round_parser(__doc__, threads=1, model="vit_small_patch16_224", batch=8, rounds=16)
+    parser.add_argument("--per-layer", action="store_true", help="one layer's product alone")
+    args = parser.parse_args()
+    if args.per_layer:
+        return per_layer(args)
 
     import timm
     import torch
