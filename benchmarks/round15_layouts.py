@@ -20,24 +20,19 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+from harness.material import round_material  # noqa: E402
 from harness.options import round_parser  # noqa: E402
 
 
 def main() -> None:
     args = round_parser(__doc__, threads=2, model="vit_small_patch16_224", batch=8, rounds=20).parse_args()
 
-    import timm
     import torch
 
     import qkhooks
     import qkhooks.projector as projector
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
-    spectrum = qkhooks.spectrum(model)
-    images = torch.randn(args.batch, 3, 224, 224)
-    query_tokens = torch.tensor([[0, 100]] * args.batch)
+    model, spectrum, images, query_tokens = round_material(args)
     chosen, batched = projector._product_layout, (lambda heads, modes: "batched")
     options = {"all modes + rows": {"modes": "all", "attention": "rows"}, "top-16": {"modes": 16}}
     variants = {f"{name}, {which}": (qkhooks.record(model, spectrum=spectrum, **opts), layout)

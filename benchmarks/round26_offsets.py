@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+from harness.material import round_material  # noqa: E402
 from harness.options import round_parser  # noqa: E402
 
 
@@ -121,17 +122,11 @@ def main() -> None:
     if args.per_layer:
         return per_layer(args)
 
-    import timm
     import torch
 
     import qkhooks
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
-    spectrum = qkhooks.spectrum(model)
-    images = torch.randn(args.batch, 3, 224, 224)
-    query_tokens = torch.tensor([[0, 100]] * args.batch)
+    model, spectrum, images, query_tokens = round_material(args)
     runs = {name: qkhooks.record(model, spectrum=spectrum, modes="all", attention="rows") for name in ("new", "old")}
     context = {"new": contextlib.nullcontext, "old": offsets_after_products, "plain": contextlib.nullcontext}
     wall: dict[str, list[float]] = {name: [] for name in context}

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: fail fast inste
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import timm
@@ -184,6 +184,19 @@ def timm_module_eager_maps(model: torch.nn.Module, attn: torch.nn.Module, images
     finally:
         attn.fused_attn = True
     return seen
+
+
+def count_calls(monkeypatch, owner: Any, name: str) -> list[int]:
+    """``owner.name`` replaced (for the test) by a wrapper counting its calls: the count is the list's one item."""
+    calls = [0]
+    real = getattr(owner, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
 
 
 def eager_attention(tiny: Tiny, model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:

@@ -210,15 +210,10 @@ def test_entering_again_copies_the_cached_sites_by_their_plan_without_walking_th
     """The cached sites never record, so the copy plan made when they were found (which attributes are the site's own
     methods, which are containers) holds for every later copy: entering again walks no site's referents, and each
     recording's containers are its own."""
+    from conftest import count_calls
+
     model = _vit(seed=5)
-    walks = [0]
-    real = capture._links_back
-
-    def counted(*args, **kwargs):
-        walks[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(capture, "_links_back", counted)
+    walks = count_calls(monkeypatch, capture, "_links_back")
     first = qkhooks.record(model, modes=2)
     after_first = walks[0]
     again = qkhooks.record(model, modes=2)

@@ -89,17 +89,11 @@ def test_recorded_maps_from_the_fused_qkv_equal_the_x_path(modes):
 
 
 def _count_find_sites(monkeypatch) -> list[int]:
+    from conftest import count_calls
+
     from qkhooks import capture
 
-    calls = [0]
-    real = capture.find_sites
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(capture, "find_sites", counted)
-    return calls
+    return count_calls(monkeypatch, capture, "find_sites")
 
 
 def test_record_entered_again_finds_no_sites_until_the_model_structure_changes(monkeypatch):

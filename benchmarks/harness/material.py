@@ -114,3 +114,18 @@ def make_image_folder(folder: Path, count: int, size: int = 224, seed: int = 0) 
         small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
         Image.fromarray(small).resize((size, size), Image.BICUBIC).save(path, quality=90)
     return folder
+
+
+def round_material(args: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    """What the kept round scripts (``benchmarks/round*.py``) record: a random-init timm ``args.model`` (seed 0, eval
+    mode) run with ``args.threads`` torch threads, its spectrum, ``args.batch`` random images and each image's query
+    tokens 0 and 100."""
+    import timm
+
+    import qkhooks
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval()
+    return (model, qkhooks.spectrum(model), torch.randn(args.batch, 3, 224, 224),
+            torch.tensor([[0, 100]] * args.batch))
