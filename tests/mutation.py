@@ -76,6 +76,8 @@ KILLS_R24 = "tests/test_mutation_kills_r24.py"
 KILLS_R25 = "tests/test_mutation_kills_r25.py"
 # Round 26 (mutation): the kill tests of round 25's code (module "round26").
 KILLS_R26 = "tests/test_mutation_kills_r26.py"
+# Round 26 (second run): the kill tests of round 26's own code (module "round26b").
+KILLS_R26B = "tests/test_mutation_kills_r26b.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -297,6 +299,23 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_bfd and (decoding_separates or position_probe or probe_split)) or "
                 "(test_reducers and anisotropy) or (test_modes and anisotropy_equals) or "
                 "(test_mutation_kills_r25 and (digest or repair or verify))"),
+    # Round 26 (second run): round 26's own code, against the tests that reach it: the q/k path's per-image products
+    # subtracting the offsets (`QKPathProjector._maps`, layout "images"), record()'s entry (`_structure_key` skipping
+    # torch's registries by name, `_model_sites`, `_CopyPlan`, `_copy_plan`), top-k's cached signs (`_signs_on` and its
+    # callers `_fold_layers`, `_merge_entrants`), the format line of `qkhooks info` (`describe_format`,
+    # `_is_format_number`, `RunReader.summary`). repair.py is left out: its `halved` ran in round 26's first run (module
+    # "round26"). Left out: test_speed_round10.py's page-fault benchmark (no round-26 code) and test_zoo.py's second
+    # recording (every family: minutes a mutant). --only ROUND26.
+    "round26b": (["qkhooks/projector.py", "qkhooks/capture.py", "qkhooks/analysis/topk.py", "qkhooks/store/format.py",
+                  "qkhooks/store/reader.py"],
+                 ["tests/test_speed_round9.py", "tests/test_speed_round10.py", "tests/test_speed_round11.py",
+                  "tests/test_mutation_kills_capture.py", "tests/test_hooks_r22.py", "tests/test_topk_signs_r26.py",
+                  "tests/test_topk_r23.py", "tests/test_format_version_r26.py", KILLS_R26B],
+                 "test_topk_signs_r26 or test_topk_r23 or test_format_version_r26 or test_mutation_kills_r26b or "
+                 "(test_speed_round9 and not workers_default) or (test_speed_round10 and not page_faults) or "
+                 "(test_speed_round11 and geometry_probe) or "
+                 "(test_mutation_kills_capture and (cached_sites or replaced_by_another)) or "
+                 "(test_hooks_r22 and nested_recordings)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
 ROUND18 = (
@@ -438,8 +457,12 @@ ROUND24 = ("commits:30068a4..a5476db", "qkhooks.stream.x_weights_fingerprint__*"
 # Round 25's code, for `--only` with the module "round26": every mutant whose mutated line round 25's commits wrote (and
 # no later commit rewrote), by :func:`written_by`.
 ROUND25 = ("commits:a5476db..aaff763",)
+# Round 26's own code, for `--only` with the module "round26b": the lines round 26's commits wrote, by :func:`written_by`
+# (main's head when the run began, `5580996`).
+ROUND26 = ("commits:aaff763..5580996",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
-              "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25}
+              "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
+              "ROUND26": ROUND26}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
