@@ -121,14 +121,14 @@ class Recording:
         if input not in ("normed", "residual"):
             raise QKHooksError(f"input must be 'normed' (the exact tensor entering W_q/W_k) or 'residual'; got {input!r}.")
         self._model_ref = weakref.ref(model)
-        every = list(sites) if sites is not None else _model_sites(model, None, skip_unmodelled)
+        every = list(sites) if sites is not None else _model_sites(model, skip_unmodelled)
         refuse_compiled(model, hooked_paths(model, every))  # hooks there would run while the graph is traced, or never
         self.sites: list[AttentionSite] = select_layers(every, layers)
         refuse_altered_qk(self.sites)  # the recorded layers only: a hook on another layer's q/k changes nothing here
         # partial recording: module path -> why it is left out (named, never silent; {} when none is), from every site
         # of the model (given sites may be a selection)
         self.left_out: dict[str, str] = unmodelled_parts(
-            model, every if sites is None else _model_sites(model, None, True)) if skip_unmodelled else {}
+            model, every if sites is None else _model_sites(model, True)) if skip_unmodelled else {}
         self.modes = parse_modes(modes)
         self.attention_specs = parse_attention(attention, every)  # module paths resolved among all sites
         recorded = sorted(s.layer for s in self.sites)
@@ -1012,9 +1012,10 @@ def _warn_active_dropout(model: nn.Module) -> None:
             "record_dataset does both itself.", stacklevel=4)
 
 
-def _model_sites(model: nn.Module, layers: Sequence[int] | None, skip_unmodelled: bool = False) -> list[AttentionSite]:
-    """``find_sites(model, layers, skip_unmodelled)``, searched once per model while :func:`_structure_key` is
-    unchanged; every recording gets its own copies of the sites (they hold the call being recorded)."""
+def _model_sites(model: nn.Module, skip_unmodelled: bool = False) -> list[AttentionSite]:
+    """``find_sites(model, skip_unmodelled=skip_unmodelled)``, every site, searched once per model while
+    :func:`_structure_key` is unchanged; every recording gets its own copies of the sites (they hold the call being
+    recorded)."""
     key = (_structure_key(model), skip_unmodelled)
     hit = _SITES.get(model)
     if hit is None or hit[0] != key:
@@ -1022,9 +1023,9 @@ def _model_sites(model: nn.Module, layers: Sequence[int] | None, skip_unmodelled
         plans = [_copy_plan(site) for site in found]
         if any(plan is None for plan in plans):  # a site a copy cannot be cut loose from: never shared
             _SITES.pop(model, None)
-            return select_layers(found, layers)
+            return found
         hit = _SITES[model] = (key, list(zip(found, plans)))
-    return select_layers([plan.copy(site) for site, plan in hit[1]], layers)
+    return [plan.copy(site) for site, plan in hit[1]]
 
 
 @dataclasses.dataclass(frozen=True)

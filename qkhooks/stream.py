@@ -163,7 +163,7 @@ def _every_site(net: nn.Module, sites: Sequence[AttentionSite]) -> Sequence[Atte
     given = {(s.layer, s.path) for s in sites}
     for skip_unmodelled in (False, True):
         try:
-            every = _model_sites(net, None, skip_unmodelled)
+            every = _model_sites(net, skip_unmodelled)
         except QKHooksError:
             continue
         if given <= {(s.layer, s.path) for s in every}:
@@ -424,7 +424,7 @@ def record_dataset(
     # Recording measures the model as it runs for inference: dropout and drop-path off (a LoadedModel or a module
     # the caller put in training mode too; _keeps_train_modes gives the caller's modes back afterwards).
     net = loaded.model.to(device).eval()
-    every = _model_sites(net, None, opts.skip_unmodelled)
+    every = _model_sites(net, opts.skip_unmodelled)
     refuse_compiled(net, hooked_paths(net, every))  # before any file is made: a compiled model's run would hold no image
     sites = select_layers(every, opts.layers)
     refuse_altered_qk(sites)  # before any file is made (record() checks again at entry)

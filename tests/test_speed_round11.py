@@ -101,6 +101,6 @@ def test_the_geometry_probe_of_a_partial_recording_covers_every_site_skip_unmode
     from test_partial_forms import _davit
 
     model = _davit()
-    every = _model_sites(model, None, True)
+    every = _model_sites(model, True)
     assert len(every) > 1
     assert [(s.layer, s.path) for s in _every_site(model, every[:1])] == [(s.layer, s.path) for s in every]
