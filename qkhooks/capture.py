@@ -171,7 +171,8 @@ class Recording:
                 for site in self.sites:
                     from_qk = qk_path and input == "normed" and _full_precision_qk(site, compute_dtype)
                     spec, projector = _layer_modes(site, by_layer.get(site.layer), k, augmented, from_qk)
-                    self._weights_at_entry[site.layer] = weights_state(site)
+                    # the spectrum cache's copy was just checked by layer_spectrum when no spectrum was given
+                    self._weights_at_entry[site.layer] = weights_state(site, site.layer not in by_layer)
                     spectra.append(spec)
                     if isinstance(projector, QKPathProjector):
                         self._from_qk[site.layer] = projector

@@ -451,7 +451,7 @@ def _same_bits(copy: tuple[torch.Tensor, ...], now: tuple[torch.Tensor, ...]) ->
     return True
 
 
-def weights_state(site: AttentionSite) -> WeightsState:
+def weights_state(site: AttentionSite, cache_checked: bool = False) -> WeightsState:
     """What tells ``site``'s W_q/W_k apart, now: the identity and version of its parameters (:func:`_weights_key`,
     a few us), and where they keep no version counter (tensors made in inference mode) a copy of the tensors it reads
     (:func:`_copied_state`), on their device: the spectrum cache's copy where it holds these bits (shared, never
@@ -459,12 +459,16 @@ def weights_state(site: AttentionSite) -> WeightsState:
     and checks it per batch. The copy is compared bit for bit (:func:`same_weights`): exact, where the float64
     fingerprint W·r it replaces let an edit below its rounding pass, and cheaper (inference-mode weights, batch-8
     forwards, one thread of the 2-core VM: ViT-S 2.0 ms a batch against 2.5, ViT-B 5.5 against 10.6, ~0.15 % of the
-    forward). No batch can skip it: ``.data`` of an inference tensor can be edited outside inference mode too."""
+    forward). No batch can skip it: ``.data`` of an inference tensor can be edited outside inference mode too.
+    ``cache_checked``: :func:`layer_spectrum` of this site has just held the cache's copy against these weights (or
+    made it), so the copy is taken without comparing it a second time (entering ``record()``)."""
     key = _weights_key(site)
     if key is not None:
         return key, None
     cached = _SPECTRUM_CACHE.get(site.module) if site.module is not None else None
-    return cached[0] if cached is not None and same_weights(cached[0], site) else _copied_state(site, key)
+    if cached is not None and (cache_checked or same_weights(cached[0], site)):
+        return cached[0]
+    return _copied_state(site, key)
 
 
 def _copied_state(site: AttentionSite, key: tuple | None) -> WeightsState:

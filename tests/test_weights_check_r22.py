@@ -150,3 +150,25 @@ def test_both_ways_of_comparing_bits_agree_with_numpy():
             assert np.array_equal(a.numpy().view(np.int32), b.numpy().view(np.int32)) is same
             assert _same_bits((a.clone(), bias.clone()), (b, bias)) is same
     assert not _same_bits((w.clone(),), (w.double(),)) and not _same_bits((w.clone(),), (w[:5],))
+
+
+def test_entering_again_compares_inference_mode_weights_once_a_layer_and_still_sees_an_edit(monkeypatch):
+    """Entering ``record()`` with cached spectra of inference-mode weights compares each layer's copy with the weights
+    once (the spectrum cache's check), not a second time for the recording's own state; an edit through ``.data``
+    between two entries still gives the next entry a new spectrum, and its batches pass."""
+    from conftest import count_calls
+
+    spectrum_module = sys.modules["qkhooks.spectrum"]
+    with torch.inference_mode():
+        model = _vit()
+        with qkhooks.record(model, modes=4):
+            model(_images())
+    compares = count_calls(monkeypatch, spectrum_module, "_same_bits")
+    again = qkhooks.record(model, modes=4)
+    assert compares[0] == len(again.layers) == 2
+    before = again.qk_spectrum[0].S.clone()
+    model.blocks[0].attn.qkv.weight.data.mul_(2.0)  # through .data (the whole: its slices refuse), no version to tell
+    with qkhooks.record(model, modes=4) as edited, torch.inference_mode():
+        model(_images())
+    assert edited.images_seen == 2
+    torch.testing.assert_close(edited.qk_spectrum[0].S, 4 * before, rtol=1e-5, atol=0)  # W_q and W_k doubled
