@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -291,18 +292,30 @@ def test_a_module_with_several_sites_takes_no_shared_verdict_and_its_edit_is_see
 
 
 # ------------------------------------------------------------------------------------ tests/mutation.py: round26
+def module_files(mutation: Any, module: str) -> list[str]:
+    """The files the harness's ``module`` mutates, once its files and test files are seen to exist and its selection
+    to name only test files it selects."""
+    files, tests, select = mutation.MODULES[module]
+    assert all((ROOT / f).is_file() for f in files) and all((ROOT / t).is_file() for t in tests)
+    stems = {Path(t).stem for t in tests}
+    assert {w for w in select.replace("(", " ").replace(")", " ").split() if w.startswith("test_")} <= stems
+    return files
+
+
+def commits_in(revs: str) -> list[str]:
+    """The commits ``git rev-list revs`` names in this checkout (none where it cannot resolve them)."""
+    listed = subprocess.run(["git", "rev-list", revs], cwd=ROOT, capture_output=True, text=True)
+    return listed.stdout.split() if listed.returncode == 0 else []
+
+
 def test_the_round26_module_names_files_and_tests_that_exist_and_round_25s_commits():
     """The harness's module "round26" and its named set ROUND25: every file to mutate and every test file exists, the
     selection names only test files it selects, and the commit range resolves in this checkout to round 25's 20 commits (merges included)
     (``git rev-list``), so ``--only ROUND25`` draws the same sample wherever it runs."""
     mutation = _harness()
-    files, tests, select = mutation.MODULES["round26"]
-    assert all((ROOT / f).is_file() for f in files) and all((ROOT / t).is_file() for t in tests)
-    stems = {Path(t).stem for t in tests}
-    assert {w for w in select.replace("(", " ").replace(")", " ").split() if w.startswith("test_")} <= stems
+    files = module_files(mutation, "round26")
     assert mutation.NAMED_SETS["ROUND25"] == mutation.ROUND25 == ("commits:a5476db..aaff763",)
-    listed = subprocess.run(["git", "rev-list", "a5476db..aaff763"], cwd=ROOT, capture_output=True, text=True)
-    assert listed.returncode == 0 and len(listed.stdout.split()) == 20
+    assert len(commits_in("a5476db..aaff763")) == 20
     changed = subprocess.run(["git", "diff", "--name-only", "a5476db", "aaff763", "--", "qkhooks"], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout.split()
     named = {"_devices.py", "spectrum.py", "_hdf5.py", "format.py", "repair.py", "anisotropy.py", "bfd_reducers.py",

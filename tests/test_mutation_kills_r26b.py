@@ -13,7 +13,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import timm
 import torch
 
 import qkhooks
@@ -28,21 +27,11 @@ from test_format_version_r26 import format_lines
 from qkhooks.analysis.topk import TopKModes
 from test_modes import assert_matches_brute, fake_batch, fold_path  # noqa: F401 (fold_path: a fixture)
 from test_mutation_kills_r25 import _harness
-from test_speed_round9 import _dense_maps
+from test_mutation_kills_r26 import commits_in, module_files
+from test_speed_round9 import _dense_maps, _vit
 from test_topk_signs_r26 import SHAPES, SIZES, STARTS, maps_of
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _vit(seed: int, qkv_bias: bool) -> torch.nn.Module:
-    """A small timm ViT on a 4 x 6 grid (+ CLS), 3 heads of 16 dims, every weight random."""
-    torch.manual_seed(seed)
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=(32, 48), patch_size=8, embed_dim=48, depth=2, num_heads=3, qkv_bias=qkv_bias, num_classes=0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------------ projector.py: _maps
@@ -139,13 +128,9 @@ def test_the_round26b_module_names_files_and_tests_that_exist_and_round_26s_comm
     ``--only ROUND26`` draws the same sample wherever it runs, and every library file round 26 changed is mutated but
     repair.py (its one change ran in the module "round26")."""
     mutation = _harness()
-    files, tests, select = mutation.MODULES["round26b"]
-    assert all((ROOT / f).is_file() for f in files) and all((ROOT / t).is_file() for t in tests)
-    stems = {Path(t).stem for t in tests}
-    assert {w for w in select.replace("(", " ").replace(")", " ").split() if w.startswith("test_")} <= stems
+    files = module_files(mutation, "round26b")
     assert mutation.NAMED_SETS["ROUND26"] == mutation.ROUND26 == ("commits:aaff763..5580996",)
-    listed = subprocess.run(["git", "rev-list", "aaff763..5580996"], cwd=ROOT, capture_output=True, text=True)
-    assert listed.returncode == 0 and len(listed.stdout.split()) > 0
+    assert commits_in("aaff763..5580996")
     changed = subprocess.run(["git", "diff", "--name-only", "aaff763", "5580996", "--", "qkhooks"], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout.split()
     assert set(changed) - {"qkhooks/store/repair.py"} == set(files)

@@ -18,12 +18,12 @@ import qkhooks
 from qkhooks.projector import QKPathProjector
 
 
-def _vit(seed: int = 0) -> torch.nn.Module:
-    """A small timm ViT on a non-square grid (4 x 6 patches + CLS), every weight and bias random (timm's init
-    leaves the qkv bias at zero, which would hide a wrong offset)."""
+def _vit(seed: int = 0, qkv_bias: bool = True) -> torch.nn.Module:
+    """A small timm ViT on a non-square grid (4 x 6 patches + CLS), 3 heads of 16 dims, every weight and bias random
+    (timm's init leaves the qkv bias at zero, which would hide a wrong offset)."""
     torch.manual_seed(seed)
     model = timm.models.vision_transformer.VisionTransformer(
-        img_size=(32, 48), patch_size=8, embed_dim=48, depth=2, num_heads=3, qkv_bias=True, num_classes=0)
+        img_size=(32, 48), patch_size=8, embed_dim=48, depth=2, num_heads=3, qkv_bias=qkv_bias, num_classes=0)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
