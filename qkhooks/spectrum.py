@@ -527,8 +527,9 @@ def weights_unchanged(pairs: Sequence[tuple[WeightsState, AttentionSite]]) -> li
     out: list[bool] = []
     pending: list[tuple[int, torch.Tensor]] = []
     for (key, copy), site in pairs:
-        if _weights_key(site) != key or copy is None:
-            out.append(_weights_key(site) == key)
+        same_key = _weights_key(site) == key
+        if not same_key or copy is None:
+            out.append(same_key)
             continue
         now = _qk_tensors(site)
         if len(now) != len(copy) or any(a.dtype != b.dtype or a.shape != b.shape or a.device != b.device
