@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,utilization.gpu,memo
 echo "cores: $(nproc)"
 
 want tests && step "CUDA tests" &&
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_r25.py 2>&1 | tail -30
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_r25.py tests/test_devices_r25.py 2>&1 | tail -30
 
 want syncs && step "host-device synchronisations per batch (ViT-S, batch 32)" &&
 timeout 90 "$PY" benchmarks/gpu_syncs.py --batch 32 --json "$OUT/syncs.json"
@@ -52,6 +52,6 @@ timeout 150 "${BENCH[@]}" --models vit_s,vit_b --sections methods --batch 32 --r
 timeout 100 "${BENCH[@]}" --models vit_ti --sections end_to_end --e2e-images 960 --e2e-rounds 3 --switch-interval 0.0005
 
 want memory && step "GPU peak memory (ViT-S, batch 32)" &&
-timeout 110 "${BENCH[@]}" --models vit_s --sections memory --batch 32 \
+timeout 150 "${BENCH[@]}" --models vit_s --sections memory --batch 32 \
     --methods plain,capture,modes16,rows2,full_maps,full_maps_eager,full_hdf5,timm_extract
 step done

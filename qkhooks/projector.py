@@ -271,7 +271,8 @@ class QKPathProjector:
         came in (a sharded run equals a single-process one; tested).
         """
         weights, offsets = self._weights(heads.device, heads.dtype)
-        weights, offsets = weights[sides], None if offsets is None else offsets[sides]
+        if sides != slice(None):  # a fused qkv takes both sides: no slicing (on a GPU each op costs the host ~5 us)
+            weights, offsets = weights[sides], None if offsets is None else offsets[sides]
         b, n, sh, dk = heads.shape
         h, modes = self._dims[0], weights.shape[1]
         tokens, layout = heads.reshape(b * n, sh, dk), _product_layout(heads, modes)

@@ -80,19 +80,28 @@ class AnisotropyReducer(Reducer):
         for layer, z in centres.items():
             if layer in self.sums and self.sums[layer].shape[0] != z.shape[-1]:
                 raise QKHooksError(f"layer {layer}: width {z.shape[-1]} differs from the earlier {self.sums[layer].shape[0]}.")
-        parts, kept = {}, []
-        for layer, z in centres.items():  # masks by multiplying, not by indexing: no device sync per layer
+        # layers of one width and device as one (L, B, d) stack: a dozen tensor operations for all of them, not a
+        # dozen a layer (on a GPU each costs the host a launch); the same arithmetic, layer by layer, otherwise
+        groups: dict[tuple, list[int]] = {}
+        for layer, z in centres.items():
+            groups.setdefault((tuple(z.shape), z.device), []).append(layer)
+        parts, kept = [], []
+        for members in groups.values():
+            z = centres[members[0]].unsqueeze(0) if len(members) == 1 else torch.stack([centres[l] for l in members])
             norm = z.norm(dim=-1, keepdim=True)
-            ok = norm > 0  # a zero vector has no direction: not counted
-            parts[layer] = (z / norm.clamp_min(torch.finfo(z.dtype).tiny) * ok).sum(0)
-            kept.append(ok.sum())
-        counts = torch.stack(kept).tolist()  # every layer's count in one read of the device
-        for (layer, part), count in zip(parts.items(), counts):
-            if layer in self.sums:
-                self.sums[layer] = self.sums[layer].to(part.device, part.dtype) + part
-                self.count[layer] += int(count)
-            else:
-                self.sums[layer], self.count[layer] = part, int(count)
+            ok = norm > 0  # a zero vector has no direction, so is not counted; masks by multiplying: no device sync
+            parts.append((members, (z / norm.clamp_min(torch.finfo(z.dtype).tiny) * ok).sum(1)))
+            kept.append(ok.sum((1, 2)))
+        counts = iter(torch.cat(kept).tolist())  # every layer's count in one read of the device
+        for members, part in parts:
+            if all(l in self.sums for l in members):
+                part = torch.stack([self.sums[l] for l in members]).to(part.device, part.dtype) + part
+            elif any(l in self.sums for l in members):  # a merge brought some of them: layer by layer
+                part = torch.stack([self.sums[l].to(part.device, part.dtype) + p if l in self.sums else p
+                                    for l, p in zip(members, part.unbind(0))])
+            self.sums.update(zip(members, part.unbind(0)))
+            for layer in members:
+                self.count[layer] = self.count.get(layer, 0) + int(next(counts))
 
     def _finite_centres(self, batch: BatchCapture, layers: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Layer -> (B, d) centre embeddings in the accumulation dtype, in layer order; a batch with a NaN or inf
@@ -101,9 +110,17 @@ class AnisotropyReducer(Reducer):
         for layer, x in sorted(layers.items()):
             if x.dim() != 3:
                 raise QKHooksError(f"layer {layer}: tokens must be (batch, tokens, dim), got {tuple(x.shape)}.")
-            dtype = torch.float32 if x.device.type == "mps" else torch.float64
-            centres[layer] = self.centre_embeddings(batch, layer, x).to(dtype)
-        finite = torch.stack([torch.isfinite(z).all(-1) for z in centres.values()])
+            centres[layer] = self.centre_embeddings(batch, layer, x)
+        shapes = {(tuple(z.shape), z.dtype, z.device) for z in centres.values()}
+        if len(shapes) == 1:  # one stack, one cast and one check for all layers (a GPU launches 4 kernels, not 36)
+            z = torch.stack(list(centres.values()))
+            z = z.to(torch.float32 if z.device.type == "mps" else torch.float64)
+            finite = torch.isfinite(z).all(-1)
+            centres = dict(zip(centres, z.unbind(0)))
+        else:
+            centres = {layer: z.to(torch.float32 if z.device.type == "mps" else torch.float64)
+                       for layer, z in centres.items()}
+            finite = torch.stack([torch.isfinite(z).all(-1) for z in centres.values()])
         refuse_non_finite(finite, list(centres), batch, type(self).__name__, "centre-patch embeddings")
         return centres
 

@@ -64,20 +64,32 @@ def _token_extremes(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _layer_extremes(maps: Sequence[tuple[int, torch.Tensor, torch.Tensor]], prefix: int,
-                    key_prefix: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max over the patch tokens of (layer, query, key) maps of one shape, each (L, query / key, B, H, K)."""
+                    key_prefix: int | None,
+                    stacked: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over the patch tokens of (layer, query, key) maps of one shape, each (L, query / key, B, H, K);
+    from ``stacked``, the maps' :func:`_stacked_maps`, where the fold has them (a few operations for all layers)."""
     for layer, q, k in maps:
         if q.dim() != 4 or k.dim() != 4 or k.shape[:3] != q.shape[:3]:
             raise QKHooksError(
                 f"layer {layer}: query/key maps must both be (batch, heads, modes, tokens), got "
                 f"{tuple(q.shape)} and {tuple(k.shape)}."
             )
+    if stacked is not None:
+        (q_lo, q_hi), (k_lo, k_hi) = (_token_extremes(stacked[0][..., prefix:]),
+                                      _token_extremes(stacked[1][..., prefix if key_prefix is None else key_prefix:]))
+        return torch.stack([q_lo, k_lo], 1), torch.stack([q_hi, k_hi], 1)
     b, h, m, _ = maps[0][1].shape
     extremes = [_token_extremes(x[..., skip:]) for _, q, k in maps
                 for x, skip in ((q, prefix), (k, prefix if key_prefix is None else key_prefix))]
     lo = torch.stack([lo for lo, _ in extremes]).view(len(maps), 2, b, h, m)
     hi = torch.stack([hi for _, hi in extremes]).view(len(maps), 2, b, h, m)
     return lo, hi
+
+
+def _stacked_maps(maps: Sequence[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query and key maps of (layer, query, key) layers of one shape, each stacked into one contiguous
+    (L, B, H, K, N) tensor (a copy)."""
+    return torch.stack([q for _, q, _ in maps]), torch.stack([k for _, _, k in maps])
 
 
 def _token_rows(maps: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -123,7 +135,10 @@ def _take(values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 def _entrants_only(device: torch.device) -> bool:
     """Whether a fold copies the maps of entering images only. On the CPU their count costs nothing to read; on an
-    accelerator reading it would wait for the device, so there every candidate's rows are copied (fixed shapes)."""
+    accelerator reading it would wait for the device, so there every candidate's rows are copied (fixed shapes),
+    from the layers' maps stacked into one tensor (:func:`_stacked_maps`): there each tensor operation costs the host
+    a kernel launch whatever its size, so a few operations on the stack replace a few per layer (~370 fewer a
+    12-layer batch), and the copy costs the device microseconds. On the CPU the copy would cost more than that."""
     return device.type == "cpu"
 
 
@@ -204,38 +219,41 @@ class TopKModes(Reducer):
 
     def _fold_layers(self, maps: Sequence[tuple[int, torch.Tensor, torch.Tensor]], offset: int, prefix: int,
                      key_prefix: int | None = None,
-                     extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                     extremes: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     stacked: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Fold a batch's maps of several layers, (layer, query, key) of one shape, dtype, device and prefix.
 
         The layers are ranked and merged as one stacked tensor, so a batch costs a few tensor operations per
         layer (its extremes and the rows it keeps) instead of some forty: each operation on these small tensors
         costs more in dispatch than in arithmetic. Every (layer, head, mode, sign) is ranked on its own, so the
         result is the one of folding each layer alone. ``extremes``: the maps' :func:`_layer_extremes`, where
-        :meth:`update` has them already (it checks them before folding anything)."""
+        :meth:`update` has them already (it checks them before folding anything); ``stacked``: the maps'
+        :func:`_stacked_maps`, likewise (an accelerator's fold reads its rows from them)."""
         layers = [layer for layer, _, _ in maps]
         query, key = maps[0][1], maps[0][2]
-        lo, hi = _layer_extremes(maps, prefix, key_prefix) if extremes is None else extremes  # checks the shapes
+        dev = query.device
+        if stacked is None and not _entrants_only(dev):
+            stacked = _stacked_maps(maps)
+        lo, hi = _layer_extremes(maps, prefix, key_prefix, stacked) if extremes is None else extremes  # checks shapes
         b, h, m, n = query.shape
         state = self._stacked_state(layers, query, int(key.shape[-1]))
-        dev = query.device
         score = _scores(lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]).float().permute(0, 2, 3, 4, 1)  # (L, H, K, 2, B)
         index = (int(offset) + torch.arange(b, device=dev)).expand_as(score)
-        if _entrants_only(dev):
+        if stacked is None:
             self._store_stacked(layers, self._merge_entrants(state, score, index, maps, m))
             return
         pos = _rank(score, index, min(self.k, b))  # the batch's own top-k first: never gather B maps
         sign = self._signs_on(dev).view(2, 1, 1)  # (2, k, N) of (L, H, K, 2, k, N)
-        picked = pos.reshape(len(maps), h, m, -1)
-        lanes = torch.arange(h * m, device=dev).view(h, m, 1)
+        # row of (layer, image, head·K + mode) in a stack seen as rows of N tokens: all layers in one index
+        rows_at = (pos.reshape(len(maps), h, m, -1) * (h * m) + torch.arange(h * m, device=dev).view(h, m, 1)
+                   + torch.arange(0, len(maps) * b * h * m, b * h * m, device=dev).view(-1, 1, 1, 1)).flatten()
 
         def rows(side: int) -> torch.Tensor:
-            # Only the picked rows are copied, both signs indexing the B maps in place (no (H, K, B, N) permuted
-            # copy, no expanded copy).
-            tokens = maps[0][1 + side].shape[-1]
-            out = torch.empty((len(maps), h, m, 2, picked.shape[-1] // 2, tokens), dtype=query.dtype, device=dev)
-            for i, entry in enumerate(maps):
-                _pick_rows(entry[1 + side], picked[i], lanes, out=out[i].view(-1, tokens))
-            return out.to(self.map_dtype) * sign
+            # Only the picked rows are copied, both signs indexing the stacked maps in place (no (H, K, B, N)
+            # permuted copy, no expanded copy).
+            tokens = stacked[side].shape[-1]
+            picked = stacked[side].view(-1, tokens).index_select(0, rows_at)
+            return picked.view(len(maps), h, m, 2, -1, tokens).to(self.map_dtype) * sign
 
         cand = {"score": score.gather(-1, pos), "index": index.gather(-1, pos), "query": rows(0), "key": rows(1)}
         self._store_stacked(layers, self._combine(state, cand))
@@ -313,7 +331,7 @@ class TopKModes(Reducer):
 
     def _store_stacked(self, layers: list[int], stacked: dict[str, torch.Tensor]) -> None:
         """Each layer's state becomes a view of ``stacked``, kept for the next batch's fold."""
-        views = [{name: value[i] for name, value in stacked.items()} for i in range(len(layers))]
+        views = [dict(zip(stacked, parts)) for parts in zip(*(value.unbind(0) for value in stacked.values()))]
         for layer, view in zip(layers, views):
             self.layers[layer] = view
         self._stacks[tuple(layers)] = (stacked, views)
@@ -339,7 +357,8 @@ class TopKModes(Reducer):
             kind = (tuple(cap.query.shape), tuple(cap.key.shape), cap.query.dtype, cap.key.dtype, cap.query.device,
                     prefix, key_prefix)
             groups.setdefault(kind, []).append((layer, cap.query, cap.key))
-        extremes = {kind: _layer_extremes(maps, kind[-2], kind[-1]) for kind, maps in groups.items()}
+        stacks = {kind: _stacked_maps(maps) for kind, maps in groups.items() if not _entrants_only(kind[4])}
+        extremes = {kind: _layer_extremes(maps, kind[-2], kind[-1], stacks.get(kind)) for kind, maps in groups.items()}
         dev = next(iter(extremes.values()))[0].device
         finite = torch.cat([(torch.isfinite(lo) & torch.isfinite(hi)).all(1).flatten(2).all(-1).to(dev)
                             for lo, hi in extremes.values()])  # (layers, B): NaN and inf survive min and max
@@ -349,7 +368,7 @@ class TopKModes(Reducer):
             self.num_prefix_tokens = prefixes[min(prefixes)]
         self.prefixes.update(prefixes)
         for kind, maps in groups.items():
-            self._fold_layers(maps, batch.offset, kind[-2], kind[-1], extremes[kind])
+            self._fold_layers(maps, batch.offset, kind[-2], kind[-1], extremes[kind], stacks.get(kind))
         self.images += batch.size
 
     def merge(self, other: Reducer) -> None:
