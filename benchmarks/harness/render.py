@@ -19,6 +19,12 @@ def _label(model: str) -> str:
     return SIZES[model].label if model in SIZES else model
 
 
+def _switched(entry: dict[str, Any]) -> str:
+    """", switch interval 0.5 ms" for an entry measured with ``--switch-interval``, kept beside the default's."""
+    interval = entry.get("params", {}).get("switch_interval")
+    return "" if interval is None else f", switch interval {interval * 1e3:g} ms"
+
+
 def fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "n/a"
@@ -131,7 +137,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     for key, e in by_section.get("methods", []):
         d = e["data"]
         p = e["params"]
-        L += [f"## Methods: {_label(e['model'])}, {e['device']}, batch {p['batch']}, {_threads(e)} torch thread(s)", "",
+        L += [f"## Methods: {_label(e['model'])}, {e['device']}, batch {p['batch']}, {_threads(e)} torch thread(s){_switched(e)}", "",
               f"{p['rounds']} rounds after {p['warmup']} warm-up, {p['batches_per_rep']} forward(s) per repetition; "
               f"load average before {e.get('load_before')}, after {e.get('load_after')}.", ""]
         memory = peaks.get((e["model"], e["device"], _threads(e)), {})
@@ -162,7 +168,7 @@ def render_markdown(data: dict[str, Any]) -> str:
               f"{memory.get('steps')} forwards of the same batch; with glibc's default malloc and with a fixed mmap "
               "threshold (`MALLOC_MMAP_THRESHOLD_=131072`, which returns every large block on free, so the peak is the "
               "memory really live rather than allocator slack)." if mem else "Peak memory: not measured.", ""]
-        L += [f"### Targets ({_label(e['model'])}, {e['device']}, {_threads(e)} thread(s))", ""]
+        L += [f"### Targets ({_label(e['model'])}, {e['device']}, {_threads(e)} thread(s){_switched(e)})", ""]
         trows = []
         for name, what, limit in TARGETS:
             ratio = d["methods"].get(name, {}).get("ratio_to_plain")
@@ -284,7 +290,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                 cpu_ratio = f"**{cpu_ratio}**"
             else:
                 wall_ratio = f"**{wall_ratio}**"
-            rows.append([_label(e["model"]), e["device"], _threads(e), d["images"], d.get("workers", 0),
+            rows.append([_label(e["model"]) + _switched(e), e["device"], _threads(e), d["images"], d.get("workers", 0),
                          _med_iqr(d["plain"]["cpu_s"], 2), _med_iqr(d["record"]["cpu_s"], 2), cpu_ratio,
                          _med_iqr(d["plain"]["wall_s"], 2), _med_iqr(d["record"]["wall_s"], 2), wall_ratio,
                          f"{e.get('load_before')}", ", ".join(f"{k} {v:.1f}" for k, v in parts.items())])
