@@ -158,14 +158,27 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     return RepairReport(run, out, n, [str(ids[i]) for i in keep], lost, sorted(arrays), states, problems)
 
 
+def _format_attrs(f: h5py.File) -> dict[str, Any] | None:
+    """The root's format attribute of a file that may be damaged, as :mod:`~qkhooks.store.format` takes it; None
+    where it does not read (the copy and the check note unreadable root attributes)."""
+    try:
+        return {fmt.FORMAT_ATTR: f.attrs[fmt.FORMAT_ATTR]} if fmt.FORMAT_ATTR in f.attrs else {}
+    except _READ_ERRORS:
+        return None
+
+
 def _refuse_newer_format(f: h5py.File, run: Path, doing: str) -> None:
     """:func:`~qkhooks.store.format.refuse_newer_format` for a file that may be damaged: a format attribute that does
-    not read says nothing (the copy and the check note unreadable root attributes)."""
-    try:
-        attrs = {fmt.FORMAT_ATTR: f.attrs[fmt.FORMAT_ATTR]} if fmt.FORMAT_ATTR in f.attrs else {}
-    except _READ_ERRORS:
-        return
-    fmt.refuse_newer_format(attrs, run, doing)
+    not read says nothing."""
+    attrs = _format_attrs(f)
+    if attrs is not None:
+        fmt.refuse_newer_format(attrs, run, doing)
+
+
+def _format_line(f: h5py.File) -> str:
+    """:func:`~qkhooks.store.format.describe_format` of a file that may be damaged."""
+    attrs = _format_attrs(f)
+    return f"unreadable (root attribute {fmt.FORMAT_ATTR} does not read)" if attrs is None else fmt.describe_format(attrs)
 
 
 def _readable(read: Any) -> bool:
@@ -388,6 +401,9 @@ class VerifyReport:
     id_digests: bool = False
     """Whether the run stores its ids' digests (:data:`~qkhooks.store.format.ID_DIGESTS`, ``--checksum``): each id
     read was checked against its digest, and each digest's chunk against its checksum."""
+    format: str = ""
+    """The run file's format, as ``qkhooks info`` names it (:func:`~qkhooks.store.format.describe_format`): the rules
+    the verdict was read by."""
 
     @property
     def ok(self) -> bool:
@@ -400,7 +416,7 @@ class VerifyReport:
         if self.images is None:
             return "\n".join([f"verify   {self.path}", f"result   DAMAGED: {self.problems[0]}; {fix}"])
         unsummed = [a for a in self.arrays if a not in self.checksummed]
-        lines = [f"verify   {self.path}",
+        lines = [f"verify   {self.path}", *([f"format   {self.format}"] if self.format else []),
                  f"images   {self.images} committed{'' if self.complete else ' (an incomplete run: those checked)'}: "
                  f"their ids and their rows of {len(self.arrays)} per-image arrays read, chunk by chunk",
                  f"statics  {self.statics} datasets and every attribute read"]
@@ -498,7 +514,7 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
     complete = _readable(lambda: f.attrs["complete"]) and bool(f.attrs["complete"])
     checksummed = sorted(name for name, ds in arrays.items() if ds.fletcher32)
     return VerifyReport(reader.path, n, complete, sorted(arrays), checksummed, statics, damaged, states,
-                        lines + problems, fmt.ID_DIGESTS in found)
+                        lines + problems, fmt.ID_DIGESTS in found, _format_line(f))
 
 
 def _missing_sources(ds: h5py.Dataset, folder: Path, n: int) -> list[tuple[int, int]]:

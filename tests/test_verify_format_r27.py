@@ -1,0 +1,45 @@
+"""Round 27: ``qkhooks info RUN --verify`` names the run file's format too (the rules its verdict was read by), in the
+words of ``qkhooks info``; each case against the attribute as h5py reads it from the file. (A format attribute
+qkhooks never writes, or a newer format, is refused by verify itself: tests/test_format_version_r25.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qkhooks.cli import main
+from qkhooks.store import format as fmt
+from qkhooks.store.repair import verify_run
+
+from test_format_version_r25 import set_format, write
+from test_format_version_r26 import stored_format
+
+
+def verify_format_lines(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """The ``format`` lines of ``qkhooks info PATH --verify`` (exit 0: nothing damaged), after checking that the CLI
+    prints the report's summary and that the line follows the ``verify`` line."""
+    assert main(["info", str(path), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == verify_run(path).summary() + "\n"
+    lines = printed.splitlines()
+    assert lines[0] == f"verify   {path}"
+    return [line for line in lines if line.startswith("format ")]
+
+
+def test_verify_names_the_format_number_of_a_new_run(tmp_path, capsys):
+    path = tmp_path / "run.h5"
+    write(path)
+    number = stored_format(path)
+    assert isinstance(number, np.integer) and number == fmt.FORMAT
+    assert verify_format_lines(path, capsys) == [f"format   {int(number)}"]
+
+
+def test_verify_says_a_file_without_the_attribute_predates_format_numbers(tmp_path, capsys):
+    path = tmp_path / "run.h5"
+    write(path)
+    set_format(path, None)
+    assert stored_format(path) is None
+    assert verify_format_lines(path, capsys) == [
+        f"format   0 (written before format numbers: no root attribute {fmt.FORMAT_ATTR})"]
