@@ -4,7 +4,7 @@ the qkhooks function that dispatched them (innermost qkhooks frame; "model/torch
 Next to a fast GPU the host sets the pace, and each operation costs the host a kernel launch (~5-10 us) whatever its
 size, so this count is the machine-independent measure of a recording's host work there. It runs on the CPU: with
 ``--accelerator-path`` the top-k reducer takes the fold an accelerator takes (every candidate's rows, from the
-stacked maps), as on a GPU. Per batch = the difference between two runs of different lengths (per-run work cancels), after a run that fills
+stacked maps) and the q/k path its product's shape there (one product over the batch), as on a GPU. Per batch = the difference between two runs of different lengths (per-run work cancels), after a run that fills
 the caches.
 
     python benchmarks/round27_ops.py [--model vit_ti] [--accelerator-path]
@@ -47,17 +47,19 @@ class _Census(TorchDispatchMode):
 
 def main() -> int:
     import qkhooks
+    from qkhooks import projector
     from qkhooks.analysis import topk
     from qkhooks.stream import record_dataset
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_ti", choices=sorted(SIZES))
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--accelerator-path", action="store_true", help="the top-k fold an accelerator takes")
+    p.add_argument("--accelerator-path", action="store_true", help="the top-k fold and q/k product an accelerator takes")
     args = p.parse_args()
     torch.set_num_threads(1)
-    if args.accelerator_path:
+    if args.accelerator_path:  # the top-k fold and the q/k product's shape a GPU takes
         topk._entrants_only = lambda device: False
+        projector._product_layout = lambda heads, modes: "batched"
     runs = {}
     with tempfile.TemporaryDirectory(prefix="qkhooks-ops-") as tmp:
         loaded = qkhooks.load_model(f"timm:{SIZES[args.model].timm_name}", random_init=True)

@@ -312,8 +312,10 @@ class QKPathProjector:
         """The same from one Linear's output whose first 2·H·d_k features are q then k (a fused qkv): one product
         for both sides."""
         h, dk, _ = self._dims
-        maps = self._maps(qk[..., :2 * h * dk].unflatten(-1, (2 * h, dk)), slice(None))
-        return maps[0], maps[1]
+        if qk.shape[-1] != 2 * h * dk:  # v too (a fused qkv's whole output)
+            qk = qk[..., :2 * h * dk]
+        query, key = self._maps(qk.unflatten(-1, (2 * h, dk)), slice(None)).unbind(0)
+        return query, key
 
     def _split(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k heads (B, N, H, d_k) held apart: one product per side."""

@@ -14,12 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: fail fast inste
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import dataclasses
+from collections import Counter
 from typing import Any, Callable
 
 import pytest
 import timm
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 torch.set_num_threads(2)
 
@@ -184,6 +186,23 @@ def timm_module_eager_maps(model: torch.nn.Module, attn: torch.nn.Module, images
     finally:
         attn.fused_attn = True
     return seen
+
+
+class CountOps(TorchDispatchMode):
+    """Counts every aten operation dispatched inside it (views included), by name: on a GPU each costs the host a
+    kernel launch whatever its size, so a count is the machine-independent measure of host work (no timing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.count.values())
 
 
 def count_calls(monkeypatch, owner: Any, name: str) -> list[int]:

@@ -5,27 +5,13 @@ Counted with a dispatch mode (no timing); the results are checked against each l
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from qkhooks.analysis import topk
 from qkhooks.analysis.modes import AnisotropyReducer, TopKModes
 from qkhooks.capture import BatchCapture, LayerCapture
-
-
-class _Ops(TorchDispatchMode):
-    """Counts every aten operation dispatched inside it (views included)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
+from conftest import CountOps
 
 
 def _maps(layers: int, batch: int, seed: int, heads: int = 2, modes: int = 3, tokens: int = 7):
@@ -52,9 +38,9 @@ def _token_batch(layers: int, batch: int, seed: int, tokens: int = 10, dim: int 
 
 def _ops_of_second_batch(reducer, first: BatchCapture, second: BatchCapture) -> int:
     reducer.update(first)  # the state exists from here on
-    with _Ops() as ops:
+    with CountOps() as ops:
         reducer.update(second)
-    return sum(ops.count.values())
+    return ops.total
 
 
 @pytest.fixture
