@@ -6,6 +6,7 @@ shape), against the plain forward of the same model."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -60,3 +61,18 @@ def test_with_grad_enabled_what_a_recording_keeps_is_still_cut_from_the_graph():
             kept = getattr(graphed, name)[layer]
             assert not kept.requires_grad and kept.grad_fn is None, (layer, name)
             torch.testing.assert_close(kept, getattr(plain, name)[layer], rtol=0, atol=0)
+
+
+def test_the_writer_stores_a_tensor_that_tracks_grad_as_its_values(tmp_path):
+    """The hand-off detaches only what tracks grad (an operation less an array otherwise): a (B, ...) tensor in a
+    graph is stored as its values, cast to the run's float16 as numpy casts them."""
+    from qkhooks.store import RunWriter, open_run
+
+    leaf = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    tracked = leaf * 2.0
+    assert tracked.requires_grad and tracked.grad_fn is not None
+    with RunWriter(tmp_path / "run.h5", attrs={"model": "m", "config": "{}"}) as writer:
+        writer.write_batch(["a", "b", "c"], {"modes/L0/query": tracked})
+    with open_run(tmp_path / "run.h5") as run:
+        stored = run.query(0)[:]
+    np.testing.assert_array_equal(stored, (leaf.detach().numpy() * 2.0).astype(np.float16))
