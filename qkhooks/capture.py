@@ -48,7 +48,7 @@ from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, grid_source_hooks, select_layers
 from qkhooks.models.load import unwrap_loaded
-from qkhooks.models.unsupported import (hooked_paths, own_hook, refuse_altered_qk, refuse_compiled, remove_own_hooks,
+from qkhooks.models.unsupported import (compiled_by_dynamo, hooked_paths, own_hook, refuse_altered_qk, refuse_compiled, remove_own_hooks,
                                         traced_refusal, unmodelled_parts)
 from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
@@ -122,7 +122,8 @@ class Recording:
             raise QKHooksError(f"input must be 'normed' (the exact tensor entering W_q/W_k) or 'residual'; got {input!r}.")
         self._model_ref = weakref.ref(model)
         every = list(sites) if sites is not None else _model_sites(model, skip_unmodelled)
-        refuse_compiled(model, hooked_paths(model, every))  # hooks there would run while the graph is traced, or never
+        if sites is not None or _maybe_compiled(model):  # hooks there would run while the graph is traced, or never
+            refuse_compiled(model, hooked_paths(model, every))
         self.sites: list[AttentionSite] = select_layers(every, layers)
         refuse_altered_qk(self.sites)  # the recorded layers only: a hook on another layer's q/k changes nothing here
         # partial recording: module path -> why it is left out (named, never silent; {} when none is), from every site
@@ -930,7 +931,8 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
 
 # The sites of each recorded model (find_sites walks the module tree several times: ~9 of the ~12 ms that entering
 # record() cost on ViT-S), kept while the model's structure is unchanged. Weak keys: a deleted model frees its entry.
-_SITES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[tuple[AttentionSite, _CopyPlan]]]]" = (
+# The third item: what else is a function of the key alone, found once (:func:`_maybe_compiled`).
+_SITES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[tuple[AttentionSite, _CopyPlan]], dict[str, Any]]]" = (
     weakref.WeakKeyDictionary())
 _SETTINGS = (bool, int, float, str, type(None))
 # torch's own per-module registries (parameters, buffers, children, hooks: dicts, which the key does not read), skipped
@@ -1026,8 +1028,21 @@ def _model_sites(model: nn.Module, skip_unmodelled: bool = False) -> list[Attent
         if any(plan is None for plan in plans):  # a site a copy cannot be cut loose from: never shared
             _SITES.pop(model, None)
             return found
-        hit = _SITES[model] = (key, list(zip(found, plans)))
+        hit = _SITES[model] = (key, list(zip(found, plans)), {})
     return [plan.copy(site) for site, plan in hit[1]]
+
+
+def _maybe_compiled(model: nn.Module) -> bool:
+    """Whether some module of ``model`` may be compiled by TorchDynamo, so that :func:`refuse_compiled` must look
+    where qkhooks hooks (a walk of the module tree, ~0.35 ms of a ViT-S entry). False only where the cached sites'
+    entry, whose structure key :func:`_model_sites` has just checked, found none: each module's class (a compiled
+    wrapper) and ``_compiled_call_impl`` (``module.compile()``) are in that key, so a compile changes the key."""
+    hit = _SITES.get(model)
+    if hit is None:
+        return True
+    if "compiled" not in hit[2]:
+        hit[2]["compiled"] = any(compiled_by_dynamo(module) is not None for module in model.modules())
+    return hit[2]["compiled"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -373,7 +373,7 @@ def refuse_quantised(model: nn.Module, roots: Sequence[str]) -> None:
                                "attention (the head, the MLPs: those are taken).")
 
 
-def _compiled(module: nn.Module) -> str | None:
+def compiled_by_dynamo(module: nn.Module) -> str | None:
     """How ``module`` is compiled by TorchDynamo (a ``torch.compile`` wrapper, or ``module.compile()``), or None."""
     if getattr(module, "_compiled_call_impl", None) is not None:
         return "module.compile()"
@@ -399,7 +399,7 @@ def refuse_compiled(model: nn.Module, roots: Sequence[str]) -> None:
     qkhooks hook: taken. Checked at every ``record()`` and ``record_dataset`` entry (the search is cached); a model
     compiled inside the context is refused by the hooks themselves (:func:`own_hook`)."""
     for path, module in _at(model, roots):
-        how = _compiled(module)
+        how = compiled_by_dynamo(module)
         if how is None:
             continue
         inner = f"{'model.' + path if path else 'model'}._orig_mod"
@@ -523,8 +523,8 @@ def traced_refusal(exc: BaseException | None, model: nn.Module | None, roots: Se
     dynamo = type(exc).__module__.startswith("torch._dynamo")
     if not dynamo or frame is None or (frame.name, frame.filename) != ("untraced_hook", __file__):
         return None
-    compiled = next(((p, m) for p, m in _at(model, roots) if _compiled(m)), None) if model is not None else None
-    where = (f"{_where(model, *compiled)} is compiled by torch.compile ({_compiled(compiled[1])}) and" if compiled else
+    compiled = next(((p, m) for p, m in _at(model, roots) if compiled_by_dynamo(m)), None) if model is not None else None
+    where = (f"{_where(model, *compiled)} is compiled by torch.compile ({compiled_by_dynamo(compiled[1])}) and" if compiled else
              "the recorded model, through a torch.compile wrapper,")
     return QKHooksError(f"{where} ran under torch.compile(fullgraph=True) inside the record() context: qkhooks' hooks "
                         f"were traced by TorchDynamo, which cannot break the graph to run them, and {_COMPILED_HARM}. "
