@@ -29,29 +29,25 @@ def test_an_unchanged_model_is_not_searched_for_compiled_modules_again(monkeypat
     assert walked == [0] and searched == [0]
 
 
-@pytest.mark.parametrize("how", ["model.compile", "attention module compiled", "wrapper in place"])
-def test_a_model_compiled_between_entries_is_refused_at_the_next_as_a_fresh_entry_refuses_it(how):
-    def build() -> torch.nn.Module:
-        model = TINY_MODELS[0].model()
-        if how == "model.compile":
-            model.compile(backend="eager")
-        elif how == "attention module compiled":
-            model.blocks[1].attn.compile(backend="eager")
-        else:
-            model.blocks[1].attn = torch.compile(model.blocks[1].attn, backend="eager")
-        return model
-
-    with pytest.raises(QKHooksError) as fresh:  # nothing cached for this model
-        qkhooks.record(build(), modes=4)
-    model = TINY_MODELS[0].model()
-    _enter(model)
-    _enter(model)  # the cache holds its sites and its verdict: nothing compiled
+def _compile(model: torch.nn.Module, how: str) -> torch.nn.Module:
+    """``model`` compiled (eager backend: nothing runs, the refusal comes at entry) in one of the ways users do."""
     if how == "model.compile":
         model.compile(backend="eager")
     elif how == "attention module compiled":
         model.blocks[1].attn.compile(backend="eager")
     else:
         model.blocks[1].attn = torch.compile(model.blocks[1].attn, backend="eager")
+    return model
+
+
+@pytest.mark.parametrize("how", ["model.compile", "attention module compiled", "wrapper in place"])
+def test_a_model_compiled_between_entries_is_refused_at_the_next_as_a_fresh_entry_refuses_it(how):
+    with pytest.raises(QKHooksError) as fresh:  # nothing cached for this model
+        qkhooks.record(_compile(TINY_MODELS[0].model(), how), modes=4)
+    model = TINY_MODELS[0].model()
+    _enter(model)
+    _enter(model)  # the cache holds its sites and its verdict: nothing compiled
+    _compile(model, how)
     with pytest.raises(QKHooksError) as cached:
         qkhooks.record(model, modes=4)
     assert str(cached.value) == str(fresh.value) and "is compiled by torch.compile" in str(cached.value)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from qkhooks.cli import main
@@ -28,18 +27,14 @@ def verify_format_lines(path: Path, capsys: pytest.CaptureFixture[str]) -> list[
     return [line for line in lines if line.startswith("format ")]
 
 
-def test_verify_names_the_format_number_of_a_new_run(tmp_path, capsys):
+@pytest.mark.parametrize("stored", ["written", None], ids=["a new run", "before format numbers"])
+def test_verify_names_the_format_as_info_does(tmp_path, capsys, stored):
     path = tmp_path / "run.h5"
     write(path)
+    if stored is None:
+        set_format(path, None)
     number = stored_format(path)
-    assert isinstance(number, np.integer) and number == fmt.FORMAT
-    assert verify_format_lines(path, capsys) == [f"format   {int(number)}"]
-
-
-def test_verify_says_a_file_without_the_attribute_predates_format_numbers(tmp_path, capsys):
-    path = tmp_path / "run.h5"
-    write(path)
-    set_format(path, None)
-    assert stored_format(path) is None
-    assert verify_format_lines(path, capsys) == [
-        f"format   0 (written before format numbers: no root attribute {fmt.FORMAT_ATTR})"]
+    expected = (f"format   0 (written before format numbers: no root attribute {fmt.FORMAT_ATTR})" if number is None
+                else f"format   {int(number)}")
+    assert (number is None) == (stored is None) and (number is None or number == fmt.FORMAT)
+    assert verify_format_lines(path, capsys) == [expected]
