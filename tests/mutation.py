@@ -78,6 +78,8 @@ KILLS_R25 = "tests/test_mutation_kills_r25.py"
 KILLS_R26 = "tests/test_mutation_kills_r26.py"
 # Round 26 (second run): the kill tests of round 26's own code (module "round26b").
 KILLS_R26B = "tests/test_mutation_kills_r26b.py"
+# Round 27 (mutation): the kill tests of round 27's code (module "round27").
+KILLS_R27 = "tests/test_mutation_kills_r27.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -316,6 +318,24 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "(test_speed_round11 and geometry_probe) or "
                  "(test_mutation_kills_capture and (cached_sites or replaced_by_another)) or "
                  "(test_hooks_r22 and nested_recordings)"),
+    # Round 27 (mutation): round 27's code, against the tests that reach it: an accelerator's top-k fold from the layers'
+    # maps stacked (`_stacked_maps`, `_layer_extremes(..., stacked)`, `_fold_layers`' one row index, `_store_stacked`'s
+    # unbind views, `TopKModes.update`'s stacks; opened on the CPU by the tests' `fold_path` / `accelerator_fold`
+    # fixtures), the anisotropy reducer's stacked layers (`AnisotropyReducer.update`, `_finite_centres`) and the q/k
+    # path's unsliced weights (`QKPathProjector._maps`). Left out: test_modes.py's run-file, CLI and figure tests (a
+    # recorded run each, no round-27 line they alone reach), test_distributed.py's shard writers but the top-k merge
+    # (2 s each), test_reducers.py's import checks (fresh interpreters). --only ROUND27.
+    "round27": (["qkhooks/analysis/topk.py", "qkhooks/analysis/anisotropy.py", "qkhooks/projector.py"],
+                ["tests/test_reducer_ops_r27.py", "tests/test_topk_r23.py", "tests/test_topk_signs_r26.py",
+                 "tests/test_modes.py", "tests/test_reducers.py", "tests/test_distributed.py",
+                 "tests/test_speed_round9.py", KILLS_R26B, KILLS_R27],
+                "test_reducer_ops_r27 or test_topk_r23 or test_topk_signs_r26 or test_mutation_kills_r27 or "
+                "(test_modes and (topk or anisotropy or fold or merge_of_two_halves or state_dict_round_trip or "
+                "prefix_inference) and not weighted_cosine) or "
+                "(test_reducers and not (imports or import_the_command_line)) or "
+                "(test_distributed and merge_renumbers) or "
+                "(test_speed_round9 and (fused or projector)) or "
+                "(test_mutation_kills_r26b and (without_biases or folding_batches))"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
 ROUND18 = (
@@ -460,9 +480,12 @@ ROUND25 = ("commits:a5476db..aaff763",)
 # Round 26's own code, for `--only` with the module "round26b": the lines round 26's commits wrote, by :func:`written_by`
 # (main's head when the run began, `5580996`).
 ROUND26 = ("commits:aaff763..5580996",)
+# Round 27's code, for `--only` with the module "round27": the lines round 27's library commit wrote (`bb42916`: top-k's
+# and the anisotropy reducer's stacked folds, the q/k path's unsliced weights), by :func:`written_by`.
+ROUND27 = ("commits:86943fe..bb42916",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
-              "ROUND26": ROUND26}
+              "ROUND26": ROUND26, "ROUND27": ROUND27}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
