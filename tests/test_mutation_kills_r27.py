@@ -24,7 +24,8 @@ from qkhooks.projector import QKPathProjector
 from test_modes import brute_force, fake_batch, fold_path  # noqa: F401 (fold_path: a fixture)
 from test_mutation_kills_r25 import _harness
 from test_mutation_kills_r26 import commits_in, module_files
-from test_reducer_ops_r27 import _Ops, _maps
+from conftest import CountOps
+from test_reducer_ops_r27 import _maps
 from test_speed_round9 import _dense_maps, _vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,8 +82,8 @@ def test_one_layer_folded_alone_on_either_path_skips_each_sides_prefix_as_brute_
     assert_ranked_as_brute_force(reducer, 0, q, k, prefix=1, key_prefix=0)
 
 
-class _Shapes(_Ops):
-    """Counts operations as :class:`_Ops` does, and keeps each one's name with its first input's and its output's
+class _Shapes(CountOps):
+    """Counts operations as :class:`~conftest.CountOps` does, and keeps each one's name with its first input's and its output's
     shapes."""
 
     def __init__(self) -> None:
