@@ -92,6 +92,22 @@ def _stacked_maps(maps: Sequence[tuple[int, torch.Tensor, torch.Tensor]]) -> tup
     return torch.stack([q for _, q, _ in maps]), torch.stack([k for _, _, k in maps])
 
 
+STACK_BYTES = 256 * 2**20
+"""The most bytes of maps (query and key) an accelerator's fold stacks at once: a group of layers past it is folded in
+parts, so that the stack's copy adds at most this much device memory while a batch is folded (ViT-B, batch 32, top-16
+modes: 116 MB for its 12 layers, one part)."""
+
+
+def _stack_parts(kind: tuple, maps: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[tuple[tuple, list]]:
+    """``maps`` of one ``kind`` in the parts an accelerator stacks (:data:`STACK_BYTES` each at most, one layer at
+    least), each part's kind followed by its number; on the CPU, which stacks nothing, the group as it is."""
+    if _entrants_only(kind[4]):
+        return [(kind, maps)]
+    _, query, key = maps[0]
+    layers = max(1, STACK_BYTES // (query.numel() * query.element_size() + key.numel() * key.element_size() or 1))
+    return [(kind + (i // layers,), maps[i:i + layers]) for i in range(0, len(maps), layers)]
+
+
 def _token_rows(maps: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Maps (B, H, K, N) as rows of N tokens in their own memory, and the rows from one image to the next.
 
@@ -357,8 +373,10 @@ class TopKModes(Reducer):
             kind = (tuple(cap.query.shape), tuple(cap.key.shape), cap.query.dtype, cap.key.dtype, cap.query.device,
                     prefix, key_prefix)
             groups.setdefault(kind, []).append((layer, cap.query, cap.key))
+        # kind: (query shape, key shape, dtypes, device, prefix, key prefix[, part of the layers an accelerator stacks])
+        groups = {part_kind: part for kind, maps in groups.items() for part_kind, part in _stack_parts(kind, maps)}
         stacks = {kind: _stacked_maps(maps) for kind, maps in groups.items() if not _entrants_only(kind[4])}
-        extremes = {kind: _layer_extremes(maps, kind[-2], kind[-1], stacks.get(kind)) for kind, maps in groups.items()}
+        extremes = {kind: _layer_extremes(maps, kind[5], kind[6], stacks.get(kind)) for kind, maps in groups.items()}
         dev = next(iter(extremes.values()))[0].device
         finite = torch.cat([(torch.isfinite(lo) & torch.isfinite(hi)).all(1).flatten(2).all(-1).to(dev)
                             for lo, hi in extremes.values()])  # (layers, B): NaN and inf survive min and max
@@ -368,7 +386,7 @@ class TopKModes(Reducer):
             self.num_prefix_tokens = prefixes[min(prefixes)]
         self.prefixes.update(prefixes)
         for kind, maps in groups.items():
-            self._fold_layers(maps, batch.offset, kind[-2], kind[-1], extremes[kind], stacks.get(kind))
+            self._fold_layers(maps, batch.offset, kind[5], kind[6], extremes[kind], stacks.get(kind))
         self.images += batch.size
 
     def merge(self, other: Reducer) -> None:
