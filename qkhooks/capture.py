@@ -596,7 +596,7 @@ class Recording:
             if cap is None:  # called outside this layer's recorded attention call
                 return
             out = output.detach() if output.requires_grad else output  # each op costs a GPU's host ~5 us a layer
-            if fused:  # q and k side by side: sliced apart below only where the rows or full maps need them
+            if fused:  # q and k side by side: sliced below only where the rows or maps need them apart
                 q = k = out
             else:
                 seen = self._qk_outputs.setdefault(site.layer, {})
@@ -607,7 +607,7 @@ class Recording:
                 q, k = seen[0], seen[1]
             with torch.no_grad():
                 tokens = self._qk_tokens.pop(site.layer, None)  # this call's x, kept by the layer hook
-                if projector is not None and not self._qk_path_serves(site, q, k):  # fused: both are the output, one dtype
+                if projector is not None and not self._qk_path_serves(site, *((out,) if fused else (q, k))):
                     assert tokens is not None  # kept for every call of a q/k-path layer
                     cap.query, cap.key = self._x_maps(site, self._x_projector(site.layer), tokens, tokens if
                                                       self.compute_dtype is None else tokens.to(self.compute_dtype))
