@@ -1,10 +1,13 @@
 """Kill tests for the mutants of round 27's later library commits (``bb42916..dcf6012``) that their tests let survive
-(module "round27b" of tests/mutation.py, ``--only ROUND27B``; tests/MUTATION.md's "round 27 (second run)" section
-names each). The last test keeps the harness's round27b module consistent."""
+(module "round27b" of tests/mutation.py, ``--only ROUND27B``; tests/MUTATION.md's "round 27, second run" section
+names each): verify of a file whose format attribute does not read, the newer-format refusal naming its file, the
+fused q|k path at N = 2·H·d_k tokens and its one slice, what handing a batch to the writer and a compute dtype's casts
+cost, a compiled grid source of a model whose sites are never cached; and the harness's round27b module kept consistent."""
 
 from __future__ import annotations
 
 import subprocess
+import types
 from pathlib import Path
 
 import h5py
@@ -15,12 +18,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qkhooks
-from qkhooks import QKHooksError
+from qkhooks import QKHooksError, capture
 from qkhooks.projector import QKPathProjector
-from qkhooks.store import repair, verify_run
+from qkhooks.store import RunWriter, open_run, repair, verify_run
 from qkhooks.store import format as fmt
 
 from conftest import CountOps
+from test_compile_r24 import REFUSED, _hf_vit, _refused_model
 from test_format_version_r25 import refusal, set_format, write
 from test_mutation_kills_r25 import _harness
 from test_mutation_kills_r26 import commits_in, module_files
@@ -110,8 +114,6 @@ def test_handing_a_batch_to_the_writer_costs_the_caller_only_the_casts_its_array
     """What ``write_batch`` dispatches in the caller's thread (on a GPU each operation is a launch the forward waits
     behind): one cast per array not already in the run's float16 and nothing for the others, no ``detach`` of arrays
     that track no grad; an array that tracks grad is detached (and stored as its values)."""
-    from qkhooks.store import RunWriter, open_run
-
     g = torch.Generator().manual_seed(3)
     half, single = torch.randn(2, 3, 4, generator=g).half(), torch.randn(2, 3, 4, generator=g)
     leaf = torch.randn(2, 3, 4, generator=g, requires_grad=True)
@@ -129,18 +131,13 @@ def test_handing_a_batch_to_the_writer_costs_the_caller_only_the_casts_its_array
 
 
 # ------------------------------------------------------------------------------------ capture.py: the entry
-def test_a_compiled_model_whose_sites_are_never_cached_is_refused_at_entry_as_a_cached_one_is(monkeypatch):
-    """Sites that hold a helper leading back to themselves are searched afresh at every entry, never cached: with no
-    cached verdict to reuse, whether the model is compiled is looked for at each entry, so a compiled model is refused
-    with the words a model whose sites are cached gets."""
-    import types
-
-    from qkhooks import capture
-    from conftest import TINY_MODELS
-    from test_entry_r27 import _compile
-
+def test_a_compiled_grid_source_of_a_model_whose_sites_are_never_cached_is_refused_at_every_entry(monkeypatch):
+    """Sites holding a helper that leads back to them are searched afresh at every entry, never cached. The search
+    itself refuses compiled attention (refuse_opaque), but not a compiled module qkhooks hooks outside it: the HF ViT's
+    patch projection, whose call gives the grid. With no cached verdict, each entry looks there too: refused in the
+    words a model whose sites are cached gets."""
     with pytest.raises(QKHooksError) as cached:
-        qkhooks.record(_compile(TINY_MODELS[0].model(), "model.compile"), modes=4)
+        qkhooks.record(_refused_model("hf grid source"), modes=4)
     real = capture.find_sites
 
     def with_helpers(*args, **kwargs):
@@ -150,13 +147,14 @@ def test_a_compiled_model_whose_sites_are_never_cached_is_refused_at_entry_as_a_
         return found
 
     monkeypatch.setattr(capture, "find_sites", with_helpers)
-    model = TINY_MODELS[0].model()
+    model = _hf_vit()
     with torch.no_grad(), qkhooks.record(model, modes=4):
         pass
     assert capture._SITES.get(model) is None
+    model.embeddings.patch_embeddings.projection.compile(backend="eager")
     with pytest.raises(QKHooksError) as fresh:
-        qkhooks.record(_compile(model, "model.compile"), modes=4)
-    assert str(fresh.value) == str(cached.value) and "is compiled by torch.compile" in str(fresh.value)
+        qkhooks.record(model, modes=4)
+    assert str(fresh.value) == str(cached.value) and REFUSED["hf grid source"] in str(fresh.value)
 
 
 # ------------------------------------------------------------------------------------ capture.py: the q/k hook
