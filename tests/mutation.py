@@ -80,6 +80,8 @@ KILLS_R26 = "tests/test_mutation_kills_r26.py"
 KILLS_R26B = "tests/test_mutation_kills_r26b.py"
 # Round 27 (mutation): the kill tests of round 27's code (module "round27").
 KILLS_R27 = "tests/test_mutation_kills_r27.py"
+# Round 27 (second run): the kill tests of round 27's later library commits (module "round27b").
+KILLS_R27B = "tests/test_mutation_kills_r27b.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -336,6 +338,31 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_distributed and merge_renumbers) or "
                 "(test_speed_round9 and (fused or projector)) or "
                 "(test_mutation_kills_r26b and (without_biases or folding_batches))"),
+    # Round 27 (second run): round 27's later library commits, against the tests that reach them: verify's format line
+    # (`VerifyReport.format` / `summary`, repair's `_format_attrs`, `_refuse_newer_format`, `_format_line`, `_verify`),
+    # the q/k hook's fewer operations (`Recording._qk_hook`: q and k sliced apart only for rows or full maps, the
+    # fused block handed whole to `QKPathProjector.from_fused`, `detach` only where grad is tracked; the layer hook's
+    # kept inputs), the writer's `_to_host`, and the entry's cached compile verdict (`_model_sites`' third item,
+    # `_maybe_compiled`, `Recording.__init__`, `compiled_by_dynamo`). Left out: test_verify_r21.py's unopenable file
+    # (6 s, no round-27 line), test_core.py's x fallback (default-width ViTs, 9 s; test_precision_r21.py's autocast
+    # tests send fused and separate q/k layers to x instead), test_mutation_kills.py's q/k path projector tests (default
+    # width, 6 s each, no round-27 line), test_compile_r24.py's dataset run and quantised tests. --only ROUND27B.
+    "round27b": (["qkhooks/store/repair.py", "qkhooks/capture.py", "qkhooks/projector.py", "qkhooks/store/writer.py",
+                  "qkhooks/models/unsupported.py"],
+                 ["tests/test_verify_format_r27.py", "tests/test_format_version_r25.py", "tests/test_verify_r21.py",
+                  "tests/test_mutation_kills_r25.py", "tests/test_hook_ops_r27.py", "tests/test_core.py",
+                  "tests/test_speed_round9.py", "tests/test_precision_r21.py", "tests/test_mutation_kills_capture.py",
+                  "tests/test_entry_r27.py", "tests/test_compile_r24.py", "tests/test_mutation_kills_r24.py", KILLS_R27B],
+                 "test_verify_format_r27 or test_format_version_r25 or test_hook_ops_r27 or test_entry_r27 or "
+                 "test_mutation_kills_r27b or (test_verify_r21 and not does_not_open) or "
+                 "(test_mutation_kills_r25 and (verify or compiled)) or "
+                 f"(test_core and (qk_outputs or fused_attention_kept) and not (fall_back or {SAME_FORM_FAMILIES})) or "
+                 "(test_speed_round9 and (fused or projector)) or "
+                 "(test_precision_r21 and (autocast_entered_inside or separate_linears_under_autocast)) or "
+                 "(test_mutation_kills_capture and (rows_taken_from_the_qk_hook or compute_dtype_cast or bypasses "
+                 "or two_softmax_terms)) or "
+                 "(test_compile_r24 and (compiling_inside or wrapper_compiled or compiled_head or "
+                 "compiled_or_quantised)) or (test_mutation_kills_r24 and compiled)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
 ROUND18 = (
@@ -483,9 +510,12 @@ ROUND26 = ("commits:aaff763..5580996",)
 # Round 27's code, for `--only` with the module "round27": the lines round 27's library commit wrote (`bb42916`: top-k's
 # and the anisotropy reducer's stacked folds, the q/k path's unsliced weights), by :func:`written_by`.
 ROUND27 = ("commits:86943fe..bb42916",)
+# Round 27's later library commits, for `--only` with the module "round27b" (`bb42916..dcf6012`: verify's format line,
+# the q/k hook's and the writer's fewer operations, the entry's cached compile verdict), by :func:`written_by`.
+ROUND27B = ("commits:bb42916..dcf6012",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
-              "ROUND26": ROUND26, "ROUND27": ROUND27}
+              "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
