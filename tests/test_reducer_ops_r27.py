@@ -102,13 +102,15 @@ def test_stacked_anisotropy_sums_equal_each_layer_on_its_own_and_a_direct_comput
         torch.testing.assert_close(together.sums[l], expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layers_a_part, parts", [(2, [[0, 1], [2, 3], [4]]), (1, [[0], [1], [2], [3], [4]])])
 def test_an_accelerator_stacks_at_most_stack_bytes_of_maps_at_once_and_keeps_what_each_layer_keeps(accelerator_fold,
-                                                                                                   monkeypatch):
+                                                                                                   monkeypatch,
+                                                                                                   layers_a_part, parts):
     """A group of layers whose maps pass ``STACK_BYTES`` is folded in parts (each stack's copy bounded), with the
     result of each layer folded alone."""
     batches = [_maps(5, size, seed) for seed, size in enumerate((3, 4))]
     per_layer = sum(t.numel() * t.element_size() for t in batches[1][0])  # the larger batch's query and key maps
-    monkeypatch.setattr(topk, "STACK_BYTES", 2 * per_layer)  # 2 layers a part: 5 layers in 3 parts
+    monkeypatch.setattr(topk, "STACK_BYTES", layers_a_part * per_layer + per_layer // 2)
     stacked = []
     real = topk._stacked_maps
     monkeypatch.setattr(topk, "_stacked_maps", lambda maps: stacked.append([l for l, _, _ in maps]) or real(maps))
@@ -121,7 +123,7 @@ def test_an_accelerator_stacks_at_most_stack_bytes_of_maps_at_once_and_keeps_wha
         for l, reducer in alone.items():
             reducer.update(_map_batch({l: maps[l]}, offset))
         offset += maps[0][0].shape[0]
-    assert stacked[:3] == [[0, 1], [2, 3], [4]] and len(stacked) == 3 + 5  # then one stack a layer folded alone
+    assert stacked[:len(parts)] == parts and len(stacked) == len(parts) + 5  # then one stack a layer folded alone
     for l, reducer in alone.items():
         for name, value in reducer.layers[l].items():
             assert torch.equal(together.layers[l][name], value), (l, name)
