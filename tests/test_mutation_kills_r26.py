@@ -308,6 +308,12 @@ def commits_in(revs: str) -> list[str]:
     return listed.stdout.split() if listed.returncode == 0 else []
 
 
+def library_files_changed(base: str, head: str) -> list[str]:
+    """The files under qkhooks/ that ``git diff base head`` changes in this checkout."""
+    return subprocess.run(["git", "diff", "--name-only", base, head, "--", "qkhooks"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.split()
+
+
 def test_the_round26_module_names_files_and_tests_that_exist_and_round_25s_commits():
     """The harness's module "round26" and its named set ROUND25: every file to mutate and every test file exists, the
     selection names only test files it selects, and the commit range resolves in this checkout to round 25's 20 commits (merges included)
@@ -316,8 +322,7 @@ def test_the_round26_module_names_files_and_tests_that_exist_and_round_25s_commi
     files = module_files(mutation, "round26")
     assert mutation.NAMED_SETS["ROUND25"] == mutation.ROUND25 == ("commits:a5476db..aaff763",)
     assert len(commits_in("a5476db..aaff763")) == 20
-    changed = subprocess.run(["git", "diff", "--name-only", "a5476db", "aaff763", "--", "qkhooks"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
+    changed = library_files_changed("a5476db", "aaff763")
     named = {"_devices.py", "spectrum.py", "_hdf5.py", "format.py", "repair.py", "anisotropy.py", "bfd_reducers.py",
              "windows.py", "capture.py"}  # what round 25 changed that the module exists for
     assert {f for f in changed if Path(f).name in named} <= set(files)

@@ -6,7 +6,6 @@ module consistent."""
 
 from __future__ import annotations
 
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from test_format_version_r26 import format_lines
 from qkhooks.analysis.topk import TopKModes
 from test_modes import assert_matches_brute, fake_batch, fold_path  # noqa: F401 (fold_path: a fixture)
 from test_mutation_kills_r25 import _harness
-from test_mutation_kills_r26 import commits_in, module_files
+from test_mutation_kills_r26 import commits_in, library_files_changed, module_files
 from test_speed_round9 import _dense_maps, _vit
 from test_topk_signs_r26 import SHAPES, SIZES, STARTS, maps_of
 
@@ -131,6 +130,5 @@ def test_the_round26b_module_names_files_and_tests_that_exist_and_round_26s_comm
     files = module_files(mutation, "round26b")
     assert mutation.NAMED_SETS["ROUND26"] == mutation.ROUND26 == ("commits:aaff763..5580996",)
     assert commits_in("aaff763..5580996")
-    changed = subprocess.run(["git", "diff", "--name-only", "aaff763", "5580996", "--", "qkhooks"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
+    changed = library_files_changed("aaff763", "5580996")
     assert set(changed) - {"qkhooks/store/repair.py"} == set(files)

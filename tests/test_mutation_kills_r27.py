@@ -6,7 +6,6 @@ bias-free layer with q and k held apart. The last test keeps the harness's round
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from qkhooks.projector import QKPathProjector
 
 from test_modes import brute_force, fake_batch, fold_path  # noqa: F401 (fold_path: a fixture)
 from test_mutation_kills_r25 import _harness
-from test_mutation_kills_r26 import commits_in, module_files
+from test_mutation_kills_r26 import commits_in, library_files_changed, module_files
 from conftest import CountOps
 from test_reducer_ops_r27 import _maps
 from test_speed_round9 import _dense_maps, _vit
@@ -236,6 +235,5 @@ def test_the_round27_module_names_files_and_tests_that_exist_and_round_27s_commi
     files = module_files(mutation, "round27")
     assert mutation.NAMED_SETS["ROUND27"] == mutation.ROUND27 == ("commits:86943fe..bb42916",)
     assert len(commits_in("86943fe..bb42916")) == 1
-    changed = subprocess.run(["git", "diff", "--name-only", "86943fe", "bb42916", "--", "qkhooks"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
+    changed = library_files_changed("86943fe", "bb42916")
     assert set(changed) == set(files)

@@ -27,7 +27,7 @@ from conftest import CountOps
 from test_compile_r24 import REFUSED, _hf_vit, _refused_model
 from test_format_version_r25 import refusal, set_format, write
 from test_mutation_kills_r25 import _harness
-from test_mutation_kills_r26 import commits_in, module_files
+from test_mutation_kills_r26 import commits_in, library_files_changed, module_files
 from test_speed_round9 import _dense_maps, _vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,8 +101,7 @@ def test_the_round27b_module_names_files_and_tests_that_exist_and_round_27s_late
     mutation = _harness()
     files = module_files(mutation, "round27b")
     assert mutation.NAMED_SETS["ROUND27B"] == mutation.ROUND27B == ("commits:bb42916..dcf6012",)
-    changed = subprocess.run(["git", "diff", "--name-only", "bb42916", "dcf6012", "--", "qkhooks"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
+    changed = library_files_changed("bb42916", "dcf6012")
     assert set(changed) == set(files)
     library = subprocess.run(["git", "rev-list", "bb42916..dcf6012", "--", "qkhooks"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.split()
