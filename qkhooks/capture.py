@@ -48,8 +48,8 @@ from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, grid_source_hooks, select_layers
 from qkhooks.models.load import unwrap_loaded
-from qkhooks.models.unsupported import (compiled_by_dynamo, hooked_paths, own_hook, refuse_altered_qk, refuse_compiled, remove_own_hooks,
-                                        traced_refusal, unmodelled_parts)
+from qkhooks.models.unsupported import (compiled_by_dynamo, hooked_paths, own_hook, refuse_altered_qk, refuse_compiled,
+                                        remove_own_hooks, traced_refusal, unmodelled_parts)
 from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
