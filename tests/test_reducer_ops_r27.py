@@ -5,6 +5,8 @@ Counted with a dispatch mode (no timing); the results are checked against each l
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -106,14 +108,22 @@ def test_stacked_anisotropy_sums_equal_each_layer_on_its_own_and_a_direct_comput
 def test_an_accelerator_stacks_at_most_stack_bytes_of_maps_at_once_and_keeps_what_each_layer_keeps(accelerator_fold,
                                                                                                    monkeypatch,
                                                                                                    layers_a_part, parts):
-    """A group of layers whose maps pass ``STACK_BYTES`` is folded in parts (each stack's copy bounded), with the
-    result of each layer folded alone."""
+    """A group of layers whose maps pass ``STACK_BYTES`` is folded in parts, with the result of each layer folded
+    alone; when a stack is made, those still alive take ``STACK_BYTES`` at most (the parts are not all held at once)."""
     batches = [_maps(5, size, seed) for seed, size in enumerate((3, 4))]
     per_layer = sum(t.numel() * t.element_size() for t in batches[1][0])  # the larger batch's query and key maps
     monkeypatch.setattr(topk, "STACK_BYTES", layers_a_part * per_layer + per_layer // 2)
-    stacked = []
+    stacked, alive, most_alive = [], [], [0]
     real = topk._stacked_maps
-    monkeypatch.setattr(topk, "_stacked_maps", lambda maps: stacked.append([l for l, _, _ in maps]) or real(maps))
+
+    def tracked(maps):
+        most_alive[0] = max(most_alive[0], sum(t.numel() * t.element_size() for ref in alive if (t := ref()) is not None))
+        stacked.append([l for l, _, _ in maps])
+        made = real(maps)
+        alive.extend(weakref.ref(t) for t in made)
+        return made
+
+    monkeypatch.setattr(topk, "_stacked_maps", tracked)
     together = TopKModes(k=2, map_dtype="float32")
     alone = {l: TopKModes(k=2, map_dtype="float32") for l in range(5)}
     offset = 0
@@ -123,7 +133,8 @@ def test_an_accelerator_stacks_at_most_stack_bytes_of_maps_at_once_and_keeps_wha
         for l, reducer in alone.items():
             reducer.update(_map_batch({l: maps[l]}, offset))
         offset += maps[0][0].shape[0]
-    assert stacked[:len(parts)] == parts and len(stacked) == len(parts) + 5  # then one stack a layer folded alone
+    assert stacked[:len(parts)] == parts  # the batch's parts, then those not kept made again, then each layer alone
+    assert 0 < most_alive[0] <= topk.STACK_BYTES
     for l, reducer in alone.items():
         for name, value in reducer.layers[l].items():
             assert torch.equal(together.layers[l][name], value), (l, name)

@@ -94,8 +94,9 @@ def _stacked_maps(maps: Sequence[tuple[int, torch.Tensor, torch.Tensor]]) -> tup
 
 STACK_BYTES = 256 * 2**20
 """The most bytes of maps (query and key) an accelerator's fold stacks at once: a group of layers past it is folded in
-parts, so that the stack's copy adds at most this much device memory while a batch is folded (ViT-B, batch 32, top-16
-modes: 116 MB for its 12 layers, one part)."""
+parts, and the stacks a batch keeps between its finite check and its folds take this much at most, so the copies add
+at most twice this much device memory while a batch is folded (ViT-B, batch 32, top-16 modes: 116 MB for its 12
+layers, one part, made once)."""
 
 
 def _stack_parts(kind: tuple, maps: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[tuple[tuple, list]]:
@@ -375,8 +376,14 @@ class TopKModes(Reducer):
             groups.setdefault(kind, []).append((layer, cap.query, cap.key))
         # kind: (query shape, key shape, dtypes, device, prefix, key prefix[, part of the layers an accelerator stacks])
         groups = {part_kind: part for kind, maps in groups.items() for part_kind, part in _stack_parts(kind, maps)}
-        stacks = {kind: _stacked_maps(maps) for kind, maps in groups.items() if not _entrants_only(kind[4])}
-        extremes = {kind: _layer_extremes(maps, kind[5], kind[6], stacks.get(kind)) for kind, maps in groups.items()}
+        stacks, extremes, kept = {}, {}, 0
+        for kind, maps in groups.items():  # the stacks kept for the folds take STACK_BYTES at most; others are made again
+            stacked = None if _entrants_only(kind[4]) else _stacked_maps(maps)
+            extremes[kind] = _layer_extremes(maps, kind[5], kind[6], stacked)
+            size = 0 if stacked is None else sum(t.numel() * t.element_size() for t in stacked)
+            if stacked is not None and kept + size <= STACK_BYTES:
+                stacks[kind], kept = stacked, kept + size
+            del stacked  # a stack not kept is freed before the next one is made
         dev = next(iter(extremes.values()))[0].device
         finite = torch.cat([(torch.isfinite(lo) & torch.isfinite(hi)).all(1).flatten(2).all(-1).to(dev)
                             for lo, hi in extremes.values()])  # (layers, B): NaN and inf survive min and max
@@ -386,7 +393,7 @@ class TopKModes(Reducer):
             self.num_prefix_tokens = prefixes[min(prefixes)]
         self.prefixes.update(prefixes)
         for kind, maps in groups.items():
-            self._fold_layers(maps, batch.offset, kind[5], kind[6], extremes[kind], stacks.get(kind))
+            self._fold_layers(maps, batch.offset, kind[5], kind[6], extremes[kind], stacks.pop(kind, None))
         self.images += batch.size
 
     def merge(self, other: Reducer) -> None:
