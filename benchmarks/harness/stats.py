@@ -19,12 +19,38 @@ def quantile(values: Sequence[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free confidence interval of the median: (low, high, coverage).
+
+    The order statistics x(l) and x(n+1-l) (1-based) bound the population median with probability
+    1 - 2·P(Binomial(n, 1/2) < l), whatever the distribution (rounds of a benchmark are skewed, with outliers, so no
+    normal approximation). l is the largest index whose coverage is still >= ``level``; where even (min, max) falls
+    short of it (n <= 5 for 95 %), that interval is returned with its smaller coverage, for the caller to say so.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    v = sorted(float(x) for x in values)
+    n = len(v)
+    if n == 0:
+        raise ValueError("interval of no values")
+
+    def coverage(l: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(l)) / 2 ** n
+
+    l = 1
+    while l + 1 <= (n + 1) // 2 and coverage(l + 1) >= level:
+        l += 1
+    return v[l - 1], v[n - l], coverage(l)
+
+
 def summarize(values: Sequence[float]) -> dict[str, float]:
-    """Median, quartiles, IQR, min, max, mean and count of a sample."""
+    """Median, quartiles, IQR, min, max, mean, count, and the median's 95 % confidence interval
+    (:func:`median_interval`: ``ci_low``, ``ci_high``, ``ci_coverage``)."""
     vals = [float(x) for x in values]
     q1, med, q3 = quantile(vals, 0.25), quantile(vals, 0.5), quantile(vals, 0.75)
+    low, high, coverage = median_interval(vals)
     return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1, "min": min(vals), "max": max(vals),
-            "mean": sum(vals) / len(vals), "n": len(vals)}
+            "mean": sum(vals) / len(vals), "n": len(vals), "ci_low": low, "ci_high": high, "ci_coverage": coverage}
 
 
 def interleaved_schedule(names: Sequence[str], rounds: int, warmup: int = 0) -> list[tuple[int, str]]:
