@@ -108,9 +108,9 @@ class AnisotropyReducer(Reducer):
 
     def _finite_centres(self, batch: BatchCapture,
                         layers: Mapping[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """Layer -> (B, d) centre embeddings in the accumulation dtype, in layer order, and their (L, B, d) stack
-        where every layer's are of one shape, dtype and device (None otherwise: the dict's values are its views, so
-        :meth:`update` folds it as it is, not a second stack); a batch with a NaN or inf among them is refused
+        """Layer -> (B, d) centre embeddings in the accumulation dtype, in layer order, and their (L, B, d) stack where
+        every layer's are of one shape, dtype and device, else None (the dict's values are views of the stack, which
+        :meth:`update` folds as it is rather than stacking them again); a batch with a NaN or inf among them is refused
         (:func:`~qkhooks.reducers.refuse_non_finite`) before the state changes."""
         centres: dict[int, torch.Tensor] = {}
         for layer, x in sorted(layers.items()):
