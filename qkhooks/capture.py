@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Literal, ParamSpec, Protocol, Sequen
 import torch
 from torch import nn
 
+from qkhooks._devices import detached
 from qkhooks.attention import (
     AttentionSpec,
     OneAttention,
@@ -461,7 +462,7 @@ class Recording:
                 elif site.layer in self._from_qk:  # kept for the q/k hook, should this call's q/k be below float32
                     self._qk_tokens[site.layer] = x
                 if self.keep_inputs:
-                    cap.inputs = x_modes.detach() if x_modes.requires_grad else x_modes
+                    cap.inputs = detached(x_modes)
                 for spec in specs:
                     cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, x.detach()))
                 relative = site.relative_term() if "full" in cap.attention else None  # SAM/ViTDet: kept with its maps
@@ -595,19 +596,19 @@ class Recording:
             cap = self._current.captures.get(site.layer) if self._current is not None else None
             if cap is None:  # called outside this layer's recorded attention call
                 return
-            out = output.detach() if output.requires_grad else output  # each op costs a GPU's host ~5 us a layer
-            if fused:  # q and k side by side: sliced below only where the rows or maps need them apart
-                q = k = out
+            out = detached(output)
+            if fused:  # q and k side by side in one block: sliced below only where the rows or maps need them apart
+                outputs: tuple[torch.Tensor, ...] = (out,)
             else:
                 seen = self._qk_outputs.setdefault(site.layer, {})
                 seen[index] = out
                 if len(seen) < 2:  # the other one is still to come (models call them in either order)
                     return
                 del self._qk_outputs[site.layer]
-                q, k = seen[0], seen[1]
+                outputs = (seen[0], seen[1])
             with torch.no_grad():
                 tokens = self._qk_tokens.pop(site.layer, None)  # this call's x, kept by the layer hook
-                if projector is not None and not self._qk_path_serves(site, *((out,) if fused else (q, k))):
+                if projector is not None and not self._qk_path_serves(site, *outputs):
                     assert tokens is not None  # kept for every call of a q/k-path layer
                     cap.query, cap.key = self._x_maps(site, self._x_projector(site.layer), tokens, tokens if
                                                       self.compute_dtype is None else tokens.to(self.compute_dtype))
@@ -616,11 +617,10 @@ class Recording:
                     if fused:  # q and k side by side in one output: one product for both
                         cap.query, cap.key = projector.from_fused(out if dt is None else out[..., :2 * width].to(dt))
                     else:
-                        cap.query, cap.key = projector.from_linear(q if dt is None else q.to(dt), k if dt is None else k.to(dt))
+                        cap.query, cap.key = projector.from_linear(*(t if dt is None else t.to(dt) for t in outputs))
                     cap.query, cap.key = site.to_images("modes", cap.query), site.to_images("modes", cap.key)
                 if full or row_specs:
-                    if fused:
-                        q, k = out[..., :width], out[..., width:2 * width]
+                    q, k = (out[..., :width], out[..., width:2 * width]) if fused else outputs
                     q, k = split_heads(site, q), split_heads(site, k)
                 if full:  # two-softmax sites (zoo11-maps): the maps combined from the terms, both kept
                     maps, terms = full_and_terms(site, q, k)

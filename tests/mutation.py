@@ -82,6 +82,8 @@ KILLS_R26B = "tests/test_mutation_kills_r26b.py"
 KILLS_R27 = "tests/test_mutation_kills_r27.py"
 # Round 27 (second run): the kill tests of round 27's later library commits (module "round27b").
 KILLS_R27B = "tests/test_mutation_kills_r27b.py"
+# Round 28 (clean): the kill tests of round 27's review items mended in round 28 (module "round28").
+KILLS_R28 = "tests/test_mutation_kills_r28.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -363,10 +365,31 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "or two_softmax_terms)) or "
                  "(test_compile_r24 and (compiling_inside or wrapper_compiled or compiled_head or "
                  "compiled_or_quantised)) or (test_mutation_kills_r24 and compiled)"),
+    # Round 28 (clean): round 27's review items, mended, against the tests that reach them: one helper detaching only
+    # what tracks grad (`_devices.detached`, in the layer hook's kept inputs, the q/k hook and the writer's `_to_host`),
+    # the q/k hook's outputs held as one tuple (`Recording._qk_hook`), the anisotropy reducer folding the finite check's
+    # stack as it is (`AnisotropyReducer.update`, `_finite_centres`, `CentreEmbeddings.update`). Left out: what
+    # round27b leaves out, and its verify, format and compile tests (no round-28 line). --only ROUND28.
+    "round28": (["qkhooks/_devices.py", "qkhooks/capture.py", "qkhooks/store/writer.py", "qkhooks/analysis/anisotropy.py"],
+                ["tests/test_hook_ops_r27.py", "tests/test_reducer_ops_r27.py", "tests/test_precision_r21.py",
+                 "tests/test_core.py", "tests/test_speed_round9.py", "tests/test_mutation_kills_capture.py",
+                 "tests/test_mutation_kills_r27.py", KILLS_R27B, "tests/test_reducers.py", "tests/test_modes.py",
+                 KILLS_R28],
+                "test_hook_ops_r27 or test_reducer_ops_r27 or test_mutation_kills_r28 or "
+                "(test_precision_r21 and (autocast_entered_inside or separate_linears_under_autocast or "
+                "pinned_qk_source or float32_keeps)) or "
+                f"(test_core and (qk_outputs or fused_attention_kept) and not (fall_back or {SAME_FORM_FAMILIES})) or "
+                "(test_speed_round9 and (fused or projector)) or "
+                "(test_mutation_kills_capture and (rows_taken_from_the_qk_hook or compute_dtype_cast or bypasses "
+                "or two_softmax_terms)) or "
+                "(test_mutation_kills_r27b and (fused_qkv or handing_a_batch)) or "
+                "(test_mutation_kills_r27 and (anisotropy or held_apart)) or "
+                "(test_reducers and (anisotropy or centre)) or (test_modes and anisotropy_equals)"),
 }
-# The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18".
+# The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
+# and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
 ROUND18 = (
-    "qkhooks.projector.x_qk_path_check__*", "qkhooks.projector.x__solve_side__*", "qkhooks.projector.x__solve__*",
+    "qkhooks.projector.x_qk_path_check__*",
     "qkhooks.spectrum.x_head_weighted_cosines__*", "qkhooks.spectrum.x_mean_over_heads__*",
     "qkhooks.spectrum.x_null_modes__*", "qkhooks.spectrum.xǁLayerSpectrumǁnull_modes__*",
     "qkhooks.spectrum.xǁLayerSpectrumǁall_modes__*", "qkhooks.spectrum.xǁLayerSpectrumǁcosine_weighted__*",
@@ -405,8 +428,11 @@ ROUND19 = (
     "qkhooks.models.base.x__paths_as_indices__*", "qkhooks.store.writer.xǁRunWriterǁ_check_whole__*",
 )
 # The round-20 functions' mutant names, for `--only` with the module "round20". Of the reader's summary only the
-# mutants of the checksum line round 20 added (numbered as mutmut 3.8.1 numbers them at `19f6ec5`: a change to
-# `summary` renumbers them); RunReader._reading is a context manager, which mutmut does not mutate.
+# mutants of the checksum line round 20 added: those on the lines its commit `69f4b30` wrote and no later one rewrote
+# (:func:`written_by`; 23 at `f2eeb12`, where the numbers 27, 28, 30-32, 62-79 given at `19f6ec5` had drifted to other
+# lines); the same commit's two lines of `repair._copy` (the checksum and the rows it lost, carried into the repaired
+# file: 16 mutants) come with them.
+# RunReader._reading is a context manager, which mutmut does not mutate.
 ROUND20 = (
     "qkhooks.capture.x__layer_modes__*", "qkhooks.access.x_layer_at_path__*", "qkhooks.access.x_resolve_layer__*",
     "qkhooks.models.base.x__paths_as_indices__*",
@@ -418,7 +444,7 @@ ROUND20 = (
     "qkhooks.data.items.x__shown_frame__*", "qkhooks.data.items.x__unreadable_refused__*",
     "qkhooks.data.items.x__read_mask_file__*", "qkhooks.data.datasets.x_open_dataset__*",
     "qkhooks.store.reader.x__from_hdf5__*", "qkhooks.store.reader.xǁRunReaderǁ_reading__*",
-    *(f"qkhooks.store.reader.xǁRunReaderǁsummary__mutmut_{n}" for n in (27, 28, *range(30, 33), *range(62, 80))),
+    "commits:69f4b30^..69f4b30",
     "qkhooks.store.repair.x__readable_rows__*",
     "qkhooks.store.writer.xǁRunWriterǁ_follow_file_layout__*", "qkhooks.store.writer.xǁRunWriterǁ_create_per_image__*",
     "qkhooks.store.writer.xǁRunWriterǁ_check_whole__*",
@@ -513,9 +539,12 @@ ROUND27 = ("commits:86943fe..bb42916",)
 # Round 27's later library commits, for `--only` with the module "round27b" (`bb42916..dcf6012`: verify's format line,
 # the q/k hook's and the writer's fewer operations, the entry's cached compile verdict), by :func:`written_by`.
 ROUND27B = ("commits:bb42916..dcf6012",)
+# Round 28's library commits, for `--only` with the module "round28" (`f2eeb12..f1e0255`: round 27's review items
+# mended), by :func:`written_by`.
+ROUND28 = ("commits:f2eeb12..f1e0255",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
-              "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B}
+              "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.

@@ -85,7 +85,7 @@ def test_anisotropy_costs_the_same_operations_for_2_and_12_layers_past_the_centr
     counts = {layers: _ops_of_second_batch(AnisotropyReducer(), _token_batch(layers, 3, 0), _token_batch(layers, 3, 1))
               for layers in (2, 12)}
     assert counts[12] - counts[2] <= 2 * (12 - 2), counts
-    assert counts[12] < 60, counts  # round 26: ~180 for 12 layers
+    assert counts[12] <= 33, counts  # round 26: ~180 for 12 layers; round 27: 34 (the centres stacked twice)
 
 
 def test_stacked_anisotropy_sums_equal_each_layer_on_its_own_and_a_direct_computation():

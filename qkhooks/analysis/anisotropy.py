@@ -74,7 +74,7 @@ class AnisotropyReducer(Reducer):
         layers = {l: c.inputs for l, c in batch.captures.items() if c.inputs is not None}
         if not layers:
             raise QKHooksError("AnisotropyReducer needs the captured tokens: record with keep_inputs=True.")
-        centres = self._finite_centres(batch, layers)  # every layer's first: a refused batch changes nothing
+        centres, stacked = self._finite_centres(batch, layers)  # every layer's first: a refused batch changes nothing
         if self.num_prefix_tokens is None:
             self.num_prefix_tokens = resolve_prefix(None, batch.meta, int(layers[min(layers)].shape[1]))
         for layer, z in centres.items():
@@ -87,7 +87,10 @@ class AnisotropyReducer(Reducer):
             groups.setdefault((tuple(z.shape), z.device), []).append(layer)
         parts, kept = [], []
         for members in groups.values():
-            z = centres[members[0]].unsqueeze(0) if len(members) == 1 else torch.stack([centres[l] for l in members])
+            if stacked is not None:  # one group, every layer in order: the finite check's stack
+                z = stacked
+            else:
+                z = centres[members[0]].unsqueeze(0) if len(members) == 1 else torch.stack([centres[l] for l in members])
             norm = z.norm(dim=-1, keepdim=True)
             ok = norm > 0  # a zero vector has no direction, so is not counted; masks by multiplying: no device sync
             parts.append((members, (z / norm.clamp_min(torch.finfo(z.dtype).tiny) * ok).sum(1)))
@@ -103,26 +106,30 @@ class AnisotropyReducer(Reducer):
             for layer in members:
                 self.count[layer] = self.count.get(layer, 0) + int(next(counts))
 
-    def _finite_centres(self, batch: BatchCapture, layers: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Layer -> (B, d) centre embeddings in the accumulation dtype, in layer order; a batch with a NaN or inf
-        among them is refused (:func:`~qkhooks.reducers.refuse_non_finite`) before the state changes."""
+    def _finite_centres(self, batch: BatchCapture,
+                        layers: Mapping[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """Layer -> (B, d) centre embeddings in the accumulation dtype, in layer order, and their (L, B, d) stack where
+        every layer's are of one shape, dtype and device, else None (the dict's values are views of the stack, which
+        :meth:`update` folds as it is rather than stacking them again); a batch with a NaN or inf among them is refused
+        (:func:`~qkhooks.reducers.refuse_non_finite`) before the state changes."""
         centres: dict[int, torch.Tensor] = {}
         for layer, x in sorted(layers.items()):
             if x.dim() != 3:
                 raise QKHooksError(f"layer {layer}: tokens must be (batch, tokens, dim), got {tuple(x.shape)}.")
             centres[layer] = self.centre_embeddings(batch, layer, x)
         shapes = {(tuple(z.shape), z.dtype, z.device) for z in centres.values()}
+        stacked = None
         if len(shapes) == 1:  # one stack, one cast and one check for all layers (a GPU launches 4 kernels, not 36)
-            z = torch.stack(list(centres.values()))
-            z = z.to(torch.float32 if z.device.type == "mps" else torch.float64)
-            finite = torch.isfinite(z).all(-1)
-            centres = dict(zip(centres, z.unbind(0)))
+            stacked = torch.stack(list(centres.values()))
+            stacked = stacked.to(torch.float32 if stacked.device.type == "mps" else torch.float64)
+            finite = torch.isfinite(stacked).all(-1)
+            centres = dict(zip(centres, stacked.unbind(0)))
         else:
             centres = {layer: z.to(torch.float32 if z.device.type == "mps" else torch.float64)
                        for layer, z in centres.items()}
             finite = torch.stack([torch.isfinite(z).all(-1) for z in centres.values()])
         refuse_non_finite(finite, list(centres), batch, type(self).__name__, "centre-patch embeddings")
-        return centres
+        return centres, stacked
 
     def merge(self, other: Reducer) -> None:
         """Fold a reducer that saw a disjoint set of images."""
@@ -195,7 +202,7 @@ class CentreEmbeddings(AnisotropyReducer):
         if room <= 0:
             return
         layers = {l: c.inputs for l, c in batch.captures.items() if c.inputs is not None}
-        for layer, z in self._finite_centres(batch, layers).items():
+        for layer, z in self._finite_centres(batch, layers)[0].items():
             z = z[:room].double()
             z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-300)
             self.vectors.setdefault(layer, []).append(z.float().cpu().numpy())

@@ -39,6 +39,7 @@ import h5py
 import numpy as np
 import torch
 
+from qkhooks._devices import detached
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import (DamagedRunError, clear_open_flags, create_run_file, damage, open_reader,
@@ -85,7 +86,7 @@ def _to_host(value: Any, dtype: torch.dtype | None = None) -> Any:
     CPU torch's cast, ~2 ms a ViT-S batch, replaces numpy's ``astype`` in the writer thread, ~8 ms).
     """
     if isinstance(value, torch.Tensor):
-        value = value.detach() if value.requires_grad else value  # an operation less an array (a GPU's host: ~5 us)
+        value = detached(value)
         if dtype is not None and value.is_floating_point() and value.dtype != dtype:
             value = value.to(dtype)
         if value.is_cuda:
