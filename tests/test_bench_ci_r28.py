@@ -140,3 +140,98 @@ def test_end_to_end_table_reads_the_primary_ratio_against_1_10(tmp_path):
     s = next(line for line in text.splitlines() if line.startswith("| ViT-S/16"))
     assert "| met (99 % CI of the median [+2.0, +7.0]) |" in ti  # the CPU ratio, not the wall's 1.5
     assert "| unresolved: the 99 % CI of the median [+5.0, +15.0] straddles the limit |" in s
+
+
+# ------------------------------------------------------------------------------------- bracketed rounds
+from harness import methods as methods_module  # noqa: E402
+from harness.material import Bench  # noqa: E402
+from harness.methods import Method, Runner, time_methods  # noqa: E402
+from harness.stats import bracket_means, bracketed_schedule  # noqa: E402
+
+
+def test_bracketed_schedule_puts_every_repetition_between_two_plain_ones():
+    schedule = bracketed_schedule(["plain", "a", "b", "c"], rounds=3, warmup=1)
+    names = [n for _, n in schedule]
+    assert names[0] == names[-1] == "plain" and names[1::2] == [m for r in range(4) for m in
+                                                                 (["a", "b", "c"] * 2)[r % 3:r % 3 + 3]]
+    assert all(names[i] == "plain" for i in range(0, len(names), 2))  # plain, method, plain, method, ..., plain
+    rounds = [r for r, n in schedule if n != "plain"]
+    assert rounds == sorted(rounds) and rounds.count(-1) == 3 and rounds.count(2) == 3
+    with pytest.raises(ValueError, match="'plain' and at least one other"):
+        bracketed_schedule(["a", "b"], 2)
+
+
+def test_bracket_means_are_the_plain_repetitions_around_each_timed_one():
+    seq = [(-1, "plain", 9.0), (-1, "a", 9.0), (0, "plain", 1.0), (0, "a", 5.0), (0, "plain", 3.0), (0, "b", 7.0),
+           (1, "plain", 5.0), (1, "b", 2.0), (1, "plain", 7.0), (1, "a", 1.0), (1, "plain", 11.0)]
+    assert bracket_means(seq) == {"a": [2.0, 9.0], "b": [4.0, 6.0]}
+    with pytest.raises(ValueError, match="does not lie between two 'plain'"):
+        bracket_means([(0, "plain", 1.0), (0, "a", 1.0), (0, "b", 1.0), (0, "plain", 1.0)])
+
+
+class _Clock:
+    """A virtual clock for time_methods: a step of a method costs its work times the machine's slowness now, which
+    drifts by ``drift`` per unit of time (a neighbour's load building up)."""
+
+    def __init__(self, drift: float):
+        self.now, self.drift = 0.0, drift
+
+    def spend(self, work: float) -> None:
+        self.now += work * (1 + self.drift * self.now)
+
+
+class _Costly(Runner):
+    def __init__(self, clock: _Clock, work: float):
+        self.clock, self.work = clock, work
+
+    def step(self, images):
+        self.clock.spend(self.work)
+
+
+def test_bracketing_cancels_a_drift_that_the_rounds_plain_forward_does_not(monkeypatch):
+    """Methods of known cost (plain 1, `capture` 1.05, `rows2` 1.10, `full_maps` 1.20 and its reference
+    `timm_extract` 1.25) on a machine slowing down steadily: bracketed, each ratio is the true one to 2e-3; paired with
+    the round's one plain forward, the ratios of the methods run far from it are off by more than the targets' 5 %
+    margin allows."""
+    clock = _Clock(drift=0.01)
+    fake_time = type("T", (), {"perf_counter": staticmethod(lambda: clock.now),
+                               "process_time": staticmethod(lambda: clock.now)})
+    monkeypatch.setattr(methods_module, "time", fake_time)
+    costs = {"plain": 1.0, "capture": 1.05, "rows2": 1.10, "full_maps": 1.20, "timm_extract": 1.25}
+    for name, work in costs.items():
+        m = METHODS[name]
+        monkeypatch.setitem(METHODS, name, Method(name, m.label, lambda b, w=work: _Costly(clock, w), reference=m.reference))
+    bench = Bench("tiny", batch=1)
+    try:
+        bracketed = time_methods(bench, list(costs), rounds=6, warmup=1, bracket=True)
+        clock.now = 0.0
+        plain_paired = time_methods(bench, list(costs), rounds=6, warmup=1)
+    finally:
+        bench.close()
+    for name, work in costs.items():
+        got = bracketed["methods"][name]["ratio_to_plain"]
+        assert got["min"] == pytest.approx(work, abs=2e-3) and got["max"] == pytest.approx(work, abs=2e-3), name
+    assert bracketed["methods"]["full_maps"]["ratio_to_reference"]["median"] == pytest.approx(1.20 / 1.25, abs=2e-3)
+    off = max(abs(r - work) for name, work in costs.items()
+              for r in paired_ratios_of(plain_paired["methods"][name]["cpu_s"], plain_paired["methods"]["plain"]["cpu_s"]))
+    assert off > 0.05
+    assert len(bracketed["methods"]["plain"]["cpu_s"]) == 6 * 4 + 1  # its timed forwards: 4 a round and the last
+    md = render_methods(bracketed)  # RESULTS.md reads the bracketed ratios too
+    assert "| full maps (default outputs) against AttentionExtract | `full_maps` | <= 0% of `timm_extract`'s | -4.0% [" in md
+
+
+def paired_ratios_of(a, b):
+    return [x / y for x, y in zip(a, b)]
+
+
+def render_methods(result):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        md, js = Path(tmp) / "R.md", Path(tmp) / "r.json"
+        entry = _entry("methods", result)
+        entry["params"]["bracket"] = True
+        save_results({"methods/tiny/cpu/t1": entry}, md, js, merge=False)
+        text = md.read_text()
+    assert "each between two plain forwards (`--bracket`)" in text
+    return text

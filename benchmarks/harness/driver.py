@@ -92,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
             try:
                 if "methods" in sections:
                     p = dict(batch=args.batch, rounds=args.rounds, warmup=args.warmup, batches_per_rep=args.batches_per_rep,
-                             methods=names, threads=args.threads)
+                             methods=names, threads=args.threads, bracket=args.bracket)
                     record("methods", size, p, lambda: time_methods(bench, names, args.rounds, args.warmup,
-                                                                    args.batches_per_rep, log))
+                                                                    args.batches_per_rep, log, args.bracket))
                 if "memory" in sections:
                     record("memory", size, dict(batch=args.batch, steps=args.memory_steps),
                            lambda: measure_memory(size, args.batch, names, args.device, args.threads, workdir / size,

@@ -16,7 +16,7 @@ import torch
 
 from harness.machine import load_average, minor_page_faults, sync
 from harness.material import Bench
-from harness.stats import interleaved_schedule, paired_ratios, summarize
+from harness.stats import bracket_means, bracketed_schedule, interleaved_schedule, paired_ratios, summarize
 
 
 class Runner:
@@ -253,9 +253,15 @@ TARGETS: list[Target] = [
 
 # ============================================================================================ timing
 def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 1, batches_per_rep: int = 1,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 log: Callable[[str], None] | None = None, bracket: bool = False) -> dict[str, Any]:
     """Time each method ``rounds`` times, interleaved; per method: wall and process CPU seconds per repetition,
     their summaries, and ratios to ``plain`` (and to the method's own-family reference) paired by round.
+
+    ``bracket``: ``plain`` runs before every other method's repetition and once at the end
+    (:func:`~harness.stats.bracketed_schedule`), and each repetition's ratio is to the mean of the two ``plain``
+    repetitions around it (kept as ``plain_bracket_wall_s`` / ``plain_bracket_cpu_s``), not to the round's one:
+    the machine's drift within a round cancels, at about twice the time. ``plain``'s own samples are then all its
+    repetitions.
 
     ``ratio_to_plain`` uses the primary metric: process CPU time on the CPU with one torch thread (every
     thread of this process, the writer thread included; it does not move when other jobs take the cores, wall
@@ -267,12 +273,14 @@ def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 
     cpu: dict[str, list[float]] = {n: [] for n in names}
     faults: dict[str, list[float]] = {n: [] for n in names}
     order: list[str] = []
+    timeline: list[tuple[int, str, float, float]] = []  # (round, method, wall, cpu) of every repetition, warm-up too
+    schedule = bracketed_schedule(names, rounds, warmup) if bracket else interleaved_schedule(names, rounds, warmup)
     try:
         for name in names:
             runners[name] = METHODS[name].build(bench)
         gc.collect()
         gc.freeze()  # set-up objects leave the collector's view: the collect before each repetition is then cheap
-        for r, name in interleaved_schedule(names, rounds, warmup):
+        for r, name in schedule:
             runner = runners[name]
             gc.collect()
             runner.attach()
@@ -288,13 +296,14 @@ def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 
                     df = None if f0 is None else (minor_page_faults() or 0) - f0
             finally:
                 runner.detach()
+            timeline.append((r, name, dt, dc))
             if r >= 0:
                 wall[name].append(dt)
                 cpu[name].append(dc)
                 if df is not None:
                     faults[name].append(df / batches_per_rep)
                 order.append(name)
-                if log and len(order) % len(names) == 0:
+                if log and len(order) % (2 * len(names) - 2 if bracket else len(names)) == 0:
                     log(f"  round {r + 1}/{rounds} done (load {load_average()})")
     finally:
         gc.unfreeze()
@@ -305,6 +314,15 @@ def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 
     metric = "cpu" if bench.device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
     primary = wall if metric == "wall" else cpu
     out: dict[str, Any] = {"metric": metric, "order_first_rounds": order[: 3 * len(names)], "methods": {}}
+    # plain_of[metric][method]: the plain times each repetition is divided by (paired by round): the round's plain
+    # repetition, or bracketed the mean of the two around it (plain itself: its own, each ratio 1)
+    plain_of: dict[str, dict[str, list[float]]] | None = None
+    if bracket:
+        out["bracketed"] = True
+        plain_of = {"wall": {**bracket_means([(r, n, w) for r, n, w, _ in timeline]), "plain": wall["plain"]},
+                    "cpu": {**bracket_means([(r, n, c) for r, n, _, c in timeline]), "plain": cpu["plain"]}}
+    elif "plain" in wall:
+        plain_of = {"wall": {n: wall["plain"] for n in names}, "cpu": {n: cpu["plain"] for n in names}}
     for name in names:
         m = METHODS[name]
         entry: dict[str, Any] = {
@@ -315,12 +333,25 @@ def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 
         }
         if faults[name]:
             entry["minor_faults_per_batch"] = summarize(faults[name])
-        if "plain" in wall:
-            entry["ratio_to_plain"] = summarize(paired_ratios(primary[name], primary["plain"]))
-            entry["ratio_to_plain_wall"] = summarize(paired_ratios(wall[name], wall["plain"]))
-            entry["ratio_to_plain_cpu"] = summarize(paired_ratios(cpu[name], cpu["plain"]))
+        if plain_of is not None:
+            if bracket and name != "plain":
+                entry["plain_bracket_wall_s"], entry["plain_bracket_cpu_s"] = plain_of["wall"][name], plain_of["cpu"][name]
+            to_plain = {key: paired_ratios(times[name], plain_of[key][name]) for key, times in (("wall", wall), ("cpu", cpu))}
+            entry["ratio_to_plain"] = summarize(to_plain[metric])
+            entry["ratio_to_plain_wall"] = summarize(to_plain["wall"])
+            entry["ratio_to_plain_cpu"] = summarize(to_plain["cpu"])
         if m.reference != "plain" and m.reference in wall:
             entry["reference"] = m.reference
-            entry["ratio_to_reference"] = summarize(paired_ratios(primary[name], primary[m.reference]))
+            entry["ratio_to_reference"] = summarize(relative_ratios(primary, plain_of[metric] if bracket else None,
+                                                                    name, m.reference))
         out["methods"][name] = entry
     return out
+
+
+def relative_ratios(times: dict[str, list[float]], around: dict[str, list[float]] | None, name: str,
+                    versus: str) -> list[float]:
+    """``name``'s repetitions over ``versus``'s, paired by round; bracketed (``around``: each repetition's mean of the
+    plain forwards around it), each first taken over its own plain mean."""
+    if around is None:
+        return paired_ratios(times[name], times[versus])
+    return paired_ratios(paired_ratios(times[name], around[name]), paired_ratios(times[versus], around[versus]))

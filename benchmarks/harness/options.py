@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=12, help="timed rounds per method (interleaved)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up rounds (not recorded)")
     p.add_argument("--batches-per-rep", type=int, default=2, help="forwards per timed repetition")
+    p.add_argument("--bracket", action="store_true",
+                   help="methods section: run the plain forward before every other method's repetition and take each "
+                        "ratio to the mean of the two plain forwards around it (drift within a round cancels; about "
+                        "twice the time)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--switch-interval", type=float, default=None,

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 
 from harness.machine import MALLOC_VARIANTS
 from harness.end_to_end import END_TO_END_LIMIT
-from harness.methods import TARGETS
+from harness.methods import TARGETS, relative_ratios
 from harness.stats import paired_ratios, summarize
 from harness.sizes import SIZES
 
@@ -70,12 +70,23 @@ def target_verdict(ratio: dict[str, float] | None, limit: float) -> str:
     return f"unresolved: the {interval} straddles the limit"
 
 
+BRACKETED = (", each between two plain forwards (`--bracket`), its ratio to their mean: the plain row's figures are "
+             "all its forwards")
+
+
 def paired_summary(methods: dict[str, Any], name: str, versus: str, metric: str) -> dict[str, float] | None:
     """``name``'s time over ``versus``'s, paired by round, summarised afresh from the samples the entry keeps (so
-    older entries get the median's interval too); None where either was not measured."""
+    older entries get the median's interval too; bracketed, each over the plain forwards around it); None where
+    either was not measured."""
     key = "cpu_s" if metric == "cpu" else "wall_s"
-    a, b = methods.get(name, {}).get(key), methods.get(versus, {}).get(key)
-    return summarize(paired_ratios(a, b)) if a and b and len(a) == len(b) else None
+    if name not in methods or versus not in methods:
+        return None
+    times = {n: methods[n][key] for n in (name, versus)}
+    if f"plain_bracket_{key}" in methods[name]:  # bracketed: against plain, or both over their plain means
+        around = {n: methods[n].get(f"plain_bracket_{key}", methods[n][key]) for n in (name, versus)}
+        return summarize(paired_ratios(times[name], around[name]) if versus == "plain"
+                         else relative_ratios(times, around, name, versus))
+    return summarize(paired_ratios(times[name], times[versus])) if len(times[name]) == len(times[versus]) else None
 
 
 def save_results(entries: dict[str, dict[str, Any]], md_path: Path, json_path: Path, merge: bool = True) -> dict:
@@ -161,7 +172,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         d = e["data"]
         p = e["params"]
         L += [f"## Methods: {_label(e['model'])}, {e['device']}, batch {p['batch']}, {_threads(e)} torch thread(s){_switched(e)}", "",
-              f"{p['rounds']} rounds after {p['warmup']} warm-up, {p['batches_per_rep']} forward(s) per repetition; "
+              f"{p['rounds']} rounds after {p['warmup']} warm-up, {p['batches_per_rep']} forward(s) per repetition"
+              f"{BRACKETED if p.get('bracket') else ''}; "
               f"load average before {e.get('load_before')}, after {e.get('load_after')}.", ""]
         memory = peaks.get((e["model"], e["device"], _threads(e)), {})
         mem = memory.get("methods", {})

@@ -70,6 +70,38 @@ def interleaved_schedule(names: Sequence[str], rounds: int, warmup: int = 0) -> 
     return out
 
 
+def bracketed_schedule(names: Sequence[str], rounds: int, warmup: int = 0, base: str = "plain") -> list[tuple[int, str]]:
+    """(round, method) pairs in which ``base`` runs before every other method and once more at the very end, so that
+    each repetition of a method lies between two of ``base``'s (P A P B P C, P B P C P A, ..., P): its ratio to their
+    mean (:func:`bracket_means`) cancels a drift of the machine's speed that a ratio to one ``base`` repetition per
+    round, seconds away, keeps. The other methods' order is rotated by one each round. Warm-up rounds come first,
+    with negative round numbers."""
+    others = [n for n in names if n != base]
+    if len(set(names)) != len(names) or base not in names or not others:
+        raise ValueError(f"a bracketed schedule needs {base!r} and at least one other method, each once: {list(names)}")
+    out: list[tuple[int, str]] = []
+    for i, r in enumerate(range(-warmup, rounds)):
+        shift = i % len(others)
+        for name in others[shift:] + others[:shift]:
+            out += [(r, base), (r, name)]
+    return out + [(rounds - 1, base)]
+
+
+def bracket_means(sequence: Sequence[tuple[int, str, float]], base: str = "plain") -> dict[str, list[float]]:
+    """For every timed repetition (round >= 0) of a method other than ``base`` in a :func:`bracketed_schedule`'s
+    ``sequence`` of (round, method, seconds): the mean of the ``base`` repetitions just before and just after it,
+    per method in round order."""
+    out: dict[str, list[float]] = {}
+    for i, (r, name, _) in enumerate(sequence):
+        if name == base or r < 0:
+            continue
+        before, after = sequence[i - 1], sequence[i + 1]
+        if i == 0 or before[1] != base or after[1] != base:
+            raise ValueError(f"repetition {i} ({name}) does not lie between two {base!r} repetitions")
+        out.setdefault(name, []).append((before[2] + after[2]) / 2)
+    return out
+
+
 def paired_ratios(times: Sequence[float], reference: Sequence[float]) -> list[float]:
     """Per-round ratios time / reference time (both lists indexed by round)."""
     if len(times) != len(reference):
