@@ -235,3 +235,27 @@ def render_methods(result):
         text = md.read_text()
     assert "each between two plain forwards (`--bracket`)" in text
     return text
+
+
+@pytest.mark.slow
+def test_end_to_end_takes_each_recording_over_the_plain_loops_around_it(tmp_path, monkeypatch):
+    """A real (small) end-to-end run: every recording lies between two plain loops, and its ratio is to their mean."""
+    import torch
+
+    from harness import end_to_end
+
+    monkeypatch.setattr(end_to_end, "_record_parts", lambda *a, **k: {})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = end_to_end.end_to_end_bench("vit_ti", tmp_path, images=16, rounds=2)
+    finally:
+        torch.set_num_threads(threads)
+    samples = result["samples"]
+    for key, ratio in (("cpu_s", "ratio_cpu"), ("wall_s", "ratio_wall")):
+        plain, record = samples["plain"][key], samples["record"][key]
+        assert len(plain) == 3 and len(record) == 2  # P R P R P after the warm-up's P R
+        around = [(plain[0] + plain[1]) / 2, (plain[1] + plain[2]) / 2]
+        assert samples["record"][f"plain_bracket_{key}"] == around
+        assert result[ratio] == summarize([r / a for r, a in zip(record, around)])
+    assert result["bracketed"] and not any(tmp_path.rglob("*.h5"))

@@ -13,7 +13,7 @@ import torch
 
 from harness.material import make_image_folder
 from harness.sizes import SIZES
-from harness.stats import interleaved_schedule, paired_ratios, summarize
+from harness.stats import bracket_means, bracketed_schedule, paired_ratios, summarize
 
 END_TO_END_LIMIT = 0.10
 """Issue 20's target: a recording over a folder at most 10 % over the plain loop (process CPU on the CPU, the proxy
@@ -24,7 +24,9 @@ def end_to_end_bench(size: str, workdir: Path, images: int = 240, batch: int = 1
                      log: Callable[[str], None] | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
     """``qkhooks record`` over a folder of JPEGs (defaults: top-16 modes, default reducers, float16 file) against
     a plain loop over the same images (the model's own transform, a DataLoader, the same batch and threads),
-    interleaved round by round in one process; model loading excluded, run set-up (spectrum, file) included.
+    interleaved round by round in one process, each recording between two plain loops and its ratio to their mean
+    (a drift of the machine's speed cancels; one plain loop more than recordings); model loading excluded, run set-up
+    (spectrum, file) included.
 
     Also times the parts of one recorded batch on the same model: the capture hooks, each default reducer's
     ``update`` and the writer's hand-off (main-thread CPU), and the writer thread's CPU per batch.
@@ -59,21 +61,28 @@ def end_to_end_bench(size: str, workdir: Path, images: int = 240, batch: int = 1
 
     wall: dict[str, list[float]] = {"plain": [], "record": []}
     cpu: dict[str, list[float]] = {"plain": [], "record": []}
-    for r, name in interleaved_schedule(list(wall), rounds, warmup=1):
+    timeline: list[tuple[int, str, float, float]] = []
+    for r, name in bracketed_schedule(list(wall), rounds, warmup=1):  # every recording between two plain loops
         gc.collect()
         t0, c0 = time.perf_counter(), time.process_time()
         (plain if name == "plain" else recorded)()
+        timeline.append((r, name, time.perf_counter() - t0, time.process_time() - c0))
         if r >= 0:
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
+            wall[name].append(timeline[-1][2])
+            cpu[name].append(timeline[-1][3])
     out_file.unlink(missing_ok=True)
+    around = {"wall": bracket_means([(r, n, w) for r, n, w, _ in timeline])["record"],
+              "cpu": bracket_means([(r, n, c) for r, n, _, c in timeline])["record"]}
     result: dict[str, Any] = {"images": images, "batch": batch, "rounds": rounds, "workers": workers,
                               "parts_ms_per_batch": _record_parts(net, batch, device)}
     for name in wall:
         result[name] = {"wall_s": summarize(wall[name]), "cpu_s": summarize(cpu[name])}
-    result["samples"] = {name: {"wall_s": wall[name], "cpu_s": cpu[name]} for name in wall}  # by round, paired
-    result["ratio_wall"] = summarize(paired_ratios(wall["record"], wall["plain"]))
-    result["ratio_cpu"] = summarize(paired_ratios(cpu["record"], cpu["plain"]))
+    result["samples"] = {"plain": {"wall_s": wall["plain"], "cpu_s": cpu["plain"]},  # one more plain loop, the last
+                         "record": {"wall_s": wall["record"], "cpu_s": cpu["record"],
+                                    "plain_bracket_wall_s": around["wall"], "plain_bracket_cpu_s": around["cpu"]}}
+    result["bracketed"] = True
+    result["ratio_wall"] = summarize(paired_ratios(wall["record"], around["wall"]))
+    result["ratio_cpu"] = summarize(paired_ratios(cpu["record"], around["cpu"]))
     if log:
         log(f"  end to end {size}: record/plain CPU {result['ratio_cpu']['median']:.3f}, wall {result['ratio_wall']['median']:.3f}")
     return result

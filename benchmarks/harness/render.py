@@ -317,7 +317,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         L += ["## End to end: `qkhooks record` over a folder vs a plain loop", "",
               "`record_dataset` (what `qkhooks record FOLDER --out r.h5` runs: top-16 modes, default reducers, float16 "
               "file, batch 16) against a plain loop over the same JPEGs (the model's transform, a DataLoader, no "
-              "hooks), interleaved in one process, model loading excluded. Ratios paired per round. Parts: main-thread "
+              "hooks), interleaved in one process, model loading excluded. Ratios paired per round (bracketed entries, since "
+              "round 28: each recording over the mean of the plain loops just before and after it). Parts: main-thread "
               "CPU ms per batch of one recorded batch (random images), and the writer thread's CPU.", ""]
         rows = []
         for key, e in e2e:
