@@ -385,6 +385,11 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_mutation_kills_r27b and (fused_qkv or handing_a_batch)) or "
                 "(test_mutation_kills_r27 and (anisotropy or held_apart)) or "
                 "(test_reducers and (anisotropy or centre)) or (test_modes and anisotropy_equals)"),
+    # Round 28 (lead): the writer's packed hand-off (`_to_host_all`, `_packed`, `_unpacked`, `_element_size`: a batch's
+    # GPU arrays leave each device in one copy), against its tests and the store's batch tests. The GPU-only lines
+    # (the pinned block, the copy, the event) run only where torch sees a GPU. --only ROUND28B.
+    "round28b": (["qkhooks/store/writer.py"], ["tests/test_writer_handoff_r28.py", "tests/test_store.py"],
+                 "test_writer_handoff_r28 or (test_store and (float16_storage or commits_whole_batches))"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -542,9 +547,12 @@ ROUND27B = ("commits:bb42916..dcf6012",)
 # Round 28's library commits, for `--only` with the module "round28" (`f2eeb12..f1e0255`: round 27's review items
 # mended), by :func:`written_by`.
 ROUND28 = ("commits:f2eeb12..f1e0255",)
+# The lead's writer commit of round 28, for `--only` with the module "round28b" (`32f78fc`: the packed hand-off).
+ROUND28B = ("commits:25caf9a..32f78fc",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
-              "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28}
+              "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
+              "ROUND28B": ROUND28B}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
