@@ -86,3 +86,14 @@ def test_a_gpu_batch_is_written_as_the_same_batch_from_the_cpu(tmp_path):
     with RunReader(tmp_path / "cpu.h5") as cpu, RunReader(tmp_path / "gpu.h5") as gpu:
         for name in batch:
             np.testing.assert_array_equal(gpu.array(name)[:], cpu.array(name)[:])
+
+
+def test_a_torch_without_foreach_copy_packs_the_same_bytes(monkeypatch):
+    """torch 2.1 (the oldest setup.cfg allows) may lack ``_foreach_copy_``: the array-by-array copies give the same buffer."""
+    batch = _batch()
+    with_foreach, layout = _packed(batch, torch.float16)
+    monkeypatch.delattr(torch, "_foreach_copy_", raising=False)
+    one_by_one, layout_again = _packed(batch, torch.float16)
+    assert layout_again == layout
+    parts, again = _unpacked(with_foreach, layout), _unpacked(one_by_one, layout)
+    assert all(torch.equal(_bits(parts[name]), _bits(again[name])) for name in batch)  # the padding bytes are never read
