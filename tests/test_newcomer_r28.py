@@ -91,3 +91,17 @@ def test_paper_claims_read_the_position_probes_only_on_enough_held_out_images(r2
     assert few["split_isolates_position"] is None
     assert few["sentences"][-1] == ("The position probes from C are tested on 1 held-out image, fewer than 8: not read "
                                     "(one image in holdout_every is held out; record more images).")
+
+
+def test_record_resume_says_how_many_images_it_added(tmp_path, capsys):
+    """README's `qkhooks record ... --resume` on a finished run added nothing but printed "wrote 2 images"."""
+    from qkhooks.cli import main
+
+    args = ["record", "timm:vit_tiny_patch16_224@random", "samples", "--out", str(tmp_path / "run.h5"), "--limit", "2",
+            "--layers", "0", "--modes", "2", "--batch-size", "1"]
+    assert main(args) == 0
+    with qkhooks.open_run(tmp_path / "run.h5") as run:
+        n = run.n
+    assert f"wrote {n} images to " in capsys.readouterr().out
+    assert main(args + ["--resume"]) == 0
+    assert f"resumed {tmp_path / 'run.h5'}: 0 images added, {n} in all" in capsys.readouterr().out
