@@ -105,3 +105,25 @@ def test_record_resume_says_how_many_images_it_added(tmp_path, capsys):
     assert f"wrote {n} images to " in capsys.readouterr().out
     assert main(args + ["--resume"]) == 0
     assert f"resumed {tmp_path / 'run.h5'}: 0 images added, {n} in all" in capsys.readouterr().out
+
+
+def test_object_ids_up_to_int32_are_stored_as_given_and_one_past_is_refused_naming_the_item(tmp_path):
+    """README: object ids are stored as given, up to 2**31 - 1; past that the refusal named neither item nor fix."""
+    from PIL import Image
+
+    loaded = qkhooks.load_model("timm:vit_tiny_patch16_224@random")
+    photo = Image.fromarray(np.full((64, 64, 3), 90, np.uint8))
+    objects = np.zeros((64, 64), np.int64)
+    objects[:, 32:] = 2**31 - 1  # the right half of the photo: one object with the largest id int32 holds
+    qkhooks.record_dataset(loaded, [{"image": photo, "id": "edge", "objects": objects}], tmp_path / "edge.h5",
+                           layers="0", modes=2, progress=False)
+    import h5py
+
+    with h5py.File(tmp_path / "edge.h5", "r") as f:
+        stored = f["masks/objects"][0]
+    assert set(np.unique(stored).tolist()) == {0, 2**31 - 1}
+    objects[:, 32:] = 2**31
+    with pytest.raises(qkhooks.QKHooksError, match=r"mask 'objects' of 'past' holds ids 0\.\.2147483648, outside "
+                                                    r"int32 .* Renumber its objects"):
+        qkhooks.record_dataset(loaded, [{"image": photo, "id": "past", "objects": objects}], tmp_path / "past.h5",
+                               layers="0", modes=2, progress=False)
