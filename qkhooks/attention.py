@@ -195,16 +195,22 @@ def _row_logits(site: AttentionSite, x_q: torch.Tensor, x: torch.Tensor) -> torc
     return (qk.flatten(1, 2) @ x.transpose(1, 2)).unflatten(1, (h, -1)) * site.scale
 
 
-def _check_tokens(query_tokens: torch.Tensor, batch: int, n: int, device: torch.device) -> torch.Tensor:
-    """Query token indices as (B, T) long on ``device``, refused with a reason when they do not fit."""
+def refuse_non_index_tokens(query_tokens: torch.Tensor) -> None:
+    """Query tokens must be integer indices (B, T) or (T,): ``.long()`` would truncate 1.5 to token 1, and a bool
+    mask would index tokens 0 and 1."""
     if query_tokens.is_floating_point() or query_tokens.is_complex() or query_tokens.dtype == torch.bool:
-        raise QKHooksError(  # .long() would truncate 1.5 to token 1, and a bool mask would index tokens 0 and 1
+        raise QKHooksError(
             f"query_tokens must be integer token indices (B, T), got dtype {query_tokens.dtype}; pass e.g. "
             "torch.tensor([[0, 105]]) (a boolean mask of tokens: mask.nonzero())."
         )
     if query_tokens.dim() not in (1, 2):
         raise QKHooksError(f"query_tokens must be (batch, T) token indices (or (T,) for every image), got shape "
                            f"{tuple(query_tokens.shape)}.")
+
+
+def _check_tokens(query_tokens: torch.Tensor, batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """Query token indices as (B, T) long on ``device``, refused with a reason when they do not fit."""
+    refuse_non_index_tokens(query_tokens)
     if query_tokens.dim() == 1:
         query_tokens = query_tokens[None].expand(batch, -1)
     if query_tokens.shape[0] != batch:

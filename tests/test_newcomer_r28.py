@@ -127,3 +127,15 @@ def test_object_ids_up_to_int32_are_stored_as_given_and_one_past_is_refused_nami
                                                     r"int32 .* Renumber its objects"):
         qkhooks.record_dataset(loaded, [{"image": photo, "id": "past", "objects": objects}], tmp_path / "past.h5",
                                layers="0", modes=2, progress=False)
+
+
+def test_float_query_tokens_are_refused_on_a_windowed_layer_too():
+    """A Swin layer reads its rows off its windows' maps by its own path, which truncated float tokens the same way."""
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=16,
+                             depths=(1, 1), num_heads=(1, 2), window_size=7, num_classes=0).eval()
+    images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    with qkhooks.record(swin, modes=None, layers=[0], attention="rows") as run, torch.no_grad():
+        assert type(run.sites[0]).__name__ == "WindowSite"
+        with pytest.raises(qkhooks.QKHooksError, match=r"query_tokens must be integer token indices .*torch.float32"):
+            run(images, meta={"query_tokens": torch.tensor([[0.0, 20.5]]).expand(2, -1)})
