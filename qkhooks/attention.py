@@ -195,8 +195,22 @@ def _row_logits(site: AttentionSite, x_q: torch.Tensor, x: torch.Tensor) -> torc
     return (qk.flatten(1, 2) @ x.transpose(1, 2)).unflatten(1, (h, -1)) * site.scale
 
 
+def refuse_non_index_tokens(query_tokens: torch.Tensor) -> None:
+    """Query tokens must be integer indices (B, T) or (T,): ``.long()`` would truncate 1.5 to token 1, and a bool
+    mask would index tokens 0 and 1."""
+    if query_tokens.is_floating_point() or query_tokens.is_complex() or query_tokens.dtype == torch.bool:
+        raise QKHooksError(
+            f"query_tokens must be integer token indices (B, T), got dtype {query_tokens.dtype}; pass e.g. "
+            "torch.tensor([[0, 105]]) (a boolean mask of tokens: mask.nonzero())."
+        )
+    if query_tokens.dim() not in (1, 2):
+        raise QKHooksError(f"query_tokens must be (batch, T) token indices (or (T,) for every image), got shape "
+                           f"{tuple(query_tokens.shape)}.")
+
+
 def _check_tokens(query_tokens: torch.Tensor, batch: int, n: int, device: torch.device) -> torch.Tensor:
     """Query token indices as (B, T) long on ``device``, refused with a reason when they do not fit."""
+    refuse_non_index_tokens(query_tokens)
     if query_tokens.dim() == 1:
         query_tokens = query_tokens[None].expand(batch, -1)
     if query_tokens.shape[0] != batch:
@@ -242,16 +256,18 @@ def pool_rows(rows: torch.Tensor, masks: torch.Tensor, num_prefix_tokens: int) -
 
     Masks given on patch tokens only are padded with zeros for the prefix tokens.
     """
-    n = rows.shape[-1]
+    n, patches, given = rows.shape[-1], rows.shape[-1] - num_prefix_tokens, tuple(masks.shape)
     if masks.dim() == 4:  # (B, M, gh, gw) on the patch grid
         masks = masks.flatten(2)
-    if masks.shape[-1] == n - num_prefix_tokens:
-        masks = torch.nn.functional.pad(masks, (num_prefix_tokens, 0))
-    if masks.shape[-1] != n or masks.shape[0] != rows.shape[0]:
-        raise QKHooksError(
-            f"pool_masks must be (batch, masks, tokens) with {n} tokens or {n - num_prefix_tokens} patch tokens; "
-            f"got {tuple(masks.shape)} for a batch of {rows.shape[0]}."
+    if masks.dim() != 3 or masks.shape[0] != rows.shape[0] or masks.shape[-1] not in (n, patches):
+        on_grid = len(given) == 4 and masks.shape[-1] != patches
+        grid = f" (a patch grid of {masks.shape[-1]} cells, not {patches})" if on_grid else ""
+        raise QKHooksError(  # the shape as given: the flattened or padded one would name a tensor the caller never had
+            f"pool_masks must be (batch, masks, tokens) with {n} tokens or {patches} patch tokens; got {given}{grid} "
+            f"for a batch of {rows.shape[0]}."
         )
+    if masks.shape[-1] == patches:
+        masks = torch.nn.functional.pad(masks, (num_prefix_tokens, 0))
     return torch.einsum("bhtn,bmn->bhtm", rows, to_device(masks, rows.device).to(rows.dtype))
 
 

@@ -33,9 +33,11 @@ from qkhooks.analysis.bfd_reducers import (
 from qkhooks.analysis.bfd_summary import (
     CELLS,
     DEFINITIONS,
+    MIN_HOLDOUT,
     TERMS,
     decoding_r2,
     energy_tables,
+    holdout_images,
     refuse_one_image,
     paper_claims,
     summarize,
@@ -64,10 +66,6 @@ __all__ = [
     "TERMS",
     "CELLS",
 ]
-
-
-MIN_HOLDOUT = 8
-"""Held-out images below which the BFD position probes from X and C are not read (their R² is noise)."""
 
 FIGURE_CAPTIONS = (
     "Energy shares CC/CP/PC/PP (query factor first) of every head; vertical lines separate the layers: which "
@@ -338,11 +336,6 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"R2(X) and R2(C) are tested on {held} held-out image{'s' * (held != 1)}, fewer than {MIN_HOLDOUT}: not to be read "
                      "(one image in holdout_every is held out; record more images).")
     return "\n".join(lines)
-
-
-def holdout_images(result: dict[str, Any]) -> int:
-    """The held-out images the X and C position probes of a BFD result are tested on (0 without probes)."""
-    return max((int(l.get("decoding", {}).get("holdout_images", 0)) for l in result["layers"]), default=0)
 
 
 def _numbers(values: Sequence[int]) -> str:

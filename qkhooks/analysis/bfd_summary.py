@@ -24,6 +24,9 @@ CELLS = ("GG", "GP", "GC", "PG", "PP", "PC", "CG", "CP", "CC")  # three-way: G =
 KINDS = ("frobenius", "additive")
 CLAIMS = ("cc_dominant", "cp_second", "heads_specialise", "modes_specialise", "split_isolates_position")
 
+MIN_HOLDOUT = 8
+"""Held-out images below which the BFD position probes from X and C are not read (their R² is noise)."""
+
 DEFINITIONS = {
     "factors": "X[i, p] = token entering W_q/W_k of image i at position p; P[p] = mean_i X[i, p] (grand mean mu "
     "included); C[i, p] = X[i, p] - P[p]. Prefix tokens are positions unless dropped.",
@@ -409,6 +412,11 @@ def summarize(
 
 
 # ----------------------------------------------------------------------------------------- paper claims
+def holdout_images(result: Mapping[str, Any]) -> int:
+    """The held-out images the X and C position probes of a BFD result are tested on (0 without probes)."""
+    return max((int(l.get("decoding", {}).get("holdout_images", 0)) for l in result["layers"]), default=0)
+
+
 def paper_claims(
     result: Mapping[str, Any],
     *,
@@ -423,7 +431,8 @@ def paper_claims(
     term (either side, the paper's wording allows both); ``heads_specialise`` heads carry at least two
     different labels; ``modes_specialise`` modes include CC, content-position (CP or PC) and PP operators
     (None without per-mode entries); ``split_isolates_position`` every probed layer has R^2(P) >=
-    ``r2_position`` and R^2(C) <= ``r2_content`` (None without probes).
+    ``r2_position`` and R^2(C) <= ``r2_content`` (None without probes, or with probes tested on fewer than
+    :data:`MIN_HOLDOUT` held-out images, whose R² is noise).
 
     Returns:
         ``{claim: bool | None, ..., "sentences": [one line per claim, in the order above]}``.
@@ -469,7 +478,13 @@ def paper_claims(
         sentences["modes_specialise"] = "No per-mode entries in this result (run with per-mode output)."
     probed = [(l["layer"], l["decoding"]) for l in result["layers"]
               if all(l.get("decoding", {}).get(f, {}).get("mean") is not None for f in "PC")]
-    if probed:
+    held = holdout_images(result)
+    if probed and any("holdout_images" in d for _, d in probed) and held < MIN_HOLDOUT:
+        out["split_isolates_position"] = None  # an R² from C on a few images is noise: no verdict from it
+        sentences["split_isolates_position"] = (
+            f"The position probes from C are tested on {held} held-out image{'s' * (held != 1)}, fewer than "
+            f"{MIN_HOLDOUT}: not read (one image in holdout_every is held out; record more images).")
+    elif probed:
         worst_p = min(d["P"]["mean"] for _, d in probed)
         worst_c = max(d["C"]["mean"] for _, d in probed)
         out["split_isolates_position"] = worst_p >= r2_position and worst_c <= r2_content

@@ -390,6 +390,8 @@ def preprocess_raw(name: str, cfg: ImageConfig, item_id: str, raw: _Raw) -> dict
                 f"{name}: mask {key!r} of {item_id!r} has size {value.shape} but its image is {hw}; "
                 "annotation and image files must have the same size."
             )
+        if key in ("objects", "distractor_items") and value is not None:
+            _refuse_ids_past_int32(name, key, item_id, np.asarray(value))
     item: dict[str, Any] = {"id": item_id}
     if raw.native:
         item["pixel_values"] = cfg.normalize(raw.image)
@@ -412,6 +414,19 @@ def preprocess_raw(name: str, cfg: ImageConfig, item_id: str, raw: _Raw) -> dict
     ordered = {k: item[k] for k in order if k in item}
     ordered.update(raw.extras)
     return ordered
+
+
+def _refuse_ids_past_int32(name: str, key: str, item_id: str, ids: np.ndarray) -> None:
+    """``masks/objects`` is int32: an id past it would not be stored as given, so the item is refused, named."""
+    if not ids.size or not np.issubdtype(ids.dtype, np.integer):
+        return
+    low, high, bounds = int(ids.min()), int(ids.max()), np.iinfo(np.int32)
+    if low < bounds.min or high > bounds.max:
+        raise QKHooksError(
+            f"{name}: mask {key!r} of {item_id!r} holds ids {low}..{high}, outside int32 ({bounds.min}..{bounds.max}), "
+            "the type run files store them in. Renumber its objects: ids = np.unique(mask, return_inverse=True)[1]"
+            ".reshape(mask.shape) (0 stays 0 = background when no id is negative)."
+        )
 
 
 def _not_a_label_map(shape: tuple[int, ...]) -> str:

@@ -136,7 +136,7 @@ class WindowSite(AttentionSite):
         """Rows (B, H, T, H·W) on the image grid of the query tokens (B, T) (row-major grid indices): each the model's
         own row in the token's window, placed at its keys' grid positions, zero outside the window. Refused where the
         windows are padded: the zero tokens the model pads with take a share of the rows, with no grid position."""
-        from qkhooks.attention import attention_full
+        from qkhooks.attention import attention_full, refuse_non_index_tokens
 
         host_index = self.window_index()
         if bool((host_index < 0).any()):  # checked on the host: no device sync
@@ -144,6 +144,7 @@ class WindowSite(AttentionSite):
                                "padding tokens take a share of each row that has no place on the image grid, so rows and "
                                "pooled attention are not exact here; record attention='full' (per window), or use an input "
                                "whose grid the windows tile.")
+        refuse_non_index_tokens(query_tokens)
         tokens = query_tokens.long()  # checked where it is (the host, unless the caller put it on the device)
         if tokens.dim() == 1:
             tokens = tokens[None].expand(self.images_in_call(int(x.shape[0])), -1)

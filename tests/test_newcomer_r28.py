@@ -1,0 +1,141 @@
+"""Round 28, a new user's pass over the README: the mistakes one makes first get a refusal that names them.
+
+- query tokens given as floats were truncated by ``.long()`` (token 1.5 gave the row of token 1, without a word);
+- a refused ``pool_masks`` was named by the shape it had after flattening and padding, not the one given;
+- ``paper_claims`` (the README's Python BFD snippet) gave a verdict on position probes tested on one held-out
+  image, which the tables and the report call "not to be read".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import qkhooks
+from qkhooks.analysis.bfd import MIN_HOLDOUT, paper_claims
+
+GRID = 4  # 32 px images, 8 px patches: 16 patch tokens after one class token
+
+
+@pytest.fixture(scope="module")
+def vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=2, num_heads=4, num_classes=0).eval()
+
+
+def _eager_maps(model: torch.nn.Module, images: torch.Tensor, layer: int) -> torch.Tensor:
+    """(B, H, N, N) softmax(q kᵀ · scale) from the block's own qkv Linear: the reference the rows must equal."""
+    attn, seen = model.blocks[layer].attn, {}
+    handle = attn.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    x = seen["x"]
+    b, n, d = x.shape
+    q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
+    return ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1)
+
+
+def test_float_query_tokens_are_refused_and_integer_ones_give_the_models_rows(vit):
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    eager = _eager_maps(vit, images, 1)
+    with qkhooks.record(vit, modes=None, layers=[1], attention="rows") as run, torch.no_grad():
+        run(images, meta={"query_tokens": torch.tensor([[0, 5], [3, 16]])})
+        torch.testing.assert_close(run.attention(1, "rows"), eager[[[0], [1]], :, [[0, 5], [3, 16]]].transpose(1, 2),
+                                   atol=1e-6, rtol=1e-5)
+        for bad in (torch.tensor([[0.0, 1.5]]).expand(2, -1), torch.tensor([[True, False]]).expand(2, -1)):
+            with pytest.raises(qkhooks.QKHooksError, match=rf"query_tokens must be integer token indices .*{bad.dtype}"):
+                run(images, meta={"query_tokens": bad})
+        with pytest.raises(qkhooks.QKHooksError, match=r"query_tokens must be \(batch, T\) .* got shape \(2, 2, 1\)"):
+            run(images, meta={"query_tokens": torch.zeros(2, 2, 1, dtype=torch.long)})
+
+
+def test_refused_pool_masks_are_named_by_the_shape_given(vit):
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    tokens = torch.tensor([[0, 7]]).expand(2, -1)
+    eager = _eager_maps(vit, images, 0)
+    grid_masks = (torch.rand(2, 3, GRID, GRID, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+    with qkhooks.record(vit, modes=None, layers=[0], attention="pooled") as run, torch.no_grad():
+        run(images, meta={"query_tokens": tokens, "pool_masks": grid_masks})
+        rows = eager[:, :, [0, 7]].double().numpy()[..., 1:]  # the class token gets no mass from patch-grid masks
+        want = np.einsum("bhtn,bmn->bhtm", rows, grid_masks.flatten(2).double().numpy())
+        np.testing.assert_allclose(run.attention(0, "pooled").double().numpy(), want, atol=1e-6)
+        with pytest.raises(qkhooks.QKHooksError) as other_batch:  # patch-token masks for 3 images
+            run(images, meta={"query_tokens": tokens, "pool_masks": torch.ones(3, 2, GRID * GRID)})
+        assert "got (3, 2, 16) for a batch of 2" in str(other_batch.value)
+        with pytest.raises(qkhooks.QKHooksError) as wrong_grid:
+            run(images, meta={"query_tokens": tokens, "pool_masks": torch.ones(2, 2, 3, 3)})
+        assert "got (2, 2, 3, 3) (a patch grid of 9 cells, not 16) for a batch of 2" in str(wrong_grid.value)
+        with pytest.raises(qkhooks.QKHooksError, match=r"got \(2, 17\) for a batch of 2"):  # one mask per image, no M
+            run(images, meta={"query_tokens": tokens, "pool_masks": torch.ones(2, 17)})
+
+
+def _bfd_result(held: int, r2: list[tuple[float, float]]) -> dict:
+    """A BFD result of one CC head per layer whose P and C probes scored ``r2`` on ``held`` held-out images."""
+    head = {"head": 0, "frobenius": {"energy": {"CC": 0.7, "CP": 0.2, "PC": 0.05, "PP": 0.05}, "label": "CC"}}
+    return {"definition": "frobenius", "images": 5 * max(held, 1),
+            "layers": [{"layer": i, "heads": [head], "decoding": {"holdout_images": held, "X": {"mean": 0.5},
+                                                                  "P": {"mean": p}, "C": {"mean": c}}}
+                       for i, (p, c) in enumerate(r2)]}
+
+
+@pytest.mark.parametrize("r2", [[(0.95, 0.05), (0.92, 0.0)], [(0.95, 0.05), (0.5, 0.4)]])
+def test_paper_claims_read_the_position_probes_only_on_enough_held_out_images(r2):
+    scores = np.array(r2)
+    holds = bool(scores[:, 0].min() >= 0.9 and scores[:, 1].max() <= 0.1)  # the claim's thresholds, in numpy
+    assert paper_claims(_bfd_result(MIN_HOLDOUT, r2))["split_isolates_position"] is holds
+    few = paper_claims(_bfd_result(1, r2))
+    assert few["split_isolates_position"] is None
+    assert few["sentences"][-1] == ("The position probes from C are tested on 1 held-out image, fewer than 8: not read "
+                                    "(one image in holdout_every is held out; record more images).")
+
+
+def test_record_resume_says_how_many_images_it_added(tmp_path, capsys):
+    """README's `qkhooks record ... --resume` on a finished run added nothing but printed "wrote 2 images"."""
+    from qkhooks.cli import main
+
+    args = ["record", "timm:vit_tiny_patch16_224@random", "samples", "--out", str(tmp_path / "run.h5"), "--limit", "2",
+            "--layers", "0", "--modes", "2", "--batch-size", "1"]
+    assert main(args) == 0
+    with qkhooks.open_run(tmp_path / "run.h5") as run:
+        n = run.n
+    assert f"wrote {n} images to " in capsys.readouterr().out
+    assert main(args + ["--resume"]) == 0
+    assert f"resumed {tmp_path / 'run.h5'}: 0 images added, {n} in all" in capsys.readouterr().out
+
+
+def test_object_ids_up_to_int32_are_stored_as_given_and_one_past_is_refused_naming_the_item(tmp_path):
+    """README: object ids are stored as given, up to 2**31 - 1; past that the refusal named neither item nor fix."""
+    from PIL import Image
+
+    loaded = qkhooks.load_model("timm:vit_tiny_patch16_224@random")
+    photo = Image.fromarray(np.full((64, 64, 3), 90, np.uint8))
+    objects = np.zeros((64, 64), np.int64)
+    objects[:, 32:] = 2**31 - 1  # the right half of the photo: one object with the largest id int32 holds
+    qkhooks.record_dataset(loaded, [{"image": photo, "id": "edge", "objects": objects}], tmp_path / "edge.h5",
+                           layers="0", modes=2, progress=False)
+    import h5py
+
+    with h5py.File(tmp_path / "edge.h5", "r") as f:
+        stored = f["masks/objects"][0]
+    assert set(np.unique(stored).tolist()) == {0, 2**31 - 1}
+    objects[:, 32:] = 2**31
+    with pytest.raises(qkhooks.QKHooksError, match=r"mask 'objects' of 'past' holds ids 0\.\.2147483648, outside "
+                                                    r"int32 .* Renumber its objects"):
+        qkhooks.record_dataset(loaded, [{"image": photo, "id": "past", "objects": objects}], tmp_path / "past.h5",
+                               layers="0", modes=2, progress=False)
+
+
+def test_float_query_tokens_are_refused_on_a_windowed_layer_too():
+    """A Swin layer reads its rows off its windows' maps by its own path, which truncated float tokens the same way."""
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=16,
+                             depths=(1, 1), num_heads=(1, 2), window_size=7, num_classes=0).eval()
+    images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    with qkhooks.record(swin, modes=None, layers=[0], attention="rows") as run, torch.no_grad():
+        assert type(run.sites[0]).__name__ == "WindowSite"
+        with pytest.raises(qkhooks.QKHooksError, match=r"query_tokens must be integer token indices .*torch.float32"):
+            run(images, meta={"query_tokens": torch.tensor([[0.0, 20.5]]).expand(2, -1)})
