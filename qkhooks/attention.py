@@ -251,21 +251,29 @@ def attention_full(site: AttentionSite, x: torch.Tensor) -> torch.Tensor:
     return full_from_qk(site, *site.qk(x))
 
 
-def pool_rows(rows: torch.Tensor, masks: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+def pool_rows(rows: torch.Tensor, masks: torch.Tensor, num_prefix_tokens: int,
+              grid: tuple[int, ...] | None = None) -> torch.Tensor:
     """Mass of each row on each mask: (B, H, T, N) x (B, M, N or N - prefix) -> (B, H, T, M).
 
-    Masks given on patch tokens only are padded with zeros for the prefix tokens.
+    Masks given on patch tokens only are padded with zeros for the prefix tokens. ``grid``: the (rows, cols) patch
+    grid of the rows' tokens, where the caller knows it; masks given on a grid (B, M, gh, gw) must be on that one (a
+    (28, 7) mask has the 196 cells of a 14 x 14 grid in another order: its mass would be summed on other tokens).
     """
     n, patches, given = rows.shape[-1], rows.shape[-1] - num_prefix_tokens, tuple(masks.shape)
     if masks.dim() == 4:  # (B, M, gh, gw) on the patch grid
         masks = masks.flatten(2)
     if masks.dim() != 3 or masks.shape[0] != rows.shape[0] or masks.shape[-1] not in (n, patches):
         on_grid = len(given) == 4 and masks.shape[-1] != patches
-        grid = f" (a patch grid of {masks.shape[-1]} cells, not {patches})" if on_grid else ""
+        cells = f" (a patch grid of {masks.shape[-1]} cells, not {patches})" if on_grid else ""
         raise QKHooksError(  # the shape as given: the flattened or padded one would name a tensor the caller never had
-            f"pool_masks must be (batch, masks, tokens) with {n} tokens or {patches} patch tokens; got {given}{grid} "
+            f"pool_masks must be (batch, masks, tokens) with {n} tokens or {patches} patch tokens; got {given}{cells} "
             f"for a batch of {rows.shape[0]}."
         )
+    if len(given) == 4 and grid is not None and len(grid) == 2 and tuple(given[2:]) != tuple(grid):
+        raise QKHooksError(
+            f"pool_masks on a patch grid must be on this layer's {grid[0]}x{grid[1]} grid; got {given}, whose "
+            f"{given[2]}x{given[3]} cells would be read as other patches. Give them as (batch, masks, {grid[0]}, "
+            f"{grid[1]}), or flattened as (batch, masks, {patches}) in the model's token order.")
     if masks.shape[-1] == patches:
         masks = torch.nn.functional.pad(masks, (num_prefix_tokens, 0))
     return torch.einsum("bhtn,bmn->bhtm", rows, to_device(masks, rows.device).to(rows.dtype))

@@ -687,7 +687,8 @@ class Recording:
         if masks is None:
             raise QKHooksError("attention='pooled' needs pool_masks (B, M, tokens), the masks each row's mass is summed "
                                "on, with the batch; none came with this one. " + _per_batch_hint(["pool_masks"]))
-        return pool_rows(rows, torch.as_tensor(masks), site.num_prefix_tokens)
+        grid = site.rows_layout(int(n))[1] if rows.shape[-1] == n else None  # windowed rows lie on the image's grid
+        return pool_rows(rows, torch.as_tensor(masks), site.num_prefix_tokens, grid)
 
     # ------------------------------------------------ the shared vocabulary (qkhooks.access), of the last batch
     @property

@@ -139,3 +139,20 @@ def test_float_query_tokens_are_refused_on_a_windowed_layer_too():
         assert type(run.sites[0]).__name__ == "WindowSite"
         with pytest.raises(qkhooks.QKHooksError, match=r"query_tokens must be integer token indices .*torch.float32"):
             run(images, meta={"query_tokens": torch.tensor([[0.0, 20.5]]).expand(2, -1)})
+
+
+def test_masks_on_another_grid_of_as_many_cells_are_refused(vit):
+    """A (2, 8) mask has the 16 cells of the layer's 4 x 4 grid, in another layout: summed on the flattened cells it
+    would put its mass on other patches. Refused; the same mask given flattened (the model's token order, the user's
+    responsibility) and on the layer's grid are both read."""
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    tokens = torch.tensor([[0, 7]]).expand(2, -1)
+    masks = (torch.rand(2, 1, GRID, GRID, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+    eager = _eager_maps(vit, images, 0)
+    want = np.einsum("bhtn,bmn->bhtm", eager[:, :, [0, 7]].detach().double().numpy()[..., 1:], masks.flatten(2).double().numpy())
+    with qkhooks.record(vit, modes=None, layers=[0], attention="pooled") as run, torch.no_grad():
+        for given in (masks, masks.flatten(2)):
+            run(images, meta={"query_tokens": tokens, "pool_masks": given})
+            np.testing.assert_allclose(run.attention(0, "pooled").double().numpy(), want, atol=1e-6)
+        with pytest.raises(qkhooks.QKHooksError, match=r"on this layer's 4x4 grid; got \(2, 1, 2, 8\), whose 2x8 cells"):
+            run(images, meta={"query_tokens": tokens, "pool_masks": masks.reshape(2, 1, 2, 8)})
