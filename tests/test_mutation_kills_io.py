@@ -533,8 +533,9 @@ def test_from_hf_model_reads_the_vision_config_or_the_config_and_says_it_guessed
         assert (cfg.size, cfg.mean, cfg.resize, cfg.interpolation) == (size, mean, resize, interpolation)
         assert str(caught[0].message) == (
             f"ImageConfig.from_hf_model guessed preprocessing for model_type={model_type!r} (size={size}, "
-            f"mean={mean}, std={cfg.std}); pass the checkpoint's preprocessor_config.json to ImageConfig.from_hf for "
-            "the exact one.")
+            f"mean={mean}, std={cfg.std}); for the checkpoint's exact preprocessing put its preprocessor_config.json "
+            "in the model's folder (hf:DIR reads it there), or pass it to ImageConfig.from_hf and load_model(..., "
+            "image_config=...).")
     _refused(lambda: ImageConfig.from_hf_model(NS(config=NS(model_type="vit"))), "model.config has no image_size; use "
              "ImageConfig.from_hf(preprocessor_config_dict) or build ImageConfig(...) by hand.")
 

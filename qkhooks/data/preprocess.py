@@ -339,8 +339,9 @@ class ImageConfig:
             mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bicubic"
         warnings.warn(
             f"ImageConfig.from_hf_model guessed preprocessing for model_type={model_type!r} "
-            f"(size={size}, mean={mean}, std={std}); pass the checkpoint's preprocessor_config.json "
-            "to ImageConfig.from_hf for the exact one.",
+            f"(size={size}, mean={mean}, std={std}); for the checkpoint's exact preprocessing put its "
+            "preprocessor_config.json in the model's folder (hf:DIR reads it there), or pass it to "
+            "ImageConfig.from_hf and load_model(..., image_config=...).",
             stacklevel=2,
         )
         return cls(size=size, mean=mean, std=std, resize=resize, interpolation=interpolation)
