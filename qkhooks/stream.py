@@ -34,7 +34,7 @@ from qkhooks.attention import parse_attention
 from qkhooks.capture import (BatchCapture, _model_sites, _refuse_maps_only_modes, _structure_key, modes_kept, parse_modes,
                               record)
 from qkhooks.data import ImageDataset, collate
-from qkhooks.data.sources import ItemStream, open_source
+from qkhooks.data.sources import ItemStream, open_source, refuse_batching
 from qkhooks.data_files import absolute_spec, file_size_column
 from qkhooks.errors import DataRefusal, QKHooksError
 from qkhooks.models.base import AttentionSite, select_layers
@@ -471,8 +471,7 @@ def record_dataset(
         )
     if opts.num_workers is None:
         opts = dataclasses.replace(opts, num_workers=default_workers(device))
-    if opts.batch_size < 1 or opts.num_workers < 0:
-        raise QKHooksError(f"batch size must be >= 1 and workers >= 0; got {opts.batch_size} and {opts.num_workers}.")
+    refuse_batching(opts.batch_size, opts.num_workers)
     # The analyses' default recipe comes from the registry by name (qkhooks.analysis is imported on first need),
     # so the core imports no analysis and a caller's own recipe replaces it whole.
     plan = reducers if isinstance(reducers, Recipe) else recipe("default")

@@ -392,7 +392,8 @@ def test_a_file_that_is_not_a_run_is_refused_by_name(tmp_path):
     with pytest.raises(QKHooksError) as err:
         open_run(tmp_path / "other.h5")
     assert str(err.value) == (f"{tmp_path / 'other.h5'} is an HDF5 file but not a qkhooks run (no /images/ids with "
-                              "`committed`).")
+                              "`committed`): give the .h5 that `qkhooks record` wrote; if it wrote this one, `qkhooks "
+                              "info --verify` on it says what is damaged.")
 
 
 def test_the_committed_count_is_read_off_the_ids_first_then_the_images_group():

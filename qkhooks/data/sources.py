@@ -58,6 +58,15 @@ __all__ = ["DATASETS_INSTALL", "ItemStream", "StreamBatch", "expand_braces", "op
 _SPECS = "hfds:DIR_OR_NAME[:SPLIT] (a Hugging Face dataset) or wds:PATTERN (webdataset tar shards, {000..009} expanded)"
 
 
+def refuse_batching(batch_size: int, workers: int) -> None:
+    """A :class:`QKHooksError` naming each of ``batch_size`` (>= 1) and ``workers`` (>= 0) that is out of range."""
+    wrong = ([f"the batch size must be >= 1 (batch_size, --batch-size), got {batch_size}"] if batch_size < 1 else []) + (
+        [f"the loader workers must be >= 0 (num_workers, --workers; 0 decodes in this process), got {workers}"]
+        if workers < 0 else [])
+    if wrong:
+        raise QKHooksError("; ".join(wrong) + ".")
+
+
 # ---------------------------------------------------------------------------------------------- the stream
 
 
@@ -170,8 +179,7 @@ class ItemStream:
         """
         bounds = [b for b in (stop, self.length, self.limit) if b is not None]
         stop = min(bounds) if bounds else None
-        if workers < 0 or batch_size < 1:
-            raise QKHooksError(f"batch size must be >= 1 and workers >= 0; got {batch_size} and {workers}.")
+        refuse_batching(batch_size, workers)
         rows = zip(itertools.count(start), self._reader.rows(start))
         if stop is not None:
             rows = itertools.islice(rows, max(stop - start, 0))

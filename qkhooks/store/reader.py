@@ -319,7 +319,8 @@ class RunReader:
                 with self._reading():
                     if fmt.committed(self.file) is None:
                         raise QKHooksError(f"{self.path} is an HDF5 file but not a qkhooks run (no /images/ids with "
-                                           "`committed`).")
+                                           "`committed`): give the .h5 that `qkhooks record` wrote; if it wrote this "
+                                           "one, `qkhooks info --verify` on it says what is damaged.")
                     shared.ids = self.file[fmt.IDS]
                     shared.digests = self.file[fmt.ID_DIGESTS] if fmt.ID_DIGESTS in self.file else None
                 self._refresh()
