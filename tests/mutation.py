@@ -84,6 +84,8 @@ KILLS_R27 = "tests/test_mutation_kills_r27.py"
 KILLS_R27B = "tests/test_mutation_kills_r27b.py"
 # Round 28 (clean): the kill tests of round 27's review items mended in round 28 (module "round28").
 KILLS_R28 = "tests/test_mutation_kills_r28.py"
+# Round 28 (stale): kills of `RunWriter._check_whole`'s mutants (resumes of killed or damaged runs), module "round21".
+KILLS_R28B = "tests/test_mutation_kills_r28b.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -216,8 +218,9 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "tests/test_chunk_rewrite_r21.py", "tests/test_store_r21.py", "tests/test_adapters_r21.py",
                  "tests/test_precision_r21.py", "tests/test_data_r20.py", "tests/test_store_r20.py",
                  "tests/test_store_r19.py", "tests/test_checksum.py", "tests/test_store.py", "tests/test_core.py",
-                 "tests/test_store_safety.py", KILLS_R20B, KILLS_R21],
+                 "tests/test_store_safety.py", KILLS_R20B, KILLS_R21, KILLS_R28B],
                 "test_data_r21 or test_verify_r21 or test_repair_r21 or test_chunk_rewrite_r21 or test_store_r21 or "
+                "test_mutation_kills_r28b or "
                 "test_adapters_r21 or test_precision_r21 or test_mutation_kills_r21 or test_data_r20 or "
                 "test_store_r20 or test_checksum or test_mutation_kills_r20b or "
                 "(test_store_r19 and (damaged_killed_run or every_object)) or "
