@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 
 from harness.machine import MALLOC_VARIANTS
 from harness.end_to_end import END_TO_END_LIMIT
-from harness.methods import TARGETS, relative_ratios
+from harness.methods import METHODS, TARGETS, relative_ratios
 from harness.stats import paired_ratios, summarize
 from harness.sizes import SIZES
 
@@ -215,8 +215,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         for name, what in anchors:
             m = d["methods"].get(name)
             if m:
-                trows.append([what, f"`{name}`", "(~15-20% published)", _overhead(m.get("ratio_to_plain")),
-                              f"{_overhead(m.get('ratio_to_reference'))} vs {m.get('reference')}"])
+                versus = (f"{_overhead(m['ratio_to_reference'])} vs {m['reference']}" if m.get("reference")
+                          else f"its reference (`{METHODS[name].reference}`) not measured")
+                trows.append([what, f"`{name}`", "(~15-20% published)", _overhead(m.get("ratio_to_plain")), versus])
         L += _table(["target", "method", "limit", "measured overhead", "verdict"], trows) + [""]
 
     for key, e in by_section.get("projection", []):
