@@ -215,7 +215,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         for name, what in anchors:
             m = d["methods"].get(name)
             if m:
-                versus = (f"{_overhead(m['ratio_to_reference'])} vs {m['reference']}" if m.get("reference")
+                versus = (f"{_overhead(m['ratio_to_reference'])} vs {m['reference']}" if m.get("ratio_to_reference")
                           else f"its reference (`{METHODS[name].reference}`) not measured")
                 trows.append([what, f"`{name}`", "(~15-20% published)", _overhead(m.get("ratio_to_plain")), versus])
         L += _table(["target", "method", "limit", "measured overhead", "verdict"], trows) + [""]
