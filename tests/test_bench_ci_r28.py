@@ -118,8 +118,8 @@ def test_targets_table_reads_each_target_against_its_own_baseline_and_device(tmp
     assert "| <= 5% |" in hdf5_cuda and "| missed (" in hdf5_cuda
     assert cpu.count("`full_hdf5` | <=") == 1 and cuda.count("`full_hdf5` | <=") == 1
     assert "`modes_all_rows2` | <=" not in cuda  # issue 20 sets the GPU capture's and full recording's targets only
-    assert "| anchor: timm AttentionExtract | `timm_extract` | (~15-20% published) | +6.0% [" in cpu
-    assert "| its reference (`timm_eager`) not measured |" in cpu  # was "n/a vs None"
+    anchor = _row(cpu, "anchor: timm AttentionExtract", "timm_extract")
+    assert anchor.endswith("| its reference (`timm_eager`) not measured |")  # was "n/a vs None"
 
 
 def test_end_to_end_table_reads_the_primary_ratio_against_1_10(tmp_path):
