@@ -174,3 +174,26 @@ def test_bad_batching_names_the_option_that_is_wrong(tmp_path):
     assert str(both.value) == ("the batch size must be >= 1 (batch_size, --batch-size), got 0; the loader workers must "
                                "be >= 0 (num_workers, --workers; 0 decodes in this process), got -2.")
     refuse_batching(1, 0)  # the smallest allowed: no refusal
+
+
+def test_resuming_a_run_that_ended_with_no_image_is_refused_before_anything_is_written(tmp_path):
+    """A run whose data gave no image keeps its statics. Resumed, its first batch has no array to go into (a file in
+    SWMR mode cannot gain datasets): refused in the caller's thread with the fix, the file's statics as they were (it
+    was refused in the writer thread as "v appears after the run's first batch")."""
+    import h5py
+
+    from qkhooks.store import RunWriter
+    from qkhooks.store.format import per_image_datasets
+
+    path = tmp_path / "r.h5"
+    with RunWriter(path, attrs={"model": "m"}) as writer:
+        writer.write_static("spectrum/L0/S_all", np.arange(3.0))
+    with pytest.raises(qkhooks.QKHooksError, match=r"ended with no image .* record it again with --overwrite"):
+        with RunWriter(path, mode="resume", attrs={"model": "m"}) as writer:
+            writer.write_batch(["a"], {"v": torch.zeros(1, 2)})
+    with h5py.File(path, "r") as f:
+        assert not per_image_datasets(f) and list(f["spectrum/L0/S_all"][:]) == [0.0, 1.0, 2.0]
+    with RunWriter(path, mode="overwrite", attrs={"model": "m"}) as writer:  # the fix the refusal names works
+        writer.write_batch(["a"], {"v": torch.ones(1, 2)})
+    with h5py.File(path, "r") as f:
+        assert list(per_image_datasets(f)) == ["v"] and f["v"][:].tolist() == [[1.0, 1.0]]

@@ -563,6 +563,11 @@ class RunWriter:
     def _check_names(self, ids: Sequence[str], arrays: Mapping[str, Any]) -> None:
         """Every batch has the arrays of the run's first batch (checked here, before anything of it is written)."""
         names = {name.lstrip("/") for name in arrays}
+        if self._layout_names is None and self.mode == "resume" and names and self.committed == 0:  # statics only
+            raise QKHooksError(
+                f"{self.path} is a run that ended with no image (its statics only), so it has no arrays for a batch "
+                "to go into, and a run in place cannot gain them; record it again with --overwrite "
+                "(mode='overwrite'). Nothing was written.")
         if self._layout_names is None:
             self._layout_names = names
             return
