@@ -68,7 +68,7 @@ PATTERNS: tuple[BugPattern, ...] = (
                "x.sub(mean).div(std)", "x.sub(std).div(mean)",
                ("tests/test_asymmetry.py::test_timm_preprocessing_with_mean_not_std_is_bit_identical_to_timm",)),
     BugPattern("q/k Linear outputs taken in call order, not by module", "qkhooks/capture.py",
-               "q, k = seen[0], seen[1]", "q, k = list(seen.values())",
+               "outputs = (seen[0], seen[1])", "outputs = tuple(seen.values())",
                ("tests/test_core.py::test_modes_sum_to_model_logits[hf-vit-4x6-key-first]",)),
     BugPattern("reducers of different kinds merged", "qkhooks/reducers.py",
                "if type(other) is not type(self):", "if False:",
