@@ -59,6 +59,7 @@ class RecordResult:
     reducers: list[Reducer]
     images: int
     skipped: list[tuple[str, str]]
+    resumed_from: int | None = None  # a resume: the images it kept from the run file (the resume point), else None
 
     def reducer(self, name: str) -> Reducer:
         for r in self.reducers:
@@ -492,7 +493,7 @@ def record_dataset(
         net, modes=modes_value, layers=[s.layer for s in sites], attention=attention_specs, input=opts.input,
         augmented=opts.augmented, keep_inputs=keep_inputs, sites=sites, outputs=opts.outputs,  # type: ignore[arg-type]
     )
-    writer = None
+    writer, mode = None, None
     start, done = lo, 0
     position = _StreamPosition(lo) if streamed else None
     checkpointed = list(reducers) + ([position] if position is not None else [])
@@ -560,7 +561,8 @@ def record_dataset(
         if writer is not None:
             writer.close(complete=False)  # a new run with nothing committed leaves no file that blocks a rerun
         raise
-    return RecordResult(Path(out) if out is not None else None, reducers, run.images_seen, skipped)
+    return RecordResult(Path(out) if out is not None else None, reducers, run.images_seen, skipped,
+                        done if mode == "resume" else None)
 
 
 def _resumed_data_spec(out: str | os.PathLike, data_spec: str) -> str:

@@ -93,9 +93,13 @@ def test_paper_claims_read_the_position_probes_only_on_enough_held_out_images(r2
                                     "(one image in holdout_every is held out; record more images).")
 
 
-def test_record_resume_says_how_many_images_it_added(tmp_path, capsys):
-    """README's `qkhooks record ... --resume` on a finished run added nothing but printed "wrote 2 images"."""
+def test_record_resume_says_how_many_images_it_kept_and_recorded(tmp_path, capsys):
+    """README's `qkhooks record ... --resume` on a finished run added nothing but printed "wrote 2 images". The counts
+    come from the resume itself (the images its resume point kept), not from a second look at the file before it."""
+    import h5py
+
     from qkhooks.cli import main
+    from qkhooks.store.format import set_committed
 
     args = ["record", "timm:vit_tiny_patch16_224@random", "samples", "--out", str(tmp_path / "run.h5"), "--limit", "2",
             "--layers", "0", "--modes", "2", "--batch-size", "1"]
@@ -104,7 +108,13 @@ def test_record_resume_says_how_many_images_it_added(tmp_path, capsys):
         n = run.n
     assert f"wrote {n} images to " in capsys.readouterr().out
     assert main(args + ["--resume"]) == 0
-    assert f"resumed {tmp_path / 'run.h5'}: 0 images added, {n} in all" in capsys.readouterr().out
+    assert f"resumed {tmp_path / 'run.h5'}: {n} images kept, 0 recorded, {n} in all" in capsys.readouterr().out
+    with h5py.File(tmp_path / "run.h5", "r+") as f:  # as if killed after the first image: its checkpoint (n images)
+        set_committed(f, 1)                           # is past the committed count, so the resume keeps none
+    assert main(args + ["--resume"]) == 0
+    assert f"resumed {tmp_path / 'run.h5'}: 0 images kept, {n} recorded, {n} in all" in capsys.readouterr().out
+    with qkhooks.open_run(tmp_path / "run.h5") as run:
+        assert run.n == n
 
 
 def test_object_ids_up_to_int32_are_stored_as_given_and_one_past_is_refused_naming_the_item(tmp_path):
@@ -197,3 +207,25 @@ def test_resuming_a_run_that_ended_with_no_image_is_refused_before_anything_is_w
         writer.write_batch(["a"], {"v": torch.ones(1, 2)})
     with h5py.File(path, "r") as f:
         assert list(per_image_datasets(f)) == ["v"] and f["v"][:].tolist() == [[1.0, 1.0]]
+
+
+def test_a_statics_only_resume_refuses_arrays_after_an_ids_only_batch_with_the_same_fix(tmp_path):
+    """The statics-only refusal is fixed when the run is opened, not read later off ``committed`` (which the writer
+    thread updates): an ids-only batch first (no arrays: it fits the run) leaves a later batch with arrays refused with
+    the same fix, not with the layout message of a run whose first batch lacked the array."""
+    import h5py
+
+    from qkhooks.store import RunWriter
+    from qkhooks.store.format import per_image_datasets
+
+    path = tmp_path / "r.h5"
+    with RunWriter(path, attrs={"model": "m"}) as writer:
+        writer.write_static("spectrum/L0/S_all", np.arange(3.0))
+    with pytest.raises(qkhooks.QKHooksError, match=r"ended with no image .* record it again with --overwrite"):
+        with RunWriter(path, mode="resume", attrs={"model": "m"}) as writer:
+            writer.write_batch(["a"], {})
+            writer.flush()
+            assert writer.committed == 1
+            writer.write_batch(["b"], {"v": torch.zeros(1, 2)})
+    with h5py.File(path, "r") as f:
+        assert not per_image_datasets(f)

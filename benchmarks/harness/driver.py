@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from harness.end_to_end import end_to_end_bench
-from harness.machine import load_average, machine_info
+from harness.machine import HEAP_KEPT, keep_heap, load_average, machine_info
 from harness.material import Bench
 from harness.memory import dataset_memory, measure_memory
 from harness.methods import METHODS, time_methods
@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         switched = ""
         if args.switch_interval is not None:  # kept beside the default interval's entry, and said in its parameters
             switched, params = f"/switch{args.switch_interval:g}", {**params, "switch_interval": args.switch_interval}
+        if args.heap == "kept":  # the same
+            switched, params = f"{switched}/heapkept", {**params, "heap": HEAP_KEPT}
         entries[f"{section}/{size}/{dev}/t{args.threads}{switched}"] = {
             "section": section, "model": size, "device": dev, "command": cmd, "params": params, "machine": machine,
             "when": datetime.datetime.now().isoformat(timespec="seconds"), "load_before": before, "load_after": load_average(),
@@ -83,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         fresh = False
         log(f"[{section}] done in {time.perf_counter() - t0:.0f} s")
 
+    if args.heap == "kept":
+        keep_heap()
     interval = sys.getswitchinterval()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)

@@ -104,6 +104,28 @@ freed, so later large arrays come from the heap and RSS wanders by tens of MB; a
 glibc's initial value) returns every large block to the system on free and shows the true trend."""
 
 
+HEAP_KEPT = {"mmap_threshold": 256 << 20, "trim_threshold": 1 << 30}
+"""glibc thresholds of ``--heap kept`` (bytes): blocks up to 256 MiB come from the heap, and freed memory stays there
+up to 1 GiB at its top. Fixed, they also stop glibc's own adjustment of both."""
+
+
+def keep_heap() -> None:
+    """Set :data:`HEAP_KEPT` for this process (glibc's ``mallopt``); refused where the C library is not glibc or
+    takes neither value. For the whole process and irreversible, so for a benchmark run only: the library never does
+    this to its users' processes."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt") or platform.libc_ver()[0] != "glibc":
+        raise SystemExit("--heap kept needs glibc's mallopt; this C library is not glibc.")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    for option, value in ((m_mmap_threshold, HEAP_KEPT["mmap_threshold"]), (m_trim_threshold, HEAP_KEPT["trim_threshold"])):
+        if libc.mallopt(option, value) != 1:
+            raise SystemExit(f"--heap kept: glibc refused mallopt({option}, {value}).")
+
+
 def minor_page_faults() -> int | None:
     """This process's minor page faults so far (None where ``resource`` is missing): with glibc's default malloc a
     ViT-S forward re-touches ~220 MB (~56,000 faults), and how many a method pays moves its ratio by several points

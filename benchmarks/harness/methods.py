@@ -314,15 +314,12 @@ def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 
     metric = "cpu" if bench.device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
     primary = wall if metric == "wall" else cpu
     out: dict[str, Any] = {"metric": metric, "order_first_rounds": order[: 3 * len(names)], "methods": {}}
-    # plain_of[metric][method]: the plain times each repetition is divided by (paired by round): the round's plain
-    # repetition, or bracketed the mean of the two around it (plain itself: its own, each ratio 1)
-    plain_of: dict[str, dict[str, list[float]]] | None = None
+    # around[metric][method], bracketed: the mean of the two plain forwards around each of the method's repetitions
+    around: dict[str, dict[str, list[float]]] | None = None
     if bracket:
         out["bracketed"] = True
-        plain_of = {"wall": {**bracket_means([(r, n, w) for r, n, w, _ in timeline]), "plain": wall["plain"]},
-                    "cpu": {**bracket_means([(r, n, c) for r, n, _, c in timeline]), "plain": cpu["plain"]}}
-    elif "plain" in wall:
-        plain_of = {"wall": {n: wall["plain"] for n in names}, "cpu": {n: cpu["plain"] for n in names}}
+        around = {"wall": bracket_means([(r, n, w) for r, n, w, _ in timeline]),
+                  "cpu": bracket_means([(r, n, c) for r, n, _, c in timeline])}
     for name in names:
         m = METHODS[name]
         entry: dict[str, Any] = {
@@ -333,25 +330,31 @@ def time_methods(bench: Bench, names: Sequence[str], rounds: int, warmup: int = 
         }
         if faults[name]:
             entry["minor_faults_per_batch"] = summarize(faults[name])
-        if plain_of is not None:
-            if bracket and name != "plain":
-                entry["plain_bracket_wall_s"], entry["plain_bracket_cpu_s"] = plain_of["wall"][name], plain_of["cpu"][name]
-            to_plain = {key: paired_ratios(times[name], plain_of[key][name]) for key, times in (("wall", wall), ("cpu", cpu))}
+        if around is not None and name in around["wall"]:
+            entry["plain_bracket_wall_s"], entry["plain_bracket_cpu_s"] = around["wall"][name], around["cpu"][name]
+        if "plain" in wall:
+            to_plain = {key: ratio_samples(times, around[key] if around else None, name, "plain")
+                        for key, times in (("wall", wall), ("cpu", cpu))}
             entry["ratio_to_plain"] = summarize(to_plain[metric])
             entry["ratio_to_plain_wall"] = summarize(to_plain["wall"])
             entry["ratio_to_plain_cpu"] = summarize(to_plain["cpu"])
         if m.reference != "plain" and m.reference in wall:
             entry["reference"] = m.reference
-            entry["ratio_to_reference"] = summarize(relative_ratios(primary, plain_of[metric] if bracket else None,
-                                                                    name, m.reference))
+            entry["ratio_to_reference"] = summarize(ratio_samples(primary, around[metric] if around else None, name,
+                                                                  m.reference))
         out["methods"][name] = entry
     return out
 
 
-def relative_ratios(times: dict[str, list[float]], around: dict[str, list[float]] | None, name: str,
-                    versus: str) -> list[float]:
-    """``name``'s repetitions over ``versus``'s, paired by round; bracketed (``around``: each repetition's mean of the
-    plain forwards around it), each first taken over its own plain mean."""
+def ratio_samples(times: dict[str, list[float]], around: dict[str, list[float]] | None, name: str,
+                  versus: str) -> list[float]:
+    """``name``'s repetitions over ``versus``'s, paired by round: the one place a ratio is taken, at measurement
+    (:func:`time_methods`) and when results are re-read (``render.paired_summary``). Bracketed (``around``: each
+    method's per-repetition means of the plain forwards around it; plain itself has none), each side is first taken
+    over its own plain means, and a ratio to plain is the method over its plain means."""
     if around is None:
         return paired_ratios(times[name], times[versus])
-    return paired_ratios(paired_ratios(times[name], around[name]), paired_ratios(times[versus], around[versus]))
+    own = paired_ratios(times[name], around.get(name, times[name]))
+    if versus == "plain":
+        return own
+    return paired_ratios(own, paired_ratios(times[versus], around.get(versus, times[versus])))

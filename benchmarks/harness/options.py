@@ -46,6 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between the interpreter's forced thread switches for the whole run (sys."
                         "setswitchinterval; default Python's 0.005): how long the HDF5 writer thread can wait for the "
                         "GIL while the main thread runs Python")
+    p.add_argument("--heap", choices=("glibc", "kept"), default="glibc",
+                   help="kept: before measuring, set glibc's mmap and trim thresholds (mallopt) so freed memory stays "
+                        "in the heap for reuse, for the whole run. glibc's default trims the heap as its history "
+                        "dictates, and the loop that trips it re-faults its temporaries: several points of noise between "
+                        "a plain and a recorded loop (benchmarks/ANALYSIS.md, round 29). Entries kept beside the default's")
     p.add_argument("--memory-steps", type=int, default=2, help="forwards per memory subprocess")
     p.add_argument("--dataset-images", type=int, default=40, help="images of the 1x record_dataset run (10x is the other)")
     p.add_argument("--compressions", default="none,none+checksum,lzf,gzip,lzf@1mib,gzip@1mib",

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 
 from harness.machine import MALLOC_VARIANTS
 from harness.end_to_end import END_TO_END_LIMIT
-from harness.methods import METHODS, TARGETS, relative_ratios
+from harness.methods import METHODS, TARGETS, ratio_samples
 from harness.stats import paired_ratios, summarize
 from harness.sizes import SIZES
 
@@ -22,9 +22,11 @@ def _label(model: str) -> str:
 
 
 def _switched(entry: dict[str, Any]) -> str:
-    """", switch interval 0.5 ms" for an entry measured with ``--switch-interval``, kept beside the default's."""
-    interval = entry.get("params", {}).get("switch_interval")
-    return "" if interval is None else f", switch interval {interval * 1e3:g} ms"
+    """", switch interval 0.5 ms" for an entry measured with ``--switch-interval``, ", heap kept" for one measured
+    with ``--heap kept``; each kept beside the default's."""
+    params = entry.get("params", {})
+    interval = params.get("switch_interval")
+    return ("" if interval is None else f", switch interval {interval * 1e3:g} ms") + (", heap kept" if "heap" in params else "")
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -82,11 +84,10 @@ def paired_summary(methods: dict[str, Any], name: str, versus: str, metric: str)
     if name not in methods or versus not in methods:
         return None
     times = {n: methods[n][key] for n in (name, versus)}
-    if f"plain_bracket_{key}" in methods[name]:  # bracketed: against plain, or both over their plain means
-        around = {n: methods[n].get(f"plain_bracket_{key}", methods[n][key]) for n in (name, versus)}
-        return summarize(paired_ratios(times[name], around[name]) if versus == "plain"
-                         else relative_ratios(times, around, name, versus))
-    return summarize(paired_ratios(times[name], times[versus])) if len(times[name]) == len(times[versus]) else None
+    if f"plain_bracket_{key}" in methods[name]:  # bracketed: each over the plain forwards around it
+        around = {n: methods[n][f"plain_bracket_{key}"] for n in (name, versus) if f"plain_bracket_{key}" in methods[n]}
+        return summarize(ratio_samples(times, around, name, versus))
+    return summarize(ratio_samples(times, None, name, versus)) if len(times[name]) == len(times[versus]) else None
 
 
 def save_results(entries: dict[str, dict[str, Any]], md_path: Path, json_path: Path, merge: bool = True) -> dict:

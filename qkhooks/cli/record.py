@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from qkhooks.cli import DATA_HELP, add_model_arguments, command, load_from_args, sigterm_exits
-from qkhooks.errors import QKHooksError, writable_dir
+from qkhooks.errors import writable_dir
 from qkhooks.options import RecordOptions
 
 
@@ -39,29 +39,17 @@ def run_record(args: argparse.Namespace) -> int:
         return _record_distributed(args, options)
     from qkhooks.stream import record_dataset
 
-    before = _committed_images(args.out) if args.resume else None
     with sigterm_exits():
         loaded = load_from_args(args, device=args.device)
         result = record_dataset(loaded, args.data, args.out, options=options, device=args.device, resume=args.resume,
                                 overwrite=args.overwrite)
     skipped = f" ({len(result.skipped)} skipped)" if result.skipped else ""
-    if before is None:
+    if result.resumed_from is None:
         print(f"wrote {result.images} images to {result.path}{skipped}")
     else:  # "wrote 3 images" after a resume that added none would say work was done that was not
-        print(f"resumed {result.path}: {result.images - before} images added, {result.images} in all{skipped}")
+        print(f"resumed {result.path}: {result.resumed_from} images kept, {result.images - result.resumed_from} "
+              f"recorded, {result.images} in all{skipped}")
     return 0
-
-
-def _committed_images(path: str) -> int | None:
-    """The images a run file held before a resume; None where it cannot say (no file yet, or one the resume
-    itself will judge)."""
-    from qkhooks.store.reader import open_run
-
-    try:
-        with open_run(path) as run:
-            return run.n
-    except (QKHooksError, OSError):
-        return None
 
 
 def _record_distributed(args: argparse.Namespace, options: RecordOptions) -> int:

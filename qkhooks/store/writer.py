@@ -251,6 +251,9 @@ class RunWriter:
             self._writer_lock.release()
             raise
         self.committed = fmt.committed(self._file) or 0
+        # a resumed run that ended with no image has no per-image arrays, and a run in place cannot gain them: fixed
+        # here, in the caller's thread, not read later off ``committed`` (which the writer thread updates)
+        self._statics_only = mode == "resume" and self.committed == 0 and self._layout_names is None
         self._handles: dict[str, Any] = {}  # per-image datasets (and the ids, their digests) of the SWMR file handle
         self._committed_count: fmt.CommittedCount | None = None  # the count's attributes, opened with the handles
         self._lock = threading.Lock()
@@ -563,7 +566,7 @@ class RunWriter:
     def _check_names(self, ids: Sequence[str], arrays: Mapping[str, Any]) -> None:
         """Every batch has the arrays of the run's first batch (checked here, before anything of it is written)."""
         names = {name.lstrip("/") for name in arrays}
-        if self._layout_names is None and self.mode == "resume" and names and self.committed == 0:  # statics only
+        if self._statics_only and names:
             raise QKHooksError(
                 f"{self.path} is a run that ended with no image (its statics only), so it has no arrays for a batch "
                 "to go into, and a run in place cannot gain them; record it again with --overwrite "
