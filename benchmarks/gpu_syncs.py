@@ -78,7 +78,7 @@ def main() -> int:
         "full": {"modes": None, "attention": "full"},
         "full_eager": {"modes": None, "attention": "full", "outputs": "eager"},
         "topk_reducer": {"modes": 16, "sinks": [TopKModes()]},
-        "anisotropy_reducer": {"modes": 16, "keep_inputs": True, "sinks": [AnisotropyReducer()]},
+        "anisotropy_reducer": {"modes": 16, "sinks": [AnisotropyReducer()]},
         "writer": {"modes": 16, "attention": "rows", "sinks": [WriterSink(writer)]},
     }
     found: dict[str, dict[str, Any]] = {}

@@ -64,9 +64,20 @@ OutputsKind = Literal["unchanged", "eager"]
 
 
 class Sink(Protocol):
-    """Anything that takes finished batches: the HDF5 writer, a streaming reducer, your own callback."""
+    """Anything that takes finished batches: the HDF5 writer, a streaming reducer, your own callback.
+
+    A sink may also define ``take_inputs(batch, layer, tokens)``: the recording then hands it each layer's tokens
+    (B, N, d) in the layer's hook, as they are captured (not for a layer that runs several times a forward), so a
+    sink that needs only part of them (the anisotropy baseline: one row per image) keeps that part, and the
+    recording need not keep every layer's tokens until the batch ends (``keep_inputs``)."""
 
     def update(self, batch: BatchCapture) -> None: ...
+
+
+def takes_inputs(sink: Any) -> bool:
+    """Whether ``sink`` takes each layer's tokens in the layer's hook (``take_inputs``, :class:`Sink`), so that the
+    recording need not keep them to the batch's end for it."""
+    return callable(getattr(sink, "take_inputs", None))
 
 
 def parse_modes(modes: int | str | None) -> int | None | Literal["all"]:
@@ -108,6 +119,7 @@ class Recording:
         input: InputKind = "normed",
         augmented: bool = False,
         keep_inputs: bool = False,
+        keep_last: bool = True,
         sinks: Iterable[Sink] = (),
         spectrum: QKSpectrum | None = None,
         sites: Sequence[AttentionSite] | None = None,
@@ -145,8 +157,9 @@ class Recording:
                     f"(recorded layers: {recorded}); pick block indices among them or add them to layers."
                 )
         self.input: InputKind = input
-        self.keep_inputs = keep_inputs
+        self.keep_inputs, self.keep_last = keep_inputs, keep_last
         self.sinks: list[Sink] = list(sinks)
+        self._input_takers: list[Any] = []  # the sinks with take_inputs, as the batch began
         self.compute_dtype = compute_dtype
         self._qk_path = qk_path
         self.qk_spectrum: QKSpectrum | None = None
@@ -360,6 +373,7 @@ class Recording:
                                      qk_spectrum=self.qk_spectrum)
         self._calls.clear()
         self._outer = outer
+        self._input_takers = [s for s in self.sinks if takes_inputs(s)]
         self._rows_axis: tuple[AttentionSite, tuple[str, int, int], bool] | None = None  # the first rows layer, its
         # (stage, rows, tokens) and whether the query tokens were chosen (else the defaults of its grid)
 
@@ -411,7 +425,7 @@ class Recording:
         elif len(batch.ids) != size:
             raise QKHooksError(f"{len(batch.ids)} ids were given for a batch of {size} images; give one id per image.")
         self.images_seen += size
-        self.last = batch
+        self.last = batch if self.keep_last else None  # else freed once the sinks are done, before the next forward
         self._took_x = self._taking_x
         for layer, bias in batch.position_bias.items():
             before = self._bias.setdefault(layer, bias.clone())  # the layer's own copy, whatever the model reuses
@@ -463,6 +477,9 @@ class Recording:
                     self._qk_tokens[site.layer] = x
                 if self.keep_inputs:
                     cap.inputs = detached(x_modes)
+                if not site.joins_calls():  # a layer that runs several times keeps its tokens until its calls join
+                    for sink in self._input_takers:
+                        sink.take_inputs(self._current, site.layer, detached(x_modes))
                 for spec in specs:
                     cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, x.detach()))
                 relative = site.relative_term() if "full" in cap.attention else None  # SAM/ViTDet: kept with its maps
@@ -740,6 +757,9 @@ class Recording:
     def _last_batch(self, layer: Layer) -> BatchCapture:
         resolve_layer(layer, self.layers, self.module_paths, "this recording")  # unknown layers first, named
         if self.last is None:
+            if not self.keep_last:
+                raise QKHooksError("this recording hands each batch to its sinks only (keep_last=False, as "
+                                   "record_dataset's), so it keeps no last batch to read; record with keep_last=True.")
             raise QKHooksError("nothing recorded yet: run the model inside the context first.")
         return self.last
 
@@ -1197,7 +1217,11 @@ def record(model: nn.Module, **options: Any) -> Recording:
         input: ``"normed"`` (default, the exact tensor entering W_q/W_k: the modes then sum to the logits)
             or ``"residual"`` (the residual stream entering the block, as in Pan et al.'s figures).
         augmented: fold biases into the modes through x -> [x; 1].
-        keep_inputs: keep the captured tokens (B, N, d) per layer for sinks that need them.
+        keep_inputs: keep the captured tokens (B, N, d) per layer for sinks that need them (a sink with
+            ``take_inputs`` gets each layer's tokens in its hook without this: :class:`Sink`).
+        keep_last: keep the last batch as ``run.last``, read by ``run.query(l)`` and the like (default). False hands
+            each batch to the sinks only, so its arrays are freed before the next forward rather than held through
+            it (``record_dataset``).
         sinks: objects with ``update(batch)`` fed after each complete forward (a run writer, reducers).
         spectrum: a precomputed :class:`QKSpectrum` to reuse.
         sites: the model's attention sites, when already found (:func:`qkhooks.sites`); ``layers`` selects among them.

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from qkhooks._version import __version__
 from qkhooks.attention import parse_attention
 from qkhooks.capture import (BatchCapture, _model_sites, _refuse_maps_only_modes, _structure_key, modes_kept, parse_modes,
-                              record)
+                              record, takes_inputs)
 from qkhooks.data import ImageDataset, collate
 from qkhooks.data.sources import ItemStream, open_source, refuse_batching
 from qkhooks.data_files import absolute_spec, file_size_column
@@ -479,7 +479,8 @@ def record_dataset(
     if reducers is None or isinstance(reducers, Recipe):
         reducers = plan.reducers(modes_value, attention_specs, has_target)
     reducers = list(reducers)
-    keep_inputs = opts.keep_inputs or any(r.needs_inputs for r in reducers)
+    keep_inputs = opts.keep_inputs or any(r.needs_inputs and not takes_inputs(r) for r in reducers) or (
+        any(map(takes_inputs, reducers)) and any(s.joins_calls() for s in sites))  # those keep their tokens
 
     resolved = dataclasses.replace(opts, modes=modes_value, layers=tuple(s.layer for s in sites),
                                    attention=tuple(attention_specs))
@@ -492,6 +493,7 @@ def record_dataset(
     recording = record(  # built (and so checked) before any file is touched; hooks go on below
         net, modes=modes_value, layers=[s.layer for s in sites], attention=attention_specs, input=opts.input,
         augmented=opts.augmented, keep_inputs=keep_inputs, sites=sites, outputs=opts.outputs,  # type: ignore[arg-type]
+        keep_last=False,  # the sinks take each batch; held as run.last, its arrays would live through the next forward
     )
     writer, mode = None, None
     start, done = lo, 0

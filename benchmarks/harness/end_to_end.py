@@ -113,8 +113,8 @@ def _record_parts(net: torch.nn.Module, batch: int, device: torch.device, steps:
         sinks = [Timed("topk_modes", TopKModes()), Timed("anisotropy", AnisotropyReducer()),
                  Timed("writer_handoff", WriterSink(writer))]
         times: dict[str, float] = {}
-        for label, options in (("plain_forward", None), ("forward_with_capture", {"modes": 16, "keep_inputs": True}),
-                               ("forward_with_sinks", {"modes": 16, "keep_inputs": True, "sinks": sinks})):
+        for label, options in (("plain_forward", None), ("forward_with_capture", {"modes": 16}),
+                               ("forward_with_sinks", {"modes": 16, "sinks": sinks})):
             with contextlib.ExitStack() as stack:  # record() entered once, as record_dataset does
                 run = net if options is None else stack.enter_context(qkhooks.record(net, **options))
                 for i in range(steps + 1):

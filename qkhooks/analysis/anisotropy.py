@@ -9,6 +9,7 @@ over images (:mod:`qkhooks.readings`).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -48,6 +49,10 @@ class AnisotropyReducer(Reducer):
         self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
         self.sums: dict[int, torch.Tensor] = {}
         self.count: dict[int, int] = {}
+        # take_inputs' centre rows (B, d) and token counts per layer, for the batch it saw (a weak reference, so a
+        # batch whose forward failed is not kept alive); update folds them, or refuses the batch, and drops them
+        self._taken_from: "weakref.ref[BatchCapture] | None" = None
+        self._taken: dict[int, tuple[torch.Tensor, int]] = {}
 
     def __repr__(self) -> str:
         return f"AnisotropyReducer(layers={sorted(self.sums)}, images={max(self.count.values(), default=0)})"
@@ -69,14 +74,20 @@ class AnisotropyReducer(Reducer):
         prefix, (rows, cols) = layer_grid(batch.meta, layer, int(x.shape[1]), self.num_prefix_tokens, self.grid)
         return x[:, prefix + (rows // 2) * cols + cols // 2]
 
+    def take_inputs(self, batch: BatchCapture, layer: int, tokens: torch.Tensor) -> None:
+        """One layer's tokens (B, N, d), handed over by the recording in the layer's hook: only the centre patch's
+        row is kept (a copy), so the recording need not keep every layer's tokens until the batch ends (a ViT-B batch
+        of 16: 116 MB). Nothing is folded here: :meth:`update` folds the batch's rows, or refuses the batch whole."""
+        if self._taken_from is None or self._taken_from() is not batch:
+            self._taken_from, self._taken = weakref.ref(batch), {}
+        self._taken[layer] = (self.centre_embeddings(batch, layer, _checked_tokens(layer, tokens)).clone(),
+                              int(tokens.shape[1]))
+
     def update(self, batch: BatchCapture) -> None:
-        """Fold one batch: every layer whose tokens were kept."""
-        layers = {l: c.inputs for l, c in batch.captures.items() if c.inputs is not None}
-        if not layers:
-            raise QKHooksError("AnisotropyReducer needs the captured tokens: record with keep_inputs=True.")
-        centres, stacked = self._finite_centres(batch, layers)  # every layer's first: a refused batch changes nothing
+        """Fold one batch: every layer's centre rows, taken in its hook (:meth:`take_inputs`) or from its kept tokens."""
+        centres, stacked, tokens = self._batch_centres(batch)  # every layer's first: a refused batch changes nothing
         if self.num_prefix_tokens is None:
-            self.num_prefix_tokens = resolve_prefix(None, batch.meta, int(layers[min(layers)].shape[1]))
+            self.num_prefix_tokens = resolve_prefix(None, batch.meta, tokens)
         for layer, z in centres.items():
             if layer in self.sums and self.sums[layer].shape[0] != z.shape[-1]:
                 raise QKHooksError(f"layer {layer}: width {z.shape[-1]} differs from the earlier {self.sums[layer].shape[0]}.")
@@ -106,17 +117,31 @@ class AnisotropyReducer(Reducer):
             for layer in members:
                 self.count[layer] = self.count.get(layer, 0) + int(next(counts))
 
-    def _finite_centres(self, batch: BatchCapture,
-                        layers: Mapping[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """Layer -> (B, d) centre embeddings in the accumulation dtype, in layer order, and their (L, B, d) stack where
+    def _batch_centres(self, batch: BatchCapture) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, int]:
+        """Layer -> (B, d) centre embeddings in the accumulation dtype, in layer order, for every recorded layer of
+        ``batch``: taken in its hook (:meth:`take_inputs`) or read off its kept tokens. Also their (L, B, d) stack where
         every layer's are of one shape, dtype and device, else None (the dict's values are views of the stack, which
-        :meth:`update` folds as it is rather than stacking them again); a batch with a NaN or inf among them is refused
-        (:func:`~qkhooks.reducers.refuse_non_finite`) before the state changes."""
+        :meth:`update` folds as it is rather than stacking them again), and the first layer's token count. A batch
+        with a NaN or inf among them is refused (:func:`~qkhooks.reducers.refuse_non_finite`) before the state
+        changes; so is one with a layer whose tokens were neither taken nor kept."""
+        taken = self._taken if self._taken_from is not None and self._taken_from() is batch else {}
+        self._taken_from, self._taken = None, {}
+        kept = {l: c.inputs for l, c in batch.captures.items() if c.inputs is not None and l not in taken}
+        if not taken and not kept:
+            raise QKHooksError(f"{type(self).__name__} needs the captured tokens: record with keep_inputs=True.")
+        missing = sorted(set(batch.captures) - set(taken) - set(kept))
+        if missing:
+            raise QKHooksError(f"{type(self).__name__} got no tokens of layer(s) {missing} (a layer that runs several "
+                               "times a forward hands its tokens over only once its calls are joined): record with "
+                               "keep_inputs=True.")
         centres: dict[int, torch.Tensor] = {}
-        for layer, x in sorted(layers.items()):
-            if x.dim() != 3:
-                raise QKHooksError(f"layer {layer}: tokens must be (batch, tokens, dim), got {tuple(x.shape)}.")
-            centres[layer] = self.centre_embeddings(batch, layer, x)
+        counts: dict[int, int] = {}
+        for layer in sorted({*taken, *kept}):
+            if layer in taken:
+                centres[layer], counts[layer] = taken[layer]
+            else:
+                x = _checked_tokens(layer, kept[layer])
+                centres[layer], counts[layer] = self.centre_embeddings(batch, layer, x), int(x.shape[1])
         shapes = {(tuple(z.shape), z.dtype, z.device) for z in centres.values()}
         stacked = None
         if len(shapes) == 1:  # one stack, one cast and one check for all layers (a GPU launches 4 kernels, not 36)
@@ -129,7 +154,7 @@ class AnisotropyReducer(Reducer):
                        for layer, z in centres.items()}
             finite = torch.stack([torch.isfinite(z).all(-1) for z in centres.values()])
         refuse_non_finite(finite, list(centres), batch, type(self).__name__, "centre-patch embeddings")
-        return centres, stacked
+        return centres, stacked, counts[min(counts)]
 
     def merge(self, other: Reducer) -> None:
         """Fold a reducer that saw a disjoint set of images."""
@@ -201,8 +226,7 @@ class CentreEmbeddings(AnisotropyReducer):
         room = self.max_images - self._images()
         if room <= 0:
             return
-        layers = {l: c.inputs for l, c in batch.captures.items() if c.inputs is not None}
-        for layer, z in self._finite_centres(batch, layers)[0].items():
+        for layer, z in self._batch_centres(batch)[0].items():
             z = z[:room].double()
             z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-300)
             self.vectors.setdefault(layer, []).append(z.float().cpu().numpy())
@@ -227,6 +251,12 @@ class CentreEmbeddings(AnisotropyReducer):
         layers = np.asarray(state["layers"]).reshape(-1)
         widths = _widths(state, len(layers))
         self.vectors = {int(l): [vectors[:, i, :widths[i]]] for i, l in enumerate(layers)}
+
+
+def _checked_tokens(layer: int, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 3:
+        raise QKHooksError(f"layer {layer}: tokens must be (batch, tokens, dim), got {tuple(x.shape)}.")
+    return x
 
 
 def _stack_widths(arrays: list[np.ndarray], axis: int) -> np.ndarray:
