@@ -101,3 +101,20 @@ def test_ratio_samples_at_measurement_equal_the_ratios_re_read_from_the_json_ent
     assert ratio_samples(flat, None, "a", "plain") == [2.0, 2.0]
     assert paired_summary({n: {"cpu_s": v} for n, v in flat.items()}, "a", "plain", "cpu")["median"] == 2.0
     assert paired_summary({"a": {"cpu_s": [1.0]}, "plain": {"cpu_s": [1.0, 2.0]}}, "a", "plain", "cpu") is None
+
+
+def test_the_end_to_end_parts_time_every_default_sink_including_the_anisotropy_rows_taken_in_hooks():
+    """``_record_parts`` wraps each sink to time it: the anisotropy reducer, which takes each layer's tokens in the
+    layer's hook (round 29), must get them through the wrapper (it refused the batch before the wrapper passed
+    ``take_inputs`` on), and its time is counted as its part."""
+    import timm
+    import torch
+
+    from harness.end_to_end import _record_parts
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2).eval()
+    parts = _record_parts(net, 2, torch.device("cpu"), steps=1)
+    assert {"plain_forward", "forward_with_capture", "forward_with_sinks", "writer_thread_cpu", "topk_modes",
+            "anisotropy", "writer_handoff"} <= set(parts)
+    assert parts["anisotropy"] > 0 and parts["topk_modes"] > 0

@@ -93,6 +93,7 @@ def _record_parts(net: torch.nn.Module, batch: int, device: torch.device, steps:
     ``record_dataset`` does), and the writer thread's CPU."""
     import qkhooks
     from qkhooks.analysis.modes import AnisotropyReducer, TopKModes
+    from qkhooks.capture import takes_inputs
     from qkhooks.store import RunWriter
     from qkhooks.stream import WriterSink
 
@@ -101,11 +102,19 @@ def _record_parts(net: torch.nn.Module, batch: int, device: torch.device, steps:
     class Timed:
         def __init__(self, name: str, sink: Any):
             self.name, self.sink = name, sink
+            if takes_inputs(sink):  # each layer's tokens in its hook, timed as the same part
+                self.take_inputs = self._timed(sink.take_inputs)
+
+        def _timed(self, method: Callable[..., None]) -> Callable[..., None]:
+            def timed(*args: Any) -> None:
+                t0 = time.thread_time()
+                method(*args)
+                spent[self.name] = spent.get(self.name, 0.0) + time.thread_time() - t0
+
+            return timed
 
         def update(self, b: Any) -> None:
-            t0 = time.thread_time()
-            self.sink.update(b)
-            spent[self.name] = spent.get(self.name, 0.0) + time.thread_time() - t0
+            self._timed(self.sink.update)(b)
 
     images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
     with tempfile.TemporaryDirectory(prefix="qkhooks-parts-") as tmp:
