@@ -7,8 +7,8 @@ library's maps ("tokens", the current layout on the CPU for few modes) exactly.
 
 Round 28 on the AMD EPYC VM (1 thread), two runs: tokens 1.29 / 1.91 ms, one product over the batch (the accelerator's
 layout, the same contiguous output) 1.14 / 0.93, block-diagonal Linear 3.11 / 2.89, one product per image 1.18 / 1.17.
-Round 15 chose "tokens" on the CPU for few modes (18-26 % faster then); these runs disagree, so the choice wants a
-whole-forward A/B before it changes.
+Round 15 chose "tokens" on the CPU for few modes (18-26 % faster then); these runs disagree, so round 29 ran the
+whole-forward A/B (``benchmarks/round29_layout_ab.py``): no difference, "tokens" stays.
 """
 
 from __future__ import annotations
