@@ -86,6 +86,8 @@ KILLS_R27B = "tests/test_mutation_kills_r27b.py"
 KILLS_R28 = "tests/test_mutation_kills_r28.py"
 # Round 28 (stale): kills of `RunWriter._check_whole`'s mutants (resumes of killed or damaged runs), module "round21".
 KILLS_R28B = "tests/test_mutation_kills_r28b.py"
+# Round 29 (mutation): the kill tests of round 29's library code (module "round29").
+KILLS_R29 = "tests/test_mutation_kills_r29.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -393,6 +395,18 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # (the pinned block, the copy, the event) run only where torch sees a GPU. --only ROUND28B.
     "round28b": (["qkhooks/store/writer.py"], ["tests/test_writer_handoff_r28.py", "tests/test_store.py"],
                  "test_writer_handoff_r28 or (test_store and (float16_storage or commits_whole_batches))"),
+    # Round 29 (mutation): round 29's library code (`e52c7d9..0c36b52`): the anisotropy baseline's centre rows taken in
+    # the layer's hook (`take_inputs`, `_batch_centres`), the recording's `takes_inputs` / `keep_last`, record_dataset's
+    # `keep_inputs` decision and `resumed_from`, the writer's `_statics_only`, and `record --resume`'s message, against
+    # their tests and the anisotropy tests. --only ROUND29.
+    "round29": (["qkhooks/analysis/anisotropy.py", "qkhooks/capture.py", "qkhooks/stream.py", "qkhooks/store/writer.py",
+                 "qkhooks/cli/record.py"],
+                ["tests/test_taken_inputs_r29.py", "tests/test_newcomer_r28.py", "tests/test_reducer_ops_r27.py",
+                 "tests/test_reducers.py", "tests/test_modes.py", "tests/test_mutation_kills_r27.py", KILLS_R29],
+                "test_taken_inputs_r29 or test_mutation_kills_r29 or "
+                "(test_newcomer_r28 and (resume_says or ended_with_no_image or statics_only_resume)) or "
+                "(test_reducer_ops_r27 and anisotropy) or (test_reducers and (anisotropy or centre)) or "
+                "(test_modes and anisotropy_equals) or (test_mutation_kills_r27 and anisotropy)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -552,10 +566,13 @@ ROUND27B = ("commits:bb42916..dcf6012",)
 ROUND28 = ("commits:f2eeb12..f1e0255",)
 # The lead's writer commit of round 28, for `--only` with the module "round28b" (`32f78fc`: the packed hand-off).
 ROUND28B = ("commits:25caf9a..32f78fc",)
+# Round 29's library commits, for `--only` with the module "round29" (`e52c7d9..0c36b52`: the anisotropy baseline's
+# centre rows taken in the layer's hook, keep_last, the statics-only resume fixed at open, the resume's message).
+ROUND29 = ("commits:e52c7d9..0c36b52",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
-              "ROUND28B": ROUND28B}
+              "ROUND28B": ROUND28B, "ROUND29": ROUND29}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
