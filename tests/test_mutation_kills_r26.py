@@ -314,6 +314,19 @@ def library_files_changed(base: str, head: str) -> list[str]:
                           text=True, check=True).stdout.split()
 
 
+def check_round_module(module: str, named_set: str, base: str, head: str, library_commits: int) -> None:
+    """The harness's ``module`` and its named set: every file to mutate and every test file exists, the selection names
+    only test files it selects, the set is the commit range ``base..head``, which resolves in this checkout to
+    ``library_commits`` commits under qkhooks/, and every library file they changed is mutated."""
+    mutation = _harness()
+    files = module_files(mutation, module)
+    assert mutation.NAMED_SETS[named_set] == getattr(mutation, named_set) == (f"commits:{base}..{head}",)
+    assert set(library_files_changed(base, head)) == set(files)
+    library = subprocess.run(["git", "rev-list", f"{base}..{head}", "--", "qkhooks"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert len(library) == library_commits and set(library) <= set(commits_in(f"{base}..{head}"))
+
+
 def test_the_round26_module_names_files_and_tests_that_exist_and_round_25s_commits():
     """The harness's module "round26" and its named set ROUND25: every file to mutate and every test file exists, the
     selection names only test files it selects, and the commit range resolves in this checkout to round 25's 20 commits (merges included)

@@ -4,24 +4,12 @@ each); and the harness's round28 module and stale-free named sets kept consisten
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
 
-from test_mutation_kills_r25 import _harness
-from test_mutation_kills_r26 import commits_in, library_files_changed, module_files
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from test_mutation_kills_r26 import check_round_module
 
 # ------------------------------------------------------------------------------------ tests/mutation.py: round28
 def test_the_round28_module_names_files_and_tests_that_exist_and_round_28s_commits():
     """The harness's module "round28" and its named set ROUND28: every file to mutate and every test file exists, the
     selection names only test files it selects, the commit range resolves in this checkout to round 28's library
     commits, and every library file they changed is mutated."""
-    mutation = _harness()
-    files = module_files(mutation, "round28")
-    assert mutation.NAMED_SETS["ROUND28"] == mutation.ROUND28 == ("commits:f2eeb12..f1e0255",)
-    assert set(library_files_changed("f2eeb12", "f1e0255")) == set(files)
-    library = subprocess.run(["git", "rev-list", "f2eeb12..f1e0255", "--", "qkhooks"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.split()
-    assert len(library) == 2 and set(library) <= set(commits_in("f2eeb12..f1e0255"))
+    check_round_module("round28", "ROUND28", "f2eeb12", "f1e0255", library_commits=2)
