@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from test_mutation_kills_r26 import check_round_module
 
+
 # ------------------------------------------------------------------------------------ tests/mutation.py: round28
 def test_the_round28_module_names_files_and_tests_that_exist_and_round_28s_commits():
     """The harness's module "round28" and its named set ROUND28: every file to mutate and every test file exists, the
