@@ -5,7 +5,6 @@ each); and the harness's round29 module kept consistent."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import timm
