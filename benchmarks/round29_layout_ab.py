@@ -25,8 +25,9 @@ import qkhooks.projector as projector
 
 
 def main() -> None:
-    name = sys.argv[1] if len(sys.argv) > 1 else "vit_tiny_patch16_224"
-    batch, threads, rounds = (int(a) for a in (sys.argv[2:5] + ["16", "1", "20"][len(sys.argv[2:5]):]))
+    given = sys.argv[1:5]
+    name, *numbers = given + ["vit_tiny_patch16_224", "16", "1", "20"][len(given):]
+    batch, threads, rounds = map(int, numbers)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
