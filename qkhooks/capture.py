@@ -67,9 +67,10 @@ class Sink(Protocol):
     """Anything that takes finished batches: the HDF5 writer, a streaming reducer, your own callback.
 
     A sink may also define ``take_inputs(batch, layer, tokens)``: the recording then hands it each layer's tokens
-    (B, N, d) in the layer's hook, as they are captured (not for a layer that runs several times a forward), so a
-    sink that needs only part of them (the anisotropy baseline: one row per image) keeps that part, and the
-    recording need not keep every layer's tokens until the batch ends (``keep_inputs``)."""
+    (B, N, d) in the layer's hook, as they are captured (a layer that runs several times a forward: all its calls
+    at once, when they are joined as the batch ends), so a sink that needs only part of them (the anisotropy
+    baseline: one row per image) keeps that part, and the recording need not keep every layer's tokens until the
+    batch ends (``keep_inputs``)."""
 
     def update(self, batch: BatchCapture) -> None: ...
 
@@ -475,9 +476,12 @@ class Recording:
                     cap.query, cap.key = self._x_maps(site, projector, x, x_modes)
                 elif site.layer in self._from_qk:  # kept for the q/k hook, should this call's q/k be below float32
                     self._qk_tokens[site.layer] = x
-                if self.keep_inputs:
-                    cap.inputs = detached(x_modes)
-                if not site.joins_calls():  # a layer that runs several times keeps its tokens until its calls join
+                if site.joins_calls():  # one call of several: its tokens are kept, and handed over once joined
+                    if self.keep_inputs or self._input_takers:
+                        cap.inputs = detached(x_modes)
+                else:
+                    if self.keep_inputs:
+                        cap.inputs = detached(x_modes)
                     for sink in self._input_takers:
                         sink.take_inputs(self._current, site.layer, detached(x_modes))
                 for spec in specs:
@@ -528,10 +532,22 @@ class Recording:
         self._calls.setdefault(site.layer, []).append(self._current.captures[site.layer])  # type: ignore[union-attr]
 
     def _join_calls(self, batch: BatchCapture) -> None:
-        """Each layer that ran several times: its calls as one capture, batch axis image-major (b·T + t for T calls)."""
+        """Each layer that ran several times: its calls as one capture, batch axis image-major (b·T + t for T calls).
+        The sinks that take inputs get each joining layer's tokens here, all its calls at once (its hook saw one call
+        only); they are kept in the capture only with ``keep_inputs``."""
         calls, self._calls = self._calls, {}
         for layer, earlier in calls.items():
             batch.captures[layer] = _joined_calls(earlier + [batch.captures[layer]])
+        if not self._input_takers:
+            return
+        for site in self.sites:
+            cap = batch.captures.get(site.layer)
+            if cap is None or not site.joins_calls():
+                continue
+            for sink in self._input_takers:
+                sink.take_inputs(batch, site.layer, cap.inputs)
+            if not self.keep_inputs:
+                cap.inputs = None
 
     def _x_maps(self, site: AttentionSite, projector: ModeProjector, x: torch.Tensor,
                 x_modes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -479,8 +479,7 @@ def record_dataset(
     if reducers is None or isinstance(reducers, Recipe):
         reducers = plan.reducers(modes_value, attention_specs, has_target)
     reducers = list(reducers)
-    keep_inputs = opts.keep_inputs or any(r.needs_inputs and not takes_inputs(r) for r in reducers) or (
-        any(map(takes_inputs, reducers)) and any(s.joins_calls() for s in sites))  # those keep their tokens
+    keep_inputs = opts.keep_inputs or any(r.needs_inputs and not takes_inputs(r) for r in reducers)
 
     resolved = dataclasses.replace(opts, modes=modes_value, layers=tuple(s.layer for s in sites),
                                    attention=tuple(attention_specs))

@@ -92,9 +92,10 @@ def test_a_batch_without_tokens_is_refused_by_the_reducers_own_name(reducer_type
         reducer_type().update(none)
     some = BatchCapture(ids=[], meta={"num_prefix_tokens": 1, "grid": (3, 3)},
                         layers={0: LayerCapture(0, 2, inputs=x), 1: LayerCapture(1, 2)}, offset=0)
-    with pytest.raises(QKHooksError, match=rf"^{reducer_type.__name__} got no tokens of layer\(s\) \[1\] \(a layer "
-                                           r"that runs several times a forward hands its tokens over only once its "
-                                           r"calls are joined\): record with keep_inputs=True\.$"):
+    with pytest.raises(QKHooksError, match=rf"^{reducer_type.__name__} got no tokens of layer\(s\) \[1\]: the "
+                                           r"recording neither handed them over .* nor kept them; pass this reducer "
+                                           r"in record\(\.\.\., sinks=\[\.\.\.\]\), or record with "
+                                           r"keep_inputs=True\.$"):
         reducer_type().update(some)
 
 

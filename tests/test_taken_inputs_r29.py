@@ -119,16 +119,17 @@ def test_a_layer_whose_tokens_were_neither_taken_nor_kept_is_refused_by_name():
     batch = _batch(tokens, inputs=False)
     for layer in (0, 2):
         reducer.take_inputs(batch, layer, tokens[layer])
-    with pytest.raises(QKHooksError, match=r"got no tokens of layer\(s\) \[1\] .* keep_inputs=True"):
+    with pytest.raises(QKHooksError, match=r"got no tokens of layer\(s\) \[1\]: .* or record with keep_inputs=True"):
         reducer.update(batch)
     assert reducer.sums == {}
     with pytest.raises(QKHooksError, match="needs the captured tokens: record with keep_inputs=True"):
         reducer.update(_batch(tokens, inputs=False))
 
 
-def test_a_layer_run_once_per_frame_hands_no_tokens_in_its_hook_so_the_baseline_asks_for_kept_tokens():
-    """VidEoMT's per-frame layers join their calls at the batch's end: a hook sees one frame's call only, so it hands
-    nothing over, and without kept tokens the baseline refuses those layers by name rather than fold a part."""
+def test_a_layer_run_once_per_frame_hands_over_all_its_calls_once_joined_and_keeps_no_tokens_after():
+    """VidEoMT's per-frame layers join their calls at the batch's end (a hook sees one frame's call only): the
+    recording keeps their tokens until then, hands the joined (B·T, N, d) tokens over once, and drops them. What a
+    taking sink gets equals what ``keep_inputs=True`` keeps, layer by layer."""
     import transformers
 
     torch.manual_seed(0)
@@ -136,9 +137,26 @@ def test_a_layer_run_once_per_frame_hands_no_tokens_in_its_hook_so_the_baseline_
                                         image_size=32, patch_size=8, num_queries=5, num_blocks=2)
     model = transformers.VideomtForUniversalSegmentation(config).eval()
     clip = torch.randn(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with pytest.raises(QKHooksError, match=r"got no tokens of layer\(s\) \[1, 2\]"):
-        with torch.no_grad(), qkhooks.record(model, modes=0, attention="full", sinks=[AnisotropyReducer()]):
-            model(pixel_values_videos=clip)
+
+    class Taker:
+        def __init__(self):
+            self.taken: list[tuple[int, torch.Tensor]] = []
+
+        def take_inputs(self, batch, layer, tokens):
+            self.taken.append((layer, tokens.clone()))
+
+        def update(self, batch):
+            pass
+
+    taker = Taker()
+    with torch.no_grad(), qkhooks.record(model, modes=0, attention="full", sinks=[taker]) as run:
+        model(pixel_values_videos=clip)
+        assert all(c.inputs is None for c in run.last.captures.values())
+    with torch.no_grad(), qkhooks.record(model, modes=0, attention="full", keep_inputs=True) as kept:
+        model(pixel_values_videos=clip)
+    assert [layer for layer, _ in taker.taken] == [0, 1, 2]  # one hand-over a layer, the joined ones at the end
+    for layer, tokens in taker.taken:
+        assert tokens.shape[0] == 6 and torch.equal(tokens, kept.inputs(layer))  # 2 clips x 3 frames
 
 
 def test_keep_last_false_hands_batches_to_the_sinks_only_and_frees_them_before_the_next_forward():

@@ -131,9 +131,9 @@ class AnisotropyReducer(Reducer):
             raise QKHooksError(f"{type(self).__name__} needs the captured tokens: record with keep_inputs=True.")
         missing = sorted(set(batch.captures) - set(taken) - set(kept))
         if missing:
-            raise QKHooksError(f"{type(self).__name__} got no tokens of layer(s) {missing} (a layer that runs several "
-                               "times a forward hands its tokens over only once its calls are joined): record with "
-                               "keep_inputs=True.")
+            raise QKHooksError(f"{type(self).__name__} got no tokens of layer(s) {missing}: the recording neither "
+                               "handed them over (it does so for the sinks it holds as the batch begins) nor kept them; "
+                               "pass this reducer in record(..., sinks=[...]), or record with keep_inputs=True.")
         centres: dict[int, torch.Tensor] = {}
         counts: dict[int, int] = {}
         for layer in sorted({*taken, *kept}):
