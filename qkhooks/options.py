@@ -141,8 +141,8 @@ class RecordOptions:
                                 doc="Write the per-image mode maps (False keeps only the reducers' states and the "
                                     "attention maps).")
 
-    keep_inputs: bool = _option(False, doc="Keep the captured tokens for the reducers (switched on anyway when a "
-                                           "reducer needs them).")
+    keep_inputs: bool = _option(False, doc="Keep every layer's captured tokens to the batch's end (switched on anyway "
+                                           "when a reducer needs them and does not take them in the layer hooks).")
 
     checkpoint_every: int = _option(8, doc="Batches between checkpoints of the reducers' states (a resume redoes at "
                                            "most this many).")

@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import weakref
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -27,8 +28,8 @@ import torch
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
 
-__all__ = ["Reducer", "Recipe", "to_numpy_state", "reducer_class", "register_recipe", "recipe", "refuse_non_finite",
-           "DESCRIPTION_KEY"]
+__all__ = ["Reducer", "Recipe", "TakenParts", "to_numpy_state", "reducer_class", "register_recipe", "recipe",
+           "refuse_non_finite", "DESCRIPTION_KEY"]
 
 DESCRIPTION_KEY = "_reducer"
 """State key of a saved reducer's description: the UTF-8 bytes (a uint8 array, stored like any other state
@@ -49,7 +50,8 @@ class Reducer:
     Class attributes:
         name: its kind: the key under ``/reducers/`` in the run file and in the registry (a subclass that
             sets its own ``name`` registers itself under it; :meth:`from_state` finds it there).
-        needs_inputs: the reducer reads the captured tokens (B, N, d), so the recording must keep them.
+        needs_inputs: the reducer reads the captured tokens (B, N, d): the recording keeps them to the batch's end
+            for it, unless it takes them in the layer hooks (``take_inputs``, :class:`TakenParts`).
         needs_modes: the reducer reads the query/key maps.
         image_index_fields: state arrays holding global image indices (-1: none); a merge of shards renumbers
             them to rows of the merged file.
@@ -167,6 +169,34 @@ class Reducer:
         if differ:
             settings = ", ".join(f"{k}={theirs[k]!r} (here {mine[k]!r})" for k in differ)
             raise QKHooksError(f"{what} {settings}; {fix}")
+
+
+class TakenParts:
+    """What a reducer computed from the tokens handed to it in the layer hooks of one batch (``take_inputs``,
+    :class:`~qkhooks.capture.Sink`), held until that batch's ``update`` folds it, so that a batch is folded whole or
+    not at all.
+
+    Weakly keyed to the batch: parts of a batch whose forward failed (no ``update`` follows) are never folded into the
+    next one, and do not keep it alive; the first part of a new batch drops them.
+    """
+
+    def __init__(self) -> None:
+        self._batch: "weakref.ref[BatchCapture] | None" = None
+        self._parts: dict[int, Any] = {}
+
+    def put(self, batch: BatchCapture, layer: int, part: Any) -> None:
+        if self._batch is None or self._batch() is not batch:
+            self._batch, self._parts = weakref.ref(batch), {}
+        self._parts[layer] = part
+
+    def pop(self, batch: BatchCapture) -> dict[int, Any]:
+        """Layer -> part of ``batch`` (nothing for another batch), and forget them all."""
+        parts = self._parts if self._batch is not None and self._batch() is batch else {}
+        self._batch, self._parts = None, {}
+        return parts
+
+    def __bool__(self) -> bool:
+        return self._batch is not None and self._batch() is not None
 
 
 def refuse_non_finite(finite: torch.Tensor, layers: Sequence[int], batch: BatchCapture, reducer: str,

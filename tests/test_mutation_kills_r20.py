@@ -254,8 +254,9 @@ def test_position_probes_on_a_batch_recorded_without_inputs_are_refused_naming_t
     batch = BatchCapture(["a", "b"], {}, {0: LayerCapture(0, 2, attention={})}, 0)
     with pytest.raises(QKHooksError) as err:
         probes.update(batch)
-    assert str(err.value) == ("PositionDecoding needs the tokens entering W_q/W_k: record with keep_inputs=True "
-                              "(record_dataset switches it on for reducers with needs_inputs).")
+    assert str(err.value) == ("PositionDecoding got no tokens entering W_q/W_k of layer 0: the recording neither "
+                              "handed them over (it does so for the sinks it holds as the batch begins) nor kept them; "
+                              "pass this reducer in record(..., sinks=[...]), or record with keep_inputs=True.")
 
 
 # ------------------------------------------------------------------------------------------ modes kept

@@ -96,7 +96,7 @@ def test_a_non_finite_centre_taken_in_a_hook_refuses_the_batch_whole_and_leaves_
     with pytest.raises(QKHooksError, match="centre-patch embeddings"):
         reducer.update(batch)
     assert all(torch.equal(reducer.sums[l], state[0][l]) for l in state[0]) and reducer.count == state[1]
-    assert reducer._taken == {} and reducer._taken_from is None  # the refused batch's rows are gone
+    assert not reducer._taken and reducer._taken.pop(batch) == {}  # the refused batch's rows are gone
 
 
 def test_rows_taken_for_a_batch_whose_forward_failed_are_not_folded_into_the_next_and_do_not_keep_it_alive():
@@ -105,7 +105,7 @@ def test_rows_taken_for_a_batch_whose_forward_failed_are_not_folded_into_the_nex
     reducer.take_inputs(failed, 0, _tokens(0)[0] * 1000)  # the forward then fails: no update for this batch
     del failed
     gc.collect()
-    assert reducer._taken_from() is None  # a weak reference: the failed batch is not kept alive
+    assert not reducer._taken  # a weak reference: the failed batch is not kept alive
     tokens = _tokens(1)
     reducer.update(_batch(tokens, inputs=True))  # its tokens kept: folded from them alone
     reference = AnisotropyReducer()

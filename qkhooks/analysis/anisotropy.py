@@ -9,7 +9,6 @@ over images (:mod:`qkhooks.readings`).
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
 from qkhooks.readings import Pivots, pair_pivots
-from qkhooks.reducers import Reducer, refuse_non_finite
+from qkhooks.reducers import Reducer, TakenParts, refuse_non_finite
 from qkhooks.spectrum import head_weighted_cosines, mean_over_heads
 from qkhooks.analysis.geometry import grid_of, layer_geometry, layer_grid, resolve_prefix, tokens_on_grid
 
@@ -51,8 +50,7 @@ class AnisotropyReducer(Reducer):
         self.count: dict[int, int] = {}
         # take_inputs' centre rows (B, d) and token counts per layer, for the batch it saw (a weak reference, so a
         # batch whose forward failed is not kept alive); update folds them, or refuses the batch, and drops them
-        self._taken_from: "weakref.ref[BatchCapture] | None" = None
-        self._taken: dict[int, tuple[torch.Tensor, int]] = {}
+        self._taken = TakenParts()  # layer -> (B, d) centre rows and the token count, taken in the layer hooks
 
     def __repr__(self) -> str:
         return f"AnisotropyReducer(layers={sorted(self.sums)}, images={max(self.count.values(), default=0)})"
@@ -78,10 +76,8 @@ class AnisotropyReducer(Reducer):
         """One layer's tokens (B, N, d), handed over by the recording in the layer's hook: only the centre patch's
         row is kept (a copy), so the recording need not keep every layer's tokens until the batch ends (a ViT-B batch
         of 16: 116 MB). Nothing is folded here: :meth:`update` folds the batch's rows, or refuses the batch whole."""
-        if self._taken_from is None or self._taken_from() is not batch:
-            self._taken_from, self._taken = weakref.ref(batch), {}
-        self._taken[layer] = (self.centre_embeddings(batch, layer, _checked_tokens(layer, tokens)).clone(),
-                              int(tokens.shape[1]))
+        centres = self.centre_embeddings(batch, layer, _checked_tokens(layer, tokens)).clone()
+        self._taken.put(batch, layer, (centres, int(tokens.shape[1])))
 
     def update(self, batch: BatchCapture) -> None:
         """Fold one batch: every layer's centre rows, taken in its hook (:meth:`take_inputs`) or from its kept tokens."""
@@ -124,8 +120,7 @@ class AnisotropyReducer(Reducer):
         :meth:`update` folds as it is rather than stacking them again), and the first layer's token count. A batch
         with a NaN or inf among them is refused (:func:`~qkhooks.reducers.refuse_non_finite`) before the state
         changes; so is one with a layer whose tokens were neither taken nor kept."""
-        taken = self._taken if self._taken_from is not None and self._taken_from() is batch else {}
-        self._taken_from, self._taken = None, {}
+        taken = self._taken.pop(batch)
         kept = {l: c.inputs for l, c in batch.captures.items() if c.inputs is not None and l not in taken}
         if not taken and not kept:
             raise QKHooksError(f"{type(self).__name__} needs the captured tokens: record with keep_inputs=True.")

@@ -104,10 +104,12 @@ def _tensor_pass(net: nn.Module, batches: Sequence[torch.Tensor], reducers: list
     from qkhooks.capture import record
 
     dtype = next(net.parameters()).dtype
-    with record(net, modes=None, layers=layers, input=input, keep_inputs=True, sinks=reducers) as run:
+    # the reducers take each layer's tokens in its hook (no tokens kept to the batch's end); the ids are the ones the
+    # recording would make, given up front so that the position probes split each layer's tokens there too
+    with record(net, modes=None, layers=layers, input=input, sinks=reducers) as run:
         for pixels in batches:
             with torch.no_grad():
-                run(pixels.to(device=device, dtype=dtype))
+                run(pixels.to(device=device, dtype=dtype), ids=[str(run.images_seen + i) for i in range(len(pixels))])
 
 
 def run_bfd(
@@ -213,7 +215,7 @@ def run_bfd(
         def one_pass(path: Path | None, reducers: list[Any]) -> None:
             record_dataset(loaded, data, path, modes=None, layers=chosen, input=input, reducers=reducers,
                            batch_size=batch_size, device=device, limit=limit, resume=resume, overwrite=overwrite,
-                           progress=progress, store_modes=False, keep_inputs=True,
+                           progress=progress, store_modes=False,
                            extra_config={"bfd": {"drop_prefix": drop_prefix, "holdout_every": holdout_every,
                                                  "decode": decode}})
 

@@ -19,6 +19,7 @@ the per-image CC and total energies and two per-mode products need streaming.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from qkhooks._devices import to_device
 from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, find_sites, select_layers
-from qkhooks.reducers import Reducer
+from qkhooks.reducers import Reducer, TakenParts
 from qkhooks.spectrum import LayerSpectrum, factored_svd
 
 __all__ = ["PositionMeans", "BFDEnergies", "PositionDecoding", "full_modes", "patch_targets", "layer_state",
@@ -80,10 +81,12 @@ def _state_layers(state: Mapping[str, Any]) -> list[int]:
 
 
 def _inputs(cap: LayerCapture, who: str) -> torch.Tensor:
+    """A layer's kept tokens, for a batch whose tokens were not handed to the reducer in the layer's hook."""
     if cap.inputs is None:
         raise QKHooksError(
-            f"{who} needs the tokens entering W_q/W_k: record with keep_inputs=True (record_dataset switches it "
-            "on for reducers with needs_inputs)."
+            f"{who} got no tokens entering W_q/W_k of layer {cap.layer}: the recording neither handed them over (it "
+            "does so for the sinks it holds as the batch begins) nor kept them; pass this reducer in "
+            "record(..., sinks=[...]), or record with keep_inputs=True."
         )
     return cap.inputs.detach()
 
@@ -125,23 +128,40 @@ class PositionMeans(Reducer):
         self.dtype = dtype
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
+        self._taken = TakenParts()  # layer -> the batch's token sum (N, d), taken in the layer hooks
+
+    def _check_shape(self, layer: int, total: torch.Tensor) -> None:
+        if layer in self.sums and self.sums[layer].shape != total.shape:
+            raise QKHooksError(
+                f"layer {layer}: tokens changed shape from {tuple(self.sums[layer].shape)} to {tuple(total.shape)}; "
+                "BFD needs one input size (one token count) for the whole dataset."
+            )
 
     def _add(self, layer: int, total: torch.Tensor, count: int) -> None:
         if layer not in self.sums:
             self.sums[layer], self.counts[layer] = total.clone(), count
             return
-        if self.sums[layer].shape != total.shape:
-            raise QKHooksError(
-                f"layer {layer}: tokens changed shape from {tuple(self.sums[layer].shape)} to {tuple(total.shape)}; "
-                "BFD needs one input size (one token count) for the whole dataset."
-            )
         self.sums[layer] += total.to(self.sums[layer])
         self.counts[layer] += count
 
+    def _wants(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def take_inputs(self, batch: BatchCapture, layer: int, tokens: torch.Tensor) -> None:
+        """One layer's tokens (B, N, d), in the layer's hook: summed over the images here, so the recording need
+        not keep them to the batch's end; :meth:`update` folds the batch's sums, or refuses the batch whole."""
+        if self._wants(layer):
+            self._taken.put(batch, layer, tokens.detach().to(self.dtype).sum(0))
+
     def update(self, batch: BatchCapture) -> None:
-        for layer, cap in batch.captures.items():
-            if self.layers is None or layer in self.layers:
-                self._add(layer, _inputs(cap, "PositionMeans").to(self.dtype).sum(0), cap.batch_size)
+        """Fold one batch, every layer's sum (taken in its hook or read off its kept tokens) checked first."""
+        taken = self._taken.pop(batch)
+        totals = {layer: taken[layer] if layer in taken else _inputs(cap, "PositionMeans").to(self.dtype).sum(0)
+                  for layer, cap in batch.captures.items() if self._wants(layer)}
+        for layer, total in totals.items():
+            self._check_shape(layer, total)
+        for layer, total in totals.items():
+            self._add(layer, total, batch.captures[layer].batch_size)
 
     def means(self) -> dict[int, torch.Tensor]:
         """Layer -> P (N, d), the per-position mean over images."""
@@ -152,6 +172,8 @@ class PositionMeans(Reducer):
     def merge(self, other: Reducer) -> None:
         self._check_same_kind(other)
         assert isinstance(other, PositionMeans)
+        for layer in sorted(other.sums):
+            self._check_shape(layer, other.sums[layer])
         for layer in sorted(other.sums):
             self._add(layer, other.sums[layer], other.counts[layer])
 
@@ -214,6 +236,7 @@ class BFDEnergies(Reducer):
         self.constants: dict[int, dict[str, torch.Tensor]] = {}
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
         self._work: dict[int, dict[str, torch.Tensor]] = {}  # the same constants, on the tokens' device
+        self._taken = TakenParts()  # layer -> the batch's increments (:meth:`_increments`), taken in the layer hooks
         for spec in spectra:
             if spec.layer not in means:
                 raise QKHooksError(f"no position means for layer {spec.layer}: run pass 1 over the same layers.")
@@ -252,7 +275,7 @@ class BFDEnergies(Reducer):
         reducer.num_prefix_tokens = int(config.get("num_prefix_tokens", 0))
         reducer.drop_prefix = bool(config.get("drop_prefix", False))
         reducer.layers = _state_layers(state)
-        reducer.constants, reducer.stats, reducer._work = {}, {}, {}
+        reducer.constants, reducer.stats, reducer._work, reducer._taken = {}, {}, {}, TakenParts()
         modes = {spec.layer: spec for spec in spectra or []}
         for layer in reducer.layers:
             saved = layer_state(state, layer)
@@ -270,41 +293,57 @@ class BFDEnergies(Reducer):
                 table.update({key: t.to(device=device, dtype=self.dtype) for key, t in table.items()})
         return work, st
 
-    def update(self, batch: BatchCapture) -> None:
+    def _increments(self, layer: int, tokens: torch.Tensor) -> dict[str, Any]:
+        """What one batch of one layer's tokens (B, N, d) adds to each of its sums."""
+        if layer not in self._work:
+            raise QKHooksError(
+                f"this BFDEnergies was rebuilt from a saved state without the model's modes of layer {layer}, so "
+                "it can merge and report but not update; pass spectra=full_modes(model) to BFDEnergies.from_state."
+            )
         start = self.num_prefix_tokens if self.drop_prefix else 0
-        for layer, cap in batch.captures.items():
-            if layer not in self.layers:
-                continue
-            if layer not in self._work:
-                raise QKHooksError(
-                    f"this BFDEnergies was rebuilt from a saved state without the model's modes of layer {layer}, so "
-                    "it can merge and report but not update; pass spectra=full_modes(model) to BFDEnergies.from_state."
-                )
-            x = _inputs(cap, "BFDEnergies")
-            w, st = self._on(layer, x.device)
-            x = x[:, start:].to(self.dtype)
-            if x.shape[1:] != w["P"].shape:
-                raise QKHooksError(
-                    f"layer {layer}: tokens of shape {tuple(x.shape[1:])} do not match the pass-1 position means "
-                    f"{tuple(w['P'].shape)}; both passes need the same images at the same size."
-                )
-            bsz, n = x.shape[:2]
-            h, _, k = w["qp"].shape
-            c = x - w["P"]
-            qc = (c @ w["U"]).view(bsz, n, h, k).transpose(1, 2)  # (B, H, N, K) content query maps
-            kc = (c @ w["V"]).view(bsz, n, h, k).transpose(1, 2)
-            qx, kx = qc + w["qp"], kc + w["kp"]  # maps of X = P + C
-            gqc, gkc = qc.transpose(-1, -2) @ qc, kc.transpose(-1, -2) @ kc  # (B, H, K, K)
-            gqx, gkx = qx.transpose(-1, -2) @ qx, kx.transpose(-1, -2) @ kx
-            st["images"] += bsz
-            st["gq_c"] += gqc.sum(0)
-            st["gk_c"] += gkc.sum(0)
-            st["cc"] += (w["ss"] * gqc * gkc).sum((0, -1, -2))
-            st["total"] += (w["ss"] * gqx * gkx).sum((0, -1, -2))
-            st["mode_cc"] += (gqc.diagonal(dim1=-2, dim2=-1) * gkc.diagonal(dim1=-2, dim2=-1)).sum(0)
-            st["mode_total"] += (gqx.diagonal(dim1=-2, dim2=-1) * gkx.diagonal(dim1=-2, dim2=-1)).sum(0)
-            st["content_ss"] += c.pow(2).sum()
-            st["content_sum"] += c.sum(0)
+        w, _ = self._on(layer, tokens.device)
+        x = tokens.detach()[:, start:].to(self.dtype)
+        if x.shape[1:] != w["P"].shape:
+            raise QKHooksError(
+                f"layer {layer}: tokens of shape {tuple(x.shape[1:])} do not match the pass-1 position means "
+                f"{tuple(w['P'].shape)}; both passes need the same images at the same size."
+            )
+        bsz, n = x.shape[:2]
+        h, _, k = w["qp"].shape
+        c = x - w["P"]
+        qc = (c @ w["U"]).view(bsz, n, h, k).transpose(1, 2)  # (B, H, N, K) content query maps
+        kc = (c @ w["V"]).view(bsz, n, h, k).transpose(1, 2)
+        qx, kx = qc + w["qp"], kc + w["kp"]  # maps of X = P + C
+        gqc, gkc = qc.transpose(-1, -2) @ qc, kc.transpose(-1, -2) @ kc  # (B, H, K, K)
+        gqx, gkx = qx.transpose(-1, -2) @ qx, kx.transpose(-1, -2) @ kx
+        return {
+            "images": bsz,
+            "gq_c": gqc.sum(0),
+            "gk_c": gkc.sum(0),
+            "cc": (w["ss"] * gqc * gkc).sum((0, -1, -2)),
+            "total": (w["ss"] * gqx * gkx).sum((0, -1, -2)),
+            "mode_cc": (gqc.diagonal(dim1=-2, dim2=-1) * gkc.diagonal(dim1=-2, dim2=-1)).sum(0),
+            "mode_total": (gqx.diagonal(dim1=-2, dim2=-1) * gkx.diagonal(dim1=-2, dim2=-1)).sum(0),
+            "content_ss": c.pow(2).sum(),
+            "content_sum": c.sum(0),
+        }
+
+    def take_inputs(self, batch: BatchCapture, layer: int, tokens: torch.Tensor) -> None:
+        """One layer's tokens (B, N, d), in the layer's hook: its increments are computed here, so the recording
+        need not keep the tokens to the batch's end; :meth:`update` folds the batch's, or refuses the batch whole."""
+        if layer in self.layers:
+            self._taken.put(batch, layer, self._increments(layer, tokens))
+
+    def update(self, batch: BatchCapture) -> None:
+        """Fold one batch: every layer's increments (taken in its hook or computed from its kept tokens) first, so
+        a refused layer leaves every sum as it was."""
+        taken = self._taken.pop(batch)
+        increments = {layer: taken[layer] if layer in taken else self._increments(layer, _inputs(cap, "BFDEnergies"))
+                      for layer, cap in batch.captures.items() if layer in self.layers}
+        for layer, added in increments.items():
+            st = self.stats[layer]
+            for key in _ENERGY_STATS:
+                st[key] += added[key]
 
     def _check_compatible(self, layers: Sequence[int], drop_prefix: bool, constants: Mapping[int, Mapping[str, Any]],
                           what: str) -> None:
@@ -392,6 +431,8 @@ class PositionDecoding(Reducer):
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.holdout_every = int(holdout_every)
         self.dtype = dtype
+        self._taken = TakenParts()  # layer -> the batch's increments per split, or its tokens (ids not yet known)
+        self._split: tuple[weakref.ref[BatchCapture], dict[torch.device, dict[int, torch.Tensor]]] | None = None
         self._set_up({l: means[l].to(torch.float64)[self.num_prefix_tokens :] for l in sorted(means)})
 
     def _set_up(self, patch_positions: Mapping[int, torch.Tensor]) -> None:
@@ -419,38 +460,70 @@ class PositionDecoding(Reducer):
         reducer.num_prefix_tokens = int(config["num_prefix_tokens"])
         reducer.holdout_every = int(config["holdout_every"])
         reducer.dtype = config.get("dtype", torch.float64)
+        reducer._taken, reducer._split = TakenParts(), None
         reducer._set_up({l: torch.as_tensor(layer_state(state, l)["P"], dtype=torch.float64) for l in _state_layers(state)})
         return reducer
 
+    def _rows(self, batch: BatchCapture, device: torch.device) -> dict[int, torch.Tensor]:
+        """Split -> the batch's row indices (0: training, 1: held out) on ``device``, made on the host once a batch
+        and moved once a device: a boolean mask on the device would make the host wait for the GPU in every layer
+        (the rows' count is read back)."""
+        if self._split is None or self._split[0]() is not batch:
+            held = torch.tensor([is_held_out(i, self.holdout_every) for i in batch.ids], dtype=torch.bool)
+            host = {split: torch.nonzero(mask).flatten() for split, mask in ((0, ~held), (1, held))}
+            self._split = weakref.ref(batch), {torch.device("cpu"): host}
+        moved = self._split[1]
+        if device not in moved:
+            moved[device] = {split: to_device(index, device) for split, index in moved[torch.device("cpu")].items()}
+        return moved[device]
+
+    def _increments(self, layer: int, tokens: torch.Tensor, batch: BatchCapture) -> dict[int, tuple]:
+        """Split -> (images, X^T X, sum X) one batch of one layer's tokens (B, N, d) adds."""
+        x = tokens.detach()[:, self.num_prefix_tokens :].to(self.dtype)
+        if x.shape[1:] != self.patch_positions[layer].shape:
+            raise QKHooksError(
+                f"layer {layer}: patch tokens of shape {tuple(x.shape[1:])} do not match the position means "
+                f"{tuple(self.patch_positions[layer].shape)}; both passes need the same images at the same size."
+            )
+        out = {}
+        for split, index in self._rows(batch, x.device).items():
+            if len(index):
+                part = x.index_select(0, index)
+                flat = part.reshape(-1, part.shape[-1])
+                out[split] = (len(index), flat.T @ flat, part.sum(0))
+        return out
+
+    def take_inputs(self, batch: BatchCapture, layer: int, tokens: torch.Tensor) -> None:
+        """One layer's tokens (B, N, d), in the layer's hook: with the batch's ids given (``record_dataset`` gives
+        them) its increments per split are computed here, so the recording need not keep the tokens to the batch's
+        end; else the tokens are held for :meth:`update` (the ids are made as the batch ends)."""
+        if layer not in self.stats:
+            return
+        if len(batch.ids) == tokens.shape[0]:
+            self._taken.put(batch, layer, self._increments(layer, tokens, batch))
+        else:
+            self._taken.put(batch, layer, tokens.detach())
+
     def update(self, batch: BatchCapture) -> None:
-        held = torch.tensor([is_held_out(i, self.holdout_every) for i in batch.ids], dtype=torch.bool)
-        # one split for all layers, as row indices made on the host: a boolean mask on the device would make the host
-        # wait for the GPU in every layer (the rows' count is read back), a host mask moved by .to() as well
-        rows = {split: torch.nonzero(mask).flatten() for split, mask in ((0, ~held), (1, held))}
-        moved: dict[tuple[int, torch.device], torch.Tensor] = {}
+        """Fold one batch: every layer's increments (taken in its hook, or computed from its tokens) first, so a
+        refused layer leaves every sum as it was."""
+        taken = self._taken.pop(batch)
+        increments = {}
         for layer, cap in batch.captures.items():
             if layer not in self.stats:
                 continue
-            x = _inputs(cap, "PositionDecoding")
+            part = taken[layer] if layer in taken else _inputs(cap, "PositionDecoding")
+            increments[layer] = part if isinstance(part, dict) else self._increments(layer, part, batch)
+        self._split = None
+        for layer, added in increments.items():
             st = self.stats[layer]
-            if st["xtx"].device != x.device:
-                st.update({key: t.to(x.device) for key, t in st.items()})
-            x = x[:, self.num_prefix_tokens :].to(self.dtype)
-            if x.shape[1:] != self.patch_positions[layer].shape:
-                raise QKHooksError(
-                    f"layer {layer}: patch tokens of shape {tuple(x.shape[1:])} do not match the position means "
-                    f"{tuple(self.patch_positions[layer].shape)}; both passes need the same images at the same size."
-                )
-            for split, index in rows.items():
-                if not len(index):
-                    continue
-                if (split, x.device) not in moved:
-                    moved[split, x.device] = to_device(index, x.device)
-                part = x.index_select(0, moved[split, x.device])
-                flat = part.reshape(-1, part.shape[-1])
-                st["images"][split] += len(index)
-                st["xtx"][split] += flat.T @ flat
-                st["sums"][split] += part.sum(0)
+            device = next(iter(added.values()))[1].device if added else st["xtx"].device
+            if st["xtx"].device != device:
+                st.update({key: t.to(device) for key, t in st.items()})
+            for split, (images, xtx, sums) in added.items():
+                st["images"][split] += images
+                st["xtx"][split] += xtx
+                st["sums"][split] += sums
 
     def merge(self, other: Reducer) -> None:
         self._check_same_kind(other)

@@ -1,0 +1,179 @@
+"""Round 30: the BFD reducers fold each layer's tokens in the layer's hook (``take_inputs``), as the anisotropy
+baseline does since round 29, so `qkhooks bfd` no longer keeps every layer's tokens (B, N, d) to the batch's end. The
+states must equal the ones folded from kept tokens bit for bit (and a direct numpy mean), and a batch is folded whole
+or refused whole, whichever way its tokens came."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import qkhooks
+from qkhooks.analysis.bfd_reducers import BFDEnergies, PositionDecoding, PositionMeans, full_modes
+from qkhooks.capture import BatchCapture, LayerCapture
+from qkhooks.errors import QKHooksError
+from qkhooks.spectrum import LayerSpectrum, factored_svd
+from qkhooks.stream import record_dataset
+
+
+def _tiny_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=3,
+                             num_heads=4).eval()
+
+
+def _images(seed: int, n: int = 4) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+class UpdateOnly:
+    """A sink that hands the reducer whole batches only (no ``take_inputs``): the kept-tokens path."""
+
+    def __init__(self, reducer):
+        self.reducer = reducer
+
+    def update(self, batch: BatchCapture) -> None:
+        self.reducer.update(batch)
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+def _two_ways(model, make, ids: bool = True) -> tuple:
+    """The same reducer fed in the layer hooks (no tokens kept) and from kept tokens, over the same two batches."""
+    taken, kept = make(), make()
+    kwargs = lambda run, n: {"ids": [f"img{run.images_seen + i}" for i in range(n)]} if ids else {}  # noqa: E731
+    with torch.no_grad(), qkhooks.record(model, modes=None, sinks=[taken]) as run:
+        for seed in (1, 2):
+            run(_images(seed), **kwargs(run, 4))
+            assert all(c.inputs is None for c in run.last.captures.values())  # nothing kept to the batch's end
+    with torch.no_grad(), qkhooks.record(model, modes=None, keep_inputs=True, sinks=[UpdateOnly(kept)]) as run:
+        for seed in (1, 2):
+            run(_images(seed), **kwargs(run, 4))
+    return taken, kept
+
+
+def test_position_means_taken_in_the_hooks_equal_kept_tokens_bit_for_bit_and_numpy():
+    model = _tiny_vit()
+    taken, kept = _two_ways(model, PositionMeans)
+    assert _states_equal(taken.state_dict(), kept.state_dict()) and taken.counts == {0: 8, 1: 8, 2: 8}
+    tokens: dict[int, list[np.ndarray]] = {}
+    with torch.no_grad(), qkhooks.record(model, modes=None, keep_inputs=True) as run:
+        for seed in (1, 2):
+            run(_images(seed))
+            for layer in run.layers:
+                tokens.setdefault(layer, []).append(run.inputs(layer).double().numpy())
+    for layer, means in taken.means().items():
+        np.testing.assert_allclose(means.numpy(), np.concatenate(tokens[layer]).mean(0), rtol=0, atol=1e-12)
+
+
+def test_bfd_energies_and_probes_taken_in_the_hooks_equal_kept_tokens_bit_for_bit():
+    model = _tiny_vit()
+    means, _ = _two_ways(model, PositionMeans)
+    spectra = full_modes(model)
+    taken, kept = _two_ways(model, lambda: BFDEnergies(spectra, means, num_prefix_tokens=1))
+    assert _states_equal(taken.state_dict(), kept.state_dict())
+    assert float(taken.stats[2]["images"]) == 8 and float(taken.stats[2]["total"].sum()) > 0
+    taken, kept = _two_ways(model, lambda: PositionDecoding(means, (4, 4), num_prefix_tokens=1, holdout_every=3))
+    assert _states_equal(taken.state_dict(), kept.state_dict())
+    assert taken.stats[0]["images"].tolist() == kept.stats[0]["images"].tolist() and sum(taken.stats[0]["images"]) == 8
+
+
+def test_position_probes_without_ids_hold_the_tokens_until_the_ids_are_made_and_split_as_given_ids_do():
+    """Live, without ids, the ids are made as the batch ends: the probes hold each layer's tokens until then, and the
+    split equals the one of the same ids given up front (folded in the hooks)."""
+    model = _tiny_vit()
+    means, _ = _two_ways(model, PositionMeans)
+    make = lambda: PositionDecoding(means, (4, 4), num_prefix_tokens=1, holdout_every=2)  # noqa: E731
+    without, given = make(), make()
+    with torch.no_grad(), qkhooks.record(model, modes=None, sinks=[without]) as run:
+        for seed in (1, 2):
+            run(_images(seed))
+    with torch.no_grad(), qkhooks.record(model, modes=None, sinks=[given]) as run:
+        for seed in (1, 2):
+            run(_images(seed), ids=[str(run.images_seen + i) for i in range(4)])
+    assert _states_equal(without.state_dict(), given.state_dict())
+    assert 0 < int(given.stats[1]["images"][1]) < 8  # both splits have images
+
+
+def _batch(tokens: dict[int, torch.Tensor], ids: list[str], inputs: bool = True) -> BatchCapture:
+    caps = {l: LayerCapture(l, x.shape[0], inputs=x if inputs else None) for l, x in tokens.items()}
+    return BatchCapture(ids=ids, meta={"num_prefix_tokens": 1}, layers=caps, offset=0)
+
+
+def _bfd_reducers() -> list:
+    g = torch.Generator().manual_seed(0)
+    means = {l: torch.randn(5, 6, generator=g, dtype=torch.float64) for l in (0, 1)}
+    spectra = [LayerSpectrum(l, *factored_svd(torch.randn(2, 3, 6, generator=g, dtype=torch.float64),
+                                              torch.randn(2, 3, 6, generator=g, dtype=torch.float64))) for l in (0, 1)]
+    return [PositionMeans(), BFDEnergies(spectra, means, num_prefix_tokens=1),
+            PositionDecoding(means, (2, 2), num_prefix_tokens=1, holdout_every=2)]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("taken", [True, False])
+def test_a_batch_with_one_layer_of_the_wrong_shape_is_refused_whole_whichever_way_its_tokens_came(which, taken):
+    """Layer 0's tokens fit, layer 1's have one token too many: nothing of the batch is folded, not even layer 0."""
+    reducer = _bfd_reducers()[which]
+    g = torch.Generator().manual_seed(1)
+    good = {l: torch.randn(3, 5, 6, generator=g, dtype=torch.float64) for l in (0, 1)}
+    first = _batch(good, ["a", "b", "c"])
+    reducer.update(first)
+    before = {k: np.array(v, copy=True) for k, v in reducer.state_dict().items()}
+    bad = {0: torch.randn(3, 5, 6, generator=g, dtype=torch.float64), 1: torch.randn(3, 6, 6, generator=g, dtype=torch.float64)}
+    batch = _batch(bad, ["d", "e", "f"], inputs=not taken)
+    with pytest.raises(QKHooksError, match="layer 1: .*tokens"):
+        if taken:
+            for layer, x in bad.items():
+                reducer.take_inputs(batch, layer, x)
+        reducer.update(batch)
+    assert _states_equal(reducer.state_dict(), before)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_parts_taken_for_a_batch_whose_forward_failed_are_not_folded_into_the_next_and_do_not_keep_it_alive(which):
+    g = torch.Generator().manual_seed(2)
+    tokens = {l: torch.randn(3, 5, 6, generator=g, dtype=torch.float64) for l in (0, 1)}
+    reducer, reference = _bfd_reducers()[which], _bfd_reducers()[which]
+    failed = _batch(tokens, ["a", "b", "c"], inputs=False)
+    reducer.take_inputs(failed, 0, tokens[0] * 1000)  # the forward then fails: no update for this batch
+    del failed
+    gc.collect()
+    assert not reducer._taken
+    for r in (reducer, reference):
+        r.update(_batch(tokens, ["a", "b", "c"]))
+    assert _states_equal(reducer.state_dict(), reference.state_dict())
+
+
+def test_a_layer_neither_handed_over_nor_kept_is_refused_naming_the_reducer_the_layer_and_both_fixes():
+    reducer = _bfd_reducers()[1]
+    g = torch.Generator().manual_seed(3)
+    tokens = {l: torch.randn(3, 5, 6, generator=g, dtype=torch.float64) for l in (0, 1)}
+    batch = _batch(tokens, ["a", "b", "c"], inputs=False)
+    reducer.take_inputs(batch, 0, tokens[0])
+    with pytest.raises(QKHooksError, match=r"^BFDEnergies got no tokens entering W_q/W_k of layer 1: .*sinks=\[\.\.\.\]\), "
+                                           r"or record with keep_inputs=True\.$"):
+        reducer.update(batch)
+    assert float(reducer.stats[0]["images"]) == 0
+
+
+def test_record_dataset_with_the_bfd_reducers_keeps_no_tokens_and_equals_kept_tokens(tmp_path):
+    model = _tiny_vit()
+    seen: list[bool] = []
+    common = dict(modes=None, limit=4, batch_size=2, progress=False, store_modes=False)
+
+    class KeptMeans(PositionMeans):  # the same reducer reading kept tokens: record_dataset keeps them for it
+        take_inputs = None
+
+    taken, kept = PositionMeans(), KeptMeans()
+    record_dataset(model, "samples", tmp_path / "a.h5", reducers=[taken], on_batch=lambda b: seen.append(
+        any(c.inputs is not None for c in b.captures.values())), **common)
+    record_dataset(model, "samples", tmp_path / "b.h5", reducers=[kept], on_batch=lambda b: seen.append(
+        all(c.inputs is not None for c in b.captures.values())), **common)
+    assert seen == [False, False, True, True]
+    assert _states_equal(taken.state_dict(), kept.state_dict()) and taken.counts == {0: 4, 1: 4, 2: 4}
