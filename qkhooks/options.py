@@ -160,10 +160,14 @@ class RecordOptions:
 
     # ------------------------------------------------------------------------------------------ the CLI
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add the ``qkhooks record`` flag of every option that has one (defaults: the fields')."""
+    def add_arguments(cls, parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+        """Add the ``qkhooks record`` flag of every option that has one (defaults: the fields'), or of the options
+        ``names`` only (another command that records a dataset, e.g. ``qkhooks bfd``, takes the same flags)."""
+        unknown = sorted(set(names or ()) - {f.name for f in dataclasses.fields(cls) if f.metadata["flag"]})
+        if unknown:
+            raise ValueError(f"no flag of RecordOptions is named {unknown}")
         for f in dataclasses.fields(cls):
-            if f.metadata["flag"]:
+            if f.metadata["flag"] and (names is None or f.name in names):
                 parser.add_argument(f.metadata["flag"], dest=f.name, default=f.default, help=f.metadata["help"],
                                     **f.metadata["argparse"])
 

@@ -13,6 +13,7 @@ import timm
 import torch
 
 import qkhooks
+import qkhooks.analysis.bfd
 from qkhooks.analysis.bfd_reducers import BFDEnergies, PositionDecoding, PositionMeans, full_modes
 from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks.errors import QKHooksError
@@ -177,3 +178,59 @@ def test_record_dataset_with_the_bfd_reducers_keeps_no_tokens_and_equals_kept_to
         all(c.inputs is not None for c in b.captures.values())), **common)
     assert seen == [False, False, True, True]
     assert _states_equal(taken.state_dict(), kept.state_dict()) and taken.counts == {0: 4, 1: 4, 2: 4}
+
+
+# ------------------------------------------------------------------- qkhooks bfd reads data as qkhooks record does
+def _pngs(folder, seed: int, n: int = 5) -> list:
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    paths = [folder / f"img{i:02d}.png" for i in range(n)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+def test_bfd_reads_the_image_column_it_is_given_and_equals_the_same_images_from_a_folder(tmp_path):
+    """``qkhooks bfd --image-column``: a dataset with two image columns is read from the named one, so its result
+    equals the one of that column's images in a folder (same ids), not the other column's."""
+    import json
+
+    import datasets
+
+    from qkhooks.cli import main
+
+    photos, pictures = _pngs(tmp_path / "photo", seed=1), _pngs(tmp_path / "picture", seed=2)
+    ds = datasets.Dataset.from_dict({"photo": [str(p) for p in photos], "picture": [str(p) for p in pictures],
+                                     "id": [p.name for p in pictures]})
+    ds.cast_column("photo", datasets.Image()).cast_column("picture", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    common = ["--random-init", "--layers", "0,1", "--batch-size", "3", "--holdout-every", "2"]
+    results = {}
+    for name, data, extra in (("column", f"hfds:{tmp_path / 'hf'}", ["--image-column", "picture", "--workers", "0"]),
+                              ("folder", str(tmp_path / "picture"), []), ("other", str(tmp_path / "photo"), [])):
+        js = tmp_path / f"{name}.json"
+        assert main(["bfd", "timm:test_vit", data, "--out", str(tmp_path / f"{name}.h5"), "--json", str(js),
+                     *common, *extra]) == 0
+        results[name] = json.loads(js.read_text())
+    layers = lambda r: json.dumps(r["layers"], sort_keys=True)  # noqa: E731
+    assert layers(results["column"]) == layers(results["folder"]) != layers(results["other"])
+    with pytest.raises(QKHooksError, match="'nope' is not in the dataset"):
+        qkhooks.analysis.bfd.run_bfd("timm:test_vit", f"hfds:{tmp_path / 'hf'}", None, random_init=True,
+                                     image_column="nope")
+
+
+def test_bfd_refuses_loader_options_for_image_tensors_and_bad_workers_naming_the_flag(tmp_path, capsys):
+    from qkhooks.analysis.bfd import run_bfd
+    from qkhooks.cli import main
+
+    model = _tiny_vit()
+    with pytest.raises(QKHooksError, match="^num_workers and image_column say how a dataset is read"):
+        run_bfd(model, _images(1), None, num_workers=2, image_column="image")
+    folder = tmp_path / "images"
+    _pngs(folder, seed=3)
+    assert main(["bfd", "timm:test_vit", str(folder), "--random-init", "--out", str(tmp_path / "r.h5"),
+                 "--workers", "-1"]) == 2
+    assert "the loader workers must be >= 0 (num_workers, --workers; 0 decodes in this process), got -1." in (
+        capsys.readouterr().err)
+    assert not list(tmp_path.glob("r*.h5"))  # neither pass left a file

@@ -132,6 +132,8 @@ def run_bfd(
     overwrite: bool = False,
     random_init: bool = False,
     progress: bool = False,
+    num_workers: int | None = None,
+    image_column: str | None = None,
 ) -> dict[str, Any]:
     """Bi-orthogonal Factor Decomposition of every (chosen) layer, head and mode over a dataset.
 
@@ -155,6 +157,8 @@ def run_bfd(
         resume, overwrite: what to do when ``out`` or its pass-1 file exists (neither: an error).
         random_init: with a spec string, build the model without pretrained weights.
         progress: show progress bars.
+        num_workers, image_column: how a dataset spec is read, as for :func:`qkhooks.record_dataset` (processes
+            that decode images, default for the device; a Hugging Face dataset's image column). Not for tensors.
 
     Returns:
         The JSON-shaped result (see :func:`summarize`), with ``input`` and the model's ``note`` added.
@@ -175,6 +179,10 @@ def run_bfd(
     if tensors and out is not None:
         raise QKHooksError("a run file needs a dataset spec or an ImageDataset (resume needs image ids); with image "
                            "tensors pass out=None.")
+    given = [name for name, value in (("num_workers", num_workers), ("image_column", image_column)) if value is not None]
+    if tensors and given:
+        raise QKHooksError(f"{' and '.join(given)} say how a dataset is read, and image tensors are read as they are: "
+                           "leave them out, or pass a dataset spec.")
     if isinstance(model, LoadedModel):
         loaded = model
     elif tensors and isinstance(model, nn.Module):
@@ -211,11 +219,10 @@ def run_bfd(
                     raise QKHooksError(f"{path} exists: pass resume=True (--resume) to continue the BFD run or "
                                        "overwrite=True (--overwrite) to start again.")
 
-        # TODO(lead): build these from qkhooks.options.RecordOptions (branch cli; its flags for `qkhooks bfd` too)
         def one_pass(path: Path | None, reducers: list[Any]) -> None:
             record_dataset(loaded, data, path, modes=None, layers=chosen, input=input, reducers=reducers,
                            batch_size=batch_size, device=device, limit=limit, resume=resume, overwrite=overwrite,
-                           progress=progress, store_modes=False,
+                           progress=progress, store_modes=False, num_workers=num_workers, image_column=image_column,
                            extra_config={"bfd": {"drop_prefix": drop_prefix, "holdout_every": holdout_every,
                                                  "decode": decode}})
 

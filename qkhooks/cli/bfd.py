@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qkhooks.cli import DATA_HELP, add_model_arguments, add_run_arguments, command, load_from_args, write_json
 from qkhooks.errors import QKHooksError, writable_dir
-from qkhooks.options import LAYERS_HELP
+from qkhooks.options import LAYERS_HELP, RecordOptions
 
 
 def _bfd_args(p: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def _bfd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--layers", help=LAYERS_HELP)
     add_run_arguments(p)
-    p.add_argument("--limit", type=int, help="only the first N images")
+    RecordOptions.add_arguments(p, names=("limit", "num_workers", "image_column"))  # read data as `qkhooks record` does
     p.add_argument("--input", default="normed", choices=["normed", "residual"],
                    help="the tensor entering W_q/W_k (normed, default) or the block's residual input")
     p.add_argument("--drop-prefix", action="store_true", help="leave prefix tokens out (default: they are positions)")
@@ -42,7 +42,7 @@ def run_bfd_command(args: argparse.Namespace) -> int:
         loaded, args.data, args.out, layers=args.layers, batch_size=args.batch_size, device=args.device,
         limit=args.limit, input=args.input, drop_prefix=args.drop_prefix, holdout_every=args.holdout_every,
         alpha=args.alpha, definition=args.definition, decode=not args.no_decode, resume=args.resume,
-        overwrite=args.overwrite, progress=True,
+        overwrite=args.overwrite, progress=True, num_workers=args.num_workers, image_column=args.image_column,
     )
     print(format_table(result))
     if result.get("note"):
