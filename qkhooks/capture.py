@@ -8,8 +8,9 @@ the layer's top modes (or, where those do not serve, the pre-hook projects the t
 bit-identical with and without the context, and fused attention stays on.
 
 A batch is complete when the recorded model's forward returns; only then is it handed to the sinks (the
-run store, streaming reducers) and exposed as ``run.last``. A forward that raises hands nothing on, so a
-store never receives half a batch. Hooks are removed on exit, on exceptions and on KeyboardInterrupt;
+run store, streaming reducers) and exposed as ``run.last``, which the recording frees as the next forward begins
+(a batch you keep a reference to stays yours). A forward that raises hands nothing on, so a store never receives
+half a batch. Hooks are removed on exit, on exceptions and on KeyboardInterrupt;
 each context removes only its own hooks, so contexts nest. The modes belong to the weights the model had at entry:
 a forward after the weights changed inside the context (a checkpoint loaded, an optimiser step) is refused.
 
@@ -210,6 +211,7 @@ class Recording:
         self._pending_meta: dict[str, Any] = {}
         self._residual: dict[int, torch.Tensor] = {}
         self.last: BatchCapture | None = None
+        self._unfinished = False  # a forward began after the last batch completed and has not completed
         self._bias: dict[int, torch.Tensor | str] = {}  # layer -> its position-only term, or why it has none
         self.images_seen = 0
         self.index_base = 0
@@ -369,6 +371,9 @@ class Recording:
         refuse_altered_qk(self.sites)  # a hook, patch or weight put on inside the context (~70 us a ViT-B batch)
         self._check_weights()
         meta, self._pending_meta = self._pending_meta, {}
+        # the last batch is freed as the next forward begins (a batch the caller holds stays theirs), so a recording
+        # never holds two batches' maps at once: half the peak for full maps, and no heap grown and trimmed a batch
+        self.last, self._unfinished = None, True
         self._taking_x = set()
         self._current = BatchCapture(ids=list(meta.pop("ids", [])), meta=meta, module_paths=self.module_paths,
                                      qk_spectrum=self.qk_spectrum)
@@ -410,6 +415,7 @@ class Recording:
         self._qk_outputs.clear()
         self._qk_tokens.clear()
         if batch is None or not batch.captures:
+            self._unfinished = False
             return
         self._join_calls(batch)
         for layer, cap in batch.captures.items():
@@ -426,7 +432,8 @@ class Recording:
         elif len(batch.ids) != size:
             raise QKHooksError(f"{len(batch.ids)} ids were given for a batch of {size} images; give one id per image.")
         self.images_seen += size
-        self.last = batch if self.keep_last else None  # else freed once the sinks are done, before the next forward
+        self.last = batch if self.keep_last else None  # else freed once the sinks are done
+        self._unfinished = False
         self._took_x = self._taking_x
         for layer, bias in batch.position_bias.items():
             before = self._bias.setdefault(layer, bias.clone())  # the layer's own copy, whatever the model reuses
@@ -770,13 +777,20 @@ class Recording:
         return {"modes": self.modes_kept, "layers": self.layers, "attention": [dataclasses.asdict(s) for s in self.attention_specs],
                 "input": self.input, "augmented": bool(self.qk_spectrum is not None and self.qk_spectrum.layers[0].augmented)}
 
-    def _last_batch(self, layer: Layer) -> BatchCapture:
-        resolve_layer(layer, self.layers, self.module_paths, "this recording")  # unknown layers first, named
+    def _last_batch(self, layer: Layer | None = None) -> BatchCapture:
+        """The last complete batch, or a refusal that says why there is none (``layer``: checked first, by name)."""
+        if layer is not None:
+            resolve_layer(layer, self.layers, self.module_paths, "this recording")  # unknown layers first, named
         if self.last is None:
             if not self.keep_last:
                 raise QKHooksError("this recording hands each batch to its sinks only (keep_last=False, as "
                                    "record_dataset's), so it keeps no last batch to read; record with keep_last=True.")
-            raise QKHooksError("nothing recorded yet: run the model inside the context first.")
+            if self._unfinished:
+                raise QKHooksError("the last forward did not complete (it raised, or it is still running), and a "
+                                   "recording frees its last batch as the next forward begins, so there is no batch to "
+                                   "read; run the model again (keep the batch you need: batch = run.last).")
+            raise QKHooksError("nothing recorded yet: run the model inside the context first (a forward that runs "
+                               "none of the recorded layers records nothing).")
         return self.last
 
     def _query(self, layer: Layer) -> torch.Tensor:
@@ -826,9 +840,7 @@ class Recording:
                                                 "QKSpectrum", "spectrum(l) or recording.qk_spectrum"), doc=_spectrum.__doc__)
 
     def _old_dict(self, name: str) -> dict[int, torch.Tensor]:
-        if self.last is None:
-            raise QKHooksError("nothing recorded yet: run the model inside the context first.")
-        return {l: getattr(c, name) for l, c in self.last.captures.items() if getattr(c, name) is not None}
+        return {l: getattr(c, name) for l, c in self._last_batch().captures.items() if getattr(c, name) is not None}
 
     def bias(self, layer: int) -> torch.Tensor | None:
         """The additive position-only term (H, N, N) the model adds to layer ``layer``'s scaled logits (BEiT's
@@ -885,9 +897,8 @@ class Recording:
         """Deprecated: layer -> rebuilt attention of ``kind`` for the last batch; use ``attention(l, kind)``."""
         deprecated("Recording.attention_maps(kind)[l]", "Recording.attention(l, kind)")
         self._check_kind(kind)
-        if self.last is None:
-            raise QKHooksError("nothing recorded yet: run the model inside the context first.")
-        return {l: self.last.attention(l, kind) for l in self.last.attention_layers(kind)}
+        last = self._last_batch()
+        return {l: last.attention(l, kind) for l in last.attention_layers(kind)}
 
 
 @dataclasses.dataclass(eq=False)
@@ -1235,9 +1246,9 @@ def record(model: nn.Module, **options: Any) -> Recording:
         augmented: fold biases into the modes through x -> [x; 1].
         keep_inputs: keep the captured tokens (B, N, d) per layer for sinks that need them (a sink with
             ``take_inputs`` gets each layer's tokens in its hook without this: :class:`Sink`).
-        keep_last: keep the last batch as ``run.last``, read by ``run.query(l)`` and the like (default). False hands
-            each batch to the sinks only, so its arrays are freed before the next forward rather than held through
-            it (``record_dataset``).
+        keep_last: keep the last batch as ``run.last``, read by ``run.query(l)`` and the like, until the next forward
+            begins (default). False hands each batch to the sinks only, so its arrays are freed as soon as the sinks
+            are done (``record_dataset``).
         sinks: objects with ``update(batch)`` fed after each complete forward (a run writer, reducers).
         spectrum: a precomputed :class:`QKSpectrum` to reuse.
         sites: the model's attention sites, when already found (:func:`qkhooks.sites`); ``layers`` selects among them.

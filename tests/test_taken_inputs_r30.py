@@ -234,3 +234,59 @@ def test_bfd_refuses_loader_options_for_image_tensors_and_bad_workers_naming_the
     assert "the loader workers must be >= 0 (num_workers, --workers; 0 decodes in this process), got -1." in (
         capsys.readouterr().err)
     assert not list(tmp_path.glob("r*.h5"))  # neither pass left a file
+
+
+# ------------------------------------------------------------------- run.last freed as the next forward begins
+def test_the_last_batch_is_freed_as_the_next_forward_begins_and_a_batch_the_caller_keeps_stays_whole():
+    """A recording never holds two batches at once: by the time the next forward's first block runs, the previous
+    ``run.last`` is gone (unless the caller kept it, and then it is unchanged), and the new batch is ``run.last``."""
+    import weakref
+
+    model = _tiny_vit()
+    alive_in_forward: list[bool] = []
+    with torch.no_grad(), qkhooks.record(model, modes=2, attention="full") as run:
+        run(_images(1))
+        first = weakref.ref(run.last)
+
+        def watch(module, args) -> None:
+            gc.collect()
+            alive_in_forward.append(first() is not None)
+
+        handle = model.blocks[0].register_forward_pre_hook(watch)
+        run(_images(2))
+        handle.remove()
+        assert alive_in_forward == [False]  # batch 1 was gone before batch 2's first block ran
+        kept = run.last
+        maps = kept.attention(1, "full").clone()
+        run(_images(3))  # the caller holds `kept`: the recording drops its reference only
+        assert run.last is not kept and run.ids == ["8", "9", "10", "11"]
+        assert torch.equal(kept.attention(1, "full"), maps) and kept.ids == ["4", "5", "6", "7"]
+    with torch.no_grad(), qkhooks.record(model, modes=2, attention="full") as fresh:
+        fresh(_images(2))
+        assert torch.equal(fresh.attention(1, "full"), maps)  # what the kept batch holds is that batch's
+
+
+def test_after_a_forward_that_raised_the_last_batch_is_gone_and_reading_it_says_why():
+    model = _tiny_vit()
+    handed: list[str] = []
+
+    class Watch:
+        def update(self, batch):
+            handed.extend(batch.ids)
+
+    def boom(module, args):
+        raise RuntimeError("boom")
+
+    with torch.no_grad(), qkhooks.record(model, modes=2, sinks=[Watch()]) as run:
+        run(_images(1))
+        handle = model.blocks[2].register_forward_pre_hook(boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            run(_images(2))
+        handle.remove()
+        assert run.last is None and run.n == 0 and run.ids == [] and handed == ["0", "1", "2", "3"]
+        with pytest.raises(QKHooksError, match=r"^the last forward did not complete \(it raised, or it is still "
+                                               r"running\).*run the model again \(keep the batch you need: "
+                                               r"batch = run\.last\)\.$"):
+            run.query(0)
+        run(_images(3))
+        assert run.ids == ["4", "5", "6", "7"] and run.query(0).shape[0] == 4
