@@ -9,7 +9,6 @@ import gc
 
 import numpy as np
 import pytest
-import timm
 import torch
 
 import qkhooks
@@ -19,16 +18,11 @@ from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks.errors import QKHooksError
 from qkhooks.spectrum import LayerSpectrum, factored_svd
 from qkhooks.stream import record_dataset
-
-
-def _tiny_vit() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=3,
-                             num_heads=4).eval()
+from test_taken_inputs_r29 import _images as _images_of, _tiny_vit  # the same 3-layer ViT of 4x4 patches
 
 
 def _images(seed: int, n: int = 4) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return _images_of(seed, n)
 
 
 class UpdateOnly:
