@@ -444,6 +444,13 @@ def load_model(
             image_config = image_config or _image_config("timm", model)
         elif kind == "hf":
             model, processor = _seeded(lambda: _load_hf(name, random_init))
+            if processor is None and image_config is None and not random_init:
+                raise QKHooksError(
+                    f"hf:{name} has no image processor config that transformers can read (preprocessor_config.json), "
+                    "so its preprocessing (size, resize, mean, std) is not known, and qkhooks does not guess it for "
+                    "pretrained weights: every activation would be off without a word. Put the checkpoint's "
+                    "preprocessor_config.json in the folder (AutoImageProcessor.save_pretrained writes it), or pass "
+                    "load_model(..., image_config=qkhooks.data.ImageConfig.from_hf(processor_dict)).")
             image_config = image_config or _image_config("hf", model, processor)
         elif kind == "offline":
             if name not in OFFLINE_MODELS:
