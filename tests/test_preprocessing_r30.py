@@ -58,3 +58,20 @@ def test_random_weights_from_a_folder_without_a_processor_config_take_the_guess_
     with pytest.warns(UserWarning, match=r"guessed preprocessing for model_type='vit'"):
         loaded = load_model(f"hf:{hf_checkpoint}@random")
     assert loaded.random_init and tuple(loaded.image_config.mean) == (0.5, 0.5, 0.5)
+
+
+def test_a_module_loaded_from_a_folder_reads_the_processor_saved_beside_it_and_guesses_only_without_one(hf_checkpoint):
+    """``load_model(ViTModel.from_pretrained(DIR))``: the module remembers its folder (``config._name_or_path``), so
+    the processor config saved there is read exactly; a module from a folder without one gets the guess, said."""
+    import transformers
+
+    module = transformers.ViTModel.from_pretrained(hf_checkpoint).eval()
+    with pytest.warns(UserWarning, match="guessed preprocessing"):
+        load_model(module)
+    mean, std = (0.15, 0.25, 0.35), (0.45, 0.55, 0.65)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=list(mean),
+                                   image_std=list(std)).save_pretrained(hf_checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = load_model(transformers.ViTModel.from_pretrained(hf_checkpoint).eval()).image_config
+    assert tuple(config.mean) == pytest.approx(mean) and tuple(config.std) == pytest.approx(std)

@@ -279,9 +279,24 @@ def _check_scale(image_config: Any) -> None:
 def _image_config(kind: str, model: nn.Module, processor: dict | None = None):
     if kind == "timm":
         return ImageConfig.from_timm(model)
+    processor = processor if processor is not None else _saved_processor(model)
     if processor is not None:
         return ImageConfig.from_hf(processor)
     return ImageConfig.from_hf_model(model)
+
+
+def _saved_processor(model: nn.Module) -> dict | None:
+    """The image processor config saved with a Hugging Face module's checkpoint (``from_pretrained`` records where in
+    ``config._name_or_path``), read from that folder or the local cache only (never the network); None if none."""
+    where = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if not where:
+        return None
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(where, local_files_only=True).to_dict()
+    except Exception:  # no processor saved there (or not readable): the caller guesses, and warns
+        return None
 
 
 def _load_timm(name: str, random_init: bool, checkpoint: str | None) -> nn.Module:
