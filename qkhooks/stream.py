@@ -492,7 +492,7 @@ def record_dataset(
     recording = record(  # built (and so checked) before any file is touched; hooks go on below
         net, modes=modes_value, layers=[s.layer for s in sites], attention=attention_specs, input=opts.input,
         augmented=opts.augmented, keep_inputs=keep_inputs, sites=sites, outputs=opts.outputs,  # type: ignore[arg-type]
-        keep_last=False,  # the sinks take each batch; held as run.last, its arrays would live through the next forward
+        keep_last=False,  # the sinks take each batch; held as run.last, its arrays would live until the next forward
     )
     writer, mode = None, None
     start, done = lo, 0
