@@ -432,6 +432,7 @@ class Recording:
         elif len(batch.ids) != size:
             raise QKHooksError(f"{len(batch.ids)} ids were given for a batch of {size} images; give one id per image.")
         self.images_seen += size
+        self._layer_geometry(batch)
         self.last = batch if self.keep_last else None  # else freed once the sinks are done
         self._unfinished = False
         self._took_x = self._taking_x
@@ -443,6 +444,27 @@ class Recording:
             self._bias[layer] = "it is a mask (it masks keys out or differs between images), applied in the rebuilt maps"
         for sink in self.sinks:
             sink.update(batch)
+
+    def _layer_geometry(self, batch: BatchCapture) -> None:
+        """Every layer's own geometry (prefix tokens, grids, token counts) for the sinks, read off this batch's maps as
+        ``run.geometry(l)`` reads it, where the caller's metadata gives none (``record_dataset`` gives its probe's).
+        Without it a sink takes the first layer's prefix for every layer: CaiT's class-attention layers (CLS + patches
+        after patch-only layers) and VidEoMT's per-frame layers (object queries first) would have their prefix tokens
+        ranked as patches without a word. Read each batch (~10 us a layer): a layer's grid is its call's (a
+        dynamic-size ViT, windows), not its token count's. Layers without maps (no modes) have none: the sinks that
+        need a grid check it against the token count there."""
+        given = batch.meta.get("geometry") or {}
+        geometry: dict[int, LayerGeometry] = {}
+        for site in self.sites:
+            cap = batch.captures.get(site.layer)
+            if site.layer in given or cap is None or cap.query is None or cap.key is None:
+                continue
+            try:
+                geometry[site.layer] = observe_geometry(site, int(cap.query.shape[-1]), int(cap.key.shape[-1]))
+            except QKHooksError:  # no geometry to give (TimeSformer's groups): the sinks check what they need
+                continue
+        if geometry:  # a new dict: the caller's (record_dataset's probe, cached) is not changed
+            batch.meta["geometry"] = {**given, **geometry}
 
     def _residual_hook(self, site: AttentionSite):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -857,13 +879,18 @@ class Recording:
 
     def geometry(self, layer: Layer) -> LayerGeometry:
         """``layer``'s grid, prefix tokens, query/key token counts, stage and windows in the last batch, read off
-        its site (:func:`qkhooks.results.observe_geometry`); needs modes (their maps give the token counts)."""
+        its site (:func:`qkhooks.results.observe_geometry`) as the batch ended, the one its sinks read (or the
+        caller's, ``meta["geometry"]``); needs modes (their maps give the token counts)."""
         index = resolve_layer(layer, self.layers, self.module_paths, "this recording")
-        cap = self._last_batch(index).captures[index]
+        batch = self._last_batch(index)
+        found = (batch.meta.get("geometry") or {}).get(index)
+        if found is not None:
+            return found
+        cap = batch.captures[index]
         if cap.query is None or cap.key is None:
             raise QKHooksError("this recording has no query/key maps to read the token counts off; record with modes=.")
         site = next(s for s in self.sites if s.layer == index)
-        return observe_geometry(site, int(cap.query.shape[-1]), int(cap.key.shape[-1]))
+        return observe_geometry(site, int(cap.query.shape[-1]), int(cap.key.shape[-1]))  # refuses, saying why
 
     def relative_term(self, layer: Layer) -> torch.Tensor:
         """The query-dependent relative-position term of ``layer`` for the last batch (SAM/ViTDet decomposed positions,

@@ -74,6 +74,9 @@ def observe_geometry(site: Any, query_tokens: int, key_tokens: int,
         key_prefix, key_grid = 0, own_rule(grid, key_tokens) if own_rule else _reduced_grid(site.module, grid, key_tokens)
     window = None
     if hasattr(site, "window_index"):  # a windowed site (qkhooks.models.windows.WindowSite), in the call just made
+        if getattr(site, "geometry", None) is None:
+            raise QKHooksError(f"{site.path} ({type(site).__name__}) groups its tokens in its own way (TimeSformer's "
+                               "time or space groups), not in windows of an image grid, so it has no layer geometry.")
         size, shift = site.geometry()
         window = {"size": [int(v) for v in size], "shift": [int(v) for v in shift],
                   "windows": int(site.window_index().shape[0]), "pad_first": bool(site.pad_first)}

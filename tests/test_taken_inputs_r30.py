@@ -9,6 +9,7 @@ import gc
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 import qkhooks
@@ -284,3 +285,43 @@ def test_after_a_forward_that_raised_the_last_batch_is_gone_and_reading_it_says_
             run.query(0)
         run(_images(3))
         assert run.ids == ["4", "5", "6", "7"] and run.query(0).shape[0] == 4
+
+
+# ------------------------------------------------------------- each layer's own geometry in a live recording's batches
+def test_a_live_recordings_sinks_get_each_layers_own_geometry_as_record_dataset_gives_it():
+    """CaiT's class-attention layer sees CLS + patches after patch-only layers: its prefix is 1 where the first
+    layer's is 0. Live, the batches carry every layer's geometry as ``record_dataset``'s probe gives it, so the top-k
+    reducer drops that layer's CLS (before round 30 it ranked it as a patch) and its state equals the one fed the
+    probe's geometry."""
+    from qkhooks.analysis.topk import TopKModes
+    from qkhooks.stream import probe_geometry
+
+    torch.manual_seed(0)
+    model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
+                              num_heads=4, depth_token_only=1).eval()
+    probe = probe_geometry(model, qkhooks.record(model, modes=2).sites, (32, 32))
+    live, given = TopKModes(), TopKModes()
+    with torch.no_grad(), qkhooks.record(model, modes=2, sinks=[live]) as run:
+        for seed in (1, 2):
+            run(_images(seed))
+            assert run.last.meta["geometry"] == probe and run.geometry(2) == probe[2]
+    with torch.no_grad(), qkhooks.record(model, modes=2, sinks=[given]) as run:
+        for seed in (1, 2):
+            run(_images(seed), meta={"geometry": probe, "num_prefix_tokens": 0, "grid": (4, 4)})
+    assert live.prefixes == given.prefixes == {0: 0, 1: 0, 2: 1}
+    assert _states_equal(live.state_dict(), given.state_dict())
+
+
+def test_timesformers_groups_have_no_layer_geometry_and_reading_one_says_why_not_that_maps_are_missing():
+    """TimeSformer's time and space groups are not windows of an image grid: its batches carry no geometry for those
+    layers (the forward is not refused for it), and ``run.geometry(l)`` names the reason."""
+    from test_inside_forms import _timesformer
+
+    model = _timesformer()
+    clip = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), qkhooks.record(model, modes=2) as run:
+        model(pixel_values=clip)
+        assert run.last.query(0) is not None and "geometry" not in run.last.meta
+        with pytest.raises(QKHooksError, match=r"groups its tokens in its own way \(TimeSformer's time or space groups\), "
+                                               r"not in windows of an image grid, so it has no layer geometry\.$"):
+            run.geometry(0)
