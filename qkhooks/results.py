@@ -282,12 +282,13 @@ class BatchCapture:
 
     def geometry(self, layer: Layer) -> LayerGeometry:
         """``layer``'s grid, prefix tokens, query/key token counts, stage and windows (``meta["geometry"]``, which
-        :func:`qkhooks.record_dataset` puts into every batch)."""
+        :func:`qkhooks.record_dataset` puts into every batch, and a live recording for each layer with modes)."""
         cap = self._capture(layer)
         found = (self.meta.get("geometry") or {}).get(cap.layer)
         if found is None:
-            raise QKHooksError(f"this batch carries no geometry for layer {cap.layer} (record_dataset puts it into "
-                               "every batch's meta['geometry']; a live recording answers run.geometry(l)).")
+            raise QKHooksError(f"this batch carries no geometry for layer {cap.layer} (record_dataset puts every "
+                               "layer's into meta['geometry'], a live recording each layer's with modes; "
+                               "run.geometry(l) says why a layer has none).")
         return found
 
     def arrays(self) -> dict[str, torch.Tensor]:

@@ -229,9 +229,9 @@ def test_a_hand_made_batch_refuses_what_it_lacks_with_the_whole_reason():
         (lambda: batch.relative_term(2), "this batch has no query-dependent relative-position term for layer 2 (layers "
                                          "with them: [0]); only layers with one (SAM/ViTDet decomposed positions), "
                                          "recorded with attention='full', keep it."),
-        (lambda: batch.geometry("blocks.2.attn"), "this batch carries no geometry for layer 2 (record_dataset puts it "
-                                                  "into every batch's meta['geometry']; a live recording answers "
-                                                  "run.geometry(l))."),
+        (lambda: batch.geometry("blocks.2.attn"), "this batch carries no geometry for layer 2 (record_dataset puts "
+                                                  "every layer's into meta['geometry'], a live recording each layer's "
+                                                  "with modes; run.geometry(l) says why a layer has none)."),
         (lambda: batch.query(1), "this batch did not record layer 1; its layers are [0, 2]."),
     ]
     _assert_refused(cases)
