@@ -88,6 +88,8 @@ KILLS_R28 = "tests/test_mutation_kills_r28.py"
 KILLS_R28B = "tests/test_mutation_kills_r28b.py"
 # Round 29 (mutation): the kill tests of round 29's library code (module "round29").
 KILLS_R29 = "tests/test_mutation_kills_r29.py"
+# Round 30 (read): kills of `RunArray._read`'s mutants round 28 left out (module "round30read").
+KILLS_R30_READ = "tests/test_mutation_kills_r30_read.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -407,6 +409,20 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_newcomer_r28 and (resume_says or ended_with_no_image or statics_only_resume)) or "
                 "(test_reducer_ops_r27 and anisotropy) or (test_reducers and (anisotropy or centre)) or "
                 "(test_modes and anisotropy_equals) or (test_mutation_kills_r27 and anisotropy)"),
+    # Round 30 (read): `RunArray._read`'s mutants round 28 left out, against the tests that index a RunArray (numpy's
+    # answer on the rows read whole, the contiguous reads, the refusals' words; ~15 s). store/reader.py only; run with
+    # --only on `_read`'s names.
+    "round30read": (["qkhooks/store/reader.py"],
+                    ["tests/test_store.py", "tests/test_store_r21.py", "tests/test_store_r22.py",
+                     "tests/test_mutation_kills_io.py", "tests/test_mutation_kills_r20.py",
+                     "tests/test_mutation_kills_r21.py", "tests/test_mutation_kills_r23.py", KILLS_R30_READ],
+                    "test_mutation_kills_r30_read or "
+                    "(test_store and (run_array_indexes or lazy_indexing or every_image_selection or picked_images "
+                    "or spanning or step_one_slice or stepped_slice)) or "
+                    "(test_mutation_kills_io and run_array_indexing) or "
+                    "(test_mutation_kills_r20 and (run_array_read or run_array_reads)) or "
+                    "(test_mutation_kills_r21 and boolean_image_mask) or "
+                    "(test_mutation_kills_r23 and integer_past)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
