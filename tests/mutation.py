@@ -90,6 +90,8 @@ KILLS_R28B = "tests/test_mutation_kills_r28b.py"
 KILLS_R29 = "tests/test_mutation_kills_r29.py"
 # Round 30 (read): kills of `RunArray._read`'s mutants round 28 left out (module "round30read").
 KILLS_R30_READ = "tests/test_mutation_kills_r30_read.py"
+# Round 30 (mutation): the kill tests of round 30's library code (module "round30").
+KILLS_R30 = "tests/test_mutation_kills_r30.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -423,6 +425,17 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                     "(test_mutation_kills_r20 and (run_array_read or run_array_reads)) or "
                     "(test_mutation_kills_r21 and boolean_image_mask) or "
                     "(test_mutation_kills_r23 and integer_past)"),
+    # Round 30 (mutation): round 30's library code (`369d0ec..abe37ed`): a joining layer's tokens handed to the sinks
+    # that take inputs once joined (capture.py), record_dataset's keep_inputs, TakenParts (reducers.py), the BFD
+    # reducers' take_inputs and whole-batch folds, bfd.py's ids; options.py's change is a docstring only. Against the
+    # taken-inputs tests of rounds 29 and 30, test_bfd.py and test_reducers.py whole (in-process, ~10 s), the position
+    # probes' tests of round 20 and the kill files of rounds 29 and 30. Run with --only ROUND30.
+    "round30": (["qkhooks/capture.py", "qkhooks/stream.py", "qkhooks/reducers.py", "qkhooks/options.py",
+                 "qkhooks/analysis/anisotropy.py", "qkhooks/analysis/bfd.py", "qkhooks/analysis/bfd_reducers.py"],
+                ["tests/test_taken_inputs_r30.py", "tests/test_taken_inputs_r29.py", "tests/test_bfd.py",
+                 "tests/test_reducers.py", "tests/test_mutation_kills_r20.py", KILLS_R29, KILLS_R30],
+                "test_taken_inputs_r30 or test_taken_inputs_r29 or test_bfd or test_reducers or "
+                "test_mutation_kills_r29 or test_mutation_kills_r30 or (test_mutation_kills_r20 and position_probes)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -585,10 +598,13 @@ ROUND28B = ("commits:25caf9a..32f78fc",)
 # Round 29's library commits, for `--only` with the module "round29" (`e52c7d9..0c36b52`: the anisotropy baseline's
 # centre rows taken in the layer's hook, keep_last, the statics-only resume fixed at open, the resume's message).
 ROUND29 = ("commits:e52c7d9..0c36b52",)
+# Round 30's library commits, for `--only` with the module "round30" (`369d0ec..abe37ed`: a joining layer's tokens handed
+# to the sinks that take inputs, TakenParts, the BFD reducers' take_inputs and whole-batch folds).
+ROUND30 = ("commits:369d0ec..abe37ed",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
-              "ROUND28B": ROUND28B, "ROUND29": ROUND29}
+              "ROUND28B": ROUND28B, "ROUND29": ROUND29, "ROUND30": ROUND30}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
