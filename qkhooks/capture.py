@@ -505,14 +505,11 @@ class Recording:
                     cap.query, cap.key = self._x_maps(site, projector, x, x_modes)
                 elif site.layer in self._from_qk:  # kept for the q/k hook, should this call's q/k be below float32
                     self._qk_tokens[site.layer] = x
-                if site.joins_calls():  # one call of several: its tokens are kept, and handed over once joined
-                    if self.keep_inputs or self._input_takers:
-                        cap.inputs = detached(x_modes)
-                else:
-                    if self.keep_inputs:
-                        cap.inputs = detached(x_modes)
-                    for sink in self._input_takers:
-                        sink.take_inputs(self._current, site.layer, detached(x_modes))
+                joins = site.joins_calls()  # one call of several: its tokens are kept, and handed over once joined
+                if self.keep_inputs or (joins and self._input_takers):
+                    cap.inputs = detached(x_modes)
+                for sink in [] if joins else self._input_takers:
+                    sink.take_inputs(self._current, site.layer, detached(x_modes))
                 for spec in specs:
                     cap.attention[spec.kind] = site.to_images(spec.kind, self._attention(site, spec, x.detach()))
                 relative = site.relative_term() if "full" in cap.attention else None  # SAM/ViTDet: kept with its maps

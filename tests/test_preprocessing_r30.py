@@ -75,3 +75,16 @@ def test_a_module_loaded_from_a_folder_reads_the_processor_saved_beside_it_and_g
         warnings.simplefilter("error")
         config = load_model(transformers.ViTModel.from_pretrained(hf_checkpoint).eval()).image_config
     assert tuple(config.mean) == pytest.approx(mean) and tuple(config.std) == pytest.approx(std)
+
+
+@pytest.mark.parametrize("saved", ['{"image_processor_type": "NoSuchImageProcessor"}', "{not json"])
+def test_a_processor_saved_beside_a_module_that_cannot_be_read_is_refused_not_replaced_by_the_guess(hf_checkpoint, saved):
+    import transformers
+
+    (hf_checkpoint / "preprocessor_config.json").write_text(saved)
+    module = transformers.ViTModel.from_pretrained(hf_checkpoint).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no guess is made (and warned about)
+        with pytest.raises(QKHooksError, match=r"^the image processor saved with this model .* could not be read .*"
+                                               r"image_config=qkhooks\.data\.ImageConfig\(\.\.\.\)\)\.$"):
+            load_model(module)

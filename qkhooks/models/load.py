@@ -295,8 +295,12 @@ def _saved_processor(model: nn.Module) -> dict | None:
 
     try:
         return transformers.AutoImageProcessor.from_pretrained(where, local_files_only=True).to_dict()
-    except Exception:  # no processor saved there (or not readable): the caller guesses, and warns
-        return None
+    except Exception as exc:  # none saved there: the caller guesses, and warns; one there unreadable: refused
+        if isinstance(exc, OSError) and not (Path(where) / "preprocessor_config.json").exists():
+            return None
+        raise QKHooksError(f"the image processor saved with this model ({where!r}) could not be read "
+                           f"({type(exc).__name__}: {exc}); fix it there, or pass load_model(..., "
+                           "image_config=qkhooks.data.ImageConfig(...)).") from None
 
 
 def _load_timm(name: str, random_init: bool, checkpoint: str | None) -> nn.Module:
