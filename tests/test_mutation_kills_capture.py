@@ -371,14 +371,23 @@ def test_a_recordings_refusals_say_the_whole_reason():
     cases = [
         (lambda: rec.attention(0), "this recording rebuilds no 'rows' attention; it has none (the attention= option "
                                    "of qkhooks.record)."),
-        (lambda: rec.geometry(1), "this recording has no query/key maps to read the token counts off; record with "
-                                  "modes=."),
         (lambda: rec.geometry(7), "this recording did not record layer 7; its layers are [0, 1]."),
         (lambda: rec.spectrum(0), "this recording has no modes (modes=None), so no spectrum; use qkhooks.spectrum(model)."),
         (lambda: rec.bias(2), "layer 2 is not recorded here; recorded layers: [0, 1]."),
     ]
     _assert_refused(cases)
     assert rec.bias(0) is None  # a plain ViT adds no position term
+    from test_multigrid_runs import _swin
+
+    # a plain layer's geometry is read off its tokens (round 31), with or without modes; a windowed one's off its maps
+    with qkhooks.record(model, modes=2) as with_modes, torch.no_grad():
+        model(images)
+    assert rec.geometry(1) == with_modes.geometry(1) and rec.geometry(1).grid == ASYMMETRIC_TIMM.grid
+    swin = _swin()
+    with qkhooks.record(swin, modes=None) as windowed, torch.no_grad():
+        swin(torch.randn(2, 3, 64, 64))
+    _assert_refused([(lambda: windowed.geometry(1), "this recording has no query/key maps to read the token counts "
+                                                    "off; record with modes=.")])
 
 
 def test_old_spellings_answer_the_old_dicts_values():
@@ -440,7 +449,10 @@ def test_each_batch_says_its_prefix_tokens_and_its_grid_read_off_the_first_recor
     model, images = ASYMMETRIC_TIMM.model(), ASYMMETRIC_TIMM.images()
     with qkhooks.record(model, modes=None, layers=[1]) as rec, torch.no_grad():
         rec(images, ids=["left", "right"], meta={"note": 7})
-    assert rec.last.meta == {"note": 7, "num_prefix_tokens": 1, "grid": (4, 6)}
+    meta = dict(rec.last.meta)
+    geometry = meta.pop("geometry")  # layer 1's own, read in its hook (round 31)
+    assert meta == {"note": 7, "num_prefix_tokens": 1, "grid": (4, 6)}
+    assert list(geometry) == [1] and (geometry[1].num_prefix_tokens, geometry[1].grid) == (1, (4, 6))
     assert rec.ids == ["left", "right"] and rec.last.offset == 0
 
 

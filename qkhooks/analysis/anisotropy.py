@@ -65,10 +65,7 @@ class AnisotropyReducer(Reducer):
     def centre_embeddings(self, batch: BatchCapture, layer: int, x: torch.Tensor) -> torch.Tensor:
         """(B, d): each image's centre-patch token at ``layer``, on that layer's own grid (windowed layers' tokens
         put back on the image grid first)."""
-        geometry = layer_geometry(batch.meta, layer)
-        if geometry is None:
-            return x[:, self.centre_token(int(x.shape[1]), batch.meta)]
-        x = tokens_on_grid(x, geometry)
+        x = tokens_on_grid(x, layer_geometry(batch.meta, layer))
         prefix, (rows, cols) = layer_grid(batch.meta, layer, int(x.shape[1]), self.num_prefix_tokens, self.grid)
         return x[:, prefix + (rows // 2) * cols + cols // 2]
 

@@ -1,0 +1,121 @@
+"""Round 31: a plain layer's geometry (prefix tokens, grid, token counts) is read in its hook, from the tokens handed
+to it, before any sink takes them, and whether or not modes are recorded.
+
+Before, a live recording's batches got each layer's geometry only as the batch ended, from its maps: the sinks that
+take a layer's tokens in its hook (the anisotropy baseline, the BFD reducers) saw the first layer's prefix for every
+layer, so live anisotropy on CaiT (CLS + patches in its class-attention layers after patch-only layers) was refused,
+and a recording without modes had no geometry at all. The reference for the hook's reading is the one from the maps
+(``observe_geometry`` of the maps' token counts, what ``record_dataset``'s probe stores), over a spread of the zoo's
+forms with plain layers: prefixes of 0, 1, 5 and 10, class attention, stages of other grids, padded batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import qkhooks
+from qkhooks.analysis.anisotropy import AnisotropyReducer
+from qkhooks.models.base import AttentionSite
+from qkhooks.results import observe_geometry
+from qkhooks.stream import probe_geometry
+from test_zoo import FAST_CASES, Case, _call, perturb
+
+
+def _cait() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
+                             num_heads=4, depth_token_only=1).eval()
+
+
+def _images(seed: int, n: int = 3) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _plain(site: AttentionSite) -> bool:
+    return type(site) is AttentionSite and site.key_tokens is None
+
+
+@pytest.mark.parametrize("modes", [None, 2])
+def test_live_anisotropy_on_cait_takes_each_layers_own_centre_patch_as_numpy_does(modes):
+    """The class-attention layer's tokens are [CLS; 4x4 patches]: its centre patch is token 1 + 2·4 + 2 = 11, where the
+    patch-only layers' is 10. Live (no geometry given), the reducer folds exactly the unit centre rows numpy picks
+    from the kept tokens with each layer's own prefix (before round 31 it refused: 17 tokens on a 4x4 grid)."""
+    model = _cait()
+    live = AnisotropyReducer()
+    kept: dict[int, list[np.ndarray]] = {}
+    with torch.no_grad(), qkhooks.record(model, modes=modes, sinks=[live], keep_inputs=True) as run:
+        for seed in (1, 2):
+            run(_images(seed))
+            for layer, cap in run.last.captures.items():
+                kept.setdefault(layer, []).append(cap.inputs.double().numpy())
+    centre = {0: 10, 1: 10, 2: 11}
+    assert sorted(live.sums) == sorted(kept) == [0, 1, 2]
+    for layer, parts in kept.items():
+        x = np.concatenate(parts)[:, centre[layer]]  # (6, d)
+        units = x / np.linalg.norm(x, axis=1, keepdims=True)
+        np.testing.assert_allclose(live.sums[layer].numpy(), units.sum(0), rtol=1e-12, atol=1e-12)
+        assert live.count[layer] == 6
+
+
+def test_a_recording_without_modes_gives_its_plain_layers_geometry_as_the_probe_does():
+    """``run.geometry(l)`` of a recording of full maps without modes: before round 31, refused for want of modes."""
+    model = _cait()
+    probe = probe_geometry(model, qkhooks.record(model, modes=2).sites, (32, 32))
+    with torch.no_grad(), qkhooks.record(model, modes=None, attention="full") as run:
+        run(_images(1))
+        assert {l: run.geometry(l) for l in run.layers} == probe
+        assert probe[2].num_prefix_tokens == 1 and probe[0].num_prefix_tokens == 0
+
+
+def test_the_callers_geometry_is_kept_and_not_changed():
+    """A caller's ``meta["geometry"]`` (``record_dataset``'s probe, cached between runs) is used as given for its
+    layers, the hook's reading added for the others, into a copy: the caller's dict is left as it was."""
+    model = _cait()
+    probe = probe_geometry(model, qkhooks.record(model, modes=2).sites, (32, 32))
+    given = {0: probe[0].__class__(**{**probe[0].__dict__, "stage": "given"})}
+    with torch.no_grad(), qkhooks.record(model, modes=None) as run:
+        run(_images(1), meta={"geometry": given})
+        seen = run.last.meta["geometry"]
+    assert seen is not given and list(given) == [0] and seen[0].stage == "given"
+    assert seen[1] == probe[1] and seen[2] == probe[2]
+
+
+_FORMS = ("cait_xxs24_224", "volo_d1_224-partial", "EomtForUniversalSegmentation", "vit_small_patch16_dinov3",
+          "levit_128s", "PvtV2Model", "Siglip2VisionModel-padded", "DepthProModel", "convit_tiny",
+          "VideomtForUniversalSegmentation", "vit_relpos_small_patch16_224-bias-cls")
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in _FORMS], ids=lambda c: c.name)
+def test_a_plain_layers_geometry_read_in_its_hook_equals_the_one_read_off_its_maps(case: Case):
+    """Every plain layer of the form: the geometry the batch carries (read in the hook, from its tokens) equals
+    ``observe_geometry`` of its maps' token counts, and a recording without modes reads the same."""
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    partial = case.name.endswith("-partial")
+    with torch.no_grad(), qkhooks.record(model, modes=2, skip_unmodelled=partial) as run:
+        _call(model, inputs)
+        plain = [s for s in run.sites if _plain(s)]
+        assert plain, "the form has no plain layer: pick another"
+        from_maps = {s.layer: observe_geometry(s, int(run.query(s.layer).shape[-1]), int(run.key(s.layer).shape[-1]))
+                     for s in plain}
+        assert {l: run.last.meta["geometry"][l] for l in from_maps} == from_maps
+    with torch.no_grad(), qkhooks.record(model, modes=None, skip_unmodelled=partial) as run:
+        _call(model, inputs)
+        assert {l: run.geometry(l) for l in from_maps} == from_maps
+
+
+def test_a_plain_layers_geometry_follows_each_calls_grid_at_the_same_token_count():
+    """A dynamic-size ViT handed 32x48 and 48x32 images: 24 patches either way, on a 4x6 and a 6x4 grid. The geometry
+    read in the hook is kept per token count *and* call grid, so each batch carries its own (a cache keyed on the
+    token count alone would hand the second batch the first one's grid)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=4, dynamic_img_size=True).eval()
+    seen = []
+    with torch.no_grad(), qkhooks.record(model, modes=None) as run:
+        for height, width in ((32, 48), (48, 32), (32, 48)):
+            run(torch.randn(2, 3, height, width))
+            seen.append([(run.geometry(l).grid, run.geometry(l).query_tokens) for l in run.layers])
+    assert seen == [[((4, 6), 25)] * 2, [((6, 4), 25)] * 2, [((4, 6), 25)] * 2]
