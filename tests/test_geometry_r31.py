@@ -84,26 +84,28 @@ def test_the_callers_geometry_is_kept_and_not_changed():
 
 _FORMS = ("cait_xxs24_224", "volo_d1_224-partial", "EomtForUniversalSegmentation", "vit_small_patch16_dinov3",
           "levit_128s", "PvtV2Model", "Siglip2VisionModel-padded", "DepthProModel", "convit_tiny",
-          "VideomtForUniversalSegmentation", "vit_relpos_small_patch16_224-bias-cls")
+          "VideomtForUniversalSegmentation", "vit_relpos_small_patch16_224-bias-cls",
+          # forms with no plain layer or only some (windows, pooled queries, reduced keys): read off their maps as before
+          "swin_tiny_patch4_window7_224", "mvitv2-cls", "hiera_tiny_224")
 
 
 @pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in _FORMS], ids=lambda c: c.name)
 def test_a_plain_layers_geometry_read_in_its_hook_equals_the_one_read_off_its_maps(case: Case):
-    """Every plain layer of the form: the geometry the batch carries (read in the hook, from its tokens) equals
-    ``observe_geometry`` of its maps' token counts, and a recording without modes reads the same."""
+    """Every layer of the form: the geometry the batch carries (a plain layer's read in its hook, from its tokens; any
+    other's as the batch ends) equals ``observe_geometry`` of its maps' token counts, and a recording without modes
+    reads the same for the plain layers and has none for the others."""
     torch.manual_seed(0)
     model, inputs = perturb(case.build()), case.inputs()
     partial = case.name.endswith("-partial")
     with torch.no_grad(), qkhooks.record(model, modes=2, skip_unmodelled=partial) as run:
         _call(model, inputs)
-        plain = [s for s in run.sites if _plain(s)]
-        assert plain, "the form has no plain layer: pick another"
         from_maps = {s.layer: observe_geometry(s, int(run.query(s.layer).shape[-1]), int(run.key(s.layer).shape[-1]))
-                     for s in plain}
-        assert {l: run.last.meta["geometry"][l] for l in from_maps} == from_maps
+                     for s in run.sites}
+        assert run.last.meta["geometry"] == from_maps
+        plain = {s.layer for s in run.sites if _plain(s)}
     with torch.no_grad(), qkhooks.record(model, modes=None, skip_unmodelled=partial) as run:
         _call(model, inputs)
-        assert {l: run.geometry(l) for l in from_maps} == from_maps
+        assert run.last.meta.get("geometry", {}) == {l: from_maps[l] for l in sorted(plain)}
 
 
 def test_a_plain_layers_geometry_follows_each_calls_grid_at_the_same_token_count():
