@@ -372,8 +372,8 @@ class Recording:
         refuse_altered_qk(self.sites)  # a hook, patch or weight put on inside the context (~70 us a ViT-B batch)
         self._check_weights()
         meta, self._pending_meta = self._pending_meta, {}
-        if meta.get("geometry"):  # a copy: layers are added to it as they run, the caller's (a cached probe) is kept
-            meta["geometry"] = dict(meta["geometry"])
+        if "geometry" in meta:  # a copy: layers are added to it as they run, the caller's (a cached probe) is kept
+            meta["geometry"] = dict(meta["geometry"] or {})
         # the last batch is freed as the next forward begins (a batch the caller holds stays theirs), so a recording
         # never holds two batches' maps at once: half the peak for full maps, and no heap grown and trimmed a batch
         self.last, self._unfinished = None, True

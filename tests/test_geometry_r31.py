@@ -80,6 +80,10 @@ def test_the_callers_geometry_is_kept_and_not_changed():
         seen = run.last.meta["geometry"]
     assert seen is not given and list(given) == [0] and seen[0].stage == "given"
     assert seen[1] == probe[1] and seen[2] == probe[2]
+    empty: dict = {}  # an empty one too
+    with torch.no_grad(), qkhooks.record(model, modes=None) as run:
+        run(_images(1), meta={"geometry": empty})
+        assert empty == {} and run.last.meta["geometry"] == probe
 
 
 _FORMS = ("cait_xxs24_224", "volo_d1_224-partial", "EomtForUniversalSegmentation", "vit_small_patch16_dinov3",
