@@ -214,6 +214,10 @@ class Recording:
         self._unfinished = False  # a forward began after the last batch completed and has not completed
         self._bias: dict[int, torch.Tensor | str] = {}  # layer -> its position-only term, or why it has none
         self._plain_geometries: dict[tuple, LayerGeometry] = {}  # (layer, tokens, call grids) -> a plain site's geometry
+        # layer -> its own prefix tokens, in every batch's meta: a layer without geometry (TimeSformer's groups, a layer
+        # of another kind recorded without modes) is never read with another layer's prefix (meta["num_prefix_tokens"],
+        # the first layer's). One dict, shared by every batch (a batch stays picklable).
+        self._prefix_tokens = {s.layer: int(s.num_prefix_tokens) for s in self.sites}
         self.images_seen = 0
         self.index_base = 0
 
@@ -374,6 +378,7 @@ class Recording:
         meta, self._pending_meta = self._pending_meta, {}
         if "geometry" in meta:  # a copy: layers are added to it as they run, the caller's (a cached probe) is kept
             meta["geometry"] = dict(meta["geometry"] or {})
+        meta.setdefault("prefix_tokens", self._prefix_tokens)
         # the last batch is freed as the next forward begins (a batch the caller holds stays theirs), so a recording
         # never holds two batches' maps at once: half the peak for full maps, and no heap grown and trimmed a batch
         self.last, self._unfinished = None, True

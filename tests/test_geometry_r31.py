@@ -125,3 +125,29 @@ def test_a_plain_layers_geometry_follows_each_calls_grid_at_the_same_token_count
             run(torch.randn(2, 3, height, width))
             seen.append([(run.geometry(l).grid, run.geometry(l).query_tokens) for l in run.layers])
     assert seen == [[((4, 6), 25)] * 2, [((6, 4), 25)] * 2, [((4, 6), 25)] * 2]
+
+
+def test_topk_on_timesformer_drops_each_layers_own_prefix_where_its_layers_have_no_geometry():
+    """TimeSformer's time attention has no class token, its space attention one, and neither kind of layer has a
+    geometry (its groups are not windows of an image grid). The batch's ``meta["prefix_tokens"]`` says each layer's
+    own, so the space layers' class token is never ranked as a patch: with every layer recorded (the time attention
+    first, prefix 0) their states equal those of a recording of the space layers alone (prefix 1 throughout). In
+    this model's first space layer the class token holds the largest query or key value of some (image, head, mode),
+    so a prefix of 0 there changes the scores."""
+    from qkhooks.analysis.topk import TopKModes
+
+    case = next(c for c in FAST_CASES if c.name == "TimesformerModel")
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    every, space = TopKModes(k=2), TopKModes(k=2)
+    with torch.no_grad(), qkhooks.record(model, modes=2, sinks=[every]) as run:
+        _call(model, inputs)
+        assert "geometry" not in run.last.meta and run.last.meta["num_prefix_tokens"] == 0
+        class_token_tops = int((run.query(1).argmax(-1) == 0).sum() + (run.key(1).argmax(-1) == 0).sum())
+    with torch.no_grad(), qkhooks.record(model, modes=2, layers=[1, 3], sinks=[space]) as run:
+        _call(model, inputs)
+    assert class_token_tops > 0 and every.prefixes == {0: 0, 1: 1, 2: 0, 3: 1}
+    for layer in (1, 3):
+        assert every.layers[layer].keys() == space.layers[layer].keys()
+        for name, value in every.layers[layer].items():
+            assert torch.equal(value, space.layers[layer][name]), (layer, name)

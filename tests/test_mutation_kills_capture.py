@@ -451,6 +451,7 @@ def test_each_batch_says_its_prefix_tokens_and_its_grid_read_off_the_first_recor
         rec(images, ids=["left", "right"], meta={"note": 7})
     meta = dict(rec.last.meta)
     geometry = meta.pop("geometry")  # layer 1's own, read in its hook (round 31)
+    assert meta.pop("prefix_tokens") == {1: 1}  # each recorded layer's own (round 31)
     assert meta == {"note": 7, "num_prefix_tokens": 1, "grid": (4, 6)}
     assert list(geometry) == [1] and (geometry[1].num_prefix_tokens, geometry[1].grid) == (1, (4, 6))
     assert rec.ids == ["left", "right"] and rec.last.offset == 0

@@ -40,10 +40,15 @@ def infer_prefix_tokens(num_tokens: int) -> int:
     return prefix
 
 
-def resolve_prefix(fixed: int | None, meta: Mapping[str, Any], num_tokens: int) -> int:
-    """The prefix-token count: the reducer's own setting, else the batch metadata's (the site's); refused when
-    neither says (a token count does not tell it); checked against the sequence length."""
-    prefix = fixed if fixed is not None else meta.get("num_prefix_tokens")
+def resolve_prefix(fixed: int | None, meta: Mapping[str, Any], num_tokens: int, layer: int | None = None) -> int:
+    """The prefix-token count of ``layer``: its own in the batch metadata (``meta["prefix_tokens"]``, each recorded
+    layer's site's: a recording puts it there), else the reducer's own setting, else the batch metadata's one count
+    (``meta["num_prefix_tokens"]``, the first layer's); refused when none says (a token count does not tell it);
+    checked against the sequence length. A layer's own comes first: layers differ (TimeSformer's time attention has no
+    class token, its space attention one), and a reducer's count is often the first batch's first layer's."""
+    prefix = (meta.get("prefix_tokens") or {}).get(layer) if layer is not None else None
+    if prefix is None:
+        prefix = fixed if fixed is not None else meta.get("num_prefix_tokens")
     if prefix is None:
         raise QKHooksError(
             f"cannot tell the prefix tokens of a {num_tokens}-token sequence: the batch does not say them (a token "
@@ -83,7 +88,7 @@ def layer_grid(meta: Mapping[str, Any], layer: int, num_tokens: int, prefix: int
     geometry = layer_geometry(meta, layer)
     if geometry is not None:
         prefix, grid = geometry.num_prefix_tokens, geometry.grid
-    prefix = resolve_prefix(prefix, meta, num_tokens)
+    prefix = resolve_prefix(prefix, meta, num_tokens, None if geometry is not None else layer)
     return prefix, grid_of(num_tokens - prefix, grid if grid is not None else meta.get("grid"), layer)
 
 

@@ -368,7 +368,7 @@ class TopKModes(Reducer):
                                    "side's prefix tokens; record with qkhooks.record_dataset, which gives it.")
             # the recording's per-layer geometry (each layer its own prefix: CaiT, stages) over one count for all
             fixed = geometry.num_prefix_tokens if geometry is not None else self.num_prefix_tokens
-            prefix = resolve_prefix(fixed, batch.meta, int(cap.query.shape[-1]))
+            prefix = resolve_prefix(fixed, batch.meta, int(cap.query.shape[-1]), None if geometry is not None else layer)
             prefixes[layer] = prefix
             key_prefix = geometry.key_prefix_tokens if geometry is not None and geometry.reduced_keys else None
             kind = (tuple(cap.query.shape), tuple(cap.key.shape), cap.query.dtype, cap.key.dtype, cap.query.device,
