@@ -213,7 +213,7 @@ class Recording:
         self.last: BatchCapture | None = None
         self._unfinished = False  # a forward began after the last batch completed and has not completed
         self._bias: dict[int, torch.Tensor | str] = {}  # layer -> its position-only term, or why it has none
-        self._plain_geometries: dict[tuple, LayerGeometry] = {}  # (layer, tokens, call grids) -> a plain site's geometry
+        self._token_geometries: dict[tuple, LayerGeometry] = {}  # (layer, tokens, call grids) -> its geometry
         # layer -> its own prefix tokens, in every batch's meta: a layer without geometry (TimeSformer's groups, a layer
         # of another kind recorded without modes) is never read with another layer's prefix (meta["num_prefix_tokens"],
         # the first layer's). One dict, shared by every batch (a batch stays picklable).
@@ -459,8 +459,8 @@ class Recording:
         Without it a sink takes the first layer's prefix for every layer: CaiT's class-attention layers (CLS + patches
         after patch-only layers) and VidEoMT's per-frame layers (object queries first) would have their prefix tokens
         ranked as patches without a word. Read each batch (~10 us a layer): a layer's grid is its call's (a
-        dynamic-size ViT, windows), not its token count's. A plain layer's geometry is read in its hook already
-        (:meth:`_layer_hook`), from its tokens; here the others', from their maps. A layer of another kind without
+        dynamic-size ViT, windows), not its token count's. A layer whose queries and keys are its tokens has its
+        geometry read in its hook already (:meth:`_layer_hook`); here the others', from their maps. A layer of another kind without
         maps (no modes) has none: the sinks that need a grid check it against the token count there."""
         for site in self.sites:
             cap = batch.captures.get(site.layer)
@@ -468,14 +468,14 @@ class Recording:
                 continue
             self._add_geometry(batch, site, int(cap.query.shape[-1]), int(cap.key.shape[-1]))
 
-    def _plain_geometry(self, site: AttentionSite, tokens: int) -> LayerGeometry:
-        """A plain site's geometry in a call of ``tokens`` tokens an image (queries and keys alike), kept for the next
-        call of the same token count and grid: it depends on nothing else there (~9 us a layer to read, a lookup to
+    def _tokens_geometry(self, site: AttentionSite, tokens: int) -> LayerGeometry:
+        """The geometry of a site whose queries and keys are its tokens, in a call of ``tokens`` tokens an image, kept
+        for the next call of the same token count and grid: it depends on nothing else there (~9 us a layer to read, a lookup to
         keep; the grid is the call's, read as it began)."""
         key = (site.layer, tokens, site._grid_of_source, site._grid_of_input)
-        found = self._plain_geometries.get(key)
+        found = self._token_geometries.get(key)
         if found is None:
-            found = self._plain_geometries[key] = observe_geometry(site, tokens, tokens)
+            found = self._token_geometries[key] = observe_geometry(site, tokens, tokens)
         return found
 
     @staticmethod
@@ -504,11 +504,11 @@ class Recording:
         specs = [s for s in specs if not (s.kind == "full" and (site.layer in self._qk_attention or site.layer in self._once
                                                                 or site.observes_maps()))
                  and not (s.kind != "full" and site.layer in self._qk_rows)]
-        # A plain site's queries and keys are the tokens handed to it, one image a row: its geometry is read off them
+        # Where a site's queries and keys are the tokens handed to it, one image a row, its geometry is read off them
         # here, before any sink takes them (live anisotropy on CaiT's class-attention layers took the first layer's
         # prefix, and refused), and with or without modes. Other kinds (windows, pooled queries, reduced keys, frames)
         # differ from their tokens: read off their maps as the batch ends (_layer_geometry).
-        plain = type(site) is AttentionSite and site.key_tokens is None
+        from_tokens = site.geometry_from_tokens()
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = site.hidden_states(args, kwargs)
@@ -518,8 +518,8 @@ class Recording:
                 self._current.meta["num_prefix_tokens"] = site.num_prefix_tokens
                 with contextlib.suppress(QKHooksError):  # a grid of its own; else the sinks ask for one
                     self._current.meta.setdefault("grid", site.grid_for(int(x.shape[1])))
-            if plain and site.layer not in self._current.meta.get("geometry", ()):
-                self._current.meta.setdefault("geometry", {})[site.layer] = self._plain_geometry(site, int(x.shape[1]))
+            if from_tokens and site.layer not in self._current.meta.get("geometry", ()):
+                self._current.meta.setdefault("geometry", {})[site.layer] = self._tokens_geometry(site, int(x.shape[1]))
             if site.logit_bias() is not None:  # an all-zero term (an unpadded batch's mask) is no term at all
                 bias = site.position_bias()
                 if bias is None:
@@ -907,8 +907,8 @@ class Recording:
     def geometry(self, layer: Layer) -> LayerGeometry:
         """``layer``'s grid, prefix tokens, query/key token counts, stage and windows in the last batch, read off
         its site (:func:`qkhooks.results.observe_geometry`) as the batch ran, the one its sinks read (or the
-        caller's, ``meta["geometry"]``); a layer other than a plain one needs modes (their maps give its token
-        counts)."""
+        caller's, ``meta["geometry"]``); a layer whose queries or keys are not the tokens handed to it (windows,
+        pooled queries, reduced keys) needs modes (their maps give its token counts)."""
         index = resolve_layer(layer, self.layers, self.module_paths, "this recording")
         batch = self._last_batch(index)
         found = (batch.meta.get("geometry") or {}).get(index)

@@ -17,6 +17,7 @@ import torch
 
 import qkhooks
 from qkhooks.analysis.anisotropy import AnisotropyReducer
+from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
 from qkhooks.results import observe_geometry
 from qkhooks.stream import probe_geometry
@@ -34,7 +35,7 @@ def _images(seed: int, n: int = 3) -> torch.Tensor:
 
 
 def _plain(site: AttentionSite) -> bool:
-    return type(site) is AttentionSite and site.key_tokens is None
+    return site.geometry_from_tokens()
 
 
 @pytest.mark.parametrize("modes", [None, 2])
@@ -151,3 +152,57 @@ def test_topk_on_timesformer_drops_each_layers_own_prefix_where_its_layers_have_
         assert every.layers[layer].keys() == space.layers[layer].keys()
         for name, value in every.layers[layer].items():
             assert torch.equal(value, space.layers[layer][name]), (layer, name)
+
+
+def _groupvit():
+    from transformers import GroupViTVisionConfig, GroupViTVisionModel
+
+    torch.manual_seed(0)
+    config = GroupViTVisionConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, image_size=32,
+                                  patch_size=8, depths=[1, 1, 1], num_hidden_layers=3, num_group_tokens=[16, 8, 0],
+                                  num_output_groups=[16, 16, 16])
+    return GroupViTVisionModel(config).eval()
+
+
+def test_groupvits_segment_tokens_are_never_read_as_the_patch_grid():
+    """After GroupViT's first grouping stage the tokens are segments, not patches. Its last stage here has 16 segments,
+    as many as the 4x4 patch grid: its geometry has no grid (before round 31: the patch grid, and live anisotropy
+    folded segment 10 as "the centre patch"), the anisotropy baseline refuses the layer naming it, and a batch's grid
+    (another layer's, or the caller's meta) is not taken for a layer whose geometry has none."""
+    from qkhooks.analysis.geometry import layer_grid
+
+    model = _groupvit()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), qkhooks.record(model, modes=2) as run:
+        run(pixel_values=images)
+        assert [type(s).__name__ for s in run.sites] == ["AttentionSite", "SegmentTokenSite", "SegmentTokenSite"]
+        assert run.geometry(2).query_tokens == 16 and run.geometry(2).grid is None
+        meta = {**run.last.meta, "grid": (4, 4)}
+    with pytest.raises(QKHooksError, match=r"^layer 2: 16 patch tokens, and no grid was recorded for them"):
+        layer_grid(meta, 2, 16)
+    with pytest.raises(QKHooksError, match=r"^layer 2: 16 patch tokens, and no grid was recorded for them"):
+        with torch.no_grad(), qkhooks.record(model, modes=2, layers=[2], sinks=[AnisotropyReducer()]) as run:
+            run(pixel_values=images, meta={"grid": (4, 4)})
+
+
+def test_a_site_says_its_tokens_are_its_queries_and_keys_in_its_own_class_body_only():
+    """``TOKENS_ARE_QUERIES_AND_KEYS`` is read off the class's own body: a subclass that windows, pools or joins its
+    tokens does not inherit it (its geometry would be read off tokens that are not its maps'), one that says it again
+    has it, and reduced keys take it away."""
+    import dataclasses
+
+    from qkhooks.models.hf import SegmentTokenSite
+    from qkhooks.models.windows import WindowSite
+
+    site = qkhooks.record(_cait(), modes=None).sites[0]
+    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)}
+    assert site.geometry_from_tokens()
+    assert not WindowSite.__dict__.get("TOKENS_ARE_QUERIES_AND_KEYS") and WindowSite.TOKENS_ARE_QUERIES_AND_KEYS
+    assert SegmentTokenSite(**fields).geometry_from_tokens()
+    assert not dataclasses.replace(site, key_tokens=lambda x, args, kwargs: x).geometry_from_tokens()
+
+    @dataclasses.dataclass(eq=False)
+    class Pooling(AttentionSite):
+        pass
+
+    assert not Pooling(**fields).geometry_from_tokens()

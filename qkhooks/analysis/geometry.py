@@ -84,12 +84,14 @@ def layer_grid(meta: Mapping[str, Any], layer: int, num_tokens: int, prefix: int
                grid: Sequence[int] | None = None) -> tuple[int, tuple[int, int]]:
     """(prefix tokens, grid) of ``layer`` in a batch of ``num_tokens`` tokens: the layer's recorded geometry (each
     layer its own: stages, CaiT's class-attention blocks), else the caller's values, else the batch's
-    ``num_prefix_tokens`` and ``grid``; refused when none says."""
+    ``num_prefix_tokens`` and ``grid``; refused when none says. A layer whose geometry has no grid (the recording
+    could not tell one: GroupViT's segments, tokens in no grid order) never takes the batch's, another layer's."""
     geometry = layer_geometry(meta, layer)
+    fallback = meta.get("grid")
     if geometry is not None:
-        prefix, grid = geometry.num_prefix_tokens, geometry.grid
+        prefix, grid, fallback = geometry.num_prefix_tokens, geometry.grid or grid, None
     prefix = resolve_prefix(prefix, meta, num_tokens, None if geometry is not None else layer)
-    return prefix, grid_of(num_tokens - prefix, grid if grid is not None else meta.get("grid"), layer)
+    return prefix, grid_of(num_tokens - prefix, grid if grid is not None else fallback, layer)
 
 
 def tokens_on_grid(x: Any, geometry: Any) -> Any:

@@ -134,6 +134,16 @@ class AttentionSite:
     _call_rope: Any = dataclasses.field(default=None, repr=False)
     _call_keys: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
+    # Whether a call's queries and keys are the tokens handed to it, one image a row, so that the layer's geometry is
+    # read off them as the call begins (:meth:`geometry_from_tokens`). Read off a class's own body only: a subclass
+    # that windows, pools, joins or reorders its tokens must not inherit it; one that does none of that says it again.
+    TOKENS_ARE_QUERIES_AND_KEYS = True
+
+    def geometry_from_tokens(self) -> bool:
+        """Whether this layer's geometry (prefix, grid, token counts) is that of the tokens handed to its call: its
+        class says so in its own body (:attr:`TOKENS_ARE_QUERIES_AND_KEYS`) and its keys are not reduced."""
+        return bool(vars(type(self)).get("TOKENS_ARE_QUERIES_AND_KEYS")) and self.key_tokens is None
+
     def __repr__(self) -> str:
         return (
             f"AttentionSite(layer={self.layer}, path={self.path!r}, heads={self.num_heads}, "

@@ -274,6 +274,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
             sites[-1] = EXTRA_FORMS[type(module).__name__][1](sites[-1], module, modules)
         elif shuffled:
             sites[-1] = recast(sites[-1], ShuffledTokenSite, grid=None, patch_size=None)
+        elif _after_grouping(modules, match["block"]):
+            sites[-1] = recast(sites[-1], SegmentTokenSite, grid=None, patch_size=None)
         elif own is None and patch_grid is not None:  # one global attention over the patch embedding's grid
             sites[-1].grid_source = patch_grid
     _object_queries_are_prefix(model, sites)
@@ -286,6 +288,8 @@ class ShuffledTokenSite(AttentionSite):
     """A ViTMAE encoder layer: its embeddings shuffle every image's patch tokens (``random_masking``, which keeps them
     all at ``mask_ratio=0``, in a random order of its own), so token n is no fixed patch of the grid. Its maps and
     modes are exact in the model's token order; nothing here reads a token as a grid position."""
+
+    TOKENS_ARE_QUERIES_AND_KEYS = True  # shuffled, but every token, one image a row: its geometry (no grid) as it begins
 
     def _why(self) -> str:
         return ("ViTMAE shuffles each image's patch tokens (random_masking, even "
@@ -302,6 +306,35 @@ class ShuffledTokenSite(AttentionSite):
 
     def run_file_refusal(self) -> str | None:
         return self._why()
+
+
+def _after_grouping(modules: dict[str, nn.Module], block_path: str) -> bool:
+    """GroupViT: whether the block's stage comes after a stage that groups the tokens into segments (its
+    ``downsample``, a GroupViTTokenAssign): from there on the tokens are segments, not patches."""
+    stage_path = block_path.rpartition(".layers.")[0]
+    container, _, index = stage_path.rpartition(".")
+    if type(modules.get(stage_path)).__name__ != "GroupViTStage" or not index.isdigit():
+        return False
+    return any(getattr(modules.get(f"{container}.{i}"), "downsample", None) is not None for i in range(int(index)))
+
+
+@dataclasses.dataclass(eq=False)
+class SegmentTokenSite(AttentionSite):
+    """A GroupViT layer after a grouping stage: its tokens are segments (each a soft group of patches the grouping
+    block assigned, then the next stage's group tokens), not patches, so no token is a position of the patch grid, even
+    where their count equals the grid's. Its maps and modes are exact, token by token."""
+
+    TOKENS_ARE_QUERIES_AND_KEYS = True  # segments, one image a row: its geometry (no grid) is read as the call begins
+
+    def _why(self) -> str:
+        return ("GroupViT's tokens after a grouping stage are segments (soft groups of patches), not patches, so no "
+                "token is a position of the patch grid; its maps and modes are exact token by token.")
+
+    def grid_for(self, num_tokens: int) -> tuple[int, int]:
+        raise QKHooksError(f"layer {self.layer} ({self.path}): {self._why()}")
+
+    def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
+        raise QKHooksError(f"layer {self.layer} ({self.path}): {self._why()}")
 
 
 def _object_queries_are_prefix(model: nn.Module, sites: list[AttentionSite]) -> None:
