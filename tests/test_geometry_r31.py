@@ -206,3 +206,45 @@ def test_a_site_says_its_tokens_are_its_queries_and_keys_in_its_own_class_body_o
         pass
 
     assert not Pooling(**fields).geometry_from_tokens()
+
+
+def _tiny_swin() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4, embed_dim=16,
+                             depths=(2,), num_heads=(2,), window_size=4).eval()
+
+
+class _UpdateOnly:
+    """Hands the reducer whole batches only (no ``take_inputs``): the kept-tokens path."""
+
+    def __init__(self, reducer):
+        self.reducer = reducer
+
+    def update(self, batch) -> None:
+        self.reducer.update(batch)
+
+
+@pytest.mark.parametrize("path", ["taken in the hook", "kept tokens"])
+@pytest.mark.parametrize("kind", ["PositionMeans", "BFDEnergies", "PositionDecoding"])
+def test_bfd_reducers_refuse_a_layer_whose_attention_takes_windows_not_images(kind, path):
+    """A windowed Swin layer hands its attention 12 windows of 16 tokens for 3 images of 8x8 patches. Folded as
+    images, PositionMeans' "per-position means" were 4x the mean window, without a word (found by review); each BFD
+    reducer now refuses the batch naming the layer and the counts, and folds nothing. (Position means given per
+    window position, so the shape checks alone would let the windows through.)"""
+    from qkhooks.analysis.bfd_reducers import BFDEnergies, PositionDecoding, PositionMeans, full_modes
+
+    model = _tiny_swin()
+    positions = {0: torch.zeros(16, 16, dtype=torch.float64), 1: torch.zeros(16, 16, dtype=torch.float64)}
+    reducer = {"PositionMeans": lambda: PositionMeans(),
+               "BFDEnergies": lambda: BFDEnergies(full_modes(model), positions),
+               "PositionDecoding": lambda: PositionDecoding(positions, (4, 4), holdout_every=2)}[kind]()
+    sink = reducer if path == "taken in the hook" else _UpdateOnly(reducer)
+    with pytest.raises(QKHooksError, match=rf"^layer 0: its attention took 12 token sequences for 3 images \(windows "
+                                           rf"or groups of tokens along the batch axis\), and {kind} decomposes each "
+                                           r"image's one sequence of tokens, position by position; leave the layer "
+                                           r"out \(layers=\[\.\.\.\]\), as qkhooks bfd does\.$"):
+        with torch.no_grad(), qkhooks.record(model, modes=None, sinks=[sink], keep_inputs=path == "kept tokens") as run:
+            run(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    folded = {"PositionMeans": lambda r: r.counts, "BFDEnergies": lambda r: [s["images"] for s in r.stats.values()],
+              "PositionDecoding": lambda r: [int(s["images"].sum()) for s in r.stats.values()]}[kind](reducer)
+    assert folded in ({}, [0, 0])

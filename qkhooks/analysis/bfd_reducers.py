@@ -80,6 +80,20 @@ def _state_layers(state: Mapping[str, Any]) -> list[int]:
     return [int(v) for v in np.asarray(state["layers"]).reshape(-1)]
 
 
+def _one_sequence_an_image(batch: BatchCapture, layers: Mapping[int, int], who: str) -> None:
+    """Refuse a batch where some layer's attention took another number of token sequences than the batch has
+    images (``layers``: layer -> sequences): a windowed layer's (B·nW, Nw, d) windows or a layer's groups of tokens
+    along the batch axis. BFD decomposes each image's one sequence of tokens position by position; summed as images,
+    windows gave "position means" nW times the mean window, without a word."""
+    for layer, rows in layers.items():
+        images = batch.captures[layer].batch_size
+        if rows != images:
+            raise QKHooksError(
+                f"layer {layer}: its attention took {rows} token sequences for {images} images (windows or groups of "
+                f"tokens along the batch axis), and {who} decomposes each image's one sequence of tokens, position by "
+                "position; leave the layer out (layers=[...]), as qkhooks bfd does.")
+
+
 def _inputs(cap: LayerCapture, who: str) -> torch.Tensor:
     """A layer's kept tokens, for a batch whose tokens were not handed to the reducer in the layer's hook."""
     if cap.inputs is None:
@@ -151,13 +165,18 @@ class PositionMeans(Reducer):
         """One layer's tokens (B, N, d), in the layer's hook: summed over the images here, so the recording need
         not keep them to the batch's end; :meth:`update` folds the batch's sums, or refuses the batch whole."""
         if self._wants(layer):
-            self._taken.put(batch, layer, tokens.detach().to(self.dtype).sum(0))
+            self._taken.put(batch, layer, (tokens.detach().to(self.dtype).sum(0), int(tokens.shape[0])))
 
     def update(self, batch: BatchCapture) -> None:
         """Fold one batch, every layer's sum (taken in its hook or read off its kept tokens) checked first."""
         taken = self._taken.pop(batch)
-        totals = {layer: taken[layer] if layer in taken else _inputs(cap, "PositionMeans").to(self.dtype).sum(0)
-                  for layer, cap in batch.captures.items() if self._wants(layer)}
+        parts = {}
+        for layer, cap in batch.captures.items():
+            if self._wants(layer):
+                kept = None if layer in taken else _inputs(cap, "PositionMeans")
+                parts[layer] = taken[layer] if kept is None else (kept.to(self.dtype).sum(0), int(kept.shape[0]))
+        _one_sequence_an_image(batch, {layer: rows for layer, (_, rows) in parts.items()}, "PositionMeans")
+        totals = {layer: total for layer, (total, _) in parts.items()}
         for layer, total in totals.items():
             self._check_shape(layer, total)
         for layer, total in totals.items():
@@ -340,6 +359,7 @@ class BFDEnergies(Reducer):
         taken = self._taken.pop(batch)
         increments = {layer: taken[layer] if layer in taken else self._increments(layer, _inputs(cap, "BFDEnergies"))
                       for layer, cap in batch.captures.items() if layer in self.layers}
+        _one_sequence_an_image(batch, {layer: added["images"] for layer, added in increments.items()}, "BFDEnergies")
         for layer, added in increments.items():
             st = self.stats[layer]
             for key in _ENERGY_STATS:
@@ -500,20 +520,22 @@ class PositionDecoding(Reducer):
         if layer not in self.stats:
             return
         if len(batch.ids) == tokens.shape[0]:
-            self._taken.put(batch, layer, self._increments(layer, tokens, batch))
+            self._taken.put(batch, layer, (self._increments(layer, tokens, batch), int(tokens.shape[0])))
         else:
-            self._taken.put(batch, layer, tokens.detach())
+            self._taken.put(batch, layer, (tokens.detach(), int(tokens.shape[0])))
 
     def update(self, batch: BatchCapture) -> None:
         """Fold one batch: every layer's increments (taken in its hook, or computed from its tokens) first, so a
         refused layer leaves every sum as it was."""
         taken = self._taken.pop(batch)
-        increments = {}
+        parts = {}
         for layer, cap in batch.captures.items():
-            if layer not in self.stats:
-                continue
-            part = taken[layer] if layer in taken else _inputs(cap, "PositionDecoding")
-            increments[layer] = part if isinstance(part, dict) else self._increments(layer, part, batch)
+            if layer in self.stats:
+                kept = None if layer in taken else _inputs(cap, "PositionDecoding")
+                parts[layer] = taken[layer] if kept is None else (kept, int(kept.shape[0]))
+        _one_sequence_an_image(batch, {layer: rows for layer, (_, rows) in parts.items()}, "PositionDecoding")
+        increments = {layer: part if isinstance(part, dict) else self._increments(layer, part, batch)
+                      for layer, (part, _) in parts.items()}
         self._split = None
         for layer, added in increments.items():
             st = self.stats[layer]
