@@ -28,7 +28,7 @@ import torch
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
 
-__all__ = ["Reducer", "Recipe", "TakenParts", "to_numpy_state", "reducer_class", "register_recipe", "recipe",
+__all__ = ["Reducer", "Recipe", "TakenParts", "refuse_mixed_batch_axes", "to_numpy_state", "reducer_class", "register_recipe", "recipe",
            "refuse_non_finite", "DESCRIPTION_KEY"]
 
 DESCRIPTION_KEY = "_reducer"
@@ -197,6 +197,22 @@ class TakenParts:
 
     def __bool__(self) -> bool:
         return self._batch is not None and self._batch() is not None
+
+
+def refuse_mixed_batch_axes(batch: BatchCapture, reducer: str) -> None:
+    """Refuse a batch whose recorded layers have batch axes of different lengths: a model that runs some layers over
+    crops, frames or patches along the batch axis (DepthPro's patch encoder, 35 crops an image; ViViT's factorised
+    encoder). A live recording keeps each layer's own axis, but a reducer that folds one batch of images across layers
+    would take one layer's crops for another's images (it failed in ``torch.stack``, or ranked crops as images)."""
+    first: dict[int, int] = {}
+    for layer, cap in sorted(batch.captures.items()):
+        first.setdefault(cap.batch_size, layer)
+    if len(first) > 1:
+        (rows, layer), (other_rows, other) = list(first.items())[:2]
+        raise QKHooksError(
+            f"{reducer}: layer {layer} runs over {rows} rows along its batch axis and layer {other} over {other_rows} "
+            "(the model runs some layers over crops, frames or patches along the batch axis), and it folds one batch "
+            f"of images across layers; record the layers of one batch axis with it (layers=[...]).")
 
 
 def refuse_non_finite(finite: torch.Tensor, layers: Sequence[int], batch: BatchCapture, reducer: str,

@@ -248,3 +248,27 @@ def test_bfd_reducers_refuse_a_layer_whose_attention_takes_windows_not_images(ki
     folded = {"PositionMeans": lambda r: r.counts, "BFDEnergies": lambda r: [s["images"] for s in r.stats.values()],
               "PositionDecoding": lambda r: [int(s["images"].sum()) for s in r.stats.values()]}[kind](reducer)
     assert folded in ({}, [0, 0])
+
+
+@pytest.mark.parametrize("kind", ["TopKModes", "AnisotropyReducer"])
+def test_reducers_across_layers_refuse_a_batch_whose_layers_run_over_other_batch_axes(kind):
+    """DepthPro runs its patch encoder over 35 crops an image (70 rows for 2 images) and its image encoder over the 2
+    images. The reducers that fold one batch of images across layers refused it with torch's bare ``stack`` error, or
+    took crops for images (found by review); they now refuse naming two layers and their rows, fold nothing, and take
+    the layers of one axis."""
+    from qkhooks.analysis.topk import TopKModes
+
+    case = next(c for c in FAST_CASES if c.name == "DepthProModel")
+    torch.manual_seed(0)
+    model, inputs = perturb(case.build()), case.inputs()
+    reducer = TopKModes(k=2) if kind == "TopKModes" else AnisotropyReducer()
+    with pytest.raises(QKHooksError, match=rf"^{kind}: layer 0 runs over 70 rows along its batch axis and layer 2 over "
+                                           r"2 \(the model runs some layers over crops, frames or patches along the "
+                                           r"batch axis\), and it folds one batch of images across layers; record the "
+                                           r"layers of one batch axis with it \(layers=\[\.\.\.\]\)\.$"):
+        with torch.no_grad(), qkhooks.record(model, modes=2, sinks=[reducer]) as run:
+            _call(model, inputs)
+    assert not (reducer.layers if kind == "TopKModes" else reducer.sums)
+    with torch.no_grad(), qkhooks.record(model, modes=2, layers=[2, 3], sinks=[reducer]) as run:
+        _call(model, inputs)
+    assert sorted(reducer.layers if kind == "TopKModes" else reducer.sums) == [2, 3]

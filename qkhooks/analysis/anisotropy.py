@@ -17,7 +17,7 @@ import torch
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
 from qkhooks.readings import Pivots, pair_pivots
-from qkhooks.reducers import Reducer, TakenParts, refuse_non_finite
+from qkhooks.reducers import Reducer, TakenParts, refuse_mixed_batch_axes, refuse_non_finite
 from qkhooks.spectrum import head_weighted_cosines, mean_over_heads
 from qkhooks.analysis.geometry import grid_of, layer_geometry, layer_grid, resolve_prefix, tokens_on_grid
 
@@ -118,6 +118,7 @@ class AnisotropyReducer(Reducer):
         with a NaN or inf among them is refused (:func:`~qkhooks.reducers.refuse_non_finite`) before the state
         changes; so is one with a layer whose tokens were neither taken nor kept."""
         taken = self._taken.pop(batch)
+        refuse_mixed_batch_axes(batch, type(self).__name__)
         kept = {l: c.inputs for l, c in batch.captures.items() if c.inputs is not None and l not in taken}
         if not taken and not kept:
             raise QKHooksError(f"{type(self).__name__} needs the captured tokens: record with keep_inputs=True.")

@@ -21,7 +21,7 @@ import torch
 from qkhooks._devices import to_device
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
-from qkhooks.reducers import Reducer, refuse_non_finite
+from qkhooks.reducers import Reducer, refuse_mixed_batch_axes, refuse_non_finite
 from qkhooks.analysis.geometry import layer_geometry, resolve_prefix
 
 __all__ = ["TopKModes", "signed_scores", "layer_state", "state_layers", "select_layers", "top_images", "SIGNS"]
@@ -358,6 +358,7 @@ class TopKModes(Reducer):
         layers = {l: c for l, c in batch.captures.items() if c.query is not None and c.key is not None}
         if not layers:
             raise QKHooksError("TopKModes needs query/key maps: record with modes=K (e.g. qkhooks.record(model, modes=16)).")
+        refuse_mixed_batch_axes(batch, "TopKModes")
         groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         prefixes: dict[int, int] = {}  # committed with the folds, after the check: a refused batch changes nothing
         for layer, cap in sorted(layers.items()):
