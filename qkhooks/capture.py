@@ -10,7 +10,7 @@ bit-identical with and without the context, and fused attention stays on.
 A batch is complete when the recorded model's forward returns; only then is it handed to the sinks (the
 run store, streaming reducers) and exposed as ``run.last``, which the recording frees as the next forward begins
 (a batch you keep a reference to stays yours). A forward that raises hands nothing on, so a store never receives
-half a batch. Hooks are removed on exit, on exceptions and on KeyboardInterrupt;
+half a batch, and its partial batch is dropped as it fails. Hooks are removed on exit, on exceptions and on KeyboardInterrupt;
 each context removes only its own hooks, so contexts nest. The modes belong to the weights the model had at entry:
 a forward after the weights changed inside the context (a checkpoint loaded, an optimiser step) is refused.
 
@@ -281,6 +281,7 @@ class Recording:
             hook = functools.partial(own_hook, model)  # every hook goes through own_hook: marked, and refusing to be traced
             self._handles.append(hook(model, self._begin_batch, with_kwargs=True))
             self._handles.append(hook(model, self._end_batch, pre=False, always_call=False))
+            self._handles.append(hook(model, self._drop_failed, pre=False, always_call=True))
             self._handles.append(hook(first.module, self._begin_inner, with_kwargs=True))
             for module, context in grid_source_hooks(self.sites):  # the grid of each call, read once for all layers
                 self._handles.append(hook(module, context, with_kwargs=True))
@@ -436,7 +437,7 @@ class Recording:
         size = batch.n
         batch.offset = self.index_base + self.images_seen
         if not batch.ids:
-            batch.ids = [str(batch.offset + i) for i in range(size)]
+            batch.ids = self.default_ids(size)
         elif len(batch.ids) != size:
             raise QKHooksError(f"{len(batch.ids)} ids were given for a batch of {size} images; give one id per image.")
         self.images_seen += size
@@ -452,6 +453,25 @@ class Recording:
             self._bias[layer] = "it is a mask (it masks keys out or differs between images), applied in the rebuilt maps"
         for sink in self.sinks:
             sink.update(batch)
+
+    def default_ids(self, n: int) -> list[str]:
+        """The ids the next batch of ``n`` images gets when none are given: each image's global index
+        (``index_base + images_seen + i``) as a string. The one rule, for a caller that gives the ids up front too
+        (the BFD tensor pass, so that its position probes split each layer's tokens in the layer's hook)."""
+        return [str(self.index_base + self.images_seen + i) for i in range(n)]
+
+    def _drop_failed(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Forward hook on the model after :meth:`_end_batch`, which torch also calls when the forward raised (then with
+        output None, ``always_call``). A batch still open here is a failed forward's (a complete one was taken by
+        ``_end_batch``): dropped now with its half-taken q/k and joined calls, so that its maps and tokens are not held
+        until the next forward. ``run.query(l)`` then says that the last forward did not complete."""
+        if self._current is None:
+            return
+        self._current = None
+        self._calls.clear()
+        self._qk_outputs.clear()
+        self._qk_tokens.clear()
+        self._residual.clear()
 
     def _layer_geometry(self, batch: BatchCapture) -> None:
         """Every layer's own geometry (prefix tokens, grids, token counts) for the sinks, read off this batch's maps as

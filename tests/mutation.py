@@ -92,6 +92,8 @@ KILLS_R29 = "tests/test_mutation_kills_r29.py"
 KILLS_R30_READ = "tests/test_mutation_kills_r30_read.py"
 # Round 30 (mutation): the kill tests of round 30's library code (module "round30").
 KILLS_R30 = "tests/test_mutation_kills_r30.py"
+# Round 31 (mutation): the kill tests of round 30's later library code (module "round31").
+KILLS_R31 = "tests/test_mutation_kills_r31.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -436,6 +438,21 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "tests/test_reducers.py", "tests/test_mutation_kills_r20.py", KILLS_R29, KILLS_R30],
                 "test_taken_inputs_r30 or test_taken_inputs_r29 or test_bfd or test_reducers or "
                 "test_mutation_kills_r29 or test_mutation_kills_r30 or (test_mutation_kills_r20 and position_probes)"),
+    # Round 31 (mutation): round 30's later library code (`abe37ed..4a07a01`): run.last freed as the next forward begins
+    # and the refusal after a forward that raised, each layer's own geometry for a live recording's sinks (capture.py,
+    # results.py), a pretrained hf: checkpoint without a readable processor refused and the processor saved beside a
+    # module read (models/load.py), `qkhooks bfd`'s data flags (options.py's add_arguments(names=), bfd.py,
+    # cli/bfd.py); stream.py's change is a comment only. Against the taken-inputs tests of round 30, the preprocessing
+    # tests of round 30, test_bfd.py and test_options.py (in-process tests), round 29's keep_last tests, the hand-made
+    # batch's refusals and the kill files of rounds 30 and 31. Run with --only ROUND31.
+    "round31": (["qkhooks/capture.py", "qkhooks/results.py", "qkhooks/stream.py", "qkhooks/options.py",
+                 "qkhooks/models/load.py", "qkhooks/analysis/bfd.py", "qkhooks/cli/bfd.py"],
+                ["tests/test_taken_inputs_r30.py", "tests/test_preprocessing_r30.py", "tests/test_taken_inputs_r29.py",
+                 "tests/test_options.py", "tests/test_bfd.py", "tests/test_mutation_kills_capture.py", KILLS_R30,
+                 KILLS_R30_READ, KILLS_R31],
+                "test_taken_inputs_r30 or test_preprocessing_r30 or test_mutation_kills_r30 or test_mutation_kills_r31 "
+                "or (test_taken_inputs_r29 and keep_last) or (test_options and not cannot_read_the_source) or test_bfd "
+                "or (test_mutation_kills_capture and hand_made_batch)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -601,10 +618,14 @@ ROUND29 = ("commits:e52c7d9..0c36b52",)
 # Round 30's library commits, for `--only` with the module "round30" (`369d0ec..abe37ed`: a joining layer's tokens handed
 # to the sinks that take inputs, TakenParts, the BFD reducers' take_inputs and whole-batch folds).
 ROUND30 = ("commits:369d0ec..abe37ed",)
+# Round 30's later library commits, for `--only` with the module "round31" (`abe37ed..4a07a01`: run.last freed as the
+# next forward begins, each layer's own geometry for live sinks, the hf: processor refusals, `qkhooks bfd`'s data flags).
+ROUND31 = ("commits:abe37ed..4a07a01",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
-              "ROUND28B": ROUND28B, "ROUND29": ROUND29, "ROUND30": ROUND30}
+              "ROUND28B": ROUND28B, "ROUND29": ROUND29, "ROUND30": ROUND30,
+              "ROUND31": ROUND31}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.

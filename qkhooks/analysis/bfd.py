@@ -105,11 +105,11 @@ def _tensor_pass(net: nn.Module, batches: Sequence[torch.Tensor], reducers: list
 
     dtype = next(net.parameters()).dtype
     # the reducers take each layer's tokens in its hook (no tokens kept to the batch's end); the ids are the ones the
-    # recording would make, given up front so that the position probes split each layer's tokens there too
+    # recording would make (its one rule), given up front so that the position probes split each layer's tokens there too
     with record(net, modes=None, layers=layers, input=input, sinks=reducers) as run:
         for pixels in batches:
             with torch.no_grad():
-                run(pixels.to(device=device, dtype=dtype), ids=[str(run.images_seen + i) for i in range(len(pixels))])
+                run(pixels.to(device=device, dtype=dtype), ids=run.default_ids(len(pixels)))
 
 
 def run_bfd(

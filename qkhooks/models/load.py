@@ -285,6 +285,9 @@ def _image_config(kind: str, model: nn.Module, processor: dict | None = None):
     return ImageConfig.from_hf_model(model)
 
 
+_PROCESSOR_FILE = "preprocessor_config.json"  # where transformers saves and reads a checkpoint's image processor
+
+
 def _saved_processor(model: nn.Module) -> dict | None:
     """The image processor config saved with a Hugging Face module's checkpoint (``from_pretrained`` records where in
     ``config._name_or_path``), read from that folder or the local cache only (never the network); None if none."""
@@ -296,10 +299,10 @@ def _saved_processor(model: nn.Module) -> dict | None:
     try:
         return transformers.AutoImageProcessor.from_pretrained(where, local_files_only=True).to_dict()
     except Exception as exc:  # none saved there: the caller guesses, and warns; one there unreadable: refused
-        if isinstance(exc, OSError) and not (Path(where) / "preprocessor_config.json").exists():
+        if isinstance(exc, OSError) and not (Path(where) / _PROCESSOR_FILE).exists():
             return None
         raise QKHooksError(f"the image processor saved with this model ({where!r}) could not be read "
-                           f"({type(exc).__name__}: {exc}); fix it there, or pass load_model(..., "
+                           f"({_reader_error(exc)}); fix it there, or pass load_model(..., "
                            "image_config=qkhooks.data.ImageConfig(...)).") from None
 
 
@@ -328,7 +331,9 @@ def _hf_vision_tower(model: nn.Module) -> nn.Module:
     return getattr(model, "vision_model", None) if hasattr(model, "text_model") else model
 
 
-def _load_hf(ident: str, random_init: bool) -> tuple[nn.Module, dict | None]:
+def _load_hf(ident: str, random_init: bool) -> tuple[nn.Module, dict | None, str | None]:
+    """The model of ``hf:ident``, its image processor config (None if it has none or it cannot be read) and why it
+    could not be read (None if read, or if a local folder has no processor config to read)."""
     import transformers
 
     try:
@@ -351,12 +356,17 @@ def _load_hf(ident: str, random_init: bool) -> tuple[nn.Module, dict | None]:
         model = transformers.AutoModel.from_config(cfg or config, attn_implementation="sdpa")
     else:
         model = _hf_pretrained(getattr(transformers, vision_classes.get(model_type, "AutoModel")), ident)
-    processor = None
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(ident).to_dict()
-    except Exception:
-        processor = None
-    return _hf_vision_tower(model), processor
+        return _hf_vision_tower(model), transformers.AutoImageProcessor.from_pretrained(ident).to_dict(), None
+    except Exception as exc:  # none there: load_model refuses pretrained weights without an image_config; else why
+        none_there = isinstance(exc, OSError) and Path(ident).is_dir() and not (Path(ident) / _PROCESSOR_FILE).exists()
+        return _hf_vision_tower(model), None, None if none_there else _reader_error(exc)
+
+
+def _reader_error(exc: BaseException) -> str:
+    """A reader's error in one line for a refusal (transformers' can list every model type it knows)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}"
 
 
 def _has_remote_code(ident: str) -> bool:
@@ -462,7 +472,14 @@ def load_model(
                 weights += f" ({model.qkhooks_weights_note})"
             image_config = image_config or _image_config("timm", model)
         elif kind == "hf":
-            model, processor = _seeded(lambda: _load_hf(name, random_init))
+            model, processor, unread = _seeded(lambda: _load_hf(name, random_init))
+            if processor is None and image_config is None and not random_init and unread is not None:
+                where = Path(name) / _PROCESSOR_FILE if Path(name).is_dir() else f"{_PROCESSOR_FILE} of {name}"
+                raise QKHooksError(
+                    f"hf:{name}'s image processor config ({where}) could not be read ({unread}), so its preprocessing "
+                    "(size, resize, mean, std) is not known, and qkhooks does not guess it for pretrained weights. Fix "
+                    "or replace that file (AutoImageProcessor.save_pretrained writes it; a hub id must be cached or "
+                    "reachable), or pass load_model(..., image_config=qkhooks.data.ImageConfig.from_hf(processor_dict)).")
             if processor is None and image_config is None and not random_init:
                 raise QKHooksError(
                     f"hf:{name} has no image processor config that transformers can read (preprocessor_config.json), "
