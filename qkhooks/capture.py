@@ -934,7 +934,7 @@ class Recording:
         found = (batch.meta.get("geometry") or {}).get(index)
         if found is not None:
             return found
-        cap = batch.captures[index]
+        cap = batch._capture(index)  # a recorded layer that did not run in that forward: refused, named
         if cap.query is None or cap.key is None:
             raise QKHooksError("this recording has no query/key maps to read the token counts off; record with modes=.")
         site = next(s for s in self.sites if s.layer == index)

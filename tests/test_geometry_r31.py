@@ -272,3 +272,22 @@ def test_reducers_across_layers_refuse_a_batch_whose_layers_run_over_other_batch
     with torch.no_grad(), qkhooks.record(model, modes=2, layers=[2, 3], sinks=[reducer]) as run:
         _call(model, inputs)
     assert sorted(reducer.layers if kind == "TopKModes" else reducer.sums) == [2, 3]
+
+
+def test_reading_a_recorded_layer_that_did_not_run_in_the_last_forward_names_it():
+    """A recorded layer absent from the last batch (its block skipped in that forward): ``run.geometry(l)`` refuses
+    naming it and the layers the batch has, as ``run.query(l)`` does (before: a bare KeyError, found by round 31's
+    mutation run)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=4).eval()
+    blocks = model.blocks
+    with torch.no_grad(), qkhooks.record(model, modes=None, attention=None) as run:
+        model.blocks = blocks[:1]
+        try:
+            model(_images(1))
+        finally:
+            model.blocks = blocks
+        with pytest.raises(QKHooksError, match=r"^this batch did not record layer 1; its layers are \[0\]\.$"):
+            run.geometry(1)
+        assert run.geometry(0).grid == (4, 4)

@@ -865,7 +865,7 @@ def test_topk_scores_reduced_keys_over_every_key_token_and_queries_past_the_pref
     key[..., 0] = 5.0 * np.sign(rng.normal(size=(3, 1, 2)))  # the first key token decides: counted only without a prefix
     query[..., 0] = 9.0  # the class token would win every query maximum
     geometry = LayerGeometry(0, (2, 3), 1, 7, 4, (2, 2), 0)
-    batch = NS(captures={0: NS(query=torch.from_numpy(query), key=torch.from_numpy(key))}, size=3, offset=10,
+    batch = NS(captures={0: NS(query=torch.from_numpy(query), key=torch.from_numpy(key), batch_size=torch.from_numpy(query).shape[0])}, size=3, offset=10,
                meta={"geometry": {0: geometry}, "num_prefix_tokens": 1})
     topk = TopKModes(k=2, map_dtype="float64")
     topk.update(batch)
@@ -889,7 +889,7 @@ def test_topk_keeps_image_indices_past_float32s_exact_integers_and_centre_embedd
 
     offset = 2**24 + 1  # the first integer float32 cannot hold
     maps = torch.arange(2 * 1 * 1 * 5, dtype=torch.float32).reshape(2, 1, 1, 5) - 3
-    batch = NS(captures={0: NS(query=maps, key=maps)}, size=2, offset=offset, meta={"num_prefix_tokens": 1})
+    batch = NS(captures={0: NS(query=maps, key=maps, batch_size=maps.shape[0])}, size=2, offset=offset, meta={"num_prefix_tokens": 1})
     topk = TopKModes(k=2)
     topk.update(batch)
     best = topk.top(0, 0, 0, sign=1)
@@ -915,7 +915,7 @@ def test_the_centre_patch_is_read_off_the_layers_own_grid_and_a_top_k_selection_
 
     maps = torch.randn(3, 2, 2, 5, generator=torch.Generator().manual_seed(0))
     topk = TopKModes(k=3)
-    topk.update(NS(captures={0: NS(query=maps, key=maps)}, size=3, offset=0, meta={"num_prefix_tokens": 1}))
+    topk.update(NS(captures={0: NS(query=maps, key=maps, batch_size=maps.shape[0])}, size=3, offset=0, meta={"num_prefix_tokens": 1}))
     state = topk.state_dict()
     every = select_layers(state, [0], None)
     assert every["k"] == 3 and every["L0.score"].shape[-1] == 3 and every["layers"].tolist() == [0]
@@ -931,7 +931,7 @@ def test_a_bfloat16_top_k_state_of_layers_with_other_token_counts_saves_its_maps
     g = torch.Generator().manual_seed(0)
     small, big = torch.randn(2, 1, 1, 5, generator=g), torch.randn(2, 1, 1, 9, generator=g)  # two stages' token counts
     topk = TopKModes(k=2, map_dtype="bfloat16")
-    topk.update(NS(captures={0: NS(query=big, key=big), 3: NS(query=small, key=small)}, size=2, offset=0,
+    topk.update(NS(captures={0: NS(query=big, key=big, batch_size=big.shape[0]), 3: NS(query=small, key=small, batch_size=small.shape[0])}, size=2, offset=0,
                    meta={"num_prefix_tokens": 1}))
     state = topk.state_dict()
     assert state["per_layer"] == 1 and state["layers"].tolist() == [0, 3]
