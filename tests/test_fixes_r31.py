@@ -58,17 +58,7 @@ def test_a_forward_that_raises_inside_a_layer_leaves_none_of_its_batch_held_and_
 
 
 # ------------------------------------------------------------ models/load.py: an unreadable processor config, named
-@pytest.fixture
-def hf_checkpoint(tmp_path):
-    """A tiny pretrained-looking ViT folder: config and weights, as save_pretrained writes them, no processor."""
-    import transformers
-
-    from test_inputs import TINY_VIT
-
-    torch.manual_seed(0)
-    folder = tmp_path / "tiny-vit"
-    transformers.ViTModel(transformers.ViTConfig(**TINY_VIT)).save_pretrained(folder)
-    return folder
+from test_preprocessing_r30 import hf_checkpoint  # noqa: E402,F401 - the tiny ViT folder without a processor
 
 
 @pytest.mark.parametrize("saved, error", [("{not json", r"OSError: It looks like the config file at '\S+' is not a "
