@@ -205,7 +205,14 @@ class _MapReader:
         return _item_to_raw(self.container[row], f"item {position}")
 
     def row_id(self, row: int, position: int) -> str:
-        return str(position)
+        """A skipped item's id: its own ``"id"`` where it is a dict that has one (as :meth:`decode` names the item),
+        else its position. Named by position alone, a lost item was listed under another item's id, or a recorded
+        one's (found by review). An item that cannot even be fetched is named by its position."""
+        try:
+            item = self.container[row]
+        except Exception:  # noqa: BLE001 - the item's own failure is reported where it was read
+            return str(position)
+        return str(item["id"]) if isinstance(item, Mapping) and item.get("id") is not None else str(position)
 
     def mask_layouts(self, stop: int) -> Iterator[tuple[int, str, tuple[bool, bool]]] | None:
         """Each item's (position, id, mask layout) without decoding, for a list or tuple (whose items are already

@@ -1,0 +1,56 @@
+"""Round 31's second review (the streaming paths): each test reproduces a wrong or misleading value found there, which
+nothing warned about, and checks the fix."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import qkhooks
+
+
+def _tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=2, num_heads=4, num_classes=0).eval()
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40, 3), value, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@pytest.mark.parametrize("container", ["list", "tuple", "torch Dataset"])
+def test_an_unreadable_item_is_listed_as_skipped_under_its_own_id_not_its_position(tmp_path, container):
+    """Dict items with their own ids, the first unreadable: it was listed under its position ("0"), which here is
+    the id of the item recorded after it, so the skipped list named a recorded image and the lost one was named
+    nowhere (a generator of the same items named it right)."""
+    items = [{"image": b"not an image", "id": "photo-x"}, {"image": _png(90), "id": "0"}, {"image": _png(30), "id": "b"}]
+    data = {"list": items, "tuple": tuple(items), "torch Dataset": _Items(items)}[container]
+    out = tmp_path / "run.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = qkhooks.record_dataset(_tiny(), data, out, modes=2, layers="0", progress=False, batch_size=2)
+    with h5py.File(out) as f:
+        recorded = [x.decode() for x in f["images/ids"][()]]
+        skipped = [x.decode() for x in f["images/skipped"][()][:, 0]]
+    assert recorded == ["0", "b"] and skipped == ["photo-x"] and [s[0] for s in result.skipped] == ["photo-x"]
