@@ -209,8 +209,9 @@ def test_merge_renumbers_top_k_past_skipped_images_and_copies_on_request(tmp_pat
     with open_run(copied) as run:
         assert not run.file["modes/L1/key"].is_virtual and run.file["modes/L1/key"].chunks
     assert_same_run(tmp_path / "single.h5", copied)
-    with open_run(out) as run:  # a view whose shards are gone reads NaN, never plausible zeros
-        assert np.isnan(run.query(0)[0]).all()
+    with open_run(out) as run:  # a view whose shards are gone: its reads refused (NaN before round 31), never zeros
+        with pytest.raises(QKHooksError, match=r"the shard\(s\) holding images 0-2, 3-6 are missing there"):
+            run.query(0)[0]
 
 
 def test_empty_shards_and_the_merge_command(tmp_path):

@@ -54,3 +54,36 @@ def test_an_unreadable_item_is_listed_as_skipped_under_its_own_id_not_its_positi
         recorded = [x.decode() for x in f["images/ids"][()]]
         skipped = [x.decode() for x in f["images/skipped"][()][:, 0]]
     assert recorded == ["0", "b"] and skipped == ["photo-x"] and [s[0] for s in result.skipped] == ["photo-x"]
+
+
+def test_a_merged_view_whose_shard_file_is_gone_refuses_its_reads_instead_of_reading_nan(tmp_path):
+    """merge_shards' default file reads each shard's images from the shard file in place (HDF5 virtual datasets).
+    With a shard moved away, HDF5 read its images as NaN maps without an error, and nothing but `info --verify` said so
+    (found by review): a read now names the array, the missing images and the fixes; with the shard back, the same read
+    equals the shards' own maps."""
+    from qkhooks.distributed import merge_shards, shard_path
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((40, 40, 3), 20 * i, np.uint8)).save(folder / f"img{i}.png")
+    out, model = tmp_path / "run.h5", _tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rank in range(2):
+            qkhooks.record_dataset(model, str(folder), shard_path(out, rank, 2), shard=(rank, 2), modes=2, layers="0",
+                                   batch_size=2, progress=False)
+    merge_shards(out)
+    with qkhooks.open_run(shard_path(out, 1, 2)) as shard:
+        second = np.asarray(shard.query(0)[:])
+    moved = tmp_path / "moved.h5"
+    shard_path(out, 1, 2).rename(moved)
+    with qkhooks.open_run(out) as run:
+        with pytest.raises(qkhooks.QKHooksError, match=r"^/modes/L0/query of \S+run\.h5 is a merged view that reads its "
+                                                       r"images from the shard files beside it, and the shard\(s\) "
+                                                       r"holding images 3-5 are missing there, so HDF5 would read"):
+            run.query(0)[:]
+    moved.rename(shard_path(out, 1, 2))
+    with qkhooks.open_run(out) as run:
+        merged = np.asarray(run.query(0)[:])
+    assert not np.isnan(merged).any() and np.array_equal(merged[3:], second)

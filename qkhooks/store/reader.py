@@ -88,6 +88,20 @@ def _axis_names(name: str, ndim: int) -> tuple[str, ...]:
     return ("images",) + tuple(f"axis {i}" for i in range(1, ndim))
 
 
+def missing_shard_rows(ds: h5py.Dataset, folder: Path, n: int) -> list[tuple[int, int]]:
+    """The [start, stop) rows of a merged view (a virtual dataset) whose shard file is missing: HDF5 reads them as
+    the view's fill value, without an error."""
+    if not ds.is_virtual:
+        return []
+    missing = []
+    for source in ds.virtual_sources():
+        if source.file_name != "." and not (folder / source.file_name).exists():
+            (lo, *_), (hi, *_) = source.vspace.get_select_bounds()
+            if lo < n:
+                missing.append((lo, min(hi + 1, n)))
+    return missing
+
+
 class RunArray:
     """A per-image dataset limited to the committed images; slicing returns numpy arrays."""
 
@@ -97,6 +111,7 @@ class RunArray:
         self.n = n
         self._owner = owner
         self._opened = owner._shared.opened if owner is not None else 0
+        self._virtual: tuple[h5py.Dataset, bool] | None = None  # (the handle, whether it is a merged view), read once
 
     @property
     def dataset(self) -> h5py.Dataset:
@@ -147,7 +162,27 @@ class RunArray:
             if self._owner is not None:
                 raise self._owner._too_few_rows(what, rows, self.n)
             raise QKHooksError(damaged_message(Path(self.dataset.file.filename), _too_few(what, rows, self.n)))
+        self._refuse_missing_shards()
         return self._read(key)
+
+    def _refuse_missing_shards(self) -> None:
+        """Refuse a read of a merged view (``merge_shards``' virtual datasets) whose shard file is gone: HDF5 reads
+        that shard's images as the fill value (NaN maps) without an error (found by review). Each read looks again
+        (a stat a shard); the view's layout is read once a handle."""
+        ds = self.dataset
+        if self._virtual is None or self._virtual[0] is not ds:
+            self._virtual = (ds, ds.is_virtual)
+        if not self._virtual[1]:
+            return
+        path = Path(ds.file.filename)
+        gone = missing_shard_rows(ds, path.parent, self.n)
+        if gone:
+            rows = ", ".join(f"{lo}-{hi - 1}" for lo, hi in gone)
+            raise QKHooksError(
+                f"{self._name} of {path} is a merged view that reads its images from the shard files beside it, and "
+                f"the shard(s) holding images {rows} are missing there, so HDF5 would read those images as NaN without "
+                "an error. Put the shard files back next to the merged file (`qkhooks info --verify` lists them), or "
+                "merge again with copy=True (a self-contained file) while they are there.")
 
     def _read(self, key: Any) -> np.ndarray:
         """numpy's indexing over the committed images: the images asked for are read from the file each once, in

@@ -28,7 +28,7 @@ import numpy as np
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import DamagedRunError, create_run_file, open_damaged
-from qkhooks.store.reader import RunReader
+from qkhooks.store.reader import RunReader, missing_shard_rows
 
 __all__ = ["repair", "RepairReport", "verify_run", "VerifyReport"]
 
@@ -482,7 +482,7 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
     lines = []
     for name, ds in sorted(arrays.items()) + ([(fmt.IDS, found[fmt.IDS])] if fmt.IDS in found else []):
         failing, why = _failing_rows(ds, n, real_size, decode=fmt.ID_DIGESTS not in found)
-        gone = _missing_sources(ds, reader.path.parent, n)
+        gone = missing_shard_rows(ds, reader.path.parent, n)
         if failing or gone:
             damaged[name] = sorted(failing + gone)
             lines.append(_rows_line(ds.name, damaged[name], why or "their shard file is missing: this merged view "
@@ -515,17 +515,3 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
     checksummed = sorted(name for name, ds in arrays.items() if ds.fletcher32)
     return VerifyReport(reader.path, n, complete, sorted(arrays), checksummed, statics, damaged, states,
                         lines + problems, fmt.ID_DIGESTS in found, _format_line(f))
-
-
-def _missing_sources(ds: h5py.Dataset, folder: Path, n: int) -> list[tuple[int, int]]:
-    """The [start, stop) rows of a merged view (a virtual dataset) whose shard file is missing: HDF5 reads them as
-    the view's fill value, without an error."""
-    if not ds.is_virtual:
-        return []
-    missing = []
-    for source in ds.virtual_sources():
-        if source.file_name != "." and not (folder / source.file_name).exists():
-            (lo, *_), (hi, *_) = source.vspace.get_select_bounds()
-            if lo < n:
-                missing.append((lo, min(hi + 1, n)))
-    return missing
