@@ -10,9 +10,10 @@ bit-identical with and without the context, and fused attention stays on.
 A batch is complete when the recorded model's forward returns; only then is it handed to the sinks (the
 run store, streaming reducers) and exposed as ``run.last``, which the recording frees as the next forward begins
 (a batch you keep a reference to stays yours). A forward that raises hands nothing on, so a store never receives
-half a batch, and its partial batch is dropped as it fails. Hooks are removed on exit, on exceptions and on KeyboardInterrupt;
-each context removes only its own hooks, so contexts nest. The modes belong to the weights the model had at entry:
-a forward after the weights changed inside the context (a checkpoint loaded, an optimiser step) is refused.
+half a batch, and its partial batch is dropped as it fails. Hooks are removed on exit, on exceptions and on
+KeyboardInterrupt; each context removes only its own hooks, so contexts nest. The modes belong to the weights the
+model had at entry: a forward after the weights changed inside the context (a checkpoint loaded, an optimiser step)
+is refused.
 
 Results are read in the vocabulary of :mod:`qkhooks.access` (``run.query(l)``, ``run.attention(l, kind)``,
 ``run.spectrum(l)``, ...), the same calls a stored run answers.
@@ -317,11 +318,7 @@ class Recording:
             if call.entered:
                 call.leave()
         self._inside.clear()
-        self._calls.clear()
-        self._current = None
-        self._residual.clear()
-        self._qk_outputs.clear()
-        self._qk_tokens.clear()
+        self._drop_open_batch()
         for site in self.sites:  # the last call's mask, bias and rotary tables: not kept past the recording
             site.forget_call()
 
@@ -463,10 +460,13 @@ class Recording:
     def _drop_failed(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Forward hook on the model after :meth:`_end_batch`, which torch also calls when the forward raised (then with
         output None, ``always_call``). A batch still open here is a failed forward's (a complete one was taken by
-        ``_end_batch``): dropped now with its half-taken q/k and joined calls, so that its maps and tokens are not held
-        until the next forward. ``run.query(l)`` then says that the last forward did not complete."""
-        if self._current is None:
-            return
+        ``_end_batch``): dropped now, so that its maps and tokens are not held until the next forward. ``run.query(l)``
+        then says that the last forward did not complete."""
+        if self._current is not None:
+            self._drop_open_batch()
+
+    def _drop_open_batch(self) -> None:
+        """Forget the batch being recorded: its captures, joined calls, half-taken q/k and kept tokens."""
         self._current = None
         self._calls.clear()
         self._qk_outputs.clear()
@@ -480,34 +480,27 @@ class Recording:
         after patch-only layers) and VidEoMT's per-frame layers (object queries first) would have their prefix tokens
         ranked as patches without a word. Read each batch (~10 us a layer): a layer's grid is its call's (a
         dynamic-size ViT, windows), not its token count's. A layer whose queries and keys are its tokens has its
-        geometry read in its hook already (:meth:`_layer_hook`); here the others', from their maps. A layer of another kind without
-        maps (no modes) has none: the sinks that need a grid check it against the token count there."""
+        geometry read in its hook already (:meth:`_layer_hook`); here the others', from their maps, into the batch's
+        ``meta["geometry"]`` (a copy of the caller's, made as the batch began, or a new dict). A layer of another kind
+        without maps (no modes), or with none to give (TimeSformer's groups), has none: the sinks that need a grid
+        check it against the token count there."""
         for site in self.sites:
             cap = batch.captures.get(site.layer)
             if cap is None or cap.query is None or cap.key is None or site.layer in batch.meta.get("geometry", ()):
                 continue
-            self._add_geometry(batch, site, int(cap.query.shape[-1]), int(cap.key.shape[-1]))
+            with contextlib.suppress(QKHooksError):
+                found = observe_geometry(site, int(cap.query.shape[-1]), int(cap.key.shape[-1]))
+                batch.meta.setdefault("geometry", {})[site.layer] = found
 
     def _tokens_geometry(self, site: AttentionSite, tokens: int) -> LayerGeometry:
         """The geometry of a site whose queries and keys are its tokens, in a call of ``tokens`` tokens an image, kept
-        for the next call of the same token count and grid: it depends on nothing else there (~9 us a layer to read, a lookup to
-        keep; the grid is the call's, read as it began)."""
+        for the next call of the same token count and grid: it depends on nothing else there (~9 us a layer to read,
+        a lookup to keep; the grid is the call's, read as it began)."""
         key = (site.layer, tokens, site._grid_of_source, site._grid_of_input)
         found = self._token_geometries.get(key)
         if found is None:
             found = self._token_geometries[key] = observe_geometry(site, tokens, tokens)
         return found
-
-    @staticmethod
-    def _add_geometry(batch: BatchCapture, site: AttentionSite, query_tokens: int, key_tokens: int) -> None:
-        """``site``'s geometry in this call into the batch's ``meta["geometry"]`` (a copy of the caller's, made as the
-        batch began, or a new dict); nothing where the site has none to give (TimeSformer's groups): the sinks check
-        what they need."""
-        try:
-            found = observe_geometry(site, query_tokens, key_tokens)
-        except QKHooksError:
-            return
-        batch.meta.setdefault("geometry", {})[site.layer] = found
 
     def _residual_hook(self, site: AttentionSite):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -28,8 +28,8 @@ import torch
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
 
-__all__ = ["Reducer", "Recipe", "TakenParts", "refuse_mixed_batch_axes", "to_numpy_state", "reducer_class", "register_recipe", "recipe",
-           "refuse_non_finite", "DESCRIPTION_KEY"]
+__all__ = ["Reducer", "Recipe", "TakenParts", "to_numpy_state", "reducer_class", "register_recipe", "recipe",
+           "refuse_mixed_batch_axes", "refuse_non_finite", "DESCRIPTION_KEY"]
 
 DESCRIPTION_KEY = "_reducer"
 """State key of a saved reducer's description: the UTF-8 bytes (a uint8 array, stored like any other state

@@ -16,7 +16,7 @@ import qkhooks
 from qkhooks.errors import QKHooksError
 
 from test_mutation_kills_r26 import check_round_module
-from test_taken_inputs_r29 import _images, _tiny_vit  # the 3-layer ViT of 4x4 patches (CLS + 16 tokens)
+from test_taken_inputs_r29 import _images, _tiny_vit, _videomt  # the 3-layer ViT of 4x4 patches (CLS + 16 tokens)
 
 
 # ------------------------------------------------------------------------------------ tests/mutation.py: round31
@@ -340,13 +340,7 @@ def test_a_forward_that_runs_some_recorded_layers_carries_the_geometry_of_those_
 def test_a_per_frame_layers_tokens_are_handed_to_a_taking_sink_once_joined_and_never_per_call():
     """VidEoMT's per-frame layers run once per frame: a sink that takes inputs gets each layer's tokens once a batch,
     all 2 clips x 3 frames joined, equal to the tokens keep_inputs=True keeps; never one frame's call alone."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.VideomtConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-                                        image_size=32, patch_size=8, num_queries=5, num_blocks=2)
-    model = transformers.VideomtForUniversalSegmentation(config).eval()
-    clip = torch.randn(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model, clip = _videomt()
 
     class Taken:
         def __init__(self):

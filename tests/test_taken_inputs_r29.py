@@ -126,17 +126,22 @@ def test_a_layer_whose_tokens_were_neither_taken_nor_kept_is_refused_by_name():
         reducer.update(_batch(tokens, inputs=False))
 
 
-def test_a_layer_run_once_per_frame_hands_over_all_its_calls_once_joined_and_keeps_no_tokens_after():
-    """VidEoMT's per-frame layers join their calls at the batch's end (a hook sees one frame's call only): the
-    recording keeps their tokens until then, hands the joined (B·T, N, d) tokens over once, and drops them. What a
-    taking sink gets equals what ``keep_inputs=True`` keeps, layer by layer."""
+def _videomt() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A tiny VidEoMT (per-frame layers whose calls a recording joins) and a batch of 2 clips of 3 frames."""
     import transformers
 
     torch.manual_seed(0)
     config = transformers.VideomtConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
                                         image_size=32, patch_size=8, num_queries=5, num_blocks=2)
     model = transformers.VideomtForUniversalSegmentation(config).eval()
-    clip = torch.randn(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return model, torch.randn(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_a_layer_run_once_per_frame_hands_over_all_its_calls_once_joined_and_keeps_no_tokens_after():
+    """VidEoMT's per-frame layers join their calls at the batch's end (a hook sees one frame's call only): the
+    recording keeps their tokens until then, hands the joined (B·T, N, d) tokens over once, and drops them. What a
+    taking sink gets equals what ``keep_inputs=True`` keeps, layer by layer."""
+    model, clip = _videomt()
 
     class Taker:
         def __init__(self):

@@ -105,7 +105,7 @@ def _tensor_pass(net: nn.Module, batches: Sequence[torch.Tensor], reducers: list
 
     dtype = next(net.parameters()).dtype
     # the reducers take each layer's tokens in its hook (no tokens kept to the batch's end); the ids are the ones the
-    # recording would make (its one rule), given up front so that the position probes split each layer's tokens there too
+    # recording would make (its one rule), given up front so that the position probes split each layer's tokens there
     with record(net, modes=None, layers=layers, input=input, sinks=reducers) as run:
         for pixels in batches:
             with torch.no_grad():

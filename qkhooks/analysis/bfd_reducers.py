@@ -94,6 +94,16 @@ def _one_sequence_an_image(batch: BatchCapture, layers: Mapping[int, int], who: 
                 "position; leave the layer out (layers=[...]), as qkhooks bfd does.")
 
 
+def _part_and_rows(taken: Mapping[int, Any], layer: int, cap: LayerCapture, who: str,
+                   fold: Any = lambda tokens: tokens) -> tuple[Any, int]:
+    """A layer's (part, token sequences): taken in its hook (:class:`~qkhooks.reducers.TakenParts`), or ``fold`` of its
+    kept tokens."""
+    if layer in taken:
+        return taken[layer]
+    kept = _inputs(cap, who)
+    return fold(kept), int(kept.shape[0])
+
+
 def _inputs(cap: LayerCapture, who: str) -> torch.Tensor:
     """A layer's kept tokens, for a batch whose tokens were not handed to the reducer in the layer's hook."""
     if cap.inputs is None:
@@ -170,11 +180,8 @@ class PositionMeans(Reducer):
     def update(self, batch: BatchCapture) -> None:
         """Fold one batch, every layer's sum (taken in its hook or read off its kept tokens) checked first."""
         taken = self._taken.pop(batch)
-        parts = {}
-        for layer, cap in batch.captures.items():
-            if self._wants(layer):
-                kept = None if layer in taken else _inputs(cap, "PositionMeans")
-                parts[layer] = taken[layer] if kept is None else (kept.to(self.dtype).sum(0), int(kept.shape[0]))
+        parts = {layer: _part_and_rows(taken, layer, cap, "PositionMeans", lambda t: t.to(self.dtype).sum(0))
+                 for layer, cap in batch.captures.items() if self._wants(layer)}
         _one_sequence_an_image(batch, {layer: rows for layer, (_, rows) in parts.items()}, "PositionMeans")
         totals = {layer: total for layer, (total, _) in parts.items()}
         for layer, total in totals.items():
@@ -528,11 +535,8 @@ class PositionDecoding(Reducer):
         """Fold one batch: every layer's increments (taken in its hook, or computed from its tokens) first, so a
         refused layer leaves every sum as it was."""
         taken = self._taken.pop(batch)
-        parts = {}
-        for layer, cap in batch.captures.items():
-            if layer in self.stats:
-                kept = None if layer in taken else _inputs(cap, "PositionDecoding")
-                parts[layer] = taken[layer] if kept is None else (kept, int(kept.shape[0]))
+        parts = {layer: _part_and_rows(taken, layer, cap, "PositionDecoding")
+                 for layer, cap in batch.captures.items() if layer in self.stats}
         _one_sequence_an_image(batch, {layer: rows for layer, (_, rows) in parts.items()}, "PositionDecoding")
         increments = {layer: part if isinstance(part, dict) else self._increments(layer, part, batch)
                       for layer, (part, _) in parts.items()}

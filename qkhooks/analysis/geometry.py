@@ -15,8 +15,8 @@ from typing import Any, Mapping, Sequence
 from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 
-__all__ = ["infer_prefix_tokens", "resolve_prefix", "grid_of", "layer_geometry", "layer_grid", "tokens_on_grid",
-           "MAX_INFERRED_PREFIX"]
+__all__ = ["infer_prefix_tokens", "resolve_prefix", "layer_prefix_tokens", "grid_of", "layer_geometry",
+           "layer_grid", "tokens_on_grid", "MAX_INFERRED_PREFIX"]
 
 MAX_INFERRED_PREFIX = 8
 """Largest prefix-token count :func:`infer_prefix_tokens` accepts (CLS + distillation + registers)."""
@@ -80,6 +80,16 @@ def layer_geometry(meta: Mapping[str, Any], layer: int) -> Any:
     return (meta.get("geometry") or {}).get(layer)
 
 
+def layer_prefix_tokens(meta: Mapping[str, Any], layer: int, num_tokens: int, fixed: int | None = None) -> int:
+    """``layer``'s prefix-token count: its recorded geometry's, else :func:`resolve_prefix` of the layer (its own in
+    the batch metadata, then ``fixed``, the reducer's, then the batch's one count); checked against the sequence
+    length."""
+    geometry = layer_geometry(meta, layer)
+    if geometry is not None:
+        return resolve_prefix(geometry.num_prefix_tokens, meta, num_tokens)
+    return resolve_prefix(fixed, meta, num_tokens, layer)
+
+
 def layer_grid(meta: Mapping[str, Any], layer: int, num_tokens: int, prefix: int | None = None,
                grid: Sequence[int] | None = None) -> tuple[int, tuple[int, int]]:
     """(prefix tokens, grid) of ``layer`` in a batch of ``num_tokens`` tokens: the layer's recorded geometry (each
@@ -87,10 +97,10 @@ def layer_grid(meta: Mapping[str, Any], layer: int, num_tokens: int, prefix: int
     ``num_prefix_tokens`` and ``grid``; refused when none says. A layer whose geometry has no grid (the recording
     could not tell one: GroupViT's segments, tokens in no grid order) never takes the batch's, another layer's."""
     geometry = layer_geometry(meta, layer)
-    fallback = meta.get("grid")
+    fallback = meta.get("grid") if geometry is None else None
     if geometry is not None:
-        prefix, grid, fallback = geometry.num_prefix_tokens, geometry.grid or grid, None
-    prefix = resolve_prefix(prefix, meta, num_tokens, None if geometry is not None else layer)
+        grid = geometry.grid or grid
+    prefix = layer_prefix_tokens(meta, layer, num_tokens, prefix)
     return prefix, grid_of(num_tokens - prefix, grid if grid is not None else fallback, layer)
 
 

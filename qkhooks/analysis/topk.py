@@ -22,7 +22,7 @@ from qkhooks._devices import to_device
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer, refuse_mixed_batch_axes, refuse_non_finite
-from qkhooks.analysis.geometry import layer_geometry, resolve_prefix
+from qkhooks.analysis.geometry import layer_geometry, layer_prefix_tokens
 
 __all__ = ["TopKModes", "signed_scores", "layer_state", "state_layers", "select_layers", "top_images", "SIGNS"]
 
@@ -367,9 +367,8 @@ class TopKModes(Reducer):
                 raise QKHooksError(f"layer {layer}: {cap.key.shape[-1]} keys for {cap.query.shape[-1]} queries "
                                    "(spatially reduced keys) and no geometry in the batch metadata to tell the key "
                                    "side's prefix tokens; record with qkhooks.record_dataset, which gives it.")
-            # the recording's per-layer geometry (each layer its own prefix: CaiT, stages) over one count for all
-            fixed = geometry.num_prefix_tokens if geometry is not None else self.num_prefix_tokens
-            prefix = resolve_prefix(fixed, batch.meta, int(cap.query.shape[-1]), None if geometry is not None else layer)
+            # the layer's own prefix (its geometry's, or its site's: CaiT, stages, TimeSformer) over one count for all
+            prefix = layer_prefix_tokens(batch.meta, layer, int(cap.query.shape[-1]), self.num_prefix_tokens)
             prefixes[layer] = prefix
             key_prefix = geometry.key_prefix_tokens if geometry is not None and geometry.reduced_keys else None
             kind = (tuple(cap.query.shape), tuple(cap.key.shape), cap.query.dtype, cap.key.dtype, cap.query.device,

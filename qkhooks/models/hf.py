@@ -284,12 +284,27 @@ def find(model: nn.Module) -> list[AttentionSite]:
 
 
 @dataclasses.dataclass(eq=False)
-class ShuffledTokenSite(AttentionSite):
+class _UngriddedSite(AttentionSite):
+    """A layer whose tokens are no positions of the patch grid: every grid asked of it is refused, saying why
+    (:meth:`_why`); its maps and modes are exact token by token."""
+
+    def _why(self) -> str:
+        raise NotImplementedError
+
+    def grid_for(self, num_tokens: int) -> tuple[int, int]:
+        raise QKHooksError(f"layer {self.layer} ({self.path}): {self._why()}")
+
+    def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
+        raise QKHooksError(f"layer {self.layer} ({self.path}): {self._why()}")
+
+
+@dataclasses.dataclass(eq=False)
+class ShuffledTokenSite(_UngriddedSite):
     """A ViTMAE encoder layer: its embeddings shuffle every image's patch tokens (``random_masking``, which keeps them
     all at ``mask_ratio=0``, in a random order of its own), so token n is no fixed patch of the grid. Its maps and
     modes are exact in the model's token order; nothing here reads a token as a grid position."""
 
-    TOKENS_ARE_QUERIES_AND_KEYS = True  # shuffled, but every token, one image a row: its geometry (no grid) as it begins
+    TOKENS_ARE_QUERIES_AND_KEYS = True  # shuffled, but every token, one image a row: its geometry (no grid) at once
 
     def _why(self) -> str:
         return ("ViTMAE shuffles each image's patch tokens (random_masking, even "
@@ -297,12 +312,6 @@ class ShuffledTokenSite(AttentionSite):
                 "are exact in the model's own token order. To read tokens as grid patches (rows of the centre patch, "
                 "run files, masks), load the same encoder weights into ViTModel (ViTModel.from_pretrained on the MAE "
                 "checkpoint), which keeps the patches in raster order.")
-
-    def grid_for(self, num_tokens: int) -> tuple[int, int]:
-        raise QKHooksError(f"layer {self.layer} ({self.path}): {self._why()}")
-
-    def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
-        raise QKHooksError(f"layer {self.layer} ({self.path}): {self._why()}")
 
     def run_file_refusal(self) -> str | None:
         return self._why()
@@ -319,7 +328,7 @@ def _after_grouping(modules: dict[str, nn.Module], block_path: str) -> bool:
 
 
 @dataclasses.dataclass(eq=False)
-class SegmentTokenSite(AttentionSite):
+class SegmentTokenSite(_UngriddedSite):
     """A GroupViT layer after a grouping stage: its tokens are segments (each a soft group of patches the grouping
     block assigned, then the next stage's group tokens), not patches, so no token is a position of the patch grid, even
     where their count equals the grid's. Its maps and modes are exact, token by token."""
@@ -329,12 +338,6 @@ class SegmentTokenSite(AttentionSite):
     def _why(self) -> str:
         return ("GroupViT's tokens after a grouping stage are segments (soft groups of patches), not patches, so no "
                 "token is a position of the patch grid; its maps and modes are exact token by token.")
-
-    def grid_for(self, num_tokens: int) -> tuple[int, int]:
-        raise QKHooksError(f"layer {self.layer} ({self.path}): {self._why()}")
-
-    def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
-        raise QKHooksError(f"layer {self.layer} ({self.path}): {self._why()}")
 
 
 def _object_queries_are_prefix(model: nn.Module, sites: list[AttentionSite]) -> None:

@@ -473,14 +473,15 @@ def load_model(
             image_config = image_config or _image_config("timm", model)
         elif kind == "hf":
             model, processor, unread = _seeded(lambda: _load_hf(name, random_init))
-            if processor is None and image_config is None and not random_init and unread is not None:
-                where = Path(name) / _PROCESSOR_FILE if Path(name).is_dir() else f"{_PROCESSOR_FILE} of {name}"
-                raise QKHooksError(
-                    f"hf:{name}'s image processor config ({where}) could not be read ({unread}), so its preprocessing "
-                    "(size, resize, mean, std) is not known, and qkhooks does not guess it for pretrained weights. Fix "
-                    "or replace that file (AutoImageProcessor.save_pretrained writes it; a hub id must be cached or "
-                    "reachable), or pass load_model(..., image_config=qkhooks.data.ImageConfig.from_hf(processor_dict)).")
             if processor is None and image_config is None and not random_init:
+                if unread is not None:
+                    where = Path(name) / _PROCESSOR_FILE if Path(name).is_dir() else f"{_PROCESSOR_FILE} of {name}"
+                    raise QKHooksError(
+                        f"hf:{name}'s image processor config ({where}) could not be read ({unread}), so its "
+                        "preprocessing (size, resize, mean, std) is not known, and qkhooks does not guess it for "
+                        "pretrained weights. Fix or replace that file (AutoImageProcessor.save_pretrained writes it; a "
+                        "hub id must be cached or reachable), or pass load_model(..., "
+                        "image_config=qkhooks.data.ImageConfig.from_hf(processor_dict)).")
                 raise QKHooksError(
                     f"hf:{name} has no image processor config that transformers can read (preprocessor_config.json), "
                     "so its preprocessing (size, resize, mean, std) is not known, and qkhooks does not guess it for "

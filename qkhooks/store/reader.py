@@ -25,7 +25,7 @@ import re
 import threading
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import h5py
 import numpy as np
@@ -88,18 +88,25 @@ def _axis_names(name: str, ndim: int) -> tuple[str, ...]:
     return ("images",) + tuple(f"axis {i}" for i in range(1, ndim))
 
 
-def missing_shard_rows(ds: h5py.Dataset, folder: Path, n: int) -> list[tuple[int, int]]:
-    """The [start, stop) rows of a merged view (a virtual dataset) whose shard file is missing: HDF5 reads them as
-    the view's fill value, without an error."""
+def shard_sources(ds: h5py.Dataset) -> list[tuple[str, int, int]]:
+    """(shard file name, first row, last row + 1) of each source of a merged view (a virtual dataset) that lies in
+    another file; [] for any other dataset."""
     if not ds.is_virtual:
         return []
-    missing = []
+    sources = []
     for source in ds.virtual_sources():
-        if source.file_name != "." and not (folder / source.file_name).exists():
+        if source.file_name != ".":
             (lo, *_), (hi, *_) = source.vspace.get_select_bounds()
-            if lo < n:
-                missing.append((lo, min(hi + 1, n)))
-    return missing
+            sources.append((source.file_name, int(lo), int(hi) + 1))
+    return sources
+
+
+def missing_shard_rows(ds: h5py.Dataset, folder: Path, n: int,
+                       sources: Sequence[tuple[str, int, int]] | None = None) -> list[tuple[int, int]]:
+    """The [start, stop) rows of a merged view (a virtual dataset) whose shard file is missing: HDF5 reads them as
+    the view's fill value, without an error. ``sources``: :func:`shard_sources` of ``ds``, where already read."""
+    return [(lo, min(hi, n)) for name, lo, hi in (shard_sources(ds) if sources is None else sources)
+            if lo < n and not (folder / name).exists()]
 
 
 class RunArray:
@@ -111,7 +118,7 @@ class RunArray:
         self.n = n
         self._owner = owner
         self._opened = owner._shared.opened if owner is not None else 0
-        self._virtual: tuple[h5py.Dataset, bool] | None = None  # (the handle, whether it is a merged view), read once
+        self._shards: tuple[h5py.Dataset, list[tuple[str, int, int]]] | None = None  # (the handle, its shard_sources)
 
     @property
     def dataset(self) -> h5py.Dataset:
@@ -168,14 +175,14 @@ class RunArray:
     def _refuse_missing_shards(self) -> None:
         """Refuse a read of a merged view (``merge_shards``' virtual datasets) whose shard file is gone: HDF5 reads
         that shard's images as the fill value (NaN maps) without an error (found by review). Each read looks again
-        (a stat a shard); the view's layout is read once a handle."""
+        (a stat a shard); the view's sources are read once a handle."""
         ds = self.dataset
-        if self._virtual is None or self._virtual[0] is not ds:
-            self._virtual = (ds, ds.is_virtual)
-        if not self._virtual[1]:
+        if self._shards is None or self._shards[0] is not ds:
+            self._shards = (ds, shard_sources(ds))
+        if not self._shards[1]:
             return
         path = Path(ds.file.filename)
-        gone = missing_shard_rows(ds, path.parent, self.n)
+        gone = missing_shard_rows(ds, path.parent, self.n, self._shards[1])
         if gone:
             rows = ", ".join(f"{lo}-{hi - 1}" for lo, hi in gone)
             raise QKHooksError(
