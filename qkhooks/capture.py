@@ -83,6 +83,23 @@ def takes_inputs(sink: Any) -> bool:
     return callable(getattr(sink, "take_inputs", None))
 
 
+def refuse_sinks_holding_images(sinks: Iterable[Any], seen: int) -> None:
+    """Refuse a sink that already holds more images than the recording gave it (``images_held()``, which qkhooks'
+    reducers define): a reducer of an earlier recording. This one numbers its images from its own start, so the
+    reducer's image indices (top-k's) would name two images each, and a run file's reducer state would count images
+    the file does not hold: a wrong number without a word."""
+    for sink in sinks:
+        held = getattr(sink, "images_held", None)
+        count = held() if callable(held) else None
+        if count is not None and count > seen:
+            name = type(sink).__name__
+            raise QKHooksError(
+                f"this {name} already holds {count} images from an earlier recording, and this recording has given it "
+                f"{seen}: its image indices start again here, so one index would name two images. Keep one recording "
+                "open for all the batches (with qkhooks.record(model, sinks=[...]) as run: for x in loader: run(x)), "
+                f"give each recording a fresh {name}(...), or continue a run file with resume=True.")
+
+
 def parse_modes(modes: int | str | None) -> int | None | Literal["all"]:
     """``16``/``"16"`` -> 16, ``"all"`` -> "all", ``None``/``0``/``"0"``/``"none"`` -> None (capture only); the default
     stays :data:`qkhooks.options.DEFAULT_MODES`, so that :func:`modes_kept` knows nobody asked for its number."""
@@ -271,6 +288,7 @@ class Recording:
         """Install the hooks (``with`` does this for you)."""
         if self.active:
             raise QKHooksError("this recording is already attached; use a new qkhooks.record(...) to nest.")
+        refuse_sinks_holding_images(self.sinks, self.images_seen)
         model = self._live_model()
         _warn_active_dropout(model)
         # A batch is one call of ``model``: handed to the sinks only when that call returns, so a forward that

@@ -82,6 +82,11 @@ class Reducer:
         """Fold another reducer of the same kind and configuration (a disjoint set of images) into this one."""
         raise NotImplementedError
 
+    def images_held(self) -> int | None:
+        """How many images the state holds (folded, merged or loaded); None where a kind does not say. A recording
+        refuses a reducer that holds images it did not give it (:func:`qkhooks.capture.refuse_sinks_holding_images`)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """The state as numpy arrays and scalars, enough to continue or to finish."""
         raise NotImplementedError
@@ -232,20 +237,53 @@ def refuse_non_finite(finite: torch.Tensor, layers: Sequence[int], batch: BatchC
     """
     if bool(finite.all()):
         return
-    bad = ~finite.cpu()
-    images = bad.any(0).nonzero().flatten().tolist()
-    at = [layers[i] for i in bad.any(1).nonzero().flatten().tolist()]
-    ids = list(getattr(batch, "ids", None) or [])
-    named = [str(ids[i]) for i in images] if len(ids) == finite.shape[1] else None
-    offset = int(getattr(batch, "offset", 0))
-    which = (f"image(s) {named} " if named is not None else "image(s) ") + (
-        f"at position(s) {images} of this batch (image index {[offset + i for i in images]})")
+    which, at = _refused_images(~finite, layers, batch)
     raise QKHooksError(
         f"{reducer}: the {what} of {which} are not finite (NaN or inf) at layer(s) {at}. Folding them would give a "
         "wrong statistic, so the whole batch is refused and the reducer's state is unchanged (drop these images and "
         "go on). Likely causes: NaN or inf pixels in the input (check torch.isfinite(pixel_values)), or a model run in "
         "float16 whose activations overflow (compute in float32: model.float(), or bfloat16)."
     )
+
+
+def overflows(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where finite ``values`` turn into inf when cast to ``dtype`` (the cast's own rounding decides: float16 keeps
+    |x| < 65520 as 65504 at most)."""
+    return values.to(dtype).isinf() & values.isfinite()
+
+
+def refuse_overflow(peaks: torch.Tensor, layers: Sequence[int], batch: BatchCapture, reducer: str, what: str,
+                    dtype: torch.dtype, fix: str) -> None:
+    """Refuse a batch with a finite value that a reducer's cast to its storage ``dtype`` would turn into inf
+    (float16 ends at 65504), before anything is folded: kept as inf, it would be a wrong number without a word.
+
+    Args:
+        peaks: (L, B): the largest finite |value| of each image's values at each of ``layers``.
+        layers, batch, reducer, what: as :func:`refuse_non_finite`.
+        dtype: the storage dtype; ``fix``: how to keep a wider one.
+    """
+    over = overflows(peaks, dtype)
+    if not bool(over.any()):
+        return
+    which, at = _refused_images(over, layers, batch)
+    kind = str(dtype).replace("torch.", "")
+    raise QKHooksError(
+        f"{reducer}: the {what} of {which} reach |x| = {float(peaks[over].max()):.6g} at layer(s) {at}, beyond "
+        f"{kind}'s range ({torch.finfo(dtype).max:g}), and would be kept as inf; the whole batch is refused and the "
+        f"reducer's state is unchanged. {fix}")
+
+
+def _refused_images(bad: torch.Tensor, layers: Sequence[int], batch: BatchCapture) -> tuple[str, list[int]]:
+    """The images of a refusal's (L, B) flags, named by id and place, and the layers where they are flagged."""
+    bad = bad.cpu()
+    images = bad.any(0).nonzero().flatten().tolist()
+    at = [layers[i] for i in bad.any(1).nonzero().flatten().tolist()]
+    ids = list(getattr(batch, "ids", None) or [])
+    named = [str(ids[i]) for i in images] if len(ids) == bad.shape[1] else None
+    offset = int(getattr(batch, "offset", 0))
+    which = (f"image(s) {named} " if named is not None else "image(s) ") + (
+        f"at position(s) {images} of this batch (image index {[offset + i for i in images]})")
+    return which, at
 
 
 def _qualified(cls: type) -> str:
@@ -298,7 +336,8 @@ class Recipe:
     Args:
         name: registry name (:func:`recipe`).
         build: ``(modes, attention specs, has_target) -> reducers``, called once per recording (fresh reducers
-            every time: they hold state).
+            every time: they hold state); a build that takes a ``dtype`` keyword is also given the run's storage
+            dtype (``"float16"`` or ``"float32"``), for the state it keeps.
         meta: ``(collated dataset batch, meta) -> metadata``: turns the batch's extras (masks, object labels)
             into batch metadata for the sinks; ``meta`` holds the model's ``num_prefix_tokens`` and the patch
             ``grid`` of this input size, from the attention sites (the one source of both). Arrays to store per
@@ -312,8 +351,10 @@ class Recipe:
     build: Callable[[Any, Sequence[Any], bool], list[Reducer]] = _no_reducers
     meta: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]] = _no_metadata
 
-    def reducers(self, modes: Any, attention: Sequence[Any], has_target: bool) -> list[Reducer]:
-        return list(self.build(modes, attention, has_target))
+    def reducers(self, modes: Any, attention: Sequence[Any], has_target: bool, dtype: str = "float16") -> list[Reducer]:
+        takes_dtype = "dtype" in inspect.signature(self.build).parameters
+        return list(self.build(modes, attention, has_target, dtype=dtype) if takes_dtype else
+                    self.build(modes, attention, has_target))
 
     def batch_meta(self, batch: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
         return self.meta(batch, meta)

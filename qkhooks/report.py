@@ -265,12 +265,14 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
     rows = {int(k): v for k, v in same["layers"].items()}
     s_layers = sorted(rows)
     per_head = stack_heads([rows[l]["per_head"] for l in s_layers]) if s_layers else np.zeros((0, 0))
+    # each head against the chance of the images its p_same rests on (a mode's top images are a selection)
+    chance_per_head = stack_heads([rows[l]["chance_per_head"] for l in s_layers]) if s_layers else np.zeros((0, 0))
     chance = float(same.get("chance") or float("nan"))
     readings = []
     if s_layers:
         readings = [trend_reading(per_head, s_layers, "The same-object probability", "heads", limits=PROBABILITY),
-                    compare_reading(per_head, chance, s_layers, "The same-object probability",
-                                    f"chance ({chance:.2f})", "heads", limits=PROBABILITY)]
+                    compare_reading(per_head, chance_per_head, s_layers, "The same-object probability",
+                                    "the chance of the same images", "heads", limits=PROBABILITY)]
     bundled = objects.startswith("voc+arc2017+o3:")
     real = 2 if bundled else int(obj["images"])  # the voc and arc2017 photos; the rest are displays
     made = f"{real} real photos, {int(obj['images']) - real} generated displays" if bundled else f"from {objects}"
@@ -284,7 +286,8 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
         readings,
         [(Path(obj["files"]["same_object_png"]),
           f"Paper Fig. 5. P(same object) per layer over {obj['images']} images ({made}; band: 95% bootstrap CI over heads; "
-          f"dashed: chance {chance:.2f}, a key map that picks one of the image's objects at random).")]
+          f"dashed: chance {chance:.2f} over all the images, a key map that picks one of the image's objects at random; "
+          "the chance over each mode's own top images is its own curve, and the reading compares each head with it).")]
         if obj["files"].get("same_object_png") else [],
         [input_note(opts["input"]), "Modes: the 16 leading modes per head (the paper: all); `qkhooks record MODEL DATA --modes all`"
          " then `qkhooks analyze modes RUN`.",

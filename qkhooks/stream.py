@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from qkhooks._version import __version__
 from qkhooks.attention import parse_attention
 from qkhooks.capture import (BatchCapture, _model_sites, _refuse_maps_only_modes, _structure_key, modes_kept, parse_modes,
-                              record, takes_inputs)
+                              record, refuse_sinks_holding_images, takes_inputs)
 from qkhooks.data import ImageDataset, collate
 from qkhooks.data.sources import ItemStream, open_source, refuse_batching
 from qkhooks.data_files import absolute_spec, file_size_column
@@ -477,8 +477,10 @@ def record_dataset(
     # so the core imports no analysis and a caller's own recipe replaces it whole.
     plan = reducers if isinstance(reducers, Recipe) else recipe("default")
     if reducers is None or isinstance(reducers, Recipe):
-        reducers = plan.reducers(modes_value, attention_specs, has_target)
+        reducers = plan.reducers(modes_value, attention_specs, has_target, opts.dtype)
     reducers = list(reducers)
+    if not (resume and out is not None and Path(out).exists()):  # a resume replaces their state with the run's
+        refuse_sinks_holding_images(reducers, 0)
     keep_inputs = opts.keep_inputs or any(r.needs_inputs and not takes_inputs(r) for r in reducers)
 
     resolved = dataclasses.replace(opts, modes=modes_value, layers=tuple(s.layer for s in sites),

@@ -702,8 +702,8 @@ def test_the_writer_refuses_a_late_array_and_a_truncation_past_committed_with_th
          "a batch (first image 'c') does not have the run's arrays: it has y, which the run's first batch did not have "
          "(or the run file lost an array: then recover it with `qkhooks repair`). Every batch needs the same arrays: "
          "give every item the same annotations (masks on all items or on none). "
-         f"{path} keeps the 2 images before it, but its arrays were fixed by its first batch, so a --resume meets the "
-         "same refusal: fix the data and start again with --overwrite."),
+         f"{path} keeps the 2 images before it, but its arrays (names, shapes, storage dtype) were fixed by its "
+         "first batch, so a --resume meets the same refusal: apply the fix above and start again with --overwrite."),
     ):
         writer = RunWriter(path, mode="resume", attrs={"model": "m", "config": {"a": [1, 2]}, "n": 3})
         with pytest.raises(QKHooksError) as err:  # raised by the call or by the flush after it (writer thread)

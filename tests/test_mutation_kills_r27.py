@@ -110,8 +110,12 @@ def test_an_accelerator_fold_copies_and_reduces_the_maps_once_and_reads_back_one
         reducer.update(second)
     stacked = (layers, batch, heads, modes, tokens)
     assert sum(1 for name, _, out in ops.calls if name == "stack" and out == stacked) == 2
-    for reduction in ("amin", "amax"):  # over the patch tokens of the stacked query and key maps
-        assert [first for name, first, _ in ops.calls if name == reduction] == [stacked[:-1] + (tokens - 1,)] * 2
+    patches = stacked[:-1] + (tokens - 1,)
+    for reduction in ("amin", "amax"):  # over the patch tokens of the stacked query and key maps, once a side
+        assert [first for name, first, _ in ops.calls if name == reduction and first == patches] == [patches] * 2
+    # the float16 overflow check reduces the extremes (L, 2, B, H, K) and the prefix tokens (L, B, H·K·1) only
+    assert sorted(first for name, first, _ in ops.calls if name in ("amin", "amax") and first != patches) == [
+        (layers, 2, batch, heads, modes), (layers, batch, heads * modes), (layers, batch, heads * modes)]
     assert ops.count["nonzero"] == ops.count["bincount"] == 0 and ops.count["_local_scalar_dense"] == 1
     q, k = _maps(1, batch, 2)[0]
     with _Shapes() as alone:

@@ -112,7 +112,9 @@ def test_the_round27b_module_names_files_and_tests_that_exist_and_round_27s_late
 def test_handing_a_batch_to_the_writer_costs_the_caller_only_the_casts_its_arrays_need(tmp_path):
     """What ``write_batch`` dispatches in the caller's thread (on a GPU each operation is a launch the forward waits
     behind): one cast per array not already in the run's float16 and nothing for the others, no ``detach`` of arrays
-    that track no grad; an array that tracks grad is detached (and stored as its values)."""
+    that track no grad; an array that tracks grad is detached (and stored as its values). Round 32's float16 overflow
+    check adds one min-max of each wider array and a fixed few operations on the (arrays,) peaks, whatever their
+    size, and nothing for a batch already in float16."""
     g = torch.Generator().manual_seed(3)
     half, single = torch.randn(2, 3, 4, generator=g).half(), torch.randn(2, 3, 4, generator=g)
     leaf = torch.randn(2, 3, 4, generator=g, requires_grad=True)
@@ -121,8 +123,15 @@ def test_handing_a_batch_to_the_writer_costs_the_caller_only_the_casts_its_array
             writer.write_batch(["a", "b"], {"maps/half": half, "maps/single": single})
         with CountOps() as tracked:
             writer.write_batch(["c", "d"], {"maps/half": half, "maps/single": leaf * 1.0})
-    assert dict(plain.count) == {"_to_copy": 1}
-    assert dict(tracked.count) == {"mul": 1, "detach": 1, "_to_copy": 1}
+    check = {"aminmax": 1, "stack": 1, "abs": 1, "view": 1, "amax": 1, "_to_copy": 1, "lt": 1, "bitwise_not": 1,
+             "ne": 1, "bitwise_and": 1}  # the overflow check of the one float32 array: its peak, cast and compared
+    assert dict(plain.count) == {**check, "_to_copy": 2}
+    assert dict(tracked.count) == {**check, "mul": 1, "detach": 2, "_to_copy": 2}  # detached for the check and the cast
+    with CountOps() as halves:
+        writer_path = tmp_path / "halves.h5"
+        with RunWriter(writer_path, attrs={"model": "m", "config": "{}"}) as other:
+            other.write_batch(["a", "b"], {"maps/half": half})
+    assert halves.count["aminmax"] == halves.count["_to_copy"] == 0  # nothing to check, nothing to cast
     with open_run(tmp_path / "run.h5") as run:
         np.testing.assert_array_equal(run.array("maps/half")[:], np.concatenate([half.numpy(), half.numpy()]))
         np.testing.assert_array_equal(run.array("maps/single")[:],

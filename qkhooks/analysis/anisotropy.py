@@ -53,7 +53,10 @@ class AnisotropyReducer(Reducer):
         self._taken = TakenParts()  # layer -> (B, d) centre rows and the token count, taken in the layer hooks
 
     def __repr__(self) -> str:
-        return f"AnisotropyReducer(layers={sorted(self.sums)}, images={max(self.count.values(), default=0)})"
+        return f"AnisotropyReducer(layers={sorted(self.sums)}, images={self.images_held()})"
+
+    def images_held(self) -> int:
+        return max(self.count.values(), default=0)
 
     def centre_token(self, num_tokens: int, meta: Mapping[str, Any] | None = None) -> int:
         """Index of the centre patch token in a sequence of ``num_tokens``."""

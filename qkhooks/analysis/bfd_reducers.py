@@ -195,6 +195,9 @@ class PositionMeans(Reducer):
             raise QKHooksError("PositionMeans has seen no images: run pass 1 over the dataset first.")
         return {l: self.sums[l] / self.counts[l] for l in sorted(self.sums)}
 
+    def images_held(self) -> int:
+        return max(self.counts.values(), default=0)
+
     def merge(self, other: Reducer) -> None:
         self._check_same_kind(other)
         assert isinstance(other, PositionMeans)
@@ -388,6 +391,9 @@ class BFDEnergies(Reducer):
                         "combine only within one pass 2 over one pass-1 result (start again with overwrite)."
                     )
 
+    def images_held(self) -> int:
+        return max((int(stats["images"]) for stats in self.stats.values()), default=0)
+
     def merge(self, other: Reducer) -> None:
         self._check_same_kind(other)
         assert isinstance(other, BFDEnergies)
@@ -550,6 +556,9 @@ class PositionDecoding(Reducer):
                 st["images"][split] += images
                 st["xtx"][split] += xtx
                 st["sums"][split] += sums
+
+    def images_held(self) -> int:  # both splits: the fit and the held-out images
+        return max((int(stats["images"].sum()) for stats in self.stats.values()), default=0)
 
     def merge(self, other: Reducer) -> None:
         self._check_same_kind(other)

@@ -305,7 +305,7 @@ def analyze_modes(
         chosen = _choose_layers(parse_layers(layers) if isinstance(layers, str) or layers is None else list(layers), available)
         topk, source = _topk_state(run, chosen, k, prefix)
         chosen = chosen or [int(l) for l in np.asarray(topk["layers"]).reshape(-1)]
-        topk = select_layers(topk, chosen, k)
+        ranked, topk = topk, select_layers(topk, chosen, k)  # the same-object statistic may take more than k images
         geometry = {l: run.geometry(l) for l in chosen}
         spectra = {l: {name: np.asarray(v) for name, v in run.spectrum_arrays(l).items()} for l in chosen}
         for l, arrays in spectra.items():  # a file without every mode's sigma/cosine: say whether it kept them all
@@ -327,6 +327,9 @@ def analyze_modes(
                     object_left_out[l] = f"the run has no object labels on its grid ({geometry[l].describe()})"
                 else:
                     layer_objects[l] = objects if name == "masks/objects" else np.asarray(run.array(name)[:n])
+        if layer_objects and int(np.asarray(ranked["k"])) < same_object_top:  # more images per mode than ranked
+            ranked, _ = _topk_state(run, chosen, same_object_top, prefix)  # from the stored maps, or refused
+        same_state = select_layers(ranked, chosen, None) if layer_objects else None
         wanted = _drawn_images(topk, chosen, figure_modes, overview)
         sizes = recorded_sizes(run, ids, wanted) if images and wanted else None  # of the images drawn: their rows
     model, data = str(attrs.get("model", "")), str(attrs.get("data", ""))
@@ -364,19 +367,22 @@ def analyze_modes(
     # --- same object
     same = None
     if objects is not None:
-        same = same_object_table(topk, layer_objects, {l: s for l, s in spectra.items() if l in layer_objects},
+        same = same_object_table(same_state, layer_objects, {l: s for l, s in spectra.items() if l in layer_objects},
                                  {l: g.num_prefix_tokens for l, g in geometry.items()}, top=same_object_top)
         same["left_out"] = {int(l): why for l, why in object_left_out.items()}
         rows = []
         for r in same["rows"]:
-            rows.append([r["layer"], "mean", "weighted", "", "", _fmt(r["p_same"]), _fmt(r["p_same_pooled"]), _fmt(r["p_same_unweighted"]), r["modes_with_value"]])
+            rows.append([r["layer"], "mean", "weighted", "", "", _fmt(r["p_same"]), _fmt(r["p_same_pooled"]),
+                         _fmt(r["p_same_unweighted"]), r["modes_with_value"], _fmt(r["chance"])])
             S, cos = spectra[r["layer"]]["S"], spectra[r["layer"]]["cos"]
             for h, ph in enumerate(r["per_mode"]):
                 for m, p in enumerate(ph):
-                    rows.append([r["layer"], h, m, _fmt(S[h, m]), _fmt(cos[h, m]), _fmt(p), "", "", r["images_used"][h][m]])
+                    rows.append([r["layer"], h, m, _fmt(S[h, m]), _fmt(cos[h, m]), _fmt(p), "", "", r["images_used"][h][m],
+                                 _fmt(r["chance_per_mode"][h][m])])
         files["same_object_csv"] = str(_write_csv(
             out / "same_object.csv",
-            ["layer", "head", "mode", "sigma", "cos", "p_same", "p_same_pooled", "p_same_unweighted", "images"], rows))
+            ["layer", "head", "mode", "sigma", "cos", "p_same", "p_same_pooled", "p_same_unweighted", "images",
+             "chance"], rows))
         if same["rows"]:
             per_head = stack_heads([r["per_head"] for r in same["rows"]])  # (heads, layers)
             _, low, high = layer_intervals(per_head, limits=PROBABILITY)
@@ -385,7 +391,8 @@ def analyze_modes(
             files["same_object_png"] = str(plot_layer_curves(
                 same["layers"],
                 {weighted: [r["p_same"] for r in same["rows"]],
-                 "unweighted": [r["p_same_unweighted"] for r in same["rows"]]},
+                 "unweighted": [r["p_same_unweighted"] for r in same["rows"]],
+                 "chance over the same images (σ-weighted)": [r["chance"] for r in same["rows"]]},
                 out / "same_object.png", ylabel="P(query and key pick the same object)",
                 title=f"Same object or not: top-{same_object_top} of {n} images per mode — {Path(run_path).name}",
                 bands={weighted: (low, high)}, references={f"chance ({same['chance']:.2f})": same["chance"]},
@@ -434,7 +441,8 @@ def analyze_modes(
         "same_object": None if same is None else {
             "top": same_object_top, "sign": same["sign"],
             "chance": same.get("chance"),
-            "layers": {r["layer"]: {k_: r[k_] for k_ in ("p_same", "p_same_pooled", "p_same_unweighted", "modes_with_value", "per_head")} for r in same["rows"]},
+            "layers": {r["layer"]: {k_: r[k_] for k_ in ("p_same", "p_same_pooled", "p_same_unweighted", "modes_with_value",
+                                                         "per_head", "chance", "chance_per_head")} for r in same["rows"]},
             "left_out": same["left_out"]},
         "same_object_note": None if objects is not None else "the run has no masks/objects (record a dataset with object masks)",
     }

@@ -232,8 +232,10 @@ class PreferenceReducer(Reducer):
         self.num_prefix_tokens: int | None = None
 
     def __repr__(self) -> str:
-        images = max(self.count.values(), default=0)
-        return f"PreferenceReducer(layers={sorted(self.stats)}, images={images})"
+        return f"PreferenceReducer(layers={sorted(self.stats)}, images={self.images_held()})"
+
+    def images_held(self) -> int:
+        return max(self.count.values(), default=0)
 
     @staticmethod
     def _acc_dtype(device: torch.device) -> torch.dtype:

@@ -30,12 +30,13 @@ from qkhooks.reducers import Recipe, Reducer, register_recipe
 __all__ = ["Recipe", "DEFAULT", "default_reducers", "dataset_meta", "object_grids", "objects_array"]
 
 
-def default_reducers(modes: Any, attention: Sequence[Any], has_target: bool) -> list[Reducer]:
+def default_reducers(modes: Any, attention: Sequence[Any], has_target: bool, dtype: str = "float16") -> list[Reducer]:
     """The streaming statistics a plain ``qkhooks record`` keeps: top-k images per mode (when modes are
-    recorded), the anisotropy baseline, and attention preference (odd-one-out data with attention rows)."""
+    recorded; their maps kept in the run's storage ``dtype``), the anisotropy baseline, and attention preference
+    (odd-one-out data with attention rows)."""
     reducers: list[Reducer] = []
     if modes is not None:
-        reducers.append(TopKModes())
+        reducers.append(TopKModes(map_dtype=dtype))
     reducers.append(AnisotropyReducer())
     if has_target and any(s.kind == "rows" for s in attention):
         reducers.append(PreferenceReducer())

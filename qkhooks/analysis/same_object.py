@@ -80,11 +80,17 @@ def same_object_probability(
 
 def chance_same_object(objects: Any) -> float:
     """Same-object probability if the key side picked one of the image's objects at random: the mean over
-    images with at least one object of 1 / (objects in the image). Fig. 5's chance line."""
-    labels = np.asarray(objects)
-    counts = np.array([np.count_nonzero(np.unique(lab) > 0) for lab in labels.reshape(len(labels), -1)])
+    images with at least one object of 1 / (objects in the image). Fig. 5's chance line, over the whole data set
+    (:func:`same_object_table` gives each layer's chance over the images its p_same rests on)."""
+    counts = _object_counts(objects)
     counts = counts[counts > 0]
     return float(np.mean(1.0 / counts)) if counts.size else math.nan
+
+
+def _object_counts(objects: Any) -> np.ndarray:
+    """Objects (labels > 0) in each image of (T, ...) labels."""
+    labels = np.asarray(objects)
+    return np.array([np.count_nonzero(np.unique(lab) > 0) for lab in labels.reshape(len(labels), -1)], dtype=np.int64)
 
 
 def _read_rows(array: Any, indices: np.ndarray) -> dict[int, np.ndarray]:
@@ -110,11 +116,15 @@ def same_object_table(
     """Same-object probability per mode and per layer from a stacked top-k state and per-image object labels.
 
     Per mode: its ``top`` best distinct images (:func:`top_images`; with the default ``sign="both"`` each image
-    is scored for both signs and counted once, with the maps of its better sign; ``top`` is capped at the
-    state's k); per layer:
+    is scored for both signs and counted once, with the maps of its better sign; ``top`` at most the state's k,
+    which ranks each sign's best k only); per layer:
     ``p_same`` = mean over heads of each head's sigma-weighted average over its modes (weights renormalised
     over the modes that have a value, like the cosine average of METHODS A.7), plus ``p_same_pooled``
-    (sum sigma p / sum sigma over all modes of the layer) and ``p_same_unweighted``.
+    (sum sigma p / sum sigma over all modes of the layer) and ``p_same_unweighted``; and the chance the same way
+    (``chance``, ``chance_per_head``: per mode the mean of 1 / objects over the images its p_same counts, which a
+    key side picking one of the image's objects at random would score). The top images of a mode are a selection:
+    an image with one object scores 1 whatever the mode does, so they need not share the data set's chance
+    (:func:`chance_same_object`).
 
     Args:
         topk: :meth:`TopKModes.state_dict` (numpy).
@@ -123,6 +133,12 @@ def same_object_table(
         spectra: layer -> {"S": (H, K)}.
         num_prefix_tokens: one count for every layer, or layer -> its own.
     """
+    kept = int(np.asarray(topk["k"]))
+    if int(top) > kept:  # top_images would give k images while the result said top
+        raise QKHooksError(f"the same-object statistic over the top {top} images per mode needs a top-k state that "
+                           f"ranks at least {top}, and this one ranks {kept}; ask for top <= {kept}, or rank more: "
+                           f"TopKModes(k={top}) when recording, or `qkhooks analyze modes --k {top}` on a run that "
+                           "stores its maps.")
     layers = [l for l in state_layers(topk) if l in spectra and (not isinstance(objects, Mapping) or l in objects)]
     per_layer = objects if isinstance(objects, Mapping) else {l: objects for l in layers}
     prefixes = num_prefix_tokens if isinstance(num_prefix_tokens, Mapping) else {l: num_prefix_tokens for l in layers}
@@ -138,6 +154,7 @@ def same_object_table(
         S = np.asarray(spectra[layer]["S"], dtype=np.float64)
         heads, modes = st["score"].shape[:2]
         p = np.full((heads, modes), np.nan)
+        chance = np.full((heads, modes), np.nan)
         used = np.zeros((heads, modes), dtype=np.int64)
         for h in range(heads):
             for m in range(modes):
@@ -146,16 +163,23 @@ def same_object_table(
                     continue
                 labels = np.stack([rows_by_index[int(i)] for i in best["index"]])
                 p[h, m], used[h, m] = same_object_probability(best["query"], best["key"], labels, prefixes[layer])
+                counts = _object_counts(labels)
+                if used[h, m]:  # the images counted: those with an object (each then has an optimal one)
+                    chance[h, m] = float(np.mean(1.0 / counts[counts > 0]))
         w = np.where(np.isnan(p), 0.0, S[:, :modes])
         pz = np.nan_to_num(p)
         head_w = w.sum(1)
         per_head = np.where(head_w > 0, (w * pz).sum(1) / np.maximum(head_w, 1e-300), np.nan)
+        chance_head = np.where(head_w > 0, (w * np.nan_to_num(chance)).sum(1) / np.maximum(head_w, 1e-300), np.nan)
         out_layers.append({
             "layer": layer,
             "p_same": float(np.nanmean(per_head)) if np.isfinite(per_head).any() else math.nan,
             "p_same_pooled": float((w * pz).sum() / w.sum()) if w.sum() > 0 else math.nan,
             "p_same_unweighted": float(np.nanmean(p)) if np.isfinite(p).any() else math.nan,
             "per_head": per_head.tolist(),
+            "chance": float(np.nanmean(chance_head)) if np.isfinite(chance_head).any() else math.nan,
+            "chance_per_head": chance_head.tolist(),
+            "chance_per_mode": chance.tolist(),
             "per_mode": p.tolist(),
             "images_used": used.tolist(),
             "modes_with_value": int(np.isfinite(p).sum()),

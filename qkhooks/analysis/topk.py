@@ -21,7 +21,7 @@ import torch
 from qkhooks._devices import to_device
 from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
-from qkhooks.reducers import Reducer, refuse_mixed_batch_axes, refuse_non_finite
+from qkhooks.reducers import Reducer, overflows, refuse_mixed_batch_axes, refuse_non_finite, refuse_overflow
 from qkhooks.analysis.geometry import layer_geometry, layer_prefix_tokens
 
 __all__ = ["TopKModes", "signed_scores", "layer_state", "state_layers", "select_layers", "top_images", "SIGNS"]
@@ -84,6 +84,26 @@ def _layer_extremes(maps: Sequence[tuple[int, torch.Tensor, torch.Tensor]], pref
     lo = torch.stack([lo for lo, _ in extremes]).view(len(maps), 2, b, h, m)
     hi = torch.stack([hi for _, hi in extremes]).view(len(maps), 2, b, h, m)
     return lo, hi
+
+
+def _map_peaks(maps: Sequence[tuple[int, torch.Tensor, torch.Tensor]], prefix: int, key_prefix: int | None,
+               extremes: tuple[torch.Tensor, torch.Tensor],
+               stacked: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The largest finite |value| (L, B) of each layer's and image's query and key maps over all their tokens, which
+    the kept maps hold: the patch tokens' from their :func:`_layer_extremes` (checked finite), the prefix tokens'
+    read here (a few tokens, where class and register tokens' massive activations lie; from ``stacked`` where the
+    fold has it: a few operations for all layers)."""
+    lo, hi = extremes
+    peak = torch.maximum(lo.abs(), hi.abs()).amax((1, 3, 4))
+    key_prefix = prefix if key_prefix is None else key_prefix
+    sides = [(0, prefix), (1, key_prefix)]
+    if stacked is not None:
+        heads = [stacked[side][..., :skip].flatten(2) for side, skip in sides if skip]
+    else:
+        heads = [torch.stack([entry[1 + side][..., :skip].flatten(1) for entry in maps]) for side, skip in sides if skip]
+    for head in heads:  # (L, B, H·K·prefix); the model's own inf or NaN there is kept as it is: not an overflow
+        peak = torch.maximum(peak, head.abs().nan_to_num(nan=0.0, posinf=0.0).amax(-1).to(peak.dtype))
+    return peak
 
 
 def _stacked_maps(maps: Sequence[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +221,10 @@ class TopKModes(Reducer):
         self._signs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # see _signs_on
 
     def __repr__(self) -> str:
-        return f"TopKModes(k={self.k}, layers={sorted(self.layers)}, images={self.images})"
+        return f"TopKModes(k={self.k}, layers={sorted(self.layers)}, images={self.images_held()})"
+
+    def images_held(self) -> int:
+        return self.images
 
     # ---------------------------------------------------------------- streaming
     def _empty(self, like: torch.Tensor, keys: int | None = None) -> dict[str, torch.Tensor]:
@@ -376,10 +399,12 @@ class TopKModes(Reducer):
             groups.setdefault(kind, []).append((layer, cap.query, cap.key))
         # kind: (query shape, key shape, dtypes, device, prefix, key prefix[, part of the layers an accelerator stacks])
         groups = {part_kind: part for kind, maps in groups.items() for part_kind, part in _stack_parts(kind, maps)}
-        stacks, extremes, kept = {}, {}, 0
+        stacks, extremes, peaks, kept = {}, {}, {}, 0
         for kind, maps in groups.items():  # the stacks kept for the folds take STACK_BYTES at most; others are made again
             stacked = None if _entrants_only(kind[4]) else _stacked_maps(maps)
             extremes[kind] = _layer_extremes(maps, kind[5], kind[6], stacked)
+            if torch.finfo(self.map_dtype).max < torch.finfo(kind[2]).max:  # float16 kept maps of float32 maps
+                peaks[kind] = _map_peaks(maps, kind[5], kind[6], extremes[kind], stacked)
             size = 0 if stacked is None else sum(t.numel() * t.element_size() for t in stacked)
             if stacked is not None and kept + size <= STACK_BYTES:
                 stacks[kind], kept = stacked, kept + size
@@ -387,8 +412,15 @@ class TopKModes(Reducer):
         dev = next(iter(extremes.values()))[0].device
         finite = torch.cat([(torch.isfinite(lo) & torch.isfinite(hi)).all(1).flatten(2).all(-1).to(dev)
                             for lo, hi in extremes.values()])  # (layers, B): NaN and inf survive min and max
-        refuse_non_finite(finite, [layer for maps in groups.values() for layer, _, _ in maps], batch, "TopKModes",
-                          "query/key maps (their extremes over the patch tokens)")
+        peak = torch.cat(list(peaks.values())) if peaks else None
+        fits = finite.all() if peak is None else finite.all() & ~overflows(peak, self.map_dtype).any()
+        if not bool(fits):  # one value read back a batch (each would wait for an accelerator)
+            refuse_non_finite(finite, [layer for maps in groups.values() for layer, _, _ in maps], batch, "TopKModes",
+                              "query/key maps (their extremes over the patch tokens)")
+            refuse_overflow(peak, [layer for kind in peaks for layer, _, _ in groups[kind]], batch, "TopKModes",
+                            "query/key maps", self.map_dtype,
+                            "Keep them in float32: TopKModes(map_dtype='float32'), which `qkhooks record --dtype "
+                            "float32` (record_dataset(dtype='float32')) makes.")
         if self.num_prefix_tokens is None:
             self.num_prefix_tokens = prefixes[min(prefixes)]
         self.prefixes.update(prefixes)

@@ -299,11 +299,26 @@ def _saved_processor(model: nn.Module) -> dict | None:
     try:
         return transformers.AutoImageProcessor.from_pretrained(where, local_files_only=True).to_dict()
     except Exception as exc:  # none saved there: the caller guesses, and warns; one there unreadable: refused
-        if isinstance(exc, OSError) and not (Path(where) / _PROCESSOR_FILE).exists():
+        if isinstance(exc, OSError) and _processor_file(where, getattr(model.config, "_commit_hash", None)) is None:
             return None
         raise QKHooksError(f"the image processor saved with this model ({where!r}) could not be read "
                            f"({_reader_error(exc)}); fix it there, or pass load_model(..., "
                            "image_config=qkhooks.data.ImageConfig(...)).") from None
+
+
+def _processor_file(where: str, revision: str | None) -> Path | None:
+    """The image processor config of a checkpoint folder, or of a hub id in the local cache (at the module's own
+    commit where known); None where there is none to read."""
+    if Path(where).is_dir():
+        path = Path(where) / _PROCESSOR_FILE
+        return path if path.exists() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(where, _PROCESSOR_FILE, revision=revision)
+    except Exception:  # noqa: BLE001 - not a hub id (a folder since removed): nothing to read
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def _load_timm(name: str, random_init: bool, checkpoint: str | None) -> nn.Module:
