@@ -56,8 +56,8 @@ from qkhooks.models.unsupported import (compiled_by_dynamo, hooked_paths, own_ho
 from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
-from qkhooks.spectrum import (LayerSpectrum, QKSpectrum, WeightsState, cached_weights_checked, layer_spectrum,
-                              weights_state, weights_unchanged)
+from qkhooks.spectrum import (LayerSpectrum, QKSpectrum, WeightsState, cached_weights_checked, foreign_spectrum,
+                              is_cached_spectrum, layer_spectrum, live_qk_tensors, weights_state, weights_unchanged)
 
 __all__ = ["record", "Recording", "LayerCapture", "BatchCapture", "Sink", "parse_modes"]
 
@@ -147,6 +147,7 @@ class Recording:
         qk_path: bool = True,
         outputs: OutputsKind = "unchanged",
         skip_unmodelled: bool = False,
+        spectrum_of_other_weights: bool = False,
     ):
         model = unwrap_loaded(model)
         if not isinstance(model, nn.Module):
@@ -195,6 +196,7 @@ class Recording:
         self._taking_x: set[int] = set()  # ... in the open batch
         self._pinned: dict[int, str] | None = None  # mode_source as a store states it (pin_mode_source)
         self._weights_at_entry: dict[int, WeightsState] = {}  # layer -> weights_state when its modes were computed
+        self._live_weights: dict[int, tuple[torch.Tensor, ...] | None] = {}  # layer -> live_qk_tensors (views), or None
         self._modes_kept: int | None | str = self.modes
         if self.modes is not None:
             k = None if self.modes == "all" else int(self.modes)
@@ -202,12 +204,17 @@ class Recording:
             spectra = []
             _refuse_maps_only_modes(self.sites)
             # on a GPU: one device read for every cached spectrum's weights check, not one per layer
-            with cached_weights_checked([s for s in self.sites if s.layer not in by_layer]):
+            with cached_weights_checked(self.sites):
                 for site in self.sites:
                     from_qk = qk_path and input == "normed" and _full_precision_qk(site, compute_dtype)
-                    spec, projector = _layer_modes(site, by_layer.get(site.layer), k, augmented, from_qk)
-                    # the spectrum cache's copy was just checked by layer_spectrum when no spectrum was given
-                    self._weights_at_entry[site.layer] = weights_state(site, site.layer not in by_layer)
+                    given = by_layer.get(site.layer)
+                    # the spectrum cache's copy is checked here once: by layer_spectrum when no spectrum was given,
+                    # else for a given one that is the cache's own; any other given one is checked against the weights
+                    vouched = given is None or is_cached_spectrum(site, given)
+                    spec, projector = _layer_modes(site, given, k, augmented, from_qk,
+                                                   vouched or spectrum_of_other_weights)
+                    self._weights_at_entry[site.layer] = weights_state(site, vouched)
+                    self._live_weights[site.layer] = live_qk_tensors(site)  # views: compared each batch in place
                     spectra.append(spec)
                     if isinstance(projector, QKPathProjector):
                         self._from_qk[site.layer] = projector
@@ -230,6 +237,7 @@ class Recording:
         self._residual: dict[int, torch.Tensor] = {}
         self.last: BatchCapture | None = None
         self._unfinished = False  # a forward began after the last batch completed and has not completed
+        self._checked_training = False  # whether active dropout was looked for in training mode (attach, _begin_batch)
         self._bias: dict[int, torch.Tensor | str] = {}  # layer -> its position-only term, or why it has none
         self._token_geometries: dict[tuple, LayerGeometry] = {}  # (layer, tokens, call grids) -> its geometry
         # layer -> its own prefix tokens, in every batch's meta: a layer without geometry (TimeSformer's groups, a layer
@@ -291,6 +299,7 @@ class Recording:
         refuse_sinks_holding_images(self.sinks, self.images_seen)
         model = self._live_model()
         _warn_active_dropout(model)
+        self._checked_training = model.training  # else checked at the first batch run in training mode
         # A batch is one call of ``model``: handed to the sinks only when that call returns, so a forward that
         # fails late hands over nothing. A full CLIPModel is used through get_image_features, which never calls
         # CLIPModel.forward; then the batch spans the recorded attention modules, first to last.
@@ -365,6 +374,7 @@ class Recording:
         self.sites = [dataclasses.replace(s, module=None, block=None, qk_linear=_released, qk_modules=(),  # type: ignore[arg-type]
                                           grid_source=None)  # the grid its last call read stays (_grid_of_source)
                       for s in self.sites]
+        self._live_weights.clear()  # views of the weights: they would keep the parameters' memory alive
 
     def __repr__(self) -> str:
         state = "attached" if self.active else "detached"
@@ -391,6 +401,10 @@ class Recording:
     def _begin_batch(self, module: nn.Module, args: tuple, kwargs: dict, outer: bool = True) -> None:
         refuse_altered_qk(self.sites)  # a hook, patch or weight put on inside the context (~70 us a ViT-B batch)
         self._check_weights()
+        model = self._model_ref()
+        if model is not None and model.training and not self._checked_training:  # model.train() inside the context
+            self._checked_training = True
+            _warn_active_dropout(model)
         meta, self._pending_meta = self._pending_meta, {}
         if "geometry" in meta:  # a copy: layers are added to it as they run, the caller's (a cached probe) is kept
             meta["geometry"] = dict(meta["geometry"] or {})
@@ -421,7 +435,8 @@ class Recording:
         both paths). Once per forward: a few us a layer, or for weights made in inference mode (no version counter)
         a bit-for-bit compare with the copy taken at entry (:func:`qkhooks.spectrum.weights_state`)."""
         checked = [(self._weights_at_entry[s.layer], s) for s in self.sites if s.layer in self._weights_at_entry]
-        for (_, site), same in zip(checked, weights_unchanged(checked)):  # on a GPU: one device read for all layers
+        live = [self._live_weights.get(site.layer) for _, site in checked]
+        for (_, site), same in zip(checked, weights_unchanged(checked, live)):  # a GPU: one device read for all layers
             if not same:
                 raise QKHooksError(
                     f"layer {site.layer} ({site.path}): its weights changed inside this record() context (a checkpoint "
@@ -1033,14 +1048,24 @@ _LAYER_MODES: "weakref.WeakKeyDictionary[nn.Module, _LayerModes]" = weakref.Weak
 
 
 def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None, augmented: bool,
-                 qk_path: bool) -> tuple[LayerSpectrum, ModeProjector | QKPathProjector]:
+                 qk_path: bool, vouched: bool = False) -> tuple[LayerSpectrum, ModeProjector | QKPathProjector]:
     """The top-``k`` spectrum of ``site`` and the projector of its maps: from the model's own q/k Linear outputs
     where allowed and as accurate as from x (the adapter names them and :func:`qkhooks.projector.qk_path_check`: the
     bias-free spectrum, every kept mode's error amplification small), else from x.
 
     Reused from :data:`_LAYER_MODES` when the spectrum is the cached one of unchanged weights; a spectrum the
-    caller gives (``spectrum=``) is not vouched for by the cache, so its projectors are built each time.
+    caller gives (``spectrum=``) is not vouched for by the cache, so its projectors are built each time, and unless
+    it is the cache's own of these weights (``vouched``) it is checked against them (:func:`foreign_spectrum`).
     """
+    if given is not None and not vouched:
+        foreign = foreign_spectrum(site, given)
+        if foreign is not None:
+            raise QKHooksError(
+                f"layer {site.layer} ({site.path}): the spectrum given (spectrum=) is not that of this layer's weights: "
+                f"{foreign}. It belongs to other weights (a checkpoint before a training step, another model), so its "
+                "maps would be projections on another model's modes. Pass qkhooks.spectrum(model) of these weights, "
+                "or leave spectrum= out: record() takes it from a cache that computes it once per set of weights; to "
+                "project on other weights' modes on purpose, add spectrum_of_other_weights=True.")
     full = given if given is not None else layer_spectrum(site, augmented)
     cached = given is None and site.module is not None
     entry = _LAYER_MODES.get(site.module) if cached else None
@@ -1336,7 +1361,12 @@ def record(model: nn.Module, **options: Any) -> Recording:
             begins (default). False hands each batch to the sinks only, so its arrays are freed as soon as the sinks
             are done (``record_dataset``).
         sinks: objects with ``update(batch)`` fed after each complete forward (a run writer, reducers).
-        spectrum: a precomputed :class:`QKSpectrum` to reuse.
+        spectrum: a precomputed :class:`QKSpectrum` to reuse: checked to be the spectrum of the layers' weights as they
+            are (``qkhooks.spectrum(model)``: no other check; a run file's: U^T W_q^T W_k V = diag(S), no SVD), else
+            refused.
+        spectrum_of_other_weights: take ``spectrum`` as it is although it is not that of these weights: the maps are
+            then the tokens' projections on other weights' modes (a base model's, for a fine-tuned one), and
+            ``run.spectrum(l)`` reports those modes.
         sites: the model's attention sites, when already found (:func:`qkhooks.sites`); ``layers`` selects among them.
         compute_dtype: dtype for projections (default: the tokens' own dtype).
         qk_path: take the modes from the model's own q/k Linear outputs where the adapter names them (default;

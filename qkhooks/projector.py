@@ -26,6 +26,7 @@ import torch
 from einops import rearrange
 
 from qkhooks.models.base import QKWeights
+from qkhooks.sdpa import autocast_off
 from qkhooks.spectrum import LayerSpectrum
 
 __all__ = ["ModeProjector", "QKPathProjector", "QK_PATH_MAX_AMPLIFICATION", "qk_path_amplification", "qk_path_fits",
@@ -198,7 +199,8 @@ class ModeProjector:
         w, bias = self._weights(x.device, x.dtype)
         b, n, _ = x.shape
         h, k = self.shape
-        out = x @ w if bias is None else torch.addmm(bias, x.reshape(b * n, -1), w).view(b, n, -1)
+        with autocast_off(x.device):  # a caller's autocast would round the float32 product to bfloat16 (~1e-2 off)
+            out = x @ w if bias is None else torch.addmm(bias, x.reshape(b * n, -1), w).view(b, n, -1)
         # "b n (s h k) -> s b h k n" by hand: this runs per batch and layer, where einops costs ~10 us a call
         out = out.view(b, n, 2, h, k).permute(2, 0, 3, 4, 1)
         return out[0], out[1]
@@ -314,10 +316,12 @@ class QKPathProjector:
         h, dk, _ = self._dims
         if qk.shape[-1] != 2 * h * dk:  # v too (a fused qkv's whole output)
             qk = qk[..., :2 * h * dk]
-        query, key = self._maps(qk.unflatten(-1, (2 * h, dk)), slice(None)).unbind(0)
+        with autocast_off(qk.device):  # maps in q's dtype, as the x path's (ModeProjector)
+            query, key = self._maps(qk.unflatten(-1, (2 * h, dk)), slice(None)).unbind(0)
         return query, key
 
     def _split(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k heads (B, N, H, d_k) held apart: one product per side."""
         h = self._dims[0]
-        return self._maps(q, slice(0, h))[0], self._maps(k, slice(h, 2 * h))[0]
+        with autocast_off(q.device):
+            return self._maps(q, slice(0, h))[0], self._maps(k, slice(h, 2 * h))[0]

@@ -453,22 +453,20 @@ def _same_bits(copy: tuple[torch.Tensor, ...], now: tuple[torch.Tensor, ...]) ->
 
 def weights_state(site: AttentionSite, cache_checked: bool = False) -> WeightsState:
     """What tells ``site``'s W_q/W_k apart, now: the identity and version of its parameters (:func:`_weights_key`,
-    a few us), and where they keep no version counter (tensors made in inference mode) a copy of the tensors it reads
-    (:func:`_copied_state`), on their device: the spectrum cache's copy where it holds these bits (shared, never
-    edited), else a new one (memory: W_q/W_k and biases once more). A recording takes it when it computes its modes
-    and checks it per batch. The copy is compared bit for bit (:func:`same_weights`): exact, where the float64
-    fingerprint W·r it replaces let an edit below its rounding pass, and cheaper (inference-mode weights, batch-8
-    forwards, one thread of the 2-core VM: ViT-S 2.0 ms a batch against 2.5, ViT-B 5.5 against 10.6, ~0.15 % of the
-    forward). No batch can skip it: ``.data`` of an inference tensor can be edited outside inference mode too.
-    ``cache_checked``: :func:`layer_spectrum` of this site has just held the cache's copy against these weights (or
-    made it), so the copy is taken without comparing it a second time (entering ``record()``)."""
-    key = _weights_key(site)
-    if key is not None:
-        return key, None
+    a few us) and a copy of the tensors it reads, on their device: the spectrum cache's copy where it holds these
+    bits (shared, never edited; the usual case, as ``record()`` computes its modes through the cache), else a new one
+    (memory: W_q/W_k and biases once more). A recording takes it when it computes its modes and checks it per batch.
+    The copy is compared bit for bit (:func:`same_weights`) every batch, versioned weights too: an edit through
+    ``param.data`` keeps ``_version`` (it gave maps off by O(10) on the q/k path without a word), and ``.data`` of an
+    inference tensor (no version counter) can be edited outside inference mode too. The compare is exact and cheap
+    (batch-8 forwards, one thread of the 2-core VM: ViT-S 2.0 ms a batch, ViT-B 5.5, ~0.15 % of the forward; on a GPU
+    one device read for all layers). ``cache_checked``: :func:`layer_spectrum` of this site has just held the cache's
+    copy against these weights (or made it), so the copy is taken without comparing it a second time (entering
+    ``record()``)."""
     cached = _SPECTRUM_CACHE.get(site.module) if site.module is not None else None
     if cached is not None and (cache_checked or same_weights(cached[0], site)):
         return cached[0]
-    return _copied_state(site, key)
+    return _copied_state(site, _weights_key(site))
 
 
 def _copied_state(site: AttentionSite, key: tuple | None) -> WeightsState:
@@ -519,31 +517,54 @@ def _cache_verdicts(sites: Sequence[AttentionSite]) -> dict[Any, tuple[tuple | N
     return {site.module: (state[0], same) for (state, site), same in zip(pairs, weights_unchanged(pairs))}
 
 
-def weights_unchanged(pairs: Sequence[tuple[WeightsState, AttentionSite]]) -> list[bool]:
-    """:func:`same_weights` of every (state, site) pair, the bit-for-bit comparisons of copies on a GPU read from the
-    device once for all pairs: one ``torch.equal`` a layer makes the host wait for every kernel queued, once a layer."""
+def weights_unchanged(pairs: Sequence[tuple[WeightsState, AttentionSite]],
+                      live: Sequence[tuple[torch.Tensor, ...] | None] | None = None) -> list[bool]:
+    """:func:`same_weights` of every (state, site) pair. ``live``: per pair, the site's tensors as views of its
+    parameters (:func:`live_qk_tensors`), read in place instead of sliced again (None: read them). Copies on the CPU
+    are compared with ``memcmp``; those on a GPU in a few fused operations for all pairs (one difference and one
+    max-norm a tensor, each a single multi-tensor launch) and one read of the device: one compare a layer made the host
+    wait for every kernel queued, once a layer, and launched some ten kernels a layer."""
     import torch
 
     out: list[bool] = []
-    pending: list[tuple[int, torch.Tensor]] = []
-    for (key, copy), site in pairs:
+    pending: list[tuple[int, int]] = []  # (pair, how many of the tensors below are its)
+    copies: list[torch.Tensor] = []
+    nows: list[torch.Tensor] = []
+    for i, ((key, copy), site) in enumerate(pairs):
         same_key = _weights_key(site) == key
         if not same_key or copy is None:
             out.append(same_key)
             continue
-        now = _qk_tensors(site)
+        now = live[i] if live is not None and live[i] is not None else _qk_tensors(site)
         if len(now) != len(copy) or any(a.dtype != b.dtype or a.shape != b.shape or a.device != b.device
                                         or not _compared_on_device(a) for a, b in zip(copy, now)):
             out.append(_same_bits(copy, now))  # memcmp on the CPU (or a mismatch of shape or place)
             continue
-        ints = [getattr(torch, _SAME_SIZE_INTS[a.element_size()]) for a in copy]
-        pending.append((len(out), torch.stack([(a.view(i) != b.view(i)).any() for a, b, i in zip(copy, now, ints)]).any()))
+        pending.append((len(out), len(copy)))
+        copies.extend(copy)
+        nows.extend(now)
         out.append(False)  # answered below
     if pending:
-        device = pending[0][1].device
-        for (at, _), differs in zip(pending, torch.stack([d.to(device) for _, d in pending]).tolist()):
-            out[at] = not differs
+        # by value: a difference of exactly 0 everywhere (NaN or inf weights read as changed, -0.0 as 0.0)
+        peaks = torch.stack(torch._foreach_norm(torch._foreach_sub(nows, copies), float("inf")))
+        changed = (peaks != 0).tolist()  # the one read of the device
+        at = 0
+        for pair, count in pending:
+            out[pair] = not any(changed[at:at + count])
+            at += count
     return out
+
+
+def live_qk_tensors(site: AttentionSite) -> tuple[torch.Tensor, ...] | None:
+    """The W_q/W_k tensors ``site`` reads, where each is a view of one of its parameters' own memory (a slice of a
+    fused qkv weight): they follow every in-place edit, through ``.data`` too, so a recording compares them with its
+    copy each batch without reading (slicing) them again; None where one is computed (a concatenation, a product),
+    which must be read anew each time."""
+    modules = site.qk_modules or (site.module,)
+    memory = {p.untyped_storage().data_ptr() for m in modules for sub in m.modules()
+              for p in sub._parameters.values() if p is not None}
+    tensors = _qk_tensors(site)
+    return tensors if all(t.untyped_storage().data_ptr() in memory for t in tensors) else None
 
 
 def _cached_still_valid(state: WeightsState, site: AttentionSite) -> bool:
@@ -554,6 +575,53 @@ def _cached_still_valid(state: WeightsState, site: AttentionSite) -> bool:
     if checked is not None and checked[0] == state[0] and _weights_key(site) == checked[0]:
         return checked[1]
     return same_weights(state, site)
+
+
+GIVEN_SPECTRUM_TOLERANCE = 1e-4
+"""How far, relative to a head's largest singular value, a spectrum handed to ``record(spectrum=...)`` may be from
+the site's own W_q^T W_k (float32 storage leaves ~1e-6; weights moved by a training step leave far more)."""
+
+
+def is_cached_spectrum(site: AttentionSite, spec: LayerSpectrum) -> bool:
+    """Whether ``spec`` is the spectrum cache's own for ``site``'s weights as they are now (its copy compared bit for
+    bit): ``qkhooks.spectrum(model)`` handed back to ``record(spectrum=...)``, the usual case, costs no other check."""
+    cached = _SPECTRUM_CACHE.get(site.module) if site.module is not None else None
+    return cached is not None and cached[1].get(spec.augmented) is spec and _cached_still_valid(cached[0], site)
+
+
+def foreign_spectrum(site: AttentionSite, spec: LayerSpectrum) -> str | None:
+    """Why ``spec`` is not the spectrum of ``site``'s weights as they are now (None when it is), without an SVD.
+
+    For a spectrum the cache did not vouch for (:func:`is_cached_spectrum`): a run file's, one computed before a
+    training step or from another model. It must satisfy, per head, with M = W_q^T W_k (augmented: [W | b]):
+    orthonormal U and V, U^T M V = diag(S), and where it keeps every mode's sigma (``S_all``) the sum of their
+    squares = ||M||_F^2 with S its leading values: a few small products a layer (d x K per head, float64)."""
+    import torch
+
+    weights = site.weights()
+    w_q, w_k = _augment(weights) if spec.augmented else (weights.w_q, weights.w_k)
+    w_q, w_k = w_q.detach().double().cpu(), w_k.detach().double().cpu()
+    U, S, V = (torch.as_tensor(np.asarray(a)).double() for a in (spec.U, spec.S, spec.V))
+    if U.shape[:2] != (w_q.shape[0], w_q.shape[-1]) or V.shape != U.shape or S.shape != U.shape[::2]:
+        return (f"its U {tuple(U.shape)}, S {tuple(S.shape)}, V {tuple(V.shape)} do not fit the layer's "
+                f"{w_q.shape[0]} heads of d={w_q.shape[-1]}")
+    scale = S.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)  # (H, 1)
+    eye = torch.eye(U.shape[-1], dtype=torch.float64)
+    off = torch.stack([(U.transpose(-1, -2) @ U - eye).abs().amax(), (V.transpose(-1, -2) @ V - eye).abs().amax()])
+    if float(off.max()) > GIVEN_SPECTRUM_TOLERANCE:
+        return f"its singular vectors are not orthonormal (off by {float(off.max()):.3g})"
+    product = (w_q @ U).transpose(-1, -2) @ (w_k @ V)  # U^T M V, (H, K, K)
+    residual = ((product - torch.diag_embed(S)).abs().amax((-1, -2)) / scale[:, 0]).max()
+    if float(residual) > GIVEN_SPECTRUM_TOLERANCE:
+        return f"U^T (W_q^T W_k) V differs from diag(S) by {float(residual):.3g} of the head's largest sigma"
+    if spec.S_all is not None:
+        S_all = torch.as_tensor(np.asarray(spec.S_all)).double()
+        frobenius = torch.einsum("hij,hji->h", w_q @ w_q.transpose(-1, -2), w_k @ w_k.transpose(-1, -2))  # ||M||_F^2
+        gap = ((S_all.square().sum(-1) - frobenius).abs() / scale[:, 0].square()).max()
+        lead = ((S_all[:, :S.shape[-1]] - S).abs() / scale).max() if S_all.shape[-1] >= S.shape[-1] else math.inf
+        if float(gap) > GIVEN_SPECTRUM_TOLERANCE or float(lead) > GIVEN_SPECTRUM_TOLERANCE:
+            return "its sigmas (S_all) are not those of W_q^T W_k"
+    return None
 
 
 def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectrum:

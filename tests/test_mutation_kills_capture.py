@@ -512,7 +512,9 @@ def test_a_recording_built_directly_takes_the_documented_defaults_and_a_given_sp
     given = qkhooks.spectrum(model)
     with torch.no_grad():
         model.blocks[1].attn.qkv.weight.mul_(2.0)  # the model's own spectrum changes; the given one does not
-    with qkhooks.record(model, modes=2, spectrum=given) as rec, torch.no_grad():
+    with pytest.raises(QKHooksError, match=r"^layer 1 .* the spectrum given \(spectrum=\) is not that of this layer's "):
+        qkhooks.record(model, modes=2, spectrum=given)  # round 32: refused unless said
+    with qkhooks.record(model, modes=2, spectrum=given, spectrum_of_other_weights=True) as rec, torch.no_grad():
         model(images)
     torch.testing.assert_close(rec.spectrum(1).S, given[1].S[:, :2], atol=0, rtol=0)
     with pytest.raises(QKHooksError) as err:

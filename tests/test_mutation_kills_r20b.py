@@ -288,7 +288,8 @@ def test_modes_come_from_the_qk_outputs_only_where_allowed_and_a_given_spectrum_
         model.blocks[1].attn.qkv.weight.mul_(2.0)  # the given spectrum stays; the q/k outputs double
     maps = {}
     for qk_path in (True, False):
-        with qkhooks.record(model, modes=2, spectrum=given, qk_path=qk_path) as rec, torch.no_grad():
+        with qkhooks.record(model, modes=2, spectrum=given, qk_path=qk_path, spectrum_of_other_weights=True) as rec, \
+                torch.no_grad():
             model(images)
         assert rec.mode_source[1] == ("qk" if qk_path else "x")
         maps[qk_path] = rec.last.query(1)

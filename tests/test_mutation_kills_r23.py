@@ -206,9 +206,11 @@ def test_a_recording_with_a_given_spectrum_takes_the_weights_of_now_not_the_cach
         given = qkhooks.spectrum(edited)
         for model in (edited, fresh):
             model.blocks[0].attn.qkv.weight[:16].mul_(1.5)
-        with qkhooks.record(edited, modes=4, spectrum=given) as run:
+        with pytest.raises(QKHooksError, match=r"the spectrum given \(spectrum=\) is not that of this layer's"):
+            qkhooks.record(edited, modes=4, spectrum=given)  # round 32: another weights' spectrum, refused unless said
+        with qkhooks.record(edited, modes=4, spectrum=given, spectrum_of_other_weights=True) as run:
             edited(images)
-        with qkhooks.record(fresh, modes=4, spectrum=given) as reference:
+        with qkhooks.record(fresh, modes=4, spectrum=given, spectrum_of_other_weights=True) as reference:
             fresh(images)
     assert run.images_seen == 2
     for layer in run.layers:

@@ -4,7 +4,7 @@ PIL mode or numpy array to a decoded 8-bit RGB image, refusing what has no defin
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from qkhooks.errors import QKHooksError
 
@@ -29,7 +29,8 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
     * Float samples (PIL ``F``, float arrays) are taken as 0..1 and mapped by ``round(v * 255)``; values
       outside [0, 1] or NaN have no defined display range and are refused rather than clipped.
     * Other 32-bit integer images are refused (their display range is not defined).
-    * Transparent pixels (RGBA, LA, palette with transparency) are composited on :data:`DISPLAY_BACKGROUND`
+    * Transparent pixels (RGBA, LA, palette, grey or RGB with a transparent level or colour: a PNG's tRNS) are
+      composited on :data:`DISPLAY_BACKGROUND`
       (white): ``round((c * a + 255 * (255 - a)) / 255)``.
     * CMYK without colour management, like a browser without a profile: ``R = round((255 - C)(255 - K) / 255)``
       (likewise G with M, B with Y). Embedded ICC profiles are not applied, for RGB images neither (as timm
@@ -49,10 +50,17 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
         return _array_to_rgb(image)
     if not isinstance(image, Image.Image):
         raise QKHooksError(f"expected a PIL.Image.Image, got {type(image).__name__}; use PIL.Image.open(path).")
+    if getattr(image, "fp", None) is not None and ImageFile.LOAD_TRUNCATED_IMAGES:  # decoded below
+        raise QKHooksError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process (set by your code or a library), so a truncated "
+            "photo would be decoded with its missing rows filled grey and recorded without a word, where qkhooks "
+            "skips it naming it; set PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False while recording.")
     from_png = image.format == "PNG"
     if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
     mode = image.mode
+    if mode in ("RGB", "L") and "transparency" in image.info:  # a PNG tRNS colour or grey level: transparent there
+        return _composite(np.asarray(image.convert("RGBA")))
     if mode == "RGB":
         return image.copy()  # decoded now, and independent of the caller's (possibly closed) file
     if mode in _DIRECT_MODES:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from qkhooks.errors import QKHooksError
 
-__all__ = ["Geometry", "crop_offset"]
+__all__ = ["Geometry", "crop_offset", "CROP_RULES"]
 
 
 def _area_resize_axis(arr: np.ndarray, n_out: int, axis: int) -> np.ndarray:
@@ -160,13 +160,21 @@ class Geometry:
         )
 
 
-def crop_offset(source: int, crop: int) -> int:
-    """Torchvision ``center_crop`` offset along one axis (negative means zero padding).
+CROP_RULES = ("torchvision", "hf")
+"""Where a centre crop starts: torchvision's (timm's) rule, or Hugging Face image processors' (:func:`crop_offset`)."""
+
+
+def crop_offset(source: int, crop: int, rule: str = "torchvision") -> int:
+    """Centre-crop offset along one axis (negative means zero padding), by ``rule``.
 
     torchvision pads ``(crop - source) // 2`` on the leading side when the image is
     too small, and otherwise starts at ``int(round((source - crop) / 2))`` (Python's
     banker's rounding). Copying it exactly keeps us bit-identical with timm.
+    Hugging Face's ``center_crop`` starts at ``(source - crop) // 2`` (floor), padding ``ceil((crop - source) / 2)``
+    before: one pixel earlier than torchvision where the margin is odd (a margin of 3 mod 4 in the rounding).
     """
+    if rule == "hf":
+        return (source - crop) // 2
     if crop > source:
         return -((crop - source) // 2)
     return int(round((source - crop) / 2.0))

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from qkhooks.data.display import to_rgb
-from qkhooks.data.geometry import Geometry, crop_offset
+from qkhooks.data.geometry import CROP_RULES, Geometry, crop_offset
 from qkhooks.errors import QKHooksError
 
 __all__ = [
@@ -85,6 +85,58 @@ def _triple(value: Any, what: str) -> tuple[float, float, float]:
     return triple  # type: ignore[return-value]
 
 
+_UNMODELLED_HF_KEYS = {"do_flip_channel_order": (False,), "keep_aspect_ratio": (False,), "ensure_multiple_of": (1,),
+                       "crop_pct": (), "do_pad": (False,), "size_divisor": (), "pad_size": ()}
+"""Image processor keys ImageConfig does not model, with their neutral values (None is neutral for each): a config
+that sets one otherwise (MobileViT's BGR channels, DPT's aspect-keeping resize, ConvNeXt's crop_pct) is refused."""
+
+_HF_KEYS_NEEDED = ("size", "resample", "do_normalize", "image_mean", "image_std")
+"""What a processor config that names no class must say: a class's own defaults are not known without it."""
+
+
+def _processor_class(config: dict[str, Any]) -> str:
+    """The image processor class a config names (a feature extractor by the name of its image processor)."""
+    name = config.get("image_processor_type") or config.get("feature_extractor_type") or ""
+    return str(name).replace("FeatureExtractor", "ImageProcessor")
+
+
+def _as_its_class_reads_it(config: dict[str, Any]) -> dict[str, Any]:
+    """A processor config as its own class reads it: an int ``size`` by the class's rule (a square for DeiT, a
+    shortest edge for CLIP), every key it leaves out at the class's default (MobileViT never normalises), through
+    transformers where the config names its class; a config that names none must say what matters itself. Keys
+    ImageConfig does not model are refused unless neutral."""
+    name = _processor_class(config)
+    if name:
+        try:
+            import transformers
+
+            cls = getattr(transformers, name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unused keys of older files
+                config = {**cls.from_dict(dict(config)).to_dict(), "image_processor_type": name}
+        except (ImportError, AttributeError) as exc:
+            raise QKHooksError(
+                f"the processor config names the class {name!r}, which this transformers does not know "
+                f"({type(exc).__name__}), so its defaults and rules cannot be read; upgrade transformers, or build "
+                "ImageConfig(...) by hand.") from None
+    else:
+        missing = [k for k in _HF_KEYS_NEEDED if k not in config
+                   and not (k in ("image_mean", "image_std") and config.get("do_normalize") is False)]
+        if missing:
+            raise QKHooksError(
+                f"the processor config names no class (image_processor_type) and leaves out {', '.join(missing)}, "
+                "whose defaults differ from class to class; pass processor.to_dict() of the loaded processor, add "
+                "image_processor_type, or build ImageConfig(...) by hand.")
+    unmodelled = {k: config[k] for k, neutral in _UNMODELLED_HF_KEYS.items()
+                  if config.get(k) is not None and config[k] not in neutral}
+    if unmodelled:
+        raise QKHooksError(
+            f"the processor config sets {', '.join(f'{k}={v!r}' for k, v in unmodelled.items())}, which ImageConfig "
+            "does not model (channel order, aspect-keeping resizes, crop percentages, padding): the pixels would "
+            "differ from the processor's; build ImageConfig(...) by hand where it can express them.")
+    return config
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """How a checkpoint expects its images: size, normalisation and resize/crop policy.
@@ -109,6 +161,8 @@ class ImageConfig:
             Requires ``resize=None``.
         pad_value: Pixel value (0-255, all channels, before normalisation) of the
             letterbox padding. Masks are always padded with 0 (background).
+        crop: where the centre crop starts: ``"torchvision"`` (timm's; rounds half to even) or ``"hf"`` (Hugging
+            Face image processors': floor), one pixel apart where the margin is odd (:func:`crop_offset`).
     """
 
     size: tuple[int, int]
@@ -118,6 +172,7 @@ class ImageConfig:
     interpolation: str = "bicubic"
     letterbox: bool = False
     pad_value: int = 0
+    crop: str = "torchvision"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", _pair(self.size, "ImageConfig.size"))
@@ -141,6 +196,8 @@ class ImageConfig:
             raise QKHooksError(f"ImageConfig.pad_value must be an int in 0..255, got {self.pad_value!r}.")
         object.__setattr__(self, "letterbox", bool(self.letterbox))
         object.__setattr__(self, "pad_value", int(self.pad_value))
+        if self.crop not in CROP_RULES:
+            raise QKHooksError(f"ImageConfig.crop must be one of {CROP_RULES}, got {self.crop!r}.")
 
     # ------------------------------------------------------------------ constructors
 
@@ -214,9 +271,9 @@ class ImageConfig:
         ``image_mean``, ``image_std``, ``do_normalize``, ``resample``,
         ``do_rescale``/``rescale_factor``.
 
-        Caveat: HF's centre crop starts at ``(H - crop) // 2`` while torchvision
-        rounds half to even, so for odd margins the window can sit one pixel
-        away from what HF produces; masks always follow *this* config's image.
+        The centre crop starts where HF's does (``crop="hf"``: ``(H - crop) // 2``, where torchvision rounds half
+        to even); masks follow the same window. Keys ImageConfig does not model (channel order, aspect-keeping
+        resizes, ``crop_pct``, padding, a scale other than 1/255) are refused; LeViT's 256/224 shortest edge is read.
 
         Args:
             processor_config: The parsed JSON dict (or ``processor.to_dict()``).
@@ -233,7 +290,7 @@ class ImageConfig:
                 "ImageConfig.from_hf expects the preprocessor_config.json dict; "
                 "for a processor object pass processor.to_dict()."
             )
-        c = processor_config
+        c = _as_its_class_reads_it(processor_config)
         do_resize = bool(c.get("do_resize", True))
         do_crop = bool(c.get("do_center_crop", False)) and c.get("crop_size") is not None
         size_cfg = c.get("size")
@@ -255,8 +312,14 @@ class ImageConfig:
                 )
             if isinstance(size_cfg, dict) and "shortest_edge" in size_cfg:
                 resize = _pair(size_cfg["shortest_edge"], "size.shortest_edge")[0]
+                if _processor_class(c).startswith("Levit"):  # LeViT resizes the short side to 256/224 of it
+                    resize = int((256 / 224) * resize)
             elif isinstance(size_cfg, int):
-                resize = _pair(size_cfg, "size")[0]  # legacy CLIP-style: int means shortest edge
+                raise QKHooksError(
+                    f"the processor config's size={size_cfg} with a centre crop is a shortest edge for some processor "
+                    "classes (CLIP) and a square for others (DeiT), and the config names no class "
+                    "(image_processor_type); pass processor.to_dict() of the loaded processor, or build "
+                    "ImageConfig(...) by hand.")
             else:
                 resize = hw_of(size_cfg, "size")
                 if resize == size:
@@ -274,17 +337,18 @@ class ImageConfig:
             size = hw_of(size_cfg, "size")
             resize = None
 
-        if c.get("do_normalize", True):
-            mean = _triple(c.get("image_mean", IMAGENET_MEAN), "image_mean")
-            std = _triple(c.get("image_std", IMAGENET_STD), "image_std")
+        if c.get("do_normalize", False):  # a class that never normalises (MobileViT) has no do_normalize
+            mean = _triple(c.get("image_mean"), "image_mean")
+            std = _triple(c.get("image_std"), "image_std")
         else:
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        if c.get("do_rescale", True) and not math.isclose(float(c.get("rescale_factor", 1 / 255)), 1 / 255):
+        if not c.get("do_rescale", True) or not math.isclose(float(c.get("rescale_factor", 1 / 255)), 1 / 255):
             raise QKHooksError(
-                f"processor rescale_factor {c.get('rescale_factor')} is not 1/255; build ImageConfig(...) by hand."
+                f"processor do_rescale={c.get('do_rescale', True)}, rescale_factor={c.get('rescale_factor')}: qkhooks "
+                "scales pixels by 1/255 before normalising; build ImageConfig(...) by hand for another scale."
             )
 
-        resample = c.get("resample", 2)  # HF BaseImageProcessor default: PIL BILINEAR
+        resample = c["resample"]
         if isinstance(resample, str):
             interpolation = resample.lower()
         else:
@@ -294,7 +358,7 @@ class ImageConfig:
                 f"processor resample {resample!r} is not supported; qkhooks handles {sorted(_PIL_FILTERS)} "
                 "(PIL codes 0, 2, 3)."
             )
-        return cls(size=size, mean=mean, std=std, resize=resize, interpolation=interpolation)
+        return cls(size=size, mean=mean, std=std, resize=resize, interpolation=interpolation, crop="hf")
 
     @classmethod
     def from_hf_model(cls, model: Any) -> ImageConfig:
@@ -344,7 +408,7 @@ class ImageConfig:
             "ImageConfig.from_hf and load_model(..., image_config=...).",
             stacklevel=2,
         )
-        return cls(size=size, mean=mean, std=std, resize=resize, interpolation=interpolation)
+        return cls(size=size, mean=mean, std=std, resize=resize, interpolation=interpolation, crop="hf")
 
     # ------------------------------------------------------------------ geometry
 
@@ -374,8 +438,8 @@ class ImageConfig:
             short, long = (w, h) if w <= h else (h, w)
             new_short, new_long = self.resize, int(self.resize * long / short)
             resized = (new_long, new_short) if w <= h else (new_short, new_long)
-        top = crop_offset(resized[0], self.size[0])
-        left = crop_offset(resized[1], self.size[1])
+        top = crop_offset(resized[0], self.size[0], self.crop)
+        left = crop_offset(resized[1], self.size[1], self.crop)
         return Geometry(source_hw=(h, w), resized_hw=resized, top=top, left=left, output_hw=self.size)
 
     # ------------------------------------------------------------------ transforms

@@ -280,6 +280,12 @@ def open_source(
             an image, an unknown column.
     """
     if isinstance(data, ImageDataset):
+        if data.image_config != image_config:  # its pixels follow its own config; the run would state the model's
+            raise QKHooksError(
+                f"the dataset {data.name!r} was opened with another preprocessing ({data.image_config}) than the "
+                f"model's ({image_config}), so the model would be fed pixels it does not expect while the run file "
+                "stated the model's; open it with the model's: qkhooks.data.open_dataset(spec, "
+                "load_model(...).image_config), or give the spec itself to record_dataset.")
         return data
     if isinstance(data, (str, os.PathLike)) and not str(data).startswith(STREAMED_PREFIXES):
         return open_dataset(data, image_config, limit=limit)

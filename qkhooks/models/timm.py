@@ -214,6 +214,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 num_heads=heads,
                 dim=int(fields["qk_linear"]()[0].shape[1]),
                 scale=float(attn.scale) if hasattr(attn, "scale") else 1.0,  # cosine attention: set by its form
+                scale_attribute="scale" if hasattr(attn, "scale") else None,
                 grid=site_grid,
                 family={"Attention": "timm-vit", "EvaAttention": "timm-eva", "AttentionRope": "timm-eva"}.get(kind, "timm-cait"),
                 input_name="x",

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import functools
 import itertools
+import math
 import re
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
@@ -655,6 +656,8 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
                 f"{HOOK_FIX}.")
     for site in checked:
         _refuse_patched_forward(site, "", site.module)
+        _refuse_unknown_attention_function(site)
+        _refuse_unread_scale(site)
         for module in dict.fromkeys(m for m in (site.module, site.block) if m is not None):
             late = next((h for i, h in _after_own(module._forward_pre_hooks)), None)
             if late is not None:
@@ -683,6 +686,45 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
                                       "as quantised weights are): its forward computes with the subclass's arithmetic, "
                                       "not with the values read", "record the float model (load it unquantised, or "
                                       "turn the weight into a plain tensor first)")
+
+
+HF_ATTENTION_FUNCTIONS = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"})
+"""Hugging Face's ``config._attn_implementation`` names whose function computes softmax(scaling·q·kᵀ + mask) as the
+adapters rebuild it; a module dispatches through ``ALL_ATTENTION_FUNCTIONS`` by this name."""
+
+
+def _refuse_unknown_attention_function(site: "AttentionSite") -> None:
+    """Refuse a Hugging Face attention module whose config names an attention function qkhooks does not know (one
+    registered with ``AttentionInterface.register``, a hub kernel): it may compute anything from q and k (another
+    scale, a temperature, a sparse pattern), while the maps are rebuilt as softmax(scaling·q·kᵀ + mask)."""
+    name = getattr(getattr(site.module, "config", None), "_attn_implementation", None)
+    if name is None or name in HF_ATTENTION_FUNCTIONS:
+        return
+    raise QKHooksError(
+        f"unsupported attention in {site.path!r} ({type(site.module).__name__}): its config's _attn_implementation is "
+        f"{name!r}, an attention function qkhooks does not know (registered with AttentionInterface, or a hub "
+        "kernel): it may compute other than softmax(scaling·q·kᵀ + mask), which the recorded maps rebuild. Record "
+        "with one of " + ", ".join(sorted(HF_ATTENTION_FUNCTIONS)) + " (model.set_attn_implementation('sdpa')).")
+
+
+def _refuse_unread_scale(site: "AttentionSite") -> None:
+    """Refuse a site whose logit scale is not the one the model computes with: its ``scale`` attribute changed since
+    the site was found (the maps would be rebuilt with the old one), or a fused path that ignores it (timm calls SDPA
+    without ``scale``, so it computes with 1/sqrt(d_k) whatever ``attn.scale`` says)."""
+    if site.scale_attribute is None:
+        return
+    live = getattr(site.module, site.scale_attribute, None)
+    if isinstance(live, (int, float)) and float(live) != site.scale:
+        raise QKHooksError(
+            f"unsupported attention in {site.path!r} ({type(site.module).__name__}): its {site.scale_attribute} changed "
+            f"from {site.scale:g} to {float(live):g} inside this record() context, so the maps would be rebuilt with "
+            "the old one; set it before entering record().")
+    if getattr(site.module, "fused_attn", False) and not math.isclose(site.scale, site.head_dim ** -0.5, rel_tol=1e-6):
+        raise QKHooksError(
+            f"unsupported attention in {site.path!r} ({type(site.module).__name__}): its {site.scale_attribute} is "
+            f"{site.scale:g}, but its fused path (fused_attn=True) calls scaled_dot_product_attention without it, so "
+            f"the model computes with 1/sqrt(d_k) = {site.head_dim ** -0.5:g}: set {site.path}.fused_attn = False for "
+            f"the model to use its {site.scale_attribute}, or leave it at 1/sqrt(d_k).")
 
 
 def _after_own(hooks: dict[int, Any]) -> Iterator[tuple[int, Any]]:
