@@ -101,12 +101,15 @@ def test_from_hf_reads_plain_json_dict():
         "image_std": [0.26862954, 0.26130258, 0.27577711],
         "resample": 3,
         "size": {"shortest_edge": 224},
+        "do_normalize": True,  # a dict naming no class says it (round 32: class defaults differ)
     }
     cfg = ImageConfig.from_hf(clip_json)
     assert (cfg.size, cfg.resize, cfg.interpolation) == ((224, 224), 224, "bicubic")
     assert cfg.mean == tuple(clip_json["image_mean"])
     with pytest.raises(QKHooksError, match="shortest edge without a centre crop"):
-        ImageConfig.from_hf({"size": {"shortest_edge": 224}})
+        ImageConfig.from_hf({"size": {"shortest_edge": 224}, "resample": 3, "do_normalize": False})
+    with pytest.raises(QKHooksError, match=r"names no class \(image_processor_type\) and leaves out do_normalize"):
+        ImageConfig.from_hf({k: v for k, v in clip_json.items() if k != "do_normalize"})
 
 
 def test_from_hf_model_picks_statistics_by_model_type():

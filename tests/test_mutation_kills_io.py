@@ -472,46 +472,54 @@ def test_image_config_coerces_its_fields_and_refuses_bad_ones_with_the_whole_rea
 
 def test_from_hf_reads_each_size_layout_and_refuses_what_it_cannot_express():
     half = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    cfg = ImageConfig.from_hf({"size": {"height": 20, "width": 30}, **half})
+    said = dict(resample=2, do_normalize=True, **half)  # what a config naming no class says itself (round 32)
+    cfg = ImageConfig.from_hf({"size": {"height": 20, "width": 30}, **said})
     assert (cfg.size, cfg.resize, cfg.interpolation, cfg.mean) == ((20, 30), None, "bilinear", (0.5, 0.5, 0.5))
     cfg = ImageConfig.from_hf({"size": [20, 30], "resample": 3, "do_normalize": False})
     assert (cfg.size, cfg.interpolation, cfg.mean, cfg.std) == ((20, 30), "bicubic", (0.0,) * 3, (1.0,) * 3)
-    cfg = ImageConfig.from_hf({"size": 24, "resample": "NEAREST"})
-    assert (cfg.size, cfg.interpolation, cfg.mean, cfg.std) == ((24, 24), "nearest", (0.485, 0.456, 0.406),
-                                                                (0.229, 0.224, 0.225))
-    crop = {"do_center_crop": True, "crop_size": {"height": 16, "width": 16}}
+    cfg = ImageConfig.from_hf({**said, "size": 24, "resample": "NEAREST"})  # an int size without a crop: a square
+    assert (cfg.size, cfg.interpolation, cfg.mean, cfg.std, cfg.crop) == ((24, 24), "nearest", (0.5,) * 3, (0.5,) * 3,
+                                                                          "hf")
+    crop = {"do_center_crop": True, "crop_size": {"height": 16, "width": 16}, **said}
     assert ImageConfig.from_hf({**crop, "size": {"shortest_edge": 20}}).resize == 20
-    assert ImageConfig.from_hf({**crop, "size": 22}).resize == 22
     assert ImageConfig.from_hf({**crop, "size": {"height": 18, "width": 20}}).resize == (18, 20)
     assert ImageConfig.from_hf({**crop, "size": {"height": 16, "width": 16}}).resize is None
-    assert ImageConfig.from_hf({**crop, "size": [16, 16], "do_rescale": False, "rescale_factor": 2}).size == (16, 16)
-    assert ImageConfig.from_hf({"do_center_crop": True, "crop_size": None, "size": [16, 12]}).size == (16, 12)
-    assert ImageConfig.from_hf({"do_center_crop": False, "crop_size": 8, "size": [16, 12]}).size == (16, 12)
-    assert ImageConfig.from_hf({"size": [16, 12], "rescale_factor": 1 / 255}).size == (16, 12)
+    assert ImageConfig.from_hf({**said, "do_center_crop": True, "crop_size": None, "size": [16, 12]}).size == (16, 12)
+    assert ImageConfig.from_hf({**said, "do_center_crop": False, "crop_size": 8, "size": [16, 12]}).size == (16, 12)
+    assert ImageConfig.from_hf({**said, "size": [16, 12], "rescale_factor": 1 / 255}).size == (16, 12)
+    _refused(lambda: ImageConfig.from_hf({**crop, "size": 22}), "the processor config's size=22 with a centre crop is "
+             "a shortest edge for some processor classes (CLIP) and a square for others (DeiT), and the config names "
+             "no class (image_processor_type); pass processor.to_dict() of the loaded processor, or build "
+             "ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf({**crop, "size": [16, 16], "do_rescale": False, "rescale_factor": 2}),
+             "processor do_rescale=False, rescale_factor=2: qkhooks scales pixels by 1/255 before normalising; build "
+             "ImageConfig(...) by hand for another scale.")
     _refused(lambda: ImageConfig.from_hf("config.json"), "ImageConfig.from_hf expects the preprocessor_config.json "
              "dict; for a processor object pass processor.to_dict().")
     _refused(lambda: ImageConfig.from_hf({**crop, "size": 20, "do_resize": False}), "processor config centre-crops "
              "without resizing, so the model input depends on the photo size; build ImageConfig(...) by hand.")
-    _refused(lambda: ImageConfig.from_hf(crop), "processor config centre-crops without resizing, so the model input "
-             "depends on the photo size; build ImageConfig(...) by hand.")
-    _refused(lambda: ImageConfig.from_hf({"size": 20, "do_resize": False}), "processor config neither resizes nor "
-             "crops to a fixed size; build ImageConfig(...) by hand.")
-    _refused(lambda: ImageConfig.from_hf({}), "processor config neither resizes nor crops to a fixed size; build "
-             "ImageConfig(...) by hand.")
-    _refused(lambda: ImageConfig.from_hf({"size": {"shortest_edge": 20}}), "processor config resizes the shortest "
-             "edge without a centre crop, so inputs vary in size; build ImageConfig(size=(S, S), resize=S, ...) by hand "
-             "to crop them.")
-    assert ImageConfig.from_hf({"size": {"shortest_edge": 20, "height": 16, "width": 12}}).size == (16, 12)
-    _refused(lambda: ImageConfig.from_hf({"size": {"width": 20}}), "cannot read size={'width': 20} from the "
+    _refused(lambda: ImageConfig.from_hf({**crop, "size": None}), "processor config centre-crops without resizing, so "
+             "the model input depends on the photo size; build ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf({**said, "size": 20, "do_resize": False}), "processor config neither resizes "
+             "nor crops to a fixed size; build ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf({}), "the processor config names no class (image_processor_type) and leaves "
+             "out size, resample, do_normalize, image_mean, image_std, whose defaults differ from class to class; pass "
+             "processor.to_dict() of the loaded processor, add image_processor_type, or build ImageConfig(...) by hand.")
+    _refused(lambda: ImageConfig.from_hf({**said, "size": {"shortest_edge": 20}}), "processor config resizes the "
+             "shortest edge without a centre crop, so inputs vary in size; build ImageConfig(size=(S, S), resize=S, "
+             "...) by hand to crop them.")
+    assert ImageConfig.from_hf({**said, "size": {"shortest_edge": 20, "height": 16, "width": 12}}).size == (16, 12)
+    _refused(lambda: ImageConfig.from_hf({**said, "size": {"width": 20}}), "cannot read size={'width': 20} from the "
              "processor config; expected {height, width}.")
     _refused(lambda: ImageConfig.from_hf({**crop, "crop_size": {"height": 16}, "size": 20}), "cannot read "
              "crop_size={'height': 16} from the processor config; expected {height, width}.")
-    _refused(lambda: ImageConfig.from_hf({"size": 20, "rescale_factor": 1.0}), "processor rescale_factor 1.0 is not "
-             "1/255; build ImageConfig(...) by hand.")
-    _refused(lambda: ImageConfig.from_hf({"size": 20, "resample": 1}), "processor resample 1 is not supported; qkhooks "
-             "handles ['bicubic', 'bilinear', 'nearest'] (PIL codes 0, 2, 3).")
-    _refused(lambda: ImageConfig.from_hf({"size": 20, "resample": "lanczos"}), "processor resample 'lanczos' is not "
-             "supported; qkhooks handles ['bicubic', 'bilinear', 'nearest'] (PIL codes 0, 2, 3).")
+    _refused(lambda: ImageConfig.from_hf({**said, "size": 20, "rescale_factor": 1.0}), "processor do_rescale=True, "
+             "rescale_factor=1.0: qkhooks scales pixels by 1/255 before normalising; build ImageConfig(...) by hand "
+             "for another scale.")
+    _refused(lambda: ImageConfig.from_hf({**said, "size": 20, "resample": 1}), "processor resample 1 is not supported; "
+             "qkhooks handles ['bicubic', 'bilinear', 'nearest'] (PIL codes 0, 2, 3).")
+    _refused(lambda: ImageConfig.from_hf({**said, "size": 20, "resample": "lanczos"}), "processor resample 'lanczos' is "
+             "not supported; qkhooks handles ['bicubic', 'bilinear', 'nearest'] (PIL codes 0, 2, 3).")
 
 
 def test_from_hf_model_reads_the_vision_config_or_the_config_and_says_it_guessed():
@@ -628,15 +636,16 @@ def test_probe_geometry_runs_one_forward_per_model_size_and_dtype_for_every_site
 def test_config_readers_name_the_field_they_refuse():
     base = dict(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
     _refused(lambda: ImageConfig(size=16, resize=(20, 0), **base), "ImageConfig.resize must be positive, got (20, 0).")
-    _refused(lambda: ImageConfig.from_hf({"size": 20, "image_mean": [1, 2]}), "image_mean must be three numbers (R, G, "
-             "B), got [1, 2].")
-    _refused(lambda: ImageConfig.from_hf({"size": 20, "image_std": [1, 2]}), "image_std must be three numbers (R, G, B), "
-             "got [1, 2].")
-    crop = {"do_center_crop": True, "crop_size": {"height": 16, "width": 16}}
+    said = dict(resample=2, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    _refused(lambda: ImageConfig.from_hf({**said, "size": 20, "image_mean": [1, 2]}), "image_mean must be three numbers "
+             "(R, G, B), got [1, 2].")
+    _refused(lambda: ImageConfig.from_hf({**said, "size": 20, "image_std": [1, 2]}), "image_std must be three numbers "
+             "(R, G, B), got [1, 2].")
+    crop = {"do_center_crop": True, "crop_size": {"height": 16, "width": 16}, **said}
     _refused(lambda: ImageConfig.from_hf({**crop, "size": {"shortest_edge": 0}}), "size.shortest_edge must be positive, "
              "got 0.")
-    _refused(lambda: ImageConfig.from_hf({**crop, "size": -3}), "size must be positive, got -3.")
-    _refused(lambda: ImageConfig.from_hf({"size": {"height": 0, "width": 5}}), "size must be positive, got (0, 5).")
+    _refused(lambda: ImageConfig.from_hf({**said, "size": -3}), "size must be positive, got -3.")
+    _refused(lambda: ImageConfig.from_hf({**said, "size": {"height": 0, "width": 5}}), "size must be positive, got (0, 5).")
 
 
 def test_from_timm_takes_the_size_the_model_was_built_for_over_its_pretrained_config():

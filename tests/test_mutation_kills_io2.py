@@ -286,15 +286,18 @@ def test_a_timm_models_pretrained_cfg_gives_its_crop_and_interpolation_and_the_u
 
 
 def test_a_processor_config_rescaling_by_other_than_1_255_is_refused_whole_unless_it_does_not_rescale():
-    """Round 13: ``rescale_factor`` 0.5 with rescaling on is refused word for word; with ``do_rescale`` false it is not
-    read (the size is the config's)."""
+    """Round 13: ``rescale_factor`` 0.5 with rescaling on is refused word for word. Round 32: ``do_rescale`` false is
+    refused too (qkhooks always scales by 1/255: the model would get pixels 255 times too large)."""
     from qkhooks.data.preprocess import ImageConfig
 
-    plain = {"size": {"height": 32, "width": 48}, "rescale_factor": 0.5}
+    plain = {"size": {"height": 32, "width": 48}, "rescale_factor": 0.5, "resample": 2, "do_normalize": False}
     with pytest.raises(QKHooksError) as err:
         ImageConfig.from_hf(plain)
-    assert str(err.value) == "processor rescale_factor 0.5 is not 1/255; build ImageConfig(...) by hand."
-    assert ImageConfig.from_hf({**plain, "do_rescale": False}).size == (32, 48)
+    assert str(err.value) == ("processor do_rescale=True, rescale_factor=0.5: qkhooks scales pixels by 1/255 before "
+                              "normalising; build ImageConfig(...) by hand for another scale.")
+    with pytest.raises(QKHooksError, match=r"^processor do_rescale=False, rescale_factor=0\.5: qkhooks scales"):
+        ImageConfig.from_hf({**plain, "do_rescale": False})
+    assert ImageConfig.from_hf({**plain, "rescale_factor": 1 / 255}).size == (32, 48)
 
 
 @pytest.mark.skipif("MUTANT_UNDER_TEST" in __import__("os").environ,
