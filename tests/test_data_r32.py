@@ -144,3 +144,25 @@ def test_a_process_that_loads_truncated_images_is_refused_instead_of_recording_g
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(QKHooksError, match=r"^PIL\.ImageFile\.LOAD_TRUNCATED_IMAGES is True in this process"):
         open_dataset(str(tmp_path / "photos"), ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3))[0]
+
+
+def test_a_symlinked_subfolder_is_not_followed_and_a_warning_names_it(tmp_path):
+    """Its images were left out with no word (the README says links to folders are not followed)."""
+    _photo(tmp_path / "photos", (40, 50), name="a.png")
+    _photo(tmp_path / "elsewhere", (40, 50), seed=1, name="b.png")
+    (tmp_path / "photos" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    config = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.warns(UserWarning, match=r"^1 symlinked subfolder\(s\) of .*photos are not followed, so their images "
+                                         r"are not recorded: linked/"):
+        data = open_dataset(str(tmp_path / "photos"), config)
+    assert data.ids == ["a.png"]
+
+
+def test_an_animated_image_records_its_first_frame_and_says_so():
+    frames = [Image.new("RGB", (4, 3), c) for c in ((200, 10, 10), (10, 200, 10))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:])
+    buffer.seek(0)
+    with pytest.warns(UserWarning, match=r"has 2 frames; its first frame is recorded"):
+        got = np.asarray(to_rgb(Image.open(buffer)))
+    np.testing.assert_array_equal(got, np.asarray(frames[0]))

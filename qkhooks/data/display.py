@@ -3,6 +3,8 @@ PIL mode or numpy array to a decoded 8-bit RGB image, refusing what has no defin
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
@@ -55,6 +57,10 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process (set by your code or a library), so a truncated "
             "photo would be decoded with its missing rows filled grey and recorded without a word, where qkhooks "
             "skips it naming it; set PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False while recording.")
+    if getattr(image, "n_frames", 1) > 1:  # an animated PNG, WebP or GIF, a multi-page TIFF
+        warnings.warn(f"{getattr(image, 'filename', '') or 'an image'} has {image.n_frames} frames; its first frame is "
+                      "recorded (as timm and Hugging Face read it); save the frame you mean as a still image to "
+                      "record another.", stacklevel=2)
     from_png = image.format == "PNG"
     if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)

@@ -482,13 +482,20 @@ def collate(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
 
 
 def _list_images(root: Path) -> list[str]:
-    """Relative posix paths of image files under ``root``, sorted; hidden files and folders ignored."""
+    """Relative posix paths of image files under ``root``, sorted; hidden files and folders ignored. Symlinked
+    subfolders are not followed (a link back up would loop), and a warning names them: their images are left out."""
     found: list[str] = []
+    linked: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        linked += [Path(dirpath, d).relative_to(root).as_posix() for d in dirnames if os.path.islink(Path(dirpath, d))]
         for name in filenames:
             if name.startswith("."):
                 continue
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 found.append(Path(dirpath, name).relative_to(root).as_posix())
+    if linked:
+        shown = ", ".join(f"{d}/" for d in linked[:5]) + (f" and {len(linked) - 5} more" if len(linked) > 5 else "")
+        warnings.warn(f"{len(linked)} symlinked subfolder(s) of {root} are not followed, so their images are not "
+                      f"recorded: {shown}; point DATA at such a folder itself, or link its files instead.", stacklevel=4)
     return sorted(found)
