@@ -352,7 +352,10 @@ class Recipe:
     meta: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]] = _no_metadata
 
     def reducers(self, modes: Any, attention: Sequence[Any], has_target: bool, dtype: str = "float16") -> list[Reducer]:
-        takes_dtype = "dtype" in inspect.signature(self.build).parameters
+        try:
+            takes_dtype = "dtype" in inspect.signature(self.build).parameters
+        except (TypeError, ValueError):  # a callable without a signature (a builtin) takes the three arguments
+            takes_dtype = False
         return list(self.build(modes, attention, has_target, dtype=dtype) if takes_dtype else
                     self.build(modes, attention, has_target))
 
