@@ -698,7 +698,7 @@ def _refuse_unknown_attention_function(site: "AttentionSite") -> None:
     registered with ``AttentionInterface.register``, a hub kernel): it may compute anything from q and k (another
     scale, a temperature, a sparse pattern), while the maps are rebuilt as softmax(scaling·q·kᵀ + mask)."""
     name = getattr(getattr(site.module, "config", None), "_attn_implementation", None)
-    if name is None or name in HF_ATTENTION_FUNCTIONS:
+    if not isinstance(name, str) or name in HF_ATTENTION_FUNCTIONS:  # None: unset; a composite config's map per part
         return
     raise QKHooksError(
         f"unsupported attention in {site.path!r} ({type(site.module).__name__}): its config's _attn_implementation is "
