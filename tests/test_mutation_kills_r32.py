@@ -7,6 +7,18 @@ module kept consistent."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import qkhooks
+from qkhooks.analysis.anisotropy import AnisotropyReducer
+from qkhooks.errors import QKHooksError
+from qkhooks.models.base import find_sites
+
+from test_fixes_r32 import _images, _tiny  # a 2-layer ViT of 32-pixel images, 8-pixel patches (CLS + 16 tokens)
 from test_mutation_kills_r26 import check_round_module
 
 
@@ -16,3 +28,86 @@ def test_the_round32_module_names_files_and_tests_that_exist_and_rounds_31_and_3
     selection names only test files it selects, the commit range resolves in this checkout to the 13 library commits
     of ``4a07a01..fcb421f``, and every library file they changed is mutated."""
     check_round_module("round32", "ROUND32", "4a07a01", "fcb421f", library_commits=13)
+
+
+# ------------------------------------------------------------------- reducers' repr: the images they hold
+def test_the_anisotropy_reducers_repr_names_its_layers_and_the_images_it_holds():
+    """``AnisotropyReducer.__repr__`` ``_1`` (``sorted(None)``: a TypeError for any repr): the repr names the layers folded
+    and the images held, here 3 images at layers 0 and 1 of a 2-layer ViT."""
+    reducer, model = AnisotropyReducer(), _tiny()
+    assert repr(reducer) == "AnisotropyReducer(layers=[], images=0)"
+    with torch.no_grad(), qkhooks.record(model, modes=None, sinks=[reducer]) as run:
+        run(_images(3))
+    assert repr(reducer) == "AnisotropyReducer(layers=[0, 1], images=3)"
+
+
+# ------------------------------------------------------------------- models/hf.py: GroupViT's segment tokens
+def test_groupvits_segment_layers_refuse_every_grid_naming_the_layer_its_path_and_why():
+    """``_UngriddedSite.grid_for_image`` ``_1`` (the refusal raised with no message): a GroupViT layer after a grouping
+    stage refuses a grid for an image size as it does for a token count, in the same whole sentence naming the layer,
+    its module path and that its tokens are segments."""
+    from test_geometry_r31 import _groupvit
+
+    sites = find_sites(_groupvit())
+    segment = sites[1]
+    assert type(segment).__name__ == "SegmentTokenSite"
+    said = (f"layer 1 ({segment.path}): GroupViT's tokens after a grouping stage are segments (soft groups of patches), "
+            "not patches, so no token is a position of the patch grid; its maps and modes are exact token by token.")
+    for ask in (lambda: segment.grid_for_image(32, 32), lambda: segment.grid_for(16)):
+        with pytest.raises(QKHooksError) as refused:
+            ask()
+        assert str(refused.value) == said
+
+
+# ------------------------------------------------------------------- report.py: the same-object readings
+@pytest.fixture(scope="module")
+def modes_report(tmp_path_factory):
+    """report.modes_sections on a 3-layer ViT (2 photos; 2 masked photos and 6 object displays), every compare_reading call it makes kept
+    (passed on unchanged), and the modes.json of its same-object analysis."""
+    import timm
+
+    import qkhooks.report as report
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32, embed_dim=32, depth=3,
+                              num_heads=4).eval()
+    out = tmp_path_factory.mktemp("modes_report")
+    (out / "runs").mkdir()
+    calls = []
+    real = report.compare_reading
+
+    def kept(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report, "compare_reading", kept)
+        sections = report.modes_sections(qkhooks.load_model(model), out / "runs", out, "samples", 2,
+                                         report.OBJECTS.format(n=6), dict(batch_size=4, device="cpu", progress=False,
+                                                                          input="normed"), "max", False)
+    same = json.loads((out / "same_object" / "modes.json").read_text())["same_object"]
+    return {s.key: s for s in sections}, calls, same
+
+
+def test_the_report_reads_each_heads_same_object_probability_against_the_chance_of_its_own_images(modes_report):
+    """``modes_sections`` ``_334`` (no chance per head), ``_369`` / ``_370`` (None for either side) and ``_382`` (the
+    comparison without PROBABILITY's limits): the same-object section's second reading compares each head's p_same with
+    the chance over the images that p_same counts (modes.json's ``per_head`` and ``chance_per_head``, heads x layers),
+    as probabilities, and its per-layer estimates are the mean over heads of their difference."""
+    from qkhooks.readings import PROBABILITY
+
+    sections, calls, same = modes_report
+    layers = sorted(int(l) for l in same["layers"])
+    per_head = np.array([same["layers"][str(l)]["per_head"] for l in layers]).T  # (heads, layers)
+    chance = np.array([same["layers"][str(l)]["chance_per_head"] for l in layers]).T
+    assert layers == [0, 1, 2] and per_head.shape == chance.shape == (4, 3)
+    assert not np.allclose(chance, same["chance"])  # each head's own images: not the data set's one number
+    (args, kwargs), = [c for c in calls if c[0][3] == "The same-object probability"]
+    np.testing.assert_allclose(args[0], per_head)
+    np.testing.assert_allclose(args[1], chance)
+    assert list(args[2]) == layers and args[4:] == ("the chance of the same images", "heads")
+    assert kwargs == {"limits": PROBABILITY}
+    reading = sections["same_object"].readings[1]
+    assert reading.text.startswith("The same-object probability vs the chance of the same images: ")
+    for i, l in enumerate(layers):
+        assert reading.estimates[f"L{l}"].value == pytest.approx((per_head[:, i] - chance[:, i]).mean(), abs=1e-6)
