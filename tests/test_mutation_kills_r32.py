@@ -111,3 +111,51 @@ def test_the_report_reads_each_heads_same_object_probability_against_the_chance_
     assert reading.text.startswith("The same-object probability vs the chance of the same images: ")
     for i, l in enumerate(layers):
         assert reading.estimates[f"L{l}"].value == pytest.approx((per_head[:, i] - chance[:, i]).mean(), abs=1e-6)
+
+
+def test_a_preference_reducer_that_folded_nothing_holds_zero_images():
+    """``PreferenceReducer.images_held`` ``_2`` (None for no images): a fresh reducer holds 0 images (a number a recording
+    compares with what it gave), and says so in its repr."""
+    from qkhooks.analysis.preference import PreferenceReducer
+
+    reducer = PreferenceReducer()
+    assert reducer.images_held() == 0
+    assert repr(reducer) == "PreferenceReducer(layers=[], images=0)"
+    reducer.count = {2: 5, 4: 7}  # as folds leave it: images per layer; it holds the most any layer saw
+    assert reducer.images_held() == 7
+
+
+# ------------------------------------------------------------------- reducers.py: the overflow refusal's words
+@pytest.mark.parametrize("ids, named", [(["a", "b"], "image(s) ['b'] "), (["a"], "image(s) "), ([], "image(s) ")])
+def test_the_overflow_refusal_names_the_images_by_id_where_the_batch_has_one_each_else_by_place(ids, named):
+    """``_refused_images`` ``_41`` ("IMAGE(S)" where the batch's ids do not name each image): refuse_overflow's whole
+    sentence for a (layers, images) table of peaks where image 1 at layer 5 is past float16 (70000 rounds to inf,
+    65000 to 65024), by id where the batch has one id an image, by position and global index otherwise."""
+    import types
+
+    from qkhooks.reducers import refuse_overflow
+
+    peaks = torch.tensor([[1.0, 6.5e4], [2.0, 7.0e4]])  # layers 3 and 5, images 0 and 1
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.float16(7.0e4)) and np.isfinite(np.float16(6.5e4))  # the reference: numpy's cast
+    batch = types.SimpleNamespace(ids=ids, offset=10)
+    with pytest.raises(QKHooksError) as refused:
+        refuse_overflow(peaks, [3, 5], batch, "R", "maps", torch.float16, "Use float32.")
+    assert str(refused.value) == (
+        f"R: the maps of {named}at position(s) [1] of this batch (image index [11]) reach |x| = 70000 at layer(s) [5], "
+        "beyond float16's range (65504), and would be kept as inf; the whole batch is refused and the reducer's state "
+        "is unchanged. Use float32.")
+    refuse_overflow(peaks[:, :1], [3, 5], batch, "R", "maps", torch.float16, "Use float32.")  # image 0 fits: no refusal
+
+
+# ------------------------------------------------------------------- models/load.py: the reader's error in one line
+def test_the_readers_error_is_its_class_and_first_line_cut_at_300_characters():
+    """``_reader_error`` ``_4`` ("XXXX" for an error without a message) and ``_8`` (no "..." after a cut line): the
+    refusal quotes the reader's error as its class and its first line, the first 300 characters of it and "..." where
+    it was longer."""
+    from qkhooks.models.load import _reader_error
+
+    assert _reader_error(OSError()) == "OSError: "
+    assert _reader_error(ValueError("  bad config\nknown types: a, b, c\n")) == "ValueError: bad config"
+    assert _reader_error(ValueError("x" * 300 + "\nmore")) == "ValueError: " + "x" * 300
+    assert _reader_error(ValueError("y" * 301)) == "ValueError: " + "y" * 300 + "..."
