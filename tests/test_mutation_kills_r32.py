@@ -159,3 +159,70 @@ def test_the_readers_error_is_its_class_and_first_line_cut_at_300_characters():
     assert _reader_error(ValueError("  bad config\nknown types: a, b, c\n")) == "ValueError: bad config"
     assert _reader_error(ValueError("x" * 300 + "\nmore")) == "ValueError: " + "x" * 300
     assert _reader_error(ValueError("y" * 301)) == "ValueError: " + "y" * 300 + "..."
+
+
+# ------------------------------------------------------------------- data/readers.py: a skipped item's id
+def test_an_unreadable_item_that_is_no_dict_is_listed_as_skipped_under_its_position(tmp_path):
+    """``_MapReader.row_id`` ``_8`` (``or`` for ``and``: ``.get`` asked of bytes) and ``_13`` (``str(None)``): a list of
+    raw image bytes, the second unreadable, records the others under their positions and lists the lost one under its
+    own position, "1" (a dict without an id, likewise)."""
+    import io
+    import warnings
+
+    import h5py
+    from PIL import Image
+
+    def png(value):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((40, 40, 3), value, np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    model = _tiny()
+    for i, items in enumerate(([png(90), b"not an image", png(30)],
+                               [{"image": png(90)}, {"image": b"not an image"}, {"image": png(30)}])):
+        out = tmp_path / f"run{i}.h5"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = qkhooks.record_dataset(model, items, out, modes=None, progress=False, batch_size=2)
+        with h5py.File(out) as f:
+            recorded = [x.decode() for x in f["images/ids"][()]]
+            skipped = [x.decode() for x in f["images/skipped"][()][:, 0]]
+        assert recorded == ["0", "2"] and skipped == ["1"] and [s[0] for s in result.skipped] == ["1"]
+
+
+# ------------------------------------------------------------------- store/reader.py: a missing shard's rows
+def test_a_missing_shard_that_starts_at_or_past_the_committed_images_holds_none_of_them(tmp_path):
+    """``missing_shard_rows`` ``_10`` (``lo <= n``): a shard file that is gone, holding rows [4, 8) of a view of which
+    4 images are committed, holds none of them (no refusal); with 5 committed it holds image 4, and with 10 images 4-7."""
+    from qkhooks.store.reader import missing_shard_rows
+
+    folder = tmp_path
+    (folder / "here.h5").touch()
+    sources = [("here.h5", 0, 4), ("gone.h5", 4, 8)]
+    assert missing_shard_rows(None, folder, 4, sources) == []
+    assert missing_shard_rows(None, folder, 5, sources) == [(4, 5)]
+    assert missing_shard_rows(None, folder, 10, sources) == [(4, 8)]
+    assert missing_shard_rows(None, folder, 3, sources) == []
+
+
+# ------------------------------------------------------------------- analysis/modes.py: k smaller than the state's
+def test_analyze_modes_with_a_smaller_k_lists_that_many_images_per_mode_the_best_of_the_states(tmp_path):
+    """``analyze_modes`` ``_76`` (the state not cut to ``k``): a run whose TopKModes kept 4 images per mode, read with
+    k=2, says k=2 and lists each mode's best 2 images, the first 2 of the 4 it lists read with the state's own k."""
+    from qkhooks.analysis.modes import analyze_modes
+    from qkhooks.analysis.topk import TopKModes
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+
+    folder = tmp_path
+    loaded = LoadedModel(model=_tiny(size=48), spec="tiny",
+                         image_config=ImageConfig(size=(48, 48), mean=(0.5,) * 3, std=(0.5,) * 3))
+    qkhooks.record_dataset(loaded, "o3:6:2", folder / "run.h5", modes=2, batch_size=4, progress=False, dtype="float32",
+                           store_modes=False, reducers=[TopKModes(k=4, map_dtype="float32")])
+    read = {k: analyze_modes(folder / "run.h5", folder / f"k{k}", k=k, same_object_top=2, figure_modes=0,
+                             overview=False, images=False) for k in (None, 2)}
+    assert read[None]["k"] == 4 and read[2]["k"] == 2
+    for full, cut in zip(read[None]["layers"], read[2]["layers"]):
+        for head_full, head_cut in zip(full["heads"], cut["heads"]):
+            for mode_full, mode_cut in zip(head_full["modes"], head_cut["modes"]):
+                assert len(mode_full["top"]) == 4 and mode_cut["top"] == mode_full["top"][:2]
