@@ -226,3 +226,36 @@ def test_analyze_modes_with_a_smaller_k_lists_that_many_images_per_mode_the_best
         for head_full, head_cut in zip(full["heads"], cut["heads"]):
             for mode_full, mode_cut in zip(head_full["modes"], head_cut["modes"]):
                 assert len(mode_full["top"]) == 4 and mode_cut["top"] == mode_full["top"][:2]
+
+
+# ------------------------------------------------------------------- stream.py: record_dataset's held-images refusal
+def test_record_dataset_refuses_a_reducer_holding_even_one_image_also_when_it_overwrites_a_run(tmp_path):
+    """record_dataset is decorated (mutmut leaves it): its round-32 lines mutated by hand, ``resume and`` / ``and
+    Path(out).exists()`` made ``or`` (an overwrite of an existing run skipped the refusal), ``out is None`` for ``out
+    is not None`` (a resume refused) and ``refuse_sinks_holding_images(reducers, 1)`` (one image held let through): a
+    reducer that holds one image of an earlier recording is refused before an overwrite touches the run file, which
+    keeps its images; a resume takes it, its state replaced by the run's."""
+    import h5py
+
+    from test_fixes_r32 import _photos
+
+    model = _tiny()
+    folder = tmp_path / "photos"
+    _photos(folder)
+    out = tmp_path / "run.h5"
+    qkhooks.record_dataset(model, str(folder), out, modes=None, progress=False, reducers=[AnisotropyReducer()])
+    held = AnisotropyReducer()
+    with torch.no_grad(), qkhooks.record(model, modes=None, sinks=[held]) as run:
+        run(_images(1))
+    with pytest.raises(QKHooksError) as refused:
+        qkhooks.record_dataset(model, str(folder), out, modes=None, progress=False, overwrite=True, reducers=[held])
+    assert str(refused.value) == (
+        "this AnisotropyReducer already holds 1 images from an earlier recording, and this recording has given it 0: its "
+        "image indices start again here, so one index would name two images. Keep one recording open for all the "
+        "batches (with qkhooks.record(model, sinks=[...]) as run: for x in loader: run(x)), give each recording a fresh "
+        "AnisotropyReducer(...), or continue a run file with resume=True.")
+    with h5py.File(out) as f:
+        assert [x.decode() for x in f["images/ids"][()]] == ["0.png", "1.png", "2.png"]
+    assert held.images_held() == 1
+    resumed = qkhooks.record_dataset(model, str(folder), out, modes=None, progress=False, resume=True, reducers=[held])
+    assert resumed.resumed_from == 3 and held.images_held() == 3  # the run's state, not the one image it held
