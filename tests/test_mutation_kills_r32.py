@@ -259,3 +259,90 @@ def test_record_dataset_refuses_a_reducer_holding_even_one_image_also_when_it_ov
     assert held.images_held() == 1
     resumed = qkhooks.record_dataset(model, str(folder), out, modes=None, progress=False, resume=True, reducers=[held])
     assert resumed.resumed_from == 3 and held.images_held() == 3  # the run's state, not the one image it held
+
+
+# ------------------------------------------------------------------- reducers.py: Recipe.reducers hands on its arguments
+def test_a_recipe_hands_its_build_every_argument_as_given_with_or_without_the_dtype():
+    """``Recipe.reducers`` ``_13`` / ``_21`` (None for ``has_target``, with and without the dtype): a build gets modes,
+    attention specs and has_target as given (the default recipe adds the preference reducer only for a target), and a
+    build that takes ``dtype`` the run's dtype."""
+    from qkhooks.attention import parse_attention
+    from qkhooks.analysis.preference import PreferenceReducer
+    from qkhooks.reducers import Recipe, recipe
+
+    seen = []
+    specs = parse_attention(["rows"])
+    takes = Recipe("takes", build=lambda modes, attention, has_target, dtype: seen.append(
+        (modes, attention, has_target, dtype)) or [])
+    plain = Recipe("plain", build=lambda modes, attention, has_target: seen.append((modes, attention, has_target)) or [])
+    for has_target in (True, False):
+        takes.reducers(16, specs, has_target, "float32")
+        plain.reducers(16, specs, has_target, "float32")
+    assert seen == [(16, specs, True, "float32"), (16, specs, True), (16, specs, False, "float32"), (16, specs, False)]
+    made = recipe("default").reducers(16, specs, True)
+    assert [type(r).__name__ for r in made] == ["TopKModes", "AnisotropyReducer", "PreferenceReducer"]
+    assert not any(isinstance(r, PreferenceReducer) for r in recipe("default").reducers(16, specs, False))
+
+
+# ------------------------------------------------------------------- analysis/topk.py: _map_peaks over every token
+@pytest.mark.parametrize("stacked", [False, True], ids=["per layer", "stacked"])
+@pytest.mark.parametrize("key_prefix", [None, 2], ids=["keys of the queries' prefix", "reduced keys' own prefix"])
+def test_map_peaks_are_each_layers_and_images_largest_finite_value_over_every_token_of_both_maps(stacked, key_prefix):
+    """``_map_peaks`` ``_11`` (key_prefix None) and ``_12`` (the query side's prefix never taken for the keys'): the peak
+    of each (layer, image) is the largest finite |value| of its query and key maps over all their tokens, prefix tokens
+    included (a class token's massive activation on the key side alone, 70000, is found), the model's own inf and NaN
+    left out; numpy over the whole maps is the reference."""
+    from qkhooks.analysis.topk import _layer_extremes, _map_peaks, _stacked_maps
+
+    g = torch.Generator().manual_seed(0)
+    maps = [(layer, torch.randn(3, 2, 2, 6, generator=g), torch.randn(3, 2, 2, 7, generator=g)) for layer in (0, 1)]
+    maps[1][2][1, 0, 1, 0] = -7.0e4  # layer 1, image 1: the key map's first (prefix) token
+    maps[1][2][1, 1, 0, 1] = 5.0e3  # its second: a prefix token of reduced keys, a patch token otherwise
+    maps[0][1][2, 1, 1, 0] = float("inf")  # the model's own inf and NaN in the query map's prefix token
+    maps[0][2][0, 0, 0, 0] = float("nan")
+    stack = _stacked_maps(maps) if stacked else None
+    extremes = _layer_extremes(maps, 1, key_prefix, stack)
+    peaks = _map_peaks(maps, 1, key_prefix, extremes, stack)
+    reference = np.array([[max(np.nan_to_num(np.abs(m[i].numpy()), nan=0.0, posinf=0.0).max() for m in (q, k))
+                           for i in range(3)] for _, q, k in maps])
+    assert reference[1, 1] == 7.0e4
+    np.testing.assert_array_equal(peaks.numpy(), reference)
+
+
+# ------------------------------------------------------------------- analysis/modes.py: same_object.csv
+def test_the_same_object_table_lists_each_modes_sigma_cos_and_chance_as_the_summary_weighs_them(tmp_path):
+    """``analyze_modes`` ``_445`` (the cos column "nan") and ``_469`` (the header's "head" misspelt): same_object.csv's
+    header, each mode's sigma and cos (the run's spectrum), and its chance column, whose sigma-weighted mean over the
+    modes with a value is modes.json's chance of the head (``chance_per_head``)."""
+    import csv
+
+    from qkhooks.analysis.modes import analyze_modes
+    from qkhooks.analysis.topk import TopKModes
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+
+    loaded = LoadedModel(model=_tiny(size=48), spec="tiny",
+                         image_config=ImageConfig(size=(48, 48), mean=(0.5,) * 3, std=(0.5,) * 3))
+    qkhooks.record_dataset(loaded, "o3:6:2", tmp_path / "run.h5", modes=2, batch_size=4, progress=False, dtype="float32",
+                           store_modes=False, reducers=[TopKModes(k=4, map_dtype="float32")])
+    summary = analyze_modes(tmp_path / "run.h5", tmp_path / "out", same_object_top=3, figure_modes=0, overview=False,
+                            images=False)
+    with open(tmp_path / "out" / "same_object.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["layer", "head", "mode", "sigma", "cos", "p_same", "p_same_pooled", "p_same_unweighted", "images",
+                       "chance"]
+    with qkhooks.open_run(tmp_path / "run.h5") as run:
+        spectra = {l: {k: np.asarray(v) for k, v in run.spectrum_arrays(l).items()} for l in (0, 1)}
+    for layer in (0, 1):
+        mine = [r for r in rows[1:] if r[0] == str(layer) and r[1] != "mean"]
+        assert len(mine) == 4 * 2  # heads x modes
+        chance = np.full((4, 2), np.nan)
+        for r in mine:
+            h, m = int(r[1]), int(r[2])
+            assert float(r[3]) == pytest.approx(spectra[layer]["S"][h, m], rel=1e-5)
+            assert float(r[4]) == pytest.approx(spectra[layer]["cos"][h, m], rel=1e-5, abs=1e-6)
+            chance[h, m] = float(r[9])
+        S = spectra[layer]["S"][:, :2]
+        w = np.where(np.isnan(chance), 0.0, S)
+        np.testing.assert_allclose((w * np.nan_to_num(chance)).sum(1) / w.sum(1),
+                                   summary["same_object"]["layers"][layer]["chance_per_head"], rtol=1e-5)
