@@ -288,10 +288,11 @@ def test_a_recipe_hands_its_build_every_argument_as_given_with_or_without_the_dt
 @pytest.mark.parametrize("stacked", [False, True], ids=["per layer", "stacked"])
 @pytest.mark.parametrize("key_prefix", [None, 2], ids=["keys of the queries' prefix", "reduced keys' own prefix"])
 def test_map_peaks_are_each_layers_and_images_largest_finite_value_over_every_token_of_both_maps(stacked, key_prefix):
-    """``_map_peaks`` ``_11`` (key_prefix None) and ``_12`` (the query side's prefix never taken for the keys'): the peak
-    of each (layer, image) is the largest finite |value| of its query and key maps over all their tokens, prefix tokens
-    included (a class token's massive activation on the key side alone, 70000, is found), the model's own inf and NaN
-    left out; numpy over the whole maps is the reference."""
+    """``_map_peaks`` ``_11`` (key_prefix None), ``_12`` (the query side's prefix never taken for the keys') and ``_16``
+    (the query side's prefix read off the keys): the peak of each (layer, image) is the largest finite |value| of its
+    query and key maps over all their tokens, prefix tokens included (a class token's massive activation on one side
+    alone, 70000 on the key side, 80000 on the query side, is found), the model's own inf and NaN left out; numpy over
+    the whole maps is the reference."""
     from qkhooks.analysis.topk import _layer_extremes, _map_peaks, _stacked_maps
 
     g = torch.Generator().manual_seed(0)
@@ -299,13 +300,14 @@ def test_map_peaks_are_each_layers_and_images_largest_finite_value_over_every_to
     maps[1][2][1, 0, 1, 0] = -7.0e4  # layer 1, image 1: the key map's first (prefix) token
     maps[1][2][1, 1, 0, 1] = 5.0e3  # its second: a prefix token of reduced keys, a patch token otherwise
     maps[0][1][2, 1, 1, 0] = float("inf")  # the model's own inf and NaN in the query map's prefix token
+    maps[0][1][2, 0, 0, 0] = 8.0e4  # layer 0, image 2: the query map's prefix token
     maps[0][2][0, 0, 0, 0] = float("nan")
     stack = _stacked_maps(maps) if stacked else None
     extremes = _layer_extremes(maps, 1, key_prefix, stack)
     peaks = _map_peaks(maps, 1, key_prefix, extremes, stack)
     reference = np.array([[max(np.nan_to_num(np.abs(m[i].numpy()), nan=0.0, posinf=0.0).max() for m in (q, k))
                            for i in range(3)] for _, q, k in maps])
-    assert reference[1, 1] == 7.0e4
+    assert reference[1, 1] == 7.0e4 and reference[0, 2] == 8.0e4
     np.testing.assert_array_equal(peaks.numpy(), reference)
 
 
