@@ -348,3 +348,49 @@ def test_the_same_object_table_lists_each_modes_sigma_cos_and_chance_as_the_summ
         w = np.where(np.isnan(chance), 0.0, S)
         np.testing.assert_allclose((w * np.nan_to_num(chance)).sum(1) / w.sum(1),
                                    summary["same_object"]["layers"][layer]["chance_per_head"], rtol=1e-5)
+
+
+# ------------------------------------------------------------------- store/reader.py: a merged view's missing shards
+def _merged_view(folder):
+    """A merged view as merge_shards lays it out: /x of view.h5 reads rows 0-2 from a.h5 and 3-5 from b.h5 (beside it)."""
+    import h5py
+
+    data = np.arange(18, dtype=np.float32).reshape(6, 3)
+    layout = h5py.VirtualLayout(shape=(6, 3), dtype="f4")
+    for name, rows in (("a.h5", slice(0, 3)), ("b.h5", slice(3, 6))):
+        with h5py.File(folder / name, "w") as f:
+            f["x"] = data[rows]
+        layout[rows] = h5py.VirtualSource(name, "x", shape=(3, 3))
+    with h5py.File(folder / "view.h5", "w") as f:
+        f.create_virtual_dataset("x", layout, fillvalue=np.nan)
+    return data
+
+
+def test_a_merged_views_shard_sources_are_read_once_a_handle_and_a_gone_shard_is_refused_in_a_whole_sentence(
+        tmp_path, monkeypatch):
+    """``RunArray._refuse_missing_shards`` ``_4`` (the cached sources compared with the wrong item: read again at every
+    read) and ``_33`` (the fix's last words upper-cased): a view's sources are read once for its handle, each read
+    looks for the shard files again, and a read with one gone is refused in the whole sentence naming the array, the
+    file, the images and both fixes."""
+    import h5py
+
+    import qkhooks.store.reader as reader
+
+    monkeypatch.chdir(tmp_path)  # HDF5 finds the shards beside the view
+    data = _merged_view(tmp_path)
+    calls = []
+    real = reader.shard_sources
+    monkeypatch.setattr(reader, "shard_sources", lambda ds: calls.append(ds.name) or real(ds))
+    with h5py.File(tmp_path / "view.h5", "r") as f:
+        array = reader.RunArray(f["x"], 6)
+        assert np.array_equal(array[:], data) and np.array_equal(array[4], data[4])
+        assert calls == ["/x"]  # once for the handle, not once a read
+        (tmp_path / "b.h5").rename(tmp_path / "moved.h5")
+        with pytest.raises(QKHooksError) as refused:
+            array[0]
+        assert calls == ["/x"]
+    assert str(refused.value) == (
+        f"/x of {tmp_path / 'view.h5'} is a merged view that reads its images from the shard files beside it, and the "
+        "shard(s) holding images 3-5 are missing there, so HDF5 would read those images as NaN without an error. Put "
+        "the shard files back next to the merged file (`qkhooks info --verify` lists them), or merge again with "
+        "copy=True (a self-contained file) while they are there.")
