@@ -15,6 +15,7 @@ import torch
 
 import qkhooks
 from qkhooks.analysis.anisotropy import AnisotropyReducer
+from qkhooks.analysis.topk import TopKModes
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import find_sites
 
@@ -394,3 +395,43 @@ def test_a_merged_views_shard_sources_are_read_once_a_handle_and_a_gone_shard_is
         "shard(s) holding images 3-5 are missing there, so HDF5 would read those images as NaN without an error. Put "
         "the shard files back next to the merged file (`qkhooks info --verify` lists them), or merge again with "
         "copy=True (a self-contained file) while they are there.")
+
+
+def test_shard_sources_are_each_shards_file_and_rows_and_a_gone_first_shard_names_its_own_images(tmp_path, monkeypatch):
+    """``shard_sources`` ``_10`` (each source's stop one row too far): the view's sources are (file, first row, last
+    row + 1) as laid out, [] for a plain dataset, and with the first shard gone the refusal names its images 0-2 only."""
+    import h5py
+
+    from qkhooks.store.reader import RunArray, shard_sources
+
+    monkeypatch.chdir(tmp_path)
+    _merged_view(tmp_path)
+    with h5py.File(tmp_path / "view.h5", "r") as f:
+        assert shard_sources(f["x"]) == [("a.h5", 0, 3), ("b.h5", 3, 6)]
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        assert shard_sources(f["x"]) == []
+    (tmp_path / "a.h5").rename(tmp_path / "moved.h5")
+    with h5py.File(tmp_path / "view.h5", "r") as f:
+        with pytest.raises(QKHooksError, match=r"the shard\(s\) holding images 0-2 are missing there"):
+            RunArray(f["x"], 6)[5]
+
+
+# ------------------------------------------------------------------- analysis/topk.py: the non-finite refusal's words
+def test_topk_refuses_a_nan_image_in_the_whole_sentence_naming_the_maps_it_checked():
+    """``TopKModes.update`` ``_165`` / ``_167`` (the reducer misnamed) and ``_168`` (what was checked misnamed), lines
+    round 32 moved under the one check of finite and in-range maps: an image of NaN pixels is refused in the whole
+    sentence naming TopKModes, the maps' extremes over the patch tokens, the image and every layer; nothing is kept."""
+    model = _tiny()
+    images = _images(3)
+    images[1] = float("nan")
+    topk = TopKModes(k=2)
+    with pytest.raises(QKHooksError) as refused:
+        with torch.no_grad(), qkhooks.record(model, modes=2, sinks=[topk]) as run:
+            run(images)
+    assert str(refused.value) == (
+        "TopKModes: the query/key maps (their extremes over the patch tokens) of image(s) ['1'] at position(s) [1] of "
+        "this batch (image index [1]) are not finite (NaN or inf) at layer(s) [0, 1]. Folding them would give a wrong "
+        "statistic, so the whole batch is refused and the reducer's state is unchanged (drop these images and go on). "
+        "Likely causes: NaN or inf pixels in the input (check torch.isfinite(pixel_values)), or a model run in float16 "
+        "whose activations overflow (compute in float32: model.float(), or bfloat16).")
+    assert topk.images_held() == 0
