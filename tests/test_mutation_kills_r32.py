@@ -435,3 +435,16 @@ def test_topk_refuses_a_nan_image_in_the_whole_sentence_naming_the_maps_it_check
         "Likely causes: NaN or inf pixels in the input (check torch.isfinite(pixel_values)), or a model run in float16 "
         "whose activations overflow (compute in float32: model.float(), or bfloat16).")
     assert topk.images_held() == 0
+
+
+# ------------------------------------------------------------------- bfd_reducers.py: images held with no layers
+def test_bfd_energies_of_no_layers_hold_zero_images_and_a_recording_takes_them():
+    """``BFDEnergies.images_held`` ``_2`` (None) and ``_4`` (``max`` of nothing: ValueError) where the reducer has no
+    layers (none of its spectra asked): it holds 0 images, a number, and a recording's check of held images passes."""
+    from qkhooks.analysis.bfd_reducers import BFDEnergies
+
+    energies, model = BFDEnergies([], {}), _tiny()
+    assert energies.images_held() == 0
+    with torch.no_grad(), qkhooks.record(model, modes=None, sinks=[energies]) as run:
+        run(_images(2))
+    assert energies.images_held() == 0 and run.images_seen == 2
