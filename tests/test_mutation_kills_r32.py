@@ -448,3 +448,23 @@ def test_bfd_energies_of_no_layers_hold_zero_images_and_a_recording_takes_them()
     with torch.no_grad(), qkhooks.record(model, modes=None, sinks=[energies]) as run:
         run(_images(2))
     assert energies.images_held() == 0 and run.images_seen == 2
+
+
+# ------------------------------------------------------------------- bfd_reducers.py: PositionMeans without tokens
+def test_position_means_handed_a_batch_without_its_tokens_refuses_naming_itself_the_layer_and_the_fixes():
+    """``PositionMeans.update`` ``_14`` (the refusal's reducer misnamed): a PositionMeans handed whole batches only (no
+    take_inputs), of a recording that keeps no tokens, refuses in the whole sentence naming PositionMeans, the layer
+    and both fixes, and folds nothing."""
+    from qkhooks.analysis.bfd_reducers import PositionMeans
+
+    from test_geometry_r31 import _UpdateOnly
+
+    means, model = PositionMeans([0]), _tiny()
+    with pytest.raises(QKHooksError) as refused:
+        with torch.no_grad(), qkhooks.record(model, modes=None, layers=[0], sinks=[_UpdateOnly(means)]) as run:
+            run(_images(2))
+    assert str(refused.value) == (
+        "PositionMeans got no tokens entering W_q/W_k of layer 0: the recording neither handed them over (it does so "
+        "for the sinks it holds as the batch begins) nor kept them; pass this reducer in record(..., sinks=[...]), or "
+        "record with keep_inputs=True.")
+    assert means.images_held() == 0
