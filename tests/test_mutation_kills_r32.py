@@ -468,3 +468,26 @@ def test_position_means_handed_a_batch_without_its_tokens_refuses_naming_itself_
         "for the sinks it holds as the batch begins) nor kept them; pass this reducer in record(..., sinks=[...]), or "
         "record with keep_inputs=True.")
     assert means.images_held() == 0
+
+
+# ------------------------------------------------------------------- store/writer.py: GPU arrays' overflow check
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused inf-norm path runs on CUDA arrays only")
+def test_a_float16_run_refuses_gpu_arrays_beyond_float16_as_it_refuses_host_arrays(tmp_path):
+    """``_overflow`` ``_29`` / ``_31`` / ``_36`` (the fused inf-norm of CUDA arrays: None, no arrays, "XXinfXX"), device-
+    only: a batch of CUDA arrays, one image past float16 (70000 rounds to inf), is refused naming the arrays and the
+    image, as a host batch is; an in-range CUDA batch is stored as numpy's float16 cast of it."""
+    import h5py
+
+    from qkhooks.store import RunWriter
+
+    path = tmp_path / "run.h5"
+    fits = torch.tensor([[1.0, -65519.0], [2.0, 3.0]], device="cuda")
+    with RunWriter(path) as writer:
+        writer.write_batch(["a", "b"], {"x": fits, "y": fits[:, :1].double()})
+        big = torch.ones(2, 2, device="cuda")
+        big[1, 0] = 7.0e4
+        with pytest.raises(QKHooksError, match=r"^x of image\(s\) \['d'\] hold values beyond float16's range \(largest "
+                                               r"\|x\| = 70000; float16 ends at 65504\)"):
+            writer.write_batch(["c", "d"], {"x": big, "y": torch.ones(2, 1, dtype=torch.float64, device="cuda")})
+    with h5py.File(path) as f:
+        assert np.array_equal(f["x"][()], np.float16(fits.cpu().numpy()))
