@@ -491,3 +491,23 @@ def test_a_float16_run_refuses_gpu_arrays_beyond_float16_as_it_refuses_host_arra
             writer.write_batch(["c", "d"], {"x": big, "y": torch.ones(2, 1, dtype=torch.float64, device="cuda")})
     with h5py.File(path) as f:
         assert np.array_equal(f["x"][()], np.float16(fits.cpu().numpy()))
+
+
+# ------------------------------------------------------------------- store/writer.py: beyond a float32 run's range
+def test_a_float32_run_refuses_float64_values_beyond_float32_saying_no_run_files_dtype_holds_them(tmp_path):
+    """``_overflow`` ``_110`` (the float32 fix's words): a float64 value past float32's range (1e39; numpy's float32 cast
+    makes it inf) in a float32 run file is refused in the whole sentence, whose fix is not --dtype float32 but the
+    model's inputs, and nothing is written."""
+    from qkhooks.store import RunWriter
+
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.float32(1.0e39)) and np.isfinite(np.float32(3.0e38))  # the reference: numpy's cast
+    path = tmp_path / "run.h5"
+    with pytest.raises(QKHooksError) as refused:
+        with RunWriter(path, dtype="float32") as writer:
+            writer.write_batch(["a", "b"], {"x": np.array([[1.0, 3.0e38], [-1.0e39, 2.0]])})
+    assert str(refused.value) == (
+        "x of image(s) ['b'] hold values beyond float32's range (largest |x| = 1e+39; float32 ends at 3.40282e+38), "
+        "which a float32 run file would store as inf without a word; the batch is refused. No run file's dtype holds "
+        "them: they are an overflow upstream of the recording; check the model's inputs. Nothing was written; apply "
+        "the fix above and run again.")
