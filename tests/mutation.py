@@ -94,6 +94,8 @@ KILLS_R30_READ = "tests/test_mutation_kills_r30_read.py"
 KILLS_R30 = "tests/test_mutation_kills_r30.py"
 # Round 31 (mutation): the kill tests of round 30's later library code (module "round31").
 KILLS_R31 = "tests/test_mutation_kills_r31.py"
+# Round 32 (mutation): the kill tests of the library code of rounds 31 and 32 (module "round32").
+KILLS_R32 = "tests/test_mutation_kills_r32.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -453,6 +455,33 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "test_taken_inputs_r30 or test_preprocessing_r30 or test_mutation_kills_r30 or test_mutation_kills_r31 "
                 "or (test_taken_inputs_r29 and keep_last) or (test_options and not cannot_read_the_source) or test_bfd "
                 "or (test_mutation_kills_capture and hand_made_batch)"),
+    # Round 32 (mutation): the library code of rounds 31 and 32 (`4a07a01..fcb421f`): round 31's geometry read in the layer
+    # hook (capture.py's geometry_from_tokens, _tokens_geometry, _begin_batch's meta copy, meta["prefix_tokens"]),
+    # analysis/geometry.py's layer_prefix_tokens, GroupViT's SegmentTokenSite / _UngriddedSite (models/hf.py), the BFD
+    # reducers' refusal of windows (_one_sequence_an_image, _part_and_rows), refuse_mixed_batch_axes, a failed forward's
+    # batch dropped (_drop_failed, _drop_open_batch), the hf: processor reader's errors (models/load.py), a merged view's
+    # missing shards refused (store/reader.py), Recording.default_ids, a skipped item's own id (data/readers.py); round
+    # 32's float16 overflow refusals (store/writer.py's _overflow, reducers' overflows / refuse_overflow, topk's
+    # _map_peaks), Reducer.images_held and refuse_sinks_holding_images, same-object's chance per layer and top > k
+    # refusal, analyze modes' re-ranking, report.py's chance reading. Against round 31's geometry, review and fixes
+    # tests, round 32's fixes tests, test_bfd.py, test_modes.py, test_reducers.py, round 30's taken-inputs and
+    # preprocessing tests, round 21's verify tests, the streamed duplicate-id refusal (refusal_help), the report's summary
+    # and readings (modes_sections) and the kill files of rounds 31 and 32 (in-process tests). Run with --only ROUND32.
+    "round32": (["qkhooks/analysis/anisotropy.py", "qkhooks/analysis/bfd.py", "qkhooks/analysis/bfd_reducers.py",
+                 "qkhooks/analysis/geometry.py", "qkhooks/analysis/modes.py", "qkhooks/analysis/preference.py",
+                 "qkhooks/analysis/recipes.py", "qkhooks/analysis/same_object.py", "qkhooks/analysis/topk.py",
+                 "qkhooks/capture.py", "qkhooks/data/readers.py", "qkhooks/models/base.py", "qkhooks/models/hf.py",
+                 "qkhooks/models/load.py", "qkhooks/reducers.py", "qkhooks/report.py", "qkhooks/store/reader.py",
+                 "qkhooks/store/repair.py", "qkhooks/store/writer.py", "qkhooks/stream.py"],
+                ["tests/test_geometry_r31.py", "tests/test_review_r31.py", "tests/test_fixes_r31.py",
+                 "tests/test_fixes_r32.py", "tests/test_bfd.py", "tests/test_taken_inputs_r30.py", "tests/test_modes.py",
+                 "tests/test_reducers.py", "tests/test_verify_r21.py", "tests/test_preprocessing_r30.py",
+                 KILLS_IO, "tests/test_report.py", KILLS_R31, KILLS_R32],
+                "test_geometry_r31 or test_review_r31 or test_fixes_r31 or test_fixes_r32 or test_bfd or "
+                "test_taken_inputs_r30 or test_modes or test_reducers or test_verify_r21 or test_preprocessing_r30 or "
+                "(test_mutation_kills_io and streamed_id_seen_twice) or "
+                "(test_report and (summary_has_every_section or readings_state)) or test_mutation_kills_r31 or "
+                "test_mutation_kills_r32"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -621,11 +650,16 @@ ROUND30 = ("commits:369d0ec..abe37ed",)
 # Round 30's later library commits, for `--only` with the module "round31" (`abe37ed..4a07a01`: run.last freed as the
 # next forward begins, each layer's own geometry for live sinks, the hf: processor refusals, `qkhooks bfd`'s data flags).
 ROUND31 = ("commits:abe37ed..4a07a01",)
+# The library commits of rounds 31 and 32, for `--only` with the module "round32" (`4a07a01..fcb421f`: each layer's
+# geometry read in its hook and its own prefix, GroupViT's segments, the refusals of windows and mixed batch axes, a
+# failed forward's batch dropped, missing shards refused; the float16 overflow refusals, Reducer.images_held, same-object's
+# chance per layer), by :func:`written_by`.
+ROUND32 = ("commits:4a07a01..fcb421f",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
               "ROUND28B": ROUND28B, "ROUND29": ROUND29, "ROUND30": ROUND30,
-              "ROUND31": ROUND31}
+              "ROUND31": ROUND31, "ROUND32": ROUND32}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
