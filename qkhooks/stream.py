@@ -522,6 +522,7 @@ def record_dataset(
                 else:
                     done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo))
                     start = lo + next_index
+                refuse_sinks_holding_images(reducers, done)  # one the run's checkpoint did not replace
             except BaseException:
                 writer.close(complete=writer.was_complete)  # a refused resume leaves the file as it found it
                 raise

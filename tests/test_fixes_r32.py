@@ -381,3 +381,28 @@ def test_each_layers_chance_is_taken_over_the_images_its_p_same_counts_with_the_
     np.testing.assert_allclose(row["chance_per_head"], per_head)
     assert row["chance"] == pytest.approx(per_head.mean())
     assert row["chance"] != pytest.approx(chance_same_object(objects), abs=1e-3)  # the data set's: another number
+
+
+def test_a_resume_takes_held_reducers_only_where_the_runs_checkpoint_replaces_their_state(tmp_path, monkeypatch):
+    """A resume loads each reducer's state from the run's checkpoint, so reducers handed to it may hold images: they
+    end up holding the run's. One whose state the resume did not replace keeps what it held and is refused."""
+    import qkhooks.stream as stream
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+
+    loaded = LoadedModel(model=_tiny(), spec="tiny", image_config=ImageConfig(size=(32, 32), mean=(0.5,) * 3,
+                                                                              std=(0.5,) * 3))
+    folder = tmp_path / "photos"
+    _photos(folder, 4)
+    out = tmp_path / "run.h5"
+    options = dict(modes=2, progress=False, batch_size=2, limit=2)
+    qkhooks.record_dataset(loaded, str(folder), out, reducers=[TopKModes(k=2)], **options)
+    held = _fed(TopKModes(k=2), loaded.model, n=3)
+    qkhooks.record_dataset(loaded, str(folder), out, resume=True, reducers=[held], **options)
+    assert held.images_held() == 2  # the run's 2, from its checkpoint
+    real = stream._resume
+    monkeypatch.setattr(stream, "_resume", lambda writer, reducers, *a: real(writer, [], *a))  # states not loaded
+    stray = _fed(TopKModes(k=2), loaded.model, n=3)
+    with pytest.raises(QKHooksError, match=r"^this TopKModes already holds 3 images from an earlier recording, and "
+                                           r"this recording has given it 2"):
+        qkhooks.record_dataset(loaded, str(folder), out, resume=True, reducers=[stray], **options)

@@ -43,6 +43,7 @@ import torch
 
 from qkhooks._devices import detached
 from qkhooks.errors import QKHooksError
+from qkhooks.reducers import overflows
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import (DamagedRunError, clear_open_flags, create_run_file, damage, open_reader,
                                  open_swmr_writer)
@@ -199,10 +200,10 @@ def _overflow(ids: Sequence[str], arrays: Mapping[str, Any], dtype: torch.dtype)
     for (name, value), flagged in zip(wide.items(), over):
         if flagged:  # an array that overflows, or one holding NaN (which hides its extremes): exact, per image (rare)
             flat = value.flatten(1) if value.dim() > 1 else value.view(-1, 1)
-            finite = flat.isfinite()
-            images = (flat.to(dtype).isinf() & finite).any(1).cpu()
+            images = overflows(flat, dtype).any(1).cpu()
             if bool(images.any()):
-                bad[name] = (images.nonzero().flatten().tolist(), float(flat.masked_fill(~finite, 0).abs().amax()))
+                largest = float(flat.masked_fill(~flat.isfinite(), 0).abs().amax())
+                bad[name] = (images.nonzero().flatten().tolist(), largest)
     if not bad:
         return None
     named = [str(ids[i]) for i in sorted({i for images, _ in bad.values() for i in images})]
