@@ -34,6 +34,7 @@ from qkhooks.attention import parse_attention
 from qkhooks.capture import (BatchCapture, _model_sites, _refuse_maps_only_modes, _structure_key, modes_kept, parse_modes,
                               record, refuse_sinks_holding_images, takes_inputs)
 from qkhooks.data import ImageDataset, collate
+from qkhooks.data.masks import TokenCells, token_cells
 from qkhooks.data.sources import ItemStream, open_source, refuse_batching
 from qkhooks.data_files import absolute_spec, file_size_column
 from qkhooks.errors import DataRefusal, QKHooksError
@@ -94,18 +95,44 @@ class WriterSink:
         self.writer.write_batch(batch.ids, arrays)
 
 
+def mask_cells(sites: Sequence[AttentionSite], geometry: dict[int, LayerGeometry], image_size: tuple[int, int],
+               grids: str) -> dict[tuple[int, int], TokenCells]:
+    """The input pixels each token shows on the grids the dataset's masks are read onto (``grids``: ``"first"``, the
+    first layer's, for odd-one-out masks; ``"all"`` for object labels, every stage's; ``"none"``), from the patch
+    size of the layers on that grid (:func:`~qkhooks.data.masks.token_cells`). Refused, before any file is
+    written, for a grid whose tokens are not cells of the input."""
+    if grids == "none":
+        return {}
+    first = min(geometry)
+    patches: dict[tuple[int, int], set] = {}
+    for site in sites:
+        g = geometry.get(site.layer)
+        if g is not None and g.grid is not None and (grids == "all" or site.layer == first):
+            patches.setdefault(tuple(int(v) for v in g.grid), set()).add(site.patch_size)
+    cells = {}
+    for grid, sizes in sorted(patches.items(), reverse=True):
+        made = {token_cells(image_size, grid, p) for p in sizes if p is not None} or {token_cells(image_size, grid)}
+        if len(made) > 1:
+            raise QKHooksError(f"the layers on the {grid[0]}x{grid[1]} grid have patch sizes {sorted(sizes - {None})} "
+                               "that put their tokens on other pixels, so masks cannot be read onto that grid; record "
+                               "the layers of one patch size (--layers).")
+        cells[grid] = made.pop()
+    return cells
+
+
 def _batch_meta(batch: dict[str, Any], geometry: dict[int, LayerGeometry], image_size: tuple[int, int],
-                plan: Recipe) -> dict[str, Any]:
+                cells: dict[tuple[int, int], TokenCells], plan: Recipe) -> dict[str, Any]:
     """Every recorded layer's geometry (``meta["geometry"]``, from :func:`probe_geometry`), the first layer's prefix
-    tokens and patch grid (``num_prefix_tokens``, ``grid``), plus the metadata the recipe makes of the dataset's
-    extras (masks, objects; arrays to store under "arrays")."""
+    tokens and patch grid (``num_prefix_tokens``, ``grid``), the pixels each grid's tokens show (``cells``,
+    :func:`mask_cells`), plus the metadata the recipe makes of the dataset's extras (masks, objects; arrays to
+    store under "arrays")."""
     size = tuple(int(v) for v in batch["pixel_values"].shape[-2:])
     if size != tuple(image_size):
         raise QKHooksError(f"a batch of {size[0]}x{size[1]} images reached a recording laid out for "
                            f"{image_size[0]}x{image_size[1]} (every layer's grid depends on it); preprocess every "
                            "image to the model's input size.")
     first = geometry[min(geometry)]
-    meta: dict[str, Any] = {"num_prefix_tokens": first.num_prefix_tokens, "geometry": geometry}
+    meta: dict[str, Any] = {"num_prefix_tokens": first.num_prefix_tokens, "geometry": geometry, "cells": cells}
     if first.grid is not None:
         meta["grid"] = first.grid
     meta.update(plan.batch_meta(batch, meta))
@@ -491,6 +518,8 @@ def record_dataset(
     image_size = tuple(int(v) for v in loaded.image_config.size)
     geometry = probe_geometry(net, sites, image_size, device)
     _check_rows_geometry(attention_specs, geometry)
+    cells = mask_cells(sites, geometry, image_size,
+                       "all" if dataset.has_masks else "first" if has_target else "none")
     recording = record(  # built (and so checked) before any file is touched; hooks go on below
         net, modes=modes_value, layers=[s.layer for s in sites], attention=attention_specs, input=opts.input,
         augmented=opts.augmented, keep_inputs=keep_inputs, sites=sites, outputs=opts.outputs,  # type: ignore[arg-type]
@@ -545,7 +574,7 @@ def record_dataset(
                 batches = position.track(dataset.batches(opts.batch_size, start, hi, opts.num_workers), seen.ids)
             else:
                 batches = _loader_batches(dataset, range(start, hi), opts.batch_size, opts.num_workers, collate)
-            _loop(run, batches, net, hi - start if hi is not None else None, device, (geometry, image_size), plan,
+            _loop(run, batches, net, hi - start if hi is not None else None, device, (geometry, image_size, cells), plan,
                   progress, writer, checkpointed, opts.checkpoint_every)
         if streamed:
             skipped = position.skipped

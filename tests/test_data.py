@@ -21,6 +21,7 @@ from qkhooks.data import (
     make_o3,
     open_dataset,
     patch_argmax,
+    token_cells,
 )
 from qkhooks.errors import QKHooksError
 
@@ -631,17 +632,24 @@ def test_downscale_mask_is_block_mean():
     np.testing.assert_allclose(frac.numpy(), binary.reshape(4, 16, 3, 16).mean(axis=(1, 3)), atol=1e-6)
 
 
-def test_downscale_mask_uneven_uses_adaptive_bins():
+def test_downscale_mask_on_a_grid_that_does_not_divide_reads_each_tokens_own_pixels_or_refuses():
+    """A grid that does not divide the mask is refused without cells (never spread over the image); with a patch
+    embedding's cells each value is the mean over that token's pixels, the unread edge left out."""
     rng = np.random.default_rng(1)
     x = rng.random((30, 45))
-    out = downscale_mask(torch.from_numpy(x), (4, 6)).numpy()
+    with pytest.raises(QKHooksError, match="does not tile the 30x45 input"):
+        downscale_mask(torch.from_numpy(x), (4, 6))
+    floored = downscale_mask(torch.from_numpy(x), (4, 6), token_cells((30, 45), (4, 6), (7, 7)))  # 28x42 read
+    padded = downscale_mask(torch.from_numpy(x), (4, 6), token_cells((30, 45), (4, 6), (8, 8)))  # 32x48, padded
     for i in range(4):
         for j in range(6):
-            r0, r1 = (i * 30) // 4, -(-((i + 1) * 30) // 4)
-            c0, c1 = (j * 45) // 6, -(-((j + 1) * 45) // 6)
-            assert out[i, j] == pytest.approx(x[r0:r1, c0:c1].mean(), rel=1e-9)
+            assert floored[i, j].item() == pytest.approx(x[7 * i:7 * i + 7, 7 * j:7 * j + 7].mean(), rel=1e-12)
+            assert padded[i, j].item() == pytest.approx(x[8 * i:min(8 * i + 8, 30), 8 * j:min(8 * j + 8, 45)].mean(),
+                                                        rel=1e-12)
     with pytest.raises(QKHooksError, match="finer"):
         downscale_mask(torch.zeros(8, 8), (16, 16))
+    with pytest.raises(QKHooksError, match="cells of a 4x6 grid were given for a 5x6 grid"):
+        downscale_mask(torch.from_numpy(x), (5, 6), token_cells((30, 45), (4, 6), (7, 7)))
 
 
 def test_labels_to_onehot_and_patch_argmax():
@@ -871,11 +879,15 @@ def test_majority_labels_keep_large_ids_exactly_and_match_the_one_hot_definition
     with pytest.raises(QKHooksError, match="above 2147483647"):
         majority_labels(torch.full((4, 4), 2**31), (2, 2))
     rng = np.random.default_rng(3)
-    for grid, hw in (((2, 2), (8, 8)), ((3, 3), (10, 11)), ((7, 7), (224, 224))):
+    for grid, hw, patch in (((2, 2), (8, 8), None), ((3, 3), (10, 11), (3, 3)), ((3, 3), (10, 11), (4, 4)),
+                            ((7, 7), (224, 224), None)):
         small = torch.from_numpy(rng.integers(0, 4, hw) * rng.integers(1, 3, hw))
         onehot = labels_to_onehot(small)  # the one-hot definition over every id up to the largest
-        fractions = downscale_mask(torch.cat([(small == 0).float()[None], onehot]), grid)
-        assert torch.equal(majority_labels(small, grid), fractions.argmax(0).to(torch.int32)), (grid, hw)
+        cells = token_cells(hw, grid, patch)
+        fractions = downscale_mask(torch.cat([(small == 0).float()[None], onehot]), grid, cells)
+        assert torch.equal(majority_labels(small, grid, cells), fractions.argmax(0).to(torch.int32)), (grid, hw)
+    with pytest.raises(QKHooksError, match="does not tile the 10x11 input"):
+        majority_labels(torch.zeros(10, 11, dtype=torch.long), (3, 3))
 
 
 def _partial(kind: str, first_has: bool):

@@ -138,18 +138,20 @@ def test_default_workers_are_none_on_the_cpu_and_the_cores_but_one_up_to_four_be
 
 
 def test_batch_meta_refuses_another_input_size_and_reads_the_lowest_layers_prefix_and_grid():
+    from qkhooks.data.masks import token_cells
     from qkhooks.reducers import Recipe
     from qkhooks.stream import _batch_meta
 
     plan = Recipe("probe", meta=lambda batch, meta: {"arrays": {"seen": dict(meta)}})
     geometry = {3: _geometry(3, grid=(2, 3), prefix=0, queries=6), 1: _geometry(1, grid=(4, 6), prefix=2, queries=26)}
-    meta = _batch_meta({"pixel_values": torch.zeros(1, 3, 32, 48)}, geometry, (32, 48), plan)
+    cells = {(4, 6): token_cells((32, 48), (4, 6))}
+    meta = _batch_meta({"pixel_values": torch.zeros(1, 3, 32, 48)}, geometry, (32, 48), cells, plan)
     assert meta["num_prefix_tokens"] == 2 and meta["grid"] == (4, 6) and meta["geometry"] is geometry
-    assert meta["arrays"]["seen"] == {"num_prefix_tokens": 2, "geometry": geometry, "grid": (4, 6)}
+    assert meta["arrays"]["seen"] == {"num_prefix_tokens": 2, "geometry": geometry, "grid": (4, 6), "cells": cells}
     no_grid = {0: LayerGeometry(0, None, 1, 9, 9, None, 1)}
-    assert "grid" not in _batch_meta({"pixel_values": torch.zeros(1, 3, 32, 48)}, no_grid, [32, 48], plan)
+    assert "grid" not in _batch_meta({"pixel_values": torch.zeros(1, 3, 32, 48)}, no_grid, [32, 48], {}, plan)
     with pytest.raises(QKHooksError) as err:
-        _batch_meta({"pixel_values": torch.zeros(2, 3, 48, 32)}, geometry, (32, 48), plan)
+        _batch_meta({"pixel_values": torch.zeros(2, 3, 48, 32)}, geometry, (32, 48), cells, plan)
     assert str(err.value) == ("a batch of 48x32 images reached a recording laid out for 32x48 (every layer's grid "
                               "depends on it); preprocess every image to the model's input size.")
 

@@ -33,7 +33,7 @@ import torch
 
 from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
-from qkhooks.data.masks import first_argmax, refuse_overlap
+from qkhooks.data.masks import TokenCells, first_argmax, refuse_overlap
 from qkhooks.reducers import Reducer, refuse_non_finite
 
 __all__ = [
@@ -85,7 +85,7 @@ def _image_names(ids: Sequence[Any] | None, n: int) -> list[str]:
 
 def odd_one_out_meta(
     target: torch.Tensor, distractor: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int,
-    ids: Sequence[Any] | None = None,
+    ids: Sequence[Any] | None = None, cells: TokenCells | None = None,
 ) -> dict[str, torch.Tensor]:
     """Query tokens, pool masks and patch-grid masks for a batch of odd-one-out images.
 
@@ -99,6 +99,8 @@ def odd_one_out_meta(
         num_prefix_tokens: tokens before the patches (1 for CLS, 2 for DeiT-distilled, 5 with 4 registers).
         ids: the batch's image ids (a dataset's ``id``), named in the error for an empty mask; None names the
             images by their position in the batch.
+        cells: the input pixels each token shows (:func:`~qkhooks.data.masks.token_cells`), for a grid that does
+            not divide the input; None: blocks, or the refusal.
 
     Returns:
         ``query_tokens`` LongTensor (B, 2): (target, distractor) token in model order (prefix + patch index
@@ -119,8 +121,8 @@ def odd_one_out_meta(
     if int(num_prefix_tokens) < 0:
         raise QKHooksError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}.")
     gh, gw = int(grid[0]), int(grid[1])
-    t_grid = downscale_mask(t.float(), (gh, gw)).float()
-    d_grid = downscale_mask(d.float(), (gh, gw)).float()
+    t_grid = downscale_mask(t.float(), (gh, gw), cells).float()
+    d_grid = downscale_mask(d.float(), (gh, gw), cells).float()
     for name, g in (("target", t_grid), ("distractor", d_grid)):
         empty = (g.flatten(1).amax(1) <= 0).nonzero().flatten().tolist()
         if empty:

@@ -49,20 +49,22 @@ def dataset_meta(batch: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str,
     from qkhooks.data.masks import majority_labels
 
     grid, prefix = meta.get("grid"), meta["num_prefix_tokens"]
+    cells = meta.get("cells") or {}  # the pixels each grid's tokens show, where a grid does not divide the input
     if grid is None and any(name in batch for name in ("target", "distractor", "objects")):  # Hiera's unrolled tokens
         raise QKHooksError("the first recorded layer's tokens are not on an image grid, so the dataset's masks "
                            "(target, distractor, objects) cannot be read onto them; record the dataset without masks.")
     out: dict[str, Any] = {}
     arrays: dict[str, torch.Tensor] = {}
     if "target" in batch and "distractor" in batch:
-        odd = odd_one_out_meta(batch["target"], batch["distractor"], grid, prefix, ids=batch.get("id"))
+        odd = odd_one_out_meta(batch["target"], batch["distractor"], grid, prefix, ids=batch.get("id"),
+                               cells=cells.get(tuple(grid)))
         out.update(odd)
         arrays["masks/target"] = odd["target_grid"]
         arrays["masks/distractor"] = odd["distractor_grid"]
     if "objects" in batch:
-        arrays["masks/objects"] = torch.stack([majority_labels(obj, grid) for obj in batch["objects"]])
-        for other in object_grids(meta):  # the layers' other grids (stages), each under its own name
-            arrays[objects_array(other, grid)] = torch.stack([majority_labels(obj, other) for obj in batch["objects"]])
+        for each in [tuple(grid)] + object_grids(meta):  # the layers' other grids (stages), each under its own name
+            arrays[objects_array(each, grid)] = torch.stack([majority_labels(obj, each, cells.get(each))
+                                                             for obj in batch["objects"]])
     if arrays:
         out["arrays"] = arrays
     return out

