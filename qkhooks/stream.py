@@ -34,7 +34,7 @@ from qkhooks.attention import parse_attention
 from qkhooks.capture import (BatchCapture, _model_sites, _refuse_maps_only_modes, _structure_key, modes_kept, parse_modes,
                               record, refuse_sinks_holding_images, takes_inputs)
 from qkhooks.data import ImageDataset, collate
-from qkhooks.data.masks import TokenCells, token_cells
+from qkhooks.data.masks import TokenCells, receptive_cells, token_cells
 from qkhooks.data.sources import ItemStream, open_source, refuse_batching
 from qkhooks.data_files import absolute_spec, file_size_column
 from qkhooks.errors import DataRefusal, QKHooksError
@@ -104,19 +104,26 @@ def mask_cells(sites: Sequence[AttentionSite], geometry: dict[int, LayerGeometry
     if grids == "none":
         return {}
     first = min(geometry)
-    patches: dict[tuple[int, int], set] = {}
+    on_grid: dict[tuple[int, int], list[AttentionSite]] = {}
     for site in sites:
         g = geometry.get(site.layer)
         if g is not None and g.grid is not None and (grids == "all" or site.layer == first):
-            patches.setdefault(tuple(int(v) for v in g.grid), set()).add(site.patch_size)
+            on_grid.setdefault(tuple(int(v) for v in g.grid), []).append(site)
     cells = {}
-    for grid, sizes in sorted(patches.items(), reverse=True):
-        made = {token_cells(image_size, grid, p) for p in sizes if p is not None} or {token_cells(image_size, grid)}
+    for grid, here in sorted(on_grid.items(), reverse=True):
+        made = {receptive_cells(image_size, s.pixel_convs()) for s in here if s.pixel_convs is not None}
+        made = made or {token_cells(image_size, grid, s.patch_size) for s in here if s.patch_size is not None}
+        made = made or {token_cells(image_size, grid)}
         if len(made) > 1:
-            raise QKHooksError(f"the layers on the {grid[0]}x{grid[1]} grid have patch sizes {sorted(sizes - {None})} "
-                               "that put their tokens on other pixels, so masks cannot be read onto that grid; record "
-                               "the layers of one patch size (--layers).")
-        cells[grid] = made.pop()
+            raise QKHooksError(f"the layers on the {grid[0]}x{grid[1]} grid ({', '.join(s.path for s in here)}) put "
+                               "their tokens on other pixels (their patch sizes or convolutions differ), so masks "
+                               "cannot be read onto that grid; record the layers of one patch embedding (--layers).")
+        found = made.pop()
+        if found.grid != grid:
+            raise QKHooksError(f"the pixels of the {grid[0]}x{grid[1]} grid's tokens were read as a "
+                               f"{found.grid[0]}x{found.grid[1]} grid from the model's convolutions, so masks cannot be "
+                               "read onto them; record this model on images without masks.")
+        cells[grid] = found
     return cells
 
 

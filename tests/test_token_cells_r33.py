@@ -110,17 +110,49 @@ def test_odd_one_out_fractions_and_query_tokens_come_from_the_pixels_each_patch_
         assert queries[k].tolist() == [1 + int(np.argmax(f.ravel())) for f in fractions]
 
 
-def test_a_grid_of_overlapping_patches_is_refused_before_any_file(tmp_path):
+def _support(convs: list[torch.nn.Conv2d], size: int) -> list[np.ndarray]:
+    """Per token of the last convolution's grid, the input pixels it reads: where the gradient of that output
+    position reaches the image through the convolutions themselves (all-ones weights of their geometry)."""
+    image = torch.ones(1, 1, size, size, requires_grad=True)
+    x = image
+    for conv in convs:
+        x = torch.nn.functional.conv2d(x, torch.ones(1, 1, *conv.kernel_size), stride=conv.stride,
+                                       padding=conv.padding)
+    out = []
+    for index in range(x.numel()):
+        (grad,) = torch.autograd.grad(x.reshape(-1)[index], image, retain_graph=True)
+        out.append(grad[0, 0].numpy() != 0)
+    return out
+
+
+def test_pit_labels_come_from_the_pixels_its_overlapping_patches_and_pooling_read(tmp_path):
+    """PiT's 16 px patches every 8 px make a 7x7 grid of a 64 px image, and each stage's pooling (kernel 3, stride 2)
+    widens what a token reads: every stage's labels are the majority of exactly those pixels."""
     torch.manual_seed(0)
     pit = timm.create_model("pit_ti_224", pretrained=False, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2),
-                            base_dims=(8, 8, 8))  # 16 px patches every 8 px: a 7x7 grid of overlapping patches
+                            base_dims=(8, 8, 8))
     path = tmp_path / "pit.h5"
-    with pytest.raises(QKHooksError, match=r"the 7x7 token grid does not tile the 64x64 input .* without masks"):
-        record_dataset(load_model(pit), DATA, path, batch_size=2, progress=False, modes=2)
-    assert not path.exists()
-    record_dataset(load_model(pit), "samples", path, limit=2, batch_size=2, progress=False, modes=2)  # no masks: kept
+    config = ImageConfig(size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3)
+    record_dataset(load_model(pit, image_config=config), DATA, path, batch_size=2, progress=False, modes=2,
+                   reducers=[])
+    data = open_dataset(DATA, config)
+    by_id = {data[i]["id"]: data[i]["objects"].numpy() for i in range(len(data))}
+    chains = {"masks/objects": [pit.patch_embed.conv],
+              "masks/objects_4x4": [pit.patch_embed.conv, pit.transformers[1].pool.conv],
+              "masks/objects_2x2": [pit.patch_embed.conv, pit.transformers[1].pool.conv, pit.transformers[2].pool.conv]}
     with open_run(path) as run:
-        assert "masks/objects" not in run.arrays() and len(run.ids) == 2
+        stored = {name: np.asarray(run.array(name)[:]) for name in chains}
+        ids = list(run.ids)
+    for name, convs in chains.items():
+        supports = _support(convs, 64)
+        for row, image in zip(stored[name], ids):
+            labels = by_id[image]
+            expected = []
+            for seen in supports:
+                values, counts = np.unique(np.concatenate([[0], labels[seen]]), return_counts=True)
+                counts[0] -= 1
+                expected.append(values[np.argmax(counts)])
+            np.testing.assert_array_equal(row.ravel(), expected, err_msg=f"{name} of {image}")
 
 
 def test_mask_cells_read_each_grid_off_its_layers_patch_size_and_refuse_two_that_disagree():
@@ -131,7 +163,8 @@ def test_mask_cells_read_each_grid_off_its_layers_patch_size_and_refuse_two_that
 
     from qkhooks.stream import mask_cells
 
-    sites = [NS(layer=0, patch_size=(8, 8)), NS(layer=1, patch_size=None)]
+    sites = [NS(layer=0, path="a", patch_size=(8, 8), pixel_convs=None), NS(layer=1, path="b", patch_size=None,
+                                                                               pixel_convs=None)]
     geometry = {0: NS(grid=(5, 5)), 1: NS(grid=(2, 2))}
     assert mask_cells(sites, geometry, (38, 38), "none") == {}
     first = mask_cells(sites, geometry, (38, 38), "first")
@@ -141,6 +174,37 @@ def test_mask_cells_read_each_grid_off_its_layers_patch_size_and_refuse_two_that
     with pytest.raises(QKHooksError, match=r"the 3x3 token grid does not tile the 38x38 input"):
         mask_cells(sites, {0: NS(grid=(5, 5)), 1: NS(grid=(3, 3))}, (38, 38), "all")
     assert list(mask_cells(sites, {0: NS(grid=(5, 5)), 1: NS(grid=(3, 3))}, (38, 38), "first")) == [(5, 5)]
-    two = [NS(layer=0, patch_size=(8, 8)), NS(layer=1, patch_size=(9, 9))]  # 38 px: 5 padded 8s, or 5 padded 9s
-    with pytest.raises(QKHooksError, match=r"patch sizes \[\(8, 8\), \(9, 9\)\] that put their tokens on other pixels"):
+    two = [NS(layer=0, path="a", patch_size=(8, 8), pixel_convs=None),
+           NS(layer=1, path="b", patch_size=(9, 9), pixel_convs=None)]  # 38 px: 5 padded 8s, or 5 padded 9s
+    with pytest.raises(QKHooksError, match=r"put their tokens on other pixels \(their patch sizes or convolutions differ\)"):
         mask_cells(two, {0: NS(grid=(5, 5)), 1: NS(grid=(5, 5))}, (38, 38), "all")
+
+
+def test_a_stage_grid_no_rule_makes_is_refused_before_any_file(tmp_path):
+    """HF Swin pads a 9x9 grid to 10x10 before merging: its second stage's 5x5 tokens are no cells of a 36 px image
+    that anything here models, so object labels are refused before the run file exists; the same model records
+    images without masks."""
+    config = transformers.SwinConfig(image_size=36, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+                                     window_size=3)
+    swin = transformers.SwinModel._from_config(config, attn_implementation="sdpa")
+    images = ImageConfig(size=(36, 36), mean=(0.5,) * 3, std=(0.5,) * 3)
+    path = tmp_path / "swin.h5"
+    with pytest.raises(QKHooksError, match=r"the 5x5 token grid does not tile the 36x36 input .* without masks"):
+        record_dataset(load_model(swin, image_config=images), DATA, path, batch_size=2, progress=False, modes=2)
+    assert not path.exists()
+    record_dataset(load_model(swin, image_config=images), "samples", path, limit=2, batch_size=2, progress=False,
+                   modes=2)
+    with open_run(path) as run:
+        assert len(run.ids) == 2 and not any(name.startswith("masks/") for name in run.arrays())
+
+
+def test_receptive_cells_of_a_patchify_convolution_are_the_floored_patches_and_padding_alone_is_refused():
+    from qkhooks.data import receptive_cells, token_cells
+
+    assert receptive_cells((38, 30), [((8, 8), (8, 8), (0, 0))]) == token_cells((38, 30), (4, 3), (8, 8))
+    # kernel 3, stride 2, padding 1 on 5 px: windows [0, 2), [1, 4), [3, 5)
+    assert receptive_cells((5, 5), [((3, 3), (2, 2), (1, 1))]).rows == ((0, 2), (1, 4), (3, 5))
+    with pytest.raises(QKHooksError, match="reads only padding"):
+        receptive_cells((4, 4), [((1, 1), (1, 1), (1, 1))])
+    with pytest.raises(QKHooksError, match="makes no token of 4"):
+        receptive_cells((4, 4), [((8, 8), (8, 8), (0, 0))])

@@ -9,7 +9,8 @@ from qkhooks.data.datasets import DATASET_SPECS, open_dataset
 from qkhooks.data.display import to_rgb
 from qkhooks.data.geometry import Geometry
 from qkhooks.data.items import IMAGE_EXTENSIONS, ImageDataset, collate
-from qkhooks.data.masks import TokenCells, downscale_mask, labels_to_onehot, majority_labels, patch_argmax, token_cells
+from qkhooks.data.masks import (TokenCells, downscale_mask, labels_to_onehot, majority_labels, patch_argmax,
+                                receptive_cells, token_cells)
 from qkhooks.data.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageConfig
 from qkhooks.data.sources import ItemStream, open_source
 from qkhooks.data.stimuli import FEATURES, SHAPES, ItemSpec, O3Stimulus, generate_o3, make_o3
@@ -39,6 +40,7 @@ __all__ = [
     "open_dataset",
     "open_source",
     "patch_argmax",
+    "receptive_cells",
     "to_rgb",
     "token_cells",
 ]

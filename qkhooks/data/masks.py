@@ -18,7 +18,7 @@ import torch
 from qkhooks.errors import QKHooksError
 
 __all__ = ["LABEL_LIMIT", "OVERLAP_TOLERANCE", "TokenCells", "downscale_mask", "labels_to_onehot", "majority_labels",
-           "patch_argmax", "refuse_overlap", "token_cells"]
+           "patch_argmax", "receptive_cells", "refuse_overlap", "token_cells"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +76,37 @@ def token_cells(size: tuple[int, int], grid: tuple[int, int], patch: tuple[int, 
             raise QKHooksError(
                 f"the {int(grid[0])}x{int(grid[1])} token grid does not tile the {int(size[0])}x{int(size[1])} input "
                 f"({n} pixel {name} over {g} tokens), and no patch embedding of the layer says which pixels each "
-                "token shows (overlapping patches, or a convolutional stem at this size), so object and target "
-                "masks read onto its tokens would be a guess. Record it on images without masks (a folder, "
-                f"'samples'), or at an input size the grid divides (e.g. {g * max(1, round(n / g))} pixels); for a "
-                "layer with a patch embedding, pass its patch size: token_cells(size, grid, patch)."
+                "token shows (overlapping patches, a convolutional stem, or a stage padded at this size), so object "
+                "and target masks read onto its tokens would be a guess. Record it on images without masks (a "
+                "folder, 'samples'), or at an input size its grids divide."
             )
+    return TokenCells(axes[0], axes[1])
+
+
+def receptive_cells(size: tuple[int, int], convs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]]
+                    ) -> TokenCells:
+    """The input pixels each token reads through a chain of convolutions (``(kernel, stride, padding)``, each a
+    (rows, cols) pair, from the image up): a token's cell spans the cells its kernel covers one layer down, clipped
+    to the image (padding reads no pixel). PiT's patch embedding (16 px kernels every 8 px) gives overlapping cells.
+
+    Raises:
+        QKHooksError: for a chain whose output would be empty, or a token whose kernel covers only padding.
+    """
+    axes = []
+    for axis in (0, 1):
+        cells = [(i, i + 1) for i in range(int(size[axis]))]
+        for kernel, stride, padding in convs:
+            k, s, p = int(kernel[axis]), int(stride[axis]), int(padding[axis])
+            count = (len(cells) + 2 * p - k) // s + 1
+            if count <= 0 or k <= 0 or s <= 0:
+                raise QKHooksError(f"a convolution of kernel {k}, stride {s}, padding {p} makes no token of "
+                                   f"{len(cells)}; the input is too small for the model.")
+            spans = [(max(0, s * i - p), min(len(cells), s * i - p + k)) for i in range(count)]
+            if any(lo >= hi for lo, hi in spans):
+                raise QKHooksError(f"a convolution of kernel {k}, stride {s}, padding {p} has a token that reads only "
+                                   "padding, so it shows no pixel; masks cannot be read onto it.")
+            cells = [(cells[lo][0], cells[hi - 1][1]) for lo, hi in spans]
+        axes.append(tuple(cells))
     return TokenCells(axes[0], axes[1])
 
 

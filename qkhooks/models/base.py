@@ -96,6 +96,10 @@ class AttentionSite:
             whether it owns what ``qk_linear`` reads) of the modules W_q/W_k are read off and those between, which
             every ``record()`` entry checks on its recorded layers for hooks, patched forwards and tensor subclasses
             (``refuse_altered_qk``).
+        pixel_convs: the convolutions between the image and this layer's tokens, read off the model's modules:
+            ``() -> [((kernel), (stride), (padding)), ...]`` (rows, cols each), so the pixels each token reads follow
+            (:func:`qkhooks.data.masks.receptive_cells`) where its grid is no cells of the input (PiT's overlapping
+            patch embedding and its pooling). None: its patch size (:attr:`patch_size`) or blocks say it.
         scale_attribute: the module's attribute ``scale`` was read from (timm's ``attn.scale``), which every entry
             and batch checks is unchanged, and which a fused path that ignores it (timm's SDPA call passes no
             ``scale``: the kernel's 1/sqrt(d_k)) must equal 1/sqrt(d_k) for (``refuse_altered_qk``).
@@ -132,6 +136,7 @@ class AttentionSite:
     grid_source: tuple[nn.Module, Callable[[tuple, dict], tuple[int, int]]] | None = None
     qk_scope: tuple[tuple[str, bool], ...] = ()
     scale_attribute: str | None = None
+    pixel_convs: Callable[[], list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]] | None = None
     _grid_of_source: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
     _grid_of_input: tuple[int, int] | None = dataclasses.field(default=None, repr=False)  # the grid the call hands it
     _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)

@@ -164,6 +164,27 @@ def _pit_stage_grid(stage: str, grid: tuple[int, int] | None) -> tuple[int, int]
     return grid
 
 
+def _pit_pixel_convs(model: nn.Module, stage: str) -> Callable[[], list] | None:
+    """PiT's convolutions from the image to a stage's tokens, read as called: the overlapping patch embedding, then
+    each stage's pooling before its blocks (kernel 3, stride 2, padding 1), so masks are read from the pixels each
+    token's patch covers."""
+    patch_embed = getattr(model, "patch_embed", None)
+    embed = getattr(patch_embed, "conv", None)
+    if getattr(patch_embed, "height", None) is None or not isinstance(embed, nn.Conv2d):
+        return None
+    index = int(stage.split(".")[1]) if stage.startswith("transformers.") else 0
+
+    def convs() -> list:
+        chain = [embed] + [model.transformers[i].pool.conv for i in range(1, index + 1)]
+        for conv in chain:
+            if tuple(conv.dilation) != (1, 1) or not isinstance(conv.padding, tuple):
+                raise QKHooksError(f"PiT's convolution {conv} is dilated or pads by a rule ({conv.padding!r}); "
+                                   "which pixels its tokens read is not modelled, so masks cannot be read onto them.")
+        return [(tuple(c.kernel_size), tuple(c.stride), tuple(c.padding)) for c in chain]
+
+    return convs
+
+
 def _patch_grid_source(model: nn.Module) -> tuple[nn.Module, Callable[[tuple, dict], tuple[int, int]]] | None:
     """zoo12: (patch embed, the grid it makes of the call's image) where the patch embed takes other sizes than its
     own (``strict_img_size=False``, e.g. ``dynamic_img_size``): an 8x2 grid then has the native 4x4 grid's token count,
@@ -222,6 +243,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 patch_size=patch if site_grid == grid else None,
                 grid_source=patch_grid if site_grid == grid else None,
                 stage=stage,
+                pixel_convs=_pit_pixel_convs(model, stage),
                 rope_input="rope" if rotary else None,
                 rope_apply=_eva_rotation(attn) if rotary else None,
                 rope_layout="half" if getattr(attn, "rotate_half", False) else "interleaved",
