@@ -305,6 +305,7 @@ class Recording:
         # CLIPModel.forward; then the batch spans the recorded attention modules, first to last.
         first = min(self.sites, key=lambda s: s.layer)
         last = max(self.sites, key=lambda s: s.layer)
+        self._forget_call_grids()  # sites are cached per model: a grid read in an earlier recording is not this one's
         try:
             hook = functools.partial(own_hook, model)  # every hook goes through own_hook: marked, and refusing to be traced
             self._handles.append(hook(model, self._begin_batch, with_kwargs=True))
@@ -398,7 +399,15 @@ class Recording:
         model = self._live_model()
         return model(*args, **kwargs)
 
+    def _forget_call_grids(self) -> None:
+        """Forget the grids earlier calls' patch embeddings read (round 33): a call reads its own, or has none (its
+        tokens were made outside the recording) and is not given an earlier one (``AttentionSite.grid_for``)."""
+        for site in self.sites:
+            site._grid_of_source = None
+
     def _begin_batch(self, module: nn.Module, args: tuple, kwargs: dict, outer: bool = True) -> None:
+        if outer and module is self._model_ref():  # the model's own call: its patch embeddings have not run yet
+            self._forget_call_grids()
         refuse_altered_qk(self.sites)  # a hook, patch or weight put on inside the context (~70 us a ViT-B batch)
         self._check_weights()
         model = self._model_ref()
@@ -1057,6 +1066,12 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
     caller gives (``spectrum=``) is not vouched for by the cache, so its projectors are built each time, and unless
     it is the cache's own of these weights (``vouched``) it is checked against them (:func:`foreign_spectrum`).
     """
+    if given is not None and bool(given.augmented) != bool(augmented):  # round 33: the given one's form was used silently
+        raise QKHooksError(
+            f"layer {site.layer} ({site.path}): record(augmented={augmented}) asks for the "
+            f"{'bias-augmented' if augmented else 'bias-free'} form, but the spectrum given (spectrum=) is of the "
+            f"{'bias-augmented' if given.augmented else 'bias-free'} one, so its modes would not be the form asked for. "
+            f"Pass qkhooks.spectrum(model, augmented={augmented}), or leave spectrum= out.")
     if given is not None and not vouched:
         foreign = foreign_spectrum(site, given)
         if foreign is not None:
@@ -1156,7 +1171,9 @@ def active_dropout(model: nn.Module) -> list[str]:
             p = module.p
         else:
             own = vars(module)
-            names = _DROP_ATTRS + (("p",) if any(w in type(module).__name__.lower() for w in ("drop", "stochastic")) else ())
+            # "prob": timm's PatchDropout, which keeps a random subset of the patches (round 33)
+            names = _DROP_ATTRS + (("p", "prob") if any(w in type(module).__name__.lower() for w in ("drop", "stochastic"))
+                                   else ())
             p = max((float(own[a]) for a in names if isinstance(own.get(a), float)), default=0.0)
         if p > 0:
             found.append(f"{name or '(model)'} ({type(module).__name__} p={p:g})")

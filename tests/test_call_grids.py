@@ -118,8 +118,8 @@ def test_a_token_count_that_fits_no_grid_the_site_knows_is_refused_never_read_as
     with qkhooks.record(model, modes=2) as run:
         model(torch.randn(1, 3, 64, 96))
     assert run.sites[0].grid_for(24) == (4, 6)
-    with pytest.raises(QKHooksError, match=r"16 patch tokens .* never assumed"):
-        run.sites[0].grid_for(16)
+    with pytest.raises(QKHooksError, match=r"grid is 4x6 \(24 patches\), but 16 tokens follow .* never assumed"):
+        run.sites[0].grid_for(16)  # the call's own grid is known: no other grid of that count is read
 
 
 @torch.no_grad()

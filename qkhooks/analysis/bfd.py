@@ -203,6 +203,7 @@ def run_bfd(
     sites = [s for s in sites if s.layer in kept]
     chosen = [s.layer for s in sites]
     prefix, grid = geometry[chosen[0]].num_prefix_tokens, geometry[chosen[0]].grid
+    added = added_terms(net, sites, image_size, device)
 
     if tensors:
         refuse_one_image(int(images[:limit].shape[0]))  # before any pass: the ANOVA needs 2 images
@@ -238,7 +239,9 @@ def run_bfd(
                        definition=definition, alpha=alpha, per_mode=per_mode)
     result["input"] = input
     content_only = {str(s.layer): s.content_only() for s in sites if s.content_only()}
-    if content_only:  # RoPE, q/k-norm, CaiT: the single bilinear form BFD splits is the content term only
+    content_only.update({str(l): "; ".join(filter(None, [content_only.get(str(l)), why]))
+                         for l, why in added.items()})
+    if content_only:  # RoPE, q/k-norm, CaiT, an added relative-position term: the form BFD splits is the content term
         result["variant"] = ("content-only: the energies split the content form W_q^T W_k, not the model's logits, "
                              "in layers " + ", ".join(content_only) + ": " + "; ".join(sorted(set(content_only.values()))))
         result["content_only_layers"] = content_only
@@ -247,6 +250,34 @@ def run_bfd(
     if note:
         result["note"] = note
     return result
+
+
+def added_terms(net: nn.Module, sites: Sequence[Any], image_size: tuple[int, int],
+                device: str | torch.device = "cpu") -> dict[int, str]:
+    """Layer -> what the model adds to its logits beside the bilinear form W_q^T W_k that BFD splits: a
+    relative-position table (BEiT, ``vit_relpos``, EfficientFormer: position-position energy by construction), a
+    query-dependent relative term (SAM/ViTDet), a term that changes with the image; read off one forward of a blank
+    image. The energies leave these out, so the result says so (round 33: they were left out without a word)."""
+    from qkhooks.capture import record  # the recording core; imported where a BFD run starts
+
+    found: dict[int, str] = {}
+    for site in sites:
+        if getattr(site, "relative", None) is not None:
+            found[site.layer] = ("the model adds a query-dependent relative-position term to the logits, which the "
+                                 "energies leave out")
+    dtype = next(net.parameters()).dtype
+    with record(net, modes=1, sites=list(sites)) as run, torch.no_grad():
+        run(torch.zeros(1, 3, *image_size, device=device, dtype=dtype))
+    for site in sites:
+        try:
+            bias = run.bias(site.layer)
+        except QKHooksError as err:
+            found[site.layer] = f"the model adds a term to the logits that the energies leave out ({err})"
+            continue
+        if bias is not None and bool(bias.ne(0).any()):
+            found[site.layer] = ("the model adds a relative-position table to the logits (position-position by "
+                                 "construction), which the energies leave out (run.bias(l) gives it)")
+    return found
 
 
 def bfd_layers(net: nn.Module, sites: Sequence[Any], image_size: tuple[int, int],

@@ -17,6 +17,7 @@ from qkhooks.analysis.bfd_reducers import layer_state, patch_targets
 from qkhooks.errors import QKHooksError
 
 __all__ = ["summarize", "energy_tables", "decoding_r2", "paper_claims", "refuse_one_image", "refuse_no_content",
+           "refuse_other_images", "PASS_TOLERANCE",
            "DEFINITIONS", "TERMS", "CELLS"]
 
 TERMS = ("CC", "CP", "PC", "PP")  # query factor first: CP = query content, key position
@@ -122,6 +123,25 @@ def refuse_one_image(images: int) -> None:
             "factor P (the per-position mean over images) is that image itself, so the content factor C = X - P is "
             "zero by construction: every head would be 100% position-position and the content claims untestable. "
             "Run it over a dataset of several images (raise limit, or pass more image tensors).")
+
+
+PASS_TOLERANCE = 1e-5
+"""The largest ``content_mean`` (max |mean_i C_i| / max |P|) of a run whose second pass saw the tokens its first did.
+The same tokens leave float64 rounding (~1e-16); tokens that differ between passes only by the model's float32
+kernels (a GPU's non-deterministic sums) leave a few 1.2e-7 |X| / |P|. Another image among n moves it by about
+|ΔX| / (n |P|): a random crop or a replaced photo reads 1e-2 to 1 (round 33's review)."""
+
+
+def refuse_other_images(layer: int, content_mean: float) -> None:
+    """Refuse a BFD run whose second pass did not see the images its first did: P is the mean over the first pass's
+    tokens, so the content factor C = X - P of other images is not zero-mean and every energy is of a mixed split."""
+    if not content_mean <= PASS_TOLERANCE:
+        raise QKHooksError(
+            f"BFD layer {layer}: the second pass did not see the tokens the first did (mean content factor "
+            f"{content_mean:.3g} of the position factor, where the same tokens give float rounding, <= {PASS_TOLERANCE:g}), "
+            "so the position factor is the mean of other images and every energy would mix two splits. The data changed "
+            "between the passes: a random augmentation (use deterministic preprocessing), a folder whose photos were "
+            "added, removed or replaced, or a --resume over changed files. Fix the data and run again with --overwrite.")
 
 
 def refuse_no_content(content_ss: float, second_moment: float, images: int, dtype: np.dtype) -> None:
@@ -375,6 +395,7 @@ def summarize(
     for layer in (int(l) for l in np.asarray(energies["layers"]).reshape(-1)):
         t = energy_tables(layer_state(energies, layer))
         images, num_tokens = t["images"], t["num_tokens"]
+        refuse_other_images(layer, t["content_mean"])
         heads = [_head_entry(t, h, definition, per_mode) for h in range(t["sigma"].shape[0])]
         variance = t["pos_ss"] + t["content_ss"]
         moment = t["mean_ss"] + variance

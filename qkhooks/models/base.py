@@ -421,11 +421,32 @@ class AttentionSite:
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
         """Patch grid for a sequence of ``num_tokens``: the grid of the call being recorded (read off its
         :attr:`grid_source`, or handed to the module: NHWC / NCHW tokens, ``feat_size``, ``height, width``), else the
-        native grid. A token count that fits neither is refused: a square is never assumed (zoo12)."""
+        native grid. Refused: a token count that fits none (a square is never assumed, zoo12); a call whose own grid
+        is known and holds another count (detection tokens after the patches, dropped patches: the native grid of
+        the same count would be a guess, round 33); a layer whose grid source did not run for this call (tokens
+        made outside the recording)."""
         patches = num_tokens - self.num_prefix_tokens
-        for grid in (self._grid_of_source, self._grid_of_input, self.grid):
-            if grid is not None and grid[0] * grid[1] == patches:
+        called = [g for g in (self._grid_of_source, self._grid_of_input) if g is not None]
+        for grid in called:
+            if grid[0] * grid[1] == patches:
                 return grid
+        if called:
+            raise QKHooksError(
+                f"layer {self.layer} ({self.path}): this call's grid is {called[0][0]}x{called[0][1]} "
+                f"({called[0][0] * called[0][1]} patches), but {patches} tokens follow the {self.num_prefix_tokens} "
+                "prefix tokens (tokens added after the patches, or patches dropped), so which token is which patch is "
+                "not known here (another grid of that count is never assumed). What needs no grid still works: the "
+                "modes' maps and full attention maps (attention='full'), token by token."
+            )
+        if self.grid_source is not None and self.grid is not None and self.grid[0] * self.grid[1] == patches:
+            raise QKHooksError(
+                f"layer {self.layer} ({self.path}): its patch embedding did not run in this recorded call (tokens made "
+                "outside the recording), and the model takes other image sizes, so the native grid "
+                f"{self.grid} is not known to be theirs; record the model's whole forward. What needs no grid still "
+                "works: the modes' maps and full attention maps (attention='full'), token by token."
+            )
+        if self.grid is not None and self.grid[0] * self.grid[1] == patches:
+            return self.grid
         raise QKHooksError(
             f"layer {self.layer} ({self.path}): {patches} patch tokens are not its native grid {self.grid}, and the "
             "module was not handed them as a grid, so their grid is not known here (a square is never assumed). What "
@@ -519,6 +540,11 @@ def _additive(mask: Any) -> torch.Tensor | None:
     """An attention mask as the additive term the eager path adds: float as is, boolean True = attend."""
     if mask is None:
         return None
+    if not isinstance(mask, torch.Tensor):  # flex_attention's BlockMask (round 33: it crashed in .dtype)
+        raise QKHooksError(
+            f"the attention mask handed to the module is a {type(mask).__name__}, not a tensor (flex_attention's block "
+            "mask), so the term the model adds to its logits cannot be read; record with attn_implementation 'sdpa' "
+            "or 'eager' (model.set_attn_implementation('sdpa')).")
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     return mask.detach()

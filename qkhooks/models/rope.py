@@ -68,9 +68,11 @@ def _cos_sin(tables: Any) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = tables
     else:  # timm: [sin | cos] along the last axis
         sin, cos = tables.chunk(2, -1)
-    while cos.dim() > 2:
-        if cos.shape[0] != 1 and not torch.equal(cos[0], cos[-1]):
-            raise QKHooksError("rotary tables differ between images of the batch; RoPE bands need one grid.")
+    while cos.dim() > 2:  # a leading axis of images, or of heads (RoPE-Mixed): every entry must be the first's
+        if cos.shape[0] != 1 and not (torch.equal(cos, cos[:1].expand_as(cos)) and torch.equal(sin, sin[:1].expand_as(sin))):
+            raise QKHooksError(f"the rotary tables differ along their leading axis of {cos.shape[0]} (images of the "
+                               "batch, or heads with their own frequencies), so one set of RoPE bands does not hold "
+                               "for all of them; the bands need one table.")
         cos, sin = cos[0], sin[0]
     return cos.double(), sin.double()
 
