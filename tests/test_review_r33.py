@@ -213,3 +213,13 @@ def test_repair_of_a_cut_file_recovers_its_readable_images_where_it_raised(tmp_p
                 np.testing.assert_array_equal(np.asarray(run.array("modes/L1/query")[k]), originals[image])
             recovered_any |= len(run.ids) > 0
     assert recovered_any
+
+
+def test_the_modes_summary_says_when_the_anisotropy_baseline_covers_fewer_images_than_the_run():
+    from qkhooks.analysis.modes import _baseline_images_note
+
+    state = {"layers": np.array([0, 11]), "count": np.array([16, 16]), "sum": np.zeros((2, 4))}
+    assert _baseline_images_note(state, 22) == ("; the baseline covers 16 of the run's 22 images: the reducer checkpoint "
+                                                "was written before the run stopped; resume the run (--resume) to "
+                                                "fold in the rest.")
+    assert _baseline_images_note(state, 16) == ""

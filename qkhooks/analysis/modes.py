@@ -436,8 +436,8 @@ def analyze_modes(
         "geometry": {l: g.to_dict() for l, g in geometry.items()},
         "figures_left_out": figure_left_out,
         "anisotropy": None if not aniso["layers"] else {r["layer"]: {k_: r[k_] for k_ in ("baseline", "baseline_low", "baseline_high", "baseline_images", "cos_weighted", "relative_cos_weighted", "cos_weighted_note") if k_ in r} for r in aniso["rows"]},
-        "anisotropy_note": _anisotropy_note(spectra, shapes) if aniso_state is not None
-        else "the run has no anisotropy reducer state",
+        "anisotropy_note": _anisotropy_note(spectra, shapes) + _baseline_images_note(aniso_state, n)
+        if aniso_state is not None else "the run has no anisotropy reducer state",
         "same_object": None if same is None else {
             "top": same_object_top, "sign": same["sign"],
             "chance": same.get("chance"),
@@ -482,6 +482,16 @@ def analyze_modes(
 
     (out / "modes.json").write_text(json.dumps(jsonable(summary), indent=1, allow_nan=False))
     return summary
+
+
+def _baseline_images_note(state: Mapping[str, Any], n: int) -> str:
+    """A sentence where the anisotropy baseline covers fewer images than the run holds (round 33: a stopped run's
+    checkpoint covers the images before it; its baseline was reported beside the run's count without a word)."""
+    counts = np.asarray(state.get("count", [])).reshape(-1)
+    if not counts.size or int(counts.min()) >= n:
+        return ""
+    return (f"; the baseline covers {int(counts.min())} of the run's {n} images: the reducer checkpoint was written "
+            "before the run stopped; resume the run (--resume) to fold in the rest.")
 
 
 def _anisotropy_note(spectra: dict[int, dict[str, Any]], shapes: dict[int, tuple[int, int]]) -> str:
