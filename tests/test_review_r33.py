@@ -223,3 +223,36 @@ def test_the_modes_summary_says_when_the_anisotropy_baseline_covers_fewer_images
                                                 "was written before the run stopped; resume the run (--resume) to "
                                                 "fold in the rest.")
     assert _baseline_images_note(state, 16) == ""
+
+
+def test_a_checksummed_runs_spectra_carry_checksums_so_a_flipped_bit_is_found_not_read(tmp_path):
+    """--checksum covered the per-image arrays only: one flipped exponent bit in /spectrum/L0/cos_all changed a
+    cosine by 4x and verify called the run intact. Now verify names the array and a read refuses it."""
+    import h5py
+
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import load_model
+    from qkhooks.store import open_run, verify_run
+    from qkhooks.stream import record_dataset
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2).eval()
+    path = tmp_path / "run.h5"
+    record_dataset(load_model(model, image_config=ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)),
+                   "samples", path, limit=2, batch_size=2, progress=False, modes=2, checksum=True)
+    assert verify_run(path).ok
+    with h5py.File(path, "r") as f:
+        ds = f["spectrum/L0/cos_all"]
+        assert ds.fletcher32 and ds.chunks == ds.shape
+        offset = ds.id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as handle:
+        handle.seek(offset + 3)
+        byte = handle.read(1)[0]
+        handle.seek(offset + 3)
+        handle.write(bytes([byte ^ 0x40]))
+    report = verify_run(path)
+    assert not report.ok and report.problems[0].startswith("/spectrum/L0/cos_all unreadable")
+    with pytest.raises(QKHooksError, match=r"is damaged \(HDF5 cannot read it: .*\): run `qkhooks repair"):
+        with open_run(path) as run:
+            run.spectrum(0)

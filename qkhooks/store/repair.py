@@ -351,7 +351,8 @@ def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str]) -> None:
                 for k, v in obj.attrs.items():
                     group.attrs[k] = v
             elif not obj.attrs.get("per_image", False):
-                dst.create_dataset(name, data=obj[()], dtype=obj.dtype)
+                summed = dict(chunks=obj.chunks, fletcher32=True) if obj.fletcher32 else {}  # its checksum kept
+                dst.create_dataset(name, data=obj[()], dtype=obj.dtype, **summed)
         except _READ_ERRORS as exc:
             problems.append(f"{name} unreadable ({exc})")
 

@@ -937,7 +937,10 @@ class RunWriter:
                 if ds is not None:
                     del self._file[name]
                     self._groups.clear()  # it may have been a group, or held one
-                self._layout_group(group_name).create_dataset(key, data=value)
+                # a checksummed run's statics carry Fletcher-32 too (round 33: a flipped bit in a spectrum read as a
+                # number, and verify called the run intact): one chunk, the whole array
+                summed = dict(chunks=value.shape, fletcher32=True) if self.checksum and value.ndim and value.size else {}
+                self._layout_group(group_name).create_dataset(key, data=value, **summed)
         if self.laid_out:  # a laid-out file's statics are on disk now; a new run's go with the layout (_publish)
             self._file.flush()
 
