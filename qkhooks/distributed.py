@@ -384,6 +384,9 @@ def _merge_per_image(f: h5py.File, out: Path, name: str, shards: list[_Shard], b
         ds = f.create_virtual_dataset(name, layout, fillvalue=_fill(ref.dtype))
     for k, v in ref.attrs.items():
         ds.attrs[k] = v
+    if not copy:  # which run each shard held when merged: a shard rewritten since (a rerun) is refused on reading
+        ds.attrs[fmt.SHARD_RUNS] = json.dumps({Path(os.path.relpath(s.path.resolve(), out.parent.resolve())).as_posix():
+                                           fmt.run_id_of(s.file) for s, _ in parts})
 
 
 # ------------------------------------------------------------------------------------------ recording

@@ -256,3 +256,43 @@ def test_a_checksummed_runs_spectra_carry_checksums_so_a_flipped_bit_is_found_no
     with pytest.raises(QKHooksError, match=r"is damaged \(HDF5 cannot read it: .*\): run `qkhooks repair"):
         with open_run(path) as run:
             run.spectrum(0)
+
+
+def test_a_merged_view_refuses_a_shard_rewritten_by_another_run(tmp_path):
+    """A merged view reads its images from the shard files beside it. A rerun that rewrote one shard (killed before
+    the view was merged again) left the old view reading the new run's rows as its own, verify saying intact. Now the
+    view knows each shard's run id: a read refuses and verify names the rows; merging again reads the new run."""
+    from qkhooks.distributed import merge_shards, shard_path
+    from qkhooks.store import open_run, verify_run
+    from qkhooks.stream import record_dataset
+
+    torch.manual_seed(0)
+    loaded = qkhooks.load_model(timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32,
+                                                  embed_dim=32, depth=1, num_heads=2).eval())
+    from PIL import Image
+
+    folder, rng = tmp_path / "photos", np.random.default_rng(0)
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    out, kw = tmp_path / "m.h5", dict(modes=2, batch_size=2, reducers=[], progress=False)
+    shards = [shard_path(out, r, 2) for r in range(2)]
+    for r, p in enumerate(shards):
+        record_dataset(loaded, str(folder), p, shard=(r, 2), **kw)
+    merge_shards(out)
+    with open_run(out) as run:
+        first = np.asarray(run.query(0)[:])
+    assert verify_run(out).ok
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / "p3.png")  # a photo replaced
+    record_dataset(loaded, str(folder), shards[1], shard=(1, 2), overwrite=True, **kw)  # the rerun's rank 1 only
+    with open_run(shards[1]) as shard:
+        rewritten = np.asarray(shard.query(0)[:])
+    assert not np.array_equal(rewritten, first[2:])  # the new run's rows differ: reading them would be a wrong number
+    with pytest.raises(QKHooksError, match=r"its shard\(s\) m.rank1-of-2.h5 now hold another run than the one merged"):
+        with open_run(out) as run:
+            run.query(0)[:]
+    report = verify_run(out)
+    assert not report.ok and any("holds another run than the one merged" in p for p in report.problems)
+    merge_shards(out, overwrite=True)
+    with open_run(out) as run:
+        np.testing.assert_array_equal(np.asarray(run.query(0)[:]), np.concatenate([first[:2], rewritten]))

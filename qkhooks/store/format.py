@@ -31,7 +31,8 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "datasets", "per_image_datasets", "layout_problems",
            "read_states", "states_and_problem", "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "run_id_of",
-           "identity_of", "as_str", "read_ids", "read_skipped", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY"]
+           "identity_of", "as_str", "read_ids", "read_skipped", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
+           "SHARD_RUNS"]
 
 FORMAT_ATTR = "qkhooks_format"
 """Root attribute: the run file's format number, an integer written when the file is created (the writer's layout, a
@@ -46,6 +47,9 @@ any format: they find every part by name and ignore parts they do not know, so a
 misread (an existing dataset or attribute that comes to mean something else) takes a new name instead."""
 
 IDS = "images/ids"
+SHARD_RUNS = "shard_runs"
+"""Attribute of a merged view's per-image dataset: JSON {shard file: its run_id when merged}, so a shard rewritten
+since (a rerun with --overwrite) is refused, not read into the old view (round 33)."""
 ID_DIGESTS = "images/id_digests"
 """Runs recorded with ``--checksum`` (``checksum=True``): (n, :data:`ID_DIGEST_BYTES`) uint8, row i the BLAKE2b digest
 of image i's id (its UTF-8 bytes, as :data:`IDS` stores them), with HDF5's Fletcher-32 checksum. HDF5 keeps the ids

@@ -109,6 +109,37 @@ def missing_shard_rows(ds: h5py.Dataset, folder: Path, n: int,
             if lo < n and not (folder / name).exists()]
 
 
+_SHARD_RUN_IDS: dict[tuple[str, int, int, int], str | None] = {}  # (path, inode, mtime_ns, size) -> its run_id
+
+
+def _shard_run_id(path: Path) -> str | None:
+    """A shard file's run_id, read again only when the file changed (its inode, mtime or size)."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key not in _SHARD_RUN_IDS:
+        from qkhooks.store._hdf5 import open_reader
+
+        f = open_reader(path)
+        try:
+            _SHARD_RUN_IDS[key] = fmt.run_id_of(f)
+        finally:
+            f.close()
+    return _SHARD_RUN_IDS[key]
+
+
+def rewritten_shards(ds: h5py.Dataset, folder: Path, n: int,
+                     sources: Sequence[tuple[str, int, int]] | None = None) -> list[tuple[str, int, int]]:
+    """(shard, first row, stop) of a merged view's shards that hold another run than when merged (rewritten by a
+    rerun since): HDF5 would read that run's rows into this view without a word. Views merged before round 33 say
+    nothing of their shards' runs: none is found."""
+    merged = json.loads(fmt.as_str(ds.attrs.get(fmt.SHARD_RUNS, "{}")) or "{}")
+    out = []
+    for name, lo, hi in (shard_sources(ds) if sources is None else sources):
+        if lo < n and name in merged and (folder / name).exists() and _shard_run_id(folder / name) != merged[name]:
+            out.append((name, lo, min(hi, n)))
+    return out
+
+
 class RunArray:
     """A per-image dataset limited to the committed images; slicing returns numpy arrays."""
 
@@ -182,6 +213,13 @@ class RunArray:
         if not self._shards[1]:
             return
         path = Path(ds.file.filename)
+        changed = rewritten_shards(ds, path.parent, self.n, self._shards[1])
+        if changed:
+            raise QKHooksError(
+                f"{self._name} of {path} is a merged view, and its shard(s) {', '.join(c[0] for c in changed)} now hold "
+                "another run than the one merged (rewritten since, e.g. by a rerun with --overwrite), so the view "
+                "would read that run's images as its own. Merge the shards again (qkhooks merge), or rerun the "
+                "recording.")
         gone = missing_shard_rows(ds, path.parent, self.n, self._shards[1])
         if gone:
             rows = ", ".join(f"{lo}-{hi - 1}" for lo, hi in gone)

@@ -28,7 +28,7 @@ import numpy as np
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import DamagedRunError, create_run_file, open_damaged
-from qkhooks.store.reader import RunReader, missing_shard_rows
+from qkhooks.store.reader import RunReader, missing_shard_rows, rewritten_shards
 
 __all__ = ["repair", "RepairReport", "verify_run", "VerifyReport"]
 
@@ -487,10 +487,12 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
     for name, ds in sorted(arrays.items()) + ([(fmt.IDS, found[fmt.IDS])] if fmt.IDS in found else []):
         failing, why = _failing_rows(ds, n, real_size, decode=fmt.ID_DIGESTS not in found)
         gone = missing_shard_rows(ds, reader.path.parent, n)
-        if failing or gone:
-            damaged[name] = sorted(failing + gone)
-            lines.append(_rows_line(ds.name, damaged[name], why or "their shard file is missing: this merged view "
-                                    "reads them as NaN or -1"))
+        changed = [(lo, hi) for _, lo, hi in rewritten_shards(ds, reader.path.parent, n)]
+        if failing or gone or changed:
+            damaged[name] = sorted(failing + gone + changed)
+            lines.append(_rows_line(ds.name, damaged[name], why or ("their shard file is missing: this merged view "
+                                    "reads them as NaN or -1" if gone else "their shard file holds another run than "
+                                    "the one merged (rewritten since): merge again")))
     if fmt.ID_DIGESTS in found and fmt.IDS in found:
         ids = found[fmt.IDS]
         off, failing, why = _ids_off_their_digests(found[fmt.ID_DIGESTS], ids, min(n, ids.shape[0]), real_size,
