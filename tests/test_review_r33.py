@@ -296,3 +296,25 @@ def test_a_merged_view_refuses_a_shard_rewritten_by_another_run(tmp_path):
     merge_shards(out, overwrite=True)
     with open_run(out) as run:
         np.testing.assert_array_equal(np.asarray(run.query(0)[:]), np.concatenate([first[:2], rewritten]))
+
+
+def test_bfd_labels_numerically_null_modes_null_and_leaves_them_out_of_the_claims():
+    """Head 0's W_q with 4 of its 16 rows zero: W_q^T W_k has rank 12 there (numpy's SVD), so its last 4 modes are
+    null (vectors not fixed by the weights). Round 32 labelled them CC/CP/PC/PP and counted them in the claims."""
+    from qkhooks.analysis.bfd import paper_claims, run_bfd
+
+    model = _bfd_model("vit_tiny_patch16_224")
+    dk, d = 16, 32
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[:4] = 0  # head 0's first 4 query rows
+    w = model.blocks[0].attn.qkv.weight.detach().double().numpy()
+    ranks = [np.linalg.matrix_rank(w[h * dk:(h + 1) * dk].T @ w[d + h * dk:d + (h + 1) * dk]) for h in range(2)]
+    assert ranks == [12, 16]
+    result = run_bfd(model, torch.randn(4, 3, 32, 32), None, batch_size=4, decode=False, per_mode=True)
+    heads = result["layers"][0]["heads"]
+    assert [len(h["modes"]) for h in heads] == [dk, dk]
+    assert [[m["null"] for m in h["modes"]].count(True) for h in heads] == [dk - 12, dk - 16]
+    assert all(m["label"] == "null" for h in heads for m in h["modes"] if m["null"])
+    assert all(m["label"] in ("CC", "CP", "PC", "PP") for h in heads for m in h["modes"] if not m["null"])
+    sentence = next(s for s in paper_claims(result)["sentences"] if s.startswith("Mode labels"))
+    assert sentence.startswith("Mode labels over 28 modes") and "(4 numerically null modes left out" in sentence

@@ -15,6 +15,7 @@ import numpy as np
 
 from qkhooks.analysis.bfd_reducers import layer_state, patch_targets
 from qkhooks.errors import QKHooksError
+from qkhooks.spectrum import null_modes
 
 __all__ = ["summarize", "energy_tables", "decoding_r2", "paper_claims", "refuse_one_image", "refuse_no_content",
            "refuse_other_images", "PASS_TOLERANCE",
@@ -46,7 +47,9 @@ DEFINITIONS = {
     "first, as shares of their sum; global_mean_share = share of the five cells with G on a side (which the "
     "two-way view counts as PP, PC or CP).",
     "coupling": "content-position coupling = CP + PC (either side), from the same definition as the shares.",
-    "label": "CC, CP, PC or PP: the largest of the four shares (query side first).",
+    "label": "CC, CP, PC or PP: the largest of the four shares (query side first); a numerically null mode "
+    "(qkhooks.spectrum.null_modes: its vectors are not fixed by the weights) is labelled null and left out of the "
+    "claims.",
     "participation_ratio": "(sum_n e_n)^2 / sum_n e_n^2 over the per-mode energies e_n of the same definition.",
     "mode_ranking": "mode indices by decreasing per-mode energy of the same definition; rank 0 = largest.",
     "layer_averages": "energy = plain mean over heads of the head shares (energy_std their spread); "
@@ -216,6 +219,7 @@ def energy_tables(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
         "content_ss": content_ss,
         "mean_ss": mean_ss,
         "content_mean": float(np.abs(s["content_sum"] / n).max() / max(np.abs(p).max(), 1e-300)),
+        "dim": int(np.asarray(p).shape[-1]),  # d: the form W_q^T W_k is d x d (the null-mode rule's size)
     }
 
 
@@ -263,15 +267,22 @@ def _head_entry(tables: Mapping[str, Any], h: int, definition: str, per_mode: bo
     }
     if per_mode:
         ranks = {kind: np.argsort(parts[kind]["mode_ranking"], kind="stable") for kind in KINDS}
+        # round 33: a numerically null mode's vectors are any basis of the null spaces (its energy ~1e-10 of the
+        # head's), so it gets no label and the claims leave it out (qkhooks.spectrum.null_modes, the float32 rule)
+        null = null_modes(np.asarray(tables["sigma"][h], np.float32), tables["dim"])
         modes = []
         for n in range(tables["sigma"].shape[1]):
             mparts = {kind: {**_mode_part(tables[kind], h, n), "rank": int(ranks[kind][n])} for kind in KINDS}
             fm = full[n]
             mparts["additive"]["global_mean_share"] = _f(_div(fm - tables["additive"]["mode_energy"][h, n], fm))
             mparts["additive"]["sides"] = {f"{side}_{f}": _f(tables[side][f][h, n]) for side in "qk" for f in "GPC"}
+            if null[n]:
+                for kind in KINDS:
+                    mparts[kind]["label"] = "null"
             pick = mparts[definition]
             modes.append({"mode": n, "sigma": _f(tables["sigma"][h, n]), "rank": pick["rank"], "energy": pick["energy"],
-                          "label": pick["label"], "share_of_head": pick["share_of_head"], **mparts})
+                          "label": pick["label"], "share_of_head": pick["share_of_head"], "null": bool(null[n]),
+                          **mparts})
         entry["modes"] = modes
     return entry
 
@@ -487,13 +498,17 @@ def paper_claims(
         f"{mean['CP'] + mean['PC']:.2f} vs PP {mean['PP']:.2f}).",
         "heads_specialise": f"Head labels: {label_text} ({'specialised' if out['heads_specialise'] else 'all alike'}).",
     }
-    modes = [m for h in heads for m in h.get("modes", [])]
+    every = [m for h in heads for m in h.get("modes", [])]
+    modes = [m for m in every if not m.get("null")]
     if modes:
         mode_labels = Counter(m[kind]["label"] for m in modes)
         out["modes_specialise"] = bool(mode_labels.get("CC") and mode_labels.get("PP")
                                        and (mode_labels.get("CP") or mode_labels.get("PC")))
+        left = len(every) - len(modes)
         sentences["modes_specialise"] = (f"Mode labels over {len(modes)} modes: "
-                                         + ", ".join(f"{t} {mode_labels.get(t, 0)}" for t in TERMS) + ".")
+                                         + ", ".join(f"{t} {mode_labels.get(t, 0)}" for t in TERMS)
+                                         + (f" ({left} numerically null modes left out: the weights do not fix their "
+                                            "vectors)" if left else "") + ".")
     else:
         out["modes_specialise"] = None
         sentences["modes_specialise"] = "No per-mode entries in this result (run with per-mode output)."
