@@ -318,3 +318,41 @@ def test_bfd_labels_numerically_null_modes_null_and_leaves_them_out_of_the_claim
     assert all(m["label"] in ("CC", "CP", "PC", "PP") for h in heads for m in h["modes"] if not m["null"])
     sentence = next(s for s in paper_claims(result)["sentences"] if s.startswith("Mode labels"))
     assert sentence.startswith("Mode labels over 28 modes") and "(4 numerically null modes left out" in sentence
+
+
+def test_damage_that_h5py_reports_as_none_or_bad_json_is_one_qkhookserror_naming_repair(tmp_path):
+    """Two reads that raised raw Python errors on a damaged file: a spectrum array whose object header does not read
+    (h5py hands None: TypeError) and an attribute's JSON that no longer parses (JSONDecodeError)."""
+    import h5py
+
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import load_model
+    from qkhooks.store import open_run
+    from qkhooks.stream import record_dataset
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2).eval()
+    path = tmp_path / "run.h5"
+    record_dataset(load_model(model, image_config=ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)),
+                   "samples", path, limit=2, batch_size=2, progress=False, modes=2)
+    with h5py.File(path, "r+") as f:
+        info = f["model"].attrs["info"]
+        f["model"].attrs["info"] = (info.decode() if isinstance(info, bytes) else info)[:-7] + "\x02\x01}"
+    with open_run(path) as run:
+        with pytest.raises(QKHooksError, match=r"is damaged \(an attribute's JSON does not parse .*qkhooks repair"):
+            run.info
+        with pytest.raises(QKHooksError, match=r"is damaged .*qkhooks repair"):
+            run.query(0)[:]
+
+    with h5py.File(path, "r+") as f:
+        f["model"].attrs["info"] = info  # mended: the second damage alone
+
+    class _Group(dict):  # what h5py hands for a group whose member's header is damaged: the member as None
+        pass
+
+    with open_run(path) as run:
+        real = run.file.get
+        run.file.get = lambda name, default=None: (_Group(U=None) if name == "spectrum/L0" else real(name, default))
+        with pytest.raises(QKHooksError, match=r"spectrum/L0/U cannot be opened \(its object header does not read\)"):
+            run.spectrum_arrays(0)

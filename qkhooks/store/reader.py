@@ -443,6 +443,8 @@ class RunReader:
             yield
         except QKHooksError:
             raise
+        except json.JSONDecodeError as exc:  # round 33: an attribute's JSON (model/info, config) that does not parse
+            raise QKHooksError(damaged_message(self.path, f"an attribute's JSON does not parse ({exc})")) from None
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             if isinstance(exc, (KeyError, ValueError)) and not _from_hdf5(exc):
                 raise
@@ -759,7 +761,12 @@ class RunReader:
         group = self.file.get(f"spectrum/L{index}")
         if group is None:
             raise QKHooksError(f"{self.path} has no spectrum for layer {index}; layers with one: {self._groups('spectrum')}.")
-        return {k: v[()] for k, v in group.items()}
+        arrays = dict(group.items())
+        broken = sorted(k for k, v in arrays.items() if not isinstance(v, h5py.Dataset))  # h5py hands None for an
+        if broken:  # object whose header does not read (round 33: a raw TypeError on v[()])
+            raise QKHooksError(damaged_message(self.path, f"spectrum/L{index}/{broken[0]} cannot be opened (its "
+                                                          "object header does not read)"))
+        return {k: v[()] for k, v in arrays.items()}
 
     @property
     def qk_spectrum(self) -> QKSpectrum | None:
