@@ -237,6 +237,7 @@ class Recording:
         self._residual: dict[int, torch.Tensor] = {}
         self.last: BatchCapture | None = None
         self._unfinished = False  # a forward began after the last batch completed and has not completed
+        self._begun_in_backward = False  # that forward began inside backward() (a checkpointed block recomputed)
         self._checked_training = False  # whether active dropout was looked for in training mode (attach, _begin_batch)
         self._bias: dict[int, torch.Tensor | str] = {}  # layer -> its position-only term, or why it has none
         self._token_geometries: dict[tuple, LayerGeometry] = {}  # (layer, tokens, call grids) -> its geometry
@@ -421,6 +422,7 @@ class Recording:
         # the last batch is freed as the next forward begins (a batch the caller holds stays theirs), so a recording
         # never holds two batches' maps at once: half the peak for full maps, and no heap grown and trimmed a batch
         self.last, self._unfinished = None, True
+        self._begun_in_backward = torch._C._current_graph_task_id() != -1  # a checkpointed block recomputed
         self._taking_x = set()
         self._current = BatchCapture(ids=list(meta.pop("ids", [])), meta=meta, module_paths=self.module_paths,
                                      qk_spectrum=self.qk_spectrum)
@@ -889,6 +891,12 @@ class Recording:
             if not self.keep_last:
                 raise QKHooksError("this recording hands each batch to its sinks only (keep_last=False, as "
                                    "record_dataset's), so it keeps no last batch to read; record with keep_last=True.")
+            if self._unfinished and self._begun_in_backward:  # round 33: the reason given was the one below
+                raise QKHooksError("the recorded layers last ran inside backward(), recomputed by gradient "
+                                   "checkpointing, which began a new batch that no forward completes; the recording "
+                                   "frees its last batch as the next begins, so there is none to read. Read the "
+                                   "batch before backward() (batch = run.last keeps it), or record with checkpointing "
+                                   "off (model.set_grad_checkpointing(False)).")
             if self._unfinished:
                 raise QKHooksError("the last forward did not complete (it raised, or it is still running), and a "
                                    "recording frees its last batch as the next forward begins, so there is no batch to "

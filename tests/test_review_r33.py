@@ -356,3 +356,22 @@ def test_damage_that_h5py_reports_as_none_or_bad_json_is_one_qkhookserror_naming
         run.file.get = lambda name, default=None: (_Group(U=None) if name == "spectrum/L0" else real(name, default))
         with pytest.raises(QKHooksError, match=r"spectrum/L0/U cannot be opened \(its object header does not read\)"):
             run.spectrum_arrays(0)
+
+
+def test_reading_after_a_checkpointed_backward_names_the_recomputation_not_a_failed_forward():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=3)
+    model.set_grad_checkpointing(True)
+    model.train()  # no dropout configured: the forward is deterministic
+    images = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with qkhooks.record(model, modes=2, attention="full") as run:
+            model(images).sum().backward()
+            with pytest.raises(QKHooksError, match=r"last ran inside backward\(\), recomputed by gradient checkpointing"):
+                run.attention(0, "full")
+            with torch.no_grad():
+                model(images)
+            maps = run.attention(0, "full")  # a forward completes again: its batch reads
+    assert maps.shape == (2, 2, 17, 17) and torch.allclose(maps.sum(-1), torch.ones(2, 2, 17), atol=1e-5)
