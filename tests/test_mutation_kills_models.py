@@ -420,8 +420,10 @@ def test_an_hf_attention_owning_a_table_or_scale_or_sitting_in_a_windowed_block_
     model.get_submodule(path).q_norm = nn.LayerNorm(8)  # refused before the adapter runs (unsupported.diagnose)
     with pytest.raises(QKHooksError) as err:
         qkhooks.sites(model)
-    assert str(err.value) == (f"unsupported attention in {path!r} ({name}): q/k normalisation makes the logit a non-linear "
-                              "function of the tokens, so W_q^T W_k has no exact meaning there.")
+    assert str(err.value) == (f"unsupported attention in {path!r} ({name}): it normalises q and k (q_norm, k_norm) in a "
+                              "form qkhooks does not model (q/k-norm is modelled in the attention modules README lists, "
+                              "where the exact normalised form is rebuilt); its logits are a non-linear function of the "
+                              "tokens, so W_q^T W_k alone would not describe them.")
     model = _hf_vit()
     model.get_submodule(qkhooks.sites(model)[1].block_path).window_size = 2
     with pytest.raises(QKHooksError) as err:

@@ -192,9 +192,11 @@ def diagnose(model: nn.Module) -> None:
         if any(name.startswith(p) for p in modelled) or _under(name, aside):
             continue
         if _has_qk_norm(module) and not qk_norm_modelled(module) and not _modelled(module):
-            raise QKHooksError(
-                f"unsupported attention in {name!r} ({type(module).__name__}): q/k normalisation makes the "
-                "logit a non-linear function of the tokens, so W_q^T W_k has no exact meaning there."
+            raise QKHooksError(  # round 33: worded as if q/k-norm were never modelled, which it is (qknorm.py)
+                f"unsupported attention in {name!r} ({type(module).__name__}): it normalises q and k (q_norm, k_norm) "
+                "in a form qkhooks does not model (q/k-norm is modelled in the attention modules README lists, where "
+                "the exact normalised form is rebuilt); its logits are a non-linear function of the tokens, so "
+                "W_q^T W_k alone would not describe them."
             )
         if _modelled(module):
             continue
