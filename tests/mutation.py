@@ -495,7 +495,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # writer's overflow check by reducers.overflows and the resume's held-reducer check (stream.py's record_dataset:
     # decorated, mutated by hand). Against round 32's review, data, fixes and kill tests, the data, inputs, sources,
     # spectrum and weights-check tests, the from_hf kill files, round 21's precision tests, the given-spectrum tests of
-    # the earlier kill files and round 33's kill file (in-process tests). Run with --only ROUND33.
+    # the earlier kill files and round 33's kill file (in-process tests; not the three that check a warning's line,
+    # which mutmut's trampoline moves: the stats pass failed on them). Run with --only ROUND33.
     "round33": (["qkhooks/capture.py", "qkhooks/data/display.py", "qkhooks/data/geometry.py", "qkhooks/data/items.py",
                  "qkhooks/data/preprocess.py", "qkhooks/data/sources.py", "qkhooks/models/base.py",
                  "qkhooks/models/timm.py", "qkhooks/models/unsupported.py", "qkhooks/projector.py",
@@ -504,11 +505,13 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "tests/test_data.py", "tests/test_inputs.py", "tests/test_sources.py", "tests/test_weights_check_r22.py",
                  "tests/test_spectrum.py", KILLS_IO, "tests/test_mutation_kills_io2.py", "tests/test_precision_r21.py",
                  "tests/test_mutation_kills_r20b.py", "tests/test_mutation_kills_r23.py", KILLS_CAPTURE, KILLS_R33],
-                "test_data_r32 or test_review_r32 or test_fixes_r32 or test_mutation_kills_r32 or test_data or "
+                "(test_data_r32 or test_review_r32 or test_fixes_r32 or test_mutation_kills_r32 or test_data or "
                 "test_inputs or test_sources or test_weights_check_r22 or test_spectrum or test_mutation_kills_io or "
                 "test_mutation_kills_io2 or test_precision_r21 or test_mutation_kills_r33 or "
                 "((test_mutation_kills_r20b or test_mutation_kills_r23 or test_mutation_kills_capture) and "
-                "(given_spectrum or spectrum_of_inference_mode_weights_follows))"),
+                "(given_spectrum or spectrum_of_inference_mode_weights_follows))) and not "
+                "(live_record_of_a_model_dropping_at_random or live_layer_read_as_the_old_dict or "
+                "guessed_preprocessing_warning_points_at_the_callers_line"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
