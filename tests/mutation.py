@@ -511,7 +511,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "((test_mutation_kills_r20b or test_mutation_kills_r23 or test_mutation_kills_capture) and "
                 "(given_spectrum or spectrum_of_inference_mode_weights_follows))) and not "
                 "(live_record_of_a_model_dropping_at_random or live_layer_read_as_the_old_dict or "
-                "guessed_preprocessing_warning_points_at_the_callers_line"),
+                "guessed_preprocessing_warning_points_at_the_callers_line)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
