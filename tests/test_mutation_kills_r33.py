@@ -324,3 +324,39 @@ def test_an_unknown_hf_attention_function_is_refused_in_the_whole_sentence():
                 "(model.set_attn_implementation('sdpa')).")
     with pytest.raises(QKHooksError, match="^" + re.escape(sentence) + "$"):
         qkhooks.record(model, modes=None, attention="full")
+
+
+# ------------------------------------------------------------------ the x path of an augmented spectrum
+def _norm1_tokens(model, x) -> list[torch.Tensor]:
+    """The tokens entering each block's attention (its norm1 output), as the model computes them."""
+    seen = []
+    hooks = [b.norm1.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone())) for b in model.blocks]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_an_augmented_spectrums_maps_from_x_are_the_tokens_with_a_constant_one_on_the_modes(autocast):
+    """``ModeProjector.__call__`` ``_11`` (the bias row left out), ``_20`` (addmm without the tokens): with
+    ``augmented=True`` the x path's maps are [x; 1]·u_n and [x; 1]·v_n (float64 reference), under a caller's CPU
+    autocast too (maps in float32)."""
+    model = _vit()
+    with torch.no_grad():
+        for block in model.blocks:  # timm initialises the biases to 0: give the constant coordinate a weight
+            block.attn.qkv.bias.copy_(torch.randn(block.attn.qkv.bias.shape, generator=torch.Generator().manual_seed(1)))
+    x = _images()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        tokens = _norm1_tokens(model, x)
+        with torch.no_grad(), qkhooks.record(model, modes=4, augmented=True, qk_path=False) as run:
+            run(x)
+    for layer in (0, 1):
+        spectrum = run.spectrum(layer)
+        assert spectrum.augmented and run.query(layer).dtype == torch.float32
+        ones = torch.cat([tokens[layer].double(), torch.ones_like(tokens[layer][..., :1]).double()], -1)
+        u, v = torch.as_tensor(spectrum.U).double(), torch.as_tensor(spectrum.V).double()
+        assert (run.query(layer).double() - torch.einsum("bnd,hdk->bhkn", ones, u)).abs().max() < 1e-4
+        assert (run.key(layer).double() - torch.einsum("bnd,hdk->bhkn", ones, v)).abs().max() < 1e-4
+        assert float(u[:, -1].abs().max()) > 1e-2  # the constant coordinate weighs
