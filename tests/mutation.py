@@ -96,6 +96,8 @@ KILLS_R30 = "tests/test_mutation_kills_r30.py"
 KILLS_R31 = "tests/test_mutation_kills_r31.py"
 # Round 32 (mutation): the kill tests of the library code of rounds 31 and 32 (module "round32").
 KILLS_R32 = "tests/test_mutation_kills_r32.py"
+# Round 33 (mutation): the kill tests of round 32's later library code, the review fixes (module "round33").
+KILLS_R33 = "tests/test_mutation_kills_r33.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -482,6 +484,34 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_mutation_kills_io and streamed_id_seen_twice) or "
                 "(test_report and (summary_has_every_section or readings_state)) or test_mutation_kills_r31 or "
                 "test_mutation_kills_r32"),
+    # Round 33 (mutation): round 32's later library code, the review fixes (`fcb421f..ebe8fa2`): the per-batch weights
+    # check of live views (spectrum.py's weights_state, weights_unchanged, live_qk_tensors; capture.py's _check_weights,
+    # detach), a given spectrum checked against the weights (is_cached_spectrum, foreign_spectrum, _layer_modes,
+    # spectrum_of_other_weights), maps under autocast in float32 (projector.py), an unknown HF attention function and a
+    # timm scale the fused path ignores refused (models/unsupported.py, timm.py's scale_attribute), model.train() inside
+    # the context (_begin_batch), HF processors read as their class reads them and HF's centre crop
+    # (data/preprocess.py, geometry.py), a dataset of another preprocessing refused (data/sources.py), tRNS, truncated
+    # and animated images (data/display.py), symlinked subfolders (data/items.py), Recipe.reducers of a builtin, the
+    # writer's overflow check by reducers.overflows and the resume's held-reducer check (stream.py's record_dataset:
+    # decorated, mutated by hand). Against round 32's review, data, fixes and kill tests, the data, inputs, sources,
+    # spectrum and weights-check tests, the from_hf kill files, round 21's precision tests, the given-spectrum tests of
+    # the earlier kill files and round 33's kill file (in-process tests; not the three that check a warning's line,
+    # which mutmut's trampoline moves: the stats pass failed on them). Run with --only ROUND33.
+    "round33": (["qkhooks/capture.py", "qkhooks/data/display.py", "qkhooks/data/geometry.py", "qkhooks/data/items.py",
+                 "qkhooks/data/preprocess.py", "qkhooks/data/sources.py", "qkhooks/models/base.py",
+                 "qkhooks/models/timm.py", "qkhooks/models/unsupported.py", "qkhooks/projector.py",
+                 "qkhooks/reducers.py", "qkhooks/spectrum.py", "qkhooks/store/writer.py", "qkhooks/stream.py"],
+                ["tests/test_data_r32.py", "tests/test_review_r32.py", "tests/test_fixes_r32.py", KILLS_R32,
+                 "tests/test_data.py", "tests/test_inputs.py", "tests/test_sources.py", "tests/test_weights_check_r22.py",
+                 "tests/test_spectrum.py", KILLS_IO, "tests/test_mutation_kills_io2.py", "tests/test_precision_r21.py",
+                 "tests/test_mutation_kills_r20b.py", "tests/test_mutation_kills_r23.py", KILLS_CAPTURE, KILLS_R33],
+                "(test_data_r32 or test_review_r32 or test_fixes_r32 or test_mutation_kills_r32 or test_data or "
+                "test_inputs or test_sources or test_weights_check_r22 or test_spectrum or test_mutation_kills_io or "
+                "test_mutation_kills_io2 or test_precision_r21 or test_mutation_kills_r33 or "
+                "((test_mutation_kills_r20b or test_mutation_kills_r23 or test_mutation_kills_capture) and "
+                "(given_spectrum or spectrum_of_inference_mode_weights_follows))) and not "
+                "(live_record_of_a_model_dropping_at_random or live_layer_read_as_the_old_dict or "
+                "guessed_preprocessing_warning_points_at_the_callers_line)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -655,11 +685,15 @@ ROUND31 = ("commits:abe37ed..4a07a01",)
 # failed forward's batch dropped, missing shards refused; the float16 overflow refusals, Reducer.images_held, same-object's
 # chance per layer), by :func:`written_by`.
 ROUND32 = ("commits:4a07a01..fcb421f",)
+# Round 32's later library commits, for `--only` with the module "round33" (`fcb421f..ebe8fa2`: the review fixes of the
+# capture and data paths, Recipe.reducers of a builtin, an HF composite config's attention map, the writer's overflow
+# check by reducers.overflows and the resume's held-reducer check), by :func:`written_by`.
+ROUND33 = ("commits:fcb421f..ebe8fa2",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
               "ROUND28B": ROUND28B, "ROUND29": ROUND29, "ROUND30": ROUND30,
-              "ROUND31": ROUND31, "ROUND32": ROUND32}
+              "ROUND31": ROUND31, "ROUND32": ROUND32, "ROUND33": ROUND33}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
