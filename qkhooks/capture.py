@@ -49,7 +49,7 @@ from qkhooks.attention import (
 )
 from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import _ADAPTERS, AttentionSite, find_sites, grid_source_hooks, select_layers
+from qkhooks.models.base import SOURCE_NOT_RUN, _ADAPTERS, AttentionSite, find_sites, grid_source_hooks, select_layers
 from qkhooks.models.load import unwrap_loaded
 from qkhooks.models.unsupported import (compiled_by_dynamo, hooked_paths, own_hook, refuse_altered_qk, refuse_compiled,
                                         remove_own_hooks, traced_refusal, unmodelled_parts)
@@ -404,7 +404,7 @@ class Recording:
         """Forget the grids earlier calls' patch embeddings read (round 33): a call reads its own, or has none (its
         tokens were made outside the recording) and is not given an earlier one (``AttentionSite.grid_for``)."""
         for site in self.sites:
-            site._grid_of_source = None
+            site._grid_of_source = SOURCE_NOT_RUN if site.grid_source is not None else None
 
     def _begin_batch(self, module: nn.Module, args: tuple, kwargs: dict, outer: bool = True) -> None:
         if outer and module is self._model_ref():  # the model's own call: its patch embeddings have not run yet

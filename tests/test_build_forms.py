@@ -172,7 +172,8 @@ def test_no_site_or_analysis_guesses_a_square_grid_on_a_non_square_input():
     with qkhooks.record(vit, modes=2) as run, torch.no_grad():
         run(torch.randn(2, 3, 128, 32))
         assert run.sites[0].grid_for(65) == (16, 4)  # CLS + the 16x4 patches of the call
-        with pytest.raises(QKHooksError, match=r"layer 0 \(blocks.0.attn\): 63 patch tokens .* never assumed"):
+        with pytest.raises(QKHooksError, match=r"layer 0 \(blocks.0.attn\): this call's grid is 16x4 \(64 patches\), "
+                                               r"but 63 tokens follow .* never assumed"):
             run.sites[0].grid_for(64)
     assert tuple(run.geometry(0).grid) == (16, 4)
     volo = perturb(VOLO(layers=(1, 1, 1, 1), img_size=(64, 96), embed_dims=(32, 64, 64, 64), num_heads=(2, 2, 2, 2),

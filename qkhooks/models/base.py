@@ -426,7 +426,7 @@ class AttentionSite:
         the same count would be a guess, round 33); a layer whose grid source did not run for this call (tokens
         made outside the recording)."""
         patches = num_tokens - self.num_prefix_tokens
-        called = [g for g in (self._grid_of_source, self._grid_of_input) if g is not None]
+        called = [g for g in (self._grid_of_source, self._grid_of_input) if g is not None and g is not SOURCE_NOT_RUN]
         for grid in called:
             if grid[0] * grid[1] == patches:
                 return grid
@@ -438,7 +438,7 @@ class AttentionSite:
                 "not known here (another grid of that count is never assumed). What needs no grid still works: the "
                 "modes' maps and full attention maps (attention='full'), token by token."
             )
-        if self.grid_source is not None and self.grid is not None and self.grid[0] * self.grid[1] == patches:
+        if self._grid_of_source is SOURCE_NOT_RUN and self.grid is not None and self.grid[0] * self.grid[1] == patches:
             raise QKHooksError(
                 f"layer {self.layer} ({self.path}): its patch embedding did not run in this recorded call (tokens made "
                 "outside the recording), and the model takes other image sizes, so the native grid "
@@ -461,6 +461,12 @@ class AttentionSite:
             self._grid_of_input = (int(x.shape[2]), int(x.shape[3]))
             return x.flatten(2).transpose(1, 2)
         return x
+
+
+SOURCE_NOT_RUN: Any = ("the grid source has not run in this call",)
+"""``AttentionSite._grid_of_source`` as a recorded model call begins: its grid source (the patch embedding) has not run
+yet, so a layer reached without it was handed tokens made outside the recording, and the native grid of their count
+is not assumed (round 33). Outside a recording it is None: the native grid answers, as before."""
 
 
 def grid_source_hooks(sites: Sequence[AttentionSite]) -> list[tuple[nn.Module, Callable[[nn.Module, tuple, dict], None]]]:
