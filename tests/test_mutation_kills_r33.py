@@ -37,15 +37,7 @@ def test_the_round33_module_names_files_and_tests_that_exist_and_round_32s_later
 
 
 # ------------------------------------------------------------------ helpers
-def _vit(**kw) -> torch.nn.Module:
-    """A 2-layer timm ViT of 32-pixel images: 4 heads of d_k = 8 on d = 32 (test_review_r32's)."""
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                             depth=2, num_heads=4, num_classes=0, **kw).eval()
-
-
-def _images(n: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+from test_review_r32 import _images, _vit  # noqa: E402  (a 2-layer timm ViT of 32 px images: 4 heads of d_k = 8)
 
 
 _OTHER_WEIGHTS = (r". It belongs to other weights \(a checkpoint before a training step, another model\), so its maps "
