@@ -375,3 +375,29 @@ def test_reading_after_a_checkpointed_backward_names_the_recomputation_not_a_fai
                 model(images)
             maps = run.attention(0, "full")  # a forward completes again: its batch reads
     assert maps.shape == (2, 2, 17, 17) and torch.allclose(maps.sum(-1), torch.ones(2, 2, 17), atol=1e-5)
+
+
+def test_a_query_key_pair_of_any_module_type_is_seen_as_attention_and_named_in_the_refusal():
+    """iFormer's SHMA makes q and k with conv + norm blocks in a class not named like attention: it was neither found
+    nor named ("saw no attention-like module"), so beside modelled layers it could have been left out unnamed."""
+    from torch import nn
+
+    from qkhooks.models.unsupported import attention_like
+
+    class ConvNorm(nn.Sequential):
+        def __init__(self):
+            super().__init__(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+    class Mixer(nn.Module):  # softmax(q·k) of conv-norm q and k, as SHMA
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.proj = ConvNorm(), ConvNorm(), nn.Conv2d(8, 8, 1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mixer, self.mlp = Mixer(), nn.Sequential(nn.Linear(8, 8))
+
+    assert [name for name, _ in attention_like(Net())] == ["mixer"]
+    with pytest.raises(QKHooksError, match=r"'mixer' \(Mixer; children: q, k, proj\): no registered adapter"):
+        qkhooks.sites(Net())

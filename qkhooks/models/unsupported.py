@@ -220,15 +220,18 @@ NOT_ATTENTION: dict[str, str] = {
 
 def _owns_qk(module: nn.Module) -> bool:
     """Whether the module computes attention logits itself: it owns a q/k (or fused qkv) projection (a Linear/Conv
-    child so named, or any child so named of an attention-named module or beside a ``qkv``), or an attention-named
+    child so named, or any child so named of an attention-named module, beside a ``qkv`` or in a q/k pair), or an attention-named
     module owns a fused projection weight directly."""
     if f"{type(module).__module__}.{type(module).__qualname__}" in NOT_ATTENTION:
         return False
     children = dict(module.named_children())
     projections = [children[c] for c in _QK_CHILDREN if c in children]
     attention_named = _ATTENTION_NAME.search(type(module).__name__) is not None
+    # a q and a k beside each other are a query/key pair whatever their type (round 33: iFormer's SHMA makes them
+    # with conv + norm blocks, and was neither found nor named)
+    pair = any(a in children and b in children for a, b in (("q", "k"), ("query", "key"), ("q_proj", "k_proj")))
     owns_qk = any(isinstance(p, nn.Linear | nn.Conv2d | nn.Conv1d) for p in projections) or (
-        bool(projections) and (attention_named or "qkv" in children))
+        bool(projections) and (attention_named or "qkv" in children or pair))
     return owns_qk or attention_named and any(
         "proj_weight" in n or n == "qkv_weight" for n, _ in module.named_parameters(recurse=False))
 
