@@ -24,6 +24,7 @@ import os
 import re
 import threading
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -109,22 +110,35 @@ def missing_shard_rows(ds: h5py.Dataset, folder: Path, n: int,
             if lo < n and not (folder / name).exists()]
 
 
-_SHARD_RUN_IDS: dict[tuple[str, int, int, int], str | None] = {}  # (path, inode, mtime_ns, size) -> its run_id
+_SHARD_RUN_IDS: "OrderedDict[tuple[str, int, int, int], str | None]" = OrderedDict()
+"""(path, inode, mtime_ns, size) -> the shard's run_id; the most recently read ``_SHARD_RUN_IDS_KEPT`` versions."""
+_SHARD_RUN_IDS_KEPT = 4096
 
 
-def _shard_run_id(path: Path) -> str | None:
-    """A shard file's run_id, read again only when the file changed (its inode, mtime or size)."""
-    st = path.stat()
+def _shard_run_id(path: Path) -> str | None | type[FileNotFoundError]:
+    """A shard file's run_id, read again only when the file changed (its inode, mtime or size);
+    ``FileNotFoundError`` (the class) when the file is gone, so a shard removed between a caller's look and this
+    one reads as missing (``missing_shard_rows`` then refuses the read), not as a raw error."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return FileNotFoundError
     key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
-    if key not in _SHARD_RUN_IDS:
-        from qkhooks.store._hdf5 import open_reader
-
+    if key in _SHARD_RUN_IDS:
+        _SHARD_RUN_IDS.move_to_end(key)
+        return _SHARD_RUN_IDS[key]
+    try:
         f = open_reader(path)
-        try:
-            _SHARD_RUN_IDS[key] = fmt.run_id_of(f)
-        finally:
-            f.close()
-    return _SHARD_RUN_IDS[key]
+    except FileNotFoundError:
+        return FileNotFoundError
+    try:
+        run_id = fmt.run_id_of(f)
+    finally:
+        f.close()
+    _SHARD_RUN_IDS[key] = run_id
+    while len(_SHARD_RUN_IDS) > _SHARD_RUN_IDS_KEPT:
+        _SHARD_RUN_IDS.popitem(last=False)
+    return run_id
 
 
 def rewritten_shards(ds: h5py.Dataset, folder: Path, n: int,
@@ -135,8 +149,10 @@ def rewritten_shards(ds: h5py.Dataset, folder: Path, n: int,
     merged = json.loads(fmt.as_str(ds.attrs.get(fmt.SHARD_RUNS, "{}")) or "{}")
     out = []
     for name, lo, hi in (shard_sources(ds) if sources is None else sources):
-        if lo < n and name in merged and (folder / name).exists() and _shard_run_id(folder / name) != merged[name]:
-            out.append((name, lo, min(hi, n)))
+        if lo < n and name in merged:
+            run_id = _shard_run_id(folder / name)
+            if run_id is not FileNotFoundError and run_id != merged[name]:  # a missing shard: missing_shard_rows
+                out.append((name, lo, min(hi, n)))
     return out
 
 
