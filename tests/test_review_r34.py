@@ -69,3 +69,64 @@ def test_the_shard_run_id_cache_keeps_a_bounded_number_of_versions(tmp_path, mon
     assert len(reader._SHARD_RUN_IDS) == 1 and list(reader._SHARD_RUN_IDS)[0][0] == str(shards[1])  # the latest
     assert None not in ids and ids[0] != ids[1]  # each rank's own run id
     assert reader._shard_run_id(shards[0]) == ids[0] and list(reader._SHARD_RUN_IDS)[0][0] == str(shards[0])
+
+
+def _closed_run(tmp_path: Path) -> Path:
+    from qkhooks.stream import record_dataset
+
+    torch.manual_seed(0)
+    loaded = qkhooks.load_model(timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32,
+                                                  embed_dim=32, depth=1, num_heads=2).eval())
+    rng = np.random.default_rng(0)
+    out = tmp_path / "r.h5"
+    record_dataset(loaded, [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(2)], out, modes=2,
+                   batch_size=2, reducers=[], progress=False)
+    return out
+
+
+def test_a_run_held_open_for_writing_by_plain_h5py_is_named_not_called_damaged(tmp_path):
+    """A script holding a run file with h5py.File(path, "a") made every reader say the file was damaged and point to
+    ``repair``. Now the reader names the other program and the fix; the file itself reads once it is closed."""
+    import subprocess
+    import sys
+
+    from qkhooks.store import open_run
+    from qkhooks.store._hdf5 import HeldOpenError, open_reader
+
+    out = _closed_run(tmp_path)
+    with open_run(out) as run:
+        before = np.asarray(run.query(0)[:])
+    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, sys; f = h5py.File({str(out)!r}, 'a'); "
+                               "print('open', flush=True); sys.stdin.read()"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(HeldOpenError, match=r"another program has it open for writing with plain HDF5") as err:
+            open_reader(out, deadline_s=0)
+        assert "is damaged" not in str(err.value) and "qkhooks repair" not in str(err.value)
+    finally:
+        holder.communicate("")  # closes the file
+    with open_run(out) as run:
+        np.testing.assert_array_equal(np.asarray(run.query(0)[:]), before)
+
+
+def test_a_plain_write_flag_left_by_a_dead_program_is_named_with_its_fix(tmp_path, monkeypatch):
+    """The flag a plain h5py writer leaves when it dies without closing: named, with h5clear as the fix; verify
+    reports it the same way (not a crash, not 'damaged')."""
+    from qkhooks.store import verify_run
+    from qkhooks.store import _hdf5
+
+    out = _closed_run(tmp_path)
+    block = _hdf5._Superblock.read(out)
+    assert block.ok_checksum and block.flags == 0
+    with open(out, "r+b") as fh:
+        fh.write(block.with_flags(_hdf5._WRITE_FLAG))
+    monkeypatch.setattr(_hdf5.Backoff, "wait", lambda self: False)
+    with pytest.raises(_hdf5.HeldOpenError, match=r"left its \"open for write\" flag set, and no program holds"):
+        _hdf5.open_reader(out)
+    report = verify_run(out)
+    assert not report.ok and report.problems == [f"the file does not open ({_hdf5.foreign_writer(out)})"]
+    assert "h5clear -s" in report.problems[0]
+    with open(out, "r+b") as fh:  # what h5clear -s does: the file reads again
+        fh.write(block.with_flags(0))
+    assert verify_run(out).ok

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import io
 import os
 import time
@@ -27,7 +28,7 @@ from qkhooks.store.format import FORMAT, FORMAT_ATTR, committed
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MASK = 0xFFFFFFFF
-_SWMR_WRITE_FLAG = 0x04
+_WRITE_FLAG, _SWMR_WRITE_FLAG = 0x01, 0x04  # the superblock's "open for write" and "open for SWMR write" flags
 READ_DEADLINE_S = 3.0
 """How long a reader retries a run file that does not open (or changes while it opens) before it gives up."""
 FIRST_PAUSE_S, LONGEST_PAUSE_S = 0.01, 0.25
@@ -55,6 +56,15 @@ class Backoff:
         _sleep(min(self._pause, left))
         self._pause = min(2 * self._pause, LONGEST_PAUSE_S)
         return True
+
+
+class HeldOpenError(QKHooksError):
+    """A run file that another program (not a qkhooks writer) has open for writing, or had and died: HDF5 opens it
+    for nobody else. Not damage: nothing in the file needs repair. :attr:`problem` says which of the two."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"cannot open {path}: {problem}")
+        self.problem = problem
 
 
 class DamagedRunError(QKHooksError):
@@ -254,8 +264,39 @@ def open_reader(path: str | os.PathLike, deadline_s: float = READ_DEADLINE_S) ->
                 return _open_read(path, swmr=being_written(path))
             except OSError as exc:
                 problem = f"HDF5 cannot read it: {exc}"
+                held = foreign_writer(path)
+                if held is not None and not backoff.wait():  # waited: a program that closes it soon is waited for
+                    raise HeldOpenError(path, held) from None
+                if held is not None:
+                    continue
         if not backoff.wait():
             raise DamagedRunError(path, problem)
+
+
+def foreign_writer(path: str | os.PathLike) -> str | None:
+    """What holds ``path`` open for writing when that is not a qkhooks writer (None: nothing such).
+
+    qkhooks' writers open run files for SWMR writing. A program that opens one with plain h5py (``h5py.File(path,
+    "a")``, to add an attribute, say) sets the superblock's plain write flag, and HDF5 then opens the file for no
+    one else: readers used to call that damage and point to ``repair``. A live such program holds HDF5's lock on the
+    file (``flock``); one that died without closing leaves the flag and no lock."""
+    block = _Superblock.read(path)
+    if block.version < 2 or not block.flags & _WRITE_FLAG or block.flags & _SWMR_WRITE_FLAG:
+        return None
+    with open(path, "rb") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return ("another program has it open for writing with plain HDF5 (not a qkhooks writer: e.g. a script "
+                    "or notebook that opened it with h5py.File(path, 'a') or 'r+'), and HDF5 then opens it for no one "
+                    "else. Close the file in that program (f.close()), then read it again; nothing needs repair.")
+        except OSError:
+            pass  # a file system without flock: say what is certain
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return ("a program that opened it for writing with plain HDF5 (not a qkhooks writer: e.g. h5py.File(path, 'a') "
+            "in a script or notebook) left its \"open for write\" flag set, and no program holds HDF5's lock on it "
+            "now (it ended without closing the file, or runs without HDF5's file locking). Once no program has it "
+            "open, clear the flag with HDF5's `h5clear -s FILE`, then read it again; its images need no repair.")
 
 
 def being_written(path: str | os.PathLike) -> bool:

@@ -27,7 +27,7 @@ import numpy as np
 
 from qkhooks.errors import QKHooksError
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import DamagedRunError, create_run_file, open_damaged
+from qkhooks.store._hdf5 import DamagedRunError, HeldOpenError, create_run_file, open_damaged
 from qkhooks.store.reader import RunReader, missing_shard_rows, rewritten_shards
 
 __all__ = ["repair", "RepairReport", "verify_run", "VerifyReport"]
@@ -461,7 +461,7 @@ def verify_run(run: str | os.PathLike) -> VerifyReport:
     path = Path(run)
     try:
         reader = RunReader(path)
-    except DamagedRunError as exc:
+    except (DamagedRunError, HeldOpenError) as exc:
         return VerifyReport(path, None, False, [], [], 0, {}, [], [f"the file does not open ({exc.problem})"])
     with reader, reader._reading():  # a closed run changed during the check (a resume) raises: its answers are stale
         _refuse_newer_format(reader.file, path, "verify")  # its verdict stands on the rules of the file's format
