@@ -130,3 +130,27 @@ def test_a_plain_write_flag_left_by_a_dead_program_is_named_with_its_fix(tmp_pat
     with open(out, "r+b") as fh:  # what h5clear -s does: the file reads again
         fh.write(block.with_flags(0))
     assert verify_run(out).ok
+
+
+def test_info_on_a_run_a_live_writer_holds_says_it_is_being_written_not_to_resume_it(tmp_path):
+    """An incomplete run read while its writer lives (running, or stopped with Ctrl-Z) was summarised as "resume with
+    the same command plus --resume", which the live writer's lock refuses. Now it says the run is being written; the
+    same file with its writer gone says to resume."""
+    import h5py
+
+    from qkhooks.store import open_run
+    from qkhooks.store.lock import WriterLock
+
+    out = _closed_run(tmp_path)
+    with h5py.File(out, "r+", libver="latest") as f:  # as a killed writer leaves it
+        f.attrs["complete"] = False
+    with open_run(out) as run:
+        assert "(incomplete: resume with the same command plus --resume)" in run.summary()
+    lock = WriterLock(out)
+    lock.hold_run()
+    try:
+        with open_run(out) as run:
+            summary = run.summary()
+        assert "being written: a live writer holds it" in summary and "--resume)" not in summary
+    finally:
+        lock.release()

@@ -844,6 +844,9 @@ class RunReader:
     def _incomplete_hint(self) -> str:
         if self.complete:
             return ""
+        if writer_alive(self.path):  # a live writer (running, or stopped with Ctrl-Z): resuming it would be refused
+            return (" (being written: a live writer holds it, running or paused; its images so far are readable, and "
+                    "a resume is for a writer that has ended)")
         if "shards" in self.file["images"].attrs:  # a merged file is not resumed itself
             return " (incomplete: resume its shards with --resume)"
         return " (incomplete: resume with the same command plus --resume)"
