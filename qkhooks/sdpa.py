@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Any, Callable
 
 import torch
@@ -153,10 +154,21 @@ def _softmax_over_last_axis(out: Any, args: tuple, kwargs: dict) -> bool:
     return isinstance(out, torch.Tensor) and dim in (-1, out.dim() - 1)
 
 
+class _OwnWork(threading.local):
+    """How deep this thread is in qkhooks' own hooks (``models.unsupported.own_hook`` counts them)."""
+
+    depth = 0
+
+
+OWN_WORK = _OwnWork()
+"""While a hook of qkhooks runs, its computations (a rebuilt map, rows from the Linear's q and k, a second
+recording's) are not the module's: :class:`AttentionCallMode` lets them by."""
+
+
 class AttentionCallMode(torch.overrides.TorchFunctionMode):
     """Entered while one attention module runs (from its forward pre-hook to its forward hook): hands each of the
     module's ``scaled_dot_product_attention`` calls to :meth:`on_sdpa` and each softmax over the last axis (its eager
-    path) to :meth:`on_softmax`. A call that drops attention weights at random (training mode) is refused: no map is
+    path) to :meth:`on_softmax`; not those of qkhooks' hooks running meanwhile (:data:`OWN_WORK`). A call that drops attention weights at random (training mode) is refused: no map is
     the one its output used."""
 
     def __init__(self, site: Any):
@@ -177,6 +189,8 @@ class AttentionCallMode(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if OWN_WORK.depth:  # a hook's work, not the module's (a nested recording's rebuilt maps, say)
+            return func(*args, **kwargs)
         if func is _SDPA:
             call = SdpaCall(*args, **kwargs)
             if call.dropout_p > 0:

@@ -154,3 +154,29 @@ def test_info_on_a_run_a_live_writer_holds_says_it_is_being_written_not_to_resum
         assert "being written: a live writer holds it" in summary and "--resume)" not in summary
     finally:
         lock.release()
+
+
+@pytest.mark.parametrize("outer", [dict(modes=2), dict(modes=None, attention="rows"), dict(modes=None, attention="full"),
+                                   dict(modes=None, attention="full", outputs="eager")])
+@pytest.mark.parametrize("kind", ["timm", "hf"])
+def test_an_eager_outputs_recording_nested_in_another_is_taken_and_both_hold_the_models_maps(kind, outer):
+    """``outputs="eager"`` inside another recording of the same model was refused as "computes attention more than
+    once": the outer recording's rebuilt maps, computed in its hooks while the inner one watched the module, were
+    taken for the module's own. qkhooks' hooks are now not watched; both hold the model's eager maps and the output is
+    the eager forward's."""
+    from test_hooks_r22 import _eager, _images, _model
+
+    model, images = _model(kind), _images()
+    call = (lambda: model(images)) if kind == "timm" else (lambda: model(pixel_values=images).last_hidden_state)
+    eager = _eager(model, kind, images)
+    with torch.no_grad():
+        fused = call()
+        with qkhooks.record(model, **outer) as a:
+            with qkhooks.record(model, modes=None, attention="full", outputs="eager") as b:
+                got = call()
+    for layer, want in enumerate(eager):
+        torch.testing.assert_close(b.attention(layer, "full"), want, atol=1e-5, rtol=0)
+        if outer.get("attention") == "full":
+            torch.testing.assert_close(a.attention(layer, "full"), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, fused, atol=1e-5, rtol=1e-4)
+    assert a.last is not None and a.last.n == 2

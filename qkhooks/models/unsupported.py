@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from qkhooks.errors import QKHooksError
+from qkhooks.sdpa import OWN_WORK
 
 if TYPE_CHECKING:
     from qkhooks.models.base import AttentionSite
@@ -502,7 +503,11 @@ def _untraced(hook: Callable[..., Any], model: "weakref.ref[nn.Module]") -> Call
     def untraced_hook(module: nn.Module, *args: Any) -> Any:
         if torch.compiler.is_compiling():  # a constant True while traced: the refusal is called, eagerly (below)
             torch.compiler.disable(_refuse_traced)(model, module)
-        return hook(module, *args)
+        OWN_WORK.depth += 1  # what the hook computes is not the module's attention (AttentionCallMode)
+        try:
+            return hook(module, *args)
+        finally:
+            OWN_WORK.depth -= 1
 
     return untraced_hook
 
