@@ -180,3 +180,25 @@ def test_an_eager_outputs_recording_nested_in_another_is_taken_and_both_hold_the
             torch.testing.assert_close(a.attention(layer, "full"), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(got, fused, atol=1e-5, rtol=1e-4)
     assert a.last is not None and a.last.n == 2
+
+
+def test_the_same_object_test_takes_object_ids_up_to_int32s_largest_as_it_takes_small_ones():
+    """Object ids up to 2**31 - 1 are valid (``masks/objects`` is int32) and were recorded, but the same-object test's
+    ``optimal_objects`` took a bincount over the raw ids: 16 GiB for the largest, a MemoryError. Now the bins are the
+    labels present. Reference: each object's mean map value, computed directly, the lowest label winning a tie."""
+    from qkhooks.analysis.same_object import optimal_objects
+
+    rng = np.random.default_rng(0)
+    ids = np.array([0, 7, 2**31 - 2, 2**31 - 1], dtype=np.int32)
+    objects = ids[rng.integers(0, 4, (6, 4, 4))]
+    objects[5] = 0  # an image without objects: 0
+    maps = rng.normal(size=(6, 16))
+    maps[4] = 1.0  # a tie among every object: the lowest label
+    want = []
+    for m, o in zip(maps, objects.reshape(6, -1)):
+        means = {int(label): m[o == label].mean() for label in np.unique(o) if label > 0}
+        want.append(max(sorted(means), key=lambda label: means[label]) if means else 0)
+    got = optimal_objects(maps, objects)
+    assert got.dtype == np.int64 and got.tolist() == want and want[4] == min(set(objects[4].ravel()) - {0})
+    small = np.searchsorted(ids, objects)  # the same objects under the ids 0..3: the same choices
+    np.testing.assert_array_equal(ids[optimal_objects(maps, small)], got)

@@ -1063,6 +1063,20 @@ ZOO_ADDRESS_SPACE_MB = 12288  # virtual: imports alone take 3.6 GB of address sp
 _SMALL_SIZES = (64, 56, 128, 112)  # input sizes tried: 64 px is 2x2 tokens after a 32x downsampling, 56 4x4 patches of 14
 
 
+_QK_ATTRIBUTES = ("qkv", "in_proj", "in_split", ("q", "k"), ("q", "kv"), ("q_proj", "k_proj"), ("query", "key"),
+                  ("to_q", "to_k"), ("to_q", "to_kv"))
+"""Attributes that make a module a place where queries and keys are made, whatever its class is called (timm's
+``ParallelScalingBlock`` and ``DiffParallelScalingBlock`` make them in one ``in_proj`` beside the MLP's input)."""
+
+
+def _attention_like_part(module: nn.Module) -> bool:
+    """Whether a module's class name or its projections say it computes attention (the zoo's own rule, not the
+    library's: :func:`_timm_forms` must find forms qkhooks might miss)."""
+    name = type(module).__name__.lower()
+    return "attn" in name or "attention" in name or any(
+        all(hasattr(module, a) for a in ((attrs,) if isinstance(attrs, str) else attrs)) for attrs in _QK_ATTRIBUTES)
+
+
 def _timm_forms() -> dict[tuple, tuple[int, str]]:
     """One timm entry point per distinct attention form: (module, model class, attention/block/q-norm classes)
     of every registered model, built on the meta device (no memory, no weights), smallest first."""
@@ -1079,7 +1093,7 @@ def _timm_forms() -> dict[tuple, tuple[int, str]]:
         rope = any("rope" in n.lower() or "rotary" in n.lower() for n, _ in model.named_modules())
         for mod_name, module in model.named_modules():
             cls = type(module).__name__
-            if "attn" in cls.lower() or "attention" in cls.lower() or hasattr(module, "qkv"):
+            if _attention_like_part(module):
                 parent = type(model.get_submodule(mod_name.rpartition(".")[0])).__name__ if "." in mod_name else ""
                 norm = type(getattr(module, "q_norm", None)).__name__
                 parts.add((cls, parent, norm, rope))
@@ -1116,7 +1130,8 @@ def _timm_form_names() -> list[str]:
 
     import timm
 
-    key = f"timm {timm.__version__}, enumeration {hashlib.sha256(inspect.getsource(_timm_forms).encode()).hexdigest()[:12]}"
+    code = inspect.getsource(_timm_forms) + inspect.getsource(_attention_like_part) + repr(_QK_ATTRIBUTES)
+    key = f"timm {timm.__version__}, enumeration {hashlib.sha256(code.encode()).hexdigest()[:12]}"
     if os.path.exists(ZOO_FORMS_CACHE):
         with open(ZOO_FORMS_CACHE) as f:
             cached = json.load(f)

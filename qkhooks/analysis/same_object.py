@@ -37,15 +37,16 @@ def optimal_objects(maps: Any, objects: Any) -> np.ndarray:
         raise QKHooksError("object labels must be integers >= 0 (0 = background).")
     out = np.zeros(t, dtype=np.int64)
     for i in range(t):
-        lab = objects[i].astype(np.int64)
-        count = np.bincount(lab)
-        total = np.bincount(lab, weights=maps[i])
-        present = np.flatnonzero(count > 0)
-        present = present[present > 0]
+        # the image's labels, sorted, and each patch's index among them: bins for the labels present, whatever their
+        # values (ids up to 2**31 - 1 are valid; a bincount over the raw ids allocated 8 bytes per possible id)
+        labels, lab = np.unique(objects[i].astype(np.int64), return_inverse=True)
+        count = np.bincount(lab, minlength=labels.size)
+        total = np.bincount(lab, weights=maps[i], minlength=labels.size)
+        present = np.flatnonzero(labels > 0)
         if present.size:
             mean = total[present] / count[present]
             mean = np.where(np.isnan(mean), -np.inf, mean)
-            out[i] = present[int(np.argmax(mean))]  # argmax: first (lowest label) on ties
+            out[i] = labels[present[int(np.argmax(mean))]]  # argmax: first (lowest label) on ties
     return out
 
 
