@@ -202,3 +202,25 @@ def test_the_same_object_test_takes_object_ids_up_to_int32s_largest_as_it_takes_
     assert got.dtype == np.int64 and got.tolist() == want and want[4] == min(set(objects[4].ravel()) - {0})
     small = np.searchsorted(ids, objects)  # the same objects under the ids 0..3: the same choices
     np.testing.assert_array_equal(ids[optimal_objects(maps, small)], got)
+
+
+@torch.no_grad()
+def test_pixios_eight_cls_tokens_are_its_prefix_and_its_rows_are_its_eager_attention():
+    """Pixio puts 8 CLS tokens before its patches (``cls_token`` (1, 8, D)); qkhooks counted one, so rows, grids and
+    BFD were refused saying tokens followed the patches. Now its prefix is 8, and the default rows (the first CLS
+    token and the centre patch) are those rows of the model's own eager attention."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.PixioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                      image_size=32, patch_size=8)
+    model = transformers.PixioModel(config).eval()
+    assert config.n_cls_tokens == 8 and all(s.num_prefix_tokens == 8 and s.grid == (4, 4) for s in qkhooks.sites(model))
+    images = torch.randn(2, 3, 32, 32)
+    with qkhooks.record(model, modes=None, attention="rows") as run:
+        model(pixel_values=images)
+    model.set_attn_implementation("eager")
+    eager = model(pixel_values=images, output_attentions=True).attentions
+    centre = 8 + 2 * 4 + 2  # the patch at (2, 2) of the 4x4 grid, after the 8 CLS tokens
+    for layer, want in enumerate(eager):
+        torch.testing.assert_close(run.attention(layer, "rows"), want[:, :, [0, centre]], atol=1e-6, rtol=0)

@@ -168,10 +168,12 @@ def num_prefix_tokens(model: nn.Module) -> int:
     if emb is None:
         return 0
     count = 0
-    if getattr(emb, "cls_token", None) is not None or getattr(emb, "class_embedding", None) is not None:
-        count += 1
-    if getattr(emb, "distillation_token", None) is not None:
-        count += 1
+    cls = getattr(emb, "cls_token", None)
+    if cls is None:
+        cls = getattr(emb, "class_embedding", None)
+    for token in (cls, getattr(emb, "distillation_token", None)):
+        if token is not None:  # (1, n, D): n tokens (Pixio has 8 CLS tokens); CLIP's (D,) class embedding: one
+            count += int(token.shape[-2]) if isinstance(token, torch.Tensor) and token.dim() >= 2 else 1
     registers = getattr(emb, "register_tokens", None)
     if registers is not None:
         count += int(registers.shape[1])
