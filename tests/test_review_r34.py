@@ -224,3 +224,39 @@ def test_pixios_eight_cls_tokens_are_its_prefix_and_its_rows_are_its_eager_atten
     centre = 8 + 2 * 4 + 2  # the patch at (2, 2) of the 4x4 grid, after the 8 CLS tokens
     for layer, want in enumerate(eager):
         torch.testing.assert_close(run.attention(layer, "rows"), want[:, :, [0, centre]], atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_x_clips_message_attention_over_frames_is_never_read_as_cls_and_patches():
+    """X-CLIP's message attention attends across a video's frames. With 17 frames (CLS + a 4x4 grid's count) its
+    tokens were read as CLS and patches: rows of the "centre patch" were frame 11's, without a word. Now every grid
+    question is refused naming the frames; its full maps are the softmax of its own q·kᵀ (computed here from the
+    module's projections)."""
+    import transformers
+
+    torch.manual_seed(0)
+    frames = 17
+    config = transformers.XCLIPVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8,
+        num_frames=frames, mit_hidden_size=32, mit_intermediate_size=64, mit_num_hidden_layers=1,
+        mit_num_attention_heads=4)
+    model = transformers.XCLIPVisionModel(config).eval()
+    site = [s for s in qkhooks.sites(model) if s.path.endswith("message_attn")][-1]
+    assert site.num_prefix_tokens == 0 and site.grid is None
+    video = torch.randn(frames, 3, 32, 32)
+    with pytest.raises(QKHooksError, match=r"message_attn\): X-CLIP's message attention attends across a video's fra"):
+        with qkhooks.record(model, modes=None, layers=[site.layer], attention="rows"):
+            model(pixel_values=video)
+    seen = []
+    handle = site.module.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(kw.get("hidden_states", args[0] if args else None)), with_kwargs=True)
+    try:
+        with qkhooks.record(model, modes=None, layers=[site.layer], attention="full") as run:
+            model(pixel_values=video)
+    finally:
+        handle.remove()
+    x, attn = seen[0], site.module
+    q = attn.q_proj(x).unflatten(-1, (4, 8)).transpose(1, 2)
+    k = attn.k_proj(x).unflatten(-1, (4, 8)).transpose(1, 2)
+    want = torch.softmax(q @ k.transpose(-1, -2) * site.scale, dim=-1)  # (1 video, 4 heads, 17 frames, 17 frames)
+    torch.testing.assert_close(run.attention(site.layer, "full"), want, atol=1e-6, rtol=0)

@@ -195,6 +195,11 @@ def _grid(config) -> tuple[int, int] | None:
     return size[0] // patch[0], size[1] // patch[1]
 
 
+# (block class, attention attribute) of attention over other tokens than an image's: X-CLIP's message attention
+# attends across one video's frames (one message token a frame), so it has no prefix token, grid or patch (review
+# r34: 17 frames were read as CLS + a 4x4 grid without a word): FrameTokenSite
+_FRAME_ATTENTION = {("XCLIPVisionEncoderLayer", "message_attn")}
+
 # Embeddings that put every image's patch tokens in a random order of their own (random_masking, even keeping all)
 _SHUFFLING_EMBEDDINGS = {"transformers.models.vit_mae.modeling_vit_mae.ViTMAEEmbeddings"}
 
@@ -228,6 +233,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
         # zoo12: an encoder nested in another model (DepthPro's DINOv2s) has its own config with its own native grid
         own = getattr(module, "config", None) if grid is None else None
         site_grid, site_patch = (_grid(own), getattr(own, "patch_size", config_patch)) if own is not None else (grid, config_patch)
+        frames = (type(modules[match["block"]]).__name__, name.rpartition(".")[2]) in _FRAME_ATTENTION
         grid_layout = type(module).__name__ == "VitDetAttention"  # takes (B, h, w, d) grids
         qk = _qk_children(module)
         heads = int(
@@ -254,7 +260,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 head_dim=head_dim,
                 dim=qk[0].in_features,
                 scale=float(scale),
-                num_prefix_tokens=prefix,
+                num_prefix_tokens=0 if frames else prefix,
                 grid=site_grid,
                 family=family,
                 input_name="hidden_states",
@@ -274,6 +280,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
         )
         if type(module).__name__ in EXTRA_FORMS:
             sites[-1] = EXTRA_FORMS[type(module).__name__][1](sites[-1], module, modules)
+        elif frames:
+            sites[-1] = recast(sites[-1], FrameTokenSite, grid=None, patch_size=None)
         elif shuffled:
             sites[-1] = recast(sites[-1], ShuffledTokenSite, grid=None, patch_size=None)
         elif _after_grouping(modules, match["block"]):
@@ -340,6 +348,23 @@ class SegmentTokenSite(_UngriddedSite):
     def _why(self) -> str:
         return ("GroupViT's tokens after a grouping stage are segments (soft groups of patches), not patches, so no "
                 "token is a position of the patch grid; its maps and modes are exact token by token.")
+
+
+@dataclasses.dataclass(eq=False)
+class FrameTokenSite(_UngriddedSite):
+    """X-CLIP's message attention: one message token per frame of a video, attending across the video's frames (a
+    call's batch axis holds videos, not images). No token is a CLS token or a patch, even where the frame count equals
+    CLS + the grid's (review r34: 17 frames were read as CLS + a 4x4 grid). Its maps and modes are exact, frame by
+    frame."""
+
+    def _why(self) -> str:
+        return ("X-CLIP's message attention attends across a video's frames (one message token a frame), so its tokens "
+                "are frames, not an image's CLS and patches; its maps and modes are exact frame by frame (rows: give "
+                "query_tokens as frame indices).")
+
+    def run_file_refusal(self) -> str | None:
+        return (f"{self._why()} A run file holds one row per image, and this layer's batch axis holds videos; record "
+                "the other layers (--layers) into the file, and this one live.")
 
 
 def _object_queries_are_prefix(model: nn.Module, sites: list[AttentionSite]) -> None:
