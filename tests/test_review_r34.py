@@ -260,3 +260,25 @@ def test_x_clips_message_attention_over_frames_is_never_read_as_cls_and_patches(
     k = attn.k_proj(x).unflatten(-1, (4, 8)).transpose(1, 2)
     want = torch.softmax(q @ k.transpose(-1, -2) * site.scale, dim=-1)  # (1 video, 4 heads, 17 frames, 17 frames)
     torch.testing.assert_close(run.attention(site.layer, "full"), want, atol=1e-6, rtol=0)
+
+
+def test_analyze_modes_says_when_the_run_stopped_early(tmp_path, capsys):
+    """``analyze modes`` on a run stopped early gave its numbers over the committed images without a word (``analyze
+    preference`` said so). Now modes.json has ``complete`` and the command prints a note; a finished run has none."""
+    import json
+
+    import h5py
+
+    from qkhooks.cli import main
+
+    out = _closed_run(tmp_path)
+    args = ["analyze", "modes", str(out), "--no-images", "--figure-modes", "0", "--no-overview"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    finished = capsys.readouterr().out
+    with h5py.File(out, "r+", libver="latest") as f:  # as a killed writer leaves it
+        f.attrs["complete"] = False
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    stopped = capsys.readouterr().out
+    assert "incomplete" not in finished and json.loads((tmp_path / "a" / "modes.json").read_text())["complete"] is True
+    assert f"note: {out} is incomplete (the recording stopped early); every number covers its 2 committed" in stopped
+    assert json.loads((tmp_path / "b" / "modes.json").read_text())["complete"] is False

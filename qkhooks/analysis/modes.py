@@ -284,7 +284,8 @@ def analyze_modes(
         normalize: map display, ``"max"`` or ``"percentile"`` (see :func:`overlay`).
 
     Returns:
-        The JSON summary (also written to ``modes.json``), with ``files``.
+        The JSON summary (also written to ``modes.json``), with ``files``; ``complete`` is False for a recording that
+        stopped early (every number covers its committed images, ``images``).
     """
     from qkhooks.models.base import parse_layers
     from qkhooks.plots import plot_anisotropy, plot_layer_curves, stack_heads
@@ -297,6 +298,7 @@ def analyze_modes(
         attrs = dict(run.attrs)
         ids = list(run.ids)
         n = int(run.n)
+        complete = bool(run.complete)  # a run stopped early: every number below is over its committed images only
         if n == 0:
             raise QKHooksError(f"{run_path} holds no committed images yet.")
         available = sorted(set(int(l) for l in run.mode_layers) | set(_state_layers(run.state(TopKModes.name, default=None))))
@@ -428,7 +430,8 @@ def analyze_modes(
 
     # --- summary
     summary: dict[str, Any] = {
-        "run": str(run_path), "model": model, "data": data, "images": n, "k": kk, "num_prefix_tokens": prefix,
+        "run": str(run_path), "model": model, "data": data, "images": n, "complete": complete, "k": kk,
+        "num_prefix_tokens": prefix,
         "topk_source": source, "photos": photo_note, "naming": "L{layer} H{head} M{mode}, all 0-based",
         "score": "max(0, max_t q) * max(0, max_t k) over patch tokens; sign -1 ranks (-q, -k)",
         "top_note": "per mode, the best k distinct images, each with its better-scoring sign (never listed twice)",

@@ -71,6 +71,9 @@ def run_modes(args: argparse.Namespace) -> int:
         images=not args.no_images, same_object_top=args.same_object_top, normalize=args.normalize,
     )
     print(format_summary(summary))
+    if not summary["complete"]:
+        print(f"note: {args.run} is incomplete (the recording stopped early); every number covers its "
+              f"{summary['images']} committed images.")
     print(f"top-k: {summary['topk_source']}; {summary['photos']}")
     _sidecar_note(args.run)
     files = summary["files"]
