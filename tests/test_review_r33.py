@@ -258,19 +258,17 @@ def test_a_checksummed_runs_spectra_carry_checksums_so_a_flipped_bit_is_found_no
             run.spectrum(0)
 
 
-def test_a_merged_view_refuses_a_shard_rewritten_by_another_run(tmp_path):
-    """A merged view reads its images from the shard files beside it. A rerun that rewrote one shard (killed before
-    the view was merged again) left the old view reading the new run's rows as its own, verify saying intact. Now the
-    view knows each shard's run id: a read refuses and verify names the rows; merging again reads the new run."""
+def merged_shards(tmp_path):
+    """(loaded model, photo folder, its rng, merged view, its two shards, record options): 4 photos recorded in two
+    shards and merged into a view beside them."""
+    from PIL import Image
+
     from qkhooks.distributed import merge_shards, shard_path
-    from qkhooks.store import open_run, verify_run
     from qkhooks.stream import record_dataset
 
     torch.manual_seed(0)
     loaded = qkhooks.load_model(timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32,
                                                   embed_dim=32, depth=1, num_heads=2).eval())
-    from PIL import Image
-
     folder, rng = tmp_path / "photos", np.random.default_rng(0)
     folder.mkdir()
     for i in range(4):
@@ -280,6 +278,20 @@ def test_a_merged_view_refuses_a_shard_rewritten_by_another_run(tmp_path):
     for r, p in enumerate(shards):
         record_dataset(loaded, str(folder), p, shard=(r, 2), **kw)
     merge_shards(out)
+    return loaded, folder, rng, out, shards, kw
+
+
+def test_a_merged_view_refuses_a_shard_rewritten_by_another_run(tmp_path):
+    """A merged view reads its images from the shard files beside it. A rerun that rewrote one shard (killed before
+    the view was merged again) left the old view reading the new run's rows as its own, verify saying intact. Now the
+    view knows each shard's run id: a read refuses and verify names the rows; merging again reads the new run."""
+    from PIL import Image
+
+    from qkhooks.distributed import merge_shards
+    from qkhooks.store import open_run, verify_run
+    from qkhooks.stream import record_dataset
+
+    loaded, folder, rng, out, shards, kw = merged_shards(tmp_path)
     with open_run(out) as run:
         first = np.asarray(run.query(0)[:])
     assert verify_run(out).ok

@@ -16,23 +16,9 @@ from qkhooks.errors import QKHooksError
 
 def _sharded_run(tmp_path: Path) -> tuple[Path, list[Path]]:
     """Two shards of a 4-photo recording, merged into a view beside them."""
-    from PIL import Image
+    from test_review_r33 import merged_shards
 
-    from qkhooks.distributed import merge_shards, shard_path
-    from qkhooks.stream import record_dataset
-
-    torch.manual_seed(0)
-    loaded = qkhooks.load_model(timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32,
-                                                  embed_dim=32, depth=1, num_heads=2).eval())
-    folder, rng = tmp_path / "photos", np.random.default_rng(0)
-    folder.mkdir()
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
-    out = tmp_path / "m.h5"
-    shards = [shard_path(out, r, 2) for r in range(2)]
-    for r, p in enumerate(shards):
-        record_dataset(loaded, str(folder), p, shard=(r, 2), modes=2, batch_size=2, reducers=[], progress=False)
-    merge_shards(out)
+    _, _, _, out, shards, _ = merged_shards(tmp_path)
     return out, shards
 
 
