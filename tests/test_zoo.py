@@ -684,7 +684,10 @@ FAST_CASES = [
     _timm_case("pit_ti_224", "exact", size=64, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8)),
     _timm_case("vit_small_patch16_18x2_224", "exact", **SMALL_VIT),
     _timm_case("eva_giant_patch14_224", "exact", size=28, embed_dim=32, depth=2, num_heads=4, img_size=28, patch_size=7),
-    _timm_case("vit_pwee_patch16_reg1_gap_256", "ParallelScalingBlock", module="blocks.0", **SMALL_VIT),
+    # timm's parallel blocks ([MLP | q | k | v] in one in_proj from the block's in_norm), with and without q/k-norm
+    _timm_case("vit_pwee_patch16_reg1_gap_256", "exact", qkv_bias=True, **SMALL_VIT),
+    _timm_case("vit_pwee_patch16_reg1_gap_256-qknorm", "exact", qk_norm=True, **SMALL_VIT),
+    _timm_case("vit_base_patch16_xp_224", "exact", **SMALL_VIT),
     _timm_case("eva02_tiny_patch14_224", "exact", size=28, depth=2, img_size=28, patch_size=7),
     _timm_case("vit_small_patch16_dinov3", "exact", embed_dim=32, depth=2, num_heads=4, img_size=32),
     _timm_case("vit_base_patch16_rope_reg1_gap_256", "exact", **SMALL_VIT),

@@ -26,6 +26,7 @@ from qkhooks.models import gcvit as _gcvit  # noqa: F401  (GCViT local windows; 
 from qkhooks.models import imagegpt as _imagegpt  # noqa: F401  (ImageGPT: causal attention over colour-cluster tokens)
 from qkhooks.models import softcap as _softcap  # noqa: F401  (VideoPrism: soft-capped logits, factorised encoder)
 from qkhooks.models import llama4 as _llama4  # noqa: F401  (Llama 4 vision: complex 2-D RoPE, class token last)
+from qkhooks.models import parallel as _parallel  # noqa: F401  (timm's parallel blocks: ViT-22B style in_proj)
 from qkhooks.models import two_softmax as _two_softmax  # noqa: F401  (two-softmax maps: DiffAttention, ConViT GPSA + MHSA)
 from qkhooks.models import cascaded as _cascaded  # noqa: F401  (EfficientViT-MSRA cascaded heads, maps only)
 from qkhooks.models import vlm as _vlm  # noqa: F401  (zoo11-build: VLMs' language models left out by design)

@@ -34,6 +34,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite, recast
+from qkhooks.models.parallel import ParallelBlockSite, parallel_block_qk, parallel_block_site
 from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import _qk_rows, _timm_qkv
 
@@ -150,17 +151,9 @@ def _diff_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 
 
 @dataclasses.dataclass(eq=False)
-class _DiffParallelSite(TwoSoftmaxSite):
-    """timm ``DiffParallelScalingBlock`` (``vit_dpwee_*``): the block itself is hooked; the tokens entering W_q / W_k
-    are its ``in_norm`` of the block's input, which the block computes inside (its q, k rows sit in ``in_proj``
-    after the MLP's)."""
-
-    def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any], block: bool = False) -> torch.Tensor:
-        x = super().hidden_states(args, kwargs, block)
-        if block:
-            return x
-        with torch.no_grad():
-            return self.module.in_norm(x)
+class _DiffParallelSite(TwoSoftmaxSite, ParallelBlockSite):
+    """timm ``DiffParallelScalingBlock`` (``vit_dpwee_*``): a parallel block (:class:`ParallelBlockSite`: the block
+    itself is hooked, its tokens are its ``in_norm`` of the block's input) with differential attention."""
 
 
 def _diff_parallel_block() -> type:
@@ -169,25 +162,12 @@ def _diff_parallel_block() -> type:
     return DiffParallelScalingBlock
 
 
-def _diff_parallel_qk(block: nn.Module):
-    """q then k rows of the fused ``in_proj`` (MLP rows first, then q, k, v)."""
-    proj, start = block.in_proj, int(block.in_split[0])
-    width = int(block.in_split[1])
-
-    def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
-        bias = None if proj.bias is None else proj.bias[start: start + 2 * width]
-        return proj.weight[start: start + 2 * width], bias
-
-    return reader, ()  # the q/k outputs sit behind the MLP's in one Linear: modes from the normed tokens
-
-
 def _diff_parallel_site(site: AttentionSite, block: nn.Module) -> AttentionSite:
-    return recast(_diff_site(site, block), _DiffParallelSite, block_path=site.path, block=block,
-                  stage=site.path.rpartition(".")[0])
+    return parallel_block_site(_diff_site(site, block), block, _DiffParallelSite)
 
 
 timm_adapter.EXTRA_FORMS["DiffAttention"] = timm_adapter.ExtraForm(_diff_attention, _timm_qkv, _diff_site)
-timm_adapter.EXTRA_FORMS["DiffParallelScalingBlock"] = timm_adapter.ExtraForm(_diff_parallel_block, _diff_parallel_qk,
+timm_adapter.EXTRA_FORMS["DiffParallelScalingBlock"] = timm_adapter.ExtraForm(_diff_parallel_block, parallel_block_qk,
                                                                               _diff_parallel_site)
 MODELLED_FORMS.update({"timm.layers.diff_attention.DiffAttention",
                        "timm.models.vision_transformer.DiffParallelScalingBlock"})
