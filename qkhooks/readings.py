@@ -108,7 +108,19 @@ def _as_samples(samples: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
     x = np.asarray(samples, dtype=np.float64)
     if x.ndim != 2:
         raise QKHooksError(f"readings need (units, layers) samples, got shape {x.shape}.")
+    _refuse_infinite(x)
     return x
+
+
+def _refuse_infinite(x: np.ndarray) -> None:
+    """NaN is "no value at this layer"; an infinite value is a value whose mean is infinite: dropped like a NaN, it
+    left a finite interval over the other units without a word (review r34)."""
+    infinite = np.isinf(x)
+    if infinite.any():
+        unit, column = (int(v[0]) for v in np.nonzero(infinite.reshape(x.shape[0], -1)))
+        raise QKHooksError(f"unit {unit} has an infinite value ({x.reshape(x.shape[0], -1)[unit, column]}) at column "
+                           f"{column}: a mean over it is infinite, and no interval can be read. Find where the "
+                           "statistic overflows (a float16 run, a zero denominator) and recompute it.")
 
 
 @functools.lru_cache(maxsize=16)
@@ -161,13 +173,14 @@ def pair_pivots(vectors: np.ndarray, n_boot: int = BOOTSTRAP, seed: int = 0) -> 
     if z.ndim != 3:
         raise QKHooksError(f"pair_pivots needs (units, columns, d) vectors, got shape {z.shape}.")
     n, columns, _ = z.shape
+    _refuse_infinite(z)
     valid = np.linalg.norm(z, axis=-1) > 0
     count = valid.sum(0)
     value, se = np.full(columns, np.nan), np.full(columns, np.nan)
     t = np.full((n_boot if (count >= MIN_UNITS).any() else 0, columns), np.nan)
     weights = _resamples(n, n_boot, seed) if t.shape[0] else np.ones((0, n))
     for k in range(columns):
-        if count[k] < 3:  # a jackknife needs pairs without any one unit
+        if count[k] < 2:  # no pair: no value (the jackknife's standard error needs 3 units, the interval 6)
             continue
         zk, v = z[:, k][valid[:, k]], valid[:, k]
         value[k], se[k] = (float(x[0]) for x in _pair_mean_se(zk, np.ones((1, len(zk)))))
@@ -320,6 +333,11 @@ def trend_reading(samples: np.ndarray, layers: Sequence[int], what: str, units: 
     inner = np.arange(1, len(layers) - 1)
     with _quiet():
         mean = np.nanmean(x, 0)
+    for third, name in ((early, "first"), (late, "last")):
+        if not np.isfinite(mean[third]).any():  # not "too few units": no unit has a value there
+            return Reading(f"{what}: no {units} have a value in the {name} third of the layers "
+                           f"({fmt_layers(layers[third])}), so no trend can be tested.", "too_few")
+    with _quiet():
         change = np.nanmean(x[:, late], 1) - np.nanmean(x[:, early], 1)  # per unit
     width = limits[1] - limits[0]
     est = intervals(np.column_stack([change, x[:, [-1]] - x[:, inner]]),  # [trend, last - L_j for inner j]
@@ -395,20 +413,30 @@ def compare_reading(a: np.ndarray | float | Pivots, b: np.ndarray | float | Pivo
     layers = list(layers)
     d, n_units, d_limits = _difference(a, b, len(layers), limits)
     est = dict(zip(layers, intervals(d, limits=d_limits)))
-    largest_l, largest = max(est.items(), key=lambda kv: abs(kv[1].value))
+    valued = {l: e for l, e in est.items() if np.isfinite(e.value)}  # a layer with no value is never the largest
+    if not valued:
+        return Reading(f"{name_a} vs {name_b}: no layer has a value ({n_units} {units}), so nothing can be compared.",
+                       "too_few", {f"L{l}": e for l, e in est.items()})
+    tested = {l: e for l, e in valued.items() if e.units >= MIN_UNITS}
+    largest_l, largest = max((tested or valued).items(), key=lambda kv: abs(kv[1].value))
     biggest = f"largest at L{largest_l}: {largest.text()}"
-    if all(e.units < MIN_UNITS for e in est.values()):
+    if not tested:
         return Reading(f"{name_a} vs {name_b}: {biggest}, but there are {_too_few(n_units, units)}.", "too_few",
                        {f"L{l}": e for l, e in est.items()})
-    above = [l for l, e in est.items() if e.sign > 0]
-    below = [l for l, e in est.items() if e.sign < 0]
-    small = min(est.items(), key=lambda kv: abs(kv[1].value))
+    untested = [l for l in layers if l not in tested]  # no value, or too few units there: nothing is said of them
+    above = [l for l, e in tested.items() if e.sign > 0]
+    below = [l for l, e in tested.items() if e.sign < 0]
+    small = min(tested.items(), key=lambda kv: abs(kv[1].value))
     smallest = f"smallest difference at L{small[0]}: {small[1].text()}"
-    n = f"{n_units} {units}" + (f"; intervals adjusted for {len(layers)} layers" if len(layers) > 1 else "")
+    n = (f"{n_units} {units}" + (f"; intervals adjusted for {len(tested)} layers" if len(tested) > 1 else "")
+         + (f"; not tested at {fmt_layers(untested)}: no value or fewer than {MIN_UNITS} {units} there" if untested
+            else ""))
+    every = "every tested layer" if untested else "every layer"
+    layers = [l for l in layers if l in tested]
     if len(above) == len(layers):
-        text, verdict = f"{name_a} is above {name_b} at every layer ({smallest}; {n}).", "above"
+        text, verdict = f"{name_a} is above {name_b} at {every} ({smallest}; {n}).", "above"
     elif len(below) == len(layers):
-        text, verdict = f"{name_a} is below {name_b} at every layer ({smallest}; {n}).", "below"
+        text, verdict = f"{name_a} is below {name_b} at {every} ({smallest}; {n}).", "below"
     elif above and below:
         text, verdict = (f"{name_a} is above {name_b} at {fmt_layers(above)} and below it at {fmt_layers(below)}: they "
                          f"cross ({biggest}; {n}).", "crosses")
@@ -418,6 +446,6 @@ def compare_reading(a: np.ndarray | float | Pivots, b: np.ndarray | float | Pivo
         text, verdict = (f"{name_a} is {side} {name_b} at {fmt_layers(clear)} ({biggest}) and not clearly different at "
                          f"{fmt_layers(rest)} ({n}).", "mixed")
     else:
-        text, verdict = (f"{name_a} and {name_b} show no clear difference at any layer ({biggest}; the intervals hold 0; "
-                         f"{n}).", "flat")
+        text, verdict = (f"{name_a} and {name_b} show no clear difference at any {'tested ' if untested else ''}layer "
+                         f"({biggest}; the intervals hold 0; {n}).", "flat")
     return Reading(text, verdict, {f"L{l}": e for l, e in est.items()})

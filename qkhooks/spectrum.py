@@ -50,12 +50,13 @@ def head_weighted_cosines(S: np.ndarray, cos: np.ndarray) -> np.ndarray:
     :meth:`LayerSpectrum.all_modes`): over fewer modes the weights are renormalised and the number is another one.
 
     A head whose sigma are all zero (W_q or W_k zero) has no weights: its value is NaN (0/0), not 0, and
-    :func:`mean_over_heads` leaves it out of a layer's mean.
+    :func:`mean_over_heads` leaves it out of a layer's mean; so is a head with a mode of weight whose cosine is NaN
+    (no token part: :attr:`LayerSpectrum.cos`). A mode of zero weight adds nothing, whatever its cosine.
     """
     S, cos = np.asarray(S, np.float64), np.asarray(cos, np.float64)
     total = S.sum(-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = (S / np.where(total > 0, total, 1.0) * cos).sum(-1)
+        out = np.where(S > 0, S / np.where(total > 0, total, 1.0) * cos, 0.0).sum(-1)
     return np.where(total[..., 0] > 0, out, np.nan)
 
 
@@ -163,11 +164,22 @@ class LayerSpectrum:
 
     @property
     def cos(self) -> Array:
-        """(H, K) cosine between u_n and v_n: high = grouping, near 0 = contextualisation (token part only)."""
+        """(H, K) cosine between u_n and v_n: high = grouping, near 0 = contextualisation (token part only).
+
+        NaN for a mode of the augmented [x; 1] form whose u_n or v_n has no token part (its norm at most the square
+        root of the dtype's eps: a head with W_q = 0 and a bias makes u_n the bias direction alone), where the cosine
+        is 0/0: normalised, the float noise left there read as an arbitrary cosine (review r34)."""
         u, v = self.U[:, : self.dim], self.V[:, : self.dim]
         if isinstance(u, np.ndarray):
-            return (u * v).sum(1) / np.maximum(np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1), 1e-30)
-        return (u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1)).clamp_min(1e-30)
+            nu, nv = np.linalg.norm(u, axis=1), np.linalg.norm(v, axis=1)
+            tiny = math.sqrt(np.finfo(u.dtype).eps) if np.issubdtype(u.dtype, np.floating) else 0.0
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where((nu > tiny) & (nv > tiny), (u * v).sum(1) / (nu * nv), np.nan)
+        import torch
+
+        nu, nv = u.norm(dim=1), v.norm(dim=1)
+        tiny = math.sqrt(torch.finfo(u.dtype).eps)
+        return torch.where((nu > tiny) & (nv > tiny), (u * v).sum(1) / (nu * nv), torch.full_like(nu, math.nan))
 
     @property
     def null_modes(self) -> np.ndarray:

@@ -268,3 +268,79 @@ def test_analyze_modes_says_when_the_run_stopped_early(tmp_path, capsys):
     assert "incomplete" not in finished and json.loads((tmp_path / "a" / "modes.json").read_text())["complete"] is True
     assert f"note: {out} is incomplete (the recording stopped early); every number covers its 2 committed" in stopped
     assert json.loads((tmp_path / "b" / "modes.json").read_text())["complete"] is False
+
+
+def test_an_infinite_sample_is_refused_naming_it_not_dropped_like_a_missing_one():
+    """NaN is "no value"; an infinite value was dropped as if missing, so the interval and the sentence spoke of the
+    other units' mean (7 of 8) while the mean is infinite."""
+    from qkhooks.readings import compare_reading, intervals, pair_pivots, trend_reading
+
+    x = 1 + 0.1 * np.random.default_rng(0).standard_normal((8, 4))
+    assert intervals(x)[2].units == 8  # finite: read
+    x[3, 2] = np.inf
+    for read in (lambda: intervals(x), lambda: trend_reading(x, [0, 1, 2, 3], "x", "images"),
+                 lambda: compare_reading(x, 0.0, [0, 1, 2, 3], "x", "zero", "images")):
+        with pytest.raises(QKHooksError, match=r"unit 3 has an infinite value \(inf\) at column 2"):
+            read()
+    z = np.ones((4, 2, 3))
+    z[1, 0, 0] = -np.inf
+    with pytest.raises(QKHooksError, match=r"unit 1 has an infinite value \(-inf\) at column 0"):
+        pair_pivots(z)
+
+
+def test_layers_without_a_value_or_with_too_few_units_are_named_untested_never_the_largest():
+    """A layer with no value was named "largest at L0: +nan" and "not clearly different"; a trend whose first third
+    had no value said "too few heads (0)" of 8 heads."""
+    from qkhooks.readings import compare_reading, trend_reading
+
+    rng = np.random.default_rng(1)
+    x = 0.5 + 0.05 * rng.standard_normal((8, 4))
+    x[:, 0] = np.nan  # L0: no head has a value
+    x[3:, 1] = np.nan  # L1: 3 heads
+    r = compare_reading(x, 0.0, [0, 1, 2, 3], "cos", "zero", "heads")
+    assert r.verdict == "above" and "at every tested layer" in r.text and "not tested at L0, L1" in r.text
+    assert "nan" not in r.text and "largest at L0" not in r.text and "largest at L1" not in r.text
+    want = max((2, 3), key=lambda l: abs(np.mean(x[:, l])))
+    assert r.estimates[f"L{want}"].value == pytest.approx(np.mean(x[:, want]))
+    t = trend_reading(x[:, [0, 0, 2, 3]], [0, 1, 2, 3], "cos", "heads")
+    assert t.verdict == "too_few" and "no heads have a value in the first third of the layers (L0)" in t.text
+    allnan = np.full((8, 2), np.nan)
+    assert compare_reading(allnan, 0.0, [0, 1], "a", "b", "heads").text == (
+        "a vs b: no layer has a value (0 heads), so nothing can be compared.")
+
+
+def test_a_pair_statistic_of_two_units_has_its_value_with_no_interval():
+    """The mean dot product over pairs is defined for two units (one pair): it was NaN below three, so the report
+    showed "+nan" for the anisotropy baseline of two photos."""
+    from qkhooks.readings import intervals, pair_pivots
+
+    z = np.random.default_rng(2).standard_normal((2, 3, 5))
+    p = pair_pivots(z)
+    np.testing.assert_allclose(p.value, (z[0] * z[1]).sum(-1), rtol=1e-12)
+    assert np.isnan(p.se).all() and all(np.isnan(e.low) and e.units == 2 for e in intervals(p))
+
+
+def test_an_augmented_mode_with_no_token_part_has_no_cosine():
+    """A head with W_q = 0 and a q bias: in the augmented [x; 1] form its query direction is the bias alone, so
+    cos(u_n, v_n) over the token part is 0/0. It read float noise as a cosine (the weighted cosine -0.07 or +0.12 by
+    seed); now NaN, and the head has no weighted cosine. Other modes and heads keep the dense SVD's cosines."""
+    from qkhooks.spectrum import spectrum
+
+    torch.manual_seed(4)
+    d, h = 8, 4
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=d, depth=1, num_heads=h,
+                              img_size=32, num_classes=0).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[:2] = 0  # head 0's W_q: zero; its bias is not
+        model.blocks[0].attn.qkv.bias.normal_()
+    layer = spectrum(model, augmented=True).layers[0]
+    w, b = model.blocks[0].attn.qkv.weight.detach().double(), model.blocks[0].attn.qkv.bias.detach().double()
+    cos = np.asarray(layer.cos, np.float64)
+    assert np.isnan(cos[0, 0]) and np.isnan(np.asarray(layer.cosine_weighted)[0])
+    for head in range(1, h):  # the others: the dense SVD of [W_q b_q]^T [W_k b_k]
+        rows = slice(2 * head, 2 * head + 2)
+        q = torch.cat([w[rows], b[rows, None]], 1).numpy()
+        k = torch.cat([w[d:][rows], b[d:][rows, None]], 1).numpy()
+        u, s, vt = np.linalg.svd(q.T @ k)
+        want = [abs(u[:d, n] @ vt[n, :d]) / np.linalg.norm(u[:d, n]) / np.linalg.norm(vt[n, :d]) for n in range(2)]
+        np.testing.assert_allclose(np.abs(cos[head]), want, atol=1e-5)
