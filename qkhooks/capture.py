@@ -56,6 +56,7 @@ from qkhooks.models.unsupported import (compiled_by_dynamo, hooked_paths, own_ho
 from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
+from qkhooks.sdpa import OWN_WORK
 from qkhooks.spectrum import (LayerSpectrum, QKSpectrum, WeightsState, cached_weights_checked, foreign_spectrum,
                               is_cached_spectrum, layer_spectrum, live_qk_tensors, weights_state, weights_unchanged)
 
@@ -181,7 +182,7 @@ class Recording:
         self.keep_inputs, self.keep_last = keep_inputs, keep_last
         self.sinks: list[Sink] = list(sinks)
         self._input_takers: list[Any] = []  # the sinks with take_inputs, as the batch began
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = _compute_dtype(compute_dtype)
         self._qk_path = qk_path
         self.qk_spectrum: QKSpectrum | None = None
         self._projectors: dict[int, ModeProjector] = {}  # layers whose modes are projected from the tokens x
@@ -731,6 +732,17 @@ class Recording:
 
         return hook
 
+    def _ran_outside_error(self, site: AttentionSite, module: nn.Module) -> QKHooksError:
+        """Layer ``site``'s q/k projection ran while no forward of the recorded model was open (review r34: a
+        torch.fx copy of the model called inside the context shares its Linear modules, whose hooks fire, but not the
+        model's or the attention module's: nothing was recorded, and ``run.last`` still held the batch before)."""
+        name = next((f"{site.path}.{n}" for n, m in site.module.named_children() if m is module), site.path)
+        return QKHooksError(
+            f"{name} (layer {site.layer}'s q/k projection) ran outside any forward of the recorded model: a copy of "
+            "the model that shares its modules (torch.fx.symbolic_trace, a wrapper calling the submodules itself) was "
+            "called inside the record() context. Its attention is not recorded, and the recording still holds the "
+            "batch before. Call the recorded model itself (a TorchScript copy runs no hooks at all and is not seen).")
+
     def _qk_hook(self, site: AttentionSite, index: int):
         """Forward hook on q/k Linear ``index`` of ``site``: once q and k are both out, project the modes and
         rebuild the full maps from them."""
@@ -741,6 +753,8 @@ class Recording:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             cap = self._current.captures.get(site.layer) if self._current is not None else None
             if cap is None:  # called outside this layer's recorded attention call
+                if self._current is None and OWN_WORK.depth == 1:  # and outside any: not the recorded forward
+                    raise self._ran_outside_error(site, module)
                 return
             out = detached(output)
             if fused:  # q and k side by side in one block: sliced below only where the rows or maps need them apart
@@ -1043,6 +1057,21 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     except (AttributeError, TypeError, RuntimeError):
         return None
+
+
+def _compute_dtype(value: Any) -> torch.dtype | None:
+    """``compute_dtype`` as one of torch's four float dtypes (a name such as ``"float32"`` read as torch's), or None.
+    Others are refused: the tokens cast to int32 gave all-zero maps without a word (review r34); complex gave complex
+    maps, float8 would round them to 3 bits."""
+    if value is None:
+        return None
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise QKHooksError(f"compute_dtype must be one of torch's float dtypes (torch.float32, torch.float64, "
+                           f"torch.bfloat16, torch.float16) or its name, got {value!r}: the modes are projections of "
+                           "the tokens, and another dtype would truncate or reinterpret them. Leave it out to project "
+                           "in the tokens' own dtype.")
+    return dtype
 
 
 def _full_precision_qk(site: AttentionSite, compute_dtype: torch.dtype | None) -> bool:
@@ -1393,7 +1422,7 @@ def record(model: nn.Module, **options: Any) -> Recording:
             then the tokens' projections on other weights' modes (a base model's, for a fine-tuned one), and
             ``run.spectrum(l)`` reports those modes.
         sites: the model's attention sites, when already found (:func:`qkhooks.sites`); ``layers`` selects among them.
-        compute_dtype: dtype for projections (default: the tokens' own dtype).
+        compute_dtype: dtype for projections, a floating torch dtype or its name (default: the tokens' own dtype).
         qk_path: take the modes from the model's own q/k Linear outputs where the adapter names them (default;
             the same maps to float rounding at a d_k/d of the cost: u_n, v_n lie in the row spaces of W_q, W_k).
             Not used for ``input="residual"``, augmented spectra, a layer where some kept mode's error

@@ -344,3 +344,79 @@ def test_an_augmented_mode_with_no_token_part_has_no_cosine():
         u, s, vt = np.linalg.svd(q.T @ k)
         want = [abs(u[:d, n] @ vt[n, :d]) / np.linalg.norm(u[:d, n]) / np.linalg.norm(vt[n, :d]) for n in range(2)]
         np.testing.assert_allclose(np.abs(cos[head]), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("given", [torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64,
+                                   torch.float8_e4m3fn, "float33", "cuda", 32])
+def test_a_compute_dtype_other_than_a_float_is_refused_naming_the_fix(given):
+    """compute_dtype=torch.int32 gave all-zero maps without a word (the tokens cast to integers), complex64 complex
+    maps; bool and a name raised torch's own errors."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=16, depth=1, num_heads=2,
+                              img_size=32, patch_size=8).eval()
+    with pytest.raises(QKHooksError, match=r"compute_dtype must be one of torch's float dtypes .*Leave it out"):
+        qkhooks.record(model, modes=2, compute_dtype=given)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("given", ["float64", "torch.float64", torch.float64])
+def test_a_compute_dtype_named_is_read_as_torchs(given):
+    """A name is taken for the dtype: the maps in float64 are x·u_n computed in float64 from the same tokens."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=16, depth=1, num_heads=2,
+                              img_size=32, patch_size=8).eval()
+    seen = []
+    model.blocks[0].norm1.register_forward_hook(lambda m, a, out: seen.append(out))
+    with qkhooks.record(model, modes="all", compute_dtype=given, qk_path=False) as run:
+        model(torch.randn(2, 3, 32, 32))
+    spec = run.qk_spectrum.layers[0]
+    got = run.query(0)
+    want = torch.einsum("bnd,hdk->bhkn", seen[0].double(), torch.as_tensor(spec.U).double())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@torch.no_grad()
+def test_a_float64_models_modes_are_float64_accurate():
+    """A float64 model's maps were float64 tensors but float32-accurate (5e-8 off x·u_n): its spectrum was kept in
+    float32. Now its u_n, sigma_n are float64; the maps equal x·u_n from numpy's dense SVD of W_q^T W_k to 1e-11."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=16, depth=1, num_heads=2,
+                              img_size=32, patch_size=8).eval().double()
+    seen = []
+    model.blocks[0].norm1.register_forward_hook(lambda m, a, out: seen.append(out))
+    with qkhooks.record(model, modes="all") as run:
+        model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    spec = run.qk_spectrum.layers[0]
+    assert spec.U.dtype == spec.S.dtype == torch.float64
+    w = model.blocks[0].attn.qkv.weight.numpy()
+    x = seen[0].numpy()
+    for head in range(2):
+        rows = slice(8 * head, 8 * head + 8)
+        u, s, vt = np.linalg.svd(w[rows].T @ w[16:][rows])
+        np.testing.assert_allclose(spec.S[head].numpy(), s[:8], rtol=1e-12, atol=1e-12)
+        want = np.einsum("bnd,dk->bkn", x, u[:, :8])  # x·u_n; u_n's sign is the SVD's choice
+        got = run.query(0)[:, head].numpy()
+        signs = np.sign((got * want).sum((0, 2)))
+        np.testing.assert_allclose(got, want * signs[None, :, None], atol=1e-11, rtol=0)
+
+
+@torch.no_grad()
+def test_an_fx_copy_called_inside_the_recording_is_refused_not_left_reading_the_batch_before():
+    """A torch.fx copy of the model shares its Linear modules, not its attention modules: called inside record(),
+    nothing was recorded and run.query still gave the previous batch's maps as if they were this call's. Now the q/k
+    projection's hook, firing outside any recorded forward, refuses; the model itself still records."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=10).eval()
+    copy = torch.fx.symbolic_trace(model)
+    first, second = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with qkhooks.record(model, modes=3) as run:
+        model(first)
+        with pytest.raises(QKHooksError, match=r"blocks\.0\.attn\.qkv \(layer 0's q/k projection\) ran outside any "
+                                               r"forward of the recorded model"):
+            copy(second)
+        model(second)  # the recorded model: recorded as before
+    with qkhooks.record(model, modes=3) as again:
+        model(second)
+    torch.testing.assert_close(run.query(1), again.query(1), rtol=0, atol=0)
