@@ -420,3 +420,32 @@ def test_an_fx_copy_called_inside_the_recording_is_refused_not_left_reading_the_
     with qkhooks.record(model, modes=3) as again:
         model(second)
     torch.testing.assert_close(run.query(1), again.query(1), rtol=0, atol=0)
+
+
+def test_the_reports_bfd_share_claims_come_from_a_test_over_heads():
+    """The BFD section stated "Content-content does not dominate (PP does)" and "the largest is PP" from point
+    estimates (margins down to 0.0004) under a page saying every difference comes from a test. Now each is tested:
+    named only where every difference's simultaneous interval excludes 0."""
+    from qkhooks.readings import intervals
+    from qkhooks.report import _tested_share_sentences
+
+    rng = np.random.default_rng(0)
+
+    def shares(cc: float, pp: float, heads: int = 12) -> dict[str, np.ndarray]:
+        base = {"CC": cc, "CP": 0.1, "PC": 0.1, "PP": pp}
+        return {t: v + 0.02 * rng.standard_normal((heads, 2)) for t, v in base.items()}
+
+    clear = shares(0.6, 0.2)
+    sentences, (largest, coupled) = _tested_share_sentences(clear)
+    assert largest == "CC" and coupled == "PP"
+    assert sentences[0].startswith("CC is the largest of the four energy shares (CC − CP ")
+    want = intervals(np.column_stack([(clear["CC"] - clear[t]).reshape(-1) for t in ("CP", "PC", "PP")]),
+                     limits=(-1.0, 1.0))
+    assert f"CC − PP {want[2].text()}" in sentences[0] and "24 heads" in sentences[0]
+    close = shares(0.35, 0.35)
+    close["PP"] = close["CC"] + 0.0004 * rng.standard_normal(close["CC"].shape)  # margins of a few 1e-4
+    sentences, (largest, _) = _tested_share_sentences(close)
+    assert largest is None and sentences[0].startswith("No term is clearly the largest of the four energy shares")
+    few = {t: v[:2, :1] for t, v in clear.items()}  # 2 heads
+    sentences, (largest, coupled) = _tested_share_sentences(few)
+    assert largest is coupled is None and "too few heads (2) to test it" in sentences[0]
