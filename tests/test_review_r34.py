@@ -449,3 +449,18 @@ def test_the_reports_bfd_share_claims_come_from_a_test_over_heads():
     few = {t: v[:2, :1] for t, v in clear.items()}  # 2 heads
     sentences, (largest, coupled) = _tested_share_sentences(few)
     assert largest is coupled is None and "too few heads (2) to test it" in sentences[0]
+
+
+@pytest.mark.parametrize("heads, drawn", [(2, False), (8, True)])
+def test_the_cosine_figures_caption_promises_a_band_only_where_one_is_drawn(tmp_path, heads, drawn):
+    """Fig. 3's caption promised a "blue band: 95% bootstrap CI over heads" with 3 heads, where no band is drawn
+    (an interval needs MIN_UNITS heads)."""
+    from qkhooks.readings import MIN_UNITS
+    from qkhooks.report import spectrum_section
+
+    loaded = qkhooks.load_model(timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=4 * heads,
+                                                  depth=2, num_heads=heads, img_size=32, patch_size=8).eval())
+    caption = spectrum_section(loaded, tmp_path).figures[0][1]
+    assert (heads >= MIN_UNITS) == drawn
+    assert ("blue band: 95% bootstrap CI over heads;" in caption) == drawn
+    assert ("no band: fewer than 6 heads a layer" in caption) != drawn
