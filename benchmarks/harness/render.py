@@ -30,10 +30,10 @@ def _switched(entry: dict[str, Any]) -> str:
 
 
 def _run_date(entry: dict[str, Any]) -> str:
-    """", run 2026-12-05": the day the entry was measured, so two runs of one configuration kept side by side (an
+    """", run 2026-12-05 14:51 UTC": when the entry was measured, so two runs of one configuration kept side by side (an
     older one under its dated key) are told apart by their headings (review r34: two identical headings)."""
-    when = str(entry.get("when", ""))[:10]
-    return f", run {when}" if when else ""
+    when = str(entry.get("when", ""))[:16].replace("T", " ")
+    return f", run {when} UTC" if when else ""
 
 
 def fmt(value: Any, digits: int = 2) -> str:
