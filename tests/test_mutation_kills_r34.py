@@ -14,3 +14,186 @@ def test_the_round34_module_names_files_and_tests_that_exist_and_round_33s_later
     selection names only test files it selects, the commit range resolves in this checkout to the 24 library commits
     of ``ebe8fa2..b0ec42d``, and every library file they changed is mutated."""
     check_round_module("round34", "ROUND34", "ebe8fa2", "b0ec42d", library_commits=24)
+
+
+# ------------------------------------------------------------------ helpers
+import types  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import qkhooks  # noqa: E402
+from qkhooks.errors import QKHooksError  # noqa: E402
+
+_TERMS = ("CC", "CP", "PC", "PP")
+
+
+def _bfd_result(head_energies, mode_labels, null=(), images=20):
+    """A BFD result of one layer, by hand: each head's energy shares (CC, CP, PC, PP) and labels, and per-mode entries
+    labelled ``mode_labels`` (the indices in ``null`` marked numerically null)."""
+    heads = []
+    for e in head_energies:
+        energy = dict(zip(_TERMS, e))
+        label = max(_TERMS, key=lambda t: energy[t])
+        heads.append({"energy": energy, "label": label, "frobenius": {"energy": energy, "label": label}, "modes": []})
+    heads[0]["modes"] = [{"null": i in null, "frobenius": {"label": "null" if i in null else lab}}
+                         for i, lab in enumerate(mode_labels)]
+    return {"definition": "frobenius", "images": images, "layers": [{"layer": 0, "heads": heads}]}
+
+
+# ------------------------------------------------------------------ analysis/bfd_summary.py: paper_claims
+def test_the_mode_labels_sentence_counts_a_term_no_mode_carries_as_zero_and_names_the_null_modes_left_out():
+    """``paper_claims`` ``_185`` (a term no mode carries counted 1): two labelled modes (CC, PP) and one null mode give
+    CP 0 and PC 0, the null one named as left out."""
+    from qkhooks.analysis.bfd import paper_claims
+
+    result = _bfd_result([(0.6, 0.1, 0.1, 0.2), (0.5, 0.2, 0.1, 0.2)], ["CC", "PP", "CC"], null=(2,))
+    sentence = next(s for s in paper_claims(result)["sentences"] if s.startswith("Mode labels"))
+    assert sentence == ("Mode labels over 2 modes: CC 1, CP 0, PC 0, PP 1 (1 numerically null modes left out: the "
+                        "weights do not fix their vectors).")
+    result = _bfd_result([(0.6, 0.1, 0.1, 0.2)], ["PC"])
+    sentence = next(s for s in paper_claims(result)["sentences"] if s.startswith("Mode labels"))
+    assert sentence == "Mode labels over 1 modes: CC 0, CP 0, PC 1, PP 0."
+
+
+# ------------------------------------------------------------------ report.py: bfd_section
+def test_the_bfd_sections_claims_and_head_labels_sentence_follow_its_tests(tmp_path, monkeypatch):
+    """``bfd_section`` ``_157`` (the heads read under another key), ``_175`` / ``_186`` / ``_189`` (the head labels'
+    sentence: its "(all alike)" kept or its "Head labels:" not marked point estimates), ``_205`` / ``_207`` (summary's
+    cp_second under another name, or False where the test does not tell). BFD's run is stubbed with a result of 2 heads
+    (too few to test): both claims None, the head-label sentence rewritten as the page states it."""
+    from qkhooks import report
+    from qkhooks.analysis import bfd
+
+    result = _bfd_result([(0.6, 0.1, 0.1, 0.2), (0.5, 0.2, 0.1, 0.2)], ["CC", "PP"])
+    monkeypatch.setattr(report, "find_sites", lambda model: [])
+    monkeypatch.setattr(bfd, "bfd_layers", lambda *a, **k: ([0], [], None))
+    monkeypatch.setattr(bfd, "run_bfd", lambda *a, **k: result)
+    monkeypatch.setattr(bfd, "plot_bfd", lambda *a, **k: [])
+    loaded = types.SimpleNamespace(model=None, image_config=types.SimpleNamespace(size=(32, 32)))
+    section = report.bfd_section(loaded, tmp_path, tmp_path, report.PHOTOS, None,
+                                 dict(device="cpu", batch_size=2, progress=False), keep_runs=True)
+    claims = section.numbers
+    assert claims["cc_dominant"] is None and claims["cp_second"] is None
+    assert claims["sentences"][2] == ("Head labels (each head's largest share; point estimates, not tested): CC 2, "
+                                      "CP 0, PC 0, PP 0.")
+    assert claims["sentences"][:2] == [
+        "CC has the largest mean of the four energy shares (CC − CP +0.400, no interval; CC − PC +0.450, no interval; "
+        "CC − PP +0.350, no interval), but there are too few heads (2) to test it.",
+        "PP has the largest mean of CP, PC and PP (PP − CP +0.050, no interval; PP − PC +0.100, no interval), but there "
+        "are too few heads (2) to test it."]
+    assert claims["sentences"][2] in section.intro
+
+
+# ------------------------------------------------------------------ capture.py: Recording._ran_outside_error
+@torch.no_grad()
+def test_an_fx_copy_called_inside_the_recording_is_refused_in_the_whole_sentence():
+    """``_ran_outside_error`` ``_8``, ``_13`` (the refusal's middle and last words): the whole sentence, naming the
+    layer's q/k Linear."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=10).eval()
+    copy = torch.fx.symbolic_trace(model)
+    with qkhooks.record(model, modes=2) as run:
+        model(torch.randn(1, 3, 32, 32))
+        with pytest.raises(QKHooksError) as err:
+            copy(torch.randn(1, 3, 32, 32))
+    assert str(err.value) == (
+        "blocks.0.attn.qkv (layer 0's q/k projection) ran outside any forward of the recorded model: a copy of the "
+        "model that shares its modules (torch.fx.symbolic_trace, a wrapper calling the submodules itself) was called "
+        "inside the record() context. Its attention is not recorded, and the recording still holds the batch before. "
+        "Call the recorded model itself (a TorchScript copy runs no hooks at all and is not seen).")
+    assert run is not None
+
+
+# ------------------------------------------------------------------ data/masks.py: downscale_mask
+def test_a_mask_read_through_token_cells_keeps_float32_and_is_each_cells_pixel_mean():
+    """``downscale_mask`` ``_78`` (the cells' float64 sums handed back as float64): a bool or float32 mask read through
+    a floored grid's cells is float32 (a float64 one stays float64), each token the mean of the pixels its cell shows
+    (numpy reference)."""
+    from qkhooks.data.masks import downscale_mask, token_cells
+
+    rng = np.random.default_rng(0)
+    mask = rng.random((30, 45)) > 0.5
+    cells = token_cells((30, 45), (4, 6), (7, 7))  # 28 x 42 read: the last 2 rows and 3 columns never
+    want = mask[:28, :42].reshape(4, 7, 6, 7).mean(axis=(1, 3))
+    for given, dtype in ((torch.from_numpy(mask), torch.float32), (torch.from_numpy(mask).float(), torch.float32),
+                         (torch.from_numpy(mask).double(), torch.float64)):
+        got = downscale_mask(given, (4, 6), cells)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=0, atol=1e-7)
+
+
+# ------------------------------------------------------------------ models/hf.py: FrameTokenSite.run_file_refusal
+def test_x_clips_message_attention_is_refused_a_run_file_in_the_whole_sentence():
+    """``FrameTokenSite.run_file_refusal`` ``_2`` (its last words re-cased): the whole refusal."""
+    import transformers
+
+    config = transformers.XCLIPVisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8,
+        num_frames=3, mit_hidden_size=32, mit_intermediate_size=64, mit_num_hidden_layers=1, mit_num_attention_heads=4)
+    site = [s for s in qkhooks.sites(transformers.XCLIPVisionModel(config)) if s.path.endswith("message_attn")][-1]
+    assert site.run_file_refusal() == (
+        "X-CLIP's message attention attends across a video's frames (one message token a frame), so its tokens are "
+        "frames, not an image's CLS and patches; its maps and modes are exact frame by frame (rows: give query_tokens "
+        "as frame indices). A run file holds one row per image, and this layer's batch axis holds videos; record the "
+        "other layers (--layers) into the file, and this one live.")
+
+
+# ------------------------------------------------------------------ store: reader's _incomplete_hint, repair's statics
+def _small_run(tmp_path, name="run.h5", checksum=True):
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import load_model
+    from qkhooks.stream import record_dataset
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2).eval()
+    path = tmp_path / name
+    record_dataset(load_model(model, image_config=ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)),
+                   "samples", path, limit=2, batch_size=2, progress=False, modes=2, checksum=checksum)
+    return path
+
+
+def test_info_on_a_run_a_live_writer_holds_says_so_in_the_whole_sentence(tmp_path):
+    """``_incomplete_hint`` ``_5`` (the live writer's hint, its last words re-cased): the whole line."""
+    import h5py
+
+    from qkhooks.store import open_run
+    from qkhooks.store.lock import WriterLock
+
+    out = _small_run(tmp_path)
+    with h5py.File(out, "r+", libver="latest") as f:
+        f.attrs["complete"] = False
+    lock = WriterLock(out)
+    lock.hold_run()
+    try:
+        with open_run(out) as run:
+            line = next(l for l in run.summary().splitlines() if l.startswith("images"))
+    finally:
+        lock.release()
+    assert line == ("images   2 committed (being written: a live writer holds it, running or paused; its images so "
+                    "far are readable, and a resume is for a writer that has ended)")
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+def test_repair_keeps_each_static_arrays_values_and_its_checksum(tmp_path, checksum):
+    """``_copy_statics`` ``_37`` (a static array created without its data): the repaired file's spectrum arrays equal
+    the original's, value for value, and keep Fletcher-32 where the run had it."""
+    import h5py
+
+    from qkhooks.store import repair as repair_run
+
+    path = _small_run(tmp_path, checksum=checksum)
+    fixed = tmp_path / "fixed.h5"
+    repair_run(path, fixed)
+    with h5py.File(path, "r") as a, h5py.File(fixed, "r") as b:
+        names = [n for n in a["spectrum/L0"]]
+        assert "cos_all" in names
+        for n in names:
+            ds, got = a["spectrum/L0"][n], b["spectrum/L0"][n]
+            assert got.shape == ds.shape and got.dtype == ds.dtype and got.fletcher32 == checksum
+            np.testing.assert_array_equal(got[()], ds[()])
