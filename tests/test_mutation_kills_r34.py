@@ -197,3 +197,62 @@ def test_repair_keeps_each_static_arrays_values_and_its_checksum(tmp_path, check
             ds, got = a["spectrum/L0"][n], b["spectrum/L0"][n]
             assert got.shape == ds.shape and got.dtype == ds.dtype and got.fletcher32 == checksum
             np.testing.assert_array_equal(got[()], ds[()])
+
+
+# ------------------------------------------------------------------ report.py: _tested_share_sentences
+def test_a_share_with_no_value_at_any_head_is_never_named_the_largest():
+    """``_tested_share_sentences`` ``_14`` (a term without any finite share ranked +inf, not -inf): with PC's shares
+    all missing, CC is the largest mean of the four and PP of CP, PC and PP (the means of the others, numpy), and the
+    test does not tell (no interval for the difference from PC)."""
+    from qkhooks.report import _tested_share_sentences
+
+    rng = np.random.default_rng(0)
+    shares = {t: v + 0.02 * rng.standard_normal((12, 2)) for t, v in
+              {"CC": 0.6, "CP": 0.1, "PC": 0.1, "PP": 0.25}.items()}
+    shares["PC"][:] = np.nan
+    sentences, (largest, coupled) = _tested_share_sentences(shares)
+    cc_cp = float(np.mean(shares["CC"] - shares["CP"]))
+    assert sentences[0].startswith(f"CC has the largest mean of the four energy shares (CC − CP {cc_cp:+.3f}, ")
+    assert sentences[1].startswith("PP has the largest mean of CP, PC and PP (PP − CP ")
+    assert largest is None and coupled is None
+
+
+# ------------------------------------------------------------------ data/masks.py: receptive_cells
+def test_a_convolution_of_no_kernel_is_refused_as_making_no_token():
+    """``receptive_cells`` ``_21`` (``count <= 0 or k <= 0 and s <= 0``: a kernel of 0 with a positive stride let
+    through to the padding-only refusal): the first refusal, word for word."""
+    from qkhooks.data.masks import receptive_cells
+
+    with pytest.raises(QKHooksError) as err:
+        receptive_cells((8, 8), [((0, 0), (1, 1), (0, 0))])
+    assert str(err.value) == ("a convolution of kernel 0, stride 1, padding 0 makes no token of 8; the input is too "
+                              "small for the model.")
+    cells = receptive_cells((8, 8), [((4, 4), (2, 2), (1, 1))])  # 4 tokens a side, each clipped to the image
+    assert cells.rows == cells.cols == ((0, 3), (1, 5), (3, 7), (5, 8))
+
+
+# ------------------------------------------------------------------ analysis/modes.py: analyze_modes' summary
+@pytest.mark.parametrize("reducers", ["default", "none"])
+def test_the_modes_summary_names_the_prefix_tokens_and_its_anisotropy_note(tmp_path, reducers):
+    """``analyze_modes`` ``_711`` (``num_prefix_tokens`` under another key), ``_761`` / ``_765`` / ``_768`` (the
+    anisotropy note under another key, or not built), ``_776`` (the note without a baseline re-cased): a ViT with one
+    CLS token recorded with the default reducers (its baseline over both images: no note of fewer), and without any."""
+    from qkhooks.analysis.modes import analyze_modes
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import load_model
+    from qkhooks.stream import record_dataset
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2).eval()
+    path = tmp_path / "run.h5"
+    kw = {} if reducers == "default" else dict(reducers=[])
+    record_dataset(load_model(model, image_config=ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)),
+                   "samples", path, limit=2, batch_size=2, progress=False, modes=2, **kw)
+    summary = analyze_modes(path, tmp_path / "out", figure_modes=0, overview=False, images=False)
+    assert summary["num_prefix_tokens"] == 1 and summary["images"] == 2 and summary["complete"] is True
+    if reducers == "none":
+        assert summary["anisotropy_note"] == "the run has no anisotropy reducer state"
+    else:
+        assert summary["anisotropy_note"].startswith("cos_weighted is the sigma-weighted sum over all ")
+        assert "the baseline covers" not in summary["anisotropy_note"]
