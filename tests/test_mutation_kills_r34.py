@@ -256,3 +256,44 @@ def test_the_modes_summary_names_the_prefix_tokens_and_its_anisotropy_note(tmp_p
     else:
         assert summary["anisotropy_note"].startswith("cos_weighted is the sigma-weighted sum over all ")
         assert "the baseline covers" not in summary["anisotropy_note"]
+
+
+# ------------------------------------------------------------------ data/masks.py: TokenCells, token_cells, majority_labels
+def test_token_cells_outside_the_input_are_refused_naming_the_first_and_last():
+    """``TokenCells.weights`` ``_6`` / ``_10`` (a last cell past the input let through where the first is inside, or
+    the second-last checked), ``_18`` (the refusal naming two first cells): the refusal word for word; cells inside
+    give each cell's 0/1 pixel rows (numpy reference)."""
+    from qkhooks.data.masks import TokenCells
+
+    cells = TokenCells(((0, 2), (2, 3), (3, 5)), ((0, 4),))
+    with pytest.raises(QKHooksError) as err:
+        cells.weights((4, 4))
+    assert str(err.value) == ("token cells ((0, 2),)...((3, 5),) do not lie inside 4 pixels; make them for this input "
+                              "size (token_cells).")
+    rows, cols = TokenCells(((0, 2), (1, 4)), ((0, 3),)).weights((4, 3))
+    np.testing.assert_array_equal(rows.numpy(), np.array([[1, 1, 0, 0], [0, 1, 1, 1]], float))
+    np.testing.assert_array_equal(cols.numpy(), np.ones((1, 3)))
+    assert rows.dtype == cols.dtype == torch.float64
+
+
+def test_a_grid_of_one_pixel_a_token_is_blocks_and_one_finer_than_the_input_is_refused():
+    """``token_cells`` ``_22`` (a grid as fine as the input refused): 4 tokens over 4 pixels are 1-pixel cells;
+    5 over 4 is refused."""
+    from qkhooks.data.masks import token_cells
+
+    cells = token_cells((4, 6), (4, 3))
+    assert cells.rows == ((0, 1), (1, 2), (2, 3), (3, 4)) and cells.cols == ((0, 2), (2, 4), (4, 6))
+    with pytest.raises(QKHooksError):
+        token_cells((4, 6), (5, 3))
+
+
+def test_majority_labels_refuses_a_grid_of_no_column_in_its_sentence():
+    """``majority_labels`` ``_65`` (a grid of 0 columns let through to a division by zero): the refusal word for
+    word."""
+    from qkhooks.data.masks import majority_labels
+
+    labels = torch.tensor([[0, 1, 1, 2]] * 4)
+    with pytest.raises(QKHooksError) as err:
+        majority_labels(labels, (2, 0))
+    assert str(err.value) == "grid (2, 0) does not fit the labels (4, 4); pass the patch grid, e.g. (14, 14)."
+    assert majority_labels(labels, (2, 2)).tolist() == [[0, 1], [0, 1]]  # ties: the lowest id
