@@ -297,3 +297,19 @@ def test_majority_labels_refuses_a_grid_of_no_column_in_its_sentence():
         majority_labels(labels, (2, 0))
     assert str(err.value) == "grid (2, 0) does not fit the labels (4, 4); pass the patch grid, e.g. (14, 14)."
     assert majority_labels(labels, (2, 2)).tolist() == [[0, 1], [0, 1]]  # ties: the lowest id
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (4, 5)])
+def test_majority_labels_of_a_grid_that_does_not_divide_the_labels_and_no_cells_is_refused(shape):
+    """``majority_labels`` ``_72`` (``h % gh != 0``), ``_76`` (``w % gw == 1``): a 2 x 2 grid over 5 x 4 or 4 x 5
+    labels with no cells took the block path (blocks of a grid that does not tile them); it is refused naming the
+    grid, and the same labels through their floored cells give each cell's majority."""
+    from qkhooks.data.masks import majority_labels, token_cells
+
+    labels = torch.zeros(shape, dtype=torch.int64)
+    labels[:2, :2] = 3
+    labels[2:4, 2:4] = 1
+    with pytest.raises(QKHooksError, match=r"the 2x2 token grid does not tile the %dx%d input" % shape):
+        majority_labels(labels, (2, 2))
+    got = majority_labels(labels, (2, 2), token_cells(shape, (2, 2), (2, 2)))  # 4 x 4 read, the odd edge left out
+    assert got.tolist() == [[3, 0], [0, 1]]
