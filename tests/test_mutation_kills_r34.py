@@ -313,3 +313,33 @@ def test_majority_labels_of_a_grid_that_does_not_divide_the_labels_and_no_cells_
         majority_labels(labels, (2, 2))
     got = majority_labels(labels, (2, 2), token_cells(shape, (2, 2), (2, 2)))  # 4 x 4 read, the odd edge left out
     assert got.tolist() == [[3, 0], [0, 1]]
+
+
+# ------------------------------------------------------------------ stream.py: mask_cells
+def test_a_layer_whose_convolutions_make_another_grid_is_refused_in_the_whole_sentence():
+    """``mask_cells`` ``_65`` (the refusal's sentence dropped): a layer on a 3 x 3 grid whose patch convolution (8 px
+    every 8 px over 32 px) makes 4 x 4 cells is refused word for word; on its own 4 x 4 grid the cells are the 8 px
+    blocks."""
+    from qkhooks.stream import mask_cells
+
+    site = types.SimpleNamespace(layer=0, path="blocks.0.attn", patch_size=None,
+                                 pixel_convs=lambda: [((8, 8), (8, 8), (0, 0))])
+    with pytest.raises(QKHooksError) as err:
+        mask_cells([site], {0: types.SimpleNamespace(grid=(3, 3))}, (32, 32), "all")
+    assert str(err.value) == ("the pixels of the 3x3 grid's tokens were read as a 4x4 grid from the model's "
+                              "convolutions, so masks cannot be read onto them; record this model on images without "
+                              "masks.")
+    cells = mask_cells([site], {0: types.SimpleNamespace(grid=(4, 4))}, (32, 32), "first")
+    assert cells[(4, 4)].rows == cells[(4, 4)].cols == ((0, 8), (8, 16), (16, 24), (24, 32))
+
+
+# ------------------------------------------------------------------ readings.py: compare_reading
+def test_a_comparison_where_no_layer_has_a_value_is_too_few():
+    """``compare_reading`` ``_31`` (the verdict of "no layer has a value" renamed): the verdict is ``too_few`` and each
+    layer's estimate is kept, of no unit."""
+    from qkhooks.readings import compare_reading
+
+    r = compare_reading(np.full((8, 2), np.nan), 0.0, [0, 1], "a", "b", "heads")
+    assert r.verdict == "too_few"
+    assert r.text == "a vs b: no layer has a value (0 heads), so nothing can be compared."
+    assert sorted(r.estimates) == ["L0", "L1"] and all(e.units == 0 for e in r.estimates.values())
