@@ -343,3 +343,22 @@ def test_a_comparison_where_no_layer_has_a_value_is_too_few():
     assert r.verdict == "too_few"
     assert r.text == "a vs b: no layer has a value (0 heads), so nothing can be compared."
     assert sorted(r.estimates) == ["L0", "L1"] and all(e.units == 0 for e in r.estimates.values())
+
+
+def test_no_clear_difference_speaks_of_the_tested_layers_only_where_some_are_not():
+    """``compare_reading`` ``_130`` (the flat sentence's "tested " re-cased): with L0 without a value it says "at any
+    tested layer" and names L0 untested; with every layer valued, "at any layer" and 3 layers adjusted for."""
+    from qkhooks.readings import compare_reading
+
+    rng = np.random.default_rng(3)
+    x = 0.1 * rng.standard_normal((8, 3))
+    x[:, 0] = np.nan
+    r = compare_reading(x, 0.0, [0, 1, 2], "cos", "zero", "heads")
+    assert r.verdict == "flat"
+    assert r.text.startswith("cos and zero show no clear difference at any tested layer (largest at L1: ")
+    assert r.text.endswith("; the intervals hold 0; 8 heads; intervals adjusted for 2 layers; not tested at L0: no "
+                           "value or fewer than 6 heads there).")
+    x[:, 0] = 0.1 * rng.standard_normal(8)
+    r = compare_reading(x, 0.0, [0, 1, 2], "cos", "zero", "heads")
+    assert r.verdict == "flat" and r.text.startswith("cos and zero show no clear difference at any layer (")
+    assert r.text.endswith("; the intervals hold 0; 8 heads; intervals adjusted for 3 layers).")
