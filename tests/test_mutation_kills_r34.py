@@ -362,3 +362,22 @@ def test_no_clear_difference_speaks_of_the_tested_layers_only_where_some_are_not
     r = compare_reading(x, 0.0, [0, 1, 2], "cos", "zero", "heads")
     assert r.verdict == "flat" and r.text.startswith("cos and zero show no clear difference at any layer (")
     assert r.text.endswith("; the intervals hold 0; 8 heads; intervals adjusted for 3 layers).")
+
+
+# ------------------------------------------------------------------ capture.py: _compute_dtype
+@pytest.mark.parametrize("given, shown", [(torch.int32, "torch.int32"), ("float33", "'float33'")])
+def test_a_compute_dtype_other_than_a_float_is_refused_in_the_whole_sentence(given, shown):
+    """``_compute_dtype`` ``_20`` (the refusal's last words re-cased): the whole refusal, naming what was given; the
+    four float dtypes and their names are taken as torch's."""
+    from qkhooks.capture import _compute_dtype
+
+    with pytest.raises(QKHooksError) as err:
+        _compute_dtype(given)
+    assert str(err.value) == (
+        "compute_dtype must be one of torch's float dtypes (torch.float32, torch.float64, torch.bfloat16, "
+        f"torch.float16) or its name, got {shown}: the modes are projections of the tokens, and another dtype would "
+        "truncate or reinterpret them. Leave it out to project in the tokens' own dtype.")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        name = str(dtype).removeprefix("torch.")
+        assert _compute_dtype(dtype) is _compute_dtype(name) is _compute_dtype(f"torch.{name}") is dtype
+    assert _compute_dtype(None) is None
