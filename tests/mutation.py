@@ -98,6 +98,8 @@ KILLS_R31 = "tests/test_mutation_kills_r31.py"
 KILLS_R32 = "tests/test_mutation_kills_r32.py"
 # Round 33 (mutation): the kill tests of round 32's later library code, the review fixes (module "round33").
 KILLS_R33 = "tests/test_mutation_kills_r33.py"
+# Round 34 (mutation): the kill tests of round 33's later library code and round 34's fixes (module "round34").
+KILLS_R34 = "tests/test_mutation_kills_r34.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -512,6 +514,37 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(given_spectrum or spectrum_of_inference_mode_weights_follows))) and not "
                 "(live_record_of_a_model_dropping_at_random or live_layer_read_as_the_old_dict or "
                 "guessed_preprocessing_warning_points_at_the_callers_line)"),
+    # Round 34 (mutation): round 33's later library code and round 34's fixes (`ebe8fa2..b0ec42d`): masks read onto
+    # tokens from the pixels each token shows (data/masks.py's TokenCells, token_cells, receptive_cells; the cells
+    # handed through recipes.py and preference.py), PiT's pixel convolutions, the call's-grid sentinel and detection
+    # tokens, dropped patches, a given spectrum of the other form, RoPE tables compared whole, flex_attention's
+    # BlockMask, BFD's added relative-position term, its second pass and null modes (bfd.py, bfd_summary.py), repair of a
+    # cut file, Fletcher-32 on checksummed statics, a merged view's shard run ids (distributed.py, store/reader.py),
+    # damaged headers and attributes named (_hdf5.py), a checkpointed backward's read, any q/k pair seen as attention,
+    # a plain h5py writer or its flag named, info on a live-written run, outputs="eager" nested, the same-object test's
+    # labels, Pixio's and X-CLIP's tokens, analyze modes' incomplete note, timm's ParallelScalingBlock (models/parallel.py),
+    # readings' infinite samples and untested layers, the compute_dtype refusal, a float64 model's spectrum, an fx copy's
+    # q/k projection refused, the report's BFD share claims. Against round 33's review, token-cells and kill tests, round
+    # 34's review tests (not the one holding a file open in another process), test_bfd.py (not its three 6-8 s run-file
+    # and CLI tests), test_data.py, the readings tests, and the zoo's and map forms' parallel-block cases (in-process
+    # tests). Run with --only ROUND34.
+    "round34": (["qkhooks/analysis/bfd.py", "qkhooks/analysis/bfd_summary.py", "qkhooks/analysis/modes.py",
+                 "qkhooks/analysis/preference.py", "qkhooks/analysis/recipes.py", "qkhooks/analysis/same_object.py",
+                 "qkhooks/capture.py", "qkhooks/cli/analyze.py", "qkhooks/data/__init__.py", "qkhooks/data/masks.py",
+                 "qkhooks/distributed.py", "qkhooks/models/__init__.py", "qkhooks/models/base.py",
+                 "qkhooks/models/hf.py", "qkhooks/models/parallel.py", "qkhooks/models/rope.py",
+                 "qkhooks/models/timm.py", "qkhooks/models/two_softmax.py", "qkhooks/models/unsupported.py",
+                 "qkhooks/readings.py", "qkhooks/report.py", "qkhooks/sdpa.py", "qkhooks/spectrum.py",
+                 "qkhooks/store/_hdf5.py", "qkhooks/store/format.py", "qkhooks/store/reader.py",
+                 "qkhooks/store/repair.py", "qkhooks/store/writer.py", "qkhooks/stream.py"],
+                ["tests/test_review_r33.py", "tests/test_token_cells_r33.py", KILLS_R33, "tests/test_review_r34.py",
+                 "tests/test_bfd.py", "tests/test_data.py", "tests/test_readings.py", "tests/test_readings_r22.py",
+                 "tests/test_zoo.py", "tests/test_map_forms.py", KILLS_R34],
+                "(test_review_r33 or test_token_cells_r33 or test_mutation_kills_r33 or test_review_r34 or test_bfd or "
+                "test_data or test_readings or test_mutation_kills_r34 or (test_zoo and fast_subset and (pwee or xp_)) or "
+                "(test_map_forms and parallel_blocks)) and not (held_open_for_writing_by_plain_h5py or "
+                "probe_split_is_the_same_for_shards or run_file_equals_in_memory_and_resumes or "
+                "cli_writes_json_of_the_documented_shape or warnings_point_at_the_callers_line)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -689,11 +722,18 @@ ROUND32 = ("commits:4a07a01..fcb421f",)
 # capture and data paths, Recipe.reducers of a builtin, an HF composite config's attention map, the writer's overflow
 # check by reducers.overflows and the resume's held-reducer check), by :func:`written_by`.
 ROUND33 = ("commits:fcb421f..ebe8fa2",)
+# Round 33's later library commits and round 34's fixes, for `--only` with the module "round34" (`ebe8fa2..b0ec42d`:
+# masks read from the pixels each token shows, the review-33 fixes (call grids, RoPE tables, BlockMask, BFD's terms and
+# null modes, checksummed statics, merged shards' run ids), timm's parallel blocks, round 34's review fixes (held files,
+# nested eager recordings, readings' infinite samples, compute_dtype, float64 spectra, fx copies, BFD share claims)),
+# by :func:`written_by`.
+ROUND34 = ("commits:ebe8fa2..b0ec42d",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
               "ROUND28B": ROUND28B, "ROUND29": ROUND29, "ROUND30": ROUND30,
-              "ROUND31": ROUND31, "ROUND32": ROUND32, "ROUND33": ROUND33}
+              "ROUND31": ROUND31, "ROUND32": ROUND32, "ROUND33": ROUND33,
+              "ROUND34": ROUND34}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
