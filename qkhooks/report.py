@@ -388,8 +388,13 @@ def _tested_share_sentences(shares: dict[str, np.ndarray]) -> tuple[list[str], t
         basis = "; ".join(f"{top} − {t} {e.text()}" for t, e in zip(others, est))
         heads = min(e.units for e in est)
         clear.append(top if heads >= MIN_UNITS and all(e.sign > 0 for e in est) else None)
-        if heads < MIN_UNITS:
-            out.append(f"{top} has the largest mean {what} ({basis}), but there are too few heads ({heads}) to test it.")
+        if not np.isfinite(means[top]):
+            out.append(f"No head has a value for any term {what}: nothing to compare.")
+        elif heads < MIN_UNITS:
+            missing = [t for t in others if not np.isfinite(units[t]).any()]
+            why = (f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no value at any head, so it cannot "
+                   "be tested" if missing else f"there are too few heads ({heads}) to test it")
+            out.append(f"{top} has the largest mean {what} ({basis}), but {why}.")
         elif all(e.sign > 0 for e in est):
             out.append(f"{top} is the largest {what} ({basis}; {heads} heads, intervals adjusted for "
                        f"{len(est)} comparisons).")

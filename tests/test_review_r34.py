@@ -464,3 +464,25 @@ def test_the_cosine_figures_caption_promises_a_band_only_where_one_is_drawn(tmp_
     assert (heads >= MIN_UNITS) == drawn
     assert ("blue band: 95% bootstrap CI over heads;" in caption) == drawn
     assert ("no band: fewer than 6 heads a layer" in caption) != drawn
+
+
+def test_a_share_with_no_value_is_named_not_counted_as_too_few_heads():
+    """A term with no value at any head made the sentence say "too few heads (0)" of 24 heads (mutation run r34)."""
+    from qkhooks.report import _tested_share_sentences
+
+    rng = np.random.default_rng(3)
+    shares = {t: v + 0.02 * rng.standard_normal((12, 2)) for t, v in {"CC": 0.6, "CP": 0.1, "PC": 0.1, "PP": 0.2}.items()}
+    shares["PC"][:] = np.nan
+    sentences, (largest, coupled) = _tested_share_sentences(shares)
+    assert largest is coupled is None
+    assert sentences[0].endswith("but PC has no value at any head, so it cannot be tested.")
+    assert "too few heads" not in sentences[0]
+    shares = {t: np.full((12, 2), np.nan) for t in shares}
+    assert _tested_share_sentences(shares)[0][0] == "No head has a value for any term of the four energy shares: nothing to compare."
+
+
+def test_a_convolution_of_stride_zero_is_refused_by_receptive_cells_not_divided_by():
+    from qkhooks.data import receptive_cells
+
+    with pytest.raises(QKHooksError, match=r"a convolution of kernel 3, stride 0, padding 1 makes no token of 8"):
+        receptive_cells((8, 8), [((3, 3), (0, 0), (1, 1))])

@@ -97,8 +97,8 @@ def receptive_cells(size: tuple[int, int], convs: Sequence[tuple[Sequence[int], 
         cells = [(i, i + 1) for i in range(int(size[axis]))]
         for kernel, stride, padding in convs:
             k, s, p = int(kernel[axis]), int(stride[axis]), int(padding[axis])
-            count = (len(cells) + 2 * p - k) // s + 1
-            if count <= 0 or k <= 0 or s <= 0:
+            count = (len(cells) + 2 * p - k) // s + 1 if k > 0 and s > 0 else 0  # a stride of 0 is refused, not divided by
+            if count <= 0:
                 raise QKHooksError(f"a convolution of kernel {k}, stride {s}, padding {p} makes no token of "
                                    f"{len(cells)}; the input is too small for the model.")
             spans = [(max(0, s * i - p), min(len(cells), s * i - p + k)) for i in range(count)]
