@@ -381,22 +381,3 @@ def test_a_compute_dtype_other_than_a_float_is_refused_in_the_whole_sentence(giv
         name = str(dtype).removeprefix("torch.")
         assert _compute_dtype(dtype) is _compute_dtype(name) is _compute_dtype(f"torch.{name}") is dtype
     assert _compute_dtype(None) is None
-
-
-# ------------------------------------------------------------------ models/unsupported.py: diagnose
-def test_an_unmodelled_qk_norm_is_refused_saying_qk_norm_is_modelled_elsewhere_in_the_whole_sentence():
-    """``diagnose`` ``_54`` (the refusal's middle re-cased): an HF ViT attention given a q_norm is refused word for
-    word (test_mutation_kills_models.py checks the same sentence, outside round34's selection)."""
-    import transformers
-
-    model = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                         intermediate_size=32, image_size=16, patch_size=8)).eval()
-    site = qkhooks.sites(model)[0]
-    model.get_submodule(site.path).q_norm = torch.nn.LayerNorm(8)
-    name = type(site.module).__name__
-    with pytest.raises(QKHooksError) as err:
-        qkhooks.sites(model)
-    assert str(err.value) == (f"unsupported attention in {site.path!r} ({name}): it normalises q and k (q_norm, k_norm) "
-                              "in a form qkhooks does not model (q/k-norm is modelled in the attention modules README "
-                              "lists, where the exact normalised form is rebuilt); its logits are a non-linear function "
-                              "of the tokens, so W_q^T W_k alone would not describe them.")
