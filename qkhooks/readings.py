@@ -115,12 +115,12 @@ def _as_samples(samples: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
 def _refuse_infinite(x: np.ndarray) -> None:
     """NaN is "no value at this layer"; an infinite value is a value whose mean is infinite: dropped like a NaN, it
     left a finite interval over the other units without a word (review r34)."""
-    infinite = np.isinf(x)
-    if infinite.any():
-        unit, column = (int(v[0]) for v in np.nonzero(infinite.reshape(x.shape[0], -1)))
-        raise QKHooksError(f"unit {unit} has an infinite value ({x.reshape(x.shape[0], -1)[unit, column]}) at column "
-                           f"{column}: a mean over it is infinite, and no interval can be read. Find where the "
-                           "statistic overflows (a float16 run, a zero denominator) and recompute it.")
+    infinite = np.argwhere(np.isinf(x))
+    if infinite.size:  # (unit, column) first; pair_pivots' vectors add an axis within the column
+        unit, column = (int(v) for v in infinite[0][:2])
+        raise QKHooksError(f"unit {unit} has an infinite value ({x[tuple(infinite[0])]}) at column {column}: a mean "
+                           "over it is infinite, and no interval can be read. Find where the statistic overflows (a "
+                           "float16 run, a zero denominator) and recompute it.")
 
 
 @functools.lru_cache(maxsize=16)
@@ -333,12 +333,11 @@ def trend_reading(samples: np.ndarray, layers: Sequence[int], what: str, units: 
     inner = np.arange(1, len(layers) - 1)
     with _quiet():
         mean = np.nanmean(x, 0)
+        change = np.nanmean(x[:, late], 1) - np.nanmean(x[:, early], 1)  # per unit
     for third, name in ((early, "first"), (late, "last")):
         if not np.isfinite(mean[third]).any():  # not "too few units": no unit has a value there
             return Reading(f"{what}: no {units} have a value in the {name} third of the layers "
                            f"({fmt_layers(layers[third])}), so no trend can be tested.", "too_few")
-    with _quiet():
-        change = np.nanmean(x[:, late], 1) - np.nanmean(x[:, early], 1)  # per unit
     width = limits[1] - limits[0]
     est = intervals(np.column_stack([change, x[:, [-1]] - x[:, inner]]),  # [trend, last - L_j for inner j]
                     limits=(-width, width))

@@ -340,21 +340,17 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
     # the page says every sentence of a difference comes from a test: the claims' point estimates are tested here
     tested, (largest, coupled) = _tested_share_sentences(shares)
     sentences = tested + list(claims["sentences"][2:])
-    sentences[2] = sentences[2].replace(" (specialised)", "").replace(" (all alike)", "").replace(
-        "Head labels:", "Head labels (each head's largest share; point estimates, not tested):")
-    # summary.json states what the page states: a claim holds only where its test says so (None: not clear)
-    claims["cc_dominant"] = None if largest is None else largest == "CC"
-    claims["cp_second"] = None if coupled is None else coupled in ("CP", "PC")
-    claims["sentences"] = sentences
     if held < bfd.MIN_HOLDOUT:  # paper_claims gives no verdict then; the warning below says why, once
         sentences = sentences[:-1]
-        claims["sentences"] = sentences  # summary.json states what the page states
         warnings.append(f"The position probes from X and C are tested on {held} held-out images (fewer than "
                         f"{bfd.MIN_HOLDOUT}), so their R² is not read here; {DATA_HINT}.")
     readings = [trend_reading(shares["CC"], layers, "The content-content (CC) energy share", "heads",
                               limits=PROBABILITY),  # shares of the sum of four energies, each >= 0
                 trend_reading(shares["CP"] + shares["PC"], layers, "The content-position coupling (CP+PC)", "heads",
                               limits=PROBABILITY)]
+    # summary.json states what the page states: a claim holds only where its test says so (None: not clear)
+    claims.update(cc_dominant=None if largest is None else largest == "CC",
+                  cp_second=None if coupled is None else coupled in ("CP", "PC"), sentences=sentences)
     numbers = {**claims, "images": n, "holdout_images": held, "readings": [dataclasses.asdict(r) for r in readings],
                "curves": {f"bfd_{t}": _curve(layers, np.nanmean(shares[t], 0), n, few) for t in bfd.TERMS}}
     numbers["left_out"] = left_out

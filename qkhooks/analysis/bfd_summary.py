@@ -496,7 +496,7 @@ def paper_claims(
         f"mean {kind} shares over {len(heads)} heads are {text}.",
         "cp_second": f"Of CP, PC and PP the largest is {second} ({mean[second]:.2f}; coupling CP+PC "
         f"{mean['CP'] + mean['PC']:.2f} vs PP {mean['PP']:.2f}).",
-        "heads_specialise": f"Head labels: {label_text} ({'specialised' if out['heads_specialise'] else 'all alike'}).",
+        "heads_specialise": f"Head labels (each head's largest share; point estimates, not tested): {label_text}.",
     }
     every = [m for h in heads for m in h.get("modes", [])]
     modes = [m for m in every if not m.get("null")]

@@ -260,7 +260,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 head_dim=head_dim,
                 dim=qk[0].in_features,
                 scale=float(scale),
-                num_prefix_tokens=0 if frames else prefix,
+                num_prefix_tokens=prefix,
                 grid=site_grid,
                 family=family,
                 input_name="hidden_states",
@@ -281,7 +281,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
         if type(module).__name__ in EXTRA_FORMS:
             sites[-1] = EXTRA_FORMS[type(module).__name__][1](sites[-1], module, modules)
         elif frames:
-            sites[-1] = recast(sites[-1], FrameTokenSite, grid=None, patch_size=None)
+            sites[-1] = recast(sites[-1], FrameTokenSite, grid=None, patch_size=None, num_prefix_tokens=0)
         elif shuffled:
             sites[-1] = recast(sites[-1], ShuffledTokenSite, grid=None, patch_size=None)
         elif _after_grouping(modules, match["block"]):

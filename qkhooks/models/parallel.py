@@ -46,10 +46,9 @@ def parallel_block_qk(block: nn.Module) -> tuple[Callable[[], tuple[torch.Tensor
     return reader, ()  # the q/k outputs sit behind the MLP's in one Linear: modes from the normed tokens
 
 
-def parallel_block_site(site: AttentionSite, block: nn.Module, cls: type = ParallelBlockSite, **fields: Any
-                        ) -> AttentionSite:
+def parallel_block_site(site: AttentionSite, block: nn.Module, cls: type = ParallelBlockSite) -> AttentionSite:
     """The site of a parallel block: the block is both the attention module and its own block."""
-    return recast(site, cls, block_path=site.path, block=block, stage=site.path.rpartition(".")[0], **fields)
+    return recast(site, cls, block_path=site.path, block=block, stage=site.path.rpartition(".")[0])
 
 
 def _parallel_block() -> type:

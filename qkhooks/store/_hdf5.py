@@ -264,13 +264,11 @@ def open_reader(path: str | os.PathLike, deadline_s: float = READ_DEADLINE_S) ->
                 return _open_read(path, swmr=being_written(path))
             except OSError as exc:
                 problem = f"HDF5 cannot read it: {exc}"
-                held = foreign_writer(path)
-                if held is not None and not backoff.wait():  # waited: a program that closes it soon is waited for
-                    raise HeldOpenError(path, held) from None
-                if held is not None:
-                    continue
+                held = foreign_writer(path)  # not damage: a program that closes it soon is waited for, as below
+        else:
+            held = None
         if not backoff.wait():
-            raise DamagedRunError(path, problem)
+            raise HeldOpenError(path, held) if held is not None else DamagedRunError(path, problem)
 
 
 def foreign_writer(path: str | os.PathLike) -> str | None:
@@ -292,7 +290,8 @@ def foreign_writer(path: str | os.PathLike) -> str | None:
                     "else. Close the file in that program (f.close()), then read it again; nothing needs repair.")
         except OSError:
             pass  # a file system without flock: say what is certain
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        else:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
     return ("a program that opened it for writing with plain HDF5 (not a qkhooks writer: e.g. h5py.File(path, 'a') "
             "in a script or notebook) left its \"open for write\" flag set, and no program holds HDF5's lock on it "
             "now (it ended without closing the file, or runs without HDF5's file locking). Once no program has it "

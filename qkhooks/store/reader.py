@@ -115,14 +115,18 @@ _SHARD_RUN_IDS: "OrderedDict[tuple[str, int, int, int], str | None]" = OrderedDi
 _SHARD_RUN_IDS_KEPT = 4096
 
 
-def _shard_run_id(path: Path) -> str | None | type[FileNotFoundError]:
-    """A shard file's run_id, read again only when the file changed (its inode, mtime or size);
-    ``FileNotFoundError`` (the class) when the file is gone, so a shard removed between a caller's look and this
-    one reads as missing (``missing_shard_rows`` then refuses the read), not as a raw error."""
+_SHARD_GONE: Any = ("the shard file is gone",)
+"""What :func:`_shard_run_id` answers for a shard removed before or while it looks: a missing shard, which
+``missing_shard_rows`` refuses by name (a raw FileNotFoundError before round 34)."""
+
+
+def _shard_run_id(path: Path) -> str | None:
+    """A shard file's run_id, read again only when the file changed (its inode, mtime or size); :data:`_SHARD_GONE`
+    when the file is gone."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        return FileNotFoundError
+        return _SHARD_GONE
     key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
     if key in _SHARD_RUN_IDS:
         _SHARD_RUN_IDS.move_to_end(key)
@@ -130,7 +134,7 @@ def _shard_run_id(path: Path) -> str | None | type[FileNotFoundError]:
     try:
         f = open_reader(path)
     except FileNotFoundError:
-        return FileNotFoundError
+        return _SHARD_GONE
     try:
         run_id = fmt.run_id_of(f)
     finally:
@@ -151,7 +155,7 @@ def rewritten_shards(ds: h5py.Dataset, folder: Path, n: int,
     for name, lo, hi in (shard_sources(ds) if sources is None else sources):
         if lo < n and name in merged:
             run_id = _shard_run_id(folder / name)
-            if run_id is not FileNotFoundError and run_id != merged[name]:  # a missing shard: missing_shard_rows
+            if run_id is not _SHARD_GONE and run_id != merged[name]:  # a missing shard: missing_shard_rows
                 out.append((name, lo, min(hi, n)))
     return out
 
