@@ -21,7 +21,7 @@ import torch
 from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, parse_layers, select_layers
-from qkhooks.sdpa import HALF, AttentionCallMode, SdpaCall, autocast_off, maps_times_values, scaled_logits, sdpa_maps
+from qkhooks.sdpa import HALF, AttentionCallMode, SdpaCall, scaled_logits, sdpa_maps, softmax_attention
 
 __all__ = [
     "AttentionSpec", "attention_rows", "attention_full", "rows_from_qk", "full_from_qk", "split_heads", "pool_rows",
@@ -130,7 +130,19 @@ def full_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> torch
     q, k = site.model_qk(q, k)
     if site.class_attention:
         q = q[:, :, :1]
+    if _softmax_alone(site) and {q.dtype, k.dtype} <= _FLOAT32_LOGITS:  # in one pass per image
+        return softmax_attention(q, k, site.scale)[0]
     return _softmax(site, scaled_logits(q, k, site.scale))
+
+
+_FLOAT32_LOGITS = {torch.float32, *HALF}  # q, k dtypes whose logits are float32, as _softmax takes them
+
+
+def _softmax_alone(site: AttentionSite) -> bool:
+    """Whether the site's maps are the softmax of its scaled logits alone: no additive term, cap or head mixing
+    (what :func:`_softmax` adds is then nothing)."""
+    return (site.head_mixing is None and type(site).add_logit_bias is AttentionSite.add_logit_bias
+            and site.logit_bias() is None)
 
 
 def map_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -305,14 +317,9 @@ class OneAttention(AttentionCallMode):
         if not self._is_map(q) or q.shape[-1] != self.site.head_dim:
             raise self._refusal(f"its attention call has q of shape {tuple(q.shape)}, not the (batch, "
                                 f"{self.site.num_heads} heads, tokens, {self.site.head_dim}) the adapter describes")
-        maps = call.probabilities()  # float32 for half-precision q, k: kept in q's dtype, multiplied with v as is
-        self._keep(maps.to(q.dtype))
-        if call.enable_gqa and v.shape[-3] != q.shape[-3]:
-            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-        if maps.dtype == v.dtype:
-            return maps_times_values(maps, v)
-        with autocast_off(v.device):  # the fused kernels accumulate in float32 and round the output once
-            return maps_times_values(maps, v.to(maps.dtype)).to(v.dtype)
+        maps, out = call.attend()
+        self._keep(maps)
+        return out
 
     def on_softmax(self, maps: torch.Tensor) -> None:
         if self._is_map(maps):

@@ -21,7 +21,7 @@ import torch
 
 from qkhooks.errors import QKHooksError
 
-__all__ = ["HALF", "scaled_logits", "maps_times_values", "sdpa_maps", "sdpa_probabilities", "SdpaCall", "AttentionCallMode"]
+__all__ = ["HALF", "scaled_logits", "softmax_attention", "maps_times_values", "sdpa_maps", "sdpa_probabilities", "SdpaCall", "AttentionCallMode"]
 
 # ------------------------------------------------------------------ the two products, read in place on the CPU
 # Below this many query and key tokens an image's products are too small for per-image calls to pay off (windows of 49).
@@ -74,6 +74,32 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
 
 
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float,
+                      v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(scale · q kᵀ) over the keys, in the logits' dtype (:func:`scaled_logits`), and maps @ v when v is
+    given (:func:`maps_times_values`, its layout); the same values as those two calls, bit for bit.
+
+    On the CPU (float32 or float64, no autograd, many tokens) one image at a time: its logits go to one scratch
+    buffer that stays in cache, their softmax straight into the kept maps, and its product with v reads the maps
+    while they are still in cache. Three whole-batch passes (logits, softmax, product) each streamed B·H·N·N floats
+    through memory, and the logits of every image were allocated as well: the per-image order takes ~25 % less time
+    (benchmarks/round35_fused.py). Each step is per row or per image, so the values do not change.
+    """
+    if not (isinstance(scale, (int, float)) and q.dtype not in HALF and _in_place(q, k)
+            and (v is None or _in_place(q, v))):
+        maps = torch.softmax(scaled_logits(q, k, scale), dim=-1)
+        return maps, None if v is None else maps_times_values(maps, v)
+    maps = q.new_empty(*q.shape[:-1], k.shape[-2])
+    logits = q.new_empty(maps.shape[1:])  # one image's: (H, L, S)
+    out = None if v is None else v.new_empty(v.shape[0], q.shape[-2], v.shape[1], v.shape[-1])
+    for b in range(q.shape[0]):
+        torch.baddbmm(logits, q[b], k[b].transpose(-1, -2), beta=0, alpha=scale, out=logits)
+        torch.softmax(logits, -1, out=maps[b])
+        if out is not None:
+            torch.bmm(maps[b], v[b], out=out[b].transpose(0, 1))
+    return maps, None if out is None else out.transpose(1, 2)
+
+
 def maps_times_values(maps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """maps @ v, (B, H, L, S) @ (B, H, S, d) -> (B, H, L, d); on the CPU one ``bmm`` per image that reads v in place
     and writes a (B, L, H, d) buffer, the layout the model's next ``transpose(1, 2).reshape`` reads without a copy
@@ -109,7 +135,10 @@ def sdpa_probabilities(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor
     """
     if enable_gqa and k.shape[-3] != q.shape[-3]:  # grouped-query: each key head serves a group of query heads
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-    logits = scaled_logits(q, k, q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if attn_mask is None and not is_causal:
+        return softmax_attention(q, k, scale)[0]
+    logits = scaled_logits(q, k, scale)
     keep = None
     if is_causal:
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
@@ -146,6 +175,28 @@ class SdpaCall:
     def probabilities(self) -> torch.Tensor:
         """The call's maps before they are rounded to q's dtype (:func:`sdpa_probabilities`)."""
         return sdpa_probabilities(self.query, self.key, self.attn_mask, self.is_causal, self.scale, self.enable_gqa)
+
+    def attend(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The call computed once, eagerly: (its maps in q's dtype, maps @ v as the call returns it).
+
+        For half-precision q, k the maps are float32 (:meth:`probabilities`) and multiplied with v in float32, the
+        output rounded once to v's dtype, as the fused kernels accumulate; the kept maps are rounded to q's dtype.
+        Without a mask, q, k and v of one float32 or float64 dtype: one pass per image (:func:`softmax_attention`).
+        """
+        q, k, v = self.query, self.key, self.value
+        if self.attn_mask is None and not self.is_causal and q.dtype == k.dtype == v.dtype and q.dtype not in HALF:
+            if self.enable_gqa and k.shape[-3] != q.shape[-3]:  # grouped-query: each key head serves a group
+                k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+            if self.enable_gqa and v.shape[-3] != q.shape[-3]:
+                v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+            return softmax_attention(q, k, q.shape[-1] ** -0.5 if self.scale is None else self.scale, v)  # type: ignore[return-value]
+        maps = self.probabilities()  # float32 for half-precision q, k
+        if self.enable_gqa and v.shape[-3] != q.shape[-3]:
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+        if maps.dtype == v.dtype:
+            return maps.to(q.dtype), maps_times_values(maps, v)
+        with autocast_off(v.device):  # the fused kernels accumulate in float32 and round the output once
+            return maps.to(q.dtype), maps_times_values(maps, v.to(maps.dtype)).to(v.dtype)
 
 
 def _softmax_over_last_axis(out: Any, args: tuple, kwargs: dict) -> bool:

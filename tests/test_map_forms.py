@@ -85,12 +85,12 @@ def test_differential_maps_terms_and_component_modes_are_exact():
 def test_two_softmax_maps_and_terms_come_from_one_product_of_q_and_k(build, monkeypatch):
     """A two-softmax layer recording full maps computes scale·q·kᵀ once (its maps are combined from the terms it
     keeps), not once for the maps and again for the terms; the maps still equal the terms combined by hand."""
-    from qkhooks import attention
+    from qkhooks import sdpa
 
     model = build()
     calls: list[tuple[int, ...]] = []
-    product = attention.scaled_logits
-    monkeypatch.setattr(attention, "scaled_logits", lambda q, k, scale: calls.append(tuple(q.shape)) or product(q, k, scale))
+    product = sdpa._scaled_logits  # every product of q and k at these token counts (below the per-image path's)
+    monkeypatch.setattr(sdpa, "_scaled_logits", lambda q, k, scale: calls.append(tuple(q.shape)) or product(q, k, scale))
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with qkhooks.record(model, modes="all", attention="full") as rec:
         with torch.no_grad():

@@ -340,7 +340,7 @@ def test_attention_products_read_strided_heads_and_equal_a_float64_reference(que
     qkv gives them), on the per-image path (130 keys: all queries, or 2 query rows) and the matmul path (7): equal to
     float64 numpy products. On the per-image path maps @ v is laid out (B, L, H, d), so the model's
     transpose(1, 2).reshape is a view."""
-    from qkhooks.attention import maps_times_values, scaled_logits
+    from qkhooks.sdpa import maps_times_values, scaled_logits
 
     g = torch.Generator().manual_seed(31)
     b, h, d = 3, 5, 8
