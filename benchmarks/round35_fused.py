@@ -1,7 +1,8 @@
 """Round 35 (issue 20, full maps): one layer's attention on the CPU, computed as three whole-batch passes (round 12's
 per-image logits, one softmax over the batch, per-image maps @ v) against one pass per image
-(:func:`qkhooks.sdpa.softmax_attention`), with timm's eager attention (what ``AttentionExtract`` runs) and torch's
-fused kernel beside them. Both qkhooks variants give the same bits (checked here); only the order of the work differs.
+(:func:`qkhooks.sdpa.softmax_attention`; :func:`~qkhooks.sdpa.softmax_maps` for maps alone), with timm's eager
+attention (what ``AttentionExtract`` runs) and torch's fused kernel beside them. Both qkhooks variants give the same
+bits (checked here); only the order of the work differs.
 
 Interleaved rounds, medians, and each variant's median per-round ratio to the whole-batch passes.
 
@@ -18,7 +19,7 @@ import torch
 
 
 def main() -> int:
-    from qkhooks.sdpa import maps_times_values, scaled_logits, softmax_attention
+    from qkhooks.sdpa import maps_times_values, scaled_logits, softmax_attention, softmax_maps
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
@@ -38,13 +39,13 @@ def main() -> int:
         return maps, maps_times_values(maps, v)
 
     def per_image() -> tuple[torch.Tensor, torch.Tensor]:
-        return softmax_attention(q, k, scale, v)  # type: ignore[return-value]
+        return softmax_attention(q, k, v, scale)
 
     def whole_batch_maps() -> torch.Tensor:
         return torch.softmax(scaled_logits(q, k, scale), dim=-1)
 
     def per_image_maps() -> torch.Tensor:
-        return softmax_attention(q, k, scale)[0]
+        return softmax_maps(q, k, scale)
 
     def timm_eager() -> tuple[torch.Tensor, torch.Tensor]:  # timm.layers.Attention with fused_attn off
         attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)

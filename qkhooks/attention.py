@@ -21,7 +21,7 @@ import torch
 from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, parse_layers, select_layers
-from qkhooks.sdpa import HALF, AttentionCallMode, SdpaCall, scaled_logits, sdpa_maps, softmax_attention
+from qkhooks.sdpa import HALF, AttentionCallMode, SdpaCall, scaled_logits, sdpa_maps, softmax_maps
 
 __all__ = [
     "AttentionSpec", "attention_rows", "attention_full", "rows_from_qk", "full_from_qk", "split_heads", "pool_rows",
@@ -131,7 +131,7 @@ def full_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> torch
     if site.class_attention:
         q = q[:, :, :1]
     if _softmax_alone(site) and {q.dtype, k.dtype} <= _FLOAT32_LOGITS:  # in one pass per image
-        return softmax_attention(q, k, site.scale)[0]
+        return softmax_maps(q, k, site.scale)
     return _softmax(site, scaled_logits(q, k, site.scale))
 
 

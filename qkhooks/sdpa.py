@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
 from qkhooks.errors import QKHooksError
 
-__all__ = ["HALF", "scaled_logits", "softmax_attention", "maps_times_values", "sdpa_maps", "sdpa_probabilities", "SdpaCall", "AttentionCallMode"]
+__all__ = ["HALF", "scaled_logits", "softmax_maps", "softmax_attention", "maps_times_values", "sdpa_maps",
+           "sdpa_probabilities", "SdpaCall", "AttentionCallMode"]
 
 # ------------------------------------------------------------------ the two products, read in place on the CPU
 # Below this many query and key tokens an image's products are too small for per-image calls to pay off (windows of 49).
@@ -74,17 +75,29 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
 
 
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float,
-                      v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """softmax(scale · q kᵀ) over the keys, in the logits' dtype (:func:`scaled_logits`), and maps @ v when v is
-    given (:func:`maps_times_values`, its layout); the same values as those two calls, bit for bit.
+def softmax_maps(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale · q kᵀ) over the keys, in the logits' dtype (:func:`scaled_logits`): the same values as
+    ``torch.softmax(scaled_logits(q, k, scale), -1)``, bit for bit, in one pass per image on the CPU
+    (:func:`_per_image`)."""
+    return _per_image(q, k, scale, None)[0]
 
-    On the CPU (float32 or float64, no autograd, many tokens) one image at a time: its logits go to one scratch
-    buffer that stays in cache, their softmax straight into the kept maps, and its product with v reads the maps
-    while they are still in cache. Three whole-batch passes (logits, softmax, product) each streamed B·H·N·N floats
-    through memory, and the logits of every image were allocated as well: the per-image order takes ~25 % less time
-    (benchmarks/round35_fused.py). Each step is per row or per image, so the values do not change.
-    """
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`softmax_maps`, maps @ v in :func:`maps_times_values`' layout), bit for bit those two calls' values, in
+    one pass per image on the CPU (:func:`_per_image`)."""
+    maps, out = _per_image(q, k, scale, v)
+    return maps, cast(torch.Tensor, out)  # v given: never None
+
+
+def _per_image(q: torch.Tensor, k: torch.Tensor, scale: float,
+               v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The maps (and maps @ v when v is given). On the CPU (float32 or float64, no autograd, many tokens) one image at
+    a time: its logits go to one scratch buffer that stays in cache, their softmax straight into the kept maps, and
+    its product with v reads the maps while they are still in cache. Three whole-batch passes (logits, softmax,
+    product) each streamed B·H·N·N floats through memory, and the logits of every image were allocated as well: the
+    per-image order takes ~25 % less time with v, ~55 % without (benchmarks/round35_fused.py). Each step is per row or
+    per image, so the values do not change. Elsewhere the whole-batch products."""
     if not (isinstance(scale, (int, float)) and q.dtype not in HALF and _in_place(q, k)
             and (v is None or _in_place(q, v))):
         maps = torch.softmax(scaled_logits(q, k, scale), dim=-1)
@@ -94,7 +107,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float,
     out = None if v is None else v.new_empty(v.shape[0], q.shape[-2], v.shape[1], v.shape[-1])
     for b in range(q.shape[0]):
         torch.baddbmm(logits, q[b], k[b].transpose(-1, -2), beta=0, alpha=scale, out=logits)
-        torch.softmax(logits, -1, out=maps[b])
+        torch.softmax(logits, -1, out=maps[b])  # maps[b] is contiguous: torch writes it in place
         if out is not None:
             torch.bmm(maps[b], v[b], out=out[b].transpose(0, 1))
     return maps, None if out is None else out.transpose(1, 2)
@@ -137,7 +150,7 @@ def sdpa_probabilities(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if attn_mask is None and not is_causal:
-        return softmax_attention(q, k, scale)[0]
+        return softmax_maps(q, k, scale)
     logits = scaled_logits(q, k, scale)
     keep = None
     if is_causal:
@@ -189,7 +202,7 @@ class SdpaCall:
                 k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
             if self.enable_gqa and v.shape[-3] != q.shape[-3]:
                 v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-            return softmax_attention(q, k, q.shape[-1] ** -0.5 if self.scale is None else self.scale, v)  # type: ignore[return-value]
+            return softmax_attention(q, k, v, q.shape[-1] ** -0.5 if self.scale is None else self.scale)
         maps = self.probabilities()  # float32 for half-precision q, k
         if self.enable_gqa and v.shape[-3] != q.shape[-3]:
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)

@@ -1,6 +1,6 @@
-"""The per-image attention pass (:func:`qkhooks.sdpa.softmax_attention`): maps, and maps @ v, of layers with many
-tokens computed one image at a time on the CPU (logits in a scratch buffer, their softmax into the kept maps, the
-product with v while the maps are in cache).
+"""The per-image attention pass (:func:`qkhooks.sdpa.softmax_maps`, :func:`~qkhooks.sdpa.softmax_attention`): the
+maps, and maps @ v, of layers with many tokens computed one image at a time on the CPU (logits in a scratch buffer,
+their softmax into the kept maps, the product with v while the maps are in cache).
 
 References: the whole-batch products it replaces (bit for bit), float64 numpy, torch's own
 ``scaled_dot_product_attention``, and the model's own eager attention and eager forward. Which path ran is counted
@@ -16,7 +16,7 @@ import torch
 import qkhooks
 from conftest import Tiny, _hf, _timm, eager_attention
 from qkhooks import sdpa
-from qkhooks.sdpa import SdpaCall, maps_times_values, scaled_logits, softmax_attention
+from qkhooks.sdpa import SdpaCall, maps_times_values, scaled_logits, softmax_attention, softmax_maps
 from test_full_once import _eager_forward, _tiny_call
 
 # 12 x 12 patches + CLS = 145 tokens: above the per-image path's 128
@@ -53,7 +53,7 @@ def _numpy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 @pytest.mark.parametrize("with_values", [True, False])
 def test_per_image_pass_equals_the_whole_batch_products_bit_for_bit_and_a_float64_reference(dtype, with_values, products):
     q, k, v = _heads(130, dtype)
-    maps, out = softmax_attention(q, k, 0.3, v if with_values else None)
+    maps, out = softmax_attention(q, k, v, 0.3) if with_values else (softmax_maps(q, k, 0.3), None)
     assert products == []  # the per-image pass ran, not the whole-batch product
     want_maps = torch.softmax(scaled_logits(q, k, 0.3), dim=-1)
     assert maps.dtype == dtype and torch.equal(maps, want_maps)
@@ -75,7 +75,7 @@ def test_where_the_per_image_pass_does_not_apply_the_whole_batch_products_give_t
         q, k = q.half(), k.half()
     if case == "autograd":
         q = q.clone().requires_grad_(True)
-    maps, out = softmax_attention(q, k, scale, None if case == "float16" else v)
+    maps, out = (softmax_maps(q, k, scale), None) if case == "float16" else softmax_attention(q, k, v, scale)
     assert len(products) == 1
     assert maps.dtype == torch.float32  # float16 q, k: float32 logits and softmax
     assert (maps.grad_fn is not None) == (case == "autograd")
