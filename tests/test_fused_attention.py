@@ -67,7 +67,7 @@ def test_per_image_pass_equals_the_whole_batch_products_bit_for_bit_and_a_float6
     assert out.transpose(1, 2).is_contiguous()  # (B, L, H, d): the model's transpose(1, 2).reshape is a view
 
 
-@pytest.mark.parametrize("case", ["few tokens", "float16", "autograd", "tensor scale"])
+@pytest.mark.parametrize("case", ["few tokens", "float16", "autograd", "autograd through v", "tensor scale"])
 def test_where_the_per_image_pass_does_not_apply_the_whole_batch_products_give_the_same_values(case, products):
     q, k, v = _heads(7 if case == "few tokens" else 130)
     scale: float | torch.Tensor = torch.tensor(0.3) if case == "tensor scale" else 0.3
@@ -75,11 +75,14 @@ def test_where_the_per_image_pass_does_not_apply_the_whole_batch_products_give_t
         q, k = q.half(), k.half()
     if case == "autograd":
         q = q.clone().requires_grad_(True)
+    if case == "autograd through v":
+        v = v.clone().requires_grad_(True)
     maps, out = (softmax_maps(q, k, scale), None) if case == "float16" else softmax_attention(q, k, v, scale)
     assert len(products) == 1
     assert maps.dtype == torch.float32  # float16 q, k: float32 logits and softmax
     assert (maps.grad_fn is not None) == (case == "autograd")
-    ref_maps, ref_out = _numpy_attention(q.detach().float(), k.float(), v, 0.3)
+    assert out is None or (out.grad_fn is not None) == case.startswith("autograd")
+    ref_maps, ref_out = _numpy_attention(q.detach().float(), k.float(), v.detach(), 0.3)
     np.testing.assert_allclose(maps.detach().double().numpy(), ref_maps, atol=1e-6)
     if out is not None:
         np.testing.assert_allclose(out.detach().double().numpy(), ref_out, atol=1e-5)
