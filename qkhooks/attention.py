@@ -112,9 +112,10 @@ def split_heads(site: AttentionSite, t: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax(site: AttentionSite, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax over keys in float32, as HF's eager path does (a no-op cast for float32 logits), after the model's
-    own additive term (position bias, mask) for the rows of ``query_tokens`` (all rows when None)."""
-    logits = site.add_logit_bias(logits.float(), query_tokens)
+    """Softmax over keys in float32, as HF's eager path does (a no-op cast for float32 logits; float64 logits, a
+    float64 model's, stay float64, as its eager softmax keeps them), after the model's own additive term (position
+    bias, mask) for the rows of ``query_tokens`` (all rows when None)."""
+    logits = site.add_logit_bias(logits if logits.dtype == torch.float64 else logits.float(), query_tokens)
     if site.head_mixing is not None:  # talking heads: heads mixed before and after the softmax, as the model does
         return site.head_mixing.maps(logits)
     return torch.softmax(logits, dim=-1)
@@ -130,12 +131,9 @@ def full_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> torch
     q, k = site.model_qk(q, k)
     if site.class_attention:
         q = q[:, :, :1]
-    if _softmax_alone(site) and {q.dtype, k.dtype} <= _FLOAT32_LOGITS:  # in one pass per image
+    if _softmax_alone(site):  # in one pass per image
         return softmax_maps(q, k, site.scale)
     return _softmax(site, scaled_logits(q, k, site.scale))
-
-
-_FLOAT32_LOGITS = {torch.float32, *HALF}  # q, k dtypes whose logits are float32, as _softmax takes them
 
 
 def _softmax_alone(site: AttentionSite) -> bool:

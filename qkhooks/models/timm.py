@@ -200,6 +200,18 @@ def _patch_grid_source(model: nn.Module) -> tuple[nn.Module, Callable[[tuple, di
     return patch_embed, read
 
 
+def _stage_of(modules: dict[str, nn.Module], block_path: str) -> str:
+    """The container the block sits in (its sites share a token grid). A branch of timm's ``ParallelThingsBlock``
+    (``blocks.3.attns.0``: the 18x2 ViTs run each block's attentions side by side on the block's input) sits in that
+    block, so its stage is the block's container (``blocks``), not the block's branch list (``blocks.3.attns``, one
+    per block, which made every block its own stage and refused rows across them)."""
+    container = block_path.rpartition(".")[0]
+    block = container.rpartition(".")[0]
+    if type(modules.get(block)).__name__ == "ParallelThingsBlock":
+        return block.rpartition(".")[0]
+    return container
+
+
 def find(model: nn.Module) -> list[AttentionSite]:
     """Sites for every modelled attention of a timm model, in forward order; refuses anything unmodelled."""
     modules = dict(model.named_modules())
@@ -211,7 +223,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
         if kind is None or "." not in name:
             continue
         block_path = name.rpartition(".")[0]
-        stage = block_path.rpartition(".")[0]
+        stage = _stage_of(modules, block_path)
         extra = EXTRA_FORMS.get(kind)
         site_grid = _pit_stage_grid(stage, grid)
         heads = int(getattr(attn, "num_heads", 1))  # single-head modules (SHViT's SHSA) have no num_heads
