@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -56,3 +57,138 @@ def test_a_float64_models_rebuilt_maps_and_rows_are_float64_like_its_eager_atten
         assert float((full - maps).abs().max()) < 1e-12
         picked = torch.stack([maps[b][:, tokens[b]] for b in range(2)])
         assert float((rows - picked).abs().max()) < 1e-12
+
+
+# ------------------------------------------------------------------ review r35 B: the user's own data
+def _photo(seed: int, size: int = 32) -> "Image.Image":
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _square_mask(top: int, size: int = 32) -> "Image.Image":
+    from PIL import Image
+
+    mask = np.zeros((size, size), np.uint8)
+    mask[top:top + 8, 4:12] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("clash", ["images", "targ_images"])
+def test_an_o3_folder_with_names_differing_only_by_extension_is_refused(tmp_path, clash):
+    """``images/x.jpg`` and ``images/x.png`` both took the masks of ``x`` (the later file's), so one photo was scored
+    against the other's target and distractor without a word; two mask files for one name left it unknown which is
+    the image's. Refused, naming both files."""
+    from qkhooks.data import open_dataset
+    from qkhooks.data.preprocess import ImageConfig
+
+    for folder in ("images", "targ_images", "dist_images"):
+        (tmp_path / folder).mkdir()
+    for ext in ("jpg", "png") if clash == "images" else ("png",):
+        _photo(1).save(tmp_path / "images" / f"x.{ext}")
+    for ext in ("png",) if clash == "images" else ("jpg", "png"):
+        _square_mask(2).save(tmp_path / "targ_images" / f"x.{ext}")
+    _square_mask(20).save(tmp_path / "dist_images" / "x.png")
+    cfg = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(qkhooks.QKHooksError, match=rf"/{clash}': 1 file name\(s\) differ only by their extension "
+                                                   r"\(x\.jpg and x\.png\).* Rename or remove one of each"):
+        open_dataset(f"o3dir:{tmp_path}", cfg)
+    (tmp_path / clash / "x.jpg").unlink()  # one file per name: opened, one item
+    assert open_dataset(f"o3dir:{tmp_path}", cfg).ids == ["x.png"]
+
+
+def test_an_ade20k_split_with_names_differing_only_by_extension_is_refused(tmp_path):
+    """``images/training/x.jpg`` and ``x.png`` both took ``annotations/training/x.png``. Refused, naming both."""
+    from PIL import Image
+
+    from qkhooks.data import open_dataset
+    from qkhooks.data.preprocess import ImageConfig
+
+    (tmp_path / "images" / "training").mkdir(parents=True)
+    (tmp_path / "annotations" / "training").mkdir(parents=True)
+    _photo(1).save(tmp_path / "images" / "training" / "x.jpg")
+    _photo(2).save(tmp_path / "images" / "training" / "x.png")
+    Image.fromarray(np.full((32, 32), 3, np.uint8)).save(tmp_path / "annotations" / "training" / "x.png")
+    cfg = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(qkhooks.QKHooksError, match=r"training': 1 file name\(s\) differ only by their extension "
+                                                   r"\(x\.jpg and x\.png\), so each pair would be recorded with the "
+                                                   r"same annotation"):
+        open_dataset(f"ade20k:{tmp_path}", cfg)
+    (tmp_path / "images" / "training" / "x.jpg").unlink()
+    assert open_dataset(f"ade20k:{tmp_path}", cfg).ids == ["training/x.png"]
+
+
+@pytest.mark.parametrize("fault", ["negative ids", "wrong size", "ids past int32"])
+def test_a_mask_refused_after_the_first_batch_says_the_run_file_is_incomplete_and_how_to_go_on(tmp_path, fault):
+    """Three refusals of an item's masks were plain errors: found after the first batch, they left an incomplete run
+    file without saying so (README promises the file, its committed images and the fix). Now each names the item and
+    says where the file stands; the negative ids' refusal names the fix too (it read 'labels must be >= 0')."""
+    loaded = qkhooks.load_model("timm:vit_tiny_patch16_224@random")
+    items = []
+    for i in range(6):
+        objects = np.zeros((32, 32), np.int64)
+        objects[:, 16:] = 1
+        if i == 4:
+            if fault == "negative ids":
+                objects[:4, :4] = -5
+            elif fault == "wrong size":
+                objects = objects[:30]
+            else:
+                objects[:, 16:] = 2**31
+        items.append({"image": _photo(i), "id": f"item{i}", "objects": objects})
+    why = {"negative ids": r"holds negative ids \(from -5\).*mask\[mask < 0\] = 0",
+           "wrong size": r"has size \(30, 32\) but its image is \(32, 32\)",
+           "ids past int32": r"holds ids 0\.\.2147483648, outside int32"}[fault]
+    with pytest.raises(qkhooks.QKHooksError, match=rf"mask 'objects' of 'item4' {why}.* The 4 images before it "
+                                                   rf"stay committed in .*run\.h5: fix the data and run the same "
+                                                   rf"command with --resume"):
+        qkhooks.record_dataset(loaded, items, tmp_path / "run.h5", layers="0", modes=2, batch_size=2, progress=False)
+    with qkhooks.open_run(tmp_path / "run.h5") as run:
+        assert run.n == 4 and not run.complete
+
+
+def test_a_thin_strip_is_skipped_in_a_folder_and_refused_beside_masks_not_resized_into_gigabytes(tmp_path, monkeypatch):
+    """The shorter-side resize ran on the whole image before the crop: a 1 x 4,000 PNG cost ~1 GB, a 1 x 100,000
+    one would have been killed without a word. Past PIL's decompression-bomb limit the resize is refused, naming
+    the sizes: a folder skips that image (listed, warned), a dataset with masks refuses it, naming the item."""
+    from PIL import Image
+
+    from qkhooks.data import open_dataset
+    from qkhooks.data.items import preprocess_raw, _Raw
+    from qkhooks.data.preprocess import ImageConfig
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)  # a small limit: the strip below stays small on disk
+    Image.fromarray(np.zeros((1, 2000, 3), np.uint8)).save(tmp_path / "strip.png")  # 248 x 496,000 once resized
+    _photo(1, 64).save(tmp_path / "photo.png")
+    cfg = ImageConfig(size=(224, 224), mean=(0.5,) * 3, std=(0.5,) * 3, resize=248)
+    dataset = open_dataset(str(tmp_path), cfg)
+    assert dataset.ids == ["photo.png", "strip.png"]
+    with pytest.warns(UserWarning, match=r"skipping image the model's preprocessing cannot take .*strip\.png"):
+        assert dataset[1] is None
+    assert dataset[0]["pixel_values"].shape == (3, 224, 224)
+    (skipped_id, reason), = dataset.skipped
+    assert skipped_id == "strip.png"
+    assert "an image of 1x2000 pixels (height x width) would be resized to 248x496000 (123,008,000 pixels" in reason
+    strip = Image.open(tmp_path / "strip.png").convert("RGB")
+    with pytest.raises(qkhooks.QKHooksError, match=r"mine: 'strip': an image of 1x2000 pixels .* Crop it to a less "
+                                                   r"extreme aspect ratio first, or raise that limit"):
+        preprocess_raw("mine", cfg, "strip", _Raw(image=strip, objects=np.zeros((1, 2000), np.int64)))
+
+
+@pytest.mark.parametrize("option, value", [("same_object_top", 0), ("same_object_top", -3), ("figure_modes", -1),
+                                           ("same_object_top", 2.5)])
+def test_analyze_modes_refuses_counts_it_cannot_take_before_writing(tmp_path, option, value):
+    """--same-object-top 0 or -3 wrote an all-NaN same_object.csv and exit 0; --figure-modes -1 drew nothing."""
+    from qkhooks.analysis.modes import analyze_modes
+    from qkhooks.cli import main
+
+    with pytest.raises(qkhooks.QKHooksError, match=rf"{option} \(--{option.replace('_', '-')}\) must be a whole "):
+        analyze_modes(tmp_path / "no-run.h5", tmp_path / "out", **{option: value})
+    flag = f"--{option.replace('_', '-')}"
+    argv = ["analyze", "modes", str(tmp_path / "no-run.h5"), "--out", str(tmp_path / "cli"), flag, str(value)]
+    if isinstance(value, int):
+        assert main(argv) == 2
+    else:  # not a whole number: argparse's own refusal
+        with pytest.raises(SystemExit):
+            main(argv)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()

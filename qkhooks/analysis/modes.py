@@ -253,6 +253,20 @@ def _drawn_images(topk: Mapping[str, Any], layers: Sequence[int], figure_modes: 
     return wanted
 
 
+def check_modes_options(same_object_top: Any, figure_modes: Any) -> None:
+    """Refuse counts :func:`analyze_modes` cannot take, before any file is written: a same-object top of 0 or less
+    gave an all-NaN ``same_object.csv``, a negative figure count drew none without a word (review r35 B)."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not whole(same_object_top) or same_object_top < 1:
+        raise QKHooksError(f"same_object_top (--same-object-top) must be a whole number of images >= 1, got "
+                           f"{same_object_top!r}; the paper takes 5.")
+    if figure_modes is not None and (not whole(figure_modes) or figure_modes < 0):
+        raise QKHooksError(f"figure_modes (--figure-modes) must be a whole number >= 0 (0: no figures) or None "
+                           f"('all'), got {figure_modes!r}.")
+
+
 def analyze_modes(
     run_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -290,6 +304,7 @@ def analyze_modes(
     from qkhooks.models.base import parse_layers
     from qkhooks.plots import plot_anisotropy, plot_layer_curves, stack_heads
 
+    check_modes_options(same_object_top, figure_modes)
     out = Path(out_dir)
     with _open_run(run_path) as run:
         info = dict(run.info)

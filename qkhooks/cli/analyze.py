@@ -56,7 +56,7 @@ def _modes_args(p: argparse.ArgumentParser) -> None:
 
 @command("analyze modes", "top-k images per QK mode, same-object probability and anisotropy (Fig. 4, 5, S3)")(_modes_args)
 def run_modes(args: argparse.Namespace) -> int:
-    from qkhooks.analysis.modes import analyze_modes, format_summary
+    from qkhooks.analysis.modes import analyze_modes, check_modes_options, format_summary
 
     fm = args.figure_modes
     try:
@@ -65,6 +65,7 @@ def run_modes(args: argparse.Namespace) -> int:
         raise QKHooksError(f"--figure-modes must be a number or 'all', got {fm!r}.") from None
     if args.k is not None and args.k < 1:
         raise QKHooksError(f"--k must be >= 1, got {args.k}.")
+    check_modes_options(args.same_object_top, figure_modes)
     writable_dir(args.out, "--out folder")
     summary = analyze_modes(
         args.run, args.out, k=args.k, layers=args.layers, figure_modes=figure_modes, overview=not args.no_overview,

@@ -27,6 +27,20 @@ from qkhooks.data.masks import refuse_overlap
 from qkhooks.errors import DataRefusal, QKHooksError
 
 
+def _one_file_per_name(folder: Path, rels: list[str], why: str) -> None:
+    """Refuse files of ``folder`` whose names differ only by their extension (``x.jpg`` and ``x.png``): a partner file
+    is found by the name without it, so both would take the same one (``why`` says which), and one image's masks or
+    annotation would be recorded for the other without a word (review r35 B)."""
+    by_name: dict[str, list[str]] = {}
+    for rel in rels:
+        by_name.setdefault(str(Path(rel).with_suffix("")), []).append(rel)
+    clashes = [files for files in by_name.values() if len(files) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(files) for files in clashes[:5])
+        raise QKHooksError(f"{str(folder)!r}: {len(clashes)} file name(s) differ only by their extension ({shown}), "
+                           f"so {why}. Rename or remove one of each.")
+
+
 def _layout_root(spec_dir: str, what: str, layout: str) -> Path:
     """The folder of an annotated dataset spec (``~`` expanded, made absolute as folder datasets are: a change of
     working directory after opening must not load another folder's files), refused when it is not a folder."""
@@ -122,7 +136,9 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
             else:
                 continue  # e.g. images/testing has no annotations
             img_dir = base / "images" / split
-            for rel in _list_images(img_dir):
+            rels = _list_images(img_dir)
+            _one_file_per_name(img_dir, rels, f"each pair would be recorded with the same annotation in {ann_dir}")
+            for rel in rels:
                 ann = (ann_dir / rel).with_suffix(".png")
                 if not ann.is_file():
                     skipped.append((f"{split}/{rel}", f"no annotation {ann}"))
@@ -274,8 +290,12 @@ def _open_o3dir(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageData
     if not images:
         raise QKHooksError(f"no images in {str(root / 'images')!r}; expected {_O3_LAYOUT}.")
 
+    _one_file_per_name(root / "images", images, "each pair would be recorded with the same target and distractor masks")
+
     def by_stem(folder: Path) -> dict[str, Path]:
-        return {str(Path(rel).with_suffix("")): folder / rel for rel in _list_images(folder)}
+        rels = _list_images(folder)
+        _one_file_per_name(folder, rels, "which of them is an image's mask is not known")
+        return {str(Path(rel).with_suffix("")): folder / rel for rel in rels}
 
     targets, distractors = by_stem(root / "targ_images"), by_stem(root / "dist_images")
     unmatched: list[tuple[str, list[str]]] = []

@@ -368,11 +368,19 @@ class ImageDataset(Dataset):
         except Exception as exc:
             if not (record.skip_unreadable and _file_fault(exc)):
                 raise
-            reason = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"skipping unreadable image {record.path} ({reason})", stacklevel=2)
-            self.skipped.append((record.id, reason))
-            return None
-        return self._transform(record.id, raw)
+            return self._skip(record, f"{type(exc).__name__}: {exc}", "unreadable image")
+        try:
+            return self._transform(record.id, raw)
+        except DataRefusal as exc:  # a folder's image the model's preprocessing cannot take (a thin strip): skipped
+            if not record.skip_unreadable:
+                raise
+            return self._skip(record, str(exc), "image the model's preprocessing cannot take")
+
+    def _skip(self, record: _Record, reason: str, what: str) -> None:
+        """Leave a folder's image out, warned about and listed in :attr:`skipped` (the run goes on)."""
+        warnings.warn(f"skipping {what} {record.path} ({reason})", stacklevel=3)
+        self.skipped.append((record.id, reason))
+        return None
 
     def _transform(self, item_id: str, raw: _Raw) -> dict[str, Any]:
         return preprocess_raw(self.name, self.image_config, item_id, raw)
@@ -383,15 +391,16 @@ def preprocess_raw(name: str, cfg: ImageConfig, item_id: str, raw: _Raw) -> dict
     hw = (raw.image.height, raw.image.width)
     for key in ("objects", "target", "distractor", "distractor_items"):
         value = getattr(raw, key)
+        # DataRefusals: found while a run is recorded, record_dataset says where its file stands (review r35 B)
         if value is not None and np.ndim(value) == 3 and value.shape[:2] == hw:
-            raise QKHooksError(f"{name}: mask {key!r} of {item_id!r} {_not_a_label_map(value.shape)}")
+            raise DataRefusal(f"{name}: mask {key!r} of {item_id!r} {_not_a_label_map(value.shape)}")
         if value is not None and value.shape != hw:
-            raise QKHooksError(
+            raise DataRefusal(
                 f"{name}: mask {key!r} of {item_id!r} has size {value.shape} but its image is {hw}; "
                 "annotation and image files must have the same size."
             )
         if key in ("objects", "distractor_items") and value is not None:
-            _refuse_ids_past_int32(name, key, item_id, np.asarray(value))
+            _refuse_ids_not_stored(name, key, item_id, np.asarray(value))
     item: dict[str, Any] = {"id": item_id}
     if raw.native:
         item["pixel_values"] = cfg.normalize(raw.image)
@@ -402,7 +411,10 @@ def preprocess_raw(name: str, cfg: ImageConfig, item_id: str, raw: _Raw) -> dict
             if getattr(raw, key) is not None:
                 item[key] = torch.from_numpy(np.asarray(getattr(raw, key), dtype=np.float32))
     else:
-        item["pixel_values"] = cfg(raw.image)
+        try:
+            item["pixel_values"] = cfg(raw.image)
+        except DataRefusal as exc:  # the image's own size (a thin strip): named, as the masks' refusals are
+            raise DataRefusal(f"{name}: {item_id!r}: {exc}") from None
         for key in ("objects", "distractor_items"):
             if getattr(raw, key) is not None:
                 item[key] = cfg.mask(getattr(raw, key), "labels")
@@ -416,16 +428,23 @@ def preprocess_raw(name: str, cfg: ImageConfig, item_id: str, raw: _Raw) -> dict
     return ordered
 
 
-def _refuse_ids_past_int32(name: str, key: str, item_id: str, ids: np.ndarray) -> None:
-    """``masks/objects`` is int32: an id past it would not be stored as given, so the item is refused, named."""
+def _refuse_ids_not_stored(name: str, key: str, item_id: str, ids: np.ndarray) -> None:
+    """Object ids are 0 (background) or positive, and ``masks/objects`` is int32: a negative id or one past int32
+    would not be stored as given, so the item is refused, named, with the renumbering that fixes it."""
     if not ids.size or not np.issubdtype(ids.dtype, np.integer):
         return
     low, high, bounds = int(ids.min()), int(ids.max()), np.iinfo(np.int32)
-    if low < bounds.min or high > bounds.max:
-        raise QKHooksError(
+    renumber = "ids = np.unique(mask, return_inverse=True)[1].reshape(mask.shape)"
+    if low < 0:
+        raise DataRefusal(
+            f"{name}: mask {key!r} of {item_id!r} holds negative ids (from {low}); object ids are 0 = background "
+            f"and 1, 2, ... = objects. Map the negative ones to 0 if they mean 'no object' (mask[mask < 0] = 0), or "
+            f"renumber them all: {renumber} (the smallest id becomes 0 = background)."
+        )
+    if high > bounds.max:
+        raise DataRefusal(
             f"{name}: mask {key!r} of {item_id!r} holds ids {low}..{high}, outside int32 ({bounds.min}..{bounds.max}), "
-            "the type run files store them in. Renumber its objects: ids = np.unique(mask, return_inverse=True)[1]"
-            ".reshape(mask.shape) (0 stays 0 = background when no id is negative)."
+            f"the type run files store them in. Renumber its objects: {renumber} (0 stays 0 = background)."
         )
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from qkhooks.data.display import to_rgb
 from qkhooks.data.geometry import CROP_RULES, Geometry, crop_offset
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import DataRefusal, QKHooksError
 
 __all__ = [
     "CLIP_MEAN",
@@ -135,6 +135,21 @@ def _as_its_class_reads_it(config: dict[str, Any]) -> dict[str, Any]:
             "does not model (channel order, aspect-keeping resizes, crop percentages, padding): the pixels would "
             "differ from the processor's; build ImageConfig(...) by hand where it can express them.")
     return config
+
+
+def _refuse_oversized_resize(source_hw: tuple[int, int], resized_hw: tuple[int, int]) -> None:
+    """The shorter-side resize runs on the whole image before the crop, so a thin strip (1 x 100,000 pixels, a few
+    hundred KB on disk) would become a resized image of tens of GB and the process be killed without a word (review
+    r35 B). Past PIL's own decompression-bomb limit it is refused, naming the sizes and the fix."""
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = resized_hw[0] * resized_hw[1]
+    if limit is not None and pixels > limit:
+        raise DataRefusal(
+            f"an image of {source_hw[0]}x{source_hw[1]} pixels (height x width) would be resized to "
+            f"{resized_hw[0]}x{resized_hw[1]} ({pixels:,} pixels, {3 * pixels / 2**30:.1f} GiB as RGB) before its crop, "
+            f"past PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS = {limit:,}). Crop it to a less extreme "
+            "aspect ratio first, or raise that limit if the memory is there."
+        )
 
 
 @dataclass(frozen=True)
@@ -438,6 +453,7 @@ class ImageConfig:
             short, long = (w, h) if w <= h else (h, w)
             new_short, new_long = self.resize, int(self.resize * long / short)
             resized = (new_long, new_short) if w <= h else (new_short, new_long)
+            _refuse_oversized_resize((h, w), resized)
         top = crop_offset(resized[0], self.size[0], self.crop)
         left = crop_offset(resized[1], self.size[1], self.crop)
         return Geometry(source_hw=(h, w), resized_hw=resized, top=top, left=left, output_hw=self.size)
