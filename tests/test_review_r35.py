@@ -192,3 +192,28 @@ def test_analyze_modes_refuses_counts_it_cannot_take_before_writing(tmp_path, op
         with pytest.raises(SystemExit):
             main(argv)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
+
+
+@pytest.mark.parametrize("kind", ["text", "other hdf5"])
+@pytest.mark.parametrize("mode", ["overwrite", "resume"])
+def test_resume_and_overwrite_refuse_a_file_that_is_no_run_and_leave_it_alone(tmp_path, kind, mode):
+    """--resume on a text file called it damaged and named `qkhooks repair`; --overwrite replaced a text file or
+    another program's HDF5 file with a run. Both are refused, naming what the file is, and the file is left as it was."""
+    import h5py
+
+    from qkhooks.store import RunWriter
+
+    path = tmp_path / "out.h5"
+    if kind == "text":
+        path.write_text("my notes\n")
+    else:
+        with h5py.File(path, "w") as f:
+            f["measurements"] = np.arange(3)
+    before = path.read_bytes()
+    what = "not HDF5 at all" if kind == "text" else "another program's HDF5 file"
+    want = (rf"cannot resume .*out\.h5: it is not a qkhooks run \({what}" if mode == "resume"
+            else rf"out\.h5 is not a qkhooks run \({what}.*--overwrite \(overwrite=True\) replaces only a run")
+    with pytest.raises(qkhooks.QKHooksError, match=want):
+        RunWriter(path, mode=mode)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]  # no lock, checkpoint or half-made run left

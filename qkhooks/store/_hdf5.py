@@ -271,6 +271,30 @@ def open_reader(path: str | os.PathLike, deadline_s: float = READ_DEADLINE_S) ->
             raise HeldOpenError(path, held) if held is not None else DamagedRunError(path, problem)
 
 
+def other_program_file(path: str | os.PathLike) -> str | None:
+    """What ``path`` holds when it is visibly no qkhooks run, damaged or not (None: a run, a damaged run, an empty
+    file, or a file that cannot be read now): a file that is not HDF5 at all (it does not start with HDF5's
+    signature, and its start is not zeroed, as a run's lost superblock is), or an HDF5 file with neither a run's
+    ``images`` group nor its format attribute (one with either is left to the checks that say what is wrong). ``--resume`` called such a file damaged and named ``qkhooks repair``; ``--overwrite`` replaced
+    it (review r35 B)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_SIGNATURE))
+    except OSError:
+        return None
+    if head and head != _SIGNATURE and any(head):
+        return "not HDF5 at all"
+    if head != _SIGNATURE:
+        return None
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            if "images" not in f and FORMAT_ATTR not in f.attrs:
+                return "another program's HDF5 file: neither a run's images nor its format number in it"
+    except Exception:  # damaged, or being written: the caller's own checks say which
+        return None
+    return None
+
+
 def foreign_writer(path: str | os.PathLike) -> str | None:
     """What holds ``path`` open for writing when that is not a qkhooks writer (None: nothing such).
 

@@ -45,7 +45,7 @@ from qkhooks._devices import detached
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import overflows
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import (DamagedRunError, clear_open_flags, create_run_file, damage, open_reader,
+from qkhooks.store._hdf5 import (DamagedRunError, clear_open_flags, create_run_file, damage, open_reader, other_program_file,
                                  open_swmr_writer)
 from qkhooks.store.lock import RESERVE_BYTES, ROOM, WriterLock, out_of_room, forget_in_forked_children, keep_out_of_forked_children
 
@@ -331,6 +331,13 @@ class RunWriter:
             )
         if mode == "resume" and not self.path.exists():
             raise QKHooksError(f"cannot resume {self.path}: no such file; start a new run without --resume.")
+        other = other_program_file(self.path) if mode in ("resume", "overwrite") else None
+        if other is not None and mode == "resume":
+            raise QKHooksError(f"cannot resume {self.path}: it is not a qkhooks run ({other}); give the run file "
+                               "to resume, or record into a new --out.")
+        if other is not None:
+            raise QKHooksError(f"{self.path} is not a qkhooks run ({other}): --overwrite (overwrite=True) replaces "
+                               "only a run. Record into another --out, or remove the file yourself if it can go.")
 
     @property
     def laid_out(self) -> bool:
