@@ -14,6 +14,12 @@ class QKHooksError(Exception):
     """
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (KeyboardInterrupt) while ``record_dataset`` wrote a run file, with where the file stands and how to go
+    on as its message (the CLI printed only "interrupted"). Still a KeyboardInterrupt, so code that catches one
+    catches it."""
+
+
 class DataRefusal(QKHooksError):
     """A refusal of the data found while a run is recorded (it comes back on every try, so a resume alone cannot get
     past it); ``record_dataset`` adds where the run file stands and what to do. A class of its own, importable by the

@@ -37,7 +37,7 @@ from qkhooks.data import ImageDataset, collate
 from qkhooks.data.masks import TokenCells, receptive_cells, token_cells
 from qkhooks.data.sources import ItemStream, open_source, refuse_batching
 from qkhooks.data_files import absolute_spec, file_size_column
-from qkhooks.errors import DataRefusal, QKHooksError
+from qkhooks.errors import DataRefusal, QKHooksError, RunInterrupted
 from qkhooks.models.base import AttentionSite, select_layers
 from qkhooks.models.unsupported import (hooked_paths, left_out_by_design, refuse_altered_qk, refuse_compiled,
                                         unmodelled_parts)
@@ -597,9 +597,11 @@ def record_dataset(
         what_now = writer.refusal_help(resumable=True)
         writer.close(complete=False)
         raise QKHooksError(f"{exc} {what_now}") from None
-    except BaseException:
+    except BaseException as exc:
         if writer is not None:
             writer.close(complete=False)  # a new run with nothing committed leaves no file that blocks a rerun
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
+                raise RunInterrupted(writer.interruption_help()) from exc
         raise
     return RecordResult(Path(out) if out is not None else None, reducers, run.images_seen, skipped,
                         done if mode == "resume" else None)

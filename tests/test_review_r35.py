@@ -217,3 +217,46 @@ def test_resume_and_overwrite_refuse_a_file_that_is_no_run_and_leave_it_alone(tm
         RunWriter(path, mode=mode)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]  # no lock, checkpoint or half-made run left
+
+
+def test_an_interrupted_recording_says_where_its_run_file_stands_and_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed only 'qkhooks: interrupted'. The interrupt now carries the run file's committed count and the
+    --resume that continues it (still a KeyboardInterrupt), and the CLI prints it; resuming goes on from there."""
+    from qkhooks.errors import RunInterrupted
+
+    loaded = qkhooks.load_model("timm:vit_tiny_patch16_224@random")
+    items = [{"image": _photo(i), "id": f"item{i}"} for i in range(6)]
+    seen = []
+
+    def interrupt(batch) -> None:
+        seen.append(batch)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted) as err:
+        qkhooks.record_dataset(loaded, items, tmp_path / "run.h5", layers="0", modes=2, batch_size=2, progress=False,
+                               on_batch=interrupt)
+    assert isinstance(err.value, KeyboardInterrupt)
+    with qkhooks.open_run(tmp_path / "run.h5") as run:
+        committed = run.n
+    assert committed in (2, 4)  # the interrupt came after the second batch's writer hand-off
+    assert str(err.value) == (f"{tmp_path / 'run.h5'} keeps {committed} committed images; run the same command with "
+                              "--resume to continue after them.")
+    qkhooks.record_dataset(loaded, items, tmp_path / "run.h5", layers="0", modes=2, batch_size=2, progress=False,
+                           resume=True)
+    with qkhooks.open_run(tmp_path / "run.h5") as run:
+        assert run.ids == [f"item{i}" for i in range(6)] and run.complete
+    # the CLI prints it (exit 130), where it printed "qkhooks: interrupted" alone
+    from qkhooks import stream
+    from qkhooks.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise RunInterrupted("run.h5 keeps 4 committed images; run the same command with --resume to continue after them.")
+
+    monkeypatch.setattr(stream, "record_dataset", interrupted)
+    (tmp_path / "imgs").mkdir()
+    _photo(0).save(tmp_path / "imgs" / "a.png")
+    assert main(["record", "timm:vit_tiny_patch16_224", str(tmp_path / "imgs"), "--random-init", "--layers", "0",
+                 "--out", str(tmp_path / "cli.h5")]) == 130
+    assert capsys.readouterr().err.endswith("qkhooks: interrupted: run.h5 keeps 4 committed images; run the same "
+                                            "command with --resume to continue after them.\n")

@@ -205,8 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qkhooks: error: this command needs {exc.name}, which is not installed here; install it "
               f"(pip install {exc.name}).", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("qkhooks: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a run file's state and the way on, where one was being written (RunInterrupted)
+        print(f"qkhooks: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130
 
 

@@ -660,6 +660,15 @@ class RunWriter:
                 "dtype) were fixed by its first batch, so a --resume meets the same refusal: apply the fix above and "
                 "start again with --overwrite.")
 
+    def interruption_help(self) -> str:
+        """Where the run file stands after an interrupt closed it unfinished, and how to go on."""
+        if self.mode == "overwrite" and not self._in_place:
+            return f"{self.path} still holds the old run, unchanged (the new one is dropped)."
+        if self.committed == 0 and self.mode != "resume":
+            return "nothing was written."
+        return (f"{self.path} keeps {self.committed} committed images; run the same command with --resume to continue "
+                "after them.")
+
     def write_static(self, name: str, value: Any) -> None:
         """Queue a dataset written once (spectra, model info); a JSON string is stored as a string attribute.
 
