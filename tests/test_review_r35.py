@@ -260,3 +260,20 @@ def test_an_interrupted_recording_says_where_its_run_file_stands_and_how_to_go_o
                  "--out", str(tmp_path / "cli.h5")]) == 130
     assert capsys.readouterr().err.endswith("qkhooks: interrupted: run.h5 keeps 4 committed images; run the same "
                                             "command with --resume to continue after them.\n")
+
+
+def test_a_low_position_probe_from_p_says_what_that_probe_reads():
+    """A position-dominated model with random position embeddings read 'split_isolates_position=False' with R2 from
+    P of -6 while P carried 98 % of X (review r35 D): P's probe predicts held-out positions from the others. The
+    sentence now says so where P's R2 is below the line, and stays as it was where it is not."""
+    from qkhooks.analysis.bfd_summary import paper_claims
+    from test_bfd import _fake_result
+
+    cc_head = {"CC": 0.7, "CP": 0.2, "PC": 0.05, "PP": 0.05}
+    low = paper_claims(_fake_result([cc_head], ["CC"], r2=(-6.4, 0.0)))
+    high = paper_claims(_fake_result([cc_head], ["CC"], r2=(0.9, 0.0)))
+    assert low["split_isolates_position"] is False and high["split_isolates_position"] is True
+    assert low["sentences"][-1].endswith("P's probe predicts held-out positions from the others, so a P that labels "
+                                         "positions without encoding where they are (random position embeddings) "
+                                         "reads low however much of X it carries.")
+    assert high["sentences"][-1].endswith("highest R2 from C 0.00 (needs <= 0.1).")

@@ -526,7 +526,10 @@ def paper_claims(
         out["split_isolates_position"] = worst_p >= r2_position and worst_c <= r2_content
         sentences["split_isolates_position"] = (
             f"Held-out position decoding over {len(probed)} layers: lowest R2 from P {worst_p:.2f} (needs >= "
-            f"{r2_position}), highest R2 from C {worst_c:.2f} (needs <= {r2_content}).")
+            f"{r2_position}), highest R2 from C {worst_c:.2f} (needs <= {r2_content})."
+            + ("" if worst_p >= r2_position else " P's probe predicts held-out positions from the others, so a P "
+               "that labels positions without encoding where they are (random position embeddings) reads low "
+               "however much of X it carries."))
     else:
         out["split_isolates_position"] = None
         sentences["split_isolates_position"] = ("Not enough data for the position probes (or none in this result): "
