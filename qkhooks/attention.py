@@ -111,11 +111,16 @@ def split_heads(site: AttentionSite, t: torch.Tensor) -> torch.Tensor:
     return t.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2)
 
 
+def _softmax_dtype(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in the dtype their softmax runs in: float32 (half precision's is, as HF's eager path and the fused
+    kernels do), float64 kept for a float64 model, as its own eager softmax keeps it."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _softmax(site: AttentionSite, logits: torch.Tensor, query_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax over keys in float32, as HF's eager path does (a no-op cast for float32 logits; float64 logits, a
-    float64 model's, stay float64, as its eager softmax keeps them), after the model's own additive term (position
-    bias, mask) for the rows of ``query_tokens`` (all rows when None)."""
-    logits = site.add_logit_bias(logits if logits.dtype == torch.float64 else logits.float(), query_tokens)
+    """Softmax over keys (in :func:`_softmax_dtype`) after the model's own additive term (position bias, mask) for
+    the rows of ``query_tokens`` (all rows when None)."""
+    logits = site.add_logit_bias(_softmax_dtype(logits), query_tokens)
     if site.head_mixing is not None:  # talking heads: heads mixed before and after the softmax, as the model does
         return site.head_mixing.maps(logits)
     return torch.softmax(logits, dim=-1)
@@ -151,7 +156,7 @@ def map_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> dict[str
     if terms is None:
         return None
     q, k = site.model_qk(q, k)
-    return terms(site.add_logit_bias(scaled_logits(q, k, site.scale).float()))
+    return terms(site.add_logit_bias(_softmax_dtype(scaled_logits(q, k, site.scale))))
 
 
 def full_and_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:

@@ -24,6 +24,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from PIL import Image
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -35,6 +36,7 @@ from qkhooks.capture import (BatchCapture, _model_sites, _refuse_maps_only_modes
                               record, refuse_sinks_holding_images, takes_inputs)
 from qkhooks.data import ImageDataset, collate
 from qkhooks.data.masks import TokenCells, receptive_cells, token_cells
+from qkhooks.data.items import set_pil_limit
 from qkhooks.data.sources import ItemStream, open_source, refuse_batching
 from qkhooks.data_files import absolute_spec, file_size_column
 from qkhooks.errors import DataRefusal, QKHooksError, RunInterrupted
@@ -300,6 +302,15 @@ def same_layout_layers(geometry: dict[int, LayerGeometry]) -> list[int]:
     first = geometry[min(geometry)]
     key = (first.grid, first.num_prefix_tokens, first.query_tokens)
     return [l for l, g in sorted(geometry.items()) if (g.grid, g.num_prefix_tokens, g.query_tokens) == key]
+
+
+def _kept_on_resume(writer: Any, reducers: Sequence[Reducer]) -> int | None:
+    """How many committed images a resume of ``writer``'s closed file keeps (None: its checkpoint cannot be read)."""
+    try:
+        images, states = writer.checkpoint() or (None, {})
+    except Exception:  # a run interrupted while its checkpoint was written: the message says no number
+        return None
+    return resume_point(writer.committed, images, states, [r.name for r in reducers])
 
 
 def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
@@ -601,7 +612,7 @@ def record_dataset(
         if writer is not None:
             writer.close(complete=False)  # a new run with nothing committed leaves no file that blocks a rerun
             if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
-                raise RunInterrupted(writer.interruption_help()) from exc
+                raise RunInterrupted(writer.interruption_help(_kept_on_resume(writer, reducers))) from exc
         raise
     return RecordResult(Path(out) if out is not None else None, reducers, run.images_seen, skipped,
                         done if mode == "resume" else None)
@@ -811,10 +822,15 @@ def default_workers(device: str | torch.device) -> int:
     return max(0, min(4, cores - 1))
 
 
+def _loader(dataset, indices, batch_size, num_workers, collate) -> DataLoader:
+    """A DataLoader of an ImageDataset's items; its workers take the main process's PIL decompression-bomb limit."""
+    return DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate, worker_init_fn=functools.partial(set_pil_limit, Image.MAX_IMAGE_PIXELS))
+
+
 def _loader_batches(dataset, indices, batch_size, num_workers, collate):
     """An ImageDataset's batches through a DataLoader, as the loop's ``(batch or None, items read)``."""
-    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=collate)
+    loader = _loader(dataset, indices, batch_size, num_workers, collate)
     for batch in loader:
         yield batch, len(batch.get("id", [])) if batch is not None else 0
 

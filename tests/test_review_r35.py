@@ -38,11 +38,12 @@ def test_stages_of_a_multi_stage_model_stay_apart():
 
 
 @pytest.mark.parametrize("name, size", [("vit_tiny_patch16_224", 32), ("vit_tiny_patch16_224", 96),
-                                        ("beitv2_base_patch16_224", 32)])
+                                        ("beitv2_base_patch16_224", 32), ("convit_tiny", 32)])
 def test_a_float64_models_rebuilt_maps_and_rows_are_float64_like_its_eager_attention(name, size):
     """A float64 model's full maps and rows rebuilt beside its fused kernel (the default outputs) were a float32
     softmax, ~2e-9 from its own float64 eager maps, while ``outputs="eager"`` kept float64 (review r35 A). They now
-    stay float64: at 17 and at 145 tokens (the per-image pass), and with a relative position bias (BEiT)."""
+    stay float64: at 17 and at 145 tokens (the per-image pass), with a relative position bias (BEiT), and where
+    two softmaxes make the map (ConViT's GPSA, whose terms were still float32: review r35 C)."""
     model = perturb(timm.create_model(name, pretrained=False, **{**SMALL_VIT, "img_size": size})).double()
     inputs = {"x": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(4), dtype=torch.float64)}
     sites = qkhooks.sites(model)
@@ -220,32 +221,46 @@ def test_resume_and_overwrite_refuse_a_file_that_is_no_run_and_leave_it_alone(tm
 
 
 def test_an_interrupted_recording_says_where_its_run_file_stands_and_how_to_go_on(tmp_path, capsys, monkeypatch):
-    """Ctrl-C printed only 'qkhooks: interrupted'. The interrupt now carries the run file's committed count and the
-    --resume that continues it (still a KeyboardInterrupt), and the CLI prints it; resuming goes on from there."""
+    """Ctrl-C printed only 'qkhooks: interrupted'. The interrupt now carries the run file's committed count and what
+    --resume keeps of it: the reducers' last checkpoint, which a resume continues from (review r35 C: 'continues
+    after them' was wrong before the first checkpoint); still a KeyboardInterrupt, and the CLI prints it."""
     from qkhooks.errors import RunInterrupted
 
     loaded = qkhooks.load_model("timm:vit_tiny_patch16_224@random")
-    items = [{"image": _photo(i), "id": f"item{i}"} for i in range(6)]
-    seen = []
+    items = [{"image": _photo(i), "id": f"item{i}"} for i in range(8)]
 
-    def interrupt(batch) -> None:
-        seen.append(batch)
-        if len(seen) == 2:
-            raise KeyboardInterrupt
+    def stop_after(n: int):
+        seen = []
 
-    with pytest.raises(RunInterrupted) as err:
-        qkhooks.record_dataset(loaded, items, tmp_path / "run.h5", layers="0", modes=2, batch_size=2, progress=False,
-                               on_batch=interrupt)
-    assert isinstance(err.value, KeyboardInterrupt)
-    with qkhooks.open_run(tmp_path / "run.h5") as run:
-        committed = run.n
-    assert committed in (2, 4)  # the interrupt came after the second batch's writer hand-off
-    assert str(err.value) == (f"{tmp_path / 'run.h5'} keeps {committed} committed images; run the same command with "
-                              "--resume to continue after them.")
-    qkhooks.record_dataset(loaded, items, tmp_path / "run.h5", layers="0", modes=2, batch_size=2, progress=False,
-                           resume=True)
-    with qkhooks.open_run(tmp_path / "run.h5") as run:
-        assert run.ids == [f"item{i}" for i in range(6)] and run.complete
+        def interrupt(batch) -> None:
+            seen.append(batch)
+            if len(seen) == n:
+                raise KeyboardInterrupt
+
+        return interrupt
+
+    kw = dict(layers="0", modes=2, batch_size=2, progress=False)
+    for every, kept in ((8, 0), (1, None)):  # no checkpoint yet: none kept; one a batch: what the checkpoint holds
+        with pytest.raises(RunInterrupted) as err:
+            qkhooks.record_dataset(loaded, items, tmp_path / f"run{every}.h5", on_batch=stop_after(3),
+                                   checkpoint_every=every, **kw)
+        assert isinstance(err.value, KeyboardInterrupt)
+        with qkhooks.open_run(tmp_path / f"run{every}.h5") as run:
+            committed = run.n
+        result = qkhooks.record_dataset(loaded, items, tmp_path / f"run{every}.h5", resume=True, **kw)
+        kept = result.resumed_from if kept is None else kept
+        assert result.resumed_from == kept and 0 < committed <= 6
+        if kept == committed:
+            assert str(err.value) == (f"{tmp_path / f'run{every}.h5'} keeps {committed} committed images; the same "
+                                      "command with --resume continues after them.")
+        else:
+            assert str(err.value) == (f"{tmp_path / f'run{every}.h5'} keeps {committed} committed images, {kept} of "
+                                      f"them in its reducers' last checkpoint: the same command with --resume "
+                                      f"continues after those {kept} and records the {committed - kept} after them "
+                                      "again (the reducers are checkpointed every checkpoint_every batches, 8 by "
+                                      "default).")
+        with qkhooks.open_run(tmp_path / f"run{every}.h5") as run:
+            assert run.ids == [f"item{i}" for i in range(8)] and run.complete
     # the CLI prints it (exit 130), where it printed "qkhooks: interrupted" alone
     from qkhooks import stream
     from qkhooks.cli import main
@@ -277,3 +292,84 @@ def test_a_low_position_probe_from_p_says_what_that_probe_reads():
                                          "positions without encoding where they are (random position embeddings) "
                                          "reads low however much of X it carries.")
     assert high["sentences"][-1].endswith("highest R2 from C 0.00 (needs <= 0.1).")
+
+
+def test_decoding_workers_take_the_main_processs_pil_limit(monkeypatch):
+    """A worker started by spawn or forkserver imports PIL afresh, with its default limit: a limit set in the main
+    process did not reach it, so a thin strip skipped without workers was recorded with one (review r35 C). Both
+    kinds of decoding worker now start with the main process's limit as it was when they were made."""
+    from PIL import Image
+
+    from qkhooks import stream
+    from qkhooks.data import sources
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)  # the user's, in the main process
+    loader = stream._loader(["a", "b"], range(2), 1, 1, None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # what a spawned worker's PIL starts with
+    loader.worker_init_fn(0)
+    assert Image.MAX_IMAGE_PIXELS == 200_000
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)
+    sources._set_worker_stream(None, 200_000)  # the streamed sources' pool initializer, given the main's limit
+    assert Image.MAX_IMAGE_PIXELS == 200_000 and sources._WORKER_STREAM is None
+
+
+_SPAWNED_RUN = """
+import sys, warnings
+from pathlib import Path
+import numpy as np, torch.multiprocessing as mp
+from PIL import Image
+import qkhooks
+if __name__ == "__main__":
+    mp.set_start_method("spawn", force=True)
+    warnings.simplefilter("ignore")
+    tmp = Path(sys.argv[1]); (tmp / "imgs").mkdir()
+    Image.fromarray(np.zeros((1, 400, 3), np.uint8)).save(tmp / "imgs" / "strip.png")
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp / "imgs" / "photo.png")
+    Image.MAX_IMAGE_PIXELS = 200_000
+    loaded = qkhooks.load_model("timm:vit_tiny_patch16_224@random")
+    for workers in (0, 1):
+        res = qkhooks.record_dataset(loaded, str(tmp / "imgs"), tmp / f"run{workers}.h5", layers="0", modes=2,
+                                     batch_size=1, progress=False, num_workers=workers)
+        with qkhooks.open_run(tmp / f"run{workers}.h5") as r:
+            print(workers, r.ids, [s[0] for s in res.skipped])
+"""
+
+
+@pytest.mark.slow
+def test_a_spawned_worker_skips_what_the_main_process_skips(tmp_path):
+    """The same end to end, with spawned DataLoader workers (macOS's default, Linux's from Python 3.14)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "spawned.py"
+    script.write_text(_SPAWNED_RUN)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         check=True).stdout.splitlines()
+    assert out == ["0 ['photo.png'] ['strip.png']", "1 ['photo.png'] ['strip.png']"]
+
+
+@pytest.mark.parametrize("damage", ["garbage start", "zeroed start", "cut to 5 bytes"])
+def test_a_damaged_run_is_still_called_damaged_not_a_file_of_another_kind(tmp_path, damage):
+    """A run whose first bytes were overwritten with other bytes (or zeroed, or a run cut short inside its signature)
+    is a damaged run that `qkhooks repair` can recover, not 'not HDF5 at all' (review r35 C: the round's first
+    refusal of files that are no run took the overwritten start for a text file's). --resume names the repair;
+    --overwrite replaces it."""
+    from qkhooks.store import RunWriter
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path, dtype="float32") as w:
+        w.write_batch(["a", "b"], {"v": np.ones((2, 3), np.float32)})
+    data = bytearray(path.read_bytes())
+    if damage == "garbage start":
+        data[:8] = b"GARBAGE!"
+    elif damage == "zeroed start":
+        data[:48] = bytes(48)
+    else:
+        data = data[:5]
+    path.write_bytes(bytes(data))
+    with pytest.raises(qkhooks.QKHooksError, match=r"cannot resume .*run\.h5: it is damaged .*qkhooks repair"):
+        RunWriter(path, mode="resume")
+    with RunWriter(path, mode="overwrite", dtype="float32") as w:
+        w.write_batch(["c"], {"v": np.zeros((1, 3), np.float32)})
+    with qkhooks.open_run(path) as run:
+        assert run.ids == ["c"]

@@ -428,6 +428,15 @@ def preprocess_raw(name: str, cfg: ImageConfig, item_id: str, raw: _Raw) -> dict
     return ordered
 
 
+def set_pil_limit(limit: int | None, *_: Any) -> None:
+    """Set this process's PIL decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) to ``limit``: a decoding
+    worker's initializer, given the main process's limit as its workers start. A worker started by spawn or
+    forkserver imports PIL afresh, with the default, so a limit the user raised (or lowered) did not reach it, and
+    which images a run held depended on its worker count (review r35 C). Extra arguments (a DataLoader's worker id)
+    are ignored."""
+    Image.MAX_IMAGE_PIXELS = limit
+
+
 def _refuse_ids_not_stored(name: str, key: str, item_id: str, ids: np.ndarray) -> None:
     """Object ids are 0 (background) or positive, and ``masks/objects`` is int32: a negative id or one past int32
     would not be stored as given, so the item is refused, named, with the renumbering that fixes it."""

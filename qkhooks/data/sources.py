@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from qkhooks.data.datasets import STREAMED_PREFIXES, open_dataset
-from qkhooks.data.items import ImageDataset, preprocess_raw
+from qkhooks.data.items import ImageDataset, preprocess_raw, set_pil_limit
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.data.readers import (
     DATASETS_INSTALL,
@@ -189,7 +189,8 @@ class ItemStream:
                 yield StreamBatch(*self._decode_batch(chunk), end=chunk[-1][0] + 1)
             return
         pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(),
-                                                      initializer=_set_worker_stream, initargs=(self,))
+                                                      initializer=_set_worker_stream,
+                                                      initargs=(self, Image.MAX_IMAGE_PIXELS))
         try:
             pending: deque[tuple[int, concurrent.futures.Future]] = deque()  # at most 2 batches per worker ahead
             for chunk in itertools.chain(chunks, [None]):
@@ -228,10 +229,11 @@ class _Replay:
 _WORKER_STREAM: ItemStream | None = None
 
 
-def _set_worker_stream(stream: ItemStream) -> None:
+def _set_worker_stream(stream: ItemStream, pil_limit: int | None) -> None:
     global _WORKER_STREAM
     _WORKER_STREAM = stream
     torch.set_num_threads(1)  # decoding workers: the model's threads stay with the main process
+    set_pil_limit(pil_limit)  # the main process's, where the worker was spawned with PIL's default
 
 
 def _worker_decode(rows: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:

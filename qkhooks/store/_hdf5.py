@@ -271,22 +271,37 @@ def open_reader(path: str | os.PathLike, deadline_s: float = READ_DEADLINE_S) ->
             raise HeldOpenError(path, held) if held is not None else DamagedRunError(path, problem)
 
 
-def other_program_file(path: str | os.PathLike) -> str | None:
-    """What ``path`` holds when it is visibly no qkhooks run, damaged or not (None: a run, a damaged run, an empty
-    file, or a file that cannot be read now): a file that is not HDF5 at all (it does not start with HDF5's
-    signature, and its start is not zeroed, as a run's lost superblock is), or an HDF5 file with neither a run's
-    ``images`` group nor its format attribute (one with either is left to the checks that say what is wrong). ``--resume`` called such a file damaged and named ``qkhooks repair``; ``--overwrite`` replaced
-    it (review r35 B)."""
+_SCANNED_BYTES = 1 << 20
+
+
+def not_hdf5_at_all(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is visibly no HDF5 file, not even a damaged one (a text file, a photo): its start is neither
+    HDF5's signature nor a piece of it (a file cut short) nor zeroed (a run's lost superblock), and its first MiB
+    holds no HDF5 object header (``OHDR``, which a run file holds from its first kilobytes on), so a run whose start
+    was overwritten with other bytes is still taken for a damaged run, which ``qkhooks repair`` recovers (review r35
+    C). False for an empty file or one that cannot be read now."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(len(_SIGNATURE))
+            data = fh.read(_SCANNED_BYTES)
     except OSError:
-        return None
-    if head and head != _SIGNATURE and any(head):
+        return False
+    head = data[: len(_SIGNATURE)]
+    if not any(head) or _SIGNATURE.startswith(head):
+        return False
+    return b"OHDR" not in data and _SIGNATURE not in data
+
+
+def other_program_file(path: str | os.PathLike) -> str | None:
+    """What ``path`` holds when it is visibly no qkhooks run, damaged or not (None: a run, a damaged run, an empty
+    file, or a file that cannot be read now): not HDF5 at all (:func:`not_hdf5_at_all`), or an HDF5 file with neither
+    a run's ``images`` group nor its format attribute (one with either is left to the checks that say what is wrong).
+    ``--resume`` called such a file damaged and named ``qkhooks repair``; ``--overwrite`` replaced it (review r35 B)."""
+    if not_hdf5_at_all(path):
         return "not HDF5 at all"
-    if head != _SIGNATURE:
-        return None
     try:
+        with open(path, "rb") as fh:
+            if fh.read(len(_SIGNATURE)) != _SIGNATURE:
+                return None
         with h5py.File(path, "r", locking=False) as f:
             if "images" not in f and FORMAT_ATTR not in f.attrs:
                 return "another program's HDF5 file: neither a run's images nor its format number in it"

@@ -35,7 +35,7 @@ from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import READ_DEADLINE_S, Backoff, being_written, damaged_message, open_reader
+from qkhooks.store._hdf5 import READ_DEADLINE_S, Backoff, being_written, damaged_message, not_hdf5_at_all, open_reader
 from qkhooks.store.lock import writer_alive
 
 __all__ = ["open_run", "RunReader", "RunArray"]
@@ -957,7 +957,7 @@ def _refuse_non_run(path: Path) -> None:
     if not head:
         raise QKHooksError(f"{path} is an empty file, not a qkhooks run file; give a run file (RUN.h5) written by "
                            "`qkhooks record`.")
-    if head != _HDF5_SIGNATURE and any(head):
+    if not_hdf5_at_all(path):  # a run whose start was overwritten is left to open_reader, which calls it damaged
         raise QKHooksError(f"{path} is not a qkhooks run file (not an HDF5 file at all); give a run file (RUN.h5) "
                            "written by `qkhooks record`.")
 

@@ -660,14 +660,21 @@ class RunWriter:
                 "dtype) were fixed by its first batch, so a --resume meets the same refusal: apply the fix above and "
                 "start again with --overwrite.")
 
-    def interruption_help(self) -> str:
-        """Where the run file stands after an interrupt closed it unfinished, and how to go on."""
+    def interruption_help(self, kept: int | None) -> str:
+        """Where the run file stands after an interrupt closed it unfinished, and how to go on. ``kept``: the images
+        a resume keeps (its reducers' last checkpoint, :func:`~qkhooks.store.format.resume_point`; None: not known).
+        """
         if self.mode == "overwrite" and not self._in_place:
-            return f"{self.path} still holds the old run, unchanged (the new one is dropped)."
+            return f"{self.path} still holds the old run, unchanged (the new one is dropped); run the command again."
         if self.committed == 0 and self.mode != "resume":
             return "nothing was written."
-        return (f"{self.path} keeps {self.committed} committed images; run the same command with --resume to continue "
-                "after them.")
+        again = ("the same command with --resume in place of --overwrite" if self.mode == "overwrite"
+                 else "the same command with --resume")
+        if kept is None or kept == self.committed:
+            return f"{self.path} keeps {self.committed} committed images; {again} continues after them."
+        return (f"{self.path} keeps {self.committed} committed images, {kept} of them in its reducers' last checkpoint: "
+                f"{again} continues after those {kept} and records the {self.committed - kept} after them again "
+                "(the reducers are checkpointed every checkpoint_every batches, 8 by default).")
 
     def write_static(self, name: str, value: Any) -> None:
         """Queue a dataset written once (spectra, model info); a JSON string is stored as a string attribute.
