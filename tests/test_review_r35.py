@@ -373,3 +373,26 @@ def test_a_damaged_run_is_still_called_damaged_not_a_file_of_another_kind(tmp_pa
         w.write_batch(["c"], {"v": np.zeros((1, 3), np.float32)})
     with qkhooks.open_run(path) as run:
         assert run.ids == ["c"]
+
+
+def test_interruption_help_names_each_state_of_the_file(tmp_path):
+    """Every branch of RunWriter.interruption_help: nothing written, a checkpoint unknown, all kept, some redone, and
+    an --overwrite that has not replaced the old run yet."""
+    from qkhooks.store import RunWriter
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path, dtype="float32") as w:
+        assert w.interruption_help(None) == "nothing was written."
+        w.write_batch(["a", "b", "c"], {"v": np.ones((3, 2), np.float32)})
+        w.flush()
+        assert w.interruption_help(3) == f"{path} keeps 3 committed images; the same command with --resume continues after them."
+        assert w.interruption_help(None) == (f"{path} keeps 3 committed images; the same command with --resume "
+                                             "continues from its reducers' last checkpoint.")
+        assert w.interruption_help(1).startswith(f"{path} keeps 3 committed images, 1 of them in its reducers' last "
+                                                 "checkpoint: the same command with --resume continues after those 1 "
+                                                 "and records the 2 after them again")
+    with RunWriter(path, mode="overwrite", dtype="float32") as w:  # the old run is replaced only at a checkpoint
+        w.write_batch(["d"], {"v": np.ones((1, 2), np.float32)})
+        w.flush()
+        assert w.interruption_help(0) == (f"{path} still holds the old run, unchanged (the new one is dropped); run "
+                                          "the command again.")

@@ -670,7 +670,10 @@ class RunWriter:
             return "nothing was written."
         again = ("the same command with --resume in place of --overwrite" if self.mode == "overwrite"
                  else "the same command with --resume")
-        if kept is None or kept == self.committed:
+        if kept is None:
+            return (f"{self.path} keeps {self.committed} committed images; {again} continues from its reducers' last "
+                    "checkpoint.")
+        if kept == self.committed:
             return f"{self.path} keeps {self.committed} committed images; {again} continues after them."
         return (f"{self.path} keeps {self.committed} committed images, {kept} of them in its reducers' last checkpoint: "
                 f"{again} continues after those {kept} and records the {self.committed - kept} after them again "
