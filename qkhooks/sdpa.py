@@ -96,7 +96,8 @@ def _per_image(q: torch.Tensor, k: torch.Tensor, scale: float,
     a time: its logits go to one scratch buffer that stays in cache, their softmax straight into the kept maps, and
     its product with v reads the maps while they are still in cache. Three whole-batch passes (logits, softmax,
     product) each streamed B·H·N·N floats through memory, and the logits of every image were allocated as well: the
-    per-image order takes ~25 % less time with v, ~55 % without (benchmarks/round35_fused.py). Each step is per row or
+    per-image order takes 0.66-0.92x their time with v, 0.46-1.01x without (ViT-S and ViT-B layers, batch 8, two
+    runs: benchmarks/round35_fused.py). Each step is per row or
     per image, so the values do not change. Elsewhere the whole-batch products."""
     if not (isinstance(scale, (int, float)) and q.dtype not in HALF and _in_place(q, k)
             and (v is None or _in_place(q, v))):
@@ -130,6 +131,12 @@ _SDPA = torch.nn.functional.scaled_dot_product_attention
 _SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
 
 
+def _per_query_head(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention's keys or values (B, H_kv, S, d) with each head repeated for the group of query heads
+    it serves, as ``enable_gqa`` reads them: (B, H_q, S, d)."""
+    return t if t.shape[-3] == q.shape[-3] else t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3)
+
+
 def sdpa_maps(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
               scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """softmax(q kᵀ·scale + mask) as ``scaled_dot_product_attention`` defines it, in q's dtype: (..., L, S)
@@ -146,8 +153,8 @@ def sdpa_probabilities(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor
     the True entries, a float mask is added, ``is_causal`` keeps the lower triangle; rows with every key masked
     are zero (not NaN), as the fused kernels return them.
     """
-    if enable_gqa and k.shape[-3] != q.shape[-3]:  # grouped-query: each key head serves a group of query heads
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    if enable_gqa:
+        k = _per_query_head(k, q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if attn_mask is None and not is_causal:
         return softmax_maps(q, k, scale)
@@ -192,20 +199,17 @@ class SdpaCall:
     def attend(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The call computed once, eagerly: (its maps in q's dtype, maps @ v as the call returns it).
 
-        For half-precision q, k the maps are float32 (:meth:`probabilities`) and multiplied with v in float32, the
+        For half-precision q, k the maps are float32 (:func:`sdpa_probabilities`) and multiplied with v in float32, the
         output rounded once to v's dtype, as the fused kernels accumulate; the kept maps are rounded to q's dtype.
         Without a mask, q, k and v of one float32 or float64 dtype: one pass per image (:func:`softmax_attention`).
         """
         q, k, v = self.query, self.key, self.value
+        if self.enable_gqa:
+            k, v = _per_query_head(k, q), _per_query_head(v, q)
+        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
         if self.attn_mask is None and not self.is_causal and q.dtype == k.dtype == v.dtype and q.dtype not in HALF:
-            if self.enable_gqa and k.shape[-3] != q.shape[-3]:  # grouped-query: each key head serves a group
-                k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-            if self.enable_gqa and v.shape[-3] != q.shape[-3]:
-                v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-            return softmax_attention(q, k, v, q.shape[-1] ** -0.5 if self.scale is None else self.scale)
-        maps = self.probabilities()  # float32 for half-precision q, k
-        if self.enable_gqa and v.shape[-3] != q.shape[-3]:
-            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+            return softmax_attention(q, k, v, scale)
+        maps = sdpa_probabilities(q, k, self.attn_mask, self.is_causal, scale)  # float32 for half-precision q, k
         if maps.dtype == v.dtype:
             return maps.to(q.dtype), maps_times_values(maps, v)
         with autocast_off(v.device):  # the fused kernels accumulate in float32 and round the output once

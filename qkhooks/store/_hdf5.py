@@ -279,14 +279,17 @@ def not_hdf5_at_all(path: str | os.PathLike) -> bool:
     HDF5's signature nor a piece of it (a file cut short) nor zeroed (a run's lost superblock), and its first MiB
     holds no HDF5 object header (``OHDR``, which a run file holds from its first kilobytes on), so a run whose start
     was overwritten with other bytes is still taken for a damaged run, which ``qkhooks repair`` recovers (review r35
-    C). False for an empty file or one that cannot be read now."""
+    C). False for an empty file, one that cannot be read now, and anything but a regular file (not opened: a FIFO
+    would wait for a writer forever)."""
+    if not os.path.isfile(path):
+        return False
     try:
         with open(path, "rb") as fh:
-            data = fh.read(_SCANNED_BYTES)
+            head = fh.read(len(_SIGNATURE))
+            if not any(head) or _SIGNATURE.startswith(head):  # a run, or its start zeroed or cut short: read no more
+                return False
+            data = head + fh.read(_SCANNED_BYTES - len(head))
     except OSError:
-        return False
-    head = data[: len(_SIGNATURE)]
-    if not any(head) or _SIGNATURE.startswith(head):
         return False
     return b"OHDR" not in data and _SIGNATURE not in data
 
@@ -296,13 +299,12 @@ def other_program_file(path: str | os.PathLike) -> str | None:
     file, or a file that cannot be read now): not HDF5 at all (:func:`not_hdf5_at_all`), or an HDF5 file with neither
     a run's ``images`` group nor its format attribute (one with either is left to the checks that say what is wrong).
     ``--resume`` called such a file damaged and named ``qkhooks repair``; ``--overwrite`` replaced it (review r35 B)."""
+    if os.path.exists(path) and not os.path.isfile(path):  # opening a FIFO would wait for a writer forever
+        return "not a regular file (a FIFO, a device or a socket)"
     if not_hdf5_at_all(path):
         return "not HDF5 at all"
     try:
-        with open(path, "rb") as fh:
-            if fh.read(len(_SIGNATURE)) != _SIGNATURE:
-                return None
-        with h5py.File(path, "r", locking=False) as f:
+        with h5py.File(path, "r", locking=False) as f:  # a damaged run or a zeroed start: HDF5 cannot open it
             if "images" not in f and FORMAT_ATTR not in f.attrs:
                 return "another program's HDF5 file: neither a run's images nor its format number in it"
     except Exception:  # damaged, or being written: the caller's own checks say which

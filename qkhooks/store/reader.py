@@ -949,6 +949,9 @@ def _refuse_non_run(path: Path) -> None:
     if path.is_dir():
         raise QKHooksError(f"{path} is a folder, not a qkhooks run file; give a run file (RUN.h5) written by "
                            "`qkhooks record`.")
+    if path.exists() and not path.is_file():  # a FIFO: opening it would wait for a writer forever
+        raise QKHooksError(f"{path} is not a regular file (a FIFO, a device or a socket), not a qkhooks run file; "
+                           "give a run file (RUN.h5) written by `qkhooks record`.")
     try:
         with open(path, "rb") as fh:
             head = fh.read(len(_HDF5_SIGNATURE))
