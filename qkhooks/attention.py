@@ -55,9 +55,12 @@ class AttentionSpec:
 
 def _from_string(text: str, sites: Sequence[AttentionSite] | None) -> AttentionSpec:
     """``rows`` -> every layer; ``full:5,11``, ``full:9-11`` or ``full:blocks.5.attn`` -> those blocks."""
-    kind, _, layers = text.partition(":")
+    kind, colon, layers = text.partition(":")
     if kind not in KINDS:
         raise QKHooksError(f"unknown attention kind {kind!r}; use one of {', '.join(KINDS)} (optionally KIND:LAYERS, e.g. full:5,11).")
+    if colon and not layers.strip():
+        raise QKHooksError(f"{text!r} names no layers after the colon: write {kind}:LAYERS (e.g. {kind}:5,11), or "
+                           f"{kind} alone for every layer.")
     if layers and sites is None:
         return AttentionSpec(kind, tuple(parse_layers(layers)))  # type: ignore[arg-type]
     return _resolved(kind, layers or None, sites)

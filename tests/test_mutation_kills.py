@@ -98,6 +98,9 @@ def test_attention_specs_parse_and_refuse_clearly():
         parse_attention("maps:1")
     with pytest.raises(qkhooks.QKHooksError, match="attention kind 'maps' is unknown"):
         AttentionSpec("maps")  # type: ignore[arg-type]
+    for sites in (None, qkhooks.sites(TINY_MODELS[0].model())):  # "full:" is a typo, not every layer, with or without a model
+        with pytest.raises(qkhooks.QKHooksError, match=r"'full:' names no layers after the colon: write full:LAYERS"):
+            parse_attention("rows+full:", sites)
 
 
 def _eager_and_tokens(tiny):

@@ -68,7 +68,10 @@ def test_layer_selections_parse_ranges_negative_ends_and_lists_as_written():
     assert parse_layers("0,3,5-7,-1") == [0, 3, 5, 6, 7, -1]
     assert parse_layers(" 2 - 4 , 9") == [2, 3, 4, 9]
     assert parse_layers("-3--1") == [-3, -2, -1]
-    assert parse_layers(" ALL ") is None and parse_layers("") is None and parse_layers(None) is None
+    assert parse_layers(" ALL ") is None and parse_layers(None) is None
+    for empty in ("", "  "):  # an unset shell variable (--layers "$LAYERS") is refused, not read as every layer
+        with pytest.raises(QKHooksError, match="is empty: give block indices"):
+            parse_layers(empty)
     assert parse_layers((4, "2")) == [4, 2]
     with pytest.raises(QKHooksError) as err:
         parse_layers("5-3")

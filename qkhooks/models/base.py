@@ -746,8 +746,12 @@ def _paths_as_indices(found: Sequence[AttentionSite], layers: LayerSelection) ->
 
 def parse_layers(spec: str | int | Sequence[int | str] | None) -> list[int] | None:
     """Parse a layer selection such as ``"0,3,5-7,-1"`` (ranges inclusive), a block index or a list of them; None or
-    "all" means every layer. (Module paths are resolved against a model by :func:`select_layers`.)"""
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+    "all" means every layer. (Module paths are resolved against a model by :func:`select_layers`.) An empty string
+    is refused, not read as "all": it is what an unset shell variable (``--layers "$LAYERS"``) gives."""
+    if isinstance(spec, str) and not spec.strip():
+        raise QKHooksError(f"the layer selection {spec!r} is empty: give block indices ('0,3,5-7,-1'), or 'all' (or "
+                           "leave the option out) for every layer.")
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
         return None
     if not isinstance(spec, str):
         try:
