@@ -233,7 +233,7 @@ def plot_layer_overview(
                              map_to_grid(best["key"][rank], num_prefix_tokens, grid),
                              f"{'+' if s > 0 else '−'} {name} {score:.2g}"))
         rows.append(row or [None])
-        c = f"\ncos {float(cos[h, mode]):+.2f}" if cos is not None else ""
+        c = "" if cos is None else f"\ncos {float(cos[h, mode]):+.2f}" if np.isfinite(cos[h, mode]) else "\nnull mode"
         labels.append(f"H{h} M{mode}{c}")
     title = f"L{layer}: mode {mode} of each head (red: query, cyan: key; +/− = sign of the mode)"
     return plot_overlay_grid(rows, path, title, labels, panel_px=120, normalize=normalize)

@@ -59,6 +59,7 @@ from qkhooks._json import jsonable
 from qkhooks.data_files import recorded_sizes
 from qkhooks.errors import QKHooksError
 from qkhooks.readings import COSINE, PROBABILITY, layer_intervals
+from qkhooks.spectrum import NULL_MODE_NOTE, null_modes
 
 __all__ = [
     "TopKModes",
@@ -328,6 +329,7 @@ def analyze_modes(
         for l, arrays in spectra.items():  # a file without every mode's sigma/cosine: say whether it kept them all
             if "S_all" not in arrays:
                 arrays["truncated"] = np.asarray(run.spectrum(l).truncated)
+            arrays["null"] = _null_kept_modes(arrays)
         aniso_state = run.state(AnisotropyReducer.name, default=None)
         centre_state = run.state(CentreEmbeddings.name, default=None)
         objects = None
@@ -360,8 +362,10 @@ def analyze_modes(
         rows = []
         for r in aniso["rows"]:
             rows.append([r["layer"], "mean", "weighted", "", _fmt(r["cos_weighted"]), _fmt(r["baseline"]), _fmt(r["relative_cos_weighted"])])
+            null = spectra[r["layer"]]["null"]
             for h, (s_h, c_h) in enumerate(zip(r["S"], r["cos"])):
                 for m, (s, c) in enumerate(zip(s_h, c_h)):
+                    c = math.nan if null[h, m] else c  # an arbitrary cosine (NULL_MODE_NOTE)
                     rows.append([r["layer"], h, m, _fmt(s), _fmt(c), _fmt(r["baseline"]), _fmt(c - r["baseline"])])
         files["anisotropy_csv"] = str(_write_csv(out / "anisotropy.csv", ["layer", "head", "mode", "sigma", "cos", "baseline", "relative_cos"], rows))
         if centre_state is not None:
@@ -386,15 +390,22 @@ def analyze_modes(
     if objects is not None:
         same = same_object_table(same_state, layer_objects, {l: s for l, s in spectra.items() if l in layer_objects},
                                  {l: g.num_prefix_tokens for l, g in geometry.items()}, top=same_object_top)
-        same["left_out"] = {int(l): why for l, why in object_left_out.items()}
+        for r in same["rows"]:
+            if not r["modes_with_value"]:
+                object_left_out.setdefault(r["layer"], (
+                    f"no mode has a value: none of its modes' top-{same_object_top} images has a labelled object "
+                    "(their masks are background only)" if not np.asarray(spectra[r["layer"]]["null"]).all()
+                    else "every mode is numerically null (sigma = 0: W_q^T W_k is zero)"))
+        same["left_out"] = {int(l): why for l, why in sorted(object_left_out.items())}
         rows = []
         for r in same["rows"]:
             rows.append([r["layer"], "mean", "weighted", "", "", _fmt(r["p_same"]), _fmt(r["p_same_pooled"]),
                          _fmt(r["p_same_unweighted"]), r["modes_with_value"], _fmt(r["chance"])])
-            S, cos = spectra[r["layer"]]["S"], spectra[r["layer"]]["cos"]
+            S, cos, null = (spectra[r["layer"]][k_] for k_ in ("S", "cos", "null"))
             for h, ph in enumerate(r["per_mode"]):
                 for m, p in enumerate(ph):
-                    rows.append([r["layer"], h, m, _fmt(S[h, m]), _fmt(cos[h, m]), _fmt(p), "", "", r["images_used"][h][m],
+                    c = math.nan if null[h, m] else cos[h, m]
+                    rows.append([r["layer"], h, m, _fmt(S[h, m]), _fmt(c), _fmt(p), "", "", r["images_used"][h][m],
                                  _fmt(r["chance_per_mode"][h][m])])
         files["same_object_csv"] = str(_write_csv(
             out / "same_object.csv",
@@ -435,12 +446,15 @@ def analyze_modes(
             continue
         if overview:
             figures.append(str(plot_layer_overview(st, l, out / "figures" / f"L{l}_overview.png", g.num_prefix_tokens,
-                                                   photos, ids, g.grid, cos=cos, normalize=normalize)))
+                                                   photos, ids, g.grid, cos=np.where(spectra[l]["null"], np.nan, cos),
+                                                   normalize=normalize)))
         for h in range(heads):
             for m in range(n_fig):
-                rel = float(cos[h, m] - baselines[l]) if l in baselines and np.isfinite(baselines[l]) else None
+                null = bool(spectra[l]["null"][h, m])  # no cosine shown: an arbitrary one (NULL_MODE_NOTE)
+                rel = (float(cos[h, m] - baselines[l]) if l in baselines and np.isfinite(baselines[l]) and not null
+                       else None)
                 figures.append(str(plot_mode(st, l, h, m, out / "figures" / f"L{l}" / f"L{l}_H{h}_M{m}.png",
-                                             g.num_prefix_tokens, photos, ids, g.grid, cos=float(cos[h, m]),
+                                             g.num_prefix_tokens, photos, ids, g.grid, cos=None if null else float(cos[h, m]),
                                              relative=rel, sigma=float(spectra[l]["S"][h, m]), normalize=normalize)))
 
     # --- summary
@@ -464,6 +478,10 @@ def analyze_modes(
             "left_out": same["left_out"]},
         "same_object_note": None if objects is not None else "the run has no masks/objects (record a dataset with object masks)",
     }
+    nulls = {l: int(np.asarray(spectra[l]["null"]).sum()) for l in chosen if np.asarray(spectra[l]["null"]).any()}
+    if nulls:
+        summary["null_modes_note"] = (f"{NULL_MODE_NOTE} (labelled null, with no cosine, top images or p_same; per "
+                                      f"layer: {nulls})")
     components = [l for l in chosen if geometry[l].component_heads]
     if components:  # zoo13: heads of differential layers are component heads, never map heads
         summary["component_heads_note"] = (
@@ -486,6 +504,8 @@ def analyze_modes(
                 }
                 if l in baselines:
                     rec["relative_cos"] = rec["cos"] - baselines[l]
+                if spectra[l]["null"][h, m]:  # labelled, its cosine and images left out (NULL_MODE_NOTE)
+                    rec.update({"null": True, "cos": None, "top": []}, **({"relative_cos": None} if l in baselines else {}))
                 if same is not None and l in same_rows:
                     p = same_rows[l]["per_mode"][h][m]
                     rec["p_same"] = None if p is None or (isinstance(p, float) and math.isnan(p)) else p
@@ -510,6 +530,16 @@ def _baseline_images_note(state: Mapping[str, Any], n: int) -> str:
         return ""
     return (f"; the baseline covers {int(counts.min())} of the run's {n} images: the reducer checkpoint was written "
             "before the run stopped; resume the run (--resume) to fold in the rest.")
+
+
+def _null_kept_modes(arrays: Mapping[str, Any]) -> np.ndarray:
+    """(H, K) bool: which stored modes are numerically null (:func:`~qkhooks.spectrum.null_modes`, against each
+    head's largest sigma of every mode where the run keeps them); none flagged where the run stores no U."""
+    S = np.asarray(arrays["S"])
+    if "U" not in arrays:
+        return np.zeros(S.shape, dtype=bool)
+    every = np.asarray(arrays["S_all"]) if "S_all" in arrays else S
+    return null_modes(every, int(np.asarray(arrays["U"]).shape[1]))[:, : S.shape[-1]]
 
 
 def _anisotropy_note(spectra: dict[int, dict[str, Any]], shapes: dict[int, tuple[int, int]]) -> str:

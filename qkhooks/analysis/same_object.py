@@ -131,7 +131,9 @@ def same_object_table(
         topk: :meth:`TopKModes.state_dict` (numpy).
         objects: (n, gh, gw) integer labels per image (e.g. the run's ``masks/objects``), lazily indexable; or
             layer -> such labels on that layer's own grid (multi-stage models).
-        spectra: layer -> {"S": (H, K)}.
+        spectra: layer -> {"S": (H, K)}, optionally "null" (H, K) bool: the numerically null modes
+            (:func:`qkhooks.spectrum.null_modes`), whose vectors the weights do not fix; they get no value and are
+            left out of every layer figure (``p_same_unweighted`` and ``modes_with_value`` included).
         num_prefix_tokens: one count for every layer, or layer -> its own.
     """
     kept = int(np.asarray(topk["k"]))
@@ -167,6 +169,10 @@ def same_object_table(
                 counts = _object_counts(labels)
                 if used[h, m]:  # the images counted: those with an object (each then has an optimal one)
                     chance[h, m] = float(np.mean(1.0 / counts[counts > 0]))
+        null = spectra[layer].get("null")
+        if null is not None:  # an arbitrary direction's top images say nothing of the model (sigma ~ 0: no weight)
+            null = np.asarray(null, dtype=bool)[:heads, :modes]
+            p[null], chance[null], used[null] = np.nan, np.nan, 0
         w = np.where(np.isnan(p), 0.0, S[:, :modes])
         pz = np.nan_to_num(p)
         head_w = w.sum(1)
