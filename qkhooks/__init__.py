@@ -42,6 +42,11 @@ _LAZY = {  # name -> module that defines it; imported (with torch) on first acce
     "RunWriter": "qkhooks.store.writer",
 }
 
+_SUBMODULES = {"data", "options", "distributed", "models", "analysis", "store", "attention", "capture",
+               "stream", "reducers", "readings", "report", "compare", "plots", "access", "projector", "sdpa", "results",
+               "errors", "data_files"}
+"""Submodules reachable as ``qkhooks.NAME`` after a plain ``import qkhooks`` (imported on first use)."""
+
 __all__ = [
     "__version__",
     "QKHooksError",
@@ -71,8 +76,8 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
-    elif name == "data":  # qkhooks.data.ImageConfig, open_dataset: named in error messages and the README
-        value = importlib.import_module("qkhooks.data")
+    elif name in _SUBMODULES:  # qkhooks.data.ImageConfig, qkhooks.options.RecordOptions, ...: named in error
+        value = importlib.import_module(f"qkhooks.{name}")  # messages and the README, usable after `import qkhooks`
     else:
         raise AttributeError(f"module 'qkhooks' has no attribute {name!r}")
     globals()[name] = value

@@ -49,7 +49,8 @@ from qkhooks.attention import (
 )
 from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import SOURCE_NOT_RUN, _ADAPTERS, AttentionSite, find_sites, grid_source_hooks, select_layers
+from qkhooks.models.base import (SOURCE_NOT_RUN, _ADAPTERS, AttentionSite, LayerSelection, find_sites, grid_source_hooks,
+                                 select_layers)
 from qkhooks.models.load import unwrap_loaded
 from qkhooks.models.unsupported import (compiled_by_dynamo, hooked_paths, own_hook, refuse_altered_qk, refuse_compiled,
                                         remove_own_hooks, traced_refusal, unmodelled_parts)
@@ -135,7 +136,7 @@ class Recording:
         model: nn.Module,
         *,
         modes: int | str | None = DEFAULT_MODES,
-        layers: Sequence[int] | None = None,
+        layers: LayerSelection = None,
         attention: None | str | AttentionSpec | Sequence[AttentionSpec | str] = None,
         input: InputKind = "normed",
         augmented: bool = False,
@@ -191,6 +192,7 @@ class Recording:
         # q and k are float32 or float64 (a batch whose q/k come out in less takes x: _qk_path_serves).
         self._from_qk: dict[int, QKPathProjector] = {}
         self._qk_outputs: dict[int, dict[int, torch.Tensor]] = {}
+        self._warned_no_prefix = False  # told once that a layer's default rows are its centre patch twice
         self._qk_tokens: dict[int, torch.Tensor] = {}  # q/k-path layer -> its tokens x in the open call (for x)
         self._x_fallback: dict[int, ModeProjector] = {}  # q/k-path layer -> its x path, built when first needed
         self._took_x: set[int] = set()  # q/k-path layers that took x in the last complete batch
@@ -396,7 +398,20 @@ class Recording:
         self._pending_meta = meta
 
     def __call__(self, *args: Any, ids: Sequence[str] | None = None, meta: dict[str, Any] | None = None, **kwargs: Any):
-        """Run the model on ``args``/``kwargs`` with this batch's ids and metadata; returns the model's output."""
+        """Run the model on ``args``/``kwargs`` with this batch's ids and metadata; returns the model's output.
+
+        The images are the model's input: a float tensor (B, 3, H, W) preprocessed for it; photos become one with
+        the loaded model's own preprocessing, ``torch.stack([loaded.image_config(img) for img in photos])``."""
+        first = args[0] if args else kwargs.get("pixel_values", kwargs.get("x"))
+        if _photos_not_input(first):
+            one = first[0] if isinstance(first, (list, tuple)) else first
+            what = (f"a {first.dtype} tensor" if isinstance(first, torch.Tensor) else
+                    f"a {type(first).__name__} of " * isinstance(first, (list, tuple))
+                    + f"a {type(one).__module__}.{type(one).__name__}")
+            raise QKHooksError(f"the recording was handed {what}; it takes the model's input, a float tensor (B, 3, H, W) "
+                               "preprocessed as the model expects. For photos (PIL images): torch.stack([loaded."
+                               "image_config(img) for img in photos]), loaded = qkhooks.load_model(...) (or "
+                               "qkhooks.data.ImageConfig.from_timm(model) / .from_hf(processor.to_dict())).")
         self.set_batch(ids, **(meta or {}))
         model = self._live_model()
         return model(*args, **kwargs)
@@ -837,6 +852,11 @@ class Recording:
         self._check_rows_axis(site, site.images_in_call(int(rows_in_call)), int(n), chosen=tokens is not None)
         if tokens is None:  # no choice given: the first prefix token (CLS) and the centre patch, recorded as such
             tokens = default_query_tokens(site, n).expand(site.images_in_call(int(rows_in_call)), -1)
+            if not site.num_prefix_tokens and not self._warned_no_prefix:  # once a recording
+                self._warned_no_prefix = True
+                warnings.warn(f"layer {site.layer} ({site.path}) has no prefix token (no CLS): the default query tokens "
+                              "of such a layer are its centre patch twice, so row 0 is not a CLS row; pass query_tokens "
+                              "(run.set_batch(query_tokens=...)) for other rows.", stacklevel=2)
             if self._current is not None:
                 self._current.meta["query_tokens"] = tokens.cpu()
         tokens = torch.as_tensor(tokens)  # checked on the host (no device sync), then moved
@@ -1372,6 +1392,15 @@ def _per_batch_hint(names: Sequence[str]) -> str:
             "\"Choosing query tokens and pooled masks\").")
 
 
+def _photos_not_input(value: Any) -> bool:
+    """Whether a recording's first argument is photos rather than a model's input: PIL images, numpy arrays (or a
+    list of either) or a uint8 tensor, which the model would fail on deep inside, or read as raw 0-255 values. Other
+    values (integer token ids of a text tower, a list of tensors) are the model's business."""
+    items = value[:1] if isinstance(value, (list, tuple)) else [value]
+    photo = any(type(v).__module__.split(".")[0] in ("numpy", "PIL") for v in items)
+    return photo or (isinstance(value, torch.Tensor) and value.dtype == torch.uint8)
+
+
 def _options_of(cls: Callable[P, R]) -> Callable[[Callable[..., R]], Callable[P, R]]:
     """``cls``'s parameters for a function that hands its arguments on to ``cls``, so they are written once: ``help()``,
     ``inspect.signature`` and type checkers show them, and an unknown keyword is refused with a QKHooksError listing
@@ -1404,7 +1433,9 @@ def record(model: nn.Module, **options: Any) -> Recording:
         model: an unmodified timm or Hugging Face ViT (or any model with a registered adapter), or the
             :class:`LoadedModel` that :func:`load_model` returns.
         modes: top modes per head to project onto (default 16), ``"all"``, or None for no projection.
-        layers: block indices to record (None: all).
+        layers: which blocks to record (None or "all": every one): block indices, negative ones counting from the
+            last block (``[-1]``), a string such as ``"0,3,5-7,-1"``, or the attention modules' paths
+            (``["blocks.5.attn"]``).
         attention: ``"rows"``, ``"pooled"``, ``"full"``, an :class:`AttentionSpec`, or a list of them.
         input: ``"normed"`` (default, the exact tensor entering W_q/W_k: the modes then sum to the logits)
             or ``"residual"`` (the residual stream entering the block, as in Pan et al.'s figures).

@@ -75,13 +75,13 @@ def compare(items: Sequence[str], out: str | os.PathLike) -> Path:
     if len(items) < 2:
         raise QKHooksError("compare needs at least two reports or model specs.")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     models: dict[str, dict[str, Any]] = {}
-    for item in items:
+    for item in items:  # every input read before the folder is made: a refused one leaves nothing behind
         label, curves = model_curves(item)
         while label in models:
             label += "'"
         models[label] = curves
+    out.mkdir(parents=True, exist_ok=True)
     depths = {label: _depth(c) for label, c in models.items()}
     relative = len(set(depths.values())) > 1
     xlabel = "relative depth (layer / (depth − 1))" if relative else "layer"

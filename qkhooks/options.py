@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # the library never imports argparse; only the command line h
 
 __all__ = ["RecordOptions", "RUN_FACTS", "DEFAULT_MODES", "LAYERS_HELP"]
 
-LAYERS_HELP = "block indices or attention module paths, e.g. '0,3,5-7' or 'blocks.5.attn' (default all)"
+LAYERS_HELP = ("block indices (negative ones from the last: -1) or attention module paths, e.g. '0,3,5-7,-1' or "
+               "'blocks.5.attn' (default all)")
 """The help of every command's ``--layers`` that names the model's layers (record, spectrum, bfd)."""
 
 RUN_FACTS = ("model", "data", "reducers", "random_init", "weights", "shard")

@@ -28,6 +28,7 @@ from qkhooks.analysis import bfd
 from qkhooks.analysis.modes import CentreEmbeddings, analyze_modes, baseline_pivots
 from qkhooks.analysis.recipes import default_reducers
 from qkhooks.analysis.preference import GROUPS, analyze_preference, per_image_groups, preference_values
+from qkhooks.data.sources import open_source
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import find_sites
 from qkhooks.models.load import RANDOM_SUFFIX, LoadedModel, load_model
@@ -437,7 +438,8 @@ def make_report(
     """Run every analysis and write ``out/index.html`` and ``out/summary.json``; returns the summary.
 
     Args:
-        out: the report folder (created; existing report files are replaced).
+        out: the report folder (created; existing report files are replaced). The model and every data set are
+            opened before anything is written, so a refused one leaves a previous report as it was.
         model: a model spec (``SPEC@random`` for random weights) or a :class:`LoadedModel`.
         photos: use only the first N photos; data: the photo dataset (default every bundled photo).
         o3: odd-one-out displays for attention preference; objects: displays added to the masked photos
@@ -452,8 +454,12 @@ def make_report(
     started = time.perf_counter()
     out = Path(out)
     runs = out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_init=random_init, device=device)
+    # every data set opened before anything is written: one refused in its section would leave the sections before
+    # it replaced and the rest the previous report's
+    for spec in (data, objects_data or OBJECTS.format(n=objects)):
+        open_source(spec, loaded.image_config, limit=photos if spec == data else None)
+    runs.mkdir(parents=True, exist_ok=True)
     opts = dict(batch_size=batch_size, device=device, progress=progress)
     record_opts = dict(opts, input=input)  # the token stream of the maps and the anisotropy baseline
 

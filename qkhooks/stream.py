@@ -48,7 +48,7 @@ from qkhooks.options import DEFAULT_MODES, RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
 from qkhooks.results import LayerGeometry, observe_geometry
 from qkhooks.spectrum import layer_spectrum
-from qkhooks.store.format import FILE_SIZES, INFO_SCHEMA_VERSION, resume_point
+from qkhooks.store.format import FILE_SIZES, INFO_SCHEMA_VERSION, id_problem, resume_point
 from qkhooks.store.writer import RunWriter
 
 __all__ = ["record_dataset", "RecordResult", "WriterSink", "probe_geometry", "same_layout_layers", "rows_layers"]
@@ -452,8 +452,9 @@ def record_dataset(
         reducers: streaming statistics to keep, or a recipe that builds them and the per-batch metadata they
             read (:mod:`qkhooks.analysis.recipes`). Default: the registry's ``"default"`` recipe: top-k images
             per mode, anisotropy, and attention preference for odd-one-out data. A list of reducers gets the
-            default recipe's metadata (odd-one-out query tokens and masks, object labels). Their states are saved
-            with their kind and configuration under ``/reducers/<name>``.
+            default recipe's metadata (odd-one-out query tokens and masks, object labels). Their states are saved,
+            with their kind and configuration, in the checkpoint ``OUT.reducers`` beside the run file (a merged or
+            repaired file holds them inside, under ``/reducers/<name>``); ``open_run(out).state(name)`` reads them.
         device: where the model runs.
         resume, overwrite: what to do when ``out`` exists (neither: an error, the file untouched).
         progress: show a progress bar.
@@ -483,6 +484,9 @@ def record_dataset(
                                  stacklevel=4)
     if resume and overwrite:
         raise QKHooksError("--resume and --overwrite exclude each other: pick one.")
+    if resume and out is not None and not os.path.lexists(out):  # a typo in --out would start over without a word
+        warnings.warn(f"--resume (resume=True): there is no run at {out} to continue, so a new run starts there; if "
+                      "the interrupted run is elsewhere, stop and give its path as --out.", stacklevel=3)
     if opts.dtype not in ("float16", "float32"):
         raise QKHooksError(f"dtype must be float16 or float32, got {opts.dtype!r}.")
 
@@ -632,7 +636,11 @@ def _resumed_data_spec(out: str | os.PathLike, data_spec: str) -> str:
 
 
 def _refuse_duplicate_ids(ids: Sequence[str], data_spec: str) -> None:
-    """An indexable dataset's ids are checked whole before anything is written (a run file finds images by id)."""
+    """An indexable dataset's ids are checked whole before anything is written (a run file finds images by id, and
+    keeps them as UTF-8: a file name in another encoding stopped the run at its batch, and every resume there)."""
+    for i, id_ in enumerate(ids):
+        if (problem := id_problem(id_)) is not None:
+            raise QKHooksError(f"item {i} of {data_spec!r}: {problem}. Nothing was written.")
     if len(set(ids)) == len(ids):
         return
     seen: dict[str, int] = {}
@@ -802,6 +810,9 @@ class _StreamPosition:
             if twice is not None:
                 raise DataRefusal(f"two items of the data have the id {twice!r}; give each item its own 'id', or "
                                    "none at all (then the position is the id).")
+            unstorable = next(filter(None, map(id_problem, ids)), None)
+            if unstorable is not None:
+                raise DataRefusal(f"{unstorable}.")
             for id_, reason in part.failures:
                 warnings.warn(f"skipping unreadable image {id_} ({reason})", stacklevel=2)
             self.skipped.extend(part.failures)

@@ -97,3 +97,323 @@ def test_a_layer_where_no_mode_has_a_same_object_value_says_why(tmp_path):
     for layer in (0, 1):
         assert same["layers"][layer]["modes_with_value"] == 0 and math.isnan(same["layers"][layer]["p_same"])
         assert same["left_out"][layer].startswith("no mode has a value: none of its modes' top-3 images has a labelled")
+
+
+# ------------------------------------------------------------------ run files: links and checkpoints (review C)
+def _photo(seed: int, size: int = 32):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+_ITEMS = [{"image": _photo(i), "id": f"item{i}"} for i in range(8)]
+_KW = dict(layers="0", modes=2, batch_size=2, progress=False, checkpoint_every=1)
+
+
+def _interrupted(loaded, path, batches: int = 2) -> None:
+    """A run of _ITEMS stopped by Ctrl-C after ``batches`` batches (a checkpoint after each)."""
+    from qkhooks.errors import RunInterrupted
+
+    seen = []
+
+    def interrupt(batch) -> None:
+        seen.append(batch)
+        if len(seen) == batches:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted):
+        qkhooks.record_dataset(loaded, _ITEMS, path, on_batch=interrupt, **_KW)
+
+
+def _states(path) -> dict:
+    with qkhooks.open_run(path) as run:
+        return {name: run.state(name) for name in run.states()}
+
+
+def _assert_same_states(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b) and a
+    for name in a:
+        assert sorted(a[name]) == sorted(b[name])
+        for key in a[name]:
+            np.testing.assert_array_equal(np.asarray(a[name][key]), np.asarray(b[name][key]), err_msg=f"{name}/{key}")
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    return qkhooks.load_model("timm:vit_tiny_patch16_224@random")
+
+
+@pytest.fixture(scope="module")
+def reference_states(tiny_loaded, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "ref.h5"
+    qkhooks.record_dataset(tiny_loaded, _ITEMS, path, **_KW)
+    return _states(path)
+
+
+def test_a_run_resumed_through_a_symlink_keeps_one_checkpoint_at_its_target(tiny_loaded, reference_states, tmp_path):
+    """Resumed through a link, the checkpoint was looked up and written beside the link: the resume started over, and
+    the target's stale checkpoint (same run id, fewer images) was read with the complete file without a word. Now
+    the sidecar is the target's whichever name is used: the resume continues from it and the states equal an
+    uninterrupted run's."""
+    real, link = tmp_path / "real.h5", tmp_path / "link.h5"
+    _interrupted(tiny_loaded, real)
+    link.symlink_to(real)
+    result = qkhooks.record_dataset(tiny_loaded, _ITEMS, link, resume=True, **_KW)
+    assert result.resumed_from >= 2  # from the target's checkpoint (one a batch), not from the first image
+    assert link.is_symlink() and not (tmp_path / "link.h5.reducers").exists()
+    with qkhooks.open_run(real) as run:
+        assert run.complete and run.n == 8
+    _assert_same_states(_states(real), reference_states)
+    _assert_same_states(_states(link), reference_states)
+
+
+def test_an_overwrite_through_a_symlink_replaces_the_run_it_names_and_keeps_the_link(tiny_loaded, tmp_path):
+    """--overwrite through a link replaced the link by a new file and left the target's old run in place."""
+    real, link = tmp_path / "real.h5", tmp_path / "link.h5"
+    qkhooks.record_dataset(tiny_loaded, _ITEMS[:4], real, **_KW)
+    link.symlink_to(real)
+    qkhooks.record_dataset(tiny_loaded, _ITEMS, link, overwrite=True, **_KW)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    with qkhooks.open_run(real) as run:
+        assert run.n == 8 and run.ids == [f"item{i}" for i in range(8)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.h5", "real.h5", "real.h5.reducers"]
+
+
+def test_reducer_states_that_count_other_images_than_the_file_holds_are_refused_not_read(tiny_loaded, tmp_path):
+    """A copy of a live run whose checkpoint was copied later (states over 8 images, file of 4), and a complete file
+    beside an earlier checkpoint of it (states over 4 images, file of 8: a run finished under a hard link's name):
+    both were read without a word (only verify saw the first). Both are now refused, by the reader and by verify."""
+    import shutil
+
+    from qkhooks.store import format as fmt
+    from qkhooks.store.repair import verify_run
+
+    run = tmp_path / "run.h5"
+    _interrupted(tiny_loaded, run, batches=3)
+    shutil.copy(run, tmp_path / "early.h5")
+    shutil.copy(fmt.checkpoint_path(run), tmp_path / "early.reducers")
+    with qkhooks.open_run(run) as opened:
+        early = opened.n
+    import h5py
+
+    with h5py.File(run, "r") as f:
+        early_states = fmt.read_states(f, run)[0]
+    assert 2 <= early_states <= early < 8
+    qkhooks.record_dataset(tiny_loaded, _ITEMS, run, resume=True, **_KW)
+    cases = {"later": (tmp_path / "early.h5", fmt.checkpoint_path(run), f"they count 8 images, and the file holds {early}"),
+             "earlier": (run, tmp_path / "early.reducers",
+                         f"they count {early_states} images, and the file is complete with 8")}
+    for name, (file, states, why) in cases.items():
+        copy = tmp_path / f"{name}.h5"
+        shutil.copy(file, copy)
+        shutil.copy(states, fmt.checkpoint_path(copy))
+        with qkhooks.open_run(copy) as opened:
+            with pytest.raises(qkhooks.QKHooksError, match=rf"do not belong to the images it holds: {why}"):
+                opened.state("topk_modes")
+            assert opened.n == (early if name == "later" else 8)  # the per-image arrays still read
+        report = verify_run(copy)
+        assert not report.ok and any(why in p for p in report.problems)
+        fmt.checkpoint_path(copy).unlink()  # the fix the message gives: read without states
+        with qkhooks.open_run(copy) as opened:
+            assert opened.states() == []
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_before_anything_is_written(tiny_loaded, tmp_path):
+    """A folder with b'zz\\xff.png': the run stopped at that image's batch ("'utf-8' codec can't encode ...", naming
+    neither the file nor a fix), and every resume stopped there again. Now it is refused before anything is
+    written, naming the file's bytes and the fix; a stream's item with such an id is refused at its batch."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        _photo(i).save(folder / f"a{i}.png")
+    _photo(9).save(bytes(folder) + b"/zz\xff.png")
+    with pytest.raises(qkhooks.QKHooksError, match=r"the id '.*zz\\udcff.png' \(its bytes: b'.*zz\\xff.png'\) is not "
+                                                   r"UTF-8 text.*rename that file.*Nothing was written"):
+        qkhooks.record_dataset(tiny_loaded, str(folder), tmp_path / "run.h5", **_KW)
+    assert not (tmp_path / "run.h5").exists()
+
+    def stream():
+        yield from ({"image": _photo(i), "id": f"ok{i}"} for i in range(4))
+        yield {"image": _photo(5), "id": "bad\udcff"}
+
+    with pytest.raises(qkhooks.QKHooksError, match=r"the id 'bad\\udcff' \(its bytes: b'bad\\xff'\) is not UTF-8 "
+                                                   r"text.* The 4 images before it stay committed in .*stream.h5"):
+        qkhooks.record_dataset(tiny_loaded, stream(), tmp_path / "stream.h5", **_KW)
+    with qkhooks.open_run(tmp_path / "stream.h5") as run:
+        assert run.ids == ["ok0", "ok1", "ok2", "ok3"]  # the batches before it, committed
+
+
+def test_verify_reads_the_json_attributes_and_a_changed_geometry_key_is_damage_not_the_one_grid_rule(
+        tiny_loaded, tmp_path):
+    """A flipped bit in model/info's JSON: open_run refused the run as damaged while `info --verify` said every
+    part read. A flipped bit inside a layer_geometry key (the JSON still parses): run.geometry(l) fell back to the
+    one-grid rule of version-1 files without a word. Both are now damage, for verify and for the reader."""
+    import shutil
+
+    import h5py
+
+    from qkhooks.store.repair import verify_run
+
+    run = tmp_path / "run.h5"
+    qkhooks.record_dataset(tiny_loaded, _ITEMS[:4], run, **_KW)
+    assert verify_run(run).ok
+    with qkhooks.open_run(run) as opened:
+        recorded = opened.geometry(0)
+    broken, renamed = tmp_path / "broken.h5", tmp_path / "renamed.h5"
+    for copy in (broken, renamed):
+        shutil.copy(run, copy)
+    with h5py.File(broken, "r+") as f:
+        text = f["model"].attrs["info"]
+        f["model"].attrs["info"] = text[:40] + "\x01" + text[41:]  # one byte of the JSON changed: it no longer parses
+    with h5py.File(renamed, "r+") as f:
+        info = json.loads(f["model"].attrs["info"])
+        info["layer_geometry"] = {"\u0130": info["layer_geometry"]["0"]}  # the key "0" changed
+        f["model"].attrs["info"] = json.dumps(info)
+    report = verify_run(broken)
+    assert not report.ok and any(p.startswith("an attribute's JSON does not parse") for p in report.problems)
+    report = verify_run(renamed)
+    assert report.problems == ["model/info's layer_geometry has no entry for recorded layer 0 (its keys: \u0130)"]
+    with qkhooks.open_run(renamed) as opened:
+        with pytest.raises(qkhooks.QKHooksError, match=r"renamed.h5 is damaged \(model/info's layer_geometry has no "
+                                                       r"entry for recorded layer 0"):
+            opened.geometry(0)
+    assert recorded.grid is not None  # what the file said before
+
+
+def test_repair_refuses_an_out_it_cannot_write_before_any_work_in_one_sentence(tiny_loaded, tmp_path, monkeypatch):
+    """repair --out into a full disk died in HDF5 (a segfault, 48 tracebacks); into a read-only folder it raised two
+    tracebacks. Now a folder that takes no file, or has less room than the damaged file's size, is refused before
+    anything is written (the missing folder is made, as record makes a run's)."""
+    import shutil as sh
+
+    from qkhooks.store.repair import repair
+
+    run = tmp_path / "run.h5"
+    qkhooks.record_dataset(tiny_loaded, _ITEMS[:4], run, **_KW)
+    size = run.stat().st_size
+    report = repair(run, tmp_path / "new" / "deeper" / "fixed.h5")  # a folder that does not exist yet: made
+    assert (tmp_path / "new" / "deeper" / "fixed.h5").exists() and len(report.recovered) == 4
+    free = size + (4 << 20) - 1  # one byte short of the copy's bound and the spare room
+    monkeypatch.setattr(sh, "disk_usage", lambda path: sh._ntuple_diskusage(10 * free, 9 * free, free))
+    with pytest.raises(qkhooks.QKHooksError, match=rf"repair needs up to {size / 2**20:.1f} MiB \(the damaged file's "
+                                                   rf"size\) in {tmp_path}, which has {free / 2**20:.1f} MiB free.*"
+                                                   r"Nothing was written"):
+        repair(run, tmp_path / "full.h5")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("full")) == []
+    monkeypatch.undo()
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    with pytest.raises(qkhooks.QKHooksError, match=r"cannot create the --out folder .*a_file/sub.*choose a folder"):
+        repair(run, blocked / "sub" / "fixed.h5")
+
+
+# ------------------------------------------------------------------ a newcomer's path (review B)
+def test_a_recording_handed_photos_says_how_to_make_the_models_input(tiny_loaded):
+    """run(pil), run([pil]), a numpy array or a uint8 tensor raised deep inside timm (AttributeError, ValueError,
+    AssertionError); now a QKHooksError names the loaded model's own preprocessing, which gives what the model
+    takes: the stacked images equal the run's input to the bit when recorded (the hooks see the same tokens)."""
+    photo = _photo(3, size=40)
+    with qkhooks.record(tiny_loaded, modes=2, layers=[0]) as run:
+        for given, what in ((photo, "PIL.Image.Image"), ([photo], "list of a PIL.Image.Image"),
+                            (np.array(photo), "numpy.ndarray"),
+                            (torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None], "torch.uint8 tensor")):
+            with pytest.raises(qkhooks.QKHooksError, match=rf"handed a {what}.*torch.stack\(\[loaded.image_config\(img\)"):
+                run(given)
+        x = torch.stack([tiny_loaded.image_config(photo)])
+        with torch.no_grad():
+            out = run(x)
+        with torch.no_grad():
+            plain = tiny_loaded.model(x)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    assert run.query(0).shape == (1, 3, 2, 1 + (224 // 16) ** 2)  # the photo, resized and cropped to the model's size
+
+
+def test_qkhooks_submodules_named_in_the_readme_work_after_a_plain_import():
+    """qkhooks.options.RecordOptions, qkhooks.distributed.merge_shards and qkhooks.analysis.bfd raised
+    AttributeError after `import qkhooks` unless something had imported them; a fresh interpreter shows it."""
+    import subprocess
+    import sys
+
+    code = ("import qkhooks; print(qkhooks.options.RecordOptions.__name__, qkhooks.distributed.merge_shards.__name__, "
+            "qkhooks.analysis.bfd.__name__, qkhooks.models.unsupported.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["RecordOptions", "merge_shards", "qkhooks.analysis.bfd", "qkhooks.models.unsupported"]
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        qkhooks.analysis.nope  # noqa: B018
+
+
+def test_a_resume_with_no_run_at_out_says_a_new_run_starts(tiny_loaded, tmp_path):
+    """--resume with a mistyped --out recorded everything again without a word."""
+    with pytest.warns(UserWarning, match=r"there is no run at .*typo.h5 to continue, so a new run starts there"):
+        result = qkhooks.record_dataset(tiny_loaded, _ITEMS[:2], tmp_path / "typo.h5", resume=True, **_KW)
+    assert result.resumed_from is None and result.images == 2
+
+
+def test_info_on_a_run_stopped_before_its_first_checkpoint_says_a_resume_records_it_again(tiny_loaded, tmp_path):
+    """info told a run killed before its first checkpoint that its sidecar 'is missing ... copy it along', though
+    nothing was moved; it now says a resume records the committed images again (and the resume does)."""
+    run = tmp_path / "run.h5"
+    kw = {**_KW, "checkpoint_every": 100}
+    from qkhooks.errors import RunInterrupted
+
+    seen = []
+
+    def interrupt(batch) -> None:
+        seen.append(batch)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted):
+        qkhooks.record_dataset(tiny_loaded, _ITEMS, run, on_batch=interrupt, **kw)
+    with qkhooks.open_run(run) as opened:
+        n = opened.n
+        assert n >= 2 and opened.missing_states() == (
+            f"no reducer checkpoint yet (topk_modes, anisotropy): the run stopped before its first, so a --resume "
+            f"records its {n} committed images again, for the reducers to see them.")
+    assert qkhooks.record_dataset(tiny_loaded, _ITEMS, run, resume=True, **kw).resumed_from == 0
+
+
+def test_a_model_without_prefix_tokens_warns_that_its_default_rows_are_the_centre_patch_twice():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=0, class_token=False, global_pool="avg").eval()
+    with pytest.warns(UserWarning, match=r"layer 0 \(blocks.0.attn\) has no prefix token \(no CLS\)") as caught:
+        with torch.no_grad(), qkhooks.record(model, modes=None, attention="rows") as run:
+            run(torch.randn(1, 3, 32, 32))
+    assert sum("no prefix token" in str(w.message) for w in caught) == 1  # once a recording, not once a layer
+    centre = (4 // 2) * 4 + 4 // 2
+    assert run.last.meta["query_tokens"].tolist() == [[centre, centre]]
+
+
+def test_top_k_ranked_again_from_stored_maps_leaves_out_each_layers_own_prefix_tokens(tmp_path):
+    """CaiT: its self-attention blocks have no prefix token, its class-attention block one. Ranked again from the
+    stored maps (more images per mode than the saved state keeps), every layer was scored with the first layer's
+    prefix (0), so the class-attention layer's CLS entered its scores; the ranking now equals the recording's own
+    reducer with a larger k (review A's lead, confirmed here)."""
+    from qkhooks.analysis.modes import _topk_state
+    from qkhooks.analysis.topk import TopKModes, layer_state
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+
+    torch.manual_seed(0)
+    model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
+                              num_heads=2, depth_token_only=1, num_classes=0).eval()
+    u = torch.as_tensor(qkhooks.spectrum(model)[2].U)[0, :, 0]  # layer 2's first mode of head 0, in x space
+    with torch.no_grad():  # a CLS whose normed token lies along u and v: it scores above every patch where counted
+        model.cls_token.copy_(5 * (u - u.mean()).view(1, 1, -1))
+    loaded = LoadedModel(model=model, spec="cait", image_config=ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3))
+    runs = {}
+    for k in (3, 6):
+        runs[k] = tmp_path / f"k{k}.h5"
+        qkhooks.record_dataset(loaded, _ITEMS, runs[k], modes=2, batch_size=4, progress=False, dtype="float32",
+                               reducers=[TopKModes(k=k, map_dtype="float32")])
+    with qkhooks.open_run(runs[3]) as run:
+        assert [run.geometry(l).num_prefix_tokens for l in (0, 1, 2)] == [0, 0, 1]
+        rebuilt, source = _topk_state(run, [0, 1, 2], 6, 0)
+    assert "recomputed from the stored maps" in source
+    with qkhooks.open_run(runs[6]) as run:
+        saved = run.state("topk_modes")
+    for layer in (0, 1, 2):
+        mine, theirs = layer_state(rebuilt, layer), layer_state(saved, layer)
+        np.testing.assert_array_equal(mine["index"], theirs["index"], err_msg=f"layer {layer}")
+        np.testing.assert_allclose(mine["score"], theirs["score"], rtol=1e-6, err_msg=f"layer {layer}")

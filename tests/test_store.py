@@ -292,7 +292,9 @@ def test_writer_commits_whole_batches_and_checkpoints_replace_each_other(tmp_pat
     with open_run(out) as run:
         assert run.ids == ["x", "y"]
         np.testing.assert_array_equal(run.array("v")[:], np.arange(6.0).reshape(2, 3))
-        assert run.state("r")["s"].tolist() == [0.0, 0.0] and run.states() == ["r"] and not run.complete
+        assert not run.complete
+        with pytest.raises(QKHooksError, match="they count 3 images, and the file holds 2"):  # cut under them
+            run.state("r")
         with pytest.raises(QKHooksError, match="no per-image array 'w'.*v"):
             run.array("w")
 

@@ -53,7 +53,8 @@ from qkhooks.analysis.same_object import (
     same_object_table,
 )
 from qkhooks.analysis.recipes import objects_array
-from qkhooks.analysis.topk import SIGNS, TopKModes, layer_state, select_layers, signed_scores, top_images
+from qkhooks.analysis.topk import (SIGNS, TopKModes, layer_prefix, layer_state, select_layers, signed_scores,
+                                   top_images)
 from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks._json import jsonable
 from qkhooks.data_files import recorded_sizes
@@ -108,7 +109,8 @@ def _open_run(path: str | os.PathLike):
 def _topk_from_maps(run: Any, layers: Sequence[int], k: int, prefix: int) -> TopKModes:
     """Stream a run's stored maps through a fresh :class:`TopKModes` (when its saved state does not fit)."""
     reducer = TopKModes(k=k, num_prefix_tokens=prefix)
-    n = int(run.n)
+    geometry = {l: run.geometry(l) for l in layers}  # each layer's own prefix (CaiT's blocks have none, its class
+    n = int(run.n)  # attention blocks one), as the reducer of the recording scored it
     for lo in range(0, n, _CHUNK):
         hi = min(lo + _CHUNK, n)
         caps = {}
@@ -116,7 +118,8 @@ def _topk_from_maps(run: Any, layers: Sequence[int], k: int, prefix: int) -> Top
             q = torch.from_numpy(np.asarray(run.query(l)[lo:hi], dtype=np.float32))
             key = torch.from_numpy(np.asarray(run.key(l)[lo:hi], dtype=np.float32))
             caps[l] = LayerCapture(l, hi - lo, query=q, key=key)
-        reducer.update(BatchCapture(ids=[], meta={"num_prefix_tokens": prefix}, captures=caps, offset=lo))
+        reducer.update(BatchCapture(ids=[], meta={"num_prefix_tokens": prefix, "geometry": geometry}, captures=caps,
+                                    offset=lo))
     return reducer
 
 
@@ -132,7 +135,12 @@ def _topk_state(run: Any, layers: Sequence[int] | None, k: int | None, prefix: i
         if k is not None and int(np.asarray(saved["k"])) < k:
             problems.append(f"it keeps k={int(np.asarray(saved['k']))} < {k}")
         saved_prefix = int(np.asarray(saved.get("num_prefix_tokens", -1)))
-        if saved_prefix not in (-1, prefix):
+        if "layer_prefix" in saved:  # each layer's own (a model whose layers differ: CaiT)
+            scored = {l: layer_prefix(saved, l, -1) for l in want if l in saved_layers}
+            differ = {l: p for l, p in scored.items() if p != -1 and p != run.geometry(l).num_prefix_tokens}
+            if differ:
+                problems.append(f"it was scored with other prefix-token counts than the run's layers have ({differ})")
+        elif saved_prefix not in (-1, prefix):
             problems.append(f"it was scored with {saved_prefix} prefix tokens, the model has {prefix}")
         if "images" in saved and int(np.asarray(saved["images"])) != int(run.n):
             problems.append(f"it covers {int(np.asarray(saved['images']))} of {run.n} images")

@@ -29,8 +29,8 @@ from qkhooks.errors import QKHooksError
 
 __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "IDS", "ID_DIGESTS", "ID_DIGEST_BYTES", "id_digests", "mismatched_ids", "create_id_digests", "id_datasets", "SKIPPED", "FILE_SIZES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
            "datasets", "per_image_datasets", "layout_problems",
-           "read_states", "states_and_problem", "write_checkpoint", "read_checkpoint", "checkpoint_problem",
-           "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "run_id_of",
+           "read_states", "states_and_problem", "id_problem", "write_checkpoint", "read_checkpoint", "checkpoint_problem",
+           "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
            "identity_of", "as_str", "read_ids", "read_skipped", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS"]
 
@@ -121,8 +121,26 @@ def lock_path(run: str | os.PathLike) -> Path:
     return run.with_name(run.name + ".lock")
 
 
+def id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot be stored in a run file, which keeps ids as UTF-8 text, or None. A file name in
+    another encoding reaches Python with its bytes escaped (``b'zz\\xff.png'`` as ``'zz\\udcff.png'``), which no
+    UTF-8 writer takes."""
+    try:
+        str(image_id).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        try:
+            raw = f" (its bytes: {os.fsencode(image_id)!r})"
+        except UnicodeError:
+            raw = ""
+        return (f"the id {image_id!r}{raw} is not UTF-8 text, and a run file keeps ids as UTF-8: rename that file "
+                "to a UTF-8 name (e.g. `convmv -f latin1 -t utf8 --notest NAME`) or move it out of the data")
+
+
 def checkpoint_path(run: str | os.PathLike) -> Path:
-    run = Path(run)
+    """``RUN.h5.reducers`` beside the run's real file: through a symlink, the target's (a resume or a read through
+    the link would otherwise keep a second checkpoint beside the link, and leave the target's stale)."""
+    run = Path(os.path.realpath(run))
     return run.with_name(run.name + ".reducers")
 
 
@@ -480,6 +498,18 @@ def resume_point(n_committed: int, checkpoint_images: int | None, states: Mappin
     if checkpoint_images is None or checkpoint_images > n_committed or any(r not in states for r in reducers):
         return 0
     return checkpoint_images
+
+
+def geometry_gap(info: Mapping[str, Any], layers: Sequence[int]) -> str | None:
+    """What is wrong when a version-2 ``model/info`` lacks the ``layer_geometry`` entry of a recorded layer (every
+    recorded layer has one, so a key changed: attributes carry no checksum), or None. Such a layer is never read by
+    the one-grid rule of version 1 files."""
+    table = info.get("layer_geometry")
+    missing = [int(l) for l in layers if isinstance(table, dict) and str(l) not in table]
+    if not missing:
+        return None
+    return (f"model/info's layer_geometry has no entry for recorded layer{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(map(str, missing))} (its keys: {', '.join(sorted(map(str, table)))})")
 
 
 def layer_geometry(info: Mapping[str, Any], layer: int) -> LayerGeometry | None:

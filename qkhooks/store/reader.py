@@ -740,6 +740,9 @@ class RunReader:
         before per-layer geometry: the run's one grid and prefix, which held for every layer of the models they
         could record)."""
         index = self._layer(layer)
+        gap = fmt.geometry_gap(self.info, [index])
+        if gap is not None:
+            raise QKHooksError(damaged_message(self.path, gap))
         found = fmt.layer_geometry(self.info, index)
         if found is None:
             raise QKHooksError(f"{self.path} does not say layer {index}'s token grid (written before qkhooks stored "
@@ -818,10 +821,33 @@ class RunReader:
         return sorted(self._states())
 
     def _states(self) -> dict[str, dict[str, Any]]:
-        _, states, problem = fmt.states_and_problem(self.file, self.path)
+        images, states, problem = fmt.states_and_problem(self.file, self.path)
         if problem is not None:
             raise QKHooksError(self._damaged_checkpoint(problem))
+        if (mismatch := self._checkpoint_mismatch(images)) is not None:
+            raise QKHooksError(mismatch)
         return states
+
+    def _checkpoint_mismatch(self, images: int | None) -> str | None:
+        """Why the reducer states do not belong to the images this file holds, or None: states that count more images
+        than are committed (a copy of a live run whose checkpoint was copied later), or fewer than a complete run
+        holds (an earlier checkpoint of it: the run resumed or finished under another name, a hard link)."""
+        if images is None:
+            return None
+        n = int(self.n)
+        if images > n and not writer_alive(self.path):  # a live writer checkpoints after this reader read its count
+            why = f"they count {images} images, and the file holds {n}: they were saved after this file was"
+        elif images < n and self.complete:
+            why = (f"they count {images} images, and the file is complete with {n}: they are an earlier checkpoint "
+                   "of it (the run was resumed or finished under another name, such as a hard link, or copied "
+                   "without its last checkpoint)")
+        else:
+            return None
+        ckpt = fmt.checkpoint_path(self.path)
+        return (f"the reducer states of {self.path} ({ckpt}) do not belong to the images it holds: {why}. Their "
+                "top-k images, preference and other statistics would describe other images, so they are not read. "
+                f"Put the checkpoint saved with this file beside it, or move {ckpt.name} away to read the run without "
+                "states (the per-image arrays are not affected).")
 
     def _damaged_checkpoint(self, problem: str) -> str:
         ckpt = fmt.checkpoint_path(self.path)
@@ -840,6 +866,9 @@ class RunReader:
         if not wanted or states:
             return ""
         sidecar = fmt.checkpoint_path(self.path)
+        if not self.complete and not sidecar.exists():  # stopped before its first checkpoint: nothing was moved
+            return (f"no reducer checkpoint yet ({', '.join(wanted)}): the run stopped before its first, so a --resume "
+                    f"records its {self.n} committed images again, for the reducers to see them.")
         return (f"{sidecar.name} is missing: the states of the reducers this run kept ({', '.join(wanted)}) live in "
                 f"that file, next to {self.path.name}; copy it along with the run (analyses recompute what they can "
                 "from the stored maps, the rest is left out).")
@@ -895,10 +924,14 @@ class RunReader:
             self.problems.append(f"{len(unreadable)} per-image arrays are unreadable ({', '.join(unreadable[:3])}"
                                  f"{' ...' if len(unreadable) > 3 else ''}): run `qkhooks repair {self.path} --out "
                                  "FIXED.h5` to copy every image still readable into a new file")
-        _, states, problem = fmt.states_and_problem(self.file, self.path)  # one load of the checkpoint
+        images, states, problem = fmt.states_and_problem(self.file, self.path)  # one load of the checkpoint
+        mismatch = self._checkpoint_mismatch(images) if problem is None else None
         if problem is not None:
             self.problems.append(self._damaged_checkpoint(problem))
             lines.append(f"reducers DAMAGED checkpoint {fmt.checkpoint_path(self.path).name} ({problem})")
+        elif mismatch is not None:
+            self.problems.append(mismatch)
+            lines.append(f"reducers NOT THIS FILE'S: {fmt.checkpoint_path(self.path).name} ({', '.join(sorted(states))})")
         elif states:
             lines.append("reducers " + ", ".join(sorted(states)))
         elif notice := self._missing_states(states):

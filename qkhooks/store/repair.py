@@ -16,16 +16,18 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import h5py
 import numpy as np
 
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import DamagedRunError, HeldOpenError, create_run_file, open_damaged
 from qkhooks.store.reader import RunReader, missing_shard_rows, rewritten_shards
@@ -65,6 +67,7 @@ def repair(run: str | os.PathLike, out: str | os.PathLike) -> RepairReport:
         raise QKHooksError(f"no file at {run}.")
     if out.exists() or out.resolve() == run.resolve():
         raise QKHooksError(f"{out} already exists; repair writes a new file and never replaces one.")
+    _refuse_unwritable(out, os.path.getsize(run))
     try:
         src = open_damaged(run)
     except _READ_ERRORS as exc:
@@ -76,10 +79,30 @@ def repair(run: str | os.PathLike, out: str | os.PathLike) -> RepairReport:
             with create_run_file(tmp) as dst:
                 report = _copy(src, dst, run, out, os.path.getsize(run))
             os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):  # a failure to clean up must not hide why the copy failed
+                tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise QKHooksError(f"writing {out} failed ({exc}); {run} is unchanged and nothing was left at {out}: "
+                                   "free space or choose another --out, then repair again.") from None
             raise
     return report
+
+
+def _refuse_unwritable(out: Path, source_bytes: int) -> None:
+    """Before any work: ``out``'s folder must take a file (made if missing), and hold the copy. The copy is at most
+    the damaged file's size (the same images, chunks and compression, fewer where rows are lost); past a full disk
+    HDF5 fails while closing, where a process can die without a word (review r36 saw a segfault)."""
+    folder = writable_dir(out.parent, "--out folder", create=True)
+    free = shutil.disk_usage(folder).free
+    if free < source_bytes + _SPARE_BYTES:
+        raise QKHooksError(f"repair needs up to {source_bytes / 2**20:.1f} MiB (the damaged file's size) in {folder}, "
+                           f"which has {free / 2**20:.1f} MiB free; free space there, or give --out on another disk. "
+                           "Nothing was written.")
+
+
+_SPARE_BYTES = 4 << 20
+"""Room kept beyond the copy's bound (HDF5's metadata and the file system's own)."""
 
 
 def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) -> RepairReport:
@@ -482,6 +505,17 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
                 statics += 1
         except _READ_ERRORS as exc:
             problems.append(f"/{name} unreadable ({exc})")
+    try:  # the JSON attributes every reader parses (they carry no checksum): one that no longer parses is damage
+        json.loads(fmt.as_str(f.attrs.get("config", "{}")))
+        model = f.get("model")
+        info = json.loads(fmt.as_str(model.attrs["info"])) if model is not None and "info" in model.attrs else {}
+        gap = fmt.geometry_gap(info, info.get("layers", []))
+        if gap is not None:
+            problems.append(gap)
+    except json.JSONDecodeError as exc:
+        problems.append(f"an attribute's JSON does not parse ({exc})")
+    except _READ_ERRORS as exc:
+        problems.append(f"the run's attributes unreadable ({exc})")
     damaged: dict[str, list[tuple[int, int]]] = {}
     lines = []
     for name, ds in sorted(arrays.items()) + ([(fmt.IDS, found[fmt.IDS])] if fmt.IDS in found else []):
@@ -513,8 +547,8 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
         states = sorted(loaded)
         if problem is not None:
             problems.append(reader._damaged_checkpoint(problem))
-        elif images is not None and images > n:
-            problems.append(f"the reducer states count {images} images, but only {n} are committed")
+        elif (mismatch := reader._checkpoint_mismatch(images)) is not None:
+            problems.append(mismatch)
     except _READ_ERRORS as exc:
         problems.append(f"the reducer states inside the file unreadable ({exc})")
     complete = _readable(lambda: f.attrs["complete"]) and bool(f.attrs["complete"])

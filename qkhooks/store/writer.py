@@ -274,6 +274,8 @@ class RunWriter:
         attrs = {k: _attr(v) for k, v in (attrs or {}).items()}
         self._check_folder()
         self._writer_lock = WriterLock(self.path, reserve=RESERVE_BYTES)  # before anything is read or replaced
+        if self.path.is_symlink():  # (one to a missing file is refused by the lock) written at its target: an
+            self.path = Path(os.path.realpath(self.path))  # overwrite would replace the link, not the run it names
         if mode == "overwrite" and not self.path.exists():
             mode = self.mode = "create"  # nothing to keep: written under its own name from the first batch
         self._child_fds: list[int] = []  # descriptors kept out of forked workers while this writer has them
@@ -612,6 +614,9 @@ class RunWriter:
         if any(s != len(ids) for s in sizes.values()):
             raise QKHooksError(f"every array of a batch needs one row per id ({len(ids)}); got {sizes}.")
         self._check_names(ids, arrays)
+        unstorable = next(filter(None, map(fmt.id_problem, ids)), None)  # in the writer thread it would end the run
+        if unstorable is not None:
+            raise QKHooksError(f"{unstorable}. {self.refusal_help(resumable=True)}")
         dtype = getattr(torch, self.dtype.name)
         problem = _overflow(ids, arrays, dtype)
         if problem is not None:
