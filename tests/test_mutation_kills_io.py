@@ -333,7 +333,9 @@ def test_a_hand_made_run_file_reads_back_its_committed_images_names_and_layers(t
         assert str(err.value) == (f"{path} has no 'rows' attention for layer 10 (layers with them: [2]); the run stores "
                                   "attention kinds ['full', 'rows'] (the attention= option).")
         assert run.geometry(2) == _geometry(2, grid=(2, 3), queries=7)
-        assert run.geometry(10) == LayerGeometry(10, (2, 3), 1, 7, 7, (2, 3), 1, 4, 8)  # version-1 rule: one grid
+        with pytest.raises(QKHooksError, match=r"is damaged \(model/info's layer_geometry has no entry for recorded "
+                                               r"layer 10 \(its keys: 2\)\)"):  # version 2: never the one-grid rule
+            run.geometry(10)
         assert repr(run) == f"RunReader({str(path)!r}, images=7, layers=[2, 10])"
         assert run.summary().splitlines() == [
             f"run      {path}", "model    timm:tiny", "data     samples",
@@ -344,7 +346,7 @@ def test_a_hand_made_run_file_reads_back_its_committed_images_names_and_layers(t
             "checksum none on the per-image arrays: damage inside their data is not detected (record with --checksum)",
             "layers   (model/info schema 2)",
             "  L2   blocks.2.attn: grid 2x3 + 1 prefix, 7 queries",
-            "  L10  blocks.10.attn: grid 2x3 + 1 prefix, 7 queries, 4 heads x 8",
+            "  L10  blocks.10.attn: DAMAGED (no entry in model/info's layer_geometry)",
             "  not recorded: head.decoder: not self-attention",
         ]
         with pytest.raises(QKHooksError) as err:

@@ -278,6 +278,15 @@ def test_verify_reads_the_json_attributes_and_a_changed_geometry_key_is_damage_n
                                                        r"entry for recorded layer 0"):
             opened.geometry(0)
     assert recorded.grid is not None  # what the file said before
+    shutil.copy(run, tmp_path / "v1.h5")  # a file without any layer_geometry (version 1): the one-grid rule still holds
+    with h5py.File(tmp_path / "v1.h5", "r+") as f:
+        info = json.loads(f["model"].attrs["info"])
+        del info["layer_geometry"]
+        info["schema_version"] = 1
+        f["model"].attrs["info"] = json.dumps(info)
+    assert verify_run(tmp_path / "v1.h5").ok
+    with qkhooks.open_run(tmp_path / "v1.h5") as opened:
+        assert (opened.geometry(0).grid, opened.geometry(0).num_prefix_tokens) == (recorded.grid, recorded.num_prefix_tokens)
 
 
 def test_repair_refuses_an_out_it_cannot_write_before_any_work_in_one_sentence(tiny_loaded, tmp_path, monkeypatch):
@@ -417,3 +426,88 @@ def test_top_k_ranked_again_from_stored_maps_leaves_out_each_layers_own_prefix_t
         mine, theirs = layer_state(rebuilt, layer), layer_state(saved, layer)
         np.testing.assert_array_equal(mine["index"], theirs["index"], err_msg=f"layer {layer}")
         np.testing.assert_allclose(mine["score"], theirs["score"], rtol=1e-6, err_msg=f"layer {layer}")
+
+
+def test_repair_keeps_the_ids_outside_a_damaged_heap_collection(tmp_path):
+    """One zeroed 4 KiB heap collection of the ids made repair recover 0 of 300 images (it read the ids in one call).
+    Now the ids are read a block, then a row, at a time around the damage: every id outside the collection is kept,
+    with its row, each equal to the original (the digests vouch for them)."""
+    import re
+
+    from qkhooks.store import RunWriter
+    from qkhooks.store.repair import repair
+
+    path = tmp_path / "run.h5"
+    ids = [f"image-{i:04d}-" + "x" * 80 for i in range(300)]  # long ids: several heap collections
+    with RunWriter(path, dtype="float32", checksum=True) as w:
+        for lo in range(0, 300, 10):
+            w.write_batch(ids[lo:lo + 10], {"v": np.arange(lo, lo + 10, dtype=np.float32)[:, None].repeat(4, 1)})
+    data = bytearray(path.read_bytes())
+    second = [m.start() for m in re.finditer(b"GCOL", data)][1]
+    data[second:second + 4096] = bytes(4096)
+    (tmp_path / "bad.h5").write_bytes(bytes(data))
+    report = repair(tmp_path / "bad.h5", tmp_path / "fixed.h5")
+    assert 200 <= len(report.recovered) < 300 and any("their ids do not read" in p for p in report.problems)
+    with qkhooks.open_run(tmp_path / "fixed.h5") as run:
+        kept = run.ids
+        rows = np.asarray(run.array("v")[:])
+    assert kept == [i for i in ids if i in set(kept)]  # in order, each an original id
+    np.testing.assert_array_equal(rows[:, 0], [float(ids.index(i)) for i in kept])
+
+
+def test_a_static_that_repair_could_not_copy_is_named_as_lost_not_as_never_recorded(tiny_loaded, tmp_path):
+    """A flipped bit in spectrum/L0/U's chunk: repair dropped it with a note, and the copy then passed verify,
+    said layer 0 was 'recorded without modes', and its resume failed deep in the writer. The copy now names what it
+    lost: verify's summary, run.spectrum, and a resume refused up front."""
+    import h5py
+
+    from qkhooks.store.repair import repair, verify_run
+
+    run = tmp_path / "run.h5"
+    qkhooks.record_dataset(tiny_loaded, _ITEMS[:4], run, checksum=True, **_KW)
+    with h5py.File(run, "r") as f:
+        offset = f["spectrum/L0/U"].id.get_chunk_info(0).byte_offset
+    data = bytearray(run.read_bytes())
+    data[offset + 10] ^= 0x40
+    (tmp_path / "bad.h5").write_bytes(bytes(data))
+    report = repair(tmp_path / "bad.h5", tmp_path / "fixed.h5")
+    assert any(p.startswith("spectrum/L0/U unreadable") for p in report.problems)
+    checked = verify_run(tmp_path / "fixed.h5")
+    assert checked.lost == ["spectrum/L0/U"] and "lost     spectrum/L0/U: a repair could not copy" in checked.summary()
+    with qkhooks.open_run(tmp_path / "fixed.h5") as opened:
+        with pytest.raises(qkhooks.QKHooksError, match=r"lost spectrum/L0/U to damage \(a repair could not copy it\)"):
+            opened.spectrum(0)
+    with pytest.raises(qkhooks.QKHooksError, match=r"cannot resume .*fixed.h5: the repair that wrote it could not copy "
+                                                   r"spectrum/L0/U"):
+        qkhooks.record_dataset(tiny_loaded, _ITEMS, tmp_path / "fixed.h5", resume=True, checksum=True, **_KW)
+
+
+def test_a_misspelt_random_suffix_and_a_folder_of_other_image_formats_say_what_is_wrong(tmp_path):
+    """'timm:NAME@rand' said timm does not know the model 'NAME@rand'; a folder of .tif files said no images were
+    found, not that it saw files it does not read."""
+    with pytest.raises(qkhooks.QKHooksError, match=r"ends in '@rand', which is no model spec suffix; the one there is "
+                                                   r"'@random'"):
+        qkhooks.load_model("timm:vit_tiny_patch16_224@rand")
+    for name in ("a.tif", "b.bmp", "notes.txt"):
+        _photo(0).save(tmp_path / name) if name != "notes.txt" else (tmp_path / name).write_text("x")
+    with pytest.raises(qkhooks.QKHooksError, match=r"no images found .* It holds files with \.bmp, \.tif, \.txt: "
+                                                   r"convert the images among them to PNG or JPEG"):
+        qkhooks.data.open_dataset(str(tmp_path), tiny_image_config())
+
+
+def tiny_image_config():
+    from qkhooks.data import ImageConfig
+
+    return ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def test_spectrum_rope_bands_on_a_model_without_rope_is_refused_before_the_table_with_the_fix(tmp_path, capsys):
+    from qkhooks.cli import main
+
+    code = main(["spectrum", "timm:vit_tiny_patch16_224", "--random-init", "--layers", "0", "--rope-bands", "2",
+                 "--json", str(tmp_path / "s.json")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "layers [0] were handed no rotary tables: the model does not rotate q and k there" in err
+    assert "drop --rope-bands for this model" in err and out == "" and not (tmp_path / "s.json").exists()
+    assert main(["spectrum", "timm:vit_tiny_patch16_224", "--random-init", "--rope-bands", "2"]) == 2
+    assert "--rope-bands writes its figures to the --json file; add --json FILE." in capsys.readouterr().err

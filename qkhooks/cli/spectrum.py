@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from qkhooks.cli import add_model_arguments, command, load_from_args, write_json
-from qkhooks.errors import writable_dir
+from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.options import LAYERS_HELP
 
 
@@ -33,8 +33,12 @@ def run_spectrum(args: argparse.Namespace) -> int:
 
     for target in filter(None, (args.json, args.plot)):
         writable_dir(Path(target).parent, "output folder")
+    if args.rope_bands and not args.json:
+        raise QKHooksError("--rope-bands writes its figures to the --json file; add --json FILE.")
     loaded = load_from_args(args)
     spec = spectrum(loaded.model, layers=args.layers, augmented=args.augmented, name=loaded.spec)
+    bands = (rope_band_summary(loaded.model, find_sites(loaded.model, args.layers), args.rope_bands)
+             if args.rope_bands else None)  # before anything is printed or written: refused for a model without RoPE
     print(spec.table())
     if loaded.note:
         print(f"note: {loaded.note}")
@@ -42,8 +46,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
         payload = spec.to_dict()
         payload["note"] = loaded.note
         payload["biases"] = "folded in ([x; 1])" if args.augmented else "excluded (bias-free bilinear form)"
-        if args.rope_bands:
-            bands = rope_band_summary(loaded.model, find_sites(loaded.model, args.layers), args.rope_bands)
+        if bands is not None:
             for layer in payload["layers"]:
                 layer["rope_bands"] = bands[layer["layer"]]
         write_json(args.json, payload)

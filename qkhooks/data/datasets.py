@@ -120,9 +120,13 @@ def _open_folder(spec: str, cfg: ImageConfig, limit: int | None, check: Check) -
     rel_paths = _list_images(root)
     exts = ", ".join(IMAGE_EXTENSIONS)
     if not rel_paths:
+        others = sorted({p.suffix.lower() or "(no extension)" for p in root.rglob("*")
+                         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)})
+        seen = (f" It holds files with {', '.join(others[:8])}{' ...' if len(others) > 8 else ''}: convert the images "
+                "among them to PNG or JPEG (e.g. `mogrify -format png *.tif`)." if others else "")
         raise QKHooksError(
             f"no images found in folder {str(root)!r} (searched recursively for {exts}, any letter case; "
-            "hidden files are ignored). Point to a folder that contains images."
+            f"hidden files are ignored). Point to a folder that contains images.{seen}"
         )
     records: list[_Record] = []
     skipped: list[tuple[str, str]] = []

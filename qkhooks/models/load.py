@@ -38,7 +38,6 @@ MODEL_SPEC_HELP = (
     "or a local save_pretrained folder) or 'offline:dinov2-s14' (the bundled real DINOv2 ViT-S/14); end it in '@random' "
     "for the same architecture with random weights"
 )
-RANDOM_SUFFIX = "@random"
 # Files from_pretrained reads weights from; a folder with none of them has only a config.
 _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                     "pytorch_model.bin.index.json")
@@ -450,6 +449,10 @@ def load_model(
     label = spec if isinstance(spec, str) else type(spec).__name__
     if isinstance(spec, str) and spec.endswith(RANDOM_SUFFIX):
         spec, random_init = spec[: -len(RANDOM_SUFFIX)], True
+    elif (isinstance(spec, str) and "@" in spec.rpartition("/")[2]  # a suffix misspelt ("@rand"): not a model name
+          and not Path(spec.partition(":")[2]).expanduser().exists()):  # (a local folder may have an @ in its name)
+        raise QKHooksError(f"{spec!r} ends in {'@' + spec.rpartition('@')[2]!r}, which is no model spec suffix; the "
+                           f"one there is {RANDOM_SUFFIX!r} (random weights), e.g. 'timm:vit_small_patch16_224@random'.")
     if random_init and checkpoint is not None:
         raise QKHooksError(
             "random weights and a checkpoint exclude each other: drop --random-init (or '@random') to load "

@@ -165,7 +165,9 @@ def capture_rope_tables(model: nn.Module, sites: Sequence[AttentionSite]) -> dic
         remove_own_hooks(handles)
     missing = [s.layer for s in sites if tables.get(s.layer) is None]
     if missing:
-        raise QKHooksError(f"layers {missing} were handed no rotary tables: they have no RoPE bands.")
+        raise QKHooksError(f"layers {missing} were handed no rotary tables: the model does not rotate q and k there (no "
+                           "RoPE), so they have no RoPE bands; drop --rope-bands for this model, or pick its RoPE layers "
+                           "with --layers.")
     return tables
 
 

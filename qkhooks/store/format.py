@@ -29,7 +29,7 @@ from qkhooks.errors import QKHooksError
 
 __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "IDS", "ID_DIGESTS", "ID_DIGEST_BYTES", "id_digests", "mismatched_ids", "create_id_digests", "id_datasets", "SKIPPED", "FILE_SIZES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
            "datasets", "per_image_datasets", "layout_problems",
-           "read_states", "states_and_problem", "id_problem", "write_checkpoint", "read_checkpoint", "checkpoint_problem",
+           "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
            "identity_of", "as_str", "read_ids", "read_skipped", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS"]
@@ -50,6 +50,10 @@ IDS = "images/ids"
 SHARD_RUNS = "shard_runs"
 """Attribute of a merged view's per-image dataset: JSON {shard file: its run_id when merged}, so a shard rewritten
 since (a rerun with --overwrite) is refused, not read into the old view (round 33)."""
+LOST_STATICS = "lost_statics"
+"""Root attribute of a file written by ``qkhooks repair``: JSON list of the statics (spectra, position terms, ...)
+that did not read in the damaged file, so are not in the copy. Readers and verify name them; a resume is refused."""
+
 ID_DIGESTS = "images/id_digests"
 """Runs recorded with ``--checksum`` (``checksum=True``): (n, :data:`ID_DIGEST_BYTES`) uint8, row i the BLAKE2b digest
 of image i's id (its UTF-8 bytes, as :data:`IDS` stores them), with HDF5's Fletcher-32 checksum. HDF5 keeps the ids
@@ -119,6 +123,14 @@ def describe_format(attrs: Mapping[str, Any]) -> str:
 def lock_path(run: str | os.PathLike) -> Path:
     run = Path(run)
     return run.with_name(run.name + ".lock")
+
+
+def lost_statics(attrs: Mapping[str, Any]) -> list[str]:
+    """The statics a repair could not copy (:data:`LOST_STATICS`), from a file's root attributes; empty for others."""
+    try:
+        return [str(name) for name in json.loads(as_str(attrs.get(LOST_STATICS)) or "[]")]
+    except (TypeError, ValueError):
+        return ["(the list itself does not parse)"]
 
 
 def id_problem(image_id: str) -> str | None:
@@ -516,9 +528,10 @@ def layer_geometry(info: Mapping[str, Any], layer: int) -> LayerGeometry | None:
     """Layer ``layer``'s :class:`qkhooks.access.LayerGeometry` from a run's ``model/info``. Version 1 files (no
     ``layer_geometry``) recorded only single-grid models, so their one grid and prefix hold for every layer;
     None when the file says neither."""
-    stored = (info.get("layer_geometry") or {}).get(str(layer))
-    if stored is not None:
-        return LayerGeometry.from_dict(stored)
+    table = info.get("layer_geometry")
+    if isinstance(table, dict):  # version 2: every recorded layer has its entry (:func:`geometry_gap`)
+        stored = table.get(str(layer))
+        return None if stored is None else LayerGeometry.from_dict(stored)
     if "num_prefix_tokens" not in info:
         return None
     grid = info.get("grid")

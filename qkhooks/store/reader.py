@@ -761,6 +761,10 @@ class RunReader:
         ``cosine_weighted`` is the all-mode statistic of METHODS A.2, as ``qkhooks.spectrum(model)`` gives."""
         index = self._layer(layer)
         arrays = self.spectrum_arrays(index)
+        gone = [name for name in fmt.lost_statics(self.attrs) if name.startswith(f"spectrum/L{index}/")]
+        if gone:
+            raise QKHooksError(f"{self.path} lost {', '.join(gone)} to damage (a repair could not copy it), so layer "
+                               f"{index}'s modes are not known; `qkhooks spectrum MODEL` recomputes them from the weights.")
         if not {"U", "S", "V"} <= set(arrays):
             raise QKHooksError(f"{self.path} stores no modes for layer {index} (recorded without modes); its every-mode "
                                f"sigma and cosine are in spectrum_arrays({index}) as S_all, cos_all.")
@@ -939,9 +943,12 @@ class RunReader:
         if self.info:
             lines.append(f"layers   (model/info schema {self.schema_version})")
             for layer in self.layers:
-                found = fmt.layer_geometry(self.info, layer)
+                found, gap = fmt.layer_geometry(self.info, layer), fmt.geometry_gap(self.info, [layer])
+                if gap is not None:
+                    self.problems.append(damaged_message(self.path, gap))
                 lines.append(f"  L{layer:<3d} {self.module_paths.get(layer, '')}: "
-                             + ("grid unknown" if found is None else found.describe()))
+                             + ("DAMAGED (no entry in model/info's layer_geometry)" if gap is not None else
+                                "grid unknown" if found is None else found.describe()))
             for path, why in {**self.info.get("left_out_by_design", {}), **self.info.get("left_out_unmodelled", {})}.items():
                 lines.append(f"  not recorded: {path}: {why}")
         return "\n".join(lines)

@@ -115,12 +115,15 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     good = np.zeros(n, dtype=bool)
     digest_rows = None  # images a chunk of the source's id digests (None: it has none)
     try:
-        raw = src[fmt.IDS][:n]  # fewer than n where the ids were cut: the rest are lost
+        raw, unread = _read_ids(src[fmt.IDS], n)  # fewer than n where the ids were cut: the rest are lost
         vouched = np.ones(len(raw), dtype=bool)
+        vouched[unread] = False
+        if unread:
+            problems.append(_rows_line(f"/{fmt.IDS}", _spans(unread), "their ids do not read"))
         if fmt.ID_DIGESTS in src:  # an id is kept only when its digest reads and matches it
             digests = src[fmt.ID_DIGESTS]
             digest_rows = digests.chunks[0]
-            off, failing, why = _ids_off_their_digests(digests, raw, len(raw), real_size)
+            off, failing, why = _ids_off_their_digests(digests, raw, len(raw), real_size, _spans(unread))
             if digests.shape[0] < len(raw):
                 vouched[digests.shape[0]:] = False
                 problems.append(_past_the_end(digests.name, digests.shape[0], n))
@@ -179,6 +182,43 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     dst.attrs["complete"] = bool(src.attrs.get("complete", False)) and len(keep) == n
     states = _copy_states(src, run, out, keep, n, problems)
     return RepairReport(run, out, n, [str(ids[i]) for i in keep], lost, sorted(arrays), states, problems)
+
+
+def _spans(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted rows as [start, stop) spans of consecutive rows."""
+    spans: list[tuple[int, int]] = []
+    for row in rows:
+        if spans and spans[-1][1] == row:
+            spans[-1] = (spans[-1][0], row + 1)
+        else:
+            spans.append((row, row + 1))
+    return spans
+
+
+def _read_ids(ds: h5py.Dataset, n: int, block: int = 256) -> tuple[np.ndarray, list[int]]:
+    """The first ``n`` ids (fewer where the array was cut) and the rows that do not read: read whole, else a block at
+    a time and one by one inside a block that fails. Ids are variable-length strings kept in heap collections, so
+    one damaged collection loses the ids it holds, not every id (review r36: all 300 were lost to one 4 KiB block)."""
+    try:
+        return ds[:n], []
+    except _READ_ERRORS:
+        pass
+    out = np.empty(min(n, ds.shape[0]), dtype=object)
+    unread: list[int] = []
+    for lo in range(0, len(out), block):
+        hi = min(lo + block, len(out))
+        try:
+            out[lo:hi] = ds[lo:hi]
+            continue
+        except _READ_ERRORS:
+            pass
+        for row in range(lo, hi):
+            try:
+                out[row] = ds[row]
+            except _READ_ERRORS:
+                out[row] = b""
+                unread.append(row)
+    return out, unread
 
 
 def _format_attrs(f: h5py.File) -> dict[str, Any] | None:
@@ -378,11 +418,17 @@ def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str]) -> None:
                 dst.create_dataset(name, data=obj[()], dtype=obj.dtype, **summed)
         except _READ_ERRORS as exc:
             problems.append(f"{name} unreadable ({exc})")
+            if not isinstance(obj, h5py.Group):
+                lost.append(name)
 
+    lost: list[str] = []
     try:
         src.visititems(visit)
     except _READ_ERRORS as exc:
         problems.append(f"the file's tree is partly unreadable ({exc})")
+        lost.append("(statics past the unreadable part of the tree)")
+    if lost:  # named in the copy: its readers, verify and a refused resume say what is gone, not "never recorded"
+        dst.attrs[fmt.LOST_STATICS] = json.dumps(sorted(set(fmt.lost_statics(src.attrs)) | set(lost)))
 
 
 def _copy_states(src: h5py.File, run: Path, out: Path, keep: np.ndarray, n: int, problems: list[str]) -> list[str]:
@@ -431,6 +477,9 @@ class VerifyReport:
     format: str = ""
     """The run file's format, as ``qkhooks info`` names it (:func:`~qkhooks.store.format.describe_format`): the rules
     the verdict was read by."""
+    lost: list[str] = dataclasses.field(default_factory=list)
+    """Statics a repair could not copy into this file (:data:`~qkhooks.store.format.LOST_STATICS`): gone, not damage
+    in this file, so they do not make it fail; the summary names them."""
 
     @property
     def ok(self) -> bool:
@@ -447,6 +496,9 @@ class VerifyReport:
                  f"images   {self.images} committed{'' if self.complete else ' (an incomplete run: those checked)'}: "
                  f"their ids and their rows of {len(self.arrays)} per-image arrays read, chunk by chunk",
                  f"statics  {self.statics} datasets and every attribute read"]
+        if self.lost:
+            lines.append(f"lost     {', '.join(self.lost)}: a repair could not copy them from the damaged file (their "
+                         "values are gone: what needs them is refused, and the run cannot be resumed)")
         if self.arrays:
             lines.append(self._checksum_line(unsummed))
         lines.append("reducers " + (", ".join(self.states) + " load" if self.states else "no saved state"))
@@ -505,6 +557,7 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
                 statics += 1
         except _READ_ERRORS as exc:
             problems.append(f"/{name} unreadable ({exc})")
+    lost = fmt.lost_statics(f.attrs)
     try:  # the JSON attributes every reader parses (they carry no checksum): one that no longer parses is damage
         json.loads(fmt.as_str(f.attrs.get("config", "{}")))
         model = f.get("model")
@@ -554,4 +607,4 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
     complete = _readable(lambda: f.attrs["complete"]) and bool(f.attrs["complete"])
     checksummed = sorted(name for name, ds in arrays.items() if ds.fletcher32)
     return VerifyReport(reader.path, n, complete, sorted(arrays), checksummed, statics, damaged, states,
-                        lines + problems, fmt.ID_DIGESTS in found, _format_line(f))
+                        lines + problems, fmt.ID_DIGESTS in found, _format_line(f), lost)

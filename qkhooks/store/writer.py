@@ -425,6 +425,10 @@ class RunWriter:
             theirs = {**{k: root.get(k) for k in IDENTITY_ATTRS}, **_checked(root)}
             if fmt.committed(f) is None:
                 raise QKHooksError(f"cannot resume {self.path}: it is not a qkhooks run file; use --overwrite.")
+            if lost := fmt.lost_statics(root):
+                raise QKHooksError(f"cannot resume {self.path}: the repair that wrote it could not copy {', '.join(lost)} "
+                                   "from the damaged file, and a run resumed in place cannot write statics again; "
+                                   "record the data again into a new --out (this file still reads).")
             if "shards" in f["images"].attrs:
                 raise QKHooksError(
                     f"cannot resume {self.path}: it is a merge of shard files ({f['images'].attrs['shards']}); "
