@@ -314,7 +314,8 @@ def _kept_on_resume(writer: Any, reducers: Sequence[Reducer]) -> int | None:
 
 
 def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
-            decodes: Callable[[int], bool] | None = None) -> tuple[int, int]:
+            decodes: Callable[[int], bool] | None = None,
+            file_sizes: Callable[[Sequence[str]], Any] | None = None) -> tuple[int, int]:
     """Restore the reducers, cut the file back to their last checkpoint, return how many images are done.
 
     Reducer states are checkpointed every few batches, so the file may hold images past the checkpoint;
@@ -324,7 +325,9 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
     The images kept must be the dataset's, in its order, up to the resume point: a dataset image before it that
     is not in the file is allowed only when it still fails to decode (``decodes(index)`` False: it was skipped);
     one that decodes was added, or renamed, since the run started, and the resume is refused (it could never be
-    recorded in order). Everything is checked before the file is cut.
+    recorded in order). With ``file_sizes`` (a folder's), a kept image whose file has another size than the run
+    recorded is refused too: it was replaced, and the run would hold two versions of the data. Everything is checked
+    before the file is cut.
     """
     images, states = writer.checkpoint() or (None, {})
     done = resume_point(writer.committed, images, states, [r.name for r in reducers])
@@ -342,6 +345,16 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
                 f"the run started (files removed, renamed or reordered). {fix}"
             )
         last = i
+    recorded = writer.rows(FILE_SIZES, done) if file_sizes is not None and done else None
+    if recorded is not None:
+        changed = [(id_, int(was), int(now)) for id_, was, now in zip(kept, recorded, file_sizes(kept))
+                   if was >= 0 and was != now]
+        if changed:
+            id_, was, now = changed[0]
+            raise QKHooksError(
+                f"cannot resume {writer.path}: {len(changed)} of the {done} images it keeps are not the files it recorded "
+                f"(first: {id_!r}, {was} bytes when recorded, {now if now >= 0 else 'unreadable'} now): they were "
+                f"replaced since, and the run would hold two versions of the data. {fix}")
     if decodes is not None:
         recorded = set(kept)
         for i in range(last + 1):
@@ -571,7 +584,8 @@ def record_dataset(
                     done, _ = _resume(writer, checkpointed, writer.ids)
                     start = position.resumed_at(done, lo, progress)
                 else:
-                    done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo))
+                    done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo),
+                                               file_size_column(dataset))
                     start = lo + next_index
                 refuse_sinks_holding_images(reducers, done)  # one the run's checkpoint did not replace
             except BaseException:

@@ -110,8 +110,9 @@ _ITEMS = [{"image": _photo(i), "id": f"item{i}"} for i in range(8)]
 _KW = dict(layers="0", modes=2, batch_size=2, progress=False, checkpoint_every=1)
 
 
-def _interrupted(loaded, path, batches: int = 2) -> None:
-    """A run of _ITEMS stopped by Ctrl-C after ``batches`` batches (a checkpoint after each)."""
+def _interrupted(loaded, path, batches: int = 2, data=None, **options) -> None:
+    """A run of ``data`` (default _ITEMS) stopped by Ctrl-C after ``batches`` batches (by default a checkpoint after
+    each)."""
     from qkhooks.errors import RunInterrupted
 
     seen = []
@@ -122,7 +123,7 @@ def _interrupted(loaded, path, batches: int = 2) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(RunInterrupted):
-        qkhooks.record_dataset(loaded, _ITEMS, path, on_batch=interrupt, **_KW)
+        qkhooks.record_dataset(loaded, _ITEMS if data is None else data, path, on_batch=interrupt, **{**_KW, **options})
 
 
 def _states(path) -> dict:
@@ -364,17 +365,7 @@ def test_info_on_a_run_stopped_before_its_first_checkpoint_says_a_resume_records
     nothing was moved; it now says a resume records the committed images again (and the resume does)."""
     run = tmp_path / "run.h5"
     kw = {**_KW, "checkpoint_every": 100}
-    from qkhooks.errors import RunInterrupted
-
-    seen = []
-
-    def interrupt(batch) -> None:
-        seen.append(batch)
-        if len(seen) == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(RunInterrupted):
-        qkhooks.record_dataset(tiny_loaded, _ITEMS, run, on_batch=interrupt, **kw)
+    _interrupted(tiny_loaded, run, batches=3, checkpoint_every=100)
     with qkhooks.open_run(run) as opened:
         n = opened.n
         assert n >= 2 and opened.missing_states() == (
@@ -511,3 +502,22 @@ def test_spectrum_rope_bands_on_a_model_without_rope_is_refused_before_the_table
     assert "drop --rope-bands for this model" in err and out == "" and not (tmp_path / "s.json").exists()
     assert main(["spectrum", "timm:vit_tiny_patch16_224", "--random-init", "--rope-bands", "2"]) == 2
     assert "--rope-bands writes its figures to the --json file; add --json FILE." in capsys.readouterr().err
+
+
+def test_a_resume_over_a_replaced_image_file_is_refused_naming_it(tiny_loaded, tmp_path):
+    """An image recorded before the interrupt and replaced by another file (another size) was kept by --resume,
+    though the run stores each file's size: the run held two versions of the data. Now refused, naming it."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(8):
+        _photo(i).save(folder / f"a{i}.png")
+    run = tmp_path / "run.h5"
+    _interrupted(tiny_loaded, run, batches=3, data=str(folder))
+    before = (folder / "a0.png").stat().st_size
+    _photo(100, size=48).save(folder / "a0.png")  # another picture under the same name
+    assert (folder / "a0.png").stat().st_size != before
+    with pytest.raises(qkhooks.QKHooksError, match=rf"images it keeps are not the files it recorded \(first: 'a0.png', "
+                                                   rf"{before} bytes when recorded, \d+ now\)"):
+        qkhooks.record_dataset(tiny_loaded, str(folder), run, resume=True, **_KW)
+    _photo(0).save(folder / "a0.png")  # put back: the resume goes on
+    assert qkhooks.record_dataset(tiny_loaded, str(folder), run, resume=True, **_KW).images == 8

@@ -17,6 +17,7 @@ from qkhooks.analysis.same_object import same_object_table
 from qkhooks.analysis.topk import TopKModes, layer_prefix
 from qkhooks.capture import BatchCapture, LayerCapture
 from qkhooks.store.writer import RunWriter
+from test_modes import numpy_optimal_object
 
 
 def _batch(layers: dict[int, tuple[torch.Tensor, torch.Tensor]], offset: int, **meta) -> BatchCapture:
@@ -26,13 +27,7 @@ def _batch(layers: dict[int, tuple[torch.Tensor, torch.Tensor]], offset: int, **
 
 
 # ------------------------------------------------------------------------------------------- same object, pooled
-def _numpy_optimal(m: np.ndarray, labels: np.ndarray) -> int:
-    best, best_val = 0, -np.inf
-    for lab in sorted(set(labels.tolist()) - {0}):
-        val = m[labels == lab].mean()
-        if val > best_val:
-            best, best_val = lab, val
-    return best
+_numpy_optimal = numpy_optimal_object  # the object with the largest mean map value, in plain numpy (test_modes)
 
 
 def test_pooled_same_object_probability_weighs_only_the_modes_that_have_a_value():
@@ -206,8 +201,15 @@ class _MapsRun:
     """The parts of a RunReader that the modes analysis reads to pick its top-k state: a saved state, the stored
     maps (numpy arrays index like RunArrays) and the image count."""
 
-    def __init__(self, query: np.ndarray, key: np.ndarray, saved: dict, layer: int):
+    def __init__(self, query: np.ndarray, key: np.ndarray, saved: dict, layer: int, prefix: int = 1):
         self._maps, self._saved, self.n, self.mode_layers = {layer: (query, key)}, saved, len(query), [layer]
+        self._prefix = prefix
+
+    def geometry(self, layer):
+        from qkhooks.access import LayerGeometry
+
+        tokens = self._maps[layer][0].shape[-1]
+        return LayerGeometry(layer, None, self._prefix, tokens, tokens, None, self._prefix, 2, 6)
 
     def state(self, name, default=None):
         return self._saved if name == "topk_modes" else default
@@ -233,7 +235,7 @@ def test_the_modes_analysis_does_not_trust_a_top_k_state_that_names_the_row_just
     shifted.update(_batch({layer: (query, key)}, 1, num_prefix_tokens=prefix))
     saved = shifted.state_dict()
     assert int(saved["index"].max()) == n and int(saved["images"]) == n
-    run = _MapsRun(query.numpy(), key.numpy(), saved, layer)
+    run = _MapsRun(query.numpy(), key.numpy(), saved, layer, prefix)
     state, source = _topk_state(run, None, None, prefix)
     assert source.endswith("recomputed from the stored maps")
     assert 0 <= int(state["index"].max()) < n

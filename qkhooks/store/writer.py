@@ -609,6 +609,14 @@ class RunWriter:
         with self._lock:
             return fmt.read_ids(self._file, self.committed)
 
+    def rows(self, name: str, n: int) -> np.ndarray | None:
+        """The first ``n`` committed rows of the per-image array ``name`` (None where the run has none): what a resume
+        compares with the data before it continues."""
+        self.flush()
+        with self._lock:
+            ds = self._file.get(name)
+            return None if ds is None else ds[:n]
+
     def write_batch(self, ids: Sequence[str], arrays: Mapping[str, Any]) -> None:
         """Queue one batch: ``arrays`` maps schema names to (B, ...) tensors/arrays. Blocks only if the queue is full."""
         self._raise_if_failed()
