@@ -403,15 +403,17 @@ class Recording:
         The images are the model's input: a float tensor (B, 3, H, W) preprocessed for it; photos become one with
         the loaded model's own preprocessing, ``torch.stack([loaded.image_config(img) for img in photos])``."""
         first = args[0] if args else kwargs.get("pixel_values", kwargs.get("x"))
+        fix = ("it takes the model's input, a float tensor (B, 3, H, W) preprocessed as the model expects. For photos "
+               "(PIL images): torch.stack([loaded.image_config(img) for img in photos]), loaded = qkhooks.load_model("
+               "...) (or qkhooks.data.ImageConfig.from_timm(model) / .from_hf(processor.to_dict())).")
         if _photos_not_input(first):
             one = first[0] if isinstance(first, (list, tuple)) else first
-            what = (f"a {first.dtype} tensor" if isinstance(first, torch.Tensor) else
-                    f"a {type(first).__name__} of " * isinstance(first, (list, tuple))
+            what = (f"a {type(first).__name__} of " * isinstance(first, (list, tuple))
                     + f"a {type(one).__module__}.{type(one).__name__}")
-            raise QKHooksError(f"the recording was handed {what}; it takes the model's input, a float tensor (B, 3, H, W) "
-                               "preprocessed as the model expects. For photos (PIL images): torch.stack([loaded."
-                               "image_config(img) for img in photos]), loaded = qkhooks.load_model(...) (or "
-                               "qkhooks.data.ImageConfig.from_timm(model) / .from_hf(processor.to_dict())).")
+            raise QKHooksError(f"the recording was handed {what}; {fix}")
+        if isinstance(first, torch.Tensor) and first.dtype == torch.uint8:  # a wrapper may normalise it itself
+            warnings.warn(f"the recording was handed a torch.uint8 tensor (raw 0-255 pixels?); unless the model "
+                          f"normalises them itself, {fix}", stacklevel=2)
         self.set_batch(ids, **(meta or {}))
         model = self._live_model()
         return model(*args, **kwargs)
@@ -1393,12 +1395,11 @@ def _per_batch_hint(names: Sequence[str]) -> str:
 
 
 def _photos_not_input(value: Any) -> bool:
-    """Whether a recording's first argument is photos rather than a model's input: PIL images, numpy arrays (or a
-    list of either) or a uint8 tensor, which the model would fail on deep inside, or read as raw 0-255 values. Other
-    values (integer token ids of a text tower, a list of tensors) are the model's business."""
+    """Whether a recording's first argument is photos rather than a model's input: PIL images or numpy arrays (or a
+    list of either), which a model fails on deep inside. Other values (tensors of any dtype, integer token ids of a
+    text tower, a list of tensors) are the model's business."""
     items = value[:1] if isinstance(value, (list, tuple)) else [value]
-    photo = any(type(v).__module__.split(".")[0] in ("numpy", "PIL") for v in items)
-    return photo or (isinstance(value, torch.Tensor) and value.dtype == torch.uint8)
+    return any(type(v).__module__.split(".")[0] in ("numpy", "PIL") for v in items)
 
 
 def _options_of(cls: Callable[P, R]) -> Callable[[Callable[..., R]], Callable[P, R]]:

@@ -44,6 +44,7 @@ __all__ = ["make_report", "Section", "DEFAULT_MODEL"]
 DEFAULT_MODEL = "offline:dinov2-s14"
 PHOTOS = "samples"  # photos bundled in installed wheels
 OBJECTS = "voc+arc2017+o3:{n}:7"  # instance masks: two real photos plus displays whose items are objects
+ODD_ONE_OUT = "o3:{n}:3"  # the preference section's displays
 
 
 MIN_IMAGES = 30
@@ -173,7 +174,7 @@ def preference_section(loaded: LoadedModel, runs: Path, out: Path, n: int, opts:
                        "attention preference is not computed.", departures=left_out_note(left_out, "attention preference"),
                        warnings=["Not computed: " + left_out_note(left_out, "attention preference")[0]],
                        numbers={"images": 0, "left_out": left_out})
-    record_dataset(loaded, f"o3:{n}:3", run, modes=None, attention=f"rows:{','.join(map(str, layers))}",
+    record_dataset(loaded, ODD_ONE_OUT.format(n=n), run, modes=None, attention=f"rows:{','.join(map(str, layers))}",
                    layers=layers if left_out else None, overwrite=True, **opts)
     table = analyze_preference(run, out)
     values, _ = preference_values(run)
@@ -457,7 +458,10 @@ def make_report(
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_init=random_init, device=device)
     # every data set opened before anything is written: one refused in its section would leave the sections before
     # it replaced and the rest the previous report's
-    for spec in (data, objects_data or OBJECTS.format(n=objects)):
+    if o3 < 1 or (objects < 1 and objects_data is None):
+        raise QKHooksError(f"--o3 (odd-one-out displays for the preference section) and --objects (displays added to "
+                           f"the masked photos) must be at least 1; got {o3} and {objects}.")
+    for spec in (data, objects_data or OBJECTS.format(n=objects), ODD_ONE_OUT.format(n=o3)):
         open_source(spec, loaded.image_config, limit=photos if spec == data else None)
     runs.mkdir(parents=True, exist_ok=True)
     opts = dict(batch_size=batch_size, device=device, progress=progress)
@@ -484,7 +488,7 @@ def make_report(
         "model_note": loaded.note,
         "random_init": loaded.random_init,
         "weights": loaded.weights,
-        "data": {"photos": data, "objects": objects_spec, "odd_one_out": f"o3:{o3}:3"},
+        "data": {"photos": data, "objects": objects_spec, "odd_one_out": ODD_ONE_OUT.format(n=o3)},
         "options": {"input": input, "display": display, "keep_runs": keep_runs},
         "seconds": round(seconds, 1),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {device}, "

@@ -166,6 +166,13 @@ def test_a_run_resumed_through_a_symlink_keeps_one_checkpoint_at_its_target(tiny
         assert run.complete and run.n == 8
     _assert_same_states(_states(real), reference_states)
     _assert_same_states(_states(link), reference_states)
+    # a run resumed through a link before this round kept its checkpoint beside the link: still found through it
+    (tmp_path / "real.h5.reducers").rename(tmp_path / "link.h5.reducers")
+    _assert_same_states(_states(link), reference_states)
+    with qkhooks.open_run(real) as opened:  # through the real name it is missing, and said to be beside real.h5
+        assert opened.states() == [] and opened.missing_states().startswith(
+            "real.h5.reducers is missing: the states of the reducers this run kept (topk_modes, anisotropy) live in "
+            "that file, next to real.h5;")
 
 
 def test_an_overwrite_through_a_symlink_replaces_the_run_it_names_and_keeps_the_link(tiny_loaded, tmp_path):
@@ -274,6 +281,10 @@ def test_verify_reads_the_json_attributes_and_a_changed_geometry_key_is_damage_n
     assert not report.ok and any(p.startswith("an attribute's JSON does not parse") for p in report.problems)
     report = verify_run(renamed)
     assert report.problems == ["model/info's layer_geometry has no entry for recorded layer 0 (its keys: \u0130)"]
+    shutil.copy(run, tmp_path / "identity.h5")  # the run id's JSON: a checkpoint is tied to its run by it
+    with h5py.File(tmp_path / "identity.h5", "r+") as f:
+        f.attrs["identity"] = f.attrs["identity"][:-1]
+    assert any(p.startswith("an attribute's JSON does not parse") for p in verify_run(tmp_path / "identity.h5").problems)
     with qkhooks.open_run(renamed) as opened:
         with pytest.raises(qkhooks.QKHooksError, match=r"renamed.h5 is damaged \(model/info's layer_geometry has no "
                                                        r"entry for recorded layer 0"):
@@ -310,7 +321,15 @@ def test_repair_refuses_an_out_it_cannot_write_before_any_work_in_one_sentence(t
                                                    r"Nothing was written"):
         repair(run, tmp_path / "full.h5")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("full")) == []
+    assert not (tmp_path / "new2").exists()
+    with pytest.raises(qkhooks.QKHooksError, match="repair needs up to"):  # no folder is made for a refused repair
+        repair(run, tmp_path / "new2" / "deeper" / "fixed.h5")
+    assert not (tmp_path / "new2").exists()
     monkeypatch.undo()
+    with pytest.raises(qkhooks.QKHooksError, match="nothing of .*a_text can be read"):
+        (tmp_path / "a_text").write_text("not a run")
+        repair(tmp_path / "a_text", tmp_path / "new3" / "fixed.h5")
+    assert not (tmp_path / "new3").exists()
     blocked = tmp_path / "a_file"
     blocked.write_text("not a folder")
     with pytest.raises(qkhooks.QKHooksError, match=r"cannot create the --out folder .*a_file/sub.*choose a folder"):
@@ -325,10 +344,13 @@ def test_a_recording_handed_photos_says_how_to_make_the_models_input(tiny_loaded
     photo = _photo(3, size=40)
     with qkhooks.record(tiny_loaded, modes=2, layers=[0]) as run:
         for given, what in ((photo, "PIL.Image.Image"), ([photo], "list of a PIL.Image.Image"),
-                            (np.array(photo), "numpy.ndarray"),
-                            (torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None], "torch.uint8 tensor")):
+                            (np.array(photo), "numpy.ndarray")):
             with pytest.raises(qkhooks.QKHooksError, match=rf"handed a {what}.*torch.stack\(\[loaded.image_config\(img\)"):
                 run(given)
+        raw = torch.from_numpy(np.array(photo.resize((224, 224)))).permute(2, 0, 1)[None]
+        with pytest.warns(UserWarning, match=r"handed a torch.uint8 tensor .*unless the model normalises them itself"):
+            with pytest.raises(Exception):  # timm's own refusal of uint8 pixels: a wrapper may take them
+                run(raw)
         x = torch.stack([tiny_loaded.image_config(photo)])
         with torch.no_grad():
             out = run(x)
@@ -471,6 +493,12 @@ def test_a_static_that_repair_could_not_copy_is_named_as_lost_not_as_never_recor
     with pytest.raises(qkhooks.QKHooksError, match=r"cannot resume .*fixed.h5: the repair that wrote it could not copy "
                                                    r"spectrum/L0/U"):
         qkhooks.record_dataset(tiny_loaded, _ITEMS, tmp_path / "fixed.h5", resume=True, checksum=True, **_KW)
+    from qkhooks.analysis.modes import analyze_modes
+
+    with pytest.raises(qkhooks.QKHooksError, match=r"fixed.h5 lost spectrum/L0/U to damage .* the modes of those layers "
+                                                   r"are not known"):  # which modes are null is not known there
+        analyze_modes(tmp_path / "fixed.h5", tmp_path / "modes", figure_modes=0, overview=False, images=False)
+    assert not (tmp_path / "modes").exists()
 
 
 def test_a_misspelt_random_suffix_and_a_folder_of_other_image_formats_say_what_is_wrong(tmp_path):
@@ -521,3 +549,45 @@ def test_a_resume_over_a_replaced_image_file_is_refused_naming_it(tiny_loaded, t
         qkhooks.record_dataset(tiny_loaded, str(folder), run, resume=True, **_KW)
     _photo(0).save(folder / "a0.png")  # put back: the resume goes on
     assert qkhooks.record_dataset(tiny_loaded, str(folder), run, resume=True, **_KW).images == 8
+
+
+def test_a_reader_opened_while_its_writer_ran_reads_the_states_after_the_writer_ends(tmp_path):
+    """Review E: a reader opened mid-run (its count 2-4 images) was refused the states once the writer had finished
+    ('they count 16 images, and the file holds 4 ... move run.h5.reducers away'): the check compared them with the
+    reader's own count. It now reads the file's count as it is."""
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run.h5"
+    writer = ("import sys, time, numpy as np, qkhooks\nfrom PIL import Image\n"
+              "items = [{'image': Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)),"
+              " 'id': f'i{i}'} for i in range(12)]\n"
+              "qkhooks.record_dataset(qkhooks.load_model('timm:vit_tiny_patch16_224@random'), items, sys.argv[1], "
+              "layers='0', modes=2, batch_size=2, progress=False, checkpoint_every=1, on_batch=lambda b: time.sleep(0.4))\n")
+    process = subprocess.Popen([sys.executable, "-c", writer, str(run)])
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run.h5.reducers").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        reader = qkhooks.open_run(run)
+        seen = reader.n
+        assert not reader.complete and seen < 12
+        assert process.wait(timeout=120) == 0
+        state = reader.state("topk_modes")  # the states now count all 12 images; the reader still counts `seen`
+        assert int(np.asarray(state["images"])) == 12 and reader.n == seen
+        assert reader.refresh() == 12
+        reader.close()
+    finally:
+        process.kill()
+
+
+def test_the_demo_refuses_a_bad_o3_count_before_writing_anything(tiny_loaded, tmp_path):
+    """--o3 0 was met in the preference section, after the spectrum section had written (replacing a previous
+    report's), and named 'o3:0:3', a spec the user never typed."""
+    from qkhooks.report import make_report
+
+    with pytest.raises(qkhooks.QKHooksError, match=r"--o3 \(odd-one-out displays .*\) and --objects .* must be at "
+                                                   r"least 1; got 0 and 24"):
+        make_report(tmp_path / "report", tiny_loaded, o3=0, progress=False)
+    assert not (tmp_path / "report").exists()

@@ -61,6 +61,7 @@ from qkhooks.data_files import recorded_sizes
 from qkhooks.errors import QKHooksError
 from qkhooks.readings import COSINE, PROBABILITY, layer_intervals
 from qkhooks.spectrum import NULL_MODE_NOTE, null_modes
+from qkhooks.store.format import lost_statics
 
 __all__ = [
     "TopKModes",
@@ -333,6 +334,12 @@ def analyze_modes(
         chosen = chosen or [int(l) for l in np.asarray(topk["layers"]).reshape(-1)]
         ranked, topk = topk, select_layers(topk, chosen, k)  # the same-object statistic may take more than k images
         geometry = {l: run.geometry(l) for l in chosen}
+        lost = [name for name in lost_statics(attrs) if name.startswith("(") or name.split("/")[:2] in
+                [["spectrum", f"L{l}"] for l in chosen]]
+        if lost:  # a repaired file: which modes are null, and their cosines, are not known there
+            raise QKHooksError(f"{run_path} lost {', '.join(lost)} to damage (the repair that wrote it could not copy "
+                               "them), so the modes of those layers are not known; analyze the other layers (--layers), "
+                               "or record the data again.")
         spectra = {l: {name: np.asarray(v) for name, v in run.spectrum_arrays(l).items()} for l in chosen}
         for l, arrays in spectra.items():  # a file without every mode's sigma/cosine: say whether it kept them all
             if "S_all" not in arrays:
@@ -458,11 +465,11 @@ def analyze_modes(
                                                    normalize=normalize)))
         for h in range(heads):
             for m in range(n_fig):
-                null = bool(spectra[l]["null"][h, m])  # no cosine shown: an arbitrary one (NULL_MODE_NOTE)
-                rel = (float(cos[h, m] - baselines[l]) if l in baselines and np.isfinite(baselines[l]) and not null
-                       else None)
+                if spectra[l]["null"][h, m]:  # an arbitrary direction's images: not drawn (NULL_MODE_NOTE)
+                    continue
+                rel = float(cos[h, m] - baselines[l]) if l in baselines and np.isfinite(baselines[l]) else None
                 figures.append(str(plot_mode(st, l, h, m, out / "figures" / f"L{l}" / f"L{l}_H{h}_M{m}.png",
-                                             g.num_prefix_tokens, photos, ids, g.grid, cos=None if null else float(cos[h, m]),
+                                             g.num_prefix_tokens, photos, ids, g.grid, cos=float(cos[h, m]),
                                              relative=rel, sigma=float(spectra[l]["S"][h, m]), normalize=normalize)))
 
     # --- summary
@@ -488,8 +495,8 @@ def analyze_modes(
     }
     nulls = {l: int(np.asarray(spectra[l]["null"]).sum()) for l in chosen if np.asarray(spectra[l]["null"]).any()}
     if nulls:
-        summary["null_modes_note"] = (f"{NULL_MODE_NOTE} (labelled null, with no cosine, top images or p_same; per "
-                                      f"layer: {nulls})")
+        summary["null_modes_note"] = (f"{NULL_MODE_NOTE} (labelled null, with no cosine, top images, p_same or "
+                                      f"figure; per layer: {nulls})")
     components = [l for l in chosen if geometry[l].component_heads]
     if components:  # zoo13: heads of differential layers are component heads, never map heads
         summary["component_heads_note"] = (

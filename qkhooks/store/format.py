@@ -52,7 +52,8 @@ SHARD_RUNS = "shard_runs"
 since (a rerun with --overwrite) is refused, not read into the old view (round 33)."""
 LOST_STATICS = "lost_statics"
 """Root attribute of a file written by ``qkhooks repair``: JSON list of the statics (spectra, position terms, ...)
-that did not read in the damaged file, so are not in the copy. Readers and verify name them; a resume is refused."""
+that did not read in the damaged file, so are not in the copy. ``info --verify``, ``run.spectrum`` and ``analyze
+modes`` name them; a resume is refused."""
 
 ID_DIGESTS = "images/id_digests"
 """Runs recorded with ``--checksum`` (``checksum=True``): (n, :data:`ID_DIGEST_BYTES`) uint8, row i the BLAKE2b digest
@@ -326,6 +327,9 @@ def _checkpoint(run: str | os.PathLike, run_id: Any) -> tuple[tuple[int, dict[st
     """((images, states) or None, what is wrong with it or None) of ``RUN.h5.reducers``, loaded once (see
     :func:`read_checkpoint` and :func:`checkpoint_problem`, which each want one half)."""
     path = checkpoint_path(run)
+    beside_link = Path(run).with_name(Path(run).name + ".reducers")
+    if not path.exists() and beside_link != path and beside_link.exists():  # a run resumed through a link before
+        path = beside_link  # round 36 kept its checkpoint beside the link
     if not path.exists():
         return None, None
     try:

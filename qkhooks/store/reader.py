@@ -761,7 +761,8 @@ class RunReader:
         ``cosine_weighted`` is the all-mode statistic of METHODS A.2, as ``qkhooks.spectrum(model)`` gives."""
         index = self._layer(layer)
         arrays = self.spectrum_arrays(index)
-        gone = [name for name in fmt.lost_statics(self.attrs) if name.startswith(f"spectrum/L{index}/")]
+        gone = [name for name in fmt.lost_statics(self.attrs)
+                if name.startswith(f"spectrum/L{index}/") or (name.startswith("(") and "U" not in arrays)]
         if gone:
             raise QKHooksError(f"{self.path} lost {', '.join(gone)} to damage (a repair could not copy it), so layer "
                                f"{index}'s modes are not known; `qkhooks spectrum MODEL` recomputes them from the weights.")
@@ -839,7 +840,9 @@ class RunReader:
         if images is None:
             return None
         n = int(self.n)
-        if images > n and not writer_alive(self.path):  # a live writer checkpoints after this reader read its count
+        if images > n:  # the file's count now: a writer may have committed (and checkpointed) since this reader read
+            n = max(n, self._committed_now())  # its count, or finished; this reader's view stays as it was
+        if images > n and not writer_alive(self.path):
             why = f"they count {images} images, and the file holds {n}: they were saved after this file was"
         elif images < n and self.complete:
             why = (f"they count {images} images, and the file is complete with {n}: they are an earlier checkpoint "
@@ -847,11 +850,20 @@ class RunReader:
                    "without its last checkpoint)")
         else:
             return None
+        if (changed := self._changed()) is not None:  # the file was resumed or replaced under this reader: reopen it
+            raise self._stale_error(changed)
         ckpt = fmt.checkpoint_path(self.path)
         return (f"the reducer states of {self.path} ({ckpt}) do not belong to the images it holds: {why}. Their "
                 "top-k images, preference and other statistics would describe other images, so they are not read. "
                 f"Put the checkpoint saved with this file beside it, or move {ckpt.name} away to read the run without "
                 "states (the per-image arrays are not affected).")
+
+    def _committed_now(self) -> int:
+        """The file's committed count as it is now (the ids' attribute read again where the file is SWMR), without
+        moving this reader's own count (:meth:`refresh` does that)."""
+        if self._shared.swmr:
+            self._shared.ids.refresh()
+        return fmt.committed(self.file) or 0
 
     def _damaged_checkpoint(self, problem: str) -> str:
         ckpt = fmt.checkpoint_path(self.path)
@@ -869,12 +881,14 @@ class RunReader:
         wanted = self.config.get("reducers") or []
         if not wanted or states:
             return ""
-        sidecar = fmt.checkpoint_path(self.path)
+        sidecar = fmt.checkpoint_path(self.path)  # beside the run's real file (through a symlink, its target's)
         if not self.complete and not sidecar.exists():  # stopped before its first checkpoint: nothing was moved
             return (f"no reducer checkpoint yet ({', '.join(wanted)}): the run stopped before its first, so a --resume "
                     f"records its {self.n} committed images again, for the reducers to see them.")
         return (f"{sidecar.name} is missing: the states of the reducers this run kept ({', '.join(wanted)}) live in "
-                f"that file, next to {self.path.name}; copy it along with the run (analyses recompute what they can "
+                f"that file, next to {sidecar.with_suffix('').name}"  # the run's real file: through a link, its target
+                f"{f' (in {sidecar.parent})' if sidecar.parent != self.path.absolute().parent else ''}; copy it along "
+                "with the run (analyses recompute what they can "
                 "from the stored maps, the rest is left out).")
 
     # ------------------------------------------------------------------ summary

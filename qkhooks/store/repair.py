@@ -75,13 +75,17 @@ def repair(run: str | os.PathLike, out: str | os.PathLike) -> RepairReport:
     with src:
         _refuse_newer_format(src, run, "repair")
         tmp = out.with_name(out.name + ".creating")
+        made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
             with create_run_file(tmp) as dst:
                 report = _copy(src, dst, run, out, os.path.getsize(run))
             os.replace(tmp, out)
         except BaseException as exc:
             with contextlib.suppress(OSError):  # a failure to clean up must not hide why the copy failed
                 tmp.unlink(missing_ok=True)
+                for folder in made:  # the folders made for it, innermost first: nothing is left behind
+                    folder.rmdir()
             if isinstance(exc, OSError):
                 raise QKHooksError(f"writing {out} failed ({exc}); {run} is unchanged and nothing was left at {out}: "
                                    "free space or choose another --out, then repair again.") from None
@@ -90,10 +94,12 @@ def repair(run: str | os.PathLike, out: str | os.PathLike) -> RepairReport:
 
 
 def _refuse_unwritable(out: Path, source_bytes: int) -> None:
-    """Before any work: ``out``'s folder must take a file (made if missing), and hold the copy. The copy is at most
-    the damaged file's size (the same images, chunks and compression, fewer where rows are lost); past a full disk
-    HDF5 fails while closing, where a process can die without a word (review r36 saw a segfault)."""
-    folder = writable_dir(out.parent, "--out folder", create=True)
+    """Before any work: ``out``'s folder must take a file (it is made, if missing, when the copy starts), and hold
+    the copy, which is at most the damaged file's size (the same images, chunks and compression, fewer where rows
+    are lost); past a full disk HDF5 fails while closing, where a process can die without a word (review r36 saw a
+    segfault)."""
+    writable_dir(out.parent, "--out folder")  # it, or the nearest folder above it (made at the copy), takes a file
+    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())
     free = shutil.disk_usage(folder).free
     if free < source_bytes + _SPARE_BYTES:
         raise QKHooksError(f"repair needs up to {source_bytes / 2**20:.1f} MiB (the damaged file's size) in {folder}, "
@@ -559,7 +565,9 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
             problems.append(f"/{name} unreadable ({exc})")
     lost = fmt.lost_statics(f.attrs)
     try:  # the JSON attributes every reader parses (they carry no checksum): one that no longer parses is damage
-        json.loads(fmt.as_str(f.attrs.get("config", "{}")))
+        for key in ("config", fmt.IDENTITY, "image_config"):  # identity: the run id that ties its checkpoint to it
+            if key in f.attrs:
+                json.loads(fmt.as_str(f.attrs[key]))
         model = f.get("model")
         info = json.loads(fmt.as_str(model.attrs["info"])) if model is not None and "info" in model.attrs else {}
         gap = fmt.geometry_gap(info, info.get("layers", []))
