@@ -352,9 +352,10 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
         if changed:
             id_, was, now = changed[0]
             raise QKHooksError(
-                f"cannot resume {writer.path}: {len(changed)} of the {done} images it keeps are not the files it recorded "
-                f"(first: {id_!r}, {was} bytes when recorded, {now if now >= 0 else 'unreadable'} now): they were "
-                f"replaced since, and the run would hold two versions of the data. {fix}")
+                f"cannot resume {writer.path}: {len(changed)} of the {done} images it keeps have another file size than "
+                f"when it recorded them (first: {id_!r}, {was} bytes then, {now if now >= 0 else 'unreadable'} now), "
+                "so they were changed since, and the run would keep maps of files that are no longer there (if only "
+                f"their metadata changed, their maps would be the same: record again with --overwrite to be sure). {fix}")
     if decodes is not None:
         recorded = set(kept)
         for i in range(last + 1):

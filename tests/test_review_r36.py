@@ -194,7 +194,7 @@ def test_reducer_states_that_count_other_images_than_the_file_holds_are_refused_
     import shutil
 
     from qkhooks.store import format as fmt
-    from qkhooks.store.repair import verify_run
+    from qkhooks.store.repair import repair, verify_run
 
     run = tmp_path / "run.h5"
     _interrupted(tiny_loaded, run, batches=3)
@@ -221,6 +221,10 @@ def test_reducer_states_that_count_other_images_than_the_file_holds_are_refused_
             assert opened.n == (early if name == "later" else 8)  # the per-image arrays still read
         report = verify_run(copy)
         assert not report.ok and any(why in p for p in report.problems)
+        if name == "earlier":  # repair leaves such a checkpoint out, not copies it beside the copy (review F)
+            fixed = repair(copy, tmp_path / f"{name}-fixed.h5")
+            assert fixed.states == [] and any("is an earlier one of this run" in p for p in fixed.problems)
+            assert verify_run(tmp_path / f"{name}-fixed.h5").ok
         fmt.checkpoint_path(copy).unlink()  # the fix the message gives: read without states
         with qkhooks.open_run(copy) as opened:
             assert opened.states() == []
@@ -393,6 +397,17 @@ def test_info_on_a_run_stopped_before_its_first_checkpoint_says_a_resume_records
         assert n >= 2 and opened.missing_states() == (
             f"no reducer checkpoint yet (topk_modes, anisotropy): the run stopped before its first, so a --resume "
             f"records its {n} committed images again, for the reducers to see them.")
+    import qkhooks.store.reader as reader_module
+
+    with qkhooks.open_run(run) as opened:  # a writer still running (its lock held) has not reached it yet
+        original = reader_module.writer_alive
+        reader_module.writer_alive = lambda path: True
+        try:
+            assert opened.missing_states() == ("no reducer checkpoint yet (topk_modes, anisotropy): the writer has not "
+                                               "reached its first (every checkpoint_every batches); read the states "
+                                               "again later.")
+        finally:
+            reader_module.writer_alive = original
     assert qkhooks.record_dataset(tiny_loaded, _ITEMS, run, resume=True, **kw).resumed_from == 0
 
 
@@ -544,8 +559,8 @@ def test_a_resume_over_a_replaced_image_file_is_refused_naming_it(tiny_loaded, t
     before = (folder / "a0.png").stat().st_size
     _photo(100, size=48).save(folder / "a0.png")  # another picture under the same name
     assert (folder / "a0.png").stat().st_size != before
-    with pytest.raises(qkhooks.QKHooksError, match=rf"images it keeps are not the files it recorded \(first: 'a0.png', "
-                                                   rf"{before} bytes when recorded, \d+ now\)"):
+    with pytest.raises(qkhooks.QKHooksError, match=rf"images it keeps have another file size than when it recorded them "
+                                                   rf"\(first: 'a0.png', {before} bytes then, \d+ now\)"):
         qkhooks.record_dataset(tiny_loaded, str(folder), run, resume=True, **_KW)
     _photo(0).save(folder / "a0.png")  # put back: the resume goes on
     assert qkhooks.record_dataset(tiny_loaded, str(folder), run, resume=True, **_KW).images == 8
@@ -591,3 +606,23 @@ def test_the_demo_refuses_a_bad_o3_count_before_writing_anything(tiny_loaded, tm
                                                    r"least 1; got 0 and 24"):
         make_report(tmp_path / "report", tiny_loaded, o3=0, progress=False)
     assert not (tmp_path / "report").exists()
+
+
+def test_a_repaired_runs_checkpoint_is_tied_to_its_run_id(tiny_loaded, tmp_path):
+    """repair wrote its checkpoint without the run id the copy keeps, and a checkpoint without one is taken beside
+    any run: another run of as many images copied over FIXED.h5 read the old run's top-k (review F)."""
+    import shutil
+
+    import h5py
+
+    from qkhooks.store import format as fmt
+    from qkhooks.store.repair import repair
+
+    for name, items in (("a", _ITEMS[:6]), ("b", _ITEMS[2:8])):
+        qkhooks.record_dataset(tiny_loaded, items, tmp_path / f"{name}.h5", **_KW)
+    repair(tmp_path / "a.h5", tmp_path / "fixed.h5")
+    with h5py.File(tmp_path / "fixed.h5", "r") as f:
+        assert fmt.read_checkpoint(tmp_path / "fixed.h5", fmt.run_id_of(f))[0] == 6
+    shutil.copy(tmp_path / "b.h5", tmp_path / "fixed.h5")  # another run's file, the repaired one's checkpoint kept
+    with qkhooks.open_run(tmp_path / "fixed.h5") as run:
+        assert run.states() == []  # not the other run's states

@@ -882,6 +882,9 @@ class RunReader:
         if not wanted or states:
             return ""
         sidecar = fmt.checkpoint_path(self.path)  # beside the run's real file (through a symlink, its target's)
+        if not self.complete and not sidecar.exists() and writer_alive(self.path):
+            return (f"no reducer checkpoint yet ({', '.join(wanted)}): the writer has not reached its first "
+                    "(every checkpoint_every batches); read the states again later.")
         if not self.complete and not sidecar.exists():  # stopped before its first checkpoint: nothing was moved
             return (f"no reducer checkpoint yet ({', '.join(wanted)}): the run stopped before its first, so a --resume "
                     f"records its {self.n} committed images again, for the reducers to see them.")

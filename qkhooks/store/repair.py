@@ -449,7 +449,12 @@ def _copy_states(src: h5py.File, run: Path, out: Path, keep: np.ndarray, n: int,
         problems.append(f"the reducer checkpoint counts images that were not recovered; a --resume of {out.name} "
                         "starts again from its first image")
         return []
-    fmt.write_checkpoint(out, images, states)
+    if images < n and _readable(lambda: src.attrs["complete"]) and bool(src.attrs["complete"]):
+        problems.append(f"the reducer checkpoint is an earlier one of this run (it counts {images} of the complete "
+                        f"run's {n} images: resumed or finished under another name), so it is left out; {out.name} "
+                        "reads without reducer states")
+        return []
+    fmt.write_checkpoint(out, images, states, fmt.run_id_of(src))  # tied to the run id the copy keeps
     return sorted(states)
 
 
