@@ -403,17 +403,14 @@ class Recording:
         The images are the model's input: a float tensor (B, 3, H, W) preprocessed for it; photos become one with
         the loaded model's own preprocessing, ``torch.stack([loaded.image_config(img) for img in photos])``."""
         first = args[0] if args else kwargs.get("pixel_values", kwargs.get("x"))
-        fix = ("it takes the model's input, a float tensor (B, 3, H, W) preprocessed as the model expects. For photos "
-               "(PIL images): torch.stack([loaded.image_config(img) for img in photos]), loaded = qkhooks.load_model("
-               "...) (or qkhooks.data.ImageConfig.from_timm(model) / .from_hf(processor.to_dict())).")
         if _photos_not_input(first):
             one = first[0] if isinstance(first, (list, tuple)) else first
             what = (f"a {type(first).__name__} of " * isinstance(first, (list, tuple))
                     + f"a {type(one).__module__}.{type(one).__name__}")
-            raise QKHooksError(f"the recording was handed {what}; {fix}")
+            raise QKHooksError(f"the recording was handed {what}; {_MODEL_INPUT}")
         if isinstance(first, torch.Tensor) and first.dtype == torch.uint8:  # a wrapper may normalise it itself
             warnings.warn(f"the recording was handed a torch.uint8 tensor (raw 0-255 pixels?); unless the model "
-                          f"normalises them itself, {fix}", stacklevel=2)
+                          f"normalises them itself, {_MODEL_INPUT}", stacklevel=2)
         self.set_batch(ids, **(meta or {}))
         model = self._live_model()
         return model(*args, **kwargs)
@@ -1392,6 +1389,12 @@ def _per_batch_hint(names: Sequence[str]) -> str:
     return (f"{' and '.join(names)} belong{'s' * (len(names) == 1)} to each batch: inside the `with`, call "
             f"`run(images, meta={{{given}}})` or `run.set_batch({keywords})` before `model(images)` (README: "
             "\"Choosing query tokens and pooled masks\").")
+
+
+_MODEL_INPUT = ("it takes the model's input, a float tensor (B, 3, H, W) preprocessed as the model expects. For photos "
+                "(PIL images): torch.stack([loaded.image_config(img) for img in photos]), loaded = qkhooks.load_model("
+                "...) (or qkhooks.data.ImageConfig.from_timm(model) / .from_hf(processor.to_dict())).")
+"""What a recording takes, and how photos become it (the refusal of photos says it)."""
 
 
 def _photos_not_input(value: Any) -> bool:

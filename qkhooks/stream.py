@@ -326,8 +326,8 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
     is not in the file is allowed only when it still fails to decode (``decodes(index)`` False: it was skipped);
     one that decodes was added, or renamed, since the run started, and the resume is refused (it could never be
     recorded in order). With ``file_sizes`` (a folder's), a kept image whose file has another size than the run
-    recorded is refused too: it was replaced, and the run would hold two versions of the data. Everything is checked
-    before the file is cut.
+    recorded is refused too: it was changed since, and the run would keep maps of a file no longer there. Everything
+    is checked before the file is cut.
     """
     images, states = writer.checkpoint() or (None, {})
     done = resume_point(writer.committed, images, states, [r.name for r in reducers])
@@ -345,9 +345,9 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
                 f"the run started (files removed, renamed or reordered). {fix}"
             )
         last = i
-    recorded = writer.rows(FILE_SIZES, done) if file_sizes is not None and done else None
-    if recorded is not None:
-        changed = [(id_, int(was), int(now)) for id_, was, now in zip(kept, recorded, file_sizes(kept))
+    sizes_then = writer.rows(FILE_SIZES, done) if file_sizes is not None and done else None
+    if sizes_then is not None:
+        changed = [(id_, int(was), int(now)) for id_, was, now in zip(kept, sizes_then, file_sizes(kept))
                    if was >= 0 and was != now]
         if changed:
             id_, was, now = changed[0]
@@ -467,8 +467,8 @@ def record_dataset(
             read (:mod:`qkhooks.analysis.recipes`). Default: the registry's ``"default"`` recipe: top-k images
             per mode, anisotropy, and attention preference for odd-one-out data. A list of reducers gets the
             default recipe's metadata (odd-one-out query tokens and masks, object labels). Their states are saved,
-            with their kind and configuration, in the checkpoint ``OUT.reducers`` beside the run file (a merged or
-            repaired file holds them inside, under ``/reducers/<name>``); ``open_run(out).state(name)`` reads them.
+            with their kind and configuration, in the checkpoint ``OUT.reducers`` beside the run file (a merged file
+            holds them inside, under ``/reducers/<name>``); ``open_run(out).state(name)`` reads them.
         device: where the model runs.
         resume, overwrite: what to do when ``out`` exists (neither: an error, the file untouched).
         progress: show a progress bar.
@@ -565,6 +565,7 @@ def record_dataset(
     start, done = lo, 0
     position = _StreamPosition(lo) if streamed else None
     checkpointed = list(reducers) + ([position] if position is not None else [])
+    file_sizes = None if streamed else file_size_column(dataset)  # each file's size: stored, and checked on resume
     if out is not None:
         mode = "resume" if resume and Path(out).exists() else ("overwrite" if overwrite else "create")
         attrs = {
@@ -585,8 +586,7 @@ def record_dataset(
                     done, _ = _resume(writer, checkpointed, writer.ids)
                     start = position.resumed_at(done, lo, progress)
                 else:
-                    done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo),
-                                               file_size_column(dataset))
+                    done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo), file_sizes)
                     start = lo + next_index
                 refuse_sinks_holding_images(reducers, done)  # one the run's checkpoint did not replace
             except BaseException:
@@ -603,7 +603,7 @@ def record_dataset(
                 if shard is not None:  # where this block starts in the dataset: qkhooks.distributed.merge_shards reads it
                     writer.write_static("images/shard", json.dumps({"rank": shard[0], "world": shard[1], "start": lo, "stop": hi}))
                 # each file's size goes with its batch, so a reopened folder can be checked to hold the files recorded
-                run.sinks.append(WriterSink(writer, opts.store_modes, None if streamed else file_size_column(dataset)))
+                run.sinks.append(WriterSink(writer, opts.store_modes, file_sizes))
             run.sinks.extend(reducers)
             if on_batch is not None:
                 run.sinks.append(_Callback(on_batch))

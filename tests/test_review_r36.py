@@ -358,8 +358,8 @@ def test_a_recording_handed_photos_says_how_to_make_the_models_input(tiny_loaded
         x = torch.stack([tiny_loaded.image_config(photo)])
         with torch.no_grad():
             out = run(x)
-        with torch.no_grad():
-            plain = tiny_loaded.model(x)
+    with torch.no_grad():
+        plain = tiny_loaded.model(x)  # unhooked: the recording leaves the outputs bit for bit
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     assert run.query(0).shape == (1, 3, 2, 1 + (224 // 16) ** 2)  # the photo, resized and cropped to the model's size
 

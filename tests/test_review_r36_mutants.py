@@ -27,9 +27,6 @@ def _batch(layers: dict[int, tuple[torch.Tensor, torch.Tensor]], offset: int, **
 
 
 # ------------------------------------------------------------------------------------------- same object, pooled
-_numpy_optimal = numpy_optimal_object  # the object with the largest mean map value, in plain numpy (test_modes)
-
-
 def test_pooled_same_object_probability_weighs_only_the_modes_that_have_a_value():
     """``p_same_pooled`` is sum sigma p / sum sigma over the modes with a value. A mode whose top images hold no object
     has none; its sigma must not enter the denominator (mutant: same_object.py ``/ w.sum()`` -> ``/ S[:, :modes].sum()``,
@@ -59,7 +56,8 @@ def test_pooled_same_object_probability_weighs_only_the_modes_that_have_a_value(
         for m in range(modes):
             score = [max(0.0, q[i, h, m, prefix:].max()) * max(0.0, k[i, h, m, prefix:].max()) for i in range(n)]
             best = sorted(range(n), key=lambda i: (-score[i], i))[:top]
-            pairs = [(_numpy_optimal(q[i, h, m, prefix:], labels[i]), _numpy_optimal(k[i, h, m, prefix:], labels[i]))
+            pairs = [(numpy_optimal_object(q[i, h, m, prefix:], labels[i]),
+                      numpy_optimal_object(k[i, h, m, prefix:], labels[i]))
                      for i in best]
             pairs = [(a, b) for a, b in pairs if a > 0 and b > 0]
             if pairs:

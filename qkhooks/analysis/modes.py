@@ -61,7 +61,7 @@ from qkhooks.data_files import recorded_sizes
 from qkhooks.errors import QKHooksError
 from qkhooks.readings import COSINE, PROBABILITY, layer_intervals
 from qkhooks.spectrum import NULL_MODE_NOTE, null_modes
-from qkhooks.store.format import lost_statics
+from qkhooks.store.format import lost_spectrum
 
 __all__ = [
     "TopKModes",
@@ -110,8 +110,9 @@ def _open_run(path: str | os.PathLike):
 def _topk_from_maps(run: Any, layers: Sequence[int], k: int, prefix: int) -> TopKModes:
     """Stream a run's stored maps through a fresh :class:`TopKModes` (when its saved state does not fit)."""
     reducer = TopKModes(k=k, num_prefix_tokens=prefix)
-    geometry = {l: run.geometry(l) for l in layers}  # each layer's own prefix (CaiT's blocks have none, its class
-    n = int(run.n)  # attention blocks one), as the reducer of the recording scored it
+    # each layer's own prefix, as the recording's reducer scored it (CaiT's blocks have none, its class-attention one)
+    geometry = {l: run.geometry(l) for l in layers}
+    n = int(run.n)
     for lo in range(0, n, _CHUNK):
         hi = min(lo + _CHUNK, n)
         caps = {}
@@ -334,8 +335,7 @@ def analyze_modes(
         chosen = chosen or [int(l) for l in np.asarray(topk["layers"]).reshape(-1)]
         ranked, topk = topk, select_layers(topk, chosen, k)  # the same-object statistic may take more than k images
         geometry = {l: run.geometry(l) for l in chosen}
-        lost = [name for name in lost_statics(attrs) if name.startswith("(") or name.split("/")[:2] in
-                [["spectrum", f"L{l}"] for l in chosen]]
+        lost = sorted({name for l in chosen for name in lost_spectrum(attrs, l)})
         if lost:  # a repaired file: which modes are null, and their cosines, are not known there
             raise QKHooksError(f"{run_path} lost {', '.join(lost)} to damage (the repair that wrote it could not copy "
                                "them), so the modes of those layers are not known; analyze the other layers (--layers), "

@@ -29,7 +29,8 @@ from qkhooks.errors import QKHooksError
 
 __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "IDS", "ID_DIGESTS", "ID_DIGEST_BYTES", "id_digests", "mismatched_ids", "create_id_digests", "id_datasets", "SKIPPED", "FILE_SIZES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
            "datasets", "per_image_datasets", "layout_problems",
-           "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "write_checkpoint", "read_checkpoint", "checkpoint_problem",
+           "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
+           "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
            "identity_of", "as_str", "read_ids", "read_skipped", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS"]
@@ -132,6 +133,12 @@ def lost_statics(attrs: Mapping[str, Any]) -> list[str]:
         return [str(name) for name in json.loads(as_str(attrs.get(LOST_STATICS)) or "[]")]
     except (TypeError, ValueError):
         return ["(the list itself does not parse)"]
+
+
+def lost_spectrum(attrs: Mapping[str, Any], layer: int) -> list[str]:
+    """The lost statics (:func:`lost_statics`) that may be ``layer``'s spectrum: its own arrays, and any note of a part
+    of the tree that did not read (which may have held them)."""
+    return [name for name in lost_statics(attrs) if name.startswith(f"spectrum/L{layer}/") or name.startswith("(")]
 
 
 def id_problem(image_id: str) -> str | None:

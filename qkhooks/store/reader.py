@@ -761,8 +761,7 @@ class RunReader:
         ``cosine_weighted`` is the all-mode statistic of METHODS A.2, as ``qkhooks.spectrum(model)`` gives."""
         index = self._layer(layer)
         arrays = self.spectrum_arrays(index)
-        gone = [name for name in fmt.lost_statics(self.attrs)
-                if name.startswith(f"spectrum/L{index}/") or (name.startswith("(") and "U" not in arrays)]
+        gone = [name for name in fmt.lost_spectrum(self.attrs, index) if not name.startswith("(") or "U" not in arrays]
         if gone:
             raise QKHooksError(f"{self.path} lost {', '.join(gone)} to damage (a repair could not copy it), so layer "
                                f"{index}'s modes are not known; `qkhooks spectrum MODEL` recomputes them from the weights.")
