@@ -49,8 +49,9 @@ import torch.distributed as dist
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer, reducer_class
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import create_run_file, open_reader
+from qkhooks.store._hdf5 import create_run_file, held_for_write, open_reader
 from qkhooks.store.lock import WriterLock
+from qkhooks.store.reader import held_shards_text
 from qkhooks.stream import RecordResult, record_dataset
 
 __all__ = [
@@ -216,7 +217,9 @@ def merge_shards(
 
     Returns:
         ``out`` as a Path. The merge reads each shard up to its last reducer checkpoint; a shard that is still
-        incomplete (a rank died) contributes what it has and the merged file is marked incomplete.
+        incomplete (a rank died) contributes what it has and the merged file is marked incomplete. A view
+        (``copy=False``) refuses a shard still open for writing (its writer runs, or was killed before closing it):
+        HDF5 does not read such a file through a view, so copy it (``copy=True``) or finish it first.
     """
     return _merge(out, shard_paths, reducers, copy, overwrite)[0]
 
@@ -238,6 +241,9 @@ def _merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike] | No
             shards.append(_Shard(p))
         shards.sort(key=lambda s: s.rank)
         _check_shards(shards)
+        held = [str(s.path) for s in shards if not copy and held_for_write(s.path)]
+        if held:  # a view could not read them (HDF5 opens such a file for no one through a view)
+            raise QKHooksError(f"cannot merge into {out} as a view: {held_shards_text(held)}")
         tmp = out.with_name(out.name + ".merging")
         if tmp.exists():
             tmp.unlink()

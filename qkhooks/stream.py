@@ -503,6 +503,10 @@ def record_dataset(
                       "the interrupted run is elsewhere, stop and give its path as --out.", stacklevel=3)
     if opts.dtype not in ("float16", "float32"):
         raise QKHooksError(f"dtype must be float16 or float32, got {opts.dtype!r}.")
+    if not isinstance(opts.checkpoint_every, int) or isinstance(opts.checkpoint_every, bool) or opts.checkpoint_every < 1:
+        raise QKHooksError(f"checkpoint_every must be an integer >= 1 (batches between checkpoints), got "
+                           f"{opts.checkpoint_every!r}.")
+    _refuse_shard(shard)
 
     dataset = open_source(data, loaded.image_config, limit=opts.limit, image_column=opts.image_column,
                           masks=opts.masks)
@@ -859,6 +863,20 @@ def _loader_batches(dataset, indices, batch_size, num_workers, collate):
     loader = _loader(dataset, indices, batch_size, num_workers, collate)
     for batch in loader:
         yield batch, len(batch.get("id", [])) if batch is not None else 0
+
+
+def _refuse_shard(shard: Any) -> None:
+    """A :class:`QKHooksError` unless ``shard`` is None or (rank, world) integers with 0 <= rank < world: a rank past
+    the last would record no image and end as a complete, empty run."""
+    if shard is None:
+        return
+    try:
+        rank, world = shard
+    except (TypeError, ValueError):
+        rank = world = None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rank, world)) or not 0 <= rank < world:
+        raise QKHooksError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}; the ranks of a world of "
+                           "N are 0 .. N-1.")
 
 
 def _loop(run, batches, net, total, device, layout, plan, progress, writer, checkpointed, checkpoint_every) -> None:

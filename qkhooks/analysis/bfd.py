@@ -112,6 +112,17 @@ def _tensor_pass(net: nn.Module, batches: Sequence[torch.Tensor], reducers: list
                 run(pixels.to(device=device, dtype=dtype), ids=run.default_ids(len(pixels)))
 
 
+def _one_size(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Preprocessed batches as one tensor, refused where their image sizes differ: BFD's position factor is a mean
+    position by position, over one grid."""
+    sizes = sorted({tuple(b.shape[1:]) for b in batches})
+    if len(sizes) > 1:
+        raise QKHooksError(f"the batches hold images of {len(sizes)} shapes ({', '.join(map(str, sizes))}); BFD "
+                           "compares tokens position by position, so it needs one input size (one patch grid) for the "
+                           "whole dataset: resize them to one size.")
+    return torch.cat(batches)
+
+
 def run_bfd(
     model: Any,
     data: Any,
@@ -194,7 +205,7 @@ def run_bfd(
     note = "" if loaded is None else loaded.note
     net = net.to(device)
     sites = find_sites(net, layers)  # block indices or module paths, as record's layers=
-    images = (data if isinstance(data, torch.Tensor) else torch.cat(list(data))) if tensors else None
+    images = (data if isinstance(data, torch.Tensor) else _one_size(list(data))) if tensors else None
     image_size = tuple(images.shape[-2:]) if images is not None else tuple(loaded.image_config.size)
     kept, left_out, geometry = bfd_layers(net, sites, image_size, device)
     if not kept:

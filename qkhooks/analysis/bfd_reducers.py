@@ -76,6 +76,36 @@ def layer_state(state: Mapping[str, Any], layer: int) -> dict[str, np.ndarray]:
     return {key[len(prefix):]: np.asarray(value) for key, value in state.items() if key.startswith(prefix)}
 
 
+def batch_grid(batch: BatchCapture, layer: int) -> tuple[int, int] | None:
+    """The patch grid ``layer``'s tokens had in ``batch``, as the recording read it (None: not read, e.g. a batch
+    built by hand)."""
+    geometry = batch.meta.get("geometry", {}).get(layer)
+    grid = getattr(geometry, "grid", None)
+    return None if grid is None else (int(grid[0]), int(grid[1]))
+
+
+def _check_grids(grids: Mapping[int, tuple[int, int]], found: Mapping[int, tuple[int, int] | None], who: str) -> None:
+    """Refuse grids ``found`` (layer -> grid) other than those already seen: two grids of the same token count (3x5
+    and 5x3 images) give tokens of one shape whose positions are different places of the image."""
+    for layer, grid in found.items():
+        seen = grids.get(layer)
+        if grid is not None and seen is not None and grid != seen:
+            raise QKHooksError(
+                f"layer {layer}: these tokens lie on a {grid[0]}x{grid[1]} patch grid, the earlier ones on "
+                f"{seen[0]}x{seen[1]}; {who} compares tokens position by position, so it needs one grid (one input "
+                "size) for the whole dataset: resize the images to one size, or record each size on its own.")
+
+
+def _grid_state(grids: Mapping[int, tuple[int, int]]) -> dict[str, np.ndarray]:
+    return {f"L{layer}.grid": np.asarray(grid, dtype=np.int64) for layer, grid in grids.items()}
+
+
+def _grids_of(state: Mapping[str, Any], layers: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """The grids a state saved (states of an older qkhooks saved none: unknown)."""
+    return {l: tuple(int(g) for g in np.asarray(state[f"L{l}.grid"]).reshape(-1)) for l in layers
+            if f"L{l}.grid" in state}
+
+
 def _state_layers(state: Mapping[str, Any]) -> list[int]:
     return [int(v) for v in np.asarray(state["layers"]).reshape(-1)]
 
@@ -152,6 +182,8 @@ class PositionMeans(Reducer):
         self.dtype = dtype
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
+        self.grids: dict[int, tuple[int, int]] = {}
+        """Layer -> the patch grid of the tokens averaged, where the recording read it."""
         self._taken = TakenParts()  # layer -> the batch's token sum (N, d), taken in the layer hooks
 
     def _check_shape(self, layer: int, total: torch.Tensor) -> None:
@@ -186,8 +218,11 @@ class PositionMeans(Reducer):
         totals = {layer: total for layer, (total, _) in parts.items()}
         for layer, total in totals.items():
             self._check_shape(layer, total)
+        grids = {layer: batch_grid(batch, layer) for layer in totals}
+        _check_grids(self.grids, grids, "PositionMeans")
         for layer, total in totals.items():
             self._add(layer, total, batch.captures[layer].batch_size)
+        self.grids.update({layer: grid for layer, grid in grids.items() if grid is not None})
 
     def means(self) -> dict[int, torch.Tensor]:
         """Layer -> P (N, d), the per-position mean over images."""
@@ -203,8 +238,10 @@ class PositionMeans(Reducer):
         assert isinstance(other, PositionMeans)
         for layer in sorted(other.sums):
             self._check_shape(layer, other.sums[layer])
+        _check_grids(self.grids, other.grids, "PositionMeans")
         for layer in sorted(other.sums):
             self._add(layer, other.sums[layer], other.counts[layer])
+        self.grids.update(other.grids)
 
     def state_dict(self) -> dict[str, Any]:
         layers = sorted(self.sums)
@@ -214,12 +251,13 @@ class PositionMeans(Reducer):
         }
         for layer in layers:
             state[f"L{layer}.sum"] = _numpy(self.sums[layer])
-        return state
+        return {**state, **_grid_state(self.grids)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         layers, counts = _state_layers(state), np.asarray(state["counts"]).reshape(-1)
         self.sums = {l: torch.as_tensor(np.asarray(state[f"L{l}.sum"]), dtype=self.dtype) for l in layers}
         self.counts = {l: int(c) for l, c in zip(layers, counts)}
+        self.grids = _grids_of(state, layers)
 
 
 # ============================================================================================ pass 2
@@ -266,6 +304,8 @@ class BFDEnergies(Reducer):
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
         self._work: dict[int, dict[str, torch.Tensor]] = {}  # the same constants, on the tokens' device
         self._taken = TakenParts()  # layer -> the batch's increments (:meth:`_increments`), taken in the layer hooks
+        self.grids: dict[int, tuple[int, int]] = dict(positions.grids) if isinstance(positions, PositionMeans) else {}
+        """Layer -> the patch grid of pass 1's tokens (from a :class:`PositionMeans`) or of the first batch here."""
         for spec in spectra:
             if spec.layer not in means:
                 raise QKHooksError(f"no position means for layer {spec.layer}: run pass 1 over the same layers.")
@@ -305,6 +345,7 @@ class BFDEnergies(Reducer):
         reducer.drop_prefix = bool(config.get("drop_prefix", False))
         reducer.layers = _state_layers(state)
         reducer.constants, reducer.stats, reducer._work, reducer._taken = {}, {}, {}, TakenParts()
+        reducer.grids = _grids_of(state, reducer.layers)
         modes = {spec.layer: spec for spec in spectra or []}
         for layer in reducer.layers:
             saved = layer_state(state, layer)
@@ -370,10 +411,13 @@ class BFDEnergies(Reducer):
         increments = {layer: taken[layer] if layer in taken else self._increments(layer, _inputs(cap, "BFDEnergies"))
                       for layer, cap in batch.captures.items() if layer in self.layers}
         _one_sequence_an_image(batch, {layer: added["images"] for layer, added in increments.items()}, "BFDEnergies")
+        grids = {layer: batch_grid(batch, layer) for layer in increments}
+        _check_grids(self.grids, grids, "BFDEnergies (the position factor of pass 1)")
         for layer, added in increments.items():
             st = self.stats[layer]
             for key in _ENERGY_STATS:
                 st[key] += added[key]
+        self.grids.update({layer: grid for layer, grid in grids.items() if grid is not None})
 
     def _check_compatible(self, layers: Sequence[int], drop_prefix: bool, constants: Mapping[int, Mapping[str, Any]],
                           what: str) -> None:
@@ -398,10 +442,12 @@ class BFDEnergies(Reducer):
         self._check_same_kind(other)
         assert isinstance(other, BFDEnergies)
         self._check_compatible(other.layers, other.drop_prefix, other.constants, "cannot merge BFD energies")
+        _check_grids(self.grids, other.grids, "BFDEnergies")
         for layer in self.layers:
             mine = self.stats[layer]
             for key in _ENERGY_STATS:
                 mine[key] += other.stats[layer][key].to(mine[key])
+        self.grids.update(other.grids)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -413,14 +459,17 @@ class BFDEnergies(Reducer):
             for table in (self.constants[layer], self.stats[layer]):
                 for key, value in table.items():
                     state[f"L{layer}.{key}"] = _numpy(value)
-        return state
+        return {**state, **_grid_state(self.grids)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         layers = _state_layers(state)
         saved = {l: layer_state(state, l) for l in layers}
         self._check_compatible(layers, bool(np.asarray(state["drop_prefix"])), saved, "saved BFD energies")
+        grids = _grids_of(state, layers)
+        _check_grids(self.grids, grids, "BFDEnergies (a saved state)")
         for layer in layers:
             self.stats[layer] = {key: torch.as_tensor(saved[layer][key], dtype=self.dtype) for key in _ENERGY_STATS}
+        self.grids.update(grids)
 
 
 HOLDOUT_BY_ID = 1
@@ -544,6 +593,8 @@ class PositionDecoding(Reducer):
         parts = {layer: _part_and_rows(taken, layer, cap, "PositionDecoding")
                  for layer, cap in batch.captures.items() if layer in self.stats}
         _one_sequence_an_image(batch, {layer: rows for layer, (_, rows) in parts.items()}, "PositionDecoding")
+        _check_grids({layer: self.grid for layer in parts}, {layer: batch_grid(batch, layer) for layer in parts},
+                     f"PositionDecoding (made for the {self.grid[0]}x{self.grid[1]} grid)")
         increments = {layer: part if isinstance(part, dict) else self._increments(layer, part, batch)
                       for layer, (part, _) in parts.items()}
         self._split = None

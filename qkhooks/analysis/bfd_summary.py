@@ -147,8 +147,10 @@ def refuse_other_images(layer: int, content_mean: float) -> None:
             "added, removed or replaced, or a --resume over changed files. Fix the data and run again with --overwrite.")
 
 
-def refuse_no_content(content_ss: float, second_moment: float, images: int, dtype: np.dtype) -> None:
-    """Refuse a dataset whose content factor is zero up to float rounding: all images give the same tokens.
+def refuse_no_content(content_ss: float, second_moment: float, images: int, dtype: np.dtype,
+                      layer: int | None = None) -> None:
+    """Refuse a dataset whose content factor is zero up to float rounding: all images give the same tokens (at
+    ``layer``, where given: one layer can lose its content alone, e.g. behind a norm whose weight is zero).
 
     ``content_ss`` = mean_i ||C_i||^2 and ``second_moment`` = mean_i ||X_i||^2 of one layer; ``dtype`` is the one
     the reducers accumulated in. Why this threshold: P = (sum of n tokens) / n, summed in ``dtype``, errs by at
@@ -162,13 +164,16 @@ def refuse_no_content(content_ss: float, second_moment: float, images: int, dtyp
             "with qkhooks.record and its reducers (they name it), drop it, or compute in float32.")
     eps = float(np.finfo(dtype if np.issubdtype(dtype, np.floating) else np.float64).eps)
     if content_ss <= ((images + 1) * eps) ** 2 * second_moment:
+        where = "" if layer is None else f" at layer {layer}"
         raise QKHooksError(
-            f"BFD's content factor is zero: all {images} images give the same tokens entering W_q/W_k (content "
-            f"energy {content_ss:.3g} of {second_moment:.3g}, within {np.dtype(dtype).name} rounding), so every head "
-            "would be 100% position-position and the content claims untestable. Run it over more, different images.")
+            f"BFD's content factor is zero{where}: all {images} images give the same tokens entering W_q/W_k"
+            f"{where} (content energy {content_ss:.3g} of {second_moment:.3g}, within {np.dtype(dtype).name} "
+            "rounding), so every head would be 100% position-position and the content claims untestable. Run it over "
+            "more, different images" + ("." if layer is None else "; if other layers vary, this layer's own input does "
+                                        "not (a norm whose weight is zero, say): leave it out with --layers."))
 
 
-def energy_tables(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def energy_tables(state: Mapping[str, np.ndarray], layer: int | None = None) -> dict[str, Any]:
     """All energies of one layer as arrays (absolute values, not shares) from its :class:`BFDEnergies` state.
 
     Returns per definition (``frobenius``, ``additive``): ``terms`` (term -> (H,)), ``total`` (H,),
@@ -202,7 +207,8 @@ def energy_tables(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     mode_add = {t: s2 * q[t[0]] * k[t[1]] for t in TERMS}
     add_terms = {t: v.sum(-1) for t, v in mode_add.items()}
     pos_ss, content_ss, mean_ss = float(((p - mu) ** 2).sum()), float(s["content_ss"]) / n, tokens * float(mu @ mu)
-    refuse_no_content(content_ss, mean_ss + pos_ss + content_ss, int(round(n)), np.asarray(state["content_ss"]).dtype)
+    refuse_no_content(content_ss, mean_ss + pos_ss + content_ss, int(round(n)), np.asarray(state["content_ss"]).dtype,
+                      layer)
     return {
         "images": int(round(n)),
         "num_tokens": tokens,
@@ -404,7 +410,7 @@ def summarize(
     layers_out = []
     images = num_tokens = 0
     for layer in (int(l) for l in np.asarray(energies["layers"]).reshape(-1)):
-        t = energy_tables(layer_state(energies, layer))
+        t = energy_tables(layer_state(energies, layer), layer)
         images, num_tokens = t["images"], t["num_tokens"]
         refuse_other_images(layer, t["content_mean"])
         heads = [_head_entry(t, h, definition, per_mode) for h in range(t["sigma"].shape[0])]

@@ -27,6 +27,7 @@ import concurrent.futures
 import itertools
 import multiprocessing
 import os
+import sys
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -58,11 +59,20 @@ __all__ = ["DATASETS_INSTALL", "ItemStream", "StreamBatch", "expand_braces", "op
 _SPECS = "hfds:DIR_OR_NAME[:SPLIT] (a Hugging Face dataset) or wds:PATTERN (webdataset tar shards, {000..009} expanded)"
 
 
+def _whole(value: Any, least: int) -> bool:
+    """Whether ``value`` is an integer (not a bool, not a float) of at least ``least``."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
+
+
 def refuse_batching(batch_size: int, workers: int) -> None:
-    """A :class:`QKHooksError` naming each of ``batch_size`` (>= 1) and ``workers`` (>= 0) that is out of range."""
-    wrong = ([f"the batch size must be >= 1 (batch_size, --batch-size), got {batch_size}"] if batch_size < 1 else []) + (
-        [f"the loader workers must be >= 0 (num_workers, --workers; 0 decodes in this process), got {workers}"]
-        if workers < 0 else [])
+    """A :class:`QKHooksError` naming each of ``batch_size`` (an integer >= 1) and ``workers`` (an integer >= 0)
+    that is out of range."""
+    wrong = ([f"the batch size must be >= 1 (batch_size, --batch-size), got {batch_size!r}"]
+             if not _whole(batch_size, 1) else []) + (
+        [f"the loader workers must be >= 0 (num_workers, --workers; 0 decodes in this process), got {workers!r}"]
+        if not _whole(workers, 0) else [])
+    if wrong and not all(_whole(v, -sys.maxsize) for v in (batch_size, workers)):
+        wrong.append("both are whole numbers")
     if wrong:
         raise QKHooksError("; ".join(wrong) + ".")
 
@@ -311,7 +321,13 @@ def open_source(
     if type(data).__name__ in ("DatasetDict", "IterableDatasetDict"):
         raise QKHooksError(f"a Hugging Face {type(data).__name__} holds the splits {sorted(data)}; pass one, e.g. "
                            "data['validation'].")
-    if isinstance(data, (dict, bytes, Image.Image, torch.Tensor)) or (isinstance(data, np.ndarray) and data.ndim != 4):
+    if isinstance(data, torch.Tensor):
+        raise QKHooksError(
+            f"the data is one tensor {tuple(data.shape)} {data.dtype}, the output of some transform; qkhooks applies "
+            "the model's own preprocessing, so give the images as loaded (a list of PIL images or uint8 HWC arrays, a "
+            "folder, a dataset). Model inputs you prepared yourself are recorded by `with qkhooks.record(model) as "
+            "run: model(x)`.")
+    if isinstance(data, (dict, bytes, Image.Image)) or (isinstance(data, np.ndarray) and data.ndim != 4):
         raise QKHooksError(f"cannot record a single {type(data).__name__}; pass a dataset, a list or an iterable of "
                            f"images, or a spec ({_SPECS}, a folder, ...).")
     if isinstance(data, torch.utils.data.IterableDataset) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):

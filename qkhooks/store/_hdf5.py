@@ -339,6 +339,16 @@ def foreign_writer(path: str | os.PathLike) -> str | None:
             "open, clear the flag with HDF5's `h5clear -s FILE`, then read it again; its images need no repair.")
 
 
+def held_for_write(path: str | os.PathLike) -> bool:
+    """Whether the superblock keeps any "open for write" flag (a live writer, or one that died without closing): HDF5
+    then opens the file for no one but an SWMR reader, and a merged view reading it in place cannot read it at all."""
+    try:
+        block = _Superblock.read(path)
+    except (OSError, ValueError):
+        return False
+    return block.version >= 2 and bool(block.flags & (_WRITE_FLAG | _SWMR_WRITE_FLAG))
+
+
 def being_written(path: str | os.PathLike) -> bool:
     """Whether the superblock says a writer has the file open for SWMR writing (a live writer, or a killed one whose
     flags no writer has cleared yet)."""

@@ -35,7 +35,8 @@ from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import READ_DEADLINE_S, Backoff, being_written, damaged_message, not_hdf5_at_all, open_reader
+from qkhooks.store._hdf5 import (READ_DEADLINE_S, Backoff, being_written, damaged_message, held_for_write, not_hdf5_at_all,
+                                 open_reader)
 from qkhooks.store.lock import writer_alive
 
 __all__ = ["open_run", "RunReader", "RunArray"]
@@ -108,6 +109,24 @@ def missing_shard_rows(ds: h5py.Dataset, folder: Path, n: int,
     the view's fill value, without an error. ``sources``: :func:`shard_sources` of ``ds``, where already read."""
     return [(lo, min(hi, n)) for name, lo, hi in (shard_sources(ds) if sources is None else sources)
             if lo < n and not (folder / name).exists()]
+
+
+def held_shards(ds: h5py.Dataset, folder: Path, n: int,
+                sources: Sequence[tuple[str, int, int]] | None = None) -> list[tuple[str, int, int]]:
+    """(shard, first row, stop) of a merged view's shards whose files are open for writing (a writer runs, or died
+    before closing them): HDF5 refuses to open them through the view, which is not damage of the view or the shard.
+    ``sources``: :func:`shard_sources` of ``ds``, where already read."""
+    return [(name, lo, min(hi, n)) for name, lo, hi in (shard_sources(ds) if sources is None else sources)
+            if lo < n and held_for_write(folder / name)]
+
+
+def held_shards_text(names: Sequence[str]) -> str:
+    """Why a merged view cannot read the shards ``names``, and what to do."""
+    return ("a merged view reads its images from the shard files in place, and shard(s) "
+            f"{', '.join(names)} are open for writing (their writer is running, or was killed before closing them), "
+            "which HDF5 does not read through a view; that is not damage. Let the writer finish, or resume that "
+            "shard's recording (--resume) so that it closes, then read again; or merge again with --copy "
+            "(copy=True), which reads the shards as they stand.")
 
 
 _SHARD_RUN_IDS: "OrderedDict[tuple[str, int, int, int], str | None]" = OrderedDict()
@@ -221,7 +240,15 @@ class RunArray:
                 raise self._owner._too_few_rows(what, rows, self.n)
             raise QKHooksError(damaged_message(Path(self.dataset.file.filename), _too_few(what, rows, self.n)))
         self._refuse_missing_shards()
-        return self._read(key)
+        try:
+            return self._read(key)
+        except OSError:
+            if self._shards and self._shards[1]:
+                path = Path(self.dataset.file.filename)
+                held = held_shards(self.dataset, path.parent, self.n, self._shards[1])
+                if held:
+                    raise QKHooksError(f"{path}: {held_shards_text([h[0] for h in held])}") from None
+            raise
 
     def _refuse_missing_shards(self) -> None:
         """Refuse a read of a merged view (``merge_shards``' virtual datasets) whose shard file is gone: HDF5 reads

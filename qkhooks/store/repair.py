@@ -30,7 +30,7 @@ import numpy as np
 from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import DamagedRunError, HeldOpenError, create_run_file, open_damaged
-from qkhooks.store.reader import RunReader, missing_shard_rows, rewritten_shards
+from qkhooks.store.reader import RunReader, held_shards, missing_shard_rows, rewritten_shards
 
 __all__ = ["repair", "RepairReport", "verify_run", "VerifyReport"]
 
@@ -491,6 +491,9 @@ class VerifyReport:
     lost: list[str] = dataclasses.field(default_factory=list)
     """Statics a repair could not copy into this file (:data:`~qkhooks.store.format.LOST_STATICS`): gone, not damage
     in this file, so they do not make it fail; the summary names them."""
+    view: bool = False
+    """Whether the per-image arrays are views of shard files (a merge without --copy): its images are in the shards,
+    which are what ``repair`` or a resume mends (``repair`` refuses a view)."""
 
     @property
     def ok(self) -> bool:
@@ -500,6 +503,10 @@ class VerifyReport:
         """What ``qkhooks info RUN --verify`` prints."""
         fix = (f"run `qkhooks repair {self.path} --out FIXED.h5` to copy every image still readable into a new file "
                f"(it leaves {self.path.name} unchanged)")
+        if self.view:
+            fix = ("this merge reads its images from the shard files (a view): mend the shard the lines above name "
+                   "(finish or resume its recording, or `qkhooks repair SHARD --out FIXED_SHARD.h5`), then merge again "
+                   "(`qkhooks merge`, --copy for a self-contained file)")
         if self.images is None:
             return "\n".join([f"verify   {self.path}", f"result   DAMAGED: {self.problems[0]}; {fix}"])
         unsummed = [a for a in self.arrays if a not in self.checksummed]
@@ -588,6 +595,11 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
         failing, why = _failing_rows(ds, n, real_size, decode=fmt.ID_DIGESTS not in found)
         gone = missing_shard_rows(ds, reader.path.parent, n)
         changed = [(lo, hi) for _, lo, hi in rewritten_shards(ds, reader.path.parent, n)]
+        held = held_shards(ds, reader.path.parent, n) if failing else []
+        if held:  # not damage: HDF5 opens a shard open for writing for no one through a view
+            why = (f"their shard(s) {', '.join(h[0] for h in held)} are open for writing (a writer runs, or was "
+                   "killed before closing them), which a merged view cannot read: let it finish or resume that shard, "
+                   "or merge again with --copy")
         if failing or gone or changed:
             damaged[name] = sorted(failing + gone + changed)
             lines.append(_rows_line(ds.name, damaged[name], why or ("their shard file is missing: this merged view "
@@ -620,4 +632,5 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
     complete = _readable(lambda: f.attrs["complete"]) and bool(f.attrs["complete"])
     checksummed = sorted(name for name, ds in arrays.items() if ds.fletcher32)
     return VerifyReport(reader.path, n, complete, sorted(arrays), checksummed, statics, damaged, states,
-                        lines + problems, fmt.ID_DIGESTS in found, _format_line(f), lost)
+                        lines + problems, fmt.ID_DIGESTS in found, _format_line(f), lost,
+                        any(ds.is_virtual for ds in arrays.values()))

@@ -1,0 +1,143 @@
+"""Round 37's review findings, each a test seen to fail on the code before its fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import qkhooks
+from qkhooks.errors import QKHooksError
+
+
+def _tiny(size: int = 48) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size, patch_size=8, embed_dim=32,
+                             depth=2, num_heads=4, num_classes=0).eval()
+
+
+def _loaded(model: torch.nn.Module):
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+
+    return LoadedModel(model=model, spec="tiny", image_config=ImageConfig(size=(48, 48), mean=(0.5,) * 3, std=(0.5,) * 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    return _loaded(_tiny())
+
+
+def _photos(n: int = 5) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------ record_dataset's arguments (lead)
+@pytest.mark.parametrize("bad, named", [
+    ({"shard": (2, 2)}, "0 <= rank < world"),  # a rank past the last recorded no image and ended as a complete run
+    ({"shard": (-1, 2)}, "0 <= rank < world"),
+    ({"shard": (0, 0)}, "0 <= rank < world"),
+    ({"shard": 3}, "(rank, world)"),
+    ({"checkpoint_every": 0}, "checkpoint_every"),  # ZeroDivisionError after the file was made
+    ({"batch_size": 2.5}, ">= 1 (batch_size, --batch-size), got 2.5; both are whole numbers"),  # islice's ValueError
+    ({"num_workers": 1.0}, ">= 0 (num_workers, --workers; 0 decodes in this process), got 1.0; both are whole"),
+])
+def test_record_dataset_refuses_arguments_out_of_range_before_making_a_file(tiny_loaded, tmp_path, bad, named):
+    out = tmp_path / "run.h5"
+    with pytest.raises(QKHooksError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        qkhooks.record_dataset(tiny_loaded, _photos(), out, progress=False, **bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_tensor_given_as_data_is_refused_naming_the_preprocessing_and_record(tiny_loaded, tmp_path):
+    """A (B, C, H, W) tensor is some other preprocessing's output: the refusal says so and names record(), not 'a
+    single Tensor'."""
+    with pytest.raises(QKHooksError, match=r"one tensor \(4, 3, 48, 48\).*qkhooks\.record\(model\)"):
+        qkhooks.record_dataset(tiny_loaded, torch.rand(4, 3, 48, 48), tmp_path / "run.h5", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------- a merged view over a shard its writer left open (round 36 F, lead)
+def test_a_view_over_a_shard_left_open_for_writing_says_so_and_merge_copy_reads_it(tiny_loaded, tmp_path):
+    """A shard whose writer was killed keeps its "open for SWMR write" flags, and HDF5 then opens it for no one
+    through a merged view: reading its rows said the view was damaged and named ``repair`` (which refuses views).
+    Now the read and verify name the shard and the fixes, a new view over it is refused, and a merge with copy=True
+    reads its rows, equal to the shard's own."""
+    from qkhooks.distributed import merge_shards, shard_path
+    from qkhooks.store import verify_run
+    from qkhooks.store._hdf5 import _Superblock
+
+    out = tmp_path / "run.h5"
+    photos = _photos(8)
+    for rank in (0, 1):
+        qkhooks.record_dataset(tiny_loaded, photos, shard_path(out, rank, 2), shard=(rank, 2), batch_size=2,
+                               progress=False)
+    view = merge_shards(tmp_path / "view.h5", [shard_path(out, r, 2) for r in (0, 1)])
+    shard = shard_path(out, 1, 2)
+    with qkhooks.open_run(shard) as own:
+        expected = own.array("modes/L0/query")[:]
+    block = _Superblock.read(shard)
+    with open(shard, "r+b") as fh:  # as a killed writer leaves it
+        fh.write(block.with_flags(0x05))
+
+    with qkhooks.open_run(view) as run:
+        assert run.array("modes/L0/query")[:4].shape[0] == 4  # shard 0's rows still read
+        with pytest.raises(QKHooksError, match=rf"{shard.name} are open for writing.*not damage.*--copy") as caught:
+            run.array("modes/L0/query")[4:]
+        assert "repair" not in str(caught.value)
+    report = verify_run(view)
+    assert not report.ok and shard.name in report.problems[0] and "open for writing" in report.problems[0]
+    assert "qkhooks repair " + str(view) not in report.summary() and "merge again" in report.summary()
+    with pytest.raises(QKHooksError, match="as a view: .*open for writing"):
+        merge_shards(tmp_path / "view2.h5", [shard_path(out, r, 2) for r in (0, 1)])
+    assert not (tmp_path / "view2.h5").exists()
+    copied = merge_shards(tmp_path / "copy.h5", [shard_path(out, r, 2) for r in (0, 1)], copy=True)
+    with qkhooks.open_run(copied) as run:
+        np.testing.assert_array_equal(run.array("modes/L0/query")[4:], expected)
+
+
+# ------------------------------------------------------- BFD: one grid, one input size (review B 1-3, review A 4)
+def _dynamic_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, dynamic_img_size=True,
+                             embed_dim=64, depth=2, num_heads=2).eval()
+
+
+def test_bfd_reducers_refuse_a_second_grid_of_the_same_token_count():
+    """3x5 and 5x3 images give tokens of one shape whose positions are other places of the image: the position
+    means, the energies and the probes each refuse the second grid (they took both, and the summary averaged them)."""
+    from qkhooks.analysis.bfd import BFDEnergies, PositionDecoding, PositionMeans, full_modes
+
+    model = _dynamic_vit()
+    wide, tall = torch.randn(4, 3, 48, 80), torch.randn(4, 3, 80, 48)
+    means = PositionMeans()
+    with qkhooks.record(model, modes=None, sinks=[means]) as run, torch.no_grad():
+        run(wide)
+        with pytest.raises(QKHooksError, match="5x3 patch grid, the earlier ones on 3x5"):
+            run(tall)
+    assert means.counts == {0: 4, 1: 4} and means.grids == {0: (3, 5), 1: (3, 5)}
+    again = PositionMeans()
+    again.load_state_dict(means.state_dict())  # the grid survives a checkpoint
+    assert again.grids == means.grids
+    for reducer in (BFDEnergies(full_modes(model), means, 1), PositionDecoding(means, (3, 5), 1, 3)):
+        with qkhooks.record(model, modes=None, sinks=[reducer]) as run, torch.no_grad():
+            with pytest.raises(QKHooksError, match="5x3 patch grid, the earlier ones on 3x5"):
+                run(tall)
+            run(wide)
+        assert reducer.images_held() == 4
+
+
+def test_run_bfd_refuses_batches_of_two_sizes_in_words():
+    from qkhooks.analysis.bfd import run_bfd
+
+    with pytest.raises(QKHooksError, match="2 shapes.*one input size"):
+        run_bfd(_dynamic_vit(), [torch.randn(4, 3, 32, 48), torch.randn(4, 3, 48, 32)], None, batch_size=4)
+
+
+def test_a_layer_without_content_is_named_in_the_refusal():
+    from qkhooks.analysis.bfd_summary import refuse_no_content
+
+    with pytest.raises(QKHooksError, match="zero at layer 3: .*--layers"):
+        refuse_no_content(0.0, 1.0, 6, np.float64, layer=3)
