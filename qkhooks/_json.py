@@ -30,7 +30,8 @@ def jsonable(value: Any, digits: int | None = None) -> Any:
 
 
 def write_json(path: str | Path, payload: dict) -> None:
-    """``payload`` as indented JSON at ``path`` (its folder created)."""
+    """``payload`` as indented strict JSON at ``path`` (its folder created): NaN and inf written as null
+    (:func:`jsonable`), never as the ``NaN`` other JSON readers refuse."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
+    path.write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False))

@@ -47,7 +47,8 @@ class AttentionSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise QKHooksError(f"attention kind {self.kind!r} is unknown; use one of {', '.join(KINDS)} or 'none'.")
+            raise QKHooksError(f"attention kind {self.kind!r} is unknown; use one of {', '.join(KINDS)} (no attention: "
+                               "attention=None).")
 
     def covers(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers

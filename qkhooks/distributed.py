@@ -289,7 +289,7 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
         skipped = [row for s in shards for row in s.skipped]
         images.create_dataset("skipped", data=np.array(skipped, dtype=object).reshape(-1, 2), dtype=h5py.string_dtype())
 
-    _copy_statics(first.file, f)
+    fmt.copy_statics(first.file, f)  # everything of rank 0's shard that is not per-image, ids or states
 
     names = sorted({n for s in shards for n in s.per_image})
     for name in names:
@@ -326,24 +326,6 @@ def _renumber(fields: Sequence[str], state: dict[str, Any], shard: _Shard, base:
             index = np.asarray(state[key])
             state[key] = np.where(index >= 0, index - int(start) + int(base), index).astype(index.dtype)
     return state
-
-
-def _copy_statics(src: h5py.File, dst: h5py.File) -> None:
-    """Everything of rank 0's shard that is not per-image, not an image list and not a reducer state."""
-
-    def visit(name: str, obj: Any) -> None:
-        if name.split("/", 1)[0] in ("images", fmt.REDUCERS):
-            return
-        if isinstance(obj, h5py.Group):
-            group = dst.require_group(name)
-            for k, v in obj.attrs.items():
-                group.attrs[k] = v
-        elif isinstance(obj, h5py.Dataset) and not obj.attrs.get("per_image", False):
-            ds = dst.create_dataset(name, data=obj[()], dtype=obj.dtype)
-            for k, v in obj.attrs.items():
-                ds.attrs[k] = v
-
-    src.visititems(visit)
 
 
 def _fill(dtype: np.dtype) -> Any:

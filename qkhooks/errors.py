@@ -26,6 +26,20 @@ class DataRefusal(QKHooksError):
     data readers and picklable, so that it keeps its kind when raised in a decoding worker process."""
 
 
+class MissingReducer(QKHooksError, KeyError):
+    """:meth:`qkhooks.stream.RecordResult.reducer` of a name the run has no reducer of: a KeyError (a lookup by name), and a
+    QKHooksError whose message names the reducers there are."""
+
+    def __init__(self, name: str, present: list[str] | None = None):
+        super().__init__(name)
+        self.present = list(present or [])
+
+    def __str__(self) -> str:
+        there = ", ".join(self.present) if self.present else "none (the run kept no reducer)"
+        return (f"this run has no reducer {self.args[0]!r}; its reducers: {there}. Pass reducers=[...] to "
+                "record_dataset to keep one.")
+
+
 def writable_dir(path: str | os.PathLike, what: str, create: bool = False) -> Path:
     """Refuse, before any work, an output folder that cannot be created or written, naming the fix.
 

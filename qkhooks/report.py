@@ -86,6 +86,16 @@ def few_images(count: int, what: str, hint: str = DATA_HINT, minimum: int = MIN_
     return [f"This rests on {count} {what} (fewer than {minimum}){consequence}; {hint}."] if count < minimum else []
 
 
+def skipped_images(skipped: list[tuple[str, str]], run: Path) -> list[str]:
+    """A warning naming the data's files that were skipped as unreadable (the console's warnings scroll away, and
+    the page's image counts would otherwise pass them over)."""
+    if not skipped:
+        return []
+    names = ", ".join(name for name, _ in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    return [f"{len(skipped)} image file(s) of the data were skipped as unreadable ({names}); "
+            f"`qkhooks info {run}` lists each with its reason."]
+
+
 def _curve(layers: list[int], values: Any, images: int, few: list[str]) -> dict[str, Any]:
     """A per-layer curve as summary.json keeps it for ``qkhooks compare``: with the number of images it rests on
     (0: from the weights alone) and the report's warning when they are too few (None if enough), so the
@@ -211,8 +221,9 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
     """Fig. 4 (top images per mode) and S3 (anisotropy) from one photo run; Fig. 5 (same object) from another."""
     started = time.perf_counter()
     run = runs / "photos.h5"
-    record_dataset(loaded, photos, run, limit=limit, overwrite=True, store_modes=keep_runs,
-                   reducers=default_reducers(16, [], False) + [CentreEmbeddings()], **opts)
+    recorded = record_dataset(loaded, photos, run, limit=limit, overwrite=True, store_modes=keep_runs,
+                              reducers=default_reducers(16, [], False) + [CentreEmbeddings()], **opts)
+    skipped = skipped_images(recorded.skipped, run)
     n_layers = len(loaded_layers(loaded))
     show = sorted({0, n_layers // 2, n_layers - 1})
     summary = analyze_modes(run, out / "modes", figure_modes=1 if keep_runs else 0, overview=True, normalize=display)
@@ -233,8 +244,9 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
          "Display: " + ("maps scaled by their maximum; the paper clips to the 30th-95th percentile: "
                         "`qkhooks demo --display percentile`." if display == "max" else
                         "30th-95th percentile clip, as the paper.")],
-        few_images(n, "photos", consequence=", so the same photos recur across modes"),
-        {"images": n, "k": summary["k"]}, time.perf_counter() - started)
+        few_images(n, "photos", consequence=", so the same photos recur across modes") + skipped,
+        {"images": n, "k": summary["k"], "skipped": [list(row) for row in recorded.skipped]},
+        time.perf_counter() - started)
 
     aniso_rows = {int(k): v for k, v in (summary.get("anisotropy") or {}).items()}
     layers = sorted(aniso_rows)
@@ -264,7 +276,7 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
 
     started = time.perf_counter()
     obj_run = runs / "objects.h5"
-    record_dataset(loaded, objects, obj_run, overwrite=True, store_modes=keep_runs, **opts)
+    recorded_objects = record_dataset(loaded, objects, obj_run, overwrite=True, store_modes=keep_runs, **opts)
     obj = analyze_modes(obj_run, out / "same_object", figure_modes=0, overview=False, images=False)
     same = obj.get("same_object") or {"layers": {}}
     rows = {int(k): v for k, v in same["layers"].items()}
@@ -299,8 +311,9 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
          "Data: two masked photos and generated displays whose objects are simple shapes (the paper: ADE20K); the "
          "paper's setting: `qkhooks demo --objects-data ade20k:DIR`." if bundled else
          f"Data: {objects} (the paper: ADE20K)."],
-        few,
+        few + skipped_images(recorded_objects.skipped, obj_run),
         {"images": obj["images"], "p_same_by_layer": {l: rows[l]["p_same"] for l in s_layers}, "chance": chance,
+         "skipped": [list(row) for row in recorded_objects.skipped],
          "readings": [dataclasses.asdict(r) for r in readings],
          "curves": {"same_object": _curve(s_layers, [rows[l]["p_same"] for l in s_layers], obj["images"], few)}},
         time.perf_counter() - started)

@@ -192,10 +192,6 @@ class SdpaCall:
         """The call's maps, softmax(q kᵀ·scale + mask) (:func:`sdpa_maps`), before dropout."""
         return sdpa_maps(self.query, self.key, self.attn_mask, self.is_causal, self.scale, self.enable_gqa)
 
-    def probabilities(self) -> torch.Tensor:
-        """The call's maps before they are rounded to q's dtype (:func:`sdpa_probabilities`)."""
-        return sdpa_probabilities(self.query, self.key, self.attn_mask, self.is_causal, self.scale, self.enable_gqa)
-
     def attend(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The call computed once, eagerly: (its maps in q's dtype, maps @ v as the call returns it).
 

@@ -39,7 +39,7 @@ from qkhooks.data.masks import TokenCells, receptive_cells, token_cells
 from qkhooks.data.items import set_pil_limit
 from qkhooks.data.sources import ItemStream, open_source, refuse_batching
 from qkhooks.data_files import absolute_spec, file_size_column
-from qkhooks.errors import DataRefusal, QKHooksError, RunInterrupted
+from qkhooks.errors import DataRefusal, MissingReducer, QKHooksError, RunInterrupted
 from qkhooks.models.base import AttentionSite, select_layers
 from qkhooks.models.unsupported import (hooked_paths, left_out_by_design, refuse_altered_qk, refuse_compiled,
                                         unmodelled_parts)
@@ -65,10 +65,11 @@ class RecordResult:
     resumed_from: int | None = None  # a resume: the images it kept from the run file (the resume point), else None
 
     def reducer(self, name: str) -> Reducer:
+        """The reducer called ``name``; a :class:`MissingReducer` (a QKHooksError and a KeyError) lists the others."""
         for r in self.reducers:
             if r.name == name:
                 return r
-        raise KeyError(name)
+        raise MissingReducer(name, [r.name for r in self.reducers])
 
 
 class WriterSink:

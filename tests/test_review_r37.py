@@ -141,3 +141,90 @@ def test_a_layer_without_content_is_named_in_the_refusal():
 
     with pytest.raises(QKHooksError, match="zero at layer 3: .*--layers"):
         refuse_no_content(0.0, 1.0, 6, np.float64, layer=3)
+
+
+# ----------------------------------------------- one copy of a run's statics for merge and repair (review C 2)
+def test_merge_keeps_the_statics_checksum_and_repair_their_attributes(tiny_loaded, tmp_path):
+    """A merge copied the statics without their Fletcher-32 checksum, a repair without their attributes; both now
+    copy through one function that keeps both (and the values)."""
+    import h5py
+
+    from qkhooks.distributed import merge_shards, shard_path
+    from qkhooks.store import repair
+
+    out = tmp_path / "run.h5"
+    for rank in (0, 1):
+        qkhooks.record_dataset(tiny_loaded, _photos(6), shard_path(out, rank, 2), shard=(rank, 2), batch_size=3,
+                               progress=False, checksum=True)
+    merged = merge_shards(out, [shard_path(out, r, 2) for r in (0, 1)])
+    with h5py.File(shard_path(out, 0, 2), "r") as shard, h5py.File(merged, "r") as f:
+        assert shard["spectrum/L0/U"].fletcher32 and f["spectrum/L0/U"].fletcher32
+        np.testing.assert_array_equal(f["spectrum/L0/U"][()], shard["spectrum/L0/U"][()])
+
+    single = tmp_path / "single.h5"
+    qkhooks.record_dataset(tiny_loaded, _photos(4), single, batch_size=2, progress=False)
+    with h5py.File(single, "a") as f:
+        f["spectrum/L1/S"].attrs["note"] = "kept"
+    fixed = tmp_path / "fixed.h5"
+    repair(single, fixed)
+    with h5py.File(fixed, "r") as f:
+        assert f["spectrum/L1/S"].attrs["note"] == "kept"
+
+
+def test_a_reducer_the_run_lacks_is_named_with_those_it_has_and_attention_none_is_not_offered_twice(tiny_loaded, tmp_path):
+    from qkhooks.attention import AttentionSpec
+    from qkhooks.errors import MissingReducer
+
+    result = qkhooks.record_dataset(tiny_loaded, _photos(2), tmp_path / "run.h5", progress=False)
+    with pytest.raises(QKHooksError, match=r"no reducer 'topk'; its reducers: topk_modes, anisotropy") as caught:
+        result.reducer("topk")
+    assert isinstance(caught.value, KeyError) and isinstance(caught.value, MissingReducer)
+    assert result.reducer("topk_modes") is result.reducers[0]
+    with pytest.raises(QKHooksError) as caught:
+        AttentionSpec("none")  # "none" is what parse_attention reads as no attention, not a kind of spec
+    assert "or 'none'" not in str(caught.value) and "attention=None" in str(caught.value)
+
+
+def test_bfd_claims_count_the_heads_with_a_value_and_share_of_head_is_defined_as_what_it_is():
+    """A head with W_q = 0 has no shares: the claim's mean skipped it but said "over 4 heads" (review B); and
+    share_of_head is each mode's energy over the sum of its head's mode energies (checked here against the head's
+    own per-mode energies), which DEFINITIONS now says is not the head's energy under frobenius."""
+    from qkhooks.analysis.bfd import DEFINITIONS, paper_claims, run_bfd
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2).eval()
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.weight[16:32] = 0  # layer 1, head 1: W_q = 0
+    result = run_bfd(model, torch.randn(8, 3, 32, 32), None, batch_size=4)
+    heads = [h for layer in result["layers"] for h in layer["heads"]]
+    valued = sum(any(v is not None for v in h["energy"].values()) for h in heads)
+    assert (len(heads), valued) == (4, 3)
+    assert "over 3 heads (1 head with no value left out)" in paper_claims(result)["sentences"][0]
+    head = result["layers"][0]["heads"][0]
+    shares = np.array([m["share_of_head"] for m in head["modes"]])
+    np.testing.assert_allclose(shares.sum(), 1.0, rtol=1e-9)
+    assert "not of the head" in DEFINITIONS["share_of_head"]
+
+
+def test_the_demo_report_names_the_files_of_its_data_it_skipped(tmp_path):
+    """A folder with an unreadable file: the page and summary.json said "N photos" and never named it (review D)."""
+    from PIL import Image
+
+    from qkhooks.report import make_report
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, photo in enumerate(_photos(3)):
+        Image.fromarray(photo).save(folder / f"p{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32, embed_dim=32, depth=2,
+                              num_heads=4).eval()
+    with pytest.warns(UserWarning):
+        summary = make_report(tmp_path / "report", qkhooks.load_model(model), data=str(folder), o3=3, objects=2,
+                              batch_size=4, progress=False)
+    skipped = summary["sections"]["modes"]["skipped"]
+    assert [name for name, _ in skipped] == ["broken.jpg"]
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "1 image file(s) of the data were skipped as unreadable (broken.jpg)" in page

@@ -74,7 +74,8 @@ FIGURE_CAPTIONS = (
     "global mean takes in the three-way view.",
     "Mode energy concentration: participation ratio (Σe)²/Σe² of each head's per-mode energies, mean over heads "
     "per layer (band: spread over heads), next to the number of modes: low = a few modes carry the head.",
-    "One head's modes in order of energy, each bar split into CC/CP/PC/PP (height: the mode's share of the head).",
+    "One head's modes in order of energy, each bar split into CC/CP/PC/PP (height: the mode's share of the head's "
+    "mode energies; under the Frobenius definition these do not add up to the head's energy).",
     "Held-out R² of linear probes decoding patch row/column from X and C (held-out images) and from P (held-out "
     "positions), and the positional share of variance; the axis stops at R² = −1 (lower values sit on the edge).",
 )

@@ -52,6 +52,9 @@ DEFINITIONS = {
     "claims.",
     "participation_ratio": "(sum_n e_n)^2 / sum_n e_n^2 over the per-mode energies e_n of the same definition.",
     "mode_ranking": "mode indices by decreasing per-mode energy of the same definition; rank 0 = largest.",
+    "share_of_head": "a mode's energy / the sum of its head's per-mode energies (same definition). Under additive "
+    "that sum is the head's energy; under frobenius it is not (cross-mode terms: it reads 0.1-1.1 of the head's "
+    "energy on DINOv2-S), so there it is a share among the modes, not of the head.",
     "layer_averages": "energy = plain mean over heads of the head shares (energy_std their spread); "
     "energy_pooled = sum over heads of each term's energy / sum over heads of the four.",
     "position_variance_share": "||P - mu||^2 / ||X - mu||^2 summed over images and positions (METHODS B.5); "
@@ -133,6 +136,12 @@ PASS_TOLERANCE = 1e-5
 The same tokens leave float64 rounding (~1e-16); tokens that differ between passes only by the model's float32
 kernels (a GPU's non-deterministic sums) leave a few 1.2e-7 |X| / |P|. Another image among n moves it by about
 |ΔX| / (n |P|): a random crop or a replaced photo reads 1e-2 to 1 (round 33's review)."""
+
+
+def _unvalued(shares: np.ndarray) -> str:
+    """" (N heads with no value left out)" where some head has no share at all (a head whose W_q or W_k is 0)."""
+    none = int(np.isnan(shares).all(1).sum())
+    return f" ({none} head{'s' if none != 1 else ''} with no value left out)" if none else ""
 
 
 def refuse_other_images(layer: int, content_mean: float) -> None:
@@ -499,7 +508,7 @@ def paper_claims(
     }
     sentences = {
         "cc_dominant": f"Content-content {'dominates' if out['cc_dominant'] else f'does not dominate ({top} does)'}: "
-        f"mean {kind} shares over {len(heads)} heads are {text}.",
+        f"mean {kind} shares over {int((~np.isnan(shares).all(1)).sum())} heads{_unvalued(shares)} are {text}.",
         "cp_second": f"Of CP, PC and PP the largest is {second} ({mean[second]:.2f}; coupling CP+PC "
         f"{mean['CP'] + mean['PC']:.2f} vs PP {mean['PP']:.2f}).",
         "heads_specialise": f"Head labels (each head's largest share; point estimates, not tested): {label_text}.",

@@ -23,7 +23,6 @@ Three ways in, one table out:
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from qkhooks._devices import to_device
+from qkhooks._json import write_json
 from qkhooks.errors import QKHooksError
 from qkhooks.data.masks import TokenCells, first_argmax, refuse_overlap
 from qkhooks.reducers import Reducer, refuse_non_finite
@@ -535,7 +535,7 @@ def write_preference(table: dict[str, Any], out_dir: str | os.PathLike, title: s
             for h in range(len(ph[PAIRS[0]]["mean"][i])):
                 w.writerow([layer, h, table["num_images"], *_fmt(ph[p]["mean"][i][h] for p in PAIRS),
                             *_fmt(ph[g]["mean"][i][h] for g in groups), *_fmt(ph[g]["std"][i][h] for g in groups)])
-    paths["json"].write_text(json.dumps(table, indent=1))
+    write_json(paths["json"], table)
     labels = {"same_object": "same object", "different_object": "different object", "background": "background"}
     ci = all("ci_low" in table[g] for g in groups)
     plot_layer_curves(

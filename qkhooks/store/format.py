@@ -551,3 +551,33 @@ def layer_geometry(info: Mapping[str, Any], layer: int) -> LayerGeometry | None:
     tokens = prefix + grid[0] * grid[1] if grid is not None else 0
     return LayerGeometry(int(layer), grid, prefix, tokens, tokens, grid, prefix, int(info.get("heads", 0)),
                          int(info.get("head_dim", 0)))
+
+
+def copy_statics(src: h5py.File, dst: h5py.File,
+                 unreadable: Callable[[str, bool, BaseException], None] | None = None,
+                 errors: tuple[type[BaseException], ...] = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+                 ) -> None:
+    """Copy every group's attributes and every dataset that is not per-image, not under ``images`` and not a
+    reducer state, each dataset with its attributes and, where it has one, its Fletcher-32 checksum (a merge and a
+    repair copied these two ways, each dropping one of them). ``unreadable(name, is_dataset, error)``: called for
+    what does not read (a repair goes on); without it the error is raised (a merge of healthy shards)."""
+
+    def visit(name: str, obj: Any) -> None:
+        if name.split("/", 1)[0] in ("images", REDUCERS):
+            return
+        try:
+            if isinstance(obj, h5py.Group):
+                group = dst.require_group(name)
+                for k, v in obj.attrs.items():
+                    group.attrs[k] = v
+            elif isinstance(obj, h5py.Dataset) and not obj.attrs.get("per_image", False):
+                summed = dict(chunks=obj.chunks, fletcher32=True) if obj.fletcher32 else {}
+                ds = dst.create_dataset(name, data=obj[()], dtype=obj.dtype, **summed)
+                for k, v in obj.attrs.items():
+                    ds.attrs[k] = v
+        except errors as exc:
+            if unreadable is None:
+                raise
+            unreadable(name, not isinstance(obj, h5py.Group), exc)
+
+    src.visititems(visit)

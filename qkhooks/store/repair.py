@@ -409,27 +409,16 @@ def _copy_attrs(src: h5py.Group, dst: h5py.Group, what: str, problems: list[str]
 
 
 def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str]) -> None:
-    """Groups' attributes and datasets that are not per-image, not image lists and not reducer states."""
-
-    def visit(name: str, obj: Any) -> None:
-        if name.split("/", 1)[0] in ("images", fmt.REDUCERS):
-            return
-        try:
-            if isinstance(obj, h5py.Group):
-                group = dst.require_group(name)
-                for k, v in obj.attrs.items():
-                    group.attrs[k] = v
-            elif not obj.attrs.get("per_image", False):
-                summed = dict(chunks=obj.chunks, fletcher32=True) if obj.fletcher32 else {}  # its checksum kept
-                dst.create_dataset(name, data=obj[()], dtype=obj.dtype, **summed)
-        except _READ_ERRORS as exc:
-            problems.append(f"{name} unreadable ({exc})")
-            if not isinstance(obj, h5py.Group):
-                lost.append(name)
-
+    """:func:`~qkhooks.store.format.copy_statics`, going on past what does not read and naming the datasets lost."""
     lost: list[str] = []
+
+    def unreadable(name: str, is_dataset: bool, exc: BaseException) -> None:
+        problems.append(f"{name} unreadable ({exc})")
+        if is_dataset:
+            lost.append(name)
+
     try:
-        src.visititems(visit)
+        fmt.copy_statics(src, dst, unreadable, _READ_ERRORS)
     except _READ_ERRORS as exc:
         problems.append(f"the file's tree is partly unreadable ({exc})")
         lost.append("(statics past the unreadable part of the tree)")
