@@ -9,6 +9,12 @@ The public surface is small on purpose:
 - :class:`Reducer` — the streaming-statistics protocol (``update``, ``merge``, ``state_dict``) for your own sinks;
 - :class:`QKHooksError` — the one error type, whose message says the fix.
 
+The types those calls hand back or take: :class:`LoadedModel` (``load_model``'s model with its preprocessing),
+:class:`RecordResult` (``record_dataset``'s file, reducers and skipped images), :class:`AttentionSpec` (a parsed
+``attention=`` option), :class:`LayerSpectrum` / :class:`QKSpectrum`, :class:`AttentionSite`, and
+:class:`RunWriter` (a run file written from your own loop: ``record(...).sinks.append(WriterSink(writer))``, with
+:class:`qkhooks.stream.WriterSink`).
+
 Live results (:class:`Recording`, :class:`BatchCapture`) and stored ones (:class:`RunReader`) are read with the
 same calls (:mod:`qkhooks.access`). Reading a run needs h5py and numpy only: the names that need torch are
 imported on first use (PEP 562), so ``import qkhooks; qkhooks.open_run(path)`` works where torch is not installed.

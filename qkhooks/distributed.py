@@ -419,7 +419,7 @@ def _problem(path: Path, resume: bool, overwrite: bool) -> str | None:
 
 
 def record_dataset_distributed(model: Any, data: Any, out: str | os.PathLike, *, resume: bool = False,
-                               overwrite: bool = False, progress: bool | None = None, **kwargs: Any):
+                               overwrite: bool = False, progress: bool | None = None, **kwargs: Any) -> RecordResult:
     """:func:`qkhooks.stream.record_dataset` on this rank's shard of the data, then one merged ``out`` (rank 0).
 
     Call it on every rank of an initialised ``torch.distributed`` process group (``torchrun`` plus
