@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from qkhooks.data.datasets import FOLDER_PREFIXES, GENERATED_PREFIXES, NAMED_SPECS, STREAMED_PREFIXES
+from qkhooks.data.datasets import BUNDLED_PREFIX, FOLDER_PREFIXES, GENERATED_PREFIXES, NAMED_SPECS, STREAMED_PREFIXES
 from qkhooks.data.readers import _split_spec
 from qkhooks.store.format import FILE_SIZES
 
@@ -39,8 +39,8 @@ def _absolute(path: str) -> str:
 
 
 def _absolute_part(spec: str) -> str:
-    if spec in NAMED_SPECS or spec.startswith(GENERATED_PREFIXES):
-        return spec  # generated or installed: no path (a named spec wins over a folder of the same name)
+    if spec in NAMED_SPECS or spec.startswith(GENERATED_PREFIXES + (BUNDLED_PREFIX,)):
+        return spec  # generated or installed: no path (a named spec beside a folder of its name is refused)
     for prefix in FOLDER_PREFIXES + STREAMED_PREFIXES:
         if spec.startswith(prefix):
             rest = spec[len(prefix):]

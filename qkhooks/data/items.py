@@ -38,6 +38,7 @@ class _Raw:
     distractor_items: np.ndarray | None = None
     native: bool = False  # already at model size (generated stimuli): normalise only
     extras: dict[str, Any] = field(default_factory=dict)
+    unread: tuple[str, ...] = ()  # the user's item's fields that were not read (named once per stream, not recorded)
 
 
 @dataclass(frozen=True)

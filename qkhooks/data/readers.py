@@ -136,6 +136,48 @@ def _photo_masks(item: Mapping[str, Any], value: Any, image: Image.Image, orient
     return masks
 
 
+def _is_pair(item: Any) -> bool:
+    """Whether ``item`` is read as an (image, label) pair, as torchvision datasets return."""
+    return isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[0], (int, float))
+
+
+def _path_id(value: Any) -> str | None:
+    """An image given as a file path is named by that path, as given (found by review: named by its position, a
+    resume over a list that changed could not tell that a position now holds another file); None for other images."""
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        return os.fsdecode(path) if isinstance(path, bytes) else path
+    return None
+
+
+def _own_id(item: Any) -> str | None:
+    """The id an item names itself by, or None (then its position is its id): a dict's ``"id"``; a webdataset
+    sample's image member (``__key__`` and the image's extension); an image given as a file path (alone, as the
+    image of a pair, or as a dict's ``"image"``), that path as given. Cheap: nothing is decoded."""
+    if _is_pair(item):
+        item = item[0]
+    if not isinstance(item, Mapping):
+        return _path_id(item)
+    if item.get("id") is not None:
+        return str(item["id"])
+    if "__key__" in item and "image" not in item:  # a webdataset sample: the image member's name
+        ext = _image_ext(item)
+        return f"{item['__key__']}.{ext}" if ext is not None else None
+    return _path_id(item.get("image"))
+
+
+_READ_KEYS = ("image", "id", *MASK_KEYS)
+
+
+def _unread_keys(item: Mapping[str, Any]) -> tuple[str, ...]:
+    """The fields of an item dict that are not read (labels, or a mask under another name): named in a warning once
+    per stream, since a mask under another key would otherwise be dropped without a word. Webdataset's own
+    ``__key__``-like fields and fields that are None are left out."""
+    read = set(_READ_KEYS) | ({_image_ext(item)} if "image" not in item else set())
+    return tuple(sorted(str(k) for k, v in item.items() if k not in read and v is not None
+                        and not (isinstance(k, str) and k.startswith("__") and k.endswith("__"))))
+
+
 def _image_value(item: Mapping[str, Any]) -> Any:
     if "image" in item:
         return item["image"]
@@ -145,16 +187,21 @@ def _image_value(item: Mapping[str, Any]) -> Any:
 
 def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
     """One user item to (its own id or None, the full-resolution image and masks)."""
-    if isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[0], (int, float)):
+    own = _own_id(item)
+    if _is_pair(item):
         if not (isinstance(item[1], str) or np.ndim(item[1]) == 0):  # a mask or a second image would be lost
             raise QKHooksError(
-                f"{where}: a 2-item {type(item).__name__} is read as (image, label), but its second element is a "
-                f"{type(item[1]).__name__} of shape {np.shape(item[1])}; give masks in a dict "
-                "{'image': ..., 'objects': ...}."
+                f"{where}: a 2-item {type(item).__name__} is read as (image, label), and its second element is taken "
+                "as a label and not used; only a label that is one value (an int, a float, a str, a 0-d array or "
+                "tensor) is accepted there, so that a mask or a second image given there is not lost without a "
+                f"word. This one is a {type(item[1]).__name__} of shape {tuple(np.shape(item[1]))} (a multi-label "
+                "or one-hot vector, boxes, a mask?). Give each item as a dict instead: {'image': image} records "
+                "the image alone (e.g. [{'image': img} for img, _ in pairs], or a Dataset whose __getitem__ "
+                "returns {'image': img}); give masks in a dict {'image': image, 'objects': mask}."
             )
         item = item[0]  # (image, label) as torchvision datasets return
     if not isinstance(item, Mapping):
-        return None, _Raw(image=_image_of(item, where)[0])
+        return own, _Raw(image=_image_of(item, where)[0])
     value = _image_value(item)
     if value is None:
         raise QKHooksError(
@@ -174,10 +221,8 @@ def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
         raw = _Raw(image=image, objects=masks.get("objects"))
     if raw.objects is not None and not np.issubdtype(raw.objects.dtype, np.integer) and raw.objects.dtype != bool:
         raise QKHooksError(f"{where}: 'objects' must hold integer instance labels, got {raw.objects.dtype}.")
-    own = item.get("id")
-    if own is None and "__key__" in item and "image" not in item:  # a webdataset sample: the image member's name
-        own = f"{item['__key__']}.{_image_ext(item)}"
-    return (None if own is None else str(own)), raw
+    raw.unread = _unread_keys(item)
+    return own, raw
 
 
 def _mask_layout(present: Iterable[str]) -> tuple[bool, bool]:
@@ -205,21 +250,22 @@ class _MapReader:
         return _item_to_raw(self.container[row], f"item {position}")
 
     def row_id(self, row: int, position: int) -> str:
-        """A skipped item's id: its own ``"id"`` where it is a dict that has one (as :meth:`decode` names the item),
-        else its position. Named by position alone, a lost item was listed under another item's id, or a recorded
-        one's (found by review). An item that cannot even be fetched is named by its position."""
+        """A skipped item's id: its own (:func:`_own_id`: a dict's ``"id"``, a file path) as :meth:`decode` names the
+        item, else its position. Named by position alone, a lost item was listed under another item's id, or a
+        recorded one's (found by review). An item that cannot even be fetched is named by its position."""
         try:
             item = self.container[row]
         except Exception:  # noqa: BLE001 - the item's own failure is reported where it was read
             return str(position)
-        return str(item["id"]) if isinstance(item, Mapping) and item.get("id") is not None else str(position)
+        own = _own_id(item)
+        return str(position) if own is None else own
 
     def mask_layouts(self, stop: int) -> Iterator[tuple[int, str, tuple[bool, bool]]] | None:
         """Each item's (position, id, mask layout) without decoding, for a list or tuple (whose items are already
         in memory); None for a Dataset, whose ``__getitem__`` may load the image."""
         if not isinstance(self.container, (list, tuple)):
             return None
-        return ((i, str(item["id"]) if isinstance(item, Mapping) and item.get("id") is not None else str(i),
+        return ((i, str(i) if (own := _own_id(item)) is None else own,
                  _mask_layout(k for k in MASK_KEYS if isinstance(item, Mapping) and item.get(k) is not None))
                 for i, item in enumerate(self.container[:stop]))
 
@@ -246,7 +292,8 @@ class _IterReader:
         return _item_to_raw(row, f"item {position}")
 
     def row_id(self, row: Any, position: int) -> str:
-        return str(row["id"]) if isinstance(row, Mapping) and row.get("id") is not None else str(position)
+        own = _own_id(row)
+        return str(position) if own is None else own
 
     def __getstate__(self) -> dict[str, Any]:  # workers only decode; a generator cannot be pickled (spawn, macOS)
         return {**self.__dict__, "iterable": None}
@@ -301,7 +348,10 @@ class _HFReader:
 
 
 class _TarReader:
-    """webdataset shards read with the standard library: consecutive members sharing a key form one sample."""
+    """webdataset shards read with the standard library: consecutive members sharing a key (the name before the first
+    dot, as webdataset groups them) form one sample. Fields are matched by their lower-cased suffix; the image's id
+    keeps the member's own spelling. A sample holding two images (``p1.jpg`` and ``p1.png``), or two members of one
+    field (``p1.jpg`` and ``p1.JPG``), is skipped and listed with the reason, not cut to one of them."""
 
     def __init__(self, shards: Sequence[str]):
         self.shards = list(shards)
@@ -328,7 +378,12 @@ class _TarReader:
                             yield sample
                             sample, last = {}, sample["__key__"]
                         fh = tar.extractfile(member)
-                        sample.update({"__key__": key, "__shard__": shard, ext.lower(): fh.read() if fh else b""})
+                        field = ext.lower()
+                        members = sample.setdefault("__members__", {})
+                        if field in members:  # two members for one field: which is meant is not guessed
+                            sample.setdefault("__twice__", [members[field]]).append(base)
+                        members.setdefault(field, base)
+                        sample.update({"__key__": key, "__shard__": shard, field: fh.read() if fh else b""})
             except (tarfile.TarError, OSError, EOFError) as exc:
                 # the rest of a damaged shard is unreadable: one row says so, and the next shard goes on
                 if _image_ext(sample):
@@ -345,6 +400,15 @@ class _TarReader:
         where = f"sample {row['__key__']!r} of {row['__shard__']}"
         if "__error__" in row:
             raise _Unreadable(row["__error__"])
+        images = [row["__members__"][e] for e in _EXTENSIONS if e in row]
+        if len(images) > 1 or "__twice__" in row:
+            many = len(images) > 1
+            held = ", ".join(images if many else row["__twice__"])
+            raise _Unreadable(
+                f"{where} holds {held}: webdataset makes one sample of the members whose names agree before the first "
+                f"dot, so {'this sample has more than one image' if many else 'these are one field of it, twice'}, "
+                "and which to record is not guessed; give each image its own name before the first dot (e.g. "
+                "p1_a.jpg, p1_b.png) and write the shard again")
         ext = _image_ext(row)
         if ext is None:
             raise QKHooksError(f"{where} has no image member (looked for .{', .'.join(_EXTENSIONS)}); "
@@ -352,12 +416,22 @@ class _TarReader:
         meta = json.loads(row["json"]) if "json" in row else {}
         item: dict[str, Any] = {"image": row[ext], "id": meta.get("id", self.row_id(row, position))}
         item.update({k: row[f"{k}.png"] for k in MASK_KEYS if f"{k}.png" in row})
-        return _item_to_raw(item, where)
+        own, raw = _item_to_raw(item, where)
+        read = {ext, "json", *(f"{k}.png" for k in MASK_KEYS)}
+        raw.unread = tuple(sorted("." + base.partition(".")[2] for f, base in row["__members__"].items()
+                                  if f not in read))  # as member suffixes: .cls, .mask.png
+        return own, raw
 
     def row_id(self, row: Mapping[str, Any], position: int) -> str:
-        """The image member's name (a folder of the same files has the same ids); a damaged shard's path."""
-        ext = None if "__error__" in row else _image_ext(row)
-        return f"{row['__key__']}.{ext}" if ext else str(row["__key__"])
+        """The image member's name in its own letter case (a folder of the same files has the same ids); a sample
+        of several images, its key; a damaged shard's path."""
+        if "__error__" in row:
+            return str(row["__key__"])
+        images = [row["__members__"][e] for e in _EXTENSIONS if e in row]
+        if len(images) != 1 or "__twice__" in row:
+            return str(row["__key__"])
+        folder = row["__key__"].rpartition("/")[0]
+        return f"{folder}/{images[0]}" if folder else images[0]
 
 
 def _image_ext(sample: Mapping[str, Any]) -> str | None:
@@ -450,8 +524,12 @@ def _open_hfds(rest: str) -> tuple[Any, str | None]:
         if path.is_file() and path.suffix == ".parquet":
             return datasets.load_dataset("parquet", data_files=str(path), split=split or "train"), None
         if path.exists():
-            raise QKHooksError(f"hfds:{rest}: {str(path)!r} is neither a save_to_disk folder, an image folder "
-                               "nor a .parquet file.")
+            tar = f" A webdataset shard is read as wds:{name}." if path.suffix.lower() == ".tar" else ""
+            raise QKHooksError(
+                f"hfds:{rest}: {str(path)!r} is not what hfds: reads: a save_to_disk folder, an image folder or a "
+                ".parquet file. A list of image paths in a file (.txt, .csv, ...) is not read: read it yourself and "
+                "pass the paths to qkhooks.record_dataset(model, paths, out) as a Python list (each image's id is "
+                f"then its path as given), or pass the folder that holds the images.{tar}")
         if name.startswith((".", "/", "~")):
             raise QKHooksError(f"hfds:{rest}: {str(path)!r} does not exist.")
         return datasets.load_dataset(name, split=split or "train", streaming=True), None

@@ -15,7 +15,11 @@ labels, 0 = background), ``"target"`` and ``"distractor"`` (odd-one-out masks), 
 image. A dict without ``"image"`` may hold the image under a file extension (``"jpg"``, ``"png"``, ...), as a
 ``webdataset.WebDataset`` yields it. Tensors are refused: they are some other preprocessing's output, and
 qkhooks applies the model's own. Every image goes through the same RGB conversion as a folder's files, so
-the same image gives the bit-identical array whatever container it came in.
+the same image gives the bit-identical array whatever container it came in. An item's id is its dict's ``"id"``,
+else the file path it was given as (alone, as a pair's image or as a dict's ``"image"``, as given), else its
+position; a dict's other fields are not read, and are named in one warning per stream (a mask under another name
+would otherwise be left out without a word). A DataLoader is read through its dataset, in index order: one whose
+sampler or batch sampler chooses items is refused (pass ``torch.utils.data.Subset(dataset, indices)``).
 
 The readers of each kind of source, and the conversion of one item, are in :mod:`qkhooks.data.readers`; here
 are the ordered stream, its worker processes and :func:`open_source`.
@@ -54,7 +58,12 @@ from qkhooks.data.readers import (
 )
 from qkhooks.errors import DataRefusal, QKHooksError
 
-__all__ = ["DATASETS_INSTALL", "ItemStream", "StreamBatch", "expand_braces", "open_source"]
+__all__ = ["DATASETS_INSTALL", "OBJECT_PREFIXES", "ItemStream", "StreamBatch", "expand_braces", "open_source"]
+
+OBJECT_PREFIXES: tuple[str, ...] = ("torch:", "sequence:", "iterable:", "datasets:")
+"""How a run names data given as a Python object (a torch Dataset, a sequence, an iterable, a Hugging Face dataset
+object): ``PREFIX + the object's type`` (or the Hugging Face dataset's name). Not a spec: such a run's images cannot
+be reopened from the run file (e.g. to draw photos)."""
 
 _SPECS = "hfds:DIR_OR_NAME[:SPLIT] (a Hugging Face dataset) or wds:PATTERN (webdataset tar shards, {000..009} expanded)"
 
@@ -106,6 +115,7 @@ class ItemStream:
         self.limit = limit
         self.length = reader.length if reader.length is None or limit is None else min(limit, reader.length)
         self._first: tuple[int, str] = (0, "0")  # the item _peek learns the masks from: (position, id)
+        self._unread_named: set[str] = set()  # fields of the items not read, once warned of
         self.has_masks, self.has_targets = self._peek()
         self._check_layouts()
 
@@ -123,6 +133,7 @@ class ItemStream:
             except _Unreadable:
                 continue
             self._first = (position, own_id if own_id is not None else str(position))
+            self._name_unread(raw.unread)
             break
         else:
             raise QKHooksError(f"{self.name} is empty: it gave no items (a generator gives its items only once)."
@@ -132,15 +143,44 @@ class ItemStream:
             self._reader = _Replay(self._reader, seen, rows)
         return raw.objects is not None, raw.target is not None
 
+    def _name_unread(self, keys: tuple[str, ...]) -> None:
+        """Warn, once per stream for each, of the fields of the items that qkhooks does not read: a mask under another
+        name (``"mask"``, ``"segmentation"``) would otherwise be left out without a word (found by review). Not
+        refused: items may carry labels and other fields that are not for qkhooks."""
+        new = [k for k in keys if k not in self._unread_named]
+        if not new:
+            return
+        self._unread_named.update(new)
+        tar = self.name.startswith("wds:")
+        warnings.warn(
+            f"{self.name}: the items' {'member' if tar else 'field'}{'s' if len(new) > 1 else ''} "
+            f"{', '.join(map(repr, new))} {'are' if len(new) > 1 else 'is'} not read, so nothing of "
+            f"{'them' if len(new) > 1 else 'it'} is recorded. qkhooks reads "
+            + ("each sample's image member, NAME.json's 'id', and the masks NAME.objects.png (instance labels, 0 = "
+               "background), NAME.target.png and NAME.distractor.png; if one of them is a mask, name its member so."
+               if tar else
+               "an item's 'image' (or, in a webdataset sample, the image under its file extension), 'id', and the "
+               "masks 'objects' (instance labels, 0 = background), 'target' and 'distractor'; if one of them is a "
+               "mask, give it under one of those names (e.g. item['objects'] = item.pop('mask')).")
+            + " Labels and other fields may stay: this only says that they are not used.", stacklevel=3)
+
     def _check_layouts(self) -> None:
-        """Refuse, before anything is recorded, a source whose items do not all carry the first item's masks, where
-        the reader can tell without decoding (a list or tuple of dicts, a map-style Hugging Face dataset's columns);
-        other sources are checked item by item as they are decoded (:meth:`_decode`)."""
+        """Refuse, before anything is recorded, a source whose items do not all carry the first item's masks, or
+        two of whose items have the same id, where the reader can tell without decoding (a list or tuple of items,
+        a map-style Hugging Face dataset's columns); other sources are checked item by item as they are decoded
+        (:meth:`_decode`, and the recording's check of ids)."""
         layouts = getattr(self._reader, "mask_layouts", None)
         found = layouts(self.length) if layouts is not None and self.length is not None else None
+        seen: dict[str, int] = {}
         for position, item_id, layout in found or ():
             if layout != (self.has_masks, self.has_targets):
                 raise QKHooksError(self._mask_gap(position, item_id, layout) + " Nothing was recorded.")
+            if item_id in seen:
+                raise QKHooksError(
+                    f"{self.name}: items {seen[item_id]} and {position} have the same id {item_id!r}; a run file finds "
+                    "images by id, so each needs its own (a dict's 'id'; an image given as a file path, alone or as a "
+                    "dict's 'image', has that path as its id: list each file once). Nothing was recorded.")
+            seen[item_id] = position
 
     def _mask_gap(self, position: int, item_id: str, layout: tuple[bool, bool]) -> str:
         """Why an item whose masks (``layout``: has objects, has target/distractor) differ from the first's is
@@ -157,10 +197,14 @@ class ItemStream:
 
     def _decode(self, position: int, row: Any) -> dict[str, Any] | tuple[str, str]:
         """One position to its preprocessed item, or (id, reason) if its bytes do not decode."""
+        return self._decode_unread(position, row)[0]
+
+    def _decode_unread(self, position: int, row: Any) -> tuple[dict[str, Any] | tuple[str, str], tuple[str, ...]]:
+        """:meth:`_decode`, and the item's fields that were not read."""
         try:
             own_id, raw = self._reader.decode(row, position)
         except _Unreadable as exc:
-            return (self._reader.row_id(row, position), str(exc))
+            return (self._reader.row_id(row, position), str(exc)), ()
         except Exception as exc:  # the user's own code failed: stop, saying where
             if not isinstance(exc, QKHooksError):
                 exc.add_note(f"(while qkhooks read item {position} of {self.name})")
@@ -169,15 +213,22 @@ class ItemStream:
         layout = (raw.objects is not None, raw.target is not None)
         if layout != (self.has_masks, self.has_targets):
             raise DataRefusal(self._mask_gap(position, item_id, layout))  # record_dataset adds where the run file is
-        return preprocess_raw(self.name, self.image_config, item_id, raw)
+        return preprocess_raw(self.name, self.image_config, item_id, raw), raw.unread
 
     def _decode_batch(self, rows: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        return self._decode_rows(rows)[:2]
+
+    def _decode_rows(self, rows: list[tuple[int, Any]]
+                     ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], tuple[str, ...]]:
+        """The items that decoded, (id, reason) of those that did not, and the fields of the items not read."""
         items: list[dict[str, Any]] = []
         failures: list[tuple[str, str]] = []
+        unread: set[str] = set()
         for position, row in rows:
-            out = self._decode(position, row)
+            out, keys = self._decode_unread(position, row)
             (failures if isinstance(out, tuple) else items).append(out)
-        return items, failures
+            unread.update(keys)
+        return items, failures, tuple(sorted(unread))
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None,
                 workers: int = 0) -> Iterator[StreamBatch]:
@@ -196,7 +247,9 @@ class ItemStream:
         chunks = iter(lambda: list(itertools.islice(rows, batch_size)), [])
         if workers == 0:
             for chunk in chunks:
-                yield StreamBatch(*self._decode_batch(chunk), end=chunk[-1][0] + 1)
+                items, failures, unread = self._decode_rows(chunk)
+                self._name_unread(unread)
+                yield StreamBatch(items, failures, end=chunk[-1][0] + 1)
             return
         pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(),
                                                       initializer=_set_worker_stream,
@@ -208,7 +261,9 @@ class ItemStream:
                     pending.append((chunk[-1][0] + 1, pool.submit(_worker_decode, chunk)))
                 while pending and (chunk is None or len(pending) > 2 * workers):
                     end, future = pending.popleft()
-                    yield StreamBatch(*future.result(), end=end)
+                    items, failures, unread = future.result()
+                    self._name_unread(unread)
+                    yield StreamBatch(items, failures, end=end)
         finally:
             pool.shutdown(cancel_futures=True)
 
@@ -246,22 +301,53 @@ def _set_worker_stream(stream: ItemStream, pil_limit: int | None) -> None:
     set_pil_limit(pil_limit)  # the main process's, where the worker was spawned with PIL's default
 
 
-def _worker_decode(rows: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+def _worker_decode(rows: list[tuple[int, Any]]
+                   ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], tuple[str, ...]]:
     assert _WORKER_STREAM is not None
-    return _WORKER_STREAM._decode_batch(rows)
+    return _WORKER_STREAM._decode_rows(rows)
 
 
 # ---------------------------------------------------------------------------------------------- opening
 
 
 def _unwrap_loader(loader: torch.utils.data.DataLoader) -> Any:
-    """A DataLoader's dataset, read in its own order: qkhooks batches and preprocesses the items itself."""
-    from torch.utils.data import SequentialSampler
+    """A DataLoader's dataset, read in its own order: qkhooks batches and preprocesses the items itself. A sampler
+    or batch sampler that reads other items than all of them is refused (found by review: its subset was ignored and
+    the whole dataset recorded); ``shuffle=True`` (every item, in another order) and ``drop_last`` are warned of."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
-    if not isinstance(loader.dataset, torch.utils.data.IterableDataset) and not isinstance(loader.sampler, SequentialSampler):
-        warnings.warn(f"the DataLoader's {type(loader.sampler).__name__} is not used: qkhooks reads its dataset in "
-                      "index order so that ids and resumes are reproducible.", stacklevel=4)
-    return loader.dataset
+    dataset = loader.dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # a DataLoader takes no sampler for one
+        return dataset
+    batches = loader.batch_sampler
+    custom_batches = batches is not None and type(batches) is not BatchSampler
+    sampler = loader.sampler if batches is None or custom_batches else batches.sampler
+    whole = getattr(sampler, "data_source", None) is dataset
+    in_order = type(sampler) is SequentialSampler and whole
+    shuffled = (type(sampler) is RandomSampler and whole and not sampler.replacement
+                and getattr(sampler, "_num_samples", None) is None)
+    if custom_batches or not (in_order or shuffled):
+        what = (f"batch_sampler ({type(batches).__name__})" if custom_batches else
+                f"sampler ({type(sampler).__name__})" if batches is None or batches.sampler is loader.sampler else
+                f"batch_sampler's sampler ({type(sampler).__name__})")
+        split = ("; to split the data over processes, pass the dataset with shard=(rank, world) (each rank records "
+                 "a contiguous block; qkhooks.distributed.merge_shards joins them)"
+                 if "Distributed" in type(sampler).__name__ else "")
+        raise QKHooksError(
+            f"the DataLoader's {what} chooses which items of its dataset are read, but qkhooks does not use a "
+            "DataLoader's sampler: it reads the DataLoader's dataset itself, every item in index order, and batches "
+            "it itself (so that ids and resumes are reproducible), so the whole dataset would be recorded, not what "
+            "the sampler chooses. To record a subset, pass torch.utils.data.Subset(dataset, indices) instead of the "
+            f"DataLoader (or the dataset itself to record all of it){split}.")
+    if shuffled:
+        warnings.warn("the DataLoader's shuffle=True (RandomSampler) is not used: qkhooks reads every item of its "
+                      "dataset once, in index order, so that ids and resumes are reproducible.", stacklevel=4)
+    if batches is not None and batches.drop_last and len(dataset) % batches.batch_size:
+        warnings.warn(f"the DataLoader's drop_last=True is not used: qkhooks batches the dataset itself and records "
+                      f"all {len(dataset)} items, the last {len(dataset) % batches.batch_size} (which the DataLoader "
+                      "drops) too; pass torch.utils.data.Subset(dataset, range(n)) to record only the first n.",
+                      stacklevel=4)
+    return dataset
 
 
 def open_source(
