@@ -824,12 +824,19 @@ class _StreamPosition:
     def track(self, batches: Any, seen: set[str]) -> Any:
         """The stream's batches as the loop's ``(batch or None, items read)``, moving the position after each;
         an id already recorded is refused (the run file and its resume find images by id)."""
+        in_file = set(seen)  # the ids the run file held when this stream began (a resume's)
         for part in batches:
             ids = [item["id"] for item in part.items]
             twice = next((i for n, i in enumerate(ids) if i in seen or i in ids[:n]), None)
+            if twice is not None and twice in in_file:
+                raise DataRefusal(
+                    f"item id {twice!r} is already in the run file: the data changed since the run started (an item "
+                    "added, removed or reordered before the resume point), so the resume would record it twice; put "
+                    "the data back as it was, record into a new --out, or --overwrite to start again.")
             if twice is not None:
                 raise DataRefusal(f"two items of the data have the id {twice!r}; give each item its own 'id', or "
-                                   "none at all (then the position is the id).")
+                                   "none at all (then the position is the id; an item given as a file path has that "
+                                   "path as its id).")
             unstorable = next(filter(None, map(id_problem, ids)), None)
             if unstorable is not None:
                 raise DataRefusal(f"{unstorable}.")

@@ -68,8 +68,13 @@ def _image(h: int = 6, w: int = 8) -> Image.Image:
 def test_a_pair_whose_second_element_is_a_mask_is_refused_with_the_whole_reason():
     with pytest.raises(QKHooksError) as exc:
         _item_to_raw((_image(), np.zeros((6, 8))), "item 3")
-    assert str(exc.value) == ("item 3: a 2-item tuple is read as (image, label), but its second element is a ndarray "
-                              "of shape (6, 8); give masks in a dict {'image': ..., 'objects': ...}.")
+    assert str(exc.value) == (
+        "item 3: a 2-item tuple is read as (image, label), and its second element is taken as a label and not used; "
+        "only a label that is one value (an int, a float, a str, a 0-d array or tensor) is accepted there, so that a "
+        "mask or a second image given there is not lost without a word. This one is a ndarray of shape (6, 8) (a "
+        "multi-label or one-hot vector, boxes, a mask?). Give each item as a dict instead: {'image': image} records "
+        "the image alone (e.g. [{'image': img} for img, _ in pairs], or a Dataset whose __getitem__ returns "
+        "{'image': img}); give masks in a dict {'image': image, 'objects': mask}.")
 
 
 def test_an_item_without_an_image_is_refused_naming_its_keys():
