@@ -240,6 +240,7 @@ class Recording:
         self._residual: dict[int, torch.Tensor] = {}
         self.last: BatchCapture | None = None
         self._unfinished = False  # a forward began after the last batch completed and has not completed
+        self._left_open: tuple[int, ...] = ()  # the layers the open batch had run when detach dropped it
         self._begun_in_backward = False  # that forward began inside backward() (a checkpointed block recomputed)
         self._checked_training = False  # whether active dropout was looked for in training mode (attach, _begin_batch)
         self._bias: dict[int, torch.Tensor | str] = {}  # layer -> its position-only term, or why it has none
@@ -342,6 +343,8 @@ class Recording:
         """Remove this recording's hooks (idempotent) and drop any half-finished batch."""
         handles, self._handles = self._handles, []
         remove_own_hooks(handles)
+        if self._current is not None and self._unfinished:  # the layers a call left open ran, for _partial_call
+            self._left_open = tuple(sorted(set(self._current.captures) | set(self._calls)))
         for mode in self._attending.values():  # a forward stopped by KeyboardInterrupt skips the hook that leaves it
             if mode.entered:
                 mode.leave()
@@ -377,7 +380,7 @@ class Recording:
     def sites_release(self) -> None:
         """Forget the model's modules so a finished recording keeps no model alive."""
         self.sites = [dataclasses.replace(s, module=None, block=None, qk_linear=_released, qk_modules=(),  # type: ignore[arg-type]
-                                          grid_source=None)  # the grid its last call read stays (_grid_of_source)
+                                          grid_source=None, qk_watch=())  # the grid its last call read stays (_grid_of_source)
                       for s in self.sites]
         self._live_weights.clear()  # views of the weights: they would keep the parameters' memory alive
 
@@ -436,7 +439,7 @@ class Recording:
         meta.setdefault("prefix_tokens", self._prefix_tokens)
         # the last batch is freed as the next forward begins (a batch the caller holds stays theirs), so a recording
         # never holds two batches' maps at once: half the peak for full maps, and no heap grown and trimmed a batch
-        self.last, self._unfinished = None, True
+        self.last, self._unfinished, self._left_open = None, True, ()
         self._begun_in_backward = torch._C._current_graph_task_id() != -1  # a checkpointed block recomputed
         self._taking_x = set()
         self._current = BatchCapture(ids=list(meta.pop("ids", [])), meta=meta, module_paths=self.module_paths,
@@ -902,13 +905,47 @@ class Recording:
 
     @property
     def ids(self) -> list[str]:
-        """Ids of the last batch's images (empty before the first forward)."""
+        """Ids of the last batch's images (empty before the first forward, or after one that raised); after a call
+        that ran only some of the recorded layers, a refusal naming them (:meth:`_partial_call`)."""
+        if self.last is None:
+            self._refuse_partial_call()
         return list(self.last.ids) if self.last is not None else []
 
     @property
     def n(self) -> int:
-        """Images in the last batch (0 before the first forward)."""
+        """Images in the last batch (0 before the first forward, or after one that raised); after a call that ran
+        only some of the recorded layers, a refusal naming them (:meth:`_partial_call`), not 0."""
+        if self.last is None:
+            self._refuse_partial_call()
         return self.last.n if self.last is not None else 0
+
+    def _refuse_partial_call(self) -> None:
+        """Raise :meth:`_partial_call`'s refusal where there is one."""
+        refusal = self._partial_call()
+        if refusal is not None:
+            raise refusal
+
+    def _partial_call(self) -> QKHooksError | None:
+        """Why there is no batch after a call that ran some recorded layers and left its batch open (None otherwise):
+        a call other than the model's own (``model.forward_intermediates(x, indices=[1], stop_early=True)``, a block
+        called on its own) completes a batch when the last recorded layer returns, so one that stops before it completes
+        none, while the batch before was freed as it began. Names the layers it ran and those it did not, and the
+        ``layers=`` that records what it runs. (A call still running, read from inside it, has its batch open too: the
+        text says so.) A model call that raised has its batch dropped (:meth:`_drop_failed`): None here."""
+        if not self._unfinished or self._begun_in_backward:
+            return None
+        batch = self._current
+        ran = sorted(set(batch.captures) | set(self._calls)) if batch is not None else list(self._left_open)
+        missing = [layer for layer in self.layers if layer not in ran]
+        if not ran or not missing:
+            return None
+        return QKHooksError(
+            f"the last call ran the recorded layers {ran} but not {missing}, so it completed no batch: a call other "
+            "than the model's own (model.forward_intermediates(..., stop_early=True), a block called on its own) "
+            "completes one when the last recorded layer returns, and this one stopped before (or raised), while a "
+            "recording frees its last batch as the next begins, so there is no batch to read. Record the layers such a "
+            f"call runs: qkhooks.record(model, layers={ran}, ...) (or run the model's own forward); if the call is "
+            "still running, read after it returns.")
 
     @property
     def config(self) -> dict[str, Any]:
@@ -930,6 +967,7 @@ class Recording:
                                    "frees its last batch as the next begins, so there is none to read. Read the "
                                    "batch before backward() (batch = run.last keeps it), or record with checkpointing "
                                    "off (model.set_grad_checkpointing(False)).")
+            self._refuse_partial_call()  # a call that ran only some recorded layers: named, with the layers= it runs
             if self._unfinished:
                 raise QKHooksError("the last forward did not complete (it raised, or it is still running), and a "
                                    "recording frees its last batch as the next forward begins, so there is no batch to "

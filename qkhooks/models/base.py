@@ -21,7 +21,8 @@ from qkhooks._devices import to_device
 from qkhooks.access import layer_at_path
 from qkhooks.errors import QKHooksError
 from qkhooks.models.unsupported import (PEFT_FIX, SKIP_HINT, describe_attention_like, diagnose, refuse_opaque, refuse_quantised,
-                                        refuse_unplain_qk, skipping_unmodelled, unmodelled_parts, unmodelled_reason)
+                                        refuse_unplain_qk, skipping_unmodelled, unmodelled_parts, unmodelled_reason,
+                                        watch_qk_path)
 
 __all__ = ["AttentionSite", "QKWeights", "register_adapter", "find_sites", "adapters"]
 
@@ -100,9 +101,16 @@ class AttentionSite:
             ``() -> [((kernel), (stride), (padding)), ...]`` (rows, cols each), so the pixels each token reads follow
             (:func:`qkhooks.data.masks.receptive_cells`) where its grid is no cells of the input (PiT's overlapping
             patch embedding and its pooling). None: its patch size (:attr:`patch_size`) or blocks say it.
-        scale_attribute: the module's attribute ``scale`` was read from (timm's ``attn.scale``), which every entry
-            and batch checks is unchanged, and which a fused path that ignores it (timm's SDPA call passes no
-            ``scale``: the kernel's 1/sqrt(d_k)) must equal 1/sqrt(d_k) for (``refuse_altered_qk``).
+        scale_attribute: the module's attribute ``scale`` was read from (timm's ``attn.scale``, Hugging Face's
+            ``scaling`` or ``scale``; the search names it for any adapter that left it unset,
+            :func:`qkhooks.models.unsupported.watch_qk_path`), which every entry and batch checks is unchanged, and
+            which a fused path that ignores it (timm's SDPA call passes no ``scale``: the kernel's 1/sqrt(d_k)) must
+            equal 1/sqrt(d_k) for (``refuse_altered_qk``).
+        qk_watch: set by the search (:func:`qkhooks.models.unsupported.watch_qk_path`): what the layer's q/k path was
+            made of when it was found (the modules from the model's first level down to the attention module, its
+            q/k projections and q/k norms, and its head-count and head-width attributes), which every entry and batch
+            checks by identity (``refuse_altered_qk``): a module replaced or a head count changed inside the context
+            is refused, not recorded with the old ones.
     """
 
     layer: int
@@ -136,6 +144,7 @@ class AttentionSite:
     grid_source: tuple[nn.Module, Callable[[tuple, dict], tuple[int, int]]] | None = None
     qk_scope: tuple[tuple[str, bool], ...] = ()
     scale_attribute: str | None = None
+    qk_watch: tuple[tuple[Any, ...], ...] = dataclasses.field(default=(), repr=False)
     pixel_convs: Callable[[], list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]] | None = None
     _grid_of_source: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
     _grid_of_input: tuple[int, int] | None = dataclasses.field(default=None, repr=False)  # the grid the call hands it
@@ -642,6 +651,7 @@ def _find_sites(model: nn.Module, layers: "LayerSelection", skip_unmodelled: boo
                 if found:
                     refuse_quantised(model, [s.path for s in found])  # an adapter's site the candidates did not hold
                     refuse_unplain_qk(found)
+                    watch_qk_path(model, found)  # after refuse_unplain_qk: it watches the qk_scope found there
                     return select_layers(number_in_forward_order(model, found), layers)
                 break
     left = unmodelled_parts(model, []) if skip_unmodelled else {}

@@ -632,6 +632,94 @@ def _reparametrization_fix(site: "AttentionSite", path: str, module: nn.Module) 
     return PEFT_FIX
 
 
+# The q/k normalisations an attention module may own (timm, EVA, HF InternVL / Sapiens2): on the q/k path like W_q/W_k
+_QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+# Attributes a forward splits q and k into heads with (timm, transformers 4.x and 5.x names): watched per batch
+_HEAD_ATTRIBUTES = ("num_heads", "head_dim", "num_attention_heads", "attention_head_size", "all_head_size",
+                    "num_kv_heads", "num_key_value_heads", "num_key_value_groups", "attn_dim", "embed_dim", "head_size",
+                    "key_dim", "kv_dim")
+_SCALE_ATTRIBUTES = ("scaling", "scale")  # Hugging Face ViT / DINOv2 / BEiT: scaling; CLIP / SigLIP, timm: scale
+_GONE = object()
+
+
+def watch_qk_path(model: nn.Module, sites: Sequence["AttentionSite"]) -> None:
+    """Called by the search, after :func:`refuse_unplain_qk`: note on each site what its q/k path is made of now
+    (``site.qk_watch``), for :func:`refuse_altered_qk` to check by identity at every entry and batch, and name the
+    attribute its scale was read from (``site.scale_attribute``) where the adapter did not.
+
+    Watched: each module from the model's first level down to the attention module (the root is not held: the sites
+    are cached per model, weakly), the attention module's q/k children (``qkv``, ``q_proj``, ``query``..., the q/k
+    norms, the first module of every ``qk_scope`` path) and the modules of its ``qk_scope``, and the head-count and
+    head-width attributes its forward splits q and k with. The scale: the first of ``scaling``, ``scale`` that holds
+    a number equal to the site's scale, so Hugging Face's attention scale is checked per batch as timm's is
+    (:func:`_refuse_unread_scale`, the one rule). Sites whose maps are taken in the module's own forward read no
+    weights and are not watched (as :func:`refuse_altered_qk` does not check them)."""
+    for site in sites:
+        if site.module is None or site.observes_maps():
+            continue
+        if site.scale_attribute is None:
+            site.scale_attribute = next((name for name in _SCALE_ATTRIBUTES if _number(getattr(site.module, name, None))
+                                         and float(getattr(site.module, name)) == site.scale), None)
+        watch: list[tuple[Any, ...]] = []
+        node, chain = model, []
+        for i, name in enumerate(site.path.split(".") if site.path else ()):
+            child = node._modules.get(name)
+            if child is None:
+                break
+            if node is not model:
+                chain.append((node, name, child, True, ".".join(site.path.split(".")[: i + 1])))
+            node = child
+        if node is site.module:  # a path that leads elsewhere (an adapter's own naming) is not walked
+            watch.extend(chain)
+        scope = {path.split(".")[0] for path, _ in site.qk_scope}
+        qk_children = {id(m) for m in site.qk_modules}
+        for name, child in site.module._modules.items():
+            if name in _QK_CHILDREN or name in _QK_NORMS or name in scope or id(child) in qk_children:
+                watch.append((site.module, name, child, True, f"{site.path}.{name}"))
+        for path, _ in site.qk_scope:
+            owner, _, name = path.rpartition(".")
+            if owner:
+                parent = site.module.get_submodule(owner)
+                watch.append((parent, name, parent._modules.get(name), True, f"{site.path}.{path}"))
+        for name in _HEAD_ATTRIBUTES:
+            value = site.module.__dict__.get(name)
+            if type(value) is int:
+                watch.append((site.module, name, value, False, name))
+        site.qk_watch = tuple(watch)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _refuse_replaced(site: "AttentionSite") -> None:
+    """Refuse a site whose q/k path is no longer what the search found (:func:`watch_qk_path`): a module on it replaced
+    (the attention module, a block above it, ``qkv`` / ``q_proj``, ``q_norm``...) or a head count changed, inside the
+    context (or since the sites handed in were found). The site reads the old modules (its weights, its q/k hooks, its
+    norm), so the maps, modes and spectrum would be the old modules' while the model runs the new ones. A few dict
+    reads a layer: run before every batch."""
+    for owner, name, expected, is_module, where in site.qk_watch:
+        now = (owner._modules if is_module else owner.__dict__).get(name, _GONE)
+        if now is expected or (not is_module and now == expected):
+            continue
+        head = f"unsupported attention in {site.path!r} ({type(site.module).__name__}): "
+        since = "inside this record() context (or since the sites handed to it were found)"
+        fix = ("Make the change before entering record() (each entry finds the model as it is then), or undo it "
+               "while recording.")
+        if not is_module:
+            raise QKHooksError(
+                f"{head}its {name} changed from {expected!r} to {'(deleted)' if now is _GONE else repr(now)} {since}, "
+                "so the maps and modes would split q and k into the heads found at entry while the model splits them "
+                f"into others. {fix}")
+        what = lambda m: "removed" if m is _GONE else type(m).__name__  # noqa: E731
+        role = "the attention module" if where == site.path else (
+            "a module above the attention module" if not where.startswith(site.path + ".") else "a module on its q/k path")
+        raise QKHooksError(
+            f"{head}{where!r}, {role}, is no longer the module qkhooks found ({what(expected)} then, {what(now)} now): "
+            f"it was replaced {since}, so the maps, modes and spectrum would be taken with the old module (its weights, "
+            f"its norm, its hooks) while the model runs the new one; recording with qk_path=False would not help. {fix}")
+
+
 def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
     """Refuse what makes a q/k module or the attention module compute other than the weights qkhooks reads say,
     while its class and weights look plain: checked at every ``record()`` entry (the search is cached per structure).
@@ -649,6 +737,12 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
     A pre-hook someone else put on the attention module or the block after qkhooks' own runs after qkhooks read the
     tokens: refused. A recording checks again before every batch (the model's call), so what is put on inside the
     context is refused too; what a hook puts on during a forward is seen at the next batch.
+
+    The q/k norms (``q_norm``, ``k_norm``, an ``Identity`` too) are on the q/k path as W_q/W_k are: a hook or a
+    replaced forward on one is refused as on ``qkv`` (it changes q or k after the weights, so neither the modes nor
+    maps rebuilt without it would be the model's). And first, what the search found is still there
+    (:func:`_refuse_replaced`): a module on the q/k path (or the attention module, or a block above it) replaced, or a
+    head count changed, inside the context is refused naming it, as the sites read the old ones.
     """
     checked = [s for s in sites if s.module is not None and not s.observes_maps()]
     if not checked:
@@ -665,6 +759,7 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
                 f"spectrum, modes and maps would describe the bare weights, not what the model computes. To record it, "
                 f"{HOOK_FIX}.")
     for site in checked:
+        _refuse_replaced(site)  # first: what follows reads the modules found, or the new ones, as they are now
         _refuse_patched_forward(site, "", site.module)
         _refuse_unknown_attention_function(site)
         _refuse_unread_scale(site)
@@ -696,6 +791,17 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
                                       "as quantised weights are): its forward computes with the subclass's arithmetic, "
                                       "not with the values read", "record the float model (load it unquantised, or "
                                       "turn the weight into a plain tensor first)")
+        for name in _QK_NORMS:  # q/k norms (an Identity too): they change q or k after W_q/W_k, as a hook there would
+            module = site.module._modules.get(name)
+            if module is None or not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__):
+                continue  # the usual case, in three reads (this runs before every batch)
+            _refuse_patched_forward(site, name, module, _NORM_ROLE)
+            for kind, hooks in (("forward hook", module._forward_hooks), ("forward pre-hook", module._forward_pre_hooks)):
+                hook = next((h for i, h in hooks.items() if i not in _OWN_HOOKS), None)
+                if hook is not None:
+                    _refuse_qk_module(site, name, module, f"which carries a {kind} someone else registered ({_name(hook)}): "
+                                      "it can change q or k after W_q/W_k (a steering hook) while the weights and the norm "
+                                      "read stay the same", HOOK_FIX, _NORM_ROLE)
 
 
 HF_ATTENTION_FUNCTIONS = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"})
@@ -746,7 +852,7 @@ def _after_own(hooks: dict[int, Any]) -> Iterator[tuple[int, Any]]:
             yield i, hook
 
 
-def _refuse_patched_forward(site: "AttentionSite", path: str, module: nn.Module) -> None:
+def _refuse_patched_forward(site: "AttentionSite", path: str, module: nn.Module, role: str | None = None) -> None:
     """Refuse ``module`` whose forward is replaced on the instance, unless by accelerate's device placement only."""
     forward = module.__dict__.get("forward")
     if forward is None or _moves_devices_only(module):
@@ -758,7 +864,8 @@ def _refuse_patched_forward(site: "AttentionSite", path: str, module: nn.Module)
     fix = ("restore the class's forward while recording (accelerate: remove_hook_from_module, or load without offloading "
            "the weights; otherwise del module.forward or the tool's own way to undo its patch)")
     if path:
-        _refuse_qk_module(site, path, module, f"where {how}: it may compute other than what the weights read say", fix)
+        _refuse_qk_module(site, path, module, f"where {how}: it may compute other than what the weights read say", fix,
+                          role or _READ_ROLE)
     raise QKHooksError(
         f"unsupported attention in {site.path!r} ({type(module).__name__}): {how}, while qkhooks rebuilds the maps as "
         f"{_name(type(module).forward)} computes them, so the maps, modes and spectrum would describe the class's "
@@ -793,9 +900,15 @@ def accelerate_offloading(model: nn.Module) -> str | None:
                                                                    for h in accelerate_hooks(m))), None)
 
 
-def _refuse_qk_module(site: "AttentionSite", path: str, module: nn.Module, why: str, fix: str = PEFT_FIX) -> NoReturn:
+_READ_ROLE = "W_q/W_k are read off"
+_NORM_ROLE = "q or k is normalised by"
+
+
+def _refuse_qk_module(site: "AttentionSite", path: str, module: nn.Module, why: str, fix: str = PEFT_FIX,
+                      role: str = _READ_ROLE) -> NoReturn:
     cls = type(module)
+    bare = "the bare weights" if role == _READ_ROLE else "the q/k path as its modules' classes compute it"
     raise QKHooksError(
-        f"unsupported attention in {site.path!r} ({type(site.module).__name__}): W_q/W_k are read off "
+        f"unsupported attention in {site.path!r} ({type(site.module).__name__}): {role} "
         f"'{site.path}.{path}' ({cls.__module__}.{cls.__qualname__}), {why}, so the spectrum, modes and maps would "
-        f"describe the bare weights, not what the model computes. To record it, {fix}.")
+        f"describe {bare}, not what the model computes. To record it, {fix}.")
