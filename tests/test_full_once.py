@@ -134,6 +134,13 @@ def test_a_call_the_adapter_cannot_match_is_refused_and_a_failed_forward_leaves_
     attn = model.blocks[1].attn
     attn.num_heads = 2  # the module now splits 2 heads of 16, where the adapter found 4 heads of 8
     attn.head_dim = 16
+    # the head count the search found is watched: refused before the call (round 37)
+    with pytest.raises(QKHooksError, match=r"blocks\.1\.attn' \(Attention\): its num_heads changed from 4 to 2"):
+        with qkhooks.record(model, modes=None, attention="full", outputs="eager", sites=sites):
+            model(images)
+    # a change the watch cannot see (its list emptied here) is still refused where the call does not match
+    for site in sites:
+        site.qk_watch = ()
     with pytest.raises(QKHooksError, match=r"blocks\.1\.attn \(Attention\).*shape \(2, 2, 17, 16\)"):
         with qkhooks.record(model, modes=None, attention="full", outputs="eager", sites=sites):
             model(images)
