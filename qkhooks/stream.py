@@ -830,9 +830,10 @@ class _StreamPosition:
             twice = next((i for n, i in enumerate(ids) if i in seen or i in ids[:n]), None)
             if twice is not None and twice in in_file:
                 raise DataRefusal(
-                    f"item id {twice!r} is already in the run file: the data changed since the run started (an item "
-                    "added, removed or reordered before the resume point), so the resume would record it twice; put "
-                    "the data back as it was, record into a new --out, or --overwrite to start again.")
+                    f"item id {twice!r} is already in the run file: two items of the data have it (give each its own "
+                    "'id'; an item given as a file path has that path as its id), or the data changed since the run "
+                    "started (an item added, removed or reordered before the resume point). Fix the data, record into "
+                    "a new --out, or --overwrite to start again.")
             if twice is not None:
                 raise DataRefusal(f"two items of the data have the id {twice!r}; give each item its own 'id', or "
                                    "none at all (then the position is the id; an item given as a file path has that "

@@ -135,7 +135,7 @@ def test_attention_spec_of_an_unknown_kind_is_refused_with_the_whole_message():
 
     with pytest.raises(QKHooksError) as refused:
         AttentionSpec("maps")  # type: ignore[arg-type]
-    assert str(refused.value) == "attention kind 'maps' is unknown; use one of rows, pooled, full or 'none'."
+    assert str(refused.value) == "attention kind 'maps' is unknown; use one of rows, pooled, full (no attention: attention=None)."
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False], ids=["with-biases", "bias-free"])
