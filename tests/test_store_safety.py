@@ -785,7 +785,7 @@ def test_a_batch_refused_mid_run_says_where_the_file_stands_and_what_to_do(tmp_p
         record_dataset(loaded, iter(items), out, **kw)
     with pytest.raises(QKHooksError, match="the id 'a'"):  # the file resumes once the data is fixed
         record_dataset(loaded, iter(items), out, resume=True, **kw)
-    record_dataset(loaded, items[:3] + [{"image": img, "id": "d"}], out, resume=True, **kw)
+    record_dataset(loaded, iter(items[:3] + [{"image": img, "id": "d"}]), out, resume=True, **kw)
     with open_run(out) as run:
         assert run.complete and run.ids == ["a", "b", "c", "d"]
     out = tmp_path / "masks.h5"
