@@ -28,6 +28,7 @@ from qkhooks.analysis import bfd
 from qkhooks.analysis.modes import CentreEmbeddings, analyze_modes, baseline_pivots
 from qkhooks.analysis.recipes import default_reducers
 from qkhooks.analysis.preference import GROUPS, analyze_preference, per_image_groups, preference_values
+from qkhooks.data.datasets import bundled
 from qkhooks.data.sources import open_source
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import find_sites
@@ -290,9 +291,9 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
         readings = [trend_reading(per_head, s_layers, "The same-object probability", "heads", limits=PROBABILITY),
                     compare_reading(per_head, chance_per_head, s_layers, "The same-object probability",
                                     "the chance of the same images", "heads", limits=PROBABILITY)]
-    bundled = objects.startswith("voc+arc2017+o3:")
-    real = 2 if bundled else int(obj["images"])  # the voc and arc2017 photos; the rest are displays
-    made = f"{real} real photos, {int(obj['images']) - real} generated displays" if bundled else f"from {objects}"
+    bundled_objects = objects.startswith(bundled("voc+arc2017+o3:"))
+    real = 2 if bundled_objects else int(obj["images"])  # the voc and arc2017 photos; the rest are displays
+    made = f"{real} real photos, {int(obj['images']) - real} generated displays" if bundled_objects else f"from {objects}"
     few = few_images(real, "real photos with object masks (the rest are generated displays)",
                      "the paper's setting: `qkhooks demo --objects-data ade20k:DIR`")
     same_section = Section(
@@ -309,7 +310,7 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
         [input_note(opts["input"]), "Modes: the 16 leading modes per head (the paper: all); `qkhooks record MODEL DATA --modes all`"
          " then `qkhooks analyze modes RUN`.",
          "Data: two masked photos and generated displays whose objects are simple shapes (the paper: ADE20K); the "
-         "paper's setting: `qkhooks demo --objects-data ade20k:DIR`." if bundled else
+         "paper's setting: `qkhooks demo --objects-data ade20k:DIR`." if bundled_objects else
          f"Data: {objects} (the paper: ADE20K)."],
         few + skipped_images(recorded_objects.skipped, obj_run),
         {"images": obj["images"], "p_same_by_layer": {l: rows[l]["p_same"] for l in s_layers}, "chance": chance,
@@ -375,7 +376,7 @@ def bfd_section(loaded: LoadedModel, runs: Path, out: Path, photos: str, limit: 
                    readings, figures,
                    ["Input: the tensor that enters W_q and W_k (the block's normed input), as BFD defines it, "
                     "whatever `--input` says for the maps: on the residual stream the logits would not be the model's.",
-                    (f"Data: {n} bundled photos" if photos == PHOTOS else f"Data: {n} photos from {photos}")
+                    (f"Data: {n} bundled photos" if photos == bundled(PHOTOS) else f"Data: {n} photos from {photos}")
                     + f" (the paper: ImageNet); {DATA_HINT}."]
                    + ([f"Variant: {result['variant']}."] if "variant" in result else [])
                    + left_out_note(left_out, "BFD"),
@@ -474,7 +475,10 @@ def make_report(
     if o3 < 1 or (objects < 1 and objects_data is None):
         raise QKHooksError(f"--o3 (odd-one-out displays for the preference section) and --objects (displays added to "
                            f"the masked photos) must be at least 1; got {o3} and {objects}.")
-    for spec in (data, objects_data or OBJECTS.format(n=objects), ODD_ONE_OUT.format(n=o3)):
+    # the defaults are the installed photos whatever folders are here; what the user names is read as typed
+    data = bundled(data) if data == PHOTOS else data
+    objects_spec = objects_data or bundled(OBJECTS.format(n=objects))
+    for spec in (data, objects_spec, ODD_ONE_OUT.format(n=o3)):
         open_source(spec, loaded.image_config, limit=photos if spec == data else None)
     runs.mkdir(parents=True, exist_ok=True)
     opts = dict(batch_size=batch_size, device=device, progress=progress)
@@ -488,7 +492,6 @@ def make_report(
 
     sections = [timed(lambda: spectrum_section(loaded, out / "spectrum")),
                 timed(lambda: preference_section(loaded, runs, out / "preference", o3, opts))]
-    objects_spec = objects_data or OBJECTS.format(n=objects)
     sections.extend(modes_sections(loaded, runs, out, data, photos, objects_spec, record_opts, display, keep_runs))
     sections.append(timed(lambda: bfd_section(loaded, runs, out / "bfd", data, photos, opts, keep_runs)))
     order = ["spectrum", "anisotropy", "preference", "modes", "same_object", "bfd"]

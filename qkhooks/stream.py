@@ -590,6 +590,7 @@ def record_dataset(
                 if streamed:
                     done, _ = _resume(writer, checkpointed, writer.ids)
                     start = position.resumed_at(done, lo, progress)
+                    _refuse_changed_stream(out, dataset, writer.ids[:done], lo, start, position.skipped)
                 else:
                     done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo), file_sizes)
                     start = lo + next_index
@@ -872,6 +873,29 @@ def _loader_batches(dataset, indices, batch_size, num_workers, collate):
     loader = _loader(dataset, indices, batch_size, num_workers, collate)
     for batch in loader:
         yield batch, len(batch.get("id", [])) if batch is not None else 0
+
+
+def _refuse_changed_stream(out: Any, dataset: Any, recorded: Sequence[str], lo: int, start: int,
+                           skipped: Sequence[tuple[str, str]]) -> None:
+    """Refuse a resume whose source names other items before the resume point than the run recorded, where it names
+    them without decoding (:meth:`~qkhooks.data.sources.ItemStream.ids_before`): the stream continues at a position,
+    so an item added or removed before it would shift every image after it onto another's id, and a run of an earlier
+    qkhooks, which named items given as file paths by their position, would go on under path ids."""
+    found = dataset.ids_before(start) if recorded else None
+    if found is None:
+        return
+    lost = {item_id for item_id, _ in skipped}
+    source = [item_id for item_id in found[lo:] if item_id not in lost]
+    if source == list(recorded):
+        return
+    at = next((k for k, (a, b) in enumerate(zip(recorded, source)) if a != b), min(len(recorded), len(source)))
+    now = repr(source[at]) if at < len(source) else "nothing"
+    was = repr(recorded[at]) if at < len(recorded) else "nothing"
+    raise QKHooksError(
+        f"cannot resume {out}: the data's items before the resume point are not those the run recorded (image {at} "
+        f"of the file is {was}, the data's is {now}): the data changed since the run started, or the run was "
+        "recorded by an earlier qkhooks, which named items given as file paths by their position. Put the data back "
+        "as it was, record into a new --out, or --overwrite to start again.")
 
 
 def _refuse_shard(shard: Any) -> None:

@@ -242,3 +242,66 @@ def test_a_photo_between_pils_limit_and_twice_it_is_held_to_the_limit(tiny_loade
         result = qkhooks.record_dataset(tiny_loaded, str(tmp_path), tmp_path / "run.h5", progress=False)
     assert result.images == 1 and [name for name, _ in result.skipped] == ["large.png"]
     assert "exceeds limit of 1000 pixels" in result.skipped[0][1]
+
+
+def test_the_demos_defaults_are_the_installed_photos_beside_folders_of_their_names(tmp_path, monkeypatch):
+    """Run from a folder that holds ./voc and ./samples (a VOC project), the demo's own specs were refused as
+    ambiguous, naming spellings the user never typed (review G); its defaults are now the installed photos, and a run
+    of them records their plain name, which analyses reopen as the photos (not the folder)."""
+    from qkhooks.data.datasets import bundled
+    from qkhooks.report import make_report
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("voc", "samples"):
+        (tmp_path / name).mkdir()
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32, embed_dim=32, depth=2,
+                              num_heads=4).eval()
+    summary = make_report(tmp_path / "report", qkhooks.load_model(model), photos=2, o3=3, objects=2, batch_size=4,
+                          progress=False)
+    assert summary["data"]["photos"] == "bundled:samples" and summary["sections"]["modes"]["images"] == 2
+    assert bundled("voc+arc2017+o3:2:7") == "bundled:voc+bundled:arc2017+o3:2:7" and bundled("/x/voc") == "/x/voc"
+    with pytest.raises(QKHooksError, match="ambiguous"):  # what a user types is read as typed
+        qkhooks.record_dataset(_loaded(_tiny()), "voc", tmp_path / "run.h5", progress=False)
+
+
+def _stopped(loaded, data, path, batches: int = 2) -> None:
+    """A run of ``data`` stopped by Ctrl-C after ``batches`` batches of 2, a checkpoint after each."""
+    from qkhooks.errors import RunInterrupted
+
+    seen = []
+
+    def interrupt(batch) -> None:
+        seen.append(batch)
+        if len(seen) == batches:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted):
+        qkhooks.record_dataset(loaded, data, path, on_batch=interrupt, batch_size=2, checkpoint_every=1,
+                               progress=False)
+
+
+def test_a_resume_over_a_list_whose_items_before_the_resume_point_changed_is_refused(tiny_loaded, tmp_path):
+    """A stream resumes at a position: a path removed before it shifted every later image onto the next one's place
+    without a word (the id check sees only ids met twice), and a run of an earlier qkhooks (position ids) resumed
+    over the same paths went on under path ids (review G). The ids before the resume point are now compared."""
+    from PIL import Image
+
+    paths = []
+    for i, photo in enumerate(_photos(8)):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(photo).save(paths[-1])
+    run = tmp_path / "run.h5"
+    _stopped(tiny_loaded, paths, run)
+    with qkhooks.open_run(run) as stored:
+        assert stored.ids == paths[:4]
+    with pytest.raises(QKHooksError, match=r"image 0 of the file is '.*img0.png', the data's is '.*img1.png'"):
+        qkhooks.record_dataset(tiny_loaded, paths[1:], run, resume=True, progress=False)
+    old = tmp_path / "old.h5"  # as an earlier qkhooks named them: by position
+    _stopped(tiny_loaded, [{"image": p, "id": str(i)} for i, p in enumerate(paths)], old)
+    with pytest.raises(QKHooksError, match=r"image 0 of the file is '0'.*by their position"):
+        qkhooks.record_dataset(tiny_loaded, paths, old, resume=True, progress=False)
+    done = qkhooks.record_dataset(tiny_loaded, paths, run, resume=True, progress=False)  # the same list resumes
+    assert done.resumed_from == 2  # the checkpoint after the first batch (Ctrl-C came before the second one's)
+    with qkhooks.open_run(run) as stored:
+        assert stored.complete and stored.ids == paths

@@ -200,11 +200,12 @@ def load_images(attrs: Mapping[str, Any], ids: Sequence[str], wanted: Sequence[i
     if not spec:
         return {}, "no photos: the run names no dataset"
     from qkhooks.data import open_dataset
+    from qkhooks.data.datasets import bundled
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dataset = open_dataset(str(spec), cfg)
+            dataset = open_dataset(bundled(str(spec)), cfg)  # a run's plain NAME is the installed photos
     except Exception as exc:
         from qkhooks.data.datasets import STREAMED_PREFIXES
         from qkhooks.data.sources import OBJECT_PREFIXES

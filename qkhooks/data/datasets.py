@@ -48,6 +48,7 @@ from qkhooks.errors import QKHooksError
 
 __all__ = [
     "BUNDLED_PREFIX",
+    "bundled",
     "DATASET_SPECS",
     "FOLDER_PREFIXES",
     "GENERATED_PREFIXES",
@@ -88,8 +89,17 @@ NAMED_SPECS: tuple[str, ...] = tuple(_NAMED_OPENERS)
 the plain name is refused as ambiguous: ``./voc`` names the folder, ``bundled:voc`` (:data:`BUNDLED_PREFIX`) the
 photos."""
 BUNDLED_PREFIX: str = "bundled:"
-"""``bundled:NAME`` names the installed photos of :data:`NAMED_SPECS` whatever folders are in the working directory
-(the dataset, and so a run recorded from it, is then named so too)."""
+"""``bundled:NAME`` names the installed photos of :data:`NAMED_SPECS` whatever folders are in the working directory.
+The dataset is named ``NAME`` all the same, so a run records one name for them however they were asked for (a
+folder of that name is recorded by its absolute path): a run file's plain ``NAME`` always means the photos, and is
+reopened as :func:`bundled` of it."""
+
+
+def bundled(spec: str) -> str:
+    """``spec`` with each plain named part (``voc``, ``samples+o3:8``) written ``bundled:NAME``: how a spec that is not
+    the user's typing (a run file's, the demo's defaults) is opened, so that a folder of that name in the working
+    directory neither captures nor blocks it."""
+    return "+".join(BUNDLED_PREFIX + part if part in _NAMED_OPENERS else part for part in spec.split("+"))
 FOLDER_PREFIXES: tuple[str, ...] = tuple(_FOLDER_OPENERS)
 """Prefixes of specs that :func:`open_dataset` opens from a folder: ``PREFIX + DIR``."""
 GENERATED_PREFIXES: tuple[str, ...] = tuple(_GENERATED_OPENERS)
@@ -292,9 +302,7 @@ def open_dataset(
         if name not in _NAMED_OPENERS:
             raise QKHooksError(f"dataset spec {spec!r}: {BUNDLED_PREFIX}NAME names installed photos, one of "
                                f"{', '.join(_NAMED_OPENERS)}; got {name!r}.")
-        dataset = _NAMED_OPENERS[name](image_config, limit)
-        dataset.name = spec  # a run records it so, and reopens the photos wherever it is analysed
-        return dataset
+        return _NAMED_OPENERS[name](image_config, limit)  # named plainly: a run file's NAME is always the photos
     if spec in _NAMED_OPENERS:
         if Path(spec).is_dir():  # the user's own folder, or the installed photos? Not guessed (found by review)
             raise QKHooksError(

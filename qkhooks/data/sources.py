@@ -164,6 +164,14 @@ class ItemStream:
                "mask, give it under one of those names (e.g. item['objects'] = item.pop('mask')).")
             + " Labels and other fields may stay: this only says that they are not used.", stacklevel=3)
 
+    def ids_before(self, stop: int) -> list[str] | None:
+        """The ids of the items at positions ``< stop`` where the reader names them without decoding (a list or
+        tuple: the items are in memory; a map-style Hugging Face dataset's columns); None elsewhere. A resume checks
+        them against the run file's."""
+        layouts = getattr(self._reader, "mask_layouts", None)
+        found = layouts(stop) if layouts is not None else None
+        return None if found is None else [item_id for position, item_id, _ in found if position < stop]
+
     def _check_layouts(self) -> None:
         """Refuse, before anything is recorded, a source whose items do not all carry the first item's masks, or
         two of whose items have the same id, where the reader can tell without decoding (a list or tuple of items,
