@@ -931,9 +931,10 @@ class Recording:
         called on its own) completes a batch when the last recorded layer returns, so one that stops before it completes
         none, while the batch before was freed as it began. Names the layers it ran and those it did not, and the
         ``layers=`` that records what it runs. (A call still running, read from inside it, has its batch open too: the
-        text says so.) A model call that raised has its batch dropped (:meth:`_drop_failed`): None here."""
-        if not self._unfinished or self._begun_in_backward:
-            return None
+        text says so.) A model call that raised has its batch dropped (:meth:`_drop_failed`), and one stopped by
+        Ctrl-C (no ``always_call`` hook runs for a KeyboardInterrupt) is the model's own: None for both."""
+        if not self._unfinished or self._begun_in_backward or self._outer:
+            return None  # the model's own call (self._outer) completes at its end: one interrupted (Ctrl-C) is not this
         batch = self._current
         ran = sorted(set(batch.captures) | set(self._calls)) if batch is not None else list(self._left_open)
         missing = [layer for layer in self.layers if layer not in ran]

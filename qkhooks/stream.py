@@ -37,7 +37,7 @@ from qkhooks.capture import (BatchCapture, _model_sites, _refuse_maps_only_modes
 from qkhooks.data import ImageDataset, collate
 from qkhooks.data.masks import TokenCells, receptive_cells, token_cells
 from qkhooks.data.items import set_pil_limit
-from qkhooks.data.sources import ItemStream, open_source, refuse_batching
+from qkhooks.data.sources import ItemStream, is_whole, open_source, refuse_batching
 from qkhooks.data_files import absolute_spec, file_size_column
 from qkhooks.errors import DataRefusal, MissingReducer, QKHooksError, RunInterrupted
 from qkhooks.models.base import AttentionSite, select_layers
@@ -316,7 +316,8 @@ def _kept_on_resume(writer: Any, reducers: Sequence[Reducer]) -> int | None:
 
 def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
             decodes: Callable[[int], bool] | None = None,
-            file_sizes: Callable[[Sequence[str]], Any] | None = None) -> tuple[int, int]:
+            file_sizes: Callable[[Sequence[str]], Any] | None = None,
+            skipped_now: Sequence[tuple[str, str]] = ()) -> tuple[int, int]:
     """Restore the reducers, cut the file back to their last checkpoint, return how many images are done.
 
     Reducer states are checkpointed every few batches, so the file may hold images past the checkpoint;
@@ -328,9 +329,11 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
     one that decodes was added, or renamed, since the run started, and the resume is refused (it could never be
     recorded in order). With ``file_sizes`` (a folder's), a kept image whose file has another size than the run
     recorded is refused too: it was changed since, and the run would keep maps of a file no longer there. Everything
-    is checked before the file is cut.
+    is checked before the file is cut. A kept image that the dataset now skips as it opens (``skipped_now``: id,
+    reason) is named with that reason: it is there, and the fix is the reason's.
     """
     images, states = writer.checkpoint() or (None, {})
+    now_skipped = dict(skipped_now)
     done = resume_point(writer.committed, images, states, [r.name for r in reducers])
     kept = writer.ids[:done]
     position = {id_: i for i, id_ in enumerate(ids)}
@@ -339,6 +342,13 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
            "start again.")
     for id_ in kept:  # committed ids must be the dataset's images in order (unreadable ones missing)
         i = position.get(id_, -1)
+        if i < 0 and id_ in now_skipped:
+            raise QKHooksError(
+                f"cannot resume {writer.path}: image {id_!r} of the run file is skipped now as the dataset is opened "
+                f"({now_skipped[id_]}), although it was recorded. Fix that (a photo over PIL's pixel limit, which "
+                "qkhooks now holds exactly where earlier versions let photos under twice it through: raise "
+                "PIL.Image.MAX_IMAGE_PIXELS before recording), or record into a new --out, or --overwrite to start "
+                "again.")
         if i <= last:
             where = "is no longer in the dataset" if i < 0 else "is not where the dataset has it"
             raise QKHooksError(
@@ -504,10 +514,10 @@ def record_dataset(
                       "the interrupted run is elsewhere, stop and give its path as --out.", stacklevel=3)
     if opts.dtype not in ("float16", "float32"):
         raise QKHooksError(f"dtype must be float16 or float32, got {opts.dtype!r}.")
-    if not isinstance(opts.checkpoint_every, int) or isinstance(opts.checkpoint_every, bool) or opts.checkpoint_every < 1:
-        raise QKHooksError(f"checkpoint_every must be an integer >= 1 (batches between checkpoints), got "
+    if not is_whole(opts.checkpoint_every, 1):
+        raise QKHooksError(f"checkpoint_every must be a whole number >= 1 (batches between checkpoints), got "
                            f"{opts.checkpoint_every!r}.")
-    _refuse_shard(shard)
+    shard = _checked_shard(shard)
 
     dataset = open_source(data, loaded.image_config, limit=opts.limit, image_column=opts.image_column,
                           masks=opts.masks)
@@ -592,7 +602,8 @@ def record_dataset(
                     start = position.resumed_at(done, lo, progress)
                     _refuse_changed_stream(out, dataset, writer.ids[:done], lo, start, position.skipped)
                 else:
-                    done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo), file_sizes)
+                    done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo), file_sizes,
+                                               at_open)
                     start = lo + next_index
                 refuse_sinks_holding_images(reducers, done)  # one the run's checkpoint did not replace
             except BaseException:
@@ -898,18 +909,19 @@ def _refuse_changed_stream(out: Any, dataset: Any, recorded: Sequence[str], lo: 
         "as it was, record into a new --out, or --overwrite to start again.")
 
 
-def _refuse_shard(shard: Any) -> None:
-    """A :class:`QKHooksError` unless ``shard`` is None or (rank, world) integers with 0 <= rank < world: a rank past
-    the last would record no image and end as a complete, empty run."""
+def _checked_shard(shard: Any) -> tuple[int, int] | None:
+    """``shard`` as (rank, world) Python ints; a :class:`QKHooksError` unless it is None or two whole numbers with
+    0 <= rank < world: a rank past the last would record no image and end as a complete, empty run."""
     if shard is None:
-        return
+        return None
     try:
         rank, world = shard
     except (TypeError, ValueError):
         rank = world = None
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rank, world)) or not 0 <= rank < world:
-        raise QKHooksError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}; the ranks of a world of "
-                           "N are 0 .. N-1.")
+    if not (is_whole(rank, 0) and is_whole(world, 1) and rank < world):
+        raise QKHooksError(f"shard must be (rank, world), whole numbers with 0 <= rank < world, got {shard!r}; the "
+                           "ranks of a world of N are 0 .. N-1.")
+    return int(rank), int(world)
 
 
 def _loop(run, batches, net, total, device, layout, plan, progress, writer, checkpointed, checkpoint_every) -> None:

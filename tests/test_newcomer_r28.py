@@ -176,13 +176,14 @@ def test_bad_batching_names_the_option_that_is_wrong(tmp_path):
         record_dataset(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
                                          embed_dim=32, depth=1, num_heads=4), "samples", tmp_path / "r.h5", limit=2,
                        progress=False, num_workers=-1)
-    assert str(one.value) == ("the loader workers must be >= 0 (num_workers, --workers; 0 decodes in this process), "
-                              "got -1.")
+    assert str(one.value) == ("the loader workers must be a whole number >= 0 (num_workers, --workers; 0 decodes in "
+                              "this process), got -1.")
     assert not (tmp_path / "r.h5").exists()
     with pytest.raises(qkhooks.QKHooksError) as both:
         refuse_batching(0, -2)
-    assert str(both.value) == ("the batch size must be >= 1 (batch_size, --batch-size), got 0; the loader workers must "
-                               "be >= 0 (num_workers, --workers; 0 decodes in this process), got -2.")
+    assert str(both.value) == ("the batch size must be a whole number >= 1 (batch_size, --batch-size), got 0; the "
+                               "loader workers must be a whole number >= 0 (num_workers, --workers; 0 decodes in this "
+                               "process), got -2.")
     refuse_batching(1, 0)  # the smallest allowed: no refusal
 
 

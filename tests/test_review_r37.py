@@ -41,8 +41,8 @@ def _photos(n: int = 5) -> list[np.ndarray]:
     ({"shard": (0, 0)}, "0 <= rank < world"),
     ({"shard": 3}, "(rank, world)"),
     ({"checkpoint_every": 0}, "checkpoint_every"),  # ZeroDivisionError after the file was made
-    ({"batch_size": 2.5}, ">= 1 (batch_size, --batch-size), got 2.5; both are whole numbers"),  # islice's ValueError
-    ({"num_workers": 1.0}, ">= 0 (num_workers, --workers; 0 decodes in this process), got 1.0; both are whole"),
+    ({"batch_size": 2.5}, "a whole number >= 1 (batch_size, --batch-size), got 2.5"),  # islice's ValueError
+    ({"num_workers": 1.0}, "a whole number >= 0 (num_workers, --workers; 0 decodes in this process), got 1.0"),
 ])
 def test_record_dataset_refuses_arguments_out_of_range_before_making_a_file(tiny_loaded, tmp_path, bad, named):
     out = tmp_path / "run.h5"
@@ -305,3 +305,54 @@ def test_a_resume_over_a_list_whose_items_before_the_resume_point_changed_is_ref
     assert done.resumed_from == 2  # the checkpoint after the first batch (Ctrl-C came before the second one's)
     with qkhooks.open_run(run) as stored:
         assert stored.complete and stored.ids == paths
+
+
+def test_the_models_own_forward_stopped_by_ctrl_c_is_not_called_a_partial_call():
+    """torch runs no always_call hook for a KeyboardInterrupt, so the batch stays open: reading it said "a call other
+    than the model's own ... record layers=[0]" (review G); the model's own call says it did not complete."""
+    model = _tiny()
+    images = torch.randn(2, 3, 48, 48)
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+
+    with qkhooks.record(model, modes=2) as run, torch.no_grad():
+        model(images)
+        assert run.n == 2
+        handle = model.blocks[0].register_forward_hook(interrupt)  # a block, not a q/k module: layer 1 never runs
+        with pytest.raises(KeyboardInterrupt):
+            model(images)
+        handle.remove()
+        assert run.n == 0
+        with pytest.raises(QKHooksError) as caught:
+            run.query(0)
+    assert "did not complete" in str(caught.value) and "other than the model's own" not in str(caught.value)
+
+
+def test_a_resume_over_a_recorded_photo_the_dataset_now_skips_names_the_reason(tiny_loaded, tmp_path, monkeypatch):
+    """A photo recorded under PIL's earlier leniency (or a higher limit) is skipped as the folder is opened now: the
+    resume said the dataset changed ("files removed, renamed or reordered"), wrong advice (review G)."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, photo in enumerate(_photos(6)):
+        Image.fromarray(photo if i != 1 else np.zeros((50, 50, 3), np.uint8)).save(folder / f"img{i}.png")
+    run = tmp_path / "run.h5"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    _stopped(tiny_loaded, str(folder), run)
+    with qkhooks.open_run(run) as stored:
+        assert "img1.png" in stored.ids
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # img1 is 2,500 pixels, the others 1,600
+    with pytest.warns(UserWarning), pytest.raises(QKHooksError, match=r"'img1.png' of the run file is skipped now as "
+                                                                       r"the dataset is opened \(.*exceeds limit.*MAX_IMAGE_PIXELS"):
+        qkhooks.record_dataset(tiny_loaded, str(folder), run, resume=True, progress=False)
+
+
+def test_numpy_integers_are_whole_numbers_for_every_count_option(tiny_loaded, tmp_path):
+    """refuse_batching took numpy integers, the shard and checkpoint checks refused them, saying
+    "0 <= rank < world" of a shard that is (review G): one test now."""
+    result = qkhooks.record_dataset(tiny_loaded, _photos(4), tmp_path / "run.h5", progress=False,
+                                    shard=(np.int64(1), np.int64(2)), checkpoint_every=np.int64(1),
+                                    batch_size=np.int64(2))
+    assert result.images == 2

@@ -232,7 +232,7 @@ def test_unwritable_or_missing_places_are_clear_errors(tmp_path):
     ({"layers": []}, "selection is empty"),
     ({"layers": "0", "attention": "full:1"}, r"layers \[1\], which this recording does not hook"),
     ({"attention": "pooled"}, "o3:N or o3dir:DIR"),
-    ({"batch_size": 0}, "batch size must be >= 1"),
+    ({"batch_size": 0}, "batch size must be a whole number >= 1"),
     ({"modes": "2.5"}, "positive integer"),
     ({"device": "cuda:7"}, "cuda:7"),
 ])

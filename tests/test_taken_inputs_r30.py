@@ -226,7 +226,7 @@ def test_bfd_refuses_loader_options_for_image_tensors_and_bad_workers_naming_the
     _pngs(folder, seed=3)
     assert main(["bfd", "timm:test_vit", str(folder), "--random-init", "--out", str(tmp_path / "r.h5"),
                  "--workers", "-1"]) == 2
-    assert "the loader workers must be >= 0 (num_workers, --workers; 0 decodes in this process), got -1." in (
+    assert "the loader workers must be a whole number >= 0 (num_workers, --workers; 0 decodes in this process), got -1." in (
         capsys.readouterr().err)
     assert not list(tmp_path.glob("r*.h5"))  # neither pass left a file
 

@@ -31,7 +31,6 @@ import concurrent.futures
 import itertools
 import multiprocessing
 import os
-import sys
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -68,20 +67,19 @@ be reopened from the run file (e.g. to draw photos)."""
 _SPECS = "hfds:DIR_OR_NAME[:SPLIT] (a Hugging Face dataset) or wds:PATTERN (webdataset tar shards, {000..009} expanded)"
 
 
-def _whole(value: Any, least: int) -> bool:
-    """Whether ``value`` is an integer (not a bool, not a float) of at least ``least``."""
+def is_whole(value: Any, least: int) -> bool:
+    """Whether ``value`` is an integer (Python's or numpy's; not a bool, not a float) of at least ``least``: the one
+    test of a count option (batch size, workers, checkpoint interval, shard rank and world)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
 
 
 def refuse_batching(batch_size: int, workers: int) -> None:
     """A :class:`QKHooksError` naming each of ``batch_size`` (an integer >= 1) and ``workers`` (an integer >= 0)
     that is out of range."""
-    wrong = ([f"the batch size must be >= 1 (batch_size, --batch-size), got {batch_size!r}"]
-             if not _whole(batch_size, 1) else []) + (
-        [f"the loader workers must be >= 0 (num_workers, --workers; 0 decodes in this process), got {workers!r}"]
-        if not _whole(workers, 0) else [])
-    if wrong and not all(_whole(v, -sys.maxsize) for v in (batch_size, workers)):
-        wrong.append("both are whole numbers")
+    wrong = ([f"the batch size must be a whole number >= 1 (batch_size, --batch-size), got {batch_size!r}"]
+             if not is_whole(batch_size, 1) else []) + (
+        [f"the loader workers must be a whole number >= 0 (num_workers, --workers; 0 decodes in this process), got "
+         f"{workers!r}"] if not is_whole(workers, 0) else [])
     if wrong:
         raise QKHooksError("; ".join(wrong) + ".")
 
