@@ -235,6 +235,7 @@ class Recording:
         self._handles: list[Any] = []
         self._current: BatchCapture | None = None
         self._outer = False  # whether the open batch is a call of ``model`` itself
+        self._model_call = False  # whether it was begun by the model's own call, not by a layer called on its own
         self._rows_axis: tuple[AttentionSite, tuple[str, int, int], bool] | None = None
         self._pending_meta: dict[str, Any] = {}
         self._residual: dict[int, torch.Tensor] = {}
@@ -446,6 +447,7 @@ class Recording:
                                      qk_spectrum=self.qk_spectrum)
         self._calls.clear()
         self._outer = outer
+        self._model_call = outer and module is self._model_ref()  # begun by the model's own call (its root pre-hook)
         self._input_takers = [s for s in self.sinks if takes_inputs(s)]
         self._rows_axis: tuple[AttentionSite, tuple[str, int, int], bool] | None = None  # the first rows layer, its
         # (stage, rows, tokens) and whether the query tokens were chosen (else the defaults of its grid)
@@ -933,8 +935,8 @@ class Recording:
         ``layers=`` that records what it runs. (A call still running, read from inside it, has its batch open too: the
         text says so.) A model call that raised has its batch dropped (:meth:`_drop_failed`), and one stopped by
         Ctrl-C (no ``always_call`` hook runs for a KeyboardInterrupt) is the model's own: None for both."""
-        if not self._unfinished or self._begun_in_backward or self._outer:
-            return None  # the model's own call (self._outer) completes at its end: one interrupted (Ctrl-C) is not this
+        if not self._unfinished or self._begun_in_backward or self._model_call:
+            return None  # the model's own call completes at its end: one interrupted (Ctrl-C) is not this
         batch = self._current
         ran = sorted(set(batch.captures) | set(self._calls)) if batch is not None else list(self._left_open)
         missing = [layer for layer in self.layers if layer not in ran]

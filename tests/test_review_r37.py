@@ -9,19 +9,7 @@ import torch
 
 import qkhooks
 from qkhooks.errors import QKHooksError
-
-
-def _tiny(size: int = 48) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size, patch_size=8, embed_dim=32,
-                             depth=2, num_heads=4, num_classes=0).eval()
-
-
-def _loaded(model: torch.nn.Module):
-    from qkhooks.data import ImageConfig
-    from qkhooks.models.load import LoadedModel
-
-    return LoadedModel(model=model, spec="tiny", image_config=ImageConfig(size=(48, 48), mean=(0.5,) * 3, std=(0.5,) * 3))
+from test_review_r36 import _loaded, _tiny  # the tiny ViT and its LoadedModel of round 36's tests
 
 
 @pytest.fixture(scope="module")
@@ -356,3 +344,25 @@ def test_numpy_integers_are_whole_numbers_for_every_count_option(tiny_loaded, tm
                                     shard=(np.int64(1), np.int64(2)), checkpoint_every=np.int64(1),
                                     batch_size=np.int64(2))
     assert result.images == 2
+
+
+class _Items(torch.utils.data.Dataset):
+    """A map-style Dataset (its ids cannot be read without __getitem__, so a resume does not compare them ahead)."""
+
+    def __init__(self, ids: list[str]):
+        self.ids, self.photos = ids, _photos(len(ids))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.photos[i], "id": self.ids[i]}
+
+
+def test_a_resumed_stream_meeting_an_id_already_in_the_file_names_both_causes(tiny_loaded, tmp_path):
+    run = tmp_path / "run.h5"
+    _stopped(tiny_loaded, _Items([f"p{i}" for i in range(8)]), run)
+    with pytest.raises(QKHooksError, match=r"item id 'p0' is already in the run file: two items of the data have it "
+                                           r".* or the data changed since the run started"):
+        qkhooks.record_dataset(tiny_loaded, _Items(["p0", "p1", "p0", "p3", "p4", "p5", "p6", "p7"]), run,
+                               resume=True, progress=False)

