@@ -9,7 +9,7 @@ import torch
 
 import qkhooks
 from qkhooks.errors import QKHooksError
-from test_review_r36 import _loaded, _tiny  # the tiny ViT and its LoadedModel of round 36's tests
+from test_review_r36 import _interrupted, _loaded, _tiny  # round 36's tiny ViT, its LoadedModel, a Ctrl-C run
 
 
 @pytest.fixture(scope="module")
@@ -253,20 +253,11 @@ def test_the_demos_defaults_are_the_installed_photos_beside_folders_of_their_nam
         qkhooks.record_dataset(_loaded(_tiny()), "voc", tmp_path / "run.h5", progress=False)
 
 
-def _stopped(loaded, data, path, batches: int = 2) -> None:
-    """A run of ``data`` stopped by Ctrl-C after ``batches`` batches of 2, a checkpoint after each."""
-    from qkhooks.errors import RunInterrupted
+def _stopped(loaded, data, path) -> None:
+    """A run of ``data`` with the default options, stopped by Ctrl-C after 2 batches of 2, a checkpoint after each."""
+    from qkhooks.options import RecordOptions
 
-    seen = []
-
-    def interrupt(batch) -> None:
-        seen.append(batch)
-        if len(seen) == batches:
-            raise KeyboardInterrupt
-
-    with pytest.raises(RunInterrupted):
-        qkhooks.record_dataset(loaded, data, path, on_batch=interrupt, batch_size=2, checkpoint_every=1,
-                               progress=False)
+    _interrupted(loaded, path, data=data, layers=None, modes=RecordOptions().modes)
 
 
 def test_a_resume_over_a_list_whose_items_before_the_resume_point_changed_is_refused(tiny_loaded, tmp_path):
