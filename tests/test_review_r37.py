@@ -357,3 +357,16 @@ def test_a_resumed_stream_meeting_an_id_already_in_the_file_names_both_causes(ti
                                            r".* or the data changed since the run started"):
         qkhooks.record_dataset(tiny_loaded, _Items(["p0", "p1", "p0", "p3", "p4", "p5", "p6", "p7"]), run,
                                resume=True, progress=False)
+
+
+@pytest.mark.parametrize("padding", [0, 1, (2, 0), "valid", "same"])
+def test_one_conv_output_size_matches_torchs_conv_with_every_padding(padding):
+    """Two copies of the formula had drifted: one raised a TypeError on padding='same' (review C). One helper now,
+    checked against the conv itself."""
+    from qkhooks.models.base import conv_output_size
+
+    stride = 1 if padding == "same" else 2
+    dilation = 1 if padding == "same" else (1, 2)
+    conv = torch.nn.Conv2d(3, 4, kernel_size=(3, 5), stride=stride, padding=padding, dilation=dilation)
+    out = conv(torch.zeros(1, 3, 23, 31)).shape[-2:]
+    assert (conv_output_size(23, conv, 0), conv_output_size(31, conv, 1)) == tuple(out)

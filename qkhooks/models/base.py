@@ -795,3 +795,13 @@ def _block_index(value: Any) -> int:
 def _bad_layers(spec: Any) -> NoReturn:
     raise QKHooksError(f"bad layer selection {spec!r}: use block indices ('0,3,5-7,-1', 2, [0, 5]), the attention "
                        "modules' paths (['blocks.5.attn']) with a model, or 'all'.") from None
+
+
+def conv_output_size(size: int, conv: nn.Conv2d, axis: int) -> int:
+    """The output length of ``conv`` along ``axis`` (0: rows, 1: cols) for an input of ``size``: torch's formula, with
+    its string paddings (``"same"`` keeps the size; ``"valid"`` pads nothing). The one copy the adapters share."""
+    if conv.padding == "same":
+        return size
+    pad = 0 if conv.padding == "valid" else int(conv.padding[axis])  # type: ignore[index]
+    kernel, stride, dilation = int(conv.kernel_size[axis]), int(conv.stride[axis]), int(conv.dilation[axis])
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, recast, register_adapter
+from qkhooks.models.base import AttentionSite, conv_output_size, recast, register_adapter
 from qkhooks.models.qknorm import qk_norm_modelled, qk_norm_of
 from qkhooks.models.timm import grouped_query_reader
 from qkhooks.models.unsupported import left_out_by_design, refuse_uncovered
@@ -148,18 +148,9 @@ def _patch_grid_source(model: nn.Module) -> tuple[nn.Module, Callable[[tuple, di
 
     def read(args: tuple, kwargs: dict) -> tuple[int, int]:
         image = args[0] if args else kwargs["input"]
-        return tuple(_conv_out(int(size), conv, axis) for axis, size in enumerate(image.shape[-2:]))  # type: ignore[return-value]
+        return tuple(conv_output_size(int(size), conv, axis) for axis, size in enumerate(image.shape[-2:]))  # type: ignore[return-value]
 
     return conv, read
-
-
-def _conv_out(size: int, conv: nn.Conv2d, axis: int) -> int:
-    """The output length of ``conv`` along ``axis`` (0: rows, 1: cols) for an input of ``size`` (torch's formula)."""
-    if conv.padding == "same":
-        return size
-    pad = 0 if conv.padding == "valid" else int(conv.padding[axis])  # type: ignore[index]
-    kernel, stride, dilation = int(conv.kernel_size[axis]), int(conv.stride[axis]), int(conv.dilation[axis])
-    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def num_prefix_tokens(model: nn.Module) -> int:

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
-from qkhooks.models.reduced_keys import _conv_out
+from qkhooks.models.base import AttentionSite, conv_output_size
 from qkhooks.models.unsupported import MODELLED_FORMS
 
 
@@ -71,7 +70,7 @@ def _metaformer_grid(model: nn.Module, site: AttentionSite) -> AttentionSite:
 
     def read(args: tuple, kwargs: dict) -> tuple[int, int]:
         h, w = (int(v) for v in (args[0] if args else kwargs["x"]).shape[-2:])
-        return (h, w) if conv is None else (_conv_out(h, conv, 0), _conv_out(w, conv, 1))
+        return (h, w) if conv is None else (conv_output_size(h, conv, 0), conv_output_size(w, conv, 1))
 
     return dataclasses.replace(site, grid_source=(stage, read))
 

@@ -22,7 +22,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, recast
+from qkhooks.models.base import AttentionSite, conv_output_size, recast
 from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
 
 __all__ = ["REDUCED_KEY_CLASSES"]
@@ -289,11 +289,6 @@ def _mqa_reader(attn: nn.Module):
     return _separate_q_k_reader(attn.query.proj, attn.key.proj, int(attn.num_heads))
 
 
-def _conv_out(size: int, conv: nn.Conv2d, axis: int) -> int:
-    k, s, p, d = conv.kernel_size[axis], conv.stride[axis], conv.padding[axis], conv.dilation[axis]
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
 def _mqa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     """Queries: the NCHW map read row by row; keys: ``key.down_conv`` then ``key.norm`` (the model's own modules) on
     that map, where it has them. A module :func:`multi_query_unmodelled` refuses never gets here (the refusal table
@@ -320,7 +315,7 @@ def _mqa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
             return grid
         if not isinstance(conv, nn.Conv2d) or not all(isinstance(p, int) for p in conv.padding):
             return None
-        return _conv_out(grid[0], conv, 0), _conv_out(grid[1], conv, 1)
+        return conv_output_size(grid[0], conv, 0), conv_output_size(grid[1], conv, 1)
 
     return _with_key_grid(site, key_grid, key_tokens=reduce)
 
