@@ -345,7 +345,7 @@ class Recording:
         handles, self._handles = self._handles, []
         remove_own_hooks(handles)
         if self._current is not None and self._unfinished:  # the layers a call left open ran, for _partial_call
-            self._left_open = tuple(sorted(set(self._current.captures) | set(self._calls)))
+            self._left_open = tuple(self._ran_layers(self._current))
         for mode in self._attending.values():  # a forward stopped by KeyboardInterrupt skips the hook that leaves it
             if mode.entered:
                 mode.leave()
@@ -921,6 +921,10 @@ class Recording:
             self._refuse_partial_call()
         return self.last.n if self.last is not None else 0
 
+    def _ran_layers(self, batch: BatchCapture) -> list[int]:
+        """The recorded layers an open batch's call has run so far (captured, or joined as repeated calls)."""
+        return sorted(set(batch.captures) | set(self._calls))
+
     def _refuse_partial_call(self) -> None:
         """Raise :meth:`_partial_call`'s refusal where there is one."""
         refusal = self._partial_call()
@@ -938,7 +942,7 @@ class Recording:
         if not self._unfinished or self._begun_in_backward or self._model_call:
             return None  # the model's own call completes at its end: one interrupted (Ctrl-C) is not this
         batch = self._current
-        ran = sorted(set(batch.captures) | set(self._calls)) if batch is not None else list(self._left_open)
+        ran = self._ran_layers(batch) if batch is not None else list(self._left_open)
         missing = [layer for layer in self.layers if layer not in ran]
         if not ran or not missing:
             return None

@@ -555,12 +555,12 @@ def layer_geometry(info: Mapping[str, Any], layer: int) -> LayerGeometry | None:
 
 def copy_statics(src: h5py.File, dst: h5py.File,
                  unreadable: Callable[[str, bool, BaseException], None] | None = None,
-                 errors: tuple[type[BaseException], ...] = (OSError, KeyError, RuntimeError, ValueError, TypeError)
-                 ) -> None:
+                 errors: tuple[type[BaseException], ...] = ()) -> None:
     """Copy every group's attributes and every dataset that is not per-image, not under ``images`` and not a
     reducer state, each dataset with its attributes and, where it has one, its Fletcher-32 checksum (a merge and a
     repair copied these two ways, each dropping one of them). ``unreadable(name, is_dataset, error)``: called for
-    what does not read (a repair goes on); without it the error is raised (a merge of healthy shards)."""
+    what does not read as one of ``errors`` (a repair goes on); without them every error is raised (a merge of
+    healthy shards)."""
 
     def visit(name: str, obj: Any) -> None:
         if name.split("/", 1)[0] in ("images", REDUCERS):
@@ -576,8 +576,7 @@ def copy_statics(src: h5py.File, dst: h5py.File,
                 for k, v in obj.attrs.items():
                     ds.attrs[k] = v
         except errors as exc:
-            if unreadable is None:
-                raise
+            assert unreadable is not None, "errors caught need unreadable() to name them"
             unreadable(name, not isinstance(obj, h5py.Group), exc)
 
     src.visititems(visit)
