@@ -15,6 +15,7 @@ import torch
 
 from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
+from qkhooks.models.base import conv_output_size
 from qkhooks.spectrum import LayerSpectrum, QKSpectrum
 
 __all__ = ["LayerCapture", "BatchCapture", "CallOrOld", "deprecated", "observe_geometry"]
@@ -103,10 +104,9 @@ def _reduced_grid(module: torch.nn.Module, grid: tuple[int, int] | None, tokens:
         h, w = (size, size) if isinstance(size, int) else (size[0] or h, size[1] or w)
     holder = next((getattr(module, n) for n in _REDUCTIONS if isinstance(getattr(module, n, None), torch.nn.Module)), None)
     conv = next((m for m in holder.modules() if isinstance(m, torch.nn.Conv2d)), None) if holder is not None else None
-    if conv is None or isinstance(conv.padding, str):
+    if conv is None:
         return None
-    h, w = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
-            zip((h, w), conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+    h, w = conv_output_size(h, conv, 0), conv_output_size(w, conv, 1)
     return (h, w) if h * w == tokens else None
 
 

@@ -158,7 +158,9 @@ def test_a_reduced_key_grid_is_the_shape_the_modules_own_pool_and_conv_give_the_
         assert _reduced_grid(module, grid, want[0] * want[1]) == want, module
         assert _reduced_grid(module, grid, want[0] * want[1] + 1) is None
     assert _reduced_grid(cases[0], None, 12) is None
-    assert _reduced_grid(_Reducing("sr", torch.nn.Conv2d(3, 3, 3, padding="same")), grid, 9 * 13) is None
+    # string paddings through the one conv formula (round 38; this read no grid off them before)
+    assert _reduced_grid(_Reducing("sr", torch.nn.Conv2d(3, 3, 3, padding="same")), grid, 9 * 13) == grid
+    assert _reduced_grid(_Reducing("sr", torch.nn.Conv2d(3, 3, 3, padding="valid")), grid, 7 * 11) == (7, 11)
     assert _reduced_grid(_Reducing("other", torch.nn.Conv2d(3, 3, 1)), grid, 9 * 13) is None
     no_conv = _Reducing("sr", torch.nn.Conv2d(3, 3, 1))
     no_conv.sr = torch.nn.Sequential(torch.nn.Identity())

@@ -797,9 +797,10 @@ def _bad_layers(spec: Any) -> NoReturn:
                        "modules' paths (['blocks.5.attn']) with a model, or 'all'.") from None
 
 
-def conv_output_size(size: int, conv: nn.Conv2d, axis: int) -> int:
-    """The output length of ``conv`` along ``axis`` (0: rows, 1: cols) for an input of ``size``: torch's formula, with
-    its string paddings (``"same"`` keeps the size; ``"valid"`` pads nothing). The one copy the adapters share."""
+def conv_output_size(size: int, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, axis: int) -> int:
+    """The output length of ``conv`` along its spatial ``axis`` (a Conv2d's 0: rows, 1: cols; a Conv3d's 0: frames)
+    for an input of ``size``: torch's formula, with its string paddings (``"same"`` keeps the size; ``"valid"`` pads
+    nothing). The one copy the adapters, the results' reduced grids and the video tubelets share."""
     if conv.padding == "same":
         return size
     pad = 0 if conv.padding == "valid" else int(conv.padding[axis])  # type: ignore[index]

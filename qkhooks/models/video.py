@@ -49,7 +49,7 @@ from torch import nn
 from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
-from qkhooks.models.base import AttentionSite, recast
+from qkhooks.models.base import AttentionSite, conv_output_size, recast
 from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import WindowSite
 
@@ -65,8 +65,7 @@ class SpaceTimeSite(AttentionSite):
         def note_clip(module: nn.Module, args: tuple, kwargs: dict) -> None:
             clip = args[0] if args else kwargs["input"]  # (B, C, T, H, W) as the Conv3d takes it
             self._thw_of_call = tuple(  # type: ignore[assignment]
-                (n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip(
-                    clip.shape[2:], module.kernel_size, module.stride, module.padding, module.dilation))
+                conv_output_size(int(n), module, axis) for axis, n in enumerate(clip.shape[2:]))
 
         return [] if self.tubelets is None else [(self.tubelets, note_clip)]
 

@@ -1,0 +1,22 @@
+"""Round 38's lead fixes, each checked against an independent reference (torch's own modules, numpy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("padding", [0, (1, 0, 2), "valid", "same"])
+def test_the_video_tubelets_grid_is_what_the_conv3d_itself_gives(padding):
+    """The Conv3d tubelet embedding's (frames, rows, cols) came from a third copy of the conv formula, which took a
+    string padding apart letter by letter (TypeError on 'same'); it is the shared helper now, checked against the conv."""
+    from qkhooks.models.video import SpaceTimeSite
+
+    stride = 1 if padding == "same" else (2, 3, 2)
+    conv = torch.nn.Conv3d(3, 4, kernel_size=(2, 3, 3), stride=stride, padding=padding)
+    site = SpaceTimeSite.__new__(SpaceTimeSite)
+    site._thw_of_call, site.tubelets = None, conv
+    (module, hook), = site.context_hooks()
+    clip = torch.zeros(1, 3, 7, 17, 12)
+    hook(module, (clip,), {})
+    assert site._thw_of_call == tuple(conv(clip).shape[2:])
