@@ -2,3 +2,6 @@
 itself (which imports them: a cycle)."""
 
 __version__ = "0.1.0"
+
+#: The release that drops the old spellings which still answer with a DeprecationWarning (issue 18's renames).
+REMOVED_IN = "0.2"

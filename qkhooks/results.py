@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from qkhooks._version import REMOVED_IN
 from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import conv_output_size
@@ -111,8 +112,10 @@ def _reduced_grid(module: torch.nn.Module, grid: tuple[int, int] | None, tokens:
 
 
 def deprecated(old: str, new: str, stacklevel: int = 3) -> None:
-    """Warn that ``old`` is replaced by ``new``, at the line of the caller's caller (``stacklevel``)."""
-    warnings.warn(f"{old} is deprecated; use {new}.", DeprecationWarning, stacklevel=stacklevel)
+    """Warn that ``old`` is replaced by ``new`` and goes in ``_version.REMOVED_IN``, at the line of the caller's caller
+    (``stacklevel``)."""
+    warnings.warn(f"{old} is deprecated; use {new}. The old spelling is removed in qkhooks {REMOVED_IN}.",
+                  DeprecationWarning, stacklevel=stacklevel)
 
 
 class _LayerList(list):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 
+from qkhooks._version import REMOVED_IN
 from qkhooks.errors import QKHooksError
 
 if TYPE_CHECKING:
@@ -255,7 +256,8 @@ class LayerSpectrum:
     # ``RunReader.spectrum(l)`` used to return the stored arrays as a dict; that use keeps working, with a warning.
     def _stored_arrays(self) -> dict[str, np.ndarray]:
         warnings.warn("RunReader.spectrum(l) now returns a LayerSpectrum (.U, .S, .V, .cos); for the stored arrays "
-                      "as a dict use RunReader.spectrum_arrays(l).", DeprecationWarning, stacklevel=3)
+                      f"as a dict use RunReader.spectrum_arrays(l). The dict use is removed in qkhooks {REMOVED_IN}.", DeprecationWarning,
+                      stacklevel=3)
         if self._stored is None:
             return {"U": np.asarray(self.U), "S": np.asarray(self.S), "V": np.asarray(self.V), "cos": np.asarray(self.cos)}
         return self._stored

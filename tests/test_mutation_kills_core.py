@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from qkhooks._version import REMOVED_IN
 from qkhooks.spectrum import LayerSpectrum
 
 _OLD_DICT_MESSAGE = ("RunReader.spectrum(l) now returns a LayerSpectrum (.U, .S, .V, .cos); for the stored arrays as a "
-                     "dict use RunReader.spectrum_arrays(l).")
+                     f"dict use RunReader.spectrum_arrays(l). The dict use is removed in qkhooks {REMOVED_IN}.")
 
 
 def test_spectrum_live_dict_view_keys_values_and_items_are_its_arrays_and_the_numpy_cosine():

@@ -20,3 +20,21 @@ def test_the_video_tubelets_grid_is_what_the_conv3d_itself_gives(padding):
     clip = torch.zeros(1, 3, 7, 17, 12)
     hook(module, (clip,), {})
     assert site._thw_of_call == tuple(conv(clip).shape[2:])
+
+
+def test_every_old_spelling_names_the_release_that_removes_it():
+    """Review C (round 37): the compatibility shims warned with no removal version, so a user could not plan the
+    change. Each names the release now, from one constant."""
+    import warnings
+
+    import qkhooks
+    from qkhooks._version import REMOVED_IN
+    from qkhooks.results import BatchCapture
+
+    assert REMOVED_IN.split(".") > qkhooks.__version__.split(".")  # a release still to come
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        BatchCapture(ids=[], meta={}, layers={})
+    (warning,) = [w for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert f"removed in qkhooks {REMOVED_IN}" in str(warning.message)
+    assert "BatchCapture(captures=...)" in str(warning.message)

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import qkhooks
+from qkhooks._version import REMOVED_IN
 from qkhooks.spectrum import LayerSpectrum
 
 
 _OLD_DICT_MESSAGE = ("RunReader.spectrum(l) now returns a LayerSpectrum (.U, .S, .V, .cos); for the stored arrays as a "
-                     "dict use RunReader.spectrum_arrays(l).")
+                     f"dict use RunReader.spectrum_arrays(l). The dict use is removed in qkhooks {REMOVED_IN}.")
 
 
 def _numpy_cos(u: np.ndarray, v: np.ndarray) -> np.ndarray:
