@@ -399,14 +399,30 @@ def _compute_layer_spectrum(site: AttentionSite, augmented: bool) -> LayerSpectr
     # kept in float32, or in float64 for float64 weights: their maps are float64, and vectors rounded to float32
     # made them float32-accurate (5e-8 off x·u_n, review r34)
     kept = torch.float64 if weights.w_q.dtype == torch.float64 else torch.float32
-    return LayerSpectrum(site.layer, u.to(kept), s.to(kept), v.to(kept), augmented)
+    # normal tensors also when computed in inference mode: their version counters tell the cache of a caller's edit
+    with torch.inference_mode(False), torch.no_grad():
+        u, s, v = (a.to(kept, copy=True) for a in (u, s, v))
+    return LayerSpectrum(site.layer, u, s, v, augmented)
 
 
-# Attention module -> (_copied_state of its weights, {augmented: spectrum}). Weak keys: a deleted model frees its
-# entries (a spectrum holds no reference to its module).
-_SPECTRUM_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[WeightsState, dict[bool, LayerSpectrum]]]" = (
+# Attention module -> (_copied_state of its weights, {augmented: (spectrum, its arrays as computed)}). Weak keys: a
+# deleted model frees its entries (a spectrum holds no reference to its module).
+_SPECTRUM_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[WeightsState, dict[bool, tuple[LayerSpectrum, tuple]]]]" = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _as_computed(spec: LayerSpectrum) -> tuple:
+    """Each array of ``spec`` with its version counter: the cache hands its spectrum out, and a caller that edits it
+    in place (``S.div_(S.max())`` for a plot) or assigns another array must not change what later recordings use."""
+    return tuple((a, a._version) for a in (spec.U, spec.S, spec.V))
+
+
+def _untouched(spec: LayerSpectrum, computed: tuple) -> bool:
+    """Whether ``spec`` still holds the arrays it was computed with, none edited in place since (views such as
+    ``top(k)``'s share their base's version counter, so their edits count too)."""
+    return all(now is then and now._version == version
+               for now, (then, version) in zip((spec.U, spec.S, spec.V), computed))
 # Integer dtypes of each float size: weights compared as integers are compared bit for bit (a NaN equals itself).
 _SAME_SIZE_INTS = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 WeightsState = tuple  # (_weights_key or None, a copy of _qk_tensors or None): see weights_state, _copied_state
@@ -605,7 +621,9 @@ def is_cached_spectrum(site: AttentionSite, spec: LayerSpectrum) -> bool:
     """Whether ``spec`` is the spectrum cache's own for ``site``'s weights as they are now (its copy compared bit for
     bit): ``qkhooks.spectrum(model)`` handed back to ``record(spectrum=...)``, the usual case, costs no other check."""
     cached = _SPECTRUM_CACHE.get(site.module) if site.module is not None else None
-    return cached is not None and cached[1].get(spec.augmented) is spec and _cached_still_valid(cached[0], site)
+    held = cached[1].get(spec.augmented) if cached is not None else None
+    return (held is not None and held[0] is spec and _untouched(spec, held[1])
+            and _cached_still_valid(cached[0], site))  # type: ignore[index]
 
 
 def foreign_spectrum(site: AttentionSite, spec: LayerSpectrum) -> str | None:
@@ -648,7 +666,8 @@ def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectru
 
     Computed once per set of weights: cached per attention module and reused while :func:`same_weights` holds
     (identity, version and a bit-for-bit copy of W_q/W_k, also for weights made in inference mode), so ``record()``
-    entered per batch does no SVD. The returned spectrum is shared with the cache: treat it as read-only.
+    entered per batch does no SVD. The returned spectrum is shared with the cache; one its caller has edited (in
+    place or by assigning an array) is left to the caller and computed again here.
     """
     module = site.module
     if module is None:
@@ -656,10 +675,11 @@ def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectru
     entry = _SPECTRUM_CACHE.get(module)
     if entry is None or not _cached_still_valid(entry[0], site):
         entry = _SPECTRUM_CACHE[module] = (_copied_state(site, _weights_key(site)), {})
-    spec = entry[1].get(augmented)
-    if spec is None or spec.layer != site.layer:
-        spec = entry[1][augmented] = _compute_layer_spectrum(site, augmented)
-    return spec
+    held = entry[1].get(augmented)
+    if held is None or held[0].layer != site.layer or not _untouched(*held):
+        spec = _compute_layer_spectrum(site, augmented)
+        held = entry[1][augmented] = (spec, _as_computed(spec))
+    return held[0]
 
 
 def spectrum(

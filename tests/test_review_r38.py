@@ -38,3 +38,55 @@ def test_every_old_spelling_names_the_release_that_removes_it():
     (warning,) = [w for w in caught if issubclass(w.category, DeprecationWarning)]
     assert f"removed in qkhooks {REMOVED_IN}" in str(warning.message)
     assert "BatchCapture(captures=...)" in str(warning.message)
+
+
+def _vit(depth: int = 2) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, embed_dim=32, depth=depth, num_heads=2,
+                              img_size=16, patch_size=8, num_classes=0).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def _dense_sigmas(model: torch.nn.Module, layer: int) -> torch.Tensor:
+    """(H, d_k) singular values of W_q^T W_k per head, float64 SVD of the model's own weights (the reference)."""
+    attn = model.blocks[layer].attn
+    d, h = attn.qkv.in_features, attn.num_heads
+    w_q, w_k = (attn.qkv.weight[i * d:(i + 1) * d].double().view(h, d // h, d) for i in (0, 1))
+    return torch.linalg.svdvals(w_q.transpose(1, 2) @ w_k)[:, : d // h]
+
+
+@pytest.mark.parametrize("edit", ["in place", "a view of top(k) in place", "assigned", "modes='all' run's, in place"])
+def test_a_spectrum_edited_by_its_caller_does_not_change_later_recordings(edit):
+    """Review EDGE (round 38): the spectrum cache handed its own arrays out, so normalising them for a plot
+    (S.div_(S.max())) changed every later record() on that model: its S in the run was the edited one, and signs
+    flipped in place flipped later maps. The cache now notices its arrays edited or replaced and computes again."""
+    import qkhooks
+
+    model, images = _vit(), torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    truth = _dense_sigmas(model, 0)
+    with qkhooks.record(model, modes=1) as reference:
+        model(images)
+    spec = qkhooks.spectrum(model)[0]
+    if edit == "in place":
+        spec.S.div_(spec.S.max())
+        spec.U.neg_()
+    elif edit == "a view of top(k) in place":
+        spec.top(1).S.mul_(3.0)
+    elif edit == "assigned":
+        spec.S = spec.S / spec.S.max()
+    else:
+        with qkhooks.record(model, modes="all") as run:
+            model(images)
+        run.spectrum(0).S.mul_(9.0)
+    with qkhooks.record(model, modes="all") as after:
+        model(images)
+    assert torch.allclose(after.spectrum(0).S.double(), truth, rtol=1e-5)
+    want = reference.last.query(0)  # the first mode's maps, signs included, as before any edit
+    assert torch.allclose(after.last.query(0)[..., :1, :], want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    again = qkhooks.spectrum(model)[0]
+    assert torch.allclose(again.S.double(), truth, rtol=1e-5) and again is qkhooks.spectrum(model)[0]  # cached again
