@@ -307,6 +307,12 @@ class _HFReader:
         self.ds, self.image_column, self.id_column, self.masks = ds, image_column, id_column, dict(masks)
         self.root = root  # an image folder read as a dataset: ids are the files' paths relative to it
         self.length = len(ds) if hasattr(ds, "__len__") and not _is_hf_iterable(ds) else None
+        # a column of file paths (strings) and no id column: each row is named by its path as given, as in a list of
+        # paths (review r38: named by its position, a resume over rows that changed could not tell)
+        features = getattr(ds, "features", None) or {}
+        self.path_column = (image_column if id_column is None and root is None
+                            and getattr(features.get(image_column), "dtype", None) in ("string", "large_string")
+                            else None)
 
     def rows(self, start: int) -> Iterator[Any]:
         if self.length is not None:
@@ -319,24 +325,28 @@ class _HFReader:
         return _item_to_raw(item, f"row {position}")
 
     def mask_layouts(self, stop: int) -> Iterator[tuple[int, str, tuple[bool, bool]]] | None:
-        """Each row's (position, id, mask layout) from the mask columns' nulls, in Arrow (no image is decoded);
-        None for a streamed dataset or one without mask columns."""
-        if self.length is None or not self.masks:
+        """Each row's (position, id, mask layout) from the mask columns' nulls and the id (or path) column, in Arrow
+        (no image is decoded); None for a streamed dataset, or one without mask columns whose rows are named by their
+        positions (nothing to check)."""
+        named = self.id_column if self.id_column is not None else self.path_column
+        if self.length is None or (not self.masks and named is None):
             return None
-        columns = list(dict.fromkeys(self.masks.values()))
-        wanted = columns + ([self.id_column] if self.id_column is not None and self.id_column not in columns else [])
+        wanted = list(dict.fromkeys([*self.masks.values(), *([named] if named is not None else [])]))
         view = self.ds.select_columns(wanted).with_format("arrow")
-        return self._layouts(view, stop)
+        return self._layouts(view, stop, named)
 
-    def _layouts(self, view: Any, stop: int) -> Iterator[tuple[int, str, tuple[bool, bool]]]:
+    def _layouts(self, view: Any, stop: int, named: str | None) -> Iterator[tuple[int, str, tuple[bool, bool]]]:
         for lo in range(0, stop, 4096):
             table = view[lo:min(stop, lo + 4096)]
             present = {key: ~np.asarray(table.column(column).is_null().to_numpy(zero_copy_only=False), dtype=bool)
                        for key, column in self.masks.items()}
-            ids = table.column(self.id_column).to_pylist() if self.id_column is not None else None
+            ids = table.column(named).to_pylist() if named is not None else None
             for n in range(table.num_rows):
                 layout = _mask_layout(key for key, have in present.items() if have[n])
-                yield lo + n, str(ids[n]) if ids is not None else str(lo + n), layout
+                if ids is None or (ids[n] is None and named == self.path_column):  # as row_id names a null path
+                    yield lo + n, str(lo + n), layout
+                else:
+                    yield lo + n, str(ids[n]), layout
 
     def row_id(self, row: Mapping[str, Any], position: int) -> str:
         if self.id_column is not None:
@@ -344,7 +354,8 @@ class _HFReader:
         cell = row[self.image_column]
         if self.root is not None and isinstance(cell, Mapping) and cell.get("path"):
             return Path(os.path.relpath(cell["path"], self.root)).as_posix()
-        return str(position)
+        path = _path_id(cell)  # a column of file paths: each row its path as given, as a list of paths
+        return str(position) if path is None else path
 
 
 class _TarReader:

@@ -16,8 +16,8 @@ image. A dict without ``"image"`` may hold the image under a file extension (``"
 ``webdataset.WebDataset`` yields it. Tensors are refused: they are some other preprocessing's output, and
 qkhooks applies the model's own. Every image goes through the same RGB conversion as a folder's files, so
 the same image gives the bit-identical array whatever container it came in. An item's id is its dict's ``"id"``,
-else the file path it was given as (alone, as a pair's image or as a dict's ``"image"``, as given), else its
-position; a dict's other fields are not read, and are named in one warning per stream (a mask under another name
+else the file path it was given as (alone, as a pair's image or as a dict's ``"image"``, as given; in a Hugging Face
+dataset, an id-like column, else a path in its image column), else its position; a dict's other fields are not read, and are named in one warning per stream (a mask under another name
 would otherwise be left out without a word). A DataLoader is read through its dataset, in index order: one whose
 sampler or batch sampler chooses items is refused (pass ``torch.utils.data.Subset(dataset, indices)``).
 
@@ -184,8 +184,9 @@ class ItemStream:
             if item_id in seen:
                 raise QKHooksError(
                     f"{self.name}: items {seen[item_id]} and {position} have the same id {item_id!r}; a run file finds "
-                    "images by id, so each needs its own (a dict's 'id'; an image given as a file path, alone or as a "
-                    "dict's 'image', has that path as its id: list each file once). Nothing was recorded.")
+                    "images by id, so each needs its own (a dict's 'id', or a Hugging Face dataset's id column; an image "
+                    "given as a file path, alone, as a dict's 'image' or in a Hugging Face image column of paths, has "
+                    "that path as its id: list each file once). Nothing was recorded.")
             seen[item_id] = position
 
     def _mask_gap(self, position: int, item_id: str, layout: tuple[bool, bool]) -> str:

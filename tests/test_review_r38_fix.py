@@ -1,0 +1,116 @@
+"""Round 38, helper FIX: five small inconsistencies, each with the test that failed before its fix.
+
+1. A Hugging Face dataset whose image column holds file paths names each row by its path (as a list of paths does).
+2. A ``webdataset.WebDataset`` object's samples keep the image member's letter case, as ``wds:`` does.
+3. Hugging Face columns that are not read are named in one warning a run, as a dict's unread keys are.
+4. A same-object probability that is 1 by construction (chance 1: every image counted holds one object) is flagged.
+5. Negative layers in ``analyze modes`` count from the model's last block, as ``record(layers=...)`` does.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import qkhooks
+from qkhooks.data import ImageConfig, open_source
+from qkhooks.errors import QKHooksError
+
+CFG = ImageConfig(size=(48, 48), mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _loaded(depth: int = 2):
+    from qkhooks.models.load import LoadedModel
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, patch_size=8, embed_dim=32,
+                              depth=depth, num_heads=4, num_classes=0).eval()
+    return LoadedModel(model=model, spec="tiny", image_config=CFG)
+
+
+def _photos(folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(n)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _stream(stream) -> tuple[list[str], list[torch.Tensor], list[tuple[str, str]]]:
+    ids, pixels, failures = [], [], []
+    for batch in stream.batches(2):
+        ids += [item["id"] for item in batch.items]
+        pixels += [item["pixel_values"] for item in batch.items]
+        failures += batch.failures
+    return ids, pixels, failures
+
+
+# ------------------------------------------------------------------ 1. a Hugging Face column of file paths
+
+
+def test_a_hugging_face_column_of_paths_names_rows_by_path_as_a_list_does_and_refuses_a_path_twice(tmp_path):
+    """Rows of a path-string image column without an id column were named by position (0, 1, 2) where a list of the
+    same paths is named by the paths; now both give the paths and the same pixels, and one path twice is refused
+    before anything is read (it was recorded twice under two position ids)."""
+    datasets = pytest.importorskip("datasets")
+    paths = _photos(tmp_path / "a", 3)
+    ds = datasets.Dataset.from_dict({"image": paths})
+    ids, pixels, _ = _stream(open_source(ds, CFG))
+    list_ids, list_pixels, _ = _stream(open_source(list(paths), CFG))
+    assert ids == list_ids == paths
+    for a, b in zip(pixels, list_pixels):
+        assert torch.equal(a, b)
+    assert _stream(open_source(ds.to_iterable_dataset(), CFG))[0] == paths  # streamed: named alike
+    assert open_source(ds, CFG).ids_before(2) == paths[:2]  # what a resume compares, without decoding
+    with pytest.raises(QKHooksError, match=rf"items 0 and 2 have the same id {paths[1]!r}.*list each file once"):
+        open_source(datasets.Dataset.from_dict({"image": [paths[1], paths[0], paths[1]]}), CFG)
+    # an id column still names the rows; a column of images (not paths) still has positions
+    named = datasets.Dataset.from_dict({"image": paths, "id": ["x", "y", "z"]})
+    assert _stream(open_source(named, CFG))[0] == ["x", "y", "z"]
+    photos = datasets.Dataset.from_dict({"image": [Image.open(p) for p in paths]}).cast_column("image",
+                                                                                               datasets.Image())
+    assert _stream(open_source(photos, CFG))[0] == ["0", "1", "2"]
+
+
+def test_resuming_a_run_that_named_path_rows_by_position_is_refused_with_the_reason(tmp_path, monkeypatch):
+    """A run of an earlier qkhooks named the rows of a path column 0, 1, ...; resumed now it would go on under path
+    ids (and with a changed dataset, onto other images): refused, saying an earlier qkhooks named them by position."""
+    datasets = pytest.importorskip("datasets")
+    from qkhooks.data import readers
+
+    paths = _photos(tmp_path / "many", 6)
+    ds = datasets.Dataset.from_dict({"image": paths})
+    loaded, out = _loaded(), tmp_path / "hf.h5"
+    kw = dict(layers="0", modes=2, batch_size=2, progress=False, checkpoint_every=1)
+    calls = []
+
+    def stop(batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as old:  # the earlier naming: positions, and no ids listed without decoding
+        old.setattr(readers._HFReader, "row_id", lambda self, row, position: str(position))
+        old.setattr(readers._HFReader, "mask_layouts", lambda self, stop: None)
+        with pytest.raises(KeyboardInterrupt):
+            qkhooks.record_dataset(loaded, ds, out, on_batch=stop, **kw)
+    with qkhooks.open_run(out) as run:
+        assert list(run.ids) == [str(i) for i in range(run.n)] and run.n >= 2
+    with pytest.raises(QKHooksError, match=r"image 0 of the file is '0', the data's is .*img00\.png'.*recorded by an "
+                                           r"earlier qkhooks, which named items given as file paths by their position"):
+        qkhooks.record_dataset(loaded, ds, out, resume=True, **kw)
+    new = tmp_path / "new.h5"  # a new run names them by path
+    qkhooks.record_dataset(loaded, ds, new, **kw)
+    with qkhooks.open_run(new) as run:
+        assert list(run.ids) == paths
