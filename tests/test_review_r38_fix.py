@@ -114,3 +114,32 @@ def test_resuming_a_run_that_named_path_rows_by_position_is_refused_with_the_rea
     qkhooks.record_dataset(loaded, ds, new, **kw)
     with qkhooks.open_run(new) as run:
         assert list(run.ids) == paths
+
+
+# ------------------------------------------------------------------ 3. Hugging Face columns that are not read
+
+
+def test_hugging_face_columns_that_are_not_read_are_named_once_per_run_as_a_dicts_fields_are():
+    """A 'mask' column (a mask under a name qkhooks does not use) and a 'label' were dropped without a word, where the
+    same fields of plain dicts are named; now one warning names them, what is read, and masks= for the fix."""
+    datasets = pytest.importorskip("datasets")
+    n = 5
+    ds = datasets.Dataset.from_dict({
+        "image": [Image.fromarray(np.full((40, 56, 3), 30 * i, np.uint8)) for i in range(n)],
+        "id": [f"x{i}" for i in range(n)], "label": list(range(n)),
+        "mask": [Image.fromarray(np.zeros((40, 56), np.uint8)) for _ in range(n)],
+    }).cast_column("image", datasets.Image()).cast_column("mask", datasets.Image())
+    for data in (ds, ds.to_iterable_dataset()):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ids, _, _ = _stream(open_source(data, CFG, image_column="image"))
+        named = [str(w.message) for w in caught if "not read" in str(w.message)]
+        assert ids == [f"x{i}" for i in range(n)]
+        assert len(named) == 1, named
+        assert "columns 'label', 'mask' are not read" in named[0] and "masks={'objects': 'mask'}" in named[0], named
+        assert "the image column 'image', the id column 'id'" in named[0], named
+    # a column read as a mask, and a dataset of read columns only, are not named
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _stream(open_source(ds.remove_columns("label"), CFG, image_column="image", masks={"objects": "mask"}))
+        _stream(open_source(ds.remove_columns(["label", "mask"]), CFG))

@@ -322,7 +322,16 @@ class _HFReader:
     def decode(self, row: Mapping[str, Any], position: int) -> tuple[str | None, _Raw]:
         item = {"image": row[self.image_column], "id": self.row_id(row, position)}
         item.update({key: row[column] for key, column in self.masks.items()})
-        return _item_to_raw(item, f"row {position}")
+        own, raw = _item_to_raw(item, f"row {position}")
+        raw.unread = self.unread_columns(row)
+        return own, raw
+
+    def unread_columns(self, row: Mapping[str, Any]) -> tuple[str, ...]:
+        """The row's columns that are not read (a label, or a mask under a name qkhooks does not use), as a dict's
+        unread keys are (:func:`_unread_keys`): named in a warning once per stream (review r38: they were not)."""
+        read = {self.image_column, *self.masks.values(), *([self.id_column] if self.id_column is not None else [])}
+        return tuple(sorted(str(c) for c, v in row.items() if c not in read and v is not None
+                            and not (isinstance(c, str) and c.startswith("__") and c.endswith("__"))))
 
     def mask_layouts(self, stop: int) -> Iterator[tuple[int, str, tuple[bool, bool]]] | None:
         """Each row's (position, id, mask layout) from the mask columns' nulls and the id (or path) column, in Arrow

@@ -143,23 +143,36 @@ class ItemStream:
 
     def _name_unread(self, keys: tuple[str, ...]) -> None:
         """Warn, once per stream for each, of the fields of the items that qkhooks does not read: a mask under another
-        name (``"mask"``, ``"segmentation"``) would otherwise be left out without a word (found by review). Not
-        refused: items may carry labels and other fields that are not for qkhooks."""
+        name (``"mask"``, ``"segmentation"``) would otherwise be left out without a word (found by review); a Hugging
+        Face dataset's unread columns alike (review r38). Not refused: items may carry labels and other fields that
+        are not for qkhooks."""
         new = [k for k in keys if k not in self._unread_named]
         if not new:
             return
         self._unread_named.update(new)
         tar = self.name.startswith("wds:")
+        hf = getattr(self._reader, "unread_columns", None) is not None  # a Hugging Face dataset: its columns
+        if tar:
+            reads = ("each sample's image member, NAME.json's 'id', and the masks NAME.objects.png (instance labels, "
+                     "0 = background), NAME.target.png and NAME.distractor.png; if one of them is a mask, name its "
+                     "member so.")
+        elif hf:
+            reader = self._reader
+            masks = ", ".join(f"{column!r} as {key!r}" for key, column in reader.masks.items()) or "none"
+            reads = (f"the image column {reader.image_column!r}, "
+                     + (f"the id column {reader.id_column!r}" if reader.id_column is not None else "no id column")
+                     + f", and the mask columns (here: {masks}), which are the columns named 'objects' (instance "
+                     "labels, 0 = background), 'target' and 'distractor' unless masks= names others; if one of them "
+                     "is a mask, pass it so (e.g. record_dataset(..., masks={'objects': 'mask'})).")
+        else:
+            reads = ("an item's 'image' (or, in a webdataset sample, the image under its file extension), 'id', and "
+                     "the masks 'objects' (instance labels, 0 = background), 'target' and 'distractor'; if one of "
+                     "them is a mask, give it under one of those names (e.g. item['objects'] = item.pop('mask')).")
+        what = "dataset's column" if hf else "items' member" if tar else "items' field"
         warnings.warn(
-            f"{self.name}: the items' {'member' if tar else 'field'}{'s' if len(new) > 1 else ''} "
+            f"{self.name}: the {what}{'s' if len(new) > 1 else ''} "
             f"{', '.join(map(repr, new))} {'are' if len(new) > 1 else 'is'} not read, so nothing of "
-            f"{'them' if len(new) > 1 else 'it'} is recorded. qkhooks reads "
-            + ("each sample's image member, NAME.json's 'id', and the masks NAME.objects.png (instance labels, 0 = "
-               "background), NAME.target.png and NAME.distractor.png; if one of them is a mask, name its member so."
-               if tar else
-               "an item's 'image' (or, in a webdataset sample, the image under its file extension), 'id', and the "
-               "masks 'objects' (instance labels, 0 = background), 'target' and 'distractor'; if one of them is a "
-               "mask, give it under one of those names (e.g. item['objects'] = item.pop('mask')).")
+            f"{'them' if len(new) > 1 else 'it'} is recorded. qkhooks reads " + reads
             + " Labels and other fields may stay: this only says that they are not used.", stacklevel=3)
 
     def ids_before(self, stop: int) -> list[str] | None:
