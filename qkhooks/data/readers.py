@@ -5,6 +5,7 @@ cheaply in order (:meth:`rows`) and decode later, in worker processes when asked
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -160,9 +161,17 @@ def _own_id(item: Any) -> str | None:
         return _path_id(item)
     if item.get("id") is not None:
         return str(item["id"])
-    if "__key__" in item and "image" not in item:  # a webdataset sample: the image member's name
-        ext = _image_ext(item)
-        return f"{item['__key__']}.{ext}" if ext is not None else None
+    if "__key__" in item and "image" not in item:  # a webdataset sample: its NAME.json's id, else its image member
+        meta = item.get("json")
+        meta = json.loads(meta) if isinstance(meta, (bytes, bytearray, str)) else meta
+        if isinstance(meta, Mapping) and meta.get("id") is not None:  # as wds: reads it
+            return str(meta["id"])
+        images = [e for e in _EXTENSIONS if e in item]
+        if len(images) > 1:  # skipped (_item_to_raw), named by its key as wds: names it
+            return str(item["__key__"])
+        if item.get("__member__"):  # its own letter case, found in the shard (_IterReader.rows)
+            return str(item["__member__"])
+        return f"{item['__key__']}.{images[0]}" if images else None
     return _path_id(item.get("image"))
 
 
@@ -202,6 +211,8 @@ def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
         item = item[0]  # (image, label) as torchvision datasets return
     if not isinstance(item, Mapping):
         return own, _Raw(image=_image_of(item, where)[0])
+    if "image" not in item and "__key__" in item:  # a webdataset sample: read as wds: reads its members
+        item = _webdataset_item(item, own, where)
     value = _image_value(item)
     if value is None:
         raise QKHooksError(
@@ -223,6 +234,15 @@ def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
         raise QKHooksError(f"{where}: 'objects' must hold integer instance labels, got {raw.objects.dtype}.")
     raw.unread = _unread_keys(item)
     return own, raw
+
+
+def _mask_keys(item: Any) -> list[str]:
+    """The masks an item carries, without decoding: its non-None mask keys (a webdataset sample's ``NAME.png``
+    members, as :func:`_webdataset_item` reads them)."""
+    if not isinstance(item, Mapping):
+        return []
+    wds = "__key__" in item and "image" not in item
+    return [k for k in MASK_KEYS if item.get(f"{k}.png" if wds else k) is not None]
 
 
 def _mask_layout(present: Iterable[str]) -> tuple[bool, bool]:
@@ -247,14 +267,14 @@ class _MapReader:
         return iter(range(start, self.length or 0))
 
     def decode(self, row: int, position: int) -> tuple[str | None, _Raw]:
-        return _item_to_raw(self.container[row], f"item {position}")
+        return _item_to_raw(_spelled(self.container[row]), f"item {position}")
 
     def row_id(self, row: int, position: int) -> str:
         """A skipped item's id: its own (:func:`_own_id`: a dict's ``"id"``, a file path) as :meth:`decode` names the
         item, else its position. Named by position alone, a lost item was listed under another item's id, or a
         recorded one's (found by review). An item that cannot even be fetched is named by its position."""
         try:
-            item = self.container[row]
+            item = _spelled(self.container[row])
         except Exception:  # noqa: BLE001 - the item's own failure is reported where it was read
             return str(position)
         own = _own_id(item)
@@ -265,8 +285,8 @@ class _MapReader:
         in memory); None for a Dataset, whose ``__getitem__`` may load the image."""
         if not isinstance(self.container, (list, tuple)):
             return None
-        return ((i, str(i) if (own := _own_id(item)) is None else own,
-                 _mask_layout(k for k in MASK_KEYS if isinstance(item, Mapping) and item.get(k) is not None))
+        return ((i, str(i) if (own := _own_id(_spelled(item))) is None else own,
+                 _mask_layout(_mask_keys(item)))
                 for i, item in enumerate(self.container[:stop]))
 
 
@@ -286,7 +306,7 @@ class _IterReader:
                 raise QKHooksError("a one-shot iterator (a generator) can be read only once; pass a list, a "
                                    "Dataset or an IterableDataset to read it again.")
             self._used = True
-        return itertools.islice(iter(self.iterable), start, None)
+        return map(_spelled, itertools.islice(iter(self.iterable), start, None))
 
     def decode(self, row: Any, position: int) -> tuple[str | None, _Raw]:
         return _item_to_raw(row, f"item {position}")
@@ -423,12 +443,7 @@ class _TarReader:
         images = [row["__members__"][e] for e in _EXTENSIONS if e in row]
         if len(images) > 1 or "__twice__" in row:
             many = len(images) > 1
-            held = ", ".join(images if many else row["__twice__"])
-            raise _Unreadable(
-                f"{where} holds {held}: webdataset makes one sample of the members whose names agree before the first "
-                f"dot, so {'this sample has more than one image' if many else 'these are one field of it, twice'}, "
-                "and which to record is not guessed; give each image its own name before the first dot (e.g. "
-                "p1_a.jpg, p1_b.png) and write the shard again")
+            raise _Unreadable(_two_images(where, ", ".join(images if many else row["__twice__"]), many))
         ext = _image_ext(row)
         if ext is None:
             raise QKHooksError(f"{where} has no image member (looked for .{', .'.join(_EXTENSIONS)}); "
@@ -456,6 +471,73 @@ class _TarReader:
 
 def _image_ext(sample: Mapping[str, Any]) -> str | None:
     return next((e for e in _EXTENSIONS if e in sample), None)
+
+
+def _two_images(where: str, held: str, many: bool) -> str:
+    """Why a webdataset sample of two images (or one field twice) is skipped: which to record is not guessed."""
+    return (f"{where} holds {held}: webdataset makes one sample of the members whose names agree before the first "
+            f"dot, so {'this sample has more than one image' if many else 'these are one field of it, twice'}, "
+            "and which to record is not guessed; give each image its own name before the first dot (e.g. "
+            "p1_a.jpg, p1_b.png) and write the shard again")
+
+
+def _webdataset_item(sample: Mapping[str, Any], own: str | None, where: str) -> Mapping[str, Any]:
+    """A webdataset sample (fields keyed by extension: ``jpg``, ``json``, ``objects.png``) as the item ``wds:``
+    makes of the same members (review r38): its image, its id (:func:`_own_id`), the masks ``objects.png``,
+    ``target.png`` and ``distractor.png`` under their names; the other fields as they are (named as unread). A
+    sample of two images is skipped with the reason, as ``wds:`` skips it."""
+    images = [e for e in _EXTENSIONS if e in sample]
+    if len(images) > 1:
+        raise _Unreadable(_two_images(f"{where} (key {str(sample['__key__'])!r})",
+                                      ", ".join(f"{sample['__key__']}.{e}" for e in images), True))
+    if not images:
+        return sample
+    taken = {images[0], "json", *(f"{k}.png" for k in MASK_KEYS)}
+    item = {k: v for k, v in sample.items() if k not in taken}
+    item.update({"image": sample[images[0]], "id": own})
+    item.update({k: sample[f"{k}.png"] for k in MASK_KEYS if sample.get(f"{k}.png") is not None})
+    return item
+
+
+def _spelled(item: Any) -> Any:
+    """A ``webdataset.WebDataset`` sample with its image member's name in its own letter case (``__member__``),
+    read from its shard's member names: webdataset lower-cases the extensions it keys a sample by (``p2.JPG`` under
+    ``"jpg"``), while ``wds:`` and a folder of the same files keep the name (review r38: the two routes gave the same
+    tar other ids). Other items, and samples whose shard is not a local file (a URL), are returned as they are (the
+    id then has webdataset's lower-case extension)."""
+    if not (isinstance(item, Mapping) and "__key__" in item and "__url__" in item and "image" not in item
+            and "__member__" not in item):
+        return item
+    ext = _image_ext(item)
+    shard = item.get("__local_path__") or item["__url__"]
+    if ext is None or not isinstance(shard, (str, os.PathLike)):
+        return item
+    shard = os.fspath(shard)
+    shard = shard[len("file:"):] if isinstance(shard, str) and shard.startswith("file:") else shard
+    try:
+        stat = os.stat(shard)
+    except (OSError, ValueError, TypeError):
+        return item
+    name = _tar_members(shard, stat.st_mtime_ns, stat.st_size).get((str(item["__key__"]), ext))
+    return item if name is None else {**item, "__member__": name}
+
+
+@functools.lru_cache(maxsize=4)
+def _tar_members(shard: str, mtime_ns: int, size: int) -> dict[tuple[str, str], str]:
+    """A tar shard's members by (webdataset key, lower-cased extension): their names as written. Headers only (a
+    plain tar's data is sought past); the members before a damaged part, if any. ``mtime_ns`` and ``size`` key the
+    cache (a shard written again is read again)."""
+    names: dict[tuple[str, str], str] = {}
+    try:
+        with tarfile.open(shard, "r:*") as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if member.isfile() and dot and stem:
+                    names.setdefault((f"{folder}/{stem}" if folder else stem, ext.lower()), member.name)
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return names
 
 
 class _Unreadable(Exception):

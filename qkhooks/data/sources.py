@@ -13,7 +13,9 @@ uint8 array; encoded image bytes or a file path; an ``(image, label)`` pair (tor
 not used); or a dict with ``"image"`` (any of the above) and optional ``"id"``, ``"objects"`` (instance
 labels, 0 = background), ``"target"`` and ``"distractor"`` (odd-one-out masks), each ``(H, W)`` like the
 image. A dict without ``"image"`` may hold the image under a file extension (``"jpg"``, ``"png"``, ...), as a
-``webdataset.WebDataset`` yields it. Tensors are refused: they are some other preprocessing's output, and
+``webdataset.WebDataset`` yields it, and is then read as ``wds:`` reads the same members (the ``json`` field's
+``"id"``, the ``objects.png`` / ``target.png`` / ``distractor.png`` masks, the image member's own letter case where
+its shard is a local file; two images in one sample are skipped with the reason). Tensors are refused: they are some other preprocessing's output, and
 qkhooks applies the model's own. Every image goes through the same RGB conversion as a folder's files, so
 the same image gives the bit-identical array whatever container it came in. An item's id is its dict's ``"id"``,
 else the file path it was given as (alone, as a pair's image or as a dict's ``"image"``, as given; in a Hugging Face
