@@ -312,7 +312,8 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
          "Data: two masked photos and generated displays whose objects are simple shapes (the paper: ADE20K); the "
          "paper's setting: `qkhooks demo --objects-data ade20k:DIR`." if bundled_objects else
          f"Data: {objects} (the paper: ADE20K)."],
-        few + skipped_images(recorded_objects.skipped, obj_run),
+        few + skipped_images(recorded_objects.skipped, obj_run)
+        + left_out_note({int(l): why for l, why in (same.get("left_out") or {}).items()}, "the same-object probability"),
         {"images": obj["images"], "p_same_by_layer": {l: rows[l]["p_same"] for l in s_layers}, "chance": chance,
          "skipped": [list(row) for row in recorded_objects.skipped],
          "readings": [dataclasses.asdict(r) for r in readings],

@@ -220,3 +220,49 @@ def test_a_webdataset_object_gives_the_ids_images_and_masks_wds_gives_for_the_sa
     assert ids == ["m1.JPG", "m2.png"] and masks[1].max() == 3  # the masked tar, read last
     assert _stream(open_source(f"wds:{shard}", CFG))[0] == ["d/p2.JPG", "three", "p4.webp", "p5.Png"]
 
+
+# ------------------------------------------------------------------ 4. a p_same that is 1 by construction
+
+
+def _masked_run(tmp_path: Path, name: str, masks: list[np.ndarray]) -> Path:
+    rng = np.random.default_rng(5)
+    items = [{"image": rng.integers(0, 255, (48, 48, 3), np.uint8), "objects": m, "id": f"{name}{i}"}
+             for i, m in enumerate(masks)]
+    out = tmp_path / f"{name}.h5"
+    qkhooks.record_dataset(_loaded(), items, out, layers="0,1", modes=2, batch_size=2, progress=False)
+    return out
+
+
+def test_a_one_image_runs_same_object_probability_of_one_at_chance_one_is_flagged_not_reported(tmp_path):
+    """One image with one object: each side can only pick it, so every mode scored p_same 1 at chance 1, and the
+    layer reported p_same 1.0 as a finding. Now the layer has no value and left_out names why; an image with two
+    objects (chance 1/2, checked directly) still gets its value."""
+    from qkhooks.analysis.modes import analyze_modes
+    from qkhooks.analysis.same_object import UNINFORMATIVE_NOTE
+
+    one = np.zeros((48, 48), np.int64)
+    one[8:24, 8:40] = 4
+    summary = analyze_modes(_masked_run(tmp_path, "one", [one]), tmp_path / "one", figure_modes=0, overview=False,
+                            images=False, same_object_top=1)
+    same = summary["same_object"]
+    assert sorted(same["layers"]) == [0, 1]
+    for layer, row in same["layers"].items():
+        assert row["modes_with_value"] > 0 and row["chance"] == 1.0  # every mode scored, on one object
+        assert all(np.isnan(v) for v in (row["p_same"], row["p_same_pooled"], row["p_same_unweighted"])), row
+        assert same["left_out"][layer] == UNINFORMATIVE_NOTE
+    csv = (tmp_path / "one" / "same_object.csv").read_text().splitlines()
+    assert csv[1].split(",")[5] == "nan" and csv[2].split(",")[5] == "1"  # layer row: no value; a mode: 1 beside 1
+    from qkhooks.analysis.modes import format_summary
+
+    assert all(line.split()[-1] == "—" for line in format_summary(summary).splitlines()[1:])
+
+    two = one.copy()
+    two[30:44, 8:40] = 7  # a second object: chance 1/2, and p_same says which the sides pick
+    summary = analyze_modes(_masked_run(tmp_path, "two", [two]), tmp_path / "two", figure_modes=0, overview=False,
+                            images=False, same_object_top=1)
+    same = summary["same_object"]
+    assert same["left_out"] == {}
+    for row in same["layers"].values():
+        assert row["chance"] == 1 / len(np.unique(two[two > 0]))
+        assert 0.0 <= row["p_same"] <= 1.0
+

@@ -414,6 +414,8 @@ def analyze_modes(
                     f"no mode has a value: none of its modes' top-{same_object_top} images has a labelled object "
                     "(their masks are background only)" if not np.asarray(spectra[r["layer"]]["null"]).all()
                     else "every mode is numerically null (sigma = 0: W_q^T W_k is zero)"))
+            elif r["uninformative"]:  # p_same = chance = 1 by construction (review r38): named, no layer value
+                object_left_out.setdefault(r["layer"], r["uninformative"])
         same["left_out"] = {int(l): why for l, why in sorted(object_left_out.items())}
         rows = []
         for r in same["rows"]:

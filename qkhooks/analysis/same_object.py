@@ -14,7 +14,14 @@ import numpy as np
 from qkhooks.errors import QKHooksError
 from qkhooks.analysis.topk import layer_state, state_layers, top_images
 
-__all__ = ["optimal_objects", "same_object_probability", "chance_same_object", "same_object_table"]
+__all__ = ["optimal_objects", "same_object_probability", "chance_same_object", "same_object_table",
+           "UNINFORMATIVE_NOTE"]
+
+UNINFORMATIVE_NOTE = (
+    "every image its modes' p_same counts holds exactly one object, so the query and key sides can only pick that "
+    "object: p_same = chance = 1 by construction, whatever the modes do (e.g. a run of one image), and the layer has "
+    "no value; record images with two or more labelled objects (at least some) to test it")
+"""Why a layer's same-object figures are left out where its chance is 1 (:func:`same_object_table`)."""
 
 
 def optimal_objects(maps: Any, objects: Any) -> np.ndarray:
@@ -125,7 +132,9 @@ def same_object_table(
     (``chance``, ``chance_per_head``: per mode the mean of 1 / objects over the images its p_same counts, which a
     key side picking one of the image's objects at random would score). The top images of a mode are a selection:
     an image with one object scores 1 whatever the mode does, so they need not share the data set's chance
-    (:func:`chance_same_object`).
+    (:func:`chance_same_object`). Where every image the layer's modes count holds one object, p_same = chance = 1 by
+    construction: the layer's p_same figures (and ``per_head``) are NaN and ``uninformative`` says why
+    (:data:`UNINFORMATIVE_NOTE`; None elsewhere); the per-mode values stay, each beside its chance of 1.
 
     Args:
         topk: :meth:`TopKModes.state_dict` (numpy).
@@ -173,16 +182,23 @@ def same_object_table(
         if null is not None:  # an arbitrary direction's top images say nothing of the model (sigma ~ 0: no weight)
             null = np.asarray(null, dtype=bool)[:heads, :modes]
             p[null], chance[null], used[null] = np.nan, np.nan, 0
+        valued = np.isfinite(p)
+        # every image counted holds one object: each side can only pick it, so p_same = chance = 1 whatever the modes
+        # do (a one-image run's usual case): exact, and says nothing; flagged, with no layer value (review r38)
+        forced = bool(valued.any()) and bool(np.all(chance[valued] == 1.0))
         w = np.where(np.isnan(p), 0.0, S[:, :modes])
         pz = np.nan_to_num(p)
         head_w = w.sum(1)
         per_head = np.where(head_w > 0, (w * pz).sum(1) / np.maximum(head_w, 1e-300), np.nan)
         chance_head = np.where(head_w > 0, (w * np.nan_to_num(chance)).sum(1) / np.maximum(head_w, 1e-300), np.nan)
+        if forced:
+            per_head = np.full_like(per_head, np.nan)
         out_layers.append({
             "layer": layer,
             "p_same": float(np.nanmean(per_head)) if np.isfinite(per_head).any() else math.nan,
-            "p_same_pooled": float((w * pz).sum() / w.sum()) if w.sum() > 0 else math.nan,
-            "p_same_unweighted": float(np.nanmean(p)) if np.isfinite(p).any() else math.nan,
+            "p_same_pooled": float((w * pz).sum() / w.sum()) if w.sum() > 0 and not forced else math.nan,
+            "p_same_unweighted": float(np.nanmean(p)) if np.isfinite(p).any() and not forced else math.nan,
+            "uninformative": UNINFORMATIVE_NOTE if forced else None,
             "per_head": per_head.tolist(),
             "chance": float(np.nanmean(chance_head)) if np.isfinite(chance_head).any() else math.nan,
             "chance_per_head": chance_head.tolist(),
