@@ -616,7 +616,8 @@ def record_dataset(
             seen = _SeenIds(writer.ids if writer is not None and done else [])
             run.sinks.append(seen)
             if writer is not None:
-                _write_statics(writer, run, sites, image_size, opts.augmented, geometry, left_out_by_design(net), unmodelled)
+                _write_statics(writer, run, sites, image_size, opts.augmented, geometry, left_out_by_design(net), unmodelled,
+                               [s.layer for s in every])
                 if shard is not None:  # where this block starts in the dataset: qkhooks.distributed.merge_shards reads it
                     writer.write_static("images/shard", json.dumps({"rank": shard[0], "world": shard[1], "start": lo, "stop": hi}))
                 # each file's size goes with its batch, so a reopened folder can be checked to hold the files recorded
@@ -945,7 +946,7 @@ def _loop(run, batches, net, total, device, layout, plan, progress, writer, chec
 
 def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_size: tuple[int, int],
                    augmented: bool, geometry: dict[int, LayerGeometry], left_out: dict[str, str],
-                   unmodelled: dict[str, str]) -> None:
+                   unmodelled: dict[str, str], model_layers: Sequence[int] | None = None) -> None:
     if run.qk_spectrum is not None:
         for layer in run.qk_spectrum:
             for name in ("U", "S", "V"):
@@ -967,6 +968,8 @@ def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_
             "left_out_unmodelled": unmodelled,  # skip_unmodelled: modules qkhooks does not model, left out and named
             # "qk" or "x" per layer, stated once: pinned, so no later batch takes another source
             "mode_source": {str(layer): source for layer, source in run.pin_mode_source().items()}}
+    if model_layers is not None:  # every block the layer selection counts over: analyses resolve -1 as record does
+        info["model_layers"] = [int(l) for l in model_layers]
     writer.write_static("model/info", json.dumps(info))
 
 

@@ -540,16 +540,23 @@ def test_cli_on_a_run_recorded_without_modes(tmp_path, capsys):
         assert not out.exists()
 
 
-def test_negative_layers_count_from_the_highest_recorded_layer(capsys):
+def test_negative_layers_count_from_the_models_last_block_as_record_does(capsys):
+    """Round 38: -1 is the model's last block (model/info's model_layers), as in `qkhooks record`, not the highest
+    recorded layer; a block the run did not record, and a run file without the model's blocks, are refused."""
     from qkhooks.analysis.modes import _choose_layers
     from qkhooks.cli import main
 
-    assert _choose_layers([-1, 0], [0, 5]) == [5, 0]
-    with pytest.raises(QKHooksError, match="highest recorded layer"):
-        _choose_layers([-2], [0, 5])  # block 4 was not recorded
+    blocks = list(range(6))
+    assert _choose_layers([-1, 0], [0, 5], blocks) == [5, 0]
+    with pytest.raises(QKHooksError, match=r"layer -2 is the model's block 4 .* did not record; it has layers \[0, 5\]"):
+        _choose_layers([-2], [0, 5], blocks)  # block 4 was not recorded
+    with pytest.raises(QKHooksError, match=r"layer -1 is the model's block 5 .* it has layers \[0, 3\]"):
+        _choose_layers([-1], [0, 3], blocks)  # the highest recorded layer is not the model's last block
+    with pytest.raises(QKHooksError, match=r"does not store how many blocks .* the run has layers \[0, 5\]"):
+        _choose_layers([-1], [0, 5])  # a run file without model_layers
     with pytest.raises(SystemExit):
         main(["analyze", "modes", "--help"])
-    assert "count back from the highest *recorded* layer" in " ".join(capsys.readouterr().out.split())
+    assert "negative indices count from the model's last block" in " ".join(capsys.readouterr().out.split())
 
 
 def test_anisotropy_weighted_cosine_covers_every_mode_like_the_spectrum(samples_run, tmp_path):

@@ -266,3 +266,42 @@ def test_a_one_image_runs_same_object_probability_of_one_at_chance_one_is_flagge
         assert row["chance"] == 1 / len(np.unique(two[two > 0]))
         assert 0.0 <= row["p_same"] <= 1.0
 
+
+# ------------------------------------------------------------------ 5. negative layers in analyze modes
+
+
+def test_analyze_modes_counts_negative_layers_from_the_models_last_block_as_record_does(tmp_path, capsys):
+    """A 4-block model recorded at layers 1 and 2: record(layers=-1) means block 3, but `analyze modes --layers -1`
+    analysed block 2 (the highest recorded). Now -1 is block 3 and refused naming the recorded layers; -2 is block
+    2, the same layer record(layers=-2) records; a run file without the model's blocks refuses negative layers."""
+    import h5py
+
+    from qkhooks.analysis.modes import analyze_modes
+    from qkhooks.cli import main
+    from qkhooks.models.base import select_layers
+    from qkhooks.stream import _model_sites
+
+    loaded = _loaded(depth=4)
+    rng = np.random.default_rng(2)
+    photos = [rng.integers(0, 255, (48, 48, 3), np.uint8) for _ in range(3)]
+    out = tmp_path / "run.h5"
+    qkhooks.record_dataset(loaded, photos, out, layers="1,2", modes=2, batch_size=2, progress=False)
+    every = _model_sites(loaded.model, False)
+    assert [s.layer for s in select_layers(every, "-1")] == [3] and [s.layer for s in select_layers(every, "-2")] == [2]
+    with pytest.raises(QKHooksError, match=r"layer -1 is the model's block 3 .*did not record; it has layers \[1, 2\]"):
+        analyze_modes(out, tmp_path / "a", layers="-1", images=False, figure_modes=0, overview=False)
+    assert not (tmp_path / "a").exists()
+    summary = analyze_modes(out, tmp_path / "b", layers="-2", images=False, figure_modes=0, overview=False)
+    assert [entry["layer"] for entry in summary["layers"]] == [2]
+    assert main(["analyze", "modes", str(out), "--out", str(tmp_path / "c"), "--layers", "-1", "--no-images"]) == 2
+    assert "layer -1 is the model's block 3" in capsys.readouterr().err
+    with h5py.File(out, "r+") as f:  # as a run of an earlier qkhooks: no model_layers in model/info
+        import json
+
+        info = json.loads(f["model"].attrs["info"])
+        assert info.pop("model_layers") == [0, 1, 2, 3]
+        f["model"].attrs["info"] = json.dumps(info)
+    with pytest.raises(QKHooksError, match=r"does not store how many blocks the model has.*the run has layers \[1, 2\]"):
+        analyze_modes(out, tmp_path / "d", layers="-2", images=False, figure_modes=0, overview=False)
+    assert [e["layer"] for e in analyze_modes(out, tmp_path / "e", layers="2", images=False, figure_modes=0,
+                                              overview=False)["layers"]] == [2]

@@ -301,9 +301,10 @@ def analyze_modes(
         out_dir: where ``modes.json``, ``same_object.csv/.png``, ``anisotropy.csv/.png`` and ``figures/`` go.
         k: images per mode and sign (default: what the saved reducer kept, 8). A larger k than saved, a state
             that does not cover the run (or names rows past it), or no state at all is recomputed from the stored maps.
-        layers: block indices (``"0,3,5-7"``, a list, or None for all recorded); negative indices count back from
-            the highest *recorded* layer (-1 = the last recorded one; see :func:`_choose_layers`), not from the
-            model's last block as in ``qkhooks record``: a run does not store the model's depth.
+        layers: block indices (``"0,3,5-7"``, a list, or None for all recorded); negative indices count from the
+            model's last block, as in ``qkhooks record`` (-1 = the model's last block, which the run must have
+            recorded; refused for a run file of a qkhooks from before round 38, which does not store the model's
+            depth; see :func:`_choose_layers`).
         figure_modes: per head, draw a figure for its first this-many modes (None: all; 0: none).
         overview: draw one sheet per layer with the leading mode of every head.
         images: redraw the photos under the maps (reopens the dataset; off: maps on black).
@@ -333,7 +334,8 @@ def analyze_modes(
         available = sorted(set(int(l) for l in run.mode_layers) | set(_state_layers(run.state(TopKModes.name, default=None))))
         if not available:
             _no_modes(run, run_path)
-        chosen = _choose_layers(parse_layers(layers) if isinstance(layers, str) or layers is None else list(layers), available)
+        chosen = _choose_layers(parse_layers(layers) if isinstance(layers, str) or layers is None else list(layers), available,
+                                info.get("model_layers"), run_path)
         topk, source = _topk_state(run, chosen, k, prefix)
         chosen = chosen or [int(l) for l in np.asarray(topk["layers"]).reshape(-1)]
         ranked, topk = topk, select_layers(topk, chosen, k)  # the same-object statistic may take more than k images
@@ -604,23 +606,38 @@ def _state_layers(state: Mapping[str, Any] | None) -> list[int]:
     return [] if state is None else [int(l) for l in np.asarray(state["layers"]).reshape(-1)]
 
 
-def _choose_layers(requested: Sequence[int] | None, available: Sequence[int]) -> list[int]:
+def _choose_layers(requested: Sequence[int] | None, available: Sequence[int],
+                   model_layers: Sequence[int] | None = None, run_path: Any = "this run") -> list[int]:
     """Resolve a layer selection against the run's recorded layers.
 
-    A run does not store the model's block count, so a negative index counts back from the highest *recorded*
-    layer + 1: -1 is the highest recorded layer, -2 the block index below it (which must be recorded too).
-    This equals ``qkhooks record``/``spectrum``'s meaning (from the model's last block) whenever the last
-    block was recorded, as with the default (all blocks).
+    A negative index counts from the model's last block, as in ``record(layers=...)`` / ``qkhooks record``
+    (:func:`qkhooks.models.base.select_layers`): -1 is the model's last block, from ``model_layers``, every block the
+    recording's selection counted over (``model/info``'s ``model_layers``, stored since round 38); it must have been
+    recorded. A run file without it (an earlier qkhooks) does not say how deep the model is, so a negative index is
+    refused there (it counted from the last *recorded* layer, another block where the last was not recorded).
     """
     if requested is None:
         return list(available)
     out = []
     for l in requested:
-        if l < 0 and available:
-            l = max(available) + 1 + l
+        if l < 0:
+            if model_layers is None:
+                raise QKHooksError(
+                    f"layer {l}: a negative layer counts from the model's last block (as in `qkhooks record`), and "
+                    f"{run_path} does not store how many blocks the model has (it was written by a qkhooks from before "
+                    f"round 38); give the block index itself: the run has layers {list(available)}.")
+            blocks = [int(b) for b in model_layers]
+            if l + len(blocks) not in blocks:
+                raise QKHooksError(f"layer {l} does not exist: the model has blocks 0..{len(blocks) - 1} (the run "
+                                   f"recorded layers {list(available)}).")
+            block = l + len(blocks)
+            if block not in available:
+                raise QKHooksError(
+                    f"layer {l} is the model's block {block} (negative layers count from the model's last block, as in "
+                    f"`qkhooks record`), which this run did not record; it has layers {list(available)}.")
+            l = block
         if l not in available:
-            raise QKHooksError(f"layer {l} is not in this run; it has layers {list(available)} (negative indices "
-                               "count back from the highest recorded layer).")
+            raise QKHooksError(f"layer {l} is not in this run; it has layers {list(available)}.")
         out.append(l)
     return out
 

@@ -44,9 +44,9 @@ def _modes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run file written by `qkhooks record` (with modes, the default)")
     p.add_argument("--out", required=True, help="folder for modes.json, same_object.csv, anisotropy.csv and figures/")
     p.add_argument("--k", type=int, help="images per mode and sign (default: as recorded, 8)")
-    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7,-1' (default all recorded); unlike in `qkhooks "
-                   "record`/`spectrum`, negative indices count back from the highest *recorded* layer (-1 = the last "
-                   "recorded one), since a run does not store the model's depth")
+    p.add_argument("--layers", help="block indices, e.g. '0,3,5-7,-1' (default all recorded); as in `qkhooks "
+                   "record`, negative indices count from the model's last block (-1 = the model's last block, which "
+                   "the run must have recorded)")
     p.add_argument("--figure-modes", default="2", help="per head, draw figures for its first N modes ('all', 0 = none; default 2)")
     p.add_argument("--no-overview", action="store_true", help="skip the per-layer sheets of each head's leading mode")
     p.add_argument("--no-images", action="store_true", help="draw the maps on black instead of reopening the dataset")
