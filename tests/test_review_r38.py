@@ -90,3 +90,24 @@ def test_a_spectrum_edited_by_its_caller_does_not_change_later_recordings(edit):
     assert torch.allclose(after.last.query(0)[..., :1, :], want, rtol=0, atol=1e-5 * float(want.abs().max()))
     again = qkhooks.spectrum(model)[0]
     assert torch.allclose(again.S.double(), truth, rtol=1e-5) and again is qkhooks.spectrum(model)[0]  # cached again
+
+
+def test_load_model_leaves_a_module_you_built_in_its_own_train_mode_and_record_dataset_hands_it_back_so(tmp_path):
+    """Review EDGE (round 38): load_model(module) called module.eval().to("cpu") on the caller's own module, so a
+    training loop that went on after record_dataset ran without dropout (README promises the modes back)."""
+    import qkhooks
+
+    model = _vit()
+    model.train()
+    model.blocks[1].eval()  # a mixed set of flags, as a fine-tuning script may leave
+    flags = {name: m.training for name, m in model.named_modules()}
+    loaded = qkhooks.load_model(model)
+    assert loaded.model is model and {name: m.training for name, m in model.named_modules()} == flags
+    import numpy as np
+
+    images = [np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8) for i in range(3)]
+    result = qkhooks.record_dataset(model, images, tmp_path / "r.h5", modes=2, progress=False, batch_size=2)
+    assert result.images == 3
+    assert {name: m.training for name, m in model.named_modules()} == flags
+    spec = qkhooks.load_model("timm:vit_tiny_patch16_224@random")  # what qkhooks loads itself runs for inference
+    assert not any(m.training for m in spec.model.modules())

@@ -428,23 +428,26 @@ def load_model(
     spec: str | nn.Module,
     random_init: bool = False,
     checkpoint: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     image_config: Any = None,
 ) -> LoadedModel:
-    """Load a model from a spec string (see module docstring) in eval mode, with its preprocessing.
+    """Load a model from a spec string (see module docstring) in eval mode, with its preprocessing; or wrap a
+    module you built, left as it is (its train/eval flags, and its device and dtype unless you give them).
 
     Args:
         spec: ``timm:NAME``, ``hf:ID_OR_DIR``, ``offline:dinov2-s14`` or an ``nn.Module``.
         random_init: build the architecture with random weights from a fixed seed (every spec kind; the
             same as a spec ending in ``@random``); refused for a module or with a checkpoint.
         checkpoint: a local weights file for a ``timm:`` architecture.
-        device, dtype: where and in what precision to put the model.
+        device, dtype: where and in what precision to put the model (None: a spec is loaded on the CPU in its
+            checkpoint's dtype; a module stays where and as it is).
         image_config: the preprocessing (a :class:`qkhooks.data.ImageConfig`); read from the model when
             omitted, and required for a module that is neither timm nor Hugging Face.
     """
     note = ""
-    check_device(device)
+    if device is not None:
+        check_device(device)
     _check_scale(image_config)
     label = spec if isinstance(spec, str) else type(spec).__name__
     if isinstance(spec, str) and spec.endswith(RANDOM_SUFFIX):
@@ -524,7 +527,10 @@ def load_model(
             image_config = image_config or ImageConfig(**{**OFFLINE_DINOV2_PREPROCESS, "letterbox": False, "resize": 224})
         else:
             raise QKHooksError(f"unknown model spec prefix {kind!r}: {MODEL_SPEC_HELP}.")
-    model = model.eval().to(device)
+    if not isinstance(spec, nn.Module):  # what qkhooks loaded runs for inference; a module you built is yours
+        model = model.eval().to(device or "cpu")
+    elif device is not None:
+        model = model.to(device)
     if dtype is not None:
         model = model.to(dtype)
     if random_init and not label.endswith(RANDOM_SUFFIX):
