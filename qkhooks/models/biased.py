@@ -22,14 +22,6 @@ from qkhooks.models.base import AttentionSite
 from qkhooks.models.unsupported import MODELLED_FORMS
 
 
-def _efficientformer_attention() -> type:
-    try:
-        from timm.models.efficientformer import Attention
-    except ImportError:  # pragma: no cover - a timm without EfficientFormer: a class no module is an instance of
-        return type("MissingEfficientFormerAttention", (), {"forward": None})
-    return Attention
-
-
 def per_head_rows(attn: nn.Module, linear: nn.Linear) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple]:
     """q then k rows of a qkv laid out per head ([q_h | k_h | v_h] for each head h, widths key_dim, key_dim, val_dim)."""
     heads, key_dim, val_dim = int(attn.num_heads), int(attn.key_dim), int(attn.val_dim)
@@ -80,5 +72,5 @@ def _efficientformer_site(site: AttentionSite, attn: nn.Module) -> AttentionSite
 
 
 timm_adapter.EXTRA_FORMS["EfficientFormerAttention"] = timm_adapter.ExtraForm(
-    _efficientformer_attention, lambda attn: per_head_rows(attn, attn.qkv), _efficientformer_site)
+    "timm.models.efficientformer.Attention", lambda attn: per_head_rows(attn, attn.qkv), _efficientformer_site)
 MODELLED_FORMS.add("timm.models.efficientformer.Attention")

@@ -52,10 +52,6 @@ def _as(cls: type[SiteT], site: AttentionSite, **fields: Any) -> SiteT:
 
 
 # ---------------------------------------------------------------------------------------------------- NesT
-def _nest_attention() -> type:
-    from timm.models.nest import Attention
-
-    return Attention
 
 
 @dataclasses.dataclass(eq=False)
@@ -85,10 +81,6 @@ def _nest_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 
 
 # ---------------------------------------------------------------------------------------------------- TNT
-def _tnt_attention() -> type:
-    from timm.models.tnt import Attention
-
-    return Attention
 
 
 @dataclasses.dataclass(eq=False)
@@ -119,7 +111,7 @@ def _tnt_family(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     return dataclasses.replace(site, family="timm-tnt")
 
 
-timm_adapter.EXTRA_FORMS["NestAttention"] = timm_adapter.ExtraForm(_nest_attention, _timm_qkv, _nest_site)
-timm_adapter.EXTRA_FORMS["TntAttention"] = timm_adapter.ExtraForm(_tnt_attention, _qk_rows, _tnt_family)
+timm_adapter.EXTRA_FORMS["NestAttention"] = timm_adapter.ExtraForm("timm.models.nest.Attention", _timm_qkv, _nest_site)
+timm_adapter.EXTRA_FORMS["TntAttention"] = timm_adapter.ExtraForm("timm.models.tnt.Attention", _qk_rows, _tnt_family)
 timm_adapter.SITE_FINISHERS.append(_tnt_site)
 MODELLED_FORMS.update({"timm.models.nest.Attention", "timm.models.tnt.Attention"})

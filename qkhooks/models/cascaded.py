@@ -24,7 +24,6 @@ from torch import nn
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.inside import InsideSite
-from qkhooks.models.plain import _class
 from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import WindowSite
 
@@ -67,6 +66,6 @@ def _cascaded_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 
 
 timm_adapter.EXTRA_FORMS["EfficientVitMsraCascadedGroupAttention"] = timm_adapter.ExtraForm(
-    _class("timm.models.efficientvit_msra", "CascadedGroupAttention"), _geometry, _cascaded_site)
+    "timm.models.efficientvit_msra.CascadedGroupAttention", _geometry, _cascaded_site)
 MODELLED_FORMS.update({"timm.models.efficientvit_msra.CascadedGroupAttention",
                        "timm.models.efficientvit_msra.LocalWindowAttention"})

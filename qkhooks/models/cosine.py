@@ -108,10 +108,6 @@ def _timm_block_geometry(block: nn.Module, path: str, attn: nn.Module) -> dict[s
 
 
 # ---------------------------------------------------------------------------------------------------- timm
-def _timm_swinv2_attention() -> type:
-    from timm.models.swin_transformer_v2 import WindowAttention
-
-    return WindowAttention
 
 
 def _timm_swinv2_qkv(attn: nn.Module):
@@ -136,12 +132,6 @@ def _timm_swinv2_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
                         **_timm_block_geometry(site.block, site.path, attn))
 
 
-def _timm_swinv2_cr_attention() -> type:
-    from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
-
-    return WindowMultiHeadAttention
-
-
 def _timm_swinv2_cr_qkv(attn: nn.Module):
     rows = 2 * int(attn.qkv.out_features) // 3
     qkv = attn.qkv
@@ -157,9 +147,9 @@ def _timm_swinv2_cr_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 
 
 timm_adapter.EXTRA_FORMS["Swinv2WindowAttention"] = timm_adapter.ExtraForm(
-    _timm_swinv2_attention, _timm_swinv2_qkv, _timm_swinv2_site)
+    "timm.models.swin_transformer_v2.WindowAttention", _timm_swinv2_qkv, _timm_swinv2_site)
 timm_adapter.EXTRA_FORMS["Swinv2CrWindowAttention"] = timm_adapter.ExtraForm(
-    _timm_swinv2_cr_attention, _timm_swinv2_cr_qkv, _timm_swinv2_cr_site)
+    "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention", _timm_swinv2_cr_qkv, _timm_swinv2_cr_site)
 MODELLED_FORMS.update({"timm.models.swin_transformer_v2.WindowAttention",
                        "timm.models.swin_transformer_v2.SwinTransformerV2Block",
                        "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention",

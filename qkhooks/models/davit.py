@@ -24,12 +24,6 @@ from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
 from qkhooks.models.windows import WindowSite, _pair, _timm_qkv
 
 
-def _davit_window_attention() -> type:
-    from timm.models.davit import WindowAttention
-
-    return WindowAttention
-
-
 def _davit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     """``SpatialBlock`` (B, C, H, W) in; its windows of ``block.window_size``, no shift, padding after the norm."""
     block_ref = weakref.ref(site.block)  # a finished recording keeps no model alive
@@ -43,7 +37,8 @@ def _davit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         site, WindowSite, family="timm-davit", grid=None, patch_size=None, num_prefix_tokens=0, stage=stage, geometry=lambda: (_pair(block_ref().window_size), (0, 0)), call_grid=call_grid, pad_first=False)
 
 
-timm_adapter.EXTRA_FORMS["DavitWindowAttention"] = timm_adapter.ExtraForm(_davit_window_attention, _timm_qkv, _davit_site)
+timm_adapter.EXTRA_FORMS["DavitWindowAttention"] = timm_adapter.ExtraForm(
+    "timm.models.davit.WindowAttention", _timm_qkv, _davit_site)
 MODELLED_FORMS.update({"timm.models.davit.WindowAttention", "timm.models.davit.SpatialBlock"})
 
 _CHANNEL_SOFTMAX = ("so there is no token-to-token attention map and no W_q^T W_k form to record. DaViT's spatial window "

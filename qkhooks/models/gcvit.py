@@ -48,12 +48,6 @@ _GLOBAL_QUERIES = ("its queries are the stage's global query tokens (q_global, m
                    "layer's tokens, so the logits q_global·W_k x have no W_q and the content form W_q^T W_k does not exist")
 
 
-def _gcvit_attention() -> type:
-    from timm.models.gcvit import WindowAttentionGlobal
-
-    return WindowAttentionGlobal
-
-
 def _gcvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite | None:
     """Local blocks: windows of ``block.window_size`` over the block's (B, H, W, C) input; global blocks: the same
     windows, maps only (:class:`GlobalQueryWindowSite`)."""
@@ -72,5 +66,6 @@ def _gcvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite | None:
                                                                 family="timm-gcvit-global"), inside=_GLOBAL_QUERIES)
 
 
-timm_adapter.EXTRA_FORMS["GcvitWindowAttentionGlobal"] = timm_adapter.ExtraForm(_gcvit_attention, _timm_qkv, _gcvit_site)
+timm_adapter.EXTRA_FORMS["GcvitWindowAttentionGlobal"] = timm_adapter.ExtraForm(
+    "timm.models.gcvit.WindowAttentionGlobal", _timm_qkv, _gcvit_site)
 MODELLED_FORMS.update({"timm.models.gcvit.WindowAttentionGlobal", "timm.models.gcvit.GlobalContextVitBlock"})

@@ -58,12 +58,6 @@ class ChannelsFirstRelativeSite(RelativeSite):
         return self._call_hw if self._call_hw is not None else super().grid_for(num_tokens)
 
 
-def _bottleneck_attention() -> type:
-    from timm.layers.bottleneck_attn import BottleneckAttn
-
-    return BottleneckAttn
-
-
 def _conv_qk_rows(attn: nn.Module) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]:
     """q then k rows of the 1x1-conv ``qkv`` (a Linear at every pixel); modes are projected from the tokens x."""
     qkv, rows = attn.qkv, 2 * int(attn.dim_out_qk)
@@ -191,12 +185,6 @@ class HaloSite(WindowSite, RelativeSite):
         self._index = None
 
 
-def _halo_attention() -> type:
-    from timm.layers.halo_attn import HaloAttn
-
-    return HaloAttn
-
-
 def _halo_qk_rows(attn: nn.Module) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]:
     """q rows (the ``q`` 1x1 conv) then k rows: the ``kv`` conv's channels are per head, [k_h (d_k), v_h (d_v)]."""
     q, kv, heads, dk = attn.q, attn.kv, int(attn.num_heads), int(attn.dim_head_qk)
@@ -232,7 +220,9 @@ def _halo_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     return out
 
 
-timm_adapter.EXTRA_FORMS["HaloAttn"] = timm_adapter.ExtraForm(_halo_attention, _halo_qk_rows, _halo_site)
-timm_adapter.EXTRA_FORMS["BottleneckAttn"] = timm_adapter.ExtraForm(_bottleneck_attention, _conv_qk_rows, _bottleneck_site)
+timm_adapter.EXTRA_FORMS["HaloAttn"] = timm_adapter.ExtraForm(
+    "timm.layers.halo_attn.HaloAttn", _halo_qk_rows, _halo_site)
+timm_adapter.EXTRA_FORMS["BottleneckAttn"] = timm_adapter.ExtraForm(
+    "timm.layers.bottleneck_attn.BottleneckAttn", _conv_qk_rows, _bottleneck_site)
 MODELLED_FORMS.update({"timm.layers.bottleneck_attn.BottleneckAttn", "timm.layers.bottleneck_attn.PosEmbedRel",
                        "timm.layers.halo_attn.HaloAttn", "timm.layers.halo_attn.PosEmbedRel"})

@@ -37,7 +37,6 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.biased import bias_of_call, per_head_rows, refuse_training_batchnorm
-from qkhooks.models.plain import _class
 from qkhooks.models.windows import WindowSite
 from qkhooks.models.unsupported import MODELLED_FORMS
 
@@ -316,5 +315,5 @@ _FORMS = {
                                                _efficientformer_v2_rows, _efficientformer_v2_site),
 }
 for _kind, (_module, _name, _rows, _finish) in _FORMS.items():
-    timm_adapter.EXTRA_FORMS[_kind] = timm_adapter.ExtraForm(_class(_module, _name), _rows, _finish)
+    timm_adapter.EXTRA_FORMS[_kind] = timm_adapter.ExtraForm(f"{_module}.{_name}", _rows, _finish)
     MODELLED_FORMS.add(f"{_module}.{_name}")

@@ -51,12 +51,6 @@ def parallel_block_site(site: AttentionSite, block: nn.Module, cls: type = Paral
     return recast(site, cls, block_path=site.path, block=block, stage=site.path.rpartition(".")[0])
 
 
-def _parallel_block() -> type:
-    from timm.models.vision_transformer import ParallelScalingBlock
-
-    return ParallelScalingBlock
-
-
-timm_adapter.EXTRA_FORMS["ParallelScalingBlock"] = timm_adapter.ExtraForm(_parallel_block, parallel_block_qk,
-                                                                          parallel_block_site)
+timm_adapter.EXTRA_FORMS["ParallelScalingBlock"] = timm_adapter.ExtraForm(
+    "timm.models.vision_transformer.ParallelScalingBlock", parallel_block_qk, parallel_block_site)
 MODELLED_FORMS.add("timm.models.vision_transformer.ParallelScalingBlock")

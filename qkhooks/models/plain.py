@@ -25,18 +25,6 @@ from qkhooks.models.base import AttentionSite, conv_output_size
 from qkhooks.models.unsupported import MODELLED_FORMS
 
 
-def _class(module: str, name: str) -> Callable[[], type]:
-    def load() -> type:
-        import importlib
-
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):  # a timm without this family: a class no module is an instance of
-            return type(f"Missing{name}", (), {"forward": None})
-
-    return load
-
-
 def _fused_rows(attn: nn.Module) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]:
     """q then k rows of the fused ``qkv`` (a Linear, or a 1x1 conv read as one); projections from the Linear's output
     where it is a Linear applied to the tokens, from the tokens x for a conv (its output is an NCHW map)."""
@@ -83,5 +71,5 @@ _FORMS = {
     "VisformerAttention": ("timm.models.visformer", "Attention", "channels_first", "timm-visformer"),
 }
 for _kind, (_module, _name, _layout, _family) in _FORMS.items():
-    timm_adapter.EXTRA_FORMS[_kind] = timm_adapter.ExtraForm(_class(_module, _name), _fused_rows, _site(_layout, _family))
+    timm_adapter.EXTRA_FORMS[_kind] = timm_adapter.ExtraForm(f"{_module}.{_name}", _fused_rows, _site(_layout, _family))
     MODELLED_FORMS.add(f"{_module}.{_name}")

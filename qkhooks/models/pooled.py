@@ -280,12 +280,6 @@ class PooledMViTSite(AttentionSite):
         self._call_tokens, self._sizes, self._term = None, None, None
 
 
-def _mvit_attention() -> type:
-    from timm.models.mvitv2 import MultiScaleAttention
-
-    return MultiScaleAttention
-
-
 def _mvit_reader(attn: nn.Module):
     """q then k rows of the fused qkv. No q/k modules: the maps are rebuilt in the site's own call hook, where the
     relative term of the same call is kept with them (rec.relative_term(l), run files' relative/L{l})."""
@@ -305,5 +299,6 @@ def _mvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
                   num_prefix_tokens=int(bool(attn.has_cls_token)))
 
 
-timm_adapter.EXTRA_FORMS["MViTv2MultiScaleAttention"] = timm_adapter.ExtraForm(_mvit_attention, _mvit_reader, _mvit_site)
+timm_adapter.EXTRA_FORMS["MViTv2MultiScaleAttention"] = timm_adapter.ExtraForm(
+    "timm.models.mvitv2.MultiScaleAttention", _mvit_reader, _mvit_site)
 MODELLED_FORMS.add("timm.models.mvitv2.MultiScaleAttention")

@@ -166,20 +166,10 @@ def _timm_site(family: str):
     return finish
 
 
-def _pvt_v2_attention() -> type:
-    from timm.models.pvt_v2 import Attention
-
-    return Attention
-
-
-def _twins_global() -> type:
-    from timm.models.twins import GlobalSubSampleAttn
-
-    return GlobalSubSampleAttn
-
-
-timm_adapter.EXTRA_FORMS["PvtV2Attention"] = timm_adapter.ExtraForm(_pvt_v2_attention, _q_kv_reader, _timm_site("timm-pvt-v2"))
-timm_adapter.EXTRA_FORMS["GlobalSubSampleAttn"] = timm_adapter.ExtraForm(_twins_global, _q_kv_reader, _timm_site("timm-twins"))
+timm_adapter.EXTRA_FORMS["PvtV2Attention"] = timm_adapter.ExtraForm(
+    "timm.models.pvt_v2.Attention", _q_kv_reader, _timm_site("timm-pvt-v2"))
+timm_adapter.EXTRA_FORMS["GlobalSubSampleAttn"] = timm_adapter.ExtraForm(
+    "timm.models.twins.GlobalSubSampleAttn", _q_kv_reader, _timm_site("timm-twins"))
 MODELLED_FORMS.update({"timm.models.pvt_v2.Attention", "timm.models.twins.GlobalSubSampleAttn"})
 
 
@@ -255,12 +245,6 @@ def _nextvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     return _with_key_grid(site, key_grid, key_tokens=reduce, family="timm-nextvit", grid_source=source)
 
 
-def _nextvit_attention() -> type:
-    from timm.models.nextvit import EfficientAttention
-
-    return EfficientAttention
-
-
 # timm ``MultiQueryAttention2d`` (MobileNetV4 hybrid / MobileNetV5): NCHW maps, one key head shared by every query
 # head, keys from a strided depthwise conv and a norm (``key.down_conv``, ``key.norm``) where kv_stride > 1
 _MQA_KEY_STEPS = ("down_conv", "norm")
@@ -320,13 +304,9 @@ def _mqa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     return _with_key_grid(site, key_grid, key_tokens=reduce)
 
 
-def _mqa_attention() -> type:
-    from timm.layers.attention2d import MultiQueryAttention2d
-
-    return MultiQueryAttention2d
-
-
-timm_adapter.EXTRA_FORMS["NextViTEfficientAttention"] = timm_adapter.ExtraForm(_nextvit_attention, _nextvit_reader, _nextvit_site)
-timm_adapter.EXTRA_FORMS["MultiQueryAttention2d"] = timm_adapter.ExtraForm(_mqa_attention, _mqa_reader, _mqa_site)
+timm_adapter.EXTRA_FORMS["NextViTEfficientAttention"] = timm_adapter.ExtraForm(
+    "timm.models.nextvit.EfficientAttention", _nextvit_reader, _nextvit_site)
+timm_adapter.EXTRA_FORMS["MultiQueryAttention2d"] = timm_adapter.ExtraForm(
+    "timm.layers.attention2d.MultiQueryAttention2d", _mqa_reader, _mqa_site)
 MODELLED_FORMS.update({"timm.models.nextvit.EfficientAttention", "timm.layers.attention2d.MultiQueryAttention2d"})
 UNMODELLED_FORMS["timm.layers.attention2d.MultiQueryAttention2d"] = multi_query_unmodelled

@@ -185,12 +185,6 @@ def _batched(term: torch.Tensor) -> torch.Tensor:
     return term[None] if term.dim() == 3 else term
 
 
-def _beit_attention() -> type:
-    from timm.models.beit import Attention
-
-    return Attention
-
-
 def _timm_beit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     """timm BEiT: the layer's own table (``_get_rel_pos_bias()``) plus the shared table the block hands it."""
     path, ref = site.path, weakref.ref(attn)
@@ -205,12 +199,6 @@ def _timm_beit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         return None if total is None else _batched(total.detach())
 
     return dataclasses.replace(site, family="timm-beit", call_bias=bias, rope_input=None, rope_apply=None)
-
-
-def _relpos_attention() -> type:
-    from timm.models.vision_transformer_relpos import RelPosAttention
-
-    return RelPosAttention
 
 
 def _timm_relpos_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -233,12 +221,6 @@ def _timm_relpos_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     return dataclasses.replace(site, family="timm-relpos", call_bias=bias, rope_input=None, rope_apply=None)
 
 
-def _sam_attention() -> type:
-    from timm.models.vision_transformer_sam import Attention
-
-    return Attention
-
-
 def _timm_sam_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     """timm ``samvit_*``: (B, h, w, d) grids; ``use_rel_pos``: the module's ``get_decomposed_rel_pos_bias``."""
     if getattr(attn, "rope", None) is not None:
@@ -255,9 +237,12 @@ def _timm_sam_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     return _grid_site(site, relative, "timm-sam", site.block, int(site.block.window_size), _nhwc_grid("x"))
 
 
-timm_adapter.EXTRA_FORMS["BeitAttention"] = timm_adapter.ExtraForm(_beit_attention, _timm_fused_qk, _timm_beit_site)
-timm_adapter.EXTRA_FORMS["RelPosAttention"] = timm_adapter.ExtraForm(_relpos_attention, _timm_fused_qk, _timm_relpos_site)
-timm_adapter.EXTRA_FORMS["SamAttention"] = timm_adapter.ExtraForm(_sam_attention, _timm_fused_qk, _timm_sam_site)
+timm_adapter.EXTRA_FORMS["BeitAttention"] = timm_adapter.ExtraForm(
+    "timm.models.beit.Attention", _timm_fused_qk, _timm_beit_site)
+timm_adapter.EXTRA_FORMS["RelPosAttention"] = timm_adapter.ExtraForm(
+    "timm.models.vision_transformer_relpos.RelPosAttention", _timm_fused_qk, _timm_relpos_site)
+timm_adapter.EXTRA_FORMS["SamAttention"] = timm_adapter.ExtraForm(
+    "timm.models.vision_transformer_sam.Attention", _timm_fused_qk, _timm_sam_site)
 # the shared tables live outside the attention (BEiT's ``rel_pos_bias``, vit_relpos' ``shared_rel_pos``): the sites take
 # them from the call; RelPosBias / RelPosMlp inside other attention (MaxViT) stay refused by that attention's adapter
 MODELLED_FORMS.update({"timm.models.beit.Attention", "timm.models.beit.RelativePositionBias",

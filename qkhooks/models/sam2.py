@@ -110,7 +110,6 @@ class QueryPoolSite(AttentionSite):
         return self._call_hw
 
 
-
 @dataclasses.dataclass(eq=False)
 class WindowedQueryPoolSite(WindowSite, QueryPoolSite):
     """A windowed Hiera-det block's attention: windows of the zero-padded grid (no shift, no mask, no bias), q pooled
@@ -135,10 +134,6 @@ def _stage(index: int, stage_ends: list[int]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- timm
-def _timm_attention() -> type:
-    from timm.models.hieradet_sam2 import MultiScaleAttention
-
-    return MultiScaleAttention
 
 
 def _timm_qk(attn: nn.Module):
@@ -169,7 +164,8 @@ def _timm_stages(model: nn.Module, site: AttentionSite) -> AttentionSite:
     return dataclasses.replace(site, stage=f"{site.block_path.rpartition('.')[0]} (stage {_stage(index, model.stage_ends)})")
 
 
-timm_adapter.EXTRA_FORMS["HieraDetMultiScaleAttention"] = timm_adapter.ExtraForm(_timm_attention, _timm_qk, _timm_site)
+timm_adapter.EXTRA_FORMS["HieraDetMultiScaleAttention"] = timm_adapter.ExtraForm(
+    "timm.models.hieradet_sam2.MultiScaleAttention", _timm_qk, _timm_site)
 timm_adapter.SITE_FINISHERS.append(_timm_stages)
 MODELLED_FORMS.update({"timm.models.hieradet_sam2.MultiScaleAttention", "timm.models.hieradet_sam2.MultiScaleBlock"})
 

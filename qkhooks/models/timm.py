@@ -12,6 +12,7 @@ A rotary table, mask or causal flag handed to an accepted module at run time is 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import re
 from typing import Callable
@@ -37,12 +38,21 @@ def _classes() -> dict[str, type]:
 
 @dataclasses.dataclass(frozen=True)
 class ExtraForm:
-    """An attention class another module teaches this adapter (reduced_keys.py, windows.py): its class (read
-    lazily), its q/k reader ``attn -> (qk_linear, qk_modules)`` and ``(site, attn) -> the site for that form``."""
+    """An attention class another module teaches this adapter (reduced_keys.py, windows.py): its class as the dotted
+    path timm defines it at (imported when first needed: a timm without it has no module of that form), its q/k
+    reader ``attn -> (qk_linear, qk_modules)`` and ``(site, attn) -> the site for that form``."""
 
-    cls: Callable[[], type]
+    cls: str
     qk_reader: Callable[[nn.Module], tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]]
     finish: Callable[[AttentionSite, nn.Module], AttentionSite | None]
+
+    def load(self) -> type | None:
+        """The class, or None where this timm has no such module or class."""
+        module, _, name = self.cls.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return None
 
 
 EXTRA_FORMS: dict[str, ExtraForm] = {}
@@ -57,11 +67,8 @@ def _kind(module: nn.Module) -> str | None:
         if type(module).forward is cls.forward:
             return kind
     for kind, form in EXTRA_FORMS.items():
-        try:
-            cls = form.cls()
-        except (ImportError, AttributeError):  # a class this timm version does not have: no module is one
-            continue
-        if type(module).forward is cls.forward:
+        cls = form.load()
+        if cls is not None and type(module).forward is cls.forward:
             return kind
     return None
 

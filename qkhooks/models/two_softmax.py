@@ -134,10 +134,6 @@ class TwoSoftmaxSite(AttentionSite):
 
 
 # -------------------------------------------------------------------------------------- differential attention
-def _diff_attention() -> type:
-    from timm.layers.diff_attention import DiffAttention
-
-    return DiffAttention
 
 
 def _diff_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -156,28 +152,19 @@ class _DiffParallelSite(TwoSoftmaxSite, ParallelBlockSite):
     itself is hooked, its tokens are its ``in_norm`` of the block's input) with differential attention."""
 
 
-def _diff_parallel_block() -> type:
-    from timm.models.vision_transformer import DiffParallelScalingBlock
-
-    return DiffParallelScalingBlock
-
-
 def _diff_parallel_site(site: AttentionSite, block: nn.Module) -> AttentionSite:
     return parallel_block_site(_diff_site(site, block), block, _DiffParallelSite)
 
 
-timm_adapter.EXTRA_FORMS["DiffAttention"] = timm_adapter.ExtraForm(_diff_attention, _timm_qkv, _diff_site)
-timm_adapter.EXTRA_FORMS["DiffParallelScalingBlock"] = timm_adapter.ExtraForm(_diff_parallel_block, parallel_block_qk,
-                                                                              _diff_parallel_site)
+timm_adapter.EXTRA_FORMS["DiffAttention"] = timm_adapter.ExtraForm(
+    "timm.layers.diff_attention.DiffAttention", _timm_qkv, _diff_site)
+timm_adapter.EXTRA_FORMS["DiffParallelScalingBlock"] = timm_adapter.ExtraForm(
+    "timm.models.vision_transformer.DiffParallelScalingBlock", parallel_block_qk, _diff_parallel_site)
 MODELLED_FORMS.update({"timm.layers.diff_attention.DiffAttention",
                        "timm.models.vision_transformer.DiffParallelScalingBlock"})
 
 
 # -------------------------------------------------------------------------------------------------- ConViT
-def _convit_mhsa() -> type:
-    from timm.models.convit import MHSA
-
-    return MHSA
 
 
 def _convit_mhsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -185,17 +172,11 @@ def _convit_mhsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     return dataclasses.replace(site, family="timm-convit")
 
 
-def _convit_gpsa() -> type:
-    from timm.models.convit import GPSA
-
-    return GPSA
-
-
 def _gpsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     """Patch tokens only (ConViT joins its class token after the GPSA blocks)."""
     return recast(site, TwoSoftmaxSite, num_prefix_tokens=0, family="timm-convit-gpsa", head_mixing=GatedPositionalMaps(attn))
 
 
-timm_adapter.EXTRA_FORMS["ConvitMHSA"] = timm_adapter.ExtraForm(_convit_mhsa, _timm_qkv, _convit_mhsa_site)
-timm_adapter.EXTRA_FORMS["ConvitGPSA"] = timm_adapter.ExtraForm(_convit_gpsa, _qk_rows, _gpsa_site)
+timm_adapter.EXTRA_FORMS["ConvitMHSA"] = timm_adapter.ExtraForm("timm.models.convit.MHSA", _timm_qkv, _convit_mhsa_site)
+timm_adapter.EXTRA_FORMS["ConvitGPSA"] = timm_adapter.ExtraForm("timm.models.convit.GPSA", _qk_rows, _gpsa_site)
 MODELLED_FORMS.update({"timm.models.convit.MHSA", "timm.models.convit.GPSA"})

@@ -18,7 +18,6 @@ from torch import nn
 
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite
-from qkhooks.models.plain import _class
 from qkhooks.models.unsupported import MODELLED_FORMS
 
 
@@ -59,8 +58,8 @@ def _class_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
                                patch_size=None)
 
 
-timm_adapter.EXTRA_FORMS["VoloAttention"] = timm_adapter.ExtraForm(_class("timm.models.volo", "Attention"), _grid_rows,
+timm_adapter.EXTRA_FORMS["VoloAttention"] = timm_adapter.ExtraForm("timm.models.volo.Attention", _grid_rows,
                                                                    _grid_site)
-timm_adapter.EXTRA_FORMS["VoloClassAttention"] = timm_adapter.ExtraForm(_class("timm.models.volo", "ClassAttention"),
+timm_adapter.EXTRA_FORMS["VoloClassAttention"] = timm_adapter.ExtraForm("timm.models.volo.ClassAttention",
                                                                         _class_rows, _class_site)
 MODELLED_FORMS.update({"timm.models.volo.Attention", "timm.models.volo.ClassAttention"})

@@ -204,10 +204,6 @@ class WindowSite(AttentionSite):
 
 
 # ---------------------------------------------------------------------------------------------------- timm
-def _timm_swin_attention() -> type:
-    from timm.models.swin_transformer import WindowAttention
-
-    return WindowAttention
 
 
 def _timm_qkv(attn: nn.Module):
@@ -247,7 +243,8 @@ def _timm_swin_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         call_grid=call_grid, relative_bias=lambda: attn_ref()._get_rel_pos_bias(), pad_first=False)
 
 
-timm_adapter.EXTRA_FORMS["SwinWindowAttention"] = timm_adapter.ExtraForm(_timm_swin_attention, _timm_qkv, _timm_swin_site)
+timm_adapter.EXTRA_FORMS["SwinWindowAttention"] = timm_adapter.ExtraForm(
+    "timm.models.swin_transformer.WindowAttention", _timm_qkv, _timm_swin_site)
 MODELLED_FORMS.update({"timm.models.swin_transformer.WindowAttention", "timm.models.swin_transformer.SwinTransformerBlock"})
 
 
@@ -299,12 +296,6 @@ MODELLED_FORMS.update({"MaskFormerSwinSelfAttention", "MaskFormerSwinAttention",
 
 
 # ---------------------------------------------------------------------------------- timm MaxViT / CoAtNet
-def _maxxvit_classes() -> dict[str, type]:
-    from timm.models import maxxvit
-
-    return {"AttentionCl": maxxvit.AttentionCl, "Attention2d": maxxvit.Attention2d}
-
-
 def _maxxvit_qkv(attn: nn.Module):
     """q then k rows of MaxViT's ``qkv`` (Linear, or 1x1 Conv2d in the NCHW variants). ``head_first`` lays the
     outputs out per head as [q_h, k_h, v_h], else as [q, k, v]; the rows are picked in q-then-k order, so the q/k
@@ -390,15 +381,11 @@ def _maxxvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 
 for _name in ("AttentionCl", "Attention2d"):
     timm_adapter.EXTRA_FORMS[f"Maxxvit{_name}"] = timm_adapter.ExtraForm(
-        lambda _name=_name: _maxxvit_classes()[_name], _maxxvit_qkv, _maxxvit_site)
+        f"timm.models.maxxvit.{_name}", _maxxvit_qkv, _maxxvit_site)
 MODELLED_FORMS.update({"timm.models.maxxvit.AttentionCl", "timm.models.maxxvit.Attention2d"})
 
 
 # -------------------------------------------------------------------------- timm Twins locally grouped attention
-def _twins_lsa_attention() -> type:
-    from timm.models.twins import LocallyGroupedAttn
-
-    return LocallyGroupedAttn
 
 
 def _twins_lsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -415,5 +402,6 @@ def _twins_lsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
                   geometry=lambda: (_pair(attn_ref().ws), (0, 0)), call_grid=call_grid, windows_inside=True)
 
 
-timm_adapter.EXTRA_FORMS["LocallyGroupedAttn"] = timm_adapter.ExtraForm(_twins_lsa_attention, _timm_qkv, _twins_lsa_site)
+timm_adapter.EXTRA_FORMS["LocallyGroupedAttn"] = timm_adapter.ExtraForm(
+    "timm.models.twins.LocallyGroupedAttn", _timm_qkv, _twins_lsa_site)
 MODELLED_FORMS.add("timm.models.twins.LocallyGroupedAttn")
