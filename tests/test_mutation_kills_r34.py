@@ -71,7 +71,7 @@ def test_the_bfd_sections_claims_and_head_labels_sentence_follow_its_tests(tmp_p
     monkeypatch.setattr(report, "find_sites", lambda model: [])
     monkeypatch.setattr(bfd, "bfd_layers", lambda *a, **k: ([0], [], None))
     monkeypatch.setattr(bfd, "run_bfd", lambda *a, **k: result)
-    monkeypatch.setattr(bfd, "plot_bfd", lambda *a, **k: [])
+    monkeypatch.setattr(bfd, "plot_bfd", lambda *a, **k: {})
     loaded = types.SimpleNamespace(model=None, image_config=types.SimpleNamespace(size=(32, 32)))
     section = report.bfd_section(loaded, tmp_path, tmp_path, report.PHOTOS, None,
                                  dict(device="cpu", batch_size=2, progress=False), keep_runs=True)

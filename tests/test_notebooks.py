@@ -163,3 +163,32 @@ def test_notebook_runs(path, tmp_path, monkeypatch, kernel_specs):
     pngs = _check_pngs(out)
     assert len(pngs) >= len(shown) >= 1
     CHECKS[path.stem[:2]](_result(nb))
+    if path.stem.startswith("06"):
+        _check_06_figures(nb, out)
+
+
+# the files plot_bfd writes for each caption (its figures, in FIGURE_CAPTIONS' order)
+_BFD_FILES = ("bfd_heads.png", "bfd_layers.png", "bfd_concentration.png", "bfd_modes_L*.png", "bfd_decoding.png")
+
+
+def _check_06_figures(nb, out: Path) -> None:
+    """Each figure notebook 06 shows is the file of the caption it prints above it (review r38: the "one head's modes"
+    section showed the concentration figure, the captions zipped onto plot_bfd's files by place)."""
+    import base64
+
+    from qkhooks.analysis.bfd import FIGURE_CAPTIONS
+
+    pairs = []
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        printed = ""
+        for o in cell.outputs:
+            if o.output_type == "stream":
+                printed += o.text
+            elif "image/png" in o.get("data", {}):
+                pairs.append((printed.strip().splitlines()[-1], base64.b64decode(o["data"]["image/png"])))
+    assert len(pairs) >= 3
+    for caption, png in pairs:
+        (kind,) = [i for i, c in enumerate(FIGURE_CAPTIONS) if c == caption]
+        (file,) = sorted(out.glob(_BFD_FILES[kind]))
+        assert png == file.read_bytes(), (caption, file)
+    assert FIGURE_CAPTIONS[3] in [c for c, _ in pairs]  # the section on one head's modes shows that figure

@@ -111,3 +111,26 @@ def test_load_model_leaves_a_module_you_built_in_its_own_train_mode_and_record_d
     assert {name: m.training for name, m in model.named_modules()} == flags
     spec = qkhooks.load_model("timm:vit_tiny_patch16_224@random")  # what qkhooks loads itself runs for inference
     assert not any(m.training for m in spec.model.modules())
+
+
+@pytest.mark.parametrize("left_out", ["participation_ratio", "modes"])
+def test_each_bfd_figure_comes_back_under_its_own_caption_when_one_is_left_out(tmp_path, left_out):
+    """Review NB (round 38): plot_bfd returned a list that the report and notebook 06 zipped with FIGURE_CAPTIONS by
+    place, so a result without participation ratios (or mode entries) shifted every later caption onto the wrong
+    figure, and the notebook showed the concentration figure as "one head's modes". Each file comes back under its
+    caption now; the file names say which figure each is."""
+    from conftest import TINY_MODELS
+
+    from qkhooks.analysis.bfd import FIGURE_CAPTIONS, plot_bfd, run_bfd
+
+    tiny = next(t for t in TINY_MODELS if t.name == "timm-vit")
+    result = run_bfd(tiny.model(), tiny.images(10, seed=2), batch_size=5, holdout_every=4)
+    for layer in result["layers"]:
+        for head in layer["heads"]:
+            head.pop(left_out, None)
+    figures = plot_bfd(result, tmp_path)
+    gone = FIGURE_CAPTIONS[2] if left_out == "participation_ratio" else FIGURE_CAPTIONS[3]
+    assert list(figures) == [c for c in FIGURE_CAPTIONS if c != gone]
+    stems = {FIGURE_CAPTIONS[0]: "bfd_heads", FIGURE_CAPTIONS[1]: "bfd_layers", FIGURE_CAPTIONS[2]: "bfd_concentration",
+             FIGURE_CAPTIONS[3]: "bfd_modes_", FIGURE_CAPTIONS[4]: "bfd_decoding"}
+    assert all(path.name.startswith(stems[caption]) and path.is_file() for caption, path in figures.items())

@@ -79,8 +79,9 @@ FIGURE_CAPTIONS = (
     "Held-out R² of linear probes decoding patch row/column from X and C (held-out images) and from P (held-out "
     "positions), and the positional share of variance; the axis stops at R² = −1 (lower values sit on the edge).",
 )
-"""Captions of :func:`plot_bfd`'s figures, in its order (the mode figure needs per-mode entries, the last one
-the position probes; both are in a default :func:`run_bfd` result)."""
+"""Captions of :func:`plot_bfd`'s figures, in its order; it hands each file back under its caption (the concentration
+and mode figures need per-mode entries, the last one the position probes; all are in a default :func:`run_bfd`
+result)."""
 
 R2_FLOOR = -1.0
 """Lowest R² drawn: an R² far below 0 only says the probe fails, and would squash the curves that work."""
@@ -408,8 +409,11 @@ def _pick_head(result: dict[str, Any], head: tuple[int, int] | None) -> tuple[di
     raise QKHooksError(f"head L{head[0]} H{head[1]} is not in this result; pick a recorded layer and head ({heads}).")
 
 
-def plot_bfd(result: dict[str, Any], out_dir: str | os.PathLike, head: tuple[int, int] | None = None) -> list[Path]:
-    """The BFD figures: shares per head, per-layer averages, one head's modes, position probes by layer.
+def plot_bfd(result: dict[str, Any], out_dir: str | os.PathLike,
+             head: tuple[int, int] | None = None) -> dict[str, Path]:
+    """The BFD figures, each file under its caption (:data:`FIGURE_CAPTIONS`, in that order): shares per head,
+    per-layer averages, mode energy concentration, one head's modes, position probes by layer. A figure the result
+    has no numbers for (no per-mode entries, no probes) is left out, so read a figure by its caption, not its place.
 
     ``head`` = (layer, head) for the mode figure (default: the head with the largest CP + PC coupling).
     """
@@ -417,42 +421,45 @@ def plot_bfd(result: dict[str, Any], out_dir: str | os.PathLike, head: tuple[int
 
     out_dir = Path(out_dir)
     name, definition = result.get("model") or "model", result["definition"]
-    paths: list[Path] = []
+    paths: dict[str, Path] = {}
     labels = [f"H{h['head']}" for l in result["layers"] for h in l["heads"]]
     groups = [f"L{l['layer']}" for l in result["layers"] for _ in l["heads"]]
     shares = {t: [h["energy"][t] or 0.0 for l in result["layers"] for h in l["heads"]] for t in TERMS}
-    paths.append(plot_stacked_shares(labels, shares, out_dir / "bfd_heads.png",
-                                     f"BFD energy shares per head ({definition}) — {name}", "share of energy", groups))
+    paths[FIGURE_CAPTIONS[0]] = plot_stacked_shares(labels, shares, out_dir / "bfd_heads.png",
+                                                    f"BFD energy shares per head ({definition}) — {name}",
+                                                    "share of energy", groups)
     layers = [l["layer"] for l in result["layers"]]
     curves = {t: [l["energy"][t] for l in result["layers"]] for t in TERMS}
     curves["CP+PC"] = [l["coupling"] for l in result["layers"]]
     curves["global mean (three-way)"] = [l["global_mean_share"] for l in result["layers"]]
     spread = {t: [l["energy_std"][t] or 0.0 for l in result["layers"]] for t in TERMS}
-    paths.append(plot_layer_curves(layers, _nan(curves), out_dir / "bfd_layers.png", "share (mean over heads)",
-                                   f"BFD shares by layer ({definition}; band = spread over heads) — {name}", spread))
+    paths[FIGURE_CAPTIONS[1]] = plot_layer_curves(
+        layers, _nan(curves), out_dir / "bfd_layers.png", "share (mean over heads)",
+        f"BFD shares by layer ({definition}; band = spread over heads) — {name}", spread)
     pr = np.array([[np.nan if h.get("participation_ratio") is None else h["participation_ratio"] for h in l["heads"]]
                    for l in result["layers"]], dtype=float)
     if np.isfinite(pr).any():
         modes = max(len(h.get("modes", [])) for l in result["layers"] for h in l["heads"])
-        paths.append(plot_layer_curves(
+        paths[FIGURE_CAPTIONS[2]] = plot_layer_curves(
             layers, {"participation ratio (mean over heads)": np.nanmean(pr, 1)}, out_dir / "bfd_concentration.png",
             "effective number of modes", f"Mode energy concentration ({definition}; {modes} modes per head) — {name}",
-            {"participation ratio (mean over heads)": np.nanstd(pr, 1)}, ylim=(0, None)))
+            {"participation ratio (mean over heads)": np.nanstd(pr, 1)}, ylim=(0, None))
     layer, h = _pick_head(result, head)
     if h.get("modes"):
         modes = sorted(h["modes"], key=lambda m: m["rank"])
         scaled = {t: [(m["energy"][t] or 0.0) * (m["share_of_head"] or 0.0) for m in modes] for t in TERMS}
-        paths.append(plot_stacked_shares(
+        paths[FIGURE_CAPTIONS[3]] = plot_stacked_shares(
             [f"M{m['mode']}" for m in modes], scaled, out_dir / f"bfd_modes_L{layer['layer']}H{h['head']}.png",
-            f"L{layer['layer']} H{h['head']}: modes by energy, split ({definition}) — {name}", "share of the head's mode energies"))
+            f"L{layer['layer']} H{h['head']}: modes by energy, split ({definition}) — {name}",
+            "share of the head's mode energies")
     if any("decoding" in l for l in result["layers"]):
         dec = {f"R² from {f}": [l.get("decoding", {}).get(f, {}).get("mean") for l in result["layers"]] for f in "XPC"}
         dec["position variance share"] = [l["position_variance_share"] for l in result["layers"]]
         dec = {k: [v if v is None else max(v, R2_FLOOR) for v in vals] for k, vals in dec.items()}
         held = holdout_images(result)
-        paths.append(plot_layer_curves(layers, _nan(dec), out_dir / "bfd_decoding.png", "held-out R² (row, col mean)",
-                                       f"Position decoding from X, P, C ({held} held-out images) — {name}",
-                                       ylim=(R2_FLOOR - 0.05, 1.05)))
+        paths[FIGURE_CAPTIONS[4]] = plot_layer_curves(
+            layers, _nan(dec), out_dir / "bfd_decoding.png", "held-out R² (row, col mean)",
+            f"Position decoding from X, P, C ({held} held-out images) — {name}", ylim=(R2_FLOOR - 0.05, 1.05))
     return paths
 
 

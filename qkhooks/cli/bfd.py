@@ -85,5 +85,5 @@ def run_analyze_bfd(args: argparse.Namespace) -> int:
     write_json(out / "bfd.json", result)
     paths = plot_bfd(result, out, head)
     print(format_table(result))
-    print("wrote " + ", ".join(str(p) for p in [out / "bfd.json", *paths]))
+    print("wrote " + ", ".join(str(p) for p in [out / "bfd.json", *paths.values()]))
     return 0
