@@ -7,7 +7,8 @@ The public surface is small on purpose:
 - :func:`record` — the context manager that captures, projects and rebuilds attention during a forward;
 - :func:`record_dataset` / :func:`open_run` — stream a dataset into an HDF5 run file, and read it back;
 - :class:`Reducer` — the streaming-statistics protocol (``update``, ``merge``, ``state_dict``) for your own sinks;
-- :class:`QKHooksError` — the error of every refusal (bad input, a model not modelled exactly), whose message says the fix.
+- :class:`QKHooksError` — the error of every refusal (bad input, a model not modelled exactly), whose message says
+  the fix.
 
 The types those calls hand back or take: :class:`LoadedModel` (``load_model``'s model with its preprocessing),
 :class:`RecordResult` (``record_dataset``'s file, reducers and skipped images), :class:`AttentionSpec` (a parsed
