@@ -194,6 +194,10 @@ class Recording:
         self._qk_outputs: dict[int, dict[int, torch.Tensor]] = {}
         self._warned_no_prefix = False  # told once that a layer's default rows are its centre patch twice
         self._qk_tokens: dict[int, torch.Tensor] = {}  # q/k-path layer -> its tokens x in the open call (for x)
+        # q/k-hooked layer -> the q/k Linear indices taken in its attention call now open (present only while it is):
+        # a q/k Linear called outside its layer's own attention call (one shared by two blocks, a head calling it
+        # after the blocks) hands that layer nothing
+        self._qk_open: dict[int, set[int]] = {}
         self._x_fallback: dict[int, ModeProjector] = {}  # q/k-path layer -> its x path, built when first needed
         self._took_x: set[int] = set()  # q/k-path layers that took x in the last complete batch
         self._taking_x: set[int] = set()  # ... in the open batch
@@ -333,6 +337,7 @@ class Recording:
                 if site.layer in self._from_qk or site.layer in self._qk_attention:
                     for i, linear in enumerate(site.qk_modules):
                         self._handles.append(hook(linear, self._qk_hook(site, i), pre=False))
+                    self._handles.append(hook(site.module, self._close_qk(site), pre=False, always_call=True))
                 self._handles.extend(self._inside_hooks(model, site))
             self._handles.append(hook(last.module, self._end_inner, pre=False, always_call=False))
         except BaseException:
@@ -535,6 +540,7 @@ class Recording:
         self._calls.clear()
         self._qk_outputs.clear()
         self._qk_tokens.clear()
+        self._qk_open.clear()
         self._residual.clear()
 
     def _layer_geometry(self, batch: BatchCapture) -> None:
@@ -624,6 +630,8 @@ class Recording:
                     cap.relative = site.to_images("full", relative)
                 if site.layer in self._current.captures:  # type: ignore[union-attr]
                     self._repeated_call(site)
+                if site.layer in self._from_qk or site.layer in self._qk_attention:
+                    self._qk_open[site.layer] = set()  # its q/k Linear outputs are taken until this call ends
                 if "full" in cap.attention and hasattr(site, "map_terms"):  # zoo11-maps: two-softmax terms, with the maps
                     cap.terms = map_terms(site, *site.qk(x.detach()))
                 self._current.captures[site.layer] = cap  # type: ignore[union-attr]
@@ -762,19 +770,45 @@ class Recording:
             "called inside the record() context. Its attention is not recorded, and the recording still holds the "
             "batch before. Call the recorded model itself (a TorchScript copy runs no hooks at all and is not seen).")
 
+    def _close_qk(self, site: AttentionSite):
+        """Forward hook on a q/k-hooked layer's attention module, also called when its forward raised: its q/k
+        Linear outputs are no longer this layer's (a bool check a layer and call)."""
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self._qk_open.pop(site.layer, None)
+
+        return hook
+
+    def _qk_twice_error(self, site: AttentionSite, module: nn.Module) -> QKHooksError:
+        """Layer ``site``'s q/k Linear returned a second output within one call of its attention module: which one
+        is its q or k cannot be told, and a recording holds one per call."""
+        name = next((f"{site.path}.{n}" for n, m in site.module.named_children() if m is module), site.path)
+        return QKHooksError(
+            f"{name} (layer {site.layer}'s q/k projection) ran more than once within one call of {site.path}, so which "
+            "output is the layer's q and k cannot be told and the maps would be of the last call; qkhooks does not "
+            "model this attention. Record with qk_path=False (the tokens entering W_q/W_k) if its attention is "
+            "softmax(q·kᵀ) of one projection of them, else leave the layer out (layers=...).")
+
     def _qk_hook(self, site: AttentionSite, index: int):
         """Forward hook on q/k Linear ``index`` of ``site``: once q and k are both out, project the modes and
         rebuild the full maps from them."""
         projector, width, fused = self._from_qk.get(site.layer), site.num_heads * site.head_dim, len(site.qk_modules) == 1
         full = site.layer in self._qk_attention
+        tied = not fused and site.qk_modules[0] is site.qk_modules[1]  # k_proj = q_proj: q and k from its first call
         row_specs = [s for s in self.attention_specs if s.kind != "full" and s.covers(site.layer)] if site.layer in self._qk_rows else []
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            cap = self._current.captures.get(site.layer) if self._current is not None else None
-            if cap is None:  # called outside this layer's recorded attention call
+            taken = self._qk_open.get(site.layer)
+            cap = self._current.captures.get(site.layer) if self._current is not None and taken is not None else None
+            if cap is None:  # called outside this layer's recorded attention call (another block sharing the Linear,
+                # a head calling it after the blocks): not this layer's q or k
                 if self._current is None and OWN_WORK.depth == 1:  # and outside any: not the recorded forward
                     raise self._ran_outside_error(site, module)
                 return
+            if index in taken:
+                if tied:  # its second call (as k) returns what the first did, taken as both
+                    return
+                raise self._qk_twice_error(site, module)
+            taken.add(index)
             out = detached(output)
             if fused:  # q and k side by side in one block: sliced below only where the rows or maps need them apart
                 outputs: tuple[torch.Tensor, ...] = (out,)
