@@ -134,3 +134,57 @@ def test_a_qkv_linear_called_twice_within_its_own_attention_call_is_refused():
             type(attn).forward = plain
         model(x)  # the next batch is recorded, exact
     assert _rel(run.query(0), _dense_query(attn, _tokens(model, x)[0], 4)) < 1e-5
+
+
+# ------------------------------------------------------------- 3. a copy of the model made inside record()
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_a_deepcopy_made_inside_record_is_refused_there_and_a_plain_model_after():
+    """Before: ``copy.deepcopy(model)`` inside the context copied qkhooks' hooks with it; the copy's forward was handed
+    to the recording's sinks as a batch (maps of the copy's tokens with the model's modes, 0.45-0.52 off the copy's
+    own), after exit every call of the copy raised AttributeError, and record(copy) was refused blaming someone
+    else's hook. Now its call inside is refused (the model's batches kept), and after exit it is a plain model."""
+    model, x, y = _timm(), _images(), _images(seed=1)
+    batches = []
+
+    class Sink:
+        def update(self, batch):
+            batches.append(batch)
+
+    with torch.no_grad(), qkhooks.record(model, modes=4, sinks=[Sink()]) as run:
+        model(x)
+        ema = copy.deepcopy(model)
+        for p in ema.parameters():
+            p.mul_(0.5)
+        with pytest.raises(QKHooksError, match=r"a copy of the recorded model made inside record\(\).*Copy the model "
+                                               r"before entering record\(\)"):
+            ema(y)
+    assert len(batches) == 1 and batches[0].ids == ["0", "1"]
+    assert _rel(run.query(1), _dense_query(model.blocks[1].attn, _tokens(model, x)[1], 4)) < 1e-5
+    with torch.no_grad():
+        out = ema(y)  # after exit: the copy's hooks do nothing, and take themselves off
+    assert _hook_count(ema) == 0
+    plain = copy.deepcopy(ema)
+    with torch.no_grad():
+        assert torch.equal(out, plain(y))
+        with qkhooks.record(ema, modes=4) as copied:
+            ema(y)
+    assert _rel(copied.query(1), _dense_query(ema.blocks[1].attn, _tokens(ema, y)[1], 4)) < 1e-5
+
+
+def test_the_model_saved_inside_record_pickles_and_loads_without_live_hooks(tmp_path):
+    """Before: ``torch.save(model)`` inside the context failed: "Can't pickle local object
+    '_untraced.<locals>.untraced_hook'"."""
+    model, x = _timm(), _images()
+    with torch.no_grad(), qkhooks.record(model, modes=4) as run:
+        model(x)
+        torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        with qkhooks.record(loaded, modes=4) as again:
+            loaded(x)
+    assert torch.equal(again.query(0), run.query(0))
+    assert _hook_count(loaded) == 0

@@ -447,7 +447,7 @@ _ACCELERATE_SEQUENTIAL = "accelerate.hooks.SequentialHook"
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)  # a Parameter of a tensor subclass has the subclass's type
 # ids (``RemovableHandle.id``, never reused) of the hooks qkhooks itself has on the model: a recording's own, a nested
 # or attached one's, the rotary-table probe's; every other hook on a q/k module is someone else's.
-_OWN_HOOKS: set[int] = set()
+_OWN_HOOKS: dict[int, "_OwnHook"] = {}
 
 
 class _TensorsHanded(TorchFunctionMode):
@@ -487,29 +487,115 @@ def own_hook(model: nn.Module, module: nn.Module, hook: Callable[..., Any], *, p
              **options: Any) -> RemovableHandle:
     """Register one of qkhooks' hooks on ``module`` (a module of ``model``; ``pre``: a forward pre-hook, else a forward
     hook; ``options``: torch's, ``with_kwargs`` / ``always_call``). Every hook qkhooks puts on a model goes through here:
-    it is marked as qkhooks' own, so :func:`refuse_altered_qk` passes it by (two recordings nested on one model), and
-    it refuses to be traced by TorchDynamo (:func:`_untraced`)."""
+    it is marked as qkhooks' own, so :func:`refuse_altered_qk` passes it by (two recordings nested on one model), it
+    refuses to be traced by TorchDynamo, and it runs only on the module it was registered on (:class:`_OwnHook`)."""
     register = module.register_forward_pre_hook if pre else module.register_forward_hook
-    handle = register(_untraced(hook, weakref.ref(model)), **options)
-    _OWN_HOOKS.add(handle.id)
+    own = _OwnHook(hook, weakref.ref(model), module, pre)
+    handle = register(own, **options)
+    _OWN_HOOKS[handle.id] = own
     return handle
 
 
-def _untraced(hook: Callable[..., Any], model: "weakref.ref[nn.Module]") -> Callable[..., Any]:
-    """``hook``, refusing to run while TorchDynamo traces it (the model, or a part around the hooked module, compiled
-    inside the record() context: ``model.compile()``, a ``torch.compile`` wrapper called there). A compiled graph runs
-    what a hook reads only while it is traced, or not at all. The check costs about 1 us a hook call (a ViT-B
-    batch calls about 30)."""
-    def untraced_hook(module: nn.Module, *args: Any) -> Any:
-        if torch.compiler.is_compiling():  # a constant True while traced: the refusal is called, eagerly (below)
-            torch.compiler.disable(_refuse_traced)(model, module)
-        OWN_WORK.depth += 1  # what the hook computes is not the module's attention (AttentionCallMode)
-        try:
-            return hook(module, *args)
-        finally:
-            OWN_WORK.depth -= 1
+class _OwnHook:
+    """One of qkhooks' hooks as registered: ``hook``, run only on the module it was registered on (a weak reference),
+    and refusing to be traced by TorchDynamo (:func:`untraced_hook`). A module-level class, not a closure, so that a
+    model carrying it can be copied and pickled: ``copy.deepcopy`` of the model copies it as a :class:`_CopiedHook`
+    (the copy is not recorded: calling it while the recording is open is refused, after it does nothing), pickling
+    (``torch.save(model)``) as a :class:`_SpentHook` (nothing)."""
 
-    return untraced_hook
+    __slots__ = ("hook", "model", "module", "pre", "live", "__weakref__")
+
+    def __init__(self, hook: Callable[..., Any], model: "weakref.ref[nn.Module]", module: nn.Module, pre: bool) -> None:
+        self.hook, self.model, self.module, self.pre, self.live = hook, model, weakref.ref(module), pre, True
+
+    def __call__(self, module: nn.Module, *args: Any) -> Any:
+        return untraced_hook(self, module, args)
+
+    def __deepcopy__(self, memo: dict) -> "_CopiedHook":
+        return _CopiedHook(self)
+
+    def __reduce__(self) -> tuple:
+        return _SpentHook, ()
+
+
+def untraced_hook(own: _OwnHook, module: nn.Module, args: tuple) -> Any:
+    """Run ``own``'s hook, refusing to run while TorchDynamo traces it (the model, or a part around the hooked module,
+    compiled inside the record() context: ``model.compile()``, a ``torch.compile`` wrapper called there; a compiled
+    graph runs what a hook reads only while it is traced, or not at all), or on another module than its own (a shallow
+    copy sharing the module's hook dicts: refused in a pre-hook, nothing in a forward hook, so that an always-called
+    one does not raise a second error). The checks cost about 1 us a hook call (a ViT-B batch calls about 30)."""
+    if torch.compiler.is_compiling():  # a constant True while traced: the refusal is called, eagerly (below)
+        torch.compiler.disable(_refuse_traced)(own.model, module)
+    if module is not own.module():  # refused as the copy's call begins; its forward hooks (after) do nothing
+        if own.pre:
+            raise QKHooksError(_COPY_INSIDE)
+        return None
+    OWN_WORK.depth += 1  # what the hook computes is not the module's attention (AttentionCallMode)
+    try:
+        return own.hook(module, *args)
+    finally:
+        OWN_WORK.depth -= 1
+
+
+_COPY_INSIDE = (
+    "a copy of the recorded model made inside record() (copy.deepcopy, copy.copy) was called while the recording is "
+    "open: it carries copies of qkhooks' hooks, which do not record it (its batches would be taken for the model's, "
+    "with the model's modes). Copy the model before entering record(), and record the copy with its own "
+    "qkhooks.record() if you want its maps.")
+
+
+class _SpentHook:
+    """A copy of one of qkhooks' hooks that does nothing (a pickled model's; a deep copy's once its recording is over),
+    and takes itself off the module it runs on."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        _unregister(module, self)
+
+    def __deepcopy__(self, memo: dict) -> "_SpentHook":
+        return _SpentHook()
+
+    def __reduce__(self) -> tuple:
+        return _SpentHook, ()
+
+
+class _CopiedHook(_SpentHook):
+    """One of qkhooks' hooks as ``copy.deepcopy`` of its model copied it: while the recording is open, a call (of the
+    copy) is refused, as its batches are not recorded; once the recording is over it does nothing, and takes itself
+    off the module."""
+
+    __slots__ = ("original",)
+
+    def __init__(self, original: _OwnHook) -> None:
+        self.original = weakref.ref(original)
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        original = self.original()
+        if original is None or not original.live:
+            _unregister(module, self)
+        elif original.pre:  # refused as the copy's call begins; its forward hooks (after) do nothing
+            raise QKHooksError(_COPY_INSIDE)
+
+    def __deepcopy__(self, memo: dict) -> _SpentHook:
+        original = self.original()
+        return _CopiedHook(original) if original is not None and original.live else _SpentHook()
+
+
+def _unregister(module: nn.Module, hook: Any) -> None:
+    """Take ``hook`` off ``module``'s forward hooks and pre-hooks (torch iterates over a copy of them: safe in a call)."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for i in [i for i, h in hooks.items() if h is hook]:
+            del hooks[i]
+            for extra in (module._forward_pre_hooks_with_kwargs, module._forward_hooks_with_kwargs,
+                          module._forward_hooks_always_called):
+                extra.pop(i, None)
+
+
+def _own(i: int, hook: Any) -> bool:
+    """Whether the hook ``hook`` of id ``i`` is qkhooks' own: registered by :func:`own_hook` and not yet removed, or a
+    copy of one (it does nothing once its recording is over; while it is open, a call of the copy is refused)."""
+    return i in _OWN_HOOKS or isinstance(hook, _SpentHook)
 
 
 def _refuse_traced(model_ref: "weakref.ref[nn.Module]", module: nn.Module) -> NoReturn:
@@ -528,7 +614,7 @@ def _refuse_traced(model_ref: "weakref.ref[nn.Module]", module: nn.Module) -> No
 def traced_refusal(exc: BaseException | None, model: nn.Module | None, roots: Sequence[str]) -> QKHooksError | None:
     """The QKHooksError for Dynamo's own error (``torch._dynamo.exc``) when it came from tracing one of qkhooks' hooks
     with ``fullgraph=True``, where no graph break can call :func:`_refuse_traced`; None for any other exception.
-    Dynamo names where it stopped (``innermost_user_frame_summary``): a hook's check (:func:`_untraced`). Names the
+    Dynamo names where it stopped (``innermost_user_frame_summary``): a hook's check (:func:`untraced_hook`). Names the
     module compiled at or around ``roots`` (the recorded sites' paths), if one is; else a wrapper was called."""
     frame = getattr(exc, "innermost_user_frame_summary", None)
     dynamo = type(exc).__module__.startswith("torch._dynamo")
@@ -546,7 +632,9 @@ def remove_own_hooks(handles: Sequence[RemovableHandle]) -> None:
     """Remove hooks registered by :func:`own_hook`, and their marks."""
     for handle in handles:
         handle.remove()
-        _OWN_HOOKS.discard(handle.id)
+        own = _OWN_HOOKS.pop(handle.id, None)
+        if own is not None:  # its copies (a deepcopy of the model) do nothing from now on
+            own.live = False
 
 
 def _name(obj: Any) -> str:
@@ -749,7 +837,7 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
         return
     site = checked[0]
     for kind, hooks in (("forward hook", _global_forward_hooks), ("forward pre-hook", _global_forward_pre_hooks)):
-        hook = next((h for i, h in hooks.items() if i not in _OWN_HOOKS), None)
+        hook = next((h for i, h in hooks.items() if not _own(i, h)), None)
         if hook is not None:
             what = f"'{site.path}.{site.qk_scope[0][0]}'" if site.qk_scope else "the q/k layers"
             raise QKHooksError(
@@ -780,7 +868,7 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
                 continue
             _refuse_patched_forward(site, path, module)
             for kind, hooks in (("forward hook", module._forward_hooks), ("forward pre-hook", module._forward_pre_hooks)):
-                hook = next((h for i, h in hooks.items() if i not in _OWN_HOOKS), None)
+                hook = next((h for i, h in hooks.items() if not _own(i, h)), None)
                 if hook is not None:
                     _refuse_qk_module(site, path, module, f"which carries a {kind} someone else registered ({_name(hook)}): "
                                       "it can change what the layer hands on as q or k (a steering hook) while the weights "
@@ -797,7 +885,7 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
                 continue  # the usual case, in three reads (this runs before every batch)
             _refuse_patched_forward(site, name, module, _NORM_ROLE)
             for kind, hooks in (("forward hook", module._forward_hooks), ("forward pre-hook", module._forward_pre_hooks)):
-                hook = next((h for i, h in hooks.items() if i not in _OWN_HOOKS), None)
+                hook = next((h for i, h in hooks.items() if not _own(i, h)), None)
                 if hook is not None:
                     _refuse_qk_module(site, name, module, f"which carries a {kind} someone else registered ({_name(hook)}): "
                                       "it can change q or k after W_q/W_k (a steering hook) while the weights and the norm "
@@ -847,8 +935,9 @@ def _after_own(hooks: dict[int, Any]) -> Iterator[tuple[int, Any]]:
     """The hooks of ``hooks`` (in the order torch runs them) someone else registered after one of qkhooks' own."""
     seen_own = False
     for i, hook in hooks.items():
-        seen_own = seen_own or i in _OWN_HOOKS
-        if seen_own and i not in _OWN_HOOKS:
+        own = _own(i, hook)
+        seen_own = seen_own or own
+        if seen_own and not own:
             yield i, hook
 
 
