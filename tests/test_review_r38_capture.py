@@ -188,3 +188,91 @@ def test_the_model_saved_inside_record_pickles_and_loads_without_live_hooks(tmp_
             loaded(x)
     assert torch.equal(again.query(0), run.query(0))
     assert _hook_count(loaded) == 0
+
+
+# ------------------------------------------------------------- 2. recordings and threads
+_THREAD = r"called from another thread than the one that entered record\(\).*one copy of the model per thread before"
+
+
+def _in_thread(fn):
+    """Run ``fn`` in a new thread; its return value, or the exception it raised."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            out["value"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return out["value"]
+
+
+def test_a_recordings_model_called_from_another_thread_is_refused_and_its_own_batches_kept():
+    """Before: one recording whose model was called from two threads got partial and mixed batches under one set of
+    ids (a layer's maps from the other thread's images)."""
+    model, x, y = _timm(), _images(), _images(seed=1)
+    batches = []
+
+    class Sink:
+        def update(self, batch):
+            batches.append(batch)
+
+    with torch.no_grad(), qkhooks.record(model, modes=4, sinks=[Sink()]) as run:
+        model(x)
+        got = _in_thread(lambda: model(y))
+        assert isinstance(got, QKHooksError) and __import__("re").search(_THREAD, str(got)), got
+    assert len(batches) == 1 and run.images_seen == 2
+    tokens = _tokens(model, x)
+    for layer in run.layers:
+        assert _rel(run.query(layer), _dense_query(model.blocks[layer].attn, tokens[layer], 4)) < 1e-5
+
+
+def test_two_recordings_of_one_model_in_two_threads_are_refused_and_copies_made_before_are_exact():
+    """Before: two recordings on one model, one per thread, each received the other's batches. Now a call meets the
+    other thread's hooks and is refused. One copy of the model per thread, made before record(), is the fix named."""
+    import threading
+
+    model, x, y = _timm(), _images(), _images(seed=1)
+    attached, called = threading.Barrier(2), threading.Barrier(2)
+    errors = {}
+
+    def work(name, images):
+        with torch.no_grad(), qkhooks.record(model, modes=4) as run:
+            attached.wait()
+            try:
+                model(images)
+            except QKHooksError as exc:
+                errors[name] = str(exc)
+            called.wait()
+        return run
+
+    threads = [threading.Thread(target=work, args=a) for a in (("a", x), ("b", y))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(errors) == ["a", "b"] and all(__import__("re").search(_THREAD, e) for e in errors.values())
+
+    copies = [copy.deepcopy(model), copy.deepcopy(model)]
+    runs = {}
+
+    def one(i, images):
+        with torch.no_grad(), qkhooks.record(copies[i], modes=4) as run:
+            for _ in range(3):
+                copies[i](images)
+        runs[i] = run
+
+    threads = [threading.Thread(target=one, args=a) for a in ((0, x), (1, y))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, images in ((0, x), (1, y)):
+        tokens = _tokens(model, images)
+        assert runs[i].images_seen == 6
+        assert _rel(runs[i].query(2), _dense_query(model.blocks[2].attn, tokens[2], 4)) < 1e-5

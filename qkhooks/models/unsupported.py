@@ -16,6 +16,7 @@ import functools
 import itertools
 import math
 import re
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
@@ -503,10 +504,11 @@ class _OwnHook:
     (the copy is not recorded: calling it while the recording is open is refused, after it does nothing), pickling
     (``torch.save(model)``) as a :class:`_SpentHook` (nothing)."""
 
-    __slots__ = ("hook", "model", "module", "pre", "live", "__weakref__")
+    __slots__ = ("hook", "model", "module", "pre", "live", "thread", "__weakref__")
 
     def __init__(self, hook: Callable[..., Any], model: "weakref.ref[nn.Module]", module: nn.Module, pre: bool) -> None:
         self.hook, self.model, self.module, self.pre, self.live = hook, model, weakref.ref(module), pre, True
+        self.thread = threading.get_ident()  # the thread that entered record(): the only one whose calls it records
 
     def __call__(self, module: nn.Module, *args: Any) -> Any:
         return untraced_hook(self, module, args)
@@ -521,14 +523,19 @@ class _OwnHook:
 def untraced_hook(own: _OwnHook, module: nn.Module, args: tuple) -> Any:
     """Run ``own``'s hook, refusing to run while TorchDynamo traces it (the model, or a part around the hooked module,
     compiled inside the record() context: ``model.compile()``, a ``torch.compile`` wrapper called there; a compiled
-    graph runs what a hook reads only while it is traced, or not at all), or on another module than its own (a shallow
-    copy sharing the module's hook dicts: refused in a pre-hook, nothing in a forward hook, so that an always-called
-    one does not raise a second error). The checks cost about 1 us a hook call (a ViT-B batch calls about 30)."""
+    graph runs what a hook reads only while it is traced, or not at all), on another module than its own (a shallow
+    copy sharing the module's hook dicts), or in another thread than the one that registered it (one recording fed by
+    two threads mixed their batches): refused in a pre-hook, nothing in a forward hook (an always-called one would
+    raise a second error). The checks cost about 1 us a hook call (a ViT-B batch calls about 30)."""
     if torch.compiler.is_compiling():  # a constant True while traced: the refusal is called, eagerly (below)
         torch.compiler.disable(_refuse_traced)(own.model, module)
     if module is not own.module():  # refused as the copy's call begins; its forward hooks (after) do nothing
         if own.pre:
             raise QKHooksError(_COPY_INSIDE)
+        return None
+    if threading.get_ident() != own.thread and torch._C._current_graph_task_id() == -1:  # not autograd's own thread
+        if own.pre:  # (a checkpointed block recomputed in backward on a device thread)
+            raise QKHooksError(_OTHER_THREAD)
         return None
     OWN_WORK.depth += 1  # what the hook computes is not the module's attention (AttentionCallMode)
     try:
@@ -542,6 +549,13 @@ _COPY_INSIDE = (
     "open: it carries copies of qkhooks' hooks, which do not record it (its batches would be taken for the model's, "
     "with the model's modes). Copy the model before entering record(), and record the copy with its own "
     "qkhooks.record() if you want its maps.")
+
+
+_OTHER_THREAD = (
+    "the recorded model was called from another thread than the one that entered record(): qkhooks' hooks belong to "
+    "the model's modules, not to a thread, so calls from two threads would be recorded as one mixed batch (one "
+    "recording) or handed to the other thread's recording (two). Make one copy of the model per thread before "
+    "record() (copy.deepcopy(model)) and record each copy in its own thread.")
 
 
 class _SpentHook:
