@@ -22,6 +22,7 @@ Results are read in the vocabulary of :mod:`qkhooks.access` (``run.query(l)``, `
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import gc
@@ -442,6 +443,10 @@ class Recording:
         meta, self._pending_meta = self._pending_meta, {}
         if "geometry" in meta:  # a copy: layers are added to it as they run, the caller's (a cached probe) is kept
             meta["geometry"] = dict(meta["geometry"] or {})
+        for name in _BATCH_METADATA:  # the batch's own copy (small): a caller reusing its buffer for the next batch
+            value = meta.get(name)  # in place changed the tokens or masks an earlier batch says it was recorded with
+            if value is not None:
+                meta[name] = value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
         meta.setdefault("prefix_tokens", self._prefix_tokens)
         # the last batch is freed as the next forward begins (a batch the caller holds stays theirs), so a recording
         # never holds two batches' maps at once: half the peak for full maps, and no heap grown and trimmed a batch
@@ -888,6 +893,10 @@ class Recording:
         tokens = meta.get("query_tokens")
         n, rows_in_call = (x.shape[1], x.shape[0]) if qk is None else (qk[0].shape[2], qk[0].shape[0])
         self._check_rows_axis(site, site.images_in_call(int(rows_in_call)), int(n), chosen=tokens is not None)
+        if tokens is not None and torch.as_tensor(tokens).dim() == 1:  # the same tokens for every image: kept (B, T),
+            tokens = torch.as_tensor(tokens)[None].expand(site.images_in_call(int(rows_in_call)), -1)  # as documented
+            if self._current is not None:
+                self._current.meta["query_tokens"] = tokens
         if tokens is None:  # no choice given: the first prefix token (CLS) and the centre patch, recorded as such
             tokens = default_query_tokens(site, n).expand(site.images_in_call(int(rows_in_call)), -1)
             if not site.num_prefix_tokens and not self._warned_no_prefix:  # once a recording

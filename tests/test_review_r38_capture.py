@@ -276,3 +276,38 @@ def test_two_recordings_of_one_model_in_two_threads_are_refused_and_copies_made_
         tokens = _tokens(model, images)
         assert runs[i].images_seen == 6
         assert _rel(runs[i].query(2), _dense_query(model.blocks[2].attn, tokens[2], 4)) < 1e-5
+
+
+# ------------------------------------------------------------- 4. per-batch meta
+def test_per_batch_tokens_and_masks_are_the_batchs_own_and_one_row_of_tokens_is_kept_per_image():
+    """Before: ``meta={"query_tokens": qt, "pool_masks": masks}`` was kept by reference, so a caller reusing qt and masks
+    in place for the next batch changed what the earlier batch said it was recorded with; tokens given as (T,) were
+    kept as (T,), where the rest of the code (and the docs) take (B, T)."""
+    model, x = _timm(), _images(3)
+    probs = _eager_probs(model, x)
+    qt = torch.tensor([[0, 3]] * 3)
+    masks = torch.zeros(3, 1, 4)
+    masks[:, 0, :2] = 1
+    batches = []
+
+    class Sink:
+        def update(self, batch):
+            batches.append(batch)
+
+    with torch.no_grad(), qkhooks.record(model, modes=None, layers=[1], attention=["rows", "pooled"],
+                                         sinks=[Sink()]) as run:
+        run(x, meta={"query_tokens": qt, "pool_masks": masks})
+        qt[:, 1] = 4
+        masks[:, 0] = 1 - masks[:, 0]
+        run(x, meta={"query_tokens": qt, "pool_masks": masks})
+        run(x, meta={"query_tokens": torch.tensor([2, 0]), "pool_masks": masks})
+    first, second, third = batches
+    assert first.meta["query_tokens"].tolist() == [[0, 3]] * 3 and second.meta["query_tokens"].tolist() == [[0, 4]] * 3
+    assert float(first.meta["pool_masks"][:, 0, :2].min()) == 1 and float(first.meta["pool_masks"][:, 0, 2:].max()) == 0
+    want = probs[1]
+    assert float((first.attention(1, "rows") - want[:, :, [0, 3]]).abs().max()) < 1e-5
+    assert float((second.attention(1, "rows") - want[:, :, [0, 4]]).abs().max()) < 1e-5
+    pooled = want[:, :, [0, 3], 1:3].sum(-1, keepdim=True)  # mass on the first two patch tokens
+    assert float((first.attention(1, "pooled") - pooled).abs().max()) < 1e-5
+    assert tuple(third.meta["query_tokens"].shape) == (3, 2) and third.meta["query_tokens"].tolist() == [[2, 0]] * 3
+    assert float((third.attention(1, "rows") - want[:, :, [2, 0]]).abs().max()) < 1e-5
