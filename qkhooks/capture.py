@@ -210,6 +210,7 @@ class Recording:
             k = None if self.modes == "all" else int(self.modes)
             by_layer = {s.layer: s for s in spectrum} if spectrum is not None else {}
             spectra = []
+            given_tops = [int(g.num_modes) for g in by_layer.values() if g.truncated]  # spectrum=...top(k): k a head
             _refuse_maps_only_modes(self.sites)
             # on a GPU: one device read for every cached spectrum's weights check, not one per layer
             with cached_weights_checked(self.sites):
@@ -229,7 +230,8 @@ class Recording:
                     else:
                         self._projectors[site.layer] = projector
             self.qk_spectrum = QKSpectrum(spectra, getattr(model, "qkhooks_spec", "") or type(model).__name__)
-            self._modes_kept = modes_kept(self.modes, [s.num_modes for s in spectra], self.sites, stacklevel=5)
+            self._modes_kept = modes_kept(self.modes, [s.num_modes for s in spectra], self.sites, stacklevel=5,
+                                          given_tops=given_tops)
         self.outputs: OutputsKind = outputs
         self._once = self._layers_attended_once(outputs)
         self._qk_attention = {s.layer for s in self.sites if self._attention_from_qk(s)}
@@ -1279,15 +1281,30 @@ def _structure_key(model: nn.Module) -> tuple:
 
 
 def modes_kept(modes: int | None | str, counts: Sequence[int], sites: Sequence[AttentionSite],
-               stacklevel: int = 2) -> int | None | str:
+               stacklevel: int = 2, given_tops: Sequence[int] = ()) -> int | None | str:
     """``modes`` (an int) when some recorded head has that many modes, else the most any has, with a warning: a
     head of dimension d_k has at most d_k modes, so ``--modes 65`` on 64-dim heads records 64, and says so (a
     run's config stores what was kept). The default (:data:`~qkhooks.options.DEFAULT_MODES`) is cut without a word:
-    nobody asked for its number. ``"all"`` and None pass through."""
+    nobody asked for its number. None passes through, and ``"all"`` too unless a spectrum given (``spectrum=``) was
+    truncated (``given_tops``: its modes a head, ``.top(k)``): then what it keeps is recorded, and said, as for an
+    int, naming the spectrum given rather than the heads."""
+    if modes == "all" and given_tops and counts:
+        most = max(counts)
+        warnings.warn(f"modes='all' with a spectrum given (spectrum=) truncated to the top {_tops(given_tops)} modes "
+                      f"of each head (.top(k)): those are recorded, not all (the config of the recording or run file "
+                      f"says modes={most}); pass the whole spectrum (qkhooks.spectrum(model)) for every mode.",
+                      stacklevel=stacklevel)
+        return most
     if not isinstance(modes, int) or not counts or modes <= max(counts):
         return modes
     most = max(counts)
     if isinstance(modes, DefaultModes):
+        return most
+    if given_tops:
+        warnings.warn(f"modes={modes} is more than the spectrum given (spectrum=) keeps: it is truncated to the top "
+                      f"{_tops(given_tops)} modes of each head (.top(k)), so {most} are recorded (the config of the "
+                      f"recording or run file says modes={most}); ask for modes <= {most}, or pass a spectrum with more "
+                      "modes (qkhooks.spectrum(model)).", stacklevel=stacklevel)
         return most
     dims = sorted({s.head_dim for s in sites if getattr(s, "head_dim", None)})
     heads = f"its {'/'.join(map(str, dims))}-dim heads have" if dims else "its heads have"
@@ -1296,6 +1313,10 @@ def modes_kept(modes: int | None | str, counts: Sequence[int], sites: Sequence[A
                   "(--modes all).",
                   stacklevel=stacklevel)
     return most
+
+
+def _tops(tops: Sequence[int]) -> str:
+    return "/".join(map(str, sorted(set(tops))))
 
 
 # Float attributes through which modules drop at random while training: DropPath's ``drop_prob``, Hugging Face

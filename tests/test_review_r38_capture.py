@@ -311,3 +311,20 @@ def test_per_batch_tokens_and_masks_are_the_batchs_own_and_one_row_of_tokens_is_
     assert float((first.attention(1, "pooled") - pooled).abs().max()) < 1e-5
     assert tuple(third.meta["query_tokens"].shape) == (3, 2) and third.meta["query_tokens"].tolist() == [[2, 0]] * 3
     assert float((third.attention(1, "rows") - want[:, :, [2, 0]]).abs().max()) < 1e-5
+
+
+# ------------------------------------------------------------- 5. a truncated spectrum handed in
+@pytest.mark.parametrize("modes", ["all", 8])
+def test_a_truncated_spectrum_given_is_what_the_config_says_and_the_warning_names_it(modes):
+    """Before: modes='all' with ``spectrum=qkhooks.spectrum(m).top(4)`` recorded 4 of 16 modes while config["modes"]
+    and modes_kept said 'all'; modes=8 warned that "its 16-dim heads have at most 4 modes each", blaming the heads."""
+    model, x = _timm(), _images()
+    with pytest.warns(UserWarning, match=r"spectrum given \(spectrum=\).*truncated to the top 4 modes of each head") as got:
+        with torch.no_grad(), qkhooks.record(model, modes=modes, spectrum=qkhooks.spectrum(model).top(4)) as run:
+            model(x)
+    assert not any("-dim heads" in str(w.message) for w in got)
+    assert run.config["modes"] == 4 and run.modes_kept == 4
+    tokens = _tokens(model, x)
+    for layer in run.layers:
+        assert run.query(layer).shape[2] == 4
+        assert _rel(run.query(layer), _dense_query(model.blocks[layer].attn, tokens[layer], 4)) < 1e-5
