@@ -434,6 +434,9 @@ class Recording:
             site._grid_of_source = SOURCE_NOT_RUN if site.grid_source is not None else None
 
     def _begin_batch(self, module: nn.Module, args: tuple, kwargs: dict, outer: bool = True) -> None:
+        first = args[0] if args else kwargs.get("pixel_values", kwargs.get("x", kwargs.get("hidden_states")))
+        if isinstance(first, torch.Tensor) and first.dim() and not first.shape[0]:  # before anything is dropped
+            _refuse_empty(tuple(first.shape))
         if outer and module is self._model_ref():  # the model's own call: its patch embeddings have not run yet
             self._forget_call_grids()
         refuse_altered_qk(self.sites)  # a hook, patch or weight put on inside the context (~70 us a ViT-B batch)
@@ -602,6 +605,8 @@ class Recording:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = site.hidden_states(args, kwargs)
+            if not x.shape[0]:  # (the model's own call refused it already, unless the batch began elsewhere)
+                _refuse_empty(tuple(x.shape), site)
             if self._current is None:  # a submodule was called directly: still record
                 self._begin_batch(module, (), {})
             if "num_prefix_tokens" not in self._current.meta:  # sinks cannot tell a 4x6 grid + CLS from a 5x5 grid
@@ -1313,6 +1318,13 @@ def modes_kept(modes: int | None | str, counts: Sequence[int], sites: Sequence[A
                   "(--modes all).",
                   stacklevel=stacklevel)
     return most
+
+
+def _refuse_empty(shape: tuple[int, ...], site: AttentionSite | None = None) -> None:
+    """Refuse a batch of no images (before any map is computed: the reshapes further on fail without a word on why)."""
+    where = f"layer {site.layer} ({site.path}) was handed tokens of shape {shape}" if site else f"an input of shape {shape}"
+    raise QKHooksError(f"the batch is empty ({where}: 0 images), so there is nothing to record; skip empty batches "
+                       "before calling the model (a filter that left none, a slice past the end).")
 
 
 def _tops(tops: Sequence[int]) -> str:

@@ -328,3 +328,26 @@ def test_a_truncated_spectrum_given_is_what_the_config_says_and_the_warning_name
     for layer in run.layers:
         assert run.query(layer).shape[2] == 4
         assert _rel(run.query(layer), _dense_query(model.blocks[layer].attn, tokens[layer], 4)) < 1e-5
+
+
+# ------------------------------------------------------------- 6. a batch of no images
+def test_an_empty_batch_is_refused_naming_it_and_the_batch_before_is_kept():
+    """Before: a batch of 0 images raised a plain RuntimeError from a reshape in projector.py."""
+    import transformers as T
+
+    model, x = _timm(), _images()
+    with torch.no_grad(), qkhooks.record(model, modes=4, attention="rows") as run:
+        model(x)
+        with pytest.raises(QKHooksError, match=r"the batch is empty \(an input of shape \(0, 3, 16, 16\): 0 images\)"):
+            model(x[:0])
+        with pytest.raises(QKHooksError, match=r"the batch is empty \(an input of shape \(0, 5, 32\): 0 images\)"):
+            model.blocks[0].attn(torch.zeros(0, 5, 32))
+        assert run.images_seen == 2 and run.ids == ["0", "1"]
+    assert _rel(run.query(2), _dense_query(model.blocks[2].attn, _tokens(model, x)[2], 4)) < 1e-5
+
+    torch.manual_seed(0)
+    hf = T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                image_size=16, patch_size=8)).eval()
+    with torch.no_grad(), qkhooks.record(hf, modes=4) as run:
+        with pytest.raises(QKHooksError, match=r"the batch is empty \(an input of shape \(0, 3, 16, 16\)"):
+            hf(pixel_values=x[:0])
