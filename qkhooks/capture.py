@@ -205,6 +205,8 @@ class Recording:
         self._pinned: dict[int, str] | None = None  # mode_source as a store states it (pin_mode_source)
         self._weights_at_entry: dict[int, WeightsState] = {}  # layer -> weights_state when its modes were computed
         self._live_weights: dict[int, tuple[torch.Tensor, ...] | None] = {}  # layer -> live_qk_tensors (views), or None
+        # layer -> its attention module's parameters at entry (weak): read only to say why a weights check failed
+        self._params_at_entry: dict[int, list[tuple[str, weakref.ref]]] = {}
         self._modes_kept: int | None | str = self.modes
         if self.modes is not None:
             k = None if self.modes == "all" else int(self.modes)
@@ -224,6 +226,7 @@ class Recording:
                                                    vouched or spectrum_of_other_weights)
                     self._weights_at_entry[site.layer] = weights_state(site, vouched)
                     self._live_weights[site.layer] = live_qk_tensors(site)  # views: compared each batch in place
+                    self._params_at_entry[site.layer] = [(n, weakref.ref(p)) for n, p in site.module.named_parameters()]
                     spectra.append(spec)
                     if isinstance(projector, QKPathProjector):
                         self._from_qk[site.layer] = projector
@@ -392,6 +395,7 @@ class Recording:
                                           grid_source=None, qk_watch=())  # the grid its last call read stays (_grid_of_source)
                       for s in self.sites]
         self._live_weights.clear()  # views of the weights: they would keep the parameters' memory alive
+        self._params_at_entry.clear()
 
     def __repr__(self) -> str:
         state = "attached" if self.active else "detached"
@@ -484,6 +488,16 @@ class Recording:
         live = [self._live_weights.get(site.layer) for _, site in checked]
         for (_, site), same in zip(checked, weights_unchanged(checked, live)):  # a GPU: one device read for all layers
             if not same:
+                swapped = [n for n, p in site.module.named_parameters()
+                           if dict(self._params_at_entry.get(site.layer, ())).get(n, lambda: None)() is not p]
+                if swapped:
+                    raise QKHooksError(
+                        f"layer {site.layer} ({site.path}): its parameters are not the module's own in this call "
+                        f"({', '.join(repr(f'{site.path}.{n}') for n in swapped[:3])}{' ...' * (len(swapped) > 3)} "
+                        "substituted: torch.func.functional_call, torch.nn.utils.stateless or another "
+                        "reparametrisation, or a new nn.Parameter assigned), and its modes were computed at entry from the module's own, so its maps "
+                        f"and run.spectrum({site.layer}) would belong to those. Load the weights into the model "
+                        "(model.load_state_dict(params)) before entering record(), and call the model itself.")
                 raise QKHooksError(
                     f"layer {site.layer} ({site.path}): its weights changed inside this record() context (a checkpoint "
                     "loaded, an optimiser step, .to() or another in-place edit) after its modes were computed at entry, "

@@ -351,3 +351,24 @@ def test_an_empty_batch_is_refused_naming_it_and_the_batch_before_is_kept():
     with torch.no_grad(), qkhooks.record(hf, modes=4) as run:
         with pytest.raises(QKHooksError, match=r"the batch is empty \(an input of shape \(0, 3, 16, 16\)"):
             hf(pixel_values=x[:0])
+
+
+# ------------------------------------------------------------- 7. parameters substituted (torch.func.functional_call)
+def test_functional_call_is_refused_naming_the_substituted_parameters_and_an_in_place_edit_keeps_its_message():
+    """Before: functional_call with the model's own parameters cloned was refused as "weights changed ... (a
+    checkpoint loaded, an optimiser step, ...)", which names none of what the caller did."""
+    model, x = _timm(), _images()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with torch.no_grad(), qkhooks.record(model, modes=4) as run:
+        model(x)
+        with pytest.raises(QKHooksError, match=r"layer 0 \(blocks\.0\.attn\): its parameters are not the module's own "
+                                               r"in this call \('blocks\.0\.attn\.qkv\.weight'.*torch\.func\."
+                                               r"functional_call.*load_state_dict"):
+            torch.func.functional_call(model, params, (x,))
+        assert run.images_seen == 2
+        model.blocks[0].attn.qkv.weight.mul_(1.5)
+        with pytest.raises(QKHooksError, match=r"its weights changed inside this record\(\) context \(a checkpoint"):
+            model(x)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.div_(1.5)
+    assert _rel(run.query(1), _dense_query(model.blocks[1].attn, _tokens(model, x)[1], 4)) < 1e-5
