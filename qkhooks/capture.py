@@ -1,7 +1,7 @@
 """The recording context: hooks on an unmodified model that capture, project and rebuild on device.
 
 ``with qkhooks.record(model, modes=16) as run: model(images)`` installs forward pre-hooks (keyword inputs
-included) on every attention module. Each sees the exact tensor entering W_q/W_k and rebuilds any requested
+included) on the attention module of every recorded layer (``layers=``; all by default). Each sees the exact tensor entering W_q/W_k and rebuilds any requested
 attention from it; forward hooks on the model's own q/k Linear modules turn their outputs into the maps on
 the layer's top modes (or, where those do not serve, the pre-hook projects the tokens). All of it runs under
 ``torch.no_grad`` on the tokens' device. The hooks never touch the model's inputs or outputs, so results are
