@@ -339,10 +339,9 @@ def test_a_form_whose_class_this_timm_version_lacks_is_skipped_not_an_import_err
 
     from qkhooks.models import timm as timm_adapter
 
-    def missing() -> type:
-        raise ImportError("No module named 'timm.layers.not_in_this_version'")
-
-    monkeypatch.setitem(timm_adapter.EXTRA_FORMS, "NotInThisVersion",
-                        timm_adapter.ExtraForm(missing, lambda attn: (None, ()), lambda site, attn: site))
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
-    assert [s.path for s in qkhooks.sites(model)] == ["blocks.0.attn", "blocks.1.attn"]
+    for where in ("timm.layers.not_in_this_version.Attention", "timm.layers.NotInThisVersion"):  # no module; no class
+        form = timm_adapter.ExtraForm(where, lambda attn: (None, ()), lambda site, attn: site)
+        assert form.load() is None
+        monkeypatch.setitem(timm_adapter.EXTRA_FORMS, "NotInThisVersion", form)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+        assert [s.path for s in qkhooks.sites(model)] == ["blocks.0.attn", "blocks.1.attn"]
