@@ -116,6 +116,11 @@ def parse_modes(modes: int | str | None) -> int | None | Literal["all"]:
     return modes if isinstance(modes, DefaultModes) else int(text)
 
 
+
+def _child_path(site: AttentionSite, module: nn.Module) -> str:
+    """The path of ``module`` among the attention module's children (its own path where it is none of them)."""
+    return next((f"{site.path}.{n}" for n, m in site.module.named_children() if m is module), site.path)
+
 class Recording:
     """A set of hooks on one model and what they captured. Create it with :func:`record`.
 
@@ -789,7 +794,7 @@ class Recording:
         """Layer ``site``'s q/k projection ran while no forward of the recorded model was open (review r34: a
         torch.fx copy of the model called inside the context shares its Linear modules, whose hooks fire, but not the
         model's or the attention module's: nothing was recorded, and ``run.last`` still held the batch before)."""
-        name = next((f"{site.path}.{n}" for n, m in site.module.named_children() if m is module), site.path)
+        name = _child_path(site, module)
         return QKHooksError(
             f"{name} (layer {site.layer}'s q/k projection) ran outside any forward of the recorded model: a copy of "
             "the model that shares its modules (torch.fx.symbolic_trace, a wrapper calling the submodules itself) was "
@@ -807,7 +812,7 @@ class Recording:
     def _qk_twice_error(self, site: AttentionSite, module: nn.Module) -> QKHooksError:
         """Layer ``site``'s q/k Linear returned a second output within one call of its attention module: which one
         is its q or k cannot be told, and a recording holds one per call."""
-        name = next((f"{site.path}.{n}" for n, m in site.module.named_children() if m is module), site.path)
+        name = _child_path(site, module)
         return QKHooksError(
             f"{name} (layer {site.layer}'s q/k projection) ran more than once within one call of {site.path}, so which "
             "output is the layer's q and k cannot be told and the maps would be of the last call; qkhooks does not "

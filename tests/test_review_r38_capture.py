@@ -14,20 +14,13 @@ import torch
 
 import qkhooks
 from qkhooks.errors import QKHooksError
+from test_review_r37_capture import _images, _timm
 
 
-def _timm(depth: int = 3) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, embed_dim=32, depth=depth, num_heads=2,
-                              img_size=16, patch_size=8, num_classes=0).eval()
-    with torch.no_grad():  # non-trivial maps: the default init gives near-uniform ones
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return model
-
-
-def _images(n: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+def _collected() -> tuple[list, object]:
+    """A sink that keeps every batch handed to it, and the list it keeps them in."""
+    batches: list = []
+    return batches, type("Sink", (), {"update": lambda self, batch: batches.append(batch)})()
 
 
 def _tokens(model: torch.nn.Module, x: torch.Tensor) -> dict[int, np.ndarray]:
@@ -147,13 +140,9 @@ def test_a_deepcopy_made_inside_record_is_refused_there_and_a_plain_model_after(
     own), after exit every call of the copy raised AttributeError, and record(copy) was refused blaming someone
     else's hook. Now its call inside is refused (the model's batches kept), and after exit it is a plain model."""
     model, x, y = _timm(), _images(), _images(seed=1)
-    batches = []
+    batches, sink = _collected()
 
-    class Sink:
-        def update(self, batch):
-            batches.append(batch)
-
-    with torch.no_grad(), qkhooks.record(model, modes=4, sinks=[Sink()]) as run:
+    with torch.no_grad(), qkhooks.record(model, modes=4, sinks=[sink]) as run:
         model(x)
         ema = copy.deepcopy(model)
         for p in ema.parameters():
@@ -216,13 +205,9 @@ def test_a_recordings_model_called_from_another_thread_is_refused_and_its_own_ba
     """Before: one recording whose model was called from two threads got partial and mixed batches under one set of
     ids (a layer's maps from the other thread's images)."""
     model, x, y = _timm(), _images(), _images(seed=1)
-    batches = []
+    batches, sink = _collected()
 
-    class Sink:
-        def update(self, batch):
-            batches.append(batch)
-
-    with torch.no_grad(), qkhooks.record(model, modes=4, sinks=[Sink()]) as run:
+    with torch.no_grad(), qkhooks.record(model, modes=4, sinks=[sink]) as run:
         model(x)
         got = _in_thread(lambda: model(y))
         assert isinstance(got, QKHooksError) and __import__("re").search(_THREAD, str(got)), got
@@ -288,14 +273,10 @@ def test_per_batch_tokens_and_masks_are_the_batchs_own_and_one_row_of_tokens_is_
     qt = torch.tensor([[0, 3]] * 3)
     masks = torch.zeros(3, 1, 4)
     masks[:, 0, :2] = 1
-    batches = []
-
-    class Sink:
-        def update(self, batch):
-            batches.append(batch)
+    batches, sink = _collected()
 
     with torch.no_grad(), qkhooks.record(model, modes=None, layers=[1], attention=["rows", "pooled"],
-                                         sinks=[Sink()]) as run:
+                                         sinks=[sink]) as run:
         run(x, meta={"query_tokens": qt, "pool_masks": masks})
         qt[:, 1] = 4
         masks[:, 0] = 1 - masks[:, 0]

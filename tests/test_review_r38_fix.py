@@ -23,6 +23,7 @@ from PIL import Image
 import qkhooks
 from qkhooks.data import ImageConfig, open_source
 from qkhooks.errors import QKHooksError
+from test_review_r37_data import stop_after
 
 CFG = ImageConfig(size=(48, 48), mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -93,12 +94,7 @@ def test_resuming_a_run_that_named_path_rows_by_position_is_refused_with_the_rea
     ds = datasets.Dataset.from_dict({"image": paths})
     loaded, out = _loaded(), tmp_path / "hf.h5"
     kw = dict(layers="0", modes=2, batch_size=2, progress=False, checkpoint_every=1)
-    calls = []
-
-    def stop(batch):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
+    stop = stop_after(2)
 
     with monkeypatch.context() as old:  # the earlier naming: positions, and no ids listed without decoding
         old.setattr(readers._HFReader, "row_id", lambda self, row, position: str(position))
