@@ -100,6 +100,8 @@ KILLS_R32 = "tests/test_mutation_kills_r32.py"
 KILLS_R33 = "tests/test_mutation_kills_r33.py"
 # Round 34 (mutation): the kill tests of round 33's later library code and round 34's fixes (module "round34").
 KILLS_R34 = "tests/test_mutation_kills_r34.py"
+# Round 37 (mutation): the kill tests of the library code of rounds 35-37 (module "round37").
+KILLS_R37 = "tests/test_mutation_kills_r37.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -546,6 +548,40 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(held_open_for_writing_by_plain_h5py or "
                 "probe_split_is_the_same_for_shards or run_file_equals_in_memory_and_resumes or "
                 "cli_writes_json_of_the_documented_shape or warnings_point_at_the_callers_line)"),
+    # Round 37 (mutation): the library code of rounds 35-37 (`b0ec42d..9977ff1`, 33 library commits, 45 files): the
+    # per-image softmax_attention / softmax_maps core (sdpa.py, attention.py), timm's ParallelThingsBlock as one stage,
+    # float64 rebuilt maps, O3 / ADE20K names differing by extension, mid-run mask refusals as DataRefusals, files that
+    # are no run refused by --resume / --overwrite, RunInterrupted and interruption_help, null modes, empty layer
+    # selections, repair's ids and statics (copy_statics), symlinked run files, reducer states of other counts, file
+    # sizes checked on resume, the per-batch q/k path checks (models/unsupported.py's watch_qk_path,
+    # _refuse_replaced), capture's _partial_call / _ran_layers, BFD per-layer grids (bfd_reducers.py, bfd.py),
+    # record_dataset's shard and resume checks (_checked_shard, _refuse_changed_stream, ItemStream.ids_before,
+    # is_whole), the store's held_for_write / held_shards, the data items (bundled:NAME, open_image, path ids) and
+    # models.base.conv_output_size. Against the round's own review tests (test_review_r35*.py, test_review_r36*.py,
+    # test_review_r37*.py) and test_fused_attention.py (softmax_attention against torch's SDPA, eager attention and
+    # float64 numpy), in-process tests only: not the three that start another Python (a spawned DataLoader worker, a
+    # writer in another process, a plain import) nor the two 10-12 s demo tests on the bundled DINOv2 photos. Run with
+    # --only ROUND37 (and --sample: the module has tens of thousands of mutants).
+    "round37": (["qkhooks/__init__.py", "qkhooks/_json.py", "qkhooks/analysis/__init__.py",
+                 "qkhooks/analysis/bfd.py", "qkhooks/analysis/bfd_reducers.py", "qkhooks/analysis/bfd_summary.py",
+                 "qkhooks/analysis/mode_figures.py", "qkhooks/analysis/modes.py", "qkhooks/analysis/preference.py",
+                 "qkhooks/analysis/same_object.py", "qkhooks/attention.py", "qkhooks/capture.py",
+                 "qkhooks/cli/__init__.py", "qkhooks/cli/analyze.py", "qkhooks/cli/spectrum.py",
+                 "qkhooks/compare.py", "qkhooks/data/annotated.py", "qkhooks/data/datasets.py",
+                 "qkhooks/data/items.py", "qkhooks/data/masks.py", "qkhooks/data/preprocess.py",
+                 "qkhooks/data/readers.py", "qkhooks/data/sources.py", "qkhooks/data_files.py",
+                 "qkhooks/distributed.py", "qkhooks/errors.py", "qkhooks/models/base.py", "qkhooks/models/hf.py",
+                 "qkhooks/models/load.py", "qkhooks/models/parallel.py", "qkhooks/models/plain.py",
+                 "qkhooks/models/reduced_keys.py", "qkhooks/models/rope.py", "qkhooks/models/timm.py",
+                 "qkhooks/models/unsupported.py", "qkhooks/options.py", "qkhooks/readings.py", "qkhooks/report.py",
+                 "qkhooks/sdpa.py", "qkhooks/store/_hdf5.py", "qkhooks/store/format.py", "qkhooks/store/reader.py",
+                 "qkhooks/store/repair.py", "qkhooks/store/writer.py", "qkhooks/stream.py"],
+                ["tests/test_review_r35.py", "tests/test_review_r36.py", "tests/test_review_r36_mutants.py",
+                 "tests/test_review_r37.py", "tests/test_review_r37_capture.py", "tests/test_review_r37_data.py",
+                 "tests/test_fused_attention.py", KILLS_R37],
+                "not (spawned_worker_skips_what_the_main_process_skips or "
+                "reader_opened_while_its_writer_ran_reads_the_states or submodules_named_in_the_readme_work_after "
+                "or demos_defaults_are_the_installed_photos or demo_report_names_the_files_of_its_data)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -729,12 +765,16 @@ ROUND33 = ("commits:fcb421f..ebe8fa2",)
 # nested eager recordings, readings' infinite samples, compute_dtype, float64 spectra, fx copies, BFD share claims)),
 # by :func:`written_by`.
 ROUND34 = ("commits:ebe8fa2..b0ec42d",)
+# The library commits of rounds 35, 36 and 37, for `--only` with the module "round37" (`b0ec42d..9977ff1`: the per-image
+# softmax core, review 35-37's fixes: per-batch q/k path checks, partial calls, BFD per-layer grids, record_dataset's
+# shard and resume checks, held files, copy_statics, data items, conv_output_size), by :func:`written_by`.
+ROUND37 = ("commits:b0ec42d..9977ff1",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
               "ROUND28B": ROUND28B, "ROUND29": ROUND29, "ROUND30": ROUND30,
               "ROUND31": ROUND31, "ROUND32": ROUND32, "ROUND33": ROUND33,
-              "ROUND34": ROUND34}
+              "ROUND34": ROUND34, "ROUND37": ROUND37}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
