@@ -180,7 +180,7 @@ def test_the_bfd_sections_claims_are_true_where_the_test_tells_and_its_data_note
     monkeypatch.setattr(report, "find_sites", lambda model: [])
     monkeypatch.setattr(bfd, "bfd_layers", lambda *a, **k: ([0], [], None))
     monkeypatch.setattr(bfd, "run_bfd", lambda *a, **k: result)
-    monkeypatch.setattr(bfd, "plot_bfd", lambda *a, **k: [])
+    monkeypatch.setattr(bfd, "plot_bfd", lambda *a, **k: {})
     loaded = types.SimpleNamespace(model=None, image_config=types.SimpleNamespace(size=(32, 32)))
     opts = dict(device="cpu", batch_size=2, progress=False)
     notes = {}
