@@ -35,6 +35,7 @@ from qkhooks.analysis.bfd_summary import (
     DEFINITIONS,
     MIN_HOLDOUT,
     TERMS,
+    check_alpha,
     decoding_r2,
     energy_tables,
     holdout_images,
@@ -186,6 +187,7 @@ def run_bfd(
         raise QKHooksError("resume and overwrite exclude each other: pick one.")
     if definition not in ("frobenius", "additive"):  # checked before the passes, not after them
         raise QKHooksError(f"definition must be 'frobenius' or 'additive', got {definition!r}.")
+    alpha = check_alpha(alpha)  # before the passes: alpha <= 0 fits no probe
     if decode and int(holdout_every) < 2:
         raise QKHooksError(f"holdout_every must be >= 2 (one image in that many is held out), got {holdout_every}.")
     tensors = _is_tensors(data)
@@ -388,6 +390,9 @@ def format_table(result: dict[str, Any]) -> str:
     if any(layer.get("decoding") for layer in result["layers"]) and held < MIN_HOLDOUT:
         lines.append(f"R2(X) and R2(C) are tested on {held} held-out image{'s' * (held != 1)}, fewer than {MIN_HOLDOUT}: not to be read "
                      "(one image in holdout_every is held out; record more images).")
+    for layer in result["layers"]:
+        if layer.get("decoding", {}).get("note"):
+            lines.append(f"probes of layer {layer['layer']}: {layer['decoding']['note']}")
     return "\n".join(lines)
 
 

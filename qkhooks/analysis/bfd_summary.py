@@ -317,9 +317,28 @@ def _layer_averages(tables: Mapping[str, Any], heads: list[dict[str, Any]], kind
 
 
 # -------------------------------------------------------------------------------------------- decoding
+def check_alpha(alpha: Any) -> float:
+    """``alpha`` as a float, or QKHooksError unless it is a finite number > 0: the probes' ridge strength is
+    lambda = alpha * trace(S_xx) / d, and with alpha <= 0 (or nan) no probe is fitted (round 38: a fake R^2)."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(alpha, bool) or not math.isfinite(value) or value <= 0:
+        raise QKHooksError(f"alpha (--alpha) must be a finite number > 0, the relative ridge strength of the position "
+                           f"probes (lambda = alpha * trace(S_xx) / d), got {alpha!r}; use e.g. 1e-3 (the default).")
+    return value
+
+
+CONSTANT_FEATURES = ("constant features (trace(S_xx) = 0, e.g. a single training image for C): no probe can be "
+                     "fitted, so there is no R^2; use more images")
+"""The note of a probe left without an R^2 because its features do not vary."""
+
+
 def _ridge_r2(train: tuple[np.ndarray, np.ndarray, float], test: tuple[np.ndarray, np.ndarray, float],
-              y: np.ndarray, alpha: float) -> np.ndarray:
-    """Held-out R^2 (per target column) of a ridge probe, from (sum F^T F, per-token feature sums, images)."""
+              y: np.ndarray, alpha: float) -> np.ndarray | None:
+    """Held-out R^2 (per target column) of a ridge probe, from (sum F^T F, per-token feature sums, images); None
+    when the training features are constant (no probe to fit)."""
     (xtx, sums, n), (txtx, tsums, tn) = train, test
     tokens = len(y)
     m, tm = n * tokens, tn * tokens
@@ -327,10 +346,9 @@ def _ridge_r2(train: tuple[np.ndarray, np.ndarray, float], test: tuple[np.ndarra
     sxx, sxy = xtx - np.outer(xs, xs) / m, xty - np.outer(xs, ys) / m
     d = sxx.shape[0]
     lam = alpha * float(np.trace(sxx)) / d
-    if lam > 0:
-        w = np.linalg.solve(sxx + lam * np.eye(d), sxy)  # (d, 2)
-    else:  # constant features (e.g. C of a single image): no direction to fit, the probe is the mean
-        w = np.zeros_like(sxy)
+    if not lam > 0:  # constant features (e.g. C of a single image): no direction to fit, no probe
+        return None
+    w = np.linalg.solve(sxx + lam * np.eye(d), sxy)  # (d, 2)
     bias = (ys - w.T @ xs) / m
     txs, tys, tyty, txty = tsums.sum(0), tn * y.sum(0), tn * (y**2).sum(0), tsums.T @ y
     sse = (tyty - 2 * np.einsum("dj,dj->j", w, txty) - 2 * bias * tys + np.einsum("dj,de,ej->j", w, txtx, w)
@@ -343,7 +361,8 @@ POSITION_FOLDS = 5
 
 
 def _position_folds_r2(p: np.ndarray, y: np.ndarray, alpha: float, folds: int = POSITION_FOLDS) -> np.ndarray | None:
-    """R^2 (per target column) of ridge probes from P's rows to the patch coordinates, k-fold over positions."""
+    """R^2 (per target column) of ridge probes from P's rows to the patch coordinates, k-fold over positions; None
+    with too few positions, nan when a fold's training rows of P are constant (no probe to fit)."""
     if len(y) < 2 * folds:
         return None
     fold = np.arange(len(y)) % folds
@@ -354,10 +373,9 @@ def _position_folds_r2(p: np.ndarray, y: np.ndarray, alpha: float, folds: int = 
         fc = p[train] - fm
         sxx = fc.T @ fc
         lam = alpha * float(np.trace(sxx)) / p.shape[1]
-        if lam > 0:
-            w = np.linalg.solve(sxx + lam * np.eye(p.shape[1]), fc.T @ (y[train] - ym))
-        else:  # P is constant: no direction to fit, the probe is the training mean
-            w = np.zeros((p.shape[1], y.shape[1]))
+        if not lam > 0:  # P is constant: no direction to fit, no probe
+            return np.full(y.shape[1], np.nan)
+        w = np.linalg.solve(sxx + lam * np.eye(p.shape[1]), fc.T @ (y[train] - ym))
         sse += ((y[test] - (p[test] - fm) @ w - ym) ** 2).sum(0)
     return 1 - _div(sse, ((y - y.mean(0)) ** 2).sum(0))
 
@@ -368,6 +386,7 @@ def decoding_r2(state: Mapping[str, np.ndarray], grid: tuple[int, int], alpha: f
     ``state`` is one layer of a :class:`PositionDecoding` state. The probes are fitted in closed form from
     the streamed statistics (C and P statistics follow from those of X and the fixed P), so no token is kept.
     """
+    alpha = check_alpha(alpha)
     s = {key: np.asarray(value, dtype=np.float64) for key, value in state.items()}
     p, n = s["P"], s["images"]
     y = patch_targets(grid)
@@ -376,6 +395,10 @@ def decoding_r2(state: Mapping[str, np.ndarray], grid: tuple[int, int], alpha: f
     none = {"row": None, "col": None, "mean": None}
     r2p = _position_folds_r2(p, y, alpha)
     out["P"] = none if r2p is None else {"row": _f(r2p[0]), "col": _f(r2p[1]), "mean": _f(np.mean(r2p))}
+    constant = []
+    if r2p is not None and np.isnan(r2p).any():
+        out["P"] = dict(none)
+        constant.append("P")
     if n[0] < 1 or n[1] < 1:
         out.update({f: dict(none) for f in "XC"})
         out["note"] = "no held-out or no training images: use more images (one in holdout_every is held out)."
@@ -387,7 +410,13 @@ def decoding_r2(state: Mapping[str, np.ndarray], grid: tuple[int, int], alpha: f
         feats["C"].append((xtx - sums.T @ p - p.T @ sums + n[j] * p.T @ p, sums - n[j] * p, n[j]))
     for f, (train, test) in feats.items():
         r2 = _ridge_r2(train, test, y, alpha)
-        out[f] = {"row": _f(r2[0]), "col": _f(r2[1]), "mean": _f(np.mean(r2))}
+        if r2 is None:
+            out[f] = dict(none)
+            constant.append(f)
+        else:
+            out[f] = {"row": _f(r2[0]), "col": _f(r2[1]), "mean": _f(np.mean(r2))}
+    if constant:
+        out["note"] = f"{', '.join(constant)}: {CONSTANT_FEATURES}."
     return out
 
 
@@ -415,6 +444,7 @@ def summarize(
     """
     if definition not in KINDS:
         raise QKHooksError(f"definition must be 'frobenius' or 'additive', got {definition!r}.")
+    alpha = check_alpha(alpha)
     dec_layers = set() if decoding is None else set(int(l) for l in np.asarray(decoding["layers"]).reshape(-1))
     layers_out = []
     images = num_tokens = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from qkhooks.cli import DATA_HELP, add_model_arguments, add_run_arguments, command, load_from_args, write_json
@@ -65,7 +66,21 @@ def _summary_args(p: argparse.ArgumentParser) -> None:
     """How the energies are summarised, in `qkhooks bfd` and again in `qkhooks analyze bfd`."""
     p.add_argument("--definition", default="frobenius", choices=["frobenius", "additive"],
                    help="which energy definition fills the main numbers (both are in the JSON)")
-    p.add_argument("--alpha", type=float, default=1e-3, help="relative ridge strength of the position probes")
+    p.add_argument("--alpha", type=_alpha, default=1e-3,
+                   help="relative ridge strength of the position probes, a number > 0 (default 1e-3)")
+
+
+def _alpha(text: str) -> float:
+    """--alpha: a finite number > 0 (argparse's error names the option and the value); as check_alpha of
+    qkhooks.analysis.bfd_summary, which the library applies again."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, the relative ridge strength of the position "
+                                         f"probes (e.g. 1e-3, the default), got {text!r}")
+    return value
 
 
 @command("analyze bfd", "BFD tables and figures from a run file written by `qkhooks bfd`")(_analyze_args)

@@ -1,0 +1,131 @@
+"""Review of the command line, round 38: refusals before any work or file, no fake numbers, no stale or mixed
+outputs, messages that say what is true. CLI tests call :func:`qkhooks.cli.main` in-process."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qkhooks.errors import QKHooksError
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _photos(folder, n: int = 5, size: int = 32):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bfd_run(tmp_path_factory):
+    """A complete BFD run file of timm:test_vit (random weights) over 5 noise photos, layers 0 and 1."""
+    from qkhooks.cli import main
+
+    tmp = tmp_path_factory.mktemp("bfd")
+    folder = _photos(tmp / "images")
+    out = tmp / "run.h5"
+    assert main(["bfd", "timm:test_vit", str(folder), "--random-init", "--out", str(out), "--layers", "0,1",
+                 "--batch-size", "5", "--holdout-every", "2"]) == 0
+    return out
+
+
+def _held(ids, every: int) -> np.ndarray:
+    return np.array([int(hashlib.sha256(str(i).encode()).hexdigest()[:16], 16) % every == 0 for i in ids])
+
+
+def _numpy_ridge_r2(f_train, y_train, f_test, y_test, alpha):
+    """Ridge with an unpenalised intercept, lambda = alpha * trace(centred F^T F) / d, solved directly; held-out R^2."""
+    fm, ym = f_train.mean(0), y_train.mean(0)
+    fc = f_train - fm
+    lam = alpha * np.trace(fc.T @ fc) / f_train.shape[1]
+    w = np.linalg.solve(fc.T @ fc + lam * np.eye(f_train.shape[1]), fc.T @ (y_train - ym))
+    pred = (f_test - fm) @ w + ym
+    return 1 - ((y_test - pred) ** 2).sum(0) / ((y_test - y_test.mean(0)) ** 2).sum(0)
+
+
+def _decode(x: np.ndarray, grid, alpha: float, holdout_every: int = 5):
+    """Both BFD passes over synthetic tokens x (n, N, d) through the reducers; the layer's decoding entry."""
+    from qkhooks.analysis.bfd import BFDEnergies, PositionDecoding, PositionMeans, summarize
+    from qkhooks.capture import BatchCapture, LayerCapture
+    from qkhooks.spectrum import LayerSpectrum, factored_svd
+
+    rng = np.random.default_rng(1)
+    d = x.shape[-1]
+    u, s, v = factored_svd(torch.as_tensor(rng.normal(size=(1, 2, d))), torch.as_tensor(rng.normal(size=(1, 2, d))))
+    batch = BatchCapture(ids=[str(i) for i in range(len(x))], meta={},
+                         layers={0: LayerCapture(0, len(x), inputs=torch.as_tensor(x))}, offset=0)
+    means = PositionMeans()
+    means.update(batch)
+    reducers = [BFDEnergies([LayerSpectrum(0, u, s, v)], means, 0, False), PositionDecoding(means, grid, 0, holdout_every)]
+    for r in reducers:
+        r.update(batch)
+    return summarize(reducers[0].state_dict(), reducers[1].state_dict(), alpha=alpha)["layers"][0]["decoding"]
+
+
+# ----------------------------------------------------------------------------------- 1. ridge alpha
+BAD_ALPHAS = [0.0, -1e-3, math.nan, math.inf]
+
+
+def test_alpha_must_be_positive_and_finite_everywhere(tmp_path, bfd_run, capsys):
+    """alpha <= 0 or nan fitted no probe and reported R^2 0.000 / -0.068 as if fitted (round 38): refused by the
+    API (summarize, read_bfd, run_bfd before any pass) and by argparse for both commands, nothing written."""
+    from qkhooks.analysis.bfd import read_bfd, run_bfd
+    from qkhooks.cli import main
+    from conftest import TINY_MODELS
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 16, 6))
+    grid = (4, 4)
+    y = np.stack(np.divmod(np.arange(16), 4), 1).astype(float)
+    held = _held(range(10), 5)
+    assert 0 < held.sum() < 10
+    dec = _decode(x, grid, 0.01)  # a positive alpha: the probe is the direct ridge
+    want = _numpy_ridge_r2(x[~held].reshape(-1, 6), np.tile(y, (int((~held).sum()), 1)), x[held].reshape(-1, 6),
+                           np.tile(y, (int(held.sum()), 1)), 0.01)
+    np.testing.assert_allclose([dec["X"]["row"], dec["X"]["col"]], want, rtol=1e-8)
+    for alpha in BAD_ALPHAS:
+        with pytest.raises(QKHooksError, match=r"alpha.*finite number > 0"):
+            _decode(x, grid, alpha)
+        with pytest.raises(QKHooksError, match=r"alpha.*finite number > 0.*1e-3"):
+            read_bfd(bfd_run, alpha=alpha)
+    model = next(t for t in TINY_MODELS if t.name == "timm-vit").model()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(QKHooksError, match="alpha"):
+        run_bfd(model, torch.zeros(3, 3, 32, 32), alpha=0.0)
+    assert calls == []  # refused before any forward
+    for argv in (["bfd", "timm:test_vit", "samples", "--random-init", "--out", str(tmp_path / "b.h5")],
+                 ["analyze", "bfd", str(bfd_run), "--out", str(tmp_path / "ab")]):
+        for bad in ("0", "-1", "nan", "inf", "x"):
+            with pytest.raises(SystemExit) as exit:
+                main([*argv, "--alpha", bad])
+            assert exit.value.code == 2
+            assert "--alpha" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_of_constant_features_says_so_instead_of_an_r2():
+    """Training images identical and held-out ones shifted by one vector: C of the training images is constant
+    (trace(S_xx) = 0), so no probe can be fitted; the result says so and gives no R^2 (it gave ~0 as if fitted).
+    X still decodes and equals the direct ridge."""
+    rng = np.random.default_rng(3)
+    n, grid = 10, (4, 4)
+    held = _held(range(n), 5)
+    table = rng.normal(size=(16, 6))
+    x = np.repeat(table[None], n, 0)
+    x[held] += rng.normal(size=6)
+    dec = _decode(x, grid, 1e-3)
+    assert dec["C"] == {"row": None, "col": None, "mean": None}
+    assert "C" in dec["note"] and "constant features" in dec["note"]
+    y = np.stack(np.divmod(np.arange(16), 4), 1).astype(float)
+    want = _numpy_ridge_r2(x[~held].reshape(-1, 6), np.tile(y, (int((~held).sum()), 1)), x[held].reshape(-1, 6),
+                           np.tile(y, (int(held.sum()), 1)), 1e-3)
+    np.testing.assert_allclose([dec["X"]["row"], dec["X"]["col"]], want, rtol=1e-6)
