@@ -29,10 +29,10 @@ from qkhooks.analysis.modes import CentreEmbeddings, analyze_modes, baseline_piv
 from qkhooks.analysis.recipes import default_reducers
 from qkhooks.analysis.preference import GROUPS, analyze_preference, per_image_groups, preference_values
 from qkhooks.data.datasets import bundled
-from qkhooks.data.sources import open_source
+from qkhooks.data.sources import open_source, refuse_batching
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import find_sites
-from qkhooks.models.load import RANDOM_SUFFIX, LoadedModel, load_model
+from qkhooks.models.load import RANDOM_SUFFIX, LoadedModel, check_device, load_model
 from qkhooks.plots import plot_cosine_by_layer, plot_cosine_histograms, plot_head_spectra, stack_heads
 from qkhooks.readings import COSINE, MIN_UNITS, PROBABILITY, Reading, compare_reading, intervals, trend_reading
 from qkhooks.spectrum import spectrum
@@ -479,6 +479,10 @@ def make_report(
     # the defaults are the installed photos whatever folders are here; what the user names is read as typed
     data = bundled(data) if data == PHOTOS else data
     objects_spec = objects_data or bundled(OBJECTS.format(n=objects))
+    # every record option too (round 38: --batch-size 0 replaced the spectrum section, then the preference
+    # section's recording refused it, leaving the new model's spectrum beside the old report)
+    refuse_batching(batch_size, 0)
+    check_device(device)
     for spec in (data, objects_spec, ODD_ONE_OUT.format(n=o3)):
         open_source(spec, loaded.image_config, limit=photos if spec == data else None)
     runs.mkdir(parents=True, exist_ok=True)

@@ -129,3 +129,46 @@ def test_probe_of_constant_features_says_so_instead_of_an_r2():
     want = _numpy_ridge_r2(x[~held].reshape(-1, 6), np.tile(y, (int((~held).sum()), 1)), x[held].reshape(-1, 6),
                            np.tile(y, (int(held.sum()), 1)), 1e-3)
     np.testing.assert_allclose([dec["X"]["row"], dec["X"]["col"]], want, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- 2. demo into a report
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _old_report(folder):
+    """A previous report's files (what `qkhooks demo` writes at the top and in the spectrum section)."""
+    (folder / "spectrum").mkdir(parents=True)
+    (folder / "summary.json").write_text('{"model": "old"}')
+    (folder / "index.html").write_text("<html>old</html>")
+    (folder / "spectrum" / "spectrum.json").write_text('{"model": "old"}')
+    return _tree(folder)
+
+
+@pytest.mark.parametrize("bad", [["--batch-size", "0"], ["--batch-size", "-3"], ["--images", "0"]])
+def test_demo_refusing_a_record_option_leaves_an_existing_report_untouched(bad, tmp_path, capsys):
+    """demo --batch-size 0 into an existing report wrote the new model's spectrum section beside the old summary,
+    then refused (round 38): every option is checked before the first section writes."""
+    from qkhooks.cli import main
+
+    out = tmp_path / "report"
+    before = _old_report(out)
+    assert main(["demo", "--model", "timm:test_vit@random", "--out", str(out), *bad]) == 2
+    assert _tree(out) == before
+    err = capsys.readouterr().err
+    assert ("batch size" in err and "--batch-size" in err) if bad[0] == "--batch-size" else "limit" in err
+
+
+def test_make_report_refuses_an_unknown_device_before_any_section(tmp_path):
+    from qkhooks.models.load import load_model
+    from qkhooks.report import make_report
+
+    out = tmp_path / "report"
+    before = _old_report(out)
+    loaded = load_model("timm:test_vit", random_init=True)
+    for device, words in (("bogus", "unknown device"), ("cuda:99", "cuda:99")):
+        with pytest.raises(QKHooksError, match=words):
+            make_report(out, loaded, device=device, progress=False)
+    with pytest.raises(QKHooksError, match="batch size"):
+        make_report(out, loaded, batch_size=0, progress=False)
+    assert _tree(out) == before
