@@ -133,7 +133,9 @@ def test_probe_of_constant_features_says_so_instead_of_an_r2():
 
 # ---------------------------------------------------------------------------- 2. demo into a report
 def _tree(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under ``folder`` -> the sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _old_report(folder):
@@ -172,3 +174,53 @@ def test_make_report_refuses_an_unknown_device_before_any_section(tmp_path):
     with pytest.raises(QKHooksError, match="batch size"):
         make_report(out, loaded, batch_size=0, progress=False)
     assert _tree(out) == before
+
+
+# ------------------------------------------------------------------------ 3. bfd's two files
+def _copy_run(src, dst_dir):
+    import shutil
+
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for path in src.parent.iterdir():
+        if path.name.startswith(src.stem):
+            shutil.copy(path, dst_dir / path.name)
+    return dst_dir / src.name
+
+
+def test_bfd_overwrite_with_one_image_is_refused_before_pass_1_is_replaced(tmp_path, bfd_run, capsys):
+    """--overwrite --limit 1 replaced pass 1 with a 1-image file and then refused, beside the old pass 2 (round 38)."""
+    from qkhooks.cli import main
+
+    out = _copy_run(bfd_run, tmp_path / "run")
+    before = _tree(out.parent)
+    assert len(before) >= 2 and any(".pass1." in name for name in before)
+    folder = _photos(tmp_path / "images", n=3)
+    assert main(["bfd", "timm:test_vit", str(folder), "--random-init", "--out", str(out), "--layers", "0,1",
+                 "--overwrite", "--limit", "1"]) == 2
+    assert "at least 2 images" in capsys.readouterr().err
+    assert _tree(out.parent) == before
+    one = _photos(tmp_path / "one", n=1)
+    assert main(["bfd", "timm:test_vit", str(one), "--random-init", "--out", str(out), "--layers", "0,1",
+                 "--overwrite"]) == 2
+    assert _tree(out.parent) == before
+
+
+def test_bfd_resume_into_a_record_run_is_refused_before_pass_1(tmp_path, monkeypatch, capsys):
+    """--resume --out RUN.h5 where RUN.h5 is a `record` run ran all of pass 1 (writing RUN.pass1.h5) before pass 2
+    refused the file (round 38): refused first, no pass-1 file, the run untouched."""
+    from qkhooks.analysis.bfd import PositionMeans
+    from qkhooks.cli import main
+
+    folder = _photos(tmp_path / "images", n=3)
+    run = tmp_path / "rec" / "run.h5"
+    run.parent.mkdir()
+    assert main(["record", "timm:test_vit", str(folder), "--random-init", "--out", str(run), "--layers", "0,1"]) == 0
+    before = _tree(run.parent)
+    seen = []
+    monkeypatch.setattr(PositionMeans, "update", lambda self, batch: seen.append(batch))
+    capsys.readouterr()
+    assert main(["bfd", "timm:test_vit", str(folder), "--random-init", "--out", str(run), "--layers", "0,1",
+                 "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "not a file of `qkhooks bfd`" in err and "--overwrite" in err
+    assert seen == [] and _tree(run.parent) == before

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -234,13 +234,22 @@ def run_bfd(
                 if path.exists():
                     raise QKHooksError(f"{path} exists: pass resume=True (--resume) to continue the BFD run or "
                                        "overwrite=True (--overwrite) to start again.")
+        # before pass 1 touches its file (round 38: --overwrite replaced pass 1 and then refused one image; a
+        # --resume into a `record` run ran all of pass 1 before pass 2 refused the file)
+        _refuse_few_images(loaded, data, limit, image_column)
+        bfd_extra = {"bfd": {"drop_prefix": drop_prefix, "holdout_every": holdout_every, "decode": decode}}
+        if out is not None and resume:
+            names = [BFDEnergies.name] + ([PositionDecoding.name] if decode else [])
+            for path, reducer_names in ((pass1_path(out), [PositionMeans.name]), (Path(out), names)):
+                _refuse_other_run(path, {"model": loaded.spec, "layers": chosen, "input": input, "limit": limit,
+                                         "extra": bfd_extra, "reducers": reducer_names, "modes": None,
+                                         "attention": [], "store_modes": False})
 
         def one_pass(path: Path | None, reducers: list[Any]) -> None:
             record_dataset(loaded, data, path, modes=None, layers=chosen, input=input, reducers=reducers,
                            batch_size=batch_size, device=device, limit=limit, resume=resume, overwrite=overwrite,
                            progress=progress, store_modes=False, num_workers=num_workers, image_column=image_column,
-                           extra_config={"bfd": {"drop_prefix": drop_prefix, "holdout_every": holdout_every,
-                                                 "decode": decode}})
+                           extra_config=bfd_extra)
 
     pass1 = PositionMeans(chosen)
     one_pass(None if out is None else pass1_path(out), [pass1])
@@ -265,6 +274,46 @@ def run_bfd(
     if note:
         result["note"] = note
     return result
+
+
+def _refuse_few_images(loaded: Any, data: Any, limit: int | None, image_column: str | None) -> None:
+    """refuse_one_image for a dataset whose size is known when opened (a stream's is counted by pass 1)."""
+    from qkhooks.data.sources import ItemStream, open_source
+
+    dataset = open_source(data, loaded.image_config, limit=limit, image_column=image_column)
+    if isinstance(dataset, ItemStream):
+        count = dataset.length
+    else:
+        count = len(dataset.ids) if limit is None else min(len(dataset.ids), int(limit))
+    if count is not None:
+        refuse_one_image(int(count))
+
+
+def _refuse_other_run(path: Path, expected: Mapping[str, Any]) -> None:
+    """A resume of ``path`` that its stored config refuses, refused before any pass runs: the keys of
+    ``expected`` must be the file's (a `qkhooks record` run, another model, other layers or BFD options)."""
+    import json
+
+    from qkhooks.store import open_run
+
+    if not path.exists():
+        return
+    try:
+        with open_run(path) as run:
+            config = dict(run.config)
+    except QKHooksError as err:
+        raise QKHooksError(f"cannot resume the BFD run at {path}: {err}") from None
+    stored = json.loads(json.dumps(config, default=list))
+    wanted = json.loads(json.dumps(dict(expected), default=list))
+    differ = [key for key in wanted if stored.get(key) != wanted[key]]
+    if differ:
+        what = ("it is not a file of `qkhooks bfd` (" + ", ".join(stored.get("reducers") or []) + ")"
+                if not stored.get("extra") or "bfd" not in (stored.get("extra") or {}) else "its options differ")
+        raise QKHooksError(
+            f"cannot resume the BFD run at {path}: {what}: "
+            + "; ".join(f"{k}: file {stored.get(k)!r}, now {wanted[k]!r}" for k in differ)
+            + ". Resume with the same model and options as the first run, give another --out, or --overwrite to "
+              "start again (nothing was run or changed).")
 
 
 def added_terms(net: nn.Module, sites: Sequence[Any], image_size: tuple[int, int],
