@@ -224,3 +224,51 @@ def test_bfd_resume_into_a_record_run_is_refused_before_pass_1(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "not a file of `qkhooks bfd`" in err and "--overwrite" in err
     assert seen == [] and _tree(run.parent) == before
+
+
+# ------------------------------------------------------------------------ 4. outputs checked up front
+def test_analyze_bfd_checks_the_head_before_writing_anything(tmp_path, bfd_run, capsys):
+    """--head 99,0 wrote bfd.json and two figures, then refused (round 38)."""
+    from qkhooks.analysis.bfd import plot_bfd, read_bfd
+    from qkhooks.cli import main
+
+    out = tmp_path / "fig"
+    out.mkdir()
+    assert main(["analyze", "bfd", str(bfd_run), "--out", str(out), "--head", "99,0"]) == 2
+    assert "L99 H0 is not in this result" in capsys.readouterr().err
+    with pytest.raises(QKHooksError, match="L1 H5 is not in this result"):
+        plot_bfd(read_bfd(bfd_run), out, (1, 5))
+    assert list(out.iterdir()) == []
+    assert main(["analyze", "bfd", str(bfd_run), "--out", str(out), "--head", "1,1"]) == 0
+    assert (out / "bfd_modes_L1H1.png").is_file() and (out / "bfd.json").is_file()
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """spectrum --plot out.txt, spectrum/bfd --json DIR, bfd --out DIR and compare --out FILE gave raw tracebacks
+    (after the work: bfd's came after both passes); each is now refused first with a message, nothing written."""
+    import qkhooks.models.load as load
+    from qkhooks.cli import main
+
+    loads = []
+    real = load.load_model
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    folder = tmp_path / "d"
+    folder.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    cases = [
+        (["spectrum", "timm:test_vit", "--random-init", "--plot", str(tmp_path / "out.txt")], "figure format"),
+        (["spectrum", "timm:test_vit", "--random-init", "--plot", str(folder)], "is a folder"),
+        (["spectrum", "timm:test_vit", "--random-init", "--json", str(folder)], "is a folder"),
+        (["bfd", "timm:test_vit", "samples", "--random-init", "--out", str(tmp_path / "b.h5"), "--json", str(folder)],
+         "is a folder"),
+        (["bfd", "timm:test_vit", "samples", "--random-init", "--out", str(folder)], "is a folder"),
+        (["compare", "timm:test_vit@random", "timm:test_vit2@random", "--out", str(afile)], "is a file"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("qkhooks: error:") and words in err and "Traceback" not in err, (argv, err)
+    assert loads == []  # refused before any model was loaded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d"] and list(folder.iterdir()) == []
+    assert afile.read_text() == "mine"

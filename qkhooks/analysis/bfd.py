@@ -56,6 +56,7 @@ __all__ = [
     "plot_bfd",
     "FIGURE_CAPTIONS",
     "format_table",
+    "check_head",
     "PositionMeans",
     "BFDEnergies",
     "PositionDecoding",
@@ -463,6 +464,11 @@ def _pick_head(result: dict[str, Any], head: tuple[int, int] | None) -> tuple[di
     raise QKHooksError(f"head L{head[0]} H{head[1]} is not in this result; pick a recorded layer and head ({heads}).")
 
 
+def check_head(result: dict[str, Any], head: tuple[int, int] | None) -> None:
+    """QKHooksError unless ``head`` (layer, head) is in ``result`` (None: the default head, always there)."""
+    _pick_head(result, head)
+
+
 def plot_bfd(result: dict[str, Any], out_dir: str | os.PathLike,
              head: tuple[int, int] | None = None) -> dict[str, Path]:
     """The BFD figures, each file under its caption (:data:`FIGURE_CAPTIONS`, in that order): shares per head,
@@ -474,6 +480,7 @@ def plot_bfd(result: dict[str, Any], out_dir: str | os.PathLike,
     from qkhooks.plots import plot_layer_curves, plot_stacked_shares
 
     out_dir = Path(out_dir)
+    layer, h = _pick_head(result, head)  # before any figure: a head not in the result writes nothing
     name, definition = result.get("model") or "model", result["definition"]
     paths: dict[str, Path] = {}
     labels = [f"H{h['head']}" for l in result["layers"] for h in l["heads"]]
@@ -498,7 +505,6 @@ def plot_bfd(result: dict[str, Any], out_dir: str | os.PathLike,
             layers, {"participation ratio (mean over heads)": np.nanmean(pr, 1)}, out_dir / "bfd_concentration.png",
             "effective number of modes", f"Mode energy concentration ({definition}; {modes} modes per head) — {name}",
             {"participation ratio (mean over heads)": np.nanstd(pr, 1)}, ylim=(0, None))
-    layer, h = _pick_head(result, head)
     if h.get("modes"):
         modes = sorted(h["modes"], key=lambda m: m["rank"])
         scaled = {t: [(m["energy"][t] or 0.0) * (m["share_of_head"] or 0.0) for m in modes] for t in TERMS}

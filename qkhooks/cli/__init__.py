@@ -18,6 +18,7 @@ import itertools
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from qkhooks._json import jsonable, write_json
@@ -25,7 +26,7 @@ from qkhooks._version import __version__
 from qkhooks.errors import QKHooksError
 
 __all__ = ["main", "build_parser", "command", "COMMAND_MODULES", "add_model_arguments", "add_run_arguments", "DATA_HELP", "load_from_args",
-           "sigterm_exits", "jsonable", "write_json"]  # the helpers the command modules share
+           "sigterm_exits", "jsonable", "write_json", "output_file"]  # the helpers the command modules share
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 
@@ -87,6 +88,26 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Where the model runs and how many images go through it at once (commands that run a model over data)."""
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N or mps")
+
+
+def output_file(path: str, what: str, figure: bool = False) -> Path:
+    """Refuse, before any work, an output file the command could not write at the end: a path that is a folder,
+    a figure whose suffix matplotlib cannot write, a folder that cannot be written. Returns the path."""
+    from qkhooks.errors import writable_dir
+
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise QKHooksError(f"{what} {path!r} is a folder, and it names a file: give a file name, e.g. "
+                           f"{str(target / ('out.png' if figure else 'out.json'))!r}.")
+    if figure:
+        from matplotlib.backend_bases import FigureCanvasBase  # only the commands that draw ask for it
+
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if target.suffix.lower().lstrip(".") not in kinds:
+            raise QKHooksError(f"{what} {path!r} must end in a figure format matplotlib writes ("
+                               + ", ".join(f".{k}" for k in sorted(kinds)) + "), e.g. .png.")
+    writable_dir(target.parent, f"folder of {what}")
+    return target
 
 
 def load_from_args(args: argparse.Namespace, device: str = "cpu"):

@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from qkhooks.cli import DATA_HELP, add_model_arguments, add_run_arguments, command, load_from_args, write_json
+from qkhooks.cli import DATA_HELP, add_model_arguments, add_run_arguments, command, load_from_args, output_file, write_json
 from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.options import LAYERS_HELP, RecordOptions
 
@@ -36,8 +36,10 @@ def _bfd_args(p: argparse.ArgumentParser) -> None:
 def run_bfd_command(args: argparse.Namespace) -> int:
     from qkhooks.analysis.bfd import format_table, run_bfd
 
+    output_file(args.out, "--out")
+    if args.json:
+        output_file(args.json, "--json")
     writable_dir(Path(args.out).parent, "folder of --out", create=True)
-    writable_dir(Path(args.json or args.out).parent, "folder of --json")
     loaded = load_from_args(args, device=args.device)
     result = run_bfd(
         loaded, args.data, args.out, layers=args.layers, batch_size=args.batch_size, device=args.device,
@@ -85,7 +87,7 @@ def _alpha(text: str) -> float:
 
 @command("analyze bfd", "BFD tables and figures from a run file written by `qkhooks bfd`")(_analyze_args)
 def run_analyze_bfd(args: argparse.Namespace) -> int:
-    from qkhooks.analysis.bfd import format_table, plot_bfd, read_bfd
+    from qkhooks.analysis.bfd import check_head, format_table, plot_bfd, read_bfd
 
     head = None
     if args.head:
@@ -96,6 +98,7 @@ def run_analyze_bfd(args: argparse.Namespace) -> int:
         head = (layer, h)
     writable_dir(args.out, "--out folder")
     result = read_bfd(args.run, definition=args.definition, alpha=args.alpha)
+    check_head(result, head)  # before any file (round 38: --head 99,0 wrote bfd.json and two figures, then refused)
     out = Path(args.out)
     write_json(out / "bfd.json", result)
     paths = plot_bfd(result, out, head)

@@ -77,5 +77,6 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     from qkhooks.compare import compare
 
+    writable_dir(args.out, "--out folder")  # before any model is loaded (round 38: a file here gave a traceback)
     print(f"wrote {compare(args.items, args.out)}")
     return 0

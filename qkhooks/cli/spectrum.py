@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qkhooks.cli import add_model_arguments, command, load_from_args, write_json
-from qkhooks.errors import QKHooksError, writable_dir
+from qkhooks.cli import add_model_arguments, command, load_from_args, output_file, write_json
+from qkhooks.errors import QKHooksError
 from qkhooks.options import LAYERS_HELP
 
 
@@ -31,8 +31,12 @@ def run_spectrum(args: argparse.Namespace) -> int:
     from qkhooks.plots import plot_cosine_by_layer, plot_head_spectra
     from qkhooks.spectrum import spectrum
 
-    for target in filter(None, (args.json, args.plot)):
-        writable_dir(Path(target).parent, "output folder")
+    if args.json:
+        output_file(args.json, "--json")
+    if args.plot:
+        plot = output_file(args.plot, "--plot", figure=True)
+        output_file(str(plot.with_name(plot.stem + "_spectra" + plot.suffix)), "the per-head spectra figure beside --plot",
+                    figure=True)
     if args.rope_bands and not args.json:
         raise QKHooksError("--rope-bands writes its figures to the --json file; add --json FILE.")
     loaded = load_from_args(args)
