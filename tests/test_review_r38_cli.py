@@ -272,3 +272,55 @@ def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch, capsys)
     assert loads == []  # refused before any model was loaded
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d"] and list(folder.iterdir()) == []
     assert afile.read_text() == "mine"
+
+
+# ------------------------------------------------------------------- 5. analyze into a used --out
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A modes run of timm:test_vit over 3 noise photos and an odd-one-out run with attention rows."""
+    from qkhooks.cli import main
+
+    tmp = tmp_path_factory.mktemp("runs")
+    folder = _photos(tmp / "images", n=3)
+    modes, o3 = tmp / "modes.h5", tmp / "o3.h5"
+    assert main(["record", "timm:test_vit", str(folder), "--random-init", "--out", str(modes), "--layers", "0,1"]) == 0
+    assert main(["record", "timm:test_vit", "o3:4", "--random-init", "--out", str(o3), "--layers", "0,1",
+                 "--attention", "rows"]) == 0
+    return {"modes": modes, "o3": o3}
+
+
+def _stale(out, names):
+    for name in names:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("from an earlier run")
+    (out / "notes.txt").write_text("mine")
+
+
+@pytest.mark.parametrize("command, stale, fresh", [
+    ("modes", ["same_object.csv", "same_object.png", "figures/L7/L7_H0_M0.png"], "modes.json"),
+    ("bfd", ["bfd_modes_L9H9.png", "bfd.json"], "bfd.json"),
+    ("preference", ["preference.png"], "preference.csv"),
+])
+def test_analyze_into_a_folder_with_earlier_outputs_needs_overwrite_which_removes_them(
+        command, stale, fresh, tmp_path, runs, bfd_run, capsys):
+    """analyze modes into a folder of another run's outputs left its same_object.csv/png and figures beside the
+    new modes.json (round 38): refused without --overwrite (nothing touched); with it the command's own earlier
+    outputs are removed first, other files kept."""
+    from qkhooks.cli import main
+
+    run = {"modes": runs["modes"], "bfd": bfd_run, "preference": runs["o3"]}[command]
+    out = tmp_path / "out"
+    _stale(out, stale)
+    before = _tree(out)
+    argv = ["analyze", command, str(run), "--out", str(out)] + (["--figure-modes", "0", "--no-images"]
+                                                                 if command == "modes" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"already holds the outputs of `qkhooks analyze {command}`" in err and "--overwrite" in err
+    assert _tree(out) == before
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / fresh).is_file() and (out / "notes.txt").read_text() == "mine"
+    left = [p for p in out.rglob("*") if p.is_file() and p.read_bytes() == b"from an earlier run"]
+    assert left == []  # each earlier output removed, or written anew
+    assert not (out / "figures" / "L7").exists()
+    assert main([*argv, "--overwrite"]) == 0  # and again: the same outputs, replaced

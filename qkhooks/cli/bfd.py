@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from qkhooks.cli import DATA_HELP, add_model_arguments, add_run_arguments, command, load_from_args, output_file, write_json
+from qkhooks.cli.analyze import BFD_OUTPUTS, add_overwrite_argument, previous_outputs, remove_outputs
 from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.options import LAYERS_HELP, RecordOptions
 
@@ -62,6 +63,7 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for bfd.json and the figures")
     p.add_argument("--head", help="'LAYER,HEAD' for the per-mode figure (default: largest CP+PC coupling)")
     _summary_args(p)
+    add_overwrite_argument(p)
 
 
 def _summary_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +71,7 @@ def _summary_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--definition", default="frobenius", choices=["frobenius", "additive"],
                    help="which energy definition fills the main numbers (both are in the JSON)")
     p.add_argument("--alpha", type=_alpha, default=1e-3,
-                   help="relative ridge strength of the position probes, a number > 0 (default 1e-3)")
+                   help="relative ridge strength of the position probes, a number > 0")
 
 
 def _alpha(text: str) -> float:
@@ -97,8 +99,10 @@ def run_analyze_bfd(args: argparse.Namespace) -> int:
             raise QKHooksError(f"--head must be 'LAYER,HEAD', e.g. '5,2'; got {args.head!r}.") from None
         head = (layer, h)
     writable_dir(args.out, "--out folder")
+    found = previous_outputs(args.out, BFD_OUTPUTS, "analyze bfd", args.overwrite)
     result = read_bfd(args.run, definition=args.definition, alpha=args.alpha)
     check_head(result, head)  # before any file (round 38: --head 99,0 wrote bfd.json and two figures, then refused)
+    remove_outputs(found)
     out = Path(args.out)
     write_json(out / "bfd.json", result)
     paths = plot_bfd(result, out, head)
