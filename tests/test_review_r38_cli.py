@@ -324,3 +324,36 @@ def test_analyze_into_a_folder_with_earlier_outputs_needs_overwrite_which_remove
     assert left == []  # each earlier output removed, or written anew
     assert not (out / "figures" / "L7").exists()
     assert main([*argv, "--overwrite"]) == 0  # and again: the same outputs, replaced
+
+
+# ------------------------------------------------------------------------------- 6. raw tracebacks
+def test_a_closed_pipe_stops_the_command_quietly(runs):
+    """`qkhooks info RUN | head` printed a BrokenPipeError traceback (round 38). Here stdout is a pipe whose reader
+    has already gone, so the first write fails, every time."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "qkhooks", "info", str(runs["modes"])], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.stderr == "" and done.returncode == 141
+
+
+@pytest.mark.parametrize("option, least", [("--threads", 1), ("--rounds", 1), ("--batch", 1), ("--warmup", 0)])
+def test_bench_counts_are_range_checked(option, least, capsys):
+    """bench --threads 0 / --rounds 0 ended in a raw traceback deep in torch or the harness (round 38)."""
+    from qkhooks.cli import main
+    from qkhooks.cli.bench import harness_available
+
+    if not harness_available():
+        pytest.skip("the benchmark harness lives in the source checkout")
+    for bad in (str(least - 1), "x"):
+        with pytest.raises(SystemExit) as exit:
+            main(["bench", option, bad])
+        assert exit.value.code == 2
+        assert f"argument {option}: must be a whole number >= {least}, got '{bad}'" in capsys.readouterr().err

@@ -26,21 +26,37 @@ def round_parser(doc: str | None, *, threads: int, model: str, batch: int, round
     return parser
 
 
+def count(least: int):
+    """An argparse type: a whole number >= ``least`` (argparse's error names the option and the value)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {least}, got {text!r}")
+        return value
+
+    parse.__name__ = f"whole number >= {least}"
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``python benchmarks/run.py`` and ``qkhooks bench`` (no torch import: every CLI call builds them)."""
     p.add_argument("--models", default="vit_s", help=f"comma-separated sizes: {', '.join(SIZES)} (default vit_s)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     p.add_argument("--methods", help="comma-separated subset of the methods in benchmarks/harness/methods.py (default all; "
                         "an unknown name lists them)")
-    p.add_argument("--batch", type=int, default=8, help="images per forward")
-    p.add_argument("--rounds", type=int, default=12, help="timed rounds per method (interleaved)")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up rounds (not recorded)")
-    p.add_argument("--batches-per-rep", type=int, default=2, help="forwards per timed repetition")
+    p.add_argument("--batch", type=count(1), default=8, help="images per forward")
+    p.add_argument("--rounds", type=count(1), default=12, help="timed rounds per method (interleaved)")
+    p.add_argument("--warmup", type=count(0), default=2, help="warm-up rounds (not recorded)")
+    p.add_argument("--batches-per-rep", type=count(1), default=2, help="forwards per timed repetition")
     p.add_argument("--bracket", action="store_true",
                    help="methods section: run the plain forward before every other method's repetition and take each "
                         "ratio to the mean of the two plain forwards around it (drift within a round cancels; about "
                         "twice the time)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly)")
+    p.add_argument("--threads", type=count(1), default=2, help="torch intra-op threads (set explicitly)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--switch-interval", type=float, default=None,
                    help="seconds between the interpreter's forced thread switches for the whole run (sys."

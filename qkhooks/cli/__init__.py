@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import itertools
+import os
 import signal
 import sys
 import threading
@@ -203,6 +205,15 @@ def _load_commands(asked: Sequence[str] = ()) -> dict[str, str]:
     return unavailable
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so that Python's own flush at exit does not report the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # a stdout without a file (captured)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     words = list(itertools.takewhile(lambda a: not a.startswith("-"), argv))
@@ -216,7 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()  # here, not at the interpreter's exit: a closed pipe is caught below
+        return status
+    except BrokenPipeError:  # `qkhooks info RUN | head`: the reader has gone; stop quietly, as other tools do
+        _stdout_to_devnull()
+        return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
     except QKHooksError as exc:
         print(f"qkhooks: error: {exc}", file=sys.stderr)
         return 2
