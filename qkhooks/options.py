@@ -57,7 +57,7 @@ class RecordOptions:
     the reducers and what to do with an existing file (resume, overwrite) are arguments of the call, not options.
     """
 
-    modes: int | str | None = _option(DEFAULT_MODES, "top modes per head to store, or 'all' (default 16)", flag="--modes",
+    modes: int | str | None = _option(DEFAULT_MODES, "top modes per head to store, 'all', or 0 / none for no modes (q/k and attention only; default 16)", flag="--modes",
                                       config="modes", type=_modes_flag,
                                       doc='Singular modes kept per head: an integer, ``"all"``, or None/0 (capture '
                                           "q/k and attention only).")

@@ -357,3 +357,77 @@ def test_bench_counts_are_range_checked(option, least, capsys):
             main(["bench", option, bad])
         assert exit.value.code == 2
         assert f"argument {option}: must be a whole number >= {least}, got '{bad}'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- 7. messages
+def test_analyze_without_a_subcommand_names_the_choices(capsys):
+    from qkhooks.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["analyze"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "choose one of: preference, modes, bfd" in err and "analyze_command" not in err
+
+
+def test_help_of_k_and_modes_says_what_they_do(capsys):
+    from qkhooks.cli import main
+
+    for argv, words in ((["analyze", "modes", "--help"], "k distinct images per mode (either sign"),
+                        (["record", "--help"], "0 / none for no modes")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert words in " ".join(capsys.readouterr().out.split())
+
+
+def test_modes_of_a_bfd_pass_1_file_points_to_its_pass_2_file(bfd_run, tmp_path, capsys):
+    from qkhooks.analysis.bfd import pass1_path
+    from qkhooks.cli import main
+
+    assert main(["analyze", "modes", str(pass1_path(bfd_run)), "--out", str(tmp_path / "m")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"`qkhooks analyze bfd {bfd_run}`" in err and "pass 1" in err
+    assert main(["analyze", "bfd", str(bfd_run), "--out", str(tmp_path / "b")]) == 0  # the file it names reads
+
+
+def test_a_checkpoint_of_another_run_is_named_as_such_not_missing(runs, tmp_path, capsys):
+    """RUN.h5.reducers of another run (run_id mismatch) was reported as missing by info and analyze modes."""
+    import shutil
+
+    from qkhooks.cli import main
+    from qkhooks.store import open_run
+
+    run = tmp_path / "a.h5"
+    shutil.copy(runs["modes"], run)
+    shutil.copy(str(runs["o3"]) + ".reducers", str(run) + ".reducers")
+    with open_run(run) as r:
+        note = r.missing_states()
+    assert "a.h5.reducers belongs to another run" in note and "is missing" not in note
+    assert main(["info", str(run)]) == 0
+    assert "belongs to another run" in capsys.readouterr().out
+    shutil.copy(str(runs["modes"]) + ".reducers", str(run) + ".reducers")  # its own: no note
+    with open_run(run) as r:
+        assert r.missing_states() == ""
+
+
+def test_a_stopped_run_says_what_the_baseline_covers(runs, tmp_path, monkeypatch, capsys):
+    """A stopped run's note said every number covers its 36 committed images while the anisotropy baseline covers
+    the 32 of the checkpoint: the note gives the baseline's own count (summary['baseline_images'], the anisotropy
+    state's count, which equals the run's images for a complete run)."""
+    import qkhooks.analysis.modes as modes
+    from qkhooks.cli import main
+
+    real = modes.analyze_modes
+    seen = {}
+
+    def stopped(*a, **k):
+        summary = real(*a, **k)
+        seen.update(summary)
+        return {**summary, "complete": False, "images": summary["images"] + 4}
+
+    monkeypatch.setattr(modes, "analyze_modes", stopped)
+    assert main(["analyze", "modes", str(runs["modes"]), "--out", str(tmp_path / "m"), "--figure-modes", "0",
+                 "--no-images", "--no-overview"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert seen["baseline_images"] == seen["images"] == 3
+    assert "cover its 7 committed images, the anisotropy baseline the 3 of its reducer checkpoint" in out
+    assert "every number covers" not in out

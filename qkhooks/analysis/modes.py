@@ -490,6 +490,7 @@ def analyze_modes(
         "geometry": {l: g.to_dict() for l, g in geometry.items()},
         "figures_left_out": figure_left_out,
         "anisotropy": None if not aniso["layers"] else {r["layer"]: {k_: r[k_] for k_ in ("baseline", "baseline_low", "baseline_high", "baseline_images", "cos_weighted", "relative_cos_weighted", "cos_weighted_note") if k_ in r} for r in aniso["rows"]},
+        "baseline_images": _baseline_count(aniso_state),
         "anisotropy_note": _anisotropy_note(spectra, shapes) + _baseline_images_note(aniso_state, n)
         if aniso_state is not None else "the run has no anisotropy reducer state",
         "same_object": None if same is None else {
@@ -544,6 +545,12 @@ def analyze_modes(
     return summary
 
 
+def _baseline_count(state: Mapping[str, Any] | None) -> int | None:
+    """The images the anisotropy baseline covers (its reducer state's count; None without one)."""
+    counts = np.asarray((state or {}).get("count", [])).reshape(-1)
+    return int(counts.min()) if counts.size else None
+
+
 def _baseline_images_note(state: Mapping[str, Any], n: int) -> str:
     """A sentence where the anisotropy baseline covers fewer images than the run holds (round 33: a stopped run's
     checkpoint covers the images before it; its baseline was reported beside the run's count without a word)."""
@@ -586,6 +593,13 @@ def _anisotropy_note(spectra: dict[int, dict[str, Any]], shapes: dict[int, tuple
 def _no_modes(run: Any, run_path: str | os.PathLike) -> None:
     """Raise the error for a run with neither stored query/key maps nor a saved top-k state."""
     config = run.config
+    if "bfd" in (config.get("extra") or {}) and list(config.get("reducers") or []) == ["bfd_position_means"]:
+        given = Path(run_path)
+        pass2 = given.with_name(given.name.replace(".pass1", "", 1))
+        raise QKHooksError(
+            f"{run_path} is pass 1 of a BFD run (the position means), written by `qkhooks bfd`: it keeps no modes. "
+            f"Read the BFD result from its pass-2 file with `qkhooks analyze bfd {pass2}`; for modes, record the "
+            "model with `qkhooks record` (modes are its default).")
     if "bfd" in (config.get("extra") or {}):
         raise QKHooksError(
             f"{run_path} is a BFD run, written by `qkhooks bfd`: it keeps the BFD energies, not modes. Read it with "

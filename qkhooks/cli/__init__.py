@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
             if group not in groups:
                 gp = sub.add_parser(group, help=f"{group} subcommands", description=f"{group} subcommands",
                                     formatter_class=DefaultsHelpFormatter)
-                groups[group] = gp.add_subparsers(dest=f"{group}_command", required=True)
+                # not required=True: argparse would name the internal field; main says which subcommands there are
+                groups[group] = gp.add_subparsers(dest=f"{group}_command", metavar="SUBCOMMAND")
+                gp.set_defaults(_run=None, _group=gp)
             p = groups[group].add_parser(leaf, help=help, description=help, formatter_class=DefaultsHelpFormatter)
         else:
             p = sub.add_parser(name, help=help, description=help, formatter_class=DefaultsHelpFormatter)
@@ -226,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
+    if args._run is None:  # a command group without its subcommand (`qkhooks analyze`)
+        leaves = [name.partition(" ")[2] for name in COMMANDS if name.partition(" ")[0] == args.command]
+        args._group.error(f"choose one of: {', '.join(leaves)}")
     try:
         status = int(args._run(args) or 0)
         sys.stdout.flush()  # here, not at the interpreter's exit: a closed pipe is caught below

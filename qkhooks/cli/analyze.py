@@ -82,7 +82,7 @@ def run_preference(args: argparse.Namespace) -> int:
 def _modes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run file written by `qkhooks record` (with modes, the default)")
     p.add_argument("--out", required=True, help="folder for modes.json, same_object.csv, anisotropy.csv and figures/")
-    p.add_argument("--k", type=int, help="images per mode and sign (default: as recorded, 8)")
+    p.add_argument("--k", type=int, help="k distinct images per mode (either sign; default: as recorded, 8)")
     p.add_argument("--layers", help="block indices, e.g. '0,3,5-7,-1' (default all recorded); as in `qkhooks "
                    "record`, negative indices count from the model's last block (-1 = the model's last block, which "
                    "the run must have recorded)")
@@ -114,8 +114,14 @@ def run_modes(args: argparse.Namespace) -> int:
     )
     print(format_summary(summary))
     if not summary["complete"]:
-        print(f"note: {args.run} is incomplete (the recording stopped early); every number covers its "
-              f"{summary['images']} committed images.")
+        base = summary.get("baseline_images")
+        if base is not None and base < summary["images"]:
+            print(f"note: {args.run} is incomplete (the recording stopped early); the top-k images, maps and "
+                  f"same-object numbers cover its {summary['images']} committed images, the anisotropy baseline the "
+                  f"{base} of its reducer checkpoint (resume the run with --resume to fold in the rest).")
+        else:
+            print(f"note: {args.run} is incomplete (the recording stopped early); every number covers its "
+                  f"{summary['images']} committed images.")
     print(f"top-k: {summary['topk_source']}; {summary['photos']}")
     _sidecar_note(args.run)
     files = summary["files"]

@@ -914,11 +914,29 @@ class RunReader:
         if not self.complete and not sidecar.exists():  # stopped before its first checkpoint: nothing was moved
             return (f"no reducer checkpoint yet ({', '.join(wanted)}): the run stopped before its first, so a --resume "
                     f"records its {self.n} committed images again, for the reducers to see them.")
+        if sidecar.exists() and (theirs := self._other_runs_checkpoint(sidecar)) is not None:
+            return (f"{sidecar.name} belongs to another run (its run_id {theirs}, this file's "
+                    f"{fmt.as_str(fmt.run_id_of(self.file))}), so the states of the reducers this run kept "
+                    f"({', '.join(wanted)}) are not read: it was copied or moved here from another run, or an "
+                    "--overwrite stopped between writing the run and its checkpoint. Put this run's own checkpoint "
+                    "beside it, or move this one away and record the run again; analyses recompute what they can "
+                    "from the stored maps, the rest is left out.")
         return (f"{sidecar.name} is missing: the states of the reducers this run kept ({', '.join(wanted)}) live in "
                 f"that file, next to {sidecar.with_suffix('').name}"  # the run's real file: through a link, its target
                 f"{f' (in {sidecar.parent})' if sidecar.parent != self.path.absolute().parent else ''}; copy it along "
                 "with the run (analyses recompute what they can "
                 "from the stored maps, the rest is left out).")
+
+    def _other_runs_checkpoint(self, sidecar: Path) -> str | None:
+        """The run_id of a readable checkpoint beside this run that names another run's id, else None."""
+        try:
+            meta, _ = fmt._load_checkpoint(sidecar)
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported as damaged elsewhere
+            return None
+        mine = fmt.run_id_of(self.file)
+        if "run_id" in meta and mine is not None and str(meta["run_id"]) != fmt.as_str(mine):
+            return str(meta["run_id"])
+        return None
 
     # ------------------------------------------------------------------ summary
     def _incomplete_hint(self) -> str:
