@@ -428,7 +428,7 @@ def test_rows_not_at_the_mask_maximum_or_a_wrong_prefix_are_refused(tmp_path, ca
     np.testing.assert_allclose(table["per_head"]["TT"]["mean"][0],
                                numpy_reference(rows.numpy(), t.numpy(), d.numpy(), 1)[..., 0].mean(0), atol=1e-6)
     assert table["complete"] is False  # a recording that stopped early: analysed, and said so
-    assert main(["analyze", "preference", str(tmp_path / "ok.h5"), "--out", str(tmp_path / "o")]) == 0
+    assert main(["analyze", "preference", str(tmp_path / "ok.h5"), "--out", str(tmp_path / "o"), "--overwrite"]) == 0
     assert "incomplete" in capsys.readouterr().out
     write_run(tmp_path / "prefix.h5", ["a", "b", "c"], arrays(tokens), prefix=2)
     with pytest.raises(QKHooksError, match="inconsistent"):
