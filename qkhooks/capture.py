@@ -1,9 +1,10 @@
 """The recording context: hooks on an unmodified model that capture, project and rebuild on device.
 
 ``with qkhooks.record(model, modes=16) as run: model(images)`` installs forward pre-hooks (keyword inputs
-included) on the attention module of every recorded layer (``layers=``; all by default). Each sees the exact tensor entering W_q/W_k and rebuilds any requested
-attention from it; forward hooks on the model's own q/k Linear modules turn their outputs into the maps on
-the layer's top modes (or, where those do not serve, the pre-hook projects the tokens). All of it runs under
+included) on the attention module of every recorded layer (``layers=``; all by default). Each sees the exact tensor
+entering W_q/W_k and rebuilds any requested attention from it; forward hooks on the model's own q/k Linear modules
+turn their outputs into the maps on the layer's top modes (or, where those do not serve, the pre-hook projects the
+tokens). All of it runs under
 ``torch.no_grad`` on the tokens' device. The hooks never touch the model's inputs or outputs, so results are
 bit-identical with and without the context, and fused attention stays on.
 
@@ -116,10 +117,10 @@ def parse_modes(modes: int | str | None) -> int | None | Literal["all"]:
     return modes if isinstance(modes, DefaultModes) else int(text)
 
 
-
 def _child_path(site: AttentionSite, module: nn.Module) -> str:
     """The path of ``module`` among the attention module's children (its own path where it is none of them)."""
     return next((f"{site.path}.{n}" for n, m in site.module.named_children() if m is module), site.path)
+
 
 class Recording:
     """A set of hooks on one model and what they captured. Create it with :func:`record`.
@@ -493,16 +494,17 @@ class Recording:
         live = [self._live_weights.get(site.layer) for _, site in checked]
         for (_, site), same in zip(checked, weights_unchanged(checked, live)):  # a GPU: one device read for all layers
             if not same:
-                swapped = [n for n, p in site.module.named_parameters()
-                           if dict(self._params_at_entry.get(site.layer, ())).get(n, lambda: None)() is not p]
+                at_entry = dict(self._params_at_entry.get(site.layer, ()))
+                swapped = [n for n, p in site.module.named_parameters() if at_entry.get(n, lambda: None)() is not p]
                 if swapped:
                     raise QKHooksError(
                         f"layer {site.layer} ({site.path}): its parameters are not the module's own in this call "
                         f"({', '.join(repr(f'{site.path}.{n}') for n in swapped[:3])}{' ...' * (len(swapped) > 3)} "
                         "substituted: torch.func.functional_call, torch.nn.utils.stateless or another "
-                        "reparametrisation, or a new nn.Parameter assigned), and its modes were computed at entry from the module's own, so its maps "
-                        f"and run.spectrum({site.layer}) would belong to those. Load the weights into the model "
-                        "(model.load_state_dict(params)) before entering record(), and call the model itself.")
+                        "reparametrisation, or a new nn.Parameter assigned), and its modes were computed at entry "
+                        f"from the module's own, so its maps and run.spectrum({site.layer}) would belong to those. "
+                        "Load the weights into the model (model.load_state_dict(params)) before entering record(), "
+                        "and call the model itself.")
                 raise QKHooksError(
                     f"layer {site.layer} ({site.path}): its weights changed inside this record() context (a checkpoint "
                     "loaded, an optimiser step, .to() or another in-place edit) after its modes were computed at entry, "

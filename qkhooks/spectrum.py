@@ -256,8 +256,8 @@ class LayerSpectrum:
     # ``RunReader.spectrum(l)`` used to return the stored arrays as a dict; that use keeps working, with a warning.
     def _stored_arrays(self) -> dict[str, np.ndarray]:
         warnings.warn("RunReader.spectrum(l) now returns a LayerSpectrum (.U, .S, .V, .cos); for the stored arrays "
-                      f"as a dict use RunReader.spectrum_arrays(l). The dict use is removed in qkhooks {REMOVED_IN}.", DeprecationWarning,
-                      stacklevel=3)
+                      f"as a dict use RunReader.spectrum_arrays(l). The dict use is removed in qkhooks {REMOVED_IN}.",
+                      DeprecationWarning, stacklevel=3)
         if self._stored is None:
             return {"U": np.asarray(self.U), "S": np.asarray(self.S), "V": np.asarray(self.V), "cos": np.asarray(self.cos)}
         return self._stored

@@ -31,20 +31,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import qkhooks  # noqa: E402
-from qkhooks.data import ImageConfig, open_source  # noqa: E402
+from qkhooks.data import open_source  # noqa: E402
 from qkhooks.errors import QKHooksError  # noqa: E402
 
-CFG = ImageConfig(size=(48, 48), mean=(0.5,) * 3, std=(0.5,) * 3)
-
-
-def _loaded():
-    """A 2-layer timm ViT on a 6x6 grid of 8-pixel patches, one CLS token, 4 heads of 8 dimensions."""
-    from qkhooks.models.load import LoadedModel
-
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, patch_size=8, embed_dim=32,
-                              depth=2, num_heads=4, num_classes=0).eval()
-    return LoadedModel(model=model, spec="tiny", image_config=CFG)
+from test_review_r37_data import CFG, _loaded, write_tar  # noqa: E402  (a 2-layer ViT on a 6x6 grid of 8-pixel patches)
 
 
 def _stream_ids(stream) -> tuple[list[str], list[tuple[str, str]]]:
@@ -59,18 +49,8 @@ def _stream_ids(stream) -> tuple[list[str], list[tuple[str, str]]]:
 def test_a_webdataset_sample_holding_one_field_twice_is_skipped_saying_so_in_the_whole_sentence(tmp_path):
     """``_TarReader.decode`` ``_37`` (the reason of a sample whose two members are one field, ``p1.jpg`` and
     ``p1.JPG``, re-worded): round 37's test has only the two-images case. Both reasons, word for word."""
-    def encoded(fmt: str) -> bytes:
-        buffer = io.BytesIO()
-        Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(buffer, fmt)
-        return buffer.getvalue()
-
-    shard = tmp_path / "shard.tar"
-    with tarfile.open(shard, "w") as tar:
-        for name, data in [("p1.jpg", encoded("JPEG")), ("p1.JPG", encoded("JPEG")), ("p2.jpg", encoded("JPEG")),
-                           ("p2.png", encoded("PNG")), ("p3.png", encoded("PNG"))]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    shard = write_tar(tmp_path / "shard.tar", [("p1.jpg", "JPEG"), ("p1.JPG", "JPEG"), ("p2.jpg", "JPEG"),
+                                               ("p2.png", "PNG"), ("p3.png", "PNG")])
     ids, failures = _stream_ids(open_source(f"wds:{shard}", CFG))
     assert ids == ["p3.png"]
     tail = ("and which to record is not guessed; give each image its own name before the first dot (e.g. p1_a.jpg, "

@@ -59,6 +59,18 @@ def _stream_ids(stream) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 
+def write_tar(shard: Path, members: list[tuple[str, str]]) -> Path:
+    """A webdataset shard of flat-grey images, each member (name, PIL format) as named."""
+    with tarfile.open(shard, "w") as tar:
+        for name, fmt in members:
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(buffer, fmt)
+            info = tarfile.TarInfo(name)
+            info.size = len(buffer.getvalue())
+            tar.addfile(info, io.BytesIO(buffer.getvalue()))
+    return shard
+
+
 def stop_after(batches: int):
     """An on_batch callback that stops a recording (Ctrl-C) once ``batches`` batches are done."""
     calls = []
@@ -185,18 +197,8 @@ def test_item_fields_that_are_not_read_are_named_once_per_stream():
 def test_a_webdataset_sample_of_two_images_is_skipped_with_the_reason_and_ids_keep_their_case(tmp_path):
     """p1.jpg and p1.png are one webdataset sample: one was recorded, the other dropped without a word; p2.JPG was
     stored as p2.jpg. Now p1 is listed as skipped naming both members, and p2.JPG keeps its name."""
-    def encoded(fmt: str) -> bytes:
-        buffer = io.BytesIO()
-        Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(buffer, fmt)
-        return buffer.getvalue()
-
-    shard = tmp_path / "shard.tar"
-    with tarfile.open(shard, "w") as tar:
-        for name, data in [("p1.jpg", encoded("JPEG")), ("p1.png", encoded("PNG")), ("p2.JPG", encoded("JPEG")),
-                           ("p3.png", encoded("PNG"))]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    shard = write_tar(tmp_path / "shard.tar", [("p1.jpg", "JPEG"), ("p1.png", "PNG"), ("p2.JPG", "JPEG"),
+                                               ("p3.png", "PNG")])
     ids, failures = _stream_ids(open_source(f"wds:{shard}", CFG))
     assert ids == ["p2.JPG", "p3.png"]
     assert len(failures) == 1 and failures[0][0] == "p1" and "p1.jpg, p1.png" in failures[0][1]
