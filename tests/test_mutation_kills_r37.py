@@ -18,9 +18,7 @@ def test_the_round37_module_names_files_and_tests_that_exist_and_rounds_35_to_37
 
 
 # ------------------------------------------------------------------ helpers
-import io  # noqa: E402
 import math  # noqa: E402
-import tarfile  # noqa: E402
 import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
