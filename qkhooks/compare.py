@@ -35,10 +35,36 @@ CURVES: dict[str, tuple[str, str]] = {
 """Curve name (as a report's summary.json keeps it) -> (figure title, y label), in the page's order."""
 
 
+def _summary_path(item: str) -> Path | None:
+    """The summary.json an argument names (a report folder or the file itself), or None for a model spec."""
+    path = Path(item)
+    return path / "summary.json" if path.is_dir() else path if path.name == "summary.json" else None
+
+
+def _refuse_repeated(items: Sequence[str]) -> None:
+    """Refuse two arguments that name one report (the same folder, spelt as its summary.json, through another
+    relative path or a symbolic link) or one model spec: its curves would be drawn twice, as if two models agreed."""
+    seen: dict[Any, int] = {}
+    for i, item in enumerate(items):
+        summary = _summary_path(item)
+        key = ("spec", item) if summary is None else ("file", os.path.realpath(summary))
+        if summary is not None and summary.exists():
+            st = summary.stat()  # the same file under another name (a hard link) too
+            key = ("file", st.st_dev, st.st_ino)
+        if key in seen:
+            j = seen[key]
+            what = "one model spec" if key[0] == "spec" else f"one report ({summary})"
+            raise QKHooksError(f"arguments {j + 1} and {i + 1} ({items[j]!r} and {item!r}) name {what}: compare "
+                               "overlays different models, and this one's curves would be drawn twice. Pass each "
+                               "report folder or model spec once, and another report (`qkhooks demo --model SPEC "
+                               "--out DIR`) or model spec to compare it with.")
+        seen[key] = i
+
+
 def model_curves(item: str) -> tuple[str, dict[str, Any]]:
     """(label, curves) of one argument: a report folder (or its summary.json) or a model spec."""
     path = Path(item)
-    summary = path / "summary.json" if path.is_dir() else path if path.name == "summary.json" else None
+    summary = _summary_path(item)
     if summary is not None:
         if not summary.exists():
             raise QKHooksError(f"{path} has no summary.json: give a folder written by `qkhooks demo --out DIR`.")
@@ -74,6 +100,7 @@ def compare(items: Sequence[str], out: str | os.PathLike) -> Path:
     PNG per curve that at least one model has. Returns the page's path."""
     if len(items) < 2:
         raise QKHooksError("compare needs at least two reports or model specs.")
+    _refuse_repeated(items)
     out = Path(out)
     models: dict[str, dict[str, Any]] = {}
     for item in items:  # every input read before the folder is made: a refused one leaves nothing behind
