@@ -37,6 +37,7 @@ from qkhooks.capture import (BatchCapture, _model_sites, _refuse_maps_only_modes
 from qkhooks.data import ImageDataset, collate
 from qkhooks.data.masks import TokenCells, receptive_cells, token_cells
 from qkhooks.data.items import set_pil_limit
+from qkhooks.data.datasets import check_limit
 from qkhooks.data.sources import ItemStream, is_whole, open_source, refuse_batching
 from qkhooks.data_files import absolute_spec, file_size_column
 from qkhooks.errors import DataRefusal, MissingReducer, QKHooksError, RunInterrupted
@@ -424,6 +425,20 @@ def _keeps_train_modes(fn: Callable[..., "RecordResult"]) -> Callable[..., "Reco
 
 
 @_keeps_train_modes
+def check_options(opts: RecordOptions) -> None:
+    """Refuse the options whose values are wrong whatever the model and the data (dtype, modes, limit, batch size,
+    workers, checkpoint interval): :func:`record_dataset` checks them first, and the command line before it makes
+    the run file's folder, so that such a refusal leaves nothing behind."""
+    if opts.dtype not in ("float16", "float32"):
+        raise QKHooksError(f"dtype must be float16 or float32, got {opts.dtype!r}.")
+    if not is_whole(opts.checkpoint_every, 1):
+        raise QKHooksError(f"checkpoint_every must be a whole number >= 1 (batches between checkpoints), got "
+                           f"{opts.checkpoint_every!r}.")
+    parse_modes(opts.modes)
+    check_limit(opts.limit)
+    refuse_batching(opts.batch_size, 0 if opts.num_workers is None else opts.num_workers)
+
+
 def record_dataset(
     model: LoadedModel | str | nn.Module,
     data: Any,
@@ -491,6 +506,7 @@ def record_dataset(
     one inside your LoadedModel) is handed back in the train/eval mode it had, also when the recording fails.
     """
     opts = RecordOptions.from_keywords(options, **{k: v for k, v in locals().items() if k in RecordOptions.names()})
+    check_options(opts)
     check_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_init=random_init, device=device)
     # Recording measures the model as it runs for inference: dropout and drop-path off (a LoadedModel or a module
@@ -512,11 +528,6 @@ def record_dataset(
     if resume and out is not None and not os.path.lexists(out):  # a typo in --out would start over without a word
         warnings.warn(f"--resume (resume=True): there is no run at {out} to continue, so a new run starts there; if "
                       "the interrupted run is elsewhere, stop and give its path as --out.", stacklevel=3)
-    if opts.dtype not in ("float16", "float32"):
-        raise QKHooksError(f"dtype must be float16 or float32, got {opts.dtype!r}.")
-    if not is_whole(opts.checkpoint_every, 1):
-        raise QKHooksError(f"checkpoint_every must be a whole number >= 1 (batches between checkpoints), got "
-                           f"{opts.checkpoint_every!r}.")
     shard = _checked_shard(shard)
 
     dataset = open_source(data, loaded.image_config, limit=opts.limit, image_column=opts.image_column,

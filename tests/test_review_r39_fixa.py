@@ -44,3 +44,49 @@ def test_compare_refuses_one_model_spec_twice_and_takes_two_reports(tmp_path, ca
     assert main(["compare", str(a), str(b), "--out", str(tmp_path / "c")]) == 0
     saved = json.loads((tmp_path / "c" / "compare.json").read_text())
     assert {k: v["cosine"]["values"] for k, v in saved["models"].items()} == {"A": [0.1, 0.2], "B": [0.3, 0.4]}
+
+
+# ------------------------------------------------------------------------------------------------ 2. no folder left
+def _photos(folder, n: int = 4, size: int = 32):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+    return folder
+
+
+TINY = ["timm:test_vit", "--random-init"]
+
+
+@pytest.mark.parametrize("command, bad, words", [
+    ("record", ["--limit", "0"], "limit must be a positive integer"),
+    ("record", ["--batch-size", "0"], "--batch-size"),
+    ("record", ["--workers", "-1"], "--workers"),
+    ("record", ["--modes", "abc"], "modes must be"),
+    ("record", ["--layers", "99"], "layer 99 does not exist"),  # found with the model: its folder taken away
+    ("bfd", ["--limit", "0"], "limit must be a positive integer"),
+    ("bfd", ["--holdout-every", "1"], "holdout_every must be >= 2"),
+    ("bfd", ["--batch-size", "0"], "--batch-size"),
+    ("bfd", ["--layers", "99"], "layer 99 does not exist"),
+])
+def test_a_refused_record_or_bfd_leaves_no_folder_behind(tmp_path, capsys, command, bad, words):
+    photos = _photos(tmp_path / "photos")
+    assert main([command, *TINY, str(photos), "--out", str(tmp_path / "new" / "dir" / "r.h5"), *bad]) == 2
+    assert words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+def test_a_refusal_keeps_a_folder_that_was_there_and_a_run_keeps_the_folder_it_made(tmp_path, capsys):
+    photos = _photos(tmp_path / "photos")
+    (tmp_path / "there").mkdir()
+    assert main(["record", *TINY, str(photos), "--out", str(tmp_path / "there" / "r.h5"), "--layers", "99"]) == 2
+    assert (tmp_path / "there").is_dir() and not list((tmp_path / "there").iterdir())
+    out = tmp_path / "made" / "r.h5"
+    assert main(["record", *TINY, str(photos), "--out", str(out), "--layers", "1", "--modes", "2", "--limit", "2"]) == 0
+    from qkhooks.store import open_run
+
+    with open_run(out) as run:
+        assert run.complete and run.n == 2

@@ -127,6 +127,12 @@ def _one_size(batches: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(batches)
 
 
+def check_holdout(holdout_every: Any, decode: bool = True) -> None:
+    """Refuse a ``holdout_every`` (``--holdout-every``) that holds out no image or every one, where probes are fitted."""
+    if decode and int(holdout_every) < 2:
+        raise QKHooksError(f"holdout_every must be >= 2 (one image in that many is held out), got {holdout_every}.")
+
+
 def run_bfd(
     model: Any,
     data: Any,
@@ -183,14 +189,16 @@ def run_bfd(
     and for images that all give the same tokens (content at float rounding, found after pass 2).
     """
     from qkhooks.models.load import LoadedModel, load_model
+    from qkhooks.options import RecordOptions
+    from qkhooks.stream import check_options  # the recording core; imported where a BFD run starts
 
     if resume and overwrite:
         raise QKHooksError("resume and overwrite exclude each other: pick one.")
     if definition not in ("frobenius", "additive"):  # checked before the passes, not after them
         raise QKHooksError(f"definition must be 'frobenius' or 'additive', got {definition!r}.")
     alpha = check_alpha(alpha)  # before the passes: alpha <= 0 fits no probe
-    if decode and int(holdout_every) < 2:
-        raise QKHooksError(f"holdout_every must be >= 2 (one image in that many is held out), got {holdout_every}.")
+    check_holdout(holdout_every, decode)
+    check_options(RecordOptions(batch_size=batch_size, limit=limit, num_workers=num_workers))
     tensors = _is_tensors(data)
     if tensors and out is not None:
         raise QKHooksError("a run file needs a dataset spec or an ImageDataset (resume needs image ids); with image "

@@ -28,7 +28,7 @@ from qkhooks._version import __version__
 from qkhooks.errors import QKHooksError
 
 __all__ = ["main", "build_parser", "command", "COMMAND_MODULES", "add_model_arguments", "add_run_arguments", "DATA_HELP", "load_from_args",
-           "sigterm_exits", "jsonable", "write_json", "output_file"]  # the helpers the command modules share
+           "sigterm_exits", "jsonable", "write_json", "output_file", "run_file_folder"]  # the helpers the command modules share
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 
@@ -110,6 +110,31 @@ def output_file(path: str, what: str, figure: bool = False) -> Path:
                                + ", ".join(f".{k}" for k in sorted(kinds)) + "), e.g. .png.")
     writable_dir(target.parent, f"folder of {what}")
     return target
+
+
+@contextlib.contextmanager
+def run_file_folder(out: str, what: str = "folder of --out") -> Iterator[Path]:
+    """Make the folder of the run file ``out`` (the writer does not) for the command's work, and take away the
+    folders it made when the command stops with them still empty: a refusal found only with the model or the data
+    (a layer it lacks, an empty folder of images) leaves nothing behind. Check the options first (what needs neither
+    the model nor the data is refused before any folder is made). Yields the folder."""
+    from qkhooks.errors import writable_dir
+
+    folder = Path(out).expanduser().parent
+    made = []  # the folders this makes, the deepest first
+    above = folder
+    while not os.path.lexists(above) and above != above.parent:
+        made.append(above)
+        above = above.parent
+    try:
+        yield writable_dir(folder, what, create=True)
+    except BaseException:
+        for path in made:  # only while empty: a run file (or anything else) written there stays, with its folders
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+        raise
 
 
 def load_from_args(args: argparse.Namespace, device: str = "cpu"):

@@ -6,7 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
-from qkhooks.cli import DATA_HELP, add_model_arguments, add_run_arguments, command, load_from_args, output_file, write_json
+from qkhooks.cli import (DATA_HELP, add_model_arguments, add_run_arguments, command, load_from_args, output_file,
+                         run_file_folder, sigterm_exits, write_json)
 from qkhooks.cli.analyze import BFD_OUTPUTS, add_overwrite_argument, previous_outputs, remove_outputs
 from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.options import LAYERS_HELP, RecordOptions
@@ -35,19 +36,24 @@ def _bfd_args(p: argparse.ArgumentParser) -> None:
 
 @command("bfd", "position vs content (BFD): CC/CP/PC/PP energies per head and mode, position probes")(_bfd_args)
 def run_bfd_command(args: argparse.Namespace) -> int:
-    from qkhooks.analysis.bfd import format_table, run_bfd
+    from qkhooks.analysis.bfd import check_holdout, format_table, run_bfd
+    from qkhooks.stream import check_options
 
     output_file(args.out, "--out")
     if args.json:
         output_file(args.json, "--json")
-    writable_dir(Path(args.out).parent, "folder of --out", create=True)
-    loaded = load_from_args(args, device=args.device)
-    result = run_bfd(
-        loaded, args.data, args.out, layers=args.layers, batch_size=args.batch_size, device=args.device,
-        limit=args.limit, input=args.input, drop_prefix=args.drop_prefix, holdout_every=args.holdout_every,
-        alpha=args.alpha, definition=args.definition, decode=not args.no_decode, resume=args.resume,
-        overwrite=args.overwrite, progress=True, num_workers=args.num_workers, image_column=args.image_column,
-    )
+    # the values run_bfd refuses whatever the model and data, before the run file's folder is made (round 38:
+    # --limit 0 left new/dir/ behind); what needs them is refused inside run_file_folder, which then takes it away
+    check_holdout(args.holdout_every, not args.no_decode)
+    check_options(RecordOptions(batch_size=args.batch_size, limit=args.limit, num_workers=args.num_workers))
+    with run_file_folder(args.out), sigterm_exits():
+        loaded = load_from_args(args, device=args.device)
+        result = run_bfd(
+            loaded, args.data, args.out, layers=args.layers, batch_size=args.batch_size, device=args.device,
+            limit=args.limit, input=args.input, drop_prefix=args.drop_prefix, holdout_every=args.holdout_every,
+            alpha=args.alpha, definition=args.definition, decode=not args.no_decode, resume=args.resume,
+            overwrite=args.overwrite, progress=True, num_workers=args.num_workers, image_column=args.image_column,
+        )
     print(format_table(result))
     if result.get("note"):
         print(f"note: {result['note']}")

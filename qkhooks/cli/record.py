@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
-from qkhooks.cli import DATA_HELP, add_model_arguments, command, load_from_args, sigterm_exits
-from qkhooks.errors import writable_dir
+from qkhooks.cli import DATA_HELP, add_model_arguments, command, load_from_args, run_file_folder, sigterm_exits
 from qkhooks.options import RecordOptions
 
 
@@ -33,13 +31,13 @@ def _under_torchrun() -> bool:
 
 @command("record", "stream a dataset through a model into an HDF5 run file")(_record_args)
 def run_record(args: argparse.Namespace) -> int:
-    writable_dir(Path(args.out).parent, "folder of --out", create=True)
+    from qkhooks.stream import check_options, record_dataset
+
     options = RecordOptions.from_args(args)
+    check_options(options)  # before the run file's folder is made (round 38: --limit 0 left new/dir/ behind)
     if _under_torchrun():
         return _record_distributed(args, options)
-    from qkhooks.stream import record_dataset
-
-    with sigterm_exits():
+    with run_file_folder(args.out), sigterm_exits():
         loaded = load_from_args(args, device=args.device)
         result = record_dataset(loaded, args.data, args.out, options=options, device=args.device, resume=args.resume,
                                 overwrite=args.overwrite)
@@ -57,7 +55,7 @@ def _record_distributed(args: argparse.Namespace, options: RecordOptions) -> int
     from qkhooks.distributed import record_dataset_distributed, shard_path, torchrun_process_group
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    with torchrun_process_group(args.device) as device, sigterm_exits():
+    with run_file_folder(args.out), torchrun_process_group(args.device) as device, sigterm_exits():
         loaded = load_from_args(args, device=device)
         result = record_dataset_distributed(loaded, args.data, args.out, options=options, device=device,
                                             resume=args.resume, overwrite=args.overwrite)

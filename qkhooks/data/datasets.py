@@ -228,6 +228,12 @@ def _open_concat(spec: str, image_config: ImageConfig, limit: int | None, check:
     return joined
 
 
+def check_limit(limit: Any) -> None:
+    """Refuse a ``limit`` (``--limit``) that is not None or a whole number >= 1."""
+    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
+        raise QKHooksError(f"limit must be a positive integer or None, got {limit!r}.")
+
+
 def open_dataset(
     spec: str | os.PathLike[str],
     image_config: ImageConfig,
@@ -284,8 +290,7 @@ def open_dataset(
             f"image_config must be a qkhooks.data.ImageConfig, got {type(image_config).__name__}; "
             "use ImageConfig.from_timm(model) or load_model(...).image_config."
         )
-    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
-        raise QKHooksError(f"limit must be a positive integer or None, got {limit!r}.")
+    check_limit(limit)
     if check not in ("header", "decode"):
         raise QKHooksError(f"check must be 'header' or 'decode', got {check!r}.")
     if isinstance(spec, os.PathLike):

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qkhooks.data.datasets import STREAMED_PREFIXES, open_dataset
+from qkhooks.data.datasets import STREAMED_PREFIXES, check_limit, open_dataset
 from qkhooks.data.items import ImageDataset, preprocess_raw, set_pil_limit
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.data.readers import (
@@ -409,8 +409,7 @@ def open_source(
         return data
     if isinstance(data, (str, os.PathLike)) and not str(data).startswith(STREAMED_PREFIXES):
         return open_dataset(data, image_config, limit=limit)
-    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
-        raise QKHooksError(f"limit must be a positive integer or None, got {limit!r}.")
+    check_limit(limit)
     name, root = type(data).__name__, None
     if isinstance(data, str) and data.startswith("hfds:"):
         name, (data, root) = data, _open_hfds(data[len("hfds:") :])
