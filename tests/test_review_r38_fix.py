@@ -76,11 +76,12 @@ def test_a_hugging_face_column_of_paths_names_rows_by_path_as_a_list_does_and_re
     assert open_source(ds, CFG).ids_before(2) == paths[:2]  # what a resume compares, without decoding
     with pytest.raises(QKHooksError, match=rf"items 0 and 2 have the same id {paths[1]!r}.*list each file once"):
         open_source(datasets.Dataset.from_dict({"image": [paths[1], paths[0], paths[1]]}), CFG)
-    # an id column still names the rows; a column of images (not paths) still has positions
+    # an id column still names the rows; a column of images held as bytes (not paths) still has positions (an image
+    # opened from a file is kept by datasets as its path, named by it since round 39: the images here are in memory)
     named = datasets.Dataset.from_dict({"image": paths, "id": ["x", "y", "z"]})
     assert _stream(open_source(named, CFG))[0] == ["x", "y", "z"]
-    photos = datasets.Dataset.from_dict({"image": [Image.open(p) for p in paths]}).cast_column("image",
-                                                                                               datasets.Image())
+    photos = datasets.Dataset.from_dict({"image": [Image.open(p).convert("RGB") for p in paths]}).cast_column(
+        "image", datasets.Image())
     assert _stream(open_source(photos, CFG))[0] == ["0", "1", "2"]
 
 

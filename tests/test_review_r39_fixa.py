@@ -90,3 +90,52 @@ def test_a_refusal_keeps_a_folder_that_was_there_and_a_run_keeps_the_folder_it_m
 
     with open_run(out) as run:
         assert run.complete and run.n == 2
+
+
+# ------------------------------------------------------------------------------------------------ 3. HF path dicts
+def _stream_ids_pixels(stream):
+    ids, pixels = [], []
+    for batch in stream.batches(2):
+        ids += [item["id"] for item in batch.items]
+        pixels += [item["pixel_values"] for item in batch.items]
+    return ids, pixels
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_a_hugging_face_image_column_read_from_files_names_rows_by_path(tmp_path, decode):
+    """Image(decode=False) cells {"path": P, "bytes": None} (what datasets keeps for a path, or an image opened from a
+    file) were named 0, 1, 2 where a column of the same path strings is named by the paths; now alike, and the same
+    pixels as a list of the paths."""
+    datasets = pytest.importorskip("datasets")
+    import torch
+
+    from qkhooks.data import ImageConfig, open_source
+
+    cfg = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    paths = [str(p) for p in sorted(_photos(tmp_path / "a", 3).iterdir())]
+    ds = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image(decode=decode))
+    assert ds.cast_column("image", datasets.Image(decode=False))[0]["image"] == {"bytes": None, "path": paths[0]}
+    ids, pixels = _stream_ids_pixels(open_source(ds, cfg))
+    list_ids, list_pixels = _stream_ids_pixels(open_source(list(paths), cfg))
+    assert ids == list_ids == paths
+    assert all(torch.equal(a, b) for a, b in zip(pixels, list_pixels))
+    assert _stream_ids_pixels(open_source(ds.to_iterable_dataset(), cfg))[0] == paths  # streamed: named alike
+    assert open_source(ds, cfg).ids_before(2) == paths[:2]  # what a resume compares, read without decoding
+    twice = datasets.Dataset.from_dict({"image": [paths[1], paths[0], paths[1]]}).cast_column(
+        "image", datasets.Image(decode=decode))
+    with pytest.raises(Exception, match=rf"items 0 and 2 have the same id {paths[1]!r}"):
+        open_source(twice, cfg)
+
+
+def test_a_hugging_face_image_column_holding_bytes_keeps_positions(tmp_path):
+    """Cells that hold their image's bytes name no file to read (a path beside the bytes is a label, often the bare
+    file name, which two rows may share): their rows keep their positions."""
+    datasets = pytest.importorskip("datasets")
+    from qkhooks.data import ImageConfig, open_source
+
+    cfg = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    paths = sorted(_photos(tmp_path / "a", 3).iterdir())
+    cells = [{"bytes": p.read_bytes(), "path": "same.png"} for p in paths]
+    ds = datasets.Dataset.from_dict({"image": cells}).cast_column("image", datasets.Image(decode=False))
+    assert _stream_ids_pixels(open_source(ds, cfg))[0] == ["0", "1", "2"]
+    assert open_source(ds, cfg).ids_before(3) == ["0", "1", "2"]

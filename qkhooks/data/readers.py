@@ -151,6 +151,17 @@ def _path_id(value: Any) -> str | None:
     return None
 
 
+def _cell_path_id(cell: Any) -> str | None:
+    """The id of a Hugging Face image cell read from a file: its path as given, whether the column holds path strings
+    or ``Image(decode=False)`` dicts ``{"path": ..., "bytes": None}`` (what ``datasets`` stores for a path or an image
+    opened from a file; review r38: those rows were named by position). None for a cell that holds its image's bytes
+    (the path beside them, if any, is only a label, often the bare file name): named by its position."""
+    if isinstance(cell, Mapping):
+        path = cell.get("path")
+        return _path_id(path) if cell.get("bytes") is None and isinstance(path, (str, os.PathLike)) and path else None
+    return _path_id(cell)
+
+
 def _own_id(item: Any) -> str | None:
     """The id an item names itself by, or None (then its position is its id): a dict's ``"id"``; a webdataset
     sample's image member (``__key__`` and the image's extension); an image given as a file path (alone, as the
@@ -329,9 +340,12 @@ class _HFReader:
         self.length = len(ds) if hasattr(ds, "__len__") and not _is_hf_iterable(ds) else None
         # a column of file paths (strings) and no id column: each row is named by its path as given, as in a list of
         # paths (review r38: named by its position, a resume over rows that changed could not tell)
+        # (or of Image(decode=False) dicts read from files: named by their paths too, _cell_path_id)
         features = getattr(ds, "features", None) or {}
+        feature = features.get(image_column)
         self.path_column = (image_column if id_column is None and root is None
-                            and getattr(features.get(image_column), "dtype", None) in ("string", "large_string")
+                            and (getattr(feature, "dtype", None) in ("string", "large_string")
+                                 or type(feature).__name__ == "Image")
                             else None)
 
     def rows(self, start: int) -> Iterator[Any]:
@@ -369,13 +383,12 @@ class _HFReader:
             table = view[lo:min(stop, lo + 4096)]
             present = {key: ~np.asarray(table.column(column).is_null().to_numpy(zero_copy_only=False), dtype=bool)
                        for key, column in self.masks.items()}
-            ids = table.column(named).to_pylist() if named is not None else None
+            ids = None if named is None else _light_cells(table.column(named)) if named == self.path_column else (
+                table.column(named).to_pylist())
             for n in range(table.num_rows):
                 layout = _mask_layout(key for key, have in present.items() if have[n])
-                if ids is None or (ids[n] is None and named == self.path_column):  # as row_id names a null path
-                    yield lo + n, str(lo + n), layout
-                else:
-                    yield lo + n, str(ids[n]), layout
+                name = None if ids is None else _cell_path_id(ids[n]) if named == self.path_column else str(ids[n])
+                yield lo + n, str(lo + n) if name is None else name, layout  # as row_id names the row
 
     def row_id(self, row: Mapping[str, Any], position: int) -> str:
         if self.id_column is not None:
@@ -383,8 +396,27 @@ class _HFReader:
         cell = row[self.image_column]
         if self.root is not None and isinstance(cell, Mapping) and cell.get("path"):
             return Path(os.path.relpath(cell["path"], self.root)).as_posix()
-        path = _path_id(cell)  # a column of file paths: each row its path as given, as a list of paths
+        path = _cell_path_id(cell)  # a column of file paths: each row its path as given, as a list of paths
         return str(position) if path is None else path
+
+
+def _light_cells(column: Any) -> list[Any]:
+    """A path column's cells as :func:`_cell_path_id` reads them, without the images' bytes: an Image column's
+    struct cells as ``{"path": path, "bytes": None or b""}`` (whether the cell holds bytes, read off the Arrow
+    validity bitmap: the bytes are never copied out), a string column's as they are."""
+    import pyarrow as pa  # present wherever a Hugging Face dataset is
+
+    if not pa.types.is_struct(column.type):
+        return column.to_pylist()
+    names = [column.type.field(i).name for i in range(column.type.num_fields)]
+    cells: list[Any] = []
+    for chunk in column.chunks:
+        fields = dict(zip(names, chunk.flatten()))  # each field with the struct's offset and nulls applied
+        paths = fields["path"].to_pylist() if "path" in fields else [None] * len(chunk)
+        held = (~np.asarray(fields["bytes"].is_null().to_numpy(zero_copy_only=False), dtype=bool) if "bytes" in fields
+                else np.zeros(len(chunk), dtype=bool))
+        cells += [{"path": path, "bytes": b"" if has else None} for path, has in zip(paths, held)]
+    return cells
 
 
 class _TarReader:
