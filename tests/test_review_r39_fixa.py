@@ -139,3 +139,60 @@ def test_a_hugging_face_image_column_holding_bytes_keeps_positions(tmp_path):
     ds = datasets.Dataset.from_dict({"image": cells}).cast_column("image", datasets.Image(decode=False))
     assert _stream_ids_pixels(open_source(ds, cfg))[0] == ["0", "1", "2"]
     assert open_source(ds, cfg).ids_before(3) == ["0", "1", "2"]
+
+
+# ------------------------------------------------------------------------------------------------ 4. wds .json
+def _png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _shard(path, members):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+BAD_JSON = [(b'{"id": ', "is not valid JSON (JSONDecodeError"), (b"[1, 2]", "holds a JSON list, not an object"),
+            ('{"id": "caf\xe9"}'.encode("latin-1"), "is not valid JSON (UnicodeDecodeError")]
+
+
+@pytest.mark.parametrize("text, problem", BAD_JSON)
+def test_a_webdataset_sample_whose_json_does_not_parse_is_refused_naming_shard_sample_and_member(tmp_path, capsys,
+                                                                                                 text, problem):
+    """A bad NAME.json raised a bare JSONDecodeError (or AttributeError, UnicodeDecodeError) from the reader: now the
+    item-located refusal of a bad member (shard, sample key, member, fix), through the command line as one line."""
+    shard = _shard(tmp_path / "s.tar", [("p0.png", _png()), ("P1.png", _png()), ("P1.JSON", text), ("p2.png", _png())])
+    out = tmp_path / "r.h5"
+    assert main(["record", *TINY, f"wds:{shard}", "--out", str(out), "--layers", "0", "--modes", "2",
+                 "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert f"qkhooks: error: sample 'P1' of {shard}: its member 'P1.JSON' {problem}" in err, err
+    assert "write the shard again" in err and "stay committed" in err  # and where the run file stands
+
+
+@pytest.mark.parametrize("text, problem", BAD_JSON)
+def test_a_webdataset_sample_dict_whose_json_does_not_parse_is_refused_alike(text, problem):
+    """The samples of a webdataset.WebDataset (dicts keyed by extension) read through _own_id: the same refusal."""
+    from qkhooks.data import ImageConfig, open_source
+    from qkhooks.errors import DataRefusal
+
+    cfg = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    samples = [{"__key__": "p0", "png": _png(), "json": b'{"id": "zero"}'}, {"__key__": "p1", "png": _png(), "json": text}]
+    with pytest.raises(DataRefusal, match=rf"sample 'p1': its member 'p1.json' {problem[:12]}.*write the shard again"):
+        [item["id"] for batch in open_source(iter(samples), cfg).batches(2) for item in batch.items]
+    good = [{"__key__": "p0", "png": _png(), "json": b'{"id": "zero"}'}, {"__key__": "p1", "png": _png()}]
+    assert [item["id"] for batch in open_source(good, cfg).batches(2) for item in batch.items] == ["zero", "p1.png"]

@@ -32,7 +32,7 @@ from qkhooks.data.items import (
     _read_oriented,
 )
 from qkhooks.data.preprocess import to_rgb
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import DataRefusal, QKHooksError
 
 DATASETS_INSTALL = "pip install 'qkhooks[datasets]'  (or: pip install datasets)"
 MASK_KEYS: tuple[str, ...] = ("objects", "target", "distractor")
@@ -173,9 +173,8 @@ def _own_id(item: Any) -> str | None:
     if item.get("id") is not None:
         return str(item["id"])
     if "__key__" in item and "image" not in item:  # a webdataset sample: its NAME.json's id, else its image member
-        meta = item.get("json")
-        meta = json.loads(meta) if isinstance(meta, (bytes, bytearray, str)) else meta
-        if isinstance(meta, Mapping) and meta.get("id") is not None:  # as wds: reads it
+        meta = _sample_meta(item)
+        if meta.get("id") is not None:  # as wds: reads it
             return str(meta["id"])
         images = [e for e in _EXTENSIONS if e in item]
         if len(images) > 1:  # skipped (_item_to_raw), named by its key as wds: names it
@@ -184,6 +183,32 @@ def _own_id(item: Any) -> str | None:
             return str(item["__member__"])
         return f"{item['__key__']}.{images[0]}" if images else None
     return _path_id(item.get("image"))
+
+
+def _sample_meta(sample: Mapping[str, Any], where: str | None = None) -> Mapping[str, Any]:
+    """A webdataset sample's ``NAME.json`` as a dict (``{}`` where it has none); one that is not a JSON object (does
+    not parse, is not UTF-8, holds a list) is refused naming the shard, the sample, the member and the fix, as the
+    sample's other members are (it names the image: read as nothing, the sample would be recorded under another id)."""
+    meta = sample.get("json")
+    if meta is None:
+        return {}
+    problem = None
+    if isinstance(meta, (bytes, bytearray, str)):
+        try:
+            meta = json.loads(meta)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            problem = f"is not valid JSON ({type(exc).__name__}: {exc})"
+    if problem is None and not isinstance(meta, Mapping):
+        problem = f"holds a JSON {type(meta).__name__}, not an object"
+    if problem is None:
+        return meta
+    key = str(sample.get("__key__", "?"))
+    member = sample.get("__members__", {}).get("json") or f"{key.rpartition('/')[2]}.json"
+    if where is None:
+        where = f"sample {key!r}" + (f" of {sample['__shard__']}" if sample.get("__shard__") else "")
+    raise DataRefusal(f"{where}: its member {member!r} {problem}; a sample's .json is read as its metadata (its "
+                      f"\"id\" names the image), so write it as one JSON object (e.g. {{\"id\": \"{key}\"}}) or leave "
+                      "it out, and write the shard again.")
 
 
 _READ_KEYS = ("image", "id", *MASK_KEYS)
@@ -480,7 +505,7 @@ class _TarReader:
         if ext is None:
             raise QKHooksError(f"{where} has no image member (looked for .{', .'.join(_EXTENSIONS)}); "
                                f"it holds {sorted(k for k in row if not k.startswith('__'))}.")
-        meta = json.loads(row["json"]) if "json" in row else {}
+        meta = _sample_meta(row, where)
         item: dict[str, Any] = {"image": row[ext], "id": meta.get("id", self.row_id(row, position))}
         item.update({k: row[f"{k}.png"] for k in MASK_KEYS if f"{k}.png" in row})
         own, raw = _item_to_raw(item, where)
