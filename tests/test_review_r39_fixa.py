@@ -196,3 +196,34 @@ def test_a_webdataset_sample_dict_whose_json_does_not_parse_is_refused_alike(tex
         [item["id"] for batch in open_source(iter(samples), cfg).batches(2) for item in batch.items]
     good = [{"__key__": "p0", "png": _png(), "json": b'{"id": "zero"}'}, {"__key__": "p1", "png": _png()}]
     assert [item["id"] for batch in open_source(good, cfg).batches(2) for item in batch.items] == ["zero", "p1.png"]
+
+
+# ------------------------------------------------------------------------------------------------ 5. the ± legend
+def test_the_preference_table_says_what_its_plus_minus_is_and_the_number_is_that():
+    """analyze preference printed 'mean ± x' with no word of what x is: now the line under the table says it (std
+    across images of each image's head-averaged share, ddof=0), and x is that, computed here with numpy."""
+    import numpy as np
+
+    from qkhooks.analysis.preference import GROUPS, format_table, preference_table
+
+    rng = np.random.default_rng(3)
+    values = {0: rng.dirichlet(np.ones(3), size=(7, 4, 2)).reshape(7, 4, 6), 2: rng.random((7, 4, 6))}
+    text = format_table(preference_table(values))
+    lines = text.splitlines()
+    assert "same_object (mean ± std)" in lines[0]
+    for row, layer in zip(lines[1:3], (0, 2)):
+        v = values[layer]
+        for cell, (i, j) in zip(row.split()[1::3], GROUPS.values()):  # "mean ± std" cells
+            per_image = ((v[..., i] + v[..., j]) / 2).mean(1)  # each image's head-averaged group share
+            assert float(cell) == pytest.approx(per_image.mean(), abs=5e-4)
+        stds = [float(c) for c in row.split()[3::3]]
+        assert stds == pytest.approx([((v[..., i] + v[..., j]) / 2).mean(1).std(ddof=0) for i, j in GROUPS.values()],
+                                     abs=5e-4)
+    assert lines[-1].startswith("mean ± std: the share averaged over the 7 images and the heads ± its standard "
+                                "deviation across the 7 images (of each image's head-averaged share, ddof=0)")
+    assert "not the uncertainty of the mean" in lines[-1]
+    assert "95% CI" not in lines[-1]  # this table has no interval: none is pointed to
+    table = preference_table(values)
+    for g in GROUPS:  # analyze_preference's table carries the 95% CI of the mean: the legend says where it is
+        table[g]["ci_low"], table[g]["ci_high"] = [0.0, 0.0], [1.0, 1.0]
+    assert "the 95% CI of the mean is preference.png's bands" in format_table(table).splitlines()[-1]

@@ -50,6 +50,7 @@ __all__ = [
     "analyze_preference",
     "write_preference",
     "format_table",
+    "spread_legend",
 ]
 
 PAIRS: tuple[str, ...] = ("TT", "TD", "TB", "DD", "DT", "DB")
@@ -591,10 +592,23 @@ def analyze_preference(run_path: str | os.PathLike, out_dir: str | os.PathLike) 
     return {**table, "files": {k: str(v) for k, v in files.items()}}
 
 
+def spread_legend(table: dict[str, Any]) -> str:
+    """What a table's "mean ± spread" cells are, for every place that shows them: the mean over images and heads, ±
+    the std across images (population, ddof=0) of the head-averaged share; not an interval of the mean."""
+    n = table.get("num_images")
+    images = f"the {n} images" if n is not None else "images"
+    ci = ("; the 95% CI of the mean is preference.png's bands and preference.json's ci_low/ci_high"
+          if all("ci_low" in table.get(g, {}) for g in GROUPS) else "")
+    return (f"mean ± std: the share averaged over {images} and the heads ± its standard deviation across {images} "
+            f"(of each image's head-averaged share, ddof=0): how much images differ, not the uncertainty of the mean"
+            f"{ci}.")
+
+
 def format_table(table: dict[str, Any]) -> str:
-    """Per-layer group means and stds as aligned text."""
-    lines = [f"{'layer':>5}  " + "  ".join(f"{g:>22}" for g in GROUPS)]
+    """Per-layer group means ± stds as aligned text, with a line under it saying what ± is."""
+    lines = [f"{'layer':>5}  " + "  ".join(f"{g + ' (mean ± std)':>30}" for g in GROUPS)]
     for i, layer in enumerate(table["layers"]):
         cells = [f"{table[g]['mean'][i]:.3f} ± {table[g]['std'][i]:.3f}" for g in GROUPS]
-        lines.append(f"{layer:>5}  " + "  ".join(f"{c:>22}" for c in cells))
+        lines.append(f"{layer:>5}  " + "  ".join(f"{c:>30}" for c in cells))
+    lines.append(spread_legend(table))
     return "\n".join(lines)
