@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 
@@ -227,3 +228,113 @@ def test_the_preference_table_says_what_its_plus_minus_is_and_the_number_is_that
     for g in GROUPS:  # analyze_preference's table carries the 95% CI of the mean: the legend says where it is
         table[g]["ci_low"], table[g]["ci_high"] = [0.0, 0.0], [1.0, 1.0]
     assert "the 95% CI of the mean is preference.png's bands" in format_table(table).splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------------ 6. SIGTERM
+def _terminate_when(args, ready, tmp_path, timeout: float = 120.0):
+    """Run `qkhooks ARGS` in a child, send it SIGTERM once ``ready()`` holds, and return (status, stderr)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "qkhooks", *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and child.poll() is None and not ready():
+            time.sleep(0.05)
+        assert child.poll() is None, "the command ended before it could be stopped: give it more work"
+        child.send_signal(signal.SIGTERM)
+        status = child.wait(timeout=60)
+        return status, child.stderr.read().decode()
+    finally:
+        child.kill()
+
+
+def _committed(path) -> int:
+    from qkhooks.errors import QKHooksError
+    from qkhooks.store import open_run
+
+    if not path.exists():
+        return 0
+    try:
+        with open_run(path) as run:
+            return run.n
+    except (QKHooksError, OSError):
+        return 0
+
+
+def _tiny_hf(folder):
+    """hf:DIR@random of a 2-block ViT at 48 x 48 (36 tokens): a child process runs it in milliseconds a batch."""
+    import transformers
+
+    transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           image_size=48, patch_size=8).save_pretrained(folder)
+    return f"hf:{folder}@random"
+
+
+def _close(a, b) -> bool:
+    """Two JSON results equal: the same keys and strings, numbers within float rounding."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return b == pytest.approx(a, rel=1e-6, abs=1e-9)
+    return a == b
+
+
+def test_sigterm_stops_bfd_cleanly_saying_how_to_resume_and_the_resume_equals_one_pass(tmp_path):
+    """qkhooks bfd was killed by SIGTERM mid-write (no handler): now it stops as record does, the pass file closed with
+    its committed images, exit 128 + 15 and a message naming the file and --resume; the resume gives the numbers of an
+    uninterrupted run."""
+    import signal
+
+    import h5py
+
+    model, photos = _tiny_hf(tmp_path / "vit"), _photos(tmp_path / "photos", 150)
+    out, pass1 = tmp_path / "r.h5", tmp_path / "r.pass1.h5"
+    args = ["bfd", model, str(photos), "--out", str(out), "--holdout-every", "2", "--json", str(tmp_path / "resumed.json")]
+    status, err = _terminate_when([*args, "--batch-size", "1"], lambda: _committed(pass1) >= 3, tmp_path)
+    assert status == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert f"qkhooks: stopped by SIGTERM: {pass1} keeps " in err and "the same command with --resume" in err, err[-2000:]
+    with h5py.File(pass1, "r") as f:  # closed by its writer: plain HDF5 opens it
+        assert not f.attrs["complete"] and 3 <= int(f["images"].attrs["committed"]) < 150
+    assert not out.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "there is no run at r.h5 to continue" for pass 2: pass 1 was stopped
+        warnings.filterwarnings("ignore", "ImageConfig.from_hf_model guessed")
+        assert main([*args, "--resume", "--batch-size", "75"]) == 0
+    assert main(["bfd", model, str(photos), "--out", str(tmp_path / "once.h5"), "--holdout-every", "2",
+                 "--batch-size", "75", "--json", str(tmp_path / "once.json")]) == 0
+    resumed, once = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("resumed", "once"))
+    assert resumed["images"] == once["images"] == 150
+    assert _close(resumed["layers"], once["layers"])
+
+
+def test_sigterm_stops_demo_cleanly_with_its_run_file_closed_and_says_to_run_it_again(tmp_path):
+    """qkhooks demo was killed by SIGTERM mid-write: now the run file it was writing is closed (plain HDF5 opens it),
+    it exits 128 + 15, and says the report is unfinished and to run the command again (demo has no --resume, which
+    the run file's own message would have advised)."""
+    import signal
+
+    import h5py
+
+    model, photos = _tiny_hf(tmp_path / "vit"), _photos(tmp_path / "photos", 2, size=48)
+    report = tmp_path / "report"
+    run = report / "runs" / "odd_one_out.h5"
+    args = ["demo", "--model", model, "--data", str(photos), "--o3", "400", "--objects", "2", "--batch-size", "1",
+            "--out", str(report)]
+    status, err = _terminate_when(args, lambda: _committed(run) >= 2, tmp_path)
+    assert status == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert (f"qkhooks: stopped by SIGTERM: the report in {report} is unfinished (no index.html or summary.json was "
+            "written; its run files under") in err, err[-2000:]
+    assert "demo has no --resume: run the same command again" in err and "--resume in place" not in err
+    with h5py.File(run, "r") as f:  # closed by its writer
+        assert not f.attrs["complete"] and 2 <= int(f["images"].attrs["committed"]) < 400
+    assert not (report / "index.html").exists() and not (report / "summary.json").exists()

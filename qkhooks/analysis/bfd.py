@@ -255,8 +255,10 @@ def run_bfd(
                                          "attention": [], "store_modes": False})
 
         def one_pass(path: Path | None, reducers: list[Any]) -> None:
+            # pass 2's file is not there yet when pass 1 was the one stopped: starting it is no typo to warn of
+            again = resume and not (path == Path(out) and not os.path.lexists(path))
             record_dataset(loaded, data, path, modes=None, layers=chosen, input=input, reducers=reducers,
-                           batch_size=batch_size, device=device, limit=limit, resume=resume, overwrite=overwrite,
+                           batch_size=batch_size, device=device, limit=limit, resume=again, overwrite=overwrite,
                            progress=progress, store_modes=False, num_workers=num_workers, image_column=image_column,
                            extra_config=bfd_extra)
 

@@ -28,7 +28,7 @@ from qkhooks._version import __version__
 from qkhooks.errors import QKHooksError
 
 __all__ = ["main", "build_parser", "command", "COMMAND_MODULES", "add_model_arguments", "add_run_arguments", "DATA_HELP", "load_from_args",
-           "sigterm_exits", "jsonable", "write_json", "output_file", "run_file_folder"]  # the helpers the command modules share
+           "sigterm_exits", "Terminated", "jsonable", "write_json", "output_file", "run_file_folder"]  # the helpers the command modules share
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 
@@ -144,16 +144,40 @@ def load_from_args(args: argparse.Namespace, device: str = "cpu"):
     return load_model(args.model, random_init=args.random_init, checkpoint=args.checkpoint, device=device)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, torchrun stopping the other ranks, ``kill``) while a command runs, raised by
+    :func:`sigterm_exits`'s handler: a KeyboardInterrupt, so it stops the work as Ctrl-C does (the run file closed,
+    committed up to its last batch, and a message saying where it stands and how to go on), and :func:`main` exits
+    with ``128 + signum`` naming the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum
+
+
+def _terminating_signal(exc: BaseException) -> int | None:
+    """The signal behind an interrupt: :class:`Terminated` itself or anywhere in its chain (``record_dataset`` turns
+    it into a RunInterrupted with the run file's state, demo into its report's), else None (Ctrl-C)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Terminated):
+            return exc.signum
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextlib.contextmanager
 def sigterm_exits() -> Iterator[None]:
-    """Turn SIGTERM into ``SystemExit`` while recording, so a scheduler's preemption (or torchrun stopping
-    the other ranks when one dies) closes the run file cleanly, resumable, instead of killing it mid-write."""
+    """Turn SIGTERM into a clean stop while a command records (record, bfd, demo): :class:`Terminated`, a
+    KeyboardInterrupt, so a preemption closes the run file cleanly, resumable, and says how to go on, as Ctrl-C does,
+    instead of killing it mid-write; the command exits with 128 + SIGTERM."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise Terminated(signum)
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
@@ -273,8 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(pip install {exc.name}).", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # a run file's state and the way on, where one was being written (RunInterrupted)
-        print(f"qkhooks: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
-        return 130
+        signum = _terminating_signal(exc)
+        stopped = "interrupted" if signum is None else f"stopped by {signal.Signals(signum).name}"
+        print(f"qkhooks: {stopped}{f': {exc}' if str(exc) else ''}", file=sys.stderr)
+        return 130 if signum is None else 128 + signum
 
 
 if __name__ == "__main__":

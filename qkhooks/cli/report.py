@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qkhooks.cli import add_run_arguments, command
-from qkhooks.errors import QKHooksError, writable_dir
+from qkhooks.cli import add_run_arguments, command, sigterm_exits
+from qkhooks.errors import QKHooksError, RunInterrupted, writable_dir
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -49,17 +49,30 @@ def run_demo(args: argparse.Namespace) -> int:
     if len(specs) > 1 and args.checkpoint:
         raise QKHooksError("--checkpoint would load one file into every --model: report the checkpoint alone "
                            "(`qkhooks demo --model timm:NAME --checkpoint PATH --out DIR`), then `qkhooks compare DIR ...`.")
-    for spec, out in zip(specs, outs):
-        loaded = load_model(spec, random_init=args.random_init, checkpoint=args.checkpoint, device=args.device)
-        summary = make_report(out, loaded, photos=args.images, data=args.data or PHOTOS, o3=args.o3,
-                              objects=args.objects, objects_data=args.objects_data, input=args.input,
-                              display=args.display, keep_runs=args.keep_runs, batch_size=args.batch_size,
-                              device=args.device)
-        print(f"report: {out / 'index.html'} ({summary['seconds']} s)")
-    if len(outs) > 1:
-        page = compare([str(o) for o in outs], Path(args.out) / "compare")
-        print(f"comparison: {page}")
+    with sigterm_exits():  # SIGTERM stops it as Ctrl-C does: the run file being written closed, and a word on the report
+        for spec, out in zip(specs, outs):
+            loaded = load_model(spec, random_init=args.random_init, checkpoint=args.checkpoint, device=args.device)
+            had_page = (out / "index.html").exists()
+            try:
+                summary = make_report(out, loaded, photos=args.images, data=args.data or PHOTOS, o3=args.o3,
+                                      objects=args.objects, objects_data=args.objects_data, input=args.input,
+                                      display=args.display, keep_runs=args.keep_runs, batch_size=args.batch_size,
+                                      device=args.device)
+            except KeyboardInterrupt as exc:  # the run file's own "--resume" advice is not demo's: it has none
+                raise RunInterrupted(_unfinished(out, had_page)) from exc
+            print(f"report: {out / 'index.html'} ({summary['seconds']} s)")
+        if len(outs) > 1:
+            page = compare([str(o) for o in outs], Path(args.out) / "compare")
+            print(f"comparison: {page}")
     return 0
+
+
+def _unfinished(out: Path, had_page: bool) -> str:
+    """Where an interrupted report stands and how to go on (demo starts each report over: there is no --resume)."""
+    page = ("index.html and summary.json are still the previous report's, while the sections written so far are this "
+            "run's" if had_page else "no index.html or summary.json was written")
+    return (f"the report in {out} is unfinished ({page}; its run files under {out / 'runs'} were closed cleanly). demo "
+            "has no --resume: run the same command again to write the whole report.")
 
 
 def _slug(spec: str) -> str:
