@@ -150,7 +150,7 @@ class Terminated(KeyboardInterrupt):
     committed up to its last batch, and a message saying where it stands and how to go on), and :func:`main` exits
     with ``128 + signum`` naming the signal."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int = signal.SIGTERM):  # a default: an exception unpickles from its args, here none
         super().__init__()
         self.signum = signum
 
