@@ -338,3 +338,42 @@ def test_sigterm_stops_demo_cleanly_with_its_run_file_closed_and_says_to_run_it_
     with h5py.File(run, "r") as f:  # closed by its writer
         assert not f.attrs["complete"] and 2 <= int(f["images"].attrs["committed"]) < 400
     assert not (report / "index.html").exists() and not (report / "summary.json").exists()
+
+
+def test_resuming_a_position_named_run_of_an_image_column_read_from_files_is_refused_with_the_reason(tmp_path,
+                                                                                                       monkeypatch):
+    """Such a run of an earlier qkhooks named its rows 0, 1, ...; resumed now it would go on under path ids: refused,
+    saying an earlier qkhooks named them by position (as for a column of path strings, round 38)."""
+    datasets = pytest.importorskip("datasets")
+    import timm
+    import torch
+
+    import qkhooks
+    from qkhooks.data import ImageConfig, readers
+    from qkhooks.errors import QKHooksError
+    from qkhooks.models.load import LoadedModel
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=1,
+                            num_heads=4, num_classes=0).eval()
+    loaded = LoadedModel(model=net, spec="tiny", image_config=ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3))
+    paths = [str(p) for p in sorted(_photos(tmp_path / "many", 6).iterdir())]
+    ds = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image(decode=False))
+    out, kw, calls = tmp_path / "hf.h5", dict(layers="0", modes=2, batch_size=2, progress=False, checkpoint_every=1), []
+
+    def stop(batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as old:  # the earlier naming: positions, and no ids listed without decoding
+        old.setattr(readers._HFReader, "row_id", lambda self, row, position: str(position))
+        old.setattr(readers._HFReader, "mask_layouts", lambda self, stop: None)
+        with pytest.raises(KeyboardInterrupt):
+            qkhooks.record_dataset(loaded, ds, out, on_batch=stop, **kw)
+    with pytest.raises(QKHooksError, match=r"image 0 of the file is '0', the data's is .*img00\.png'.*recorded by an "
+                                           r"earlier qkhooks, which named items given as file paths by their position"):
+        qkhooks.record_dataset(loaded, ds, out, resume=True, **kw)
+    qkhooks.record_dataset(loaded, ds, tmp_path / "new.h5", **kw)  # a new run names them by path
+    with qkhooks.open_run(tmp_path / "new.h5") as run:
+        assert list(run.ids) == paths
