@@ -158,7 +158,7 @@ def test_demo_refusing_a_record_option_leaves_an_existing_report_untouched(bad, 
     assert main(["demo", "--model", "timm:test_vit@random", "--out", str(out), *bad]) == 2
     assert _tree(out) == before
     err = capsys.readouterr().err
-    assert ("batch size" in err and "--batch-size" in err) if bad[0] == "--batch-size" else "limit" in err
+    assert ("batch size" in err and "--batch-size" in err) if bad[0] == "--batch-size" else "--images" in err
 
 
 def test_make_report_refuses_an_unknown_device_before_any_section(tmp_path):

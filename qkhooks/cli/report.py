@@ -17,7 +17,8 @@ from qkhooks.errors import QKHooksError, RunInterrupted, writable_dir
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append",
                    help="timm:NAME, hf:ID_OR_DIR or offline:dinov2-s14, SPEC@random for random weights (default: the "
-                        "bundled offline:dinov2-s14); repeat it to report several models and compare them in DIR/compare")
+                        "bundled offline:dinov2-s14); repeat it to report several models and compare them in DIR/compare "
+                        "(all are loaded before the first report)")
     p.add_argument("--random-init", action="store_true", help="build the architecture without pretrained weights")
     p.add_argument("--checkpoint", help="local weights for a timm:NAME architecture (safetensors or .pth)")
     p.add_argument("--out", default="demo_out", help="report folder (default demo_out)")
@@ -49,9 +50,14 @@ def run_demo(args: argparse.Namespace) -> int:
     if len(specs) > 1 and args.checkpoint:
         raise QKHooksError("--checkpoint would load one file into every --model: report the checkpoint alone "
                            "(`qkhooks demo --model timm:NAME --checkpoint PATH --out DIR`), then `qkhooks compare DIR ...`.")
+    if args.images is not None and args.images < 1:
+        raise QKHooksError(f"--images must be a positive number of photos, got {args.images}; leave it out to use "
+                           "every photo.")
     with sigterm_exits():  # SIGTERM stops it as Ctrl-C does: the run file being written closed, and a word on the report
-        for spec, out in zip(specs, outs):
-            loaded = load_model(spec, random_init=args.random_init, checkpoint=args.checkpoint, device=args.device)
+        # Every model is loaded before the first report, so a bad second --model is refused before minutes of work.
+        models = [load_model(spec, random_init=args.random_init, checkpoint=args.checkpoint, device=args.device)
+                  for spec in specs]
+        for loaded, out in zip(models, outs):
             had_page = (out / "index.html").exists()
             try:
                 summary = make_report(out, loaded, photos=args.images, data=args.data or PHOTOS, o3=args.o3,
