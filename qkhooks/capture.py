@@ -33,6 +33,7 @@ import warnings
 import weakref
 from typing import Any, Callable, Iterable, Literal, ParamSpec, Protocol, Sequence, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,8 +61,9 @@ from qkhooks.options import DEFAULT_MODES, DefaultModes
 from qkhooks.projector import ModeProjector, QKPathProjector, QKPathSolution
 from qkhooks.results import BatchCapture, CallOrOld, LayerCapture, deprecated, observe_geometry
 from qkhooks.sdpa import OWN_WORK
-from qkhooks.spectrum import (LayerSpectrum, QKSpectrum, WeightsState, cached_weights_checked, foreign_spectrum,
-                              is_cached_spectrum, layer_spectrum, live_qk_tensors, weights_state, weights_unchanged)
+from qkhooks.spectrum import (LayerSpectrum, QKSpectrum, WeightsState, cached_weights_checked, edit_stamps,
+                              foreign_spectrum, is_cached_spectrum, layer_spectrum, live_qk_tensors, spectrum_copy,
+                              unedited, weights_state, weights_unchanged)
 
 __all__ = ["record", "Recording", "LayerCapture", "BatchCapture", "Sink", "parse_modes"]
 
@@ -130,7 +132,9 @@ class Recording:
 
     Attributes:
         sites: the hooked attention layers.
-        qk_spectrum: the (truncated) spectra used for projection (None without modes).
+        qk_spectrum: the (truncated) spectra used for projection (None without modes): the values the projectors
+            were built from at entry, whatever a caller does to the spectrum object it gave or was given (an edited
+            copy is replaced by a fresh one on the next read).
         attention_specs: the requested attention (:class:`AttentionSpec` s).
         last: the most recent complete :class:`BatchCapture` (None before the first forward).
         images_seen: number of images in complete batches so far.
@@ -192,7 +196,11 @@ class Recording:
         self._input_takers: list[Any] = []  # the sinks with take_inputs, as the batch began
         self.compute_dtype = _compute_dtype(compute_dtype)
         self._qk_path = qk_path
-        self.qk_spectrum: QKSpectrum | None = None
+        # the spectra the projectors were built from, as they were at entry: the recording's own copies, never handed
+        # out (the run file's statics and the x path built later read them); qk_spectrum hands out copies of them
+        self._entry_spectrum: QKSpectrum | None = None
+        self._entry_modes: dict[int, _EntryModes] = {}
+        self._handed_spectrum: QKSpectrum | None = None
         self._projectors: dict[int, ModeProjector] = {}  # layers whose modes are projected from the tokens x
         # Layers whose modes come from the model's own q/k Linear outputs (a d_k x K product per head instead
         # of x's d x K): the same maps to float rounding, since u_n and v_n lie in the row spaces of W_q, W_k, where
@@ -228,8 +236,10 @@ class Recording:
                     # the spectrum cache's copy is checked here once: by layer_spectrum when no spectrum was given,
                     # else for a given one that is the cache's own; any other given one is checked against the weights
                     vouched = given is None or is_cached_spectrum(site, given)
-                    spec, projector = _layer_modes(site, given, k, augmented, from_qk,
-                                                   vouched or spectrum_of_other_weights)
+                    at_entry, projector = _layer_modes(site, given, k, augmented, from_qk,
+                                                       vouched or spectrum_of_other_weights)
+                    self._entry_modes[site.layer] = at_entry
+                    spec = at_entry.own
                     self._weights_at_entry[site.layer] = weights_state(site, vouched)
                     self._live_weights[site.layer] = live_qk_tensors(site)  # views: compared each batch in place
                     self._params_at_entry[site.layer] = [(n, weakref.ref(p)) for n, p in site.module.named_parameters()]
@@ -238,7 +248,7 @@ class Recording:
                         self._from_qk[site.layer] = projector
                     else:
                         self._projectors[site.layer] = projector
-            self.qk_spectrum = QKSpectrum(spectra, getattr(model, "qkhooks_spec", "") or type(model).__name__)
+            self._entry_spectrum = QKSpectrum(spectra, getattr(model, "qkhooks_spec", "") or type(model).__name__)
             self._modes_kept = modes_kept(self.modes, [s.num_modes for s in spectra], self.sites, stacklevel=5,
                                           given_tops=given_tops)
         self.outputs: OutputsKind = outputs
@@ -290,6 +300,33 @@ class Recording:
     def modes_kept(self) -> int | None | Literal["all"]:
         """The modes kept per head: ``modes`` as asked, or the most any recorded head has when it asked for more."""
         return self._modes_kept
+
+    @property
+    def qk_spectrum(self) -> QKSpectrum | None:
+        """The (truncated) spectra the maps are projected on (None without modes), as they were at entry: copies of
+        the recording's own, so that editing one in place (``S.div_(S.max())`` for a plot) or the spectrum given
+        (``spectrum=``, ``qkhooks.spectrum(model)``, which shares the cache's arrays) changes nothing it projects with,
+        reports or writes; an edited copy is replaced by a fresh one at the next read (a few us a layer to tell)."""
+        if self._entry_spectrum is None:
+            return None
+        layers = [self._entry_modes[spec.layer].handed() for spec in self._entry_spectrum]
+        handed = self._handed_spectrum
+        if handed is None or len(handed.layers) != len(layers) or any(a is not b for a, b in zip(handed.layers, layers)):
+            handed = self._handed_spectrum = QKSpectrum(layers, self._entry_spectrum.model)
+        return handed
+
+    def spectrum_statics(self) -> dict[str, Any]:
+        """The run-file statics of the recorded modes (numpy arrays, copies): ``spectrum/L{l}/U``, ``S``, ``V``,
+        ``cos`` and every mode's ``S_all``, ``cos_all``, from the values the projectors were built from at entry
+        (empty without modes), so a file's spectrum is that of its maps whatever the caller edits meanwhile."""
+        out: dict[str, Any] = {}
+        for spec in self._entry_spectrum or ():
+            s_all, cos_all = spec.all_modes()
+            for name, value in (("U", spec.U), ("S", spec.S), ("V", spec.V), ("cos", spec.cos), ("S_all", s_all),
+                                ("cos_all", cos_all)):
+                value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+                out[f"spectrum/L{spec.layer}/{name}"] = np.array(value, copy=True)
+        return out
 
     @property
     def mode_source(self) -> dict[int, str]:
@@ -882,7 +919,7 @@ class Recording:
         """The x path of a q/k-path layer, built on its first call whose q/k are below float32 (none is built before:
         most recordings never need it)."""
         if layer not in self._x_fallback:
-            self._x_fallback[layer] = ModeProjector(self.qk_spectrum[layer])  # type: ignore[index]
+            self._x_fallback[layer] = ModeProjector(self._entry_spectrum[layer])  # type: ignore[index]
         return self._x_fallback[layer]
 
     def _check_rows_axis(self, site: AttentionSite, rows_in_call: int, n: int, chosen: bool) -> None:
@@ -1029,7 +1066,8 @@ class Recording:
     def config(self) -> dict[str, Any]:
         """The options that define what is recorded, encoded as in a run file's ``config``."""
         return {"modes": self.modes_kept, "layers": self.layers, "attention": [dataclasses.asdict(s) for s in self.attention_specs],
-                "input": self.input, "augmented": bool(self.qk_spectrum is not None and self.qk_spectrum.layers[0].augmented)}
+                "input": self.input,
+                "augmented": bool(self._entry_spectrum is not None and self._entry_spectrum.layers[0].augmented)}
 
     def _last_batch(self, layer: Layer | None = None) -> BatchCapture:
         """The last complete batch, or a refusal that says why there is none (``layer``: checked first, by name)."""
@@ -1177,8 +1215,29 @@ class _LayerModes:
 
     spectrum: LayerSpectrum
     qk_solution: QKPathSolution | None = None
-    built: dict[tuple[int | None, bool], tuple[LayerSpectrum, ModeProjector | QKPathProjector]] = dataclasses.field(
+    built: dict[tuple[int | None, bool], tuple["_EntryModes", ModeProjector | QKPathProjector]] = dataclasses.field(
         default_factory=dict)
+
+
+class _EntryModes:
+    """One layer's top spectrum as its projectors were built from it: ``own``, a copy nobody is handed (what the
+    recording projects with later and writes to a run file), and :meth:`handed`, a copy of it for the caller, made
+    again once edited. Kept with the projectors (:class:`_LayerModes`), so record() entered per batch copies
+    nothing."""
+
+    __slots__ = ("own", "_handed", "_stamps")
+
+    def __init__(self, own: LayerSpectrum):
+        self.own = own
+        self._handed: LayerSpectrum | None = None
+        self._stamps: tuple = ()
+
+    def handed(self) -> LayerSpectrum:
+        """A copy of :attr:`own` for the caller: the one handed before, unless it was edited since."""
+        if self._handed is None or not unedited(self._handed, self._stamps):
+            self._handed = spectrum_copy(self.own)
+            self._stamps = edit_stamps(self._handed)
+        return self._handed
 
 
 # The dtypes whose rounding QK_PATH_MAX_AMPLIFICATION was set for: the q/k path's input must be one of them.
@@ -1229,8 +1288,9 @@ _LAYER_MODES: "weakref.WeakKeyDictionary[nn.Module, _LayerModes]" = weakref.Weak
 
 
 def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None, augmented: bool,
-                 qk_path: bool, vouched: bool = False) -> tuple[LayerSpectrum, ModeProjector | QKPathProjector]:
-    """The top-``k`` spectrum of ``site`` and the projector of its maps: from the model's own q/k Linear outputs
+                 qk_path: bool, vouched: bool = False) -> tuple[_EntryModes, ModeProjector | QKPathProjector]:
+    """The top-``k`` spectrum of ``site`` (a copy of its own, :class:`_EntryModes`: the spectrum given, or the
+    cache's, is the caller's to edit) and the projector of its maps, built from that copy: from the model's own q/k Linear outputs
     where allowed and as accurate as from x (the adapter names them and :func:`qkhooks.projector.qk_path_check`: the
     bias-free spectrum, every kept mode's error amplification small), else from x.
 
@@ -1262,7 +1322,7 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
             _LAYER_MODES[site.module] = entry
     built = entry.built.get((k, qk_path))
     if built is None:
-        spec = full.top(k)
+        spec = spectrum_copy(full.top(k))  # the cache's arrays are handed out too (qkhooks.spectrum(model))
         projector: ModeProjector | QKPathProjector | None = None
         if qk_path and site.qk_modules and not spec.augmented:
             # one solve of every mode per layer and weights, its leading k sliced for each k recorded
@@ -1271,7 +1331,8 @@ def _layer_modes(site: AttentionSite, given: LayerSpectrum | None, k: int | None
             check = entry.qk_solution.check(k)
             if check.fits:
                 projector = QKPathProjector(spec, entry.qk_solution.weights, (check.a, check.c))
-        built = entry.built[(k, qk_path)] = (spec, projector if projector is not None else ModeProjector(spec))
+        built = entry.built[(k, qk_path)] = (_EntryModes(spec),
+                                             projector if projector is not None else ModeProjector(spec))
     return built
 
 

@@ -423,6 +423,43 @@ def _untouched(spec: LayerSpectrum, computed: tuple) -> bool:
     ``top(k)``'s share their base's version counter, so their edits count too)."""
     return all(now is then and now._version == version
                for now, (then, version) in zip((spec.U, spec.S, spec.V), computed))
+_ARRAYS = ("U", "S", "V", "S_all", "cos_all")
+
+
+def spectrum_copy(spec: LayerSpectrum) -> LayerSpectrum:
+    """``spec`` with arrays of its own (torch tensors cloned, outside inference mode so that their version counters
+    count edits; numpy arrays copied, read-only): what a recording keeps and hands out, so that a caller editing the
+    spectrum it was given (``S.div_(S.max())`` for a plot, a sign flipped) changes nothing the recording reports,
+    writes or projects with."""
+    import torch
+
+    def own(a: Any) -> Any:
+        if a is None:
+            return None
+        if isinstance(a, np.ndarray):
+            a = np.array(a, copy=True)
+            a.setflags(write=False)
+            return a
+        return a.detach().clone()
+
+    with torch.inference_mode(False), torch.no_grad():
+        return dataclasses.replace(spec, **{name: own(getattr(spec, name)) for name in _ARRAYS})
+
+
+def edit_stamps(spec: LayerSpectrum) -> tuple:
+    """What :func:`unedited` compares: each array of ``spec`` with its version counter (None for numpy: those
+    :func:`spectrum_copy` makes are read-only), and its plain fields."""
+    return (tuple((a, getattr(a, "_version", None)) for a in (getattr(spec, n) for n in _ARRAYS)),
+            (spec.layer, spec.augmented, spec.truncated))
+
+
+def unedited(spec: LayerSpectrum, stamps: tuple) -> bool:
+    """Whether ``spec`` still holds the arrays and fields :func:`edit_stamps` saw, none edited in place since."""
+    arrays, fields = stamps
+    return (all(getattr(spec, n) is a and getattr(a, "_version", None) == v for n, (a, v) in zip(_ARRAYS, arrays))
+            and (spec.layer, spec.augmented, spec.truncated) == fields)
+
+
 # Integer dtypes of each float size: weights compared as integers are compared bit for bit (a NaN equals itself).
 _SAME_SIZE_INTS = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 WeightsState = tuple  # (_weights_key or None, a copy of _qk_tensors or None): see weights_state, _copied_state

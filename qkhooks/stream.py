@@ -958,15 +958,16 @@ def _loop(run, batches, net, total, device, layout, plan, progress, writer, chec
 def _write_statics(writer: Any, run: Any, sites: Sequence[AttentionSite], image_size: tuple[int, int],
                    augmented: bool, geometry: dict[int, LayerGeometry], left_out: dict[str, str],
                    unmodelled: dict[str, str], model_layers: Sequence[int] | None = None) -> None:
-    if run.qk_spectrum is not None:
-        for layer in run.qk_spectrum:
-            for name in ("U", "S", "V"):
-                writer.write_static(f"spectrum/L{layer.layer}/{name}", getattr(layer, name).cpu().numpy())
-            writer.write_static(f"spectrum/L{layer.layer}/cos", layer.cos.cpu().numpy())
+    # the modes the maps are projected on, as the recording took them at entry (its own copy: a caller editing
+    # qkhooks.spectrum(model)'s shared arrays meanwhile changes nothing stored), with every mode's sigma and cosine
+    statics = run.spectrum_statics()
     for site in sites:  # every mode's sigma and cosine (tiny): layer statistics must not depend on how many are kept
-        full = layer_spectrum(site, augmented)
-        writer.write_static(f"spectrum/L{site.layer}/S_all", full.S.cpu().numpy())
-        writer.write_static(f"spectrum/L{site.layer}/cos_all", full.cos.cpu().numpy())
+        if f"spectrum/L{site.layer}/S_all" not in statics:  # recorded without modes
+            full = layer_spectrum(site, augmented)
+            statics[f"spectrum/L{site.layer}/S_all"] = full.S.cpu().numpy()
+            statics[f"spectrum/L{site.layer}/cos_all"] = full.cos.cpu().numpy()
+    for name, value in statics.items():
+        writer.write_static(name, value)
     site = sites[0]
     height, width = image_size
     first = geometry[site.layer]

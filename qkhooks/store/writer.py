@@ -700,8 +700,13 @@ class RunWriter:
         """Queue a dataset written once (spectra, model info); a JSON string is stored as a string attribute.
 
         A new static belongs to the layout: write it before the first batch (later, or in a resume, only in
-        place, with the same shape and dtype).
+        place, with the same shape and dtype). Arrays are copied now, as the checkpoint's are: the writer thread reaches
+        the static later, and the caller's array (a spectrum shared with qkhooks' cache) may be edited meanwhile.
         """
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to("cpu", copy=True)
+        elif isinstance(value, np.ndarray):
+            value = np.array(value, copy=True)
         self._enqueue(("static", name, value))
 
     def write_checkpoint(self, states: Mapping[str, Mapping[str, Any]]) -> None:

@@ -1,0 +1,151 @@
+"""Round 39's fixes of the recording core and of the run file's resume checks (helper FIXB): a spectrum edited
+inside an open record(), DataParallel's replicas, and a same-size image replaced before a resume. Each test was seen
+to fail on the code before its fix; the numbers are compared with a dense float64 SVD of W_q_hᵀW_k_h per head
+(numpy) applied to the tokens entering the layer."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import qkhooks
+from qkhooks.errors import QKHooksError
+from test_review_r37_capture import _images, _timm
+from test_review_r38_capture import _tokens
+
+
+def _dense_modes(attn: torch.nn.Module, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(U (H, d, k), S (H, k), V (H, d, k)) of W_q_hᵀW_k_h per head from numpy's dense float64 SVD, each u_n's largest
+    |entry| positive and v_n's sign following it."""
+    w = attn.qkv.weight.detach().double().numpy()
+    heads = attn.num_heads
+    dk = w.shape[0] // 3 // heads
+    us, ss, vs = [], [], []
+    for h in range(heads):
+        u, s, vt = np.linalg.svd(w[h * dk:(h + 1) * dk].T @ w[heads * dk + h * dk:heads * dk + (h + 1) * dk])
+        u, v = u[:, :k], vt[:k].T
+        sign = np.sign(u[np.abs(u).argmax(0), np.arange(k)])
+        us.append(u * sign), ss.append(s[:k]), vs.append(v * sign)
+    return np.stack(us), np.stack(ss), np.stack(vs)
+
+
+def _rel(a, b: np.ndarray) -> float:
+    a = np.asarray(a.detach().float() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _edit(spec) -> None:
+    """What a caller does to a spectrum for a plot: sigma normalised in place, a sign flipped."""
+    spec.S.div_(spec.S.max())
+    spec.U.neg_()
+    spec.V.mul_(2)
+
+
+# ------------------------------------------------------------- 1. a spectrum edited inside an open record()
+def test_a_spectrum_edited_inside_an_open_record_changes_nothing_it_reports_or_projects_with():
+    """Before: ``run.spectrum(l)`` was a view of the spectrum cache's arrays, which ``qkhooks.spectrum(model)`` hands
+    out too, so S.div_ there made the recording report the edited S (off by 0.84), and a batch under autocast (its
+    x path, built at that batch from the recording's spectrum) gave maps off by 2.0 (U's sign flipped)."""
+    model, x = _timm(), _images()
+    U, S, V = _dense_modes(model.blocks[0].attn, 4)
+    queries = np.einsum("bnd,hdk->bhkn", _tokens(model, x)[0], U)
+    with torch.no_grad(), qkhooks.record(model, modes=4) as run:
+        model(x)
+        _edit(qkhooks.spectrum(model)[0])  # the cache's own arrays
+        _edit(run.spectrum(0))  # the recording's, handed out
+        _edit(run.last.spectrum(0))
+        model(x)
+        batch = run.last
+        for spec in (run.spectrum(0), batch.spectrum(0), run.qk_spectrum[0]):
+            assert _rel(spec.S, S) < 1e-6 and _rel(spec.U, U) < 1e-5 and _rel(spec.V, V) < 1e-5
+        assert _rel(run.query(0), queries) < 1e-5
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # q/k below float32: this batch's maps come from x
+            model(x)
+        assert run.mode_source[0] == "x"
+        assert _rel(run.query(0), queries) < 2e-2
+    # the next recording's spectrum is the weights' again too
+    with torch.no_grad(), qkhooks.record(model, modes=4) as again:
+        assert _rel(again.spectrum(0).S, S) < 1e-6 and _rel(again.spectrum(0).U, U) < 1e-5
+
+
+def test_a_spectrum_given_and_edited_inside_the_record_changes_nothing_it_reports():
+    """Before: ``record(model, spectrum=given)`` kept the given arrays themselves; editing them after entry changed
+    ``run.spectrum(l)`` (and would the statics of a run file written from it)."""
+    model, x = _timm(), _images()
+    U, S, V = _dense_modes(model.blocks[1].attn, 16)
+    given = qkhooks.spectrum(model)
+    with torch.no_grad(), qkhooks.record(model, modes="all", spectrum=given) as run:
+        _edit(given[1])
+        model(x)
+        assert _rel(run.spectrum(1).S, S) < 1e-6 and _rel(run.spectrum(1).U, U) < 1e-5
+        assert _rel(run.spectrum(1).V, V) < 1e-5
+
+
+def _edited_as_it_is_written(monkeypatch, name: str, spec) -> None:
+    """The caller edits ``spec`` (:func:`_edit`) just before the writer thread writes the static ``name`` (a callback
+    or another thread while the writer is behind), so what is stored is what the queued array holds by then."""
+    from qkhooks.store.writer import RunWriter
+
+    do_static = RunWriter._do_static
+
+    def late(self, static, value):
+        if static == name:
+            _edit(spec)
+        return do_static(self, static, value)
+
+    monkeypatch.setattr(RunWriter, "_do_static", late)
+
+
+def test_record_dataset_stores_the_spectrum_of_its_maps_when_the_caller_edits_it_meanwhile(tmp_path, monkeypatch):
+    """Before: the statics were queued as views of the spectrum cache's arrays (qkhooks.spectrum(model) hands out the
+    same), and an edit made before the writer thread reached them was stored: S off by 0.84, U's sign flipped."""
+    from qkhooks.data.preprocess import ImageConfig
+    from qkhooks.models.load import load_model
+    from qkhooks.stream import record_dataset
+
+    model = _timm()
+    _edited_as_it_is_written(monkeypatch, "spectrum/L0/S", qkhooks.spectrum(model)[0])
+    tokens: list[np.ndarray] = []
+
+    def on_batch(batch):
+        if not tokens:
+            _edit(batch.spectrum(0))
+        tokens.append(batch.inputs(0).double().numpy().copy())
+
+    config = ImageConfig(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3)
+    out = tmp_path / "run.h5"
+    record_dataset(load_model(model, image_config=config), "samples", out, limit=4, batch_size=2, progress=False,
+                   dtype="float32", modes="all", reducers=[], keep_inputs=True, on_batch=on_batch)
+    U, S, V = _dense_modes(model.blocks[0].attn, 16)
+    with qkhooks.open_run(out) as run:
+        arrays = run.spectrum_arrays(0)
+        assert _rel(arrays["S"], S) < 1e-6 and _rel(arrays["S_all"], S) < 1e-6
+        assert _rel(arrays["U"], U) < 1e-5 and _rel(arrays["V"], V) < 1e-5
+        queries = np.einsum("bnd,hdk->bhkn", np.concatenate(tokens), U)
+        assert _rel(run.array("modes/L0/query")[:], queries) < 1e-5
+
+
+def test_a_static_written_from_ones_own_loop_is_the_array_as_it_was_handed_over(tmp_path, monkeypatch):
+    """Before: RunWriter.write_static queued the caller's array itself, so an edit before the writer thread reached
+    it was stored (a run file written with WriterSink from one's own loop, its spectrum written by hand)."""
+    from qkhooks.store.writer import RunWriter
+    from qkhooks.stream import WriterSink
+
+    model, x = _timm(), _images()
+    U, S, V = _dense_modes(model.blocks[0].attn, 4)
+    path = tmp_path / "run.h5"
+    with RunWriter(path, attrs={"model": "vit", "config": "{}"}, dtype="float32") as writer:
+        with torch.no_grad(), qkhooks.record(model, modes=4, sinks=[WriterSink(writer)]) as run:
+            handed = run.spectrum(0)
+            _edited_as_it_is_written(monkeypatch, "mine/S", handed)
+            writer.write_static("mine/S", handed.S)
+            writer.write_static("mine/U", handed.U.numpy())
+            model(x)
+    with qkhooks.open_run(path) as stored:
+        assert _rel(stored.file["mine/S"][()], S) < 1e-6 and _rel(stored.file["mine/U"][()], U) < 1e-5
+    assert _rel(run.spectrum(0).S, S) < 1e-6 and _rel(run.spectrum(0).U, U) < 1e-5
+
+
