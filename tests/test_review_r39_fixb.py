@@ -149,3 +149,59 @@ def test_a_static_written_from_ones_own_loop_is_the_array_as_it_was_handed_over(
     assert _rel(run.spectrum(0).S, S) < 1e-6 and _rel(run.spectrum(0).U, U) < 1e-5
 
 
+# ------------------------------------------------------------- 2. DataParallel's replicas
+def _cpu_replicate(monkeypatch):
+    """``torch.nn.parallel.replicate`` itself (the module copies DataParallel runs on each GPU at every forward), its
+    broadcast of the weights to GPUs replaced by CPU copies: this machine has no GPU."""
+    import importlib
+
+    replicate = importlib.import_module("torch.nn.parallel.replicate")
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape",
+                        lambda tensors, devices, detach=False: [[t.detach().clone() for t in tensors] for _ in devices])
+    return replicate.replicate
+
+
+def test_a_dataparallel_replica_is_refused_naming_dataparallel_and_the_fix_and_the_model_still_records(monkeypatch):
+    """Before: a replica's call (DataParallel over two GPUs) was refused as "a copy of the recorded model made inside
+    record() (copy.deepcopy, copy.copy)", which names none of what the caller did nor the fix."""
+    replicate = _cpu_replicate(monkeypatch)
+    model, x = _timm(), _images()
+    U, _, _ = _dense_modes(model.blocks[0].attn, 4)
+    queries = np.einsum("bnd,hdk->bhkn", _tokens(model, x)[0], U)
+    refusals: list[BaseException] = []
+
+    def in_a_thread(replica):  # as DataParallel's parallel_apply runs each replica
+        try:
+            replica(x)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            refusals.append(exc)
+
+    with torch.no_grad(), qkhooks.record(model, modes=4) as run:
+        replicas = replicate(model, [0, 1])
+        with pytest.raises(QKHooksError, match=r"a replica of the recorded model made by torch\.nn\.DataParallel.*"
+                                               r"qkhooks\.record\(dp\.module\).*torchrun.*DistributedDataParallel"):
+            replicas[0](x)
+        thread = threading.Thread(target=in_a_thread, args=(replicas[1],))
+        thread.start()
+        thread.join()
+        assert len(refusals) == 1 and "torch.nn.DataParallel" in str(refusals[0])
+        assert isinstance(refusals[0], QKHooksError)
+        model(x)
+        assert run.images_seen == 2 and _rel(run.query(0), queries) < 1e-5
+
+
+def test_the_module_inside_a_dataparallel_on_one_device_or_none_records_through_the_wrapper():
+    """The fix the refusal names: record ``dp.module``; DataParallel on one device (or none, as on this machine) calls
+    the module itself, so ``dp(x)`` is recorded (the wrapper itself is refused by the adapters, naming dp.module)."""
+    model, x = _timm(), _images()
+    U, _, _ = _dense_modes(model.blocks[0].attn, 4)
+    queries = np.einsum("bnd,hdk->bhkn", _tokens(model, x)[0], U)
+    dp = torch.nn.DataParallel(model)
+    assert len(dp.device_ids) <= 1  # no replicas here (a GPU machine with two would replicate: refused above)
+    with pytest.raises(QKHooksError, match=r"DataParallel wraps a model qkhooks knows: record model\.module"):
+        qkhooks.record(dp, modes=4)
+    with torch.no_grad(), qkhooks.record(dp.module, modes=4) as run:
+        dp(x)
+    assert _rel(run.query(0), queries) < 1e-5
+
+

@@ -531,7 +531,7 @@ def untraced_hook(own: _OwnHook, module: nn.Module, args: tuple) -> Any:
         torch.compiler.disable(_refuse_traced)(own.model, module)
     if module is not own.module():  # refused as the copy's call begins; its forward hooks (after) do nothing
         if own.pre:
-            raise QKHooksError(_COPY_INSIDE)
+            raise QKHooksError(_DATA_PARALLEL if getattr(module, "_is_replica", False) else _COPY_INSIDE)
         return None
     if threading.get_ident() != own.thread and torch._C._current_graph_task_id() == -1:  # not autograd's own thread
         if own.pre:  # (a checkpointed block recomputed in backward on a device thread)
@@ -549,6 +549,16 @@ _COPY_INSIDE = (
     "open: it carries copies of qkhooks' hooks, which do not record it (its batches would be taken for the model's, "
     "with the model's modes). Copy the model before entering record(), and record the copy with its own "
     "qkhooks.record() if you want its maps.")
+
+
+_DATA_PARALLEL = (
+    "a replica of the recorded model made by torch.nn.DataParallel (torch.nn.parallel.replicate) was called while the "
+    "recording is open: DataParallel copies the model onto each GPU at every forward and runs the copies in threads of "
+    "their own, and the copies share qkhooks' hooks without being the modules they were put on, so their maps cannot "
+    "be recorded as the model's batch. Record the module itself, one device per recording (qkhooks.record(dp.module) "
+    "and call dp.module(x), or record_dataset(dp.module, ...)), or record on several GPUs with one process each: "
+    "torchrun -m qkhooks record ... --device cuda, or qkhooks.distributed.record_dataset_distributed inside your own "
+    "torch.distributed (DistributedDataParallel) program (README: \"Several processes or GPUs\").")
 
 
 _OTHER_THREAD = (
