@@ -25,7 +25,8 @@ from qkhooks.data.datasets import BUNDLED_PREFIX, FOLDER_PREFIXES, GENERATED_PRE
 from qkhooks.data.readers import _split_spec
 from qkhooks.store.format import FILE_SIZES
 
-__all__ = ["SIZES_ATTR", "absolute_spec", "file_sizes", "file_size_column", "recorded_sizes", "changed_files"]
+__all__ = ["SIZES_ATTR", "absolute_spec", "file_sizes", "file_size_column", "file_mtime_column", "recorded_sizes",
+           "changed_files"]
 
 SIZES_ATTR = "data_file_sizes"
 """Root attribute of older run files (before :data:`qkhooks.store.format.FILE_SIZES`): JSON ``{image id: file size
@@ -104,6 +105,27 @@ def file_size_column(dataset: Any) -> Callable[[Sequence[str]], np.ndarray] | No
     if not paths:
         return None
     return lambda ids: np.array([_size(paths.get(i)) for i in ids], np.int64)
+
+
+def _mtime(path: str | None) -> int:
+    """The file's modification time in nanoseconds (``st_mtime_ns``); -1 for no file or one that cannot be read now."""
+    if path is None:
+        return -1
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
+
+
+def file_mtime_column(dataset: Any) -> Callable[[Sequence[str]], np.ndarray] | None:
+    """What a recording stores in :data:`~qkhooks.store.format.FILE_MTIMES` for a batch of ids: each image file's
+    modification time in nanoseconds (int64, -1 where the image is not read from a file or cannot be read); None for
+    data that is not read from files. One ``stat`` a file, so a resume checks every image it keeps at no real cost:
+    a file replaced by another of the same size has another time."""
+    paths = _paths(dataset)
+    if not paths:
+        return None
+    return lambda ids: np.array([_mtime(paths.get(i)) for i in ids], np.int64)
 
 
 def recorded_sizes(run: Any, ids: Sequence[str], rows: Iterable[int]) -> dict[str, int] | None:

@@ -15,6 +15,7 @@ Per-image extras stored next to the maps (when the dataset has masks):
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import os
@@ -39,7 +40,7 @@ from qkhooks.data.masks import TokenCells, receptive_cells, token_cells
 from qkhooks.data.items import set_pil_limit
 from qkhooks.data.datasets import check_limit
 from qkhooks.data.sources import ItemStream, is_whole, open_source, refuse_batching
-from qkhooks.data_files import absolute_spec, file_size_column
+from qkhooks.data_files import absolute_spec, file_mtime_column, file_size_column
 from qkhooks.errors import DataRefusal, MissingReducer, QKHooksError, RunInterrupted
 from qkhooks.models.base import AttentionSite, select_layers
 from qkhooks.models.unsupported import (hooked_paths, left_out_by_design, refuse_altered_qk, refuse_compiled,
@@ -49,7 +50,7 @@ from qkhooks.options import DEFAULT_MODES, RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
 from qkhooks.results import LayerGeometry, observe_geometry
 from qkhooks.spectrum import layer_spectrum
-from qkhooks.store.format import FILE_SIZES, INFO_SCHEMA_VERSION, id_problem, resume_point
+from qkhooks.store.format import FILE_MTIMES, FILE_SIZES, INFO_SCHEMA_VERSION, id_problem, resume_point
 from qkhooks.store.writer import RunWriter
 
 __all__ = ["record_dataset", "RecordResult", "WriterSink", "probe_geometry", "same_layout_layers", "rows_layers"]
@@ -75,13 +76,16 @@ class RecordResult:
 
 class WriterSink:
     """Feeds complete batches to a :class:`qkhooks.store.RunWriter` (maps, attention, per-image extras, and each
-    image file's size from ``file_sizes``: :func:`qkhooks.data_files.file_size_column`)."""
+    image file's size and modification time from ``file_sizes`` and ``file_mtimes``:
+    :func:`qkhooks.data_files.file_size_column`, :func:`~qkhooks.data_files.file_mtime_column`)."""
 
     def __init__(self, writer: Any, store_modes: bool = True,
-                 file_sizes: Callable[[Sequence[str]], Any] | None = None):
+                 file_sizes: Callable[[Sequence[str]], Any] | None = None,
+                 file_mtimes: Callable[[Sequence[str]], Any] | None = None):
         self.writer = writer
         self.store_modes = store_modes
         self.file_sizes = file_sizes
+        self.file_mtimes = file_mtimes
         self._statics_written = False
 
     def update(self, batch: BatchCapture) -> None:
@@ -96,6 +100,8 @@ class WriterSink:
         layout = self.writer.layout_arrays
         if self.file_sizes is not None and (layout is None or FILE_SIZES in layout):  # not in a resumed older run
             arrays[FILE_SIZES] = self.file_sizes(batch.ids)
+        if self.file_mtimes is not None and (layout is None or FILE_MTIMES in layout):  # not in a run from before it
+            arrays[FILE_MTIMES] = self.file_mtimes(batch.ids)
         self.writer.write_batch(batch.ids, arrays)
 
 
@@ -318,7 +324,8 @@ def _kept_on_resume(writer: Any, reducers: Sequence[Reducer]) -> int | None:
 def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
             decodes: Callable[[int], bool] | None = None,
             file_sizes: Callable[[Sequence[str]], Any] | None = None,
-            skipped_now: Sequence[tuple[str, str]] = ()) -> tuple[int, int]:
+            skipped_now: Sequence[tuple[str, str]] = (),
+            file_mtimes: Callable[[Sequence[str]], Any] | None = None) -> tuple[int, int]:
     """Restore the reducers, cut the file back to their last checkpoint, return how many images are done.
 
     Reducer states are checkpointed every few batches, so the file may hold images past the checkpoint;
@@ -329,7 +336,10 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
     is not in the file is allowed only when it still fails to decode (``decodes(index)`` False: it was skipped);
     one that decodes was added, or renamed, since the run started, and the resume is refused (it could never be
     recorded in order). With ``file_sizes`` (a folder's), a kept image whose file has another size than the run
-    recorded is refused too: it was changed since, and the run would keep maps of a file no longer there. Everything
+    recorded is refused too: it was changed since, and the run would keep maps of a file no longer there; with
+    ``file_mtimes``, so is one whose modification time differs (a file replaced by another of the same size: another
+    photo of the same pixel size stored uncompressed). Both are one ``stat`` a kept image, so every one is checked; a
+    run from before the times were stored (no :data:`FILE_MTIMES`) is checked by size only, with a warning. Everything
     is checked before the file is cut. A kept image that the dataset now skips as it opens (``skipped_now``: id,
     reason) is named with that reason: it is there, and the fix is the reason's.
     """
@@ -368,6 +378,25 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
                 f"when it recorded them (first: {id_!r}, {was} bytes then, {now if now >= 0 else 'unreadable'} now), "
                 "so they were changed since, and the run would keep maps of files that are no longer there (if only "
                 f"their metadata changed, their maps would be the same: record again with --overwrite to be sure). {fix}")
+    times_then = writer.rows(FILE_MTIMES, done) if file_mtimes is not None and done else None
+    if times_then is not None:
+        changed = [(id_, int(was), int(now)) for id_, was, now in zip(kept, times_then, file_mtimes(kept))
+                   if was >= 0 and was != now]
+        if changed:
+            id_, was, now = changed[0]
+            raise QKHooksError(
+                f"cannot resume {writer.path}: {len(changed)} of the {done} images it keeps were modified since it "
+                f"recorded them (first: {id_!r}, its file's modification time {_when(was)} then, "
+                f"{_when(now) if now >= 0 else 'unreadable'} now), so they may hold other pictures (one of the same "
+                "file size: another photo of the same pixel size, stored uncompressed), and the run would mix maps of "
+                "two datasets. If the files were only touched or copied without their times (cp without -p), their "
+                f"maps are the same: record again with --overwrite to be sure. {fix}")
+    elif file_mtimes is not None and done:
+        warnings.warn(f"{writer.path} was recorded before qkhooks stored each image file's modification time "
+                      f"({FILE_MTIMES}), so this resume checks the {done} images it keeps by "
+                      f"{'their file sizes' if sizes_then is not None else 'their names'} only: a file replaced since "
+                      "by another of the same size is not noticed. Record into a new --out (or --overwrite) to have "
+                      "every file checked on a later resume.", stacklevel=4)
     if decodes is not None:
         recorded = set(kept)
         for i in range(last + 1):
@@ -386,6 +415,12 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
     if done < writer.committed:
         writer.truncate(done)
     return done, last + 1
+
+
+def _when(ns: int) -> str:
+    """A file's modification time (nanoseconds since the epoch) as UTC, to the nanosecond."""
+    stamp = datetime.datetime.fromtimestamp(ns // 10**9, datetime.timezone.utc)
+    return f"{stamp:%Y-%m-%d %H:%M:%S}.{ns % 10**9:09d} UTC"
 
 
 def _decodes(dataset: Any, offset: int) -> Callable[[int], bool]:
@@ -592,6 +627,7 @@ def record_dataset(
     position = _StreamPosition(lo) if streamed else None
     checkpointed = list(reducers) + ([position] if position is not None else [])
     file_sizes = None if streamed else file_size_column(dataset)  # each file's size: stored, and checked on resume
+    file_mtimes = None if streamed else file_mtime_column(dataset)  # and its modification time (same-size changes)
     if out is not None:
         mode = "resume" if resume and Path(out).exists() else ("overwrite" if overwrite else "create")
         attrs = {
@@ -614,7 +650,7 @@ def record_dataset(
                     _refuse_changed_stream(out, dataset, writer.ids[:done], lo, start, position.skipped)
                 else:
                     done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo), file_sizes,
-                                               at_open)
+                                               at_open, file_mtimes)
                     start = lo + next_index
                 refuse_sinks_holding_images(reducers, done)  # one the run's checkpoint did not replace
             except BaseException:
@@ -632,7 +668,7 @@ def record_dataset(
                 if shard is not None:  # where this block starts in the dataset: qkhooks.distributed.merge_shards reads it
                     writer.write_static("images/shard", json.dumps({"rank": shard[0], "world": shard[1], "start": lo, "stop": hi}))
                 # each file's size goes with its batch, so a reopened folder can be checked to hold the files recorded
-                run.sinks.append(WriterSink(writer, opts.store_modes, file_sizes))
+                run.sinks.append(WriterSink(writer, opts.store_modes, file_sizes, file_mtimes))
             run.sinks.extend(reducers)
             if on_batch is not None:
                 run.sinks.append(_Callback(on_batch))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -556,13 +557,15 @@ def test_a_resume_over_a_replaced_image_file_is_refused_naming_it(tiny_loaded, t
         _photo(i).save(folder / f"a{i}.png")
     run = tmp_path / "run.h5"
     _interrupted(tiny_loaded, run, batches=3, data=str(folder))
-    before = (folder / "a0.png").stat().st_size
+    was = (folder / "a0.png").stat()
+    before = was.st_size
     _photo(100, size=48).save(folder / "a0.png")  # another picture under the same name
     assert (folder / "a0.png").stat().st_size != before
     with pytest.raises(qkhooks.QKHooksError, match=rf"images it keeps have another file size than when it recorded them "
                                                    rf"\(first: 'a0.png', {before} bytes then, \d+ now\)"):
         qkhooks.record_dataset(tiny_loaded, str(folder), run, resume=True, **_KW)
-    _photo(0).save(folder / "a0.png")  # put back: the resume goes on
+    _photo(0).save(folder / "a0.png")  # put back, its time too (round 39: a resume compares it): the resume goes on
+    os.utime(folder / "a0.png", ns=(was.st_atime_ns, was.st_mtime_ns))
     assert qkhooks.record_dataset(tiny_loaded, str(folder), run, resume=True, **_KW).images == 8
 
 

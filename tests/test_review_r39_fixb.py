@@ -205,3 +205,70 @@ def test_the_module_inside_a_dataparallel_on_one_device_or_none_records_through_
     assert _rel(run.query(0), queries) < 1e-5
 
 
+# ------------------------------------------------------------- 3. a same-size image replaced before a resume
+def _same_size_photos(folder, names, seed: int) -> None:
+    """16x16 noise photos stored as uncompressed PNG: every one has the same file size, whatever its pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / name, compress_level=0)
+
+
+def _tiny_loaded():
+    from qkhooks.data.preprocess import ImageConfig
+    from qkhooks.models.load import load_model
+
+    return load_model(_timm(), image_config=ImageConfig(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3))
+
+
+def test_a_resume_over_an_image_replaced_by_another_of_the_same_file_size_is_refused_naming_it(tmp_path):
+    """Before: only the kept files' sizes were compared, so a photo replaced by another of the same pixel size
+    (same bytes, stored uncompressed) resumed without a word, one run holding maps of two datasets."""
+    import os
+
+    from test_review_r36 import _KW, _interrupted
+
+    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    names = [f"a{i}.png" for i in range(8)]
+    _same_size_photos(folder, names, seed=0)
+    _interrupted(loaded, run, batches=3, data=str(folder))
+    was = (folder / "a1.png").stat()
+    _same_size_photos(folder, ["a1.png"], seed=1)  # another picture under the same name, of the same size
+    now = (folder / "a1.png").stat()
+    assert now.st_size == was.st_size and now.st_mtime_ns != was.st_mtime_ns
+    with pytest.raises(QKHooksError, match=r"cannot resume .*run\.h5: 1 of the 4 images it keeps were modified since "
+                                           r"it recorded them \(first: 'a1\.png', its file's modification time .* UTC "
+                                           r"then, .* UTC now\).*same pixel size.*--overwrite"):
+        qkhooks.record_dataset(loaded, str(folder), run, resume=True, **_KW)
+    with qkhooks.open_run(run) as after:  # refused before anything was cut or written; each file's time as stat said
+        assert after.n == 6 and not after.complete
+        times = after.array("images/file_mtimes")[:]
+    assert [int(t) for t in times] == [was.st_mtime_ns if name == "a1.png" else (folder / name).stat().st_mtime_ns
+                                       for name in names[:6]]
+    _same_size_photos(folder, ["a1.png"], seed=0)  # put back as it was, its time too: the resume goes on
+    os.utime(folder / "a1.png", ns=(was.st_atime_ns, was.st_mtime_ns))
+    assert qkhooks.record_dataset(loaded, str(folder), run, resume=True, **_KW).images == 8
+
+
+def test_a_run_written_without_file_times_resumes_on_sizes_alone_and_says_so(tmp_path, monkeypatch):
+    """A run from before the times were stored (no images/file_mtimes) still resumes, checked as before (sizes),
+    with one warning that names what is not checked."""
+    import qkhooks.stream as stream
+    from test_review_r36 import _KW, _interrupted
+
+    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, [f"a{i}.png" for i in range(8)], seed=0)
+    with monkeypatch.context() as older:
+        older.setattr(stream, "file_mtime_column", lambda dataset: None)  # what qkhooks wrote before round 39
+        _interrupted(loaded, run, batches=2, data=str(folder))
+    with qkhooks.open_run(run) as before:
+        assert before.n == 4 and not before.has("images/file_mtimes") and before.has("images/file_sizes")
+    with pytest.warns(UserWarning, match=r"recorded before qkhooks stored each image file's modification time "
+                                         r"\(images/file_mtimes\), so this resume checks the \d+ images it keeps by "
+                                         r"their file sizes only") as warned:
+        assert qkhooks.record_dataset(loaded, str(folder), run, resume=True, **_KW).images == 8
+    assert sum("modification time" in str(w.message) for w in warned) == 1
+    with qkhooks.open_run(run) as after:
+        assert after.complete and after.n == 8 and not after.has("images/file_mtimes")

@@ -507,7 +507,7 @@ def test_a_run_names_its_folder_absolutely_and_photos_are_drawn_only_from_the_fi
     monkeypatch.chdir(other)
     photos, note = load_images(attrs, ids, [0, 1], sizes=sizes)
     assert photos[0] is not None and "photos from" in note  # the recorded folder, named absolutely
-    original = (tmp_path / "imgs" / ids[1]).read_bytes()
+    original, was = (tmp_path / "imgs" / ids[1]).read_bytes(), (tmp_path / "imgs" / ids[1]).stat()
     (tmp_path / "imgs" / ids[1]).write_bytes((other / "imgs" / ids[1]).read_bytes())  # a file replaced in place
     photos, note = load_images(attrs, ids, [0, 1], sizes=sizes)
     assert photos == {} and f"not the files this run recorded (first: {ids[1]!r}" in note
@@ -525,6 +525,7 @@ def test_a_run_names_its_folder_absolutely_and_photos_are_drawn_only_from_the_fi
     assert photos[0] is not None and "photos from 'imgs'" in note
     monkeypatch.chdir(tmp_path)  # such a run, recorded here as 'imgs', still resumes from here (not refused with
     (tmp_path / "imgs" / ids[1]).write_bytes(original)  # 'data: file imgs, now /.../imgs')
+    os.utime(tmp_path / "imgs" / ids[1], ns=(was.st_atime_ns, was.st_mtime_ns))  # put back as it was (round 39)
     with h5py.File(tmp_path / "run.h5", "r+") as f:
         f.attrs["config"] = json.dumps({**config, "data": "imgs"}, sort_keys=True)
     record_dataset(tiny_vit(), "imgs", tmp_path / "run.h5", modes=2, layers="0", batch_size=4, progress=False,
