@@ -51,6 +51,7 @@ from qkhooks.reducers import Reducer, reducer_class
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import create_run_file, held_for_write, open_reader
 from qkhooks.store.lock import WriterLock
+from qkhooks.store.writer import CHECKED_ATTRS, _checked
 from qkhooks.store.reader import held_shards_text
 from qkhooks.stream import RecordResult, record_dataset
 
@@ -151,7 +152,7 @@ class _Shard:
             raise QKHooksError(f"{path} is a single-process run, not a shard (its config has no shard).")
         self.rank, self.world = int(shard[0]), int(shard[1])
         block = json.loads(fmt.as_str(f["images"].attrs["shard"])) if "shard" in f["images"].attrs else {}
-        self.start = block.get("start")
+        self.start, self.stop = block.get("start"), block.get("stop")
         self.committed = fmt.committed(f) or 0
         self.complete = bool(f.attrs.get("complete", False))
         self.n, self.states = self._consistent()
@@ -190,8 +191,46 @@ def _check_shards(shards: list[_Shard]) -> None:
                 f"{s.path} was recorded with another model, dataset or options than {shards[0].path}; shards of "
                 f"one run must share them.\n  {shards[0].path.name}: {first}\n  {s.path.name}: {identity(s)}"
             )
+    for s in shards[1:]:  # what the model is beyond its spec, as a resume checks it (where both files say it)
+        ours, theirs = _checked(shards[0].attrs), _checked(s.attrs)
+        for key, what in CHECKED_ATTRS.items():
+            a, b = ours[key], theirs[key]
+            if a is None or b is None:
+                continue
+            if key == "image_config":
+                a, b = json.loads(fmt.as_str(a)), json.loads(fmt.as_str(b))
+            if a != b:
+                raise QKHooksError(
+                    f"{what} differs between {shards[0].path} and {s.path} (under the same model spec); "
+                    f"shards of one run must share them, so these are not one run: record the odd shard again "
+                    f"(`--overwrite` on its rank) or merge the shards of one run.\n  {shards[0].path.name}: {a}\n  "
+                    f"{s.path.name}: {b}"
+                )
+    _check_blocks(shards)
     if any(set(s.states) != set(shards[0].states) for s in shards):
         raise QKHooksError("the shards hold different reducer states; they do not come from one run.")
+
+
+def _check_blocks(shards: list[_Shard]) -> None:
+    """Each rank's block of the dataset must start where the previous rank's ended (rank 0's at 0): shards cut from
+    datasets of other lengths (a folder that changed between the ranks' runs, a shard left from an earlier run)
+    would drop images between blocks, or hold some twice, in a merged file called complete."""
+    blocks = [(s.start, s.stop) for s in shards]
+    if any(start is None or stop is None for start, stop in blocks):
+        return  # shards written before the block was stored: nothing to check
+    expected = 0
+    for s, (start, stop) in zip(shards, blocks):
+        if int(start) != expected:
+            previous = shards[s.rank - 1].path.name if s.rank else None
+            where = (f"rank {s.rank - 1}'s block ({previous}) ends at image {expected}" if previous
+                     else "rank 0's block must start at image 0")
+            raise QKHooksError(
+                f"{s.path} holds images {start}..{int(stop) - 1} of its dataset, but {where}: the shards were cut "
+                f"from datasets of different lengths (the data changed between the ranks' runs, or a shard is left "
+                f"from another run), so merging them would {'drop' if int(start) > expected else 'repeat'} images. "
+                f"Record the shards of one run over the same data (`--overwrite`), then merge."
+            )
+        expected = int(stop)
 
 
 # ------------------------------------------------------------------------------------------ merge

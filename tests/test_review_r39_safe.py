@@ -1,0 +1,95 @@
+"""Round 39, review SAFE: run-file safety probed adversarially (kills, full disks, second writers, damage, merges).
+
+Each test here failed on the code before its fix."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from qkhooks.data import ImageConfig
+from qkhooks.distributed import merge_shards, shard_path
+from qkhooks.errors import QKHooksError
+from qkhooks.models.load import LoadedModel
+from qkhooks.store import open_run
+from qkhooks.stream import record_dataset
+
+CFG = ImageConfig(size=(48, 48), mean=(0.5,) * 3, std=(0.5,) * 3)
+KW = dict(modes=4, attention="rows", batch_size=2, progress=False, checkpoint_every=2)
+
+
+def _loaded(seed: int = 0) -> LoadedModel:
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=4, num_classes=0).eval()
+    return LoadedModel(model=model, spec="tiny", image_config=CFG)
+
+
+def _photos(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), np.uint8)).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def _shard(loaded: LoadedModel, data: Path, out: Path, rank: int) -> Path:
+    path = shard_path(out, rank, 2)
+    record_dataset(loaded, str(data), path, shard=(rank, 2), **KW)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ merge
+def test_merge_refuses_shards_of_other_weights_under_one_spec(tmp_path):
+    """Two shards whose models share a spec (a Python module, a checkpoint path rewritten) but not their weights
+    merged into one run called complete: rank 1's maps of one model beside rank 0's spectra of the other."""
+    data, out = _photos(tmp_path / "data", 6), tmp_path / "run.h5"
+    _shard(_loaded(0), data, out, 0)
+    _shard(_loaded(1), data, out, 1)
+    with pytest.raises(QKHooksError, match=r"the model's weights .* differs between .*run\.rank0-of-2\.h5 and "
+                                           r".*run\.rank1-of-2\.h5"):
+        merge_shards(out)
+    assert not out.exists() and not list(tmp_path.glob("*.merging"))
+
+
+@pytest.mark.parametrize("change", ["grown", "shrunk"])
+def test_merge_refuses_shards_cut_from_datasets_of_other_lengths(tmp_path, change):
+    """Rank 1 recorded after the folder changed: its block no longer starts where rank 0's ends. The merge dropped
+    the images between the blocks (grown) or read a block cut from other indices (shrunk), and called the merged
+    run complete."""
+    data, out = _photos(tmp_path / "data", 10), tmp_path / "run.h5"
+    loaded = _loaded(0)
+    _shard(loaded, data, out, 0)  # images 0..4
+    if change == "grown":
+        for name in ("img100.png", "img101.png"):
+            shutil.copy(data / "img000.png", data / name)
+    else:
+        for name in ("img000.png", "img001.png"):
+            (data / name).unlink()
+    _shard(loaded, data, out, 1)
+    word = "drop" if change == "grown" else "repeat"
+    with pytest.raises(QKHooksError, match=rf"rank 0's block \(run\.rank0-of-2\.h5\) ends at image 5.*would {word} "
+                                           r"images"):
+        merge_shards(out)
+    assert not out.exists()
+
+
+def test_merge_of_one_runs_shards_still_equals_the_single_process_run(tmp_path):
+    """The checks above pass the shards of one run (the merged view reads like the single-process run)."""
+    data, out = _photos(tmp_path / "data", 7), tmp_path / "run.h5"
+    loaded = _loaded(0)
+    single = tmp_path / "single.h5"
+    record_dataset(loaded, str(data), single, **KW)
+    for rank in (0, 1):
+        _shard(loaded, data, out, rank)
+    merge_shards(out)
+    with open_run(out) as merged, open_run(single) as one:
+        assert merged.complete and merged.ids == one.ids
+        for name in one.arrays():
+            np.testing.assert_array_equal(merged.array(name)[:], one.array(name)[:], err_msg=name)
