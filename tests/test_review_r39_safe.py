@@ -93,3 +93,40 @@ def test_merge_of_one_runs_shards_still_equals_the_single_process_run(tmp_path):
         assert merged.complete and merged.ids == one.ids
         for name in one.arrays():
             np.testing.assert_array_equal(merged.array(name)[:], one.array(name)[:], err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------ a damaged superblock
+def _flipped(path: Path, offset: int, bit: int | None) -> Path:
+    """A copy of ``path`` with one bit flipped (None: the highest bit set in that byte, so an address gets smaller)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << (bit if bit is not None else data[offset].bit_length() - 1)
+    damaged = path.with_name(f"{path.stem}_{offset}_{bit}.h5")
+    damaged.write_bytes(bytes(data))
+    return damaged
+
+
+@pytest.mark.parametrize("offset, bit, field", [(24, 6, "extension address"), (29, None, "end-of-file address, made smaller"),
+                                                (37, 1, "root object header address"),
+                                                (41, 6, "root object header address, high byte")])
+def test_one_flipped_bit_in_the_superblock_is_reported_and_repair_recovers_every_image(tmp_path, offset, bit, field):
+    """A single bit of the 48-byte superblock: the reader raised a raw OverflowError (a defined-looking extension
+    address past 2**63, seeked by the repair view that names the damage), and repair re-summed the damaged addresses
+    and lost every image (root address), or the last image and the reducer checkpoint (end of file)."""
+    from qkhooks.store import repair
+
+    data = _photos(tmp_path / "data", 6)
+    run = tmp_path / "run.h5"
+    record_dataset(_loaded(), str(data), run, checksum=True, **KW)
+    damaged = _flipped(run, offset, bit)
+    (damaged.parent / (damaged.name + ".reducers")).write_bytes((tmp_path / "run.h5.reducers").read_bytes())
+    with pytest.raises(QKHooksError, match=r"is damaged .*qkhooks repair"):
+        with open_run(damaged) as reader:
+            reader.array("modes/L1/query")[:]
+    fixed = tmp_path / "fixed.h5"
+    report = repair(damaged, fixed)
+    assert not report.problems, report.problems
+    with open_run(fixed) as got, open_run(run) as want:
+        assert got.ids == want.ids and got.complete
+        for name in want.arrays():
+            np.testing.assert_array_equal(got.array(name)[:], want.array(name)[:], err_msg=name)
+        assert got.states() == want.states()

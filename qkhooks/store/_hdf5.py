@@ -429,9 +429,11 @@ class _RepairView(io.RawIOBase):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._fh = open(self.path, "rb", buffering=0)
-        size = os.fstat(self._fh.fileno()).st_size
+        size = self._real = os.fstat(self._fh.fileno()).st_size
         block = _Superblock.read(self.path)
-        if not block.ok_signature:
+        if not block.ok_signature or (block.version >= 2 and not block.ok_checksum):
+            # a damaged superblock's addresses cannot be trusted (re-summing them, as below, sent HDF5 to a root
+            # object or an extension at a flipped address, or cut the file's end): the one qkhooks writes, rebuilt
             self._patch, self._size = _Superblock.rebuilt(size), size
         else:
             self._patch = block.with_flags(0) if block.version >= 2 else b""
@@ -454,8 +456,10 @@ class _RepairView(io.RawIOBase):
     def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
         out = memoryview(buffer).cast("B")
         want = max(0, min(len(out), self._size - self._at))
-        self._fh.seek(self._at)
-        got = self._fh.readinto(out[:want]) or 0
+        got = 0
+        if want and self._at < self._real:  # a damaged address can point past any file (past 2**63: seek overflows)
+            self._fh.seek(self._at)
+            got = self._fh.readinto(out[:want]) or 0
         out[got:want] = bytes(want - got)  # past the real end: zeros
         if self._at < len(self._patch):
             stop = min(want, len(self._patch) - self._at)
