@@ -5,6 +5,7 @@ Each test here failed on the code before its fix."""
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,27 @@ def test_one_flipped_bit_in_the_superblock_is_reported_and_repair_recovers_every
         for name in want.arrays():
             np.testing.assert_array_equal(got.array(name)[:], want.array(name)[:], err_msg=name)
         assert got.states() == want.states()
+
+
+# ------------------------------------------------------------------------------------------ a damaged checkpoint
+def test_a_damaged_array_header_in_the_reducer_checkpoint_is_reported_never_a_raw_error(tmp_path):
+    """A flipped byte in the header of one array inside ``RUN.h5.reducers`` is parsed by numpy before the member's
+    CRC is checked: ``run.states()``, ``run.state()`` and ``qkhooks info`` raised a raw tokenize.TokenError
+    instead of reporting the damaged checkpoint."""
+    from qkhooks.cli import main
+
+    data = _photos(tmp_path / "data", 4)
+    run = tmp_path / "run.h5"
+    record_dataset(_loaded(), str(data), run, **KW)
+    checkpoint = tmp_path / "run.h5.reducers"
+    raw = checkpoint.read_bytes()
+    with zipfile.ZipFile(checkpoint) as archive:  # the largest array: read in parts, its header before its CRC
+        largest = max(archive.infolist(), key=lambda info: info.file_size)
+    header = raw.index(b"\x93NUMPY", largest.header_offset)
+    at = raw.index(b"}", header)  # one bit: the closing brace becomes DEL, so the header never closes
+    checkpoint.write_bytes(raw[:at] + bytes([raw[at] ^ 0x02]) + raw[at + 1:])
+    with open_run(run) as reader:
+        with pytest.raises(QKHooksError, match=r"reducer checkpoint .*run\.h5\.reducers is damaged"):
+            reader.states()
+        assert reader.array("modes/L1/query")[:].shape[0] == 4  # the arrays still read
+    assert main(["info", str(run)]) == 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tokenize
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -322,7 +323,10 @@ def write_checkpoint(run: str | os.PathLike, images: int, states: Mapping[str, M
         raise
 
 
-_UNREADABLE = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile)
+# a damaged .npy header inside the archive is parsed before its member's CRC is checked: numpy's tokenizer and
+# literal parser raise TokenError and SyntaxError (neither a ValueError) for a flipped byte there
+_UNREADABLE = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, SyntaxError,
+               tokenize.TokenError)
 
 
 def _load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
