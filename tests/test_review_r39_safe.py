@@ -155,3 +155,20 @@ def test_a_damaged_array_header_in_the_reducer_checkpoint_is_reported_never_a_ra
             reader.states()
         assert reader.array("modes/L1/query")[:].shape[0] == 4  # the arrays still read
     assert main(["info", str(run)]) == 2
+
+
+def test_verify_does_not_call_a_run_intact_whose_checkpoint_names_another_run(tmp_path):
+    """``RUN.h5.reducers`` of another run beside a run (copied along by mistake, or this file's ``run_id`` changed by
+    one flipped bit: attributes carry no checksum): its states are not read (info says so), but ``info --verify``
+    said "every part read" with "reducers no saved state"."""
+    from qkhooks.store import verify_run
+
+    data = _photos(tmp_path / "data", 4)
+    run, other = tmp_path / "run.h5", tmp_path / "other.h5"
+    for path in (run, other):
+        record_dataset(_loaded(), str(data), path, **KW)
+    assert verify_run(run).ok
+    shutil.copy(tmp_path / "other.h5.reducers", tmp_path / "run.h5.reducers")
+    report = verify_run(run)
+    assert not report.ok and not report.states
+    assert any("run.h5.reducers belongs to another run" in p for p in report.problems), report.problems

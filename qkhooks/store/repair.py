@@ -616,6 +616,11 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
             problems.append(reader._damaged_checkpoint(problem))
         elif (mismatch := reader._checkpoint_mismatch(images)) is not None:
             problems.append(mismatch)
+        elif not loaded and reader._other_runs_checkpoint(fmt.checkpoint_path(reader.path)) is not None:
+            # a checkpoint beside it that names another run id (copied from another run, or this file's run_id
+            # damaged: attributes carry no checksum): the states the run kept do not load, which is not "intact"
+            if notice := reader._missing_states({}):
+                problems.append(notice)
     except _READ_ERRORS as exc:
         problems.append(f"the reducer states inside the file unreadable ({exc})")
     complete = _readable(lambda: f.attrs["complete"]) and bool(f.attrs["complete"])
