@@ -37,6 +37,8 @@ import json
 import os
 import pickle
 import re
+import resource
+import shutil
 import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -286,6 +288,7 @@ def _merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike] | No
         tmp = out.with_name(out.name + ".merging")
         if tmp.exists():
             tmp.unlink()
+        _refuse_no_room(out, shards, copy)
         try:
             with create_run_file(tmp) as f:
                 merged = _write_merged(f, out, shards, {r.name: r for r in reducers or []}, copy)
@@ -300,6 +303,33 @@ def _merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike] | No
             s.close()
         lock.release()
     return out, merged, sum(s.n for s in shards), [row for s in shards for row in s.skipped]
+
+
+_SPARE_BYTES = 4 << 20
+"""Room kept beyond the merged file's bound (HDF5's metadata and the file system's own)."""
+
+
+def _refuse_no_room(out: Path, shards: list[_Shard], copy: bool) -> None:
+    """Before anything is written: the merged file must fit on its disk and under the process's largest file
+    (``ulimit -f``). Past either HDF5 fails while closing the file, where the process died with a segfault (review
+    r39: ``merge --copy`` onto a full disk left ``RUN.h5.merging`` filling it, and under torchrun the other ranks
+    waiting for rank 0). A copy holds at most the shards' data; a view only the ids and the merged reducer states."""
+    states = max((fmt.checkpoint_path(s.path).stat().st_size for s in shards if fmt.checkpoint_path(s.path).exists()),
+                 default=0)
+    needed = _SPARE_BYTES + states + (sum(s.path.stat().st_size for s in shards) if copy else
+                                      sum(64 * (len(s.ids) + len(s.skipped)) for s in shards))
+    folder = out.parent if str(out.parent) else Path(".")
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        what = "the shards' data, ids and reducer states" if copy else "the ids and reducer states"
+        raise QKHooksError(f"merging into {out} needs up to {needed / 2**20:.1f} MiB ({what}), and {folder} has "
+                           f"{free / 2**20:.1f} MiB free; free space there, or merge into a file on another disk. "
+                           "Nothing was written.")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and needed > limit:
+        raise QKHooksError(f"merging into {out} needs up to {needed / 2**20:.1f} MiB, more than the largest file this "
+                           f"process may write ({limit / 2**20:.1f} MiB, `ulimit -f`); raise the limit on file size, "
+                           "then merge again. Nothing was written.")
 
 
 def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapping[str, Reducer],

@@ -172,3 +172,33 @@ def test_verify_does_not_call_a_run_intact_whose_checkpoint_names_another_run(tm
     report = verify_run(run)
     assert not report.ok and not report.states
     assert any("run.h5.reducers belongs to another run" in p for p in report.problems), report.problems
+
+
+# ------------------------------------------------------------------------------------------ merge without room
+def test_merge_refuses_before_writing_a_copy_that_cannot_fit(tmp_path):
+    """``merge --copy`` past the largest file this process may write (a full disk alike) failed inside HDF5, which
+    then died closing the file (a segfault on a full tmpfs): no message, ``RUN.h5.merging`` left filling the disk, and
+    under torchrun the other ranks left waiting for rank 0. Now refused before anything is written."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    data, out = _photos(tmp_path / "data", 8), tmp_path / "run.h5"
+    loaded = _loaded(0)
+    for rank in (0, 1):
+        record_dataset(loaded, str(data), shard_path(out, rank, 2), shard=(rank, 2),
+                       **dict(KW, attention="full", dtype="float32"))
+    limit = sum(shard_path(out, r, 2).stat().st_size for r in (0, 1)) // 2  # below the copy's size (~0.8 of theirs)
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    root = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, "-m", "qkhooks", "merge", str(out), "--copy"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, preexec_fn=small_files, timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "more than the largest file this process may write" in done.stderr and "Nothing was written" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run.h5")) == []
