@@ -202,3 +202,52 @@ def test_merge_refuses_before_writing_a_copy_that_cannot_fit(tmp_path):
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert "more than the largest file this process may write" in done.stderr and "Nothing was written" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run.h5")) == []
+
+
+# ------------------------------------------------------------------------------------------ repair without room
+def test_repair_refuses_a_copy_past_ulimit_f_before_writing(tmp_path):
+    """Repair checked the disk's free space but not the largest file the process may write: past ``ulimit -f`` HDF5
+    failed, the message said nothing was left, then the process died (a segfault closing the file) with the copy's
+    reducer checkpoint left behind."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    data, run = _photos(tmp_path / "data", 6), tmp_path / "run.h5"
+    record_dataset(_loaded(), str(data), run, **dict(KW, attention="full", dtype="float32"))
+    limit = run.stat().st_size // 2
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-m", "qkhooks", "repair", str(run), "--out", str(tmp_path / "fixed.h5")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+                          preexec_fn=small_files, timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "largest file this process may write" in done.stderr and "Nothing was written" in done.stderr
+    assert not list(tmp_path.glob("fixed*"))
+
+
+def test_a_repair_that_fails_late_leaves_no_checkpoint_of_its_copy(tmp_path, monkeypatch):
+    """A repair that failed after writing the copy's reducer checkpoint (``FIXED.h5.reducers``, tied to the run id the
+    copy keeps) said nothing was left at FIXED.h5, and left that checkpoint beside the missing copy."""
+    import os
+
+    from qkhooks.store import repair
+
+    data, run = _photos(tmp_path / "data", 4), tmp_path / "run.h5"
+    record_dataset(_loaded(), str(data), run, **KW)
+    replace = os.replace
+
+    def failing(src, dst, *args, **kwargs):
+        if str(src).endswith("fixed.h5.creating"):
+            raise OSError(28, "No space left on device")
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(QKHooksError, match="nothing was left at"):
+        repair(run, tmp_path / "fixed.h5")
+    assert not list(tmp_path.glob("fixed*"))

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -76,6 +77,7 @@ def repair(run: str | os.PathLike, out: str | os.PathLike) -> RepairReport:
         _refuse_newer_format(src, run, "repair")
         tmp = out.with_name(out.name + ".creating")
         made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
+        had_states = fmt.checkpoint_path(out).exists()
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             with create_run_file(tmp) as dst:
@@ -84,6 +86,8 @@ def repair(run: str | os.PathLike, out: str | os.PathLike) -> RepairReport:
         except BaseException as exc:
             with contextlib.suppress(OSError):  # a failure to clean up must not hide why the copy failed
                 tmp.unlink(missing_ok=True)
+                if not had_states:  # the copy's checkpoint, written with it (_copy_states)
+                    fmt.checkpoint_path(out).unlink(missing_ok=True)
                 for folder in made:  # the folders made for it, innermost first: nothing is left behind
                     folder.rmdir()
             if isinstance(exc, OSError):
@@ -105,6 +109,11 @@ def _refuse_unwritable(out: Path, source_bytes: int) -> None:
         raise QKHooksError(f"repair needs up to {source_bytes / 2**20:.1f} MiB (the damaged file's size) in {folder}, "
                            f"which has {free / 2**20:.1f} MiB free; free space there, or give --out on another disk. "
                            "Nothing was written.")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]  # past it HDF5 fails as on a full disk (and died closing)
+    if limit != resource.RLIM_INFINITY and source_bytes + _SPARE_BYTES > limit:
+        raise QKHooksError(f"repair needs up to {(source_bytes + _SPARE_BYTES) / 2**20:.1f} MiB (the damaged file's "
+                           f"size), more than the largest file this process may write ({limit / 2**20:.1f} MiB, "
+                           "`ulimit -f`); raise the limit on file size, then repair again. Nothing was written.")
 
 
 _SPARE_BYTES = 4 << 20
