@@ -167,8 +167,18 @@ class _Shard:
         """The images a resume of this shard would keep (:func:`qkhooks.store.format.resume_point`) and the
         reducer states that count exactly those (None for a reducer with no checkpoint yet)."""
         names = sorted(self.config.get("reducers") or [])
-        images, states = fmt.read_states(self.file, self.path)
+        images, states, problem = fmt.states_and_problem(self.file, self.path)
         done = fmt.resume_point(self.committed, images, states, names)
+        if self.complete and done < self.committed:  # a finished shard's last checkpoint counts all its images
+            sidecar = fmt.checkpoint_path(self.path)
+            why = (f"its reducer checkpoint {sidecar.name} is missing (copied without it?)" if not sidecar.exists() else
+                   f"its reducer checkpoint {sidecar.name} is damaged ({problem})" if problem else
+                   f"its reducer checkpoint {sidecar.name} counts {images} of them, or belongs to another run")
+            raise QKHooksError(
+                f"{self.path} is a finished shard of {self.committed} images, but {why}: merged, its images would be "
+                f"left out (the reducers' states must count the images merged). Put the shard's own {sidecar.name} "
+                f"next to it and merge again, or record that rank again (`--overwrite`)."
+            )
         return done, {name: states[name] if done else None for name in names}
 
     def close(self) -> None:

@@ -251,3 +251,24 @@ def test_a_repair_that_fails_late_leaves_no_checkpoint_of_its_copy(tmp_path, mon
     with pytest.raises(QKHooksError, match="nothing was left at"):
         repair(run, tmp_path / "fixed.h5")
     assert not list(tmp_path.glob("fixed*"))
+
+
+def test_merge_refuses_a_finished_shard_copied_without_its_reducer_checkpoint(tmp_path):
+    """Shards copied from nodes by hand, one without its ``.reducers``: the merge left that shard's images out and
+    told the user to resume shards that were finished ("some shards are not finished"), where the fix is to copy the
+    checkpoint."""
+    data, out = _photos(tmp_path / "data", 6), tmp_path / "run.h5"
+    loaded = _loaded(0)
+    for rank in (0, 1):
+        _shard(loaded, data, out, rank)
+    checkpoint = tmp_path / "run.rank1-of-2.h5.reducers"
+    saved = checkpoint.read_bytes()
+    checkpoint.unlink()
+    with pytest.raises(QKHooksError, match=r"run\.rank1-of-2\.h5 is a finished shard of 3 images, but its reducer "
+                                           r"checkpoint run\.rank1-of-2\.h5\.reducers is missing"):
+        merge_shards(out)
+    assert not out.exists()
+    checkpoint.write_bytes(saved)
+    merge_shards(out)
+    with open_run(out) as merged:
+        assert merged.complete and merged.n == 6
