@@ -51,7 +51,7 @@ import torch.distributed as dist
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer, reducer_class
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import create_run_file, held_for_write, open_reader
+from qkhooks.store._hdf5 import create_run_file, held_for_write, open_reader, other_program_file
 from qkhooks.store.lock import WriterLock
 from qkhooks.store.writer import CHECKED_ATTRS, _checked
 from qkhooks.store.reader import held_shards_text
@@ -280,6 +280,10 @@ def _merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike] | No
     out = Path(out)
     if out.exists() and not overwrite:
         raise QKHooksError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
+    other = other_program_file(out) if out.exists() else None
+    if other is not None:  # as record --overwrite: only a run is replaced, never a photo or another program's file
+        raise QKHooksError(f"{out} is not a qkhooks run ({other}): --overwrite (overwrite=True) replaces only a run. "
+                           "Merge into another file, or remove that one yourself if it can go.")
     paths = [Path(p) for p in shard_paths] if shard_paths is not None else find_shards(out)
     if not paths:
         raise QKHooksError("merge_shards needs at least one shard file.")

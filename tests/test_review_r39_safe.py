@@ -272,3 +272,23 @@ def test_merge_refuses_a_finished_shard_copied_without_its_reducer_checkpoint(tm
     merge_shards(out)
     with open_run(out) as merged:
         assert merged.complete and merged.n == 6
+
+
+def test_merge_overwrite_replaces_only_a_run(tmp_path):
+    """``merge --overwrite`` into a file that is no run (a photo, another program's HDF5 file) replaced it, where
+    ``record --overwrite`` refuses: one mistyped name lost the user's file."""
+    data, out = _photos(tmp_path / "data", 4), tmp_path / "run.h5"
+    loaded = _loaded(0)
+    for rank in (0, 1):
+        _shard(loaded, data, out, rank)
+    shards = [shard_path(out, rank, 2) for rank in (0, 1)]
+    photo = tmp_path / "photo.h5"
+    photo.write_bytes((data / "img000.png").read_bytes())
+    kept = photo.read_bytes()
+    with pytest.raises(QKHooksError, match=r"photo\.h5 is not a qkhooks run \(not HDF5 at all\)"):
+        merge_shards(photo, shards, overwrite=True)
+    assert photo.read_bytes() == kept
+    merge_shards(out, overwrite=True)  # a run, or nothing yet, is replaced as before
+    merge_shards(out, overwrite=True)
+    with open_run(out) as merged:
+        assert merged.complete and merged.n == 4
