@@ -135,6 +135,9 @@ class _Shard:
         self.path = path
         if not path.exists():
             raise QKHooksError(f"shard {path} does not exist.")
+        if not path.is_file():  # opening a FIFO waits for a writer forever
+            raise QKHooksError(f"shard {path} is not a regular file (a folder, a FIFO, a device or a socket); give the "
+                               "shard files themselves.")
         self.file = open_reader(path)
         try:
             self._read()

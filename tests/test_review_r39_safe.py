@@ -292,3 +292,27 @@ def test_merge_overwrite_replaces_only_a_run(tmp_path):
     merge_shards(out, overwrite=True)
     with open_run(out) as merged:
         assert merged.complete and merged.n == 4
+
+
+# ------------------------------------------------------------------------------------------ never hang
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("what", ["repair", "merge"])
+def test_repair_and_merge_refuse_a_fifo_instead_of_waiting_forever(tmp_path, what):
+    """``qkhooks repair FIFO`` and a merge whose shard is a FIFO (a symlink to one) opened it and waited for a writer
+    forever; ``info``, ``--verify`` and ``merge --overwrite`` into one already refused it."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "fifo.h5"
+    os.mkfifo(fifo)
+    if what == "repair":
+        argv = ["repair", str(fifo), "--out", str(tmp_path / "fixed.h5")]
+    else:
+        data, out = _photos(tmp_path / "data", 4), tmp_path / "run.h5"
+        _shard(_loaded(), data, out, 0)
+        (tmp_path / "run.rank1-of-2.h5").symlink_to(fifo)
+        argv = ["merge", str(out)]
+    done = subprocess.run([sys.executable, "-m", "qkhooks", *argv], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # a hang fails here
+    assert done.returncode == 2 and "not a regular file" in done.stderr, done.stderr[-1000:]

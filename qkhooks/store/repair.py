@@ -66,6 +66,9 @@ def repair(run: str | os.PathLike, out: str | os.PathLike) -> RepairReport:
     run, out = Path(run), Path(out)
     if not run.exists():
         raise QKHooksError(f"no file at {run}.")
+    if not run.is_file():  # opening a FIFO waits for a writer forever (a directory, a device: nothing to recover)
+        raise QKHooksError(f"{run} is not a regular file (a folder, a FIFO, a device or a socket), not a run file; "
+                           "give the damaged run file (RUN.h5) itself.")
     if out.exists() or out.resolve() == run.resolve():
         raise QKHooksError(f"{out} already exists; repair writes a new file and never replaces one.")
     _refuse_unwritable(out, os.path.getsize(run))
