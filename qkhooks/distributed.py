@@ -176,7 +176,8 @@ class _Shard:
             sidecar = fmt.checkpoint_path(self.path)
             why = (f"its reducer checkpoint {sidecar.name} is missing (copied without it?)" if not sidecar.exists() else
                    f"its reducer checkpoint {sidecar.name} is damaged ({problem})" if problem else
-                   f"its reducer checkpoint {sidecar.name} counts {images} of them, or belongs to another run")
+                   f"its reducer checkpoint {sidecar.name} belongs to another run (its run id is not this shard's)"
+                   if images is None else f"its reducer checkpoint {sidecar.name} counts {images} of them")
             raise QKHooksError(
                 f"{self.path} is a finished shard of {self.committed} images, but {why}: merged, its images would be "
                 f"left out (the reducers' states must count the images merged). Put the shard's own {sidecar.name} "

@@ -268,6 +268,9 @@ def test_merge_refuses_a_finished_shard_copied_without_its_reducer_checkpoint(tm
                                            r"checkpoint run\.rank1-of-2\.h5\.reducers is missing"):
         merge_shards(out)
     assert not out.exists()
+    checkpoint.write_bytes((tmp_path / "run.rank0-of-2.h5.reducers").read_bytes())  # rank 0's, beside rank 1
+    with pytest.raises(QKHooksError, match=r"run\.rank1-of-2\.h5\.reducers belongs to another run"):
+        merge_shards(out)
     checkpoint.write_bytes(saved)
     merge_shards(out)
     with open_run(out) as merged:
