@@ -102,6 +102,9 @@ KILLS_R33 = "tests/test_mutation_kills_r33.py"
 KILLS_R34 = "tests/test_mutation_kills_r34.py"
 # Round 37 (mutation): the kill tests of the library code of rounds 35-37 (module "round37").
 KILLS_R37 = "tests/test_mutation_kills_r37.py"
+# Round 39 (mutation): the kill tests of round 37's lines left unrun by round 38 (module "round37rest") and of round
+# 38's library code (module "round38").
+KILLS_R38 = "tests/test_mutation_kills_r38.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -582,6 +585,30 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "not (spawned_worker_skips_what_the_main_process_skips or "
                 "reader_opened_while_its_writer_ran_reads_the_states or submodules_named_in_the_readme_work_after "
                 "or demos_defaults_are_the_installed_photos or demo_report_names_the_files_of_its_data)"),
+    # Round 39 (mutation): the rest of round 37's run, which round 38's time box left (module "round37" ran its
+    # sample's draws in 36 of its 45 files): the round-37 lines (`--only ROUND37`) of the nine files not run, with the
+    # same tests and the kill file of round 38's code (tests/test_mutation_kills_r38.py). Nine files, not 45: making
+    # the mutants takes minutes, not 13. Run with --only ROUND37 --sample 50.
+    "round37rest": (["qkhooks/stream.py", "qkhooks/models/unsupported.py", "qkhooks/store/_hdf5.py",
+                     "qkhooks/store/repair.py", "qkhooks/store/format.py", "qkhooks/store/writer.py",
+                     "qkhooks/attention.py", "qkhooks/capture.py", "qkhooks/sdpa.py"],
+                    ["tests/test_review_r35.py", "tests/test_review_r36.py", "tests/test_review_r36_mutants.py",
+                     "tests/test_review_r37.py", "tests/test_review_r37_capture.py", "tests/test_review_r37_data.py",
+                     "tests/test_fused_attention.py", KILLS_R37, KILLS_R38],
+                    "not (spawned_worker_skips_what_the_main_process_skips or "
+                    "reader_opened_while_its_writer_ran_reads_the_states or submodules_named_in_the_readme_work_after "
+                    "or demos_defaults_are_the_installed_photos or demo_report_names_the_files_of_its_data)"),
+    # Round 39 (mutation): round 38's library code (`9977ff1..4f4469b`) in six of the 42 files it touched: capture.py's
+    # q/k call bracket (`_qk_open`, `_close_qk`), thread checks, empty-batch refusal and per-batch copies;
+    # models/unsupported.py's module-level hooks (`_OwnHook`, `_SpentHook`, `_CopiedHook`) and the functional_call
+    # refusal; spectrum.py's edited-spectrum check (`_as_computed`, `_untouched`); cli/__init__.py's `output_file`;
+    # bfd_summary.py's `check_alpha`; bfd.py's run_bfd checks. Against round 38's review tests (in-process only: not
+    # the closed-pipe test, which starts another Python) and round 39's kill file. Run with --only ROUND38 --sample.
+    "round38": (["qkhooks/capture.py", "qkhooks/models/unsupported.py", "qkhooks/spectrum.py",
+                 "qkhooks/cli/__init__.py", "qkhooks/analysis/bfd_summary.py", "qkhooks/analysis/bfd.py"],
+                ["tests/test_review_r38.py", "tests/test_review_r38_capture.py", "tests/test_review_r38_cli.py",
+                 KILLS_R38],
+                "not a_closed_pipe_stops_the_command_quietly"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -769,12 +796,15 @@ ROUND34 = ("commits:ebe8fa2..b0ec42d",)
 # softmax core, review 35-37's fixes: per-batch q/k path checks, partial calls, BFD per-layer grids, record_dataset's
 # shard and resume checks, held files, copy_statics, data items, conv_output_size), by :func:`written_by`.
 ROUND37 = ("commits:b0ec42d..9977ff1",)
+# Round 38's library commits, for `--only` with the module "round38" (`9977ff1..4f4469b`: the q/k call bracket, the
+# module-level hooks, thread checks, the edited-spectrum check, the CLI's output and alpha checks), by :func:`written_by`.
+ROUND38 = ("commits:9977ff1..4f4469b",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
               "ROUND28B": ROUND28B, "ROUND29": ROUND29, "ROUND30": ROUND30,
               "ROUND31": ROUND31, "ROUND32": ROUND32, "ROUND33": ROUND33,
-              "ROUND34": ROUND34, "ROUND37": ROUND37}
+              "ROUND34": ROUND34, "ROUND37": ROUND37, "ROUND38": ROUND38}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
