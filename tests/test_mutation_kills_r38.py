@@ -292,3 +292,176 @@ def test_a_refused_resume_of_a_changed_stream_leaves_the_run_as_it_found_it(tmp_
         qkhooks.record_dataset(loaded, paths[5:] + paths[1:5], out, resume=True, **kw)
     with qkhooks.open_run(out) as run:
         assert list(run.ids) == kept
+
+
+# ------------------------------------------------------------------ store/writer.py: RunWriter.interruption_help
+def test_an_overwrite_interrupted_after_it_replaced_the_old_run_says_resume_in_place_of_overwrite(tmp_path):
+    """``interruption_help`` ``_21`` (the overwrite's "--resume in place of --overwrite" never given): round 35's test
+    stops its overwrite before the old run is replaced. Once a checkpoint replaced it, the help says so."""
+    from qkhooks.store import RunWriter
+
+    path = tmp_path / "run.h5"
+    _written_run(path)
+    with RunWriter(path, mode="overwrite", dtype="float32") as w:
+        w.write_batch(["d", "e"], {"v": np.ones((2, 1), np.float32)})
+        w.write_checkpoint({})
+        w.flush()
+        assert w.interruption_help(2) == (f"{path} keeps 2 committed images; the same command with --resume in place "
+                                          "of --overwrite continues after them.")
+
+
+# ------------------------------------------------------------------ capture.py: Recording._begin_batch
+def test_an_empty_batch_handed_to_an_hf_attention_as_hidden_states_is_refused_before_the_last_batch_is_freed():
+    """``_begin_batch`` ``_20`` (the ``hidden_states`` keyword not read): round 38's test hands the empty batch
+    positionally. An HF ViT's attention module called on its own with ``hidden_states=`` of 0 images: refused as an
+    input, as the batch begins, so the model's batch before is still there (under the mutant the layer's hook refused
+    it after the last batch was freed)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    hf = T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                image_size=16, patch_size=8)).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), qkhooks.record(hf, modes=4) as run:
+        hf(pixel_values=x)
+        with pytest.raises(QKHooksError, match=r"^the batch is empty \(an input of shape \(0, 5, 32\): 0 images\)"):
+            hf.get_submodule(run.module_paths[0])(hidden_states=torch.zeros(0, 5, 32))
+        assert run.n == 2 and run.ids == ["0", "1"]
+
+
+def test_query_tokens_given_as_a_numpy_array_are_the_batchs_own_copy_and_choose_its_rows():
+    """``_begin_batch`` ``_55`` (a per-batch value that is not a tensor copied as None): round 38's test gives
+    tensors. Query tokens as a numpy array: the rows are the model's own eager softmax at those tokens, and the batch
+    keeps its own copy when the caller reuses the array for the next batch."""
+    from test_review_r38_capture import _collected, _eager_probs
+    from test_review_r37_capture import _images, _timm
+
+    model, x = _timm(), _images(3)
+    want = _eager_probs(model, x)[1]
+    qt = np.array([[0, 3]] * 3)
+    batches, sink = _collected()
+    with torch.no_grad(), qkhooks.record(model, modes=None, layers=[1], attention="rows", sinks=[sink]) as run:
+        run(x, meta={"query_tokens": qt})
+        qt[:, 1] = 4
+        run(x, meta={"query_tokens": qt})
+    first, second = batches
+    assert np.asarray(first.meta["query_tokens"]).tolist() == [[0, 3]] * 3
+    assert float((first.attention(1, "rows") - want[:, :, [0, 3]]).abs().max()) < 1e-5
+    assert float((second.attention(1, "rows") - want[:, :, [0, 4]]).abs().max()) < 1e-5
+
+
+# ------------------------------------------------------------------ models/unsupported.py: remove_own_hooks
+def test_a_copy_made_inside_record_does_nothing_after_exit_while_its_original_hooks_are_still_referenced():
+    """``remove_own_hooks`` ``_7`` (the removed hook left ``live``): round 38's test lets the original hooks be
+    collected as the recording ends, so its copies see them gone. Held elsewhere (here a list; a kept traceback
+    through a hook's frame does the same), the removed hooks must still be marked over: the copy's call after exit
+    is a plain forward, equal to the model's, and its copied hooks take themselves off."""
+    from test_review_r37_capture import _images, _timm
+
+    model, x = _timm(), _images()
+    with torch.no_grad(), qkhooks.record(model, modes=2):
+        model(x)
+        held = [h for m in model.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())]
+        ema = copy.deepcopy(model)
+    assert held and sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    with torch.no_grad():
+        assert torch.equal(ema(x), model(x))
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in ema.modules()) == 0
+
+
+# ------------------------------------------------------------------ capture.py: Recording._qk_twice_error
+def test_a_qkv_linear_called_twice_within_its_attention_call_is_refused_in_the_whole_sentence():
+    """``_qk_twice_error`` ``_9`` (the middle of the refusal re-worded): round 38's test matches its start and
+    ``qk_path=False``. The whole sentence."""
+    from test_review_r37_capture import _images, _timm
+
+    model, x = _timm(depth=1), _images()
+    attn = model.blocks[0].attn
+    plain = type(attn).forward
+
+    def twice(self, tokens, *args, **kwargs):
+        self.qkv(tokens * 0.5)
+        return plain(self, tokens, *args, **kwargs)
+
+    with torch.no_grad(), qkhooks.record(model, modes=4):
+        type(attn).forward = twice
+        try:
+            with pytest.raises(QKHooksError) as err:
+                model(x)
+        finally:
+            type(attn).forward = plain
+    assert str(err.value) == (
+        "blocks.0.attn.qkv (layer 0's q/k projection) ran more than once within one call of blocks.0.attn, so which "
+        "output is the layer's q and k cannot be told and the maps would be of the last call; qkhooks does not model "
+        "this attention. Record with qk_path=False (the tokens entering W_q/W_k) if its attention is softmax(q·kᵀ) of "
+        "one projection of them, else leave the layer out (layers=...).")
+
+
+# ------------------------------------------------------------------ capture.py: Recording.__call__
+def test_a_recording_called_with_pixel_values_by_keyword_records_the_models_maps_and_refuses_photos_so_given():
+    """``Recording.__call__`` ``_3`` (the input always read as ``args[0]``: an IndexError for a call by keyword): the
+    round's tests call it positionally. ``run(pixel_values=x, ids=...)`` on an HF ViT: the full maps are the model's
+    own eager ``output_attentions``, under the ids given; photos handed as ``pixel_values`` are refused by name."""
+    import transformers as T
+    from PIL import Image
+
+    torch.manual_seed(0)
+    config = T.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         image_size=16, patch_size=8)
+    config._attn_implementation = "eager"
+    hf = T.ViTModel(config).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(pixel_values=x, output_attentions=True).attentions[0]
+        with qkhooks.record(hf, modes=2, attention="full") as run:
+            run(pixel_values=x, ids=["a", "b"])
+            with pytest.raises(QKHooksError, match=r"^the recording was handed a list of a PIL\.Image\.Image; "):
+                run(pixel_values=[Image.new("RGB", (16, 16))] * 2)
+    assert run.ids == ["a", "b"]
+    assert float((run.attention(0, "full") - want).abs().max()) < 1e-5
+
+
+# ------------------------------------------------------------------ analysis/bfd.py: _refuse_other_run
+def test_a_bfd_resume_into_another_kind_of_run_or_other_options_is_refused_in_the_whole_sentence(tmp_path):
+    """``_refuse_other_run`` ``_27`` (the "not a file of `qkhooks bfd`" clause re-worded around its words): round 38's
+    test matches those words only. A `record` run (reducers modes and topk, no BFD options) and a BFD run of other
+    options, each resumed with other layers: the whole refusal."""
+    from qkhooks.analysis.bfd import _refuse_other_run
+    from qkhooks.store import RunWriter
+
+    tail = (". Resume with the same model and options as the first run, give another --out, or --overwrite to start "
+            "again (nothing was run or changed).")
+    for name, config, what in [
+            ("record.h5", {"model": "timm:test_vit", "layers": [0], "reducers": ["modes", "topk"]},
+             "it is not a file of `qkhooks bfd` (modes, topk)"),
+            ("bfd.h5", {"model": "timm:test_vit", "layers": [0], "reducers": ["bfd_energies"],
+                        "extra": {"bfd": {"alpha": 1e-3}}}, "its options differ")]:
+        path = tmp_path / name
+        with RunWriter(path, dtype="float32", attrs={"config": json.dumps(config)}) as w:
+            w.write_batch(["a"], {"v": np.ones((1, 1), np.float32)})
+        with pytest.raises(QKHooksError) as err:
+            _refuse_other_run(path, {"model": "timm:test_vit", "layers": (0, 1)})
+        assert str(err.value) == f"cannot resume the BFD run at {path}: {what}: layers: file [0], now [0, 1]{tail}"
+        _refuse_other_run(path, {"model": "timm:test_vit", "layers": [0]})  # the same options: no refusal
+
+
+# ------------------------------------------------------------------ stream.py: _loader
+class _WhereRead(torch.utils.data.Dataset):
+    """Each item says whether a DataLoader worker read it."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> tuple[int, bool]:
+        return i, torch.utils.data.get_worker_info() is not None
+
+
+def test_the_loader_reads_the_chosen_items_in_order_in_the_workers_asked_for():
+    """``_loader`` ``_10`` (``num_workers`` not handed to the DataLoader: every item decoded in the main process):
+    the round's in-process tests use no workers, and the spawned-worker test starts another Python. With one worker the
+    items of the indices given come back in order, batched, each read in a worker; with none, in this process."""
+    from qkhooks.stream import _loader
+
+    for workers in (1, 0):
+        got = list(_loader(_WhereRead(), [4, 1, 2], 2, workers, lambda batch: batch))
+        assert got == [[(4, bool(workers)), (1, bool(workers))], [(2, bool(workers))]]
