@@ -202,8 +202,8 @@ def test_the_bfd_table_ends_with_each_layers_probe_note_as_summarize_gives_it():
     x[_held(range(10), 5)] += rng.normal(size=6)
     result = _bfd_result(x, (4, 4), 1e-3)
     lines = format_table(result).splitlines()
-    assert lines[-1] == ("probes of layer 0: C: constant features (trace(S_xx) = 0, e.g. a single training image for C): "
-                         "no probe can be fitted, so there is no R^2; use more images.")
+    assert lines[-1] == ("probes of layer 0: C: constant features (trace(S_xx) = 0, e.g. a single training image for "
+                         "C): no probe can be fitted, so there is no R^2; use more images.")
     assert lines[2].split()[0] == "0" and lines[2].split()[-1] == "-"
     assert holdout_images(result) == 4 and lines[3].startswith("R2(X) and R2(C) are tested on 4 held-out images")
     assert len(lines) == 5
@@ -212,7 +212,8 @@ def test_the_bfd_table_ends_with_each_layers_probe_note_as_summarize_gives_it():
 # ------------------------------------------------------------------ analysis/bfd_summary.py: _position_folds_r2
 def _numpy_folds_r2(p: np.ndarray, y: np.ndarray, alpha: float, folds: int = 5) -> np.ndarray:
     """k-fold (position i held out in fold i % folds) ridge R^2 from P's rows to y, each fold's ridge solved as the
-    least-squares problem [F_c; sqrt(lam) I] w = [Y_c; 0] (lam = alpha * trace(F_cᵀF_c) / d, intercept unpenalised)."""
+    least-squares problem [F_c; sqrt(lam) I] w = [Y_c; 0] (lam = alpha * trace(F_cᵀF_c) / d, intercept not
+    penalised)."""
     fold = np.arange(len(y)) % folds
     sse = np.zeros(y.shape[1])
     for f in range(folds):
@@ -393,8 +394,8 @@ def test_a_qkv_linear_called_twice_within_its_attention_call_is_refused_in_the_w
     assert str(err.value) == (
         "blocks.0.attn.qkv (layer 0's q/k projection) ran more than once within one call of blocks.0.attn, so which "
         "output is the layer's q and k cannot be told and the maps would be of the last call; qkhooks does not model "
-        "this attention. Record with qk_path=False (the tokens entering W_q/W_k) if its attention is softmax(q·kᵀ) of "
-        "one projection of them, else leave the layer out (layers=...).")
+        "this attention. Record with qk_path=False (the tokens entering W_q/W_k) if its attention is "
+        "softmax(q·kᵀ) of one projection of them, else leave the layer out (layers=...).")
 
 
 # ------------------------------------------------------------------ capture.py: Recording.__call__
@@ -479,13 +480,13 @@ def test_a_qkv_or_head_count_changed_inside_record_is_refused_in_the_whole_sente
     head = "unsupported attention in 'blocks.0.attn' (Attention): "
     for change, said in [
             (lambda attn: setattr(attn, "qkv", _new_linear(attn.qkv)),
-             f"{head}'blocks.0.attn.qkv', a module on its q/k path, is no longer the module qkhooks found (Linear then, "
-             f"Linear now): it was replaced {since}, so the maps, modes and spectrum would be taken with the old module "
-             f"(its weights, its norm, its hooks) while the model runs the new one; recording with qk_path=False would "
-             f"not help. {fix}"),
+             f"{head}'blocks.0.attn.qkv', a module on its q/k path, is no longer the module qkhooks found (Linear "
+             f"then, Linear now): it was replaced {since}, so the maps, modes and spectrum would be taken with the old "
+             f"module (its weights, its norm, its hooks) while the model runs the new one; recording with "
+             f"qk_path=False would not help. {fix}"),
             (lambda attn: setattr(attn, "num_heads", 4),
-             f"{head}its num_heads changed from 2 to 4 {since}, so the maps and modes would split q and k into the heads "
-             f"found at entry while the model splits them into others. {fix}")]:
+             f"{head}its num_heads changed from 2 to 4 {since}, so the maps and modes would split q and k into the "
+             f"heads found at entry while the model splits them into others. {fix}")]:
         model, x = _timm(depth=1), _images()
         with torch.no_grad(), qkhooks.record(model, modes=2) as run:
             model(x)
