@@ -326,11 +326,12 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
             file_sizes: Callable[[Sequence[str]], Any] | None = None,
             skipped_now: Sequence[tuple[str, str]] = (),
             file_mtimes: Callable[[Sequence[str]], Any] | None = None) -> tuple[int, int]:
-    """Restore the reducers, cut the file back to their last checkpoint, return how many images are done.
+    """Restore the reducers and return how many images are done (the caller cuts the file back to that).
 
     Reducer states are checkpointed every few batches, so the file may hold images past the checkpoint;
     those are cut and recorded again, which keeps maps and statistics of the same images
-    (:func:`qkhooks.store.format.resume_point`). Returns (images committed, dataset index to continue from).
+    (:func:`qkhooks.store.format.resume_point`), but only after every check of the resume has passed, so that a
+    refused resume leaves the file as it found it. Returns (images kept, dataset index to continue from).
 
     The images kept must be the dataset's, in its order, up to the resume point: a dataset image before it that
     is not in the file is allowed only when it still fails to decode (``decodes(index)`` False: it was skipped);
@@ -412,8 +413,6 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
                 r.load_saved(states[r.name])
             else:
                 r.load_state_dict(states[r.name])
-    if done < writer.committed:
-        writer.truncate(done)
     return done, last + 1
 
 
@@ -653,6 +652,8 @@ def record_dataset(
                                                at_open, file_mtimes)
                     start = lo + next_index
                 refuse_sinks_holding_images(reducers, done)  # one the run's checkpoint did not replace
+                if done < writer.committed:  # cut only once every check has passed: a refusal keeps every image
+                    writer.truncate(done)
             except BaseException:
                 writer.close(complete=writer.was_complete)  # a refused resume leaves the file as it found it
                 raise
