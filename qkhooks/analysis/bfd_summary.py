@@ -330,9 +330,18 @@ def check_alpha(alpha: Any) -> float:
     return value
 
 
-CONSTANT_FEATURES = ("constant features (trace(S_xx) = 0, e.g. a single training image for C): no probe can be "
+CONSTANT_FEATURES = ("constant features (trace(S_xx) = 0 up to rounding, e.g. a single training image for C): no probe can be "
                      "fitted, so there is no R^2; use more images")
 """The note of a probe left without an R^2 because its features do not vary."""
+
+ROUNDING = 1e-10
+"""Features whose centred trace is at most this share of their uncentred one vary by rounding only (a mean of equal
+floats need not equal them): they are constant, and a probe fitted on them would report an R^2 of noise."""
+
+
+def _varies(centred: float, uncentred: float) -> bool:
+    """Whether features vary beyond rounding: trace(S_xx) above :data:`ROUNDING` of trace(X^T X)."""
+    return centred > ROUNDING * uncentred
 
 
 def _ridge_r2(train: tuple[np.ndarray, np.ndarray, float], test: tuple[np.ndarray, np.ndarray, float],
@@ -345,9 +354,9 @@ def _ridge_r2(train: tuple[np.ndarray, np.ndarray, float], test: tuple[np.ndarra
     xs, ys, xty = sums.sum(0), n * y.sum(0), sums.T @ y
     sxx, sxy = xtx - np.outer(xs, xs) / m, xty - np.outer(xs, ys) / m
     d = sxx.shape[0]
-    lam = alpha * float(np.trace(sxx)) / d
-    if not lam > 0:  # constant features (e.g. C of a single image): no direction to fit, no probe
+    if not _varies(float(np.trace(sxx)), float(np.trace(xtx))):  # constant (e.g. C of one image): no probe
         return None
+    lam = alpha * float(np.trace(sxx)) / d
     w = np.linalg.solve(sxx + lam * np.eye(d), sxy)  # (d, 2)
     bias = (ys - w.T @ xs) / m
     txs, tys, tyty, txty = tsums.sum(0), tn * y.sum(0), tn * (y**2).sum(0), tsums.T @ y
@@ -372,9 +381,9 @@ def _position_folds_r2(p: np.ndarray, y: np.ndarray, alpha: float, folds: int = 
         fm, ym = p[train].mean(0), y[train].mean(0)
         fc = p[train] - fm
         sxx = fc.T @ fc
-        lam = alpha * float(np.trace(sxx)) / p.shape[1]
-        if not lam > 0:  # P is constant: no direction to fit, no probe
+        if not _varies(float(np.trace(sxx)), float((p[train] ** 2).sum())):  # P is constant: no probe to fit
             return np.full(y.shape[1], np.nan)
+        lam = alpha * float(np.trace(sxx)) / p.shape[1]
         w = np.linalg.solve(sxx + lam * np.eye(p.shape[1]), fc.T @ (y[train] - ym))
         sse += ((y[test] - (p[test] - fm) @ w - ym) ** 2).sum(0)
     return 1 - _div(sse, ((y - y.mean(0)) ** 2).sum(0))
