@@ -458,7 +458,6 @@ def _keeps_train_modes(fn: Callable[..., "RecordResult"]) -> Callable[..., "Reco
     return keeping
 
 
-@_keeps_train_modes
 def check_options(opts: RecordOptions) -> None:
     """Refuse the options whose values are wrong whatever the model and the data (dtype, modes, limit, batch size,
     workers, checkpoint interval): :func:`record_dataset` checks them first, and the command line before it makes
@@ -473,6 +472,7 @@ def check_options(opts: RecordOptions) -> None:
     refuse_batching(opts.batch_size, 0 if opts.num_workers is None else opts.num_workers)
 
 
+@_keeps_train_modes
 def record_dataset(
     model: LoadedModel | str | nn.Module,
     data: Any,

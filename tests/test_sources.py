@@ -27,7 +27,7 @@ from qkhooks import QKHooksError
 from qkhooks.cli import main as cli_main
 from qkhooks.data import open_source
 from qkhooks.store import open_run
-from qkhooks.store.format import FILE_SIZES
+from qkhooks.store.format import FILE_MTIMES, FILE_SIZES
 from qkhooks.stream import record_dataset
 
 datasets = pytest.importorskip("datasets")
@@ -95,13 +95,15 @@ def contents(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    """The same ids and recorded arrays. Each image file's size (:data:`qkhooks.store.format.FILE_SIZES`, checked
-    against ``os.stat`` in test_store_r20.py) is kept only by runs of sources read from files, so it is left out."""
+    """The same ids and recorded arrays. Each image file's size and modification time
+    (:data:`qkhooks.store.format.FILE_SIZES`, ``FILE_MTIMES``, checked against ``os.stat`` in test_store_r20.py and
+    test_review_r39_fixb.py) are kept only by runs of sources read from files, so they are left out."""
     ids_a, arrays_a = contents(a)
     ids_b, arrays_b = contents(b)
     assert ids_a == ids_b
     for arrays in (arrays_a, arrays_b):
         arrays.pop(FILE_SIZES, None)
+        arrays.pop(FILE_MTIMES, None)
     assert arrays_a.keys() == arrays_b.keys() and arrays_a
     for name in arrays_a:
         np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
@@ -123,6 +125,7 @@ def test_every_container_gives_the_folders_arrays_and_ids(tmp_path):
     ids, arrays = contents(folder)
     assert ids == [p.name for p in paths]
     assert arrays.pop(FILE_SIZES).tolist() == [p.stat().st_size for p in paths]  # kept for sources read from files
+    assert arrays.pop(FILE_MTIMES).tolist() == [p.stat().st_mtime_ns for p in paths]
     for name, value in run.last.arrays().items():
         np.testing.assert_array_equal(arrays[name], value.numpy(), err_msg=name)
 

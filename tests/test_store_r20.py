@@ -85,6 +85,8 @@ def _as_round_19(run_path: Path, keep: int) -> dict[str, int]:
         ids = fmt.read_ids(f, fmt.committed(f))
         sizes = dict(zip(ids, (int(s) for s in f[fmt.FILE_SIZES][:])))
         del f[fmt.FILE_SIZES]
+        if fmt.FILE_MTIMES in f:  # stored since round 39
+            del f[fmt.FILE_MTIMES]
         f["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps(sorted(fmt.per_image_datasets(f)))
         f.attrs[SIZES_ATTR] = json.dumps(sizes)
         fmt.set_committed(f, keep)
