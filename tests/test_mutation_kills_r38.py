@@ -169,23 +169,10 @@ def test_a_copy_of_a_copy_made_inside_record_is_refused_there_and_copied_after_t
 
 
 def _bfd_result(x: np.ndarray, grid: tuple[int, int], alpha: float) -> dict:
-    """Both BFD passes over synthetic tokens x (n, N, d) through the reducers (as round 38's ``_decode``): the whole
-    ``summarize`` result."""
-    from qkhooks.analysis.bfd import BFDEnergies, PositionDecoding, PositionMeans, summarize
-    from qkhooks.capture import BatchCapture, LayerCapture
-    from qkhooks.spectrum import LayerSpectrum, factored_svd
+    """Both BFD passes over synthetic tokens x (n, N, d) through the reducers: the whole ``summarize`` result."""
+    from test_review_r38_cli import bfd_summary_of
 
-    rng = np.random.default_rng(1)
-    d = x.shape[-1]
-    u, s, v = factored_svd(torch.as_tensor(rng.normal(size=(1, 2, d))), torch.as_tensor(rng.normal(size=(1, 2, d))))
-    batch = BatchCapture(ids=[str(i) for i in range(len(x))], meta={},
-                         layers={0: LayerCapture(0, len(x), inputs=torch.as_tensor(x))}, offset=0)
-    means = PositionMeans()
-    means.update(batch)
-    energies, decoding = BFDEnergies([LayerSpectrum(0, u, s, v)], means, 0, False), PositionDecoding(means, grid, 0, 5)
-    for r in (energies, decoding):
-        r.update(batch)
-    return summarize(energies.state_dict(), decoding.state_dict(), alpha=alpha)
+    return bfd_summary_of(x, grid, alpha)
 
 
 # ------------------------------------------------------------------ analysis/bfd.py: format_table
@@ -249,11 +236,9 @@ def test_the_position_probe_is_the_k_fold_ridge_over_positions_and_a_constant_p_
 
 
 # ------------------------------------------------------------------ stream.py: _refuse_changed_stream
-def test_a_resume_over_a_list_cut_before_the_resume_point_names_the_first_image_it_lacks(tmp_path):
-    """``_refuse_changed_stream`` ``_15`` (no default for the first differing position: a StopIteration out of
-    record_dataset where the data's ids are a prefix of the run's) and ``_32`` (the data's "nothing" re-worded): round
-    37's tests change the first item. Interrupted after 2 batches of 2, resumed over only the first path: the whole
-    refusal names the run's second image and the data's nothing."""
+def _list_run_stopped_after_two_batches(tmp_path):
+    """A run over a list of 6 image paths, batches of 2, a checkpoint each batch, interrupted after its second batch:
+    (paths, the loaded model, the run file, the record options, the ids it keeps)."""
     from test_review_r37_data import _loaded, _photos, stop_after
 
     paths = [str(p) for p in _photos(tmp_path / "many", 6)]
@@ -262,7 +247,15 @@ def test_a_resume_over_a_list_cut_before_the_resume_point_names_the_first_image_
     with pytest.raises(KeyboardInterrupt):
         qkhooks.record_dataset(loaded, paths, out, on_batch=stop_after(2), **kw)
     with qkhooks.open_run(out) as run:
-        kept = list(run.ids)
+        return paths, loaded, out, kw, list(run.ids)
+
+
+def test_a_resume_over_a_list_cut_before_the_resume_point_names_the_first_image_it_lacks(tmp_path):
+    """``_refuse_changed_stream`` ``_15`` (no default for the first differing position: a StopIteration out of
+    record_dataset where the data's ids are a prefix of the run's) and ``_32`` (the data's "nothing" re-worded): round
+    37's tests change the first item. Interrupted after 2 batches of 2, resumed over only the first path: the whole
+    refusal names the run's second image and the data's nothing."""
+    paths, loaded, out, kw, kept = _list_run_stopped_after_two_batches(tmp_path)
     assert kept == paths[:len(kept)] and len(kept) >= 2
     with pytest.raises(QKHooksError) as err:
         qkhooks.record_dataset(loaded, paths[:1], out, resume=True, **kw)
@@ -277,15 +270,14 @@ def test_a_refused_resume_of_a_changed_stream_leaves_the_run_as_it_found_it(tmp_
     """The except clause around the resume says "a refused resume leaves the file as it found it": a run stopped
     after 2 batches of 2 (4 images committed, its last checkpoint at 2), resumed over a list whose first path changed,
     is refused, and still holds its 4 images (round 39: the file was cut back to the checkpoint before the refusal)."""
-    from test_review_r37_data import _loaded, _photos, stop_after
+    import h5py
 
-    paths = [str(p) for p in _photos(tmp_path / "many", 6)]
-    loaded, out = _loaded(), tmp_path / "list.h5"
-    kw = dict(layers="0", modes=2, batch_size=2, progress=False, checkpoint_every=1)
-    with pytest.raises(KeyboardInterrupt):
-        qkhooks.record_dataset(loaded, paths, out, on_batch=stop_after(2), **kw)
-    with qkhooks.open_run(out) as run:
-        kept = list(run.ids)
+    from qkhooks.store import format as fmt
+
+    paths, loaded, out, kw, kept = _list_run_stopped_after_two_batches(tmp_path)
+    with h5py.File(out, "r") as f:
+        checkpointed = fmt.read_checkpoint(out, fmt.run_id_of(f))[0]
+    assert kept == paths[:4] and checkpointed < 4  # images past the checkpoint: what a cut would lose
     with pytest.raises(QKHooksError, match="the data's items before the resume point are not those the run recorded"):
         qkhooks.record_dataset(loaded, paths[5:] + paths[1:5], out, resume=True, **kw)
     with qkhooks.open_run(out) as run:

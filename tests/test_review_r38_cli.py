@@ -51,8 +51,8 @@ def _numpy_ridge_r2(f_train, y_train, f_test, y_test, alpha):
     return 1 - ((y_test - pred) ** 2).sum(0) / ((y_test - y_test.mean(0)) ** 2).sum(0)
 
 
-def _decode(x: np.ndarray, grid, alpha: float, holdout_every: int = 5):
-    """Both BFD passes over synthetic tokens x (n, N, d) through the reducers; the layer's decoding entry."""
+def bfd_summary_of(x: np.ndarray, grid, alpha: float, holdout_every: int = 5) -> dict:
+    """Both BFD passes over synthetic tokens x (n, N, d) through the reducers: the whole ``summarize`` result."""
     from qkhooks.analysis.bfd import BFDEnergies, PositionDecoding, PositionMeans, summarize
     from qkhooks.capture import BatchCapture, LayerCapture
     from qkhooks.spectrum import LayerSpectrum, factored_svd
@@ -67,7 +67,12 @@ def _decode(x: np.ndarray, grid, alpha: float, holdout_every: int = 5):
     reducers = [BFDEnergies([LayerSpectrum(0, u, s, v)], means, 0, False), PositionDecoding(means, grid, 0, holdout_every)]
     for r in reducers:
         r.update(batch)
-    return summarize(reducers[0].state_dict(), reducers[1].state_dict(), alpha=alpha)["layers"][0]["decoding"]
+    return summarize(reducers[0].state_dict(), reducers[1].state_dict(), alpha=alpha)
+
+
+def _decode(x: np.ndarray, grid, alpha: float, holdout_every: int = 5):
+    """The layer's decoding entry of :func:`bfd_summary_of`."""
+    return bfd_summary_of(x, grid, alpha, holdout_every)["layers"][0]["decoding"]
 
 
 # ----------------------------------------------------------------------------------- 1. ridge alpha
