@@ -379,6 +379,11 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
     fmt.copy_statics(first.file, f)  # everything of rank 0's shard that is not per-image, ids or states
 
     names = sorted({n for s in shards for n in s.per_image})
+    if any(fmt.FILE_MTIMES not in s.per_image for s in shards if s.n):
+        # a shard written before round 39 (format 1: a rank resumed with an older file beside one recorded anew)
+        # has no file times; they serve only a resume of the shards (a merged file is never resumed), so the
+        # merged file goes without them rather than calling the shards "not one run"
+        names = [name for name in names if name != fmt.FILE_MTIMES]
     for name in names:
         _merge_per_image(f, out, name, shards, bases, copy)
 
