@@ -381,14 +381,16 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
                 f"their metadata changed, their maps would be the same: record again with --overwrite to be sure). {fix}")
     times_then = writer.rows(FILE_MTIMES, done) if file_mtimes is not None and done else None
     if times_then is not None:
+        # -1 alone is "no file" (file_mtime_column): a time before 1970 is negative too (an archive's, a tool's
+        # os.utime), and is compared as any other
         changed = [(id_, int(was), int(now)) for id_, was, now in zip(kept, times_then, file_mtimes(kept))
-                   if was >= 0 and was != now]
+                   if was != -1 and was != now]
         if changed:
             id_, was, now = changed[0]
             raise QKHooksError(
                 f"cannot resume {writer.path}: {len(changed)} of the {done} images it keeps were modified since it "
                 f"recorded them (first: {id_!r}, its file's modification time {_when(was)} then, "
-                f"{_when(now) if now >= 0 else 'unreadable'} now), so they may hold other pictures (one of the same "
+                f"{_when(now) if now != -1 else 'unreadable'} now), so they may hold other pictures (one of the same "
                 "file size: another photo of the same pixel size, stored uncompressed), and the run would mix maps of "
                 "two datasets. If the files were only touched or copied without their times (cp without -p), their "
                 f"maps are the same: record again with --overwrite to be sure. {fix}")

@@ -71,3 +71,28 @@ def test_merge_still_refuses_shards_missing_another_per_image_array(tmp_path):
     with pytest.raises(QKHooksError, match=r"images/file_sizes is missing from shard\(s\) run\.rank1-of-2\.h5"):
         merge_shards(out)
     assert not out.exists()
+
+
+def test_a_kept_file_dated_before_1970_replaced_by_one_of_the_same_size_is_refused(tmp_path):
+    """A file's modification time before 1970 is negative (st_mtime_ns < 0: an archive's or a tool's date). Before:
+    the resume skipped every negative time as "no file" (-1 marks that), so such a file replaced by another of the
+    same size resumed without a word, the run mixing maps of two pictures."""
+    from test_review_r36 import _KW, _interrupted
+    from test_review_r39_fixb import _same_size_photos, _tiny_loaded
+
+    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    names = [f"a{i}.png" for i in range(8)]
+    _same_size_photos(folder, names, seed=0)
+    old = -86400 * 10**9 * 365  # 1969
+    os.utime(folder / "a1.png", ns=(old, old))
+    _interrupted(loaded, run, batches=3, data=str(folder))
+    with open_run(run) as before:
+        assert int(before.array(fmt.FILE_MTIMES)[1]) == old  # the time as stat gave it
+    _same_size_photos(folder, ["a1.png"], seed=1)  # another picture, same name and size, dated now
+    assert (folder / "a1.png").stat().st_size == (folder / "a0.png").stat().st_size
+    with pytest.raises(QKHooksError, match=r"1 of the 4 images it keeps were modified since it recorded them "
+                                           r"\(first: 'a1\.png', its file's modification time 1969-.* UTC then"):
+        qkhooks.record_dataset(loaded, str(folder), run, resume=True, **_KW)
+    _same_size_photos(folder, ["a1.png"], seed=0)  # put back, with its date: the resume goes on
+    os.utime(folder / "a1.png", ns=(old, old))
+    assert qkhooks.record_dataset(loaded, str(folder), run, resume=True, **_KW).images == 8
