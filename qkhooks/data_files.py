@@ -14,6 +14,7 @@ are missing, the folder found is taken to be another one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,7 +26,8 @@ from qkhooks.data.datasets import BUNDLED_PREFIX, FOLDER_PREFIXES, GENERATED_PRE
 from qkhooks.data.readers import _split_spec
 from qkhooks.store.format import FILE_SIZES
 
-__all__ = ["SIZES_ATTR", "absolute_spec", "file_sizes", "file_size_column", "file_mtime_column", "recorded_sizes",
+__all__ = ["SIZES_ATTR", "absolute_spec", "file_sizes", "file_size_column", "file_mtime_column", "file_hash_column",
+           "file_hash", "recorded_sizes",
            "changed_files"]
 
 SIZES_ATTR = "data_file_sizes"
@@ -97,14 +99,20 @@ def file_sizes(dataset: Any, ids: Sequence[str] | None = None) -> dict[str, int]
     return {id_: size for id_, size in sizes.items() if size >= 0}
 
 
-def file_size_column(dataset: Any) -> Callable[[Sequence[str]], np.ndarray] | None:
-    """What a recording stores in :data:`~qkhooks.store.format.FILE_SIZES` for a batch of ids: each image file's
-    size in bytes (int64, -1 where the image is not read from a file or cannot be read); None for data that is not
-    read from files, whose runs have no such array. The paths are looked up once, not per batch."""
+def _column(dataset: Any, per_file: Callable[[str | None], int]) -> Callable[[Sequence[str]], np.ndarray] | None:
+    """A per-image int64 column of ``dataset``'s files for a batch of ids (``per_file`` of each id's path, -1 for
+    none); None for data not read from files, whose runs have no such array. The paths are looked up once."""
     paths = _paths(dataset)
     if not paths:
         return None
-    return lambda ids: np.array([_size(paths.get(i)) for i in ids], np.int64)
+    return lambda ids: np.array([per_file(paths.get(i)) for i in ids], np.int64)
+
+
+def file_size_column(dataset: Any) -> Callable[[Sequence[str]], np.ndarray] | None:
+    """What a recording stores in :data:`~qkhooks.store.format.FILE_SIZES` for a batch of ids: each image file's
+    size in bytes (int64, -1 where the image is not read from a file or cannot be read); None for data that is not
+    read from files, whose runs have no such array."""
+    return _column(dataset, _size)
 
 
 def _mtime(path: str | None) -> int:
@@ -120,12 +128,31 @@ def _mtime(path: str | None) -> int:
 def file_mtime_column(dataset: Any) -> Callable[[Sequence[str]], np.ndarray] | None:
     """What a recording stores in :data:`~qkhooks.store.format.FILE_MTIMES` for a batch of ids: each image file's
     modification time in nanoseconds (int64, -1 where the image is not read from a file or cannot be read); None for
-    data that is not read from files. One ``stat`` a file, so a resume checks every image it keeps at no real cost:
-    a file replaced by another of the same size has another time."""
-    paths = _paths(dataset)
-    if not paths:
-        return None
-    return lambda ids: np.array([_mtime(paths.get(i)) for i in ids], np.int64)
+    data that is not read from files. One ``stat`` a file, so a resume checks every image it keeps at no real cost."""
+    return _column(dataset, _mtime)
+
+
+def file_hash(path: str | None) -> int:
+    """The first 8 bytes of the file's BLAKE2b digest as a little-endian signed integer (-2 where that reads -1);
+    -1 for no file or one that cannot be read now."""
+    if path is None:
+        return -1
+    digest = hashlib.blake2b(digest_size=8)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return -1
+    value = int.from_bytes(digest.digest(), "little", signed=True)
+    return -2 if value == -1 else value
+
+
+def file_hash_column(dataset: Any) -> Callable[[Sequence[str]], np.ndarray] | None:
+    """What a recording stores in :data:`~qkhooks.store.format.FILE_HASHES` for a batch of ids: each image file's
+    BLAKE2b (8 bytes; -1 where not read from a file), which a resume compares for the files whose time changed (a
+    data set copied again keeps its bytes); None for data that is not read from files. One read of each file."""
+    return _column(dataset, file_hash)
 
 
 def recorded_sizes(run: Any, ids: Sequence[str], rows: Iterable[int]) -> dict[str, int] | None:

@@ -293,6 +293,9 @@ def _merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike] | No
         raise QKHooksError("merge_shards needs at least one shard file.")
     if any(p.resolve() == out.resolve() for p in paths):
         raise QKHooksError(f"{out} is one of the shards; give the merged file another name.")
+    if not out.parent.is_dir():  # the lock beside it would fail first, blaming a lock file
+        raise QKHooksError(f"the folder of the merged file, {out.parent}, does not exist: make it first (mkdir -p "
+                           f"{out.parent}) or merge into a file in a folder that exists.")
     shards: list[_Shard] = []
     lock = WriterLock(out)  # one writer per run file: the merged file too
     try:
@@ -379,11 +382,12 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
     fmt.copy_statics(first.file, f)  # everything of rank 0's shard that is not per-image, ids or states
 
     names = sorted({n for s in shards for n in s.per_image})
-    if any(fmt.FILE_MTIMES not in s.per_image for s in shards if s.n):
-        # a shard written before round 39 (format 1: a rank resumed with an older file beside one recorded anew)
-        # has no file times; they serve only a resume of the shards (a merged file is never resumed), so the
-        # merged file goes without them rather than calling the shards "not one run"
-        names = [name for name in names if name != fmt.FILE_MTIMES]
+    for resume_only in (fmt.FILE_MTIMES, fmt.FILE_HASHES):
+        if any(resume_only not in s.per_image for s in shards if s.n):
+            # a shard written before round 39 (format 1: a rank resumed with an older file beside one recorded anew)
+            # has no file times or hashes; they serve only a resume of the shards (a merged file is never resumed),
+            # so the merged file goes without them rather than calling the shards "not one run"
+            names = [name for name in names if name != resume_only]
     for name in names:
         _merge_per_image(f, out, name, shards, bases, copy)
 

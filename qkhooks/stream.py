@@ -40,7 +40,7 @@ from qkhooks.data.masks import TokenCells, receptive_cells, token_cells
 from qkhooks.data.items import set_pil_limit
 from qkhooks.data.datasets import check_limit
 from qkhooks.data.sources import ItemStream, is_whole, open_source, refuse_batching
-from qkhooks.data_files import absolute_spec, file_mtime_column, file_size_column
+from qkhooks.data_files import absolute_spec, file_hash_column, file_mtime_column, file_size_column
 from qkhooks.errors import DataRefusal, MissingReducer, QKHooksError, RunInterrupted
 from qkhooks.models.base import AttentionSite, select_layers
 from qkhooks.models.unsupported import (hooked_paths, left_out_by_design, refuse_altered_qk, refuse_compiled,
@@ -50,7 +50,7 @@ from qkhooks.options import DEFAULT_MODES, RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
 from qkhooks.results import LayerGeometry, observe_geometry
 from qkhooks.spectrum import layer_spectrum
-from qkhooks.store.format import FILE_MTIMES, FILE_SIZES, INFO_SCHEMA_VERSION, id_problem, resume_point
+from qkhooks.store.format import FILE_HASHES, FILE_MTIMES, FILE_SIZES, INFO_SCHEMA_VERSION, id_problem, resume_point
 from qkhooks.store.writer import RunWriter
 
 __all__ = ["record_dataset", "RecordResult", "WriterSink", "probe_geometry", "same_layout_layers", "rows_layers"]
@@ -76,16 +76,19 @@ class RecordResult:
 
 class WriterSink:
     """Feeds complete batches to a :class:`qkhooks.store.RunWriter` (maps, attention, per-image extras, and each
-    image file's size and modification time from ``file_sizes`` and ``file_mtimes``:
-    :func:`qkhooks.data_files.file_size_column`, :func:`~qkhooks.data_files.file_mtime_column`)."""
+    image file's size, modification time and content hash from ``file_sizes``, ``file_mtimes`` and ``file_hashes``:
+    :func:`qkhooks.data_files.file_size_column`, :func:`~qkhooks.data_files.file_mtime_column`,
+    :func:`~qkhooks.data_files.file_hash_column`)."""
 
     def __init__(self, writer: Any, store_modes: bool = True,
                  file_sizes: Callable[[Sequence[str]], Any] | None = None,
-                 file_mtimes: Callable[[Sequence[str]], Any] | None = None):
+                 file_mtimes: Callable[[Sequence[str]], Any] | None = None,
+                 file_hashes: Callable[[Sequence[str]], Any] | None = None):
         self.writer = writer
         self.store_modes = store_modes
         self.file_sizes = file_sizes
         self.file_mtimes = file_mtimes
+        self.file_hashes = file_hashes
         self._statics_written = False
 
     def update(self, batch: BatchCapture) -> None:
@@ -102,6 +105,8 @@ class WriterSink:
             arrays[FILE_SIZES] = self.file_sizes(batch.ids)
         if self.file_mtimes is not None and (layout is None or FILE_MTIMES in layout):  # not in a run from before it
             arrays[FILE_MTIMES] = self.file_mtimes(batch.ids)
+        if self.file_hashes is not None and (layout is None or FILE_HASHES in layout):
+            arrays[FILE_HASHES] = self.file_hashes(batch.ids)
         self.writer.write_batch(batch.ids, arrays)
 
 
@@ -325,7 +330,8 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
             decodes: Callable[[int], bool] | None = None,
             file_sizes: Callable[[Sequence[str]], Any] | None = None,
             skipped_now: Sequence[tuple[str, str]] = (),
-            file_mtimes: Callable[[Sequence[str]], Any] | None = None) -> tuple[int, int]:
+            file_mtimes: Callable[[Sequence[str]], Any] | None = None,
+            file_hashes: Callable[[Sequence[str]], Any] | None = None) -> tuple[int, int]:
     """Restore the reducers and return how many images are done (the caller cuts the file back to that).
 
     Reducer states are checkpointed every few batches, so the file may hold images past the checkpoint;
@@ -338,9 +344,11 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
     one that decodes was added, or renamed, since the run started, and the resume is refused (it could never be
     recorded in order). With ``file_sizes`` (a folder's), a kept image whose file has another size than the run
     recorded is refused too: it was changed since, and the run would keep maps of a file no longer there; with
-    ``file_mtimes``, so is one whose modification time differs (a file replaced by another of the same size: another
-    photo of the same pixel size stored uncompressed). Both are one ``stat`` a kept image, so every one is checked; a
-    run from before the times were stored (no :data:`FILE_MTIMES`) is checked by size only, with a warning. Everything
+    ``file_mtimes``, so is one whose modification time differs and, where ``file_hashes`` and the run's hashes are
+    there, whose bytes differ too (a file replaced by another of the same size: another photo of the same pixel size
+    stored uncompressed; a data set copied again has new times and the same bytes, and resumes). Sizes and times are
+    one ``stat`` a kept image, so every one is checked (only files whose time changed are read and hashed); a run
+    from before the times were stored (no :data:`FILE_MTIMES`) is checked by size only, with a warning. Everything
     is checked before the file is cut. A kept image that the dataset now skips as it opens (``skipped_now``: id,
     reason) is named with that reason: it is there, and the fix is the reason's.
     """
@@ -385,15 +393,23 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
         # os.utime), and is compared as any other
         changed = [(id_, int(was), int(now)) for id_, was, now in zip(kept, times_then, file_mtimes(kept))
                    if was != -1 and was != now]
+        hashes_then = writer.rows(FILE_HASHES, done) if changed and file_hashes is not None else None
+        if hashes_then is not None:  # a time changed: the bytes decide (a data set copied again keeps them)
+            row = {id_: i for i, id_ in enumerate(kept)}
+            now_hashes = file_hashes([id_ for id_, _, _ in changed])
+            changed = [c for c, h in zip(changed, now_hashes) if h == -1 or h != hashes_then[row[c[0]]]]
         if changed:
             id_, was, now = changed[0]
+            checked = ("and their bytes differ from those it recorded (BLAKE2b), so they hold other pictures"
+                       if hashes_then is not None else
+                       "so they may hold other pictures")
             raise QKHooksError(
                 f"cannot resume {writer.path}: {len(changed)} of the {done} images it keeps were modified since it "
                 f"recorded them (first: {id_!r}, its file's modification time {_when(was)} then, "
-                f"{_when(now) if now != -1 else 'unreadable'} now), so they may hold other pictures (one of the same "
-                "file size: another photo of the same pixel size, stored uncompressed), and the run would mix maps of "
-                "two datasets. If the files were only touched or copied without their times (cp without -p), their "
-                f"maps are the same: record again with --overwrite to be sure. {fix}")
+                f"{_when(now) if now != -1 else 'unreadable'} now), {checked} (one of the same file size: another "
+                "photo of the same pixel size, stored uncompressed), and the run would mix maps of two datasets. "
+                + ("" if hashes_then is not None else "If the files were only touched or copied without their times "
+                   "(cp without -p), their maps are the same: record again with --overwrite to be sure. ") + fix)
     elif file_mtimes is not None and done:
         warnings.warn(f"{writer.path} was recorded before qkhooks stored each image file's modification time "
                       f"({FILE_MTIMES}), so this resume checks the {done} images it keeps by "
@@ -629,6 +645,7 @@ def record_dataset(
     checkpointed = list(reducers) + ([position] if position is not None else [])
     file_sizes = None if streamed else file_size_column(dataset)  # each file's size: stored, and checked on resume
     file_mtimes = None if streamed else file_mtime_column(dataset)  # and its modification time (same-size changes)
+    file_hashes = None if streamed else file_hash_column(dataset)  # and its bytes' hash (for the times that changed)
     if out is not None:
         mode = "resume" if resume and Path(out).exists() else ("overwrite" if overwrite else "create")
         attrs = {
@@ -651,7 +668,7 @@ def record_dataset(
                     _refuse_changed_stream(out, dataset, writer.ids[:done], lo, start, position.skipped)
                 else:
                     done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo), file_sizes,
-                                               at_open, file_mtimes)
+                                               at_open, file_mtimes, file_hashes)
                     start = lo + next_index
                 refuse_sinks_holding_images(reducers, done)  # one the run's checkpoint did not replace
                 if done < writer.committed:  # cut only once every check has passed: a refusal keeps every image
@@ -671,7 +688,7 @@ def record_dataset(
                 if shard is not None:  # where this block starts in the dataset: qkhooks.distributed.merge_shards reads it
                     writer.write_static("images/shard", json.dumps({"rank": shard[0], "world": shard[1], "start": lo, "stop": hi}))
                 # each file's size goes with its batch, so a reopened folder can be checked to hold the files recorded
-                run.sinks.append(WriterSink(writer, opts.store_modes, file_sizes, file_mtimes))
+                run.sinks.append(WriterSink(writer, opts.store_modes, file_sizes, file_mtimes, file_hashes))
             run.sinks.extend(reducers)
             if on_batch is not None:
                 run.sinks.append(_Callback(on_batch))

@@ -59,3 +59,84 @@ def test_bfd_probes_on_features_constant_up_to_rounding_give_no_r2_and_varying_o
     f = _constant_rows(rng, tokens, 6, wobble=1e-4)
     stats = (images * f.T @ f, images * f, images)
     assert _ridge_r2(stats, stats, y, 1e-3) is not None
+
+
+def _restaged(folder, later_s: int = 10) -> None:
+    """The data set copied again to where it was (a job staging it on a node's own disk): every file rewritten with
+    the same bytes, its modification time ``later_s`` seconds on."""
+    import os
+
+    for path in sorted(folder.iterdir()):
+        data, stat = path.read_bytes(), path.stat()
+        path.write_bytes(data)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + later_s * 10**9))
+
+
+def test_a_resume_over_a_data_set_copied_again_goes_on_and_equals_an_uninterrupted_run(tmp_path):
+    """Round 39 (review): the new modification-time check refused every resume of a data set staged again (new times,
+    the same bytes), the usual pattern of preempted cluster jobs. The bytes of the files whose time changed now
+    decide (images/file_hashes): the resumed run equals an uninterrupted one, and its hashes are hashlib's BLAKE2b."""
+    import hashlib
+
+    import numpy as np
+
+    import qkhooks
+    from test_review_r36 import _KW, _interrupted
+    from test_review_r39_fixb import _same_size_photos, _tiny_loaded
+
+    loaded, folder = _tiny_loaded(), tmp_path / "imgs"
+    names = [f"a{i}.png" for i in range(8)]
+    _same_size_photos(folder, names, seed=0)
+    qkhooks.record_dataset(loaded, str(folder), tmp_path / "whole.h5", **_KW)
+    _interrupted(loaded, tmp_path / "run.h5", batches=3, data=str(folder))
+    _restaged(folder)
+    assert qkhooks.record_dataset(loaded, str(folder), tmp_path / "run.h5", resume=True, **_KW).images == 8
+    with qkhooks.open_run(tmp_path / "whole.h5") as whole, qkhooks.open_run(tmp_path / "run.h5") as resumed:
+        assert resumed.complete and list(resumed.ids) == list(whole.ids) == names
+        names_of = set(whole.file["images"].keys()) - {"file_mtimes"}
+        for name in sorted(names_of):
+            if hasattr(whole.file["images"][name], "shape"):
+                np.testing.assert_array_equal(resumed.file["images"][name][()], whole.file["images"][name][()], name)
+        hashes = resumed.array("images/file_hashes")[:].tolist()
+    assert hashes == [int.from_bytes(hashlib.blake2b((folder / n).read_bytes(), digest_size=8).digest(), "little",
+                                     signed=True) for n in names]
+
+
+def test_a_resume_over_a_data_set_copied_again_with_one_picture_replaced_is_refused_naming_it(tmp_path):
+    """The same, one kept photo replaced by another of the same file size before the copy: its bytes differ, so the
+    resume is refused naming it (and only it), and the run file is left as it was."""
+    import pytest
+
+    import qkhooks
+    from qkhooks import QKHooksError
+    from test_review_r36 import _KW, _interrupted
+    from test_review_r39_fixb import _same_size_photos, _tiny_loaded
+
+    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, [f"a{i}.png" for i in range(8)], seed=0)
+    _interrupted(loaded, run, batches=3, data=str(folder))
+    with qkhooks.open_run(run) as before:
+        kept = before.n
+    _same_size_photos(folder, ["a2.png"], seed=5)
+    _restaged(folder)
+    with pytest.raises(QKHooksError, match=r"1 of the 4 images it keeps were modified since it recorded them \(first: "
+                                           r"'a2\.png'.*their bytes differ from those it recorded"):
+        qkhooks.record_dataset(loaded, str(folder), run, resume=True, **_KW)
+    with qkhooks.open_run(run) as after:
+        assert after.n == kept == 6
+
+
+def test_merge_into_a_folder_that_does_not_exist_names_the_folder_not_a_lock_and_writes_nothing(tmp_path):
+    """Round 39 (review): a merge into new/merged.h5 said it could not take the writer lock and advised removing it."""
+    import pytest
+
+    from qkhooks import QKHooksError
+    from qkhooks.distributed import merge_shards
+    from test_review_r39_safe import _loaded, _photos, _shard
+
+    data, out = _photos(tmp_path / "data", 4), tmp_path / "run.h5"
+    shards = [_shard(_loaded(0), data, out, rank) for rank in (0, 1)]
+    for copy in (True, False):
+        with pytest.raises(QKHooksError, match=r"the folder of the merged file, .*new, does not exist: make it first"):
+            merge_shards(tmp_path / "new" / "merged.h5", shard_paths=shards, copy=copy)
+    assert not (tmp_path / "new").exists()

@@ -3,6 +3,7 @@ the same per-image arrays as a folder of the same images; workers, resume after 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
@@ -27,7 +28,7 @@ from qkhooks import QKHooksError
 from qkhooks.cli import main as cli_main
 from qkhooks.data import open_source
 from qkhooks.store import open_run
-from qkhooks.store.format import FILE_MTIMES, FILE_SIZES
+from qkhooks.store.format import FILE_HASHES, FILE_MTIMES, FILE_SIZES
 from qkhooks.stream import record_dataset
 
 datasets = pytest.importorskip("datasets")
@@ -96,7 +97,7 @@ def contents(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
 
 def assert_same_run(a: Path, b: Path) -> None:
     """The same ids and recorded arrays. Each image file's size and modification time
-    (:data:`qkhooks.store.format.FILE_SIZES`, ``FILE_MTIMES``, checked against ``os.stat`` in test_store_r20.py and
+    (:data:`qkhooks.store.format.FILE_SIZES`, ``FILE_MTIMES``, ``FILE_HASHES``, checked against ``os.stat`` in test_store_r20.py and
     test_review_r39_fixb.py) are kept only by runs of sources read from files, so they are left out."""
     ids_a, arrays_a = contents(a)
     ids_b, arrays_b = contents(b)
@@ -104,6 +105,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     for arrays in (arrays_a, arrays_b):
         arrays.pop(FILE_SIZES, None)
         arrays.pop(FILE_MTIMES, None)
+        arrays.pop(FILE_HASHES, None)
     assert arrays_a.keys() == arrays_b.keys() and arrays_a
     for name in arrays_a:
         np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
@@ -126,6 +128,8 @@ def test_every_container_gives_the_folders_arrays_and_ids(tmp_path):
     assert ids == [p.name for p in paths]
     assert arrays.pop(FILE_SIZES).tolist() == [p.stat().st_size for p in paths]  # kept for sources read from files
     assert arrays.pop(FILE_MTIMES).tolist() == [p.stat().st_mtime_ns for p in paths]
+    blake = [int.from_bytes(hashlib.blake2b(p.read_bytes(), digest_size=8).digest(), "little", signed=True) for p in paths]
+    assert arrays.pop(FILE_HASHES).tolist() == blake
     for name, value in run.last.arrays().items():
         np.testing.assert_array_equal(arrays[name], value.numpy(), err_msg=name)
 

@@ -38,7 +38,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 @command("demo", "run every analysis on one model (or several) and write DIR/index.html and DIR/summary.json")(_demo_args)
 def run_demo(args: argparse.Namespace) -> int:
     from qkhooks.compare import compare
-    from qkhooks.models.load import load_model
+    from qkhooks.models.load import check_device, load_model
     from qkhooks.report import DEFAULT_MODEL, PHOTOS, make_report
 
     writable_dir(args.out, "--out folder")
@@ -54,10 +54,13 @@ def run_demo(args: argparse.Namespace) -> int:
         raise QKHooksError(f"--images must be a positive number of photos, got {args.images}; leave it out to use "
                            "every photo.")
     with sigterm_exits():  # SIGTERM stops it as Ctrl-C does: the run file being written closed, and a word on the report
-        # Every model is loaded before the first report, so a bad second --model is refused before minutes of work.
-        models = [load_model(spec, random_init=args.random_init, checkpoint=args.checkpoint, device=args.device)
-                  for spec in specs]
-        for loaded, out in zip(models, outs):
+        # Every model is loaded (on the host) before the first report, so a bad second --model is refused before
+        # minutes of work; each goes to --device for its own report only, so models that fit one at a time still do.
+        check_device(args.device)
+        models = [load_model(spec, random_init=args.random_init, checkpoint=args.checkpoint) for spec in specs]
+        for out in outs:
+            loaded = models.pop(0)
+            loaded.model.to(args.device)
             had_page = (out / "index.html").exists()
             try:
                 summary = make_report(out, loaded, photos=args.images, data=args.data or PHOTOS, o3=args.o3,

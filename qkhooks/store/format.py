@@ -28,7 +28,7 @@ import numpy as np
 from qkhooks.access import LayerGeometry
 from qkhooks.errors import QKHooksError
 
-__all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "IDS", "ID_DIGESTS", "ID_DIGEST_BYTES", "id_digests", "mismatched_ids", "create_id_digests", "id_datasets", "SKIPPED", "FILE_SIZES", "FILE_MTIMES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
+__all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "IDS", "ID_DIGESTS", "ID_DIGEST_BYTES", "id_digests", "mismatched_ids", "create_id_digests", "id_datasets", "SKIPPED", "FILE_SIZES", "FILE_MTIMES", "FILE_HASHES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
            "datasets", "per_image_datasets", "layout_problems",
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
@@ -42,7 +42,7 @@ merge, a repair: :func:`qkhooks.store._hdf5.create_run_file`) and never changed 
 layout, and so its number). Files without it are of the formats before it (0)."""
 FORMAT = 2
 """The format this qkhooks writes: 1 is the layout of round 24 (``/images/id_digests`` in checksummed runs), 2 that of
-round 39 (:data:`FILE_MTIMES` in runs of data read from files: a resume by a qkhooks of format 1 would refuse its
+round 39 (:data:`FILE_MTIMES` and :data:`FILE_HASHES` in runs of data read from files: a resume by a qkhooks of format 1 would refuse its
 first batch for lacking it, after cutting the file back to its checkpoint, where a newer format is refused before
 anything is touched). Raise it
 when a writer of the format before would leave a file of the new one inconsistent (round 24's digests: an older
@@ -77,9 +77,15 @@ oldest none."""
 FILE_MTIMES = "images/file_mtimes"
 """Per-image int64 array (format 2, round 39): each image file's modification time in nanoseconds (``st_mtime_ns``)
 when it was recorded, -1 where the image is not read from a file; beside :data:`FILE_SIZES`, in runs of data read
-from files. A resume compares both of every image it keeps (one ``stat`` each), so a file replaced by another of the
-same size (another photo of the same pixel size, stored uncompressed) is refused, not mixed into the run. Absent in
-runs written before it, whose resume checks the sizes only (and says so)."""
+from files. A resume compares both of every image it keeps (one ``stat`` each); a file whose time changed has its
+bytes compared through :data:`FILE_HASHES`, so a file replaced by another of the same size (another photo of the same
+pixel size, stored uncompressed) is refused, not mixed into the run, while a data set copied again (files with new
+times, the same bytes) resumes. Absent in runs written before it, whose resume checks the sizes only (and says so)."""
+FILE_HASHES = "images/file_hashes"
+"""Per-image int64 array (format 2, round 39): the first 8 bytes of each image file's BLAKE2b digest when it was
+recorded (read as a little-endian signed integer, -1 kept for "not read from a file": a digest reading -1 is stored
+as -2). A resume hashes only the kept files whose modification time changed (:data:`FILE_MTIMES`): the same bytes
+continue, other bytes are refused."""
 REDUCERS = "reducers"
 IDENTITY = "identity"
 """Root attribute: JSON of ``run_id`` (ties ``RUN.h5.reducers`` to this file), and of ``compute_dtype`` and
