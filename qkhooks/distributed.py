@@ -150,6 +150,9 @@ class _Shard:
         fmt.refuse_newer_format(f.attrs, path, "merge")
         if fmt.committed(f) is None:
             raise QKHooksError(f"{path} is not a qkhooks run file (no /images/ids with `committed`).")
+        if attrs_off := fmt.attr_digest_problems(f):  # merged, its config or geometry would pass as the run's
+            raise QKHooksError(fmt.attr_damage_message(path, attrs_off, "merge"))
+        self.sealed = fmt.ATTR_DIGESTS in f.attrs
         self.attrs = {k: (fmt.as_str(v) if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         self.config = json.loads(fmt.as_str(self.attrs.get("config", "{}")))
         shard = self.config.get("shard")
@@ -359,7 +362,7 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
     bases = np.cumsum([0] + [s.n for s in shards]).tolist()
     total = int(bases[-1])
     for key, value in first.file.attrs.items():
-        if key != fmt.FORMAT_ATTR:  # the merged file's format is its own (create_run_file)
+        if key not in (fmt.FORMAT_ATTR, fmt.ATTR_DIGESTS):  # the merged file's format and digests are its own
             f.attrs[key] = value
     config = dict(first.config, shard=None)
     f.attrs["config"] = json.dumps(config, sort_keys=True)
@@ -408,6 +411,8 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
             continue
         fmt.write_states_into(f, {name: merged.saved_state()}, total)
         result.append(merged)
+    if all(s.sealed for s in shards):  # every shard's attributes matched theirs: the merged file's, as written
+        fmt.seal_attrs(f)
     return result
 
 

@@ -192,7 +192,8 @@ LOCK_REFUSED = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOLCK, errno.E
 
 ROOT_COMPACT_ATTRIBUTES = 16
 """How many attributes the root of a run file keeps in its object header, where HDF5 reads them with the header
-(HDF5's default is 8, and a run's root has 9 with :data:`~qkhooks.store.format.FORMAT_ATTR`; past the limit HDF5
+(HDF5's default is 8, and a run's root has 9 with :data:`~qkhooks.store.format.FORMAT_ATTR`, 10 with
+:data:`~qkhooks.store.format.ATTR_DIGESTS` in a ``--checksum`` run; past the limit HDF5
 moves every one of them to a heap and an index of their own)."""
 
 

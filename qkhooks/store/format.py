@@ -34,7 +34,8 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
            "identity_of", "as_str", "read_ids", "read_skipped", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
-           "SHARD_RUNS"]
+           "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
+           "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest"]
 
 FORMAT_ATTR = "qkhooks_format"
 """Root attribute: the run file's format number, an integer written when the file is created (the writer's layout, a
@@ -44,7 +45,8 @@ FORMAT = 2
 """The format this qkhooks writes: 1 is the layout of round 24 (``/images/id_digests`` in checksummed runs), 2 that of
 round 39 (:data:`FILE_MTIMES` and :data:`FILE_HASHES` in runs of data read from files: a resume by a qkhooks of format 1 would refuse its
 first batch for lacking it, after cutting the file back to its checkpoint, where a newer format is refused before
-anything is touched). Raise it
+anything is touched; and :data:`ATTR_DIGESTS` in checksummed runs, which a writer that does not know them would leave
+stale, so that every reader refuses the file). Raise it
 when a writer of the format before would leave a file of the new one inconsistent (round 24's digests: an older
 resume appends ids without them, which then read as damage). A writer (a resume, a merge, a repair) refuses a newer
 format (:func:`refuse_newer_format`), as does ``verify_run``, whose verdict stands on the layout's rules. Readers read
@@ -96,6 +98,20 @@ every one is still there with at least ``committed`` rows)."""
 INFO_SCHEMA_VERSION = 2
 """Version of ``model/info``: 2 adds ``layer_geometry`` (each layer's grid, prefix, query/key tokens, stage, windows)
 and ``schema_version``; a file without it is version 1 (one grid and prefix for every layer)."""
+
+ATTR_DIGESTS = "attr_digests"
+"""Root attribute of runs recorded with ``--checksum`` (``checksum=True``; round 39, format 2): JSON {attribute:
+sha256 hex of its value} for every attribute of every object in the file but :data:`UNSEALED_ATTRS`, each named
+``/GROUP@NAME`` (``/@config``, ``/model@info``). HDF5 checksums the object headers, but string attributes live in its
+global heap, which has none, and an edit with h5py passes any checksum: a changed config, ``model/info`` (layer
+geometry) or ``identity`` would have numbers read under the wrong layer or dtype without a word. Written with the
+layout (the writer's :meth:`_publish`), by a merge and a repair, and updated where the writer changes an attribute
+after that (a resume's statics); every reader checks it on opening (:func:`attr_digest_problems`). Absent in runs
+without ``--checksum`` and in runs written before it (their attributes are not covered)."""
+UNSEALED_ATTRS = frozenset({"complete", "committed", ATTR_DIGESTS, FORMAT_ATTR})
+"""Attributes left out of :data:`ATTR_DIGESTS`: those a writer changes every batch or at its end, the digests, and
+:data:`FORMAT_ATTR` (an integer in the root's header, which HDF5 checksums; every writer checks it first, and a copy
+writes its own)."""
 
 _IMAGES_KEY = "_images"  # the image count a checkpoint belongs to (also inside each state, for old readers)
 
@@ -599,3 +615,126 @@ def copy_statics(src: h5py.File, dst: h5py.File,
             unreadable(name, not isinstance(obj, h5py.Group), exc)
 
     src.visititems(visit)
+
+
+# ------------------------------------------------------------------------------------------ attribute digests
+def attr_value_digest(value: Any) -> str:
+    """sha256 hex of an attribute's value as h5py reads it: text by its UTF-8 bytes, anything else by its numpy dtype,
+    shape and bytes (variable-length strings in an array by their UTF-8 bytes, each with its length)."""
+    h = hashlib.sha256()
+    if isinstance(value, (str, bytes)):
+        h.update(b"s:" + (value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value))
+        return h.hexdigest()
+    array = np.asarray(value)
+    h.update(f"a:{array.dtype.str}:{array.shape}:".encode())
+    if array.dtype.kind == "O":
+        for item in array.ravel():
+            raw = item.encode("utf-8", "surrogatepass") if isinstance(item, str) else bytes(item)
+            h.update(len(raw).to_bytes(8, "little") + raw)
+    else:
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+def _attr_key(obj_name: str, key: str) -> str:
+    return f"{obj_name if obj_name else '/'}@{key}"
+
+
+def attr_words(name: str) -> str:
+    """``/model@info`` as a reader says it: ``attribute info of /model`` (``root attribute config``)."""
+    obj, _, key = name.rpartition("@")
+    return f"root attribute {key}" if obj == "/" else f"attribute {key} of {obj}"
+
+
+_HEADER_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+
+
+def attr_digests(f: h5py.File, unreadable: list[str] | None = None) -> dict[str, str]:
+    """{``/GROUP@NAME``: sha256} of every attribute of every group and dataset of ``f`` but :data:`UNSEALED_ATTRS`,
+    walking by names (object headers only: no chunk index is read). With ``unreadable`` a list, an object whose header
+    or attributes do not read (HDF5's own checksum failing: damage that every read of it reports) is named there and
+    left out; without it, that raises."""
+    out: dict[str, str] = {}
+
+    def walk(group_or_file: Any, child: str | None) -> None:
+        try:
+            obj = group_or_file if child is None else group_or_file[child]
+            found = {_attr_key(obj.name, key): attr_value_digest(value) for key, value in obj.attrs.items()
+                     if key not in UNSEALED_ATTRS}
+            children = list(obj) if isinstance(obj, h5py.Group) else []
+        except _HEADER_ERRORS:
+            if unreadable is None:
+                raise
+            unreadable.append(f"{group_or_file.name.rstrip('/')}/{child}" if child is not None else "/")
+            return
+        out.update(found)
+        for name in children:
+            walk(obj, name)
+
+    walk(f["/"], None)
+    return out
+
+
+def seal_attrs(f: h5py.File, carried: Mapping[str, str | None] | None = None) -> None:
+    """Write :data:`ATTR_DIGESTS` of ``f`` as it is now (a file not in SWMR mode: it may add the attribute).
+    ``carried``: entries that keep a digest other than the one computed (a repair carries the source's digest of an
+    attribute that failed it, so the copy keeps failing it; None: no entry, the attribute stays uncovered)."""
+    digests = attr_digests(f)
+    for name, digest in (carried or {}).items():
+        if digest is None:
+            digests.pop(name, None)
+        else:
+            digests[name] = digest
+    f.attrs[ATTR_DIGESTS] = json.dumps(digests, sort_keys=True)
+
+
+def stored_attr_digests(f: h5py.File) -> dict[str, str] | None:
+    """The file's :data:`ATTR_DIGESTS` (None where it has none); one that does not parse as a JSON object of strings
+    raises ValueError."""
+    if ATTR_DIGESTS not in f.attrs:
+        return None
+    stored = json.loads(as_str(f.attrs[ATTR_DIGESTS]))
+    if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
+        raise ValueError(f"root attribute {ATTR_DIGESTS} is not a JSON object of digests")
+    return stored
+
+
+def failing_attrs(f: h5py.File) -> dict[str, str] | None:
+    """{``/GROUP@NAME``: why} of each attribute that does not match :data:`ATTR_DIGESTS` (changed, missing, or not
+    covered: added since); None for a file without the digests. A digest list that does not parse is one entry
+    (``/@attr_digests``). An object whose header does not read (HDF5's own checksum of it failing) is left out: every
+    read of it reports that damage."""
+    try:
+        stored = stored_attr_digests(f)
+    except (TypeError, ValueError) as exc:
+        return {_attr_key("/", ATTR_DIGESTS): f"does not parse ({exc})"}
+    if stored is None:
+        return None
+    unreadable: list[str] = []
+    now = attr_digests(f, unreadable)
+    bad = {name: "changed since it was written" for name in sorted(set(now) & set(stored)) if now[name] != stored[name]}
+    # an object that does not read is HDF5's damage, which reading it reports: its attributes are not "missing"
+    under = [u if u == "/" else u + "@" for u in unreadable] + [u + "/" for u in unreadable if u != "/"]
+    bad.update({name: "missing" for name in sorted(set(stored) - set(now))
+                if not any(name.startswith(u) for u in under)})
+    bad.update({name: "not covered by the digests (added after they were written)"
+                for name in sorted(set(now) - set(stored))})
+    return bad
+
+
+def attr_digest_problems(f: h5py.File) -> list[str]:
+    """:func:`failing_attrs` as lines (``verify_run``'s problems, a refusal's reasons); empty where all match or the
+    file has no digests."""
+    return [f"{attr_words(name)} {why}" + ("" if name == _attr_key("/", ATTR_DIGESTS) else
+                                            f" (its digest in root attribute {ATTR_DIGESTS})")
+            for name, why in (failing_attrs(f) or {}).items()]
+
+
+def attr_damage_message(path: str | os.PathLike, problems: Sequence[str], doing: str = "read") -> str:
+    """Why a run whose attributes fail their digests is refused, and what can help (repair cannot: an attribute has
+    no second copy in the file)."""
+    return (f"cannot {doing} {path}: {'; '.join(problems)}. These attributes say how the file's numbers are read "
+            "(layers, geometry, dtype, modes), so they are not read under a changed one. `qkhooks info --verify "
+            f"{path}` lists every such attribute; `qkhooks repair` cannot restore one (the file keeps no other copy "
+            "of it; its copy keeps failing the same check). Record the run again (--overwrite, or a new --out); if "
+            "you changed, added or deleted the attribute yourself, set it back to how it was recorded.")

@@ -380,6 +380,8 @@ class _SharedFile:
         """How many times the file was opened: a :class:`RunArray` takes its dataset again when this changes."""
         self.readers = 0
         """Open readers: the last to close closes the handle."""
+        self.attrs_off: list[str] = []
+        """The attributes that fail the file's attribute digests (:func:`qkhooks.store.format.attr_digest_problems`)."""
 
     def changed(self, now: tuple[int, int, int, int] | None) -> str | None:
         """How the file, whose stamp is now ``now``, differs from the one opened (None: the same). A closed run is read
@@ -404,7 +406,9 @@ _SHARED_LOCK = threading.RLock()
 class RunReader:
     """Labelled, lazy access to one run file. Prefer :func:`open_run`."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, check_attributes: bool = True):
+        """``check_attributes=False`` (``verify_run``, which names them) opens a run whose attributes fail their
+        digests (:data:`qkhooks.store.format.ATTR_DIGESTS`); every other reader refuses it."""
         self.path = Path(path)
         if not self.path.exists():
             raise QKHooksError(f"no run file at {self.path}; record one with `qkhooks record`.")
@@ -423,6 +427,10 @@ class RunReader:
                 self._shared = _SharedFile()
                 self._open(Backoff(READ_DEADLINE_S))
             self._shared.readers += 1
+        if check_attributes and self._shared.attrs_off:  # numbers read under a changed config: refused
+            problems = self._shared.attrs_off
+            self.close()
+            raise QKHooksError(fmt.attr_damage_message(self.path, problems))
 
     @property
     def file(self) -> h5py.File:
@@ -450,6 +458,7 @@ class RunReader:
                                            "one, `qkhooks info --verify` on it says what is damaged.")
                     shared.ids = self.file[fmt.IDS]
                     shared.digests = self.file[fmt.ID_DIGESTS] if fmt.ID_DIGESTS in self.file else None
+                    shared.attrs_off = fmt.attr_digest_problems(self.file)
                 self._refresh()
                 with _SHARED_LOCK:
                     _SHARED[shared.stamp[:2]] = shared

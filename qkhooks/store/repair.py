@@ -128,7 +128,8 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     n = fmt.committed(src) if _readable(lambda: src[fmt.IDS]) else None
     if n is None:
         raise QKHooksError(f"{run} has no readable /images/ids with a committed count; no image can be recovered.")
-    _copy_attrs(src, dst, "root attribute", problems, skip=(fmt.FORMAT_ATTR,))  # the copy's format is its own
+    # the copy's format is its own; its attribute digests are written for it at the end (_seal_copy)
+    _copy_attrs(src, dst, "root attribute", problems, skip=(fmt.FORMAT_ATTR, fmt.ATTR_DIGESTS))
     ids = np.array([""] * n, dtype=object)
     good = np.zeros(n, dtype=bool)
     digest_rows = None  # images a chunk of the source's id digests (None: it has none)
@@ -198,8 +199,36 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     images.attrs[fmt.ARRAYS_ATTR] = json.dumps(sorted(arrays))
     _copy_statics(src, dst, problems)
     dst.attrs["complete"] = bool(src.attrs.get("complete", False)) and len(keep) == n
+    _seal_copy(src, dst, problems)
     states = _copy_states(src, run, out, keep, n, problems)
     return RepairReport(run, out, n, [str(ids[i]) for i in keep], lost, sorted(arrays), states, problems)
+
+
+def _seal_copy(src: h5py.File, dst: h5py.File, problems: list[str]) -> None:
+    """The copy of a run with attribute digests (:data:`~qkhooks.store.format.ATTR_DIGESTS`) gets its own, of what it
+    holds now; an attribute that failed the source's digests keeps failing in the copy (the source's digest of it is
+    carried, one added since stays uncovered): repair has no other copy of an attribute, so it never vouches for one
+    that changed. Digests that do not parse are carried as they are (the copy vouches for none)."""
+    try:
+        failing = fmt.failing_attrs(src)
+        if failing is None:
+            return
+        raw = src.attrs[fmt.ATTR_DIGESTS]
+        stored = fmt.stored_attr_digests(src)
+    except (TypeError, ValueError):
+        dst.attrs[fmt.ATTR_DIGESTS] = raw
+        problems.append(f"root attribute {fmt.ATTR_DIGESTS} does not parse: copied as it is, so the copy's attributes "
+                        "are refused as the damaged file's are; record the run again")
+        return
+    except _READ_ERRORS as exc:
+        problems.append(f"root attribute {fmt.ATTR_DIGESTS} unreadable ({exc}): the copy's attributes carry no digests")
+        return
+    assert stored is not None
+    fmt.seal_attrs(dst, {name: stored.get(name) for name in failing})
+    if failing:
+        problems.append(f"{'; '.join(fmt.attr_words(name) + ' ' + why for name, why in failing.items())} in the damaged "
+                        "file (its attribute digests), and repair has no other copy of an attribute: the copy keeps "
+                        "failing the same check (readers refuse it); record the run again")
 
 
 def _spans(rows: Sequence[int]) -> list[tuple[int, int]]:
@@ -495,6 +524,10 @@ class VerifyReport:
     view: bool = False
     """Whether the per-image arrays are views of shard files (a merge without --copy): its images are in the shards,
     which are what ``repair`` or a resume mends (``repair`` refuses a view)."""
+    attr_digests: bool = False
+    """Whether the run stores its attributes' digests (:data:`~qkhooks.store.format.ATTR_DIGESTS`, ``--checksum``)."""
+    attrs_off: list[str] = dataclasses.field(default_factory=list)
+    """The attributes (in :attr:`problems` too) that fail those digests: repair cannot restore them."""
 
     @property
     def ok(self) -> bool:
@@ -510,6 +543,12 @@ class VerifyReport:
                    "(`qkhooks merge`, --copy for a self-contained file)")
         if self.images is None:
             return "\n".join([f"verify   {self.path}", f"result   DAMAGED: {self.problems[0]}; {fix}"])
+        if self.attrs_off:  # no other copy of an attribute in the file: repair's copy keeps failing it
+            again = ("record the run again (--overwrite, or a new --out); if you changed, added or deleted one "
+                     "yourself, set it back to how it was recorded")
+            fix = (f"attributes that say how the numbers are read changed, and no repair restores one (its copy keeps "
+                   f"failing them): {again}" if len(self.attrs_off) == len(self.problems) else
+                   f"{fix}; but no repair restores the attributes named above (its copy keeps failing them): {again}")
         unsummed = [a for a in self.arrays if a not in self.checksummed]
         lines = [f"verify   {self.path}", *([f"format   {self.format}"] if self.format else []),
                  f"images   {self.images} committed{'' if self.complete else ' (an incomplete run: those checked)'}: "
@@ -520,6 +559,9 @@ class VerifyReport:
                          "values are gone: what needs them is refused, and the run cannot be resumed)")
         if self.arrays:
             lines.append(self._checksum_line(unsummed))
+        lines.append("attrs    " + ("sha256 digests: every attribute checked against its own" if self.attr_digests
+                                    else "no digests (written without --checksum, or before them): a changed attribute "
+                                    "cannot be detected unless its JSON stops parsing"))
         lines.append("reducers " + (", ".join(self.states) + " load" if self.states else "no saved state"))
         lines += [f"damaged  {p}" for p in self.problems]
         if self.problems:
@@ -554,7 +596,7 @@ def verify_run(run: str | os.PathLike) -> VerifyReport:
     changes nothing. A file that does not open at all is reported, not raised."""
     path = Path(run)
     try:
-        reader = RunReader(path)
+        reader = RunReader(path, check_attributes=False)  # attributes off their digests are named below
     except (DamagedRunError, HeldOpenError) as exc:
         return VerifyReport(path, None, False, [], [], 0, {}, [], [f"the file does not open ({exc.problem})"])
     with reader, reader._reading():  # a closed run changed during the check (a resume) raises: its answers are stale
@@ -590,6 +632,7 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
         problems.append(f"an attribute's JSON does not parse ({exc})")
     except _READ_ERRORS as exc:
         problems.append(f"the run's attributes unreadable ({exc})")
+    problems += reader._shared.attrs_off  # attributes that no longer match their digests (runs with --checksum)
     damaged: dict[str, list[tuple[int, int]]] = {}
     lines = []
     for name, ds in sorted(arrays.items()) + ([(fmt.IDS, found[fmt.IDS])] if fmt.IDS in found else []):
@@ -639,4 +682,5 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
     checksummed = sorted(name for name, ds in arrays.items() if ds.fletcher32)
     return VerifyReport(reader.path, n, complete, sorted(arrays), checksummed, statics, damaged, states,
                         lines + problems, fmt.ID_DIGESTS in found, _format_line(f), lost,
-                        any(ds.is_virtual for ds in arrays.values()))
+                        any(ds.is_virtual for ds in arrays.values()), fmt.ATTR_DIGESTS in f.attrs,
+                        list(reader._shared.attrs_off))

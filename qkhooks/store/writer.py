@@ -387,6 +387,8 @@ class RunWriter:
         # Written last, so the metadata laid out first (root, ids) stays where it was before these two existed
         self._file["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps(names)
         self._file.attrs[fmt.IDENTITY] = self._identity
+        if self.checksum:  # the attributes' digests, of the layout as it is now (later changes: _reseal)
+            fmt.seal_attrs(self._file)
         self._file.flush()
         self._file.close()
         if self.mode == "overwrite":
@@ -425,6 +427,8 @@ class RunWriter:
             theirs = {**{k: root.get(k) for k in IDENTITY_ATTRS}, **_checked(root)}
             if fmt.committed(f) is None:
                 raise QKHooksError(f"cannot resume {self.path}: it is not a qkhooks run file; use --overwrite.")
+            if attrs_off := fmt.attr_digest_problems(f):  # before comparing them: a changed one is not "another run's"
+                raise QKHooksError(fmt.attr_damage_message(self.path, attrs_off, "resume"))
             if lost := fmt.lost_statics(root):
                 raise QKHooksError(f"cannot resume {self.path}: the repair that wrote it could not copy {', '.join(lost)} "
                                    "from the damaged file, and a run resumed in place cannot write statics again; "
@@ -970,6 +974,8 @@ class RunWriter:
             group = self._file.get(group_name)
             if group is not None and key in group.attrs:
                 group.attrs.modify(key, value)
+                if self.laid_out:
+                    self._reseal(group.name, key, value)
             elif self.laid_out:
                 raise self._layout_is_fixed(f"the attribute {name}")
             else:
@@ -991,6 +997,19 @@ class RunWriter:
                 self._layout_group(group_name).create_dataset(key, data=value, **summed)
         if self.laid_out:  # a laid-out file's statics are on disk now; a new run's go with the layout (_publish)
             self._file.flush()
+
+    def _reseal(self, group: str, key: str, value: Any) -> None:
+        """After a laid-out file's attribute changed (a resume writes its statics again): its entry in the file's
+        attribute digests (:data:`~qkhooks.store.format.ATTR_DIGESTS`), where it has them. An unchanged value
+        leaves the digests as they are (a reader opening the file meanwhile never sees them disagree)."""
+        if fmt.ATTR_DIGESTS not in self._file.attrs:
+            return
+        stored = fmt.stored_attr_digests(self._file) or {}
+        name = f"{group}@{key}"
+        digest = fmt.attr_value_digest(value)
+        if stored.get(name) != digest:
+            stored[name] = digest
+            self._file.attrs.modify(fmt.ATTR_DIGESTS, json.dumps(stored, sort_keys=True))
 
     def _do_checkpoint(self, states: dict[str, dict[str, Any]]) -> None:
         if not self.laid_out:
