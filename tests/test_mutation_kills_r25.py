@@ -38,14 +38,17 @@ def test_verify_says_whole_which_parts_a_checksum_covers_with_and_without_the_id
     lines = verify_run(path).summary().splitlines()
     assert lines[1] == f"format   {fmt.FORMAT}"  # since round 27, under the verify line
     assert lines[4:] == ["checksum Fletcher-32 on every per-image array and on the image ids: every chunk read was "
-                         "checked against it, every id against its digest", "reducers no saved state",
+                         "checked against it, every id against its digest",
+                         "attrs    sha256 digests: every attribute checked against its own",  # round 39
+                         "reducers no saved state",
                          "result   every part read, every chunk passed its checksum and every id its digest"]
     with h5py.File(path, "r+") as f:
         del f[fmt.ID_DIGESTS]
     lines = verify_run(path).summary().splitlines()
     assert lines[4:] == ["checksum Fletcher-32 on every per-image array, not on the image ids (written before qkhooks "
                          "stored their digests): every chunk read was checked against it; a changed id cannot be "
-                         "detected", "reducers no saved state",
+                         "detected", "attrs    sha256 digests: every attribute checked against its own",
+                         "reducers no saved state",
                          "result   every part read, every chunk passed its checksum (the ids carry none)"]
 
 
