@@ -364,22 +364,12 @@ def test_a_qkv_linear_called_twice_within_its_attention_call_is_refused_in_the_w
     """``_qk_twice_error`` ``_9`` (the middle of the refusal re-worded): round 38's test matches its start and
     ``qk_path=False``. The whole sentence."""
     from test_review_r37_capture import _images, _timm
+    from test_review_r38_capture import qkv_called_twice
 
     model, x = _timm(depth=1), _images()
-    attn = model.blocks[0].attn
-    plain = type(attn).forward
-
-    def twice(self, tokens, *args, **kwargs):
-        self.qkv(tokens * 0.5)
-        return plain(self, tokens, *args, **kwargs)
-
-    with torch.no_grad(), qkhooks.record(model, modes=4):
-        type(attn).forward = twice
-        try:
-            with pytest.raises(QKHooksError) as err:
-                model(x)
-        finally:
-            type(attn).forward = plain
+    with torch.no_grad(), qkhooks.record(model, modes=4), qkv_called_twice(model.blocks[0].attn):
+        with pytest.raises(QKHooksError) as err:
+            model(x)
     assert str(err.value) == (
         "blocks.0.attn.qkv (layer 0's q/k projection) ran more than once within one call of blocks.0.attn, so which "
         "output is the layer's q and k cannot be told and the maps would be of the last call; qkhooks does not model "

@@ -5,6 +5,8 @@ W_q_hᵀW_k_h per head applied to the tokens a plain hook saw, or the model's ow
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 
 import numpy as np
@@ -107,24 +109,31 @@ def test_a_qkv_linear_also_called_by_a_head_after_the_blocks_leaves_its_layer_ex
     assert float((run.attention(0, "full") - probs[0]).abs().max()) < 1e-5
 
 
-def test_a_qkv_linear_called_twice_within_its_own_attention_call_is_refused():
-    """An attention module that calls its qkv Linear twice in one call: which output is q and k cannot be told."""
-    model, x = _timm(depth=1), _images()
-    attn = model.blocks[0].attn
+@contextlib.contextmanager
+def qkv_called_twice(attn):
+    """While open, every call of ``attn``'s class runs its qkv Linear once more first (on halved tokens)."""
     plain = type(attn).forward
 
     def twice(self, tokens, *args, **kwargs):
         self.qkv(tokens * 0.5)
         return plain(self, tokens, *args, **kwargs)
 
+    type(attn).forward = twice
+    try:
+        yield
+    finally:
+        type(attn).forward = plain
+
+
+def test_a_qkv_linear_called_twice_within_its_own_attention_call_is_refused():
+    """An attention module that calls its qkv Linear twice in one call: which output is q and k cannot be told."""
+    model, x = _timm(depth=1), _images()
+    attn = model.blocks[0].attn
     with torch.no_grad(), qkhooks.record(model, modes=4) as run:
-        type(attn).forward = twice
-        try:
-            with pytest.raises(QKHooksError, match=r"blocks\.0\.attn\.qkv \(layer 0's q/k projection\) ran more than "
-                                                   r"once within one call of blocks\.0\.attn.*qk_path=False"):
-                model(x)
-        finally:
-            type(attn).forward = plain
+        with qkv_called_twice(attn), pytest.raises(
+                QKHooksError, match=r"blocks\.0\.attn\.qkv \(layer 0's q/k projection\) ran more than once within one "
+                                    r"call of blocks\.0\.attn.*qk_path=False"):
+            model(x)
         model(x)  # the next batch is recorded, exact
     assert _rel(run.query(0), _dense_query(attn, _tokens(model, x)[0], 4)) < 1e-5
 
