@@ -49,14 +49,10 @@ def test_compare_refuses_one_model_spec_twice_and_takes_two_reports(tmp_path, ca
 
 # ------------------------------------------------------------------------------------------------ 2. no folder left
 def _photos(folder, n: int = 4, size: int = 32):
-    import numpy as np
-    from PIL import Image
+    """Round 38's noise photos (``img00.png`` ...), 4 by default."""
+    from test_review_r38_cli import _photos as photos
 
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
-    return folder
+    return photos(folder, n, size)
 
 
 TINY = ["timm:test_vit", "--random-init"]
