@@ -412,18 +412,8 @@ _SPECTRUM_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[WeightsState, dict[
 )
 
 
-def _as_computed(spec: LayerSpectrum) -> tuple:
-    """Each array of ``spec`` with its version counter: the cache hands its spectrum out, and a caller that edits it
-    in place (``S.div_(S.max())`` for a plot) or assigns another array must not change what later recordings use."""
-    return tuple((a, a._version) for a in (spec.U, spec.S, spec.V))
-
-
-def _untouched(spec: LayerSpectrum, computed: tuple) -> bool:
-    """Whether ``spec`` still holds the arrays it was computed with, none edited in place since (views such as
-    ``top(k)``'s share their base's version counter, so their edits count too)."""
-    return all(now is then and now._version == version
-               for now, (then, version) in zip((spec.U, spec.S, spec.V), computed))
 _ARRAYS = ("U", "S", "V", "S_all", "cos_all")
+"""A spectrum's arrays: what :func:`spectrum_copy` copies and :func:`unedited` watches."""
 
 
 def spectrum_copy(spec: LayerSpectrum) -> LayerSpectrum:
@@ -448,13 +438,16 @@ def spectrum_copy(spec: LayerSpectrum) -> LayerSpectrum:
 
 def edit_stamps(spec: LayerSpectrum) -> tuple:
     """What :func:`unedited` compares: each array of ``spec`` with its version counter (None for numpy: those
-    :func:`spectrum_copy` makes are read-only), and its plain fields."""
+    :func:`spectrum_copy` makes are read-only), and its plain fields. The cache keeps them for the spectrum it hands
+    out, and a recording for the copy it hands out: a caller that edits one in place (``S.div_(S.max())`` for a plot)
+    or assigns another array changes nothing later recordings use."""
     return (tuple((a, getattr(a, "_version", None)) for a in (getattr(spec, n) for n in _ARRAYS)),
             (spec.layer, spec.augmented, spec.truncated))
 
 
 def unedited(spec: LayerSpectrum, stamps: tuple) -> bool:
-    """Whether ``spec`` still holds the arrays and fields :func:`edit_stamps` saw, none edited in place since."""
+    """Whether ``spec`` still holds the arrays and fields :func:`edit_stamps` saw, none edited in place since (views
+    such as ``top(k)``'s share their base's version counter, so their edits count too)."""
     arrays, fields = stamps
     return (all(getattr(spec, n) is a and getattr(a, "_version", None) == v for n, (a, v) in zip(_ARRAYS, arrays))
             and (spec.layer, spec.augmented, spec.truncated) == fields)
@@ -659,7 +652,7 @@ def is_cached_spectrum(site: AttentionSite, spec: LayerSpectrum) -> bool:
     bit): ``qkhooks.spectrum(model)`` handed back to ``record(spectrum=...)``, the usual case, costs no other check."""
     cached = _SPECTRUM_CACHE.get(site.module) if site.module is not None else None
     held = cached[1].get(spec.augmented) if cached is not None else None
-    return (held is not None and held[0] is spec and _untouched(spec, held[1])
+    return (held is not None and held[0] is spec and unedited(spec, held[1])
             and _cached_still_valid(cached[0], site))  # type: ignore[index]
 
 
@@ -713,9 +706,9 @@ def layer_spectrum(site: AttentionSite, augmented: bool = False) -> LayerSpectru
     if entry is None or not _cached_still_valid(entry[0], site):
         entry = _SPECTRUM_CACHE[module] = (_copied_state(site, _weights_key(site)), {})
     held = entry[1].get(augmented)
-    if held is None or held[0].layer != site.layer or not _untouched(*held):
+    if held is None or held[0].layer != site.layer or not unedited(*held):
         spec = _compute_layer_spectrum(site, augmented)
-        held = entry[1][augmented] = (spec, _as_computed(spec))
+        held = entry[1][augmented] = (spec, edit_stamps(spec))
     return held[0]
 
 

@@ -604,7 +604,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # Round 39 (mutation): round 38's library code (`9977ff1..4f4469b`) in six of the 42 files it touched: capture.py's
     # q/k call bracket (`_qk_open`, `_close_qk`), thread checks, empty-batch refusal and per-batch copies;
     # models/unsupported.py's module-level hooks (`_OwnHook`, `_SpentHook`, `_CopiedHook`) and the functional_call
-    # refusal; spectrum.py's edited-spectrum check (`_as_computed`, `_untouched`); cli/__init__.py's `output_file`;
+    # refusal; spectrum.py's edited-spectrum check (`_as_computed`, `_untouched`: `edit_stamps`, `unedited` since
+    # round 39); cli/__init__.py's `output_file`;
     # bfd_summary.py's `check_alpha`; bfd.py's run_bfd checks. Against round 38's review tests (in-process only: not
     # the closed-pipe test, which starts another Python), round 39's kill file and test_spectrum.py's stored old-dict
     # read (its DeprecationWarning; the live one checks the warning's line, which mutmut's trampoline moves). Run with
