@@ -101,12 +101,10 @@ class WriterSink:
             arrays = {k: v for k, v in arrays.items() if not k.startswith("modes/")}
         arrays.update(batch.meta.get("arrays", {}))
         layout = self.writer.layout_arrays
-        if self.file_sizes is not None and (layout is None or FILE_SIZES in layout):  # not in a resumed older run
-            arrays[FILE_SIZES] = self.file_sizes(batch.ids)
-        if self.file_mtimes is not None and (layout is None or FILE_MTIMES in layout):  # not in a run from before it
-            arrays[FILE_MTIMES] = self.file_mtimes(batch.ids)
-        if self.file_hashes is not None and (layout is None or FILE_HASHES in layout):
-            arrays[FILE_HASHES] = self.file_hashes(batch.ids)
+        for name, column in ((FILE_SIZES, self.file_sizes), (FILE_MTIMES, self.file_mtimes),
+                             (FILE_HASHES, self.file_hashes)):
+            if column is not None and (layout is None or name in layout):  # not in a resumed run from before it
+                arrays[name] = column(batch.ids)
         self.writer.write_batch(batch.ids, arrays)
 
 
