@@ -53,7 +53,7 @@ from qkhooks.reducers import Reducer, reducer_class
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import create_run_file, held_for_write, open_reader, other_program_file
 from qkhooks.store.lock import WriterLock
-from qkhooks.store.writer import CHECKED_ATTRS, _checked
+from qkhooks.store.writer import checked_attrs, checked_differences
 from qkhooks.store.reader import held_shards_text
 from qkhooks.stream import RecordResult, record_dataset
 
@@ -211,20 +211,13 @@ def _check_shards(shards: list[_Shard]) -> None:
                 f"one run must share them.\n  {shards[0].path.name}: {first}\n  {s.path.name}: {identity(s)}"
             )
     for s in shards[1:]:  # what the model is beyond its spec, as a resume checks it (where both files say it)
-        ours, theirs = _checked(shards[0].attrs), _checked(s.attrs)
-        for key, what in CHECKED_ATTRS.items():
-            a, b = ours[key], theirs[key]
-            if a is None or b is None:
-                continue
-            if key == "image_config":
-                a, b = json.loads(fmt.as_str(a)), json.loads(fmt.as_str(b))
-            if a != b:
-                raise QKHooksError(
-                    f"{what} differs between {shards[0].path} and {s.path} (under the same model spec); "
-                    f"shards of one run must share them, so these are not one run: record the odd shard again "
-                    f"(`--overwrite` on its rank) or merge the shards of one run.\n  {shards[0].path.name}: {a}\n  "
-                    f"{s.path.name}: {b}"
-                )
+        for _, what, a, b in checked_differences(checked_attrs(shards[0].attrs), checked_attrs(s.attrs))[:1]:
+            raise QKHooksError(
+                f"{what} differs between {shards[0].path} and {s.path} (under the same model spec); "
+                f"shards of one run must share them, so these are not one run: record the odd shard again "
+                f"(`--overwrite` on its rank) or merge the shards of one run.\n  {shards[0].path.name}: {a}\n  "
+                f"{s.path.name}: {b}"
+            )
     _check_blocks(shards)
     if any(set(s.states) != set(shards[0].states) for s in shards):
         raise QKHooksError("the shards hold different reducer states; they do not come from one run.")

@@ -628,7 +628,7 @@ ROUND18 = (
     "qkhooks.analysis.anisotropy.x_baseline_pivots__*", "qkhooks.analysis.anisotropy.x__weighted_cos__*",
     "qkhooks.analysis.anisotropy.x_anisotropy_table__*",
     "qkhooks.stream.x_weights_fingerprint__*",
-    "qkhooks.store.writer.xǁRunWriterǁ_check_identity__*", "qkhooks.store.writer.x__checked__*",
+    "qkhooks.store.writer.xǁRunWriterǁ_check_identity__*", "qkhooks.store.writer.x_checked_attrs__*",
     "qkhooks.store.writer.xǁRunWriterǁ_lay_out__*", "qkhooks.store.writer.xǁRunWriterǁ_publish__*",
     "qkhooks.store.writer.xǁRunWriterǁ_replace_old__*",
     "qkhooks.store.lock.xǁWriterLockǁhold_run__*",

@@ -424,7 +424,7 @@ class RunWriter:
         with self._refused_if_damaged(), open_reader(self.path) as f:
             root = dict(f.attrs.items())  # all at once: a damaged attribute raises here (attrs.get would say None)
             fmt.refuse_newer_format(root, self.path, "resume")  # first: a newer layout may hold its parts elsewhere
-            theirs = {**{k: root.get(k) for k in IDENTITY_ATTRS}, **_checked(root)}
+            theirs = {**{k: root.get(k) for k in IDENTITY_ATTRS}, **checked_attrs(root)}
             if fmt.committed(f) is None:
                 raise QKHooksError(f"cannot resume {self.path}: it is not a qkhooks run file; use --overwrite.")
             if attrs_off := fmt.attr_digest_problems(f):  # before comparing them: a changed one is not "another run's"
@@ -438,7 +438,7 @@ class RunWriter:
                     f"cannot resume {self.path}: it is a merge of shard files ({f['images'].attrs['shards']}); "
                     "resume the shards with the same torchrun command plus --resume, which merges again."
                 )
-            mine = {**attrs, **{k: v for k, v in _checked(attrs).items() if v is not None}}
+            mine = {**attrs, **{k: v for k, v in checked_attrs(attrs).items() if v is not None}}
             self._check_identity(theirs, mine)
             if theirs["weights_sha256"] is None and "weights_sha256" in mine:
                 self._check_statics(f, expected_statics)
@@ -550,16 +550,10 @@ class RunWriter:
                     f"cannot resume {self.path}: its {key} differs from this run's{why}"
                     f".\n  file: {theirs[key]}\n  now:  {attrs[key]}\n{self._resume_fix()}"
                 )
-        for key, what in CHECKED_ATTRS.items():
-            if key not in attrs or theirs[key] is None:
-                continue  # a file from before the attribute (the spectra stand in for the weights: _check_statics)
-            mine, stored = attrs[key], fmt.as_str(theirs[key])
+        # a file from before an attribute is not compared on it (the spectra stand in for the weights: _check_statics)
+        for key, what, mine, stored in checked_differences(attrs, theirs):
             if key == "image_config":
                 why = fmt.config_differences(stored, mine)
-                if json.loads(stored) == json.loads(mine):
-                    continue
-            elif stored == mine:
-                continue
             else:
                 # a hash is shown by its first 12 digits where those tell the two apart (a damaged one may not)
                 cut = key == "weights_sha256" and stored[:12] != mine[:12]
@@ -1091,10 +1085,24 @@ class _PerImage:
             self.ds.id.write_direct_chunk((n + start,) + origin, part)
 
 
-def _checked(attrs: Mapping[str, Any]) -> dict[str, Any]:
+def checked_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """The :data:`CHECKED_ATTRS` of root attributes (a file's, or the ones a run is given); None where absent."""
     identity = fmt.identity_of(attrs)
     return {key: attrs.get(key) if key == "image_config" else identity.get(key) for key in CHECKED_ATTRS}
+
+
+def checked_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Where two runs' :data:`CHECKED_ATTRS` (as :func:`checked_attrs` reads them) differ: (key, what it is, ours,
+    theirs) as stored text. A value either run lacks (a file from before it) is not compared; the preprocessing is
+    compared as JSON. What a resume checks against its file, and a merge across its shards."""
+    out = []
+    for key, what in CHECKED_ATTRS.items():
+        if ours.get(key) is None or theirs.get(key) is None:
+            continue
+        a, b = fmt.as_str(ours[key]), fmt.as_str(theirs[key])
+        if (json.loads(a) != json.loads(b)) if key == "image_config" else a != b:
+            out.append((key, what, a, b))
+    return out
 
 
 def _attr(value: Any) -> Any:
