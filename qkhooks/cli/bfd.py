@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from qkhooks.cli import (DATA_HELP, add_model_arguments, add_run_arguments, command, load_from_args, output_file,
@@ -81,16 +80,15 @@ def _summary_args(p: argparse.ArgumentParser) -> None:
 
 
 def _alpha(text: str) -> float:
-    """--alpha: a finite number > 0 (argparse's error names the option and the value); as check_alpha of
-    qkhooks.analysis.bfd_summary, which the library applies again."""
+    """--alpha through the library's own check (:func:`qkhooks.analysis.bfd_summary.check_alpha`), refused in
+    argparse's words, which name the option and the value."""
+    from qkhooks.analysis.bfd_summary import check_alpha
+
     try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
+        return check_alpha(text)
+    except QKHooksError:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, the relative ridge strength of the position "
-                                         f"probes (e.g. 1e-3, the default), got {text!r}")
-    return value
+                                         f"probes (e.g. 1e-3, the default), got {text!r}") from None
 
 
 @command("analyze bfd", "BFD tables and figures from a run file written by `qkhooks bfd`")(_analyze_args)
