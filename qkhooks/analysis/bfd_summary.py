@@ -330,8 +330,8 @@ def check_alpha(alpha: Any) -> float:
     return value
 
 
-CONSTANT_FEATURES = ("constant features (trace(S_xx) = 0 up to rounding, e.g. a single training image for C): no probe can be "
-                     "fitted, so there is no R^2; use more images")
+CONSTANT_FEATURES = ("constant features (trace(S_xx) = 0 up to rounding, e.g. a single training image for C): no "
+                     "probe can be fitted, so there is no R^2; use more images")
 """The note of a probe left without an R^2 because its features do not vary."""
 
 ROUNDING = 1e-10
