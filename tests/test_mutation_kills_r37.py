@@ -32,15 +32,7 @@ import qkhooks  # noqa: E402
 from qkhooks.data import open_source  # noqa: E402
 from qkhooks.errors import QKHooksError  # noqa: E402
 
-from test_review_r37_data import CFG, _loaded, write_tar  # noqa: E402  (a 2-layer ViT on a 6x6 grid of 8-pixel patches)
-
-
-def _stream_ids(stream) -> tuple[list[str], list[tuple[str, str]]]:
-    ids, failures = [], []
-    for batch in stream.batches(4):
-        ids += [item["id"] for item in batch.items]
-        failures += batch.failures
-    return ids, failures
+from test_review_r37_data import CFG, _loaded, _stream_ids, write_tar  # noqa: E402  (CFG: a 2-layer ViT, 6x6 patches)
 
 
 # ------------------------------------------------------------------ data/readers.py: _TarReader.decode
