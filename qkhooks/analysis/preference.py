@@ -41,6 +41,7 @@ __all__ = [
     "GROUPS",
     "odd_one_out_meta",
     "preference_from_rows",
+    "refuse_rows_without_mass",
     "group_preference",
     "PreferenceReducer",
     "preference_from_reducer",
@@ -151,7 +152,7 @@ def odd_one_out_meta(
 # ---------------------------------------------------------------------------------------- values
 def preference_from_rows(
     rows: torch.Tensor, target_grid: torch.Tensor, distractor_grid: torch.Tensor, num_prefix_tokens: int,
-    names: Sequence[str] | None = None, check_overlap: bool = True,
+    names: Sequence[str] | None = None, check_overlap: bool = True, check_mass: bool = True, layer: Any = None,
 ) -> torch.Tensor:
     """The six preference values (B, H, 6), ordered as :data:`PAIRS`, from two attention rows per image.
 
@@ -163,6 +164,10 @@ def preference_from_rows(
         names: how a refusal names each image (default: its position in the batch).
         check_overlap: False where the caller has refused overlapping grids already (a reducer, once per batch
             rather than once per layer).
+        check_mass: refuse rows whose patch tokens carry no positive mass (:func:`refuse_rows_without_mass`); False
+            where the caller checks it itself (the reducer, once per batch with its other checks). Unchecked, such a
+            row's values are NaN, never a number.
+        layer: the layer the rows belong to, for that refusal's message.
 
     Returns:
         float tensor (B, H, 6) (at least float32, on the rows' device).
@@ -193,11 +198,55 @@ def preference_from_rows(
                        f"patches of the {t.shape[1]} x {t.shape[2]} grid")
     t, d = to_device(t, rows.device), to_device(d, rows.device)
     attn = rows[..., p:].to(dtype)
-    attn = attn / attn.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    # review r40: a row whose patch mass is not positive has no normalisation. The old clamp_min(tiny) turned a
+    # negative mass (CaiT talking heads' proj_w-mixed maps, differential attention with lambda > 1) into values of
+    # ~1e37 or inf, folded or refused as "NaN pixels"; NaN here, refused with the reason where checked.
+    mass = attn.sum(-1, keepdim=True)
+    if check_mass:
+        refuse_rows_without_mass(_has_mass(mass).flatten(1).all(1)[None].cpu(), [layer], names)
+    attn = attn / mass.where(mass > 0, torch.full_like(mass, float("nan")))
     t, d = t.flatten(1), d.flatten(1)
     masks = torch.stack([t, d, (1.0 - t - d).clamp_min(0.0)], dim=1)  # (B, 3, P)
     vals = torch.einsum("bhqp,bmp->bhqm", attn, masks)  # (B, H, 2, 3): query x (T, D, B)
     return torch.cat([vals[:, :, 0], vals[:, :, 1][..., [1, 0, 2]]], dim=-1)
+
+
+def rows_with_mass(rows: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """(B,) bool: whether no row of each image (B, H, 2, N) has a finite patch-token mass of 0 or below."""
+    mass = rows[..., int(num_prefix_tokens):].sum(-1, dtype=torch.promote_types(rows.dtype, torch.float32))
+    return _has_mass(mass).flatten(1).all(1)
+
+
+def _has_mass(mass: torch.Tensor) -> torch.Tensor:
+    """False where a row's patch mass is finite and 0 or below; a NaN or infinite mass (NaN or inf in the rows) is
+    left to the non-finite check, which names that cause."""
+    return ~((mass <= 0) & mass.isfinite())
+
+
+def refuse_rows_without_mass(ok: torch.Tensor, layers: Sequence[Any], names: Sequence[str] | None) -> None:
+    """Refuse attention rows whose patch tokens carry no positive mass: ``ok`` (L, B) bool on the host, per layer of
+    ``layers`` (None: not known) and image (``names``, else its position in the batch).
+
+    Preference normalises each row over the patch tokens to sum 1 (METHODS A.4), which is undefined for a mass of 0
+    or below. A softmax row has it only where all its mass sits on prefix tokens (or underflows); a map that is no
+    softmax can have it anywhere: CaiT's talking heads mix the heads' softmaxes with ``proj_w`` after the softmax,
+    and differential attention's rows sum to 1 - lambda."""
+    if bool(ok.all()):
+        return
+    bad = ~ok
+    images = bad.any(0).nonzero().flatten().tolist()
+    named = [str(names[i]) for i in images] if names is not None and len(names) == bad.shape[1] else None
+    which = ", ".join(named) if named is not None else f"image(s) at position(s) {images} of this batch"
+    at = [layers[i] for i in bad.any(1).nonzero().flatten().tolist()]
+    where = "" if at == [None] else f" at layer(s) {at}"
+    raise QKHooksError(
+        f"attention preference: the rows of {which}{where} carry no positive attention on the patch tokens (their sum "
+        "over the patches is 0 or below), so they cannot be normalised to sum 1 (METHODS A.4) and no preference value "
+        "exists. Maps that are not one softmax give such rows: CaiT's talking heads (proj_w mixes the softmaxes) and "
+        "differential attention (a row sums to 1 - lambda, below 0 for lambda > 1); a softmax row gives it only when "
+        "all its mass sits on prefix tokens. Leave those layers out of the rows (record layers=[...] without them), "
+        "or drop those images."
+    )
 
 
 def group_preference(values: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor | np.ndarray]:
@@ -291,6 +340,7 @@ class PreferenceReducer(Reducer):
             refuse_overlap(torch.as_tensor(t_grid), torch.as_tensor(d_grid), names,
                            f"patches of the {t_grid.shape[-2]} x {t_grid.shape[-1]} grid")
         values: dict[int, torch.Tensor] = {}  # every layer's values first: a refused batch leaves the state as it was
+        masses: dict[int, torch.Tensor] = {}
         for layer, rows in sorted(layers.items()):
             prefix = int(rows.shape[-1]) - patches
             if prefix < 0:
@@ -300,9 +350,14 @@ class PreferenceReducer(Reducer):
                     f"layer {layer}: {rows.shape[-1]} tokens with a {tuple(t_grid.shape[-2:])} mask grid leave {prefix} "
                     f"prefix tokens, but the model has {int(given)}; build the masks on the model's patch grid."
                 )
-            values[layer] = preference_from_rows(rows, t_grid, d_grid, prefix, names, check_overlap=False)
+            values[layer] = preference_from_rows(rows, t_grid, d_grid, prefix, names, check_overlap=False,
+                                                 check_mass=False)
+            masses[layer] = rows_with_mass(rows, prefix)
         finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in values.values()])
-        refuse_non_finite(finite, list(values), batch, "PreferenceReducer", "preference values (attention rows)")
+        # one host transfer for both checks; rows without patch mass first: their values are NaN for that reason
+        flags = torch.stack([torch.stack([masses[l] for l in values]).to(finite.device), finite]).cpu()
+        refuse_rows_without_mass(flags[0], list(values), names)
+        refuse_non_finite(flags[1], list(values), batch, "PreferenceReducer", "preference values (attention rows)")
         if self.num_prefix_tokens is None:
             self.num_prefix_tokens = int(layers[min(layers)].shape[-1]) - patches
         for layer, v in values.items():
@@ -492,7 +547,7 @@ def _run_values(run: Any) -> tuple[dict[int, np.ndarray], int]:
         names = [f"image {i} of {run.path}" for i in range(sl.start, sl.stop)]
         for l in layers:
             r = torch.from_numpy(rows[l][sl].astype(np.float64))
-            values[l].append(preference_from_rows(r, t, d, prefix, names).numpy())
+            values[l].append(preference_from_rows(r, t, d, prefix, names, layer=l).numpy())
     return {l: np.concatenate(v) for l, v in values.items()}, prefix
 
 
