@@ -73,13 +73,13 @@ def main() -> None:
     @contextlib.contextmanager
     def before():
         """The previous code paths: old projector class (its own projector cache), sites searched at every entry."""
-        saved = capture.QKPathProjector, capture._LAYER_MODES, capture._model_sites
+        saved = capture.QKPathProjector, capture._LAYER_MODES, capture.model_sites
         capture.QKPathProjector, capture._LAYER_MODES = before_class, BEFORE_CACHE
-        capture._model_sites = lambda m, layers: find_sites(m, layers)
+        capture.model_sites = lambda m, layers: find_sites(m, layers)
         try:
             yield
         finally:
-            capture.QKPathProjector, capture._LAYER_MODES, capture._model_sites = saved
+            capture.QKPathProjector, capture._LAYER_MODES, capture.model_sites = saved
 
     BEFORE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
     runs = {}

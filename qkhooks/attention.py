@@ -320,7 +320,7 @@ class OneAttention(AttentionCallMode):
 
     def on_sdpa(self, call: SdpaCall, kernel: Any) -> torch.Tensor:
         """maps @ v of the call's maps, computed once (torch's kernel does not run)."""
-        q, v = call.query, call.value
+        q = call.query
         if not self._is_map(q) or q.shape[-1] != self.site.head_dim:
             raise self._refusal(f"its attention call has q of shape {tuple(q.shape)}, not the (batch, "
                                 f"{self.site.num_heads} heads, tokens, {self.site.head_dim}) the adapter describes")

@@ -52,8 +52,8 @@ from qkhooks.attention import (
 )
 from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import (SOURCE_NOT_RUN, _ADAPTERS, AttentionSite, LayerSelection, find_sites, grid_source_hooks,
-                                 select_layers)
+from qkhooks.models.base import (SOURCE_NOT_RUN, AttentionSite, LayerSelection, adapter_ids, find_sites,
+                                 grid_source_hooks, select_layers)
 from qkhooks.models.load import unwrap_loaded
 from qkhooks.models.unsupported import (compiled_by_dynamo, hooked_paths, own_hook, refuse_altered_qk, refuse_compiled,
                                         remove_own_hooks, traced_refusal, unmodelled_parts)
@@ -168,7 +168,7 @@ class Recording:
         if input not in ("normed", "residual"):
             raise QKHooksError(f"input must be 'normed' (the exact tensor entering W_q/W_k) or 'residual'; got {input!r}.")
         self._model_ref = weakref.ref(model)
-        every = list(sites) if sites is not None else _model_sites(model, skip_unmodelled)
+        every = list(sites) if sites is not None else model_sites(model, skip_unmodelled)
         if sites is not None or _maybe_compiled(model):  # hooks there would run while the graph is traced, or never
             refuse_compiled(model, hooked_paths(model, every))
         self.sites: list[AttentionSite] = select_layers(every, layers)
@@ -176,7 +176,7 @@ class Recording:
         # partial recording: module path -> why it is left out (named, never silent; {} when none is), from every site
         # of the model (given sites may be a selection)
         self.left_out: dict[str, str] = unmodelled_parts(
-            model, every if sites is None else _model_sites(model, True)) if skip_unmodelled else {}
+            model, every if sites is None else model_sites(model, True)) if skip_unmodelled else {}
         self.modes = parse_modes(modes)
         self.attention_specs = parse_attention(attention, every)  # module paths resolved among all sites
         recorded = sorted(s.layer for s in self.sites)
@@ -227,7 +227,7 @@ class Recording:
             by_layer = {s.layer: s for s in spectrum} if spectrum is not None else {}
             spectra = []
             given_tops = [int(g.num_modes) for g in by_layer.values() if g.truncated]  # spectrum=...top(k): k a head
-            _refuse_maps_only_modes(self.sites)
+            refuse_maps_only_modes(self.sites)
             # on a GPU: one device read for every cached spectrum's weights check, not one per layer
             with cached_weights_checked(self.sites):
                 for site in self.sites:
@@ -1347,12 +1347,12 @@ _SETTINGS = (bool, int, float, str, type(None))
 _TORCH_REGISTRIES = frozenset(name for name, value in vars(nn.Module()).items() if isinstance(value, dict))
 
 
-def _structure_key(model: nn.Module) -> tuple:
+def structure_key(model: nn.Module) -> tuple:
     """What the adapters read when they find the sites: every module (identity, class), each one's plain settings
     (``fused_attn``, ``num_heads``, ``training``, ...) and the identity of any other attribute (a replaced rotary
     table or norm), a Hugging Face config's plain settings (``_attn_implementation`` is changed in place), and the
     adapter registry. ~1 ms on ViT-S."""
-    key: list[Any] = [tuple(map(id, _ADAPTERS))]
+    key: list[Any] = [adapter_ids()]
     for module in model.modules():
         key.append((id(module), type(module)))
         attributes = module.__dict__
@@ -1451,11 +1451,11 @@ def _warn_active_dropout(model: nn.Module) -> None:
             "record_dataset does both itself.", stacklevel=4)
 
 
-def _model_sites(model: nn.Module, skip_unmodelled: bool = False) -> list[AttentionSite]:
+def model_sites(model: nn.Module, skip_unmodelled: bool = False) -> list[AttentionSite]:
     """``find_sites(model, skip_unmodelled=skip_unmodelled)``, every site, searched once per model while
-    :func:`_structure_key` is unchanged; every recording gets its own copies of the sites (they hold the call being
+    :func:`structure_key` is unchanged; every recording gets its own copies of the sites (they hold the call being
     recorded)."""
-    key = (_structure_key(model), skip_unmodelled)
+    key = (structure_key(model), skip_unmodelled)
     hit = _SITES.get(model)
     if hit is None or hit[0] != key:
         found = find_sites(model, skip_unmodelled=skip_unmodelled)
@@ -1470,7 +1470,7 @@ def _model_sites(model: nn.Module, skip_unmodelled: bool = False) -> list[Attent
 def _maybe_compiled(model: nn.Module) -> bool:
     """Whether some module of ``model`` may be compiled by TorchDynamo, so that :func:`refuse_compiled` must look
     where qkhooks hooks (a walk of the module tree, ~0.35 ms of a ViT-S entry). False only where the cached sites'
-    entry, whose structure key :func:`_model_sites` has just checked, found none: each module's class (a compiled
+    entry, whose structure key :func:`model_sites` has just checked, found none: each module's class (a compiled
     wrapper) and ``_compiled_call_impl`` (``module.compile()``) are in that key, so a compile changes the key."""
     hit = _SITES.get(model)
     if hit is None:
@@ -1556,7 +1556,7 @@ def _joined_calls(caps: list[LayerCapture]) -> LayerCapture:
                         relative=join([c.relative for c in caps]))
 
 
-def _refuse_maps_only_modes(sites: Sequence[AttentionSite]) -> None:
+def refuse_maps_only_modes(sites: Sequence[AttentionSite]) -> None:
     """Modes asked of a layer whose q or k is made inside the module (no W_q^T W_k of its tokens): refused, naming it."""
     for site in sites:
         why = site.modes_refusal()

@@ -376,7 +376,7 @@ def _fraction(mask: Array) -> float:
     return float(mask.sum()) / max(math.prod(mask.shape), 1)
 
 
-def _augment(weights: QKWeights) -> tuple[torch.Tensor, torch.Tensor]:
+def augmented_weights(weights: QKWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """[W | b] so that (W x + b) = [W | b] [x; 1]; a missing bias is a zero column."""
     import torch
 
@@ -392,7 +392,7 @@ def _compute_layer_spectrum(site: AttentionSite, augmented: bool) -> LayerSpectr
 
     weights = site.weights()
     if augmented:
-        w_q, w_k = _augment(weights)
+        w_q, w_k = augmented_weights(weights)
     else:
         w_q, w_k = weights.w_q, weights.w_k
     u, s, v = factored_svd(w_q.double().cpu(), w_k.double().cpu())
@@ -666,7 +666,7 @@ def foreign_spectrum(site: AttentionSite, spec: LayerSpectrum) -> str | None:
     import torch
 
     weights = site.weights()
-    w_q, w_k = _augment(weights) if spec.augmented else (weights.w_q, weights.w_k)
+    w_q, w_k = augmented_weights(weights) if spec.augmented else (weights.w_q, weights.w_k)
     w_q, w_k = w_q.detach().double().cpu(), w_k.detach().double().cpu()
     U, S, V = (torch.as_tensor(np.asarray(a)).double() for a in (spec.U, spec.S, spec.V))
     if U.shape[:2] != (w_q.shape[0], w_q.shape[-1]) or V.shape != U.shape or S.shape != U.shape[::2]:

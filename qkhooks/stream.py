@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from qkhooks._version import __version__
 from qkhooks.attention import parse_attention
-from qkhooks.capture import (BatchCapture, _model_sites, _refuse_maps_only_modes, _structure_key, modes_kept, parse_modes,
-                              record, refuse_sinks_holding_images, takes_inputs)
+from qkhooks.capture import (BatchCapture, model_sites, modes_kept, parse_modes, record, refuse_maps_only_modes,
+                              refuse_sinks_holding_images, structure_key, takes_inputs)
 from qkhooks.data import ImageDataset, collate
 from qkhooks.data.masks import TokenCells, receptive_cells, token_cells
 from qkhooks.data.items import set_pil_limit
@@ -162,7 +162,7 @@ def _batch_meta(batch: dict[str, Any], geometry: dict[int, LayerGeometry], image
 # Model -> (its structure key, {(input size, device, dtype): {(layer, module path): geometry}}). The geometry is the
 # model's structure at one input shape, so one probe forward (of every site) serves every caller and layer selection
 # (the demo asks five times: rows, BFD and each run's record_dataset) while the structure is the one probed (the key
-# of the site cache, capture._structure_key: a module replaced or a setting changed probes again); weak keys: a
+# of the site cache, capture.structure_key: a module replaced or a setting changed probes again); weak keys: a
 # deleted model frees its entry.
 _PROBED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[tuple, dict[tuple[int, str], LayerGeometry]]]]" = (
     weakref.WeakKeyDictionary())
@@ -192,7 +192,7 @@ def probe_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: t
     static = _static_geometry(net, sites, image_size)
     if static is not None:
         return static
-    structure = _structure_key(net)
+    structure = structure_key(net)
     if net not in _PROBED or _PROBED[net][0] != structure:
         _PROBED[net] = (structure, {})
     known = _PROBED[net][1].setdefault((tuple(int(v) for v in image_size), str(torch.device(device)), dtype), {})
@@ -211,7 +211,7 @@ def _every_site(net: nn.Module, sites: Sequence[AttentionSite]) -> Sequence[Atte
     given = {(s.layer, s.path) for s in sites}
     for skip_unmodelled in (False, True):
         try:
-            every = _model_sites(net, skip_unmodelled)
+            every = model_sites(net, skip_unmodelled)
         except QKHooksError:
             continue
         if given <= {(s.layer, s.path) for s in every}:
@@ -562,7 +562,7 @@ def record_dataset(
     # Recording measures the model as it runs for inference: dropout and drop-path off (a LoadedModel or a module
     # the caller put in training mode too; _keeps_train_modes gives the caller's modes back afterwards).
     net = loaded.model.to(device).eval()
-    every = _model_sites(net, opts.skip_unmodelled)
+    every = model_sites(net, opts.skip_unmodelled)
     refuse_compiled(net, hooked_paths(net, every))  # before any file is made: a compiled model's run would hold no image
     sites = select_layers(every, opts.layers)
     refuse_altered_qk(sites)  # before any file is made (record() checks again at entry)
@@ -570,7 +570,7 @@ def record_dataset(
     attention_specs = parse_attention(opts.attention, every)
     modes_value = parse_modes(opts.modes)
     if isinstance(modes_value, int):  # more modes than the heads have: record all, and say so in the config
-        _refuse_maps_only_modes(sites)
+        refuse_maps_only_modes(sites)
         modes_value = modes_kept(modes_value, [layer_spectrum(s, opts.augmented).num_modes for s in sites], sites,
                                  stacklevel=4)
     if resume and overwrite:

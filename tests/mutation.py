@@ -328,8 +328,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_reducers and anisotropy) or (test_modes and anisotropy_equals) or "
                 "(test_mutation_kills_r25 and (digest or repair or verify))"),
     # Round 26 (second run): round 26's own code, against the tests that reach it: the q/k path's per-image products
-    # subtracting the offsets (`QKPathProjector._maps`, layout "images"), record()'s entry (`_structure_key` skipping
-    # torch's registries by name, `_model_sites`, `_CopyPlan`, `_copy_plan`), top-k's cached signs (`_signs_on` and its
+    # subtracting the offsets (`QKPathProjector._maps`, layout "images"), record()'s entry (`structure_key` skipping
+    # torch's registries by name, `model_sites`, `_CopyPlan`, `_copy_plan`), top-k's cached signs (`_signs_on` and its
     # callers `_fold_layers`, `_merge_entrants`), the format line of `qkhooks info` (`describe_format`,
     # `_is_format_number`, `RunReader.summary`). repair.py is left out: its `halved` ran in round 26's first run (module
     # "round26"). Left out: test_speed_round10.py's page-fault benchmark (no round-26 code) and test_zoo.py's second
@@ -366,7 +366,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # (`VerifyReport.format` / `summary`, repair's `_format_attrs`, `_refuse_newer_format`, `_format_line`, `_verify`),
     # the q/k hook's fewer operations (`Recording._qk_hook`: q and k sliced apart only for rows or full maps, the
     # fused block handed whole to `QKPathProjector.from_fused`, `detach` only where grad is tracked; the layer hook's
-    # kept inputs), the writer's `_to_host`, and the entry's cached compile verdict (`_model_sites`' third item,
+    # kept inputs), the writer's `_to_host`, and the entry's cached compile verdict (`model_sites`' third item,
     # `_maybe_compiled`, `Recording.__init__`, `compiled_by_dynamo`). Left out: test_verify_r21.py's unopenable file
     # (6 s, no round-27 line), test_core.py's x fallback (default-width ViTs, 9 s; test_precision_r21.py's autocast
     # tests send fused and separate q/k layers to x instead), test_mutation_kills.py's q/k path projector tests (default

@@ -113,15 +113,15 @@ def test_rope_tables_that_differ_between_heads_are_refused_not_read_off_the_firs
 
 
 def test_a_block_mask_is_refused_naming_it_where_it_crashed():
-    from qkhooks.models.base import _additive
+    from qkhooks.models.base import additive_mask
 
     class BlockMask:  # what flex_attention hands a module: no dtype, no tensor
         pass
 
     with pytest.raises(QKHooksError, match=r"a BlockMask, not a tensor .* attn_implementation 'sdpa' or 'eager'"):
-        _additive(BlockMask())
+        additive_mask(BlockMask())
     mask = torch.tensor([[True, False]])
-    assert torch.equal(_additive(mask), torch.tensor([[0.0, torch.finfo(torch.float32).min]]))
+    assert torch.equal(additive_mask(mask), torch.tensor([[0.0, torch.finfo(torch.float32).min]]))
 
 
 def _bfd_model(name: str, **kw):

@@ -276,14 +276,14 @@ def test_analyze_modes_counts_negative_layers_from_the_models_last_block_as_reco
     from qkhooks.analysis.modes import analyze_modes
     from qkhooks.cli import main
     from qkhooks.models.base import select_layers
-    from qkhooks.stream import _model_sites
+    from qkhooks.stream import model_sites
 
     loaded = _loaded(depth=4)
     rng = np.random.default_rng(2)
     photos = [rng.integers(0, 255, (48, 48, 3), np.uint8) for _ in range(3)]
     out = tmp_path / "run.h5"
     qkhooks.record_dataset(loaded, photos, out, layers="1,2", modes=2, batch_size=2, progress=False)
-    every = _model_sites(loaded.model, False)
+    every = model_sites(loaded.model, False)
     assert [s.layer for s in select_layers(every, "-1")] == [3] and [s.layer for s in select_layers(every, "-2")] == [2]
     with pytest.raises(QKHooksError, match=r"layer -1 is the model's block 3 .*did not record; it has layers \[1, 2\]"):
         analyze_modes(out, tmp_path / "a", layers="-1", images=False, figure_modes=0, overview=False)

@@ -96,11 +96,11 @@ def test_rows_come_from_the_qk_hook_when_it_runs_and_equal_the_rows_from_x(tiny:
 def test_the_geometry_probe_of_a_partial_recording_covers_every_site_skip_unmodelled_finds():
     """One probe forward serves any selection: for a model recorded with ``skip_unmodelled`` (DaViT: channel blocks
     left out) the probe takes all the sites that search finds, not only the selection given."""
-    from qkhooks.capture import _model_sites
+    from qkhooks.capture import model_sites
     from qkhooks.stream import _every_site
     from test_partial_forms import _davit
 
     model = _davit()
-    every = _model_sites(model, True)
+    every = model_sites(model, True)
     assert len(every) > 1
     assert [(s.layer, s.path) for s in _every_site(model, every[:1])] == [(s.layer, s.path) for s in every]

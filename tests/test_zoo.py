@@ -1736,7 +1736,7 @@ def test_a_finished_recording_of_windowed_or_reduced_attention_keeps_no_model_al
 @pytest.mark.parametrize("case", [c for c in FAST_CASES if c.expect == "exact"], ids=lambda c: c.name)
 def test_a_second_recording_of_the_same_model_equals_the_first(case: Case):
     """record() keeps a model's sites between entries and hands each recording its own copies
-    (capture._model_sites); the first entry is checked against the model's eager attention by the fast subset. A copy
+    (capture.model_sites); the first entry is checked against the model's eager attention by the fast subset. A copy
     that still shared call state with the cached site or an earlier copy (a bound method of the original, a shared
     cache) would make the second entry differ or fail, for some form: every exact form is entered twice here."""
     torch.manual_seed(0)

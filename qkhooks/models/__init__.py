@@ -1,6 +1,7 @@
 """Finding attention layers in real models (one file per family) and loading models from spec strings."""
 
-from qkhooks.models.base import AttentionSite, QKWeights, adapters, find_sites, parse_layers, register_adapter
+from qkhooks.models.base import (AttentionSite, QKRows, QKWeights, adapters, find_sites, leading_rows, parse_layers,
+                                 register_adapter, stacked_rows)
 from qkhooks.models import timm as _timm  # noqa: F401  (registers the adapter)
 from qkhooks.models import timm_backbone as _timm_backbone  # noqa: F401  (zoo11-build: transformers' TimmBackbone, before hf-vit)
 from qkhooks.models import hf as _hf  # noqa: F401  (registers the adapter)
@@ -35,4 +36,5 @@ from qkhooks.models import volo as _volo  # noqa: F401  (zoo11-build: VOLO's pla
 
 sites = find_sites
 
-__all__ = ["AttentionSite", "QKWeights", "adapters", "sites", "find_sites", "parse_layers", "register_adapter"]
+__all__ = ["AttentionSite", "QKRows", "QKWeights", "adapters", "sites", "find_sites", "parse_layers", "register_adapter",
+           "leading_rows", "stacked_rows"]

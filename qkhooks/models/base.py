@@ -24,7 +24,8 @@ from qkhooks.models.unsupported import (PEFT_FIX, SKIP_HINT, describe_attention_
                                         refuse_unplain_qk, skipping_unmodelled, unmodelled_parts, unmodelled_reason,
                                         watch_qk_path)
 
-__all__ = ["AttentionSite", "QKWeights", "register_adapter", "find_sites", "adapters"]
+__all__ = ["AttentionSite", "QKWeights", "QKRows", "register_adapter", "find_sites", "adapters", "as_pair", "leading_rows",
+           "stacked_rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,7 +375,7 @@ class AttentionSite:
     def logit_bias(self) -> torch.Tensor | None:
         """The additive term (B or 1, H or 1, N, N) the model added to this layer's logits in the call being
         recorded (None: none): a position-only table, a mask, or both."""
-        return _additive(self._call_bias)
+        return additive_mask(self._call_bias)
 
     def position_bias(self) -> torch.Tensor | None:
         """The call's additive term as a position-only term (H, N_q, N_k), or None: the call had none, or it is
@@ -504,6 +505,46 @@ def recast(site: AttentionSite, cls: type[SiteT], **changes: Any) -> SiteT:
     return cls(**{f.name: getattr(site, f.name) for f in dataclasses.fields(AttentionSite)} | changes)
 
 
+def as_pair(value: Any) -> tuple[int, int]:
+    """(rows, cols) of a size, window or shift given as one number (transformers) or a pair (timm)."""
+    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+
+QKRows = Callable[[], tuple[torch.Tensor, "torch.Tensor | None"]]
+"""An :attr:`AttentionSite.qk_linear`: reads (W (2·H·d_k, d), b or None), the q rows then the k rows, from the model's
+own parameters at each call, so an edit of the weights is seen."""
+
+
+def leading_rows(proj: nn.Module, rows: int, biases: nn.Module | None = None) -> QKRows:
+    """The first ``rows`` output rows of ``proj`` (a fused qkv Linear, or a 1x1 conv read as one: its weight
+    flattened to (rows, d)) and of its bias. ``biases``: the module holding separate ``q_bias`` / ``k_bias`` added
+    around ``proj`` (EVA, BEiT, Swin v2), read in place of ``proj.bias`` whenever it has them."""
+
+    def read() -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = proj.weight[:rows].flatten(1)
+        if biases is not None and getattr(biases, "q_bias", None) is not None:
+            return w, torch.cat([biases.q_bias, biases.k_bias])
+        return w, None if proj.bias is None else proj.bias[:rows]
+
+    return read
+
+
+def stacked_rows(q: nn.Module, k: nn.Module, k_rows: int | None = None) -> QKRows:
+    """``q``'s rows then the first ``k_rows`` of ``k`` (all of them for None; the k half of a fused kv), weights of
+    1x1 convs flattened; a missing bias reads as zeros beside the other's, and as None where both are missing."""
+
+    def read() -> tuple[torch.Tensor, torch.Tensor | None]:
+        w_k = k.weight[:k_rows].flatten(1)
+        w = torch.cat([q.weight.flatten(1), w_k])
+        if q.bias is None and k.bias is None:
+            return w, None
+        b_q = q.weight.new_zeros(q.weight.shape[0]) if q.bias is None else q.bias
+        b_k = w_k.new_zeros(w_k.shape[0]) if k.bias is None else k.bias[:k_rows]
+        return w, torch.cat([b_q, b_k])
+
+    return read
+
+
 _GRID_ARGUMENTS = (("feat_size",), ("hw_shape",), ("size",), ("height", "width"), ("H", "W"))
 
 
@@ -551,7 +592,7 @@ def _carries_tensor(value: Any) -> bool:
     return False
 
 
-def _additive(mask: Any) -> torch.Tensor | None:
+def additive_mask(mask: Any) -> torch.Tensor | None:
     """An attention mask as the additive term the eager path adds: float as is, boolean True = attend."""
     if mask is None:
         return None
@@ -603,6 +644,11 @@ def register_adapter(
     _ADAPTERS[:] = [a for a in _ADAPTERS if a.name != name]
     adapter = _Adapter(name, matches, find, families)
     _ADAPTERS.insert(0, adapter) if first else _ADAPTERS.append(adapter)
+
+
+def adapter_ids() -> tuple[int, ...]:
+    """The identities of the registered adapters, in order: part of a cache key that a new registration changes."""
+    return tuple(map(id, _ADAPTERS))
 
 
 def adapters() -> list[tuple[str, str]]:

@@ -30,7 +30,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite, SiteT, recast
 from qkhooks.models.unsupported import MODELLED_FORMS
-from qkhooks.models.windows import WindowSite, _qk_rows, _timm_qkv
+from qkhooks.models.windows import WindowSite, timm_qk_rows, timm_qkv_rows
 
 __all__ = ["BlockedSite"]
 
@@ -111,7 +111,7 @@ def _tnt_family(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     return dataclasses.replace(site, family="timm-tnt")
 
 
-timm_adapter.EXTRA_FORMS["NestAttention"] = timm_adapter.ExtraForm("timm.models.nest.Attention", _timm_qkv, _nest_site)
-timm_adapter.EXTRA_FORMS["TntAttention"] = timm_adapter.ExtraForm("timm.models.tnt.Attention", _qk_rows, _tnt_family)
+timm_adapter.EXTRA_FORMS["NestAttention"] = timm_adapter.ExtraForm("timm.models.nest.Attention", timm_qkv_rows, _nest_site)
+timm_adapter.EXTRA_FORMS["TntAttention"] = timm_adapter.ExtraForm("timm.models.tnt.Attention", timm_qk_rows, _tnt_family)
 timm_adapter.SITE_FINISHERS.append(_tnt_site)
 MODELLED_FORMS.update({"timm.models.nest.Attention", "timm.models.tnt.Attention"})

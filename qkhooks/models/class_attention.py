@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, leading_rows, stacked_rows
 
 __all__ = ["TalkingHeads", "mixed_spectrum", "cait_site_fields", "refuse_modes_of_mixed_maps"]
 
@@ -57,12 +57,12 @@ def mixed_spectrum(site: AttentionSite, augmented: bool = True):
 
     σ_n u_n v_n^T summed over the modes of head h, times the site's scale, gives its mixed logit before the softmax
     up to the constant l_h (which the softmax ignores)."""
-    from qkhooks.spectrum import LayerSpectrum, _augment, factored_svd
+    from qkhooks.spectrum import LayerSpectrum, augmented_weights, factored_svd
 
     if site.head_mixing is None:
         raise QKHooksError(f"{site.path}: this attention does not mix heads; its forms are the per-head W_q^T W_k.")
     weights = site.weights()
-    w_q, w_k = _augment(weights) if augmented else (weights.w_q, weights.w_k)
+    w_q, w_k = augmented_weights(weights) if augmented else (weights.w_q, weights.w_k)
     mix = site.head_mixing.proj_l.weight.detach().double().cpu()  # (H out, H in)
     w_q, w_k = w_q.double().cpu(), w_k.double().cpu()  # (H, d_k, d')
     a = torch.einsum("gh,hkd->ghkd", mix, w_q).flatten(1, 2)  # (H out, H·d_k, d'): L[g, h] W_q,h stacked
@@ -92,14 +92,12 @@ def refuse_modes_of_mixed_maps(site: AttentionSite) -> None:
 
 def cait_site_fields(attn: nn.Module, kind: str) -> dict[str, Any]:
     """The :class:`AttentionSite` fields of a CaiT attention module (``"TalkingHeadAttn"`` or ``"ClassAttn"``)."""
-    from qkhooks.models.hf import _fused_reader, _pair_reader  # the q/k row readers every fused or paired module uses
-
     heads = int(attn.num_heads)
     if kind == "TalkingHeadAttn":
         qkv = attn.qkv
         rows = qkv.out_features // 3
-        return dict(qk_linear=_fused_reader(qkv, rows), qk_modules=(qkv,), head_dim=rows // heads, num_prefix_tokens=0,
+        return dict(qk_linear=leading_rows(qkv, 2 * rows), qk_modules=(qkv,), head_dim=rows // heads, num_prefix_tokens=0,
                     head_mixing=TalkingHeads(attn.proj_l, attn.proj_w))
     q, k = attn.q, attn.k
-    return dict(qk_linear=_pair_reader(q, k), qk_modules=(), head_dim=q.out_features // heads, num_prefix_tokens=1,
+    return dict(qk_linear=stacked_rows(q, k), qk_modules=(), head_dim=q.out_features // heads, num_prefix_tokens=1,
                 class_attention=True)  # the q Linear sees the class token only: project modes from the tokens

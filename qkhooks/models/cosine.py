@@ -31,9 +31,9 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, recast
+from qkhooks.models.base import AttentionSite, as_pair, leading_rows, recast
 from qkhooks.models.unsupported import MODELLED_FORMS
-from qkhooks.models.windows import WindowSite, _pair
+from qkhooks.models.windows import WindowSite
 
 __all__ = ["CosineNorm"]
 
@@ -62,10 +62,10 @@ class CosineNorm:
     def normalised_form(self, site: AttentionSite):
         """The exact cosine form as a :class:`qkhooks.models.qknorm.NormalisedForm` (module docstring)."""
         from qkhooks.models.qknorm import NormalisedForm
-        from qkhooks.spectrum import _augment, factored_svd
+        from qkhooks.spectrum import augmented_weights, factored_svd
 
         heads, dk = site.num_heads, site.head_dim
-        w_q, w_k = (w.double().cpu() for w in _augment(site.weights()))  # (H, d_k, d+1)
+        w_q, w_k = (w.double().cpu() for w in augmented_weights(site.weights()))  # (H, d_k, d+1)
         gamma_q = (self.temperature().double().cpu() / dk)[:, None, None]
         u, s, v = factored_svd(gamma_q * w_q, w_k)
         zeros = torch.zeros(heads, w_q.shape[-1], dtype=torch.float64)
@@ -103,7 +103,7 @@ def _timm_block_geometry(block: nn.Module, path: str, attn: nn.Module) -> dict[s
         x = args[0] if args else kwargs["x"]
         return int(x.shape[1]), int(x.shape[2])
 
-    return dict(geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)), call_grid=call_grid,
+    return dict(geometry=lambda: (as_pair(block_ref().window_size), as_pair(block_ref().shift_size)), call_grid=call_grid,
                 pad_first=False)
 
 
@@ -114,10 +114,9 @@ def _timm_swinv2_qkv(attn: nn.Module):
     """q then k rows of ``qkv`` with the module's own ``q_bias`` and ``k_bias`` (added outside the Linear, so its
     output is not q: modes are projected from the tokens)."""
     rows = 2 * int(attn.qkv.out_features) // 3
-    qkv = attn.qkv
     if getattr(attn, "q_bias", None) is None:
-        return (lambda: (qkv.weight[:rows], None if qkv.bias is None else qkv.bias[:rows])), (qkv,)
-    return (lambda: (qkv.weight[:rows], torch.cat([attn.q_bias, attn.k_bias]))), ()
+        return leading_rows(attn.qkv, rows), (attn.qkv,)
+    return leading_rows(attn.qkv, rows, biases=attn), ()
 
 
 def _timm_swinv2_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -126,16 +125,14 @@ def _timm_swinv2_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 
     def relative_bias() -> torch.Tensor:
         a = attn_ref()
-        return _log_cpb(a.cpb_mlp, a.relative_coords_table, a.relative_position_index, heads, _pair(a.window_size))
+        return _log_cpb(a.cpb_mlp, a.relative_coords_table, a.relative_position_index, heads, as_pair(a.window_size))
 
     return _cosine_site(site, attn, "timm-swinv2", bias_input="mask", relative_bias=relative_bias,
                         **_timm_block_geometry(site.block, site.path, attn))
 
 
 def _timm_swinv2_cr_qkv(attn: nn.Module):
-    rows = 2 * int(attn.qkv.out_features) // 3
-    qkv = attn.qkv
-    return (lambda: (qkv.weight[:rows], None if qkv.bias is None else qkv.bias[:rows])), (qkv,)
+    return leading_rows(attn.qkv, 2 * int(attn.qkv.out_features) // 3), (attn.qkv,)
 
 
 def _timm_swinv2_cr_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -168,14 +165,14 @@ def _hf_swinv2_site(site: AttentionSite, module: nn.Module, modules: dict[str, n
     def relative_bias() -> torch.Tensor:
         m = module_ref()
         return _log_cpb(m.continuous_position_bias_mlp, m.relative_coords_table, m.relative_position_index, heads,
-                        _pair(m.window_size))
+                        as_pair(m.window_size))
 
     def call_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
         dims = args[1] if len(args) > 1 else kwargs["input_dimensions"]
         return int(dims[0]), int(dims[1])
 
     return _cosine_site(site, module, "hf-swinv2", bias_input="attention_mask", relative_bias=relative_bias,
-                        geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
+                        geometry=lambda: (as_pair(block_ref().window_size), as_pair(block_ref().shift_size)),
                         call_grid=call_grid, pad_first=True, mask_repeats=2)
 
 

@@ -19,9 +19,9 @@ import weakref
 from torch import nn
 
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, recast
+from qkhooks.models.base import AttentionSite, as_pair, recast
 from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
-from qkhooks.models.windows import WindowSite, _pair, _timm_qkv
+from qkhooks.models.windows import WindowSite, timm_qkv_rows
 
 
 def _davit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -34,11 +34,11 @@ def _davit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 
     stage = site.path.split(".blocks.")[0]  # "stages.N": the spatial blocks of a stage share its grid
     return recast(
-        site, WindowSite, family="timm-davit", grid=None, patch_size=None, num_prefix_tokens=0, stage=stage, geometry=lambda: (_pair(block_ref().window_size), (0, 0)), call_grid=call_grid, pad_first=False)
+        site, WindowSite, family="timm-davit", grid=None, patch_size=None, num_prefix_tokens=0, stage=stage, geometry=lambda: (as_pair(block_ref().window_size), (0, 0)), call_grid=call_grid, pad_first=False)
 
 
 timm_adapter.EXTRA_FORMS["DavitWindowAttention"] = timm_adapter.ExtraForm(
-    "timm.models.davit.WindowAttention", _timm_qkv, _davit_site)
+    "timm.models.davit.WindowAttention", timm_qkv_rows, _davit_site)
 MODELLED_FORMS.update({"timm.models.davit.WindowAttention", "timm.models.davit.SpatialBlock"})
 
 _CHANNEL_SOFTMAX = ("so there is no token-to-token attention map and no W_q^T W_k form to record. DaViT's spatial window "

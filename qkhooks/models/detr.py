@@ -18,8 +18,7 @@ from typing import Any
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, register_adapter
-from qkhooks.models.hf import _pair_reader
+from qkhooks.models.base import AttentionSite, register_adapter, stacked_rows
 from qkhooks.models.unsupported import LEFT_OUT_BY_DESIGN, MODELLED_FORMS, attention_like
 
 # encoder attention class (module.Class) -> the keyword under which its layer hands it the position embedding
@@ -104,7 +103,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
             block=model.get_submodule(match["block"]), num_heads=heads, head_dim=q.out_features // heads,
             dim=q.in_features, scale=float(module.scaling), num_prefix_tokens=0, grid=None,
             family=f"hf-{getattr(config, 'model_type', 'detr')}-encoder", input_name="hidden_states",
-            qk_linear=_pair_reader(q, k), qk_modules=(q, k), stage=match["block"].rpartition(".")[0],
+            qk_linear=stacked_rows(q, k), qk_modules=(q, k), stage=match["block"].rpartition(".")[0],
             bias_input="attention_mask", position_input=position, grid_source=source,
         ))
     taken = {s.path for s in sites}

@@ -22,10 +22,10 @@ from typing import Any
 from torch import nn
 
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, recast
+from qkhooks.models.base import AttentionSite, as_pair, recast
 from qkhooks.models.inside import InsideSite
 from qkhooks.models.unsupported import MODELLED_FORMS
-from qkhooks.models.windows import WindowSite, _maxxvit_relative_bias, _pair, _timm_qkv
+from qkhooks.models.windows import WindowSite, maxxvit_relative_bias, timm_qkv_rows
 
 
 @dataclasses.dataclass(eq=False)
@@ -58,8 +58,8 @@ def _gcvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite | None:
         return int(x.shape[1]), int(x.shape[2])
 
     window = dict(family="timm-gcvit", grid=None, patch_size=None, num_prefix_tokens=0,
-                  geometry=lambda: (_pair(block_ref().window_size), (0, 0)), call_grid=call_grid,
-                  relative_bias=_maxxvit_relative_bias(site, attn), pad_first=False)
+                  geometry=lambda: (as_pair(block_ref().window_size), (0, 0)), call_grid=call_grid,
+                  relative_bias=maxxvit_relative_bias(site, attn), pad_first=False)
     if not attn.use_global:
         return recast(site, LocalWindowSite, **window)
     return recast(site, GlobalQueryWindowSite, **window | dict(qk_modules=(), head_dim=int(attn.head_dim),
@@ -67,5 +67,5 @@ def _gcvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite | None:
 
 
 timm_adapter.EXTRA_FORMS["GcvitWindowAttentionGlobal"] = timm_adapter.ExtraForm(
-    "timm.models.gcvit.WindowAttentionGlobal", _timm_qkv, _gcvit_site)
+    "timm.models.gcvit.WindowAttentionGlobal", timm_qkv_rows, _gcvit_site)
 MODELLED_FORMS.update({"timm.models.gcvit.WindowAttentionGlobal", "timm.models.gcvit.GlobalContextVitBlock"})

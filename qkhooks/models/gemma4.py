@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, register_adapter
+from qkhooks.models.base import AttentionSite, register_adapter, stacked_rows
 from qkhooks.models.qknorm import qk_norm_of
 from qkhooks.models.timm import grouped_query_reader
 from qkhooks.models.unsupported import MODELLED_FORMS, refuse_uncovered
@@ -76,9 +76,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                                "multiple of 4, so part of each head is left unrotated, which the adapter does not model.")
         q, k = _linear(name, attn.q_proj), _linear(name, attn.k_proj)
 
-        def qk_linear(q: nn.Linear = q, k: nn.Linear = k) -> tuple[torch.Tensor, None]:
-            return torch.cat([q.weight, k.weight]), None
-
+        qk_linear = stacked_rows(q, k)
         grouped = int(attn.num_kv_heads) != int(attn.num_heads)
         block_path = name.rpartition(".")[0]
         sites.append(Gemma4Site(
@@ -158,9 +156,7 @@ def find_hf(model: nn.Module) -> list[AttentionSite]:
             continue
         q, k = (_linear(name, proj, "Gemma4VisionAttention") for proj in (attn.q_proj, attn.k_proj))
 
-        def qk_linear(q: nn.Linear = q, k: nn.Linear = k) -> tuple[torch.Tensor, None]:
-            return torch.cat([q.weight, k.weight]), None
-
+        qk_linear = stacked_rows(q, k)
         heads, head_dim = int(config.num_attention_heads), int(attn.head_dim)
         kv_heads = k.out_features // head_dim
         counts = types.SimpleNamespace(num_heads=heads, num_kv_heads=kv_heads)  # what grouped_query_reader reads

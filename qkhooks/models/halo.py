@@ -35,7 +35,7 @@ from torch import nn
 from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, recast
+from qkhooks.models.base import AttentionSite, QKRows, leading_rows, recast
 from qkhooks.models.relpos import RelativeSite
 from qkhooks.models.windows import WindowSite, window_index
 from qkhooks.models.unsupported import MODELLED_FORMS
@@ -58,14 +58,9 @@ class ChannelsFirstRelativeSite(RelativeSite):
         return self._call_hw if self._call_hw is not None else super().grid_for(num_tokens)
 
 
-def _conv_qk_rows(attn: nn.Module) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]:
+def _conv_qk_rows(attn: nn.Module) -> tuple[QKRows, tuple[nn.Module, ...]]:
     """q then k rows of the 1x1-conv ``qkv`` (a Linear at every pixel); modes are projected from the tokens x."""
-    qkv, rows = attn.qkv, 2 * int(attn.dim_out_qk)
-
-    def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
-        return qkv.weight[:rows].flatten(1), None if qkv.bias is None else qkv.bias[:rows]
-
-    return reader, ()
+    return leading_rows(attn.qkv, 2 * int(attn.dim_out_qk)), ()
 
 
 def _bottleneck_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -185,7 +180,7 @@ class HaloSite(WindowSite, RelativeSite):
         self._index = None
 
 
-def _halo_qk_rows(attn: nn.Module) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]:
+def _halo_qk_rows(attn: nn.Module) -> tuple[QKRows, tuple[nn.Module, ...]]:
     """q rows (the ``q`` 1x1 conv) then k rows: the ``kv`` conv's channels are per head, [k_h (d_k), v_h (d_v)]."""
     q, kv, heads, dk = attn.q, attn.kv, int(attn.num_heads), int(attn.dim_head_qk)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, conv_output_size, recast, register_adapter
+from qkhooks.models.base import AttentionSite, as_pair, conv_output_size, leading_rows, recast, register_adapter, stacked_rows
 from qkhooks.models.qknorm import qk_norm_modelled, qk_norm_of
 from qkhooks.models.timm import grouped_query_reader
 from qkhooks.models.unsupported import left_out_by_design, refuse_uncovered
@@ -171,19 +171,13 @@ def num_prefix_tokens(model: nn.Module) -> int:
     return count
 
 
-def _pair(value) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-def _grid(config) -> tuple[int, int] | None:
+def config_grid(config) -> tuple[int, int] | None:
+    """The patch grid a config's ``image_size`` and ``patch_size`` make (None where either is missing)."""
     size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
     if size is None or patch is None:
         return None
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    return size[0] // patch[0], size[1] // patch[1]
+    (rows, cols), (patch_rows, patch_cols) = as_pair(size), as_pair(patch)
+    return rows // patch_rows, cols // patch_cols
 
 
 # (block class, attention attribute) of attention over other tokens than an image's: X-CLIP's message attention
@@ -200,7 +194,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
     config = _vision_config(model)
     modules = dict(model.named_modules())
     prefix = num_prefix_tokens(model)
-    grid = _grid(config)
+    grid = config_grid(config)
     config_patch = getattr(config, "patch_size", None)
     family = f"hf-{getattr(config, 'model_type', 'vit')}"
     patch_grid = _patch_grid_source(model)
@@ -223,7 +217,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
             )
         # zoo12: an encoder nested in another model (DepthPro's DINOv2s) has its own config with its own native grid
         own = getattr(module, "config", None) if grid is None else None
-        site_grid, site_patch = (_grid(own), getattr(own, "patch_size", config_patch)) if own is not None else (grid, config_patch)
+        site_grid, site_patch = (config_grid(own), getattr(own, "patch_size", config_patch)) if own is not None else (grid, config_patch)
         frames = (type(modules[match["block"]]).__name__, name.rpartition(".")[2]) in _FRAME_ATTENTION
         grid_layout = type(module).__name__ == "VitDetAttention"  # takes (B, h, w, d) grids
         qk = _qk_children(module)
@@ -235,7 +229,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
         width = qk[0].out_features // (3 if len(qk) == 1 else 1)
         head_dim = width // heads
         scale = getattr(module, "scaling", None) or getattr(module, "scale", None) or head_dim**-0.5
-        qk_linear = _fused_reader(qk[0], width) if len(qk) == 1 else _pair_reader(*qk)
+        qk_linear = leading_rows(qk[0], 2 * width) if len(qk) == 1 else stacked_rows(*qk)
         grouped = len(qk) == 2 and qk[1].out_features != qk[0].out_features  # zoo11-build: grouped-query keys (Sapiens2)
         if grouped:
             qk_linear = grouped_query_reader(name, module, qk_linear, counts=(heads, qk[1].out_features // head_dim))
@@ -257,7 +251,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 input_name="hidden_states",
                 block_input_name="hidden_states",
                 qk_linear=qk_linear,
-                patch_size=_pair(site_patch),
+                patch_size=None if site_patch is None else as_pair(site_patch),
                 qk_modules=() if grid_layout or grouped else qk,  # its q/k outputs are grids too: project the tokens
                 stage=match["block"].rpartition(".")[0],
                 token_layout="grid" if grid_layout else "tokens",
@@ -386,7 +380,7 @@ def _data2vec_bias(path: str, module: nn.Module):
                                "which the Data2Vec adapter does not model.")
         total = None
         if module.has_relative_position_bias:
-            patch = _pair(module.config.patch_size)
+            patch = as_pair(module.config.patch_size)
             height, width = call["resolution"]
             total = module.relative_position_bias((height // patch[0], width // patch[1]),
                                                   bool(call.get("interpolate_pos_encoding", False)),
@@ -430,24 +424,6 @@ def _rope_reader(module: nn.Module):
         return call(apply, q, k, cos, sin)
 
     return rotate
-
-
-def _pair_reader(q: nn.Linear, k: nn.Linear):
-    def qk_linear():
-        w = torch.cat([q.weight, k.weight])
-        if q.bias is None and k.bias is None:
-            return w, None
-        zeros = q.weight.new_zeros(q.out_features)
-        return w, torch.cat([zeros if q.bias is None else q.bias, zeros if k.bias is None else k.bias])
-
-    return qk_linear
-
-
-def _fused_reader(qkv: nn.Linear, width: int):
-    def qk_linear():
-        return qkv.weight[: 2 * width], None if qkv.bias is None else qkv.bias[: 2 * width]
-
-    return qk_linear
 
 
 register_adapter(

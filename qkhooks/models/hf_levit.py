@@ -19,7 +19,7 @@ from torch import nn
 
 from qkhooks.models.base import AttentionSite, register_adapter
 from qkhooks.models.biased import bias_of_call
-from qkhooks.models.levit import _batchnorms, _folded_rows, _joined, _label, _per_head, _prepared
+from qkhooks.models.levit import batchnorm_layers, folded_rows, joined_rows, class_label, head_channels, prepared_site
 from qkhooks.models.unsupported import MODELLED_FORMS, refuse_uncovered
 
 _CLASSES = ("LevitAttention", "LevitAttentionSubsample")
@@ -43,16 +43,16 @@ def find(model: nn.Module) -> list[AttentionSite]:
     for name, attn in _attention(model):
         heads, kd = int(attn.num_attention_heads), int(attn.key_dim)
         vd = int(attn.attention_ratio) * kd
-        label = _label(attn)
+        label = class_label(attn)
         subsample = type(attn).__name__ == "LevitAttentionSubsample"
         if subsample:
             projections = (attn.queries, attn.keys_values)
-            qk = _joined(_folded_rows(label, attn.queries, torch.arange(heads * kd)),
-                         _folded_rows(label, attn.keys_values, _per_head(heads, kd, kd + vd)))
+            qk = joined_rows(folded_rows(label, attn.queries, torch.arange(heads * kd)),
+                         folded_rows(label, attn.keys_values, head_channels(heads, kd, kd + vd)))
         else:
             projections = (attn.queries_keys_values,)
-            qk = _joined(_folded_rows(label, attn.queries_keys_values, _per_head(heads, kd, 2 * kd + vd)),
-                         _folded_rows(label, attn.queries_keys_values, _per_head(heads, kd, 2 * kd + vd, kd)))
+            qk = joined_rows(folded_rows(label, attn.queries_keys_values, head_channels(heads, kd, 2 * kd + vd)),
+                         folded_rows(label, attn.queries_keys_values, head_channels(heads, kd, 2 * kd + vd, kd)))
         # zoo12: the grid its bias table is built on (itertools.product(range(r), range(r)): r x r, queries r_out x r_out)
         side = int(attn.resolution_out) if subsample else math.isqrt(int(attn.attention_bias_idxs.shape[0]))
         parent = name.rpartition(".")[0]
@@ -69,8 +69,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 """Queries: the tokens the module's own ``queries_subsample`` keeps; keys: every token."""
                 return ref().queries_subsample(given), given
 
-            site = _prepared(site, prepare, True)
-        sites.append(dataclasses.replace(site, call_bias=bias_of_call(site, attn, _batchnorms(*projections))))
+            site = prepared_site(site, prepare, True)
+        sites.append(dataclasses.replace(site, call_bias=bias_of_call(site, attn, batchnorm_layers(*projections))))
     refuse_uncovered(model, sites)
     return sites
 

@@ -45,7 +45,7 @@ __all__ = ["fold_batchnorm", "PreparedSite"]
 Reader = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _label(attn: nn.Module) -> str:
+def class_label(attn: nn.Module) -> str:
     """The attention class, fully named: the q/k readers see the module, not its path in the model."""
     return f"{type(attn).__module__}.{type(attn).__qualname__}"
 
@@ -80,7 +80,7 @@ def fold_batchnorm(linear: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torc
     return w, shift + gain * (b0 - bn.running_mean)
 
 
-def _folded_rows(path: str, norm: nn.Module, rows: torch.Tensor) -> Reader:
+def folded_rows(path: str, norm: nn.Module, rows: torch.Tensor) -> Reader:
     """The folded (W, b) rows ``rows`` of a projection + BatchNorm, read live."""
     linear, bn = _projection(path, norm)
 
@@ -92,7 +92,7 @@ def _folded_rows(path: str, norm: nn.Module, rows: torch.Tensor) -> Reader:
     return reader
 
 
-def _joined(q: Reader, k: Reader) -> Reader:
+def joined_rows(q: Reader, k: Reader) -> Reader:
     def reader() -> tuple[torch.Tensor, torch.Tensor]:
         (w_q, b_q), (w_k, b_k) = q(), k()
         return torch.cat([w_q, w_k]), torch.cat([b_q, b_k])
@@ -100,12 +100,12 @@ def _joined(q: Reader, k: Reader) -> Reader:
     return reader
 
 
-def _per_head(heads: int, key_dim: int, per_head: int, offset: int = 0) -> torch.Tensor:
+def head_channels(heads: int, key_dim: int, per_head: int, offset: int = 0) -> torch.Tensor:
     """Output channels ``offset .. offset + key_dim`` of each head, where head h owns channels h·per_head onwards."""
     return ((torch.arange(heads)[:, None] * per_head) + offset + torch.arange(key_dim)).flatten()
 
 
-def _batchnorms(*modules: nn.Module) -> tuple[nn.Module, ...]:
+def batchnorm_layers(*modules: nn.Module) -> tuple[nn.Module, ...]:
     return tuple(m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
@@ -146,7 +146,7 @@ def _as_tokens(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2).transpose(1, 2) if t.dim() == 4 else t
 
 
-def _prepared(site: AttentionSite, prepare: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+def prepared_site(site: AttentionSite, prepare: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
               other_keys: bool, **fields: Any) -> PreparedSite:
     """``other_keys``: the keys are other tokens than the queries (read by ``keys_for`` from the prepared call; the
     ``key_tokens`` function itself is never called, :meth:`PreparedSite.hidden_states` sets them)."""
@@ -162,14 +162,14 @@ def _levit_rows(attn: nn.Module) -> tuple[Reader, tuple]:
     """LeViT ``Attention``: qkv channels per head [q_h | k_h | v_h]; ``AttentionDownsample``: q from ``q.ln`` (heads
     contiguous), k from ``kv`` per head [k_h | v_h]. Modes from the tokens (the outputs interleave heads)."""
     heads, kd, vd = int(attn.num_heads), int(attn.key_dim), int(attn.val_dim)
-    path = _label(attn)
+    path = class_label(attn)
     if hasattr(attn, "qkv"):
-        q = _folded_rows(path, attn.qkv, _per_head(heads, kd, 2 * kd + vd))
-        k = _folded_rows(path, attn.qkv, _per_head(heads, kd, 2 * kd + vd, kd))
+        q = folded_rows(path, attn.qkv, head_channels(heads, kd, 2 * kd + vd))
+        k = folded_rows(path, attn.qkv, head_channels(heads, kd, 2 * kd + vd, kd))
     else:
-        q = _folded_rows(path, attn.q.ln, torch.arange(heads * kd))
-        k = _folded_rows(path, attn.kv, _per_head(heads, kd, kd + vd))
-    return _joined(q, k), ()
+        q = folded_rows(path, attn.q.ln, torch.arange(heads * kd))
+        k = folded_rows(path, attn.kv, head_channels(heads, kd, kd + vd))
+    return joined_rows(q, k), ()
 
 
 def _levit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -182,27 +182,27 @@ def _levit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
                                   token_layout="channels_first" if conv else "tokens")
     if hasattr(attn, "qkv"):
         site = dataclasses.replace(site, **fields)
-        return dataclasses.replace(site, call_bias=bias_of_call(site, attn, _batchnorms(attn.qkv)))
+        return dataclasses.replace(site, call_bias=bias_of_call(site, attn, batchnorm_layers(attn.qkv)))
     ref = weakref.ref(attn)
 
     def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries: the tokens ``q.down`` keeps (the model's own subsampling or pooling); keys: every token."""
         return ref().q.down(given), given
 
-    site = _prepared(site, prepare, True, **fields)
-    return dataclasses.replace(site, call_bias=bias_of_call(site, attn, _batchnorms(attn.q, attn.kv)))
+    site = prepared_site(site, prepare, True, **fields)
+    return dataclasses.replace(site, call_bias=bias_of_call(site, attn, batchnorm_layers(attn.q, attn.kv)))
 
 
 # ------------------------------------------------------------------------------------------------------- SHViT
 def _shvit_rows(attn: nn.Module) -> tuple[Reader, tuple]:
     """SHSA: one head, qkv channels [q (qk_dim) | k (qk_dim) | v (pdim)] of a 1x1 conv + BatchNorm."""
     qk = int(attn.qk_dim)
-    return _folded_rows(_label(attn), attn.qkv, torch.arange(2 * qk)), ()
+    return folded_rows(class_label(attn), attn.qkv, torch.arange(2 * qk)), ()
 
 
 def _shvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     ref = weakref.ref(attn)
-    batchnorms = _batchnorms(attn.qkv)
+    batchnorms = batchnorm_layers(attn.qkv)
 
     def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The module's own ``pre_norm`` of its first ``pdim`` channels: the tokens entering its qkv conv."""
@@ -210,7 +210,7 @@ def _shvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         refuse_training_batchnorm(site, batchnorms)
         return m.pre_norm(given[:, : m.pdim]), None
 
-    return _prepared(site, prepare, False, family="timm-shvit", grid=None, patch_size=None, num_heads=1,
+    return prepared_site(site, prepare, False, family="timm-shvit", grid=None, patch_size=None, num_heads=1,
                      token_layout="channels_first")
 
 
@@ -235,9 +235,9 @@ def _efficientformer_v2_rows(attn: nn.Module) -> tuple[Reader, tuple]:
     """q from ``q`` (``Attention2d``: a 1x1 conv + BN; ``Attention2dDownsample``: the 1x1 conv + BN ``q.proj`` of its
     local query), k from ``k``; heads contiguous in both (reshape(B, H, d_k, N))."""
     rows = torch.arange(int(attn.num_heads) * int(attn.key_dim))
-    path = _label(attn)
+    path = class_label(attn)
     q = attn.q.proj if hasattr(attn.q, "proj") else attn.q
-    return _joined(_folded_rows(path, q, rows), _folded_rows(path, attn.k, rows)), ()
+    return joined_rows(folded_rows(path, q, rows), folded_rows(path, attn.k, rows)), ()
 
 
 def _efficientformer_v2_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -253,23 +253,23 @@ def _efficientformer_v2_site(site: AttentionSite, attn: nn.Module) -> AttentionS
                                   token_layout="channels_first")
     if hasattr(attn, "talking_head1"):
         fields["head_mixing"] = TalkingHeads(_HeadConv(attn.talking_head1), _HeadConv(attn.talking_head2))  # type: ignore[arg-type]
-        batchnorms = _batchnorms(attn.q, attn.k) + (() if attn.stride_conv is None else _batchnorms(attn.stride_conv))
+        batchnorms = batchnorm_layers(attn.q, attn.k) + (() if attn.stride_conv is None else batchnorm_layers(attn.stride_conv))
 
         def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             """The tokens entering q and k: the map as handed, or after the module's own stride_conv."""
             m = ref()
             return given if m.stride_conv is None else m.stride_conv(given), None
 
-        site = _prepared(site, prepare, False, **fields)
+        site = prepared_site(site, prepare, False, **fields)
     else:
-        batchnorms = _batchnorms(attn.q, attn.k)
+        batchnorms = batchnorm_layers(attn.q, attn.k)
 
         def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             """Queries: local(x) + pool(x), the map entering ``q.proj``; keys: every token."""
             q = ref().q
             return q.local(given) + q.pool(given), given
 
-        site = _prepared(site, prepare, True, **fields)
+        site = prepared_site(site, prepare, True, **fields)
     return dataclasses.replace(site, call_bias=bias_of_call(site, attn, batchnorms))
 
 

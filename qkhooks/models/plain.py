@@ -17,25 +17,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import torch
 from torch import nn
 
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, conv_output_size
+from qkhooks.models.base import AttentionSite, QKRows, conv_output_size, leading_rows
 from qkhooks.models.unsupported import MODELLED_FORMS
 
 
-def _fused_rows(attn: nn.Module) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]:
+def _fused_rows(attn: nn.Module) -> tuple[QKRows, tuple[nn.Module, ...]]:
     """q then k rows of the fused ``qkv`` (a Linear, or a 1x1 conv read as one); projections from the Linear's output
     where it is a Linear applied to the tokens, from the tokens x for a conv (its output is an NCHW map)."""
     qkv = attn.qkv
-    rows = int(attn.num_heads) * int(attn.head_dim)
-
-    def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
-        w = qkv.weight[: 2 * rows]
-        return w.flatten(1), None if qkv.bias is None else qkv.bias[: 2 * rows]
-
-    return reader, (qkv,) if isinstance(qkv, nn.Linear) else ()
+    return leading_rows(qkv, 2 * int(attn.num_heads) * int(attn.head_dim)), (qkv,) if isinstance(qkv, nn.Linear) else ()
 
 
 def _site(layout: str, family: str) -> Callable[[AttentionSite, nn.Module], AttentionSite]:

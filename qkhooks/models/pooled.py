@@ -31,7 +31,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, recast, register_adapter
+from qkhooks.models.base import AttentionSite, leading_rows, recast, register_adapter
 from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS, refuse_uncovered
 
 __all__ = ["PooledQuerySite", "PooledMViTSite", "pooled_qk"]
@@ -138,15 +138,11 @@ def _timm_hiera_sites(model: nn.Module) -> list[AttentionSite]:
         block_path = name.rpartition(".")[0]
         index = int(block_path.rpartition(".")[2])
         stage = sum(1 for end in model.stage_ends if end < index)  # blocks sit in one list; stages end at stage_ends
-        qkv, rows = attn.qkv, 2 * int(attn.dim_out)
-
-        def qk_linear(qkv: nn.Linear = qkv, rows: int = rows) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return qkv.weight[:rows], None if qkv.bias is None else qkv.bias[:rows]
-
+        qk_linear = leading_rows(attn.qkv, 2 * int(attn.dim_out))
         site = AttentionSite(layer=len(sites), path=name, module=attn, block_path=block_path, block=modules[block_path],
                              num_heads=int(attn.heads), head_dim=int(attn.head_dim), dim=int(attn.dim),
                              scale=float(attn.scale), num_prefix_tokens=0, grid=None, family="timm-hiera",
-                             input_name="x", block_input_name="x", qk_linear=qk_linear, qk_modules=(qkv,),
+                             input_name="x", block_input_name="x", qk_linear=qk_linear, qk_modules=(attn.qkv,),
                              stage=f"blocks (stage {stage})")
         sites.append(_as_pooled(site, False))
     refuse_uncovered(model, sites)
@@ -283,12 +279,7 @@ class PooledMViTSite(AttentionSite):
 def _mvit_reader(attn: nn.Module):
     """q then k rows of the fused qkv. No q/k modules: the maps are rebuilt in the site's own call hook, where the
     relative term of the same call is kept with them (rec.relative_term(l), run files' relative/L{l})."""
-    qkv, rows = attn.qkv, 2 * (attn.qkv.out_features // 3)
-
-    def qk_linear() -> tuple[torch.Tensor, torch.Tensor | None]:
-        return qkv.weight[:rows], None if qkv.bias is None else qkv.bias[:rows]
-
-    return qk_linear, ()
+    return leading_rows(attn.qkv, 2 * (attn.qkv.out_features // 3)), ()
 
 
 def _mvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:

@@ -177,7 +177,7 @@ class NormalisedForm:
         return self._scale(x1, self._w_q, self.eps_q), self._scale(x1, self._w_k, self.eps_k)
 
     def _scale(self, x1: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        heads, dk = w.shape[0], w.shape[1]
+        heads = w.shape[0]
         q = torch.einsum("bnd,hkd->bnhk", x1, w).flatten(2)  # (B, N, H·d_k)
         q = q.unflatten(-1, (-1, self.group))  # groups the norm acts on
         if self.kind == "layer":
@@ -212,7 +212,7 @@ def _augment_tokens(x: torch.Tensor) -> torch.Tensor:
 
 def normalised_form(site: AttentionSite) -> NormalisedForm:
     """The exact normalised content form of a q/k-normalised site (module docstring)."""
-    from qkhooks.spectrum import _augment, factored_svd
+    from qkhooks.spectrum import augmented_weights, factored_svd
 
     norm: QKNorm | None = site.qk_norm
     if norm is None:
@@ -221,7 +221,7 @@ def normalised_form(site: AttentionSite) -> NormalisedForm:
         return norm.normalised_form(site)
     heads, dk = site.num_heads, site.head_dim
     group = dk if norm.per_head else heads * dk
-    w_q, w_k = (w.double().cpu() for w in _augment(site.weights()))  # (H, d_k, d+1)
+    w_q, w_k = (w.double().cpu() for w in augmented_weights(site.weights()))  # (H, d_k, d+1)
     sides = []
     for w, module in ((w_q, norm.q_norm), (w_k, norm.k_norm)):
         kind, gamma, beta, eps = _parameters(module, group)

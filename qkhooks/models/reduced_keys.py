@@ -22,7 +22,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, conv_output_size, recast
+from qkhooks.models.base import AttentionSite, conv_output_size, recast, stacked_rows
 from qkhooks.models.unsupported import MODELLED_FORMS, UNMODELLED_FORMS
 
 __all__ = ["REDUCED_KEY_CLASSES"]
@@ -146,16 +146,7 @@ def _timm_reduction(path: str, attn: nn.Module) -> Reduction | None:
 def _q_kv_reader(attn: nn.Module):
     """W_q from ``q``, W_k the first half of ``kv`` (k then v along its outputs); modes from the tokens (the
     ``kv`` output is not k alone)."""
-    q, kv = attn.q, attn.kv
-
-    def qk_linear() -> tuple[torch.Tensor, torch.Tensor | None]:
-        w = torch.cat([q.weight, kv.weight[: q.out_features]])
-        if q.bias is None and kv.bias is None:
-            return w, None
-        zeros = q.weight.new_zeros(q.out_features)
-        return w, torch.cat([zeros if q.bias is None else q.bias, zeros if kv.bias is None else kv.bias[: q.out_features]])
-
-    return qk_linear, ()
+    return stacked_rows(attn.q, attn.kv, k_rows=attn.q.out_features), ()
 
 
 def _timm_site(family: str):

@@ -39,7 +39,7 @@ from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, recast
+from qkhooks.models.base import AttentionSite, leading_rows, recast
 from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import WindowSite
 
@@ -142,7 +142,7 @@ def _grid_site(site: AttentionSite, relative: RelativeTerm | None, family: str, 
                   relative_bias=None, pad_first=True)
 
 
-def _nhwc_grid(name: str) -> Callable[[tuple, dict], tuple[int, int]]:
+def nhwc_grid(name: str) -> Callable[[tuple, dict], tuple[int, int]]:
     def grid(args: tuple, kwargs: dict) -> tuple[int, int]:
         x = args[0] if args else kwargs[name]
         return int(x.shape[1]), int(x.shape[2])
@@ -159,15 +159,8 @@ def _nchw_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
 def _timm_fused_qk(attn: nn.Module):
     """q then k rows of the fused ``qkv`` (its own bias, or BEiT's ``q_bias`` / ``k_bias`` added by ``F.linear``)."""
     qkv = attn.qkv
-    rows = 2 * (qkv.out_features // 3)
-
-    def qk_linear() -> tuple[torch.Tensor, torch.Tensor | None]:
-        if getattr(attn, "q_bias", None) is not None:
-            return qkv.weight[:rows], torch.cat([attn.q_bias, attn.k_bias])
-        return qkv.weight[:rows], None if qkv.bias is None else qkv.bias[:rows]
-
     # the qkv module's output is q, k only where it adds the bias itself (BEiT adds q_bias / k_bias around it)
-    return qk_linear, (qkv,) if getattr(attn, "q_bias", None) is None else ()
+    return leading_rows(qkv, 2 * (qkv.out_features // 3), biases=attn), (qkv,) if getattr(attn, "q_bias", None) is None else ()
 
 
 def _refuse_unknown_arguments(path: str, module: nn.Module, known: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
@@ -234,7 +227,7 @@ def _timm_sam_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         def relative(q: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
             return helper(q, ref().rel_pos_h, ref().rel_pos_w, hw, hw)
 
-    return _grid_site(site, relative, "timm-sam", site.block, int(site.block.window_size), _nhwc_grid("x"))
+    return _grid_site(site, relative, "timm-sam", site.block, int(site.block.window_size), nhwc_grid("x"))
 
 
 timm_adapter.EXTRA_FORMS["BeitAttention"] = timm_adapter.ExtraForm(
@@ -264,7 +257,7 @@ def _hf_sam_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.M
             m = ref()
             return m.get_decomposed_rel_pos(q, m.rel_pos_h, m.rel_pos_w, hw, hw)
 
-    return _grid_site(site, relative, site.family, site.block, int(site.block.window_size), _nhwc_grid("hidden_states"))
+    return _grid_site(site, relative, site.family, site.block, int(site.block.window_size), nhwc_grid("hidden_states"))
 
 
 def _hf_vitdet_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSite:

@@ -21,7 +21,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite
 from qkhooks.models.unsupported import own_hook, remove_own_hooks
-from qkhooks.spectrum import _augment, factored_svd, head_weighted_cosines
+from qkhooks.spectrum import augmented_weights, factored_svd, head_weighted_cosines
 
 __all__ = ["RopeBand", "rope_pairs", "rope_angles", "rope_bands", "capture_rope_tables", "rope_band_summary"]
 
@@ -110,7 +110,7 @@ def _frequency(site: AttentionSite, phi_patches: torch.Tensor) -> torch.Tensor:
 def _band_weights(site: AttentionSite, pairs: Sequence[int], augmented: bool) -> tuple[torch.Tensor, ...]:
     """Rows of W_q, W_k ([W | b] when augmented) on the band's dimensions, and of J W_k."""
     w = site.weights()
-    w_q, w_k = _augment(w) if augmented else (w.w_q, w.w_k)
+    w_q, w_k = augmented_weights(w) if augmented else (w.w_q, w.w_k)
     a, b = rope_pairs(site)
     a, b = a[list(pairs)], b[list(pairs)]
     rows = torch.cat([a, b])

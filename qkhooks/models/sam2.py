@@ -34,10 +34,10 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, recast
-from qkhooks.models.relpos import _nhwc_grid
+from qkhooks.models.base import AttentionSite, as_pair, leading_rows, recast
+from qkhooks.models.relpos import nhwc_grid
 from qkhooks.models.unsupported import MODELLED_FORMS
-from qkhooks.models.windows import WindowSite, _pair
+from qkhooks.models.windows import WindowSite
 
 __all__ = ["QueryPoolSite", "WindowedQueryPoolSite"]
 
@@ -121,10 +121,10 @@ def _site(site: AttentionSite, block: nn.Module, pool_q: QueryPool | None, famil
     """The site of one Hiera-det attention: windowed (``window`` non-zero) or global, pooling q or not."""
     fields = dict(family=family, token_layout="grid", qk_modules=(), bias_input=None, rope_input=None, rope_apply=None,
                   grid=None, patch_size=None, num_prefix_tokens=0, pool_q=pool_q)
-    if not any(_pair(window)):
+    if not any(as_pair(window)):
         return recast(site, QueryPoolSite, **fields)
     block_ref = weakref.ref(block)  # a finished recording keeps no model alive
-    return recast(site, WindowedQueryPoolSite, **fields, geometry=lambda: (_pair(block_ref().window_size), (0, 0)),
+    return recast(site, WindowedQueryPoolSite, **fields, geometry=lambda: (as_pair(block_ref().window_size), (0, 0)),
                   call_grid=call_grid, relative_bias=None)
 
 
@@ -138,12 +138,7 @@ def _stage(index: int, stage_ends: list[int]) -> int:
 
 def _timm_qk(attn: nn.Module):
     """q then k rows of the fused ``qkv`` (``dim_out`` each; the module reshapes it as (3, heads, d_k))."""
-    qkv, rows = attn.qkv, 2 * int(attn.dim_out)
-
-    def qk_linear() -> tuple[torch.Tensor, torch.Tensor | None]:
-        return qkv.weight[:rows], None if qkv.bias is None else qkv.bias[:rows]
-
-    return qk_linear, ()
+    return leading_rows(attn.qkv, 2 * int(attn.dim_out)), ()
 
 
 def _timm_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -153,7 +148,7 @@ def _timm_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
                            f"{type(pool).__name__}, not the max pool qkhooks models.")
     pool_ref = weakref.ref(pool) if pool is not None else None
     pool_q = None if pool_ref is None else (lambda t: pool_ref()(t))
-    return _site(site, site.block, pool_q, "timm-sam2", site.block.window_size, _nhwc_grid("x"))
+    return _site(site, site.block, pool_q, "timm-sam2", site.block.window_size, nhwc_grid("x"))
 
 
 def _timm_stages(model: nn.Module, site: AttentionSite) -> AttentionSite:
@@ -185,7 +180,7 @@ def _hf_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Modul
     if getattr(owner, "stage_ends", None) is not None:
         site = dataclasses.replace(site, stage=f"{container} (stage "
                                    f"{_stage(int(site.block_path.rpartition('.')[2]), list(owner.stage_ends))})")
-    return _site(site, site.block, pool_q, site.family, int(site.block.window_size), _nhwc_grid("hidden_states"))
+    return _site(site, site.block, pool_q, site.family, int(site.block.window_size), nhwc_grid("hidden_states"))
 
 
 hf.EXTRA_FORMS["Sam2MultiScaleAttention"] = (frozenset(), _hf_site)

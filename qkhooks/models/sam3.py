@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from qkhooks.models import hf
-from qkhooks.models.base import AttentionSite, recast
-from qkhooks.models.relpos import _nhwc_grid
+from qkhooks.models.base import AttentionSite, as_pair, recast
+from qkhooks.models.relpos import nhwc_grid
 from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import WindowSite
 
@@ -78,13 +78,13 @@ def _sam3_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.Mod
     config = site.block.config
     fields = dict(family="hf-sam3-vit", token_layout="grid", num_prefix_tokens=0, qk_modules=(), bias_input=None,
                   rope_input=_TABLES, rope_apply=_rotation(module), rope_layout="interleaved",
-                  scale=float(module.scaling), patch_size=hf._pair(config.patch_size))
+                  scale=float(module.scaling), patch_size=as_pair(config.patch_size))
     window = int(site.block.window_size)
     if window <= 0:
-        return recast(site, Sam3Site, **fields, grid=hf._grid(config))
+        return recast(site, Sam3Site, **fields, grid=hf.config_grid(config))
     block = weakref.ref(site.block)  # a finished recording keeps no model alive
     return recast(site, Sam3WindowSite, **fields, grid=None, geometry=lambda: ((int(block().window_size),) * 2, (0, 0)),
-                  call_grid=_nhwc_grid("hidden_states"), relative_bias=None, pad_first=True)
+                  call_grid=nhwc_grid("hidden_states"), relative_bias=None, pad_first=True)
 
 
 hf.EXTRA_FORMS["Sam3ViTRoPEAttention"] = (frozenset(), _sam3_site)

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, register_adapter
-from qkhooks.models.hf import _pair_reader
+from qkhooks.models.base import AttentionSite, register_adapter, stacked_rows
 from qkhooks.models.unsupported import MODELLED_FORMS, refuse_uncovered
 
 __all__ = ["SoftCapSite", "find"]
@@ -118,7 +117,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                     layer=len(sites), path=f"{block}.attention", module=attn, block_path=block, block=layer,
                     num_heads=heads, head_dim=int(attn.head_dim), dim=int(attn.q_proj.in_features),
                     scale=float(attn.scaling), num_prefix_tokens=0, grid=None if temporal else grid,
-                    family="hf-videoprism", input_name="hidden_states", qk_linear=_pair_reader(attn.q_proj, attn.k_proj),
+                    family="hf-videoprism", input_name="hidden_states", qk_linear=stacked_rows(attn.q_proj, attn.k_proj),
                     patch_size=None if temporal else tubelet[1:], qk_modules=(attn.q_proj, attn.k_proj),
                     stage=block.rpartition(".")[0], bias_input="attention_mask", temporal=temporal,
                     cap=None if attn.attn_logit_softcapping is None else float(attn.attn_logit_softcapping)))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, register_adapter
+from qkhooks.models.base import AttentionSite, QKRows, leading_rows, register_adapter, stacked_rows
 from qkhooks.models.class_attention import cait_site_fields
 from qkhooks.models.qknorm import qk_norm_of
 from qkhooks.models.unsupported import refuse_uncovered
@@ -43,7 +43,7 @@ class ExtraForm:
     reader ``attn -> (qk_linear, qk_modules)`` and ``(site, attn) -> the site for that form``."""
 
     cls: str
-    qk_reader: Callable[[nn.Module], tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]]
+    qk_reader: Callable[[nn.Module], tuple[QKRows, tuple[nn.Module, ...]]]
     finish: Callable[[AttentionSite, nn.Module], AttentionSite | None]
 
     def load(self) -> type | None:
@@ -77,30 +77,15 @@ def _is_timm_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("timm.")
 
 
-def _qk_reader(attn: nn.Module, kind: str) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]:
+def _qk_reader(attn: nn.Module, kind: str) -> tuple[QKRows, tuple[nn.Module, ...]]:
     """(qk_linear, qk_modules) for a modelled attention: q then k rows of the model's own parameters."""
     rows = int(attn.num_heads) * int(attn.head_dim)
     qkv = getattr(attn, "qkv", None)
     if qkv is not None and getattr(attn, "q_bias", None) is None:
-        def fused() -> tuple[torch.Tensor, torch.Tensor | None]:
-            return qkv.weight[: 2 * rows], None if qkv.bias is None else qkv.bias[: 2 * rows]
-
-        return fused, (qkv,)
+        return leading_rows(qkv, 2 * rows), (qkv,)
     if qkv is not None:  # EVA: separate q/k biases added through F.linear, so the qkv module is never called
-        def eva_fused() -> tuple[torch.Tensor, torch.Tensor | None]:
-            return qkv.weight[: 2 * rows], torch.cat([attn.q_bias, attn.k_bias])
-
-        return eva_fused, ()
-    q, k = attn.q_proj, attn.k_proj
-
-    def separate() -> tuple[torch.Tensor, torch.Tensor | None]:
-        w = torch.cat([q.weight, k.weight])
-        if q.bias is None and k.bias is None:
-            return w, None
-        return w, torch.cat([q.weight.new_zeros(q.weight.shape[0]) if q.bias is None else q.bias,
-                             k.weight.new_zeros(k.weight.shape[0]) if k.bias is None else k.bias])
-
-    return separate, (q, k)
+        return leading_rows(qkv, 2 * rows, biases=attn), ()
+    return stacked_rows(attn.q_proj, attn.k_proj), (attn.q_proj, attn.k_proj)
 
 
 def grouped_query_reader(path: str, attn: nn.Module, qk_linear: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],

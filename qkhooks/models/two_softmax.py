@@ -36,7 +36,7 @@ from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite, recast
 from qkhooks.models.parallel import ParallelBlockSite, parallel_block_qk, parallel_block_site
 from qkhooks.models.unsupported import MODELLED_FORMS
-from qkhooks.models.windows import _qk_rows, _timm_qkv
+from qkhooks.models.windows import timm_qk_rows, timm_qkv_rows
 
 __all__ = ["DifferentialMaps", "GatedPositionalMaps", "TwoSoftmaxSite"]
 
@@ -157,7 +157,7 @@ def _diff_parallel_site(site: AttentionSite, block: nn.Module) -> AttentionSite:
 
 
 timm_adapter.EXTRA_FORMS["DiffAttention"] = timm_adapter.ExtraForm(
-    "timm.layers.diff_attention.DiffAttention", _timm_qkv, _diff_site)
+    "timm.layers.diff_attention.DiffAttention", timm_qkv_rows, _diff_site)
 timm_adapter.EXTRA_FORMS["DiffParallelScalingBlock"] = timm_adapter.ExtraForm(
     "timm.models.vision_transformer.DiffParallelScalingBlock", parallel_block_qk, _diff_parallel_site)
 MODELLED_FORMS.update({"timm.layers.diff_attention.DiffAttention",
@@ -177,6 +177,6 @@ def _gpsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     return recast(site, TwoSoftmaxSite, num_prefix_tokens=0, family="timm-convit-gpsa", head_mixing=GatedPositionalMaps(attn))
 
 
-timm_adapter.EXTRA_FORMS["ConvitMHSA"] = timm_adapter.ExtraForm("timm.models.convit.MHSA", _timm_qkv, _convit_mhsa_site)
-timm_adapter.EXTRA_FORMS["ConvitGPSA"] = timm_adapter.ExtraForm("timm.models.convit.GPSA", _qk_rows, _gpsa_site)
+timm_adapter.EXTRA_FORMS["ConvitMHSA"] = timm_adapter.ExtraForm("timm.models.convit.MHSA", timm_qkv_rows, _convit_mhsa_site)
+timm_adapter.EXTRA_FORMS["ConvitGPSA"] = timm_adapter.ExtraForm("timm.models.convit.GPSA", timm_qk_rows, _gpsa_site)
 MODELLED_FORMS.update({"timm.models.convit.MHSA", "timm.models.convit.GPSA"})

@@ -11,40 +11,22 @@ model's shape, as CaiT's class attention (:mod:`qkhooks.models.class_attention`)
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
-import torch
 from torch import nn
 
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite
+from qkhooks.models.base import AttentionSite, QKRows, leading_rows, stacked_rows
 from qkhooks.models.unsupported import MODELLED_FORMS
 
 
-def _grid_rows(attn: nn.Module) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]:
+def _grid_rows(attn: nn.Module) -> tuple[QKRows, tuple[nn.Module, ...]]:
     """q then k rows of the fused ``qkv``; projections from the tokens (the Linear's output is an NHWC grid)."""
-    qkv = attn.qkv
-    rows = qkv.out_features // 3
-
-    def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
-        return qkv.weight[: 2 * rows], None if qkv.bias is None else qkv.bias[: 2 * rows]
-
-    return reader, ()
+    return leading_rows(attn.qkv, 2 * (attn.qkv.out_features // 3)), ()
 
 
-def _class_rows(attn: nn.Module) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], tuple[nn.Module, ...]]:
+def _class_rows(attn: nn.Module) -> tuple[QKRows, tuple[nn.Module, ...]]:
     """The q Linear's rows, then the k half of the fused ``kv``; projections from the tokens (q sees the class token only)."""
-    q, kv = attn.q, attn.kv
-    rows = q.out_features
-
-    def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
-        w = torch.cat([q.weight, kv.weight[:rows]])
-        if q.bias is None and kv.bias is None:
-            return w, None
-        zeros = q.weight.new_zeros(rows)
-        return w, torch.cat([zeros if q.bias is None else q.bias, zeros if kv.bias is None else kv.bias[:rows]])
-
-    return reader, ()
+    return stacked_rows(attn.q, attn.kv, k_rows=attn.q.out_features), ()
 
 
 def _grid_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:

@@ -32,15 +32,10 @@ from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models import hf
 from qkhooks.models import timm as timm_adapter
-from qkhooks.models.base import AttentionSite, _additive, recast
+from qkhooks.models.base import AttentionSite, QKRows, additive_mask, as_pair, leading_rows, recast
 from qkhooks.models.unsupported import MODELLED_FORMS
 
 __all__ = ["WindowSite", "window_index"]
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    """(rows, cols) of a window or shift given as one number (transformers) or a pair (timm)."""
-    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
 
 
 def window_index(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], pad_first: bool,
@@ -174,7 +169,7 @@ class WindowSite(AttentionSite):
     def logit_bias(self) -> torch.Tensor | None:
         """(B·nW or 1, H, Nw, Nw): the module's relative-position table plus the call's shift mask, if any."""
         bias = None if self.relative_bias is None else self.relative_bias().detach()
-        mask = _additive(self._call_bias)
+        mask = additive_mask(self._call_bias)
         if mask is None:
             return bias
         windows = mask.shape[0]
@@ -206,24 +201,15 @@ class WindowSite(AttentionSite):
 # ---------------------------------------------------------------------------------------------------- timm
 
 
-def _timm_qkv(attn: nn.Module):
+def timm_qkv_rows(attn: nn.Module) -> tuple[QKRows, tuple[nn.Module, ...]]:
+    """(qk_linear, qk_modules) of a timm module with a fused ``qkv`` Linear whose output is q, k, v (a third each)."""
     rows = int(attn.num_heads) * (int(attn.qkv.out_features) // 3 // int(attn.num_heads))
-    qkv = attn.qkv
-
-    def fused() -> tuple[torch.Tensor, torch.Tensor | None]:
-        return qkv.weight[: 2 * rows], None if qkv.bias is None else qkv.bias[: 2 * rows]
-
-    return fused, (qkv,)
+    return leading_rows(attn.qkv, 2 * rows), (attn.qkv,)
 
 
-def _qk_rows(attn: nn.Module):
+def timm_qk_rows(attn: nn.Module) -> tuple[QKRows, tuple[nn.Module, ...]]:
     """The whole ``qk`` Linear of a module that makes q and k in one and v apart (TNT, ConViT's GPSA): q rows, then k."""
-    qk = attn.qk
-
-    def reader() -> tuple[torch.Tensor, torch.Tensor | None]:
-        return qk.weight, qk.bias
-
-    return reader, (qk,)
+    return leading_rows(attn.qk, attn.qk.out_features), (attn.qk,)
 
 
 def _timm_swin_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
@@ -239,12 +225,12 @@ def _timm_swin_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
     block_ref, attn_ref = weakref.ref(block), weakref.ref(attn)  # a finished recording keeps no model alive
     return recast(
         site, WindowSite, family="timm-swin", bias_input="mask", rope_input=None, rope_apply=None, grid=None,
-        patch_size=None, geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
+        patch_size=None, geometry=lambda: (as_pair(block_ref().window_size), as_pair(block_ref().shift_size)),
         call_grid=call_grid, relative_bias=lambda: attn_ref()._get_rel_pos_bias(), pad_first=False)
 
 
 timm_adapter.EXTRA_FORMS["SwinWindowAttention"] = timm_adapter.ExtraForm(
-    "timm.models.swin_transformer.WindowAttention", _timm_qkv, _timm_swin_site)
+    "timm.models.swin_transformer.WindowAttention", timm_qkv_rows, _timm_swin_site)
 MODELLED_FORMS.update({"timm.models.swin_transformer.WindowAttention", "timm.models.swin_transformer.SwinTransformerBlock"})
 
 
@@ -262,7 +248,7 @@ def _hf_swin_site(site: AttentionSite, module: nn.Module, modules: dict[str, nn.
 
     block_ref, module_ref = weakref.ref(block), weakref.ref(module)  # a finished recording keeps no model alive
     return recast(
-        site, WindowSite, family="hf-swin", bias_input="attention_mask", grid=None, patch_size=None, geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
+        site, WindowSite, family="hf-swin", bias_input="attention_mask", grid=None, patch_size=None, geometry=lambda: (as_pair(block_ref().window_size), as_pair(block_ref().shift_size)),
         call_grid=call_grid, relative_bias=lambda: module_ref().relative_position_bias(), pad_first=True)
 
 
@@ -287,7 +273,7 @@ def _hf_maskformer_swin_site(site: AttentionSite, module: nn.Module, modules: di
 
     return recast(
         site, WindowSite, family="hf-maskformer-swin", bias_input="attention_mask", grid=None, patch_size=None,
-        geometry=lambda: (_pair(block_ref().window_size), _pair(block_ref().shift_size)),
+        geometry=lambda: (as_pair(block_ref().window_size), as_pair(block_ref().shift_size)),
         call_grid=call_grid, relative_bias=relative_bias, pad_first=True)
 
 
@@ -312,7 +298,7 @@ def _maxxvit_qkv(attn: nn.Module):
     return qk_linear, ()
 
 
-def _maxxvit_relative_bias(site: AttentionSite, attn: nn.Module) -> Callable[[], torch.Tensor] | None:
+def maxxvit_relative_bias(site: AttentionSite, attn: nn.Module) -> Callable[[], torch.Tensor] | None:
     """The module's own ``rel_pos.get_bias()`` (RelPosBias, RelPosBiasTf, RelPosMlp: each adds exactly that)."""
     from timm.layers.pos_embed_rel import RelPosBias, RelPosBiasTf, RelPosMlp
 
@@ -350,7 +336,7 @@ def _maxxvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 
     block = site.block
     channels_first = type(attn).forward is maxxvit.Attention2d.forward
-    relative_bias = _maxxvit_relative_bias(site, attn)
+    relative_bias = maxxvit_relative_bias(site, attn)
     fields = dict(family="timm-maxxvit", grid=None, patch_size=None, qk_modules=(),
                   token_layout="channels_first" if channels_first else "grid")
     if isinstance(block, maxxvit.TransformerBlock2d):  # one attention over the whole (B, C, H, W) map
@@ -375,7 +361,7 @@ def _maxxvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         return (int(x.shape[2]), int(x.shape[3])) if channels_first else (int(x.shape[1]), int(x.shape[2]))
 
     return recast(
-        site, WindowSite, **fields, geometry=lambda: (_pair(block_ref().partition_size), (0, 0)), call_grid=call_grid,
+        site, WindowSite, **fields, geometry=lambda: (as_pair(block_ref().partition_size), (0, 0)), call_grid=call_grid,
         relative_bias=relative_bias, partition=partition)
 
 
@@ -399,9 +385,9 @@ def _twins_lsa_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
         return int(size[0]), int(size[1])
 
     return recast(site, WindowSite, family="timm-twins", grid=None, patch_size=None, qk_modules=(),
-                  geometry=lambda: (_pair(attn_ref().ws), (0, 0)), call_grid=call_grid, windows_inside=True)
+                  geometry=lambda: (as_pair(attn_ref().ws), (0, 0)), call_grid=call_grid, windows_inside=True)
 
 
 timm_adapter.EXTRA_FORMS["LocallyGroupedAttn"] = timm_adapter.ExtraForm(
-    "timm.models.twins.LocallyGroupedAttn", _timm_qkv, _twins_lsa_site)
+    "timm.models.twins.LocallyGroupedAttn", timm_qkv_rows, _twins_lsa_site)
 MODELLED_FORMS.add("timm.models.twins.LocallyGroupedAttn")
