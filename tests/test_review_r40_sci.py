@@ -1,4 +1,4 @@
-"""Review r40 (SCI): attention preference on rows whose patch tokens carry no positive mass.
+"""Review r40 (SCI, lead): attention preference on rows that are no distribution over the patch tokens.
 
 Preference normalises each attention row over the patch tokens to sum 1 (METHODS A.4). The old code divided by
 ``mass.clamp_min(tiny)``, so a row whose patch mass was 0 or below gave values of ~1e37 (folded into the reducer's
@@ -42,7 +42,7 @@ def test_rows_with_negative_patch_mass_are_refused_not_turned_into_huge_values()
     t, d = _grids()
     rows = torch.full((2, 1, 2, 5), 0.1)
     rows[1, 0, 1, 1:] = torch.tensor([-0.2, 0.05, 0.05, 0.02])  # patch mass -0.08: a row of softmax1 - 1.3 softmax2
-    with pytest.raises(QKHooksError, match=r"position\(s\) \[1\] of this batch at layer\(s\) \[3\] carry no positive attention on the patch tokens") as err:
+    with pytest.raises(QKHooksError, match=r"position\(s\) \[1\] of this batch at layer\(s\) \[3\] are no attention distribution over the patch tokens") as err:
         preference_from_rows(rows, t, d, 1, layer=3)
     assert "differential attention" in str(err.value) and "layers=" in str(err.value)
     # the rows with positive mass keep their values: those of the direct computation
@@ -54,7 +54,7 @@ def test_rows_with_negative_patch_mass_are_refused_not_turned_into_huge_values()
 def test_a_softmax_row_with_all_its_mass_on_the_prefix_token_is_refused_not_read_as_zero():
     t, d = _grids(1)
     rows = torch.tensor([[[[1.0, 0.0, 0.0, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]]]])  # the target row: all on CLS
-    with pytest.raises(QKHooksError, match="no positive attention on the patch tokens"):
+    with pytest.raises(QKHooksError, match="no attention distribution over the patch tokens"):
         preference_from_rows(rows, t, d, 1)
     # unchecked (as the reducer calls it), such a row gives NaN, never a number
     values = preference_from_rows(rows, t, d, 1, check_mass=False)
@@ -72,7 +72,7 @@ def test_reducer_refuses_a_batch_with_negative_patch_mass_naming_the_layer_and_k
     bad[0, 0, 0, 1:] = -bad[0, 0, 0, 1:]  # image "c", layer 4: patch mass below 0
     batch = BatchCapture(["c", "d"], {"target_grid": t, "distractor_grid": d},
                          {0: LayerCapture(0, 2, attention={"rows": good}), 4: LayerCapture(4, 2, attention={"rows": bad})}, 2)
-    with pytest.raises(QKHooksError, match=r"rows of image 'c' at layer\(s\) \[4\] carry no positive attention"):
+    with pytest.raises(QKHooksError, match=r"rows of image 'c' at layer\(s\) \[4\] are no attention distribution"):
         red.update(batch)
     after = preference_from_reducer(red)
     assert after["num_images"] == 2 and after["same_object"]["mean"] == before["same_object"]["mean"]
@@ -104,4 +104,20 @@ def test_differential_attention_with_lambda_above_one_is_refused_by_the_recordin
     with qkhooks.record(model, modes=None, attention="rows", sinks=[red]) as run, torch.no_grad():
         with pytest.raises(QKHooksError, match="differential attention"):
             run(torch.randn(2, 3, 32, 32), meta=meta)
+    assert red.images_held() == 0
+
+
+def test_a_signed_row_with_a_positive_sum_is_refused_its_shares_would_leave_zero_to_one():
+    """Differential attention with 0 < lambda < 1: rows sum to 1 - lambda > 0 but have negative entries, so the
+    "shares" of a region could be negative or above 1 (the direct computation says so); refused, not read (lead)."""
+    t, d = _grids(1)
+    rows = torch.tensor([[[[0.1, 0.7, -0.5, 0.1, 0.6], [0.2, 0.2, 0.2, 0.2, 0.2]]]])  # patch sum 0.9 > 0
+    shares = _numpy_preference(rows.double().numpy(), t.numpy(), d.numpy(), 1)[0, 0]
+    assert shares[:3].max() > 1 or shares[:3].min() < 0  # what the old code reported as preference
+    with pytest.raises(QKHooksError, match=r"an entry below 0"):
+        preference_from_rows(rows, t, d, 1)
+    red = PreferenceReducer()
+    batch = BatchCapture(["a"], {"target_grid": t, "distractor_grid": d}, {2: LayerCapture(2, 1, attention={"rows": rows})})
+    with pytest.raises(QKHooksError, match=r"rows of image 'a' at layer\(s\) \[2\] are no attention distribution"):
+        red.update(batch)
     assert red.images_held() == 0

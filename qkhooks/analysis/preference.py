@@ -164,7 +164,7 @@ def preference_from_rows(
         names: how a refusal names each image (default: its position in the batch).
         check_overlap: False where the caller has refused overlapping grids already (a reducer, once per batch
             rather than once per layer).
-        check_mass: refuse rows whose patch tokens carry no positive mass (:func:`refuse_rows_without_mass`); False
+        check_mass: refuse rows that are no distribution over the patch tokens (:func:`refuse_rows_without_mass`); False
             where the caller checks it itself (the reducer, once per batch with its other checks). Unchecked, such a
             row's values are NaN, never a number.
         layer: the layer the rows belong to, for that refusal's message.
@@ -203,7 +203,7 @@ def preference_from_rows(
     # ~1e37 or inf, folded or refused as "NaN pixels"; NaN here, refused with the reason where checked.
     mass = attn.sum(-1, keepdim=True)
     if check_mass:
-        refuse_rows_without_mass(_has_mass(mass).flatten(1).all(1)[None].cpu(), [layer], names)
+        refuse_rows_without_mass(_distributions(attn, mass[..., 0]).flatten(1).all(1)[None].cpu(), [layer], names)
     attn = attn / mass.where(mass > 0, torch.full_like(mass, float("nan")))
     t, d = t.flatten(1), d.flatten(1)
     masks = torch.stack([t, d, (1.0 - t - d).clamp_min(0.0)], dim=1)  # (B, 3, P)
@@ -212,25 +212,31 @@ def preference_from_rows(
 
 
 def rows_with_mass(rows: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """(B,) bool: whether no row of each image (B, H, 2, N) has a finite patch-token mass of 0 or below."""
-    mass = rows[..., int(num_prefix_tokens):].sum(-1, dtype=torch.promote_types(rows.dtype, torch.float32))
-    return _has_mass(mass).flatten(1).all(1)
+    """(B,) bool: whether every row of each image (B, H, 2, N) is a distribution over the patch tokens up to scale:
+    no negative entry and a positive sum (finite rows; NaN and inf are left to the non-finite check)."""
+    patches = rows[..., int(num_prefix_tokens):]
+    mass = patches.sum(-1, dtype=torch.promote_types(rows.dtype, torch.float32))
+    return _distributions(patches, mass).flatten(1).all(1)
 
 
-def _has_mass(mass: torch.Tensor) -> torch.Tensor:
-    """False where a row's patch mass is finite and 0 or below; a NaN or infinite mass (NaN or inf in the rows) is
-    left to the non-finite check, which names that cause."""
-    return ~((mass <= 0) & mass.isfinite())
+def _distributions(patches: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """False where a row (``patches``, its sum ``mass``) is finite and has a negative entry or a sum of 0 or below: a
+    softmax has neither (its entries are exp(...) >= 0 in any float), so such a row is no attention distribution. A
+    NaN or infinite mass (NaN or inf in the rows) is left to the non-finite check, which names that cause."""
+    return ~(((mass <= 0) | (patches.amin(-1) < 0)) & mass.isfinite())
 
 
 def refuse_rows_without_mass(ok: torch.Tensor, layers: Sequence[Any], names: Sequence[str] | None) -> None:
-    """Refuse attention rows whose patch tokens carry no positive mass: ``ok`` (L, B) bool on the host, per layer of
-    ``layers`` (None: not known) and image (``names``, else its position in the batch).
+    """Refuse attention rows that are no distribution over the patch tokens (a negative entry, or no positive mass):
+    ``ok`` (L, B) bool on the host, per layer of ``layers`` (None: not known) and image (``names``, else its position
+    in the batch).
 
-    Preference normalises each row over the patch tokens to sum 1 (METHODS A.4), which is undefined for a mass of 0
-    or below. A softmax row has it only where all its mass sits on prefix tokens (or underflows); a map that is no
-    softmax can have it anywhere: CaiT's talking heads mix the heads' softmaxes with ``proj_w`` after the softmax,
-    and differential attention's rows sum to 1 - lambda."""
+    Preference is the share of a row's patch attention on each region (METHODS A.4): the row normalised over the
+    patch tokens to sum 1, which is undefined for a mass of 0 or below, and is no share where an entry is negative
+    (shares of a signed row can leave [0, 1]). A softmax row has neither but where all its mass sits on prefix
+    tokens (or underflows); a map that is no softmax can have both: differential attention's rows are softmax1 -
+    lambda softmax2 (negative entries; a sum of 1 - lambda), and CaiT's talking heads mix the heads' softmaxes with
+    ``proj_w``, whose weights may be negative."""
     if bool(ok.all()):
         return
     bad = ~ok
@@ -240,12 +246,12 @@ def refuse_rows_without_mass(ok: torch.Tensor, layers: Sequence[Any], names: Seq
     at = [layers[i] for i in bad.any(1).nonzero().flatten().tolist()]
     where = "" if at == [None] else f" at layer(s) {at}"
     raise QKHooksError(
-        f"attention preference: the rows of {which}{where} carry no positive attention on the patch tokens (their sum "
-        "over the patches is 0 or below), so they cannot be normalised to sum 1 (METHODS A.4) and no preference value "
-        "exists. Maps that are not one softmax give such rows: CaiT's talking heads (proj_w mixes the softmaxes) and "
-        "differential attention (a row sums to 1 - lambda, below 0 for lambda > 1); a softmax row gives it only when "
-        "all its mass sits on prefix tokens. Leave those layers out of the rows (record layers=[...] without them), "
-        "or drop those images."
+        f"attention preference: the rows of {which}{where} are no attention distribution over the patch tokens (an "
+        "entry below 0, or no positive sum over the patches), so they have no shares to take (METHODS A.4) and no "
+        "preference value exists. Maps that are not one softmax give such rows: differential attention (softmax1 - "
+        "lambda softmax2: negative entries, a sum of 1 - lambda) and CaiT's talking heads (proj_w mixes the "
+        "softmaxes, with weights that may be negative); a softmax row gives it only when all its mass sits on prefix "
+        "tokens. Leave those layers out of the rows (record layers=[...] without them), or drop those images."
     )
 
 
