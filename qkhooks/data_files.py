@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from qkhooks.data.items import digest_value
 from qkhooks.data.datasets import BUNDLED_PREFIX, FOLDER_PREFIXES, GENERATED_PREFIXES, NAMED_SPECS, STREAMED_PREFIXES
 from qkhooks.data.readers import _split_spec
 from qkhooks.store.format import FILE_SIZES
@@ -144,14 +145,15 @@ def file_hash(path: str | None) -> int:
                 digest.update(chunk)
     except OSError:
         return -1
-    value = int.from_bytes(digest.digest(), "little", signed=True)
-    return -2 if value == -1 else value
+    return digest_value(digest)
 
 
 def file_hash_column(dataset: Any) -> Callable[[Sequence[str]], np.ndarray] | None:
-    """What a recording stores in :data:`~qkhooks.store.format.FILE_HASHES` for a batch of ids: each image file's
-    BLAKE2b (8 bytes; -1 where not read from a file), which a resume compares for the files whose time changed (a
-    data set copied again keeps its bytes); None for data that is not read from files. One read of each file."""
+    """Each image file's BLAKE2b (8 bytes; -1 where not read from a file) for a batch of ids, as
+    :data:`~qkhooks.store.format.FILE_HASHES` stores it: what a resume compares for the files whose time changed (a
+    data set copied again keeps its bytes); None for data that is not read from files. One read of each file, in
+    this process: a recording does not call it (it stores the hash of the bytes each image was decoded from,
+    :func:`qkhooks.data.items.stamps_read`), a resume does, for the kept files whose time changed."""
     return _column(dataset, file_hash)
 
 

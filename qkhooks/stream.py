@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -40,6 +41,8 @@ from qkhooks.data.masks import TokenCells, receptive_cells, token_cells
 from qkhooks.data.items import set_pil_limit
 from qkhooks.data.datasets import check_limit
 from qkhooks.data.sources import ItemStream, is_whole, open_source, refuse_batching
+from qkhooks import data_files
+from qkhooks.data.items import NO_STAMP, read_stamped, stamps_read
 from qkhooks.data_files import absolute_spec, file_hash_column, file_mtime_column, file_size_column
 from qkhooks.errors import DataRefusal, MissingReducer, QKHooksError, RunInterrupted
 from qkhooks.models.base import AttentionSite, select_layers
@@ -76,19 +79,27 @@ class RecordResult:
 
 class WriterSink:
     """Feeds complete batches to a :class:`qkhooks.store.RunWriter` (maps, attention, per-image extras, and each
-    image file's size, modification time and content hash from ``file_sizes``, ``file_mtimes`` and ``file_hashes``:
-    :func:`qkhooks.data_files.file_size_column`, :func:`~qkhooks.data_files.file_mtime_column`,
-    :func:`~qkhooks.data_files.file_hash_column`)."""
+    image file's size, modification time and content hash).
+
+    The file columns come from the batch where ``stamped`` names them (:data:`~qkhooks.store.format.FILE_SIZES`,
+    :data:`~qkhooks.store.format.FILE_MTIMES`, :data:`~qkhooks.store.format.FILE_HASHES`): ``batch.meta
+    ["file_stamps"]``, one (size, mtime ns, hash) per image, taken where the image was read and decoded
+    (:func:`qkhooks.data.items.stamps_read`; what :func:`record_dataset` does, so no file is read again here); else
+    from ``file_sizes``, ``file_mtimes`` and ``file_hashes`` of the batch's ids
+    (:func:`qkhooks.data_files.file_size_column`, :func:`~qkhooks.data_files.file_mtime_column`,
+    :func:`~qkhooks.data_files.file_hash_column`: a stat and a read of each file in this process)."""
 
     def __init__(self, writer: Any, store_modes: bool = True,
                  file_sizes: Callable[[Sequence[str]], Any] | None = None,
                  file_mtimes: Callable[[Sequence[str]], Any] | None = None,
-                 file_hashes: Callable[[Sequence[str]], Any] | None = None):
+                 file_hashes: Callable[[Sequence[str]], Any] | None = None,
+                 stamped: Sequence[str] = ()):
         self.writer = writer
         self.store_modes = store_modes
         self.file_sizes = file_sizes
         self.file_mtimes = file_mtimes
         self.file_hashes = file_hashes
+        self.stamped = tuple(stamped)
         self._statics_written = False
 
     def update(self, batch: BatchCapture) -> None:
@@ -101,9 +112,20 @@ class WriterSink:
             arrays = {k: v for k, v in arrays.items() if not k.startswith("modes/")}
         arrays.update(batch.meta.get("arrays", {}))
         layout = self.writer.layout_arrays
-        for name, column in ((FILE_SIZES, self.file_sizes), (FILE_MTIMES, self.file_mtimes),
-                             (FILE_HASHES, self.file_hashes)):
-            if column is not None and (layout is None or name in layout):  # not in a resumed run from before it
+        stamps = batch.meta.get("file_stamps")
+        for index, (name, column) in enumerate(((FILE_SIZES, self.file_sizes), (FILE_MTIMES, self.file_mtimes),
+                                                (FILE_HASHES, self.file_hashes))):
+            if layout is not None and name not in layout:  # not in a resumed run from before it
+                continue
+            if name in self.stamped:
+                if stamps is None or len(stamps) != len(batch.ids):
+                    raise QKHooksError(
+                        f"WriterSink was asked to store {name} from the batches' file stamps, but a batch of "
+                        f"{len(batch.ids)} images carries {'none' if stamps is None else len(stamps)}; read the images "
+                        "inside qkhooks.data.items.stamps_read() and pass each one's stamp as meta['file_stamps'], or "
+                        "give WriterSink file_sizes= / file_mtimes= / file_hashes= instead.")
+                arrays[name] = np.array([int(stamp[index]) for stamp in stamps], np.int64)
+            elif column is not None:
                 arrays[name] = column(batch.ids)
         self.writer.write_batch(batch.ids, arrays)
 
@@ -153,6 +175,8 @@ def _batch_meta(batch: dict[str, Any], geometry: dict[int, LayerGeometry], image
                            "image to the model's input size.")
     first = geometry[min(geometry)]
     meta: dict[str, Any] = {"num_prefix_tokens": first.num_prefix_tokens, "geometry": geometry, "cells": cells}
+    if "file_stamp" in batch:  # each image file's (size, mtime, hash), taken where it was read: WriterSink stores them
+        meta["file_stamps"] = list(batch["file_stamp"])
     if first.grid is not None:
         meta["grid"] = first.grid
     meta.update(plan.batch_meta(batch, meta))
@@ -374,6 +398,34 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
                 f"the run started (files removed, renamed or reordered). {fix}"
             )
         last = i
+    _refuse_changed_files(writer, kept, file_sizes, file_mtimes, file_hashes, fix)
+    if decodes is not None:
+        recorded = set(kept)
+        for i in range(last + 1):
+            if ids[i] not in recorded and decodes(i):
+                raise QKHooksError(
+                    f"cannot resume {writer.path}: the dataset's image {ids[i]!r} (number {i}) comes before the run's "
+                    f"resume point ({ids[last]!r}, number {last}) but is not in the run file, and it decodes; it was "
+                    f"added (or renamed) since the run started, and a resume records only after that point. {fix}"
+                )
+    if done:
+        for r in reducers:  # a Reducer refuses a state of another kind or configuration; the stream position loads
+            if isinstance(r, Reducer):
+                r.load_saved(states[r.name])
+            else:
+                r.load_state_dict(states[r.name])
+    return done, last + 1
+
+
+def _refuse_changed_files(writer: Any, kept: Sequence[str], file_sizes: Callable[[Sequence[str]], Any] | None,
+                          file_mtimes: Callable[[Sequence[str]], Any] | None,
+                          file_hashes: Callable[[Sequence[str]], Any] | None, fix: str, stacklevel: int = 5) -> None:
+    """Refuse a resume whose kept images' files (``kept``: the run's first ids) changed since they were recorded:
+    each one's size and modification time now (``file_sizes``, ``file_mtimes`` of the ids: one ``stat`` a file, or a
+    tar member's header) against the run's, and, for those whose time changed, its bytes' hash (``file_hashes``, of
+    those ids only). See :func:`_resume`; a stream's resume checks its kept files so too
+    (:func:`_refuse_changed_stream_files`)."""
+    done = len(kept)
     sizes_then = writer.rows(FILE_SIZES, done) if file_sizes is not None and done else None
     if sizes_then is not None:
         changed = [(id_, int(was), int(now)) for id_, was, now in zip(kept, sizes_then, file_sizes(kept))
@@ -413,23 +465,7 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
                       f"({FILE_MTIMES}), so this resume checks the {done} images it keeps by "
                       f"{'their file sizes' if sizes_then is not None else 'their names'} only: a file replaced since "
                       "by another of the same size is not noticed. Record into a new --out (or --overwrite) to have "
-                      "every file checked on a later resume.", stacklevel=4)
-    if decodes is not None:
-        recorded = set(kept)
-        for i in range(last + 1):
-            if ids[i] not in recorded and decodes(i):
-                raise QKHooksError(
-                    f"cannot resume {writer.path}: the dataset's image {ids[i]!r} (number {i}) comes before the run's "
-                    f"resume point ({ids[last]!r}, number {last}) but is not in the run file, and it decodes; it was "
-                    f"added (or renamed) since the run started, and a resume records only after that point. {fix}"
-                )
-    if done:
-        for r in reducers:  # a Reducer refuses a state of another kind or configuration; the stream position loads
-            if isinstance(r, Reducer):
-                r.load_saved(states[r.name])
-            else:
-                r.load_state_dict(states[r.name])
-    return done, last + 1
+                      "every file checked on a later resume.", stacklevel=stacklevel)
 
 
 def _when(ns: int) -> str:
@@ -641,9 +677,15 @@ def record_dataset(
     start, done = lo, 0
     position = _StreamPosition(lo) if streamed else None
     checkpointed = list(reducers) + ([position] if position is not None else [])
-    file_sizes = None if streamed else file_size_column(dataset)  # each file's size: stored, and checked on resume
-    file_mtimes = None if streamed else file_mtime_column(dataset)  # and its modification time (same-size changes)
-    file_hashes = None if streamed else file_hash_column(dataset)  # and its bytes' hash (for the times that changed)
+    # each file's size (stored, and checked on resume), modification time (same-size changes) and bytes' hash (for
+    # the times that changed): the resume of a folder stats them here (file_*_column); the recording stores each
+    # image's stamp as taken where it was read and decoded (in the loader's workers), which the batch carries
+    file_sizes = None if streamed else file_size_column(dataset)
+    file_mtimes = None if streamed else file_mtime_column(dataset)
+    file_hashes = None if streamed else file_hash_column(dataset)
+    stamped = ((FILE_SIZES, FILE_MTIMES, FILE_HASHES) if streamed else  # a stream's items may be files (-1 if not)
+               tuple(name for name, column in ((FILE_SIZES, file_sizes), (FILE_MTIMES, file_mtimes),
+                                               (FILE_HASHES, file_hashes)) if column is not None))
     if out is not None:
         mode = "resume" if resume and Path(out).exists() else ("overwrite" if overwrite else "create")
         attrs = {
@@ -664,6 +706,7 @@ def record_dataset(
                     done, _ = _resume(writer, checkpointed, writer.ids)
                     start = position.resumed_at(done, lo, progress)
                     _refuse_changed_stream(out, dataset, writer.ids[:done], lo, start, position.skipped)
+                    _refuse_changed_stream_files(writer, dataset, done, start)
                 else:
                     done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo), file_sizes,
                                                at_open, file_mtimes, file_hashes)
@@ -686,14 +729,16 @@ def record_dataset(
                 if shard is not None:  # where this block starts in the dataset: qkhooks.distributed.merge_shards reads it
                     writer.write_static("images/shard", json.dumps({"rank": shard[0], "world": shard[1], "start": lo, "stop": hi}))
                 # each file's size goes with its batch, so a reopened folder can be checked to hold the files recorded
-                run.sinks.append(WriterSink(writer, opts.store_modes, file_sizes, file_mtimes, file_hashes))
+                run.sinks.append(WriterSink(writer, opts.store_modes, stamped=stamped))
             run.sinks.extend(reducers)
             if on_batch is not None:
                 run.sinks.append(_Callback(on_batch))
             if streamed:
-                batches = position.track(dataset.batches(opts.batch_size, start, hi, opts.num_workers), seen.ids)
+                batches = position.track(dataset.batches(opts.batch_size, start, hi, opts.num_workers,
+                                                         stamps=bool(stamped)), seen.ids)
             else:
-                batches = _loader_batches(dataset, range(start, hi), opts.batch_size, opts.num_workers, collate)
+                batches = _loader_batches(_Stamped(dataset) if stamped else dataset, range(start, hi), opts.batch_size,
+                                          opts.num_workers, collate)
             _loop(run, batches, net, hi - start if hi is not None else None, device, (geometry, image_size, cells), plan,
                   progress, writer, checkpointed, opts.checkpoint_every)
         if streamed:
@@ -973,6 +1018,79 @@ def _refuse_changed_stream(out: Any, dataset: Any, recorded: Sequence[str], lo: 
         f"of the file is {was}, the data's is {now}): the data changed since the run started, or the run was "
         "recorded by an earlier qkhooks, which named items given as file paths by their position. Put the data back "
         "as it was, record into a new --out, or --overwrite to start again.")
+
+
+class _Stamped(torch.utils.data.Dataset):
+    """An :class:`~qkhooks.data.ImageDataset` whose items carry ``"file_stamp"``: the (size, modification time in ns,
+    hash) of the image file as it was read and decoded, in the process that read it (a DataLoader worker, or this
+    one): :func:`qkhooks.data.items.stamps_read`. No file is read twice, and the hash is of the bytes decoded."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        with stamps_read() as seen:
+            item = self.dataset[index]
+        if item is not None:
+            path = self.dataset._records[index].path
+            item["file_stamp"] = NO_STAMP if not path else seen.get(os.fspath(path)) or _stamp_again(path)
+        return item
+
+
+def _stamp_again(path: str) -> tuple[int, int, int]:
+    """The stamp of a file its record's loader read otherwise than through ``_read_oriented`` (none of qkhooks' own
+    do): from one more read here; a file gone since it was read cannot be checked later (-1s)."""
+    try:
+        return read_stamped(path)[1]
+    except OSError:
+        return NO_STAMP
+
+
+def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: int, stacklevel: int = 4) -> None:
+    """Refuse the resume of a stream whose kept images' files changed since they were recorded, as a folder's
+    (:func:`_refuse_changed_files`): where the source names its items' files without decoding (a list or tuple of
+    paths or of dicts whose ``"image"`` is a path; a map-style Hugging Face dataset of path strings or of
+    ``Image(decode=False)`` cells read from files), each kept file is stat'ed and those whose time changed are
+    hashed; for ``wds:`` shards, each kept sample's image member is read again up to the resume point (its header's
+    size and time, its bytes' hash: no image is decoded). Images not read from a file (stored -1) are not checked.
+    A run from before the stamps (no :data:`FILE_SIZES`) resumes as it did; a source whose items cannot be named
+    again without decoding them (a torch Dataset, an iterable, a streamed Hugging Face dataset) resumes with a
+    warning that its kept files are not checked."""
+    recorded = writer.rows(FILE_SIZES, done) if done else None
+    if recorded is None:
+        return
+    kept = writer.ids[:done]
+    fix = ("Put the data back as it was when the run started, record it into a new --out, or --overwrite to start "
+           "again.")
+    paths = dataset.file_paths(start)
+    stamps = dataset.file_stamps(start) if paths is None else None
+    if paths is None and stamps is None:
+        files = int((recorded >= 0).sum())
+        if files:
+            warnings.warn(
+                f"{writer.path}: this resume does not check the {files} files of the {done} images it keeps against "
+                f"their recorded sizes, times and hashes: {dataset.name}'s items before the resume point are not read "
+                "again (a torch Dataset's items may load their images, an iterable is read once, a streamed Hugging "
+                "Face dataset has no index), so a file replaced since is not noticed. Pass the items as a list (or a "
+                "map-style Hugging Face dataset, a folder) to have every kept file checked.", stacklevel=stacklevel)
+        return
+    if paths is not None:
+        where = dict(paths)
+        columns = [lambda ids, f=f: np.array([f(where.get(i)) for i in ids], np.int64)
+                   for f in (data_files._size, data_files._mtime, data_files.file_hash)]
+    else:
+        where = dict(stamps)
+        columns = [lambda ids, k=k: np.array([where.get(i, NO_STAMP)[k] for i in ids], np.int64) for k in range(3)]
+    absent = next((i for i in kept if i not in where), None)
+    if absent is not None:
+        raise QKHooksError(
+            f"cannot resume {writer.path}: image {absent!r} of the run file is not among the data's items before the "
+            f"resume point (item {start}); the data changed since the run started (items removed, renamed or "
+            f"reordered). {fix}")
+    _refuse_changed_files(writer, kept, *columns, fix, stacklevel=stacklevel + 1)
 
 
 def _checked_shard(shard: Any) -> tuple[int, int] | None:

@@ -5,7 +5,10 @@ load it (:class:`_Record`), the dataset that preprocesses it for one model (:cla
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
+import hashlib
+import io
 import os
 import struct
 import warnings
@@ -39,6 +42,7 @@ class _Raw:
     native: bool = False  # already at model size (generated stimuli): normalise only
     extras: dict[str, Any] = field(default_factory=dict)
     unread: tuple[str, ...] = ()  # the user's item's fields that were not read (named once per stream, not recorded)
+    stamp: tuple[int, int, int] | None = None  # a tar member's (size, mtime ns, hash) where it was read (wds:)
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,67 @@ def open_image(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
     return image
 
 
+NO_STAMP: tuple[int, int, int] = (-1, -1, -1)
+"""The stamp of an image not read from a file (generated, in memory, bytes given): -1 in each per-image column."""
+
+_STAMPS: contextvars.ContextVar[dict[str, tuple[int, int, int]] | None] = contextvars.ContextVar(
+    "qkhooks_file_stamps", default=None)
+
+
+def digest_value(digest: Any) -> int:
+    """A BLAKE2b (8 bytes) digest as the int64 a run stores (:data:`qkhooks.store.format.FILE_HASHES`): little-endian
+    signed, -2 where that reads -1 (-1 means "no file")."""
+    value = int.from_bytes(digest.digest(), "little", signed=True)
+    return -2 if value == -1 else value
+
+
+def bytes_hash(data: bytes | bytearray | memoryview) -> int:
+    """:func:`digest_value` of ``data``'s BLAKE2b: what :func:`qkhooks.data_files.file_hash` gives for a file of
+    these bytes."""
+    return digest_value(hashlib.blake2b(data, digest_size=8))
+
+
+@contextlib.contextmanager
+def stamps_read() -> Iterator[dict[str, tuple[int, int, int]]]:
+    """While the block runs, every image file this process decodes (:func:`_read_oriented` of a path) is read whole
+    into memory once, decoded from those bytes, and its stamp put in the dict yielded, under the path as given:
+    ``(size in bytes, modification time in ns, hash of the bytes)`` (:func:`bytes_hash`), so the hash is of exactly
+    the bytes decoded and no file is read twice. A recording takes each item's stamp so, in the process that reads
+    it (a DataLoader or stream worker), and carries it with the batch to the run file
+    (:class:`qkhooks.stream.WriterSink`)."""
+    seen: dict[str, tuple[int, int, int]] = {}
+    token = _STAMPS.set(seen)
+    try:
+        yield seen
+    finally:
+        _STAMPS.reset(token)
+
+
+def read_stamped(path: str | os.PathLike[str]) -> tuple[bytes, tuple[int, int, int]]:
+    """A file's bytes and its stamp (size, ``st_mtime_ns`` of the open file, :func:`bytes_hash`), from one read."""
+    with open(path, "rb") as f:
+        mtime = os.fstat(f.fileno()).st_mtime_ns
+        data = f.read()
+    return data, (len(data), mtime, bytes_hash(data))
+
+
 def _read_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image, int]:
     """Fully decode an image file (a path or an open binary file) to RGB as a viewer shows it (:func:`to_rgb`,
     the one conversion every source's pixels go through), with the EXIF orientation that applied, from one opening
-    of the file (masks beside a photo are turned alike), and close the file."""
+    of the file (masks beside a photo are turned alike), and close the file. Inside :func:`stamps_read`, a path is
+    read whole once, stamped, and decoded from its bytes (PIL names the path in its errors as before)."""
+    seen = _STAMPS.get()
+    if seen is not None and isinstance(path, (str, os.PathLike)):
+        name = os.fspath(path)
+        data, seen[name] = read_stamped(name)
+        try:
+            return _decode_oriented(io.BytesIO(data))
+        except Image.UnidentifiedImageError:  # as PIL says it of a path, not of an in-memory file
+            raise Image.UnidentifiedImageError(f"cannot identify image file {name!r}") from None
+    return _decode_oriented(path)
+
+
+def _decode_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image, int]:
     with open_image(path) as im:
         # to_rgb first, as when read alone; the Exif it read (cached on the image) is the one it applied
         return to_rgb(im), _exif_orientation(im.getexif())

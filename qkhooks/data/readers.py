@@ -30,6 +30,7 @@ from qkhooks.data.items import (
     _Raw,
     _read_mask,
     _read_oriented,
+    bytes_hash,
 )
 from qkhooks.data.preprocess import to_rgb
 from qkhooks.errors import DataRefusal, QKHooksError
@@ -160,6 +161,20 @@ def _cell_path_id(cell: Any) -> str | None:
         path = cell.get("path")
         return _path_id(path) if cell.get("bytes") is None and isinstance(path, (str, os.PathLike)) and path else None
     return _path_id(cell)
+
+
+def _image_path(item: Any) -> str | None:
+    """The file an item's image is read from, without decoding: a path given alone, as a pair's image or as a dict's
+    ``"image"``, or a Hugging Face ``{"path": ..., "bytes": None}`` cell (one with bytes is read from them); None for
+    an image not read from a file (in memory, bytes, a webdataset sample's member)."""
+    if _is_pair(item):
+        item = item[0]
+    if isinstance(item, Mapping) and "image" in item:
+        item = item["image"]
+    if isinstance(item, Mapping):  # a Hugging Face cell; a webdataset sample's image is a member's bytes
+        path = item.get("path")
+        return os.fspath(path) if item.get("bytes") is None and isinstance(path, (str, os.PathLike)) and path else None
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
 
 
 def _own_id(item: Any) -> str | None:
@@ -326,6 +341,15 @@ class _MapReader:
                 for i, item in enumerate(self.container[:stop]))
 
 
+    def file_paths(self, stop: int) -> list[tuple[str, str | None]] | None:
+        """Each item's (id, image file or None) before position ``stop``, without decoding, for a list or tuple (a
+        resume checks the kept files' stamps); None for a Dataset, whose ``__getitem__`` may load the image."""
+        if not isinstance(self.container, (list, tuple)):
+            return None
+        return [(str(i) if (own := _own_id(item)) is None else own, _image_path(item))
+                for i, item in enumerate(map(_spelled, self.container[:stop]))]
+
+
 class _IterReader:
     """Any iterable (an ``IterableDataset``, a generator): read in order here, items shipped to the workers."""
 
@@ -415,6 +439,32 @@ class _HFReader:
                 name = None if ids is None else _cell_path_id(ids[n]) if named == self.path_column else str(ids[n])
                 yield lo + n, str(lo + n) if name is None else name, layout  # as row_id names the row
 
+    def file_paths(self, stop: int) -> list[tuple[str, str | None]] | None:
+        """Each row's (id, image file or None) before position ``stop``, as :meth:`row_id` names the row and
+        :meth:`decode` reads its image (a path string, or an ``Image(decode=False)`` cell with a path and no bytes),
+        read from the Arrow columns without the images' bytes; None for a streamed dataset (a resume checks the kept
+        files' stamps)."""
+        if self.length is None:
+            return None
+        wanted = [self.image_column] + ([self.id_column] if self.id_column is not None else [])
+        view = self.ds.select_columns(wanted).with_format("arrow")
+        found: list[tuple[str, str | None]] = []
+        stop = min(stop, self.length)
+        for lo in range(0, stop, 4096):
+            table = view[lo:min(stop, lo + 4096)]
+            cells = _light_cells(table.column(self.image_column))
+            ids = table.column(self.id_column).to_pylist() if self.id_column is not None else None
+            for n, cell in enumerate(cells):
+                path = _image_path(cell)
+                if ids is not None:
+                    item_id = str(ids[n])
+                elif self.root is not None and isinstance(cell, Mapping) and cell.get("path"):
+                    item_id = Path(os.path.relpath(cell["path"], self.root)).as_posix()
+                else:
+                    item_id = _cell_path_id(cell) or str(lo + n)
+                found.append((item_id, path))
+        return found
+
     def row_id(self, row: Mapping[str, Any], position: int) -> str:
         if self.id_column is not None:
             return str(row[self.id_column])
@@ -480,6 +530,8 @@ class _TarReader:
                         if field in members:  # two members for one field: which is meant is not guessed
                             sample.setdefault("__twice__", [members[field]]).append(base)
                         members.setdefault(field, base)
+                        # the member's size and time from its header: an image's stamp (decode adds its bytes' hash)
+                        sample.setdefault("__stamps__", {}).setdefault(field, (member.size, _tar_mtime_ns(member)))
                         sample.update({"__key__": key, "__shard__": shard, field: fh.read() if fh else b""})
             except (tarfile.TarError, OSError, EOFError) as exc:
                 # the rest of a damaged shard is unreadable: one row says so, and the next shard goes on
@@ -509,10 +561,31 @@ class _TarReader:
         item: dict[str, Any] = {"image": row[ext], "id": meta.get("id", self.row_id(row, position))}
         item.update({k: row[f"{k}.png"] for k in MASK_KEYS if f"{k}.png" in row})
         own, raw = _item_to_raw(item, where)
+        size, mtime = row["__stamps__"][ext]
+        raw.stamp = (size, mtime, bytes_hash(row[ext]))  # the member as read and decoded: a resume reads it again
         read = {ext, "json", *(f"{k}.png" for k in MASK_KEYS)}
         raw.unread = tuple(sorted("." + base.partition(".")[2] for f, base in row["__members__"].items()
                                   if f not in read))  # as member suffixes: .cls, .mask.png
         return own, raw
+
+    def file_stamps(self, stop: int) -> list[tuple[str, tuple[int, int, int]]]:
+        """Each sample's (id, stamp of its image member) before position ``stop``, as :meth:`decode` names and stamps
+        it (the header's size and time, the hash of the member's bytes), without decoding an image: the shards are
+        read again up to there (a tar has no index; a resume reads them so to find its position anyway). Samples that
+        :meth:`decode` skips (a damaged shard, two images) are left out."""
+        found: list[tuple[str, tuple[int, int, int]]] = []
+        for position, row in enumerate(itertools.islice(self._samples(), stop)):
+            ext = _image_ext(row)
+            images = [e for e in _EXTENSIONS if e in row]
+            if "__error__" in row or ext is None or len(images) > 1 or "__twice__" in row:
+                continue
+            try:
+                meta = _sample_meta(row)
+            except DataRefusal:
+                continue
+            size, mtime = row["__stamps__"][ext]
+            found.append((str(meta.get("id", self.row_id(row, position))), (size, mtime, bytes_hash(row[ext]))))
+        return found
 
     def row_id(self, row: Mapping[str, Any], position: int) -> str:
         """The image member's name in its own letter case (a folder of the same files has the same ids); a sample
@@ -524,6 +597,12 @@ class _TarReader:
             return str(row["__key__"])
         folder = row["__key__"].rpartition("/")[0]
         return f"{folder}/{images[0]}" if folder else images[0]
+
+
+def _tar_mtime_ns(member: tarfile.TarInfo) -> int:
+    """A tar member's modification time (its header's, whole seconds or a pax header's fraction) in nanoseconds."""
+    mtime = member.mtime
+    return int(mtime) * 10**9 if isinstance(mtime, int) else int(round(float(mtime) * 10**9))
 
 
 def _image_ext(sample: Mapping[str, Any]) -> str | None:

@@ -30,6 +30,7 @@ are the ordered stream, its worker processes and :func:`open_source`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -43,7 +44,7 @@ import torch
 from PIL import Image
 
 from qkhooks.data.datasets import STREAMED_PREFIXES, check_limit, open_dataset
-from qkhooks.data.items import ImageDataset, preprocess_raw, set_pil_limit
+from qkhooks.data.items import NO_STAMP, ImageDataset, preprocess_raw, set_pil_limit, stamps_read
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.data.readers import (
     DATASETS_INSTALL,
@@ -217,14 +218,33 @@ class ItemStream:
             f"'objects' mask if the image has no objects), or record the items without masks in a run of their own."
         )
 
+    def file_paths(self, stop: int) -> list[tuple[str, str | None]] | None:
+        """Each item's (id, the file its image is read from, or None) before position ``stop``, where the reader names
+        them without decoding (a list or tuple; a map-style Hugging Face dataset's columns); None elsewhere. A resume
+        checks the kept files against the stamps the run recorded."""
+        paths = getattr(self._reader, "file_paths", None)
+        return None if paths is None else paths(stop)
+
+    def file_stamps(self, stop: int) -> list[tuple[str, tuple[int, int, int]]] | None:
+        """Each item's (id, stamp) before position ``stop`` where the reader's items are not files of their own but
+        members of one (``wds:``: the tar member's header size and time, its bytes' hash), read again without
+        decoding; None elsewhere."""
+        stamps = getattr(self._reader, "file_stamps", None)
+        return None if stamps is None else stamps(stop)
+
     def _decode(self, position: int, row: Any) -> dict[str, Any] | tuple[str, str]:
         """One position to its preprocessed item, or (id, reason) if its bytes do not decode."""
         return self._decode_unread(position, row)[0]
 
-    def _decode_unread(self, position: int, row: Any) -> tuple[dict[str, Any] | tuple[str, str], tuple[str, ...]]:
-        """:meth:`_decode`, and the item's fields that were not read."""
+    def _decode_unread(self, position: int, row: Any, stamps: bool = False
+                       ) -> tuple[dict[str, Any] | tuple[str, str], tuple[str, ...]]:
+        """:meth:`_decode`, and the item's fields that were not read. With ``stamps``, the item carries
+        ``"file_stamp"``: (size, modification time in ns, hash of the bytes decoded) of the file its image was read
+        from (:func:`qkhooks.data.items.stamps_read`), or of its tar member (``wds:``), taken here as it is read;
+        :data:`~qkhooks.data.items.NO_STAMP` (-1s) for an image not read from a file (in memory, bytes given)."""
         try:
-            own_id, raw = self._reader.decode(row, position)
+            with stamps_read() if stamps else contextlib.nullcontext({}) as seen:
+                own_id, raw = self._reader.decode(row, position)
         except _Unreadable as exc:
             return (self._reader.row_id(row, position), str(exc)), ()
         except Exception as exc:  # the user's own code failed: stop, saying where
@@ -235,30 +255,34 @@ class ItemStream:
         layout = (raw.objects is not None, raw.target is not None)
         if layout != (self.has_masks, self.has_targets):
             raise DataRefusal(self._mask_gap(position, item_id, layout))  # record_dataset adds where the run file is
-        return preprocess_raw(self.name, self.image_config, item_id, raw), raw.unread
+        item = preprocess_raw(self.name, self.image_config, item_id, raw)
+        if stamps:  # one image file is read an item (masks are not stamped): its stamp, if any
+            item["file_stamp"] = raw.stamp or (next(iter(seen.values())) if len(seen) == 1 else NO_STAMP)
+        return item, raw.unread
 
     def _decode_batch(self, rows: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         return self._decode_rows(rows)[:2]
 
-    def _decode_rows(self, rows: list[tuple[int, Any]]
+    def _decode_rows(self, rows: list[tuple[int, Any]], stamps: bool = False
                      ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], tuple[str, ...]]:
         """The items that decoded, (id, reason) of those that did not, and the fields of the items not read."""
         items: list[dict[str, Any]] = []
         failures: list[tuple[str, str]] = []
         unread: set[str] = set()
         for position, row in rows:
-            out, keys = self._decode_unread(position, row)
+            out, keys = self._decode_unread(position, row, stamps)
             (failures if isinstance(out, tuple) else items).append(out)
             unread.update(keys)
         return items, failures, tuple(sorted(unread))
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None,
-                workers: int = 0) -> Iterator[StreamBatch]:
+                workers: int = 0, stamps: bool = False) -> Iterator[StreamBatch]:
         """Preprocessed batches of positions ``start..stop`` in order; decoding spread over ``workers`` processes.
 
         The source is read here, in order, and whole batches go to the workers, so no item is decoded twice
         or missed, and the order does not depend on ``workers``. Positions before ``start`` are skipped without
-        decoding (a plain iterable still yields them, so whatever it does per item it does).
+        decoding (a plain iterable still yields them, so whatever it does per item it does). With ``stamps`` each
+        item carries its file's stamp, taken where it is decoded (:meth:`_decode_unread`).
         """
         bounds = [b for b in (stop, self.length, self.limit) if b is not None]
         stop = min(bounds) if bounds else None
@@ -269,7 +293,7 @@ class ItemStream:
         chunks = iter(lambda: list(itertools.islice(rows, batch_size)), [])
         if workers == 0:
             for chunk in chunks:
-                items, failures, unread = self._decode_rows(chunk)
+                items, failures, unread = self._decode_rows(chunk, stamps)
                 self._name_unread(unread)
                 yield StreamBatch(items, failures, end=chunk[-1][0] + 1)
             return
@@ -280,7 +304,7 @@ class ItemStream:
             pending: deque[tuple[int, concurrent.futures.Future]] = deque()  # at most 2 batches per worker ahead
             for chunk in itertools.chain(chunks, [None]):
                 if chunk is not None:
-                    pending.append((chunk[-1][0] + 1, pool.submit(_worker_decode, chunk)))
+                    pending.append((chunk[-1][0] + 1, pool.submit(_worker_decode, chunk, stamps)))
                 while pending and (chunk is None or len(pending) > 2 * workers):
                     end, future = pending.popleft()
                     items, failures, unread = future.result()
@@ -323,10 +347,10 @@ def _set_worker_stream(stream: ItemStream, pil_limit: int | None) -> None:
     set_pil_limit(pil_limit)  # the main process's, where the worker was spawned with PIL's default
 
 
-def _worker_decode(rows: list[tuple[int, Any]]
+def _worker_decode(rows: list[tuple[int, Any]], stamps: bool = False
                    ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], tuple[str, ...]]:
     assert _WORKER_STREAM is not None
-    return _WORKER_STREAM._decode_rows(rows)
+    return _WORKER_STREAM._decode_rows(rows, stamps)
 
 
 # ---------------------------------------------------------------------------------------------- opening

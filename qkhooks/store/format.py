@@ -73,9 +73,10 @@ ID_DIGEST_BYTES = 16
 SKIPPED = "images/skipped"
 FILE_SIZES = "images/file_sizes"
 """Per-image int64 array: the size in bytes of each image's file when it was recorded, -1 where the image is not read
-from a file (runs of data read from files only; a reopened dataset is checked against it before photos are drawn:
-:mod:`qkhooks.data_files`). Older runs keep the sizes in a root attribute instead (``data_file_sizes``), the
-oldest none."""
+from a file (runs of data read from files, and since round 40 every streamed run: a ``wds:`` image's is its tar
+member's; a reopened dataset is checked against it before photos are drawn: :mod:`qkhooks.data_files`). Older runs
+keep the sizes in a root attribute instead (``data_file_sizes``), the oldest none. The three file arrays are taken
+where each image is read and decoded (:func:`qkhooks.data.items.stamps_read`)."""
 FILE_MTIMES = "images/file_mtimes"
 """Per-image int64 array (format 2, round 39): each image file's modification time in nanoseconds (``st_mtime_ns``)
 when it was recorded, -1 where the image is not read from a file; beside :data:`FILE_SIZES`, in runs of data read
@@ -85,8 +86,8 @@ pixel size, stored uncompressed) is refused, not mixed into the run, while a dat
 times, the same bytes) resumes. Absent in runs written before it, whose resume checks the sizes only (and says so)."""
 FILE_HASHES = "images/file_hashes"
 """Per-image int64 array (format 2, round 39): the first 8 bytes of each image file's BLAKE2b digest when it was
-recorded (read as a little-endian signed integer, -1 kept for "not read from a file": a digest reading -1 is stored
-as -2). A resume hashes only the kept files whose modification time changed (:data:`FILE_MTIMES`): the same bytes
+recorded, of the very bytes decoded (read as a little-endian signed integer, -1 kept for "not read from a file": a
+digest reading -1 is stored as -2; a ``wds:`` image's: its tar member's bytes). A resume hashes only the kept files whose modification time changed (:data:`FILE_MTIMES`): the same bytes
 continue, other bytes are refused."""
 REDUCERS = "reducers"
 IDENTITY = "identity"
