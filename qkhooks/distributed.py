@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from qkhooks.data.datasets import STREAMED_PREFIXES
+from qkhooks.data.sources import OBJECT_PREFIXES
 from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer, reducer_class
 from qkhooks.store import format as fmt
@@ -378,7 +380,11 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
     fmt.copy_statics(first.file, f)  # everything of rank 0's shard that is not per-image, ids or states
 
     names = sorted({n for s in shards for n in s.per_image})
-    for resume_only in (fmt.FILE_MTIMES, fmt.FILE_HASHES):
+    # a streamed run's file sizes serve only a resume too (round 40: its data is not reopened to draw photos, which
+    # is what a folder's sizes are also for), so a rank recorded before round 40 stored none of the three
+    data = fmt.as_str(first.file.attrs.get("data", ""))
+    streamed = data.startswith(STREAMED_PREFIXES + OBJECT_PREFIXES)
+    for resume_only in (fmt.FILE_MTIMES, fmt.FILE_HASHES) + ((fmt.FILE_SIZES,) if streamed else ()):
         if any(resume_only not in s.per_image for s in shards if s.n):
             # a shard written before round 39 (format 1: a rank resumed with an older file beside one recorded anew)
             # has no file times or hashes; they serve only a resume of the shards (a merged file is never resumed),

@@ -280,3 +280,33 @@ def test_a_torch_dataset_of_paths_resume_says_its_kept_files_are_not_checked(tmp
     with pytest.warns(UserWarning, match=r"does not check the \d+ files of the \d+ images it keeps.*Pass the items "
                                          r"as a list"):
         assert qkhooks.record_dataset(loaded, Paths(paths), run, resume=True, **_KW).images == 8
+
+
+def test_shards_of_a_streamed_run_recorded_before_and_after_the_stamps_merge(tmp_path):
+    """A torchrun resume after an upgrade: rank 0's shard of a list of paths, begun before round 40 (no file arrays),
+    beside rank 1's, recorded with them. They are one run: the merge goes without the three arrays (a streamed run's
+    serve only a resume of its shards) rather than refusing rank 0's as "not one run"; the rest equals a single run."""
+    import json
+
+    from qkhooks.distributed import merge_shards, shard_path
+
+    loaded, folder, out = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, _NAMES[:6], seed=0)
+    paths = [str(folder / n) for n in _NAMES[:6]]
+    for rank in (0, 1):
+        qkhooks.record_dataset(loaded, paths, shard_path(out, rank, 2), shard=(rank, 2), **_KW)
+    with h5py.File(shard_path(out, 0, 2), "r+", locking=False) as f:
+        for name in (fmt.FILE_SIZES, fmt.FILE_MTIMES, fmt.FILE_HASHES):
+            del f[name]
+        listed = json.loads(fmt.as_str(f["images"].attrs[fmt.ARRAYS_ATTR]))
+        f["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps([a for a in listed if not a.startswith("images/file_")])
+    with qkhooks.open_run(shard_path(out, 1, 2)) as one:
+        assert one.has(fmt.FILE_SIZES)  # the shards do differ in layout
+    qkhooks.record_dataset(loaded, paths, tmp_path / "single.h5", **_KW)
+    merge_shards(out)
+    with qkhooks.open_run(out) as merged, qkhooks.open_run(tmp_path / "single.h5") as whole:
+        assert merged.complete and list(merged.ids) == list(whole.ids) == paths
+        assert not merged.has(fmt.FILE_SIZES)
+        for name in whole.arrays():
+            if not name.startswith("images/file_"):
+                np.testing.assert_array_equal(merged.array(name)[:], whole.array(name)[:], err_msg=name)
