@@ -41,12 +41,14 @@ FORMAT_ATTR = "qkhooks_format"
 """Root attribute: the run file's format number, an integer written when the file is created (the writer's layout, a
 merge, a repair: :func:`qkhooks.store._hdf5.create_run_file`) and never changed after (a resume keeps the file's own
 layout, and so its number). Files without it are of the formats before it (0)."""
-FORMAT = 2
+FORMAT = 3
 """The format this qkhooks writes: 1 is the layout of round 24 (``/images/id_digests`` in checksummed runs), 2 that of
 round 39 (:data:`FILE_MTIMES` and :data:`FILE_HASHES` in runs of data read from files: a resume by a qkhooks of format 1 would refuse its
 first batch for lacking it, after cutting the file back to its checkpoint, where a newer format is refused before
 anything is touched; and :data:`ATTR_DIGESTS` in checksummed runs, which a writer that does not know them would leave
-stale, so that every reader refuses the file). Raise it
+stale, so that every reader refuses the file), 3 that of round 40 (:data:`FILE_SIZES`, :data:`FILE_MTIMES` and
+:data:`FILE_HASHES` in every streamed run: a resume by a qkhooks of format 2 cut such a run back to its checkpoint,
+then refused its first batch for lacking them, telling the user to start again with --overwrite). Raise it
 when a writer of the format before would leave a file of the new one inconsistent (round 24's digests: an older
 resume appends ids without them, which then read as damage). A writer (a resume, a merge, a repair) refuses a newer
 format (:func:`refuse_newer_format`), as does ``verify_run``, whose verdict stands on the layout's rules. Readers read
