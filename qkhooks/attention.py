@@ -175,7 +175,7 @@ def full_and_terms(site: AttentionSite, q: torch.Tensor, k: torch.Tensor) -> tup
 def rows_from_qk(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
     """Post-softmax rows (B, H, T, N) of the query tokens (B, T) from q, k (B, H, N, d_k) as the Linear layers
     return them (rotated here first, as the model rotates them)."""
-    idx = _check_tokens(query_tokens, q.shape[0], q.shape[2], q.device)
+    idx = check_tokens(query_tokens, q.shape[0], q.shape[2], q.device)
     _refuse_non_querying_tokens(site, query_tokens)
     q, k = site.model_qk(q, k)
     q_t = torch.gather(q, 2, idx[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
@@ -227,7 +227,7 @@ def refuse_non_index_tokens(query_tokens: torch.Tensor) -> None:
                            f"{tuple(query_tokens.shape)}.")
 
 
-def _check_tokens(query_tokens: torch.Tensor, batch: int, n: int, device: torch.device) -> torch.Tensor:
+def check_tokens(query_tokens: torch.Tensor, batch: int, n: int, device: torch.device) -> torch.Tensor:
     """Query token indices as (B, T) long on ``device``, refused with a reason when they do not fit."""
     refuse_non_index_tokens(query_tokens)
     if query_tokens.dim() == 1:
@@ -254,7 +254,7 @@ def _refuse_non_querying_tokens(site: AttentionSite, query_tokens: torch.Tensor)
 
 def attention_rows(site: AttentionSite, x: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
     """Post-softmax attention rows (B, H, T, N) of the query tokens (B, T) (indices into all N tokens)."""
-    idx = _check_tokens(query_tokens, x.shape[0], x.shape[1], x.device)
+    idx = check_tokens(query_tokens, x.shape[0], x.shape[1], x.device)
     _refuse_non_querying_tokens(site, query_tokens)
     # few query tokens: never compute the keys (not under RoPE or q/k-norm, where each key's own rotation or
     # scale enters its logit; nor in half precision, where the model's logits are those of its rounded keys)

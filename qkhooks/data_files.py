@@ -24,7 +24,7 @@ import numpy as np
 
 from qkhooks.data.items import digest_value
 from qkhooks.data.datasets import BUNDLED_PREFIX, FOLDER_PREFIXES, GENERATED_PREFIXES, NAMED_SPECS, STREAMED_PREFIXES
-from qkhooks.data.readers import _split_spec
+from qkhooks.data.readers import split_spec
 from qkhooks.store.format import FILE_SIZES
 
 __all__ = ["SIZES_ATTR", "absolute_spec", "file_sizes", "file_size_column", "file_mtime_column", "file_hash_column",
@@ -51,7 +51,7 @@ def _absolute_part(spec: str) -> str:
             if not rest or "://" in rest or rest.startswith(("pipe:", "/")):
                 return spec
             if prefix == "hfds:":  # hfds:DIR_OR_NAME[:SPLIT], split off as the reader does: a hub name stays a name
-                head, split = _split_spec(rest)
+                head, split = split_spec(rest)
                 tail = "" if split is None else ":" + split
                 return prefix + _absolute(head) + tail if Path(head).expanduser().exists() else spec
             if prefix == "wds:":  # a (brace) pattern: its folder must exist here

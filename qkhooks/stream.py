@@ -1041,7 +1041,7 @@ class _Stamped(torch.utils.data.Dataset):
 
 
 def _stamp_again(path: str) -> tuple[int, int, int]:
-    """The stamp of a file its record's loader read otherwise than through ``_read_oriented`` (none of qkhooks' own
+    """The stamp of a file its record's loader read otherwise than through ``read_oriented`` (none of qkhooks' own
     do): from one more read here; a file gone since it was read cannot be checked later (-1s)."""
     try:
         return read_stamped(path)[1]

@@ -840,7 +840,7 @@ def test_a_mask_whose_frame_cannot_be_told_is_refused_naming_the_photo(tmp_path,
 def test_mask_turns_are_pils_exif_transpose():
     from PIL import ImageOps
 
-    from qkhooks.data.items import _mask_as_shown
+    from qkhooks.data.items import mask_as_shown
 
     stored = np.arange(12, dtype=np.uint8).reshape(3, 4)
     for orientation in range(2, 9):
@@ -848,10 +848,10 @@ def test_mask_turns_are_pils_exif_transpose():
         img.getexif()[0x0112] = orientation
         shown = np.asarray(ImageOps.exif_transpose(img))
         if shown.shape != stored.shape:  # 5-8 on a non-square photo: the stored frame is told by its size
-            np.testing.assert_array_equal(_mask_as_shown(stored, orientation, shown.shape, "p", "objects"), shown)
-            np.testing.assert_array_equal(_mask_as_shown(shown, orientation, shown.shape, "p", "objects"), shown)
+            np.testing.assert_array_equal(mask_as_shown(stored, orientation, shown.shape, "p", "objects"), shown)
+            np.testing.assert_array_equal(mask_as_shown(shown, orientation, shown.shape, "p", "objects"), shown)
         with pytest.raises(QKHooksError, match="has size 5x5"):
-            _mask_as_shown(np.zeros((5, 5)), orientation, shown.shape, "p", "objects")
+            mask_as_shown(np.zeros((5, 5)), orientation, shown.shape, "p", "objects")
 
 
 def test_colour_coded_label_masks_are_refused_as_such(tmp_path):

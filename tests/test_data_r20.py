@@ -24,7 +24,7 @@ from qkhooks.data.datasets import (
     NAMED_SPECS,
     STREAMED_PREFIXES,
 )
-from qkhooks.data.items import _TURNS, _read_photo, _shown_frame
+from qkhooks.data.items import _TURNS, read_photo, shown_frame
 from qkhooks.data.sources import _SPECS as STREAMED_SPECS
 from qkhooks.data_files import absolute_spec
 from qkhooks.errors import DataRefusal, QKHooksError
@@ -198,7 +198,7 @@ def test_a_png_orientation_after_the_image_data_is_found_without_decoding(tmp_pa
         raise AssertionError("decoded a PNG to read its orientation")
 
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decode)
-    assert {f.name: _shown_frame(f, "photo") for f in files} == expected
+    assert {f.name: shown_frame(f, "photo") for f in files} == expected
 
 
 def _exif_chunk_data(orientation: int) -> bytes:
@@ -248,7 +248,7 @@ def test_a_png_whose_trailing_chunks_only_pil_reads_right_is_still_decoded_with_
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", counting)
-    assert _shown_frame(path, "photo") == expected and loads["load"] >= 1
+    assert shown_frame(path, "photo") == expected and loads["load"] >= 1
 
 
 def test_an_o3dir_of_pngs_opens_without_decoding_and_turns_masks_by_an_orientation_after_the_image_data(
@@ -272,7 +272,7 @@ def test_a_truncated_png_is_still_refused_at_open_as_unreadable(tmp_path):
     cut = tmp_path / "cut.png"
     cut.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(QKHooksError, match=r"photo .*cut\.png cannot be read"):
-        _shown_frame(cut, "photo")
+        shown_frame(cut, "photo")
 
 
 # ------------------------------------------------------------------------------ orientation tags of any value
@@ -310,10 +310,10 @@ def test_the_orientation_read_from_any_tag_value_is_the_one_exif_transpose_appli
     with Image.open(path) as im:
         assert im.getexif().get(0x0112) == read  # the case is what it says
         stored, shown = np.asarray(im.convert("RGB")), np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    orientation, shown_hw = _shown_frame(path, "photo")
+    orientation, shown_hw = shown_frame(path, "photo")
     assert shown_hw == shown.shape[:2]
     np.testing.assert_array_equal(_TURNS.get(orientation, lambda a: a)(stored), shown)
-    photo, applied = _read_photo(path, "photo")
+    photo, applied = read_photo(path, "photo")
     assert applied == orientation
     np.testing.assert_array_equal(np.asarray(photo), shown)
 

@@ -14,8 +14,8 @@ from PIL import Image, ImageFile, ImageOps
 from test_data_r20 import CFG, _chunk, _counting_opens, _decoded_orientation, _noise_jpeg, _o3_masks, _png
 
 from qkhooks.data import open_dataset
-from qkhooks.data.items import _read_mask_file, _read_photo, _shown_frame
-from qkhooks.data.readers import _item_to_raw, _Unreadable
+from qkhooks.data.items import read_mask_file, read_photo, shown_frame
+from qkhooks.data.readers import _item_to_raw, Unreadable
 from qkhooks.errors import DataRefusal, QKHooksError
 
 # ------------------------------------------------------------------------------ the file's faults, the machine's
@@ -74,12 +74,12 @@ def test_a_file_pil_cannot_decode_is_still_refused_or_skipped_naming_it(tmp_path
     if isinstance(failure, Image.DecompressionBombError):  # PIL's size guard: the fix is its limit, if genuine
         with pytest.raises(DataRefusal, match=rf"^photo {path} cannot be read: Image size \(12000 pixels\) exceeds "
                                               r"limit .* raise PIL's limit .*MAX_IMAGE_PIXELS.*; otherwise remove it\.$"):
-            _read_photo(path, "photo")
+            read_photo(path, "photo")
     else:
         with pytest.raises(DataRefusal, match=rf"^photo {path} cannot be read \({type(failure).__name__}: .*\); "
                                               r"replace or remove it\.$"):
-            _read_photo(path, "photo")
-    with pytest.raises(_Unreadable, match=rf"^{type(failure).__name__}: "):
+            read_photo(path, "photo")
+    with pytest.raises(Unreadable, match=rf"^{type(failure).__name__}: "):
         _item_to_raw({"image": str(path), "objects": np.zeros((20, 30), np.uint8)}, "item 0")
 
 
@@ -89,17 +89,17 @@ def test_a_path_that_names_no_readable_file_is_the_files_fault(tmp_path, monkeyp
     for path in (tmp_path / "gone.jpg", tmp_path / "folder.jpg"):
         with pytest.raises(DataRefusal, match=rf"^photo {path} cannot be read \((FileNotFoundError|"
                                               r"IsADirectoryError): .*\); replace or remove it\.$"):
-            _read_photo(path, "photo")
+            read_photo(path, "photo")
     path = tmp_path / "a.jpg"
     path.write_bytes(_jpeg_bytes())
     monkeypatch.setattr(ImageFile.ImageFile, "load", _raising(OSError(errno.EIO, "Input/output error")))
     with pytest.raises(DataRefusal, match=r"cannot be read \(OSError: \[Errno 5\] Input/output error\); replace"):
-        _read_photo(path, "photo")
+        read_photo(path, "photo")
     # Pillow 9.3's MspImagePlugin builds its error with two arguments: its errno is that text, not the OS's
     monkeypatch.setattr(ImageFile.ImageFile, "load", _raising(OSError("Truncated MSP file, expected %d bytes on row "
                                                                       "%s", (4, 0))))
     with pytest.raises(DataRefusal, match=r"cannot be read \(OSError: .*Truncated MSP file.*\); replace or remove"):
-        _read_photo(path, "photo")
+        read_photo(path, "photo")
 
 
 def _raising(error: BaseException):
@@ -127,9 +127,9 @@ def _folder(tmp_path: Path) -> Path:
 
 
 _READS = {  # name: read the file at path (a folder dataset of it opened before)
-    "annotated photo load": lambda path, _: _read_photo(path, "photo"),
-    "annotated photo open": lambda path, _: _shown_frame(path, "photo"),
-    "annotated mask load": lambda path, _: _read_mask_file(path, "photo", "objects"),
+    "annotated photo load": lambda path, _: read_photo(path, "photo"),
+    "annotated photo open": lambda path, _: shown_frame(path, "photo"),
+    "annotated mask load": lambda path, _: read_mask_file(path, "photo", "objects"),
     "folder open": lambda path, _: open_dataset(str(path.parent), CFG),
     "folder item load": lambda _, dataset: dataset[0],
     "streamed item": lambda path, _: _item_to_raw({"image": path, "objects": np.zeros((20, 30), np.uint8)}, "item 0"),
@@ -169,9 +169,9 @@ def test_a_file_without_read_permission_is_refused_naming_permissions(tmp_path, 
     path = _folder(tmp_path)
     monkeypatch.setattr(Image, "open", _raising(PermissionError(errno.EACCES, "Permission denied", str(path))))
     with pytest.raises(DataRefusal, match=rf"^photo {path} {_PERMISSION}"):
-        _read_photo(path, "photo")
+        read_photo(path, "photo")
     with pytest.raises(QKHooksError, match=rf"^photo {path} {_PERMISSION}"):
-        _shown_frame(path, "photo")
+        shown_frame(path, "photo")
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files without permission")
@@ -180,7 +180,7 @@ def test_a_file_chmod_000_is_refused_naming_permissions(tmp_path):
     path.chmod(0)
     try:
         with pytest.raises(DataRefusal, match=rf"^photo {path} {_PERMISSION}"):
-            _read_photo(path, "photo")
+            read_photo(path, "photo")
     finally:
         path.chmod(0o644)
 
@@ -246,4 +246,4 @@ def test_a_png_with_a_text_chunk_keyed_xmp_after_its_image_data_is_read_as_pil_r
         with pytest.raises(QKHooksError, match=rf"^O3 image {photo} cannot be read \({type(expected).__name__}: "):
             open_dataset(f"o3dir:{root}", CFG)
     else:
-        assert _shown_frame(photo, "photo") == expected
+        assert shown_frame(photo, "photo") == expected

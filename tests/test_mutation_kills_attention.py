@@ -197,7 +197,7 @@ def test_attention_logits_of_every_token_of_a_rotating_site_are_computed_not_ref
 def test_attention_query_tokens_are_placed_on_the_device_asked_for():
     """Query token indices come back as long on the device of the q they index (the meta device stands in for an
     accelerator on a CPU-only machine), one row per image from a 1-D list."""
-    from qkhooks.attention import _check_tokens
+    from qkhooks.attention import check_tokens
 
-    idx = _check_tokens(torch.tensor([0, 3], dtype=torch.int32), 2, 10, torch.device("meta"))
+    idx = check_tokens(torch.tensor([0, 3], dtype=torch.int32), 2, 10, torch.device("meta"))
     assert idx.device.type == "meta" and idx.dtype == torch.long and idx.shape == (2, 2)

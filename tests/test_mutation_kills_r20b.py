@@ -14,7 +14,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from test_data_r20 import _chunk, _chunks, _decoded_orientation, _exif_chunk_data, _png
 
-from qkhooks.data.items import _file_orientation, _read_mask_file, _shown_frame
+from qkhooks.data.items import _file_orientation, read_mask_file, shown_frame
 from qkhooks.errors import QKHooksError
 
 
@@ -42,7 +42,7 @@ def test_a_png_whose_image_data_is_interrupted_by_another_chunk_is_left_to_pils_
         im.load()
     with pytest.raises(QKHooksError, match=r"^photo .*split\.png cannot be read \(OSError: .+\); replace or remove "
                                            r"it\.$"):
-        _shown_frame(path, "photo")
+        shown_frame(path, "photo")
 
 
 def test_a_png_with_a_chunk_type_that_is_not_letters_after_its_data_reads_the_orientation_pils_decode_reads(tmp_path):
@@ -51,7 +51,7 @@ def test_a_png_with_a_chunk_type_that_is_not_letters_after_its_data_reads_the_or
     broken = _chunk(b"ab c", b"") + _chunk(b"eXIf", _exif_chunk_data(6))
     path = _png(tmp_path / "broken.png", (20, 30), None, extra=broken)
     assert _decoded_orientation(path) == (1, (20, 30))  # the reference: PIL's decode
-    assert _shown_frame(path, "photo") == (1, (20, 30))
+    assert shown_frame(path, "photo") == (1, (20, 30))
 
 
 def test_a_long_exif_chunk_after_the_data_is_read_without_decoding_and_stored_in_info_as_pils_decode_stores_it(
@@ -88,15 +88,15 @@ def test_a_png_with_its_orientation_in_a_header_text_chunk_is_read_without_decod
     expected = _decoded_orientation(path)
     assert expected == (8, (30, 20))
     _forbid_png_decode(monkeypatch)
-    assert _shown_frame(path, "photo") == expected
+    assert shown_frame(path, "photo") == expected
 
 
 def test_a_mask_file_is_read_in_the_mode_asked_as_pil_converts_it(tmp_path):
-    """_read_mask_file (_10: the mode dropped): an RGB mask file read as "L" (O3's masks) equals PIL's own
+    """read_mask_file (_10: the mode dropped): an RGB mask file read as "L" (O3's masks) equals PIL's own
     convert("L"), one channel."""
     pixels = np.random.default_rng(0).integers(0, 255, (6, 5, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "mask.png")
-    grey, tagged = _read_mask_file(tmp_path / "mask.png", "O3 image a.png", "target", "L")
+    grey, tagged = read_mask_file(tmp_path / "mask.png", "O3 image a.png", "target", "L")
     with Image.open(tmp_path / "mask.png") as im:
         np.testing.assert_array_equal(grey, np.asarray(im.convert("L")))
     assert grey.shape == (6, 5) and tagged is False

@@ -164,7 +164,7 @@ def test_the_readers_error_is_its_class_and_first_line_cut_at_300_characters():
 
 # ------------------------------------------------------------------- data/readers.py: a skipped item's id
 def test_an_unreadable_item_that_is_no_dict_is_listed_as_skipped_under_its_position(tmp_path):
-    """``_MapReader.row_id`` ``_8`` (``or`` for ``and``: ``.get`` asked of bytes) and ``_13`` (``str(None)``): a list of
+    """``MapReader.row_id`` ``_8`` (``or`` for ``and``: ``.get`` asked of bytes) and ``_13`` (``str(None)``): a list of
     raw image bytes, the second unreadable, records the others under their positions and lists the lost one under its
     own position, "1" (a dict without an id, likewise)."""
     import io

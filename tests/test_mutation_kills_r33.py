@@ -147,7 +147,7 @@ def test_a_still_image_gives_no_warning_and_an_animated_one_warns_in_the_whole_s
 @pytest.mark.skipif("MUTANT_UNDER_TEST" in __import__("os").environ,
                     reason="inside mutmut its trampolines are the callers, so no warning can point at this file")
 def test_the_animated_image_and_symlinked_folder_warnings_point_at_the_callers_line(tmp_path):
-    """``to_rgb`` ``_55`` (``stacklevel=3``) and ``_list_images`` ``_50`` (``stacklevel=5``): each warning names the
+    """``to_rgb`` ``_55`` (``stacklevel=3``) and ``list_images`` ``_50`` (``stacklevel=5``): each warning names the
     line that called ``to_rgb`` or ``open_dataset``, where the fix belongs."""
     import inspect
 

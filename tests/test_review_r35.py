@@ -155,7 +155,7 @@ def test_a_thin_strip_is_skipped_in_a_folder_and_refused_beside_masks_not_resize
     from PIL import Image
 
     from qkhooks.data import open_dataset
-    from qkhooks.data.items import preprocess_raw, _Raw
+    from qkhooks.data.items import preprocess_raw, RawItem
     from qkhooks.data.preprocess import ImageConfig
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)  # a small limit: the strip below stays small on disk
@@ -173,7 +173,7 @@ def test_a_thin_strip_is_skipped_in_a_folder_and_refused_beside_masks_not_resize
     strip = Image.open(tmp_path / "strip.png").convert("RGB")
     with pytest.raises(qkhooks.QKHooksError, match=r"mine: 'strip': an image of 1x2000 pixels .* Crop it to a less "
                                                    r"extreme aspect ratio first, or raise that limit"):
-        preprocess_raw("mine", cfg, "strip", _Raw(image=strip, objects=np.zeros((1, 2000), np.int64)))
+        preprocess_raw("mine", cfg, "strip", RawItem(image=strip, objects=np.zeros((1, 2000), np.int64)))
 
 
 @pytest.mark.parametrize("option, value", [("same_object_top", 0), ("same_object_top", -3), ("figure_modes", -1),

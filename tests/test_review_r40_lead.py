@@ -33,3 +33,19 @@ def test_leading_rows_flatten_a_1x1_conv_and_take_separate_q_and_k_biases_when_t
     assert torch.equal(w, qkv.weight[:6]) and torch.equal(b, torch.cat([owner.q_bias, owner.k_bias]))
     owner.q_bias = None  # the module no longer has them: the projection's own (absent) bias
     assert qkhooks.models.leading_rows(qkv, 6, biases=owner)()[1] is None
+
+
+def test_the_library_imports_no_private_name_of_another_module():
+    """DEVELOPERS.md: a name with a leading underscore is used in its own module only (round 40 renamed ~45 shared
+    helpers that nine modules imported from others). Checked on the source, as test_imports checks cycles."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(qkhooks.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qkhooks"):
+                found += [f"{path.relative_to(root)}: {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []

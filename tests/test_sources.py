@@ -234,8 +234,8 @@ def test_an_iterable_source_killed_mid_run_resumes_to_the_uninterrupted_run(tmp_
         assert not run.complete and run.n >= 12
 
     decoded: list[int] = []
-    real = readers._read_oriented
-    monkeypatch.setattr(readers, "_read_oriented", lambda f: decoded.append(1) or real(f))
+    real = readers.read_oriented
+    monkeypatch.setattr(readers, "read_oriented", lambda f: decoded.append(1) or real(f))
     opts = dict(modes=8, layers="0,1", dtype="float32", batch_size=2, progress=False, checkpoint_every=3)
     data = datasets.load_from_disk(str(tmp_path / "hf")).to_iterable_dataset()
     resumed = record_dataset(tiny_vit(), data, killed, resume=True, **opts)

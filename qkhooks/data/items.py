@@ -1,5 +1,5 @@
-"""One item of qkhooks' own datasets, from loading to a batch: the full-resolution record (:class:`_Raw`), how to
-load it (:class:`_Record`), the dataset that preprocesses it for one model (:class:`ImageDataset`), and
+"""One item of qkhooks' own datasets, from loading to a batch: the full-resolution record (:class:`RawItem`), how to
+load it (:class:`ItemRecord`), the dataset that preprocesses it for one model (:class:`ImageDataset`), and
 :func:`collate`. Shared by the folder, sample, ADE20K and O3 datasets and by the user's sources."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 
 
 @dataclass
-class _Raw:
+class RawItem:
     """One item before preprocessing: full-resolution image and masks."""
 
     image: Image.Image
@@ -46,12 +46,12 @@ class _Raw:
 
 
 @dataclass(frozen=True)
-class _Record:
+class ItemRecord:
     """How to load one item: ``path`` is its image file (a run keeps its size, :mod:`qkhooks.data_files`), and
     ``skip_unreadable`` makes a decode failure skip the item instead of raising (a folder's files)."""
 
     id: str
-    load: Callable[[], _Raw]
+    load: Callable[[], RawItem]
     path: str | None = None
     skip_unreadable: bool = False
 
@@ -92,7 +92,7 @@ def bytes_hash(data: bytes | bytearray | memoryview) -> int:
 
 @contextlib.contextmanager
 def stamps_read() -> Iterator[dict[str, tuple[int, int, int]]]:
-    """While the block runs, every image file this process decodes (:func:`_read_oriented` of a path) is read whole
+    """While the block runs, every image file this process decodes (:func:`read_oriented` of a path) is read whole
     into memory once, decoded from those bytes, and its stamp put in the dict yielded, under the path as given:
     ``(size in bytes, modification time in ns, hash of the bytes)`` (:func:`bytes_hash`), so the hash is of exactly
     the bytes decoded and no file is read twice. A recording takes each item's stamp so, in the process that reads
@@ -114,7 +114,7 @@ def read_stamped(path: str | os.PathLike[str]) -> tuple[bytes, tuple[int, int, i
     return data, (len(data), mtime, bytes_hash(data))
 
 
-def _read_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image, int]:
+def read_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image, int]:
     """Fully decode an image file (a path or an open binary file) to RGB as a viewer shows it (:func:`to_rgb`,
     the one conversion every source's pixels go through), with the EXIF orientation that applied, from one opening
     of the file (masks beside a photo are turned alike), and close the file. Inside :func:`stamps_read`, a path is
@@ -133,7 +133,7 @@ def _read_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Imag
 def _decode_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image, int]:
     with open_image(path) as im:
         # to_rgb first, as when read alone; the Exif it read (cached on the image) is the one it applied
-        return to_rgb(im), _exif_orientation(im.getexif())
+        return to_rgb(im), exif_orientation(im.getexif())
 
 
 # errno values of an OSError that are the file's own: its path names no readable file (gone, a folder, a dangling
@@ -145,7 +145,7 @@ _FILE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAME
                           errno.EACCES, errno.EPERM})
 
 
-def _file_fault(exc: BaseException) -> bool:
+def file_fault(exc: BaseException) -> bool:
     """Whether ``exc``, raised while reading an image file or bytes, is the file's own fault, so that the file may
     be skipped or refused: corrupt, truncated or unidentified data (PIL raises OSError without an errno,
     SyntaxError, ValueError, struct.error, DecompressionBombError, ...) or an errno of :data:`_FILE_ERRNOS`. Not
@@ -159,7 +159,7 @@ def _file_fault(exc: BaseException) -> bool:
 @contextlib.contextmanager
 def _unreadable_refused(what: str, path: str | os.PathLike[str], error: type[QKHooksError] = QKHooksError
                         ) -> Iterator[None]:
-    """A failure to read the file ``path`` that is the file's own (:func:`_file_fault`) as a refusal naming it
+    """A failure to read the file ``path`` that is the file's own (:func:`file_fault`) as a refusal naming it
     (``what`` names the file's role) and the fix; a QKHooksError (a refusal of what the file holds) and the
     machine's failures pass as they are."""
     try:
@@ -167,7 +167,7 @@ def _unreadable_refused(what: str, path: str | os.PathLike[str], error: type[QKH
     except QKHooksError:
         raise
     except Exception as exc:
-        if not _file_fault(exc):
+        if not file_fault(exc):
             raise
         if isinstance(exc, Image.DecompressionBombError):  # PIL's guard, not damage: a genuine large photo trips it
             raise error(f"{what} {path} cannot be read: {exc} If the photo is genuine, raise PIL's limit before "
@@ -179,19 +179,19 @@ def _unreadable_refused(what: str, path: str | os.PathLike[str], error: type[QKH
         raise error(f"{what} {path} cannot be read ({type(exc).__name__}: {exc}); replace or remove it.") from exc
 
 
-def _read_photo(path: str | os.PathLike[str], what: str) -> tuple[Image.Image, int]:
-    """:func:`_read_oriented` of a photo beside masks. A file that fails to decode is refused naming it (``what``:
+def read_photo(path: str | os.PathLike[str], what: str) -> tuple[Image.Image, int]:
+    """:func:`read_oriented` of a photo beside masks. A file that fails to decode is refused naming it (``what``:
     its role), as at open: the open reads headers only, so a corrupt data stream is found here. A
     :class:`DataRefusal`, as it is found while a run is recorded."""
     with _unreadable_refused(what, path, DataRefusal):
-        return _read_oriented(path)
+        return read_oriented(path)
 
 
-def _read_mask_file(path: str | os.PathLike[str], photo: str, key: str, mode: str | None = None
+def read_mask_file(path: str | os.PathLike[str], photo: str, key: str, mode: str | None = None
                     ) -> tuple[np.ndarray, bool]:
-    """:func:`_read_mask` of the ``key`` mask file of a dataset's ``photo``, refused as in :func:`_read_photo`."""
+    """:func:`read_mask` of the ``key`` mask file of a dataset's ``photo``, refused as in :func:`read_photo`."""
     with _unreadable_refused(f"{photo}: the {key!r} mask", path, DataRefusal):
-        return _read_mask(path, mode)
+        return read_mask(path, mode)
 
 
 # ------------------------------------------------------------------------------ masks beside EXIF-rotated photos
@@ -214,7 +214,7 @@ _TURN_WORDS = {2: "mirrored left-right", 3: "turned 180 degrees", 4: "mirrored t
                7: "mirrored along its anti-diagonal", 8: "turned 90 degrees anticlockwise"}
 
 
-def _exif_orientation(exif: Image.Exif) -> int:
+def exif_orientation(exif: Image.Exif) -> int:
     """The EXIF orientation ``ImageOps.exif_transpose`` (so :func:`to_rgb`) applies for ``exif``: 2..8, or 1 for
     none. It looks the tag's value up in its table (Pillow 9.3 to 13: ``{2: ..., 8: ...}.get(orientation)``), so
     only a value equal to a key turns the pixels (6, 6.0, a rational 6/1; not the text "6", nor inf)."""
@@ -238,7 +238,7 @@ def _png_exif_after_data(path: str | os.PathLike[str]) -> tuple[bool, bytes | No
     skipped) and the last ``eXIf`` chunk among them, which PIL finds only by decoding the image. Not walked (False),
     so that PIL's decode decides as before: a text chunk there that PIL reads EXIF or XMP from, an animation, image
     data after other chunks, a broken chunk structure (a truncated file). The image data itself is not checked: a
-    corrupt data stream passes here and is refused when the item loads (:func:`_read_photo`).
+    corrupt data stream passes here and is refused when the item loads (:func:`read_photo`).
 
     PIL's own chunk reader is not reused: ``PngImagePlugin.ChunkStream.read`` parses only the 8-byte header (one
     ``struct.unpack`` here) and, on a broken one, raises SyntaxError or, where the process-wide
@@ -283,14 +283,14 @@ def _file_orientation(image: Image.Image, path: str | os.PathLike[str]) -> int:
                 image.info["exif"] = b"Exif\x00\x00" + exif
             # the base class's getexif reads the header's info (eXIf, Raw profile, XMP) and does not decode, as
             # PngImageFile.getexif does where info has no "exif"
-            return _exif_orientation(Image.Image.getexif(image))
-    return _exif_orientation(image.getexif())
+            return exif_orientation(Image.Image.getexif(image))
+    return exif_orientation(image.getexif())
 
 
-def _mask_pixels(image: Image.Image, mode: str | None = None) -> tuple[np.ndarray, bool]:
+def mask_pixels(image: Image.Image, mode: str | None = None) -> tuple[np.ndarray, bool]:
     """A mask image's pixels (converted to ``mode`` if given), and whether it carried an orientation tag of its own
     (then applied, as a viewer shows it: the pixels are in the shown frame)."""
-    own = _exif_orientation(image.getexif())
+    own = exif_orientation(image.getexif())
     if own != 1:
         image = ImageOps.exif_transpose(image)
     if mode is not None and image.mode != mode:
@@ -298,10 +298,10 @@ def _mask_pixels(image: Image.Image, mode: str | None = None) -> tuple[np.ndarra
     return np.array(image), own != 1
 
 
-def _read_mask(path: str | os.PathLike[str] | IO[bytes], mode: str | None = None) -> tuple[np.ndarray, bool]:
-    """:func:`_mask_pixels` of a mask file, closed after reading."""
+def read_mask(path: str | os.PathLike[str] | IO[bytes], mode: str | None = None) -> tuple[np.ndarray, bool]:
+    """:func:`mask_pixels` of a mask file, closed after reading."""
     with open_image(path) as im:
-        return _mask_pixels(im, mode)
+        return mask_pixels(im, mode)
 
 
 def _other_frame(hw: tuple[int, int], orientation: int) -> tuple[int, int]:
@@ -309,7 +309,7 @@ def _other_frame(hw: tuple[int, int], orientation: int) -> tuple[int, int]:
     return (int(hw[1]), int(hw[0])) if orientation >= 5 else (int(hw[0]), int(hw[1]))
 
 
-def _shown_frame(path: str | os.PathLike[str], what: str) -> tuple[int, tuple[int, int]]:
+def shown_frame(path: str | os.PathLike[str], what: str) -> tuple[int, tuple[int, int]]:
     """The EXIF orientation of an image file and its ``(h, w)`` as a viewer shows it, from its header (a JPEG's
     EXIF is in its header; a PNG's eXIf chunk may follow the image data: its chunks are walked, not decoded);
     ``what`` names the file in a refusal."""
@@ -318,12 +318,12 @@ def _shown_frame(path: str | os.PathLike[str], what: str) -> tuple[int, tuple[in
         return orientation, _other_frame((im.height, im.width), orientation)
 
 
-def _check_mask_file(mask_file: str | os.PathLike[str], orientation: int, shown_hw: tuple[int, int], photo: str,
+def check_mask_file(mask_file: str | os.PathLike[str], orientation: int, shown_hw: tuple[int, int], photo: str,
                      key: str) -> tuple[int, int] | None:
-    """Open-time form of :func:`_mask_as_shown` for a mask file (headers only where they hold the tags): refuses a mask
+    """Open-time form of :func:`mask_as_shown` for a mask file (headers only where they hold the tags): refuses a mask
     of an EXIF-rotated photo whose frame cannot be told or that fits neither frame; returns the mask's ``(h, w)`` in
     the photo's shown frame for the caller to compare, or None where the frame rule already matched it."""
-    own, mask_hw = _shown_frame(mask_file, f"{photo}: the {key!r} mask")  # worded as in _read_mask_file
+    own, mask_hw = shown_frame(mask_file, f"{photo}: the {key!r} mask")  # worded as in read_mask_file
     if own == 1 and orientation != 1:
         _needs_turn(mask_hw, orientation, shown_hw, photo, key, str(mask_file))
         return None
@@ -360,7 +360,7 @@ def _needs_turn(mask_hw: tuple[int, int], orientation: int, shown_hw: tuple[int,
     )
 
 
-def _mask_as_shown(mask: np.ndarray, orientation: int, shown_hw: tuple[int, int], photo: str, key: str,
+def mask_as_shown(mask: np.ndarray, orientation: int, shown_hw: tuple[int, int], photo: str, key: str,
                    tagged: bool = False, mask_file: str | None = None) -> np.ndarray:
     """``mask`` in the frame of the photo as shown (see the rule above); ``tagged``: the mask carried an
     orientation tag of its own and is in that frame already."""
@@ -371,12 +371,12 @@ def _mask_as_shown(mask: np.ndarray, orientation: int, shown_hw: tuple[int, int]
     return mask
 
 
-def _load_file(path: str) -> _Raw:
-    return _Raw(image=_read_oriented(path)[0])
+def load_file(path: str) -> RawItem:
+    return RawItem(image=read_oriented(path)[0])
 
 
-def _load_array(array: np.ndarray) -> _Raw:
-    return _Raw(image=to_rgb(np.asarray(array)))
+def load_array(array: np.ndarray) -> RawItem:
+    return RawItem(image=to_rgb(np.asarray(array)))
 
 
 class ImageDataset(Dataset):
@@ -397,7 +397,7 @@ class ImageDataset(Dataset):
     def __init__(
         self,
         name: str,
-        records: Sequence[_Record],
+        records: Sequence[ItemRecord],
         image_config: ImageConfig,
         has_masks: bool,
         skipped: list[tuple[str, str]] | None = None,
@@ -442,7 +442,7 @@ class ImageDataset(Dataset):
         except QKHooksError:
             raise
         except Exception as exc:
-            if not (record.skip_unreadable and _file_fault(exc)):
+            if not (record.skip_unreadable and file_fault(exc)):
                 raise
             return self._skip(record, f"{type(exc).__name__}: {exc}", "unreadable image")
         try:
@@ -452,24 +452,24 @@ class ImageDataset(Dataset):
                 raise
             return self._skip(record, str(exc), "image the model's preprocessing cannot take")
 
-    def _skip(self, record: _Record, reason: str, what: str) -> None:
+    def _skip(self, record: ItemRecord, reason: str, what: str) -> None:
         """Leave a folder's image out, warned about and listed in :attr:`skipped` (the run goes on)."""
         warnings.warn(f"skipping {what} {record.path} ({reason})", stacklevel=3)
         self.skipped.append((record.id, reason))
         return None
 
-    def _transform(self, item_id: str, raw: _Raw) -> dict[str, Any]:
+    def _transform(self, item_id: str, raw: RawItem) -> dict[str, Any]:
         return preprocess_raw(self.name, self.image_config, item_id, raw)
 
 
-def preprocess_raw(name: str, cfg: ImageConfig, item_id: str, raw: _Raw) -> dict[str, Any]:
+def preprocess_raw(name: str, cfg: ImageConfig, item_id: str, raw: RawItem) -> dict[str, Any]:
     """One item in model-input geometry: the model's preprocessing for the image, its geometry for the masks."""
     hw = (raw.image.height, raw.image.width)
     for key in ("objects", "target", "distractor", "distractor_items"):
         value = getattr(raw, key)
         # DataRefusals: found while a run is recorded, record_dataset says where its file stands (review r35 B)
         if value is not None and np.ndim(value) == 3 and value.shape[:2] == hw:
-            raise DataRefusal(f"{name}: mask {key!r} of {item_id!r} {_not_a_label_map(value.shape)}")
+            raise DataRefusal(f"{name}: mask {key!r} of {item_id!r} {not_a_label_map(value.shape)}")
         if value is not None and value.shape != hw:
             raise DataRefusal(
                 f"{name}: mask {key!r} of {item_id!r} has size {value.shape} but its image is {hw}; "
@@ -533,7 +533,7 @@ def _refuse_ids_not_stored(name: str, key: str, item_id: str, ids: np.ndarray) -
         )
 
 
-def _not_a_label_map(shape: tuple[int, ...]) -> str:
+def not_a_label_map(shape: tuple[int, ...]) -> str:
     """Why an (H, W, C) mask is refused, with the conversion (the end of a sentence naming the mask)."""
     return (
         f"is a {shape[2]}-channel ({shape[0]}, {shape[1]}, {shape[2]}) image, e.g. a colour-coded label PNG; a mask "
@@ -585,7 +585,7 @@ def collate(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     return batch
 
 
-def _list_images(root: Path) -> list[str]:
+def list_images(root: Path) -> list[str]:
     """Relative posix paths of image files under ``root``, sorted; hidden files and folders ignored. Symlinked
     subfolders are not followed (a link back up would loop), and a warning names them: their images are left out."""
     found: list[str] = []

@@ -19,17 +19,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qkhooks.data.annotated import _o3_item
+from qkhooks.data.annotated import o3_item
 from qkhooks.data.items import (
     IMAGE_EXTENSIONS,
-    _exif_orientation,
-    _file_fault,
-    _mask_as_shown,
-    _mask_pixels,
-    _not_a_label_map,
-    _Raw,
-    _read_mask,
-    _read_oriented,
+    exif_orientation,
+    file_fault,
+    mask_as_shown,
+    mask_pixels,
+    not_a_label_map,
+    RawItem,
+    read_mask,
+    read_oriented,
     bytes_hash,
 )
 from qkhooks.data.preprocess import to_rgb
@@ -46,15 +46,15 @@ _EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS) + ("bmp", "tif", "t
 
 def _decoded(read: Any, value: Any) -> Any:
     """``read(value)``, a failure to decode that is the data's own (corrupt or truncated bytes, a missing file:
-    :func:`_file_fault`) turned into :class:`_Unreadable`; the machine's (out of memory, ...) propagate."""
+    :func:`file_fault`) turned into :class:`Unreadable`; the machine's (out of memory, ...) propagate."""
     try:
         return read(value)
     except QKHooksError:
         raise
     except Exception as exc:
-        if not _file_fault(exc):
+        if not file_fault(exc):
             raise
-        raise _Unreadable(f"{type(exc).__name__}: {exc}") from exc
+        raise Unreadable(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _image_of(value: Any, where: str) -> tuple[Image.Image, int]:
@@ -65,16 +65,16 @@ def _image_of(value: Any, where: str) -> tuple[Image.Image, int]:
 
 def _convert_image(value: Any, where: str) -> tuple[Image.Image, int]:
     if isinstance(value, Image.Image):
-        return to_rgb(value), _exif_orientation(value.getexif())
+        return to_rgb(value), exif_orientation(value.getexif())
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return _read_oriented(io.BytesIO(bytes(value)))
+        return read_oriented(io.BytesIO(bytes(value)))
     if isinstance(value, (str, os.PathLike)):
-        return _read_oriented(os.fspath(value))
+        return read_oriented(os.fspath(value))
     if isinstance(value, dict) and ("bytes" in value or "path" in value):  # a Hugging Face Image(decode=False) cell
         if value.get("bytes") is not None:
-            return _read_oriented(io.BytesIO(value["bytes"]))
+            return read_oriented(io.BytesIO(value["bytes"]))
         if value.get("path"):
-            return _read_oriented(value["path"])
+            return read_oriented(value["path"])
     if isinstance(value, np.ndarray):
         if value.dtype != np.uint8 or not (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (1, 3, 4))):
             raise QKHooksError(
@@ -107,9 +107,9 @@ def _mask_array(value: Any) -> tuple[np.ndarray, bool]:
     if isinstance(value, (bytes, bytearray)):
         value = io.BytesIO(bytes(value))
     if isinstance(value, (io.IOBase, str, os.PathLike)):
-        return _read_mask(value)
+        return read_mask(value)
     if isinstance(value, Image.Image):
-        return _mask_pixels(value)
+        return mask_pixels(value)
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     return np.asarray(value), False
@@ -132,9 +132,9 @@ def _photo_masks(item: Mapping[str, Any], value: Any, image: Image.Image, orient
         if mask.ndim == 3 and mask.shape[2] == 1:
             mask = mask[:, :, 0]
         if mask.ndim == 3:
-            raise QKHooksError(f"{photo}: mask {key!r} {_not_a_label_map(mask.shape)}")
+            raise QKHooksError(f"{photo}: mask {key!r} {not_a_label_map(mask.shape)}")
         source = os.fspath(item[key]) if isinstance(item[key], (str, os.PathLike)) else None
-        masks[key] = _mask_as_shown(mask, orientation, (image.height, image.width), photo, key, tagged, source)
+        masks[key] = mask_as_shown(mask, orientation, (image.height, image.width), photo, key, tagged, source)
     return masks
 
 
@@ -194,7 +194,7 @@ def _own_id(item: Any) -> str | None:
         images = [e for e in _EXTENSIONS if e in item]
         if len(images) > 1:  # skipped (_item_to_raw), named by its key as wds: names it
             return str(item["__key__"])
-        if item.get("__member__"):  # its own letter case, found in the shard (_IterReader.rows)
+        if item.get("__member__"):  # its own letter case, found in the shard (IterReader.rows)
             return str(item["__member__"])
         return f"{item['__key__']}.{images[0]}" if images else None
     return _path_id(item.get("image"))
@@ -245,7 +245,7 @@ def _image_value(item: Mapping[str, Any]) -> Any:
     return None if ext is None else item[ext]
 
 
-def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
+def _item_to_raw(item: Any, where: str) -> tuple[str | None, RawItem]:
     """One user item to (its own id or None, the full-resolution image and masks)."""
     own = _own_id(item)
     if _is_pair(item):
@@ -261,7 +261,7 @@ def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
             )
         item = item[0]  # (image, label) as torchvision datasets return
     if not isinstance(item, Mapping):
-        return own, _Raw(image=_image_of(item, where)[0])
+        return own, RawItem(image=_image_of(item, where)[0])
     if "image" not in item and "__key__" in item:  # a webdataset sample: read as wds: reads its members
         item = _webdataset_item(item, own, where)
     value = _image_value(item)
@@ -276,11 +276,11 @@ def _item_to_raw(item: Any, where: str) -> tuple[str | None, _Raw]:
         raise QKHooksError(f"{where}: odd-one-out data needs both 'target' and 'distractor' masks, got only one.")
     if "target" in masks:
         named = f"{where} (id {str(item['id'])!r})" if item.get("id") is not None else where
-        raw = _o3_item((masks["target"] > 0, masks["distractor"] > 0), image, native=False, where=named)
+        raw = o3_item((masks["target"] > 0, masks["distractor"] > 0), image, native=False, where=named)
         if "objects" in masks:
             raw.objects = masks["objects"]
     else:
-        raw = _Raw(image=image, objects=masks.get("objects"))
+        raw = RawItem(image=image, objects=masks.get("objects"))
     if raw.objects is not None and not np.issubdtype(raw.objects.dtype, np.integer) and raw.objects.dtype != bool:
         raise QKHooksError(f"{where}: 'objects' must hold integer instance labels, got {raw.objects.dtype}.")
     raw.unread = _unread_keys(item)
@@ -307,7 +307,7 @@ def _mask_layout(present: Iterable[str]) -> tuple[bool, bool]:
 # ---------------------------------------------------------------------------------------------- readers
 
 
-class _MapReader:
+class MapReader:
     """A torch map-style Dataset or a sequence: rows are indices, so workers read only their own items."""
 
     def __init__(self, container: Any):
@@ -317,7 +317,7 @@ class _MapReader:
     def rows(self, start: int) -> Iterator[Any]:
         return iter(range(start, self.length or 0))
 
-    def decode(self, row: int, position: int) -> tuple[str | None, _Raw]:
+    def decode(self, row: int, position: int) -> tuple[str | None, RawItem]:
         return _item_to_raw(_spelled(self.container[row]), f"item {position}")
 
     def row_id(self, row: int, position: int) -> str:
@@ -350,7 +350,7 @@ class _MapReader:
                 for i, item in enumerate(map(_spelled, self.container[:stop]))]
 
 
-class _IterReader:
+class IterReader:
     """Any iterable (an ``IterableDataset``, a generator): read in order here, items shipped to the workers."""
 
     length: int | None = None
@@ -368,7 +368,7 @@ class _IterReader:
             self._used = True
         return map(_spelled, itertools.islice(iter(self.iterable), start, None))
 
-    def decode(self, row: Any, position: int) -> tuple[str | None, _Raw]:
+    def decode(self, row: Any, position: int) -> tuple[str | None, RawItem]:
         return _item_to_raw(row, f"item {position}")
 
     def row_id(self, row: Any, position: int) -> str:
@@ -402,7 +402,7 @@ class _HFReader:
             return (self.ds[i] for i in range(start, self.length))
         return iter(self.ds.skip(start) if start else self.ds)
 
-    def decode(self, row: Mapping[str, Any], position: int) -> tuple[str | None, _Raw]:
+    def decode(self, row: Mapping[str, Any], position: int) -> tuple[str | None, RawItem]:
         item = {"image": row[self.image_column], "id": self.row_id(row, position)}
         item.update({key: row[column] for key, column in self.masks.items()})
         own, raw = _item_to_raw(item, f"row {position}")
@@ -545,14 +545,14 @@ class _TarReader:
             if sample:
                 yield sample
 
-    def decode(self, row: Mapping[str, Any], position: int) -> tuple[str | None, _Raw]:
+    def decode(self, row: Mapping[str, Any], position: int) -> tuple[str | None, RawItem]:
         where = f"sample {row['__key__']!r} of {row['__shard__']}"
         if "__error__" in row:
-            raise _Unreadable(row["__error__"])
+            raise Unreadable(row["__error__"])
         images = [row["__members__"][e] for e in _EXTENSIONS if e in row]
         if len(images) > 1 or "__twice__" in row:
             many = len(images) > 1
-            raise _Unreadable(_two_images(where, ", ".join(images if many else row["__twice__"]), many))
+            raise Unreadable(_two_images(where, ", ".join(images if many else row["__twice__"]), many))
         ext = _image_ext(row)
         if ext is None:
             raise QKHooksError(f"{where} has no image member (looked for .{', .'.join(_EXTENSIONS)}); "
@@ -624,7 +624,7 @@ def _webdataset_item(sample: Mapping[str, Any], own: str | None, where: str) -> 
     sample of two images is skipped with the reason, as ``wds:`` skips it."""
     images = [e for e in _EXTENSIONS if e in sample]
     if len(images) > 1:
-        raise _Unreadable(_two_images(f"{where} (key {str(sample['__key__'])!r})",
+        raise Unreadable(_two_images(f"{where} (key {str(sample['__key__'])!r})",
                                       ", ".join(f"{sample['__key__']}.{e}" for e in images), True))
     if not images:
         return sample
@@ -676,7 +676,7 @@ def _tar_members(shard: str, mtime_ns: int, size: int) -> dict[tuple[str, str], 
     return names
 
 
-class _Unreadable(Exception):
+class Unreadable(Exception):
     """Bytes that do not decode, or a row the source could not read (a damaged shard): the item is skipped and
     listed like a corrupt file in a folder. Errors raised by the user's own code are not this: they stop the run."""
 
@@ -688,7 +688,7 @@ def _is_hf_iterable(ds: Any) -> bool:
     return type(ds).__name__ == "IterableDataset" and type(ds).__module__.startswith("datasets")
 
 
-def _is_hf(ds: Any) -> bool:
+def is_hf(ds: Any) -> bool:
     return type(ds).__module__.startswith("datasets.") and type(ds).__name__ in ("Dataset", "IterableDataset")
 
 
@@ -700,7 +700,7 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _hf_reader(ds: Any, image_column: str | None, masks: Mapping[str, str] | None, root: str | None = None) -> _HFReader:
+def hf_reader(ds: Any, image_column: str | None, masks: Mapping[str, str] | None, root: str | None = None) -> _HFReader:
     """Find the image column (by feature type), an id-like column and the mask columns; leave images undecoded."""
     datasets = _import_datasets()
     features = ds.features or {}
@@ -730,7 +730,7 @@ def _hf_reader(ds: Any, image_column: str | None, masks: Mapping[str, str] | Non
     return _HFReader(ds, image_column, id_column, mask_map, root)
 
 
-def _split_spec(rest: str) -> tuple[str, str | None]:
+def split_spec(rest: str) -> tuple[str, str | None]:
     """``DIR_OR_NAME[:SPLIT]``; a trailing ``:word`` is a split unless the whole thing is an existing path."""
     head, sep, split = rest.rpartition(":")
     if sep and re.fullmatch(r"[A-Za-z0-9_.\-\[\]%+]+", split) and not Path(rest).expanduser().exists():
@@ -738,11 +738,11 @@ def _split_spec(rest: str) -> tuple[str, str | None]:
     return rest, None
 
 
-def _open_hfds(rest: str) -> tuple[Any, str | None]:
+def open_hfds(rest: str) -> tuple[Any, str | None]:
     """``load_from_disk`` directories, local image folders and parquet files, else a hub name (streamed); and the
     image folder, whose relative paths are the ids."""
     datasets = _import_datasets()
-    name, split = _split_spec(rest)
+    name, split = split_spec(rest)
     path = Path(name).expanduser()
     try:
         if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
@@ -794,7 +794,7 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for part in parts for out in expand_braces(head + part + tail)]
 
 
-def _open_wds(pattern: str) -> _TarReader:
+def open_wds(pattern: str) -> _TarReader:
     shards = [str(Path(p).expanduser()) for p in expand_braces(pattern)]
     missing = [s for s in shards if not Path(s).is_file()]
     if missing:

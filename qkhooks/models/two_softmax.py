@@ -118,9 +118,9 @@ class TwoSoftmaxSite(AttentionSite):
         """Rows (B, H, T, N) read off the full maps: GPSA's position softmax is a whole-map term."""
         if isinstance(self.head_mixing, DifferentialMaps):
             return super().attention_rows(x, query_tokens)
-        from qkhooks.attention import _check_tokens, attention_full
+        from qkhooks.attention import check_tokens, attention_full
 
-        idx = _check_tokens(query_tokens, x.shape[0], x.shape[1], x.device)
+        idx = check_tokens(query_tokens, x.shape[0], x.shape[1], x.device)
         maps = attention_full(self, x)
         return torch.gather(maps, 2, idx[:, None, :, None].expand(-1, maps.shape[1], -1, maps.shape[-1]))
 
