@@ -411,7 +411,8 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
         fmt.write_states_into(f, {name: merged.saved_state()}, total)
         result.append(merged)
     if all(s.sealed for s in shards):  # every shard's attributes matched theirs: the merged file's, as written
-        fmt.seal_attrs(f)
+        # but a user's own attribute, copied unsealed from a shard, stays unsealed (the digests vouch for qkhooks's)
+        fmt.seal_attrs(f, {name: None for s in shards for name in fmt.unsealed_attrs(s.file)})
     return result
 
 

@@ -35,7 +35,8 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
            "identity_of", "as_str", "read_ids", "read_skipped", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
-           "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest"]
+           "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
+           "unsealed_attrs", "QKHOOKS_ATTR_NAMES", "digest_matches"]
 
 FORMAT_ATTR = "qkhooks_format"
 """Root attribute: the run file's format number, an integer written when the file is created (the writer's layout, a
@@ -115,6 +116,15 @@ UNSEALED_ATTRS = frozenset({"complete", "committed", ATTR_DIGESTS, FORMAT_ATTR})
 """Attributes left out of :data:`ATTR_DIGESTS`: those a writer changes every batch or at its end, the digests, and
 :data:`FORMAT_ATTR` (an integer in the root's header, which HDF5 checksums; every writer checks it first, and a copy
 writes its own)."""
+
+QKHOOKS_ATTR_NAMES = frozenset({
+    "qkhooks_version", "model", "data", "config", "model_note", "complete", "committed", "image_config", IDENTITY,
+    ATTR_DIGESTS, FORMAT_ATTR, ARRAYS_ATTR, "info", "per_image", "shard", "shards", SHARD_RUNS, LOST_STATICS,
+    "data_file_sizes", "scalars", "current"})
+"""Every attribute name qkhooks writes or reads, on any object. An attribute the digests do not list (one a user
+added with h5py: ``f.attrs["note"] = "pilot"``) is accepted, and ``info --verify`` lists it as not sealed; one of
+these names is refused even so, since qkhooks would read it (a ``per_image`` added to a spectrum, a ``shard`` added
+to ``/images``) without any digest vouching for it."""
 
 _IMAGES_KEY = "_images"  # the image count a checkpoint belongs to (also inside each state, for old readers)
 
@@ -678,6 +688,13 @@ def attr_digests(f: h5py.File, unreadable: list[str] | None = None) -> dict[str,
     return out
 
 
+def digest_matches(value_digest: str, stored: str) -> bool:
+    """Whether an attribute's digest matches its stored entry: one digest, or (a resume rewriting a static with
+    another value, :meth:`~qkhooks.store.writer.RunWriter._reseal`) the old and the new joined by ``|``, so that a
+    reader opening the file between the value's write and the digests' sees a run whose attribute is either."""
+    return value_digest in stored.split("|")
+
+
 def seal_attrs(f: h5py.File, carried: Mapping[str, str | None] | None = None) -> None:
     """Write :data:`ATTR_DIGESTS` of ``f`` as it is now (a file not in SWMR mode: it may add the attribute).
     ``carried``: entries that keep a digest other than the one computed (a repair carries the source's digest of an
@@ -702,11 +719,31 @@ def stored_attr_digests(f: h5py.File) -> dict[str, str] | None:
     return stored
 
 
+def _unsealed(now: Mapping[str, str], stored: Mapping[str, str]) -> list[str]:
+    return sorted(set(now) - set(stored))
+
+
+def unsealed_attrs(f: h5py.File) -> list[str]:
+    """``/GROUP@NAME`` of each attribute the file's :data:`ATTR_DIGESTS` do not list and qkhooks does not read (not
+    one of :data:`QKHOOKS_ATTR_NAMES`): a user's own, added with h5py after the run was written. They are accepted
+    (nothing qkhooks reports depends on them), listed by ``info --verify``, and carried unsealed by a merge and a
+    repair. Empty for a file without digests (no attribute is sealed there) or whose digests do not parse."""
+    try:
+        stored = stored_attr_digests(f)
+    except (TypeError, ValueError):
+        return []
+    if stored is None:
+        return []
+    return [name for name in _unsealed(attr_digests(f, []), stored)
+            if name.rpartition("@")[2] not in QKHOOKS_ATTR_NAMES]
+
+
 def failing_attrs(f: h5py.File) -> dict[str, str] | None:
-    """{``/GROUP@NAME``: why} of each attribute that does not match :data:`ATTR_DIGESTS` (changed, missing, or not
-    covered: added since); None for a file without the digests. A digest list that does not parse is one entry
-    (``/@attr_digests``). An object whose header does not read (HDF5's own checksum of it failing) is left out: every
-    read of it reports that damage."""
+    """{``/GROUP@NAME``: why} of each attribute that does not match :data:`ATTR_DIGESTS` (changed, missing, or added
+    since under a name qkhooks reads: :data:`QKHOOKS_ATTR_NAMES`); None for a file without the digests. A user's
+    attribute of another name is not failing (:func:`unsealed_attrs`). A digest list that does not parse is one
+    entry (``/@attr_digests``). An object whose header does not read (HDF5's own checksum of it failing) is left
+    out: every read of it reports that damage."""
     try:
         stored = stored_attr_digests(f)
     except (TypeError, ValueError) as exc:
@@ -715,13 +752,14 @@ def failing_attrs(f: h5py.File) -> dict[str, str] | None:
         return None
     unreadable: list[str] = []
     now = attr_digests(f, unreadable)
-    bad = {name: "changed since it was written" for name in sorted(set(now) & set(stored)) if now[name] != stored[name]}
+    bad = {name: "changed since it was written" for name in sorted(set(now) & set(stored))
+           if not digest_matches(now[name], stored[name])}
     # an object that does not read is HDF5's damage, which reading it reports: its attributes are not "missing"
     under = [u if u == "/" else u + "@" for u in unreadable] + [u + "/" for u in unreadable if u != "/"]
     bad.update({name: "missing" for name in sorted(set(stored) - set(now))
                 if not any(name.startswith(u) for u in under)})
-    bad.update({name: "not covered by the digests (added after they were written)"
-                for name in sorted(set(now) - set(stored))})
+    bad.update({name: "not covered by the digests (added after they were written), and qkhooks reads an attribute "
+                      "of that name" for name in _unsealed(now, stored) if name.rpartition("@")[2] in QKHOOKS_ATTR_NAMES})
     return bad
 
 

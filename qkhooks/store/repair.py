@@ -224,7 +224,8 @@ def _seal_copy(src: h5py.File, dst: h5py.File, problems: list[str]) -> None:
         problems.append(f"root attribute {fmt.ATTR_DIGESTS} unreadable ({exc}): the copy's attributes carry no digests")
         return
     assert stored is not None
-    fmt.seal_attrs(dst, {name: stored.get(name) for name in failing})
+    # a user's own attribute (not sealed in the source) stays unsealed: the digests vouch only for what qkhooks wrote
+    fmt.seal_attrs(dst, {**{name: None for name in fmt.unsealed_attrs(src)}, **{name: stored.get(name) for name in failing}})
     if failing:
         problems.append(f"{'; '.join(fmt.attr_words(name) + ' ' + why for name, why in failing.items())} in the damaged "
                         "file (its attribute digests), and repair has no other copy of an attribute: the copy keeps "
@@ -528,6 +529,9 @@ class VerifyReport:
     """Whether the run stores its attributes' digests (:data:`~qkhooks.store.format.ATTR_DIGESTS`, ``--checksum``)."""
     attrs_off: list[str] = dataclasses.field(default_factory=list)
     """The attributes (in :attr:`problems` too) that fail those digests: repair cannot restore them."""
+    unsealed: list[str] = dataclasses.field(default_factory=list)
+    """Attributes the digests do not list under names qkhooks does not read (a user's own, added with h5py): not
+    damage, listed as not sealed (:func:`~qkhooks.store.format.unsealed_attrs`)."""
 
     @property
     def ok(self) -> bool:
@@ -562,6 +566,8 @@ class VerifyReport:
         lines.append("attrs    " + ("sha256 digests: every attribute checked against its own" if self.attr_digests
                                     else "no digests (written without --checksum, or before them): a changed attribute "
                                     "cannot be detected unless its JSON stops parsing"))
+        lines += [f"unsealed {fmt.attr_words(name)}: not sealed (added after the digests were written; qkhooks reads no "
+                  "attribute of that name, so it is accepted and not checked)" for name in self.unsealed]
         lines.append("reducers " + (", ".join(self.states) + " load" if self.states else "no saved state"))
         lines += [f"damaged  {p}" for p in self.problems]
         if self.problems:
@@ -683,4 +689,11 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
     return VerifyReport(reader.path, n, complete, sorted(arrays), checksummed, statics, damaged, states,
                         lines + problems, fmt.ID_DIGESTS in found, _format_line(f), lost,
                         any(ds.is_virtual for ds in arrays.values()), fmt.ATTR_DIGESTS in f.attrs,
-                        list(reader._shared.attrs_off))
+                        list(reader._shared.attrs_off), _unsealed(f))
+
+
+def _unsealed(f: h5py.File) -> list[str]:
+    try:
+        return fmt.unsealed_attrs(f)
+    except _READ_ERRORS:  # the attributes' damage is reported above
+        return []

@@ -967,9 +967,11 @@ class RunWriter:
         if isinstance(value, str):
             group = self._file.get(group_name)
             if group is not None and key in group.attrs:
-                group.attrs.modify(key, value)
-                if self.laid_out:
-                    self._reseal(group.name, key, value)
+                if self.laid_out:  # its digests accept the new value before it is written, and only it after
+                    with self._resealing(group.name, key, value):
+                        group.attrs.modify(key, value)
+                else:
+                    group.attrs.modify(key, value)
             elif self.laid_out:
                 raise self._layout_is_fixed(f"the attribute {name}")
             else:
@@ -992,18 +994,34 @@ class RunWriter:
         if self.laid_out:  # a laid-out file's statics are on disk now; a new run's go with the layout (_publish)
             self._file.flush()
 
-    def _reseal(self, group: str, key: str, value: Any) -> None:
-        """After a laid-out file's attribute changed (a resume writes its statics again): its entry in the file's
-        attribute digests (:data:`~qkhooks.store.format.ATTR_DIGESTS`), where it has them. An unchanged value
-        leaves the digests as they are (a reader opening the file meanwhile never sees them disagree)."""
+    @contextlib.contextmanager
+    def _resealing(self, group: str, key: str, value: Any) -> Iterator[None]:
+        """Around the write of a laid-out file's attribute (a resume writes its statics again): its entry in the
+        file's attribute digests (:data:`~qkhooks.store.format.ATTR_DIGESTS`), where it has them. A changed value is
+        written between two states of the digests, each flushed: first they accept the old digest or the new
+        (``OLD|NEW``, :func:`~qkhooks.store.format.digest_matches`), then, the value on disk, the new one alone. A
+        reader opening the file at any moment (HDF5 may write the value out before the digests, and a flush writes
+        its entries one by one) sees an attribute its digests accept, never a refusal; a kill in between leaves the
+        pair, which accepts either value qkhooks wrote, and the next resume's statics seal it again. An unchanged
+        value leaves the digests as they are."""
         if fmt.ATTR_DIGESTS not in self._file.attrs:
+            yield
             return
         stored = fmt.stored_attr_digests(self._file) or {}
         name = f"{group}@{key}"
         digest = fmt.attr_value_digest(value)
-        if stored.get(name) != digest:
-            stored[name] = digest
+        was = stored.get(name)
+        if was == digest:
+            yield
+            return
+        if was is not None:
+            stored[name] = f"{was.split('|')[0]}|{digest}" if digest not in was.split("|") else was
             self._file.attrs.modify(fmt.ATTR_DIGESTS, json.dumps(stored, sort_keys=True))
+            self._file.flush()
+        yield
+        self._file.flush()
+        stored[name] = digest
+        self._file.attrs.modify(fmt.ATTR_DIGESTS, json.dumps(stored, sort_keys=True))
 
     def _do_checkpoint(self, states: dict[str, dict[str, Any]]) -> None:
         if not self.laid_out:

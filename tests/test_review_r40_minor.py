@@ -1,0 +1,151 @@
+"""Round 40 (MINOR): round 39's open items on run files and their messages.
+
+1. A ``--checksum`` run's attribute digests guard exactly what qkhooks wrote: a user's own attribute (added with
+   h5py) is accepted and listed as not sealed; a sealed one changed, missing or renamed is refused as before.
+2. A resume that rewrites a static with another value never shows a reader a state its digests refuse.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from qkhooks import QKHooksError
+from qkhooks.cli import main
+from qkhooks.distributed import merge_shards, shard_path
+from qkhooks.store import open_run, repair, verify_run
+from qkhooks.store import format as fmt
+
+from test_review_r39_digest import CONFIG, INFO, sha, stored, write
+
+
+def annotate(path: Path) -> None:
+    """What a researcher does to a run file: a note on the root, one on a group, one on a static dataset."""
+    with h5py.File(path, "r+") as f:
+        f.attrs["note"] = "pilot"
+        f["model"].attrs["reviewed_by"] = "ana"
+        f["spectrum/L3/S_all"].attrs["seen"] = np.int64(3)
+
+
+USER = ["/@note", "/model@reviewed_by", "/spectrum/L3/S_all@seen"]
+
+
+def test_a_users_own_attribute_is_accepted_and_listed_as_not_sealed(tmp_path, capsys):
+    path = tmp_path / "run.h5"
+    write(path)
+    annotate(path)
+    with open_run(path) as run:  # before: "root attribute note not covered by the digests" refused it
+        assert run.n == 4 and run.info["layers"] == [3]
+    report = verify_run(path)
+    assert report.ok, report.problems
+    assert report.unsealed == sorted(USER) and fmt.unsealed_attrs(h5py.File(path, "r")) == sorted(USER)
+    assert main(["info", str(path), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "unsealed root attribute note: not sealed" in out
+    assert "unsealed attribute reviewed_by of /model: not sealed" in out
+    assert "damaged" not in out
+
+
+def test_a_sealed_attribute_changed_missing_or_renamed_is_still_refused_beside_a_users_own(tmp_path):
+    path = tmp_path / "run.h5"
+    write(path)
+    annotate(path)
+    with h5py.File(path, "r+") as f:  # a byte of the name "data" flipped, as h5py can do it: "data" -> "dcta"
+        value = f.attrs["data"]
+        del f.attrs["data"]
+        f.attrs["dcta"] = value
+    with pytest.raises(QKHooksError, match="root attribute data missing"):
+        open_run(path)
+    report = verify_run(path)
+    assert not report.ok and report.attrs_off == [
+        "root attribute data missing (its digest in root attribute attr_digests)"]
+    assert "/@dcta" in report.unsealed  # the new name is not vouched for, and is named
+    with h5py.File(path, "r+") as f:
+        del f.attrs["dcta"]
+        f.attrs["data"] = value
+        f["model"].attrs["info"] = json.dumps(dict(INFO, layers=[2]))
+    with pytest.raises(QKHooksError, match="attribute info of /model changed since it was written"):
+        open_run(path)
+
+
+def test_a_flipped_byte_in_an_attribute_name_on_disk_is_refused(tmp_path):
+    """On disk the names sit in the object headers, which HDF5 checksums: the flip never reads as a user's name."""
+    path = tmp_path / "run.h5"
+    write(path)
+    data = bytearray(path.read_bytes())
+    at = [k for k in range(len(data)) if data[k:k + 4] == b"data" and data[k - 1:k] != b"@"]
+    assert len(at) == 1, "the root attribute's name must be stored once outside the digests' JSON"
+    data[at[0] + 1] ^= 0x02
+    path.write_bytes(bytes(data))
+    with pytest.raises(QKHooksError, match="incorrect metadata checksum"):
+        open_run(path)
+
+
+@pytest.mark.parametrize("where", ["per_image", "shard"])
+def test_an_added_attribute_of_a_name_qkhooks_reads_is_still_refused(tmp_path, where):
+    path = tmp_path / "run.h5"
+    write(path)
+    with h5py.File(path, "r+") as f:
+        if where == "per_image":  # a spectrum would be read as a per-image array
+            f["spectrum/L3/S_all"].attrs["per_image"] = True
+        else:
+            f["images"].attrs["shard"] = "{}"
+    with pytest.raises(QKHooksError, match="not covered by the digests .* qkhooks reads an attribute of that name"):
+        open_run(path)
+    assert not verify_run(path).ok
+
+
+def test_resume_merge_and_repair_keep_a_users_attribute_unsealed(tmp_path):
+    path = tmp_path / "run.h5"
+    write(path)
+    annotate(path)
+    write(path, mode="resume")
+    repair(path, tmp_path / "fixed.h5")
+    out = tmp_path / "merged.h5"
+    for rank in range(2):
+        shard = shard_path(out, rank, 2)
+        write(shard, prefix=f"rank{rank}", config=dict(CONFIG, shard=[rank, 2]))
+        annotate(shard)
+    for copy, merged in ((False, out), (True, tmp_path / "copied.h5")):
+        merge_shards(merged, [shard_path(out, r, 2) for r in range(2)], copy=copy)
+    for run in (path, tmp_path / "fixed.h5", out, tmp_path / "copied.h5"):
+        with h5py.File(run, "r") as f:
+            assert f.attrs["note"] == "pilot" and f["model"].attrs["reviewed_by"] == "ana"
+            assert stored(run)["/@config"] == sha(f.attrs["config"])
+        assert not set(USER[:2]) & set(stored(run)), run  # not vouched for: the user may edit their note
+        report = verify_run(run)
+        assert report.ok and set(USER[:2]) <= set(report.unsealed), (run, report.problems)
+        with h5py.File(run, "r+") as f:
+            f.attrs["note"] = "pilot, edited"
+        with open_run(run) as opened:
+            assert opened.n in (8, 16)
+
+
+def test_a_reader_opening_while_a_resume_rewrites_a_static_is_not_refused(tmp_path, monkeypatch):
+    """The value goes to the file before the digests' final state: a reader opened between the two writes (here,
+    right after HDF5 wrote the new value, flushed as a cache eviction may) reads the old or the new value."""
+    path = tmp_path / "run.h5"
+    write(path)
+    seen: list[str] = []
+    modify = h5py.AttributeManager.modify
+
+    def modify_then_read(self, name, value):
+        modify(self, name, value)
+        if name == "info":
+            h5py.h5f.flush(self._id)
+            try:
+                with open_run(path) as run:
+                    seen.append(run.info["marker"])
+            except QKHooksError as exc:
+                seen.append(str(exc))
+
+    monkeypatch.setattr(h5py.AttributeManager, "modify", modify_then_read)
+    write(path, mode="resume", info=dict(INFO, marker="r8z"))
+    assert seen == ["r8z"]
+    monkeypatch.undo()
+    assert stored(path)["/model@info"] == sha(json.dumps(dict(INFO, marker="r8z")))  # one digest again
+    assert verify_run(path).ok
