@@ -3,6 +3,7 @@
 1. A ``--checksum`` run's attribute digests guard exactly what qkhooks wrote: a user's own attribute (added with
    h5py) is accepted and listed as not sealed; a sealed one changed, missing or renamed is refused as before.
 2. A resume that rewrites a static with another value never shows a reader a state its digests refuse.
+3. A full disk (a quota, a file size limit) says what the run file holds complete: its reducers' checkpoint.
 """
 
 from __future__ import annotations
@@ -149,3 +150,52 @@ def test_a_reader_opening_while_a_resume_rewrites_a_static_is_not_refused(tmp_pa
     monkeypatch.undo()
     assert stored(path)["/model@info"] == sha(json.dumps(dict(INFO, marker="r8z")))  # one digest again
     assert verify_run(path).ok
+
+
+# ------------------------------------------------------------------------------------------ 3. full disk
+def _over_room_from(monkeypatch, first: int, errno_text: str = "errno = 28, error message = 'No space left on device'"):
+    from qkhooks.store import writer
+
+    append = writer._PerImage.append
+
+    def fails(self, n, value):
+        if n >= first:
+            raise RuntimeError(f"Can't write data (file write failed: time = ..., {errno_text})")
+        append(self, n, value)
+
+    monkeypatch.setattr(writer._PerImage, "append", fails)
+    return append
+
+
+def test_a_full_disk_says_how_many_images_the_checkpoint_holds_and_how_to_resume(tmp_path, monkeypatch):
+    from test_review_r39_safe import KW, _loaded, _photos
+    from qkhooks.store import writer
+    from qkhooks.stream import record_dataset
+
+    data, run = _photos(tmp_path / "photos", 12), tmp_path / "run.h5"
+    append = _over_room_from(monkeypatch, 6)  # batches of 2, a checkpoint every 2 batches: at 4 images, then 8
+    with pytest.raises(QKHooksError) as stopped:
+        record_dataset(_loaded(), str(data), run, **KW)
+    assert str(stopped.value) == (
+        "disk full while writing run.h5: run.h5 holds 4 images complete (its reducers' last checkpoint); the 2 "
+        "committed after them are not in that checkpoint and no later image is in the file, so a resume keeps those 4 "
+        "and records every image after them (2 of them again). Free space and run the same command with --resume")
+    with open_run(run) as opened:  # what the message counts, read back
+        assert opened.n == 6 and fmt.read_checkpoint(run, fmt.run_id_of(opened.file))[0] == 4
+    monkeypatch.setattr(writer._PerImage, "append", append)
+    assert record_dataset(_loaded(), str(data), run, resume=True, **KW).images == 12
+
+
+def test_a_full_disk_before_the_first_checkpoint_says_none_is_complete(tmp_path, monkeypatch):
+    from test_review_r39_safe import KW, _loaded, _photos
+    from qkhooks.stream import record_dataset
+
+    data, run = _photos(tmp_path / "photos", 8), tmp_path / "run.h5"
+    _over_room_from(monkeypatch, 2, "errno = 122, error message = 'Disk quota exceeded'")
+    with pytest.raises(QKHooksError) as stopped:
+        record_dataset(_loaded(), str(data), run, **KW)
+    assert str(stopped.value) == (
+        "disk quota exceeded while writing run.h5: run.h5 has 2 committed images and no reducer checkpoint yet (one is "
+        "written every checkpoint_every batches), so none is complete: a resume records them all again. Free space "
+        "within your quota (or have it raised) and run the same command with --resume")
+

@@ -719,8 +719,10 @@ class RunWriter:
         self._enqueue(("checkpoint", copied))
 
     def checkpoint(self) -> tuple[int, dict[str, dict[str, Any]]] | None:
-        """(images, states) of the last checkpoint, or None (waits for queued work first)."""
-        self.flush()
+        """(images, states) of the last checkpoint, or None (waits for queued work first; a failed writer has none
+        that will run, and its checkpoint is what a resume of it keeps)."""
+        if self._error is None:
+            self.flush()
         return fmt.read_checkpoint(self.path if self._in_place else self._creating, self.run_id)
 
     def write_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
@@ -833,6 +835,36 @@ class RunWriter:
                                ) from self._error
         raise QKHooksError(f"{what} while writing {name}: {self.committed} images are committed and safe; {fix} and "
                            "run the same command with --resume") from self._error
+
+    def room_help(self, kept: int | None) -> str | None:
+        """After the run stopped on a full disk, a quota or a file size limit (None for any other stop): where its
+        file stands, counted by its checkpoint, and how to go on. ``kept``: the images a resume keeps (its reducers'
+        last checkpoint, :func:`~qkhooks.store.format.resume_point`; None: not known). Said by ``record`` in place
+        of the writer's own message, which knows the committed images only."""
+        room = out_of_room(self._error) if self._error is not None else None
+        if room is None or (self.mode == "overwrite" and not self._in_place) or not self.laid_out:
+            return None  # the writer's own message says it: the old run kept, or no run file
+        what, fix = ROOM[room]
+        name, n = self.path.name, self.committed
+        if kept is None:
+            held = (f"{name} has {n} committed images, but its reducers' last checkpoint does not read, so none is "
+                    "complete: a resume records them all again")
+        elif kept == 0:
+            held = (f"{name} has {n} committed images and no reducer checkpoint yet (one is written every "
+                    "checkpoint_every batches), so none is complete: a resume records them all again")
+        elif kept == n:
+            held = (f"{name} holds {n} images complete (all in its reducers' last checkpoint); no image after them is in "
+                    "the file, and a resume records every image after those")
+        else:
+            held = (f"{name} holds {kept} images complete (its reducers' last checkpoint); the {n - kept} committed "
+                    "after them are not in that checkpoint and no later image is in the file, so a resume keeps those "
+                    f"{kept} and records every image after them ({n - kept} of them again)")
+        fix = fix[0].upper() + fix[1:]
+        problem = damage(self.path)
+        if problem is not None:
+            return (f"{what} while writing {name}, and closing it left it {problem}; {held}. {fix}, run `qkhooks "
+                    f"repair {self.path} --out FIXED.h5` and resume that (the same command with --out FIXED.h5 --resume)")
+        return f"{what} while writing {name}: {held}. {fix} and run the same command with --resume"
 
     def _work(self) -> None:
         while True:
