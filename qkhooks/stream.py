@@ -739,12 +739,22 @@ def record_dataset(
             else:
                 batches = _loader_batches(_Stamped(dataset) if stamped else dataset, range(start, hi), opts.batch_size,
                                           opts.num_workers, collate)
+            if streamed:
+                def skipped_at(step: int) -> list[tuple[str, str]]:
+                    return list(position.skipped)
+            else:
+                reasons: dict[str, str] = {}  # each late failure decoded once for its reason, not at every checkpoint
+
+                def skipped_at(step: int) -> list[tuple[str, str]]:  # the items the loader has reached by this step
+                    reached = min(hi, start + (step + 1) * opts.batch_size)
+                    return _skipped(at_open, dataset, ids[lo:reached], seen.ids, first_shard=lo == 0, start=lo,
+                                    reasons=reasons)
             _loop(run, batches, net, hi - start if hi is not None else None, device, (geometry, image_size, cells), plan,
-                  progress, writer, checkpointed, opts.checkpoint_every)
+                  progress, writer, checkpointed, opts.checkpoint_every, skipped_at)
         if streamed:
             skipped = position.skipped
         else:
-            skipped = _skipped(at_open, dataset, ids[lo:hi], seen.ids, first_shard=lo == 0, start=lo)
+            skipped = _skipped(at_open, dataset, ids[lo:hi], seen.ids, first_shard=lo == 0, start=lo, reasons=reasons)
         if writer is not None:
             _checkpoint(writer, checkpointed)
             writer.write_skipped(skipped)
@@ -887,13 +897,15 @@ class _SeenIds:
 
 
 def _skipped(at_open: Sequence[tuple[str, str]], dataset: Any, wanted: Sequence[str], seen: set[str],
-             first_shard: bool, start: int = 0) -> list[tuple[str, str]]:
+             first_shard: bool, start: int = 0, reasons: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """Files left out when the dataset was opened (listed once, by the first shard) plus images that failed later.
 
     Late failures are found by their absence from the run rather than from ``dataset.skipped``, which
     DataLoader worker processes cannot update. A failure this process did not see (in a worker, or before a
     resume) is decoded once more here for its reason, so the list does not depend on workers or interruptions.
+    ``reasons`` keeps each reason found (the list is written with every checkpoint: each failure is decoded once).
     """
+    reasons = {} if reasons is None else reasons
     def known(id_: str) -> str | None:
         return next((why for skipped_id, why in getattr(dataset, "skipped", [])[len(at_open):] if skipped_id == id_), None)
 
@@ -908,7 +920,12 @@ def _skipped(at_open: Sequence[tuple[str, str]], dataset: Any, wanted: Sequence[
         # never a made-up decode failure: one that decodes now says so
         return known(id_) or "not recorded, although it decodes now (unreadable, or not in the dataset, when the run reached it)"
 
-    late = [(i, reason(start + n, i)) for n, i in enumerate(wanted) if i not in seen]
+    late = []
+    for n, i in enumerate(wanted):
+        if i not in seen:
+            if i not in reasons:
+                reasons[i] = reason(start + n, i)
+            late.append((i, reasons[i]))
     return (list(at_open) if first_shard else []) + late
 
 
@@ -1110,8 +1127,12 @@ def _checked_shard(shard: Any) -> tuple[int, int] | None:
     return int(rank), int(world)
 
 
-def _loop(run, batches, net, total, device, layout, plan, progress, writer, checkpointed, checkpoint_every) -> None:
+def _loop(run, batches, net, total, device, layout, plan, progress, writer, checkpointed, checkpoint_every,
+          skipped_at=None) -> None:
+    """Record every batch; every ``checkpoint_every`` batches, the images skipped so far (``skipped_at(step)``:
+    ``/images/skipped``, rewritten where it grew, so a killed run's file names them) and the reducers' checkpoint."""
     dtype = next(net.parameters()).dtype
+    written: list[tuple[str, str]] | None = None
     bar = tqdm(total=total, unit="img", disable=not progress, desc="record")
     try:
         for step, (batch, read) in enumerate(batches):
@@ -1123,6 +1144,9 @@ def _loop(run, batches, net, total, device, layout, plan, progress, writer, chec
             with torch.no_grad():
                 run(pixels, ids=list(batch["id"]), meta=meta)
             if writer is not None and (step + 1) % checkpoint_every == 0:
+                if skipped_at is not None and (skipped := skipped_at(step)) != written:
+                    writer.write_skipped(skipped)  # before the checkpoint: the file names every image it passed
+                    written = skipped
                 _checkpoint(writer, checkpointed)
             bar.update(read)
     finally:

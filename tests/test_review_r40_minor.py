@@ -4,6 +4,7 @@
    h5py) is accepted and listed as not sealed; a sealed one changed, missing or renamed is refused as before.
 2. A resume that rewrites a static with another value never shows a reader a state its digests refuse.
 3. A full disk (a quota, a file size limit) says what the run file holds complete: its reducers' checkpoint.
+4. ``/images/skipped`` is written with each checkpoint, so a killed run's file names the images it skipped.
 """
 
 from __future__ import annotations
@@ -199,3 +200,36 @@ def test_a_full_disk_before_the_first_checkpoint_says_none_is_complete(tmp_path,
         "written every checkpoint_every batches), so none is complete: a resume records them all again. Free space "
         "within your quota (or have it raised) and run the same command with --resume")
 
+# ------------------------------------------------------------------------------------------ 4. skipped images
+def test_a_stopped_runs_file_lists_the_images_skipped_up_to_its_checkpoint_and_a_resume_lists_each_once(
+        tmp_path, capsys):
+    """The run stops after its third batch (as a kill would: the end of record_dataset, which wrote the list, is
+    never reached); its file names the image unreadable at opening and the one that failed when reached."""
+    from test_review_r39_safe import KW, _loaded, _photos
+    from qkhooks.stream import record_dataset
+
+    data, run = _photos(tmp_path / "photos", 12), tmp_path / "run.h5"
+    (data / "img009.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 50)  # unreadable as the dataset opens
+    batches = []
+
+    def stop_at_the_third(batch):
+        batches.append(list(batch.ids))
+        if len(batches) == 1:  # unreadable by the time the loader reaches it (before the checkpoint at batch 2)
+            (data / "img003.png").write_bytes(b"not an image any more")
+        if len(batches) == 3:
+            raise RuntimeError("stopped")
+
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="stopped"):
+        record_dataset(_loaded(), str(data), run, on_batch=stop_at_the_third, **KW)
+    with open_run(run) as opened:
+        assert opened.ids == ["img000.png", "img001.png", "img002.png", "img004.png", "img005.png"]
+        assert [i for i, _ in opened.skipped] == ["img009.png", "img003.png"]  # before: [] until a resume
+        assert "cannot identify image file" in dict(opened.skipped)["img003.png"]
+    assert main(["info", str(run)]) in (0, 2)
+    assert "skipped  2: img009.png, img003.png" in capsys.readouterr().out
+    with pytest.warns(UserWarning):
+        done = record_dataset(_loaded(), str(data), run, resume=True, **KW)
+    with open_run(run) as opened:
+        assert opened.n == 10 and opened.complete
+        assert sorted(i for i, _ in opened.skipped) == ["img003.png", "img009.png"]  # each once
+        assert sorted(opened.skipped) == sorted(done.skipped)
