@@ -297,7 +297,8 @@ def test_sigterm_stops_bfd_cleanly_saying_how_to_resume_and_the_resume_equals_on
     status, err = _terminate_when([*args, "--batch-size", "1"], lambda: _committed(pass1) >= 3, tmp_path)
     assert status == 128 + signal.SIGTERM, err[-2000:]
     assert "Traceback" not in err, err[-3000:]
-    assert f"qkhooks: stopped by SIGTERM: {pass1} keeps " in err and "the same command with --resume" in err, err[-2000:]
+    assert (f"qkhooks: stopped by SIGTERM: BFD stopped during pass 1 of 2 (the position means), recorded into {pass1}: "
+            f"{pass1} keeps " in err and "the same command with --resume" in err), err[-2000:]  # round 40: the pass named
     with h5py.File(pass1, "r") as f:  # closed by its writer: plain HDF5 opens it
         assert not f.attrs["complete"] and 3 <= int(f["images"].attrs["committed"]) < 150
     assert not out.exists()

@@ -5,6 +5,7 @@
 2. A resume that rewrites a static with another value never shows a reader a state its digests refuse.
 3. A full disk (a quota, a file size limit) says what the run file holds complete: its reducers' checkpoint.
 4. ``/images/skipped`` is written with each checkpoint, so a killed run's file names the images it skipped.
+5. A stop (SIGTERM, Ctrl-C) of ``qkhooks bfd`` names the pass that ran, what each of its files holds and what to run.
 """
 
 from __future__ import annotations
@@ -233,3 +234,93 @@ def test_a_stopped_runs_file_lists_the_images_skipped_up_to_its_checkpoint_and_a
         assert opened.n == 10 and opened.complete
         assert sorted(i for i, _ in opened.skipped) == ["img003.png", "img009.png"]  # each once
         assert sorted(opened.skipped) == sorted(done.skipped)
+
+
+# ------------------------------------------------------------------------------------------ 5. bfd stopped
+def _bfd_stopped_at(tmp_path, monkeypatch, where: str):
+    """run_bfd on 8 photos, stopped (a KeyboardInterrupt, as SIGTERM's Terminated is) at ``where``; its message."""
+    from test_review_r39_safe import _loaded, _photos
+    from qkhooks.analysis import bfd, bfd_reducers
+    from qkhooks.errors import RunInterrupted
+
+    data, out = _photos(tmp_path / "photos", 8), tmp_path / "r.h5"
+    if where == "between":
+        checks = []
+
+        def stop_at_the_second(n):  # the first is before pass 1, the second after it
+            checks.append(n)
+            if len(checks) == 2:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(bfd, "refuse_one_image", stop_at_the_second)
+    else:
+        cls = bfd_reducers.PositionMeans if where == "pass1" else bfd_reducers.BFDEnergies
+        update, calls = cls.update, []
+
+        def stop_at_the_third(self, batch):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            update(self, batch)
+
+        monkeypatch.setattr(cls, "update", stop_at_the_third)
+    kw = dict(batch_size=2, holdout_every=2, progress=False)
+    with pytest.raises(KeyboardInterrupt) as stopped:  # not RunInterrupted alone: a plain one would end pytest
+        bfd.run_bfd(_loaded(), str(data), out, **kw)
+    monkeypatch.undo()
+    assert isinstance(stopped.value, RunInterrupted), "a stop with no word of the pass or the files"
+    return str(stopped.value), out, lambda: bfd.run_bfd(_loaded(), str(data), out, resume=True, **kw)
+
+
+@pytest.mark.parametrize("where", ["pass1", "between", "pass2"])
+def test_a_bfd_run_stopped_says_which_pass_ran_what_each_file_holds_and_what_to_run(tmp_path, monkeypatch, where):
+    message, out, resume = _bfd_stopped_at(tmp_path, monkeypatch, where)
+    pass1 = tmp_path / "r.pass1.h5"
+    if where == "pass1":
+        assert message.startswith(f"BFD stopped during pass 1 of 2 (the position means), recorded into {pass1}: "
+                                  f"{pass1} keeps 6 committed images")
+        assert "the same command with --resume continues after those 0" in message  # the pass's own words
+        assert message.endswith(f"Pass 2 has not touched {out}: the resume runs it once pass 1 is done.")
+        assert not out.exists()
+    elif where == "between":
+        assert message == (f"BFD stopped between pass 1 of 2 (the position means) and pass 2 of 2 (the energies and "
+                           f"position probes): pass 1 is complete in {pass1}, and pass 2 has not touched {out}; the "
+                           "same command with --resume reads pass 1's means from r.pass1.h5 (recording none of it "
+                           "again) and runs pass 2.")
+        assert not out.exists()
+    else:
+        assert message.startswith(f"BFD stopped during pass 2 of 2 (the energies and position probes), recorded into "
+                                  f"{out}: {out} keeps 6 committed images")
+        assert message.endswith(f"Pass 1 is complete in {pass1}: the resume does not record it again.")
+    if where != "pass1":
+        with open_run(pass1) as run:  # what the message says of pass 1's file
+            assert run.complete and run.n == 8
+    assert resume()["images"] == 8  # and what it says to run does finish
+
+
+def test_sigterm_between_bfds_passes_names_the_pass_in_the_cli(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from test_review_r39_fixa import _tiny_hf
+    from test_review_r39_safe import _photos
+    from qkhooks.analysis import bfd
+    from qkhooks.cli import Terminated
+
+    checks = []
+
+    def terminated(n):
+        checks.append(n)
+        if len(checks) == 2:  # as the handler sigterm_exits installs raises it, here between the passes
+            raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(bfd, "refuse_one_image", terminated)
+    out = tmp_path / "r.h5"
+    with pytest.warns(UserWarning):
+        status = main(["bfd", _tiny_hf(tmp_path / "vit"), str(_photos(tmp_path / "photos", 6)), "--out", str(out),
+                       "--holdout-every", "2", "--batch-size", "3"])
+    assert status == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
+    assert err.startswith("qkhooks: stopped by SIGTERM: BFD stopped between pass 1 of 2 (the position means) and "
+                          "pass 2 of 2"), err  # before: "qkhooks: stopped by SIGTERM" and nothing else
+    assert "the same command with --resume reads pass 1's means" in err
+

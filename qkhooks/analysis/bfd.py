@@ -43,7 +43,7 @@ from qkhooks.analysis.bfd_summary import (
     paper_claims,
     summarize,
 )
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import QKHooksError, RunInterrupted
 from qkhooks.models.base import find_sites
 
 __all__ = [
@@ -262,16 +262,23 @@ def run_bfd(
                            progress=progress, store_modes=False, num_workers=num_workers, image_column=image_column,
                            extra_config=bfd_extra)
 
-    pass1 = PositionMeans(chosen)
-    one_pass(None if out is None else pass1_path(out), [pass1])
-    means = pass1.means()
-    refuse_one_image(min(pass1.counts.values()))  # after pass 1, before pass 2: one image has no content factor
-    reducers: list[Any] = [BFDEnergies(full_modes(sites), means, prefix, drop_prefix)]
-    if decode:
-        reducers.append(PositionDecoding(means, grid, prefix, holdout_every))
-    one_pass(None if out is None else Path(out), reducers)
-    result = summarize(reducers[0].state_dict(), reducers[1].state_dict() if decode else None, model=label,
-                       definition=definition, alpha=alpha, per_mode=per_mode)
+    stage = 1  # where a stop (Ctrl-C, SIGTERM) finds the run: _stopped says it, with what each file holds
+    try:
+        pass1 = PositionMeans(chosen)
+        one_pass(None if out is None else pass1_path(out), [pass1])
+        stage = 2
+        means = pass1.means()
+        refuse_one_image(min(pass1.counts.values()))  # after pass 1, before pass 2: one image has no content factor
+        reducers: list[Any] = [BFDEnergies(full_modes(sites), means, prefix, drop_prefix)]
+        if decode:
+            reducers.append(PositionDecoding(means, grid, prefix, holdout_every))
+        stage = 3
+        one_pass(None if out is None else Path(out), reducers)
+        stage = 4
+        result = summarize(reducers[0].state_dict(), reducers[1].state_dict() if decode else None, model=label,
+                           definition=definition, alpha=alpha, per_mode=per_mode)
+    except KeyboardInterrupt as exc:
+        raise _stopped(stage, exc, out, overwrite) from exc
     result["input"] = input
     content_only = {str(s.layer): s.content_only() for s in sites if s.content_only()}
     content_only.update({str(l): "; ".join(filter(None, [content_only.get(str(l)), why]))
@@ -285,6 +292,38 @@ def run_bfd(
     if note:
         result["note"] = note
     return result
+
+
+_PASS1 = "pass 1 of 2 (the position means)"
+_PASS2 = "pass 2 of 2 (the energies and position probes)"
+
+
+def _stopped(stage: int, exc: KeyboardInterrupt, out: str | os.PathLike | None, overwrite: bool) -> RunInterrupted:
+    """What a stop (Ctrl-C, SIGTERM: a KeyboardInterrupt) says at ``stage`` of :func:`run_bfd` (1: pass 1 running,
+    2: between the passes, 3: pass 2 running, 4: summarising): which pass ran, what each file holds, what to run.
+    ``exc``'s own words (a :class:`RunInterrupted` from the pass's recording: its file's committed images and
+    checkpoint) are kept."""
+    where = {1: f"during {_PASS1}", 2: f"between {_PASS1} and {_PASS2}", 3: f"during {_PASS2}",
+             4: "after both passes, while the result was summarised"}[stage]
+    if out is None:
+        return RunInterrupted(f"BFD stopped {where}; nothing was written (no run file: out=None): run it again.")
+    first, second = pass1_path(out), Path(out)
+    again = "the same command with --resume" + (" in place of --overwrite" if overwrite else "")
+    said = str(exc).rstrip(".") if isinstance(exc, RunInterrupted) and str(exc) else ""
+    if stage == 1:
+        held = said or f"{first} is as the pass left it before its recording began; {again} continues pass 1"
+        return RunInterrupted(f"BFD stopped {where}, recorded into {first}: {held}. Pass 2 has not touched {second}: "
+                              "the resume runs it once pass 1 is done.")
+    if stage == 2:
+        return RunInterrupted(f"BFD stopped {where}: pass 1 is complete in {first}, and pass 2 has not touched "
+                              f"{second}; {again} reads pass 1's means from {first.name} (recording none of it again) "
+                              "and runs pass 2.")
+    if stage == 3:
+        held = said or f"{second} is as the pass left it before its recording began; {again} continues pass 2"
+        return RunInterrupted(f"BFD stopped {where}, recorded into {second}: {held}. Pass 1 is complete in {first}: "
+                              "the resume does not record it again.")
+    return RunInterrupted(f"BFD stopped {where}: both passes are complete ({first}, {second}); {again} reads their "
+                          "states and summarises again, recording no image.")
 
 
 def _refuse_few_images(loaded: Any, data: Any, limit: int | None, image_column: str | None) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from qkhooks.cli import (DATA_HELP, add_model_arguments, add_run_arguments, command, load_from_args, output_file,
                          run_file_folder, sigterm_exits, write_json)
 from qkhooks.cli.analyze import BFD_OUTPUTS, add_overwrite_argument, previous_outputs, remove_outputs
-from qkhooks.errors import QKHooksError, writable_dir
+from qkhooks.errors import QKHooksError, RunInterrupted, writable_dir
 from qkhooks.options import LAYERS_HELP, RecordOptions
 
 
@@ -46,13 +46,19 @@ def run_bfd_command(args: argparse.Namespace) -> int:
     check_holdout(args.holdout_every, not args.no_decode)
     check_options(RecordOptions(batch_size=args.batch_size, limit=args.limit, num_workers=args.num_workers))
     with run_file_folder(args.out), sigterm_exits():
-        loaded = load_from_args(args, device=args.device)
-        result = run_bfd(
-            loaded, args.data, args.out, layers=args.layers, batch_size=args.batch_size, device=args.device,
-            limit=args.limit, input=args.input, drop_prefix=args.drop_prefix, holdout_every=args.holdout_every,
-            alpha=args.alpha, definition=args.definition, decode=not args.no_decode, resume=args.resume,
-            overwrite=args.overwrite, progress=True, num_workers=args.num_workers, image_column=args.image_column,
-        )
+        try:
+            loaded = load_from_args(args, device=args.device)
+            result = run_bfd(
+                loaded, args.data, args.out, layers=args.layers, batch_size=args.batch_size, device=args.device,
+                limit=args.limit, input=args.input, drop_prefix=args.drop_prefix, holdout_every=args.holdout_every,
+                alpha=args.alpha, definition=args.definition, decode=not args.no_decode, resume=args.resume,
+                overwrite=args.overwrite, progress=True, num_workers=args.num_workers, image_column=args.image_column,
+            )
+        except KeyboardInterrupt as exc:  # run_bfd says where a stop in or between its passes leaves the files
+            if isinstance(exc, RunInterrupted):
+                raise
+            raise RunInterrupted("BFD stopped before pass 1 of 2 (the position means) began, while the model loaded "
+                                 "or the data opened: nothing was written; run the same command again.") from exc
     print(format_table(result))
     if result.get("note"):
         print(f"note: {result['note']}")
