@@ -54,7 +54,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.reducers import Reducer, reducer_class
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import create_run_file, held_for_write, open_reader, other_program_file
-from qkhooks.store.lock import WriterLock
+from qkhooks.store.lock import WriterLock, short_of_room
 from qkhooks.store.writer import checked_attrs, checked_differences
 from qkhooks.store.reader import held_shards_text
 from qkhooks.stream import RecordResult, record_dataset
@@ -351,6 +351,19 @@ def _refuse_no_room(out: Path, shards: list[_Shard], copy: bool) -> None:
                            "then merge again. Nothing was written.")
 
 
+def _refuse_disk_filled(out: Path, name: str, nbytes: int) -> None:
+    """Before each write of ``merge --copy`` (up to 64 MiB): a disk that filled since :func:`_refuse_no_room` (another
+    program writing there) stops the merge here, before HDF5 meets it; the caller removes ``RUN.h5.merging``."""
+    folder = out.parent if str(out.parent) else Path(".")
+    free = short_of_room(folder, nbytes, _SPARE_BYTES)
+    if free is not None:
+        raise QKHooksError(f"merging into {out} stopped before copying more of {name}: {folder} has "
+                           f"{free / 2**20:.1f} MiB free, and the next write needs {(nbytes + _SPARE_BYTES) / 2**20:.1f} "
+                           "MiB with HDF5's spare (the disk filled since the merge began: something else writes there); "
+                           "free space there, or merge into a file on another disk, then merge again. Nothing was "
+                           f"written ({out.name}.merging removed; the shards are unchanged).")
+
+
 def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapping[str, Reducer],
                   copy: bool) -> list[Reducer]:
     first = shards[0]
@@ -457,11 +470,13 @@ def _merge_per_image(f: h5py.File, out: Path, name: str, shards: list[_Shard], b
         ds = f.create_dataset(name, shape=(total,) + rest, maxshape=(None,) + rest, dtype=ref.dtype, chunks=ref.chunks,
                               compression=ref.compression, compression_opts=ref.compression_opts,
                               fletcher32=ref.fletcher32)
-        step = max(1, (64 << 20) // max(1, int(np.prod(rest, dtype=np.int64)) * ref.dtype.itemsize))
+        row = max(1, int(np.prod(rest, dtype=np.int64)) * ref.dtype.itemsize)
+        step = max(1, (64 << 20) // row)
         for s, base in parts:
             src = s.per_image[name]
             for lo in range(0, s.n, step):
                 hi = min(lo + step, s.n)
+                _refuse_disk_filled(out, name, (hi - lo) * row)
                 ds[base + lo:base + hi] = src[lo:hi]
     else:
         layout = h5py.VirtualLayout(shape=(total,) + rest, dtype=ref.dtype)

@@ -6,6 +6,7 @@
 3. A full disk (a quota, a file size limit) says what the run file holds complete: its reducers' checkpoint.
 4. ``/images/skipped`` is written with each checkpoint, so a killed run's file names the images it skipped.
 5. A stop (SIGTERM, Ctrl-C) of ``qkhooks bfd`` names the pass that ran, what each of its files holds and what to run.
+6. ``merge --copy`` and ``repair`` check the free space again before each large write.
 """
 
 from __future__ import annotations
@@ -324,3 +325,57 @@ def test_sigterm_between_bfds_passes_names_the_pass_in_the_cli(tmp_path, monkeyp
                           "pass 2 of 2"), err  # before: "qkhooks: stopped by SIGTERM" and nothing else
     assert "the same command with --resume reads pass 1's means" in err
 
+
+# ------------------------------------------------------------------------------------------ 6. room, re-checked
+def _disk_filling_after_the_first_check(monkeypatch) -> list[str]:
+    """shutil.disk_usage as on a disk another program fills once the copy has started: 10 GiB free at the first
+    check (the one before anything is written), 1 MiB at every later one."""
+    import shutil
+    import traceback
+
+    real, calls = shutil.disk_usage, []
+
+    def filling(path):
+        calls.append(traceback.extract_stack(limit=2)[0].name)
+        usage = real(path)
+        return type(usage)(usage.total, usage.used, (10 << 30) if len(calls) == 1 else (1 << 20))
+
+    monkeypatch.setattr(shutil, "disk_usage", filling)
+    return calls
+
+
+def test_merge_copy_rechecks_the_room_before_each_write_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    out = tmp_path / "run.h5"
+    shards = [shard_path(out, rank, 2) for rank in range(2)]
+    for rank, shard in enumerate(shards):
+        write(shard, prefix=f"rank{rank}", config=dict(CONFIG, shard=[rank, 2]))
+    before = [s.read_bytes() for s in shards]
+    calls = _disk_filling_after_the_first_check(monkeypatch)
+    with pytest.raises(QKHooksError) as refused:
+        merge_shards(out, copy=True)
+    assert str(refused.value).startswith(f"merging into {out} stopped before copying more of maps/a: {tmp_path} has "
+                                         "1.0 MiB free, and the next write needs 4.0 MiB")
+    assert "Nothing was written (run.h5.merging removed; the shards are unchanged)." in str(refused.value)
+    assert calls == ["_refuse_no_room", "short_of_room"]  # the second check is the one before the first write
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == sorted(s.name for s in shards)
+    assert [s.read_bytes() for s in shards] == before
+    monkeypatch.undo()
+    merge_shards(out, copy=True)  # room again: the same command merges
+    with open_run(out) as run:
+        assert run.n == 8
+
+
+def test_repair_rechecks_the_room_before_each_write_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    run, fixed = tmp_path / "run.h5", tmp_path / "new" / "fixed.h5"
+    write(run)
+    calls = _disk_filling_after_the_first_check(monkeypatch)
+    with pytest.raises(QKHooksError) as refused:
+        repair(run, fixed)
+    assert str(refused.value) == (
+        f"repair stopped before copying more of /maps/a: {fixed.parent} has 1.0 MiB free, and the next write needs "
+        "4.0 MiB with HDF5's spare (the disk filled since the repair began: something else writes there); free space "
+        f"or give --out on another disk, then repair again. {run} is unchanged and nothing was left at {fixed}.")
+    assert calls == ["_refuse_unwritable", "short_of_room"]
+    assert not fixed.parent.exists()  # the folder made for it too
+    monkeypatch.undo()
+    assert len(repair(run, fixed).recovered) == 4

@@ -31,6 +31,7 @@ import numpy as np
 from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import DamagedRunError, HeldOpenError, create_run_file, open_damaged
+from qkhooks.store.lock import short_of_room
 from qkhooks.store.reader import RunReader, held_shards, missing_shard_rows, rewritten_shards
 
 __all__ = ["repair", "RepairReport", "verify_run", "VerifyReport"]
@@ -123,6 +124,18 @@ _SPARE_BYTES = 4 << 20
 """Room kept beyond the copy's bound (HDF5's metadata and the file system's own)."""
 
 
+def _refuse_disk_filled(run: Path, out: Path, name: str, nbytes: int) -> None:
+    """Before each write of the copy (256 images of one array): a disk that filled since :func:`_refuse_unwritable`
+    (something else writing there) stops the repair here, before HDF5 meets it; :func:`repair` removes the copy."""
+    free = short_of_room(out.parent, nbytes, _SPARE_BYTES)
+    if free is not None:
+        raise QKHooksError(f"repair stopped before copying more of /{name}: {out.parent} has {free / 2**20:.1f} MiB "
+                           f"free, and the next write needs {(nbytes + _SPARE_BYTES) / 2**20:.1f} MiB with HDF5's "
+                           "spare (the disk filled since the repair began: something else writes there); free space "
+                           f"or give --out on another disk, then repair again. {run} is unchanged and nothing was "
+                           f"left at {out}.")
+
+
 def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) -> RepairReport:
     problems: list[str] = []
     n = fmt.committed(src) if _readable(lambda: src[fmt.IDS]) else None
@@ -192,8 +205,10 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
         rest = ds.shape[1:]
         copy = dst.create_dataset(name, shape=(len(keep),) + rest, maxshape=(None,) + rest, dtype=ds.dtype,
                                   chunks=ds.chunks, compression=ds.compression, fletcher32=ds.fletcher32)
+        row = max(1, int(np.prod(rest, dtype=np.int64)) * ds.dtype.itemsize)
         for start in range(0, len(keep), 256):
             rows = keep[start:start + 256]
+            _refuse_disk_filled(run, out, name, len(rows) * row)
             copy[start:start + len(rows)] = ds[rows] if len(rows) else ds[:0]
         copy.attrs["per_image"] = True
     images.attrs[fmt.ARRAYS_ATTR] = json.dumps(sorted(arrays))
