@@ -743,18 +743,16 @@ def record_dataset(
                 def skipped_at(step: int) -> list[tuple[str, str]]:
                     return list(position.skipped)
             else:
-                reasons: dict[str, str] = {}  # each late failure decoded once for its reason, not at every checkpoint
+                so_far = _SkippedSoFar(at_open, dataset, ids, lo, seen.ids, first_shard=lo == 0)
 
                 def skipped_at(step: int) -> list[tuple[str, str]]:  # the items the loader has reached by this step
-                    reached = min(hi, start + (step + 1) * opts.batch_size)
-                    return _skipped(at_open, dataset, ids[lo:reached], seen.ids, first_shard=lo == 0, start=lo,
-                                    reasons=reasons)
+                    return so_far(min(hi, start + (step + 1) * opts.batch_size))
             _loop(run, batches, net, hi - start if hi is not None else None, device, (geometry, image_size, cells), plan,
                   progress, writer, checkpointed, opts.checkpoint_every, skipped_at)
         if streamed:
             skipped = position.skipped
         else:
-            skipped = _skipped(at_open, dataset, ids[lo:hi], seen.ids, first_shard=lo == 0, start=lo, reasons=reasons)
+            skipped = so_far(hi)
         if writer is not None:
             _checkpoint(writer, checkpointed)
             writer.write_skipped(skipped)
@@ -897,15 +895,13 @@ class _SeenIds:
 
 
 def _skipped(at_open: Sequence[tuple[str, str]], dataset: Any, wanted: Sequence[str], seen: set[str],
-             first_shard: bool, start: int = 0, reasons: dict[str, str] | None = None) -> list[tuple[str, str]]:
+             first_shard: bool, start: int = 0) -> list[tuple[str, str]]:
     """Files left out when the dataset was opened (listed once, by the first shard) plus images that failed later.
 
     Late failures are found by their absence from the run rather than from ``dataset.skipped``, which
     DataLoader worker processes cannot update. A failure this process did not see (in a worker, or before a
     resume) is decoded once more here for its reason, so the list does not depend on workers or interruptions.
-    ``reasons`` keeps each reason found (the list is written with every checkpoint: each failure is decoded once).
     """
-    reasons = {} if reasons is None else reasons
     def known(id_: str) -> str | None:
         return next((why for skipped_id, why in getattr(dataset, "skipped", [])[len(at_open):] if skipped_id == id_), None)
 
@@ -920,13 +916,28 @@ def _skipped(at_open: Sequence[tuple[str, str]], dataset: Any, wanted: Sequence[
         # never a made-up decode failure: one that decodes now says so
         return known(id_) or "not recorded, although it decodes now (unreadable, or not in the dataset, when the run reached it)"
 
-    late = []
-    for n, i in enumerate(wanted):
-        if i not in seen:
-            if i not in reasons:
-                reasons[i] = reason(start + n, i)
-            late.append((i, reasons[i]))
+    late = [(i, reason(start + n, i)) for n, i in enumerate(wanted) if i not in seen]
     return (list(at_open) if first_shard else []) + late
+
+
+class _SkippedSoFar:
+    """:func:`_skipped` up to where the loader has got (``so_far(reached)``: dataset items ``lo .. reached``), found a
+    stretch at a time, so that the list written with every checkpoint looks at each id once and decodes each late
+    failure once (the whole list at every checkpoint was quadratic in the run's length)."""
+
+    def __init__(self, at_open: Sequence[tuple[str, str]], dataset: Any, ids: Sequence[str], lo: int, seen: set[str],
+                 first_shard: bool):
+        self.at_open, self.dataset, self.ids, self.seen = at_open, dataset, ids, seen
+        self.head = list(at_open) if first_shard else []
+        self.late: list[tuple[str, str]] = []
+        self.upto = lo
+
+    def __call__(self, reached: int) -> list[tuple[str, str]]:
+        if reached > self.upto:  # every item before ``reached`` went through the recording (or failed)
+            self.late += _skipped(self.at_open, self.dataset, self.ids[self.upto:reached], self.seen, first_shard=False,
+                                  start=self.upto)
+            self.upto = reached
+        return self.head + self.late
 
 
 class _Callback:
@@ -1144,7 +1155,8 @@ def _loop(run, batches, net, total, device, layout, plan, progress, writer, chec
             with torch.no_grad():
                 run(pixels, ids=list(batch["id"]), meta=meta)
             if writer is not None and (step + 1) % checkpoint_every == 0:
-                if skipped_at is not None and (skipped := skipped_at(step)) != written:
+                skipped = skipped_at(step) if skipped_at is not None else None
+                if skipped is not None and (written is None or len(skipped) != len(written)):  # it only grows
                     writer.write_skipped(skipped)  # before the checkpoint: the file names every image it passed
                     written = skipped
                 _checkpoint(writer, checkpointed)
