@@ -768,7 +768,7 @@ def record_dataset(
             writer.close(complete=False)  # a new run with nothing committed leaves no file that blocks a rerun
             if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
                 raise RunInterrupted(writer.interruption_help(_kept_on_resume(writer, reducers))) from exc
-            if isinstance(exc, QKHooksError) and (room := writer.room_help(_kept_on_resume(writer, reducers))):
+            if writer.stopped_for_room and (room := writer.room_help(_kept_on_resume(writer, reducers))):
                 raise QKHooksError(room) from exc  # a full disk: where the file stands counted by its checkpoint
         raise
     return RecordResult(Path(out) if out is not None else None, reducers, run.images_seen, skipped,

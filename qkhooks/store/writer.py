@@ -836,6 +836,11 @@ class RunWriter:
         raise QKHooksError(f"{what} while writing {name}: {self.committed} images are committed and safe; {fix} and "
                            "run the same command with --resume") from self._error
 
+    @property
+    def stopped_for_room(self) -> bool:
+        """Whether the writer stopped on a full disk, a quota or a file size limit (:meth:`room_help` says more)."""
+        return self._error is not None and out_of_room(self._error) is not None
+
     def room_help(self, kept: int | None) -> str | None:
         """After the run stopped on a full disk, a quota or a file size limit (None for any other stop): where its
         file stands, counted by its checkpoint, and how to go on. ``kept``: the images a resume keeps (its reducers'
