@@ -111,7 +111,10 @@ global heap, which has none, and an edit with h5py passes any checksum: a change
 geometry) or ``identity`` would have numbers read under the wrong layer or dtype without a word. Written with the
 layout (the writer's :meth:`_publish`), by a merge and a repair, and updated where the writer changes an attribute
 after that (a resume's statics); every reader checks it on opening (:func:`attr_digest_problems`). Absent in runs
-without ``--checksum`` and in runs written before it (their attributes are not covered)."""
+without ``--checksum`` and in runs written before it (their attributes are not covered). Round 40: an attribute it
+does not list is a user's own (:func:`unsealed_attrs`), accepted unless qkhooks reads an attribute of its name
+(:data:`QKHOOKS_ATTR_NAMES`); an entry ``OLD|NEW`` accepts either digest (:func:`digest_matches`: a resume rewriting
+that attribute, left so where it was killed between the two writes)."""
 UNSEALED_ATTRS = frozenset({"complete", "committed", ATTR_DIGESTS, FORMAT_ATTR})
 """Attributes left out of :data:`ATTR_DIGESTS`: those a writer changes every batch or at its end, the digests, and
 :data:`FORMAT_ATTR` (an integer in the root's header, which HDF5 checksums; every writer checks it first, and a copy

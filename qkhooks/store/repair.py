@@ -578,7 +578,10 @@ class VerifyReport:
                          "values are gone: what needs them is refused, and the run cannot be resumed)")
         if self.arrays:
             lines.append(self._checksum_line(unsummed))
-        lines.append("attrs    " + ("sha256 digests: every attribute checked against its own" if self.attr_digests
+        sealed = ("every attribute checked against its own" if not self.unsealed else
+                  f"every attribute qkhooks wrote checked against its own; {len(self.unsealed)} added since, under "
+                  "names qkhooks does not read, are not sealed (listed below)")
+        lines.append("attrs    " + ("sha256 digests: " + sealed if self.attr_digests
                                     else "no digests (written without --checksum, or before them): a changed attribute "
                                     "cannot be detected unless its JSON stops parsing"))
         lines += [f"unsealed {fmt.attr_words(name)}: not sealed (added after the digests were written; qkhooks reads no "
