@@ -17,6 +17,7 @@ Names follow the paper's "L{l} H{h} M{m}", all 0-based (l is the block index use
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -316,11 +317,60 @@ def analyze_modes(
         The JSON summary (also written to ``modes.json``), with ``files``; ``complete`` is False for a recording that
         stopped early (every number covers its committed images, ``images``).
     """
-    from qkhooks.models.base import parse_layers
-    from qkhooks.plots import plot_anisotropy, plot_layer_curves, stack_heads
-
     check_modes_options(same_object_top, figure_modes)
     out = Path(out_dir)
+    run = _read_run(run_path, k, layers, figure_modes, overview, images, same_object_top)
+    out.mkdir(parents=True, exist_ok=True)  # only once the run is known to hold what the analysis needs
+    files: dict[str, str] = {}
+    aniso, baselines = _anisotropy_section(run, out, files)
+    same = _same_object_section(run, out, files, same_object_top)
+    figures, figure_left_out, photo_note = _figure_section(run, out, figure_modes, overview, images, image_config,
+                                                           normalize, baselines)
+    summary = _modes_summary(run, aniso, baselines, same, same_object_top, figure_left_out, photo_note)
+    files["figures"] = str(out / "figures") if figures else ""
+    summary["files"] = {**files, "json": str(out / "modes.json"), "figure_count": len(figures)}
+    write_json(out / "modes.json", summary)
+    return summary
+
+
+@dataclasses.dataclass
+class _ModesRun:
+    """What :func:`analyze_modes` reads of a run, in one opening of the file: the sections that follow work from it."""
+
+    path: str | os.PathLike
+    attrs: dict[str, Any]
+    ids: list[str]
+    n: int
+    complete: bool  # False for a run stopped early: every number covers its committed images only
+    prefix: int
+    chosen: list[int]
+    topk: dict[str, Any]  # the ranking drawn and listed (k images per mode)
+    source: str  # where that ranking came from (the saved reducer, or recomputed from the stored maps)
+    geometry: dict[int, Any]
+    spectra: dict[int, dict[str, np.ndarray]]
+    aniso_state: Mapping[str, Any] | None
+    centre_state: Mapping[str, Any] | None
+    objects: np.ndarray | None  # masks/objects of the whole run, where it has them
+    layer_objects: dict[int, np.ndarray]  # each layer's object labels on its own grid
+    object_left_out: dict[int, str]  # layers without a same-object value, and why
+    same_state: dict[str, Any] | None  # the ranking the same-object statistic takes (maybe more than k images)
+    wanted: set[int]  # rows of the images the figures draw
+    sizes: dict[str, int] | None  # their files' recorded sizes (to check the reopened photos)
+
+    @property
+    def model(self) -> str:
+        return str(self.attrs.get("model", ""))
+
+    @property
+    def data(self) -> str:
+        return str(self.attrs.get("data", ""))
+
+
+def _read_run(run_path: str | os.PathLike, k: int | None, layers: Sequence[int] | str | None, figure_modes: int | None,
+              overview: bool, images: bool, same_object_top: int) -> _ModesRun:
+    """Everything the analysis needs of the run, refused (before any output is written) where the run lacks it."""
+    from qkhooks.models.base import parse_layers
+
     with open_run(run_path) as run:
         info = dict(run.info)
         prefix = int(info["num_prefix_tokens"])
@@ -328,7 +378,6 @@ def analyze_modes(
         attrs = dict(run.attrs)
         ids = list(run.ids)
         n = int(run.n)
-        complete = bool(run.complete)  # a run stopped early: every number below is over its committed images only
         if n == 0:
             raise QKHooksError(f"{run_path} holds no committed images yet.")
         available = sorted(set(int(l) for l in run.mode_layers) | set(_state_layers(run.state(TopKModes.name, default=None))))
@@ -350,8 +399,6 @@ def analyze_modes(
             if "S_all" not in arrays:
                 arrays["truncated"] = np.asarray(run.spectrum(l).truncated)
             arrays["null"] = _null_kept_modes(arrays)
-        aniso_state = run.state(AnisotropyReducer.name, default=None)
-        centre_state = run.state(CentreEmbeddings.name, default=None)
         objects = None
         layer_objects: dict[int, np.ndarray] = {}
         object_left_out: dict[int, str] = {}
@@ -368,98 +415,120 @@ def analyze_modes(
                     layer_objects[l] = objects if name == "masks/objects" else np.asarray(run.array(name)[:n])
         if layer_objects and int(np.asarray(ranked["k"])) < same_object_top:  # more images per mode than ranked
             ranked, _ = _topk_state(run, chosen, same_object_top, prefix)  # from the stored maps, or refused
-        same_state = select_layers(ranked, chosen, None) if layer_objects else None
         wanted = _drawn_images(topk, chosen, figure_modes, overview)
-        sizes = recorded_sizes(run, ids, wanted) if images and wanted else None  # of the images drawn: their rows
-    model, data = str(attrs.get("model", "")), str(attrs.get("data", ""))
-    out.mkdir(parents=True, exist_ok=True)  # only once the run is known to hold what the analysis needs
+        return _ModesRun(
+            path=run_path, attrs=attrs, ids=ids, n=n, complete=bool(run.complete), prefix=prefix, chosen=chosen,
+            topk=topk, source=source, geometry=geometry, spectra=spectra,
+            aniso_state=run.state(AnisotropyReducer.name, default=None),
+            centre_state=run.state(CentreEmbeddings.name, default=None), objects=objects, layer_objects=layer_objects,
+            object_left_out=object_left_out, same_state=select_layers(ranked, chosen, None) if layer_objects else None,
+            wanted=wanted, sizes=recorded_sizes(run, ids, wanted) if images and wanted else None)
 
-    # --- anisotropy
-    files: dict[str, str] = {}
-    baselines = anisotropy_from_state(aniso_state) if aniso_state is not None else {}
+
+def _anisotropy_section(run: _ModesRun, out: Path, files: dict[str, str]) -> tuple[dict[str, Any], dict[int, float]]:
+    """``anisotropy.csv`` / ``.png``: each mode's cosine against the layer's baseline (the anisotropy table and the
+    baselines, per layer)."""
+    from qkhooks.plots import plot_anisotropy
+
+    spectra = run.spectra
+    baselines = anisotropy_from_state(run.aniso_state) if run.aniso_state is not None else {}
     aniso = anisotropy_table(spectra, baselines)
-    if aniso["layers"]:
-        rows = []
-        for r in aniso["rows"]:
-            rows.append([r["layer"], "mean", "weighted", "", _fmt(r["cos_weighted"]), _fmt(r["baseline"]), _fmt(r["relative_cos_weighted"])])
-            null = spectra[r["layer"]]["null"]
-            for h, (s_h, c_h) in enumerate(zip(r["S"], r["cos"])):
-                for m, (s, c) in enumerate(zip(s_h, c_h)):
-                    c = math.nan if null[h, m] else c  # an arbitrary cosine (NULL_MODE_NOTE)
-                    rows.append([r["layer"], h, m, _fmt(s), _fmt(c), _fmt(r["baseline"]), _fmt(c - r["baseline"])])
-        files["anisotropy_csv"] = str(_write_csv(out / "anisotropy.csv", ["layer", "head", "mode", "sigma", "cos", "baseline", "relative_cos"], rows))
-        if centre_state is not None:
-            kept_layers = set(_state_layers(centre_state))
-            kept = [r for r in aniso["rows"] if r["layer"] in kept_layers]
-            if kept:
-                pivots = baseline_pivots(centre_state, [r["layer"] for r in kept])
-                _, low, high = layer_intervals(pivots, limits=COSINE)
-                for r, lo, hi, images in zip(kept, low, high, pivots.count):
-                    r["baseline_low"], r["baseline_high"] = float(lo), float(hi)
-                    r["baseline_images"] = int(images)  # zero rows skipped
-        ci = all("baseline_low" in r for r in aniso["rows"])
-        files["anisotropy_png"] = str(plot_anisotropy(
-            aniso["layers"], [r["baseline"] for r in aniso["rows"]],
-            [r["baseline_low"] for r in aniso["rows"]] if ci else None,
-            [r["baseline_high"] for r in aniso["rows"]] if ci else None,
-            [r["cos_weighted"] for r in aniso["rows"]], out / "anisotropy.png",
-            f"Anisotropy baseline: centre patches of {n} images of {data or 'the run'} — {model}"))
+    if not aniso["layers"]:
+        return aniso, baselines
+    rows = []
+    for r in aniso["rows"]:
+        rows.append([r["layer"], "mean", "weighted", "", _fmt(r["cos_weighted"]), _fmt(r["baseline"]), _fmt(r["relative_cos_weighted"])])
+        null = spectra[r["layer"]]["null"]
+        for h, (s_h, c_h) in enumerate(zip(r["S"], r["cos"])):
+            for m, (s, c) in enumerate(zip(s_h, c_h)):
+                c = math.nan if null[h, m] else c  # an arbitrary cosine (NULL_MODE_NOTE)
+                rows.append([r["layer"], h, m, _fmt(s), _fmt(c), _fmt(r["baseline"]), _fmt(c - r["baseline"])])
+    files["anisotropy_csv"] = str(_write_csv(out / "anisotropy.csv", ["layer", "head", "mode", "sigma", "cos", "baseline", "relative_cos"], rows))
+    if run.centre_state is not None:
+        kept_layers = set(_state_layers(run.centre_state))
+        kept = [r for r in aniso["rows"] if r["layer"] in kept_layers]
+        if kept:
+            pivots = baseline_pivots(run.centre_state, [r["layer"] for r in kept])
+            _, low, high = layer_intervals(pivots, limits=COSINE)
+            for r, lo, hi, images in zip(kept, low, high, pivots.count):
+                r["baseline_low"], r["baseline_high"] = float(lo), float(hi)
+                r["baseline_images"] = int(images)  # zero rows skipped
+    ci = all("baseline_low" in r for r in aniso["rows"])
+    files["anisotropy_png"] = str(plot_anisotropy(
+        aniso["layers"], [r["baseline"] for r in aniso["rows"]],
+        [r["baseline_low"] for r in aniso["rows"]] if ci else None,
+        [r["baseline_high"] for r in aniso["rows"]] if ci else None,
+        [r["cos_weighted"] for r in aniso["rows"]], out / "anisotropy.png",
+        f"Anisotropy baseline: centre patches of {run.n} images of {run.data or 'the run'} — {run.model}"))
+    return aniso, baselines
 
-    # --- same object
-    same = None
-    if objects is not None:
-        same = same_object_table(same_state, layer_objects, {l: s for l, s in spectra.items() if l in layer_objects},
-                                 {l: g.num_prefix_tokens for l, g in geometry.items()}, top=same_object_top)
-        for r in same["rows"]:
-            if not r["modes_with_value"]:
-                object_left_out.setdefault(r["layer"], (
-                    f"no mode has a value: none of its modes' top-{same_object_top} images has a labelled object "
-                    "(their masks are background only)" if not np.asarray(spectra[r["layer"]]["null"]).all()
-                    else "every mode is numerically null (sigma = 0: W_q^T W_k is zero)"))
-            elif r["uninformative"]:  # p_same = chance = 1 by construction (review r38): named, no layer value
-                object_left_out.setdefault(r["layer"], r["uninformative"])
-        same["left_out"] = {int(l): why for l, why in sorted(object_left_out.items())}
-        rows = []
-        for r in same["rows"]:
-            rows.append([r["layer"], "mean", "weighted", "", "", _fmt(r["p_same"]), _fmt(r["p_same_pooled"]),
-                         _fmt(r["p_same_unweighted"]), r["modes_with_value"], _fmt(r["chance"])])
-            S, cos, null = (spectra[r["layer"]][k_] for k_ in ("S", "cos", "null"))
-            for h, ph in enumerate(r["per_mode"]):
-                for m, p in enumerate(ph):
-                    c = math.nan if null[h, m] else cos[h, m]
-                    rows.append([r["layer"], h, m, _fmt(S[h, m]), _fmt(c), _fmt(p), "", "", r["images_used"][h][m],
-                                 _fmt(r["chance_per_mode"][h][m])])
-        files["same_object_csv"] = str(_write_csv(
-            out / "same_object.csv",
-            ["layer", "head", "mode", "sigma", "cos", "p_same", "p_same_pooled", "p_same_unweighted", "images",
-             "chance"], rows))
-        if same["rows"]:
-            per_head = stack_heads([r["per_head"] for r in same["rows"]])  # (heads, layers)
-            _, low, high = layer_intervals(per_head, limits=PROBABILITY)
-            same["chance"] = chance_same_object(objects)
-            weighted = "σ-weighted (per head, mean of heads)"
-            files["same_object_png"] = str(plot_layer_curves(
-                same["layers"],
-                {weighted: [r["p_same"] for r in same["rows"]],
-                 "unweighted": [r["p_same_unweighted"] for r in same["rows"]],
-                 "chance over the same images (σ-weighted)": [r["chance"] for r in same["rows"]]},
-                out / "same_object.png", ylabel="P(query and key pick the same object)",
-                title=f"Same object or not: top-{same_object_top} of {n} images per mode — {Path(run_path).name}",
-                bands={weighted: (low, high)}, references={f"chance ({same['chance']:.2f})": same["chance"]},
-                ylim=(0, 1)))
 
-    # --- figures
-    kk = int(topk["k"])
-    shapes = {l: layer_state(topk, l)["score"].shape[:2] for l in chosen}  # (heads, modes): stages differ
-    photos, photo_note = (load_images(attrs, ids, sorted(wanted), image_config, sizes) if images and wanted
+def _same_object_section(run: _ModesRun, out: Path, files: dict[str, str], same_object_top: int) -> dict[str, Any] | None:
+    """``same_object.csv`` / ``.png``: how often a mode's query and key maps pick the same object (None for a run
+    without object masks)."""
+    from qkhooks.plots import plot_layer_curves, stack_heads
+
+    if run.objects is None:
+        return None
+    spectra, object_left_out = run.spectra, dict(run.object_left_out)
+    same = same_object_table(run.same_state, run.layer_objects,
+                             {l: s for l, s in spectra.items() if l in run.layer_objects},
+                             {l: g.num_prefix_tokens for l, g in run.geometry.items()}, top=same_object_top)
+    for r in same["rows"]:
+        if not r["modes_with_value"]:
+            object_left_out.setdefault(r["layer"], (
+                f"no mode has a value: none of its modes' top-{same_object_top} images has a labelled object "
+                "(their masks are background only)" if not np.asarray(spectra[r["layer"]]["null"]).all()
+                else "every mode is numerically null (sigma = 0: W_q^T W_k is zero)"))
+        elif r["uninformative"]:  # p_same = chance = 1 by construction (review r38): named, no layer value
+            object_left_out.setdefault(r["layer"], r["uninformative"])
+    same["left_out"] = {int(l): why for l, why in sorted(object_left_out.items())}
+    rows = []
+    for r in same["rows"]:
+        rows.append([r["layer"], "mean", "weighted", "", "", _fmt(r["p_same"]), _fmt(r["p_same_pooled"]),
+                     _fmt(r["p_same_unweighted"]), r["modes_with_value"], _fmt(r["chance"])])
+        S, cos, null = (spectra[r["layer"]][k_] for k_ in ("S", "cos", "null"))
+        for h, ph in enumerate(r["per_mode"]):
+            for m, p in enumerate(ph):
+                c = math.nan if null[h, m] else cos[h, m]
+                rows.append([r["layer"], h, m, _fmt(S[h, m]), _fmt(c), _fmt(p), "", "", r["images_used"][h][m],
+                             _fmt(r["chance_per_mode"][h][m])])
+    files["same_object_csv"] = str(_write_csv(
+        out / "same_object.csv",
+        ["layer", "head", "mode", "sigma", "cos", "p_same", "p_same_pooled", "p_same_unweighted", "images",
+         "chance"], rows))
+    if same["rows"]:
+        per_head = stack_heads([r["per_head"] for r in same["rows"]])  # (heads, layers)
+        _, low, high = layer_intervals(per_head, limits=PROBABILITY)
+        same["chance"] = chance_same_object(run.objects)
+        weighted = "σ-weighted (per head, mean of heads)"
+        files["same_object_png"] = str(plot_layer_curves(
+            same["layers"],
+            {weighted: [r["p_same"] for r in same["rows"]],
+             "unweighted": [r["p_same_unweighted"] for r in same["rows"]],
+             "chance over the same images (σ-weighted)": [r["chance"] for r in same["rows"]]},
+            out / "same_object.png", ylabel="P(query and key pick the same object)",
+            title=f"Same object or not: top-{same_object_top} of {run.n} images per mode — {Path(run.path).name}",
+            bands={weighted: (low, high)}, references={f"chance ({same['chance']:.2f})": same["chance"]},
+            ylim=(0, 1)))
+    return same
+
+
+def _figure_section(run: _ModesRun, out: Path, figure_modes: int | None, overview: bool, images: bool,
+                    image_config: Any, normalize: str, baselines: Mapping[int, float]
+                    ) -> tuple[list[str], dict[int, str], str]:
+    """``figures/``: each layer's overview sheet and each drawn mode's maps over its top images (the files, the
+    layers left out and why, and what the photos under the maps are)."""
+    spectra, ids = run.spectra, run.ids
+    photos, photo_note = (load_images(run.attrs, ids, sorted(run.wanted), image_config, run.sizes) if images and run.wanted
                           else ({}, "no photos (images=False)" if not images else "no figures"))
     figures: list[str] = []
     figure_left_out: dict[int, str] = {}
-    for l in chosen:
-        st = layer_state(topk, l)
+    for l in run.chosen:
+        st = layer_state(run.topk, l)
         cos = spectra[l]["cos"]
-        g = geometry[l]
-        heads, modes = shapes[l]
+        g = run.geometry[l]
+        heads, modes = st["score"].shape[:2]
         n_fig = modes if figure_modes is None else min(int(figure_modes), modes)
         if g.grid is None or g.reduced_keys:  # the key map has no image grid of the query's to overlay on
             if overview or n_fig:
@@ -478,28 +547,36 @@ def analyze_modes(
                 figures.append(str(plot_mode(st, l, h, m, out / "figures" / f"L{l}" / f"L{l}_H{h}_M{m}.png",
                                              g.num_prefix_tokens, photos, ids, g.grid, cos=float(cos[h, m]),
                                              relative=rel, sigma=float(spectra[l]["S"][h, m]), normalize=normalize)))
+    return figures, figure_left_out, photo_note
 
-    # --- summary
+
+def _modes_summary(run: _ModesRun, aniso: Mapping[str, Any], baselines: Mapping[int, float],
+                   same: dict[str, Any] | None, same_object_top: int, figure_left_out: dict[int, str],
+                   photo_note: str) -> dict[str, Any]:
+    """``modes.json``'s content but its files: the run, the notes, and each mode's sigma, cosine and top images."""
+    spectra, chosen, geometry = run.spectra, run.chosen, run.geometry
+    kk = int(run.topk["k"])
+    shapes = {l: layer_state(run.topk, l)["score"].shape[:2] for l in chosen}  # (heads, modes): stages differ
     summary: dict[str, Any] = {
-        "run": str(run_path), "model": model, "data": data, "images": n, "complete": complete, "k": kk,
-        "num_prefix_tokens": prefix,
-        "topk_source": source, "photos": photo_note, "naming": "L{layer} H{head} M{mode}, all 0-based",
+        "run": str(run.path), "model": run.model, "data": run.data, "images": run.n, "complete": run.complete, "k": kk,
+        "num_prefix_tokens": run.prefix,
+        "topk_source": run.source, "photos": photo_note, "naming": "L{layer} H{head} M{mode}, all 0-based",
         "score": "max(0, max_t q) * max(0, max_t k) over patch tokens; sign -1 ranks (-q, -k)",
         "top_note": "per mode, the best k distinct images, each with its better-scoring sign (never listed twice)",
         "layers": [],
         "geometry": {l: g.to_dict() for l, g in geometry.items()},
         "figures_left_out": figure_left_out,
         "anisotropy": None if not aniso["layers"] else {r["layer"]: {k_: r[k_] for k_ in ("baseline", "baseline_low", "baseline_high", "baseline_images", "cos_weighted", "relative_cos_weighted", "cos_weighted_note") if k_ in r} for r in aniso["rows"]},
-        "baseline_images": _baseline_count(aniso_state),
-        "anisotropy_note": _anisotropy_note(spectra, shapes) + _baseline_images_note(aniso_state, n)
-        if aniso_state is not None else "the run has no anisotropy reducer state",
+        "baseline_images": _baseline_count(run.aniso_state),
+        "anisotropy_note": _anisotropy_note(spectra, shapes) + _baseline_images_note(run.aniso_state, run.n)
+        if run.aniso_state is not None else "the run has no anisotropy reducer state",
         "same_object": None if same is None else {
             "top": same_object_top, "sign": same["sign"],
             "chance": same.get("chance"),
             "layers": {r["layer"]: {k_: r[k_] for k_ in ("p_same", "p_same_pooled", "p_same_unweighted", "modes_with_value",
                                                          "per_head", "chance", "chance_per_head")} for r in same["rows"]},
             "left_out": same["left_out"]},
-        "same_object_note": None if objects is not None else "the run has no masks/objects (record a dataset with object masks)",
+        "same_object_note": None if run.objects is not None else "the run has no masks/objects (record a dataset with object masks)",
     }
     nulls = {l: int(np.asarray(spectra[l]["null"]).sum()) for l in chosen if np.asarray(spectra[l]["null"]).any()}
     if nulls:
@@ -513,7 +590,7 @@ def analyze_modes(
             "its component's logits; no head here is a map head")
     same_rows = {r["layer"]: r for r in same["rows"]} if same is not None else {}
     for l in chosen:
-        st = layer_state(topk, l)
+        st = layer_state(run.topk, l)
         heads, modes = shapes[l]
         entry: dict[str, Any] = {"layer": l, "heads": []}
         for h in range(heads):
@@ -522,7 +599,7 @@ def analyze_modes(
                 best = top_images(st, h, m, "both", kk)
                 rec: dict[str, Any] = {
                     "mode": m, "name": mode_name(l, h, m), "sigma": float(spectra[l]["S"][h, m]), "cos": float(spectra[l]["cos"][h, m]),
-                    "top": [{"index": int(ix), "id": ids[int(ix)], "score": float(sc), "sign": int(sg)}
+                    "top": [{"index": int(ix), "id": run.ids[int(ix)], "score": float(sc), "sign": int(sg)}
                             for ix, sc, sg in zip(best["index"], best["score"], best["sign"])],
                 }
                 if l in baselines:
@@ -538,10 +615,6 @@ def analyze_modes(
                 head_entry["component_of"] = {"map_head": h // 2, "term": f"softmax{h % 2 + 1}"}
             entry["heads"].append(head_entry)
         summary["layers"].append(entry)
-    files["figures"] = str(out / "figures") if figures else ""
-    summary["files"] = {**files, "json": str(out / "modes.json"), "figure_count": len(figures)}
-
-    write_json(out / "modes.json", summary)
     return summary
 
 
