@@ -73,8 +73,11 @@ def model_curves(item: str) -> tuple[str, dict[str, Any]]:
             raise QKHooksError(f"{summary} predates per-layer curves in reports: run `qkhooks demo` on it again.")
         return str(data["model"]), data["curves"]
     if ":" not in item:
+        run = (" It is a file, not a report folder: compare reads the folders `qkhooks demo --model SPEC --data DATA "
+               "--out DIR` writes (their summary.json), not run files (.h5) of `qkhooks record`."
+               if path.is_file() else "")
         raise QKHooksError(f"{item!r} is neither a report folder nor a model spec (timm:NAME, hf:ID, offline:NAME, "
-                           "with @random for random weights).")
+                           f"with @random for random weights).{run}")
     loaded = load_model(item)
     spec = spectrum(loaded.model)
     layers = [l.layer for l in spec.layers]

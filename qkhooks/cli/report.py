@@ -90,7 +90,7 @@ def _slug(spec: str) -> str:
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("items", nargs="+", metavar="RUN_OR_MODEL",
+    p.add_argument("items", nargs="+", metavar="REPORT_OR_MODEL",
                    help="report folders (qkhooks demo --out DIR) or model specs (SPEC@random for random weights)")
     p.add_argument("--out", default="compare_out", help="folder for index.html, compare.json and the figures")
 
