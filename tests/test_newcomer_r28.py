@@ -90,7 +90,8 @@ def test_paper_claims_read_the_position_probes_only_on_enough_held_out_images(r2
     few = paper_claims(_bfd_result(1, r2))
     assert few["split_isolates_position"] is None
     assert few["sentences"][-1] == ("The position probes from C are tested on 1 held-out image, fewer than 8: not read "
-                                    "(one image in holdout_every is held out; record more images).")
+                                    "(about one image in --holdout-every (holdout_every=, default 5) is held out, "
+                                    "chosen by a hash of its id: record more images).")
 
 
 def test_record_resume_says_how_many_images_it_kept_and_recorded(tmp_path, capsys):

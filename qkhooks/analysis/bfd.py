@@ -33,6 +33,7 @@ from qkhooks.analysis.bfd_reducers import (
 from qkhooks.analysis.bfd_summary import (
     CELLS,
     DEFINITIONS,
+    HOLDOUT_HOW,
     MIN_HOLDOUT,
     TERMS,
     check_alpha,
@@ -488,7 +489,7 @@ def format_table(result: dict[str, Any]) -> str:
     held = holdout_images(result)
     if any(layer.get("decoding") for layer in result["layers"]) and held < MIN_HOLDOUT:
         lines.append(f"R2(X) and R2(C) are tested on {held} held-out image{'s' * (held != 1)}, fewer than {MIN_HOLDOUT}: not to be read "
-                     "(one image in holdout_every is held out; record more images).")
+                     f"({HOLDOUT_HOW}).")
     for layer in result["layers"]:
         if layer.get("decoding", {}).get("note"):
             lines.append(f"probes of layer {layer['layer']}: {layer['decoding']['note']}")

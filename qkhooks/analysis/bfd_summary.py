@@ -29,6 +29,10 @@ CLAIMS = ("cc_dominant", "cp_second", "heads_specialise", "modes_specialise", "s
 MIN_HOLDOUT = 8
 """Held-out images below which the BFD position probes from X and C are not read (their R² is noise)."""
 
+HOLDOUT_HOW = ("about one image in --holdout-every (holdout_every=, default 5) is held out, chosen by a hash of its "
+               "id: record more images")
+"""How the held-out images are chosen and what brings more, for the sentences that say the probes are not read."""
+
 DEFINITIONS = {
     "factors": "X[i, p] = token entering W_q/W_k of image i at position p; P[p] = mean_i X[i, p] (grand mean mu "
     "included); C[i, p] = X[i, p] - P[p]. Prefix tokens are positions unless dropped.",
@@ -410,7 +414,7 @@ def decoding_r2(state: Mapping[str, np.ndarray], grid: tuple[int, int], alpha: f
         constant.append("P")
     if n[0] < 1 or n[1] < 1:
         out.update({f: dict(none) for f in "XC"})
-        out["note"] = "no held-out or no training images: use more images (one in holdout_every is held out)."
+        out["note"] = f"no held-out or no training images: use more images ({HOLDOUT_HOW})."
         return out
     feats: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {f: [] for f in "XC"}
     for j in (0, 1):
@@ -573,7 +577,7 @@ def paper_claims(
         out["split_isolates_position"] = None  # an R² from C on a few images is noise: no verdict from it
         sentences["split_isolates_position"] = (
             f"The position probes from C are tested on {held} held-out image{'s' * (held != 1)}, fewer than "
-            f"{MIN_HOLDOUT}: not read (one image in holdout_every is held out; record more images).")
+            f"{MIN_HOLDOUT}: not read ({HOLDOUT_HOW}).")
     elif probed:
         worst_p = min(d["P"]["mean"] for _, d in probed)
         worst_c = max(d["C"]["mean"] for _, d in probed)
@@ -587,6 +591,6 @@ def paper_claims(
     else:
         out["split_isolates_position"] = None
         sentences["split_isolates_position"] = ("Not enough data for the position probes (or none in this result): "
-                                                "record more images (one in holdout_every is held out).")
+                                                f"{HOLDOUT_HOW}.")
     out["sentences"] = [sentences[key] for key in CLAIMS]
     return out
