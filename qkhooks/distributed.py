@@ -100,15 +100,22 @@ def shard_path(out: str | os.PathLike, rank: int, world: int) -> Path:
     return out.with_name(f"{out.stem}.rank{int(rank)}-of-{int(world)}{out.suffix}")
 
 
-def find_shards(out: str | os.PathLike) -> list[Path]:
-    """The shard files of ``out`` in its folder, in rank order; all ranks of one world size must be there."""
-    out = Path(out)
+def _shard_candidates(out: Path) -> dict[int, dict[int, Path]]:
+    """The files named as shards of ``out`` in its folder: world size -> rank -> path."""
     folder = out.parent if str(out.parent) else Path(".")
     found: dict[int, dict[int, Path]] = {}
     for p in folder.glob(f"{glob_escape(out.stem)}.rank*-of-*{glob_escape(out.suffix)}"):
         m = _SHARD_RE.match(p.name)
         if m and m["stem"] == out.stem and (m["suffix"] or "") == out.suffix:
             found.setdefault(int(m["world"]), {})[int(m["rank"])] = p
+    return found
+
+
+def find_shards(out: str | os.PathLike) -> list[Path]:
+    """The shard files of ``out`` in its folder, in rank order; all ranks of one world size must be there."""
+    out = Path(out)
+    folder = out.parent if str(out.parent) else Path(".")
+    found = _shard_candidates(out)
     if not found:
         raise QKHooksError(
             f"no shard files {out.stem}.rank*-of-*{out.suffix} in {folder}; record them with torchrun, or copy them "
@@ -281,6 +288,10 @@ def _merge(out: str | os.PathLike, shard_paths: Sequence[str | os.PathLike] | No
            copy: bool, overwrite: bool) -> tuple[Path, list[Reducer], int, list[tuple[str, str]]]:
     out = Path(out)
     if out.exists() and not overwrite:
+        if shard_paths is None and not _shard_candidates(out):  # a run of one process: nothing to merge, nothing to replace
+            raise QKHooksError(f"{out} exists and no shard files {out.stem}.rank*-of-*{out.suffix} sit next to it: a run "
+                               "recorded by one process is complete as it is and needs no merge (merge joins the "
+                               "shards that torchrun's ranks write).")
         raise QKHooksError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
     other = other_program_file(out) if out.exists() else None
     if other is not None:  # as record --overwrite: only a run is replaced, never a photo or another program's file
