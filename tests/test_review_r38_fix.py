@@ -251,7 +251,10 @@ def test_a_one_image_runs_same_object_probability_of_one_at_chance_one_is_flagge
     assert csv[1].split(",")[5] == "nan" and csv[2].split(",")[5] == "1"  # layer row: no value; a mode: 1 beside 1
     from qkhooks.analysis.modes import format_summary
 
-    assert all(line.split()[-1] == "—" for line in format_summary(summary).splitlines()[1:])
+    text = format_summary(summary).splitlines()
+    rows = [line for line in text[1:] if line.split()[0].isdigit()]  # the table; under it, why (round 40)
+    assert len(rows) == 2 and all(line.split()[-1] == "—" for line in rows)
+    assert all(f"p_same of layer {l} —: {UNINFORMATIVE_NOTE.rstrip('.')}." in text for l in (0, 1))
 
     two = one.copy()
     two[30:44, 8:40] = 7  # a second object: chance 1/2, and p_same says which the sides pick

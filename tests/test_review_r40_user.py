@@ -76,3 +76,20 @@ def test_bfd_sentences_that_do_not_read_the_probes_name_the_flag_and_how_images_
     enough = _bfd_result(MIN_HOLDOUT)  # read: no such sentence
     assert "--holdout-every" not in paper_claims(enough)["sentences"][-1]
     assert "--holdout-every" not in format_table(enough)
+
+
+def test_analyze_modes_table_says_why_p_same_is_a_dash(tmp_path, capsys):
+    """`qkhooks analyze modes` on photos without object masks printed a column of dashes under p_same and no word
+    why; modes.json had the reason. The printed table now carries it under the rows."""
+    import timm
+
+    net = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=16,
+                            depth=2, num_heads=2).eval()
+    run = tmp_path / "photos.h5"
+    qkhooks.record_dataset(net, "samples", run, modes=2, limit=3, batch_size=3, progress=False)
+    assert main(["analyze", "modes", str(run), "--out", str(tmp_path / "m"), "--no-images", "--figure-modes", "0",
+                 "--no-overview"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.split() and line.split()[0].isdigit()]
+    assert [line.split()[0] for line in rows] == ["0", "1"] and all(line.split()[-1] == "—" for line in rows)
+    assert "p_same —: the run has no masks/objects (record a dataset with object masks)." in lines

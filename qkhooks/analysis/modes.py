@@ -740,4 +740,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         cells = [a.get("cos_weighted"), a.get("baseline"), a.get("relative_cos_weighted"), s.get("p_same")]
         text = ["—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.3f}" for v in cells]
         lines.append(f"{l:>5}  {text[0]:>8}  {text[1]:>8}  {text[2]:>9}  {text[3]:>7}")
+    if summary.get("same_object_note"):  # a column of dashes says why, as modes.json does
+        lines.append(f"p_same —: {str(summary['same_object_note']).rstrip('.')}.")
+    for l, why in ((summary.get("same_object") or {}).get("left_out") or {}).items():
+        lines.append(f"p_same of layer {l} —: {str(why).rstrip('.')}.")
     return "\n".join(lines)
