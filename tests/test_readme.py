@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import qkhooks
 from qkhooks.models.base import _ADAPTERS, adapters
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -41,4 +43,11 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch, capsys):
     assert tuple(namespace["query"].shape) == (2, 6, 16, 197)
     assert tuple(namespace["rows"].shape) == (2, 6, 2, 197)
     assert namespace["result"].images == 4 and namespace["top"] is not None
+    # The mode-over-a-photo snippet draws the mode's best image with that image's own stored maps (round 40).
+    best, item = namespace["best"], namespace["item"]
+    assert item["id"] == namespace["names"][0] and namespace["picture"].shape == (224, 224, 3)
+    with qkhooks.open_run(tmp_path / "quickstart.h5") as run:
+        i, sign = int(best["index"][0]), int(best["sign"][0])
+        for side, stored in (("query", run.query(5)), ("key", run.key(5))):
+            np.testing.assert_allclose(best[side][0], sign * np.asarray(stored[i, 0, 0], np.float32), rtol=1e-3, atol=1e-3)
     assert "layer" in capsys.readouterr().out.lower()
