@@ -21,7 +21,7 @@ _DIRECT_MODES = ("RGB", "RGBX", "L", "1", "YCbCr")
 _EXIF_ORIENTATION = 0x0112
 
 
-def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+def to_rgb(image: Image.Image | np.ndarray, *, name: str | None = None) -> Image.Image:
     """An 8-bit RGB image of what a viewer displays: the one conversion every image source uses.
 
     * EXIF orientation is applied (``ImageOps.exif_transpose``): a photo is recorded as shown, not as stored.
@@ -58,7 +58,8 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
             "photo would be decoded with its missing rows filled grey and recorded without a word, where qkhooks "
             "skips it naming it; set PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False while recording.")
     if getattr(image, "n_frames", 1) > 1:  # an animated PNG, WebP or GIF, a multi-page TIFF
-        warnings.warn(f"{getattr(image, 'filename', '') or 'an image'} has {image.n_frames} frames; its first frame is "
+        # name: the file an image decoded from its bytes in memory was read from (it has no filename of its own)
+        warnings.warn(f"{name or getattr(image, 'filename', '') or 'an image'} has {image.n_frames} frames; its first frame is "
                       "recorded (as timm and Hugging Face read it); save the frame you mean as a still image to "
                       "record another.", stacklevel=2)
     from_png = image.format == "PNG"

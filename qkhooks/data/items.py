@@ -124,16 +124,18 @@ def read_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image
         name = os.fspath(path)
         data, seen[name] = read_stamped(name)
         try:
-            return _decode_oriented(io.BytesIO(data))
+            return _decode_oriented(io.BytesIO(data), name)
         except Image.UnidentifiedImageError:  # as PIL says it of a path, not of an in-memory file
             raise Image.UnidentifiedImageError(f"cannot identify image file {name!r}") from None
     return _decode_oriented(path)
 
 
-def _decode_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image, int]:
+def _decode_oriented(path: str | os.PathLike[str] | IO[bytes], name: str | None = None) -> tuple[Image.Image, int]:
+    """``name``: the file the in-memory bytes ``path`` were read from, for to_rgb's warnings (PIL's ``filename`` is
+    not set to it: PIL would then map the file again to decode it, not the bytes hashed)."""
     with open_image(path) as im:
         # to_rgb first, as when read alone; the Exif it read (cached on the image) is the one it applied
-        return to_rgb(im), exif_orientation(im.getexif())
+        return to_rgb(im, name=name), exif_orientation(im.getexif())
 
 
 # errno values of an OSError that are the file's own: its path names no readable file (gone, a folder, a dangling
