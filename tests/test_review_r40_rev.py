@@ -7,9 +7,13 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
+from qkhooks.analysis.preference import preference_from_rows
 from qkhooks.data.items import read_oriented, stamps_read
+from qkhooks.errors import QKHooksError
 
 
 def test_a_multi_frame_file_decoded_from_its_stamped_bytes_is_named_in_the_first_frame_warning(tmp_path):
@@ -27,3 +31,21 @@ def test_a_multi_frame_file_decoded_from_its_stamped_bytes_is_named_in_the_first
     assert str(path) in seen  # still stamped, and still the first frame's pixels PIL gives for the path
     with Image.open(path) as reference:
         np.testing.assert_array_equal(np.asarray(image), np.asarray(reference.convert("RGB")))
+
+
+def test_a_softmax_row_whose_patch_entries_underflowed_in_float16_is_refused_naming_float32_storage():
+    """A real softmax row with a tiny positive patch mass (each entry < 3e-8) stored in float16 (a run file's
+    default) reads as all-zero on the patches: refused, and the message must name the fix that applies to a softmax
+    (--dtype float32), not only "leave those layers out", which would drop a layer that is a softmax."""
+    t = torch.zeros(1, 2, 2)
+    d = torch.zeros(1, 2, 2)
+    t[:, 0, 0], d[:, 1, 1] = 1.0, 1.0
+    logits = torch.tensor([30.0, 12.0, 12.0, 12.0, 12.0])  # CLS first: patch entries exp(-18) ~ 1.5e-8 each
+    row = torch.softmax(logits.double(), -1)
+    assert float(row[1:].sum()) > 0 and float(row[1:].max()) < 3e-8  # a distribution over the patches in float64
+    stored = row.to(torch.float16).double()  # as the run file keeps it
+    assert float(stored[1:].sum()) == 0.0
+    rows = torch.stack([stored, torch.full((5,), 0.2, dtype=torch.float64)])[None, None]  # (1, 1, 2, 5)
+    with pytest.raises(QKHooksError, match="no attention distribution over the patch tokens") as err:
+        preference_from_rows(rows, t, d, 1, layer=11)
+    assert "--dtype float32" in str(err.value)

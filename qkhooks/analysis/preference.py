@@ -251,7 +251,10 @@ def refuse_rows_without_mass(ok: torch.Tensor, layers: Sequence[Any], names: Seq
         "preference value exists. Maps that are not one softmax give such rows: differential attention (softmax1 - "
         "lambda softmax2: negative entries, a sum of 1 - lambda) and CaiT's talking heads (proj_w mixes the "
         "softmaxes, with weights that may be negative); a softmax row gives it only when all its mass sits on prefix "
-        "tokens. Leave those layers out of the rows (record layers=[...] without them), or drop those images."
+        "tokens, or when each of its patch entries was below ~3e-8 and float16 (a run file's default storage, or a "
+        "float16 model) rounded them all to 0: then record with --dtype float32 (dtype='float32', the model in "
+        "float32). Leave the layers whose maps are no softmax out of the rows (record layers=[...] without them), "
+        "or drop those images."
     )
 
 
