@@ -4,6 +4,7 @@ Each test here failed on the code before its fix (round 40 HEAD 235cb78)."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -49,3 +50,30 @@ def test_a_softmax_row_whose_patch_entries_underflowed_in_float16_is_refused_nam
     with pytest.raises(QKHooksError, match="no attention distribution over the patch tokens") as err:
         preference_from_rows(rows, t, d, 1, layer=11)
     assert "--dtype float32" in str(err.value)
+
+
+def test_a_large_file_that_is_no_image_is_refused_from_its_header_not_read_whole_first(tmp_path):
+    """Before: inside stamps_read every path was read whole into memory before PIL looked at it, so a large
+    non-image file in a list of paths (a video under an image's name) cost its whole size in memory per worker, and
+    /dev/zero ran the process out of memory, where PIL's decode of the path refuses both from their headers."""
+    import tracemalloc
+
+    path = tmp_path / "video.jpg"
+    path.write_bytes(b"this is no image. " * (2 << 20))  # 36 MB
+    tracemalloc.start()
+    try:
+        with stamps_read() as seen, pytest.raises(Image.UnidentifiedImageError, match=re.escape(repr(str(path)))):
+            read_oriented(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MB allocated to refuse a non-image file"
+    assert str(path) not in seen  # no stamp of a file never read
+    # an image still decodes from the bytes it is stamped with (a second identification does not change them)
+    image_path = tmp_path / "a.png"
+    pixels = np.random.default_rng(1).integers(0, 255, (6, 7, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image_path)
+    with stamps_read() as seen:
+        image, orientation = read_oriented(str(image_path))
+    np.testing.assert_array_equal(np.asarray(image), pixels)
+    assert orientation == 1 and seen[str(image_path)][0] == image_path.stat().st_size

@@ -106,10 +106,22 @@ def stamps_read() -> Iterator[dict[str, tuple[int, int, int]]]:
         _STAMPS.reset(token)
 
 
-def read_stamped(path: str | os.PathLike[str]) -> tuple[bytes, tuple[int, int, int]]:
-    """A file's bytes and its stamp (size, ``st_mtime_ns`` of the open file, :func:`bytes_hash`), from one read."""
+def read_stamped(path: str | os.PathLike[str], identify: bool = False) -> tuple[bytes, tuple[int, int, int]]:
+    """A file's bytes and its stamp (size, ``st_mtime_ns`` of the open file, :func:`bytes_hash`), from one read.
+
+    ``identify``: PIL first identifies the open file from its header (:func:`open_image`), so that a file that is no
+    image (PIL's UnidentifiedImageError, naming the path) or is past the pixel limit is refused before it is read
+    whole, as PIL's decode of a path refused it (review r40 REV: a 200 MB non-image file in a list was read into
+    memory first, /dev/zero until the memory ran out)."""
     with open(path, "rb") as f:
         mtime = os.fstat(f.fileno()).st_mtime_ns
+        if identify:
+            try:
+                with open_image(f):  # the header only; leaves f open
+                    pass
+            except Image.UnidentifiedImageError:  # as PIL says it of a path, not of an open file
+                raise Image.UnidentifiedImageError(f"cannot identify image file {os.fspath(path)!r}") from None
+            f.seek(0)
         data = f.read()
     return data, (len(data), mtime, bytes_hash(data))
 
@@ -122,7 +134,7 @@ def read_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image
     seen = _STAMPS.get()
     if seen is not None and isinstance(path, (str, os.PathLike)):
         name = os.fspath(path)
-        data, seen[name] = read_stamped(name)
+        data, seen[name] = read_stamped(name, identify=True)
         try:
             return _decode_oriented(io.BytesIO(data), name)
         except Image.UnidentifiedImageError:  # as PIL says it of a path, not of an in-memory file
