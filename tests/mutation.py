@@ -105,6 +105,8 @@ KILLS_R37 = "tests/test_mutation_kills_r37.py"
 # Round 39 (mutation): the kill tests of round 37's lines left unrun by round 38 (module "round37rest") and of round
 # 38's library code (module "round38").
 KILLS_R38 = "tests/test_mutation_kills_r38.py"
+# Round 40 (mutation): the kill tests of round 39's library code (module "round39").
+KILLS_R39 = "tests/test_mutation_kills_r39.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -616,6 +618,30 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  KILLS_R38, "tests/test_spectrum.py"],
                 "(test_review_r38 or test_mutation_kills_r38 or stored_layer_read_as_the_old_dict) and not "
                 "a_closed_pipe_stops_the_command_quietly"),
+    # Round 40 (mutation): round 39's library code (`4f4469b..a0291ba`; the brief's `c8815ea..a0291ba` also holds 27 of
+    # round 38's 39 commits, which the module "round38" ran) in 15 of the 22 library files it touched: the record()
+    # spectrum copy at entry (spectrum.py `spectrum_copy`, `edit_stamps`, `unedited`; capture.py `_EntryModes`), file
+    # times and hashes (data_files.py, stream.py `_resume`, `check_options`), attribute digests (store/format.py
+    # `attr_digests`, writer.py, reader.py, repair.py's verify), merge checks (distributed.py `_check_blocks`,
+    # `_refuse_no_room`, writer.py `checked_differences`), repair (`_refuse_unwritable`, the superblock rebuild,
+    # store/_hdf5.py), cli/__init__.py (`run_file_folder`, `Terminated`), compare.py `_refuse_repeated`, BFD
+    # (bfd_summary.py `_varies`, bfd.py) and the data readers (`_cell_path_id`, `_sample_meta`). Left out (a few lines
+    # each, or text only): cli/bfd.py, cli/record.py, cli/report.py, analysis/preference.py, data/datasets.py,
+    # data/sources.py, models/unsupported.py. Against round 39's review tests (in-process only: not the SIGTERM, ulimit
+    # and FIFO tests, which start another Python), round 38's tests of the edited and truncated spectra, round 39's
+    # refused-resume kill test and round 40's kill file. Run with --only ROUND39 --sample 60.
+    "round39": (["qkhooks/spectrum.py", "qkhooks/capture.py", "qkhooks/data_files.py", "qkhooks/stream.py",
+                 "qkhooks/store/writer.py", "qkhooks/store/format.py", "qkhooks/store/reader.py",
+                 "qkhooks/store/repair.py", "qkhooks/store/_hdf5.py", "qkhooks/distributed.py",
+                 "qkhooks/cli/__init__.py", "qkhooks/compare.py", "qkhooks/analysis/bfd.py",
+                 "qkhooks/analysis/bfd_summary.py", "qkhooks/data/readers.py"],
+                ["tests/test_review_r39_digest.py", "tests/test_review_r39_fixa.py", "tests/test_review_r39_fixb.py",
+                 "tests/test_review_r39_lead.py", "tests/test_review_r39_rev.py", "tests/test_review_r39_safe.py",
+                 "tests/test_review_r38.py", "tests/test_review_r38_capture.py", KILLS_R38, KILLS_R39],
+                "(test_review_r39 or test_mutation_kills_r39 or spectrum_edited_by_its_caller or "
+                "truncated_spectrum_given_is_what or refused_resume_of_a_changed_stream_leaves) and not "
+                "(before_writing_a_copy_that_cannot_fit or past_ulimit_f_before_writing or "
+                "refuse_a_fifo_instead_of_waiting_forever)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -806,12 +832,17 @@ ROUND37 = ("commits:b0ec42d..9977ff1",)
 # Round 38's library commits, for `--only` with the module "round38" (`9977ff1..4f4469b`: the q/k call bracket, the
 # module-level hooks, thread checks, the edited-spectrum check, the CLI's output and alpha checks), by :func:`written_by`.
 ROUND38 = ("commits:9977ff1..4f4469b",)
+# Round 39's library commits, for `--only` with the module "round39" (`4f4469b..a0291ba`: the spectrum copy at entry,
+# file times and hashes, attribute digests, merge and repair checks, the CLI's early checks and SIGTERM, compare's
+# repeated reports, BFD's constant features, the data readers' path ids and JSON refusals), by :func:`written_by`.
+ROUND39 = ("commits:4f4469b..a0291ba",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
               "ROUND28B": ROUND28B, "ROUND29": ROUND29, "ROUND30": ROUND30,
               "ROUND31": ROUND31, "ROUND32": ROUND32, "ROUND33": ROUND33,
-              "ROUND34": ROUND34, "ROUND37": ROUND37, "ROUND38": ROUND38}
+              "ROUND34": ROUND34, "ROUND37": ROUND37, "ROUND38": ROUND38,
+              "ROUND39": ROUND39}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
