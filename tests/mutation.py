@@ -638,7 +638,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 ["tests/test_review_r39_digest.py", "tests/test_review_r39_fixa.py", "tests/test_review_r39_fixb.py",
                  "tests/test_review_r39_lead.py", "tests/test_review_r39_rev.py", "tests/test_review_r39_safe.py",
                  "tests/test_review_r38.py", "tests/test_review_r38_capture.py", KILLS_R38, KILLS_R39],
-                "(test_review_r39 or test_mutation_kills_r39 or spectrum_edited_by_its_caller or "
+                "(test_review_r39_digest or test_review_r39_fixa or test_review_r39_fixb or test_review_r39_lead or "
+                "test_review_r39_rev or test_review_r39_safe or test_mutation_kills_r39 or spectrum_edited_by_its_caller or "
                 "truncated_spectrum_given_is_what or refused_resume_of_a_changed_stream_leaves) and not "
                 "(before_writing_a_copy_that_cannot_fit or past_ulimit_f_before_writing or "
                 "refuse_a_fifo_instead_of_waiting_forever)"),
