@@ -49,3 +49,23 @@ def test_the_library_imports_no_private_name_of_another_module():
                 found += [f"{path.relative_to(root)}: {node.module}.{a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert found == []
+
+
+def test_a_run_names_its_data_as_recorded_with_its_paths_made_absolute(tmp_path, monkeypatch):
+    """``RunReader.data`` (review USER: a run had ``.model`` but not ``.data``): the spec of the data it was recorded
+    from, a relative folder made absolute, which open_dataset reopens to the same images."""
+    from PIL import Image
+
+    from qkhooks.data import open_dataset
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (40 * i, 90, 200)).save(folder / f"p{i}.png")
+    monkeypatch.chdir(tmp_path)
+    model = qkhooks.load_model(__import__("timm").create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=1, num_heads=2).eval())
+    qkhooks.record_dataset(model, "photos", tmp_path / "run.h5", modes=2, batch_size=2)
+    with qkhooks.open_run(tmp_path / "run.h5") as run:
+        assert run.data == str(folder) == run.attrs["data"]
+        assert list(open_dataset(run.data, model.image_config).ids) == list(run.ids) == ["p0.png", "p1.png"]

@@ -601,6 +601,12 @@ class RunReader:
         return str(self.attrs.get("model", ""))
 
     @property
+    def data(self) -> str:
+        """The data the run was recorded from, as a spec (paths made absolute when recorded) or, for your own dataset
+        object, its name: what :func:`qkhooks.data.open_dataset` reopens to draw the photos."""
+        return str(self.attrs.get("data", ""))
+
+    @property
     def config(self) -> dict[str, Any]:
         return json.loads(self.attrs.get("config", "{}"))
 
