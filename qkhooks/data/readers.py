@@ -30,6 +30,7 @@ from qkhooks.data.items import (
     RawItem,
     read_mask,
     read_oriented,
+    read_stamped,
     bytes_hash,
 )
 from qkhooks.data.preprocess import to_rgb
@@ -348,6 +349,50 @@ class MapReader:
             return None
         return [(str(i) if (own := _own_id(item)) is None else own, _image_path(item))
                 for i, item in enumerate(map(_spelled, self.container[:stop]))]
+
+
+class FolderReader(MapReader):
+    """A torchvision ``DatasetFolder`` (``ImageFolder``): read as any map-style Dataset (its own loader and
+    transform make the pixels), but each item is named by its file's path relative to the dataset's root, as a
+    folder spec names it (not by its position: top-image lists read "0, 1, ..." and a resume could not check the
+    files; found by review), and stamped with its file's (size, modification time, hash) so a resume and a redraw
+    find a file replaced since. Made by :func:`folder_reader`."""
+
+    def __init__(self, container: Any, paths: list[str], root: str):
+        super().__init__(container)
+        self.paths, self.root = paths, root
+
+    def _id(self, row: int) -> str:
+        return os.path.relpath(self.paths[row], self.root).replace(os.sep, "/")
+
+    def decode(self, row: int, position: int) -> tuple[str | None, RawItem]:
+        _, raw = super().decode(row, position)
+        if raw.stamp is None:  # the dataset's loader read the file (not qkhooks): stamp it from one more read
+            raw.stamp = read_stamped(self.paths[row])[1]
+        return self._id(row), raw
+
+    def row_id(self, row: int, position: int) -> str:
+        return self._id(row)
+
+    def file_paths(self, stop: int) -> list[tuple[str, str | None]] | None:
+        return [(self._id(row), self.paths[row]) for row in range(min(stop, self.length or 0))]
+
+
+def folder_reader(container: Any) -> FolderReader | None:
+    """A :class:`FolderReader` for a torchvision ``DatasetFolder`` (found by its class, and its ``samples`` of
+    (path, class) and ``root``), else None."""
+    if not any(c.__name__ == "DatasetFolder" and c.__module__.startswith("torchvision.")
+               for c in type(container).__mro__):
+        return None
+    samples, root = getattr(container, "samples", None), getattr(container, "root", None)
+    if not isinstance(samples, (list, tuple)) or not isinstance(root, (str, os.PathLike)) \
+            or len(samples) != len(container):
+        return None
+    try:
+        paths = [os.fspath(path) for path, _ in samples]
+    except (TypeError, ValueError):
+        return None
+    return FolderReader(container, paths, os.fspath(root))
 
 
 class IterReader:

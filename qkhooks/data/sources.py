@@ -52,6 +52,7 @@ from qkhooks.data.readers import (
     is_hf,
     IterReader,
     MapReader,
+    folder_reader,
     open_hfds,
     open_wds,
     RawItem,
@@ -467,4 +468,4 @@ def open_source(
                                f"an iterable of images, a Hugging Face dataset, or a spec ({_SPECS}, a folder, ...).")
         return ItemStream(f"iterable:{name}", IterReader(data), image_config, limit)
     return ItemStream(f"torch:{name}" if isinstance(data, torch.utils.data.Dataset) else f"sequence:{name}",
-                      MapReader(data), image_config, limit)
+                      folder_reader(data) or MapReader(data), image_config, limit)
