@@ -78,7 +78,7 @@ def model_curves(item: str) -> tuple[str, dict[str, Any]]:
                if path.is_file() else "")
         raise QKHooksError(f"{item!r} is neither a report folder nor a model spec (timm:NAME, hf:ID, offline:NAME, "
                            f"with @random for random weights).{run}")
-    loaded = load_model(item)
+    loaded = load_model(item, for_images=False)  # weight-only curves: no image processor config needed
     spec = spectrum(loaded.model)
     layers = [l.layer for l in spec.layers]
     return loaded.spec, {"cosine": {"layers": layers, "values": [float(v) for v in spec.cosine_weighted_by_layer()],

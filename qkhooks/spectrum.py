@@ -737,7 +737,7 @@ def spectrum(
     from qkhooks.models.unsupported import refuse_altered_qk
 
     if isinstance(model, str):  # a spec, as the command line takes it
-        model = load_model(model)
+        model = load_model(model, for_images=False)  # the weights alone: no image processor config needed
         name = name or model.spec
     model = unwrap_loaded(model)
     if isinstance(model, nn.Module):

@@ -201,6 +201,14 @@ _STATIC_GEOMETRY = {
 }
 
 
+def refuse_run_file_sites(sites: Sequence[AttentionSite]) -> None:
+    """Refuse a model whose layers cannot be streamed into a run file (:meth:`AttentionSite.run_file_refusal`: a
+    packed vision tower, ImageGPT, a text model), naming the first such layer and what works instead."""
+    refused = [f"{s.path}: {why}" for s in sites if (why := s.run_file_refusal())]  # zoo-packed: packed vision towers
+    if refused:
+        raise QKHooksError("this model cannot be recorded into a run file: " + refused[0])
+
+
 def probe_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: tuple[int, int],
                    device: str | torch.device = "cpu") -> dict[int, LayerGeometry]:
     """Every site's geometry at this input size: from one forward of a blank image before the recording starts, once
@@ -209,9 +217,7 @@ def probe_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size: t
     Windowed and multi-stage models only show their per-layer grids, windows and key counts in a call (a Swin
     stage's grid is the block's input), and the run file's layout, the reducers and the dataset's masks need them
     before the first batch. The probe's outputs go nowhere (no sink, no file)."""
-    refused = [f"{s.path}: {why}" for s in sites if (why := s.run_file_refusal())]  # zoo-packed: packed vision towers
-    if refused:
-        raise QKHooksError("this model cannot be recorded into a run file: " + refused[0])
+    refuse_run_file_sites(sites)
     dtype = next(net.parameters()).dtype
     static = _static_geometry(net, sites, image_size)
     if static is not None:
@@ -601,6 +607,7 @@ def record_dataset(
     every = model_sites(net, opts.skip_unmodelled)
     refuse_compiled(net, hooked_paths(net, every))  # before any file is made: a compiled model's run would hold no image
     sites = select_layers(every, opts.layers)
+    refuse_run_file_sites(sites)  # before the data is opened or any file made (review r40: a text model)
     refuse_altered_qk(sites)  # before any file is made (record() checks again at entry)
     unmodelled = unmodelled_parts(net, every) if opts.skip_unmodelled else {}
     attention_specs = parse_attention(opts.attention, every)
@@ -616,6 +623,11 @@ def record_dataset(
                       "the interrupted run is elsewhere, stop and give its path as --out.", stacklevel=3)
     shard = _checked_shard(shard)
 
+    if loaded.image_config is None:  # load_model(..., for_images=False): for the weights alone
+        raise QKHooksError(
+            f"{loaded.spec} was loaded without its image preprocessing (load_model(..., for_images=False), for a "
+            "spectrum), so its images cannot be preprocessed; load it with load_model(spec) (which reads its image "
+            "processor config) or pass load_model(..., image_config=qkhooks.data.ImageConfig(...)).")
     dataset = open_source(data, loaded.image_config, limit=opts.limit, image_column=opts.image_column,
                           masks=opts.masks)
     streamed = isinstance(dataset, ItemStream)

@@ -64,3 +64,130 @@ def test_an_image_folder_resume_over_a_replaced_kept_photo_is_refused_naming_it(
     _replace_with_same_size(root / "cat" / "c1.png", seed=7)
     with pytest.raises(QKHooksError, match=r"modified since it recorded them \(first: 'cat/c1\.png'"):
         qkhooks.record_dataset(loaded, ds, run, resume=True, **_KW)
+
+
+# ---------------------------------------------------------------------------------------------- 2. text models
+
+
+def _tiny_bert(folder=None):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    if folder is not None:
+        model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("given", ["module", "folder"])
+def test_a_text_model_is_refused_for_an_image_run_naming_the_family_and_what_works_and_no_file_is_made(tmp_path, given):
+    """Before: a BertModel was probed with a 32x32 image and told to load itself 'with the input size it was built
+    for' (a module), or asked for a preprocessor_config.json (a folder without one)."""
+    model = _tiny_bert(tmp_path / "bert")
+    out = tmp_path / "b.h5"
+    with pytest.raises(QKHooksError, match=r"text model \(bert\).*input_ids.*qkhooks\.spectrum\(model\).*qkhooks\.record"
+                       ) as err:
+        qkhooks.record_dataset(model if given == "module" else f"hf:{tmp_path / 'bert'}", "samples", out,
+                               progress=False)
+    assert "input size" not in str(err.value) and "preprocessor_config" not in str(err.value)
+    assert not any(p.name.startswith("b.h5") for p in tmp_path.iterdir())
+
+
+def test_a_text_model_still_records_live_on_token_ids_and_image_models_taking_ids_are_not_called_text():
+    """The refusal is for image runs only: a live recording on input_ids holds the model's own attention (the
+    reference: BertModel's output_attentions), and ImageGPT (token ids of colour clusters) is not taken for text."""
+    import torch
+    import transformers
+
+    from qkhooks.models.hf import text_model_type
+
+    model = _tiny_bert()
+    model.set_attn_implementation("eager")  # its own attention probabilities, the reference
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with qkhooks.record(model, attention="full") as run, torch.no_grad():
+        out = model(input_ids=ids, output_attentions=True)
+    assert text_model_type(model) == "bert"
+    for layer in (0, 1):
+        torch.testing.assert_close(run.attention(layer, "full").float(), out.attentions[layer].float(), atol=1e-5,
+                                   rtol=0)
+    gpt = transformers.ImageGPTModel(transformers.ImageGPTConfig(vocab_size=17, n_positions=16, n_embd=16,
+                                                                 n_layer=1, n_head=2))
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=32, image_size=32, patch_size=16))
+    assert text_model_type(gpt) is None and text_model_type(vit) is None
+
+
+# ---------------------------------------------------------------------------------------------- 3. weights alone
+
+
+def _tiny_vit_folder(folder):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                         intermediate_size=32, image_size=32, patch_size=16))
+    model.save_pretrained(folder)  # no preprocessor_config.json
+    return model
+
+
+def _reference_singular_values(model, layer: int, heads: int):
+    """Each head's singular values of W_q,h^T W_k,h straight from the Linear weights (dense SVD)."""
+    import torch
+
+    attn = dict(model.named_modules())
+    wq, wk = (next(attn[f"{stem}.{layer}.{part}"] for stem in ("layers", "encoder.layer") for part in parts
+                   if f"{stem}.{layer}.{part}" in attn).weight.detach().double()
+              for parts in (("attention.q_proj", "attention.attention.query"), ("attention.k_proj",
+                                                                                 "attention.attention.key")))
+    d = wq.shape[0] // heads
+    return [torch.linalg.svdvals(wq[h * d:(h + 1) * d].T @ wk[h * d:(h + 1) * d]) for h in range(heads)]
+
+
+def test_the_spectrum_command_reads_a_local_checkpoint_without_an_image_processor_config(tmp_path):
+    """Before: `qkhooks spectrum hf:DIR` refused a folder without preprocessor_config.json ("preprocessing ... not
+    known"), though the spectrum reads the weights alone; recording it still refuses with that message."""
+    import json
+
+    import torch
+
+    from qkhooks.cli import main
+
+    model = _tiny_vit_folder(tmp_path / "vit")
+    assert main(["spectrum", f"hf:{tmp_path / 'vit'}", "--json", str(tmp_path / "s.json")]) == 0
+    got = json.loads((tmp_path / "s.json").read_text())["layers"]
+    for layer in (0, 1):
+        for head, ref in enumerate(_reference_singular_values(model, layer, 2)):
+            values = torch.tensor(got[layer]["heads"][head]["singular_values"], dtype=torch.float64)
+            assert torch.allclose(values, ref[:len(values)], rtol=1e-4, atol=1e-7)
+    with pytest.raises(QKHooksError, match=r"has no image processor config.*preprocessing \(size, resize, mean, std\) "
+                                           "is not known"):
+        qkhooks.record_dataset(f"hf:{tmp_path / 'vit'}", "samples", tmp_path / "r.h5", progress=False)
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_compare_draws_weight_only_curves_of_a_checkpoint_without_an_image_processor_config(tmp_path):
+    """Before: `qkhooks compare hf:DIR ...` refused the folder as the spectrum command did."""
+    import json
+
+    from qkhooks.cli import main
+
+    _tiny_vit_folder(tmp_path / "vit")
+    _tiny_vit_folder(tmp_path / "vit2")
+    specs = [f"hf:{tmp_path / 'vit'}", f"hf:{tmp_path / 'vit2'}"]
+    assert main(["compare", *specs, "--out", str(tmp_path / "cmp")]) == 0
+    curves = json.dumps(json.loads((tmp_path / "cmp" / "compare.json").read_text()))
+    assert all(spec in curves for spec in specs)
+
+
+def test_a_model_loaded_for_its_weights_alone_is_refused_for_a_recording(tmp_path):
+    from qkhooks.models.load import load_model
+
+    _tiny_vit_folder(tmp_path / "vit")
+    loaded = load_model(f"hf:{tmp_path / 'vit'}", for_images=False)
+    assert loaded.image_config is None
+    with pytest.raises(QKHooksError, match=r"loaded without its image preprocessing.*load_model\(spec\)"):
+        qkhooks.record_dataset(loaded, "samples", tmp_path / "r.h5", progress=False)
+    assert not (tmp_path / "r.h5").exists()

@@ -137,11 +137,13 @@ def run_file_folder(out: str, what: str = "folder of --out") -> Iterator[Path]:
         raise
 
 
-def load_from_args(args: argparse.Namespace, device: str = "cpu"):
-    """The model of :func:`add_model_arguments`' flags, on ``device``."""
+def load_from_args(args: argparse.Namespace, device: str = "cpu", for_images: bool = True):
+    """The model of :func:`add_model_arguments`' flags, on ``device`` (``for_images=False``: for its weights alone,
+    without requiring an image processor config; :func:`qkhooks.models.load.load_model`)."""
     from qkhooks.models.load import load_model  # here: loading a model needs torch, building the parser does not
 
-    return load_model(args.model, random_init=args.random_init, checkpoint=args.checkpoint, device=device)
+    return load_model(args.model, random_init=args.random_init, checkpoint=args.checkpoint, device=device,
+                      for_images=for_images)
 
 
 class Terminated(KeyboardInterrupt):

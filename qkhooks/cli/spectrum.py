@@ -39,7 +39,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
                     figure=True)
     if args.rope_bands and not args.json:
         raise QKHooksError("--rope-bands writes its figures to the --json file; add --json FILE.")
-    loaded = load_from_args(args)
+    loaded = load_from_args(args, for_images=False)  # the weights alone: no image processor config needed
     spec = spectrum(loaded.model, layers=args.layers, augmented=args.augmented, name=loaded.spec)
     bands = (rope_band_summary(loaded.model, find_sites(loaded.model, args.layers), args.rope_bands)
              if args.rope_bands else None)  # before anything is printed or written: refused for a model without RoPE

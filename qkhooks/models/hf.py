@@ -200,6 +200,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
     patch_grid = _patch_grid_source(model)
     embeddings = type(_embeddings(model))
     shuffled = f"{embeddings.__module__}.{embeddings.__qualname__}" in _SHUFFLING_EMBEDDINGS
+    text = text_model_type(model)
     sites = []
     for name, module, match in _attention_modules(model):
         if type(module).__module__.startswith("timm."):  # zoo-hfsmall: TimmBackbone wraps a whole timm model
@@ -269,6 +270,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
             sites[-1] = recast(sites[-1], FrameTokenSite, grid=None, patch_size=None, num_prefix_tokens=0)
         elif shuffled:
             sites[-1] = recast(sites[-1], ShuffledTokenSite, grid=None, patch_size=None)
+        elif text is not None:  # review r40: a text model's tokens are a sentence's, no image grid
+            sites[-1] = recast(sites[-1], TextTokenSite, grid=None, patch_size=None)
         elif _after_grouping(modules, match["block"]):
             sites[-1] = recast(sites[-1], SegmentTokenSite, grid=None, patch_size=None)
         elif own is None and patch_grid is not None:  # one global attention over the patch embedding's grid
@@ -291,6 +294,50 @@ class _UngriddedSite(AttentionSite):
 
     def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
         raise QKHooksError(f"layer {self.layer} ({self.path}): {self._why()}")
+
+
+# transformers models that take token ids but are image models all the same (their own adapter reads them)
+_IMAGE_TOKEN_MODELS = frozenset({"imagegpt"})
+
+
+def text_model_type(model: nn.Module) -> str | None:
+    """The ``model_type`` (e.g. ``"bert"``) of a transformers model that reads a sequence of token ids
+    (``input_ids``) and no image (no ``pixel_values``), else None: its q/k spectra are exact, but it takes no image, so
+    no image run can be recorded of it (review r40: a BertModel given to ``qkhooks record`` was told to load itself
+    "with the input size it was built for", or asked for an image processor config)."""
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    import inspect
+
+    try:
+        takes = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    model_type = str(getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__)
+    if "input_ids" not in takes or any(name.startswith("pixel_values") for name in takes) \
+            or model_type in _IMAGE_TOKEN_MODELS:
+        return None
+    return model_type
+
+
+def text_model_refusal(model_type: str, what: str = "this model") -> str:
+    """Why a text-sequence model (:func:`text_model_type`) cannot be recorded over images, and what works instead."""
+    return (f"{what} is a text model ({model_type}): it reads token ids (input_ids), not images, so qkhooks cannot "
+            "feed it a dataset's images (no image run file, no image size or preprocessing applies). Its query-key "
+            "spectrum needs only the weights: qkhooks.spectrum(model), or `qkhooks spectrum MODEL`; its maps and modes "
+            "on your own token ids are recorded live: `with qkhooks.record(model) as run: model(input_ids=ids)`.")
+
+
+@dataclasses.dataclass(eq=False)
+class TextTokenSite(_UngriddedSite):
+    """A text model's attention layer (:func:`text_model_type`): exact over its token sequence, live, but no image
+    is fed to it, so no run file is made (:meth:`run_file_refusal`) and no grid is read."""
+
+    def _why(self) -> str:
+        return f"the tokens are a {self.family.removeprefix('hf-')} text sequence, not an image's patches, so they have no grid"
+
+    def run_file_refusal(self) -> str | None:
+        return text_model_refusal(self.family.removeprefix("hf-"))
 
 
 @dataclasses.dataclass(eq=False)

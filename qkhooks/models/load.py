@@ -431,6 +431,8 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     image_config: Any = None,
+    *,
+    for_images: bool = True,
 ) -> LoadedModel:
     """Load a model from a spec string (see module docstring) in eval mode, with its preprocessing; or wrap a
     module you built, left as it is (its train/eval flags, and its device and dtype unless you give them).
@@ -444,6 +446,9 @@ def load_model(
             checkpoint's dtype; a module stays where and as it is).
         image_config: the preprocessing (a :class:`qkhooks.data.ImageConfig`); read from the model when
             omitted, and required for a module that is neither timm nor Hugging Face.
+        for_images: False where no image will be read (a spectrum, weight-only curves): a Hugging Face model
+            without an image processor config (or a text model) then loads with ``image_config=None`` instead of
+            being refused; :func:`qkhooks.record_dataset` refuses such a LoadedModel.
     """
     note = ""
     if device is not None:
@@ -480,6 +485,13 @@ def load_model(
                 "image_config=qkhooks.data.ImageConfig(size=(224, 224), mean=(0.485, 0.456, 0.406), "
                 "std=(0.229, 0.224, 0.225)) with your model's values."
             )
+        if image_config is None and module.startswith("transformers."):
+            from qkhooks.models.hf import text_model_refusal, text_model_type
+
+            if (text := text_model_type(model)) is not None:  # no image size to read from it (review r40)
+                if for_images:
+                    raise QKHooksError(text_model_refusal(text, f"the {name}"))
+                return _loaded(model, spec, label, None, note, random_init, weights, device, dtype)
         image_config = image_config or _image_config("timm" if module.startswith("timm.") else "hf", model)
     elif not isinstance(spec, str) or ":" not in spec:
         raise QKHooksError(f"unknown model {spec!r}: {MODEL_SPEC_HELP}.")
@@ -494,6 +506,13 @@ def load_model(
             image_config = image_config or _image_config("timm", model)
         elif kind == "hf":
             model, processor, unread = _seeded(lambda: _load_hf(name, random_init))
+            if processor is None and image_config is None:
+                from qkhooks.models.hf import text_model_refusal, text_model_type
+
+                if not for_images:  # the weights alone are read (a spectrum): no image config needed (review r40)
+                    return _loaded(model, spec, label, None, note, random_init, weights, device, dtype)
+                if (text := text_model_type(model)) is not None:  # no image processor to ask it for (review r40)
+                    raise QKHooksError(text_model_refusal(text, f"hf:{name}"))
             if processor is None and image_config is None and not random_init:
                 if unread is not None:
                     where = Path(name) / _PROCESSOR_FILE if Path(name).is_dir() else f"{_PROCESSOR_FILE} of {name}"
@@ -527,6 +546,13 @@ def load_model(
             image_config = image_config or ImageConfig(**{**OFFLINE_DINOV2_PREPROCESS, "letterbox": False, "resize": 224})
         else:
             raise QKHooksError(f"unknown model spec prefix {kind!r}: {MODEL_SPEC_HELP}.")
+    return _loaded(model, spec, label, image_config, note, random_init, weights, device, dtype)
+
+
+def _loaded(model: nn.Module, spec: Any, label: str, image_config: Any, note: str, random_init: bool, weights: str,
+            device: str | torch.device | None, dtype: torch.dtype | None) -> LoadedModel:
+    """The :class:`LoadedModel` of what :func:`load_model` loaded: in eval mode on ``device`` (a module you built
+    left as it is, moved only where ``device`` is given), in ``dtype``, named by ``label``."""
     if not isinstance(spec, nn.Module):  # what qkhooks loaded runs for inference; a module you built is yours
         model = model.eval().to(device or "cpu")
     elif device is not None:
