@@ -51,7 +51,7 @@ from qkhooks.attention import (
     split_heads,
 )
 from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import QKHooksError, unknown_options
 from qkhooks.models.base import (SOURCE_NOT_RUN, AttentionSite, LayerSelection, adapter_ids, find_sites,
                                  grid_source_hooks, select_layers)
 from qkhooks.models.load import unwrap_loaded
@@ -1621,8 +1621,7 @@ def _options_of(cls: Callable[P, R]) -> Callable[[Callable[..., R]], Callable[P,
             unknown = sorted(set(kwargs) - set(signature.parameters))
             if unknown:
                 per_batch = [name for name in unknown if name in _BATCH_METADATA]
-                raise QKHooksError(f"{fn.__name__}() got unknown option(s) {', '.join(unknown)}; the options are "
-                                   f"{', '.join(options)}." + (" " + _per_batch_hint(per_batch) if per_batch else ""))
+                raise unknown_options(fn.__name__, unknown, options, _per_batch_hint(per_batch) if per_batch else "")
             return fn(*args, **kwargs)
 
         checked.__signature__ = signature.replace(  # type: ignore[attr-defined]

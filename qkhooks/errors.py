@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class QKHooksError(Exception):
@@ -12,6 +18,31 @@ class QKHooksError(Exception):
 
     The message always names the problem and what to do about it.
     """
+
+
+def unknown_options(function: str, unknown: Iterable[str], options: Sequence[str], hint: str = "") -> QKHooksError:
+    """The refusal of keywords ``function`` does not take: each named with the closest option where one is close, and
+    every option listed (Python's TypeError names the first bad one alone). ``record()`` and ``record_dataset()``
+    both refuse so (review r40: record_dataset raised a bare TypeError)."""
+    unknown = list(unknown)
+    close = [f"{match[0]} for {name}" for name in unknown if (match := difflib.get_close_matches(name, options, 1))]
+    return QKHooksError(f"{function}() got unknown option(s) {', '.join(unknown)}; the options are {', '.join(options)}."
+                        + (f" Did you mean {', '.join(close)}?" if close else "") + (" " + hint if hint else ""))
+
+
+def refuses_unknown_keywords(fn: _F) -> _F:
+    """``fn`` with an unknown keyword refused by :func:`unknown_options`, listing its keyword-only parameters."""
+    parameters = inspect.signature(fn).parameters
+    options = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        unknown = sorted(set(kwargs) - set(parameters))
+        if unknown:
+            raise unknown_options(fn.__name__, unknown, options)
+        return fn(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]
 
 
 class RunInterrupted(KeyboardInterrupt):

@@ -44,7 +44,7 @@ from qkhooks.data.sources import ItemStream, is_whole, open_source, refuse_batch
 from qkhooks import data_files
 from qkhooks.data.items import NO_STAMP, read_stamped, stamps_read
 from qkhooks.data_files import absolute_spec, file_hash_column, file_mtime_column, file_size_column
-from qkhooks.errors import DataRefusal, MissingReducer, QKHooksError, RunInterrupted
+from qkhooks.errors import DataRefusal, MissingReducer, QKHooksError, RunInterrupted, refuses_unknown_keywords
 from qkhooks.models.base import AttentionSite, select_layers
 from qkhooks.models.unsupported import (hooked_paths, left_out_by_design, refuse_altered_qk, refuse_compiled,
                                         unmodelled_parts)
@@ -530,6 +530,7 @@ def check_options(opts: RecordOptions) -> None:
     refuse_batching(opts.batch_size, 0 if opts.num_workers is None else opts.num_workers)
 
 
+@refuses_unknown_keywords
 @_keeps_train_modes
 def record_dataset(
     model: LoadedModel | str | nn.Module,

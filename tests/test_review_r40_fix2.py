@@ -191,3 +191,23 @@ def test_a_model_loaded_for_its_weights_alone_is_refused_for_a_recording(tmp_pat
     with pytest.raises(QKHooksError, match=r"loaded without its image preprocessing.*load_model\(spec\)"):
         qkhooks.record_dataset(loaded, "samples", tmp_path / "r.h5", progress=False)
     assert not (tmp_path / "r.h5").exists()
+
+
+# ---------------------------------------------------------------------------------------------- 4. unknown keywords
+
+
+def test_record_dataset_refuses_an_unknown_keyword_naming_it_the_closest_option_and_every_option(tmp_path):
+    """Before: record_dataset(..., heads=2) raised a bare TypeError naming 'heads' alone; record() listed the options
+    but named no close one."""
+    import inspect
+
+    model = _tiny_loaded()
+    with pytest.raises(QKHooksError, match=r"record_dataset\(\) got unknown option\(s\) heads, layer; the options are "
+                                           r".*\. Did you mean layers for layer\?$") as err:
+        qkhooks.record_dataset(model, "samples", tmp_path / "r.h5", heads=2, layer="0", progress=False)
+    listed = str(err.value).split("the options are ")[1].split(". Did")[0].split(", ")
+    signature = inspect.signature(qkhooks.record_dataset).parameters
+    assert listed == [name for name, p in signature.items() if p.kind is p.KEYWORD_ONLY]
+    assert not (tmp_path / "r.h5").exists()
+    with pytest.raises(QKHooksError, match=r"record\(\) got unknown option\(s\) mode; .*Did you mean modes for mode\?"):
+        qkhooks.record(model.model, mode=2)
