@@ -145,8 +145,11 @@ class RecordOptions:
     keep_inputs: bool = _option(False, doc="Keep every layer's captured tokens to the batch's end (switched on anyway "
                                            "when a reducer needs them and does not take them in the layer hooks).")
 
-    checkpoint_every: int = _option(8, doc="Batches between checkpoints of the reducers' states (a resume redoes at "
-                                           "most this many).")
+    checkpoint_every: int = _option(8, "batches between checkpoints of the reducers' states: a resume after Ctrl-C or "
+                                       "a crash redoes at most this many (default 8)", flag="--checkpoint-every",
+                                    type=int, metavar="N",
+                                    doc="Batches between checkpoints of the reducers' states (a resume redoes at "
+                                        "most this many).")
 
     extra_config: Mapping[str, Any] | None = _option(None, config="extra",
                                                      doc="More settings that define the run's content (e.g. an "

@@ -107,4 +107,4 @@ def test_help_of_record_options_is_the_same_where_python_cannot_read_the_source(
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == RecordOptions.__doc__
-    assert "checkpoint_every (default 8): Batches between checkpoints of the reducers' states" in done.stdout
+    assert "checkpoint_every (default 8, --checkpoint-every): Batches between checkpoints of the reducers' states" in done.stdout

@@ -384,7 +384,8 @@ def test_interruption_help_names_each_state_of_the_file(tmp_path):
 
     path = tmp_path / "run.h5"
     with RunWriter(path, dtype="float32") as w:
-        assert w.interruption_help(None) == "nothing was written."
+        assert w.interruption_help(None) == (f"nothing was recorded (no image was committed), so no file is left at "
+                                             f"{path}; run the same command again.")
         w.write_batch(["a", "b", "c"], {"v": np.ones((3, 2), np.float32)})
         w.flush()
         assert w.interruption_help(3) == f"{path} keeps 3 committed images; the same command with --resume continues after them."

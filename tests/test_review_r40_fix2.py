@@ -211,3 +211,44 @@ def test_record_dataset_refuses_an_unknown_keyword_naming_it_the_closest_option_
     assert not (tmp_path / "r.h5").exists()
     with pytest.raises(QKHooksError, match=r"record\(\) got unknown option\(s\) mode; .*Did you mean modes for mode\?"):
         qkhooks.record(model.model, mode=2)
+
+
+# ---------------------------------------------------------------------------------------------- 5. messages
+
+
+def test_the_checkpoint_interval_the_ctrl_c_message_names_is_a_record_flag(tmp_path):
+    """Before: the message said reducers are checkpointed "every checkpoint_every batches", a name the command line
+    did not have (README: record's flags are made from RecordOptions' fields)."""
+    import argparse
+
+    import numpy as np
+
+    from qkhooks.cli.record import _record_args
+    from qkhooks.options import RecordOptions
+    from qkhooks.store import RunWriter
+
+    parser = argparse.ArgumentParser()
+    _record_args(parser)
+    args = parser.parse_args(["timm:x", "samples", "--out", "r.h5", "--checkpoint-every", "3"])
+    assert RecordOptions.from_args(args) == RecordOptions(checkpoint_every=3)
+    with RunWriter(tmp_path / "run.h5", dtype="float32") as w:
+        w.write_batch(["a", "b", "c"], {"v": np.ones((3, 2), np.float32)})
+        w.flush()
+        assert "--checkpoint-every N" in w.interruption_help(1)
+
+
+def test_a_ctrl_c_before_the_run_file_is_opened_says_nothing_was_recorded_and_no_file_was_made(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """Before: `qkhooks record` printed only "qkhooks: interrupted"."""
+    import qkhooks.cli.record as cli_record
+    from qkhooks.cli import main
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_record, "load_from_args", stop)
+    out = tmp_path / "new" / "run.h5"
+    assert main(["record", "timm:vit_tiny_patch16_224", "samples", "--random-init", "--out", str(out)]) == 130
+    said = capsys.readouterr().err
+    assert "nothing was recorded" in said and f"no file was made at {out}" in said
+    assert not out.exists() and not out.parent.exists()

@@ -11,6 +11,7 @@ import argparse
 import os
 
 from qkhooks.cli import DATA_HELP, add_model_arguments, command, load_from_args, run_file_folder, sigterm_exits
+from qkhooks.errors import RunInterrupted
 from qkhooks.options import RecordOptions
 
 
@@ -37,10 +38,19 @@ def run_record(args: argparse.Namespace) -> int:
     check_options(options)  # before the run file's folder is made (round 38: --limit 0 left new/dir/ behind)
     if _under_torchrun():
         return _record_distributed(args, options)
+    existed = os.path.lexists(args.out)
     with run_file_folder(args.out), sigterm_exits():
-        loaded = load_from_args(args, device=args.device)
-        result = record_dataset(loaded, args.data, args.out, options=options, device=args.device, resume=args.resume,
-                                overwrite=args.overwrite)
+        try:
+            loaded = load_from_args(args, device=args.device)
+            result = record_dataset(loaded, args.data, args.out, options=options, device=args.device,
+                                    resume=args.resume, overwrite=args.overwrite)
+        except KeyboardInterrupt as exc:  # record_dataset says where a stop after its file was opened leaves it
+            if isinstance(exc, RunInterrupted):
+                raise
+            left = (f"{args.out} is as it was" if existed else f"no file was made at {args.out}")
+            raise RunInterrupted(f"nothing was recorded: the run stopped before it began writing (while the model "
+                                 f"loaded, the data opened or the model was probed), so {left}; run the same command "
+                                 "again.") from exc
     skipped = f" ({len(result.skipped)} skipped)" if result.skipped else ""
     if result.resumed_from is None:
         print(f"wrote {result.images} images to {result.path}{skipped}")

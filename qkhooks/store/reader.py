@@ -925,7 +925,8 @@ class RunReader:
         sidecar = fmt.checkpoint_path(self.path)  # beside the run's real file (through a symlink, its target's)
         if not self.complete and not sidecar.exists() and writer_alive(self.path):
             return (f"no reducer checkpoint yet ({', '.join(wanted)}): the writer has not reached its first "
-                    "(every checkpoint_every batches); read the states again later.")
+                    "(every --checkpoint-every / checkpoint_every batches, 8 by default); read the states again "
+                    "later.")
         if not self.complete and not sidecar.exists():  # stopped before its first checkpoint: nothing was moved
             return (f"no reducer checkpoint yet ({', '.join(wanted)}): the run stopped before its first, so a --resume "
                     f"records its {self.n} committed images again, for the reducers to see them.")

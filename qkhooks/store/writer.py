@@ -682,7 +682,8 @@ class RunWriter:
         if self.mode == "overwrite" and not self._in_place:
             return f"{self.path} still holds the old run, unchanged (the new one is dropped); run the command again."
         if self.committed == 0 and self.mode != "resume":
-            return "nothing was written."
+            return (f"nothing was recorded (no image was committed), so no file is left at {self.path}; run the same "
+                    "command again.")
         again = ("the same command with --resume in place of --overwrite" if self.mode == "overwrite"
                  else "the same command with --resume")
         if kept is None:
@@ -692,7 +693,8 @@ class RunWriter:
             return f"{self.path} keeps {self.committed} committed images; {again} continues after them."
         return (f"{self.path} keeps {self.committed} committed images, {kept} of them in its reducers' last checkpoint: "
                 f"{again} continues after those {kept} and records the {self.committed - kept} after them again "
-                "(the reducers are checkpointed every checkpoint_every batches, 8 by default).")
+                "(the reducers are checkpointed every 8 batches by default: --checkpoint-every N, or "
+                "checkpoint_every=N in Python).")
 
     def write_static(self, name: str, value: Any) -> None:
         """Queue a dataset written once (spectra, model info); a JSON string is stored as a string attribute.
@@ -856,7 +858,8 @@ class RunWriter:
                     "complete: a resume records them all again")
         elif kept == 0:
             held = (f"{name} has {n} committed images and no reducer checkpoint yet (one is written every "
-                    "checkpoint_every batches), so none is complete: a resume records them all again")
+                    "--checkpoint-every (checkpoint_every) batches, 8 by default), so none is complete: a resume "
+                    "records them all again")
         elif kept == n:
             held = (f"{name} holds {n} images complete (all in its reducers' last checkpoint); no image after them is in "
                     "the file, and a resume records every image after those")
