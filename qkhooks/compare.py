@@ -99,8 +99,8 @@ def _depth(curves: dict[str, Any]) -> int:
 
 
 def compare(items: Sequence[str], out: str | os.PathLike) -> Path:
-    """Overlay the per-layer curves of several models; writes ``out/index.html``, ``out/compare.json`` and one
-    PNG per curve that at least one model has. Returns the page's path."""
+    """Overlay the per-layer curves of several models; writes ``out/index.html``, ``out/compare.json`` (its
+    ``"figures"``: the PNGs' names) and one PNG per curve that at least one model has. Returns the page's path."""
     if len(items) < 2:
         raise QKHooksError("compare needs at least two reports or model specs.")
     _refuse_repeated(items)
@@ -129,7 +129,8 @@ def compare(items: Sequence[str], out: str | os.PathLike) -> Path:
                       "`qkhooks demo --model SPEC` for the rest)." if missing else ""))
         warnings = [f"{label}: {c['few']}" for label, c in have.items() if c.get("few")]
         figures.append((path, caption, warnings))
-    write_json(out / "compare.json", {"models": models, "depths": depths, "relative_depth": relative})
+    write_json(out / "compare.json", {"models": models, "depths": depths, "relative_depth": relative,
+                                      "figures": [p.name for p, _, _ in figures]})
     page = out / "index.html"
     page.write_text(render_template("compare.html", models=list(models), figures=[
         {"src": data_uri(p), "rel": p.name, "caption": c, "warnings": w} for p, c, w in figures]))

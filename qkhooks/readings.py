@@ -418,7 +418,7 @@ def compare_reading(a: np.ndarray | float | Pivots, b: np.ndarray | float | Pivo
                        "too_few", {f"L{l}": e for l, e in est.items()})
     tested = {l: e for l, e in valued.items() if e.units >= MIN_UNITS}
     largest_l, largest = max((tested or valued).items(), key=lambda kv: abs(kv[1].value))
-    biggest = f"largest at L{largest_l}: {largest.text()}"
+    biggest = f"largest in magnitude at L{largest_l}: {largest.text()}"  # review r40: -0.451 is no "largest"
     if not tested:
         return Reading(f"{name_a} vs {name_b}: {biggest}, but there are {_too_few(n_units, units)}.", "too_few",
                        {f"L{l}": e for l, e in est.items()})

@@ -354,7 +354,7 @@ def test_no_clear_difference_speaks_of_the_tested_layers_only_where_some_are_not
     x[:, 0] = np.nan
     r = compare_reading(x, 0.0, [0, 1, 2], "cos", "zero", "heads")
     assert r.verdict == "flat"
-    assert r.text.startswith("cos and zero show no clear difference at any tested layer (largest at L1: ")
+    assert r.text.startswith("cos and zero show no clear difference at any tested layer (largest in magnitude at L1: ")
     assert r.text.endswith("; the intervals hold 0; 8 heads; intervals adjusted for 2 layers; not tested at L0: no "
                            "value or fewer than 6 heads there).")
     x[:, 0] = 0.1 * rng.standard_normal(8)

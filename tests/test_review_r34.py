@@ -299,7 +299,7 @@ def test_layers_without_a_value_or_with_too_few_units_are_named_untested_never_t
     x[3:, 1] = np.nan  # L1: 3 heads
     r = compare_reading(x, 0.0, [0, 1, 2, 3], "cos", "zero", "heads")
     assert r.verdict == "above" and "at every tested layer" in r.text and "not tested at L0, L1" in r.text
-    assert "nan" not in r.text and "largest at L0" not in r.text and "largest at L1" not in r.text
+    assert "nan" not in r.text and "largest in magnitude at L0" not in r.text and "largest in magnitude at L1" not in r.text
     want = max((2, 3), key=lambda l: abs(np.mean(x[:, l])))
     assert r.estimates[f"L{want}"].value == pytest.approx(np.mean(x[:, want]))
     t = trend_reading(x[:, [0, 0, 2, 3]], [0, 1, 2, 3], "cos", "heads")

@@ -252,3 +252,69 @@ def test_a_ctrl_c_before_the_run_file_is_opened_says_nothing_was_recorded_and_no
     said = capsys.readouterr().err
     assert "nothing was recorded" in said and f"no file was made at {out}" in said
     assert not out.exists() and not out.parent.exists()
+
+
+def test_opening_a_reducer_checkpoint_as_a_run_names_it_and_the_run_file_to_open(tmp_path):
+    """Before: open_run("x.h5.reducers") said the checkpoint was "not an HDF5 file at all"."""
+    run = tmp_path / "x.h5"
+    qkhooks.record_dataset(_tiny_loaded(), [os.fspath(p) for p in _photos(tmp_path)], run, **_KW)
+    checkpoint = tmp_path / "x.h5.reducers"
+    assert checkpoint.exists()
+    with pytest.raises(QKHooksError, match=rf"{checkpoint} is the reducer checkpoint of the run file {run} .*"
+                                           rf"qkhooks\.open_run\('{run}'\)") as err:
+        qkhooks.open_run(checkpoint)
+    assert "not an HDF5 file at all" not in str(err.value)
+    with qkhooks.open_run(run) as opened:  # what the message says to do works
+        assert opened.n == 4
+
+
+def _photos(tmp_path):
+    _same_size_photos(tmp_path / "p", ["a.png", "b.png", "c.png", "d.png"], seed=3)
+    return sorted((tmp_path / "p").iterdir())
+
+
+def test_compare_prints_every_file_it_wrote(tmp_path, capsys):
+    """Before: `qkhooks compare` printed only index.html."""
+    from qkhooks.cli import main
+
+    _tiny_vit_folder(tmp_path / "vit")
+    _tiny_vit_folder(tmp_path / "vit2")
+    out = tmp_path / "cmp"
+    assert main(["compare", f"hf:{tmp_path / 'vit'}", f"hf:{tmp_path / 'vit2'}", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    written = sorted(p.name for p in out.iterdir())
+    assert "compare.json" in written and any(name.endswith(".png") for name in written)
+    for name in written:
+        assert str(out / name) in said, name
+
+
+def test_the_random_band_legend_shows_one_value_where_its_range_reads_as_one(tmp_path, monkeypatch):
+    """Before: bands of 0.0358388 and 0.0358404 (not np.isclose) were labelled "±0.0358…0.0358"."""
+    import numpy as np
+
+    import qkhooks.plots as plots
+
+    axes = []
+    real = plots.figure
+    monkeypatch.setattr(plots, "figure", lambda *a, **k: (lambda fa: (axes.append(fa[1]), fa)[1])(real(*a, **k)))
+    rng = np.random.default_rng(0)
+    S = np.abs(rng.normal(size=(4, 16))) + 0.1
+    S2 = S.copy()
+    S2[:, 0] *= 1.01
+    cos = rng.uniform(-0.1, 0.1, size=(4, 16))
+    plots.plot_weighted_cosine({0: (S, cos), 1: (S2, cos)}, 64, tmp_path / "c.png")
+    labels = [label for label in axes[0].get_legend_handles_labels()[1] if label.startswith("random 95%, mean")]
+    assert labels == ["random 95%, mean of heads (±0.0358)"]
+
+
+def test_the_largest_difference_of_a_reading_is_called_largest_in_magnitude():
+    """Before: "largest at L0: -0.451" for the difference largest in size, which read as the largest value."""
+    import numpy as np
+
+    from qkhooks.readings import compare_reading
+
+    rng = np.random.default_rng(0)
+    a = np.stack([rng.normal(-0.45, 0.02, 40), rng.normal(0.0, 0.5, 40)], axis=1)  # clear at L0 only: "mixed"
+    reading = compare_reading(a, 0.0, [0, 1], "anisotropy", "zero", "images")
+    assert reading.verdict == "mixed"
+    assert f"largest in magnitude at L0: {a[:, 0].mean():.3f}" in reading.text

@@ -8,6 +8,7 @@ The library is imported inside the commands, not at module level: the parser is 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from qkhooks.cli import add_run_arguments, command, sigterm_exits
@@ -100,5 +101,8 @@ def run_compare(args: argparse.Namespace) -> int:
     from qkhooks.compare import compare
 
     writable_dir(args.out, "--out folder")  # before any model is loaded (round 38: a file here gave a traceback)
-    print(f"wrote {compare(args.items, args.out)}")
+    page = compare(args.items, args.out)
+    figures = json.loads((page.parent / "compare.json").read_text())["figures"]  # review r40: all it wrote
+    print(f"wrote {page}, {page.parent / 'compare.json'} (the curves) and {len(figures)} figure"
+          f"{'' if len(figures) == 1 else 's'}: {', '.join(str(page.parent / name) for name in figures)}")
     return 0

@@ -1078,6 +1078,12 @@ def _refuse_non_run(path: Path) -> None:
         raise QKHooksError(f"{path} is an empty file, not a qkhooks run file; give a run file (RUN.h5) written by "
                            "`qkhooks record`.")
     if not_hdf5_at_all(path):  # a run whose start was overwritten is left to open_reader, which calls it damaged
+        if path.name.endswith(".reducers") and len(path.name) > len(".reducers"):  # review r40: the checkpoint
+            run = path.with_name(path.name[: -len(".reducers")])
+            raise QKHooksError(
+                f"{path} is the reducer checkpoint of the run file {run} (the reducers' saved states, written beside "
+                f"it), not a run file; open the run: qkhooks.open_run({str(run)!r}) (its reducers' states: "
+                f"run.state(name)), or `qkhooks info {run}`." + ("" if run.exists() else f" ({run} is not there.)"))
         raise QKHooksError(f"{path} is not a qkhooks run file (not an HDF5 file at all); give a run file (RUN.h5) "
                            "written by `qkhooks record`.")
 
