@@ -106,7 +106,7 @@ def plot_weighted_cosine(spectra: dict[int, tuple[np.ndarray, np.ndarray]], dim:
     fig, ax = figure((5.5, 3.6))
     band = np.array([Z95 * weighted_cosine_null_sd(np.asarray(spectra[l][0], np.float64), dims[l])[1] for l in layers])
     low, high = f"{band.min():.3g}", f"{band.max():.3g}"
-    span = low if low == high else f"{low}…{high}"  # one value where the range reads as one (review r40: ±0.00261…0.00261)
+    span = low if low == high else f"{low}…{high}"  # one value where the range prints as one (review r40)
     ax.bar(layers, 2 * band, bottom=-band, width=0.8, color="0.8", zorder=0, label=f"random 95%, mean of heads (±{span})")
     if len({dims[l] for l in layers}) == 1:  # one width: one single-mode band (stages of other widths: bars only)
         single = random_cosine_band(dims[layers[0]], Z95)

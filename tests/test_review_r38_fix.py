@@ -253,7 +253,7 @@ def test_a_one_image_runs_same_object_probability_of_one_at_chance_one_is_flagge
 
     text = format_summary(summary).splitlines()
     rows = [line for line in text[1:] if line.split()[0].isdigit()]  # the table; under it, why (round 40)
-    assert len(rows) == 2 and all(line.split()[-1] == "—" for line in rows)
+    assert len(rows) == 2 and all(line.split()[4] == "—" and line.split()[5] == "+1.000" for line in rows)  # p_same, chance
     assert all(f"p_same of layer {l} —: {UNINFORMATIVE_NOTE.rstrip('.')}." in text for l in (0, 1))
 
     two = one.copy()

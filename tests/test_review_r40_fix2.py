@@ -318,3 +318,18 @@ def test_the_largest_difference_of_a_reading_is_called_largest_in_magnitude():
     reading = compare_reading(a, 0.0, [0, 1], "anisotropy", "zero", "images")
     assert reading.verdict == "mixed"
     assert f"largest in magnitude at L0: {a[:, 0].mean():.3f}" in reading.text
+
+
+# ---------------------------------------------------------------------------------------------- 6. chance beside p_same
+
+
+def test_the_printed_modes_table_shows_each_layers_chance_beside_p_same():
+    """Before: `qkhooks analyze modes` printed p_same (0.32) with no chance level (0.08), though modes.json has it."""
+    from qkhooks.analysis.modes import format_summary
+
+    summary = {"layers": [{"layer": 0}, {"layer": 3}], "anisotropy": None,
+               "same_object": {"layers": {0: {"p_same": 0.32, "chance": 0.08}, 3: {"p_same": 0.5, "chance": 0.25}},
+                               "left_out": {}}}
+    header, *rows = format_summary(summary).splitlines()
+    assert header.split()[-2:] == ["p_same", "chance"]
+    assert [row.split()[-2:] for row in rows] == [["+0.320", "+0.080"], ["+0.500", "+0.250"]]

@@ -730,16 +730,18 @@ def _choose_layers(requested: Sequence[int] | None, available: Sequence[int],
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """Per-layer anisotropy and same-object numbers as aligned text."""
-    lines = [f"{'layer':>5}  {'cos_w':>8}  {'baseline':>8}  {'rel_cos_w':>9}  {'p_same':>7}"]
+    """Per-layer anisotropy and same-object numbers as aligned text; ``chance`` beside ``p_same`` is the layer's
+    chance level over the same images (σ-weighted as p_same is; review r40: p_same was printed without it)."""
+    lines = [f"{'layer':>5}  {'cos_w':>8}  {'baseline':>8}  {'rel_cos_w':>9}  {'p_same':>7}  {'chance':>7}"]
     aniso = summary.get("anisotropy") or {}
     same = (summary.get("same_object") or {}).get("layers", {})
     for entry in summary["layers"]:
         l = entry["layer"]
         a, s = aniso.get(l, {}), same.get(l, {})
-        cells = [a.get("cos_weighted"), a.get("baseline"), a.get("relative_cos_weighted"), s.get("p_same")]
+        cells = [a.get("cos_weighted"), a.get("baseline"), a.get("relative_cos_weighted"), s.get("p_same"),
+                 s.get("chance")]
         text = ["—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.3f}" for v in cells]
-        lines.append(f"{l:>5}  {text[0]:>8}  {text[1]:>8}  {text[2]:>9}  {text[3]:>7}")
+        lines.append(f"{l:>5}  {text[0]:>8}  {text[1]:>8}  {text[2]:>9}  {text[3]:>7}  {text[4]:>7}")
     if summary.get("same_object_note"):  # a column of dashes says why, as modes.json does
         lines.append(f"p_same —: {str(summary['same_object_note']).rstrip('.')}.")
     for l, why in ((summary.get("same_object") or {}).get("left_out") or {}).items():
