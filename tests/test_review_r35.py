@@ -259,8 +259,8 @@ def test_an_interrupted_recording_says_where_its_run_file_stands_and_how_to_go_o
             assert str(err.value) == (f"{tmp_path / f'run{every}.h5'} keeps {committed} committed images, {kept} of "
                                       f"them in its reducers' last checkpoint: the same command with --resume "
                                       f"continues after those {kept} and records the {committed - kept} after them "
-                                      "again (the reducers are checkpointed every checkpoint_every batches, 8 by "
-                                      "default).")
+                                      "again (the reducers are checkpointed every 8 batches by default: "
+                                      "--checkpoint-every N, or checkpoint_every=N in Python).")
         with qkhooks.open_run(tmp_path / f"run{every}.h5") as run:
             assert run.ids == [f"item{i}" for i in range(8)] and run.complete
     # the CLI prints it (exit 130), where it printed "qkhooks: interrupted" alone

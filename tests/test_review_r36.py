@@ -405,8 +405,8 @@ def test_info_on_a_run_stopped_before_its_first_checkpoint_says_a_resume_records
         reader_module.writer_alive = lambda path: True
         try:
             assert opened.missing_states() == ("no reducer checkpoint yet (topk_modes, anisotropy): the writer has not "
-                                               "reached its first (every checkpoint_every batches); read the states "
-                                               "again later.")
+                                               "reached its first (every --checkpoint-every / checkpoint_every "
+                                               "batches, 8 by default); read the states again later.")
         finally:
             reader_module.writer_alive = original
     assert qkhooks.record_dataset(tiny_loaded, _ITEMS, run, resume=True, **kw).resumed_from == 0

@@ -200,7 +200,8 @@ def test_a_full_disk_before_the_first_checkpoint_says_none_is_complete(tmp_path,
         record_dataset(_loaded(), str(data), run, **KW)
     assert str(stopped.value) == (
         "disk quota exceeded while writing run.h5: run.h5 has 2 committed images and no reducer checkpoint yet (one is "
-        "written every checkpoint_every batches), so none is complete: a resume records them all again. Free space "
+        "written every --checkpoint-every (checkpoint_every) batches, 8 by default), so none is complete: a resume "
+        "records them all again. Free space "
         "within your quota (or have it raised) and run the same command with --resume")
 
 # ------------------------------------------------------------------------------------------ 4. skipped images
