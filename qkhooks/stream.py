@@ -44,7 +44,7 @@ from qkhooks.data.sources import ItemStream, is_whole, open_source, refuse_batch
 from qkhooks import data_files
 from qkhooks.data.items import NO_STAMP, read_stamped, stamps_read
 from qkhooks.data_files import absolute_spec, file_hash_column, file_mtime_column, file_size_column
-from qkhooks.errors import DataRefusal, MissingReducer, QKHooksError, RunInterrupted, refuses_unknown_keywords
+from qkhooks.errors import DataRefusal, MissingReducer, QKHooksError, RunInterrupted, refuse_unknown_keywords
 from qkhooks.models.base import AttentionSite, select_layers
 from qkhooks.models.unsupported import (hooked_paths, left_out_by_design, refuse_altered_qk, refuse_compiled,
                                         unmodelled_parts)
@@ -504,6 +504,7 @@ def _keeps_train_modes(fn: Callable[..., "RecordResult"]) -> Callable[..., "Reco
 
     @functools.wraps(fn)
     def keeping(*args: Any, **kwargs: Any) -> "RecordResult":
+        refuse_unknown_keywords(fn, kwargs)  # a QKHooksError listing the options, not Python's bare TypeError
         model = args[0] if args else kwargs.get("model")
         module = model.model if isinstance(model, LoadedModel) else model
         saved = [(m, m.training) for m in module.modules()] if isinstance(module, nn.Module) else []
@@ -530,7 +531,6 @@ def check_options(opts: RecordOptions) -> None:
     refuse_batching(opts.batch_size, 0 if opts.num_workers is None else opts.num_workers)
 
 
-@refuses_unknown_keywords
 @_keeps_train_modes
 def record_dataset(
     model: LoadedModel | str | nn.Module,
