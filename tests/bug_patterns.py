@@ -47,7 +47,7 @@ PATTERNS: tuple[BugPattern, ...] = (
                "grid = tuple(int(g) for g in reversed(patch_embed.grid_size))",
                ("tests/test_core.py::test_sites_describe_each_family[timm-vit-4x6]",)),
     BugPattern("HF grid reader swaps rows and columns", "qkhooks/models/hf.py",
-               "return size[0] // patch[0], size[1] // patch[1]", "return size[1] // patch[1], size[0] // patch[0]",
+               "return rows // patch_rows, cols // patch_cols", "return cols // patch_cols, rows // patch_rows",
                ("tests/test_core.py::test_sites_describe_each_family[hf-vit-4x6-key-first]",)),
     BugPattern("anisotropy centre token swaps rows and columns", "qkhooks/analysis/anisotropy.py",
                "prefix + (rows // 2) * cols + cols // 2", "prefix + (cols // 2) * rows + rows // 2",
