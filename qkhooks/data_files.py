@@ -28,7 +28,7 @@ from qkhooks.data.readers import split_spec
 from qkhooks.store.format import FILE_SIZES
 
 __all__ = ["SIZES_ATTR", "absolute_spec", "file_sizes", "file_size_column", "file_mtime_column", "file_hash_column",
-           "file_hash", "recorded_sizes",
+           "file_hash", "stamp_columns", "recorded_sizes",
            "changed_files"]
 
 SIZES_ATTR = "data_file_sizes"
@@ -106,7 +106,18 @@ def _column(dataset: Any, per_file: Callable[[str | None], int]) -> Callable[[Se
     paths = _paths(dataset)
     if not paths:
         return None
+    return _path_column(paths, per_file)
+
+
+def _path_column(paths: Mapping[str, str], per_file: Callable[[str | None], int]) -> Callable[[Sequence[str]], np.ndarray]:
     return lambda ids: np.array([per_file(paths.get(i)) for i in ids], np.int64)
+
+
+def stamp_columns(paths: Mapping[str, str]) -> tuple[Callable[[Sequence[str]], np.ndarray], ...]:
+    """The size, modification-time and hash columns (as :func:`file_size_column`, :func:`file_mtime_column` and
+    :func:`file_hash_column` give them) of the files ``paths`` names ``{image id: path}``: what a resume of a stream
+    whose items are files compares with the run's."""
+    return tuple(_path_column(paths, f) for f in (_size, _mtime, file_hash))
 
 
 def file_size_column(dataset: Any) -> Callable[[Sequence[str]], np.ndarray] | None:

@@ -1122,8 +1122,7 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
         return
     if paths is not None:
         where = dict(paths)
-        columns = [lambda ids, f=f: np.array([f(where.get(i)) for i in ids], np.int64)
-                   for f in (data_files._size, data_files._mtime, data_files.file_hash)]
+        columns = list(data_files.stamp_columns(where))
     else:
         where = dict(stamps)
         columns = [lambda ids, k=k: np.array([where.get(i, NO_STAMP)[k] for i in ids], np.int64) for k in range(3)]
