@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from qkhooks.data.items import digest_value
+from qkhooks.data.items import ImageDataset, digest_value
 from qkhooks.data.datasets import BUNDLED_PREFIX, FOLDER_PREFIXES, GENERATED_PREFIXES, NAMED_SPECS, STREAMED_PREFIXES
 from qkhooks.data.readers import split_spec
 from qkhooks.store.format import FILE_SIZES
@@ -76,8 +76,7 @@ def absolute_spec(spec: Any) -> Any:
 
 def _paths(dataset: Any) -> dict[str, str]:
     """Image id -> file path, for datasets read from files (folders, ade20k:, o3dir:, joins of them)."""
-    records = getattr(dataset, "_records", None) or []
-    return {r.id: r.path for r in records if getattr(r, "path", None)}
+    return dataset.files() if isinstance(dataset, ImageDataset) else {}
 
 
 def _size(path: str | None) -> int:

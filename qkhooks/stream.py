@@ -1078,7 +1078,7 @@ class _Stamped(torch.utils.data.Dataset):
         with stamps_read() as seen:
             item = self.dataset[index]
         if item is not None:
-            path = self.dataset._records[index].path
+            path = self.dataset.file_of(index)
             item["file_stamp"] = NO_STAMP if not path else seen.get(os.fspath(path)) or _stamp_again(path)
         return item
 

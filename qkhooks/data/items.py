@@ -116,11 +116,8 @@ def read_stamped(path: str | os.PathLike[str], identify: bool = False) -> tuple[
     with open(path, "rb") as f:
         mtime = os.fstat(f.fileno()).st_mtime_ns
         if identify:
-            try:
-                with open_image(f):  # the header only; leaves f open
-                    pass
-            except Image.UnidentifiedImageError:  # as PIL says it of a path, not of an open file
-                raise Image.UnidentifiedImageError(f"cannot identify image file {os.fspath(path)!r}") from None
+            with _named_as_path(os.fspath(path)), open_image(f):  # the header only; leaves f open
+                pass
             f.seek(0)
         data = f.read()
     return data, (len(data), mtime, bytes_hash(data))
@@ -135,11 +132,19 @@ def read_oriented(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Image.Image
     if seen is not None and isinstance(path, (str, os.PathLike)):
         name = os.fspath(path)
         data, seen[name] = read_stamped(name, identify=True)
-        try:
+        with _named_as_path(name):
             return _decode_oriented(io.BytesIO(data), name)
-        except Image.UnidentifiedImageError:  # as PIL says it of a path, not of an in-memory file
-            raise Image.UnidentifiedImageError(f"cannot identify image file {name!r}") from None
     return _decode_oriented(path)
+
+
+@contextlib.contextmanager
+def _named_as_path(name: str) -> Iterator[None]:
+    """PIL's "cannot identify image file" of an open or in-memory file, said of the file's path, as PIL says it when
+    given the path (the readers and skip lists name the file the user can look at)."""
+    try:
+        yield
+    except Image.UnidentifiedImageError:
+        raise Image.UnidentifiedImageError(f"cannot identify image file {name!r}") from None
 
 
 def _decode_oriented(path: str | os.PathLike[str] | IO[bytes], name: str | None = None) -> tuple[Image.Image, int]:
@@ -436,6 +441,16 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def file_of(self, index: int) -> str | None:
+        """The image file item ``index`` is read from, or None for an item not read from a file (generated, built
+        in): the file a run stamps and checks on resume."""
+        return self._records[index].path
+
+    def files(self) -> dict[str, str]:
+        """``{id: image file}`` of the items read from files (a folder's, ``ade20k:``, ``o3dir:``, joins of them);
+        {} for generated and built-in data."""
+        return {r.id: r.path for r in self._records if r.path}
 
     def __repr__(self) -> str:
         return (

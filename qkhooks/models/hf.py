@@ -15,6 +15,7 @@ embeddings module (a CLS token, a distillation token, register tokens), so new v
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from typing import Callable
 
@@ -307,8 +308,6 @@ def text_model_type(model: nn.Module) -> str | None:
     "with the input size it was built for", or asked for an image processor config)."""
     if not type(model).__module__.startswith("transformers."):
         return None
-    import inspect
-
     try:
         takes = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
