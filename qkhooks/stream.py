@@ -711,6 +711,9 @@ def record_dataset(
         }
         expected = {f"spectrum/L{site.layer}/S_all": layer_spectrum(site, opts.augmented).S.cpu().numpy()
                     for site in sites} if mode == "resume" else None  # for files from before weights_sha256
+        extended = _extended_config(out, config) if mode == "resume" else None
+        if extended is not None:  # compared as the run's; rewritten below, once the resume's checks have passed
+            attrs["config"] = json.dumps(extended, sort_keys=True)
         writer = RunWriter(out, mode=mode, attrs=attrs, dtype=opts.dtype, compression=opts.compression,
                            checksum=opts.checksum, expected_statics=expected)
         if mode == "resume":
@@ -725,6 +728,8 @@ def record_dataset(
                                                at_open, file_mtimes, file_hashes)
                     start = lo + next_index
                 refuse_sinks_holding_images(reducers, done)  # one the run's checkpoint did not replace
+                if extended is not None:  # a larger --limit: the run grows to it, and says so from now on
+                    writer.write_static("config", json.dumps(config, sort_keys=True))
                 if done < writer.committed:  # cut only once every check has passed: a refusal keeps every image
                     writer.truncate(done)
             except BaseException:
@@ -788,16 +793,41 @@ def record_dataset(
                         done if mode == "resume" else None)
 
 
-def _resumed_data_spec(out: str | os.PathLike, data_spec: str) -> str:
-    """The data spec a resume compares: the run's own when it names the same data as typed before specs were made
-    absolute (a relative folder, resumed from the folder it was recorded in), else ``data_spec``."""
+def _stored_config(out: str | os.PathLike) -> dict[str, Any]:
+    """The run config stored in the run file at ``out``; {} where there is no readable run (the writer says why)."""
     from qkhooks.store._hdf5 import open_reader
 
     try:
         with open_reader(out, deadline_s=0) as f:
-            stored = json.loads(f.attrs.get("config", "{}")).get("data")
-    except (QKHooksError, OSError, RuntimeError, KeyError, ValueError):  # no readable run there: the writer says why
-        return data_spec
+            stored = json.loads(f.attrs.get("config", "{}"))
+    except (QKHooksError, OSError, RuntimeError, KeyError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _extended_config(out: str | os.PathLike, config: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The run's own config where this resume's differs from it only by a larger ``limit`` (or none): the resume
+    extends the run to the new limit, whose images so far are the first of the new ones (the resume checks they are),
+    and the run's config is rewritten once every check has passed. None where the two differ otherwise (the writer
+    refuses and names what differs) or are the same. A smaller limit is refused here: the run holds images past it."""
+    stored, config = _stored_config(out), json.loads(json.dumps(config))  # as stored: tuples read back as lists
+    if set(stored) != set(config) or any(stored[k] != config[k] for k in config if k != "limit"):
+        return None
+    was, now = stored["limit"], config["limit"]
+    if was == now or not isinstance(was, int) or config.get("shard") is not None:  # a shard's block moves with it
+        return None
+    if now is not None and now < was:
+        raise QKHooksError(
+            f"cannot resume {out} with --limit {now}: it was recorded with --limit {was}, and a resume may raise the "
+            f"limit (the run grows to the new one) but never lower it. Read the first {now} images of the run "
+            f"(open_run(...).ids[:{now}]), resume with --limit {was} or more, or record into a new --out.")
+    return stored
+
+
+def _resumed_data_spec(out: str | os.PathLike, data_spec: str) -> str:
+    """The data spec a resume compares: the run's own when it names the same data as typed before specs were made
+    absolute (a relative folder, resumed from the folder it was recorded in), else ``data_spec``."""
+    stored = _stored_config(out).get("data")
     return stored if isinstance(stored, str) and stored != data_spec and absolute_spec(stored) == data_spec else data_spec
 
 

@@ -76,3 +76,130 @@ def test_a_folders_files_are_its_items_paths_and_their_sizes_are_read_from_them(
     assert sorted(files) == sorted(ds.ids) and len(files) == 3
     assert [ds.file_of(i) for i in range(len(ds))] == [files[i] for i in ds.ids]
     assert file_sizes(ds) == {i: os.path.getsize(p) for i, p in files.items()}
+
+
+# ------------------------------------------------------------------------- a resume with a larger --limit extends a run
+
+_PHOTOS = [f"p{i:02d}.png" for i in range(9)]
+_EXT_KW = dict(layers="0", modes=2, batch_size=2, progress=False)
+
+
+def _per_image(path) -> dict[str, np.ndarray]:
+    import h5py
+
+    from qkhooks.store import format as fmt
+
+    with h5py.File(path, "r") as f:
+        n = fmt.committed(f)
+        arrays = {name: ds[:n] for name, ds in fmt.per_image_datasets(f).items()}
+        arrays["ids"] = np.asarray(fmt.read_ids(f, n))
+    return arrays
+
+
+@pytest.fixture
+def photos(tmp_path):
+    from test_review_r39_fixb import _same_size_photos
+
+    _same_size_photos(tmp_path / "photos", _PHOTOS, seed=3)
+    return tmp_path / "photos"
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_a_resume_with_a_larger_limit_grows_a_finished_run_to_what_one_run_of_that_limit_records(tmp_path, photos,
+                                                                                                  checksum):
+    """Before: a finished run of --limit 4 could not be taken further ("its config differs ... limit: file 4, now 7");
+    a researcher trying a pilot first had to record the pilot's images again."""
+    import qkhooks
+    from qkhooks.store import verify_run
+    from test_review_r39_fixb import _tiny_loaded
+
+    loaded = _tiny_loaded()
+    grown, once = tmp_path / "grown.h5", tmp_path / "once.h5"
+    qkhooks.record_dataset(loaded, str(photos), out=grown, limit=4, checksum=checksum, **_EXT_KW)
+    result = qkhooks.record_dataset(loaded, str(photos), out=grown, limit=7, checksum=checksum, resume=True, **_EXT_KW)
+    qkhooks.record_dataset(loaded, str(photos), out=once, limit=7, checksum=checksum, **_EXT_KW)
+    assert result.resumed_from == 4 and result.images == 7
+    a, b = _per_image(grown), _per_image(once)
+    assert sorted(a) == sorted(b) and list(a["ids"]) == _PHOTOS[:7]
+    for name in a:
+        if a[name].dtype.kind == "f":
+            np.testing.assert_allclose(a[name], b[name], rtol=2e-3, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    with qkhooks.open_run(grown) as run, qkhooks.open_run(once) as ref:
+        assert run.config == ref.config and run.config["limit"] == 7
+        assert run.complete
+        for name in run.states():  # the streaming statistics went on from the pilot's: the same as one run's
+            state, one = run.state(name), ref.state(name)
+            assert sorted(state) == sorted(one) and state.get("images", 7) == one.get("images", 7) == 7
+            for key, value in one.items():
+                if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                    np.testing.assert_allclose(state[key], value, rtol=1e-4, atol=1e-6, err_msg=f"{name} {key}")
+                elif isinstance(value, np.ndarray):
+                    np.testing.assert_array_equal(state[key], value, err_msg=f"{name} {key}")
+    report = verify_run(grown)
+    assert report.ok and report.images == 7, report
+
+
+def test_a_resume_with_no_limit_grows_a_run_to_all_the_data(tmp_path, photos):
+    import qkhooks
+    from test_review_r39_fixb import _tiny_loaded
+
+    loaded, out = _tiny_loaded(), tmp_path / "run.h5"
+    qkhooks.record_dataset(loaded, str(photos), out=out, limit=3, **_EXT_KW)
+    qkhooks.record_dataset(loaded, str(photos), out=out, resume=True, **_EXT_KW)
+    with qkhooks.open_run(out) as run:
+        assert run.ids == _PHOTOS and run.config["limit"] is None
+
+
+def _as_found(path) -> tuple:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return (dict(f.attrs.items()).get("complete"), f.attrs["config"], list(f["images/ids"][:].astype(str)))
+
+
+def test_a_smaller_limit_is_refused_and_leaves_the_run_as_it_was(tmp_path, photos):
+    import qkhooks
+    from test_review_r39_fixb import _tiny_loaded
+
+    loaded, out = _tiny_loaded(), tmp_path / "run.h5"
+    qkhooks.record_dataset(loaded, str(photos), out=out, limit=5, **_EXT_KW)
+    before = _as_found(out)
+    with pytest.raises(qkhooks.QKHooksError, match=r"--limit 3: it was recorded with --limit 5.*never lower"):
+        qkhooks.record_dataset(loaded, str(photos), out=out, limit=3, resume=True, **_EXT_KW)
+    assert _as_found(out) == before
+
+
+def test_a_refused_extension_keeps_the_runs_own_limit(tmp_path, photos):
+    """The config is rewritten only once every check of the resume has passed: a kept photo replaced since is refused,
+    and the run still says --limit 4 (a later resume with 4 still works once the photo is back)."""
+    import qkhooks
+    from test_review_r39_fixb import _tiny_loaded
+
+    loaded, out = _tiny_loaded(), tmp_path / "run.h5"
+    qkhooks.record_dataset(loaded, str(photos), out=out, limit=4, **_EXT_KW)
+    before = _as_found(out)
+    kept = photos / _PHOTOS[1]
+    original = kept.read_bytes()
+    kept.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # the same size, other bytes, a new time
+    with pytest.raises(qkhooks.QKHooksError, match=_PHOTOS[1]):
+        qkhooks.record_dataset(loaded, str(photos), out=out, limit=8, resume=True, **_EXT_KW)
+    assert _as_found(out) == before
+
+
+def test_options_other_than_the_limit_are_still_refused_on_a_larger_limit(tmp_path, photos):
+    import qkhooks
+    from test_review_r39_fixb import _tiny_loaded
+
+    loaded, out = _tiny_loaded(), tmp_path / "run.h5"
+    qkhooks.record_dataset(loaded, str(photos), out=out, limit=4, **_EXT_KW)
+    with pytest.raises(qkhooks.QKHooksError, match="config differs"):
+        qkhooks.record_dataset(loaded, str(photos), out=out, limit=8, resume=True, **{**_EXT_KW, "modes": 3})
+    assert json_limit(out) == 4
+
+
+def json_limit(path) -> int:
+    import json
+
+    return json.loads(_as_found(path)[1])["limit"]

@@ -22,7 +22,7 @@ def _record_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="where the model runs; under torchrun 'cuda' is each rank's GPU")
     RecordOptions.add_arguments(p)
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run, or grow a run with a larger --limit")
     group.add_argument("--overwrite", action="store_true", help="replace an existing run file")
 
 
