@@ -203,3 +203,59 @@ def json_limit(path) -> int:
     import json
 
     return json.loads(_as_found(path)[1])["limit"]
+
+
+# ---------------------------------------------------------------------------------- a Subset of a torchvision folder
+
+
+def test_a_subset_of_an_image_folder_is_named_and_stamped_by_its_files(tmp_path):
+    """Before: ``Subset(ImageFolder(...), indices)``, the way qkhooks' own messages say to record part of a dataset,
+    was named '0', '1', ... and stored no file stamps."""
+    from torch.utils.data import Subset
+
+    from test_review_r40_fix2 import _image_folder
+    from test_review_r40_stamp import _reference, _stored
+    from test_review_r39_fixb import _tiny_loaded
+    import qkhooks
+
+    root, ds = _image_folder(tmp_path)  # cat/c0 cat/c1 dog/d0 dog/d1 dog/d2
+    loaded = _tiny_loaded()
+    for name, data, want in (("flat", Subset(ds, [4, 0, 2]), ["dog/d2.png", "cat/c0.png", "dog/d0.png"]),
+                             ("nested", Subset(Subset(ds, [4, 3, 2, 1]), [0, 2, -1]),
+                              ["dog/d2.png", "dog/d0.png", "cat/c1.png"])):
+        out = tmp_path / f"{name}.h5"
+        qkhooks.record_dataset(loaded, data, out, **_EXT_KW)
+        with qkhooks.open_run(out) as run:
+            assert list(run.ids) == want, name
+        assert _stored(out) == _reference([root / n for n in want]), name
+
+
+def test_a_resume_over_a_subset_of_other_indices_is_refused(tmp_path):
+    """Before: both subsets' items were '0', '1', ..., so the resume went on and one run held two sets of photos."""
+    from torch.utils.data import Subset
+
+    from test_review_r36 import _interrupted
+    from test_review_r40_fix2 import _image_folder
+    from test_review_r39_fixb import _tiny_loaded
+    import qkhooks
+
+    _, ds = _image_folder(tmp_path)
+    loaded, out = _tiny_loaded(), tmp_path / "run.h5"
+    _interrupted(loaded, out, batches=2, data=Subset(ds, [0, 1, 2, 3, 4]))
+    with pytest.raises(qkhooks.QKHooksError, match="cat/c0.png"):
+        qkhooks.record_dataset(loaded, Subset(ds, [1, 0, 2, 3, 4]), out, resume=True, layers="0", modes=2,
+                               batch_size=2, progress=False, checkpoint_every=1)
+
+
+def test_a_subset_holding_one_file_twice_is_refused_before_any_file_is_made(tmp_path):
+    from torch.utils.data import Subset
+
+    from test_review_r40_fix2 import _image_folder
+    from test_review_r39_fixb import _tiny_loaded
+    import qkhooks
+
+    _, ds = _image_folder(tmp_path)
+    out = tmp_path / "run.h5"
+    with pytest.raises(qkhooks.QKHooksError, match=r"items 0 and 2 have the same id 'cat/c1\.png'.*Nothing was"):
+        qkhooks.record_dataset(_tiny_loaded(), Subset(ds, [1, 3, 1]), out, **_EXT_KW)
+    assert not out.exists()

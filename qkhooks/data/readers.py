@@ -374,23 +374,39 @@ class FolderReader(MapReader):
     def row_id(self, row: int, position: int) -> str:
         return self._id(row)
 
+    def mask_layouts(self, stop: int) -> Iterator[tuple[int, str, tuple[bool, bool]]] | None:
+        """Each item's id from its path, without decoding (a folder's items are (image, label) pairs: no masks), so
+        that two items of one file are refused before anything is recorded, and a resume checks the items before its
+        point (before: a resume over other files, or a subset of other indices, went on without a word)."""
+        return ((row, self._id(row), (False, False)) for row in range(min(stop, self.length or 0)))
+
     def file_paths(self, stop: int) -> list[tuple[str, str | None]] | None:
         return [(self._id(row), self.paths[row]) for row in range(min(stop, self.length or 0))]
 
 
 def folder_reader(container: Any) -> FolderReader | None:
     """A :class:`FolderReader` for a torchvision ``DatasetFolder`` (found by its class, and its ``samples`` of
-    (path, class) and ``root``), else None."""
+    (path, class) and ``root``), or for a ``torch.utils.data.Subset`` of one (nested ones too: the way qkhooks' own
+    messages tell a user to record part of a dataset), else None. A subset's items are named by their files as the
+    whole folder's are (before: by their position in the subset, and a resume over other indices mixed two sets of
+    photos in one run without a word)."""
+    folder, rows = container, None
+    while isinstance(folder, torch.utils.data.Subset):
+        indices = folder.indices
+        rows = list(indices) if rows is None else [indices[r] for r in rows]
+        folder = folder.dataset
     if not any(c.__name__ == "DatasetFolder" and c.__module__.startswith("torchvision.")
-               for c in type(container).__mro__):
+               for c in type(folder).__mro__):
         return None
-    samples, root = getattr(container, "samples", None), getattr(container, "root", None)
+    samples, root = getattr(folder, "samples", None), getattr(folder, "root", None)
     if not isinstance(samples, (list, tuple)) or not isinstance(root, (str, os.PathLike)) \
-            or len(samples) != len(container):
+            or len(samples) != len(folder):
         return None
     try:
         paths = [os.fspath(path) for path, _ in samples]
-    except (TypeError, ValueError):
+        if rows is not None:
+            paths = [paths[int(r)] for r in rows]  # a negative index counts from the end, as the subset reads it
+    except (TypeError, ValueError, IndexError):  # an index the subset cannot read either: its own error says so
         return None
     return FolderReader(container, paths, os.fspath(root))
 
