@@ -259,3 +259,94 @@ def test_a_subset_holding_one_file_twice_is_refused_before_any_file_is_made(tmp_
     with pytest.raises(qkhooks.QKHooksError, match=r"items 0 and 2 have the same id 'cat/c1\.png'.*Nothing was"):
         qkhooks.record_dataset(_tiny_loaded(), Subset(ds, [1, 3, 1]), out, **_EXT_KW)
     assert not out.exists()
+
+
+# -------------------------------------------------------------------- a hub name on a machine that cannot resolve it
+
+
+def _resolver(monkeypatch, resolves: bool) -> list[str]:
+    import socket
+
+    asked: list[str] = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        asked.append(host)
+        if not resolves:
+            raise socket.gaierror(-2, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.1", 443))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    return asked
+
+
+@pytest.mark.parametrize("resolves", [False, True])
+def test_a_timm_hub_load_is_cache_only_exactly_while_the_hub_does_not_resolve(monkeypatch, resolves):
+    """Before: with no network, each weights file was asked for five times with a backoff (~50 s for one model)
+    before the same refusal. The stand-in for timm records huggingface_hub's offline mode as the load saw it."""
+    import timm
+    from huggingface_hub import constants
+
+    from qkhooks.models.load import load_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    asked = _resolver(monkeypatch, resolves)
+    seen = []
+
+    def create_model(name, pretrained=False, **kwargs):
+        seen.append((name, pretrained, constants.HF_HUB_OFFLINE))
+        raise OSError("no weights (stand-in)")
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    with pytest.raises(qkhooks_error()) as caught:
+        load_model("timm:vit_tiny_patch16_224")
+    assert seen == [("vit_tiny_patch16_224", True, not resolves)]
+    assert asked == ["huggingface.co"]
+    assert constants.HF_HUB_OFFLINE is False  # given back after the load
+    assert ("huggingface.co does not resolve from this machine" in str(caught.value)) is (not resolves)
+
+
+def test_a_hf_hub_load_is_cache_only_while_the_hub_does_not_resolve_and_a_folder_asks_nothing(monkeypatch, tmp_path):
+    import transformers
+    from huggingface_hub import constants
+
+    from qkhooks.models.load import load_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    asked = _resolver(monkeypatch, resolves=False)
+    seen = []
+
+    def from_pretrained(ident, *args, **kwargs):
+        seen.append((ident, constants.HF_HUB_OFFLINE))
+        raise OSError("not cached (stand-in)")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    with pytest.raises(qkhooks_error(), match=r"hf:facebook/dino-vits16 \(huggingface\.co does not resolve"):
+        load_model("hf:facebook/dino-vits16")
+    assert seen == [("facebook/dino-vits16", True)] and asked == ["huggingface.co"]
+    assert constants.HF_HUB_OFFLINE is False
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(qkhooks_error()) as caught:
+        load_model(f"hf:{tmp_path}")
+    assert seen[-1] == (str(tmp_path), False) and asked == ["huggingface.co"]  # a folder: no probe, no offline mode
+    assert "does not resolve" not in str(caught.value)
+
+
+@pytest.mark.parametrize("why", ["proxy", "offline already"])
+def test_the_hub_is_not_probed_behind_a_proxy_or_when_offline_is_set(monkeypatch, why):
+    from huggingface_hub import constants
+
+    from qkhooks.models.load import _hub_unresolvable
+
+    asked = _resolver(monkeypatch, resolves=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", why == "offline already")
+    if why == "proxy":
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert _hub_unresolvable() is None and asked == []
+
+
+def qkhooks_error():
+    from qkhooks import QKHooksError
+
+    return QKHooksError

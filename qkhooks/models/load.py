@@ -15,6 +15,7 @@ cannot be made honestly (a module you built, a checkpoint) the request is refuse
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -22,7 +23,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -320,20 +321,79 @@ def _processor_file(where: str, revision: str | None) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_unresolvable() -> str | None:
+    """The Hugging Face hub's host name where this machine cannot resolve it (no network, no DNS), else None. Asked of
+    the resolver once, for at most 2 s; where the answer is slow, or a proxy or offline mode is set, None (the hub
+    libraries decide, as before)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return None
+    host = urlparse(getattr(constants, "ENDPOINT", "") or "https://huggingface.co").hostname
+    if not host:
+        return None
+    failed: list[str] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+        except socket.gaierror:
+            failed.append(host)
+        except OSError:  # anything else is not a definite "no network": let the hub libraries try
+            pass
+
+    asking = threading.Thread(target=resolve, name="qkhooks-hub-probe", daemon=True)
+    asking.start()
+    asking.join(2.0)
+    return failed[0] if failed else None
+
+
+@contextlib.contextmanager
+def _hub_cache_only_if_unresolvable() -> Iterator[str | None]:
+    """Around a load from the hub: where its host does not resolve, huggingface_hub's offline mode for the load's
+    duration, so that cached weights load at once and missing ones fail at once (before: each file was asked for five
+    times with a backoff, ~50 s before the same refusal). Yields the host that did not resolve, or None."""
+    host = _hub_unresolvable()
+    if host is None:
+        yield None
+        return
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield host
+    finally:
+        constants.HF_HUB_OFFLINE = was
+
+
+def _offline_words(host: str | None) -> str:
+    return f" ({host} does not resolve from this machine, so only the local cache was looked in)" if host else ""
+
+
 def _load_timm(name: str, random_init: bool, checkpoint: str | None) -> nn.Module:
     import timm
 
-    try:
-        model = timm.create_model(name, pretrained=not random_init and checkpoint is None)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise QKHooksError(f"timm does not know the model {name!r}; list names with timm.list_models('*vit*').") from None
-        raise
-    except Exception as exc:  # no network, no cached weights
-        raise QKHooksError(
-            f"could not fetch the weights of timm:{name} ({exc.__class__.__name__}: {exc}). Without network, pass "
-            "--random-init / random_init=True, or a local checkpoint with --checkpoint PATH."
-        ) from None
+    pretrained = not random_init and checkpoint is None
+    with _hub_cache_only_if_unresolvable() if pretrained else contextlib.nullcontext() as host:
+        try:
+            model = timm.create_model(name, pretrained=pretrained)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise QKHooksError(f"timm does not know the model {name!r}; list names with timm.list_models('*vit*').") from None
+            raise
+        except Exception as exc:  # no network, no cached weights
+            raise QKHooksError(
+                f"could not fetch the weights of timm:{name}{_offline_words(host)} ({exc.__class__.__name__}: {exc}). "
+                "Without network, pass --random-init / random_init=True, or a local checkpoint with --checkpoint PATH."
+            ) from None
     if checkpoint is not None:
         left_out = _load_checkpoint(model, checkpoint)
         if left_out:
@@ -348,6 +408,13 @@ def _hf_vision_tower(model: nn.Module) -> nn.Module:
 def _load_hf(ident: str, random_init: bool) -> tuple[nn.Module, dict | None, str | None]:
     """The model of ``hf:ident``, its image processor config (None if it has none or it cannot be read) and why it
     could not be read (None if read, or if a local folder has no processor config to read)."""
+    if Path(ident).is_dir():
+        return _load_hf_from(ident, random_init, None)
+    with _hub_cache_only_if_unresolvable() as host:
+        return _load_hf_from(ident, random_init, host)
+
+
+def _load_hf_from(ident: str, random_init: bool, host: str | None) -> tuple[nn.Module, dict | None, str | None]:
     import transformers
 
     try:
@@ -359,8 +426,8 @@ def _load_hf(ident: str, random_init: bool) -> tuple[nn.Module, dict | None, str
                 "(trust_remote_code). Use a model that transformers implements itself, or export it to one."
             ) from None
         raise QKHooksError(
-            f"could not read the config of hf:{ident} ({exc.__class__.__name__}). Give a hub id that is cached or "
-            "reachable, or a local folder written by save_pretrained."
+            f"could not read the config of hf:{ident}{_offline_words(host)} ({exc.__class__.__name__}). Give a hub id "
+            "that is cached or reachable, or a local folder written by save_pretrained."
         ) from None
     model_type = getattr(config, "model_type", "")
     vision_classes = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "siglip2": "Siglip2VisionModel"}
