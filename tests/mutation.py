@@ -107,6 +107,8 @@ KILLS_R37 = "tests/test_mutation_kills_r37.py"
 KILLS_R38 = "tests/test_mutation_kills_r38.py"
 # Round 40 (mutation): the kill tests of round 39's library code (module "round39").
 KILLS_R39 = "tests/test_mutation_kills_r39.py"
+# Round 41 (mutation): the kill tests of round 41's library code (module "round41").
+KILLS_R41 = "tests/test_mutation_kills_r41.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -643,6 +645,15 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "truncated_spectrum_given_is_what or refused_resume_of_a_changed_stream_leaves) and not "
                 "(before_writing_a_copy_that_cannot_fit or past_ulimit_f_before_writing or "
                 "refuse_a_fifo_instead_of_waiting_forever)"),
+    # Round 41 (mutation): round 41's library code (`6ff989d..e1a1dee`): a resume with a larger --limit
+    # (stream.py `_extended_config`, `_stored_config`), a Subset of an ImageFolder (data/readers.py `folder_reader`,
+    # `FolderReader.mask_layouts`), the hub probe (models/load.py `_hub_unresolvable`, `_hub_cache_only_if_unresolvable`,
+    # `_load_timm`, `_load_hf`), items.py's `_named_as_path`, `ImageDataset.file_of` / `files`, data_files.py's
+    # `_paths`. Against round 41's tests. Run with --only ROUND41.
+    "round41": (["qkhooks/stream.py", "qkhooks/data/readers.py", "qkhooks/models/load.py", "qkhooks/data/items.py",
+                 "qkhooks/data_files.py"],
+                ["tests/test_review_r41.py", "tests/test_review_r41_rev41.py", KILLS_R41],
+                "test_review_r41 or test_mutation_kills_r41"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -837,13 +848,16 @@ ROUND38 = ("commits:9977ff1..4f4469b",)
 # file times and hashes, attribute digests, merge and repair checks, the CLI's early checks and SIGTERM, compare's
 # repeated reports, BFD's constant features, the data readers' path ids and JSON refusals), by :func:`written_by`.
 ROUND39 = ("commits:4f4469b..a0291ba",)
+# Round 41's library commits, for `--only` with the module "round41" (`6ff989d..e1a1dee`: the larger --limit, the
+# ImageFolder subset, the hub probe, the stamped reads' path naming), by :func:`written_by`.
+ROUND41 = ("commits:6ff989d..e1a1dee",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
               "ROUND28B": ROUND28B, "ROUND29": ROUND29, "ROUND30": ROUND30,
               "ROUND31": ROUND31, "ROUND32": ROUND32, "ROUND33": ROUND33,
               "ROUND34": ROUND34, "ROUND37": ROUND37, "ROUND38": ROUND38,
-              "ROUND39": ROUND39}
+              "ROUND39": ROUND39, "ROUND41": ROUND41}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
