@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import pickle
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -334,8 +335,8 @@ def _hub_unresolvable() -> str | None:
 
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARIABLES):
-        return None
+    if (constants.HF_HUB_OFFLINE and not _offline_loads) or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return None  # offline set by the user, not by a load in another thread (that one's ends with it)
     host = urlparse(getattr(constants, "ENDPOINT", "") or "https://huggingface.co").hostname
     if not host:
         return None
@@ -355,23 +356,53 @@ def _hub_unresolvable() -> str | None:
     return failed[0] if failed else None
 
 
+_OFFLINE_LOCK = threading.Lock()
+_offline_loads = 0  # loads (in any thread) inside _hub_cache_only_if_unresolvable's offline mode
+_offline_was = False  # the mode the first of them found, given back when the last ends
+
+
+def _set_hub_offline(value: bool) -> None:
+    """huggingface_hub's offline mode. Its 0.x versions read the mode only when they make a thread's session, which they
+    keep: sessions are made again after each change, so that the mode takes now, and none made cache-only outlives it
+    (it would refuse every later request of its thread, saying to unset an HF_HUB_OFFLINE that is not set). 1.x asks
+    the mode at each request."""
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = value
+    try:
+        from huggingface_hub.utils import reset_sessions
+    except ImportError:
+        return
+    reset_sessions()
+
+
 @contextlib.contextmanager
 def _hub_cache_only_if_unresolvable() -> Iterator[str | None]:
     """Around a load from the hub: where its host does not resolve, huggingface_hub's offline mode for the load's
     duration, so that cached weights load at once and missing ones fail at once (before: each file was asked for five
-    times with a backoff, ~50 s before the same refusal). Yields the host that did not resolve, or None."""
+    times with a backoff, ~50 s before the same refusal). Yields the host that did not resolve, or None. Loads in
+    several threads share the switch: on from the first, given back as the first found it when the last ends (the
+    mode is the process's)."""
+    global _offline_loads, _offline_was
     host = _hub_unresolvable()
     if host is None:
         yield None
         return
     from huggingface_hub import constants
 
-    was = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
+    with _OFFLINE_LOCK:
+        if _offline_loads == 0:
+            _offline_was = constants.HF_HUB_OFFLINE
+            if not _offline_was:
+                _set_hub_offline(True)
+        _offline_loads += 1
     try:
         yield host
     finally:
-        constants.HF_HUB_OFFLINE = was
+        with _OFFLINE_LOCK:
+            _offline_loads -= 1
+            if _offline_loads == 0 and constants.HF_HUB_OFFLINE != _offline_was:
+                _set_hub_offline(_offline_was)
 
 
 def _offline_words(host: str | None) -> str:
