@@ -809,13 +809,21 @@ def _extended_config(out: str | os.PathLike, config: Mapping[str, Any]) -> Mappi
     """The run's own config where this resume's differs from it only by a larger ``limit`` (or none): the resume
     extends the run to the new limit, whose images so far are the first of the new ones (the resume checks they are),
     and the run's config is rewritten once every check has passed. None where the two differ otherwise (the writer
-    refuses and names what differs) or are the same. A smaller limit is refused here: the run holds images past it."""
+    refuses and names what differs) or are the same. A smaller limit is refused here: the run holds images past it;
+    so is any other limit for a shard (its block of the data would move)."""
     stored, config = _stored_config(out), json.loads(json.dumps(config))  # as stored: tuples read back as lists
     if set(stored) != set(config) or any(stored[k] != config[k] for k in config if k != "limit"):
         return None
     was, now = stored["limit"], config["limit"]
-    if was == now or not isinstance(was, int) or config.get("shard") is not None:  # a shard's block moves with it
+    if was == now or not isinstance(was, int):
         return None
+    if config.get("shard") is not None:  # a shard's block is its rank's part of the limited data: it moves with it
+        rank, world = config["shard"]
+        raise QKHooksError(
+            f"cannot resume {out} with --limit {now}: it is shard {rank} of {world} of a run recorded with --limit "
+            f"{was}, and a sharded run's limit cannot change (each shard's block of the data moves with the limit, so "
+            f"the shards would no longer join up). Resume it with --limit {was}, or record the larger run into a new "
+            "--out.")
     if now is not None and now < was:
         raise QKHooksError(
             f"cannot resume {out} with --limit {now}: it was recorded with --limit {was}, and a resume may raise the "

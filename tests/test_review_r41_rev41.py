@@ -134,3 +134,24 @@ def test_huggingface_hub_0x_sessions_follow_the_switch_in_and_out(monkeypatch):
     finally:
         monkeypatch.undo()
         reset_sessions()  # the suite's own mode again
+
+
+def test_a_sharded_runs_limit_is_not_raised_by_a_resume_and_the_refusal_says_why(tmp_path):
+    """README and --resume's help say a resume may raise --limit; a shard's block moves with the limit, so a sharded run
+    cannot grow: before, the refusal was the generic "its config differs ... Resume with the same options"."""
+    import h5py
+
+    import qkhooks
+    from test_review_r39_fixb import _same_size_photos, _tiny_loaded
+
+    names = [f"p{i}.png" for i in range(8)]
+    _same_size_photos(tmp_path / "photos", names, seed=1)
+    loaded, out = _tiny_loaded(), tmp_path / "s0.h5"
+    kw = dict(layers="0", modes=2, batch_size=2, progress=False, shard=(0, 2))
+    qkhooks.record_dataset(loaded, str(tmp_path / "photos"), out, limit=4, **kw)
+    with h5py.File(out, "r") as f:
+        before = (f.attrs["config"], list(f["images/ids"][:].astype(str)))
+    with pytest.raises(qkhooks.QKHooksError, match=r"--limit 6.*shard 0 of 2.*--limit 4.*limit cannot change.*Resume it with --limit 4"):
+        qkhooks.record_dataset(loaded, str(tmp_path / "photos"), out, limit=6, resume=True, **kw)
+    with h5py.File(out, "r") as f:
+        assert (f.attrs["config"], list(f["images/ids"][:].astype(str))) == before
