@@ -39,8 +39,8 @@ from qkhooks.capture import (BatchCapture, model_sites, modes_kept, parse_modes,
 from qkhooks.data import ImageDataset, collate
 from qkhooks.data.masks import TokenCells, receptive_cells, token_cells
 from qkhooks.data.items import set_pil_limit
-from qkhooks.data.datasets import check_limit
-from qkhooks.data.sources import ItemStream, is_whole, open_source, refuse_batching
+from qkhooks.data.datasets import check_limit, is_whole
+from qkhooks.data.sources import ItemStream, open_source, refuse_batching
 from qkhooks import data_files
 from qkhooks.data.items import NO_STAMP, read_stamped, stamps_read
 from qkhooks.data_files import absolute_spec, file_hash_column, file_mtime_column, file_size_column
@@ -600,6 +600,8 @@ def record_dataset(
     """
     opts = RecordOptions.from_keywords(options, **{k: v for k, v in locals().items() if k in RecordOptions.names()})
     check_options(opts)
+    if opts.limit is not None:  # numpy's integers too, stored as the JSON number a resume's limit is compared with
+        opts = dataclasses.replace(opts, limit=int(opts.limit))
     check_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_init=random_init, device=device)
     # Recording measures the model as it runs for inference: dropout and drop-path off (a LoadedModel or a module
@@ -809,8 +811,9 @@ def _extended_config(out: str | os.PathLike, config: Mapping[str, Any]) -> Mappi
     """The run's own config where this resume's differs from it only by a larger ``limit`` (or none): the resume
     extends the run to the new limit, whose images so far are the first of the new ones (the resume checks they are),
     and the run's config is rewritten once every check has passed. None where the two differ otherwise (the writer
-    refuses and names what differs) or are the same. A smaller limit is refused here: the run holds images past it;
-    so is any other limit for a shard (its block of the data would move)."""
+    refuses and names what differs) or are the same. A smaller limit is refused here, whether or not the run holds
+    images past it (an extension stopped midway stays at its new limit: read the run with ``ids[:N]``, or record it
+    anew); so is any other limit for a shard (its block of the data would move)."""
     stored, config = _stored_config(out), json.loads(json.dumps(config))  # as stored: tuples read back as lists
     if set(stored) != set(config) or any(stored[k] != config[k] for k in config if k != "limit"):
         return None

@@ -350,3 +350,26 @@ def qkhooks_error():
     from qkhooks import QKHooksError
 
     return QKHooksError
+
+
+@pytest.mark.parametrize("limit", [4.0, True, "4"])
+def test_a_limit_that_is_no_integer_is_refused_before_anything_is_made(tmp_path, photos, limit):
+    """Before: limit=4.0 passed the check and was stored as 4.0, so a resume's limit 4 differed from it (review r41)."""
+    import qkhooks
+    from test_review_r39_fixb import _tiny_loaded
+
+    out = tmp_path / "run.h5"
+    with pytest.raises(qkhooks.QKHooksError, match=r"limit must be a positive integer or None, got"):
+        qkhooks.record_dataset(_tiny_loaded(), str(photos), out=out, limit=limit, **_EXT_KW)
+    assert not out.exists()
+
+
+def test_a_numpy_integer_limit_is_stored_as_the_number_a_resume_compares(tmp_path, photos):
+    import qkhooks
+    from test_review_r39_fixb import _tiny_loaded
+
+    loaded, out = _tiny_loaded(), tmp_path / "run.h5"
+    qkhooks.record_dataset(loaded, str(photos), out=out, limit=np.int64(3), **_EXT_KW)
+    qkhooks.record_dataset(loaded, str(photos), out=out, limit=np.int32(5), resume=True, **_EXT_KW)
+    with qkhooks.open_run(out) as run:
+        assert run.config["limit"] == 5 and type(run.config["limit"]) is int and run.ids == _PHOTOS[:5]

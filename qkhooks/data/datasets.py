@@ -37,6 +37,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+import numpy as np
 from PIL import Image
 
 from qkhooks.data.annotated import open_ade20k, open_o3, open_o3dir
@@ -228,9 +229,16 @@ def _open_concat(spec: str, image_config: ImageConfig, limit: int | None, check:
     return joined
 
 
+def is_whole(value: Any, least: int) -> bool:
+    """Whether ``value`` is an integer (Python's or numpy's; not a bool, not a float) of at least ``least``: the one
+    test of a count option (batch size, workers, checkpoint interval, shard rank and world, limit)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
+
+
 def check_limit(limit: Any) -> None:
-    """Refuse a ``limit`` (``--limit``) that is not None or a whole number >= 1."""
-    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
+    """Refuse a ``limit`` (``--limit``) that is not None or a whole number >= 1 (a float such as 4.0 too: it was
+    stored as 4.0 in the run config, where a resume's 4 then differed from it)."""
+    if limit is not None and not is_whole(limit, 1):
         raise QKHooksError(f"limit must be a positive integer or None, got {limit!r}.")
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qkhooks.data.datasets import STREAMED_PREFIXES, check_limit, open_dataset
+from qkhooks.data.datasets import STREAMED_PREFIXES, check_limit, is_whole, open_dataset
 from qkhooks.data.items import NO_STAMP, ImageDataset, preprocess_raw, set_pil_limit, stamps_read
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.data.readers import (
@@ -69,12 +69,6 @@ object): ``PREFIX + the object's type`` (or the Hugging Face dataset's name). No
 be reopened from the run file (e.g. to draw photos)."""
 
 _SPECS = "hfds:DIR_OR_NAME[:SPLIT] (a Hugging Face dataset) or wds:PATTERN (webdataset tar shards, {000..009} expanded)"
-
-
-def is_whole(value: Any, least: int) -> bool:
-    """Whether ``value`` is an integer (Python's or numpy's; not a bool, not a float) of at least ``least``: the one
-    test of a count option (batch size, workers, checkpoint interval, shard rank and world)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
 
 
 def refuse_batching(batch_size: int, workers: int) -> None:
