@@ -645,7 +645,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "truncated_spectrum_given_is_what or refused_resume_of_a_changed_stream_leaves) and not "
                 "(before_writing_a_copy_that_cannot_fit or past_ulimit_f_before_writing or "
                 "refuse_a_fifo_instead_of_waiting_forever)"),
-    # Round 41 (mutation): round 41's library code (`6ff989d..e1a1dee`): a resume with a larger --limit
+    # Round 41 (mutation): round 41's library code (`6ff989d..0a58ba1`): a resume with a larger --limit
     # (stream.py `_extended_config`, `_stored_config`), a Subset of an ImageFolder (data/readers.py `folder_reader`,
     # `FolderReader.mask_layouts`), the hub probe (models/load.py `_hub_unresolvable`, `_hub_cache_only_if_unresolvable`,
     # `_load_timm`, `_load_hf`), items.py's `_named_as_path`, `ImageDataset.file_of` / `files`, data_files.py's
@@ -848,9 +848,10 @@ ROUND38 = ("commits:9977ff1..4f4469b",)
 # file times and hashes, attribute digests, merge and repair checks, the CLI's early checks and SIGTERM, compare's
 # repeated reports, BFD's constant features, the data readers' path ids and JSON refusals), by :func:`written_by`.
 ROUND39 = ("commits:4f4469b..a0291ba",)
-# Round 41's library commits, for `--only` with the module "round41" (`6ff989d..e1a1dee`: the larger --limit, the
-# ImageFolder subset, the hub probe, the stamped reads' path naming), by :func:`written_by`.
-ROUND41 = ("commits:6ff989d..e1a1dee",)
+# Round 41's library commits, for `--only` with the module "round41" (`6ff989d..0a58ba1`: the larger --limit, the
+# ImageFolder subset, the hub probe and review r41's fixes of it, the stamped reads' path naming, the limit's integer
+# check), by :func:`written_by`.
+ROUND41 = ("commits:6ff989d..0a58ba1",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,

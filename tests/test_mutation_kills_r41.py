@@ -187,3 +187,15 @@ def test_data_not_read_from_files_has_no_file_sizes():
 
     assert file_sizes([np.zeros((8, 8, 3), np.uint8)]) == {}
     assert file_sizes(object()) == {}
+
+
+def test_an_empty_subset_of_a_folder_is_refused_as_no_images(tmp_path):
+    from torch.utils.data import Subset
+
+    from test_review_r40_fix2 import _image_folder
+
+    _, ds = _image_folder(tmp_path)
+    out = tmp_path / "run.h5"
+    with pytest.raises(QKHooksError, match="no images|empty"):
+        qkhooks.record_dataset(_tiny_loaded(), Subset(ds, []), out, **_EXT_KW)
+    assert not out.exists()
