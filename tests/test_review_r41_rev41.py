@@ -151,7 +151,8 @@ def test_a_sharded_runs_limit_is_not_raised_by_a_resume_and_the_refusal_says_why
     qkhooks.record_dataset(loaded, str(tmp_path / "photos"), out, limit=4, **kw)
     with h5py.File(out, "r") as f:
         before = (f.attrs["config"], list(f["images/ids"][:].astype(str)))
-    with pytest.raises(qkhooks.QKHooksError, match=r"--limit 6.*shard 0 of 2.*--limit 4.*limit cannot change.*Resume it with --limit 4"):
+    with pytest.raises(qkhooks.QKHooksError, match=r"--limit 6.*shard 0 of 2.*--limit 4.*limit cannot change.*Resume it with --limit 4") as caught:
         qkhooks.record_dataset(loaded, str(tmp_path / "photos"), out, limit=6, resume=True, **kw)
+    assert str(caught.value).endswith("or record the larger run into a new --out.")  # the whole fix (mutation r41)
     with h5py.File(out, "r") as f:
         assert (f.attrs["config"], list(f["images/ids"][:].astype(str))) == before

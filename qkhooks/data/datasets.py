@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
-from PIL import Image
 
 from qkhooks.data.annotated import open_ade20k, open_o3, open_o3dir
 from qkhooks.data.items import (IMAGE_EXTENSIONS, ImageDataset, file_fault, list_images, load_file, ItemRecord, collate,
