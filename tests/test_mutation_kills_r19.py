@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -103,10 +102,21 @@ def test_anisotropy_table_weighs_every_mode_and_a_truncated_layer_without_them_i
         assert rows[layer]["cos"] == cos.tolist() and rows[layer]["S"] == S.tolist()
 
 
-def _files_dataset(folder: Path, names: list[str]) -> SimpleNamespace:
-    """What changed_files reads of a dataset read from files: its ids and each record's path."""
-    records = [SimpleNamespace(id=n, path=str(folder / n)) for n in names]
-    return SimpleNamespace(ids=list(names), _records=records)
+def files_dataset(paths: dict[str, str | None]):
+    """An ImageDataset of the given ids and files (None: an item not read from a file), which no test here loads:
+    what changed_files and the file columns read of a dataset read from files (its ids and each item's file)."""
+    from qkhooks.data import ImageConfig
+    from qkhooks.data.items import ImageDataset, ItemRecord
+
+    def unread():
+        raise AssertionError("not loaded by these tests")
+
+    records = [ItemRecord(id=i, load=unread, path=p) for i, p in paths.items()]
+    return ImageDataset("files", records, ImageConfig(size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3), has_masks=False)
+
+
+def _files_dataset(folder: Path, names: list[str]):
+    return files_dataset({n: str(folder / n) for n in names})
 
 
 def test_changed_files_names_the_first_file_whose_size_differs_or_that_cannot_be_read_in_the_whole_message(
@@ -236,8 +246,8 @@ def test_file_sizes_of_every_file_or_the_ids_asked_and_records_without_a_path_le
 
     for name, size in (("a.png", 3), ("b.png", 5)):
         (tmp_path / name).write_bytes(b"x" * size)
-    data = _files_dataset(tmp_path, ["a.png", "b.png"])
-    data._records.append(SimpleNamespace(id="drawn"))  # generated, no file behind it
+    data = files_dataset({"a.png": str(tmp_path / "a.png"), "b.png": str(tmp_path / "b.png"),
+                          "drawn": None})  # generated, no file behind it
     assert file_sizes(data) == {"a.png": 3, "b.png": 5}
     assert file_sizes(data, ["b.png", "drawn", "gone.png"]) == {"b.png": 5}
     assert file_sizes([1, 2]) == {}

@@ -107,7 +107,9 @@ def test_a_run_without_a_data_attribute_is_named_by_a_question_mark_when_its_fil
     from qkhooks.data_files import changed_files
 
     (tmp_path / "a.png").write_bytes(b"x" * 7)
-    data = SimpleNamespace(ids=["a.png"], _records=[SimpleNamespace(id="a.png", path=str(tmp_path / "a.png"))])
+    from test_mutation_kills_r19 import files_dataset
+
+    data = files_dataset({"a.png": str(tmp_path / "a.png")})
     now = (tmp_path / "a.png").stat().st_size
     assert changed_files({}, data, ["a.png"], sizes={"a.png": now + 1}) == (
         f"1 of the 1 images to draw in '?' are not the files this run recorded (first: 'a.png', {now + 1} bytes when "
@@ -171,8 +173,10 @@ def test_the_file_size_column_is_os_stats_size_and_minus_one_for_no_file_or_one_
 
     (tmp_path / "a.png").write_bytes(b"x" * 11)
     (tmp_path / "b.png").write_bytes(b"")
-    records = [SimpleNamespace(id=n, path=str(tmp_path / n)) for n in ("a.png", "b.png", "gone.png")]
-    column = file_size_column(SimpleNamespace(_records=records + [SimpleNamespace(id="drawn")]))
+    from test_mutation_kills_r19 import files_dataset
+
+    column = file_size_column(files_dataset({**{n: str(tmp_path / n) for n in ("a.png", "b.png", "gone.png")},
+                                             "drawn": None}))
     sizes = column(["gone.png", "a.png", "drawn", "b.png", "unknown"])
     assert sizes.dtype == np.int64
     np.testing.assert_array_equal(sizes, [-1, os.stat(tmp_path / "a.png").st_size, -1, 0, -1])
