@@ -6,30 +6,14 @@ a relative data spec of an older run, and ``file_sizes`` of data not read from f
 from __future__ import annotations
 
 import json
-import socket
 
 import h5py
 import pytest
 
 import qkhooks
 from qkhooks import QKHooksError
-from test_review_r41 import _EXT_KW, _PHOTOS, photos  # noqa: F401 - the fixture
+from test_review_r41 import _EXT_KW, _PHOTOS, _resolver, photos  # noqa: F401 - the fixture
 from test_review_r39_fixb import _tiny_loaded
-
-
-def _resolver(monkeypatch, resolves: bool = False) -> list[str]:
-    asked: list[str] = []
-
-    def getaddrinfo(host, *args, **kwargs):
-        asked.append(host)
-        if not resolves:
-            raise socket.gaierror(-2, "Name or service not known")
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.1", 443))]
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    return asked
 
 
 @pytest.mark.parametrize("endpoint, host", [("https://hub.example.org:8443", "hub.example.org"),
@@ -41,7 +25,7 @@ def test_the_probe_asks_for_the_host_of_the_endpoint_in_use(monkeypatch, endpoin
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    asked = _resolver(monkeypatch)
+    asked = _resolver(monkeypatch, resolves=False)
     assert _hub_unresolvable() == host and asked == [host]
 
 
@@ -69,7 +53,7 @@ def test_random_weights_ask_no_hub_and_load_as_random(monkeypatch):
     from qkhooks.models.load import load_model
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    asked = _resolver(monkeypatch)
+    asked = _resolver(monkeypatch, resolves=False)
     seen = _timm_stand_in(monkeypatch)
     loaded = load_model("timm:vit_tiny_patch16_224", random_init=True)
     assert seen == [("vit_tiny_patch16_224", False, False)] and asked == []
@@ -102,7 +86,7 @@ def test_the_hf_config_refusal_says_what_to_give(monkeypatch):
 
     from qkhooks.models.load import load_model
 
-    _resolver(monkeypatch)
+    _resolver(monkeypatch, resolves=False)
 
     def from_pretrained(ident, *args, **kwargs):
         raise OSError("not cached (stand-in)")
@@ -129,7 +113,7 @@ def test_hf_random_weights_are_built_from_the_config_alone(monkeypatch, tmp_path
 
     from qkhooks.models.load import load_model
 
-    _resolver(monkeypatch)
+    _resolver(monkeypatch, resolves=False)
     if where == "folder":
         _tiny_vit_config().save_pretrained(tmp_path)
         spec = f"hf:{tmp_path}"
