@@ -637,8 +637,9 @@ def record_dataset(
     at_open = list(getattr(dataset, "skipped", []))
     # paths made absolute, so the run names the same files from any folder (analyses reopen them to draw photos)
     data_spec = absolute_spec(getattr(dataset, "name", str(data)))
-    if resume and out is not None:
-        data_spec = _resumed_data_spec(out, data_spec)
+    stored = _stored_config(out) if resume and out is not None else {}  # the run's own, read once for both uses
+    if stored:
+        data_spec = _resumed_data_spec(stored, data_spec)
     ids = [] if streamed else list(dataset.ids)
     if opts.limit is not None and isinstance(data, ImageDataset):  # a spec string got its limit from open_dataset
         ids = ids[:opts.limit]
@@ -713,7 +714,7 @@ def record_dataset(
         }
         expected = {f"spectrum/L{site.layer}/S_all": layer_spectrum(site, opts.augmented).S.cpu().numpy()
                     for site in sites} if mode == "resume" else None  # for files from before weights_sha256
-        extended = _extended_config(out, config) if mode == "resume" else None
+        extended = _extended_config(out, stored, config) if mode == "resume" else None
         if extended is not None:  # compared as the run's; rewritten below, once the resume's checks have passed
             attrs["config"] = json.dumps(extended, sort_keys=True)
         writer = RunWriter(out, mode=mode, attrs=attrs, dtype=opts.dtype, compression=opts.compression,
@@ -807,14 +808,15 @@ def _stored_config(out: str | os.PathLike) -> dict[str, Any]:
     return stored if isinstance(stored, dict) else {}
 
 
-def _extended_config(out: str | os.PathLike, config: Mapping[str, Any]) -> Mapping[str, Any] | None:
+def _extended_config(out: str | os.PathLike, stored: Mapping[str, Any],
+                     config: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The run's own config where this resume's differs from it only by a larger ``limit`` (or none): the resume
     extends the run to the new limit, whose images so far are the first of the new ones (the resume checks they are),
     and the run's config is rewritten once every check has passed. None where the two differ otherwise (the writer
     refuses and names what differs) or are the same. A smaller limit is refused here, whether or not the run holds
     images past it (an extension stopped midway stays at its new limit: read the run with ``ids[:N]``, or record it
     anew); so is any other limit for a shard (its block of the data would move)."""
-    stored, config = _stored_config(out), json.loads(json.dumps(config))  # as stored: tuples read back as lists
+    config = json.loads(json.dumps(config))  # as ``stored`` (:func:`_stored_config`) reads: tuples as lists
     if set(stored) != set(config) or any(stored[k] != config[k] for k in config if k != "limit"):
         return None
     was, now = stored["limit"], config["limit"]
@@ -835,11 +837,12 @@ def _extended_config(out: str | os.PathLike, config: Mapping[str, Any]) -> Mappi
     return stored
 
 
-def _resumed_data_spec(out: str | os.PathLike, data_spec: str) -> str:
-    """The data spec a resume compares: the run's own when it names the same data as typed before specs were made
-    absolute (a relative folder, resumed from the folder it was recorded in), else ``data_spec``."""
-    stored = _stored_config(out).get("data")
-    return stored if isinstance(stored, str) and stored != data_spec and absolute_spec(stored) == data_spec else data_spec
+def _resumed_data_spec(stored: Mapping[str, Any], data_spec: str) -> str:
+    """The data spec a resume compares: the run's own (``stored``: its config) when it names the same data as typed
+    before specs were made absolute (a relative folder, resumed from the folder it was recorded in), else
+    ``data_spec``."""
+    was = stored.get("data")
+    return was if isinstance(was, str) and was != data_spec and absolute_spec(was) == data_spec else data_spec
 
 
 def _refuse_duplicate_ids(ids: Sequence[str], data_spec: str) -> None:

@@ -330,7 +330,6 @@ def _hub_unresolvable() -> str | None:
     the resolver once, for at most 2 s; where the answer is slow, or a proxy or offline mode is set, None (the hub
     libraries decide, as before)."""
     import socket
-    import threading
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
