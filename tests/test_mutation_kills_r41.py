@@ -183,3 +183,16 @@ def test_an_empty_subset_of_a_folder_is_refused_as_no_images(tmp_path):
     with pytest.raises(QKHooksError, match="no images|empty"):
         qkhooks.record_dataset(_tiny_loaded(), Subset(ds, []), out, **_EXT_KW)
     assert not out.exists()
+
+
+def test_a_resume_over_another_folder_holding_the_same_files_is_refused(tmp_path, photos):  # noqa: F811
+    """The data spec is part of what a resume compares: a copy of the folder elsewhere (the same names, bytes and
+    times, so every file check passes) is other data, refused (the run's own spec stands in only for the same folder
+    typed relatively)."""
+    import shutil
+
+    loaded, out = _tiny_loaded(), tmp_path / "run.h5"
+    qkhooks.record_dataset(loaded, str(photos), out=out, limit=2, **_EXT_KW)
+    copy = shutil.copytree(photos, tmp_path / "copy")
+    with pytest.raises(QKHooksError, match="config differs"):
+        qkhooks.record_dataset(loaded, str(copy), out=out, limit=2, resume=True, **_EXT_KW)
