@@ -33,6 +33,7 @@ from qkhooks.models import cascaded as _cascaded  # noqa: F401  (EfficientViT-MS
 from qkhooks.models import vlm as _vlm  # noqa: F401  (zoo11-build: VLMs' language models left out by design)
 from qkhooks.models import sam3 as _sam3  # noqa: F401  (SAM3: windowed 2-D RoPE on interleaved pairs)
 from qkhooks.models import volo as _volo  # noqa: F401  (zoo11-build: VOLO's plain and class attention; outlook left out)
+from qkhooks.models import torchvision as _torchvision  # noqa: F401  (registers the adapter: torchvision ViT)
 
 sites = find_sites
 
