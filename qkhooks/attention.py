@@ -21,7 +21,7 @@ import torch
 from qkhooks._devices import to_device
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, parse_layers, select_layers
-from qkhooks.sdpa import HALF, AttentionCallMode, SdpaCall, scaled_logits, sdpa_maps, softmax_maps
+from qkhooks.sdpa import HALF, MHA_FORWARD, AttentionCallMode, SdpaCall, scaled_logits, sdpa_maps, softmax_maps
 
 __all__ = [
     "AttentionSpec", "attention_rows", "attention_full", "rows_from_qk", "full_from_qk", "split_heads", "pool_rows",
@@ -331,6 +331,21 @@ class OneAttention(AttentionCallMode):
     def on_softmax(self, maps: torch.Tensor) -> None:
         if self._is_map(maps):
             self._keep(maps)
+
+    def on_multihead(self, call: dict[str, Any], kernel: Any) -> Any:
+        """nn.MultiheadAttention's eager path, run once: ``multi_head_attention_forward`` asked for its per-head weights
+        (``need_weights=True, average_attn_weights=False``: its own q·kᵀ·scale, softmax and maps @ v), the weights kept
+        as the maps, and its output handed back with the weights the module asked for."""
+        if call["training"] and call["dropout_p"] > 0:
+            raise self.dropout_refusal(call["dropout_p"])
+        out, maps = MHA_FORWARD(**{**call, "need_weights": True, "average_attn_weights": False})
+        if not self._is_map(maps):
+            raise self._refusal(f"its attention weights have shape {tuple(getattr(maps, 'shape', ()))}, not the (batch, "
+                                f"{self.site.num_heads} heads, tokens, keys) the adapter describes")
+        self._keep(maps)
+        if not call["need_weights"]:
+            return out, None
+        return out, maps.mean(dim=1) if call["average_attn_weights"] else maps
 
     def dropout_refusal(self, dropout_p: float) -> QKHooksError:
         return self._refusal(f"it drops attention weights at random (dropout_p={dropout_p}, the module is in "

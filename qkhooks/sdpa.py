@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import threading
 from typing import Any, Callable, cast
 
@@ -128,6 +130,9 @@ def maps_times_values(maps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ the SDPA call, eagerly
 _SDPA = torch.nn.functional.scaled_dot_product_attention
+# nn.MultiheadAttention's attention (torchvision's ViT): under a torch function mode its forward leaves the fused native
+# kernel for this function, whose inner calls the mode does not see (a mode is off while it handles a call)
+MHA_FORWARD = torch.nn.functional.multi_head_attention_forward
 _SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
 
 
@@ -218,6 +223,11 @@ def _softmax_over_last_axis(out: Any, args: tuple, kwargs: dict) -> bool:
     return isinstance(out, torch.Tensor) and dim in (-1, out.dim() - 1)
 
 
+@functools.lru_cache(maxsize=1)
+def _mha_signature() -> inspect.Signature:
+    return inspect.signature(MHA_FORWARD)
+
+
 class _OwnWork(threading.local):
     """How deep this thread is in qkhooks' own hooks (``models.unsupported.own_hook`` counts them)."""
 
@@ -260,6 +270,10 @@ class AttentionCallMode(torch.overrides.TorchFunctionMode):
             if call.dropout_p > 0:
                 raise self.dropout_refusal(call.dropout_p)
             return self.on_sdpa(call, lambda: func(*args, **kwargs))
+        if func is MHA_FORWARD:
+            bound = _mha_signature().bind(*args, **kwargs)
+            bound.apply_defaults()
+            return self.on_multihead(dict(bound.arguments), lambda: func(*args, **kwargs))
         out = func(*args, **kwargs)
         if func in _SOFTMAXES and _softmax_over_last_axis(out, args, kwargs):
             self.on_softmax(out)
@@ -276,6 +290,11 @@ class AttentionCallMode(torch.overrides.TorchFunctionMode):
     def on_softmax(self, maps: torch.Tensor) -> None:
         """A softmax over the last axis the module computed (its eager attention, or something else it normalises)."""
         raise NotImplementedError
+
+    def on_multihead(self, call: dict[str, Any], kernel: Callable[[], Any]) -> Any:
+        """What the module's ``multi_head_attention_forward`` call (its arguments bound by name) returns; ``kernel()``
+        runs it as called. Here: as called (its inner calls are not seen)."""
+        return kernel()
 
     def dropout_refusal(self, dropout_p: float) -> QKHooksError:
         raise NotImplementedError
