@@ -74,9 +74,9 @@ def command(name: str, help: str):
 def add_model_arguments(p: argparse.ArgumentParser, default: str | None = None) -> None:
     """The model spec (positional, or ``--model`` with a default) and how to load it."""
     if default is None:
-        p.add_argument("model", help="timm:NAME, hf:ID_OR_DIR or offline:dinov2-s14")
+        p.add_argument("model", help="timm:NAME, hf:ID_OR_DIR, torchvision:NAME or offline:dinov2-s14")
     else:
-        p.add_argument("--model", default=default, help=f"timm:NAME, hf:ID_OR_DIR or offline:dinov2-s14 (default {default})")
+        p.add_argument("--model", default=default, help=f"timm:NAME, hf:ID_OR_DIR, torchvision:NAME or offline:dinov2-s14 (default {default})")
     p.add_argument("--random-init", action="store_true", help="build the architecture without pretrained weights")
     p.add_argument("--checkpoint", help="local weights for a timm:NAME architecture (safetensors or .pth)")
 

