@@ -62,6 +62,19 @@ def _call(model: nn.Module, inputs: dict[str, Any], **extra: Any) -> Any:
 
 def eager_maps(model: nn.Module, sites: list, inputs: dict[str, Any], kind: str) -> list[torch.Tensor]:
     """The model's own attention weights per recorded site, from its non-fused path."""
+    if kind == "torchvision":  # nn.MultiheadAttention: its own per-head weights, asked for in each call
+        weights: dict[int, torch.Tensor] = {}
+        asked = [s.module.register_forward_pre_hook(
+            lambda m, a, k: (a, {**k, "need_weights": True, "average_attn_weights": False}), with_kwargs=True)
+            for s in sites]
+        kept = [s.module.register_forward_hook(lambda m, a, o, i=i: weights.__setitem__(i, o[1].detach()))
+                for i, s in enumerate(sites)]
+        try:
+            _call(model, inputs)
+        finally:
+            for h in asked + kept:
+                h.remove()
+        return [weights[i] for i in range(len(sites)) if i in weights]
     if kind == "timm" or all(s.family.startswith("timm") for s in sites):  # zoo11-build: a timm model in an HF wrapper
         maps: dict[int, torch.Tensor] = {}
         fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
@@ -1030,7 +1043,16 @@ FAST_CASES = [
     # outlooker stage left out by name (a partial recording); refused whole, naming the outlook attention
     Case("volo_d1_224-partial", lambda: _small_volo(), lambda: {"x": _images(64)}, "timm", "exact", entry="volo_d1_224"),
     Case("volo_d1_224", lambda: _small_volo(), lambda: {"x": _images(64)}, "timm", "outlook attention", "network.0.0.attn"),
+    # torchvision's ViT: nn.MultiheadAttention (packed in_proj, fused native kernel in eval), class token first
+    Case("torchvision-VisionTransformer", lambda: _small_torchvision_vit(), lambda: {"x": _images(32)}, "torchvision",
+         "exact", entry="VisionTransformer"),
 ]
+
+
+def _small_torchvision_vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64)
 
 
 def _run_case(case: Case) -> Outcome:

@@ -1,0 +1,413 @@
+"""torchvision's VisionTransformer (nn.MultiheadAttention, packed in_proj, class token first): recorded exactly against
+references taken here, never qkhooks' own rebuild: the MultiheadAttention's own per-head weights (need_weights=True,
+average_attn_weights=False) on the tokens a plain pre-hook saw, a dense numpy SVD of W_q^T W_k per head, q·k from the
+packed in_proj written out here; the unmodelled forms and calls refused with their reasons; ``torchvision:`` specs."""
+
+from __future__ import annotations
+
+import socket
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qkhooks
+from qkhooks import QKHooksError
+from test_zoo import perturb
+
+torchvision = pytest.importorskip("torchvision")
+from torchvision.models.vision_transformer import VisionTransformer  # noqa: E402
+
+HEADS, DIM, SIZE, PATCH = 4, 32, 32, 8
+
+
+def tiny(**kw) -> VisionTransformer:
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=kw.pop("image_size", SIZE), patch_size=PATCH, num_layers=2, num_heads=HEADS,
+                              hidden_dim=DIM, mlp_dim=64, **kw)
+    return perturb(model)
+
+
+def images(n: int = 2, size: int = SIZE, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def attentions(model: VisionTransformer) -> list[nn.MultiheadAttention]:
+    return [block.self_attention for block in model.encoder.layers]
+
+
+def tokens_seen(model: VisionTransformer, x: torch.Tensor) -> list[torch.Tensor]:
+    """The query tensor each MultiheadAttention is handed in a plain forward (plain pre-hooks)."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[0].detach().clone()))
+               for i, m in enumerate(attentions(model))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[i] for i in range(len(seen))]
+
+
+def own_weights(model: VisionTransformer, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each MultiheadAttention's own per-head weights (B, H, N, N) on the tokens it was handed."""
+    with torch.no_grad():
+        return [m(t, t, t, need_weights=True, average_attn_weights=False)[1]
+                for m, t in zip(attentions(model), tokens_seen(model, x))]
+
+
+def packed_qk(mha: nn.MultiheadAttention) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(W_q, W_k) (H, d_k, d) and (b_q, b_k) (H, d_k) from the packed in_proj, in float64 numpy."""
+    w = mha.in_proj_weight.detach().double().numpy()
+    b = mha.in_proj_bias.detach().double().numpy()
+    d, dk = w.shape[1], w.shape[1] // mha.num_heads
+    return (w[:d].reshape(mha.num_heads, dk, d), w[d:2 * d].reshape(mha.num_heads, dk, d),
+            b[:d].reshape(mha.num_heads, dk), b[d:2 * d].reshape(mha.num_heads, dk))
+
+
+# ------------------------------------------------------------------------------------------ what is found
+def test_sites_read_the_packed_in_proj_heads_class_token_and_grid():
+    model = tiny()
+    sites = qkhooks.sites(model)
+    assert [s.path for s in sites] == [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(2)]
+    for site, mha in zip(sites, attentions(model)):
+        assert (site.num_heads, site.head_dim, site.dim, site.num_prefix_tokens) == (HEADS, DIM // HEADS, DIM, 1)
+        assert site.grid == (SIZE // PATCH,) * 2 and site.patch_size == (PATCH, PATCH) and site.family == "torchvision-vit"
+        assert site.scale == pytest.approx((DIM // HEADS) ** -0.5)
+        w_q, w_k, b_q, b_k = packed_qk(mha)
+        got = site.weights()
+        np.testing.assert_array_equal(got.w_q.double().numpy(), w_q)
+        np.testing.assert_array_equal(got.w_k.double().numpy(), w_k)
+        np.testing.assert_array_equal(got.b_q.double().numpy(), b_q)
+        np.testing.assert_array_equal(got.b_k.double().numpy(), b_k)
+        with torch.no_grad():
+            mha.in_proj_weight[0, 0] += 1.0  # read live: an edit of the weights is seen
+        assert float(site.weights().w_q[0, 0, 0]) == pytest.approx(w_q[0, 0, 0] + 1.0)
+
+
+# ------------------------------------------------------------------------------------------ maps, modes, outputs
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad-fused", "grad"])
+def test_full_maps_are_the_attentions_own_weights_and_outputs_bit_identical(grad, monkeypatch):
+    model, x = tiny(), images()
+    want = own_weights(model, x)
+    fused, native = [], torch._native_multi_head_attention
+    monkeypatch.setattr(torch, "_native_multi_head_attention", lambda *a, **k: fused.append(1) or native(*a, **k))
+    with torch.set_grad_enabled(grad):
+        ref = model(x)  # no_grad in eval: torch's fused native MultiheadAttention kernel
+        with qkhooks.record(model, attention="full", modes=4) as run:
+            out = model(x)
+    assert torch.equal(out, ref) and len(fused) == (0 if grad else 4)  # the fused kernel still runs while recorded
+    for layer, w in enumerate(want):
+        got = run.attention(layer, "full")
+        assert got.shape == w.shape == (2, HEADS, 17, 17)
+        assert float((got - w).abs().max()) < 1e-5
+        assert run.geometry(layer).grid == (4, 4) and run.geometry(layer).num_prefix_tokens == 1
+
+
+def test_modes_are_the_dense_svd_of_wq_t_wk_and_rebuild_q_dot_k():
+    model, x = tiny(), images()
+    spectrum = qkhooks.spectrum(model)
+    with qkhooks.record(model, modes="all", augmented=True) as run, torch.no_grad():
+        model(x)
+    for layer, (mha, tokens) in enumerate(zip(attentions(model), tokens_seen(model, x))):
+        w_q, w_k, b_q, b_k = packed_qk(mha)
+        spec = spectrum.layers[layer]
+        U, S, V = (np.asarray(t, np.float64) for t in (spec.U, spec.S, spec.V))
+        for h in range(HEADS):
+            dense = w_q[h].T @ w_k[h]
+            np.testing.assert_allclose(S[h], np.linalg.svd(dense, compute_uv=False)[: S.shape[1]], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(U[h] @ np.diag(S[h]) @ V[h].T, dense, atol=1e-5)
+        # the recorded modes (augmented: biases folded in) rebuild scale · q·k, with q, k written out from in_proj
+        t = tokens.double().numpy()
+        q = np.einsum("bnd,hkd->bhnk", t, w_q) + b_q[None, :, None]
+        k = np.einsum("bnd,hkd->bhnk", t, w_k) + b_k[None, :, None]
+        logits_ref = np.einsum("bhnk,bhmk->bhnm", q, k)
+        query, key, s = run.query(layer), run.key(layer), run.spectrum(layer).S
+        logits = torch.einsum("bhkn,hk,bhkm->bhnm", query.double(), s.double(), key.double()).numpy()
+        np.testing.assert_allclose(logits, logits_ref, atol=1e-4 * np.abs(logits_ref).max())
+
+
+def test_rows_are_the_full_maps_rows_at_the_class_token_and_centre_patch():
+    model, x = tiny(), images()
+    want = own_weights(model, x)
+    with qkhooks.record(model, attention="rows") as run, torch.no_grad():
+        model(x)
+    centre = 1 + 2 * 4 + 2  # (rows // 2, cols // 2) of the 4x4 grid, after the class token
+    for layer, w in enumerate(want):
+        rows = run.attention(layer, "rows")
+        assert float((rows - w[:, :, [0, centre]]).abs().max()) < 1e-5
+
+
+def test_outputs_eager_takes_the_attentions_own_weights_once():
+    model, x = tiny(), images()
+    want = own_weights(model, x)
+    with torch.no_grad():
+        ref = model(x)
+        with qkhooks.record(model, attention="full", outputs="eager") as run:
+            out = model(x)
+    assert float((out - ref).abs().max()) < 1e-5
+    for layer, w in enumerate(want):
+        assert float((run.attention(layer, "full") - w).abs().max()) < 1e-5
+
+
+def test_outputs_eager_refuses_attention_dropout_in_training_mode():
+    model, x = tiny(attention_dropout=0.1), images()
+    model.train()
+    with pytest.warns(UserWarning), pytest.raises(QKHooksError, match="dropout_p=0.1"):
+        with qkhooks.record(model, attention="full", outputs="eager"):
+            model(x)
+
+
+def test_the_grid_is_read_off_the_image_conv_proj_is_handed():
+    """A model resized after it was built (image_size and a longer pos_embedding, as fine-tuning code does): the
+    call's grid is its own, not the one found first."""
+    model = tiny()
+    qkhooks.sites(model)
+    model.image_size = 48
+    model.encoder.pos_embedding = nn.Parameter(torch.randn(1, 1 + 36, DIM))
+    with qkhooks.record(model, attention="rows") as run, torch.no_grad():
+        model(images(size=48))
+    assert run.geometry(0).grid == (6, 6) and run.attention(0, "rows").shape[-1] == 37
+
+
+def test_a_conv_stem_vit_is_exact_and_its_tokens_read_the_stems_pixels():
+    from torchvision.models.vision_transformer import ConvStemConfig
+
+    from qkhooks.data.masks import receptive_cells
+
+    stem = [ConvStemConfig(out_channels=8, kernel_size=3, stride=2), ConvStemConfig(out_channels=8, kernel_size=3, stride=4)]
+    model, x = tiny(conv_stem_configs=stem), images()
+    want = own_weights(model, x)
+    with qkhooks.record(model, attention="full") as run, torch.no_grad():
+        model(x)
+    site = run.sites[0]
+    assert site.patch_size is None
+    cells = receptive_cells((SIZE, SIZE), site.pixel_convs())
+    assert (len(cells.rows), len(cells.cols)) == (4, 4)
+    for layer, w in enumerate(want):
+        assert float((run.attention(layer, "full") - w).abs().max()) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ spectrum CLI, BFD, run files
+def test_bfd_equals_the_direct_numpy_computation():
+    from qkhooks.analysis.bfd import run_bfd
+    from test_bfd import assert_matches_reference, numpy_bfd
+
+    model, x = tiny(), images(10, seed=2)
+    result = run_bfd(model, x, batch_size=3, holdout_every=4)
+    assert result["num_prefix_tokens"] == 1 and result["images"] == 10
+    xs = [[], []]
+    for chunk in x.split(3):
+        for layer, t in enumerate(tokens_seen(model, chunk)):
+            xs[layer].append(t)
+    for layer, mha in enumerate(attentions(model)):
+        w_q, w_k, _, _ = packed_qk(mha)
+        ref = numpy_bfd(torch.cat(xs[layer]).double().numpy(), w_q, w_k, grid=(4, 4), prefix=1, holdout_every=4)
+        assert_matches_reference(result, ref, layer)
+
+
+def test_a_run_file_stores_the_recorded_modes_and_geometry(tmp_path):
+    from qkhooks.data import ImageConfig
+    from qkhooks.stream import record_dataset
+
+    model = tiny()
+    photos = [np.random.default_rng(i).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for i in range(3)]
+    x = torch.stack([torch.from_numpy((p / 255.0 - 0.5) / 0.25).permute(2, 0, 1) for p in photos]).float()
+    loaded = qkhooks.load_model(model, image_config=ImageConfig(size=(SIZE, SIZE), mean=(0.5,) * 3, std=(0.25,) * 3))
+    record_dataset(loaded, photos, tmp_path / "r.h5", modes=2, attention="full:1", batch_size=2, reducers=[],
+                   progress=False)
+    with qkhooks.record(model, modes=2, attention="full:1") as live, torch.no_grad():
+        model(x)
+    with qkhooks.open_run(tmp_path / "r.h5") as stored:
+        assert stored.layers == [0, 1] and stored.info["family"] == "torchvision-vit"
+        geometry = stored.geometry(1)
+        assert geometry.grid == (4, 4) and geometry.num_prefix_tokens == 1 and geometry.heads == HEADS
+        for layer in (0, 1):
+            query = torch.as_tensor(np.asarray(stored.query(layer)[:]))
+            assert query.shape == (3, HEADS, 2, 17)
+            assert float((query - live.query(layer).to(query.dtype)).abs().max()) < 1e-5
+        full = torch.as_tensor(np.asarray(stored.attention(1, "full")[:]))
+    assert full.dtype == torch.float16  # stored maps are half precision: equal to the model's to its rounding
+    assert torch.allclose(full.float(), own_weights(model, x)[1], rtol=2 ** -10, atol=1e-7)
+
+
+def test_spectrum_cli_takes_a_torchvision_spec(tmp_path):
+    import json
+
+    from qkhooks.cli import main
+
+    out = tmp_path / "s.json"
+    assert main(["spectrum", "torchvision:vit_b_32@random", "--layers", "0,-1", "--json", str(out)]) == 0
+    layers = json.loads(out.read_text())["layers"]
+    assert [l["layer"] for l in layers] == [0, 11] and len(layers[0]["heads"]) == 12
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def _replaced(**mha) -> VisionTransformer:
+    model = tiny()
+    model.encoder.layers[1].self_attention = nn.MultiheadAttention(DIM, HEADS, **{"batch_first": True, **mha})
+    return model
+
+
+@pytest.mark.parametrize("mha, words", [
+    (dict(add_bias_kv=True), "add_bias_kv=True appends a learned key"),
+    (dict(add_zero_attn=True), "add_zero_attn=True appends a zero key"),
+    (dict(kdim=16, vdim=16), "kdim=16, vdim=16"),
+    (dict(batch_first=False), "batch_first=False"),
+], ids=["add_bias_kv", "add_zero_attn", "kdim", "batch_first"])
+def test_unmodelled_multihead_attention_forms_are_refused_naming_the_module(mha, words):
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.sites(_replaced(**mha))
+    assert "unsupported attention in 'encoder.layers.encoder_layer_1.self_attention' (MultiheadAttention)" in str(err.value)
+    assert words in str(err.value)
+
+
+def _calling(model: VisionTransformer, call) -> VisionTransformer:
+    """Block 1 calls its attention as ``call(attn, x)`` does (an instance-patched forward, as user code might)."""
+    block = model.encoder.layers[1]
+
+    def forward(self, input):
+        x = self.ln_1(input)
+        x, _ = call(self.self_attention, x)
+        x = x + input
+        return x + self.mlp(self.ln_2(x))
+
+    block.forward = types.MethodType(forward, block)
+    return model
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda a, x: a(x, x, x, need_weights=False, attn_mask=torch.zeros(x.shape[1], x.shape[1])), "attn_mask"),
+    (lambda a, x: a(x, x, x, key_padding_mask=torch.zeros(x.shape[:2], dtype=torch.bool)), "key_padding_mask"),
+    (lambda a, x: a(x, x.clone(), x.clone()), "key and value are not the query tensor"),
+    (lambda a, x: a(x, x, x, need_weights=False, is_causal=True,
+                    attn_mask=torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)), "attn_mask"),
+], ids=["attn_mask", "key_padding_mask", "cross", "causal"])
+def test_a_call_with_a_mask_or_other_keys_is_refused(call, words):
+    model = _calling(tiny(), call)
+    with pytest.raises(QKHooksError) as err, torch.no_grad():
+        with qkhooks.record(model, attention="full"):
+            model(images())
+    assert "unsupported attention in 'encoder.layers.encoder_layer_1.self_attention'" in str(err.value)
+    assert words in str(err.value)
+
+
+def test_the_unpatched_call_records_again_after_a_refused_one():
+    model = _calling(tiny(), lambda a, x: a(x, x, x, need_weights=True))  # need_weights alone changes nothing
+    want = own_weights(model, images())
+    with qkhooks.record(model, attention="full") as run, torch.no_grad():
+        model(images())
+    assert float((run.attention(1, "full") - want[1]).abs().max()) < 1e-5
+
+
+def test_a_subclass_that_changes_the_forward_is_refused():
+    class Features(VisionTransformer):
+        def forward(self, x):
+            return self.encoder(self._process_input(x))  # no class token
+
+    model = Features(image_size=SIZE, patch_size=PATCH, num_layers=2, num_heads=HEADS, hidden_dim=DIM, mlp_dim=64)
+    with pytest.raises(QKHooksError, match="overrides torchvision VisionTransformer.forward"):
+        qkhooks.sites(model)
+
+
+def test_another_model_holding_multihead_attention_is_still_refused():
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    with pytest.raises(QKHooksError, match="does not know how to find the attention layers of Tower"):
+        qkhooks.sites(Tower())
+
+
+# ------------------------------------------------------------------------------------------ torchvision: specs
+def test_random_init_spec_builds_the_weights_architecture_with_their_preprocessing():
+    a = qkhooks.load_model("torchvision:vit_b_16.IMAGENET1K_SWAG_E2E_V1@random")
+    assert a.weights == "random" and a.random_init and a.spec.endswith("@random") and not a.model.training
+    assert a.model.image_size == 384 and "IMAGENET1K_SWAG_E2E_V1" in a.note
+    cfg = a.image_config
+    assert (cfg.size, cfg.resize, cfg.interpolation) == ((384, 384), 384, "bicubic")
+    assert (cfg.mean, cfg.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    sites = qkhooks.sites(a)
+    assert len(sites) == 12 and sites[0].grid == (24, 24) and sites[0].num_heads == 12
+    b = qkhooks.load_model("torchvision:vit_b_16.IMAGENET1K_SWAG_E2E_V1", random_init=True)  # seeded: the same weights
+    w = "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"
+    assert torch.equal(a.model.state_dict()[w], b.model.state_dict()[w])
+
+
+def test_default_weights_preprocessing():
+    loaded = qkhooks.load_model("torchvision:vit_b_32@random")
+    cfg = loaded.image_config
+    assert (cfg.size, cfg.resize, cfg.interpolation, loaded.model.image_size) == ((224, 224), 256, "bilinear", 224)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("torchvision:resnet50", "qkhooks loads torchvision's Vision Transformers (vit_b_16"),
+    ("torchvision:vit_b_16.FOO", "has no weights 'FOO'; it has IMAGENET1K_V1"),
+])
+def test_unknown_torchvision_specs_are_refused(spec, words):
+    with pytest.raises(QKHooksError, match=words.replace("(", r"\(")):
+        qkhooks.load_model(spec)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty torch hub cache, no DNS, and no download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(f"no such host {host}")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was tried")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def test_missing_weights_offline_are_refused_at_once_naming_the_cache_path(hub):
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.load_model("torchvision:vit_b_16")
+    msg = str(err.value)
+    assert str(hub / "vit_b_16-c867db91.pth") in msg and "does not resolve" in msg
+    assert "https://download.pytorch.org/models/vit_b_16-c867db91.pth" in msg and "torchvision:vit_b_16@random" in msg
+    assert not hub.exists() or not any(hub.iterdir())
+
+
+def _tiny_builder(monkeypatch):
+    """torchvision's vit_b_16 builder replaced by the tiny model's (the cached file then holds tiny weights)."""
+    import torchvision.models as models
+
+    built = []
+
+    def builder(weights=None, image_size=224, num_classes=1000):
+        assert weights is None
+        built.append((image_size, num_classes))
+        return VisionTransformer(image_size=SIZE, patch_size=PATCH, num_layers=2, num_heads=HEADS, hidden_dim=DIM,
+                                 mlp_dim=64, num_classes=num_classes)
+
+    real = models.get_model_builder
+    monkeypatch.setattr(models, "get_model_builder", lambda name: builder if name == "vit_b_16" else real(name))
+    return built
+
+
+def test_cached_weights_are_loaded_weights_only_from_the_hub_cache(hub, monkeypatch):
+    built = _tiny_builder(monkeypatch)
+    saved = tiny(num_classes=1000).state_dict()
+    hub.mkdir(parents=True)
+    torch.save(saved, hub / "vit_b_16-c867db91.pth")
+    loaded = qkhooks.load_model("torchvision:vit_b_16")
+    assert built == [(224, 1000)] and loaded.weights == "pretrained" and "ViT_B_16_Weights.IMAGENET1K_V1" in loaded.note
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.model.state_dict().items())
+    torch.save({"state": saved, "why": types.SimpleNamespace(a=1)}, hub / "vit_b_16-c867db91.pth")
+    with pytest.raises(QKHooksError, match="refused to unpickle"):
+        qkhooks.load_model("torchvision:vit_b_16")
