@@ -141,6 +141,21 @@ def test_rows_are_the_full_maps_rows_at_the_class_token_and_centre_patch():
         assert float((rows - w[:, :, [0, centre]]).abs().max()) < 1e-5
 
 
+def test_residual_input_is_the_blocks_input_before_ln_1():
+    model, x = tiny(), images()
+    seen: dict[int, torch.Tensor] = {}
+    handles = [b.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach().clone()))
+               for i, b in enumerate(model.encoder.layers)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    with qkhooks.record(model, modes=2, input="residual", keep_inputs=True) as run, torch.no_grad():
+        model(x)
+    for layer in (0, 1):
+        assert torch.equal(run.inputs(layer), seen[layer])
+
+
 def test_outputs_eager_takes_the_attentions_own_weights_once():
     model, x = tiny(), images()
     want = own_weights(model, x)
@@ -354,6 +369,11 @@ def test_default_weights_preprocessing():
 def test_unknown_torchvision_specs_are_refused(spec, words):
     with pytest.raises(QKHooksError, match=words.replace("(", r"\(")):
         qkhooks.load_model(spec)
+
+
+def test_a_module_without_an_image_config_is_pointed_at_torchvision_specs():
+    with pytest.raises(QKHooksError, match=r"load_model\('torchvision:NAME\[.WEIGHTS\]'\) reads their preprocessing"):
+        qkhooks.load_model(tiny())
 
 
 @pytest.fixture
