@@ -351,15 +351,25 @@ def test_random_init_spec_builds_the_weights_architecture_with_their_preprocessi
     assert (cfg.mean, cfg.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     sites = qkhooks.sites(a)
     assert len(sites) == 12 and sites[0].grid == (24, 24) and sites[0].num_heads == 12
+    weights = torchvision.models.ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1
+    assert torch.equal(cfg(photo((500, 403))), weights.transforms()(photo((500, 403))))  # pixel for pixel torchvision's
     b = qkhooks.load_model("torchvision:vit_b_16.IMAGENET1K_SWAG_E2E_V1", random_init=True)  # seeded: the same weights
     w = "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"
     assert torch.equal(a.model.state_dict()[w], b.model.state_dict()[w])
 
 
-def test_default_weights_preprocessing():
+def test_default_weights_preprocessing_is_torchvisions():
     loaded = qkhooks.load_model("torchvision:vit_b_32@random")
     cfg = loaded.image_config
     assert (cfg.size, cfg.resize, cfg.interpolation, loaded.model.image_size) == ((224, 224), 256, "bilinear", 224)
+    weights = torchvision.models.ViT_B_32_Weights.DEFAULT
+    assert torch.equal(cfg(photo((300, 451))), weights.transforms()(photo((300, 451))))
+
+
+def photo(shape: tuple[int, int]):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8))
 
 
 @pytest.mark.parametrize("spec, words", [
