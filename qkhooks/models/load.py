@@ -333,7 +333,6 @@ def _hub_unresolvable() -> str | None:
     """The Hugging Face hub's host name where this machine cannot resolve it (no network, no DNS), else None. Asked of
     the resolver once, for at most 2 s; where the answer is slow, or a proxy or offline mode is set, None (the hub
     libraries decide, as before)."""
-    import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
@@ -341,8 +340,15 @@ def _hub_unresolvable() -> str | None:
     if (constants.HF_HUB_OFFLINE and not _offline_loads) or any(os.environ.get(v) for v in _PROXY_VARIABLES):
         return None  # offline set by the user, not by a load in another thread (that one's ends with it)
     host = urlparse(getattr(constants, "ENDPOINT", "") or "https://huggingface.co").hostname
-    if not host:
-        return None
+    return host if host and _does_not_resolve(host, "qkhooks-hub-probe") else None
+
+
+def _does_not_resolve(host: str, probe: str) -> bool:
+    """Whether this machine's resolver says ``host`` has no address (no network, no DNS): asked once, in a thread
+    named ``probe``, for at most 2 s. False where the answer is slow or the failure is not a definite "no such name"
+    (the download decides then)."""
+    import socket
+
     failed: list[str] = []
 
     def resolve() -> None:
@@ -350,13 +356,13 @@ def _hub_unresolvable() -> str | None:
             socket.getaddrinfo(host, 443)
         except socket.gaierror:
             failed.append(host)
-        except OSError:  # anything else is not a definite "no network": let the hub libraries try
+        except OSError:  # anything else is not a definite "no network": let the download try
             pass
 
-    asking = threading.Thread(target=resolve, name="qkhooks-hub-probe", daemon=True)
+    asking = threading.Thread(target=resolve, name=probe, daemon=True)
     asking.start()
     asking.join(2.0)
-    return failed[0] if failed else None
+    return bool(failed)
 
 
 _OFFLINE_LOCK = threading.Lock()
@@ -478,7 +484,6 @@ def _load_torchvision(name: str, random_init: bool) -> tuple[nn.Module, ImageCon
 def _torchvision_weights_file(label: str, weights: Any) -> Path:
     """The cached file of torchvision ``weights`` (where torchvision's own loader keeps it), downloaded there first
     where missing and the host resolves; refused at once, naming the path, where it does not."""
-    import socket
     from urllib.parse import urlparse
 
     url = weights.url
@@ -488,21 +493,9 @@ def _torchvision_weights_file(label: str, weights: Any) -> Path:
     fix = (f"Download {url} where there is network and put it at {path} (the torch hub cache: set TORCH_HOME to use "
            f"another), or pass --random-init (spec {label}@random) for the architecture with random weights.")
     host = urlparse(url).hostname or ""
-    failed: list[str] = []
-
-    def resolve() -> None:
-        try:
-            socket.getaddrinfo(host, 443)
-        except socket.gaierror:
-            failed.append(host)
-        except OSError:  # not a definite "no network": the download decides
-            pass
-
-    if not any(os.environ.get(v) for v in _PROXY_VARIABLES):
-        asking = threading.Thread(target=resolve, name="qkhooks-torchvision-probe", daemon=True)
-        asking.start()
-        asking.join(2.0)
-    if failed:
+    unresolvable = (not any(os.environ.get(v) for v in _PROXY_VARIABLES)
+                    and _does_not_resolve(host, "qkhooks-torchvision-probe"))
+    if unresolvable:
         raise QKHooksError(f"the weights of {label} are not in the torch hub cache ({path}), and {host} does not resolve "
                            f"from this machine, so they cannot be downloaded. {fix}")
     match = torch.hub.HASH_REGEX.search(path.name)
