@@ -349,20 +349,20 @@ def _does_not_resolve(host: str, probe: str) -> bool:
     (the download decides then)."""
     import socket
 
-    failed: list[str] = []
+    failed = threading.Event()
 
     def resolve() -> None:
         try:
             socket.getaddrinfo(host, 443)
         except socket.gaierror:
-            failed.append(host)
+            failed.set()
         except OSError:  # anything else is not a definite "no network": let the download try
             pass
 
     asking = threading.Thread(target=resolve, name=probe, daemon=True)
     asking.start()
     asking.join(2.0)
-    return bool(failed)
+    return failed.is_set()
 
 
 _OFFLINE_LOCK = threading.Lock()
