@@ -360,14 +360,19 @@ def trend_reading(samples: np.ndarray, layers: Sequence[int], what: str, units: 
     if not np.isfinite(mean[inner]).any():
         return Reading(text, verdict, estimates)
     # a bend: the last layer moves back from an inner extreme (est[j] is last - L_j)
+    # the extreme is the inner layers' (the last is compared with it): where the first layer lies beyond it, "lowest" /
+    # "peaks" alone would name the wrong layer (DINOv2-S's same-object share is lowest at L0, 0.218, not L7, 0.290)
+    among = f"Of the inner layers (L{layers[inner[0]]}–L{layers[inner[-1]]}) it"
     j = int(inner[np.nanargmin(mean[inner])])
     if verdict != "rises" and est[j].sign > 0:
-        text += (f" It is lowest at L{layers[j]} ({mean[j]:.3f}) and rises again to {mean[-1]:.3f} at the last layer "
+        who = "It is" if not mean[0] < mean[j] else f"{among} is"
+        text += (f" {who} lowest at L{layers[j]} ({mean[j]:.3f}) and rises again to {mean[-1]:.3f} at the last layer "
                  f"(L{layers[-1]} − L{layers[j]} {est[j].text()}).")
         estimates["last_minus_minimum"] = est[j]
     j = int(inner[np.nanargmax(mean[inner])])
     if verdict != "falls" and est[j].sign < 0:
-        text += (f" It peaks at L{layers[j]} ({mean[j]:.3f}) and falls again to {mean[-1]:.3f} at the last layer "
+        who = "It" if not mean[0] > mean[j] else among
+        text += (f" {who} peaks at L{layers[j]} ({mean[j]:.3f}) and falls again to {mean[-1]:.3f} at the last layer "
                  f"(L{layers[-1]} − L{layers[j]} {est[j].text()}).")
         estimates["last_minus_maximum"] = est[j]
     return Reading(text, verdict, estimates)
