@@ -49,3 +49,39 @@ def test_a_true_global_minimum_keeps_the_plain_sentence():
     r = trend_reading(curve + 0.25 * rng.standard_normal((48, 12)), LAYERS, "x", "images")
     who, layer, _ = _named(r.text, "lowest")
     assert who == "It is" and layer == 10 and "inner layers" not in r.text, r.text
+
+
+def test_the_augmented_spectrum_json_says_its_cosines_are_of_the_token_parts(tmp_path, monkeypatch):
+    """An augmented spectrum's cosines are between u_n[:d] and v_n[:d], each renormalised (LayerSpectrum.cos):
+    u_n·v_n of the stored (d+1)-vectors is another number (up to 1.6 apart on DINOv2-S), so the JSON must say
+    which one it lists. Checked against numpy on a tiny model with large biases."""
+    import json
+
+    import timm
+    import torch
+
+    import qkhooks.cli.spectrum as cli_spectrum
+    from qkhooks.cli import main
+    from qkhooks.models.load import LoadedModel
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              embed_dim=32, num_heads=2).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.bias.normal_(0, 3.0)
+    monkeypatch.setattr(cli_spectrum, "load_from_args",
+                        lambda args, for_images=False: LoadedModel(model=model, spec="tiny-biased", image_config=None))
+    out = tmp_path / "spec.json"
+    assert main(["spectrum", "timm:vit_tiny_patch16_224", "--augmented", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert "token parts" in payload["biases"]
+    w = model.blocks[0].attn.qkv.weight.detach().double().numpy()
+    b = model.blocks[0].attn.qkv.bias.detach().double().numpy()
+    d, dk = 32, 16
+    q, k = np.hstack([w[:dk], b[:dk, None]]), np.hstack([w[d:d + dk], b[d:d + dk, None]])
+    U, S, Vt = np.linalg.svd(q.T @ k)
+    u, v = U[:d, :dk], Vt[:dk, :d].T
+    token_part = (u * v).sum(0) / np.linalg.norm(u, axis=0) / np.linalg.norm(v, axis=0)
+    whole = (U[:, :dk] * Vt[:dk].T).sum(0)
+    listed = np.array(payload["layers"][0]["heads"][0]["cosine"])
+    assert np.allclose(listed, token_part, atol=1e-5) and not np.allclose(listed, whole, atol=1e-2)

@@ -49,7 +49,9 @@ def run_spectrum(args: argparse.Namespace) -> int:
     if args.json:
         payload = spec.to_dict()
         payload["note"] = loaded.note
-        payload["biases"] = "folded in ([x; 1])" if args.augmented else "excluded (bias-free bilinear form)"
+        payload["biases"] = ("folded in ([x; 1]); each cosine is between the token parts of u_n and v_n (their first d "
+                               "coordinates, each renormalised), not between the (d+1)-vectors" if args.augmented
+                               else "excluded (bias-free bilinear form)")
         if bands is not None:
             for layer in payload["layers"]:
                 layer["rope_bands"] = bands[layer["layer"]]
