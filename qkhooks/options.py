@@ -121,7 +121,8 @@ class RecordOptions:
 
     limit: int | None = _option(None, "only the first N images", flag="--limit", config="limit", type=int,
                                 metavar="N", doc="Record only the first ``limit`` images of the data. A resume may raise it "
-                                "(or give None): the run grows to the new limit, its images so far kept.")
+                                "(or give None): the run grows to the new limit, its images so far kept; or lower it "
+                                "to no fewer than the images the run holds (an extension stopped midway).")
 
     num_workers: int | None = _option(None, "processes that decode and preprocess images (any data; default: 0 on "
                                       "the CPU, min(4, cores - 1) beside an accelerator)", flag="--workers",

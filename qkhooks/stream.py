@@ -53,7 +53,8 @@ from qkhooks.options import DEFAULT_MODES, RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
 from qkhooks.results import LayerGeometry, observe_geometry
 from qkhooks.spectrum import layer_spectrum
-from qkhooks.store.format import FILE_HASHES, FILE_MTIMES, FILE_SIZES, INFO_SCHEMA_VERSION, id_problem, resume_point
+from qkhooks.store.format import (FILE_HASHES, FILE_MTIMES, FILE_SIZES, INFO_SCHEMA_VERSION, committed, id_problem,
+                                  resume_point)
 from qkhooks.store.writer import RunWriter
 
 __all__ = ["record_dataset", "RecordResult", "WriterSink", "probe_geometry", "same_layout_layers", "rows_layers"]
@@ -637,7 +638,8 @@ def record_dataset(
     at_open = list(getattr(dataset, "skipped", []))
     # paths made absolute, so the run names the same files from any folder (analyses reopen them to draw photos)
     data_spec = absolute_spec(getattr(dataset, "name", str(data)))
-    stored = _stored_config(out) if resume and out is not None else {}  # the run's own, read once for both uses
+    # the run's own config and image count, read once for the data spec and for a changed --limit
+    stored, held = _stored_config(out) if resume and out is not None else ({}, None)
     if stored:
         data_spec = _resumed_data_spec(stored, data_spec)
     ids = [] if streamed else list(dataset.ids)
@@ -714,7 +716,7 @@ def record_dataset(
         }
         expected = {f"spectrum/L{site.layer}/S_all": layer_spectrum(site, opts.augmented).S.cpu().numpy()
                     for site in sites} if mode == "resume" else None  # for files from before weights_sha256
-        extended = _extended_config(out, stored, config) if mode == "resume" else None
+        extended = _extended_config(out, stored, config, held) if mode == "resume" else None
         if extended is not None:  # compared as the run's; rewritten below, once the resume's checks have passed
             attrs["config"] = json.dumps(extended, sort_keys=True)
         writer = RunWriter(out, mode=mode, attrs=attrs, dtype=opts.dtype, compression=opts.compression,
@@ -796,26 +798,27 @@ def record_dataset(
                         done if mode == "resume" else None)
 
 
-def _stored_config(out: str | os.PathLike) -> dict[str, Any]:
-    """The run config stored in the run file at ``out``; {} where there is no readable run (the writer says why)."""
+def _stored_config(out: str | os.PathLike) -> tuple[dict[str, Any], int | None]:
+    """The run config stored in the run file at ``out`` and the images it holds; ({}, None) where there is no readable
+    run (the writer says why)."""
     from qkhooks.store._hdf5 import open_reader
 
     try:
         with open_reader(out, deadline_s=0) as f:
-            stored = json.loads(f.attrs.get("config", "{}"))
+            stored, held = json.loads(f.attrs.get("config", "{}")), committed(f)
     except (QKHooksError, OSError, RuntimeError, KeyError, ValueError):
-        return {}
-    return stored if isinstance(stored, dict) else {}
+        return {}, None
+    return (stored, held) if isinstance(stored, dict) else ({}, None)
 
 
-def _extended_config(out: str | os.PathLike, stored: Mapping[str, Any],
-                     config: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The run's own config where this resume's differs from it only by a larger ``limit`` (or none): the resume
-    extends the run to the new limit, whose images so far are the first of the new ones (the resume checks they are),
-    and the run's config is rewritten once every check has passed. None where the two differ otherwise (the writer
-    refuses and names what differs) or are the same. A smaller limit is refused here, whether or not the run holds
-    images past it (an extension stopped midway stays at its new limit: read the run with ``ids[:N]``, or record it
-    anew); so is any other limit for a shard (its block of the data would move)."""
+def _extended_config(out: str | os.PathLike, stored: Mapping[str, Any], config: Mapping[str, Any],
+                     held: int | None) -> Mapping[str, Any] | None:
+    """The run's own config where this resume's differs from it only by its ``limit``: the resume takes the run to the
+    new limit, whose images so far are the first of the new ones (the resume checks they are), and the run's config is
+    rewritten once every check has passed. None where the two differ otherwise (the writer refuses and names what
+    differs) or are the same. A larger limit (or none) grows the run; a smaller one is taken only where the run holds
+    no more images than it (``held``: an extension stopped midway goes back to a limit it has not passed), else
+    refused; any other limit for a shard is refused (its block of the data would move)."""
     config = json.loads(json.dumps(config))  # as ``stored`` (:func:`_stored_config`) reads: tuples as lists
     if set(stored) != set(config) or any(stored[k] != config[k] for k in config if k != "limit"):
         return None
@@ -829,11 +832,12 @@ def _extended_config(out: str | os.PathLike, stored: Mapping[str, Any],
             f"{was}, and a sharded run's limit cannot change (each shard's block of the data moves with the limit, so "
             f"the shards would no longer join up). Resume it with --limit {was}, or record the larger run into a new "
             "--out.")
-    if now is not None and now < was:
+    if now is not None and now < was and (held is None or held > now):
         raise QKHooksError(
-            f"cannot resume {out} with --limit {now}: it was recorded with --limit {was}, and a resume may raise the "
-            f"limit (the run grows to the new one) but never lower it. Read the first {now} images of the run "
-            f"(open_run(...).ids[:{now}]), resume with --limit {was} or more, or record into a new --out.")
+            f"cannot resume {out} with --limit {now}: it was recorded with --limit {was} and holds {held} images, more "
+            f"than {now}. A resume may raise the limit (the run grows to the new one), or lower it to no fewer images "
+            f"than the run holds, never drop images it has. Read the first {now} images of the run "
+            f"(open_run(...).ids[:{now}]), resume with --limit {held} or more, or record into a new --out.")
     return stored
 
 

@@ -166,7 +166,7 @@ def test_a_smaller_limit_is_refused_and_leaves_the_run_as_it_was(tmp_path, photo
     loaded, out = _tiny_loaded(), tmp_path / "run.h5"
     qkhooks.record_dataset(loaded, str(photos), out=out, limit=5, **_EXT_KW)
     before = _as_found(out)
-    with pytest.raises(qkhooks.QKHooksError, match=r"--limit 3: it was recorded with --limit 5.*never lower"):
+    with pytest.raises(qkhooks.QKHooksError, match=r"--limit 3: it was recorded with --limit 5 and holds 5 images, more than 3"):
         qkhooks.record_dataset(loaded, str(photos), out=out, limit=3, resume=True, **_EXT_KW)
     assert _as_found(out) == before
 

@@ -1,0 +1,62 @@
+"""Round 42 (lead): an extension stopped midway may go back to a lower limit it has not passed; a limit below the
+images a run holds is still refused, the file left as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qkhooks
+from test_review_r36 import _assert_same_states, _interrupted, _states
+from test_review_r39_fixb import _tiny_loaded
+from test_review_r41 import _EXT_KW, _PHOTOS, _as_found, _per_image, photos  # noqa: F401  (photos: a fixture)
+
+_KW = dict(_EXT_KW, checkpoint_every=1)
+
+
+def _stopped_extension(loaded, photos, out) -> None:  # noqa: F811
+    """A finished run of --limit 4 resumed with --limit 8 and stopped by Ctrl-C after one batch: it holds 6 (its
+    checkpoint 4)."""
+    qkhooks.record_dataset(loaded, str(photos), out=out, limit=4, **_KW)
+    _interrupted(loaded, out, batches=1, data=str(photos), limit=8, resume=True, **_KW)
+    with qkhooks.open_run(out) as run:
+        assert len(run.ids) == 6 and run.config["limit"] == 8 and not run.complete
+
+
+def test_an_extension_stopped_midway_resumes_with_a_lower_limit_it_has_not_passed(tmp_path, photos):  # noqa: F811
+    """Before: the run could only be resumed with --limit 8 or more ("never lower it"), though it held only 6."""
+    loaded, out, once = _tiny_loaded(), tmp_path / "run.h5", tmp_path / "once.h5"
+    _stopped_extension(loaded, photos, out)
+    result = qkhooks.record_dataset(loaded, str(photos), out=out, limit=7, resume=True, **_KW)
+    qkhooks.record_dataset(loaded, str(photos), out=once, limit=7, **_KW)
+    # the stop came in the batch's on_batch, before its checkpoint: the resume goes on from the 4 checkpointed
+    assert result.resumed_from == 4 and result.images == 7
+    a, b = _per_image(out), _per_image(once)
+    assert sorted(a) == sorted(b) and list(a["ids"]) == _PHOTOS[:7]
+    for name in a:
+        if a[name].dtype.kind == "f":
+            np.testing.assert_allclose(a[name], b[name], rtol=2e-3, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    with qkhooks.open_run(out) as run, qkhooks.open_run(once) as ref:
+        assert run.config == ref.config and run.config["limit"] == 7 and run.complete
+    _assert_same_states(_states(out), _states(once))
+
+
+def test_a_limit_equal_to_what_a_stopped_extension_holds_finishes_it_there(tmp_path, photos):  # noqa: F811
+    loaded, out = _tiny_loaded(), tmp_path / "run.h5"
+    _stopped_extension(loaded, photos, out)
+    result = qkhooks.record_dataset(loaded, str(photos), out=out, limit=6, resume=True, **_KW)
+    assert result.images == 6
+    with qkhooks.open_run(out) as run:
+        assert run.ids == _PHOTOS[:6] and run.config["limit"] == 6 and run.complete
+
+
+def test_a_limit_below_what_a_stopped_extension_holds_is_refused_naming_both_and_leaves_it(tmp_path, photos):  # noqa: F811
+    loaded, out = _tiny_loaded(), tmp_path / "run.h5"
+    _stopped_extension(loaded, photos, out)
+    before = _as_found(out)
+    with pytest.raises(qkhooks.QKHooksError, match=r"--limit 5: it was recorded with --limit 8 and holds 6 images, "
+                                                   r"more than 5\..*resume with --limit 6 or more"):
+        qkhooks.record_dataset(loaded, str(photos), out=out, limit=5, resume=True, **_KW)
+    assert _as_found(out) == before
