@@ -109,6 +109,8 @@ KILLS_R38 = "tests/test_mutation_kills_r38.py"
 KILLS_R39 = "tests/test_mutation_kills_r39.py"
 # Round 41 (mutation): the kill tests of round 41's library code (module "round41").
 KILLS_R41 = "tests/test_mutation_kills_r41.py"
+# Round 42 (mutation): the kill tests of round 40's library code (module "round40").
+KILLS_R42 = "tests/test_mutation_kills_r42.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -654,6 +656,31 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "qkhooks/data_files.py"],
                 ["tests/test_review_r41.py", "tests/test_review_r41_rev41.py", KILLS_R41],
                 "test_review_r41 or test_mutation_kills_r41"),
+    # Round 42 (mutation): round 40's library code (`a0291ba..6ff989d`), never mutated before, in 16 of the 60 library
+    # files it touched (the rest are the models' q/k row readers moved to models/base.py and private names made plain:
+    # renames, no new logic): file stamps taken where files are read (data/items.py, data/readers.py, data/sources.py,
+    # data_files.py, stream.py), format 3 and attribute digests of a user's own attributes (store/format.py, writer.py,
+    # repair.py), /images/skipped at each checkpoint and the full-disk message (stream.py, writer.py), preference's
+    # refusals of rows with no positive patch mass or signed rows (analysis/preference.py), record_dataset's unknown
+    # keyword (errors.py), the text-model refusal (models/hf.py, models/load.py), the ImageFolder named by its files
+    # (data/readers.py), RunReader.data (store/reader.py), analyze_modes' split (analysis/modes.py), merge's messages
+    # (distributed.py), bfd's stop messages (analysis/bfd.py). Against round 40's review tests, round 40's kill file of
+    # round 39's code, the analyze-modes tests of test_modes.py / test_review_r38_fix.py and round 42's kill file; not
+    # test_review_r40_minor's two "rechecks_the_room" tests, which name the caller of each room check from its frame
+    # (traceback), a name mutmut's trampoline changes (x__refuse_no_room__mutmut_orig). Run with --only ROUND40
+    # --sample 120.
+    "round40": (["qkhooks/stream.py", "qkhooks/data/items.py", "qkhooks/data/readers.py", "qkhooks/data/sources.py",
+                 "qkhooks/data_files.py", "qkhooks/store/format.py", "qkhooks/store/writer.py",
+                 "qkhooks/store/repair.py", "qkhooks/store/reader.py", "qkhooks/distributed.py",
+                 "qkhooks/analysis/preference.py", "qkhooks/analysis/bfd.py", "qkhooks/analysis/modes.py",
+                 "qkhooks/errors.py", "qkhooks/models/hf.py", "qkhooks/models/load.py"],
+                ["tests/test_review_r40_fix2.py", "tests/test_review_r40_lead.py", "tests/test_review_r40_minor.py",
+                 "tests/test_review_r40_rev.py", "tests/test_review_r40_sci.py", "tests/test_review_r40_stamp.py",
+                 "tests/test_review_r40_user.py", "tests/test_modes.py", "tests/test_review_r38_fix.py", KILLS_R39,
+                 KILLS_R42],
+                "(test_review_r40 or test_mutation_kills_r39 or test_mutation_kills_r42 or (test_modes and "
+                "(cli_on_a or run_state_matches or negative_layers)) or (test_review_r38_fix and (analyze_modes or "
+                "one_image_runs_same_object))) and not rechecks_the_room_before_each_write"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -852,13 +879,18 @@ ROUND39 = ("commits:4f4469b..a0291ba",)
 # ImageFolder subset, the hub probe and review r41's fixes of it, the stamped reads' path naming, the limit's integer
 # check), by :func:`written_by`.
 ROUND41 = ("commits:6ff989d..0a58ba1",)
+# Round 40's library commits, for `--only` with the module "round40" (`a0291ba..6ff989d`: file stamps taken where files
+# are read, format 3, attribute digests of a user's own attributes, /images/skipped at each checkpoint, preference's
+# refusals, record_dataset's unknown keyword, the text-model refusal, the ImageFolder by its files, RunReader.data,
+# analyze_modes' split, merge's and bfd's messages), by :func:`written_by`.
+ROUND40 = ("commits:a0291ba..6ff989d",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
               "ROUND28B": ROUND28B, "ROUND29": ROUND29, "ROUND30": ROUND30,
               "ROUND31": ROUND31, "ROUND32": ROUND32, "ROUND33": ROUND33,
               "ROUND34": ROUND34, "ROUND37": ROUND37, "ROUND38": ROUND38,
-              "ROUND39": ROUND39, "ROUND41": ROUND41}
+              "ROUND39": ROUND39, "ROUND40": ROUND40, "ROUND41": ROUND41}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
