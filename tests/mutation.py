@@ -111,6 +111,8 @@ KILLS_R39 = "tests/test_mutation_kills_r39.py"
 KILLS_R41 = "tests/test_mutation_kills_r41.py"
 # Round 42 (mutation): the kill tests of round 40's library code (module "round40").
 KILLS_R42 = "tests/test_mutation_kills_r42.py"
+# Round 42 (lead): the kill tests of round 42's own library code (module "round42").
+KILLS_R42B = "tests/test_mutation_kills_r42b.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -681,6 +683,19 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_review_r40 or test_mutation_kills_r39 or test_mutation_kills_r42 or (test_modes and "
                 "(cli_on_a or run_state_matches or negative_layers)) or (test_review_r38_fix and (analyze_modes or "
                 "one_image_runs_same_object))) and not rechecks_the_room_before_each_write"),
+    # Round 42 (lead): round 42's own library code (`09a2bd0..` the round's end): torchvision's ViT (models/torchvision.py,
+    # the `torchvision:` specs in models/load.py and its resolver probe `_does_not_resolve`, outputs="eager" through
+    # nn.MultiheadAttention's multi_head_attention_forward in sdpa.py / attention.py), a lower --limit for a stopped
+    # extension (stream.py `_extended_config`, `_stored_config`), a bend's inner extreme named as the inner layers'
+    # (readings.py), the augmented spectrum's cosine convention in `qkhooks spectrum --json` (cli/spectrum.py). Against
+    # the round's tests. Run with --only ROUND42.
+    "round42": (["qkhooks/models/torchvision.py", "qkhooks/models/load.py", "qkhooks/sdpa.py", "qkhooks/attention.py",
+                 "qkhooks/stream.py", "qkhooks/readings.py", "qkhooks/cli/spectrum.py"],
+                ["tests/test_torchvision_vit.py", "tests/test_review_r42_lead.py", "tests/test_review_r42_sci42.py",
+                 "tests/test_review_r41.py", "tests/test_review_r41_rev41.py", "tests/test_readings_r22.py", KILLS_R41,
+                 KILLS_R42B],
+                "test_torchvision_vit or test_review_r42 or test_review_r41 or test_readings_r22 or "
+                "test_mutation_kills_r41 or test_mutation_kills_r42b"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -884,13 +899,17 @@ ROUND41 = ("commits:6ff989d..0a58ba1",)
 # refusals, record_dataset's unknown keyword, the text-model refusal, the ImageFolder by its files, RunReader.data,
 # analyze_modes' split, merge's and bfd's messages), by :func:`written_by`.
 ROUND40 = ("commits:a0291ba..6ff989d",)
+# Round 42's own library commits, for `--only` with the module "round42" (from `09a2bd0`: torchvision's ViT, the lower
+# limit of a stopped extension, the bend's inner extreme, the augmented cosine's words), by :func:`written_by`.
+ROUND42 = ("commits:09a2bd0..HEAD",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
               "ROUND28B": ROUND28B, "ROUND29": ROUND29, "ROUND30": ROUND30,
               "ROUND31": ROUND31, "ROUND32": ROUND32, "ROUND33": ROUND33,
               "ROUND34": ROUND34, "ROUND37": ROUND37, "ROUND38": ROUND38,
-              "ROUND39": ROUND39, "ROUND40": ROUND40, "ROUND41": ROUND41}
+              "ROUND39": ROUND39, "ROUND40": ROUND40, "ROUND41": ROUND41,
+              "ROUND42": ROUND42}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
