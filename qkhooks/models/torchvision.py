@@ -27,7 +27,7 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, QKRows, register_adapter
-from qkhooks.models.unsupported import refuse_uncovered
+from qkhooks.models.unsupported import _moves_devices_only, refuse_uncovered
 
 _VIT = "torchvision.models.vision_transformer.VisionTransformer"
 _ENCODER_BLOCK = "torchvision.models.vision_transformer.EncoderBlock"
@@ -148,11 +148,18 @@ def find(model: nn.Module) -> list[AttentionSite]:
     """One site per encoder block's self-attention, in block order; anything else attention-like refuses the model."""
     vit = _class_in_mro(model, _VIT)
     for method in ("forward", "_process_input"):
-        if getattr(type(model), method) is not getattr(vit, method):
+        # a subclass's method, or one replaced on the instance (model.forward = ...: a patch, a tracer; accelerate's
+        # wrapper that only moves tensors between devices around the class's own forward is taken)
+        patched = method in vars(model) and not (method == "forward" and _moves_devices_only(model))
+        how = ("replaces torchvision VisionTransformer." + method + " on the instance (model." + method + " = ...)"
+               if patched else f"overrides torchvision VisionTransformer.{method}"
+               if getattr(type(model), method) is not getattr(vit, method) else None)
+        if how:
             raise QKHooksError(
-                f"{type(model).__name__} overrides torchvision VisionTransformer.{method}, so where its tokens come "
+                f"{type(model).__name__} {how}, so where its tokens come "
                 "from (one class token first, then the patch grid) is not known to qkhooks; record a plain "
-                "VisionTransformer, or register your own adapter (README, 'Your own architecture').")
+                "VisionTransformer (del model." + method + " restores the class's own on an instance), or register "
+                "your own adapter (README, 'Your own architecture').")
     image, patch = int(model.image_size), int(model.patch_size)
     grid = (image // patch, image // patch)
     patch_size, pixel_convs = _pixel_convs(model)
