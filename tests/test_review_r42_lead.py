@@ -60,3 +60,26 @@ def test_a_limit_below_what_a_stopped_extension_holds_is_refused_naming_both_and
                                                    r"more than 5\..*resume with --limit 6 or more"):
         qkhooks.record_dataset(loaded, str(photos), out=out, limit=5, resume=True, **_KW)
     assert _as_found(out) == before
+
+
+# ------------------------------------------------------------------ a checkpoint that is not one (review REVTV r42)
+@pytest.mark.parametrize("kind", ["html", "object"])
+def test_a_checkpoint_that_is_no_torch_file_is_called_damaged_or_foreign_and_an_objects_pickle_foreign(tmp_path, capsys,
+                                                                                                      kind):
+    """Before: an HTML error page saved as the weights file (the README tells users to put files in the torch hub cache
+    by hand) was said to hold "Python objects besides tensors" and to need converting to safetensors."""
+    import timm
+
+    from test_inputs import _main, _unsafe_checkpoint
+
+    path = tmp_path / "w.pth"
+    if kind == "html":
+        path.write_text("<html><body>404 Not Found</body></html>\n")
+    else:
+        _unsafe_checkpoint(path, tmp_path / "ran.txt", timm.create_model("vit_tiny_patch16_224").state_dict())
+    status, err = _main(capsys, "spectrum", "timm:vit_tiny_patch16_224", "--checkpoint", str(path))
+    assert status == 2 and f"refused to unpickle {str(path)!r}" in err and "safetensors" in err
+    damaged = "Either the file is damaged or is not a checkpoint (a cut download, an HTML page saved under its name"
+    foreign = "it holds Python objects besides tensors, and unpickling them could run code"
+    assert (damaged in err, foreign in err) == ((True, False) if kind == "html" else (False, True))
+    assert not (tmp_path / "ran.txt").exists()

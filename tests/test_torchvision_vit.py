@@ -375,6 +375,7 @@ def photo(shape: tuple[int, int]):
 @pytest.mark.parametrize("spec, words", [
     ("torchvision:resnet50", "qkhooks loads torchvision's Vision Transformers (vit_b_16"),
     ("torchvision:vit_b_16.FOO", "has no weights 'FOO'; it has IMAGENET1K_V1"),
+    ("torchvision:vit_b_16.", "has no weights ''; it has IMAGENET1K_V1"),  # not read as the DEFAULT weights
 ])
 def test_unknown_torchvision_specs_are_refused(spec, words):
     with pytest.raises(QKHooksError, match=words.replace("(", r"\(")):

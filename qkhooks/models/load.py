@@ -235,12 +235,18 @@ def _mismatch_hint(missing: Sequence[str], unexpected: Sequence[str], shape: Seq
 
 
 def _refused_unpickle(path: str | os.PathLike, exc: BaseException) -> QKHooksError:
+    """Why a weights-only load of ``path`` failed: torch names a Python object it refused ("Unsupported global"), or
+    the file is no plain torch checkpoint at all, which may be a damaged or wrong file as much as foreign objects."""
     detail = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+    fix = ("qkhooks never executes code from a checkpoint: convert it to safetensors, or save a plain state_dict of "
+           "tensors (torch.save(model.state_dict(), PATH)).")
+    if "Unsupported global" in str(exc):
+        return QKHooksError(f"refused to unpickle {str(path)!r}: it holds Python objects besides tensors, and "
+                            f"unpickling them could run code ({detail}). {fix}")
     return QKHooksError(
-        f"refused to unpickle {str(path)!r}: it holds Python objects besides tensors, and unpickling them could "
-        f"run code ({detail}). qkhooks never executes code from a checkpoint: convert it to safetensors, or save "
-        "a plain state_dict of tensors (torch.save(model.state_dict(), PATH))."
-    )
+        f"refused to unpickle {str(path)!r}: it is not a checkpoint of tensors alone ({detail}). Either the file is "
+        "damaged or is not a checkpoint (a cut download, an HTML page saved under its name: download it again), or it "
+        f"holds Python objects that unpickling could run. {fix}")
 
 
 def _unpickling_error(exc: BaseException) -> BaseException | None:
@@ -450,7 +456,7 @@ def _load_torchvision(name: str, random_init: bool) -> tuple[nn.Module, ImageCon
     does not resolve from this machine: then refused at once, naming the path to put the file at."""
     import torchvision
 
-    arch, _, tag = name.partition(".")
+    arch, dot, tag = name.partition(".")
     vits = sorted(n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith("vit_"))
     if arch not in vits:
         raise QKHooksError(f"torchvision:{name}: qkhooks loads torchvision's Vision Transformers ({', '.join(vits)}); "
@@ -458,7 +464,7 @@ def _load_torchvision(name: str, random_init: bool) -> tuple[nn.Module, ImageCon
                            "module, with image_config=..., to be told why).")
     enum = torchvision.models.get_model_weights(arch)
     try:
-        weights = enum[tag] if tag else enum.DEFAULT
+        weights = enum[tag] if dot else enum.DEFAULT  # "vit_b_16." names no weights: refused, not read as DEFAULT
     except KeyError:
         raise QKHooksError(f"torchvision:{name}: {enum.__name__} has no weights {tag!r}; it has "
                            f"{', '.join(w.name for w in enum)} (e.g. torchvision:{arch}.{next(iter(enum)).name}).") from None

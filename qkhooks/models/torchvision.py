@@ -11,8 +11,8 @@ grid is read off the image ``conv_proj`` is handed, as ``_process_input`` comput
 
 Only that form is taken: a MultiheadAttention with separate q/k/v weights (kdim or vdim other than embed_dim),
 learned key/value biases appended as a token (``add_bias_kv``), a zero token (``add_zero_attn``) or
-``batch_first=False`` is refused at the search, and a call that hands it a mask, a causal flag, or keys or values
-other than the query tensor is refused by the site. Other models holding a MultiheadAttention (OpenAI CLIP,
+``batch_first=False`` is refused at the search, and a call that hands it a mask (a causal one too: torch takes
+``is_causal`` only with ``attn_mask``) or keys or values other than the query tensor is refused by the site. Other models holding a MultiheadAttention (OpenAI CLIP,
 open_clip) are not matched: refused as before. The class is matched by name, so torchvision is imported lazily.
 """
 
@@ -81,7 +81,7 @@ def unmodelled_mha(mha: nn.Module) -> str | None:
 @dataclasses.dataclass(eq=False)
 class MultiheadAttentionSite(AttentionSite):
     """A torchvision ``EncoderBlock``'s ``nn.MultiheadAttention``, self-attention of the query tensor: its call must
-    hand the very same tensor as query, key and value, and no mask or causal flag."""
+    hand the very same tensor as query, key and value, and no mask (torch takes a causal flag only with one)."""
 
     def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
@@ -100,16 +100,9 @@ class MultiheadAttentionSite(AttentionSite):
         for name in ("attn_mask", "key_padding_mask"):
             if call.get(name) is not None:
                 raise QKHooksError(
-                    head + f"the call hands it {name} ({_describe(call[name])}), a term qkhooks does not model for "
-                    "this family, so rebuilt maps and modes would not be the model's. Record a model or input "
-                    "without it.")
-        if call.get("is_causal"):
-            raise QKHooksError(head + "the call sets is_causal=True, a causal mask qkhooks does not model for this "
-                               "family. Record a model or input without it.")
-
-
-def _describe(value: Any) -> str:
-    return f"a {tuple(value.shape)} tensor" if isinstance(value, torch.Tensor) else repr(value)
+                    head + f"the call hands it {name} (a {tuple(call[name].shape)} tensor), a term qkhooks does not "
+                    "model for this family, so rebuilt maps and modes would not be the model's. Record a model or "
+                    "input without it.")
 
 
 def _grid_source(model: nn.Module) -> tuple[nn.Module, Callable[[tuple, dict], tuple[int, int]]]:
