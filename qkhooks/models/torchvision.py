@@ -12,8 +12,8 @@ grid is read off the image ``conv_proj`` is handed, as ``_process_input`` comput
 Only that form is taken: a MultiheadAttention with separate q/k/v weights (kdim or vdim other than embed_dim),
 learned key/value biases appended as a token (``add_bias_kv``), a zero token (``add_zero_attn``) or
 ``batch_first=False`` is refused at the search, and a call that hands it a mask (a causal one too: torch takes
-``is_causal`` only with ``attn_mask``) or keys or values other than the query tensor is refused by the site. Other models holding a MultiheadAttention (OpenAI CLIP,
-open_clip) are not matched: refused as before. The class is matched by name, so torchvision is imported lazily.
+``is_causal`` only with ``attn_mask``) or keys or values other than the query tensor is refused by the site. Other
+models holding a MultiheadAttention (OpenAI CLIP, open_clip) are not matched: refused as before. The class is matched by name, so torchvision is imported lazily.
 """
 
 from __future__ import annotations
