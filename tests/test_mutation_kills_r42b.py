@@ -1,3 +1,178 @@
-"""Kill tests of round 42's own library code (module "round42" of tests/mutation.py): the mutants its tests missed."""
+"""Kill tests of round 42's own library code (module "round42" of tests/mutation.py): what its tests missed. The
+torchvision ViT's refusals are checked whole (each names the module, the reason and the fix), the weights download is
+asked for the file torchvision's own loader would keep, with the hash prefix of its name, and outputs="eager" names the
+shape of maps that do not fit the site."""
 
 from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import qkhooks
+from qkhooks import QKHooksError
+from test_torchvision_vit import DIM, HEADS, _calling, _replaced, images, tiny
+
+PATH = "'encoder.layers.encoder_layer_1.self_attention'"
+FIX = ("torchvision's Vision Transformers build it as nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True); "
+       "record such a model, or teach qkhooks this form with qkhooks.register_adapter (README, 'Your own "
+       "architecture').")
+
+
+def _refusal(call) -> str:
+    with pytest.raises(QKHooksError) as err:
+        call()
+    return str(err.value)
+
+
+class _OwnForward(nn.MultiheadAttention):
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_a_multihead_attention_overriding_its_forward_is_refused_whole():
+    model = tiny()
+    model.encoder.layers[1].self_attention = _OwnForward(DIM, HEADS, batch_first=True)
+    assert _refusal(lambda: qkhooks.sites(model)) == (
+        f"unsupported attention in {PATH} (_OwnForward): _OwnForward overrides nn.MultiheadAttention's forward, which "
+        f"is what qkhooks models. {FIX}")
+
+
+@pytest.mark.parametrize("mha, why", [
+    (dict(kdim=16, vdim=16), "its keys and values have other widths than its queries (kdim=16, vdim=16, embed_dim=32): "
+                             "separate q/k/v_proj_weight, so keys come from other tokens than the queries "
+                             "(cross-attention)"),
+    (dict(add_bias_kv=True), "add_bias_kv=True appends a learned key and value to every sequence, a key that is no "
+                             "token's, which the maps and modes of W_q^T W_k over the tokens do not model"),
+    (dict(add_zero_attn=True), "add_zero_attn=True appends a zero key and value to every sequence, a key that is no "
+                               "token's, which the maps and modes over the tokens do not model"),
+    (dict(batch_first=False), "batch_first=False: it takes (tokens, batch, width) sequences, while qkhooks reads the "
+                              "tokens entering it as (batch, tokens, width)"),
+], ids=["kdim", "add_bias_kv", "add_zero_attn", "batch_first"])
+def test_each_unmodelled_multihead_attention_form_is_refused_whole(mha, why):
+    assert _refusal(lambda: qkhooks.sites(_replaced(**mha))) == (
+        f"unsupported attention in {PATH} (MultiheadAttention): {why}. {FIX}")
+
+
+def _recorded(model):
+    with torch.no_grad(), qkhooks.record(model, attention="full"):
+        model(images())
+
+
+CALL = f"unsupported attention in {PATH} (MultiheadAttention): "
+
+
+@pytest.mark.parametrize("call, why", [
+    (lambda a, x: a(x, x.clone(), x), "its key is not the query tensor"),
+    (lambda a, x: a(x, x, x.clone()), "its value is not the query tensor"),
+    (lambda a, x: a(x, x.clone(), x.clone()), "its key and value are not the query tensor"),
+], ids=["key", "value", "both"])
+def test_a_call_with_other_keys_or_values_is_refused_naming_which(call, why):
+    assert _refusal(lambda: _recorded(_calling(tiny(), call))) == CALL + why + (
+        " it is handed (cross-attention, or a copy), so the keys are not known to be the queries' tokens, which the maps "
+        "and modes of W_q^T W_k here assume. Call it as torchvision's EncoderBlock does: self_attention(x, x, x).")
+
+
+@pytest.mark.parametrize("call, what", [
+    (lambda a, x: a(x, x, x, need_weights=False, attn_mask=torch.zeros(x.shape[1], x.shape[1])), "attn_mask (a (17, 17)"),
+    (lambda a, x: a(x, x, x, key_padding_mask=torch.zeros(x.shape[:2], dtype=torch.bool)), "key_padding_mask (a (2, 17)"),
+], ids=["attn_mask", "key_padding_mask"])
+def test_a_masked_call_is_refused_naming_the_mask_and_its_shape(call, what):
+    assert _refusal(lambda: _recorded(_calling(tiny(), call))) == CALL + (
+        f"the call hands it {what} tensor), a term qkhooks does not model for this family, so rebuilt maps and modes "
+        "would not be the model's. Record a model or input without it.")
+
+
+def test_a_subclass_replacing_how_tokens_are_made_is_refused_whole():
+    class Own(type(tiny())):
+        def _process_input(self, x):
+            return super()._process_input(x)
+
+    model = Own(image_size=32, patch_size=8, num_layers=2, num_heads=HEADS, hidden_dim=DIM, mlp_dim=64)
+    assert _refusal(lambda: qkhooks.sites(model)) == (
+        "Own overrides torchvision VisionTransformer._process_input, so where its tokens come from (one class token "
+        "first, then the patch grid) is not known to qkhooks; record a plain VisionTransformer (del "
+        "model._process_input restores the class's own on an instance), or register your own adapter (README, 'Your "
+        "own architecture').")
+
+
+def test_a_dilated_stem_convolution_is_named_as_dilated_when_masks_need_its_pixels():
+    from torchvision.models.vision_transformer import ConvStemConfig
+
+    model = tiny(conv_stem_configs=[ConvStemConfig(out_channels=8, kernel_size=3, stride=2),
+                                    ConvStemConfig(out_channels=8, kernel_size=3, stride=4)])
+    conv = model.conv_proj.conv_bn_relu_0[0]
+    conv.dilation = (2, 2)
+    assert _refusal(qkhooks.sites(model)[0].pixel_convs) == (
+        f"torchvision ViT's stem convolution {conv} is dilated (dilation=(2, 2)); which pixels its tokens read is not "
+        "modelled, so masks cannot be read onto them. Record this model without masks.")
+
+
+def test_eager_outputs_name_the_shape_of_maps_that_do_not_fit_the_site():
+    model = tiny()
+    sites = [dataclasses.replace(s, num_heads=2, head_dim=DIM // 2) for s in qkhooks.sites(model)]
+
+    def run():
+        with torch.no_grad(), qkhooks.record(model, sites=sites, attention="full", outputs="eager"):
+            model(images())
+
+    assert "its attention weights have shape (2, 4, 17, 17), not the (batch, 2 heads, tokens, keys) the adapter " \
+           "describes" in _refusal(run)
+
+
+def test_an_unknown_torchvision_architecture_is_refused_listing_the_vits():
+    assert _refusal(lambda: qkhooks.load_model("torchvision:resnet50", random_init=True)) == (
+        "torchvision:resnet50: qkhooks loads torchvision's Vision Transformers (vit_b_16, vit_b_32, vit_h_14, "
+        "vit_l_16, vit_l_32); other torchvision models have no attention qkhooks models (build one yourself and pass "
+        "the module, with image_config=..., to be told why).")
+
+
+def _weights_like(transforms):
+    """A stand-in weights enum of one entry whose preprocessing is ``transforms`` (torchvision's ViT weights are all
+    a square crop after resizing, bilinear or bicubic)."""
+
+    class Weights(enum.Enum):
+        ONLY = types.SimpleNamespace(meta={"min_size": (32, 32), "categories": ["a", "b"]},
+                                     url="https://download.pytorch.org/models/vit_x-0123abcd.pth",
+                                     transforms=lambda: transforms)
+
+    Weights.DEFAULT = Weights.ONLY
+    for name in ("meta", "url", "transforms"):
+        setattr(Weights, name, property(lambda self, name=name: getattr(self.value, name)))
+    return Weights
+
+
+def test_a_preprocessing_qkhooks_does_not_reproduce_is_refused_naming_it(monkeypatch):
+    import torchvision
+
+    preprocess = types.SimpleNamespace(interpolation=torchvision.transforms.InterpolationMode.NEAREST,
+                                       crop_size=[32], resize_size=[36], mean=[0.5] * 3, std=[0.5] * 3)
+    monkeypatch.setattr(torchvision.models, "get_model_weights", lambda arch: _weights_like(preprocess))
+    message = _refusal(lambda: qkhooks.load_model("torchvision:vit_b_16", random_init=True))
+    assert message == (f"torchvision:vit_b_16: its weights' preprocessing ({preprocess}) is not one qkhooks reproduces "
+                       "(a square crop after resizing the shorter side, bilinear or bicubic); pass image_config=....")
+
+
+def test_missing_weights_are_downloaded_to_torchvisions_own_cache_file_checked_by_the_hash_in_its_name(tmp_path,
+                                                                                                     monkeypatch):
+    from qkhooks.models import load
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(load, "_does_not_resolve", lambda host, probe: False)
+    asked = []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        asked.append((url, dst, hash_prefix, progress))
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    weights = _weights_like(None).ONLY
+    message = _refusal(lambda: load._torchvision_weights_file("torchvision:vit_x", weights))
+    path = tmp_path / "hub" / "checkpoints" / "vit_x-0123abcd.pth"
+    assert asked == [(weights.url, str(path), "0123abcd", True)]
+    assert message.startswith("could not download the weights of torchvision:vit_x (OSError: no network in this "
+                              f"test). Download {weights.url} where there is network and put it at {path}")

@@ -128,10 +128,11 @@ def _pixel_convs(model: nn.Module) -> tuple[tuple[int, int] | None, Callable[[],
 
     def chain() -> list:
         for c in convs:
-            if tuple(c.dilation) != (1, 1) or not isinstance(c.padding, tuple):
-                raise QKHooksError(f"torchvision ViT's stem convolution {c} is dilated or pads by a rule "
-                                   f"({c.padding!r}); which pixels its tokens read is not modelled, so masks cannot "
-                                   "be read onto them.")
+            how = (f"is dilated (dilation={tuple(c.dilation)})" if tuple(c.dilation) != (1, 1) else
+                   f"pads by a rule (padding={c.padding!r})" if not isinstance(c.padding, tuple) else None)
+            if how:
+                raise QKHooksError(f"torchvision ViT's stem convolution {c} {how}; which pixels its tokens read is not "
+                                   "modelled, so masks cannot be read onto them. Record this model without masks.")
         return [(tuple(c.kernel_size), tuple(c.stride), tuple(c.padding)) for c in convs]
 
     return None, chain
