@@ -659,9 +659,9 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 ["tests/test_review_r41.py", "tests/test_review_r41_rev41.py", KILLS_R41],
                 "test_review_r41 or test_mutation_kills_r41"),
     # Round 42 (mutation): round 40's library code (`a0291ba..6ff989d`), never mutated before, in 16 of the 60 library
-    # files it touched (the rest are the models' q/k row readers moved to models/base.py and private names made plain:
-    # renames, no new logic): file stamps taken where files are read (data/items.py, data/readers.py, data/sources.py,
-    # data_files.py, stream.py), format 3 and attribute digests of a user's own attributes (store/format.py, writer.py,
+    # files it touched (most of the rest are two refactors, the models' q/k row readers moved to models/base.py and
+    # private names made plain, or a few lines of messages in the CLI, compare.py, bfd_summary.py, lock.py, plots.py):
+    # file stamps taken where files are read (data/items.py, data/readers.py, data/sources.py, data_files.py, stream.py), format 3 and attribute digests of a user's own attributes (store/format.py, writer.py,
     # repair.py), /images/skipped at each checkpoint and the full-disk message (stream.py, writer.py), preference's
     # refusals of rows with no positive patch mass or signed rows (analysis/preference.py), record_dataset's unknown
     # keyword (errors.py), the text-model refusal (models/hf.py, models/load.py), the ImageFolder named by its files

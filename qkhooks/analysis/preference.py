@@ -165,8 +165,9 @@ def preference_from_rows(
         check_overlap: False where the caller has refused overlapping grids already (a reducer, once per batch
             rather than once per layer).
         check_mass: refuse rows that are no distribution over the patch tokens (:func:`refuse_rows_without_mass`); False
-            where the caller checks it itself (the reducer, once per batch with its other checks). Unchecked, such a
-            row's values are NaN, never a number.
+            where the caller checks it itself (the reducer, once per batch with its other checks, before it keeps any
+            value). Unchecked, such a row's values mean nothing: NaN where its patch mass is 0, any size where a signed
+            row's mass rounds to a tiny positive number (2e7 for [0.1 | 0.3, -0.1, -0.1, -0.1] in float32).
         layer: the layer the rows belong to, for that refusal's message.
 
     Returns:
