@@ -176,3 +176,99 @@ def test_missing_weights_are_downloaded_to_torchvisions_own_cache_file_checked_b
     assert asked == [(weights.url, str(path), "0123abcd", True)]
     assert message.startswith("could not download the weights of torchvision:vit_x (OSError: no network in this "
                               f"test). Download {weights.url} where there is network and put it at {path}")
+
+
+# ------------------------------------------------------------------ second pass (round42, after the first kills)
+def test_the_offline_refusal_names_the_host_that_does_not_resolve(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    asked = []
+
+    def no_dns(host, *args, **kwargs):
+        asked.append(host)
+        raise socket.gaierror(f"no such host {host}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    message = _refusal(lambda: qkhooks.load_model("torchvision:vit_b_16"))
+    assert asked == ["download.pytorch.org"] and "and download.pytorch.org does not resolve from this machine" in message
+
+
+def test_a_checkpoint_with_a_torchvision_spec_is_refused_saying_where_its_file_goes():
+    assert _refusal(lambda: qkhooks.load_model("torchvision:vit_b_16", checkpoint="w.pth")) == (
+        "--checkpoint goes with a timm:NAME architecture; for HF give the folder as hf:DIR; for torchvision put the "
+        "weights file in the torch hub cache (torch.hub.get_dir()/checkpoints).")
+
+
+def test_only_a_torchvision_module_without_an_image_config_is_pointed_at_torchvision_specs():
+    message = _refusal(lambda: qkhooks.load_model(nn.Linear(2, 2)))
+    assert message.endswith("with your model's values.") and "torchvision" not in message
+
+
+def test_the_grid_read_off_each_call_is_whole_numbers():
+    model = tiny()
+    with torch.no_grad(), qkhooks.record(model, modes=2) as run:
+        model(images())
+    grid = run.geometry(0).grid
+    assert grid == (4, 4) and all(type(g) is int for g in grid)
+
+
+def test_a_multihead_attention_without_biases_records_its_own_weights():
+    from test_torchvision_vit import own_weights
+
+    model = tiny()
+    model.encoder.layers[1].self_attention = nn.MultiheadAttention(DIM, HEADS, batch_first=True, bias=False)
+    want = own_weights(model, images())
+    with torch.no_grad(), qkhooks.record(model, attention="full") as run:
+        model(images())
+    assert float((run.attention(1, "full") - want[1]).abs().max()) < 1e-5
+
+
+def test_eager_outputs_in_eval_mode_ignore_the_attention_dropout_rate():
+    """An eval-mode MultiheadAttention hands multi_head_attention_forward its dropout rate with training=False: no
+    dropout runs, so outputs='eager' records it (only training with a rate is refused)."""
+    from test_torchvision_vit import own_weights
+
+    model = tiny(attention_dropout=0.3).eval()
+    want = own_weights(model, images())
+    with torch.no_grad(), qkhooks.record(model, attention="full", outputs="eager") as run:
+        model(images())
+    assert float((run.attention(1, "full") - want[1]).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_eager_outputs_hand_a_caller_asking_for_weights_the_ones_it_asked_for(average):
+    from test_torchvision_vit import own_weights
+
+    handed = []
+
+    def call(attn, x):
+        out, weights = attn(x, x, x, need_weights=True, average_attn_weights=average)
+        handed.append(weights)
+        return out, weights
+
+    model = _calling(tiny(), call)
+    want = own_weights(model, images())[1]
+    handed.clear()
+    with torch.no_grad(), qkhooks.record(model, attention="full", outputs="eager"):
+        model(images())
+    assert len(handed) == 1
+    expected = want.mean(dim=1) if average else want
+    assert handed[0].shape == expected.shape and float((handed[0] - expected).abs().max()) < 1e-5
+
+
+def test_a_global_peak_before_the_last_layer_keeps_the_plain_sentence():
+    """The mirror of test_review_r42_sci42's global minimum: a rise to L10 and a fall at L11 names L10 as the peak of
+    all layers, with the last layer's own value."""
+    import numpy as np
+
+    from qkhooks.readings import trend_reading
+
+    rng = np.random.default_rng(44)
+    x = np.r_[np.linspace(0, 1, 11), 0.5] + 0.25 * rng.standard_normal((48, 12))
+    r = trend_reading(x, list(range(12)), "x", "images")
+    mean = x.mean(0)
+    assert int(np.argmax(mean[1:-1])) + 1 == 10 and mean[0] < mean[10]
+    assert f" It peaks at L10 ({mean[10]:.3f}) and falls again to {mean[-1]:.3f} at the last layer" in r.text, r.text

@@ -62,17 +62,17 @@ def unmodelled_mha(mha: nn.Module) -> str | None:
     base = _class_in_mro(mha, _MHA)
     if base is None or type(mha).forward is not base.forward:
         return f"{type(mha).__name__} overrides nn.MultiheadAttention's forward, which is what qkhooks models"
-    if not getattr(mha, "_qkv_same_embed_dim", False) or getattr(mha, "in_proj_weight", None) is None:
+    if mha.in_proj_weight is None:  # kdim or vdim other than embed_dim: no packed projection
         return (f"its keys and values have other widths than its queries (kdim={mha.kdim}, vdim={mha.vdim}, "
                 f"embed_dim={mha.embed_dim}): separate q/k/v_proj_weight, so keys come from other tokens than the queries "
                 "(cross-attention)")
-    if getattr(mha, "bias_k", None) is not None or getattr(mha, "bias_v", None) is not None:
+    if mha.bias_k is not None:  # add_bias_kv=True makes bias_k and bias_v together
         return ("add_bias_kv=True appends a learned key and value to every sequence, a key that is no token's, which "
                 "the maps and modes of W_q^T W_k over the tokens do not model")
-    if getattr(mha, "add_zero_attn", False):
+    if mha.add_zero_attn:
         return ("add_zero_attn=True appends a zero key and value to every sequence, a key that is no token's, which "
                 "the maps and modes over the tokens do not model")
-    if not getattr(mha, "batch_first", False):
+    if not mha.batch_first:
         return ("batch_first=False: it takes (tokens, batch, width) sequences, while qkhooks reads the tokens entering it "
                 "as (batch, tokens, width)")
     return None
@@ -110,8 +110,8 @@ def _grid_source(model: nn.Module) -> tuple[nn.Module, Callable[[tuple, dict], t
     patch = int(model.patch_size)
 
     def read(args: tuple, kwargs: dict) -> tuple[int, int]:
-        image = args[0] if args else next(iter(kwargs.values()))
-        h, w = (int(v) for v in image.shape[-2:])
+        # the class's own _process_input hands conv_proj the image by position (find refuses a replaced one)
+        h, w = (int(v) for v in args[0].shape[-2:])
         return h // patch, w // patch
 
     return model.conv_proj, read
