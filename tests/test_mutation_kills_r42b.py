@@ -272,3 +272,92 @@ def test_a_global_peak_before_the_last_layer_keeps_the_plain_sentence():
     mean = x.mean(0)
     assert int(np.argmax(mean[1:-1])) + 1 == 10 and mean[0] < mean[10]
     assert f" It peaks at L10 ({mean[10]:.3f}) and falls again to {mean[-1]:.3f} at the last layer" in r.text, r.text
+
+
+# ------------------------------------------------------------------ third pass (round42's final sample)
+def test_an_unknown_weights_tag_is_refused_listing_every_tag():
+    assert _refusal(lambda: qkhooks.load_model("torchvision:vit_b_16.FOO", random_init=True)) == (
+        "torchvision:vit_b_16.FOO: ViT_B_16_Weights has no weights 'FOO'; it has IMAGENET1K_V1, "
+        "IMAGENET1K_SWAG_E2E_V1, IMAGENET1K_SWAG_LINEAR_V1 (e.g. torchvision:vit_b_16.IMAGENET1K_V1).")
+
+
+@pytest.mark.parametrize("crop, resize", [([32, 28], [36]), ([32], [36, 40])], ids=["crop", "resize"])
+def test_a_crop_or_resize_that_is_not_one_side_is_refused_even_when_bilinear(monkeypatch, crop, resize):
+    import torchvision
+
+    preprocess = types.SimpleNamespace(interpolation=torchvision.transforms.InterpolationMode.BILINEAR,
+                                       crop_size=crop, resize_size=resize, mean=[0.5] * 3, std=[0.5] * 3)
+    monkeypatch.setattr(torchvision.models, "get_model_weights", lambda arch: _weights_like(preprocess))
+    assert "is not one qkhooks reproduces (a square crop after resizing the shorter side" in _refusal(
+        lambda: qkhooks.load_model("torchvision:vit_b_16", random_init=True))
+
+
+def test_a_download_into_an_existing_cache_folder_is_asked_for(tmp_path, monkeypatch):
+    from qkhooks.models import load
+
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)  # torchvision's cache holds other weights already
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(load, "_does_not_resolve", lambda host, probe: False)
+    asked = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, dst, *args, **kwargs: asked.append(dst) or open(dst, "wb").close())
+    path = load._torchvision_weights_file("torchvision:vit_x", _weights_like(None).ONLY)
+    assert asked == [str(path)] and path == tmp_path / "hub" / "checkpoints" / "vit_x-0123abcd.pth"
+
+
+def test_the_sites_grid_is_whole_numbers():
+    grid = qkhooks.sites(tiny())[0].grid
+    assert grid == (4, 4) and all(type(g) is int for g in grid)
+
+
+def test_an_attention_called_by_keyword_and_a_block_handed_its_input_by_keyword_record_exactly():
+    """The site reads the query (``input_name``) and the block's input (``block_input_name``) by name where a call
+    hands them so: here every block is called as block(input=x) and its attention as attn(query=, key=, value=)."""
+    model = _calling(tiny(), lambda a, x: a(query=x, key=x, value=x, need_weights=False))
+    encoder = model.encoder
+
+    def forward(self, input):
+        x = self.dropout(input + self.pos_embedding)
+        for block in self.layers:
+            x = block(input=x)
+        return self.ln(x)
+
+    encoder.forward = types.MethodType(forward, encoder)
+    x, seen = images(), {}
+    block, attn = model.encoder.layers[1], model.encoder.layers[1].self_attention
+    handles = [block.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("block", kw["input"].clone()),
+                                               with_kwargs=True),
+               attn.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("query", kw["query"].clone()),
+                                              with_kwargs=True)]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad():
+        want = attn(seen["query"], seen["query"], seen["query"], need_weights=True, average_attn_weights=False)[1]
+    with torch.no_grad(), qkhooks.record(model, attention="full") as run:
+        model(x)
+    assert float((run.attention(1, "full") - want).abs().max()) < 1e-5
+    with torch.no_grad(), qkhooks.record(model, modes=2, input="residual", keep_inputs=True) as run:
+        model(x)
+    assert torch.equal(run.inputs(1), seen["block"]) and not torch.equal(seen["block"], seen["query"])
+
+
+def test_a_call_that_does_not_fit_the_attentions_signature_is_refused_naming_it():
+    model = _calling(tiny(), lambda a, x: a(x, x, x, colour="red"))
+    assert _refusal(lambda: _recorded(model)) == (
+        "encoder.layers.encoder_layer_1.self_attention: its call does not fit nn.MultiheadAttention.forward (got an "
+        "unexpected keyword argument 'colour').")
+
+
+def test_a_global_minimum_before_the_last_layer_follows_the_trend_sentence():
+    import numpy as np
+
+    from qkhooks.readings import trend_reading
+
+    rng = np.random.default_rng(44)
+    x = np.r_[np.linspace(1, 0, 11), 0.5] + 0.25 * rng.standard_normal((48, 12))
+    r = trend_reading(x, list(range(12)), "x", "images")
+    mean = x.mean(0)
+    assert r.text.startswith("x ") and " with depth" in r.text.split(" It is lowest at L10")[0], r.text
+    assert f" It is lowest at L10 ({mean[10]:.3f}) and rises again to {mean[-1]:.3f}" in r.text

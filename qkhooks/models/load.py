@@ -475,7 +475,7 @@ def _load_torchvision(name: str, random_init: bool) -> tuple[nn.Module, ImageCon
     if path is not None:
         _load_checkpoint(model, path)
     transform = weights.transforms()
-    interpolation = str(getattr(transform.interpolation, "value", transform.interpolation))
+    interpolation = str(transform.interpolation.value)  # an InterpolationMode
     crop, resize = transform.crop_size, transform.resize_size
     if len(crop) != 1 or len(resize) != 1 or interpolation not in ("bilinear", "bicubic"):
         raise QKHooksError(f"torchvision:{name}: its weights' preprocessing ({transform}) is not one qkhooks reproduces "
