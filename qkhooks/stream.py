@@ -726,6 +726,8 @@ def record_dataset(
                 if streamed:
                     done, _ = _resume(writer, checkpointed, writer.ids)
                     start = position.resumed_at(done, lo, progress)
+                    if extended is not None:
+                        _refuse_stream_past_limit(out, stored["limit"], opts.limit, start, done)
                     _refuse_changed_stream(out, dataset, writer.ids[:done], lo, start, position.skipped)
                     _refuse_changed_stream_files(writer, dataset, done, start)
                 else:
@@ -839,6 +841,20 @@ def _extended_config(out: str | os.PathLike, stored: Mapping[str, Any], config: 
             f"than the run holds, never drop images it has. Read the first {now} images of the run "
             f"(open_run(...).ids[:{now}]), resume with --limit {held} or more, or record into a new --out.")
     return stored
+
+
+def _refuse_stream_past_limit(out: Any, was: int, now: int | None, read: int, done: int) -> None:
+    """Refuse a resume of a stream with a lower ``--limit`` that its checkpoint has read past (``read`` items: its
+    ``done`` images and the unreadable ones skipped among them). A stream's limit counts items, not images, so a run
+    holding no more images than the new limit may still hold an item past it (review rev42 r42: a run of --limit 6
+    with one unreadable item, resumed with --limit 5, finished as a --limit 5 run holding the 6th item)."""
+    if now is None or now >= was or read <= now:
+        return
+    raise QKHooksError(
+        f"cannot resume {out} with --limit {now}: it was recorded with --limit {was} and has read {read} items of the "
+        f"data ({done} images and {read - done} unreadable item{'s' if read - done != 1 else ''} skipped), more than "
+        f"{now}; a lower limit would keep items past it. Resume with --limit {read} or more, or record into a new "
+        "--out.")
 
 
 def _resumed_data_spec(stored: Mapping[str, Any], data_spec: str) -> str:
