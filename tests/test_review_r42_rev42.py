@@ -7,6 +7,7 @@ import pytest
 import qkhooks
 from test_review_r39_fixb import _tiny_loaded
 from test_review_r41 import _EXT_KW, _PHOTOS, _as_found, photos  # noqa: F401  (photos: a fixture)
+from test_torchvision_vit import hub  # noqa: F401  (a fixture)
 
 
 def _items(folder):
@@ -36,3 +37,43 @@ def test_a_stream_read_past_a_lower_limit_is_refused_though_it_holds_no_more_ima
     qkhooks.record_dataset(loaded, _items(photos), out=out, limit=6, resume=True, **_EXT_KW)
     with qkhooks.open_run(out) as run:
         assert run.config["limit"] == 6 and len(run.ids) == 5 and run.complete
+
+
+# ------------------------------------------------------------------ a weights file that is no torch checkpoint
+def test_a_refused_unpickle_names_torchs_own_reason_not_its_documentation_link(tmp_path):
+    """Before: the detail was torch's last line, since torch 2.6 "Check the documentation of torch.load ...", in both
+    the damaged and the foreign case; the line that says what was refused is the one with "Unsupported"."""
+    import timm
+
+    from qkhooks.models.load import load_checkpoint
+
+    path = tmp_path / "w.pth"
+    path.write_text("<html><body>404 Not Found</body></html>\n")
+    with pytest.raises(qkhooks.QKHooksError) as err:
+        load_checkpoint(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1), path)
+    assert "(Unsupported operand 60)" in str(err.value) and "Check the documentation" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["cut", "html"])
+def test_a_damaged_torchvision_cache_file_is_named_with_torchvisions_fix(hub, monkeypatch, kind):  # noqa: F811
+    """Before: a cut copy in the torch hub cache (the README's own example) was told to "give a .safetensors file or a
+    state_dict saved with torch.save", which a torchvision: spec cannot take; an HTML page to convert it to safetensors.
+    The fix is to delete the file (it is downloaded again) or to put torchvision's file there."""
+    import torch
+
+    from test_torchvision_vit import _tiny_builder, tiny
+
+    _tiny_builder(monkeypatch)
+    hub.mkdir(parents=True)
+    path = hub / "vit_b_16-c867db91.pth"
+    if kind == "cut":
+        torch.save(tiny(num_classes=1000).state_dict(), path)
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        path.write_text("<html><body>404 Not Found</body></html>\n")
+    with pytest.raises(qkhooks.QKHooksError) as err:
+        qkhooks.load_model("torchvision:vit_b_16")
+    msg = str(err.value)
+    assert f"the weights of torchvision:vit_b_16 in the torch hub cache ({path})" in msg and "Delete it" in msg
+    assert "https://download.pytorch.org/models/vit_b_16-c867db91.pth" in msg and "safetensors" not in msg
+    assert ("PytorchStreamReader" if kind == "cut" else "UnpicklingError: Unsupported operand 60") in msg

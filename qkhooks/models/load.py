@@ -234,10 +234,18 @@ def _mismatch_hint(missing: Sequence[str], unexpected: Sequence[str], shape: Seq
             f"{', '.join(first(list(missing) + list(unexpected)))}).")
 
 
+def _torch_detail(exc: BaseException) -> str:
+    """The line of torch.load's error that names the problem ("Unsupported global: ...", "Unsupported operand 60"),
+    not its last (since torch 2.6 a link to torch.load's documentation); at most 200 characters."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported" in line]
+    return (named[0] if named else lines[-1] if lines else type(exc).__name__)[:200]
+
+
 def _refused_unpickle(path: str | os.PathLike, exc: BaseException) -> QKHooksError:
     """Why a weights-only load of ``path`` failed: torch names a Python object it refused ("Unsupported global"), or
     the file is no plain torch checkpoint at all, which may be a damaged or wrong file as much as foreign objects."""
-    detail = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+    detail = _torch_detail(exc)
     fix = ("qkhooks never executes code from a checkpoint: convert it to safetensors, or save a plain state_dict of "
            "tensors (torch.save(model.state_dict(), PATH)).")
     if "Unsupported global" in str(exc):
@@ -473,7 +481,7 @@ def _load_torchvision(name: str, random_init: bool) -> tuple[nn.Module, ImageCon
     model = torchvision.models.get_model_builder(arch)(weights=None, image_size=size,
                                                        num_classes=len(weights.meta["categories"]))
     if path is not None:
-        _load_checkpoint(model, path)
+        _load_cached(model, path, f"torchvision:{name}", weights.url)
     transform = weights.transforms()
     interpolation = str(transform.interpolation.value)  # an InterpolationMode
     crop, resize = transform.crop_size, transform.resize_size
@@ -485,6 +493,27 @@ def _load_torchvision(name: str, random_init: bool) -> tuple[nn.Module, ImageCon
     built = f"{enum.__name__}.{weights.name} (image size {size})"
     return model, config, f"the architecture of torchvision's {built}, random weights" if random_init else \
         f"torchvision weights {built}"
+
+
+def _load_cached(model: nn.Module, path: Path, label: str, url: str) -> None:
+    """:func:`_load_checkpoint` of torchvision's cached weights file: one that is no torch checkpoint (a cut copy, an
+    HTML page saved under its name) is named with torchvision's fix, deleting it to download it again (not
+    ``load_checkpoint``'s, a safetensors file, which a ``torchvision:`` spec cannot take)."""
+    try:
+        _load_checkpoint(model, path)
+    except QKHooksError as exc:
+        said = str(exc)
+        if not said.startswith(("could not read", "refused to unpickle")):
+            raise
+        read = exc.__context__  # torch.load's own error, which _load_checkpoint's refusal was raised from
+        reason = f"{type(read).__name__}: {_torch_detail(read)}" if read is not None else said
+        verb = "refused to unpickle" if said.startswith("refused") else "could not read"
+        raise QKHooksError(
+            f"{verb} the weights of {label} in the torch hub cache ({path}): they are not a torch checkpoint of "
+            "tensors alone "
+            f"({reason}): the file is damaged or another file (a cut copy, an HTML page saved under its name). "
+            f"Delete it and load again to download it (where there is network), or download {url} and put it at "
+            f"{path}; qkhooks never executes code from a checkpoint.") from None
 
 
 def _torchvision_weights_file(label: str, weights: Any) -> Path:
