@@ -825,7 +825,7 @@ def _extended_config(out: str | os.PathLike, stored: Mapping[str, Any], config: 
     if set(stored) != set(config) or any(stored[k] != config[k] for k in config if k != "limit"):
         return None
     was, now = stored["limit"], config["limit"]
-    if was == now or not isinstance(was, int):
+    if was == now or not isinstance(was, int) or held is None:  # no image count: no run (the writer says why)
         return None
     if config.get("shard") is not None:  # a shard's block is its rank's part of the limited data: it moves with it
         rank, world = config["shard"]
@@ -834,7 +834,7 @@ def _extended_config(out: str | os.PathLike, stored: Mapping[str, Any], config: 
             f"{was}, and a sharded run's limit cannot change (each shard's block of the data moves with the limit, so "
             f"the shards would no longer join up). Resume it with --limit {was}, or record the larger run into a new "
             "--out.")
-    if now is not None and now < was and (held is None or held > now):
+    if now is not None and now < was and held > now:
         raise QKHooksError(
             f"cannot resume {out} with --limit {now}: it was recorded with --limit {was} and holds {held} images, more "
             f"than {now}. A resume may raise the limit (the run grows to the new one), or lower it to no fewer images "

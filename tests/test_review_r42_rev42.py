@@ -77,3 +77,20 @@ def test_a_damaged_torchvision_cache_file_is_named_with_torchvisions_fix(hub, mo
     assert f"the weights of torchvision:vit_b_16 in the torch hub cache ({path})" in msg and "Delete it" in msg
     assert "https://download.pytorch.org/models/vit_b_16-c867db91.pth" in msg and "safetensors" not in msg
     assert ("PytorchStreamReader" if kind == "cut" else "UnpicklingError: Unsupported operand 60") in msg
+
+
+def test_a_lower_limit_on_a_file_without_an_image_count_is_refused_as_no_run(tmp_path, photos):  # noqa: F811
+    """Before: "it was recorded with --limit 6 and holds None images, more than 4 ... resume with --limit None or
+    more"; a larger limit on the same file was refused as no qkhooks run, which it is."""
+    import h5py
+
+    loaded, out = _tiny_loaded(), tmp_path / "run.h5"
+    qkhooks.record_dataset(loaded, str(photos), out=out, limit=6, **_EXT_KW)
+    with h5py.File(out, "a") as f:
+        for holder in (f["images"], f["images/ids"]):
+            del holder.attrs["committed"]
+    raw = out.read_bytes()
+    for limit in (4, 8):
+        with pytest.raises(qkhooks.QKHooksError, match="it is not a qkhooks run file") as err:
+            qkhooks.record_dataset(loaded, str(photos), out=out, limit=limit, resume=True, **_EXT_KW)
+        assert "None" not in str(err.value) and out.read_bytes() == raw
