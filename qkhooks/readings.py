@@ -313,6 +313,12 @@ def _too_few(n: int, units: str) -> str:
     return f"too few {units} ({n}) to tell: with fewer than {MIN_UNITS}, no test reaches 95%{chance}"
 
 
+def _beyond(before: np.ndarray, value: float, side: int) -> bool:
+    """Whether some layer of ``before`` (the means before a bend's layer) lies above ``value`` (``side`` 1) or below
+    it (-1): the curve came down (up) to the bend, so "rises (falls) again" is what it does after it."""
+    return bool((side * (before[np.isfinite(before)] - value) > 0).any())
+
+
 def trend_reading(samples: np.ndarray, layers: Sequence[int], what: str, units: str, *,
                   limits: Limits = UNBOUNDED) -> Reading:
     """Does ``what`` change with depth? Late third minus early third, per unit.
@@ -363,14 +369,15 @@ def trend_reading(samples: np.ndarray, layers: Sequence[int], what: str, units: 
     # the extreme is the inner layers' (the last is compared with it): where the first layer lies beyond it, "lowest" /
     # "peaks" alone would name the wrong layer (DINOv2-S's same-object share is lowest at L0, 0.218, not L7, 0.290)
     among = f"Of the inner layers (L{layers[inner[0]]}–L{layers[inner[-1]]}) it"
+    # and only where the curve came down to it (some layer before it is higher): else it "rises again" without a fall
     j = int(inner[np.nanargmin(mean[inner])])
-    if verdict != "rises" and est[j].sign > 0:
+    if verdict != "rises" and est[j].sign > 0 and _beyond(mean[:j], mean[j], 1):
         who = "It is" if not mean[0] < mean[j] else f"{among} is"
         text += (f" {who} lowest at L{layers[j]} ({mean[j]:.3f}) and rises again to {mean[-1]:.3f} at the last layer "
                  f"(L{layers[-1]} − L{layers[j]} {est[j].text()}).")
         estimates["last_minus_minimum"] = est[j]
     j = int(inner[np.nanargmax(mean[inner])])
-    if verdict != "falls" and est[j].sign < 0:
+    if verdict != "falls" and est[j].sign < 0 and _beyond(mean[:j], mean[j], -1):
         who = "It" if not mean[0] > mean[j] else among
         text += (f" {who} peaks at L{layers[j]} ({mean[j]:.3f}) and falls again to {mean[-1]:.3f} at the last layer "
                  f"(L{layers[-1]} − L{layers[j]} {est[j].text()}).")

@@ -94,3 +94,40 @@ def test_a_lower_limit_on_a_file_without_an_image_count_is_refused_as_no_run(tmp
         with pytest.raises(qkhooks.QKHooksError, match="it is not a qkhooks run file") as err:
             qkhooks.record_dataset(loaded, str(photos), out=out, limit=limit, resume=True, **_EXT_KW)
         assert "None" not in str(err.value) and out.read_bytes() == raw
+
+
+# ------------------------------------------------------------------ a bend the curve never came to
+def _curve(columns, seed=0, n=12):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return np.column_stack([mean + sd * rng.standard_normal(n) for mean, sd in columns])
+
+
+def test_no_bend_is_named_where_the_curve_never_came_down_to_the_inner_extreme():
+    """Three layers whose means rise throughout (0.31, 0.35, 0.45), the first one noisy, so the trend's interval holds 0
+    while the last layer is clearly above L1. Before: "Of the inner layers (L1–L1) it is lowest at L1 (0.347) and rises
+    again to 0.449": a bend where the curve never fell (L0 is lower than L1)."""
+    import numpy as np
+
+    from qkhooks.readings import trend_reading
+
+    x = _curve([(0.3, 0.3), (0.35, 0.01), (0.45, 0.01)])
+    mean = np.nanmean(x, 0)
+    assert mean[0] < mean[1] < mean[2]  # the means rise at every layer: no dip to name
+    r = trend_reading(x, [0, 1, 2], "share", "images")
+    assert r.verdict == "flat" and "lowest" not in r.text and "rises again" not in r.text
+    assert "last_minus_minimum" not in r.estimates
+
+
+def test_a_dip_after_a_lower_first_layer_is_still_named_as_the_inner_layers_minimum():
+    """The round's case stays: L0 below everything, the curve up at L1-L2, down to L3 and up again at the last layer."""
+    import numpy as np
+
+    from qkhooks.readings import trend_reading
+
+    x = _curve([(0.2, 0.4), (0.5, 0.01), (0.45, 0.01), (0.3, 0.01), (0.4, 0.01), (0.45, 0.01)])
+    mean = np.nanmean(x, 0)
+    assert mean[0] < mean[3] == mean[1:5].min()
+    r = trend_reading(x, list(range(6)), "share", "images")
+    assert r.verdict != "rises" and f"Of the inner layers (L1–L4) it is lowest at L3 ({mean[3]:.3f}) and rises again" in r.text
