@@ -725,9 +725,9 @@ def record_dataset(
             try:
                 if streamed:
                     done, _ = _resume(writer, checkpointed, writer.ids)
+                    if extended is not None and done:  # before "resuming the stream at item N" is said
+                        _refuse_stream_past_limit(out, stored["limit"], opts.limit, position.position, done)
                     start = position.resumed_at(done, lo, progress)
-                    if extended is not None:
-                        _refuse_stream_past_limit(out, stored["limit"], opts.limit, start, done)
                     _refuse_changed_stream(out, dataset, writer.ids[:done], lo, start, position.skipped)
                     _refuse_changed_stream_files(writer, dataset, done, start)
                 else:
