@@ -131,3 +131,16 @@ def test_a_dip_after_a_lower_first_layer_is_still_named_as_the_inner_layers_mini
     assert mean[0] < mean[3] == mean[1:5].min()
     r = trend_reading(x, list(range(6)), "share", "images")
     assert r.verdict != "rises" and f"Of the inner layers (L1–L4) it is lowest at L3 ({mean[3]:.3f}) and rises again" in r.text
+
+
+def test_only_torchvisions_vit_is_pointed_at_torchvision_specs():
+    """Before: a torchvision ResNet without an image_config was told that load_model('torchvision:NAME[.WEIGHTS]')
+    reads its preprocessing; that spec refuses every torchvision model but its ViTs."""
+    import torchvision
+
+    with pytest.raises(qkhooks.QKHooksError) as err:
+        qkhooks.load_model(torchvision.models.resnet18())
+    assert str(err.value).endswith("with your model's values.") and "torchvision:" not in str(err.value)
+    with pytest.raises(qkhooks.QKHooksError, match="torchvision:NAME"):
+        qkhooks.load_model(torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
+                                                                hidden_dim=8, mlp_dim=16))

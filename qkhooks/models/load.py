@@ -693,8 +693,8 @@ def load_model(
                 "image_config=qkhooks.data.ImageConfig(size=(224, 224), mean=(0.485, 0.456, 0.406), "
                 "std=(0.229, 0.224, 0.225)) with your model's values" + (
                     " (a torchvision module does not say which weights it holds: load_model('torchvision:NAME[.WEIGHTS]') "
-                    "reads their preprocessing)." if module.startswith("torchvision.") else ".")
-            )
+                    "reads their preprocessing)." if module == "torchvision.models.vision_transformer" else ".")
+            )  # only its ViTs: torchvision: specs load no other of its models
         if image_config is None and module.startswith("transformers."):
             from qkhooks.models.hf import text_model_refusal, text_model_type
 
