@@ -825,36 +825,41 @@ def _extended_config(out: str | os.PathLike, stored: Mapping[str, Any], config: 
     if set(stored) != set(config) or any(stored[k] != config[k] for k in config if k != "limit"):
         return None
     was, now = stored["limit"], config["limit"]
-    if was == now or not isinstance(was, int) or held is None:  # no image count: no run (the writer says why)
+    if was == now or held is None or not (was is None or isinstance(was, int)):  # held None: no run (the writer says)
         return None
     if config.get("shard") is not None:  # a shard's block is its rank's part of the limited data: it moves with it
         rank, world = config["shard"]
         raise QKHooksError(
-            f"cannot resume {out} with --limit {now}: it is shard {rank} of {world} of a run recorded with --limit "
-            f"{was}, and a sharded run's limit cannot change (each shard's block of the data moves with the limit, so "
-            f"the shards would no longer join up). Resume it with --limit {was}, or record the larger run into a new "
-            "--out.")
-    if now is not None and now < was and held > now:
+            f"cannot resume {out} with --limit {now}: it is shard {rank} of {world} of a run recorded with "
+            f"{_limit_words(was)}, and a sharded run's limit cannot change (each shard's block of the data moves with "
+            f"the limit, so the shards would no longer join up). Resume it with {_limit_words(was)}, or "
+            "record the larger run into a new --out.")
+    if now is not None and (was is None or now < was) and held > now:
         raise QKHooksError(
-            f"cannot resume {out} with --limit {now}: it was recorded with --limit {was} and holds {held} images, more "
-            f"than {now}. A resume may raise the limit (the run grows to the new one), or lower it to no fewer images "
-            f"than the run holds, never drop images it has. Read the first {now} images of the run "
+            f"cannot resume {out} with --limit {now}: it was recorded with {_limit_words(was)} and holds {held} "
+            f"images, more than {now}. A resume may raise the limit (the run grows to the new one), or lower it to no "
+            f"fewer images than the run holds, never drop images it has. Read the first {now} images of the run "
             f"(open_run(...).ids[:{now}]), resume with --limit {held} or more, or record into a new --out.")
     return stored
 
 
-def _refuse_stream_past_limit(out: Any, was: int, now: int | None, read: int, done: int) -> None:
+def _limit_words(limit: int | None) -> str:
+    """How a message names a run's ``--limit`` (None: all the data)."""
+    return f"--limit {limit}" if limit is not None else "no --limit (all the data)"
+
+
+def _refuse_stream_past_limit(out: Any, was: int | None, now: int | None, read: int, done: int) -> None:
     """Refuse a resume of a stream with a lower ``--limit`` that its checkpoint has read past (``read`` items: its
     ``done`` images and the unreadable ones skipped among them). A stream's limit counts items, not images, so a run
     holding no more images than the new limit may still hold an item past it (review rev42 r42: a run of --limit 6
     with one unreadable item, resumed with --limit 5, finished as a --limit 5 run holding the 6th item)."""
-    if now is None or now >= was or read <= now:
+    if now is None or (was is not None and now >= was) or read <= now:
         return
     raise QKHooksError(
-        f"cannot resume {out} with --limit {now}: it was recorded with --limit {was} and has read {read} items of the "
-        f"data ({done} images and {read - done} unreadable item{'s' if read - done != 1 else ''} skipped), more than "
-        f"{now}; a lower limit would keep items past it. Resume with --limit {read} or more, or record into a new "
-        "--out.")
+        f"cannot resume {out} with --limit {now}: it was recorded with {_limit_words(was)} and has read {read} items "
+        f"of the data ({done} images and {read - done} unreadable item{'s' if read - done != 1 else ''} skipped), "
+        f"more than {now}; a lower limit would keep items past it. Resume with --limit {read} or more, or record into "
+        "a new --out.")
 
 
 def _resumed_data_spec(stored: Mapping[str, Any], data_spec: str) -> str:

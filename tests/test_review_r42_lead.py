@@ -83,3 +83,23 @@ def test_a_checkpoint_that_is_no_torch_file_is_called_damaged_or_foreign_and_an_
     foreign = "it holds Python objects besides tensors, and unpickling them could run code"
     assert (damaged in err, foreign in err) == ((True, False) if kind == "html" else (False, True))
     assert not (tmp_path / "ran.txt").exists()
+
+
+# ------------------------------------------------------------------ a run of all the data, stopped (review REV42 r42)
+def test_a_run_of_all_the_data_stopped_midway_may_be_given_a_limit_it_has_not_passed(tmp_path, photos):  # noqa: F811
+    """Before: a run recorded without --limit could not take one at all ("config differs (limit: file None, now 6)")."""
+    loaded, out, once = _tiny_loaded(), tmp_path / "run.h5", tmp_path / "once.h5"
+    _interrupted(loaded, out, batches=2, data=str(photos), **_KW)
+    with qkhooks.open_run(out) as run:
+        assert run.config["limit"] is None and len(run.ids) == 4 and not run.complete
+    before = _as_found(out)
+    with pytest.raises(qkhooks.QKHooksError, match=r"--limit 3: it was recorded with no --limit \(all the data\) and "
+                                                   r"holds 4 images, more than 3\."):
+        qkhooks.record_dataset(loaded, str(photos), out=out, limit=3, resume=True, **_KW)
+    assert _as_found(out) == before
+    result = qkhooks.record_dataset(loaded, str(photos), out=out, limit=6, resume=True, **_KW)
+    qkhooks.record_dataset(loaded, str(photos), out=once, limit=6, **_KW)
+    assert result.images == 6
+    with qkhooks.open_run(out) as run, qkhooks.open_run(once) as ref:
+        assert run.ids == ref.ids == _PHOTOS[:6] and run.config == ref.config and run.complete
+    _assert_same_states(_states(out), _states(once))
