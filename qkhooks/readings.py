@@ -368,7 +368,10 @@ def trend_reading(samples: np.ndarray, layers: Sequence[int], what: str, units: 
     # a bend: the last layer moves back from an inner extreme (est[j] is last - L_j)
     # the extreme is the inner layers' (the last is compared with it): where the first layer lies beyond it, "lowest" /
     # "peaks" alone would name the wrong layer (DINOv2-S's same-object share is lowest at L0, 0.218, not L7, 0.290)
-    among = f"Of the inner layers (L{layers[inner[0]]}–L{layers[inner[-1]]}) it"
+    named = [layers[i] for i in inner]
+    span = (f"L{named[0]}–L{named[-1]}" if all(isinstance(n, (int, np.integer)) for n in named)
+            and list(named) == list(range(named[0], named[0] + len(named))) else ", ".join(f"L{n}" for n in named))
+    among = f"Of the inner layers ({span}) it"  # a range only where every layer in it was read
     # and only where the curve came down to it (some layer before it is higher): else it "rises again" without a fall
     j = int(inner[np.nanargmin(mean[inner])])
     if verdict != "rises" and est[j].sign > 0 and _beyond(mean[:j], mean[j], 1):

@@ -103,3 +103,19 @@ def test_a_run_of_all_the_data_stopped_midway_may_be_given_a_limit_it_has_not_pa
     with qkhooks.open_run(out) as run, qkhooks.open_run(once) as ref:
         assert run.ids == ref.ids == _PHOTOS[:6] and run.config == ref.config and run.complete
     _assert_same_states(_states(out), _states(once))
+
+
+# ------------------------------------------------------------------ the inner layers named as read (review REV42 r42)
+@pytest.mark.parametrize("layers, inner", [
+    ([0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], "L2–L11"),
+    ([0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12], "L1, L2, L3, L5, L6, L7, L8, L9, L10, L11"),
+], ids=["contiguous", "a gap"])
+def test_the_inner_layers_of_a_bend_are_a_range_only_where_every_layer_in_it_was_read(layers, inner):
+    """Before: layers="0-3,5-12" read "Of the inner layers (L1–L11)", a range holding L4, which was not recorded."""
+    from qkhooks.readings import trend_reading
+    from test_review_r42_sci42 import SAME_OBJECT
+
+    x = SAME_OBJECT + 0.05 * np.random.default_rng(42).standard_normal((48, 12))
+    text = trend_reading(x, layers, "The same-object share", "images", limits=(0.0, 1.0)).text
+    j = 1 + int(np.argmin(x.mean(0)[1:-1]))
+    assert f"Of the inner layers ({inner}) it is lowest at L{layers[j]} (" in text, text
