@@ -119,3 +119,26 @@ def test_the_inner_layers_of_a_bend_are_a_range_only_where_every_layer_in_it_was
     text = trend_reading(x, layers, "The same-object share", "images", limits=(0.0, 1.0)).text
     j = 1 + int(np.argmin(x.mean(0)[1:-1]))
     assert f"Of the inner layers ({inner}) it is lowest at L{layers[j]} (" in text, text
+
+
+# ------------------------------------------------------------------ a safetensors file by another name (review REV42)
+def test_a_safetensors_file_named_pth_is_read_as_safetensors_and_a_cut_one_is_called_cut(tmp_path):
+    """Before: a safetensors file saved as w.pth was refused as "refused to unpickle ... (KeyError: 6)"."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from qkhooks.models.load import load_checkpoint
+
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    target = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    path = tmp_path / "w.pth"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    load_checkpoint(target, path)
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(qkhooks.QKHooksError, match=rf"could not read {str(cut)!r} as a safetensors file .*it may be "
+                                                   r"cut or damaged: download or save it again\."):
+        load_checkpoint(target, cut)

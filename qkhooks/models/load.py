@@ -124,15 +124,26 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does: an 8-byte little-endian header length, then its JSON."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
 def _load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> str:
     """:func:`load_checkpoint`; returns what was left out ("" when the checkpoint fit exactly), for ``weights``."""
     path = Path(path)
     if not path.is_file():
         raise QKHooksError(f"checkpoint {str(path)!r} does not exist.")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):  # a .pth name on a safetensors file too
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - a cut or damaged file: safetensors' own error types vary
+            raise QKHooksError(f"could not read {str(path)!r} as a safetensors file ({exc.__class__.__name__}: {exc}); "
+                               "it may be cut or damaged: download or save it again.") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
