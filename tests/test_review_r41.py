@@ -96,6 +96,17 @@ def _per_image(path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def assert_same_per_image(path, reference, ids) -> None:
+    """Two runs hold the same images ``ids`` and the same per-image arrays (floats to the float16 file's rounding)."""
+    a, b = _per_image(path), _per_image(reference)
+    assert sorted(a) == sorted(b) and list(a["ids"]) == list(ids)
+    for name in a:
+        if a[name].dtype.kind == "f":
+            np.testing.assert_allclose(a[name], b[name], rtol=2e-3, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 @pytest.fixture
 def photos(tmp_path):
     from test_review_r39_fixb import _same_size_photos
@@ -119,13 +130,7 @@ def test_a_resume_with_a_larger_limit_grows_a_finished_run_to_what_one_run_of_th
     result = qkhooks.record_dataset(loaded, str(photos), out=grown, limit=7, checksum=checksum, resume=True, **_EXT_KW)
     qkhooks.record_dataset(loaded, str(photos), out=once, limit=7, checksum=checksum, **_EXT_KW)
     assert result.resumed_from == 4 and result.images == 7
-    a, b = _per_image(grown), _per_image(once)
-    assert sorted(a) == sorted(b) and list(a["ids"]) == _PHOTOS[:7]
-    for name in a:
-        if a[name].dtype.kind == "f":
-            np.testing.assert_allclose(a[name], b[name], rtol=2e-3, atol=1e-5, err_msg=name)
-        else:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_same_per_image(grown, once, _PHOTOS[:7])
     with qkhooks.open_run(grown) as run, qkhooks.open_run(once) as ref:
         assert run.config == ref.config and run.config["limit"] == 7
         assert run.complete

@@ -9,7 +9,7 @@ import pytest
 import qkhooks
 from test_review_r36 import _assert_same_states, _interrupted, _states
 from test_review_r39_fixb import _tiny_loaded
-from test_review_r41 import _EXT_KW, _PHOTOS, _as_found, _per_image, photos  # noqa: F401  (photos: a fixture)
+from test_review_r41 import _EXT_KW, _PHOTOS, _as_found, assert_same_per_image, photos  # noqa: F401  (a fixture)
 
 _KW = dict(_EXT_KW, checkpoint_every=1)
 
@@ -31,13 +31,7 @@ def test_an_extension_stopped_midway_resumes_with_a_lower_limit_it_has_not_passe
     qkhooks.record_dataset(loaded, str(photos), out=once, limit=7, **_KW)
     # the stop came in the batch's on_batch, before its checkpoint: the resume goes on from the 4 checkpointed
     assert result.resumed_from == 4 and result.images == 7
-    a, b = _per_image(out), _per_image(once)
-    assert sorted(a) == sorted(b) and list(a["ids"]) == _PHOTOS[:7]
-    for name in a:
-        if a[name].dtype.kind == "f":
-            np.testing.assert_allclose(a[name], b[name], rtol=2e-3, atol=1e-5, err_msg=name)
-        else:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_same_per_image(out, once, _PHOTOS[:7])
     with qkhooks.open_run(out) as run, qkhooks.open_run(once) as ref:
         assert run.config == ref.config and run.config["limit"] == 7 and run.complete
     _assert_same_states(_states(out), _states(once))
