@@ -361,3 +361,56 @@ def test_a_global_minimum_before_the_last_layer_follows_the_trend_sentence():
     mean = x.mean(0)
     assert r.text.startswith("x ") and " with depth" in r.text.split(" It is lowest at L10")[0], r.text
     assert f" It is lowest at L10 ({mean[10]:.3f}) and rises again to {mean[-1]:.3f}" in r.text
+
+
+# ------------------------------------------------------------------ fourth pass (round42's whole set, partly run)
+def test_eager_outputs_record_a_training_mode_model_without_attention_dropout():
+    """Only dropping weights at random is refused: in training mode with a rate of 0 the maps are the ones used."""
+    from test_torchvision_vit import own_weights
+
+    model = tiny().train()  # attention_dropout=0.0, dropout=0.0: training mode changes nothing here
+    want = own_weights(model, images())
+    with torch.no_grad(), qkhooks.record(model, attention="full", outputs="eager") as run:
+        model(images())
+    assert float((run.attention(1, "full") - want[1]).abs().max()) < 1e-5
+
+
+def test_a_weights_file_named_without_a_hash_is_downloaded_unchecked(tmp_path, monkeypatch):
+    from qkhooks.models import load
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(load, "_does_not_resolve", lambda host, probe: False)
+    asked = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, dst, hash_prefix=None, progress=True: asked.append(hash_prefix) or
+                        open(dst, "wb").close())
+    weights = types.SimpleNamespace(url="https://download.pytorch.org/models/plain_name.pth")
+    assert load._torchvision_weights_file("torchvision:vit_x", weights).name == "plain_name.pth" and asked == [None]
+
+
+def test_another_attention_mode_runs_multihead_attention_as_called():
+    """The base AttentionCallMode (InsideCall's) hands multi_head_attention_forward back untouched: output and weights
+    are the module's own, positional and keyword arguments alike."""
+    from qkhooks.sdpa import AttentionCallMode
+
+    class Watch(AttentionCallMode):
+        def begin(self) -> None:
+            pass
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(DIM, HEADS, batch_first=True).eval()
+    x = torch.randn(2, 5, DIM)
+    class Plain(torch.overrides.TorchFunctionMode):  # any mode sends the module off its fused path: the same path
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        with Plain():
+            want = mha(x, x, x, need_weights=True, average_attn_weights=False)
+        mode = Watch(site=None)
+        mode.enter()
+        try:
+            got = mha(x, x, x, need_weights=True, average_attn_weights=False)
+        finally:
+            mode.leave()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[1].shape == (2, HEADS, 5, 5)
