@@ -798,7 +798,7 @@ ROUND22 = (
     "qkhooks.models.unsupported.x__name__*", "qkhooks.models.unsupported.x__known_forward__*",
     "qkhooks.models.unsupported.x_qk_scope__*", "qkhooks.models.unsupported.x_refuse_unplain_qk__*",
     "qkhooks.models.unsupported.x_refuse_altered_qk__*", "qkhooks.models.unsupported.x__refuse_patched_forward__*",
-    "qkhooks.models.unsupported.x__moves_devices_only__*", "qkhooks.models.unsupported.x_accelerate_hooks__*",
+    "qkhooks.models.unsupported.x_moves_devices_only__*", "qkhooks.models.unsupported.x_accelerate_hooks__*",
     "qkhooks.models.unsupported.x_accelerate_offloading__*", "qkhooks.models.unsupported.x__refuse_qk_module__*",
     "qkhooks.spectrum.x__qk_tensors__*", "qkhooks.spectrum.x__same_bits__*", "qkhooks.spectrum.x_weights_state__*",
     "qkhooks.spectrum.x__copied_state__*", "qkhooks.spectrum.x_same_weights__*",

@@ -125,11 +125,13 @@ def test_hf_random_weights_are_built_from_the_config_alone(monkeypatch, tmp_path
     assert loaded.random_init and type(loaded.model).__name__ == "ViTModel"
 
 
-def test_a_run_of_all_the_data_is_not_resumed_with_a_limit(tmp_path, photos):  # noqa: F811 - the fixture
-    """A run of no limit holds all the data: a resume with one is another run, refused as a config difference."""
+def test_a_run_of_all_the_data_is_not_resumed_with_a_limit_below_what_it_holds(tmp_path, photos):  # noqa: F811
+    """A run of no limit holds all the data: a resume with a limit below its images would drop some, refused naming
+    both (round 42: a limit it has not passed is taken, test_review_r42_lead)."""
     loaded, out = _tiny_loaded(), tmp_path / "run.h5"
     qkhooks.record_dataset(loaded, str(photos), out=out, limit=None, **_EXT_KW)
-    with pytest.raises(QKHooksError, match=r"config differs.*limit: file None, now 3"):
+    with pytest.raises(QKHooksError, match=r"--limit 3: it was recorded with no --limit \(all the data\) and holds 9 "
+                                           r"images, more than 3\."):
         qkhooks.record_dataset(loaded, str(photos), out=out, limit=3, resume=True, **_EXT_KW)
 
 

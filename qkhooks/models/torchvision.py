@@ -27,7 +27,7 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, QKRows, register_adapter
-from qkhooks.models.unsupported import _moves_devices_only, refuse_uncovered
+from qkhooks.models.unsupported import moves_devices_only, refuse_uncovered
 
 _VIT = "torchvision.models.vision_transformer.VisionTransformer"
 _ENCODER_BLOCK = "torchvision.models.vision_transformer.EncoderBlock"
@@ -144,7 +144,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
     for method in ("forward", "_process_input"):
         # a subclass's method, or one replaced on the instance (model.forward = ...: a patch, a tracer; accelerate's
         # wrapper that only moves tensors between devices around the class's own forward is taken)
-        patched = method in vars(model) and not (method == "forward" and _moves_devices_only(model))
+        patched = method in vars(model) and not (method == "forward" and moves_devices_only(model))
         how = ("replaces torchvision VisionTransformer." + method + " on the instance (model." + method + " = ...)"
                if patched else f"overrides torchvision VisionTransformer.{method}"
                if getattr(type(model), method) is not getattr(vit, method) else None)

@@ -968,7 +968,7 @@ def _after_own(hooks: dict[int, Any]) -> Iterator[tuple[int, Any]]:
 def _refuse_patched_forward(site: "AttentionSite", path: str, module: nn.Module, role: str | None = None) -> None:
     """Refuse ``module`` whose forward is replaced on the instance, unless by accelerate's device placement only."""
     forward = module.__dict__.get("forward")
-    if forward is None or _moves_devices_only(module):
+    if forward is None or moves_devices_only(module):
         return
     how = f"its forward is replaced on the instance (module.forward = {_name(forward)}"
     hook = module.__dict__.get("_hf_hook")
@@ -985,7 +985,7 @@ def _refuse_patched_forward(site: "AttentionSite", path: str, module: nn.Module,
         f"forward, not what the model runs. To record it, {fix}.")
 
 
-def _moves_devices_only(module: nn.Module) -> bool:
+def moves_devices_only(module: nn.Module) -> bool:
     """Whether ``module.forward`` is accelerate's wrapper around the class's own forward with hooks that only move the
     call's tensors to their execution device and back (``AlignDevicesHook`` without offloading, alone or in a
     ``SequentialHook``), as a model loaded with ``device_map=...`` carries. Recognised by name: accelerate is not a
