@@ -414,3 +414,15 @@ def test_another_attention_mode_runs_multihead_attention_as_called():
         finally:
             mode.leave()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[1].shape == (2, HEADS, 5, 5)
+
+
+def test_a_stem_convolution_padding_by_a_rule_is_named_so_when_masks_need_its_pixels():
+    from torchvision.models.vision_transformer import ConvStemConfig
+
+    model = tiny(conv_stem_configs=[ConvStemConfig(out_channels=8, kernel_size=3, stride=2),
+                                    ConvStemConfig(out_channels=8, kernel_size=3, stride=4)])
+    conv = model.conv_proj.conv_bn_relu_0[0]
+    conv.padding = "same"  # a rule torch resolves per call, not the fixed rows and columns qkhooks models
+    assert _refusal(qkhooks.sites(model)[0].pixel_convs) == (
+        f"torchvision ViT's stem convolution {conv} pads by a rule (padding='same'); which pixels its tokens read is "
+        "not modelled, so masks cannot be read onto them. Record this model without masks.")
