@@ -902,7 +902,7 @@ ROUND41 = ("commits:6ff989d..0a58ba1",)
 ROUND40 = ("commits:a0291ba..6ff989d",)
 # Round 42's own library commits, for `--only` with the module "round42" (from `09a2bd0`: torchvision's ViT, the lower
 # limit of a stopped extension, the bend's inner extreme, the augmented cosine's words), by :func:`written_by`.
-ROUND42 = ("commits:09a2bd0..HEAD",)
+ROUND42 = ("commits:09a2bd0..648d39c",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
