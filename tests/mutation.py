@@ -692,7 +692,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     "round42": (["qkhooks/models/torchvision.py", "qkhooks/models/load.py", "qkhooks/sdpa.py", "qkhooks/attention.py",
                  "qkhooks/stream.py", "qkhooks/readings.py", "qkhooks/cli/spectrum.py"],
                 ["tests/test_torchvision_vit.py", "tests/test_review_r42_lead.py", "tests/test_review_r42_sci42.py",
-                 "tests/test_review_r42_revtv.py",
+                 "tests/test_review_r42_revtv.py", "tests/test_review_r42_rev42.py",
                  "tests/test_review_r41.py", "tests/test_review_r41_rev41.py", "tests/test_readings_r22.py", KILLS_R41,
                  KILLS_R42B],
                 "test_torchvision_vit or test_review_r42 or test_review_r41 or test_readings_r22 or "

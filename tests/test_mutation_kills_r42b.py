@@ -426,3 +426,39 @@ def test_a_stem_convolution_padding_by_a_rule_is_named_so_when_masks_need_its_pi
     assert _refusal(qkhooks.sites(model)[0].pixel_convs) == (
         f"torchvision ViT's stem convolution {conv} pads by a rule (padding='same'); which pixels its tokens read is "
         "not modelled, so masks cannot be read onto them. Record this model without masks.")
+
+
+# ------------------------------------------------------------------ the review fixes' helpers (round42, last pass)
+def test_a_file_is_taken_for_safetensors_only_by_its_header_length_and_brace(tmp_path):
+    from qkhooks.models.load import _looks_like_safetensors
+
+    def file(data: bytes):
+        path = tmp_path / f"f{len(list(tmp_path.iterdir()))}.pth"
+        path.write_bytes(data)
+        return path
+
+    length = lambda n: n.to_bytes(8, "little")  # noqa: E731
+    assert _looks_like_safetensors(file(length(2) + b"{}"))  # the smallest: an empty header, no tensors
+    assert _looks_like_safetensors(file(length(12) + b'{"a": "b"}  ' + b"\0" * 4))
+    assert not _looks_like_safetensors(file(length(12) + b'{"a": "b"}  '[:11]))  # the header runs past the end
+    assert not _looks_like_safetensors(file(length(1) + b"{"))  # no JSON object fits in one byte
+    assert not _looks_like_safetensors(file(length(5) + b"X" + b"0" * 20))  # a fitting length, no brace
+    assert not _looks_like_safetensors(file(b"PK\x03\x04" + b"\0" * 30))  # torch.save's zip
+    assert not _looks_like_safetensors(file(length(2) + b"{"))  # too short to hold its header: 9 bytes of 10
+
+
+def test_a_bend_needs_an_earlier_layer_strictly_beyond_the_extreme():
+    import numpy as np
+
+    from qkhooks.readings import _beyond
+
+    assert _beyond(np.array([0.5, 0.2]), 0.3, 1) and _beyond(np.array([0.1, 0.4]), 0.3, -1)
+    assert not _beyond(np.array([0.3, 0.2]), 0.3, 1) and not _beyond(np.array([0.3, 0.4]), 0.3, -1)  # a tie is no fall
+    assert not _beyond(np.array([0.5]), 0.6, 1) and not _beyond(np.array([np.nan, 0.1]), 0.3, 1)
+
+
+def test_a_runs_limit_is_named_by_its_number_or_as_all_the_data():
+    from qkhooks.stream import _limit_words
+
+    assert _limit_words(5) == "--limit 5" and _limit_words(0) == "--limit 0"
+    assert _limit_words(None) == "no --limit (all the data)"
