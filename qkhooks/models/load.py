@@ -27,7 +27,7 @@ import pickle
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -131,29 +131,35 @@ def _looks_like_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
-def _load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> str:
-    """:func:`load_checkpoint`; returns what was left out ("" when the checkpoint fit exactly), for ``weights``."""
+def _load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True,
+                     unreadable: Callable[[BaseException], QKHooksError] | None = None) -> str:
+    """:func:`load_checkpoint`; returns what was left out ("" when the checkpoint fit exactly), for ``weights``.
+    ``unreadable``: the refusal of a file that does not read (its loader's error), where the caller's fix differs from
+    this one's (a ``torchvision:`` spec's cached file)."""
     path = Path(path)
     if not path.is_file():
         raise QKHooksError(f"checkpoint {str(path)!r} does not exist.")
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):  # a .pth name on a safetensors file too
-        from safetensors.torch import load_file
+    safetensors = path.suffix == ".safetensors" or _looks_like_safetensors(path)  # a .pth name on one too
+    try:
+        if safetensors:
+            from safetensors.torch import load_file
 
-        try:
             state = load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - a cut or damaged file: safetensors' own error types vary
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a cut, damaged or foreign file: the loaders' error types vary
+        if unreadable is not None:
+            raise unreadable(exc) from None
+        if safetensors:
             raise QKHooksError(f"could not read {str(path)!r} as a safetensors file ({exc.__class__.__name__}: {exc}); "
                                "it may be cut or damaged: download or save it again.") from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
+        if isinstance(exc, pickle.UnpicklingError):
             raise _refused_unpickle(path, exc) from None
-        except Exception as exc:  # not a torch file at all
-            raise QKHooksError(
-                f"could not read {str(path)!r} as a torch checkpoint ({exc.__class__.__name__}: {exc}); give a "
-                ".safetensors file or a state_dict saved with torch.save."
-            ) from None
+        raise QKHooksError(  # not a torch file at all
+            f"could not read {str(path)!r} as a torch checkpoint ({exc.__class__.__name__}: {exc}); give a "
+            ".safetensors file or a state_dict saved with torch.save."
+        ) from None
+    if not safetensors:
         for key in ("state_dict", "model", "module"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
@@ -492,7 +498,7 @@ def _load_torchvision(name: str, random_init: bool) -> tuple[nn.Module, ImageCon
     model = torchvision.models.get_model_builder(arch)(weights=None, image_size=size,
                                                        num_classes=len(weights.meta["categories"]))
     if path is not None:
-        _load_cached(model, path, f"torchvision:{name}", weights.url)
+        _load_checkpoint(model, path, unreadable=_cached_unreadable(path, f"torchvision:{name}", weights.url))
     transform = weights.transforms()
     interpolation = str(transform.interpolation.value)  # an InterpolationMode
     crop, resize = transform.crop_size, transform.resize_size
@@ -506,25 +512,19 @@ def _load_torchvision(name: str, random_init: bool) -> tuple[nn.Module, ImageCon
         f"torchvision weights {built}"
 
 
-def _load_cached(model: nn.Module, path: Path, label: str, url: str) -> None:
-    """:func:`_load_checkpoint` of torchvision's cached weights file: one that is no torch checkpoint (a cut copy, an
-    HTML page saved under its name) is named with torchvision's fix, deleting it to download it again (not
-    ``load_checkpoint``'s, a safetensors file, which a ``torchvision:`` spec cannot take)."""
-    try:
-        _load_checkpoint(model, path)
-    except QKHooksError as exc:
-        said = str(exc)
-        if not said.startswith(("could not read", "refused to unpickle")):
-            raise
-        read = exc.__context__  # torch.load's own error, which _load_checkpoint's refusal was raised from
-        reason = f"{type(read).__name__}: {_torch_detail(read)}" if read is not None else said
-        verb = "refused to unpickle" if said.startswith("refused") else "could not read"
-        raise QKHooksError(
+def _cached_unreadable(path: Path, label: str, url: str) -> Callable[[BaseException], QKHooksError]:
+    """The refusal of torchvision's cached weights file that does not read (a cut copy, an HTML page saved under its
+    name): torchvision's fix, deleting it to download it again, not ``load_checkpoint``'s (a safetensors file, which a
+    ``torchvision:`` spec cannot take)."""
+    def refusal(exc: BaseException) -> QKHooksError:
+        verb = "refused to unpickle" if isinstance(exc, pickle.UnpicklingError) else "could not read"
+        return QKHooksError(
             f"{verb} the weights of {label} in the torch hub cache ({path}): they are not a torch checkpoint of "
-            "tensors alone "
-            f"({reason}): the file is damaged or another file (a cut copy, an HTML page saved under its name). "
-            f"Delete it and load again to download it (where there is network), or download {url} and put it at "
-            f"{path}; qkhooks never executes code from a checkpoint.") from None
+            f"tensors alone ({type(exc).__name__}: {_torch_detail(exc)}): the file is damaged or another file (a cut "
+            f"copy, an HTML page saved under its name). Delete it and load again to download it (where there is "
+            f"network), or download {url} and put it at {path}; qkhooks never executes code from a checkpoint.")
+
+    return refusal
 
 
 def _torchvision_weights_file(label: str, weights: Any) -> Path:
