@@ -442,3 +442,12 @@ def test_cached_weights_are_loaded_weights_only_from_the_hub_cache(hub, monkeypa
     torch.save({"state": saved, "why": types.SimpleNamespace(a=1)}, hub / "vit_b_16-c867db91.pth")
     with pytest.raises(QKHooksError, match="refused to unpickle"):
         qkhooks.load_model("torchvision:vit_b_16")
+
+
+def test_every_layer_shares_one_grid_read_off_conv_proj_so_one_hook_serves_them():
+    """Before: each site had its own grid source, so conv_proj carried one pre-hook per layer, each reading the grid."""
+    from qkhooks.models.base import grid_source_hooks
+
+    sites = qkhooks.sites(tiny())
+    hooks = grid_source_hooks(sites)
+    assert len(sites) == 2 and len(hooks) == 1 and hooks[0][0] is sites[0].grid_source[0]

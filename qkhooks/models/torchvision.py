@@ -144,19 +144,20 @@ def find(model: nn.Module) -> list[AttentionSite]:
     for method in ("forward", "_process_input"):
         # a subclass's method, or one replaced on the instance (model.forward = ...: a patch, a tracer; accelerate's
         # wrapper that only moves tensors between devices around the class's own forward is taken)
-        patched = method in vars(model) and not (method == "forward" and moves_devices_only(model))
-        how = ("replaces torchvision VisionTransformer." + method + " on the instance (model." + method + " = ...)"
-               if patched else f"overrides torchvision VisionTransformer.{method}"
-               if getattr(type(model), method) is not getattr(vit, method) else None)
-        if how:
-            raise QKHooksError(
-                f"{type(model).__name__} {how}, so where its tokens come "
-                "from (one class token first, then the patch grid) is not known to qkhooks; record a plain "
-                "VisionTransformer (del model." + method + " restores the class's own on an instance), or register "
-                "your own adapter (README, 'Your own architecture').")
+        if method in vars(model) and not (method == "forward" and moves_devices_only(model)):
+            how = f"replaces torchvision VisionTransformer.{method} on the instance (model.{method} = ...)"
+        elif getattr(type(model), method) is not getattr(vit, method):
+            how = f"overrides torchvision VisionTransformer.{method}"
+        else:
+            continue
+        raise QKHooksError(
+            f"{type(model).__name__} {how}, so where its tokens come from (one class token first, then the patch grid) "
+            f"is not known to qkhooks; record a plain VisionTransformer (del model.{method} restores the class's own "
+            "on an instance), or register your own adapter (README, 'Your own architecture').")
     image, patch = int(model.image_size), int(model.patch_size)
     grid = (image // patch, image // patch)
     patch_size, pixel_convs = _pixel_convs(model)
+    grid_source = _grid_source(model)  # one for all sites: grid_source_hooks hooks each distinct one once
     sites: list[AttentionSite] = []
     for name, block in model.named_modules():
         attn = getattr(block, "self_attention", None)
@@ -175,7 +176,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
             layer=len(sites), path=path, module=attn, block_path=name, block=block, num_heads=heads,
             head_dim=int(attn.head_dim), dim=dim, scale=float(attn.head_dim) ** -0.5, num_prefix_tokens=1, grid=grid,
             family="torchvision-vit", input_name="query", block_input_name="input", qk_linear=packed_qk_rows(attn),
-            patch_size=patch_size, pixel_convs=pixel_convs, grid_source=_grid_source(model),
+            patch_size=patch_size, pixel_convs=pixel_convs, grid_source=grid_source,
             stage=name.rpartition(".")[0],
         ))
     refuse_uncovered(model, sites)
