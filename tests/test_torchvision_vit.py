@@ -451,3 +451,22 @@ def test_every_layer_shares_one_grid_read_off_conv_proj_so_one_hook_serves_them(
     sites = qkhooks.sites(tiny())
     hooks = grid_source_hooks(sites)
     assert len(sites) == 2 and len(hooks) == 1 and hooks[0][0] is sites[0].grid_source[0]
+
+
+def test_the_attentions_signature_is_read_once_not_at_every_call(monkeypatch):
+    """Each call of each layer is bound to MultiheadAttention.forward's signature; reading it costs ~15 us, so it is
+    read once (before: at every call of every layer)."""
+    from qkhooks.models import torchvision as adapter
+
+    reads = []
+    signature = adapter.inspect.signature
+    monkeypatch.setattr(adapter.inspect, "signature", lambda f: reads.append(f) or signature(f))
+    adapter._signature.cache_clear()
+    model = tiny()
+    with qkhooks.record(model, modes=2) as run, torch.no_grad():
+        model(images())
+        first = reads.count(nn.MultiheadAttention.forward)
+        for _ in range(2):
+            model(images())
+    assert first >= 1 and reads.count(nn.MultiheadAttention.forward) == first  # none more for later forwards
+    assert run.query(1).shape[:3] == (2, HEADS, 2)

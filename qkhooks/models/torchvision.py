@@ -19,6 +19,7 @@ models holding a MultiheadAttention (OpenAI CLIP, open_clip) are not matched: re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -78,6 +79,12 @@ def unmodelled_mha(mha: nn.Module) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def _signature(forward: Callable[..., Any]) -> inspect.Signature:
+    """The signature of a forward, read once (a site's call is bound to it at every forward of every layer)."""
+    return inspect.signature(forward)
+
+
 @dataclasses.dataclass(eq=False)
 class MultiheadAttentionSite(AttentionSite):
     """A torchvision ``EncoderBlock``'s ``nn.MultiheadAttention``, self-attention of the query tensor: its call must
@@ -85,7 +92,7 @@ class MultiheadAttentionSite(AttentionSite):
 
     def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
-            call = inspect.signature(type(self.module).forward).bind(self.module, *args, **kwargs).arguments
+            call = _signature(type(self.module).forward).bind(self.module, *args, **kwargs).arguments
         except TypeError as err:
             raise QKHooksError(f"{self.path}: its call does not fit nn.MultiheadAttention.forward ({err}).") from None
         head = f"unsupported attention in {self.path!r} ({type(self.module).__name__}): "
