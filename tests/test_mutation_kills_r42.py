@@ -205,13 +205,26 @@ def test_the_file_paths_of_an_image_folder_read_as_a_dataset_are_named_relative_
 
 
 # ------------------------------------------------------------------------------------------ an unchecked resume
+def _resumed_warning(loaded, data, run, words: str) -> tuple[int, list[str]]:
+    """(the images a stopped run's checkpoint keeps, the warnings holding ``words`` its resume to all 8 images gave)."""
+    import warnings
+
+    from qkhooks.store import format as fmt
+    from test_review_r36 import _KW
+
+    with open_run(run) as stopped:
+        kept = fmt.read_checkpoint(run, fmt.run_id_of(stopped.file))[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert qkhooks.record_dataset(loaded, data, run, resume=True, **_KW).images == 8
+    return kept, [str(w.message) for w in caught if words in str(w.message)]
+
+
 def test_a_torch_dataset_resume_warns_whole_that_its_kept_files_are_not_checked_and_why(tmp_path):
     """stream._refuse_changed_stream_files (_35: the warning's middle sentence): the warning read whole, with the
     counts of the run it resumes (stopped as its third batch of 2 was handed on, before that batch's checkpoint: the
     reducers' last checkpoint holds 4 images, each from a file)."""
-    import warnings
-
-    from test_review_r36 import _KW, _interrupted
+    from test_review_r36 import _interrupted
     from test_review_r39_fixb import _same_size_photos, _tiny_loaded
 
     class Paths(torch.utils.data.Dataset):
@@ -229,15 +242,8 @@ def test_a_torch_dataset_resume_warns_whole_that_its_kept_files_are_not_checked_
     _same_size_photos(folder, names, seed=0)
     paths = [str(folder / n) for n in names]
     _interrupted(loaded, run, batches=3, data=Paths(paths))
-    from qkhooks.store import format as fmt
-
-    with open_run(run) as stopped:
-        kept = fmt.read_checkpoint(run, fmt.run_id_of(stopped.file))[0]
+    kept, said = _resumed_warning(loaded, Paths(paths), run, "does not check")
     assert kept == 4
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert qkhooks.record_dataset(loaded, Paths(paths), run, resume=True, **_KW).images == 8
-    said = [str(w.message) for w in caught if "does not check" in str(w.message)]
     assert said == [
         f"{run}: this resume does not check the {kept} files of the {kept} images it keeps against their recorded "
         "sizes, times and hashes: torch:Paths's items before the resume point are not read again (a torch Dataset's items may load "
@@ -253,7 +259,7 @@ def test_a_wds_resume_whose_kept_member_was_renamed_is_refused_naming_it_not_as_
     naming a1.png and the resume point, not as a file of another size ("unreadable now")."""
     from test_review_r36 import _KW, _interrupted
     from test_review_r39_fixb import _tiny_loaded
-    from test_review_r40_stamp import _NAMES, _kept, _pngs, _shard
+    from test_review_r40_stamp import _kept, _pngs, _shard
 
     loaded, shard, run = _tiny_loaded(), tmp_path / "s0.tar", tmp_path / "run.h5"
     members = _pngs(0)
@@ -525,10 +531,8 @@ def test_a_folder_run_without_file_times_resumes_with_the_whole_warning(tmp_path
     run recorded as qkhooks did before the times were stored (test_review_r39_fixb's case) resumes on its sizes, with
     the one warning read whole, counting the images its reducers' last checkpoint holds (stopped as the second batch
     was handed on: the first batch's 2)."""
-    import warnings
-
     import qkhooks.stream as stream
-    from test_review_r36 import _KW, _interrupted
+    from test_review_r36 import _interrupted
     from test_review_r39_fixb import _same_size_photos, _tiny_loaded
 
     loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
@@ -536,15 +540,8 @@ def test_a_folder_run_without_file_times_resumes_with_the_whole_warning(tmp_path
     with monkeypatch.context() as older:
         older.setattr(stream, "file_mtime_column", lambda dataset: None)
         _interrupted(loaded, run, batches=2, data=str(folder))
-    from qkhooks.store import format as fmt
-
-    with open_run(run) as stopped:
-        kept = fmt.read_checkpoint(run, fmt.run_id_of(stopped.file))[0]
+    kept, said = _resumed_warning(loaded, str(folder), run, "modification time")
     assert kept == 2
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert qkhooks.record_dataset(loaded, str(folder), run, resume=True, **_KW).images == 8
-    said = [str(w.message) for w in caught if "modification time" in str(w.message)]
     assert said == [
         f"{run} was recorded before qkhooks stored each image file's modification time (images/file_mtimes), so this "
         f"resume checks the {kept} images it keeps by their file sizes only: a file replaced since by another of the same "
