@@ -14,7 +14,7 @@ model's own weights, biases and scale; q·kᵀ of half-precision q, k accumulate
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -332,7 +332,7 @@ class OneAttention(AttentionCallMode):
         if self._is_map(maps):
             self._keep(maps)
 
-    def on_multihead(self, call: dict[str, Any], kernel: Any) -> Any:
+    def on_multihead(self, call: dict[str, Any], kernel: Callable[[], Any]) -> Any:
         """nn.MultiheadAttention's eager path, run once: ``multi_head_attention_forward`` asked for its per-head weights
         (``need_weights=True, average_attn_weights=False``: its own q·kᵀ·scale, softmax and maps @ v), the weights kept
         as the maps, and its output handed back with the weights the module asked for."""
@@ -340,7 +340,7 @@ class OneAttention(AttentionCallMode):
             raise self.dropout_refusal(call["dropout_p"])
         out, maps = MHA_FORWARD(**{**call, "need_weights": True, "average_attn_weights": False})
         if not self._is_map(maps):
-            raise self._refusal(f"its attention weights have shape {tuple(getattr(maps, 'shape', ()))}, not the (batch, "
+            raise self._refusal(f"its attention weights have shape {tuple(maps.shape)}, not the (batch, "
                                 f"{self.site.num_heads} heads, tokens, keys) the adapter describes")
         self._keep(maps)
         if not call["need_weights"]:

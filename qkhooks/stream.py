@@ -716,16 +716,16 @@ def record_dataset(
         }
         expected = {f"spectrum/L{site.layer}/S_all": layer_spectrum(site, opts.augmented).S.cpu().numpy()
                     for site in sites} if mode == "resume" else None  # for files from before weights_sha256
-        extended = _extended_config(out, stored, config, held) if mode == "resume" else None
-        if extended is not None:  # compared as the run's; rewritten below, once the resume's checks have passed
-            attrs["config"] = json.dumps(extended, sort_keys=True)
+        relimited = _relimited_config(out, stored, config, held) if mode == "resume" else None
+        if relimited is not None:  # compared as the run's; rewritten below, once the resume's checks have passed
+            attrs["config"] = json.dumps(relimited, sort_keys=True)
         writer = RunWriter(out, mode=mode, attrs=attrs, dtype=opts.dtype, compression=opts.compression,
                            checksum=opts.checksum, expected_statics=expected)
         if mode == "resume":
             try:
                 if streamed:
                     done, _ = _resume(writer, checkpointed, writer.ids)
-                    if extended is not None and done:  # before "resuming the stream at item N" is said
+                    if relimited is not None and done:  # before "resuming the stream at item N" is said
                         _refuse_stream_past_limit(out, stored["limit"], opts.limit, position.position, done)
                     start = position.resumed_at(done, lo, progress)
                     _refuse_changed_stream(out, dataset, writer.ids[:done], lo, start, position.skipped)
@@ -735,7 +735,7 @@ def record_dataset(
                                                at_open, file_mtimes, file_hashes)
                     start = lo + next_index
                 refuse_sinks_holding_images(reducers, done)  # one the run's checkpoint did not replace
-                if extended is not None:  # a larger --limit: the run grows to it, and says so from now on
+                if relimited is not None:  # another --limit: the run goes on to it, and says so from now on
                     writer.write_static("config", json.dumps(config, sort_keys=True))
                 if done < writer.committed:  # cut only once every check has passed: a refusal keeps every image
                     writer.truncate(done)
@@ -813,7 +813,7 @@ def _stored_config(out: str | os.PathLike) -> tuple[dict[str, Any], int | None]:
     return (stored, held) if isinstance(stored, dict) else ({}, None)
 
 
-def _extended_config(out: str | os.PathLike, stored: Mapping[str, Any], config: Mapping[str, Any],
+def _relimited_config(out: str | os.PathLike, stored: Mapping[str, Any], config: Mapping[str, Any],
                      held: int | None) -> Mapping[str, Any] | None:
     """The run's own config where this resume's differs from it only by its ``limit``: the resume takes the run to the
     new limit, whose images so far are the first of the new ones (the resume checks they are), and the run's config is

@@ -650,10 +650,10 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(before_writing_a_copy_that_cannot_fit or past_ulimit_f_before_writing or "
                 "refuse_a_fifo_instead_of_waiting_forever)"),
     # Round 41 (mutation): round 41's library code (`6ff989d..0a58ba1`): a resume with a larger --limit
-    # (stream.py `_extended_config`, `_stored_config`), a Subset of an ImageFolder (data/readers.py `folder_reader`,
-    # `FolderReader.mask_layouts`), the hub probe (models/load.py `_hub_unresolvable`, `_hub_cache_only_if_unresolvable`,
-    # `_load_timm`, `_load_hf`), items.py's `_named_as_path`, `ImageDataset.file_of` / `files`, data_files.py's
-    # `_paths`. Against round 41's tests. Run with --only ROUND41.
+    # (stream.py `_extended_config`, renamed `_relimited_config` in round 42; `_stored_config`), a Subset of an
+    # ImageFolder (data/readers.py `folder_reader`, `FolderReader.mask_layouts`), the hub probe (models/load.py
+    # `_hub_unresolvable`, `_hub_cache_only_if_unresolvable`, `_load_timm`, `_load_hf`), items.py's `_named_as_path`,
+    # `ImageDataset.file_of` / `files`, data_files.py's `_paths`. Against round 41's tests. Run with --only ROUND41.
     "round41": (["qkhooks/stream.py", "qkhooks/data/readers.py", "qkhooks/models/load.py", "qkhooks/data/items.py",
                  "qkhooks/data_files.py"],
                 ["tests/test_review_r41.py", "tests/test_review_r41_rev41.py", KILLS_R41],
@@ -686,7 +686,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # Round 42 (lead): round 42's own library code (`09a2bd0..` the round's end): torchvision's ViT (models/torchvision.py,
     # the `torchvision:` specs in models/load.py and its resolver probe `_does_not_resolve`, outputs="eager" through
     # nn.MultiheadAttention's multi_head_attention_forward in sdpa.py / attention.py), a lower --limit for a stopped
-    # extension (stream.py `_extended_config`, `_stored_config`), a bend's inner extreme named as the inner layers'
+    # extension (stream.py `_relimited_config`, `_stored_config`), a bend's inner extreme named as the inner layers'
     # (readings.py), the augmented spectrum's cosine convention in `qkhooks spectrum --json` (cli/spectrum.py). Against
     # the round's tests. Run with --only ROUND42.
     "round42": (["qkhooks/models/torchvision.py", "qkhooks/models/load.py", "qkhooks/sdpa.py", "qkhooks/attention.py",
