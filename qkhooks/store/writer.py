@@ -6,7 +6,8 @@ dies, and other processes can watch it grow:
 1. **Layout.** A new run is laid out in ``RUN.h5.creating`` (attributes, statics, and at the first batch every
    per-image array), then reopened in SWMR mode and renamed to ``RUN.h5``; from then on objects are only
    written, grown and flushed. A resume checks the file (identity, then that every per-image array is there with
-   its committed rows) and reopens it in SWMR mode.
+   its committed rows), reopens it in SWMR mode, cuts what is past the committed rows and drops the heap references
+   a killed writer's uncommitted ids may have left there (:func:`~qkhooks.store.format.drop_stale_heap_references`).
    An ``--overwrite`` keeps the old run whole until the new one can replace it: the new run is written (SWMR)
    under ``RUN.h5.creating`` and renamed over ``RUN.h5`` (its checkpoint over ``RUN.h5.reducers`` first) at its
    first reducer checkpoint, or when it is closed complete. Stopped before that (an error, a kill), the old run
@@ -457,7 +458,11 @@ class RunWriter:
         with self._refused_if_damaged():
             try:
                 f.attrs.modify("complete", False)
-                self._cut(f, fmt.committed(f) or 0)
+                n = fmt.committed(f) or 0
+                self._cut(f, n)
+                fmt.drop_stale_heap_references(f[fmt.IDS], n)
+                if fmt.SKIPPED in f:  # rewritten whole at each checkpoint: the rows past its end are a dead writer's
+                    fmt.drop_stale_heap_references(f[fmt.SKIPPED], f[fmt.SKIPPED].shape[0])
                 f.flush()
                 arrays = fmt.per_image_datasets(f)
                 self._layout_names = set(arrays) or None
