@@ -73,6 +73,9 @@ def test_sites_read_the_packed_in_proj_heads_class_token_and_grid():
     model = tiny()
     sites = qkhooks.sites(model)
     assert [s.path for s in sites] == [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(2)]
+    assert [(s.layer, s.block_path, s.stage) for s in sites] == [(i, f"encoder.layers.encoder_layer_{i}", "encoder.layers")
+                                                                for i in range(2)]
+    assert [s.block for s in sites] == list(model.encoder.layers)
     for site, mha in zip(sites, attentions(model)):
         assert (site.num_heads, site.head_dim, site.dim, site.num_prefix_tokens) == (HEADS, DIM // HEADS, DIM, 1)
         assert site.grid == (SIZE // PATCH,) * 2 and site.patch_size == (PATCH, PATCH) and site.family == "torchvision-vit"
@@ -326,6 +329,24 @@ def test_a_subclass_that_changes_the_forward_is_refused():
     model = Features(image_size=SIZE, patch_size=PATCH, num_layers=2, num_heads=HEADS, hidden_dim=DIM, mlp_dim=64)
     with pytest.raises(QKHooksError, match="overrides torchvision VisionTransformer.forward"):
         qkhooks.sites(model)
+
+
+def test_a_block_other_than_torchvisions_encoder_block_is_refused_naming_both():
+    class MyBlock(nn.Module):  # holds the attention as EncoderBlock does, but may call it otherwise
+        def __init__(self, block: nn.Module):
+            super().__init__()
+            self.ln_1, self.self_attention, self.rest = block.ln_1, block.self_attention, block.mlp
+
+        def forward(self, x):
+            y = self.ln_1(x)
+            return x + self.rest(self.self_attention(y, y, y, need_weights=False)[0])
+
+    model = tiny()
+    model.encoder.layers[1] = MyBlock(model.encoder.layers[1])
+    with pytest.raises(QKHooksError) as refused:
+        qkhooks.sites(model)
+    assert ("unsupported attention in 'encoder.layers.encoder_layer_1.self_attention' (MultiheadAttention): its block is a "
+            "MyBlock, not torchvision's EncoderBlock") in str(refused.value)
 
 
 def test_another_model_holding_multihead_attention_is_still_refused():

@@ -184,7 +184,6 @@ def find(model: nn.Module) -> list[AttentionSite]:
             head_dim=int(attn.head_dim), dim=dim, scale=float(attn.head_dim) ** -0.5, num_prefix_tokens=1, grid=grid,
             family="torchvision-vit", input_name="query", block_input_name="input", qk_linear=packed_qk_rows(attn),
             patch_size=patch_size, pixel_convs=pixel_convs, grid_source=grid_source,
-            stage=name.rpartition(".")[0],
         ))
     refuse_uncovered(model, sites)
     return sites
