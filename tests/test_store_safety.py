@@ -263,7 +263,8 @@ def _element(path: Path, name: str, index: int) -> bytes:
     return raw[index * size:(index + 1) * size]
 
 
-@pytest.mark.parametrize("points_at", ["a committed id's heap object", "an object its heap does not have"])
+@pytest.mark.parametrize("points_at", ["a committed id's heap object", "an object its heap does not have"],
+                         ids=["committed-object", "missing-object"])  # ids without spaces: mutmut runs tests by id
 def test_a_resume_writes_past_heap_references_a_killed_writer_left_past_the_committed_ids(tmp_path, points_at):
     # HDF5 frees the heap object of each variable-length element it overwrites. Before the resume dropped them, a stale
     # reference to a committed id's object freed it (that id no longer read: the run's ids were lost), and one to an
