@@ -42,7 +42,7 @@ def test_a_resume_after_a_kill_between_the_ids_and_their_digests_cuts_the_uncomm
     np.testing.assert_array_equal(v, np.array([[0.0] * 4, [0.0] * 4, [0.0] * 4, [1.0] * 4], np.float32))
 
 
-def test_a_run_killed_before_its_first_batch_committed_resumes_from_no_image(tmp_path):
+def test_a_run_stopped_before_its_first_batch_committed_resumes_from_no_image(tmp_path):
     """RunWriter._check_whole (_4: no committed image taken as one): the first batch lays the file out under its
     name, then writes the arrays' rows, then the ids, then the count; a kill before the ids leaves a run with no
     committed image and empty ids. Its resume must start it from no image, not refuse it as damaged for an image it

@@ -265,7 +265,7 @@ def _element(path: Path, name: str, index: int) -> bytes:
 
 @pytest.mark.parametrize("points_at", ["a committed id's heap object", "an object its heap does not have"],
                          ids=["committed-object", "missing-object"])  # ids without spaces: mutmut runs tests by id
-def test_a_resume_writes_past_heap_references_a_killed_writer_left_past_the_committed_ids(tmp_path, points_at):
+def test_a_resume_writes_past_heap_references_a_dead_writer_left_past_the_committed_ids(tmp_path, points_at):
     # HDF5 frees the heap object of each variable-length element it overwrites. Before the resume dropped them, a stale
     # reference to a committed id's object freed it (that id no longer read: the run's ids were lost), and one to an
     # object the heap lacks failed the resumed run's next batch ("bad heap index"; CI, round 42).
@@ -286,28 +286,34 @@ def test_a_resume_writes_past_heap_references_a_killed_writer_left_past_the_comm
         np.testing.assert_array_equal(run.array("v")[:, 0], [0.0, 3.0, 6.0, 9.0, 9.0])
 
 
-class _WithoutChunkWalk:
-    """A dataset as h5py built against an HDF5 without ``H5Dchunk_iter`` (h5py 3.8's wheels) shows it: its ``id``
-    has no ``chunk_iter``."""
+class _Resizes:
+    """A dataset that records the sizes it is resized to; ``walk=False`` shows it as h5py built against an HDF5
+    without ``H5Dchunk_iter`` (h5py 3.8's wheels) does: its ``id`` has no ``chunk_iter``."""
 
-    id = object()
+    def __init__(self, ds: h5py.Dataset, walk: bool):
+        self._ds, self.sizes = ds, []
+        self.id = ds.id if walk else object()
 
-    def __init__(self, ds: h5py.Dataset):
-        self._ds = ds
+    def resize(self, size: int, axis: int) -> None:
+        self.sizes.append(size)
+        self._ds.resize(size, axis=axis)
 
     def __getattr__(self, name: str):
         return getattr(self._ds, name)
 
 
-def test_without_hdf5s_chunk_walk_stale_heap_references_are_still_dropped(tmp_path):
+@pytest.mark.parametrize("walk", [True, False], ids=["chunk-walk", "no-chunk-walk"])
+def test_stale_heap_references_are_dropped_growing_over_the_last_chunk_held_or_64_without_hdf5s_chunk_walk(tmp_path, walk):
     out = tmp_path / "run.h5"
     with RunWriter(out, dtype="float32") as w:
         w.write_batch(["a", "b"], {"v": np.zeros((2, 1))})
     stale = _element(out, fmt.IDS, 0)[:12] + (999).to_bytes(4, "little")
     _leave_stale_heap_references(out, fmt.IDS, 2, [stale])
     with h5py.File(out, "r+") as f:
-        fmt.drop_stale_heap_references(_WithoutChunkWalk(f[fmt.IDS]), 2)
-        assert f[fmt.IDS].shape == (2,)
+        ids = _Resizes(f[fmt.IDS], walk)
+        fmt.drop_stale_heap_references(ids, 2)
+        rows = f[fmt.IDS].chunks[0]
+        assert ids.sizes == [rows if walk else fmt.STALE_CHUNKS_WITHOUT_WALK * rows, 2] and f[fmt.IDS].shape == (2,)
     assert _element(out, fmt.IDS, 2) == bytes(16)  # the element past the end is the fill value: no reference
     with h5py.File(out, "r+") as f:
         f[fmt.IDS].resize(3, axis=0)

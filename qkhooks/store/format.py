@@ -507,11 +507,13 @@ def drop_stale_heap_references(ds: h5py.Dataset, n: int) -> None:
     shrinking it back makes HDF5 drop the chunks past row ``n`` and fill the rest of the last one with the fill value,
     freeing nothing."""
     rows = ds.chunks[0]  # growable, so chunked
-    try:
+    if hasattr(ds.id, "chunk_iter"):
         offsets: list[int] = []
         ds.id.chunk_iter(lambda chunk: offsets.append(chunk.chunk_offset[0]))
-        end = max(offsets, default=0) + rows
-    except AttributeError:  # h5py or HDF5 without chunk_iter: as far as a killed writer's last batches can reach
+        if not offsets:
+            return  # never written: nothing on disk
+        end = max(offsets) + rows
+    else:  # h5py or HDF5 without chunk_iter: as far as a killed writer's last batches can reach
         end = (n // rows + STALE_CHUNKS_WITHOUT_WALK) * rows
     ds.resize(max(end, n), axis=0)
     ds.resize(n, axis=0)
