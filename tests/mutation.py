@@ -704,7 +704,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # Run with --only ROUND43.
     "round43": (["qkhooks/store/format.py", "qkhooks/store/writer.py"],
                 ["tests/test_store_safety.py", "tests/test_mutation_kills_r28b.py"],
-                "heap_references or readers_see_only_committed or resumes_from_no_image"),
+                "heap_references or readers_see_only_committed or resumes_from_no_image or skipped_list_grows or "
+                "skipped_rows_that_read"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -912,8 +913,11 @@ ROUND40 = ("commits:a0291ba..6ff989d",)
 # limit of a stopped extension, the bend's inner extreme, the augmented cosine's words), by :func:`written_by`.
 ROUND42 = ("commits:09a2bd0..648d39c",)
 # Round 43's library code, for `--only` with the module "round43": the function that drops the stale heap references
-# (rewritten after `c7d1fb2`) and the lines `c7d1fb2` wrote in the resume, by :func:`written_by`.
-ROUND43 = ("qkhooks.store.format.x_drop_stale_heap_references__*", "commits:2839703..c7d1fb2")
+# (rewritten after `c7d1fb2`), the lines `c7d1fb2` wrote in the resume (by :func:`written_by`), and the skipped
+# list's added rows and readable rows.
+ROUND43 = ("qkhooks.store.format.x_drop_stale_heap_references__*", "commits:2839703..c7d1fb2",
+           "qkhooks.store.format.x_readable_skipped_rows__*", "qkhooks.store.writer.xǁRunWriterǁ_keep_readable_skipped__*",
+           "qkhooks.store.writer.xǁRunWriterǁ_do_skipped__*")
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,

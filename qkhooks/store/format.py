@@ -33,7 +33,7 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
-           "identity_of", "as_str", "read_ids", "read_skipped", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
+           "identity_of", "as_str", "read_ids", "read_skipped", "readable_skipped_rows", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
            "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
            "unsealed_attrs", "QKHOOKS_ATTR_NAMES", "digest_matches"]
@@ -491,14 +491,28 @@ def read_skipped(f: h5py.File) -> list[tuple[str, ...]]:
     return [tuple(as_str(x) for x in row) for row in f[SKIPPED][()]]
 
 
+def readable_skipped_rows(f: h5py.File) -> int:
+    """How many rows of ``/images/skipped`` read, from the first (all of them but in a damaged file): a writer killed
+    while HDF5 flushed the rows it added at a checkpoint can leave them on disk without their strings."""
+    if SKIPPED not in f:
+        return 0
+    ds = f[SKIPPED]
+    for row in range(ds.shape[0]):
+        try:
+            [as_str(x) for x in ds[row]]
+        except (OSError, UnicodeDecodeError):
+            return row
+    return ds.shape[0]
+
+
 STALE_CHUNKS_WITHOUT_WALK = 64
 """Chunks past a resume's last row that :func:`drop_stale_heap_references` clears where HDF5 cannot list the chunks
 (h5py or HDF5 without ``H5Dchunk_iter``): 65,536 ids, more than two batches of any size in use."""
 
 
 def drop_stale_heap_references(ds: h5py.Dataset, n: int) -> None:
-    """Leave no element of the variable-length dataset ``ds`` (the ids, the skipped list; ``n`` rows long) past its
-    end on disk.
+    """Keep the first ``n`` rows of the variable-length dataset ``ds`` (the ids, the skipped list), and leave no
+    element past them on disk.
 
     A writer killed while HDF5 flushes can leave the chunk holding its uncommitted ids on disk without the heap
     objects they point to (12 kills of 150 in a test). HDF5 frees the heap object of every variable-length element it

@@ -461,8 +461,8 @@ class RunWriter:
                 n = fmt.committed(f) or 0
                 self._cut(f, n)
                 fmt.drop_stale_heap_references(f[fmt.IDS], n)
-                if fmt.SKIPPED in f:  # rewritten whole at each checkpoint: the rows past its end are a dead writer's
-                    fmt.drop_stale_heap_references(f[fmt.SKIPPED], f[fmt.SKIPPED].shape[0])
+                if fmt.SKIPPED in f:
+                    self._keep_readable_skipped(f[fmt.SKIPPED])
                 f.flush()
                 arrays = fmt.per_image_datasets(f)
                 self._layout_names = set(arrays) or None
@@ -471,6 +471,15 @@ class RunWriter:
                 f.close()
                 raise
         return f
+
+    def _keep_readable_skipped(self, skipped: h5py.Dataset) -> None:
+        """Cut ``/images/skipped`` after the rows that read (a dead writer's last rows may not): a resumed run writes
+        the list again, whole, at its first checkpoint and at its end; until then the file names those it read."""
+        if self._skipped_rows < skipped.shape[0]:
+            warnings.warn(f"resuming {self.path}: its list of skipped images reads up to row {self._skipped_rows} of "
+                          f"{skipped.shape[0]} (the writer was killed while it wrote the rows it had added); the rest "
+                          "is dropped, and this run writes the list again at its next checkpoint.", stacklevel=4)
+        fmt.drop_stale_heap_references(skipped, self._skipped_rows)
 
     def _follow_file_layout(self, arrays: Mapping[str, h5py.Dataset]) -> None:
         """A resume appends to the arrays as they were made: HDF5 fixes a dataset's compression and checksum when it
@@ -589,7 +598,7 @@ class RunWriter:
         n = fmt.committed(f) or 0
         arrays = fmt.per_image_datasets(f, read_every_attribute=True)
         fmt.read_ids(f, n)
-        fmt.read_skipped(f)
+        self._skipped_rows = fmt.readable_skipped_rows(f)  # those past it are cut: the run writes its list again
         problems = fmt.layout_problems(f, arrays, n)
         problems += [f"{name}'s chunk index is unreadable" for name, ds in sorted(arrays.items())
                      if ds.shape[0] and not fmt.chunk_index_readable(ds, (0, max(n, 1) - 1, ds.shape[0] - 1))]
@@ -1082,9 +1091,15 @@ class RunWriter:
             if skipped:
                 raise self._layout_is_fixed(fmt.SKIPPED)
             return
-        ds.resize(len(skipped), axis=0)
-        if skipped:
-            ds[:] = np.array([[str(a), str(b)] for a, b in skipped], dtype=object).reshape(-1, 2)
+        rows = np.array([[str(a), str(b)] for a, b in skipped], dtype=object).reshape(-1, 2)
+        # Only the rows added: HDF5 frees and rewrites the string of every row it writes, so a kill in the flush
+        # after a whole rewrite could leave any row pointing at a string not on disk (the list only grows; a list
+        # that starts otherwise, as a resume from an older checkpoint may give, is written whole)
+        held = fmt.read_skipped(self._file)
+        start = len(held) if held == [tuple(row) for row in rows[:len(held)].tolist()] else 0
+        ds.resize(len(rows), axis=0)
+        if len(rows) > start:
+            ds[start:] = rows[start:]
         self._file.flush()
 
     def _do_truncate(self, n: int) -> None:
