@@ -305,6 +305,22 @@ def test_the_skipped_list_grows_by_its_new_rows_leaving_the_strings_it_holds_whe
         assert run.skipped == [("z.png", "unreadable")]
 
 
+def test_a_run_file_from_before_the_skipped_list_takes_an_empty_one_and_refuses_rows_naming_it(tmp_path):
+    out = tmp_path / "run.h5"
+    with RunWriter(out, dtype="float32") as w:
+        w.write_batch(["a"], {"v": np.zeros((1, 1))})
+    with h5py.File(out, "r+") as f:
+        del f[fmt.SKIPPED]  # as files written before round 40 are
+    w = RunWriter(out, mode="resume", dtype="float32")
+    w.write_skipped([])
+    w.flush()  # nothing to add: nothing refused
+    w.write_skipped([("x.png", "unreadable")])
+    with pytest.raises(QKHooksError, match=f"cannot add {fmt.SKIPPED} to .*its layout is fixed by its first batch"):
+        w.close()
+    with open_run(out) as run:
+        assert run.ids == ["a"] and run.skipped == []
+
+
 def test_a_resume_keeps_the_skipped_rows_that_read_and_writes_the_list_again(tmp_path):
     # Before, a dead writer's added rows without their strings made the resume refuse the run as damaged
     out = tmp_path / "run.h5"
