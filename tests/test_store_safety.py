@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -277,7 +278,10 @@ def test_a_resume_writes_past_heap_references_a_dead_writer_left_past_the_commit
     ref = first if points_at.startswith("a committed") else first[:12] + (999).to_bytes(4, "little")
     _leave_stale_heap_references(out, fmt.IDS, 3, [ref, ref])
     _leave_stale_heap_references(out, fmt.SKIPPED, 1, [ref, ref])
-    with RunWriter(out, mode="resume", dtype="float32") as w:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the list reads whole: nothing to say
+        w = RunWriter(out, mode="resume", dtype="float32")
+    with w:
         w.write_batch(["d", "e"], {"v": np.full((2, 3), 9.0)})
         w.write_skipped([("x.png", "unreadable"), ("y.png", "too large")])
     with open_run(out) as run:
@@ -324,23 +328,47 @@ def test_a_run_file_from_before_the_skipped_list_takes_an_empty_one_and_refuses_
 def test_a_resume_keeps_the_skipped_rows_that_read_and_writes_the_list_again(tmp_path):
     # Before, a dead writer's added rows without their strings made the resume refuse the run as damaged
     out = tmp_path / "run.h5"
+    held = [("x.png", "unreadable"), ("w.png", "too large")]
+    with RunWriter(out, dtype="float32") as w:
+        w.write_batch(["a"], {"v": np.zeros((1, 1))})
+        w.write_skipped(held)
+    missing = _element(out, fmt.SKIPPED, 0)[:12] + (999).to_bytes(4, "little")
+    _leave_stale_heap_references(out, fmt.SKIPPED, 2, [missing] * 4)
+    with h5py.File(out, "r+") as f:
+        f[fmt.SKIPPED].resize(3, axis=0)  # its added row on disk without its strings, and one more past its end
+    with pytest.warns(UserWarning, match=r"list of skipped images reads up to row 2 of 3 .* writes the list again"):
+        w = RunWriter(out, mode="resume", dtype="float32")
+    with open_run(out) as run:
+        assert run.skipped == held
+    with w:
+        w.write_batch(["b"], {"v": np.ones((1, 1))})
+        w.write_skipped(held + [("y.png", "too large"), ("q.png", "unreadable")])
+    with open_run(out) as run:
+        assert run.ids == ["a", "b"] and run.skipped == held + [("y.png", "too large"), ("q.png", "unreadable")]
+
+
+def test_skipped_rows_read_up_to_the_first_that_does_not_read_or_is_not_utf8(tmp_path):
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        ds = f.create_dataset(fmt.SKIPPED, (3, 2), maxshape=(None, 2), chunks=(64, 2), dtype=h5py.string_dtype())
+        ds[0] = ["x.png", "unreadable"]
+        ds[1] = [b"\xff\xfe.png", b"unreadable"]  # bytes are written unchecked: damage inside a string
+        ds[2] = ["z.png", "unreadable"]
+        assert fmt.readable_skipped_rows(ds) == 1
+        ds[1] = ["y.png", "unreadable"]
+        assert fmt.readable_skipped_rows(ds) == 3
+
+
+def test_a_resumes_warning_of_unread_skipped_rows_points_at_its_caller(tmp_path):
+    # Out of mutation round 43's selection: mutmut's trampolines add frames, so only the ordinary suite checks this
+    out = tmp_path / "run.h5"
     with RunWriter(out, dtype="float32") as w:
         w.write_batch(["a"], {"v": np.zeros((1, 1))})
         w.write_skipped([("x.png", "unreadable")])
-    missing = _element(out, fmt.SKIPPED, 0)[:12] + (999).to_bytes(4, "little")
-    _leave_stale_heap_references(out, fmt.SKIPPED, 1, [missing] * 4)
     with h5py.File(out, "r+") as f:
-        f[fmt.SKIPPED].resize(2, axis=0)  # its added row on disk without its strings, and one more past its end
-    with pytest.warns(UserWarning, match=r"list of skipped images reads up to row 1 of 2 .* writes the list again"):
-        w = RunWriter(out, mode="resume", dtype="float32")
-    with open_run(out) as run:
-        assert run.skipped == [("x.png", "unreadable")]
-    with w:
-        w.write_batch(["b"], {"v": np.ones((1, 1))})
-        w.write_skipped([("x.png", "unreadable"), ("y.png", "too large"), ("q.png", "unreadable")])
-    with open_run(out) as run:
-        assert run.ids == ["a", "b"] and run.skipped == [("x.png", "unreadable"), ("y.png", "too large"),
-                                                         ("q.png", "unreadable")]
+        f[fmt.SKIPPED][0] = [b"\xff", b"unreadable"]
+    with pytest.warns(UserWarning, match="reads up to row 0 of 1") as caught:
+        RunWriter(out, mode="resume", dtype="float32").close()
+    assert [w.filename for w in caught] == [__file__]
 
 
 class _Resizes:

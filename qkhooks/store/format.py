@@ -491,12 +491,9 @@ def read_skipped(f: h5py.File) -> list[tuple[str, ...]]:
     return [tuple(as_str(x) for x in row) for row in f[SKIPPED][()]]
 
 
-def readable_skipped_rows(f: h5py.File) -> int:
-    """How many rows of ``/images/skipped`` read, from the first (all of them but in a damaged file): a writer killed
-    while HDF5 flushed the rows it added at a checkpoint can leave them on disk without their strings."""
-    if SKIPPED not in f:
-        return 0
-    ds = f[SKIPPED]
+def readable_skipped_rows(ds: h5py.Dataset) -> int:
+    """How many rows of ``/images/skipped`` (``ds``) read, from the first (all of them but in a damaged file): a
+    writer killed while HDF5 flushed the rows it added at a checkpoint can leave them on disk without their strings."""
     for row in range(ds.shape[0]):
         try:
             [as_str(x) for x in ds[row]]

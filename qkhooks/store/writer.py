@@ -475,11 +475,12 @@ class RunWriter:
     def _keep_readable_skipped(self, skipped: h5py.Dataset) -> None:
         """Cut ``/images/skipped`` after the rows that read (a dead writer's last rows may not): a resumed run writes
         the list again, whole, at its first checkpoint and at its end; until then the file names those it read."""
-        if self._skipped_rows < skipped.shape[0]:
-            warnings.warn(f"resuming {self.path}: its list of skipped images reads up to row {self._skipped_rows} of "
+        readable = fmt.readable_skipped_rows(skipped)  # read here, not by _check_whole: such a list is cut, not refused
+        if readable < skipped.shape[0]:
+            warnings.warn(f"resuming {self.path}: its list of skipped images reads up to row {readable} of "
                           f"{skipped.shape[0]} (the writer was killed while it wrote the rows it had added); the rest "
                           "is dropped, and this run writes the list again at its next checkpoint.", stacklevel=4)
-        fmt.drop_stale_heap_references(skipped, self._skipped_rows)
+        fmt.drop_stale_heap_references(skipped, readable)
 
     def _follow_file_layout(self, arrays: Mapping[str, h5py.Dataset]) -> None:
         """A resume appends to the arrays as they were made: HDF5 fixes a dataset's compression and checksum when it
@@ -598,7 +599,6 @@ class RunWriter:
         n = fmt.committed(f) or 0
         arrays = fmt.per_image_datasets(f, read_every_attribute=True)
         fmt.read_ids(f, n)
-        self._skipped_rows = fmt.readable_skipped_rows(f)  # those past it are cut: the run writes its list again
         problems = fmt.layout_problems(f, arrays, n)
         problems += [f"{name}'s chunk index is unreadable" for name, ds in sorted(arrays.items())
                      if ds.shape[0] and not fmt.chunk_index_readable(ds, (0, max(n, 1) - 1, ds.shape[0] - 1))]
