@@ -336,7 +336,8 @@ def test_a_resume_keeps_the_skipped_rows_that_read_and_writes_the_list_again(tmp
     _leave_stale_heap_references(out, fmt.SKIPPED, 2, [missing] * 4)
     with h5py.File(out, "r+") as f:
         f[fmt.SKIPPED].resize(3, axis=0)  # its added row on disk without its strings, and one more past its end
-    with pytest.warns(UserWarning, match=r"list of skipped images reads up to row 2 of 3 .* writes the list again"):
+    with pytest.warns(UserWarning, match=r"list of skipped images reads up to row 2 of 3 \(.*\); the rest is dropped, "
+                                        r"and this run writes the list again at its next checkpoint\.$"):
         w = RunWriter(out, mode="resume", dtype="float32")
     with open_run(out) as run:
         assert run.skipped == held
