@@ -512,7 +512,7 @@ def drop_stale_heap_references(ds: h5py.Dataset, n: int) -> None:
     element past them on disk.
 
     A writer killed while HDF5 flushes can leave the chunk holding its uncommitted ids on disk without the heap
-    objects they point to (12 kills of 150 in a test). HDF5 frees the heap object of every variable-length element it
+    objects they point to. HDF5 frees the heap object of every variable-length element it
     overwrites, so the resume's next write of those rows would fail ("bad heap index"), crash the process, or free an
     object a committed id uses, after which that id no longer reads. Growing ``ds`` over every chunk it holds and
     shrinking it back makes HDF5 drop the chunks past row ``n`` and fill the rest of the last one with the fill value,

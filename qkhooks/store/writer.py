@@ -478,7 +478,7 @@ class RunWriter:
         readable = fmt.readable_skipped_rows(skipped)  # read here, not by _check_whole: such a list is cut, not refused
         if readable < skipped.shape[0]:
             warnings.warn(f"resuming {self.path}: its list of skipped images reads up to row {readable} of "
-                          f"{skipped.shape[0]} (the writer was killed while it wrote the rows it had added); the rest "
+                          f"{skipped.shape[0]} (as a writer killed while writing the rows it added leaves them); the rest "
                           "is dropped, and this run writes the list again at its next checkpoint.", stacklevel=4)
         fmt.drop_stale_heap_references(skipped, readable)
 
@@ -1092,14 +1092,16 @@ class RunWriter:
                 raise self._layout_is_fixed(fmt.SKIPPED)
             return
         rows = np.array([[str(a), str(b)] for a, b in skipped], dtype=object).reshape(-1, 2)
-        # Only the rows added: HDF5 frees and rewrites the string of every row it writes, so a kill in the flush
-        # after a whole rewrite could leave any row pointing at a string not on disk (the list only grows; a list
-        # that starts otherwise, as a resume from an older checkpoint may give, is written whole)
+        # Never a row rewritten: HDF5 frees and rewrites the string of every row it writes, so a kill in the flush
+        # could leave a rewritten row pointing at a string not on disk. The list only grows; past where the file's
+        # and this one part (a resume from an older checkpoint), the file's rows are dropped (HDF5 frees nothing
+        # then), and the rest written as new rows
         held = fmt.read_skipped(self._file)
-        start = len(held) if held == [tuple(row) for row in rows[:len(held)].tolist()] else 0
+        same = next((i for i, (a, b) in enumerate(zip(held, rows.tolist())) if a != tuple(b)), min(len(held), len(rows)))
+        fmt.drop_stale_heap_references(ds, same)
         ds.resize(len(rows), axis=0)
-        if len(rows) > start:
-            ds[start:] = rows[start:]
+        if len(rows) > same:
+            ds[same:] = rows[same:]
         self._file.flush()
 
     def _do_truncate(self, n: int) -> None:
