@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -22,7 +23,7 @@ import torch
 
 import qkhooks
 from qkhooks import QKHooksError
-from qkhooks.store import RunWriter, open_run, repair
+from qkhooks.store import RunWriter, open_run, repair, verify_run
 from qkhooks.store import format as fmt
 from qkhooks.stream import record_dataset
 from conftest import mount_small_tmpfs
@@ -372,6 +373,77 @@ def test_a_resumes_warning_of_unread_skipped_rows_points_at_its_caller(tmp_path)
     with pytest.warns(UserWarning, match="reads up to row 0 of 1") as caught:
         RunWriter(out, mode="resume", dtype="float32").close()
     assert [w.filename for w in caught] == [__file__]
+
+
+def _torn_skipped_list(path: Path, complete: bool, shard: list[int] | None = None) -> list[tuple[str, str]]:
+    """A run of one image whose skipped list has two rows that read and a third without its strings, as a writer
+    killed while it added rows leaves it (``complete``: marked finished, so the lost row is damage)."""
+    held = [("x.png", "unreadable"), ("w.png", "too large")]
+    attrs = {"model": "m", "data": "photos", "config": json.dumps({"shard": shard})} if shard else None
+    w = RunWriter(path, dtype="float32", **({"attrs": attrs} if attrs else {}))
+    w.write_batch(["a"], {"v": np.zeros((1, 1))})
+    w.write_skipped(held)
+    w.close(complete=complete)
+    missing = _element(path, fmt.SKIPPED, 0)[:12] + (999).to_bytes(4, "little")
+    _leave_stale_heap_references(path, fmt.SKIPPED, 2, [missing] * 2)
+    with h5py.File(path, "r+") as f:
+        f[fmt.SKIPPED].resize(3, axis=0)
+    return held
+
+
+def test_an_unfinished_runs_half_written_skipped_list_is_said_with_the_resume_that_mends_it(tmp_path, capsys):
+    # Before, info, info --verify and every read of the list called the run damaged and pointed at repair alone
+    out = tmp_path / "run.h5"
+    held = _torn_skipped_list(out, complete=False)
+    with open_run(out) as run:
+        assert fmt.read_skipped_prefix(run.file) == (held, 3)
+        with pytest.raises(QKHooksError, match=r"skipped images /images/skipped reads up to row 2 of 3 .*killed while "
+                                               r"it added rows .*plus --resume.*`qkhooks repair"):
+            run.skipped  # never a shorter list without a word
+        summary = run.summary()
+        assert run.problems == []
+    assert "skipped  3: x.png, w.png  (rows 2-2 do not read)" in summary and "plus --resume" in summary
+    assert main_rc(["info", str(out)]) == 0
+    report = verify_run(out)
+    assert report.ok and len(report.resumable) == 1 and "reads up to row 2 of 3" in report.resumable[0]
+    assert "result   every committed part read; the writer left the part named above half-written" in report.summary()
+    assert main_rc(["info", "--verify", str(out)]) == 0
+    capsys.readouterr()
+
+
+def test_a_finished_runs_unreadable_skipped_rows_are_damage_and_repair_keeps_the_rows_that_read(tmp_path, capsys):
+    out = tmp_path / "run.h5"
+    held = _torn_skipped_list(out, complete=True)
+    with open_run(out) as run:
+        with pytest.raises(QKHooksError, match=r"is damaged \(its list of skipped images /images/skipped reads up to "
+                                               r"row 2 of 3\): run `qkhooks repair"):
+            run.skipped
+        run.summary()
+        assert len(run.problems) == 1 and "reads up to row 2 of 3" in run.problems[0]
+    capsys.readouterr()
+    assert main_rc(["info", str(out)]) == 2
+    assert f"is damaged: its list of skipped images /images/skipped reads up to row 2 of 3: run `qkhooks repair {out}" \
+        in capsys.readouterr().err
+    report = verify_run(out)
+    assert not report.ok and report.resumable == [] and "reads up to row 2 of 3" in report.problems[0]
+    fixed = repair(out, tmp_path / "fixed.h5")  # before, the copy's list was empty and nothing said so
+    assert fixed.recovered == ["a"] and fixed.problems == [
+        "/images/skipped: rows 2-2 do not read (the copy lists the images skipped in its first 2 rows only)"]
+    with open_run(tmp_path / "fixed.h5") as run:
+        assert run.skipped == held
+
+
+@pytest.mark.parametrize("complete", [False, True], ids=["unfinished", "finished"])
+def test_a_merge_refuses_a_shard_whose_skipped_list_does_not_read_whole(tmp_path, complete):
+    from qkhooks.distributed import merge_shards, shard_path
+
+    out = tmp_path / "run.h5"
+    _torn_skipped_list(shard_path(out, 0, 1), complete=complete, shard=[0, 1])
+    fix = "repair it" if complete else "resume that shard"
+    with pytest.raises(QKHooksError, match=rf"cannot merge .*run\.rank0-of-1\.h5: its list of skipped images "
+                                           rf"/images/skipped reads up to row 2 of 3; .*{fix}"):
+        merge_shards(out, copy=True)
+    assert not out.exists()
 
 
 class _Resizes:

@@ -643,7 +643,26 @@ class RunReader:
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
-        return fmt.read_skipped(self.file)
+        """The (id, reason) rows of the images the recording skipped. A list whose last rows do not read is refused,
+        saying how the run is mended, never returned shorter."""
+        rows, total = fmt.read_skipped_prefix(self.file)
+        if len(rows) < total:
+            raise QKHooksError(self._lost_skipped_rows(len(rows), total))
+        return rows  # type: ignore[return-value]
+
+    def _lost_skipped_rows(self, read: int, total: int) -> str:
+        """What to do about a list of skipped images that reads up to row ``read`` of ``total``: damage in a finished
+        run; in an unfinished one, what a writer killed while it added rows leaves (a resume writes the list again)."""
+        what = f"its list of skipped images /{fmt.SKIPPED} reads up to row {read} of {total}"
+        if self.complete:
+            return damaged_message(self.path, what)
+        if being_written(self.path) and writer_alive(self.path) is not False:
+            return (f"{self.path} is being written and {what}: its writer is adding rows; read it again once the "
+                    "writer has written its next checkpoint or ended.")
+        return (f"{self.path}: {what} (HDF5 cannot read the rest's strings). A writer killed while it added rows to "
+                "the list leaves it so: resume the run (the same command plus --resume), which keeps its images and "
+                f"writes the list again, or copy its images and the rows that read into a new file with `qkhooks "
+                f"repair {self.path} --out FIXED.h5`.")
 
     # ------------------------------------------------------------------ data
     def has(self, name: str) -> bool:
@@ -975,10 +994,18 @@ class RunReader:
             f"version  qkhooks {self.attrs.get('qkhooks_version', '?')}",
             f"format   {fmt.describe_format(self.attrs)}",
         ]
-        if self.skipped:
-            lines.append(f"skipped  {len(self.skipped)}: " + ", ".join(i for i, _ in self.skipped[:5]))
-        lines.append("arrays")
         self.problems = []
+        skipped, total = fmt.read_skipped_prefix(self.file)
+        if total:
+            lines.append(f"skipped  {total}: " + ", ".join(i for i, _ in skipped[:5]) + (" ..." if total > 5 else "")
+                         + (f"  (rows {len(skipped)}-{total - 1} do not read)" if len(skipped) < total else ""))
+        if len(skipped) < total and self.complete:
+            self.problems.append(f"its list of skipped images /{fmt.SKIPPED} reads up to row {len(skipped)} of {total}:"
+                                 f" run `qkhooks repair {self.path} --out FIXED.h5` to copy every image still readable "
+                                 "and the rows that read into a new file")
+        elif len(skipped) < total:  # an unfinished run: said, and the resume the summary points to mends it
+            lines.append("         " + self._lost_skipped_rows(len(skipped), total))
+        lines.append("arrays")
         unreadable = []
         names = self.arrays()
         checksummed = 0

@@ -197,8 +197,14 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     fmt.set_committed(dst, len(keep))
     lost = np.flatnonzero(~good).tolist()
     skipped = [(str(ids[i]) or f"row {i}", "unreadable in the damaged run file") for i in lost]
-    if _readable(lambda: src[fmt.SKIPPED][()]):
-        skipped = fmt.read_skipped(src) + skipped
+    try:  # the rows that read, from the first (a killed writer's last rows, or damage, can lose the rest)
+        held, total = fmt.read_skipped_prefix(src)
+        skipped = held + skipped  # type: ignore[operator]
+        if len(held) < total:
+            problems.append(_rows_line(f"/{fmt.SKIPPED}", [(len(held), total)], "the copy lists the images skipped "
+                                       f"in its first {len(held)} rows only"))
+    except _READ_ERRORS as exc:
+        problems.append(f"/{fmt.SKIPPED} unreadable, so the copy lists no image the recording skipped ({exc})")
     images.create_dataset("skipped", data=np.array(skipped, dtype=object).reshape(-1, 2), maxshape=(None, 2),
                           chunks=(64, 2), dtype=h5py.string_dtype())
     for name, ds in arrays.items():
@@ -547,6 +553,9 @@ class VerifyReport:
     unsealed: list[str] = dataclasses.field(default_factory=list)
     """Attributes the digests do not list under names qkhooks does not read (a user's own, added with h5py): not
     damage, listed as not sealed (:func:`~qkhooks.store.format.unsealed_attrs`)."""
+    resumable: list[str] = dataclasses.field(default_factory=list)
+    """What an unfinished run's writer left half-written and its resume writes again (the last rows of the skipped
+    list, added when the writer was killed): not damage, said with what to do."""
 
     @property
     def ok(self) -> bool:
@@ -587,9 +596,13 @@ class VerifyReport:
         lines += [f"unsealed {fmt.attr_words(name)}: not sealed (added after the digests were written; qkhooks reads no "
                   "attribute of that name, so it is accepted and not checked)" for name in self.unsealed]
         lines.append("reducers " + (", ".join(self.states) + " load" if self.states else "no saved state"))
+        lines += [f"resume   {p}" for p in self.resumable]
         lines += [f"damaged  {p}" for p in self.problems]
         if self.problems:
             lines.append(f"result   DAMAGED: {fix}")
+        elif self.resumable:
+            lines.append("result   every committed part read; the writer left the part named above half-written, "
+                         "which a resume writes again")
         elif self.arrays and not unsummed:
             lines.append("result   every part read, every chunk passed its checksum" +
                          (" and every id its digest" if self.id_digests else " (the ids carry none)"))
@@ -631,12 +644,19 @@ def verify_run(run: str | os.PathLike) -> VerifyReport:
 def _verify(reader: RunReader, real_size: int) -> VerifyReport:
     f, n, problems = reader.file, reader.n, []
     found = fmt.datasets(f, read_every_attribute=True, unreadable=problems)
+    complete = _readable(lambda: f.attrs["complete"]) and bool(f.attrs["complete"])
     arrays: dict[str, h5py.Dataset] = {}
     statics = 0
+    resumable: list[str] = []
     for name, ds in found.items():
         try:
             if ds.attrs.get("per_image", False):
                 arrays[name] = ds
+            elif name == fmt.SKIPPED:
+                rows, total = fmt.read_skipped_prefix(f)
+                statics += 1
+                if len(rows) < total:
+                    (problems if complete else resumable).append(reader._lost_skipped_rows(len(rows), total))
             elif name not in (fmt.IDS, fmt.ID_DIGESTS):
                 ds[()]  # a spectrum, a position term, the skipped list: small, read whole
                 statics += 1
@@ -702,12 +722,11 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
                 problems.append(notice)
     except _READ_ERRORS as exc:
         problems.append(f"the reducer states inside the file unreadable ({exc})")
-    complete = _readable(lambda: f.attrs["complete"]) and bool(f.attrs["complete"])
     checksummed = sorted(name for name, ds in arrays.items() if ds.fletcher32)
     return VerifyReport(reader.path, n, complete, sorted(arrays), checksummed, statics, damaged, states,
                         lines + problems, fmt.ID_DIGESTS in found, _format_line(f), lost,
                         any(ds.is_virtual for ds in arrays.values()), fmt.ATTR_DIGESTS in f.attrs,
-                        list(reader._shared.attrs_off), _unsealed(f))
+                        list(reader._shared.attrs_off), _unsealed(f), resumable)
 
 
 def _unsealed(f: h5py.File) -> list[str]:
