@@ -72,27 +72,23 @@ def test_accelerates_device_only_wrapper_on_the_model_is_still_taken():
 @pytest.mark.parametrize("outputs", ["unchanged", "eager"])
 def test_a_refused_masked_call_leaves_nothing_behind(outputs):
     """What test_torchvision_vit's test_the_unpatched_call_records_again_after_a_refused_one names but does not do
-    (it records a need_weights=True call, refusing nothing): a call with a mask refused, the block's forward restored,
-    and the next recording (same model, same outputs) equal to the MultiheadAttention's own weights, with no torch
-    function mode or hook left behind."""
+    (it records a need_weights=True call, refusing nothing): a call with a mask refused, the mask taken away, and the
+    next recording (same model, same outputs) equal to the MultiheadAttention's own weights, with no torch function
+    mode or hook of qkhooks' left behind. The mask is handed by a pre-hook registered before record() (a block whose
+    forward is replaced on the instance is refused before any call: test_torchvision_vit's route tests)."""
     from torch.overrides import _get_current_function_mode_stack
 
     model, x = tiny(), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    block = model.encoder.layers[1]
-
-    def masked(self, input):
-        h = self.ln_1(input)
-        h, _ = self.self_attention(h, h, h, need_weights=False, attn_mask=torch.zeros(h.shape[1], h.shape[1]))
-        h = h + input
-        return h + self.mlp(self.ln_2(h))
-
-    block.forward = types.MethodType(masked, block)
+    attn = model.encoder.layers[1].self_attention
+    masked = attn.register_forward_pre_hook(
+        lambda m, a, kw: (a, {**kw, "attn_mask": torch.zeros(a[0].shape[1], a[0].shape[1])}), with_kwargs=True)
     with pytest.raises(QKHooksError, match="attn_mask"), torch.no_grad():
         with qkhooks.record(model, attention="full", outputs=outputs):
             model(x)
     assert not _get_current_function_mode_stack()
-    assert all(not b.self_attention._forward_pre_hooks and not b.self_attention._forward_hooks for b in model.encoder.layers)
-    del block.forward
+    assert [list(b.self_attention._forward_pre_hooks) for b in model.encoder.layers] == [[], [masked.id]]
+    assert all(not b.self_attention._forward_hooks for b in model.encoder.layers)
+    masked.remove()
     seen = {}
     handles = [b.self_attention.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].clone()))
                for i, b in enumerate(model.encoder.layers)]

@@ -284,25 +284,23 @@ def test_unmodelled_multihead_attention_forms_are_refused_naming_the_module(mha,
 
 
 def _calling(model: VisionTransformer, call) -> VisionTransformer:
-    """Block 1 calls its attention as ``call(attn, x)`` does (an instance-patched forward, as user code might)."""
-    block = model.encoder.layers[1]
+    """Block 1's attention is called as ``call(x)`` says: ``(args, kwargs)`` from the tokens x, handed on by a forward
+    pre-hook registered before record() (one qkhooks takes: it reads the call the hooks already there hand on). An
+    instance-patched block forward is refused before any call (the block tests below)."""
+    def rewrite(module, args, kwargs):
+        args, more = call(args[0])
+        return args, {**kwargs, **more}
 
-    def forward(self, input):
-        x = self.ln_1(input)
-        x, _ = call(self.self_attention, x)
-        x = x + input
-        return x + self.mlp(self.ln_2(x))
-
-    block.forward = types.MethodType(forward, block)
+    model.encoder.layers[1].self_attention.register_forward_pre_hook(rewrite, with_kwargs=True)
     return model
 
 
 @pytest.mark.parametrize("call, words", [
-    (lambda a, x: a(x, x, x, need_weights=False, attn_mask=torch.zeros(x.shape[1], x.shape[1])), "attn_mask"),
-    (lambda a, x: a(x, x, x, key_padding_mask=torch.zeros(x.shape[:2], dtype=torch.bool)), "key_padding_mask"),
-    (lambda a, x: a(x, x.clone(), x.clone()), "key and value are not the query tensor"),
-    (lambda a, x: a(x, x, x, need_weights=False, is_causal=True,
-                    attn_mask=torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)), "attn_mask"),
+    (lambda x: ((x, x, x), dict(need_weights=False, attn_mask=torch.zeros(x.shape[1], x.shape[1]))), "attn_mask"),
+    (lambda x: ((x, x, x), dict(key_padding_mask=torch.zeros(x.shape[:2], dtype=torch.bool))), "key_padding_mask"),
+    (lambda x: ((x, x.clone(), x.clone()), {}), "key and value are not the query tensor"),
+    (lambda x: ((x, x, x), dict(need_weights=False, is_causal=True,
+                                attn_mask=torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1))), "attn_mask"),
 ], ids=["attn_mask", "key_padding_mask", "cross", "causal"])
 def test_a_call_with_a_mask_or_other_keys_is_refused(call, words):
     model = _calling(tiny(), call)
@@ -314,7 +312,7 @@ def test_a_call_with_a_mask_or_other_keys_is_refused(call, words):
 
 
 def test_the_unpatched_call_records_again_after_a_refused_one():
-    model = _calling(tiny(), lambda a, x: a(x, x, x, need_weights=True))  # need_weights alone changes nothing
+    model = _calling(tiny(), lambda x: ((x, x, x), dict(need_weights=True)))  # need_weights alone changes nothing
     want = own_weights(model, images())
     with qkhooks.record(model, attention="full") as run, torch.no_grad():
         model(images())
@@ -345,21 +343,159 @@ def test_a_block_other_than_torchvisions_encoder_block_is_refused_naming_both():
     model.encoder.layers[1] = MyBlock(model.encoder.layers[1])
     with pytest.raises(QKHooksError) as refused:
         qkhooks.sites(model)
-    assert ("unsupported attention in 'encoder.layers.encoder_layer_1.self_attention' (MultiheadAttention): its block is a "
-            "MyBlock, not torchvision's EncoderBlock") in str(refused.value)
+    assert ("unsupported attention in 'encoder.layers.encoder_layer_1.self_attention' (MultiheadAttention): its block "
+            "'encoder.layers.encoder_layer_1' is a MyBlock, not torchvision's EncoderBlock") in str(refused.value)
+    with pytest.raises(QKHooksError, match="is a MyBlock"):  # not left out: later blocks' tokens pass through it
+        qkhooks.sites(model, skip_unmodelled=True)
 
 
-def test_another_model_holding_multihead_attention_is_still_refused():
+@pytest.mark.parametrize("mha", [dict(batch_first=True), dict(batch_first=False), dict(batch_first=True, add_bias_kv=True)],
+                         ids=["plain", "batch_first=False", "add_bias_kv"])
+def test_another_model_holding_multihead_attention_is_still_refused(mha):
+    """The reasons the torchvision adapter gives a MultiheadAttention (UNMODELLED_FORMS) are for those in its blocks:
+    another model's (OpenAI CLIP's batch_first=False) keeps the refusal that no adapter knows the model."""
     class Tower(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
+            self.attn = nn.MultiheadAttention(DIM, HEADS, **mha)
 
         def forward(self, x):
             return self.attn(x, x, x)[0]
 
-    with pytest.raises(QKHooksError, match="does not know how to find the attention layers of Tower"):
+    with pytest.raises(QKHooksError, match="does not know how to find the attention layers of Tower") as err:
         qkhooks.sites(Tower())
+    assert "'attn' (MultiheadAttention; children: out_proj): no registered adapter models this class" in str(err.value)
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.sites(Tower(), skip_unmodelled=True)
+    assert str(err.value).startswith("unsupported attention in 'attn' (MultiheadAttention): Teach qkhooks its form")
+
+
+# ------------------------------------------------------------------------------------------ the tokens' route
+def _flipping(module: nn.Module) -> None:
+    """``module``'s forward replaced on the instance by one that reverses the token order before the class's own (the
+    class token last): what a patch can do that the attention's own call does not show."""
+    own = type(module).forward
+    module.forward = types.MethodType(lambda self, x: own(self, x.flip(1)), module)
+
+
+@pytest.mark.parametrize("where", ["model.encoder", "model.encoder.layers", "model.encoder.layers.encoder_layer_1"])
+def test_a_forward_replaced_on_the_tokens_route_is_refused_naming_the_module_and_the_fix(where):
+    """Before: the encoder's, its layers' or a block's forward replaced on the instance was recorded without a word,
+    the maps labelled class token first while the model ran the tokens reversed."""
+    model = tiny()
+    module = eval(where, {"model": model})
+    _flipping(module)
+    for skip in (False, True):  # never left out: every later block's tokens pass through it
+        with pytest.raises(QKHooksError) as err:
+            qkhooks.sites(model, skip_unmodelled=skip)
+        msg = str(err.value)
+        assert f"has its forward replaced on the instance ({where}.forward = " in msg
+        assert f"del {where}.forward" in msg and "class token first" in msg
+    del module.forward  # the fix the refusal names
+    assert len(qkhooks.sites(model)) == 2
+
+
+def test_a_forward_replaced_inside_the_record_context_is_refused_at_the_next_call():
+    model = tiny()
+    with qkhooks.record(model, attention="full") as run, torch.no_grad():
+        model(images())
+        _flipping(model.encoder)
+        with pytest.raises(QKHooksError) as err:
+            model(images())
+    assert run.layers == [0, 1]
+    assert ("unsupported attention in 'encoder.layers.encoder_layer_0.self_attention' (MultiheadAttention): model.encoder "
+            "has its forward replaced on the instance (model.encoder.forward = ") in str(err.value)
+    assert "inside this record() context" in str(err.value) and "del model.encoder.forward" in str(err.value)
+
+
+def test_an_encoder_of_another_class_or_forward_is_refused():
+    from torchvision.models.vision_transformer import Encoder
+
+    class Reversed(Encoder):
+        def forward(self, input):
+            return super().forward(input.flip(1))
+
+    model = tiny()
+    model.encoder.__class__ = Reversed
+    with pytest.raises(QKHooksError, match=r"VisionTransformer: model\.encoder \(Reversed\) overrides Encoder\.forward"):
+        qkhooks.sites(model)
+    model = tiny()
+    model.encoder.layers = nn.ModuleList(model.encoder.layers)  # (its forward would not run): refused by what it is
+    with pytest.raises(QKHooksError, match="model.encoder.layers is a ModuleList, not torch's nn.Sequential"):
+        qkhooks.sites(model)
+
+
+def test_a_block_outside_the_encoders_layers_is_refused():
+    model = tiny()
+    model.encoder.extra = tiny().encoder.layers[0]
+    with pytest.raises(QKHooksError, match="its block 'encoder.extra' is not one of model.encoder.layers"):
+        qkhooks.sites(model)
+
+
+def test_a_multihead_attention_forward_replaced_or_overridden_is_refused():
+    """Replaced on the instance: the shared check at every record() entry (unsupported.refuse_altered_qk); a subclass
+    overriding it: the search, with skip_unmodelled too."""
+    model = tiny()
+    attn = model.encoder.layers[0].self_attention
+    attn.forward = types.MethodType(lambda self, *a, **k: nn.MultiheadAttention.forward(self, *a, **k), attn)
+    with pytest.raises(QKHooksError, match=r"'encoder.layers.encoder_layer_0.self_attention' \(MultiheadAttention\): "
+                       "its forward is replaced on the instance"), torch.no_grad():
+        with qkhooks.record(model):
+            model(images())
+
+    class Scaled(nn.MultiheadAttention):
+        def forward(self, query, key, value, **kwargs):
+            return super().forward(query * 2, key, value, **kwargs)
+
+    model = _replaced()
+    model.encoder.layers[1].self_attention.__class__ = Scaled
+    for skip in (False, True):
+        with pytest.raises(QKHooksError, match="Scaled overrides nn.MultiheadAttention.forward"):
+            qkhooks.sites(model, skip_unmodelled=skip)
+
+
+# ------------------------------------------------------------------------------------------ skip_unmodelled
+@pytest.mark.parametrize("mha, words", [
+    (dict(add_bias_kv=True), "add_bias_kv=True appends a learned key"),
+    (dict(add_zero_attn=True), "add_zero_attn=True appends a zero key"),
+    (dict(batch_first=False), "batch_first=False"),
+], ids=["add_bias_kv", "add_zero_attn", "batch_first"])
+def test_skip_unmodelled_records_the_other_blocks_and_names_the_one_left_out(mha, words):
+    """Before: an unmodelled MultiheadAttention form refused the model with skip_unmodelled=True too (other families'
+    unmodelled forms are left out, named); the refusal did not offer it."""
+    model = perturb(_replaced(**mha))
+    with pytest.raises(QKHooksError, match="pass skip_unmodelled=True"):
+        qkhooks.sites(model)
+    want = own_weights(model, images())[0]
+    with qkhooks.record(model, attention="full", skip_unmodelled=True) as run, torch.no_grad():
+        model(images())
+    assert run.layers == [0] and [s.path for s in run.sites] == ["encoder.layers.encoder_layer_0.self_attention"]
+    assert float((run.attention(0, "full") - want).abs().max()) < 1e-5
+    (path, why), = run.left_out.items()
+    assert path == "encoder.layers.encoder_layer_1.self_attention" and why.startswith("MultiheadAttention: " + words)
+    assert "torchvision's Vision Transformers build it as nn.MultiheadAttention(hidden_dim, num_heads" in why
+
+
+def test_skip_unmodelled_with_no_modelled_block_left_is_refused_naming_why():
+    model = tiny()
+    for block in model.encoder.layers:
+        block.self_attention = nn.MultiheadAttention(DIM, HEADS, batch_first=True, add_zero_attn=True)
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.sites(model, skip_unmodelled=True)
+    assert "add_zero_attn=True" in str(err.value) and "skip_unmodelled=True leaves nothing to record" in str(err.value)
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.sites(model)
+    assert "add_zero_attn=True" in str(err.value) and "pass skip_unmodelled" not in str(err.value)  # nothing to offer
+
+
+def test_attention_dropout_in_training_mode_is_said():
+    """MultiheadAttention's dropout (VisionTransformer(attention_dropout=...)) is found as other families' is: the maps
+    rebuilt are the softmax before it, so a recording in training mode warns naming it."""
+    model = tiny(attention_dropout=0.1).train()
+    with pytest.warns(UserWarning, match=r"training mode .*encoder\.layers\.encoder_layer_0\.self_attention "
+                      r"\(MultiheadAttention p=0\.1\)"), torch.no_grad():
+        with qkhooks.record(model):
+            model(images())
 
 
 # ------------------------------------------------------------------------------------------ torchvision: specs
@@ -491,3 +627,16 @@ def test_the_attentions_signature_is_read_once_not_at_every_call(monkeypatch):
             model(images())
     assert first >= 1 and reads.count(nn.MultiheadAttention.forward) == first  # none more for later forwards
     assert run.query(1).shape[:3] == (2, HEADS, 2)
+
+
+def test_an_unmodelled_form_of_a_multihead_attention_subclass_is_refused_with_skip_unmodelled_too():
+    """The search leaves out what UNMODELLED_FORMS names, keyed by the exact class: a subclass (its forward the same)
+    of an unmodelled form would be recorded, so it is refused."""
+    class Mine(nn.MultiheadAttention):
+        pass
+
+    model = tiny()
+    model.encoder.layers[1].self_attention = Mine(DIM, HEADS, batch_first=True, add_zero_attn=True)
+    for skip in (False, True):
+        with pytest.raises(QKHooksError, match=r"'encoder.layers.encoder_layer_1.self_attention' \(Mine\): add_zero_attn"):
+            qkhooks.sites(model, skip_unmodelled=skip)

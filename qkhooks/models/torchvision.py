@@ -11,9 +11,17 @@ grid is read off the image ``conv_proj`` is handed, as ``_process_input`` comput
 
 Only that form is taken: a MultiheadAttention with separate q/k/v weights (kdim or vdim other than embed_dim),
 learned key/value biases appended as a token (``add_bias_kv``), a zero token (``add_zero_attn``) or
-``batch_first=False`` is refused at the search, and a call that hands it a mask (a causal one too: torch takes
-``is_causal`` only with ``attn_mask``) or keys or values other than the query tensor is refused by the site. Other
-models holding a MultiheadAttention (OpenAI CLIP, open_clip) are not matched: refused as before. The class is matched by name, so torchvision is imported lazily.
+``batch_first=False`` is refused at the search (with ``skip_unmodelled=True`` that block's attention is left out,
+named with its reason, as other families' unmodelled forms are), and a call that hands it a mask (a causal one too:
+torch takes ``is_causal`` only with ``attn_mask``) or keys or values other than the query tensor is refused by the
+site. Where the tokens come from and in what order (the class token first, then the grid) is what the forwards from
+the model down to each block say: ``VisionTransformer`` (``forward``, ``_process_input``), its ``Encoder``, the
+``encoder.layers`` Sequential and each ``EncoderBlock`` must run their classes' own forwards, neither overridden by a
+subclass nor replaced on the instance (``module.forward = ...``), checked at the search and again at every call of
+each attention (a patch made inside ``record()``); a block elsewhere, or any of those changed, refuses the model, with
+``skip_unmodelled`` too (later blocks' token layout rests on it). Other models holding a
+MultiheadAttention (OpenAI CLIP, open_clip) are not matched: refused as before. The class is matched by name, so
+torchvision is imported lazily.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -28,13 +37,21 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, QKRows, register_adapter
-from qkhooks.models.unsupported import moves_devices_only, refuse_uncovered
+from qkhooks.models.unsupported import (SKIP_HINT, UNMODELLED_FORMS, moves_devices_only, refuse_uncovered,
+                                        skipping_now)
 
 _VIT = "torchvision.models.vision_transformer.VisionTransformer"
+_ENCODER = "torchvision.models.vision_transformer.Encoder"
 _ENCODER_BLOCK = "torchvision.models.vision_transformer.EncoderBlock"
+_SEQUENTIAL = "torch.nn.modules.container.Sequential"
 _MHA = "torch.nn.modules.activation.MultiheadAttention"
-_FIX = ("torchvision's Vision Transformers build it as nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True); "
-        "record such a model, or teach qkhooks this form with qkhooks.register_adapter (README, 'Your own architecture')")
+_BUILT = ("torchvision's Vision Transformers build it as nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True); "
+          "another form needs an adapter of its own, qkhooks.register_adapter (README, 'Your own architecture')")
+_FIX = ("record a plain torchvision VisionTransformer, or register your own adapter (README, 'Your own architecture')")
+# The nn.MultiheadAttention instances the search found in a torchvision EncoderBlock: UNMODELLED_FORMS gives the reason
+# of those only, so that skip_unmodelled leaves them out named with it, while a MultiheadAttention of another model
+# (OpenAI CLIP's batch_first=False) keeps its refusal as before ("no registered adapter models this class").
+_IN_ENCODER_BLOCKS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def _qualified(cls: type) -> str:
@@ -59,10 +76,8 @@ def packed_qk_rows(mha: nn.Module) -> QKRows:
 
 
 def unmodelled_mha(mha: nn.Module) -> str | None:
-    """Why qkhooks does not model this MultiheadAttention instance exactly, or None (the form torchvision builds)."""
-    base = _class_in_mro(mha, _MHA)
-    if base is None or type(mha).forward is not base.forward:
-        return f"{type(mha).__name__} overrides nn.MultiheadAttention's forward, which is what qkhooks models"
+    """Why qkhooks does not model this MultiheadAttention instance exactly, or None (the form torchvision builds). A
+    subclass that overrides the forward is not asked here: :func:`find` refuses it whatever ``skip_unmodelled`` says."""
     if mha.in_proj_weight is None:  # kdim or vdim other than embed_dim: no packed projection
         return (f"its keys and values have other widths than its queries (kdim={mha.kdim}, vdim={mha.vdim}, "
                 f"embed_dim={mha.embed_dim}): separate q/k/v_proj_weight, so keys come from other tokens than the queries "
@@ -79,6 +94,58 @@ def unmodelled_mha(mha: nn.Module) -> str | None:
     return None
 
 
+def _encoder_block_mha_reason(mha: nn.Module) -> str | None:
+    """:data:`UNMODELLED_FORMS`' entry for nn.MultiheadAttention: why one that a torchvision EncoderBlock holds (as the
+    search found) is not modelled, with the form torchvision builds, so that ``skip_unmodelled`` leaves it out named
+    with the reason, as other families' forms are; None for any other MultiheadAttention (another model's)."""
+    why = unmodelled_mha(mha) if mha in _IN_ENCODER_BLOCKS else None
+    return f"{why} ({_BUILT})" if why else None
+
+
+UNMODELLED_FORMS[_MHA] = _encoder_block_mha_reason
+
+
+def _name(obj: Any) -> str:
+    named = obj if hasattr(obj, "__qualname__") else type(obj)
+    return f"{getattr(named, '__module__', None)}.{named.__qualname__}"
+
+
+def _unknown_forward(module: Any, base_name: str, label: str, code: str) -> str | None:
+    """How ``module`` (``label`` in prose, ``code`` the way the model reaches it: ``model.encoder``) does not run the
+    forward torchvision's class ``base_name`` defines, or None: it is another class, a subclass overriding the forward,
+    or the forward is replaced on the instance (``module.forward = ...``: a patch, a tracer; accelerate's wrapper that
+    only moves tensors between devices around the class's own forward is taken)."""
+    short = base_name.rpartition(".")[2]
+    base = _class_in_mro(module, base_name)
+    if base is None:
+        kind = "torch's nn.Sequential" if base_name == _SEQUENTIAL else f"torchvision's {short}"
+        return f"{label} is a {type(module).__name__}, not {kind}"
+    if type(module).forward is not base.forward:
+        return f"{label} ({type(module).__name__}) overrides {short}.forward"
+    return _replaced_forward(module, label, code)
+
+
+def _replaced_forward(module: nn.Module, label: str, code: str) -> str | None:
+    """How ``module`` has its forward replaced on the instance (not by accelerate's device placement only), or None."""
+    forward = module.__dict__.get("forward")
+    if forward is None or moves_devices_only(module):
+        return None
+    return f"{label} has its forward replaced on the instance ({code}.forward = {_name(forward)})"
+
+
+def _code(path: str) -> str:
+    """``model.encoder.layers.encoder_layer_1`` for a module path (an index as ``[3]``): what a user types."""
+    return "model" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in path.split(".") if p)
+
+
+def _how_to_restore(how: str, code: str) -> str:
+    """The fix of :func:`_unknown_forward`'s finding: undo an instance patch, or record a plain model."""
+    if "replaced on the instance" in how:
+        return (f"restore the class's own forward while recording (del {code}.forward, or the patching tool's own way "
+                f"to undo it), or {_FIX}")
+    return _FIX
+
+
 @functools.lru_cache(maxsize=8)
 def _signature(forward: Callable[..., Any]) -> inspect.Signature:
     """The signature of a forward, read once (a site's call is bound to it at every forward of every layer)."""
@@ -88,9 +155,18 @@ def _signature(forward: Callable[..., Any]) -> inspect.Signature:
 @dataclasses.dataclass(eq=False)
 class MultiheadAttentionSite(AttentionSite):
     """A torchvision ``EncoderBlock``'s ``nn.MultiheadAttention``, self-attention of the query tensor: its call must
-    hand the very same tensor as query, key and value, and no mask (torch takes a causal flag only with one)."""
+    hand the very same tensor as query, key and value, and no mask (torch takes a causal flag only with one).
+    ``route``: (label, code, module) of the encoder, its layers and this block, whose forwards
+    must stay their classes' own at every call (the search checked them; a patch inside ``record()`` is seen here)."""
+
+    route: tuple[tuple[str, str, nn.Module], ...] = ()
 
     def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for label, code, module in self.route:  # a dict read each: this runs at every call of every layer
+            if "forward" in module.__dict__:
+                how = _replaced_forward(module, label, code)
+                if how:
+                    raise QKHooksError(_route_refusal(self.path, self.module, how, code, since=True))
         try:
             call = _signature(type(self.module).forward).bind(self.module, *args, **kwargs).arguments
         except TypeError as err:
@@ -145,8 +221,37 @@ def _pixel_convs(model: nn.Module) -> tuple[tuple[int, int] | None, Callable[[],
     return None, chain
 
 
+def _route_refusal(path: str, attn: nn.Module, how: str, code: str, since: bool = False) -> str:
+    """The refusal of an attention whose route from the image (its encoder's, their layers' or its block's forward, or
+    its own) is not torchvision's: which tokens it is handed, in what order, is then not known."""
+    when = " inside this record() context (or since its sites were found)" if since else ""
+    return (f"unsupported attention in {path!r} ({type(attn).__name__}): {how}{when}, so how the tokens reach this "
+            "attention (the class token first, then the patch grid in raster order, after ln_1 as query, key and "
+            "value) and what it computes with them is not known to qkhooks: the maps, modes and grid recorded could "
+            f"describe other tokens than those it runs on; {_how_to_restore(how, code)}.")
+
+
+def _encoder_route(model: nn.Module) -> tuple[tuple[str, str, nn.Module], ...]:
+    """(label, code, module) of the model's ``Encoder`` and its ``layers`` Sequential, each running its class's own
+    forward (torchvision's ``Encoder`` adds the position embedding and runs the blocks in order); refused otherwise,
+    naming the first that does not, whatever ``skip_unmodelled`` says: every block's tokens pass through them."""
+    encoder = model._modules.get("encoder")
+    layers = encoder._modules.get("layers") if isinstance(encoder, nn.Module) else None
+    route = (("model.encoder", "model.encoder", encoder), ("model.encoder.layers", "model.encoder.layers", layers))
+    for (label, code, module), base in zip(route, (_ENCODER, _SEQUENTIAL)):
+        how = _unknown_forward(module, base, label, code)
+        if how:
+            raise QKHooksError(
+                f"{type(model).__name__}: {how}, so how the tokens reach the encoder blocks (the class token first, then "
+                "the patch grid in raster order, through the blocks in order) is not known to qkhooks: the maps, modes "
+                f"and grid recorded could describe other tokens than the model's; {_how_to_restore(how, code)}.")
+    return route
+
+
 def find(model: nn.Module) -> list[AttentionSite]:
-    """One site per encoder block's self-attention, in block order; anything else attention-like refuses the model."""
+    """One site per encoder block's self-attention, in block order; anything else attention-like refuses the model.
+    With ``skip_unmodelled``, a block's attention of a form not modelled (:func:`unmodelled_mha`) is left out, named;
+    anything that makes the tokens' route unknown (a forward changed on the way, a block elsewhere) is refused."""
     vit = _class_in_mro(model, _VIT)
     for method in ("forward", "_process_input"):
         # a subclass's method, or one replaced on the instance (model.forward = ...: a patch, a tracer; accelerate's
@@ -161,6 +266,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
             f"{type(model).__name__} {how}, so where its tokens come from (one class token first, then the patch grid) "
             f"is not known to qkhooks; record a plain VisionTransformer (del model.{method} restores the class's own "
             "on an instance), or register your own adapter (README, 'Your own architecture').")
+    route = _encoder_route(model)
     image, patch = int(model.image_size), int(model.patch_size)
     grid = (image // patch, image // patch)
     patch_size, pixel_convs = _pixel_convs(model)
@@ -168,22 +274,31 @@ def find(model: nn.Module) -> list[AttentionSite]:
     sites: list[AttentionSite] = []
     for name, block in model.named_modules():
         attn = getattr(block, "self_attention", None)
-        if _class_in_mro(attn, _MHA) is None:
+        base = _class_in_mro(attn, _MHA)
+        if base is None:
             continue
-        path = f"{name}.self_attention"
-        if _qualified(type(block)) != _ENCODER_BLOCK:
-            raise QKHooksError(f"unsupported attention in {path!r} ({type(attn).__name__}): its block is a "
-                               f"{type(block).__name__}, not torchvision's EncoderBlock, so how it calls the attention "
-                               f"(the tokens after ln_1, as query, key and value) is not known. {_FIX}.")
+        path, code = f"{name}.self_attention", _code(name)
+        how = _unknown_forward(block, _ENCODER_BLOCK, f"its block {name!r}", code)
+        if how is None and name.rpartition(".")[0] != "encoder.layers":
+            how = f"its block {name!r} is not one of model.encoder.layers, the blocks VisionTransformer's forward runs"
+        if how is None and type(attn).forward is not base.forward:  # replaced on the instance: refuse_altered_qk's
+            how = f"{type(attn).__name__} overrides nn.MultiheadAttention.forward, which is what qkhooks models"
+        if how:
+            raise QKHooksError(_route_refusal(path, attn, how, code))
+        _IN_ENCODER_BLOCKS.add(attn)
         why = unmodelled_mha(attn)
-        if why:
-            raise QKHooksError(f"unsupported attention in {path!r} ({type(attn).__name__}): {why}. {_FIX}.")
+        # with skip_unmodelled the search leaves it out, named (UNMODELLED_FORMS, keyed by the exact class: a subclass
+        # would not be left out there, so it is refused whatever the flag says)
+        if why and (not skipping_now() or type(attn) is not base):
+            raise QKHooksError(f"unsupported attention in {path!r} ({type(attn).__name__}): {why} ({_BUILT})."
+                               + (" " + SKIP_HINT if type(attn) is base else ""))
         heads, dim = int(attn.num_heads), int(attn.embed_dim)
         sites.append(MultiheadAttentionSite(
             layer=len(sites), path=path, module=attn, block_path=name, block=block, num_heads=heads,
             head_dim=int(attn.head_dim), dim=dim, scale=float(attn.head_dim) ** -0.5, num_prefix_tokens=1, grid=grid,
             family="torchvision-vit", input_name="query", block_input_name="input", qk_linear=packed_qk_rows(attn),
             patch_size=patch_size, pixel_convs=pixel_convs, grid_source=grid_source,
+            route=route + ((f"its block {name!r}", code, block),),
         ))
     refuse_uncovered(model, sites)
     return sites

@@ -141,6 +141,12 @@ def skipping_unmodelled(skip: bool = True) -> Iterator[None]:
         _SKIP_UNMODELLED.reset(token)
 
 
+def skipping_now() -> bool:
+    """Whether the search under way is a partial one (``skip_unmodelled=True``): an adapter that refuses an unmodelled
+    instance itself (``models/torchvision.py``) hands it on instead, for the search to leave out and name."""
+    return _SKIP_UNMODELLED.get()
+
+
 def unmodelled_parts(model: nn.Module, sites: Sequence["AttentionSite"]) -> dict[str, str]:
     """The modules a partial recording leaves out (every site of the model found, ``sites``), outermost first, in
     the order of the model's modules -> why: each module with a known unmodelled form (:data:`UNMODELLED_FORMS`)
