@@ -498,6 +498,24 @@ def test_attention_dropout_in_training_mode_is_said():
             model(images())
 
 
+# ------------------------------------------------------------------------------------------ a part handed in
+@pytest.mark.parametrize("part, words", [
+    (lambda m: m.encoder, "(its Encoder, model.encoder)"),
+    (lambda m: m.encoder.layers, "(its encoder's blocks, model.encoder.layers)"),
+    (lambda m: m.encoder.layers[1], "(one of its encoder blocks, model.encoder.layers[i])"),
+], ids=["encoder", "layers", "block"])
+def test_a_part_of_the_model_handed_in_is_refused_saying_to_pass_the_whole_model(part, words):
+    """Before: "qkhooks does not know how to find the attention layers of Encoder", listing the adapters."""
+    model = tiny()
+    for call in (lambda: qkhooks.sites(part(model)), lambda: qkhooks.record(part(model)).__enter__()):
+        with pytest.raises(QKHooksError) as err:
+            call()
+        msg = str(err.value)
+        assert f"is part of a torchvision VisionTransformer {words}" in msg
+        assert "Pass the whole model: record(model)" in msg and "record(model, layers=[0, 5])" in msg
+        assert "Supported families" not in msg
+
+
 # ------------------------------------------------------------------------------------------ torchvision: specs
 def test_random_init_spec_builds_the_weights_architecture_with_their_preprocessing():
     a = qkhooks.load_model("torchvision:vit_b_16.IMAGENET1K_SWAG_E2E_V1@random")

@@ -625,6 +625,12 @@ class _Adapter:
 _ADAPTERS: list[_Adapter] = []
 
 
+# A part of a model an adapter knows, handed in instead of the whole model (a torchvision ViT's encoder or one of its
+# blocks): functions of the module handed in -> the refusal saying what to pass, or None; asked where no adapter
+# matched, before the generic refusal, so that the error names the fix rather than "no registered adapter".
+PART_HINTS: list[Callable[[nn.Module], str | None]] = []
+
+
 def register_adapter(
     name: str,
     matches: Callable[[nn.Module], bool],
@@ -708,6 +714,9 @@ def _find_sites(model: nn.Module, layers: "LayerSelection", skip_unmodelled: boo
                            f"to record: no attention of {type(model).__name__} is one qkhooks models exactly"
                            + (f" (left out with it: {', '.join(map(repr, others[:3]))}" + (" ..." if len(others) > 3 else "")
                               + ")" if others else "") + ".")
+    part = next(filter(None, (hint(model) for hint in PART_HINTS)), None)
+    if part:  # a part of a model an adapter knows, handed in instead of the model (record(model.encoder))
+        raise QKHooksError(part)
     if callable(getattr(model, "merge_and_unload", None)):  # a peft model: its q/k layers compute W x + B·A x
         raise QKHooksError(f"{type(model).__name__} holds adapter layers (peft) whose forward adds a term its weights "
                            f"do not say: {PEFT_FIX}.")

@@ -19,7 +19,8 @@ the model down to each block say: ``VisionTransformer`` (``forward``, ``_process
 ``encoder.layers`` Sequential and each ``EncoderBlock`` must run their classes' own forwards, neither overridden by a
 subclass nor replaced on the instance (``module.forward = ...``), checked at the search and again at every call of
 each attention (a patch made inside ``record()``); a block elsewhere, or any of those changed, refuses the model, with
-``skip_unmodelled`` too (later blocks' token layout rests on it). Other models holding a
+``skip_unmodelled`` too (later blocks' token layout rests on it). A part of the model handed in instead of the model
+(``record(model.encoder)``, one block) is refused saying to pass the whole model. Other models holding a
 MultiheadAttention (OpenAI CLIP, open_clip) are not matched: refused as before. The class is matched by name, so
 torchvision is imported lazily.
 """
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from qkhooks.errors import QKHooksError
-from qkhooks.models.base import AttentionSite, QKRows, register_adapter
+from qkhooks.models.base import PART_HINTS, AttentionSite, QKRows, register_adapter
 from qkhooks.models.unsupported import (SKIP_HINT, UNMODELLED_FORMS, moves_devices_only, refuse_uncovered,
                                         skipping_now)
 
@@ -302,6 +303,30 @@ def find(model: nn.Module) -> list[AttentionSite]:
         ))
     refuse_uncovered(model, sites)
     return sites
+
+
+def part_of_vit(module: nn.Module) -> str | None:
+    """The refusal of a part of a torchvision ViT handed in instead of the model (``record(model.encoder)``, one block,
+    ``model.encoder.layers``): the tokens' origin and order are the whole model's forward's, so say to pass it; None
+    for anything else."""
+    if _class_in_mro(module, _ENCODER) is not None:
+        what, example = "its Encoder, model.encoder", "record(model), not record(model.encoder)"
+    elif _class_in_mro(module, _ENCODER_BLOCK) is not None:
+        what, example = "one of its encoder blocks, model.encoder.layers[i]", "record(model), not record(model.encoder.layers[i])"
+    elif isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) and all(
+            _class_in_mro(m, _ENCODER_BLOCK) is not None for m in module):
+        what, example = "its encoder's blocks, model.encoder.layers", "record(model), not record(model.encoder.layers)"
+    else:
+        return None
+    return (f"{type(module).__name__} is part of a torchvision VisionTransformer ({what}): qkhooks finds the attention "
+            "layers through the whole model, whose forward says where each token comes from (the class token first, "
+            "then the patch grid of the image conv_proj is handed), which a part alone does not. Pass the whole model: "
+            f"{example}; for some blocks only, record(model, layers=[0, 5]) (block indices, or module paths such as "
+            "'encoder.layers.encoder_layer_5.self_attention'). qkhooks.load_model('torchvision:vit_b_16') builds the "
+            "model with its preprocessing.")
+
+
+PART_HINTS.append(part_of_vit)
 
 
 def matches(model: nn.Module) -> bool:
