@@ -378,12 +378,15 @@ def test_another_model_holding_multihead_attention_is_still_refused(mha):
 # ------------------------------------------------------------------------------------------ the tokens' route
 def _flipping(module: nn.Module) -> None:
     """``module``'s forward replaced on the instance by one that reverses the token order before the class's own (the
-    class token last): what a patch can do that the attention's own call does not show."""
+    class token last; the patch embedding: the image's rows): what a patch can do that the attention's own call does
+    not show."""
     own = type(module).forward
-    module.forward = types.MethodType(lambda self, x: own(self, x.flip(1)), module)
+    axis = 2 if isinstance(module, nn.Conv2d) else 1
+    module.forward = types.MethodType(lambda self, x: own(self, x.flip(axis)), module)
 
 
-@pytest.mark.parametrize("where", ["model.encoder", "model.encoder.layers", "model.encoder.layers.encoder_layer_1"])
+@pytest.mark.parametrize("where", ["model.conv_proj", "model.encoder", "model.encoder.layers",
+                                   "model.encoder.layers.encoder_layer_1"])
 def test_a_forward_replaced_on_the_tokens_route_is_refused_naming_the_module_and_the_fix(where):
     """Before: the encoder's, its layers' or a block's forward replaced on the instance was recorded without a word,
     the maps labelled class token first while the model ran the tokens reversed."""

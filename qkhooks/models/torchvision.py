@@ -17,7 +17,7 @@ torch takes ``is_causal`` only with ``attn_mask``) or keys or values other than 
 site. Where the tokens come from and in what order (the class token first, then the grid) is what the forwards from
 the model down to each block say: ``VisionTransformer`` (``forward``, ``_process_input``), its ``Encoder``, the
 ``encoder.layers`` Sequential and each ``EncoderBlock`` must run their classes' own forwards, neither overridden by a
-subclass nor replaced on the instance (``module.forward = ...``), checked at the search and again at every call of
+subclass nor replaced on the instance (``module.forward = ...``; ``conv_proj``'s neither), checked at the search and again at every call of
 each attention (a patch made inside ``record()``); a block elsewhere, or any of those changed, refuses the model, with
 ``skip_unmodelled`` too (later blocks' token layout rests on it). A part of the model handed in instead of the model
 (``record(model.encoder)``, one block) is refused saying to pass the whole model. Other models holding a
@@ -157,7 +157,7 @@ def _signature(forward: Callable[..., Any]) -> inspect.Signature:
 class MultiheadAttentionSite(AttentionSite):
     """A torchvision ``EncoderBlock``'s ``nn.MultiheadAttention``, self-attention of the query tensor: its call must
     hand the very same tensor as query, key and value, and no mask (torch takes a causal flag only with one).
-    ``route``: (label, code, module) of the encoder, its layers and this block, whose forwards
+    ``route``: (label, code, module) of the patch embedding, the encoder, its layers and this block, whose forwards
     must stay their classes' own at every call (the search checked them; a patch inside ``record()`` is seen here)."""
 
     route: tuple[tuple[str, str, nn.Module], ...] = ()
@@ -233,18 +233,21 @@ def _route_refusal(path: str, attn: nn.Module, how: str, code: str, since: bool 
 
 
 def _encoder_route(model: nn.Module) -> tuple[tuple[str, str, nn.Module], ...]:
-    """(label, code, module) of the model's ``Encoder`` and its ``layers`` Sequential, each running its class's own
+    """(label, code, module) of the model's patch embedding ``conv_proj`` (a forward replaced on the instance: its
+    class varies with the stem), its ``Encoder`` and the encoder's ``layers`` Sequential, each running its class's own
     forward (torchvision's ``Encoder`` adds the position embedding and runs the blocks in order); refused otherwise,
     naming the first that does not, whatever ``skip_unmodelled`` says: every block's tokens pass through them."""
     encoder = model._modules.get("encoder")
     layers = encoder._modules.get("layers") if isinstance(encoder, nn.Module) else None
-    route = (("model.encoder", "model.encoder", encoder), ("model.encoder.layers", "model.encoder.layers", layers))
-    for (label, code, module), base in zip(route, (_ENCODER, _SEQUENTIAL)):
-        how = _unknown_forward(module, base, label, code)
+    route = (("model.conv_proj", "model.conv_proj", model.conv_proj), ("model.encoder", "model.encoder", encoder),
+             ("model.encoder.layers", "model.encoder.layers", layers))
+    for (label, code, module), base in zip(route, (None, _ENCODER, _SEQUENTIAL)):
+        how = _unknown_forward(module, base, label, code) if base else _replaced_forward(module, label, code)
         if how:
             raise QKHooksError(
                 f"{type(model).__name__}: {how}, so how the tokens reach the encoder blocks (the class token first, then "
-                "the patch grid in raster order, through the blocks in order) is not known to qkhooks: the maps, modes "
+                "the patch grid in raster order, through the blocks in order) and which pixels each token shows is not "
+                "known to qkhooks: the maps, modes "
                 f"and grid recorded could describe other tokens than the model's; {_how_to_restore(how, code)}.")
     return route
 
@@ -312,7 +315,8 @@ def part_of_vit(module: nn.Module) -> str | None:
     if _class_in_mro(module, _ENCODER) is not None:
         what, example = "its Encoder, model.encoder", "record(model), not record(model.encoder)"
     elif _class_in_mro(module, _ENCODER_BLOCK) is not None:
-        what, example = "one of its encoder blocks, model.encoder.layers[i]", "record(model), not record(model.encoder.layers[i])"
+        what = "one of its encoder blocks, model.encoder.layers[i]"
+        example = "record(model), not record(model.encoder.layers[i])"
     elif isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) and all(
             _class_in_mro(m, _ENCODER_BLOCK) is not None for m in module):
         what, example = "its encoder's blocks, model.encoder.layers", "record(model), not record(model.encoder.layers)"
