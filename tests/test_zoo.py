@@ -1046,13 +1046,23 @@ FAST_CASES = [
     # torchvision's ViT: nn.MultiheadAttention (packed in_proj, fused native kernel in eval), class token first
     Case("torchvision-VisionTransformer", lambda: _small_torchvision_vit(), lambda: {"x": _images(32)}, "torchvision",
          "exact", entry="VisionTransformer"),
+    # a block's MultiheadAttention appending a zero key: refused naming it, or left out with skip_unmodelled=True
+    Case("torchvision-VisionTransformer-add_zero_attn", lambda: _small_torchvision_vit(add_zero_attn=True),
+         lambda: {"x": _images(32)}, "torchvision", "add_zero_attn=True appends a zero key",
+         "encoder.layers.encoder_layer_1.self_attention"),
+    Case("torchvision-VisionTransformer-add_zero_attn-partial", lambda: _small_torchvision_vit(add_zero_attn=True),
+         lambda: {"x": _images(32)}, "torchvision", "exact"),
 ]
 
 
-def _small_torchvision_vit() -> nn.Module:
+def _small_torchvision_vit(**last_attention: Any) -> nn.Module:
+    """torchvision's ViT, small; ``last_attention``: the last block's MultiheadAttention built with these too."""
     from torchvision.models import VisionTransformer
 
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64)
+    if last_attention:
+        model.encoder.layers[-1].self_attention = nn.MultiheadAttention(32, 4, batch_first=True, **last_attention)
+    return model
 
 
 def _run_case(case: Case) -> Outcome:
@@ -1169,10 +1179,21 @@ def _timm_form_names() -> list[str]:
     return names
 
 
+def _torchvision_vits() -> list[str]:
+    """torchvision's Vision Transformer builders (``vit_b_16`` ... ``vit_h_14``): the ``torchvision:`` specs."""
+    try:
+        import torchvision
+    except ImportError:  # torchvision is optional
+        return []
+    return sorted(n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith("vit_"))
+
+
 def zoo_entries() -> list[dict[str, Any]]:
-    """The whole zoo, in a fixed order: every timm form (its smallest entry point) and every transformers class."""
+    """The whole zoo, in a fixed order: every timm form (its smallest entry point), every transformers class and
+    torchvision's ViTs."""
     entries = [dict(model=name, kind="timm") for name in _timm_form_names()]
-    return entries + [dict(model=name, kind="hf") for name in _hf_vision_classes()]
+    entries += [dict(model=name, kind="hf") for name in _hf_vision_classes()]
+    return entries + [dict(model=name, kind="torchvision") for name in _torchvision_vits()]
 
 
 def _params(model: nn.Module) -> int:
@@ -1323,12 +1344,32 @@ def _small(name: str, kind: str) -> tuple[nn.Module, dict[str, Any]]:
         model, inputs = perturb(hand[0].build()), hand[0].inputs()
         _call(model, inputs)
         return model, inputs
-    return (_timm_small if kind == "timm" else _hf_small)(name)
+    return {"timm": _timm_small, "torchvision": _torchvision_small}.get(kind, _hf_small)(name)
+
+
+def _torchvision_small(name: str) -> tuple[nn.Module, dict[str, Any]]:
+    """torchvision's ViT ``name`` with its own patch size, heads and widths (read off the builder's model on the meta
+    device) at depth 2 on a 4x4 patch grid (its builders fix depth and image size, so the class is built directly),
+    perturbed and run once."""
+    import torchvision
+    from torchvision.models import VisionTransformer
+
+    with torch.device("meta"):
+        full = torchvision.models.get_model_builder(name)(weights=None)
+    attn = full.encoder.layers[0].self_attention
+    kwargs = dict(image_size=4 * full.patch_size, patch_size=full.patch_size, num_layers=2, num_heads=attn.num_heads,
+                  hidden_dim=full.hidden_dim, mlp_dim=full.mlp_dim)
+    torch.manual_seed(0)
+    model = perturb(VisionTransformer(**kwargs))
+    inputs = {"x": _images(kwargs["image_size"], batch=1)}
+    _call(model, inputs)
+    return model, inputs
 
 
 def _family(model: nn.Module, kind: str) -> str:
-    """The README table's family: timm's model module (``swin_transformer``), transformers' ``model_type``."""
-    if kind == "timm":
+    """The README table's family: timm's and torchvision's model module (``swin_transformer``, ``vision_transformer``),
+    transformers' ``model_type``."""
+    if kind in ("timm", "torchvision"):
         return type(model).__module__.rpartition(".")[2]
     config = getattr(model, "config", None)
     return str(getattr(getattr(config, "vision_config", None) or config, "model_type", type(model).__name__))
@@ -1565,7 +1606,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     aside = {"unbuildable": "(not built small here)", "no attention": "(no attention)"}
     for r in rows:
         groups.setdefault((aside.get(r["status"]) or r.get("family") or "?", r["kind"]), []).append(r)
-    lines = ["| family | timm | Hugging Face | form | exact | refused, and why |", "|---|---|---|---|---|---|"]
+    lines = ["| family | timm | Hugging Face | torchvision | form | exact | refused, and why |",
+             "|---|---|---|---|---|---|---|"]
     order = lambda item: (item[0][0].startswith("("), item[0][1], item[0][0])  # noqa: E731
     for (family, kind), members in sorted(groups.items(), key=order):
         names = _names([r["model"] for r in members])
@@ -1579,8 +1621,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             reasons = sorted({_reason(r["detail"]) for r in refused})
         did = f"maps and modes ({len(exact)} of {len(members)})" if exact else ""
         why = "; ".join(reasons[:3]) + (f"; {len(reasons) - 3} more reasons" if len(reasons) > 3 else "")
-        lines.append(f"| {family} | {names if kind == 'timm' else ''} | {names if kind == 'hf' else ''} | "
-                     f"{', '.join(sorted(forms)) or ('plain' if exact else '')} | {did} | {why} |")
+        columns = " | ".join(names if kind == k else "" for k in ("timm", "hf", "torchvision"))
+        lines.append(f"| {family} | {columns} | {', '.join(sorted(forms)) or ('plain' if exact else '')} | {did} | {why} |")
     return "\n".join(lines)
 
 
@@ -1781,3 +1823,21 @@ def test_a_second_recording_of_the_same_model_equals_the_first(case: Case):
         assert torch.equal(full1[layer], full2[layer]), f"layer {layer}: full maps differ on the second entry"
         if not maps_only:
             assert torch.equal(q1[layer], q2[layer]) and torch.equal(k1[layer], k2[layer]), f"layer {layer}: modes differ"
+
+
+def test_torchvisions_vits_are_zoo_entries_built_small_with_their_own_widths_in_a_column_of_their_own():
+    """The whole zoo enumerates torchvision's ViT builders (README's table had no torchvision row) and builds each at
+    depth 2 with the builder's own patch size, heads and widths; the table gives torchvision its own column."""
+    pytest.importorskip("torchvision")
+    assert _torchvision_vits() == ["vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32"]
+    model, inputs = _torchvision_small("vit_b_32")
+    attn = model.encoder.layers[0].self_attention
+    assert (model.patch_size, model.hidden_dim, model.mlp_dim, attn.num_heads, len(model.encoder.layers)) == (
+        32, 768, 3072, 12, 2) and inputs["x"].shape == (1, 3, 128, 128)
+    assert check(model, inputs, "torchvision").status == "exact"
+    rows = [dict(model="vit_b_32", kind="torchvision", family="vision_transformer", status="exact", form="plain"),
+            dict(model="vit_tiny", kind="timm", family="vision_transformer", status="exact", form="plain")]
+    assert markdown_table(rows).splitlines() == [
+        "| family | timm | Hugging Face | torchvision | form | exact | refused, and why |", "|---|---|---|---|---|---|---|",
+        "| vision_transformer | `vit_tiny` |  |  | plain | maps and modes (1 of 1) |  |",
+        "| vision_transformer |  |  | `vit_b_32` | plain | maps and modes (1 of 1) |  |"]
