@@ -782,3 +782,16 @@ def test_an_unmodelled_form_of_a_multihead_attention_subclass_is_refused_with_sk
     for skip in (False, True):
         with pytest.raises(QKHooksError, match=r"'encoder.layers.encoder_layer_1.self_attention' \(Mine\): add_zero_attn"):
             qkhooks.sites(model, skip_unmodelled=skip)
+
+
+def test_a_downloaded_file_has_the_permissions_of_any_file_made_here(server, tmp_path):
+    """The cache may be shared: the file is made as torch's download makes it (the umask's mode), not 0600 as a
+    NamedTemporaryFile would leave it."""
+    url, served = server
+    served["body"] = b"weights"
+    old = os.umask(0o022)
+    try:
+        load._download(f"{url}/w.pth", tmp_path / "w.pth", 5.0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.pth").stat().st_mode & 0o777 == 0o644

@@ -557,13 +557,14 @@ def _download(url: str, path: Path, timeout: float) -> None:
     with every socket step bounded by ``timeout`` seconds (urllib's ``timeout``: the connection, the proxy's answer,
     each read), which torch's ``urlopen`` call has none of. The proxy variables are honoured as torch honours them (urllib reads them)."""
     import hashlib
-    import tempfile
     import urllib.request
+    import uuid
 
     from tqdm.auto import tqdm
 
     match = torch.hub.HASH_REGEX.search(path.name)
-    part = tempfile.NamedTemporaryFile("w+b", dir=path.parent, prefix=path.name + ".", suffix=".partial", delete=False)
+    # a name of its own, opened as a plain file (as torch does: NamedTemporaryFile's 0600 would be the cached file's)
+    part = open(path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial"), "xb")  # noqa: SIM115 - closed below
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})
         with part, urllib.request.urlopen(request, timeout=timeout) as response:
