@@ -250,6 +250,29 @@ def test_a_wrapped_model_is_refused_naming_the_wrapped_model():
             qkhooks.record(wrapper, modes=2)
 
 
+@pytest.mark.parametrize("part", ["blocks[0]", "blocks[0].attn", "blocks", "hf-layer", "hf-attention", "hf-layers"])
+def test_a_part_of_a_timm_or_hf_model_handed_in_is_refused_saying_to_pass_the_whole_model(part):
+    # Before: a timm block or attention was "unsupported attention ... teach qkhooks its form with register_adapter",
+    # a Sequential of blocks was told to record its first block (refused in turn), an HF layer got the adapters' list
+    import transformers
+
+    vit = timm.create_model("vit_tiny_patch16_224", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8).eval()
+    hf = transformers.ViTModel(transformers.ViTConfig(**_HF_SMALL))
+    module, what = {"blocks[0]": (vit.blocks[0], r"Block \(timm\.models\.vision_transformer\)"),
+                    "blocks[0].attn": (vit.blocks[0].attn, r"Attention \(timm\.layers\.attention\)"),
+                    "blocks": (vit.blocks, "Sequential of Block"),
+                    "hf-layer": (hf.layers[0], r"ViTLayer \(transformers\.models\.vit\.modeling_vit\)"),
+                    "hf-attention": (hf.layers[0].attention, r"ViTAttention \(transformers\.models\.vit\.[a-z_]+\)"),
+                    "hf-layers": (hf.layers, "ModuleList of ViTLayer")}[part]
+    library = "Hugging Face transformers" if part.startswith("hf") else "timm"
+    for call in (lambda: qkhooks.sites(module), lambda: qkhooks.record(module, modes=2).__enter__()):
+        with pytest.raises(QKHooksError, match=rf"^{what} is a part of a {library} model, not the model: .*Pass the "
+                                               r"whole model: record\(model\); for some layers only, record\(model, "
+                                               r"layers=\[0, 5\]\)"):
+            call()
+    assert len(qkhooks.sites(vit)) == 2 and len(qkhooks.sites(hf)) == 2  # the whole models are taken
+
+
 def test_the_unknown_grid_refusal_offers_only_what_works():
     site = qkhooks.sites(timm.create_model("levit_128s", img_size=(64, 96), embed_dim=(32, 48, 64), key_dim=8,
                                            num_heads=(2, 3, 4), depth=(1, 1, 1)))[0]

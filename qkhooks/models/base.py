@@ -631,6 +631,47 @@ _ADAPTERS: list[_Adapter] = []
 PART_HINTS: list[Callable[[nn.Module], str | None]] = []
 
 
+def _part_of_a_library_model(module: nn.Module) -> str | None:
+    """The refusal of a block, stage or attention of a timm or Hugging Face model handed in instead of the model
+    (``record(model.blocks[3])``, ``record(model.blocks)``), else None. Before, a timm part was refused with advice
+    for an unknown architecture (teach qkhooks its form with register_adapter) about an attention qkhooks models in
+    the whole model, and a Sequential of blocks was told to record its first block, which was refused in turn."""
+    if isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) and all(
+            _library_part(child) for child in module):
+        return _part_words(f"{type(module).__name__} of {type(module[0]).__name__}", _library_part(module[0]) or "")
+    library = _library_part(module)
+    return _part_words(f"{type(module).__name__} ({type(module).__module__})", library) if library else None
+
+
+def _library_part(module: nn.Module) -> str | None:
+    """"timm" or "Hugging Face transformers" where ``module`` is a part of such a model holding an attention, else
+    None. A timm model has ``forward_features`` (every class timm builds a model from has it; its backbones have
+    ``feature_info``); a transformers part is recorded where an adapter takes it (a CLIP vision tower is no
+    PreTrainedModel), so only one that none takes is a part."""
+    library = type(module).__module__.split(".")[0]
+    if not any("attention" in type(m).__name__.lower() for m in module.modules()):
+        return None
+    if library == "timm":
+        whole = any(hasattr(module, a) for a in ("forward_features", "pretrained_cfg", "feature_info"))
+    elif library == "transformers":
+        from transformers import PreTrainedModel
+
+        whole = isinstance(module, PreTrainedModel) or any(adapter.matches(module) for adapter in _ADAPTERS)
+    else:
+        return None
+    return None if whole else ("timm" if library == "timm" else "Hugging Face transformers")
+
+
+def _part_words(what: str, library: str) -> str:
+    return (f"{what} is a part of a {library} model, not the model: qkhooks finds the attention layers through the "
+            "whole model, whose forward says where each token comes from (its prefix tokens, then the patch grid), "
+            "which a part alone does not. Pass the whole model: record(model); for some layers only, "
+            "record(model, layers=[0, 5]) (layer indices, or module paths: qkhooks.sites(model) lists each layer's).")
+
+
+PART_HINTS.append(_part_of_a_library_model)
+
+
 def register_adapter(
     name: str,
     matches: Callable[[nn.Module], bool],
@@ -691,6 +732,9 @@ def find_sites(model: nn.Module, layers: "LayerSelection" = None, skip_unmodelle
 
 def _find_sites(model: nn.Module, layers: "LayerSelection", skip_unmodelled: bool) -> list[AttentionSite]:
     refuse_opaque(model)  # TorchScript, fx; quantised or compiled attention: no attention module to read, or no float weights
+    part = next(filter(None, (hint(model) for hint in PART_HINTS)), None)
+    if part:  # a part of a model handed in instead of the model (record(model.encoder)): before diagnose blames it
+        raise QKHooksError(part)
     with skipping_unmodelled(skip_unmodelled):
         diagnose(model)
         for adapter in _ADAPTERS:
@@ -714,9 +758,6 @@ def _find_sites(model: nn.Module, layers: "LayerSelection", skip_unmodelled: boo
                            f"to record: no attention of {type(model).__name__} is one qkhooks models exactly"
                            + (f" (left out with it: {', '.join(map(repr, others[:3]))}" + (" ..." if len(others) > 3 else "")
                               + ")" if others else "") + ".")
-    part = next(filter(None, (hint(model) for hint in PART_HINTS)), None)
-    if part:  # a part of a model an adapter knows, handed in instead of the model (record(model.encoder))
-        raise QKHooksError(part)
     if callable(getattr(model, "merge_and_unload", None)):  # a peft model: its q/k layers compute W x + B·A x
         raise QKHooksError(f"{type(model).__name__} holds adapter layers (peft) whose forward adds a term its weights "
                            f"do not say: {PEFT_FIX}.")
