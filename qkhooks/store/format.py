@@ -491,27 +491,31 @@ def read_skipped(f: h5py.File) -> list[tuple[str, ...]]:
     return [tuple(as_str(x) for x in row) for row in f[SKIPPED][()]]
 
 
-def read_skipped_prefix(f: h5py.File) -> tuple[list[tuple[str, ...]], int]:
+def read_skipped_prefix(f: h5py.File, stop: int | None = None) -> tuple[list[tuple[str, ...]], int]:
     """The rows of ``/images/skipped`` that read, from the first, and how many rows the list has: a reader says
-    which rows are lost (a killed writer's, or damage) where :func:`read_skipped` would only fail."""
+    which rows are lost (a killed writer's, or damage) where :func:`read_skipped` would only fail. ``stop``: rows from
+    there on are not read (``repair``: their strings lie past a cut file's end, where HDF5 would spin)."""
     if SKIPPED not in f:
         return [], 0
     ds = f[SKIPPED]
-    try:
-        return read_skipped(f), ds.shape[0]
-    except (OSError, UnicodeDecodeError):
-        return [tuple(as_str(x) for x in row) for row in ds[:readable_skipped_rows(ds)]], ds.shape[0]
+    if stop is None:
+        try:
+            return read_skipped(f), ds.shape[0]
+        except (OSError, UnicodeDecodeError):
+            stop = ds.shape[0]
+    return [tuple(as_str(x) for x in row) for row in ds[:readable_skipped_rows(ds, stop)]], ds.shape[0]
 
 
-def readable_skipped_rows(ds: h5py.Dataset) -> int:
-    """How many rows of ``/images/skipped`` (``ds``) read, from the first (all of them but in a damaged file): a
-    writer killed while HDF5 flushed the rows it added at a checkpoint can leave them on disk without their strings."""
-    for row in range(ds.shape[0]):
+def readable_skipped_rows(ds: h5py.Dataset, stop: int | None = None) -> int:
+    """How many rows of ``/images/skipped`` (``ds``) read, from the first (all of them but in a damaged file), of
+    its first ``stop`` (all: None): a writer killed while HDF5 flushed the rows it added at a checkpoint can leave
+    them on disk without their strings."""
+    for row in range(ds.shape[0] if stop is None else min(stop, ds.shape[0])):
         try:
             [as_str(x) for x in ds[row]]
         except (OSError, UnicodeDecodeError):
             return row
-    return ds.shape[0]
+    return ds.shape[0] if stop is None else min(stop, ds.shape[0])
 
 
 STALE_CHUNKS_WITHOUT_WALK = 64

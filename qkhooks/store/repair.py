@@ -30,7 +30,7 @@ import numpy as np
 
 from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import DamagedRunError, HeldOpenError, create_run_file, open_damaged
+from qkhooks.store._hdf5 import DamagedRunError, HeldOpenError, _Superblock, create_run_file, open_damaged
 from qkhooks.store.lock import short_of_room
 from qkhooks.store.reader import RunReader, held_shards, missing_shard_rows, rewritten_shards
 
@@ -147,7 +147,7 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     good = np.zeros(n, dtype=bool)
     digest_rows = None  # images a chunk of the source's id digests (None: it has none)
     try:
-        raw, unread = _read_ids(src[fmt.IDS], n)  # fewer than n where the ids were cut: the rest are lost
+        raw, unread = _read_ids(src[fmt.IDS], n, run, real_size)  # fewer than n where the ids were cut: the rest lost
         vouched = np.ones(len(raw), dtype=bool)
         vouched[unread] = False
         if unread:
@@ -197,8 +197,10 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     fmt.set_committed(dst, len(keep))
     lost = np.flatnonzero(~good).tolist()
     skipped = [(str(ids[i]) or f"row {i}", "unreadable in the damaged run file") for i in lost]
-    try:  # the rows that read, from the first (a killed writer's last rows, or damage, can lose the rest)
-        held, total = fmt.read_skipped_prefix(src)
+    try:  # the rows that read, from the first; none whose string a cut left outside the file is asked of HDF5 (a hang)
+        outside = _strings_outside(src[fmt.SKIPPED], src[fmt.SKIPPED].shape[0], run, real_size) \
+            if fmt.SKIPPED in src else set()
+        held, total = fmt.read_skipped_prefix(src, stop=min(outside, default=None))
         skipped = held + skipped  # type: ignore[operator]
         if len(held) < total:
             problems.append(_rows_line(f"/{fmt.SKIPPED}", [(len(held), total)], "the copy lists the images skipped "
@@ -264,30 +266,80 @@ def _spans(rows: Sequence[int]) -> list[tuple[int, int]]:
     return spans
 
 
-def _read_ids(ds: h5py.Dataset, n: int, block: int = 256) -> tuple[np.ndarray, list[int]]:
+def _read_ids(ds: h5py.Dataset, n: int, run: Path, real_size: int, block: int = 256) -> tuple[np.ndarray, list[int]]:
     """The first ``n`` ids (fewer where the array was cut) and the rows that do not read: read whole, else a block at
     a time and one by one inside a block that fails. Ids are variable-length strings kept in heap collections, so
-    one damaged collection loses the ids it holds, not every id (review r36: all 300 were lost to one 4 KiB block)."""
-    try:
-        return ds[:n], []
-    except _READ_ERRORS:
-        pass
+    one damaged collection loses the ids it holds, not every id (review r36: all 300 were lost to one 4 KiB block).
+    An id whose collection is not wholly in the file is not asked of HDF5 (:func:`_strings_outside`)."""
+    outside = _strings_outside(ds, n, run, real_size)
+    if not outside:
+        try:
+            return ds[:n], []
+        except _READ_ERRORS:
+            pass
     out = np.empty(min(n, ds.shape[0]), dtype=object)
-    unread: list[int] = []
+    out[:] = b""
+    unread: list[int] = sorted(outside)
+    skip = np.zeros(len(out), dtype=bool)
+    skip[unread] = True
     for lo in range(0, len(out), block):
         hi = min(lo + block, len(out))
         try:
-            out[lo:hi] = ds[lo:hi]
-            continue
+            if not skip[lo:hi].any():
+                out[lo:hi] = ds[lo:hi]
+                continue
         except _READ_ERRORS:
             pass
-        for row in range(lo, hi):
+        for row in np.flatnonzero(~skip[lo:hi]) + lo:
             try:
                 out[row] = ds[row]
             except _READ_ERRORS:
-                out[row] = b""
-                unread.append(row)
-    return out, unread
+                unread.append(int(row))
+    return out, sorted(unread)
+
+
+def _strings_outside(ds: h5py.Dataset, n: int, run: Path, real_size: int) -> set[int]:
+    """The rows of the first ``n`` of a variable-length string dataset (the ids, the skipped list) whose string lies
+    in a heap collection that is not wholly in the file (``real_size`` bytes), or whose chunk is not: HDF5 spins
+    without end reading a collection cut short (round 44: ``repair`` of a run cut inside one never returned). Read off
+    the chunks' raw bytes (each element: a 4-byte length, the collection's address, a 4-byte index) and each
+    collection's header ("GCOL", version, 3 reserved bytes, its size), never through HDF5's heap."""
+    block = _Superblock.read(run)
+    offsets, lengths = block.offsets, block.block[10] if len(block.block) > 10 else 0
+    if (block.version < 2 or offsets not in (4, 8) or lengths not in (4, 8) or not ds.chunks  # the layout qkhooks writes
+            or not ds.dtype.hasobject or ds.id.get_create_plist().get_nfilters()):
+        return set()
+    rows_per_chunk, width = ds.chunks[0], int(np.prod(ds.chunks[1:], dtype=np.int64))
+    reference = np.dtype([("length", "<u4"), ("address", f"<u{offsets}"), ("index", "<u4")])
+    rows = min(n, ds.shape[0])
+    where = _chunk_locations(ds)
+    outside: set[int] = set()
+    whole: dict[int, bool] = {}
+    with open(run, "rb") as fh:
+        def collection_inside(address: int) -> bool:
+            if address not in whole:
+                fh.seek(address)
+                head = fh.read(8 + lengths)
+                size = int.from_bytes(head[8:], "little") if len(head) == 8 + lengths else 0
+                whole[address] = head[:4] == b"GCOL" and size > 0 and address + size <= real_size
+            return whole[address]
+
+        for first in range(0, rows, rows_per_chunk):
+            last = min(first + rows_per_chunk, rows)
+            try:
+                offset, size = where.get(first, (None, 0)) if where is not None else _chunk_location(ds, first)
+            except _READ_ERRORS:
+                offset, size = None, 0
+            if offset is None or offset + size > real_size:
+                outside.update(range(first, last))  # the references themselves are not in the file (or unplaced)
+                continue
+            fh.seek(offset)
+            refs = np.frombuffer(fh.read((last - first) * width * reference.itemsize), reference).reshape(-1, width)
+            used = refs["length"] > 0
+            for address in np.unique(refs["address"][used]).tolist():
+                if not collection_inside(address):
+                    outside.update((first + np.flatnonzero((used & (refs["address"] == address)).any(axis=1))).tolist())
+    return outside
 
 
 def _format_attrs(f: h5py.File) -> dict[str, Any] | None:
