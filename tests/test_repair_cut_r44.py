@@ -294,3 +294,18 @@ def test_a_cut_inside_a_heap_collection_of_ids_is_repaired_in_bounded_time(tmp_p
         rows = [ids.index(i) for i in run.ids]
         for name in run.arrays():
             np.testing.assert_array_equal(run.array(name)[:], uncut[name][rows], err_msg=name)
+
+
+def test_repair_keeps_the_runs_skipped_list_where_its_strings_are_in_the_file(tmp_path):
+    """The skipped list is copied when every string of it is in the file (``_skipped_readable``, which checks its
+    heap collections as the ids' are checked before it reads them): here a whole file, whose list is kept as it is."""
+    from qkhooks.store import RunWriter
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path, attrs={"model": "x", "config": "{}"}) as writer:
+        writer.write_batch(["a", "b"], {"maps/a": np.zeros((2, 3), dtype=np.float32)})
+        writer.write_skipped([("bad.png", "truncated"), ("worse.png", "not an image")])
+    report = qkhooks.store.repair(path, tmp_path / "fixed.h5")
+    assert report.recovered == ["a", "b"]
+    with h5py.File(tmp_path / "fixed.h5", "r") as f:
+        assert fmt.read_skipped(f) == [("bad.png", "truncated"), ("worse.png", "not an image")]
