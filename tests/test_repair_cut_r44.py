@@ -297,8 +297,8 @@ def test_a_cut_inside_a_heap_collection_of_ids_is_repaired_in_bounded_time(tmp_p
 
 
 def test_repair_keeps_the_runs_skipped_list_where_its_strings_are_in_the_file(tmp_path):
-    """The skipped list is copied when every string of it is in the file (``_skipped_readable``, which checks its
-    heap collections as the ids' are checked before it reads them): here a whole file, whose list is kept as it is."""
+    """The skipped list is copied when every string of it is in the file (``_strings_outside`` checks its heap
+    collections as the ids' are checked before they are read): here a whole file, whose list is kept as it is."""
     from qkhooks.store import RunWriter
 
     path = tmp_path / "run.h5"
@@ -309,3 +309,34 @@ def test_repair_keeps_the_runs_skipped_list_where_its_strings_are_in_the_file(tm
     assert report.recovered == ["a", "b"]
     with h5py.File(tmp_path / "fixed.h5", "r") as f:
         assert fmt.read_skipped(f) == [("bad.png", "truncated"), ("worse.png", "not an image")]
+
+
+def test_repair_reads_no_skipped_row_from_the_first_whose_string_lies_outside_the_file(tmp_path, monkeypatch):
+    """Rows from the first whose heap collection a cut left outside the file are never asked of HDF5 (it would spin):
+    the copy keeps the rows before it and names the rest. The layout is forced (a cut there was not reproduced)."""
+    from qkhooks.store import RunWriter
+
+    repair_module = importlib.import_module("qkhooks.store.repair")
+    path = tmp_path / "run.h5"
+    with RunWriter(path, attrs={"model": "x", "config": "{}"}) as writer:
+        writer.write_batch(["a"], {"maps/a": np.zeros((1, 3), dtype=np.float32)})
+        writer.write_skipped([("bad.png", "truncated"), ("worse.png", "not an image"), ("odd.png", "truncated")])
+    real = repair_module._strings_outside
+    asked = []
+
+    def outside(ds, n, run, real_size):
+        if ds.name == f"/{fmt.SKIPPED}":
+            asked.append(n)
+            return {1, 2}
+        return real(ds, n, run, real_size)
+
+    monkeypatch.setattr(repair_module, "_strings_outside", outside)
+    report = qkhooks.store.repair(path, tmp_path / "fixed.h5")
+    assert asked == [3] and report.recovered == ["a"]
+    assert report.problems == ["/images/skipped: rows 1-2 do not read (the copy lists the images skipped in its "
+                               "first 1 rows only)"]
+    with h5py.File(tmp_path / "fixed.h5", "r") as f:
+        assert fmt.read_skipped(f) == [("bad.png", "truncated")]
+    with h5py.File(path, "r") as f:  # read_skipped_prefix's stop: no row from it is read
+        assert fmt.read_skipped_prefix(f, stop=1) == ([("bad.png", "truncated")], 3)
+        assert fmt.read_skipped_prefix(f, stop=0) == ([], 3)
