@@ -416,6 +416,27 @@ def test_a_forward_replaced_inside_the_record_context_is_refused_at_the_next_cal
     assert "inside this record() context" in str(err.value) and "del model.encoder.forward" in str(err.value)
 
 
+@pytest.mark.parametrize("method", ["forward", "_process_input"])
+def test_the_models_own_forward_replaced_inside_the_record_context_is_refused_at_the_next_call(method):
+    """Before: refused at the search only, so model._process_input (or model.forward) replaced inside record() ran
+    the image flipped (other tokens in every grid position) and the recording went on without a word."""
+    model = tiny()
+    own = getattr(type(model), method)
+    with qkhooks.record(model, attention="full") as run, torch.no_grad():
+        model(images())
+        setattr(model, method, types.MethodType(lambda self, x: own(self, x.flip(-1)), model))
+        with pytest.raises(QKHooksError) as err:
+            model(images())
+    assert run.layers == [0, 1]
+    assert (f"unsupported attention in 'encoder.layers.encoder_layer_0.self_attention' (MultiheadAttention): model has "
+            f"its {method} replaced on the instance (model.{method} = ") in str(err.value)
+    assert "inside this record() context" in str(err.value) and f"del model.{method}" in str(err.value)
+    delattr(model, method)  # the fix the refusal names
+    with qkhooks.record(model) as run, torch.no_grad():
+        model(images())
+    assert run.layers == [0, 1]
+
+
 def test_an_encoder_of_another_class_or_forward_is_refused():
     from torchvision.models.vision_transformer import Encoder
 

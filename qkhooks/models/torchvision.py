@@ -139,12 +139,21 @@ def _code(path: str) -> str:
     return "model" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in path.split(".") if p)
 
 
-def _how_to_restore(how: str, code: str) -> str:
+def _how_to_restore(how: str, code: str, method: str = "forward") -> str:
     """The fix of :func:`_unknown_forward`'s finding: undo an instance patch, or record a plain model."""
     if "replaced on the instance" in how:
-        return (f"restore the class's own forward while recording (del {code}.forward, or the patching tool's own way "
-                f"to undo it), or {_FIX}")
+        return (f"restore the class's own {method} while recording (del {code}.{method}, or the patching tool's own "
+                f"way to undo it), or {_FIX}")
     return _FIX
+
+
+def _replaced_model_method(model: nn.Module) -> str | None:
+    """Which of the VisionTransformer's ``forward`` / ``_process_input`` is replaced on the instance (accelerate's
+    device-moving forward taken), as :func:`find` refuses at the search, or None."""
+    for method in ("forward", "_process_input"):
+        if method in model.__dict__ and not (method == "forward" and moves_devices_only(model)):
+            return method
+    return None
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,8 +170,18 @@ class MultiheadAttentionSite(AttentionSite):
     must stay their classes' own at every call (the search checked them; a patch inside ``record()`` is seen here)."""
 
     route: tuple[tuple[str, str, nn.Module], ...] = ()
+    model_ref: Callable[[], nn.Module | None] | None = None
+    """A weak reference to the VisionTransformer (the cached sites must not keep it alive): its own ``forward`` and
+    ``_process_input`` (the class token, then the grid) replaced on the instance inside ``record()`` are seen here."""
 
     def refuse_unmodelled_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        model = self.model_ref() if self.model_ref is not None else None
+        if model is not None and ("forward" in model.__dict__ or "_process_input" in model.__dict__):
+            method = _replaced_model_method(model)
+            if method:
+                how = (f"model has its {method} replaced on the instance (model.{method} = "
+                       f"{_name(model.__dict__[method])})")
+                raise QKHooksError(_route_refusal(self.path, self.module, how, "model", since=True, method=method))
         for label, code, module in self.route:  # a dict read each: this runs at every call of every layer
             if "forward" in module.__dict__:
                 how = _replaced_forward(module, label, code)
@@ -222,14 +241,14 @@ def _pixel_convs(model: nn.Module) -> tuple[tuple[int, int] | None, Callable[[],
     return None, chain
 
 
-def _route_refusal(path: str, attn: nn.Module, how: str, code: str, since: bool = False) -> str:
+def _route_refusal(path: str, attn: nn.Module, how: str, code: str, since: bool = False, method: str = "forward") -> str:
     """The refusal of an attention whose route from the image (its encoder's, their layers' or its block's forward, or
     its own) is not torchvision's: which tokens it is handed, in what order, is then not known."""
     when = " inside this record() context (or since its sites were found)" if since else ""
     return (f"unsupported attention in {path!r} ({type(attn).__name__}): {how}{when}, so how the tokens reach this "
             "attention (the class token first, then the patch grid in raster order, after ln_1 as query, key and "
             "value) and what it computes with them is not known to qkhooks: the maps, modes and grid recorded could "
-            f"describe other tokens than those it runs on; {_how_to_restore(how, code)}.")
+            f"describe other tokens than those it runs on; {_how_to_restore(how, code, method)}.")
 
 
 def _encoder_route(model: nn.Module) -> tuple[tuple[str, str, nn.Module], ...]:
@@ -302,7 +321,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
             head_dim=int(attn.head_dim), dim=dim, scale=float(attn.head_dim) ** -0.5, num_prefix_tokens=1, grid=grid,
             family="torchvision-vit", input_name="query", block_input_name="input", qk_linear=packed_qk_rows(attn),
             patch_size=patch_size, pixel_convs=pixel_convs, grid_source=grid_source,
-            route=route + ((f"its block {name!r}", code, block),),
+            route=route + ((f"its block {name!r}", code, block),), model_ref=weakref.ref(model),
         ))
     refuse_uncovered(model, sites)
     return sites
