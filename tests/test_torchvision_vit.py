@@ -437,6 +437,19 @@ def test_the_models_own_forward_replaced_inside_the_record_context_is_refused_at
     assert run.layers == [0, 1]
 
 
+def test_a_compiled_patch_embedding_is_refused_as_compiled_not_as_a_replaced_forward():
+    """Before: torch.compile(model.conv_proj) (a wrapper whose forward is dynamo's) was refused as 'its forward
+    replaced on the instance' with the fix 'del model.conv_proj.forward', which breaks the wrapper; the refusal is
+    refuse_compiled's, which names torch.compile (qkhooks hooks conv_proj for the grid)."""
+    model = tiny()
+    model.conv_proj = torch.compile(model.conv_proj, backend="eager")
+    with pytest.raises(QKHooksError) as err:
+        with qkhooks.record(model):
+            pass
+    assert "'conv_proj' (OptimizedModule) is compiled by torch.compile (a compiled wrapper)" in str(err.value)
+    assert "replaced on the instance" not in str(err.value) and "del model.conv_proj.forward" not in str(err.value)
+
+
 def test_an_encoder_of_another_class_or_forward_is_refused():
     from torchvision.models.vision_transformer import Encoder
 

@@ -38,8 +38,8 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import PART_HINTS, AttentionSite, QKRows, register_adapter
-from qkhooks.models.unsupported import (SKIP_HINT, UNMODELLED_FORMS, moves_devices_only, refuse_uncovered,
-                                        skipping_now)
+from qkhooks.models.unsupported import (SKIP_HINT, UNMODELLED_FORMS, compiled_by_dynamo, moves_devices_only,
+                                        refuse_uncovered, skipping_now)
 
 _VIT = "torchvision.models.vision_transformer.VisionTransformer"
 _ENCODER = "torchvision.models.vision_transformer.Encoder"
@@ -129,8 +129,8 @@ def _unknown_forward(module: Any, base_name: str, label: str, code: str) -> str 
 def _replaced_forward(module: nn.Module, label: str, code: str) -> str | None:
     """How ``module`` has its forward replaced on the instance (not by accelerate's device placement only), or None."""
     forward = module.__dict__.get("forward")
-    if forward is None or moves_devices_only(module):
-        return None
+    if forward is None or moves_devices_only(module) or compiled_by_dynamo(module) == "a compiled wrapper":
+        return None  # a torch.compile wrapper's own forward: refuse_compiled names it where qkhooks hooks it
     return f"{label} has its forward replaced on the instance ({code}.forward = {_name(forward)})"
 
 
