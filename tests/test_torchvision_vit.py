@@ -450,6 +450,53 @@ def test_a_compiled_patch_embedding_is_refused_as_compiled_not_as_a_replaced_for
     assert "replaced on the instance" not in str(err.value) and "del model.conv_proj.forward" not in str(err.value)
 
 
+class _FlippedStem(nn.Module):
+    """A patch embedding that mirrors the image before torchvision's conv: every token shows other pixels."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.flip(-1))
+
+
+class _FlippingConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.flip(-1))
+
+
+@pytest.mark.parametrize("stem", ["wrapper", "subclass"])
+def test_a_patch_embedding_of_another_module_is_refused_at_the_search(stem):
+    """Before: a conv_proj of another class (a wrapper, a Conv2d subclass with its own forward) was taken, the
+    convolutions inside read as the pixels each token shows, while it mirrored the image first."""
+    model = tiny()
+    if stem == "wrapper":
+        model.conv_proj = _FlippedStem(model.conv_proj)
+    else:
+        conv = model.conv_proj
+        model.conv_proj = _FlippingConv(3, DIM, PATCH, PATCH)
+        model.conv_proj.load_state_dict(conv.state_dict())
+    for skip in (False, True):
+        with pytest.raises(QKHooksError, match="model.conv_proj (is a _FlippedStem, not the nn.Conv2d|"
+                                               r"\(_FlippingConv\) overrides Conv2d.forward).*which pixels each token shows"):
+            qkhooks.sites(model, skip_unmodelled=skip)
+
+
+def test_a_patch_embedding_replaced_inside_the_record_context_is_refused_at_the_next_call():
+    """Before: model.conv_proj = wrapper(...) inside record() was recorded without a word (the module is not above the
+    attention, so the replaced-module check did not see it; the grid and pixels were the old conv's)."""
+    model = tiny()
+    with qkhooks.record(model, attention="full") as run, torch.no_grad():
+        model(images())
+        model.conv_proj = _FlippedStem(model.conv_proj)
+        with pytest.raises(QKHooksError) as err:
+            model(images())
+    assert run.layers == [0, 1]
+    assert ("model.conv_proj is no longer the module qkhooks found (Conv2d then, _FlippedStem now): it was replaced "
+            "inside this record() context") in str(err.value)
+
+
 def test_an_encoder_of_another_class_or_forward_is_refused():
     from torchvision.models.vision_transformer import Encoder
 

@@ -182,6 +182,11 @@ class MultiheadAttentionSite(AttentionSite):
                 how = (f"model has its {method} replaced on the instance (model.{method} = "
                        f"{_name(model.__dict__[method])})")
                 raise QKHooksError(_route_refusal(self.path, self.module, how, "model", since=True, method=method))
+        if model is not None and self.route and model._modules.get("conv_proj") is not self.route[0][2]:
+            now = model._modules.get("conv_proj")
+            how = (f"model.conv_proj is no longer the module qkhooks found ({type(self.route[0][2]).__name__} then, "
+                   f"{type(now).__name__} now): it was replaced")
+            raise QKHooksError(_route_refusal(self.path, self.module, how, "model.conv_proj", since=True))
         for label, code, module in self.route:  # a dict read each: this runs at every call of every layer
             if "forward" in module.__dict__:
                 how = _replaced_forward(module, label, code)
@@ -251,6 +256,21 @@ def _route_refusal(path: str, attn: nn.Module, how: str, code: str, since: bool 
             f"describe other tokens than those it runs on; {_how_to_restore(how, code, method)}.")
 
 
+def _stem_problem(conv: nn.Module, label: str, code: str) -> str | None:
+    """How the patch embedding ``conv`` is not one torchvision builds (an ``nn.Conv2d``, or the ``nn.Sequential`` of a
+    convolutional stem, each running its class's own forward), or None: another module (a wrapper that flips or crops
+    the image first) would make other tokens of the pixels than the convolutions read off it say. A torch.compile
+    wrapper is left to refuse_compiled (qkhooks hooks the patch embedding), which names it."""
+    if compiled_by_dynamo(conv) == "a compiled wrapper":
+        return None
+    base = nn.Conv2d if isinstance(conv, nn.Conv2d) else nn.Sequential if isinstance(conv, nn.Sequential) else None
+    if base is None:
+        return f"{label} is a {type(conv).__name__}, not the nn.Conv2d (or nn.Sequential stem) torchvision builds"
+    if type(conv).forward is not base.forward:
+        return f"{label} ({type(conv).__name__}) overrides {base.__name__}.forward"
+    return _replaced_forward(conv, label, code)
+
+
 def _encoder_route(model: nn.Module) -> tuple[tuple[str, str, nn.Module], ...]:
     """(label, code, module) of the model's patch embedding ``conv_proj`` (a forward replaced on the instance: its
     class varies with the stem), its ``Encoder`` and the encoder's ``layers`` Sequential, each running its class's own
@@ -261,7 +281,7 @@ def _encoder_route(model: nn.Module) -> tuple[tuple[str, str, nn.Module], ...]:
     route = (("model.conv_proj", "model.conv_proj", model.conv_proj), ("model.encoder", "model.encoder", encoder),
              ("model.encoder.layers", "model.encoder.layers", layers))
     for (label, code, module), base in zip(route, (None, _ENCODER, _SEQUENTIAL)):
-        how = _unknown_forward(module, base, label, code) if base else _replaced_forward(module, label, code)
+        how = _unknown_forward(module, base, label, code) if base else _stem_problem(module, label, code)
         if how:
             raise QKHooksError(
                 f"{type(model).__name__}: {how}, so how the tokens reach the encoder blocks (the class token first, then "
