@@ -273,6 +273,23 @@ def test_a_part_of_a_timm_or_hf_model_handed_in_is_refused_saying_to_pass_the_wh
     assert len(qkhooks.sites(vit)) == 2 and len(qkhooks.sites(hf)) == 2  # the whole models are taken
 
 
+@pytest.mark.parametrize("part", ["cait-talking-heads", "cait-class-attention", "convit-gpsa"])
+def test_a_part_whose_attention_is_not_named_attention_is_refused_saying_to_pass_the_whole_model(part):
+    # Before: CaiT's TalkingHeadAttn / ClassAttn and ConViT's GPSA blocks (forms the whole model records) handed in
+    # were "qkhooks does not model this attention form ... teach qkhooks its form with register_adapter"
+    cait = timm.create_model("cait_xxs24_224", img_size=32, patch_size=8, embed_dim=32, num_heads=2, depth=1,
+                             depth_token_only=1)
+    convit = timm.create_model("convit_tiny", img_size=32, patch_size=8, embed_dim=32, num_heads=2, depth=2,
+                               local_up_to_layer=1)
+    module, what = {"cait-talking-heads": (cait.blocks[0], "LayerScaleBlock"),
+                    "cait-class-attention": (cait.blocks_token_only[0], "LayerScaleBlockClassAttn"),
+                    "convit-gpsa": (convit.blocks[0], "Block")}[part]
+    with pytest.raises(QKHooksError, match=rf"^{what} \(timm\.models\.[a-z]+\) is a part of a timm model, not the "
+                                           r"model: .*Pass the whole model: record\(model\)"):
+        qkhooks.sites(module)
+    assert qkhooks.sites(cait if part.startswith("cait") else convit)  # the whole model is taken
+
+
 def test_the_unknown_grid_refusal_offers_only_what_works():
     site = qkhooks.sites(timm.create_model("levit_128s", img_size=(64, 96), embed_dim=(32, 48, 64), key_dim=8,
                                            num_heads=(2, 3, 4), depth=(1, 1, 1)))[0]

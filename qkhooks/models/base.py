@@ -20,7 +20,7 @@ from torch import nn
 from qkhooks._devices import to_device
 from qkhooks.access import layer_at_path
 from qkhooks.errors import QKHooksError
-from qkhooks.models.unsupported import (PEFT_FIX, SKIP_HINT, describe_attention_like, diagnose, refuse_opaque, refuse_quantised,
+from qkhooks.models.unsupported import (PEFT_FIX, SKIP_HINT, attention_like, describe_attention_like, diagnose, refuse_opaque, refuse_quantised,
                                         refuse_unplain_qk, skipping_unmodelled, unmodelled_parts, unmodelled_reason,
                                         watch_qk_path)
 
@@ -649,17 +649,23 @@ def _library_part(module: nn.Module) -> str | None:
     ``feature_info``); a transformers part is recorded where an adapter takes it (a CLIP vision tower is no
     PreTrainedModel), so only one that none takes is a part."""
     library = type(module).__module__.split(".")[0]
-    if not any("attention" in type(m).__name__.lower() for m in module.modules()):
-        return None
     if library == "timm":
-        whole = any(hasattr(module, a) for a in ("forward_features", "pretrained_cfg", "feature_info"))
+        if any(hasattr(module, a) for a in ("forward_features", "pretrained_cfg", "feature_info")):
+            return None
     elif library == "transformers":
         from transformers import PreTrainedModel
 
-        whole = isinstance(module, PreTrainedModel) or any(adapter.matches(module) for adapter in _ADAPTERS)
+        if isinstance(module, PreTrainedModel):
+            return None
     else:
         return None
-    return None if whole else ("timm" if library == "timm" else "Hugging Face transformers")
+    # an attention by name, or one that owns q/k projections under another (CaiT's TalkingHeadAttn / ClassAttn,
+    # ConViT's GPSA): the whole model models them
+    if not any("attention" in type(m).__name__.lower() for m in module.modules()) and not attention_like(module):
+        return None
+    if library == "transformers" and any(adapter.matches(module) for adapter in _ADAPTERS):
+        return None
+    return "timm" if library == "timm" else "Hugging Face transformers"
 
 
 def _part_words(what: str, library: str) -> str:
