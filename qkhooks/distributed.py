@@ -175,7 +175,11 @@ class _Shard:
         self.n, self.states = self._consistent()
         self.ids = fmt.read_ids(f, self.n)  # checked against their digests where the shard has them
         self.digest_rows = f[fmt.ID_DIGESTS].chunks[0] if fmt.ID_DIGESTS in f else None
-        self.skipped, total = fmt.read_skipped_prefix(f)
+        try:
+            self.skipped, total = fmt.read_skipped_prefix(f)
+        except ValueError as exc:  # not laid out as qkhooks writes it: damage
+            raise QKHooksError(f"cannot merge {path}: {exc}; repair it (`qkhooks repair SHARD --out COPY`) and merge "
+                               "the copy.") from None
         if len(self.skipped) < total:  # merged, the run would not list every image its recording skipped
             fix = ("it is damaged: repair it (`qkhooks repair SHARD --out COPY`, which keeps the rows that read) and "
                    "merge the copy" if self.complete else "its writer was killed while it added rows: resume that "

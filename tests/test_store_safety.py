@@ -446,6 +446,48 @@ def test_a_merge_refuses_a_shard_whose_skipped_list_does_not_read_whole(tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize("layout", ["one-column", "numbers"])
+def test_a_skipped_list_not_laid_out_as_qkhooks_writes_it_is_damage_never_other_rows(tmp_path, layout, capsys):
+    # Before: a 1-D list of ids read as rows of character codes ('120', '46', ...), a numeric one as ('0', '0'),
+    # without a word; the summary failed with a raw ValueError; verify called the run whole; repair copied the
+    # character codes as (id, reason) pairs
+    from qkhooks.distributed import merge_shards, shard_path
+
+    for path, attrs in ((tmp_path / "run.h5", None),
+                        (shard_path(tmp_path / "merged.h5", 0, 1), {"model": "m", "data": "photos",
+                                                                    "config": json.dumps({"shard": [0, 1]})})):
+        w = RunWriter(path, dtype="float32", **({"attrs": attrs} if attrs else {}))
+        w.write_batch(["a"], {"v": np.zeros((1, 1))})
+        w.close(complete=True)
+        with h5py.File(path, "r+") as f:
+            del f[fmt.SKIPPED]
+            if layout == "one-column":
+                f.create_dataset(fmt.SKIPPED, data=np.array(["x.png", "y.png"], dtype=object), dtype=h5py.string_dtype())
+            else:
+                f.create_dataset(fmt.SKIPPED, data=np.zeros((2, 2), dtype=np.int64))
+    out = tmp_path / "run.h5"
+    shape = "a \\(2,\\) dataset of object" if layout == "one-column" else "a \\(2, 2\\) dataset of int64"
+    with open_run(out) as run:
+        with pytest.raises(QKHooksError, match=rf"is damaged \(its list of skipped images /images/skipped is {shape}, "
+                                               r"not the \(n, 2\) strings \(image id, reason\) qkhooks writes\): run "
+                                               r"`qkhooks repair"):
+            run.skipped
+        run.summary()
+        assert len(run.problems) == 1 and "not the (n, 2) strings" in run.problems[0]
+    capsys.readouterr()
+    assert main_rc(["info", str(out)]) == 2
+    assert not verify_run(out).ok
+    fixed = repair(out, tmp_path / "fixed.h5")
+    assert fixed.recovered == ["a"] and "not the (n, 2) strings" in fixed.problems[0]
+    with open_run(tmp_path / "fixed.h5") as run:
+        assert run.skipped == []
+    with pytest.raises(QKHooksError, match=r"cannot merge .*merged\.rank0-of-1\.h5: its list of skipped images "
+                                           r"/images/skipped is .*; repair it"):
+        merge_shards(tmp_path / "merged.h5", copy=True)
+    assert not (tmp_path / "merged.h5").exists()
+    capsys.readouterr()
+
+
 class _Resizes:
     """A dataset that records the sizes it is resized to; ``walk=False`` shows it as h5py built against an HDF5
     without ``H5Dchunk_iter`` (h5py 3.8's wheels) does: its ``id`` has no ``chunk_iter``."""

@@ -484,20 +484,37 @@ def id_datasets(f: h5py.File) -> list[h5py.Dataset]:
     return [f[IDS]] + ([f[ID_DIGESTS]] if ID_DIGESTS in f else [])
 
 
-def read_skipped(f: h5py.File) -> list[tuple[str, ...]]:
-    """The (id, reason) rows of ``/images/skipped`` (empty for files written before it)."""
+def _skipped_dataset(f: h5py.File) -> h5py.Dataset | None:
+    """``/images/skipped`` (None for files written before it), refused (ValueError) where it is not the (n, 2) strings
+    every writer lays out: a damaged or hand-made list would otherwise read as other rows (a 1-D list as pairs of
+    character codes) without a word."""
     if SKIPPED not in f:
+        return None
+    ds = f[SKIPPED]
+    if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.shape[1] != 2 or \
+            h5py.check_string_dtype(ds.dtype) is None:
+        what = "a group" if not isinstance(ds, h5py.Dataset) else f"a {ds.shape} dataset of {ds.dtype}"
+        raise ValueError(f"its list of skipped images /{SKIPPED} is {what}, not the (n, 2) strings (image id, reason) "
+                         "qkhooks writes")
+    return ds
+
+
+def read_skipped(f: h5py.File) -> list[tuple[str, ...]]:
+    """The (id, reason) rows of ``/images/skipped`` (empty for files written before it); ValueError where the list is
+    not laid out as qkhooks writes it."""
+    ds = _skipped_dataset(f)
+    if ds is None:
         return []
-    return [tuple(as_str(x) for x in row) for row in f[SKIPPED][()]]
+    return [tuple(as_str(x) for x in row) for row in ds[()]]
 
 
 def read_skipped_prefix(f: h5py.File, stop: int | None = None) -> tuple[list[tuple[str, ...]], int]:
     """The rows of ``/images/skipped`` that read, from the first, and how many rows the list has: a reader says
     which rows are lost (a killed writer's, or damage) where :func:`read_skipped` would only fail. ``stop``: rows from
     there on are not read (``repair``: their strings lie past a cut file's end, where HDF5 would spin)."""
-    if SKIPPED not in f:
+    ds = _skipped_dataset(f)
+    if ds is None:
         return [], 0
-    ds = f[SKIPPED]
     if stop is None:
         try:
             return read_skipped(f), ds.shape[0]

@@ -645,7 +645,10 @@ class RunReader:
     def skipped(self) -> list[tuple[str, str]]:
         """The (id, reason) rows of the images the recording skipped. A list whose last rows do not read is refused,
         saying how the run is mended, never returned shorter."""
-        rows, total = fmt.read_skipped_prefix(self.file)
+        try:
+            rows, total = fmt.read_skipped_prefix(self.file)
+        except ValueError as exc:  # not laid out as qkhooks writes it: damage, never rows read as others
+            raise QKHooksError(damaged_message(self.path, str(exc))) from None
         if len(rows) < total:
             raise QKHooksError(self._lost_skipped_rows(len(rows), total))
         return rows  # type: ignore[return-value]
@@ -995,7 +998,13 @@ class RunReader:
             f"format   {fmt.describe_format(self.attrs)}",
         ]
         self.problems = []
-        skipped, total = fmt.read_skipped_prefix(self.file)
+        try:
+            skipped, total = fmt.read_skipped_prefix(self.file)
+        except ValueError as exc:  # not laid out as qkhooks writes it
+            skipped, total = [], 0
+            lines.append("skipped  unreadable")
+            self.problems.append(f"{exc}: run `qkhooks repair {self.path} --out FIXED.h5` to copy every image still "
+                                 "readable into a new file")
         if total:
             lines.append(f"skipped  {total}: " + ", ".join(i for i, _ in skipped[:5]) + (" ..." if total > 5 else "")
                          + (f"  (rows {len(skipped)}-{total - 1} do not read)" if len(skipped) < total else ""))
