@@ -17,8 +17,9 @@ torch takes ``is_causal`` only with ``attn_mask``) or keys or values other than 
 site. Where the tokens come from and in what order (the class token first, then the grid) is what the forwards from
 the model down to each block say: ``VisionTransformer`` (``forward``, ``_process_input``), its ``Encoder``, the
 ``encoder.layers`` Sequential and each ``EncoderBlock`` must run their classes' own forwards, neither overridden by a
-subclass nor replaced on the instance (``module.forward = ...``; ``conv_proj``'s neither), checked at the search and again at every call of
-each attention (a patch made inside ``record()``); a block elsewhere, or any of those changed, refuses the model, with
+subclass nor replaced on the instance (``module.forward = ...``; ``conv_proj``'s neither, nor the model's own
+``forward`` / ``_process_input``), ``conv_proj`` being the ``nn.Conv2d`` (or ``nn.Sequential`` stem) torchvision builds, checked at the search and again at every call of
+each attention (a patch or a ``conv_proj`` replaced inside ``record()``); a block elsewhere, or any of those changed, refuses the model, with
 ``skip_unmodelled`` too (later blocks' token layout rests on it). A part of the model handed in instead of the model
 (``record(model.encoder)``, one block) is refused saying to pass the whole model. Other models holding a
 MultiheadAttention (OpenAI CLIP, open_clip) are not matched: refused as before. The class is matched by name, so
