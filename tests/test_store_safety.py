@@ -446,7 +446,7 @@ def test_a_merge_refuses_a_shard_whose_skipped_list_does_not_read_whole(tmp_path
     assert not out.exists()
 
 
-@pytest.mark.parametrize("layout", ["one-column", "numbers"])
+@pytest.mark.parametrize("layout", ["one-column", "numbers", "group"])
 def test_a_skipped_list_not_laid_out_as_qkhooks_writes_it_is_damage_never_other_rows(tmp_path, layout, capsys):
     # Before: a 1-D list of ids read as rows of character codes ('120', '46', ...), a numeric one as ('0', '0'),
     # without a word; the summary failed with a raw ValueError; verify called the run whole; repair copied the
@@ -463,10 +463,13 @@ def test_a_skipped_list_not_laid_out_as_qkhooks_writes_it_is_damage_never_other_
             del f[fmt.SKIPPED]
             if layout == "one-column":
                 f.create_dataset(fmt.SKIPPED, data=np.array(["x.png", "y.png"], dtype=object), dtype=h5py.string_dtype())
+            elif layout == "group":  # before: verify called the run whole, repair died on the group's missing shape
+                f.create_group(fmt.SKIPPED)
             else:
                 f.create_dataset(fmt.SKIPPED, data=np.zeros((2, 2), dtype=np.int64))
     out = tmp_path / "run.h5"
-    shape = "a \\(2,\\) dataset of object" if layout == "one-column" else "a \\(2, 2\\) dataset of int64"
+    shape = {"one-column": "a \\(2,\\) dataset of object", "numbers": "a \\(2, 2\\) dataset of int64",
+             "group": "a group"}[layout]
     with open_run(out) as run:
         with pytest.raises(QKHooksError, match=rf"is damaged \(its list of skipped images /images/skipped is {shape}, "
                                                r"not the \(n, 2\) strings \(image id, reason\) qkhooks writes\): run "

@@ -198,8 +198,9 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     lost = np.flatnonzero(~good).tolist()
     skipped = [(str(ids[i]) or f"row {i}", "unreadable in the damaged run file") for i in lost]
     try:  # the rows that read, from the first; none whose string a cut left outside the file is asked of HDF5 (a hang)
-        outside = _strings_outside(src[fmt.SKIPPED], src[fmt.SKIPPED].shape[0], run, real_size) \
-            if fmt.SKIPPED in src else set()
+        listed = src.get(fmt.SKIPPED)  # a group in its place is refused as damage by read_skipped_prefix
+        outside = _strings_outside(listed, listed.shape[0], run, real_size) \
+            if isinstance(listed, h5py.Dataset) and listed.ndim else set()
         held, total = fmt.read_skipped_prefix(src, stop=min(outside, default=None))
         skipped = held + skipped  # type: ignore[operator]
         if len(held) < total:
@@ -742,6 +743,11 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
                 statics += 1
         except _READ_ERRORS as exc:
             problems.append(f"/{name} unreadable ({exc})")
+    try:  # a group in the skipped list's place: the walk above lists datasets only
+        if fmt.SKIPPED in f and fmt.SKIPPED not in found:
+            fmt.read_skipped_prefix(f)
+    except _READ_ERRORS as exc:
+        problems.append(f"/{fmt.SKIPPED} unreadable ({exc})")
     lost = fmt.lost_statics(f.attrs)
     try:  # the JSON attributes every reader parses (they carry no checksum): one that no longer parses is damage
         for key in ("config", fmt.IDENTITY, "image_config"):  # identity: the run id that ties its checkpoint to it
