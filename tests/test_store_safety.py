@@ -406,7 +406,7 @@ def test_an_unfinished_runs_half_written_skipped_list_is_said_with_the_resume_th
     assert main_rc(["info", str(out)]) == 0
     report = verify_run(out)
     assert report.ok and len(report.resumable) == 1 and "reads up to row 2 of 3" in report.resumable[0]
-    assert "result   every committed part read; the writer left the part named above half-written" in report.summary()
+    assert "result   every committed part read; the part named above is half-written" in report.summary()
     assert main_rc(["info", "--verify", str(out)]) == 0
     capsys.readouterr()
 

@@ -682,8 +682,8 @@ class VerifyReport:
         if self.problems:
             lines.append(f"result   DAMAGED: {fix}")
         elif self.resumable:
-            lines.append("result   every committed part read; the writer left the part named above half-written, "
-                         "which a resume writes again")
+            lines.append("result   every committed part read; the part named above is half-written (its line says "
+                         "what to do)")
         elif self.arrays and not unsummed:
             lines.append("result   every part read, every chunk passed its checksum" +
                          (" and every id its digest" if self.id_digests else " (the ids carry none)"))
