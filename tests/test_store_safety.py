@@ -403,10 +403,12 @@ def test_an_unfinished_runs_half_written_skipped_list_is_said_with_the_resume_th
         summary = run.summary()
         assert run.problems == []
     assert "skipped  3: x.png, w.png  (rows 2-2 do not read)" in summary and "plus --resume" in summary
+    assert "         " + str(out) + ": its list of skipped images /images/skipped reads up to row 2 of 3 " in summary
     assert main_rc(["info", str(out)]) == 0
     report = verify_run(out)
     assert report.ok and len(report.resumable) == 1 and "reads up to row 2 of 3" in report.resumable[0]
     assert "result   every committed part read; the part named above is half-written" in report.summary()
+    assert report.summary().startswith(f"verify   {out}\n") and "\nresume   " + report.resumable[0] in report.summary()
     assert main_rc(["info", "--verify", str(out)]) == 0
     capsys.readouterr()
 
@@ -439,11 +441,41 @@ def test_a_merge_refuses_a_shard_whose_skipped_list_does_not_read_whole(tmp_path
 
     out = tmp_path / "run.h5"
     _torn_skipped_list(shard_path(out, 0, 1), complete=complete, shard=[0, 1])
-    fix = "repair it" if complete else "resume that shard"
-    with pytest.raises(QKHooksError, match=rf"cannot merge .*run\.rank0-of-1\.h5: its list of skipped images "
-                                           rf"/images/skipped reads up to row 2 of 3; .*{fix}"):
+    fix = ("it is damaged: repair it (`qkhooks repair SHARD --out COPY`, which keeps the rows that read) and merge the "
+           "copy." if complete else "its writer was killed while it added rows: resume that shard (its command plus "
+           "--resume), which writes the list again, then merge again.")
+    with pytest.raises(QKHooksError) as refused:
         merge_shards(out, copy=True)
+    assert str(refused.value) == (f"cannot merge {shard_path(out, 0, 1)}: its list of skipped images /images/skipped "
+                                  f"reads up to row 2 of 3; {fix}")
     assert not out.exists()
+
+
+def test_a_shard_whose_skipped_list_reads_whole_merges_with_it(tmp_path):
+    from qkhooks.distributed import merge_shards, shard_path
+
+    out = tmp_path / "run.h5"
+    attrs = {"model": "m", "data": "photos", "config": json.dumps({"shard": [0, 1]})}
+    with RunWriter(shard_path(out, 0, 1), dtype="float32", attrs=attrs) as w:
+        w.write_batch(["a"], {"v": np.zeros((1, 1))})
+        w.write_skipped([("x.png", "unreadable")])
+    merge_shards(out, copy=True)
+    with open_run(out) as run:
+        assert run.ids == ["a"] and run.skipped == [("x.png", "unreadable")]
+
+
+def test_the_summary_names_the_first_five_skipped_images_of_a_whole_list(tmp_path):
+    out = tmp_path / "run.h5"
+    names = [(f"{i}.png", "unreadable") for i in range(6)]
+    with RunWriter(out, dtype="float32") as w:
+        w.write_batch(["a"], {"v": np.zeros((1, 1))})
+        w.write_skipped(names[:2])
+    with open_run(out) as run:
+        assert "skipped  2: 0.png, 1.png\n" in run.summary()
+    with RunWriter(out, mode="resume", dtype="float32") as w:
+        w.write_skipped(names)
+    with open_run(out) as run:
+        assert "skipped  6: 0.png, 1.png, 2.png, 3.png, 4.png ...\n" in run.summary() and run.problems == []
 
 
 @pytest.mark.parametrize("layout", ["one-column", "numbers", "group"])
@@ -479,7 +511,7 @@ def test_a_skipped_list_not_laid_out_as_qkhooks_writes_it_is_damage_never_other_
         assert len(run.problems) == 1 and "not the (n, 2) strings" in run.problems[0]
     capsys.readouterr()
     assert main_rc(["info", str(out)]) == 2
-    assert not verify_run(out).ok
+    assert "not the (n, 2) strings" in " ".join(verify_run(out).problems)
     fixed = repair(out, tmp_path / "fixed.h5")
     assert fixed.recovered == ["a"] and "not the (n, 2) strings" in fixed.problems[0]
     with open_run(tmp_path / "fixed.h5") as run:
