@@ -103,7 +103,7 @@ def test_a_plain_write_flag_left_by_a_dead_program_is_named_with_its_fix(tmp_pat
     from qkhooks.store import _hdf5
 
     out = _closed_run(tmp_path)
-    block = _hdf5._Superblock.read(out)
+    block = _hdf5.Superblock.read(out)
     assert block.ok_checksum and block.flags == 0
     with open(out, "r+b") as fh:
         fh.write(block.with_flags(_hdf5._WRITE_FLAG))

@@ -55,7 +55,7 @@ def test_a_view_over_a_shard_left_open_for_writing_says_so_and_merge_copy_reads_
     reads its rows, equal to the shard's own."""
     from qkhooks.distributed import merge_shards, shard_path
     from qkhooks.store import verify_run
-    from qkhooks.store._hdf5 import _Superblock
+    from qkhooks.store._hdf5 import Superblock
 
     out = tmp_path / "run.h5"
     photos = _photos(8)
@@ -66,7 +66,7 @@ def test_a_view_over_a_shard_left_open_for_writing_says_so_and_merge_copy_reads_
     shard = shard_path(out, 1, 2)
     with qkhooks.open_run(shard) as own:
         expected = own.array("modes/L0/query")[:]
-    block = _Superblock.read(shard)
+    block = Superblock.read(shard)
     with open(shard, "r+b") as fh:  # as a killed writer leaves it
         fh.write(block.with_flags(0x05))
 

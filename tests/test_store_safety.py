@@ -794,9 +794,9 @@ def _flip(path: Path, at: int) -> None:
 
 def _as_if_killed(path: Path) -> None:
     """Set the superblock's "open for SWMR write" flags a killed writer leaves (readers then read in SWMR mode)."""
-    from qkhooks.store._hdf5 import _Superblock
+    from qkhooks.store._hdf5 import Superblock
 
-    block = _Superblock.read(path)
+    block = Superblock.read(path)
     with open(path, "r+b") as fh:
         fh.write(block.with_flags(0x05))
 

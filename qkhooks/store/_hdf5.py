@@ -112,7 +112,7 @@ def lookup3(data: bytes, initval: int = 0) -> int:
     return c
 
 
-class _Superblock:
+class Superblock:
     """The version 2/3 superblock qkhooks writes (``libver="latest"``): flags, stored end of file, checksum."""
 
     def __init__(self, head: bytes):
@@ -125,7 +125,7 @@ class _Superblock:
                             int.from_bytes(self.block[-4:], "little") == lookup3(bytes(self.block[:-4])))
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> "_Superblock":
+    def read(cls, path: str | os.PathLike) -> "Superblock":
         with open(path, "rb") as fh:
             return cls(fh.read(64))
 
@@ -156,7 +156,7 @@ class _Superblock:
 def damage(path: str | os.PathLike) -> str | None:
     """What is visibly wrong with a run file's superblock and length (None: nothing seen)."""
     size = os.path.getsize(path)
-    block = _Superblock.read(path)
+    block = Superblock.read(path)
     if not block.ok_signature:
         return "it has no HDF5 superblock at its start (overwritten, zeroed, or not an HDF5 file)"
     if block.version < 2:
@@ -173,7 +173,7 @@ def clear_open_flags(path: str | os.PathLike) -> bool:
 
     Only a writer holding the run's lock may call it (no other process writes the file).
     """
-    block = _Superblock.read(path)
+    block = Superblock.read(path)
     if not block.ok_checksum:
         raise QKHooksError(f"{path}: the superblock is damaged; recover it with `qkhooks repair {path} --out FIXED.h5`.")
     if block.flags == 0:
@@ -320,7 +320,7 @@ def foreign_writer(path: str | os.PathLike) -> str | None:
     "a")``, to add an attribute, say) sets the superblock's plain write flag, and HDF5 then opens the file for no
     one else: readers used to call that damage and point to ``repair``. A live such program holds HDF5's lock on the
     file (``flock``); one that died without closing leaves the flag and no lock."""
-    block = _Superblock.read(path)
+    block = Superblock.read(path)
     if block.version < 2 or not block.flags & _WRITE_FLAG or block.flags & _SWMR_WRITE_FLAG:
         return None
     with open(path, "rb") as fh:
@@ -344,7 +344,7 @@ def held_for_write(path: str | os.PathLike) -> bool:
     """Whether the superblock keeps any "open for write" flag (a live writer, or one that died without closing): HDF5
     then opens the file for no one but an SWMR reader, and a merged view reading it in place cannot read it at all."""
     try:
-        block = _Superblock.read(path)
+        block = Superblock.read(path)
     except (OSError, ValueError):
         return False
     return block.version >= 2 and bool(block.flags & (_WRITE_FLAG | _SWMR_WRITE_FLAG))
@@ -353,7 +353,7 @@ def held_for_write(path: str | os.PathLike) -> bool:
 def being_written(path: str | os.PathLike) -> bool:
     """Whether the superblock says a writer has the file open for SWMR writing (a live writer, or a killed one whose
     flags no writer has cleared yet)."""
-    return bool(_Superblock.read(path).flags & _SWMR_WRITE_FLAG)
+    return bool(Superblock.read(path).flags & _SWMR_WRITE_FLAG)
 
 
 SWMR_READ_ATTEMPTS = 29
@@ -431,11 +431,11 @@ class _RepairView(io.RawIOBase):
         self.path = Path(path)
         self._fh = open(self.path, "rb", buffering=0)
         size = self._real = os.fstat(self._fh.fileno()).st_size
-        block = _Superblock.read(self.path)
+        block = Superblock.read(self.path)
         if not block.ok_signature or (block.version >= 2 and not block.ok_checksum):
             # a damaged superblock's addresses cannot be trusted (re-summing them, as below, sent HDF5 to a root
             # object or an extension at a flipped address, or cut the file's end): the one qkhooks writes, rebuilt
-            self._patch, self._size = _Superblock.rebuilt(size), size
+            self._patch, self._size = Superblock.rebuilt(size), size
         else:
             self._patch = block.with_flags(0) if block.version >= 2 else b""
             self._size = max(size, block.end_of_file if block.version >= 2 else 0)

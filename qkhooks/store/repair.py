@@ -30,7 +30,7 @@ import numpy as np
 
 from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import DamagedRunError, HeldOpenError, _Superblock, create_run_file, open_damaged
+from qkhooks.store._hdf5 import DamagedRunError, HeldOpenError, Superblock, create_run_file, open_damaged
 from qkhooks.store.lock import short_of_room
 from qkhooks.store.reader import RunReader, held_shards, missing_shard_rows, rewritten_shards
 
@@ -305,7 +305,7 @@ def _strings_outside(ds: h5py.Dataset, n: int, run: Path, real_size: int) -> set
     without end reading a collection cut short (round 44: ``repair`` of a run cut inside one never returned). Read off
     the chunks' raw bytes (each element: a 4-byte length, the collection's address, a 4-byte index) and each
     collection's header ("GCOL", version, 3 reserved bytes, its size), never through HDF5's heap."""
-    block = _Superblock.read(run)
+    block = Superblock.read(run)
     offsets, lengths = block.offsets, block.block[10] if len(block.block) > 10 else 0
     if (block.version < 2 or offsets not in (4, 8) or lengths not in (4, 8) or not ds.chunks  # the layout qkhooks writes
             or not ds.dtype.hasobject or ds.id.get_create_plist().get_nfilters()):
