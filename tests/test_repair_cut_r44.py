@@ -340,3 +340,4 @@ def test_repair_reads_no_skipped_row_from_the_first_whose_string_lies_outside_th
     with h5py.File(path, "r") as f:  # read_skipped_prefix's stop: no row from it is read
         assert fmt.read_skipped_prefix(f, stop=1) == ([("bad.png", "truncated")], 3)
         assert fmt.read_skipped_prefix(f, stop=0) == ([], 3)
+        assert fmt.read_skipped_prefix(f, stop=3) == (fmt.read_skipped(f), 3) and len(fmt.read_skipped(f)) == 3
