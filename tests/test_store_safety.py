@@ -413,17 +413,23 @@ def test_an_unfinished_runs_half_written_skipped_list_is_said_with_the_resume_th
     capsys.readouterr()
 
 
+def _refused_as_damage(out: Path, pattern: str, words: str, capsys) -> None:
+    """A finished run's skipped list that does not read as qkhooks wrote it (``pattern`` after its name): reading it is
+    refused as damage naming repair, the summary lists the one problem (``words``) and ``qkhooks info`` exits 2."""
+    with open_run(out) as run:
+        with pytest.raises(QKHooksError, match=rf"is damaged \(its list of skipped images /images/skipped {pattern}\): "
+                                               r"run `qkhooks repair"):
+            run.skipped
+        run.summary()
+        assert len(run.problems) == 1 and words in run.problems[0]
+    capsys.readouterr()
+    assert main_rc(["info", str(out)]) == 2
+
+
 def test_a_finished_runs_unreadable_skipped_rows_are_damage_and_repair_keeps_the_rows_that_read(tmp_path, capsys):
     out = tmp_path / "run.h5"
     held = _torn_skipped_list(out, complete=True)
-    with open_run(out) as run:
-        with pytest.raises(QKHooksError, match=r"is damaged \(its list of skipped images /images/skipped reads up to "
-                                               r"row 2 of 3\): run `qkhooks repair"):
-            run.skipped
-        run.summary()
-        assert len(run.problems) == 1 and "reads up to row 2 of 3" in run.problems[0]
-    capsys.readouterr()
-    assert main_rc(["info", str(out)]) == 2
+    _refused_as_damage(out, r"reads up to row 2 of 3", "reads up to row 2 of 3", capsys)
     assert f"is damaged: its list of skipped images /images/skipped reads up to row 2 of 3: run `qkhooks repair {out}" \
         in capsys.readouterr().err
     report = verify_run(out)
@@ -502,15 +508,8 @@ def test_a_skipped_list_not_laid_out_as_qkhooks_writes_it_is_damage_never_other_
     out = tmp_path / "run.h5"
     shape = {"one-column": "a \\(2,\\) dataset of object", "numbers": "a \\(2, 2\\) dataset of int64",
              "group": "a group"}[layout]
-    with open_run(out) as run:
-        with pytest.raises(QKHooksError, match=rf"is damaged \(its list of skipped images /images/skipped is {shape}, "
-                                               r"not the \(n, 2\) strings \(image id, reason\) qkhooks writes\): run "
-                                               r"`qkhooks repair"):
-            run.skipped
-        run.summary()
-        assert len(run.problems) == 1 and "not the (n, 2) strings" in run.problems[0]
-    capsys.readouterr()
-    assert main_rc(["info", str(out)]) == 2
+    _refused_as_damage(out, rf"is {shape}, not the \(n, 2\) strings \(image id, reason\) qkhooks writes",
+                       "not the (n, 2) strings", capsys)
     assert "not the (n, 2) strings" in " ".join(verify_run(out).problems)
     fixed = repair(out, tmp_path / "fixed.h5")
     assert fixed.recovered == ["a"] and "not the (n, 2) strings" in fixed.problems[0]

@@ -148,13 +148,17 @@ def _how_to_restore(how: str, code: str, method: str = "forward") -> str:
     return _FIX
 
 
+def _replaced_on_model(model: nn.Module, method: str) -> bool:
+    """Whether the VisionTransformer's ``method`` (``forward``, ``_process_input``) is replaced on the instance (a
+    patch, a tracer; accelerate's wrapper that only moves tensors between devices around the class's own forward is
+    taken)."""
+    return method in model.__dict__ and not (method == "forward" and moves_devices_only(model))
+
+
 def _replaced_model_method(model: nn.Module) -> str | None:
-    """Which of the VisionTransformer's ``forward`` / ``_process_input`` is replaced on the instance (accelerate's
-    device-moving forward taken), as :func:`find` refuses at the search, or None."""
-    for method in ("forward", "_process_input"):
-        if method in model.__dict__ and not (method == "forward" and moves_devices_only(model)):
-            return method
-    return None
+    """Which of the VisionTransformer's ``forward`` / ``_process_input`` is replaced on the instance, as :func:`find`
+    refuses at the search, or None."""
+    return next((method for method in ("forward", "_process_input") if _replaced_on_model(model, method)), None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -297,10 +301,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
     With ``skip_unmodelled``, a block's attention of a form not modelled (:func:`unmodelled_mha`) is left out, named;
     anything that makes the tokens' route unknown (a forward changed on the way, a block elsewhere) is refused."""
     vit = _class_in_mro(model, _VIT)
-    for method in ("forward", "_process_input"):
-        # a subclass's method, or one replaced on the instance (model.forward = ...: a patch, a tracer; accelerate's
-        # wrapper that only moves tensors between devices around the class's own forward is taken)
-        if method in vars(model) and not (method == "forward" and moves_devices_only(model)):
+    for method in ("forward", "_process_input"):  # a subclass's method, or one replaced on the instance
+        if _replaced_on_model(model, method):
             how = f"replaces torchvision VisionTransformer.{method} on the instance (model.{method} = ...)"
         elif getattr(type(model), method) is not getattr(vit, method):
             how = f"overrides torchvision VisionTransformer.{method}"

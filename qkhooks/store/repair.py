@@ -328,7 +328,7 @@ def _strings_outside(ds: h5py.Dataset, n: int, run: Path, real_size: int) -> set
         for first in range(0, rows, rows_per_chunk):
             last = min(first + rows_per_chunk, rows)
             try:
-                offset, size = where.get(first, (None, 0)) if where is not None else _chunk_location(ds, first)
+                offset, size = _chunk_at(ds, first, where)
             except _READ_ERRORS:
                 offset, size = None, 0
             if offset is None or offset + size > real_size:
@@ -417,7 +417,7 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
         when they do (then handed to ``each``)."""
         for first in range(lo, hi, chunk) if ds.chunks and located else ():
             try:  # round 33: a cut file's chunk index can fail to answer for one chunk; that chunk does not read
-                offset, size = where.get(first, (None, 0)) if where is not None else _chunk_location(ds, first)
+                offset, size = _chunk_at(ds, first, where)
             except _READ_ERRORS as exc:
                 return f"its chunk's place in the file cannot be read ({exc})"
             if offset is None or offset + size > real_size:
@@ -478,11 +478,17 @@ def _rows_inside(ds: h5py.Dataset, first: int, where: dict[int, tuple[int, int]]
             or tuple(ds.chunks[1:]) != tuple(ds.shape[1:])):
         return 0
     try:
-        offset, _ = where.get(first, (None, 0)) if where is not None else _chunk_location(ds, first)
+        offset, _ = _chunk_at(ds, first, where)
     except _READ_ERRORS:
         return 0
     row = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
     return 0 if offset is None or row == 0 else max(0, (real_size - offset) // row)
+
+
+def _chunk_at(ds: h5py.Dataset, first: int, where: dict[int, tuple[int, int]] | None) -> tuple[int | None, int]:
+    """(byte offset or None, stored size) of the chunk starting at row ``first``: from the walk of every chunk
+    (:func:`_chunk_locations`) where there was one, else asked of HDF5 for that chunk."""
+    return where.get(first, (None, 0)) if where is not None else _chunk_location(ds, first)
 
 
 def _chunk_location(ds: h5py.Dataset, row: int) -> tuple[int | None, int]:
