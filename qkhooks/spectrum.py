@@ -70,26 +70,52 @@ def mean_over_heads(values: Any) -> float:
 
 
 NULL_MODE_NOTE = ("numerically null modes (sigma_n <= max_n sigma_n * d * eps, eps of the float type sigma is held in: "
-                  "float32 for every spectrum qkhooks computes or stores) are left out: their u_n, v_n are not "
-                  "determined by the weights, so their cosines are arbitrary")
+                  "float32 for every spectrum qkhooks computes or stores) and tied modes (sigma_n within "
+                  "max_n sigma_n * 8 * eps of another mode's: the weights fix only their common subspace, any rotation "
+                  "of it is an SVD too) are left out: their u_n, v_n are not determined by the weights, so their "
+                  "cosines are arbitrary")
+
+TIE_ULPS = 8
+"""Two sigma of a head closer than TIE_ULPS * eps * (the head's largest sigma) are tied (:func:`null_modes`). Weights
+with exactly tied sigma, rounded to float32, give sigma within 0.5 eps of each other (orthonormal rows, d up to 1024);
+a trained ViT's closest distinct pair is farther (DINOv2-S: none of its 4608 modes' non-null neighbours within 8 eps,
+26 within d * eps, which would flag modes whose vectors the weights do fix)."""
 
 
 def null_modes(S: Any, dim: int, eps: float | None = None) -> np.ndarray:
-    """(H, K) bool: the numerically null modes of each head, sigma_n <= max_n sigma_n(head) * dim * eps.
+    """(H, K) bool: the modes of each head whose u_n, v_n the weights do not determine: numerically null ones,
+    sigma_n <= max_n sigma_n(head) * dim * eps, and tied ones, sigma_n within max_n sigma_n(head) * TIE_ULPS * eps
+    of another mode's sigma.
 
-    The rule is numpy's ``matrix_rank`` tolerance for the d x d form W_q^T W_k (``dim`` = d, or d + 1 augmented),
-    with ``eps`` the machine epsilon of the float type ``S`` is held in (default; float32 for qkhooks' spectra:
-    the precision of the weights and of the stored sigma). A null mode's u_n, v_n are any basis of the null
+    The null rule is numpy's ``matrix_rank`` tolerance for the d x d form W_q^T W_k (``dim`` = d, or d + 1
+    augmented), with ``eps`` the machine epsilon of the float type ``S`` is held in (default; float32 for qkhooks'
+    spectra: the precision of the weights and of the stored sigma). A null mode's u_n, v_n are any basis of the null
     spaces, not determined by the weights, so its cosine means nothing; a head with every sigma = 0 is all null.
+    Tied modes (review r45): for sigma_n = sigma_m, (U R, V R) with R any rotation of the tied block is an SVD of the
+    same form, so each mode's cosine, top images and BFD cells depend on the factorisation's basis (two
+    factorisations of one W_q^T W_k gave head cosines in [-0.13, 0.23] and [-0.09, 0.35]); the block's sigma-weighted
+    cosine sum_n sigma cos_n = sigma tr(U_b^T V_b) does not, and stays in :attr:`LayerSpectrum.cosine_weighted`.
     ``S`` sorted or not; numpy or torch. Pass the head's *all* modes or a leading part of them (the largest sigma
-    is the first mode's).
+    is the first mode's; a tie of the last mode passed with one left out is not seen).
     """
     if not isinstance(S, np.ndarray):
         S = S.detach().cpu().numpy() if hasattr(S, "detach") else np.asarray(S)
     if eps is None:
         eps = float(np.finfo(S.dtype).eps) if np.issubdtype(S.dtype, np.floating) else float(np.finfo(np.float64).eps)
     S = np.asarray(S, np.float64)
-    return S <= S.max(-1, keepdims=True) * dim * eps
+    top = S.max(-1, keepdims=True) if S.size else S
+    null = S <= top * dim * eps
+    if S.shape[-1] < 2:
+        return null
+    order = np.argsort(-S, axis=-1, kind="stable")
+    ranked = np.take_along_axis(S, order, -1)
+    close = -np.diff(ranked, axis=-1) <= top * TIE_ULPS * eps  # neighbours in sigma order
+    tied_ranked = np.zeros(S.shape, dtype=bool)
+    tied_ranked[..., :-1] |= close
+    tied_ranked[..., 1:] |= close
+    tied = np.zeros(S.shape, dtype=bool)
+    np.put_along_axis(tied, order, tied_ranked, -1)
+    return null | tied
 
 
 def random_cosine_band(dim: int, z: float = 1.96) -> float:

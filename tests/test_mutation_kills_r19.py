@@ -158,8 +158,15 @@ def test_null_modes_takes_torch_tensors_with_gradients_lists_and_integers_by_the
     from qkhooks.spectrum import null_modes
 
     S = np.array([[3.0, 1e-3, 1e-7, 0.0], [2.0, 2.0, 1e-8, 1e-12], [1e-6, 1e-13, 1e-12, 0.0]])  # per head: own max
-    want32 = S <= S.max(1, keepdims=True) * 4 * np.finfo(np.float32).eps
-    want64 = S <= S.max(1, keepdims=True) * 4 * np.finfo(np.float64).eps
+
+    def tied(eps: float) -> np.ndarray:  # review r45: a sigma within TIE_ULPS eps (x the head's max) of another's
+        gaps = np.where(np.eye(4, dtype=bool), np.inf, np.abs(S[:, :, None] - S[:, None, :]))
+        return (gaps <= S.max(1)[:, None, None] * TIE_ULPS * eps).any(-1)
+
+    from qkhooks.spectrum import TIE_ULPS
+
+    want32 = (S <= S.max(1, keepdims=True) * 4 * np.finfo(np.float32).eps) | tied(np.finfo(np.float32).eps)
+    want64 = (S <= S.max(1, keepdims=True) * 4 * np.finfo(np.float64).eps) | tied(np.finfo(np.float64).eps)
     assert not np.array_equal(want32, want64)  # the two epsilons give different answers here
     held = torch.tensor(S, dtype=torch.float32, requires_grad=True)
     assert np.array_equal(null_modes(held, 4), want32)

@@ -1,0 +1,69 @@
+"""Review round 45 (analysis numbers): each test computes a quantity independently and checks qkhooks against it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import qkhooks
+from qkhooks.spectrum import null_modes
+
+
+def _tied_vit(remix: torch.Tensor | None) -> torch.nn.Module:
+    """A tiny timm ViT whose block 0, head 0 has W_q, W_k with orthonormal rows (float32): W_q^T W_k has all its
+    sigma equal (1). ``remix`` (d_k x d_k orthogonal) re-mixes the head's query/key space, W_q -> R^T W_q,
+    W_k -> R^T W_k, which leaves W_q^T W_k unchanged (METHODS A.1)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=1,
+                              num_heads=4).eval()
+    dim, dk = 32, 8
+    g = torch.Generator().manual_seed(3)
+    a = torch.linalg.qr(torch.randn(dim, dk, generator=g, dtype=torch.float64))[0].T
+    b = torch.linalg.qr(torch.randn(dim, dk, generator=g, dtype=torch.float64))[0].T
+    if remix is not None:
+        a, b = remix.T @ a, remix.T @ b
+    with torch.no_grad():
+        w = model.blocks[0].attn.qkv.weight
+        w[:dk] = a.float()
+        w[dim:dim + dk] = b.float()
+    return model
+
+
+def test_tied_singular_values_are_flagged_as_undetermined_and_left_out_of_the_cosine_counts():
+    """Tied sigma fix only the subspace of their modes, not the modes: any rotation R of a tied block (u_n, v_n) ->
+    (U R, V R) is an SVD of the same W_q^T W_k, and each mode's cosine u_n . v_n changes with it. Two factorisations
+    of one W_q^T W_k (METHODS A.1: the modes are properties of the layer, not of a basis) gave different per-mode
+    cosines (head 0's cosines in [-0.13, 0.23] against [-0.09, 0.35] here), which the Fig. S1 histograms and the
+    table's cos>band fractions counted as the layer's. They must be flagged like null modes (their vectors are not
+    determined by the weights) and left out; the sigma-weighted cosine, a trace over the tied block, stays."""
+    remix = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64))[0]
+    specs = [qkhooks.spectrum(_tied_vit(r))[0] for r in (None, remix)]
+    bilinear = [np.asarray(s.bilinear()[0], np.float64) for s in specs]
+    np.testing.assert_allclose(bilinear[0], bilinear[1], atol=1e-5)  # one form W_q^T W_k
+    S = np.asarray(specs[0].S)
+    np.testing.assert_allclose(S[0], 1.0, atol=1e-6)  # head 0: every sigma tied
+    for spec in specs:
+        flagged = spec.null_modes
+        assert flagged[0].all(), "head 0's tied modes must be flagged: their vectors are not fixed by the weights"
+        assert not flagged[1:].any(), "the other heads (random weights, distinct sigma) keep their modes"
+    # what is counted is the same for both factorisations (the other heads' cosines; head 0's left out)
+    counted = [np.sort(s.non_null_cosines()) for s in specs]
+    np.testing.assert_allclose(counted[0], counted[1], atol=1e-6)
+    # the weighted cosine is basis-free: sum_n sigma cos_n = trace over the tied block, the same for both
+    weighted = [np.asarray(s.cosine_weighted, np.float64) for s in specs]
+    np.testing.assert_allclose(weighted[0], weighted[1], atol=1e-6)
+    np.testing.assert_allclose(weighted[0][0], np.trace(bilinear[0]) / 8, atol=1e-6)  # (1/d_k) tr(W_q^T W_k)
+
+
+def test_distinct_sigma_are_not_flagged_as_tied():
+    """The tie rule flags sigma within a few float32 ulps of the head's largest only: close but distinct sigma keep
+    their modes (a real ViT's closest non-null pair differs by more than 8 ulps: DINOv2-S, 4608 modes)."""
+    eps = float(np.finfo(np.float32).eps)
+    S = np.array([[1.0, 1.0 - 64 * eps, 0.5, 0.5 - 64 * eps, 0.1]], np.float32)
+    assert not null_modes(S, 32).any()
+    S_tied = np.array([[1.0, 1.0 - eps, 0.5, 0.4, 0.1]], np.float32)
+    np.testing.assert_array_equal(null_modes(S_tied, 32), [[True, True, False, False, False]])
+    unsorted = np.array([[0.5, 1.0, 0.5 + eps / 2, 0.2]], np.float32)
+    np.testing.assert_array_equal(null_modes(unsorted, 32), [[True, False, True, False]])
