@@ -67,3 +67,71 @@ def test_distinct_sigma_are_not_flagged_as_tied():
     np.testing.assert_array_equal(null_modes(S_tied, 32), [[True, True, False, False, False]])
     unsorted = np.array([[0.5, 1.0, 0.5 + eps / 2, 0.2]], np.float32)
     np.testing.assert_array_equal(null_modes(unsorted, 32), [[True, False, True, False]])
+
+
+def _two_squares(dtype: torch.dtype, on: float, off: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target (top-left 8 x 8) and distractor (centre 8 x 8) masks of a 32 x 32 input, ``on`` inside, ``off`` outside."""
+    t = torch.full((1, 32, 32), off, dtype=dtype)
+    d = t.clone()
+    t[0, :8, :8] = on
+    d[0, 16:24, 16:24] = on
+    return t, d
+
+
+def test_odd_one_out_masks_outside_0_1_are_refused_as_such():
+    """A mask is a fraction of each pixel (METHODS A.7: background = 1 - target - distractor). 0/255 masks (8-bit PNGs)
+    were refused as "overlapping", a wrong reason whose fix (distractor & ~target) does not help; a signed mask (-0.2
+    outside the object, e.g. a normalised one) went through without a word, its shares outside [0, 1]: T->T -0.05,
+    T->B 1.18 for a softmax row here. Both must be refused, saying the values and the fix."""
+    from qkhooks.analysis.preference import odd_one_out_meta
+    from qkhooks.errors import QKHooksError
+
+    with pytest.raises(QKHooksError, match=r"outside \[0, 1\].*255") as err:
+        odd_one_out_meta(*_two_squares(torch.uint8, 255, 0), (4, 4), 1)
+    assert "overlap" not in str(err.value)
+    with pytest.raises(QKHooksError, match=r"outside \[0, 1\].*-0.2"):
+        odd_one_out_meta(*_two_squares(torch.float32, 1.0, -0.2), (4, 4), 1)
+    meta = odd_one_out_meta(*_two_squares(torch.bool, True, False), (4, 4), 1)  # booleans and fractions pass
+    np.testing.assert_allclose(meta["pool_masks"][0].sum(0).numpy(), 1.0)
+
+
+def test_preference_rows_refuse_grids_outside_0_1():
+    """The same for grids handed to preference_from_rows directly (a run file's masks/target, a user's grids): a
+    negative fraction gave T->T = -0.05 of a softmax row, not a share."""
+    from qkhooks.analysis.preference import preference_from_rows
+    from qkhooks.errors import QKHooksError
+
+    t = torch.zeros(1, 4, 4)
+    d = torch.zeros(1, 4, 4)
+    t[0, 0, 0], d[0, 2, 2] = 1.0, 1.0
+    rows = torch.softmax(torch.randn(1, 2, 2, 17, generator=torch.Generator().manual_seed(0)), -1)
+    v = preference_from_rows(rows, t, d, 1)
+    np.testing.assert_allclose(v[..., :3].sum(-1).numpy(), 1.0, atol=1e-6)
+    with pytest.raises(QKHooksError, match=r"outside \[0, 1\]"):
+        preference_from_rows(rows, t - 0.2 * (t == 0), d, 1)
+    with pytest.raises(QKHooksError, match=r"outside \[0, 1\]"):
+        preference_from_rows(rows, t.masked_fill(t == 0, float("nan")), d, 1)
+
+
+def test_preference_reducer_refuses_grids_outside_0_1_before_folding():
+    """The streaming reducer checks the batch's grids once (preference_from_rows per layer leaves it to it)."""
+    from types import SimpleNamespace
+
+    from qkhooks.analysis.preference import PreferenceReducer
+    from qkhooks.errors import QKHooksError
+
+    t = torch.zeros(2, 4, 4)
+    d = torch.zeros(2, 4, 4)
+    t[:, 0, 0], d[:, 2, 2] = 1.0, 1.0
+    rows = torch.softmax(torch.randn(2, 2, 2, 17, generator=torch.Generator().manual_seed(0)), -1)
+    cap = SimpleNamespace(attention={"rows": rows})
+
+    def batch(target: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(captures={0: cap}, meta={"target_grid": target, "distractor_grid": d}, ids=None)
+
+    reducer = PreferenceReducer()
+    reducer.update(batch(t))
+    assert reducer.count == {0: 2}
+    with pytest.raises(QKHooksError, match=r"target grid holds values outside \[0, 1\]"):
+        reducer.update(batch(t * 255))
+    assert reducer.count == {0: 2}  # nothing folded

@@ -33,7 +33,7 @@ import torch
 from qkhooks._devices import to_device
 from qkhooks._json import write_json
 from qkhooks.errors import QKHooksError
-from qkhooks.data.masks import TokenCells, first_argmax, refuse_overlap
+from qkhooks.data.masks import OVERLAP_TOLERANCE, TokenCells, first_argmax, refuse_overlap
 from qkhooks.reducers import Reducer, refuse_non_finite
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "odd_one_out_meta",
     "preference_from_rows",
     "refuse_rows_without_mass",
+    "refuse_outside_fractions",
     "group_preference",
     "PreferenceReducer",
     "preference_from_reducer",
@@ -75,7 +76,30 @@ def _as_masks(mask: Any, name: str) -> torch.Tensor:
         mask = mask[None]
     if mask.dim() != 3:
         raise QKHooksError(f"{name} masks must be (batch, H, W), got shape {tuple(mask.shape)}.")
-    return mask if mask.is_floating_point() else mask.float()
+    mask = mask if mask.is_floating_point() else mask.float()
+    refuse_outside_fractions(mask, f"{name} mask", "pixel")
+    return mask
+
+
+def refuse_outside_fractions(mask: torch.Tensor, name: str, cells: str) -> None:
+    """Refuse a mask with a value outside [0, 1] (or NaN): METHODS A.7 reads a mask as the fraction of each cell the
+    object covers and takes background = 1 - target - distractor, so a value of 255 (an 8-bit PNG) or below 0 (a
+    signed or normalised mask) gives shares outside [0, 1] (review r45: 0/255 masks were refused as "overlapping", a
+    mask of -0.2 outside its object gave T->T = -0.05 and T->B = 1.18 without a word)."""
+    if mask.numel() == 0:
+        return
+    # rounding of area-resampled or float16-stored fractions is let by, as refuse_overlap lets it by
+    bad = ~((mask >= -OVERLAP_TOLERANCE) & (mask <= 1 + OVERLAP_TOLERANCE))
+    if not bool(bad.any()):
+        return
+    values = mask[bad]
+    shown = ", ".join(f"{float(v):g}" for v in values.unique()[:4].tolist())
+    raise QKHooksError(
+        f"the {name} holds values outside [0, 1] ({shown} at {int(bad.sum())} {cells}s): a mask is the fraction of "
+        "each cell its object covers (METHODS A.7: background = 1 - target - distractor), so such values make shares "
+        "outside [0, 1]. Pass booleans or fractions: mask > 0 for a 0/255 (8-bit) or labelled mask, mask / 255 for "
+        "an anti-aliased 8-bit one; NaN has no fraction."
+    )
 
 
 def _image_names(ids: Sequence[Any] | None, n: int) -> list[str]:
@@ -162,7 +186,8 @@ def preference_from_rows(
             distractor above 1 in a patch: the masks the values are computed from) are refused.
         num_prefix_tokens: tokens before the patches; they are dropped before renormalising.
         names: how a refusal names each image (default: its position in the batch).
-        check_overlap: False where the caller has refused overlapping grids already (a reducer, once per batch
+        check_overlap: False where the caller has refused overlapping grids and grids outside [0, 1]
+            (:func:`refuse_outside_fractions`) already (a reducer, once per batch
             rather than once per layer).
         check_mass: refuse rows that are no distribution over the patch tokens (:func:`refuse_rows_without_mass`); False
             where the caller checks it itself (the reducer, once per batch with its other checks, before it keeps any
@@ -194,7 +219,9 @@ def preference_from_rows(
             f"the rows have {rows.shape[-1]} tokens but {p} prefix tokens + a {tuple(t.shape[1:])} grid make "
             f"{p + patches}; pass the model's num_prefix_tokens and the grid of this input size."
         )
-    if check_overlap:
+    if check_overlap:  # the reducer checks both once per batch
+        for name, grid in (("target grid", t), ("distractor grid", d)):
+            refuse_outside_fractions(grid, name, "patch")
         refuse_overlap(t, d, names if names is not None else _image_names(None, t.shape[0]),
                        f"patches of the {t.shape[1]} x {t.shape[2]} grid")
     t, d = to_device(t, rows.device), to_device(d, rows.device)
@@ -347,6 +374,8 @@ class PreferenceReducer(Reducer):
         batch_rows = int(next(iter(layers.values())).shape[0])
         # once for every layer, where the grids have the shape preference_from_rows takes (others: refused there)
         if tuple(t_grid.shape) == tuple(d_grid.shape) and len(t_grid.shape) == 3 and int(t_grid.shape[0]) == batch_rows:
+            for name, grid in (("target grid", t_grid), ("distractor grid", d_grid)):
+                refuse_outside_fractions(torch.as_tensor(grid), name, "patch")
             refuse_overlap(torch.as_tensor(t_grid), torch.as_tensor(d_grid), names,
                            f"patches of the {t_grid.shape[-2]} x {t_grid.shape[-1]} grid")
         values: dict[int, torch.Tensor] = {}  # every layer's values first: a refused batch leaves the state as it was
