@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 Array = Union["torch.Tensor", np.ndarray]
 """A torch tensor (computed live) or a numpy array (read from a run file); ``np.asarray`` takes either."""
 
-__all__ = ["LayerSpectrum", "QKSpectrum", "spectrum", "factored_svd", "random_cosine_band", "null_modes",
+__all__ = ["LayerSpectrum", "QKSpectrum", "spectrum", "factored_svd", "random_cosine_band", "null_modes", "tied_modes",
            "head_weighted_cosines", "mean_over_heads"]
 
 
@@ -104,18 +104,36 @@ def null_modes(S: Any, dim: int, eps: float | None = None) -> np.ndarray:
         eps = float(np.finfo(S.dtype).eps) if np.issubdtype(S.dtype, np.floating) else float(np.finfo(np.float64).eps)
     S = np.asarray(S, np.float64)
     top = S.max(-1, keepdims=True) if S.size else S
-    null = S <= top * dim * eps
+    return (S <= top * dim * eps) | _ties(S, top, eps)
+
+
+def tied_modes(S: Any, dim: int, eps: float | None = None) -> np.ndarray:
+    """(H, K) bool: the modes :func:`null_modes` flags for a tie alone (sigma_n not numerically null, within TIE_ULPS *
+    eps * max sigma of another mode's): a head with such modes carries energy in a block whose basis the weights do
+    not fix, so sums over its modes of products of per-mode quantities (BFD's additive shares, participation ratios)
+    change with the factorisation; a numerically null mode carries no energy and changes none of them."""
+    if not isinstance(S, np.ndarray):
+        S = S.detach().cpu().numpy() if hasattr(S, "detach") else np.asarray(S)
+    if eps is None:
+        eps = float(np.finfo(S.dtype).eps) if np.issubdtype(S.dtype, np.floating) else float(np.finfo(np.float64).eps)
+    S = np.asarray(S, np.float64)
+    top = S.max(-1, keepdims=True) if S.size else S
+    return _ties(S, top, eps) & ~(S <= top * dim * eps)
+
+
+def _ties(S: np.ndarray, top: np.ndarray, eps: float) -> np.ndarray:
+    """(H, K) bool: sigma within TIE_ULPS * eps * ``top`` (each head's largest) of another sigma of the head."""
+    tied = np.zeros(S.shape, dtype=bool)
     if S.shape[-1] < 2:
-        return null
+        return tied
     order = np.argsort(-S, axis=-1, kind="stable")
     ranked = np.take_along_axis(S, order, -1)
-    close = -np.diff(ranked, axis=-1) <= top * TIE_ULPS * eps  # neighbours in sigma order
+    close = -np.diff(ranked, axis=-1) <= top * TIE_ULPS * eps  # neighbours in sigma order: the closest other sigma
     tied_ranked = np.zeros(S.shape, dtype=bool)
     tied_ranked[..., :-1] |= close
     tied_ranked[..., 1:] |= close
-    tied = np.zeros(S.shape, dtype=bool)
     np.put_along_axis(tied, order, tied_ranked, -1)
-    return null | tied
+    return tied
 
 
 def random_cosine_band(dim: int, z: float = 1.96) -> float:

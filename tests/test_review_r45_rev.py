@@ -135,3 +135,31 @@ def test_preference_reducer_refuses_grids_outside_0_1_before_folding():
     with pytest.raises(QKHooksError, match=r"target grid holds values outside \[0, 1\]"):
         reducer.update(batch(t * 255))
     assert reducer.count == {0: 2}  # nothing folded
+
+
+def test_bfd_mode_level_numbers_of_a_head_with_tied_sigma_are_left_undetermined():
+    """BFD's additive (mode-level) head shares sum sigma_n^2 q(n) k(n) over the modes, a sum of products that a
+    rotation of a tied block changes: one W_q^T W_k, two factorisations, gave head 0's CP share 0.082 and 0.107 (and
+    participation ratios 7.47 and 7.73). The head-level Frobenius shares are basis-free (the logits' own terms) and
+    must agree; the mode-level ones must be None, never one basis's number, and left out of the layer's figures."""
+    from qkhooks.analysis.bfd import run_bfd
+
+    remix = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64))[0]
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    results = [run_bfd(_tied_vit(r), images, batch_size=6, decode=False, definition="additive") for r in (None, remix)]
+    layers = [r["layers"][0] if isinstance(r["layers"], list) else next(iter(r["layers"].values())) for r in results]
+    heads = [layer["heads"][0] for layer in layers]
+    for a, b in zip(heads[0]["frobenius"]["energy"].values(), heads[1]["frobenius"]["energy"].values()):
+        assert a == pytest.approx(b, abs=1e-6)
+    for head in heads:
+        assert all(v is None for v in head["additive"]["energy"].values())
+        assert head["additive"]["label"] == "undetermined" and head["energy"]["CC"] is None  # the chosen definition
+        assert head["additive"]["participation_ratio"] is None and head["frobenius"]["participation_ratio"] is None
+        assert "tied" in head["undetermined"]
+    for other in (1, 2, 3):  # the other heads keep their numbers
+        assert layers[0]["heads"][other]["additive"]["energy"]["CC"] is not None
+    # the layer's additive figures leave head 0 out: the same for both factorisations
+    for key in ("energy", "energy_pooled"):
+        got = [layer["additive"][key] if "additive" in layer else layer["averages"]["additive"][key] for layer in layers]
+        for t in ("CC", "CP", "PC", "PP"):
+            assert got[0][t] == pytest.approx(got[1][t], abs=1e-6)

@@ -15,7 +15,7 @@ import numpy as np
 
 from qkhooks.analysis.bfd_reducers import layer_state, patch_targets
 from qkhooks.errors import QKHooksError
-from qkhooks.spectrum import null_modes
+from qkhooks.spectrum import null_modes, tied_modes
 
 __all__ = ["summarize", "energy_tables", "decoding_r2", "paper_claims", "refuse_one_image", "refuse_no_content",
            "refuse_other_images", "PASS_TOLERANCE",
@@ -267,15 +267,28 @@ def _mode_part(t: Mapping[str, Any], h: int, n: int) -> dict[str, Any]:
             "interference": _f(_div(energy[n] - summed, energy[n]))}
 
 
+TIED_NOTE = ("tied singular values (qkhooks.spectrum.tied_modes): any rotation of the tied block is an SVD of the same "
+             "W_q^T W_k, and the mode-level numbers (additive shares, participation ratios) change with it, so they are "
+             "left undetermined; the Frobenius shares are the logits' own terms and stay")
+
+
 def _head_entry(tables: Mapping[str, Any], h: int, definition: str, per_mode: bool) -> dict[str, Any]:
     parts = {kind: _part(tables[kind], h) for kind in KINDS}
+    tied = tied_modes(np.asarray(tables["sigma"][h], np.float32), tables["dim"])
+    if tied.any():  # review r45: one W_q^T W_k, two factorisations gave CP shares 0.082 and 0.107
+        add = parts["additive"]
+        add.update(energy={t: None for t in TERMS}, coupling=None, label="undetermined", interference=None)
+        for kind in KINDS:
+            parts[kind]["participation_ratio"] = None
     full = tables["mode_add_full"][h]
-    parts["additive"]["global_mean_share"] = _f(_div(full.sum() - tables["additive"]["total"][h], full.sum()))
+    parts["additive"]["global_mean_share"] = (None if tied.any() else  # a sum over modes of products, as above
+                                              _f(_div(full.sum() - tables["additive"]["total"][h], full.sum())))
     cells = {c: float(tables["cells"][c][h]) for c in CELLS}
     cell_sum, total = sum(cells.values()), float(tables["frobenius"]["total"][h])
     chosen = parts[definition]
     entry: dict[str, Any] = {
         "head": h,
+        **({"undetermined": TIED_NOTE} if tied.any() else {}),
         **{key: chosen[key] for key in ("energy", "interference", "coupling", "label", "participation_ratio")},
         **parts,
         "three_way": {
@@ -308,7 +321,9 @@ def _head_entry(tables: Mapping[str, Any], h: int, definition: str, per_mode: bo
 
 def _layer_averages(tables: Mapping[str, Any], heads: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     shares = np.array([[np.nan if h[kind]["energy"][t] is None else h[kind]["energy"][t] for t in TERMS] for h in heads])
-    pooled = np.array([tables[kind]["terms"][t].sum() for t in TERMS])
+    # heads whose shares are undetermined (tied sigma under the additive definition) are left out of the pool too
+    defined = np.array([any(h[kind]["energy"][t] is not None for t in TERMS) for h in heads], dtype=bool)
+    pooled = np.array([np.asarray(tables[kind]["terms"][t])[defined].sum() for t in TERMS])
     mean, std = _column_stats(shares)
     return {
         "energy": {t: _f(v) for t, v in zip(TERMS, mean)},
