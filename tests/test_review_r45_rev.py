@@ -163,3 +163,28 @@ def test_bfd_mode_level_numbers_of_a_head_with_tied_sigma_are_left_undetermined(
         got = [layer["additive"][key] if "additive" in layer else layer["averages"]["additive"][key] for layer in layers]
         for t in ("CC", "CP", "PC", "PP"):
             assert got[0][t] == pytest.approx(got[1][t], abs=1e-6)
+
+
+def test_preference_figure_does_not_claim_a_ci_it_cannot_draw(monkeypatch, tmp_path):
+    """With fewer than readings.MIN_UNITS images every 95% CI is NaN (no interval), yet preference.png was titled
+    "95% CI" and drew no band at all (the ±1 std spread was dropped for the bands). It must fall back to the ±1 std
+    spread and say so; with enough images the CI bands stay."""
+    import qkhooks.plots
+    from qkhooks.analysis.preference import GROUPS, preference_table, write_preference
+
+    drawn: list[dict] = []
+    monkeypatch.setattr(qkhooks.plots, "plot_layer_curves", lambda *a, **k: drawn.append(k) or a[2])
+    rng = np.random.default_rng(0)
+    for n, has_ci in ((3, False), (8, True)):
+        values = rng.dirichlet(np.ones(3), size=(n, 2, 2)).reshape(n, 2, 6) / 2 + 0.0
+        table = preference_table({0: values, 1: values[::-1].copy()})
+        for g in GROUPS:
+            table[g]["ci_low"] = [0.1, 0.1] if has_ci else [float("nan")] * 2
+            table[g]["ci_high"] = [0.5, 0.5] if has_ci else [float("nan")] * 2
+        write_preference(table, tmp_path / str(n))
+        k = drawn[-1]
+        if has_ci:
+            assert "95% CI" in k["title"] and k["bands"] is not None and k["spread"] is None
+        else:
+            assert "95% CI" not in k["title"] and "std" in k["title"]
+            assert k["bands"] is None and k["spread"] is not None

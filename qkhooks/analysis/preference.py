@@ -611,7 +611,8 @@ def write_preference(table: dict[str, Any], out_dir: str | os.PathLike, title: s
     """Write ``preference.csv``, ``preference.json`` and ``preference.png`` (Fig. 2B-D style) into ``out_dir``.
 
     The figure's bands are the 95% CI of the mean over images where the table has them (``ci_low``/``ci_high``
-    per group, from :func:`analyze_preference`), else +-1 std across images.
+    per group, from :func:`analyze_preference`) where they are finite at some layer, else +-1 std across images (fewer than
+    readings.MIN_UNITS images have no CI).
     """
     from qkhooks.plots import plot_layer_curves
 
@@ -632,7 +633,7 @@ def write_preference(table: dict[str, Any], out_dir: str | os.PathLike, title: s
                             *_fmt(ph[g]["mean"][i][h] for g in groups), *_fmt(ph[g]["std"][i][h] for g in groups)])
     write_json(paths["json"], table)
     labels = {"same_object": "same object", "different_object": "different object", "background": "background"}
-    ci = all("ci_low" in table[g] for g in groups)
+    ci = _has_ci(table)
     plot_layer_curves(
         table["layers"],
         {labels[g]: table[g]["mean"] for g in groups},
@@ -645,6 +646,13 @@ def write_preference(table: dict[str, Any], out_dir: str | os.PathLike, title: s
         ylim=(0, None),
     )
     return paths
+
+
+def _has_ci(table: dict[str, Any]) -> bool:
+    """Whether the table's groups have a 95% CI at some layer: with fewer than readings.MIN_UNITS images every one is
+    NaN (review r45: the figure was titled "95% CI" and drew no band, the ±1 std spread left out for the bands)."""
+    return all("ci_low" in table[g] for g in GROUPS) and any(
+        bool(np.isfinite(np.asarray(table[g]["ci_low"], dtype=np.float64)).any()) for g in GROUPS)
 
 
 def per_image_groups(values: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
@@ -681,8 +689,9 @@ def analyze_preference(run_path: str | os.PathLike, out_dir: str | os.PathLike) 
         _, low, high = layer_intervals(per_image, limits=PROBABILITY)  # shares
         table[name]["ci_low"], table[name]["ci_high"] = low.tolist(), high.tolist()
     note = "" if source["complete"] else "; run incomplete"
+    band = "95% CI over images" if _has_ci(table) else "±1 std across images: too few images for a CI"
     files = write_preference(table, out_dir, title=f"Attention preference — {Path(run_path).name} "
-                                                   f"({table['num_images']} images{note}; 95% CI over images)")
+                                                   f"({table['num_images']} images{note}; {band})")
     return {**table, "files": {k: str(v) for k, v in files.items()}}
 
 
@@ -692,7 +701,7 @@ def spread_legend(table: dict[str, Any]) -> str:
     n = table.get("num_images")
     images = f"the {n} images" if n is not None else "images"
     ci = ("; the 95% CI of the mean is preference.png's bands and preference.json's ci_low/ci_high"
-          if all("ci_low" in table.get(g, {}) for g in GROUPS) else "")
+          if all("ci_low" in table.get(g, {}) for g in GROUPS) and _has_ci(table) else "")
     return (f"mean ± std: the share averaged over {images} and the heads ± its standard deviation across {images} "
             f"(of each image's head-averaged share, ddof=0): how much images differ, not the uncertainty of the mean"
             f"{ci}.")
