@@ -113,6 +113,8 @@ KILLS_R41 = "tests/test_mutation_kills_r41.py"
 KILLS_R42 = "tests/test_mutation_kills_r42.py"
 # Round 42 (lead): the kill tests of round 42's own library code (module "round42").
 KILLS_R42B = "tests/test_mutation_kills_r42b.py"
+# Round 45 (mutation): the kill tests of round 44's run-file repair code (module "round44").
+KILLS_R45 = "tests/test_mutation_kills_r45.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -711,13 +713,18 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # repair.py, distributed.py); repair of a cut file: the rows of a raw chunk before the cut, strings whose heap
     # collection lies outside the file (repair.py), the ids written before a batch's arrays (writer.py). Against the
     # round's tests, not the heap-collection cut's, which runs repair in a child process. Run with --only ROUND44.
+    # Round 45 (mutation): with the tests that reach repair's ids read a block, then a row, at a time (test_review_r36's
+    # damaged heap collection: the only one; test_repair_r21's and test_ids_checksum_r24's repairs read the ids whole,
+    # the cut ids and the flipped digest kept for _copy's lines after the read) and round 45's kill file.
     "round44": (["qkhooks/store/format.py", "qkhooks/store/reader.py", "qkhooks/store/repair.py",
                  "qkhooks/distributed.py", "qkhooks/store/writer.py"],
-                ["tests/test_store_safety.py", "tests/test_repair_cut_r44.py"],
+                ["tests/test_store_safety.py", "tests/test_repair_cut_r44.py", "tests/test_review_r36.py",
+                 "tests/test_repair_r21.py", "tests/test_ids_checksum_r24.py", KILLS_R45],
                 "half_written or unreadable_skipped or whose_skipped_list or not_laid_out or reads_no_skipped or "
                 "keeps_the_runs_skipped or cut_through or uncut_run_repairs or raw_chunks or unused_room or "
                 "handed_to_each or narrower_than or wherever_a_run_is_cut or skipped_rows_read_up or "
-                "reads_whole_merges or first_five"),
+                "reads_whole_merges or first_five or ids_outside_a_damaged_heap or cut_shorter_than_committed or "
+                "flipped_digest_fails or test_mutation_kills_r45"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
