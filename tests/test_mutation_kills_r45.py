@@ -110,3 +110,42 @@ def _spans(rows: list[int]) -> list[tuple[int, int]]:
     for row in rows:
         out = out[:-1] + [(out[-1][0], row)] if out and out[-1][1] == row - 1 else out + [(row, row)]
     return out
+
+
+@pytest.mark.parametrize("complete", [True, False], ids=["finished", "unfinished"])
+def test_a_skipped_list_that_reads_whole_is_no_problem_for_info_or_verify_finished_or_not(tmp_path, complete):
+    """Two skipped images, every row of the list read: the summary names them with nothing after, and verify counts
+    the list and the run's other static (2 datasets) and finds nothing to mend or resume, whether the run was marked
+    finished or its writer stopped before."""
+    from qkhooks.store import format as fmt
+
+    path = tmp_path / "run.h5"
+    w = RunWriter(path, dtype="float32")
+    w.write_static("extra/table", np.arange(6, dtype=np.float32).reshape(2, 3))  # statics go before the first batch
+    w.write_batch(["a", "b"], {"v": np.ones((2, 3))})
+    w.write_skipped([("x.png", "unreadable"), ("w.png", "too large")])
+    w.close(complete=complete)
+    with open_run(path) as run:
+        assert fmt.read_skipped_prefix(run.file) == ([("x.png", "unreadable"), ("w.png", "too large")], 2)
+        summary = run.summary()
+        assert run.problems == []
+    assert "\nskipped  2: x.png, w.png\narrays" in summary
+    report = verify_run(path)
+    assert report.ok and report.complete is complete and report.statics == 2 and report.resumable == []
+    assert report.problems == [] and "\nstatics  2 datasets and every attribute read\n" in report.summary()
+
+
+def test_verify_checks_a_run_without_its_complete_attribute_as_an_unfinished_one(tmp_path):
+    """The root's ``complete`` attribute gone (an edit, a tool that rewrote the root's attributes): verify neither
+    fails on it nor calls the run finished; it checks the committed images as an incomplete run's, as info does."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path, dtype="float32") as w:
+        w.write_batch(["a", "b"], {"v": np.ones((2, 3))})
+    with h5py.File(path, "r+") as f:
+        del f.attrs["complete"]
+    report = verify_run(path)
+    assert report.ok and report.complete is False and report.images == 2 and report.problems == []
+    assert "\nimages   2 committed (an incomplete run: those checked): their ids and their rows of 1 per-image " \
+           "arrays read, chunk by chunk\n" in report.summary()
+    with open_run(path) as run:
+        assert run.complete is False and run.ids == ["a", "b"]
