@@ -149,3 +149,27 @@ def test_verify_checks_a_run_without_its_complete_attribute_as_an_unfinished_one
            "arrays read, chunk by chunk\n" in report.summary()
     with open_run(path) as run:
         assert run.complete is False and run.ids == ["a", "b"]
+
+
+def test_the_ids_whose_heap_collection_ends_past_the_files_end_are_found_off_the_raw_bytes(tmp_path):
+    """What repair never asks HDF5 for (it spins without end on a collection cut short): for a file ``real_size``
+    bytes long, the rows whose string lies in a collection that ends past it, or every row of an ids chunk that does.
+    Told of a shorter file than it is (a cut, without cutting it, so no read can hang), exactly the rows held by the
+    collection the cut goes through are named: the reference is the collection's own objects, parsed here."""
+    path = tmp_path / "run.h5"
+    ids = [f"image-{i:04d}-" + "x" * 80 for i in range(600)]
+    with RunWriter(path, dtype="float32") as w:
+        for lo in range(0, 600, 10):
+            w.write_batch(ids[lo:lo + 10], {"v": np.zeros((10, 1), dtype=np.float32)})
+    data = path.read_bytes()
+    start, held = _collection_of(data, ids[-1].encode())
+    rows = {ids.index(value.decode()) for value in held}
+    with h5py.File(path, "r") as f:
+        ds = f["images/ids"]
+        chunk = ds.id.get_chunk_info(0)
+        assert ds.id.get_num_chunks() == 1 and chunk.byte_offset + chunk.size < start and 0 < len(rows) < 600
+        outside = repair_module._strings_outside
+        assert outside(ds, 600, path, len(data)) == set()
+        assert outside(ds, 600, path, start + 100) == rows
+        assert outside(ds, 300, path, start + 100) == {r for r in rows if r < 300}
+        assert outside(ds, 600, path, chunk.byte_offset + chunk.size - 1) == set(range(600))
