@@ -155,7 +155,8 @@ def test_the_ids_whose_heap_collection_ends_past_the_files_end_are_found_off_the
     """What repair never asks HDF5 for (it spins without end on a collection cut short): for a file ``real_size``
     bytes long, the rows whose string lies in a collection that ends past it, or every row of an ids chunk that does.
     Told of a shorter file than it is (a cut, without cutting it, so no read can hang), exactly the rows held by the
-    collection the cut goes through are named: the reference is the collection's own objects, parsed here."""
+    collection the cut goes through are named: the reference is the collection's own objects, parsed here. One whose
+    "GCOL" signature is gone is no collection, whatever its size field says: its rows too."""
     path = tmp_path / "run.h5"
     ids = [f"image-{i:04d}-" + "x" * 80 for i in range(600)]
     with RunWriter(path, dtype="float32") as w:
@@ -174,3 +175,7 @@ def test_the_ids_whose_heap_collection_ends_past_the_files_end_are_found_off_the
         assert outside(ds, 600, path, cut) == rows
         assert outside(ds, 300, path, cut) == {r for r in rows if r < 300}
         assert outside(ds, 600, path, chunk.byte_offset + chunk.size - 1) == set(range(600))
+    signless = tmp_path / "signless.h5"  # the collection whole, its size intact, but no "GCOL": not a collection
+    signless.write_bytes(data[:start] + b"XCOL" + data[start + 4:])
+    with h5py.File(signless, "r") as f:
+        assert outside(f["images/ids"], 600, signless, len(data)) == rows
