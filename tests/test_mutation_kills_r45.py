@@ -179,3 +179,27 @@ def test_the_ids_whose_heap_collection_ends_past_the_files_end_are_found_off_the
     signless.write_bytes(data[:start] + b"XCOL" + data[start + 4:])
     with h5py.File(signless, "r") as f:
         assert outside(f["images/ids"], 600, signless, len(data)) == rows
+
+
+def test_a_cut_through_the_second_chunk_of_ids_names_that_chunks_rows_not_the_first_chunks(tmp_path):
+    """1,100 ids in two chunks of references (1,024 rows each), the file told to end inside the second chunk: its rows
+    are outside (their references are not in the file), and of the first chunk's only those whose string lies in a
+    collection that ends past the cut (none where every collection ends before it)."""
+    path = tmp_path / "run.h5"
+    ids = [f"id{i:05d}" for i in range(1100)]
+    with RunWriter(path, dtype="float32") as w:
+        for lo in range(0, 1100, 100):
+            w.write_batch(ids[lo:lo + 100], {"v": np.zeros((100, 1), dtype=np.float32)})
+    data = path.read_bytes()
+    with h5py.File(path, "r") as f:
+        ds = f["images/ids"]
+        assert ds.chunks == (1024,) and ds.id.get_num_chunks() == 2
+        second = ds.id.get_chunk_info_by_coord((1024,))
+        cut = second.byte_offset + second.size - 1
+        ends = {}
+        for i, value in enumerate(ids):
+            start, _ = _collection_of(data, value.encode())
+            ends[i] = start + int.from_bytes(data[start + 8:start + 16], "little")
+        expected = set(range(1024, 1100)) | {i for i in range(1024) if ends[i] > cut}
+        assert len(expected) < 1100
+        assert repair_module._strings_outside(ds, 1100, path, cut) == expected
