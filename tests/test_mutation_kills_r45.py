@@ -203,3 +203,24 @@ def test_a_cut_through_the_second_chunk_of_ids_names_that_chunks_rows_not_the_fi
         expected = set(range(1024, 1100)) | {i for i in range(1024) if ends[i] > cut}
         assert len(expected) < 1100
         assert repair_module._strings_outside(ds, 1100, path, cut) == expected
+
+
+def test_a_chunk_of_ids_whose_place_does_not_read_names_its_rows_as_outside(tmp_path, monkeypatch):
+    """Without HDF5's chunk walk, a chunk of references whose place does not read (a damaged chunk index; simulated:
+    the lookup raises for the second chunk) cannot be read off the file: its rows are named, the first chunk's not."""
+    path = tmp_path / "run.h5"
+    ids = [f"id{i:05d}" for i in range(1100)]
+    with RunWriter(path, dtype="float32") as w:
+        for lo in range(0, 1100, 100):
+            w.write_batch(ids[lo:lo + 100], {"v": np.zeros((100, 1), dtype=np.float32)})
+    located = repair_module._chunk_location
+
+    def lookup(ds, row):
+        if row >= 1024:
+            raise OSError("can't read the chunk index (simulated)")
+        return located(ds, row)
+
+    monkeypatch.setattr(repair_module, "_chunk_locations", lambda ds: None)
+    monkeypatch.setattr(repair_module, "_chunk_location", lookup)
+    with h5py.File(path, "r") as f:
+        assert repair_module._strings_outside(f["images/ids"], 1100, path, path.stat().st_size) == set(range(1024, 1100))
