@@ -98,12 +98,7 @@ def null_modes(S: Any, dim: int, eps: float | None = None) -> np.ndarray:
     ``S`` sorted or not; numpy or torch. Pass the head's *all* modes or a leading part of them (the largest sigma
     is the first mode's; a tie of the last mode passed with one left out is not seen).
     """
-    if not isinstance(S, np.ndarray):
-        S = S.detach().cpu().numpy() if hasattr(S, "detach") else np.asarray(S)
-    if eps is None:
-        eps = float(np.finfo(S.dtype).eps) if np.issubdtype(S.dtype, np.floating) else float(np.finfo(np.float64).eps)
-    S = np.asarray(S, np.float64)
-    top = S.max(-1, keepdims=True) if S.size else S
+    S, top, eps = _sigma_scale(S, eps)
     return (S <= top * dim * eps) | _ties(S, top, eps)
 
 
@@ -112,13 +107,19 @@ def tied_modes(S: Any, dim: int, eps: float | None = None) -> np.ndarray:
     eps * max sigma of another mode's): a head with such modes carries energy in a block whose basis the weights do
     not fix, so sums over its modes of products of per-mode quantities (BFD's additive shares, participation ratios)
     change with the factorisation; a numerically null mode carries no energy and changes none of them."""
+    S, top, eps = _sigma_scale(S, eps)
+    return _ties(S, top, eps) & ~(S <= top * dim * eps)
+
+
+def _sigma_scale(S: Any, eps: float | None) -> tuple[np.ndarray, np.ndarray, float]:
+    """``S`` (numpy or torch) as float64, each head's largest sigma, and ``eps``: by default the machine epsilon of
+    the float type ``S`` is held in (the precision its sigma carry), float64's for an integer array."""
     if not isinstance(S, np.ndarray):
         S = S.detach().cpu().numpy() if hasattr(S, "detach") else np.asarray(S)
     if eps is None:
         eps = float(np.finfo(S.dtype).eps) if np.issubdtype(S.dtype, np.floating) else float(np.finfo(np.float64).eps)
     S = np.asarray(S, np.float64)
-    top = S.max(-1, keepdims=True) if S.size else S
-    return _ties(S, top, eps) & ~(S <= top * dim * eps)
+    return S, (S.max(-1, keepdims=True) if S.size else S), eps
 
 
 def _ties(S: np.ndarray, top: np.ndarray, eps: float) -> np.ndarray:
