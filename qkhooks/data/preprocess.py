@@ -86,9 +86,13 @@ def _triple(value: Any, what: str) -> tuple[float, float, float]:
 
 
 _UNMODELLED_HF_KEYS = {"do_flip_channel_order": (False,), "keep_aspect_ratio": (False,), "ensure_multiple_of": (1,),
-                       "crop_pct": (), "do_pad": (False,), "size_divisor": (), "pad_size": ()}
+                       "crop_pct": (), "do_pad": (False,), "size_divisor": (), "pad_size": (),
+                       "include_top": (False,), "rescale_offset": (False,), "crop_to_patches": (False,), "tile_size": (),
+                       "do_affine_transform": (False,)}
 """Image processor keys ImageConfig does not model, with their neutral values (None is neutral for each): a config
-that sets one otherwise (MobileViT's BGR channels, DPT's aspect-keeping resize, ConvNeXt's crop_pct) is refused."""
+that sets one otherwise (MobileViT's BGR channels, DPT's aspect-keeping resize, ConvNeXt's crop_pct, EfficientNet's
+second division by the std and its offset, DeepSeek-OCR 2's tiles, VitPose's crop by boxes) is refused (review r45:
+the last four were read as if absent, VitPose's as a bare KeyError)."""
 
 _HF_KEYS_NEEDED = ("size", "resample", "do_normalize", "image_mean", "image_std")
 """What a processor config that names no class must say: a class's own defaults are not known without it."""
@@ -132,7 +136,8 @@ def _as_its_class_reads_it(config: dict[str, Any]) -> dict[str, Any]:
     if unmodelled:
         raise QKHooksError(
             f"the processor config sets {', '.join(f'{k}={v!r}' for k, v in unmodelled.items())}, which ImageConfig "
-            "does not model (channel order, aspect-keeping resizes, crop percentages, padding): the pixels would "
+            "does not model (channel order, aspect-keeping resizes, crop percentages, padding, a second division by the "
+            "std, tiles, crops by boxes): the pixels would "
             "differ from the processor's; build ImageConfig(...) by hand where it can express them.")
     return config
 
@@ -325,7 +330,18 @@ class ImageConfig:
                     "processor config centre-crops without resizing, so the model input depends on the photo size; "
                     "build ImageConfig(...) by hand."
                 )
+            if _processor_class(c).startswith("Perceiver"):
+                raise QKHooksError(
+                    "PerceiverImageProcessor crops a centre square of crop_size/size of the photo's shorter side before "
+                    "it resizes to size, which ImageConfig does not model (it resizes, then crops): the pixels and "
+                    "the input size would differ from the processor's; build ImageConfig(...) by hand.")
             if isinstance(size_cfg, dict) and "shortest_edge" in size_cfg:
+                if size_cfg.get("longest_edge") is not None:  # review r45: read as if absent, the crop then pads
+                    raise QKHooksError(
+                        f"the processor config's size={size_cfg} caps the resized long side at longest_edge (a wide "
+                        "photo's short side then ends below shortest_edge, and the centre crop pads it), which "
+                        "ImageConfig does not model; build ImageConfig(size=..., resize=shortest_edge, ...) by hand "
+                        "if the cap does not matter for your photos.")
                 resize = _pair(size_cfg["shortest_edge"], "size.shortest_edge")[0]
                 if _processor_class(c).startswith("Levit"):  # LeViT resizes the short side to 256/224 of it
                     resize = int((256 / 224) * resize)
@@ -363,7 +379,11 @@ class ImageConfig:
                 "scales pixels by 1/255 before normalising; build ImageConfig(...) by hand for another scale."
             )
 
-        resample = c["resample"]
+        resample = c.get("resample")
+        if resample is None:  # a class that resamples otherwise (none of those from_hf reads lacks it)
+            raise QKHooksError(
+                f"the processor config ({_processor_class(c) or 'no class named'}) says no resample filter, so how it "
+                "resizes is not known here; build ImageConfig(...) by hand.")
         if isinstance(resample, str):
             interpolation = resample.lower()
         else:
