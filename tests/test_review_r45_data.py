@@ -68,3 +68,77 @@ def test_a_shortest_edge_without_a_long_side_cap_still_gives_the_processors_pixe
     photo = _wide_photo()
     theirs = processor(images=photo, return_tensors="pt")["pixel_values"][0]
     assert torch.allclose(ImageConfig.from_hf(processor.to_dict())(photo), theirs, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ decoding workers that cannot start or that die
+def _photos(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)) for i in range(n)]
+
+
+class _WithALambda(torch.utils.data.Dataset):
+    """A Dataset holding a lambda (a loader, a transform of its own): it cannot be pickled."""
+
+    def __init__(self) -> None:
+        self.images, self.load = _photos(4), lambda image: image
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return self.load(self.images[index])
+
+
+class _DiesInAWorker(torch.utils.data.Dataset):
+    """A Dataset whose item 2 ends the process reading it when that is not the process that made it (a worker killed
+    for memory, a crash inside a decoder)."""
+
+    def __init__(self) -> None:
+        self.images, self.parent = _photos(4), __import__("os").getpid()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        import os
+
+        if index == 2 and os.getpid() != self.parent:
+            os._exit(9)
+        return self.images[index]
+
+
+def _config() -> ImageConfig:
+    return ImageConfig(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_workers_that_must_pickle_an_unpicklable_dataset_are_refused_naming_the_fix(monkeypatch, method):
+    """With the spawn (macOS, Windows) or forkserver (Linux from Python 3.14) start method, the workers get the
+    dataset pickled: a Dataset holding a lambda stopped the run with a bare AttributeError("Can't pickle local
+    object ...") from inside multiprocessing."""
+    import multiprocessing
+
+    from qkhooks.data import open_source
+    from qkhooks.data import sources
+
+    stream = open_source(_WithALambda(), _config())
+    context = multiprocessing.get_context(method)
+    monkeypatch.setattr(sources.multiprocessing, "get_context", lambda *a: context)
+    with pytest.raises(QKHooksError, match=rf"(?s)workers.*'{method}'.*pickle.*_WithALambda.*num_workers=0 "
+                                           r"\(--workers 0\)"):
+        list(stream.batches(2, workers=1))
+    assert [len(b.items) for b in stream.batches(2, workers=0)] == [2, 2]  # the fix named works
+
+
+def test_a_worker_that_dies_is_named_with_the_items_it_held_and_the_fix():
+    """A worker process that ended abruptly stopped the run with concurrent.futures' BrokenProcessPool ("A process
+    in the process pool was terminated abruptly ..."), which names neither the data, nor where, nor what to do."""
+    from qkhooks.data import open_source
+
+    stream = open_source(_DiesInAWorker(), _config())
+    with pytest.raises(QKHooksError, match=r"(?s)decoding worker.*torch:_DiesInAWorker.*items \d+\.\.3 .*"
+                                           r"num_workers=0 \(--workers 0\).*resume") as caught:
+        list(stream.batches(2, workers=1))
+    assert int(re.search(r"items (\d+)\.\.", str(caught.value)).group(1)) <= 2  # the range holds the item that died
+    assert "import the dataset's class" not in str(caught.value)  # forked workers import nothing
+    assert [b.end for b in stream.batches(2, workers=0)] == [2, 4]

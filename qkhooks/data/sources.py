@@ -37,6 +37,7 @@ import os
 import warnings
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -292,21 +293,55 @@ class ItemStream:
                 self._name_unread(unread)
                 yield StreamBatch(items, failures, end=chunk[-1][0] + 1)
             return
-        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(),
+        context = multiprocessing.get_context()
+        self._refuse_unpicklable(workers, context.get_start_method())
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
                                                       initializer=_set_worker_stream,
                                                       initargs=(self, Image.MAX_IMAGE_PIXELS))
+        held = [start, start]  # the positions handed to the workers and not given back yet
         try:
             pending: deque[tuple[int, concurrent.futures.Future]] = deque()  # at most 2 batches per worker ahead
             for chunk in itertools.chain(chunks, [None]):
                 if chunk is not None:
+                    held[1] = chunk[-1][0] + 1
                     pending.append((chunk[-1][0] + 1, pool.submit(_worker_decode, chunk, stamps)))
                 while pending and (chunk is None or len(pending) > 2 * workers):
                     end, future = pending.popleft()
                     items, failures, unread = future.result()
+                    held[0] = end
                     self._name_unread(unread)
                     yield StreamBatch(items, failures, end=end)
+        except concurrent.futures.process.BrokenProcessPool as exc:
+            raise QKHooksError(self._worker_died(held, context.get_start_method())) from exc
         finally:
             pool.shutdown(cancel_futures=True)
+
+    def _refuse_unpicklable(self, workers: int, method: str) -> None:
+        """Workers started by spawn (macOS, Windows) or forkserver (Linux from Python 3.14) get the stream pickled:
+        a dataset that cannot be (a lambda or an open file in it) stopped the run with a bare pickling error from
+        inside multiprocessing (review r45), so it is tried here and refused naming the fix. Fork copies it."""
+        if method == "fork":
+            return
+        try:
+            ForkingPickler.dumps(self)
+        except Exception as exc:  # noqa: BLE001 - whatever pickling raises (AttributeError, TypeError, ...)
+            raise QKHooksError(
+                f"num_workers={workers} decodes in worker processes started by '{method}', which get the data "
+                f"pickled, and {self.name} cannot be pickled ({type(exc).__name__}: {exc}). Pass num_workers=0 "
+                "(--workers 0) to decode in this process, or make the dataset picklable (its class defined in a "
+                "module, holding no lambda, local function, open file or lock).") from None
+
+    def _worker_died(self, held: list[int], method: str) -> str:
+        """Why the run stopped when a decoding worker ended abruptly (concurrent.futures' BrokenProcessPool names
+        neither the data, nor where, nor what to do: review r45)."""
+        imports = (f"; or, started by '{method}', unable to import the dataset's class, e.g. one defined in a "
+                   "notebook" if method != "fork" else "")
+        return (
+            f"a decoding worker process of {self.name} ended abruptly while it held items {held[0]}..{held[1] - 1} "
+            "(killed by the system, e.g. for memory; a crash inside an image decoder or the dataset's own code"
+            f"{imports}), so nothing says which item or why. Rerun with num_workers=0 (--workers 0), which decodes in this process "
+            "and names an item's error (or with fewer workers if memory ran out); resume=True (--resume) continues "
+            "the run file from its last checkpoint.")
 
 
 class _Replay:
