@@ -142,3 +142,56 @@ def test_a_worker_that_dies_is_named_with_the_items_it_held_and_the_fix():
     assert int(re.search(r"items (\d+)\.\.", str(caught.value)).group(1)) <= 2  # the range holds the item that died
     assert "import the dataset's class" not in str(caught.value)  # forked workers import nothing
     assert [b.end for b in stream.batches(2, workers=0)] == [2, 4]
+
+
+# ------------------------------------------------------------------ a resume over a Dataset that changed
+class _InMemory(torch.utils.data.Dataset):
+    """A torch Dataset of in-memory photos, named by position (no id, no file): what a resume of it keeps cannot be
+    checked by id or by file."""
+
+    def __init__(self, photos: list[Image.Image]) -> None:
+        self.photos = photos
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return self.photos[index]
+
+
+def test_a_resume_over_a_dataset_of_another_length_is_refused_where_its_items_cannot_be_checked(tmp_path):
+    """A torch Dataset of 8 photos, stopped after 4, resumed over one of 6 (two removed): the stream went on at
+    position 4 and finished a run of 8 images, 4 of one data set and 4 of another, named 0..7, without a word."""
+    from test_review_r36 import _KW, _interrupted
+    from test_review_r39_fixb import _tiny_loaded
+
+    import qkhooks
+
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    photos = _photos(8)
+    _interrupted(loaded, run, batches=2, data=_InMemory(photos))
+    with qkhooks.open_run(run) as before:
+        kept = before.n
+    with pytest.raises(QKHooksError, match=r"(?s)cannot resume .*run\.h5.*has 6 items now.*recorded from 8.*"
+                                           r"new --out.*--overwrite"):
+        qkhooks.record_dataset(loaded, _InMemory(photos[:2] + photos[4:]), run, resume=True, **_KW)
+    with qkhooks.open_run(run) as after:  # the refusal left the file as it was
+        assert after.n == kept
+    with pytest.warns(UserWarning, match="does not check that"):  # the same length: taken, and said unchecked
+        assert qkhooks.record_dataset(loaded, _InMemory(photos), run, resume=True, **_KW).images == 8
+
+
+def test_a_resume_whose_kept_items_cannot_be_checked_says_so(tmp_path):
+    """The same Dataset with other photos in it (same length): nothing before the resume point can be read again
+    without loading it, and there are no files to check, so the resume cannot tell; it went on without a word, where a
+    Dataset of files says that its files are not checked."""
+    from test_review_r36 import _KW, _interrupted
+    from test_review_r39_fixb import _tiny_loaded
+
+    import qkhooks
+
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    _interrupted(loaded, run, batches=2, data=_InMemory(_photos(8)))
+    with pytest.warns(UserWarning, match=r"(?s)does not check that the \d+ images it keeps are torch:_InMemory's "
+                                         r"first items.*Pass the items as a list"):
+        assert qkhooks.record_dataset(loaded, _InMemory(_photos(8)[::-1]), run, resume=True, **_KW).images == 8

@@ -104,6 +104,7 @@ class ItemStream:
     Attributes:
         name: What the run file records as its data (e.g. ``"hfds:/data/coco:val"``, ``"torch:MyDataset"``).
         length: The number of items, or None for an iterable without one.
+        source_length: The source's own number of items (``length`` before the limit), or None.
         has_masks, has_targets: Whether items carry ``objects`` / odd-one-out masks (from the first item).
     """
 
@@ -111,6 +112,7 @@ class ItemStream:
         self.name, self._reader, self.image_config = name, reader, image_config
         self.limit = limit
         self.length = reader.length if reader.length is None or limit is None else min(limit, reader.length)
+        self.source_length: int | None = reader.length  # the whole source's, whatever the limit: a resume compares it
         self._first: tuple[int, str] = (0, "0")  # the item _peek learns the masks from: (position, id)
         self._unread_named: set[str] = set()  # fields of the items not read, once warned of
         self.has_masks, self.has_targets = self._peek()
