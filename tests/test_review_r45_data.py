@@ -195,3 +195,43 @@ def test_a_resume_whose_kept_items_cannot_be_checked_says_so(tmp_path):
     with pytest.warns(UserWarning, match=r"(?s)does not check that the \d+ images it keeps are torch:_InMemory's "
                                          r"first items.*Pass the items as a list"):
         assert qkhooks.record_dataset(loaded, _InMemory(_photos(8)[::-1]), run, resume=True, **_KW).images == 8
+
+
+# ------------------------------------------------------------------ the user's own code failing: where, and why
+class _LenLies(torch.utils.data.Dataset):
+    """__len__ counts 8 items, __getitem__ holds 5."""
+
+    def __init__(self) -> None:
+        self.photos = _photos(5)
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return self.photos[index]
+
+
+def test_a_dataset_whose_len_counts_more_items_than_it_holds_is_named_so():
+    """The IndexError said only "list index out of range (while qkhooks read item 5 of torch:_LenLies)"."""
+    from qkhooks.data import open_source
+
+    with pytest.raises(IndexError) as caught:
+        list(open_source(_LenLies(), _config()).batches(2))
+    notes = " ".join(getattr(caught.value, "__notes__", []))
+    assert re.search(r"item 5 of torch:_LenLies.*__len__ says 8.*Subset\(dataset, range\(5\)\)", notes), notes
+
+
+def test_a_generator_that_raises_midway_is_named_with_the_item_it_stopped_at():
+    """A generator raising at its item 3 stopped the run with its own error alone: no word of which item or source."""
+    from qkhooks.data import open_source
+
+    def photos():
+        for index, photo in enumerate(_photos(6)):
+            if index == 3:
+                raise ValueError("a row of my own reader is broken")
+            yield photo
+
+    with pytest.raises(ValueError, match="a row of my own reader") as caught:
+        list(open_source(photos(), _config()).batches(2))
+    notes = " ".join(getattr(caught.value, "__notes__", []))
+    assert re.search(r"while qkhooks read item 3 of iterable:generator", notes), notes

@@ -247,7 +247,7 @@ class ItemStream:
             return (self._reader.row_id(row, position), str(exc)), ()
         except Exception as exc:  # the user's own code failed: stop, saying where
             if not isinstance(exc, QKHooksError):
-                exc.add_note(f"(while qkhooks read item {position} of {self.name})")
+                exc.add_note(f"(while qkhooks read item {position} of {self.name}{self._len_lies(exc, position)})")
             raise
         item_id = own_id if own_id is not None else str(position)
         layout = (raw.objects is not None, raw.target is not None)
@@ -257,6 +257,33 @@ class ItemStream:
         if stamps:  # one image file is read an item (masks are not stamped): its stamp, if any
             item["file_stamp"] = raw.stamp or (next(iter(seen.values())) if len(seen) == 1 else NO_STAMP)
         return item, raw.unread
+
+    def _len_lies(self, exc: Exception, position: int) -> str:
+        """Where an IndexError comes from an index under the length a map-style source gave: its ``__len__`` counts
+        items its ``__getitem__`` does not hold (review r45: the note named the item only)."""
+        length = self.source_length
+        if not isinstance(exc, IndexError) or length is None or position >= length or self._reader.length is None:
+            return ""
+        return (f"; its __len__ says {length}, so an IndexError here means __len__ counts more items than "
+                f"__getitem__ holds: fix __len__, or pass torch.utils.data.Subset(dataset, range({position})) to record "
+                "the items it holds")
+
+    @staticmethod
+    def _noted(rows: Iterator[Any], name: str, start: int) -> Iterator[tuple[int, Any]]:
+        """``rows`` (the source's, from position ``start``) numbered, an error the source raises while it is read (a
+        generator failing midway) noted with the item it stopped at (review r45: the user's error came alone, naming
+        neither the source nor the item)."""
+        iterator = iter(rows)
+        for position in itertools.count(start):
+            try:
+                row = next(iterator)
+            except StopIteration:
+                return
+            except Exception as exc:
+                if not isinstance(exc, QKHooksError):
+                    exc.add_note(f"(while qkhooks read item {position} of {name} from the source itself)")
+                raise
+            yield position, row
 
     def _decode_batch(self, rows: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         return self._decode_rows(rows)[:2]
@@ -285,7 +312,7 @@ class ItemStream:
         bounds = [b for b in (stop, self.length, self.limit) if b is not None]
         stop = min(bounds) if bounds else None
         refuse_batching(batch_size, workers)
-        rows = zip(itertools.count(start), self._reader.rows(start))
+        rows = self._noted(self._reader.rows(start), self.name, start)
         if stop is not None:
             rows = itertools.islice(rows, max(stop - start, 0))
         chunks = iter(lambda: list(itertools.islice(rows, batch_size)), [])
