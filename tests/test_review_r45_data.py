@@ -235,3 +235,23 @@ def test_a_generator_that_raises_midway_is_named_with_the_item_it_stopped_at():
         list(open_source(photos(), _config()).batches(2))
     notes = " ".join(getattr(caught.value, "__notes__", []))
     assert re.search(r"while qkhooks read item 3 of iterable:generator", notes), notes
+
+
+# ------------------------------------------------------------------ a folder's images of other formats
+def test_a_folders_images_of_formats_it_does_not_read_are_named_not_left_out_without_a_word(tmp_path):
+    """A folder of PNGs and TIFFs (microscopy, scans) recorded its PNGs and left the TIFFs out without a word: the
+    folder spec reads .jpg .jpeg .png .webp only, and said so only where it held no such file at all."""
+    from qkhooks.data import open_dataset
+
+    for name, value in (("a.png", 10), ("b.tif", 20), ("sub/c.BMP", 30), ("d.png", 40), ("notes.txt", None)):
+        path = tmp_path / "photos" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if value is None:
+            path.write_text("not an image")
+        else:
+            Image.fromarray(np.full((12, 14, 3), value, np.uint8)).save(path)
+    with pytest.warns(UserWarning, match=r"(?s)2 image files under .*photos have an extension a folder does not read "
+                                         r"\(\.bmp, \.tif\).*b\.tif.*not recorded.*Python list") as caught:
+        dataset = open_dataset(str(tmp_path / "photos"), _config())
+    assert dataset.ids == ["a.png", "d.png"]
+    assert not any("notes.txt" in str(w.message) for w in caught)  # files that are not images are not named
