@@ -87,8 +87,8 @@ def _triple(value: Any, what: str) -> tuple[float, float, float]:
 
 _UNMODELLED_HF_KEYS = {"do_flip_channel_order": (False,), "keep_aspect_ratio": (False,), "ensure_multiple_of": (1,),
                        "crop_pct": (), "do_pad": (False,), "size_divisor": (), "pad_size": (),
-                       "include_top": (False,), "rescale_offset": (False,), "crop_to_patches": (False,), "tile_size": (),
-                       "do_affine_transform": (False,)}
+                       "include_top": (False,), "rescale_offset": (False,), "crop_to_patches": (False,),
+                       "tile_size": (), "do_affine_transform": (False,)}
 """Image processor keys ImageConfig does not model, with their neutral values (None is neutral for each): a config
 that sets one otherwise (MobileViT's BGR channels, DPT's aspect-keeping resize, ConvNeXt's crop_pct, EfficientNet's
 second division by the std and its offset, DeepSeek-OCR 2's tiles, VitPose's crop by boxes) is refused (review r45:
@@ -136,8 +136,7 @@ def _as_its_class_reads_it(config: dict[str, Any]) -> dict[str, Any]:
     if unmodelled:
         raise QKHooksError(
             f"the processor config sets {', '.join(f'{k}={v!r}' for k, v in unmodelled.items())}, which ImageConfig "
-            "does not model (channel order, aspect-keeping resizes, crop percentages, padding, a second division by the "
-            "std, tiles, crops by boxes): the pixels would "
+            "does not model (channel order, aspect-keeping resizes, crop percentages, padding): the pixels would "
             "differ from the processor's; build ImageConfig(...) by hand where it can express them.")
     return config
 
@@ -332,9 +331,9 @@ class ImageConfig:
                 )
             if _processor_class(c).startswith("Perceiver"):
                 raise QKHooksError(
-                    "PerceiverImageProcessor crops a centre square of crop_size/size of the photo's shorter side before "
-                    "it resizes to size, which ImageConfig does not model (it resizes, then crops): the pixels and "
-                    "the input size would differ from the processor's; build ImageConfig(...) by hand.")
+                    "PerceiverImageProcessor crops a centre square of crop_size/size of the photo's shorter side "
+                    "before it resizes to size, which ImageConfig does not model (it resizes, then crops): the pixels "
+                    "and the input size would differ from the processor's; build ImageConfig(...) by hand.")
             if isinstance(size_cfg, dict) and "shortest_edge" in size_cfg:
                 if size_cfg.get("longest_edge") is not None:  # review r45: read as if absent, the crop then pads
                     raise QKHooksError(

@@ -262,11 +262,11 @@ class ItemStream:
         """Where an IndexError comes from an index under the length a map-style source gave: its ``__len__`` counts
         items its ``__getitem__`` does not hold (review r45: the note named the item only)."""
         length = self.source_length
-        if not isinstance(exc, IndexError) or length is None or position >= length or self._reader.length is None:
+        if not isinstance(exc, IndexError) or length is None or position >= length:
             return ""
         return (f"; its __len__ says {length}, so an IndexError here means __len__ counts more items than "
-                f"__getitem__ holds: fix __len__, or pass torch.utils.data.Subset(dataset, range({position})) to record "
-                "the items it holds")
+                f"__getitem__ holds: fix __len__, or pass torch.utils.data.Subset(dataset, range({position})) to "
+                "record the items it holds")
 
     @staticmethod
     def _noted(rows: Iterator[Any], name: str, start: int) -> Iterator[tuple[int, Any]]:
@@ -368,9 +368,9 @@ class ItemStream:
         return (
             f"a decoding worker process of {self.name} ended abruptly while it held items {held[0]}..{held[1] - 1} "
             "(killed by the system, e.g. for memory; a crash inside an image decoder or the dataset's own code"
-            f"{imports}), so nothing says which item or why. Rerun with num_workers=0 (--workers 0), which decodes in this process "
-            "and names an item's error (or with fewer workers if memory ran out); resume=True (--resume) continues "
-            "the run file from its last checkpoint.")
+            f"{imports}), so nothing says which item or why. Rerun with num_workers=0 (--workers 0), which decodes "
+            "in this process and names an item's error (or with fewer workers if memory ran out); resume=True "
+            "(--resume) continues the run file from its last checkpoint.")
 
 
 class _Replay:
