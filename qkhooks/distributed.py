@@ -176,16 +176,16 @@ class _Shard:
         self.ids = fmt.read_ids(f, self.n)  # checked against their digests where the shard has them
         self.digest_rows = f[fmt.ID_DIGESTS].chunks[0] if fmt.ID_DIGESTS in f else None
         try:
-            self.skipped, total = fmt.read_skipped_prefix(f)
+            self.skipped, lost, total = fmt.read_skipped_rows(f)
         except ValueError as exc:  # not laid out as qkhooks writes it: damage
             raise QKHooksError(f"cannot merge {path}: {exc}; repair it (`qkhooks repair SHARD --out COPY`) and merge "
                                "the copy.") from None
-        if len(self.skipped) < total:  # merged, the run would not list every image its recording skipped
+        if lost:  # merged, the run would not list every image its recording skipped
             fix = ("it is damaged: repair it (`qkhooks repair SHARD --out COPY`, which keeps the rows that read) and "
                    "merge the copy" if self.complete else "its writer was killed while it added rows: resume that "
                    "shard (its command plus --resume), which writes the list again, then merge again")
-            raise QKHooksError(f"cannot merge {path}: its list of skipped images /{fmt.SKIPPED} reads up to row "
-                               f"{len(self.skipped)} of {total}; {fix}.")
+            raise QKHooksError(f"cannot merge {path}: its list of skipped images /{fmt.SKIPPED} "
+                               f"{fmt.skipped_loss_words(lost, total)}; {fix}.")
         self.per_image = fmt.per_image_datasets(f)
 
     def _consistent(self) -> tuple[int, dict[str, dict[str, Any] | None]]:

@@ -402,7 +402,7 @@ def test_an_unfinished_runs_half_written_skipped_list_is_said_with_the_resume_th
             run.skipped  # never a shorter list without a word
         summary = run.summary()
         assert run.problems == []
-    assert "skipped  3: x.png, w.png  (rows 2-2 do not read)" in summary and "plus --resume" in summary
+    assert "skipped  3: x.png, w.png  (reads up to row 2 of 3)" in summary and "plus --resume" in summary
     assert "         " + str(out) + ": its list of skipped images /images/skipped reads up to row 2 of 3 " in summary
     assert main_rc(["info", str(out)]) == 0
     report = verify_run(out)
@@ -436,9 +436,68 @@ def test_a_finished_runs_unreadable_skipped_rows_are_damage_and_repair_keeps_the
     assert not report.ok and report.resumable == [] and "reads up to row 2 of 3" in report.problems[0]
     fixed = repair(out, tmp_path / "fixed.h5")  # before, the copy's list was empty and nothing said so
     assert fixed.recovered == ["a"] and fixed.problems == [
-        "/images/skipped: rows 2-2 do not read (the copy lists the images skipped in its first 2 rows only)"]
+        "/images/skipped: rows 2-2 do not read (the copy lists the 2 of its 3 rows that read)"]
     with open_run(tmp_path / "fixed.h5") as run:
         assert run.skipped == held
+
+
+def _skipped_list_with_a_hole(path: Path, complete: bool) -> list[tuple[str, str]]:
+    """A run of one image whose skipped list of 10 rows has lost row 3's strings (its elements point at an object
+    their heap does not have) while rows 4-9 read: damage in the middle of the list, not a killed writer's tail."""
+    rows = [(f"{i}.png", "unreadable") for i in range(10)]
+    w = RunWriter(path, dtype="float32")
+    w.write_batch(["a"], {"v": np.zeros((1, 1))})
+    w.write_skipped(rows)
+    w.close(complete=complete)
+    with h5py.File(path, "r+") as f:
+        ds = f[fmt.SKIPPED]
+        mask, raw = ds.id.read_direct_chunk((0, 0))
+        size = len(raw) // int(np.prod(ds.chunks))
+        lost = raw[3 * 2 * size:3 * 2 * size + 12] + (999).to_bytes(4, "little")
+        ds.id.write_direct_chunk((0, 0), raw[:3 * 2 * size] + lost * 2 + raw[4 * 2 * size:], mask)
+    with h5py.File(path, "r") as f:  # the damage is what the test says: row 3 alone does not read
+        assert fmt.readable_skipped_rows(f[fmt.SKIPPED]) == 3 and [f[fmt.SKIPPED][i][0] for i in (2, 4, 9)] == \
+            [b"2.png", b"4.png", b"9.png"]
+    return rows[:3] + rows[4:]
+
+
+def test_repair_keeps_every_skipped_row_that_reads_past_a_lost_one_and_names_it(tmp_path, capsys):
+    # Before, repair (and info, verify) read the list up to its first lost row: rows 4-9 were dropped as lost too
+    out = tmp_path / "run.h5"
+    held = _skipped_list_with_a_hole(out, complete=True)
+    with h5py.File(out, "r") as f:
+        assert fmt.read_skipped_rows(f) == (held, [3], 10)
+    _refused_as_damage(out, r"does not read at row 3 of 10 \(the others read\)", "does not read at row 3 of 10", capsys)
+    with open_run(out) as run:
+        assert "skipped  10: 0.png, 1.png, 2.png, 4.png, 5.png ...  (does not read at row 3 of 10 (the others read))" \
+            in run.summary()
+    report = verify_run(out)
+    assert not report.ok and report.resumable == [] and len(report.problems) == 1 \
+        and "does not read at row 3 of 10 (the others read)" in report.problems[0]
+    fixed = repair(out, tmp_path / "fixed.h5")
+    assert fixed.recovered == ["a"] and fixed.problems == [
+        "/images/skipped: rows 3-3 do not read (the copy lists the 9 of its 10 rows that read)"]
+    with open_run(tmp_path / "fixed.h5") as run:
+        assert run.skipped == held and run.summary() and run.problems == []
+    assert verify_run(tmp_path / "fixed.h5").ok
+
+
+def test_an_unfinished_runs_lost_skipped_row_is_named_and_its_resume_writes_the_list_again(tmp_path):
+    out = tmp_path / "run.h5"
+    _skipped_list_with_a_hole(out, complete=False)
+    report = verify_run(out)
+    assert report.ok and len(report.resumable) == 1 and "does not read at row 3 of 10" in report.resumable[0] \
+        and "plus --resume" in report.resumable[0]
+    with pytest.raises(QKHooksError, match=r"does not read at row 3 of 10 .*plus --resume"):
+        with open_run(out) as run:
+            run.skipped
+    with pytest.warns(UserWarning, match=r"reads up to row 3 of 10"):  # cut at the lost row: the resume writes it all
+        w = RunWriter(out, mode="resume", dtype="float32")
+    with w:
+        w.write_batch(["b"], {"v": np.ones((1, 1))})
+        w.write_skipped([(f"{i}.png", "unreadable") for i in range(10)])
+    with open_run(out) as run:
+        assert run.ids == ["a", "b"] and run.skipped == [(f"{i}.png", "unreadable") for i in range(10)]
 
 
 @pytest.mark.parametrize("complete", [False, True], ids=["unfinished", "finished"])

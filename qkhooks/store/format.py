@@ -20,7 +20,7 @@ import os
 import tokenize
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -33,7 +33,7 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
-           "identity_of", "as_str", "read_ids", "read_skipped", "read_skipped_prefix", "readable_skipped_rows", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
+           "identity_of", "as_str", "read_ids", "read_skipped", "read_skipped_prefix", "read_skipped_rows", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
            "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
            "unsealed_attrs", "QKHOOKS_ATTR_NAMES", "digest_matches"]
@@ -521,6 +521,48 @@ def read_skipped_prefix(f: h5py.File, stop: int | None = None) -> tuple[list[tup
         except (OSError, UnicodeDecodeError):
             stop = ds.shape[0]
     return [tuple(as_str(x) for x in row) for row in ds[:readable_skipped_rows(ds, stop)]], ds.shape[0]
+
+
+def read_skipped_rows(f: h5py.File, unasked: Collection[int] = ()) -> tuple[list[tuple[str, ...]], list[int], int]:
+    """Every row of ``/images/skipped`` that reads, the indices of those that do not, and how many rows the list has:
+    one row whose string is lost (damage in the middle of the list) costs that row, not every row after it.
+    ``unasked``: rows not read, counted lost (``repair``: their strings lie past a cut file's end, where HDF5 would
+    spin). ValueError where the list is not laid out as qkhooks writes it."""
+    ds = _skipped_dataset(f)
+    if ds is None:
+        return [], [], 0
+    total = ds.shape[0]
+    skip = {row for row in unasked if 0 <= row < total}
+    if not skip:
+        try:
+            return read_skipped(f), [], total
+        except (OSError, UnicodeDecodeError):
+            pass
+    rows: list[tuple[str, ...]] = []
+    lost: list[int] = []
+    for row in range(total):
+        try:
+            if row in skip:
+                raise OSError("not asked")
+            rows.append(tuple(as_str(x) for x in ds[row]))
+        except (OSError, UnicodeDecodeError):
+            lost.append(row)
+    return rows, lost, total
+
+
+def skipped_loss_words(lost: Sequence[int], total: int) -> str:
+    """How the rows ``lost`` of a skipped list of ``total`` rows are said: "reads up to row R of N" where they are the
+    last ones (what a killed writer leaves), else the lost rows by index (damage), so no reader names fewer."""
+    if list(lost) == list(range(total - len(lost), total)):
+        return f"reads up to row {total - len(lost)} of {total}"
+    spans: list[list[int]] = []
+    for row in lost:
+        if spans and spans[-1][1] == row - 1:
+            spans[-1][1] = row
+        else:
+            spans.append([row, row])
+    words = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"does not read at row{'s' if len(lost) > 1 else ''} {words} of {total} (the others read)"
 
 
 def readable_skipped_rows(ds: h5py.Dataset, stop: int | None = None) -> int:

@@ -646,17 +646,18 @@ class RunReader:
         """The (id, reason) rows of the images the recording skipped. A list whose last rows do not read is refused,
         saying how the run is mended, never returned shorter."""
         try:
-            rows, total = fmt.read_skipped_prefix(self.file)
+            rows, lost, total = fmt.read_skipped_rows(self.file)
         except ValueError as exc:  # not laid out as qkhooks writes it: damage, never rows read as others
             raise QKHooksError(damaged_message(self.path, str(exc))) from None
-        if len(rows) < total:
-            raise QKHooksError(self._lost_skipped_rows(len(rows), total))
+        if lost:
+            raise QKHooksError(self.lost_skipped_rows(lost, total))
         return rows  # type: ignore[return-value]
 
-    def _lost_skipped_rows(self, read: int, total: int) -> str:
-        """What to do about a list of skipped images that reads up to row ``read`` of ``total``: damage in a finished
-        run; in an unfinished one, what a writer killed while it added rows leaves (a resume writes the list again)."""
-        what = f"its list of skipped images /{fmt.SKIPPED} reads up to row {read} of {total}"
+    def lost_skipped_rows(self, lost: Sequence[int], total: int) -> str:
+        """What to do about a list of skipped images of ``total`` rows whose rows ``lost`` do not read: damage in a
+        finished run; in an unfinished one, what a writer killed while it added rows leaves (a resume writes the list
+        again, whole, from the data). ``qkhooks info`` and ``verify_run`` say the same."""
+        what = f"its list of skipped images /{fmt.SKIPPED} {fmt.skipped_loss_words(lost, total)}"
         if self.complete:
             return damaged_message(self.path, what)
         if being_written(self.path) and writer_alive(self.path) is not False:
@@ -999,21 +1000,21 @@ class RunReader:
         ]
         self.problems = []
         try:
-            skipped, total = fmt.read_skipped_prefix(self.file)
+            skipped, lost, total = fmt.read_skipped_rows(self.file)
         except ValueError as exc:  # not laid out as qkhooks writes it
-            skipped, total = [], 0
+            skipped, lost, total = [], [], 0
             lines.append("skipped  unreadable")
             self.problems.append(f"{exc}: run `qkhooks repair {self.path} --out FIXED.h5` to copy every image still "
                                  "readable into a new file")
         if total:
             lines.append(f"skipped  {total}: " + ", ".join(i for i, _ in skipped[:5]) + (" ..." if total > 5 else "")
-                         + (f"  (rows {len(skipped)}-{total - 1} do not read)" if len(skipped) < total else ""))
-        if len(skipped) < total and self.complete:
-            self.problems.append(f"its list of skipped images /{fmt.SKIPPED} reads up to row {len(skipped)} of {total}:"
+                         + (f"  ({fmt.skipped_loss_words(lost, total)})" if lost else ""))
+        if lost and self.complete:
+            self.problems.append(f"its list of skipped images /{fmt.SKIPPED} {fmt.skipped_loss_words(lost, total)}:"
                                  f" run `qkhooks repair {self.path} --out FIXED.h5` to copy every image still readable "
                                  "and the rows that read into a new file")
-        elif len(skipped) < total:  # an unfinished run: said, and the resume the summary points to mends it
-            lines.append("         " + self._lost_skipped_rows(len(skipped), total))
+        elif lost:  # an unfinished run: said, and the resume the summary points to mends it
+            lines.append("         " + self.lost_skipped_rows(lost, total))
         lines.append("arrays")
         unreadable = []
         names = self.arrays()

@@ -198,14 +198,14 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     lost = np.flatnonzero(~good).tolist()
     skipped = [(str(ids[i]) or f"row {i}", "unreadable in the damaged run file") for i in lost]
     try:  # the rows that read, from the first; none whose string a cut left outside the file is asked of HDF5 (a hang)
-        listed = src.get(fmt.SKIPPED)  # a group in its place is refused as damage by read_skipped_prefix
+        listed = src.get(fmt.SKIPPED)  # a group in its place is refused as damage by read_skipped_rows
         outside = _strings_outside(listed, listed.shape[0], run, real_size) \
             if isinstance(listed, h5py.Dataset) and listed.ndim else set()
-        held, total = fmt.read_skipped_prefix(src, stop=min(outside, default=None))
+        held, unread, total = fmt.read_skipped_rows(src, unasked=outside)
         skipped = held + skipped  # type: ignore[operator]
-        if len(held) < total:
-            problems.append(_rows_line(f"/{fmt.SKIPPED}", [(len(held), total)], "the copy lists the images skipped "
-                                       f"in its first {len(held)} rows only"))
+        if unread:  # every row that reads is kept, the lost ones named (before, none past the first lost one)
+            problems.append(_rows_line(f"/{fmt.SKIPPED}", _spans(unread), f"the copy lists the {len(held)} of its "
+                                       f"{total} rows that read"))
     except _READ_ERRORS as exc:
         problems.append(f"/{fmt.SKIPPED} unreadable, so the copy lists no image the recording skipped ({exc})")
     images.create_dataset("skipped", data=np.array(skipped, dtype=object).reshape(-1, 2), maxshape=(None, 2),
@@ -740,10 +740,10 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
             if ds.attrs.get("per_image", False):
                 arrays[name] = ds
             elif name == fmt.SKIPPED:
-                rows, total = fmt.read_skipped_prefix(f)
+                _, lost, total = fmt.read_skipped_rows(f)
                 statics += 1
-                if len(rows) < total:
-                    (problems if complete else resumable).append(reader._lost_skipped_rows(len(rows), total))
+                if lost:
+                    (problems if complete else resumable).append(reader.lost_skipped_rows(lost, total))
             elif name not in (fmt.IDS, fmt.ID_DIGESTS):
                 ds[()]  # a spectrum, a position term, the skipped list: small, read whole
                 statics += 1
@@ -751,7 +751,7 @@ def _verify(reader: RunReader, real_size: int) -> VerifyReport:
             problems.append(f"/{name} unreadable ({exc})")
     try:  # a group in the skipped list's place: the walk above lists datasets only
         if fmt.SKIPPED in f and fmt.SKIPPED not in found:
-            fmt.read_skipped_prefix(f)
+            fmt.read_skipped_rows(f)
     except _READ_ERRORS as exc:
         problems.append(f"/{fmt.SKIPPED} unreadable ({exc})")
     lost = fmt.lost_statics(f.attrs)
