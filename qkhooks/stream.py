@@ -723,6 +723,9 @@ def record_dataset(
                            checksum=opts.checksum, expected_statics=expected)
         if mode == "resume":
             try:
+                if relimited is not None:  # before any check that reads the kept ids against the limited data
+                    _refuse_limit_below_kept(out, stored["limit"], opts.limit, writer.committed,
+                                             _kept_on_resume(writer, checkpointed))
                 if streamed:
                     done, _ = _resume(writer, checkpointed, writer.ids)
                     if relimited is not None and done:  # before "resuming the stream at item N" is said
@@ -819,9 +822,10 @@ def _relimited_config(out: str | os.PathLike, stored: Mapping[str, Any], config:
     """The run's own config where this resume's differs from it only by its ``limit``: the resume takes the run to the
     new limit, whose images so far are the first of the new ones (the resume checks they are), and the run's config is
     rewritten once every check has passed. None where the two differ otherwise (the writer refuses and names what
-    differs) or are the same. A larger limit (or none) grows the run; a smaller one is taken only where the run holds
-    no more images than it (``held``: an extension stopped midway goes back to a limit it has not passed), else
-    refused; any other limit for a shard is refused (its block of the data would move)."""
+    differs) or are the same. A larger limit (or none) grows the run; a smaller one is taken only where a resume keeps
+    no more images than it (an extension stopped midway goes back to a limit it has not passed), which
+    :func:`_refuse_limit_below_kept` checks once the run's checkpoint is open; any other limit for a shard is refused
+    (its block of the data would move). ``held``: the run's committed images (None: no run, the writer says)."""
     config = json.loads(json.dumps(config))  # as ``stored`` (:func:`_stored_config`) reads: tuples as lists
     if set(stored) != set(config) or any(stored[k] != config[k] for k in config if k != "limit"):
         return None
@@ -835,13 +839,25 @@ def _relimited_config(out: str | os.PathLike, stored: Mapping[str, Any], config:
             f"{_limit_words(was)}, and a sharded run's limit cannot change (each shard's block of the data moves with "
             f"the limit, so the shards would no longer join up). Resume it with {_limit_words(was)}, or "
             "record the larger run into a new --out.")
-    if now is not None and (was is None or now < was) and held > now:
-        raise QKHooksError(
-            f"cannot resume {out} with --limit {now}: it was recorded with {_limit_words(was)} and holds {held} "
-            f"images, more than {now}. A resume may raise the limit (the run grows to the new one), or lower it to no "
-            f"fewer images than the run holds, never drop images it has. Read the first {now} images of the run "
-            f"(open_run(...).ids[:{now}]), resume with --limit {held} or more, or record into a new --out.")
     return stored
+
+
+def _refuse_limit_below_kept(out: Any, was: int | None, now: int | None, committed: int, kept: int | None) -> None:
+    """Refuse a resume with a lower ``--limit`` than the images it keeps: ``kept``, those its last checkpoint counts
+    (None: the checkpoint does not read, which the resume's own check names). The images committed past the
+    checkpoint are recorded again by any resume, so they are not held against the limit (before, a run holding 6 of
+    which its checkpoint counts 4 was refused --limit 5); the checkpoint's are, as its reducer states fold them and
+    cannot drop one."""
+    if kept is None or now is None or (was is not None and now >= was) or kept <= now:
+        return
+    held = kept
+    which = (f"holds {committed} images" if held == committed else f"holds {committed} images, of which a resume "
+             f"keeps {held} (those its last checkpoint counts; the rest are recorded again)")
+    raise QKHooksError(
+        f"cannot resume {out} with --limit {now}: it was recorded with {_limit_words(was)} and {which}, more than "
+        f"{now}. A resume may raise the limit (the run grows to the new one), or lower it to no fewer images than it "
+        f"keeps, never drop images its statistics count. Read the first {now} images of the run "
+        f"(open_run(...).ids[:{now}]), resume with --limit {held} or more, or record into a new --out.")
 
 
 def _limit_words(limit: int | None) -> str:
