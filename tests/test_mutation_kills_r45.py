@@ -126,7 +126,7 @@ def test_a_skipped_list_that_reads_whole_is_no_problem_for_info_or_verify_finish
     w.write_skipped([("x.png", "unreadable"), ("w.png", "too large")])
     w.close(complete=complete)
     with open_run(path) as run:
-        assert fmt.read_skipped_prefix(run.file) == ([("x.png", "unreadable"), ("w.png", "too large")], 2)
+        assert fmt.read_skipped_rows(run.file) == ([("x.png", "unreadable"), ("w.png", "too large")], [], 2)
         summary = run.summary()
         assert run.problems == []
     assert "\nskipped  2: x.png, w.png\narrays" in summary

@@ -347,7 +347,7 @@ def test_repair_asks_no_skipped_row_whose_string_lies_outside_the_file_and_keeps
     assert report.problems == ["/images/skipped: rows 1-1 do not read (the copy lists the 2 of its 3 rows that read)"]
     with h5py.File(tmp_path / "fixed.h5", "r") as f:
         assert fmt.read_skipped(f) == [("bad.png", "truncated"), ("odd.png", "truncated")]
-    with h5py.File(path, "r") as f:  # read_skipped_prefix's stop: no row from it is read
-        assert fmt.read_skipped_prefix(f, stop=1) == ([("bad.png", "truncated")], 3)
-        assert fmt.read_skipped_prefix(f, stop=0) == ([], 3)
-        assert fmt.read_skipped_prefix(f, stop=3) == (fmt.read_skipped(f), 3) and len(fmt.read_skipped(f)) == 3
+    with h5py.File(path, "r") as f:  # read_skipped_rows' unasked rows: counted lost, never read; past the list ignored
+        assert fmt.read_skipped_rows(f, unasked=[1, 2]) == ([("bad.png", "truncated")], [1, 2], 3)
+        assert fmt.read_skipped_rows(f, unasked=[0, 1, 2]) == ([], [0, 1, 2], 3)
+        assert fmt.read_skipped_rows(f, unasked=[3, -1]) == (fmt.read_skipped(f), [], 3) and len(fmt.read_skipped(f)) == 3

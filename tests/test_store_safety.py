@@ -396,7 +396,7 @@ def test_an_unfinished_runs_half_written_skipped_list_is_said_with_the_resume_th
     out = tmp_path / "run.h5"
     held = _torn_skipped_list(out, complete=False)
     with open_run(out) as run:
-        assert fmt.read_skipped_prefix(run.file) == (held, 3)
+        assert fmt.read_skipped_rows(run.file) == (held, [2], 3)
         with pytest.raises(QKHooksError, match=r"skipped images /images/skipped reads up to row 2 of 3 .*killed while "
                                                r"it added rows .*plus --resume.*`qkhooks repair"):
             run.skipped  # never a shorter list without a word

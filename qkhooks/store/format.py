@@ -33,7 +33,7 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
-           "identity_of", "as_str", "read_ids", "read_skipped", "read_skipped_prefix", "read_skipped_rows", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
+           "identity_of", "as_str", "read_ids", "read_skipped", "read_skipped_rows", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
            "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
            "unsealed_attrs", "QKHOOKS_ATTR_NAMES", "digest_matches"]
@@ -506,21 +506,6 @@ def read_skipped(f: h5py.File) -> list[tuple[str, ...]]:
     if ds is None:
         return []
     return [tuple(as_str(x) for x in row) for row in ds[()]]
-
-
-def read_skipped_prefix(f: h5py.File, stop: int | None = None) -> tuple[list[tuple[str, ...]], int]:
-    """The rows of ``/images/skipped`` that read, from the first, and how many rows the list has: a reader says
-    which rows are lost (a killed writer's, or damage) where :func:`read_skipped` would only fail. ``stop``: rows from
-    there on are not read (``repair``: their strings lie past a cut file's end, where HDF5 would spin)."""
-    ds = _skipped_dataset(f)
-    if ds is None:
-        return [], 0
-    if stop is None:
-        try:
-            return read_skipped(f), ds.shape[0]
-        except (OSError, UnicodeDecodeError):
-            stop = ds.shape[0]
-    return [tuple(as_str(x) for x in row) for row in ds[:readable_skipped_rows(ds, stop)]], ds.shape[0]
 
 
 def read_skipped_rows(f: h5py.File, unasked: Collection[int] = ()) -> tuple[list[tuple[str, ...]], list[int], int]:
