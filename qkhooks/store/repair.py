@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import mmap
 import os
 import resource
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Collection, Sequence
 
 import h5py
 import numpy as np
@@ -141,8 +142,11 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     n = fmt.committed(src) if _readable(lambda: src[fmt.IDS]) else None
     if n is None:
         raise QKHooksError(f"{run} has no readable /images/ids with a committed count; no image can be recovered.")
+    # never asked of HDF5: the attributes whose strings a cut left outside the file (a hang)
+    attrs_outside = _attrs_outside(run, _attr_names(src), real_size)
     # the copy's format is its own; its attribute digests are written for it at the end (_seal_copy)
-    _copy_attrs(src, dst, "root attribute", problems, skip=(fmt.FORMAT_ATTR, fmt.ATTR_DIGESTS))
+    _copy_attrs(src, dst, "root attribute", problems, skip=(fmt.FORMAT_ATTR, fmt.ATTR_DIGESTS),
+                outside=attrs_outside)
     ids = np.array([""] * n, dtype=object)
     good = np.zeros(n, dtype=bool)
     digest_rows = None  # images a chunk of the source's id digests (None: it has none)
@@ -189,7 +193,8 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     images = dst.create_group("images")
     # A shard's block start (``shard``: the merge renumbers its top-k images by it) and a merge's ``shards`` are
     # copied; ``committed`` and the layout's array list are this file's own, written below
-    _copy_attrs(src["images"], images, "/images attribute", problems, skip=("committed", fmt.ARRAYS_ATTR))
+    _copy_attrs(src["images"], images, "/images attribute", problems, skip=("committed", fmt.ARRAYS_ATTR),
+                outside=attrs_outside)
     images.create_dataset("ids", data=ids[keep].astype(object), maxshape=(None,), chunks=(1024,),
                           dtype=h5py.string_dtype())
     if digest_rows is not None:  # of the ids kept, each of which matched its digest
@@ -223,16 +228,21 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     images.attrs[fmt.ARRAYS_ATTR] = json.dumps(sorted(arrays))
     _copy_statics(src, dst, problems)
     dst.attrs["complete"] = bool(src.attrs.get("complete", False)) and len(keep) == n
-    _seal_copy(src, dst, problems)
+    _seal_copy(src, dst, problems, attrs_outside)
     states = _copy_states(src, run, out, keep, n, problems)
     return RepairReport(run, out, n, [str(ids[i]) for i in keep], lost, sorted(arrays), states, problems)
 
 
-def _seal_copy(src: h5py.File, dst: h5py.File, problems: list[str]) -> None:
+def _seal_copy(src: h5py.File, dst: h5py.File, problems: list[str], outside: Collection[str] = frozenset()) -> None:
     """The copy of a run with attribute digests (:data:`~qkhooks.store.format.ATTR_DIGESTS`) gets its own, of what it
     holds now; an attribute that failed the source's digests keeps failing in the copy (the source's digest of it is
     carried, one added since stays uncovered): repair has no other copy of an attribute, so it never vouches for one
-    that changed. Digests that do not parse are carried as they are (the copy vouches for none)."""
+    that changed. Digests that do not parse are carried as they are (the copy vouches for none). Checking them reads
+    every attribute, so where one lies outside the file (``outside``, :func:`_attrs_outside`) the copy carries none."""
+    if outside and _readable(lambda: fmt.ATTR_DIGESTS in src.attrs) and fmt.ATTR_DIGESTS in src.attrs:
+        problems.append(f"attributes {', '.join(sorted(outside))} lie past the file's end (a cut), so the attribute "
+                        "digests cannot be checked: the copy's attributes carry no digests")
+        return
     try:
         failing = fmt.failing_attrs(src)
         if failing is None:
@@ -315,16 +325,8 @@ def _strings_outside(ds: h5py.Dataset, n: int, run: Path, real_size: int) -> set
     rows = min(n, ds.shape[0])
     where = _chunk_locations(ds)
     outside: set[int] = set()
-    whole: dict[int, bool] = {}
     with open(run, "rb") as fh:
-        def collection_inside(address: int) -> bool:
-            if address not in whole:
-                fh.seek(address)
-                head = fh.read(8 + lengths)
-                size = int.from_bytes(head[8:], "little") if len(head) == 8 + lengths else 0
-                whole[address] = head[:4] == b"GCOL" and size > 0 and address + size <= real_size
-            return whole[address]
-
+        collection_inside = _collections_inside(fh, lengths, real_size)
         for first in range(0, rows, rows_per_chunk):
             last = min(first + rows_per_chunk, rows)
             try:
@@ -341,6 +343,97 @@ def _strings_outside(ds: h5py.Dataset, n: int, run: Path, real_size: int) -> set
                 if not collection_inside(address):
                     outside.update((first + np.flatnonzero((used & (refs["address"] == address)).any(axis=1))).tolist())
     return outside
+
+
+def _collections_inside(fh: BinaryIO, lengths: int, real_size: int) -> Callable[[int], bool]:
+    """Whether the global heap collection at an address lies wholly in the file (``real_size`` bytes), read off its
+    header ("GCOL", version, 3 reserved bytes, its size) in ``fh``, never through HDF5's heap; memoised."""
+    whole: dict[int, bool] = {}
+
+    def inside(address: int) -> bool:
+        if address not in whole:
+            fh.seek(address)
+            head = fh.read(8 + lengths)
+            size = int.from_bytes(head[8:], "little") if len(head) == 8 + lengths else 0
+            whole[address] = head[:4] == b"GCOL" and size > 0 and address + size <= real_size
+        return whole[address]
+    return inside
+
+
+def _attr_names(f: h5py.File) -> set[str]:
+    """The name of every attribute of every object that lists (names only: no value is read)."""
+    names: set[str] = set()
+
+    def add(obj: h5py.HLObject) -> None:
+        with contextlib.suppress(*_READ_ERRORS):
+            names.update(obj.attrs.keys())
+
+    add(f)
+    with contextlib.suppress(*_READ_ERRORS):
+        f.visititems(lambda name, obj: add(obj))
+    return names
+
+
+def _attrs_outside(run: Path, names: set[str], real_size: int) -> set[str]:
+    """Those of ``names`` under which some attribute message in the file holds a variable-length string in a heap
+    collection not wholly in the file (``real_size`` bytes): HDF5 spins without end reading it (round 45: ``repair``
+    of a merged ``--checksum`` run cut inside the collection holding its attr_digests never returned), so repair
+    asks none of them of HDF5. Read off the raw bytes: each attribute message of the name (:func:`_attr_message`),
+    its datatype's class (9: variable-length), its dataspace's element count, then each element's reference (a 4-byte
+    length, the collection's address, a 4-byte index, as in :func:`_strings_outside`). Every message of a name
+    counts, a rewritten attribute's stale copy too: an attribute is lost rather than a hang risked."""
+    block = Superblock.read(run)
+    offsets, lengths = block.offsets, block.block[10] if len(block.block) > 10 else 0
+    if block.version < 2 or offsets not in (4, 8) or lengths not in (4, 8) or not names or real_size < 16:
+        return set()
+    reference = np.dtype([("length", "<u4"), ("address", f"<u{offsets}"), ("index", "<u4")])
+    outside: set[str] = set()
+    with open(run, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        collection_inside = _collections_inside(fh, lengths, real_size)
+        for name in sorted(names):
+            encoded = name.encode() + b"\0"
+            at = data.find(encoded, 8)
+            while at >= 0 and name not in outside:
+                parts = _attr_message(data, at, len(encoded))
+                if parts is not None and data[parts[0]] & 0x0F == 9:  # a variable-length datatype
+                    count = min(_dataspace_count(data, parts[1], lengths),
+                                max(0, (real_size - parts[2]) // reference.itemsize))
+                    refs = np.frombuffer(data[parts[2]:parts[2] + count * reference.itemsize], reference)
+                    if any(not collection_inside(a) for a in np.unique(refs["address"][refs["length"] > 0]).tolist()):
+                        outside.add(name)
+                at = data.find(encoded, at + 1)
+    return outside
+
+
+def _attr_message(data: mmap.mmap, at: int, name_size: int) -> tuple[int, int, int] | None:
+    """Where the datatype, the dataspace and the data of the attribute message whose name (``name_size`` bytes, its
+    ending zero included) starts at ``at`` begin: version 3 (what qkhooks writes: a 9-byte header, nothing padded),
+    1 (h5py's default, as in an attribute a user added: an 8-byte header, each part padded to 8 bytes) or 2; None
+    where the bytes before the name are no such header."""
+    for version, head_size, pad in ((3, 9, 1), (1, 8, 8), (2, 8, 1)):
+        head = data[at - head_size:at] if at >= head_size else b""
+        if len(head) < head_size or head[0] != version or (version == 3 and head[8] > 1):
+            continue
+        sizes = [int.from_bytes(head[i:i + 2], "little") for i in (2, 4, 6)]
+        type_at = at + -(-sizes[0] // pad) * pad
+        space_at = type_at + -(-sizes[1] // pad) * pad
+        data_at = space_at + -(-sizes[2] // pad) * pad
+        if sizes[0] == name_size and sizes[1] >= 1 and sizes[2] >= 4 and data_at <= len(data):
+            return type_at, space_at, data_at
+    return None
+
+
+def _dataspace_count(data: mmap.mmap, at: int, lengths: int) -> int:
+    """The element count of the dataspace message at ``at`` (version 1 or 2; 1 where it is neither: the first
+    element is still checked)."""
+    version, rank = data[at], data[at + 1]
+    if version == 2 and data[at + 3] == 2:  # a null dataspace: no data
+        return 0
+    dims_at = {1: at + 8, 2: at + 4}.get(version)
+    raw = data[dims_at:dims_at + rank * lengths] if dims_at is not None else b""
+    if len(raw) != rank * lengths or dims_at is None:
+        return 1
+    return int(np.prod(np.frombuffer(raw, f"<u{lengths}"), dtype=np.uint64))
 
 
 def _format_attrs(f: h5py.File) -> dict[str, Any] | None:
@@ -542,8 +635,10 @@ def _rows_line(name: str, failing: list[tuple[int, int]], why: str) -> str:
     return f"{name}: rows {', '.join(spans[:5])}{' ...' if len(spans) > 5 else ''} do not read ({why})"
 
 
-def _copy_attrs(src: h5py.Group, dst: h5py.Group, what: str, problems: list[str], skip: tuple[str, ...] = ()) -> None:
-    """Every attribute of ``src`` but ``skip`` onto ``dst``; one that does not read is noted in ``problems``."""
+def _copy_attrs(src: h5py.Group, dst: h5py.Group, what: str, problems: list[str], skip: tuple[str, ...] = (),
+                outside: Collection[str] = frozenset()) -> None:
+    """Every attribute of ``src`` but ``skip`` onto ``dst``; one that does not read, or is named in ``outside`` (its
+    string lies past the file's end: HDF5 would spin reading it, :func:`_attrs_outside`), is noted in ``problems``."""
     try:
         keys = list(src.attrs)
     except _READ_ERRORS as exc:
@@ -551,6 +646,9 @@ def _copy_attrs(src: h5py.Group, dst: h5py.Group, what: str, problems: list[str]
         return
     for key in keys:
         if key in skip:
+            continue
+        if key in outside:
+            problems.append(f"{what} {key} lost: its string lies past the file's end")
             continue
         try:
             dst.attrs[key] = src.attrs[key]

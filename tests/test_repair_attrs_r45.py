@@ -1,0 +1,110 @@
+"""Round 45: ``repair`` of a run cut inside the heap collection that holds an attribute's string never returned:
+HDF5 spins without end reading a variable-length string whose collection the cut tore (round 44 fixed it for the
+ids and the skipped list, ``_strings_outside``). In the default layout, a merged ``--checksum`` run (``merge --copy``)
+writes its attribute digests last, in a collection at the file's end: 5 of 7 cuts inside it hung in ``_seal_copy``
+(of 161 cuts of 9 kinds of run, each cut inside every heap collection: finished, killed, resumed, a shard, a merged
+copy and view, with and without --checksum, and one with long attributes a user added, which hung in ``_copy_attrs``
+4 times). Repair now reads each attribute message's reference off the raw bytes (``_attrs_outside``) and asks HDF5
+for none whose collection is not wholly in the file: that attribute is lost and named."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import timm
+import torch
+
+import qkhooks
+from qkhooks.distributed import merge_shards, shard_path
+from qkhooks.store import format as fmt
+from qkhooks.store import open_run
+from qkhooks.stream import record_dataset
+
+# the report as JSON: the child is killed if it spins (the hang this guards against)
+_REPAIR_CHILD = """
+import json, sys, warnings
+from qkhooks.store import repair
+warnings.simplefilter("ignore")
+report = repair(sys.argv[1], sys.argv[2])
+print(json.dumps({"recovered": report.recovered, "lost": report.lost, "problems": report.problems}))
+"""
+
+
+def _tiny_vit() -> qkhooks.LoadedModel:
+    torch.manual_seed(0)
+    return qkhooks.load_model(timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32, embed_dim=32,
+                                                depth=1, num_heads=2).eval())
+
+
+def _collections(path: Path) -> list[tuple[int, int]]:
+    """(address, size) of each global heap collection ("GCOL", version, 3 reserved bytes, 8-byte size)."""
+    data = path.read_bytes()
+    at, found = data.find(b"GCOL"), []
+    while at >= 0:
+        found.append((at, int.from_bytes(data[at + 8:at + 16], "little")))
+        at = data.find(b"GCOL", at + 1)
+    return found
+
+
+def _repair_in_child(cut: Path, fixed: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-c", _REPAIR_CHILD, str(cut), str(fixed)], env=env, timeout=60,
+                              capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"repair of {cut.name} cut inside an attribute's heap collection did not return in 60 s")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _cut(path: Path, at: int) -> Path:
+    cut = path.with_name("cut.h5")
+    cut.write_bytes(path.read_bytes()[:at])
+    return cut
+
+
+def test_a_merged_checksum_run_cut_inside_its_attribute_digests_collection_is_repaired(tmp_path):
+    """A merged --checksum copy writes its attribute digests last, in a collection at the file's end; a cut 64 bytes
+    into it (its header in the file, its strings not) hung in ``_seal_copy``. Now every image is recovered, the
+    digests are named as past the file's end, and the copy, carrying none, opens with every id of the merge."""
+    out = tmp_path / "run.h5"
+    for rank in range(2):
+        record_dataset(_tiny_vit(), "o3:4:1", shard_path(out, rank, 2), shard=(rank, 2), modes=8, attention="rows",
+                       batch_size=2, progress=False, checksum=True)
+    merge_shards(out, copy=True)
+    with h5py.File(out, "r") as f:
+        ids = [fmt.as_str(s) for s in f[fmt.IDS][:]]
+    last, size = _collections(out)[-1]
+    assert last + size == out.stat().st_size  # the case: the digests' collection ends the file
+    fixed = tmp_path / "fixed.h5"
+    report = _repair_in_child(_cut(out, last + 64), fixed)
+    assert report["recovered"] == ids and report["lost"] == []
+    assert any(fmt.ATTR_DIGESTS in line and "past the file's end" in line for line in report["problems"])
+    with open_run(fixed) as run:
+        assert run.ids == ids
+
+
+def test_a_root_attribute_whose_string_a_cut_tore_is_lost_and_named_and_the_others_are_copied(tmp_path):
+    """An attribute added to a finished run lands in a new collection at the file's end; a cut inside it hung in
+    ``_copy_attrs``. Now that attribute alone is lost (named), the others are copied equal to the run's, and every
+    image is recovered."""
+    run = tmp_path / "run.h5"
+    record_dataset(_tiny_vit(), "o3:4:1", run, modes=2, batch_size=2, progress=False, reducers=[])
+    with h5py.File(run, "a") as f:
+        f.attrs["note"] = "n" * 3000
+        ids = [fmt.as_str(s) for s in f[fmt.IDS][:]]
+        config = fmt.as_str(f.attrs["config"])
+    last, size = _collections(run)[-1]
+    assert last + size == run.stat().st_size
+    fixed = tmp_path / "fixed.h5"
+    report = _repair_in_child(_cut(run, last + 64), fixed)
+    assert report["recovered"] == ids and report["lost"] == []
+    assert "root attribute note lost: its string lies past the file's end" in report["problems"]
+    with h5py.File(fixed, "r") as f:
+        assert "note" not in f.attrs and fmt.as_str(f.attrs["config"]) == config
