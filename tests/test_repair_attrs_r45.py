@@ -9,6 +9,7 @@ for none whose collection is not wholly in the file: that attribute is lost and 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -25,6 +26,8 @@ from qkhooks.distributed import merge_shards, shard_path
 from qkhooks.store import format as fmt
 from qkhooks.store import open_run
 from qkhooks.stream import record_dataset
+
+repair_module = importlib.import_module("qkhooks.store.repair")  # the module (qkhooks.store.repair is its function)
 
 # the report as JSON: the child is killed if it spins (the hang this guards against)
 _REPAIR_CHILD = """
@@ -108,3 +111,26 @@ def test_a_root_attribute_whose_string_a_cut_tore_is_lost_and_named_and_the_othe
     assert "root attribute note lost: its string lies past the file's end" in report["problems"]
     with h5py.File(fixed, "r") as f:
         assert "note" not in f.attrs and fmt.as_str(f.attrs["config"]) == config
+
+
+def test_only_a_run_whose_cut_tore_a_heap_collection_is_searched_attribute_by_attribute(tmp_path, monkeypatch):
+    """The search per attribute name reads the whole file once per name; it runs only where some collection runs
+    past the file's end. An uncut run repairs without it (a search would raise here); the same run cut inside its
+    last collection finds the one attribute whose string is there, and no other."""
+    run = tmp_path / "run.h5"
+    record_dataset(_tiny_vit(), "o3:4:1", run, modes=2, batch_size=2, progress=False, reducers=[])
+    with h5py.File(run, "a") as f:
+        f.attrs["note"] = "n" * 3000
+        names = set(f.attrs) | set(f["images"].attrs)
+
+    def searched(*args: object) -> None:
+        raise AssertionError("searched attribute by attribute")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(repair_module, "_attr_message", searched)
+        report = qkhooks.store.repair(run, tmp_path / "fixed.h5")
+        assert report.lost == [] and report.problems == []
+        assert repair_module._attrs_outside(run, names, run.stat().st_size) == set()
+    last, _ = _collections(run)[-1]
+    cut = _cut(run, last + 64)
+    assert repair_module._attrs_outside(cut, names, cut.stat().st_size) == {"note"}

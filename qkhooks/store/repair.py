@@ -389,6 +389,8 @@ def _attrs_outside(run: Path, names: set[str], real_size: int) -> set[str]:
     reference = np.dtype([("length", "<u4"), ("address", f"<u{offsets}"), ("index", "<u4")])
     outside: set[str] = set()
     with open(run, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if not _torn_collection(data, lengths, real_size):  # no string can lie outside: no pass per name
+            return outside
         collection_inside = _collections_inside(fh, lengths, real_size)
         for name in sorted(names):
             encoded = name.encode() + b"\0"
@@ -403,6 +405,19 @@ def _attrs_outside(run: Path, names: set[str], real_size: int) -> set[str]:
                         outside.add(name)
                 at = data.find(encoded, at + 1)
     return outside
+
+
+def _torn_collection(data: mmap.mmap, lengths: int, real_size: int) -> bool:
+    """Whether some global heap collection header in the file ("GCOL", version 1) gives a size running past its end
+    (``real_size``): only a collection the cut tore holds a string HDF5 spins on (one wholly past the end reads as
+    zeros, which HDF5 refuses). Bytes of data that happen to look like a header only cost the search per name."""
+    at = data.rfind(b"GCOL")
+    while at >= 0:
+        size = int.from_bytes(data[at + 8:at + 8 + lengths], "little")
+        if data[at + 4:at + 5] == b"\x01" and size > 0 and at + size > real_size:
+            return True
+        at = data.rfind(b"GCOL", 0, at)
+    return False
 
 
 def _attr_message(data: mmap.mmap, at: int, name_size: int) -> tuple[int, int, int] | None:
