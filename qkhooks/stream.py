@@ -850,14 +850,13 @@ def _refuse_limit_below_kept(out: Any, was: int | None, now: int | None, committ
     cannot drop one."""
     if kept is None or now is None or (was is not None and now >= was) or kept <= now:
         return
-    held = kept
-    which = (f"holds {committed} images" if held == committed else f"holds {committed} images, of which a resume "
-             f"keeps {held} (those its last checkpoint counts; the rest are recorded again)")
+    which = (f"holds {committed} images" if kept == committed else f"holds {committed} images, of which a resume "
+             f"keeps {kept} (those its last checkpoint counts; the rest are recorded again)")
     raise QKHooksError(
         f"cannot resume {out} with --limit {now}: it was recorded with {_limit_words(was)} and {which}, more than "
         f"{now}. A resume may raise the limit (the run grows to the new one), or lower it to no fewer images than it "
         f"keeps, never drop images its statistics count. Read the first {now} images of the run "
-        f"(open_run(...).ids[:{now}]), resume with --limit {held} or more, or record into a new --out.")
+        f"(open_run(...).ids[:{now}]), resume with --limit {kept} or more, or record into a new --out.")
 
 
 def _limit_words(limit: int | None) -> str:

@@ -274,21 +274,21 @@ TIED_NOTE = ("tied singular values (qkhooks.spectrum.tied_modes): any rotation o
 
 def _head_entry(tables: Mapping[str, Any], h: int, definition: str, per_mode: bool) -> dict[str, Any]:
     parts = {kind: _part(tables[kind], h) for kind in KINDS}
-    tied = tied_modes(np.asarray(tables["sigma"][h], np.float32), tables["dim"])
-    if tied.any():  # review r45: one W_q^T W_k, two factorisations gave CP shares 0.082 and 0.107
+    tied = bool(tied_modes(np.asarray(tables["sigma"][h], np.float32), tables["dim"]).any())
+    if tied:  # review r45: one W_q^T W_k, two factorisations gave CP shares 0.082 and 0.107
         add = parts["additive"]
         add.update(energy={t: None for t in TERMS}, coupling=None, label="undetermined", interference=None)
         for kind in KINDS:
             parts[kind]["participation_ratio"] = None
     full = tables["mode_add_full"][h]
-    parts["additive"]["global_mean_share"] = (None if tied.any() else  # a sum over modes of products, as above
+    parts["additive"]["global_mean_share"] = (None if tied else  # a sum over modes of products, as above
                                               _f(_div(full.sum() - tables["additive"]["total"][h], full.sum())))
     cells = {c: float(tables["cells"][c][h]) for c in CELLS}
     cell_sum, total = sum(cells.values()), float(tables["frobenius"]["total"][h])
     chosen = parts[definition]
     entry: dict[str, Any] = {
         "head": h,
-        **({"undetermined": TIED_NOTE} if tied.any() else {}),
+        **({"undetermined": TIED_NOTE} if tied else {}),
         **{key: chosen[key] for key in ("energy", "interference", "coupling", "label", "participation_ratio")},
         **parts,
         "three_way": {

@@ -33,7 +33,7 @@ import torch
 from qkhooks._devices import to_device
 from qkhooks._json import write_json
 from qkhooks.errors import QKHooksError
-from qkhooks.data.masks import OVERLAP_TOLERANCE, TokenCells, first_argmax, refuse_overlap
+from qkhooks.data.masks import TokenCells, first_argmax, refuse_outside_fractions, refuse_overlap
 from qkhooks.reducers import Reducer, refuse_non_finite
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "odd_one_out_meta",
     "preference_from_rows",
     "refuse_rows_without_mass",
-    "refuse_outside_fractions",
     "group_preference",
     "PreferenceReducer",
     "preference_from_reducer",
@@ -79,27 +78,6 @@ def _as_masks(mask: Any, name: str) -> torch.Tensor:
     mask = mask if mask.is_floating_point() else mask.float()
     refuse_outside_fractions(mask, f"{name} mask", "pixel")
     return mask
-
-
-def refuse_outside_fractions(mask: torch.Tensor, name: str, cells: str) -> None:
-    """Refuse a mask with a value outside [0, 1] (or NaN): METHODS A.7 reads a mask as the fraction of each cell the
-    object covers and takes background = 1 - target - distractor, so a value of 255 (an 8-bit PNG) or below 0 (a
-    signed or normalised mask) gives shares outside [0, 1] (review r45: 0/255 masks were refused as "overlapping", a
-    mask of -0.2 outside its object gave T->T = -0.05 and T->B = 1.18 without a word)."""
-    if mask.numel() == 0:
-        return
-    # rounding of area-resampled or float16-stored fractions is let by, as refuse_overlap lets it by
-    bad = ~((mask >= -OVERLAP_TOLERANCE) & (mask <= 1 + OVERLAP_TOLERANCE))
-    if not bool(bad.any()):
-        return
-    values = mask[bad]
-    shown = ", ".join(f"{float(v):g}" for v in values.unique()[:4].tolist())
-    raise QKHooksError(
-        f"the {name} holds values outside [0, 1] ({shown} at {int(bad.sum())} {cells}s): a mask is the fraction of "
-        "each cell its object covers (METHODS A.7: background = 1 - target - distractor), so such values make shares "
-        "outside [0, 1]. Pass booleans or fractions: mask > 0 for a 0/255 (8-bit) or labelled mask, mask / 255 for "
-        "an anti-aliased 8-bit one; NaN has no fraction."
-    )
 
 
 def _image_names(ids: Sequence[Any] | None, n: int) -> list[str]:
@@ -651,7 +629,7 @@ def write_preference(table: dict[str, Any], out_dir: str | os.PathLike, title: s
 def _has_ci(table: dict[str, Any]) -> bool:
     """Whether the table's groups have a 95% CI at some layer: with fewer than readings.MIN_UNITS images every one is
     NaN (review r45: the figure was titled "95% CI" and drew no band, the ±1 std spread left out for the bands)."""
-    return all("ci_low" in table[g] for g in GROUPS) and any(
+    return all("ci_low" in table.get(g, {}) for g in GROUPS) and any(
         bool(np.isfinite(np.asarray(table[g]["ci_low"], dtype=np.float64)).any()) for g in GROUPS)
 
 
@@ -701,7 +679,7 @@ def spread_legend(table: dict[str, Any]) -> str:
     n = table.get("num_images")
     images = f"the {n} images" if n is not None else "images"
     ci = ("; the 95% CI of the mean is preference.png's bands and preference.json's ci_low/ci_high"
-          if all("ci_low" in table.get(g, {}) for g in GROUPS) and _has_ci(table) else "")
+          if _has_ci(table) else "")
     return (f"mean ± std: the share averaged over {images} and the heads ± its standard deviation across {images} "
             f"(of each image's head-averaged share, ddof=0): how much images differ, not the uncertainty of the mean"
             f"{ci}.")

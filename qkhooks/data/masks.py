@@ -18,7 +18,7 @@ import torch
 from qkhooks.errors import QKHooksError
 
 __all__ = ["LABEL_LIMIT", "OVERLAP_TOLERANCE", "TokenCells", "downscale_mask", "labels_to_onehot", "majority_labels",
-           "patch_argmax", "receptive_cells", "refuse_overlap", "token_cells"]
+           "patch_argmax", "receptive_cells", "refuse_outside_fractions", "refuse_overlap", "token_cells"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,4 +305,25 @@ def refuse_overlap(target: torch.Tensor | np.ndarray, distractor: torch.Tensor |
         "distractor, so overlapping masks count those cells twice and a query's three values (T, D, B) no longer sum "
         "to 1. The masks must be disjoint: fix or drop these items (e.g. distractor = distractor & ~target, if the "
         "target was drawn into the distractor mask)."
+    )
+
+
+def refuse_outside_fractions(mask: torch.Tensor, name: str, cells: str) -> None:
+    """Refuse a mask with a value outside [0, 1] (or NaN): METHODS A.7 reads a mask as the fraction of each cell the
+    object covers and takes background = 1 - target - distractor, so a value of 255 (an 8-bit PNG) or below 0 (a
+    signed or normalised mask) gives shares outside [0, 1] (review r45: 0/255 masks were refused as "overlapping", a
+    mask of -0.2 outside its object gave T->T = -0.05 and T->B = 1.18 without a word)."""
+    if mask.numel() == 0:
+        return
+    # rounding of area-resampled or float16-stored fractions is let by, as refuse_overlap lets it by
+    bad = ~((mask >= -OVERLAP_TOLERANCE) & (mask <= 1 + OVERLAP_TOLERANCE))
+    if not bool(bad.any()):
+        return
+    values = mask[bad]
+    shown = ", ".join(f"{float(v):g}" for v in values.unique()[:4].tolist())
+    raise QKHooksError(
+        f"the {name} holds values outside [0, 1] ({shown} at {int(bad.sum())} {cells}s): a mask is the fraction of "
+        "each cell its object covers (METHODS A.7: background = 1 - target - distractor), so such values make shares "
+        "outside [0, 1]. Pass booleans or fractions: mask > 0 for a 0/255 (8-bit) or labelled mask, mask / 255 for "
+        "an anti-aliased 8-bit one; NaN has no fraction."
     )

@@ -33,7 +33,7 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
-           "identity_of", "as_str", "read_ids", "read_skipped", "read_skipped_rows", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
+           "identity_of", "as_str", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
            "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
            "unsealed_attrs", "QKHOOKS_ATTR_NAMES", "digest_matches"]
@@ -526,13 +526,25 @@ def read_skipped_rows(f: h5py.File, unasked: Collection[int] = ()) -> tuple[list
     rows: list[tuple[str, ...]] = []
     lost: list[int] = []
     for row in range(total):
+        if row in skip:
+            lost.append(row)
+            continue
         try:
-            if row in skip:
-                raise OSError("not asked")
             rows.append(tuple(as_str(x) for x in ds[row]))
         except (OSError, UnicodeDecodeError):
             lost.append(row)
     return rows, lost, total
+
+
+def row_spans(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted rows as [start, stop) spans of consecutive rows (how readers and repair name the rows lost)."""
+    spans: list[tuple[int, int]] = []
+    for row in rows:
+        if spans and spans[-1][1] == row:
+            spans[-1] = (spans[-1][0], row + 1)
+        else:
+            spans.append((row, row + 1))
+    return spans
 
 
 def skipped_loss_words(lost: Sequence[int], total: int) -> str:
@@ -540,13 +552,7 @@ def skipped_loss_words(lost: Sequence[int], total: int) -> str:
     last ones (what a killed writer leaves), else the lost rows by index (damage), so no reader names fewer."""
     if list(lost) == list(range(total - len(lost), total)):
         return f"reads up to row {total - len(lost)} of {total}"
-    spans: list[list[int]] = []
-    for row in lost:
-        if spans and spans[-1][1] == row - 1:
-            spans[-1][1] = row
-        else:
-            spans.append([row, row])
-    words = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    words = ", ".join(str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in row_spans(lost))
     return f"does not read at row{'s' if len(lost) > 1 else ''} {words} of {total} (the others read)"
 
 

@@ -155,11 +155,11 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
         vouched = np.ones(len(raw), dtype=bool)
         vouched[unread] = False
         if unread:
-            problems.append(_rows_line(f"/{fmt.IDS}", _spans(unread), "their ids do not read"))
+            problems.append(_rows_line(f"/{fmt.IDS}", fmt.row_spans(unread), "their ids do not read"))
         if fmt.ID_DIGESTS in src:  # an id is kept only when its digest reads and matches it
             digests = src[fmt.ID_DIGESTS]
             digest_rows = digests.chunks[0]
-            off, failing, why = _ids_off_their_digests(digests, raw, len(raw), real_size, _spans(unread))
+            off, failing, why = _ids_off_their_digests(digests, raw, len(raw), real_size, fmt.row_spans(unread))
             if digests.shape[0] < len(raw):
                 vouched[digests.shape[0]:] = False
                 problems.append(_past_the_end(digests.name, digests.shape[0], n))
@@ -209,7 +209,7 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
         held, unread, total = fmt.read_skipped_rows(src, unasked=outside)
         skipped = held + skipped  # type: ignore[operator]
         if unread:  # every row that reads is kept, the lost ones named (before, none past the first lost one)
-            problems.append(_rows_line(f"/{fmt.SKIPPED}", _spans(unread), f"the copy lists the {len(held)} of its "
+            problems.append(_rows_line(f"/{fmt.SKIPPED}", fmt.row_spans(unread), f"the copy lists the {len(held)} of its "
                                        f"{total} rows that read"))
     except _READ_ERRORS as exc:
         problems.append(f"/{fmt.SKIPPED} unreadable, so the copy lists no image the recording skipped ({exc})")
@@ -266,17 +266,6 @@ def _seal_copy(src: h5py.File, dst: h5py.File, problems: list[str], outside: Col
                         "failing the same check (readers refuse it); record the run again")
 
 
-def _spans(rows: Sequence[int]) -> list[tuple[int, int]]:
-    """Sorted rows as [start, stop) spans of consecutive rows."""
-    spans: list[tuple[int, int]] = []
-    for row in rows:
-        if spans and spans[-1][1] == row:
-            spans[-1] = (spans[-1][0], row + 1)
-        else:
-            spans.append((row, row + 1))
-    return spans
-
-
 def _read_ids(ds: h5py.Dataset, n: int, run: Path, real_size: int, block: int = 256) -> tuple[np.ndarray, list[int]]:
     """The first ``n`` ids (fewer where the array was cut) and the rows that do not read: read whole, else a block at
     a time and one by one inside a block that fails. Ids are variable-length strings kept in heap collections, so
@@ -315,13 +304,11 @@ def _strings_outside(ds: h5py.Dataset, n: int, run: Path, real_size: int) -> set
     without end reading a collection cut short (round 44: ``repair`` of a run cut inside one never returned). Read off
     the chunks' raw bytes (each element: a 4-byte length, the collection's address, a 4-byte index) and each
     collection's header ("GCOL", version, 3 reserved bytes, its size), never through HDF5's heap."""
-    block = Superblock.read(run)
-    offsets, lengths = block.offsets, block.block[10] if len(block.block) > 10 else 0
-    if (block.version < 2 or offsets not in (4, 8) or lengths not in (4, 8) or not ds.chunks  # the layout qkhooks writes
-            or not ds.dtype.hasobject or ds.id.get_create_plist().get_nfilters()):
-        return set()
+    layout = _heap_references(run)
+    if layout is None or not ds.chunks or not ds.dtype.hasobject or ds.id.get_create_plist().get_nfilters():
+        return set()  # not the layout qkhooks writes
+    reference, lengths = layout
     rows_per_chunk, width = ds.chunks[0], int(np.prod(ds.chunks[1:], dtype=np.int64))
-    reference = np.dtype([("length", "<u4"), ("address", f"<u{offsets}"), ("index", "<u4")])
     rows = min(n, ds.shape[0])
     where = _chunk_locations(ds)
     outside: set[int] = set()
@@ -343,6 +330,17 @@ def _strings_outside(ds: h5py.Dataset, n: int, run: Path, real_size: int) -> set
                 if not collection_inside(address):
                     outside.update((first + np.flatnonzero((used & (refs["address"] == address)).any(axis=1))).tolist())
     return outside
+
+
+def _heap_references(run: Path) -> tuple[np.dtype, int] | None:
+    """How a variable-length string's reference to the global heap is laid out in ``run`` (a 4-byte length, the
+    collection's address, a 4-byte index), with the file's size of lengths (a collection header's size field), where
+    its superblock is of the layout qkhooks writes (version 2 or more, 4- or 8-byte offsets and lengths); else None."""
+    block = Superblock.read(run)
+    offsets, lengths = block.offsets, block.block[10] if len(block.block) > 10 else 0
+    if block.version < 2 or offsets not in (4, 8) or lengths not in (4, 8):
+        return None
+    return np.dtype([("length", "<u4"), ("address", f"<u{offsets}"), ("index", "<u4")]), lengths
 
 
 def _collections_inside(fh: BinaryIO, lengths: int, real_size: int) -> Callable[[int], bool]:
@@ -382,11 +380,10 @@ def _attrs_outside(run: Path, names: set[str], real_size: int) -> set[str]:
     its datatype's class (9: variable-length), its dataspace's element count, then each element's reference (a 4-byte
     length, the collection's address, a 4-byte index, as in :func:`_strings_outside`). Every message of a name
     counts, a rewritten attribute's stale copy too: an attribute is lost rather than a hang risked."""
-    block = Superblock.read(run)
-    offsets, lengths = block.offsets, block.block[10] if len(block.block) > 10 else 0
-    if block.version < 2 or offsets not in (4, 8) or lengths not in (4, 8) or not names or real_size < 16:
+    layout = _heap_references(run)
+    if layout is None or not names or real_size < 16:
         return set()
-    reference = np.dtype([("length", "<u4"), ("address", f"<u{offsets}"), ("index", "<u4")])
+    reference, lengths = layout
     outside: set[str] = set()
     with open(run, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if not _torn_collection(data, lengths, real_size):  # no string can lie outside: no pass per name
