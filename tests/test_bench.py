@@ -413,6 +413,25 @@ def test_per_batch_record_runner_builds_the_recording_each_step_and_matches_the_
     bench.close()
 
 
+def test_per_batch_record_runner_holds_no_earlier_batch_while_the_model_runs():
+    """README's loop rebinds ``run`` before the model is called, dropping the previous batch: the runner must too, or
+    every timed forward carries the previous batch's maps (a heap the plain forward does not have; round 46)."""
+    bench = Bench("tiny", 2)
+    per_batch = METHODS["modes16_per_batch"].build(bench)
+    held: list[object] = []
+    handle = per_batch.model.register_forward_pre_hook(lambda module, args: held.append(per_batch.inspect()["batch"]))
+    try:
+        with torch.no_grad():
+            per_batch.step(bench.images)
+            first = per_batch.inspect()["batch"]
+            per_batch.step(bench.images)
+    finally:
+        handle.remove()
+    assert first is not None and held == [None, None]
+    assert per_batch.inspect()["batch"] is not None and per_batch.inspect()["batch"] is not first
+    bench.close()
+
+
 # ------------------------------------------------------------------------------------------- where the harness lives
 def test_the_installed_package_holds_no_benchmark_harness():
     from setuptools.config.setupcfg import read_configuration
