@@ -44,7 +44,7 @@ def test_a_digest_past_a_truncated_end_is_reported_as_lying_past_it_and_only_its
     assert report.lost == [last]
     every = [i for b in range(3) for i in ids_of(b)]
     assert report.recovered == every[:last] + every[last + 1:]
-    assert report.problems == [f"/{fmt.ID_DIGESTS}: rows {last}-{last} do not read (a chunk missing from the file or "
+    assert report.problems == [f"/{fmt.ID_DIGESTS}: row {last} does not read (a chunk missing from the file or "
                                "lying past its end)"]  # never the id "changed on disk"
 
 

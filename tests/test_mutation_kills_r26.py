@@ -187,7 +187,7 @@ def test_verify_of_a_merged_view_names_only_the_rows_of_its_shards_damaged_chunk
     error = _h5py_error(out, "maps/a", 5, 6)
     report = verify_run(out)
     assert report.damaged == {"maps/a": [(5, 6), (14, 16)]}
-    assert f"/maps/a: rows 5-5, 14-15 do not read ({error})" in report.problems
+    assert f"/maps/a: rows 5, 14-15 do not read ({error})" in report.problems
 
 
 # ------------------------------------------------------------------------------------ models/windows.py

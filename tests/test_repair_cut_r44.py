@@ -344,7 +344,7 @@ def test_repair_asks_no_skipped_row_whose_string_lies_outside_the_file_and_keeps
     report = qkhooks.store.repair(path, tmp_path / "fixed.h5")
     monkeypatch.undo()
     assert asked == [3] and report.recovered == ["a"] and read_rows == [0, 2]  # row 1 never asked
-    assert report.problems == ["/images/skipped: rows 1-1 do not read (the copy lists the 2 of its 3 rows that read)"]
+    assert report.problems == ["/images/skipped: row 1 does not read (the copy lists the 2 of its 3 rows that read)"]
     with h5py.File(tmp_path / "fixed.h5", "r") as f:
         assert fmt.read_skipped(f) == [("bad.png", "truncated"), ("odd.png", "truncated")]
     with h5py.File(path, "r") as f:  # read_skipped_rows' unasked rows: counted lost, never read; past the list ignored

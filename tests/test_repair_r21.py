@@ -157,7 +157,7 @@ def test_repair_keeps_the_images_whole_in_every_array_when_arrays_and_ids_are_cu
     report = repair(path, tmp_path / "fixed.h5")
     assert report.recovered == [f"im{i}" for i in range(5)] and report.lost == [5, 6, 7]
     assert "/a: rows 5-7 are past its end (it has 5 rows, 8 images are committed)" in report.problems
-    assert "/b: rows 7-7 are past its end (it has 7 rows, 8 images are committed)" in report.problems
+    assert "/b: row 7 is past its end (it has 7 rows, 8 images are committed)" in report.problems
     with h5py.File(tmp_path / "fixed.h5", "r") as f:
         assert f["images"].attrs["committed"] == 5 and [i.decode() for i in f["images/ids"][()]] == report.recovered
         for name, values in written.items():

@@ -436,7 +436,7 @@ def test_a_finished_runs_unreadable_skipped_rows_are_damage_and_repair_keeps_the
     assert not report.ok and report.resumable == [] and "reads up to row 2 of 3" in report.problems[0]
     fixed = repair(out, tmp_path / "fixed.h5")  # before, the copy's list was empty and nothing said so
     assert fixed.recovered == ["a"] and fixed.problems == [
-        "/images/skipped: rows 2-2 do not read (the copy lists the 2 of its 3 rows that read)"]
+        "/images/skipped: row 2 does not read (the copy lists the 2 of its 3 rows that read)"]
     with open_run(tmp_path / "fixed.h5") as run:
         assert run.skipped == held
 
@@ -476,7 +476,7 @@ def test_repair_keeps_every_skipped_row_that_reads_past_a_lost_one_and_names_it(
         and "does not read at row 3 of 10 (the others read)" in report.problems[0]
     fixed = repair(out, tmp_path / "fixed.h5")
     assert fixed.recovered == ["a"] and fixed.problems == [
-        "/images/skipped: rows 3-3 do not read (the copy lists the 9 of its 10 rows that read)"]
+        "/images/skipped: row 3 does not read (the copy lists the 9 of its 10 rows that read)"]
     with open_run(tmp_path / "fixed.h5") as run:
         assert run.skipped == held and run.summary() and run.problems == []
     assert verify_run(tmp_path / "fixed.h5").ok

@@ -33,7 +33,7 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
-           "identity_of", "as_str", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
+           "identity_of", "as_str", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
            "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
            "unsealed_attrs", "QKHOOKS_ATTR_NAMES", "digest_matches"]
@@ -547,13 +547,23 @@ def row_spans(rows: Sequence[int]) -> list[tuple[int, int]]:
     return spans
 
 
+def span_words(spans: Sequence[tuple[int, int]], noun: str = "row", limit: int | None = None) -> str:
+    """[start, stop) spans of rows (:func:`row_spans`) as a message says them: "row 5" (one row), "rows 5-7",
+    "rows 3, 5-7"; a one-row span is its row, never "5-5" (review r46). With ``limit``, the first ``limit`` spans and
+    " ..." where there are more."""
+    parts = [str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}" for lo, hi in spans]
+    many = len(parts) > 1 or any(hi - lo > 1 for lo, hi in spans)
+    shown = parts if limit is None else parts[:limit]
+    more = " ..." if limit is not None and len(parts) > limit else ""
+    return f"{noun}{'s' if many else ''} {', '.join(shown)}{more}"
+
+
 def skipped_loss_words(lost: Sequence[int], total: int) -> str:
     """How the rows ``lost`` of a skipped list of ``total`` rows are said: "reads up to row R of N" where they are the
     last ones (what a killed writer leaves), else the lost rows by index (damage), so no reader names fewer."""
     if list(lost) == list(range(total - len(lost), total)):
         return f"reads up to row {total - len(lost)} of {total}"
-    words = ", ".join(str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in row_spans(lost))
-    return f"does not read at row{'s' if len(lost) > 1 else ''} {words} of {total} (the others read)"
+    return f"does not read at {span_words(row_spans(lost))} of {total} (the others read)"
 
 
 def readable_skipped_rows(ds: h5py.Dataset, stop: int | None = None) -> int:

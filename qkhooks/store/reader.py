@@ -269,12 +269,11 @@ class RunArray:
                 "recording.")
         gone = missing_shard_rows(ds, path.parent, self.n, self._shards[1])
         if gone:
-            rows = ", ".join(f"{lo}-{hi - 1}" for lo, hi in gone)
             raise QKHooksError(
                 f"{self._name} of {path} is a merged view that reads its images from the shard files beside it, and "
-                f"the shard(s) holding images {rows} are missing there, so HDF5 would read those images as NaN without "
-                "an error. Put the shard files back next to the merged file (`qkhooks info --verify` lists them), or "
-                "merge again with copy=True (a self-contained file) while they are there.")
+                f"the shard(s) holding {fmt.span_words(gone, 'image')} are missing there, so HDF5 would read those "
+                "images as NaN without an error. Put the shard files back next to the merged file (`qkhooks info "
+                "--verify` lists them), or merge again with copy=True (a self-contained file) while they are there.")
 
     def _read(self, key: Any) -> np.ndarray:
         """numpy's indexing over the committed images: the images asked for are read from the file each once, in

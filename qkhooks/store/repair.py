@@ -481,7 +481,9 @@ def _readable(read: Any) -> bool:
 
 def _past_the_end(name: str, rows: int, n: int) -> str:
     """The note for a dataset cut shorter than the committed count (its missing rows are lost images)."""
-    return f"{name}: rows {rows}-{n - 1} are past its end (it has {rows} rows, {n} images are committed)"
+    lost = fmt.span_words([(rows, n)])
+    return (f"{name}: {lost} {'are' if n - rows > 1 else 'is'} past its end (it has {rows} rows, {n} images are "
+            "committed)")
 
 
 def _readable_rows(ds: h5py.Dataset, n: int, real_size: int, problems: list[str]) -> np.ndarray:
@@ -643,8 +645,8 @@ def _off_digest_line(off: list[int]) -> str:
 
 
 def _rows_line(name: str, failing: list[tuple[int, int]], why: str) -> str:
-    spans = [f"{lo}-{hi - 1}" for lo, hi in failing]
-    return f"{name}: rows {', '.join(spans[:5])}{' ...' if len(spans) > 5 else ''} do not read ({why})"
+    one = len(failing) == 1 and failing[0][1] - failing[0][0] == 1
+    return f"{name}: {fmt.span_words(failing, limit=5)} {'does' if one else 'do'} not read ({why})"
 
 
 def _copy_attrs(src: h5py.Group, dst: h5py.Group, what: str, problems: list[str], skip: tuple[str, ...] = (),
