@@ -467,12 +467,35 @@ def _refuse_changed_files(writer: Any, kept: Sequence[str], file_sizes: Callable
                 "photo of the same pixel size, stored uncompressed), and the run would mix maps of two datasets. "
                 + ("" if hashes_then is not None else "If the files were only touched or copied without their times "
                    "(cp without -p), their maps are the same: record again with --overwrite to be sure. ") + fix)
+        if file_hashes is not None:  # images held in the dataset as bytes (no file, no time): their hashes
+            _refuse_changed_held(writer, kept, times_then, file_hashes, fix)
     elif file_mtimes is not None and done:
         warnings.warn(f"{writer.path} was recorded before qkhooks stored each image file's modification time "
                       f"({FILE_MTIMES}), so this resume checks the {done} images it keeps by "
                       f"{'their file sizes' if sizes_then is not None else 'their names'} only: a file replaced since "
                       "by another of the same size is not noticed. Record into a new --out (or --overwrite) to have "
                       "every file checked on a later resume.", stacklevel=stacklevel)
+
+
+def _refuse_changed_held(writer: Any, kept: Sequence[str], times_then: Any,
+                         file_hashes: Callable[[Sequence[str]], Any], fix: str) -> None:
+    """Refuse a resume whose kept images held in the dataset as bytes (no file: recorded time -1, a hash recorded;
+    a map-style Hugging Face dataset's ``Image`` cells) hold other bytes now (``file_hashes`` of their ids: the
+    dataset's bytes hashed again, -1 where the item is no longer bytes). Review r46: only the dataset's length was
+    compared, so images replaced since resumed into one run of two data sets without a word."""
+    rows = [r for r, t in enumerate(times_then) if int(t) == -1]
+    hashes_then = writer.rows(FILE_HASHES, len(kept)) if rows else None
+    rows = [r for r in rows if hashes_then is not None and int(hashes_then[r]) != -1]
+    if not rows:
+        return
+    now = file_hashes([kept[r] for r in rows])
+    changed = [kept[r] for r, h in zip(rows, now) if int(h) != int(hashes_then[r])]
+    if changed:
+        raise QKHooksError(
+            f"cannot resume {writer.path}: {len(changed)} of the {len(kept)} images it keeps hold other bytes in the "
+            f"dataset than when it recorded them (first: {changed[0]!r}; their BLAKE2b differs from the one the run "
+            "recorded), so the dataset's images were replaced or reordered since, and the run would mix maps of two "
+            f"datasets. {fix}")
 
 
 def _when(ns: int) -> str:
@@ -1238,6 +1261,20 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     if paths is not None:
         where = dict(paths)
         columns = list(data_files.stamp_columns(where))
+        held = dict(dataset.held_hashes(start) or ())  # images held in the dataset as bytes: their hashes now
+        if held:
+            hashes = writer.rows(FILE_HASHES, done)
+            unchecked = [i for i, h in zip(kept, hashes) if h == -1 and i in held and where.get(i) is None]
+            if unchecked:
+                warnings.warn(
+                    f"{writer.path}: this resume does not check {len(unchecked)} of the {done} images it keeps "
+                    f"(first: {unchecked[0]!r}): they are held in {dataset.name} (not files) and the run holds no "
+                    "hash of their bytes (recorded by a qkhooks from before it hashed them, or images held as "
+                    "arrays, which are not hashed), so images replaced since would go on under the kept images' "
+                    "ids. Record into a new --out (or --overwrite) to have every kept image checked on a later "
+                    "resume.",
+                    stacklevel=stacklevel)
+            columns[2] = functools.partial(_held_or_file_hashes, held, where, columns[2])
     else:
         where = dict(stamps)
         columns = [lambda ids, k=k: np.array([where.get(i, NO_STAMP)[k] for i in ids], np.int64) for k in range(3)]
@@ -1248,6 +1285,16 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
             f"resume point (item {start}); the data changed since the run started (items removed, renamed or "
             f"reordered). {fix}")
     _refuse_changed_files(writer, kept, *columns, fix, stacklevel=stacklevel + 1)
+
+
+def _held_or_file_hashes(held: Mapping[str, int | None], where: Mapping[str, str | None],
+                         file_hashes: Callable[[Sequence[str]], Any], ids: Sequence[str]) -> np.ndarray:
+    """The hash now of each of ``ids``: its file's (``file_hashes``) where ``where`` names one, else that of the
+    bytes the dataset holds for it (``held``), -1 for neither (an array, an item no longer there)."""
+    files = [i for i in ids if where.get(i) is not None]
+    of_files = dict(zip(files, (int(h) for h in file_hashes(files)))) if files else {}
+    return np.array([of_files[i] if i in of_files else -1 if held.get(i) is None else int(held[i]) for i in ids],
+                    np.int64)
 
 
 def _checked_shard(shard: Any) -> tuple[int, int] | None:

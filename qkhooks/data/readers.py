@@ -469,6 +469,9 @@ class _HFReader:
         item.update({key: row[column] for key, column in self.masks.items()})
         own, raw = _item_to_raw(item, f"row {position}")
         raw.unread = self.unread_columns(row)
+        held = _held_bytes(row[self.image_column])
+        if raw.stamp is None and held is not None:  # review r46: an image held as bytes in the dataset has no file
+            raw.stamp = (-1, -1, bytes_hash(held))  # to stamp, but its bytes' hash: a resume reads them again
         return own, raw
 
     def unread_columns(self, row: Mapping[str, Any]) -> tuple[str, ...]:
@@ -508,24 +511,44 @@ class _HFReader:
         files' stamps)."""
         if self.length is None:
             return None
+        return [(item_id, _image_path(cell)) for item_id, cell in self._named_cells(stop, 4096, light=True)]
+
+    def held_hashes(self, stop: int) -> list[tuple[str, int | None]] | None:
+        """Each row's (id, BLAKE2b of its image's bytes as :meth:`decode` stamps it) before position ``stop``, for
+        the rows whose image is held in the dataset rather than read from a file: an ``Image`` cell with bytes, a
+        binary cell; None in place of the hash for a cell that is neither a file nor bytes (an array), which cannot
+        be checked. Read from the Arrow column in slices (the bytes are read, no image is decoded); None for a
+        streamed dataset. A resume compares them with the hashes the run recorded (review r46: only the length was
+        compared, and replaced images resumed into a run of two data sets without a word)."""
+        if self.length is None:
+            return None
+        found: list[tuple[str, int | None]] = []
+        for item_id, cell in self._named_cells(stop, 256, light=False):
+            if _image_path(cell) is None:
+                held = _held_bytes(cell)
+                found.append((item_id, None if held is None else bytes_hash(held)))
+        return found
+
+    def _named_cells(self, stop: int, step: int, light: bool) -> Iterator[tuple[str, Any]]:
+        """Each row's (id as :meth:`row_id` names it, image cell) before position ``stop``, read from the Arrow
+        columns ``step`` rows at a time; with ``light``, the cells without their images' bytes
+        (:func:`_light_cells`)."""
         wanted = [self.image_column] + ([self.id_column] if self.id_column is not None else [])
         view = self.ds.select_columns(wanted).with_format("arrow")
-        found: list[tuple[str, str | None]] = []
-        stop = min(stop, self.length)
-        for lo in range(0, stop, 4096):
-            table = view[lo:min(stop, lo + 4096)]
-            cells = _light_cells(table.column(self.image_column))
+        stop = min(stop, self.length or 0)
+        for lo in range(0, stop, step):
+            table = view[lo:min(stop, lo + step)]
+            column = table.column(self.image_column)
+            cells = _light_cells(column) if light else column.to_pylist()
             ids = table.column(self.id_column).to_pylist() if self.id_column is not None else None
             for n, cell in enumerate(cells):
-                path = _image_path(cell)
                 if ids is not None:
                     item_id = str(ids[n])
                 elif self.root is not None and isinstance(cell, Mapping) and cell.get("path"):
                     item_id = Path(os.path.relpath(cell["path"], self.root)).as_posix()
                 else:
                     item_id = _cell_path_id(cell) or str(lo + n)
-                found.append((item_id, path))
-        return found
+                yield item_id, cell
 
     def row_id(self, row: Mapping[str, Any], position: int) -> str:
         if self.id_column is not None:
@@ -535,6 +558,14 @@ class _HFReader:
             return Path(os.path.relpath(cell["path"], self.root)).as_posix()
         path = _cell_path_id(cell)  # a column of file paths: each row its path as given, as a list of paths
         return str(position) if path is None else path
+
+
+def _held_bytes(cell: Any) -> bytes | None:
+    """The encoded image a Hugging Face cell holds in the dataset (an ``Image`` cell's bytes, a binary cell), else
+    None (a file path, an array)."""
+    if isinstance(cell, Mapping):
+        cell = cell.get("bytes")
+    return bytes(cell) if isinstance(cell, (bytes, bytearray, memoryview)) else None
 
 
 def _light_cells(column: Any) -> list[Any]:

@@ -90,8 +90,11 @@ times, the same bytes) resumes. Absent in runs written before it, whose resume c
 FILE_HASHES = "images/file_hashes"
 """Per-image int64 array (format 2, round 39): the first 8 bytes of each image file's BLAKE2b digest when it was
 recorded, of the very bytes decoded (read as a little-endian signed integer, -1 kept for "not read from a file": a
-digest reading -1 is stored as -2; a ``wds:`` image's: its tar member's bytes). A resume hashes only the kept files whose modification time changed (:data:`FILE_MTIMES`): the same bytes
-continue, other bytes are refused."""
+digest reading -1 is stored as -2; a ``wds:`` image's: its tar member's bytes; since round 46, an image a map-style
+Hugging Face dataset holds as bytes: those bytes', with -1 in :data:`FILE_SIZES` and :data:`FILE_MTIMES`, no file). A
+resume hashes only the kept files whose modification time changed (:data:`FILE_MTIMES`), and every kept image held as
+bytes (a recorded hash beside a -1 time): the same bytes continue, other bytes are refused. A qkhooks from before
+round 46 reads such a row as "no file" and does not check it (as it did)."""
 REDUCERS = "reducers"
 IDENTITY = "identity"
 """Root attribute: JSON of ``run_id`` (ties ``RUN.h5.reducers`` to this file), and of ``compute_dtype`` and
