@@ -144,3 +144,19 @@ def test_a_run_recorded_without_the_hashes_resumes_saying_its_kept_images_are_no
     with pytest.warns(UserWarning, match=r"(?s)does not check \d+ of the \d+ images it keeps \(first: '0'\).*held in "
                                          r".*no hash of their bytes.*new --out"):
         assert qkhooks.record_dataset(loaded, _hf(_pngs(0)), run, resume=True, **_KW).images == 8
+
+
+def test_a_binary_column_of_encoded_images_is_hashed_and_checked_alike(tmp_path):
+    """A column of encoded bytes (Value("binary"), no Image feature) is read as bytes too: hashed, and checked."""
+    def binary(pngs):
+        return datasets.Dataset.from_dict({"image": pngs}, features=datasets.Features({"image": datasets.Value("binary")}))
+
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    _interrupted(loaded, run, batches=3, data=binary(_pngs(0)))
+    stored = _stored(run)
+    assert stored[fmt.FILE_HASHES] == [_blake(b) for b in _pngs(0)][:len(stored["ids"])]
+    other = _pngs(0)
+    other[1] = _pngs(5)[1]
+    with pytest.raises(QKHooksError, match=r"1 of the \d+ images it keeps hold other bytes .*first: '1'"):
+        qkhooks.record_dataset(loaded, binary(other), run, resume=True, **_KW)
+    assert qkhooks.record_dataset(loaded, binary(_pngs(0)), run, resume=True, **_KW).images == 8
