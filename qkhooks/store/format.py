@@ -32,7 +32,7 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "datasets", "per_image_datasets", "layout_problems",
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
-           "write_states_into", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
+           "write_states_into", "STATE_ATTRS", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
            "identity_of", "as_str", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
            "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
@@ -96,6 +96,9 @@ resume hashes only the kept files whose modification time changed (:data:`FILE_M
 bytes (a recorded hash beside a -1 time): the same bytes continue, other bytes are refused. A qkhooks from before
 round 46 reads such a row as "no file" and does not check it (as it did)."""
 REDUCERS = "reducers"
+STATE_ATTRS = ("current", "scalars")
+"""The attributes of reducer states kept inside a file (a merge, older runs): ``/reducers/<name>.current`` names the
+slot, ``/reducers/<name>/<slot>.scalars`` holds its JSON (:func:`write_states_into`)."""
 IDENTITY = "identity"
 """Root attribute: JSON of ``run_id`` (ties ``RUN.h5.reducers`` to this file), and of ``compute_dtype`` and
 ``weights_sha256`` (the model's; a resume compares them) when the run was recorded by ``record_dataset``."""
@@ -640,11 +643,12 @@ def _states_inside(f: h5py.File) -> tuple[int | None, dict[str, dict[str, Any]]]
     states: dict[str, dict[str, Any]] = {}
     images = None
     for name, group in f.get(REDUCERS, {}).items():
-        slot_name = group.attrs.get("current", "")
+        current, scalars = STATE_ATTRS
+        slot_name = group.attrs.get(current, "")
         slot = group.get(slot_name) if slot_name else None
-        if slot is None or not slot.attrs.get("scalars", ""):
+        if slot is None or not slot.attrs.get(scalars, ""):
             continue
-        state: dict[str, Any] = json.loads(slot.attrs["scalars"])
+        state: dict[str, Any] = json.loads(slot.attrs[scalars])
         for key, ds in slot.items():
             state[key] = ds[()]
         images = state.pop(_IMAGES_KEY, images)
@@ -724,26 +728,32 @@ def layer_geometry(info: Mapping[str, Any], layer: int) -> LayerGeometry | None:
 
 def copy_statics(src: h5py.File, dst: h5py.File,
                  unreadable: Callable[[str, bool, BaseException], None] | None = None,
-                 errors: tuple[type[BaseException], ...] = ()) -> None:
+                 errors: tuple[type[BaseException], ...] = (), outside: Collection[str] = (),
+                 attr_outside: Callable[[str, str], None] | None = None) -> None:
     """Copy every group's attributes and every dataset that is not per-image, not under ``images`` and not a
     reducer state, each dataset with its attributes and, where it has one, its Fletcher-32 checksum (a merge and a
     repair copied these two ways, each dropping one of them). ``unreadable(name, is_dataset, error)``: called for
     what does not read as one of ``errors`` (a repair goes on); without them every error is raised (a merge of
-    healthy shards)."""
+    healthy shards). An attribute named in ``outside`` is never read (a repair: its string lies past a cut file's
+    end, where HDF5 would spin): ``attr_outside(name, key)`` is told instead."""
+
+    def copy_attrs(name: str, obj: Any, to: Any) -> None:
+        for k in obj.attrs:  # the names only: a value is read below, one at a time
+            if k in outside:
+                assert attr_outside is not None, "attributes left unread need attr_outside() to name them"
+                attr_outside(name, k)
+            else:
+                to.attrs[k] = obj.attrs[k]
 
     def visit(name: str, obj: Any) -> None:
         if name.split("/", 1)[0] in ("images", REDUCERS):
             return
         try:
             if isinstance(obj, h5py.Group):
-                group = dst.require_group(name)
-                for k, v in obj.attrs.items():
-                    group.attrs[k] = v
+                copy_attrs(name, obj, dst.require_group(name))
             elif isinstance(obj, h5py.Dataset) and not obj.attrs.get("per_image", False):
                 summed = dict(chunks=obj.chunks, fletcher32=True) if obj.fletcher32 else {}
-                ds = dst.create_dataset(name, data=obj[()], dtype=obj.dtype, **summed)
-                for k, v in obj.attrs.items():
-                    ds.attrs[k] = v
+                copy_attrs(name, obj, dst.create_dataset(name, data=obj[()], dtype=obj.dtype, **summed))
         except errors as exc:
             assert unreadable is not None, "errors caught need unreadable() to name them"
             unreadable(name, not isinstance(obj, h5py.Group), exc)

@@ -226,10 +226,10 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
             copy[start:start + len(rows)] = ds[rows] if len(rows) else ds[:0]
         copy.attrs["per_image"] = True
     images.attrs[fmt.ARRAYS_ATTR] = json.dumps(sorted(arrays))
-    _copy_statics(src, dst, problems)
+    _copy_statics(src, dst, problems, attrs_outside)
     dst.attrs["complete"] = bool(src.attrs.get("complete", False)) and len(keep) == n
     _seal_copy(src, dst, problems, attrs_outside)
-    states = _copy_states(src, run, out, keep, n, problems)
+    states = _copy_states(src, run, out, keep, n, problems, attrs_outside)
     return RepairReport(run, out, n, [str(ids[i]) for i in keep], lost, sorted(arrays), states, problems)
 
 
@@ -325,7 +325,7 @@ def _strings_outside(ds: h5py.Dataset, n: int, run: Path, real_size: int) -> set
                 continue
             fh.seek(offset)
             refs = np.frombuffer(fh.read((last - first) * width * reference.itemsize), reference).reshape(-1, width)
-            used = refs["length"] > 0
+            used = refs["address"] > 0  # an empty string is in its collection too (HDF5 reads it); 0: none written
             for address in np.unique(refs["address"][used]).tolist():
                 if not collection_inside(address):
                     outside.update((first + np.flatnonzero((used & (refs["address"] == address)).any(axis=1))).tolist())
@@ -378,8 +378,11 @@ def _attrs_outside(run: Path, names: set[str], real_size: int) -> set[str]:
     of a merged ``--checksum`` run cut inside the collection holding its attr_digests never returned), so repair
     asks none of them of HDF5. Read off the raw bytes: each attribute message of the name (:func:`_attr_message`),
     its datatype's class (9: variable-length), its dataspace's element count, then each element's reference (a 4-byte
-    length, the collection's address, a 4-byte index, as in :func:`_strings_outside`). Every message of a name
-    counts, a rewritten attribute's stale copy too: an attribute is lost rather than a hang risked."""
+    length, the collection's address, a 4-byte index, as in :func:`_strings_outside`): an empty string's too, which
+    HDF5 also reads from its collection (round 46: every run's empty ``model_note`` hung a repair once the run's
+    headers lay before that collection); only a null reference (address 0) has none. Every message of a name counts,
+    a rewritten attribute's stale copy too: an attribute is lost rather than a hang risked. Repair asks none of them
+    of the root, ``/images``, the statics or the reducer states kept in the file."""
     layout = _heap_references(run)
     if layout is None or not names or real_size < 16:
         return set()
@@ -398,7 +401,7 @@ def _attrs_outside(run: Path, names: set[str], real_size: int) -> set[str]:
                     count = min(_dataspace_count(data, parts[1], lengths),
                                 max(0, (real_size - parts[2]) // reference.itemsize))
                     refs = np.frombuffer(data[parts[2]:parts[2] + count * reference.itemsize], reference)
-                    if any(not collection_inside(a) for a in np.unique(refs["address"][refs["length"] > 0]).tolist()):
+                    if any(not collection_inside(a) for a in np.unique(refs["address"][refs["address"] > 0]).tolist()):
                         outside.add(name)
                 at = data.find(encoded, at + 1)
     return outside
@@ -670,8 +673,10 @@ def _copy_attrs(src: h5py.Group, dst: h5py.Group, what: str, problems: list[str]
             problems.append(f"{what} {key} unreadable")
 
 
-def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str]) -> None:
-    """:func:`~qkhooks.store.format.copy_statics`, going on past what does not read and naming the datasets lost."""
+def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str], outside: Collection[str] = frozenset()) -> None:
+    """:func:`~qkhooks.store.format.copy_statics`, going on past what does not read and naming the datasets lost; an
+    attribute named in ``outside`` (its string lies past the file's end, :func:`_attrs_outside`) is never read: it
+    is lost and named, its object copied without it."""
     lost: list[str] = []
 
     def unreadable(name: str, is_dataset: bool, exc: BaseException) -> None:
@@ -679,8 +684,11 @@ def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str]) -> None:
         if is_dataset:
             lost.append(name)
 
+    def attr_outside(name: str, key: str) -> None:
+        problems.append(f"/{name} attribute {key} lost: its string lies past the file's end")
+
     try:
-        fmt.copy_statics(src, dst, unreadable, _READ_ERRORS)
+        fmt.copy_statics(src, dst, unreadable, _READ_ERRORS, outside, attr_outside)
     except _READ_ERRORS as exc:
         problems.append(f"the file's tree is partly unreadable ({exc})")
         lost.append("(statics past the unreadable part of the tree)")
@@ -688,7 +696,14 @@ def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str]) -> None:
         dst.attrs[fmt.LOST_STATICS] = json.dumps(sorted(set(fmt.lost_statics(src.attrs)) | set(lost)))
 
 
-def _copy_states(src: h5py.File, run: Path, out: Path, keep: np.ndarray, n: int, problems: list[str]) -> list[str]:
+def _copy_states(src: h5py.File, run: Path, out: Path, keep: np.ndarray, n: int, problems: list[str],
+                 outside: Collection[str] = frozenset()) -> list[str]:
+    torn = sorted(set(outside) & set(fmt.STATE_ATTRS))
+    if torn and _readable(lambda: fmt.REDUCERS in src) and fmt.REDUCERS in src:  # never asked of HDF5 (a hang)
+        problems.append(f"reducer states lost: their attribute{'s' if len(torn) > 1 else ''} {', '.join(torn)} "
+                        f"lie{'' if len(torn) > 1 else 's'} past the file's end, so {out.name} reads without reducer "
+                        "states")
+        return []
     try:
         images, states = fmt.read_states(src, run)
     except _READ_ERRORS as exc:
