@@ -48,7 +48,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.reducers import overflows
 from qkhooks.store import format as fmt
 from qkhooks.store._hdf5 import (DamagedRunError, clear_open_flags, create_run_file, damage, open_reader, other_program_file,
-                                 open_swmr_writer)
+                                 meta_block_bytes, open_swmr_writer)
 from qkhooks.store.lock import RESERVE_BYTES, ROOM, WriterLock, out_of_room, forget_in_forked_children, keep_out_of_forked_children
 
 __all__ = ["RunWriter", "COMPRESSIONS", "IDENTITY_ATTRS"]
@@ -393,15 +393,16 @@ class RunWriter:
             fmt.seal_attrs(self._file)
         self._file.flush()
         self._file.close()
+        block = meta_block_bytes(len(names))  # every array's chunk index in the block opened before the first chunk
         if self.mode == "overwrite":
             self._published = True
             if reopen:
-                self._file = self._keep_from_children(open_swmr_writer(self._creating, CHUNK_CACHE_BYTES))
+                self._file = self._keep_from_children(open_swmr_writer(self._creating, CHUNK_CACHE_BYTES, block))
             return
         fmt.checkpoint_path(self.path).unlink(missing_ok=True)  # a stale checkpoint is not ours (gone first)
         if reopen:  # in SWMR mode before it has the run's name: a reader opening it then reads it as SWMR, following
             # the writer (a file found closed is read plainly, and the writer's reopening changed it under the reader)
-            self._file = self._keep_from_children(open_swmr_writer(self._creating, CHUNK_CACHE_BYTES))
+            self._file = self._keep_from_children(open_swmr_writer(self._creating, CHUNK_CACHE_BYTES, block))
         os.replace(self._creating, self.path)
         self._writer_lock.hold_run()  # the new file under the run's name is this writer's (hard links: lock.py)
         self._published = self._in_place = True
