@@ -106,7 +106,7 @@ def test_an_empty_skipped_row_whose_collection_a_cut_tore_is_lost_not_read(tmp_p
         listed[1] = ["", ""]  # into the new collection's room, through the chunk written above
     report = _repair_cut(run, tmp_path)
     assert report["recovered"] == ids
-    assert f"/{fmt.SKIPPED}: rows 1-1 do not read (the copy lists the 1 of its 2 rows that read)" in report["problems"]
+    assert f"/{fmt.SKIPPED}: row 1 does not read (the copy lists the 1 of its 2 rows that read)" in report["problems"]
     with open_run(tmp_path / "fixed.h5") as fixed:
         assert ("a/0", "unreadable") in [tuple(row) for row in fixed.skipped]
 
