@@ -6,9 +6,10 @@ every row of the chunk a cut went through
 keeps each row at a known place, so the rows wholly before the cut are recovered, bit for bit; a row the cut tears,
 and any chunk a filter (checksum, compression, shuffle) covers, is still lost whole. The rest was the ids: the writer
 left each batch's ids (and digests) to the file's flush, which placed their chunk after the arrays' chunks, so a cut
-between lost images whose rows were whole; it now sends them to the file before the arrays. (What is left: HDF5 places
-each array's chunk index after its first chunk, so in a run whose chunks span many batches a cut just past them loses
-those images to the last array's index.)"""
+between lost images whose rows were whole; it now sends them to the file before the arrays. (What was left, HDF5
+placing each array's chunk index after its first chunk, where a cut in that chunk's unused room took the index and the
+images with it, went in round 46: the writer's session opens 16 KiB metadata blocks, which hold every index before the
+first chunk; tests/test_store_meta_block_r46.py.)"""
 
 from __future__ import annotations
 
