@@ -115,6 +115,8 @@ KILLS_R42 = "tests/test_mutation_kills_r42.py"
 KILLS_R42B = "tests/test_mutation_kills_r42b.py"
 # Round 45 (mutation): the kill tests of round 44's run-file repair code (module "round44").
 KILLS_R45 = "tests/test_mutation_kills_r45.py"
+# Round 46 (mutation): the kill tests of round 45's library code (module "round45").
+KILLS_R46 = "tests/test_mutation_kills_r46.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -725,6 +727,28 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "handed_to_each or narrower_than or wherever_a_run_is_cut or skipped_rows_read_up or "
                 "reads_whole_merges or first_five or ids_outside_a_damaged_heap or cut_shorter_than_committed or "
                 "flipped_digest_fails or test_mutation_kills_r45"),
+    # Round 46 (mutation): round 45's library code (`84a8854..dbca73b`): repair's attributes whose string a cut left
+    # outside the file (`_attrs_outside`, `_torn_collection`, `_heap_references`), the skipped rows that read past a lost
+    # one (format's `read_skipped_rows`, `skipped_loss_words`, `row_spans`; reader, distributed), the resume's lower
+    # --limit judged by the kept images and its unnameable streams (stream.py), the data fixes (sources, items,
+    # preprocess), masks outside [0, 1] (masks, preference), tied sigma (spectrum, bfd_summary), torchvision's
+    # `_replaced_on_model` and repair's `_chunk_at` (`f9fc973`). Against the round's tests, round 44's store tests
+    # (round44's expression) and the tests those files' older lines need. Run with --only ROUND45.
+    "round45": (["qkhooks/store/repair.py", "qkhooks/store/format.py", "qkhooks/store/reader.py",
+                 "qkhooks/distributed.py", "qkhooks/stream.py", "qkhooks/data/sources.py", "qkhooks/data/items.py",
+                 "qkhooks/data/preprocess.py", "qkhooks/data/masks.py", "qkhooks/analysis/preference.py",
+                 "qkhooks/analysis/bfd_summary.py", "qkhooks/spectrum.py", "qkhooks/models/torchvision.py"],
+                ["tests/test_repair_attrs_r45.py", KILLS_R45, "tests/test_review_r45_rev.py",
+                 "tests/test_review_r45_data.py", "tests/test_resume_limit_r45.py", "tests/test_repair_cut_r44.py",
+                 "tests/test_store_safety.py", "tests/test_review_r36.py", "tests/test_mutation_kills_r19.py",
+                 "tests/test_review_r42_lead.py", "tests/test_torchvision_vit.py", "tests/test_review_r42_revtv.py",
+                 KILLS_R46],
+                "test_repair_attrs_r45 or test_mutation_kills_r45 or test_review_r45 or test_resume_limit_r45 or "
+                "test_repair_cut_r44 or half_written or unreadable_skipped or whose_skipped_list or not_laid_out or "
+                "asks_no_skipped or keeps_every_skipped or lost_skipped_row or keeps_the_runs_skipped or "
+                "skipped_rows_read_up or reads_whole_merges or first_five or ids_outside_a_damaged_heap or "
+                "null_modes or stopped_extension or stopped_midway or (test_torchvision_vit and replaced) or "
+                "accelerates_device_only or test_mutation_kills_r46"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -939,6 +963,9 @@ ROUND43 = ("qkhooks.store.format.x_drop_stale_heap_references__*", "commits:2839
            "qkhooks.store.writer.xǁRunWriterǁ_do_skipped__*")
 # Round 44's run-file code, for `--only` with the module "round44": every line the round wrote in its files.
 ROUND44 = ("commits:625ad37..91dc98b",)
+# Round 45's library code, for `--only` with the module "round45": every line `84a8854..dbca73b` wrote (from the
+# read-through `f9fc973` to `dbca73b`), by :func:`written_by`.
+ROUND45 = ("commits:84a8854..dbca73b",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
@@ -946,7 +973,8 @@ NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND
               "ROUND31": ROUND31, "ROUND32": ROUND32, "ROUND33": ROUND33,
               "ROUND34": ROUND34, "ROUND37": ROUND37, "ROUND38": ROUND38,
               "ROUND39": ROUND39, "ROUND40": ROUND40, "ROUND41": ROUND41,
-              "ROUND42": ROUND42, "ROUND43": ROUND43, "ROUND44": ROUND44}
+              "ROUND42": ROUND42, "ROUND43": ROUND43, "ROUND44": ROUND44,
+              "ROUND45": ROUND45}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
