@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -143,3 +144,92 @@ def test_a_dead_workers_message_ends_with_the_resume():
     assert "held items 2..3 " in said and "import the dataset's class" not in said
     assert said.endswith("resume=True (--resume) continues the run file from its last checkpoint.")
     assert "started by 'spawn', unable to import the dataset's class" in _stream()._worker_died([0, 2], "spawn")
+
+
+# ------------------------------------------------------------------ a resume's stream: its recorded length
+stream_module = importlib.import_module("qkhooks.stream")
+
+
+def _source(length: int | None, ids: list[str] | None = None) -> SimpleNamespace:
+    """A source as record_dataset's resume sees it: its name, whole length, and the ids before a position (None: its
+    items cannot be named again without decoding, a torch Dataset's)."""
+    return SimpleNamespace(name="torch:Photos", source_length=length, ids_before=lambda start: ids)
+
+
+def _position(state: dict[str, object]) -> object:
+    position = stream_module._StreamPosition(0, 8)
+    position.load_state_dict(state)
+    return position
+
+
+def test_a_checkpoint_from_before_the_recorded_length_compares_no_length():
+    """A stream checkpoint written before round 45 has no "length": its recorded length is unknown (None), never a
+    number, and a resume over a Dataset of any length is not refused for it; one with "length" -1 (a source with no
+    length) reads the same; one with 8 reads 8."""
+    assert _position({"position": 4, "skipped": "[]"}).recorded_length is None
+    assert _position({"position": 4, "skipped": "[]", "length": -1}).recorded_length is None
+    assert _position({"position": 4, "skipped": "[]", "length": 8}).recorded_length == 8
+    for length in (1, 6, 8):
+        stream_module._refuse_changed_length("run.h5", _source(length), _position({"position": 4, "skipped": "[]"}),
+                                             4, 4)
+
+
+def test_a_changed_length_is_refused_only_where_both_lengths_are_known_and_the_ids_cannot_be_checked():
+    """Refused: a Dataset of 8 items, resumed over one of 6 (its ids not checkable). Not refused: a source with no
+    length now (an iterable), a run recorded from one, the same length, ids that are checked, or no image kept."""
+    recorded = _position({"position": 4, "skipped": "[]", "length": 8})
+    with pytest.raises(QKHooksError) as caught:
+        stream_module._refuse_changed_length("run.h5", _source(6), recorded, 4, 4)
+    assert str(caught.value) == (
+        "cannot resume run.h5: torch:Photos has 6 items now, and the run was recorded from 8; items were added or "
+        "removed since the run started, and a resume continues at a position (item 4), so if any were before it every "
+        "later image would be recorded under another's id, which cannot be checked here (its items before that point "
+        "are not read again). Put the data back as it was, record into a new --out, or --overwrite to start again.")
+    unknown = _position({"position": 4, "skipped": "[]", "length": -1})
+    for source, position, done in ((_source(None), recorded, 4), (_source(6), unknown, 4), (_source(8), recorded, 4),
+                                   (_source(6, ["a", "b", "c", "d"]), recorded, 4), (_source(6), recorded, 0)):
+        stream_module._refuse_changed_length("run.h5", source, position, done, 4)
+
+
+def test_the_warning_that_a_resumes_kept_in_memory_items_are_unchecked_is_said_whole():
+    """A resume of a torch Dataset of in-memory photos (no file recorded: sizes -1) warns, in full, that its kept
+    images are not checked against the data."""
+    writer = SimpleNamespace(path="run.h5", ids=["0", "1", "2", "3"], rows=lambda name, done: np.full(done, -1))
+    source = SimpleNamespace(name="torch:Photos", file_paths=lambda start: None, file_stamps=lambda start: None)
+    with pytest.warns(UserWarning) as caught:
+        stream_module._refuse_changed_stream_files(writer, source, 4, 4)
+    assert [str(w.message) for w in caught] == [
+        "run.h5: this resume does not check that the 4 images it keeps are torch:Photos's first items: they are not "
+        "read again before the resume point (a torch Dataset's items may load their images, an iterable is read once, "
+        "a streamed Hugging Face dataset has no index) and hold no files whose stamps could be compared, so data "
+        "changed since (items reordered or replaced) would go on under the kept images' ids. Pass the items as a list "
+        "(or a map-style Hugging Face dataset, a folder) to have them checked."]
+
+
+# ------------------------------------------------------------------ tied sigma
+def test_numerically_null_modes_that_tie_with_each_other_are_null_not_tied():
+    """Two numerically null sigma (below max sigma * dim * eps) lie within the tie band of each other, yet carry no
+    energy: tied_modes leaves them out (null_modes flags them as null); a tie of two non-null sigma is flagged."""
+    from qkhooks.spectrum import null_modes, tied_modes
+
+    eps = float(np.finfo(np.float32).eps)
+    S = np.array([[1.0, 0.5, 0.25, 1e-7, 1e-7 + eps * 2]], np.float32)  # null below 64 * eps (7.6e-6)
+    assert tied_modes(S, 64).tolist() == [[False] * 5]
+    assert null_modes(S, 64).tolist() == [[False, False, False, True, True]]
+    S = np.array([[1.0, 0.5, 0.5, 0.25]], np.float32)
+    assert tied_modes(S, 64).tolist() == [[False, True, True, False]]
+
+
+def test_a_tied_heads_additive_global_mean_share_is_undetermined_and_the_others_are_numbers():
+    """BFD's additive global-mean share is a sum over modes of products: None for the head with tied sigma (under
+    its own key, as every head has it), a finite number for the heads whose sigma are distinct."""
+    from test_review_r45_rev import _tied_vit
+
+    from qkhooks.analysis.bfd import run_bfd
+
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    result = run_bfd(_tied_vit(None), images, batch_size=6, decode=False, definition="additive")
+    layer = result["layers"][0] if isinstance(result["layers"], list) else next(iter(result["layers"].values()))
+    shares = [head["additive"]["global_mean_share"] for head in layer["heads"]]
+    assert shares[0] is None and "undetermined" in layer["heads"][0]
+    assert all(isinstance(s, float) and np.isfinite(s) for s in shares[1:]), shares
