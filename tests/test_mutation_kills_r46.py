@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ import torch
 import transformers
 from PIL import Image
 
-from qkhooks.data import ImageConfig, open_source
+from qkhooks.data import ImageConfig, open_dataset, open_source
 from qkhooks.errors import QKHooksError
 
 repair_module = importlib.import_module("qkhooks.store.repair")  # the module (qkhooks.store.repair is its function)
@@ -233,3 +234,30 @@ def test_a_tied_heads_additive_global_mean_share_is_undetermined_and_the_others_
     shares = [head["additive"]["global_mean_share"] for head in layer["heads"]]
     assert shares[0] is None and "undetermined" in layer["heads"][0]
     assert all(isinstance(s, float) and np.isfinite(s) for s in shares[1:]), shares
+
+
+# ------------------------------------------------------------------ a folder's images of formats it does not read
+def _unread_formats_warning(folder: Path) -> warnings.WarningMessage:
+    """The warning that opening ``folder`` (a PNG beside five TIFFs) gives about its unread image files."""
+    for name in ["a.png"] + [f"t{i}.tif" for i in range(5)]:
+        Image.fromarray(np.full((12, 14, 3), 9, np.uint8)).save(folder / name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = open_dataset(str(folder), ImageConfig(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3))
+    assert dataset.ids == ["a.png"]
+    said = [w for w in caught if "extension a folder does not read" in str(w.message)]
+    assert len(said) == 1
+    return said[0]
+
+
+def test_a_folders_unread_image_files_past_the_third_are_counted(tmp_path):
+    """Five TIFFs beside a PNG: the warning names the first three and "2 more" (5 in all)."""
+    assert str(_unread_formats_warning(tmp_path).message).startswith(
+        f"5 image files under {tmp_path} have an extension a folder does not read (.tif): t0.tif, t1.tif, t2.tif and 2 "
+        "more, so they are not recorded")
+
+
+def test_the_unread_formats_warning_points_at_the_callers_line(tmp_path):
+    """The warning points at the line that opened the folder (the user's), not into qkhooks. Left out of the module
+    round45's selection: mutmut's trampoline adds frames, so only the ordinary suite can check a stacklevel."""
+    assert _unread_formats_warning(tmp_path).filename == __file__
