@@ -261,3 +261,47 @@ def test_the_unread_formats_warning_points_at_the_callers_line(tmp_path):
     """The warning points at the line that opened the folder (the user's), not into qkhooks. Left out of the module
     round45's selection: mutmut's trampoline adds frames, so only the ordinary suite can check a stacklevel."""
     assert _unread_formats_warning(tmp_path).filename == __file__
+
+
+# ------------------------------------------------------------------ heap collections read off the raw bytes
+def test_a_heap_collection_whose_size_field_reads_zero_holds_no_string_that_can_be_asked(tmp_path):
+    """A collection header with its "GCOL" signature but a size of 0 (damage: no collection is empty, its header alone
+    takes 16 bytes) is not wholly in the file: the rows whose strings it holds are named, never asked of HDF5."""
+    from qkhooks.store import RunWriter
+    from test_mutation_kills_r45 import _collection_of
+
+    path = tmp_path / "run.h5"
+    ids = [f"image-{i:04d}-" + "x" * 80 for i in range(60)]
+    with RunWriter(path, dtype="float32") as w:
+        w.write_batch(ids, {"v": np.zeros((60, 1), dtype=np.float32)})
+    data = path.read_bytes()
+    start, held = _collection_of(data, ids[-1].encode())
+    rows = {ids.index(value.decode()) for value in held}
+    assert rows and int.from_bytes(data[start + 8:start + 16], "little") > 0
+    sizeless = tmp_path / "sizeless.h5"
+    sizeless.write_bytes(data[:start + 8] + bytes(8) + data[start + 16:])
+    with h5py.File(path, "r") as f:
+        assert repair_module._strings_outside(f["images/ids"], 60, path, len(data)) == set()
+    with h5py.File(sizeless, "r") as f:
+        assert repair_module._strings_outside(f["images/ids"], 60, sizeless, len(data)) == rows
+
+
+@pytest.mark.parametrize("sizes", [(8, 2), (2, 8), (8, 8)], ids=["lengths_2", "offsets_2", "qkhooks"])
+def test_a_superblock_of_other_sizes_of_offsets_or_lengths_is_not_read_as_qkhooks_layout(tmp_path, sizes):
+    """A heap reference is read off the raw bytes only in the layout qkhooks writes: a version-2+ superblock whose
+    sizes of offsets and of lengths are both 4 or 8 bytes. A file of 2-byte offsets or 2-byte lengths (HDF5 allows
+    2 to 32) is not, whichever of the two differs."""
+    path = tmp_path / "sizes.h5"
+    fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+    fcpl.set_sizes(*sizes)
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    with h5py.File(h5py.h5f.create(str(path).encode(), h5py.h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl)) as f:
+        f.attrs["a"] = "x"
+    data = path.read_bytes()
+    assert data[8] >= 2 and (data[9], data[10]) == sizes  # version, size of offsets, size of lengths
+    layout = repair_module._heap_references(path)
+    if sizes == (8, 8):
+        assert layout is not None and layout[1] == 8 and layout[0].itemsize == 16
+    else:
+        assert layout is None
