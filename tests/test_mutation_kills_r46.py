@@ -305,3 +305,25 @@ def test_a_superblock_of_other_sizes_of_offsets_or_lengths_is_not_read_as_qkhook
         assert layout is not None and layout[1] == 8 and layout[0].itemsize == 16
     else:
         assert layout is None
+
+
+# ------------------------------------------------------------------ masks and grids outside [0, 1]
+def test_the_refusal_of_grids_outside_0_1_counts_them_in_patches_and_of_masks_in_pixels():
+    """The streaming reducer's refusal names the values and how many patches hold them (one per image of a batch of
+    two: "2 patches"); a pixel mask's, how many pixels ("1 pixel")."""
+    from qkhooks.analysis.preference import PreferenceReducer
+    from qkhooks.data.masks import refuse_outside_fractions
+
+    t, d = torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)
+    t[:, 0, 0], d[:, 2, 2] = 1.0, 1.0
+    rows = torch.softmax(torch.randn(2, 2, 2, 17, generator=torch.Generator().manual_seed(0)), -1)
+    batch = SimpleNamespace(captures={0: SimpleNamespace(attention={"rows": rows})},
+                            meta={"target_grid": t * 255, "distractor_grid": d}, ids=None)
+    with pytest.raises(QKHooksError) as caught:
+        PreferenceReducer().update(batch)
+    assert str(caught.value).startswith("the target grid holds values outside [0, 1] (255 at 2 patches): ")
+    mask = torch.zeros(3, 3)
+    mask[1, 2] = -0.5
+    with pytest.raises(QKHooksError) as caught:
+        refuse_outside_fractions(mask, "target mask", "pixel")
+    assert str(caught.value).startswith("the target mask holds values outside [0, 1] (-0.5 at 1 pixel): ")

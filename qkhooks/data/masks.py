@@ -321,8 +321,10 @@ def refuse_outside_fractions(mask: torch.Tensor, name: str, cells: str) -> None:
         return
     values = mask[bad]
     shown = ", ".join(f"{float(v):g}" for v in values.unique()[:4].tolist())
+    count = int(bad.sum())
+    where = f"{count} {cells}" + ("" if count == 1 else "es" if cells.endswith("ch") else "s")  # "patches", not "patchs"
     raise QKHooksError(
-        f"the {name} holds values outside [0, 1] ({shown} at {int(bad.sum())} {cells}s): a mask is the fraction of "
+        f"the {name} holds values outside [0, 1] ({shown} at {where}): a mask is the fraction of "
         "each cell its object covers (METHODS A.7: background = 1 - target - distractor), so such values make shares "
         "outside [0, 1]. Pass booleans or fractions: mask > 0 for a 0/255 (8-bit) or labelled mask, mask / 255 for "
         "an anti-aliased 8-bit one; NaN has no fraction."
