@@ -327,3 +327,24 @@ def test_the_refusal_of_grids_outside_0_1_counts_them_in_patches_and_of_masks_in
     with pytest.raises(QKHooksError) as caught:
         refuse_outside_fractions(mask, "target mask", "pixel")
     assert str(caught.value).startswith("the target mask holds values outside [0, 1] (-0.5 at 1 pixel): ")
+
+
+def test_a_masks_values_outside_0_1_are_listed_and_its_refusal_is_said_whole():
+    """A target mask of 0/255 (an 8-bit PNG) handed to odd_one_out_meta is refused naming it ("the target mask") and
+    its 64 pixels of 255; a mask holding -1, 2 and 3 lists the three values, and the refusal is said whole."""
+    from test_review_r45_rev import _two_squares
+
+    from qkhooks.analysis.preference import odd_one_out_meta
+    from qkhooks.data.masks import refuse_outside_fractions
+
+    with pytest.raises(QKHooksError) as caught:
+        odd_one_out_meta(*_two_squares(torch.uint8, 255, 0), (4, 4), 1)
+    assert str(caught.value).startswith("the target mask holds values outside [0, 1] (255 at 64 pixels): ")
+    mask = torch.tensor([[0.0, 2.0, 3.0], [-1.0, 2.0, 0.5]])
+    with pytest.raises(QKHooksError) as caught:
+        refuse_outside_fractions(mask, "distractor mask", "pixel")
+    assert str(caught.value) == (
+        "the distractor mask holds values outside [0, 1] (-1, 2, 3 at 4 pixels): a mask is the fraction of each cell "
+        "its object covers (METHODS A.7: background = 1 - target - distractor), so such values make shares outside "
+        "[0, 1]. Pass booleans or fractions: mask > 0 for a 0/255 (8-bit) or labelled mask, mask / 255 for an "
+        "anti-aliased 8-bit one; NaN has no fraction.")
