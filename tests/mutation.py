@@ -728,7 +728,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "reads_whole_merges or first_five or ids_outside_a_damaged_heap or cut_shorter_than_committed or "
                 "flipped_digest_fails or test_mutation_kills_r45"),
     # Round 46 (mutation): round 45's library code (`84a8854..dbca73b`): repair's attributes whose string a cut left
-    # outside the file (`_attrs_outside`, `_torn_collection`, `_heap_references`), the skipped rows that read past a lost
+    # outside the file (`_attrs_outside`, `_torn_collection`, `_heap_references`), the skipped rows read past a lost
     # one (format's `read_skipped_rows`, `skipped_loss_words`, `row_spans`; reader, distributed), the resume's lower
     # --limit judged by the kept images and its unnameable streams (stream.py), the data fixes (sources, items,
     # preprocess), masks outside [0, 1] (masks, preference), tied sigma (spectrum, bfd_summary), torchvision's

@@ -322,7 +322,7 @@ def refuse_outside_fractions(mask: torch.Tensor, name: str, cells: str) -> None:
     values = mask[bad]
     shown = ", ".join(f"{float(v):g}" for v in values.unique()[:4].tolist())
     count = int(bad.sum())
-    where = f"{count} {cells}" + ("" if count == 1 else "es" if cells.endswith("ch") else "s")  # "patches", not "patchs"
+    where = f"{count} {cells}" + ("" if count == 1 else "es" if cells.endswith("ch") else "s")  # "patches"
     raise QKHooksError(
         f"the {name} holds values outside [0, 1] ({shown} at {where}): a mask is the fraction of "
         "each cell its object covers (METHODS A.7: background = 1 - target - distractor), so such values make shares "
