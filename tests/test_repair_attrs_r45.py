@@ -35,7 +35,8 @@ import json, sys, warnings
 from qkhooks.store import repair
 warnings.simplefilter("ignore")
 report = repair(sys.argv[1], sys.argv[2])
-print(json.dumps({"recovered": report.recovered, "lost": report.lost, "problems": report.problems}))
+print(json.dumps({"recovered": report.recovered, "lost": report.lost, "problems": report.problems,
+                  "states": report.states}))
 """
 
 
@@ -61,7 +62,7 @@ def _repair_in_child(cut: Path, fixed: Path) -> dict:
         done = subprocess.run([sys.executable, "-c", _REPAIR_CHILD, str(cut), str(fixed)], env=env, timeout=60,
                               capture_output=True, text=True)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"repair of {cut.name} cut inside an attribute's heap collection did not return in 60 s")
+        pytest.fail(f"repair of {cut.name} cut inside a heap collection did not return in 60 s")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
 

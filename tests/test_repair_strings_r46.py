@@ -13,37 +13,15 @@ into that collection; each repair runs in a child killed after 60 s (each timed 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
-import pytest
-import timm
-import torch
 
-import qkhooks
 from qkhooks.distributed import merge_shards, shard_path
 from qkhooks.store import format as fmt
 from qkhooks.store import open_run
 from qkhooks.stream import record_dataset
-
-_REPAIR_CHILD = """
-import json, sys, warnings
-from qkhooks.store import repair
-warnings.simplefilter("ignore")
-report = repair(sys.argv[1], sys.argv[2])
-print(json.dumps({"recovered": report.recovered, "lost": report.lost, "problems": report.problems,
-                  "states": report.states}))
-"""
-
-
-def _tiny_vit() -> qkhooks.LoadedModel:
-    torch.manual_seed(0)
-    return qkhooks.load_model(timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32, embed_dim=32,
-                                                depth=1, num_heads=2).eval())
+from test_repair_attrs_r45 import _repair_in_child, _tiny_vit
 
 
 def _last_collection(path: Path) -> tuple[int, int]:
@@ -60,15 +38,7 @@ def _repair_cut(run: Path, tmp_path: Path) -> dict:
     assert size > 64
     cut = tmp_path / "cut.h5"
     cut.write_bytes(run.read_bytes()[:at + 64])
-    fixed = tmp_path / "fixed.h5"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    try:
-        done = subprocess.run([sys.executable, "-c", _REPAIR_CHILD, str(cut), str(fixed)], env=env, timeout=60,
-                              capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"repair of {run.name} cut inside a heap collection did not return in 60 s")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
+    return _repair_in_child(cut, tmp_path / "fixed.h5")
 
 
 def _run(tmp_path: Path) -> tuple[Path, list[str]]:

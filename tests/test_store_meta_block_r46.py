@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 import timm
 import torch
@@ -18,6 +17,7 @@ import torch
 import qkhooks
 from qkhooks.store import format as fmt
 from qkhooks.stream import record_dataset
+from test_repair_cut_r44 import _row_ends
 
 
 @pytest.fixture(scope="module")
@@ -32,26 +32,10 @@ def whole(tmp_path_factory) -> Path:
     return path
 
 
-def _row_ends(path: Path) -> np.ndarray:
-    """Per image: the byte where its last row of any per-image array ends (raw chunks: a row at a known place)."""
-    with h5py.File(path, "r") as f:
-        n = fmt.committed(f)
-        ends = np.zeros(n, dtype=np.int64)
-        for ds in fmt.per_image_datasets(f).values():
-            row = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
-            places: dict[int, tuple[int, int]] = {}
-            ds.id.chunk_iter(lambda info: places.__setitem__(info.chunk_offset[0], (info.byte_offset, info.size)))
-            for i in range(n):
-                first = i - i % ds.chunks[0]
-                offset, size = places[first]
-                ends[i] = max(ends[i], min(offset + (i - first + 1) * row, offset + size))
-    return ends
-
-
 def test_a_cut_where_any_image_ends_loses_no_image_whose_rows_lie_before_it(whole, tmp_path):
     """Cut where each image's rows end: repair recovers every image whose rows all lie before the cut. Before, the
     cuts inside ``masks/objects``' first chunk took its index: none of 7, then of 20, images recovered."""
-    ends = _row_ends(whole)
+    ends = _row_ends(whole)[0]  # raw chunks (no filter): each row at a known place
     data = whole.read_bytes()
     short = []
     for at in sorted(set(ends.tolist())):
