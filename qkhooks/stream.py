@@ -481,8 +481,9 @@ def _refuse_changed_held(writer: Any, kept: Sequence[str], times_then: Any,
                          file_hashes: Callable[[Sequence[str]], Any], fix: str) -> None:
     """Refuse a resume whose kept images held in the dataset as bytes (no file: recorded time -1, a hash recorded;
     a map-style Hugging Face dataset's ``Image`` cells) hold other bytes now (``file_hashes`` of their ids: the
-    dataset's bytes hashed again, -1 where the item is no longer bytes). Review r46: only the dataset's length was
-    compared, so images replaced since resumed into one run of two data sets without a word."""
+    dataset's bytes hashed again, -1 where the item is no longer bytes; a list's or tuple's in-memory images alike:
+    their content hashed again). Review r46: only the dataset's length was compared, so images replaced since
+    resumed into one run of two data sets without a word."""
     rows = [r for r, t in enumerate(times_then) if int(t) == -1]
     hashes_then = writer.rows(FILE_HASHES, len(kept)) if rows else None
     rows = [r for r in rows if hashes_then is not None and int(hashes_then[r]) != -1]
@@ -493,9 +494,9 @@ def _refuse_changed_held(writer: Any, kept: Sequence[str], times_then: Any,
     if changed:
         raise QKHooksError(
             f"cannot resume {writer.path}: {len(changed)} of the {len(kept)} images it keeps hold other bytes in the "
-            f"dataset than when it recorded them (first: {changed[0]!r}; their BLAKE2b differs from the one the run "
-            "recorded), so the dataset's images were replaced or reordered since, and the run would mix maps of two "
-            f"datasets. {fix}")
+            "dataset (encoded, or an in-memory array's or PIL image's pixels) than when it recorded them (first: "
+            f"{changed[0]!r}; their BLAKE2b differs from the one the run recorded), so the dataset's images were "
+            f"replaced or reordered since, and the run would mix maps of two datasets. {fix}")
 
 
 def _when(ns: int) -> str:
@@ -1228,7 +1229,9 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     paths or of dicts whose ``"image"`` is a path; a map-style Hugging Face dataset of path strings or of
     ``Image(decode=False)`` cells read from files), each kept file is stat'ed and those whose time changed are
     hashed; for ``wds:`` shards, each kept sample's image member is read again up to the resume point (its header's
-    size and time, its bytes' hash: no image is decoded). Images not read from a file (stored -1) are not checked.
+    size and time, its bytes' hash: no image is decoded). Images held in memory (a map-style Hugging Face
+    dataset's bytes; a list's or tuple's bytes, arrays, PIL images) are checked by the hash of their content
+    (:func:`_refuse_changed_held`); other images not read from a file (stored -1) are not checked.
     A run from before the stamps (no :data:`FILE_SIZES`) resumes as it did; a source whose items cannot be named
     again without decoding them (a torch Dataset, an iterable, a streamed Hugging Face dataset) resumes with a
     warning that its kept files are not checked."""
@@ -1269,10 +1272,10 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
                 warnings.warn(
                     f"{writer.path}: this resume does not check {len(unchecked)} of the {done} images it keeps "
                     f"(first: {unchecked[0]!r}): they are held in {dataset.name} (not files) and the run holds no "
-                    "hash of their bytes (recorded by a qkhooks from before it hashed them, or images held as "
-                    "arrays, which are not hashed), so images replaced since would go on under the kept images' "
-                    "ids. Record into a new --out (or --overwrite) to have every kept image checked on a later "
-                    "resume.",
+                    "hash of their bytes (recorded by a qkhooks from before it hashed them, or a Hugging Face "
+                    "dataset's array cells, which are not hashed), so images replaced since would go on under the "
+                    "kept images' ids. Record into a new --out (or --overwrite) to have every kept image checked on "
+                    "a later resume.",
                     stacklevel=stacklevel)
             columns[2] = functools.partial(_held_or_file_hashes, held, where, columns[2])
     else:

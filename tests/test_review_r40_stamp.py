@@ -224,13 +224,16 @@ def test_with_two_workers_the_stamps_still_arrive_and_equal_the_reference(tmp_pa
 # ---------------------------------------------------------------------------------------------- no file, older runs
 
 
-def test_in_memory_images_store_minus_one_and_resume(tmp_path):
-    """Items with no file (arrays) are stored as -1 and are not checked: such a run resumes as before."""
+def test_in_memory_images_store_no_file_and_resume(tmp_path):
+    """Items with no file (arrays) are stored with -1 size and time; since round 46 their content's hash is stored
+    (tests/test_review_r46_list.py checks it and the resume's refusals): the same items resume."""
     loaded, run = _tiny_loaded(), tmp_path / "run.h5"
     rng = np.random.default_rng(0)
     items = [{"image": rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), "id": f"m{i}"} for i in range(8)]
     _interrupted(loaded, run, batches=3, data=items)
-    assert all(v == -1 for values in _stored(run).values() for v in values)
+    stored = _stored(run)
+    assert all(v == -1 for name in (fmt.FILE_SIZES, fmt.FILE_MTIMES) for v in stored[name])
+    assert all(v != -1 for v in stored[fmt.FILE_HASHES])
     assert qkhooks.record_dataset(loaded, items, run, resume=True, **_KW).images == 8
 
 

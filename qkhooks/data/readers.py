@@ -6,6 +6,7 @@ cheaply in order (:meth:`rows`) and decode later, in worker processes when asked
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -32,6 +33,7 @@ from qkhooks.data.items import (
     read_oriented,
     read_stamped,
     bytes_hash,
+    digest_value,
 )
 from qkhooks.data.preprocess import to_rgb
 from qkhooks.errors import DataRefusal, QKHooksError
@@ -319,7 +321,13 @@ class MapReader:
         return iter(range(start, self.length or 0))
 
     def decode(self, row: int, position: int) -> tuple[str | None, RawItem]:
-        return _item_to_raw(_spelled(self.container[row]), f"item {position}")
+        item = _spelled(self.container[row])
+        own, raw = _item_to_raw(item, f"item {position}")
+        if raw.stamp is None and isinstance(self.container, (list, tuple)) and _image_path(item) is None:
+            held = _held_hash(item)  # review r46: an in-memory image has no file to stamp, but its content's hash:
+            if held is not None:  # a resume hashes the kept items again (held_hashes)
+                raw.stamp = (-1, -1, held)
+        return own, raw
 
     def row_id(self, row: int, position: int) -> str:
         """A skipped item's id: its own (:func:`_own_id`: a dict's ``"id"``, a file path) as :meth:`decode` names the
@@ -349,6 +357,16 @@ class MapReader:
             return None
         return [(str(i) if (own := _own_id(item)) is None else own, _image_path(item))
                 for i, item in enumerate(map(_spelled, self.container[:stop]))]
+
+    def held_hashes(self, stop: int) -> list[tuple[str, int | None]] | None:
+        """Each in-memory item's (id, :func:`_held_hash` as :meth:`decode` stamps it) before position ``stop``, for a
+        list or tuple (its items are in memory: cheap), leaving out those read from a file (:meth:`file_paths`); None
+        for a Dataset. A resume compares them with the hashes the run recorded (review r46: a list of other images
+        of the same length, or the same reordered, resumed into one run of two data sets without a word)."""
+        if not isinstance(self.container, (list, tuple)):
+            return None
+        return [(str(i) if (own := _own_id(item)) is None else own, _held_hash(item))
+                for i, item in enumerate(map(_spelled, self.container[:stop])) if _image_path(item) is None]
 
 
 class FolderReader(MapReader):
@@ -566,6 +584,32 @@ def _held_bytes(cell: Any) -> bytes | None:
     if isinstance(cell, Mapping):
         cell = cell.get("bytes")
     return bytes(cell) if isinstance(cell, (bytes, bytearray, memoryview)) else None
+
+
+def _held_hash(item: Any) -> int | None:
+    """The BLAKE2b (as :func:`bytes_hash` stores it) of an item's image held in memory, else None (a file path, a
+    type not read): encoded bytes as given (a Hugging Face cell's too); a numpy array's dtype, shape and bytes in C
+    order; a PIL image's mode, size, palette, transparency, EXIF orientation and pixel bytes (all that its recorded
+    pixels depend on). What a resume of a list or tuple compares, the items being in memory."""
+    if _is_pair(item):
+        item = item[0]
+    if isinstance(item, Mapping) and ("image" in item or "__key__" in item):
+        item = _image_value(item)
+    held = _held_bytes(item)
+    if held is not None:
+        return bytes_hash(held)
+    if isinstance(item, np.ndarray) and not item.dtype.hasobject:
+        head, data = f"array {item.dtype.str} {item.shape}", np.ascontiguousarray(item).reshape(-1).view(np.uint8)
+    elif isinstance(item, Image.Image):
+        orientation = exif_orientation(item.getexif())
+        head = (f"PIL {item.mode} {item.size} {item.getpalette()} {item.info.get('transparency')!r} "
+                f"{orientation}")
+        data = item.tobytes()
+    else:
+        return None
+    digest = hashlib.blake2b(head.encode(), digest_size=8)
+    digest.update(data)
+    return digest_value(digest)
 
 
 def _light_cells(column: Any) -> list[Any]:

@@ -225,9 +225,9 @@ class ItemStream:
 
     def held_hashes(self, stop: int) -> list[tuple[str, int | None]] | None:
         """Each item's (id, BLAKE2b of its image's bytes, or None where it holds neither a file nor bytes) before
-        position ``stop``, for the items whose image is held in a map-style Hugging Face dataset rather than read
-        from a file (files are in :meth:`file_paths`); None for other sources. A resume checks them against the
-        hashes the run recorded."""
+        position ``stop``, for the items whose image is held in a map-style Hugging Face dataset or in a list or
+        tuple rather than read from a file (files are in :meth:`file_paths`); None for other sources. A resume checks
+        them against the hashes the run recorded."""
         held = getattr(self._reader, "held_hashes", None)
         return None if held is None else held(stop)
 

@@ -91,7 +91,8 @@ FILE_HASHES = "images/file_hashes"
 """Per-image int64 array (format 2, round 39): the first 8 bytes of each image file's BLAKE2b digest when it was
 recorded, of the very bytes decoded (read as a little-endian signed integer, -1 kept for "not read from a file": a
 digest reading -1 is stored as -2; a ``wds:`` image's: its tar member's bytes; since round 46, an image a map-style
-Hugging Face dataset holds as bytes: those bytes', with -1 in :data:`FILE_SIZES` and :data:`FILE_MTIMES`, no file). A
+Hugging Face dataset holds as bytes: those bytes', and a list's or tuple's in-memory image (bytes, array, PIL image):
+its content's, with -1 in :data:`FILE_SIZES` and :data:`FILE_MTIMES`, no file). A
 resume hashes only the kept files whose modification time changed (:data:`FILE_MTIMES`), and every kept image held as
 bytes (a recorded hash beside a -1 time): the same bytes continue, other bytes are refused. A qkhooks from before
 round 46 reads such a row as "no file" and does not check it (as it did)."""
