@@ -21,6 +21,7 @@ from qkhooks import QKHooksError
 from qkhooks.store import format as fmt
 from test_review_r36 import _KW, _interrupted
 from test_review_r39_fixb import _tiny_loaded
+from test_review_r46_data import _kept, _stored
 
 
 def _arrays(seed: int, n: int = 8) -> list[np.ndarray]:
@@ -55,18 +56,6 @@ def _mixed(arrays: list[np.ndarray]) -> list:
     """Each kind in turn: an array, a PIL image, PNG bytes, a dict holding an array (a column-major one)."""
     kinds = [lambda a: a, Image.fromarray, _png, lambda a: {"image": np.asfortranarray(a)}]
     return [kinds[i % 4](a) for i, a in enumerate(arrays)]
-
-
-def _stored(run) -> dict[str, list]:
-    with qkhooks.open_run(run) as opened:
-        out = {name: opened.array(name)[:].tolist() for name in (fmt.FILE_SIZES, fmt.FILE_MTIMES, fmt.FILE_HASHES)}
-        out["ids"] = list(opened.ids)
-        return out
-
-
-def _kept(run) -> int:
-    with qkhooks.open_run(run) as opened:
-        return opened.n
 
 
 def test_in_memory_images_in_a_list_store_each_ones_blake2b_and_no_file(tmp_path):
