@@ -757,7 +757,7 @@ def record_dataset(
                     start = position.resumed_at(done, lo, progress)
                     _refuse_changed_stream(out, dataset, writer.ids[:done], lo, start, position.skipped)
                     _refuse_changed_length(out, dataset, position, done, start)
-                    _refuse_changed_stream_files(writer, dataset, done, start)
+                    _refuse_changed_stream_files(writer, dataset, done, start, progress=progress)
                 else:
                     done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo), file_sizes,
                                                at_open, file_mtimes, file_hashes)
@@ -1223,7 +1223,8 @@ def _stamp_again(path: str) -> tuple[int, int, int]:
         return NO_STAMP
 
 
-def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: int, stacklevel: int = 4) -> None:
+def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: int, stacklevel: int = 4,
+                                 progress: bool = False) -> None:
     """Refuse the resume of a stream whose kept images' files changed since they were recorded, as a folder's
     (:func:`_refuse_changed_files`): where the source names its items' files without decoding (a list or tuple of
     paths or of dicts whose ``"image"`` is a path; a map-style Hugging Face dataset of path strings or of
@@ -1264,7 +1265,7 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     if paths is not None:
         where = dict(paths)
         columns = list(data_files.stamp_columns(where))
-        held = dict(dataset.held_hashes(start) or ())  # images held in the dataset as bytes: their hashes now
+        held = dict(dataset.held_hashes(start, progress=progress) or ())  # images held in the data: hashes now
         if held:
             hashes = writer.rows(FILE_HASHES, done)
             unchecked = [i for i, h in zip(kept, hashes) if h == -1 and i in held and where.get(i) is None]

@@ -223,13 +223,14 @@ class ItemStream:
         paths = getattr(self._reader, "file_paths", None)
         return None if paths is None else paths(stop)
 
-    def held_hashes(self, stop: int) -> list[tuple[str, int | None]] | None:
-        """Each item's (id, BLAKE2b of its image's bytes, or None where it holds neither a file nor bytes) before
-        position ``stop``, for the items whose image is held in a map-style Hugging Face dataset or in a list or
-        tuple rather than read from a file (files are in :meth:`file_paths`); None for other sources. A resume checks
-        them against the hashes the run recorded."""
+    def held_hashes(self, stop: int, progress: bool = False) -> list[tuple[str, int | None]] | None:
+        """Each item's (id, BLAKE2b of its image's bytes or in-memory content, or None where it holds neither a file
+        nor an image qkhooks hashes) before position ``stop``, for the items whose image is held in a map-style
+        Hugging Face dataset or in a list or tuple rather than read from a file (files are in :meth:`file_paths`);
+        None for other sources. With ``progress``, a bar where the hashing takes a while. A resume checks them against
+        the hashes the run recorded."""
         held = getattr(self._reader, "held_hashes", None)
-        return None if held is None else held(stop)
+        return None if held is None else held(stop, progress=progress)
 
     def file_stamps(self, stop: int) -> list[tuple[str, tuple[int, int, int]]] | None:
         """Each item's (id, stamp) before position ``stop`` where the reader's items are not files of their own but
