@@ -426,7 +426,8 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
 
 def _refuse_changed_files(writer: Any, kept: Sequence[str], file_sizes: Callable[[Sequence[str]], Any] | None,
                           file_mtimes: Callable[[Sequence[str]], Any] | None,
-                          file_hashes: Callable[[Sequence[str]], Any] | None, fix: str, stacklevel: int = 5) -> None:
+                          file_hashes: Callable[[Sequence[str]], Any] | None, fix: str, stacklevel: int = 5,
+                          held_hint: str = "") -> None:
     """Refuse a resume whose kept images' files (``kept``: the run's first ids) changed since they were recorded:
     each one's size and modification time now (``file_sizes``, ``file_mtimes`` of the ids: one ``stat`` a file, or a
     tar member's header) against the run's, and, for those whose time changed, its bytes' hash (``file_hashes``, of
@@ -468,7 +469,7 @@ def _refuse_changed_files(writer: Any, kept: Sequence[str], file_sizes: Callable
                 + ("" if hashes_then is not None else "If the files were only touched or copied without their times "
                    "(cp without -p), their maps are the same: record again with --overwrite to be sure. ") + fix)
         if file_hashes is not None:  # images held in the dataset as bytes (no file, no time): their hashes
-            _refuse_changed_held(writer, kept, times_then, file_hashes, fix)
+            _refuse_changed_held(writer, kept, times_then, file_hashes, fix, held_hint)
     elif file_mtimes is not None and done:
         warnings.warn(f"{writer.path} was recorded before qkhooks stored each image file's modification time "
                       f"({FILE_MTIMES}), so this resume checks the {done} images it keeps by "
@@ -478,12 +479,13 @@ def _refuse_changed_files(writer: Any, kept: Sequence[str], file_sizes: Callable
 
 
 def _refuse_changed_held(writer: Any, kept: Sequence[str], times_then: Any,
-                         file_hashes: Callable[[Sequence[str]], Any], fix: str) -> None:
+                         file_hashes: Callable[[Sequence[str]], Any], fix: str, hint: str = "") -> None:
     """Refuse a resume whose kept images held in the dataset as bytes (no file: recorded time -1, a hash recorded;
     a map-style Hugging Face dataset's ``Image`` cells) hold other bytes now (``file_hashes`` of their ids: the
-    dataset's bytes hashed again, -1 where the item is no longer bytes; a list's or tuple's in-memory images alike:
-    their content hashed again). Review r46: only the dataset's length was compared, so images replaced since
-    resumed into one run of two data sets without a word."""
+    dataset's bytes hashed again, -1 where the item is no longer bytes; a list's, tuple's or torch Dataset's
+    in-memory images alike: their content hashed again; ``hint``: another cause the message names, for a Dataset
+    read again). Review r46: only the dataset's length was compared, so images replaced since resumed into one run of
+    two data sets without a word."""
     rows = [r for r, t in enumerate(times_then) if int(t) == -1]
     hashes_then = writer.rows(FILE_HASHES, len(kept)) if rows else None
     rows = [r for r in rows if hashes_then is not None and int(hashes_then[r]) != -1]
@@ -496,7 +498,7 @@ def _refuse_changed_held(writer: Any, kept: Sequence[str], times_then: Any,
             f"cannot resume {writer.path}: {len(changed)} of the {len(kept)} images it keeps hold other bytes in the "
             "dataset (encoded, or an in-memory array's or PIL image's pixels) than when it recorded them (first: "
             f"{changed[0]!r}; their BLAKE2b differs from the one the run recorded), so the dataset's images were "
-            f"replaced or reordered since, and the run would mix maps of two datasets. {fix}")
+            f"replaced or reordered since{hint}, and the run would mix maps of two datasets. {fix}")
 
 
 def _when(ns: int) -> str:
@@ -1230,37 +1232,39 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     paths or of dicts whose ``"image"`` is a path; a map-style Hugging Face dataset of path strings or of
     ``Image(decode=False)`` cells read from files), each kept file is stat'ed and those whose time changed are
     hashed; for ``wds:`` shards, each kept sample's image member is read again up to the resume point (its header's
-    size and time, its bytes' hash: no image is decoded). Images held in memory (a map-style Hugging Face
-    dataset's bytes; a list's or tuple's bytes, arrays, PIL images) are checked by the hash of their content
-    (:func:`_refuse_changed_held`); other images not read from a file (stored -1) are not checked.
-    A run from before the stamps (no :data:`FILE_SIZES`) resumes as it did; a source whose items cannot be named
-    again without decoding them (a torch Dataset, an iterable, a streamed Hugging Face dataset) resumes with a
-    warning that its kept files are not checked."""
+    size and time, its bytes' hash: no image is decoded); a torch map-style Dataset's kept items are read again
+    through its ``__getitem__`` (round 47), their files checked alike. Images held in memory (a map-style Hugging
+    Face dataset's bytes; a list's, tuple's or torch Dataset's bytes, arrays, PIL images) are checked by the hash of
+    their content (:func:`_refuse_changed_held`); other images not read from a file (stored -1) are not checked.
+    With ``progress``, reading and hashing them again shows a bar where it takes a while.
+    A run from before the stamps (no :data:`FILE_SIZES`) resumes as it did; a source whose items cannot be read
+    again before the resume point (an iterable, a streamed Hugging Face dataset) resumes with a warning that its
+    kept files are not checked."""
     recorded = writer.rows(FILE_SIZES, done) if done else None
     if recorded is None:
         return
     kept = writer.ids[:done]
     fix = ("Put the data back as it was when the run started, record it into a new --out, or --overwrite to start "
            "again.")
-    paths = dataset.file_paths(start)
+    paths = dataset.file_paths(start, progress=progress)
     stamps = dataset.file_stamps(start) if paths is None else None
     if paths is None and stamps is None:
         files = int((recorded >= 0).sum())
         if not files:  # review r45: in-memory items named by position changed without a word
             warnings.warn(
                 f"{writer.path}: this resume does not check that the {done} images it keeps are {dataset.name}'s "
-                "first items: they are not read again before the resume point (a torch Dataset's items may load "
-                "their images, an iterable is read once, a streamed Hugging Face dataset has no index) and hold no "
-                "files whose stamps could be compared, so data changed since (items reordered or replaced) would "
-                "go on under the kept images' ids. Pass the items as a list (or a map-style Hugging Face dataset, "
-                "a folder) to have them checked.", stacklevel=stacklevel)
+                "first items: they are not read again before the resume point (an iterable is read once, a streamed "
+                "Hugging Face dataset has no index) and hold no files whose stamps could be compared, so data changed "
+                "since (items reordered or replaced) would go on under the kept images' ids. Pass the items as a list "
+                "(or a map-style torch Dataset or Hugging Face dataset, a folder) to have them checked.",
+                stacklevel=stacklevel)
         if files:
             warnings.warn(
                 f"{writer.path}: this resume does not check the {files} files of the {done} images it keeps against "
                 f"their recorded sizes, times and hashes: {dataset.name}'s items before the resume point are not read "
-                "again (a torch Dataset's items may load their images, an iterable is read once, a streamed Hugging "
-                "Face dataset has no index), so a file replaced since is not noticed. Pass the items as a list (or a "
-                "map-style Hugging Face dataset, a folder) to have every kept file checked.", stacklevel=stacklevel)
+                "again (an iterable is read once, a streamed Hugging Face dataset has no index), so a file replaced "
+                "since is not noticed. Pass the items as a list (or a map-style torch Dataset or Hugging Face dataset, "
+                "a folder) to have every kept file checked.", stacklevel=stacklevel)
         return
     if paths is not None:
         where = dict(paths)
@@ -1288,7 +1292,9 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
             f"cannot resume {writer.path}: image {absent!r} of the run file is not among the data's items before the "
             f"resume point (item {start}); the data changed since the run started (items removed, renamed or "
             f"reordered). {fix}")
-    _refuse_changed_files(writer, kept, *columns, fix, stacklevel=stacklevel + 1)
+    hint = (" (or the Dataset's __getitem__ gives another image each time it is read, e.g. through a random transform: "
+            "record it without one)" if getattr(dataset, "reads_again", False) else "")
+    _refuse_changed_files(writer, kept, *columns, fix, stacklevel=stacklevel + 1, held_hint=hint)
 
 
 def _held_or_file_hashes(held: Mapping[str, int | None], where: Mapping[str, str | None],

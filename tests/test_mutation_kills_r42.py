@@ -220,22 +220,20 @@ def _resumed_warning(loaded, data, run, words: str) -> tuple[int, list[str]]:
     return kept, [str(w.message) for w in caught if words in str(w.message)]
 
 
-def test_a_torch_dataset_resume_warns_whole_that_its_kept_files_are_not_checked_and_why(tmp_path):
+def test_an_iterable_resume_warns_whole_that_its_kept_files_are_not_checked_and_why(tmp_path):
     """stream._refuse_changed_stream_files (_35: the warning's middle sentence): the warning read whole, with the
     counts of the run it resumes (stopped as its third batch of 2 was handed on, before that batch's checkpoint: the
-    reducers' last checkpoint holds 4 images, each from a file)."""
+    reducers' last checkpoint holds 4 images, each from a file). An iterable of paths (a torch map-style Dataset of
+    them gave this warning too until round 47, which reads its kept items again and checks their files)."""
     from test_review_r36 import _interrupted
     from test_review_r39_fixb import _same_size_photos, _tiny_loaded
 
-    class Paths(torch.utils.data.Dataset):
+    class Paths(torch.utils.data.IterableDataset):
         def __init__(self, paths):
             self.paths = paths
 
-        def __len__(self):
-            return len(self.paths)
-
-        def __getitem__(self, i):
-            return self.paths[i]
+        def __iter__(self):
+            return iter(self.paths)
 
     names = [f"a{i}.png" for i in range(8)]
     loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
@@ -246,10 +244,10 @@ def test_a_torch_dataset_resume_warns_whole_that_its_kept_files_are_not_checked_
     assert kept == 4
     assert said == [
         f"{run}: this resume does not check the {kept} files of the {kept} images it keeps against their recorded "
-        "sizes, times and hashes: torch:Paths's items before the resume point are not read again (a torch Dataset's items may load "
-        "their images, an iterable is read once, a streamed Hugging Face dataset has no index), so a file replaced "
-        "since is not noticed. Pass the items as a list (or a map-style Hugging Face dataset, a folder) to have every "
-        "kept file checked."], said
+        "sizes, times and hashes: iterable:Paths's items before the resume point are not read again (an iterable is "
+        "read once, a streamed Hugging Face dataset has no index), so a file replaced since is not noticed. Pass the "
+        "items as a list (or a map-style torch Dataset or Hugging Face dataset, a folder) to have every kept file "
+        "checked."], said
 
 
 def test_a_wds_resume_whose_kept_member_was_renamed_is_refused_naming_it_not_as_a_changed_size(tmp_path):

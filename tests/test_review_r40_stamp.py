@@ -259,9 +259,12 @@ def test_a_streamed_run_written_before_the_stamps_resumes_as_before(tmp_path):
         assert after.complete and not after.has(fmt.FILE_SIZES)
 
 
-def test_a_torch_dataset_of_paths_resume_says_its_kept_files_are_not_checked(tmp_path):
-    """A torch Dataset's items are not read again before the resume point (its __getitem__ may load the image), so its
-    kept files cannot be checked: the resume goes on and says so, naming the fix."""
+def test_a_torch_dataset_of_paths_resume_checks_its_kept_files(tmp_path):
+    """A torch Dataset's items were not read again before the resume point (its __getitem__ may load the image), so
+    its kept files were not checked, and the resume said so; since round 47 they are read again (one __getitem__ an
+    item) and checked as a list's: the same files resume without a word."""
+    import warnings
+
     import torch
 
     class Paths(torch.utils.data.Dataset):
@@ -280,8 +283,8 @@ def test_a_torch_dataset_of_paths_resume_says_its_kept_files_are_not_checked(tmp
     _interrupted(loaded, run, batches=3, data=Paths(paths))
     kept = _kept(run)
     assert _stored(run) == {k: v[:kept] for k, v in _reference(paths).items()}
-    with pytest.warns(UserWarning, match=r"does not check the \d+ files of the \d+ images it keeps.*Pass the items "
-                                         r"as a list"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert qkhooks.record_dataset(loaded, Paths(paths), run, resume=True, **_KW).images == 8
 
 

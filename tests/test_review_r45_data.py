@@ -177,14 +177,17 @@ def test_a_resume_over_a_dataset_of_another_length_is_refused_where_its_items_ca
         qkhooks.record_dataset(loaded, _InMemory(photos[:2] + photos[4:]), run, resume=True, **_KW)
     with qkhooks.open_run(run) as after:  # the refusal left the file as it was
         assert after.n == kept
-    with pytest.warns(UserWarning, match="does not check that"):  # the same length: taken, and said unchecked
+    import warnings
+
+    with warnings.catch_warnings():  # the same photos: taken, and checked since round 47 (read again: no warning)
+        warnings.simplefilter("error")
         assert qkhooks.record_dataset(loaded, _InMemory(photos), run, resume=True, **_KW).images == 8
 
 
 def test_a_resume_whose_kept_items_cannot_be_checked_says_so(tmp_path):
-    """The same Dataset with other photos in it (same length): nothing before the resume point can be read again
-    without loading it, and there are no files to check, so the resume cannot tell; it went on without a word, where a
-    Dataset of files says that its files are not checked."""
+    """The same Dataset with other photos in it (same length): it went on without a word (round 45: with a warning
+    that its kept items were not checked). Round 47 reads a torch Dataset's kept items again: refused, naming the
+    first; an iterable's are not read again, and the resume says so."""
     from test_review_r36 import _KW, _interrupted
     from test_review_r39_fixb import _tiny_loaded
 
@@ -192,9 +195,13 @@ def test_a_resume_whose_kept_items_cannot_be_checked_says_so(tmp_path):
 
     loaded, run = _tiny_loaded(), tmp_path / "run.h5"
     _interrupted(loaded, run, batches=2, data=_InMemory(_photos(8)))
-    with pytest.warns(UserWarning, match=r"(?s)does not check that the \d+ images it keeps are torch:_InMemory's "
-                                         r"first items.*Pass the items as a list"):
-        assert qkhooks.record_dataset(loaded, _InMemory(_photos(8)[::-1]), run, resume=True, **_KW).images == 8
+    with pytest.raises(QKHooksError, match=r"(?s)\d+ of the \d+ images it keeps hold other bytes .*first: '0'"):
+        qkhooks.record_dataset(loaded, _InMemory(_photos(8)[::-1]), run, resume=True, **_KW)
+    other = tmp_path / "other.h5"
+    _interrupted(loaded, other, batches=2, data=iter(_photos(8)))
+    with pytest.warns(UserWarning, match=r"(?s)does not check that the \d+ images it keeps are "
+                                         r"iterable:list_iterator's first items.*Pass the items as a list"):
+        assert qkhooks.record_dataset(loaded, iter(_photos(8)[::-1]), other, resume=True, **_KW).images == 8
 
 
 # ------------------------------------------------------------------ the user's own code failing: where, and why

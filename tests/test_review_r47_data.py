@@ -2,18 +2,32 @@
 
 A resume of a list of in-memory images (or of a map-style Hugging Face dataset's bytes) hashes every kept image
 again before it goes on: a list of 100,000 224x224 arrays took about 25 s (20,000 in 5 s measured) without a word.
-It now shows a progress bar, as the recording does, where that takes over two seconds (a quick check says nothing)."""
+It now shows a progress bar, as the recording does, where that takes over two seconds (a quick check says nothing).
+
+A torch map-style Dataset (or another sequence that is no list or tuple, a DataLoader's dataset, a Subset) of in-memory
+images stored -1 and resumed with a warning that its kept images were not checked: another Dataset of the same length
+resumed into one run of two data sets. Its in-memory images are now stamped with the BLAKE2b of their content as a
+list's are, and a resume reads its kept items again through ``__getitem__`` (once) and refuses any that differs; a
+Dataset of file paths has its kept files checked alike. An iterable still resumes with the warning."""
 
 from __future__ import annotations
 
+import itertools
+import warnings
+
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import qkhooks
+from qkhooks import QKHooksError
+from qkhooks.store import format as fmt
 from qkhooks.data import readers
 from test_review_r36 import _KW, _interrupted
 from test_review_r39_fixb import _tiny_loaded
-from test_review_r46_data import _hf, _pngs
-from test_review_r46_list import _arrays, _reference
+from test_review_r46_data import _hf, _kept, _pngs, _stored
+from test_review_r46_list import _arrays, _mixed, _reference
 
 datasets = pytest.importorskip("datasets")
 
@@ -59,3 +73,115 @@ def test_a_resume_of_a_list_shows_its_check_only_where_it_takes_a_while(tmp_path
     err = capsys.readouterr().err
     resumed = int(err.split("resuming the stream at item ")[1].split(":")[0])
     assert resumed > 0 and "check kept images: 100%" in err and f"{resumed}/{resumed}" in err
+
+
+# ------------------------------------------------------------------ a torch map-style Dataset of in-memory images
+class _Held(torch.utils.data.Dataset):
+    """A torch Dataset of in-memory images (named by position), counting its reads."""
+
+    def __init__(self, items: list) -> None:
+        self.items, self.reads = items, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        return self.items[index]
+
+
+def _images(items: list) -> list:
+    return [item["image"] if isinstance(item, dict) else item for item in items]
+
+
+def test_a_torch_datasets_in_memory_images_store_each_ones_blake2b_and_no_file(tmp_path):
+    """Before: -1 in all three columns (a list of the same items stored their hashes)."""
+    items = _mixed(_arrays(0))  # an array, a PIL image, PNG bytes, a dict of a column-major array, in turn
+    qkhooks.record_dataset(_tiny_loaded(), _Held(items), tmp_path / "run.h5", **_KW)
+    stored = _stored(tmp_path / "run.h5")
+    assert stored[fmt.FILE_HASHES] == [_reference(image) for image in _images(items)]
+    assert stored[fmt.FILE_SIZES] == [-1] * 8 and stored[fmt.FILE_MTIMES] == [-1] * 8
+
+
+def test_a_resume_over_another_dataset_of_the_same_length_is_refused_and_the_same_one_resumes_unwarned(tmp_path):
+    """Before: it resumed, warning that the kept images were not checked, into one run of two data sets."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    _interrupted(loaded, run, batches=3, data=_Held(_mixed(_arrays(0))))
+    kept = _kept(run)
+    other = _arrays(0)
+    other[2] = _arrays(5)[2]  # the PNG bytes of another picture, in place of a kept one
+    with pytest.raises(QKHooksError, match=r"(?s)cannot resume .*run\.h5: 1 of the \d+ images it keeps hold other "
+                                           r"bytes .*first: '2'.*replaced or reordered since \(or the Dataset's "
+                                           r"__getitem__ gives another image each time.*two datasets.*--overwrite"):
+        qkhooks.record_dataset(loaded, _Held(_mixed(other)), run, resume=True, **_KW)
+    assert _kept(run) == kept
+    again = _Held(_mixed(_arrays(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked: no word of unchecked images
+        assert qkhooks.record_dataset(loaded, again, run, resume=True, **_KW).images == 8
+    whole = tmp_path / "whole.h5"
+    qkhooks.record_dataset(loaded, _Held(_mixed(_arrays(0))), whole, **_KW)
+    assert _stored(run) == _stored(whole)
+
+
+def test_a_datasets_kept_items_are_read_again_once_with_a_bar(capsys, monkeypatch):
+    """The resume's file_paths and held_hashes of one point share one read of each item (one __getitem__ each), with
+    a bar where it takes a while; the hashes are hashlib's of the content."""
+    items = _mixed(_arrays(0))
+    dataset = _Held(items)
+    reader = readers.MapReader(dataset)
+    monkeypatch.setattr(readers, "CHECK_BAR_DELAY", 0)
+    assert reader.file_paths(6, progress=True) == [(str(i), None) for i in range(6)]
+    assert reader.held_hashes(6, progress=True) == [(str(i), _reference(x)) for i, x in enumerate(_images(items)[:6])]
+    assert dataset.reads == 6
+    err = capsys.readouterr().err
+    assert err.count("check kept images: 100%") == 1 and "6/6" in err
+
+
+def test_a_dataset_whose_getitem_gives_other_pixels_each_time_is_refused_naming_a_random_transform(tmp_path):
+    """A random transform in __getitem__: the resume cannot tell the kept images from others, and says why."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+
+    jitter = itertools.count(1)  # every read another: a random transform's draw
+
+    class Jittered(_Held):
+        def __getitem__(self, index: int):
+            return Image.fromarray(self.items[index] ^ np.uint8(next(jitter) % 255 + 1))
+
+    _interrupted(loaded, run, batches=3, data=Jittered(_arrays(0)))
+    with pytest.raises(QKHooksError, match=r"first: '0'.*random transform: record it without one"):
+        qkhooks.record_dataset(loaded, Jittered(_arrays(0)), run, resume=True, **_KW)
+
+
+def test_a_torch_dataset_of_paths_has_its_kept_files_checked(tmp_path):
+    """Before: its kept files were not checked (a warning said so): a photo replaced by another of the same file
+    size resumed into the run."""
+    from test_review_r39_fixb import _same_size_photos
+    from test_review_r40_stamp import _replace_with_same_size
+
+    names = [f"a{i}.png" for i in range(8)]
+    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, names, seed=0)
+    paths = [str(folder / n) for n in names]
+    _interrupted(loaded, run, batches=3, data=_Held(paths))
+    _replace_with_same_size(folder / "a1.png", seed=1)
+    with pytest.raises(QKHooksError, match=r"(?s)1 of the \d+ images it keeps were modified .*first: '.*a1\.png'.*"
+                                           r"bytes differ"):
+        qkhooks.record_dataset(loaded, _Held(paths), run, resume=True, **_KW)
+
+
+def test_an_iterable_of_in_memory_images_still_resumes_saying_they_are_not_checked(tmp_path):
+    """An iterable's items before the resume point are not read again: the resume says so (round 45's warning)."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+
+    class Iterable(torch.utils.data.IterableDataset):
+        def __init__(self, items):
+            self.items = items
+
+        def __iter__(self):
+            return iter(self.items)
+
+    _interrupted(loaded, run, batches=3, data=Iterable(_arrays(0)))
+    with pytest.warns(UserWarning, match=r"(?s)does not check that the \d+ images it keeps are iterable:Iterable's "
+                                         r"first items.*an iterable is read once.*map-style torch Dataset"):
+        assert qkhooks.record_dataset(loaded, Iterable(_arrays(0)), run, resume=True, **_KW).images == 8

@@ -314,9 +314,21 @@ def _mask_layout(present: Iterable[str]) -> tuple[bool, bool]:
 class MapReader:
     """A torch map-style Dataset or a sequence: rows are indices, so workers read only their own items."""
 
+    holds_images = True  # an image not read from a file is stamped with its content's hash (a folder's: its file's)
+
     def __init__(self, container: Any):
         self.container = container
         self.length: int | None = len(container)
+        self._again: tuple[int, list[tuple[str, str | None, int | None]]] | None = None  # _read_again's, one resume's
+
+    def __getstate__(self) -> dict[str, Any]:  # workers decode: the resume's reading again stays here
+        return {**self.__dict__, "_again": None}
+
+    @property
+    def reads_again(self) -> bool:
+        """Whether a resume reads the kept items again through ``__getitem__`` (a torch Dataset's: :meth:`_read_again`;
+        a list's or tuple's are in memory, a folder's files are stamped)."""
+        return self.holds_images and not isinstance(self.container, (list, tuple))
 
     def rows(self, start: int) -> Iterator[Any]:
         return iter(range(start, self.length or 0))
@@ -324,9 +336,9 @@ class MapReader:
     def decode(self, row: int, position: int) -> tuple[str | None, RawItem]:
         item = _spelled(self.container[row])
         own, raw = _item_to_raw(item, f"item {position}")
-        if raw.stamp is None and isinstance(self.container, (list, tuple)) and _image_path(item) is None:
+        if raw.stamp is None and self.holds_images and _image_path(item) is None:
             held = _held_hash(item)  # review r46: an in-memory image has no file to stamp, but its content's hash:
-            if held is not None:  # a resume hashes the kept items again (held_hashes)
+            if held is not None:  # a resume hashes the kept items again (held_hashes); a torch Dataset's too (r47)
                 raw.stamp = (-1, -1, held)
         return own, raw
 
@@ -350,30 +362,59 @@ class MapReader:
                  _mask_layout(_mask_keys(item)))
                 for i, item in enumerate(self.container[:stop]))
 
-    def file_paths(self, stop: int) -> list[tuple[str, str | None]] | None:
-        """Each item's (id, image file or None) before position ``stop``, without decoding, for a list or tuple (a
-        resume checks the kept files' stamps); None for a Dataset, whose ``__getitem__`` may load the image."""
+    def file_paths(self, stop: int, progress: bool = False) -> list[tuple[str, str | None]]:
+        """Each item's (id, image file or None) before position ``stop``, as :meth:`decode` names and reads it (a
+        resume checks the kept files' stamps): a list's or tuple's without decoding; a torch Dataset's items read
+        again (:meth:`_read_again`: once a resume, with their hashes)."""
         if not isinstance(self.container, (list, tuple)):
-            return None
+            return [(item_id, path) for item_id, path, _ in self._read_again(stop, progress)]
         return [(item_id, _image_path(item)) for item_id, item in self._kept(stop)]
 
-    def held_hashes(self, stop: int, progress: bool = False) -> list[tuple[str, int | None]] | None:
-        """Each in-memory item's (id, :func:`_held_hash` as :meth:`decode` stamps it) before position ``stop``, for a
-        list or tuple (its items are in memory), leaving out those read from a file (:meth:`file_paths`); None for a
-        Dataset. With ``progress``, a bar where the hashing takes a while (:func:`_checking`). A resume compares them
-        with the hashes the run recorded (review r46: a list of other images of the same length, or the same
-        reordered, resumed into one run of two data sets without a word)."""
+    def held_hashes(self, stop: int, progress: bool = False) -> list[tuple[str, int | None]]:
+        """Each in-memory item's (id, :func:`_held_hash` as :meth:`decode` stamps it) before position ``stop``,
+        leaving out those read from a file (:meth:`file_paths`): a list's or tuple's items as it holds them, a torch
+        Dataset's read again (:meth:`_read_again`). A resume compares them with the hashes the run recorded (review
+        r46: a list of other images of the same length, or the same reordered, resumed into one run of two data sets
+        without a word; r47: a torch Dataset's alike, which resumed with a warning that they were not checked)."""
         if not isinstance(self.container, (list, tuple)):
-            return None
+            return [(item_id, held) for item_id, path, held in self._read_again(stop, progress) if path is None]
         return [(item_id, _held_hash(item)) for item_id, item in self._kept(stop, progress)
                 if _image_path(item) is None]
 
     def _kept(self, stop: int, progress: bool = False) -> Iterator[tuple[str, Any]]:
-        """Each item of a list or tuple before position ``stop`` as (its id as :meth:`decode` names it, the item); with
-        ``progress``, a bar where going through them takes a while (:func:`_checking`)."""
-        items = self.container[:stop]
-        for i, item in enumerate(_checking(map(_spelled, items), len(items), progress)):
+        """Each item before position ``stop`` as (its id as :meth:`decode` names it, the item): a list's or tuple's as
+        it holds them; a torch Dataset's read again through its ``__getitem__``, one call an item (with
+        ``progress``, a bar where that takes a while: :func:`_checking`)."""
+        if isinstance(self.container, (list, tuple)):
+            items: Iterable[Any] = self.container[:stop]
+            total = len(items)  # type: ignore[arg-type]
+        else:
+            total = min(stop, self.length or 0)
+            items = (self._read_item(i) for i in range(total))
+        for i, item in enumerate(_checking(map(_spelled, items), total, progress)):
             yield (str(i) if (own := _own_id(item)) is None else own), item
+
+    def _read_item(self, row: int) -> Any:
+        try:
+            return self.container[row]
+        except Exception as exc:
+            if not isinstance(exc, QKHooksError):
+                exc.add_note(f"(while qkhooks read item {row} of the data again, to check the images a resume keeps)")
+            raise
+
+    def _read_again(self, stop: int, progress: bool) -> list[tuple[str, str | None, int | None]]:
+        """A torch Dataset's items before position ``stop`` read again through its ``__getitem__`` (the items a resume
+        keeps: it cannot tell what they hold otherwise), each as (id, its image file or None, the hash of its
+        in-memory image as :meth:`decode` stamps it, or None): once for one ``stop`` (:meth:`file_paths` and
+        :meth:`held_hashes` of one resume share it). One ``__getitem__`` an item: a Dataset of in-memory images
+        (CIFAR's arrays) is read again quickly; one that loads its photos from files loads each kept one once more."""
+        if self._again is None or self._again[0] != stop:
+            found = []
+            for item_id, item in self._kept(stop, progress):
+                path = _image_path(item)
+                found.append((item_id, path, None if path is not None else _held_hash(item)))
+            self._again = (stop, found)
+        return self._again[1]
 
 
 def _checking(rows: Iterable[Any], total: int, progress: bool) -> Iterable[Any]:
@@ -394,6 +435,8 @@ class FolderReader(MapReader):
     folder spec names it (not by its position: top-image lists read "0, 1, ..." and a resume could not check the
     files; found by review), and stamped with its file's (size, modification time, hash) so a resume and a redraw
     find a file replaced since. Made by :func:`folder_reader`."""
+
+    holds_images = False  # its loader read a file: stamped with that file's stamp, not with the pixels' hash
 
     def __init__(self, container: Any, paths: list[str], root: str):
         super().__init__(container)
@@ -417,8 +460,11 @@ class FolderReader(MapReader):
         point (before: a resume over other files, or a subset of other indices, went on without a word)."""
         return ((row, self._id(row), (False, False)) for row in range(min(stop, self.length or 0)))
 
-    def file_paths(self, stop: int) -> list[tuple[str, str | None]] | None:
+    def file_paths(self, stop: int, progress: bool = False) -> list[tuple[str, str | None]]:
         return [(self._id(row), self.paths[row]) for row in range(min(stop, self.length or 0))]
+
+    def held_hashes(self, stop: int, progress: bool = False) -> None:
+        return None  # every image is a file's (file_paths)
 
 
 def folder_reader(container: Any) -> FolderReader | None:
@@ -541,7 +587,7 @@ class _HFReader:
                 name = None if ids is None else _cell_path_id(ids[n]) if named == self.path_column else str(ids[n])
                 yield lo + n, str(lo + n) if name is None else name, layout  # as row_id names the row
 
-    def file_paths(self, stop: int) -> list[tuple[str, str | None]] | None:
+    def file_paths(self, stop: int, progress: bool = False) -> list[tuple[str, str | None]] | None:
         """Each row's (id, image file or None) before position ``stop``, as :meth:`row_id` names the row and
         :meth:`decode` reads its image (a path string, or an ``Image(decode=False)`` cell with a path and no bytes),
         read from the Arrow columns without the images' bytes; None for a streamed dataset (a resume checks the kept

@@ -216,21 +216,29 @@ class ItemStream:
             f"'objects' mask if the image has no objects), or record the items without masks in a run of their own."
         )
 
-    def file_paths(self, stop: int) -> list[tuple[str, str | None]] | None:
+    def file_paths(self, stop: int, progress: bool = False) -> list[tuple[str, str | None]] | None:
         """Each item's (id, the file its image is read from, or None) before position ``stop``, where the reader names
-        them without decoding (a list or tuple; a map-style Hugging Face dataset's columns); None elsewhere. A resume
-        checks the kept files against the stamps the run recorded."""
+        them without decoding (a list or tuple; a map-style Hugging Face dataset's columns) or by reading them again
+        (a torch map-style Dataset's items, through its ``__getitem__``: one call an item, with a progress bar where
+        ``progress`` and it takes a while); None elsewhere. A resume checks the kept files against the stamps the run
+        recorded."""
         paths = getattr(self._reader, "file_paths", None)
-        return None if paths is None else paths(stop)
+        return None if paths is None else paths(stop, progress=progress)
 
     def held_hashes(self, stop: int, progress: bool = False) -> list[tuple[str, int | None]] | None:
         """Each item's (id, BLAKE2b of its image's bytes or in-memory content, or None where it holds neither a file
         nor an image qkhooks hashes) before position ``stop``, for the items whose image is held in a map-style
-        Hugging Face dataset or in a list or tuple rather than read from a file (files are in :meth:`file_paths`);
-        None for other sources. With ``progress``, a bar where the hashing takes a while. A resume checks them against
-        the hashes the run recorded."""
+        Hugging Face dataset, a list or tuple, or a torch map-style Dataset rather than read from a file (files are
+        in :meth:`file_paths`); None for other sources. With ``progress``, a bar where the hashing takes a while. A
+        resume checks them against the hashes the run recorded."""
         held = getattr(self._reader, "held_hashes", None)
         return None if held is None else held(stop, progress=progress)
+
+    @property
+    def reads_again(self) -> bool:
+        """Whether a resume reads the items before its point again through the user's own code (a torch map-style
+        Dataset's ``__getitem__``), whose images may differ from one read to the next (a random transform)."""
+        return bool(getattr(self._reader, "reads_again", False))
 
     def file_stamps(self, stop: int) -> list[tuple[str, tuple[int, int, int]]] | None:
         """Each item's (id, stamp) before position ``stop`` where the reader's items are not files of their own but
