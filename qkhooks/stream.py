@@ -1233,13 +1233,13 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     ``Image(decode=False)`` cells read from files), each kept file is stat'ed and those whose time changed are
     hashed; for ``wds:`` shards, each kept sample's image member is read again up to the resume point (its header's
     size and time, its bytes' hash: no image is decoded); a torch map-style Dataset's kept items are read again
-    through its ``__getitem__`` (round 47), their files checked alike. Images held in memory (a map-style Hugging
-    Face dataset's bytes; a list's, tuple's or torch Dataset's bytes, arrays, PIL images) are checked by the hash of
-    their content (:func:`_refuse_changed_held`); other images not read from a file (stored -1) are not checked.
-    With ``progress``, reading and hashing them again shows a bar where it takes a while.
-    A run from before the stamps (no :data:`FILE_SIZES`) resumes as it did; a source whose items cannot be read
-    again before the resume point (an iterable, a streamed Hugging Face dataset) resumes with a warning that its
-    kept files are not checked."""
+    through its ``__getitem__``, an iterable's where the resume skips them (round 47), their files checked alike.
+    Images held in memory (a map-style Hugging Face dataset's bytes; a list's, tuple's, torch Dataset's or
+    iterable's bytes, arrays, PIL images) are checked by the hash of their content (:func:`_refuse_changed_held`);
+    other images not read from a file (stored -1) are not checked. With ``progress``, reading and hashing them again
+    shows a bar where it takes a while. A run from before the stamps (no :data:`FILE_SIZES`) resumes as it did; a
+    source whose items are not read again before the resume point (a streamed Hugging Face dataset, which has no
+    index and skips them) resumes with a warning that its kept files are not checked."""
     recorded = writer.rows(FILE_SIZES, done) if done else None
     if recorded is None:
         return
@@ -1253,18 +1253,17 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
         if not files:  # review r45: in-memory items named by position changed without a word
             warnings.warn(
                 f"{writer.path}: this resume does not check that the {done} images it keeps are {dataset.name}'s "
-                "first items: they are not read again before the resume point (an iterable is read once, a streamed "
-                "Hugging Face dataset has no index) and hold no files whose stamps could be compared, so data changed "
-                "since (items reordered or replaced) would go on under the kept images' ids. Pass the items as a list "
-                "(or a map-style torch Dataset or Hugging Face dataset, a folder) to have them checked.",
-                stacklevel=stacklevel)
+                "first items: they are not read again before the resume point (a streamed Hugging Face dataset has "
+                "no index) and hold no files whose stamps could be compared, so data changed since (items reordered "
+                "or replaced) would go on under the kept images' ids. Load it as a map-style dataset (not streamed), "
+                "or pass the items as a list or another iterable, to have them checked.", stacklevel=stacklevel)
         if files:
             warnings.warn(
                 f"{writer.path}: this resume does not check the {files} files of the {done} images it keeps against "
                 f"their recorded sizes, times and hashes: {dataset.name}'s items before the resume point are not read "
-                "again (an iterable is read once, a streamed Hugging Face dataset has no index), so a file replaced "
-                "since is not noticed. Pass the items as a list (or a map-style torch Dataset or Hugging Face dataset, "
-                "a folder) to have every kept file checked.", stacklevel=stacklevel)
+                "again (a streamed Hugging Face dataset has no index), so a file replaced since is not noticed. Load "
+                "it as a map-style dataset (not streamed), or pass the items as a list or another iterable, to have "
+                "every kept file checked.", stacklevel=stacklevel)
         return
     if paths is not None:
         where = dict(paths)
@@ -1292,8 +1291,8 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
             f"cannot resume {writer.path}: image {absent!r} of the run file is not among the data's items before the "
             f"resume point (item {start}); the data changed since the run started (items removed, renamed or "
             f"reordered). {fix}")
-    hint = (" (or the Dataset's __getitem__ gives another image each time it is read, e.g. through a random transform: "
-            "record it without one)" if getattr(dataset, "reads_again", False) else "")
+    hint = (" (or the data gives another image each time it is read: a random transform in a Dataset's __getitem__, "
+            "an iterable that shuffles; record it without that)" if getattr(dataset, "reads_again", False) else "")
     _refuse_changed_files(writer, kept, *columns, fix, stacklevel=stacklevel + 1, held_hint=hint)
 
 

@@ -220,33 +220,31 @@ def _resumed_warning(loaded, data, run, words: str) -> tuple[int, list[str]]:
     return kept, [str(w.message) for w in caught if words in str(w.message)]
 
 
-def test_an_iterable_resume_warns_whole_that_its_kept_files_are_not_checked_and_why(tmp_path):
+def test_a_streamed_resume_warns_whole_that_its_kept_files_are_not_checked_and_why(tmp_path):
     """stream._refuse_changed_stream_files (_35: the warning's middle sentence): the warning read whole, with the
     counts of the run it resumes (stopped as its third batch of 2 was handed on, before that batch's checkpoint: the
-    reducers' last checkpoint holds 4 images, each from a file). An iterable of paths (a torch map-style Dataset of
-    them gave this warning too until round 47, which reads its kept items again and checks their files)."""
+    reducers' last checkpoint holds 4 images, each from a file). A streamed Hugging Face dataset of paths (a torch
+    Dataset of them, then an iterable, gave this warning too until round 47, which reads their kept items again)."""
+    datasets = pytest.importorskip("datasets")
     from test_review_r36 import _interrupted
     from test_review_r39_fixb import _same_size_photos, _tiny_loaded
-
-    class Paths(torch.utils.data.IterableDataset):
-        def __init__(self, paths):
-            self.paths = paths
-
-        def __iter__(self):
-            return iter(self.paths)
 
     names = [f"a{i}.png" for i in range(8)]
     loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
     _same_size_photos(folder, names, seed=0)
     paths = [str(folder / n) for n in names]
-    _interrupted(loaded, run, batches=3, data=Paths(paths))
-    kept, said = _resumed_warning(loaded, Paths(paths), run, "does not check")
+
+    def streamed():
+        return datasets.Dataset.from_dict({"image": paths}).to_iterable_dataset()
+
+    _interrupted(loaded, run, batches=3, data=streamed())
+    kept, said = _resumed_warning(loaded, streamed(), run, "does not check")
     assert kept == 4
     assert said == [
         f"{run}: this resume does not check the {kept} files of the {kept} images it keeps against their recorded "
-        "sizes, times and hashes: iterable:Paths's items before the resume point are not read again (an iterable is "
-        "read once, a streamed Hugging Face dataset has no index), so a file replaced since is not noticed. Pass the "
-        "items as a list (or a map-style torch Dataset or Hugging Face dataset, a folder) to have every kept file "
+        "sizes, times and hashes: datasets:IterableDataset's items before the resume point are not read again (a "
+        "streamed Hugging Face dataset has no index), so a file replaced since is not noticed. Load it as a map-style "
+        "dataset (not streamed), or pass the items as a list or another iterable, to have every kept file "
         "checked."], said
 
 

@@ -193,19 +193,19 @@ def test_a_changed_length_is_refused_only_where_both_lengths_are_known_and_the_i
 
 
 def test_the_warning_that_a_resumes_kept_in_memory_items_are_unchecked_is_said_whole():
-    """A resume of an iterable of in-memory photos (no file recorded: sizes -1) warns, in full, that its kept
-    images are not checked against the data (a torch map-style Dataset's are since round 47)."""
+    """A resume of a streamed Hugging Face dataset of in-memory photos (no file recorded: sizes -1) warns, in full,
+    that its kept images are not checked against the data (a torch Dataset's and an iterable's are since round 47)."""
     writer = SimpleNamespace(path="run.h5", ids=["0", "1", "2", "3"], rows=lambda name, done: np.full(done, -1))
-    source = SimpleNamespace(name="iterable:Photos", file_paths=lambda start, progress=False: None,
+    source = SimpleNamespace(name="datasets:Photos", file_paths=lambda start, progress=False: None,
                              file_stamps=lambda start: None)
     with pytest.warns(UserWarning) as caught:
         stream_module._refuse_changed_stream_files(writer, source, 4, 4)
     assert [str(w.message) for w in caught] == [
-        "run.h5: this resume does not check that the 4 images it keeps are iterable:Photos's first items: they are "
-        "not read again before the resume point (an iterable is read once, a streamed Hugging Face dataset has no "
-        "index) and hold no files whose stamps could be compared, so data changed since (items reordered or "
-        "replaced) would go on under the kept images' ids. Pass the items as a list (or a map-style torch Dataset or "
-        "Hugging Face dataset, a folder) to have them checked."]
+        "run.h5: this resume does not check that the 4 images it keeps are datasets:Photos's first items: they are "
+        "not read again before the resume point (a streamed Hugging Face dataset has no index) and hold no files "
+        "whose stamps could be compared, so data changed since (items reordered or replaced) would go on under the "
+        "kept images' ids. Load it as a map-style dataset (not streamed), or pass the items as a list or another "
+        "iterable, to have them checked."]
 
 
 # ------------------------------------------------------------------ tied sigma

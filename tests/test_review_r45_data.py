@@ -186,8 +186,8 @@ def test_a_resume_over_a_dataset_of_another_length_is_refused_where_its_items_ca
 
 def test_a_resume_whose_kept_items_cannot_be_checked_says_so(tmp_path):
     """The same Dataset with other photos in it (same length): it went on without a word (round 45: with a warning
-    that its kept items were not checked). Round 47 reads a torch Dataset's kept items again: refused, naming the
-    first; an iterable's are not read again, and the resume says so."""
+    that its kept items were not checked). Round 47 reads a torch Dataset's kept items again, and an iterable's where
+    the resume skips them: refused, naming the first."""
     from test_review_r36 import _KW, _interrupted
     from test_review_r39_fixb import _tiny_loaded
 
@@ -199,9 +199,8 @@ def test_a_resume_whose_kept_items_cannot_be_checked_says_so(tmp_path):
         qkhooks.record_dataset(loaded, _InMemory(_photos(8)[::-1]), run, resume=True, **_KW)
     other = tmp_path / "other.h5"
     _interrupted(loaded, other, batches=2, data=iter(_photos(8)))
-    with pytest.warns(UserWarning, match=r"(?s)does not check that the \d+ images it keeps are "
-                                         r"iterable:list_iterator's first items.*Pass the items as a list"):
-        assert qkhooks.record_dataset(loaded, iter(_photos(8)[::-1]), other, resume=True, **_KW).images == 8
+    with pytest.raises(QKHooksError, match=r"(?s)\d+ of the \d+ images it keeps hold other bytes .*first: '0'"):
+        qkhooks.record_dataset(loaded, iter(_photos(8)[::-1]), other, resume=True, **_KW)
 
 
 # ------------------------------------------------------------------ the user's own code failing: where, and why

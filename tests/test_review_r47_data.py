@@ -8,7 +8,8 @@ A torch map-style Dataset (or another sequence that is no list or tuple, a DataL
 images stored -1 and resumed with a warning that its kept images were not checked: another Dataset of the same length
 resumed into one run of two data sets. Its in-memory images are now stamped with the BLAKE2b of their content as a
 list's are, and a resume reads its kept items again through ``__getitem__`` (once) and refuses any that differs; a
-Dataset of file paths has its kept files checked alike. An iterable still resumes with the warning."""
+Dataset of file paths has its kept files checked alike. An iterable's alike, read where the resume skips them
+anyway (no second pass)."""
 
 from __future__ import annotations
 
@@ -111,8 +112,8 @@ def test_a_resume_over_another_dataset_of_the_same_length_is_refused_and_the_sam
     other = _arrays(0)
     other[2] = _arrays(5)[2]  # the PNG bytes of another picture, in place of a kept one
     with pytest.raises(QKHooksError, match=r"(?s)cannot resume .*run\.h5: 1 of the \d+ images it keeps hold other "
-                                           r"bytes .*first: '2'.*replaced or reordered since \(or the Dataset's "
-                                           r"__getitem__ gives another image each time.*two datasets.*--overwrite"):
+                                           r"bytes .*first: '2'.*replaced or reordered since \(or the data gives "
+                                           r"another image each time it is read.*two datasets.*--overwrite"):
         qkhooks.record_dataset(loaded, _Held(_mixed(other)), run, resume=True, **_KW)
     assert _kept(run) == kept
     again = _Held(_mixed(_arrays(0)))
@@ -149,7 +150,7 @@ def test_a_dataset_whose_getitem_gives_other_pixels_each_time_is_refused_naming_
             return Image.fromarray(self.items[index] ^ np.uint8(next(jitter) % 255 + 1))
 
     _interrupted(loaded, run, batches=3, data=Jittered(_arrays(0)))
-    with pytest.raises(QKHooksError, match=r"first: '0'.*random transform: record it without one"):
+    with pytest.raises(QKHooksError, match=r"first: '0'.*random transform in a Dataset's __getitem__"):
         qkhooks.record_dataset(loaded, Jittered(_arrays(0)), run, resume=True, **_KW)
 
 
@@ -170,18 +171,58 @@ def test_a_torch_dataset_of_paths_has_its_kept_files_checked(tmp_path):
         qkhooks.record_dataset(loaded, _Held(paths), run, resume=True, **_KW)
 
 
-def test_an_iterable_of_in_memory_images_still_resumes_saying_they_are_not_checked(tmp_path):
-    """An iterable's items before the resume point are not read again: the resume says so (round 45's warning)."""
+class _Iterable(torch.utils.data.IterableDataset):
+    """An iterable of in-memory images, counting the items it gives."""
+
+    def __init__(self, items: list) -> None:
+        self.items, self.given = items, 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.given += 1
+            yield item
+
+
+def test_an_iterables_in_memory_images_are_checked_where_the_resume_skips_them(tmp_path):
+    """Before: stored -1, and a resume over another iterable of the same images but one went on, warning that its
+    kept images were not checked. The resume reads the items before its point anyway (to skip them): it hashes them
+    there, refuses the one replaced, and goes on from there with no second pass (each item given once, and once for
+    the first item, which opening the stream reads to learn its masks)."""
     loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    items = _mixed(_arrays(0))
+    _interrupted(loaded, run, batches=3, data=_Iterable(items))
+    stored = _stored(run)
+    assert stored[fmt.FILE_HASHES] == [_reference(image) for image in _images(items)][:len(stored["ids"])]
+    other = _arrays(0)
+    other[1] = _arrays(5)[1]  # a PIL image of another picture
+    with pytest.raises(QKHooksError, match=r"(?s)1 of the \d+ images it keeps hold other bytes .*first: '1'.*"
+                                           r"an iterable that shuffles"):
+        qkhooks.record_dataset(loaded, _Iterable(_mixed(other)), run, resume=True, **_KW)
+    again = _Iterable(_mixed(_arrays(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked: no word of unchecked images
+        assert qkhooks.record_dataset(loaded, again, run, resume=True, **_KW).images == 8
+    assert again.given == 8 + 1
+    whole = tmp_path / "whole.h5"
+    qkhooks.record_dataset(loaded, _Iterable(_mixed(_arrays(0))), whole, **_KW)
+    assert _stored(run) == _stored(whole)
 
-    class Iterable(torch.utils.data.IterableDataset):
-        def __init__(self, items):
-            self.items = items
 
-        def __iter__(self):
-            return iter(self.items)
-
-    _interrupted(loaded, run, batches=3, data=Iterable(_arrays(0)))
-    with pytest.warns(UserWarning, match=r"(?s)does not check that the \d+ images it keeps are iterable:Iterable's "
-                                         r"first items.*an iterable is read once.*map-style torch Dataset"):
-        assert qkhooks.record_dataset(loaded, Iterable(_arrays(0)), run, resume=True, **_KW).images == 8
+def test_a_generators_kept_images_are_checked_and_the_rest_recorded_from_the_same_pass(tmp_path):
+    """A one-shot generator: the check reads the items before the resume point from it, and the recording goes on
+    from where the check stopped (a generator cannot be read twice); reordered, it is refused."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    _interrupted(loaded, run, batches=3, data=(a for a in _arrays(0)))
+    swapped = _arrays(0)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    with pytest.raises(QKHooksError, match=r"2 of the \d+ images it keeps hold other bytes .*first: '0'"):
+        qkhooks.record_dataset(loaded, (a for a in swapped), run, resume=True, **_KW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert qkhooks.record_dataset(loaded, (a for a in _arrays(0)), run, resume=True, **_KW).images == 8
+    whole = tmp_path / "whole.h5"
+    qkhooks.record_dataset(loaded, _arrays(0), whole, **_KW)
+    assert _stored(run)[fmt.FILE_HASHES] == _stored(whole)[fmt.FILE_HASHES]
+    with qkhooks.open_run(run) as resumed, qkhooks.open_run(whole) as reference:
+        assert list(resumed.ids) == list(reference.ids)
+        np.testing.assert_array_equal(resumed.array("modes/L0/query")[:], reference.array("modes/L0/query")[:])

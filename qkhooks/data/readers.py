@@ -409,12 +409,15 @@ class MapReader:
         :meth:`held_hashes` of one resume share it). One ``__getitem__`` an item: a Dataset of in-memory images
         (CIFAR's arrays) is read again quickly; one that loads its photos from files loads each kept one once more."""
         if self._again is None or self._again[0] != stop:
-            found = []
-            for item_id, item in self._kept(stop, progress):
-                path = _image_path(item)
-                found.append((item_id, path, None if path is not None else _held_hash(item)))
-            self._again = (stop, found)
+            self._again = (stop, [_kept_stamp(item_id, item) for item_id, item in self._kept(stop, progress)])
         return self._again[1]
+
+
+def _kept_stamp(item_id: str, item: Any) -> tuple[str, str | None, int | None]:
+    """A kept item read again as a resume compares it: (id, its image file or None, the hash of its in-memory image
+    as the readers' ``decode`` stamps it, or None)."""
+    path = _image_path(item)
+    return item_id, path, None if path is not None else _held_hash(item)
 
 
 def _checking(rows: Iterable[Any], total: int, progress: bool) -> Iterable[Any]:
@@ -495,7 +498,46 @@ def folder_reader(container: Any) -> FolderReader | None:
     return FolderReader(container, paths, os.fspath(root))
 
 
-class IterReader:
+class ReadInPassing:
+    """A reader whose rows before a resume point are read anyway as the stream skips them (an iterable has no index):
+    a resume's check reads them there, once, and the stream goes on from where the check stopped. Review r47: an
+    iterable's kept images were not checked (a warning said so), though a resume read every one of them."""
+
+    reads_again = True  # the images may differ from one pass to the next (a shuffling iterable, a random transform)
+    _again: tuple[int, list[tuple[str, str | None, int | None]], Iterator[Any] | None] | None = None
+
+    def rows(self, start: int) -> Iterator[Any]:  # pragma: no cover - each reader's own
+        raise NotImplementedError
+
+    def file_paths(self, stop: int, progress: bool = False) -> list[tuple[str, str | None]]:
+        """Each item's (id, image file or None) before position ``stop``, read in passing (:meth:`_read_again`)."""
+        return [(item_id, path) for item_id, path, _ in self._read_again(stop, progress)]
+
+    def held_hashes(self, stop: int, progress: bool = False) -> list[tuple[str, int | None]]:
+        """Each in-memory item's (id, :func:`_held_hash`) before position ``stop``, read in passing."""
+        return [(item_id, held) for item_id, path, held in self._read_again(stop, progress) if path is None]
+
+    def _read_again(self, stop: int, progress: bool) -> list[tuple[str, str | None, int | None]]:
+        """The items before position ``stop`` as :func:`_kept_stamp` gives them, read from the start of the rows (with
+        ``progress``, a bar where that takes a while); the rows after them are kept for :meth:`rows` of ``stop``,
+        which goes on from there (the source is read once, as the skip read it: no second pass)."""
+        if self._again is None or self._again[0] != stop:
+            rows = self.rows(0)
+            found = [_kept_stamp(str(i) if (own := _own_id(item)) is None else own, item)
+                     for i, item in enumerate(_checking(itertools.islice(rows, stop), stop, progress))]
+            self._again = (stop, found, rows)
+        return self._again[1]
+
+    def _rows_after_check(self, start: int) -> Iterator[Any] | None:
+        """The rows from ``start`` where a resume's check has read those before it (once), else None."""
+        again = self._again
+        if again is None or again[2] is None or again[0] != start:
+            return None
+        self._again = (again[0], again[1], None)
+        return again[2]
+
+
+class IterReader(ReadInPassing):
     """Any iterable (an ``IterableDataset``, a generator): read in order here, items shipped to the workers."""
 
     length: int | None = None
@@ -506,6 +548,9 @@ class IterReader:
         self._used = False
 
     def rows(self, start: int) -> Iterator[Any]:
+        checked = self._rows_after_check(start)
+        if checked is not None:
+            return checked
         if self.one_shot:
             if self._used:
                 raise QKHooksError("a one-shot iterator (a generator) can be read only once; pass a list, a "
@@ -514,14 +559,19 @@ class IterReader:
         return map(_spelled, itertools.islice(iter(self.iterable), start, None))
 
     def decode(self, row: Any, position: int) -> tuple[str | None, RawItem]:
-        return _item_to_raw(row, f"item {position}")
+        own, raw = _item_to_raw(row, f"item {position}")
+        if raw.stamp is None and _image_path(row) is None:
+            held = _held_hash(row)  # review r47: an in-memory image's content hash, as a list's (MapReader.decode)
+            if held is not None:
+                raw.stamp = (-1, -1, held)
+        return own, raw
 
     def row_id(self, row: Any, position: int) -> str:
         own = _own_id(row)
         return str(position) if own is None else own
 
     def __getstate__(self) -> dict[str, Any]:  # workers only decode; a generator cannot be pickled (spawn, macOS)
-        return {**self.__dict__, "iterable": None}
+        return {**self.__dict__, "iterable": None, "_again": None}
 
 
 class _HFReader:

@@ -57,6 +57,7 @@ from qkhooks.data.readers import (
     open_hfds,
     open_wds,
     RawItem,
+    ReadInPassing,
     Unreadable,
     expand_braces,
 )
@@ -219,8 +220,9 @@ class ItemStream:
     def file_paths(self, stop: int, progress: bool = False) -> list[tuple[str, str | None]] | None:
         """Each item's (id, the file its image is read from, or None) before position ``stop``, where the reader names
         them without decoding (a list or tuple; a map-style Hugging Face dataset's columns) or by reading them again
-        (a torch map-style Dataset's items, through its ``__getitem__``: one call an item, with a progress bar where
-        ``progress`` and it takes a while); None elsewhere. A resume checks the kept files against the stamps the run
+        (a torch map-style Dataset's items, through its ``__getitem__``: one call an item; an iterable's, as the
+        resume skips them anyway: :class:`~qkhooks.data.readers.ReadInPassing`), with a progress bar where
+        ``progress`` and it takes a while; None elsewhere. A resume checks the kept files against the stamps the run
         recorded."""
         paths = getattr(self._reader, "file_paths", None)
         return None if paths is None else paths(stop, progress=progress)
@@ -228,16 +230,17 @@ class ItemStream:
     def held_hashes(self, stop: int, progress: bool = False) -> list[tuple[str, int | None]] | None:
         """Each item's (id, BLAKE2b of its image's bytes or in-memory content, or None where it holds neither a file
         nor an image qkhooks hashes) before position ``stop``, for the items whose image is held in a map-style
-        Hugging Face dataset, a list or tuple, or a torch map-style Dataset rather than read from a file (files are
-        in :meth:`file_paths`); None for other sources. With ``progress``, a bar where the hashing takes a while. A
-        resume checks them against the hashes the run recorded."""
+        Hugging Face dataset, a list or tuple, a torch map-style Dataset or an iterable rather than read from a file
+        (files are in :meth:`file_paths`); None for other sources. With ``progress``, a bar where the hashing takes a
+        while. A resume checks them against the hashes the run recorded."""
         held = getattr(self._reader, "held_hashes", None)
         return None if held is None else held(stop, progress=progress)
 
     @property
     def reads_again(self) -> bool:
         """Whether a resume reads the items before its point again through the user's own code (a torch map-style
-        Dataset's ``__getitem__``), whose images may differ from one read to the next (a random transform)."""
+        Dataset's ``__getitem__``, an iterable's ``__iter__``), whose images may differ from one read to the next (a
+        random transform, a shuffling iterable)."""
         return bool(getattr(self._reader, "reads_again", False))
 
     def file_stamps(self, stop: int) -> list[tuple[str, tuple[int, int, int]]] | None:
@@ -390,14 +393,18 @@ class ItemStream:
             "(--resume) continues the run file from its last checkpoint.")
 
 
-class _Replay:
-    """A one-shot reader whose first items were already read: gives them back before the rest."""
+class _Replay(ReadInPassing):
+    """A one-shot reader whose first items were already read: gives them back before the rest (a resume's check reads
+    those before its point in passing, as :class:`~qkhooks.data.readers.IterReader` does)."""
 
     def __init__(self, reader: Any, seen: list[Any], rest: Iterator[Any]):
         self.reader, self.length = reader, reader.length
         self._rows: Iterator[Any] | None = itertools.chain(seen, rest)
 
     def rows(self, start: int) -> Iterator[Any]:
+        checked = self._rows_after_check(start)
+        if checked is not None:
+            return checked
         if self._rows is None:
             return self.reader.rows(start)  # read once already: the reader says so
         rows, self._rows = self._rows, None
@@ -410,7 +417,7 @@ class _Replay:
         return self.reader.row_id(row, position)
 
     def __getstate__(self) -> dict[str, Any]:  # as IterReader's: the rows stay in the main process
-        return {**self.__dict__, "_rows": None}
+        return {**self.__dict__, "_rows": None, "_again": None}
 
 
 _WORKER_STREAM: ItemStream | None = None
