@@ -501,6 +501,13 @@ def _refuse_changed_held(writer: Any, kept: Sequence[str], times_then: Any,
             f"replaced or reordered since{hint}, and the run would mix maps of two datasets. {fix}")
 
 
+def _duration(seconds: float) -> str:
+    """A time to come, said roughly (``"4.7 h"``, ``"12 min"``, ``"40 s"``)."""
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def _when(ns: int) -> str:
     """A file's modification time (nanoseconds since the epoch) as UTC, to the nanosecond."""
     stamp = datetime.datetime.fromtimestamp(ns // 10**9, datetime.timezone.utc)
@@ -1265,6 +1272,19 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
                 "it as a map-style dataset (not streamed), or pass the items as a list or another iterable, to have "
                 "every kept file checked.", stacklevel=stacklevel)
         return
+    cut = getattr(dataset, "read_again_cut", lambda stop: None)(start) if paths is not None else None
+    if cut is not None:  # a torch Dataset slow to read again: its kept items read within the budget are checked
+        read, total, seconds = cut
+        found = {item_id for item_id, _ in paths}  # up to the last kept image read: one missing there is refused
+        checked = max((n + 1 for n, item_id in enumerate(kept) if item_id in found), default=0)
+        warnings.warn(
+            f"{writer.path}: this resume checks only the first {checked} of the {done} images it keeps: reading "
+            f"{dataset.name}'s items again through its __getitem__ took {seconds:.0f} s for {read} of them "
+            f"({1000 * seconds / read:.0f} ms each; all {total} would take about {_duration(seconds / read * total)}), "
+            f"so the other {done - checked} are not checked, and data changed since among them would go on under the "
+            "kept images' ids. Pass the images as a list (in memory), or give the Dataset's items as file paths, to "
+            "have every kept image checked quickly.", stacklevel=stacklevel)
+        kept = kept[:checked]
     if paths is not None:
         where = dict(paths)
         columns = list(data_files.stamp_columns(where))

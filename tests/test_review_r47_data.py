@@ -226,3 +226,32 @@ def test_a_generators_kept_images_are_checked_and_the_rest_recorded_from_the_sam
     with qkhooks.open_run(run) as resumed, qkhooks.open_run(whole) as reference:
         assert list(resumed.ids) == list(reference.ids)
         np.testing.assert_array_equal(resumed.array("modes/L0/query")[:], reference.array("modes/L0/query")[:])
+
+
+def test_a_dataset_slow_to_read_again_has_the_kept_images_read_within_the_budget_checked_and_says_so(tmp_path,
+                                                                                                   monkeypatch):
+    """A Dataset that loads big photos from files would take hours to read again on a large resume: the reading stops
+    after readers.READ_AGAIN_BUDGET seconds (here 0: after the first item); the items read are checked (one replaced
+    there is refused), and the resume says which were not (one replaced after them goes on, said unchecked)."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    _interrupted(loaded, run, batches=3, data=_Held(_arrays(0)))  # its checkpoint keeps 4 images
+    monkeypatch.setattr(readers, "READ_AGAIN_BUDGET", 0)
+    first = _arrays(0)
+    first[0] = _arrays(5)[0]
+    with pytest.raises(QKHooksError, match=r"1 of the 1 images it keeps hold other bytes .*first: '0'"):
+        with pytest.warns(UserWarning, match=r"checks only the first 1 of the \d+ images it keeps"):
+            qkhooks.record_dataset(loaded, _Held(first), run, resume=True, **_KW)
+    later = _arrays(0)
+    later[2] = _arrays(5)[2]
+    with pytest.warns(UserWarning, match=r"(?s)checks only the first 1 of the 4 images it keeps: reading "
+                                         r"torch:_Held's items again through its __getitem__ took \d+ s for 1 of them "
+                                         r".*all 4 would take about \d+ s\), so the other 3 are not checked.*as file "
+                                         r"paths"):
+        assert qkhooks.record_dataset(loaded, _Held(later), run, resume=True, **_KW).images == 8
+
+
+def test_the_time_a_full_check_would_take_is_said_roughly():
+    from qkhooks.stream import _duration
+
+    assert [_duration(s) for s in (0.4, 40, 89, 90, 720, 5399, 5400, 16920)] == [
+        "0 s", "40 s", "89 s", "2 min", "12 min", "90 min", "1.5 h", "4.7 h"]

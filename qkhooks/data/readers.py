@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tarfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -43,6 +44,7 @@ MASK_KEYS: tuple[str, ...] = ("objects", "target", "distractor")
 ID_COLUMNS: tuple[str, ...] = ("id", "image_id", "img_id", "uid", "key", "__key__", "file_name", "filename")
 _EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS) + ("bmp", "tif", "tiff", "gif", "ppm", "pgm")
 CHECK_BAR_DELAY = 2.0  # seconds a resume's check of its kept images runs before its progress bar shows (_checking)
+READ_AGAIN_BUDGET = 60.0  # seconds a resume spends reading a torch Dataset's kept items again (MapReader._read_again)
 
 
 # ---------------------------------------------------------------------------------------------- items
@@ -319,7 +321,7 @@ class MapReader:
     def __init__(self, container: Any):
         self.container = container
         self.length: int | None = len(container)
-        self._again: tuple[int, list[tuple[str, str | None, int | None]]] | None = None  # _read_again's, one resume's
+        self._again: tuple[int, list[tuple[str, str | None, int | None]], float] | None = None  # _read_again's
 
     def __getstate__(self) -> dict[str, Any]:  # workers decode: the resume's reading again stays here
         return {**self.__dict__, "_again": None}
@@ -391,8 +393,13 @@ class MapReader:
         else:
             total = min(stop, self.length or 0)
             items = (self._read_item(i) for i in range(total))
-        for i, item in enumerate(_checking(map(_spelled, items), total, progress)):
-            yield (str(i) if (own := _own_id(item)) is None else own), item
+        shown = _checking(map(_spelled, items), total, progress)
+        try:
+            for i, item in enumerate(shown):
+                yield (str(i) if (own := _own_id(item)) is None else own), item
+        finally:
+            if hasattr(shown, "close"):  # a bar left before its end (_read_again's budget)
+                shown.close()
 
     def _read_item(self, row: int) -> Any:
         try:
@@ -407,10 +414,30 @@ class MapReader:
         keeps: it cannot tell what they hold otherwise), each as (id, its image file or None, the hash of its
         in-memory image as :meth:`decode` stamps it, or None): once for one ``stop`` (:meth:`file_paths` and
         :meth:`held_hashes` of one resume share it). One ``__getitem__`` an item: a Dataset of in-memory images
-        (CIFAR's arrays) is read again quickly; one that loads its photos from files loads each kept one once more."""
+        (CIFAR's arrays) is read again quickly (20,000 224x224 arrays: 4.3 s); one that loads its photos from files
+        loads each kept one once more (a 12-megapixel JPEG: a quarter of a second, and as long again to hash it), so
+        the reading stops once it has taken :data:`READ_AGAIN_BUDGET` seconds, and only the items read by then are
+        given (:meth:`read_again_cut` says where and how fast; the resume checks those and says the rest are not)."""
         if self._again is None or self._again[0] != stop:
-            self._again = (stop, [_kept_stamp(item_id, item) for item_id, item in self._kept(stop, progress)])
+            found: list[tuple[str, str | None, int | None]] = []
+            began = time.monotonic()
+            rows = self._kept(stop, progress)
+            for item_id, item in rows:
+                found.append(_kept_stamp(item_id, item))
+                if time.monotonic() - began > READ_AGAIN_BUDGET and len(found) < min(stop, self.length or 0):
+                    rows.close()  # the bar, if any, closes with it
+                    break
+            self._again = (stop, found, time.monotonic() - began)
         return self._again[1]
+
+    def read_again_cut(self, stop: int) -> tuple[int, int, float] | None:
+        """Where :meth:`_read_again` of ``stop`` stopped for its time budget: (items read, items before ``stop``,
+        seconds it took), or None where it read them all (or read none: a list's, a tuple's)."""
+        again = self._again
+        total = min(stop, self.length or 0)
+        if again is None or again[0] != stop or len(again[1]) >= total:
+            return None
+        return len(again[1]), total, again[2]
 
 
 def _kept_stamp(item_id: str, item: Any) -> tuple[str, str | None, int | None]:

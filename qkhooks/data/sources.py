@@ -236,6 +236,12 @@ class ItemStream:
         held = getattr(self._reader, "held_hashes", None)
         return None if held is None else held(stop, progress=progress)
 
+    def read_again_cut(self, stop: int) -> tuple[int, int, float] | None:
+        """Where reading a torch Dataset's items before ``stop`` again for a resume stopped for its time budget: (items
+        read, items before ``stop``, seconds taken); None where all were read, or none needed reading."""
+        cut = getattr(self._reader, "read_again_cut", None)
+        return None if cut is None else cut(stop)
+
     @property
     def reads_again(self) -> bool:
         """Whether a resume reads the items before its point again through the user's own code (a torch map-style
