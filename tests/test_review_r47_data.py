@@ -255,3 +255,16 @@ def test_the_time_a_full_check_would_take_is_said_roughly():
 
     assert [_duration(s) for s in (0.4, 40, 89, 90, 720, 5399, 5400, 16920)] == [
         "0 s", "40 s", "89 s", "2 min", "12 min", "90 min", "1.5 h", "4.7 h"]
+
+
+def test_a_generator_failing_before_the_resume_point_is_named_where():
+    """The check reads the iterable's items before the resume point: the source's own error there says which item."""
+    def failing():
+        yield from _arrays(0, n=2)
+        raise OSError("the share went away")
+
+    reader = readers.IterReader(failing())
+    with pytest.raises(OSError, match="the share went away") as caught:
+        reader.held_hashes(4)
+    assert caught.value.__notes__ == [
+        "(while qkhooks read item 2 of the data again, to check the images a resume keeps)"]

@@ -550,8 +550,15 @@ class ReadInPassing:
         which goes on from there (the source is read once, as the skip read it: no second pass)."""
         if self._again is None or self._again[0] != stop:
             rows = self.rows(0)
-            found = [_kept_stamp(str(i) if (own := _own_id(item)) is None else own, item)
-                     for i, item in enumerate(_checking(itertools.islice(rows, stop), stop, progress))]
+            found: list[tuple[str, str | None, int | None]] = []
+            try:
+                for i, item in enumerate(_checking(itertools.islice(rows, stop), stop, progress)):
+                    found.append(_kept_stamp(str(i) if (own := _own_id(item)) is None else own, item))
+            except Exception as exc:  # the source's own failure (a generator failing midway): said where
+                if not isinstance(exc, QKHooksError):
+                    exc.add_note(f"(while qkhooks read item {len(found)} of the data again, to check the images a "
+                                 "resume keeps)")
+                raise
             self._again = (stop, found, rows)
         return self._again[1]
 
