@@ -107,8 +107,6 @@ def test_a_resume_over_the_same_images_reordered_is_refused(tmp_path):
 def test_files_and_bytes_in_one_dataset_each_checked_their_own_way(tmp_path):
     """Even rows files, odd rows bytes: the files copied again (new times, the same bytes) resume, their hashes read
     from the files; one kept image's bytes replaced is refused by its hash."""
-    import os
-
     loaded, run, folder = _tiny_loaded(), tmp_path / "run.h5", tmp_path / "imgs"
     folder.mkdir()
     pngs = _pngs(0)
@@ -120,19 +118,28 @@ def test_files_and_bytes_in_one_dataset_each_checked_their_own_way(tmp_path):
                  for i in range(8)]
         return datasets.Dataset.from_dict({"image": cells}, features=datasets.Features({"image": datasets.Image()}))
 
-    _interrupted(loaded, run, batches=3, data=mixed(pngs))
+    _resume_files_and_held(loaded, run, folder, mixed, pngs, _pngs(5)[3], [_blake(b) for b in pngs])
+
+
+def _resume_files_and_held(loaded, run, folder, mixed, held, replacement, hashes) -> None:
+    """Record 3 batches of ``mixed(held)`` (even items the files ``folder/a{i}.png``, odd items held in memory), check
+    the stored hashes against ``hashes`` (the files' sizes stored, the held ones' -1), then: the odd item 3 replaced by
+    ``replacement`` is refused by its hash; the files copied again (new times, the same bytes) resume."""
+    import os
+
+    _interrupted(loaded, run, batches=3, data=mixed(held))
     stored = _stored(run)
-    assert stored[fmt.FILE_HASHES] == [_blake(b) for b in pngs][:len(stored["ids"])]
+    assert stored[fmt.FILE_HASHES] == hashes[:len(stored["ids"])]
     assert [s >= 0 for s in stored[fmt.FILE_SIZES]] == [i % 2 == 0 for i in range(len(stored["ids"]))]
-    other = list(pngs)
-    other[3] = _pngs(5)[3]
+    other = list(held)
+    other[3] = replacement
     with pytest.raises(QKHooksError, match=r"1 of the \d+ images it keeps hold other bytes .*first: '3'"):
         qkhooks.record_dataset(loaded, mixed(other), run, resume=True, **_KW)
     for i in range(0, 8, 2):  # the files copied again: new times, the same bytes
         path = folder / f"a{i}.png"
         stat = path.stat()
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 * 10**9))
-    assert qkhooks.record_dataset(loaded, mixed(pngs), run, resume=True, **_KW).images == 8
+    assert qkhooks.record_dataset(loaded, mixed(held), run, resume=True, **_KW).images == 8
 
 
 def test_a_run_recorded_without_the_hashes_resumes_saying_its_kept_images_are_not_checked(tmp_path):

@@ -21,7 +21,7 @@ from qkhooks import QKHooksError
 from qkhooks.store import format as fmt
 from test_review_r36 import _KW, _interrupted
 from test_review_r39_fixb import _tiny_loaded
-from test_review_r46_data import _kept, _stored
+from test_review_r46_data import _kept, _resume_files_and_held, _stored
 
 
 def _arrays(seed: int, n: int = 8) -> list[np.ndarray]:
@@ -125,8 +125,6 @@ def test_a_list_run_recorded_without_the_hashes_resumes_saying_its_kept_images_a
 def test_files_and_arrays_in_one_list_each_checked_their_own_way(tmp_path):
     """Even items file paths, odd items arrays: the files copied again (new times, the same bytes) resume, their
     hashes read from the files; one kept array replaced is refused by its hash."""
-    import os
-
     loaded, run, folder = _tiny_loaded(), tmp_path / "run.h5", tmp_path / "imgs"
     folder.mkdir()
     arrays = _arrays(0)
@@ -136,17 +134,5 @@ def test_files_and_arrays_in_one_list_each_checked_their_own_way(tmp_path):
     def mixed(data):
         return [str(folder / f"a{i}.png") if i % 2 == 0 else data[i] for i in range(8)]
 
-    _interrupted(loaded, run, batches=3, data=mixed(arrays))
-    stored = _stored(run)
-    expected = [_reference(_png(a) if i % 2 == 0 else a) for i, a in enumerate(arrays)]
-    assert stored[fmt.FILE_HASHES] == expected[:len(stored["ids"])]
-    assert [s >= 0 for s in stored[fmt.FILE_SIZES]] == [i % 2 == 0 for i in range(len(stored["ids"]))]
-    other = list(arrays)
-    other[3] = _arrays(5)[3]
-    with pytest.raises(QKHooksError, match=r"1 of the \d+ images it keeps hold other bytes .*first: '3'"):
-        qkhooks.record_dataset(loaded, mixed(other), run, resume=True, **_KW)
-    for i in range(0, 8, 2):  # the files copied again: new times, the same bytes
-        path = folder / f"a{i}.png"
-        stat = path.stat()
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 * 10**9))
-    assert qkhooks.record_dataset(loaded, mixed(arrays), run, resume=True, **_KW).images == 8
+    _resume_files_and_held(loaded, run, folder, mixed, arrays, _arrays(5)[3],
+                           [_reference(_png(a) if i % 2 == 0 else a) for i, a in enumerate(arrays)])
