@@ -424,8 +424,11 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
             # has no file times or hashes; they serve only a resume of the shards (a merged file is never resumed),
             # so the merged file goes without them rather than calling the shards "not one run"
             names = [name for name in names if name != resume_only]
-    for name in names:
-        _merge_per_image(f, out, name, shards, bases, copy)
+    # Every object of the merged file before any image's data: the per-image arrays' headers and attributes, the
+    # reducer states, then (a copy) the arrays' rows. Before, each array took its attributes after its rows, and the
+    # states came last: a cut before them left a state whose header was lost, the walk that lists the per-image
+    # arrays failed on it, and repair recovered no image (a 12-image merge: 18 of 226 cuts, 161 images).
+    fills = [fill for fill in (_merge_per_image(f, out, name, shards, bases, copy) for name in names) if fill]
 
     result = []
     for name in sorted(first.states):
@@ -444,6 +447,9 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
             continue
         fmt.write_states_into(f, {name: merged.saved_state()}, total)
         result.append(merged)
+    for fill in fills:
+        fill()
+    f.flush()  # the rows held in HDF5's chunk cache get their place now, before the attribute digests' strings
     if all(s.sealed for s in shards):  # every shard's attributes matched theirs: the merged file's, as written
         # but a user's own attribute, copied unsealed from a shard, stays unsealed (the digests vouch for qkhooks's)
         fmt.seal_attrs(f, {name: None for s in shards for name in fmt.unsealed_attrs(s.file)})
@@ -472,7 +478,10 @@ def _fill(dtype: np.dtype) -> Any:
     return None
 
 
-def _merge_per_image(f: h5py.File, out: Path, name: str, shards: list[_Shard], bases: list[int], copy: bool) -> None:
+def _merge_per_image(f: h5py.File, out: Path, name: str, shards: list[_Shard], bases: list[int],
+                     copy: bool) -> Callable[[], None] | None:
+    """Make the merged file's array ``name`` with its attributes: a view of the shards, or (``copy``) an empty array
+    and, returned, what copies the shards' rows into it (called once every other object of the file is written)."""
     parts = [(s, base) for s, base in zip(shards, bases) if s.n]
     missing = [s.path.name for s, _ in parts if name not in s.per_image]
     if missing:
@@ -485,20 +494,24 @@ def _merge_per_image(f: h5py.File, out: Path, name: str, shards: list[_Shard], b
                                f"but {ref.shape[1:]}/{ref.dtype} elsewhere.")
     total = int(bases[-1])
     if not total:
-        return
+        return None
     rest = tuple(ref.shape[1:])
+    fill: Callable[[], None] | None = None
     if copy:
         ds = f.create_dataset(name, shape=(total,) + rest, maxshape=(None,) + rest, dtype=ref.dtype, chunks=ref.chunks,
                               compression=ref.compression, compression_opts=ref.compression_opts,
                               fletcher32=ref.fletcher32)
-        row = max(1, int(np.prod(rest, dtype=np.int64)) * ref.dtype.itemsize)
-        step = max(1, (64 << 20) // row)
-        for s, base in parts:
-            src = s.per_image[name]
-            for lo in range(0, s.n, step):
-                hi = min(lo + step, s.n)
-                _refuse_disk_filled(out, name, (hi - lo) * row)
-                ds[base + lo:base + hi] = src[lo:hi]
+
+        def copy_rows() -> None:
+            row = max(1, int(np.prod(rest, dtype=np.int64)) * ref.dtype.itemsize)
+            step = max(1, (64 << 20) // row)
+            for s, base in parts:
+                src = s.per_image[name]
+                for lo in range(0, s.n, step):
+                    hi = min(lo + step, s.n)
+                    _refuse_disk_filled(out, name, (hi - lo) * row)
+                    ds[base + lo:base + hi] = src[lo:hi]
+        fill = copy_rows
     else:
         layout = h5py.VirtualLayout(shape=(total,) + rest, dtype=ref.dtype)
         folder = out.parent.resolve()
@@ -512,6 +525,7 @@ def _merge_per_image(f: h5py.File, out: Path, name: str, shards: list[_Shard], b
     if not copy:  # which run each shard held when merged: a shard rewritten since (a rerun) is refused on reading
         ds.attrs[fmt.SHARD_RUNS] = json.dumps({Path(os.path.relpath(s.path.resolve(), out.parent.resolve())).as_posix():
                                            fmt.run_id_of(s.file) for s, _ in parts})
+    return fill
 
 
 # ------------------------------------------------------------------------------------------ recording
