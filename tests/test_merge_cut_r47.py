@@ -93,3 +93,25 @@ def test_a_whole_merged_copy_reads_its_rows_and_states_as_the_shards_hold_them(m
         images, states = fmt.read_states(f, merged)
         assert images == fmt.committed(f) == n0 + fmt.committed(s1) and states
 
+
+def test_repair_of_a_merge_whose_states_lie_after_its_rows_recovers_every_image_of_a_cut_before_them(merged, tmp_path):
+    """A merge made before this round wrote its states after every array's rows: here a state added to the merged
+    copy after the fact, its header past the file's old end, and the file cut there. The walk that lists the per-image
+    arrays no longer goes through the reducer states (never per-image), so every image is recovered and the state is
+    not copied (the damage named); before, the walk failed on the state's header and no image was recovered (and a state whose link
+    outlived its header raised AttributeError out of repair)."""
+    old = tmp_path / "old.h5"
+    old.write_bytes(merged.read_bytes())
+    end = old.stat().st_size
+    with h5py.File(old, "r+") as f:
+        n = fmt.committed(f)
+        ids = [fmt.as_str(s) for s in f[fmt.IDS][:n]]
+        fmt.write_states_into(f, {"late": {"values": np.arange(600.0)}}, n)
+        assert h5py.h5o.get_info(f[f"{fmt.REDUCERS}/late/a"].id).addr >= end  # the case: its header past the cut
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(old.read_bytes()[:end])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = qkhooks.store.repair(cut, tmp_path / "fixed.h5")
+    assert report.recovered == ids and report.lost == []
+    assert report.states == [] and any("unreadable" in line for line in report.problems), report.problems

@@ -270,10 +270,11 @@ class CommittedCount:
 
 
 def datasets(f: h5py.File, read_every_attribute: bool = False,
-             unreadable: list[str] | None = None) -> dict[str, h5py.Dataset]:
+             unreadable: list[str] | None = None, skip: Collection[str] = ()) -> dict[str, h5py.Dataset]:
     """Every dataset of a run file, by schema name. With ``read_every_attribute`` every object's attributes are read
     on the way (any damage raises), in the same walk. With ``unreadable`` a list, an object that does not open or
-    whose attributes do not read is named there (with why) and the walk goes on (``verify_run`` collects them all)."""
+    whose attributes do not read is named there (with why) and the walk goes on (``verify_run`` collects them all).
+    The root's groups named in ``skip`` are not walked."""
     found: dict[str, h5py.Dataset] = {}
 
     def attempt(name: str, read: Any) -> Any:
@@ -285,12 +286,12 @@ def datasets(f: h5py.File, read_every_attribute: bool = False,
             unreadable.append(f"/{name} unreadable ({exc})")
             return None
 
-    _walk(f, "", found, read_every_attribute, attempt)
+    _walk(f, "", found, read_every_attribute, attempt, frozenset(skip))
     return found
 
 
 def _walk(group: h5py.Group, prefix: str, found: dict[str, h5py.Dataset], read_every_attribute: bool,
-          attempt: Callable[[str, Any], Any]) -> None:
+          attempt: Callable[[str, Any], Any], skip: frozenset[str] = frozenset()) -> None:
     """A walk by names, not ``visititems``: HDF5's visit also reads every dataset's chunk index (for its storage
     size), so one damaged index would hide every array, where a walk opens object headers only. A function of the
     module, not a closure calling itself: that is a reference cycle, which kept every handle it opened open until the
@@ -299,6 +300,8 @@ def _walk(group: h5py.Group, prefix: str, found: dict[str, h5py.Dataset], read_e
     if read_every_attribute:
         attempt(prefix, lambda: dict(group.attrs.items()))
     for key in attempt(prefix, lambda: list(group)) or ():
+        if prefix + key in skip:
+            continue
         obj = attempt(prefix + key, lambda: group[key])
         if isinstance(obj, h5py.Group):
             _walk(obj, f"{prefix}{key}/", found, read_every_attribute, attempt)
@@ -307,9 +310,11 @@ def _walk(group: h5py.Group, prefix: str, found: dict[str, h5py.Dataset], read_e
                 found[f"{prefix}{key}"] = obj
 
 
-def per_image_datasets(f: h5py.File, read_every_attribute: bool = False) -> dict[str, h5py.Dataset]:
+def per_image_datasets(f: h5py.File, read_every_attribute: bool = False,
+                       skip: Collection[str] = ()) -> dict[str, h5py.Dataset]:
     """The per-image arrays of a run file (datasets marked ``per_image``), by schema name (see :func:`datasets`)."""
-    return {name: ds for name, ds in datasets(f, read_every_attribute).items() if ds.attrs.get("per_image", False)}
+    return {name: ds for name, ds in datasets(f, read_every_attribute, skip=skip).items()
+            if ds.attrs.get("per_image", False)}
 
 
 def layout_problems(f: h5py.File, arrays: Mapping[str, h5py.Dataset], n: int) -> list[str]:
@@ -644,6 +649,8 @@ def _states_inside(f: h5py.File) -> tuple[int | None, dict[str, dict[str, Any]]]
     states: dict[str, dict[str, Any]] = {}
     images = None
     for name, group in f.get(REDUCERS, {}).items():
+        if group is None:  # a link whose object does not open (a cut took its header): h5py yields None
+            raise OSError(f"/{REDUCERS}/{name} does not open")
         current, scalars = STATE_ATTRS
         slot_name = group.attrs.get(current, "")
         slot = group.get(slot_name) if slot_name else None

@@ -177,7 +177,9 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     except _READ_ERRORS as exc:
         problems.append(f"image ids unreadable ({exc})")
     try:
-        arrays = fmt.per_image_datasets(src)
+        # not through the reducer states, never per-image: one whose header a cut took (a merge wrote them after
+        # its arrays' rows) hid every array, and repair recovered no image
+        arrays = fmt.per_image_datasets(src, skip=(fmt.REDUCERS,))
     except _READ_ERRORS as exc:
         arrays = {}
         good[:] = False
