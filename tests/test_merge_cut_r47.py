@@ -38,6 +38,20 @@ def merged(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def checksummed(tmp_path_factory) -> Path:
+    """As ``merged``, recorded with --checksum: one image a chunk, so each array's index has data blocks."""
+    out = tmp_path_factory.mktemp("mergecutck") / "run.h5"
+    for rank in range(2):
+        torch.manual_seed(0)
+        model = timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32, embed_dim=32, depth=2,
+                                  num_heads=4).eval()
+        record_dataset(qkhooks.load_model(model), "o3:24:1", shard_path(out, rank, 2), shard=(rank, 2), modes=8,
+                       attention="rows", batch_size=2, checkpoint_every=3, progress=False, checksum=True)
+    merge_shards(out, copy=True)
+    return out
+
+
 def _signatures(data: bytes, signature: bytes) -> list[int]:
     found, at = [], data.find(signature)
     while at >= 0:
@@ -46,10 +60,14 @@ def _signatures(data: bytes, signature: bytes) -> list[int]:
     return found
 
 
-def test_every_object_of_a_merged_copy_lies_before_its_first_image_row(merged):
+@pytest.mark.parametrize("which", ["merged", "checksummed"])
+def test_every_object_of_a_merged_copy_lies_before_its_first_image_row(which, request):
     """What the fix does, read off the file: every object header (the per-image arrays', with their attributes, and
-    the reducer states'), every header continuation and every chunk index header lies before the first chunk of any
-    per-image array. Before, the states' headers (and their continuations) came after every array's rows."""
+    the reducer states'), every header continuation and every piece of every chunk index lies before the first chunk
+    of any per-image array. Before, the states' headers (and their continuations) came after every array's rows, and
+    each array's index block and data blocks went into a 2 KiB block opened after one of its chunks (the merge now
+    asks for one block that holds them all, ``_hdf5.merged_meta_block_bytes``)."""
+    merged = request.getfixturevalue(which)
     data = merged.read_bytes()
     with h5py.File(merged, "r") as f:
         arrays = fmt.per_image_datasets(f)
@@ -59,13 +77,18 @@ def test_every_object_of_a_merged_copy_lies_before_its_first_image_row(merged):
         assert any(name.startswith(fmt.REDUCERS + "/") for name in headers)  # the states are in the file
     late = {name: at for name, at in headers.items() if at > first_chunk}
     assert late == {}
-    for signature in (b"OCHK", b"EAHD"):  # a header's continuation; an extensible array's (chunk index) header
-        assert max(_signatures(data, signature)) < first_chunk, signature
+    # a header's continuation; a chunk index's (extensible array's) header, index block and data blocks
+    for signature in (b"OCHK", b"EAHD", b"EAIB", b"EADB"):
+        assert max(_signatures(data, signature), default=0) < first_chunk, signature
 
 
-def test_a_merged_copy_cut_where_any_image_ends_loses_no_image_whose_rows_lie_before_it(merged, tmp_path):
+@pytest.mark.parametrize("which", ["merged", "checksummed"])
+def test_a_merged_copy_cut_where_any_image_ends_loses_no_image_whose_rows_lie_before_it(which, request, tmp_path):
     """Cut where each image's rows end: repair recovers every image whose rows of every array lie before the cut.
-    Before, every such cut lost them all (the walk listing the arrays failed on a state's header past the cut)."""
+    Before, every such cut lost them all (the walk listing the arrays failed on a state's header past the cut); then,
+    in a --checksum copy, the cut where the first image's last chunk ends lost it (the index of the array copied last
+    went into a block opened after that chunk, HDF5's 2 KiB)."""
+    merged = request.getfixturevalue(which)
     ends = _row_ends(merged)[0]
     data = merged.read_bytes()
     short = []

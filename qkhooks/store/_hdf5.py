@@ -19,6 +19,7 @@ import time
 import warnings
 import weakref
 from pathlib import Path
+from typing import Sequence
 
 import h5py
 import numpy as np
@@ -220,12 +221,28 @@ def meta_block_bytes(arrays: int = 0) -> int:
     return max(META_BLOCK_BYTES, -(-arrays * INDEX_BYTES // 4096) * 4096)
 
 
-def create_run_file(path: str | os.PathLike, chunk_cache_bytes: int | None = None) -> h5py.File:
+INDEX_ENTRY_BYTES = 20
+"""Room for one chunk's entry in an extensible array's index (its address, and a filtered chunk's size and filter
+mask), measured: 8 bytes a raw chunk, 16 a filtered one, plus each data block's header and checksum."""
+
+
+def merged_meta_block_bytes(chunks: Sequence[int]) -> int:
+    """The metadata block for a merged copy of arrays of ``chunks`` chunks each: its objects (64 KiB) and every
+    array's chunk index whole (:data:`INDEX_BYTES`, and an entry for up to twice its chunks: HDF5 makes each index
+    data block whole, the last one up to as large as all before it), so the block open when the rows are copied holds
+    every index before them. Its unused rest is left empty in the file (at most 64 KiB and a fifth of the indexes)."""
+    index = sum(INDEX_BYTES + (2 * n + 32) * INDEX_ENTRY_BYTES for n in chunks)
+    return max(META_BLOCK_BYTES, -(-(64 * 1024 + index * 5 // 4) // 4096) * 4096)
+
+
+def create_run_file(path: str | os.PathLike, chunk_cache_bytes: int | None = None,
+                    meta_block: int | None = None) -> h5py.File:
     """A new, empty run file at ``path`` (replacing a file there), stamped with its format
     (:data:`~qkhooks.store.format.FORMAT`): every run file qkhooks writes (a new run's layout, a merge, a repair)
     begins here. Latest file format, no object times (as h5py's own files), room for
     :data:`ROOT_COMPACT_ATTRIBUTES` root attributes in the root's header, and with ``chunk_cache_bytes`` a raw-data
-    chunk cache of that many bytes per dataset whose fully written chunks are evicted first (the writer's)."""
+    chunk cache of that many bytes per dataset whose fully written chunks are evicted first (the writer's), and with
+    ``meta_block`` metadata blocks of that many bytes (a merged copy's: :func:`merged_meta_block_bytes`)."""
     fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
     fcpl.set_obj_track_times(False)
     fcpl.set_attr_phase_change(ROOT_COMPACT_ATTRIBUTES, ROOT_COMPACT_ATTRIBUTES - 2)
@@ -233,6 +250,8 @@ def create_run_file(path: str | os.PathLike, chunk_cache_bytes: int | None = Non
     fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
     if chunk_cache_bytes is not None:
         fapl.set_cache(0, 521, chunk_cache_bytes, 1.0)
+    if meta_block is not None:
+        fapl.set_meta_block_size(meta_block)
     f = h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fapl=fapl, fcpl=fcpl))
     try:
         f.attrs[FORMAT_ATTR] = np.int64(FORMAT)
