@@ -4,7 +4,11 @@ the file's last object headers lay past the images' data: a cut before them left
 does not read, the walk that lists the per-image arrays failed on it, and no image was recovered (a 12-image merge
 of two shards, cut every 4 KiB: 18 of 226 cuts lost 161 images; cut where each image's rows end: 24 of 24 cuts, 156
 images; one cut made repair raise AttributeError in the states). The merge now writes every object first (the
-arrays, empty, with their attributes; the states), then the arrays' rows: 0 cuts lose an image."""
+arrays, empty, with their attributes; the states), then the arrays' rows, in a session whose first metadata block
+holds every array's chunk index (with HDF5's 2 KiB blocks the index of the array copied last went after its first
+chunk: a --checksum copy of 24 images cut where its first image ends lost it). Repair, for merges made before, lists
+the per-image arrays without walking the reducer states. Now 0 cuts lose an image (merged copies of 12 and 24 images,
+and a --checksum one of 24: every 4 KiB, and where each image's rows end)."""
 
 from __future__ import annotations
 
