@@ -117,6 +117,8 @@ KILLS_R42B = "tests/test_mutation_kills_r42b.py"
 KILLS_R45 = "tests/test_mutation_kills_r45.py"
 # Round 46 (mutation): the kill tests of round 45's library code (module "round45").
 KILLS_R46 = "tests/test_mutation_kills_r46.py"
+# Round 47 (mutation): the kill tests of round 46's library code (module "round46").
+KILLS_R47 = "tests/test_mutation_kills_r47.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -750,6 +752,30 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "skipped_rows_read_up or reads_whole_merges or first_five or ids_outside_a_damaged_heap or "
                 "null_modes or stopped_extension or stopped_midway or (test_torchvision_vit and replaced) or "
                 "accelerates_device_only or (test_mutation_kills_r46 and not points_at_the_callers_line)"),
+    # Round 47 (mutation): round 46's library code (`dbca73b..2885a7a`): the writer's SWMR metadata blocks
+    # (`_hdf5.meta_block_bytes`, `open_swmr_writer`), repair's empty strings (address > 0) and the statics' and reducer
+    # states' attributes left unread (`copy_statics`' `outside`, `STATE_ATTRS`), one-row spans said as their row
+    # (`format.span_words` and its callers in repair, reader, format), images held as bytes or in memory hashed and
+    # checked on a resume (readers' `_held_bytes` / `_held_hash` / `held_hashes`, sources, stream's
+    # `_refuse_changed_held` / `_held_or_file_hashes`), `ImageConfig.from_hf` of a processor object, masks' "patches".
+    # Against the round's tests (not test_review_r46_dinov2's real model), the repair, verify and stamp tests those
+    # files' older lines need (not the cuts at every offset: 6-13 s each), and the new kill file. The bench harness
+    # (benchmarks/) is not library code. Run with --only ROUND46.
+    "round46": (["qkhooks/store/_hdf5.py", "qkhooks/store/repair.py", "qkhooks/store/format.py",
+                 "qkhooks/store/reader.py", "qkhooks/store/writer.py", "qkhooks/stream.py", "qkhooks/data/sources.py",
+                 "qkhooks/data/readers.py", "qkhooks/data/preprocess.py", "qkhooks/data/masks.py"],
+                ["tests/test_store_meta_block_r46.py", "tests/test_repair_strings_r46.py",
+                 "tests/test_review_r46_data.py", "tests/test_review_r46_list.py",
+                 "tests/test_review_r46_processors.py", "tests/test_review_r46_rows.py", KILLS_R46,
+                 "tests/test_repair_attrs_r45.py", "tests/test_repair_cut_r44.py", KILLS_R45,
+                 "tests/test_verify_r21.py", "tests/test_review_r40_stamp.py", "tests/test_mutation_kills_r32.py",
+                 KILLS_R47],
+                "test_store_meta_block_r46 or test_repair_strings_r46 or test_review_r46_data or "
+                "test_review_r46_list or test_review_r46_processors or test_review_r46_rows or "
+                "(test_mutation_kills_r46 and not points_at_the_callers_line) or test_repair_attrs_r45 or "
+                "(test_repair_cut_r44 and not (wherever_a_run_is_cut or in_bounded_time)) or "
+                "test_mutation_kills_r45 or (test_verify_r21 and not does_not_open) or test_review_r40_stamp or "
+                "gone_first_shard_names or test_mutation_kills_r47"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -967,6 +993,9 @@ ROUND44 = ("commits:625ad37..91dc98b",)
 # Round 45's library code, for `--only` with the module "round45": every line `84a8854..dbca73b` wrote (from the
 # read-through `f9fc973` to `dbca73b`), by :func:`written_by`.
 ROUND45 = ("commits:84a8854..dbca73b",)
+# Round 46's library code, for `--only` with the module "round46": every line `dbca73b..2885a7a` wrote, by
+# :func:`written_by`.
+ROUND46 = ("commits:dbca73b..2885a7a",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
@@ -975,7 +1004,7 @@ NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND
               "ROUND34": ROUND34, "ROUND37": ROUND37, "ROUND38": ROUND38,
               "ROUND39": ROUND39, "ROUND40": ROUND40, "ROUND41": ROUND41,
               "ROUND42": ROUND42, "ROUND43": ROUND43, "ROUND44": ROUND44,
-              "ROUND45": ROUND45}
+              "ROUND45": ROUND45, "ROUND46": ROUND46}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
