@@ -1,0 +1,163 @@
+"""Round 47 (mutation): kill tests of round 46's library code (module ``round46`` of ``tests/mutation.py``, ``--only
+ROUND46``): ``ImageConfig.from_hf`` of a processor object checked against transformers' own pixels and its warning
+said whole, repair's statics copy leaving an attribute whose string lies outside the file unread, and the hashes of
+images held in memory checked against hashlib."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from qkhooks.data import ImageConfig
+
+repair_module = importlib.import_module("qkhooks.store.repair")  # the module (qkhooks.store.repair is its function)
+
+
+def _transformers():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torchvision")
+    if not hasattr(transformers, "CLIPImageProcessorPil"):
+        pytest.skip("transformers 4: no backend attribute to name")
+    return transformers
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------------------------------- ImageConfig.from_hf
+
+
+def test_a_processors_config_crops_where_the_processor_does_where_torchvision_would_start_a_pixel_later():
+    """A 303x200 photo: CLIP's PIL processor resizes it to 339x224 and crops 224 from column (339 - 224) // 2 = 57;
+    torchvision's rule rounds 57.5 to 58. The config read from the processor (object or dict) makes its pixels.
+    Kills from_hf `_293` (the config built without crop="hf": torchvision's offset, one column later)."""
+    transformers = _transformers()
+    pil = transformers.CLIPImageProcessorPil()
+    photo = _photo(303, 200)
+    theirs = pil(images=photo, return_tensors="pt")["pixel_values"][0]
+    for given in (pil, pil.to_dict()):
+        config = ImageConfig.from_hf(given)
+        assert (config(photo) - theirs).abs().max().item() <= 1e-6
+
+
+def test_a_fast_processor_of_transformers_4_names_its_plain_class_as_the_pil_backend():
+    """transformers 4 named a torchvision processor ``<Plain>Fast`` and its PIL one ``<Plain>``: the warning names
+    ``<Plain>``, not ``<Plain>FastPil``. Kills from_hf `_310` (``endswith("fast")``)."""
+    transformers = _transformers()
+
+    class CLIPImageProcessorFast(transformers.CLIPImageProcessor):  # as transformers 4 named it (torchvision)
+        pass
+
+    with pytest.warns(UserWarning) as caught:
+        ImageConfig.from_hf(CLIPImageProcessorFast())
+    message = str(caught[0].message)
+    assert "the PIL backend (CLIPImageProcessor), whatever" in message
+    assert "use CLIPImageProcessor (AutoImageProcessor" in message and "FastPil" not in message
+
+
+def test_the_torchvision_backends_warning_is_said_whole():
+    """The warning for transformers 5's CLIPImageProcessor (torchvision backend), word for word. Kills from_hf
+    `_318`, `_320` (its words' case)."""
+    transformers = _transformers()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ImageConfig.from_hf(transformers.CLIPImageProcessor())
+    ours = [str(w.message) for w in caught if "ImageConfig.from_hf" in str(w.message)]
+    assert ours == [
+        "ImageConfig.from_hf(CLIPImageProcessor): this processor runs transformers' torchvision backend, but qkhooks "
+        "makes the pixels of the PIL backend (CLIPImageProcessorPil), whatever the processor handed in: resized "
+        "photos differ from this processor's by up to one 8-bit level (0.015 after CLIP's normalisation, on 0.3% of "
+        "the values of skimage's astronaut; 0.008 on 20% with ViT's bilinear resize of a 457x301 crop of it). To "
+        "compare qkhooks' inputs with a processor's, use CLIPImageProcessorPil "
+        "(AutoImageProcessor.from_pretrained(..., backend='pil')); pass processor.to_dict() to take the PIL "
+        "backend's pixels without this warning."]
+
+
+# -------------------------------------------------------------------------------------------- repair's statics copy
+
+
+def test_the_statics_copy_leaves_an_attribute_named_outside_unread_and_names_it(tmp_path):
+    """``_copy_statics(..., outside)`` on a healthy file: every group's and static dataset's attributes are copied
+    but those named, which are named as lost, one line per object; the datasets are copied whole. Kills repair
+    `_copy_statics` `_16` (the copy handed no ``attr_outside``: an AssertionError)."""
+    src_path, dst_path = tmp_path / "src.h5", tmp_path / "dst.h5"
+    with h5py.File(src_path, "w") as f:
+        f.attrs["note"], f.attrs["kept"] = "root", "yes"
+        group = f.create_group("model")
+        group.attrs["info"], group.attrs["note"] = "{}", "torn"
+        ds = f.create_dataset("spectrum/sigma", data=np.arange(6.0))
+        ds.attrs["note"], ds.attrs["unit"] = "torn", "1"
+    problems: list[str] = []
+    with h5py.File(src_path, "r") as src, h5py.File(dst_path, "w") as dst:
+        repair_module._copy_statics(src, dst, problems, {"note"})
+    assert sorted(problems) == [f"/{name} attribute note lost: its string lies past the file's end"
+                                for name in ("model", "spectrum/sigma")]
+    with h5py.File(dst_path, "r") as f:
+        assert dict(f["model"].attrs) == {"info": "{}"}
+        assert dict(f["spectrum/sigma"].attrs) == {"unit": "1"}
+        assert f["spectrum/sigma"][()].tolist() == list(np.arange(6.0))
+
+
+# ----------------------------------------------------------------------------------------- images held in memory
+
+
+def _pil_reference(image: Image.Image, orientation: int) -> int:
+    """hashlib's BLAKE2b (8 bytes, little-endian signed, -1 stored as -2) of a PIL image's mode, size, palette,
+    transparency and EXIF orientation, then its pixel bytes: what round 46 says a list's PIL image is stored with."""
+    import hashlib
+
+    head = (f"PIL {image.mode} {image.size} {image.getpalette()} {image.info.get('transparency')!r} "
+            f"{orientation}").encode()
+    value = int.from_bytes(hashlib.blake2b(head + image.tobytes(), digest_size=8).digest(), "little", signed=True)
+    return -2 if value == -1 else value
+
+
+def test_a_pil_images_transparency_and_orientation_are_part_of_its_hash():
+    """The same palette pixels with and without a transparent index, and the same RGB pixels with and without EXIF
+    orientation 6, are four images (each decodes to other RGB pixels): four hashes, each hashlib's. Kills readers
+    `_held_hash` `_29` (the transparency left out: ``info.get(None)``)."""
+    readers = importlib.import_module("qkhooks.data.readers")
+    palette = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4), "L").convert("P")
+    transparent = palette.copy()
+    transparent.info["transparency"] = 3
+    rgb = _photo(4, 4)
+    turned = rgb.copy()
+    turned.getexif()[0x0112] = 6
+    cases = [(palette, 1), (transparent, 1), (rgb, 1), (turned, 6)]
+    hashes = [readers._held_hash(image) for image, _ in cases]
+    assert hashes == [_pil_reference(image, orientation) for image, orientation in cases]
+    assert len(set(hashes)) == 4
+
+
+def _blake(data: bytes) -> int:
+    import hashlib
+
+    value = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+    return -2 if value == -1 else value
+
+
+def test_a_hugging_face_datasets_held_hashes_reach_past_the_first_slice_of_rows():
+    """600 rows of Image cells holding bytes (three of the reader's 256-row slices) and a binary cell's: each row's
+    (position, BLAKE2b of its bytes), up to the position asked, hashlib's. Kills readers `_named_cells` `_22`
+    (``range(0, step)``: the rows past the first slice never read, so a resume over the same data refused)."""
+    from qkhooks.data import open_source
+
+    datasets = pytest.importorskip("datasets")
+    cells = []
+    for i in range(600):  # 600 distinct 2x2 PNGs
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((2, 2, 3), (i % 256, i // 256, 7), np.uint8)).save(buffer, "PNG")
+        cells.append(buffer.getvalue())
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in cells]},
+                                    features=datasets.Features({"image": datasets.Image()}))
+    source = open_source(ds, ImageConfig(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3))
+    assert source.held_hashes(600) == [(str(i), _blake(b)) for i, b in enumerate(cells)]
+    assert source.held_hashes(300) == [(str(i), _blake(b)) for i, b in enumerate(cells[:300])]
