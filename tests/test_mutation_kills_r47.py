@@ -161,3 +161,79 @@ def test_a_hugging_face_datasets_held_hashes_reach_past_the_first_slice_of_rows(
     source = open_source(ds, ImageConfig(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3))
     assert source.held_hashes(600) == [(str(i), _blake(b)) for i, b in enumerate(cells)]
     assert source.held_hashes(300) == [(str(i), _blake(b)) for i, b in enumerate(cells[:300])]
+
+
+# ------------------------------------------------------------------------------------------ reducer states in a file
+
+
+def test_reducer_states_written_into_a_file_read_back_as_written(tmp_path):
+    """States written into a file as a merge writes them (``write_states_into``: ``current`` names the slot, its
+    ``scalars`` the JSON) read back with their arrays, the image count apart; a group without a slot named, or a slot
+    without scalars, is no state. Kills format `_states_inside` `_20` (``not`` dropped: every state skipped)."""
+    from qkhooks.store import format as fmt
+
+    path = tmp_path / "states.h5"
+    with h5py.File(path, "w") as f:
+        fmt.write_states_into(f, {"topk": {"count": 3, "values": np.arange(4.0)}, "mean": {"n": 2}}, images=5)
+        f[fmt.REDUCERS].create_group("unnamed").create_group("a")  # no "current"
+        group = f[fmt.REDUCERS].create_group("empty")
+        group.create_group("a")
+        group.attrs["current"] = "a"  # a slot without scalars
+    with h5py.File(path, "r") as f:
+        images, states = fmt.read_states(f, path)
+    assert images == 5 and sorted(states) == ["mean", "topk"]
+    assert states["mean"] == {"n": 2}
+    assert states["topk"]["count"] == 3 and states["topk"]["values"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+# ------------------------------------------------------------------------------------------ a resume's held images
+
+
+def test_a_resume_where_a_kept_image_held_as_bytes_is_now_an_array_is_refused(tmp_path):
+    """A run of a Hugging Face dataset of PNG bytes (each image's hash recorded), resumed over the same images as
+    array cells (no bytes, so no hash now): every kept image is named as holding other bytes, none let through
+    unchecked. Kills stream `_held_or_file_hashes` `_21` (an id with no hash now read as ``int(None)``)."""
+    import qkhooks
+    from qkhooks import QKHooksError
+    from test_review_r36 import _KW, _interrupted
+    from test_review_r39_fixb import _tiny_loaded
+    from test_review_r46_data import _hf, _pngs
+
+    datasets = pytest.importorskip("datasets")
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    _interrupted(loaded, run, batches=3, data=_hf(_pngs(0)))
+    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in _pngs(0)]
+    as_arrays = datasets.Dataset.from_dict(
+        {"image": arrays}, features=datasets.Features({"image": datasets.Array3D((16, 16, 3), "uint8")})).with_format("numpy", dtype=np.uint8)
+    with pytest.raises(QKHooksError, match=r"(\d+) of the \1 images it keeps hold other bytes .*first: '0'"):
+        qkhooks.record_dataset(loaded, as_arrays, run, resume=True, **_KW)
+
+
+def test_the_warning_that_held_images_without_a_hash_are_not_checked_is_said_whole(tmp_path):
+    """A run of a Hugging Face dataset's bytes recorded without their hashes (as before round 46) resumes with the
+    warning, word for word. Kills stream `_refuse_changed_stream_files` `_98`, `_103` (its words)."""
+    import re
+
+    import qkhooks
+    from qkhooks.store import format as fmt
+    from test_review_r36 import _KW, _interrupted
+    from test_review_r39_fixb import _tiny_loaded
+    from test_review_r46_data import _hf, _pngs
+
+    pytest.importorskip("datasets")
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    _interrupted(loaded, run, batches=3, data=_hf(_pngs(0)))
+    with h5py.File(run, "r+") as f:  # as a qkhooks from before round 46 wrote it
+        f[fmt.FILE_HASHES][...] = -1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qkhooks.record_dataset(loaded, _hf(_pngs(0)), run, resume=True, **_KW)
+    said = [str(w.message) for w in caught if "this resume does not check" in str(w.message)]
+    assert len(said) == 1
+    whole = (re.escape(f"{run}: this resume does not check ") + r"(\d+) of the \1"
+             + re.escape(" images it keeps (first: '0'): they are held in datasets:Dataset (not files) and the run "
+                         "holds no hash of their bytes (recorded by a qkhooks from before it hashed them, or a Hugging "
+                         "Face dataset's array cells, which are not hashed), so images replaced since would go on "
+                         "under the kept images' ids. Record into a new --out (or --overwrite) to have every kept "
+                         "image checked on a later resume."))
+    assert re.fullmatch(whole, said[0]), said[0]
