@@ -237,3 +237,27 @@ def test_the_warning_that_held_images_without_a_hash_are_not_checked_is_said_who
                          "under the kept images' ids. Record into a new --out (or --overwrite) to have every kept "
                          "image checked on a later resume."))
     assert re.fullmatch(whole, said[0]), said[0]
+
+
+# ------------------------------------------------------------------------------------------------ an overwrite's file
+
+
+def test_an_overwrite_records_the_new_run_with_every_chunk_index_before_its_first_chunk(tmp_path):
+    """A run recorded with ``overwrite=True`` over an older one of other images: the file holds the new run's
+    images, read back, and its per-image arrays' chunk indexes lie before their first chunk, as a new run's (the
+    overwrite's SWMR session opened with the same metadata blocks). Kills writer `_publish` `_18` (the overwrite's
+    file reopened as None)."""
+    import qkhooks
+    from qkhooks.store import format as fmt
+    from test_review_r39_fixb import _tiny_loaded
+    from test_review_r46_list import _arrays, _reference
+    from test_store_meta_block_r46 import test_every_per_image_arrays_chunk_index_lies_before_its_first_chunk
+
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    qkhooks.record_dataset(loaded, _arrays(0, 4), run, layers="0", modes=2, batch_size=2, progress=False)
+    new = _arrays(1, 6)
+    qkhooks.record_dataset(loaded, new, run, layers="0", modes=2, batch_size=2, progress=False, overwrite=True)
+    with qkhooks.open_run(run) as opened:
+        assert opened.n == 6 and opened.complete and list(opened.ids) == [str(i) for i in range(6)]
+        assert opened.array(fmt.FILE_HASHES)[:].tolist() == [_reference(a) for a in new]  # the new run's images
+    test_every_per_image_arrays_chunk_index_lies_before_its_first_chunk(run)
