@@ -261,3 +261,15 @@ def test_an_overwrite_records_the_new_run_with_every_chunk_index_before_its_firs
         assert opened.n == 6 and opened.complete and list(opened.ids) == [str(i) for i in range(6)]
         assert opened.array(fmt.FILE_HASHES)[:].tolist() == [_reference(a) for a in new]  # the new run's images
     test_every_per_image_arrays_chunk_index_lies_before_its_first_chunk(run)
+
+
+def test_the_metadata_block_holds_every_arrays_index_in_whole_4_kib():
+    """``meta_block_bytes(n)``: 16 KiB, or n indexes of 512 bytes rounded up to whole 4 KiB where that is more, for
+    every count up to 5,000 arrays (a ceiling by integers). Kills `_hdf5.meta_block_bytes` `_11` (``// 4097``:
+    one 4 KiB short from 4,097 arrays on)."""
+    from qkhooks.store._hdf5 import meta_block_bytes
+
+    for arrays in range(5001):
+        room = arrays * 512
+        whole = (room + 4095) // 4096 * 4096
+        assert meta_block_bytes(arrays) == max(16 * 1024, whole), arrays
