@@ -273,3 +273,31 @@ def test_the_metadata_block_holds_every_arrays_index_in_whole_4_kib():
         room = arrays * 512
         whole = (room + 4095) // 4096 * 4096
         assert meta_block_bytes(arrays) == max(16 * 1024, whole), arrays
+
+
+def test_a_transformers_4_processor_without_a_backend_is_read_by_its_class_name():
+    """transformers 4's processors name no backend: a ``...Fast`` class runs torchvision (taken with the warning),
+    the plain class PIL (no warning). Kills `_hf_backend` `_14` (the class name not read: no warning), `_18` (the
+    plain class not "pil": a warning)."""
+    transformers = _transformers()
+
+    class CLIPImageProcessorFast(transformers.CLIPImageProcessor):  # transformers 4: no backend attribute
+        backend = None
+
+    class CLIPImageProcessor(transformers.CLIPImageProcessor):
+        backend = None
+
+    with pytest.warns(UserWarning, match=r"runs transformers' torchvision backend.*\(CLIPImageProcessor\)"):
+        fast = ImageConfig.from_hf(CLIPImageProcessorFast())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = ImageConfig.from_hf(CLIPImageProcessor())
+    assert fast == plain == ImageConfig.from_hf(transformers.CLIPImageProcessorPil().to_dict())
+
+
+def test_rows_past_a_datasets_end_are_said_in_the_singular_for_one():
+    """Repair's note for an array cut shorter than the committed count: "row 7 is", "rows 5-7 are". Kills repair
+    `_past_the_end` `_11` ("IS")."""
+    assert repair_module._past_the_end("/b", 7, 8) == "/b: row 7 is past its end (it has 7 rows, 8 images are committed)"
+    assert repair_module._past_the_end("/a", 5, 8) == ("/a: rows 5-7 are past its end (it has 5 rows, 8 images are "
+                                                       "committed)")
