@@ -21,7 +21,7 @@ OLDEST_PINS ?= transformers==4.54.0 tokenizers==0.21.0 huggingface_hub==0.34.0 t
 	requests==2.34.2 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1 charset_normalizer==3.5.3 kernels==0.8.1
 # The model/loading/preprocessing part of the suite: what depends on transformers, timm and pillow (and the hub
 # probe's offline switch, which huggingface_hub 0.x reads only when it makes a session).
-OLDEST_TESTS ?= tests/test_core.py tests/test_offline.py tests/test_inputs.py tests/test_data.py tests/test_review_r41_rev41.py
+OLDEST_TESTS ?= tests/test_core.py tests/test_offline.py tests/test_inputs.py tests/test_data.py tests/test_hub_offline_switch.py
 
 .PHONY: demo test test-slow test-oldest venv clean mutation bug-patterns zoo-table
 

@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,utilization.gpu,memo
 echo "cores: $(nproc)"
 
 want tests && step "CUDA tests" &&
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_r25.py tests/test_devices_r25.py tests/test_writer_handoff_r28.py 2>&1 | tail -30
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py tests/test_device_transfers.py tests/test_writer_handoff.py 2>&1 | tail -30
 
 want syncs && step "host-device synchronisations per batch (ViT-S, batch 32)" &&
 timeout 90 "$PY" benchmarks/gpu_syncs.py --batch 32 --json "$OUT/syncs.json"

@@ -17,7 +17,7 @@ changes no claim: a claim is whether the interval excludes 0, which must lie in 
 Why bootstrap-t (resampled (mean* - mean) / se*) and not the percentile bootstrap: the percentile interval of a
 mean is too narrow for few units (it shrinks by sqrt((n - 1) / n) and takes few distinct values), and it cannot
 reach a familywise level's far tails; Student's t alone is too liberal in those tails for skewed units.
-``tests/test_readings_r22.py`` checks the false-claim rate on null data, Gaussian and skewed, from 6 to 30 units.
+``tests/test_readings_null_calibration.py`` checks the false-claim rate on null data, Gaussian and skewed, from 6 to 30 units.
 """
 
 from __future__ import annotations

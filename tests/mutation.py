@@ -208,8 +208,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "qkhooks/store/reader.py", "qkhooks/store/_hdf5.py", "qkhooks/store/writer.py"],
                 ["tests/test_reducers.py", "tests/test_modes.py", "tests/test_bfd.py", "tests/test_preference.py",
                  "tests/test_inputs.py", "tests/test_core.py", "tests/test_mutation_kills_capture.py",
-                 "tests/test_store_r19.py", "tests/test_store.py", "tests/test_store_safety.py", KILLS_R20],
-                "test_store_r19 or test_mutation_kills_r20 or (test_reducers and nan_or_inf_image) or "
+                 "tests/test_store_damaged_resume_and_retries.py", "tests/test_store.py", "tests/test_store_safety.py", KILLS_R20],
+                "test_store_damaged_resume_and_retries or test_mutation_kills_r20 or (test_reducers and nan_or_inf_image) or "
                 "(test_modes and nan_map) or (test_bfd and (probe_split or split_by_position or identical_images or "
                 "nan_or_inf_pixels)) or (test_preference and (overlap or touch)) or "
                 "(test_inputs and (modes or meta_device)) or (test_core and (module_path or layer_selections)) or "
@@ -225,12 +225,12 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "qkhooks/stream.py", "qkhooks/data/items.py", "qkhooks/data/datasets.py", "qkhooks/store/reader.py",
                  "qkhooks/store/repair.py", "qkhooks/store/writer.py", "qkhooks/store/format.py",
                  "qkhooks/store/_hdf5.py"],
-                ["tests/test_data_r20.py", "tests/test_data_r19.py", "tests/test_data.py", "tests/test_store_r20.py",
-                 "tests/test_checksum.py", "tests/test_store_r19.py", "tests/test_store_safety.py", "tests/test_core.py",
+                ["tests/test_data_spec_grammar.py", "tests/test_data_absolute_specs.py", "tests/test_data.py", "tests/test_store_file_sizes.py",
+                 "tests/test_checksum.py", "tests/test_store_damaged_resume_and_retries.py", "tests/test_store_safety.py", "tests/test_core.py",
                  "tests/test_mutation_kills_capture.py", "tests/test_mutation_kills_r19.py",
                  "tests/test_qkpath_precision.py", "tests/test_speed_e2e.py", KILLS_R20B],
-                "test_data_r20 or test_store_r20 or test_checksum or test_store_r19 or test_mutation_kills_r20b or "
-                "(test_data_r19 and not masks_missing_late) or "
+                "test_data_spec_grammar or test_store_file_sizes or test_checksum or test_store_damaged_resume_and_retries or test_mutation_kills_r20b or "
+                "(test_data_absolute_specs and not masks_missing_late) or "
                 "(test_data and (exif or frame_cannot_be_told or mask_turns)) or "
                 "(test_core and (module_path or layer_selections)) or "
                 "(test_mutation_kills_capture and (layers_are_resolved or reuses_the_projectors or given_spectrum_over)) or "
@@ -247,16 +247,16 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "qkhooks/store/format.py", "qkhooks/store/reader.py", "qkhooks/store/writer.py",
                  "qkhooks/store/_hdf5.py", "qkhooks/access.py", "qkhooks/capture.py", "qkhooks/spectrum.py",
                  "qkhooks/models/unsupported.py", "qkhooks/sdpa.py"],
-                ["tests/test_data_r21.py", "tests/test_verify_r21.py", "tests/test_repair_r21.py",
-                 "tests/test_chunk_rewrite_r21.py", "tests/test_store_r21.py", "tests/test_adapters_r21.py",
-                 "tests/test_precision_r21.py", "tests/test_data_r20.py", "tests/test_store_r20.py",
-                 "tests/test_store_r19.py", "tests/test_checksum.py", "tests/test_store.py", "tests/test_core.py",
+                ["tests/test_data_unreadable_files.py", "tests/test_verify_run.py", "tests/test_repair_shards_and_short_arrays.py",
+                 "tests/test_chunk_rewrite.py", "tests/test_store_slices_layouts_and_lock.py", "tests/test_wrapped_qk_layers_and_half_precision.py",
+                 "tests/test_low_precision_x_path.py", "tests/test_data_spec_grammar.py", "tests/test_store_file_sizes.py",
+                 "tests/test_store_damaged_resume_and_retries.py", "tests/test_checksum.py", "tests/test_store.py", "tests/test_core.py",
                  "tests/test_store_safety.py", KILLS_R20B, KILLS_R21, KILLS_R28B],
-                "test_data_r21 or test_verify_r21 or test_repair_r21 or test_chunk_rewrite_r21 or test_store_r21 or "
+                "test_data_unreadable_files or test_verify_run or test_repair_shards_and_short_arrays or test_chunk_rewrite or test_store_slices_layouts_and_lock or "
                 "test_mutation_kills_r28b or "
-                "test_adapters_r21 or test_precision_r21 or test_mutation_kills_r21 or test_data_r20 or "
-                "test_store_r20 or test_checksum or test_mutation_kills_r20b or "
-                "(test_store_r19 and (damaged_killed_run or every_object)) or "
+                "test_wrapped_qk_layers_and_half_precision or test_low_precision_x_path or test_mutation_kills_r21 or test_data_spec_grammar or "
+                "test_store_file_sizes or test_checksum or test_mutation_kills_r20b or "
+                "(test_store_damaged_resume_and_retries and (damaged_killed_run or every_object)) or "
                 "(test_store and (run_array_indexes or lazy_indexing)) or "
                 "(test_core and module_path) or "
                 "(test_store_safety and damaged and not (sigkill or full_disk or worker_processes or within_20_s "
@@ -268,33 +268,33 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # --only ROUND22.
     "round22": (["qkhooks/models/unsupported.py", "qkhooks/spectrum.py", "qkhooks/store/reader.py",
                  "qkhooks/readings.py"],
-                ["tests/test_hooks_r22.py", "tests/test_weights_check_r22.py", "tests/test_store_r22.py",
-                 "tests/test_readings_r22.py", "tests/test_readings.py", "tests/test_ux_r22.py",
-                 "tests/test_adapters_r21.py", "tests/test_store_r21.py", "tests/test_store.py", KILLS_R21, KILLS_R23],
-                "test_hooks_r22 or test_weights_check_r22 or test_store_r22 or test_readings or "
+                ["tests/test_foreign_hooks_refused.py", "tests/test_inference_mode_weights_check.py", "tests/test_store_shared_handle.py",
+                 "tests/test_readings_null_calibration.py", "tests/test_readings.py", "tests/test_newcomer_messages.py",
+                 "tests/test_wrapped_qk_layers_and_half_precision.py", "tests/test_store_slices_layouts_and_lock.py", "tests/test_store.py", KILLS_R21, KILLS_R23],
+                "test_foreign_hooks_refused or test_inference_mode_weights_check or test_store_shared_handle or test_readings or "
                 "test_mutation_kills_r23 or (test_mutation_kills_r21 and (lora or pinned or levit)) or "
-                "(test_ux_r22 and (state or integer_past or spectrum_takes)) or "
-                "(test_adapters_r21 and (lora or linear_subclass or recomputed or peft)) or "
-                "(test_store_r21 and (every_image_selection or picked_images or spanning)) or "
+                "(test_newcomer_messages and (state or integer_past or spectrum_takes)) or "
+                "(test_wrapped_qk_layers_and_half_precision and (lora or linear_subclass or recomputed or peft)) or "
+                "(test_store_slices_layouts_and_lock and (every_image_selection or picked_images or spanning)) or "
                 "(test_store and (run_array_indexes or lazy_indexing or closed_reader))"),
     # Round 24 (mutation; named for the round that ran it): the functions round 23 changed or added, against the
     # tests that reach them: the writer's fixed costs (the arrays it made, the committed count opened once, the
     # layout's groups kept), the file size limit (EFBIG) and quota (EDQUOT) handled as a full disk, the SWMR reopen
     # before the rename, the lock file's reserve; top-k's one stable sort; the readings' clipped intervals, pair
     # pivots and crossing sentence, the anisotropy baseline's pivots; the compiled / opaque / late-hook refusals and
-    # the per-batch check. Left out: the children of test_store_safety_r23.py's file size limit tests (they run
+    # the per-batch check. Left out: the children of test_store_write_failures.py's file size limit tests (they run
     # unmutated code; test_mutation_kills_r24.py has both in this process) and test_store_safety.py's tmpfs
     # full-disk test (27 s a mutant; test_mutation_kills_io2.py's full disk covers its writer paths). --only ROUND23.
     "round24": (["qkhooks/store/writer.py", "qkhooks/store/lock.py", "qkhooks/store/format.py",
                  "qkhooks/analysis/topk.py", "qkhooks/readings.py", "qkhooks/analysis/anisotropy.py",
                  "qkhooks/models/unsupported.py", "qkhooks/capture.py"],
-                ["tests/test_writer_r23.py", "tests/test_store_safety_r23.py", "tests/test_topk_r23.py",
-                 "tests/test_readings_r23.py", "tests/test_readings_r22.py", "tests/test_readings.py",
-                 "tests/test_tooling_r23.py", "tests/test_hooks_r22.py", "tests/test_reducers.py",
+                ["tests/test_writer_layout_and_count.py", "tests/test_store_write_failures.py", "tests/test_topk_ranking_sorts.py",
+                 "tests/test_readings_clipped_intervals.py", "tests/test_readings_null_calibration.py", "tests/test_readings.py",
+                 "tests/test_torch_tooling_refused.py", "tests/test_foreign_hooks_refused.py", "tests/test_reducers.py",
                  "tests/test_store_safety.py", "tests/test_mutation_kills_io.py", KILLS_IO2, "tests/test_mutation_kills_r19.py",
                  KILLS_R23, KILLS_R24],
-                "test_writer_r23 or (test_store_safety_r23 and not file_size_limit) or test_topk_r23 or "
-                "test_readings or test_tooling_r23 or test_hooks_r22 or test_mutation_kills_r23 or "
+                "test_writer_layout_and_count or (test_store_write_failures and not file_size_limit) or test_topk_ranking_sorts or "
+                "test_readings or test_torch_tooling_refused or test_foreign_hooks_refused or test_mutation_kills_r23 or "
                 "test_mutation_kills_r24 or (test_reducers and (interval or centre)) or "
                 "(test_mutation_kills_r19 and pair_pivots) or (test_mutation_kills_io and full_disk_is_told) or "
                 "(test_mutation_kills_io2 and (full_disk or free_space_check or find_their_arrays or string_static or "
@@ -306,18 +306,18 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # refusing to be traced (`own_hook`, `_untraced`, `_refuse_traced`, `traced_refusal`, `Recording.__exit__`); the
     # ids' digests (written, read, cut, verified, repaired, merged), repair's one walk of the chunk index; the lock's
     # same-process refusal; the weights fingerprint's state entries. Left out: test_store_safety.py's live-run second
-    # writer (its writer runs in a child process, 24 s) and test_verify_r21.py's unopenable file (6 s, no round-24
+    # writer (its writer runs in a child process, 24 s) and test_verify_run.py's unopenable file (6 s, no round-24
     # code). --only ROUND24.
     "round25": (["qkhooks/models/unsupported.py", "qkhooks/capture.py", "qkhooks/store/format.py",
                  "qkhooks/store/writer.py", "qkhooks/store/repair.py", "qkhooks/store/lock.py",
                  "qkhooks/store/reader.py", "qkhooks/distributed.py", "qkhooks/stream.py"],
-                ["tests/test_compile_r24.py", "tests/test_ids_checksum_r24.py", "tests/test_chunk_walk_r24.py",
-                 "tests/test_quantised_r24.py", "tests/test_hooks_r22.py", "tests/test_verify_r21.py",
-                 "tests/test_repair_r21.py", "tests/test_store_safety.py", "tests/test_mutation_kills_r19.py",
+                ["tests/test_torch_compile.py", "tests/test_ids_checksum.py", "tests/test_chunk_walk.py",
+                 "tests/test_quantised_head_fingerprint.py", "tests/test_foreign_hooks_refused.py", "tests/test_verify_run.py",
+                 "tests/test_repair_shards_and_short_arrays.py", "tests/test_store_safety.py", "tests/test_mutation_kills_r19.py",
                  KILLS_R24, KILLS_R25],
-                "test_compile_r24 or test_ids_checksum_r24 or test_chunk_walk_r24 or test_quantised_r24 or "
-                "test_hooks_r22 or test_repair_r21 or test_mutation_kills_r25 or "
-                "(test_verify_r21 and not does_not_open) or (test_mutation_kills_r24 and second_writer) or "
+                "test_torch_compile or test_ids_checksum or test_chunk_walk or test_quantised_head_fingerprint or "
+                "test_foreign_hooks_refused or test_repair_shards_and_short_arrays or test_mutation_kills_r25 or "
+                "(test_verify_run and not does_not_open) or (test_mutation_kills_r24 and second_writer) or "
                 "(test_store_safety and another_name) or (test_mutation_kills_r19 and fingerprint)"),
     # Round 26 (mutation): round 25's code, against the tests that reach it: host-to-device copies (`to_device`), the
     # entry's and the per-batch batched weights verdicts (`cached_weights_checked`, `_cache_verdicts`,
@@ -325,19 +325,19 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # (`create_run_file`, `refuse_newer_format` and its callers in the resume, merge, repair and verify), repair's one
     # chunk reader (`_failing_rows(rows_per_read, each)`, `_ids_off_their_digests`), the anisotropy reducer's one read of
     # the counts, PositionDecoding's host-made row indices and the windows' host-side checks. Left out:
-    # test_cuda_r25.py (CUDA, or QKHOOKS_TEST_DEVICE=cpu: whole recordings that duplicate the tests below on the CPU).
+    # test_cuda_paths.py (CUDA, or QKHOOKS_TEST_DEVICE=cpu: whole recordings that duplicate the tests below on the CPU).
     # --only ROUND25.
     "round26": (["qkhooks/_devices.py", "qkhooks/spectrum.py", "qkhooks/capture.py", "qkhooks/store/_hdf5.py",
                  "qkhooks/store/format.py", "qkhooks/store/repair.py", "qkhooks/store/writer.py",
                  "qkhooks/distributed.py", "qkhooks/analysis/anisotropy.py", "qkhooks/analysis/bfd_reducers.py",
                  "qkhooks/models/windows.py"],
-                ["tests/test_devices_r25.py", "tests/test_format_version_r25.py", "tests/test_digest_walk_r25.py",
-                 "tests/test_weights_check_r22.py", "tests/test_ids_checksum_r24.py", "tests/test_chunk_walk_r24.py",
-                 "tests/test_repair_r21.py", "tests/test_verify_r21.py", "tests/test_windows_forms.py",
+                ["tests/test_device_transfers.py", "tests/test_format_version_refusals.py", "tests/test_digest_walk.py",
+                 "tests/test_inference_mode_weights_check.py", "tests/test_ids_checksum.py", "tests/test_chunk_walk.py",
+                 "tests/test_repair_shards_and_short_arrays.py", "tests/test_verify_run.py", "tests/test_windows_forms.py",
                  "tests/test_bfd.py", "tests/test_reducers.py", "tests/test_modes.py", KILLS_R25, KILLS_R26],
-                "test_devices_r25 or test_format_version_r25 or test_digest_walk_r25 or test_weights_check_r22 or "
-                "test_ids_checksum_r24 or test_chunk_walk_r24 or test_repair_r21 or test_mutation_kills_r26 or "
-                "(test_verify_r21 and not does_not_open) or (test_windows_forms and windowed_rows_and_pooled) or "
+                "test_device_transfers or test_format_version_refusals or test_digest_walk or test_inference_mode_weights_check or "
+                "test_ids_checksum or test_chunk_walk or test_repair_shards_and_short_arrays or test_mutation_kills_r26 or "
+                "(test_verify_run and not does_not_open) or (test_windows_forms and windowed_rows_and_pooled) or "
                 "(test_bfd and (decoding_separates or position_probe or probe_split)) or "
                 "(test_reducers and anisotropy) or (test_modes and anisotropy_equals) or "
                 "(test_mutation_kills_r25 and (digest or repair or verify))"),
@@ -351,13 +351,13 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     "round26b": (["qkhooks/projector.py", "qkhooks/capture.py", "qkhooks/analysis/topk.py", "qkhooks/store/format.py",
                   "qkhooks/store/reader.py"],
                  ["tests/test_speed_round9.py", "tests/test_speed_round10.py", "tests/test_speed_round11.py",
-                  "tests/test_mutation_kills_capture.py", "tests/test_hooks_r22.py", "tests/test_topk_signs_r26.py",
-                  "tests/test_topk_r23.py", "tests/test_format_version_r26.py", KILLS_R26B],
-                 "test_topk_signs_r26 or test_topk_r23 or test_format_version_r26 or test_mutation_kills_r26b or "
+                  "tests/test_mutation_kills_capture.py", "tests/test_foreign_hooks_refused.py", "tests/test_topk_signs.py",
+                  "tests/test_topk_ranking_sorts.py", "tests/test_format_version_info.py", KILLS_R26B],
+                 "test_topk_signs or test_topk_ranking_sorts or test_format_version_info or test_mutation_kills_r26b or "
                  "(test_speed_round9 and not workers_default) or (test_speed_round10 and not page_faults) or "
                  "(test_speed_round11 and geometry_probe) or "
                  "(test_mutation_kills_capture and (cached_sites or replaced_by_another)) or "
-                 "(test_hooks_r22 and nested_recordings)"),
+                 "(test_foreign_hooks_refused and nested_recordings)"),
     # Round 27 (mutation): round 27's code, against the tests that reach it: an accelerator's top-k fold from the layers'
     # maps stacked (`_stacked_maps`, `_layer_extremes(..., stacked)`, `_fold_layers`' one row index, `_store_stacked`'s
     # unbind views, `TopKModes.update`'s stacks; opened on the CPU by the tests' `fold_path` / `accelerator_fold`
@@ -366,10 +366,10 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # recorded run each, no round-27 line they alone reach), test_distributed.py's shard writers but the top-k merge
     # (2 s each), test_reducers.py's import checks (fresh interpreters). --only ROUND27.
     "round27": (["qkhooks/analysis/topk.py", "qkhooks/analysis/anisotropy.py", "qkhooks/projector.py"],
-                ["tests/test_reducer_ops_r27.py", "tests/test_topk_r23.py", "tests/test_topk_signs_r26.py",
+                ["tests/test_reducer_ops.py", "tests/test_topk_ranking_sorts.py", "tests/test_topk_signs.py",
                  "tests/test_modes.py", "tests/test_reducers.py", "tests/test_distributed.py",
                  "tests/test_speed_round9.py", KILLS_R26B, KILLS_R27],
-                "test_reducer_ops_r27 or test_topk_r23 or test_topk_signs_r26 or test_mutation_kills_r27 or "
+                "test_reducer_ops or test_topk_ranking_sorts or test_topk_signs or test_mutation_kills_r27 or "
                 "(test_modes and (topk or anisotropy or fold or merge_of_two_halves or state_dict_round_trip or "
                 "prefix_inference) and not weighted_cosine) or "
                 "(test_reducers and not (imports or import_the_command_line)) or "
@@ -381,25 +381,25 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # the q/k hook's fewer operations (`Recording._qk_hook`: q and k sliced apart only for rows or full maps, the
     # fused block handed whole to `QKPathProjector.from_fused`, `detach` only where grad is tracked; the layer hook's
     # kept inputs), the writer's `_to_host`, and the entry's cached compile verdict (`model_sites`' third item,
-    # `_maybe_compiled`, `Recording.__init__`, `compiled_by_dynamo`). Left out: test_verify_r21.py's unopenable file
-    # (6 s, no round-27 line), test_core.py's x fallback (default-width ViTs, 9 s; test_precision_r21.py's autocast
+    # `_maybe_compiled`, `Recording.__init__`, `compiled_by_dynamo`). Left out: test_verify_run.py's unopenable file
+    # (6 s, no round-27 line), test_core.py's x fallback (default-width ViTs, 9 s; test_low_precision_x_path.py's autocast
     # tests send fused and separate q/k layers to x instead), test_mutation_kills.py's q/k path projector tests (default
-    # width, 6 s each, no round-27 line), test_compile_r24.py's dataset run and quantised tests. --only ROUND27B.
+    # width, 6 s each, no round-27 line), test_torch_compile.py's dataset run and quantised tests. --only ROUND27B.
     "round27b": (["qkhooks/store/repair.py", "qkhooks/capture.py", "qkhooks/projector.py", "qkhooks/store/writer.py",
                   "qkhooks/models/unsupported.py"],
-                 ["tests/test_verify_format_r27.py", "tests/test_format_version_r25.py", "tests/test_verify_r21.py",
-                  "tests/test_mutation_kills_r25.py", "tests/test_hook_ops_r27.py", "tests/test_core.py",
-                  "tests/test_speed_round9.py", "tests/test_precision_r21.py", "tests/test_mutation_kills_capture.py",
-                  "tests/test_entry_r27.py", "tests/test_compile_r24.py", "tests/test_mutation_kills_r24.py", KILLS_R27B],
-                 "test_verify_format_r27 or test_format_version_r25 or test_hook_ops_r27 or test_entry_r27 or "
-                 "test_mutation_kills_r27b or (test_verify_r21 and not does_not_open) or "
+                 ["tests/test_verify_names_format.py", "tests/test_format_version_refusals.py", "tests/test_verify_run.py",
+                  "tests/test_mutation_kills_r25.py", "tests/test_hook_ops.py", "tests/test_core.py",
+                  "tests/test_speed_round9.py", "tests/test_low_precision_x_path.py", "tests/test_mutation_kills_capture.py",
+                  "tests/test_entry_compiled_search.py", "tests/test_torch_compile.py", "tests/test_mutation_kills_r24.py", KILLS_R27B],
+                 "test_verify_names_format or test_format_version_refusals or test_hook_ops or test_entry_compiled_search or "
+                 "test_mutation_kills_r27b or (test_verify_run and not does_not_open) or "
                  "(test_mutation_kills_r25 and (verify or compiled)) or "
                  f"(test_core and (qk_outputs or fused_attention_kept) and not (fall_back or {SAME_FORM_FAMILIES})) or "
                  "(test_speed_round9 and (fused or projector)) or "
-                 "(test_precision_r21 and (autocast_entered_inside or separate_linears_under_autocast)) or "
+                 "(test_low_precision_x_path and (autocast_entered_inside or separate_linears_under_autocast)) or "
                  "(test_mutation_kills_capture and (rows_taken_from_the_qk_hook or compute_dtype_cast or bypasses "
                  "or two_softmax_terms)) or "
-                 "(test_compile_r24 and (compiling_inside or wrapper_compiled or compiled_head or "
+                 "(test_torch_compile and (compiling_inside or wrapper_compiled or compiled_head or "
                  "compiled_or_quantised)) or (test_mutation_kills_r24 and compiled)"),
     # Round 28 (clean): round 27's review items, mended, against the tests that reach them: one helper detaching only
     # what tracks grad (`_devices.detached`, in the layer hook's kept inputs, the q/k hook and the writer's `_to_host`),
@@ -407,12 +407,12 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # stack as it is (`AnisotropyReducer.update`, `_finite_centres`, `CentreEmbeddings.update`). Left out: what
     # round27b leaves out, and its verify, format and compile tests (no round-28 line). --only ROUND28.
     "round28": (["qkhooks/_devices.py", "qkhooks/capture.py", "qkhooks/store/writer.py", "qkhooks/analysis/anisotropy.py"],
-                ["tests/test_hook_ops_r27.py", "tests/test_reducer_ops_r27.py", "tests/test_precision_r21.py",
+                ["tests/test_hook_ops.py", "tests/test_reducer_ops.py", "tests/test_low_precision_x_path.py",
                  "tests/test_core.py", "tests/test_speed_round9.py", "tests/test_mutation_kills_capture.py",
                  "tests/test_mutation_kills_r27.py", KILLS_R27B, "tests/test_reducers.py", "tests/test_modes.py",
                  KILLS_R28],
-                "test_hook_ops_r27 or test_reducer_ops_r27 or test_mutation_kills_r28 or "
-                "(test_precision_r21 and (autocast_entered_inside or separate_linears_under_autocast or "
+                "test_hook_ops or test_reducer_ops or test_mutation_kills_r28 or "
+                "(test_low_precision_x_path and (autocast_entered_inside or separate_linears_under_autocast or "
                 "pinned_qk_source or float32_keeps)) or "
                 f"(test_core and (qk_outputs or fused_attention_kept) and not (fall_back or {SAME_FORM_FAMILIES})) or "
                 "(test_speed_round9 and (fused or projector)) or "
@@ -424,25 +424,25 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # Round 28 (lead): the writer's packed hand-off (`_to_host_all`, `_packed`, `_unpacked`, `_element_size`: a batch's
     # GPU arrays leave each device in one copy), against its tests and the store's batch tests. The GPU-only lines
     # (the pinned block, the copy, the event) run only where torch sees a GPU. --only ROUND28B.
-    "round28b": (["qkhooks/store/writer.py"], ["tests/test_writer_handoff_r28.py", "tests/test_store.py"],
-                 "test_writer_handoff_r28 or (test_store and (float16_storage or commits_whole_batches))"),
+    "round28b": (["qkhooks/store/writer.py"], ["tests/test_writer_handoff.py", "tests/test_store.py"],
+                 "test_writer_handoff or (test_store and (float16_storage or commits_whole_batches))"),
     # Round 29 (mutation): round 29's library code (`e52c7d9..0c36b52`): the anisotropy baseline's centre rows taken in
     # the layer's hook (`take_inputs`, `_batch_centres`), the recording's `takes_inputs` / `keep_last`, record_dataset's
     # `keep_inputs` decision and `resumed_from`, the writer's `_statics_only`, and `record --resume`'s message, against
     # their tests and the anisotropy tests. --only ROUND29.
     "round29": (["qkhooks/analysis/anisotropy.py", "qkhooks/capture.py", "qkhooks/stream.py", "qkhooks/store/writer.py",
                  "qkhooks/cli/record.py"],
-                ["tests/test_taken_inputs_r29.py", "tests/test_newcomer_r28.py", "tests/test_reducer_ops_r27.py",
+                ["tests/test_taken_inputs_anisotropy.py", "tests/test_newcomer_refusals.py", "tests/test_reducer_ops.py",
                  "tests/test_reducers.py", "tests/test_modes.py", "tests/test_mutation_kills_r27.py", KILLS_R29],
-                "test_taken_inputs_r29 or test_mutation_kills_r29 or "
-                "(test_newcomer_r28 and (resume_says or ended_with_no_image or statics_only_resume)) or "
-                "(test_reducer_ops_r27 and anisotropy) or (test_reducers and (anisotropy or centre)) or "
+                "test_taken_inputs_anisotropy or test_mutation_kills_r29 or "
+                "(test_newcomer_refusals and (resume_says or ended_with_no_image or statics_only_resume)) or "
+                "(test_reducer_ops and anisotropy) or (test_reducers and (anisotropy or centre)) or "
                 "(test_modes and anisotropy_equals) or (test_mutation_kills_r27 and anisotropy)"),
     # Round 30 (read): `RunArray._read`'s mutants round 28 left out, against the tests that index a RunArray (numpy's
     # answer on the rows read whole, the contiguous reads, the refusals' words; ~15 s). store/reader.py only; run with
     # --only on `_read`'s names.
     "round30read": (["qkhooks/store/reader.py"],
-                    ["tests/test_store.py", "tests/test_store_r21.py", "tests/test_store_r22.py",
+                    ["tests/test_store.py", "tests/test_store_slices_layouts_and_lock.py", "tests/test_store_shared_handle.py",
                      "tests/test_mutation_kills_io.py", "tests/test_mutation_kills_r20.py",
                      "tests/test_mutation_kills_r21.py", "tests/test_mutation_kills_r23.py", KILLS_R30_READ],
                     "test_mutation_kills_r30_read or "
@@ -459,9 +459,9 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # probes' tests of round 20 and the kill files of rounds 29 and 30. Run with --only ROUND30.
     "round30": (["qkhooks/capture.py", "qkhooks/stream.py", "qkhooks/reducers.py", "qkhooks/options.py",
                  "qkhooks/analysis/anisotropy.py", "qkhooks/analysis/bfd.py", "qkhooks/analysis/bfd_reducers.py"],
-                ["tests/test_taken_inputs_r30.py", "tests/test_taken_inputs_r29.py", "tests/test_bfd.py",
+                ["tests/test_taken_inputs_bfd.py", "tests/test_taken_inputs_anisotropy.py", "tests/test_bfd.py",
                  "tests/test_reducers.py", "tests/test_mutation_kills_r20.py", KILLS_R29, KILLS_R30],
-                "test_taken_inputs_r30 or test_taken_inputs_r29 or test_bfd or test_reducers or "
+                "test_taken_inputs_bfd or test_taken_inputs_anisotropy or test_bfd or test_reducers or "
                 "test_mutation_kills_r29 or test_mutation_kills_r30 or (test_mutation_kills_r20 and position_probes)"),
     # Round 31 (mutation): round 30's later library code (`abe37ed..4a07a01`): run.last freed as the next forward begins
     # and the refusal after a forward that raised, each layer's own geometry for a live recording's sinks (capture.py,
@@ -472,11 +472,11 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # batch's refusals and the kill files of rounds 30 and 31. Run with --only ROUND31.
     "round31": (["qkhooks/capture.py", "qkhooks/results.py", "qkhooks/stream.py", "qkhooks/options.py",
                  "qkhooks/models/load.py", "qkhooks/analysis/bfd.py", "qkhooks/cli/bfd.py"],
-                ["tests/test_taken_inputs_r30.py", "tests/test_preprocessing_r30.py", "tests/test_taken_inputs_r29.py",
+                ["tests/test_taken_inputs_bfd.py", "tests/test_hf_processor_config_required.py", "tests/test_taken_inputs_anisotropy.py",
                  "tests/test_options.py", "tests/test_bfd.py", "tests/test_mutation_kills_capture.py", KILLS_R30,
                  KILLS_R30_READ, KILLS_R31],
-                "test_taken_inputs_r30 or test_preprocessing_r30 or test_mutation_kills_r30 or test_mutation_kills_r31 "
-                "or (test_taken_inputs_r29 and keep_last) or (test_options and not cannot_read_the_source) or test_bfd "
+                "test_taken_inputs_bfd or test_hf_processor_config_required or test_mutation_kills_r30 or test_mutation_kills_r31 "
+                "or (test_taken_inputs_anisotropy and keep_last) or (test_options and not cannot_read_the_source) or test_bfd "
                 "or (test_mutation_kills_capture and hand_made_batch)"),
     # Round 32 (mutation): the library code of rounds 31 and 32 (`4a07a01..fcb421f`): round 31's geometry read in the layer
     # hook (capture.py's geometry_from_tokens, _tokens_geometry, _begin_batch's meta copy, meta["prefix_tokens"]),
@@ -496,12 +496,12 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "qkhooks/capture.py", "qkhooks/data/readers.py", "qkhooks/models/base.py", "qkhooks/models/hf.py",
                  "qkhooks/models/load.py", "qkhooks/reducers.py", "qkhooks/report.py", "qkhooks/store/reader.py",
                  "qkhooks/store/repair.py", "qkhooks/store/writer.py", "qkhooks/stream.py"],
-                ["tests/test_geometry_r31.py", "tests/test_review_r31.py", "tests/test_fixes_r31.py",
-                 "tests/test_fixes_r32.py", "tests/test_bfd.py", "tests/test_taken_inputs_r30.py", "tests/test_modes.py",
-                 "tests/test_reducers.py", "tests/test_verify_r21.py", "tests/test_preprocessing_r30.py",
+                ["tests/test_layer_geometry_in_hooks.py", "tests/test_stream_skipped_ids_and_missing_shards.py", "tests/test_failed_forward_and_default_ids.py",
+                 "tests/test_float16_overflow_and_held_reducers.py", "tests/test_bfd.py", "tests/test_taken_inputs_bfd.py", "tests/test_modes.py",
+                 "tests/test_reducers.py", "tests/test_verify_run.py", "tests/test_hf_processor_config_required.py",
                  KILLS_IO, "tests/test_report.py", KILLS_R31, KILLS_R32],
-                "test_geometry_r31 or test_review_r31 or test_fixes_r31 or test_fixes_r32 or test_bfd or "
-                "test_taken_inputs_r30 or test_modes or test_reducers or test_verify_r21 or test_preprocessing_r30 or "
+                "test_layer_geometry_in_hooks or test_stream_skipped_ids_and_missing_shards or test_failed_forward_and_default_ids or test_float16_overflow_and_held_reducers or test_bfd or "
+                "test_taken_inputs_bfd or test_modes or test_reducers or test_verify_run or test_hf_processor_config_required or "
                 "(test_mutation_kills_io and streamed_id_seen_twice) or "
                 "(test_report and (summary_has_every_section or readings_state)) or test_mutation_kills_r31 or "
                 "test_mutation_kills_r32"),
@@ -522,13 +522,13 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "qkhooks/data/preprocess.py", "qkhooks/data/sources.py", "qkhooks/models/base.py",
                  "qkhooks/models/timm.py", "qkhooks/models/unsupported.py", "qkhooks/projector.py",
                  "qkhooks/reducers.py", "qkhooks/spectrum.py", "qkhooks/store/writer.py", "qkhooks/stream.py"],
-                ["tests/test_data_r32.py", "tests/test_review_r32.py", "tests/test_fixes_r32.py", KILLS_R32,
-                 "tests/test_data.py", "tests/test_inputs.py", "tests/test_sources.py", "tests/test_weights_check_r22.py",
-                 "tests/test_spectrum.py", KILLS_IO, "tests/test_mutation_kills_io2.py", "tests/test_precision_r21.py",
+                ["tests/test_data_processor_pixels.py", "tests/test_capture_weights_and_spectra.py", "tests/test_float16_overflow_and_held_reducers.py", KILLS_R32,
+                 "tests/test_data.py", "tests/test_inputs.py", "tests/test_sources.py", "tests/test_inference_mode_weights_check.py",
+                 "tests/test_spectrum.py", KILLS_IO, "tests/test_mutation_kills_io2.py", "tests/test_low_precision_x_path.py",
                  "tests/test_mutation_kills_r20b.py", "tests/test_mutation_kills_r23.py", KILLS_CAPTURE, KILLS_R33],
-                "(test_data_r32 or test_review_r32 or test_fixes_r32 or test_mutation_kills_r32 or test_data or "
-                "test_inputs or test_sources or test_weights_check_r22 or test_spectrum or test_mutation_kills_io or "
-                "test_mutation_kills_io2 or test_precision_r21 or test_mutation_kills_r33 or "
+                "(test_data_processor_pixels or test_capture_weights_and_spectra or test_float16_overflow_and_held_reducers or test_mutation_kills_r32 or test_data or "
+                "test_inputs or test_sources or test_inference_mode_weights_check or test_spectrum or test_mutation_kills_io or "
+                "test_mutation_kills_io2 or test_low_precision_x_path or test_mutation_kills_r33 or "
                 "((test_mutation_kills_r20b or test_mutation_kills_r23 or test_mutation_kills_capture) and "
                 "(given_spectrum or spectrum_of_inference_mode_weights_follows))) and not "
                 "(live_record_of_a_model_dropping_at_random or live_layer_read_as_the_old_dict or "
@@ -556,10 +556,10 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "qkhooks/readings.py", "qkhooks/report.py", "qkhooks/sdpa.py", "qkhooks/spectrum.py",
                  "qkhooks/store/_hdf5.py", "qkhooks/store/format.py", "qkhooks/store/reader.py",
                  "qkhooks/store/repair.py", "qkhooks/store/writer.py", "qkhooks/stream.py"],
-                ["tests/test_review_r33.py", "tests/test_token_cells_r33.py", KILLS_R33, "tests/test_review_r34.py",
-                 "tests/test_bfd.py", "tests/test_data.py", "tests/test_readings.py", "tests/test_readings_r22.py",
+                ["tests/test_review_grids_bfd_damage.py", "tests/test_token_cells.py", KILLS_R33, "tests/test_review_writers_statistics_dtypes.py",
+                 "tests/test_bfd.py", "tests/test_data.py", "tests/test_readings.py", "tests/test_readings_null_calibration.py",
                  "tests/test_zoo.py", "tests/test_map_forms.py", KILLS_R34, "tests/test_mutation_kills_models.py"],
-                "(test_review_r33 or test_token_cells_r33 or test_mutation_kills_r33 or test_review_r34 or test_bfd or "
+                "(test_review_grids_bfd_damage or test_token_cells or test_mutation_kills_r33 or test_review_writers_statistics_dtypes or test_bfd or "
                 "test_data or test_readings or test_mutation_kills_r34 or (test_zoo and fast_subset and (pwee or xp_)) or "
                 "(test_map_forms and parallel_blocks) or an_hf_attention_owning_a_table_or_scale) and not "
                 "(held_open_for_writing_by_plain_h5py or "
@@ -574,8 +574,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # _refuse_replaced), capture's _partial_call / _ran_layers, BFD per-layer grids (bfd_reducers.py, bfd.py),
     # record_dataset's shard and resume checks (_checked_shard, _refuse_changed_stream, ItemStream.ids_before,
     # is_whole), the store's held_for_write / held_shards, the data items (bundled:NAME, open_image, path ids) and
-    # models.base.conv_output_size. Against the round's own review tests (test_review_r35*.py, test_review_r36*.py,
-    # test_review_r37*.py) and test_fused_attention.py (softmax_attention against torch's SDPA, eager attention and
+    # models.base.conv_output_size. Against the round's own review tests (test_review_stages_names_interruptions.py, test_review_symlinks_repair_messages.py, test_hand_mutant_kills.py,
+    # test_review_options_bfd_resume.py, test_capture_changes_inside_record.py, test_user_data_items.py) and test_fused_attention.py (softmax_attention against torch's SDPA, eager attention and
     # float64 numpy), in-process tests only: not the three that start another Python (a spawned DataLoader worker, a
     # writer in another process, a plain import) nor the two 10-12 s demo tests on the bundled DINOv2 photos. Run with
     # --only ROUND37 (and --sample: the module has tens of thousands of mutants).
@@ -593,8 +593,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "qkhooks/models/unsupported.py", "qkhooks/options.py", "qkhooks/readings.py", "qkhooks/report.py",
                  "qkhooks/sdpa.py", "qkhooks/store/_hdf5.py", "qkhooks/store/format.py", "qkhooks/store/reader.py",
                  "qkhooks/store/repair.py", "qkhooks/store/writer.py", "qkhooks/stream.py"],
-                ["tests/test_review_r35.py", "tests/test_review_r36.py", "tests/test_review_r36_mutants.py",
-                 "tests/test_review_r37.py", "tests/test_review_r37_capture.py", "tests/test_review_r37_data.py",
+                ["tests/test_review_stages_names_interruptions.py", "tests/test_review_symlinks_repair_messages.py", "tests/test_hand_mutant_kills.py",
+                 "tests/test_review_options_bfd_resume.py", "tests/test_capture_changes_inside_record.py", "tests/test_user_data_items.py",
                  "tests/test_fused_attention.py", KILLS_R37],
                 "not (spawned_worker_skips_what_the_main_process_skips or "
                 "reader_opened_while_its_writer_ran_reads_the_states or submodules_named_in_the_readme_work_after "
@@ -607,10 +607,10 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     "round37rest": (["qkhooks/stream.py", "qkhooks/models/unsupported.py", "qkhooks/store/_hdf5.py",
                      "qkhooks/store/repair.py", "qkhooks/store/format.py", "qkhooks/store/writer.py",
                      "qkhooks/attention.py", "qkhooks/capture.py", "qkhooks/sdpa.py"],
-                    ["tests/test_review_r35.py", "tests/test_review_r36.py", "tests/test_review_r36_mutants.py",
-                     "tests/test_review_r37.py", "tests/test_review_r37_capture.py", "tests/test_review_r37_data.py",
+                    ["tests/test_review_stages_names_interruptions.py", "tests/test_review_symlinks_repair_messages.py", "tests/test_hand_mutant_kills.py",
+                     "tests/test_review_options_bfd_resume.py", "tests/test_capture_changes_inside_record.py", "tests/test_user_data_items.py",
                      "tests/test_fused_attention.py", KILLS_R37, KILLS_R38, "tests/test_mutation_kills.py"],
-                    "(test_review_r35 or test_review_r36 or test_review_r37 or test_fused_attention or "
+                    "(test_review_stages_names_interruptions or (test_review_symlinks_repair_messages or test_hand_mutant_kills) or (test_review_options_bfd_resume or test_capture_changes_inside_record or test_user_data_items) or test_fused_attention or "
                     "test_mutation_kills_r37 or test_mutation_kills_r38 or attention_specs_parse_and_refuse_clearly) "
                     "and not (spawned_worker_skips_what_the_main_process_skips or "
                     "reader_opened_while_its_writer_ran_reads_the_states or submodules_named_in_the_readme_work_after "
@@ -626,9 +626,9 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # --only ROUND38 --sample 25.
     "round38": (["qkhooks/capture.py", "qkhooks/models/unsupported.py", "qkhooks/spectrum.py",
                  "qkhooks/cli/__init__.py", "qkhooks/analysis/bfd_summary.py", "qkhooks/analysis/bfd.py"],
-                ["tests/test_review_r38.py", "tests/test_review_r38_capture.py", "tests/test_review_r38_cli.py",
+                ["tests/test_review_tubelets_spellings_train_mode.py", "tests/test_capture_shared_qkv_threads_copies.py", "tests/test_cli_refusals_before_work.py",
                  KILLS_R38, "tests/test_spectrum.py"],
-                "(test_review_r38 or test_mutation_kills_r38 or stored_layer_read_as_the_old_dict) and not "
+                "((test_review_tubelets_spellings_train_mode or test_capture_shared_qkv_threads_copies or test_cli_refusals_before_work) or test_mutation_kills_r38 or stored_layer_read_as_the_old_dict) and not "
                 "a_closed_pipe_stops_the_command_quietly"),
     # Round 40 (mutation): round 39's library code (`4f4469b..a0291ba`; the brief's `c8815ea..a0291ba` also holds 27 of
     # round 38's 39 commits, which the module "round38" ran) in 15 of the 22 library files it touched: the record()
@@ -647,11 +647,11 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "qkhooks/store/repair.py", "qkhooks/store/_hdf5.py", "qkhooks/distributed.py",
                  "qkhooks/cli/__init__.py", "qkhooks/compare.py", "qkhooks/analysis/bfd.py",
                  "qkhooks/analysis/bfd_summary.py", "qkhooks/data/readers.py"],
-                ["tests/test_review_r39_digest.py", "tests/test_review_r39_fixa.py", "tests/test_review_r39_fixb.py",
-                 "tests/test_review_r39_lead.py", "tests/test_review_r39_rev.py", "tests/test_review_r39_safe.py",
-                 "tests/test_review_r38.py", "tests/test_review_r38_capture.py", KILLS_R38, KILLS_R39],
-                "(test_review_r39_digest or test_review_r39_fixa or test_review_r39_fixb or test_review_r39_lead or "
-                "test_review_r39_rev or test_review_r39_safe or test_mutation_kills_r39 or spectrum_edited_by_its_caller or "
+                ["tests/test_attribute_digests.py", "tests/test_cli_compare_and_folder_refusals.py", "tests/test_spectrum_edits_and_dataparallel.py",
+                 "tests/test_demo_checks_and_recopied_resume.py", "tests/test_merge_formats_and_old_mtimes.py", "tests/test_run_file_safety_adversarial.py",
+                 "tests/test_review_tubelets_spellings_train_mode.py", "tests/test_capture_shared_qkv_threads_copies.py", KILLS_R38, KILLS_R39],
+                "(test_attribute_digests or test_cli_compare_and_folder_refusals or test_spectrum_edits_and_dataparallel or test_demo_checks_and_recopied_resume or "
+                "test_merge_formats_and_old_mtimes or test_run_file_safety_adversarial or test_mutation_kills_r39 or spectrum_edited_by_its_caller or "
                 "truncated_spectrum_given_is_what or refused_resume_of_a_changed_stream_leaves) and not "
                 "(before_writing_a_copy_that_cannot_fit or past_ulimit_f_before_writing or "
                 "refuse_a_fifo_instead_of_waiting_forever)"),
@@ -662,8 +662,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # `ImageDataset.file_of` / `files`, data_files.py's `_paths`. Against round 41's tests. Run with --only ROUND41.
     "round41": (["qkhooks/stream.py", "qkhooks/data/readers.py", "qkhooks/models/load.py", "qkhooks/data/items.py",
                  "qkhooks/data_files.py"],
-                ["tests/test_review_r41.py", "tests/test_review_r41_rev41.py", KILLS_R41],
-                "test_review_r41 or test_mutation_kills_r41"),
+                ["tests/test_limit_extension_and_stamps.py", "tests/test_hub_offline_switch.py", KILLS_R41],
+                "(test_limit_extension_and_stamps or test_hub_offline_switch) or test_mutation_kills_r41"),
     # Round 42 (mutation): round 40's library code (`a0291ba..6ff989d`), never mutated before, in 16 of the 60 library
     # files it touched (most of the rest are two refactors, the models' q/k row readers moved to models/base.py and
     # private names made plain, or a few lines of messages in the CLI, compare.py, bfd_summary.py, lock.py, plots.py):
@@ -673,8 +673,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # keyword (errors.py), the text-model refusal (models/hf.py, models/load.py), the ImageFolder named by its files
     # (data/readers.py), RunReader.data (store/reader.py), analyze_modes' split (analysis/modes.py), merge's messages
     # (distributed.py), bfd's stop messages (analysis/bfd.py). Against round 40's review tests, round 40's kill file of
-    # round 39's code, the analyze-modes tests of test_modes.py / test_review_r38_fix.py and round 42's kill file; not
-    # test_review_r40_minor's two "rechecks_the_room" tests, which name the caller of each room check from its frame
+    # round 39's code, the analyze-modes tests of test_modes.py / test_hf_path_columns_and_webdataset_ids.py and round 42's kill file; not
+    # test_unsealed_attributes_and_full_disks's two "rechecks_the_room" tests, which name the caller of each room check from its frame
     # (traceback), a name mutmut's trampoline changes (x__refuse_no_room__mutmut_orig). Run with --only ROUND40
     # --sample 120.
     "round40": (["qkhooks/stream.py", "qkhooks/data/items.py", "qkhooks/data/readers.py", "qkhooks/data/sources.py",
@@ -682,12 +682,12 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "qkhooks/store/repair.py", "qkhooks/store/reader.py", "qkhooks/distributed.py",
                  "qkhooks/analysis/preference.py", "qkhooks/analysis/bfd.py", "qkhooks/analysis/modes.py",
                  "qkhooks/errors.py", "qkhooks/models/hf.py", "qkhooks/models/load.py"],
-                ["tests/test_review_r40_fix2.py", "tests/test_review_r40_lead.py", "tests/test_review_r40_minor.py",
-                 "tests/test_review_r40_rev.py", "tests/test_review_r40_sci.py", "tests/test_review_r40_stamp.py",
-                 "tests/test_review_r40_user.py", "tests/test_modes.py", "tests/test_review_r38_fix.py", KILLS_R39,
+                ["tests/test_image_folder_ids_and_text_models.py", "tests/test_qk_row_readers.py", "tests/test_unsealed_attributes_and_full_disks.py",
+                 "tests/test_stamped_reads_and_float16_underflow.py", "tests/test_preference_patch_mass.py", "tests/test_file_stamps.py",
+                 "tests/test_merge_and_compare_messages.py", "tests/test_modes.py", "tests/test_hf_path_columns_and_webdataset_ids.py", KILLS_R39,
                  KILLS_R42],
-                "(test_review_r40 or test_mutation_kills_r39 or test_mutation_kills_r42 or (test_modes and "
-                "(cli_on_a or run_state_matches or negative_layers)) or (test_review_r38_fix and (analyze_modes or "
+                "((test_image_folder_ids_and_text_models or test_qk_row_readers or test_unsealed_attributes_and_full_disks or test_stamped_reads_and_float16_underflow or test_preference_patch_mass or test_file_stamps or test_merge_and_compare_messages) or test_mutation_kills_r39 or test_mutation_kills_r42 or (test_modes and "
+                "(cli_on_a or run_state_matches or negative_layers)) or (test_hf_path_columns_and_webdataset_ids and (analyze_modes or "
                 "one_image_runs_same_object))) and not rechecks_the_room_before_each_write"),
     # Round 42 (lead): round 42's own library code (`09a2bd0..` the round's end): torchvision's ViT (models/torchvision.py,
     # the `torchvision:` specs in models/load.py and its resolver probe `_does_not_resolve`, outputs="eager" through
@@ -697,11 +697,11 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # the round's tests. Run with --only ROUND42.
     "round42": (["qkhooks/models/torchvision.py", "qkhooks/models/load.py", "qkhooks/sdpa.py", "qkhooks/attention.py",
                  "qkhooks/stream.py", "qkhooks/readings.py", "qkhooks/cli/spectrum.py"],
-                ["tests/test_torchvision_vit.py", "tests/test_review_r42_lead.py", "tests/test_review_r42_sci42.py",
-                 "tests/test_review_r42_revtv.py", "tests/test_review_r42_rev42.py",
-                 "tests/test_review_r41.py", "tests/test_review_r41_rev41.py", "tests/test_readings_r22.py", KILLS_R41,
+                ["tests/test_torchvision_vit.py", "tests/test_lower_limit_after_extension.py", "tests/test_readings_bend_sentences.py",
+                 "tests/test_torchvision_adapter_edge_cases.py", "tests/test_review_limits_checkpoints_bends.py",
+                 "tests/test_limit_extension_and_stamps.py", "tests/test_hub_offline_switch.py", "tests/test_readings_null_calibration.py", KILLS_R41,
                  KILLS_R42B],
-                "test_torchvision_vit or test_review_r42 or test_review_r41 or test_readings_r22 or "
+                "test_torchvision_vit or (test_lower_limit_after_extension or test_review_limits_checkpoints_bends or test_torchvision_adapter_edge_cases or test_readings_bend_sentences) or (test_limit_extension_and_stamps or test_hub_offline_switch) or test_readings_null_calibration or "
                 "test_mutation_kills_r41 or test_mutation_kills_r42b"),
     # Round 43 (lead): a resume drops the heap references a killed writer left past the committed ids and past the
     # skipped list (store/format.py `drop_stale_heap_references`, its call in RunWriter._open_for_resume), against the
@@ -717,13 +717,13 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # repair.py, distributed.py); repair of a cut file: the rows of a raw chunk before the cut, strings whose heap
     # collection lies outside the file (repair.py), the ids written before a batch's arrays (writer.py). Against the
     # round's tests, not the heap-collection cut's, which runs repair in a child process. Run with --only ROUND44.
-    # Round 45 (mutation): with the tests that reach repair's ids read a block, then a row, at a time (test_review_r36's
-    # damaged heap collection: the only one; test_repair_r21's and test_ids_checksum_r24's repairs read the ids whole,
+    # Round 45 (mutation): with the tests that reach repair's ids read a block, then a row, at a time (test_review_symlinks_repair_messages's
+    # damaged heap collection: the only one; test_repair_shards_and_short_arrays's and test_ids_checksum's repairs read the ids whole,
     # the cut ids and the flipped digest kept for _copy's lines after the read) and round 45's kill file.
     "round44": (["qkhooks/store/format.py", "qkhooks/store/reader.py", "qkhooks/store/repair.py",
                  "qkhooks/distributed.py", "qkhooks/store/writer.py"],
-                ["tests/test_store_safety.py", "tests/test_repair_cut_r44.py", "tests/test_review_r36.py",
-                 "tests/test_repair_r21.py", "tests/test_ids_checksum_r24.py", KILLS_R45],
+                ["tests/test_store_safety.py", "tests/test_repair_cut_files.py", "tests/test_review_symlinks_repair_messages.py",
+                 "tests/test_repair_shards_and_short_arrays.py", "tests/test_ids_checksum.py", KILLS_R45],
                 "half_written or unreadable_skipped or whose_skipped_list or not_laid_out or reads_no_skipped or "
                 "keeps_the_runs_skipped or cut_through or uncut_run_repairs or raw_chunks or unused_room or "
                 "handed_to_each or narrower_than or wherever_a_run_is_cut or skipped_rows_read_up or "
@@ -741,13 +741,13 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "qkhooks/distributed.py", "qkhooks/stream.py", "qkhooks/data/sources.py", "qkhooks/data/items.py",
                  "qkhooks/data/preprocess.py", "qkhooks/data/masks.py", "qkhooks/analysis/preference.py",
                  "qkhooks/analysis/bfd_summary.py", "qkhooks/spectrum.py", "qkhooks/models/torchvision.py"],
-                ["tests/test_repair_attrs_r45.py", KILLS_R45, "tests/test_review_r45_rev.py",
-                 "tests/test_review_r45_data.py", "tests/test_resume_limit_r45.py", "tests/test_repair_cut_r44.py",
-                 "tests/test_store_safety.py", "tests/test_review_r36.py", "tests/test_mutation_kills_r19.py",
-                 "tests/test_review_r42_lead.py", "tests/test_torchvision_vit.py", "tests/test_review_r42_revtv.py",
+                ["tests/test_repair_torn_attributes.py", KILLS_R45, "tests/test_tied_sigma_and_unit_ranges.py",
+                 "tests/test_user_data_path.py", "tests/test_resume_lower_limit.py", "tests/test_repair_cut_files.py",
+                 "tests/test_store_safety.py", "tests/test_review_symlinks_repair_messages.py", "tests/test_mutation_kills_r19.py",
+                 "tests/test_lower_limit_after_extension.py", "tests/test_torchvision_vit.py", "tests/test_torchvision_adapter_edge_cases.py",
                  KILLS_R46],
-                "test_repair_attrs_r45 or test_mutation_kills_r45 or test_review_r45 or test_resume_limit_r45 or "
-                "test_repair_cut_r44 or half_written or unreadable_skipped or whose_skipped_list or not_laid_out or "
+                "test_repair_torn_attributes or test_mutation_kills_r45 or (test_user_data_path or test_tied_sigma_and_unit_ranges) or test_resume_lower_limit or "
+                "test_repair_cut_files or half_written or unreadable_skipped or whose_skipped_list or not_laid_out or "
                 "asks_no_skipped or keeps_every_skipped or lost_skipped_row or keeps_the_runs_skipped or "
                 "skipped_rows_read_up or reads_whole_merges or first_five or ids_outside_a_damaged_heap or "
                 "null_modes or stopped_extension or stopped_midway or (test_torchvision_vit and replaced) or "
@@ -758,25 +758,25 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # (`format.span_words` and its callers in repair, reader, format), images held as bytes or in memory hashed and
     # checked on a resume (readers' `_held_bytes` / `_held_hash` / `held_hashes`, sources, stream's
     # `_refuse_changed_held` / `_held_or_file_hashes`), `ImageConfig.from_hf` of a processor object, masks' "patches".
-    # Against the round's tests (not test_review_r46_dinov2's real model), the repair, verify and stamp tests those
+    # Against the round's tests (not test_bundled_dinov2_no_tied_sigma's real model), the repair, verify and stamp tests those
     # files' older lines need (not the cuts at every offset: 6-13 s each), and the new kill file; since its run, round
-    # 32's whole missing-shards sentence and test_repair_r21 (the rows past an array's end), which killed survivors the
+    # 32's whole missing-shards sentence and test_repair_shards_and_short_arrays (the rows past an array's end), which killed survivors the
     # selection had left out. The bench harness (benchmarks/) is not library code. Run with --only ROUND46.
     "round46": (["qkhooks/store/_hdf5.py", "qkhooks/store/repair.py", "qkhooks/store/format.py",
                  "qkhooks/store/reader.py", "qkhooks/store/writer.py", "qkhooks/stream.py", "qkhooks/data/sources.py",
                  "qkhooks/data/readers.py", "qkhooks/data/preprocess.py", "qkhooks/data/masks.py"],
-                ["tests/test_store_meta_block_r46.py", "tests/test_repair_strings_r46.py",
-                 "tests/test_review_r46_data.py", "tests/test_review_r46_list.py",
-                 "tests/test_review_r46_processors.py", "tests/test_review_r46_rows.py", KILLS_R46,
-                 "tests/test_repair_attrs_r45.py", "tests/test_repair_cut_r44.py", KILLS_R45,
-                 "tests/test_verify_r21.py", "tests/test_review_r40_stamp.py", "tests/test_mutation_kills_r32.py",
-                 "tests/test_repair_r21.py", KILLS_R47],
-                "test_store_meta_block_r46 or test_repair_strings_r46 or test_review_r46_data or "
-                "test_review_r46_list or test_review_r46_processors or test_review_r46_rows or "
-                "(test_mutation_kills_r46 and not points_at_the_callers_line) or test_repair_attrs_r45 or "
-                "(test_repair_cut_r44 and not (wherever_a_run_is_cut or in_bounded_time)) or "
-                "test_mutation_kills_r45 or (test_verify_r21 and not does_not_open) or test_review_r40_stamp or "
-                "gone_first_shard_names or shard_sources_are_read_once or test_repair_r21 or "
+                ["tests/test_run_file_metadata_blocks.py", "tests/test_repair_torn_empty_strings.py",
+                 "tests/test_resume_hf_image_bytes.py", "tests/test_resume_in_memory_images.py",
+                 "tests/test_hf_processor_backends.py", "tests/test_row_span_words.py", KILLS_R46,
+                 "tests/test_repair_torn_attributes.py", "tests/test_repair_cut_files.py", KILLS_R45,
+                 "tests/test_verify_run.py", "tests/test_file_stamps.py", "tests/test_mutation_kills_r32.py",
+                 "tests/test_repair_shards_and_short_arrays.py", KILLS_R47],
+                "test_run_file_metadata_blocks or test_repair_torn_empty_strings or test_resume_hf_image_bytes or "
+                "test_resume_in_memory_images or test_hf_processor_backends or test_row_span_words or "
+                "(test_mutation_kills_r46 and not points_at_the_callers_line) or test_repair_torn_attributes or "
+                "(test_repair_cut_files and not (wherever_a_run_is_cut or in_bounded_time)) or "
+                "test_mutation_kills_r45 or (test_verify_run and not does_not_open) or test_file_stamps or "
+                "gone_first_shard_names or shard_sources_are_read_once or test_repair_shards_and_short_arrays or "
                 "test_mutation_kills_r47"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
@@ -1010,7 +1010,7 @@ NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
-# test_store_r19.py's resumes of a "damaged killed run" stay in this process (the kill is simulated by the flags).
+# test_store_damaged_resume_and_retries.py's resumes of a "damaged killed run" stay in this process (the kill is simulated by the flags).
 IN_A_SUBPROCESS = ("reachable_after_import or torchrun or (killed and not damaged_killed_run) or never_mistake "
                    "or clear_open_flags or sigterm or headless_chromium")
 _COPIED = ("qkhooks", "tests", "setup.cfg", "setup.py")

@@ -232,7 +232,7 @@ def test_a_streamed_run_stopped_before_its_first_checkpoint_starts_again_silentl
 def test_a_streamed_id_seen_twice_is_refused(tmp_path, loaded, order, twice):
     items = [{"image": _png(i), "id": f"img{i}"} for i in order]
     with pytest.raises(QKHooksError) as err:
-        # an iterable: read as a stream (a list's ids are checked before anything is read, test_review_r37_data)
+        # an iterable: read as a stream (a list's ids are checked before anything is read, test_user_data_items)
         record_dataset(loaded, iter(items), tmp_path / "run.h5", modes=4, batch_size=3, progress=False, reducers=[])
     said = (f"two items of the data have the id 'img{twice}'; "
             "give each item its own 'id', or none at all (then the position is the id; an item given as a file path "

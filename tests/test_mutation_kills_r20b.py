@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, PngImagePlugin
-from test_data_r20 import _chunk, _chunks, _decoded_orientation, _exif_chunk_data, _png
+from test_data_spec_grammar import _chunk, _chunks, _decoded_orientation, _exif_chunk_data, _png
 
 from qkhooks.data.items import _file_orientation, read_mask_file, shown_frame
 from qkhooks.errors import QKHooksError

@@ -16,9 +16,9 @@ import timm
 from PIL import Image
 from test_checksum import batches, write
 from test_data import _exif_jpeg, _stored_labels
-from test_adapters_r21 import PeftLoraLinear, _timm_vit
-from test_precision_r21 import _images, _vit
-from test_verify_r21 import flip_in_chunk
+from test_wrapped_qk_layers_and_half_precision import PeftLoraLinear, _timm_vit
+from test_low_precision_x_path import _images, _vit
+from test_verify_run import flip_in_chunk
 
 import qkhooks
 from qkhooks.data.readers import _item_to_raw

@@ -20,12 +20,12 @@ from qkhooks.store import format as fmt
 from qkhooks.store import reader as reader_module
 from qkhooks.stream import record_dataset
 
-from test_adapters_r21 import PeftLoraLinear, _timm_vit
-from test_hooks_r22 import Quantised, _accelerate, steer_input, steer_output
-from test_store_r19 import IDS, clock  # noqa: F401 (clock: a fixture)
-from test_weights_check_r22 import DK, H, _vit
+from test_wrapped_qk_layers_and_half_precision import PeftLoraLinear, _timm_vit
+from test_foreign_hooks_refused import Quantised, _accelerate, steer_input, steer_output
+from test_store_damaged_resume_and_retries import IDS, clock  # noqa: F401 (clock: a fixture)
+from test_inference_mode_weights_check import DK, H, _vit
 from test_zoo import perturb
-from test_ux_r22 import run_path, tiny_vit  # noqa: F401 (run_path: a fixture, a 3-image run of a 2-block ViT)
+from test_newcomer_messages import run_path, tiny_vit  # noqa: F401 (run_path: a fixture, a 3-image run of a 2-block ViT)
 
 
 

@@ -21,11 +21,11 @@ from qkhooks.store import RunWriter, open_run, repair
 from qkhooks.store import writer as writer_module
 from qkhooks.store.writer import FREE_MARGIN_BYTES
 
-from test_hooks_r22 import _images, _model
+from test_foreign_hooks_refused import _images, _model
 from test_mutation_kills_r23 import _reference_bootstrap_t
-from test_readings_r23 import _pair_mean
-from test_store_safety_r23 import WIDTH, _values
-from test_tooling_r23 import _quantised
+from test_readings_clipped_intervals import _pair_mean
+from test_store_write_failures import WIDTH, _values
+from test_torch_tooling_refused import _quantised
 
 LIMIT_FIX = ("raise the limit on file size (`ulimit -f`; where the file system has a largest file, such as FAT32's 4 "
              "GiB, write the run to another)")
@@ -74,7 +74,7 @@ def test_a_file_size_limit_the_check_sees_refuses_the_batch_that_would_pass_it_a
 
 def test_a_file_size_limit_met_inside_hdf5_in_this_process_names_the_damage_and_repair_recovers_it(tmp_path,
                                                                                                  monkeypatch):
-    """test_store_safety_r23's child process, in this process (a mutant of the writer runs only here): the check
+    """test_store_write_failures's child process, in this process (a mutant of the writer runs only here): the check
     before a batch does not see the limit (as for FAT32's largest file), HDF5 meets it (EFBIG), and closing leaves
     the file shorter than its superblock says; the message says so, with the committed count repair recovers."""
     out = tmp_path / "run.h5"

@@ -24,7 +24,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.store import RunWriter, repair, verify_run
 from qkhooks.store import format as fmt
 
-from test_ids_checksum_r24 import blake2b_rows, ids_of, write
+from test_ids_checksum import blake2b_rows, ids_of, write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_an_id_off_its_digest_is_refused_quoting_the_id_as_the_file_holds_it(tmp
     user can find it, and counts the others that changed."""
     from qkhooks.store import open_run
 
-    from test_ids_checksum_r24 import flip_in_id
+    from test_ids_checksum import flip_in_id
 
     path = tmp_path / "run.h5"
     written = write(path)
@@ -237,7 +237,7 @@ def test_extra_state_is_fingerprinted_by_its_pickle_as_documented_and_follows_it
 
 def test_state_that_cannot_be_fingerprinted_is_refused_whole():
     """The refusal names the entry and its type, why (with pickle's own error) and the fix."""
-    from test_quantised_r24 import _WithExtraState
+    from test_quantised_head_fingerprint import _WithExtraState
 
     from qkhooks.stream import weights_fingerprint
 
@@ -297,7 +297,7 @@ def test_a_whole_model_compiled_before_entry_is_refused_whole_naming_the_model_a
     import torch
 
     import qkhooks
-    from test_adapters_r21 import _timm_vit
+    from test_wrapped_qk_layers_and_half_precision import _timm_vit
 
     torch._dynamo.reset()
     model = _timm_vit()
@@ -318,7 +318,7 @@ def test_a_whole_model_compiled_before_entry_is_refused_whole_naming_the_model_a
 
 def test_a_quantised_qk_layer_is_refused_whole():
     import qkhooks
-    from test_compile_r24 import _refused_model
+    from test_torch_compile import _refused_model
 
     with pytest.raises(QKHooksError) as refused:
         qkhooks.record(_refused_model("quantised qkv"), modes=4)

@@ -26,7 +26,7 @@ from qkhooks.distributed import merge_shards, shard_path
 from qkhooks.store import RunWriter, repair, verify_run
 from qkhooks.store import format as fmt
 
-from test_ids_checksum_r24 import blake2b_rows, write
+from test_ids_checksum import blake2b_rows, write
 from test_mutation_kills_r25 import _harness
 from test_modes import numpy_mean_pairwise_cosine
 from test_windows_forms import TWINS_LSA

@@ -21,14 +21,14 @@ from qkhooks.projector import QKPathProjector
 from qkhooks.store import open_run, verify_run
 from qkhooks.store import format as fmt
 
-from test_format_version_r25 import ids_of, maps, set_format, write
-from test_format_version_r26 import format_lines
+from test_format_version_refusals import ids_of, maps, set_format, write
+from test_format_version_info import format_lines
 from qkhooks.analysis.topk import TopKModes
 from test_modes import assert_matches_brute, fake_batch, fold_path  # noqa: F401 (fold_path: a fixture)
 from test_mutation_kills_r25 import _harness
 from test_mutation_kills_r26 import commits_in, library_files_changed, module_files
 from test_speed_round9 import _dense_maps, _vit
-from test_topk_signs_r26 import SHAPES, SIZES, STARTS, maps_of
+from test_topk_signs import SHAPES, SIZES, STARTS, maps_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ from test_modes import brute_force, fake_batch, fold_path  # noqa: F401 (fold_pa
 from test_mutation_kills_r25 import _harness
 from test_mutation_kills_r26 import commits_in, library_files_changed, module_files
 from conftest import CountOps
-from test_reducer_ops_r27 import _maps
+from test_reducer_ops import _maps
 from test_speed_round9 import _dense_maps, _vit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,8 +24,8 @@ from qkhooks.store import RunWriter, open_run, repair, verify_run
 from qkhooks.store import format as fmt
 
 from conftest import CountOps
-from test_compile_r24 import REFUSED, _hf_vit, _refused_model
-from test_format_version_r25 import refusal, set_format, write
+from test_torch_compile import REFUSED, _hf_vit, _refused_model
+from test_format_version_refusals import refusal, set_format, write
 from test_mutation_kills_r25 import _harness
 from test_mutation_kills_r26 import commits_in, library_files_changed, module_files
 from test_speed_round9 import _dense_maps, _vit

@@ -17,7 +17,7 @@ from qkhooks.capture import BatchCapture
 from qkhooks.errors import QKHooksError
 
 from test_mutation_kills_r26 import check_round_module
-from test_taken_inputs_r30 import UpdateOnly, _batch, _images, _states_equal, _tiny_vit, _two_ways
+from test_taken_inputs_bfd import UpdateOnly, _batch, _images, _states_equal, _tiny_vit, _two_ways
 
 
 # ------------------------------------------------------------------------------------ tests/mutation.py: round30
@@ -202,7 +202,7 @@ def test_bfd_energies_refuse_tokens_of_another_size_and_a_rebuilt_state_without_
     kept), and nothing folded: tokens of another token count than pass 1's means; a reducer rebuilt from its saved
     state without the model's modes."""
     from qkhooks.reducers import Reducer
-    from test_taken_inputs_r30 import _bfd_reducers
+    from test_taken_inputs_bfd import _bfd_reducers
 
     energies = _bfd_reducers()[1]
     g = torch.Generator().manual_seed(6)
@@ -253,7 +253,7 @@ def test_bfd_energies_content_sums_are_per_position_as_numpy_sums_them_with_mean
     """content_sum = sum over images of C = X - P per position and channel (N, d), content_ss = sum of ||C||^2: with
     position means that are not these images' own mean (so C does not sum to zero), handed over in the hook or kept,
     equal numpy's."""
-    from test_taken_inputs_r30 import _bfd_reducers
+    from test_taken_inputs_bfd import _bfd_reducers
 
     g = torch.Generator().manual_seed(0)  # the position means _bfd_reducers draws first
     means = {l: torch.randn(5, 6, generator=g, dtype=torch.float64).numpy() for l in (0, 1)}

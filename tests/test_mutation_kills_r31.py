@@ -16,7 +16,7 @@ import qkhooks
 from qkhooks.errors import QKHooksError
 
 from test_mutation_kills_r26 import check_round_module
-from test_taken_inputs_r29 import _images, _tiny_vit, _videomt  # the 3-layer ViT of 4x4 patches (CLS + 16 tokens)
+from test_taken_inputs_anisotropy import _images, _tiny_vit, _videomt  # the 3-layer ViT of 4x4 patches (CLS + 16 tokens)
 
 
 # ------------------------------------------------------------------------------------ tests/mutation.py: round31

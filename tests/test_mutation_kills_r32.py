@@ -19,7 +19,7 @@ from qkhooks.analysis.topk import TopKModes
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import find_sites
 
-from test_fixes_r32 import _images, _tiny  # a 2-layer ViT of 32-pixel images, 8-pixel patches (CLS + 16 tokens)
+from test_float16_overflow_and_held_reducers import _images, _tiny  # a 2-layer ViT of 32-pixel images, 8-pixel patches (CLS + 16 tokens)
 from test_mutation_kills_r26 import check_round_module
 
 
@@ -47,7 +47,7 @@ def test_groupvits_segment_layers_refuse_every_grid_naming_the_layer_its_path_an
     """``_UngriddedSite.grid_for_image`` ``_1`` (the refusal raised with no message): a GroupViT layer after a grouping
     stage refuses a grid for an image size as it does for a token count, in the same whole sentence naming the layer,
     its module path and that its tokens are segments."""
-    from test_geometry_r31 import _groupvit
+    from test_layer_geometry_in_hooks import _groupvit
 
     sites = find_sites(_groupvit())
     segment = sites[1]
@@ -238,7 +238,7 @@ def test_record_dataset_refuses_a_reducer_holding_even_one_image_also_when_it_ov
     keeps its images; a resume takes it, its state replaced by the run's."""
     import h5py
 
-    from test_fixes_r32 import _photos
+    from test_float16_overflow_and_held_reducers import _photos
 
     model = _tiny()
     folder = tmp_path / "photos"
@@ -457,7 +457,7 @@ def test_position_means_handed_a_batch_without_its_tokens_refuses_naming_itself_
     and both fixes, and folds nothing."""
     from qkhooks.analysis.bfd_reducers import PositionMeans
 
-    from test_geometry_r31 import _UpdateOnly
+    from test_layer_geometry_in_hooks import _UpdateOnly
 
     means, model = PositionMeans([0]), _tiny()
     with pytest.raises(QKHooksError) as refused:

@@ -37,7 +37,7 @@ def test_the_round33_module_names_files_and_tests_that_exist_and_round_32s_later
 
 
 # ------------------------------------------------------------------ helpers
-from test_review_r32 import _images, _vit  # noqa: E402  (a 2-layer timm ViT of 32 px images: 4 heads of d_k = 8)
+from test_capture_weights_and_spectra import _images, _vit  # noqa: E402  (a 2-layer timm ViT of 32 px images: 4 heads of d_k = 8)
 
 
 _OTHER_WEIGHTS = (r". It belongs to other weights \(a checkpoint before a training step, another model\), so its maps "

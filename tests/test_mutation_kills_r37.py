@@ -32,7 +32,7 @@ import qkhooks  # noqa: E402
 from qkhooks.data import open_source  # noqa: E402
 from qkhooks.errors import QKHooksError  # noqa: E402
 
-from test_review_r37_data import CFG, _loaded, _stream_ids, write_tar  # noqa: E402  (CFG: a 2-layer ViT, 6x6 patches)
+from test_user_data_items import CFG, _loaded, _stream_ids, write_tar  # noqa: E402  (CFG: a 2-layer ViT, 6x6 patches)
 
 
 # ------------------------------------------------------------------ data/readers.py: _TarReader.decode

@@ -79,7 +79,7 @@ def test_sdpa_maps_without_a_scale_use_one_over_the_root_of_the_head_width_as_to
 def test_a_call_that_stops_early_is_refused_in_the_whole_sentence():
     """``Recording._partial_call`` ``_19`` (the middle of the refusal upper-cased): round 37's test matches its start
     and end. The whole sentence, word for word, after ``forward_intermediates(..., stop_early=True)``."""
-    from test_review_r37_capture import _images, _timm
+    from test_capture_changes_inside_record import _images, _timm
 
     model = _timm()
     with torch.no_grad(), qkhooks.record(model, modes=2) as run:
@@ -151,7 +151,7 @@ def test_a_copy_of_a_copy_made_inside_record_is_refused_there_and_copied_after_t
     copy's, and it carries no hook once called."""
     import gc
 
-    from test_review_r37_capture import _images, _timm
+    from test_capture_changes_inside_record import _images, _timm
 
     model, x = _timm(), _images()
     with torch.no_grad(), qkhooks.record(model, modes=2):
@@ -170,7 +170,7 @@ def test_a_copy_of_a_copy_made_inside_record_is_refused_there_and_copied_after_t
 
 def _bfd_result(x: np.ndarray, grid: tuple[int, int], alpha: float) -> dict:
     """Both BFD passes over synthetic tokens x (n, N, d) through the reducers: the whole ``summarize`` result."""
-    from test_review_r38_cli import bfd_summary_of
+    from test_cli_refusals_before_work import bfd_summary_of
 
     return bfd_summary_of(x, grid, alpha)
 
@@ -182,7 +182,7 @@ def test_the_bfd_table_ends_with_each_layers_probe_note_as_summarize_gives_it():
     identical, held-out ones shifted (round 38's constant-features case, through both BFD reducers): the table's last
     line is layer 0's note, word for word (after the few-held-out-images warning), and the C column says '-'."""
     from qkhooks.analysis.bfd import format_table, holdout_images
-    from test_review_r38_cli import _held
+    from test_cli_refusals_before_work import _held
 
     rng = np.random.default_rng(3)
     x = np.repeat(rng.normal(size=(16, 6))[None], 10, 0)
@@ -239,7 +239,7 @@ def test_the_position_probe_is_the_k_fold_ridge_over_positions_and_a_constant_p_
 def _list_run_stopped_after_two_batches(tmp_path):
     """A run over a list of 6 image paths, batches of 2, a checkpoint each batch, interrupted after its second batch:
     (paths, the loaded model, the run file, the record options, the ids it keeps)."""
-    from test_review_r37_data import _loaded, _photos, stop_after
+    from test_user_data_items import _loaded, _photos, stop_after
 
     paths = [str(p) for p in _photos(tmp_path / "many", 6)]
     loaded, out = _loaded(), tmp_path / "list.h5"
@@ -323,8 +323,8 @@ def test_query_tokens_given_as_a_numpy_array_are_the_batchs_own_copy_and_choose_
     """``_begin_batch`` ``_55`` (a per-batch value that is not a tensor copied as None): round 38's test gives
     tensors. Query tokens as a numpy array: the rows are the model's own eager softmax at those tokens, and the batch
     keeps its own copy when the caller reuses the array for the next batch."""
-    from test_review_r38_capture import _collected, _eager_probs
-    from test_review_r37_capture import _images, _timm
+    from test_capture_shared_qkv_threads_copies import _collected, _eager_probs
+    from test_capture_changes_inside_record import _images, _timm
 
     model, x = _timm(), _images(3)
     want = _eager_probs(model, x)[1]
@@ -346,7 +346,7 @@ def test_a_copy_made_inside_record_does_nothing_after_exit_while_its_original_ho
     collected as the recording ends, so its copies see them gone. Held elsewhere (here a list; a kept traceback
     through a hook's frame does the same), the removed hooks must still be marked over: the copy's call after exit
     is a plain forward, equal to the model's, and its copied hooks take themselves off."""
-    from test_review_r37_capture import _images, _timm
+    from test_capture_changes_inside_record import _images, _timm
 
     model, x = _timm(), _images()
     with torch.no_grad(), qkhooks.record(model, modes=2):
@@ -363,8 +363,8 @@ def test_a_copy_made_inside_record_does_nothing_after_exit_while_its_original_ho
 def test_a_qkv_linear_called_twice_within_its_attention_call_is_refused_in_the_whole_sentence():
     """``_qk_twice_error`` ``_9`` (the middle of the refusal re-worded): round 38's test matches its start and
     ``qk_path=False``. The whole sentence."""
-    from test_review_r37_capture import _images, _timm
-    from test_review_r38_capture import qkv_called_twice
+    from test_capture_changes_inside_record import _images, _timm
+    from test_capture_shared_qkv_threads_copies import qkv_called_twice
 
     model, x = _timm(depth=1), _images()
     with torch.no_grad(), qkhooks.record(model, modes=4), qkv_called_twice(model.blocks[0].attn):
@@ -451,7 +451,7 @@ def test_the_loader_reads_the_chosen_items_in_order_in_the_workers_asked_for():
 def test_a_qkv_or_head_count_changed_inside_record_is_refused_in_the_whole_sentence():
     """``_refuse_replaced`` ``_20`` (the fix sentence re-worded): round 37's test matches a few words of it. Both
     refusals, a q/k Linear replaced and a head count changed inside record(), word for word."""
-    from test_review_r37_capture import _images, _new_linear, _timm
+    from test_capture_changes_inside_record import _images, _new_linear, _timm
 
     since = "inside this record() context (or since the sites handed to it were found)"
     fix = ("Make the change before entering record() (each entry finds the model as it is then), or undo it while "

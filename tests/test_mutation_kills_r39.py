@@ -41,7 +41,7 @@ from qkhooks.store import format as fmt  # noqa: E402
 def test_verify_of_a_run_whose_attribute_was_edited_says_the_whole_fix(tmp_path):
     """``VerifyReport.summary`` ``_16`` (the fix's "record the run again ..." upper-cased): round 39's tests match
     "no repair restores" only. A checksum run with its config edited by h5py: the summary's lines in full."""
-    from test_review_r39_digest import write
+    from test_attribute_digests import write
 
     path = tmp_path / "run.h5"
     write(path)
@@ -70,7 +70,7 @@ def test_merge_refuses_past_ulimit_f_from_the_bytes_it_needs_and_merges_at_the_l
     nothing written; at the bound, the merge goes on and holds every image."""
     import resource
 
-    from test_review_r39_digest import _shards
+    from test_attribute_digests import _shards
 
     from qkhooks.distributed import merge_shards, shard_path
     from qkhooks.store import open_run
@@ -106,7 +106,7 @@ def test_repair_refuses_past_ulimit_f_in_full_words_and_repairs_at_the_limit(tmp
     whole sentence and no file; at that bound the repair copies every image."""
     import resource
 
-    from test_review_r39_digest import write
+    from test_attribute_digests import write
 
     from qkhooks.store import repair
 
@@ -134,7 +134,7 @@ def test_compare_of_one_report_or_spec_twice_is_refused_in_the_whole_sentence(tm
     """``_refuse_repeated`` ``_40`` (the fix's ```qkhooks demo --model SPEC`` lower-cased): round 39's tests match
     parts of the refusal. The third argument repeats the first (a report through its summary.json, or a model spec):
     the sentence in full, arguments 1 and 3, and nothing made."""
-    from test_review_r39_fixa import _report
+    from test_cli_compare_and_folder_refusals import _report
 
     from qkhooks.compare import compare
 
@@ -189,7 +189,7 @@ def test_repair_of_a_run_whose_digests_do_not_parse_carries_them_and_says_so_in_
     """``_seal_copy`` ``_9`` (the problem's sentence wrapped in XX): round 39's tests repair runs whose digests parse.
     Digests that do not parse are copied as they are, so the copy is refused as the damaged file is, and the report
     says it in the whole sentence."""
-    from test_review_r39_digest import write
+    from test_attribute_digests import write
 
     from qkhooks.store import open_run, repair
 
@@ -215,7 +215,7 @@ def test_repair_of_a_run_with_an_attribute_added_since_its_digests_leaves_it_unc
     accepted, but ``shard`` on /images is a name qkhooks reads)."""
     import hashlib
 
-    from test_review_r39_digest import write
+    from test_attribute_digests import write
 
     from qkhooks.store import open_run, repair
 
@@ -308,7 +308,7 @@ def test_the_repair_view_of_a_truncated_run_reads_its_bytes_then_zeros_up_to_the
     caller's buffer is left as it was, and a read at the end fails on ``bytes(-1)``): round 39's tests read damaged
     superblocks, not a cut tail. A run cut 100 bytes short: the view reads the file's own bytes past the superblock,
     zeros (into a buffer full of 0xFF) from the real end to the end the superblock records, and 0 bytes there."""
-    from test_review_r39_digest import write
+    from test_attribute_digests import write
 
     from qkhooks.store._hdf5 import _RepairView
 
@@ -341,8 +341,8 @@ def test_a_float32_recording_projects_from_the_q_k_outputs_and_its_queries_are_t
     import torch
 
     import qkhooks
-    from test_review_r38_capture import _tokens
-    from test_review_r39_fixb import _dense_modes, _images, _rel, _timm
+    from test_capture_shared_qkv_threads_copies import _tokens
+    from test_spectrum_edits_and_dataparallel import _dense_modes, _images, _rel, _timm
 
     model, x = _timm(), _images()
     U, _, _ = _dense_modes(model.blocks[0].attn, 4)

@@ -12,8 +12,8 @@ import pytest
 
 import qkhooks
 from qkhooks import QKHooksError
-from test_review_r41 import _EXT_KW, _PHOTOS, _resolver, photos  # noqa: F401 - the fixture
-from test_review_r39_fixb import _tiny_loaded
+from test_limit_extension_and_stamps import _EXT_KW, _PHOTOS, _resolver, photos  # noqa: F401 - the fixture
+from test_spectrum_edits_and_dataparallel import _tiny_loaded
 
 
 @pytest.mark.parametrize("endpoint, host", [("https://hub.example.org:8443", "hub.example.org"),
@@ -127,7 +127,7 @@ def test_hf_random_weights_are_built_from_the_config_alone(monkeypatch, tmp_path
 
 def test_a_run_of_all_the_data_is_not_resumed_with_a_limit_below_what_it_holds(tmp_path, photos):  # noqa: F811
     """A run of no limit holds all the data: a resume with a limit below its images would drop some, refused naming
-    both (round 42: a limit it has not passed is taken, test_review_r42_lead)."""
+    both (round 42: a limit it has not passed is taken, test_lower_limit_after_extension)."""
     loaded, out = _tiny_loaded(), tmp_path / "run.h5"
     qkhooks.record_dataset(loaded, str(photos), out=out, limit=None, **_EXT_KW)
     with pytest.raises(QKHooksError, match=r"--limit 3: it was recorded with no --limit \(all the data\) and holds 9 "
@@ -178,7 +178,7 @@ def test_data_not_read_from_files_has_no_file_sizes():
 def test_an_empty_subset_of_a_folder_is_refused_as_no_images(tmp_path):
     from torch.utils.data import Subset
 
-    from test_review_r40_fix2 import _image_folder
+    from test_image_folder_ids_and_text_models import _image_folder
 
     _, ds = _image_folder(tmp_path)
     out = tmp_path / "run.h5"

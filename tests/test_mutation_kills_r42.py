@@ -50,13 +50,13 @@ def test_the_reducer_names_the_one_image_whose_row_has_no_patch_mass_among_image
 
 # ------------------------------------------------------------------------------------------ room, re-checked
 def test_merge_copy_stopped_by_a_disk_that_filled_says_how_much_it_needs_and_leaves_the_shards(tmp_path, monkeypatch):
-    """distributed._refuse_disk_filled (_20: MiB multiplied, not divided). test_review_r40_minor's own test of this
+    """distributed._refuse_disk_filled (_20: MiB multiplied, not divided). test_unsealed_attributes_and_full_disks's own test of this
     names the callers from their frames, which mutmut renames, so it is not in the module's selection; the message is
     asserted whole here: the next write is one shard's maps/a (4 images of 4 float16 in ``write``, 32 bytes) plus
     the 4 MiB HDF5 spare."""
     from qkhooks.distributed import merge_shards, shard_path
-    from test_review_r39_digest import CONFIG, write
-    from test_review_r40_minor import _disk_filling_after_the_first_check
+    from test_attribute_digests import CONFIG, write
+    from test_unsealed_attributes_and_full_disks import _disk_filling_after_the_first_check
 
     out = tmp_path / "run.h5"
     shards = [shard_path(out, rank, 2) for rank in range(2)]
@@ -80,8 +80,8 @@ def test_repair_stopped_by_a_disk_that_filled_says_how_much_it_needs_and_leaves_
     """repair._refuse_disk_filled (_9: no message; _15: the spare subtracted, "needs -4.0 MiB"), outside the
     selection's frame-naming test as above."""
     from qkhooks.store import repair
-    from test_review_r39_digest import write
-    from test_review_r40_minor import _disk_filling_after_the_first_check
+    from test_attribute_digests import write
+    from test_unsealed_attributes_and_full_disks import _disk_filling_after_the_first_check
 
     run, fixed = tmp_path / "run.h5", tmp_path / "new" / "fixed.h5"
     write(run)
@@ -108,8 +108,8 @@ def test_a_full_disk_before_an_overwrites_first_checkpoint_says_the_old_run_is_k
     first checkpoint still has the old run under the name; its message says so (the writer's own), not "run.h5 has
     2 committed images ... run the same command with --resume" (which would resume the old, complete run)."""
     from qkhooks.stream import record_dataset
-    from test_review_r39_safe import KW, _loaded, _photos
-    from test_review_r40_minor import _over_room_from
+    from test_run_file_safety_adversarial import KW, _loaded, _photos
+    from test_unsealed_attributes_and_full_disks import _over_room_from
 
     data, run = _photos(tmp_path / "photos", 12), tmp_path / "run.h5"
     record_dataset(_loaded(), str(data), run, **KW)
@@ -128,7 +128,7 @@ def test_a_full_disk_before_an_overwrites_first_checkpoint_says_the_old_run_is_k
 def test_a_text_model_with_its_own_image_config_is_refused_by_its_layers_naming_this_model(tmp_path):
     """hf.text_model_refusal (_1: its default ``what``): a BertModel given with an ImageConfig passes load_model's
     check and is refused by its attention layers (TextTokenSite.run_file_refusal), before any file."""
-    from test_review_r40_fix2 import _tiny_bert
+    from test_image_folder_ids_and_text_models import _tiny_bert
 
     loaded = qkhooks.load_model(_tiny_bert(), image_config=CFG)
     with pytest.raises(QKHooksError) as refused:
@@ -147,7 +147,7 @@ def test_a_stream_workers_decode_carries_each_files_stamp_by_os_stat_and_blake2b
     """sources._worker_decode (_4: the stamps flag dropped). It runs in the stream's worker processes, where mutmut
     sees no test run it; called here with the worker's stream set as its initializer sets it."""
     from qkhooks.data import sources
-    from test_review_r39_fixb import _same_size_photos
+    from test_spectrum_edits_and_dataparallel import _same_size_photos
 
     folder = tmp_path / "imgs"
     names = [f"a{i}.png" for i in range(3)]
@@ -210,7 +210,7 @@ def _resumed_warning(loaded, data, run, words: str) -> tuple[int, list[str]]:
     import warnings
 
     from qkhooks.store import format as fmt
-    from test_review_r36 import _KW
+    from test_review_symlinks_repair_messages import _KW
 
     with open_run(run) as stopped:
         kept = fmt.read_checkpoint(run, fmt.run_id_of(stopped.file))[0]
@@ -226,8 +226,8 @@ def test_a_streamed_resume_warns_whole_that_its_kept_files_are_not_checked_and_w
     reducers' last checkpoint holds 4 images, each from a file). A streamed Hugging Face dataset of paths (a torch
     Dataset of them, then an iterable, gave this warning too until round 47, which reads their kept items again)."""
     datasets = pytest.importorskip("datasets")
-    from test_review_r36 import _interrupted
-    from test_review_r39_fixb import _same_size_photos, _tiny_loaded
+    from test_review_symlinks_repair_messages import _interrupted
+    from test_spectrum_edits_and_dataparallel import _same_size_photos, _tiny_loaded
 
     names = [f"a{i}.png" for i in range(8)]
     loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
@@ -253,9 +253,9 @@ def test_a_wds_resume_whose_kept_member_was_renamed_is_refused_naming_it_not_as_
     a wds: source names its items only by reading the shard's members (no ids before the resume point), so this is
     the check that a kept member is gone. The shard rewritten with a1.png renamed b1.png (the same bytes): refused
     naming a1.png and the resume point, not as a file of another size ("unreadable now")."""
-    from test_review_r36 import _KW, _interrupted
-    from test_review_r39_fixb import _tiny_loaded
-    from test_review_r40_stamp import _kept, _pngs, _shard
+    from test_review_symlinks_repair_messages import _KW, _interrupted
+    from test_spectrum_edits_and_dataparallel import _tiny_loaded
+    from test_file_stamps import _kept, _pngs, _shard
 
     loaded, shard, run = _tiny_loaded(), tmp_path / "s0.tar", tmp_path / "run.h5"
     members = _pngs(0)
@@ -346,7 +346,7 @@ def test_a_run_whose_masks_are_background_only_says_so_per_layer_and_names_the_c
     layer has a value, each layer is left out for that reason (its modes are not null: sigma > 0 in the CSV), and
     the CSV's header is as documented."""
     from qkhooks.analysis.modes import analyze_modes
-    from test_review_r38_fix import _masked_run
+    from test_hf_path_columns_and_webdataset_ids import _masked_run
 
     summary = analyze_modes(_masked_run(tmp_path, "bg", [np.zeros((48, 48), np.int64)]), tmp_path / "bg",
                             figure_modes=0, overview=False, images=False, same_object_top=1)
@@ -382,11 +382,11 @@ def test_the_anisotropy_figure_is_titled_with_the_runs_images_data_and_model(sam
 
 def test_the_same_object_figure_draws_the_chance_line_of_the_runs_objects(tmp_path, monkeypatch):
     """modes._same_object_section (_181: the chance reference line left out of the figure): one image with two
-    labelled objects, so chance is 1/2 (one of two objects, as test_review_r38_fix checks per layer); the figure is
+    labelled objects, so chance is 1/2 (one of two objects, as test_hf_path_columns_and_webdataset_ids checks per layer); the figure is
     drawn with that line, labelled with its value."""
     import qkhooks.plots as plots
     from qkhooks.analysis.modes import analyze_modes
-    from test_review_r38_fix import _masked_run
+    from test_hf_path_columns_and_webdataset_ids import _masked_run
 
     two = np.zeros((48, 48), np.int64)
     two[8:24, 8:40], two[30:44, 8:40] = 4, 7
@@ -512,7 +512,7 @@ def test_a_text_model_module_loads_for_its_weights_alone_as_itself_without_an_im
     BertModel given as a module with for_images=False (a spectrum, weight-only curves) is the LoadedModel of that
     very module, left as it was (in training mode here), with no image config; for images it is refused."""
     from qkhooks.models.load import load_model
-    from test_review_r40_fix2 import _tiny_bert
+    from test_image_folder_ids_and_text_models import _tiny_bert
 
     bert = _tiny_bert().train()
     loaded = load_model(bert, for_images=False)
@@ -524,12 +524,12 @@ def test_a_text_model_module_loads_for_its_weights_alone_as_itself_without_an_im
 # ------------------------------------------------------------------------------------------ a folder run without times
 def test_a_folder_run_without_file_times_resumes_with_the_whole_warning(tmp_path, monkeypatch):
     """stream._refuse_changed_files (_125: the warning's stacklevel None, a TypeError out of the resume): a folder's
-    run recorded as qkhooks did before the times were stored (test_review_r39_fixb's case) resumes on its sizes, with
+    run recorded as qkhooks did before the times were stored (test_spectrum_edits_and_dataparallel's case) resumes on its sizes, with
     the one warning read whole, counting the images its reducers' last checkpoint holds (stopped as the second batch
     was handed on: the first batch's 2)."""
     import qkhooks.stream as stream
-    from test_review_r36 import _interrupted
-    from test_review_r39_fixb import _same_size_photos, _tiny_loaded
+    from test_review_symlinks_repair_messages import _interrupted
+    from test_spectrum_edits_and_dataparallel import _same_size_photos, _tiny_loaded
 
     loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
     _same_size_photos(folder, [f"a{i}.png" for i in range(8)], seed=0)

@@ -261,7 +261,7 @@ def test_eager_outputs_hand_a_caller_asking_for_weights_the_ones_it_asked_for(av
 
 
 def test_a_global_peak_before_the_last_layer_keeps_the_plain_sentence():
-    """The mirror of test_review_r42_sci42's global minimum: a rise to L10 and a fall at L11 names L10 as the peak of
+    """The mirror of test_readings_bend_sentences's global minimum: a rise to L10 and a fall at L11 names L10 as the peak of
     all layers, with the last layer's own value."""
     import numpy as np
 

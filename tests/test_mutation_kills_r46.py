@@ -225,7 +225,7 @@ def test_numerically_null_modes_that_tie_with_each_other_are_null_not_tied():
 def test_a_tied_heads_additive_global_mean_share_is_undetermined_and_the_others_are_numbers():
     """BFD's additive global-mean share is a sum over modes of products: None for the head with tied sigma (under
     its own key, as every head has it), a finite number for the heads whose sigma are distinct."""
-    from test_review_r45_rev import _tied_vit
+    from test_tied_sigma_and_unit_ranges import _tied_vit
 
     from qkhooks.analysis.bfd import run_bfd
 
@@ -333,7 +333,7 @@ def test_the_refusal_of_grids_outside_0_1_counts_them_in_patches_and_of_masks_in
 def test_a_masks_values_outside_0_1_are_listed_and_its_refusal_is_said_whole():
     """A target mask of 0/255 (an 8-bit PNG) handed to odd_one_out_meta is refused naming it ("the target mask") and
     its 64 pixels of 255; a mask holding -1, 2 and 3 lists the three values, and the refusal is said whole."""
-    from test_review_r45_rev import _two_squares
+    from test_tied_sigma_and_unit_ranges import _two_squares
 
     from qkhooks.analysis.preference import odd_one_out_meta
     from qkhooks.data.masks import refuse_outside_fractions

@@ -195,9 +195,9 @@ def test_a_resume_where_a_kept_image_held_as_bytes_is_now_an_array_is_refused(tm
     unchecked. Kills stream `_held_or_file_hashes` `_21` (an id with no hash now read as ``int(None)``)."""
     import qkhooks
     from qkhooks import QKHooksError
-    from test_review_r36 import _KW, _interrupted
-    from test_review_r39_fixb import _tiny_loaded
-    from test_review_r46_data import _hf, _pngs
+    from test_review_symlinks_repair_messages import _KW, _interrupted
+    from test_spectrum_edits_and_dataparallel import _tiny_loaded
+    from test_resume_hf_image_bytes import _hf, _pngs
 
     datasets = pytest.importorskip("datasets")
     loaded, run = _tiny_loaded(), tmp_path / "run.h5"
@@ -216,9 +216,9 @@ def test_the_warning_that_held_images_without_a_hash_are_not_checked_is_said_who
 
     import qkhooks
     from qkhooks.store import format as fmt
-    from test_review_r36 import _KW, _interrupted
-    from test_review_r39_fixb import _tiny_loaded
-    from test_review_r46_data import _hf, _pngs
+    from test_review_symlinks_repair_messages import _KW, _interrupted
+    from test_spectrum_edits_and_dataparallel import _tiny_loaded
+    from test_resume_hf_image_bytes import _hf, _pngs
 
     pytest.importorskip("datasets")
     loaded, run = _tiny_loaded(), tmp_path / "run.h5"
@@ -249,9 +249,9 @@ def test_an_overwrite_records_the_new_run_with_every_chunk_index_before_its_firs
     file reopened as None)."""
     import qkhooks
     from qkhooks.store import format as fmt
-    from test_review_r39_fixb import _tiny_loaded
-    from test_review_r46_list import _arrays, _reference
-    from test_store_meta_block_r46 import test_every_per_image_arrays_chunk_index_lies_before_its_first_chunk
+    from test_spectrum_edits_and_dataparallel import _tiny_loaded
+    from test_resume_in_memory_images import _arrays, _reference
+    from test_run_file_metadata_blocks import test_every_per_image_arrays_chunk_index_lies_before_its_first_chunk
 
     loaded, run = _tiny_loaded(), tmp_path / "run.h5"
     qkhooks.record_dataset(loaded, _arrays(0, 4), run, layers="0", modes=2, batch_size=2, progress=False)

@@ -1,6 +1,6 @@
 """The reading generator on synthetic curves with known answers: flat, rising, falling, crossing, a fall that
 ends in a rise, and too few units. Noise is drawn per unit, so the bootstrap has something to resample.
-(Calibration on null data and the t quantiles: tests/test_readings_r22.py.)"""
+(Calibration on null data and the t quantiles: tests/test_readings_null_calibration.py.)"""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_crossing_curves_and_a_curve_above_another():
 
 def test_flat_pairs_are_rarely_called_different_anywhere():
     """Simultaneous intervals over layers keep the chance of a false 'above/below somewhere' near 5%, not
-    1 - 0.95^12 = 46% (a coarse check on 40 data sets; the calibrated one is in test_readings_r22.py)."""
+    1 - 0.95^12 = 46% (a coarse check on 40 data sets; the calibrated one is in test_readings_null_calibration.py)."""
     calls = [compare_reading(_units(np.full(12, 0.1), seed=s), 0.1, LAYERS, "a", "b", "heads").verdict != "flat"
              for s in range(40)]
     assert np.mean(calls) <= 0.25

@@ -97,8 +97,8 @@ def contents(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
 
 def assert_same_run(a: Path, b: Path) -> None:
     """The same ids and recorded arrays. Each image file's size and modification time
-    (:data:`qkhooks.store.format.FILE_SIZES`, ``FILE_MTIMES``, ``FILE_HASHES``, checked against ``os.stat`` in test_store_r20.py and
-    test_review_r39_fixb.py) are kept only by runs of sources read from files, so they are left out."""
+    (:data:`qkhooks.store.format.FILE_SIZES`, ``FILE_MTIMES``, ``FILE_HASHES``, checked against ``os.stat`` in test_store_file_sizes.py and
+    test_spectrum_edits_and_dataparallel.py) are kept only by runs of sources read from files, so they are left out."""
     ids_a, arrays_a = contents(a)
     ids_b, arrays_b = contents(b)
     assert ids_a == ids_b

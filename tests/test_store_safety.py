@@ -1161,7 +1161,7 @@ def test_a_batch_refused_mid_run_says_where_the_file_stands_and_what_to_do(tmp_p
     kw = dict(layers="0", modes=4, batch_size=2, reducers=[], progress=False)
     out = tmp_path / "dup.h5"
     items = [{"image": img, "id": i} for i in ("a", "b", "c", "a")]
-    # streamed (a list's ids are checked whole before anything is read: test_review_r37_data)
+    # streamed (a list's ids are checked whole before anything is read: test_user_data_items)
     with pytest.raises(QKHooksError, match="the id 'a'.*The 2 images before it stay committed .*--resume.*--overwrite"):
         record_dataset(loaded, iter(items), out, **kw)
     with pytest.raises(QKHooksError, match="the id 'a'"):  # the file resumes once the data is fixed

@@ -1,0 +1,249 @@
+"""Round 21 (data): only a file's own faults make it unreadable (the machine's propagate), a streamed photo with
+masks opened once, a PNG text chunk keyed 'xmp' after the image data refused at open."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile, ImageOps
+from test_data_spec_grammar import CFG, _chunk, _counting_opens, _decoded_orientation, _noise_jpeg, _o3_masks, _png
+
+from qkhooks.data import open_dataset
+from qkhooks.data.items import read_mask_file, read_photo, shown_frame
+from qkhooks.data.readers import _item_to_raw, Unreadable
+from qkhooks.errors import DataRefusal, QKHooksError
+
+# ------------------------------------------------------------------------------ the file's faults, the machine's
+
+
+def _png_bytes(size: tuple[int, int] = (20, 30)) -> bytes:
+    pixels = np.random.default_rng(3).integers(0, 255, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg_bytes(size: tuple[int, int] = (20, 30)) -> bytes:
+    pixels = np.random.default_rng(4).integers(0, 255, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _bad_idat(data: bytes) -> bytes:
+    """The PNG with its compressed image data overwritten (its chunk structure intact)."""
+    at = data.index(b"IDAT") + 4
+    return data[:at + 2] + b"\xff" * 40 + data[at + 42:]
+
+
+_CORRUPT = {  # name: the bytes of a file PIL cannot decode
+    "zero bytes": lambda: b"",
+    "garbage": lambda: bytes(np.random.default_rng(5).integers(0, 255, 600, dtype=np.uint8)),
+    "JPEG header only": lambda: _jpeg_bytes()[:20],
+    "JPEG cut in its image data": lambda: _jpeg_bytes()[: len(_jpeg_bytes()) // 2],
+    "PNG cut in its image data": lambda: _png_bytes()[: len(_png_bytes()) // 2],
+    "PNG with a corrupt data stream": lambda: _bad_idat(_png_bytes()),
+    "decompression bomb": lambda: _png_bytes((120, 100)),  # over twice the MAX_IMAGE_PIXELS set below
+}
+
+
+def _pil_failure(path: Path) -> BaseException:
+    """Independent reference: what PIL raises on a full decode of the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as exc:
+        return exc
+    raise AssertionError(f"PIL decodes {path}")
+
+
+@pytest.mark.parametrize("case", list(_CORRUPT))
+def test_a_file_pil_cannot_decode_is_still_refused_or_skipped_naming_it(tmp_path, monkeypatch, case):
+    """PIL's errors on bad data (UnidentifiedImageError and other OSErrors without an errno, SyntaxError,
+    DecompressionBombError, ...) stay the file's: refused naming it and the fix, or skipped from a stream."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    path = tmp_path / "photo.img"
+    path.write_bytes(_CORRUPT[case]())
+    failure = _pil_failure(path)
+    assert getattr(failure, "errno", None) is None  # the case is PIL's own, not the OS's
+    if isinstance(failure, Image.DecompressionBombError):  # PIL's size guard: the fix is its limit, if genuine
+        with pytest.raises(DataRefusal, match=rf"^photo {path} cannot be read: Image size \(12000 pixels\) exceeds "
+                                              r"limit .* raise PIL's limit .*MAX_IMAGE_PIXELS.*; otherwise remove it\.$"):
+            read_photo(path, "photo")
+    else:
+        with pytest.raises(DataRefusal, match=rf"^photo {path} cannot be read \({type(failure).__name__}: .*\); "
+                                              r"replace or remove it\.$"):
+            read_photo(path, "photo")
+    with pytest.raises(Unreadable, match=rf"^{type(failure).__name__}: "):
+        _item_to_raw({"image": str(path), "objects": np.zeros((20, 30), np.uint8)}, "item 0")
+
+
+def test_a_path_that_names_no_readable_file_is_the_files_fault(tmp_path, monkeypatch):
+    """A file gone or a folder in its place, and a disk that cannot read its blocks (EIO), are refused naming it."""
+    (tmp_path / "folder.jpg").mkdir()
+    for path in (tmp_path / "gone.jpg", tmp_path / "folder.jpg"):
+        with pytest.raises(DataRefusal, match=rf"^photo {path} cannot be read \((FileNotFoundError|"
+                                              r"IsADirectoryError): .*\); replace or remove it\.$"):
+            read_photo(path, "photo")
+    path = tmp_path / "a.jpg"
+    path.write_bytes(_jpeg_bytes())
+    monkeypatch.setattr(ImageFile.ImageFile, "load", _raising(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(DataRefusal, match=r"cannot be read \(OSError: \[Errno 5\] Input/output error\); replace"):
+        read_photo(path, "photo")
+    # Pillow 9.3's MspImagePlugin builds its error with two arguments: its errno is that text, not the OS's
+    monkeypatch.setattr(ImageFile.ImageFile, "load", _raising(OSError("Truncated MSP file, expected %d bytes on row "
+                                                                      "%s", (4, 0))))
+    with pytest.raises(DataRefusal, match=r"cannot be read \(OSError: .*Truncated MSP file.*\); replace or remove"):
+        read_photo(path, "photo")
+
+
+def _raising(error: BaseException):
+    def raise_it(*args, **kwargs):
+        raise error
+    return raise_it
+
+
+_MACHINE = {  # name: a failure that is the machine's or the file system's, not the file's
+    "MemoryError": lambda: MemoryError(),
+    "EMFILE": lambda: OSError(errno.EMFILE, "Too many open files"),
+    "ENFILE": lambda: OSError(errno.ENFILE, "Too many open files in system"),
+    "ENOMEM": lambda: OSError(errno.ENOMEM, "Cannot allocate memory"),
+    "EINTR": lambda: InterruptedError(errno.EINTR, "Interrupted system call"),
+    "ESTALE": lambda: OSError(errno.ESTALE, "Stale file handle"),
+    "ETIMEDOUT": lambda: TimeoutError(errno.ETIMEDOUT, "Connection timed out"),
+}
+
+
+def _folder(tmp_path: Path) -> Path:
+    path = tmp_path / "folder" / "a.jpg"
+    path.parent.mkdir()
+    path.write_bytes(_jpeg_bytes())
+    return path
+
+
+_READS = {  # name: read the file at path (a folder dataset of it opened before)
+    "annotated photo load": lambda path, _: read_photo(path, "photo"),
+    "annotated photo open": lambda path, _: shown_frame(path, "photo"),
+    "annotated mask load": lambda path, _: read_mask_file(path, "photo", "objects"),
+    "folder open": lambda path, _: open_dataset(str(path.parent), CFG),
+    "folder item load": lambda _, dataset: dataset[0],
+    "streamed item": lambda path, _: _item_to_raw({"image": path, "objects": np.zeros((20, 30), np.uint8)}, "item 0"),
+}
+
+
+@pytest.mark.parametrize("error", list(_MACHINE))
+@pytest.mark.parametrize("read", list(_READS))
+def test_the_machines_failure_while_reading_a_file_propagates_unchanged(tmp_path, monkeypatch, read, error):
+    """Out of memory, too many open files, an interrupted call, a stale or timed-out network file system: replacing
+    the file would not help, so no refusal says so and no file is skipped for it; the error itself goes up."""
+    path = _folder(tmp_path)
+    dataset = open_dataset(str(path.parent), CFG)
+    raised = _MACHINE[error]()
+    monkeypatch.setattr(Image, "open", _raising(raised))
+    with pytest.raises(type(raised)) as caught:
+        _READS[read](path, dataset)
+    assert caught.value is raised
+    assert dataset.skipped == []
+
+
+@pytest.mark.parametrize("read", ["annotated photo load", "folder item load", "streamed item"])
+def test_running_out_of_memory_while_decoding_propagates_unchanged(tmp_path, monkeypatch, read):
+    path = _folder(tmp_path)
+    dataset = open_dataset(str(path.parent), CFG)
+    raised = MemoryError()
+    monkeypatch.setattr(ImageFile.ImageFile, "load", _raising(raised))
+    with pytest.raises(MemoryError) as caught:
+        _READS[read](path, dataset)
+    assert caught.value is raised and dataset.skipped == []
+
+
+_PERMISSION = r"cannot be read: permission denied \(.*\); give the user running qkhooks read permission on it"
+
+
+def test_a_file_without_read_permission_is_refused_naming_permissions(tmp_path, monkeypatch):
+    path = _folder(tmp_path)
+    monkeypatch.setattr(Image, "open", _raising(PermissionError(errno.EACCES, "Permission denied", str(path))))
+    with pytest.raises(DataRefusal, match=rf"^photo {path} {_PERMISSION}"):
+        read_photo(path, "photo")
+    with pytest.raises(QKHooksError, match=rf"^photo {path} {_PERMISSION}"):
+        shown_frame(path, "photo")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files without permission")
+def test_a_file_chmod_000_is_refused_naming_permissions(tmp_path):
+    path = _folder(tmp_path)
+    path.chmod(0)
+    try:
+        with pytest.raises(DataRefusal, match=rf"^photo {path} {_PERMISSION}"):
+            read_photo(path, "photo")
+    finally:
+        path.chmod(0o644)
+
+
+# ------------------------------------------------------------------------------ a streamed photo opened once
+
+_AS_GIVEN = {  # how a user's item gives the photo at path
+    "str path": lambda p: str(p),
+    "Path": lambda p: p,
+    "bytes": lambda p: p.read_bytes(),
+    "Hugging Face cell, bytes": lambda p: {"bytes": p.read_bytes(), "path": None},
+    "Hugging Face cell, path": lambda p: {"bytes": None, "path": str(p)},
+}
+
+
+@pytest.mark.parametrize("given", list(_AS_GIVEN))
+def test_a_streamed_photo_with_a_mask_is_opened_once_and_its_mask_turned_as_exif_transpose_turns_it(
+        tmp_path, monkeypatch, given):
+    """The decode and the orientation its masks are turned by come from one opening of the file (it was opened
+    again for the orientation), and the mask drawn on the stored pixels is turned as PIL turns the photo."""
+    photo = tmp_path / "a.jpg"
+    _noise_jpeg(photo, (20, 30), 6)  # shown 30x20: turned 90 degrees clockwise
+    labels = np.zeros((20, 30), np.uint8)  # drawn on the stored pixels
+    labels[:4, :7], labels[12:, 25:] = 3, 8
+    item = {"image": _AS_GIVEN[given](photo), "objects": labels}
+    opens = _counting_opens(monkeypatch)
+    _, raw = _item_to_raw(item, "item 0")
+    assert sum(opens.values()) == 1
+    monkeypatch.undo()
+    with Image.open(photo) as im:  # independent reference: the mask as PIL turns an image with the photo's tag
+        assert np.asarray(im).shape[:2] == (20, 30)
+        buffer = io.BytesIO()
+        Image.fromarray(labels).save(buffer, format="PNG", exif=im.getexif())
+    with Image.open(buffer) as tagged:
+        np.testing.assert_array_equal(raw.objects, np.asarray(ImageOps.exif_transpose(tagged)))
+    with Image.open(photo) as im:
+        np.testing.assert_array_equal(np.asarray(raw.image), np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
+
+
+# ------------------------------------------------------------------------------ PNG text chunk keyed 'xmp'
+
+
+def _xmp_png(path: Path, kind: bytes) -> Path:
+    """A PNG with a text chunk keyed 'xmp' after its image data (as round 20's commit 56920d2 names it)."""
+    text = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    data = b"xmp\0" + text if kind == b"tEXt" else b"xmp\0\0\0\0\0" + text
+    return _png(path, (20, 30), None, extra=_chunk(kind, data))
+
+
+@pytest.mark.parametrize("kind", [b"tEXt", b"iTXt"])
+def test_a_png_with_a_text_chunk_keyed_xmp_after_its_image_data_is_read_as_pil_reads_it_at_open(tmp_path, kind):
+    """The walk leaves such a chunk to PIL's decode: where PIL fails on it (Pillow >= 11.2 reads info['xmp'] and
+    fails on the text), the photo is refused when the dataset opens, naming it, not halfway through a run; where PIL
+    reads it, its orientation is PIL's."""
+    root = tmp_path / "o3"
+    photo = _xmp_png(root / "images" / "a.png", kind)
+    _o3_masks(root)
+    try:
+        expected: tuple | BaseException = _decoded_orientation(photo)
+    except Exception as exc:
+        expected = exc
+    if isinstance(expected, BaseException):
+        with pytest.raises(QKHooksError, match=rf"^O3 image {photo} cannot be read \({type(expected).__name__}: "):
+            open_dataset(f"o3dir:{root}", CFG)
+    else:
+        assert shown_frame(photo, "photo") == expected

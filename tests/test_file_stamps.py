@@ -1,0 +1,318 @@
+"""Round 40, helper STAMP: every run that reads image files stores and checks each file's stamp (size, modification
+time, BLAKE2b of its bytes), whatever the source (a folder, a list of paths, a Hugging Face path column, ``wds:``
+shards), and the stamp is taken where the file is read and decoded (no second read in the main process).
+
+Each test here failed on the code before (round 39 stored stamps for folders only, read in the main process)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import qkhooks
+from qkhooks import QKHooksError
+from qkhooks.store import format as fmt
+from test_review_symlinks_repair_messages import _KW, _interrupted
+from test_spectrum_edits_and_dataparallel import _same_size_photos, _tiny_loaded
+
+_NAMES = [f"a{i}.png" for i in range(8)]
+
+
+def _blake(data: bytes) -> int:
+    """The reference: hashlib's BLAKE2b (8 bytes), little-endian signed, as the run stores it (-1 kept for "no file")."""
+    value = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+    return -2 if value == -1 else value
+
+
+def _reference(paths) -> dict[str, list[int]]:
+    """Each file's stamp by os.stat and hashlib, independent of qkhooks."""
+    stats = [os.stat(p) for p in paths]
+    return {fmt.FILE_SIZES: [s.st_size for s in stats], fmt.FILE_MTIMES: [s.st_mtime_ns for s in stats],
+            fmt.FILE_HASHES: [_blake(Path(p).read_bytes()) for p in paths]}
+
+
+def _stored(run_path) -> dict[str, list[int]]:
+    with qkhooks.open_run(run_path) as run:
+        return {name: run.array(name)[:].tolist() for name in (fmt.FILE_SIZES, fmt.FILE_MTIMES, fmt.FILE_HASHES)}
+
+
+def _replace_with_same_size(path: Path, seed: int) -> None:
+    """Another photo of the same file size in place of ``path``, its time moved on (so the time and the bytes differ)."""
+    was = path.stat()
+    _same_size_photos(path.parent, [path.name], seed=seed)
+    assert path.stat().st_size == was.st_size and path.read_bytes() != b""
+    os.utime(path, ns=(was.st_atime_ns, was.st_mtime_ns + 5 * 10**9))
+
+
+def _restaged(paths, later_s: int = 10) -> None:
+    """Every file rewritten with the same bytes, its time ``later_s`` seconds on (a data set copied again)."""
+    for path in paths:
+        data, stat = Path(path).read_bytes(), Path(path).stat()
+        Path(path).write_bytes(data)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + later_s * 10**9))
+
+
+def _kept(run) -> int:
+    with qkhooks.open_run(run) as before:
+        return before.n
+
+
+def _hf(paths, decode_false: bool):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"image": [str(p) for p in paths]})
+    return ds.cast_column("image", datasets.Image()) if decode_false else ds
+
+
+# ---------------------------------------------------------------------------------------------- a list of paths
+
+
+def test_a_list_of_paths_stores_stamps_equal_to_os_stat_and_blake2b(tmp_path):
+    """Before: a run of a list of paths stored no file sizes, times or hashes at all."""
+    folder = tmp_path / "imgs"
+    _same_size_photos(folder, _NAMES, seed=0)
+    paths = [str(folder / n) for n in _NAMES]
+    qkhooks.record_dataset(_tiny_loaded(), paths, tmp_path / "run.h5", **_KW)
+    assert _stored(tmp_path / "run.h5") == _reference(paths)
+
+
+def test_a_list_of_paths_resume_over_a_kept_photo_replaced_by_one_of_the_same_size_is_refused_naming_it(tmp_path):
+    """Before: the resume of a list of paths compared ids only, so a kept photo overwritten in place (the same name)
+    resumed without a word and the run mixed maps of two data sets."""
+    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, _NAMES, seed=0)
+    paths = [str(folder / n) for n in _NAMES]
+    _interrupted(loaded, run, batches=3, data=paths)
+    kept = _kept(run)
+    _replace_with_same_size(folder / "a1.png", seed=7)
+    first = str(folder / "a1.png")
+    with pytest.raises(QKHooksError, match=r"images it keeps were modified since it recorded them \(first: "
+                                           + repr(first).replace(".", r"\.") + r".*their bytes differ"):
+        qkhooks.record_dataset(loaded, paths, run, resume=True, **_KW)
+    assert _kept(run) == kept  # the refused resume left the file as it was
+
+
+def test_a_list_of_paths_copied_again_resumes_and_equals_an_uninterrupted_run(tmp_path):
+    """The same bytes with new times (a data set staged again) resume, and the stamps equal the reference."""
+    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, _NAMES, seed=0)
+    paths = [str(folder / n) for n in _NAMES]
+    _interrupted(loaded, run, batches=3, data=paths)
+    _restaged(paths)
+    assert qkhooks.record_dataset(loaded, paths, run, resume=True, **_KW).images == 8
+    stored = _stored(run)
+    reference = _reference(paths)
+    assert stored[fmt.FILE_SIZES] == reference[fmt.FILE_SIZES]
+    assert stored[fmt.FILE_HASHES] == reference[fmt.FILE_HASHES]
+    kept = [i for i, (a, b) in enumerate(zip(stored[fmt.FILE_MTIMES], reference[fmt.FILE_MTIMES])) if a != b]
+    assert kept and kept == list(range(len(kept)))  # the kept rows keep their recorded times; the rest are now's
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+
+
+@pytest.mark.parametrize("decode_false", [False, True], ids=["path-strings", "Image-cells"])
+def test_a_hugging_face_path_column_resume_over_a_replaced_photo_is_refused_and_a_copy_resumes(tmp_path, decode_false):
+    """A map-style Hugging Face dataset whose image column holds file paths (strings, or Image cells read from
+    files, which record_dataset reads as Image(decode=False) {"path": ..., "bytes": None}). Before: no stamps stored,
+    the resume checked ids only."""
+    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, _NAMES, seed=0)
+    paths = [str(folder / n) for n in _NAMES]
+    _interrupted(loaded, run, batches=3, data=_hf(paths, decode_false))
+    kept = _kept(run)
+    assert _stored(run) == {k: v[:kept] for k, v in _reference(paths).items()}
+    recorded = (folder / "a2.png").read_bytes()
+    _replace_with_same_size(folder / "a2.png", seed=9)
+    with pytest.raises(QKHooksError, match=r"modified since it recorded them \(first: '[^']*a2\.png'.*bytes differ"):
+        qkhooks.record_dataset(loaded, _hf(paths, decode_false), run, resume=True, **_KW)
+    assert _kept(run) == kept
+    (folder / "a2.png").write_bytes(recorded)  # the recorded photo back, then the whole set copied again
+    _restaged(paths)
+    assert qkhooks.record_dataset(loaded, _hf(paths, decode_false), run, resume=True, **_KW).images == 8
+
+
+# ---------------------------------------------------------------------------------------------- wds: shards
+
+
+def _shard(path: Path, members: dict[str, bytes], mtime: int) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), mtime
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _pngs(seed: int) -> dict[str, bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in _NAMES:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buffer, "PNG", compress_level=0)
+        out[name] = buffer.getvalue()
+    return out
+
+
+def test_wds_stores_each_members_stamp_and_a_resume_over_a_rewritten_member_is_refused(tmp_path):
+    """A tar member's stamp: its header's size and time, the BLAKE2b of its bytes as read. Before: a wds: run stored
+    none, and a shard rewritten with other bytes for a kept member (same name, same size) resumed without a word."""
+    loaded, shard, run = _tiny_loaded(), tmp_path / "s0.tar", tmp_path / "run.h5"
+    members = _pngs(0)
+    _shard(shard, members, mtime=1_700_000_000)
+    _interrupted(loaded, run, batches=3, data=f"wds:{shard}")
+    kept = _kept(run)
+    with qkhooks.open_run(run) as got:
+        assert list(got.ids) == _NAMES[:kept]
+    assert _stored(run) == {fmt.FILE_SIZES: [len(members[n]) for n in _NAMES[:kept]],
+                            fmt.FILE_MTIMES: [1_700_000_000 * 10**9] * kept,
+                            fmt.FILE_HASHES: [_blake(members[n]) for n in _NAMES[:kept]]}
+    other = dict(members, **{"a1.png": _pngs(3)["a1.png"]})
+    assert len(other["a1.png"]) == len(members["a1.png"]) and other["a1.png"] != members["a1.png"]
+    _shard(shard, other, mtime=1_700_000_100)
+    with pytest.raises(QKHooksError, match=r"modified since it recorded them \(first: 'a1\.png'.*bytes differ"):
+        qkhooks.record_dataset(loaded, f"wds:{shard}", run, resume=True, **_KW)
+    assert _kept(run) == kept
+    _shard(shard, members, mtime=1_700_000_200)  # the same members written again with new times: resumes
+    assert qkhooks.record_dataset(loaded, f"wds:{shard}", run, resume=True, **_KW).images == 8
+    assert _stored(run)[fmt.FILE_HASHES] == [_blake(members[n]) for n in _NAMES]
+
+
+# ---------------------------------------------------------------------------------------------- where stamps are taken
+
+
+def test_the_recording_stamps_where_files_are_read_and_never_reads_them_again_in_the_main_process(tmp_path, monkeypatch):
+    """Before: WriterSink hashed every file of a batch in the main process (a second read of each file). Now the
+    stamps come with the batch from where the image was decoded; data_files.file_hash (the main process's reader)
+    is not called while recording a folder, and the stamps equal the reference."""
+    import qkhooks.data_files as data_files
+
+    folder = tmp_path / "imgs"
+    _same_size_photos(folder, _NAMES, seed=0)
+
+    def no_second_read(path):
+        raise AssertionError(f"{path} read again in the main process")
+
+    monkeypatch.setattr(data_files, "file_hash", no_second_read)
+    qkhooks.record_dataset(_tiny_loaded(), str(folder), tmp_path / "run.h5", **_KW)
+    assert _stored(tmp_path / "run.h5") == _reference([folder / n for n in _NAMES])
+
+
+@pytest.mark.parametrize("source", ["folder", "list"])
+def test_with_two_workers_the_stamps_still_arrive_and_equal_the_reference(tmp_path, source, monkeypatch):
+    """The stamps are taken in the loader's worker processes and carried with the batch (a DataLoader's for a
+    folder, the stream's process pool for a list); the main process reads no file again (before: a folder's were
+    hashed there, a list's not stored)."""
+    import qkhooks.data_files as data_files
+
+    monkeypatch.setattr(data_files, "file_hash", lambda path: pytest.fail(f"{path} read again in the main process"))
+    folder = tmp_path / "imgs"
+    _same_size_photos(folder, _NAMES, seed=0)
+    paths = [str(folder / n) for n in _NAMES]
+    data = str(folder) if source == "folder" else paths
+    qkhooks.record_dataset(_tiny_loaded(), data, tmp_path / "run.h5", **{**_KW, "batch_size": 4, "num_workers": 2})
+    assert _stored(tmp_path / "run.h5") == _reference(paths)
+
+
+# ---------------------------------------------------------------------------------------------- no file, older runs
+
+
+def test_in_memory_images_store_no_file_and_resume(tmp_path):
+    """Items with no file (arrays) are stored with -1 size and time; since round 46 their content's hash is stored
+    (tests/test_resume_in_memory_images.py checks it and the resume's refusals): the same items resume."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    rng = np.random.default_rng(0)
+    items = [{"image": rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), "id": f"m{i}"} for i in range(8)]
+    _interrupted(loaded, run, batches=3, data=items)
+    stored = _stored(run)
+    assert all(v == -1 for name in (fmt.FILE_SIZES, fmt.FILE_MTIMES) for v in stored[name])
+    assert all(v != -1 for v in stored[fmt.FILE_HASHES])
+    assert qkhooks.record_dataset(loaded, items, run, resume=True, **_KW).images == 8
+
+
+def test_a_streamed_run_written_before_the_stamps_resumes_as_before(tmp_path):
+    """A stream's run from before (no per-image file arrays) resumes without a word, in its own layout."""
+    import warnings
+
+    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, _NAMES, seed=0)
+    paths = [str(folder / n) for n in _NAMES]
+    _interrupted(loaded, run, batches=3, data=paths)
+    import json
+
+    with h5py.File(run, "r+", locking=False) as f:
+        for name in (fmt.FILE_SIZES, fmt.FILE_MTIMES, fmt.FILE_HASHES):
+            del f[name]
+        listed = json.loads(fmt.as_str(f["images"].attrs[fmt.ARRAYS_ATTR]))
+        f["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps([a for a in listed if not a.startswith("images/file_")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert qkhooks.record_dataset(loaded, paths, run, resume=True, **_KW).images == 8
+    with qkhooks.open_run(run) as after:
+        assert after.complete and not after.has(fmt.FILE_SIZES)
+
+
+def test_a_torch_dataset_of_paths_resume_checks_its_kept_files(tmp_path):
+    """A torch Dataset's items were not read again before the resume point (its __getitem__ may load the image), so
+    its kept files were not checked, and the resume said so; since round 47 they are read again (one __getitem__ an
+    item) and checked as a list's: the same files resume without a word."""
+    import warnings
+
+    import torch
+
+    class Paths(torch.utils.data.Dataset):
+        def __init__(self, paths):
+            self.paths = paths
+
+        def __len__(self):
+            return len(self.paths)
+
+        def __getitem__(self, i):
+            return self.paths[i]
+
+    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, _NAMES, seed=0)
+    paths = [str(folder / n) for n in _NAMES]
+    _interrupted(loaded, run, batches=3, data=Paths(paths))
+    kept = _kept(run)
+    assert _stored(run) == {k: v[:kept] for k, v in _reference(paths).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert qkhooks.record_dataset(loaded, Paths(paths), run, resume=True, **_KW).images == 8
+
+
+def test_shards_of_a_streamed_run_recorded_before_and_after_the_stamps_merge(tmp_path):
+    """A torchrun resume after an upgrade: rank 0's shard of a list of paths, begun before round 40 (no file arrays),
+    beside rank 1's, recorded with them. They are one run: the merge goes without the three arrays (a streamed run's
+    serve only a resume of its shards) rather than refusing rank 0's as "not one run"; the rest equals a single run."""
+    import json
+
+    from qkhooks.distributed import merge_shards, shard_path
+
+    loaded, folder, out = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, _NAMES[:6], seed=0)
+    paths = [str(folder / n) for n in _NAMES[:6]]
+    for rank in (0, 1):
+        qkhooks.record_dataset(loaded, paths, shard_path(out, rank, 2), shard=(rank, 2), **_KW)
+    with h5py.File(shard_path(out, 0, 2), "r+", locking=False) as f:
+        for name in (fmt.FILE_SIZES, fmt.FILE_MTIMES, fmt.FILE_HASHES):
+            del f[name]
+        listed = json.loads(fmt.as_str(f["images"].attrs[fmt.ARRAYS_ATTR]))
+        f["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps([a for a in listed if not a.startswith("images/file_")])
+    with qkhooks.open_run(shard_path(out, 1, 2)) as one:
+        assert one.has(fmt.FILE_SIZES)  # the shards do differ in layout
+    qkhooks.record_dataset(loaded, paths, tmp_path / "single.h5", **_KW)
+    merge_shards(out)
+    with qkhooks.open_run(out) as merged, qkhooks.open_run(tmp_path / "single.h5") as whole:
+        assert merged.complete and list(merged.ids) == list(whole.ids) == paths
+        assert not merged.has(fmt.FILE_SIZES)
+        for name in whole.arrays():
+            if not name.startswith("images/file_"):
+                np.testing.assert_array_equal(merged.array(name)[:], whole.array(name)[:], err_msg=name)

@@ -1,0 +1,270 @@
+"""Round 47, helper DATA: what round 46 left open in the resume's check of images held in memory.
+
+A resume of a list of in-memory images (or of a map-style Hugging Face dataset's bytes) hashes every kept image
+again before it goes on: a list of 100,000 224x224 arrays took about 25 s (20,000 in 5 s measured) without a word.
+It now shows a progress bar, as the recording does, where that takes over two seconds (a quick check says nothing).
+
+A torch map-style Dataset (or another sequence that is no list or tuple, a DataLoader's dataset, a Subset) of in-memory
+images stored -1 and resumed with a warning that its kept images were not checked: another Dataset of the same length
+resumed into one run of two data sets. Its in-memory images are now stamped with the BLAKE2b of their content as a
+list's are, and a resume reads its kept items again through ``__getitem__`` (once) and refuses any that differs; a
+Dataset of file paths has its kept files checked alike. An iterable's alike, read where the resume skips them
+anyway (no second pass)."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import qkhooks
+from qkhooks import QKHooksError
+from qkhooks.store import format as fmt
+from qkhooks.data import readers
+from test_review_symlinks_repair_messages import _KW, _interrupted
+from test_spectrum_edits_and_dataparallel import _tiny_loaded
+from test_resume_hf_image_bytes import _hf, _kept, _pngs, _stored
+from test_resume_in_memory_images import _arrays, _mixed, _reference
+
+datasets = pytest.importorskip("datasets")
+
+
+def test_the_kept_images_hashes_are_those_of_their_content_and_their_check_shows_a_bar(capsys, monkeypatch):
+    """held_hashes with progress: the same hashes (hashlib's), and a bar counting every kept item where the check
+    runs past the bar's delay (here 0 s); with the default delay, a quick check says nothing, nor without progress."""
+    arrays = _arrays(0, n=6)
+    reader = readers.MapReader(arrays)
+    expected = [(str(i), _reference(a)) for i, a in enumerate(arrays[:5])]
+    assert reader.held_hashes(5, progress=True) == expected  # quick: under the default 2 s
+    assert reader.held_hashes(5) == expected
+    assert "check kept images" not in capsys.readouterr().err
+    monkeypatch.setattr(readers, "CHECK_BAR_DELAY", 0)
+    assert reader.held_hashes(5, progress=True) == expected
+    err = capsys.readouterr().err
+    assert "check kept images" in err and "5/5" in err
+    assert reader.held_hashes(5, progress=False) == expected
+    assert capsys.readouterr().err == ""
+
+
+def test_a_hugging_face_datasets_held_bytes_check_shows_a_bar_too(capsys, monkeypatch):
+    pngs = _pngs(0)
+    reader = readers.hf_reader(_hf(pngs), None, None)
+    monkeypatch.setattr(readers, "CHECK_BAR_DELAY", 0)
+    assert reader.held_hashes(7, progress=True) == [(str(i), _reference(b)) for i, b in enumerate(pngs[:7])]
+    err = capsys.readouterr().err
+    assert "check kept images" in err and "7/7" in err
+
+
+def test_a_resume_of_a_list_shows_its_check_only_where_it_takes_a_while(tmp_path, capsys, monkeypatch):
+    """The resume of record_dataset(progress=True): quick, no bar for the check; past the delay, one that counts the
+    kept images, which the resume then keeps (the run completes as a whole recording does)."""
+    loaded, run, other = _tiny_loaded(), tmp_path / "run.h5", tmp_path / "other.h5"
+    for path in (run, other):
+        _interrupted(loaded, path, batches=3, data=_arrays(0))
+    capsys.readouterr()
+    shown = {**_KW, "progress": True}
+    assert qkhooks.record_dataset(loaded, _arrays(0), run, resume=True, **shown).images == 8
+    assert "check kept images" not in capsys.readouterr().err
+    monkeypatch.setattr(readers, "CHECK_BAR_DELAY", 0)
+    assert qkhooks.record_dataset(loaded, _arrays(0), other, resume=True, **shown).images == 8
+    err = capsys.readouterr().err
+    resumed = int(err.split("resuming the stream at item ")[1].split(":")[0])
+    assert resumed > 0 and "check kept images: 100%" in err and f"{resumed}/{resumed}" in err
+
+
+# ------------------------------------------------------------------ a torch map-style Dataset of in-memory images
+class _Held(torch.utils.data.Dataset):
+    """A torch Dataset of in-memory images (named by position), counting its reads."""
+
+    def __init__(self, items: list) -> None:
+        self.items, self.reads = items, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        return self.items[index]
+
+
+def _images(items: list) -> list:
+    return [item["image"] if isinstance(item, dict) else item for item in items]
+
+
+def test_a_torch_datasets_in_memory_images_store_each_ones_blake2b_and_no_file(tmp_path):
+    """Before: -1 in all three columns (a list of the same items stored their hashes)."""
+    items = _mixed(_arrays(0))  # an array, a PIL image, PNG bytes, a dict of a column-major array, in turn
+    qkhooks.record_dataset(_tiny_loaded(), _Held(items), tmp_path / "run.h5", **_KW)
+    stored = _stored(tmp_path / "run.h5")
+    assert stored[fmt.FILE_HASHES] == [_reference(image) for image in _images(items)]
+    assert stored[fmt.FILE_SIZES] == [-1] * 8 and stored[fmt.FILE_MTIMES] == [-1] * 8
+
+
+def test_a_resume_over_another_dataset_of_the_same_length_is_refused_and_the_same_one_resumes_unwarned(tmp_path):
+    """Before: it resumed, warning that the kept images were not checked, into one run of two data sets."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    _interrupted(loaded, run, batches=3, data=_Held(_mixed(_arrays(0))))
+    kept = _kept(run)
+    other = _arrays(0)
+    other[2] = _arrays(5)[2]  # the PNG bytes of another picture, in place of a kept one
+    with pytest.raises(QKHooksError, match=r"(?s)cannot resume .*run\.h5: 1 of the \d+ images it keeps hold other "
+                                           r"bytes .*first: '2'.*replaced or reordered since \(or the data gives "
+                                           r"another image each time it is read.*two datasets.*--overwrite"):
+        qkhooks.record_dataset(loaded, _Held(_mixed(other)), run, resume=True, **_KW)
+    assert _kept(run) == kept
+    again = _Held(_mixed(_arrays(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked: no word of unchecked images
+        assert qkhooks.record_dataset(loaded, again, run, resume=True, **_KW).images == 8
+    whole = tmp_path / "whole.h5"
+    qkhooks.record_dataset(loaded, _Held(_mixed(_arrays(0))), whole, **_KW)
+    assert _stored(run) == _stored(whole)
+
+
+def test_a_datasets_kept_items_are_read_again_once_with_a_bar(capsys, monkeypatch):
+    """The resume's file_paths and held_hashes of one point share one read of each item (one __getitem__ each), with
+    a bar where it takes a while; the hashes are hashlib's of the content."""
+    items = _mixed(_arrays(0))
+    dataset = _Held(items)
+    reader = readers.MapReader(dataset)
+    monkeypatch.setattr(readers, "CHECK_BAR_DELAY", 0)
+    assert reader.file_paths(6, progress=True) == [(str(i), None) for i in range(6)]
+    assert reader.held_hashes(6, progress=True) == [(str(i), _reference(x)) for i, x in enumerate(_images(items)[:6])]
+    assert dataset.reads == 6
+    err = capsys.readouterr().err
+    assert err.count("check kept images: 100%") == 1 and "6/6" in err
+
+
+def test_a_dataset_whose_getitem_gives_other_pixels_each_time_is_refused_naming_a_random_transform(tmp_path):
+    """A random transform in __getitem__: the resume cannot tell the kept images from others, and says why."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+
+    jitter = itertools.count(1)  # every read another: a random transform's draw
+
+    class Jittered(_Held):
+        def __getitem__(self, index: int):
+            return Image.fromarray(self.items[index] ^ np.uint8(next(jitter) % 255 + 1))
+
+    _interrupted(loaded, run, batches=3, data=Jittered(_arrays(0)))
+    with pytest.raises(QKHooksError, match=r"first: '0'.*random transform in a Dataset's __getitem__"):
+        qkhooks.record_dataset(loaded, Jittered(_arrays(0)), run, resume=True, **_KW)
+
+
+def test_a_torch_dataset_of_paths_has_its_kept_files_checked(tmp_path):
+    """Before: its kept files were not checked (a warning said so): a photo replaced by another of the same file
+    size resumed into the run."""
+    from test_spectrum_edits_and_dataparallel import _same_size_photos
+    from test_file_stamps import _replace_with_same_size
+
+    names = [f"a{i}.png" for i in range(8)]
+    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, names, seed=0)
+    paths = [str(folder / n) for n in names]
+    _interrupted(loaded, run, batches=3, data=_Held(paths))
+    _replace_with_same_size(folder / "a1.png", seed=1)
+    with pytest.raises(QKHooksError, match=r"(?s)1 of the \d+ images it keeps were modified .*first: '.*a1\.png'.*"
+                                           r"bytes differ"):
+        qkhooks.record_dataset(loaded, _Held(paths), run, resume=True, **_KW)
+
+
+class _Iterable(torch.utils.data.IterableDataset):
+    """An iterable of in-memory images, counting the items it gives."""
+
+    def __init__(self, items: list) -> None:
+        self.items, self.given = items, 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.given += 1
+            yield item
+
+
+def test_an_iterables_in_memory_images_are_checked_where_the_resume_skips_them(tmp_path):
+    """Before: stored -1, and a resume over another iterable of the same images but one went on, warning that its
+    kept images were not checked. The resume reads the items before its point anyway (to skip them): it hashes them
+    there, refuses the one replaced, and goes on from there with no second pass (each item given once, and once for
+    the first item, which opening the stream reads to learn its masks)."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    items = _mixed(_arrays(0))
+    _interrupted(loaded, run, batches=3, data=_Iterable(items))
+    stored = _stored(run)
+    assert stored[fmt.FILE_HASHES] == [_reference(image) for image in _images(items)][:len(stored["ids"])]
+    other = _arrays(0)
+    other[1] = _arrays(5)[1]  # a PIL image of another picture
+    with pytest.raises(QKHooksError, match=r"(?s)1 of the \d+ images it keeps hold other bytes .*first: '1'.*"
+                                           r"an iterable that shuffles"):
+        qkhooks.record_dataset(loaded, _Iterable(_mixed(other)), run, resume=True, **_KW)
+    again = _Iterable(_mixed(_arrays(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked: no word of unchecked images
+        assert qkhooks.record_dataset(loaded, again, run, resume=True, **_KW).images == 8
+    assert again.given == 8 + 1
+    whole = tmp_path / "whole.h5"
+    qkhooks.record_dataset(loaded, _Iterable(_mixed(_arrays(0))), whole, **_KW)
+    assert _stored(run) == _stored(whole)
+
+
+def test_a_generators_kept_images_are_checked_and_the_rest_recorded_from_the_same_pass(tmp_path):
+    """A one-shot generator: the check reads the items before the resume point from it, and the recording goes on
+    from where the check stopped (a generator cannot be read twice); reordered, it is refused."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    _interrupted(loaded, run, batches=3, data=(a for a in _arrays(0)))
+    swapped = _arrays(0)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    with pytest.raises(QKHooksError, match=r"2 of the \d+ images it keeps hold other bytes .*first: '0'"):
+        qkhooks.record_dataset(loaded, (a for a in swapped), run, resume=True, **_KW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert qkhooks.record_dataset(loaded, (a for a in _arrays(0)), run, resume=True, **_KW).images == 8
+    whole = tmp_path / "whole.h5"
+    qkhooks.record_dataset(loaded, _arrays(0), whole, **_KW)
+    assert _stored(run)[fmt.FILE_HASHES] == _stored(whole)[fmt.FILE_HASHES]
+    with qkhooks.open_run(run) as resumed, qkhooks.open_run(whole) as reference:
+        assert list(resumed.ids) == list(reference.ids)
+        np.testing.assert_array_equal(resumed.array("modes/L0/query")[:], reference.array("modes/L0/query")[:])
+
+
+def test_a_dataset_slow_to_read_again_has_the_kept_images_read_within_the_budget_checked_and_says_so(tmp_path,
+                                                                                                   monkeypatch):
+    """A Dataset that loads big photos from files would take hours to read again on a large resume: the reading stops
+    after readers.READ_AGAIN_BUDGET seconds (here 0: after the first item); the items read are checked (one replaced
+    there is refused), and the resume says which were not (one replaced after them goes on, said unchecked)."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    _interrupted(loaded, run, batches=3, data=_Held(_arrays(0)))  # its checkpoint keeps 4 images
+    monkeypatch.setattr(readers, "READ_AGAIN_BUDGET", 0)
+    first = _arrays(0)
+    first[0] = _arrays(5)[0]
+    with pytest.raises(QKHooksError, match=r"1 of the 1 images it keeps hold other bytes .*first: '0'"):
+        with pytest.warns(UserWarning, match=r"checks only the first 1 of the \d+ images it keeps"):
+            qkhooks.record_dataset(loaded, _Held(first), run, resume=True, **_KW)
+    later = _arrays(0)
+    later[2] = _arrays(5)[2]
+    with pytest.warns(UserWarning, match=r"(?s)checks only the first 1 of the 4 images it keeps: reading "
+                                         r"torch:_Held's items again through its __getitem__ took \d+ s for 1 of them "
+                                         r".*all 4 would take about \d+ s\), so the other 3 are not checked.*as file "
+                                         r"paths"):
+        assert qkhooks.record_dataset(loaded, _Held(later), run, resume=True, **_KW).images == 8
+
+
+def test_the_time_a_full_check_would_take_is_said_roughly():
+    from qkhooks.stream import _duration
+
+    assert [_duration(s) for s in (0.4, 40, 89, 90, 720, 5399, 5400, 16920)] == [
+        "0 s", "40 s", "89 s", "2 min", "12 min", "90 min", "1.5 h", "4.7 h"]
+
+
+def test_a_generator_failing_before_the_resume_point_is_named_where():
+    """The check reads the iterable's items before the resume point: the source's own error there says which item."""
+    def failing():
+        yield from _arrays(0, n=2)
+        raise OSError("the share went away")
+
+    reader = readers.IterReader(failing())
+    with pytest.raises(OSError, match="the share went away") as caught:
+        reader.held_hashes(4)
+    assert caught.value.__notes__ == [
+        "(while qkhooks read item 2 of the data again, to check the images a resume keeps)"]
