@@ -26,35 +26,31 @@ from qkhooks.distributed import merge_shards, shard_path
 from qkhooks.store import format as fmt
 from qkhooks.stream import record_dataset
 from test_repair_cut_files import _row_ends
+from test_run_file_metadata_blocks import _repaired_at_row_ends
 
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory) -> Path:
     """Two shards of 8 images of the tiny ViT (rows, modes, masks, the default reducers) merged as a copy."""
-    out = tmp_path_factory.mktemp("mergecut") / "run.h5"
-    for rank in range(2):
-        torch.manual_seed(0)
-        model = timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32, embed_dim=32, depth=2,
-                                  num_heads=4).eval()
-        record_dataset(qkhooks.load_model(model), "o3:8:1", shard_path(out, rank, 2), shard=(rank, 2), modes=8,
-                       attention="rows", batch_size=2, checkpoint_every=3, progress=False)
-    merge_shards(out, copy=True)
-    return out
+    return _merged_copy(tmp_path_factory.mktemp("mergecut") / "run.h5", "o3:8:1")
 
 
 @pytest.fixture(scope="module")
 def checksummed(tmp_path_factory) -> Path:
     """As ``merged``, recorded with --checksum: one image a chunk, so each array's index has data blocks."""
-    out = tmp_path_factory.mktemp("mergecutck") / "run.h5"
+    return _merged_copy(tmp_path_factory.mktemp("mergecutck") / "run.h5", "o3:24:1", checksum=True)
+
+
+def _merged_copy(out: Path, data: str, **options) -> Path:
+    """``data`` recorded by the tiny ViT in two shards of ``out`` (``options`` added to each), merged as a copy."""
     for rank in range(2):
         torch.manual_seed(0)
         model = timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32, embed_dim=32, depth=2,
                                   num_heads=4).eval()
-        record_dataset(qkhooks.load_model(model), "o3:24:1", shard_path(out, rank, 2), shard=(rank, 2), modes=8,
-                       attention="rows", batch_size=2, checkpoint_every=3, progress=False, checksum=True)
+        record_dataset(qkhooks.load_model(model), data, shard_path(out, rank, 2), shard=(rank, 2), modes=8,
+                       attention="rows", batch_size=2, checkpoint_every=3, progress=False, **options)
     merge_shards(out, copy=True)
     return out
-
 
 def _signatures(data: bytes, signature: bytes) -> list[int]:
     found, at = [], data.find(signature)
@@ -93,18 +89,9 @@ def test_a_merged_copy_cut_where_any_image_ends_loses_no_image_whose_rows_lie_be
     in a --checksum copy, the cut where the first image's last chunk ends lost it (the index of the array copied last
     went into a block opened after that chunk, HDF5's 2 KiB)."""
     merged = request.getfixturevalue(which)
-    ends = _row_ends(merged)[0]
-    data = merged.read_bytes()
-    short = []
-    for at in sorted(set(ends.tolist())):
-        cut, fixed = tmp_path / f"cut{at}.h5", tmp_path / f"fixed{at}.h5"
-        cut.write_bytes(data[:at])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = qkhooks.store.repair(cut, fixed)
-        expected = np.flatnonzero(ends <= at).tolist()
-        if sorted(set(range(len(ends))) - set(report.lost)) != expected:
-            short.append((at, len(report.recovered), len(expected)))
+    images = len(_row_ends(merged)[0])
+    short = [(at, len(report.recovered), len(before)) for at, report, before in _repaired_at_row_ends(merged, tmp_path)
+             if sorted(set(range(images)) - set(report.lost)) != before]
     assert short == []
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any, Iterator
 
 import h5py
 import pytest
@@ -35,19 +36,23 @@ def whole(tmp_path_factory) -> Path:
 def test_a_cut_where_any_image_ends_loses_no_image_whose_rows_lie_before_it(whole, tmp_path):
     """Cut where each image's rows end: repair recovers every image whose rows all lie before the cut. Before, the
     cuts inside ``masks/objects``' first chunk took its index: none of 7, then of 20, images recovered."""
-    ends = _row_ends(whole)[0]  # raw chunks (no filter): each row at a known place
-    data = whole.read_bytes()
-    short = []
+    short = [(at, len(report.recovered), len(before)) for at, report, before in _repaired_at_row_ends(whole, tmp_path)
+             if len(report.recovered) < len(before)]
+    assert short == []
+
+
+def _repaired_at_row_ends(path: Path, tmp_path: Path) -> Iterator[tuple[int, Any, list[int]]]:
+    """``path`` cut where each image's rows end (raw chunks, no filter: each row at a known place), each cut through
+    ``repair``: (the cut's offset, repair's report, the images whose rows all lie before the cut)."""
+    ends = _row_ends(path)[0]
+    data = path.read_bytes()
     for at in sorted(set(ends.tolist())):
         cut, fixed = tmp_path / f"cut{at}.h5", tmp_path / f"fixed{at}.h5"
         cut.write_bytes(data[:at])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the reducer checkpoint counts images past the cut
             report = qkhooks.store.repair(cut, fixed)
-        expected = int((ends <= at).sum())
-        if len(report.recovered) < expected:
-            short.append((at, len(report.recovered), expected))
-    assert short == []
+        yield at, report, [i for i, end in enumerate(ends.tolist()) if end <= at]
 
 
 def test_every_per_image_arrays_chunk_index_lies_before_its_first_chunk(whole):
