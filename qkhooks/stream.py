@@ -766,7 +766,8 @@ def record_dataset(
                     start = position.resumed_at(done, lo, progress)
                     _refuse_changed_stream(out, dataset, writer.ids[:done], lo, start, position.skipped)
                     _refuse_changed_length(out, dataset, position, done, start)
-                    _refuse_changed_stream_files(writer, dataset, done, start, progress=progress)
+                    _refuse_changed_stream_files(writer, dataset, done, start, progress=progress, lo=lo,
+                                                 skipped=position.skipped)
                 else:
                     done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo), file_sizes,
                                                at_open, file_mtimes, file_hashes)
@@ -1172,9 +1173,20 @@ def _refuse_changed_stream(out: Any, dataset: Any, recorded: Sequence[str], lo: 
     found = dataset.ids_before(start) if recorded else None
     if found is None:
         return
+    _refuse_other_items(out, recorded, _recorded_order(found[lo:], skipped))
+
+
+def _recorded_order(ids: Sequence[str], skipped: Sequence[tuple[str, str]]) -> list[str]:
+    """The ids of a shard's items from its first, in order, less those the recording skipped (unreadable): the ids the
+    run recorded, if the data is as it was."""
     lost = {item_id for item_id, _ in skipped}
-    source = [item_id for item_id in found[lo:] if item_id not in lost]
-    if source == list(recorded):
+    return [item_id for item_id in ids if item_id not in lost]
+
+
+def _refuse_other_items(out: Any, recorded: Sequence[str], source: Sequence[str]) -> None:
+    """Refuse a resume whose data names its items before the resume point (``source``, in order, the skipped left
+    out) otherwise than the run recorded them."""
+    if list(source) == list(recorded):
         return
     at = next((k for k, (a, b) in enumerate(zip(recorded, source)) if a != b), min(len(recorded), len(source)))
     now = repr(source[at]) if at < len(source) else "nothing"
@@ -1233,7 +1245,8 @@ def _stamp_again(path: str) -> tuple[int, int, int]:
 
 
 def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: int, stacklevel: int = 4,
-                                 progress: bool = False) -> None:
+                                 progress: bool = False, lo: int = 0,
+                                 skipped: Sequence[tuple[str, str]] = ()) -> None:
     """Refuse the resume of a stream whose kept images' files changed since they were recorded, as a folder's
     (:func:`_refuse_changed_files`): where the source names its items' files without decoding (a list or tuple of
     paths or of dicts whose ``"image"`` is a path; a map-style Hugging Face dataset of path strings or of
@@ -1275,8 +1288,11 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     cut = getattr(dataset, "read_again_cut", lambda stop: None)(start) if paths is not None else None
     if cut is not None:  # a torch Dataset slow to read again: its kept items read within the budget are checked
         read, total, seconds = cut
-        found = {item_id for item_id, _ in paths}  # up to the last kept image read: one missing there is refused
-        checked = max((n + 1 for n, item_id in enumerate(kept) if item_id in found), default=0)
+        # the kept images among the items read (the shard's from ``lo``, the skipped left out), in the order recorded:
+        # review r47: counted by the kept ids found among them, data whose ids all changed checked none and went on
+        source = _recorded_order([item_id for item_id, _ in paths[lo:]], skipped)
+        checked = min(len(source), done)
+        _refuse_other_items(writer.path, kept[:checked], source[:checked])
         warnings.warn(
             f"{writer.path}: this resume checks only the first {checked} of the {done} images it keeps: reading "
             f"{dataset.name}'s items again through its __getitem__ took {seconds:.0f} s for {read} of them "

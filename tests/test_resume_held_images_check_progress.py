@@ -268,3 +268,64 @@ def test_a_generator_failing_before_the_resume_point_is_named_where():
         reader.held_hashes(4)
     assert caught.value.__notes__ == [
         "(while qkhooks read item 2 of the data again, to check the images a resume keeps)"]
+
+
+def test_a_dataset_cut_by_the_budget_whose_ids_all_changed_is_refused(tmp_path, monkeypatch):
+    """Review r47: under the budget, the kept images checked were counted by the kept ids found among the items read,
+    so data whose ids had all changed (the same pictures renamed) checked none of them and resumed, with a warning
+    that 0 were checked. The items read are now compared in order with the ids recorded."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    arrays = _arrays(0)
+    _interrupted(loaded, run, batches=3, data=_Held([{"image": a, "id": f"x{i}"} for i, a in enumerate(arrays)]))
+    monkeypatch.setattr(readers, "READ_AGAIN_BUDGET", 0)
+    renamed = _Held([{"image": a, "id": f"y{i}"} for i, a in enumerate(arrays)])
+    with pytest.raises(QKHooksError, match=r"items before the resume point are not those the run recorded \(image 0 "
+                                           r"of the file is 'x0', the data's is 'y0'\)"):
+        qkhooks.record_dataset(loaded, renamed, run, resume=True, **_KW)
+    same = _Held([{"image": a, "id": f"x{i}"} for i, a in enumerate(arrays)])
+    with pytest.warns(UserWarning, match=r"checks only the first 1 of the 4 images it keeps"):
+        assert qkhooks.record_dataset(loaded, same, run, resume=True, **_KW).images == 8
+
+
+class _Opened(torch.utils.data.Dataset):
+    """A torch Dataset that opens each photo lazily (``Image.open``: decoded when first read), as many do."""
+
+    def __init__(self, paths: list) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return {"image": Image.open(self.paths[index]), "id": f"p{index}"}
+
+
+def test_a_truncated_photo_the_recording_skipped_does_not_stop_the_resume_and_one_truncated_since_is_refused(tmp_path):
+    """Review r47: a lazily opened photo whose file is truncated is skipped by the recording (unreadable), but reading
+    it again to hash it raised the bare OSError, so the run could never be resumed. It now has no hash (it is not kept);
+    a kept photo truncated since has none either, which differs from the one recorded: refused."""
+    import io
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    paths = []
+    for i, a in enumerate(_arrays(0)):
+        png = io.BytesIO()
+        Image.fromarray(a).save(png, format="PNG")
+        data = png.getvalue()
+        paths.append(folder / f"a{i}.png")
+        paths[-1].write_bytes(data[:len(data) // 2] if i == 1 else data)
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped photo's warning
+        _interrupted(loaded, run, batches=3, data=_Opened(paths))
+    kept = _stored(run)["ids"]
+    assert "p1" not in kept and "p0" in kept and "p2" in kept
+    whole = paths[2].read_bytes()
+    paths[2].write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(QKHooksError, match=r"1 of the \d+ images it keeps hold other bytes .*first: 'p2'"):
+        qkhooks.record_dataset(loaded, _Opened(paths), run, resume=True, **_KW)
+    paths[2].write_bytes(whole)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert qkhooks.record_dataset(loaded, _Opened(paths), run, resume=True, **_KW).images == 7

@@ -380,8 +380,8 @@ class MapReader:
         without a word; r47: a torch Dataset's alike, which resumed with a warning that they were not checked)."""
         if not isinstance(self.container, (list, tuple)):
             return [(item_id, held) for item_id, path, held in self._read_again(stop, progress) if path is None]
-        return [(item_id, _held_hash(item)) for item_id, item in self._kept(stop, progress)
-                if _image_path(item) is None]
+        return [(item_id, held) for item_id, path, held in (_kept_stamp(*kept) for kept in self._kept(stop, progress))
+                if path is None]
 
     def _kept(self, stop: int, progress: bool = False) -> Iterator[tuple[str, Any]]:
         """Each item before position ``stop`` as (its id as :meth:`decode` names it, the item): a list's or tuple's as
@@ -441,10 +441,17 @@ class MapReader:
 
 
 def _kept_stamp(item_id: str, item: Any) -> tuple[str, str | None, int | None]:
-    """A kept item read again as a resume compares it: (id, its image file or None, the hash of its in-memory image
-    as the readers' ``decode`` stamps it, or None)."""
+    """An item read again as a resume compares it: (id, its image file or None, the hash of its in-memory image as the
+    readers' ``decode`` stamps it, or None). An image that does not decode now (a lazily opened PIL image of a
+    truncated file) has no hash: the recording skipped it as unreadable, so the run keeps no image of it, or it
+    changed since, and its recorded hash then differs (review r47: the resume failed with the bare OSError)."""
     path = _image_path(item)
-    return item_id, path, None if path is not None else _held_hash(item)
+    if path is not None:
+        return item_id, path, None
+    try:
+        return item_id, None, _decoded(_held_hash, item)
+    except Unreadable:
+        return item_id, None, None
 
 
 def _checking(rows: Iterable[Any], total: int, progress: bool) -> Iterable[Any]:
