@@ -183,6 +183,12 @@ def _image_path(item: Any) -> str | None:
     return os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
 
 
+def _item_id(item: Any, position: int) -> str:
+    """An item's id as the readers name it: its own (:func:`_own_id`), else its position."""
+    own = _own_id(item)
+    return str(position) if own is None else own
+
+
 def _own_id(item: Any) -> str | None:
     """The id an item names itself by, or None (then its position is its id): a dict's ``"id"``; a webdataset
     sample's image member (``__key__`` and the image's extension); an image given as a file path (alone, as the
@@ -338,10 +344,8 @@ class MapReader:
     def decode(self, row: int, position: int) -> tuple[str | None, RawItem]:
         item = _spelled(self.container[row])
         own, raw = _item_to_raw(item, f"item {position}")
-        if raw.stamp is None and self.holds_images and _image_path(item) is None:
-            held = _held_hash(item)  # review r46: an in-memory image has no file to stamp, but its content's hash:
-            if held is not None:  # a resume hashes the kept items again (held_hashes); a torch Dataset's too (r47)
-                raw.stamp = (-1, -1, held)
+        if self.holds_images:
+            _stamp_held(raw, item)
         return own, raw
 
     def row_id(self, row: int, position: int) -> str:
@@ -352,15 +356,14 @@ class MapReader:
             item = _spelled(self.container[row])
         except Exception:  # noqa: BLE001 - the item's own failure is reported where it was read
             return str(position)
-        own = _own_id(item)
-        return str(position) if own is None else own
+        return _item_id(item, position)
 
     def mask_layouts(self, stop: int) -> Iterator[tuple[int, str, tuple[bool, bool]]] | None:
         """Each item's (position, id, mask layout) without decoding, for a list or tuple (whose items are already
         in memory); None for a Dataset, whose ``__getitem__`` may load the image."""
         if not isinstance(self.container, (list, tuple)):
             return None
-        return ((i, str(i) if (own := _own_id(_spelled(item))) is None else own,
+        return ((i, _item_id(_spelled(item), i),
                  _mask_layout(_mask_keys(item)))
                 for i, item in enumerate(self.container[:stop]))
 
@@ -396,7 +399,7 @@ class MapReader:
         shown = _checking(map(_spelled, items), total, progress)
         try:
             for i, item in enumerate(shown):
-                yield (str(i) if (own := _own_id(item)) is None else own), item
+                yield _item_id(item, i), item
         finally:
             if hasattr(shown, "close"):  # a bar left before its end (_read_again's budget)
                 shown.close()
@@ -438,6 +441,16 @@ class MapReader:
         if again is None or again[0] != stop or len(again[1]) >= total:
             return None
         return len(again[1]), total, again[2]
+
+
+def _stamp_held(raw: RawItem, item: Any) -> None:
+    """Stamp a decoded item whose image is held in memory (no file to stamp) with its content's hash, size and time
+    -1 (:func:`_held_hash`), which a resume hashes again (review r46: a list's; r47: a torch Dataset's, an
+    iterable's)."""
+    if raw.stamp is None and _image_path(item) is None:
+        held = _held_hash(item)
+        if held is not None:
+            raw.stamp = (-1, -1, held)
 
 
 def _kept_stamp(item_id: str, item: Any) -> tuple[str, str | None, int | None]:
@@ -560,7 +573,7 @@ class ReadInPassing:
             found: list[tuple[str, str | None, int | None]] = []
             try:
                 for i, item in enumerate(_checking(itertools.islice(rows, stop), stop, progress)):
-                    found.append(_kept_stamp(str(i) if (own := _own_id(item)) is None else own, item))
+                    found.append(_kept_stamp(_item_id(item, i), item))
             except Exception as exc:  # the source's own failure (a generator failing midway): said where
                 if not isinstance(exc, QKHooksError):
                     exc.add_note(f"(while qkhooks read item {len(found)} of the data again, to check the images a "
@@ -601,15 +614,11 @@ class IterReader(ReadInPassing):
 
     def decode(self, row: Any, position: int) -> tuple[str | None, RawItem]:
         own, raw = _item_to_raw(row, f"item {position}")
-        if raw.stamp is None and _image_path(row) is None:
-            held = _held_hash(row)  # review r47: an in-memory image's content hash, as a list's (MapReader.decode)
-            if held is not None:
-                raw.stamp = (-1, -1, held)
+        _stamp_held(raw, row)
         return own, raw
 
     def row_id(self, row: Any, position: int) -> str:
-        own = _own_id(row)
-        return str(position) if own is None else own
+        return _item_id(row, position)
 
     def __getstate__(self) -> dict[str, Any]:  # workers only decode; a generator cannot be pickled (spawn, macOS)
         return {**self.__dict__, "iterable": None, "_again": None}
