@@ -1266,7 +1266,7 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     kept = writer.ids[:done]
     fix = ("Put the data back as it was when the run started, record it into a new --out, or --overwrite to start "
            "again.")
-    paths = dataset.file_paths(start, progress=progress)
+    paths = dataset.file_paths(start, progress=progress, first=lo)  # the shard's items: its kept images among them
     stamps = dataset.file_stamps(start) if paths is None else None
     if paths is None and stamps is None:
         files = int((recorded >= 0).sum())
@@ -1290,7 +1290,7 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
         read, total, seconds = cut
         # the kept images among the items read (the shard's from ``lo``, the skipped left out), in the order recorded:
         # review r47: counted by the kept ids found among them, data whose ids all changed checked none and went on
-        source = _recorded_order([item_id for item_id, _ in paths[lo:]], skipped)
+        source = _recorded_order([item_id for item_id, _ in paths], skipped)
         checked = min(len(source), done)
         _refuse_other_items(writer.path, kept[:checked], source[:checked])
         warnings.warn(
@@ -1304,7 +1304,7 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     if paths is not None:
         where = dict(paths)
         columns = list(data_files.stamp_columns(where))
-        held = dict(dataset.held_hashes(start, progress=progress) or ())  # images held in the data: hashes now
+        held = dict(dataset.held_hashes(start, progress=progress, first=lo) or ())  # images held in the data: hashes now
         if held:
             hashes = writer.rows(FILE_HASHES, done)
             unchecked = [i for i, h in zip(kept, hashes) if h == -1 and i in held and where.get(i) is None]

@@ -81,13 +81,14 @@ class _Held(torch.utils.data.Dataset):
     """A torch Dataset of in-memory images (named by position), counting its reads."""
 
     def __init__(self, items: list) -> None:
-        self.items, self.reads = items, 0
+        self.items, self.reads, self.indices = items, 0, []
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
         self.reads += 1
+        self.indices.append(index)
         return self.items[index]
 
 
@@ -329,3 +330,26 @@ def test_a_truncated_photo_the_recording_skipped_does_not_stop_the_resume_and_on
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert qkhooks.record_dataset(loaded, _Opened(paths), run, resume=True, **_KW).images == 7
+
+
+def test_a_shards_dataset_read_again_begins_at_its_own_first_item(tmp_path, monkeypatch):
+    """Review r47: a shard's resume read the Dataset's items from the first of all, so under the budget the second of
+    two shards spent it on the first shard's items and checked none of its own (a warning said 0 were checked, and a
+    replaced one went on). It now reads from its own first item: here one item within the budget, the shard's first,
+    replaced and refused; the same data resumes checking 1."""
+    from qkhooks.distributed import shard_path
+
+    loaded, run = _tiny_loaded(), shard_path(tmp_path / "run.h5", 1, 2)
+    arrays = _arrays(0, 16)
+    _interrupted(loaded, run, batches=3, data=_Held(list(arrays)), shard=(1, 2))
+    monkeypatch.setattr(readers, "READ_AGAIN_BUDGET", 0)
+    other = list(arrays)
+    other[8] = _arrays(5, 16)[8]  # the second shard's first image
+    held = _Held(other)
+    with pytest.raises(QKHooksError, match=r"1 of the 1 images it keeps hold other bytes .*first: '8'"):
+        with pytest.warns(UserWarning, match=r"checks only the first 1 of the 4 images it keeps.*for 1 of them "
+                                             r"\(.*all 4 would take"):
+            qkhooks.record_dataset(loaded, held, run, resume=True, shard=(1, 2), **_KW)
+    assert held.indices.count(8) == 1 and held.indices.count(0) <= 1  # read again: 8 alone (0: the source's probe)
+    with pytest.warns(UserWarning, match=r"checks only the first 1 of the 4 images it keeps"):
+        assert qkhooks.record_dataset(loaded, _Held(list(arrays)), run, resume=True, shard=(1, 2), **_KW).images == 8

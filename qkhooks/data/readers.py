@@ -327,7 +327,8 @@ class MapReader:
     def __init__(self, container: Any):
         self.container = container
         self.length: int | None = len(container)
-        self._again: tuple[int, list[tuple[str, str | None, int | None]], float] | None = None  # _read_again's
+        # _read_again's: ((first, stop), the items read, seconds)
+        self._again: tuple[tuple[int, int], list[tuple[str, str | None, int | None]], float] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # workers decode: the resume's reading again stays here
         return {**self.__dict__, "_again": None}
@@ -367,38 +368,39 @@ class MapReader:
                  _mask_layout(_mask_keys(item)))
                 for i, item in enumerate(self.container[:stop]))
 
-    def file_paths(self, stop: int, progress: bool = False) -> list[tuple[str, str | None]]:
-        """Each item's (id, image file or None) before position ``stop``, as :meth:`decode` names and reads it (a
-        resume checks the kept files' stamps): a list's or tuple's without decoding; a torch Dataset's items read
-        again (:meth:`_read_again`: once a resume, with their hashes)."""
+    def file_paths(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, str | None]]:
+        """Each item's (id, image file or None) from position ``first`` (a shard's first) to ``stop``, as
+        :meth:`decode` names and reads it (a resume checks the kept files' stamps): a list's or tuple's without
+        decoding; a torch Dataset's items read again (:meth:`_read_again`: once a resume, with their hashes)."""
         if not isinstance(self.container, (list, tuple)):
-            return [(item_id, path) for item_id, path, _ in self._read_again(stop, progress)]
-        return [(item_id, _image_path(item)) for item_id, item in self._kept(stop)]
+            return [(item_id, path) for item_id, path, _ in self._read_again(stop, progress, first)]
+        return [(item_id, _image_path(item)) for item_id, item in self._kept(stop, first=first)]
 
-    def held_hashes(self, stop: int, progress: bool = False) -> list[tuple[str, int | None]]:
-        """Each in-memory item's (id, :func:`_held_hash` as :meth:`decode` stamps it) before position ``stop``,
+    def held_hashes(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, int | None]]:
+        """Each in-memory item's (id, :func:`_held_hash` as :meth:`decode` stamps it) from ``first`` to ``stop``,
         leaving out those read from a file (:meth:`file_paths`): a list's or tuple's items as it holds them, a torch
         Dataset's read again (:meth:`_read_again`). A resume compares them with the hashes the run recorded (review
         r46: a list of other images of the same length, or the same reordered, resumed into one run of two data sets
         without a word; r47: a torch Dataset's alike, which resumed with a warning that they were not checked)."""
         if not isinstance(self.container, (list, tuple)):
-            return [(item_id, held) for item_id, path, held in self._read_again(stop, progress) if path is None]
-        return [(item_id, held) for item_id, path, held in (_kept_stamp(*kept) for kept in self._kept(stop, progress))
+            return [(item_id, held) for item_id, path, held in self._read_again(stop, progress, first) if path is None]
+        return [(item_id, held) for item_id, path, held in (_kept_stamp(*kept) for kept in self._kept(stop, progress,
+                                                                                                    first))
                 if path is None]
 
-    def _kept(self, stop: int, progress: bool = False) -> Iterator[tuple[str, Any]]:
-        """Each item before position ``stop`` as (its id as :meth:`decode` names it, the item): a list's or tuple's as
-        it holds them; a torch Dataset's read again through its ``__getitem__``, one call an item (with
+    def _kept(self, stop: int, progress: bool = False, first: int = 0) -> Iterator[tuple[str, Any]]:
+        """Each item from position ``first`` to ``stop`` as (its id as :meth:`decode` names it, the item): a list's or
+        tuple's as it holds them; a torch Dataset's read again through its ``__getitem__``, one call an item (with
         ``progress``, a bar where that takes a while: :func:`_checking`)."""
         if isinstance(self.container, (list, tuple)):
-            items: Iterable[Any] = self.container[:stop]
+            items: Iterable[Any] = self.container[first:stop]
             total = len(items)  # type: ignore[arg-type]
         else:
-            total = min(stop, self.length or 0)
-            items = (self._read_item(i) for i in range(total))
+            total = max(min(stop, self.length or 0) - first, 0)
+            items = (self._read_item(i) for i in range(first, first + total))
         shown = _checking(map(_spelled, items), total, progress)
         try:
-            for i, item in enumerate(shown):
+            for i, item in enumerate(shown, start=first):
                 yield _item_id(item, i), item
         finally:
             if hasattr(shown, "close"):  # a bar left before its end (_read_again's budget)
@@ -412,8 +414,9 @@ class MapReader:
                 exc.add_note(f"(while qkhooks read item {row} of the data again, to check the images a resume keeps)")
             raise
 
-    def _read_again(self, stop: int, progress: bool) -> list[tuple[str, str | None, int | None]]:
-        """A torch Dataset's items before position ``stop`` read again through its ``__getitem__`` (the items a resume
+    def _read_again(self, stop: int, progress: bool, first: int = 0) -> list[tuple[str, str | None, int | None]]:
+        """A torch Dataset's items from ``first`` (a shard's first: review r47, a shard read every item before its own
+        too, within the budget) to ``stop`` read again through its ``__getitem__`` (the items a resume
         keeps: it cannot tell what they hold otherwise), each as (id, its image file or None, the hash of its
         in-memory image as :meth:`decode` stamps it, or None): once for one ``stop`` (:meth:`file_paths` and
         :meth:`held_hashes` of one resume share it). One ``__getitem__`` an item: a Dataset of in-memory images
@@ -421,26 +424,26 @@ class MapReader:
         loads each kept one once more (a 12-megapixel JPEG: a quarter of a second, and as long again to hash it), so
         the reading stops once it has taken :data:`READ_AGAIN_BUDGET` seconds, and only the items read by then are
         given (:meth:`read_again_cut` says where and how fast; the resume checks those and says the rest are not)."""
-        if self._again is None or self._again[0] != stop:
+        if self._again is None or self._again[0] != (first, stop):
             found: list[tuple[str, str | None, int | None]] = []
             began = time.monotonic()
-            rows = self._kept(stop, progress)
+            rows = self._kept(stop, progress, first)
             for item_id, item in rows:
                 found.append(_kept_stamp(item_id, item))
-                if time.monotonic() - began > READ_AGAIN_BUDGET and len(found) < min(stop, self.length or 0):
+                if time.monotonic() - began > READ_AGAIN_BUDGET and len(found) < min(stop, self.length or 0) - first:
                     rows.close()  # the bar, if any, closes with it
                     break
-            self._again = (stop, found, time.monotonic() - began)
+            self._again = ((first, stop), found, time.monotonic() - began)
         return self._again[1]
 
     def read_again_cut(self, stop: int) -> tuple[int, int, float] | None:
-        """Where :meth:`_read_again` of ``stop`` stopped for its time budget: (items read, items before ``stop``,
-        seconds it took), or None where it read them all (or read none: a list's, a tuple's)."""
+        """Where :meth:`_read_again` of ``stop`` stopped for its time budget: (items read, items it was to read: the
+        shard's before ``stop``, seconds it took), or None where it read them all (or none: a list's, a tuple's)."""
         again = self._again
-        total = min(stop, self.length or 0)
-        if again is None or again[0] != stop or len(again[1]) >= total:
+        if again is None or again[0][1] != stop:
             return None
-        return len(again[1]), total, again[2]
+        total = min(stop, self.length or 0) - again[0][0]
+        return None if len(again[1]) >= total else (len(again[1]), total, again[2])
 
 
 def _stamp_held(raw: RawItem, item: Any) -> None:
@@ -510,10 +513,10 @@ class FolderReader(MapReader):
         point (before: a resume over other files, or a subset of other indices, went on without a word)."""
         return ((row, self._id(row), (False, False)) for row in range(min(stop, self.length or 0)))
 
-    def file_paths(self, stop: int, progress: bool = False) -> list[tuple[str, str | None]]:
-        return [(self._id(row), self.paths[row]) for row in range(min(stop, self.length or 0))]
+    def file_paths(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, str | None]]:
+        return [(self._id(row), self.paths[row]) for row in range(first, min(stop, self.length or 0))]
 
-    def held_hashes(self, stop: int, progress: bool = False) -> None:
+    def held_hashes(self, stop: int, progress: bool = False, first: int = 0) -> None:
         return None  # every image is a file's (file_paths)
 
 
@@ -556,13 +559,14 @@ class ReadInPassing:
     def rows(self, start: int) -> Iterator[Any]:  # pragma: no cover - each reader's own
         raise NotImplementedError
 
-    def file_paths(self, stop: int, progress: bool = False) -> list[tuple[str, str | None]]:
-        """Each item's (id, image file or None) before position ``stop``, read in passing (:meth:`_read_again`)."""
-        return [(item_id, path) for item_id, path, _ in self._read_again(stop, progress)]
+    def file_paths(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, str | None]]:
+        """Each item's (id, image file or None) from position ``first`` to ``stop``, read in passing
+        (:meth:`_read_again`: from the source's first item, which has no index)."""
+        return [(item_id, path) for item_id, path, _ in self._read_again(stop, progress)[first:]]
 
-    def held_hashes(self, stop: int, progress: bool = False) -> list[tuple[str, int | None]]:
-        """Each in-memory item's (id, :func:`_held_hash`) before position ``stop``, read in passing."""
-        return [(item_id, held) for item_id, path, held in self._read_again(stop, progress) if path is None]
+    def held_hashes(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, int | None]]:
+        """Each in-memory item's (id, :func:`_held_hash`) from ``first`` to ``stop``, read in passing."""
+        return [(item_id, held) for item_id, path, held in self._read_again(stop, progress)[first:] if path is None]
 
     def _read_again(self, stop: int, progress: bool) -> list[tuple[str, str | None, int | None]]:
         """The items before position ``stop`` as :func:`_kept_stamp` gives them, read from the start of the rows (with
@@ -687,17 +691,18 @@ class _HFReader:
                 name = None if ids is None else _cell_path_id(ids[n]) if named == self.path_column else str(ids[n])
                 yield lo + n, str(lo + n) if name is None else name, layout  # as row_id names the row
 
-    def file_paths(self, stop: int, progress: bool = False) -> list[tuple[str, str | None]] | None:
+    def file_paths(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, str | None]] | None:
         """Each row's (id, image file or None) before position ``stop``, as :meth:`row_id` names the row and
         :meth:`decode` reads its image (a path string, or an ``Image(decode=False)`` cell with a path and no bytes),
         read from the Arrow columns without the images' bytes; None for a streamed dataset (a resume checks the kept
         files' stamps)."""
         if self.length is None:
             return None
-        return [(item_id, _image_path(cell)) for item_id, cell in self._named_cells(stop, 4096, light=True)]
+        cells = self._named_cells(stop, 4096, light=True, first=first)
+        return [(item_id, _image_path(cell)) for item_id, cell in cells]
 
-    def held_hashes(self, stop: int, progress: bool = False) -> list[tuple[str, int | None]] | None:
-        """Each row's (id, BLAKE2b of its image's bytes as :meth:`decode` stamps it) before position ``stop``, for
+    def held_hashes(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, int | None]] | None:
+        """Each row's (id, BLAKE2b of its image's bytes as :meth:`decode` stamps it) from ``first`` to ``stop``, for
         the rows whose image is held in the dataset rather than read from a file: an ``Image`` cell with bytes, a
         binary cell; None in place of the hash for a cell that is neither a file nor bytes (an array), which cannot
         be checked. Read from the Arrow column in slices (the bytes are read, no image is decoded); None for a
@@ -707,21 +712,21 @@ class _HFReader:
         if self.length is None:
             return None
         found: list[tuple[str, int | None]] = []
-        cells = self._named_cells(stop, 256, light=False)
-        for item_id, cell in _checking(cells, min(stop, self.length), progress):
+        cells = self._named_cells(stop, 256, light=False, first=first)
+        for item_id, cell in _checking(cells, max(min(stop, self.length) - first, 0), progress):
             if _image_path(cell) is None:
                 held = _held_bytes(cell)
                 found.append((item_id, None if held is None else bytes_hash(held)))
         return found
 
-    def _named_cells(self, stop: int, step: int, light: bool) -> Iterator[tuple[str, Any]]:
-        """Each row's (id as :meth:`row_id` names it, image cell) before position ``stop``, read from the Arrow
+    def _named_cells(self, stop: int, step: int, light: bool, first: int = 0) -> Iterator[tuple[str, Any]]:
+        """Each row's (id as :meth:`row_id` names it, image cell) from ``first`` to ``stop``, read from the Arrow
         columns ``step`` rows at a time; with ``light``, the cells without their images' bytes
         (:func:`_light_cells`)."""
         wanted = [self.image_column] + ([self.id_column] if self.id_column is not None else [])
         view = self.ds.select_columns(wanted).with_format("arrow")
         stop = min(stop, self.length or 0)
-        for lo in range(0, stop, step):
+        for lo in range(first, stop, step):
             table = view[lo:min(stop, lo + step)]
             column = table.column(self.image_column)
             cells = _light_cells(column) if light else column.to_pylist()
