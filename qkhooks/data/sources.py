@@ -229,16 +229,16 @@ class ItemStream:
 
     def held_hashes(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, int | None]] | None:
         """Each item's (id, BLAKE2b of its image's bytes or in-memory content, or None where it holds neither a file
-        nor an image qkhooks hashes) before position ``stop``, for the items whose image is held in a map-style
-        Hugging Face dataset, a list or tuple, a torch map-style Dataset or an iterable rather than read from a file
-        (files are in :meth:`file_paths`); None for other sources. With ``progress``, a bar where the hashing takes a
-        while. A resume checks them against the hashes the run recorded."""
+        nor an image qkhooks hashes) from position ``first`` (a shard's first) to ``stop``, for the items whose image
+        is held in a map-style Hugging Face dataset, a list or tuple, a torch map-style Dataset or an iterable rather
+        than read from a file (files are in :meth:`file_paths`); None for other sources. With ``progress``, a bar
+        where the hashing takes a while. A resume checks them against the hashes the run recorded."""
         held = getattr(self._reader, "held_hashes", None)
         return None if held is None else held(stop, progress=progress, first=first)
 
     def read_again_cut(self, stop: int) -> tuple[int, int, float] | None:
         """Where reading a torch Dataset's items before ``stop`` again for a resume stopped for its time budget: (items
-        read, items before ``stop``, seconds taken); None where all were read, or none needed reading."""
+        read, the shard's items before ``stop``, seconds taken); None where all were read, or none needed reading."""
         cut = getattr(self._reader, "read_again_cut", None)
         return None if cut is None else cut(stop)
 
