@@ -175,6 +175,19 @@ def record_samples(model: torch.nn.Module, size: tuple[int, int], path, on_batch
                    dtype="float32", modes=2, attention="full", reducers=[], on_batch=on_batch)
 
 
+def record_live_full_maps(model: torch.nn.Module, size: tuple[int, int], path) -> dict[int, list[torch.Tensor]]:
+    """:func:`record_samples` keeping each live batch's full maps per layer (copies, in batch order): the live side of
+    a "the run file's maps equal the live recording's" test."""
+    maps: dict[int, list[torch.Tensor]] = {}
+
+    def keep(batch) -> None:
+        for layer in batch.attention_layers("full"):
+            maps.setdefault(layer, []).append(batch.attention(layer, "full").clone())
+
+    record_samples(model, size, path, keep)
+    return maps
+
+
 def timm_module_eager_maps(model: torch.nn.Module, attn: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """The softmax outputs one timm attention module hands its ``attn_drop`` on its eager path (fused attention off for
     one forward of ``model``, restored after), one per call: an independent reference for that module's maps."""

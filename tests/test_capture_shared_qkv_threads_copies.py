@@ -11,12 +11,12 @@ import copy
 
 import numpy as np
 import pytest
-import timm
 import torch
 
 import qkhooks
 from qkhooks.errors import QKHooksError
 from test_capture_changes_inside_record import _images, _timm
+from conftest import forward_with_hooks
 
 
 def _collected() -> tuple[list, object]:
@@ -30,12 +30,7 @@ def _tokens(model: torch.nn.Module, x: torch.Tensor) -> dict[int, np.ndarray]:
     seen: dict[int, np.ndarray] = {}
     handles = [b.attn.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].double().numpy().copy()))
                for i, b in enumerate(model.blocks)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, handles, x)
     return seen
 
 

@@ -12,6 +12,7 @@ import torch
 
 import qkhooks
 from qkhooks.errors import QKHooksError
+from conftest import forward_with_hooks
 
 
 def _vit(**kw) -> torch.nn.Module:
@@ -27,13 +28,8 @@ def _images(n: int = 2, seed: int = 0) -> torch.Tensor:
 def _tokens(model, x) -> list[torch.Tensor]:
     """The tokens entering each block's attention (its norm1 output), as the model computes them."""
     seen = []
-    hooks = [b.norm1.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone())) for b in model.blocks]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, [b.norm1.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+                               for b in model.blocks], x)
     return seen
 
 

@@ -157,17 +157,22 @@ def _three_raw_chunks(path: Path) -> tuple[np.ndarray, dict[int, tuple[int, int]
     return values, places
 
 
+def _rows_handed_to_each(cut: Path, at: int) -> tuple[list, str, dict[int, np.ndarray]]:
+    """``_failing_rows`` over the ten-row array of a file cut at byte ``at``, with every row it hands to ``each``."""
+    seen: dict[int, np.ndarray] = {}
+    with open_damaged(cut) as f:
+        failing, why = repair_module._failing_rows(f["a"], 10, at, each=lambda lo, block: seen.update(
+            {lo + k: row for k, row in enumerate(block)}))
+    return failing, why, seen
+
+
 @pytest.mark.parametrize("rows_in", [2, 3])
 def test_a_cut_through_the_last_chunks_unused_room_loses_nothing(tmp_path, rows_in):
     """The last chunk holds images 8-9 and room for two more; a cut after them (exactly, or a row further) loses
     no row and names nothing, and every row is handed to ``each`` once, as read."""
     values, places = _three_raw_chunks(tmp_path / "a.h5")
     at = places[8][0] + rows_in * 12
-    cut = _cut_copy(tmp_path / "a.h5", at, tmp_path)
-    seen: dict[int, np.ndarray] = {}
-    with open_damaged(cut) as f:
-        failing, why = repair_module._failing_rows(f["a"], 10, at, each=lambda lo, block: seen.update(
-            {lo + k: row for k, row in enumerate(block)}))
+    failing, why, seen = _rows_handed_to_each(_cut_copy(tmp_path / "a.h5", at, tmp_path), at)
     assert (failing, why) == ([], "")
     assert sorted(seen) == list(range(10))
     np.testing.assert_array_equal(np.stack([seen[i] for i in range(10)]), values)
@@ -176,11 +181,7 @@ def test_a_cut_through_the_last_chunks_unused_room_loses_nothing(tmp_path, rows_
 def test_the_rows_before_a_cut_are_handed_to_each_as_read(tmp_path):
     values, places = _three_raw_chunks(tmp_path / "a.h5")
     at = places[4][0] + 30  # two and a half rows into the second chunk
-    cut = _cut_copy(tmp_path / "a.h5", at, tmp_path)
-    seen: dict[int, np.ndarray] = {}
-    with open_damaged(cut) as f:
-        failing, _ = repair_module._failing_rows(f["a"], 10, at, each=lambda lo, block: seen.update(
-            {lo + k: row for k, row in enumerate(block)}))
+    failing, _, seen = _rows_handed_to_each(_cut_copy(tmp_path / "a.h5", at, tmp_path), at)
     assert failing == [(6, 8), (8, 10)]
     assert sorted(seen) == [0, 1, 2, 3, 4, 5]
     np.testing.assert_array_equal(np.stack([seen[i] for i in range(6)]), values[:6])

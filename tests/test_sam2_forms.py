@@ -11,7 +11,7 @@ import torch
 import qkhooks
 from qkhooks import QKHooksError
 from test_zoo import FAST_CASES, Case, _call, perturb
-from conftest import record_samples
+from conftest import record_live_full_maps
 
 CASES = [c for c in FAST_CASES if c.name in ("sam2_hiera_tiny-padded", "Sam2VisionModel-padded")]
 
@@ -215,13 +215,7 @@ def test_a_dataset_run_stores_each_layers_pooled_maps_and_grid_as_the_live_recor
     from qkhooks.store import open_run
 
     model, _ = _build(case)
-    maps: dict[int, list[torch.Tensor]] = {}
-
-    def keep(batch) -> None:
-        for layer in batch.attention_layers("full"):
-            maps.setdefault(layer, []).append(batch.attention(layer, "full").clone())
-
-    record_samples(model, (64, 96), tmp_path / "sam2.h5", keep)
+    maps = record_live_full_maps(model, (64, 96), tmp_path / "sam2.h5")
     with open_run(tmp_path / "sam2.h5") as run:
         assert sorted(maps) == list(range(6))
         for layer, live in maps.items():

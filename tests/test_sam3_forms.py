@@ -5,13 +5,12 @@ the frequencies of the config; test_zoo checks the same maps against the model's
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import qkhooks
 from test_sam2_forms import _windows
 from test_zoo import FAST_CASES, Case, _call, module_calls, perturb, rope_band_logits
-from conftest import record_samples
+from conftest import record_live_full_maps
 
 CASE = next(c for c in FAST_CASES if c.name == "Sam3VisionModel-padded")  # 5x3 patches, windows of 2 padded to 6x4
 
@@ -152,13 +151,7 @@ def test_a_dataset_run_stores_each_layers_window_maps_and_grid_as_the_live_recor
     from qkhooks.store import open_run
 
     model, _ = _build()
-    maps: dict[int, list[torch.Tensor]] = {}
-
-    def keep(batch) -> None:
-        for layer in batch.attention_layers("full"):
-            maps.setdefault(layer, []).append(batch.attention(layer, "full").clone())
-
-    record_samples(model, (70, 42), tmp_path / "sam3.h5", keep)
+    maps = record_live_full_maps(model, (70, 42), tmp_path / "sam3.h5")
     with open_run(tmp_path / "sam3.h5") as run:
         assert sorted(maps) == [0, 1, 2]
         for layer, live in maps.items():

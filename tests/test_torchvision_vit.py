@@ -21,6 +21,7 @@ import qkhooks
 from qkhooks import QKHooksError
 from qkhooks.models import load
 from test_zoo import perturb
+from conftest import forward_with_hooks
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.vision_transformer import VisionTransformer  # noqa: E402
@@ -48,12 +49,7 @@ def tokens_seen(model: VisionTransformer, x: torch.Tensor) -> list[torch.Tensor]
     seen: dict[int, torch.Tensor] = {}
     handles = [m.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[0].detach().clone()))
                for i, m in enumerate(attentions(model))]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, handles, x)
     return [seen[i] for i in range(len(seen))]
 
 
