@@ -1286,13 +1286,16 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
                 "every kept file checked.", stacklevel=stacklevel)
         return
     cut = getattr(dataset, "read_again_cut", lambda stop: None)(start) if paths is not None else None
-    if cut is not None:  # a torch Dataset slow to read again: its kept items read within the budget are checked
-        read, total, seconds = cut
-        # the kept images among the items read (the shard's from ``lo``, the skipped left out), in the order recorded:
-        # review r47: counted by the kept ids found among them, data whose ids all changed checked none and went on
+    if paths is not None:
+        # the kept images among the items named (the shard's from ``lo``, the skipped left out), in the order recorded,
+        # whether all were read again or a torch Dataset slow to read again was cut by the budget (then those read):
+        # review r47: counted by the kept ids found among them, data whose ids all changed checked none and went on;
+        # round 48: read whole, they were checked by membership alone, and kept items reordered went on
         source = _recorded_order([item_id for item_id, _ in paths], skipped)
-        checked = min(len(source), done)
+        checked = min(len(source), done) if cut is not None else done
         _refuse_other_items(writer.path, kept[:checked], source[:checked])
+    if cut is not None:  # the kept items read within the budget are checked, the rest said not to be
+        read, total, seconds = cut
         warnings.warn(
             f"{writer.path}: this resume checks only the first {checked} of the {done} images it keeps: reading "
             f"{dataset.name}'s items again through its __getitem__ took {seconds:.0f} s for {read} of them "

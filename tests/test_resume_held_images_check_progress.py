@@ -353,3 +353,23 @@ def test_a_shards_dataset_read_again_begins_at_its_own_first_item(tmp_path, monk
     assert held.indices.count(8) == 1 and held.indices.count(0) <= 1  # read again: 8 alone (0: the source's probe)
     with pytest.warns(UserWarning, match=r"checks only the first 1 of the 4 images it keeps"):
         assert qkhooks.record_dataset(loaded, _Held(list(arrays)), run, resume=True, shard=(1, 2), **_KW).images == 8
+
+
+def test_a_dataset_read_again_whole_whose_kept_items_were_reordered_is_refused(tmp_path):
+    """Round 48: read again whole (within the budget), the kept ids were checked by membership alone (only the budget's
+    cut checked their order), so kept items swapped with their ids resumed. Both now compare them in order with the ids
+    recorded (_refuse_other_items)."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    items = [{"image": a, "id": f"x{i}"} for i, a in enumerate(_arrays(0))]
+    _interrupted(loaded, run, batches=3, data=_Held(list(items)))
+    kept = _kept(run)
+    swapped = list(items)
+    swapped[0], swapped[1] = swapped[1], swapped[0]  # each image under its own id: the hashes agree id by id
+    with pytest.raises(QKHooksError, match=r"items before the resume point are not those the run recorded \(image 0 "
+                                           r"of the file is 'x0', the data's is 'x1'\)"):
+        qkhooks.record_dataset(loaded, _Held(swapped), run, resume=True, **_KW)
+    assert _kept(run) == kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same data: read again whole, checked, no word
+        assert qkhooks.record_dataset(loaded, _Held(list(items)), run, resume=True, **_KW).images == 8
+
