@@ -373,3 +373,19 @@ def test_a_dataset_read_again_whole_whose_kept_items_were_reordered_is_refused(t
         warnings.simplefilter("error")  # the same data: read again whole, checked, no word
         assert qkhooks.record_dataset(loaded, _Held(list(items)), run, resume=True, **_KW).images == 8
 
+
+def test_an_iterables_shard_reads_the_earlier_shards_items_but_hashes_only_its_own(monkeypatch):
+    """Round 48: a shard's check (first=lo) of an iterable read every item before its resume point, as it has to (no
+    index), but hashed the earlier shards' items too, which it does not compare. Now it hashes its own alone: the
+    same hashes (hashlib's), one a kept item of the shard, and the rows after the check go on from there."""
+    arrays = _arrays(0, n=16)
+    hashed = []
+    held_hash = readers._held_hash
+    monkeypatch.setattr(readers, "_held_hash", lambda item: hashed.append(item) or held_hash(item))
+    source = _Iterable(list(arrays))
+    reader = readers.IterReader(source)
+    assert reader.held_hashes(12, first=8) == [(str(i), _reference(arrays[i])) for i in range(8, 12)]
+    assert reader.file_paths(12, first=8) == [(str(i), None) for i in range(8, 12)]
+    assert len(hashed) == 4 and source.given == 12  # read up to the point once, hashed from the shard's first
+    rest = list(reader.rows(12))
+    assert [np.asarray(a).tobytes() for a in rest] == [a.tobytes() for a in arrays[12:]] and source.given == 16

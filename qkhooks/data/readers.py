@@ -554,7 +554,7 @@ class ReadInPassing:
     iterable's kept images were not checked (a warning said so), though a resume read every one of them."""
 
     reads_again = True  # the images may differ from one pass to the next (a shuffling iterable, a random transform)
-    _again: tuple[int, list[tuple[str, str | None, int | None]], Iterator[Any] | None] | None = None
+    _again: tuple[tuple[int, int], list[tuple[str, str | None, int | None]], Iterator[Any] | None] | None = None
 
     def rows(self, start: int) -> Iterator[Any]:  # pragma: no cover - each reader's own
         raise NotImplementedError
@@ -562,34 +562,39 @@ class ReadInPassing:
     def file_paths(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, str | None]]:
         """Each item's (id, image file or None) from position ``first`` to ``stop``, read in passing
         (:meth:`_read_again`: from the source's first item, which has no index)."""
-        return [(item_id, path) for item_id, path, _ in self._read_again(stop, progress)[first:]]
+        return [(item_id, path) for item_id, path, _ in self._read_again(stop, progress, first)]
 
     def held_hashes(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, int | None]]:
         """Each in-memory item's (id, :func:`_held_hash`) from ``first`` to ``stop``, read in passing."""
-        return [(item_id, held) for item_id, path, held in self._read_again(stop, progress)[first:] if path is None]
+        return [(item_id, held) for item_id, path, held in self._read_again(stop, progress, first) if path is None]
 
-    def _read_again(self, stop: int, progress: bool) -> list[tuple[str, str | None, int | None]]:
-        """The items before position ``stop`` as :func:`_kept_stamp` gives them, read from the start of the rows (with
-        ``progress``, a bar where that takes a while); the rows after them are kept for :meth:`rows` of ``stop``,
-        which goes on from there (the source is read once, as the skip read it: no second pass)."""
-        if self._again is None or self._again[0] != stop:
+    def _read_again(self, stop: int, progress: bool, first: int = 0) -> list[tuple[str, str | None, int | None]]:
+        """The items from position ``first`` (a shard's first) to ``stop`` as :func:`_kept_stamp` gives them, read
+        from the start of the rows (with ``progress``, a bar where that takes a while): those before ``first`` (the
+        earlier shards') are read, as they must be, but not hashed (round 48: they were, and never compared). The
+        rows after ``stop`` are kept for :meth:`rows` of ``stop``, which goes on from there (the source is read once,
+        as the skip read it: no second pass)."""
+        if self._again is None or self._again[0] != (first, stop):
             rows = self.rows(0)
             found: list[tuple[str, str | None, int | None]] = []
+            read = 0  # the position of the item being read
             try:
-                for i, item in enumerate(_checking(itertools.islice(rows, stop), stop, progress)):
-                    found.append(_kept_stamp(_item_id(item, i), item))
+                for item in _checking(itertools.islice(rows, stop), stop, progress):
+                    if read >= first:
+                        found.append(_kept_stamp(_item_id(item, read), item))
+                    read += 1
             except Exception as exc:  # the source's own failure (a generator failing midway): said where
                 if not isinstance(exc, QKHooksError):
-                    exc.add_note(f"(while qkhooks read item {len(found)} of the data again, to check the images a "
-                                 "resume keeps)")
+                    exc.add_note(f"(while qkhooks read item {read} of the data again, to check the images a resume "
+                                 "keeps)")
                 raise
-            self._again = (stop, found, rows)
+            self._again = ((first, stop), found, rows)
         return self._again[1]
 
     def _rows_after_check(self, start: int) -> Iterator[Any] | None:
         """The rows from ``start`` where a resume's check has read those before it (once), else None."""
         again = self._again
-        if again is None or again[2] is None or again[0] != start:
+        if again is None or again[2] is None or again[0][1] != start:
             return None
         self._again = (again[0], again[1], None)
         return again[2]
