@@ -40,6 +40,7 @@ from qkhooks.data import ImageDataset, collate
 from qkhooks.data.masks import TokenCells, receptive_cells, token_cells
 from qkhooks.data.items import set_pil_limit
 from qkhooks.data.datasets import check_limit, is_whole
+from qkhooks.data.readers import check_bar
 from qkhooks.data.sources import ItemStream, open_source, refuse_batching
 from qkhooks import data_files
 from qkhooks.data.items import NO_STAMP, read_stamped, stamps_read
@@ -360,7 +361,7 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
             file_sizes: Callable[[Sequence[str]], Any] | None = None,
             skipped_now: Sequence[tuple[str, str]] = (),
             file_mtimes: Callable[[Sequence[str]], Any] | None = None,
-            file_hashes: Callable[[Sequence[str]], Any] | None = None) -> tuple[int, int]:
+            file_hashes: Callable[[Sequence[str]], Any] | None = None, progress: bool = False) -> tuple[int, int]:
     """Restore the reducers and return how many images are done (the caller cuts the file back to that).
 
     Reducer states are checkpointed every few batches, so the file may hold images past the checkpoint;
@@ -379,7 +380,8 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
     one ``stat`` a kept image, so every one is checked (only files whose time changed are read and hashed); a run
     from before the times were stored (no :data:`FILE_MTIMES`) is checked by size only, with a warning. Everything
     is checked before the file is cut. A kept image that the dataset now skips as it opens (``skipped_now``: id,
-    reason) is named with that reason: it is there, and the fix is the reason's.
+    reason) is named with that reason: it is there, and the fix is the reason's. With ``progress``, hashing the kept
+    files whose time changed shows a bar where it takes a while.
     """
     images, states = writer.checkpoint() or (None, {})
     now_skipped = dict(skipped_now)
@@ -405,7 +407,7 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
                 f"the run started (files removed, renamed or reordered). {fix}"
             )
         last = i
-    _refuse_changed_files(writer, kept, file_sizes, file_mtimes, file_hashes, fix)
+    _refuse_changed_files(writer, kept, file_sizes, file_mtimes, file_hashes, fix, progress=progress)
     if decodes is not None:
         recorded = set(kept)
         for i in range(last + 1):
@@ -427,11 +429,12 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
 def _refuse_changed_files(writer: Any, kept: Sequence[str], file_sizes: Callable[[Sequence[str]], Any] | None,
                           file_mtimes: Callable[[Sequence[str]], Any] | None,
                           file_hashes: Callable[[Sequence[str]], Any] | None, fix: str, stacklevel: int = 5,
-                          held_hint: str = "") -> None:
+                          held_hint: str = "", progress: bool = False) -> None:
     """Refuse a resume whose kept images' files (``kept``: the run's first ids) changed since they were recorded:
     each one's size and modification time now (``file_sizes``, ``file_mtimes`` of the ids: one ``stat`` a file, or a
     tar member's header) against the run's, and, for those whose time changed, its bytes' hash (``file_hashes``, of
-    those ids only). See :func:`_resume`; a stream's resume checks its kept files so too
+    those ids only, with ``progress`` under a bar where that takes a while: :func:`~qkhooks.data.readers.check_bar`;
+    round 48: none was shown). See :func:`_resume`; a stream's resume checks its kept files so too
     (:func:`_refuse_changed_stream_files`)."""
     done = len(kept)
     sizes_then = writer.rows(FILE_SIZES, done) if file_sizes is not None and done else None
@@ -454,7 +457,7 @@ def _refuse_changed_files(writer: Any, kept: Sequence[str], file_sizes: Callable
         hashes_then = writer.rows(FILE_HASHES, done) if changed and file_hashes is not None else None
         if hashes_then is not None:  # a time changed: the bytes decide (a data set copied again keeps them)
             row = {id_: i for i, id_ in enumerate(kept)}
-            now_hashes = file_hashes([id_ for id_, _, _ in changed])
+            now_hashes = [int(file_hashes([id_])[0]) for id_, _, _ in check_bar(changed, len(changed), progress)]
             changed = [c for c, h in zip(changed, now_hashes) if h == -1 or h != hashes_then[row[c[0]]]]
         if changed:
             id_, was, now = changed[0]
@@ -770,7 +773,7 @@ def record_dataset(
                                                  skipped=position.skipped)
                 else:
                     done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo), file_sizes,
-                                               at_open, file_mtimes, file_hashes)
+                                               at_open, file_mtimes, file_hashes, progress=progress)
                     start = lo + next_index
                 refuse_sinks_holding_images(reducers, done)  # one the run's checkpoint did not replace
                 if relimited is not None:  # another --limit: the run goes on to it, and says so from now on
@@ -1267,7 +1270,7 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     fix = ("Put the data back as it was when the run started, record it into a new --out, or --overwrite to start "
            "again.")
     paths = dataset.file_paths(start, progress=progress, first=lo)  # the shard's items: its kept images among them
-    stamps = dataset.file_stamps(start) if paths is None else None
+    stamps = dataset.file_stamps(start, progress=progress) if paths is None else None
     if paths is None and stamps is None:
         files = int((recorded >= 0).sum())
         if not files:  # review r45: in-memory items named by position changed without a word
@@ -1332,7 +1335,7 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
             f"reordered). {fix}")
     hint = (" (or the data gives another image each time it is read: a random transform in a Dataset's __getitem__, "
             "an iterable that shuffles; record it without that)" if getattr(dataset, "reads_again", False) else "")
-    _refuse_changed_files(writer, kept, *columns, fix, stacklevel=stacklevel + 1, held_hint=hint)
+    _refuse_changed_files(writer, kept, *columns, fix, stacklevel=stacklevel + 1, held_hint=hint, progress=progress)
 
 
 def _held_or_file_hashes(held: Mapping[str, int | None], where: Mapping[str, str | None],

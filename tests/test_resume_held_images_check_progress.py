@@ -389,3 +389,41 @@ def test_an_iterables_shard_reads_the_earlier_shards_items_but_hashes_only_its_o
     assert len(hashed) == 4 and source.given == 12  # read up to the point once, hashed from the shard's first
     rest = list(reader.rows(12))
     assert [np.asarray(a).tobytes() for a in rest] == [a.tobytes() for a in arrays[12:]] and source.given == 16
+
+
+@pytest.mark.parametrize("source", ["folder", "wds"])
+def test_a_folders_retimed_files_and_wds_shards_read_again_show_the_check_bar_where_it_takes_a_while(
+        tmp_path, capsys, monkeypatch, source):
+    """Round 48: a folder's kept files hashed again because their times changed, and a wds: shard's samples read
+    again up to the resume point, showed no bar (a Dataset's items read again did). Now the same "check kept images"
+    bar: none for a quick check, one counting them all past the delay (here 0 s); the resumes complete."""
+    import os
+
+    from test_file_stamps import _NAMES, _pngs as _members, _shard
+    from test_spectrum_edits_and_dataparallel import _same_size_photos
+
+    loaded, quick, slow = _tiny_loaded(), tmp_path / "quick.h5", tmp_path / "slow.h5"
+    if source == "folder":
+        folder = tmp_path / "imgs"
+        _same_size_photos(folder, _NAMES, seed=0)
+        data = str(folder)
+    else:
+        shard = tmp_path / "s0.tar"
+        _shard(shard, _members(0), mtime=1_700_000_000)
+        data = f"wds:{shard}"
+    for run in (quick, slow):
+        _interrupted(loaded, run, batches=3, data=data)
+    if source == "folder":  # every file touched (copied again without its times): each kept one is hashed again
+        for name in _NAMES:
+            os.utime(folder / name, ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+    capsys.readouterr()
+    shown = {**_KW, "progress": True}
+    assert qkhooks.record_dataset(loaded, data, quick, resume=True, **shown).images == 8
+    assert "check kept images" not in capsys.readouterr().err
+    monkeypatch.setattr(readers, "CHECK_BAR_DELAY", 0)
+    assert qkhooks.record_dataset(loaded, data, slow, resume=True, **shown).images == 8
+    err = capsys.readouterr().err
+    # the images kept: a folder's, those before the 8 - N it records then; a shard's, the samples before its point
+    checked = (8 - int(err.split("record:   0%|          | 0/")[1].split()[0]) if source == "folder" else
+               int(err.split("resuming the stream at item ")[1].split(":")[0]))
+    assert checked > 0 and "check kept images: 100%" in err and f"{checked}/{checked}" in err

@@ -43,7 +43,7 @@ DATASETS_INSTALL = "pip install 'qkhooks[datasets]'  (or: pip install datasets)"
 MASK_KEYS: tuple[str, ...] = ("objects", "target", "distractor")
 ID_COLUMNS: tuple[str, ...] = ("id", "image_id", "img_id", "uid", "key", "__key__", "file_name", "filename")
 _EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS) + ("bmp", "tif", "tiff", "gif", "ppm", "pgm")
-CHECK_BAR_DELAY = 2.0  # seconds a resume's check of its kept images runs before its progress bar shows (_checking)
+CHECK_BAR_DELAY = 2.0  # seconds a resume's check of its kept images runs before its progress bar shows (check_bar)
 READ_AGAIN_BUDGET = 60.0  # seconds a resume spends reading a torch Dataset's kept items again (MapReader._read_again)
 
 
@@ -391,14 +391,14 @@ class MapReader:
     def _kept(self, stop: int, progress: bool = False, first: int = 0) -> Iterator[tuple[str, Any]]:
         """Each item from position ``first`` to ``stop`` as (its id as :meth:`decode` names it, the item): a list's or
         tuple's as it holds them; a torch Dataset's read again through its ``__getitem__``, one call an item (with
-        ``progress``, a bar where that takes a while: :func:`_checking`)."""
+        ``progress``, a bar where that takes a while: :func:`check_bar`)."""
         if isinstance(self.container, (list, tuple)):
             items: Iterable[Any] = self.container[first:stop]
             total = len(items)  # type: ignore[arg-type]
         else:
             total = max(min(stop, self.length or 0) - first, 0)
             items = (self._read_item(i) for i in range(first, first + total))
-        shown = _checking(map(_spelled, items), total, progress)
+        shown = check_bar(map(_spelled, items), total, progress)
         try:
             for i, item in enumerate(shown, start=first):
                 yield _item_id(item, i), item
@@ -470,7 +470,7 @@ def _kept_stamp(item_id: str, item: Any) -> tuple[str, str | None, int | None]:
         return item_id, None, None
 
 
-def _checking(rows: Iterable[Any], total: int, progress: bool) -> Iterable[Any]:
+def check_bar(rows: Iterable[Any], total: int, progress: bool) -> Iterable[Any]:
     """``rows``, the items a resume hashes (or reads again) to check the images it keeps, with a progress bar like the
     recording's (tqdm, on stderr) where ``progress`` and the check takes over :data:`CHECK_BAR_DELAY`; a quick one
     says nothing. Review r47: a list of 100,000 224x224 arrays is hashed in about 25 s (20,000 in 5 s measured),
@@ -579,7 +579,7 @@ class ReadInPassing:
             found: list[tuple[str, str | None, int | None]] = []
             read = 0  # the position of the item being read
             try:
-                for item in _checking(itertools.islice(rows, stop), stop, progress):
+                for item in check_bar(itertools.islice(rows, stop), stop, progress):
                     if read >= first:
                         found.append(_kept_stamp(_item_id(item, read), item))
                     read += 1
@@ -713,12 +713,12 @@ class _HFReader:
         be checked. Read from the Arrow column in slices (the bytes are read, no image is decoded); None for a
         streamed dataset. A resume compares them with the hashes the run recorded (review r46: only the length was
         compared, and replaced images resumed into a run of two data sets without a word). With ``progress``, a bar
-        where that takes a while (:func:`_checking`)."""
+        where that takes a while (:func:`check_bar`)."""
         if self.length is None:
             return None
         found: list[tuple[str, int | None]] = []
         cells = self._named_cells(stop, 256, light=False, first=first)
-        for item_id, cell in _checking(cells, max(min(stop, self.length) - first, 0), progress):
+        for item_id, cell in check_bar(cells, max(min(stop, self.length) - first, 0), progress):
             if _image_path(cell) is None:
                 held = _held_bytes(cell)
                 found.append((item_id, None if held is None else bytes_hash(held)))
@@ -882,13 +882,14 @@ class _TarReader:
                                   if f not in read))  # as member suffixes: .cls, .mask.png
         return own, raw
 
-    def file_stamps(self, stop: int) -> list[tuple[str, tuple[int, int, int]]]:
+    def file_stamps(self, stop: int, progress: bool = False) -> list[tuple[str, tuple[int, int, int]]]:
         """Each sample's (id, stamp of its image member) before position ``stop``, as :meth:`decode` names and stamps
         it (the header's size and time, the hash of the member's bytes), without decoding an image: the shards are
         read again up to there (a tar has no index; a resume reads them so to find its position anyway). Samples that
-        :meth:`decode` skips (a damaged shard, two images) are left out."""
+        :meth:`decode` skips (a damaged shard, two images) are left out. With ``progress``, a bar where that takes a
+        while (:func:`check_bar`; round 48: none was shown)."""
         found: list[tuple[str, tuple[int, int, int]]] = []
-        for position, row in enumerate(itertools.islice(self._samples(), stop)):
+        for position, row in enumerate(check_bar(itertools.islice(self._samples(), stop), stop, progress)):
             ext = _image_ext(row)
             images = [e for e in _EXTENSIONS if e in row]
             if "__error__" in row or ext is None or len(images) > 1 or "__twice__" in row:
