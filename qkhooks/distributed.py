@@ -219,7 +219,7 @@ def _check_shards(shards: list[_Shard]) -> None:
         raise QKHooksError(f"the shards must be ranks 0..W-1 of one world size W, each once; got {listed}.")
 
     def identity(s: _Shard) -> tuple[Any, ...]:
-        config = {k: v for k, v in s.config.items() if k != "shard"}
+        config = {k: v for k, v in s.config.items() if k not in ("shard", fmt.UNCHECKED_RESUMES)}
         return s.attrs.get("model"), json.dumps(config, sort_keys=True), s.attrs.get("data")
 
     first = identity(shards[0])
@@ -408,6 +408,10 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
         if key not in (fmt.FORMAT_ATTR, fmt.ATTR_DIGESTS):  # the merged file's format and digests are its own
             f.attrs[key] = value
     config = dict(first.config, shard=None)
+    config.pop(fmt.UNCHECKED_RESUMES, None)
+    unchecked = [entry for s in shards for entry in s.config.get(fmt.UNCHECKED_RESUMES, [])]
+    if unchecked:  # each shard's resumes by ids alone (each names its shard): a reader of the merge can tell
+        config[fmt.UNCHECKED_RESUMES] = unchecked
     f.attrs["config"] = json.dumps(config, sort_keys=True)
     f.attrs["complete"] = all(s.complete and s.n == s.committed for s in shards)
 

@@ -54,8 +54,8 @@ from qkhooks.options import DEFAULT_MODES, RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
 from qkhooks.results import LayerGeometry, observe_geometry
 from qkhooks.spectrum import layer_spectrum
-from qkhooks.store.format import (FILE_HASHES, FILE_MTIMES, FILE_SIZES, INFO_SCHEMA_VERSION, committed, id_problem,
-                                  resume_point)
+from qkhooks.store.format import (FILE_HASHES, FILE_MTIMES, FILE_SIZES, INFO_SCHEMA_VERSION, UNCHECKED_RESUMES,
+                                  committed, id_problem, resume_point)
 from qkhooks.store.writer import RunWriter
 
 __all__ = ["record_dataset", "RecordResult", "WriterSink", "probe_geometry", "same_layout_layers", "rows_layers"]
@@ -579,6 +579,7 @@ def record_dataset(
     device: str | torch.device = "cpu",
     resume: bool = False,
     overwrite: bool = False,
+    resume_ids_only: bool = False,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
     random_init: bool = False,
@@ -627,6 +628,10 @@ def record_dataset(
             holds them inside, under ``/reducers/<name>``); ``open_run(out).state(name)`` reads them.
         device: where the model runs.
         resume, overwrite: what to do when ``out`` exists (neither: an error, the file untouched).
+        resume_ids_only: with ``resume``, for data that gives another image on each read (a random transform in a
+            torch Dataset's ``__getitem__``, which a resume otherwise refuses): check the kept images by their ids
+            (in order) and not their content; warned, and recorded in the run's config
+            (:data:`~qkhooks.store.format.UNCHECKED_RESUMES`).
         progress: show a progress bar.
         shard: (rank, world_size) — record only this rank's contiguous block of the dataset.
         random_init: with a spec string, build the model without pretrained weights.
@@ -658,6 +663,9 @@ def record_dataset(
                                  stacklevel=4)
     if resume and overwrite:
         raise QKHooksError("--resume and --overwrite exclude each other: pick one.")
+    if resume_ids_only and not resume:
+        raise QKHooksError("resume_ids_only=True goes with resume=True: it says how a resume checks the images it "
+                           "keeps; pass both, or neither.")
     if resume and out is not None and not os.path.lexists(out):  # a typo in --out would start over without a word
         warnings.warn(f"--resume (resume=True): there is no run at {out} to continue, so a new run starts there; if "
                       "the interrupted run is elsewhere, stop and give its path as --out.", stacklevel=3)
@@ -671,6 +679,12 @@ def record_dataset(
     dataset = open_source(data, loaded.image_config, limit=opts.limit, image_column=opts.image_column,
                           masks=opts.masks)
     streamed = isinstance(dataset, ItemStream)
+    if resume_ids_only and not (streamed and dataset.reads_again):
+        raise QKHooksError(
+            f"resume_ids_only=True is for data read through your own code, which may give another image on each read "
+            f"(a torch Dataset's __getitem__ with a random transform, an iterable); {getattr(dataset, 'name', data)} "
+            "is read by qkhooks (files, a list or tuple in memory, a Hugging Face dataset, tar shards), the same "
+            "on each read, so a resume checks the content of the images it keeps. Resume without it.")
     at_open = list(getattr(dataset, "skipped", []))
     # paths made absolute, so the run names the same files from any folder (analyses reopen them to draw photos)
     data_spec = absolute_spec(getattr(dataset, "name", str(data)))
@@ -717,6 +731,8 @@ def record_dataset(
     config = resolved.run_config(model=loaded.spec, data=data_spec, reducers=[r.name for r in reducers],
                                  random_init=loaded.random_init, weights=loaded.weights,
                                  shard=list(shard) if shard else None)
+    if UNCHECKED_RESUMES in stored:  # the run's earlier resumes by ids alone: carried on, never compared
+        config[UNCHECKED_RESUMES] = stored[UNCHECKED_RESUMES]
     image_size = tuple(int(v) for v in loaded.image_config.size)
     geometry = probe_geometry(net, sites, image_size, device)
     _check_rows_geometry(attention_specs, geometry)
@@ -770,13 +786,17 @@ def record_dataset(
                     _refuse_changed_stream(out, dataset, writer.ids[:done], lo, start, position.skipped)
                     _refuse_changed_length(out, dataset, position, done, start)
                     _refuse_changed_stream_files(writer, dataset, done, start, progress=progress, lo=lo,
-                                                 skipped=position.skipped)
+                                                 skipped=position.skipped, ids_only=resume_ids_only)
+                    if resume_ids_only and done:  # the file says so: its kept images were not checked by content
+                        config[UNCHECKED_RESUMES] = [*config.get(UNCHECKED_RESUMES, []),
+                                                     {"kept": done, "shard": list(shard) if shard else None}]
                 else:
                     done, next_index = _resume(writer, reducers, ids[lo:hi], _decodes(dataset, lo), file_sizes,
                                                at_open, file_mtimes, file_hashes, progress=progress)
                     start = lo + next_index
                 refuse_sinks_holding_images(reducers, done)  # one the run's checkpoint did not replace
-                if relimited is not None:  # another --limit: the run goes on to it, and says so from now on
+                if relimited is not None or config.get(UNCHECKED_RESUMES) != stored.get(UNCHECKED_RESUMES):
+                    # another --limit: the run goes on to it, and says so from now on; a resume by ids alone, named
                     writer.write_static("config", json.dumps(config, sort_keys=True))
                 if done < writer.committed:  # cut only once every check has passed: a refusal keeps every image
                     writer.truncate(done)
@@ -1249,7 +1269,7 @@ def _stamp_again(path: str) -> tuple[int, int, int]:
 
 def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: int, stacklevel: int = 4,
                                  progress: bool = False, lo: int = 0,
-                                 skipped: Sequence[tuple[str, str]] = ()) -> None:
+                                 skipped: Sequence[tuple[str, str]] = (), ids_only: bool = False) -> None:
     """Refuse the resume of a stream whose kept images' files changed since they were recorded, as a folder's
     (:func:`_refuse_changed_files`): where the source names its items' files without decoding (a list or tuple of
     paths or of dicts whose ``"image"`` is a path; a map-style Hugging Face dataset of path strings or of
@@ -1262,7 +1282,9 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     other images not read from a file (stored -1) are not checked. With ``progress``, reading and hashing them again
     shows a bar where it takes a while. A run from before the stamps (no :data:`FILE_SIZES`) resumes as it did; a
     source whose items are not read again before the resume point (a streamed Hugging Face dataset, which has no
-    index and skips them) resumes with a warning that its kept files are not checked."""
+    index and skips them) resumes with a warning that its kept files are not checked. ``ids_only``
+    (``resume_ids_only=True``, for data that gives another image on each read): the kept images' ids are checked
+    and not their content, with a warning."""
     recorded = writer.rows(FILE_SIZES, done) if done else None
     if recorded is None:
         return
@@ -1333,8 +1355,15 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
             f"cannot resume {writer.path}: image {absent!r} of the run file is not among the data's items before the "
             f"resume point (item {start}); the data changed since the run started (items removed, renamed or "
             f"reordered). {fix}")
+    if ids_only:
+        warnings.warn(
+            f"{writer.path}: this resume checks the {done} images it keeps by their ids alone (resume_ids_only=True): "
+            f"not their content, so images of {dataset.name} replaced since would go on under the kept ones' ids. "
+            f"The run file records it: its config's {UNCHECKED_RESUMES!r} lists this resume.", stacklevel=stacklevel)
+        return
     hint = (" (or the data gives another image each time it is read: a random transform in a Dataset's __getitem__, "
-            "an iterable that shuffles; record it without that)" if getattr(dataset, "reads_again", False) else "")
+            "an iterable that shuffles; record it without that, or, where the kept images' ids are enough, resume "
+            "with resume_ids_only=True, which checks those alone)" if getattr(dataset, "reads_again", False) else "")
     _refuse_changed_files(writer, kept, *columns, fix, stacklevel=stacklevel + 1, held_hint=hint, progress=progress)
 
 

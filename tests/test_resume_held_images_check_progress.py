@@ -427,3 +427,73 @@ def test_a_folders_retimed_files_and_wds_shards_read_again_show_the_check_bar_wh
     checked = (8 - int(err.split("record:   0%|          | 0/")[1].split()[0]) if source == "folder" else
                int(err.split("resuming the stream at item ")[1].split(":")[0]))
     assert checked > 0 and "check kept images: 100%" in err and f"{checked}/{checked}" in err
+
+
+class _Jittered(_Held):
+    """A random transform in __getitem__: every read gives other pixels (a draw from a shared counter)."""
+
+    draws = itertools.count(1)
+
+    def __init__(self, items: list, ids: list | None = None) -> None:
+        super().__init__(items)
+        self.ids = ids or [f"j{i}" for i in range(len(items))]
+
+    def __getitem__(self, index: int):
+        return {"image": Image.fromarray(self.items[index] ^ np.uint8(next(self.draws) % 255 + 1)),
+                "id": self.ids[index]}
+
+
+def test_a_dataset_with_a_random_transform_resumes_by_its_ids_alone_when_asked_warned_and_marked_in_the_file(tmp_path):
+    """Round 48: such data could not be resumed at all. The refusal now names the opt-in, resume_ids_only=True, which
+    checks the kept images' ids (in order: reordered ones are refused even so) and not their content, warns, and
+    records the resume in the run's config (resumes_ids_only: the images it kept), so a reader can tell; a resume
+    that checks content adds nothing there. Data whose content a resume can check (a list) is refused the opt-in."""
+    import json
+
+    from qkhooks.store.format import UNCHECKED_RESUMES
+
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    arrays = _arrays(0)
+    _interrupted(loaded, run, batches=3, data=_Jittered(arrays))
+    with pytest.raises(QKHooksError, match=r"random transform in a Dataset's __getitem__.*resume_ids_only=True"):
+        qkhooks.record_dataset(loaded, _Jittered(arrays), run, resume=True, **_KW)
+    with pytest.raises(QKHooksError, match=r"resume_ids_only=True.*a list"):
+        qkhooks.record_dataset(loaded, [{"image": a, "id": f"j{i}"} for i, a in enumerate(arrays)], run,
+                               resume=True, resume_ids_only=True, **_KW)
+    with pytest.raises(QKHooksError, match=r"resume_ids_only=True goes with resume=True"):
+        qkhooks.record_dataset(loaded, _Jittered(arrays), tmp_path / "new.h5", resume_ids_only=True, **_KW)
+    swapped = [arrays[1], arrays[0], *arrays[2:]]
+    ids = ["j1", "j0", *(f"j{i}" for i in range(2, 8))]
+    with pytest.raises(QKHooksError, match=r"image 0 of the file is 'j0', the data's is 'j1'"):
+        qkhooks.record_dataset(loaded, _Jittered(swapped, ids), run, resume=True, resume_ids_only=True, **_KW)
+    with qkhooks.open_run(run) as before:
+        assert UNCHECKED_RESUMES not in json.loads(before.attrs["config"])
+    with pytest.warns(UserWarning, match=r"(?s)checks the 4 images it keeps by their ids alone \(resume_ids_only=True"
+                                         r"\).*not their content.*resumes_ids_only"):
+        result = qkhooks.record_dataset(loaded, _Jittered(arrays), run, resume=True, resume_ids_only=True, **_KW)
+    assert result.images == 8 and result.resumed_from == 4
+    with qkhooks.open_run(run) as after:
+        assert list(after.ids) == [f"j{i}" for i in range(8)]
+        assert json.loads(after.attrs["config"])[UNCHECKED_RESUMES] == [{"kept": 4, "shard": None}]
+    with pytest.raises(QKHooksError, match=r"hold other bytes"):  # the mark carried on: compared as the run's config
+        qkhooks.record_dataset(loaded, _Jittered(arrays), run, resume=True, **_KW)
+
+
+def test_a_merge_joins_the_shards_resumes_by_ids_alone(tmp_path):
+    """The merged file's config lists each shard's resumes by ids alone (a shard's own config is its rank's only)."""
+    import json
+
+    from qkhooks.distributed import merge_shards, shard_path
+    from qkhooks.store.format import UNCHECKED_RESUMES
+
+    loaded, out = _tiny_loaded(), tmp_path / "run.h5"
+    arrays = _arrays(0, 16)
+    qkhooks.record_dataset(loaded, _Jittered(arrays), shard_path(out, 0, 2), shard=(0, 2), **_KW)
+    _interrupted(loaded, shard_path(out, 1, 2), batches=3, data=_Jittered(arrays), shard=(1, 2))
+    with pytest.warns(UserWarning, match=r"by their ids alone"):
+        qkhooks.record_dataset(loaded, _Jittered(arrays), shard_path(out, 1, 2), resume=True, resume_ids_only=True,
+                               shard=(1, 2), **_KW)
+    merge_shards(out, [shard_path(out, r, 2) for r in range(2)])
+    with qkhooks.open_run(out) as merged:
+        assert merged.n == 16
+        assert json.loads(merged.attrs["config"])[UNCHECKED_RESUMES] == [{"kept": 4, "shard": [1, 2]}]

@@ -74,6 +74,12 @@ each batch, committed by the same count, one image a chunk (as the checksummed a
 Absent without ``--checksum`` and in runs written before it (their ids are not covered)."""
 ID_DIGEST_BYTES = 16
 SKIPPED = "images/skipped"
+UNCHECKED_RESUMES = "resumes_ids_only"
+"""A key of a run's ``config``, there only where a resume checked the images it kept by their ids alone
+(``record_dataset(..., resume_ids_only=True)``: data that gives another image on each read, a random transform in a
+Dataset's ``__getitem__``): one ``{"kept": images kept, "shard": [rank, world] or None}`` per such resume, so a
+reader can tell which images were not checked to be those recorded. A resume carries it on; a merge joins the
+shards' lists."""
 FILE_SIZES = "images/file_sizes"
 """Per-image int64 array: the size in bytes of each image's file when it was recorded, -1 where the image is not read
 from a file (runs of data read from files, and since round 40 every streamed run: a ``wds:`` image's is its tar
