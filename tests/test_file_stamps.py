@@ -316,3 +316,30 @@ def test_shards_of_a_streamed_run_recorded_before_and_after_the_stamps_merge(tmp
         for name in whole.arrays():
             if not name.startswith("images/file_"):
                 np.testing.assert_array_equal(merged.array(name)[:], whole.array(name)[:], err_msg=name)
+
+
+def test_a_wds_resume_reads_the_shards_headers_once(tmp_path, monkeypatch):
+    """Round 48: a wds: resume read the shards up to its point to stamp the kept members (file_stamps), then read them
+    from the start again to skip to that point (rows). The rows now go on from where the stamps stopped: each sample
+    read once, the same samples as a fresh read from that point."""
+    from qkhooks.data import readers
+
+    shard = tmp_path / "s0.tar"
+    members = _pngs(0)
+    _shard(shard, members, mtime=1_700_000_000)
+    read = []
+    samples = readers._TarReader._samples
+
+    def counted(self):
+        for sample in samples(self):
+            read.append(sample["__key__"])
+            yield sample
+
+    monkeypatch.setattr(readers._TarReader, "_samples", counted)
+    reader = readers.open_wds(str(shard))
+    stamps = reader.file_stamps(4)
+    assert [(i, s[2]) for i, s in stamps] == [(n, _blake(members[n])) for n in _NAMES[:4]]
+    rest = list(reader.rows(4))
+    assert read == [n.split(".")[0] for n in _NAMES]  # each sample once
+    assert [row["__key__"] for row in rest] == [row["__key__"] for row in readers.open_wds(str(shard)).rows(4)]
+    assert [row["png"] for row in rest] == [members[n] for n in _NAMES[4:]]

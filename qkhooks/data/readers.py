@@ -817,8 +817,17 @@ class _TarReader:
     def __init__(self, shards: Sequence[str]):
         self.shards = list(shards)
         self.length: int | None = None
+        self._after_stamps: tuple[int, Iterator[dict[str, Any]]] | None = None  # file_stamps' point, the samples on
+
+    def __getstate__(self) -> dict[str, Any]:  # workers only decode; the samples being read stay here
+        return {**self.__dict__, "_after_stamps": None}
 
     def rows(self, start: int) -> Iterator[Any]:
+        """The samples from position ``start``: where :meth:`file_stamps` read the shards up to there (a resume),
+        on from where it stopped (round 48: the shards' headers were read twice, once to stamp, once to skip)."""
+        after, self._after_stamps = self._after_stamps, None
+        if after is not None and after[0] == start:
+            return after[1]
         return itertools.islice(self._samples(), start, None)
 
     def _samples(self) -> Iterator[dict[str, Any]]:
@@ -885,11 +894,13 @@ class _TarReader:
     def file_stamps(self, stop: int, progress: bool = False) -> list[tuple[str, tuple[int, int, int]]]:
         """Each sample's (id, stamp of its image member) before position ``stop``, as :meth:`decode` names and stamps
         it (the header's size and time, the hash of the member's bytes), without decoding an image: the shards are
-        read again up to there (a tar has no index; a resume reads them so to find its position anyway). Samples that
+        read again up to there (a tar has no index; a resume reads them so to find its position anyway, and its
+        :meth:`rows` of ``stop`` go on from where this read stopped: the shards are read once). Samples that
         :meth:`decode` skips (a damaged shard, two images) are left out. With ``progress``, a bar where that takes a
         while (:func:`check_bar`; round 48: none was shown)."""
         found: list[tuple[str, tuple[int, int, int]]] = []
-        for position, row in enumerate(check_bar(itertools.islice(self._samples(), stop), stop, progress)):
+        samples = self._samples()
+        for position, row in enumerate(check_bar(itertools.islice(samples, stop), stop, progress)):
             ext = _image_ext(row)
             images = [e for e in _EXTENSIONS if e in row]
             if "__error__" in row or ext is None or len(images) > 1 or "__twice__" in row:
@@ -900,6 +911,7 @@ class _TarReader:
                 continue
             size, mtime = row["__stamps__"][ext]
             found.append((str(meta.get("id", self.row_id(row, position))), (size, mtime, bytes_hash(row[ext]))))
+        self._after_stamps = (stop, samples)  # the rows of a resume at ``stop`` go on from here (:meth:`rows`)
         return found
 
     def row_id(self, row: Mapping[str, Any], position: int) -> str:
