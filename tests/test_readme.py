@@ -51,3 +51,40 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch, capsys):
         for side, stored in (("query", run.query(5)), ("key", run.key(5))):
             np.testing.assert_allclose(best[side][0], sign * np.asarray(stored[i, 0, 0], np.float32), rtol=1e-3, atol=1e-3)
     assert "layer" in capsys.readouterr().out.lower()
+
+
+def _table_row(text: str, first_cell: str) -> list[str]:
+    """The cells of README's table row that starts with ``first_cell`` (the first such row)."""
+    for line in text.splitlines():
+        if line.startswith(f"| {first_cell} |"):
+            return [cell.strip() for cell in line.strip().strip("|").split("|")]
+    raise AssertionError(f"README has no table row starting {first_cell!r}")
+
+
+def test_readme_issue20_cells_are_the_stored_primary_metric():
+    """Each per-batch / all-modes / full-maps cell of README's issue-20 table opens with the stored median [IQR] of the
+    run it cites, in that run's primary metric (process CPU time with 1 thread, wall with 2): round 46's 1-thread
+    ViT-S cells had been copied from the wall column."""
+    import json
+
+    entries = json.loads((README.parent / "benchmarks" / "results.json").read_text())["entries"]
+    text = README.read_text()
+    overhead_runs = ("methods/vit_s/cpu/t1/r46", "methods/vit_b/cpu/t1", "methods/vit_s/cpu/t2/r46", "methods/vit_b/cpu/t2")
+    full_map_runs = ("methods/vit_s/cpu/t1", "methods/vit_b/cpu/t1/fullmaps", "methods/vit_s/cpu/t2/fullmaps",
+                     "methods/vit_b/cpu/t2/fullmaps")
+    rows = (("`with qkhooks.record(model, modes=16)` entered per batch", "modes16_per_batch", overhead_runs, "ratio_to_plain"),
+            ("all modes + rows of 2 query tokens", "modes_all_rows2", overhead_runs, "ratio_to_plain"),
+            ('full maps, `outputs="eager"`, vs `AttentionExtract`', "full_maps_eager", full_map_runs, "ratio_to_reference"),
+            ("full maps, default `outputs` (bit-identical), vs `AttentionExtract`", "full_maps", full_map_runs,
+             "ratio_to_reference"))
+    for first_cell, method, runs, ratio in rows:
+        cells = _table_row(text, first_cell)[1:5]
+        for cell, run in zip(cells, runs):
+            entry = entries[run]
+            assert entry["data"]["metric"] == ("cpu" if entry["machine"]["torch_threads"] == 1 else "wall")
+            s = entry["data"]["methods"][method][ratio]
+            if ratio == "ratio_to_plain":
+                stored = f"{100 * (s['median'] - 1):+.1f}% [{100 * (s['q1'] - 1):+.1f}, {100 * (s['q3'] - 1):+.1f}]"
+            else:
+                stored = f"{s['median']:.3f}x [{s['q1']:.3f}, {s['q3']:.3f}]"
+            assert cell.startswith(stored), f"{first_cell} / {run}: README {cell[:40]!r}, stored {stored!r}"
