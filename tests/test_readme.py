@@ -88,3 +88,20 @@ def test_readme_issue20_cells_are_the_stored_primary_metric():
             else:
                 stored = f"{s['median']:.3f}x [{s['q1']:.3f}, {s['q3']:.3f}]"
             assert cell.startswith(stored), f"{first_cell} / {run}: README {cell[:40]!r}, stored {stored!r}"
+
+
+def test_readme_shell_blocks_run_in_order_without_refused_outputs():
+    """Read top to bottom, no ``qkhooks record`` / ``bfd`` command of a README shell block writes an ``--out`` an
+    earlier line of the block wrote, unless it says ``--resume`` or ``--overwrite`` (else it is refused: the quick
+    start's pilot run once reused photos.h5)."""
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        written: set[str] = set()
+        for line in block.splitlines():
+            words = line.split("#")[0].split()
+            if "qkhooks" not in words or "--out" not in words:
+                continue
+            command = words[words.index("qkhooks") + 1]
+            out = words[words.index("--out") + 1]
+            if command in ("record", "bfd"):
+                assert out not in written or {"--resume", "--overwrite"} & set(words), f"refused as written: {line}"
+            written.add(out)
