@@ -90,6 +90,31 @@ def test_readme_issue20_cells_are_the_stored_primary_metric():
             assert cell.startswith(stored), f"{first_cell} / {run}: README {cell[:40]!r}, stored {stored!r}"
 
 
+def test_readme_documents_every_export_and_names_only_real_ones():
+    """Every name ``qkhooks`` exports is named in README (a user meets ``LoadedModel`` and ``RecordResult`` as return
+    values), and every dotted ``qkhooks.X.Y`` README names resolves (nothing documented that is not there)."""
+    import importlib
+
+    text = README.read_text()
+    undocumented = [name for name in qkhooks.__all__ if f"`{name}" not in text and f"qkhooks.{name}" not in text]
+    assert not undocumented, f"exported but not in README: {undocumented}"
+    missing = []
+    for dotted in sorted(set(re.findall(r"\bqkhooks(?:\.[A-Za-z_]\w*)+", text))):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ImportError:
+                continue
+        for attribute in parts[cut:]:
+            if not hasattr(obj, attribute):
+                missing.append(dotted)
+                break
+            obj = getattr(obj, attribute)
+    assert not missing, f"README names what qkhooks does not have: {missing}"
+
+
 def test_readme_shell_blocks_run_in_order_without_refused_outputs():
     """Read top to bottom, no ``qkhooks record`` / ``bfd`` command of a README shell block writes an ``--out`` an
     earlier line of the block wrote, unless it says ``--resume`` or ``--overwrite`` (else it is refused: the quick
