@@ -130,3 +130,13 @@ def test_readme_shell_blocks_run_in_order_without_refused_outputs():
             if command in ("record", "bfd"):
                 assert out not in written or {"--resume", "--overwrite"} & set(words), f"refused as written: {line}"
             written.add(out)
+
+
+def test_readme_names_the_test_files_make_test_oldest_runs():
+    """README's CI paragraph lists the files ``make test-oldest`` runs (the Makefile's OLDEST_TESTS), no more, no fewer."""
+    makefile = (README.parent / "Makefile").read_text()
+    oldest = re.search(r"^OLDEST_TESTS \?= (.*)$", makefile, flags=re.M).group(1).split()
+    setup = README.read_text().split("## Set-up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    paragraph = setup.split("make test-oldest", 1)[1].split("the newest", 1)[0]
+    named = re.findall(r"`(?:tests/)?(test_\w+\.py)`", paragraph)
+    assert sorted(named) == sorted(Path(f).name for f in oldest)
