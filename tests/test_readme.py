@@ -140,3 +140,31 @@ def test_readme_names_the_test_files_make_test_oldest_runs():
     paragraph = setup.split("make test-oldest", 1)[1].split("the newest", 1)[0]
     named = re.findall(r"`(?:tests/)?(test_\w+\.py)`", paragraph)
     assert sorted(named) == sorted(Path(f).name for f in oldest)
+
+
+def test_readme_schema_names_every_layer_geometry_key_and_the_per_image_flag(tmp_path):
+    """A run file's ``model/info`` ``layer_geometry`` entries hold only keys README's schema names, and its per-image
+    arrays carry the ``per_image`` attribute README's schema describes (README left out ``layer`` and ``per_image``)."""
+    import json
+
+    import h5py
+    import timm
+    import torch
+
+    from qkhooks.data import ImageConfig
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, patch_size=16, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=0).eval()
+    loaded = qkhooks.LoadedModel(model=model, spec="tiny", image_config=ImageConfig(size=(48, 48), mean=(0.5,) * 3,
+                                                                                    std=(0.5,) * 3))
+    path = tmp_path / "run.h5"
+    qkhooks.record_dataset(loaded, "o3:2", path, modes=2, attention="rows", batch_size=2, progress=False)
+    schema = README.read_text().split("## Run file schema", 1)[1].split("\n## ", 1)[0]
+    geometry_row = schema.split("`layer_geometry`: per layer", 1)[1].split("(`run.geometry(l)`", 1)[0]
+    documented = set(re.findall(r"`(\w+)`", geometry_row))
+    with h5py.File(path, "r") as f:
+        geometry = json.loads(f["model"].attrs["info"])["layer_geometry"]["0"]
+        flagged = [name for name in json.loads(f["images"].attrs["arrays"]) if f[name].attrs.get("per_image")]
+    assert set(geometry) <= documented, f"layer_geometry keys README does not name: {set(geometry) - documented}"
+    assert flagged and "attr `per_image`" in schema
