@@ -210,6 +210,78 @@ def test_a_conv_stem_vit_is_exact_and_its_tokens_read_the_stems_pixels():
         assert float((run.attention(layer, "full") - w).abs().max()) < 1e-5
 
 
+def _stem_vit() -> VisionTransformer:
+    from torchvision.models.vision_transformer import ConvStemConfig
+
+    stem = [ConvStemConfig(out_channels=8, kernel_size=3, stride=2), ConvStemConfig(out_channels=8, kernel_size=3, stride=4)]
+    return tiny(conv_stem_configs=stem)
+
+
+def _pixels_each_token_reads(model: VisionTransformer) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The reference: per grid row (and column) of conv_proj's output, the span of input pixels its value depends on
+    (nonzero gradient), with whatever hooks the stem carries."""
+    x = torch.randn(1, 3, SIZE, SIZE, requires_grad=True)
+    out = model.conv_proj(x)
+    spans = []
+    for axis in (0, 1):
+        axis_spans = []
+        for i in range(out.shape[2 + axis]):
+            picked = out[0, :, i, 0] if axis == 0 else out[0, :, 0, i]
+            (grad,) = torch.autograd.grad(picked.pow(2).sum() + picked.sum(), x, retain_graph=True)
+            read = (grad[0].abs().sum(0).sum(1 - axis) > 0).nonzero()[:, 0]
+            axis_spans.append((int(read.min()), int(read.max()) + 1))
+        spans.append(tuple(axis_spans))
+    return tuple(spans)
+
+
+def _flip_output(module, args, output):
+    return output.flip(-1)
+
+
+def _roll_input(module, args):
+    return (torch.roll(args[0], 8, dims=-1),)
+
+
+def _circular(model):
+    model.conv_proj[0][0].padding_mode = "circular"
+
+
+STEM_CHANGES = {  # how the stem is changed -> (do it, the module the refusal must name)
+    "forward hook": (lambda m: m.conv_proj[0].register_forward_hook(_flip_output), "conv_proj.conv_bn_relu_0"),
+    "forward pre-hook": (lambda m: m.conv_proj[1][0].register_forward_pre_hook(_roll_input), "conv_proj.conv_bn_relu_1.0"),
+    "circular padding": (_circular, "conv_proj.conv_bn_relu_0.0"),
+    "forward replaced": (lambda m: setattr(m.conv_proj[0][2], "forward", lambda t: t.flip(-2)), "conv_proj.conv_bn_relu_0.2"),
+    "a pooling module": (lambda m: m.conv_proj[0].append(nn.AvgPool2d(3, stride=1, padding=1)), "conv_proj.conv_bn_relu_0.3"),
+}
+
+
+def test_a_conv_stems_cells_are_the_pixels_its_tokens_read():
+    """The reference is the stem's own gradient: the plain stem's tokens read the cells receptive_cells gives."""
+    from qkhooks.data.masks import receptive_cells
+
+    model = _stem_vit()
+    cells = receptive_cells((SIZE, SIZE), qkhooks.sites(model)[0].pixel_convs())
+    assert (cells.rows, cells.cols) == _pixels_each_token_reads(model)
+
+
+@pytest.mark.parametrize("change", list(STEM_CHANGES))
+def test_a_conv_stem_that_reads_other_pixels_than_its_convolutions_say_is_refused_for_masks(change):
+    """r48 fuzz: a hook on a module of the conv stem (a flip, a roll), a convolution padding circularly, a forward
+    replaced on one, or a module that mixes neighbouring pixels added to the Sequential: the tokens read other pixels
+    than the convolutions' kernels, strides and zero padding say, so masks read onto them would be wrong. Refused,
+    naming the module; before, the cells of the plain stem were handed on."""
+    from qkhooks.data.masks import receptive_cells
+
+    model = _stem_vit()
+    alter, path = STEM_CHANGES[change]
+    alter(model)
+    site = qkhooks.sites(model)[0]
+    with pytest.raises(QKHooksError) as err:
+        cells = receptive_cells((SIZE, SIZE), site.pixel_convs())
+        assert (cells.rows, cells.cols) != _pixels_each_token_reads(model)  # what went through silently before
+    assert f"'{path}'" in str(err.value) and "masks" in str(err.value), str(err.value)
+
+
 # ------------------------------------------------------------------------------------------ spectrum CLI, BFD, run files
 def test_bfd_equals_the_direct_numpy_computation():
     from qkhooks.analysis.bfd import run_bfd

@@ -39,8 +39,8 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import PART_HINTS, AttentionSite, QKRows, register_adapter
-from qkhooks.models.unsupported import (SKIP_HINT, UNMODELLED_FORMS, compiled_by_dynamo, moves_devices_only,
-                                        refuse_uncovered, skipping_now)
+from qkhooks.models.unsupported import (SKIP_HINT, UNMODELLED_FORMS, compiled_by_dynamo, foreign_hook, hook_name,
+                                        moves_devices_only, refuse_uncovered, skipping_now)
 
 _VIT = "torchvision.models.vision_transformer.VisionTransformer"
 _ENCODER = "torchvision.models.vision_transformer.Encoder"
@@ -240,6 +240,7 @@ def _pixel_convs(model: nn.Module) -> tuple[tuple[int, int] | None, Callable[[],
     convs = [m for m in conv.modules() if isinstance(m, nn.Conv2d)]
 
     def chain() -> list:
+        _refuse_stem_moving_pixels(conv)
         for c in convs:
             how = (f"is dilated (dilation={tuple(c.dilation)})" if tuple(c.dilation) != (1, 1) else
                    f"pads by a rule (padding={c.padding!r})" if not isinstance(c.padding, tuple) else None)
@@ -249,6 +250,42 @@ def _pixel_convs(model: nn.Module) -> tuple[tuple[int, int] | None, Callable[[],
         return [(tuple(c.kernel_size), tuple(c.stride), tuple(c.padding)) for c in convs]
 
     return None, chain
+
+
+# modules of a conv stem that act on each pixel alone (torchvision's Conv2dNormActivation: a Sequential of a conv, a norm
+# and an activation), so the convolutions alone say which pixels each token reads
+_PER_PIXEL_STEM_MODULES = (nn.Sequential, nn.BatchNorm2d, nn.Identity, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish,
+                           nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish)
+
+
+def _refuse_stem_moving_pixels(stem: nn.Sequential) -> None:
+    """Refuse a convolutional stem whose tokens read other pixels than its convolutions' kernels, strides and zero
+    padding say (checked when masks are read onto the tokens, :func:`_pixel_convs`): a hook someone else put on one of
+    its modules or a forward replaced on one (a flip, a crop, a roll), a convolution that pads by reading pixels
+    (``padding_mode`` other than zeros: circular padding reads the far edge), or a module that is none of a conv, a
+    BatchNorm or an activation running its class's own forward (a pool mixes neighbouring pixels)."""
+    for path, module in stem.named_modules():
+        where = f"'conv_proj{'.' + path if path else ''}' ({type(module).__name__})"
+        found = foreign_hook(module)
+        how = (f"carries a {found[0]} someone else registered ({hook_name(found[1])}), which can move or mix pixels"
+               if found is not None else
+               "has its forward replaced on the instance" if "forward" in module.__dict__ else
+               f"pads with padding_mode={module.padding_mode!r}, which reads pixels where zero padding reads none"
+               if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros" else
+               None if isinstance(module, (nn.Conv2d, *_PER_PIXEL_STEM_MODULES))
+               and type(module).forward is _base_forward(module) else
+               "is not a convolution, a BatchNorm or an activation acting on each pixel alone")
+        if how is not None:
+            raise QKHooksError(
+                f"torchvision ViT's stem module {where} {how}, so which pixels each token reads is not what the stem's "
+                "convolutions say, and masks read onto the tokens would be wrong. Record this model without masks, or "
+                "remove the hook (handle.remove()) / restore the stem while recording masks.")
+
+
+def _base_forward(module: nn.Module) -> Any:
+    """The forward of the first of nn.Conv2d and ``_PER_PIXEL_STEM_MODULES`` that ``module`` is (a subclass must add
+    none of its own, as torchvision's Conv2dNormActivation adds none to nn.Sequential)."""
+    return next(c.forward for c in (nn.Conv2d, *_PER_PIXEL_STEM_MODULES) if isinstance(module, c))
 
 
 def _route_refusal(path: str, attn: nn.Module, how: str, code: str, since: bool = False, method: str = "forward") -> str:

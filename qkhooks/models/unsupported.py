@@ -961,6 +961,21 @@ def _refuse_unread_scale(site: "AttentionSite") -> None:
             f"the model to use its {site.scale_attribute}, or leave it at 1/sqrt(d_k).")
 
 
+def foreign_hook(module: nn.Module) -> tuple[str, Any] | None:
+    """(``"forward hook"`` or ``"forward pre-hook"``, the hook) of the first hook on ``module`` someone else registered
+    (not one of qkhooks' own, :func:`own_hook`), or None: for checks of modules whose geometry qkhooks reads."""
+    for kind, hooks in (("forward pre-hook", module._forward_pre_hooks), ("forward hook", module._forward_hooks)):
+        hook = next((h for i, h in hooks.items() if not _own(i, h)), None)
+        if hook is not None:
+            return kind, hook
+    return None
+
+
+def hook_name(hook: Any) -> str:
+    """A hook's (or any callable's) qualified name, as refusals print it."""
+    return _name(hook)
+
+
 def _after_own(hooks: dict[int, Any]) -> Iterator[tuple[int, Any]]:
     """The hooks of ``hooks`` (in the order torch runs them) someone else registered after one of qkhooks' own."""
     seen_own = False
