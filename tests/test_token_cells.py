@@ -15,6 +15,7 @@ import timm
 import torch
 import transformers
 
+import qkhooks
 from qkhooks import open_run
 from qkhooks.data import ImageConfig, open_dataset
 from qkhooks.errors import QKHooksError
@@ -208,3 +209,75 @@ def test_receptive_cells_of_a_patchify_convolution_are_the_floored_patches_and_p
         receptive_cells((4, 4), [((1, 1), (1, 1), (1, 1))])
     with pytest.raises(QKHooksError, match="makes no token of 4"):
         receptive_cells((4, 4), [((8, 8), (8, 8), (0, 0))])
+
+
+def _small_pit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("pit_ti_224", pretrained=False, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2),
+                             base_dims=(8, 8, 8)).eval()
+
+
+def _pit_token_spans(pit: torch.nn.Module, stage: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The reference: per grid row (and column) of a stage's token map, made by the model's own patch embedding and
+    poolings with whatever hooks they carry, the span of input pixels its value depends on (nonzero gradient)."""
+    image = torch.randn(1, 3, 64, 64, requires_grad=True)
+    x, cls = pit.patch_embed(image), pit.cls_token
+    for i in range(1, stage + 1):
+        x, cls = pit.transformers[i].pool(x, cls)
+    spans = []
+    for axis in (0, 1):
+        axis_spans = []
+        for i in range(x.shape[2 + axis]):
+            picked = x[0, :, i, 0] if axis == 0 else x[0, :, 0, i]
+            (grad,) = torch.autograd.grad(picked.pow(2).sum() + picked.sum(), image, retain_graph=True)
+            read = (grad[0].abs().sum(0).sum(1 - axis) > 0).nonzero()[:, 0]
+            axis_spans.append((int(read.min()), int(read.max()) + 1))
+        spans.append(tuple(axis_spans))
+    return tuple(spans)
+
+
+def _pit_cells(pit: torch.nn.Module, stage: int):
+    from qkhooks.data.masks import receptive_cells
+
+    site = next(s for s in qkhooks.sites(pit) if s.stage == f"transformers.{stage}.blocks")
+    cells = receptive_cells((64, 64), site.pixel_convs())
+    return cells.rows, cells.cols
+
+
+def _flip_output(module, args, output):
+    return output.flip(-1)
+
+
+def _circular(pit):
+    pit.transformers[1].pool.conv.padding_mode = "circular"
+
+
+PIT_CHANGES = {  # how PiT's convolutions are changed -> (do it, the stage read, the module the refusal must name)
+    "forward hook on the patch embedding's conv": (lambda p: p.patch_embed.conv.register_forward_hook(_flip_output), 0,
+                                                   "patch_embed.conv"),
+    "pre-hook on a pooling": (lambda p: p.transformers[1].pool.register_forward_pre_hook(
+        lambda m, a: (torch.roll(a[0], 1, dims=-1), a[1])), 1, "transformers.1.pool"),
+    "circular padding of a pooling's conv": (_circular, 1, "transformers.1.pool.conv"),
+    "forward replaced on the patch embedding": (lambda p: setattr(p.patch_embed, "forward", lambda t: p.patch_embed.conv(
+        t.flip(-2))), 0, "patch_embed"),
+}
+
+
+def test_pits_cells_are_the_pixels_its_convolutions_read():
+    """The reference is the model's own gradient: the plain PiT's tokens read the cells receptive_cells gives."""
+    pit = _small_pit()
+    for stage in (0, 1):
+        assert _pit_cells(pit, stage) == _pit_token_spans(pit, stage)
+
+
+@pytest.mark.parametrize("change", list(PIT_CHANGES))
+def test_pit_convolutions_that_read_other_pixels_than_they_say_are_refused_for_masks(change):
+    """r48 fuzz: a hook someone else put on PiT's patch embedding or a pooling (or their convs), a forward replaced on
+    one, or a conv padding circularly: its tokens read other pixels than the kernels, strides and zero padding say, so
+    masks read onto them would be wrong. Refused naming the module; before, the plain model's cells were handed on."""
+    pit = _small_pit()
+    alter, stage, path = PIT_CHANGES[change]
+    alter(pit)
+    with pytest.raises(QKHooksError) as err:
+        assert _pit_cells(pit, stage) != _pit_token_spans(pit, stage)  # what went through silently before
+    assert f"'{path}'" in str(err.value) and "masks" in str(err.value), str(err.value)

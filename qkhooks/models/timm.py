@@ -24,7 +24,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, QKRows, leading_rows, register_adapter, stacked_rows
 from qkhooks.models.class_attention import cait_site_fields
 from qkhooks.models.qknorm import qk_norm_of
-from qkhooks.models.unsupported import refuse_uncovered
+from qkhooks.models.unsupported import moves_pixels, refuse_uncovered
 
 
 def _classes() -> dict[str, type]:
@@ -159,7 +159,8 @@ def _pit_stage_grid(stage: str, grid: tuple[int, int] | None) -> tuple[int, int]
 def _pit_pixel_convs(model: nn.Module, stage: str) -> Callable[[], list] | None:
     """PiT's convolutions from the image to a stage's tokens, read as called: the overlapping patch embedding, then
     each stage's pooling before its blocks (kernel 3, stride 2, padding 1), so masks are read from the pixels each
-    token's patch covers."""
+    token's patch covers; refused where one of those modules may read others (:func:`moves_pixels`: a hook someone
+    else put on it, a forward replaced, circular padding)."""
     patch_embed = getattr(model, "patch_embed", None)
     embed = getattr(patch_embed, "conv", None)
     if getattr(patch_embed, "height", None) is None or not isinstance(embed, nn.Conv2d):
@@ -168,6 +169,16 @@ def _pit_pixel_convs(model: nn.Module, stage: str) -> Callable[[], list] | None:
 
     def convs() -> list:
         chain = [embed] + [model.transformers[i].pool.conv for i in range(1, index + 1)]
+        route = [("patch_embed", patch_embed), ("patch_embed.conv", embed)] + [
+            (f"transformers.{i}.pool{part}", module) for i in range(1, index + 1)
+            for part, module in (("", model.transformers[i].pool), (".conv", model.transformers[i].pool.conv))]
+        for path, module in route:
+            how = moves_pixels(module)
+            if how is not None:
+                raise QKHooksError(f"PiT's {path!r} ({type(module).__name__}) {how}, so which pixels each token reads is "
+                                   "not what its convolutions say, and masks read onto the tokens would be wrong. Record "
+                                   "this model without masks, or remove the hook (handle.remove()) / restore the module "
+                                   "while recording masks.")
         for conv in chain:
             if tuple(conv.dilation) != (1, 1) or not isinstance(conv.padding, tuple):
                 raise QKHooksError(f"PiT's convolution {conv} is dilated or pads by a rule ({conv.padding!r}); "

@@ -39,8 +39,8 @@ from torch import nn
 
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import PART_HINTS, AttentionSite, QKRows, register_adapter
-from qkhooks.models.unsupported import (SKIP_HINT, UNMODELLED_FORMS, compiled_by_dynamo, foreign_hook, hook_name,
-                                        moves_devices_only, refuse_uncovered, skipping_now)
+from qkhooks.models.unsupported import (SKIP_HINT, UNMODELLED_FORMS, compiled_by_dynamo, moves_devices_only,
+                                        moves_pixels, refuse_uncovered, skipping_now)
 
 _VIT = "torchvision.models.vision_transformer.VisionTransformer"
 _ENCODER = "torchvision.models.vision_transformer.Encoder"
@@ -266,15 +266,9 @@ def _refuse_stem_moving_pixels(stem: nn.Sequential) -> None:
     BatchNorm or an activation running its class's own forward (a pool mixes neighbouring pixels)."""
     for path, module in stem.named_modules():
         where = f"'conv_proj{'.' + path if path else ''}' ({type(module).__name__})"
-        found = foreign_hook(module)
-        how = (f"carries a {found[0]} someone else registered ({hook_name(found[1])}), which can move or mix pixels"
-               if found is not None else
-               "has its forward replaced on the instance" if "forward" in module.__dict__ else
-               f"pads with padding_mode={module.padding_mode!r}, which reads pixels where zero padding reads none"
-               if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros" else
-               None if isinstance(module, (nn.Conv2d, *_PER_PIXEL_STEM_MODULES))
-               and type(module).forward is _base_forward(module) else
-               "is not a convolution, a BatchNorm or an activation acting on each pixel alone")
+        known = isinstance(module, (nn.Conv2d, *_PER_PIXEL_STEM_MODULES)) and type(module).forward is _base_forward(module)
+        how = moves_pixels(module) or (
+            None if known else "is not a convolution, a BatchNorm or an activation acting on each pixel alone")
         if how is not None:
             raise QKHooksError(
                 f"torchvision ViT's stem module {where} {how}, so which pixels each token reads is not what the stem's "

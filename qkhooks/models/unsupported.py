@@ -961,7 +961,7 @@ def _refuse_unread_scale(site: "AttentionSite") -> None:
             f"the model to use its {site.scale_attribute}, or leave it at 1/sqrt(d_k).")
 
 
-def foreign_hook(module: nn.Module) -> tuple[str, Any] | None:
+def _foreign_hook(module: nn.Module) -> tuple[str, Any] | None:
     """(``"forward hook"`` or ``"forward pre-hook"``, the hook) of the first hook on ``module`` someone else registered
     (not one of qkhooks' own, :func:`own_hook`), or None: for checks of modules whose geometry qkhooks reads."""
     for kind, hooks in (("forward pre-hook", module._forward_pre_hooks), ("forward hook", module._forward_hooks)):
@@ -971,9 +971,19 @@ def foreign_hook(module: nn.Module) -> tuple[str, Any] | None:
     return None
 
 
-def hook_name(hook: Any) -> str:
-    """A hook's (or any callable's) qualified name, as refusals print it."""
-    return _name(hook)
+def moves_pixels(module: nn.Module) -> str | None:
+    """How ``module``, on the way from the image to the tokens, may make them read other pixels than the convolutions'
+    kernels, strides and zero padding say (for masks read onto the tokens), or None: a hook someone else registered (a
+    flip, a roll), a forward replaced on the instance, a convolution padding with ``padding_mode`` other than zeros
+    (circular padding reads the far edge)."""
+    found = _foreign_hook(module)
+    if found is not None:
+        return f"carries a {found[0]} someone else registered ({_name(found[1])}), which can move or mix pixels"
+    if "forward" in module.__dict__:
+        return "has its forward replaced on the instance"
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return f"pads with padding_mode={module.padding_mode!r}, which reads pixels where zero padding reads none"
+    return None
 
 
 def _after_own(hooks: dict[int, Any]) -> Iterator[tuple[int, Any]]:
