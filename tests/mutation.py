@@ -119,6 +119,8 @@ KILLS_R45 = "tests/test_mutation_kills_r45.py"
 KILLS_R46 = "tests/test_mutation_kills_r46.py"
 # Round 47 (mutation): the kill tests of round 46's library code (module "round46").
 KILLS_R47 = "tests/test_mutation_kills_r47.py"
+# Round 48 (mutation): the kill tests of round 47's library code (module "round47").
+KILLS_R48 = "tests/test_mutation_kills_r48.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -778,6 +780,29 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "test_mutation_kills_r45 or (test_verify_run and not does_not_open) or test_file_stamps or "
                 "gone_first_shard_names or shard_sources_are_read_once or test_repair_shards_and_short_arrays or "
                 "test_mutation_kills_r47"),
+    # Round 48 (mutation): round 47's library code (`2885a7a..13f19ad`): merge --copy's order (every object before the
+    # rows: `_merge_per_image`'s returned fill, `_write_merged`) and its metadata block (`_merged_meta_block`,
+    # `_hdf5.merged_meta_block_bytes`, `create_run_file(meta_block=)`), repair's walk past the reducer states
+    # (format's `datasets` / `per_image_datasets` `skip`, `_states_inside`' unopened link), a torch Dataset's and an
+    # iterable's kept images read again on a resume (readers' `MapReader._read_again` / `_kept` / `read_again_cut`,
+    # `READ_AGAIN_BUDGET`, `ReadInPassing`, `_stamp_held`, `_kept_stamp`, `_item_id`, `_checking`'s bar after
+    # `CHECK_BAR_DELAY`, HF's `first`; sources' `_Replay`, `reads_again`; stream's `_recorded_order`,
+    # `_refuse_other_items`, the budget's warning, `_duration`, `held_hint`). Against the round's tests, the held-image
+    # and stamp tests the changed lines' callers need, round 38's first-lacking-image refusal, the streamed shard's
+    # resume, round 42/46/47's kill files (their resume tests took round 47's contract) and the new kill file; not the
+    # kill file r46's stacklevel test (mutmut's trampoline adds frames). Run with --only ROUND47.
+    "round47": (["qkhooks/data/readers.py", "qkhooks/data/sources.py", "qkhooks/stream.py", "qkhooks/distributed.py",
+                 "qkhooks/store/_hdf5.py", "qkhooks/store/format.py", "qkhooks/store/repair.py"],
+                ["tests/test_resume_held_images_check_progress.py", "tests/test_merge_copy_cuts.py",
+                 "tests/test_run_file_metadata_blocks.py", "tests/test_resume_hf_image_bytes.py",
+                 "tests/test_resume_in_memory_images.py", "tests/test_user_data_path.py", "tests/test_file_stamps.py",
+                 "tests/test_mutation_kills_r38.py", "tests/test_mutation_kills_io.py", KILLS_R42, KILLS_R46, KILLS_R47,
+                 KILLS_R48],
+                "test_resume_held_images_check_progress or test_merge_copy_cuts or test_run_file_metadata_blocks or "
+                "test_resume_hf_image_bytes or test_resume_in_memory_images or test_user_data_path or test_file_stamps "
+                "or names_the_first_image_it_lacks or streamed_shard_interrupted_then_resumed or "
+                "test_mutation_kills_r42 or (test_mutation_kills_r46 and not points_at_the_callers_line) or "
+                "test_mutation_kills_r47 or test_mutation_kills_r48"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -998,6 +1023,9 @@ ROUND45 = ("commits:84a8854..dbca73b",)
 # Round 46's library code, for `--only` with the module "round46": every line `dbca73b..2885a7a` wrote, by
 # :func:`written_by`.
 ROUND46 = ("commits:dbca73b..2885a7a",)
+# Round 47's library code, for `--only` with the module "round47": every line `2885a7a..13f19ad` wrote, by
+# :func:`written_by`.
+ROUND47 = ("commits:2885a7a..13f19ad",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
@@ -1006,7 +1034,7 @@ NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND
               "ROUND34": ROUND34, "ROUND37": ROUND37, "ROUND38": ROUND38,
               "ROUND39": ROUND39, "ROUND40": ROUND40, "ROUND41": ROUND41,
               "ROUND42": ROUND42, "ROUND43": ROUND43, "ROUND44": ROUND44,
-              "ROUND45": ROUND45, "ROUND46": ROUND46}
+              "ROUND45": ROUND45, "ROUND46": ROUND46, "ROUND47": ROUND47}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
