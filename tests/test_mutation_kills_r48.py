@@ -20,6 +20,26 @@ from test_spectrum_edits_and_dataparallel import _tiny_loaded
 datasets = pytest.importorskip("datasets")
 
 
+# ------------------------------------------------------------------ tests/mutation.py: round47
+def test_the_round47_module_names_files_and_tests_that_exist_and_round_47s_commits():
+    """The harness's module "round47" and its named set ROUND47: every file to mutate and every test file exists, the
+    selection names only test files it selects, the range resolves in this checkout to round 47's 13 library commits (27 in all)
+    (``git rev-list``), so ``--only ROUND47`` draws the same sample wherever it runs, and every library file they
+    changed is mutated but ``readings.py``, whose one changed line is a docstring's (no mutant)."""
+    import subprocess
+
+    from test_mutation_kills_r26 import ROOT, _harness, commits_in, library_files_changed, module_files
+
+    mutation = _harness()
+    files = module_files(mutation, "round47")
+    assert mutation.NAMED_SETS["ROUND47"] == mutation.ROUND47 == ("commits:2885a7a..13f19ad",)
+    assert len(commits_in("2885a7a..13f19ad")) == 27
+    library = subprocess.run(["git", "rev-list", "2885a7a..13f19ad", "--", "qkhooks"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert len(library) == 13
+    assert set(library_files_changed("2885a7a", "13f19ad")) - set(files) == {"qkhooks/readings.py"}
+
+
 # ------------------------------------------------------------------ the check's progress bar
 def test_the_checks_bar_counts_images_against_the_items_it_reads(capsys, monkeypatch):
     """The bar of a list's, an iterable's and a Hugging Face dataset's check (past the delay, here 0 s) counts in
