@@ -143,3 +143,20 @@ def test_a_merged_copys_metadata_block_holds_every_chunk_index_of_thousands_of_c
     for signature in (b"EAHD", b"EAIB", b"EADB"):
         found = _signatures(data, signature)
         assert found and max(found) < first_chunk, signature
+
+
+def test_a_merges_metadata_block_counts_each_arrays_chunks_as_the_merged_array_has_them(tmp_path):
+    """``distributed._merged_meta_block`` sizes the block by each merged array's chunk count: 433 rows (shards of 217
+    and 216) in chunks of 2 rows are 217 chunks, counted by h5py on such an array once written, where the rows / 2 of
+    ``_merged_meta_block`` ``_13`` (``/`` for ``//``: 216.5, no ceiling) gave a block 4 KiB smaller."""
+    import h5py
+
+    from qkhooks.distributed import _merged_meta_block
+    from qkhooks.store._hdf5 import merged_meta_block_bytes
+
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        merged = f.create_dataset("rows", shape=(433, 3), dtype="f2", chunks=(2, 3))
+        merged[:] = 1
+        chunks = merged.id.get_num_chunks()
+        shards = [SimpleNamespace(n=n, per_image={"rows": merged}) for n in (217, 216)]
+        assert chunks == 217 and _merged_meta_block(shards) == merged_meta_block_bytes([chunks])
