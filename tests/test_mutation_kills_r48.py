@@ -160,3 +160,16 @@ def test_a_merges_metadata_block_counts_each_arrays_chunks_as_the_merged_array_h
         chunks = merged.id.get_num_chunks()
         shards = [SimpleNamespace(n=n, per_image={"rows": merged}) for n in (217, 216)]
         assert chunks == 217 and _merged_meta_block(shards) == merged_meta_block_bytes([chunks])
+
+
+def test_an_iterables_unreadable_item_is_skipped_under_its_position(tmp_path):
+    """An iterable's item whose bytes are no image is skipped under its id, its position where it names none
+    (``IterReader.row_id`` ``_2``: ``_item_id(row, None)``, every such item named "None"; no selected test reached
+    it), its own where it names one."""
+    arrays = _arrays(0, n=4)
+    data = [arrays[0], b"not an image", arrays[2], {"image": b"nor this", "id": "own"}]
+    with pytest.warns(UserWarning):  # the skipped items' warning
+        result = qkhooks.record_dataset(_tiny_loaded(), (item for item in data), tmp_path / "run.h5", **_KW)
+    assert [item_id for item_id, _ in result.skipped] == ["1", "own"]
+    with qkhooks.open_run(tmp_path / "run.h5") as run:
+        assert list(run.ids) == ["0", "2"]
