@@ -164,8 +164,9 @@ def test_mask_cells_read_each_grid_off_its_layers_patch_size_and_refuse_two_that
 
     from qkhooks.stream import mask_cells
 
-    sites = [NS(layer=0, path="a", patch_size=(8, 8), pixel_convs=None), NS(layer=1, path="b", patch_size=None,
-                                                                               pixel_convs=None)]
+    plain = dict(family="test", pixel_route=())  # nothing on the way from the image to the tokens to check
+    sites = [NS(layer=0, path="a", patch_size=(8, 8), pixel_convs=None, **plain),
+             NS(layer=1, path="b", patch_size=None, pixel_convs=None, **plain)]
     geometry = {0: NS(grid=(5, 5)), 1: NS(grid=(2, 2))}
     assert mask_cells(sites, geometry, (38, 38), "none") == {}
     first = mask_cells(sites, geometry, (38, 38), "first")
@@ -175,8 +176,8 @@ def test_mask_cells_read_each_grid_off_its_layers_patch_size_and_refuse_two_that
     with pytest.raises(QKHooksError, match=r"the 3x3 token grid does not tile the 38x38 input"):
         mask_cells(sites, {0: NS(grid=(5, 5)), 1: NS(grid=(3, 3))}, (38, 38), "all")
     assert list(mask_cells(sites, {0: NS(grid=(5, 5)), 1: NS(grid=(3, 3))}, (38, 38), "first")) == [(5, 5)]
-    two = [NS(layer=0, path="a", patch_size=(8, 8), pixel_convs=None),
-           NS(layer=1, path="b", patch_size=(9, 9), pixel_convs=None)]  # 38 px: 5 padded 8s, or 5 padded 9s
+    two = [NS(layer=0, path="a", patch_size=(8, 8), pixel_convs=None, **plain),
+           NS(layer=1, path="b", patch_size=(9, 9), pixel_convs=None, **plain)]  # 38 px: 5 padded 8s, or 5 padded 9s
     with pytest.raises(QKHooksError, match=r"put their tokens on other pixels \(their patch sizes or convolutions differ\)"):
         mask_cells(two, {0: NS(grid=(5, 5)), 1: NS(grid=(5, 5))}, (38, 38), "all")
 
@@ -281,3 +282,130 @@ def test_pit_convolutions_that_read_other_pixels_than_they_say_are_refused_for_m
     with pytest.raises(QKHooksError) as err:
         assert _pit_cells(pit, stage) != _pit_token_spans(pit, stage)  # what went through silently before
     assert f"'{path}'" in str(err.value) and "masks" in str(err.value), str(err.value)
+
+
+# ------------------------------------------------- a plain patch embedding whose output someone else's hook moves
+def _timm_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             embed_dim=16, num_heads=2).eval()
+
+
+def _hf_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                    image_size=32, patch_size=8)
+    return transformers.ViTModel._from_config(config, attn_implementation="sdpa").eval()
+
+
+def _torchvision_vit() -> torch.nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32).eval()
+
+
+def _roll_tokens(module, args, output):
+    """Someone else's hook: the patch grid rolled by one column, so each token shows its left neighbour's pixels."""
+    return torch.roll(output, 1, dims=-1)
+
+
+def _own_maps(model: torch.nn.Module, family: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """The model's own eager attention weights per layer (B, H, N, N), with whatever hooks it carries."""
+    seen: list[torch.Tensor] = []
+    if family == "timm":
+        for block in model.blocks:
+            block.attn.fused_attn = False
+        handles = [b.attn.attn_drop.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+                   for b in model.blocks]
+        with torch.no_grad():
+            model(x)
+        for handle in handles:
+            handle.remove()
+        for block in model.blocks:
+            block.attn.fused_attn = True
+        return seen
+    if family == "hf":
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            maps = list(model(pixel_values=x, output_attentions=True).attentions)
+        model.set_attn_implementation("sdpa")
+        return maps
+    tokens: list[torch.Tensor] = []
+    attns = [block.self_attention for block in model.encoder.layers]
+    handles = [a.register_forward_pre_hook(lambda m, args: tokens.append(args[0].detach().clone())) for a in attns]
+    with torch.no_grad():
+        model(x)
+        for handle in handles:
+            handle.remove()
+        return [a(t, t, t, need_weights=True, average_attn_weights=False)[1] for a, t in zip(attns, tokens)]
+
+
+PATCH_EMBEDDINGS = {  # family -> (build it, its patch embedding's convolution, that module's path)
+    "timm": (_timm_vit, lambda m: m.patch_embed.proj, "patch_embed.proj"),
+    "hf": (_hf_vit, lambda m: m.embeddings.patch_embeddings.projection, "embeddings.patch_embeddings.projection"),
+    "torchvision": (_torchvision_vit, lambda m: m.conv_proj, "conv_proj"),
+}
+
+
+@pytest.mark.parametrize("family", list(PATCH_EMBEDDINGS))
+def test_masks_are_refused_where_someone_elses_hook_moves_the_patch_embeddings_output(tmp_path, family):
+    """r48 fuzz: a hook someone else put on a plain patch embedding's convolution (here a roll by one column) makes
+    each token show other pixels than its patch; masks read from the patch size landed on the wrong tokens without a
+    word. Recording with masks is refused, naming the module, before any file is written."""
+    build, conv_of, path = PATCH_EMBEDDINGS[family]
+    model = build()
+    conv_of(model).register_forward_hook(_roll_tokens)
+    out = tmp_path / "run.h5"
+    config = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(QKHooksError) as err:
+        record_dataset(load_model(model, image_config=config), DATA, out, batch_size=2, progress=False, modes=2,
+                       reducers=[])
+    message = str(err.value)
+    assert f"'{path}'" in message and "_roll_tokens" in message and "without masks" in message, message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("family", list(PATCH_EMBEDDINGS))
+def test_the_same_hook_records_as_before_without_masks(family):
+    """Hooks on the patch embedding are common for grabbing features: without masks the model records as ever, its
+    maps the model's own eager attention (on the rolled tokens its hook makes)."""
+    build, conv_of, _ = PATCH_EMBEDDINGS[family]
+    model = build()
+    conv_of(model).register_forward_hook(_roll_tokens)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    want = _own_maps(model, family, x)
+    with qkhooks.record(model, attention="full") as run, torch.no_grad():
+        model(x) if family != "hf" else model(pixel_values=x)
+    assert len(want) == 2
+    for layer, w in enumerate(want):
+        assert float((run.attention(layer, "full") - w).abs().max()) < 1e-5
+
+
+def test_qkhooks_own_hook_on_the_patch_embedding_is_not_counted(tmp_path):
+    """qkhooks hooks the patch embedding itself (the grid each call makes, for a patch embedding taking any size):
+    masks are still read, onto the cells the patch size says."""
+    model = _padded_vit()
+    with qkhooks.record(model, attention="rows"):
+        assert any(model.patch_embed._forward_hooks) or any(model.patch_embed._forward_pre_hooks)
+        record_dataset(load_model(model, image_config=CONFIG), DATA, tmp_path / "run.h5", batch_size=2,
+                       progress=False, modes=2, reducers=[])
+    with open_run(tmp_path / "run.h5") as run:
+        assert run.geometry(0).grid == (5, 5) and len(run.ids) == 2
+
+
+def test_a_wrapped_timm_vits_patch_embedding_is_named_by_its_path_in_the_wrapper():
+    """transformers' TimmBackbone records its timm ViT with the timm adapter: the refused module is named where the
+    user finds it (``model.named_modules()`` of the wrapper), not where it sits in the wrapped network."""
+    from test_zoo import _small_timm_backbone
+
+    from qkhooks.stream import mask_cells, probe_geometry
+
+    model = _small_timm_backbone().eval()
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    path = next(name for name, m in model.named_modules() if m is conv)
+    conv.register_forward_hook(_roll_tokens)
+    sites = qkhooks.sites(model)
+    with pytest.raises(QKHooksError) as err:
+        mask_cells(sites, probe_geometry(model, sites, (32, 32)), (32, 32), "first")
+    assert f"'{path}'" in str(err.value), (path, str(err.value))

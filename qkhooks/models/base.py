@@ -102,6 +102,11 @@ class AttentionSite:
             ``() -> [((kernel), (stride), (padding)), ...]`` (rows, cols each), so the pixels each token reads follow
             (:func:`qkhooks.data.masks.receptive_cells`) where its grid is no cells of the input (PiT's overlapping
             patch embedding and its pooling). None: its patch size (:attr:`patch_size`) or blocks say it.
+        pixel_route: ``(path in the model, module)`` of the modules between the image and the tokens the patch size or
+            :attr:`pixel_convs` describe (timm's ``patch_embed``, Hugging Face's ``embeddings``, torchvision's
+            ``conv_proj``), checked with their submodules when masks are read onto the tokens
+            (:func:`qkhooks.models.unsupported.refuse_moved_pixels`: a hook someone else put there may move the
+            tokens). Empty: the adapter names none, and nothing is checked.
         scale_attribute: the module's attribute ``scale`` was read from (timm's ``attn.scale``, Hugging Face's
             ``scaling`` or ``scale``; the search names it for any adapter that left it unset,
             :func:`qkhooks.models.unsupported.watch_qk_path`), which every entry and batch checks is unchanged, and
@@ -147,6 +152,7 @@ class AttentionSite:
     scale_attribute: str | None = None
     qk_watch: tuple[tuple[Any, ...], ...] = dataclasses.field(default=(), repr=False)
     pixel_convs: Callable[[], list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]] | None = None
+    pixel_route: tuple[tuple[str, nn.Module], ...] = dataclasses.field(default=(), repr=False)
     _grid_of_source: tuple[int, int] | None = dataclasses.field(default=None, repr=False)
     _grid_of_input: tuple[int, int] | None = dataclasses.field(default=None, repr=False)  # the grid the call hands it
     _call_bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)

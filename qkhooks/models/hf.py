@@ -136,6 +136,13 @@ def _embeddings(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def _pixel_route(model: nn.Module) -> tuple[tuple[str, nn.Module], ...]:
+    """The embeddings module (patch projection, class token, position embeddings) by its path in the model: the route
+    from the image to the first layer's tokens, checked when masks are read onto them. Empty where there is none."""
+    emb = _embeddings(model)
+    return tuple((name, module) for name, module in model.named_modules() if module is emb and emb is not None)[:1]
+
+
 def _patch_grid_source(model: nn.Module) -> tuple[nn.Module, Callable[[tuple, dict], tuple[int, int]]] | None:
     """zoo18: (the patch projection, the grid it makes of the call's image). A 2x8 image has the native 4x4 grid's
     token count, and only the call tells them apart (ViT, DeiT, DINOv2, CLIP, SigLIP, BEiT take other sizes). The
@@ -199,6 +206,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
     config_patch = getattr(config, "patch_size", None)
     family = f"hf-{getattr(config, 'model_type', 'vit')}"
     patch_grid = _patch_grid_source(model)
+    pixel_route = _pixel_route(model)
     embeddings = type(_embeddings(model))
     shuffled = f"{embeddings.__module__}.{embeddings.__qualname__}" in _SHUFFLING_EMBEDDINGS
     text = text_model_type(model)
@@ -263,6 +271,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 rope_layout="half",  # rotate_half: pairs (i, i + d_k/2)
                 qk_norm=qk_norm_of(name, module, per_head=_norm_width(module) == head_dim),
                 call_bias=_data2vec_bias(name, module) if _builds_own_bias(module) else None,
+                pixel_route=pixel_route,
             )
         )
         if type(module).__name__ in EXTRA_FORMS:

@@ -24,7 +24,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, QKRows, leading_rows, register_adapter, stacked_rows
 from qkhooks.models.class_attention import cait_site_fields
 from qkhooks.models.qknorm import qk_norm_of
-from qkhooks.models.unsupported import moves_pixels, refuse_uncovered
+from qkhooks.models.unsupported import refuse_moved_pixels, refuse_uncovered
 
 
 def _classes() -> dict[str, type]:
@@ -159,8 +159,8 @@ def _pit_stage_grid(stage: str, grid: tuple[int, int] | None) -> tuple[int, int]
 def _pit_pixel_convs(model: nn.Module, stage: str) -> Callable[[], list] | None:
     """PiT's convolutions from the image to a stage's tokens, read as called: the overlapping patch embedding, then
     each stage's pooling before its blocks (kernel 3, stride 2, padding 1), so masks are read from the pixels each
-    token's patch covers; refused where one of those modules may read others (:func:`moves_pixels`: a hook someone
-    else put on it, a forward replaced, circular padding)."""
+    token's patch covers; refused where one of those modules may read others (:func:`refuse_moved_pixels`: a hook
+    someone else put on it, a forward replaced, circular padding)."""
     patch_embed = getattr(model, "patch_embed", None)
     embed = getattr(patch_embed, "conv", None)
     if getattr(patch_embed, "height", None) is None or not isinstance(embed, nn.Conv2d):
@@ -169,16 +169,8 @@ def _pit_pixel_convs(model: nn.Module, stage: str) -> Callable[[], list] | None:
 
     def convs() -> list:
         chain = [embed] + [model.transformers[i].pool.conv for i in range(1, index + 1)]
-        route = [("patch_embed", patch_embed), ("patch_embed.conv", embed)] + [
-            (f"transformers.{i}.pool{part}", module) for i in range(1, index + 1)
-            for part, module in (("", model.transformers[i].pool), (".conv", model.transformers[i].pool.conv))]
-        for path, module in route:
-            how = moves_pixels(module)
-            if how is not None:
-                raise QKHooksError(f"PiT's {path!r} ({type(module).__name__}) {how}, so which pixels each token reads is "
-                                   "not what its convolutions say, and masks read onto the tokens would be wrong. Record "
-                                   "this model without masks, or remove the hook (handle.remove()) / restore the module "
-                                   "while recording masks.")
+        refuse_moved_pixels("PiT", [("patch_embed", patch_embed)] + [
+            (f"transformers.{i}.pool", model.transformers[i].pool) for i in range(1, index + 1)])
         for conv in chain:
             if tuple(conv.dilation) != (1, 1) or not isinstance(conv.padding, tuple):
                 raise QKHooksError(f"PiT's convolution {conv} is dilated or pads by a rule ({conv.padding!r}); "
@@ -203,6 +195,16 @@ def _patch_grid_source(model: nn.Module) -> tuple[nn.Module, Callable[[tuple, di
     return patch_embed, read
 
 
+# timm's modules from the image to the first block's tokens, by name at the model's top level (ViT's patch embedding
+# and what it runs on the tokens before its blocks; the convolutional stem of LeViT-like models)
+_PIXEL_ROUTE = ("stem", "patch_embed", "pos_drop", "patch_drop", "norm_pre")
+
+
+def _pixel_route(model: nn.Module) -> tuple[tuple[str, nn.Module], ...]:
+    """The modules of ``_PIXEL_ROUTE`` the model has, checked when masks are read onto its tokens."""
+    return tuple((name, getattr(model, name)) for name in _PIXEL_ROUTE if isinstance(getattr(model, name, None), nn.Module))
+
+
 def _stage_of(modules: dict[str, nn.Module], block_path: str) -> str:
     """The container the block sits in (its sites share a token grid). A branch of timm's ``ParallelThingsBlock``
     (``blocks.3.attns.0``: the 18x2 ViTs run each block's attentions side by side on the block's input) sits in that
@@ -220,6 +222,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
     modules = dict(model.named_modules())
     num_prefix, grid, patch = _geometry(model)
     patch_grid = _patch_grid_source(model) if patch is not None else None
+    pixel_route = _pixel_route(model)
     sites = []
     for name, attn in modules.items():
         kind = _kind(attn)
@@ -259,6 +262,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 grid_source=patch_grid if site_grid == grid else None,
                 stage=stage,
                 pixel_convs=_pit_pixel_convs(model, stage),
+                pixel_route=pixel_route,
                 rope_input="rope" if rotary else None,
                 rope_apply=_eva_rotation(attn) if rotary else None,
                 rope_layout="half" if getattr(attn, "rotate_half", False) else "interleaved",

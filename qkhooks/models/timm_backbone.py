@@ -35,7 +35,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
     """The timm adapter's sites of the wrapped network, their paths prefixed with the network's path in the wrapper."""
     prefix, network = _network(model)  # type: ignore[misc]
     return [dataclasses.replace(site, path=f"{prefix}.{site.path}", block_path=f"{prefix}.{site.block_path}",
-                                stage=f"{prefix}.{site.stage}" if site.stage else prefix)
+                                stage=f"{prefix}.{site.stage}" if site.stage else prefix,
+                                pixel_route=tuple((f"{prefix}.{path}", module) for path, module in site.pixel_route))
             for site in timm_adapter.find(network)]
 
 

@@ -40,7 +40,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import PART_HINTS, AttentionSite, QKRows, register_adapter
 from qkhooks.models.unsupported import (SKIP_HINT, UNMODELLED_FORMS, compiled_by_dynamo, moves_devices_only,
-                                        moves_pixels, refuse_uncovered, skipping_now)
+                                        refuse_moved_pixels, refuse_uncovered, skipping_now)
 
 _VIT = "torchvision.models.vision_transformer.VisionTransformer"
 _ENCODER = "torchvision.models.vision_transformer.Encoder"
@@ -260,20 +260,18 @@ _PER_PIXEL_STEM_MODULES = (nn.Sequential, nn.BatchNorm2d, nn.Identity, nn.ReLU, 
 
 def _refuse_stem_moving_pixels(stem: nn.Sequential) -> None:
     """Refuse a convolutional stem whose tokens read other pixels than its convolutions' kernels, strides and zero
-    padding say (checked when masks are read onto the tokens, :func:`_pixel_convs`): a hook someone else put on one of
-    its modules or a forward replaced on one (a flip, a crop, a roll), a convolution that pads by reading pixels
-    (``padding_mode`` other than zeros: circular padding reads the far edge), or a module that is none of a conv, a
-    BatchNorm or an activation running its class's own forward (a pool mixes neighbouring pixels)."""
+    padding say (checked when masks are read onto the tokens, :func:`_pixel_convs`): what any patch embedding is
+    refused for (:func:`refuse_moved_pixels`: a hook someone else put on one of its modules, a forward replaced on one,
+    a convolution padding other than with zeros), or a module that is none of a conv, a BatchNorm or an activation
+    running its class's own forward (a pool mixes neighbouring pixels)."""
+    refuse_moved_pixels("torchvision ViT", [("conv_proj", stem)])
     for path, module in stem.named_modules():
-        where = f"'conv_proj{'.' + path if path else ''}' ({type(module).__name__})"
-        known = isinstance(module, (nn.Conv2d, *_PER_PIXEL_STEM_MODULES)) and type(module).forward is _base_forward(module)
-        how = moves_pixels(module) or (
-            None if known else "is not a convolution, a BatchNorm or an activation acting on each pixel alone")
-        if how is not None:
+        if not (isinstance(module, (nn.Conv2d, *_PER_PIXEL_STEM_MODULES)) and type(module).forward is _base_forward(module)):
             raise QKHooksError(
-                f"torchvision ViT's stem module {where} {how}, so which pixels each token reads is not what the stem's "
-                "convolutions say, and masks read onto the tokens would be wrong. Record this model without masks, or "
-                "remove the hook (handle.remove()) / restore the stem while recording masks.")
+                f"torchvision ViT's stem module 'conv_proj{'.' + path if path else ''}' ({type(module).__name__}) is not "
+                "a convolution, a BatchNorm or an activation acting on each pixel alone, so which pixels each token "
+                "reads is not what the stem's convolutions say, and masks read onto the tokens would be wrong. Record "
+                "this model without masks, or restore the stem while recording masks.")
 
 
 def _base_forward(module: nn.Module) -> Any:
@@ -374,7 +372,8 @@ def find(model: nn.Module) -> list[AttentionSite]:
             layer=len(sites), path=path, module=attn, block_path=name, block=block, num_heads=heads,
             head_dim=int(attn.head_dim), dim=dim, scale=float(attn.head_dim) ** -0.5, num_prefix_tokens=1, grid=grid,
             family="torchvision-vit", input_name="query", block_input_name="input", qk_linear=packed_qk_rows(attn),
-            patch_size=patch_size, pixel_convs=pixel_convs, grid_source=grid_source,
+            patch_size=patch_size, pixel_convs=pixel_convs, pixel_route=(("conv_proj", model.conv_proj),),
+            grid_source=grid_source,
             route=route + ((f"its block {name!r}", code, block),), model_ref=weakref.ref(model),
         ))
     refuse_uncovered(model, sites)

@@ -986,6 +986,23 @@ def moves_pixels(module: nn.Module) -> str | None:
     return None
 
 
+def refuse_moved_pixels(owner: str, route: Sequence[tuple[str, nn.Module]]) -> None:
+    """Refuse, when masks are read onto the tokens, a module on the image-to-token route (each of ``route``'s
+    ``(path in the model, module)`` and its submodules) that may make the tokens read other pixels than the patch
+    size or convolutions say (:func:`moves_pixels`): masks would land on the wrong tokens without a word. ``owner``
+    names the model's family in the message."""
+    for path, top in route:
+        for sub, module in top.named_modules():
+            how = moves_pixels(module)
+            if how is not None:
+                where = f"{path}.{sub}" if sub else path
+                raise QKHooksError(
+                    f"{owner}'s {where!r} ({type(module).__name__}) {how}, so which pixels each token reads is not what "
+                    "its patch embedding's convolutions say, and masks read onto the tokens would be wrong. Record this "
+                    "model without masks, or remove the hook (handle.remove()) / restore the module while recording "
+                    "masks.")
+
+
 def _after_own(hooks: dict[int, Any]) -> Iterator[tuple[int, Any]]:
     """The hooks of ``hooks`` (in the order torch runs them) someone else registered after one of qkhooks' own."""
     seen_own = False
