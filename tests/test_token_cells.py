@@ -394,6 +394,38 @@ def test_qkhooks_own_hook_on_the_patch_embedding_is_not_counted(tmp_path):
         assert run.geometry(0).grid == (5, 5) and len(run.ids) == 2
 
 
+@pytest.mark.parametrize("which", ["stand-in", "accelerate"])
+def test_accelerates_device_placement_on_the_embeddings_is_taken_for_masks(tmp_path, which):
+    """A model loaded with ``device_map=...`` carries accelerate's forward wrapper on every module, the embeddings'
+    included; one that only moves tensors between devices moves no pixel: masks are read as for the plain model (the
+    majority label of each patch's pixels). A wrapper whose hook changes the output is still refused."""
+    from test_foreign_hooks_refused import _accelerate
+
+    hooks = _accelerate(which)
+    model = _hf_vit()
+    for module in model.embeddings.modules():
+        hooks.add_hook_to_module(module, hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    config = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    record_dataset(load_model(model, image_config=config), DATA, tmp_path / "run.h5", batch_size=2, progress=False,
+                   modes=2, reducers=[])
+    data = open_dataset(DATA, config)
+    by_id = {data[i]["id"]: data[i]["objects"].numpy() for i in range(len(data))}
+    with open_run(tmp_path / "run.h5") as run:
+        stored, ids = np.asarray(run.array("masks/objects")[:]), list(run.ids)
+    assert len(ids) == 2
+    for row, image in zip(stored, ids):
+        np.testing.assert_array_equal(row, _majority(by_id[image], _cells(32, 8, False)))
+
+    class Roll(hooks.ModelHook):
+        def post_forward(self, module, output):
+            return torch.roll(output, 1, dims=-1)
+
+    hooks.add_hook_to_module(model.embeddings.patch_embeddings.projection, Roll())
+    with pytest.raises(QKHooksError, match="'embeddings.patch_embeddings.projection'.*replaced on the instance"):
+        record_dataset(load_model(model, image_config=config), DATA, tmp_path / "rolled.h5", batch_size=2,
+                       progress=False, modes=2, reducers=[])
+
+
 def test_a_wrapped_timm_vits_patch_embedding_is_named_by_its_path_in_the_wrapper():
     """transformers' TimmBackbone records its timm ViT with the timm adapter: the refused module is named where the
     user finds it (``model.named_modules()`` of the wrapper), not where it sits in the wrapped network."""

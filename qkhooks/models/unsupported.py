@@ -974,12 +974,13 @@ def _foreign_hook(module: nn.Module) -> tuple[str, Any] | None:
 def moves_pixels(module: nn.Module) -> str | None:
     """How ``module``, on the way from the image to the tokens, may make them read other pixels than the convolutions'
     kernels, strides and zero padding say (for masks read onto the tokens), or None: a hook someone else registered (a
-    flip, a roll), a forward replaced on the instance, a convolution padding with ``padding_mode`` other than zeros
-    (circular padding reads the far edge)."""
+    flip, a roll), a forward replaced on the instance (but accelerate's device placement, :func:`moves_devices_only`,
+    which moves no pixel), a convolution padding with ``padding_mode`` other than zeros (circular padding reads the far
+    edge)."""
     found = _foreign_hook(module)
     if found is not None:
         return f"carries a {found[0]} someone else registered ({_name(found[1])}), which can move or mix pixels"
-    if "forward" in module.__dict__:
+    if "forward" in module.__dict__ and not moves_devices_only(module):
         return "has its forward replaced on the instance"
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return f"pads with padding_mode={module.padding_mode!r}, which reads pixels where zero padding reads none"
