@@ -321,7 +321,7 @@ def test_a_layer_whose_convolutions_make_another_grid_is_refused_in_the_whole_se
     blocks."""
     from qkhooks.stream import mask_cells
 
-    site = types.SimpleNamespace(layer=0, path="blocks.0.attn", patch_size=None,
+    site = types.SimpleNamespace(layer=0, path="blocks.0.attn", patch_size=None, family="test", pixel_route=(),
                                  pixel_convs=lambda: [((8, 8), (8, 8), (0, 0))])
     with pytest.raises(QKHooksError) as err:
         mask_cells([site], {0: types.SimpleNamespace(grid=(3, 3))}, (32, 32), "all")
