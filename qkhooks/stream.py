@@ -133,12 +133,13 @@ class WriterSink:
 
 
 def mask_cells(sites: Sequence[AttentionSite], geometry: dict[int, LayerGeometry], image_size: tuple[int, int],
-               grids: str) -> dict[tuple[int, int], TokenCells]:
+               grids: str, model: nn.Module | None = None) -> dict[tuple[int, int], TokenCells]:
     """The input pixels each token shows on the grids the dataset's masks are read onto (``grids``: ``"first"``, the
     first layer's, for odd-one-out masks; ``"all"`` for object labels, every stage's; ``"none"``), from the patch
     size of the layers on that grid (:func:`~qkhooks.data.masks.token_cells`). Refused, before any file is
     written, for a grid whose tokens are not cells of the input, and where a module on the way from the image to
-    the tokens may move them (someone else's hook on the patch embedding: :attr:`AttentionSite.pixel_route`)."""
+    the tokens may move them (someone else's hook on the patch embedding, :attr:`AttentionSite.pixel_route`, or a
+    pre-hook on ``model``, the model the sites were found on, or a module of it holding the patch embedding)."""
     if grids == "none":
         return {}
     first = min(geometry)
@@ -150,7 +151,7 @@ def mask_cells(sites: Sequence[AttentionSite], geometry: dict[int, LayerGeometry
     cells = {}
     for grid, here in sorted(on_grid.items(), reverse=True):
         for site in here:
-            refuse_moved_pixels(site.family, site.pixel_route)
+            refuse_moved_pixels(site.family, site.pixel_route, model)
         made = {receptive_cells(image_size, s.pixel_convs()) for s in here if s.pixel_convs is not None}
         made = made or {token_cells(image_size, grid, s.patch_size) for s in here if s.patch_size is not None}
         made = made or {token_cells(image_size, grid)}
@@ -740,7 +741,7 @@ def record_dataset(
     geometry = probe_geometry(net, sites, image_size, device)
     _check_rows_geometry(attention_specs, geometry)
     cells = mask_cells(sites, geometry, image_size,
-                       "all" if dataset.has_masks else "first" if has_target else "none")
+                       "all" if dataset.has_masks else "first" if has_target else "none", net)
     recording = record(  # built (and so checked) before any file is touched; hooks go on below
         net, modes=modes_value, layers=[s.layer for s in sites], attention=attention_specs, input=opts.input,
         augmented=opts.augmented, keep_inputs=keep_inputs, sites=sites, outputs=opts.outputs,  # type: ignore[arg-type]

@@ -441,3 +441,44 @@ def test_a_wrapped_timm_vits_patch_embedding_is_named_by_its_path_in_the_wrapper
     with pytest.raises(QKHooksError) as err:
         mask_cells(sites, probe_geometry(model, sites, (32, 32)), (32, 32), "first")
     assert f"'{path}'" in str(err.value), (path, str(err.value))
+
+
+def _flip_image(module, args, kwargs):
+    """Someone else's pre-hook on a module holding the patch embedding: the image mirrored before it is embedded."""
+    if args:
+        return (args[0].flip(-1), *args[1:]), kwargs
+    return args, {**kwargs, "pixel_values": kwargs["pixel_values"].flip(-1)}
+
+
+def _hf_vit_classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                    image_size=32, patch_size=8, num_labels=3)
+    return transformers.ViTForImageClassification._from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("build, holder, path", [(_timm_vit, lambda m: m, "the model itself"),
+                                                 (_hf_vit_classifier, lambda m: m.vit, "'vit'")],
+                         ids=["timm-model", "hf-vit-inside-classifier"])
+def test_masks_are_refused_where_a_pre_hook_on_a_module_holding_the_patch_embedding_moves_the_image(tmp_path, build,
+                                                                                                    holder, path):
+    """r48 fuzz: a forward pre-hook someone else put on the model (or on the module around the embeddings) mirrors
+    the image before the patch embedding sees it; masks were read onto the unmirrored cells without a word. Refused
+    when masks are read, naming the module; without masks it records as before (maps the model's own)."""
+    model = build()
+    holder(model).register_forward_pre_hook(_flip_image, with_kwargs=True)
+    config = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(QKHooksError) as err:
+        record_dataset(load_model(model, image_config=config), DATA, tmp_path / "run.h5", batch_size=2,
+                       progress=False, modes=2, reducers=[])
+    message = str(err.value)
+    assert path in message and "_flip_image" in message and "without masks" in message, message
+    assert not (tmp_path / "run.h5").exists()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    family = "timm" if build is _timm_vit else "hf"
+    want = _own_maps(model, family, x)
+    with qkhooks.record(model, attention="full") as run, torch.no_grad():
+        model(x) if family == "timm" else model(pixel_values=x)
+    assert len(want) == 2
+    for layer, w in enumerate(want):
+        assert float((run.attention(layer, "full") - w).abs().max()) < 1e-5

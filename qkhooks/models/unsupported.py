@@ -987,21 +987,34 @@ def moves_pixels(module: nn.Module) -> str | None:
     return None
 
 
-def refuse_moved_pixels(owner: str, route: Sequence[tuple[str, nn.Module]]) -> None:
+def refuse_moved_pixels(owner: str, route: Sequence[tuple[str, nn.Module]], model: nn.Module | None = None) -> None:
     """Refuse, when masks are read onto the tokens, a module on the image-to-token route (each of ``route``'s
     ``(path in the model, module)`` and its submodules) that may make the tokens read other pixels than the patch
-    size or convolutions say (:func:`moves_pixels`): masks would land on the wrong tokens without a word. ``owner``
-    names the model's family in the message."""
+    size or convolutions say (:func:`moves_pixels`), or ``model`` or a module of it holding the route carrying a
+    forward pre-hook someone else registered (:func:`_changes_image`): masks would land on the wrong tokens without a
+    word. ``owner`` names the model's family in the message."""
     for path, top in route:
-        for sub, module in top.named_modules():
-            how = moves_pixels(module)
+        holders = [] if model is None else ["", *(path.rsplit(".", k)[0] for k in range(path.count("."), 0, -1))]
+        checks = [(holder, model.get_submodule(holder), _changes_image) for holder in holders] + [
+            (f"{path}.{sub}" if sub else path, module, moves_pixels) for sub, module in top.named_modules()]
+        for where, module, check in checks:
+            how = check(module)
             if how is not None:
-                where = f"{path}.{sub}" if sub else path
                 raise QKHooksError(
-                    f"{owner}'s {where!r} ({type(module).__name__}) {how}, so which pixels each token reads is not what "
-                    "its patch embedding's convolutions say, and masks read onto the tokens would be wrong. Record this "
-                    "model without masks, or remove the hook (handle.remove()) / restore the module while recording "
-                    "masks.")
+                    f"{owner}'s {repr(where) if where else 'the model itself'} ({type(module).__name__}) {how}, so which "
+                    "pixels each token reads is not what its patch embedding's convolutions say, and masks read onto "
+                    "the tokens would be wrong. Record this model without masks, or remove the hook (handle.remove()) "
+                    "/ restore the module while recording masks.")
+
+
+def _changes_image(module: nn.Module) -> str | None:
+    """How a module holding the patch embedding may change the image before it is embedded (a forward pre-hook someone
+    else registered: a flip, a crop), or None; its forward hooks run after the tokens are made."""
+    found = _foreign_hook(module)
+    if found is not None and found[0] == "forward pre-hook":
+        return (f"carries a forward pre-hook someone else registered ({_name(found[1])}), which can change the image "
+                "before its patch embedding sees it")
+    return None
 
 
 def _after_own(hooks: dict[int, Any]) -> Iterator[tuple[int, Any]]:
