@@ -401,7 +401,7 @@ def test_a_resume_takes_held_reducers_only_where_the_runs_checkpoint_replaces_th
     qkhooks.record_dataset(loaded, str(folder), out, resume=True, reducers=[held], **options)
     assert held.images_held() == 2  # the run's 2, from its checkpoint
     real = stream._resume
-    monkeypatch.setattr(stream, "_resume", lambda writer, reducers, *a: real(writer, [], *a))  # states not loaded
+    monkeypatch.setattr(stream, "_resume", lambda writer, reducers, *a, **kw: real(writer, [], *a, **kw))  # states not loaded
     stray = _fed(TopKModes(k=2), loaded.model, n=3)
     with pytest.raises(QKHooksError, match=r"^this TopKModes already holds 3 images from an earlier recording, and "
                                            r"this recording has given it 2"):
