@@ -188,6 +188,22 @@ def record_live_full_maps(model: torch.nn.Module, size: tuple[int, int], path) -
     return maps
 
 
+def pixel_spans_read(image: torch.Tensor, tokens: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The reference for where a token grid reads its pixels: per row (then per column) of ``tokens`` (1, C, H', W'),
+    made from ``image`` (1, 3, H, W, requires_grad) by the model's own modules, the [start, stop) span of input rows
+    (columns) its values depend on (nonzero gradient)."""
+    spans = []
+    for axis in (0, 1):
+        axis_spans = []
+        for i in range(tokens.shape[2 + axis]):
+            picked = tokens[0, :, i, 0] if axis == 0 else tokens[0, :, 0, i]
+            (grad,) = torch.autograd.grad(picked.pow(2).sum() + picked.sum(), image, retain_graph=True)
+            read = (grad[0].abs().sum(0).sum(1 - axis) > 0).nonzero()[:, 0]
+            axis_spans.append((int(read.min()), int(read.max()) + 1))
+        spans.append(tuple(axis_spans))
+    return tuple(spans)
+
+
 def timm_module_eager_maps(model: torch.nn.Module, attn: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """The softmax outputs one timm attention module hands its ``attn_drop`` on its eager path (fused attention off for
     one forward of ``model``, restored after), one per call: an independent reference for that module's maps."""

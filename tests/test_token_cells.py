@@ -21,6 +21,7 @@ from qkhooks.data import ImageConfig, open_dataset
 from qkhooks.errors import QKHooksError
 from qkhooks.models.load import load_model
 from qkhooks.stream import record_dataset
+from conftest import pixel_spans_read
 
 SIZE = 38  # 8 px patches: 4 read by flooring (6 px never read), 5 when padded (the last patch holds 6 px)
 
@@ -225,16 +226,7 @@ def _pit_token_spans(pit: torch.nn.Module, stage: int) -> tuple[tuple[tuple[int,
     x, cls = pit.patch_embed(image), pit.cls_token
     for i in range(1, stage + 1):
         x, cls = pit.transformers[i].pool(x, cls)
-    spans = []
-    for axis in (0, 1):
-        axis_spans = []
-        for i in range(x.shape[2 + axis]):
-            picked = x[0, :, i, 0] if axis == 0 else x[0, :, 0, i]
-            (grad,) = torch.autograd.grad(picked.pow(2).sum() + picked.sum(), image, retain_graph=True)
-            read = (grad[0].abs().sum(0).sum(1 - axis) > 0).nonzero()[:, 0]
-            axis_spans.append((int(read.min()), int(read.max()) + 1))
-        spans.append(tuple(axis_spans))
-    return tuple(spans)
+    return pixel_spans_read(image, x)
 
 
 def _pit_cells(pit: torch.nn.Module, stage: int):

@@ -21,7 +21,7 @@ import qkhooks
 from qkhooks import QKHooksError
 from qkhooks.models import load
 from test_zoo import perturb
-from conftest import forward_with_hooks
+from conftest import forward_with_hooks, pixel_spans_read
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.vision_transformer import VisionTransformer  # noqa: E402
@@ -222,16 +222,7 @@ def _pixels_each_token_reads(model: VisionTransformer) -> tuple[tuple[tuple[int,
     (nonzero gradient), with whatever hooks the stem carries."""
     x = torch.randn(1, 3, SIZE, SIZE, requires_grad=True)
     out = model.conv_proj(x)
-    spans = []
-    for axis in (0, 1):
-        axis_spans = []
-        for i in range(out.shape[2 + axis]):
-            picked = out[0, :, i, 0] if axis == 0 else out[0, :, 0, i]
-            (grad,) = torch.autograd.grad(picked.pow(2).sum() + picked.sum(), x, retain_graph=True)
-            read = (grad[0].abs().sum(0).sum(1 - axis) > 0).nonzero()[:, 0]
-            axis_spans.append((int(read.min()), int(read.max()) + 1))
-        spans.append(tuple(axis_spans))
-    return tuple(spans)
+    return pixel_spans_read(x, out)
 
 
 def _flip_output(module, args, output):
