@@ -435,7 +435,7 @@ class Recording:
     def sites_release(self) -> None:
         """Forget the model's modules so a finished recording keeps no model alive."""
         self.sites = [dataclasses.replace(s, module=None, block=None, qk_linear=_released, qk_modules=(),  # type: ignore[arg-type]
-                                          grid_source=None, qk_watch=())  # the grid its last call read stays (_grid_of_source)
+                                          grid_source=None, qk_watch=(), pixel_route=())  # the grid its last call read stays
                       for s in self.sites]
         self._live_weights.clear()  # views of the weights: they would keep the parameters' memory alive
         self._params_at_entry.clear()
