@@ -474,3 +474,18 @@ def test_masks_are_refused_where_a_pre_hook_on_a_module_holding_the_patch_embedd
     assert len(want) == 2
     for layer, w in enumerate(want):
         assert float((run.attention(layer, "full") - w).abs().max()) < 1e-5
+
+
+def test_a_finished_recording_of_pit_keeps_no_model_alive():
+    """PiT's pixel_convs read its poolings as called; they held the model itself, and the model's sites are cached
+    weakly keyed by the model (capture._SITES), so a finished recording kept every PiT module alive."""
+    import gc
+    import weakref
+
+    pit = _small_pit()
+    with qkhooks.record(pit, modes=2, attention="full") as run, torch.no_grad():
+        run(torch.randn(1, 3, 64, 64))
+    refs = [weakref.ref(m) for m in pit.modules()]
+    del pit, run
+    gc.collect()
+    assert all(ref() is None for ref in refs), [type(ref()).__name__ for ref in refs if ref() is not None]

@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import math
 import re
+import weakref
 from typing import Callable
 
 import torch
@@ -166,11 +167,13 @@ def _pit_pixel_convs(model: nn.Module, stage: str) -> Callable[[], list] | None:
     if getattr(patch_embed, "height", None) is None or not isinstance(embed, nn.Conv2d):
         return None
     index = int(stage.split(".")[1]) if stage.startswith("transformers.") else 0
+    owner = weakref.ref(model)  # the model's sites are cached weakly keyed by it (capture._SITES): no strong reference
 
     def convs() -> list:
-        chain = [embed] + [model.transformers[i].pool.conv for i in range(1, index + 1)]
+        pools = [owner().transformers[i].pool for i in range(1, index + 1)]  # type: ignore[union-attr]
+        chain = [embed] + [pool.conv for pool in pools]
         refuse_moved_pixels("PiT", [("patch_embed", patch_embed)] + [
-            (f"transformers.{i}.pool", model.transformers[i].pool) for i in range(1, index + 1)])
+            (f"transformers.{i}.pool", pool) for i, pool in enumerate(pools, start=1)])
         for conv in chain:
             if tuple(conv.dilation) != (1, 1) or not isinstance(conv.padding, tuple):
                 raise QKHooksError(f"PiT's convolution {conv} is dilated or pads by a rule ({conv.padding!r}); "
