@@ -140,7 +140,8 @@ def _pixel_route(model: nn.Module) -> tuple[tuple[str, nn.Module], ...]:
     """The embeddings module (patch projection, class token, position embeddings) by its path in the model: the route
     from the image to the first layer's tokens, checked when masks are read onto them. Empty where there is none."""
     emb = _embeddings(model)
-    return tuple((name, module) for name, module in model.named_modules() if module is emb and emb is not None)[:1]
+    found = next(((name, module) for name, module in model.named_modules() if emb is not None and module is emb), None)
+    return () if found is None else (found,)
 
 
 def _patch_grid_source(model: nn.Module) -> tuple[nn.Module, Callable[[tuple, dict], tuple[int, int]]] | None:

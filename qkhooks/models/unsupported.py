@@ -867,7 +867,7 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
         return
     site = checked[0]
     for kind, hooks in (("forward hook", _global_forward_hooks), ("forward pre-hook", _global_forward_pre_hooks)):
-        hook = next((h for i, h in hooks.items() if not _own(i, h)), None)
+        hook = _foreign(hooks)
         if hook is not None:
             what = f"'{site.path}.{site.qk_scope[0][0]}'" if site.qk_scope else "the q/k layers"
             raise QKHooksError(
@@ -898,7 +898,7 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
                 continue
             _refuse_patched_forward(site, path, module)
             for kind, hooks in (("forward hook", module._forward_hooks), ("forward pre-hook", module._forward_pre_hooks)):
-                hook = next((h for i, h in hooks.items() if not _own(i, h)), None)
+                hook = _foreign(hooks)
                 if hook is not None:
                     _refuse_qk_module(site, path, module, f"which carries a {kind} someone else registered ({_name(hook)}): "
                                       "it can change what the layer hands on as q or k (a steering hook) while the weights "
@@ -915,7 +915,7 @@ def refuse_altered_qk(sites: Sequence["AttentionSite"]) -> None:
                 continue  # the usual case, in three reads (this runs before every batch)
             _refuse_patched_forward(site, name, module, _NORM_ROLE)
             for kind, hooks in (("forward hook", module._forward_hooks), ("forward pre-hook", module._forward_pre_hooks)):
-                hook = next((h for i, h in hooks.items() if not _own(i, h)), None)
+                hook = _foreign(hooks)
                 if hook is not None:
                     _refuse_qk_module(site, name, module, f"which carries a {kind} someone else registered ({_name(hook)}): "
                                       "it can change q or k after W_q/W_k (a steering hook) while the weights and the norm "
@@ -961,11 +961,16 @@ def _refuse_unread_scale(site: "AttentionSite") -> None:
             f"the model to use its {site.scale_attribute}, or leave it at 1/sqrt(d_k).")
 
 
+def _foreign(hooks: dict[int, Any]) -> Any | None:
+    """The first hook of ``hooks`` (a module's or torch's global hook dict) someone else registered, or None."""
+    return next((h for i, h in hooks.items() if not _own(i, h)), None)
+
+
 def _foreign_hook(module: nn.Module) -> tuple[str, Any] | None:
     """(``"forward hook"`` or ``"forward pre-hook"``, the hook) of the first hook on ``module`` someone else registered
     (not one of qkhooks' own, :func:`own_hook`), or None: for checks of modules whose geometry qkhooks reads."""
     for kind, hooks in (("forward pre-hook", module._forward_pre_hooks), ("forward hook", module._forward_hooks)):
-        hook = next((h for i, h in hooks.items() if not _own(i, h)), None)
+        hook = _foreign(hooks)
         if hook is not None:
             return kind, hook
     return None
@@ -1010,9 +1015,9 @@ def refuse_moved_pixels(owner: str, route: Sequence[tuple[str, nn.Module]], mode
 def _changes_image(module: nn.Module) -> str | None:
     """How a module holding the patch embedding may change the image before it is embedded (a forward pre-hook someone
     else registered: a flip, a crop), or None; its forward hooks run after the tokens are made."""
-    found = _foreign_hook(module)
-    if found is not None and found[0] == "forward pre-hook":
-        return (f"carries a forward pre-hook someone else registered ({_name(found[1])}), which can change the image "
+    hook = _foreign(module._forward_pre_hooks)
+    if hook is not None:
+        return (f"carries a forward pre-hook someone else registered ({_name(hook)}), which can change the image "
                 "before its patch embedding sees it")
     return None
 
