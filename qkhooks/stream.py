@@ -1296,7 +1296,7 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     fix = ("Put the data back as it was when the run started, record it into a new --out, or --overwrite to start "
            "again.")
     paths = dataset.file_paths(start, progress=progress, first=lo)  # the shard's items: its kept images among them
-    stamps = dataset.file_stamps(start, progress=progress) if paths is None else None
+    stamps = dataset.file_stamps(start, progress=progress, first=lo) if paths is None else None
     if paths is None and stamps is None:
         files = int((recorded >= 0).sum())
         if not files:  # review r45: in-memory items named by position changed without a word
@@ -1315,14 +1315,14 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
                 "every kept file checked.", stacklevel=stacklevel)
         return
     cut = getattr(dataset, "read_again_cut", lambda stop: None)(start) if paths is not None else None
-    if paths is not None:
-        # the kept images among the items named (the shard's from ``lo``, the skipped left out), in the order recorded,
-        # whether all were read again or a torch Dataset slow to read again was cut by the budget (then those read):
-        # review r47: counted by the kept ids found among them, data whose ids all changed checked none and went on;
-        # round 48: read whole, they were checked by membership alone, and kept items reordered went on
-        source = _recorded_order([item_id for item_id, _ in paths], skipped)
-        checked = min(len(source), done) if cut is not None else done
-        _refuse_other_items(writer.path, kept[:checked], source[:checked])
+    # the kept images among the items named (the shard's from ``lo``, the skipped left out), in the order recorded,
+    # whether all were read again or a torch Dataset slow to read again was cut by the budget (then those read):
+    # review r47: counted by the kept ids found among them, data whose ids all changed checked none and went on;
+    # round 48: read whole, they were checked by membership alone, and kept items reordered went on; round 49: so
+    # were wds: samples (their stamps), and kept samples swapped with their ids, or shards reordered, went on
+    source = _recorded_order([item_id for item_id, _ in (paths if paths is not None else stamps)], skipped)
+    checked = min(len(source), done) if cut is not None else done
+    _refuse_other_items(writer.path, kept[:checked], source[:checked])
     if cut is not None:  # the kept items read within the budget are checked, the rest said not to be
         read, total, seconds = cut
         warnings.warn(
@@ -1353,12 +1353,6 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     else:
         where = dict(stamps)
         columns = [lambda ids, k=k: np.array([where.get(i, NO_STAMP)[k] for i in ids], np.int64) for k in range(3)]
-    absent = next((i for i in kept if i not in where), None)
-    if absent is not None:
-        raise QKHooksError(
-            f"cannot resume {writer.path}: image {absent!r} of the run file is not among the data's items before the "
-            f"resume point (item {start}); the data changed since the run started (items removed, renamed or "
-            f"reordered). {fix}")
     if ids_only:
         warnings.warn(
             f"{writer.path}: this resume checks the {done} images it keeps by their ids alone (resume_ids_only=True): "

@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import tarfile
+import warnings
 from pathlib import Path
 
 import h5py
@@ -185,6 +186,69 @@ def test_wds_stores_each_members_stamp_and_a_resume_over_a_rewritten_member_is_r
     assert _stored(run)[fmt.FILE_HASHES] == [_blake(members[n]) for n in _NAMES]
 
 
+def _wds_run(tmp_path, shards: dict[str, dict[str, bytes]], batches: int = 3):
+    """A wds: run over ``shards`` (file name: members, in order) stopped after ``batches`` batches: (spec, run, kept)."""
+    for name, members in shards.items():
+        _shard(tmp_path / name, members, mtime=1_700_000_000)
+    spec, run = f"wds:{tmp_path}/s{{0..{len(shards) - 1}}}.tar", tmp_path / "run.h5"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "skipping unreadable image")  # the test of gaps has samples to skip
+        _interrupted(_tiny_loaded(), run, batches=batches, data=spec)
+    return spec, run, _kept(run)
+
+
+def test_a_wds_resume_over_kept_samples_reordered_is_refused_and_resumes_once_put_back(tmp_path):
+    """Round 49: a wds: resume checked the kept ids against the members' stamps by membership alone, so kept samples
+    swapped together with their ids (or shards renamed into another order) resumed, the file's image i no longer the
+    data's item i; every other source read again checks their order. Put back, the run resumes and ends as an
+    uninterrupted one."""
+    members = _pngs(0)
+    first, second = dict(list(members.items())[:2]), dict(list(members.items())[2:4])
+    rest = dict(list(members.items())[4:])
+    # three shards, the first two swapped on disk after the run kept their four samples: the same ids before the
+    # resume point, in another order
+    spec, run, kept = _wds_run(tmp_path, {"s0.tar": first, "s1.tar": second, "s2.tar": rest})
+    assert kept >= 4
+    _shard(tmp_path / "s0.tar", second, mtime=1_700_000_000)
+    _shard(tmp_path / "s1.tar", first, mtime=1_700_000_000)
+    loaded = _tiny_loaded()
+    with pytest.raises(QKHooksError, match=r"not those the run recorded \(image 0 of the file is 'a0\.png', the "
+                                           r"data's is 'a2\.png'\).*Put the data back as it was"):
+        qkhooks.record_dataset(loaded, spec, run, resume=True, **_KW)
+    assert _kept(run) == kept
+    # two kept members swapped within a shard, each with its bytes (every stamp as recorded)
+    swapped = {"a1.png": members["a1.png"], "a0.png": members["a0.png"]}
+    _shard(tmp_path / "s0.tar", swapped, mtime=1_700_000_000)
+    _shard(tmp_path / "s1.tar", second, mtime=1_700_000_000)
+    with pytest.raises(QKHooksError, match=r"image 0 of the file is 'a0\.png', the data's is 'a1\.png'"):
+        qkhooks.record_dataset(loaded, spec, run, resume=True, **_KW)
+    _shard(tmp_path / "s0.tar", first, mtime=1_700_000_000)  # put back: resumes, as an uninterrupted run
+    assert qkhooks.record_dataset(loaded, spec, run, resume=True, **_KW).images == 8
+    with qkhooks.open_run(run) as got:
+        assert list(got.ids) == _NAMES
+
+
+def test_a_wds_resume_over_skipped_samples_checks_the_order_around_their_gaps(tmp_path):
+    """Samples the recording skipped before the resume point (an image that does not decode, read by file_stamps; a
+    sample of two images, left out by it) are not kept: the kept ids around them, in order, resume, and two kept
+    samples swapped across the gap are refused."""
+    members = _pngs(0)
+    odd = {"a0.png": members["a0.png"], "a1.png": b"broken, not a png", "a2.jpg": members["a2.png"],
+           "a2.png": members["a2.png"], "a3.png": members["a3.png"], "a4.png": members["a4.png"]}
+    spec, run, kept = _wds_run(tmp_path, {"s0.tar": odd, "s1.tar": dict(list(members.items())[5:])})
+    with qkhooks.open_run(run) as got:
+        assert list(got.ids) == ["a0.png", "a3.png", "a4.png", "a5.png"][:kept] and kept >= 3
+    swapped = {"a3.png": members["a3.png"], **{k: v for k, v in odd.items() if k != "a3.png"}}
+    _shard(tmp_path / "s0.tar", swapped, mtime=1_700_000_000)
+    loaded = _tiny_loaded()
+    with pytest.raises(QKHooksError, match=r"image 0 of the file is 'a0\.png', the data's is 'a3\.png'"):
+        qkhooks.record_dataset(loaded, spec, run, resume=True, **_KW)
+    _shard(tmp_path / "s0.tar", odd, mtime=1_700_000_000)
+    done = qkhooks.record_dataset(loaded, spec, run, resume=True, **_KW)
+    with qkhooks.open_run(run) as got:
+        assert list(got.ids) == ["a0.png", "a3.png", "a4.png", "a5.png", "a6.png", "a7.png"] and done.images == 6
+
+
 # ---------------------------------------------------------------------------------------------- where stamps are taken
 
 
@@ -343,3 +407,16 @@ def test_a_wds_resume_reads_the_shards_headers_once(tmp_path, monkeypatch):
     assert read == [n.split(".")[0] for n in _NAMES]  # each sample once
     assert [row["__key__"] for row in rest] == [row["__key__"] for row in readers.open_wds(str(shard)).rows(4)]
     assert [row["png"] for row in rest] == [members[n] for n in _NAMES[4:]]
+
+
+def test_wds_file_stamps_from_a_first_position_leave_out_the_earlier_samples_and_the_skipped(tmp_path):
+    """file_stamps(stop, first=...) gives the samples from ``first`` (a shard's first, as a resume's order check reads
+    them) in order, a sample of two images left out, each stamp equal to the member's header and hashlib's BLAKE2b."""
+    from qkhooks.data import readers
+
+    members = _pngs(0)
+    odd = {**dict(list(members.items())[:3]), "a3.jpg": members["a3.png"], **dict(list(members.items())[3:])}
+    _shard(tmp_path / "s0.tar", odd, mtime=1_700_000_000)
+    stamps = readers.open_wds(str(tmp_path / "s0.tar")).file_stamps(6, first=2)
+    assert stamps == [(n, (len(members[n]), 1_700_000_000 * 10**9, _blake(members[n])))
+                      for n in ("a2.png", "a4.png", "a5.png")]

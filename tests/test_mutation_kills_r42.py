@@ -249,10 +249,11 @@ def test_a_streamed_resume_warns_whole_that_its_kept_files_are_not_checked_and_w
 
 
 def test_a_wds_resume_whose_kept_member_was_renamed_is_refused_naming_it_not_as_a_changed_size(tmp_path):
-    """stream._refuse_changed_stream_files (_64: the check that every kept image is among the data's items dropped):
+    """stream._refuse_changed_stream_files (_64: the check that every kept image is among the data's items dropped;
+    round 49: that check is the order check, _refuse_other_items, which names the member found in its place):
     a wds: source names its items only by reading the shard's members (no ids before the resume point), so this is
     the check that a kept member is gone. The shard rewritten with a1.png renamed b1.png (the same bytes): refused
-    naming a1.png and the resume point, not as a file of another size ("unreadable now")."""
+    naming a1.png and b1.png in its place, not as a file of another size ("unreadable now")."""
     from test_review_symlinks_repair_messages import _KW, _interrupted
     from test_spectrum_edits_and_dataparallel import _tiny_loaded
     from test_file_stamps import _kept, _pngs, _shard
@@ -270,10 +271,11 @@ def test_a_wds_resume_whose_kept_member_was_renamed_is_refused_naming_it_not_as_
     _shard(shard, {("b1.png" if n == "a1.png" else n): data for n, data in members.items()}, mtime=1_700_000_000)
     with pytest.raises(QKHooksError) as refused:
         qkhooks.record_dataset(loaded, f"wds:{shard}", run, resume=True, **_KW)
-    assert str(refused.value) == (
-        f"cannot resume {run}: image 'a1.png' of the run file is not among the data's items before the resume point "
-        f"(item {resume_point}); the data changed since the run started (items removed, renamed or reordered). Put the data "
-        "back as it was when the run started, record it into a new --out, or --overwrite to start again.")
+    assert str(refused.value) == (  # round 49: the order check of every source read again names both ids
+        f"cannot resume {run}: the data's items before the resume point are not those the run recorded (image 1 of the "
+        "file is 'a1.png', the data's is 'b1.png'): the data changed since the run started, or the run was recorded by "
+        "an earlier qkhooks, which named items given as file paths by their position. Put the data back as it was, "
+        "record into a new --out, or --overwrite to start again.")
     assert _kept(run) == committed
 
 

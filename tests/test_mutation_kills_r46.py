@@ -197,7 +197,7 @@ def test_the_warning_that_a_resumes_kept_in_memory_items_are_unchecked_is_said_w
     that its kept images are not checked against the data (a torch Dataset's and an iterable's are since round 47)."""
     writer = SimpleNamespace(path="run.h5", ids=["0", "1", "2", "3"], rows=lambda name, done: np.full(done, -1))
     source = SimpleNamespace(name="datasets:Photos", file_paths=lambda start, progress=False, first=0: None,
-                             file_stamps=lambda start, progress=False: None)
+                             file_stamps=lambda start, progress=False, first=0: None)
     with pytest.warns(UserWarning) as caught:
         stream_module._refuse_changed_stream_files(writer, source, 4, 4)
     assert [str(w.message) for w in caught] == [

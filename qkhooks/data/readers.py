@@ -891,16 +891,18 @@ class _TarReader:
                                   if f not in read))  # as member suffixes: .cls, .mask.png
         return own, raw
 
-    def file_stamps(self, stop: int, progress: bool = False) -> list[tuple[str, tuple[int, int, int]]]:
-        """Each sample's (id, stamp of its image member) before position ``stop``, as :meth:`decode` names and stamps
-        it (the header's size and time, the hash of the member's bytes), without decoding an image: the shards are
-        read again up to there (a tar has no index; a resume reads them so to find its position anyway, and its
-        :meth:`rows` of ``stop`` go on from where this read stopped: the shards are read once). Samples that
-        :meth:`decode` skips (a damaged shard, two images) are left out. With ``progress``, a bar where that takes a
-        while (:func:`check_bar`; round 48: none was shown)."""
+    def file_stamps(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, tuple[int, int, int]]]:
+        """Each sample's (id, stamp of its image member) from position ``first`` to ``stop``, in order, as
+        :meth:`decode` names and stamps it (the header's size and time, the hash of the member's bytes), without
+        decoding an image: the shards are read again up to there (a tar has no index; a resume reads them so to find
+        its position anyway, and its :meth:`rows` of ``stop`` go on from where this read stopped: the shards are read
+        once). Samples that :meth:`decode` skips (a damaged shard, two images) are left out. With ``progress``, a bar
+        where that takes a while (:func:`check_bar`; round 48: none was shown)."""
         found: list[tuple[str, tuple[int, int, int]]] = []
         samples = self._samples()
         for position, row in enumerate(check_bar(itertools.islice(samples, stop), stop, progress)):
+            if position < first:  # an earlier shard's (of a run cut into shards): read, as it must be, not stamped
+                continue
             ext = _image_ext(row)
             images = [e for e in _EXTENSIONS if e in row]
             if "__error__" in row or ext is None or len(images) > 1 or "__twice__" in row:

@@ -249,12 +249,14 @@ class ItemStream:
         random transform, a shuffling iterable)."""
         return bool(getattr(self._reader, "reads_again", False))
 
-    def file_stamps(self, stop: int, progress: bool = False) -> list[tuple[str, tuple[int, int, int]]] | None:
-        """Each item's (id, stamp) before position ``stop`` where the reader's items are not files of their own but
-        members of one (``wds:``: the tar member's header size and time, its bytes' hash), read again without
-        decoding (with ``progress``, a bar where that takes a while); None elsewhere."""
+    def file_stamps(self, stop: int, progress: bool = False,
+                    first: int = 0) -> list[tuple[str, tuple[int, int, int]]] | None:
+        """Each item's (id, stamp) from position ``first`` (a shard's first) to ``stop``, in order, where the reader's
+        items are not files of their own but members of one (``wds:``: the tar member's header size and time, its
+        bytes' hash), read again without decoding (with ``progress``, a bar where that takes a while); None
+        elsewhere."""
         stamps = getattr(self._reader, "file_stamps", None)
-        return None if stamps is None else stamps(stop, progress=progress)
+        return None if stamps is None else stamps(stop, progress=progress, first=first)
 
     def _decode(self, position: int, row: Any) -> dict[str, Any] | tuple[str, str]:
         """One position to its preprocessed item, or (id, reason) if its bytes do not decode."""
