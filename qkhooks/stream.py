@@ -433,13 +433,14 @@ def _resume(writer: Any, reducers: Sequence[Reducer], ids: Sequence[str],
 def _refuse_changed_files(writer: Any, kept: Sequence[str], file_sizes: Callable[[Sequence[str]], Any] | None,
                           file_mtimes: Callable[[Sequence[str]], Any] | None,
                           file_hashes: Callable[[Sequence[str]], Any] | None, fix: str, stacklevel: int = 5,
-                          held_hint: str = "", progress: bool = False) -> None:
+                          held_hint: str = "", progress: bool = False, held: bool = True) -> None:
     """Refuse a resume whose kept images' files (``kept``: the run's first ids) changed since they were recorded:
     each one's size and modification time now (``file_sizes``, ``file_mtimes`` of the ids: one ``stat`` a file, or a
     tar member's header) against the run's, and, for those whose time changed, its bytes' hash (``file_hashes``, of
     those ids only, with ``progress`` under a bar where that takes a while: :func:`~qkhooks.data.readers.check_bar`;
     round 48: none was shown). See :func:`_resume`; a stream's resume checks its kept files so too
-    (:func:`_refuse_changed_stream_files`)."""
+    (:func:`_refuse_changed_stream_files`). ``held``: whether the images held in the data (no file) are checked by
+    their hashes too (not in a resume by ids alone)."""
     done = len(kept)
     sizes_then = writer.rows(FILE_SIZES, done) if file_sizes is not None and done else None
     if sizes_then is not None:
@@ -475,7 +476,7 @@ def _refuse_changed_files(writer: Any, kept: Sequence[str], file_sizes: Callable
                 "photo of the same pixel size, stored uncompressed), and the run would mix maps of two datasets. "
                 + ("" if hashes_then is not None else "If the files were only touched or copied without their times "
                    "(cp without -p), their maps are the same: record again with --overwrite to be sure. ") + fix)
-        if file_hashes is not None:  # images held in the dataset as bytes (no file, no time): their hashes
+        if held and file_hashes is not None:  # images held in the dataset as bytes (no file, no time): their hashes
             _refuse_changed_held(writer, kept, times_then, file_hashes, fix, held_hint)
     elif file_mtimes is not None and done:
         warnings.warn(f"{writer.path} was recorded before qkhooks stored each image file's modification time "
@@ -789,9 +790,9 @@ def record_dataset(
                     start = position.resumed_at(done, lo, progress)
                     _refuse_changed_stream(out, dataset, writer.ids[:done], lo, start, position.skipped)
                     _refuse_changed_length(out, dataset, position, done, start)
-                    _refuse_changed_stream_files(writer, dataset, done, start, progress=progress, lo=lo,
-                                                 skipped=position.skipped, ids_only=resume_ids_only)
-                    if resume_ids_only and done:  # the file says so: its kept images were not checked by content
+                    unchecked = _refuse_changed_stream_files(writer, dataset, done, start, progress=progress, lo=lo,
+                                                             skipped=position.skipped, ids_only=resume_ids_only)
+                    if unchecked:  # the file says so: those kept images were not checked by content
                         config[UNCHECKED_RESUMES] = [*config.get(UNCHECKED_RESUMES, []),
                                                      {"kept": done, "shard": list(shard) if shard else None}]
                 else:
@@ -1273,7 +1274,7 @@ def _stamp_again(path: str) -> tuple[int, int, int]:
 
 def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: int, stacklevel: int = 4,
                                  progress: bool = False, lo: int = 0,
-                                 skipped: Sequence[tuple[str, str]] = (), ids_only: bool = False) -> None:
+                                 skipped: Sequence[tuple[str, str]] = (), ids_only: bool = False) -> int:
     """Refuse the resume of a stream whose kept images' files changed since they were recorded, as a folder's
     (:func:`_refuse_changed_files`): where the source names its items' files without decoding (a list or tuple of
     paths or of dicts whose ``"image"`` is a path; a map-style Hugging Face dataset of path strings or of
@@ -1287,11 +1288,14 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     shows a bar where it takes a while. A run from before the stamps (no :data:`FILE_SIZES`) resumes as it did; a
     source whose items are not read again before the resume point (a streamed Hugging Face dataset, which has no
     index and skips them) resumes with a warning that its kept files are not checked. ``ids_only``
-    (``resume_ids_only=True``, for data that gives another image on each read): the kept images' ids are checked
-    and not their content, with a warning."""
+    (``resume_ids_only=True``, for data that gives another image on each read): the kept images held in the data are
+    checked by their ids alone, with a warning, and those read from files by their files' stamps still (qkhooks reads
+    those, the same on each read; round 49: they went unchecked too); on a run from before the stamps, every kept
+    image by its id (round 49: not even that, and no warning). Returns how many kept images were not checked by
+    their content (0 but with ``ids_only``)."""
     recorded = writer.rows(FILE_SIZES, done) if done else None
-    if recorded is None:
-        return
+    if recorded is None and not (ids_only and done):
+        return 0
     kept = writer.ids[:done]
     fix = ("Put the data back as it was when the run started, record it into a new --out, or --overwrite to start "
            "again.")
@@ -1313,7 +1317,7 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
                 "again (a streamed Hugging Face dataset has no index), so a file replaced since is not noticed. Load "
                 "it as a map-style dataset (not streamed), or pass the items as a list or another iterable, to have "
                 "every kept file checked.", stacklevel=stacklevel)
-        return
+        return 0
     cut = getattr(dataset, "read_again_cut", lambda stop: None)(start) if paths is not None else None
     # the kept images among the items named (the shard's from ``lo``, the skipped left out), in the order recorded,
     # whether all were read again or a torch Dataset slow to read again was cut by the budget (then those read):
@@ -1333,6 +1337,13 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
             "kept images' ids. Pass the images as a list (in memory), or give the Dataset's items as file paths, to "
             "have every kept image checked quickly.", stacklevel=stacklevel)
         kept = kept[:checked]
+    if recorded is None:  # a run from before the stamps, resumed by ids alone: those are all it can check
+        return _warn_ids_only(writer, dataset, done, done, stacklevel + 1)
+    if ids_only:  # the kept images held in the data may differ on each read; those read from files may not
+        _refuse_changed_files(writer, kept, *data_files.stamp_columns(dict(paths)), fix, stacklevel=stacklevel + 1,
+                              held=False, progress=progress)
+        files = int((recorded[:len(kept)] >= 0).sum())  # checked by their stamps (those past a budget's cut: not)
+        return _warn_ids_only(writer, dataset, done - files, done, stacklevel + 1)
     if paths is not None:
         where = dict(paths)
         columns = list(data_files.stamp_columns(where))
@@ -1353,16 +1364,25 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     else:
         where = dict(stamps)
         columns = [lambda ids, k=k: np.array([where.get(i, NO_STAMP)[k] for i in ids], np.int64) for k in range(3)]
-    if ids_only:
-        warnings.warn(
-            f"{writer.path}: this resume checks the {done} images it keeps by their ids alone (resume_ids_only=True): "
-            f"not their content, so images of {dataset.name} replaced since would go on under the kept ones' ids. "
-            f"The run file records it: its config's {UNCHECKED_RESUMES!r} lists this resume.", stacklevel=stacklevel)
-        return
     hint = (" (or the data gives another image each time it is read: a random transform in a Dataset's __getitem__, "
             "an iterable that shuffles; record it without that, or, where the kept images' ids are enough, resume "
             "with resume_ids_only=True, which checks those alone)" if getattr(dataset, "reads_again", False) else "")
     _refuse_changed_files(writer, kept, *columns, fix, stacklevel=stacklevel + 1, held_hint=hint, progress=progress)
+    return 0
+
+
+def _warn_ids_only(writer: Any, dataset: Any, unchecked: int, done: int, stacklevel: int) -> int:
+    """Warn that a resume by ids alone (``resume_ids_only=True``) did not check the content of ``unchecked`` of the
+    ``done`` images it keeps (the others, read from files, were checked by their stamps); returns ``unchecked``."""
+    if unchecked:
+        which = (f"the {done} images it keeps" if unchecked == done else
+                 f"{unchecked} of the {done} images it keeps (those held in the data; the {done - unchecked} read "
+                 "from files are checked by their stamps)")
+        warnings.warn(
+            f"{writer.path}: this resume checks {which} by their ids alone (resume_ids_only=True): not their content, "
+            f"so images of {dataset.name} replaced since would go on under the kept ones' ids. The run file records "
+            f"it: its config's {UNCHECKED_RESUMES!r} lists this resume.", stacklevel=stacklevel)
+    return unchecked
 
 
 def _held_or_file_hashes(held: Mapping[str, int | None], where: Mapping[str, str | None],

@@ -497,3 +497,92 @@ def test_a_merge_joins_the_shards_resumes_by_ids_alone(tmp_path):
     with qkhooks.open_run(out) as merged:
         assert merged.n == 16
         assert json.loads(merged.attrs["config"])[UNCHECKED_RESUMES] == [{"kept": 4, "shard": [1, 2]}]
+
+
+class _JitteredAndFiles(_Jittered):
+    """The items at ``files`` given as file paths (qkhooks reads those, the same on each read), the others in memory
+    with a random transform."""
+
+    def __init__(self, items: list, paths: list, files=range(0, 8, 2)) -> None:
+        super().__init__(items)
+        self.paths, self.files = paths, set(files)
+
+    def __getitem__(self, index: int):
+        return {"image": self.paths[index], "id": self.ids[index]} if index in self.files else super().__getitem__(index)
+
+
+def test_a_resume_by_ids_alone_still_checks_the_kept_files_by_their_stamps(tmp_path):
+    """Round 49: resume_ids_only=True skipped every content check, the stamps of kept images read from files too
+    (qkhooks reads those, the same on each read: nothing random in them), so a kept file replaced since went on under
+    its id. Now those files are checked as without the option, and the warning counts only the images held in the
+    data (none: no warning, no mark in the file)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from test_file_stamps import _replace_with_same_size
+    from test_spectrum_edits_and_dataparallel import _same_size_photos
+
+    from qkhooks.store.format import UNCHECKED_RESUMES
+
+    loaded, run, folder = _tiny_loaded(), tmp_path / "run.h5", tmp_path / "imgs"
+    names = [f"p{i}.png" for i in range(8)]
+    _same_size_photos(folder, names, seed=0)
+    paths = [str(folder / n) for n in names]
+    arrays = _arrays(0)
+    _interrupted(loaded, run, batches=3, data=_JitteredAndFiles(arrays, paths))
+    was = Path(paths[2]).read_bytes()
+    _replace_with_same_size(Path(paths[2]), seed=5)  # a kept file (item 2), another photo of the same size
+    with pytest.raises(QKHooksError, match=r"modified since it recorded them \(first: 'j2'.*bytes differ"):
+        qkhooks.record_dataset(loaded, _JitteredAndFiles(arrays, paths), run, resume=True, resume_ids_only=True,
+                               **_KW)
+    stat = os.stat(paths[2])
+    Path(paths[2]).write_bytes(was)  # its own bytes back, a later time: resumes
+    os.utime(paths[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.warns(UserWarning, match=r"checks 2 of the 4 images it keeps \(those held in the data; the 2 read "
+                                         r"from files are checked by their stamps\) by their ids alone"):
+        result = qkhooks.record_dataset(loaded, _JitteredAndFiles(arrays, paths), run, resume=True,
+                                        resume_ids_only=True, **_KW)
+    assert result.images == 8 and result.resumed_from == 4
+    with qkhooks.open_run(run) as after:
+        assert list(after.ids) == [f"j{i}" for i in range(8)]
+        assert json.loads(after.attrs["config"])[UNCHECKED_RESUMES] == [{"kept": 4, "shard": None}]
+    files = tmp_path / "files.h5"  # every kept image read from a file: each checked, nothing to warn of or mark
+    _interrupted(loaded, files, batches=3, data=_JitteredAndFiles(arrays, paths, files=range(8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert qkhooks.record_dataset(loaded, _JitteredAndFiles(arrays, paths, files=range(8)), files, resume=True,
+                                      resume_ids_only=True, **_KW).resumed_from == 4
+    with qkhooks.open_run(files) as after:
+        assert UNCHECKED_RESUMES not in json.loads(after.attrs["config"])
+
+
+def test_a_resume_by_ids_alone_of_a_run_from_before_the_stamps_checks_the_ids_in_order_warns_and_is_marked(tmp_path):
+    """Round 49: on a run recorded before the file stamps (no images/file_* arrays), resume_ids_only=True read no item
+    again and warned of nothing, though the file was marked as resumed by ids alone: kept items reordered went on.
+    Now the kept ids are checked in order, as on a newer run, and the same warning says they alone were checked."""
+    import json
+
+    import h5py
+
+    from qkhooks.store.format import UNCHECKED_RESUMES
+
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    arrays = _arrays(0)
+    _interrupted(loaded, run, batches=3, data=_Jittered(arrays))
+    with h5py.File(run, "r+", locking=False) as f:  # as a run written before the stamps
+        for name in (fmt.FILE_SIZES, fmt.FILE_MTIMES, fmt.FILE_HASHES):
+            del f[name]
+        listed = json.loads(fmt.as_str(f["images"].attrs[fmt.ARRAYS_ATTR]))
+        f["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps([a for a in listed if not a.startswith("images/file_")])
+    swapped = [arrays[1], arrays[0], *arrays[2:]]
+    ids = ["j1", "j0", *(f"j{i}" for i in range(2, 8))]
+    with pytest.raises(QKHooksError, match=r"image 0 of the file is 'j0', the data's is 'j1'"):
+        qkhooks.record_dataset(loaded, _Jittered(swapped, ids), run, resume=True, resume_ids_only=True, **_KW)
+    with pytest.warns(UserWarning, match=r"(?s)checks the 4 images it keeps by their ids alone \(resume_ids_only=True"
+                                         r"\).*not their content.*resumes_ids_only"):
+        result = qkhooks.record_dataset(loaded, _Jittered(arrays), run, resume=True, resume_ids_only=True, **_KW)
+    assert result.images == 8 and result.resumed_from == 4
+    with qkhooks.open_run(run) as after:
+        assert list(after.ids) == [f"j{i}" for i in range(8)] and not after.has(fmt.FILE_SIZES)
+        assert json.loads(after.attrs["config"])[UNCHECKED_RESUMES] == [{"kept": 4, "shard": None}]

@@ -78,8 +78,9 @@ UNCHECKED_RESUMES = "resumes_ids_only"
 """A key of a run's ``config``, there only where a resume checked the images it kept by their ids alone
 (``record_dataset(..., resume_ids_only=True)``: data that gives another image on each read, a random transform in a
 Dataset's ``__getitem__``): one ``{"kept": images kept, "shard": [rank, world] or None}`` per such resume, so a
-reader can tell which images were not checked to be those recorded. A resume carries it on; a merge joins the
-shards' lists."""
+reader can tell which images were not checked to be those recorded: of the kept images, those read from files (a
+file size >= 0 in :data:`FILE_SIZES`) were checked by their stamps even so (round 49), and a resume whose kept images
+were all such files is not listed. A resume carries it on; a merge joins the shards' lists."""
 FILE_SIZES = "images/file_sizes"
 """Per-image int64 array: the size in bytes of each image's file when it was recorded, -1 where the image is not read
 from a file (runs of data read from files, and since round 40 every streamed run: a ``wds:`` image's is its tar
