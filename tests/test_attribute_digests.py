@@ -152,6 +152,46 @@ def test_a_resumed_checksum_run_verifies_clean_also_with_a_static_rewritten(tmp_
         assert run.n == 12 and run.info["marker"] == "r8z"
 
 
+def test_a_resume_by_ids_alone_rewrites_a_checksummed_runs_config_sealed_and_it_verifies_clean(tmp_path, monkeypatch):
+    """record_dataset(..., resume_ids_only=True) marks the resume in the run's config (fmt.UNCHECKED_RESUMES), which it
+    rewrites in place; on a --checksum run the config's digest must follow, or every reader refuses the file. Round 48
+    checked that by hand. Here the rewritten config carries hashlib's digest and verify is clean; the same resume with
+    the digest's update skipped (RunWriter._resealing a no-op) leaves a config that verify names."""
+    import contextlib
+
+    import torch
+
+    import qkhooks
+    from test_review_symlinks_repair_messages import _KW, _interrupted
+    from test_spectrum_edits_and_dataparallel import _tiny_loaded
+
+    class Jittered(torch.utils.data.Dataset):
+        """A random transform in __getitem__: other pixels on each read."""
+
+        rng = np.random.default_rng(0)
+
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, index: int) -> dict:
+            return {"image": self.rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), "id": f"j{index}"}
+
+    loaded, sealed, unsealed = _tiny_loaded(), tmp_path / "sealed.h5", tmp_path / "unsealed.h5"
+    options = {**_KW, "checksum": True}
+    for path in (sealed, unsealed):
+        _interrupted(loaded, path, batches=3, data=Jittered(), checksum=True)
+        assert_sealed_clean(path)
+    with pytest.warns(UserWarning, match=r"checks the 4 images it keeps by their ids alone"):
+        qkhooks.record_dataset(loaded, Jittered(), sealed, resume=True, resume_ids_only=True, **options)
+    assert_sealed_clean(sealed)
+    with open_run(sealed) as run:
+        assert run.n == 8 and json.loads(run.attrs["config"])[fmt.UNCHECKED_RESUMES] == [{"kept": 4, "shard": None}]
+    monkeypatch.setattr(RunWriter, "_resealing", lambda self, group, key, value: contextlib.nullcontext())
+    with pytest.warns(UserWarning, match=r"checks the 4 images it keeps by their ids alone"):
+        qkhooks.record_dataset(loaded, Jittered(), unsealed, resume=True, resume_ids_only=True, **options)
+    report = verify_run(unsealed)
+    assert not report.ok and len(report.attrs_off) == 1 and "config" in report.attrs_off[0]
+
 def _shards(tmp_path: Path, checksum: bool = True) -> Path:
     out = tmp_path / "run.h5"
     for rank in range(2):
