@@ -661,9 +661,9 @@ class _HFReader:
         item.update({key: row[column] for key, column in self.masks.items()})
         own, raw = _item_to_raw(item, f"row {position}")
         raw.unread = self.unread_columns(row)
-        held = _held_bytes(row[self.image_column])
+        held = _held_bytes_hash(row[self.image_column])
         if raw.stamp is None and held is not None:  # review r46: an image held as bytes in the dataset has no file
-            raw.stamp = (-1, -1, bytes_hash(held))  # to stamp, but its bytes' hash: a resume reads them again
+            raw.stamp = (-1, -1, held)  # to stamp, but its bytes' hash: a resume reads them again
         return own, raw
 
     def unread_columns(self, row: Mapping[str, Any]) -> tuple[str, ...]:
@@ -720,8 +720,7 @@ class _HFReader:
         cells = self._named_cells(stop, 256, light=False, first=first)
         for item_id, cell in check_bar(cells, max(min(stop, self.length) - first, 0), progress):
             if _image_path(cell) is None:
-                held = _held_bytes(cell)
-                found.append((item_id, None if held is None else bytes_hash(held)))
+                found.append((item_id, _held_bytes_hash(cell)))
         return found
 
     def _named_cells(self, stop: int, step: int, light: bool, first: int = 0) -> Iterator[tuple[str, Any]]:
@@ -755,12 +754,14 @@ class _HFReader:
         return str(position) if path is None else path
 
 
-def _held_bytes(cell: Any) -> bytes | None:
-    """The encoded image a Hugging Face cell holds in the dataset (an ``Image`` cell's bytes, a binary cell), else
-    None (a file path, an array)."""
+def _held_bytes_hash(cell: Any) -> int | None:
+    """The BLAKE2b (as :func:`bytes_hash` stores it) of the encoded image a Hugging Face cell holds in the dataset
+    (an ``Image`` cell's bytes, a binary cell), else None (a file path, an array: a Hugging Face dataset's array
+    cells are not hashed, where :func:`_held_hash` hashes a list's arrays). What the reader stamps and a resume
+    compares: one helper for both (round 49: the bytes were taken and hashed in each)."""
     if isinstance(cell, Mapping):
         cell = cell.get("bytes")
-    return bytes(cell) if isinstance(cell, (bytes, bytearray, memoryview)) else None
+    return bytes_hash(bytes(cell)) if isinstance(cell, (bytes, bytearray, memoryview)) else None
 
 
 def _held_hash(item: Any) -> int | None:
@@ -772,9 +773,9 @@ def _held_hash(item: Any) -> int | None:
         item = item[0]
     if isinstance(item, Mapping) and ("image" in item or "__key__" in item):
         item = _image_value(item)
-    held = _held_bytes(item)
+    held = _held_bytes_hash(item)
     if held is not None:
-        return bytes_hash(held)
+        return held
     if isinstance(item, np.ndarray) and not item.dtype.hasobject:
         head, data = f"array {item.dtype.str} {item.shape}", np.ascontiguousarray(item).reshape(-1).view(np.uint8)
     elif isinstance(item, Image.Image):
