@@ -1285,7 +1285,9 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     Images held in memory (a map-style Hugging Face dataset's bytes; a list's, tuple's, torch Dataset's or
     iterable's bytes, arrays, PIL images) are checked by the hash of their content (:func:`_refuse_changed_held`);
     other images not read from a file (stored -1) are not checked. With ``progress``, reading and hashing them again
-    shows a bar where it takes a while. A run from before the stamps (no :data:`FILE_SIZES`) resumes as it did; a
+    shows a bar where it takes a while. A run from before the stamps (no :data:`FILE_SIZES`) resumes as it did, but
+    for data read again through the user's own code (a torch Dataset, an iterable: ``reads_again``), whose kept ids
+    are checked in order, with a warning that their content is not (round 49: nothing was checked, without a word); a
     source whose items are not read again before the resume point (a streamed Hugging Face dataset, which has no
     index and skips them) resumes with a warning that its kept files are not checked. ``ids_only``
     (``resume_ids_only=True``, for data that gives another image on each read): the kept images held in the data are
@@ -1294,7 +1296,7 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     image by its id (round 49: not even that, and no warning). Returns how many kept images were not checked by
     their content (0 but with ``ids_only``)."""
     recorded = writer.rows(FILE_SIZES, done) if done else None
-    if recorded is None and not (ids_only and done):
+    if recorded is None and not (done and getattr(dataset, "reads_again", False)):
         return 0
     kept = writer.ids[:done]
     fix = ("Put the data back as it was when the run started, record it into a new --out, or --overwrite to start "
@@ -1337,8 +1339,16 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
             "kept images' ids. Pass the images as a list (in memory), or give the Dataset's items as file paths, to "
             "have every kept image checked quickly.", stacklevel=stacklevel)
         kept = kept[:checked]
-    if recorded is None:  # a run from before the stamps, resumed by ids alone: those are all it can check
+    if recorded is None and ids_only:  # a run from before the stamps, resumed by ids alone: those are all it checks
         return _warn_ids_only(writer, dataset, done, done, stacklevel + 1)
+    if recorded is None:  # a run from before the stamps: its kept ids are all a resume can check
+        warnings.warn(
+            f"{writer.path} was recorded before qkhooks stored each image's stamps ({FILE_SIZES}), so this resume "
+            f"checks {'the' if len(kept) == done else f'{len(kept)} of the'} {done} images it keeps by their ids "
+            f"alone, in order: an image of {dataset.name} replaced "
+            "since is not noticed. Record into a new --out (or --overwrite) to have every kept image checked on a "
+            "later resume.", stacklevel=stacklevel)
+        return 0
     if ids_only:  # the kept images held in the data may differ on each read; those read from files may not
         _refuse_changed_files(writer, kept, *data_files.stamp_columns(dict(paths)), fix, stacklevel=stacklevel + 1,
                               held=False, progress=progress)

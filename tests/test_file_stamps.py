@@ -301,6 +301,17 @@ def test_in_memory_images_store_no_file_and_resume(tmp_path):
     assert qkhooks.record_dataset(loaded, items, run, resume=True, **_KW).images == 8
 
 
+def as_before_the_stamps(run) -> None:
+    """``run`` as a run written before round 40's file stamps: without the images/file_* arrays, in its listing too."""
+    import json
+
+    with h5py.File(run, "r+", locking=False) as f:
+        for name in (fmt.FILE_SIZES, fmt.FILE_MTIMES, fmt.FILE_HASHES):
+            del f[name]
+        listed = json.loads(fmt.as_str(f["images"].attrs[fmt.ARRAYS_ATTR]))
+        f["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps([a for a in listed if not a.startswith("images/file_")])
+
+
 def test_a_streamed_run_written_before_the_stamps_resumes_as_before(tmp_path):
     """A stream's run from before (no per-image file arrays) resumes without a word, in its own layout."""
     import warnings
@@ -309,13 +320,7 @@ def test_a_streamed_run_written_before_the_stamps_resumes_as_before(tmp_path):
     _same_size_photos(folder, _NAMES, seed=0)
     paths = [str(folder / n) for n in _NAMES]
     _interrupted(loaded, run, batches=3, data=paths)
-    import json
-
-    with h5py.File(run, "r+", locking=False) as f:
-        for name in (fmt.FILE_SIZES, fmt.FILE_MTIMES, fmt.FILE_HASHES):
-            del f[name]
-        listed = json.loads(fmt.as_str(f["images"].attrs[fmt.ARRAYS_ATTR]))
-        f["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps([a for a in listed if not a.startswith("images/file_")])
+    as_before_the_stamps(run)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert qkhooks.record_dataset(loaded, paths, run, resume=True, **_KW).images == 8
@@ -365,11 +370,7 @@ def test_shards_of_a_streamed_run_recorded_before_and_after_the_stamps_merge(tmp
     paths = [str(folder / n) for n in _NAMES[:6]]
     for rank in (0, 1):
         qkhooks.record_dataset(loaded, paths, shard_path(out, rank, 2), shard=(rank, 2), **_KW)
-    with h5py.File(shard_path(out, 0, 2), "r+", locking=False) as f:
-        for name in (fmt.FILE_SIZES, fmt.FILE_MTIMES, fmt.FILE_HASHES):
-            del f[name]
-        listed = json.loads(fmt.as_str(f["images"].attrs[fmt.ARRAYS_ATTR]))
-        f["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps([a for a in listed if not a.startswith("images/file_")])
+    as_before_the_stamps(shard_path(out, 0, 2))
     with qkhooks.open_run(shard_path(out, 1, 2)) as one:
         assert one.has(fmt.FILE_SIZES)  # the shards do differ in layout
     qkhooks.record_dataset(loaded, paths, tmp_path / "single.h5", **_KW)

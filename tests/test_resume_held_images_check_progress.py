@@ -563,18 +563,14 @@ def test_a_resume_by_ids_alone_of_a_run_from_before_the_stamps_checks_the_ids_in
     Now the kept ids are checked in order, as on a newer run, and the same warning says they alone were checked."""
     import json
 
-    import h5py
+    from test_file_stamps import as_before_the_stamps
 
     from qkhooks.store.format import UNCHECKED_RESUMES
 
     loaded, run = _tiny_loaded(), tmp_path / "run.h5"
     arrays = _arrays(0)
     _interrupted(loaded, run, batches=3, data=_Jittered(arrays))
-    with h5py.File(run, "r+", locking=False) as f:  # as a run written before the stamps
-        for name in (fmt.FILE_SIZES, fmt.FILE_MTIMES, fmt.FILE_HASHES):
-            del f[name]
-        listed = json.loads(fmt.as_str(f["images"].attrs[fmt.ARRAYS_ATTR]))
-        f["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps([a for a in listed if not a.startswith("images/file_")])
+    as_before_the_stamps(run)
     swapped = [arrays[1], arrays[0], *arrays[2:]]
     ids = ["j1", "j0", *(f"j{i}" for i in range(2, 8))]
     with pytest.raises(QKHooksError, match=r"image 0 of the file is 'j0', the data's is 'j1'"):
@@ -586,3 +582,37 @@ def test_a_resume_by_ids_alone_of_a_run_from_before_the_stamps_checks_the_ids_in
     with qkhooks.open_run(run) as after:
         assert list(after.ids) == [f"j{i}" for i in range(8)] and not after.has(fmt.FILE_SIZES)
         assert json.loads(after.attrs["config"])[UNCHECKED_RESUMES] == [{"kept": 4, "shard": None}]
+
+
+class _Named(_Held):
+    """A torch Dataset of in-memory images, each with its own id."""
+
+    def __init__(self, items: list, ids: list) -> None:
+        super().__init__(items)
+        self.ids = ids
+
+    def __getitem__(self, index: int):
+        return {"image": self.items[index], "id": self.ids[index]}
+
+
+def test_a_dataset_resumed_on_a_run_from_before_the_stamps_has_its_kept_ids_checked_in_order_and_warns(tmp_path):
+    """Round 49: on a run recorded before the file stamps, a torch Dataset's (or an iterable's) resume read no item
+    again and said nothing, so its kept items reordered (ids and images) went on, and an image replaced since would
+    go on under a kept id without a word. Now its kept ids are read again and checked in order, as on a newer run,
+    and the resume warns that their content cannot be checked."""
+    from test_file_stamps import as_before_the_stamps
+
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    arrays, ids = _arrays(0), [f"n{i}" for i in range(8)]
+    _interrupted(loaded, run, batches=3, data=_Named(arrays, ids))
+    as_before_the_stamps(run)
+    swapped = _Named([arrays[1], arrays[0], *arrays[2:]], ["n1", "n0", *ids[2:]])
+    with pytest.raises(QKHooksError, match=r"image 0 of the file is 'n0', the data's is 'n1'"):
+        qkhooks.record_dataset(loaded, swapped, run, resume=True, **_KW)
+    with pytest.warns(UserWarning, match=r"recorded before qkhooks stored each image's stamps .*checks the 4 images "
+                                         r"it keeps by their ids alone, in order: an image of .* replaced since is "
+                                         r"not noticed"):
+        result = qkhooks.record_dataset(loaded, _Named(arrays, ids), run, resume=True, **_KW)
+    assert result.images == 8 and result.resumed_from == 4
+    with qkhooks.open_run(run) as after:
+        assert list(after.ids) == ids
