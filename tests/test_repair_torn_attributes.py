@@ -135,3 +135,40 @@ def test_only_a_run_whose_cut_tore_a_heap_collection_is_searched_attribute_by_at
     last, _ = _collections(run)[-1]
     cut = _cut(run, last + 64)
     assert repair_module._attrs_outside(cut, names, cut.stat().st_size) == {"note"}
+
+
+def _garbled_in_place(path: Path, text: bytes) -> None:
+    """Two bytes of ``text`` (a string stored once in the file's global heap) overwritten in place with bytes that are
+    not UTF-8, as damage on the disk would: no h5py edit."""
+    data = bytearray(path.read_bytes())
+    at = data.find(text)
+    assert at >= 0 and data.find(text, at + 1) < 0
+    data[at + len(text) // 2:at + len(text) // 2 + 2] = b"\xff\x01"
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+def test_a_root_attribute_whose_string_damage_made_invalid_utf8_is_copied_byte_for_byte(tmp_path, checksum):
+    """Bytes of an attribute's string damaged into invalid UTF-8 (round 49's sweep: 64 bytes of a --checksum run's
+    metadata, inside its attribute digests): h5py reads the value with surrogate escapes, and repair wrote it back as
+    a str, which h5py cannot encode: a raw UnicodeEncodeError instead of a copy. Now every image is recovered and the
+    attribute's bytes are copied as they are (a damaged digest entry keeps failing in the copy, as the report says)."""
+    run = tmp_path / "run.h5"
+    record_dataset(_tiny_vit(), "o3:4:1", run, modes=2, batch_size=2, progress=False, reducers=[], checksum=checksum)
+    name = fmt.ATTR_DIGESTS if checksum else "note"
+    with h5py.File(run, "a") as f:
+        if not checksum:
+            f.attrs["note"] = "a note of the user's own, " * 4
+        ids = [fmt.as_str(s) for s in f[fmt.IDS][:]]
+        raw = f.attrs[name].encode()
+    _garbled_in_place(run, raw)
+    with h5py.File(run, "r") as f:
+        damaged = f.attrs[name].encode("utf-8", "surrogateescape")
+    assert damaged != raw and len(damaged) == len(raw)
+    fixed = tmp_path / "fixed.h5"
+    report = _repair_in_child(run, fixed)
+    assert report["recovered"] == ids and report["lost"] == []
+    with h5py.File(fixed, "r") as f:
+        assert f.attrs[name].encode("utf-8", "surrogateescape") == damaged
+    if checksum:
+        assert any(fmt.ATTR_DIGESTS in line and "does not parse" in line for line in report["problems"])

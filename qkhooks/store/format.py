@@ -33,7 +33,7 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "STATE_ATTRS", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
-           "identity_of", "as_str", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
+           "identity_of", "rewritable", "as_str", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
            "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
            "unsealed_attrs", "QKHOOKS_ATTR_NAMES", "digest_matches"]
@@ -447,6 +447,19 @@ def run_id_of(f: h5py.File) -> str | None:
     return as_str(identity_of(f.attrs).get("run_id"))
 
 
+def rewritable(value: Any) -> Any:
+    """An attribute's value as h5py read it, in a form that writes back the bytes stored: a string whose bytes are not
+    UTF-8 (damage on the disk) is read with surrogate escapes, which h5py cannot write as a str, so it goes back as
+    those bytes in the same variable-length string type. A copy (repair, merge) then carries the damage as it is,
+    for the checks that name it, instead of failing or losing the attribute."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return np.array(value.encode("utf-8", "surrogateescape"), dtype=h5py.string_dtype())
+    return value
+
+
 def as_str(value: Any, errors: str = "strict") -> str | None:
     """A string attribute's value as ``str`` (h5py gives some as bytes); None stays None."""
     if value is None:
@@ -758,7 +771,7 @@ def copy_statics(src: h5py.File, dst: h5py.File,
                 assert attr_outside is not None, "attributes left unread need attr_outside() to name them"
                 attr_outside(name, k)
             else:
-                to.attrs[k] = obj.attrs[k]
+                to.attrs[k] = rewritable(obj.attrs[k])
 
     def visit(name: str, obj: Any) -> None:
         if name.split("/", 1)[0] in ("images", REDUCERS):

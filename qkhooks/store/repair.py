@@ -252,7 +252,7 @@ def _seal_copy(src: h5py.File, dst: h5py.File, problems: list[str], outside: Col
         raw = src.attrs[fmt.ATTR_DIGESTS]
         stored = fmt.stored_attr_digests(src)
     except (TypeError, ValueError):
-        dst.attrs[fmt.ATTR_DIGESTS] = raw
+        dst.attrs[fmt.ATTR_DIGESTS] = fmt.rewritable(raw)
         problems.append(f"root attribute {fmt.ATTR_DIGESTS} does not parse: copied as it is, so the copy's attributes "
                         "are refused as the damaged file's are; record the run again")
         return
@@ -670,7 +670,7 @@ def _copy_attrs(src: h5py.Group, dst: h5py.Group, what: str, problems: list[str]
             problems.append(f"{what} {key} lost: its string lies past the file's end")
             continue
         try:
-            dst.attrs[key] = src.attrs[key]
+            dst.attrs[key] = fmt.rewritable(src.attrs[key])
         except _READ_ERRORS:
             problems.append(f"{what} {key} unreadable")
 
