@@ -448,6 +448,7 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
     # arrays failed on it, and repair recovered no image (a 12-image merge: 18 of 226 cuts, 161 images).
     fills = [fill for fill in (_merge_per_image(f, out, name, shards, bases, copy) for name in names) if fill]
 
+    summed = bool(first.per_image) and all(ds.fletcher32 for ds in first.per_image.values())  # a --checksum run
     result = []
     for name in sorted(first.states):
         merged = None
@@ -463,7 +464,7 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
                 merged.merge(part)
         if merged is None:
             continue
-        fmt.write_states_into(f, {name: merged.saved_state()}, total)
+        fmt.write_states_into(f, {name: merged.saved_state()}, total, checksum=summed)
         result.append(merged)
     for fill in fills:
         fill()

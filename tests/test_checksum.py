@@ -191,3 +191,37 @@ def _parsed(*argv: str):
     parser = argparse.ArgumentParser()
     _record_args(parser)
     return parser.parse_args(["timm:vit_tiny_patch16_224", "samples", "--out", "run.h5", *argv])
+
+
+def test_a_flipped_byte_in_a_merged_checksum_copys_reducer_states_is_reported_never_read(tmp_path):
+    """``merge --copy`` keeps the merged reducer states inside the file (``/reducers/<name>/a/<array>``); in a
+    ``--checksum`` run they were written without the checksum its statics carry, so a flipped byte there (round 49's
+    damage sweep: 2 of 15 bursts in a merged copy's data) came back from ``run.states()`` as other values, and
+    ``--verify`` called the run intact. Now each state array is one Fletcher-32 chunk: the read is refused naming
+    ``qkhooks repair``, and verify names the array."""
+    from qkhooks.store import verify_run
+
+    out = tmp_path / "run.h5"
+    for rank in range(2):
+        record_dataset(tiny_vit(), "samples", shard_path(out, rank, 2), modes=2, layers="0", batch_size=2, limit=8,
+                       progress=False, shard=(rank, 2), checksum=True)
+    merge_shards(out, copy=True)
+    with h5py.File(out, "r") as f:
+        states = []
+        f["reducers"].visititems(lambda name, obj: states.append(obj) if isinstance(obj, h5py.Dataset) and obj.size
+                                 and obj.dtype.kind in "fiu" else None)
+        target = max(states, key=lambda ds: ds.nbytes)  # the largest numeric state array
+        name, want = target.name, target[()]
+        at = (target.id.get_chunk_info(0).byte_offset if target.chunks else target.id.get_offset()) + target.nbytes // 2
+    with open(out, "r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)[0]
+        fh.seek(at)
+        fh.write(bytes([byte ^ 0x10]))
+    with h5py.File(out, "r") as f:  # the flip landed in the state's data
+        assert f[name].fletcher32 or not np.array_equal(f[name][()], want)
+    with open_run(out) as run:
+        with pytest.raises(QKHooksError, match="qkhooks repair"):
+            run.states()
+    report = verify_run(out)
+    assert not report.ok and any(name.lstrip("/") in line for line in report.problems), report.problems
