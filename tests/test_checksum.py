@@ -225,3 +225,37 @@ def test_a_flipped_byte_in_a_merged_checksum_copys_reducer_states_is_reported_ne
             run.states()
     report = verify_run(out)
     assert not report.ok and any(name.lstrip("/") in line for line in report.problems), report.problems
+
+
+def test_a_checksummed_chunk_zeroed_whole_is_reported_never_read_as_zeros(tmp_path):
+    """Fletcher-32 of zero bytes is zero, so a chunk whose stored bytes a zeroed disk page covered, its checksum
+    included, passes the checksum: round 49's sweep zeroed 4 KiB pages of --checksum runs and 5 of 15 read back an
+    image's maps as zeros without a word (``verify`` called the run intact, ``repair`` copied the zeros under a new
+    checksum). A recorded float row is never all zero, so such a chunk is now damage: reads refuse it naming
+    ``qkhooks repair``, verify names its rows, repair leaves that image out; the other images read as before."""
+    from qkhooks.store import verify_run
+
+    run = tmp_path / "run.h5"
+    record_dataset(tiny_vit(), "samples", run, modes=2, layers="0", batch_size=4, limit=6, attention="rows",
+                   progress=False, reducers=[], checksum=True)
+    name = "attention/L0/rows"
+    with open_run(run) as reader:
+        want = reader.array(name)[:]
+        ids = reader.ids
+        assert reader.array(name).dataset.chunks[0] == 1
+    with h5py.File(run, "r") as f:
+        info = f[name].id.get_chunk_info_by_coord((3,) + (0,) * (f[name].ndim - 1))
+    with open(run, "r+b") as fh:  # the chunk's stored bytes, data and checksum, zeroed
+        fh.seek(info.byte_offset)
+        fh.write(bytes(info.size))
+    with open_run(run) as reader:
+        for key in (3, slice(None), [1, 3], slice(2, 5)):
+            with pytest.raises(QKHooksError, match=f"image 3.*{name}.*qkhooks repair"):
+                reader.array(name)[key]
+        np.testing.assert_array_equal(reader.array(name)[[0, 1, 2, 4, 5]], want[[0, 1, 2, 4, 5]])
+    report = verify_run(run)
+    assert not report.ok and report.damaged.get(name) == [(3, 4)], report.problems
+    fixed = repair(run, tmp_path / "fixed.h5")
+    assert fixed.lost == [3] and fixed.recovered == [i for k, i in enumerate(ids) if k != 3]
+    with open_run(tmp_path / "fixed.h5") as got:
+        np.testing.assert_array_equal(got.array(name)[:], want[[0, 1, 2, 4, 5]])

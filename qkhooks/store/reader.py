@@ -302,7 +302,9 @@ class RunArray:
                 raise IndexError(f"image {first} is out of range for a run of {self.n} images.")
             i = int(first) % self.n
             # HDF5 selects the rest itself; otherwise numpy, on the one image read with the same kind of key
-            return self.dataset[(i,) + rest] if native else self.dataset[i:i + 1][(0,) + rest]
+            got = self.dataset[(i,) + rest] if native else self.dataset[i:i + 1][(0,) + rest]
+            self._refuse_zeroed([i], got)
+            return got
         if isinstance(first, slice):  # a backward slice: the same images read forward, then reversed
             picked = range(*first.indices(self.n))
             in_order = picked.step > 0
@@ -330,8 +332,17 @@ class RunArray:
             part = self.dataset[(slice(int(span[0]), int(span[-1]) + 1),) + rest]
             if len(part) != len(span):  # a copy of the images asked for: the span read is let go
                 part = np.ascontiguousarray(part[::span.step]) if isinstance(span, range) else part[span - span[0]]
+            self._refuse_zeroed(span, part)
             parts.append(part)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _refuse_zeroed(self, images: Sequence[int], values: np.ndarray) -> None:
+        """Refuse images read as zeros from a checksummed chunk whose stored bytes are all zero
+        (:func:`~qkhooks.store.format.zeroed_chunks`: the checksum passes it)."""
+        zeroed = fmt.zeroed_chunks(self.dataset, images, values)
+        if zeroed:
+            raise QKHooksError(damaged_message(Path(self.dataset.file.filename),
+                                               fmt.zeroed_chunk_words(self.dataset, zeroed[0])))
 
     def _image_indices(self, first: Any) -> np.ndarray:
         """The images an index array or boolean mask picks, as non-negative integers in the order asked for."""

@@ -540,6 +540,8 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
                 [fmt.as_str(value) for value in block.flat]
         except _READ_ERRORS as exc:  # a UnicodeDecodeError is a ValueError
             return f"{exc}" + ("; the array carries a Fletcher-32 checksum" if ds.fletcher32 else "")
+        if zeroed := fmt.zeroed_chunks(ds, range(lo, hi), block):  # chunk-sized blocks here: the chunk is lost
+            return fmt.zeroed_chunk_words(ds, zeroed[0])
         if each is not None:
             each(lo, block)
         return None
