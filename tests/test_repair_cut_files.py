@@ -353,3 +353,37 @@ def test_repair_asks_no_skipped_row_whose_string_lies_outside_the_file_and_keeps
         assert fmt.read_skipped_rows(f, unasked=[1, 2]) == ([("bad.png", "truncated")], [1, 2], 3)
         assert fmt.read_skipped_rows(f, unasked=[0, 1, 2]) == ([], [0, 1, 2], 3)
         assert fmt.read_skipped_rows(f, unasked=[3, -1]) == (fmt.read_skipped(f), [], 3) and len(fmt.read_skipped(f)) == 3
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_a_static_whose_data_a_cut_left_past_the_files_end_is_lost_and_named_not_copied_as_zeros(tmp_path, checksum):
+    """HDF5 reads bytes past the end of a cut file as zeros (its sec2 driver fills a short read), and a Fletcher-32
+    chunk of zeros passes its checksum: repair of a merged copy cut before its statics' data (round 49's damage
+    sweep: 3 of 8 cut merged copies) wrote every spectrum array as zeros into the copy without a word, and
+    ``run.spectrum(l)`` gave U, S, V of zeros. Now a static whose data do not lie wholly in the file is lost and
+    named (``lost_statics``), so the copy's reader refuses the spectrum."""
+    import timm
+
+    from qkhooks.distributed import merge_shards, shard_path
+    from qkhooks.errors import QKHooksError
+
+    torch.manual_seed(0)
+    loaded = qkhooks.load_model(timm.create_model("vit_small_patch16_224", pretrained=False, patch_size=32,
+                                                  embed_dim=32, depth=1, num_heads=2).eval())
+    out = tmp_path / "run.h5"
+    for rank in range(2):
+        record_dataset(loaded, "o3:4:1", shard_path(out, rank, 2), shard=(rank, 2), modes=2, batch_size=2,
+                       progress=False, checksum=checksum)
+    merge_shards(out, copy=True)
+    with h5py.File(out, "r") as f:
+        ds = f["spectrum/L0/U"]
+        start = ds.id.get_chunk_info(0).byte_offset if ds.chunks else ds.id.get_offset()
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(out.read_bytes()[:start])
+    fixed = tmp_path / "fixed.h5"
+    report = qkhooks.store.repair(cut, fixed)
+    assert any("spectrum/L0/U" in line for line in report.problems), report.problems
+    with open_run(fixed) as run:
+        assert "spectrum/L0/U" in fmt.lost_statics(run.attrs)
+        with pytest.raises(QKHooksError, match="lost"):
+            run.spectrum(0)

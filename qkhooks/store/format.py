@@ -800,13 +800,16 @@ def layer_geometry(info: Mapping[str, Any], layer: int) -> LayerGeometry | None:
 def copy_statics(src: h5py.File, dst: h5py.File,
                  unreadable: Callable[[str, bool, BaseException], None] | None = None,
                  errors: tuple[type[BaseException], ...] = (), outside: Collection[str] = (),
-                 attr_outside: Callable[[str, str], None] | None = None) -> None:
+                 attr_outside: Callable[[str, str], None] | None = None,
+                 storage_problem: Callable[[h5py.Dataset], str | None] | None = None) -> None:
     """Copy every group's attributes and every dataset that is not per-image, not under ``images`` and not a
     reducer state, each dataset with its attributes and, where it has one, its Fletcher-32 checksum (a merge and a
     repair copied these two ways, each dropping one of them). ``unreadable(name, is_dataset, error)``: called for
     what does not read as one of ``errors`` (a repair goes on); without them every error is raised (a merge of
     healthy shards). An attribute named in ``outside`` is never read (a repair: its string lies past a cut file's
-    end, where HDF5 would spin): ``attr_outside(name, key)`` is told instead."""
+    end, where HDF5 would spin): ``attr_outside(name, key)`` is told instead. A dataset for which
+    ``storage_problem`` names a reason (a repair: its data lie past a cut file's end, which HDF5 reads as zeros) is
+    not read: an OSError with that reason, one of ``errors``."""
 
     def copy_attrs(name: str, obj: Any, to: Any) -> None:
         for k in obj.attrs:  # the names only: a value is read below, one at a time
@@ -823,6 +826,8 @@ def copy_statics(src: h5py.File, dst: h5py.File,
             if isinstance(obj, h5py.Group):
                 copy_attrs(name, obj, dst.require_group(name))
             elif isinstance(obj, h5py.Dataset) and not obj.attrs.get("per_image", False):
+                if storage_problem is not None and (why := storage_problem(obj)) is not None:
+                    raise OSError(why)
                 summed = dict(chunks=obj.chunks, fletcher32=True) if obj.fletcher32 else {}
                 copy_attrs(name, obj, dst.create_dataset(name, data=obj[()], dtype=obj.dtype, **summed))
         except errors as exc:

@@ -228,7 +228,7 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
             copy[start:start + len(rows)] = ds[rows] if len(rows) else ds[:0]
         copy.attrs["per_image"] = True
     images.attrs[fmt.ARRAYS_ATTR] = json.dumps(sorted(arrays))
-    _copy_statics(src, dst, problems, attrs_outside)
+    _copy_statics(src, dst, problems, attrs_outside, real_size)
     dst.attrs["complete"] = bool(src.attrs.get("complete", False)) and len(keep) == n
     _seal_copy(src, dst, problems, attrs_outside)
     states = _copy_states(src, run, out, keep, n, problems, attrs_outside)
@@ -677,10 +677,31 @@ def _copy_attrs(src: h5py.Group, dst: h5py.Group, what: str, problems: list[str]
             problems.append(f"{what} {key} unreadable")
 
 
-def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str], outside: Collection[str] = frozenset()) -> None:
+def _static_outside(ds: h5py.Dataset, real_size: int) -> str | None:
+    """Why the data of ``ds`` (a static) cannot be copied from a file whose bytes on disk end at ``real_size``: a
+    chunk or block of it not in the file, or lying past that end, which HDF5 reads as zeros (it fills a short read;
+    a Fletcher-32 chunk of zeros passes its checksum). None where its data lie wholly inside (or in its header)."""
+    if not ds.size:
+        return None
+    layout = ds.id.get_create_plist().get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = ds.id.get_offset()
+        return _PAST_THE_END if offset is None or offset + ds.id.get_storage_size() > real_size else None
+    if layout != h5py.h5d.CHUNKED:  # compact (in the header), virtual
+        return None
+    chunks = [ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())]
+    expected = int(np.prod([-(-size // rows) for size, rows in zip(ds.shape, ds.chunks)]))
+    if len(chunks) < expected or any(c.byte_offset is None or c.byte_offset + c.size > real_size for c in chunks):
+        return _PAST_THE_END
+    return None
+
+
+def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str], outside: Collection[str] = frozenset(),
+                  real_size: int | None = None) -> None:
     """:func:`~qkhooks.store.format.copy_statics`, going on past what does not read and naming the datasets lost; an
     attribute named in ``outside`` (its string lies past the file's end, :func:`_attrs_outside`) is never read: it
-    is lost and named, its object copied without it."""
+    is lost and named, its object copied without it, and a dataset whose data are not wholly inside the file's
+    ``real_size`` bytes (:func:`_static_outside`) is lost, never copied as the zeros HDF5 reads there."""
     lost: list[str] = []
 
     def unreadable(name: str, is_dataset: bool, exc: BaseException) -> None:
@@ -692,7 +713,8 @@ def _copy_statics(src: h5py.File, dst: h5py.File, problems: list[str], outside: 
         problems.append(f"/{name} attribute {key} lost: its string lies past the file's end")
 
     try:
-        fmt.copy_statics(src, dst, unreadable, _READ_ERRORS, outside, attr_outside)
+        inside = None if real_size is None else (lambda ds: _static_outside(ds, real_size))
+        fmt.copy_statics(src, dst, unreadable, _READ_ERRORS, outside, attr_outside, inside)
     except _READ_ERRORS as exc:
         problems.append(f"the file's tree is partly unreadable ({exc})")
         lost.append("(statics past the unreadable part of the tree)")
