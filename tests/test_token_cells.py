@@ -489,3 +489,152 @@ def test_a_finished_recording_of_pit_keeps_no_model_alive():
     del pit, run
     gc.collect()
     assert all(ref() is None for ref in refs), [type(ref()).__name__ for ref in refs if ref() is not None]
+
+
+# ------------------------------------------ families whose adapters name their own route: timm Gemma 4, HF LeViT
+def _gemma4() -> torch.nn.Module:
+    """timm's Gemma 4 classifier: its encoder's patch embedding patchifies the image and projects each patch with a
+    Linear (no convolution), 8 px patches: a 4x4 grid of a 32 px image."""
+    torch.manual_seed(0)
+    return timm.create_model("gemma4_vit_167m", pretrained=False, embed_dim=32, depth=2, num_heads=4, head_dim=8,
+                             img_size=32, patch_size=8, global_pool="avg").eval()
+
+
+def _hf_levit() -> torch.nn.Module:
+    """transformers' LeViT: a stem of four 3x3 stride-2 convolutions (padding 1), a 4x4 grid of a 64 px image."""
+    torch.manual_seed(0)
+    config = transformers.LevitConfig(image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4],
+                                      depths=[1, 1, 1], key_dim=[8, 8, 8])
+    return transformers.LevitModel._from_config(config).eval()
+
+
+def _roll_token_sequence(module, args, output):
+    """Someone else's hook: the (B, N, C) tokens rolled by one, so each shows its neighbour's patch."""
+    return torch.roll(output, 1, dims=1)
+
+
+def _flip_tokens_after(module):
+    """A forward replaced on the instance: the class's own, then the tokens (or the map's columns) mirrored."""
+    forward = module.forward
+
+    def flipped(t: torch.Tensor) -> torch.Tensor:
+        out = forward(t)
+        return out.flip(1 if out.dim() == 3 else -1)
+
+    module.forward = flipped
+
+
+def _levit_circular(model):
+    model.patch_embeddings.embedding_layer_1.convolution.padding_mode = "circular"
+
+
+ROUTES = {  # family -> (build it, image size, the route's module, its tokens' grid)
+    "timm-gemma4": (_gemma4, 32, lambda m: m.encoder.patch_embed, (4, 4)),
+    "hf-levit": (_hf_levit, 64, lambda m: m.patch_embeddings, (4, 4)),
+}
+ROUTE_CHANGES = {  # (family, how the route is changed) -> (do it, the module the refusal must name)
+    ("timm-gemma4", "forward hook"): (lambda m: m.encoder.patch_embed.input_proj.register_forward_hook(
+        _roll_token_sequence), "'encoder.patch_embed.input_proj'"),
+    ("timm-gemma4", "forward replaced"): (lambda m: _flip_tokens_after(m.encoder.patch_embed.input_proj),
+                                          "'encoder.patch_embed.input_proj'"),
+    ("timm-gemma4", "pre-hook on the patch embedding"): (lambda m: m.encoder.patch_embed.register_forward_pre_hook(
+        _flip_image, with_kwargs=True), "'encoder.patch_embed'"),
+    ("timm-gemma4", "pre-hook on the module holding it"): (lambda m: m.encoder.register_forward_pre_hook(
+        _flip_image, with_kwargs=True), "'encoder'"),
+    ("timm-gemma4", "pre-hook on the model"): (lambda m: m.register_forward_pre_hook(_flip_image, with_kwargs=True),
+                                               "the model itself"),
+    ("hf-levit", "forward hook"): (lambda m: m.patch_embeddings.embedding_layer_2.register_forward_hook(_flip_output),
+                                   "'patch_embeddings.embedding_layer_2'"),
+    ("hf-levit", "forward replaced"): (lambda m: _flip_tokens_after(m.patch_embeddings.activation_layer_1),
+                                       "'patch_embeddings.activation_layer_1'"),
+    ("hf-levit", "circular padding"): (_levit_circular, "'patch_embeddings.embedding_layer_1.convolution'"),
+    ("hf-levit", "pre-hook on the model"): (lambda m: m.register_forward_pre_hook(_flip_image, with_kwargs=True),
+                                            "the model itself"),
+}
+
+
+def _route_spans(model: torch.nn.Module, family: str) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The reference: per grid row (and column) of the tokens the route hands the first layer in a forward of the
+    whole model, with whatever hooks it carries, the span of input pixels they depend on (nonzero gradient)."""
+    build, size, route_of, grid = ROUTES[family]
+    seen = []
+    handle = route_of(model).register_forward_hook(
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))  # Gemma 4's: (tokens, positions, pad)
+    image = torch.randn(1, 3, size, size, requires_grad=True)
+    try:
+        model(image)
+    finally:
+        handle.remove()
+    tokens = seen[0]
+    return pixel_spans_read(image, tokens.transpose(1, 2).reshape(1, -1, *grid))
+
+
+def _first_grid_cells(model: torch.nn.Module, size: int):
+    from qkhooks.stream import mask_cells, probe_geometry
+
+    sites = qkhooks.sites(model)
+    cells = mask_cells(sites, probe_geometry(model, sites, (size, size)), (size, size), "first", model)
+    (found,) = cells.values()
+    return found
+
+
+@pytest.mark.parametrize("family, change", list(ROUTE_CHANGES), ids=lambda v: v.replace(" ", "-"))
+def test_masks_are_refused_where_someone_else_moves_the_pixels_on_gemma4s_or_levits_route(tmp_path, family, change):
+    """r49: timm Gemma 4 and transformers' LeViT named no route from the image to the tokens, so a hook someone else
+    put on their patch embedding (a roll, a flip), a forward replaced on one of its modules, a stem convolution padding
+    circularly or a pre-hook on the model (or the module holding the patch embedding) moved the pixels each token reads
+    (the reference: the gradient of the tokens the route hands the first layer) while masks were read from the patch
+    size or the stem's blocks without a word. Refused when masks are read, naming the module and the fix."""
+    build, size, _, _ = ROUTES[family]
+    alter, named = ROUTE_CHANGES[family, change]
+    model = build()
+    plain = _route_spans(model, family)
+    alter(model)
+    assert _route_spans(model, family) != plain  # the change moves the pixels the tokens read
+    out = tmp_path / "run.h5"
+    config = ImageConfig(size=(size, size), mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(QKHooksError) as err:
+        record_dataset(load_model(model, image_config=config), DATA, out, batch_size=2, progress=False, modes=2,
+                       reducers=[])
+    message = str(err.value)
+    assert named in message and "masks" in message and "without masks" in message, message
+    assert not out.exists()
+
+
+def test_gemma4s_cells_are_the_pixels_its_tokens_read_and_its_labels_their_majority(tmp_path):
+    """Untouched, Gemma 4's tokens read its 8 px patches (the gradient reference) and masks are read onto them: each
+    token's label is the majority of the pixels its patch reads."""
+    model = _gemma4()
+    cells = _first_grid_cells(model, 32)
+    rows, cols = _route_spans(model, "timm-gemma4")
+    assert (cells.rows, cells.cols) == (rows, cols) == (tuple(_cells(32, 8, False)),) * 2
+    config = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    record_dataset(load_model(model, image_config=config), DATA, tmp_path / "run.h5", batch_size=2, progress=False,
+                   modes=2, reducers=[])
+    data = open_dataset(DATA, config)
+    by_id = {data[i]["id"]: data[i]["objects"].numpy() for i in range(len(data))}
+    with open_run(tmp_path / "run.h5") as run:
+        stored, ids = np.asarray(run.array("masks/objects")[:]), list(run.ids)
+    assert len(ids) == 2
+    for row, image in zip(stored, ids):
+        np.testing.assert_array_equal(row, _majority(by_id[image], list(rows)))
+
+
+def test_levits_cells_are_its_stems_stride_blocks_inside_what_each_token_reads(tmp_path):
+    """Untouched, transformers' LeViT's tokens are read as its stem's 16 px stride blocks (the README's convention:
+    the stem's receptive fields overlap them): each block lies inside the pixels its token reads (the gradient
+    reference), and masks are read onto the blocks."""
+    model = _hf_levit()
+    cells = _first_grid_cells(model, 64)
+    assert cells.rows == cells.cols == tuple(_cells(64, 16, False))
+    for blocks, spans in zip((cells.rows, cells.cols), _route_spans(model, "hf-levit")):
+        assert all(s0 <= b0 and b1 <= s1 for (b0, b1), (s0, s1) in zip(blocks, spans)), (blocks, spans)
+    config = ImageConfig(size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3)
+    record_dataset(load_model(model, image_config=config), DATA, tmp_path / "run.h5", batch_size=2, progress=False,
+                   modes=2, reducers=[])
+    data = open_dataset(DATA, config)
+    by_id = {data[i]["id"]: data[i]["objects"].numpy() for i in range(len(data))}
+    with open_run(tmp_path / "run.h5") as run:
+        stored, ids = np.asarray(run.array("masks/objects")[:]), list(run.ids)
+    for row, image in zip(stored, ids):
+        np.testing.assert_array_equal(row, _majority(by_id[image], _cells(64, 16, False)))

@@ -63,10 +63,17 @@ def _linear(path: str, clippable: nn.Module, owner: str = "Gemma4Attention") -> 
     return clippable.linear
 
 
+def _pixel_route(model: nn.Module, encoder: nn.Module) -> tuple[tuple[str, nn.Module], ...]:
+    """The encoder's patch embedding (patchify, Linear, position table) by its path in the model: the route from the
+    image to the tokens, checked when masks are read onto them (its tokens read the patches its patch size says)."""
+    return tuple((name, module) for name, module in model.named_modules() if module is encoder.patch_embed)[:1]
+
+
 def find(model: nn.Module) -> list[AttentionSite]:
     """One site per Gemma4Attention, in forward order; anything else attention-like refuses the model."""
     encoder = model.encoder if hasattr(model, "encoder") else model
     patch = tuple(int(p) for p in encoder.patch_size)
+    pixel_route = _pixel_route(model, encoder)
     sites: list[AttentionSite] = []
     for name, attn in model.named_modules():
         if not _is_gemma4_attention(attn):
@@ -85,7 +92,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
             num_prefix_tokens=0, grid=None, family="timm-gemma4", input_name="x", block_input_name="x",
             qk_linear=grouped_query_reader(name, attn, qk_linear) if grouped else qk_linear,
             qk_modules=() if grouped else (q, k), patch_size=patch, stage=block_path.rpartition(".")[0],
-            rope_apply=_rotation, rope_layout="axes", qk_norm=qk_norm_of(name, attn),
+            rope_apply=_rotation, rope_layout="axes", qk_norm=qk_norm_of(name, attn), pixel_route=pixel_route,
         ))
     refuse_uncovered(model, sites)
     return sites

@@ -37,8 +37,16 @@ def matches(model: nn.Module) -> bool:
     return type(model).__module__.startswith("transformers.") and any(True for _ in _attention(model))
 
 
+def _pixel_route(model: nn.Module) -> tuple[tuple[str, nn.Module], ...]:
+    """The convolutional stem (``LevitPatchEmbeddings``) by its path in the model: the route from the image to the
+    tokens, checked when masks are read onto them (read as the stem's stride blocks)."""
+    return tuple((name, module) for name, module in model.named_modules()
+                 if type(module).__module__ == _MODULE and type(module).__name__ == "LevitPatchEmbeddings")
+
+
 def find(model: nn.Module) -> list[AttentionSite]:
     modules = dict(model.named_modules())
+    pixel_route = _pixel_route(model)
     sites = []
     for name, attn in _attention(model):
         heads, kd = int(attn.num_attention_heads), int(attn.key_dim)
@@ -61,7 +69,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
             layer=len(sites), path=name, module=attn, block_path=block_path, block=modules[block_path],
             num_heads=heads, head_dim=kd, dim=int(projections[0].linear.in_features), scale=float(attn.scale),
             num_prefix_tokens=0, grid=(side, side), family="hf-levit", input_name="hidden_state", block_input_name="hidden_state",
-            qk_linear=qk, patch_size=None, stage=block_path.rpartition(".")[0])
+            qk_linear=qk, patch_size=None, stage=block_path.rpartition(".")[0], pixel_route=pixel_route)
         if subsample:
             ref = weakref.ref(attn)
 

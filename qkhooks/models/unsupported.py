@@ -1007,9 +1007,9 @@ def refuse_moved_pixels(owner: str, route: Sequence[tuple[str, nn.Module]], mode
             if how is not None:
                 raise QKHooksError(
                     f"{owner}'s {repr(where) if where else 'the model itself'} ({type(module).__name__}) {how}, so which "
-                    "pixels each token reads is not what its patch embedding's convolutions say, and masks read onto "
-                    "the tokens would be wrong. Record this model without masks, or remove the hook (handle.remove()) "
-                    "/ restore the module while recording masks.")
+                    "pixels each token reads is not what its patch embedding's patch size or convolutions say, and "
+                    "masks read onto the tokens would be wrong. Record this model without masks, or remove the hook "
+                    "(handle.remove()) / restore the module while recording masks.")
 
 
 def _changes_image(module: nn.Module) -> str | None:
