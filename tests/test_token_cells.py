@@ -638,3 +638,45 @@ def test_levits_cells_are_its_stems_stride_blocks_inside_what_each_token_reads(t
         stored, ids = np.asarray(run.array("masks/objects")[:]), list(run.ids)
     for row, image in zip(stored, ids):
         np.testing.assert_array_equal(row, _majority(by_id[image], _cells(64, 16, False)))
+
+
+def _timm_hiera() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("hiera_tiny_224", pretrained=False, img_size=64, embed_dim=16, num_heads=1,
+                             stages=(1, 2, 1, 1), mask_unit_size=(4, 4)).eval()
+
+
+def _hf_hiera() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.HieraConfig(image_size=[64, 64], embed_dim=16, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 2],
+                                      masked_unit_size=[8, 8])
+    return transformers.HieraModel._from_config(config).eval()
+
+
+def _videoprism() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.VideoPrismVisionConfig(hidden_size=32, num_spatial_layers=2, num_temporal_layers=2,
+                                                 num_attention_heads=4, intermediate_size=64, image_size=64,
+                                                 num_frames=4, tubelet_size=[1, 8, 8])
+    return transformers.VideoPrismVisionModel(config).eval()
+
+
+NO_MASKS = {  # family -> (build it, the reason its refusal gives)
+    "timm-hiera": (_timm_hiera, "tokens are not on an image grid, so the dataset's masks"),
+    "hf-hiera": (_hf_hiera, "tokens are not on an image grid, so the dataset's masks"),
+    "hf-videoprism": (_videoprism, "clips x frames"),
+}
+
+
+@pytest.mark.parametrize("family", list(NO_MASKS))
+def test_families_whose_tokens_take_no_masks_refuse_them_with_the_reason(tmp_path, family):
+    """Hiera hands its attention the tokens in its unrolled mask-unit order (no image grid) and VideoPrism holds clips
+    along its layers' batch axes (no run file): neither names a route from the image to the tokens, because neither
+    reads masks onto tokens; a dataset with masks is refused with the reason and no run file is left."""
+    build, reason = NO_MASKS[family]
+    out = tmp_path / "run.h5"
+    config = ImageConfig(size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(QKHooksError, match=reason):
+        record_dataset(load_model(build(), image_config=config), DATA, out, batch_size=2, progress=False, modes=2,
+                       reducers=[])
+    assert not out.exists()
