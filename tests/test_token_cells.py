@@ -220,20 +220,34 @@ def _small_pit() -> torch.nn.Module:
 
 
 def _pit_token_spans(pit: torch.nn.Module, stage: int) -> tuple[tuple[tuple[int, int], ...], ...]:
-    """The reference: per grid row (and column) of a stage's token map, made by the model's own patch embedding and
-    poolings with whatever hooks they carry, the span of input pixels its value depends on (nonzero gradient)."""
+    """The reference: per grid row (and column) of a stage's token map, as the patch embedding or the stage's pooling
+    hands it on in a forward of the whole model with whatever hooks it carries, the span of input pixels its value
+    depends on (nonzero gradient). The attention blocks are left out for it: they mix every token by design, and what
+    a token shows is what the convolutions feed it."""
     image = torch.randn(1, 3, 64, 64, requires_grad=True)
-    x, cls = pit.patch_embed(image), pit.cls_token
-    for i in range(1, stage + 1):
-        x, cls = pit.transformers[i].pool(x, cls)
-    return pixel_spans_read(image, x)
+    seen: list[torch.Tensor] = []
+    maker = pit.patch_embed if stage == 0 else pit.transformers[stage].pool  # the pooling returns (map, class tokens)
+    handle = maker.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    blocks = [t.blocks for t in pit.transformers]
+    try:
+        for t in pit.transformers:
+            t.blocks = torch.nn.Identity()
+        pit(image)
+    finally:
+        handle.remove()
+        for t, kept in zip(pit.transformers, blocks):
+            t.blocks = kept
+    return pixel_spans_read(image, seen[0])
 
 
 def _pit_cells(pit: torch.nn.Module, stage: int):
-    from qkhooks.data.masks import receptive_cells
+    """The cells a recording reads masks onto for a stage's tokens (every grid's, as for object labels)."""
+    from qkhooks.stream import mask_cells, probe_geometry
 
-    site = next(s for s in qkhooks.sites(pit) if s.stage == f"transformers.{stage}.blocks")
-    cells = receptive_cells((64, 64), site.pixel_convs())
+    sites = qkhooks.sites(pit)
+    site = next(s for s in sites if s.stage == f"transformers.{stage}.blocks")
+    geometry = probe_geometry(pit, sites, (64, 64))
+    cells = mask_cells(sites, geometry, (64, 64), "all", pit)[geometry[site.layer].grid]
     return cells.rows, cells.cols
 
 
@@ -245,12 +259,20 @@ def _circular(pit):
     pit.transformers[1].pool.conv.padding_mode = "circular"
 
 
+def _roll_stage_input(module, args):
+    """Someone else's pre-hook on a PiT stage (it takes (tokens map, class tokens)): the map rolled before pooling."""
+    x, cls = args[0]
+    return ((torch.roll(x, 1, dims=-1), cls),)
+
+
 PIT_CHANGES = {  # how PiT's convolutions are changed -> (do it, the stage read, the module the refusal must name)
     "forward hook on the patch embedding's conv": (lambda p: p.patch_embed.conv.register_forward_hook(_flip_output), 0,
                                                    "patch_embed.conv"),
     "pre-hook on a pooling": (lambda p: p.transformers[1].pool.register_forward_pre_hook(
         lambda m, a: (torch.roll(a[0], 1, dims=-1), a[1])), 1, "transformers.1.pool"),
     "circular padding of a pooling's conv": (_circular, 1, "transformers.1.pool.conv"),
+    "pre-hook on the stage holding a pooling": (lambda p: p.transformers[1].register_forward_pre_hook(_roll_stage_input),
+                                                1, "transformers.1"),
     "forward replaced on the patch embedding": (lambda p: setattr(p.patch_embed, "forward", lambda t: p.patch_embed.conv(
         t.flip(-2))), 0, "patch_embed"),
 }
@@ -433,6 +455,25 @@ def test_a_wrapped_timm_vits_patch_embedding_is_named_by_its_path_in_the_wrapper
     with pytest.raises(QKHooksError) as err:
         mask_cells(sites, probe_geometry(model, sites, (32, 32)), (32, 32), "first")
     assert f"'{path}'" in str(err.value), (path, str(err.value))
+
+
+def test_a_wrapped_pits_poolings_are_named_by_their_path_in_the_wrapper():
+    """A TimmBackbone around PiT (timm's getter feature net keeps the network as ``_backbone.model``): a hook on a
+    pooling was refused under its path inside the wrapped network ('transformers.1.pool'), which the user's model
+    does not have; it is named where the user finds it (``model.named_modules()`` of the wrapper)."""
+    from qkhooks.stream import mask_cells, probe_geometry
+
+    config = transformers.TimmBackboneConfig(backbone="pit_ti_224", out_indices=[1])
+    torch.manual_seed(0)
+    model = transformers.TimmBackbone(config, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8),
+                                      feature_cls="getter").eval()
+    pool = next(m for name, m in model.named_modules() if name.endswith("transformers.1.pool"))
+    path = next(name for name, m in model.named_modules() if m is pool)
+    pool.register_forward_pre_hook(lambda m, args: (torch.roll(args[0], 1, dims=-1), args[1]))
+    sites = qkhooks.sites(model)
+    with pytest.raises(QKHooksError) as err:
+        mask_cells(sites, probe_geometry(model, sites, (64, 64)), (64, 64), "all", model)
+    assert f"'{path}'" in str(err.value) and "without masks" in str(err.value), (path, str(err.value))
 
 
 def _flip_image(module, args, kwargs):

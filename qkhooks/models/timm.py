@@ -25,7 +25,7 @@ from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, QKRows, leading_rows, register_adapter, stacked_rows
 from qkhooks.models.class_attention import cait_site_fields
 from qkhooks.models.qknorm import qk_norm_of
-from qkhooks.models.unsupported import refuse_moved_pixels, refuse_uncovered
+from qkhooks.models.unsupported import refuse_uncovered
 
 
 def _classes() -> dict[str, type]:
@@ -157,23 +157,39 @@ def _pit_stage_grid(stage: str, grid: tuple[int, int] | None) -> tuple[int, int]
     return grid
 
 
+def _is_pit(model: nn.Module) -> bool:
+    """PiT: an overlapping convolutional patch embedding (``patch_embed.conv``, its output map's ``height`` kept)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    return getattr(patch_embed, "height", None) is not None and isinstance(getattr(patch_embed, "conv", None), nn.Conv2d)
+
+
+def _pit_stage(stage: str) -> int:
+    return int(stage.split(".")[1]) if stage.startswith("transformers.") else 0
+
+
+def _pit_poolings(model: nn.Module, stage: str) -> tuple[tuple[str, nn.Module], ...]:
+    """(path, pooling) of each PiT stage's pooling up to ``stage``'s: on the route from the image to its tokens,
+    after the patch embedding (:func:`_pixel_route`), so each is checked when masks are read onto them
+    (:func:`~qkhooks.models.unsupported.refuse_moved_pixels`, with the stage holding it), by a path a wrapper
+    prefixes. Empty for other models."""
+    if not _is_pit(model):
+        return ()
+    return tuple((f"transformers.{i}.pool", model.transformers[i].pool) for i in range(1, _pit_stage(stage) + 1))
+
+
 def _pit_pixel_convs(model: nn.Module, stage: str) -> Callable[[], list] | None:
     """PiT's convolutions from the image to a stage's tokens, read as called: the overlapping patch embedding, then
     each stage's pooling before its blocks (kernel 3, stride 2, padding 1), so masks are read from the pixels each
-    token's patch covers; refused where one of those modules may read others (:func:`refuse_moved_pixels`: a hook
-    someone else put on it, a forward replaced, circular padding)."""
-    patch_embed = getattr(model, "patch_embed", None)
-    embed = getattr(patch_embed, "conv", None)
-    if getattr(patch_embed, "height", None) is None or not isinstance(embed, nn.Conv2d):
+    token's patch covers. What may make them read others (a hook someone else put on one, a forward replaced, circular
+    padding) is refused before, on the site's pixel_route (:func:`_pit_poolings`)."""
+    if not _is_pit(model):
         return None
-    index = int(stage.split(".")[1]) if stage.startswith("transformers.") else 0
+    embed, index = model.patch_embed.conv, _pit_stage(stage)
     owner = weakref.ref(model)  # the model's sites are cached weakly keyed by it (capture._SITES): no strong reference
 
     def convs() -> list:
         pools = [owner().transformers[i].pool for i in range(1, index + 1)]  # type: ignore[union-attr]
         chain = [embed] + [pool.conv for pool in pools]
-        refuse_moved_pixels("PiT", [("patch_embed", patch_embed)] + [
-            (f"transformers.{i}.pool", pool) for i, pool in enumerate(pools, start=1)])
         for conv in chain:
             if tuple(conv.dilation) != (1, 1) or not isinstance(conv.padding, tuple):
                 raise QKHooksError(f"PiT's convolution {conv} is dilated or pads by a rule ({conv.padding!r}); "
@@ -265,7 +281,7 @@ def find(model: nn.Module) -> list[AttentionSite]:
                 grid_source=patch_grid if site_grid == grid else None,
                 stage=stage,
                 pixel_convs=_pit_pixel_convs(model, stage),
-                pixel_route=pixel_route,
+                pixel_route=pixel_route + _pit_poolings(model, stage),
                 rope_input="rope" if rotary else None,
                 rope_apply=_eva_rotation(attn) if rotary else None,
                 rope_layout="half" if getattr(attn, "rotate_half", False) else "interleaved",
