@@ -721,3 +721,43 @@ def test_families_whose_tokens_take_no_masks_refuse_them_with_the_reason(tmp_pat
         record_dataset(load_model(build(), image_config=config), DATA, out, batch_size=2, progress=False, modes=2,
                        reducers=[])
     assert not out.exists()
+
+
+def _timm_levit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("levit_128s", pretrained=False, img_size=64, num_classes=4).eval()
+
+
+def _timm_shvit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("shvit_s1", pretrained=False, embed_dim=(32, 48, 64), partial_dim=(8, 12, 16),
+                             qk_dim=(8, 8, 8), depth=(1, 1, 1), types=("s", "s", "s"), num_classes=4).eval()
+
+
+RECORDED_ROUTES = {  # family -> (build it, image size, its route's path)
+    "hf-levit": (_hf_levit, 64, "patch_embeddings"),
+    "timm-levit": (_timm_levit, 64, "stem"),
+    "timm-shvit": (_timm_shvit, 64, "patch_embed"),
+}
+
+
+@pytest.mark.parametrize("family", list(RECORDED_ROUTES))
+def test_a_finished_recording_keeps_no_module_of_the_route_alive(family):
+    """The route (pixel_route) holds the model's patch embedding or stem; a finished recording, kept to read its maps,
+    must forget it with the sites' other modules (Recording.sites_release). LeViT's bias reader and SHViT's query
+    preparation held the site as found, route and attention module included, so a finished recording kept them alive
+    (timm's, their routes named in round 48; transformers' LeViT since its route was named)."""
+    import gc
+    import weakref
+
+    build, size, route = RECORDED_ROUTES[family]
+    model = build()
+    with qkhooks.record(model, modes=2, attention="full") as run, torch.no_grad():
+        run(torch.randn(1, 3, size, size))
+    assert any(path == route for path, _ in qkhooks.sites(model)[0].pixel_route)  # the route the test watches
+    attention = {s.path for s in qkhooks.sites(model)}
+    refs = {name: weakref.ref(m) for name, m in model.named_modules()
+            if any(name == top or name.startswith(top + ".") for top in (route, *attention))}
+    del model  # the finished recording is kept, as a user keeps it to read its maps
+    gc.collect()
+    assert len(run.sites) > 1 and all(ref() is None for ref in refs.values()), [n for n, r in refs.items() if r() is not None]

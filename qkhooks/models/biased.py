@@ -10,6 +10,7 @@ term; modes are those of W_q^T W_k, exact for the content term. The fused ``qkv`
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -42,25 +43,32 @@ def bias_of_call(site: AttentionSite, attn: nn.Module, batchnorms: tuple[nn.Modu
                  ) -> Callable[[tuple, dict], torch.Tensor]:
     """The (1, H, N_q, N_k) term the module adds in this call, from its own ``get_attention_biases``; any argument
     besides the tokens is refused, and so is a call with any of ``batchnorms`` (the BatchNorm layers folded into its
-    W_q/W_k, :mod:`qkhooks.models.levit`) in training mode, where they normalise with the batch's own statistics."""
+    W_q/W_k, :mod:`qkhooks.models.levit`) in training mode, where they normalise with the batch's own statistics.
+    It holds the module and the BatchNorms weakly and of the site only its path and input name: a finished recording
+    keeps its sites' ``call_bias`` and must keep no model alive (the site as found holds the modules, its route's too)."""
+    path, input_name, kind = site.path, site.input_name, type(attn).__name__
+    attn_ref = weakref.ref(attn)
+    batchnorm_refs = tuple(weakref.ref(bn) for bn in batchnorms)
+
     def bias(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-        extra = [f"argument {i}" for i in range(1, len(args))] + sorted(k for k in kwargs if k != site.input_name)
+        extra = [f"argument {i}" for i in range(1, len(args))] + sorted(k for k in kwargs if k != input_name)
         if extra:
-            raise QKHooksError(f"unsupported attention in {site.path!r} ({type(attn).__name__}): the model passes "
-                               f"{extra}, which the adapter does not model.")
-        refuse_training_batchnorm(site, batchnorms)
-        x = args[0] if args else kwargs[site.input_name]
-        return attn.get_attention_biases(x.device).detach()[None]
+            raise QKHooksError(f"unsupported attention in {path!r} ({kind}): the model passes {extra}, which the "
+                               "adapter does not model.")
+        refuse_training_batchnorm(path, kind, tuple(ref() for ref in batchnorm_refs))
+        x = args[0] if args else kwargs[input_name]
+        return attn_ref().get_attention_biases(x.device).detach()[None]  # type: ignore[union-attr]
 
     return bias
 
 
-def refuse_training_batchnorm(site: AttentionSite, batchnorms: tuple[nn.Module, ...]) -> None:
-    """Refuse a call while a BatchNorm folded into W_q/W_k is in training mode: no fixed W_q, W_k describe it then."""
+def refuse_training_batchnorm(path: str, kind: str, batchnorms: tuple[nn.Module, ...]) -> None:
+    """Refuse a call of the attention at ``path`` (class ``kind``) while a BatchNorm folded into its W_q/W_k is in
+    training mode: no fixed W_q, W_k describe it then."""
     if any(bn.training for bn in batchnorms):
-        raise QKHooksError(f"unsupported attention in {site.path!r} ({type(site.module).__name__}): its q/k BatchNorm is "
-                           "in training mode, where it normalises with each batch's own statistics, so no fixed W_q, W_k "
-                           "describe the logits; call model.eval() (BatchNorm then folds into W_q, W_k exactly).")
+        raise QKHooksError(f"unsupported attention in {path!r} ({kind}): its q/k BatchNorm is in training mode, where "
+                           "it normalises with each batch's own statistics, so no fixed W_q, W_k describe the logits; "
+                           "call model.eval() (BatchNorm then folds into W_q, W_k exactly).")
 
 
 def _efficientformer_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:

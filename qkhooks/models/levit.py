@@ -201,13 +201,13 @@ def _shvit_rows(attn: nn.Module) -> tuple[Reader, tuple]:
 
 
 def _shvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
-    ref = weakref.ref(attn)
-    batchnorms = batchnorm_layers(attn.qkv)
+    ref, path = weakref.ref(attn), site.path  # held weakly, not the site as found: a finished recording keeps no model
+    batchnorm_refs = tuple(weakref.ref(bn) for bn in batchnorm_layers(attn.qkv))
 
     def prepare(given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The module's own ``pre_norm`` of its first ``pdim`` channels: the tokens entering its qkv conv."""
         m = ref()
-        refuse_training_batchnorm(site, batchnorms)
+        refuse_training_batchnorm(path, type(m).__name__, tuple(r() for r in batchnorm_refs))
         return m.pre_norm(given[:, : m.pdim]), None
 
     return prepared_site(site, prepare, False, family="timm-shvit", grid=None, patch_size=None, num_heads=1,
