@@ -435,8 +435,9 @@ class Recording:
     def sites_release(self) -> None:
         """Forget the model's modules so a finished recording keeps no model alive."""
         self.sites = [dataclasses.replace(s, module=None, block=None, qk_linear=_released, qk_modules=(),  # type: ignore[arg-type]
-                                          grid_source=None, qk_watch=(), pixel_route=())  # the grid its last call read stays
-                      for s in self.sites]
+                                          grid_source=None, qk_watch=(), pixel_route=(),
+                                          qk_norm=None if s.qk_norm is None else _ReleasedNorm())
+                      for s in self.sites]  # the grid its last call read stays
         self._live_weights.clear()  # views of the weights: they would keep the parameters' memory alive
         self._params_at_entry.clear()
 
@@ -1579,6 +1580,17 @@ R = TypeVar("R")
 
 def _released() -> Any:
     raise QKHooksError("this recording has ended and released the model; start a new qkhooks.record(...).")
+
+
+class _ReleasedNorm:
+    """A released site's q/k normalisation: what asks whether the layer has one reads the same, but its norm modules
+    (a :class:`qkhooks.models.qknorm.QKNorm` holds them) are forgotten, so a finished recording keeps no model alive."""
+
+    def __call__(self, q: Any, k: Any) -> Any:
+        return _released()
+
+    def normalised_form(self, site: Any) -> Any:
+        return _released()
 
 
 _BATCH_METADATA = {"query_tokens": "tokens", "pool_masks": "masks"}

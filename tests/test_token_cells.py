@@ -738,6 +738,7 @@ RECORDED_ROUTES = {  # family -> (build it, image size, its route's path)
     "hf-levit": (_hf_levit, 64, "patch_embeddings"),
     "timm-levit": (_timm_levit, 64, "stem"),
     "timm-shvit": (_timm_shvit, 64, "patch_embed"),
+    "timm-gemma4": (_gemma4, 32, "encoder.patch_embed"),
 }
 
 
@@ -746,7 +747,8 @@ def test_a_finished_recording_keeps_no_module_of_the_route_alive(family):
     """The route (pixel_route) holds the model's patch embedding or stem; a finished recording, kept to read its maps,
     must forget it with the sites' other modules (Recording.sites_release). LeViT's bias reader and SHViT's query
     preparation held the site as found, route and attention module included, so a finished recording kept them alive
-    (timm's, their routes named in round 48; transformers' LeViT since its route was named)."""
+    (timm's, their routes named in round 48; transformers' LeViT since its route was named). Gemma 4's q/k norms
+    (the sites' qk_norm) were kept alive the same way."""
     import gc
     import weakref
 
