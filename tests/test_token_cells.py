@@ -476,6 +476,37 @@ def test_a_wrapped_pits_poolings_are_named_by_their_path_in_the_wrapper():
     assert f"'{path}'" in str(err.value) and "without masks" in str(err.value), (path, str(err.value))
 
 
+def test_a_wrapped_pit_with_timms_hook_feature_net_counts_its_class_token():
+    """TimmBackbone's default feature net for PiT is timm's hook net, which keeps the network as ``_backbone.body``:
+    the sites were read from the feature net around it, which has no class token or patch embedding, so they said
+    no prefix token and no grid, and the analyses that leave the prefix tokens out took PiT's class token for a
+    patch. Each site's prefix count and grid are the tokens its attention is called on: the network's class token(s)
+    and the patch map of that stage (7x7 of a 64 px image, then 4x4, then 2x2); masks, refused before for want of
+    a grid, are read onto the pixels they are for the bare network."""
+    config = transformers.TimmBackboneConfig(backbone="pit_ti_224", out_indices=[1])
+    torch.manual_seed(0)
+    model = transformers.TimmBackbone(config, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2),
+                                      base_dims=(8, 8, 8)).eval()
+    network = model._backbone.body
+    seen: dict[str, int] = {}
+    handles = [m.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, args[0].shape[1]))
+               for name, m in model.named_modules() if name.endswith(".attn")]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    for handle in handles:
+        handle.remove()
+    sites = qkhooks.sites(model)
+    assert sorted(site.path for site in sites) == sorted(seen)
+    for site in sites:
+        assert site.num_prefix_tokens == network.cls_token.shape[1], site
+        assert site.grid is not None and site.num_prefix_tokens + site.grid[0] * site.grid[1] == seen[site.path], site
+    from qkhooks.stream import mask_cells, probe_geometry
+
+    bare = qkhooks.sites(network)  # masks are read onto the same pixels as for the network recorded on its own
+    assert mask_cells(sites, probe_geometry(model, sites, (64, 64)), (64, 64), "all", model) == \
+        mask_cells(bare, probe_geometry(network, bare, (64, 64)), (64, 64), "all", network)
+
+
 def _flip_image(module, args, kwargs):
     """Someone else's pre-hook on a module holding the patch embedding: the image mirrored before it is embedded."""
     if args:

@@ -1,7 +1,7 @@
 """transformers' ``TimmBackbone``: a whole timm model inside a transformers wrapper, recorded by the timm adapter.
 
-The wrapper holds the timm model (``_backbone``, a timm feature wrapper around the network in ``.model`` where timm
-wraps it) and calls it on the pixels; the timm adapter finds the sites of that network exactly as for the bare timm
+The wrapper holds the timm model (``_backbone``, a timm feature wrapper around the network: in ``.model`` for the
+getter net, in ``.body`` for the hook net, PiT's default) and calls it on the pixels; the timm adapter finds the sites of that network exactly as for the bare timm
 model. Only their paths change: each is prefixed with where the network sits in the wrapper, so layer names are the
 ones the user sees in ``model.named_modules()``.
 """
@@ -17,11 +17,13 @@ from qkhooks.models.base import AttentionSite, register_adapter
 
 
 def _network(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """(path, module) of the timm network a TimmBackbone wraps, when the timm adapter takes it."""
+    """(path, module) of the timm network a TimmBackbone wraps, when the timm adapter takes it. The network itself,
+    not a feature net around it: its class token and patch embedding give the sites' prefix count and grid."""
     if type(model).__name__ != "TimmBackbone" or not type(model).__module__.startswith("transformers."):
         return None
     backbone = getattr(model, "_backbone", None)
-    for path, inner in (("_backbone.model", getattr(backbone, "model", None)), ("_backbone", backbone)):
+    for path, inner in (("_backbone.model", getattr(backbone, "model", None)),
+                        ("_backbone.body", getattr(backbone, "body", None)), ("_backbone", backbone)):
         if isinstance(inner, nn.Module) and timm_adapter.matches(inner):
             return path, inner
     return None
