@@ -48,7 +48,7 @@ from qkhooks.data_files import absolute_spec, file_hash_column, file_mtime_colum
 from qkhooks.errors import DataRefusal, MissingReducer, QKHooksError, RunInterrupted, refuse_unknown_keywords
 from qkhooks.models.base import AttentionSite, select_layers
 from qkhooks.models.unsupported import (hooked_paths, left_out_by_design, refuse_altered_qk, refuse_compiled,
-                                        refuse_moved_pixels, unmodelled_parts)
+                                        refuse_moved_pixels, refuse_moved_tokens, unmodelled_parts)
 from qkhooks.models.load import LoadedModel, check_device, load_model
 from qkhooks.options import DEFAULT_MODES, RecordOptions
 from qkhooks.reducers import Recipe, Reducer, recipe, to_numpy_state
@@ -139,7 +139,8 @@ def mask_cells(sites: Sequence[AttentionSite], geometry: dict[int, LayerGeometry
     size of the layers on that grid (:func:`~qkhooks.data.masks.token_cells`). Refused, before any file is
     written, for a grid whose tokens are not cells of the input, and where a module on the way from the image to
     the tokens may move them (someone else's hook on the patch embedding, :attr:`AttentionSite.pixel_route`, or a
-    pre-hook on ``model``, the model the sites were found on, or a module of it holding the patch embedding)."""
+    pre-hook on ``model``, the model the sites were found on, or a module of it holding the patch embedding), or a
+    module the tokens pass through on their way to the attention may (someone else's hook on a block, a norm)."""
     if grids == "none":
         return {}
     first = min(geometry)
@@ -152,6 +153,8 @@ def mask_cells(sites: Sequence[AttentionSite], geometry: dict[int, LayerGeometry
     for grid, here in sorted(on_grid.items(), reverse=True):
         for site in here:
             refuse_moved_pixels(site.family, site.pixel_route, model)
+            if model is not None:
+                refuse_moved_tokens(site.family, site.path, site.block_path, model)
         made = {receptive_cells(image_size, s.pixel_convs()) for s in here if s.pixel_convs is not None}
         made = made or {token_cells(image_size, grid, s.patch_size) for s in here if s.patch_size is not None}
         made = made or {token_cells(image_size, grid)}

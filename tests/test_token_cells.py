@@ -548,6 +548,48 @@ def test_masks_are_refused_where_a_pre_hook_on_a_module_holding_the_patch_embedd
         assert float((run.attention(layer, "full") - w).abs().max()) < 1e-5
 
 
+def _roll_block_input(module, args):
+    """Someone else's pre-hook on a block (or the blocks around it): the tokens rolled by one before the block runs."""
+    return (torch.roll(args[0], 1, dims=1), *args[1:])
+
+
+def _roll_block_output(module, args, output):
+    """Someone else's hook on a block: the tokens it hands on rolled by one, so the next block's show other pixels."""
+    return torch.roll(output, 1, dims=1)
+
+
+@pytest.mark.parametrize("path, hook", [("blocks", _roll_block_input), ("blocks.0", _roll_block_input),
+                                        ("blocks.1", _roll_block_input), ("blocks.0", _roll_block_output),
+                                        ("blocks.1.norm1", _roll_block_output), ("norm_pre", _roll_block_output)],
+                         ids=["pre-hook-on-blocks", "pre-hook-on-first-block", "pre-hook-on-second-block",
+                              "hook-on-first-block", "hook-on-a-norm-before-attention", "hook-on-norm-pre"])
+def test_masks_are_refused_where_someone_elses_hook_moves_the_tokens_on_their_way_to_attention(tmp_path, path, hook):
+    """r49: a hook someone else put on a module the tokens pass through before a recorded attention (the blocks, a
+    block, a norm) rolls them: each token then shows its neighbour's pixels, and masks were read onto the plain cells
+    without a word. Refused when masks are read, naming the module and the fix; without masks it records as before
+    (maps the model's own)."""
+    model = _timm_vit()
+    module = model.get_submodule(path)
+    if hook is _roll_block_input:
+        module.register_forward_pre_hook(hook)
+    else:
+        module.register_forward_hook(hook)
+    config = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(QKHooksError) as err:
+        record_dataset(load_model(model, image_config=config), DATA, tmp_path / "run.h5", batch_size=2,
+                       progress=False, modes=2, reducers=[])
+    message = str(err.value)
+    assert f"'{path}'" in message and hook.__name__ in message and "without masks" in message, message
+    assert not (tmp_path / "run.h5").exists()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    want = _own_maps(model, "timm", x)
+    with qkhooks.record(model, attention="full") as run, torch.no_grad():
+        model(x)
+    assert len(want) == 2
+    for layer, w in enumerate(want):
+        assert float((run.attention(layer, "full") - w).abs().max()) < 1e-5
+
+
 def test_a_finished_recording_of_pit_keeps_no_model_alive():
     """PiT's pixel_convs read its poolings as called; they held the model itself, and the model's sites are cached
     weakly keyed by the model (capture._SITES), so a finished recording kept every PiT module alive."""

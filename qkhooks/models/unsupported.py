@@ -983,7 +983,7 @@ def moves_pixels(module: nn.Module) -> str | None:
     which moves no pixel), a convolution padding with ``padding_mode`` other than zeros (circular padding reads the far
     edge)."""
     found = _foreign_hook(module)
-    if found is not None:
+    if found is not None and not _collects_features(found[1]):
         return f"carries a {found[0]} someone else registered ({_name(found[1])}), which can move or mix pixels"
     if "forward" in module.__dict__ and not moves_devices_only(module):
         return "has its forward replaced on the instance"
@@ -1010,6 +1010,57 @@ def refuse_moved_pixels(owner: str, route: Sequence[tuple[str, nn.Module]], mode
                     "pixels each token reads is not what its patch embedding's patch size or convolutions say, and "
                     "masks read onto the tokens would be wrong. Record this model without masks, or remove the hook "
                     "(handle.remove()) / restore the module while recording masks.")
+
+
+def _collects_features(hook: Any) -> bool:
+    """timm's feature hook net's own hook (``FeatureHooks._collect_output_hook``): it stores a stage's output for
+    the features and returns None, so it moves no token."""
+    owner = getattr(getattr(hook, "func", None), "__self__", None)
+    return type(owner).__name__ == "FeatureHooks" and type(owner).__module__.startswith("timm.")
+
+
+def refuse_moved_tokens(owner: str, path: str, block_path: str | None, model: nn.Module) -> None:
+    """Refuse, when masks are read onto the tokens of the attention at ``path``, a module the tokens pass through on
+    their way there that may move them (:func:`moves_pixels`: someone else's hook, a replaced forward): a pre-hook on
+    a module holding the attention (the blocks, the block, the attention itself), anything in its block (HF
+    registers ``layernorm_before`` after the attention), or anything in a module registered before one holding it
+    (earlier blocks, the patch embedding's neighbours). A roll there makes each token show its neighbour's pixels
+    while the maps stay the model's own, so masks would land on the wrong tokens without a word."""
+    chain = [path.rsplit(".", k)[0] for k in range(path.count("."), 0, -1)] + [path]
+    checks: list[tuple[str, nn.Module, Callable[[nn.Module], str | None]]] = []
+    parent, parent_path = model, ""
+    for holder in chain:
+        child = holder.rsplit(".", 1)[-1]
+        for name, sibling in parent.named_children():
+            if name == child:
+                break
+            where = f"{parent_path}.{name}" if parent_path else name
+            checks += [(f"{where}.{sub}" if sub else where, m, moves_pixels) for sub, m in sibling.named_modules()]
+        parent, parent_path = parent.get_submodule(child), holder
+        checks.append((holder, parent, _moves_input))
+    if block_path:
+        block = model.get_submodule(block_path)
+        checks += [(f"{block_path}.{sub}", m, moves_pixels) for sub, m in block.named_modules()
+                   if sub and f"{block_path}.{sub}" != path and not f"{block_path}.{sub}".startswith(f"{path}.")]
+    for where, module, check in checks:
+        how = check(module)
+        if how is not None:
+            raise QKHooksError(
+                f"{owner}'s {where!r} ({type(module).__name__}) {how}, on the tokens' way to the attention {path!r}, "
+                "so a token may not show the pixels of its cell, and masks read onto the tokens would be wrong. "
+                "Record this model without masks, or remove the hook (handle.remove()) / restore the module while "
+                "recording masks.")
+
+
+def _moves_input(module: nn.Module) -> str | None:
+    """How a module holding an attention may move the tokens before they reach it (someone else's forward pre-hook,
+    a replaced forward), or None; its forward hooks run after the attention."""
+    hook = _foreign(module._forward_pre_hooks)
+    if hook is not None:
+        return f"carries a forward pre-hook someone else registered ({_name(hook)}), which can move or mix tokens"
+    if "forward" in module.__dict__ and not moves_devices_only(module):
+        return "has its forward replaced on the instance"
+    return None
 
 
 def _changes_image(module: nn.Module) -> str | None:
