@@ -1783,6 +1783,19 @@ def test_windowed_modes_are_the_image_grid_tokens_projected(case: Case):
 @pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("SwinModel", "swin_tiny_patch4_window7_224", "PvtV2Model",
                                                                         "pvt_v2_b2_li")], ids=lambda c: c.name)
 def test_a_finished_recording_of_windowed_or_reduced_attention_keeps_no_model_alive(case: Case):
+    _a_finished_recording_keeps_no_model_alive(case)
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("cait_xxs24_224", "efficientformer_l1",
+                                                                        "efficientformerv2_s0")], ids=lambda c: c.name)
+def test_a_finished_recording_of_talking_heads_or_biased_attention_keeps_no_model_alive(case: Case):
+    """r49: the sites' head mixing (CaiT's and EfficientFormer-v2's talking heads) and bias readers (EfficientFormer's
+    attention biases) are read after the model's call; a finished recording, kept to read its maps, must not keep the
+    model's modules alive through them."""
+    _a_finished_recording_keeps_no_model_alive(case)
+
+
+def _a_finished_recording_keeps_no_model_alive(case: Case) -> None:
     import gc
     import weakref
 

@@ -20,8 +20,8 @@ there, not rows the model computes).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -29,20 +29,37 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models.base import AttentionSite, leading_rows, stacked_rows
 
-__all__ = ["TalkingHeads", "mixed_spectrum", "cait_site_fields", "refuse_modes_of_mixed_maps"]
+__all__ = ["TalkingHeads", "held_mixer", "mixed_spectrum", "cait_site_fields", "refuse_modes_of_mixed_maps"]
 
 
-@dataclasses.dataclass(eq=False)
 class TalkingHeads:
-    """The model's own head mixing before (``proj_l``) and after (``proj_w``) the softmax, read live."""
+    """The model's own head mixing before (``proj_l``) and after (``proj_w``) the softmax, read live. A module is
+    held weakly: a finished recording keeps its sites (and so this) and must keep no model alive."""
 
-    proj_l: nn.Linear
-    proj_w: nn.Linear
+    def __init__(self, proj_l: nn.Linear, proj_w: nn.Linear):
+        self._mixers = tuple(weakref.ref(m) if isinstance(m, nn.Module) else (lambda m=m: m) for m in (proj_l, proj_w))
+
+    @property
+    def proj_l(self) -> nn.Linear:
+        return held_mixer(self._mixers[0])
+
+    @property
+    def proj_w(self) -> nn.Linear:
+        return held_mixer(self._mixers[1])
 
     def maps(self, logits: torch.Tensor) -> torch.Tensor:
         """Scaled per-head logits (B, H, T, N) -> the model's maps (B, H, T, N): mix, softmax, mix."""
         mixed = _mix(self.proj_l, logits).softmax(dim=-1)
         return _mix(self.proj_w, mixed)
+
+
+def held_mixer(ref: Callable[[], Any]) -> Any:
+    """The head-mixing module ``ref`` (a weak reference) holds, or a refusal saying its model is gone."""
+    held = ref()
+    if held is None:
+        raise QKHooksError("the model whose talking heads this site mixes with is gone (a finished recording keeps "
+                           "no model alive); record the model again to rebuild its maps.")
+    return held
 
 
 def _mix(linear: nn.Linear, t: torch.Tensor) -> torch.Tensor:

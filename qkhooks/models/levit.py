@@ -217,10 +217,17 @@ def _shvit_site(site: AttentionSite, attn: nn.Module) -> AttentionSite:
 # ------------------------------------------------------------------------------------------- EfficientFormer-v2
 class _HeadConv:
     """A 1x1 conv over the head axis of (B, H, N, M) logits (EfficientFormer-v2's ``talking_head1/2``) read as the
-    H x H Linear over heads that :class:`qkhooks.models.class_attention.TalkingHeads` applies: weight and bias live."""
+    H x H Linear over heads that :class:`qkhooks.models.class_attention.TalkingHeads` applies: weight and bias live.
+    The conv is held weakly, so a finished recording keeps no model alive."""
 
     def __init__(self, conv: nn.Conv2d):
-        self.conv = conv
+        self._conv = weakref.ref(conv)
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        from qkhooks.models.class_attention import held_mixer
+
+        return held_mixer(self._conv)
 
     @property
     def weight(self) -> torch.Tensor:
