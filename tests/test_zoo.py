@@ -1787,11 +1787,13 @@ def test_a_finished_recording_of_windowed_or_reduced_attention_keeps_no_model_al
 
 
 @pytest.mark.parametrize("case", [c for c in FAST_CASES if c.name in ("cait_xxs24_224", "efficientformer_l1",
-                                                                        "efficientformerv2_s0")], ids=lambda c: c.name)
+                                                                        "efficientformerv2_s0", "convit_tiny",
+                                                                        "vit_dwee_patch16_reg1_gap_256")],
+                         ids=lambda c: c.name)
 def test_a_finished_recording_of_talking_heads_or_biased_attention_keeps_no_model_alive(case: Case):
-    """r49: the sites' head mixing (CaiT's and EfficientFormer-v2's talking heads) and bias readers (EfficientFormer's
-    attention biases) are read after the model's call; a finished recording, kept to read its maps, must not keep the
-    model's modules alive through them."""
+    """r49: the sites' head mixing (CaiT's and EfficientFormer-v2's talking heads, differential attention's and
+    ConViT GPSA's two softmaxes) and bias readers (EfficientFormer's attention biases) read the model's modules; a
+    finished recording, kept to read its maps, must not keep the model's modules alive through them."""
     _a_finished_recording_keeps_no_model_alive(case)
 
 

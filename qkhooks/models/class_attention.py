@@ -54,11 +54,12 @@ class TalkingHeads:
 
 
 def held_mixer(ref: Callable[[], Any]) -> Any:
-    """The head-mixing module ``ref`` (a weak reference) holds, or a refusal saying its model is gone."""
+    """The module ``ref`` (a weak reference) holds for a site's ``head_mixing``, or a refusal saying its model is
+    gone."""
     held = ref()
     if held is None:
-        raise QKHooksError("the model whose talking heads this site mixes with is gone (a finished recording keeps "
-                           "no model alive); record the model again to rebuild its maps.")
+        raise QKHooksError("the model whose head mixing (talking heads, differential or gated maps) this site reads "
+                           "is gone (a finished recording keeps no model alive); record the model again.")
     return held
 
 

@@ -26,6 +26,7 @@ blocks after them (class token joined) are plain attention.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from torch import nn
 from qkhooks.errors import QKHooksError
 from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite, recast
+from qkhooks.models.class_attention import held_mixer
 from qkhooks.models.parallel import ParallelBlockSite, parallel_block_qk, parallel_block_site
 from qkhooks.models.unsupported import MODELLED_FORMS
 from qkhooks.models.windows import timm_qk_rows, timm_qkv_rows
@@ -41,11 +43,16 @@ from qkhooks.models.windows import timm_qk_rows, timm_qkv_rows
 __all__ = ["DifferentialMaps", "GatedPositionalMaps", "TwoSoftmaxSite"]
 
 
-@dataclasses.dataclass(eq=False)
 class DifferentialMaps:
-    """Differential attention's combination of its 2H component softmaxes into H maps, with the module's own λ."""
+    """Differential attention's combination of its 2H component softmaxes into H maps, with the module's own λ.
+    The module is held weakly: a finished recording keeps its sites (and so this) and must keep no model alive."""
 
-    module: nn.Module
+    def __init__(self, module: nn.Module):
+        self._module = weakref.ref(module)
+
+    @property
+    def module(self) -> nn.Module:
+        return held_mixer(self._module)
 
     def terms(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """Scaled logits (B, 2H, T, N) of the component heads -> ``softmax1``, ``softmax2`` (B, H, T, N), ``lambda``."""
@@ -63,11 +70,16 @@ class DifferentialMaps:
         return t["softmax1"] - t["lambda"] * t["softmax2"]
 
 
-@dataclasses.dataclass(eq=False)
 class GatedPositionalMaps:
-    """GPSA's gated mix of the content softmax and its position-only softmax, from the module's own parameters."""
+    """GPSA's gated mix of the content softmax and its position-only softmax, from the module's own parameters.
+    The module is held weakly: a finished recording keeps its sites (and so this) and must keep no model alive."""
 
-    module: nn.Module
+    def __init__(self, module: nn.Module):
+        self._module = weakref.ref(module)
+
+    @property
+    def module(self) -> nn.Module:
+        return held_mixer(self._module)
 
     def position(self, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
         """softmax(pos_proj(r)) (H, N, N) on the module's own relative indices for ``num_tokens`` patches."""
