@@ -361,8 +361,6 @@ def test_shards_of_a_streamed_run_recorded_before_and_after_the_stamps_merge(tmp
     """A torchrun resume after an upgrade: rank 0's shard of a list of paths, begun before round 40 (no file arrays),
     beside rank 1's, recorded with them. They are one run: the merge goes without the three arrays (a streamed run's
     serve only a resume of its shards) rather than refusing rank 0's as "not one run"; the rest equals a single run."""
-    import json
-
     from qkhooks.distributed import merge_shards, shard_path
 
     loaded, folder, out = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
