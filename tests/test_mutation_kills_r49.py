@@ -54,7 +54,7 @@ def _roll(module, args, output):
     return torch.roll(output, 1, dims=-1)
 
 
-ROUTE_SENTENCE = ("so which pixels each token reads is not what its patch embedding's convolutions say, and masks read "
+ROUTE_SENTENCE = ("so which pixels each token reads is not what its patch embedding's patch size or convolutions say, and masks read "
                   "onto the tokens would be wrong. Record this model without masks, or remove the hook "
                   "(handle.remove()) / restore the module while recording masks.")
 
