@@ -14,6 +14,7 @@ Per-image extras stored next to the maps (when the dataset has masks):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -23,7 +24,7 @@ import sys
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from PIL import Image
 import numpy as np
@@ -277,6 +278,32 @@ def _static_geometry(net: nn.Module, sites: Sequence[AttentionSite], image_size:
     return found
 
 
+@contextlib.contextmanager
+def refusing_a_failing_size(net: nn.Module, run: Any, image_size: Sequence[int]) -> Iterator[None]:
+    """Around a recording's first forward at this input size: where it fails and the model alone (``run``'s hooks
+    and sinks taken off) fails on a blank image of the size too, the model's own error (a window that does not divide
+    a stage, a position table it reads as a square) becomes a refusal naming the size and the fix; any other error
+    (a sink's, memory) passes as it is. The geometry probe makes that forward for most models, but a plain ViT's
+    geometry needs none, so the recording's first batch or BFD's blank image meets the error first."""
+    try:
+        yield
+    except QKHooksError:
+        raise
+    except Exception as err:
+        run.detach()
+        weight = next(net.parameters())
+        try:
+            with torch.no_grad():
+                net(torch.zeros(1, 3, *image_size, device=weight.device, dtype=weight.dtype))
+        except Exception as own:
+            raise QKHooksError(
+                f"the model fails on a {image_size[0]}x{image_size[1]} image, the size its image config gives "
+                f"({type(own).__name__}: {own}); nothing was written. Load it with the input size it was built for "
+                "(load_model(module, image_config=...), or the model's own pretrained config)."
+            ) from err
+        raise
+
+
 def _probe_forward(net: nn.Module, sites: Sequence[AttentionSite], image_size: tuple[int, int],
                    device: str | torch.device, dtype: torch.dtype) -> dict[int, LayerGeometry]:
     """The sites' geometry read off one forward of a blank image."""
@@ -288,17 +315,9 @@ def _probe_forward(net: nn.Module, sites: Sequence[AttentionSite], image_size: t
             found[site.layer] = observe_geometry(site, int(cap.query.shape[-1]), int(cap.key.shape[-1]),
                                                  tuple(image_size))
 
-    with record(net, modes=1, sites=sites, sinks=[_Callback(note)]) as run, torch.no_grad():
-        try:
-            run(torch.zeros(1, 3, *image_size, device=device, dtype=dtype))
-        except QKHooksError:
-            raise
-        except Exception as err:  # the model's own check (a window that does not divide a stage, a size it refuses)
-            raise QKHooksError(
-                f"the model fails on a {image_size[0]}x{image_size[1]} image, the size its image config gives "
-                f"({type(err).__name__}: {err}); nothing was written. Load it with the input size it was built for "
-                "(load_model(module, image_config=...), or the model's own pretrained config)."
-            ) from err
+    with record(net, modes=1, sites=sites, sinks=[_Callback(note)]) as run, torch.no_grad(), \
+            refusing_a_failing_size(net, run, image_size):
+        run(torch.zeros(1, 3, *image_size, device=device, dtype=dtype))
     return found
 
 
@@ -1429,6 +1448,7 @@ def _loop(run, batches, net, total, device, layout, plan, progress, writer, chec
     ``/images/skipped``, rewritten where it grew, so a killed run's file names them) and the reducers' checkpoint."""
     dtype = next(net.parameters()).dtype
     written: list[tuple[str, str]] | None = None
+    first = True  # the first forward at the run's size: where a model that fails on it fails
     bar = tqdm(total=total, unit="img", disable=not progress, desc="record")
     try:
         for step, (batch, read) in enumerate(batches):
@@ -1437,8 +1457,10 @@ def _loop(run, batches, net, total, device, layout, plan, progress, writer, chec
                 continue
             pixels = batch["pixel_values"].to(device=device, dtype=dtype, non_blocking=True)
             meta = _batch_meta(batch, *layout, plan)
-            with torch.no_grad():
+            refusal = refusing_a_failing_size(net, run, tuple(pixels.shape[-2:])) if first else contextlib.nullcontext()
+            with torch.no_grad(), refusal:
                 run(pixels, ids=list(batch["id"]), meta=meta)
+            first = False
             if writer is not None and (step + 1) % checkpoint_every == 0:
                 skipped = skipped_at(step) if skipped_at is not None else None
                 if skipped is not None and (written is None or len(skipped) != len(written)):  # it only grows

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import h5py
 import json
+import re
 import numpy as np
 import pytest
 import torch
@@ -261,3 +262,55 @@ def test_the_reduced_key_grid_is_read_off_the_modules_own_reduction_on_a_non_squ
         assert _reduced_grid(attn, (4, 6), want[0] * want[1]) == want
         assert _reduced_grid(attn, (4, 6), want[0] * want[1] + 1) is None
     assert _reduced_grid(torch.nn.Linear(2, 2), (4, 6), 6) is None
+
+
+def _dinov2_built_non_square():
+    """An HF DINOv2 built for 48 x 32: its position table has 6 x 4 positions, but its own interpolation reads the
+    table as a square, so it fails on the size it was built for. Its class is a plain ViT (no probe forward)."""
+    import transformers
+
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, image_size=(48, 32), patch_size=8)
+    model = transformers.Dinov2Model._from_config(config, attn_implementation="eager").eval()
+    with pytest.raises(RuntimeError):  # the model's own error, before qkhooks: the refusal below is not made up
+        model(torch.zeros(1, 3, 48, 32))
+    return LoadedModel(model, "dinov2-48x32", ImageConfig(size=(48, 32), mean=(0.5,) * 3, std=(0.25,) * 3))
+
+
+@pytest.mark.parametrize("how", ["record", "record, resumable", "bfd", "bfd, tensors"])
+def test_a_model_whose_first_forward_fails_is_refused_with_the_fix_on_every_path(tmp_path, how):
+    """A plain-ViT class skips the geometry probe, so the first forward of the recording (or of BFD's blank-image
+    look at the logits) was the first to meet the model's error, and it surfaced raw. Every path now gives the
+    probe's refusal: the size, the model's own error and the fix, and no run file."""
+    from qkhooks.analysis.bfd import pass1_path, run_bfd
+
+    loaded = _dinov2_built_non_square()
+    path = tmp_path / "run.h5"
+    with pytest.raises(QKHooksError) as err:
+        if how.startswith("record"):
+            record_dataset(loaded, "samples", path, limit=2, batch_size=2, progress=False, modes=1,
+                           checkpoint_every=1 if how.endswith("resumable") else 8)
+        elif how == "bfd":
+            run_bfd(loaded, "samples", path, limit=4, batch_size=2)
+        else:
+            run_bfd(loaded.model, torch.zeros(4, 3, 48, 32), None, batch_size=2)
+    assert re.match(r"the model fails on a 48x32 image, the size its image config gives \(RuntimeError: .+\); "
+                    r"nothing was written\. Load it with the input size it was built for", str(err.value)), err.value
+    assert not path.exists() and not pass1_path(path).exists() and not list(tmp_path.iterdir())
+
+
+def test_an_error_in_the_first_batch_of_a_model_that_runs_is_not_called_a_size_refusal(tmp_path):
+    """The refusal is given only where the model alone fails on the size: a sink's own error in the first batch of a
+    model that runs passes as it is (it was called "the model fails on a 32x32 image")."""
+    loaded = load_model(_timm("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+
+    def broken(batch):
+        raise ValueError("this sink is broken")
+
+    with pytest.raises(ValueError, match="this sink is broken"):
+        record_dataset(loaded, "samples", tmp_path / "run.h5", limit=2, batch_size=2, progress=False, modes=1,
+                       on_batch=broken)

@@ -374,6 +374,7 @@ def added_terms(net: nn.Module, sites: Sequence[Any], image_size: tuple[int, int
     query-dependent relative term (SAM/ViTDet), a term that changes with the image; read off one forward of a blank
     image. The energies leave these out, so the result says so (round 33: they were left out without a word)."""
     from qkhooks.capture import record  # the recording core; imported where a BFD run starts
+    from qkhooks.stream import refusing_a_failing_size
 
     found: dict[int, str] = {}
     for site in sites:
@@ -381,7 +382,8 @@ def added_terms(net: nn.Module, sites: Sequence[Any], image_size: tuple[int, int
             found[site.layer] = ("the model adds a query-dependent relative-position term to the logits, which the "
                                  "energies leave out")
     dtype = next(net.parameters()).dtype
-    with record(net, modes=1, sites=list(sites)) as run, torch.no_grad():
+    with record(net, modes=1, sites=list(sites)) as run, torch.no_grad(), \
+            refusing_a_failing_size(net, run, image_size):
         run(torch.zeros(1, 3, *image_size, device=device, dtype=dtype))
     for site in sites:
         try:
