@@ -750,3 +750,22 @@ def test_an_image_with_nan_or_inf_pixels_is_refused_not_decomposed_into_nones(ti
         broken[2, 1, 5, 7] = bad
         with pytest.raises(QKHooksError, match="energies are not finite .*NaN or inf tokens"):
             run_bfd(loaded.model, broken, batch_size=2, decode=False)
+
+
+def test_a_resume_to_another_limit_is_refused_saying_why_and_the_fix_it_names_gives_a_fresh_runs_result(tiny_run):
+    """`record --resume` may raise --limit, BFD may not: pass 2's sums centre every image on pass 1's position means
+    over the run's images, so more images change every kept image's share. The refusal said only "its options
+    differ: limit: file 4, now 8"; it says why and what to do, leaves the run as it was, and its --overwrite gives
+    what a fresh run to the new limit gives."""
+    loaded, folder, _, tmp = tiny_run
+    out = tmp / "bfd.h5"
+    four = run_bfd(loaded, str(folder), out, batch_size=2, holdout_every=3, limit=4)
+    with pytest.raises(QKHooksError) as err:
+        run_bfd(loaded, str(folder), out, batch_size=2, holdout_every=3, limit=8, resume=True)
+    said = str(err.value)
+    assert "limit 4, now 8" in said and "position means" in said and "exactly" in said, said
+    assert "limit=4 (--limit 4)" in said and "overwrite=True (--overwrite)" in said, said
+    assert _close(read_bfd(out), four)
+    eight = run_bfd(loaded, str(folder), out, batch_size=2, holdout_every=3, limit=8, overwrite=True)
+    assert _close(eight, run_bfd(loaded, str(folder), tmp / "fresh.h5", batch_size=2, holdout_every=3, limit=8))
+    assert not _close(eight, four)

@@ -360,6 +360,15 @@ def _refuse_other_run(path: Path, expected: Mapping[str, Any]) -> None:
     if differ:
         what = ("it is not a file of `qkhooks bfd` (" + ", ".join(stored.get("reducers") or []) + ")"
                 if not stored.get("extra") or "bfd" not in (stored.get("extra") or {}) else "its options differ")
+        if differ == ["limit"] and what == "its options differ":  # `record --resume` may raise it; BFD may not
+            kept = stored.get("limit")
+            same = "limit=None (no --limit)" if kept is None else f"limit={kept} (--limit {kept})"
+            raise QKHooksError(
+                f"cannot resume the BFD run at {path} to another limit (the file's limit {kept}, now "
+                f"{wanted['limit']}): pass 2 centres every image's tokens on pass 1's position means over all the "
+                "run's images, so other images change what every image adds to pass 2 from the first on, and a "
+                f"resume cannot carry its sums on exactly. Resume with {same}, or overwrite=True (--overwrite) to run "
+                "both passes again to the new limit, or give another --out (nothing was run or changed).")
         raise QKHooksError(
             f"cannot resume the BFD run at {path}: {what}: "
             + "; ".join(f"{k}: file {stored.get(k)!r}, now {wanted[k]!r}" for k in differ)
