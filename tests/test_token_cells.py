@@ -48,6 +48,20 @@ def _cells(n: int, patch: int, padded: bool) -> list[tuple[int, int]]:
     return [(i * patch, min((i + 1) * patch, n)) for i in range(count)]
 
 
+def _recorded_labels(model: torch.nn.Module, config: ImageConfig, path, arrays=("masks/objects",)):
+    """Record DATA's two photos with their masks; the stored label arrays (by name), the run's ids, and each photo's
+    own pixel labels by id (the reference the stored labels are checked against)."""
+    record_dataset(load_model(model, image_config=config), DATA, path, batch_size=2, progress=False, modes=2,
+                   reducers=[])
+    data = open_dataset(DATA, config)
+    by_id = {data[i]["id"]: data[i]["objects"].numpy() for i in range(len(data))}
+    with open_run(path) as run:
+        stored = {name: np.asarray(run.array(name)[:]) for name in arrays}
+        ids = list(run.ids)
+    assert sorted(ids) == sorted(by_id) and len(ids) == 2
+    return stored, ids, by_id
+
+
 def _majority(labels: np.ndarray, cells: list[tuple[int, int]]) -> np.ndarray:
     """Per token, the label most of its pixels show (background, then the lower id, on ties)."""
     out = np.zeros((len(cells), len(cells)), np.int64)
@@ -67,17 +81,11 @@ def _fractions(mask: np.ndarray, cells: list[tuple[int, int]]) -> np.ndarray:
                          ids=["timm-padded", "hf-floored"])
 def test_object_labels_are_the_majority_of_the_pixels_each_patch_reads(tmp_path, build, padded, grid):
     path = tmp_path / "run.h5"
-    record_dataset(load_model(build(), image_config=CONFIG), DATA, path, batch_size=2, progress=False, modes=2,
-                   reducers=[])
-    data = open_dataset(DATA, CONFIG)
-    by_id = {data[i]["id"]: data[i]["objects"].numpy() for i in range(len(data))}
+    stored, ids, by_id = _recorded_labels(build(), CONFIG, path)
     cells = _cells(SIZE, 8, padded)
     with open_run(path) as run:
         assert run.geometry(0).grid == (grid, grid)
-        stored = np.asarray(run.array("masks/objects")[:])
-        ids = list(run.ids)
-    assert sorted(ids) == sorted(by_id) and len(ids) == 2
-    for row, image in zip(stored, ids):
+    for row, image in zip(stored["masks/objects"], ids):
         np.testing.assert_array_equal(row, _majority(by_id[image], cells))
     # the edge decides: bins spread over every pixel (round 32's) give other labels on these photos
     assert any((_majority(labels, cells) != _spread(labels, grid)).any() for labels in by_id.values())
@@ -133,18 +141,11 @@ def test_pit_labels_come_from_the_pixels_its_overlapping_patches_and_pooling_rea
     torch.manual_seed(0)
     pit = timm.create_model("pit_ti_224", pretrained=False, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2),
                             base_dims=(8, 8, 8))
-    path = tmp_path / "pit.h5"
     config = ImageConfig(size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3)
-    record_dataset(load_model(pit, image_config=config), DATA, path, batch_size=2, progress=False, modes=2,
-                   reducers=[])
-    data = open_dataset(DATA, config)
-    by_id = {data[i]["id"]: data[i]["objects"].numpy() for i in range(len(data))}
     chains = {"masks/objects": [pit.patch_embed.conv],
               "masks/objects_4x4": [pit.patch_embed.conv, pit.transformers[1].pool.conv],
               "masks/objects_2x2": [pit.patch_embed.conv, pit.transformers[1].pool.conv, pit.transformers[2].pool.conv]}
-    with open_run(path) as run:
-        stored = {name: np.asarray(run.array(name)[:]) for name in chains}
-        ids = list(run.ids)
+    stored, ids, by_id = _recorded_labels(pit, config, tmp_path / "pit.h5", arrays=tuple(chains))
     for name, convs in chains.items():
         supports = _support(convs, 64)
         for row, image in zip(stored[name], ids):
@@ -420,14 +421,8 @@ def test_accelerates_device_placement_on_the_embeddings_is_taken_for_masks(tmp_p
     for module in model.embeddings.modules():
         hooks.add_hook_to_module(module, hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
     config = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
-    record_dataset(load_model(model, image_config=config), DATA, tmp_path / "run.h5", batch_size=2, progress=False,
-                   modes=2, reducers=[])
-    data = open_dataset(DATA, config)
-    by_id = {data[i]["id"]: data[i]["objects"].numpy() for i in range(len(data))}
-    with open_run(tmp_path / "run.h5") as run:
-        stored, ids = np.asarray(run.array("masks/objects")[:]), list(run.ids)
-    assert len(ids) == 2
-    for row, image in zip(stored, ids):
+    stored, ids, by_id = _recorded_labels(model, config, tmp_path / "run.h5")
+    for row, image in zip(stored["masks/objects"], ids):
         np.testing.assert_array_equal(row, _majority(by_id[image], _cells(32, 8, False)))
 
     class Roll(hooks.ModelHook):
@@ -723,14 +718,8 @@ def test_gemma4s_cells_are_the_pixels_its_tokens_read_and_its_labels_their_major
     rows, cols = _route_spans(model, "timm-gemma4")
     assert (cells.rows, cells.cols) == (rows, cols) == (tuple(_cells(32, 8, False)),) * 2
     config = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
-    record_dataset(load_model(model, image_config=config), DATA, tmp_path / "run.h5", batch_size=2, progress=False,
-                   modes=2, reducers=[])
-    data = open_dataset(DATA, config)
-    by_id = {data[i]["id"]: data[i]["objects"].numpy() for i in range(len(data))}
-    with open_run(tmp_path / "run.h5") as run:
-        stored, ids = np.asarray(run.array("masks/objects")[:]), list(run.ids)
-    assert len(ids) == 2
-    for row, image in zip(stored, ids):
+    stored, ids, by_id = _recorded_labels(model, config, tmp_path / "run.h5")
+    for row, image in zip(stored["masks/objects"], ids):
         np.testing.assert_array_equal(row, _majority(by_id[image], list(rows)))
 
 
@@ -744,13 +733,8 @@ def test_levits_cells_are_its_stems_stride_blocks_inside_what_each_token_reads(t
     for blocks, spans in zip((cells.rows, cells.cols), _route_spans(model, "hf-levit")):
         assert all(s0 <= b0 and b1 <= s1 for (b0, b1), (s0, s1) in zip(blocks, spans)), (blocks, spans)
     config = ImageConfig(size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3)
-    record_dataset(load_model(model, image_config=config), DATA, tmp_path / "run.h5", batch_size=2, progress=False,
-                   modes=2, reducers=[])
-    data = open_dataset(DATA, config)
-    by_id = {data[i]["id"]: data[i]["objects"].numpy() for i in range(len(data))}
-    with open_run(tmp_path / "run.h5") as run:
-        stored, ids = np.asarray(run.array("masks/objects")[:]), list(run.ids)
-    for row, image in zip(stored, ids):
+    stored, ids, by_id = _recorded_labels(model, config, tmp_path / "run.h5")
+    for row, image in zip(stored["masks/objects"], ids):
         np.testing.assert_array_equal(row, _majority(by_id[image], _cells(64, 16, False)))
 
 

@@ -43,9 +43,9 @@ from qkhooks.models.windows import timm_qk_rows, timm_qkv_rows
 __all__ = ["DifferentialMaps", "GatedPositionalMaps", "TwoSoftmaxSite"]
 
 
-class DifferentialMaps:
-    """Differential attention's combination of its 2H component softmaxes into H maps, with the module's own λ.
-    The module is held weakly: a finished recording keeps its sites (and so this) and must keep no model alive."""
+class _HeldWeakly:
+    """A head mixing that reads its attention module's own parameters, holding the module weakly: a finished
+    recording keeps its sites (and so this) and must keep no model alive."""
 
     def __init__(self, module: nn.Module):
         self._module = weakref.ref(module)
@@ -53,6 +53,10 @@ class DifferentialMaps:
     @property
     def module(self) -> nn.Module:
         return held_mixer(self._module)
+
+
+class DifferentialMaps(_HeldWeakly):
+    """Differential attention's combination of its 2H component softmaxes into H maps, with the module's own λ."""
 
     def terms(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """Scaled logits (B, 2H, T, N) of the component heads -> ``softmax1``, ``softmax2`` (B, H, T, N), ``lambda``."""
@@ -70,16 +74,8 @@ class DifferentialMaps:
         return t["softmax1"] - t["lambda"] * t["softmax2"]
 
 
-class GatedPositionalMaps:
-    """GPSA's gated mix of the content softmax and its position-only softmax, from the module's own parameters.
-    The module is held weakly: a finished recording keeps its sites (and so this) and must keep no model alive."""
-
-    def __init__(self, module: nn.Module):
-        self._module = weakref.ref(module)
-
-    @property
-    def module(self) -> nn.Module:
-        return held_mixer(self._module)
+class GatedPositionalMaps(_HeldWeakly):
+    """GPSA's gated mix of the content softmax and its position-only softmax, from the module's own parameters."""
 
     def position(self, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
         """softmax(pos_proj(r)) (H, N, N) on the module's own relative indices for ``num_tokens`` patches."""

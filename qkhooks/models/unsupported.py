@@ -1002,14 +1002,25 @@ def refuse_moved_pixels(owner: str, route: Sequence[tuple[str, nn.Module]], mode
         holders = [] if model is None else ["", *(path.rsplit(".", k)[0] for k in range(path.count("."), 0, -1))]
         checks = [(holder, model.get_submodule(holder), _changes_image) for holder in holders] + [
             (f"{path}.{sub}" if sub else path, module, moves_pixels) for sub, module in top.named_modules()]
-        for where, module, check in checks:
-            how = check(module)
-            if how is not None:
-                raise QKHooksError(
-                    f"{owner}'s {repr(where) if where else 'the model itself'} ({type(module).__name__}) {how}, so which "
-                    "pixels each token reads is not what its patch embedding's patch size or convolutions say, and "
-                    "masks read onto the tokens would be wrong. Record this model without masks, or remove the hook "
-                    "(handle.remove()) / restore the module while recording masks.")
+        found = _first_moving(checks)
+        if found is not None:
+            where, module, how = found
+            raise QKHooksError(
+                f"{owner}'s {repr(where) if where else 'the model itself'} ({type(module).__name__}) {how}, so which "
+                "pixels each token reads is not what its patch embedding's patch size or convolutions say, and "
+                "masks read onto the tokens would be wrong. Record this model without masks, or remove the hook "
+                "(handle.remove()) / restore the module while recording masks.")
+
+
+def _first_moving(checks: Sequence[tuple[str, nn.Module, Callable[[nn.Module], str | None]]]
+                  ) -> tuple[str, nn.Module, str] | None:
+    """The first ``(where, module, how)`` among ``(where, module, check)`` whose check says how the module may move
+    the pixels or tokens (:func:`moves_pixels`, :func:`_changes_image`, :func:`_moves_input`), or None."""
+    for where, module, check in checks:
+        how = check(module)
+        if how is not None:
+            return where, module, how
+    return None
 
 
 def _collects_features(hook: Any) -> bool:
@@ -1042,14 +1053,14 @@ def refuse_moved_tokens(owner: str, path: str, block_path: str | None, model: nn
         block = model.get_submodule(block_path)
         checks += [(f"{block_path}.{sub}", m, moves_pixels) for sub, m in block.named_modules()
                    if sub and f"{block_path}.{sub}" != path and not f"{block_path}.{sub}".startswith(f"{path}.")]
-    for where, module, check in checks:
-        how = check(module)
-        if how is not None:
-            raise QKHooksError(
-                f"{owner}'s {where!r} ({type(module).__name__}) {how}, on the tokens' way to the attention {path!r}, "
-                "so a token may not show the pixels of its cell, and masks read onto the tokens would be wrong. "
-                "Record this model without masks, or remove the hook (handle.remove()) / restore the module while "
-                "recording masks.")
+    found = _first_moving(checks)
+    if found is not None:
+        where, module, how = found
+        raise QKHooksError(
+            f"{owner}'s {where!r} ({type(module).__name__}) {how}, on the tokens' way to the attention {path!r}, "
+            "so a token may not show the pixels of its cell, and masks read onto the tokens would be wrong. "
+            "Record this model without masks, or remove the hook (handle.remove()) / restore the module while "
+            "recording masks.")
 
 
 def _moves_input(module: nn.Module) -> str | None:
