@@ -387,3 +387,9 @@ def test_a_static_whose_data_a_cut_left_past_the_files_end_is_lost_and_named_not
         assert "spectrum/L0/U" in fmt.lost_statics(run.attrs)
         with pytest.raises(QKHooksError, match="lost"):
             run.spectrum(0)
+        arrays = run.spectrum_arrays(0)  # what was copied reads; the lost array is refused by name, not a KeyError
+        assert "U" not in arrays
+        with pytest.raises(QKHooksError, match="lost spectrum/L0/U to damage"):
+            arrays["U"]
+        with pytest.raises(KeyError):  # a name no run stores stays a plain KeyError
+            arrays["no such array"]

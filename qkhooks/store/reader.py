@@ -26,7 +26,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, NoReturn, Sequence, TypeVar
 
 import h5py
 import numpy as np
@@ -177,6 +177,24 @@ def rewritten_shards(ds: h5py.Dataset, folder: Path, n: int,
             if run_id is not _SHARD_GONE and run_id != merged[name]:  # a missing shard: missing_shard_rows
                 out.append((name, lo, min(hi, n)))
     return out
+
+
+class _SpectrumArrays(dict):
+    """A layer's stored spectrum arrays (:meth:`RunReader.spectrum_arrays`). An array that damage took (a repair
+    could not copy it: :func:`~qkhooks.store.format.lost_spectrum`) is refused by name when asked for, where a plain
+    dict would raise a bare ``KeyError`` (round 49: found by the damage sweep)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], lost: Sequence[str], path: Path, layer: int):
+        super().__init__(arrays)
+        self._lost, self._path, self._layer = list(lost), path, layer
+
+    def __missing__(self, key: str) -> NoReturn:
+        name = f"spectrum/L{self._layer}/{key}"
+        if name in self._lost or any(lost.startswith("(") for lost in self._lost):
+            raise QKHooksError(f"{self._path} lost {name if name in self._lost else self._lost[0]} to damage (a repair "
+                               "could not copy it), so it is not known; `qkhooks spectrum MODEL` recomputes the "
+                               "spectrum from the weights.")
+        raise KeyError(key)
 
 
 class RunArray:
@@ -868,7 +886,8 @@ class RunReader:
         if broken:  # object whose header does not read (round 33: a raw TypeError on v[()])
             raise QKHooksError(damaged_message(self.path, f"spectrum/L{index}/{broken[0]} cannot be opened (its "
                                                           "object header does not read)"))
-        return {k: v[()] for k, v in arrays.items()}
+        return _SpectrumArrays({k: v[()] for k, v in arrays.items()}, fmt.lost_spectrum(self.attrs, index), self.path,
+                               index)
 
     @property
     def qk_spectrum(self) -> QKSpectrum | None:
