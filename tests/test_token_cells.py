@@ -471,18 +471,46 @@ def test_a_wrapped_pits_poolings_are_named_by_their_path_in_the_wrapper():
     assert f"'{path}'" in str(err.value) and "without masks" in str(err.value), (path, str(err.value))
 
 
-def test_a_wrapped_pit_with_timms_hook_feature_net_counts_its_class_token():
-    """TimmBackbone's default feature net for PiT is timm's hook net, which keeps the network as ``_backbone.body``:
-    the sites were read from the feature net around it, which has no class token or patch embedding, so they said
-    no prefix token and no grid, and the analyses that leave the prefix tokens out took PiT's class token for a
-    patch. Each site's prefix count and grid are the tokens its attention is called on: the network's class token(s)
-    and the patch map of that stage (7x7 of a 64 px image, then 4x4, then 2x2); masks, refused before for want of
-    a grid, are read onto the pixels they are for the bare network."""
+def _pit_in_timm_backbone() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """TimmBackbone's default feature net for PiT: timm's hook net, the network kept as ``_backbone.body``."""
     config = transformers.TimmBackboneConfig(backbone="pit_ti_224", out_indices=[1])
+    model = transformers.TimmBackbone(config, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8))
+    return model, model._backbone.body
+
+
+def _timm_feature_net(name: str, feature_cls: str, **sizes) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """timm's own ``features_only`` net (no transformers wrapper): the getter net keeps the network as ``model``,
+    the hook net as ``body``."""
+    model = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1,), feature_cls=feature_cls,
+                              **sizes)
+    return model, getattr(model, {"getter": "model", "hook": "body"}[feature_cls])
+
+
+_PIT_SIZES = dict(img_size=64, depth=(1, 2, 1), heads=(2, 2, 2), base_dims=(8, 8, 8))
+_VIT_SIZES = dict(img_size=64, patch_size=16, depth=2, embed_dim=16, num_heads=2)
+
+
+@pytest.mark.parametrize("build", [
+    _pit_in_timm_backbone,
+    lambda: _timm_feature_net("pit_ti_224", "hook", **_PIT_SIZES),
+    lambda: _timm_feature_net("pit_ti_224", "getter", **_PIT_SIZES),
+    lambda: _timm_feature_net("vit_tiny_patch16_224", "getter", **_VIT_SIZES),
+    lambda: _timm_feature_net("vit_tiny_patch16_224", "hook", **_VIT_SIZES),
+], ids=["TimmBackbone-pit-hook", "features_only-pit-hook", "features_only-pit-getter", "features_only-vit-getter",
+        "features_only-vit-hook"])
+def test_a_timm_network_inside_a_feature_net_counts_its_class_token(build):
+    """timm's feature nets (``features_only``; also inside transformers' TimmBackbone) keep the whole network as one
+    child (the getter net's ``model``, the hook net's ``body``). The sites were read from the feature net around it,
+    which has no class token or patch embedding, so they said no prefix token and no grid, and the analyses that
+    leave the prefix tokens out took the class token for a patch. Each site's prefix count and grid are the tokens
+    its attention is called on: the network's class token(s) and the patch map of that stage (PiT: 7x7 of a 64 px
+    image, then 4x4, then 2x2; ViT: 4x4); masks, refused before for want of a grid, are read onto the pixels they are
+    for the bare network."""
+    from qkhooks.stream import mask_cells, probe_geometry
+
     torch.manual_seed(0)
-    model = transformers.TimmBackbone(config, img_size=64, depth=(1, 2, 1), heads=(2, 2, 2),
-                                      base_dims=(8, 8, 8)).eval()
-    network = model._backbone.body
+    model, network = build()
+    model.eval()
     seen: dict[str, int] = {}
     handles = [m.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, args[0].shape[1]))
                for name, m in model.named_modules() if name.endswith(".attn")]
@@ -495,8 +523,6 @@ def test_a_wrapped_pit_with_timms_hook_feature_net_counts_its_class_token():
     for site in sites:
         assert site.num_prefix_tokens == network.cls_token.shape[1], site
         assert site.grid is not None and site.num_prefix_tokens + site.grid[0] * site.grid[1] == seen[site.path], site
-    from qkhooks.stream import mask_cells, probe_geometry
-
     bare = qkhooks.sites(network)  # masks are read onto the same pixels as for the network recorded on its own
     assert mask_cells(sites, probe_geometry(model, sites, (64, 64)), (64, 64), "all", model) == \
         mask_cells(bare, probe_geometry(network, bare, (64, 64)), (64, 64), "all", network)

@@ -1,6 +1,7 @@
 """Adapter for timm models whose attention is plain softmax(scale · q·k): ViT and its variants (DeiT incl.
 distilled, DINO, CLIP, DINOv2 incl. registers, parallel blocks), PiT's pooled stages, and EVA / EVA-02 /
 DINOv3 / ``vit_*_rope_*`` (``EvaAttention``: maps from the model's own rotated q, k; modes of the content form).
+Also inside timm's own feature nets (``features_only``): the sites of the network they keep, under its path there.
 
 The hooked module receives exactly the tokens entering W_q/W_k (after the block's norm). An attention module
 is taken only when its class's own ``forward`` is one qkhooks models (``timm.layers.Attention``,
@@ -236,8 +237,35 @@ def _stage_of(modules: dict[str, nn.Module], block_path: str) -> str:
     return container
 
 
+# timm's feature nets (``features_only``) that keep the whole network as one child, by class: the child's name
+_FEATURE_NET_CHILD = {"FeatureGetterNet": "model", "FeatureHookNet": "body"}
+
+
+def feature_net_network(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(path, network) where ``model`` is a timm feature net keeping the whole network as one child (the getter net;
+    the hook net unless it rewrote the network). The network's class token and patch embedding give the sites'
+    prefix count and grid: the feature net around it has neither, and read as the model it said 0 and none."""
+    child = _FEATURE_NET_CHILD.get(type(model).__name__)
+    network = getattr(model, child, None) if child and _is_timm_model(model) else None
+    if not isinstance(network, nn.Module) or list(model.children()) != [network]:
+        return None  # a rewritten network (``flatten_sequential``): its modules are the feature net's own children
+    return child, network  # type: ignore[return-value]
+
+
+def with_path_prefix(sites: list[AttentionSite], prefix: str) -> list[AttentionSite]:
+    """Sites found on a network, their paths prefixed with where it sits in the model the user holds, so layer names
+    are the ones ``model.named_modules()`` shows."""
+    return [dataclasses.replace(site, path=f"{prefix}.{site.path}", block_path=f"{prefix}.{site.block_path}",
+                                stage=f"{prefix}.{site.stage}" if site.stage else prefix,
+                                pixel_route=tuple((f"{prefix}.{path}", module) for path, module in site.pixel_route))
+            for site in sites]
+
+
 def find(model: nn.Module) -> list[AttentionSite]:
     """Sites for every modelled attention of a timm model, in forward order; refuses anything unmodelled."""
+    wrapped = feature_net_network(model)
+    if wrapped is not None:
+        return with_path_prefix(find(wrapped[1]), wrapped[0])
     modules = dict(model.named_modules())
     num_prefix, grid, patch = _geometry(model)
     patch_grid = _patch_grid_source(model) if patch is not None else None

@@ -1,14 +1,13 @@
 """transformers' ``TimmBackbone``: a whole timm model inside a transformers wrapper, recorded by the timm adapter.
 
-The wrapper holds the timm model (``_backbone``, a timm feature wrapper around the network: in ``.model`` for the
-getter net, in ``.body`` for the hook net, PiT's default) and calls it on the pixels; the timm adapter finds the sites of that network exactly as for the bare timm
-model. Only their paths change: each is prefixed with where the network sits in the wrapper, so layer names are the
-ones the user sees in ``model.named_modules()``.
+The wrapper holds the timm model (``_backbone``, a timm feature net around the network: the getter net's
+``.model``, the hook net's ``.body`` for PiT's default, a rewritten module list for Swin's) and calls it on the
+pixels; the timm adapter finds the sites of that feature net exactly as for the same timm model built on its own.
+Only their paths change: each is prefixed with ``_backbone``, so layer names are the ones the user sees in
+``model.named_modules()``.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from torch import nn
 
@@ -16,30 +15,21 @@ from qkhooks.models import timm as timm_adapter
 from qkhooks.models.base import AttentionSite, register_adapter
 
 
-def _network(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """(path, module) of the timm network a TimmBackbone wraps, when the timm adapter takes it. The network itself,
-    not a feature net around it: its class token and patch embedding give the sites' prefix count and grid."""
+def _backbone(model: nn.Module) -> nn.Module | None:
+    """The timm model a TimmBackbone wraps, when the timm adapter takes it."""
     if type(model).__name__ != "TimmBackbone" or not type(model).__module__.startswith("transformers."):
         return None
     backbone = getattr(model, "_backbone", None)
-    for path, inner in (("_backbone.model", getattr(backbone, "model", None)),
-                        ("_backbone.body", getattr(backbone, "body", None)), ("_backbone", backbone)):
-        if isinstance(inner, nn.Module) and timm_adapter.matches(inner):
-            return path, inner
-    return None
+    return backbone if isinstance(backbone, nn.Module) and timm_adapter.matches(backbone) else None
 
 
 def matches(model: nn.Module) -> bool:
-    return _network(model) is not None
+    return _backbone(model) is not None
 
 
 def find(model: nn.Module) -> list[AttentionSite]:
-    """The timm adapter's sites of the wrapped network, their paths prefixed with the network's path in the wrapper."""
-    prefix, network = _network(model)  # type: ignore[misc]
-    return [dataclasses.replace(site, path=f"{prefix}.{site.path}", block_path=f"{prefix}.{site.block_path}",
-                                stage=f"{prefix}.{site.stage}" if site.stage else prefix,
-                                pixel_route=tuple((f"{prefix}.{path}", module) for path, module in site.pixel_route))
-            for site in timm_adapter.find(network)]
+    """The timm adapter's sites of the wrapped timm model, their paths prefixed with ``_backbone``."""
+    return timm_adapter.with_path_prefix(timm_adapter.find(_backbone(model)), "_backbone")  # type: ignore[arg-type]
 
 
 register_adapter("hf-timm-backbone", matches, find,
