@@ -9,6 +9,8 @@ never reads the edge past its last patch.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import timm
@@ -512,7 +514,7 @@ def test_a_timm_network_inside_a_feature_net_counts_its_class_token(build):
     model, network = build()
     model.eval()
     seen: dict[str, int] = {}
-    handles = [m.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, args[0].shape[1]))
+    handles = [m.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0].shape[1]))
                for name, m in model.named_modules() if name.endswith(".attn")]
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
@@ -526,6 +528,51 @@ def test_a_timm_network_inside_a_feature_net_counts_its_class_token(build):
     bare = qkhooks.sites(network)  # masks are read onto the same pixels as for the network recorded on its own
     assert mask_cells(sites, probe_geometry(model, sites, (64, 64)), (64, 64), "all", model) == \
         mask_cells(bare, probe_geometry(network, bare, (64, 64)), (64, 64), "all", network)
+
+
+_SWIN_SIZES = dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(2, 2), window_size=4)
+
+
+def _swin_in_timm_backbone() -> torch.nn.Module:
+    config = transformers.TimmBackboneConfig(backbone="swin_tiny_patch4_window7_224", out_indices=[1])
+    return transformers.TimmBackbone(config, **_SWIN_SIZES)
+
+
+@pytest.mark.parametrize("build", [
+    _swin_in_timm_backbone,
+    lambda: timm.create_model("swin_tiny_patch4_window7_224", features_only=True, out_indices=(1,), **_SWIN_SIZES),
+    lambda: timm.create_model("swin_tiny_patch4_window7_224", features_only=True, out_indices=(1,),
+                              feature_cls="hook", **_SWIN_SIZES),
+], ids=["TimmBackbone-swin", "features_only-swin-list", "features_only-swin-hook"])
+def test_a_swin_rewritten_into_a_feature_net_has_the_bare_swins_windows_grids_and_cells(build):
+    """Swin's feature nets rewrite the network (``flatten_sequential``: its stages become the feature net's children
+    ``layers_0``, ``layers_1``). Each layer's grid, windows and prefix count are the bare Swin's
+    and cover the tokens its attention is called on (windows x window tokens per image), its stage is the module of
+    the user's model holding its block, and masks are read onto the bare Swin's pixels."""
+    from qkhooks.stream import mask_cells, probe_geometry
+
+    torch.manual_seed(0)
+    model = build().eval()
+    torch.manual_seed(0)
+    network = timm.create_model("swin_tiny_patch4_window7_224", **_SWIN_SIZES).eval()
+    seen: dict[str, tuple[int, ...]] = {}
+    handles = [m.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, tuple(args[0].shape)))
+               for name, m in model.named_modules() if name.endswith(".attn")]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    for handle in handles:
+        handle.remove()
+    sites, bare = qkhooks.sites(model), qkhooks.sites(network)
+    geometry, bare_geometry = probe_geometry(model, sites, (64, 64)), probe_geometry(network, bare, (64, 64))
+    modules = dict(model.named_modules())
+    assert sorted(site.path for site in sites) == sorted(seen) and len(sites) == len(bare)
+    for site, reference in zip(sites, bare):
+        layer, expected = geometry[site.layer], bare_geometry[reference.layer]
+        assert dataclasses.replace(layer, stage="") == dataclasses.replace(expected, stage=""), (layer, expected)
+        windows, window_tokens = seen[site.path][0] // 2, seen[site.path][1]
+        assert layer.num_prefix_tokens == 0 and layer.grid[0] * layer.grid[1] == windows * window_tokens, layer
+        assert site.block_path.startswith(f"{site.stage}.") and site.stage in modules, site
+    assert mask_cells(sites, geometry, (64, 64), "all", model) == mask_cells(bare, bare_geometry, (64, 64), "all", network)
 
 
 def _flip_image(module, args, kwargs):
