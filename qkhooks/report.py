@@ -249,7 +249,7 @@ def modes_sections(loaded: LoadedModel, runs: Path, out: Path, photos: str, limi
         {"images": n, "k": summary["k"], "skipped": [list(row) for row in recorded.skipped]},
         time.perf_counter() - started)
 
-    aniso_rows = {int(k): v for k, v in (summary.get("anisotropy") or {}).items()}
+    aniso_rows = {int(k): v for k, v in (summary.get("anisotropy") or {}).items() if "baseline" in v}
     layers = sorted(aniso_rows)
     base = np.array([aniso_rows[l]["baseline"] for l in layers], dtype=float)
     cos = np.array([aniso_rows[l]["cos_weighted"] for l in layers], dtype=float)

@@ -18,6 +18,7 @@ from qkhooks.analysis.modes import (
     Panel,
     TopKModes,
     analyze_modes,
+    format_summary,
     anisotropy_from_state,
     anisotropy_table,
     grid_layout,
@@ -593,6 +594,61 @@ def test_anisotropy_weighted_cosine_covers_every_mode_like_the_spectrum(samples_
         assert math.isnan(summary["anisotropy"][l]["cos_weighted"])
         assert "sigma-weighted cosine over all modes is unknown" in summary["anisotropy"][l]["cos_weighted_note"]
     assert "there it is NaN" in summary["anisotropy_note"]
+
+
+def numpy_weighted_cosine(qkv: np.ndarray, heads: int) -> float:
+    """METHODS A.2 from a timm block's qkv weight alone: per head the dense SVD of W_q^T W_k, the sigma-weighted
+    sum of cos(u_n, v_n) over every mode, then the mean over heads."""
+    dim = qkv.shape[1]
+    w_q, w_k = qkv[:dim].astype(np.float64), qkv[dim:2 * dim].astype(np.float64)
+    d_k = dim // heads
+    per_head = []
+    for h in range(heads):
+        rows = slice(h * d_k, (h + 1) * d_k)
+        U, S, Vt = np.linalg.svd(w_q[rows].T @ w_k[rows])
+        per_head.append(float((S * np.einsum("dn,nd->n", U, Vt)).sum() / S.sum()))
+    return float(np.mean(per_head))
+
+
+def test_a_run_without_the_anisotropy_state_still_reports_each_layers_weighted_cosine(tmp_path):
+    """A run without the anisotropy reducer's state (recorded with no reducers, as a run stopped before its first
+    checkpoint has none) left out every layer's cos_weighted, which needs only the stored spectrum: it is there now,
+    equal to a dense SVD of the model's weights and to the same run's value with the state; only the baseline and
+    relative_cos_weighted are left out, and the note says why (review 49, a differential fuzz of the analysis)."""
+    from qkhooks.analysis.recipes import default_reducers
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+    from qkhooks.stream import record_dataset
+
+    cfg = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, resize=32)
+    model = TINY_MODELS[0].model()
+    want = {l: numpy_weighted_cosine(block.attn.qkv.weight.detach().numpy(), block.attn.num_heads)
+            for l, block in enumerate(model.blocks)}
+    summaries = {}
+    for name, reducers in (("with", default_reducers(3, [], False)), ("without", [])):
+        path = tmp_path / f"{name}.h5"
+        record_dataset(LoadedModel(model, "tiny-test-vit", cfg), "samples", path, modes=3, batch_size=3, limit=3,
+                       progress=False, reducers=reducers)
+        summaries[name] = analyze_modes(path, tmp_path / name, figure_modes=0, overview=False, images=False)
+    with_state, without = summaries["with"], summaries["without"]
+    assert sorted(without["anisotropy"]) == sorted(with_state["anisotropy"]) == sorted(want)
+    for l, cos_weighted in want.items():
+        assert without["anisotropy"][l]["cos_weighted"] == pytest.approx(cos_weighted, abs=1e-5)
+        assert without["anisotropy"][l]["cos_weighted"] == with_state["anisotropy"][l]["cos_weighted"]
+        assert set(with_state["anisotropy"][l]) - set(without["anisotropy"][l]) == {"baseline", "relative_cos_weighted"}
+        for head in without["layers"][l]["heads"]:  # no baseline: no mode's relative cosine either
+            assert all("relative_cos" not in mode for mode in head["modes"])
+    note = without["anisotropy_note"]
+    assert note.startswith("the run has no anisotropy reducer state") and "over all 8 modes of each head" in note
+    assert "so no baseline, relative_cos_weighted" in note and without["baseline_images"] is None
+    assert "\nbaseline, rel_cos_w —: the run has no anisotropy reducer state (" in format_summary(without)
+    saved = json.loads((tmp_path / "without" / "modes.json").read_text())
+    assert {int(l): r for l, r in saved["anisotropy"].items()} == without["anisotropy"]
+    rows = [r for r in csv.DictReader(open(tmp_path / "without" / "anisotropy.csv")) if r["head"] == "mean"]
+    header = next(csv.reader(open(tmp_path / "with" / "anisotropy.csv")))
+    assert next(csv.reader(open(tmp_path / "without" / "anisotropy.csv"))) == header
+    assert [float(r["cos"]) for r in rows] == pytest.approx([want[l] for l in sorted(want)], abs=1e-5)
+    assert all(r["baseline"] == r["relative_cos"] == "nan" for r in rows)
 
 
 # ------------------------------------------------------------------------------------------ random bands (plots.py)

@@ -308,7 +308,8 @@ def _weighted_cos(S: np.ndarray, cos: np.ndarray) -> float:
 
 
 def anisotropy_table(spectra: Mapping[int, Mapping[str, Any]], baselines: Mapping[int, float]) -> dict[str, Any]:
-    """Per layer: baseline, sigma-weighted cosine and its relative value; per mode: relative cosine.
+    """Per layer: sigma-weighted cosine and, where the layer has a baseline, the baseline and the relative values
+    (per layer and per mode); a layer without one keeps its cosine, which needs only the spectrum (review 49).
 
     Args:
         spectra: layer -> {"S": (H, K), "cos": (H, K)} of the stored modes, plus "S_all", "cos_all" (H, d_k)
@@ -317,13 +318,13 @@ def anisotropy_table(spectra: Mapping[int, Mapping[str, Any]], baselines: Mappin
             says ``"truncated": True`` (a file from before runs stored S_all, recorded with modes=K < d_k): its
             weighted cosine is then NaN, with a ``cos_weighted_note``, never the K-mode renormalised number.
             Per-mode rows are the stored modes.
-        baselines: layer -> anisotropy baseline.
+        baselines: layer -> anisotropy baseline; a layer not in it has no ``baseline``, ``relative_cos_weighted``
+            or ``relative_cos`` key.
     """
-    layers = [l for l in sorted(spectra) if l in baselines]
+    layers = sorted(spectra)
     rows = []
     for layer in layers:
         S, cos = np.asarray(spectra[layer]["S"], np.float64), np.asarray(spectra[layer]["cos"], np.float64)
-        base = float(baselines[layer])
         every = "S_all" in spectra[layer] and "cos_all" in spectra[layer]
         note = None
         if every:
@@ -335,8 +336,11 @@ def anisotropy_table(spectra: Mapping[int, Mapping[str, Any]], baselines: Mappin
                     "qkhooks spectrum MODEL gives it from the weights")
         else:
             weighted = _weighted_cos(S, cos)
-        row = {"layer": layer, "baseline": base, "cos_weighted": weighted, "relative_cos_weighted": weighted - base,
-               "relative_cos": relative_cosine(cos, base).tolist(), "cos": cos.tolist(), "S": S.tolist()}
+        row: dict[str, Any] = {"layer": layer, "cos_weighted": weighted, "cos": cos.tolist(), "S": S.tolist()}
+        if layer in baselines:
+            base = float(baselines[layer])
+            row.update(baseline=base, relative_cos_weighted=weighted - base,
+                       relative_cos=relative_cosine(cos, base).tolist())
         if note is not None:
             row["cos_weighted_note"] = note
         rows.append(row)

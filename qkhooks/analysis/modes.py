@@ -427,7 +427,8 @@ def _read_run(run_path: str | os.PathLike, k: int | None, layers: Sequence[int] 
 
 def _anisotropy_section(run: _ModesRun, out: Path, files: dict[str, str]) -> tuple[dict[str, Any], dict[int, float]]:
     """``anisotropy.csv`` / ``.png``: each mode's cosine against the layer's baseline (the anisotropy table and the
-    baselines, per layer)."""
+    baselines, per layer). Without the anisotropy state the table keeps each layer's cos_weighted (from the spectrum
+    alone), its baseline cells ``nan``, and no ``.png`` is drawn (it plots the baseline)."""
     from qkhooks.plots import plot_anisotropy
 
     spectra = run.spectra
@@ -437,12 +438,13 @@ def _anisotropy_section(run: _ModesRun, out: Path, files: dict[str, str]) -> tup
         return aniso, baselines
     rows = []
     for r in aniso["rows"]:
-        rows.append([r["layer"], "mean", "weighted", "", _fmt(r["cos_weighted"]), _fmt(r["baseline"]), _fmt(r["relative_cos_weighted"])])
+        base = r.get("baseline")
+        rows.append([r["layer"], "mean", "weighted", "", _fmt(r["cos_weighted"]), _fmt(base), _fmt(r.get("relative_cos_weighted"))])
         null = spectra[r["layer"]]["null"]
         for h, (s_h, c_h) in enumerate(zip(r["S"], r["cos"])):
             for m, (s, c) in enumerate(zip(s_h, c_h)):
                 c = math.nan if null[h, m] else c  # an arbitrary cosine (NULL_MODE_NOTE)
-                rows.append([r["layer"], h, m, _fmt(s), _fmt(c), _fmt(r["baseline"]), _fmt(c - r["baseline"])])
+                rows.append([r["layer"], h, m, _fmt(s), _fmt(c), _fmt(base), _fmt(None if base is None else c - base)])
     files["anisotropy_csv"] = str(_write_csv(out / "anisotropy.csv", ["layer", "head", "mode", "sigma", "cos", "baseline", "relative_cos"], rows))
     if run.centre_state is not None:
         kept_layers = set(_state_layers(run.centre_state))
@@ -453,12 +455,15 @@ def _anisotropy_section(run: _ModesRun, out: Path, files: dict[str, str]) -> tup
             for r, lo, hi, images in zip(kept, low, high, pivots.count):
                 r["baseline_low"], r["baseline_high"] = float(lo), float(hi)
                 r["baseline_images"] = int(images)  # zero rows skipped
-    ci = all("baseline_low" in r for r in aniso["rows"])
+    drawn = [r for r in aniso["rows"] if "baseline" in r]
+    if not drawn:
+        return aniso, baselines
+    ci = all("baseline_low" in r for r in drawn)
     files["anisotropy_png"] = str(plot_anisotropy(
-        aniso["layers"], [r["baseline"] for r in aniso["rows"]],
-        [r["baseline_low"] for r in aniso["rows"]] if ci else None,
-        [r["baseline_high"] for r in aniso["rows"]] if ci else None,
-        [r["cos_weighted"] for r in aniso["rows"]], out / "anisotropy.png",
+        [r["layer"] for r in drawn], [r["baseline"] for r in drawn],
+        [r["baseline_low"] for r in drawn] if ci else None,
+        [r["baseline_high"] for r in drawn] if ci else None,
+        [r["cos_weighted"] for r in drawn], out / "anisotropy.png",
         f"Anisotropy baseline: centre patches of {run.n} images of {run.data or 'the run'} — {run.model}"))
     return aniso, baselines
 
@@ -568,8 +573,7 @@ def _modes_summary(run: _ModesRun, aniso: Mapping[str, Any], baselines: Mapping[
         "figures_left_out": figure_left_out,
         "anisotropy": None if not aniso["layers"] else {r["layer"]: {k_: r[k_] for k_ in ("baseline", "baseline_low", "baseline_high", "baseline_images", "cos_weighted", "relative_cos_weighted", "cos_weighted_note") if k_ in r} for r in aniso["rows"]},
         "baseline_images": _baseline_count(run.aniso_state),
-        "anisotropy_note": _anisotropy_note(spectra, shapes) + _baseline_images_note(run.aniso_state, run.n)
-        if run.aniso_state is not None else "the run has no anisotropy reducer state",
+        "anisotropy_note": _anisotropy_note(spectra, shapes, run.aniso_state, run.n),
         "same_object": None if same is None else {
             "top": same_object_top, "sign": same["sign"],
             "chance": same.get("chance"),
@@ -644,8 +648,14 @@ def _null_kept_modes(arrays: Mapping[str, Any]) -> np.ndarray:
     return null_modes(every, int(np.asarray(arrays["U"]).shape[1]))[:, : S.shape[-1]]
 
 
-def _anisotropy_note(spectra: dict[int, dict[str, Any]], shapes: dict[int, tuple[int, int]]) -> str:
-    """What summary['anisotropy'] holds, true to how cos_weighted was computed for these layers."""
+_NO_ANISOTROPY_STATE = ("the run has no anisotropy reducer state (recorded without the anisotropy reducer, or stopped "
+                        "before its first reducer checkpoint)")
+
+
+def _anisotropy_note(spectra: dict[int, dict[str, Any]], shapes: dict[int, tuple[int, int]],
+                     state: Mapping[str, Any] | None, n: int) -> str:
+    """What summary['anisotropy'] holds, true to how cos_weighted was computed for these layers and to whether the
+    run has the baseline's state."""
     kept = max((m for _, m in shapes.values()), default=0)
     every = [l for l in sorted(spectra) if "S_all" in spectra[l] and "cos_all" in spectra[l]]
     total = max((int(np.asarray(spectra[l]["S_all"]).shape[-1]) for l in every), default=kept)
@@ -657,10 +667,14 @@ def _anisotropy_note(spectra: dict[int, dict[str, Any]], shapes: dict[int, tuple
         what = (f"cos_weighted is the sigma-weighted sum over all modes of each head (METHODS A.2); the run keeps the "
                 f"top {kept} per head and, for layers {[l for l in sorted(spectra) if l not in every]}, not the others' "
                 "sigma and cosine: there it is NaN if the run kept fewer than every mode")
-    return (what + "; mean over heads (a head whose sigma are all zero has none and is left out); baseline = mean "
-            "cosine between centre-patch embeddings of different images (zero embeddings skipped); baseline_low/high "
-            "(where the run kept the centre embeddings: of its first baseline_images images) its 95% bootstrap-t "
-            "interval over them at that layer (jackknife standard error; null with fewer than 6), within [-1, 1]")
+    what += "; mean over heads (a head whose sigma are all zero has none and is left out)"
+    if state is None:
+        return (f"{_NO_ANISOTROPY_STATE}, so no baseline, relative_cos_weighted, relative_cos or anisotropy.png (they "
+                f"need the images' centre patches); cos_weighted needs only the stored spectrum: {what}")
+    return (what + "; baseline = mean cosine between centre-patch embeddings of different images (zero embeddings "
+            "skipped); baseline_low/high (where the run kept the centre embeddings: of its first baseline_images "
+            "images) its 95% bootstrap-t interval over them at that layer (jackknife standard error; null with fewer "
+            "than 6), within [-1, 1]" + _baseline_images_note(state, n))
 
 
 def _no_modes(run: Any, run_path: str | os.PathLike) -> None:
@@ -742,6 +756,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                  s.get("chance")]
         text = ["—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.3f}" for v in cells]
         lines.append(f"{l:>5}  {text[0]:>8}  {text[1]:>8}  {text[2]:>9}  {text[3]:>7}  {text[4]:>7}")
+    if aniso and not any("baseline" in a for a in aniso.values()):  # a column of dashes says why, as modes.json does
+        lines.append(f"baseline, rel_cos_w —: {_NO_ANISOTROPY_STATE}.")
     if summary.get("same_object_note"):  # a column of dashes says why, as modes.json does
         lines.append(f"p_same —: {str(summary['same_object_note']).rstrip('.')}.")
     for l, why in ((summary.get("same_object") or {}).get("left_out") or {}).items():
