@@ -480,11 +480,12 @@ def _pit_in_timm_backbone() -> tuple[torch.nn.Module, torch.nn.Module]:
     return model, model._backbone.body
 
 
-def _timm_feature_net(name: str, feature_cls: str, **sizes) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _timm_feature_net(name: str, feature_cls: str, out_indices: tuple[int, ...] = (1,),
+                      **sizes) -> tuple[torch.nn.Module, torch.nn.Module]:
     """timm's own ``features_only`` net (no transformers wrapper): the getter net keeps the network as ``model``,
     the hook net as ``body``."""
-    model = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1,), feature_cls=feature_cls,
-                              **sizes)
+    model = timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices,
+                              feature_cls=feature_cls, **sizes)
     return model, getattr(model, {"getter": "model", "hook": "body"}[feature_cls])
 
 
@@ -528,6 +529,33 @@ def test_a_timm_network_inside_a_feature_net_counts_its_class_token(build):
     bare = qkhooks.sites(network)  # masks are read onto the same pixels as for the network recorded on its own
     assert mask_cells(sites, probe_geometry(model, sites, (64, 64)), (64, 64), "all", model) == \
         mask_cells(bare, probe_geometry(network, bare, (64, 64)), (64, 64), "all", network)
+
+
+def _roll_stage_output(module, args, output):
+    """Someone else's hook on a PiT stage (it hands on (tokens map, class tokens)): the map rolled by one column."""
+    x, cls = output
+    return torch.roll(x, 1, dims=-1), cls
+
+
+def test_someone_elses_hook_after_timms_feature_hook_on_the_same_stage_is_refused_for_masks():
+    """timm's hook feature net puts its own output-collecting hook on each stage it returns (here PiT's
+    ``body.transformers.0``), taken since it moves nothing. Someone else's roll registered after it on the same stage
+    was taken with it: only the module's first hook was looked at, and once that was timm's the module passed, so
+    stage 1's masks were read onto the plain cells while its tokens showed their neighbours' pixels (the gradient
+    reference below). Refused naming the stage and the hook."""
+    from qkhooks.stream import mask_cells, probe_geometry
+
+    torch.manual_seed(0)
+    model, network = _timm_feature_net("pit_ti_224", "hook", out_indices=(0, 1), **_PIT_SIZES)
+    model.eval()
+    plain = _pit_token_spans(network, 1)
+    network.transformers[0].register_forward_hook(_roll_stage_output)
+    assert _pit_token_spans(network, 1) != plain  # the roll moves what stage 1's tokens show
+    sites = qkhooks.sites(model)
+    with pytest.raises(QKHooksError) as err:
+        mask_cells(sites, probe_geometry(model, sites, (64, 64)), (64, 64), "all", model)
+    message = str(err.value)
+    assert "'body.transformers.0'" in message and "_roll_stage_output" in message and "masks" in message, message
 
 
 _SWIN_SIZES = dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(2, 2), window_size=4)

@@ -966,11 +966,17 @@ def _foreign(hooks: dict[int, Any]) -> Any | None:
     return next((h for i, h in hooks.items() if not _own(i, h)), None)
 
 
+def _foreign_moving(hooks: dict[int, Any]) -> Any | None:
+    """The first hook of ``hooks`` someone else registered that may move what passes, or None: timm's feature hook
+    net's own (:func:`_collects_features`) is skipped, and every hook after it is still looked at."""
+    return next((h for i, h in hooks.items() if not _own(i, h) and not _collects_features(h)), None)
+
+
 def _foreign_hook(module: nn.Module) -> tuple[str, Any] | None:
     """(``"forward hook"`` or ``"forward pre-hook"``, the hook) of the first hook on ``module`` someone else registered
-    (not one of qkhooks' own, :func:`own_hook`), or None: for checks of modules whose geometry qkhooks reads."""
+    that may move what passes (:func:`_foreign_moving`), or None: for checks of modules whose geometry qkhooks reads."""
     for kind, hooks in (("forward pre-hook", module._forward_pre_hooks), ("forward hook", module._forward_hooks)):
-        hook = _foreign(hooks)
+        hook = _foreign_moving(hooks)
         if hook is not None:
             return kind, hook
     return None
@@ -983,7 +989,7 @@ def moves_pixels(module: nn.Module) -> str | None:
     which moves no pixel), a convolution padding with ``padding_mode`` other than zeros (circular padding reads the far
     edge)."""
     found = _foreign_hook(module)
-    if found is not None and not _collects_features(found[1]):
+    if found is not None:
         return f"carries a {found[0]} someone else registered ({_name(found[1])}), which can move or mix pixels"
     if "forward" in module.__dict__ and not moves_devices_only(module):
         return "has its forward replaced on the instance"
