@@ -531,6 +531,67 @@ def test_a_timm_network_inside_a_feature_net_counts_its_class_token(build):
         mask_cells(bare, probe_geometry(network, bare, (64, 64)), (64, 64), "all", network)
 
 
+class _NetworkWithHead(torch.nn.Module):
+    """A user's network around a timm ViT (kept under ``name``), a head after it, with the ``feature_info`` timm's
+    hook feature net reads: rewritten by it (``no_rewrite=False``), its kept top-level modules become the feature
+    net's children, up to the last one returning features."""
+
+    def __init__(self, vit: torch.nn.Module, name: str, returned: tuple[str, ...]):
+        super().__init__()
+        self.name = name
+        self.add_module(name, vit)
+        self.head = torch.nn.Linear(vit.num_classes, 3)
+        self.feature_info = [dict(module=module, num_chs=16, reduction=8) for module in returned]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.get_submodule(self.name)(x))
+
+
+def _hook_net(name: str, returned: tuple[str, ...], rewrite: bool = True) -> tuple[torch.nn.Module, torch.nn.Module]:
+    from timm.models._features import FeatureHookNet
+
+    vit = _timm_vit()
+    net = FeatureHookNet(_NetworkWithHead(vit, name, returned), out_indices=tuple(range(len(returned))),
+                         no_rewrite=not rewrite)
+    return net.eval(), vit
+
+
+def test_a_feature_net_rewritten_to_its_network_alone_is_recorded_as_that_network():
+    """timm's hook net rewritten around a network kept as ``body`` keeps ``body`` alone where the features it returns
+    all lie there (the head after it is left out): the feature net's only child, the whole ViT, called on the image as
+    it is, so its sites have the ViT's class token and 4x4 grid, under ``body``, and record the ViT's own eager maps."""
+    net, vit = _hook_net("body", ("body.blocks.1",))
+    assert [name for name, _ in net.named_children()] == ["body"]
+    sites, bare = qkhooks.sites(net), qkhooks.sites(vit)
+    assert [s.path for s in sites] == [f"body.{s.path}" for s in bare]
+    assert [(s.num_prefix_tokens, s.grid) for s in sites] == [(s.num_prefix_tokens, s.grid) for s in bare] == \
+        [(1, (4, 4))] * 2
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    want = _own_maps(vit, "timm", x)
+    with qkhooks.record(net, attention="full") as run, torch.no_grad():
+        net(x)
+    for layer, w in enumerate(want):
+        assert float((run.attention(layer, "full") - w).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("name, rewrite, path", [("body", True, "body"), ("backbone", True, "backbone"),
+                                                 ("backbone", False, "body.backbone")],
+                         ids=["rewritten-beside-head", "rewritten-other-name", "kept-whole-inside-a-users-model"])
+def test_a_feature_net_around_a_network_inside_a_users_model_is_refused(name, rewrite, path):
+    """A timm feature net built on a user's model holding a ViT beside a head: rewritten where a feature it returns
+    lies in the head too, it keeps the ViT beside ``head`` (not its only child; as ``backbone``, not under a name
+    timm's feature nets keep a network by), and unrewritten it keeps the user's model, not the ViT, as ``body``.
+    Either way the sites were read off a module with no class token or patch embedding: 0 prefix tokens and no grid,
+    while the attention is called on the ViT's 17 tokens (the class token taken for a patch, without a word). Refused,
+    naming the ViT's path and the fix."""
+    net, vit = _hook_net(name, (f"{name}.blocks.1", "head"), rewrite)
+    assert [child for child, _ in net.named_children()] == ([name, "head"] if rewrite else ["body"])
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.sites(net)
+    message = str(err.value)
+    assert f"'{path}'" in message and "VisionTransformer" in message and f"model.{path} itself" in message, message
+
+
 def _roll_stage_output(module, args, output):
     """Someone else's hook on a PiT stage (it hands on (tokens map, class tokens)): the map rolled by one column."""
     x, cls = output

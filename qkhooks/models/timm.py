@@ -244,12 +244,40 @@ _FEATURE_NET_CHILD = {"FeatureGetterNet": "model", "FeatureHookNet": "body"}
 def feature_net_network(model: nn.Module) -> tuple[str, nn.Module] | None:
     """(path, network) where ``model`` is a timm feature net keeping the whole network as one child (the getter net;
     the hook net unless it rewrote the network). The network's class token and patch embedding give the sites'
-    prefix count and grid: the feature net around it has neither, and read as the model it said 0 and none."""
+    prefix count and grid: the feature net around it has neither, and read as the model it said 0 and none.
+    Refused where what the tokens are read off has neither but holds a network that has (:func:`_refuse_hidden_network`)."""
     child = _FEATURE_NET_CHILD.get(type(model).__name__)
-    network = getattr(model, child, None) if child and _is_timm_model(model) else None
+    if not child or not _is_timm_model(model):
+        return None
+    network = getattr(model, child, None)
     if not isinstance(network, nn.Module) or list(model.children()) != [network]:
+        _refuse_hidden_network(model, type(model).__name__, "")
         return None  # a rewritten network (``flatten_sequential``): its modules are the feature net's own children
-    return child, network  # type: ignore[return-value]
+    _refuse_hidden_network(network, type(model).__name__, f"{child}.")
+    return child, network
+
+
+def _has_tokens_of_its_own(module: nn.Module) -> bool:
+    """A network making its own tokens: a patch embedding or a class token."""
+    return isinstance(getattr(module, "patch_embed", None), nn.Module) or \
+        isinstance(getattr(module, "cls_token", None), torch.Tensor)
+
+
+def _refuse_hidden_network(source: nn.Module, feature_net: str, prefix: str) -> None:
+    """Refuse a timm feature net whose sites' geometry would be read off ``source`` (the network it keeps whole, or the
+    feature net itself where it rewrote the model), which has no patch embedding or class token, while a module inside
+    it has (a timm network inside the user's model the feature net was built on, beside a head): the class token
+    would be taken for a patch, and no grid found."""
+    if _has_tokens_of_its_own(source):
+        return
+    for path, module in source.named_modules():
+        if path and _has_tokens_of_its_own(module):
+            raise QKHooksError(
+                f"{feature_net} (timm's feature net) holds {prefix + path!r} ({type(module).__name__}), a network with "
+                f"its own patch embedding or class token, inside {type(source).__name__}, which has neither: qkhooks "
+                "reads a feature net's tokens off the network it keeps as its only child, so here the class token "
+                f"would be taken for a patch. Record model.{prefix + path} itself, or build the feature net on that "
+                "timm network alone (timm.create_model(..., features_only=True)).")
 
 
 def with_path_prefix(sites: list[AttentionSite], prefix: str) -> list[AttentionSite]:
