@@ -259,3 +259,29 @@ def test_a_checksummed_chunk_zeroed_whole_is_reported_never_read_as_zeros(tmp_pa
     assert fixed.lost == [3] and fixed.recovered == [i for k, i in enumerate(ids) if k != 3]
     with open_run(tmp_path / "fixed.h5") as got:
         np.testing.assert_array_equal(got.array(name)[:], want[[0, 1, 2, 4, 5]])
+
+
+def test_a_recorded_mode_projection_that_is_all_zero_is_read_not_taken_for_a_zeroed_chunk(tmp_path):
+    """A layer whose attention input is zero (its norm's weight and bias zero, as in a pruned layer) projects every
+    token onto its modes as zeros: a true recording. Stored as +0.0, the chunk's bytes were all zero, its Fletcher-32
+    too, and every read refused it as a zeroed disk page ("damaged ... run qkhooks repair"), and repair dropped the
+    images. Such rows are stored as -0.0 (equal to 0.0 in every comparison and sum, but not zero bytes): read as the
+    run without the checksum reads them, verify calls the run intact, repair loses nothing."""
+    from qkhooks.store import verify_run
+
+    model = tiny_vit()
+    norm = model.model.blocks[0].norm1
+    with torch.no_grad():
+        norm.weight.zero_()
+        norm.bias.zero_()
+    for checksum in (False, True):
+        record_dataset(model, "samples", tmp_path / f"{checksum}.h5", modes=2, layers="0", batch_size=4, limit=6,
+                       attention="rows", progress=False, reducers=[], checksum=checksum)
+    with open_run(tmp_path / "False.h5") as plain:
+        want = {name: plain.array(name)[:] for name in plain.arrays()}
+    assert not want["modes/L0/query"].any() and not want["modes/L0/key"].any()  # zero input: zero projections
+    with open_run(tmp_path / "True.h5") as summed:
+        for name, values in want.items():
+            np.testing.assert_array_equal(summed.array(name)[:], values)
+    assert verify_run(tmp_path / "True.h5").ok
+    assert repair(tmp_path / "True.h5", tmp_path / "fixed.h5").lost == []

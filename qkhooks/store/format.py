@@ -34,7 +34,7 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "STATE_ATTRS", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
-           "identity_of", "rewritable", "as_str", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "zeroed_chunks", "zeroed_chunk_words", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
+           "identity_of", "rewritable", "as_str", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "signed_zero_rows", "zeroed_chunks", "zeroed_chunk_words", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
            "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
            "unsealed_attrs", "QKHOOKS_ATTR_NAMES", "digest_matches"]
@@ -640,15 +640,31 @@ def drop_stale_heap_references(ds: h5py.Dataset, n: int) -> None:
 
 
 NEVER_ZERO = re.compile(r"/?(modes/L\d+/(query|key)|attention/L\d+/(rows|pooled|full))$")
-"""The per-image arrays no image fills with zeros alone: its mode projections and attention maps."""
+"""The per-image arrays whose rows are never stored as zero bytes alone: attention maps (softmax rows sum to 1) and
+mode projections (zero only where the layer's q/k input is, then stored as -0.0, :func:`signed_zero_rows`)."""
+
+
+def signed_zero_rows(name: str, value: np.ndarray) -> np.ndarray:
+    """``value`` (one row an image) as array ``name`` stores it: in a :data:`NEVER_ZERO` array, each row that reads
+    all zero as -0.0, which equals 0.0 in every comparison and sum but is not zero bytes, so :func:`zeroed_chunks`
+    tells a recorded zero row (a layer whose q/k input is zero: its norm's weight and bias zero) from a zeroed disk
+    page, which it refuses."""
+    if value.dtype.kind != "f" or not value.size or not NEVER_ZERO.match(name):
+        return value
+    zero = ~value.reshape(len(value), -1).any(axis=1)
+    if not zero.any():
+        return value
+    value = value.copy()
+    value[zero] = -0.0
+    return value
 
 
 def zeroed_chunks(ds: h5py.Dataset, images: Sequence[int], values: np.ndarray) -> list[int]:
     """The first image of each chunk among ``images`` (read as ``values``, one row each, any selection of the other
     axes) whose stored bytes are all zero, its checksum included, in a Fletcher-32 array of mode projections or
     attention maps: Fletcher-32 of zero bytes is zero, so the checksum passes a chunk that a zeroed disk page covered,
-    and it would read as zeros. An image's projections or maps are never all zero (softmax rows sum to 1), so such a
-    chunk is damage. Other arrays (a relative term, zero in a model whose bias table is, or arrays of your own) can
+    and it would read as zeros. An image's projections or maps are never stored as zero bytes (softmax rows sum to 1;
+    a projection row that is all zero is stored as -0.0, :func:`signed_zero_rows`), so such a chunk is damage. Other arrays (a relative term, zero in a model whose bias table is, or arrays of your own) can
     be all zero: not looked at. Only chunks whose rows read as zeros are looked at on the disk (a read of that
     chunk's stored bytes)."""
     if not (ds.fletcher32 and ds.chunks and ds.dtype.kind == "f" and NEVER_ZERO.match(ds.name)) or not len(images):
@@ -674,7 +690,7 @@ def zeroed_chunk_words(ds: h5py.Dataset, first: int) -> str:
     rows = ds.chunks[0]
     which = f"image {first}'s chunk" if rows == 1 else f"the chunk of images {first}-{first + rows - 1}"
     return (f"{which} of its array {ds.name} holds only zero bytes, its Fletcher-32 checksum too, which the checksum "
-            "cannot tell from a disk page zeroed over it (a recorded float row is never all zero)")
+            "cannot tell from a disk page zeroed over it (a recorded row is never stored as zero bytes)")
 
 
 def chunk_index_readable(ds: h5py.Dataset, rows: Sequence[int]) -> bool:

@@ -938,7 +938,7 @@ class RunWriter:
         f = self._file
         self._write_ids(n, ids)
         for name, value in values.items():
-            targets[name].append(n, value)
+            targets[name].append(n, fmt.signed_zero_rows(name, value))
         f.flush()  # the images reach the disk before the count that commits them
         self._committed_count.set(n + b)  # on disk with the next batch's flush (or flush()/close()): one a batch
         self.committed = n + b
