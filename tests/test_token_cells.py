@@ -592,6 +592,23 @@ def test_a_feature_net_around_a_network_inside_a_users_model_is_refused(name, re
     assert f"'{path}'" in message and "VisionTransformer" in message and f"model.{path} itself" in message, message
 
 
+def test_a_feature_net_around_a_network_whose_blocks_embed_patches_is_taken():
+    """NextViT's blocks carry a ``patch_embed`` of their own (a stride or channel change inside the block), no class
+    token: in timm's feature nets (the getter net keeping it whole, the hook net rewriting it) its sites are the bare
+    network's, in order, with no prefix token (a check for a hidden network that looked at patch embeddings refused
+    it)."""
+    sizes = dict(depths=(1, 1, 5, 1), stem_chs=(8, 8, 16))
+    torch.manual_seed(0)
+    bare = qkhooks.sites(timm.create_model("nextvit_small", **sizes))
+    for feature_cls in ("getter", "hook"):
+        model = timm.create_model("nextvit_small", pretrained=False, features_only=True, feature_cls=feature_cls,
+                                  **sizes)
+        got = qkhooks.sites(model)
+        assert [type(s.module) for s in got] == [type(s.module) for s in bare] and len(bare) > 0, feature_cls
+        assert [(s.num_prefix_tokens, s.grid) for s in got] == [(s.num_prefix_tokens, s.grid) for s in bare]
+        assert all(s.num_prefix_tokens == 0 for s in got)
+
+
 def _roll_stage_output(module, args, output):
     """Someone else's hook on a PiT stage (it hands on (tokens map, class tokens)): the map rolled by one column."""
     x, cls = output
