@@ -764,6 +764,79 @@ def test_masks_are_refused_where_someone_elses_hook_moves_the_tokens_on_their_wa
         assert float((run.attention(layer, "full") - w).abs().max()) < 1e-5
 
 
+class _RolledPatchEmbed(timm.layers.PatchEmbed):
+    """A patch embedding of the user's own class (timm's ``embed_layer=``): its forward rolls the tokens it makes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(super().forward(x), 1, dims=1)
+
+
+class _RolledBlock(timm.models.vision_transformer.Block):
+    """A block of the user's own class (timm's ``block_fn=``): its forward rolls the patch tokens before its
+    attention (the class token left first)."""
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return super().forward(torch.cat([x[:, :1], torch.roll(x[:, 1:], 1, dims=1)], dim=1), **kwargs)
+
+
+class _ConfiguredPatchEmbed(timm.layers.PatchEmbed):
+    """A patch embedding of the user's own class that only configures timm's (an ``__init__`` of its own alone)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "bias": False})
+
+
+_SMALL_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=16, num_heads=2)
+OWN_CLASSES = {  # the user's own class -> (build the model, the module the refusal must name)
+    "patch embedding": (lambda: timm.create_model("vit_tiny_patch16_224", embed_layer=_RolledPatchEmbed,
+                                                  **_SMALL_VIT), "patch_embed", "_RolledPatchEmbed"),
+    "block": (lambda: timm.create_model("vit_tiny_patch16_224", block_fn=_RolledBlock, **_SMALL_VIT), "blocks.0",
+              "_RolledBlock"),
+}
+
+
+def _token_spans_seen_by_the_first_attention(model: torch.nn.Module) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The reference: per grid row (and column) of the patch tokens entering the first attention (after its norm, as
+    the model's own forward hands them on), the span of input pixels each depends on (nonzero gradient)."""
+    image = torch.randn(1, 3, 32, 32, requires_grad=True)
+    seen: list[torch.Tensor] = []
+    handle = model.blocks[0].attn.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        model(image)
+    finally:
+        handle.remove()
+    tokens = seen[0][:, model.num_prefix_tokens:].unflatten(1, (4, 4)).permute(0, 3, 1, 2)
+    return pixel_spans_read(image, tokens)
+
+
+@pytest.mark.parametrize("which", list(OWN_CLASSES))
+def test_masks_are_refused_where_a_module_of_the_users_own_class_may_move_the_tokens(which):
+    """timm builds a ViT with the user's own patch embedding or block class (``embed_layer=``, ``block_fn=``); code of
+    that class (here a roll) moves the tokens while no hook or replaced forward is there to see, so masks were read
+    onto the plain cells without a word (the gradient reference shows the first attention's tokens on other pixels).
+    Refused naming the module and its class; a class that only configures timm's (an ``__init__`` alone) is taken,
+    its cells those of the plain ViT."""
+    from qkhooks.stream import mask_cells, probe_geometry
+
+    def cells(model):
+        sites = qkhooks.sites(model)
+        return mask_cells(sites, probe_geometry(model, sites, (32, 32)), (32, 32), "all", model)[(4, 4)]
+
+    torch.manual_seed(0)
+    plain = timm.create_model("vit_tiny_patch16_224", **_SMALL_VIT).eval()
+    configured = timm.create_model("vit_tiny_patch16_224", embed_layer=_ConfiguredPatchEmbed, **_SMALL_VIT).eval()
+    assert (cells(plain).rows, cells(plain).cols) == _token_spans_seen_by_the_first_attention(plain)
+    assert cells(configured) == cells(plain)
+    build, where, name = OWN_CLASSES[which]
+    model = build().eval()
+    assert (cells(plain).rows, cells(plain).cols) != _token_spans_seen_by_the_first_attention(model)
+    with pytest.raises(QKHooksError) as err:
+        cells(model)
+    message = str(err.value)
+    assert f"'{where}'" in message and name in message, message
+    assert "without masks" in message, message
+
+
 def test_a_finished_recording_of_pit_keeps_no_model_alive():
     """PiT's pixel_convs read its poolings as called; they held the model itself, and the model's sites are cached
     weakly keyed by the model (capture._SITES), so a finished recording kept every PiT module alive."""

@@ -264,14 +264,14 @@ def _refuse_stem_moving_pixels(stem: nn.Sequential) -> None:
     refused for (:func:`refuse_moved_pixels`: a hook someone else put on one of its modules, a forward replaced on one,
     a convolution padding other than with zeros), or a module that is none of a conv, a BatchNorm or an activation
     running its class's own forward (a pool mixes neighbouring pixels)."""
-    refuse_moved_pixels("torchvision ViT", [("conv_proj", stem)])
-    for path, module in stem.named_modules():
+    for path, module in stem.named_modules():  # first: a class of the user's own is named as not one of these
         if not (isinstance(module, (nn.Conv2d, *_PER_PIXEL_STEM_MODULES)) and type(module).forward is _base_forward(module)):
             raise QKHooksError(
                 f"torchvision ViT's stem module 'conv_proj{'.' + path if path else ''}' ({type(module).__name__}) is not "
                 "a convolution, a BatchNorm or an activation acting on each pixel alone, so which pixels each token "
                 "reads is not what the stem's convolutions say, and masks read onto the tokens would be wrong. Record "
                 "this model without masks, or restore the stem while recording masks.")
+    refuse_moved_pixels("torchvision ViT", [("conv_proj", stem)])
 
 
 def _base_forward(module: nn.Module) -> Any:

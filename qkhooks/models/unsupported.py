@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import itertools
 import math
 import re
@@ -982,17 +983,40 @@ def _foreign_hook(module: nn.Module) -> tuple[str, Any] | None:
     return None
 
 
+# the libraries whose module classes the adapters model (their code is what qkhooks reads the geometry of)
+_MODELLED_LIBRARIES = ("torch.", "timm.", "transformers.", "torchvision.")
+
+
+def _own_class_code(module: nn.Module) -> str | None:
+    """How ``module``'s class runs code of its own, not a modelled library's, or None: the first class of its MRO
+    outside those libraries that defines methods beside ``__init__`` (timm's ``embed_layer=`` / ``block_fn=`` take
+    the user's classes), named with them. A class that only configures a library's (an ``__init__`` alone) runs that
+    library's code."""
+    for cls in type(module).__mro__:
+        if cls is object or cls.__module__.startswith(_MODELLED_LIBRARIES):
+            return None
+        methods = sorted(name for name, value in vars(cls).items() if name != "__init__" and (
+            inspect.isfunction(value) or isinstance(value, (staticmethod, classmethod, property))))
+        if methods:
+            return (f"runs code of its own class {cls.__module__}.{cls.__qualname__} ({', '.join(methods)}), "
+                    "which can move or mix pixels or tokens")
+    return None
+
+
 def moves_pixels(module: nn.Module) -> str | None:
     """How ``module``, on the way from the image to the tokens, may make them read other pixels than the convolutions'
     kernels, strides and zero padding say (for masks read onto the tokens), or None: a hook someone else registered (a
     flip, a roll), a forward replaced on the instance (but accelerate's device placement, :func:`moves_devices_only`,
-    which moves no pixel), a convolution padding with ``padding_mode`` other than zeros (circular padding reads the far
-    edge)."""
+    which moves no pixel), code of a class of the user's own (:func:`_own_class_code`), a convolution padding with
+    ``padding_mode`` other than zeros (circular padding reads the far edge)."""
     found = _foreign_hook(module)
     if found is not None:
         return f"carries a {found[0]} someone else registered ({_name(found[1])}), which can move or mix pixels"
     if "forward" in module.__dict__ and not moves_devices_only(module):
         return "has its forward replaced on the instance"
+    own = _own_class_code(module)
+    if own is not None:
+        return own
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return f"pads with padding_mode={module.padding_mode!r}, which reads pixels where zero padding reads none"
     return None
@@ -1071,23 +1095,25 @@ def refuse_moved_tokens(owner: str, path: str, block_path: str | None, model: nn
 
 def _moves_input(module: nn.Module) -> str | None:
     """How a module holding an attention may move the tokens before they reach it (someone else's forward pre-hook,
-    a replaced forward), or None; its forward hooks run after the attention."""
+    a replaced forward, code of a class of the user's own: :func:`_own_class_code`), or None; its forward hooks run
+    after the attention."""
     hook = _foreign(module._forward_pre_hooks)
     if hook is not None:
         return f"carries a forward pre-hook someone else registered ({_name(hook)}), which can move or mix tokens"
     if "forward" in module.__dict__ and not moves_devices_only(module):
         return "has its forward replaced on the instance"
-    return None
+    return _own_class_code(module)
 
 
 def _changes_image(module: nn.Module) -> str | None:
     """How a module holding the patch embedding may change the image before it is embedded (a forward pre-hook someone
-    else registered: a flip, a crop), or None; its forward hooks run after the tokens are made."""
+    else registered: a flip, a crop; code of a class of the user's own, :func:`_own_class_code`), or None; its
+    forward hooks run after the tokens are made."""
     hook = _foreign(module._forward_pre_hooks)
     if hook is not None:
         return (f"carries a forward pre-hook someone else registered ({_name(hook)}), which can change the image "
                 "before its patch embedding sees it")
-    return None
+    return _own_class_code(module)
 
 
 def _after_own(hooks: dict[int, Any]) -> Iterator[tuple[int, Any]]:
