@@ -297,9 +297,11 @@ def refusing_a_failing_size(net: nn.Module, run: Any, image_size: Sequence[int])
                 net(torch.zeros(1, 3, *image_size, device=weight.device, dtype=weight.dtype))
         except Exception as own:
             raise QKHooksError(
-                f"the model fails on a {image_size[0]}x{image_size[1]} image, the size its image config gives "
-                f"({type(own).__name__}: {own}); nothing was written. Load it with the input size it was built for "
-                "(load_model(module, image_config=...), or the model's own pretrained config)."
+                f"the model fails on a {image_size[0]}x{image_size[1]} image, the size its image config gives, with "
+                f"no qkhooks hook on it ({type(own).__name__}: {own}); nothing was written. If it takes another input "
+                "size, load it with that size (load_model(module, image_config=...), or the model's own pretrained "
+                f"config); if it fails at the size it was built for too, its own forward is at fault: run it alone on "
+                f"torch.zeros(1, 3, {image_size[0]}, {image_size[1]}) to see why."
             ) from err
         raise
 

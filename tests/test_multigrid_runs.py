@@ -236,7 +236,7 @@ def test_a_model_that_fails_on_its_configured_input_size_is_refused_before_any_f
     model = _timm("test_maxvit", img_size=64).eval()
     loaded = load_model(model)
     path = tmp_path / "maxvit.h5"
-    with pytest.raises(QKHooksError, match=r"fails on a \d+x\d+ image, the size its image config gives .*image_config"):
+    with pytest.raises(QKHooksError, match=r"fails on a \d+x\d+ image, the size its image config gives, with no qkhooks hook on it .*image_config"):
         record_dataset(loaded, "samples", path, limit=2, batch_size=2, progress=False, modes=4)
     assert not path.exists()
 
@@ -298,8 +298,10 @@ def test_a_model_whose_first_forward_fails_is_refused_with_the_fix_on_every_path
             run_bfd(loaded, "samples", path, limit=4, batch_size=2)
         else:
             run_bfd(loaded.model, torch.zeros(4, 3, 48, 32), None, batch_size=2)
-    assert re.match(r"the model fails on a 48x32 image, the size its image config gives \(RuntimeError: .+\); "
-                    r"nothing was written\. Load it with the input size it was built for", str(err.value)), err.value
+    assert re.match(r"the model fails on a 48x32 image, the size its image config gives, with no qkhooks hook on it "
+                    r"\(RuntimeError: .+\); nothing was written\. If it takes another input size, .+; if it fails at "
+                    r"the size it was built for too, its own forward is at fault: run it alone on "
+                    r"torch\.zeros\(1, 3, 48, 32\) to see why\.$", str(err.value), flags=re.S), err.value
     assert not path.exists() and not pass1_path(path).exists() and not list(tmp_path.iterdir())
 
 

@@ -637,9 +637,11 @@ def test_probe_geometry_runs_one_forward_per_model_size_and_dtype_for_every_site
     with pytest.raises(QKHooksError) as err:  # another size is probed again (and this model takes no other)
         stream.probe_geometry(model, sites, (40, 48))
     assert forwards[2:] == [(1, 3, 40, 48)] * 2  # the probe, then the model alone: it is the model that fails
-    assert re.fullmatch(r"the model fails on a 40x48 image, the size its image config gives \(\w+: .+\); nothing was "
-                        r"written\. Load it with the input size it was built for \(load_model\(module, image_config=\.\.\.\), "
-                        r"or the model's own pretrained config\)\.", str(err.value), flags=re.S), str(err.value)
+    assert re.fullmatch(r"the model fails on a 40x48 image, the size its image config gives, with no qkhooks hook on "
+                        r"it \(\w+: .+\); nothing was written\. If it takes another input size, load it with that size "
+                        r"\(load_model\(module, image_config=\.\.\.\), or the model's own pretrained config\); if it "
+                        r"fails at the size it was built for too, its own forward is at fault: run it alone on "
+                        r"torch\.zeros\(1, 3, 40, 48\) to see why\.", str(err.value), flags=re.S), str(err.value)
 
 
 def test_config_readers_name_the_field_they_refuse():
