@@ -1309,25 +1309,36 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     Images held in memory (a map-style Hugging Face dataset's bytes; a list's, tuple's, torch Dataset's or
     iterable's bytes, arrays, PIL images) are checked by the hash of their content (:func:`_refuse_changed_held`);
     other images not read from a file (stored -1) are not checked. With ``progress``, reading and hashing them again
-    shows a bar where it takes a while. A run from before the stamps (no :data:`FILE_SIZES`) resumes as it did, but
-    for data read again through the user's own code (a torch Dataset, an iterable: ``reads_again``), whose kept ids
-    are checked in order, with a warning that their content is not (round 49: nothing was checked, without a word); a
-    source whose items are not read again before the resume point (a streamed Hugging Face dataset, which has no
-    index and skips them) resumes with a warning that its kept files are not checked. ``ids_only``
+    shows a bar where it takes a while. A run from before the stamps (no :data:`FILE_SIZES`) has only its ids to
+    compare: where :func:`_refuse_changed_stream` checked them (a list, a map-style Hugging Face dataset named by its
+    ids) it resumes as it did; elsewhere its kept ids are checked here against the items read again, in order (a
+    torch Dataset, an iterable: round 49; ``wds:`` shards, by their samples' stamps: round 50, before which they went
+    unchecked without a word), with a warning that their content is not; a streamed Hugging Face dataset, whose items
+    before the resume point are not read again, has nothing to check them by, and its resume is refused (round 50: it
+    went on without a word). A newer run of such a source resumes with a warning that its kept files are not
+    checked. ``ids_only``
     (``resume_ids_only=True``, for data that gives another image on each read): the kept images held in the data are
     checked by their ids alone, with a warning, and those read from files by their files' stamps still (qkhooks reads
     those, the same on each read; round 49: they went unchecked too); on a run from before the stamps, every kept
     image by its id (round 49: not even that, and no warning). Returns how many kept images were not checked by
     their content (0 but with ``ids_only``)."""
     recorded = writer.rows(FILE_SIZES, done) if done else None
-    if recorded is None and not (done and getattr(dataset, "reads_again", False)):
-        return 0
+    if not done or (recorded is None and dataset.ids_before(start) is not None):
+        return 0  # nothing kept, or a run from before the stamps whose ids _refuse_changed_stream checked in order
     kept = writer.ids[:done]
     fix = ("Put the data back as it was when the run started, record it into a new --out, or --overwrite to start "
            "again.")
     paths = dataset.file_paths(start, progress=progress, first=lo)  # the shard's items: its kept images among them
     stamps = dataset.file_stamps(start, progress=progress, first=lo) if paths is None else None
     if paths is None and stamps is None:
+        if recorded is None:  # no stamps, and no ids read again: nothing tells the kept images from others
+            raise QKHooksError(
+                f"cannot resume {writer.path}: it was recorded before qkhooks stored each image's stamps "
+                f"({FILE_SIZES}), and {dataset.name}'s items before the resume point are not read again (a streamed "
+                f"Hugging Face dataset has no index), so nothing can check that the {done} images it keeps are still "
+                "the data's first items, in that order: resumed, data changed since (items reordered, added, removed "
+                "or replaced) would go on under the kept images' ids. Record it afresh into a new --out, or "
+                "--overwrite to start again.")
         files = int((recorded >= 0).sum())
         if not files:  # review r45: in-memory items named by position changed without a word
             warnings.warn(

@@ -328,6 +328,70 @@ def test_a_streamed_run_written_before_the_stamps_resumes_as_before(tmp_path):
         assert after.complete and not after.has(fmt.FILE_SIZES)
 
 
+def test_a_wds_run_written_before_the_stamps_checks_its_kept_samples_in_order_warns_and_resumes_once_put_back(
+        tmp_path):
+    """Round 50: a wds: run recorded before the file stamps (no images/file_* arrays) resumed with no check at all and
+    without a word: shards renamed into another order, two kept samples swapped, or one removed, went on with the
+    file's image i no longer the data's item i. Now its kept ids are checked against the shards' samples in order
+    (read again without decoding, as a newer run's stamps are), as a torch Dataset's are on such a run, and the
+    resume warns that their content is not checked; put back, it resumes and ends as an uninterrupted run."""
+    members = _pngs(0)
+    first, second = dict(list(members.items())[:2]), dict(list(members.items())[2:4])
+    spec, run, kept = _wds_run(tmp_path, {"s0.tar": first, "s1.tar": second, "s2.tar": dict(list(members.items())[4:])})
+    assert kept >= 4
+    as_before_the_stamps(run)
+    loaded = _tiny_loaded()
+    changes = [({"s0.tar": second, "s1.tar": first}, "'a0\\.png', the data's is 'a2\\.png'"),  # shards reordered
+               ({"s0.tar": {"a1.png": members["a1.png"], "a0.png": members["a0.png"]}},  # two samples swapped
+                "'a0\\.png', the data's is 'a1\\.png'"),
+               ({"s0.tar": {"a1.png": members["a1.png"]}}, "'a0\\.png', the data's is 'a1\\.png'")]  # one removed
+    for shards, ids in changes:
+        for name, held in shards.items():
+            _shard(tmp_path / name, held, mtime=1_700_000_000)
+        with pytest.raises(QKHooksError, match=r"not those the run recorded \(image 0 of the file is " + ids
+                                               + r"\).*record into a new --out"):
+            qkhooks.record_dataset(loaded, spec, run, resume=True, **_KW)
+        assert _kept(run) == kept  # the refused resume left the file as it was
+        for name, held in (("s0.tar", first), ("s1.tar", second)):  # put back
+            _shard(tmp_path / name, held, mtime=1_700_000_000)
+    with pytest.warns(UserWarning, match=r"recorded before qkhooks stored each image's stamps .*checks the 4 images "
+                                         r"it keeps by their ids alone, in order"):
+        result = qkhooks.record_dataset(loaded, spec, run, resume=True, **_KW)
+    assert result.images == 8 and result.resumed_from == 4  # the checkpoint's 4 of the file's kept
+    whole = tmp_path / "whole.h5"
+    qkhooks.record_dataset(loaded, spec, whole, **_KW)
+    with qkhooks.open_run(run) as resumed, qkhooks.open_run(whole) as reference:
+        assert list(resumed.ids) == list(reference.ids) == _NAMES
+        for name in reference.arrays():
+            if not name.startswith("images/file_"):
+                np.testing.assert_array_equal(resumed.array(name)[:], reference.array(name)[:], err_msg=name)
+
+
+def test_a_streamed_hugging_face_run_written_before_the_stamps_is_refused_a_resume_it_cannot_check(tmp_path):
+    """Round 50: a streamed Hugging Face dataset's items before the resume point are not read again (it has no index),
+    and a run recorded before the file stamps holds nothing else to compare, so its resume went on without a word
+    whatever the stream now gave (reproduced: rows 0 and 1, 4 and 5 swapped resumed, and the complete file held its
+    first images in the recorded order, the rest in the new). Nothing can check its kept images, so the resume is
+    refused saying why and to record afresh, and the file is left as it was."""
+    datasets = pytest.importorskip("datasets")
+    pngs = _pngs(0)
+    table = datasets.Dataset.from_dict(
+        {"image": [{"bytes": pngs[n], "path": None} for n in _NAMES], "id": _NAMES},
+        features=datasets.Features({"image": datasets.Image(), "id": datasets.Value("string")}))
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    _interrupted(loaded, run, batches=3, data=table.to_iterable_dataset())
+    kept = _kept(run)
+    as_before_the_stamps(run)
+    swapped = table.select([1, 0, 2, 3, 5, 4, 6, 7]).to_iterable_dataset()
+    for data in (table.to_iterable_dataset(), swapped):  # as it was, or changed: neither can be told
+        with pytest.raises(QKHooksError, match=r"cannot resume .*run\.h5: it was recorded before qkhooks stored each "
+                                               r"image's stamps .*not read again .*no index.*the 4 images it "
+                                               r"keeps.*Record it afresh into a new --out"):
+            qkhooks.record_dataset(loaded, data, run, resume=True, **_KW)
+        with qkhooks.open_run(run) as after:
+            assert list(after.ids) == _NAMES[:kept] and not after.complete
+
+
 def test_a_torch_dataset_of_paths_resume_checks_its_kept_files(tmp_path):
     """A torch Dataset's items were not read again before the resume point (its __getitem__ may load the image), so
     its kept files were not checked, and the resume said so; since round 47 they are read again (one __getitem__ an
