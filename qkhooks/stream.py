@@ -1384,6 +1384,8 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
             "since is not noticed. Record into a new --out (or --overwrite) to have every kept image checked on a "
             "later resume.", stacklevel=stacklevel)
         return 0
+    if paths is not None:
+        _refuse_files_now_in_memory(writer, dataset, kept, recorded, dict(paths))
     if ids_only:  # the kept images held in the data may differ on each read; those read from files may not
         _refuse_changed_files(writer, kept, *data_files.stamp_columns(dict(paths)), fix, stacklevel=stacklevel + 1,
                               held=False, progress=progress)
@@ -1414,6 +1416,23 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
             "with resume_ids_only=True, which checks those alone)" if getattr(dataset, "reads_again", False) else "")
     _refuse_changed_files(writer, kept, *columns, fix, stacklevel=stacklevel + 1, held_hint=hint, progress=progress)
     return 0
+
+
+def _refuse_files_now_in_memory(writer: Any, dataset: Any, kept: Sequence[str], sizes_then: Any,
+                                where: Mapping[str, str | None]) -> None:
+    """Refuse a resume whose data now gives in memory (no file path: a PIL image, an array, a tensor its
+    ``__getitem__`` loaded) a kept image the run read from a file (a size recorded): that file's stamps are all the
+    run holds of it, and they cannot be compared with an image in memory, so a file replaced since would go on under
+    its id. Round 50: refused as a file of another size, "unreadable now", which named no cause."""
+    moved = [id_ for id_, size in zip(kept, sizes_then) if int(size) >= 0 and id_ in where and where[id_] is None]
+    if moved:
+        raise QKHooksError(
+            f"cannot resume {writer.path}: {len(moved)} of the {len(kept)} images it keeps were read from files when "
+            f"it recorded them, and {dataset.name} now gives them in memory, not as their files' paths (first: "
+            f"{moved[0]!r}: a PIL image, an array or a tensor, e.g. the image its __getitem__ loads), so the files "
+            "they were recorded from cannot be checked again against their stamps (size, time, BLAKE2b), and a file "
+            "replaced since would go on under its id. Give those items as their file paths again, as when the run "
+            "recorded them, or record afresh into a new --out (or --overwrite to start again).")
 
 
 def _warn_ids_only(writer: Any, dataset: Any, unchecked: int, done: int, stacklevel: int) -> int:

@@ -16,9 +16,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import qkhooks
 from qkhooks import QKHooksError
+from qkhooks.data.items import read_oriented
 from qkhooks.store import format as fmt
 from test_review_symlinks_repair_messages import _KW, _interrupted
 from test_spectrum_edits_and_dataparallel import _same_size_photos, _tiny_loaded
@@ -419,6 +421,58 @@ def test_a_torch_dataset_of_paths_resume_checks_its_kept_files(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert qkhooks.record_dataset(loaded, Paths(paths), run, resume=True, **_KW).images == 8
+
+
+class _PathsOrLoaded(torch.utils.data.Dataset):
+    """A torch Dataset giving its photos as file paths (``loaded`` None) or, from item ``first`` on, as the image
+    it loads through qkhooks' own reader: a PIL image, an array or a tensor."""
+
+    def __init__(self, paths, loaded=None, first: int = 0):
+        self.paths, self.loaded, self.first = paths, loaded, first
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        if self.loaded is None or i < self.first:
+            return {"image": path, "id": Path(path).name}
+        image = read_oriented(path)[0]
+        image = {"pil": image, "array": np.asarray(image), "tensor": torch.from_numpy(np.array(image))}[self.loaded]
+        return {"image": image, "id": Path(path).name}
+
+
+@pytest.mark.parametrize("ids_only", [False, True], ids=["resume", "resume_ids_only"])
+@pytest.mark.parametrize("loaded, first", [("pil", 0), ("array", 0), ("tensor", 1)])
+def test_a_kept_image_recorded_from_its_file_and_given_in_memory_now_is_refused_saying_so(tmp_path, ids_only, loaded,
+                                                                                         first):
+    """Round 50: a Dataset that gave its photos as paths when the run recorded them (qkhooks read the files and
+    stored their stamps), resumed giving the images it loads in memory instead, was refused as if the kept files had
+    changed size ("852 bytes then, unreadable now"), a true refusal for a reason that did not happen. The refusal now
+    says that the kept images were recorded from files and are given in memory now, naming the first, and the fix;
+    given as paths again, the run resumes and ends as an uninterrupted one. (A tensor as item 0 is refused as the
+    data is opened, naming the tensor: here the tensors start at item 1.)"""
+    loaded_model, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, _NAMES, seed=0)
+    paths = [str(folder / n) for n in _NAMES]
+    _interrupted(loaded_model, run, batches=3, data=_PathsOrLoaded(paths))
+    kept = _kept(run)
+    assert _stored(run) == {k: v[:kept] for k, v in _reference(paths).items()}  # recorded from the files
+    with pytest.raises(QKHooksError, match=rf"{4 - first} of the 4 images it keeps were read from files when it "
+                                           rf"recorded them, and torch:_PathsOrLoaded now gives them in memory, not as "
+                                           rf"their files' paths \(first: '{_NAMES[first]}'.*Give those items as "
+                                           r"their file paths again.*or record afresh into a new --out"):
+        qkhooks.record_dataset(loaded_model, _PathsOrLoaded(paths, loaded, first), run, resume=True,
+                               resume_ids_only=ids_only, **_KW)
+    assert _kept(run) == kept  # the refused resume left the file as it was
+    assert qkhooks.record_dataset(loaded_model, _PathsOrLoaded(paths), run, resume=True, resume_ids_only=ids_only,
+                                  **_KW).images == 8
+    whole = tmp_path / "whole.h5"
+    qkhooks.record_dataset(loaded_model, _PathsOrLoaded(paths), whole, **_KW)
+    with qkhooks.open_run(run) as resumed, qkhooks.open_run(whole) as reference:
+        assert list(resumed.ids) == list(reference.ids) == _NAMES
+        for name in reference.arrays():  # the stamps too: the same files, read from the same paths
+            np.testing.assert_array_equal(resumed.array(name)[:], reference.array(name)[:], err_msg=name)
 
 
 def test_shards_of_a_streamed_run_recorded_before_and_after_the_stamps_merge(tmp_path):
