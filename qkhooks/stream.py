@@ -1311,34 +1311,37 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     other images not read from a file (stored -1) are not checked. With ``progress``, reading and hashing them again
     shows a bar where it takes a while. A run from before the stamps (no :data:`FILE_SIZES`) has only its ids to
     compare: where :func:`_refuse_changed_stream` checked them (a list, a map-style Hugging Face dataset named by its
-    ids) it resumes as it did; elsewhere its kept ids are checked here against the items read again, in order (a
-    torch Dataset, an iterable: round 49; ``wds:`` shards, by their samples' stamps: round 50, before which they went
-    unchecked without a word), with a warning that their content is not; a streamed Hugging Face dataset, whose items
-    before the resume point are not read again, has nothing to check them by, and its resume is refused (round 50: it
-    went on without a word). A newer run of such a source resumes with a warning that its kept files are not
+    ids), or checked here against the items read again, in order (a torch Dataset, an iterable: round 49; ``wds:``
+    shards, by their samples' stamps: round 50, before which they went unchecked without a word), it resumes with a
+    warning that their content is not (round 50: a list's and a map-style dataset's said nothing); where some kept
+    images of a list or a map-style dataset are named by their position alone, or the items before the resume point
+    are not read again (a streamed Hugging Face dataset), nothing can check them, and the resume is refused (round
+    50: both went on without a word). A newer run of such a source resumes with a warning that its kept files are not
     checked. ``ids_only``
     (``resume_ids_only=True``, for data that gives another image on each read): the kept images held in the data are
     checked by their ids alone, with a warning, and those read from files by their files' stamps still (qkhooks reads
     those, the same on each read; round 49: they went unchecked too); on a run from before the stamps, every kept
     image by its id (round 49: not even that, and no warning). Returns how many kept images were not checked by
     their content (0 but with ``ids_only``)."""
-    recorded = writer.rows(FILE_SIZES, done) if done else None
-    if not done or (recorded is None and dataset.ids_before(start) is not None):
-        return 0  # nothing kept, or a run from before the stamps whose ids _refuse_changed_stream checked in order
-    kept = writer.ids[:done]
+    if not done:
+        return 0
+    recorded, kept = writer.rows(FILE_SIZES, done), writer.ids[:done]
+    by_position = set(dataset.ids_by_position(start)).intersection(kept) if recorded is None else ()
+    if by_position:  # round 50: two images of a list or a dataset's bytes swapped resumed without a word
+        _refuse_before_the_stamps(
+            writer, done, f"{len(by_position)} of them are named by their position in {dataset.name} alone (no id "
+            "of their own: a dict's 'id', a file path, a Hugging Face id column), which says nothing of the image at "
+            "it")
+    if recorded is None and dataset.ids_before(start) is not None:  # ids _refuse_changed_stream checked in order
+        return _warn_kept_ids_alone(writer, dataset, done, done, ids_only, stacklevel + 1)
     fix = ("Put the data back as it was when the run started, record it into a new --out, or --overwrite to start "
            "again.")
     paths = dataset.file_paths(start, progress=progress, first=lo)  # the shard's items: its kept images among them
     stamps = dataset.file_stamps(start, progress=progress, first=lo) if paths is None else None
     if paths is None and stamps is None:
         if recorded is None:  # no stamps, and no ids read again: nothing tells the kept images from others
-            raise QKHooksError(
-                f"cannot resume {writer.path}: it was recorded before qkhooks stored each image's stamps "
-                f"({FILE_SIZES}), and {dataset.name}'s items before the resume point are not read again (a streamed "
-                f"Hugging Face dataset has no index), so nothing can check that the {done} images it keeps are still "
-                "the data's first items, in that order: resumed, data changed since (items reordered, added, removed "
-                "or replaced) would go on under the kept images' ids. Record it afresh into a new --out, or "
-                "--overwrite to start again.")
+            _refuse_before_the_stamps(writer, done, f"{dataset.name}'s items before the resume point are not read "
+                                                    "again (a streamed Hugging Face dataset has no index)")
         files = int((recorded >= 0).sum())
         if not files:  # review r45: in-memory items named by position changed without a word
             warnings.warn(
@@ -1374,16 +1377,8 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
             "kept images' ids. Pass the images as a list (in memory), or give the Dataset's items as file paths, to "
             "have every kept image checked quickly.", stacklevel=stacklevel)
         kept = kept[:checked]
-    if recorded is None and ids_only:  # a run from before the stamps, resumed by ids alone: those are all it checks
-        return _warn_ids_only(writer, dataset, done, done, stacklevel + 1)
     if recorded is None:  # a run from before the stamps: its kept ids are all a resume can check
-        warnings.warn(
-            f"{writer.path} was recorded before qkhooks stored each image's stamps ({FILE_SIZES}), so this resume "
-            f"checks {'the' if len(kept) == done else f'{len(kept)} of the'} {done} images it keeps by their ids "
-            f"alone, in order: an image of {dataset.name} replaced "
-            "since is not noticed. Record into a new --out (or --overwrite) to have every kept image checked on a "
-            "later resume.", stacklevel=stacklevel)
-        return 0
+        return _warn_kept_ids_alone(writer, dataset, len(kept), done, ids_only, stacklevel + 1)
     if paths is not None:
         _refuse_files_now_in_memory(writer, dataset, kept, recorded, dict(paths))
     if ids_only:  # the kept images held in the data may differ on each read; those read from files may not
@@ -1415,6 +1410,33 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
             "an iterable that shuffles; record it without that, or, where the kept images' ids are enough, resume "
             "with resume_ids_only=True, which checks those alone)" if getattr(dataset, "reads_again", False) else "")
     _refuse_changed_files(writer, kept, *columns, fix, stacklevel=stacklevel + 1, held_hint=hint, progress=progress)
+    return 0
+
+
+def _refuse_before_the_stamps(writer: Any, done: int, why: str) -> None:
+    """Refuse the resume of a run recorded before the file stamps (no :data:`FILE_SIZES`) where nothing can check
+    its kept images (``why``): their content never can be on such a run, and here not their ids either."""
+    raise QKHooksError(
+        f"cannot resume {writer.path}: it keeps {done} images, was recorded before qkhooks stored each image's stamps "
+        f"({FILE_SIZES}), and {why}, so this resume cannot check that they are still the data's first items, in "
+        "that order: resumed, data changed since (items reordered, added, removed or replaced) would go on under the "
+        "kept images' ids. Record it afresh into a new --out, or --overwrite to start again.")
+
+
+def _warn_kept_ids_alone(writer: Any, dataset: Any, checked: int, done: int, ids_only: bool, stacklevel: int) -> int:
+    """Warn that the resume of a run recorded before the file stamps (no :data:`FILE_SIZES`) checked ``checked`` of
+    the ``done`` images it keeps by their ids alone, in order: such a run holds nothing of their content (round 50: a
+    list's or a map-style Hugging Face dataset's resumed without a word). Returns how many kept images were not
+    checked by their content, as the run file records them: ``done`` with ``ids_only``, else 0."""
+    if ids_only:  # resumed by ids alone: the run file records it
+        return _warn_ids_only(writer, dataset, done, done, stacklevel + 1)
+    warnings.warn(
+        f"{writer.path} was recorded before qkhooks stored each image's stamps ({FILE_SIZES}), so this resume "
+        f"checks {'the' if checked == done else f'{checked} of the'} {done} images it keeps by their ids alone, in "
+        f"order: an image of {dataset.name} replaced since is not noticed (their content is not checked). To be "
+        "sure, record it afresh into a new --out (or --overwrite), which also has every kept image checked on a "
+        "later resume.",
+        stacklevel=stacklevel)
     return 0
 
 

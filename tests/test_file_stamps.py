@@ -314,20 +314,73 @@ def as_before_the_stamps(run) -> None:
         f["images"].attrs[fmt.ARRAYS_ATTR] = json.dumps([a for a in listed if not a.startswith("images/file_")])
 
 
-def test_a_streamed_run_written_before_the_stamps_resumes_as_before(tmp_path):
-    """A stream's run from before (no per-image file arrays) resumes without a word, in its own layout."""
-    import warnings
+def _hf_named(pngs: dict[str, bytes], ids: bool):
+    """A map-style Hugging Face dataset of the images' bytes, in _NAMES' order, with an id column or (``ids`` False)
+    none: its rows are then named by their positions."""
+    datasets = pytest.importorskip("datasets")
+    columns = {"image": [{"bytes": pngs[n], "path": None} for n in _NAMES], **({"id": _NAMES} if ids else {})}
+    features = {"image": datasets.Image(), **({"id": datasets.Value("string")} if ids else {})}
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
-    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
-    _same_size_photos(folder, _NAMES, seed=0)
-    paths = [str(folder / n) for n in _NAMES]
-    _interrupted(loaded, run, batches=3, data=paths)
+
+@pytest.mark.parametrize("source", ["list of paths", "hf bytes with ids"])
+def test_a_run_written_before_the_stamps_whose_ids_are_checked_warns_that_their_content_is_not(tmp_path, source):
+    """Round 50: a list's or a map-style Hugging Face dataset's run from before the file stamps (no images/file_*
+    arrays) had its kept ids checked in order as the data was opened, and resumed without a word though nothing of
+    their content was (a test pinned that silence). Now it warns as a torch Dataset's run does (round 49), naming the
+    run, how many kept images, and the fix (resume_ids_only=True is refused for such data as it was). Ids changed are
+    still refused."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    if source == "list of paths":
+        _same_size_photos(tmp_path / "imgs", _NAMES, seed=0)
+        data = [str(tmp_path / "imgs" / n) for n in _NAMES]
+        swapped = [data[1], data[0], *data[2:]]
+    else:
+        data = _hf_named(_pngs(0), ids=True)
+        swapped = data.select([1, 0, *range(2, 8)])
+    _interrupted(loaded, run, batches=3, data=data)
     as_before_the_stamps(run)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert qkhooks.record_dataset(loaded, paths, run, resume=True, **_KW).images == 8
+    with pytest.raises(QKHooksError, match=r"not those the run recorded \(image 0 of the file"):
+        qkhooks.record_dataset(loaded, swapped, run, resume=True, **_KW)
+    with pytest.warns(UserWarning, match=r"(?s)run\.h5 was recorded before qkhooks stored each image's stamps .*checks "
+                                         r"the 4 images it keeps by their ids alone, in order: .*their content is not "
+                                         r"checked.*record it afresh into a new --out"):
+        assert qkhooks.record_dataset(loaded, data, run, resume=True, **_KW).images == 8
     with qkhooks.open_run(run) as after:
         assert after.complete and not after.has(fmt.FILE_SIZES)
+
+
+@pytest.mark.parametrize("source", ["hf bytes", "hf binary column", "list of arrays"])
+def test_a_run_written_before_the_stamps_of_images_named_by_position_is_refused_a_resume_it_cannot_check(tmp_path,
+                                                                                                         source):
+    """Round 50: a map-style Hugging Face dataset of image bytes with no id column (an Image or a binary column), or a
+    list of arrays without ids, names its rows by their positions, and a run of it from before the file stamps holds
+    nothing of their content: its resume checked ids that cannot differ, and went on without a word (reproduced: rows
+    0 and 1 swapped; a row swapped across the resume point would leave the file holding one image twice and another
+    never). Nothing at all can be checked, so the resume is refused, the data changed or not, naming the run, the
+    images named by position, and the fix; the file is left as it was."""
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    if source.startswith("hf"):
+        data = _hf_named(_pngs(0), ids=False)
+        if source == "hf binary column":  # no masks, no paths: a dataset whose rows the opening names not at all
+            datasets = pytest.importorskip("datasets")
+            data = datasets.Dataset.from_dict({"image": list(_pngs(0).values())},
+                                              features=datasets.Features({"image": datasets.Value("binary")}))
+        swapped = data.select([1, 0, *range(2, 8)])
+    else:
+        rng = np.random.default_rng(0)
+        data = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in _NAMES]
+        swapped = [data[1], data[0], *data[2:]]
+    _interrupted(loaded, run, batches=3, data=data)
+    kept = _kept(run)
+    as_before_the_stamps(run)
+    for now in (data, swapped):  # as it was, or changed: neither can be told
+        with pytest.raises(QKHooksError, match=r"cannot resume .*run\.h5: it keeps 4 images, was recorded before "
+                                               r"qkhooks stored each image's stamps .*and 4 of them are named by their "
+                                               r"position in .* alone .*Record it afresh into a new --out"):
+            qkhooks.record_dataset(loaded, now, run, resume=True, **_KW)
+        with qkhooks.open_run(run) as after:
+            assert list(after.ids) == [str(i) for i in range(kept)] and not after.complete
 
 
 def test_a_wds_run_written_before_the_stamps_checks_its_kept_samples_in_order_warns_and_resumes_once_put_back(
@@ -386,9 +439,9 @@ def test_a_streamed_hugging_face_run_written_before_the_stamps_is_refused_a_resu
     as_before_the_stamps(run)
     swapped = table.select([1, 0, 2, 3, 5, 4, 6, 7]).to_iterable_dataset()
     for data in (table.to_iterable_dataset(), swapped):  # as it was, or changed: neither can be told
-        with pytest.raises(QKHooksError, match=r"cannot resume .*run\.h5: it was recorded before qkhooks stored each "
-                                               r"image's stamps .*not read again .*no index.*the 4 images it "
-                                               r"keeps.*Record it afresh into a new --out"):
+        with pytest.raises(QKHooksError, match=r"cannot resume .*run\.h5: it keeps 4 images, was recorded before "
+                                               r"qkhooks stored each image's stamps .*not read again .*no index.*"
+                                               r"Record it afresh into a new --out"):
             qkhooks.record_dataset(loaded, data, run, resume=True, **_KW)
         with qkhooks.open_run(run) as after:
             assert list(after.ids) == _NAMES[:kept] and not after.complete

@@ -368,6 +368,14 @@ class MapReader:
                  _mask_layout(_mask_keys(item)))
                 for i, item in enumerate(self.container[:stop]))
 
+    def ids_by_position(self, stop: int) -> list[str] | None:
+        """The ids of the items before ``stop`` named by their position alone (no id of their own: :func:`_own_id`),
+        for a list or tuple; None for a Dataset, whose ``__getitem__`` may load the image. A position says nothing of
+        the item at it: a resume of a run that holds no stamps of its images cannot check those."""
+        if not isinstance(self.container, (list, tuple)):
+            return None
+        return [str(i) for i, item in enumerate(self.container[:stop]) if _own_id(_spelled(item)) is None]
+
     def file_paths(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, str | None]]:
         """Each item's (id, image file or None) from position ``first`` (a shard's first) to ``stop``, as
         :meth:`decode` names and reads it (a resume checks the kept files' stamps): a list's or tuple's without
@@ -696,6 +704,17 @@ class _HFReader:
                 name = None if ids is None else _cell_path_id(ids[n]) if named == self.path_column else str(ids[n])
                 yield lo + n, str(lo + n) if name is None else name, layout  # as row_id names the row
 
+    def ids_by_position(self, stop: int) -> list[str] | None:
+        """The ids of the rows before ``stop`` named by their position alone (no id column, and an image cell that
+        names no file: its bytes), read from the Arrow column without the images' bytes; None for a streamed dataset.
+        A position says nothing of the row at it: a resume of a run that holds no stamps of its images cannot check
+        those."""
+        if self.length is None:
+            return None
+        if self.id_column is not None:
+            return []
+        return [item_id for item_id, cell in self._named_cells(stop, 4096, light=True) if self._cell_id(cell) is None]
+
     def file_paths(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, str | None]] | None:
         """Each row's (id, image file or None) before position ``stop``, as :meth:`row_id` names the row and
         :meth:`decode` reads its image (a path string, or an ``Image(decode=False)`` cell with a path and no bytes),
@@ -736,22 +755,21 @@ class _HFReader:
             cells = _light_cells(column) if light else column.to_pylist()
             ids = table.column(self.id_column).to_pylist() if self.id_column is not None else None
             for n, cell in enumerate(cells):
-                if ids is not None:
-                    item_id = str(ids[n])
-                elif self.root is not None and isinstance(cell, Mapping) and cell.get("path"):
-                    item_id = Path(os.path.relpath(cell["path"], self.root)).as_posix()
-                else:
-                    item_id = _cell_path_id(cell) or str(lo + n)
-                yield item_id, cell
+                yield (str(ids[n]) if ids is not None else self._cell_id(cell) or str(lo + n)), cell
 
     def row_id(self, row: Mapping[str, Any], position: int) -> str:
         if self.id_column is not None:
             return str(row[self.id_column])
-        cell = row[self.image_column]
+        named = self._cell_id(row[self.image_column])
+        return str(position) if named is None else named
+
+    def _cell_id(self, cell: Any) -> str | None:
+        """A row's id from its image cell, where the dataset has no id column: the file's path relative to an image
+        folder read as a dataset, or as given (a column of file paths: as a list of paths); None for a cell that
+        names no file (its bytes): the row is named by its position."""
         if self.root is not None and isinstance(cell, Mapping) and cell.get("path"):
             return Path(os.path.relpath(cell["path"], self.root)).as_posix()
-        path = _cell_path_id(cell)  # a column of file paths: each row its path as given, as a list of paths
-        return str(position) if path is None else path
+        return _cell_path_id(cell)
 
 
 def _held_bytes_hash(cell: Any) -> int | None:
