@@ -247,3 +247,65 @@ def test_a_png_with_a_text_chunk_keyed_xmp_after_its_image_data_is_read_as_pil_r
             open_dataset(f"o3dir:{root}", CFG)
     else:
         assert shown_frame(photo, "photo") == expected
+
+
+# ------------------------------------------------------------------------------ files PIL reads that have no RGB colours
+
+
+def _float_tiff(path: Path, top: float) -> Path:
+    """A float ('F') image, as a TIFF holds one, under the name given (a folder reads files by their contents)."""
+    grey = np.random.default_rng(6).integers(0, 255, (16, 20)).astype(np.float32) / 255 * top
+    Image.fromarray(grey).save(path, format="TIFF")
+    return path
+
+
+def _int32_tiff(path: Path) -> Path:
+    """A 32-bit integer ('I') image, which has no defined display range, under the name given."""
+    Image.fromarray(np.arange(16 * 20, dtype=np.int32).reshape(16, 20) * 1000).save(path, format="TIFF")
+    return path
+
+
+def test_a_folder_image_without_display_colours_is_skipped_naming_it_and_the_others_are_recorded(tmp_path):
+    """Before: a float image outside 0..1 or a 32-bit integer image in a folder (a TIFF named .png) stopped the run
+    halfway with to_rgb's refusal, which named no file, and left a run file of the images before it without saying
+    so. Now it is skipped and listed, as a folder's other unusable files are, with the file and the fix named."""
+    import qkhooks
+    from test_review_symlinks_repair_messages import _KW
+    from test_spectrum_edits_and_dataparallel import _same_size_photos, _tiny_loaded
+
+    folder = tmp_path / "photos"
+    _same_size_photos(folder, ["a.png", "b.png", "c.png", "e.png"], seed=0)
+    _float_tiff(folder / "d.png", top=3.0)
+    _int32_tiff(folder / "f.png")
+    with Image.open(folder / "d.png") as im, Image.open(folder / "f.png") as im32:  # the reference: what PIL reads
+        assert im.mode == "F" and np.asarray(im).max() > 1 and im32.mode == "I"
+    with pytest.warns(UserWarning, match=r"skipping .*d\.png"):
+        result = qkhooks.record_dataset(_tiny_loaded(), str(folder), tmp_path / "run.h5", **_KW)
+    with qkhooks.open_run(tmp_path / "run.h5") as run:
+        assert list(run.ids) == ["a.png", "b.png", "c.png", "e.png"]
+    reasons = dict(result.skipped)
+    assert sorted(reasons) == ["d.png", "f.png"]
+    assert str(folder / "d.png") in reasons["d.png"] and "0..1" in reasons["d.png"]
+    assert str(folder / "f.png") in reasons["f.png"] and "mode 'I'" in reasons["f.png"]
+
+
+def test_an_image_without_display_colours_in_a_list_is_refused_naming_it_and_where_the_run_file_stands(tmp_path):
+    """Before: the refusal named neither the file nor the item, and said nothing of the run file it left holding the
+    batches before it. Now it names the file (a path) or the item (an image in memory) and how to go on."""
+    import qkhooks
+    from test_review_symlinks_repair_messages import _KW
+    from test_spectrum_edits_and_dataparallel import _same_size_photos, _tiny_loaded
+
+    folder = tmp_path / "photos"
+    _same_size_photos(folder, ["a.png", "b.png", "c.png"], seed=0)
+    bad = _float_tiff(tmp_path / "d.tif", top=3.0)
+    paths = [str(folder / n) for n in ("a.png", "b.png", "c.png")] + [str(bad)]
+    loaded = _tiny_loaded()
+    with pytest.raises(QKHooksError, match=rf"{bad}: float image with values in .*0\.\.1.*The 2 images before it stay "
+                                           r"committed in .*run\.h5.*--resume"):
+        qkhooks.record_dataset(loaded, paths, tmp_path / "run.h5", **_KW)
+    with Image.open(bad) as im:
+        in_memory = [Image.open(p).convert("RGB") for p in paths[:3]] + [im.copy()]
+    with pytest.raises(QKHooksError, match=r"item 3: float image with values in .*0\.\.1.*The 2 images before it stay "
+                                           r"committed in .*mem\.h5.*--resume"):
+        qkhooks.record_dataset(loaded, in_memory, tmp_path / "mem.h5", **_KW)

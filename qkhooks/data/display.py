@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from qkhooks.errors import QKHooksError
+from qkhooks.errors import DataRefusal, QKHooksError
 
 __all__ = ["DISPLAY_BACKGROUND", "to_rgb"]
 
@@ -46,7 +46,10 @@ def to_rgb(image: Image.Image | np.ndarray, *, name: str | None = None) -> Image
         A new, fully decoded image: the caller may close the file it came from.
 
     Raises:
-        QKHooksError: for an image whose display values are not defined (see above), naming the fix.
+        DataRefusal: for an image whose display values are not defined (see above), naming the fix: a refusal of
+            the data (a folder skips such a file, listing it; other sources stop the run, saying where its file
+            stands).
+        QKHooksError: for what is not an image, and while PIL loads truncated images.
     """
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
@@ -83,7 +86,7 @@ def to_rgb(image: Image.Image | np.ndarray, *, name: str | None = None) -> Image
         return _composite(np.asarray(image.convert("RGBA")))
     if mode == "CMYK":
         return _cmyk_to_rgb(np.asarray(image))
-    raise QKHooksError(
+    raise DataRefusal(
         f"image mode {mode!r} has no defined display colours in qkhooks (it handles RGB, RGBA, L, LA, 1, P, "
         "CMYK, YCbCr, 16-bit and float images); convert the image to RGB yourself, e.g. image.convert('RGB')."
     )
@@ -94,7 +97,7 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-        raise QKHooksError(
+        raise DataRefusal(
             f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {arr.shape}; "
             "for a (C, H, W) tensor pass array.transpose(1, 2, 0)."
         )
@@ -107,13 +110,13 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
     elif np.issubdtype(arr.dtype, np.floating):
         if arr.size and (np.isnan(arr).any() or arr.min() < 0.0 or arr.max() > 1.0):
             lo, hi = (float(np.nanmin(arr)), float(np.nanmax(arr))) if not np.isnan(arr).all() else (np.nan, np.nan)
-            raise QKHooksError(
+            raise DataRefusal(
                 f"float image with values in [{lo:g}, {hi:g}]{' and NaN' if np.isnan(arr).any() else ''}: only "
                 "0..1 has a defined display range, and qkhooks does not clip; scale it to 0..1 or to uint8 first."
             )
         arr = np.floor(arr.astype(np.float64) * 255.0 + 0.5).astype(np.uint8)
     else:
-        raise QKHooksError(
+        raise DataRefusal(
             f"image array of dtype {arr.dtype} has no defined display range (qkhooks reads uint8, uint16, bool "
             "and 0..1 floats); convert it, e.g. array.astype(np.uint8) if it already holds 0..255."
         )

@@ -152,7 +152,13 @@ def _decode_oriented(path: str | os.PathLike[str] | IO[bytes], name: str | None 
     not set to it: PIL would then map the file again to decode it, not the bytes hashed)."""
     with open_image(path) as im:
         # to_rgb first, as when read alone; the Exif it read (cached on the image) is the one it applied
-        return to_rgb(im, name=name), exif_orientation(im.getexif())
+        try:
+            return to_rgb(im, name=name), exif_orientation(im.getexif())
+        except DataRefusal as exc:  # pixels without display colours: the refusal names the file it is about
+            file = name or (os.fspath(path) if isinstance(path, (str, os.PathLike)) else None)
+            if file is None:
+                raise
+            raise DataRefusal(f"{file}: {exc}") from None
 
 
 # errno values of an OSError that are the file's own: its path names no readable file (gone, a folder, a dangling
@@ -468,6 +474,10 @@ class ImageDataset(Dataset):
         record = self._records[index]
         try:
             raw = record.load()
+        except DataRefusal as exc:  # a folder's file whose pixels have no display colours (a float TIFF): skipped
+            if not record.skip_unreadable:
+                raise
+            return self._skip(record, str(exc), "image without defined display colours")
         except QKHooksError:
             raise
         except Exception as exc:

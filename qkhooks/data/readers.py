@@ -65,8 +65,12 @@ def _decoded(read: Any, value: Any) -> Any:
 
 def _image_of(value: Any, where: str) -> tuple[Image.Image, int]:
     """Any accepted image value to RGB through the folders' conversion, and the EXIF orientation that applied (1 for
-    arrays, which carry none), from one opening of a file; tensors and unknown types refused."""
-    return _decoded(lambda v: _convert_image(v, where), value)
+    arrays, which carry none), from one opening of a file; tensors and unknown types refused, and pixels without
+    display colours (:func:`to_rgb`) refused naming the item."""
+    try:
+        return _decoded(lambda v: _convert_image(v, where), value)
+    except DataRefusal as exc:
+        raise DataRefusal(f"{where}: {exc}") from None
 
 
 def _convert_image(value: Any, where: str) -> tuple[Image.Image, int]:
