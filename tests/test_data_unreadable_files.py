@@ -309,3 +309,29 @@ def test_an_image_without_display_colours_in_a_list_is_refused_naming_it_and_whe
     with pytest.raises(QKHooksError, match=r"item 3: float image with values in .*0\.\.1.*The 2 images before it stay "
                                            r"committed in .*mem\.h5.*--resume"):
         qkhooks.record_dataset(loaded, in_memory, tmp_path / "mem.h5", **_KW)
+
+
+def test_an_item_refused_after_the_first_batch_says_where_the_run_file_stands_in_every_source(tmp_path):
+    """Before: a refusal of one item's data met after the first batch (a float array in a list, an ADE20K annotation
+    that is an RGB image) came alone, and the run file holding the batches before it was left without a word. Now
+    the refusal says how many images stay committed and how to go on, as a missing mask's does."""
+    import qkhooks
+    from test_review_symlinks_repair_messages import _KW
+    from test_spectrum_edits_and_dataparallel import _tiny_loaded
+
+    loaded = _tiny_loaded()
+    rng = np.random.default_rng(7)
+    arrays = [rng.integers(0, 255, (16, 20, 3), dtype=np.uint8) for _ in range(3)] + [rng.random((16, 20, 3))]
+    with pytest.raises(QKHooksError, match=r"item 3: an image array must be uint8 .*float64.*The 2 images before it "
+                                           r"stay committed in .*arrays\.h5.*--resume"):
+        qkhooks.record_dataset(loaded, arrays, tmp_path / "arrays.h5", **_KW)
+    root = tmp_path / "ade"
+    for i in range(4):
+        (root / "images" / "training").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / "training").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 20, 3), dtype=np.uint8)).save(root / f"images/training/a{i}.png")
+        classes = rng.integers(0, 4, (16, 20, 3) if i == 3 else (16, 20), dtype=np.uint8)  # the last one RGB
+        Image.fromarray(classes).save(root / f"annotations/training/a{i}.png")
+    with pytest.raises(QKHooksError, match=r"a3\.png is not a single-channel class map\. The 2 images before it stay "
+                                           r"committed in .*ade\.h5.*--resume"):
+        qkhooks.record_dataset(loaded, f"ade20k:{root}", tmp_path / "ade.h5", **_KW)

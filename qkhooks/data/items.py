@@ -478,8 +478,8 @@ class ImageDataset(Dataset):
             if not record.skip_unreadable:
                 raise
             return self._skip(record, str(exc), "image without defined display colours")
-        except QKHooksError:
-            raise
+        except QKHooksError as exc:  # a refusal of this item's data: record_dataset says where the run file stands
+            raise DataRefusal(str(exc)) from exc
         except Exception as exc:
             if not (record.skip_unreadable and file_fault(exc)):
                 raise

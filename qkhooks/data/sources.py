@@ -280,9 +280,12 @@ class ItemStream:
                 own_id, raw = self._reader.decode(row, position)
         except Unreadable as exc:
             return (self._reader.row_id(row, position), str(exc)), ()
+        except DataRefusal:
+            raise
+        except QKHooksError as exc:  # a refusal of this item's data: record_dataset says where the run file stands
+            raise DataRefusal(str(exc)) from exc
         except Exception as exc:  # the user's own code failed: stop, saying where
-            if not isinstance(exc, QKHooksError):
-                exc.add_note(f"(while qkhooks read item {position} of {self.name}{self._len_lies(exc, position)})")
+            exc.add_note(f"(while qkhooks read item {position} of {self.name}{self._len_lies(exc, position)})")
             raise
         item_id = own_id if own_id is not None else str(position)
         layout = (raw.objects is not None, raw.target is not None)
