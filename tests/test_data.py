@@ -602,6 +602,31 @@ def test_o3dir_round_trip(tmp_path):
     assert small["distractor"].sum().item() == pytest.approx(1800 / 4, rel=0.02)
 
 
+def test_an_o3dir_16_bit_mask_is_thresholded_at_half_its_range_as_its_8_bit_copy_is(tmp_path):
+    """Before: a 16-bit greyscale target or distractor PNG was clipped to 8 bits (PIL's I;16 -> L), so every
+    level from 255 of 65535 up (0.4% grey, black in any viewer) counted as white: a soft edge at 30% grey became
+    part of the target. Now 16-bit levels are scaled by their range first (round(v / 257), as photos are), so the
+    mask equals that of its 8-bit copy, the independent reference."""
+    cfg = ImageConfig(size=(90, 120), mean=HALF, std=HALF)  # identity geometry
+    wide, eight = tmp_path / "sixteen", tmp_path / "eight"
+    _o3_folder(wide), _o3_folder(eight)
+    targ = np.zeros((90, 120), dtype=np.uint16)
+    targ[10:30, 10:30] = 65535
+    targ[30, 10:30] = 20000  # 30% grey: not in the target
+    targ[31, 10:30] = 40000  # 61% grey: in it
+    targ[32, 10:30] = 300  # 0.5% grey: not in it (clipped to 8 bits, it read as white)
+    Image.fromarray(targ).save(wide / "targ_images" / "scene1.png")
+    Image.fromarray(np.floor(targ / 257 + 0.5).astype(np.uint8)).save(eight / "targ_images" / "scene1.png")
+    for root in (wide, eight):
+        (root / "targ_images" / "scene1.jpg").unlink()
+    with Image.open(wide / "targ_images" / "scene1.png") as im:
+        assert im.mode.startswith("I")  # read as 16 bits
+    got = open_dataset(f"o3dir:{wide}", cfg)[0]
+    want = open_dataset(f"o3dir:{eight}", cfg)[0]
+    assert np.array_equal(got["target"].numpy(), want["target"].numpy())
+    assert got["target"].numpy()[30:33, 10:30].tolist() == [[0.0] * 20, [1.0] * 20, [0.0] * 20]
+
+
 def test_o3dir_mismatches_fail_clearly(tmp_path):
     _o3_folder(tmp_path)
     Image.new("RGB", (120, 90)).save(tmp_path / "images" / "scene2.jpg")

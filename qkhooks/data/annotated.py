@@ -235,7 +235,8 @@ def open_o3(rest: str, cfg: ImageConfig, limit: int | None) -> ImageDataset:
 
 
 def _read_binary_mask(path: str, image: str, key: str) -> tuple[np.ndarray, bool]:
-    """O3 masks are greyscale, white = object; JPEG compression noise is removed by thresholding at 128. Also
+    """O3 masks are greyscale, white = object; JPEG compression noise is removed by thresholding at 128 (a 16-bit
+    mask's levels scaled by their range first: :func:`~qkhooks.data.items.mask_pixels`). Also
     whether the file carried an orientation tag of its own (then applied)."""
     grey, tagged = read_mask_file(path, f"O3 image {image}", key, "L")
     return grey >= 128, tagged

@@ -274,7 +274,8 @@ def open_dataset(
       ``DIR/images/<name>``, ``DIR/targ_images/<name>``, ``DIR/dist_images/<name>``
       (greyscale masks, white = target / distractors, matched by file stem; the
       layout read by the authors' P3O3_metrics code). Masks are thresholded at 128
-      (the release stores them as JPEG); distractors are split into items by
+      (the release stores them as JPEG; 16-bit ones are first scaled by their range,
+      ``round(v / 257)``, as photos are); distractors are split into items by
       8-connected components (needs scipy). Missing partners or size mismatches
       raise at open time.
 

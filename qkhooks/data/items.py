@@ -312,21 +312,34 @@ def _file_orientation(image: Image.Image, path: str | os.PathLike[str]) -> int:
     return exif_orientation(image.getexif())
 
 
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
 def mask_pixels(image: Image.Image, mode: str | None = None) -> tuple[np.ndarray, bool]:
     """A mask image's pixels (converted to ``mode`` if given), and whether it carried an orientation tag of its own
-    (then applied, as a viewer shows it: the pixels are in the shown frame)."""
+    (then applied, as a viewer shows it: the pixels are in the shown frame). A 16-bit or float greyscale mask read
+    as ``"L"`` (O3's white-on-black masks) is scaled by its range as a photo is (:func:`to_rgb`: ``round(v / 257)``),
+    not clipped by PIL's conversion (every 16-bit level from 255 up, 0.4% grey, read as white); a 32-bit integer one,
+    which has no range, is refused."""
     own = exif_orientation(image.getexif())
     if own != 1:
         image = ImageOps.exif_transpose(image)
+    if mode == "L" and image.mode in _WIDE_GREY_MODES:
+        return np.array(to_rgb(image))[:, :, 0], own != 1
     if mode is not None and image.mode != mode:
         image = image.convert(mode)
     return np.array(image), own != 1
 
 
 def read_mask(path: str | os.PathLike[str] | IO[bytes], mode: str | None = None) -> tuple[np.ndarray, bool]:
-    """:func:`mask_pixels` of a mask file, closed after reading."""
+    """:func:`mask_pixels` of a mask file, closed after reading; a refusal of its pixels names a file given by path."""
     with open_image(path) as im:
-        return mask_pixels(im, mode)
+        try:
+            return mask_pixels(im, mode)
+        except DataRefusal as exc:
+            if not isinstance(path, (str, os.PathLike)):
+                raise
+            raise DataRefusal(f"{os.fspath(path)}: {exc}") from None
 
 
 def _other_frame(hw: tuple[int, int], orientation: int) -> tuple[int, int]:
