@@ -53,12 +53,14 @@ _CORRUPT = {  # name: the bytes of a file PIL cannot decode
 
 
 def _pil_failure(path: Path) -> BaseException:
-    """Independent reference: what PIL raises on a full decode of the file."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except Exception as exc:
-        return exc
+    """Independent reference: what PIL raises on the file, checked whole first (its verify(): a PNG's chunks and
+    their CRCs, to IEND), then decoded."""
+    for check in (lambda im: im.verify(), lambda im: im.load()):
+        try:
+            with Image.open(path) as im:
+                check(im)
+        except Exception as exc:
+            return exc
     raise AssertionError(f"PIL decodes {path}")
 
 
@@ -335,3 +337,35 @@ def test_an_item_refused_after_the_first_batch_says_where_the_run_file_stands_in
     with pytest.raises(QKHooksError, match=r"a3\.png is not a single-channel class map\. The 2 images before it stay "
                                            r"committed in .*ade\.h5.*--resume"):
         qkhooks.record_dataset(loaded, f"ade20k:{root}", tmp_path / "ade.h5", **_KW)
+
+
+def test_a_png_without_its_iend_chunk_is_unreadable_in_every_route(tmp_path):
+    """Before: a folder skipped a PNG cut just before its IEND chunk (PIL's verify() fails: a truncated file, perhaps
+    still being copied in), while a folder opened with check="decode", a list of paths, hfds: bytes and an annotated
+    dataset's photo or mask recorded it (PIL's decode stops at the image data's end). Now every route tests the same
+    bytes the same way: skipped and listed from a folder and a stream, refused naming the file elsewhere."""
+    whole = _png_bytes()
+    cut = whole[:-12]  # the IEND chunk: length, type, CRC
+    assert whole[-12:] == b"\0\0\0\0IEND\xaeB`\x82"
+    with Image.open(io.BytesIO(cut)) as im:  # the reference: PIL decodes it, and its verify() says it is cut
+        im.load()
+    with pytest.raises(OSError, match="truncated PNG file"), Image.open(io.BytesIO(cut)) as im:
+        im.verify()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(whole)
+    (folder / "b.png").write_bytes(cut)
+    for check in ("header", "decode"):
+        with pytest.warns(UserWarning, match=r"skipping unreadable image .*b\.png \(OSError: truncated PNG file\)"):
+            dataset = open_dataset(str(folder), CFG, check=check)
+        assert dataset.ids == ["a.png"] and dataset.skipped == [("b.png", "OSError: truncated PNG file")]
+    path = folder / "b.png"
+    for value in (str(path), cut, {"bytes": cut, "path": None}):  # a list's path, encoded bytes, a hfds: cell
+        with pytest.raises(Unreadable, match=r"^OSError: truncated PNG file$"):
+            _item_to_raw({"image": value}, "item 0")
+    _item_to_raw({"image": {"bytes": whole, "path": None}}, "item 0")  # the whole file is read as before
+    with pytest.raises(DataRefusal, match=rf"^photo {path} cannot be read \(OSError: truncated PNG file\); replace"):
+        read_photo(path, "photo")
+    with pytest.raises(DataRefusal, match=rf"^a\.png: the 'objects' mask {path} cannot be read \(OSError: truncated "
+                                          r"PNG file\); replace"):
+        read_mask_file(path, "a.png", "objects")

