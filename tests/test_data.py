@@ -424,6 +424,39 @@ def test_ade20k_full_layout_seg_png(tmp_path):
     assert (objects[:, 30:] == 0).all()
 
 
+def test_ade20k_annotations_match_their_extension_in_any_letter_case_and_two_such_are_refused(tmp_path):
+    """Before: an annotation saved as a.PNG (or a full-layout x_seg.PNG beside x.JPG) was not found on a case-
+    sensitive file system, so its photo was left out, though photos match .JPG like .jpg. Now annotations match
+    alike, and two that differ only by the extension's letter case are refused, naming both."""
+    cfg = ImageConfig(size=(40, 60), mean=HALF, std=HALF)  # identity geometry
+    classes = np.zeros((40, 60), dtype=np.uint8)
+    classes[:, 30:], classes[5:15, 5:20] = 7, 3
+    expected = np.select([classes == 3, classes == 7], [1, 2], 0)  # the reference: classes renumbered in order
+    root = tmp_path / "challenge"
+    _ade_image(root / "images" / "training" / "a.jpg")
+    (root / "annotations" / "training").mkdir(parents=True)
+    Image.fromarray(classes).save(root / "annotations" / "training" / "a.PNG", format="PNG")
+    ds = open_dataset(f"ade20k:{root}", cfg)
+    assert ds.ids == ["training/a.jpg"] and ds.skipped == []
+    assert np.array_equal(ds[0]["objects"].numpy(), expected)
+    Image.fromarray(classes).save(root / "annotations" / "training" / "a.png")
+    with pytest.raises(QKHooksError, match=r"a\.jpg: 2 annotation files differ only by their extension's letter "
+                                           r"case \(.*training/a\.PNG and .*training/a\.png\)"):
+        open_dataset(f"ade20k:{root}", cfg)
+    full = tmp_path / "full" / "images" / "ADE" / "training"
+    _ade_image(full / "x.JPG")
+    seg = np.zeros((40, 60, 3), dtype=np.uint8)
+    seg[:, :30] = (10, 44, 1)  # class 300, instance 1
+    Image.fromarray(seg).save(full / "x_seg.PNG", format="PNG")
+    ds = open_dataset(f"ade20k:{tmp_path / 'full'}", cfg)
+    assert ds.ids == ["images/ADE/training/x.JPG"]
+    assert np.array_equal(ds[0]["objects"].numpy(), np.where(np.arange(60) < 30, 1, 0)[None].repeat(40, 0))
+    _ade_image(full / "x.jpg")
+    with pytest.raises(QKHooksError, match=r"x_seg\.PNG: 2 image files differ only by their extension's letter "
+                                           r"case \(.*x\.JPG and .*x\.jpg\)"):
+        open_dataset(f"ade20k:{tmp_path / 'full'}", cfg)
+
+
 def test_ade20k_bad_layout_is_explained(tmp_path):
     (tmp_path / "stuff").mkdir()
     with pytest.raises(QKHooksError, match="ADEChallengeData2016"):

@@ -4,6 +4,7 @@ displays, generated or from the O3 dataset's folders."""
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from pathlib import Path
 
@@ -39,6 +40,30 @@ def _one_file_per_name(folder: Path, rels: list[str], why: str) -> None:
         shown = "; ".join(" and ".join(files) for files in clashes[:5])
         raise QKHooksError(f"{str(folder)!r}: {len(clashes)} file name(s) differ only by their extension ({shown}), "
                            f"so {why}. Rename or remove one of each.")
+
+
+def _files_by_name(folder: Path, extension: str) -> dict[str, list[Path]]:
+    """The files under ``folder`` (recursively, hidden ones ignored, as a folder's photos are found) whose extension
+    is ``extension`` in any letter case (photos match ``.JPG`` like ``.jpg``, so partner files match ``.PNG`` like
+    ``.png`` on every file system), by their posix path relative to ``folder`` without the extension."""
+    found: dict[str, list[Path]] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in sorted(filenames):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() == extension:
+                path = Path(dirpath, name)
+                found.setdefault(path.relative_to(folder).with_suffix("").as_posix(), []).append(path)
+    return found
+
+
+def _the_one(files: list[Path], of: Path, what: str) -> Path:
+    """The one ``what`` file (annotation, image) of ``of`` among ``files`` (:func:`_files_by_name`'s list), refused
+    where two differ only by the extension's letter case: which of them belongs to it is not known."""
+    if len(files) > 1:
+        raise QKHooksError(f"{of}: {len(files)} {what} files differ only by their extension's letter case "
+                           f"({' and '.join(str(f) for f in files)}), so which of them is its {what} is not known. "
+                           "Rename or remove one of them.")
+    return files[0]
 
 
 def _layout_root(spec_dir: str, what: str, layout: str) -> Path:
@@ -138,21 +163,25 @@ def open_ade20k(spec_dir: str, cfg: ImageConfig, limit: int | None) -> ImageData
             img_dir = base / "images" / split
             rels = list_images(img_dir)
             _one_file_per_name(img_dir, rels, f"each pair would be recorded with the same annotation in {ann_dir}")
+            pngs = _files_by_name(ann_dir, ".png")
             for rel in rels:
-                ann = (ann_dir / rel).with_suffix(".png")
-                if not ann.is_file():
-                    skipped.append((f"{split}/{rel}", f"no annotation {ann}"))
+                image, item_id, name = img_dir / rel, f"{split}/{rel}", Path(rel).with_suffix("").as_posix()
+                if name not in pngs:
+                    skipped.append((item_id, f"no annotation {ann_dir / name}.png"))
                     continue
-                image, item_id = img_dir / rel, f"{split}/{rel}"
+                ann = _the_one(pngs[name], image, "annotation")
                 load = functools.partial(loader, str(image), str(ann))
                 records.append(ItemRecord(id=item_id, load=load, path=str(image)))
                 annotations[item_id] = str(ann)
     else:
-        for seg in sorted(root.rglob("*_seg.png")):
-            image = seg.with_name(seg.name[: -len("_seg.png")] + ".jpg")
-            if not image.is_file():
-                skipped.append((seg.relative_to(root).as_posix(), f"no image {image.name} next to it"))
+        pngs, jpgs = _files_by_name(root, ".png"), _files_by_name(root, ".jpg")
+        for name in sorted(n for n in pngs if n.endswith("_seg")):
+            seg = _the_one(pngs[name], root / name, "_seg.png")
+            if name[: -len("_seg")] not in jpgs:
+                skipped.append((seg.relative_to(root).as_posix(),
+                                f"no image {Path(name[: -len('_seg')]).name}.jpg next to it"))
                 continue
+            image = _the_one(jpgs[name[: -len("_seg")]], seg, "image")
             rel = image.relative_to(root).as_posix()
             load = functools.partial(_load_ade_full, str(image), str(seg))
             records.append(ItemRecord(id=rel, load=load, path=str(image)))
