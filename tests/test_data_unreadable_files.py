@@ -281,8 +281,13 @@ def test_a_folder_image_without_display_colours_is_skipped_naming_it_and_the_oth
     _int32_tiff(folder / "f.png")
     with Image.open(folder / "d.png") as im, Image.open(folder / "f.png") as im32:  # the reference: what PIL reads
         assert im.mode == "F" and np.asarray(im).max() > 1 and im32.mode == "I"
-    with pytest.warns(UserWarning, match=r"skipping .*d\.png"):
+    with pytest.warns(UserWarning, match=r"skipping .*d\.png") as said:
         result = qkhooks.record_dataset(_tiny_loaded(), str(folder), tmp_path / "run.h5", **_KW)
+    for name, why in (("d.png", "float image with values in"), ("f.png", "image mode 'I' has no")):
+        # the warning names the file once (it printed "... d.png (.../d.png: float image ...)")
+        warned = [str(w.message) for w in said if str(folder / name) in str(w.message)]
+        assert len(warned) == 1 and warned[0].count(str(folder / name)) == 1
+        assert warned[0].startswith(f"skipping image without defined display colours {folder / name} ({why}")
     with qkhooks.open_run(tmp_path / "run.h5") as run:
         assert list(run.ids) == ["a.png", "b.png", "c.png", "e.png"]
     reasons = dict(result.skipped)

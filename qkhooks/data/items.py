@@ -530,8 +530,10 @@ class ImageDataset(Dataset):
             return self._skip(record, str(exc), "image the model's preprocessing cannot take")
 
     def _skip(self, record: ItemRecord, reason: str, what: str) -> None:
-        """Leave a folder's image out, warned about and listed in :attr:`skipped` (the run goes on)."""
-        warnings.warn(f"skipping {what} {record.path} ({reason})", stacklevel=3)
+        """Leave a folder's image out, warned about and listed in :attr:`skipped` (the run goes on); the warning
+        names the file once, where the reason opens with it (a refusal of its pixels names it for the list)."""
+        said = reason.removeprefix(f"{record.path}: ")
+        warnings.warn(f"skipping {what} {record.path} ({said})", stacklevel=3)
         self.skipped.append((record.id, reason))
         return None
 
