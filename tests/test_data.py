@@ -260,6 +260,23 @@ def test_folder_order_ids_and_recursion(tmp_path, cfg224):
     assert open_dataset(tmp_path, cfg224, limit=2).ids == ["a/c.JPG", "a/d.jpeg"]
 
 
+def test_synology_thumbnail_folders_are_left_out_with_a_warning_that_counts_them(tmp_path, cfg224):
+    """Before: a NAS's @eaDir/<photo>/SYNOFILE_THUMB_*.jpg thumbnails were recorded as photos, silently doubling a
+    Synology photo folder. Now @eaDir folders are left out as hidden ones are, and a warning names them and counts
+    the image files left out (those under them, counted here by hand)."""
+    _save(tmp_path / "a.png", 10)
+    _save(tmp_path / "sub" / "b.jpg", 20, fmt="JPEG")
+    for thumb in ("@eaDir/a.png/SYNOFILE_THUMB_M.jpg", "@eaDir/a.png/SYNOFILE_THUMB_XL.jpg",
+                  "sub/@eaDir/b.jpg/SYNOFILE_THUMB_S.jpg"):
+        _save(tmp_path / thumb, 30, fmt="JPEG")
+    (tmp_path / "@eaDir" / "a.png" / "SYNOINDEX_MEDIA_INFO").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"^3 image files in 2 Synology thumbnail folders \(@eaDir\) under "
+                                         rf"{tmp_path} are not recorded: @eaDir/, sub/@eaDir/; ") as said:
+        ds = open_dataset(str(tmp_path), cfg224)
+    assert ds.ids == ["a.png", "sub/b.jpg"] and ds.skipped == []
+    assert [Path(w.filename).name for w in said] == [Path(__file__).name]  # the line that opened the folder
+
+
 def test_corrupt_images_are_skipped_and_listed(tmp_path, cfg224):
     _save(tmp_path / "good.png", 10)
     (tmp_path / "garbage.jpg").write_bytes(b"this is not a jpeg at all")
