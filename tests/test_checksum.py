@@ -285,3 +285,46 @@ def test_a_recorded_mode_projection_that_is_all_zero_is_read_not_taken_for_a_zer
             np.testing.assert_array_equal(summed.array(name)[:], values)
     assert verify_run(tmp_path / "True.h5").ok
     assert repair(tmp_path / "True.h5", tmp_path / "fixed.h5").lost == []
+
+
+@pytest.mark.parametrize("name", ["images/file_sizes", "images/file_hashes"])
+def test_a_zeroed_chunk_of_an_images_file_size_or_hash_is_reported_never_read_as_zero(tmp_path, name):
+    """Round 50's cut-scan of a --checksum run of 400 one-image chunks zeroed a 4 KiB page over the small chunks of
+    images/file_sizes, file_hashes, file_mtimes and attention/query_tokens of four images: all-zero bytes pass
+    Fletcher-32, so they read back as 0 and repair copied the zeros, without a word. A file's size is never 0 (-1 for an
+    image not from a file; an empty file does not decode) and its hash's 8 bytes are 0 once in 2**64: such a chunk is
+    damage, as one of maps is. (A file time and query token 0 are real values: not checked.)"""
+    from PIL import Image
+
+    from qkhooks.store import verify_run
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), np.uint8)).save(photos / f"img{i}.png")
+    run = tmp_path / "run.h5"
+    record_dataset(tiny_vit(), str(photos), run, modes=2, layers="0", batch_size=4, progress=False, reducers=[],
+                   checksum=True)
+    with open_run(run) as reader:
+        ids = reader.ids
+        want = reader.array(name)[:]
+    sizes = np.array([(photos / i).stat().st_size for i in ids])  # the files themselves: the values to read back
+    if name == "images/file_sizes":
+        np.testing.assert_array_equal(want, sizes)
+    with h5py.File(run, "r") as f:
+        info = f[name].id.get_chunk_info_by_coord((2,))
+    with open(run, "r+b") as fh:  # image 2's chunk, data and checksum, zeroed as a zeroed disk page leaves it
+        fh.seek(info.byte_offset)
+        fh.write(bytes(info.size))
+    with open_run(run) as reader:
+        for key in (2, slice(None), [1, 2]):
+            with pytest.raises(QKHooksError, match=f"image 2.*{name}.*qkhooks repair"):
+                reader.array(name)[key]
+        np.testing.assert_array_equal(reader.array(name)[[0, 1, 3, 4]], want[[0, 1, 3, 4]])
+    report = verify_run(run)
+    assert not report.ok and report.damaged.get(name) == [(2, 3)], report.problems
+    fixed = repair(run, tmp_path / "fixed.h5")
+    assert fixed.lost == [2] and fixed.recovered == [i for k, i in enumerate(ids) if k != 2]
+    with open_run(tmp_path / "fixed.h5") as got:
+        np.testing.assert_array_equal(got.array(name)[:], want[[0, 1, 3, 4]])

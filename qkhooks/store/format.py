@@ -639,9 +639,11 @@ def drop_stale_heap_references(ds: h5py.Dataset, n: int) -> None:
     ds.resize(n, axis=0)
 
 
-NEVER_ZERO = re.compile(r"/?(modes/L\d+/(query|key)|attention/L\d+/(rows|pooled|full))$")
-"""The per-image arrays whose rows are never stored as zero bytes alone: attention maps (softmax rows sum to 1) and
-mode projections (zero only where the layer's q/k input is, then stored as -0.0, :func:`signed_zero_rows`)."""
+NEVER_ZERO = re.compile(r"/?(modes/L\d+/(query|key)|attention/L\d+/(rows|pooled|full)|images/file_(sizes|hashes))$")
+"""The per-image arrays whose rows are never stored as zero bytes alone: attention maps (softmax rows sum to 1),
+mode projections (zero only where the layer's q/k input is, then stored as -0.0, :func:`signed_zero_rows`), and an
+image's file size (-1 for an image not from a file; an empty file does not decode) and hash (8 bytes of BLAKE2b, or
+-1: 0 once in 2**64). Not its file's time or query tokens: 0 is a real value of both."""
 
 
 def signed_zero_rows(name: str, value: np.ndarray) -> np.ndarray:
@@ -661,13 +663,14 @@ def signed_zero_rows(name: str, value: np.ndarray) -> np.ndarray:
 
 def zeroed_chunks(ds: h5py.Dataset, images: Sequence[int], values: np.ndarray) -> list[int]:
     """The first image of each chunk among ``images`` (read as ``values``, one row each, any selection of the other
-    axes) whose stored bytes are all zero, its checksum included, in a Fletcher-32 array of mode projections or
-    attention maps: Fletcher-32 of zero bytes is zero, so the checksum passes a chunk that a zeroed disk page covered,
-    and it would read as zeros. An image's projections or maps are never stored as zero bytes (softmax rows sum to 1;
-    a projection row that is all zero is stored as -0.0, :func:`signed_zero_rows`), so such a chunk is damage. Other arrays (a relative term, zero in a model whose bias table is, or arrays of your own) can
-    be all zero: not looked at. Only chunks whose rows read as zeros are looked at on the disk (a read of that
-    chunk's stored bytes)."""
-    if not (ds.fletcher32 and ds.chunks and ds.dtype.kind == "f" and NEVER_ZERO.match(ds.name)) or not len(images):
+    axes) whose stored bytes are all zero, its checksum included, in a Fletcher-32 array of :data:`NEVER_ZERO`: mode
+    projections, attention maps, file sizes and hashes. Fletcher-32 of zero bytes is zero, so the checksum passes a
+    chunk that a zeroed disk page covered, and it would read as zeros. No image's row of these is stored as zero bytes
+    (softmax rows sum to 1; a projection row that is all zero is stored as -0.0, :func:`signed_zero_rows`), so such a
+    chunk is damage. Other arrays (a relative term, zero in a model whose bias table is, a file's time, query tokens,
+    arrays of your own) can be all zero: not looked at. Only chunks whose rows read as zeros are looked at on the disk
+    (a read of that chunk's stored bytes)."""
+    if not (ds.fletcher32 and ds.chunks and ds.dtype.kind in "fi" and NEVER_ZERO.match(ds.name)) or not len(images):
         return []
     flat = np.asarray(values).reshape(len(images), -1)
     zero = ~np.any(flat != 0, axis=1) & (flat.shape[1] > 0)
