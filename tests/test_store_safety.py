@@ -131,6 +131,61 @@ def test_a_second_writer_on_a_live_run_is_refused_at_once_naming_the_writer(tmp_
     assert_same_run(out, tmp_path / "clean.h5")
 
 
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from qkhooks.store import RunWriter
+    w = RunWriter(sys.argv[1], dtype="float32", chunk_images=2)
+    print("laid out", flush=True)  # inside, before its first batch: the file has no name yet
+    sys.stdin.readline()
+    w.write_batch(["a0", "a1"], {"v": np.arange(16, dtype=np.float32).reshape(2, 8)})
+    w.flush()
+    print("written", flush=True)  # inside, with images committed
+    sys.stdin.readline()
+    w.write_batch(["a2", "a3"], {"v": -np.arange(16, dtype=np.float32).reshape(2, 8)})
+    w.close()
+    """
+)
+
+
+def test_a_second_writer_is_refused_while_another_process_holds_the_run_before_and_after_its_first_batch(tmp_path):
+    """Two writers that really overlap, in step by a pipe, not by timing: process A holds a RunWriter, laid out with
+    no batch yet (its file still under RUN.h5.creating), then with two images committed; each time a fresh run, a
+    resume and an overwrite of the same file here are refused, naming A and what to do, and nothing of A's is touched:
+    A finishes, and its file holds exactly what it wrote. (The test above overlaps record_dataset with a writer
+    paused between batches, from its first committed images on.)"""
+    out = tmp_path / "run.h5"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], env=ENV, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    refusal = (rf"{out} is being written by another process \(pid {holder.pid} on {socket.gethostname()}, since .*\); "
+               r"wait for it to finish or stop it, then run again")
+    try:
+        for step in ("laid out", "written"):
+            assert holder.stdout.readline().strip() == step, holder.stderr.read()[-2000:]
+            before = sorted(p.name for p in tmp_path.iterdir())
+            for mode in ("create", "resume", "overwrite"):
+                with pytest.raises(QKHooksError, match=refusal):
+                    RunWriter(out, mode=mode, dtype="float32")
+            assert sorted(p.name for p in tmp_path.iterdir()) == before, step  # nothing made, moved or removed
+            if step == "laid out":
+                assert not out.exists() and out.with_name("run.h5.creating").exists()
+            else:
+                with open_run(out) as run:  # a reader takes no lock: it reads A's committed images meanwhile
+                    assert run.ids == ["a0", "a1"]
+                    np.testing.assert_array_equal(run.array("v")[:], np.arange(16).reshape(2, 8))
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+        assert holder.wait(timeout=60) == 0, holder.stderr.read()[-2000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    with open_run(out) as run:
+        assert run.complete and run.ids == ["a0", "a1", "a2", "a3"]
+        np.testing.assert_array_equal(run.array("v")[:], np.concatenate([np.arange(16), -np.arange(16)]).reshape(4, 8))
+    assert verify_run(out).ok and not fmt.lock_path(out).exists()
+
+
 def test_a_killed_writers_lock_is_released_by_the_system(tmp_path):
     out = tmp_path / "run.h5"
     child = _start(tmp_path, out, "o3:12:1", pause=0.2)
