@@ -170,7 +170,7 @@ def test_the_ids_whose_heap_collection_ends_past_the_files_end_are_found_off_the
         ds = f["images/ids"]
         chunk = ds.id.get_chunk_info(0)
         assert ds.id.get_num_chunks() == 1 and chunk.byte_offset + chunk.size < start and 0 < len(rows) < 600
-        outside = repair_module._strings_outside
+        outside = repair_module.unreadable_strings
         assert outside(ds, 600, path, len(data)) == set()
         assert outside(ds, 600, path, cut) == rows
         assert outside(ds, 300, path, cut) == {r for r in rows if r < 300}
@@ -202,25 +202,19 @@ def test_a_cut_through_the_second_chunk_of_ids_names_that_chunks_rows_not_the_fi
             ends[i] = start + int.from_bytes(data[start + 8:start + 16], "little")
         expected = set(range(1024, 1100)) | {i for i in range(1024) if ends[i] > cut}
         assert len(expected) < 1100
-        assert repair_module._strings_outside(ds, 1100, path, cut) == expected
+        assert repair_module.unreadable_strings(ds, 1100, path, cut) == expected
 
 
-def test_a_chunk_of_ids_whose_place_does_not_read_names_its_rows_as_outside(tmp_path, monkeypatch):
-    """Without HDF5's chunk walk, a chunk of references whose place does not read (a damaged chunk index; simulated:
-    the lookup raises for the second chunk) cannot be read off the file: its rows are named, the first chunk's not."""
+def test_a_chunk_of_ids_whose_place_does_not_read_names_its_rows_as_outside(tmp_path):
+    """A chunk of references whose place does not read (a damaged chunk index; simulated: the walk of the chunk index
+    that repair hands over lacks the second chunk) cannot be read off the file: its rows are named, the first
+    chunk's not. (Round 50: ``unreadable_strings`` moved to _hdf5 and takes the walk's places as ``where``.)"""
     path = tmp_path / "run.h5"
     ids = [f"id{i:05d}" for i in range(1100)]
     with RunWriter(path, dtype="float32") as w:
         for lo in range(0, 1100, 100):
             w.write_batch(ids[lo:lo + 100], {"v": np.zeros((100, 1), dtype=np.float32)})
-    located = repair_module._chunk_location
-
-    def lookup(ds, row):
-        if row >= 1024:
-            raise OSError("can't read the chunk index (simulated)")
-        return located(ds, row)
-
-    monkeypatch.setattr(repair_module, "_chunk_locations", lambda ds: None)
-    monkeypatch.setattr(repair_module, "_chunk_location", lookup)
     with h5py.File(path, "r") as f:
-        assert repair_module._strings_outside(f["images/ids"], 1100, path, path.stat().st_size) == set(range(1024, 1100))
+        where = {0: repair_module._chunk_location(f["images/ids"], 0)}
+        assert repair_module.unreadable_strings(f["images/ids"], 1100, path, path.stat().st_size, where) == set(range(1024, 1100))
+        assert repair_module.unreadable_strings(f["images/ids"], 1100, path, path.stat().st_size) == set()

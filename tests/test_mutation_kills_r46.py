@@ -282,9 +282,9 @@ def test_a_heap_collection_whose_size_field_reads_zero_holds_no_string_that_can_
     sizeless = tmp_path / "sizeless.h5"
     sizeless.write_bytes(data[:start + 8] + bytes(8) + data[start + 16:])
     with h5py.File(path, "r") as f:
-        assert repair_module._strings_outside(f["images/ids"], 60, path, len(data)) == set()
+        assert repair_module.unreadable_strings(f["images/ids"], 60, path, len(data)) == set()
     with h5py.File(sizeless, "r") as f:
-        assert repair_module._strings_outside(f["images/ids"], 60, sizeless, len(data)) == rows
+        assert repair_module.unreadable_strings(f["images/ids"], 60, sizeless, len(data)) == rows
 
 
 @pytest.mark.parametrize("sizes", [(8, 2), (2, 8), (8, 8)], ids=["lengths_2", "offsets_2", "qkhooks"])
@@ -301,7 +301,7 @@ def test_a_superblock_of_other_sizes_of_offsets_or_lengths_is_not_read_as_qkhook
         f.attrs["a"] = "x"
     data = path.read_bytes()
     assert data[8] >= 2 and (data[9], data[10]) == sizes  # version, size of offsets, size of lengths
-    layout = repair_module._heap_references(path)
+    layout = repair_module.heap_reference_layout(path)
     if sizes == (8, 8):
         assert layout is not None and layout[1] == 8 and layout[0].itemsize == 16
     else:

@@ -305,7 +305,7 @@ def test_rows_past_a_datasets_end_are_said_in_the_singular_for_one():
 
 def test_rows_whose_string_was_never_written_hold_no_collection_to_name(tmp_path):
     """A chunk of ids written in part: its unwritten rows hold null references (address 0, h5py reads b""), in no
-    heap collection, so ``_strings_outside`` names none of them (nor the written ones: their collection is whole).
+    heap collection, so ``unreadable_strings`` (round 50: moved from repair to _hdf5) names none of them (nor the written ones: their collection is whole).
     Kills repair `_strings_outside` `_91` (``address >= 0``: the null references' rows named as outside)."""
     path = tmp_path / "ids.h5"
     with h5py.File(path, "w", libver="latest") as f:
@@ -313,4 +313,4 @@ def test_rows_whose_string_was_never_written_hold_no_collection_to_name(tmp_path
         ds[:4] = ["a", "b", "c", "d"]
     with h5py.File(path, "r") as f:
         assert f["ids"][4:].tolist() == [b""] * 4  # null references read as empty strings
-        assert repair_module._strings_outside(f["ids"], 8, path, path.stat().st_size) == set()
+        assert repair_module.unreadable_strings(f["ids"], 8, path, path.stat().st_size) == set()

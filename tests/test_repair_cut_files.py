@@ -324,14 +324,14 @@ def test_repair_asks_no_skipped_row_whose_string_lies_outside_the_file_and_keeps
     with RunWriter(path, attrs={"model": "x", "config": "{}"}) as writer:
         writer.write_batch(["a"], {"maps/a": np.zeros((1, 3), dtype=np.float32)})
         writer.write_skipped([("bad.png", "truncated"), ("worse.png", "not an image"), ("odd.png", "truncated")])
-    real = repair_module._strings_outside
+    real = repair_module.unreadable_strings
     asked = []
 
-    def outside(ds, n, run, real_size):
+    def outside(ds, n, run, real_size, where=None):
         if ds.name == f"/{fmt.SKIPPED}":
             asked.append(n)
             return {1}
-        return real(ds, n, run, real_size)
+        return real(ds, n, run, real_size, where)
 
     read_rows = []
     real_getitem = h5py.Dataset.__getitem__
@@ -341,7 +341,7 @@ def test_repair_asks_no_skipped_row_whose_string_lies_outside_the_file_and_keeps
             read_rows.append(key)
         return real_getitem(ds, key)
 
-    monkeypatch.setattr(repair_module, "_strings_outside", outside)
+    monkeypatch.setattr(repair_module, "unreadable_strings", outside)
     monkeypatch.setattr(h5py.Dataset, "__getitem__", getitem)
     report = qkhooks.store.repair(path, tmp_path / "fixed.h5")
     monkeypatch.undo()

@@ -19,7 +19,7 @@ import time
 import warnings
 import weakref
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import h5py
 import numpy as np
@@ -152,6 +152,97 @@ class Superblock:
         block = bytearray(_SIGNATURE + bytes([3, 8, 8, 0]))
         block += (0).to_bytes(8, "little") + b"\xff" * 8 + size.to_bytes(8, "little") + (48).to_bytes(8, "little")
         return bytes(block + lookup3(bytes(block)).to_bytes(4, "little"))
+
+
+def heap_reference_layout(run: str | os.PathLike) -> tuple[np.dtype, int] | None:
+    """How a variable-length string's reference to the global heap is laid out in ``run`` (a 4-byte length, the
+    collection's address, a 4-byte index), with the file's size of lengths (a collection header's size field), where
+    its superblock is of the layout qkhooks writes (version 2 or more, 4- or 8-byte offsets and lengths); else None."""
+    block = Superblock.read(run)
+    offsets, lengths = block.offsets, block.block[10] if len(block.block) > 10 else 0
+    if block.version < 2 or offsets not in (4, 8) or lengths not in (4, 8):
+        return None
+    return np.dtype([("length", "<u4"), ("address", f"<u{offsets}"), ("index", "<u4")]), lengths
+
+
+def heap_walk_ends(collection: bytes, lengths: int) -> bool:
+    """Whether HDF5's walk over the objects of a global heap collection (its bytes, header included) ends at the
+    collection's end. HDF5 steps from each object to the next by the object's size and never checks the step: an
+    object of index 0 (free space) and size 0, which a zeroed disk page inside the collection leaves, keeps it in
+    place for ever (round 50: open_run, verify and repair of a run with such a page never returned); a step past the
+    end reads what follows as objects. Each object: a 2-byte index, 2-byte count, 4 reserved bytes, its size, then its
+    data padded to 8 bytes (free space: its size counts all of it)."""
+    head = -(-(8 + lengths) // 8) * 8
+    at, end = head, len(collection)
+    while at < end:
+        if at + 8 + lengths > end:  # too small for an object: HDF5 takes it as free space
+            return True
+        index = int.from_bytes(collection[at:at + 2], "little")
+        size = int.from_bytes(collection[at + 8:at + 8 + lengths], "little")
+        step = 8 + lengths + -(-size // 8) * 8 if index else size
+        if step <= 0:
+            return False
+        at += step
+    return at == end
+
+
+def heap_collections_readable(fh: BinaryIO, lengths: int, real_size: int) -> Callable[[int], bool]:
+    """Whether HDF5 can read the global heap collection at an address: its header ("GCOL", version, 3 reserved bytes,
+    its size) says it lies wholly in the file (``real_size`` bytes; HDF5 spins without end on one a cut tore, round
+    44) and its objects walk to its end (:func:`heap_walk_ends`). Read off its bytes in ``fh``, never through HDF5's
+    heap; memoised."""
+    readable: dict[int, bool] = {}
+
+    def check(address: int) -> bool:
+        if address not in readable:
+            fh.seek(address)
+            head = fh.read(8 + lengths)
+            size = int.from_bytes(head[8:], "little") if len(head) == 8 + lengths else 0
+            whole = head[:4] == b"GCOL" and size > 0 and address + size <= real_size
+            if whole:
+                fh.seek(address)
+                whole = heap_walk_ends(fh.read(size), lengths)
+            readable[address] = whole
+        return readable[address]
+    return check
+
+
+def unreadable_strings(ds: h5py.Dataset, n: int, run: str | os.PathLike, real_size: int,
+                       where: dict[int, tuple[int, int]] | None = None) -> set[int]:
+    """The rows of the first ``n`` of a variable-length string dataset (the ids, the skipped list) whose string lies
+    in a heap collection HDF5 cannot read without end (:func:`heap_collections_readable`: cut short, or with a zeroed
+    page inside), or whose chunk is not wholly in the file (``real_size`` bytes): HDF5 is never asked for them. Read
+    off the chunks' raw bytes (each element: a 4-byte length, the collection's address, a 4-byte index), placed by
+    ``where`` ({first row: (offset, size)}, from one walk of the chunk index) or else asked of HDF5 chunk by chunk."""
+    layout = heap_reference_layout(run)
+    if layout is None or not ds.chunks or not ds.dtype.hasobject or ds.id.get_create_plist().get_nfilters():
+        return set()  # not the layout qkhooks writes
+    reference, lengths = layout
+    rows_per_chunk, width = ds.chunks[0], int(np.prod(ds.chunks[1:], dtype=np.int64))
+    rows = min(n, ds.shape[0])
+    unreadable: set[int] = set()
+    with open(run, "rb") as fh:
+        collection_readable = heap_collections_readable(fh, lengths, real_size)
+        for first in range(0, rows, rows_per_chunk):
+            last = min(first + rows_per_chunk, rows)
+            try:
+                if where is not None:
+                    offset, size = where.get(first, (None, 0))
+                else:
+                    info = ds.id.get_chunk_info_by_coord((first,) + (0,) * (ds.ndim - 1))
+                    offset, size = info.byte_offset, info.size
+            except (OSError, KeyError, RuntimeError, ValueError):
+                offset, size = None, 0
+            if offset is None or offset + size > real_size:
+                unreadable.update(range(first, last))  # the references themselves are not in the file (or unplaced)
+                continue
+            fh.seek(offset)
+            refs = np.frombuffer(fh.read((last - first) * width * reference.itemsize), reference).reshape(-1, width)
+            used = refs["address"] > 0  # an empty string is in its collection too (HDF5 reads it); 0: none written
+            for address in np.unique(refs["address"][used]).tolist():
+                if not collection_readable(address):
+                    unreadable.update((first + np.flatnonzero((used & (refs["address"] == address)).any(axis=1))).tolist())
+    return unreadable
 
 
 def damage(path: str | os.PathLike) -> str | None:

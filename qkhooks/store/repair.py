@@ -31,7 +31,8 @@ import numpy as np
 
 from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import DamagedRunError, HeldOpenError, Superblock, create_run_file, open_damaged
+from qkhooks.store._hdf5 import (DamagedRunError, HeldOpenError, create_run_file, heap_collections_readable,
+                                 heap_reference_layout, heap_walk_ends, open_damaged, unreadable_strings)
 from qkhooks.store.lock import short_of_room
 from qkhooks.store.reader import RunReader, held_shards, missing_shard_rows, rewritten_shards
 
@@ -206,7 +207,7 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
     skipped = [(str(ids[i]) or f"row {i}", "unreadable in the damaged run file") for i in lost]
     try:  # the rows that read, from the first; none whose string a cut left outside the file is asked of HDF5 (a hang)
         listed = src.get(fmt.SKIPPED)  # a group in its place is refused as damage by read_skipped_rows
-        outside = _strings_outside(listed, listed.shape[0], run, real_size) \
+        outside = unreadable_strings(listed, listed.shape[0], run, real_size, _chunk_locations(listed)) \
             if isinstance(listed, h5py.Dataset) and listed.ndim else set()
         held, unread, total = fmt.read_skipped_rows(src, unasked=outside)
         skipped = held + skipped  # type: ignore[operator]
@@ -272,8 +273,9 @@ def _read_ids(ds: h5py.Dataset, n: int, run: Path, real_size: int, block: int = 
     """The first ``n`` ids (fewer where the array was cut) and the rows that do not read: read whole, else a block at
     a time and one by one inside a block that fails. Ids are variable-length strings kept in heap collections, so
     one damaged collection loses the ids it holds, not every id (review r36: all 300 were lost to one 4 KiB block).
-    An id whose collection is not wholly in the file is not asked of HDF5 (:func:`_strings_outside`)."""
-    outside = _strings_outside(ds, n, run, real_size)
+    An id in a collection HDF5 cannot read (cut short, or a zeroed page inside) is not asked of HDF5
+    (:func:`~qkhooks.store._hdf5.unreadable_strings`)."""
+    outside = unreadable_strings(ds, n, run, real_size, _chunk_locations(ds))
     if not outside:
         try:
             return ds[:n], []
@@ -300,66 +302,6 @@ def _read_ids(ds: h5py.Dataset, n: int, run: Path, real_size: int, block: int = 
     return out, sorted(unread)
 
 
-def _strings_outside(ds: h5py.Dataset, n: int, run: Path, real_size: int) -> set[int]:
-    """The rows of the first ``n`` of a variable-length string dataset (the ids, the skipped list) whose string lies
-    in a heap collection that is not wholly in the file (``real_size`` bytes), or whose chunk is not: HDF5 spins
-    without end reading a collection cut short (round 44: ``repair`` of a run cut inside one never returned). Read off
-    the chunks' raw bytes (each element: a 4-byte length, the collection's address, a 4-byte index) and each
-    collection's header ("GCOL", version, 3 reserved bytes, its size), never through HDF5's heap."""
-    layout = _heap_references(run)
-    if layout is None or not ds.chunks or not ds.dtype.hasobject or ds.id.get_create_plist().get_nfilters():
-        return set()  # not the layout qkhooks writes
-    reference, lengths = layout
-    rows_per_chunk, width = ds.chunks[0], int(np.prod(ds.chunks[1:], dtype=np.int64))
-    rows = min(n, ds.shape[0])
-    where = _chunk_locations(ds)
-    outside: set[int] = set()
-    with open(run, "rb") as fh:
-        collection_inside = _collections_inside(fh, lengths, real_size)
-        for first in range(0, rows, rows_per_chunk):
-            last = min(first + rows_per_chunk, rows)
-            try:
-                offset, size = _chunk_at(ds, first, where)
-            except _READ_ERRORS:
-                offset, size = None, 0
-            if offset is None or offset + size > real_size:
-                outside.update(range(first, last))  # the references themselves are not in the file (or unplaced)
-                continue
-            fh.seek(offset)
-            refs = np.frombuffer(fh.read((last - first) * width * reference.itemsize), reference).reshape(-1, width)
-            used = refs["address"] > 0  # an empty string is in its collection too (HDF5 reads it); 0: none written
-            for address in np.unique(refs["address"][used]).tolist():
-                if not collection_inside(address):
-                    outside.update((first + np.flatnonzero((used & (refs["address"] == address)).any(axis=1))).tolist())
-    return outside
-
-
-def _heap_references(run: Path) -> tuple[np.dtype, int] | None:
-    """How a variable-length string's reference to the global heap is laid out in ``run`` (a 4-byte length, the
-    collection's address, a 4-byte index), with the file's size of lengths (a collection header's size field), where
-    its superblock is of the layout qkhooks writes (version 2 or more, 4- or 8-byte offsets and lengths); else None."""
-    block = Superblock.read(run)
-    offsets, lengths = block.offsets, block.block[10] if len(block.block) > 10 else 0
-    if block.version < 2 or offsets not in (4, 8) or lengths not in (4, 8):
-        return None
-    return np.dtype([("length", "<u4"), ("address", f"<u{offsets}"), ("index", "<u4")]), lengths
-
-
-def _collections_inside(fh: BinaryIO, lengths: int, real_size: int) -> Callable[[int], bool]:
-    """Whether the global heap collection at an address lies wholly in the file (``real_size`` bytes), read off its
-    header ("GCOL", version, 3 reserved bytes, its size) in ``fh``, never through HDF5's heap; memoised."""
-    whole: dict[int, bool] = {}
-
-    def inside(address: int) -> bool:
-        if address not in whole:
-            fh.seek(address)
-            head = fh.read(8 + lengths)
-            size = int.from_bytes(head[8:], "little") if len(head) == 8 + lengths else 0
-            whole[address] = head[:4] == b"GCOL" and size > 0 and address + size <= real_size
-        return whole[address]
-    return inside
-
-
 def _attr_names(f: h5py.File) -> set[str]:
     """The name of every attribute of every object that lists (names only: no value is read)."""
     names: set[str] = set()
@@ -380,20 +322,20 @@ def _attrs_outside(run: Path, names: set[str], real_size: int) -> set[str]:
     of a merged ``--checksum`` run cut inside the collection holding its attr_digests never returned), so repair
     asks none of them of HDF5. Read off the raw bytes: each attribute message of the name (:func:`_attr_message`),
     its datatype's class (9: variable-length), its dataspace's element count, then each element's reference (a 4-byte
-    length, the collection's address, a 4-byte index, as in :func:`_strings_outside`): an empty string's too, which
+    length, the collection's address, a 4-byte index, as in :func:`~qkhooks.store._hdf5.unreadable_strings`): an empty string's too, which
     HDF5 also reads from its collection (round 46: every run's empty ``model_note`` hung a repair once the run's
     headers lay before that collection); only a null reference (address 0) has none. Every message of a name counts,
     a rewritten attribute's stale copy too: an attribute is lost rather than a hang risked. Repair asks none of them
     of the root, ``/images``, the statics or the reducer states kept in the file."""
-    layout = _heap_references(run)
+    layout = heap_reference_layout(run)
     if layout is None or not names or real_size < 16:
         return set()
     reference, lengths = layout
     outside: set[str] = set()
     with open(run, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if not _torn_collection(data, lengths, real_size):  # no string can lie outside: no pass per name
+        if not _unreadable_collection(data, lengths, real_size):  # no string can lie outside: no pass per name
             return outside
-        collection_inside = _collections_inside(fh, lengths, real_size)
+        collection_inside = heap_collections_readable(fh, lengths, real_size)
         for name in sorted(names):
             encoded = name.encode() + b"\0"
             at = data.find(encoded, 8)
@@ -409,14 +351,16 @@ def _attrs_outside(run: Path, names: set[str], real_size: int) -> set[str]:
     return outside
 
 
-def _torn_collection(data: mmap.mmap, lengths: int, real_size: int) -> bool:
+def _unreadable_collection(data: mmap.mmap, lengths: int, real_size: int) -> bool:
     """Whether some global heap collection header in the file ("GCOL", version 1) gives a size running past its end
-    (``real_size``): only a collection the cut tore holds a string HDF5 spins on (one wholly past the end reads as
-    zeros, which HDF5 refuses). Bytes of data that happen to look like a header only cost the search per name."""
+    (``real_size``), or heads objects that HDF5 walks without end (:func:`~qkhooks.store._hdf5.heap_walk_ends`, a
+    zeroed page inside): only such a collection holds a string HDF5 spins on (one wholly past the end reads as zeros,
+    which HDF5 refuses). Bytes of data that happen to look like a header only cost the search per name."""
     at = data.rfind(b"GCOL")
     while at >= 0:
         size = int.from_bytes(data[at + 8:at + 8 + lengths], "little")
-        if data[at + 4:at + 5] == b"\x01" and size > 0 and at + size > real_size:
+        if data[at + 4:at + 5] == b"\x01" and size > 0 and (at + size > real_size
+                                                           or not heap_walk_ends(data[at:at + size], lengths)):
             return True
         at = data.rfind(b"GCOL", 0, at)
     return False
@@ -523,6 +467,10 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
     chunk = ds.chunks[0] if ds.chunks else max(1, (64 << 20) // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
     step = chunk * max(1, rows_per_read // chunk)
     where = _chunk_locations(ds) if ds.chunks else None
+    # strings in a heap collection HDF5 would read without end (cut short, a zeroed page inside) are never asked of it
+    heap_lost = np.zeros(rows, dtype=bool)
+    if ds.dtype.hasobject:
+        heap_lost[sorted(unreadable_strings(ds, rows, ds.file.filename, real_size, where))] = True
 
     def problem(lo: int, hi: int, located: bool = True) -> str | None:
         """Why rows [lo, hi), in whole chunks (or rows :func:`_rows_inside` placed: ``located``), do not read; None
@@ -535,6 +483,11 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
             if offset is None or offset + size > real_size:
                 return _PAST_THE_END
         try:
+            if heap_lost[lo:hi].any():  # the other rows, run by run (the lost ones are named after the walk)
+                for a, b in fmt.row_spans((lo + np.flatnonzero(~heap_lost[lo:hi])).tolist()):
+                    if decode and h5py.check_string_dtype(ds.dtype):
+                        [fmt.as_str(value) for value in ds[a:b].flat]
+                return None
             block = ds[lo:hi]
             if decode and h5py.check_string_dtype(ds.dtype):
                 [fmt.as_str(value) for value in block.flat]
@@ -575,7 +528,15 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
             for start, stop, reason in [(a, b, why_not)] if ds.chunks else halved(a, b, why_not):
                 failing.append((start, stop))
                 why = why or reason
+    if heap_lost.any():
+        failing = fmt.row_spans(sorted({row for lo, hi in failing for row in range(lo, hi)}
+                                       | set(np.flatnonzero(heap_lost).tolist())))
+        why = why or _HEAP_LOST
     return failing, why
+
+
+_HEAP_LOST = ("their strings lie in a heap block of the file that is cut short or damaged (HDF5 would read it without "
+             "end), so they are not read")
 
 
 _PAST_THE_END = "a chunk missing from the file or lying past its end"
