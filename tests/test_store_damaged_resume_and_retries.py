@@ -49,7 +49,7 @@ def _damage(path, how: str) -> str:
         data = path.read_bytes()
         assert data.count(IDS[3].encode()) == 1
         _flip(path, data.index(IDS[3].encode()))
-        return "UnicodeDecodeError"
+        return "image 3's id is not UTF-8 text"
     if how == "model_attribute":  # an attribute the resume compares, gone
         with h5py.File(path, "r+") as f:
             del f.attrs["model"]

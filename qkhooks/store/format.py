@@ -34,7 +34,7 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "STATE_ATTRS", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
-           "identity_of", "rewritable", "as_str", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "signed_zero_rows", "zeroed_chunks", "zeroed_chunk_words", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
+           "identity_of", "rewritable", "as_str", "not_text", "NOT_TEXT", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "signed_zero_rows", "zeroed_chunks", "zeroed_chunk_words", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
            "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
            "unsealed_attrs", "QKHOOKS_ATTR_NAMES", "digest_matches"]
@@ -469,7 +469,7 @@ def as_str(value: Any, errors: str = "strict") -> str | None:
 
 
 def read_ids(f: h5py.File, n: int) -> list[str]:
-    """The first ``n`` image ids of a run file (an id that is not UTF-8 raises UnicodeDecodeError: damage). In a run
+    """The first ``n`` image ids of a run file (an id that is not UTF-8 raises DamagedRunError naming it). In a run
     with :data:`ID_DIGESTS` each id is checked against its digest first: a mismatch, or fewer digests than ids, raises
     :class:`~qkhooks.store._hdf5.DamagedRunError` naming the image (a digest chunk failing its own checksum raises
     HDF5's OSError). An id in a heap collection HDF5 would read without end (cut short, a zeroed page inside:
@@ -495,6 +495,13 @@ def read_ids(f: h5py.File, n: int) -> list[str]:
                     + ": it changed on disk, so that image is lost (repair leaves it out; recording the run again "
                     "restores it)")
             raise DamagedRunError(Path(f.filename), what)
+    bad = not_text(raw)
+    if bad:  # one id's changed byte, said as damage naming it, never a raw UnicodeDecodeError
+        from qkhooks.store._hdf5 import DamagedRunError
+
+        raise DamagedRunError(Path(f.filename), f"image {bad[0]}'s id is {NOT_TEXT}" + (
+            f", and {len(bad) - 1} more" if len(bad) > 1 else "") + ", so that image is lost (repair leaves it out; "
+            "recording the run again restores it)")
     return [as_str(s) for s in raw]
 
 
@@ -505,6 +512,22 @@ def id_digests(ids: Sequence[str | bytes]) -> np.ndarray:
         row[:] = np.frombuffer(hashlib.blake2b(id_.encode() if isinstance(id_, str) else bytes(id_),
                                                digest_size=ID_DIGEST_BYTES).digest(), dtype=np.uint8)
     return out
+
+
+def not_text(raw: Sequence[str | bytes]) -> list[int]:
+    """The indices of the strings read from a variable-length string dataset (the ids, as h5py gives them: bytes or
+    str) that are not UTF-8: bytes changed on disk, in the heap, which carries no checksum."""
+    bad = []
+    for i, value in enumerate(raw):
+        try:
+            as_str(value)
+        except UnicodeDecodeError:
+            bad.append(i)
+    return bad
+
+
+NOT_TEXT = "not UTF-8 text (changed on disk)"
+"""Why an id that :func:`not_text` finds is lost, in words."""
 
 
 def mismatched_ids(raw: Sequence[str | bytes], stored: np.ndarray) -> np.ndarray:

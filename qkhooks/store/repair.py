@@ -171,6 +171,10 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
             vouched[off] = False
             if off:
                 problems.append(_off_digest_line(off))
+        garbled = [row for row in fmt.not_text(raw) if vouched[row]]  # one changed byte loses that image alone
+        vouched[garbled] = False
+        if garbled:
+            problems.append(_rows_line(f"/{fmt.IDS}", fmt.row_spans(garbled), f"their ids are {fmt.NOT_TEXT}"))
         ids[:len(raw)] = [fmt.as_str(s) if ok else "" for s, ok in zip(raw, vouched)]  # a changed id is not decoded
         good[:] = ids != ""
         if len(raw) < n:
@@ -469,6 +473,7 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
     where = _chunk_locations(ds) if ds.chunks else None
     # strings in a heap collection HDF5 would read without end (cut short, a zeroed page inside) are never asked of it
     heap_lost = np.zeros(rows, dtype=bool)
+    garbled: set[int] = set()  # rows of strings that read but are not UTF-8
     if ds.dtype.hasobject:
         heap_lost[sorted(unreadable_strings(ds, rows, ds.file.filename, real_size, where))] = True
 
@@ -482,16 +487,17 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
                 return f"its chunk's place in the file cannot be read ({exc})"
             if offset is None or offset + size > real_size:
                 return _PAST_THE_END
+        text = decode and h5py.check_string_dtype(ds.dtype)
         try:
             if heap_lost[lo:hi].any():  # the other rows, run by run (the lost ones are named after the walk)
                 for a, b in fmt.row_spans((lo + np.flatnonzero(~heap_lost[lo:hi])).tolist()):
-                    if decode and h5py.check_string_dtype(ds.dtype):
-                        [fmt.as_str(value) for value in ds[a:b].flat]
+                    if text:
+                        garbled.update(_rows_not_text(a, ds[a:b]))
                 return None
             block = ds[lo:hi]
-            if decode and h5py.check_string_dtype(ds.dtype):
-                [fmt.as_str(value) for value in block.flat]
-        except _READ_ERRORS as exc:  # a UnicodeDecodeError is a ValueError
+            if text:  # a string that is not UTF-8 loses its row alone (named after the walk)
+                garbled.update(_rows_not_text(lo, block))
+        except _READ_ERRORS as exc:
             return f"{exc}" + ("; the array carries a Fletcher-32 checksum" if ds.fletcher32 else "")
         if zeroed := fmt.zeroed_chunks(ds, range(lo, hi), block):  # chunk-sized blocks here: the chunk is lost
             return fmt.zeroed_chunk_words(ds, zeroed[0])
@@ -528,15 +534,21 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
             for start, stop, reason in [(a, b, why_not)] if ds.chunks else halved(a, b, why_not):
                 failing.append((start, stop))
                 why = why or reason
-    if heap_lost.any():
+    if heap_lost.any() or garbled:
         failing = fmt.row_spans(sorted({row for lo, hi in failing for row in range(lo, hi)}
-                                       | set(np.flatnonzero(heap_lost).tolist())))
-        why = why or _HEAP_LOST
+                                       | set(np.flatnonzero(heap_lost).tolist()) | garbled))
+        why = why or (_HEAP_LOST if heap_lost.any() else f"their strings are {fmt.NOT_TEXT}")
     return failing, why
 
 
 _HEAP_LOST = ("their strings lie in a heap block of the file that is cut short or damaged (HDF5 would read it without "
              "end), so they are not read")
+
+
+def _rows_not_text(lo: int, block: np.ndarray) -> set[int]:
+    """The rows, from row ``lo``, of a block of strings that hold one that is not UTF-8 (:func:`fmt.not_text`)."""
+    width = max(1, int(np.prod(block.shape[1:], dtype=np.int64)))
+    return {lo + cell // width for cell in fmt.not_text(block.reshape(-1))}
 
 
 _PAST_THE_END = "a chunk missing from the file or lying past its end"
