@@ -109,3 +109,39 @@ def test_one_id_changed_to_bytes_that_are_not_utf8_loses_that_image_alone_and_is
         assert got.ids == ids[:150] + ids[151:]
         np.testing.assert_array_equal(got.array("v")[:], np.delete(values, 150, axis=0))
 
+
+REPAIR_CHILD = """
+import sys, warnings
+from qkhooks.store import repair
+warnings.simplefilter("ignore")
+report = repair(sys.argv[1], sys.argv[2])
+print("JSON" + __import__("json").dumps([report.recovered, report.problems]))
+"""
+
+
+def test_repair_of_a_run_whose_attributes_heap_collection_has_a_zeroed_object_returns_with_its_images(tmp_path):
+    """The root attributes' strings (model, config, identity) share a heap collection: an object header in it zeroed
+    made every HDF5 read of them spin. Repair asked none of them for the copy, but read ``identity`` anyway to tie the
+    reducer checkpoint to the run, and never returned. It now leaves the states out there too, and recovers every
+    image, naming the attributes lost."""
+    run = tmp_path / "run.h5"
+    with RunWriter(run, dtype="float32", attrs={"model": "m", "config": json.dumps({"note": "findme"})}) as writer:
+        writer.write_batch(["a", "b"], {"v": np.arange(8, dtype=np.float32).reshape(2, 4)})
+    data = bytearray(run.read_bytes())
+    at = data.find(b'{"note": "findme"}')
+    start = data.rfind(b"GCOL", 0, at)
+    end = start + int.from_bytes(data[start + 8:start + 16], "little")
+    data[at - 16:end] = bytes(end - at + 16)  # the config's object and the rest of its collection zeroed
+    run.write_bytes(bytes(data))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-c", REPAIR_CHILD, str(run), str(tmp_path / "fixed.h5")], env=env,
+                              timeout=60, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("repair of a run with a zeroed object in its attributes' heap collection did not return in 60 s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    recovered, problems = json.loads(done.stdout.split("JSON", 1)[1])
+    assert recovered == ["a", "b"]
+    assert any(line.startswith("root attribute config lost") for line in problems), problems
+    with h5py.File(tmp_path / "fixed.h5", "r") as f:
+        np.testing.assert_array_equal(f["v"][:], np.arange(8).reshape(2, 4))

@@ -703,6 +703,12 @@ def _copy_states(src: h5py.File, run: Path, out: Path, keep: np.ndarray, n: int,
                         f"lie{'' if len(torn) > 1 else 's'} past the file's end, so {out.name} reads without reducer "
                         "states")
         return []
+    if fmt.IDENTITY in outside:  # never asked of HDF5 (a hang)
+        if fmt.checkpoint_path(run).exists():
+            problems.append(f"reducer states left out: the run's {fmt.IDENTITY} attribute, whose run id ties "
+                            f"{fmt.checkpoint_path(run).name} to it, lies in a heap block that is cut short or "
+                            f"damaged, so {out.name} reads without reducer states")
+        return []
     try:
         images, states = fmt.read_states(src, run)
     except _READ_ERRORS as exc:
