@@ -123,6 +123,8 @@ KILLS_R47 = "tests/test_mutation_kills_r47.py"
 KILLS_R48 = "tests/test_mutation_kills_r48.py"
 # Round 49 (mutation): the kill tests of round 48's library code (module "round48").
 KILLS_R49 = "tests/test_mutation_kills_r49.py"
+# Round 50 (mutation): the kill tests of round 49's library code (module "round49").
+KILLS_R50 = "tests/test_mutation_kills_r50.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -827,6 +829,38 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "test_resume_in_memory_images or test_resume_hf_image_bytes or "
                 "(test_mutation_kills_r34 and convolutions_make_another_grid) or test_mutation_kills_r48 or "
                 "test_mutation_kills_r49"),
+    # Round 50 (mutation): round 49's library code (`edf303a..81bab99`): the resume's order check of every source read
+    # again (wds, a torch Dataset's or an iterable's run from before the stamps, `resume_ids_only`), the HF cell's
+    # `_held_bytes_hash`, repair's invalid UTF-8 attributes and statics cut past the end, merged --checksum reducer
+    # states, zeroed checksummed chunks, a repaired copy's lost spectrum array, the image-to-token routes of Gemma 4,
+    # HF LeViT and PiT's poolings and the foreign-hook route check, recordings that keep no model alive (LeViT, SHViT,
+    # CaiT, EfficientFormer-v2, differential / GPSA, q/k norms), TimmBackbone's PiT and timm's features_only nets,
+    # the first-forward refusal on every path, run_bfd's resume to another limit, the modes summary's cos_weighted
+    # without the anisotropy state. report.py's one line (modes_sections' rows with a baseline) is left out: only the
+    # full modes report reaches it. Against the round's new and changed tests and the kill file r50. Run with
+    # --only ROUND49.
+    "round49": (["qkhooks/analysis/anisotropy.py", "qkhooks/analysis/bfd.py", "qkhooks/analysis/modes.py",
+                 "qkhooks/capture.py", "qkhooks/data/readers.py", "qkhooks/data/sources.py", "qkhooks/distributed.py",
+                 "qkhooks/models/biased.py", "qkhooks/models/class_attention.py", "qkhooks/models/gemma4.py",
+                 "qkhooks/models/hf_levit.py", "qkhooks/models/levit.py", "qkhooks/models/timm.py",
+                 "qkhooks/models/timm_backbone.py", "qkhooks/models/two_softmax.py", "qkhooks/models/unsupported.py",
+                 "qkhooks/store/format.py", "qkhooks/store/reader.py", "qkhooks/store/repair.py", "qkhooks/stream.py"],
+                ["tests/test_token_cells.py", "tests/test_file_stamps.py", "tests/test_resume_held_images_check_progress.py",
+                 "tests/test_zoo.py", "tests/test_attribute_digests.py", "tests/test_checksum.py",
+                 "tests/test_repair_cut_files.py", "tests/test_repair_torn_attributes.py", "tests/test_bfd.py",
+                 "tests/test_multigrid_runs.py", "tests/test_modes.py", "tests/test_mutation_kills_io.py",
+                 "tests/test_mutation_kills_r34.py", "tests/test_mutation_kills_r42.py", "tests/test_mutation_kills_r46.py",
+                 KILLS_R50],
+                "test_token_cells or test_file_stamps or test_resume_held_images_check_progress or "
+                "(test_zoo and keeps_no_model_alive) or (test_attribute_digests and resume_by_ids_alone) or "
+                "(test_checksum and (merged_checksum_copys_reducer_states or chunk_zeroed_whole)) or "
+                "(test_repair_cut_files and static_whose_data_a_cut_left) or (test_repair_torn_attributes and invalid_utf8) "
+                "or (test_bfd and resume_to_another_limit) or (test_multigrid_runs and (first_forward_fails or "
+                "first_batch_of_a_model_that_runs)) or (test_modes and without_the_anisotropy_state) or "
+                "(test_mutation_kills_io and probe_geometry_runs_one_forward) or "
+                "(test_mutation_kills_r34 and anisotropy_note) or (test_mutation_kills_r42 and (wds_resume or "
+                "streamed_resume or without_the_anisotropy_reducer)) or (test_mutation_kills_r46 and "
+                "kept_in_memory_items_are_unchecked) or test_mutation_kills_r50"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -1053,6 +1087,9 @@ ROUND47 = ("commits:2885a7a..13f19ad",)
 # Round 48's library code, for `--only` with the module "round48": every line `368b4c5..edf303a` wrote, by
 # :func:`written_by`.
 ROUND48 = ("commits:368b4c5..edf303a",)
+# Round 49's library code, for `--only` with the module "round49": every line `edf303a..81bab99` wrote, by
+# :func:`written_by`.
+ROUND49 = ("commits:edf303a..81bab99",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
@@ -1062,7 +1099,7 @@ NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND
               "ROUND39": ROUND39, "ROUND40": ROUND40, "ROUND41": ROUND41,
               "ROUND42": ROUND42, "ROUND43": ROUND43, "ROUND44": ROUND44,
               "ROUND45": ROUND45, "ROUND46": ROUND46, "ROUND47": ROUND47,
-              "ROUND48": ROUND48}
+              "ROUND48": ROUND48, "ROUND49": ROUND49}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
