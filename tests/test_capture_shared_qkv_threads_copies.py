@@ -298,6 +298,29 @@ def test_per_batch_tokens_and_masks_are_the_batchs_own_and_one_row_of_tokens_is_
     assert float((third.attention(1, "rows") - want[:, :, [2, 0]]).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("images", [2, 3])
+def test_tokens_given_as_one_row_are_stored_per_image_by_a_recording_without_rows(tmp_path, images):
+    """FUZZ-REC: with full maps only, tokens given as (T,) stayed (T,) in the batch, so a run file got
+    ``attention/query_tokens`` of shape (T,): refused as 'one row per id' where T != B, and where T == B stored
+    silently as one token per image (image 0 token 0, image 1 token 3). Each image gets the tokens, as with rows."""
+    import h5py
+
+    from qkhooks.store.writer import RunWriter
+    from qkhooks.stream import WriterSink
+
+    model, x = _timm(), _images(images)
+    path = tmp_path / "run.h5"
+    batches, sink = _collected()
+    with RunWriter(path, attrs={"model": "vit", "config": "{}"}, dtype="float32") as writer:
+        with torch.no_grad(), qkhooks.record(model, modes=None, layers=[1], attention="full",
+                                             sinks=[sink, WriterSink(writer)]) as run:
+            run(x, meta={"query_tokens": torch.tensor([0, 3])})
+    assert batches[0].meta["query_tokens"].tolist() == [[0, 3]] * images
+    with h5py.File(path, "r") as f:
+        assert f["attention/query_tokens"][:].tolist() == [[0, 3]] * images
+        np.testing.assert_allclose(f["attention/L1/full"][:], _eager_probs(model, x)[1].numpy(), atol=1e-6, rtol=0)
+
+
 # ------------------------------------------------------------- 5. a truncated spectrum handed in
 @pytest.mark.parametrize("modes", ["all", 8])
 def test_a_truncated_spectrum_given_is_what_the_config_says_and_the_warning_names_it(modes):
