@@ -227,8 +227,10 @@ def refuse_non_index_tokens(query_tokens: torch.Tensor) -> None:
                            f"{tuple(query_tokens.shape)}.")
 
 
-def check_tokens(query_tokens: torch.Tensor, batch: int, n: int, device: torch.device) -> torch.Tensor:
-    """Query token indices as (B, T) long on ``device``, refused with a reason when they do not fit."""
+def tokens_per_image(query_tokens: Any, batch: int) -> torch.Tensor:
+    """Query token indices as (B, T), the form every reader and the run file take: given as (T,), the same row for
+    each of the ``batch`` images; refused with a reason when they are no indices or not one row per image."""
+    query_tokens = torch.as_tensor(query_tokens)
     refuse_non_index_tokens(query_tokens)
     if query_tokens.dim() == 1:
         query_tokens = query_tokens[None].expand(batch, -1)
@@ -236,6 +238,12 @@ def check_tokens(query_tokens: torch.Tensor, batch: int, n: int, device: torch.d
         raise QKHooksError(
             f"query_tokens has {query_tokens.shape[0]} rows for a batch of {batch} images; give one row per image."
         )
+    return query_tokens
+
+
+def check_tokens(query_tokens: torch.Tensor, batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """Query token indices as (B, T) long on ``device``, refused with a reason when they do not fit."""
+    query_tokens = tokens_per_image(query_tokens, batch)
     if query_tokens.numel() and (int(query_tokens.max()) >= n or int(query_tokens.min()) < 0):
         raise QKHooksError(f"query_tokens must index tokens 0..{n - 1} (prefix tokens first), got {query_tokens.tolist()}.")
     return to_device(query_tokens.long(), device)

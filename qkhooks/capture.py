@@ -49,6 +49,7 @@ from qkhooks.attention import (
     pool_rows,
     rows_from_qk,
     split_heads,
+    tokens_per_image,
 )
 from qkhooks.access import Layer, LayerGeometry, require_layer, resolve_layer
 from qkhooks.errors import QKHooksError, unknown_options
@@ -575,9 +576,9 @@ class Recording:
             batch.ids = self.default_ids(size)
         elif len(batch.ids) != size:
             raise QKHooksError(f"{len(batch.ids)} ids were given for a batch of {size} images; give one id per image.")
+        if batch.meta.get("query_tokens") is not None and self._rows_axis is None:  # read by no layer (full maps only):
+            batch.meta["query_tokens"] = tokens_per_image(batch.meta["query_tokens"], size)  # (B, T), as rows keep them
         self.images_seen += size
-        if batch.meta.get("query_tokens") is not None:  # (T,) kept (B, T) also where no layer read rows (full maps only)
-            batch.meta["query_tokens"] = _tokens_per_image(batch.meta["query_tokens"], size)
         self._layer_geometry(batch)
         self.last = batch if self.keep_last else None  # else freed once the sinks are done
         self._unfinished = False
@@ -962,7 +963,7 @@ class Recording:
         n, rows_in_call = (x.shape[1], x.shape[0]) if qk is None else (qk[0].shape[2], qk[0].shape[0])
         self._check_rows_axis(site, site.images_in_call(int(rows_in_call)), int(n), chosen=tokens is not None)
         if tokens is not None and torch.as_tensor(tokens).dim() == 1:  # the same tokens for every image: kept (B, T),
-            tokens = _tokens_per_image(tokens, site.images_in_call(int(rows_in_call)))  # as documented
+            tokens = tokens_per_image(tokens, site.images_in_call(int(rows_in_call)))  # as documented
             if self._current is not None:
                 self._current.meta["query_tokens"] = tokens
         if tokens is None:  # no choice given: the first prefix token (CLS) and the centre patch, recorded as such
@@ -1597,11 +1598,6 @@ class _ReleasedNorm:
 
 _BATCH_METADATA = {"query_tokens": "tokens", "pool_masks": "masks"}
 
-
-def _tokens_per_image(tokens: Any, images: int) -> torch.Tensor:
-    """Query tokens (B, T) as every reader takes them: given as (T,), the same row for each of ``images`` images."""
-    tokens = torch.as_tensor(tokens)
-    return tokens[None].expand(images, -1) if tokens.dim() == 1 else tokens
 """What a recording takes per batch, not per recording (name -> the variable the hint names it by)."""
 
 

@@ -316,6 +316,9 @@ def test_tokens_given_as_one_row_are_stored_per_image_by_a_recording_without_row
                                              sinks=[sink, WriterSink(writer)]) as run:
             run(x, meta={"query_tokens": torch.tensor([0, 3])})
     assert batches[0].meta["query_tokens"].tolist() == [[0, 3]] * images
+    with pytest.raises(QKHooksError, match="query_tokens has 3 rows for a batch of 2 images; give one row per image"):
+        with torch.no_grad(), qkhooks.record(model, modes=None, layers=[1], attention="full") as run:
+            run(x[:2], meta={"query_tokens": torch.tensor([[0, 1], [2, 3], [1, 1]])})  # read by no layer, still kept
     with h5py.File(path, "r") as f:
         assert f["attention/query_tokens"][:].tolist() == [[0, 3]] * images
         np.testing.assert_allclose(f["attention/L1/full"][:], _eager_probs(model, x)[1].numpy(), atol=1e-6, rtol=0)
