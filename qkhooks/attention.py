@@ -68,9 +68,10 @@ def _from_string(text: str, sites: Sequence[AttentionSite] | None) -> AttentionS
 
 
 def _resolved(kind: str, layers: Any, sites: Sequence[AttentionSite] | None) -> AttentionSpec:
-    """The spec of ``kind`` on ``layers``, each module path replaced by its block index among ``sites`` (an unknown
-    path refused by :func:`select_layers`, listing the paths); block indices stay as given, so one the recording does
-    not hook is refused naming the recorded layers. As given without sites."""
+    """The spec of ``kind`` on ``layers``, each module path and negative index (from the last block) replaced by its
+    block index among ``sites``, as ``layers=`` reads them (:func:`select_layers`: an unknown path is refused, listing
+    the paths); other block indices stay as given (``sites`` may be a selection), so one the recording does not hook is
+    refused naming the recorded layers. As given without sites."""
     if layers is None or sites is None:
         return AttentionSpec(kind, layers)  # type: ignore[arg-type]
     parts = [p.strip() for p in layers.split(",")] if isinstance(layers, str) else list(layers)
@@ -78,8 +79,10 @@ def _resolved(kind: str, layers: Any, sites: Sequence[AttentionSite] | None) -> 
     indices = parse_layers(",".join(str(p) for p in parts if p not in paths)) if len(paths) < len(parts) else []
     if indices is None:  # "all"
         return AttentionSpec(kind)  # type: ignore[arg-type]
-    found = [s.layer for s in select_layers(list(sites), paths)] if paths else []
-    return AttentionSpec(kind, tuple(indices) + tuple(l for l in found if l not in indices))  # type: ignore[arg-type]
+    named = paths + [i for i in indices if i < 0]
+    found = [s.layer for s in select_layers(list(sites), named)] if named else []
+    given = [i for i in indices if i >= 0]
+    return AttentionSpec(kind, tuple(given) + tuple(l for l in found if l not in given))  # type: ignore[arg-type]
 
 
 def parse_attention(spec: None | str | AttentionSpec | Sequence[AttentionSpec | str],

@@ -123,6 +123,33 @@ def test_attention_layers_take_module_paths_as_layers_does(tmp_path):
         assert stored.attention_layers("full") == [1] and stored.config["attention"] == [{"kind": "full", "layers": [1]}]
 
 
+def test_attention_layers_count_negative_indices_from_the_last_block_as_layers_does():
+    """FUZZ-REC: ``layers=[-1]`` is the last block, but ``attention="full:-1"`` was refused: "asks for layers [-1], which
+    this recording does not hook (recorded layers: [0, 1])", though it hooks the last block. The maps now equal the
+    model's own eager softmax of its last block."""
+    model = tiny_vit().model
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    last = len(model.blocks) - 1
+    with qkhooks.record(model, layers=[-1], attention="full:-1", modes=None) as run, torch.no_grad():
+        run(images)
+    assert run.attention_layers("full") == [last] and list(run.config["attention"][0]["layers"]) == [last]
+    eager: list[torch.Tensor] = []
+    attn = model.blocks[last].attn
+    handle = attn.attn_drop.register_forward_pre_hook(lambda m, a: eager.append(a[0].clone()))
+    fused, attn.fused_attn = attn.fused_attn, False
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        attn.fused_attn = fused
+        handle.remove()
+    torch.testing.assert_close(run.attention(last, "full"), eager[0], rtol=0, atol=1e-6)
+    with pytest.raises(QKHooksError, match=r"layer -9 does not exist: this model has blocks 0\.\.1"):
+        qkhooks.record(model, attention="full:-9", modes=None)
+    with qkhooks.record(model, layers=[1], attention="full:1", sites=qkhooks.sites(model)[1:]) as given:
+        assert [spec.layers for spec in given.attention_specs] == [(1,)]  # an index among a selection stays as given
+
+
 def test_bfd_takes_module_paths():
     from qkhooks.analysis.bfd import run_bfd
 
