@@ -24,7 +24,7 @@ import os
 import resource
 import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import h5py
 import numpy as np
