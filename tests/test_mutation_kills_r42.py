@@ -220,11 +220,9 @@ def _resumed_warning(loaded, data, run, words: str) -> tuple[int, list[str]]:
     return kept, [str(w.message) for w in caught if words in str(w.message)]
 
 
-def test_a_streamed_resume_warns_whole_that_its_kept_files_are_not_checked_and_why(tmp_path):
-    """stream._refuse_changed_stream_files (_35: the warning's middle sentence): the warning read whole, with the
-    counts of the run it resumes (stopped as its third batch of 2 was handed on, before that batch's checkpoint: the
-    reducers' last checkpoint holds 4 images, each from a file). A streamed Hugging Face dataset of paths (a torch
-    Dataset of them, then an iterable, gave this warning too until round 47, which reads their kept items again)."""
+def _streamed_resume_warning(tmp_path) -> tuple[int, list[str]]:
+    """:func:`_resumed_warning` of a streamed Hugging Face dataset of 8 photo paths whose run stopped as its third
+    batch of 2 was handed on: the warnings saying its resume "does not check" its kept files."""
     datasets = pytest.importorskip("datasets")
     from test_review_symlinks_repair_messages import _interrupted
     from test_spectrum_edits_and_dataparallel import _same_size_photos, _tiny_loaded
@@ -238,7 +236,16 @@ def test_a_streamed_resume_warns_whole_that_its_kept_files_are_not_checked_and_w
         return datasets.Dataset.from_dict({"image": paths}).to_iterable_dataset()
 
     _interrupted(loaded, run, batches=3, data=streamed())
-    kept, said = _resumed_warning(loaded, streamed(), run, "does not check")
+    return _resumed_warning(loaded, streamed(), run, "does not check")
+
+
+def test_a_streamed_resume_warns_whole_that_its_kept_files_are_not_checked_and_why(tmp_path):
+    """stream._refuse_changed_stream_files (_35: the warning's middle sentence): the warning read whole, with the
+    counts of the run it resumes (stopped as its third batch of 2 was handed on, before that batch's checkpoint: the
+    reducers' last checkpoint holds 4 images, each from a file). A streamed Hugging Face dataset of paths (a torch
+    Dataset of them, then an iterable, gave this warning too until round 47, which reads their kept items again)."""
+    kept, said = _streamed_resume_warning(tmp_path)
+    run = tmp_path / "run.h5"
     assert kept == 4
     assert said == [
         f"{run}: this resume does not check the {kept} files of the {kept} images it keeps against their recorded "

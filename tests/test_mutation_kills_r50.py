@@ -140,23 +140,12 @@ def test_a_streamed_resume_lists_no_resume_by_ids_alone(tmp_path):
     counted as unchecked, so record_dataset listed it in the config's UNCHECKED_RESUMES): that list names the resumes
     made with resume_ids_only=True (README); a streamed Hugging Face dataset's resume warns instead (its own test in
     test_mutation_kills_r42) and lists none."""
-    datasets = pytest.importorskip("datasets")
     import qkhooks
     from qkhooks.store import format as fmt
-    from test_mutation_kills_r42 import _resumed_warning
-    from test_review_symlinks_repair_messages import _interrupted
-    from test_spectrum_edits_and_dataparallel import _same_size_photos, _tiny_loaded
+    from test_mutation_kills_r42 import _streamed_resume_warning
 
-    names = [f"a{i}.png" for i in range(8)]
-    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
-    _same_size_photos(folder, names, seed=0)
-    paths = [str(folder / n) for n in names]
-
-    def streamed():
-        return datasets.Dataset.from_dict({"image": paths}).to_iterable_dataset()
-
-    _interrupted(loaded, run, batches=3, data=streamed())
-    kept, said = _resumed_warning(loaded, streamed(), run, "does not check")
+    kept, said = _streamed_resume_warning(tmp_path)
+    run = tmp_path / "run.h5"
     assert kept == 4 and len(said) == 1
     with qkhooks.open_run(run) as after:
         assert fmt.UNCHECKED_RESUMES not in dict(after.config)
