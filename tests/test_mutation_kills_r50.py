@@ -130,7 +130,8 @@ def test_a_dataset_resume_of_a_run_from_before_the_stamps_warns_whole_and_lists_
     assert said == [
         f"{run} was recorded before qkhooks stored each image's stamps ({fmt.FILE_SIZES}), so this resume checks the 4 "
         "images it keeps by their ids alone, in order: an image of torch:_Named replaced since "
-        "is not noticed. Record into a new --out (or --overwrite) to have every kept image checked on a later resume."]
+        "is not noticed (their content is not checked). To be sure, record it afresh into a new --out (or --overwrite), "
+        "which also has every kept image checked on a later resume."]
     with qkhooks.open_run(run) as after:
         assert fmt.UNCHECKED_RESUMES not in dict(after.config)
 
@@ -220,7 +221,7 @@ def test_a_zeroed_checksummed_chunk_is_refused_in_the_whole_sentence(tmp_path):
         reader.array(name)[3]
     assert str(err.value) == (
         f"{run} is damaged (image 3's chunk of its array /{name} holds only zero bytes, its Fletcher-32 checksum too, "
-        "which the checksum cannot tell from a disk page zeroed over it (a recorded float row is never all zero)): run "
+        "which the checksum cannot tell from a disk page zeroed over it (a recorded row is never stored as zero bytes)): run "
         f"`qkhooks repair {run} --out FIXED.h5` to copy every committed image still readable (of 6 committed) into a "
         "new file (it leaves run.h5 unchanged).")
 
@@ -280,11 +281,11 @@ def test_a_resume_by_ids_alone_of_a_run_from_before_the_stamps_warning_points_at
     assert len(said) == 1 and said[0].filename == __file__, [(w.filename, w.lineno) for w in said]
 
 
-def test_a_list_of_paths_resumed_on_a_run_from_before_the_stamps_resumes_as_it_did_without_the_ids_warning(tmp_path):
-    """stream._refuse_changed_stream_files (_15: `done and reads_again` made `or`, so every source's resume of a run
-    from before the stamps took the torch Dataset's path): a list of file paths is not read again through the user's
-    code (qkhooks names its items by their paths), so its resume of such a run resumes as it did, with no warning that
-    its kept images are checked by their ids alone; it ends with every image, as the run recorded them."""
+def test_a_list_of_paths_resumed_on_a_run_from_before_the_stamps_warns_once_that_it_checks_ids_alone(tmp_path):
+    """stream._refuse_changed_stream_files (_15 at 81bab99: `done and reads_again` made `or`, so every source's resume
+    of a run from before the stamps took the torch Dataset's path; round 50 made a list's resume of such a run warn
+    too, from one helper): a list of file paths resumed on a run from before the stamps warns once, not once per path
+    it takes, that its kept images are checked by their ids alone, and ends with every image."""
     import warnings
 
     import qkhooks
@@ -301,7 +302,8 @@ def test_a_list_of_paths_resumed_on_a_run_from_before_the_stamps_resumes_as_it_d
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert qkhooks.record_dataset(loaded, paths, run, resume=True, **_KW).images == 8
-    assert not [str(w.message) for w in caught if "by their ids alone" in str(w.message)]
+    said = [str(w.message) for w in caught if "by their ids alone" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith(f"{run} was recorded before qkhooks stored each image's stamps"), said
 
 
 def test_repair_of_an_intact_checksum_run_copies_every_chunked_static(tmp_path):
