@@ -1597,7 +1597,6 @@ class _ReleasedNorm:
 
 
 _BATCH_METADATA = {"query_tokens": "tokens", "pool_masks": "masks"}
-
 """What a recording takes per batch, not per recording (name -> the variable the hint names it by)."""
 
 
