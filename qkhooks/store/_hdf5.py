@@ -401,7 +401,7 @@ def open_reader(path: str | os.PathLike, deadline_s: float = READ_DEADLINE_S) ->
         problem = damage(path)
         if problem is None:
             try:
-                return _open_read(path, swmr=being_written(path))
+                return open_read(path, swmr=being_written(path))
             except OSError as exc:
                 problem = f"HDF5 cannot read it: {exc}"
                 held = foreign_writer(path)  # not damage: a program that closes it soon is waited for, as below
@@ -529,7 +529,7 @@ _H5P_SET_ATTEMPTS = None
 _WARNED_ATTEMPTS: list[bool] = []  # the warning below, once a process
 
 
-def _open_read(path: Path, swmr: bool) -> h5py.File:
+def open_read(path: Path, swmr: bool) -> h5py.File:
     """Open read-only, without HDF5's file locking (readers never lock); an SWMR reader with bounded metadata retries."""
     for locking in (False, True):
         fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)

@@ -93,14 +93,7 @@ def _axis_names(name: str, ndim: int) -> tuple[str, ...]:
 def shard_sources(ds: h5py.Dataset) -> list[tuple[str, int, int]]:
     """(shard file name, first row, last row + 1) of each source of a merged view (a virtual dataset) that lies in
     another file; [] for any other dataset."""
-    if not ds.is_virtual:
-        return []
-    sources = []
-    for source in ds.virtual_sources():
-        if source.file_name != ".":
-            (lo, *_), (hi, *_) = source.vspace.get_select_bounds()
-            sources.append((source.file_name, int(lo), int(hi) + 1))
-    return sources
+    return [(name, lo, hi) for name, _, lo, hi, _ in fmt.view_sources(ds)]
 
 
 def missing_shard_rows(ds: h5py.Dataset, folder: Path, n: int,
