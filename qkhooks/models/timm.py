@@ -245,7 +245,7 @@ def feature_net_network(model: nn.Module) -> tuple[str, nn.Module] | None:
     """(path, network) where ``model`` is a timm feature net keeping the whole network as one child (the getter net;
     the hook net unless it rewrote the network). The network's class token and patch embedding give the sites'
     prefix count and grid: the feature net around it has neither, and read as the model it said 0 and none.
-    Refused where what the tokens are read off counts no class token but holds a network that has one
+    Refused where what the tokens are read off counts no prefix token but holds a network that counts some
     (:func:`_refuse_hidden_network`)."""
     child = _FEATURE_NET_CHILD.get(type(model).__name__)
     if not child or not _is_timm_model(model):
@@ -260,19 +260,21 @@ def feature_net_network(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 def _refuse_hidden_network(source: nn.Module, feature_net: str, prefix: str) -> None:
     """Refuse a timm feature net whose sites' prefix count would be read off ``source`` (the network it keeps whole,
-    or the feature net itself where it rewrote the model), which counts no prefix token, while a module inside it has
-    a class token (a timm network inside the user's model the feature net was built on, beside a head): the class
-    token would be taken for a patch. (A patch embedding inside a block, NextViT's, is no network.)"""
+    or the feature net itself where it rewrote the model), which counts no prefix token, while a module inside it
+    counts some (:func:`_geometry`: a class token, register tokens, PiT's tokens; a timm network inside the user's
+    model the feature net was built on, beside a head): they would be taken for patches. (A patch embedding inside a
+    block, NextViT's, is no network; round 50 looked for a class token alone, and took a ViT of register tokens.)"""
     if _geometry(source)[0]:
         return
     for path, module in source.named_modules():
-        if path and isinstance(getattr(module, "cls_token", None), torch.Tensor):
+        if path and _geometry(module)[0]:
             raise QKHooksError(
                 f"{feature_net} (timm's feature net) holds {prefix + path!r} ({type(module).__name__}), a network with "
-                f"its own class token, inside {type(source).__name__}, which counts no prefix token: qkhooks reads a "
-                "feature net's tokens off the network it keeps as its only child, so here the class token would be "
-                f"taken for a patch. Record model.{prefix + path} itself, or build the feature net on that timm "
-                "network alone (timm.create_model(..., features_only=True)).")
+                f"{_geometry(module)[0]} prefix token(s) of its own (class or register tokens), inside "
+                f"{type(source).__name__}, which counts no prefix token: qkhooks reads a feature net's tokens off the "
+                "network it keeps as its only child, so here those tokens would be taken for patches. Record "
+                f"model.{prefix + path} itself, or build the feature net on that timm network alone "
+                "(timm.create_model(..., features_only=True)).")
 
 
 def with_path_prefix(sites: list[AttentionSite], prefix: str) -> list[AttentionSite]:
