@@ -987,19 +987,39 @@ def _foreign_hook(module: nn.Module) -> tuple[str, Any] | None:
 _MODELLED_LIBRARIES = ("torch.", "timm.", "transformers.", "torchvision.")
 
 
+_NOT_CALLED_AS_IT_RUNS = frozenset({"__init__", "extra_repr", "__repr__", "_get_name", "__dir__", "init_weights",
+                                    "_init_weights", "reset_parameters"})
+"""Methods a class of the user's own may override that no library calls as the model runs (printing, initialising
+weights, which qkhooks reads as they are)."""
+
+
+def _runs_as_called(name: str, bases: Sequence[type]) -> bool:
+    """Whether a method ``name`` of a class of the user's own may run as the module is called: it overrides a method
+    of a class after it in its MRO (``forward``, ``__call__``, or a library method the library's own forward calls,
+    timm's ``_pos_embed``), or is ``__getattribute__``. A method of a new name is called by the user's code only (or by
+    an override above, which counts itself)."""
+    if name in _NOT_CALLED_AS_IT_RUNS:
+        return False
+    return name == "__getattribute__" or any(name in vars(base) for base in bases if base is not object)
+
+
 def _own_class_code(module: nn.Module) -> str | None:
-    """How ``module``'s class runs code of its own, not a modelled library's, or None: the first class of its MRO
-    outside those libraries that defines methods beside ``__init__`` (timm's ``embed_layer=`` / ``block_fn=`` take
-    the user's classes), named with them. A class that only configures a library's (an ``__init__`` alone) runs that
-    library's code."""
-    for cls in type(module).__mro__:
+    """How ``module``'s class runs code of its own, not a modelled library's, as it runs, or None: the first class of
+    its MRO outside those libraries that defines methods :func:`_runs_as_called` or properties (timm's
+    ``embed_layer=`` / ``block_fn=`` take the user's classes), named with them. A class that only configures a
+    library's (an ``__init__`` alone) or adds methods no library calls (an ``extra_repr``, a helper of the user's;
+    round 50 refused those too) runs that library's code."""
+    mro = type(module).__mro__
+    for at, cls in enumerate(mro):
         if cls is object or cls.__module__.startswith(_MODELLED_LIBRARIES):
             return None
-        methods = sorted(name for name, value in vars(cls).items() if name != "__init__" and (
-            inspect.isfunction(value) or isinstance(value, (staticmethod, classmethod, property))))
+        methods = sorted(name for name, value in vars(cls).items() if isinstance(value, property) or (
+            (inspect.isfunction(value) or isinstance(value, (staticmethod, classmethod)))
+            and _runs_as_called(name, mro[at + 1:])))
         if methods:
             return (f"runs code of its own class {cls.__module__}.{cls.__qualname__} ({', '.join(methods)}), "
-                    "which can move or mix pixels or tokens")
+                    "which can move or mix pixels or tokens and which qkhooks cannot read (build the model with "
+                    "the library's own class to record masks)")
     return None
 
 
