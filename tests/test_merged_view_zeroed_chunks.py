@@ -51,6 +51,10 @@ def test_a_zeroed_chunk_in_a_shard_is_refused_through_the_merged_view_never_read
             with pytest.raises(QKHooksError, match=f"image 5 of this merged view is image 1 of shard {shard.name}.*"
                                                    f"{NAME} holds only zero bytes"):
                 view.array(NAME)[key]
+            with pytest.raises(QKHooksError) as err:
+                view.array(NAME)[key]
+            # the fix names the shard (repair refuses a merged view itself) and the merge after it
+            assert f"qkhooks repair {shard} --out" in str(err.value) and "merge again" in str(err.value)
         keep = [0, 1, 2, 3, 4, 6, 7]
         np.testing.assert_array_equal(view.array(NAME)[keep], want[keep])  # the others read as before
     report = verify_run(out)

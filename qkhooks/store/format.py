@@ -34,7 +34,7 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "I
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "STATE_ATTRS", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
-           "identity_of", "rewritable", "as_str", "not_text", "NOT_TEXT", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "signed_zero_rows", "view_sources", "zeroed_chunks", "zeroed_chunk_words", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
+           "identity_of", "rewritable", "as_str", "not_text", "NOT_TEXT", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "signed_zero_rows", "view_sources", "view_source_at", "zeroed_chunks", "zeroed_chunk_words", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
            "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
            "unsealed_attrs", "QKHOOKS_ATTR_NAMES", "digest_matches"]
@@ -738,6 +738,12 @@ def view_sources(ds: h5py.Dataset) -> list[tuple[str, str, int, int, int]]:
     return sources
 
 
+def view_source_at(ds: h5py.Dataset, row: int) -> tuple[str, str, int] | None:
+    """(shard file name, its dataset, the shard's row) that row ``row`` of a merged view reads; None elsewhere."""
+    return next(((file_name, name, row - lo + shard_lo) for file_name, name, lo, hi, shard_lo in view_sources(ds)
+                 if lo <= row < hi), None)
+
+
 def _zeroed_in_shards(ds: h5py.Dataset, images: Sequence[int], values: np.ndarray) -> list[int]:
     """:func:`zeroed_chunks` of a merged view (``merge_shards`` without ``copy``): its images' chunks lie in the
     shards, whose checksum passes a zeroed one as it does in a run (round 51: the view read such an image as zeros
@@ -769,11 +775,12 @@ def zeroed_chunk_words(ds: h5py.Dataset, first: int) -> str:
     """What :func:`zeroed_chunks` found, in words (in a merged view: the shard that holds the chunk, and its row)."""
     from qkhooks.store._hdf5 import open_read  # it imports this module
 
-    for file_name, name, lo, hi, shard_lo in view_sources(ds):
-        if lo <= first < hi:
-            with open_read(Path(ds.file.filename).parent / file_name, swmr=False) as shard:
-                return (f"image {first} of this merged view is image {first - lo + shard_lo} of shard {file_name}, "
-                        f"where {zeroed_chunk_words(shard[name], first - lo + shard_lo)}")
+    source = view_source_at(ds, first)
+    if source is not None:
+        file_name, name, row = source
+        with open_read(Path(ds.file.filename).parent / file_name, swmr=False) as shard:
+            return (f"image {first} of this merged view is image {row} of shard {file_name}, where "
+                    f"{zeroed_chunk_words(shard[name], row)}")
     rows = ds.chunks[0]
     which = f"image {first}'s chunk" if rows == 1 else f"the chunk of images {first}-{first + rows - 1}"
     return (f"{which} of its array {ds.name} holds only zero bytes, its Fletcher-32 checksum too, which the checksum "

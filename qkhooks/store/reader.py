@@ -351,9 +351,17 @@ class RunArray:
         """Refuse images read as zeros from a checksummed chunk whose stored bytes are all zero
         (:func:`~qkhooks.store.format.zeroed_chunks`: the checksum passes it)."""
         zeroed = fmt.zeroed_chunks(self.dataset, images, values)
-        if zeroed:
-            raise QKHooksError(damaged_message(Path(self.dataset.file.filename),
-                                               fmt.zeroed_chunk_words(self.dataset, zeroed[0])))
+        if not zeroed:
+            return
+        path, words = Path(self.dataset.file.filename), fmt.zeroed_chunk_words(self.dataset, zeroed[0])
+        source = fmt.view_source_at(self.dataset, zeroed[0])
+        if source is None:
+            raise QKHooksError(damaged_message(path, words))
+        shard = path.parent / source[0]  # repair refuses a view: the shard is what to repair
+        raise QKHooksError(
+            f"{path} is a merged view, and the shard it reads that image from is damaged ({words}): run `qkhooks "
+            f"repair {shard} --out FIXED.h5` (it leaves that image out), then merge again with the fixed shard in "
+            f"place of {shard.name} (qkhooks merge); the view's other images read as before.")
 
     def _image_indices(self, first: Any) -> np.ndarray:
         """The images an index array or boolean mask picks, as non-negative integers in the order asked for."""
