@@ -655,10 +655,11 @@ class _HFReader:
         self.length = len(ds) if hasattr(ds, "__len__") and not _is_hf_iterable(ds) else None
         # a column of file paths (strings) and no id column: each row is named by its path as given, as in a list of
         # paths (review r38: named by its position, a resume over rows that changed could not tell)
-        # (or of Image(decode=False) dicts read from files: named by their paths too, _cell_path_id)
+        # (or of Image(decode=False) dicts read from files: named by their paths too, relative to an image folder's
+        # root: _cell_id)
         features = getattr(ds, "features", None) or {}
         feature = features.get(image_column)
-        self.path_column = (image_column if id_column is None and root is None
+        self.path_column = (image_column if id_column is None
                             and (getattr(feature, "dtype", None) in ("string", "large_string")
                                  or type(feature).__name__ == "Image")
                             else None)
@@ -705,8 +706,9 @@ class _HFReader:
                 table.column(named).to_pylist())
             for n in range(table.num_rows):
                 layout = _mask_layout(key for key, have in present.items() if have[n])
-                name = None if ids is None else _cell_path_id(ids[n]) if named == self.path_column else str(ids[n])
-                yield lo + n, str(lo + n) if name is None else name, layout  # as row_id names the row
+                # as row_id names the row (round 51: an image folder's rows were named by position here, by path there)
+                name = None if ids is None else self._cell_id(ids[n]) if named == self.path_column else str(ids[n])
+                yield lo + n, str(lo + n) if name is None else name, layout
 
     def ids_by_position(self, stop: int) -> list[str] | None:
         """The ids of the rows before ``stop`` named by their position alone (no id column, and an image cell that
