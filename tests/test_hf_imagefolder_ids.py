@@ -69,3 +69,28 @@ def test_an_image_folder_with_masks_names_its_rows_by_path_where_it_checks_them(
     with pytest.raises(QKHooksError, match=r"image 0 of the file is 'a\.png', the data's is 'c\.png'"):
         qkhooks.record_dataset(loaded, spec, tmp_path / "again.h5", resume=True, **_KW)
 
+
+def test_an_image_folder_read_as_a_hugging_face_dataset_leaves_out_nas_thumbnails_as_a_folder_does(tmp_path):
+    """Before: ``hfds:DIR`` (datasets' imagefolder) recorded a Synology NAS's ``@eaDir/<photo>/SYNOFILE_THUMB_*.jpg``
+    thumbnails as photos, where the folder spec of the same folder leaves them out with a warning (round 50). Now both
+    leave them out with the same warning (one helper), hfds:'s pointing at record_dataset's caller: the ids are the
+    photos laid out by hand, the same both ways."""
+    from PIL import Image
+
+    folder = tmp_path / "nas"
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "sub/b.png", "@eaDir/a.png/SYNOFILE_THUMB_M.jpg", "@eaDir/a.png/SYNOFILE_THUMB_XL.jpg",
+                 "sub/@eaDir/b.png/SYNOFILE_THUMB_S.jpg"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / name)
+    loaded, said = _tiny_loaded(), {}
+    for spec in (str(folder), f"hfds:{folder}"):
+        with pytest.warns(UserWarning, match=r"^3 image files in 2 Synology thumbnail folders \(@eaDir\) under "
+                                             rf"{folder} are not recorded: @eaDir/, sub/@eaDir/; ") as warned:
+            qkhooks.record_dataset(loaded, spec, tmp_path / f"{len(said)}.h5", **_KW)
+        said[spec] = [str(w.message) for w in warned if "Synology" in str(w.message)]
+        if spec.startswith("hfds:"):  # record_dataset's caller (a folder's points at open_dataset's caller)
+            assert [Path(w.filename).name for w in warned if "Synology" in str(w.message)] == [Path(__file__).name]
+        with qkhooks.open_run(tmp_path / f"{len(said) - 1}.h5") as run:
+            assert list(run.ids) == ["a.png", "sub/b.png"]
+    assert said[str(folder)] == said[f"hfds:{folder}"]

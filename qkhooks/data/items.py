@@ -669,37 +669,45 @@ _UNREAD_IMAGE_EXTENSIONS = (".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".p
 """Image formats a folder holds that it does not read: named in a warning (review r45: left out without a word)."""
 
 
-_NAS_THUMBNAIL_FOLDERS = ("@eaDir",)
+NAS_THUMBNAIL_FOLDERS = ("@eaDir",)
 """Folders a NAS keeps its own thumbnails of the photos beside them in (Synology's ``@eaDir/<photo>/SYNOFILE_THUMB_
-*.jpg``), never the user's photos: a folder dataset leaves them out (review r50: they doubled a NAS photo folder)."""
+*.jpg``), never the user's photos: a folder dataset, and ``hfds:`` of an image folder, leave them out (review r50: they
+doubled a NAS photo folder)."""
 
 
-def _nas_thumbnails_left_out(root: Path, folders: list[Path]) -> None:
-    """Warn of the NAS thumbnail folders under ``root`` that were left out, counting the image files in them."""
-    count = sum(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-                for folder in folders for _, _, names in os.walk(folder) for name in names)
+def nas_thumbnail_folder(relative: str) -> str | None:
+    """The NAS thumbnail folder (:data:`NAS_THUMBNAIL_FOLDERS`) a file's posix path relative to its root lies in, as
+    that relative path, or None."""
+    parts = relative.split("/")[:-1]
+    at = next((k for k, part in enumerate(parts) if part in NAS_THUMBNAIL_FOLDERS), None)
+    return None if at is None else "/".join(parts[:at + 1])
+
+
+def nas_thumbnails_left_out(root: Path, folders: Sequence[str], count: int, stacklevel: int) -> None:
+    """Warn that the ``count`` image files in the NAS thumbnail ``folders`` (relative to ``root``, sorted) were left
+    out: one wording for a folder and for ``hfds:`` of an image folder (round 51: hfds: recorded them)."""
     if count:
-        shown = ", ".join(f"{f.relative_to(root).as_posix()}/" for f in folders[:5])
+        shown = ", ".join(f"{f}/" for f in folders[:5])
         more = f" and {len(folders) - 5} more" if len(folders) > 5 else ""
         s = "s" if len(folders) > 1 else ""
         warnings.warn(f"{count} image file{'s' if count > 1 else ''} in {len(folders)} Synology thumbnail folder{s} "
                       f"(@eaDir) under {root} are not recorded: {shown}{more}; a NAS keeps its own thumbnails of the "
                       "photos beside them there, not photos. To record such a folder anyway, point DATA at it "
-                      "itself.", stacklevel=5)
+                      "itself.", stacklevel=stacklevel + 1)
 
 
 def list_images(root: Path) -> list[str]:
     """Relative posix paths of image files under ``root``, sorted; hidden files and folders ignored. Symlinked
     subfolders are not followed (a link back up would loop), and a warning names them: their images are left out;
     so does one naming the image files of other formats (:data:`_UNREAD_IMAGE_EXTENSIONS`), which are not read, and
-    one counting the images of a NAS's thumbnail folders (:data:`_NAS_THUMBNAIL_FOLDERS`), which are left out."""
+    one counting the images of a NAS's thumbnail folders (:data:`NAS_THUMBNAIL_FOLDERS`), which are left out."""
     found: list[str] = []
     linked: list[str] = []
     unread: list[str] = []
     thumbnails: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        thumbnails += [Path(dirpath, d) for d in sorted(dirnames) if d in _NAS_THUMBNAIL_FOLDERS]
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _NAS_THUMBNAIL_FOLDERS)
+        thumbnails += [Path(dirpath, d) for d in sorted(dirnames) if d in NAS_THUMBNAIL_FOLDERS]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in NAS_THUMBNAIL_FOLDERS)
         linked += [Path(dirpath, d).relative_to(root).as_posix() for d in dirnames if os.path.islink(Path(dirpath, d))]
         for name in filenames:
             if name.startswith("."):
@@ -710,7 +718,9 @@ def list_images(root: Path) -> list[str]:
             elif ext in _UNREAD_IMAGE_EXTENSIONS:
                 unread.append(Path(dirpath, name).relative_to(root).as_posix())
     if thumbnails:
-        _nas_thumbnails_left_out(root, thumbnails)
+        count = sum(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                    for folder in thumbnails for _, _, names in os.walk(folder) for name in names)
+        nas_thumbnails_left_out(root, [f.relative_to(root).as_posix() for f in thumbnails], count, stacklevel=4)
     if linked:
         shown = ", ".join(f"{d}/" for d in linked[:5]) + (f" and {len(linked) - 5} more" if len(linked) > 5 else "")
         warnings.warn(f"{len(linked)} symlinked subfolder(s) of {root} are not followed, so their images are not "

@@ -28,6 +28,8 @@ from qkhooks.data.items import (
     file_fault,
     mask_as_shown,
     mask_pixels,
+    nas_thumbnail_folder,
+    nas_thumbnails_left_out,
     not_a_label_map,
     RawItem,
     read_mask,
@@ -1112,7 +1114,8 @@ def open_hfds(rest: str) -> tuple[Any, str | None]:
                 raise QKHooksError(f"{name!r} is a single saved split; drop ':{split}'.")
             return ds, None
         if path.is_dir():
-            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split or "train"), str(path)
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split or "train")
+            return _without_nas_thumbnails(ds, str(path)), str(path)
         if path.is_file() and path.suffix == ".parquet":
             return datasets.load_dataset("parquet", data_files=str(path), split=split or "train"), None
         if path.exists():
@@ -1130,6 +1133,22 @@ def open_hfds(rest: str) -> tuple[Any, str | None]:
     except Exception as exc:
         raise QKHooksError(f"cannot open the Hugging Face dataset hfds:{rest} ({type(exc).__name__}: {exc}); "
                            "a hub name needs network access and, for gated sets, a login.") from None
+
+
+def _without_nas_thumbnails(ds: Any, root: str) -> Any:
+    """An image folder read by datasets' imagefolder without the rows of the images in a NAS's thumbnail folders,
+    warned of as a folder warns (:func:`~qkhooks.data.items.nas_thumbnails_left_out`; round 51: recorded as photos,
+    where a folder leaves them out). The paths are read from the Arrow column; no image is decoded."""
+    if "image" not in ds.column_names:
+        return ds
+    column = ds.select_columns(["image"]).with_format("arrow")[:].column("image")
+    folders = [nas_thumbnail_folder(Path(os.path.relpath(cell["path"], root)).as_posix()) if cell.get("path") else None
+               for cell in _light_cells(column)]
+    left = [folder for folder in folders if folder is not None]
+    if not left:
+        return ds
+    nas_thumbnails_left_out(Path(root), sorted(set(left)), len(left), stacklevel=6)  # record_dataset's caller
+    return ds.select([k for k, folder in enumerate(folders) if folder is None])
 
 
 def expand_braces(pattern: str) -> list[str]:
