@@ -531,8 +531,9 @@ class ImageDataset(Dataset):
 
     def _skip(self, record: ItemRecord, reason: str, what: str) -> None:
         """Leave a folder's image out, warned about and listed in :attr:`skipped` (the run goes on); the warning
-        names the file once, where the reason opens with it (a refusal of its pixels names it for the list)."""
-        said = reason.removeprefix(f"{record.path}: ")
+        names the file once, where the reason opens with it (a refusal of its pixels names it for the list, and the
+        preprocessing's, of a thin strip, the dataset and the id: round 51, the file was named twice)."""
+        said = reason.removeprefix(f"{record.path}: ").removeprefix(f"{self.name}: {record.id!r}: ")
         warnings.warn(f"skipping {what} {record.path} ({said})", stacklevel=3)
         self.skipped.append((record.id, reason))
         return None
