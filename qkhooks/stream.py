@@ -1314,7 +1314,8 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     ids), or checked here against the items read again, in order (a torch Dataset, an iterable: round 49; ``wds:``
     shards, by their samples' stamps: round 50, before which they went unchecked without a word), it resumes with a
     warning that their content is not (round 50: a list's and a map-style dataset's said nothing); where some kept
-    images of a list or a map-style dataset are named by their position alone, or the items before the resume point
+    images of a list, a map-style dataset, a torch Dataset or an iterable (round 51: these two warned) are named by
+    their position alone, or the items before the resume point
     are not read again (a streamed Hugging Face dataset), nothing can check them, and the resume is refused (round
     50: both went on without a word). A newer run of such a source resumes with a warning that its kept files are not
     checked. ``ids_only``
@@ -1326,7 +1327,8 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     if not done:
         return 0
     recorded, kept = writer.rows(FILE_SIZES, done), writer.ids[:done]
-    by_position = set(dataset.ids_by_position(start)).intersection(kept) if recorded is None else ()
+    by_position = (set(dataset.ids_by_position(start, progress=progress, first=lo)).intersection(kept)
+                   if recorded is None else ())
     if by_position:  # round 50: two images of a list or a dataset's bytes swapped resumed without a word
         _refuse_before_the_stamps(
             writer, done, f"{len(by_position)} of them are named by their position in {dataset.name} alone (no id "

@@ -333,8 +333,9 @@ class MapReader:
     def __init__(self, container: Any):
         self.container = container
         self.length: int | None = len(container)
-        # _read_again's: ((first, stop), the items read, seconds)
+        # _read_again's: ((first, stop), the items read, seconds), and the ids among them named by position alone
         self._again: tuple[tuple[int, int], list[tuple[str, str | None, int | None]], float] | None = None
+        self._positional: list[str] = []
 
     def __getstate__(self) -> dict[str, Any]:  # workers decode: the resume's reading again stays here
         return {**self.__dict__, "_again": None}
@@ -374,13 +375,17 @@ class MapReader:
                  _mask_layout(_mask_keys(item)))
                 for i, item in enumerate(self.container[:stop]))
 
-    def ids_by_position(self, stop: int) -> list[str] | None:
-        """The ids of the items before ``stop`` named by their position alone (no id of their own: :func:`_own_id`),
-        for a list or tuple; None for a Dataset, whose ``__getitem__`` may load the image. A position says nothing of
-        the item at it: a resume of a run that holds no stamps of its images cannot check those."""
+    def ids_by_position(self, stop: int, progress: bool = False, first: int = 0) -> list[str]:
+        """The ids of the items from ``first`` to ``stop`` named by their position alone (no id of their own:
+        :func:`_own_id`): a list's or tuple's without decoding, a torch Dataset's among its items read again
+        (:meth:`_read_again`, which a resume's :meth:`file_paths` then reuses; round 51: a Dataset's were not
+        told). A position says nothing of the item at it: a resume of a run that holds no stamps of its images
+        cannot check those."""
         if not isinstance(self.container, (list, tuple)):
-            return None
-        return [str(i) for i, item in enumerate(self.container[:stop]) if _own_id(_spelled(item)) is None]
+            self._read_again(stop, progress, first)
+            return list(self._positional)
+        return [str(i) for i, item in enumerate(self.container[first:stop], start=first)
+                if _own_id(_spelled(item)) is None]
 
     def file_paths(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, str | None]]:
         """Each item's (id, image file or None) from position ``first`` (a shard's first) to ``stop``, as
@@ -440,10 +445,13 @@ class MapReader:
         given (:meth:`read_again_cut` says where and how fast; the resume checks those and says the rest are not)."""
         if self._again is None or self._again[0] != (first, stop):
             found: list[tuple[str, str | None, int | None]] = []
+            self._positional = []
             began = time.monotonic()
             rows = self._kept(stop, progress, first)
             for item_id, item in rows:
                 found.append(_kept_stamp(item_id, item))
+                if _own_id(item) is None:
+                    self._positional.append(item_id)
                 if time.monotonic() - began > READ_AGAIN_BUDGET and len(found) < min(stop, self.length or 0) - first:
                     rows.close()  # the bar, if any, closes with it
                     break
@@ -533,6 +541,9 @@ class FolderReader(MapReader):
     def held_hashes(self, stop: int, progress: bool = False, first: int = 0) -> None:
         return None  # every image is a file's (file_paths)
 
+    def ids_by_position(self, stop: int, progress: bool = False, first: int = 0) -> list[str]:
+        return []  # every item is named by its file
+
 
 def folder_reader(container: Any) -> FolderReader | None:
     """A :class:`FolderReader` for a torchvision ``DatasetFolder`` (found by its class, and its ``samples`` of
@@ -569,6 +580,7 @@ class ReadInPassing:
 
     reads_again = True  # the images may differ from one pass to the next (a shuffling iterable, a random transform)
     _again: tuple[tuple[int, int], list[tuple[str, str | None, int | None]], Iterator[Any] | None] | None = None
+    _positional: list[str] = []  # the ids among the items read in passing named by their position alone
 
     def rows(self, start: int) -> Iterator[Any]:  # pragma: no cover - each reader's own
         raise NotImplementedError
@@ -582,6 +594,17 @@ class ReadInPassing:
         """Each in-memory item's (id, :func:`_held_hash`) from ``first`` to ``stop``, read in passing."""
         return [(item_id, held) for item_id, path, held in self._read_again(stop, progress, first) if path is None]
 
+    def ids_by_position(self, stop: int, progress: bool = False, first: int = 0) -> list[str]:
+        """The ids of the items from ``first`` to ``stop`` named by their position alone, read in passing (round 51:
+        not told, and a run from before the stamps of such items resumed checking positions, which cannot differ)."""
+        self._read_again(stop, progress, first)
+        return list(self._positional)
+
+    def _passing(self, item: Any, position: int) -> tuple[tuple[str, str | None, int | None], bool]:
+        """An item read in passing as :func:`_kept_stamp` gives it, and whether it is named by its position alone."""
+        own = _own_id(item)
+        return _kept_stamp(str(position) if own is None else own, item), own is None
+
     def _read_again(self, stop: int, progress: bool, first: int = 0) -> list[tuple[str, str | None, int | None]]:
         """The items from position ``first`` (a shard's first) to ``stop`` as :func:`_kept_stamp` gives them, read
         from the start of the rows (with ``progress``, a bar where that takes a while): those before ``first`` (the
@@ -591,11 +614,15 @@ class ReadInPassing:
         if self._again is None or self._again[0] != (first, stop):
             rows = self.rows(0)
             found: list[tuple[str, str | None, int | None]] = []
+            self._positional = []
             read = 0  # the position of the item being read
             try:
                 for item in check_bar(itertools.islice(rows, stop), stop, progress):
                     if read >= first:
-                        found.append(_kept_stamp(_item_id(item, read), item))
+                        stamp, positional = self._passing(item, read)
+                        found.append(stamp)
+                        if positional:
+                            self._positional.append(stamp[0])
                     read += 1
             except Exception as exc:  # the source's own failure (a generator failing midway): said where
                 if not isinstance(exc, QKHooksError):
@@ -712,16 +739,17 @@ class _HFReader:
                 name = None if ids is None else self._cell_id(ids[n]) if named == self.path_column else str(ids[n])
                 yield lo + n, str(lo + n) if name is None else name, layout
 
-    def ids_by_position(self, stop: int) -> list[str] | None:
-        """The ids of the rows before ``stop`` named by their position alone (no id column, and an image cell that
-        names no file: its bytes), read from the Arrow column without the images' bytes; None for a streamed dataset.
-        A position says nothing of the row at it: a resume of a run that holds no stamps of its images cannot check
-        those."""
+    def ids_by_position(self, stop: int, progress: bool = False, first: int = 0) -> list[str] | None:
+        """The ids of the rows from ``first`` to ``stop`` named by their position alone (no id column, and an image
+        cell that names no file: its bytes), read from the Arrow column without the images' bytes; None for a
+        streamed dataset. A position says nothing of the row at it: a resume of a run that holds no stamps of its
+        images cannot check those."""
         if self.length is None:
             return None
         if self.id_column is not None:
             return []
-        return [item_id for item_id, cell in self._named_cells(stop, 4096, light=True) if self._cell_id(cell) is None]
+        return [item_id for item_id, cell in self._named_cells(stop, 4096, light=True, first=first)
+                if self._cell_id(cell) is None]
 
     def file_paths(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, str | None]] | None:
         """Each row's (id, image file or None) before position ``stop``, as :meth:`row_id` names the row and

@@ -185,12 +185,13 @@ class ItemStream:
         found = layouts(stop) if layouts is not None else None
         return None if found is None else [item_id for position, item_id, _ in found if position < stop]
 
-    def ids_by_position(self, stop: int) -> list[str]:
-        """The ids of the items before ``stop`` named by their position alone (no id of their own), where the reader
-        names them without decoding (as :meth:`ids_before`); empty elsewhere. A resume of a run from before the file
-        stamps has nothing to check those by."""
+    def ids_by_position(self, stop: int, progress: bool = False, first: int = 0) -> list[str]:
+        """The ids of the items from ``first`` (a shard's first) to ``stop`` named by their position alone (no id of
+        their own), where the reader names them without decoding (as :meth:`ids_before`) or reads them again for a
+        resume (as :meth:`file_paths`, which then reuses that reading; with ``progress``, a bar where it takes a
+        while); empty elsewhere. A resume of a run from before the file stamps has nothing to check those by."""
         named = getattr(self._reader, "ids_by_position", None)
-        return (named(stop) if named is not None else None) or []
+        return (named(stop, progress=progress, first=first) if named is not None else None) or []
 
     def _check_layouts(self) -> None:
         """Refuse, before anything is recorded, a source whose items do not all carry the first item's masks, or
