@@ -1305,20 +1305,23 @@ def _refuse_changed_stream_files(writer: Any, dataset: Any, done: int, start: in
     ``Image(decode=False)`` cells read from files), each kept file is stat'ed and those whose time changed are
     hashed; for ``wds:`` shards, each kept sample's image member is read again up to the resume point (its header's
     size and time, its bytes' hash: no image is decoded); a torch map-style Dataset's kept items are read again
-    through its ``__getitem__``, an iterable's where the resume skips them (round 47), their files checked alike.
+    through its ``__getitem__``, an iterable's and a streamed Hugging Face dataset's where the resume skips them (round
+    47; round 51), their files checked alike.
     Images held in memory (a map-style Hugging Face dataset's bytes; a list's, tuple's, torch Dataset's or
     iterable's bytes, arrays, PIL images) are checked by the hash of their content (:func:`_refuse_changed_held`);
     other images not read from a file (stored -1) are not checked. With ``progress``, reading and hashing them again
     shows a bar where it takes a while. A run from before the stamps (no :data:`FILE_SIZES`) has only its ids to
     compare: where :func:`_refuse_changed_stream` checked them (a list, a map-style Hugging Face dataset named by its
     ids), or checked here against the items read again, in order (a torch Dataset, an iterable: round 49; ``wds:``
-    shards, by their samples' stamps: round 50, before which they went unchecked without a word), it resumes with a
+    shards, by their samples' stamps: round 50, before which they went unchecked without a word; a streamed Hugging
+    Face dataset: round 51), it resumes with a
     warning that their content is not (round 50: a list's and a map-style dataset's said nothing); where some kept
     images of a list, a map-style dataset, a torch Dataset or an iterable (round 51: these two warned) are named by
     their position alone, or the items before the resume point
-    are not read again (a streamed Hugging Face dataset), nothing can check them, and the resume is refused (round
-    50: both went on without a word). A newer run of such a source resumes with a warning that its kept files are not
-    checked. ``ids_only``
+    are not read again (a reader with neither ``file_paths`` nor ``file_stamps``: none of qkhooks' since round 51,
+    when a streamed Hugging Face dataset's are read in passing), nothing can check them, and the resume is refused
+    (round 50: both went on without a word). A newer run of such a source resumes with a warning that its kept files
+    are not checked. ``ids_only``
     (``resume_ids_only=True``, for data that gives another image on each read): the kept images held in the data are
     checked by their ids alone, with a warning, and those read from files by their files' stamps still (qkhooks reads
     those, the same on each read; round 49: they went unchecked too); on a run from before the stamps, every kept

@@ -220,31 +220,32 @@ def _resumed_warning(loaded, data, run, words: str) -> tuple[int, list[str]]:
     return kept, [str(w.message) for w in caught if words in str(w.message)]
 
 
-def _streamed_resume_warning(tmp_path) -> tuple[int, list[str]]:
-    """:func:`_resumed_warning` of a streamed Hugging Face dataset of 8 photo paths whose run stopped as its third
-    batch of 2 was handed on: the warnings saying its resume "does not check" its kept files."""
-    datasets = pytest.importorskip("datasets")
-    from test_review_symlinks_repair_messages import _interrupted
-    from test_spectrum_edits_and_dataparallel import _same_size_photos, _tiny_loaded
+def _streamed_resume_warning(tmp_path) -> tuple[int, list[str], int]:
+    """The warnings saying "does not check" that the resume of a source whose kept items are not read again gives
+    (its reader has neither ``file_paths`` nor ``file_stamps``; a streamed Hugging Face dataset's until round 51,
+    which reads them in passing), its 4 kept images each recorded from a file (sizes >= 0), and what the check
+    returns (the kept images not checked by their content that a resume by ids alone counts)."""
+    import warnings
+    from types import SimpleNamespace
 
-    names = [f"a{i}.png" for i in range(8)]
-    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
-    _same_size_photos(folder, names, seed=0)
-    paths = [str(folder / n) for n in names]
+    from qkhooks import stream as stream_module
 
-    def streamed():
-        return datasets.Dataset.from_dict({"image": paths}).to_iterable_dataset()
-
-    _interrupted(loaded, run, batches=3, data=streamed())
-    return _resumed_warning(loaded, streamed(), run, "does not check")
+    writer = SimpleNamespace(path=tmp_path / "run.h5", ids=[f"a{i}.png" for i in range(4)],
+                             rows=lambda name, done: np.full(done, 852))
+    source = SimpleNamespace(name="datasets:IterableDataset", file_paths=lambda start, progress=False, first=0: None,
+                             file_stamps=lambda start, progress=False, first=0: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        unchecked = stream_module._refuse_changed_stream_files(writer, source, 4, 4)
+    return 4, [str(w.message) for w in caught if "does not check" in str(w.message)], unchecked
 
 
 def test_a_streamed_resume_warns_whole_that_its_kept_files_are_not_checked_and_why(tmp_path):
     """stream._refuse_changed_stream_files (_35: the warning's middle sentence): the warning read whole, with the
-    counts of the run it resumes (stopped as its third batch of 2 was handed on, before that batch's checkpoint: the
-    reducers' last checkpoint holds 4 images, each from a file). A streamed Hugging Face dataset of paths (a torch
-    Dataset of them, then an iterable, gave this warning too until round 47, which reads their kept items again)."""
-    kept, said = _streamed_resume_warning(tmp_path)
+    counts of the run it resumes (4 kept images, each from a file). A streamed Hugging Face dataset of paths gave it
+    until round 51 (a torch Dataset of them, then an iterable, until round 47), which read their kept items again;
+    the branch stays for a source that cannot."""
+    kept, said, _ = _streamed_resume_warning(tmp_path)
     run = tmp_path / "run.h5"
     assert kept == 4
     assert said == [

@@ -674,8 +674,10 @@ class IterReader(ReadInPassing):
         return {**self.__dict__, "iterable": None, "_again": None}
 
 
-class _HFReader:
-    """A Hugging Face ``Dataset`` or ``IterableDataset``, image (and image-mask) columns left undecoded here."""
+class _HFReader(ReadInPassing):
+    """A Hugging Face ``Dataset`` or ``IterableDataset``, image (and image-mask) columns left undecoded here. A streamed
+    one (an ``IterableDataset``: no index) is read in passing where a resume skips its rows (:class:`ReadInPassing`:
+    its ``skip()`` reads them anyway; round 51: nothing of them was checked)."""
 
     def __init__(self, ds: Any, image_column: str, id_column: str | None, masks: Mapping[str, str],
                  root: str | None = None):
@@ -693,10 +695,28 @@ class _HFReader:
                                  or type(feature).__name__ == "Image")
                             else None)
 
+    def __getstate__(self) -> dict[str, Any]:  # workers only decode; the rows being read stay here
+        return {**self.__dict__, "_again": None}
+
+    # read by qkhooks (the same on each read: ReadInPassing's own reads_again is for the user's code, whose images may
+    # differ), so resume_ids_only=True stays refused for a Hugging Face dataset, streamed or not, as before round 51
+    reads_again = False
+
     def rows(self, start: int) -> Iterator[Any]:
         if self.length is not None:
             return (self.ds[i] for i in range(start, self.length))
+        checked = self._rows_after_check(start)
+        if checked is not None:
+            return checked
         return iter(self.ds.skip(start) if start else self.ds)
+
+    def _passing(self, item: Any, position: int) -> tuple[tuple[str, str | None, int | None], bool]:
+        """A streamed row read in passing, named as :meth:`row_id` names it and stamped as :meth:`decode` stamps it
+        (its image file, else the hash of the bytes its cell holds), and whether it is named by its position."""
+        cell = item[self.image_column]
+        path = _image_path(cell)
+        held = None if path is not None else _held_bytes_hash(cell)
+        return (self.row_id(item, position), path, held), self.id_column is None and self._cell_id(cell) is None
 
     def decode(self, row: Mapping[str, Any], position: int) -> tuple[str | None, RawItem]:
         item = {"image": row[self.image_column], "id": self.row_id(row, position)}
@@ -739,38 +759,38 @@ class _HFReader:
                 name = None if ids is None else self._cell_id(ids[n]) if named == self.path_column else str(ids[n])
                 yield lo + n, str(lo + n) if name is None else name, layout
 
-    def ids_by_position(self, stop: int, progress: bool = False, first: int = 0) -> list[str] | None:
+    def ids_by_position(self, stop: int, progress: bool = False, first: int = 0) -> list[str]:
         """The ids of the rows from ``first`` to ``stop`` named by their position alone (no id column, and an image
-        cell that names no file: its bytes), read from the Arrow column without the images' bytes; None for a
-        streamed dataset. A position says nothing of the row at it: a resume of a run that holds no stamps of its
-        images cannot check those."""
+        cell that names no file: its bytes), read from the Arrow column without the images' bytes; a streamed
+        dataset's read in passing. A position says nothing of the row at it: a resume of a run that holds no stamps of
+        its images cannot check those."""
         if self.length is None:
-            return None
+            return super().ids_by_position(stop, progress, first)
         if self.id_column is not None:
             return []
         return [item_id for item_id, cell in self._named_cells(stop, 4096, light=True, first=first)
                 if self._cell_id(cell) is None]
 
-    def file_paths(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, str | None]] | None:
+    def file_paths(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, str | None]]:
         """Each row's (id, image file or None) before position ``stop``, as :meth:`row_id` names the row and
         :meth:`decode` reads its image (a path string, or an ``Image(decode=False)`` cell with a path and no bytes),
-        read from the Arrow columns without the images' bytes; None for a streamed dataset (a resume checks the kept
-        files' stamps)."""
+        read from the Arrow columns without the images' bytes; a streamed dataset's read in passing (a resume checks
+        the kept files' stamps)."""
         if self.length is None:
-            return None
+            return super().file_paths(stop, progress, first)
         cells = self._named_cells(stop, 4096, light=True, first=first)
         return [(item_id, _image_path(cell)) for item_id, cell in cells]
 
-    def held_hashes(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, int | None]] | None:
+    def held_hashes(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, int | None]]:
         """Each row's (id, BLAKE2b of its image's bytes as :meth:`decode` stamps it) from ``first`` to ``stop``, for
         the rows whose image is held in the dataset rather than read from a file: an ``Image`` cell with bytes, a
         binary cell; None in place of the hash for a cell that is neither a file nor bytes (an array), which cannot
-        be checked. Read from the Arrow column in slices (the bytes are read, no image is decoded); None for a
-        streamed dataset. A resume compares them with the hashes the run recorded (review r46: only the length was
+        be checked. Read from the Arrow column in slices (the bytes are read, no image is decoded); a streamed
+        dataset's in passing. A resume compares them with the hashes the run recorded (review r46: only the length was
         compared, and replaced images resumed into a run of two data sets without a word). With ``progress``, a bar
         where that takes a while (:func:`check_bar`)."""
         if self.length is None:
-            return None
+            return super().held_hashes(stop, progress, first)
         found: list[tuple[str, int | None]] = []
         cells = self._named_cells(stop, 256, light=False, first=first)
         for item_id, cell in check_bar(cells, max(min(stop, self.length) - first, 0), progress):

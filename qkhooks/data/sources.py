@@ -228,8 +228,9 @@ class ItemStream:
     def file_paths(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, str | None]] | None:
         """Each item's (id, the file its image is read from, or None) before position ``stop``, where the reader names
         them without decoding (a list or tuple; a map-style Hugging Face dataset's columns) or by reading them again
-        (a torch map-style Dataset's items, through its ``__getitem__``: one call an item; an iterable's, as the
-        resume skips them anyway: :class:`~qkhooks.data.readers.ReadInPassing`), with a progress bar where
+        (a torch map-style Dataset's items, through its ``__getitem__``: one call an item; an iterable's or a streamed
+        Hugging Face dataset's, as the resume skips them anyway: :class:`~qkhooks.data.readers.ReadInPassing`), with
+        a progress bar where
         ``progress`` and it takes a while; None elsewhere. A resume checks the kept files against the stamps the run
         recorded. From position ``first`` (a shard's first), where the reader reads them again, on from there."""
         paths = getattr(self._reader, "file_paths", None)
@@ -238,7 +239,7 @@ class ItemStream:
     def held_hashes(self, stop: int, progress: bool = False, first: int = 0) -> list[tuple[str, int | None]] | None:
         """Each item's (id, BLAKE2b of its image's bytes or in-memory content, or None where it holds neither a file
         nor an image qkhooks hashes) from position ``first`` (a shard's first) to ``stop``, for the items whose image
-        is held in a map-style Hugging Face dataset, a list or tuple, a torch map-style Dataset or an iterable rather
+        is held in a Hugging Face dataset, a list or tuple, a torch map-style Dataset or an iterable rather
         than read from a file (files are in :meth:`file_paths`); None for other sources. With ``progress``, a bar
         where the hashing takes a while. A resume checks them against the hashes the run recorded."""
         held = getattr(self._reader, "held_hashes", None)
