@@ -580,7 +580,7 @@ class ReadInPassing:
 
     reads_again = True  # the images may differ from one pass to the next (a shuffling iterable, a random transform)
     _again: tuple[tuple[int, int], list[tuple[str, str | None, int | None]], Iterator[Any] | None] | None = None
-    _positional: list[str] = []  # the ids among the items read in passing named by their position alone
+    _positional: Sequence[str] = ()  # the ids among the items read in passing named by their position alone
 
     def rows(self, start: int) -> Iterator[Any]:  # pragma: no cover - each reader's own
         raise NotImplementedError
@@ -614,22 +614,22 @@ class ReadInPassing:
         if self._again is None or self._again[0] != (first, stop):
             rows = self.rows(0)
             found: list[tuple[str, str | None, int | None]] = []
-            self._positional = []
+            positional: list[str] = []
             read = 0  # the position of the item being read
             try:
                 for item in check_bar(itertools.islice(rows, stop), stop, progress):
                     if read >= first:
-                        stamp, positional = self._passing(item, read)
+                        stamp, by_position = self._passing(item, read)
                         found.append(stamp)
-                        if positional:
-                            self._positional.append(stamp[0])
+                        if by_position:
+                            positional.append(stamp[0])
                     read += 1
             except Exception as exc:  # the source's own failure (a generator failing midway): said where
                 if not isinstance(exc, QKHooksError):
                     exc.add_note(f"(while qkhooks read item {read} of the data again, to check the images a resume "
                                  "keeps)")
                 raise
-            self._again = ((first, stop), found, rows)
+            self._again, self._positional = ((first, stop), found, rows), positional
         return self._again[1]
 
     def _rows_after_check(self, start: int) -> Iterator[Any] | None:
