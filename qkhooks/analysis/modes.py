@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -392,7 +393,7 @@ def _read_run(run_path: str | os.PathLike, k: int | None, layers: Sequence[int] 
         lost = sorted({name for l in chosen for name in lost_spectrum(attrs, l)})
         if lost:  # a repaired file: which modes are null, and their cosines, are not known there
             raise QKHooksError(f"{run_path} lost {', '.join(lost)} to damage (the repair that wrote it could not copy "
-                               "them), so the modes of those layers are not known; analyze the other layers (--layers), "
+                               f"them), so {_lost_spectrum_words(lost)}; analyze the other layers (--layers), "
                                "or record the data again.")
         spectra = {l: {name: np.asarray(v) for name, v in run.spectrum_arrays(l).items()} for l in chosen}
         for l, arrays in spectra.items():  # a file without every mode's sigma/cosine: say whether it kept them all
@@ -636,6 +637,20 @@ def _baseline_images_note(state: Mapping[str, Any], n: int) -> str:
         return ""
     return (f"; the baseline covers {int(counts.min())} of the run's {n} images: the reducer checkpoint was written "
             "before the run stopped; resume the run (--resume) to fold in the rest.")
+
+
+_EVERY_MODE = re.compile(r"spectrum/L\d+/(S_all|cos_all)$")
+
+
+def _lost_spectrum_words(lost: Sequence[str]) -> str:
+    """What the analysis cannot know of layers whose ``lost`` statics a repair could not copy. Every mode's sigma and
+    cosine alone (S_all, cos_all) leave the kept modes in the copy, but not the sigma-weighted cosine over all modes
+    (anisotropy's cos_weighted) nor whether the last kept mode ties with the next (:func:`null_modes`)."""
+    if not all(_EVERY_MODE.match(name) for name in lost):
+        return "the modes of those layers are not known"
+    return ("the sigma-weighted cosine over all modes (the anisotropy table's cos_weighted) and whether a kept mode "
+            "ties with one after it (then its cosine and top images depend on the factorisation) are not known, though "
+            "the kept modes are in the file; `qkhooks spectrum MODEL` gives every mode from the weights")
 
 
 def _null_kept_modes(arrays: Mapping[str, Any]) -> np.ndarray:
