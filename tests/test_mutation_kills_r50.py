@@ -247,9 +247,9 @@ def test_only_mode_projections_and_maps_are_looked_at_for_zeroed_chunks(tmp_path
     from qkhooks.store import format as fmt
 
     with h5py.File(tmp_path / "zeros.h5", "w") as f:
-        for name in ("terms/L0/relative", "attention/L0/rows"):
+        for name in ("relative/L0", "attention/L0/rows"):
             f.create_dataset(name, data=np.zeros((3, 4, 5), np.float32), chunks=(1, 4, 5), fletcher32=True)
-        for name, named in (("terms/L0/relative", []), ("attention/L0/rows", [0, 2])):
+        for name, named in (("relative/L0", []), ("attention/L0/rows", [0, 2])):
             ds = f[name]
             raw = [np.frombuffer(ds.id.read_direct_chunk((i, 0, 0))[1], np.uint8) for i in range(3)]
             assert not any(r.any() for r in raw)  # Fletcher-32 of zeros is zero: every stored byte is zero

@@ -671,11 +671,30 @@ def drop_stale_heap_references(ds: h5py.Dataset, n: int) -> None:
     ds.resize(n, axis=0)
 
 
-NEVER_ZERO = re.compile(r"/?(modes/L\d+/(query|key)|attention/L\d+/(rows|pooled|full)|images/file_(sizes|hashes))$")
-"""The per-image arrays whose rows are never stored as zero bytes alone: attention maps (softmax rows sum to 1),
-mode projections (zero only where the layer's q/k input is, then stored as -0.0, :func:`signed_zero_rows`), and an
-image's file size (-1 for an image not from a file; an empty file does not decode) and hash (8 bytes of BLAKE2b, or
--1: 0 once in 2**64). Not its file's time or query tokens: 0 is a real value of both."""
+NEVER_ZERO = re.compile(r"/?(modes/L\d+/(query|key)|attention/L\d+/(rows|pooled|full)|terms/L\d+/\w+|"
+                        r"images/file_(sizes|hashes))$")
+"""The per-image arrays whose rows are never stored as zero bytes alone: attention maps and two-softmax terms (softmax
+rows sum to 1), mode projections (zero only where the layer's q/k input is, then stored as -0.0,
+:func:`signed_zero_rows`), and an image's file size (-1 for an image not from a file; an empty file does not decode)
+and hash (8 bytes of BLAKE2b, or -1: 0 once in 2**64). An image's file time is zero bytes only where it is a file's
+(:func:`_zero_is_damage`). Not query tokens (token 0 is the CLS row, asked by default), a relative term (zero where the
+model's tables are), masks or object labels (an image without the object): 0 is a recorded value there."""
+
+
+def _zero_is_damage(ds: h5py.Dataset, images: np.ndarray) -> np.ndarray:
+    """Which of ``images`` (rows of ``ds`` that read all zero) no recording writes as zero bytes: every row of a
+    :data:`NEVER_ZERO` array; of :data:`FILE_MTIMES` the images whose :data:`FILE_SIZES` is not a file's (-1, no file:
+    its time is -1 too; 0: itself zeroed), as a file's time may be 0 (a tar member's often is). None of them where the
+    file has no sizes or they do not read (their own read says so)."""
+    if NEVER_ZERO.match(ds.name):
+        return np.ones(len(images), dtype=bool)
+    if ds.name.strip("/") != FILE_MTIMES:
+        return np.zeros(len(images), dtype=bool)
+    try:
+        sizes = ds.file[FILE_SIZES][np.asarray(images, dtype=np.int64)]
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError):
+        return np.zeros(len(images), dtype=bool)
+    return np.asarray(sizes) <= 0
 
 
 def signed_zero_rows(name: str, value: np.ndarray) -> np.ndarray:
@@ -695,19 +714,22 @@ def signed_zero_rows(name: str, value: np.ndarray) -> np.ndarray:
 
 def zeroed_chunks(ds: h5py.Dataset, images: Sequence[int], values: np.ndarray) -> list[int]:
     """The first image of each chunk among ``images`` (read as ``values``, one row each, any selection of the other
-    axes) whose stored bytes are all zero, its checksum included, in a Fletcher-32 array of :data:`NEVER_ZERO`: mode
-    projections, attention maps, file sizes and hashes. Fletcher-32 of zero bytes is zero, so the checksum passes a
-    chunk that a zeroed disk page covered, and it would read as zeros. No image's row of these is stored as zero bytes
-    (softmax rows sum to 1; a projection row that is all zero is stored as -0.0, :func:`signed_zero_rows`), so such a
-    chunk is damage. Other arrays (a relative term, zero in a model whose bias table is, a file's time, query tokens,
-    arrays of your own) can be all zero: not looked at. Only chunks whose rows read as zeros are looked at on the disk
-    (a read of that chunk's stored bytes)."""
+    axes) whose stored bytes are all zero, its checksum included, in a Fletcher-32 array where no recording stores a
+    row as zero bytes (:func:`_zero_is_damage`: :data:`NEVER_ZERO`, and the file time of an image not from a file).
+    Fletcher-32 of zero bytes is zero, so the checksum passes a chunk that a zeroed disk page covered, and it would read
+    as zeros: such a chunk is damage. The one helper the reader, ``verify_run`` and ``repair`` ask; a merged view's
+    images are looked up in their shards (:func:`_zeroed_in_shards`). Arrays where 0 is recorded (:data:`NEVER_ZERO`
+    names them) and arrays of your own are not looked at. Only chunks whose rows read as zeros are looked at on the
+    disk (a read of that chunk's stored bytes)."""
     if ds.is_virtual:  # a merged view: each image's chunk is its shard's (the view itself has no checksum)
         return _zeroed_in_shards(ds, images, values)
-    if not (ds.fletcher32 and ds.chunks and ds.dtype.kind in "fi" and NEVER_ZERO.match(ds.name)) or not len(images):
+    if not (ds.fletcher32 and ds.chunks and ds.dtype.kind in "fi") or not len(images):
         return []
     flat = np.asarray(values).reshape(len(images), -1)
     zero = ~np.any(flat != 0, axis=1) & (flat.shape[1] > 0)
+    if not zero.any():
+        return []
+    zero[zero] = _zero_is_damage(ds, np.asarray(images)[zero])
     if not zero.any():
         return []
     rows = ds.chunks[0]
@@ -751,7 +773,7 @@ def _zeroed_in_shards(ds: h5py.Dataset, images: Sequence[int], values: np.ndarra
     (a shard that does not open is left to the view's own checks: missing, held by a writer)."""
     from qkhooks.store._hdf5 import open_read  # it imports this module
 
-    if not (ds.dtype.kind in "fi" and NEVER_ZERO.match(ds.name)) or not len(images):
+    if ds.dtype.kind not in "fi" or not len(images):  # the shard's own array says which zeros are damage
         return []
     flat = np.asarray(values).reshape(len(images), -1)
     zero = ~np.any(flat != 0, axis=1) & (flat.shape[1] > 0)
