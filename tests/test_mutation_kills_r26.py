@@ -129,8 +129,8 @@ def test_verify_of_a_run_whose_ids_chunk_fails_names_the_ids_rows_and_leaves_the
     report = verify_run(path)
     assert report.damaged == {fmt.IDS: [(0, 1)]}
     assert [p for p in report.problems if p.startswith("/")] == [
-        f"/{fmt.IDS}: row 0 does not read (their strings lie in a heap block of the file that is cut short or damaged "
-        "(HDF5 would read it without end), so they are not read)"]
+        f"/{fmt.IDS}: row 0 does not read (their strings lie in a heap block of the file whose header is damaged (or "
+        "the reference to it), which HDF5 refuses to read, so they are not read)"]
 
 
 def test_digests_in_two_chunks_one_damaged_lose_only_that_chunks_images(tmp_path):

@@ -165,56 +165,83 @@ def heap_reference_layout(run: str | os.PathLike) -> tuple[np.dtype, int] | None
     return np.dtype([("length", "<u4"), ("address", f"<u{offsets}"), ("index", "<u4")]), lengths
 
 
-def heap_walk_ends(collection: bytes, lengths: int) -> bool:
-    """Whether HDF5's walk over the objects of a global heap collection (its bytes, header included) ends at the
-    collection's end. HDF5 steps from each object to the next by the object's size and never checks the step: an
-    object of index 0 (free space) and size 0, which a zeroed disk page inside the collection leaves, keeps it in
-    place for ever (round 50: open_run, verify and repair of a run with such a page never returned); a step past the
-    end reads what follows as objects. Each object: a 2-byte index, 2-byte count, 4 reserved bytes, its size, then its
-    data padded to 8 bytes (free space: its size counts all of it)."""
+HEAP_ZEROS = ("a heap block of the file with a stretch of zeros inside (a zeroed disk page), where HDF5 would walk its "
+              "objects without end")
+HEAP_OVERRUN = "a heap block of the file whose objects run past its end, which HDF5 refuses to read"
+HEAP_NO_HEADER = "a heap block of the file whose header is damaged (or the reference to it), which HDF5 refuses to read"
+HEAP_CUT = ("a heap block of the file that runs past its end (cut short, or the block's size damaged): HDF5 would read "
+            "the missing bytes as zeros and walk them without end, or refuse it")
+HEAP_REFERENCES_CUT = "a chunk of the file that lies past its end (cut short)"
+"""What a string lies in that is never asked of HDF5 (:func:`unreadable_strings`), true to what HDF5 does with it:
+it spins on a collection it walks without end, and raises on one whose header or objects do not parse (h5py 3.16,
+HDF5 2.0: "bad global heap collection signature", "ran off end of input buffer while decoding")."""
+
+
+def heap_walk_problem(collection: bytes, lengths: int) -> str | None:
+    """Why HDF5's walk over the objects of a global heap collection (its bytes, header included) would not end at the
+    collection's end (:data:`HEAP_ZEROS`, :data:`HEAP_OVERRUN`), or None. HDF5 steps from each object to the next by
+    the object's size and never checks the step: an object of index 0 (free space) and size 0, which a zeroed disk
+    page inside the collection leaves, keeps it in place for ever (round 50: open_run, verify and repair of a run with
+    such a page never returned); a step past the end fails HDF5's check after the walk. Each object: a 2-byte index,
+    2-byte count, 4 reserved bytes, its size, then its data padded to 8 bytes (free space: its size counts all of it)."""
     head = -(-(8 + lengths) // 8) * 8
     at, end = head, len(collection)
     while at < end:
         if at + 8 + lengths > end:  # too small for an object: HDF5 takes it as free space
-            return True
+            return None
         index = int.from_bytes(collection[at:at + 2], "little")
         size = int.from_bytes(collection[at + 8:at + 8 + lengths], "little")
         step = 8 + lengths + -(-size // 8) * 8 if index else size
         if step <= 0:
-            return False
+            return HEAP_ZEROS
         at += step
-    return at == end
+    return None if at == end else HEAP_OVERRUN
 
 
-def heap_collections_readable(fh: BinaryIO, lengths: int, real_size: int) -> Callable[[int], bool]:
-    """Whether HDF5 can read the global heap collection at an address: its header ("GCOL", version, 3 reserved bytes,
-    its size) says it lies wholly in the file (``real_size`` bytes; HDF5 spins without end on one a cut tore, round
-    44) and its objects walk to its end (:func:`heap_walk_ends`). Read off its bytes in ``fh``, never through HDF5's
-    heap; memoised."""
-    readable: dict[int, bool] = {}
+def heap_walk_ends(collection: bytes, lengths: int) -> bool:
+    """Whether HDF5's walk over a collection's objects ends at its end (:func:`heap_walk_problem`)."""
+    return heap_walk_problem(collection, lengths) is None
 
-    def check(address: int) -> bool:
-        if address not in readable:
+
+def heap_collection_problems(fh: BinaryIO, lengths: int, real_size: int) -> Callable[[int], str | None]:
+    """Why HDF5 cannot read the global heap collection at an address, or None: its header ("GCOL", version, 3
+    reserved bytes, its size) is not a collection's (:data:`HEAP_NO_HEADER`), it does not lie wholly in the file
+    (``real_size`` bytes; :data:`HEAP_CUT`: HDF5 spins without end on one a cut tore, round 44), or its objects do not
+    walk to its end (:func:`heap_walk_problem`). Read off its bytes in ``fh``, never through HDF5's heap; memoised."""
+    problems: dict[int, str | None] = {}
+
+    def check(address: int) -> str | None:
+        if address not in problems:
             fh.seek(address)
             head = fh.read(8 + lengths)
             size = int.from_bytes(head[8:], "little") if len(head) == 8 + lengths else 0
-            whole = head[:4] == b"GCOL" and size > 0 and address + size <= real_size
-            if whole:
+            if head[:4] == b"GCOL" and size >= 8 + lengths and address + size > real_size:
+                problems[address] = HEAP_CUT
+            elif head[:4] != b"GCOL" or size < 8 + lengths:  # one wholly past the end reads as zeros: no header
+                problems[address] = HEAP_NO_HEADER
+            else:
                 fh.seek(address)
-                whole = heap_walk_ends(fh.read(size), lengths)
-            readable[address] = whole
-        return readable[address]
+                problems[address] = heap_walk_problem(fh.read(size), lengths)
+        return problems[address]
     return check
 
 
+def heap_collections_readable(fh: BinaryIO, lengths: int, real_size: int) -> Callable[[int], bool]:
+    """Whether HDF5 can read the global heap collection at an address (:func:`heap_collection_problems`)."""
+    problem = heap_collection_problems(fh, lengths, real_size)
+    return lambda address: problem(address) is None
+
+
 def unreadable_strings(ds: h5py.Dataset, n: int, run: str | os.PathLike, real_size: int,
-                       where: dict[int, tuple[int, int]] | None = None) -> set[int]:
+                       where: dict[int, tuple[int, int]] | None = None, why: dict[int, str] | None = None) -> set[int]:
     """The rows of the first ``n`` of a variable-length string dataset (the ids, the skipped list) whose string lies
     in a heap collection HDF5 cannot read without end (:func:`heap_collections_readable`: cut short, or with a zeroed
     page inside), or whose chunk is not wholly in the file (``real_size`` bytes): HDF5 is never asked for them. Read
     off the chunks' raw bytes (each element: a 4-byte length, the collection's address, a 4-byte index), placed by
-    ``where`` ({first row: (offset, size)}, from one walk of the chunk index) or else asked of HDF5 chunk by chunk."""
+    ``where`` ({first row: (offset, size)}, from one walk of the chunk index) or else asked of HDF5 chunk by chunk.
+    ``why``: filled with what each such row's string lies in (:data:`HEAP_CUT`, ...), for the words that name it."""
     layout = heap_reference_layout(run)
+    why = {} if why is None else why
     if layout is None or not ds.chunks or not ds.dtype.hasobject or ds.id.get_create_plist().get_nfilters():
         return set()  # not the layout qkhooks writes
     reference, lengths = layout
@@ -222,7 +249,7 @@ def unreadable_strings(ds: h5py.Dataset, n: int, run: str | os.PathLike, real_si
     rows = min(n, ds.shape[0])
     unreadable: set[int] = set()
     with open(run, "rb") as fh:
-        collection_readable = heap_collections_readable(fh, lengths, real_size)
+        collection_problem = heap_collection_problems(fh, lengths, real_size)
         for first in range(0, rows, rows_per_chunk):
             last = min(first + rows_per_chunk, rows)
             try:
@@ -235,13 +262,16 @@ def unreadable_strings(ds: h5py.Dataset, n: int, run: str | os.PathLike, real_si
                 offset, size = None, 0
             if offset is None or offset + size > real_size:
                 unreadable.update(range(first, last))  # the references themselves are not in the file (or unplaced)
+                why.update(dict.fromkeys(range(first, last), HEAP_REFERENCES_CUT))
                 continue
             fh.seek(offset)
             refs = np.frombuffer(fh.read((last - first) * width * reference.itemsize), reference).reshape(-1, width)
             used = refs["address"] > 0  # an empty string is in its collection too (HDF5 reads it); 0: none written
             for address in np.unique(refs["address"][used]).tolist():
-                if not collection_readable(address):
-                    unreadable.update((first + np.flatnonzero((used & (refs["address"] == address)).any(axis=1))).tolist())
+                if (problem := collection_problem(address)) is not None:
+                    rows = (first + np.flatnonzero((used & (refs["address"] == address)).any(axis=1))).tolist()
+                    unreadable.update(rows)
+                    why.update(dict.fromkeys(rows, problem))
     return unreadable
 
 

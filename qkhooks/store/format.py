@@ -472,16 +472,17 @@ def read_ids(f: h5py.File, n: int) -> list[str]:
     """The first ``n`` image ids of a run file (an id that is not UTF-8 raises DamagedRunError naming it). In a run
     with :data:`ID_DIGESTS` each id is checked against its digest first: a mismatch, or fewer digests than ids, raises
     :class:`~qkhooks.store._hdf5.DamagedRunError` naming the image (a digest chunk failing its own checksum raises
-    HDF5's OSError). An id in a heap collection HDF5 would read without end (cut short, a zeroed page inside:
+    HDF5's OSError). An id in a heap collection HDF5 cannot read (cut short, a zeroed page inside, a damaged header:
     :func:`~qkhooks.store._hdf5.unreadable_strings`) is never asked of it: an OSError naming the first."""
     from qkhooks.store._hdf5 import unreadable_strings  # it imports this module
 
     ds = f[IDS]
     # a writer's own handle (RunWriter.ids) may hold heap blocks not yet on disk: read off the disk by readers only
-    lost = unreadable_strings(ds, n, f.filename, os.path.getsize(f.filename)) if f.mode == "r" else set()
+    why: dict[int, str] = {}
+    lost = unreadable_strings(ds, n, f.filename, os.path.getsize(f.filename), why=why) if f.mode == "r" else set()
     if lost:
         raise OSError(f"image {min(lost)}'s id" + (f" and {len(lost) - 1} more" if len(lost) > 1 else "") +
-                      " lie in a heap block of the file that is cut short or damaged (HDF5 would read it without end)")
+                      f" lie in {why[min(lost)]}")
     raw = ds[:n]
     if ID_DIGESTS in f:  # ``in``, not ``get`` (None for any error): damaged digests raise, never skip the check
         stored = f[ID_DIGESTS][:n]

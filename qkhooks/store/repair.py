@@ -473,9 +473,10 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
     where = _chunk_locations(ds) if ds.chunks else None
     # strings in a heap collection HDF5 would read without end (cut short, a zeroed page inside) are never asked of it
     heap_lost = np.zeros(rows, dtype=bool)
+    heap_why: dict[int, str] = {}  # what each such row's string lies in
     garbled: set[int] = set()  # rows of strings that read but are not UTF-8
     if ds.dtype.hasobject:
-        heap_lost[sorted(unreadable_strings(ds, rows, ds.file.filename, real_size, where))] = True
+        heap_lost[sorted(unreadable_strings(ds, rows, ds.file.filename, real_size, where, heap_why))] = True
 
     def problem(lo: int, hi: int, located: bool = True) -> str | None:
         """Why rows [lo, hi), in whole chunks (or rows :func:`_rows_inside` placed: ``located``), do not read; None
@@ -537,12 +538,10 @@ def _failing_rows(ds: h5py.Dataset, n: int, real_size: int, decode: bool = True,
     if heap_lost.any() or garbled:
         failing = fmt.row_spans(sorted({row for lo, hi in failing for row in range(lo, hi)}
                                        | set(np.flatnonzero(heap_lost).tolist()) | garbled))
-        why = why or (_HEAP_LOST if heap_lost.any() else f"their strings are {fmt.NOT_TEXT}")
+        lost_first = int(np.flatnonzero(heap_lost)[0]) if heap_lost.any() else None
+        why = why or (f"their strings lie in {heap_why[lost_first]}, so they are not read" if lost_first is not None
+                      else f"their strings are {fmt.NOT_TEXT}")
     return failing, why
-
-
-_HEAP_LOST = ("their strings lie in a heap block of the file that is cut short or damaged (HDF5 would read it without "
-             "end), so they are not read")
 
 
 def _rows_not_text(lo: int, block: np.ndarray) -> set[int]:
