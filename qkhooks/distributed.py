@@ -407,6 +407,9 @@ def _write_merged(f: h5py.File, out: Path, shards: list[_Shard], templates: Mapp
     for key, value in first.file.attrs.items():
         if key not in (fmt.FORMAT_ATTR, fmt.ATTR_DIGESTS):  # the merged file's format and digests are its own
             f.attrs[key] = value
+    oldest = min(fmt.format_number(s.attrs) for s in shards)
+    if oldest < fmt.FORMAT:  # its rows are the shards' (a copy's too): it says the oldest rules any was written under
+        f.attrs[fmt.FORMAT_ATTR] = np.int64(oldest)  # (format 4's: zero rows, format.zero_chunk_may_be_true)
     config = dict(first.config, shard=None)
     config.pop(fmt.UNCHECKED_RESUMES, None)
     unchecked = [entry for s in shards for entry in s.config.get(fmt.UNCHECKED_RESUMES, [])]

@@ -73,7 +73,7 @@ def test_a_new_run_a_merge_and_a_repair_carry_the_current_format_with_every_root
     for name in ("merged.h5", "fixed.h5", shard_path(tmp_path / "merged.h5", 0, 2).name):
         with h5py.File(tmp_path / name, "r") as f:
             value = f.attrs[fmt.FORMAT_ATTR]
-            assert isinstance(value, np.integer) and int(value) == fmt.FORMAT == 3, name
+            assert isinstance(value, np.integer) and int(value) == fmt.FORMAT == 4, name
             info = h5py.h5o.get_info(f.id)
             assert info.num_attrs == len(f.attrs) == 10, name  # 9, and the attributes' digests (round 39, --checksum)
             # compact storage: no attribute heap or name index, every attribute a message of the root's header

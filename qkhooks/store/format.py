@@ -29,12 +29,12 @@ import numpy as np
 from qkhooks.access import LayerGeometry
 from qkhooks.errors import QKHooksError
 
-__all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "describe_format", "IDS", "ID_DIGESTS", "ID_DIGEST_BYTES", "id_digests", "mismatched_ids", "create_id_digests", "id_datasets", "SKIPPED", "FILE_SIZES", "FILE_MTIMES", "FILE_HASHES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
+__all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "format_number", "describe_format", "IDS", "ID_DIGESTS", "ID_DIGEST_BYTES", "id_digests", "mismatched_ids", "create_id_digests", "id_datasets", "SKIPPED", "FILE_SIZES", "FILE_MTIMES", "FILE_HASHES", "lock_path", "checkpoint_path", "remove_run", "committed", "set_committed", "CommittedCount",
            "datasets", "per_image_datasets", "layout_problems",
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "STATE_ATTRS", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
-           "identity_of", "rewritable", "as_str", "not_text", "NOT_TEXT", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "signed_zero_rows", "view_sources", "view_source_at", "zeroed_chunks", "zeroed_chunk_words", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
+           "identity_of", "rewritable", "as_str", "not_text", "NOT_TEXT", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "signed_zero_rows", "SIGNED_ZERO_ROWS_FORMAT", "zero_chunk_may_be_true", "MAY_BE_TRUE_ZEROS", "view_sources", "view_source_at", "zeroed_chunks", "zeroed_chunk_words", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
            "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
            "unsealed_attrs", "QKHOOKS_ATTR_NAMES", "digest_matches"]
@@ -43,14 +43,16 @@ FORMAT_ATTR = "qkhooks_format"
 """Root attribute: the run file's format number, an integer written when the file is created (the writer's layout, a
 merge, a repair: :func:`qkhooks.store._hdf5.create_run_file`) and never changed after (a resume keeps the file's own
 layout, and so its number). Files without it are of the formats before it (0)."""
-FORMAT = 3
+FORMAT = 4
 """The format this qkhooks writes: 1 is the layout of round 24 (``/images/id_digests`` in checksummed runs), 2 that of
 round 39 (:data:`FILE_MTIMES` and :data:`FILE_HASHES` in runs of data read from files: a resume by a qkhooks of format 1 would refuse its
 first batch for lacking it, after cutting the file back to its checkpoint, where a newer format is refused before
 anything is touched; and :data:`ATTR_DIGESTS` in checksummed runs, which a writer that does not know them would leave
 stale, so that every reader refuses the file), 3 that of round 40 (:data:`FILE_SIZES`, :data:`FILE_MTIMES` and
 :data:`FILE_HASHES` in every streamed run: a resume by a qkhooks of format 2 cut such a run back to its checkpoint,
-then refused its first batch for lacking them, telling the user to start again with --overwrite). Raise it
+then refused its first batch for lacking them, telling the user to start again with --overwrite), 4 that of round 51
+(:data:`SIGNED_ZERO_ROWS_FORMAT`: a true all-zero mode projection row stored as -0.0, never as zero bytes, which a
+writer of before round 50 still appended, and which every reader of a format-4 file refuses as a zeroed page). Raise it
 when a writer of the format before would leave a file of the new one inconsistent (round 24's digests: an older
 resume appends ids without them, which then read as damage). A writer (a resume, a merge, a repair) refuses a newer
 format (:func:`refuse_newer_format`), as does ``verify_run``, whose verdict stands on the layout's rules. Readers read
@@ -167,6 +169,12 @@ def refuse_newer_format(attrs: Mapping[str, Any], path: str | os.PathLike, doing
 def _is_format_number(value: Any) -> bool:
     """Whether a :data:`FORMAT_ATTR` value is one qkhooks writes: a non-negative integer (not a bool)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 0
+
+
+def format_number(attrs: Mapping[str, Any]) -> int:
+    """The format of a file with root attributes ``attrs``: 0 without a number (or with one qkhooks never writes)."""
+    number = attrs.get(FORMAT_ATTR)
+    return int(number) if _is_format_number(number) else 0
 
 
 def describe_format(attrs: Mapping[str, Any]) -> str:
@@ -682,6 +690,27 @@ and hash (8 bytes of BLAKE2b, or -1: 0 once in 2**64). An image's file time is z
 model's tables are), masks or object labels (an image without the object): 0 is a recorded value there."""
 
 
+SIGNED_ZERO_ROWS_FORMAT = 4
+"""The first format whose every writer stores a true all-zero row of a :data:`NEVER_ZERO` array as -0.0
+(:func:`signed_zero_rows`; round 50's writer did so still at format 3). In a file of an older format a chunk of mode
+projections of zero bytes may be a true zero row, which nothing in the file tells from a zeroed page
+(:func:`zero_chunk_may_be_true`)."""
+_TRUE_ZERO_ROWS = re.compile(r"/?modes/L\d+/(query|key)$")
+"""The :data:`NEVER_ZERO` arrays a recording can fill with zeros (a layer whose q/k input is zero); maps, terms and file
+columns never are."""
+
+
+def zero_chunk_may_be_true(ds: h5py.Dataset) -> bool:
+    """Whether a chunk of ``ds`` that :func:`zeroed_chunks` finds may hold true zero rows: mode projections of a file
+    of a format before :data:`SIGNED_ZERO_ROWS_FORMAT` (or whose number does not read), written as zero bytes."""
+    if not _TRUE_ZERO_ROWS.match(ds.name):
+        return False
+    try:
+        return format_number(ds.file.attrs) < SIGNED_ZERO_ROWS_FORMAT
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError):
+        return True
+
+
 def _zero_is_damage(ds: h5py.Dataset, images: np.ndarray) -> np.ndarray:
     """Which of ``images`` (rows of ``ds`` that read all zero) no recording writes as zero bytes: every row of a
     :data:`NEVER_ZERO` array; of :data:`FILE_MTIMES` the images whose :data:`FILE_SIZES` is not a file's (-1, no file:
@@ -794,8 +823,15 @@ def _zeroed_in_shards(ds: h5py.Dataset, images: Sequence[int], values: np.ndarra
     return sorted(found)
 
 
+MAY_BE_TRUE_ZEROS = "it may be true zero rows"
+"""The words of :func:`zeroed_chunk_words` for a chunk that may be true zeros: ``verify_run`` lists such lines apart
+from damage."""
+
+
 def zeroed_chunk_words(ds: h5py.Dataset, first: int) -> str:
-    """What :func:`zeroed_chunks` found, in words (in a merged view: the shard that holds the chunk, and its row)."""
+    """What :func:`zeroed_chunks` found, in words: damage, or where it may be true zeros
+    (:func:`zero_chunk_may_be_true`) either, and how to tell; in a merged view, the shard that holds the chunk and its
+    row too."""
     from qkhooks.store._hdf5 import open_read  # it imports this module
 
     source = view_source_at(ds, first)
@@ -806,6 +842,13 @@ def zeroed_chunk_words(ds: h5py.Dataset, first: int) -> str:
                     f"{zeroed_chunk_words(shard[name], row)}")
     rows = ds.chunks[0]
     which = f"image {first}'s chunk" if rows == 1 else f"the chunk of images {first}-{first + rows - 1}"
+    if zero_chunk_may_be_true(ds):
+        return (f"{which} of its array {ds.name} holds only zero bytes, its Fletcher-32 checksum too: {MAY_BE_TRUE_ZEROS}, which a run written before format {SIGNED_ZERO_ROWS_FORMAT} (qkhooks before round 51; this "
+                f"file's format: {describe_format(ds.file.attrs)}) stored as zero bytes where a layer's q/k input is "
+                "zero (its norm's weight and bias zero: then every image's rows of that layer are zero), or a disk "
+                "page zeroed over it; the checksum cannot tell which. `qkhooks info --verify` lists every such chunk: "
+                "where they are all the layer's images, they are most likely that layer's true zeros, which h5py "
+                "reads; else record those images again")
     return (f"{which} of its array {ds.name} holds only zero bytes, its Fletcher-32 checksum too, which the checksum "
             "cannot tell from a disk page zeroed over it (a recorded row is never stored as zero bytes)")
 

@@ -355,9 +355,13 @@ class RunArray:
             return
         path, words = Path(self.dataset.file.filename), fmt.zeroed_chunk_words(self.dataset, zeroed[0])
         source = fmt.view_source_at(self.dataset, zeroed[0])
-        if source is None:
+        shard = None if source is None else path.parent / source[0]  # repair refuses a view: the shard is what to repair
+        if fmt.MAY_BE_TRUE_ZEROS in words:  # not known to be damage: said so, still not read
+            raise QKHooksError(f"{path}: {words}; not read, as its rows are not known to be those recorded "
+                               f"(`qkhooks repair {shard or path} --out FIXED.h5` copies every other image"
+                               f"{'' if shard is None else ', then merge again with the copy in its place'}).")
+        if shard is None:
             raise QKHooksError(damaged_message(path, words))
-        shard = path.parent / source[0]  # repair refuses a view: the shard is what to repair
         raise QKHooksError(
             f"{path} is a merged view, and the shard it reads that image from is damaged ({words}): run `qkhooks "
             f"repair {shard} --out FIXED.h5` (it leaves that image out), then merge again with the fixed shard in "

@@ -815,8 +815,11 @@ class VerifyReport:
                   "attribute of that name, so it is accepted and not checked)" for name in self.unsealed]
         lines.append("reducers " + (", ".join(self.states) + " load" if self.states else "no saved state"))
         lines += [f"resume   {p}" for p in self.resumable]
-        lines += [f"damaged  {p}" for p in self.problems]
-        if self.problems:
+        lines += [f"{'unsure ' if fmt.MAY_BE_TRUE_ZEROS in p else 'damaged'}  {p}" for p in self.problems]
+        if self.problems and all(fmt.MAY_BE_TRUE_ZEROS in p for p in self.problems):  # a run before format 4
+            lines.append("result   NOT VOUCHED FOR: the chunks named above may be true zero rows or zeroed disk pages "
+                         "(their lines say how to tell); every other part read")
+        elif self.problems:
             lines.append(f"result   DAMAGED: {fix}")
         elif self.resumable:
             lines.append("result   every committed part read; the part named above is half-written (its line says "
