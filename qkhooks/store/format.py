@@ -34,7 +34,7 @@ __all__ = ["FORMAT", "FORMAT_ATTR", "refuse_newer_format", "format_number", "des
            "read_states", "states_and_problem", "id_problem", "LOST_STATICS", "lost_statics", "lost_spectrum",
            "write_checkpoint", "read_checkpoint", "checkpoint_problem",
            "write_states_into", "STATE_ATTRS", "resume_point", "config_differences", "INFO_SCHEMA_VERSION", "layer_geometry", "geometry_gap", "run_id_of",
-           "identity_of", "rewritable", "as_str", "not_text", "NOT_TEXT", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "signed_zero_rows", "SIGNED_ZERO_ROWS_FORMAT", "zero_chunk_may_be_true", "MAY_BE_TRUE_ZEROS", "view_sources", "view_source_at", "zeroed_chunks", "zeroed_chunk_words", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
+           "identity_of", "rewritable", "as_str", "not_text", "NOT_TEXT", "read_ids", "read_skipped", "read_skipped_rows", "row_spans", "span_words", "skipped_loss_words", "readable_skipped_rows", "drop_stale_heap_references", "signed_zero_rows", "SIGNED_ZERO_ROWS_FORMAT", "zero_chunk_may_be_true", "MAY_BE_TRUE_ZEROS", "SIGNED_FROM_FORMAT_4", "view_sources", "view_source_at", "zeroed_chunks", "zeroed_chunk_words", "chunk_index_readable", "ARRAYS_ATTR", "IDENTITY",
            "SHARD_RUNS", "ATTR_DIGESTS", "UNSEALED_ATTRS", "attr_digests", "seal_attrs", "stored_attr_digests",
            "attr_digest_problems", "failing_attrs", "attr_damage_message", "attr_words", "attr_value_digest",
            "unsealed_attrs", "QKHOOKS_ATTR_NAMES", "digest_matches"]
@@ -686,8 +686,9 @@ NEVER_ZERO = re.compile(r"/?(modes/L\d+/(query|key)|attention/L\d+/(rows|pooled|
 rows sum to 1), mode projections (zero only where the layer's q/k input is, then stored as -0.0,
 :func:`signed_zero_rows`), and an image's file size (-1 for an image not from a file; an empty file does not decode)
 and hash (8 bytes of BLAKE2b, or -1: 0 once in 2**64). An image's file time is zero bytes only where it is a file's
-(:func:`_zero_is_damage`). Not query tokens (token 0 is the CLS row, asked by default), a relative term (zero where the
-model's tables are), masks or object labels (an image without the object): 0 is a recorded value there."""
+(:func:`_zero_is_damage`), a relative term's only since format 4 (:data:`SIGNED_FROM_FORMAT_4`). Not query tokens
+(token 0 is the CLS row, asked by default), masks or object labels (an image without the object): 0 is a recorded
+value there, with no -0 to tell it by."""
 
 
 SIGNED_ZERO_ROWS_FORMAT = 4
@@ -711,13 +712,21 @@ def zero_chunk_may_be_true(ds: h5py.Dataset) -> bool:
         return True
 
 
+SIGNED_FROM_FORMAT_4 = re.compile(r"/?relative/L\d+$")
+"""Per-image arrays a recording can fill with zeros (a relative term, where the model's tables are zero) whose zero
+rows are stored as -0.0 since format 4 (:func:`signed_zero_rows`): a chunk of zero bytes is damage in a file of that
+format, and unchecked in older ones, whose writers stored +0.0."""
+
+
 def _zero_is_damage(ds: h5py.Dataset, images: np.ndarray) -> np.ndarray:
     """Which of ``images`` (rows of ``ds`` that read all zero) no recording writes as zero bytes: every row of a
-    :data:`NEVER_ZERO` array; of :data:`FILE_MTIMES` the images whose :data:`FILE_SIZES` is not a file's (-1, no file:
+    :data:`NEVER_ZERO` array, and of a :data:`SIGNED_FROM_FORMAT_4` one in a file of format 4; of :data:`FILE_MTIMES` the images whose :data:`FILE_SIZES` is not a file's (-1, no file:
     its time is -1 too; 0: itself zeroed), as a file's time may be 0 (a tar member's often is). None of them where the
     file has no sizes or they do not read (their own read says so)."""
     if NEVER_ZERO.match(ds.name):
         return np.ones(len(images), dtype=bool)
+    if SIGNED_FROM_FORMAT_4.match(ds.name):
+        return np.full(len(images), format_number(ds.file.attrs) >= SIGNED_ZERO_ROWS_FORMAT)
     if ds.name.strip("/") != FILE_MTIMES:
         return np.zeros(len(images), dtype=bool)
     try:
@@ -728,11 +737,12 @@ def _zero_is_damage(ds: h5py.Dataset, images: np.ndarray) -> np.ndarray:
 
 
 def signed_zero_rows(name: str, value: np.ndarray) -> np.ndarray:
-    """``value`` (one row an image) as array ``name`` stores it: in a :data:`NEVER_ZERO` array, each row that reads
+    """``value`` (one row an image) as array ``name`` stores it: in a :data:`NEVER_ZERO` or
+    :data:`SIGNED_FROM_FORMAT_4` array, each row that reads
     all zero as -0.0, which equals 0.0 in every comparison and sum but is not zero bytes, so :func:`zeroed_chunks`
     tells a recorded zero row (a layer whose q/k input is zero: its norm's weight and bias zero) from a zeroed disk
     page, which it refuses."""
-    if value.dtype.kind != "f" or not value.size or not NEVER_ZERO.match(name):
+    if value.dtype.kind != "f" or not value.size or not (NEVER_ZERO.match(name) or SIGNED_FROM_FORMAT_4.match(name)):
         return value
     zero = ~value.reshape(len(value), -1).any(axis=1)
     if not zero.any():
@@ -745,7 +755,8 @@ def signed_zero_rows(name: str, value: np.ndarray) -> np.ndarray:
 def zeroed_chunks(ds: h5py.Dataset, images: Sequence[int], values: np.ndarray) -> list[int]:
     """The first image of each chunk among ``images`` (read as ``values``, one row each, any selection of the other
     axes) whose stored bytes are all zero, its checksum included, in a Fletcher-32 array where no recording stores a
-    row as zero bytes (:func:`_zero_is_damage`: :data:`NEVER_ZERO`, and the file time of an image not from a file).
+    row as zero bytes (:func:`_zero_is_damage`: :data:`NEVER_ZERO`, the file time of an image not from a file, a
+    relative term since format 4).
     Fletcher-32 of zero bytes is zero, so the checksum passes a chunk that a zeroed disk page covered, and it would read
     as zeros: such a chunk is damage. The one helper the reader, ``verify_run`` and ``repair`` ask; a merged view's
     images are looked up in their shards (:func:`_zeroed_in_shards`). Arrays where 0 is recorded (:data:`NEVER_ZERO`

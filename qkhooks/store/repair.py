@@ -230,7 +230,8 @@ def _copy(src: h5py.File, dst: h5py.File, run: Path, out: Path, real_size: int) 
         for start in range(0, len(keep), 256):
             rows = keep[start:start + 256]
             _refuse_disk_filled(run, out, name, len(rows) * row)
-            copy[start:start + len(rows)] = ds[rows] if len(rows) else ds[:0]
+            # rows that passed the source's checks: a zero row as format 4 stores it (-0.0), as the copy is of format 4
+            copy[start:start + len(rows)] = fmt.signed_zero_rows(name, ds[rows]) if len(rows) else ds[:0]
         copy.attrs["per_image"] = True
     images.attrs[fmt.ARRAYS_ATTR] = json.dumps(sorted(arrays))
     _copy_statics(src, dst, problems, attrs_outside, real_size)
