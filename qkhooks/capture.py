@@ -229,9 +229,12 @@ class Recording:
             spectra = []
             given_tops = [int(g.num_modes) for g in by_layer.values() if g.truncated]  # spectrum=...top(k): k a head
             refuse_maps_only_modes(self.sites)
+            # views of each layer's W_q/W_k, sliced once: compared here with the spectrum cache's copy, kept for the
+            # check before each batch
+            live = [live_qk_tensors(site) for site in self.sites]
             # on a GPU: one device read for every cached spectrum's weights check, not one per layer
-            with cached_weights_checked(self.sites):
-                for site in self.sites:
+            with cached_weights_checked(self.sites, live):
+                for site, views in zip(self.sites, live):
                     from_qk = qk_path and input == "normed" and _full_precision_qk(site, compute_dtype)
                     given = by_layer.get(site.layer)
                     # the spectrum cache's copy is checked here once: by layer_spectrum when no spectrum was given,
@@ -242,7 +245,7 @@ class Recording:
                     self._entry_modes[site.layer] = at_entry
                     spec = at_entry.own
                     self._weights_at_entry[site.layer] = weights_state(site, vouched)
-                    self._live_weights[site.layer] = live_qk_tensors(site)  # views: compared each batch in place
+                    self._live_weights[site.layer] = views  # compared each batch in place
                     self._params_at_entry[site.layer] = [(n, weakref.ref(p)) for n, p in site.module.named_parameters()]
                     spectra.append(spec)
                     if isinstance(projector, QKPathProjector):
@@ -1357,17 +1360,18 @@ def structure_key(model: nn.Module) -> tuple:
     table or norm), a Hugging Face config's plain settings (``_attn_implementation`` is changed in place), and the
     adapter registry. ~1 ms on ViT-S."""
     key: list[Any] = [adapter_ids()]
+    append = key.append  # one pass over each module's attributes (items: no second lookup, no list of names)
     for module in model.modules():
-        key.append((id(module), type(module)))
-        attributes = module.__dict__
-        for name in [name for name in attributes if name not in _TORCH_REGISTRIES]:
-            value = attributes[name]
+        append((id(module), type(module)))
+        for name, value in module.__dict__.items():
+            if name in _TORCH_REGISTRIES:
+                continue
             if isinstance(value, _SETTINGS):
-                key.append((name, value))
+                append((name, value))
             elif not isinstance(value, dict):  # torch's own registries (_modules, hooks, ...) are walked or not read
-                key.append((name, id(value)))
+                append((name, id(value)))
                 if type(value).__name__.endswith("Config"):
-                    key.append(tuple((k, v) for k, v in vars(value).items() if isinstance(v, _SETTINGS)))
+                    append(tuple((k, v) for k, v in vars(value).items() if isinstance(v, _SETTINGS)))
     return tuple(key)
 
 

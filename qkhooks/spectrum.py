@@ -604,27 +604,33 @@ def _compared_on_device(t: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def cached_weights_checked(sites: Sequence[AttentionSite]) -> Iterator[None]:
+def cached_weights_checked(sites: Sequence[AttentionSite],
+                           live: Sequence[tuple[torch.Tensor, ...] | None] | None = None) -> Iterator[None]:
     """Within the block, ``layer_spectrum`` of these ``sites`` takes its cached-weights verdict from one comparison of
     the spectrum cache's copies of W_q/W_k with the weights now, for all ``sites`` together (:func:`weights_unchanged`:
     on a GPU one read of the device instead of one ``torch.equal`` a layer, each of which makes the host wait for every
     kernel queued: entering ``record()`` per batch stalled the forward of the batch before it once per layer). The
-    verdicts are dropped when the block ends."""
+    verdicts are dropped when the block ends. ``live``: per site, its :func:`live_qk_tensors` taken just before (the
+    recording keeps them for its per-batch check), compared in place instead of sliced off the weights again."""
     outer = getattr(_VERDICTS, "by_module", None)
-    _VERDICTS.by_module = _cache_verdicts(sites)
+    _VERDICTS.by_module = _cache_verdicts(sites, live)
     try:
         yield
     finally:
         _VERDICTS.by_module = outer
 
 
-def _cache_verdicts(sites: Sequence[AttentionSite]) -> dict[Any, tuple[tuple | None, bool]]:
+def _cache_verdicts(sites: Sequence[AttentionSite],
+                    live: Sequence[tuple[torch.Tensor, ...] | None] | None = None) -> dict[Any, tuple[tuple | None, bool]]:
     """Module -> (its weights key, whether the cache's copy still holds its weights) for every cached site; a module
-    with several sites gets none (each site reads its own tensors)."""
+    with several sites gets none (each site reads its own tensors). ``live``: see :func:`cached_weights_checked`."""
     seen = collections.Counter(s.module for s in sites if s.module is not None)
-    pairs = [(_SPECTRUM_CACHE[s.module][0], s) for s in sites
-             if s.module is not None and seen[s.module] == 1 and s.module in _SPECTRUM_CACHE]
-    return {site.module: (state[0], same) for (state, site), same in zip(pairs, weights_unchanged(pairs))}
+    views = list(live) if live is not None else [None] * len(sites)
+    chosen = [(_SPECTRUM_CACHE[s.module][0], s, view) for s, view in zip(sites, views, strict=True)
+              if s.module is not None and seen[s.module] == 1 and s.module in _SPECTRUM_CACHE]
+    pairs = [(state, site) for state, site, _ in chosen]
+    same = weights_unchanged(pairs, [view for _, _, view in chosen])
+    return {site.module: (state[0], verdict) for (state, site), verdict in zip(pairs, same)}
 
 
 def weights_unchanged(pairs: Sequence[tuple[WeightsState, AttentionSite]],
