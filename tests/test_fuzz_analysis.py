@@ -112,6 +112,16 @@ def make_case(seed: int, min_images: int = 3, max_images: int = 9) -> Case:
         for name, p in model.named_parameters():
             if name.endswith("bias") or "token" in name or "embed" in name:
                 p.normal_(0, 0.5)
+    if rng.integers(0, 4) == 0:  # a pruned head: one head's W_q or W_k rows zero (sigma = 0, null modes)
+        layer, head, side = int(rng.integers(0, depth)), int(rng.integers(0, heads)), int(rng.integers(0, 2))
+        with torch.no_grad():
+            if family.startswith("timm"):
+                qkv = model.blocks[layer].attn.qkv.weight
+                qkv[side * d + head * head_dim: side * d + (head + 1) * head_dim] = 0
+            else:
+                name = "q_proj" if side == 0 else "k_proj"
+                lin = [m for n_, m in model.named_modules() if n_.endswith(name)][layer]
+                lin.weight[head * head_dim:(head + 1) * head_dim] = 0
     n = int(rng.integers(min_images, max_images + 1))
     images = torch.from_numpy(rng.normal(size=(n, 3, grid[0] * patch, grid[1] * patch)).astype(np.float32))
     return Case(seed, model, family, prefix, grid, patch, heads, head_dim, depth, images)
@@ -269,8 +279,9 @@ def assert_same_ranking(got_index: np.ndarray, got_score: np.ndarray, ref: np.nd
     tol = 2e-5 * scale
     np.testing.assert_allclose(got_score, ref[order], rtol=0, atol=tol, err_msg=what)
     np.testing.assert_allclose(ref[got_index], got_score, rtol=0, atol=tol, err_msg=what)
-    for j, (g, r) in enumerate(zip(got_index, order)):
-        assert g == r or abs(ref[g] - ref[r]) <= 2 * tol, f"{what}: slot {j} holds image {g}, numpy ranks {r} there"
+    for j, (g, r) in enumerate(zip(got_index, order)):  # an exact tie (copies, scores of 0) goes to the lower index
+        assert g == r or (ref[g] != ref[r] and abs(ref[g] - ref[r]) <= 2 * tol), \
+            f"{what}: slot {j} holds image {g}, numpy ranks {r} there"
 
 
 def signed_scores_np(q: np.ndarray, k: np.ndarray, prefix: int) -> np.ndarray:
@@ -380,12 +391,16 @@ def record_case(case: Case, splits: list[slice], modes: Any, target: torch.Tenso
         return run.qk_spectrum
 
 
-def hand_batches(col: Collect, order: list[slice], prefix: int, grid: tuple[int, int]):
-    """The collected batch, re-cut into ``order``'s slices (in that order), as BatchCaptures with global offsets."""
+def hand_batches(col: Collect, order: list[slice], prefix: int, grid: tuple[int, int], copies: dict[int, int]):
+    """The collected batch, re-cut into ``order``'s slices (in that order), as BatchCaptures with global offsets;
+    image ``i`` of ``copies`` replaced by an exact copy of image ``copies[i]`` (ties in every score)."""
     layers = sorted(col.batches[0]["layers"])
     whole = {l: {name: col.cat(l, name) for name in ("query", "key", "rows", "inputs")} for l in layers}
     tg = torch.cat([b["target_grid"] for b in col.batches])
     dg = torch.cat([b["distractor_grid"] for b in col.batches])
+    for dst, src in copies.items():
+        for t in (tg, dg, *(v for parts in whole.values() for v in parts.values())):
+            t[dst] = t[src]
     for sl in order:
         size = sl.stop - sl.start
         caps = {l: LayerCapture(l, size, inputs=whole[l]["inputs"][sl], query=whole[l]["query"][sl],
@@ -425,7 +440,8 @@ def test_spectrum_is_the_dense_svd_of_each_heads_form(seed):
         assert (pick > 0).all(), case
         cos_ref = np.einsum("hdk,hdk->hk", U, V)
         np.testing.assert_allclose(np.asarray(layer.cos)[apart], cos_ref[apart], atol=1e-4, err_msg=repr(case))
-        weighted = (S / S.sum(1, keepdims=True) * np.einsum("hdk,hdk->hk", u, v)).sum(1)
+        with np.errstate(invalid="ignore"):  # a pruned head: no weights, NaN
+            weighted = (S / S.sum(1, keepdims=True) * np.einsum("hdk,hdk->hk", u, v)).sum(1)
         np.testing.assert_allclose(np.asarray(layer.cosine_weighted, np.float64), weighted, atol=1e-5,
                                    err_msg=repr(case))
 
@@ -519,11 +535,12 @@ def test_recorded_maps_topk_preference_and_anisotropy_equal_numpy_in_any_batchin
 
     # the same captured numbers re-cut, shuffled, split across reducers, merged and saved: the one-batch result
     whole = [slice(0, n)]
+    copies = {int(i): int(rng.integers(0, n)) for i in rng.choice(n, size=int(rng.integers(0, n)), replace=False)}
     one = {}
     for name, build in (("topk", lambda: TopKModes(k=k, map_dtype="float32")), ("pref", PreferenceReducer),
                         ("aniso", AnisotropyReducer)):
         r = build()
-        for batch in hand_batches(col, whole, case.prefix, case.grid):
+        for batch in hand_batches(col, whole, case.prefix, case.grid, copies):
             r.update(batch)
         one[name] = r
     cuts = random_splits(rng, n)
@@ -537,7 +554,7 @@ def test_recorded_maps_topk_preference_and_anisotropy_equal_numpy_in_any_batchin
     for name, build in (("topk", lambda: TopKModes(k=k, map_dtype=map_dtype)), ("pref", PreferenceReducer),
                         ("aniso", AnisotropyReducer)):
         a, b = build(), build()
-        for i, batch in enumerate(hand_batches(col, order, case.prefix, case.grid)):
+        for i, batch in enumerate(hand_batches(col, order, case.prefix, case.grid, copies)):
             if i == half and i:  # a saved state continued mid-way
                 a = Reducer.from_state(a.saved_state())
             (a if i < half else b).update(batch)
@@ -549,6 +566,16 @@ def test_recorded_maps_topk_preference_and_anisotropy_equal_numpy_in_any_batchin
         what = f"{case}, {name}, order={[(s.start, s.stop) for s in order]}, half={half}"
         if name == "topk":
             got, ref = topk_arrays(a), topk_arrays(one["topk"])
+            dup = {l: [t.clone() for t in (col.cat(l, "query"), col.cat(l, "key"))] for l in chosen}
+            for l, (q_dup, k_dup) in dup.items():  # numpy's ranking of the copies: exact ties go to the lower index
+                for dst, src in copies.items():
+                    q_dup[dst], k_dup[dst] = q_dup[src], k_dup[src]
+                sc = signed_scores_np(q_dup.double().numpy(), k_dup.double().numpy(), case.prefix)
+                for h in range(case.heads):
+                    for m in range(kept_modes):
+                        for sg in (0, 1):
+                            assert_same_ranking(ref[l]["index"][h, m, sg], ref[l]["score"][h, m, sg], sc[:, h, m, sg],
+                                                k, f"{case} copies {copies}: L{l} head {h} mode {m} sign {sg}")
             what += f", map_dtype={map_dtype}, entrants only: {topk_module._entrants_only(torch.device('cpu'))}"
             for layer in ref:
                 for key in ("index", "score"):
@@ -559,7 +586,9 @@ def test_recorded_maps_topk_preference_and_anisotropy_equal_numpy_in_any_batchin
                                                   err_msg=f"{what} L{layer} {key}")
             live = topk_arrays(topk)
             for layer in ref:  # the live recording's batches: the same ranking (maps computed per batch may round)
-                np.testing.assert_allclose(live[layer]["score"], ref[layer]["score"], rtol=1e-5, atol=1e-7, err_msg=what)
+                if not copies:
+                    np.testing.assert_allclose(live[layer]["score"], ref[layer]["score"], rtol=1e-5, atol=1e-7,
+                                               err_msg=what)
         elif name == "pref":
             t1, t2 = preference_from_reducer(a), preference_from_reducer(one["pref"])
             for g in GROUPS:
@@ -596,6 +625,10 @@ def test_bfd_energies_are_the_numpy_anova_split_whatever_the_batch_size(seed):
             for h, (head, rh) in enumerate(zip(entry["heads"], ref["heads"])):
                 frob = head["frobenius"]
                 scale = rh["total"]
+                if not rh["s"][0] > 0:  # a pruned head: no energy, no share, no label (never 0% of each)
+                    assert all(frob["energy"][t] is None for t in TERMS) and frob["interference"] is None, what
+                    assert frob["energy_abs"]["total"] == 0 and frob["label"] == "none", what
+                    continue
                 for t in TERMS:
                     np.testing.assert_allclose(frob["energy_abs"][t], rh["frob"][t], rtol=1e-6, atol=1e-9 * scale,
                                                err_msg=f"{what} head {h} {t}")
@@ -807,6 +840,10 @@ def test_run_file_modes_preference_and_same_object_equal_numpy(seed, tmp_path):
         for h, head in enumerate(entry["heads"]):
             for m, mode in enumerate(head["modes"]):
                 got = mode["top"]
+                if mode.get("null"):  # sigma = 0 (a pruned head): no cosine, no images, no p_same
+                    assert got == [] and mode["cos"] is None and S[h, m] <= 1e-6 * max(S.max(), 1e-30), what
+                    assert mode.get("p_same") is None, what
+                    continue
                 better = scores[:, h, m].max(-1)
                 scale = max(float(np.abs(better).max()), 1e-30)
                 assert_same_ranking(np.array([t["index"] for t in got]), np.array([t["score"] for t in got]), better,
@@ -820,7 +857,9 @@ def test_run_file_modes_preference_and_same_object_equal_numpy(seed, tmp_path):
         an = summary["anisotropy"][layer]
         np.testing.assert_allclose(an["baseline"], base, atol=1e-5, err_msg=what)
         U, Sd, V = dense_modes(wq, wk)
-        weighted = (Sd / Sd.sum(1, keepdims=True) * np.einsum("hdk,hdk->hk", U, V)).sum(1).mean()
+        with np.errstate(invalid="ignore"):  # a pruned head has no weights: left out of the layer's mean
+            per_head = (Sd / Sd.sum(1, keepdims=True) * np.einsum("hdk,hdk->hk", U, V)).sum(1)
+        weighted = per_head[np.isfinite(per_head)].mean() if np.isfinite(per_head).any() else np.nan
         np.testing.assert_allclose(an["cos_weighted"], weighted, atol=1e-5, err_msg=what)
         np.testing.assert_allclose(an["relative_cos_weighted"], weighted - base, atol=2e-5, err_msg=what)
         # same object: per mode, over its top images by the better sign
@@ -834,7 +873,9 @@ def test_run_file_modes_preference_and_same_object_equal_numpy(seed, tmp_path):
                     p[h, m] = np.mean(same)
         got = np.array([[np.nan if md.get("p_same") is None else md["p_same"] for md in hd["modes"]]
                         for hd in entry["heads"]], np.float64)
-        sure = ~ambiguous
+        null = S <= 1e-6 * S.max(1, keepdims=True)  # null modes: no value (their directions are arbitrary)
+        p[null] = np.nan
+        sure = ~ambiguous | null
         np.testing.assert_array_equal(np.isnan(got[sure]), np.isnan(p[sure]), err_msg=what)
         np.testing.assert_allclose(got[sure & ~np.isnan(p)], p[sure & ~np.isnan(p)], atol=1e-12, err_msg=what)
         # preference from the stored rows: numpy from the raw weights' softmax at the masks' maximum tokens
@@ -846,3 +887,49 @@ def test_run_file_modes_preference_and_same_object_equal_numpy(seed, tmp_path):
             g = (vals[..., a] + vals[..., b]) / 2
             np.testing.assert_allclose(table[name]["mean"][i], g.mean(), atol=tol * 10, err_msg=f"{what} {name}")
             np.testing.assert_allclose(table[name]["std"][i], g.mean(1).std(), atol=tol * 10, err_msg=f"{what} {name}")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bfd_run_file_equals_the_tensor_pass_and_reads_back(seed, tmp_path):
+    """run_bfd through record_dataset into a run file (random batch size, layers, prefix dropped or not) gives the
+    energies of the in-memory pass over the same preprocessed images, and read_bfd recomputes them from the file."""
+    from PIL import Image
+
+    from qkhooks.analysis.bfd import read_bfd
+    from qkhooks.data import ImageConfig
+    from qkhooks.models.load import LoadedModel
+
+    case = make_case(seed, min_images=3, max_images=7)
+    rng = np.random.default_rng(300 + seed)
+    n, (H, W) = len(case.images), case.hw
+    cfg = ImageConfig(size=(H, W), mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
+    photos = rng.integers(0, 256, size=(n, H, W, 3), dtype=np.uint8)
+    pixels = torch.stack([cfg(Image.fromarray(p)) for p in photos])
+    chosen = sorted(rng.choice(case.depth, size=int(rng.integers(1, case.depth + 1)), replace=False).tolist())
+    options = dict(layers=chosen, drop_prefix=bool(rng.integers(0, 2)), holdout_every=2,
+                   definition=str(rng.choice(["frobenius", "additive"])))
+    filed = run_bfd(LoadedModel(model=case.model, spec=f"fuzz-{seed}", image_config=cfg),
+                    [{"image": p, "id": str(i)} for i, p in enumerate(photos)], tmp_path / "bfd.h5",
+                    batch_size=int(rng.integers(1, n + 1)), **options)
+    live = run_bfd(case.model, pixels, batch_size=int(rng.integers(1, n + 1)), **options)
+    again = read_bfd(tmp_path / "bfd.h5", definition=options["definition"])
+    what = f"{case}, {options}"
+    for a, b, c in zip(filed["layers"], live["layers"], again["layers"]):
+        assert a["layer"] == b["layer"] == c["layer"], what
+        for x, y in ((a, b), (a, c)):
+            np.testing.assert_allclose(x["position_variance_share"], y["position_variance_share"], rtol=1e-6,
+                                       err_msg=what)
+            for hx, hy in zip(x["heads"], y["heads"]):
+                for t in TERMS:
+                    for kind in ("frobenius", "additive"):
+                        vx, vy = hx[kind]["energy"][t], hy[kind]["energy"][t]
+                        assert (vx is None) == (vy is None), what
+                        if vx is not None:
+                            np.testing.assert_allclose(vx, vy, atol=1e-6, err_msg=f"{what} {kind} {t}")
+                    assert hx["energy"][t] == hx[options["definition"]]["energy"][t], what
+            for f in "XPC":
+                for part in ("row", "col"):
+                    vx, vy = x["decoding"][f][part], y["decoding"][f][part]
+                    assert (vx is None) == (vy is None), what
+                    if vx is not None:
+                        np.testing.assert_allclose(vx, vy, rtol=1e-4, atol=1e-6, err_msg=f"{what} decoding {f}")
