@@ -331,3 +331,22 @@ def mount_small_tmpfs(path) -> None:
     path.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)]).returncode:
         pytest.skip("this machine does not let the test mount a tmpfs")
+
+
+def child_json(code: str, *args: object, what: str, timeout: float = 60) -> Any:
+    """Run ``code`` in a child Python (this checkout on its path, one thread) with ``args`` and return the JSON its
+    last line of output prints; a child still running after ``timeout`` s fails the test naming ``what``: a call
+    that may spin without end inside HDF5 (a damaged heap) fails the test instead of hanging the suite."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, timeout=timeout,
+                              capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what} did not return in {timeout:g} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])

@@ -9,16 +9,13 @@ repair loses exactly the images whose ids it holds and lists them."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
+from conftest import child_json
 from qkhooks import QKHooksError
 from qkhooks.store import RunWriter, open_run, repair, verify_run
 from qkhooks.store import format as fmt
@@ -38,7 +35,7 @@ report = verify_run(sys.argv[1])
 out["verify"] = [report.ok, {k: [list(s) for s in v] for k, v in report.damaged.items()}]
 fixed = repair(sys.argv[1], sys.argv[2])
 out["repair"] = [fixed.lost, fixed.recovered]
-print("JSON" + json.dumps(out))
+print(json.dumps(out))
 """
 
 
@@ -67,14 +64,8 @@ def test_a_zeroed_page_inside_a_heap_collection_of_ids_is_refused_verified_and_r
     held = [row for row, name in enumerate(ids) if name.encode() not in intact]
     assert 150 in held and 0 < len(held) < len(ids)
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    try:
-        done = subprocess.run([sys.executable, "-c", CHILD, str(run), str(tmp_path / "fixed.h5")], env=env,
-                              timeout=60, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        pytest.fail("a read, verify or repair of a run with a zeroed heap collection did not return in 60 s")
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.split("JSON", 1)[1])
+    got = child_json(CHILD, run, tmp_path / "fixed.h5",
+                     what="a read, verify or repair of a run with a zeroed heap collection")
     assert f"image {held[0]}'s id" in got["read"] and "qkhooks repair" in got["read"]
     ok, damaged = got["verify"]
     assert not ok and damaged[fmt.IDS] == [list(span) for span in fmt.row_spans(held)]
@@ -108,40 +99,3 @@ def test_one_id_changed_to_bytes_that_are_not_utf8_loses_that_image_alone_and_is
     with open_run(tmp_path / "fixed.h5") as got:
         assert got.ids == ids[:150] + ids[151:]
         np.testing.assert_array_equal(got.array("v")[:], np.delete(values, 150, axis=0))
-
-
-REPAIR_CHILD = """
-import sys, warnings
-from qkhooks.store import repair
-warnings.simplefilter("ignore")
-report = repair(sys.argv[1], sys.argv[2])
-print("JSON" + __import__("json").dumps([report.recovered, report.problems]))
-"""
-
-
-def test_repair_of_a_run_whose_attributes_heap_collection_has_a_zeroed_object_returns_with_its_images(tmp_path):
-    """The root attributes' strings (model, config, identity) share a heap collection: an object header in it zeroed
-    made every HDF5 read of them spin. Repair asked none of them for the copy, but read ``identity`` anyway to tie the
-    reducer checkpoint to the run, and never returned. It now leaves the states out there too, and recovers every
-    image, naming the attributes lost."""
-    run = tmp_path / "run.h5"
-    with RunWriter(run, dtype="float32", attrs={"model": "m", "config": json.dumps({"note": "findme"})}) as writer:
-        writer.write_batch(["a", "b"], {"v": np.arange(8, dtype=np.float32).reshape(2, 4)})
-    data = bytearray(run.read_bytes())
-    at = data.find(b'{"note": "findme"}')
-    start = data.rfind(b"GCOL", 0, at)
-    end = start + int.from_bytes(data[start + 8:start + 16], "little")
-    data[at - 16:end] = bytes(end - at + 16)  # the config's object and the rest of its collection zeroed
-    run.write_bytes(bytes(data))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    try:
-        done = subprocess.run([sys.executable, "-c", REPAIR_CHILD, str(run), str(tmp_path / "fixed.h5")], env=env,
-                              timeout=60, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        pytest.fail("repair of a run with a zeroed object in its attributes' heap collection did not return in 60 s")
-    assert done.returncode == 0, done.stderr[-3000:]
-    recovered, problems = json.loads(done.stdout.split("JSON", 1)[1])
-    assert recovered == ["a", "b"]
-    assert any(line.startswith("root attribute config lost") for line in problems), problems
-    with h5py.File(tmp_path / "fixed.h5", "r") as f:
-        np.testing.assert_array_equal(f["v"][:], np.arange(8).reshape(2, 4))

@@ -1,6 +1,7 @@
 """Round 46 (mutation): kill tests of round 45's library code (module ``round45``, ``--only ROUND45``): repair's reading
-of attribute messages off the raw bytes (``repair._attr_message``, ``_dataspace_count``), checked against what h5py
-reads of the same attributes, and the whole words of round 45's refusals (processor configs, decoding workers)."""
+of attribute messages off the raw bytes (``_hdf5.attribute_message``, ``dataspace_count``: repair's ``_attr_message``,
+``_dataspace_count`` until round 51), checked against what h5py reads of the same attributes, and the whole words
+of round 45's refusals (processor configs, decoding workers)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from PIL import Image
 
 from qkhooks.data import ImageConfig, open_dataset, open_source
 from qkhooks.errors import QKHooksError
+from qkhooks.store import _hdf5
 
 repair_module = importlib.import_module("qkhooks.store.repair")  # the module (qkhooks.store.repair is its function)
 
@@ -47,7 +49,7 @@ def _attribute_file(path: Path) -> dict[str, int]:
 def _message(data: bytes, name: str) -> tuple[int, tuple[int, int, int] | None]:
     encoded = name.encode() + b"\0"
     at = data.find(encoded, 8)
-    return at, repair_module._attr_message(data, at, len(encoded))
+    return at, _hdf5.attribute_message(data, at, len(encoded))
 
 
 def test_each_attribute_message_is_found_and_its_element_count_is_the_one_h5py_reads(tmp_path):
@@ -62,7 +64,7 @@ def test_each_attribute_message_is_found_and_its_element_count_is_the_one_h5py_r
         _, parts = _message(data, name)
         assert parts is not None, name
         assert data[parts[0]] & 0x0F == 9, name  # a variable-length datatype, read where it is
-        assert repair_module._dataspace_count(data, parts[1], 8) == count, name
+        assert _hdf5.dataspace_count(data, parts[1], 8) == count, name
 
 
 def test_an_attribute_name_the_hdf5_library_marks_utf8_is_read_like_an_ascii_one(tmp_path):
@@ -77,14 +79,14 @@ def test_an_attribute_name_the_hdf5_library_marks_utf8_is_read_like_an_ascii_one
     data[at - 1] = 1  # the same message with its name marked UTF-8
     utf8 = tmp_path / "utf8.h5"
     utf8.write_bytes(bytes(data))
-    assert repair_module._attr_message(bytes(data), at, len(b"long\0")) == parts
+    assert _hdf5.attribute_message(bytes(data), at, len(b"long\0")) == parts
     collection = bytes(data).find(b"GCOL")
     cut = collection + 64  # told of a file cut 64 bytes into the collection that holds the strings (nothing is cut)
     assert int.from_bytes(data[collection + 8:collection + 16], "little") > 64
     found = repair_module._attrs_outside(utf8, {"long", "three"}, cut)
     assert "long" in found
     data[at - 1] = 2  # no character set HDF5 defines: no attribute message
-    assert repair_module._attr_message(bytes(data), at, len(b"long\0")) is None
+    assert _hdf5.attribute_message(bytes(data), at, len(b"long\0")) is None
 
 
 def test_bytes_giving_a_datatype_of_no_bytes_are_no_attribute_message():
@@ -94,11 +96,11 @@ def test_bytes_giving_a_datatype_of_no_bytes_are_no_attribute_message():
     sizes = (len(name), 0, 8)  # name, datatype (none), dataspace
     head = bytes([3, 0]) + b"".join(s.to_bytes(2, "little") for s in sizes) + bytes([0])
     data = b"\0" * 16 + head + name + bytes([2, 1, 1, 1]) + (4).to_bytes(8, "little") + b"\0" * 64
-    assert repair_module._attr_message(data, 16 + len(head), len(name)) is None
+    assert _hdf5.attribute_message(data, 16 + len(head), len(name)) is None
     typed = bytes([3, 0]) + b"".join(s.to_bytes(2, "little") for s in (len(name), 1, 8)) + bytes([0])
     data = b"\0" * 16 + typed + name + bytes([9]) + bytes([2, 1, 1, 1]) + (4).to_bytes(8, "little") + b"\0" * 64
     at = 16 + len(typed)
-    assert repair_module._attr_message(data, at, len(name)) == (at + 5, at + 6, at + 14)
+    assert _hdf5.attribute_message(data, at, len(name)) == (at + 5, at + 6, at + 14)
 
 
 # ------------------------------------------------------------------ round 45's refusals, whole

@@ -128,7 +128,7 @@ def test_only_a_run_whose_cut_tore_a_heap_collection_is_searched_attribute_by_at
         raise AssertionError("searched attribute by attribute")
 
     with monkeypatch.context() as patch:
-        patch.setattr(repair_module, "_attr_message", searched)
+        patch.setattr(repair_module, "attribute_message", searched)
         report = qkhooks.store.repair(run, tmp_path / "fixed.h5")
         assert report.lost == [] and report.problems == []
         assert repair_module._attrs_outside(run, names, run.stat().st_size) == set()

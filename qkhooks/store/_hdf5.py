@@ -14,18 +14,19 @@ import ctypes
 import errno
 import fcntl
 import io
+import mmap
 import os
 import time
 import warnings
 import weakref
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
 
 from qkhooks.errors import QKHooksError
-from qkhooks.store.format import FORMAT, FORMAT_ATTR, committed
+from qkhooks.store.format import FORMAT, FORMAT_ATTR, attr_words, committed
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MASK = 0xFFFFFFFF
@@ -275,6 +276,130 @@ def unreadable_strings(ds: h5py.Dataset, n: int, run: str | os.PathLike, real_si
     return unreadable
 
 
+def attribute_message(data: bytes | mmap.mmap, at: int, name_size: int) -> tuple[int, int, int] | None:
+    """Where the datatype, the dataspace and the data of the attribute message whose name (``name_size`` bytes, its
+    ending zero included) starts at ``at`` begin: version 3 (what qkhooks writes: a 9-byte header, nothing padded),
+    1 (h5py's default, as in an attribute a user added: an 8-byte header, each part padded to 8 bytes) or 2; None
+    where the bytes before the name are no such header."""
+    for version, head_size, pad in ((3, 9, 1), (1, 8, 8), (2, 8, 1)):
+        head = data[at - head_size:at] if at >= head_size else b""
+        if len(head) < head_size or head[0] != version or (version == 3 and head[8] > 1):
+            continue
+        sizes = [int.from_bytes(head[i:i + 2], "little") for i in (2, 4, 6)]
+        type_at = at + -(-sizes[0] // pad) * pad
+        space_at = type_at + -(-sizes[1] // pad) * pad
+        data_at = space_at + -(-sizes[2] // pad) * pad
+        if sizes[0] == name_size and sizes[1] >= 1 and sizes[2] >= 4 and data_at <= len(data):
+            return type_at, space_at, data_at
+    return None
+
+
+def dataspace_count(data: bytes | mmap.mmap, at: int, lengths: int) -> int:
+    """The element count of the dataspace message at ``at`` (version 1 or 2; 1 where it is neither: the first
+    element is still checked)."""
+    version, rank = data[at], data[at + 1]
+    if version == 2 and data[at + 3] == 2:  # a null dataspace: no data
+        return 0
+    dims_at = {1: at + 8, 2: at + 4}.get(version)
+    raw = data[dims_at:dims_at + rank * lengths] if dims_at is not None else b""
+    if len(raw) != rank * lengths or dims_at is None:
+        return 1
+    return int(np.prod(np.frombuffer(raw, f"<u{lengths}"), dtype=np.uint64))
+
+
+ATTRIBUTE_OBJECTS = ("/", "images", "model")
+"""The objects whose attributes a run's readers read as it opens or at once (its settings, its layout, the model's
+facts): their strings are checked by :func:`unreadable_attributes` as it opens."""
+
+_ATTRIBUTE, _CONTINUATION = 0x0C, 0x10  # object header message types
+
+
+def _attribute_messages(fh: BinaryIO, address: int, offsets: int) -> Iterator[tuple[bytes, int]]:
+    """(chunk, where its body starts) of each attribute message kept in the version 2 object header at ``address``
+    (the format qkhooks writes), its continuation blocks included, read off ``fh``; a chunk failing its checksum is
+    skipped (HDF5 refuses it itself). None for another header version, nor for attributes kept densely (in a heap and
+    an index of their own: more than an object's compact limit, which a run's root raises to
+    :data:`ROOT_COMPACT_ATTRIBUTES`)."""
+    blocks: list[tuple[int, int | None]] = [(address, None)]
+    seen, order = set(), 0
+    while blocks and len(seen) < 64:
+        at, length = blocks.pop()
+        if at in seen:
+            continue
+        seen.add(at)
+        fh.seek(at)
+        if length is None:  # the header's first chunk: "OHDR", version 2, flags, optional times and limits, its size
+            head = fh.read(32)
+            if head[:4] != b"OHDR" or len(head) < 32 or head[4] != 2:
+                return
+            flags = head[5]
+            first = 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)
+            width, order = 1 << (flags & 0x03), 2 if flags & 0x04 else 0
+            first += width
+            fh.seek(at)
+            chunk = fh.read(first + int.from_bytes(head[first - width:first], "little") + 4)
+        else:  # a continuation block: "OCHK", messages, checksum
+            chunk, first = fh.read(length), 4
+            if chunk[:4] != b"OCHK":
+                continue
+        if len(chunk) < first + 4 or int.from_bytes(chunk[-4:], "little") != lookup3(bytes(chunk[:-4])):
+            continue
+        pos, end = first, len(chunk) - 4
+        while pos + 4 + order <= end:  # each message: type, 2-byte size, flags, creation order where tracked
+            kind, size, shared = chunk[pos], int.from_bytes(chunk[pos + 1:pos + 3], "little"), chunk[pos + 3] & 0x02
+            body = pos + 4 + order
+            if body + size > end:
+                break
+            if kind == _CONTINUATION:
+                blocks.append((int.from_bytes(chunk[body:body + offsets], "little"),
+                               int.from_bytes(chunk[body + offsets:body + 2 * offsets], "little")))
+            elif kind == _ATTRIBUTE and not shared:
+                yield chunk, body
+            pos = body + size
+
+
+def unreadable_attributes(f: h5py.File, objects: Sequence[str] = ATTRIBUTE_OBJECTS) -> list[str]:
+    """``/OBJECT@NAME`` of each variable-length attribute of ``objects`` with a string in a heap collection HDF5
+    cannot read without end (:func:`heap_collections_readable`: cut short, or a zeroed page inside): HDF5 spins on
+    any read of it (round 51: ``open_run`` of a ``--checksum`` run, ``run.config`` and ``verify`` of any run never
+    returned), so :func:`open_reader` refuses the file instead. Read off the object headers' raw bytes
+    (:func:`attribute_message`: its datatype's class, 9 for variable-length, its element count, then each element's
+    reference: a 4-byte length, the collection's address, a 4-byte index), never through HDF5's heap."""
+    path = f.filename
+    layout = heap_reference_layout(path)
+    if layout is None:
+        return []  # not the layout qkhooks writes
+    reference, lengths = layout
+    real_size = os.path.getsize(path)
+    lost: list[str] = []
+    with open(path, "rb") as fh:
+        readable = heap_collections_readable(fh, lengths, real_size)
+        for name in objects:
+            try:
+                obj = f[name]
+                address = h5py.h5o.get_info(obj.id).addr
+            except (OSError, KeyError, RuntimeError, ValueError):
+                continue  # not there, or its header does not read: HDF5 says so where it is read
+            for chunk, at in _attribute_messages(fh, address, reference["address"].itemsize):
+                name_at, name_size = at + (9 if chunk[at] == 3 else 8), int.from_bytes(chunk[at + 2:at + 4], "little")
+                parts = attribute_message(chunk, name_at, name_size)
+                if parts is None or chunk[parts[0]] & 0x0F != 9:  # not a variable-length datatype
+                    continue
+                count = min(dataspace_count(chunk, parts[1], lengths), (len(chunk) - parts[2]) // reference.itemsize)
+                refs = np.frombuffer(chunk[parts[2]:parts[2] + count * reference.itemsize], reference)
+                if not all(readable(a) for a in np.unique(refs["address"][refs["address"] > 0]).tolist()):
+                    lost.append(f"{obj.name}@{chunk[name_at:name_at + name_size - 1].decode(errors='replace')}")
+    return lost
+
+
+def unreadable_attributes_words(lost: Sequence[str]) -> str:
+    """:func:`unreadable_attributes`' answer as the problem a refusal names."""
+    words = [attr_words(key) for key in lost]
+    listed = f"{', '.join(words[:-1])} and {words[-1]}" if len(words) > 1 else words[0]
+    return (f"{listed} lie{'s' if len(words) == 1 else ''} in a heap block of the file that is cut short or damaged "
+            f"(HDF5 would read {'it' if len(words) == 1 else 'them'} without end)")
+
+
 def damage(path: str | os.PathLike) -> str | None:
     """What is visibly wrong with a run file's superblock and length (None: nothing seen)."""
     size = os.path.getsize(path)
@@ -423,20 +548,30 @@ def open_reader(path: str | os.PathLike, deadline_s: float = READ_DEADLINE_S) ->
 
     SWMR reading (which retries a metadata read whose checksum fails, for minutes on a damaged file) only
     when the superblock says a writer has the file open; a closed file is read plainly and fails fast.
-    A file that stays unopenable is reported with what is wrong and how to recover its images.
+    A file that stays unopenable is reported with what is wrong and how to recover its images, as is one whose
+    settings HDF5 would read without end (:func:`unreadable_attributes`): every reader reads them.
     """
     path = Path(path)
     backoff = Backoff(deadline_s)
     while True:
         problem = damage(path)
+        held = None
         if problem is None:
             try:
-                return open_read(path, swmr=being_written(path))
+                f = open_read(path, swmr=being_written(path))
             except OSError as exc:
                 problem = f"HDF5 cannot read it: {exc}"
                 held = foreign_writer(path)  # not damage: a program that closes it soon is waited for, as below
-        else:
-            held = None
+            else:
+                try:
+                    lost = unreadable_attributes(f)
+                except BaseException:
+                    f.close()
+                    raise
+                if not lost:
+                    return f
+                f.close()  # a writer may still be writing that heap: tried again until the deadline, as any damage
+                problem = unreadable_attributes_words(lost)
         if not backoff.wait():
             raise HeldOpenError(path, held) if held is not None else DamagedRunError(path, problem)
 

@@ -31,8 +31,9 @@ import numpy as np
 
 from qkhooks.errors import QKHooksError, writable_dir
 from qkhooks.store import format as fmt
-from qkhooks.store._hdf5 import (DamagedRunError, HeldOpenError, create_run_file, heap_collections_readable,
-                                 heap_reference_layout, heap_walk_ends, open_damaged, unreadable_strings)
+from qkhooks.store._hdf5 import (DamagedRunError, HeldOpenError, attribute_message, create_run_file, dataspace_count,
+                                 heap_collections_readable, heap_reference_layout, heap_walk_ends, open_damaged,
+                                 unreadable_strings)
 from qkhooks.store.lock import short_of_room
 from qkhooks.store.reader import RunReader, held_shards, missing_shard_rows, rewritten_shards
 
@@ -325,7 +326,7 @@ def _attrs_outside(run: Path, names: set[str], real_size: int) -> set[str]:
     """Those of ``names`` under which some attribute message in the file holds a variable-length string in a heap
     collection not wholly in the file (``real_size`` bytes): HDF5 spins without end reading it (round 45: ``repair``
     of a merged ``--checksum`` run cut inside the collection holding its attr_digests never returned), so repair
-    asks none of them of HDF5. Read off the raw bytes: each attribute message of the name (:func:`_attr_message`),
+    asks none of them of HDF5. Read off the raw bytes: each attribute message of the name (:func:`~qkhooks.store._hdf5.attribute_message`),
     its datatype's class (9: variable-length), its dataspace's element count, then each element's reference (a 4-byte
     length, the collection's address, a 4-byte index, as in :func:`~qkhooks.store._hdf5.unreadable_strings`): an empty string's too, which
     HDF5 also reads from its collection (round 46: every run's empty ``model_note`` hung a repair once the run's
@@ -345,9 +346,9 @@ def _attrs_outside(run: Path, names: set[str], real_size: int) -> set[str]:
             encoded = name.encode() + b"\0"
             at = data.find(encoded, 8)
             while at >= 0 and name not in outside:
-                parts = _attr_message(data, at, len(encoded))
+                parts = attribute_message(data, at, len(encoded))
                 if parts is not None and data[parts[0]] & 0x0F == 9:  # a variable-length datatype
-                    count = min(_dataspace_count(data, parts[1], lengths),
+                    count = min(dataspace_count(data, parts[1], lengths),
                                 max(0, (real_size - parts[2]) // reference.itemsize))
                     refs = np.frombuffer(data[parts[2]:parts[2] + count * reference.itemsize], reference)
                     if any(not collection_inside(a) for a in np.unique(refs["address"][refs["address"] > 0]).tolist()):
@@ -369,37 +370,6 @@ def _unreadable_collection(data: mmap.mmap, lengths: int, real_size: int) -> boo
             return True
         at = data.rfind(b"GCOL", 0, at)
     return False
-
-
-def _attr_message(data: mmap.mmap, at: int, name_size: int) -> tuple[int, int, int] | None:
-    """Where the datatype, the dataspace and the data of the attribute message whose name (``name_size`` bytes, its
-    ending zero included) starts at ``at`` begin: version 3 (what qkhooks writes: a 9-byte header, nothing padded),
-    1 (h5py's default, as in an attribute a user added: an 8-byte header, each part padded to 8 bytes) or 2; None
-    where the bytes before the name are no such header."""
-    for version, head_size, pad in ((3, 9, 1), (1, 8, 8), (2, 8, 1)):
-        head = data[at - head_size:at] if at >= head_size else b""
-        if len(head) < head_size or head[0] != version or (version == 3 and head[8] > 1):
-            continue
-        sizes = [int.from_bytes(head[i:i + 2], "little") for i in (2, 4, 6)]
-        type_at = at + -(-sizes[0] // pad) * pad
-        space_at = type_at + -(-sizes[1] // pad) * pad
-        data_at = space_at + -(-sizes[2] // pad) * pad
-        if sizes[0] == name_size and sizes[1] >= 1 and sizes[2] >= 4 and data_at <= len(data):
-            return type_at, space_at, data_at
-    return None
-
-
-def _dataspace_count(data: mmap.mmap, at: int, lengths: int) -> int:
-    """The element count of the dataspace message at ``at`` (version 1 or 2; 1 where it is neither: the first
-    element is still checked)."""
-    version, rank = data[at], data[at + 1]
-    if version == 2 and data[at + 3] == 2:  # a null dataspace: no data
-        return 0
-    dims_at = {1: at + 8, 2: at + 4}.get(version)
-    raw = data[dims_at:dims_at + rank * lengths] if dims_at is not None else b""
-    if len(raw) != rank * lengths or dims_at is None:
-        return 1
-    return int(np.prod(np.frombuffer(raw, f"<u{lengths}"), dtype=np.uint64))
 
 
 def _format_attrs(f: h5py.File) -> dict[str, Any] | None:
