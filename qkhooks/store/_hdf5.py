@@ -14,6 +14,7 @@ import ctypes
 import errno
 import fcntl
 import io
+import math
 import mmap
 import os
 import time
@@ -304,10 +305,10 @@ def dataspace_count(data: bytes | mmap.mmap, at: int, lengths: int) -> int:
     raw = data[dims_at:dims_at + rank * lengths] if dims_at is not None else b""
     if len(raw) != rank * lengths or dims_at is None:
         return 1
-    return int(np.prod(np.frombuffer(raw, f"<u{lengths}"), dtype=np.uint64))
+    return math.prod(int.from_bytes(raw[i:i + lengths], "little") for i in range(0, len(raw), lengths))
 
 
-ATTRIBUTE_OBJECTS = ("/", "images", "model")
+_ATTRIBUTE_OBJECTS = ("/", "images", "model")
 """The objects whose attributes a run's readers read as it opens or at once (its settings, its layout, the model's
 facts): their strings are checked by :func:`unreadable_attributes` as it opens."""
 
@@ -316,10 +317,10 @@ _ATTRIBUTE, _CONTINUATION = 0x0C, 0x10  # object header message types
 
 def _attribute_messages(fh: BinaryIO, address: int, offsets: int) -> Iterator[tuple[bytes, int]]:
     """(chunk, where its body starts) of each attribute message kept in the version 2 object header at ``address``
-    (the format qkhooks writes), its continuation blocks included, read off ``fh``; a chunk failing its checksum is
-    skipped (HDF5 refuses it itself). None for another header version, nor for attributes kept densely (in a heap and
-    an index of their own: more than an object's compact limit, which a run's root raises to
-    :data:`ROOT_COMPACT_ATTRIBUTES`)."""
+    (the format qkhooks writes), its continuation blocks included, read off ``fh``; the chunk's checksum is not checked
+    here (:func:`_intact_chunk`: a third of the time of an open's check). Nothing for another header version (a file qkhooks did not write), nor for
+    attributes kept densely, in a heap and an index of their own (past an object's compact limit: 8, the root's
+    :data:`ROOT_COMPACT_ATTRIBUTES`; a run's groups hold at most 10)."""
     blocks: list[tuple[int, int | None]] = [(address, None)]
     seen, order = set(), 0
     while blocks and len(seen) < 64:
@@ -342,7 +343,7 @@ def _attribute_messages(fh: BinaryIO, address: int, offsets: int) -> Iterator[tu
             chunk, first = fh.read(length), 4
             if chunk[:4] != b"OCHK":
                 continue
-        if len(chunk) < first + 4 or int.from_bytes(chunk[-4:], "little") != lookup3(bytes(chunk[:-4])):
+        if len(chunk) < first + 4:
             continue
         pos, end = first, len(chunk) - 4
         while pos + 4 + order <= end:  # each message: type, 2-byte size, flags, creation order where tracked
@@ -358,18 +359,27 @@ def _attribute_messages(fh: BinaryIO, address: int, offsets: int) -> Iterator[tu
             pos = body + size
 
 
-def unreadable_attributes(f: h5py.File, objects: Sequence[str] = ATTRIBUTE_OBJECTS) -> list[str]:
+def _intact_chunk(chunk: bytes) -> bool:
+    """Whether an object header chunk (its messages, then its checksum) matches its checksum: HDF5 refuses one that
+    does not itself, so what its bytes seem to say is not damage of the heap."""
+    return int.from_bytes(chunk[-4:], "little") == lookup3(bytes(chunk[:-4]))
+
+
+def unreadable_attributes(f: h5py.File, objects: Sequence[str] = _ATTRIBUTE_OBJECTS) -> list[str]:
     """``/OBJECT@NAME`` of each variable-length attribute of ``objects`` with a string in a heap collection HDF5
     cannot read without end (:func:`heap_collections_readable`: cut short, or a zeroed page inside): HDF5 spins on
     any read of it (round 51: ``open_run`` of a ``--checksum`` run, ``run.config`` and ``verify`` of any run never
     returned), so :func:`open_reader` refuses the file instead. Read off the object headers' raw bytes
     (:func:`attribute_message`: its datatype's class, 9 for variable-length, its element count, then each element's
-    reference: a 4-byte length, the collection's address, a 4-byte index), never through HDF5's heap."""
+    reference: a 4-byte length, the collection's address, a 4-byte index), never through HDF5's heap. Every open
+    runs it: 1.1 ms a run's three objects (round 51, the shared 2-core machine at load 11; 6 ms with each header chunk's
+    checksum computed and numpy per attribute, so a chunk's checksum is computed only to confirm a loss)."""
     path = f.filename
     layout = heap_reference_layout(path)
     if layout is None:
         return []  # not the layout qkhooks writes
     reference, lengths = layout
+    offsets, step = reference["address"].itemsize, reference.itemsize
     real_size = os.path.getsize(path)
     lost: list[str] = []
     with open(path, "rb") as fh:
@@ -380,19 +390,20 @@ def unreadable_attributes(f: h5py.File, objects: Sequence[str] = ATTRIBUTE_OBJEC
                 address = h5py.h5o.get_info(obj.id).addr
             except (OSError, KeyError, RuntimeError, ValueError):
                 continue  # not there, or its header does not read: HDF5 says so where it is read
-            for chunk, at in _attribute_messages(fh, address, reference["address"].itemsize):
+            for chunk, at in _attribute_messages(fh, address, offsets):
                 name_at, name_size = at + (9 if chunk[at] == 3 else 8), int.from_bytes(chunk[at + 2:at + 4], "little")
                 parts = attribute_message(chunk, name_at, name_size)
                 if parts is None or chunk[parts[0]] & 0x0F != 9:  # not a variable-length datatype
                     continue
-                count = min(dataspace_count(chunk, parts[1], lengths), (len(chunk) - parts[2]) // reference.itemsize)
-                refs = np.frombuffer(chunk[parts[2]:parts[2] + count * reference.itemsize], reference)
-                if not all(readable(a) for a in np.unique(refs["address"][refs["address"] > 0]).tolist()):
+                count = min(dataspace_count(chunk, parts[1], lengths), (len(chunk) - parts[2]) // step)
+                addresses = {int.from_bytes(chunk[i + 4:i + 4 + offsets], "little")
+                             for i in range(parts[2], parts[2] + count * step, step)} - {0}
+                if not all(readable(a) for a in sorted(addresses)) and _intact_chunk(chunk):
                     lost.append(f"{obj.name}@{chunk[name_at:name_at + name_size - 1].decode(errors='replace')}")
     return lost
 
 
-def unreadable_attributes_words(lost: Sequence[str]) -> str:
+def _unreadable_attributes_words(lost: Sequence[str]) -> str:
     """:func:`unreadable_attributes`' answer as the problem a refusal names."""
     words = [attr_words(key) for key in lost]
     listed = f"{', '.join(words[:-1])} and {words[-1]}" if len(words) > 1 else words[0]
@@ -571,7 +582,7 @@ def open_reader(path: str | os.PathLike, deadline_s: float = READ_DEADLINE_S) ->
                 if not lost:
                     return f
                 f.close()  # a writer may still be writing that heap: tried again until the deadline, as any damage
-                problem = unreadable_attributes_words(lost)
+                problem = _unreadable_attributes_words(lost)
         if not backoff.wait():
             raise HeldOpenError(path, held) if held is not None else DamagedRunError(path, problem)
 
