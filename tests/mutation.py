@@ -125,6 +125,8 @@ KILLS_R48 = "tests/test_mutation_kills_r48.py"
 KILLS_R49 = "tests/test_mutation_kills_r49.py"
 # Round 50 (mutation): the kill tests of round 49's library code (module "round49").
 KILLS_R50 = "tests/test_mutation_kills_r50.py"
+# Round 51 (mutation): the kill tests of round 50's library code (module "round50").
+KILLS_R51 = "tests/test_mutation_kills_r51.py"
 # Round 13 (mut13-attention): the kill tests of attention.py and sdpa.py, and the forms' tests that reach their
 # two-softmax code (differential attention, ConViT GPSA: map_terms, full_and_terms) and the inside recorders
 # (InsideCall's SDPA and 3-d softmax paths), one EfficientViT-MSRA size only.
@@ -861,6 +863,39 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_mutation_kills_r34 and anisotropy_note) or (test_mutation_kills_r42 and (wds_resume or "
                 "streamed_resume or without_the_anisotropy_reducer)) or (test_mutation_kills_r46 and "
                 "kept_in_memory_items_are_unchecked) or (test_mutation_kills_r50 and not points_at_the_callers_line)"),
+    # Round 51 (mutation): round 50's library code (`81bab99..bebb0cb`): masks refused where someone else's hook follows
+    # timm's feature hook or a module of the user's own class may move the tokens (unsupported's `_foreign_moving`,
+    # `_own_class_code`, `moves_pixels`; torchvision's stem), timm's feature nets around a user's model or a network
+    # whose blocks embed patches, all-zero recorded rows stored as -0.0 (format's `signed_zero_rows`, the writer),
+    # zeroed chunks of the file sizes and hashes, the ids' heap collection read off the file's bytes (`_hdf5`'s
+    # `heap_reference_layout` / `unreadable_strings`, moved from repair, and repair's use of them; one id not UTF-8),
+    # the first-forward refusal's wording, the resumes of runs from before the file stamps (stream, readers, sources),
+    # images without display colours, PNGs without IEND, O3's 16-bit masks, ADE20K's upper-case .PNG, Synology's
+    # @eaDir (data/), query tokens kept (B, T) and refused as the batch ends (capture, attention), negative attention
+    # layers. Against the round's new and changed tests and the kill file r51. Run with --only ROUND50.
+    "round50": (["qkhooks/attention.py", "qkhooks/capture.py", "qkhooks/data/annotated.py", "qkhooks/data/datasets.py",
+                 "qkhooks/data/display.py", "qkhooks/data/items.py", "qkhooks/data/readers.py", "qkhooks/data/sources.py",
+                 "qkhooks/models/timm.py", "qkhooks/models/torchvision.py", "qkhooks/models/unsupported.py",
+                 "qkhooks/store/_hdf5.py", "qkhooks/store/format.py", "qkhooks/store/repair.py",
+                 "qkhooks/store/writer.py", "qkhooks/stream.py"],
+                ["tests/test_token_cells.py", "tests/test_file_stamps.py", "tests/test_data_unreadable_files.py",
+                 "tests/test_ids_heap_damage.py", "tests/test_capture_shared_qkv_threads_copies.py",
+                 "tests/test_checksum.py", "tests/test_data.py", "tests/test_data_spec_grammar.py",
+                 "tests/test_newcomer_messages.py", "tests/test_multigrid_runs.py", "tests/test_mutation_kills_io.py",
+                 "tests/test_mutation_kills_r26.py", "tests/test_mutation_kills_r42.py", "tests/test_mutation_kills_r45.py",
+                 "tests/test_mutation_kills_r46.py", "tests/test_mutation_kills_r47.py", "tests/test_repair_cut_files.py",
+                 KILLS_R51],
+                "test_token_cells or test_file_stamps or test_data_unreadable_files or test_ids_heap_damage or "
+                "(test_capture_shared_qkv_threads_copies and (per_batch_tokens or tokens_given_as_one_row)) or "
+                "(test_checksum and (chunk_zeroed_whole or all_zero or zeroed_chunk_of_an_images_file_size)) or "
+                "(test_data and (synology or ade20k or o3dir)) or (test_data_spec_grammar and an_ade20k_item_opens) or "
+                "(test_newcomer_messages and attention_layers) or (test_multigrid_runs and (first_forward_fails or "
+                "fails_on_its_configured_input_size)) or (test_mutation_kills_io and probe_geometry_runs_one_forward) or "
+                "(test_mutation_kills_r26 and chunk_that_does_not_read) or (test_mutation_kills_r42 and streamed_resume) "
+                "or (test_mutation_kills_r45 and (heap_collection_ends_past or second_chunk_of_ids or "
+                "chunk_of_ids_whose_place)) or (test_mutation_kills_r46 and (size_field_reads_zero or "
+                "superblock_of_other_sizes)) or (test_mutation_kills_r47 and rows_whose_string_was_never_written) or "
+                "(test_repair_cut_files and string_lies_outside) or test_mutation_kills_r51"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
 # and `_solve_side` are gone (round 19 made them `QKPathSolution` and `_SideSolution`, later code: not named here).
@@ -1090,6 +1125,9 @@ ROUND48 = ("commits:368b4c5..edf303a",)
 # Round 49's library code, for `--only` with the module "round49": every line `edf303a..81bab99` wrote, by
 # :func:`written_by`.
 ROUND49 = ("commits:edf303a..81bab99",)
+# Round 50's library code, for `--only` with the module "round50": every line `81bab99..bebb0cb` wrote, by
+# :func:`written_by`.
+ROUND50 = ("commits:81bab99..bebb0cb",)
 NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND21": ROUND21, "ROUND22": ROUND22,
               "ROUND23": ROUND23, "ROUND24": ROUND24, "ROUND25": ROUND25,
               "ROUND26": ROUND26, "ROUND27": ROUND27, "ROUND27B": ROUND27B, "ROUND28": ROUND28,
@@ -1099,7 +1137,7 @@ NAMED_SETS = {"ROUND18": ROUND18, "ROUND19": ROUND19, "ROUND20": ROUND20, "ROUND
               "ROUND39": ROUND39, "ROUND40": ROUND40, "ROUND41": ROUND41,
               "ROUND42": ROUND42, "ROUND43": ROUND43, "ROUND44": ROUND44,
               "ROUND45": ROUND45, "ROUND46": ROUND46, "ROUND47": ROUND47,
-              "ROUND48": ROUND48, "ROUND49": ROUND49}
+              "ROUND48": ROUND48, "ROUND49": ROUND49, "ROUND50": ROUND50}
 COMMITS = "commits:"
 # Tests that run qkhooks in a fresh Python process: mutmut switches mutants only inside its own processes, so
 # there they would test the unmutated code (or fail to import it). They still run in the ordinary suite.
