@@ -4,6 +4,8 @@ name in the test's docstring; tests/MUTATION.md, round 51's run)."""
 
 from __future__ import annotations
 
+import torch
+
 from test_mutation_kills_r26 import check_round_module, commits_in
 
 
@@ -15,3 +17,25 @@ def test_the_round50_module_names_files_and_tests_that_exist_and_round_50s_commi
     they changed (16) is mutated."""
     check_round_module("round50", "ROUND50", "81bab99", "bebb0cb", library_commits=25)
     assert len(commits_in("81bab99..bebb0cb")) == 35
+
+
+# ------------------------------------------------------------------ stream: the probe's blank image (round 49's code)
+def test_the_probe_of_a_timm_model_in_float64_feeds_it_a_blank_image_of_its_own_dtype(monkeypatch):
+    """stream._probe_forward (_39: the blank image made without ``dtype=``, so float32; left unkilled by round 50's
+    sample, where HF DeiT casts its pixels itself): a 4 x 6 timm ViT in float64, its class taken off the list whose
+    geometry needs no forward, is probed with one float64 image (timm's patch embedding does not cast: a float32 image
+    fails its float64 convolution, and the error passes as it is, since the model alone runs on a blank image of its
+    own dtype) and reads the grid, prefix and token counts written down for the fixture."""
+    import qkhooks.stream as stream
+    from conftest import TINY_MODELS
+    from qkhooks.models.base import find_sites
+
+    tiny = next(t for t in TINY_MODELS if t.name == "timm-vit-4x6")
+    model = tiny.model().double()
+    monkeypatch.setattr(stream, "_STATIC_GEOMETRY", set())
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append((tuple(args[0].shape), args[0].dtype)))
+    found = stream.probe_geometry(model, find_sites(model), tiny.hw)
+    assert seen == [((1, 3, *tiny.hw), torch.float64)]
+    assert {l: (g.grid, g.num_prefix_tokens, g.query_tokens, g.key_tokens) for l, g in found.items()} == {
+        l: (tiny.grid, tiny.prefix, 25, 25) for l in range(len(find_sites(model)))}
