@@ -4,7 +4,10 @@ name in the test's docstring; tests/MUTATION.md, round 51's run)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+from qkhooks.errors import QKHooksError
 
 from test_mutation_kills_r26 import check_round_module, commits_in
 
@@ -39,3 +42,25 @@ def test_the_probe_of_a_timm_model_in_float64_feeds_it_a_blank_image_of_its_own_
     assert seen == [((1, 3, *tiny.hw), torch.float64)]
     assert {l: (g.grid, g.num_prefix_tokens, g.query_tokens, g.key_tokens) for l, g in found.items()} == {
         l: (tiny.grid, tiny.prefix, 25, 25) for l in range(len(find_sites(model)))}
+
+
+# ------------------------------------------------------------------ data: Synology's @eaDir folders
+def test_one_synology_thumbnail_in_one_folder_is_warned_of_in_the_singular(tmp_path):
+    """data.items._nas_thumbnails_left_out (_23, _34: "folders" and "files" whatever the count): a folder whose one
+    @eaDir folder holds one thumbnail image (and a file that is not an image) is read without it, and the warning says
+    so in the singular, whole; it said "1 image file ... are not recorded" before (seen failing)."""
+    from PIL import Image
+
+    from qkhooks.data import ImageConfig, open_dataset
+
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(tmp_path / "a.png")
+    (tmp_path / "@eaDir" / "a.png").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (30, 20, 10)).save(tmp_path / "@eaDir" / "a.png" / "SYNOFILE_THUMB_M.jpg")
+    (tmp_path / "@eaDir" / "a.png" / "SYNOINDEX_MEDIA_INFO").write_text("not an image")
+    with pytest.warns(UserWarning) as said:
+        ds = open_dataset(str(tmp_path), ImageConfig(size=16, mean=(0.5,) * 3, std=(0.5,) * 3))
+    assert ds.ids == ["a.png"]
+    assert [str(w.message) for w in said] == [
+        f"1 image file in 1 Synology thumbnail folder (@eaDir) under {tmp_path} is not recorded: @eaDir/; a NAS keeps "
+        "its own thumbnails of the photos beside them there, not photos. To record such a folder anyway, point DATA at "
+        "it itself."]

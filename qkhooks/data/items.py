@@ -691,10 +691,11 @@ def nas_thumbnails_left_out(root: Path, folders: Sequence[str], count: int, stac
         shown = ", ".join(f"{f}/" for f in folders[:5])
         more = f" and {len(folders) - 5} more" if len(folders) > 5 else ""
         s = "s" if len(folders) > 1 else ""
-        warnings.warn(f"{count} image file{'s' if count > 1 else ''} in {len(folders)} Synology thumbnail folder{s} "
-                      f"(@eaDir) under {root} are not recorded: {shown}{more}; a NAS keeps its own thumbnails of the "
-                      "photos beside them there, not photos. To record such a folder anyway, point DATA at it "
-                      "itself.", stacklevel=stacklevel + 1)
+        many = count > 1
+        warnings.warn(f"{count} image file{'s' if many else ''} in {len(folders)} Synology thumbnail folder{s} "
+                      f"(@eaDir) under {root} {'are' if many else 'is'} not recorded: {shown}{more}; a NAS keeps its "
+                      "own thumbnails of the photos beside them there, not photos. To record such a folder anyway, "
+                      "point DATA at it itself.", stacklevel=stacklevel + 1)
 
 
 def list_images(root: Path) -> list[str]:
