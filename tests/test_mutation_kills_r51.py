@@ -44,6 +44,25 @@ def test_the_probe_of_a_timm_model_in_float64_feeds_it_a_blank_image_of_its_own_
         l: (tiny.grid, tiny.prefix, 25, 25) for l in range(len(find_sites(model)))}
 
 
+# ------------------------------------------------------------------ attention: block indices among a selection
+def test_attention_block_zero_asked_of_a_selection_without_it_is_refused_naming_the_recorded_layers():
+    """attention._resolved (_35: block index 0 resolved as a negative index is, among the given sites): a recording
+    of block 1 alone, handed that selection of sites, asked for block 0's full maps is refused naming the layers it
+    records, as the same recording without ``sites=`` is; block 0 exists (the model has two), so the mutant's "layer 0
+    does not exist: this model has blocks 0..0" would be false."""
+    import qkhooks
+    from test_newcomer_messages import tiny_vit
+
+    model = tiny_vit().model
+    said = []
+    for sites in (None, qkhooks.sites(model)[1:]):
+        with pytest.raises(QKHooksError) as err:
+            qkhooks.record(model, layers=[1], attention="full:0", modes=None, sites=sites)
+        said.append(str(err.value))
+    assert said == ["attention 'full' asks for layers [0], which this recording does not hook (recorded layers: [1]); "
+                    "pick block indices among them or add them to layers."] * 2
+
+
 # ------------------------------------------------------------------ data: Synology's @eaDir folders
 def test_one_synology_thumbnail_in_one_folder_is_warned_of_in_the_singular(tmp_path):
     """data.items._nas_thumbnails_left_out (_23, _34: "folders" and "files" whatever the count): a folder whose one
