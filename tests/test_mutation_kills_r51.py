@@ -83,3 +83,30 @@ def test_one_synology_thumbnail_in_one_folder_is_warned_of_in_the_singular(tmp_p
         f"1 image file in 1 Synology thumbnail folder (@eaDir) under {tmp_path} is not recorded: @eaDir/; a NAS keeps "
         "its own thumbnails of the photos beside them there, not photos. To record such a folder anyway, point DATA at "
         "it itself."]
+
+
+# ------------------------------------------------------------------ stream: a list's resume of a run from before the stamps
+def test_a_list_of_paths_resumed_on_a_run_from_before_the_stamps_warning_points_at_the_callers_line(tmp_path):
+    """stream._refuse_changed_stream_files (_47: the ids-alone warning's stacklevel one frame past the caller's): a
+    list of file paths resumed on a run recorded before the file stamps warns once that it checks the kept images by
+    their ids alone, pointing at the line that called record_dataset (this file), not into qkhooks or pytest. Left out
+    of the module round50's selection (the name's last words): mutmut's trampoline adds frames, so only the ordinary
+    suite can check a stacklevel."""
+    import warnings
+
+    import qkhooks
+    from test_file_stamps import as_before_the_stamps
+    from test_review_symlinks_repair_messages import _KW, _interrupted
+    from test_spectrum_edits_and_dataparallel import _same_size_photos, _tiny_loaded
+
+    names = [f"a{i}.png" for i in range(8)]
+    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
+    _same_size_photos(folder, names, seed=0)
+    paths = [str(folder / n) for n in names]
+    _interrupted(loaded, run, batches=3, data=paths)
+    as_before_the_stamps(run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert qkhooks.record_dataset(loaded, paths, run, resume=True, **_KW).images == 8
+    said = [w for w in caught if "by their ids alone" in str(w.message)]
+    assert [w.filename for w in said] == [__file__], [(w.filename, w.lineno) for w in said]
