@@ -110,3 +110,32 @@ def test_a_list_of_paths_resumed_on_a_run_from_before_the_stamps_warning_points_
         assert qkhooks.record_dataset(loaded, paths, run, resume=True, **_KW).images == 8
     said = [w for w in caught if "by their ids alone" in str(w.message)]
     assert [w.filename for w in said] == [__file__], [(w.filename, w.lineno) for w in said]
+
+
+# ------------------------------------------------------------------ format: ids in a heap block HDF5 cannot read
+@pytest.mark.parametrize("lost, said", [({3}, "image 3's id lies"), ({6, 3, 5}, "image 3's id and 2 more lie")])
+def test_ids_in_a_heap_block_hdf5_cannot_read_are_refused_in_the_whole_sentence_counting_them(tmp_path, monkeypatch,
+                                                                                            lost, said):
+    """store.format.read_ids (_17: the OSError's sentence dropped; _22: "and 0 more" for one id): a run's ids of which
+    ``unreadable_strings`` finds some in a heap collection HDF5 would read without end (simulated: the byte-level
+    check is test_ids_heap_damage's; here the set it returns) are refused in the whole sentence, naming the first and
+    counting the others, in the singular for one (it said "image 3's id lie" before: seen failing)."""
+    import numpy as np
+
+    import qkhooks.store._hdf5 as hdf5
+    from qkhooks.store import RunWriter, open_run
+
+    run = tmp_path / "run.h5"
+    with RunWriter(run, dtype="float32") as writer:
+        writer.write_batch([f"p{i}" for i in range(8)], {"v": np.zeros((8, 2), np.float32)})
+    def unreadable_strings(*args, why=None, **kwargs):
+        if why is not None:  # the words of each lost id's heap block, as the byte-level check gives them
+            why.update((i, hdf5.HEAP_ZEROS) for i in lost)
+        return set(lost)
+
+    monkeypatch.setattr(hdf5, "unreadable_strings", unreadable_strings)
+    with open_run(run) as reader, pytest.raises(QKHooksError) as err:
+        reader.ids
+    assert str(err.value) == (
+        f"{run} is damaged (HDF5 cannot read its image ids: {said} in {hdf5.HEAP_ZEROS}): run `qkhooks repair {run} --out FIXED.h5` to copy every committed "
+        "image still readable (of 8 committed) into a new file (it leaves run.h5 unchanged).")

@@ -489,8 +489,8 @@ def read_ids(f: h5py.File, n: int) -> list[str]:
     why: dict[int, str] = {}
     lost = unreadable_strings(ds, n, f.filename, os.path.getsize(f.filename), why=why) if f.mode == "r" else set()
     if lost:
-        raise OSError(f"image {min(lost)}'s id" + (f" and {len(lost) - 1} more" if len(lost) > 1 else "") +
-                      f" lie in {why[min(lost)]}")
+        raise OSError(f"image {min(lost)}'s id" + (f" and {len(lost) - 1} more lie" if len(lost) > 1 else " lies") +
+                      f" in {why[min(lost)]}")
     raw = ds[:n]
     if ID_DIGESTS in f:  # ``in``, not ``get`` (None for any error): damaged digests raise, never skip the check
         stored = f[ID_DIGESTS][:n]
