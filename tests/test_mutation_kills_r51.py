@@ -139,3 +139,28 @@ def test_ids_in_a_heap_block_hdf5_cannot_read_are_refused_in_the_whole_sentence_
     assert str(err.value) == (
         f"{run} is damaged (HDF5 cannot read its image ids: {said} in {hdf5.HEAP_ZEROS}): run `qkhooks repair {run} --out FIXED.h5` to copy every committed "
         "image still readable (of 8 committed) into a new file (it leaves run.h5 unchanged).")
+
+
+# ------------------------------------------------------------------ repair: verify of an id that is not UTF-8
+def test_verify_of_a_run_with_one_id_not_utf8_says_why_its_row_does_not_read(tmp_path):
+    """store.repair._failing_rows (_281: every failing row of strings said to lie in a cut or damaged heap block):
+    one id's first byte changed to one no UTF-8 text starts with (test_ids_heap_damage's run of 300 images) is named
+    by verify with the reason it does not read, its string is not UTF-8 text, not a heap block HDF5 cannot read (the
+    heap is whole: every other id reads)."""
+    import h5py
+
+    from qkhooks.store import format as fmt
+    from qkhooks.store import verify_run
+    from test_ids_heap_damage import _run
+
+    run = tmp_path / "run.h5"
+    ids, _ = _run(run)
+    data = bytearray(run.read_bytes())
+    data[data.find(b"photo-0150.png")] = 0xBA
+    run.write_bytes(bytes(data))
+    with h5py.File(run, "r") as f:  # the reference: every other id reads as written
+        assert [f[fmt.IDS][i].decode() for i in range(300) if i != 150] == ids[:150] + ids[151:]
+    report = verify_run(run)
+    assert report.damaged == {fmt.IDS: [(150, 151)]}
+    assert [p for p in report.problems if p.startswith("/")] == [
+        f"/{fmt.IDS}: row 150 does not read (their strings are {fmt.NOT_TEXT})"]
