@@ -873,8 +873,9 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
     # images without display colours, PNGs without IEND, O3's 16-bit masks, ADE20K's upper-case .PNG, Synology's
     # @eaDir (data/), query tokens kept (B, T) and refused as the batch ends (capture, attention), negative attention
     # layers. Against the round's new and changed tests (not test_data.py's Synology test: it checks the warning's
-    # stacklevel, which mutmut's trampoline moves; r51 checks that warning whole) and the kill file r51 (its stacklevel
-    # test left out by name, for the same reason). Run with --only ROUND50.
+    # stacklevel, which mutmut's trampoline moves; r51 checks that warning whole), r50's two tests of the pre-stamp
+    # resume's warning (whole, and once for a list), which round 50 rewrote, and the kill file r51 (its stacklevel test
+    # left out by name, for the same reason). Run with --only ROUND50.
     "round50": (["qkhooks/attention.py", "qkhooks/capture.py", "qkhooks/data/annotated.py", "qkhooks/data/datasets.py",
                  "qkhooks/data/display.py", "qkhooks/data/items.py", "qkhooks/data/readers.py", "qkhooks/data/sources.py",
                  "qkhooks/models/timm.py", "qkhooks/models/torchvision.py", "qkhooks/models/unsupported.py",
@@ -886,7 +887,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                  "tests/test_newcomer_messages.py", "tests/test_multigrid_runs.py", "tests/test_mutation_kills_io.py",
                  "tests/test_mutation_kills_r26.py", "tests/test_mutation_kills_r42.py", "tests/test_mutation_kills_r45.py",
                  "tests/test_mutation_kills_r46.py", "tests/test_mutation_kills_r47.py", "tests/test_repair_cut_files.py",
-                 KILLS_R51],
+                 KILLS_R50, KILLS_R51],
                 "test_token_cells or test_file_stamps or test_data_unreadable_files or test_ids_heap_damage or "
                 "(test_capture_shared_qkv_threads_copies and (per_batch_tokens or tokens_given_as_one_row)) or "
                 "(test_checksum and (chunk_zeroed_whole or all_zero or zeroed_chunk_of_an_images_file_size)) or "
@@ -897,7 +898,8 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "or (test_mutation_kills_r45 and (heap_collection_ends_past or second_chunk_of_ids or "
                 "chunk_of_ids_whose_place)) or (test_mutation_kills_r46 and (size_field_reads_zero or "
                 "superblock_of_other_sizes)) or (test_mutation_kills_r47 and rows_whose_string_was_never_written) or "
-                "(test_repair_cut_files and string_lies_outside) or (test_mutation_kills_r51 and not "
+                "(test_repair_cut_files and string_lies_outside) or (test_mutation_kills_r50 and (warns_whole_and_lists_no_resume "
+                "or warns_once_that_it_checks_ids_alone)) or (test_mutation_kills_r51 and not "
                 "points_at_the_callers_line)"),
 }
 # The round-18 functions' mutant names (fnmatch patterns), for `--only` with the module "round18". Round 18's `_solve`
