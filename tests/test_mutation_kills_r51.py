@@ -164,3 +164,30 @@ def test_verify_of_a_run_with_one_id_not_utf8_says_why_its_row_does_not_read(tmp
     assert report.damaged == {fmt.IDS: [(150, 151)]}
     assert [p for p in report.problems if p.startswith("/")] == [
         f"/{fmt.IDS}: row 150 does not read (their strings are {fmt.NOT_TEXT})"]
+
+
+# ------------------------------------------------------------------ stream: images named by position, before the stamps
+def test_a_list_of_arrays_from_before_the_stamps_is_refused_a_resume_in_the_whole_sentence(tmp_path):
+    """stream._refuse_changed_stream_files (_26: "hugging face" in lower case; _28: the reason's last word): a list of
+    arrays without ids (its images named by their positions) recorded before the file stamps is refused a resume,
+    read whole: the run, the images kept, the images named by position and why that says nothing of them, the fix."""
+    import numpy as np
+
+    import qkhooks
+    from qkhooks.store import format as fmt
+    from test_file_stamps import _KW, _NAMES, _interrupted, _tiny_loaded, as_before_the_stamps
+
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    rng = np.random.default_rng(0)
+    data = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in _NAMES]
+    _interrupted(loaded, run, batches=3, data=data)
+    as_before_the_stamps(run)
+    with pytest.raises(QKHooksError) as err:
+        qkhooks.record_dataset(loaded, data, run, resume=True, **_KW)
+    assert str(err.value) == (
+        f"cannot resume {run}: it keeps 4 images, was recorded before qkhooks stored each image's stamps "
+        f"({fmt.FILE_SIZES}), and 4 of them are named by their position in sequence:list alone (no id of their own: a dict's "
+        "'id', a file path, a Hugging Face id column), which says nothing of the image at it, so this resume cannot "
+        "check that they are still the data's first items, in that order: resumed, data changed since (items "
+        "reordered, added, removed or replaced) would go on under the kept images' ids. Record it afresh into a new "
+        "--out, or --overwrite to start again.")
