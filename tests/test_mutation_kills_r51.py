@@ -191,3 +191,33 @@ def test_a_list_of_arrays_from_before_the_stamps_is_refused_a_resume_in_the_whol
         "check that they are still the data's first items, in that order: resumed, data changed since (items "
         "reordered, added, removed or replaced) would go on under the kept images' ids. Record it afresh into a new "
         "--out, or --overwrite to start again.")
+
+
+
+def test_a_dataset_resumed_by_ids_alone_on_a_run_from_before_the_stamps_warns_whole_and_records_it(tmp_path):
+    """stream._warn_kept_ids_alone (_1: the run file not handed to the ids-alone warning): a torch Dataset of arrays
+    with ids of its own resumed with resume_ids_only=True on a run recorded before the file stamps warns once, read
+    whole, that it checks the 4 kept images by their ids alone, naming the run file, ends with every image, and the
+    run's config lists the resume."""
+    import warnings
+
+    import qkhooks
+    from qkhooks.store import format as fmt
+    from test_file_stamps import as_before_the_stamps
+    from test_resume_held_images_check_progress import _KW, _interrupted, _Named, _tiny_loaded
+    from test_resume_in_memory_images import _arrays
+
+    loaded, run = _tiny_loaded(), tmp_path / "run.h5"
+    data = _Named(_arrays(0), [f"n{i}" for i in range(8)])
+    _interrupted(loaded, run, batches=3, data=data)
+    as_before_the_stamps(run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert qkhooks.record_dataset(loaded, data, run, resume=True, resume_ids_only=True, **_KW).images == 8
+    said = [str(w.message) for w in caught if "by their ids alone" in str(w.message)]
+    assert said == [
+        f"{run}: this resume checks the 4 images it keeps by their ids alone (resume_ids_only=True): not their content, "
+        f"so images of torch:_Named replaced since would go on under the kept ones' ids. The run file records it: its "
+        f"config's {fmt.UNCHECKED_RESUMES!r} lists this resume."]
+    with qkhooks.open_run(run) as after:
+        assert fmt.UNCHECKED_RESUMES in dict(after.config)
