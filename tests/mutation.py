@@ -894,7 +894,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
                 "(test_data and (ade20k or o3dir)) or (test_data_spec_grammar and an_ade20k_item_opens) or "
                 "(test_newcomer_messages and attention_layers) or (test_multigrid_runs and (first_forward_fails or "
                 "fails_on_its_configured_input_size)) or (test_mutation_kills_io and probe_geometry_runs_one_forward) or "
-                "(test_mutation_kills_r26 and chunk_that_does_not_read) or (test_mutation_kills_r42 and streamed_resume) "
+                "(test_mutation_kills_r26 and ids_chunk_fails) or (test_mutation_kills_r42 and streamed_resume) "
                 "or (test_mutation_kills_r45 and (heap_collection_ends_past or second_chunk_of_ids or "
                 "chunk_of_ids_whose_place)) or (test_mutation_kills_r46 and (size_field_reads_zero or "
                 "superblock_of_other_sizes)) or (test_mutation_kills_r47 and rows_whose_string_was_never_written) or "
