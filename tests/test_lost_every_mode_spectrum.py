@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
-import numpy as np
 import timm
 import pytest
 import torch
