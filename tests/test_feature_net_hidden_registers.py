@@ -12,21 +12,7 @@ import torch
 
 import qkhooks
 from qkhooks import QKHooksError
-
-
-class _NetworkWithHead(torch.nn.Module):
-    """A user's network around a timm ViT (kept under ``name``), a head after it, with the ``feature_info`` timm's
-    hook feature net reads."""
-
-    def __init__(self, vit: torch.nn.Module, name: str, returned: tuple[str, ...]):
-        super().__init__()
-        self.name = name
-        self.add_module(name, vit)
-        self.head = torch.nn.Linear(vit.num_classes, 3)
-        self.feature_info = [dict(module=module, num_chs=16, reduction=8) for module in returned]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.get_submodule(self.name)(x))
+from test_token_cells import _NetworkWithHead
 
 
 def _registers_vit() -> torch.nn.Module:

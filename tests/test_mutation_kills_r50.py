@@ -277,16 +277,11 @@ def test_a_resume_by_ids_alone_of_a_run_from_before_the_stamps_warning_points_at
     assert len(said) == 1 and said[0].filename == __file__, [(w.filename, w.lineno) for w in said]
 
 
-def test_a_list_of_paths_resumed_on_a_run_from_before_the_stamps_warns_once_that_it_checks_ids_alone(tmp_path):
-    """stream._refuse_changed_stream_files (_15 at 81bab99: `done and reads_again` made `or`, so every source's resume
-    of a run from before the stamps took the torch Dataset's path; round 50 made a list's resume of such a run warn
-    too, from one helper): a list of file paths resumed on a run from before the stamps warns once, not once per path
-    it takes, that its kept images are checked by their ids alone, and ends with every image."""
-    import warnings
-
-    import qkhooks
+def paths_stopped_before_the_stamps(tmp_path):
+    """(a tiny loaded model, a list of 8 photo paths, a run of them stopped after 3 batches and made as if recorded
+    before the file stamps): the set-up of the ids-alone warning's tests (here and in test_mutation_kills_r51)."""
     from test_file_stamps import as_before_the_stamps
-    from test_review_symlinks_repair_messages import _KW, _interrupted
+    from test_review_symlinks_repair_messages import _interrupted
     from test_spectrum_edits_and_dataparallel import _same_size_photos, _tiny_loaded
 
     names = [f"a{i}.png" for i in range(8)]
@@ -295,6 +290,20 @@ def test_a_list_of_paths_resumed_on_a_run_from_before_the_stamps_warns_once_that
     paths = [str(folder / n) for n in names]
     _interrupted(loaded, run, batches=3, data=paths)
     as_before_the_stamps(run)
+    return loaded, paths, run
+
+
+def test_a_list_of_paths_resumed_on_a_run_from_before_the_stamps_warns_once_that_it_checks_ids_alone(tmp_path):
+    """stream._refuse_changed_stream_files (_15 at 81bab99: `done and reads_again` made `or`, so every source's resume
+    of a run from before the stamps took the torch Dataset's path; round 50 made a list's resume of such a run warn
+    too, from one helper): a list of file paths resumed on a run from before the stamps warns once, not once per path
+    it takes, that its kept images are checked by their ids alone, and ends with every image."""
+    import warnings
+
+    import qkhooks
+    from test_review_symlinks_repair_messages import _KW
+
+    loaded, paths, run = paths_stopped_before_the_stamps(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert qkhooks.record_dataset(loaded, paths, run, resume=True, **_KW).images == 8

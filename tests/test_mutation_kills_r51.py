@@ -95,16 +95,10 @@ def test_a_list_of_paths_resumed_on_a_run_from_before_the_stamps_warning_points_
     import warnings
 
     import qkhooks
-    from test_file_stamps import as_before_the_stamps
-    from test_review_symlinks_repair_messages import _KW, _interrupted
-    from test_spectrum_edits_and_dataparallel import _same_size_photos, _tiny_loaded
+    from test_mutation_kills_r50 import paths_stopped_before_the_stamps
+    from test_review_symlinks_repair_messages import _KW
 
-    names = [f"a{i}.png" for i in range(8)]
-    loaded, folder, run = _tiny_loaded(), tmp_path / "imgs", tmp_path / "run.h5"
-    _same_size_photos(folder, names, seed=0)
-    paths = [str(folder / n) for n in names]
-    _interrupted(loaded, run, batches=3, data=paths)
-    as_before_the_stamps(run)
+    loaded, paths, run = paths_stopped_before_the_stamps(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert qkhooks.record_dataset(loaded, paths, run, resume=True, **_KW).images == 8

@@ -12,7 +12,7 @@ import torch
 
 import qkhooks
 from qkhooks import QKHooksError
-from conftest import pixel_spans_read
+from test_token_cells import _token_spans_seen_by_the_first_attention
 from timm.models.vision_transformer import Block
 
 _SMALL_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=16, num_heads=2)
@@ -49,20 +49,6 @@ def _cells(model: torch.nn.Module):
     return mask_cells(sites, probe_geometry(model, sites, (32, 32)), (32, 32), "all", model)[(4, 4)]
 
 
-def _spans_seen_by_the_first_attention(model: torch.nn.Module):
-    """The reference: per grid row (and column) of the patch tokens entering the first attention, the span of input
-    pixels each depends on (nonzero gradient)."""
-    image = torch.randn(1, 3, 32, 32, requires_grad=True)
-    seen: list[torch.Tensor] = []
-    handle = model.blocks[0].attn.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    try:
-        model(image)
-    finally:
-        handle.remove()
-    tokens = seen[0][:, model.num_prefix_tokens:].unflatten(1, (4, 4)).permute(0, 3, 1, 2)
-    return pixel_spans_read(image, tokens)
-
-
 def _vit(**kw) -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **_SMALL_VIT, **kw).eval()
@@ -70,9 +56,9 @@ def _vit(**kw) -> torch.nn.Module:
 
 def test_a_block_class_adding_only_what_timm_never_calls_has_masks_read_as_the_plain_vits():
     plain, described = _vit(), _vit(block_fn=_DescribedBlock)
-    assert _spans_seen_by_the_first_attention(described) == _spans_seen_by_the_first_attention(plain)
+    assert _token_spans_seen_by_the_first_attention(described) == _token_spans_seen_by_the_first_attention(plain)
     assert _cells(described) == _cells(plain)
-    assert (_cells(plain).rows, _cells(plain).cols) == _spans_seen_by_the_first_attention(plain)
+    assert (_cells(plain).rows, _cells(plain).cols) == _token_spans_seen_by_the_first_attention(plain)
 
 
 @pytest.mark.parametrize("build, where, name", [
@@ -82,7 +68,7 @@ def test_a_block_class_adding_only_what_timm_never_calls_has_masks_read_as_the_p
 def test_code_of_the_users_own_class_that_runs_as_the_model_runs_is_refused_for_masks(build, where, name):
     torch.manual_seed(0)
     model = build()
-    assert (_cells(_vit()).rows, _cells(_vit()).cols) != _spans_seen_by_the_first_attention(model)  # tokens moved
+    assert (_cells(_vit()).rows, _cells(_vit()).cols) != _token_spans_seen_by_the_first_attention(model)  # tokens moved
     with pytest.raises(QKHooksError) as err:
         _cells(model)
     message = str(err.value)

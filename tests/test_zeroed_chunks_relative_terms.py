@@ -35,6 +35,17 @@ def _zero_chunk(path: Path, image: int) -> None:
         fh.write(bytes(info.size))
 
 
+def _repaired_copy_keeps_the_zero_row_signed(path, fixed, values) -> None:
+    """A repair's copy is of format 4: the zero row it keeps (image 1's) is stored -0.0 there, and reads and verifies
+    as the run's values."""
+    assert repair(path, fixed).lost == []
+    with h5py.File(fixed, "r") as f:
+        assert int(f.attrs[fmt.FORMAT_ATTR]) == fmt.FORMAT and np.signbit(f[NAME][1]).all()
+    with open_run(fixed) as run:
+        np.testing.assert_array_equal(run.array(NAME)[:], values)
+    assert verify_run(fixed).ok
+
+
 def test_a_zero_relative_row_reads_as_zeros_and_a_zeroed_chunk_of_one_is_damage(tmp_path):
     path = tmp_path / "run.h5"
     values = _run(path)
@@ -43,13 +54,7 @@ def test_a_zero_relative_row_reads_as_zeros_and_a_zeroed_chunk_of_one_is_damage(
     with open_run(path) as run:
         np.testing.assert_array_equal(run.array(NAME)[:], values)
     assert verify_run(path).ok
-    fixed = tmp_path / "fixed.h5"  # a repair's copy is of format 4: the zero row it keeps is stored -0.0 there
-    assert repair(path, fixed).lost == []
-    with h5py.File(fixed, "r") as f:
-        assert int(f.attrs[fmt.FORMAT_ATTR]) == fmt.FORMAT and np.signbit(f[NAME][1]).all()
-    with open_run(fixed) as run:
-        np.testing.assert_array_equal(run.array(NAME)[:], values)
-    assert verify_run(fixed).ok
+    _repaired_copy_keeps_the_zero_row_signed(path, tmp_path / "fixed.h5", values)
     _zero_chunk(path, 4)
     with open_run(path) as run, pytest.raises(QKHooksError, match=f"is damaged .*image 4's chunk.*{NAME}"):
         run.array(NAME)[4]
@@ -65,10 +70,4 @@ def test_in_a_run_before_format_4_a_zero_relative_chunk_reads_as_zeros_as_before
     with open_run(path) as run:
         np.testing.assert_array_equal(run.array(NAME)[:], values)
     assert verify_run(path).ok
-    fixed = tmp_path / "fixed.h5"  # a repair's copy is of format 4: the zero row it keeps is stored -0.0 there
-    assert repair(path, fixed).lost == []
-    with h5py.File(fixed, "r") as f:
-        assert int(f.attrs[fmt.FORMAT_ATTR]) == fmt.FORMAT and np.signbit(f[NAME][1]).all()
-    with open_run(fixed) as run:
-        np.testing.assert_array_equal(run.array(NAME)[:], values)
-    assert verify_run(fixed).ok
+    _repaired_copy_keeps_the_zero_row_signed(path, tmp_path / "fixed.h5", values)
