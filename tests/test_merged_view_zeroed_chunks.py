@@ -59,3 +59,31 @@ def test_a_zeroed_chunk_in_a_shard_is_refused_through_the_merged_view_never_read
         np.testing.assert_array_equal(view.array(NAME)[keep], want[keep])  # the others read as before
     report = verify_run(out)
     assert not report.ok and report.damaged.get(NAME) == [(5, 6)], report.problems
+
+
+def test_a_flipped_byte_in_a_shard_read_through_the_merged_view_names_the_shards_and_the_merge_after_repair(tmp_path):
+    """A chunk of a --checksum shard that fails its checksum (a flipped byte) fails the view's read too; the refusal
+    said "run qkhooks repair VIEW", which repair refuses (a merged view is repaired shard by shard): it names the view's
+    shards, how to find the damaged one, and the merge again after repairing it."""
+    out = tmp_path / "run.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rank in range(2):
+            record_dataset(tiny_vit(), "samples", shard_path(out, rank, 2), modes=2, layers="0", batch_size=4,
+                           limit=8, attention="rows", progress=False, reducers=[], shard=(rank, 2), checksum=True)
+    merge_shards(out)
+    shard = shard_path(out, 1, 2)
+    with h5py.File(shard, "r") as f:  # image 1 of shard 1 is image 5 of the run
+        info = f[NAME].id.get_chunk_info_by_coord((1,) + (0,) * (f[NAME].ndim - 1))
+    with open(shard, "r+b") as fh:
+        fh.seek(info.byte_offset + 3)
+        byte = fh.read(1)[0]
+        fh.seek(info.byte_offset + 3)
+        fh.write(bytes([byte ^ 0x10]))
+    with open_run(out) as view, pytest.raises(QKHooksError) as err:
+        view.array(NAME)[5]
+    said = str(err.value)
+    assert f"{out} is a merged view" in said and NAME in said, said
+    assert shard.name in said and shard_path(out, 0, 2).name in said, said
+    assert "qkhooks repair SHARD --out FIXED.h5" in said and "merge again" in said, said
+    assert f"qkhooks repair {out}" not in said, said  # repair refuses a merged view itself

@@ -253,12 +253,13 @@ class RunArray:
         self._refuse_missing_shards()
         try:
             return self._read(key)
-        except OSError:
+        except OSError as exc:
             if self._shards and self._shards[1]:
                 path = Path(self.dataset.file.filename)
                 held = held_shards(self.dataset, path.parent, self.n, self._shards[1])
                 if held:
                     raise QKHooksError(f"{path}: {held_shards_text([h[0] for h in held])}") from None
+                raise QKHooksError(_damaged_view_message(path, self._name, self._shards[1], exc)) from None
             raise
 
     def _refuse_missing_shards(self) -> None:
@@ -1192,6 +1193,18 @@ def _other_handles(f: h5py.File) -> int:
                                                                                          h5py.h5f.OBJ_LOCAL)
     except (ValueError, RuntimeError, OSError):  # a file HDF5 no longer holds open
         return 0
+
+
+def _damaged_view_message(path: Path, name: str, shards: Sequence[tuple[str, int, int]], exc: BaseException) -> str:
+    """Why a merged view's read of ``name`` failed in HDF5 (a shard's chunk failing its checksum: a flipped byte), and
+    the fix that works: repair the damaged shard and merge again (repair refuses a merged view itself; the damage
+    message of a run named the view)."""
+    names = sorted({shard for shard, _, _ in shards})
+    listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (f"{path} is a merged view, and HDF5 cannot read {name} from its shard files ({exc}): one of its shards "
+            f"({listed}) is damaged. `qkhooks info --verify SHARD` names the damaged images of each; run `qkhooks repair "
+            "SHARD --out FIXED.h5` on the damaged one (it leaves those images out), then merge again with the fixed "
+            "shard in its place (qkhooks merge); repair refuses a merged view itself.")
 
 
 def _from_hdf5(exc: BaseException) -> bool:
