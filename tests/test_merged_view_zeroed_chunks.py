@@ -28,7 +28,8 @@ def tiny_vit() -> qkhooks.LoadedModel:
                                                 embed_dim=32, depth=1, num_heads=2).eval())
 
 
-def test_a_zeroed_chunk_in_a_shard_is_refused_through_the_merged_view_never_read_as_zeros(tmp_path):
+def merged_view_of_checksum_shards(tmp_path):
+    """A merged view (merge without --copy) of two --checksum shards of 4 images each: its path."""
     out = tmp_path / "run.h5"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -36,6 +37,11 @@ def test_a_zeroed_chunk_in_a_shard_is_refused_through_the_merged_view_never_read
             record_dataset(tiny_vit(), "samples", shard_path(out, rank, 2), modes=2, layers="0", batch_size=4,
                            limit=8, attention="rows", progress=False, reducers=[], shard=(rank, 2), checksum=True)
     merge_shards(out)
+    return out
+
+
+def test_a_zeroed_chunk_in_a_shard_is_refused_through_the_merged_view_never_read_as_zeros(tmp_path):
+    out = merged_view_of_checksum_shards(tmp_path)
     with open_run(out) as view:
         assert view.array(NAME).dataset.is_virtual
         want = view.array(NAME)[:]
@@ -65,13 +71,7 @@ def test_a_flipped_byte_in_a_shard_read_through_the_merged_view_names_the_shards
     """A chunk of a --checksum shard that fails its checksum (a flipped byte) fails the view's read too; the refusal
     said "run qkhooks repair VIEW", which repair refuses (a merged view is repaired shard by shard): it names the view's
     shards, how to find the damaged one, and the merge again after repairing it."""
-    out = tmp_path / "run.h5"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for rank in range(2):
-            record_dataset(tiny_vit(), "samples", shard_path(out, rank, 2), modes=2, layers="0", batch_size=4,
-                           limit=8, attention="rows", progress=False, reducers=[], shard=(rank, 2), checksum=True)
-    merge_shards(out)
+    out = merged_view_of_checksum_shards(tmp_path)
     shard = shard_path(out, 1, 2)
     with h5py.File(shard, "r") as f:  # image 1 of shard 1 is image 5 of the run
         info = f[NAME].id.get_chunk_info_by_coord((1,) + (0,) * (f[NAME].ndim - 1))
