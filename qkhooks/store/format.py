@@ -704,8 +704,11 @@ columns never are."""
 def zero_chunk_may_be_true(ds: h5py.Dataset) -> bool:
     """Whether a chunk of ``ds`` that :func:`zeroed_chunks` finds may hold true zero rows: mode projections of a file
     of a format before :data:`SIGNED_ZERO_ROWS_FORMAT` (or whose number does not read), written as zero bytes."""
-    if not _TRUE_ZERO_ROWS.match(ds.name):
-        return False
+    return bool(_TRUE_ZERO_ROWS.match(ds.name)) and _may_hold_unsigned_zeros(ds)
+
+
+def _may_hold_unsigned_zeros(ds: h5py.Dataset) -> bool:
+    """Whether ``ds``'s file is of a format before :data:`SIGNED_ZERO_ROWS_FORMAT`, or its number does not read."""
     try:
         return format_number(ds.file.attrs) < SIGNED_ZERO_ROWS_FORMAT
     except (OSError, KeyError, RuntimeError, ValueError, TypeError):
@@ -725,8 +728,8 @@ def _zero_is_damage(ds: h5py.Dataset, images: np.ndarray) -> np.ndarray:
     file has no sizes or they do not read (their own read says so)."""
     if NEVER_ZERO.match(ds.name):
         return np.ones(len(images), dtype=bool)
-    if SIGNED_FROM_FORMAT_4.match(ds.name):
-        return np.full(len(images), format_number(ds.file.attrs) >= SIGNED_ZERO_ROWS_FORMAT)
+    if SIGNED_FROM_FORMAT_4.match(ds.name):  # of format 4, not "may be true" (the format read as zero_chunk_may_be_true)
+        return np.full(len(images), not _may_hold_unsigned_zeros(ds))
     if ds.name.strip("/") != FILE_MTIMES:
         return np.zeros(len(images), dtype=bool)
     try:
@@ -752,6 +755,12 @@ def signed_zero_rows(name: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
+def _zero_rows(values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` as ``n`` flat rows, and which of them read all zero (none of an empty row)."""
+    flat = np.asarray(values).reshape(n, -1)
+    return flat, ~np.any(flat != 0, axis=1) & (flat.shape[1] > 0)
+
+
 def zeroed_chunks(ds: h5py.Dataset, images: Sequence[int], values: np.ndarray) -> list[int]:
     """The first image of each chunk among ``images`` (read as ``values``, one row each, any selection of the other
     axes) whose stored bytes are all zero, its checksum included, in a Fletcher-32 array where no recording stores a
@@ -766,8 +775,7 @@ def zeroed_chunks(ds: h5py.Dataset, images: Sequence[int], values: np.ndarray) -
         return _zeroed_in_shards(ds, images, values)
     if not (ds.fletcher32 and ds.chunks and ds.dtype.kind in "fi") or not len(images):
         return []
-    flat = np.asarray(values).reshape(len(images), -1)
-    zero = ~np.any(flat != 0, axis=1) & (flat.shape[1] > 0)
+    flat, zero = _zero_rows(values, len(images))
     if not zero.any():
         return []
     zero[zero] = _zero_is_damage(ds, np.asarray(images)[zero])
@@ -816,8 +824,7 @@ def _zeroed_in_shards(ds: h5py.Dataset, images: Sequence[int], values: np.ndarra
 
     if ds.dtype.kind not in "fi" or not len(images):  # the shard's own array says which zeros are damage
         return []
-    flat = np.asarray(values).reshape(len(images), -1)
-    zero = ~np.any(flat != 0, axis=1) & (flat.shape[1] > 0)
+    flat, zero = _zero_rows(values, len(images))
     if not zero.any():
         return []
     rows, folder, found = np.asarray(images), Path(ds.file.filename).parent, []
